@@ -1,0 +1,76 @@
+"""One error shape everywhere: OpenAI's ``{"error": {"message", "type", "param", "code"}}``.
+
+The OpenAI-compatible endpoints must answer in it; the management API (/api/*) uses it too so that
+a client handles errors one way. Model: HackSoft ``api/exception_handlers.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from providers.exceptions import ApplicationError
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(message: str, *, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def application_error_body(exc: ApplicationError) -> dict[str, Any]:
+    return error_body(exc.message, error_type=exc.error_type, param=exc.param, code=exc.code)
+
+
+def _first_field_error(detail: Any, path: str = "") -> tuple[str | None, str]:
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            name = key if key != "non_field_errors" else ""
+            return _first_field_error(value, f"{path}.{name}" if path and name else (name or path))
+    if isinstance(detail, list) and detail:
+        return _first_field_error(detail[0], path)
+    return (path or None), str(detail)
+
+
+def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ApplicationError):
+        response = Response(application_error_body(exc), status=exc.status_code)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            response["Retry-After"] = str(max(1, round(retry_after)))
+        return response
+    if isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ValidationError):
+        param, message = _first_field_error(exc.detail)
+        message = f"{param}: {message}" if param else message
+        code = "invalid_value"
+    else:
+        param, message = None, str(getattr(exc, "detail", exc))
+        code = getattr(getattr(exc, "detail", None), "code", None) or getattr(exc, "default_code", None)
+    if response.status_code == status.HTTP_401_UNAUTHORIZED or isinstance(exc, exceptions.NotAuthenticated):
+        code = "invalid_api_key"
+    response.data = error_body(
+        message, error_type=_TYPES.get(response.status_code, "api_error"), param=param, code=code
+    )
+    return response

@@ -1,0 +1,227 @@
+"""Settings shared by every environment.
+
+Defaults are chosen so that a fresh checkout runs with nothing configured: SQLite, the in-memory
+channel layer, the local-memory cache and a Celery broker on the filesystem. Setting ``REDIS_URL``
+moves the cache, the channel layer and the Celery broker to Redis; ``DATABASE_URL`` selects
+PostgreSQL (or any database django-environ understands).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+LOCAL_DIR = BASE_DIR / ".local"
+
+env = environ.Env()
+if (BASE_DIR / ".env").exists():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+logger = logging.getLogger("llmhub.settings")
+
+# GENERAL
+# https://docs.djangoproject.com/en/5.2/ref/settings/
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env("SECRET_KEY", default="django-insecure-development-only-key-do-not-use-in-production")
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+TIME_ZONE = "UTC"
+USE_TZ = True
+LANGUAGE_CODE = "en-us"
+USE_I18N = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+ROOT_URLCONF = "llmhub.urls"
+ASGI_APPLICATION = "llmhub.asgi.application"
+WSGI_APPLICATION = None
+
+# APPS
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "django_celery_beat",
+    "providers",
+    "billing",
+    "chat",
+]
+
+# Every middleware here is async-capable, so an async view runs without a thread hop.
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+STATIC_URL = "static/"
+STATIC_ROOT = env("STATIC_ROOT", default=str(BASE_DIR / "var" / "static"))
+STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").exists() else []
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "login"
+
+# DATABASES
+# https://django-environ.readthedocs.io/en/latest/types.html#environ-env-db-url
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE transactions take the write lock up front, which is what makes the row-lock budget
+    # path safe on SQLite (where SELECT ... FOR UPDATE is a no-op); WAL lets readers run alongside.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    "django.contrib.auth.hashers.ScryptPasswordHasher",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# REDIS (optional): one URL moves cache, channel layer and Celery broker to Redis.
+REDIS_URL = env("REDIS_URL", default="")
+
+# CACHES
+# https://docs.djangoproject.com/en/5.2/topics/cache/#redis
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmhub"}}
+
+# CHANNELS
+# https://channels.readthedocs.io/en/stable/topics/channel_layers.html
+if REDIS_URL:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# CELERY
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+if REDIS_URL:
+    CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+else:
+    # kombu's filesystem transport needs no server: good enough for one machine in development.
+    _broker_dir = LOCAL_DIR / "celery-broker"
+    CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "store_processed": False,
+    }
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+
+# REST FRAMEWORK
+# https://www.django-rest-framework.org/api-guide/settings/
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "billing.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "chat.exception_handlers.drf_exception_handler",
+}
+
+# DRF-SPECTACULAR
+# https://drf-spectacular.readthedocs.io/en/latest/settings.html
+SPECTACULAR_SETTINGS = {
+    "TITLE": "llmhub API",
+    "DESCRIPTION": "OpenAI-compatible gateway and management API of llmhub.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# LLMHUB
+# Comma-separated Fernet keys: the first encrypts, all decrypt (rotation: put the new key first).
+FIELD_ENCRYPTION_KEYS = env.list("FIELD_ENCRYPTION_KEYS", default=[])
+if not FIELD_ENCRYPTION_KEYS:
+    from cryptography.fernet import Fernet
+
+    _key_file = LOCAL_DIR / "field-encryption.key"
+    if not _key_file.exists():
+        LOCAL_DIR.mkdir(parents=True, exist_ok=True)
+        _key_file.write_text(Fernet.generate_key().decode() + "\n")
+        _key_file.chmod(0o600)
+        logger.warning(
+            "FIELD_ENCRYPTION_KEYS is not set: generated a development key in %s. "
+            "Set FIELD_ENCRYPTION_KEYS in production and keep it safe.",
+            _key_file,
+        )
+    FIELD_ENCRYPTION_KEYS = [_key_file.read_text().strip()]
+
+# Kinds of provider and the adapter class that speaks each one's wire protocol.
+LLMHUB_ADAPTERS = {
+    "openai": "providers.adapters.openai.OpenAIAdapter",
+    "openrouter": "providers.adapters.openai.OpenAIAdapter",
+    "ollama": "providers.adapters.openai.OpenAIAdapter",
+    "vllm": "providers.adapters.openai.OpenAIAdapter",
+    "openai_compatible": "providers.adapters.openai.OpenAIAdapter",
+    "anthropic": "providers.adapters.anthropic.AnthropicAdapter",
+}
+# Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
+# another process; the process that made the change invalidates its own copy at once.
+LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
+# Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
+# self-hosted servers such as Ollama or vLLM on the same machine need it).
+LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=True)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+    },
+}

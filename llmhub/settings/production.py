@@ -1,0 +1,66 @@
+"""Production settings: no default for a secret, HTTPS assumed, refuse to start when misconfigured.
+
+A missing or malformed secret stops the process with a single line on stderr instead of a
+traceback, so the reason is the first thing an operator reads in the container log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import sys
+
+
+def _refuse(reason: str) -> None:
+    sys.stderr.write(f"llmhub: refusing to start: {reason}\n")
+    raise SystemExit(2)
+
+
+def _check_secrets() -> None:
+    secret_key = os.environ.get("SECRET_KEY", "")
+    if not secret_key:
+        _refuse("SECRET_KEY is not set.")
+    if len(secret_key) < 50 or len(set(secret_key)) < 5 or secret_key.startswith("django-insecure"):
+        _refuse("SECRET_KEY is too weak (use at least 50 random characters).")
+    raw_keys = os.environ.get("FIELD_ENCRYPTION_KEYS", "")
+    keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
+    if not keys:
+        _refuse("FIELD_ENCRYPTION_KEYS is not set (comma-separated Fernet keys, the first one encrypts).")
+    for position, key in enumerate(keys, start=1):
+        try:
+            decoded = base64.urlsafe_b64decode(key.encode())
+        except (binascii.Error, ValueError):
+            decoded = b""
+        if len(decoded) != 32:
+            _refuse(f"FIELD_ENCRYPTION_KEYS key #{position} is not a valid Fernet key (32 url-safe base64 bytes).")
+
+
+_check_secrets()
+
+from .base import *  # noqa: E402,F403
+from .base import env  # noqa: E402
+
+DEBUG = False
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[])
+
+# SECURITY
+# https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SESSION_COOKIE_SECURE = True
+CSRF_COOKIE_SECURE = True
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 30)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+CONN_MAX_AGE = env.int("CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_MAX_AGE"] = CONN_MAX_AGE  # noqa: F405
+
+# Providers on private addresses must be allowed explicitly in production.
+LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=False)
+
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")

@@ -1,0 +1,27 @@
+"""Settings for the test-suite: fast hashing, in-memory everything unless a test asks for Redis."""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.fernet import Fernet
+
+# A fixed test key so that nothing is written to .local/ by the test-suite.
+os.environ.setdefault("FIELD_ENCRYPTION_KEYS", Fernet.generate_key().decode())
+
+from .base import *  # noqa: E402,F403
+from .base import BASE_DIR, env  # noqa: E402
+
+DEBUG = False
+SECRET_KEY = "test-secret-key-not-used-anywhere-else-0123456789abcdefghijklmnop"  # noqa: S105
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+CELERY_TASK_ALWAYS_EAGER = True
+CELERY_BROKER_URL = "memory://"
+DATABASES = {"default": env.db("TEST_DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'var' / 'test.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    # A file, not :memory:, so that live-server subprocesses see the same database.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test-db.sqlite3")}
+LLMHUB_LOOKUP_CACHE_TTL = 5.0
+LOGGING["root"]["level"] = "WARNING"  # noqa: F405

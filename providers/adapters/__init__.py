@@ -1,0 +1,8 @@
+"""Adapters per wire protocol, and the registry that picks one by provider kind."""
+
+from __future__ import annotations
+
+from .base import BaseAdapter
+from .registry import adapter_class_for_kind, adapter_for
+
+__all__ = ["BaseAdapter", "adapter_class_for_kind", "adapter_for"]

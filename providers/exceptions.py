@@ -1,0 +1,120 @@
+"""Errors of the providers layer.
+
+Adapters translate every SDK exception into one of these, so nothing above ``providers`` ever sees
+an ``openai.*`` or ``anthropic.*`` exception. Each class carries the HTTP status and the OpenAI
+error ``type``/``code`` our own API answers with; messages never contain a credential.
+"""
+
+from __future__ import annotations
+
+
+class ApplicationError(Exception):
+    """A failure of ours that a client should see as a clear message (HackSoft's ApplicationError)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+        extra: dict | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.extra = extra or {}
+
+
+class ModelNotFoundError(ApplicationError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class ProviderError(ApplicationError):
+    """The upstream provider failed; ``retry_after`` is in seconds when the provider said so."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        upstream_status: int | None = None,
+        retry_after: float | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, status_code=status_code)
+        self.provider = provider
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, provider={self.provider!r}, upstream_status={self.upstream_status})"
+
+
+class ProviderAuthenticationError(ProviderError):
+    """The provider refused our credentials: the gateway's problem, so 502, never the client's 401."""
+
+    status_code = 502
+    code = "upstream_authentication_failed"
+
+
+class ProviderRateLimitError(ProviderError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+
+class ProviderTimeoutError(ProviderError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class ProviderUnavailableError(ProviderError):
+    status_code = 503
+    error_type = "api_error"
+    code = "upstream_unavailable"
+
+
+class ProviderOverloadedError(ProviderUnavailableError):
+    code = "upstream_overloaded"
+
+
+class ProviderStreamInterruptedError(ProviderUnavailableError):
+    """The stream ended without its finish (connection cut, or an error event after a 200)."""
+
+    status_code = 502
+    code = "upstream_stream_interrupted"
+
+
+class ProviderBadRequestError(ProviderError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "upstream_bad_request"
+
+
+class ProviderContextLengthError(ProviderBadRequestError):
+    code = "context_length_exceeded"
+
+
+class ProviderNotFoundError(ProviderError):
+    """The provider does not know the model id the catalog maps to: a catalog mistake, so 502."""
+
+    status_code = 502
+    code = "upstream_model_not_found"

@@ -1,0 +1,18 @@
+"""Cache invalidation only: when an admin saves or deletes a catalog row, this process forgets
+its cached copies at once (other processes within ``LLMHUB_LOOKUP_CACHE_TTL``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
+
+from .models import Model, Provider
+from .selectors import catalog_cache
+
+
+@receiver([post_save, post_delete], sender=Provider)
+@receiver([post_save, post_delete], sender=Model)
+def _catalog_changed(**kwargs: Any) -> None:
+    catalog_cache.invalidate()
