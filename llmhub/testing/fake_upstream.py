@@ -1,0 +1,1260 @@
+"""A deterministic fake of the OpenAI and Anthropic HTTP APIs, good enough for the official SDKs.
+
+Run it standalone::
+
+    python -m llmhub.testing.fake_upstream --port 18080 [--host 127.0.0.1] [--latency-ms 0] [--tps 0] [--api-key KEY]
+
+or in-process (tests)::
+
+    with FakeUpstream() as upstream:
+        client = openai.OpenAI(base_url=upstream.base_url + "/v1", api_key="x", max_retries=0)
+
+Endpoints
+    ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
+    or not), ``GET /v1/models`` and ``GET /v1/models/{id}`` (Anthropic shape when the request carries an
+    ``anthropic-version`` header, OpenAI shape otherwise). Control endpoints, which are neither counted
+    nor logged: ``GET /_fake/stats``, ``POST /_fake/reset``, ``GET /_fake/requests``.
+
+Replies
+    To the last user message (the last ``user`` message that has text or images; Anthropic messages that
+    only carry ``tool_result`` blocks do not count) the reply is ``"Echo: " + text`` where directives are
+    removed and each image is rendered as ``[image]``. Directives are read from that same message, so in
+    a tool round trip the original question's directives still apply to the follow-up. In priority order:
+
+    * ``[[reply=some text]]`` replies exactly that text; ``[[words=N]]`` replies exactly N words from a
+      fixed lorem-ipsum cycle;
+    * if the last message is a tool result (OpenAI ``role: tool``; Anthropic ``tool_result`` blocks) the
+      reply is ``"Tool result: " + result text``;
+    * if ``tools`` are given (and ``tool_choice`` is not ``none``) and the last message is a user message,
+      the reply is a call to the first tool (or the one ``tool_choice`` names) whose arguments come from
+      its JSON-schema properties: ``enum`` -> first value, string -> last user text, number/integer -> 42,
+      boolean -> true, array -> [], object -> {};
+    * otherwise the echo.
+
+    Other directives: ``[[tps=N]]`` tokens per second (also paces non-streamed replies: the response is
+    held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
+    ``--latency-ms``), ``[[cache=N]]`` N cached prompt tokens, ``[[fault=NAME]]`` see below.
+
+    ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
+    ``length`` / ``max_tokens``); ``stop`` / ``stop_sequences`` cut the reply before the first occurrence
+    (finish reason ``stop`` / ``stop_sequence``) when that comes no later than the length cut.
+
+Token counting (exact rule)
+    A "token" is a whitespace-separated word together with the whitespace before it, so the streamed
+    pieces concatenate back to the reply. ``words(s) = len(s.split())``.
+
+    * prompt tokens = sum over messages of ``3 + words(text) + 85 * images``, where an Anthropic non-empty
+      ``system`` prompt counts as one more message. ``text`` is every text part, tool-result content,
+      assistant tool-call arguments (OpenAI ``function.arguments``; Anthropic ``json.dumps(input)``) and
+      thinking text in the message. Tool definitions are not counted. Directives are counted as the words
+      they are made of (``[[cache=4]]`` is one word, ``[[reply=hi there]]`` two).
+    * completion tokens = number of tokens in the reply text, or ``words(name + " " + arguments_json)``
+      for a tool call (``arguments_json`` is ``json.dumps(arguments)``), times ``n`` for OpenAI.
+    * ``[[cache=N]]`` reports ``c = min(N, prompt tokens)`` cached tokens. As with the real APIs, OpenAI's
+      ``prompt_tokens`` includes them (``prompt_tokens_details.cached_tokens = c``) whereas Anthropic's
+      ``input_tokens`` excludes them (``input_tokens = prompt - c``, ``cache_read_input_tokens = c``,
+      ``cache_creation_input_tokens = 0``).
+
+Faults
+    Chosen by the ``x-fake-fault`` header, else the ``[[fault=NAME]]`` directive, else a model named
+    ``fault-NAME``. Any 4xx/5xx status code (e.g. ``400``, ``401``, ``429`` with ``Retry-After: 2``,
+    ``500``, ``503``, ``529``) answers that status with a provider-shaped error body; ``context`` is a 400
+    context-length error; ``hang`` never answers; ``cut-N`` streams N content chunks and then aborts the
+    connection (non-streamed: aborts without answering); ``error-event`` streams two content chunks and
+    then an in-stream error (non-streamed: a 500). Unknown names are a 400.
+
+Keys
+    With ``api_key`` set, requests must carry ``Authorization: Bearer KEY`` or ``x-api-key: KEY``
+    (either is accepted on every endpoint; note that the anthropic SDK sends its ``api_key`` as a bearer
+    token) or get a 401 in the provider's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, NoReturn
+
+from aiohttp import web
+
+__all__ = ["MODELS", "FakeUpstream", "count_words", "main", "split_tokens"]
+
+logger = logging.getLogger(__name__)
+
+MODELS: tuple[tuple[str, str], ...] = (
+    ("fake-gpt-4o-mini", "Fake GPT-4o mini"),
+    ("fake-gpt-4o", "Fake GPT-4o"),
+    ("fake-o3-mini", "Fake o3-mini"),
+    ("fake-claude-haiku", "Fake Claude Haiku"),
+    ("fake-claude-sonnet", "Fake Claude Sonnet"),
+)
+_MODELS_CREATED = 1735689600  # 2025-01-01T00:00:00Z; fixed so listings are byte-for-byte stable
+_MODELS_CREATED_RFC3339 = "2025-01-01T00:00:00Z"
+
+_LOREM = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
+    "magna aliqua"
+).split()
+_IMAGE_TOKENS = 85
+_MESSAGE_OVERHEAD = 3
+_OPENAI_CONTEXT_WINDOW = 128_000
+_ANTHROPIC_CONTEXT_WINDOW = 200_000
+_REQUEST_LOG_SIZE = 100
+_SHUTDOWN_TIMEOUT = 0.5
+_ERROR_EVENT_CHUNKS = 2
+
+_DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
+_TOKEN_RE = re.compile(r"\s*\S+")
+_MASKED_HEADERS = frozenset({"authorization", "x-api-key"})
+_BODY_KEY: web.RequestKey[Any] = web.RequestKey("fake_body")
+
+Provider = Literal["openai", "anthropic"]
+Finish = Literal["stop", "stop_sequence", "length", "tool"]
+
+_OPENAI_FINISH: dict[str, str] = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool": "tool_calls"}
+_ANTHROPIC_FINISH: dict[str, str] = {
+    "stop": "end_turn",
+    "stop_sequence": "stop_sequence",
+    "length": "max_tokens",
+    "tool": "tool_use",
+}
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def split_tokens(text: str) -> list[str]:
+    """Split into words with their leading whitespace; trailing whitespace sticks to the last token."""
+    tokens = _TOKEN_RE.findall(text)
+    if tokens:
+        tail = text[sum(len(token) for token in tokens) :]
+        tokens[-1] += tail
+    return tokens
+
+
+def _new_id(prefix: str, length: int = 24) -> str:
+    return prefix + uuid.uuid4().hex[:length]
+
+
+def _mask(value: str) -> str:
+    return "*" * max(len(value) - 4, 0) + value[-4:] if len(value) > 4 else "*" * len(value)
+
+
+def _logprob(token: str) -> float:
+    return -round((zlib.crc32(token.encode()) % 2000) / 1000, 3)
+
+
+def _logprob_entry(token: str, top: int) -> dict[str, Any]:
+    alternatives = [
+        {"token": token, "logprob": _logprob(token), "bytes": list(token.encode())},
+        *(
+            {"token": f" alt{i}", "logprob": _logprob(token) - i, "bytes": list(f" alt{i}".encode())}
+            for i in range(1, top)
+        ),
+    ]
+    return {
+        "token": token,
+        "logprob": _logprob(token),
+        "bytes": list(token.encode()),
+        "top_logprobs": alternatives[:top],
+    }
+
+
+def _split_pieces(text: str, pieces: int = 3) -> list[str]:
+    if len(text) < pieces:
+        return [text]
+    size = -(-len(text) // pieces)
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Request interpretation (provider-neutral)
+
+
+@dataclass
+class _ToolSpec:
+    name: str
+    schema: dict[str, Any]
+
+
+@dataclass
+class _Conversation:
+    prompt_tokens: int = 0
+    user_text: str = ""
+    directives: dict[str, str] = field(default_factory=dict)
+    tool_result: str | None = None
+    last_is_user: bool = False
+
+
+@dataclass
+class _Reply:
+    text: str | None
+    tokens: list[str]
+    finish: Finish
+    stop_sequence: str | None = None
+    tool_name: str | None = None
+    tool_arguments: dict[str, Any] | None = None
+    tool_id: str = ""
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.tool_arguments or {})
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.tool_name is not None:
+            return count_words(f"{self.tool_name} {self.arguments_json}")
+        return len(self.tokens)
+
+
+def _extract_directives(text: str) -> tuple[str, dict[str, str]]:
+    directives = {name: value.strip() for name, value in _DIRECTIVE_RE.findall(text)}
+    return _DIRECTIVE_RE.sub("", text).strip(), directives
+
+
+class _Tally:
+    """Accumulates the words/images of one message."""
+
+    def __init__(self) -> None:
+        self.words = 0
+        self.images = 0
+
+    def text(self, value: Any) -> None:
+        if isinstance(value, str):
+            self.words += count_words(value)
+
+    @property
+    def tokens(self) -> int:
+        return _MESSAGE_OVERHEAD + self.words + _IMAGE_TOKENS * self.images
+
+
+def _content_text(content: Any, text_type: str, image_types: tuple[str, ...]) -> str | None:
+    """The displayable text of a message body, or None when it has no text or image part."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return None
+    parts: list[str] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == text_type and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif part.get("type") in image_types:
+            parts.append("[image]")
+    return " ".join(parts) if parts else None
+
+
+def _tally_openai_content(content: Any, tally: _Tally) -> None:
+    if isinstance(content, str):
+        tally.text(content)
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "image_url":
+                tally.images += 1
+            else:
+                tally.text(part.get("text") or part.get("refusal"))
+
+
+def _parse_openai(body: dict[str, Any]) -> _Conversation:
+    conv = _Conversation()
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return conv
+    user_text: str | None = None
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        tally = _Tally()
+        _tally_openai_content(message.get("content"), tally)
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                tally.text(call["function"].get("arguments"))
+        conv.prompt_tokens += tally.tokens
+        if message.get("role") == "user":
+            text = _content_text(message.get("content"), "text", ("image_url",))
+            if text is not None:
+                user_text = text
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") in ("tool", "function"):
+        conv.tool_result = _content_text(last.get("content"), "text", ()) or ""
+    conv.last_is_user = last.get("role") == "user"
+    conv.user_text, conv.directives = _extract_directives(user_text or "")
+    return conv
+
+
+def _tally_anthropic_blocks(content: Any, tally: _Tally) -> None:
+    if isinstance(content, str):
+        tally.text(content)
+        return
+    if not isinstance(content, list):
+        return
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "image":
+            tally.images += 1
+        elif kind == "tool_use":
+            tally.text(json.dumps(block.get("input", {})))
+        elif kind == "tool_result":
+            _tally_anthropic_blocks(block.get("content"), tally)
+        elif kind == "thinking":
+            tally.text(block.get("thinking"))
+        else:
+            tally.text(block.get("text"))
+
+
+def _anthropic_tool_result(content: Any) -> str | None:
+    if not isinstance(content, list):
+        return None
+    results = [
+        _content_text(block.get("content"), "text", ()) or ""
+        for block in content
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+    return " ".join(results) if results else None
+
+
+def _parse_anthropic(body: dict[str, Any]) -> _Conversation:
+    conv = _Conversation()
+    system = body.get("system")
+    system_text = system if isinstance(system, str) else _content_text(system, "text", ())
+    if system_text:
+        conv.prompt_tokens += _MESSAGE_OVERHEAD + count_words(system_text)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return conv
+    user_text: str | None = None
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        tally = _Tally()
+        _tally_anthropic_blocks(message.get("content"), tally)
+        conv.prompt_tokens += tally.tokens
+        if message.get("role") == "user":
+            text = _content_text(message.get("content"), "text", ("image",))
+            if text is not None:
+                user_text = text
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") == "user":
+        conv.tool_result = _anthropic_tool_result(last.get("content"))
+        conv.last_is_user = conv.tool_result is None
+    conv.user_text, conv.directives = _extract_directives(user_text or "")
+    return conv
+
+
+def _openai_tool(body: dict[str, Any]) -> _ToolSpec | None:
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return None
+    tools = [
+        tool["function"]
+        for tool in body.get("tools") or []
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict) and tool["function"].get("name")
+    ]
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        tools = [tool for tool in tools if tool["name"] == choice["function"].get("name")] or tools
+    if not tools:
+        return None
+    return _ToolSpec(tools[0]["name"], tools[0].get("parameters") or {})
+
+
+def _anthropic_tool(body: dict[str, Any]) -> _ToolSpec | None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "none":
+        return None
+    tools = [tool for tool in body.get("tools") or [] if isinstance(tool, dict) and tool.get("name")]
+    if isinstance(choice, dict) and choice.get("type") == "tool":
+        tools = [tool for tool in tools if tool["name"] == choice.get("name")] or tools
+    if not tools:
+        return None
+    return _ToolSpec(tools[0]["name"], tools[0].get("input_schema") or {})
+
+
+def _tool_arguments(schema: dict[str, Any], user_text: str) -> dict[str, Any]:
+    properties = schema.get("properties")
+    if not isinstance(properties, dict):
+        return {}
+    arguments: dict[str, Any] = {}
+    for name, prop in properties.items():
+        prop = prop if isinstance(prop, dict) else {}
+        kind = prop.get("type")
+        if isinstance(kind, list):
+            kind = next((item for item in kind if item != "null"), None)
+        if isinstance(prop.get("enum"), list) and prop["enum"]:
+            arguments[name] = prop["enum"][0]
+        elif kind in ("number", "integer"):
+            arguments[name] = 42
+        elif kind == "boolean":
+            arguments[name] = True
+        elif kind == "array":
+            arguments[name] = []
+        elif kind == "object":
+            arguments[name] = {}
+        else:
+            arguments[name] = user_text
+    return arguments
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _build_reply(
+    conv: _Conversation,
+    tool: _ToolSpec | None,
+    max_tokens: int | None,
+    stops: list[str],
+    tool_id_prefix: str,
+) -> _Reply:
+    directives = conv.directives
+    if "reply" in directives:
+        text = directives["reply"]
+    elif "words" in directives:
+        count = int(directives["words"]) if directives["words"].isdigit() else 0
+        text = " ".join(_LOREM[i % len(_LOREM)] for i in range(count))
+    elif conv.tool_result is not None:
+        text = "Tool result: " + conv.tool_result
+    elif tool is not None and conv.last_is_user:
+        return _Reply(
+            text=None,
+            tokens=[],
+            finish="tool",
+            tool_name=tool.name,
+            tool_arguments=_tool_arguments(tool.schema, conv.user_text),
+            tool_id=_new_id(tool_id_prefix),
+        )
+    else:
+        text = "Echo: " + conv.user_text
+
+    tokens = split_tokens(text)
+    finish: Finish = "stop"
+    length_cut = text
+    if max_tokens is not None and len(tokens) > max_tokens:
+        length_cut = "".join(tokens[:max_tokens])
+        finish = "length"
+    found = [(text.find(stop), stop) for stop in stops if stop and stop in text]
+    if found:
+        index, sequence = min(found)
+        if index <= len(length_cut):
+            text = text[:index]
+            return _Reply(text=text, tokens=split_tokens(text), finish="stop_sequence", stop_sequence=sequence)
+    if finish == "length":
+        return _Reply(text=length_cut, tokens=tokens[:max_tokens], finish="length")
+    return _Reply(text=text, tokens=tokens, finish="stop")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def _openai_error(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers={"x-request-id": _new_id("req_")})
+
+
+def _anthropic_error(status: int, kind: str, message: str) -> web.Response:
+    request_id = _new_id("req_")
+    body = {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
+    return web.json_response(body, status=status, headers={"request-id": request_id})
+
+
+def _error(
+    provider: Provider, status: int, message: str, kind: str | None = None, code: str | None = None
+) -> web.Response:
+    if provider == "anthropic":
+        return _anthropic_error(status, kind or _anthropic_error_type(status), message)
+    return _openai_error(status, message, kind or _openai_error_type(status), code)
+
+
+def _anthropic_error_type(status: int) -> str:
+    known = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        402: "billing_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        504: "timeout_error",
+        529: "overloaded_error",
+    }
+    return known.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def _openai_error_type(status: int) -> str:
+    if status == 429:
+        return "requests"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+_OPENAI_FAULTS: dict[int, tuple[str, str | None, str]] = {
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests. Please try again in 2s."),
+    500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+    529: ("server_error", "overloaded", "The server is overloaded, please try again later."),
+}
+_ANTHROPIC_FAULT_MESSAGES: dict[int, str] = {
+    401: "invalid x-api-key",
+    429: "Number of request tokens has exceeded your per-minute rate limit.",
+    500: "Internal server error",
+    503: "Service unavailable",
+    529: "Overloaded",
+}
+
+
+def _status_fault(provider: Provider, status: int) -> web.Response:
+    if provider == "anthropic":
+        message = _ANTHROPIC_FAULT_MESSAGES.get(status, f"Injected fault {status}")
+        response = _anthropic_error(status, _anthropic_error_type(status), message)
+    else:
+        kind, code, message = _OPENAI_FAULTS.get(status, (_openai_error_type(status), None, f"Injected fault {status}"))
+        response = _openai_error(status, message, kind, code)
+    if status == 429:
+        response.headers["Retry-After"] = "2"
+    return response
+
+
+def _context_fault(provider: Provider, prompt_tokens: int) -> web.Response:
+    if provider == "anthropic":
+        window = _ANTHROPIC_CONTEXT_WINDOW
+        return _anthropic_error(
+            400, "invalid_request_error", f"prompt is too long: {window + prompt_tokens} tokens > {window} maximum"
+        )
+    window = _OPENAI_CONTEXT_WINDOW
+    message = (
+        f"This model's maximum context length is {window} tokens. However, your messages resulted in "
+        f"{window + prompt_tokens} tokens. Please reduce the length of the messages."
+    )
+    return _openai_error(400, message, "invalid_request_error", "context_length_exceeded", "messages")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass
+class _Timing:
+    latency: float
+    tps: float
+
+    @property
+    def token_delay(self) -> float:
+        return 1.0 / self.tps if self.tps > 0 else 0.0
+
+
+class _Aborted(Exception):
+    """The connection is (to be) dropped without a proper response: a fault, or the server stopping."""
+
+
+class _App:
+    def __init__(self, latency_ms: float, tps: float, api_key: str | None) -> None:
+        self.latency_ms = latency_ms
+        self.tps = tps
+        self.api_key = api_key
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._by_path: Counter[str] = Counter()
+        self._by_model: Counter[str] = Counter()
+        self._log: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG_SIZE)
+        self.stopping: asyncio.Event | None = None
+
+    # -- bookkeeping (read from other threads, hence the lock) --
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": self._requests, "by_path": dict(self._by_path), "by_model": dict(self._by_model)}
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return copy.deepcopy(list(self._log))
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests = 0
+            self._by_path.clear()
+            self._by_model.clear()
+            self._log.clear()
+
+    def _record(self, request: web.Request, body: Any) -> None:
+        headers = {
+            key.lower(): _mask(value) if key.lower() in _MASKED_HEADERS else value
+            for key, value in request.headers.items()
+        }
+        model = body.get("model") if isinstance(body, dict) else None
+        with self._lock:
+            self._requests += 1
+            self._by_path[request.path] += 1
+            if isinstance(model, str):
+                self._by_model[model] += 1
+            self._log.append({"path": request.path, "method": request.method, "headers": headers, "body": body})
+
+    # -- aiohttp plumbing --
+
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024**2)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model_id}", self.model)
+        app.router.add_get("/_fake/stats", self.control_stats)
+        app.router.add_post("/_fake/reset", self.control_reset)
+        app.router.add_get("/_fake/requests", self.control_requests)
+        app.on_startup.append(self._on_startup)
+        return app
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        self.stopping = asyncio.Event()
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path.startswith("/_fake/"):
+            return await handler(request)
+        raw = await request.read()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = raw.decode("utf-8", "replace")
+        request[_BODY_KEY] = body
+        self._record(request, body)
+        provider = self._provider_for(request)
+        if not self._authorized(request):
+            return _status_fault(provider, 401)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return _error(provider, 404, f"Unknown path {request.path}", code="unknown_url")
+        except web.HTTPMethodNotAllowed:
+            return _error(provider, 405, f"Method {request.method} not allowed on {request.path}")
+        except _Aborted:
+            # Nothing more may reach the client; aiohttp only needs *a* response object to finish the task.
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=499)
+
+    @staticmethod
+    def _provider_for(request: web.Request) -> Provider:
+        if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
+            return "anthropic"
+        return "openai"
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self.api_key is None:
+            return True
+        return (
+            request.headers.get("authorization") == f"Bearer {self.api_key}"
+            or request.headers.get("x-api-key") == self.api_key
+        )
+
+    async def _pause(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self.stopping is None:
+            await asyncio.sleep(seconds)
+            return
+        # Woken early by stop() so that shutdown does not wait out slow streams or long latencies.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        if self.stopping.is_set():
+            raise _Aborted
+
+    async def _hang(self, request: web.Request) -> NoReturn:
+        # Polling (rather than relying only on handler cancellation) also notices stop() while the
+        # client is still connected, so shutdown never waits on a hung request.
+        while self.stopping is not None and not self.stopping.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(0.05)
+        self._abort(request)
+
+    async def _cut(self, request: web.Request) -> None:
+        transport = request.transport
+        if transport is not None:
+            # Give already-written chunks a moment to leave the buffer; abort() would discard them.
+            for _ in range(20):
+                if transport.is_closing() or transport.get_write_buffer_size() == 0:
+                    break
+                await asyncio.sleep(0.01)
+        self._abort(request)
+
+    @staticmethod
+    def _abort(request: web.Request) -> NoReturn:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        raise _Aborted
+
+    def _timing(self, directives: dict[str, str]) -> _Timing:
+        def number(name: str, default: float) -> float:
+            try:
+                return max(float(directives[name]), 0.0)
+            except (KeyError, ValueError):
+                return default
+
+        return _Timing(latency=number("latency", self.latency_ms) / 1000, tps=number("tps", self.tps))
+
+    @staticmethod
+    def _fault_name(request: web.Request, directives: dict[str, str], model: Any) -> str | None:
+        header = request.headers.get("x-fake-fault")
+        if header:
+            return header.strip()
+        if directives.get("fault"):
+            return directives["fault"]
+        if isinstance(model, str) and model.startswith("fault-"):
+            return model[len("fault-") :]
+        return None
+
+    async def _immediate_fault(
+        self, request: web.Request, provider: Provider, fault: str, prompt_tokens: int, stream: bool
+    ) -> web.StreamResponse | None:
+        """Handle faults that do not need a reply; None means the fault is streamed (or there is none)."""
+        if fault.isdigit() and 400 <= int(fault) <= 599:
+            return _status_fault(provider, int(fault))
+        if fault == "context":
+            return _context_fault(provider, prompt_tokens)
+        if fault == "hang":
+            await self._hang(request)
+        if re.fullmatch(r"cut-\d+", fault):
+            if not stream:
+                self._abort(request)
+            return None
+        if fault == "error-event":
+            if not stream:
+                return _status_fault(provider, 500)
+            return None
+        return _error(provider, 400, f"Unknown fake fault {fault!r}")
+
+    # -- control endpoints --
+
+    async def control_stats(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def control_reset(self, _request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def control_requests(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.requests())
+
+    # -- models --
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        early = await self._models_fault(request)
+        if early is not None:
+            return early
+        if "anthropic-version" in request.headers:
+            data = [self._anthropic_model(model_id, name) for model_id, name in MODELS]
+            return web.json_response(
+                {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]},
+                headers={"request-id": _new_id("req_")},
+            )
+        return web.json_response({"object": "list", "data": [self._openai_model(model_id) for model_id, _ in MODELS]})
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        early = await self._models_fault(request)
+        if early is not None:
+            return early
+        model_id = request.match_info["model_id"]
+        names = dict(MODELS)
+        anthropic = "anthropic-version" in request.headers
+        if model_id not in names:
+            if anthropic:
+                return _anthropic_error(404, "not_found_error", f"model: {model_id}")
+            return _openai_error(
+                404, f"The model '{model_id}' does not exist", "invalid_request_error", "model_not_found", "model"
+            )
+        if anthropic:
+            return web.json_response(self._anthropic_model(model_id, names[model_id]))
+        return web.json_response(self._openai_model(model_id))
+
+    async def _models_fault(self, request: web.Request) -> web.StreamResponse | None:
+        timing = self._timing({})
+        await self._pause(timing.latency)
+        fault = self._fault_name(request, {}, None)
+        if fault is None:
+            return None
+        return await self._immediate_fault(request, self._provider_for(request), fault, 0, stream=False)
+
+    @staticmethod
+    def _openai_model(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": _MODELS_CREATED, "owned_by": "fake"}
+
+    @staticmethod
+    def _anthropic_model(model_id: str, name: str) -> dict[str, Any]:
+        return {
+            "type": "model",
+            "id": model_id,
+            "display_name": name,
+            "created_at": _MODELS_CREATED_RFC3339,
+            "lifecycle": "active",
+            "max_input_tokens": _ANTHROPIC_CONTEXT_WINDOW,
+            "max_tokens": 64_000,
+        }
+
+    # -- OpenAI chat completions --
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _openai_error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        conv = _parse_openai(body)
+        timing = self._timing(conv.directives)
+        await self._pause(timing.latency)
+        stream = body.get("stream") is True
+        fault = self._fault_name(request, conv.directives, body.get("model"))
+        if fault is not None:
+            early = await self._immediate_fault(request, "openai", fault, conv.prompt_tokens, stream)
+            if early is not None:
+                return early
+
+        invalid = self._validate_openai(body)
+        if invalid is not None:
+            return invalid
+        max_tokens = _int_or_none(body.get("max_completion_tokens"))
+        if max_tokens is None:
+            max_tokens = _int_or_none(body.get("max_tokens"))
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+        reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_")
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
+        completion = reply.completion_tokens * n
+        usage = {
+            "prompt_tokens": conv.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": conv.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+        logprobs = body.get("logprobs") is True
+        top = _int_or_none(body.get("top_logprobs")) or 0
+        if stream:
+            stream_options = body.get("stream_options")
+            include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+            return await self._openai_stream(
+                request, body, reply, n, usage if include_usage else None, logprobs, top, timing, fault
+            )
+        await self._pause(len(reply.tokens) * timing.token_delay)
+        return web.json_response(
+            {
+                "id": _new_id("chatcmpl-", 29),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [self._openai_choice(i, reply, logprobs, top) for i in range(n)],
+                "usage": usage,
+                "service_tier": "default",
+                "system_fingerprint": "fp_fake",
+            },
+            headers={"x-request-id": _new_id("req_")},
+        )
+
+    @staticmethod
+    def _validate_openai(body: dict[str, Any]) -> web.Response | None:
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            return _openai_error(400, "you must provide a model parameter", "invalid_request_error")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _openai_error(
+                400, "Invalid 'messages': empty array or missing.", "invalid_request_error", "invalid_value", "messages"
+            )
+        n = body.get("n", 1)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128):
+            return _openai_error(400, "Invalid 'n': must be between 1 and 128.", "invalid_request_error", None, "n")
+        return None
+
+    @staticmethod
+    def _openai_tool_call(reply: _Reply) -> dict[str, Any]:
+        return {
+            "id": reply.tool_id,
+            "type": "function",
+            "function": {"name": reply.tool_name, "arguments": reply.arguments_json},
+        }
+
+    def _openai_choice(self, index: int, reply: _Reply, logprobs: bool, top: int) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None, "annotations": []}
+        if reply.tool_name is not None:
+            message["tool_calls"] = [self._openai_tool_call(reply)]
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": {"content": [_logprob_entry(t, top) for t in reply.tokens], "refusal": None}
+            if logprobs
+            else None,
+            "finish_reason": _OPENAI_FINISH[reply.finish],
+        }
+
+    async def _openai_stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        reply: _Reply,
+        n: int,
+        usage: dict[str, Any] | None,
+        logprobs: bool,
+        top: int,
+        timing: _Timing,
+        fault: str | None,
+    ) -> web.StreamResponse:
+        base = {
+            "id": _new_id("chatcmpl-", 29),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+            data = {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+            if usage is not None:
+                data["usage"] = None
+            return data
+
+        response = await self._start_sse(request, {"x-request-id": _new_id("req_")})
+
+        async def send(data: dict[str, Any] | str) -> None:
+            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            await response.write(f"data: {payload}\n\n".encode())
+
+        content_limit = _content_limit(fault)
+        for index in range(n):
+            if reply.tool_name is not None:
+                call = {**self._openai_tool_call(reply), "index": 0}
+                call["function"] = {"name": reply.tool_name, "arguments": ""}
+                await send(chunk(index, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}))
+            else:
+                await send(chunk(index, {"role": "assistant", "content": "", "refusal": None}))
+
+        pieces = (
+            [
+                {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+                for piece in _split_pieces(reply.arguments_json)
+            ]
+            if reply.tool_name is not None
+            else [{"content": token} for token in reply.tokens]
+        )
+        for position, delta in enumerate(pieces):
+            if content_limit is not None and position >= content_limit:
+                break
+            await self._pause(timing.token_delay)
+            for index in range(n):
+                lp = None
+                if logprobs and "content" in delta:
+                    lp = {"content": [_logprob_entry(delta["content"], top)], "refusal": None}
+                await send(chunk(index, delta, lp=lp))
+
+        if fault is not None and fault.startswith("cut-"):
+            await self._cut(request)
+        if fault == "error-event":
+            error = {"message": "The server had an error while processing your request.", "type": "server_error"}
+            await send({"error": {**error, "code": None, "param": None}})
+            await response.write_eof()
+            return response
+
+        for index in range(n):
+            await send(chunk(index, {}, _OPENAI_FINISH[reply.finish]))
+        if usage is not None:
+            await send({**base, "choices": [], "usage": usage})
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _start_sse(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=200,
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **headers},
+        )
+        await response.prepare(request)
+        return response
+
+    # -- Anthropic messages --
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _anthropic_error(400, "invalid_request_error", "There was an issue with the JSON body.")
+        conv = _parse_anthropic(body)
+        timing = self._timing(conv.directives)
+        await self._pause(timing.latency)
+        stream = body.get("stream") is True
+        fault = self._fault_name(request, conv.directives, body.get("model"))
+        if fault is not None:
+            early = await self._immediate_fault(request, "anthropic", fault, conv.prompt_tokens, stream)
+            if early is not None:
+                return early
+
+        invalid = self._validate_anthropic(body)
+        if invalid is not None:
+            return invalid
+        stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
+        reply = _build_reply(conv, _anthropic_tool(body), body["max_tokens"], stops, "toolu_")
+        cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
+        usage = {
+            "input_tokens": conv.prompt_tokens - cached,
+            "output_tokens": reply.completion_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+        }
+        message = {
+            "id": _new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if stream:
+            return await self._anthropic_stream(request, message, reply, timing, fault)
+        await self._pause(len(reply.tokens) * timing.token_delay)
+        if reply.tool_name is not None:
+            content = [
+                {"type": "tool_use", "id": reply.tool_id, "name": reply.tool_name, "input": reply.tool_arguments}
+            ]
+        else:
+            content = [{"type": "text", "text": reply.text}]
+        message.update(content=content, stop_reason=_ANTHROPIC_FINISH[reply.finish], stop_sequence=reply.stop_sequence)
+        return web.json_response(message, headers={"request-id": _new_id("req_")})
+
+    @staticmethod
+    def _validate_anthropic(body: dict[str, Any]) -> web.Response | None:
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            return _anthropic_error(400, "invalid_request_error", "model: Field required")
+        if not isinstance(body.get("messages"), list):
+            return _anthropic_error(400, "invalid_request_error", "messages: Field required")
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            return _anthropic_error(400, "invalid_request_error", "max_tokens: Input should be greater than 0")
+        return None
+
+    async def _anthropic_stream(
+        self, request: web.Request, message: dict[str, Any], reply: _Reply, timing: _Timing, fault: str | None
+    ) -> web.StreamResponse:
+        response = await self._start_sse(request, {"request-id": _new_id("req_")})
+
+        async def send(event: str, data: dict[str, Any]) -> None:
+            await response.write(f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
+
+        usage = message["usage"]
+        await send(
+            "message_start", {"type": "message_start", "message": {**message, "usage": {**usage, "output_tokens": 1}}}
+        )
+        if reply.tool_name is not None:
+            block = {"type": "tool_use", "id": reply.tool_id, "name": reply.tool_name, "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": p} for p in _split_pieces(reply.arguments_json)]
+        else:
+            block = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": token} for token in reply.tokens]
+        await send("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+        await send("ping", {"type": "ping"})
+
+        content_limit = _content_limit(fault)
+        for position, delta in enumerate(deltas):
+            if content_limit is not None and position >= content_limit:
+                break
+            await self._pause(timing.token_delay)
+            await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+
+        if fault is not None and fault.startswith("cut-"):
+            await self._cut(request)
+        if fault == "error-event":
+            await send("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+            await response.write_eof()
+            return response
+
+        await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        await send(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": _ANTHROPIC_FINISH[reply.finish], "stop_sequence": reply.stop_sequence},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        )
+        await send("message_stop", {"type": "message_stop"})
+        await response.write_eof()
+        return response
+
+
+def _directive_int(directives: dict[str, str], name: str) -> int | None:
+    value = directives.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def _content_limit(fault: str | None) -> int | None:
+    if fault is None:
+        return None
+    if fault == "error-event":
+        return _ERROR_EVENT_CHUNKS
+    match = re.fullmatch(r"cut-(\d+)", fault)
+    return int(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running it
+
+
+class FakeUpstream:
+    """The fake served from a background thread with its own event loop."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_ms: float = 0,
+        tps: float = 0,
+        api_key: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self._app.stats()
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self._app.requests()
+
+    def reset(self) -> None:
+        self._app.reset()
+
+    def start(self) -> FakeUpstream:
+        if self._thread is not None:
+            raise RuntimeError("FakeUpstream already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+
+        async def boot() -> None:
+            self._runner, self.port = await _start_site(self._app, self.host, self.port)
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(boot())
+            except BaseException as exc:  # handed over to the thread that called start()
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        logger.info("fake upstream listening on %s", self.base_url)
+        return self
+
+    def stop(self) -> None:
+        loop, thread, runner = self._loop, self._thread, self._runner
+        if loop is None or thread is None:
+            return
+        if runner is not None and not loop.is_closed():
+            future = asyncio.run_coroutine_threadsafe(_stop_site(self._app, runner), loop)
+            with contextlib.suppress(Exception):
+                future.result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        self._loop = self._thread = self._runner = None
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+async def _start_site(app: _App, host: str, port: int) -> tuple[web.AppRunner, int]:
+    # handler_cancellation: a client that goes away mid-stream (or mid-hang) should end its handler at once.
+    runner = web.AppRunner(app.build(), access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = runner.addresses[0][1]
+    return runner, bound_port
+
+
+async def _stop_site(app: _App, runner: web.AppRunner) -> None:
+    if app.stopping is not None:
+        app.stopping.set()
+    await runner.cleanup()
+
+
+async def _serve_forever(host: str, port: int, latency_ms: float, tps: float, api_key: str | None) -> None:
+    app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key)
+    runner, bound_port = await _start_site(app, host, port)
+    logger.info("fake upstream listening on http://%s:%s", host, bound_port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await _stop_site(app, runner)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Deterministic fake OpenAI/Anthropic upstream.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--latency-ms", type=float, default=0, help="delay before every answer")
+    parser.add_argument("--tps", type=float, default=0, help="streamed tokens per second; 0 means no delay")
+    parser.add_argument("--api-key", default=None, help="require this key; any key is accepted when unset")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.tps, args.api_key))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Fixtures for the real components the tests talk to: the fake upstream, Redis, a live llmhub.
+
+Each is started once per session (or per test where state matters) and talked to over real
+sockets on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_lookup_caches():
+    """In-process lookup caches outlive a test's database rows; start every test without them."""
+    from billing.services.keys import key_cache
+    from providers.selectors import catalog_cache
+
+    catalog_cache.invalidate()
+    key_cache.invalidate()
+    yield
+    catalog_cache.invalidate()
+    key_cache.invalidate()
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def fake_upstream_server():
+    """The fake provider server, shared by the session; use ``fake_upstream`` for a clean one."""
+    from llmhub.testing.fake_upstream import FakeUpstream
+
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_upstream(fake_upstream_server):
+    """The fake upstream with its counters and request log reset for this test."""
+    fake_upstream_server.reset()
+    return fake_upstream_server
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port (``.ci/run`` installs it). Skipped only outside CI."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run must install it")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class LiveServer:
+    """llmhub's ASGI application served by uvicorn in a thread of this process, on a real port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LiveServer:
+        import uvicorn
+
+        from llmhub.asgi import application
+
+        config = uvicorn.Config(application, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
+        self._thread.start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+
+@pytest.fixture
+def llmhub_server(transactional_db) -> Iterator[LiveServer]:
+    """A live llmhub for SDK and WebSocket clients. Tests using it see committed data only."""
+    server = LiveServer().start()
+    yield server
+    server.stop()

@@ -1,0 +1,46 @@
+"""factory_boy factories for the rows most tests need."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import factory
+from django.contrib.auth import get_user_model
+
+from providers.models import Model, Provider, ProviderKind
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda o: f"{o.username}@example.com")
+    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-123")
+
+
+class ProviderFactory(factory.django.DjangoModelFactory):
+    """A provider pointing at the fake upstream; pass ``base_url=fake_upstream.base_url + '/v1'``."""
+
+    class Meta:
+        model = Provider
+
+    name = factory.Sequence(lambda n: f"fake-openai-{n}")
+    kind = ProviderKind.OPENAI_COMPATIBLE
+    base_url = "http://127.0.0.1:9/v1"
+    api_key = "sk-fake-upstream-key-0000000000000000"
+    max_retries = 0
+    timeout_seconds = Decimal("10.0")
+
+
+class ModelFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Model
+
+    name = factory.Sequence(lambda n: f"model-{n}")
+    provider = factory.SubFactory(ProviderFactory)
+    upstream_id = "fake-gpt-4o-mini"
+    input_per_mtok = Decimal("0.15")
+    output_per_mtok = Decimal("0.60")
+    context_window = 128_000

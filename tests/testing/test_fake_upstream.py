@@ -1,0 +1,781 @@
+"""The fake upstream against the real OpenAI and Anthropic SDKs (and raw HTTP where the SDKs hide details)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2
+import jsonschema
+import openai
+import pytest
+
+from llmhub.testing.fake_upstream import FakeUpstream, split_tokens
+from llmhub.testing.openapi import validate_openai_schema
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+WEATHER_TOOL_OPENAI = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "metric": {"type": "boolean"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+WEATHER_TOOL_ANTHROPIC = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": WEATHER_TOOL_OPENAI["function"]["parameters"],
+}
+
+
+@pytest.fixture(scope="module")
+def upstream_server() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(upstream_server: FakeUpstream) -> FakeUpstream:
+    upstream_server.reset()
+    return upstream_server
+
+
+@pytest.fixture
+def oai(upstream: FakeUpstream) -> openai.OpenAI:
+    return openai.OpenAI(base_url=upstream.base_url + "/v1", api_key="sk-test-1234", max_retries=0, timeout=5)
+
+
+@pytest.fixture
+def ant(upstream: FakeUpstream) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=upstream.base_url, api_key="sk-ant-test-5678", max_retries=0, timeout=5)
+
+
+def http(
+    upstream: FakeUpstream, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(upstream.base_url + path, data=data, method=method)
+    request.add_header("content-type", "application/json")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers.items()), error.read()
+
+
+def openai_sse(raw: bytes) -> list[Any]:
+    """`data:` payloads in order; the terminal `[DONE]` is kept as the string."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def anthropic_sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        event_line, data_line = block.split("\n")
+        assert event_line.startswith("event: ") and data_line.startswith("data: "), block
+        data = json.loads(data_line[len("data: ") :])
+        assert data["type"] == event_line[len("event: ") :]
+        events.append((data["type"], data))
+    return events
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenAI
+
+
+def test_openai_non_stream_matches_schema_and_counts_tokens(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there world"}]
+    status, headers, raw = http(
+        upstream, "POST", "/v1/chat/completions", {"model": "fake-gpt-4o", "messages": messages}
+    )
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    body = json.loads(raw)
+    validate_openai_schema(body, "CreateChatCompletionResponse")
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "Echo: hello there world",
+        "refusal": None,
+        "annotations": [],
+    }
+    # (3 + 2) for the system message, (3 + 3) for the user message; the reply has 4 words.
+    assert body["usage"]["prompt_tokens"] == 11
+    assert body["usage"]["completion_tokens"] == 4
+    assert body["usage"]["total_tokens"] == 15
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+
+    completion = oai.chat.completions.create(model="fake-gpt-4o-mini", messages=messages, n=3)
+    assert completion.model == "fake-gpt-4o-mini"
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+    assert {choice.message.content for choice in completion.choices} == {"Echo: hello there world"}
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens == 12
+
+
+def test_openai_stream_chunks_match_schema(upstream: FakeUpstream) -> None:
+    body = {
+        "model": "fake-gpt-4o",
+        "messages": user("one two three"),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    status, headers, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = openai_sse(raw)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
+    assert [chunk["choices"][0]["delta"]["content"] for chunk in chunks[1:5]] == ["Echo:", " one", " two", " three"]
+    assert chunks[5]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["prompt_tokens"] == 6 and chunks[-1]["usage"]["completion_tokens"] == 4
+
+    # Without include_usage the key is absent altogether, as with the real API.
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", {**body, "stream_options": None})
+    chunks = openai_sse(raw)[:-1]
+    assert all("usage" not in chunk for chunk in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openai_sdk_stream_with_usage(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="fake-gpt-4o",
+        messages=user("stream me please"),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == "Echo: stream me please"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 6 + 4
+
+
+async def test_async_openai_stream(upstream: FakeUpstream) -> None:
+    client = openai.AsyncOpenAI(base_url=upstream.base_url + "/v1", api_key="k", max_retries=0, timeout=5)
+    async with client:
+        stream = await client.chat.completions.create(model="fake-gpt-4o", messages=user("async hi"), stream=True)
+        pieces = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices]
+        completion = await client.chat.completions.create(model="fake-gpt-4o", messages=user("async hi"))
+    assert "".join(piece or "" for piece in pieces) == "Echo: async hi"
+    assert completion.choices[0].message.content == "Echo: async hi"
+
+
+def test_openai_tool_call_round_trip(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
+    messages: list[dict[str, Any]] = user("Paris")
+    completion = oai.chat.completions.create(model="fake-gpt-4o", messages=messages, tools=[WEATHER_TOOL_OPENAI])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 42, "metric": True, "unit": "celsius"}
+
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"},
+    ]
+    follow_up = oai.chat.completions.create(model="fake-gpt-4o", messages=messages, tools=[WEATHER_TOOL_OPENAI])
+    assert follow_up.choices[0].finish_reason == "stop"
+    assert follow_up.choices[0].message.content == "Tool result: sunny, 21C"
+
+    # tool_choice "none" suppresses the call.
+    plain = oai.chat.completions.create(
+        model="fake-gpt-4o", messages=user("Paris"), tools=[WEATHER_TOOL_OPENAI], tool_choice="none"
+    )
+    assert plain.choices[0].message.content == "Echo: Paris"
+
+
+def test_openai_streamed_tool_call(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
+    body = {"model": "fake-gpt-4o", "messages": user("Rome"), "tools": [WEATHER_TOOL_OPENAI], "stream": True}
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    chunks = openai_sse(raw)[:-1]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    first = chunks[0]["choices"][0]["delta"]["tool_calls"][0]
+    assert first["index"] == 0 and first["id"].startswith("call_") and first["type"] == "function"
+    assert first["function"] == {"name": "get_weather", "arguments": ""}
+    fragments = [chunk["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for chunk in chunks[1:-1]]
+    assert 2 <= len(fragments) <= 3
+    assert json.loads("".join(fragments))["city"] == "Rome"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    with oai.chat.completions.stream(model="fake-gpt-4o", messages=user("Rome"), tools=[WEATHER_TOOL_OPENAI]) as stream:
+        final = stream.get_final_completion()
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments)["city"] == "Rome"
+
+
+def test_openai_logprobs(upstream: FakeUpstream) -> None:
+    body = {"model": "fake-gpt-4o", "messages": user("log me"), "logprobs": True, "top_logprobs": 2}
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    completion = json.loads(raw)
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    entries = completion["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in entries] == ["Echo:", " log", " me"]
+    assert entries[1]["bytes"] == list(b" log") and len(entries[1]["top_logprobs"]) == 2
+    assert completion["choices"][0]["logprobs"]["refusal"] is None
+
+    _, _, raw_again = http(upstream, "POST", "/v1/chat/completions", body)
+    assert json.loads(raw_again)["choices"][0]["logprobs"] == completion["choices"][0]["logprobs"]
+
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", {**body, "stream": True})
+    chunks = openai_sse(raw)[:-1]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    streamed = [chunk["choices"][0]["logprobs"]["content"][0] for chunk in chunks[1:-1]]
+    assert streamed == entries
+
+
+def test_openai_max_tokens_stop_and_images(oai: openai.OpenAI) -> None:
+    truncated = oai.chat.completions.create(model="fake-gpt-4o", messages=user("a b c d e f"), max_completion_tokens=3)
+    assert truncated.choices[0].message.content == "Echo: a b"
+    assert truncated.choices[0].finish_reason == "length"
+    assert truncated.usage is not None and truncated.usage.completion_tokens == 3
+
+    legacy = oai.chat.completions.create(model="fake-gpt-4o", messages=user("a b c d e f"), max_tokens=2)
+    assert legacy.choices[0].message.content == "Echo: a"
+
+    stopped = oai.chat.completions.create(model="fake-gpt-4o", messages=user("a b STOP c d"), stop=["STOP", "zz"])
+    assert stopped.choices[0].message.content == "Echo: a b "
+    assert stopped.choices[0].finish_reason == "stop"
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with_image = oai.chat.completions.create(
+        model="fake-gpt-4o",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "what is this"}, image]}],
+    )
+    assert with_image.choices[0].message.content == "Echo: what is this [image]"
+    assert with_image.usage is not None and with_image.usage.prompt_tokens == 3 + 3 + 85
+
+
+def test_directives(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    words = oai.chat.completions.create(model="fake-gpt-4o", messages=user("give me [[words=7]] words"))
+    assert len(words.choices[0].message.content.split()) == 7
+    assert words.usage is not None and words.usage.completion_tokens == 7
+
+    exact = oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[reply=Bonjour tout le monde]]"))
+    assert exact.choices[0].message.content == "Bonjour tout le monde"
+
+    stripped = oai.chat.completions.create(model="fake-gpt-4o", messages=user("keep [[cache=4]] this"))
+    assert stripped.choices[0].message.content == "Echo: keep this"
+    assert stripped.usage is not None and stripped.usage.prompt_tokens_details.cached_tokens == 4
+    assert stripped.usage.prompt_tokens == 3 + 3
+
+    message = ant.messages.create(model="fake-claude-haiku", max_tokens=100, messages=user("x y [[cache=2]] z"))
+    # Anthropic reports cached tokens apart from input_tokens: 7 prompt tokens (the directive is a word too)
+    # = 5 uncached + 2 read from the cache.
+    assert message.usage.input_tokens == 5 and message.usage.cache_read_input_tokens == 2
+    assert message.usage.cache_creation_input_tokens == 0
+
+    started = time.monotonic()
+    oai.chat.completions.create(model="fake-gpt-4o", messages=user("slow [[latency=300]]"))
+    assert time.monotonic() - started >= 0.3
+
+    started = time.monotonic()
+    stream = oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[words=10]] [[tps=40]]"), stream=True)
+    assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content) == 10
+    assert time.monotonic() - started >= 10 / 40
+
+
+def test_server_wide_latency_and_tps() -> None:
+    with FakeUpstream(latency_ms=150, tps=50) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=5)
+        started = time.monotonic()
+        client.chat.completions.create(model="m", messages=user("[[words=5]]"))
+        # 150 ms latency, then 5 tokens at 50 per second also hold back a non-streamed reply.
+        assert time.monotonic() - started >= 0.15 + 5 / 50
+        started = time.monotonic()
+        client.chat.completions.create(model="m", messages=user("[[words=5]] [[latency=0]] [[tps=0]]"))
+        assert time.monotonic() - started < 0.15
+
+
+def test_split_tokens_round_trips() -> None:
+    for text in ["Echo: hello  world ", "  lead", "one", "", "a\nb\tc"]:
+        assert "".join(split_tokens(text)) == (text if text.strip() else "")
+    assert split_tokens("Echo: hi there") == ["Echo:", " hi", " there"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Anthropic
+
+
+def test_anthropic_non_stream(ant: anthropic.Anthropic) -> None:
+    message = ant.messages.create(
+        model="fake-claude-sonnet",
+        max_tokens=100,
+        system=[{"type": "text", "text": "you are terse"}],
+        messages=user("hi there claude"),
+    )
+    assert message.id.startswith("msg_") and message.type == "message" and message.role == "assistant"
+    assert message.model == "fake-claude-sonnet"
+    assert message.content[0].type == "text" and message.content[0].text == "Echo: hi there claude"
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    assert message.usage.input_tokens == (3 + 3) + (3 + 3)
+    assert message.usage.output_tokens == 4
+
+    string_system = ant.messages.create(
+        model="fake-claude-sonnet", max_tokens=100, system="you are terse", messages=user("hi there claude")
+    )
+    assert string_system.usage.input_tokens == message.usage.input_tokens
+
+
+def test_anthropic_stream_event_sequence(upstream: FakeUpstream) -> None:
+    body = {"model": "fake-claude-haiku", "max_tokens": 100, "messages": user("one two"), "stream": True}
+    status, headers, raw = http(upstream, "POST", "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = anthropic_sse(raw)
+    assert [name for name, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None
+    assert start["usage"] == {
+        "input_tokens": 5,
+        "output_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+    assert events[1][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+    assert [data["delta"] for _, data in events[3:6]] == [
+        {"type": "text_delta", "text": "Echo:"},
+        {"type": "text_delta", "text": " one"},
+        {"type": "text_delta", "text": " two"},
+    ]
+    assert events[7][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    assert events[7][1]["usage"] == {"output_tokens": 3}
+
+
+def test_anthropic_sdk_stream_helper(ant: anthropic.Anthropic) -> None:
+    with ant.messages.stream(model="fake-claude-haiku", max_tokens=100, messages=user("stream this")) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Echo: stream this"
+    assert final.content[0].text == text
+    assert final.usage.input_tokens == 5 and final.usage.output_tokens == 3
+    assert final.stop_reason == "end_turn"
+
+
+def test_anthropic_tool_round_trip(ant: anthropic.Anthropic) -> None:
+    messages: list[dict[str, Any]] = user("Oslo")
+    message = ant.messages.create(
+        model="fake-claude-haiku", max_tokens=100, tools=[WEATHER_TOOL_ANTHROPIC], messages=messages
+    )
+    assert message.stop_reason == "tool_use"
+    block = message.content[0]
+    assert block.type == "tool_use" and block.id.startswith("toolu_") and block.name == "get_weather"
+    assert block.input == {"city": "Oslo", "days": 42, "metric": True, "unit": "celsius"}
+
+    messages += [
+        {"role": "assistant", "content": [block.model_dump(exclude_none=True)]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "snowing"}]},
+    ]
+    follow_up = ant.messages.create(
+        model="fake-claude-haiku", max_tokens=100, tools=[WEATHER_TOOL_ANTHROPIC], messages=messages
+    )
+    assert follow_up.stop_reason == "end_turn"
+    assert follow_up.content[0].text == "Tool result: snowing"
+
+
+def test_anthropic_streamed_tool_use(upstream: FakeUpstream, ant: anthropic.Anthropic) -> None:
+    body = {
+        "model": "fake-claude-haiku",
+        "max_tokens": 100,
+        "messages": user("Lima"),
+        "tools": [WEATHER_TOOL_ANTHROPIC],
+        "stream": True,
+    }
+    _, _, raw = http(upstream, "POST", "/v1/messages", body)
+    events = anthropic_sse(raw)
+    start = events[1][1]["content_block"]
+    assert start["type"] == "tool_use" and start["name"] == "get_weather" and start["input"] == {}
+    deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+    assert 2 <= len(deltas) <= 3 and {delta["type"] for delta in deltas} == {"input_json_delta"}
+    assert json.loads("".join(delta["partial_json"] for delta in deltas))["city"] == "Lima"
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+    with ant.messages.stream(
+        model="fake-claude-haiku", max_tokens=100, tools=[WEATHER_TOOL_ANTHROPIC], messages=user("Lima")
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].type == "tool_use" and final.content[0].input["city"] == "Lima"
+
+
+def test_anthropic_limits_stop_sequences_and_images(upstream: FakeUpstream, ant: anthropic.Anthropic) -> None:
+    truncated = ant.messages.create(model="fake-claude-haiku", max_tokens=2, messages=user("a b c d"))
+    assert truncated.content[0].text == "Echo: a" and truncated.stop_reason == "max_tokens"
+    assert truncated.usage.output_tokens == 2
+
+    stopped = ant.messages.create(
+        model="fake-claude-haiku", max_tokens=100, stop_sequences=["END"], messages=user("a b END c")
+    )
+    assert stopped.content[0].text == "Echo: a b " and stopped.stop_reason == "stop_sequence"
+    assert stopped.stop_sequence == "END"
+
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    seen = ant.messages.create(
+        model="fake-claude-haiku",
+        max_tokens=100,
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": "describe"}]}],
+    )
+    assert seen.content[0].text == "Echo: [image] describe"
+    assert seen.usage.input_tokens == 3 + 1 + 85
+
+    status, _, raw = http(upstream, "POST", "/v1/messages", {"model": "fake-claude-haiku", "messages": user("x")})
+    assert status == 400
+    assert json.loads(raw)["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in json.loads(raw)["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults
+
+STATUS_FAULTS = [
+    ("429", openai.RateLimitError, anthropic.RateLimitError, "rate_limit_error"),
+    ("500", openai.InternalServerError, anthropic.InternalServerError, "api_error"),
+    ("503", openai.InternalServerError, anthropic.ServiceUnavailableError, "api_error"),
+    ("529", openai.InternalServerError, anthropic.OverloadedError, "overloaded_error"),
+    ("401", openai.AuthenticationError, anthropic.AuthenticationError, "authentication_error"),
+    ("400", openai.BadRequestError, anthropic.BadRequestError, "invalid_request_error"),
+    ("context", openai.BadRequestError, anthropic.BadRequestError, "invalid_request_error"),
+]
+
+
+@pytest.mark.parametrize(("fault", "openai_error", "anthropic_error", "anthropic_type"), STATUS_FAULTS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_status_faults(
+    oai: openai.OpenAI,
+    ant: anthropic.Anthropic,
+    fault: str,
+    openai_error: type[Exception],
+    anthropic_error: type[Exception],
+    anthropic_type: str,
+    stream: bool,
+) -> None:
+    status = 400 if fault == "context" else int(fault)
+    headers = {"x-fake-fault": fault}
+    with pytest.raises(openai_error) as openai_info:
+        oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi"), stream=stream, extra_headers=headers)
+    error = openai_info.value
+    assert isinstance(error, openai.APIStatusError) and error.status_code == status
+    assert set(error.body) == {"message", "type", "param", "code"}
+
+    with pytest.raises(anthropic_error) as anthropic_info:
+        ant.messages.create(
+            model="fake-claude-haiku", max_tokens=10, messages=user("hi"), stream=stream, extra_headers=headers
+        )
+    assert anthropic_info.value.status_code == status
+    assert anthropic_info.value.type == anthropic_type
+
+    if fault == "429":
+        assert error.response.headers["retry-after"] == "2"
+        assert anthropic_info.value.response.headers["retry-after"] == "2"
+    if fault == "context":
+        assert error.code == "context_length_exceeded" and error.param == "messages"
+        assert error.body["type"] == "invalid_request_error"
+        assert "maximum context length" in error.message
+        assert "prompt is too long:" in anthropic_info.value.api_message
+        assert anthropic_info.value.api_message.endswith("maximum")
+
+
+def test_fault_selection_priority(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError):
+        oai.chat.completions.create(model="fault-429", messages=user("hi"))
+    with pytest.raises(openai.InternalServerError) as by_directive:
+        oai.chat.completions.create(model="fault-429", messages=user("hi [[fault=500]]"))
+    assert by_directive.value.status_code == 500
+    with pytest.raises(openai.AuthenticationError):
+        oai.chat.completions.create(
+            model="fault-429", messages=user("hi [[fault=500]]"), extra_headers={"x-fake-fault": "401"}
+        )
+    with pytest.raises(openai.BadRequestError, match="Unknown fake fault"):
+        oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[fault=nope]]"))
+    assert upstream.stats["by_model"] == {"fault-429": 3, "fake-gpt-4o": 1}
+
+
+def test_hang_times_out(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[fault=hang]]"), timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[fault=hang]]"), stream=True, timeout=0.3)
+    with pytest.raises(anthropic.APITimeoutError):
+        ant.messages.create(model="fault-hang", max_tokens=5, messages=user("x"), timeout=0.3)
+    assert time.monotonic() - started < 3
+
+
+def test_hang_does_not_block_stop() -> None:
+    server = FakeUpstream().start()
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=30)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.chat.completions.create(model="fault-hang", messages=user("x"))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while server.stats["requests"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 2
+    caller.join(timeout=5)
+    assert isinstance(outcome[0], openai.APIConnectionError)
+
+
+def test_cut_faults(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    received: list[str] = []
+    stream = oai.chat.completions.create(
+        model="fake-gpt-4o", messages=user("[[words=10]] [[fault=cut-3]]"), stream=True
+    )
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert len([piece for piece in received if piece]) == 3
+
+    with pytest.raises(openai.APIConnectionError):
+        oai.chat.completions.create(model="fault-cut-3", messages=user("x"))
+
+    deltas: list[str] = []
+    events = ant.messages.create(model="fault-cut-2", max_tokens=50, messages=user("a b c d e"), stream=True)
+    # The Anthropic SDK does not wrap transport errors raised while iterating a stream.
+    with pytest.raises(httpx2.RemoteProtocolError):
+        for event in events:
+            if event.type == "content_block_delta":
+                deltas.append(event.delta.text)
+    assert deltas == ["Echo:", " a"]
+
+    with pytest.raises(anthropic.APIConnectionError):
+        ant.messages.create(model="fault-cut-2", max_tokens=50, messages=user("x"))
+
+
+def test_cut_fault_raw_stream_has_no_terminator(upstream: FakeUpstream) -> None:
+    body = {"model": "fault-cut-2", "messages": user("a b c d"), "stream": True}
+    request = urllib.request.Request(
+        upstream.base_url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST"
+    )
+    request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+        with pytest.raises((HTTPException, OSError)) as info:
+            response.read()
+    partial = getattr(info.value, "partial", b"") or b""
+    assert b"[DONE]" not in partial and b'finish_reason":"stop' not in partial
+
+
+def test_error_event_faults(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    received: list[str] = []
+    stream = oai.chat.completions.create(
+        model="fake-gpt-4o", messages=user("a b c d e f"), stream=True, extra_headers={"x-fake-fault": "error-event"}
+    )
+    with pytest.raises(openai.APIError) as openai_info:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert not isinstance(openai_info.value, openai.APIStatusError)
+    assert openai_info.value.body["type"] == "server_error"
+    assert [piece for piece in received if piece] == ["Echo:", " a"]
+
+    events = ant.messages.create(
+        model="fake-claude-haiku", max_tokens=50, messages=user("a b c [[fault=error-event]]"), stream=True
+    )
+    with pytest.raises(anthropic.APIStatusError) as anthropic_info:
+        for _ in events:
+            pass
+    # The stream was a 200, so the SDK cannot map the error to OverloadedError; only the body says so.
+    assert type(anthropic_info.value) is anthropic.APIStatusError
+    assert anthropic_info.value.status_code == 200
+    assert anthropic_info.value.type == "overloaded_error"
+
+
+def test_api_key_enforced() -> None:
+    with FakeUpstream(api_key="sekrit-key") as server:
+        good_oai = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sekrit-key", max_retries=0)
+        assert good_oai.chat.completions.create(model="m", messages=user("ok")).choices[0].message.content == "Echo: ok"
+        bad_oai = openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as openai_info:
+            bad_oai.models.list()
+        assert openai_info.value.code == "invalid_api_key"
+
+        good_ant = anthropic.Anthropic(base_url=server.base_url, api_key="sekrit-key", max_retries=0)
+        assert good_ant.messages.create(model="m", max_tokens=5, messages=user("ok")).content[0].text == "Echo: ok"
+        # anthropic 2.x sends its api_key as a bearer token; x-api-key (what older SDKs and curl use) works too.
+        body = {"model": "m", "max_tokens": 5, "messages": user("ok")}
+        assert http(server, "POST", "/v1/messages", body, {"x-api-key": "sekrit-key"})[0] == 200
+        status, _, raw = http(server, "POST", "/v1/messages", body, {"x-api-key": "nope"})
+        assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
+        assert http(server, "GET", "/_fake/stats")[0] == 200
+        bad_ant = anthropic.Anthropic(base_url=server.base_url, api_key="wrong", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as anthropic_info:
+            bad_ant.messages.create(model="m", max_tokens=5, messages=user("no"))
+        assert anthropic_info.value.type == "authentication_error"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models, observability, CLI
+
+EXPECTED_MODELS = ["fake-gpt-4o-mini", "fake-gpt-4o", "fake-o3-mini", "fake-claude-haiku", "fake-claude-sonnet"]
+
+
+def test_models_list_in_both_shapes(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    listed = oai.models.list()
+    assert [model.id for model in listed.data] == EXPECTED_MODELS
+    assert {model.owned_by for model in listed.data} == {"fake"}
+    assert oai.models.retrieve("fake-o3-mini").id == "fake-o3-mini"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-nope")
+
+    assert [model.id for model in ant.models.list()] == EXPECTED_MODELS
+    _, _, raw = http(upstream, "GET", "/v1/models", headers={"anthropic-version": "2023-06-01"})
+    page = json.loads(raw)
+    assert page["has_more"] is False
+    assert (page["first_id"], page["last_id"]) == ("fake-gpt-4o-mini", "fake-claude-sonnet")
+    assert page["data"][0]["type"] == "model" and page["data"][0]["created_at"] == "2025-01-01T00:00:00Z"
+    assert ant.models.retrieve("fake-claude-haiku").display_name == "Fake Claude Haiku"
+
+    _, _, raw = http(upstream, "GET", "/v1/models")
+    assert json.loads(raw)["object"] == "list"
+
+
+def test_stats_requests_and_reset(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi"), extra_body={"surprise": {"x": 1}})
+    oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi"))
+    ant.messages.create(model="fake-claude-haiku", max_tokens=5, messages=user("hi"))
+    oai.models.list()
+
+    _, _, raw = http(upstream, "GET", "/_fake/stats")
+    stats = json.loads(raw)
+    assert stats == upstream.stats
+    assert stats == {
+        "requests": 4,
+        "by_path": {"/v1/chat/completions": 2, "/v1/messages": 1, "/v1/models": 1},
+        "by_model": {"fake-gpt-4o": 2, "fake-claude-haiku": 1},
+    }
+
+    _, _, raw = http(upstream, "GET", "/_fake/requests")
+    logged = json.loads(raw)
+    assert logged == upstream.requests
+    assert [entry["path"] for entry in logged] == [
+        "/v1/chat/completions",
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/models",
+    ]
+    first = logged[0]
+    assert first["method"] == "POST" and first["body"]["surprise"] == {"x": 1}
+    assert first["headers"]["authorization"].endswith("1234")
+    assert "sk-test" not in first["headers"]["authorization"]
+    assert all(key == key.lower() for key in first["headers"])
+    assert logged[3]["method"] == "GET" and logged[3]["body"] is None
+
+    status, _, _ = http(upstream, "POST", "/_fake/reset")
+    assert status == 200
+    assert upstream.stats == {"requests": 0, "by_path": {}, "by_model": {}}
+    assert upstream.requests == []
+
+
+def test_log_keeps_last_hundred(upstream: FakeUpstream) -> None:
+    for i in range(105):
+        http(upstream, "POST", "/v1/chat/completions", {"model": f"m{i}", "messages": user("x")})
+    logged = upstream.requests
+    assert len(logged) == 100 and logged[0]["body"]["model"] == "m5"
+    assert upstream.stats["requests"] == 105
+
+
+def test_unknown_path_and_bad_json(upstream: FakeUpstream) -> None:
+    status, _, raw = http(upstream, "GET", "/v1/nothing-here")
+    assert status == 404 and "error" in json.loads(raw)
+    request = urllib.request.Request(upstream.base_url + "/v1/chat/completions", data=b"{nope", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=5)
+    assert info.value.code == 400
+    assert json.loads(info.value.read())["error"]["type"] == "invalid_request_error"
+
+
+def test_cli_serves_and_logs_address() -> None:
+    with FakeUpstream() as probe:
+        port = probe.port  # a port that was free a moment ago
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmhub.testing.fake_upstream", "--port", str(port), "--tps", "0"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        assert line == f"fake upstream listening on http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=5)
+        assert client.chat.completions.create(model="x", messages=user("cli")).choices[0].message.content == "Echo: cli"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_openapi_validator_rejects_bad_documents() -> None:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": []}
+    validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    validate_openai_schema({**chunk, "usage": None}, "CreateChatCompletionStreamResponse")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_openai_schema({**chunk, "object": "chat.completion"}, "CreateChatCompletionStreamResponse")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_openai_schema(
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "done"}]},
+            "CreateChatCompletionStreamResponse",
+        )
+    with pytest.raises(KeyError):
+        validate_openai_schema(chunk, "NoSuchSchema")
