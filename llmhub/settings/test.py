@@ -21,7 +21,10 @@ CELERY_BROKER_URL = "memory://"
 DATABASES = {"default": env.db("TEST_DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'var' / 'test.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
-    # A file, not :memory:, so that live-server subprocesses see the same database.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test-db.sqlite3")}
+    # A file, not :memory:, so that live-server subprocesses see the same database; one per test run, so
+    # that runs side by side (or pytest-xdist workers, which add their own suffix) never share one.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test-db-{os.getpid()}.sqlite3")}
 LLMHUB_LOOKUP_CACHE_TTL = 5.0
+# Users are unrestricted unless a test puts them on a plan (the seeded plans do not survive a flush).
+LLMHUB_DEFAULT_PLAN = ""
 LOGGING["root"]["level"] = "WARNING"  # noqa: F405

@@ -1,0 +1,182 @@
+"""The OpenAI-compatible REST entry point: ``/v1/chat/completions`` and ``/v1/models``.
+
+These are plain async Django views rather than DRF views: DRF's ``APIView`` is synchronous, so
+every request would hop to a thread and back, which the hot path cannot afford. They stay thin all
+the same: parse, hand over to ``chat.pipeline``, serialize. Every answer, error or not, carries
+``x-request-id`` and ``x-llmhub-overhead-ms``; errors use OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from billing.authentication import key_from_headers
+from providers.exceptions import ApplicationError, ProviderError
+
+from .exception_handlers import application_error_body, error_body
+from .pipeline import CompletionRun, caller_from_api_key, completion_start, models_for_caller, new_request_id
+
+logger = logging.getLogger("llmhub.api")
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _json_response(payload: Any, *, status: int = 200) -> HttpResponse:
+    return HttpResponse(_dumps(payload).encode(), status=status, content_type="application/json")
+
+
+def _error_response(exc: ApplicationError) -> HttpResponse:
+    response = _json_response(application_error_body(exc), status=exc.status_code)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after:
+        response["Retry-After"] = str(max(1, round(retry_after)))
+    for name, value in (exc.extra.get("headers") or {}).items():
+        response[name] = value
+    if exc.status_code == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="llmhub"'
+    return response
+
+
+def _stamp(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
+    response["x-request-id"] = request_id
+    overhead = run.overhead_ms() if run is not None else (time.perf_counter() - started) * 1000
+    response["x-llmhub-overhead-ms"] = f"{overhead:.2f}"
+    if run is not None:
+        for name, value in run.response_headers.items():
+            response[name] = value
+    return response
+
+
+def _parse_body(request: HttpRequest) -> Any:
+    content_type = request.content_type or ""
+    if content_type and content_type != "application/json":
+        raise ApplicationError("Content-Type must be application/json.", code="invalid_content_type")
+    try:
+        return json.loads(request.body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApplicationError(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload.)",
+            code="invalid_json",
+        ) from None
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "POST":
+        return _stamp(_method_not_allowed("POST"), request_id, started)
+    run: CompletionRun | None = None
+    try:
+        caller = await caller_from_api_key(key_from_headers(request.headers))
+        body = _parse_body(request)
+        run = await completion_start(caller=caller, body=body, endpoint="rest", request_id=request_id)
+        if body.get("stream"):
+            response = await _open_stream(run)
+        else:
+            response = _json_response(await run.complete())
+    except ApplicationError as exc:
+        response = _error_response(exc)
+    return _stamp(response, request_id, started, run)
+
+
+async def _open_stream(run: CompletionRun) -> HttpResponse:
+    """Wait for the first chunk before answering, so that an upstream failure before any output
+    (429, 5xx, timeout, bad auth) still gets its proper HTTP status instead of a 200 and a broken stream."""
+    chunks = run.stream()
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    except ProviderError:
+        await chunks.aclose()
+        raise
+    response = StreamingHttpResponse(_sse(first, chunks), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            yield b"data: " + _dumps(first).encode() + b"\n\n"
+        async for chunk in chunks:
+            yield b"data: " + _dumps(chunk).encode() + b"\n\n"
+    except ProviderError as exc:
+        # Headers are gone: report in-band the way OpenAI does; its SDK raises APIError on this event.
+        yield b"data: " + _dumps(application_error_body(exc)).encode() + b"\n\n"
+        return
+    finally:
+        await chunks.aclose()
+    yield SSE_DONE
+
+
+@csrf_exempt
+async def models_list(request: HttpRequest) -> HttpResponse:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "GET":
+        return _stamp(_method_not_allowed("GET"), request_id, started)
+    try:
+        caller = await caller_from_api_key(key_from_headers(request.headers))
+        models = await models_for_caller(caller)
+    except ApplicationError as exc:
+        return _stamp(_error_response(exc), request_id, started)
+    payload = {
+        "object": "list",
+        "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name} for m in models],
+    }
+    return _stamp(_json_response(payload), request_id, started)
+
+
+@csrf_exempt
+async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    try:
+        caller = await caller_from_api_key(key_from_headers(request.headers))
+        for candidate in await models_for_caller(caller):
+            if candidate.name == model:
+                payload = {"id": candidate.name, "object": "model", "created": 0, "owned_by": candidate.provider.name}
+                return _stamp(_json_response(payload), request_id, started)
+        raise ApplicationError(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+            status_code=404,
+        )
+    except ApplicationError as exc:
+        return _stamp(_error_response(exc), request_id, started)
+
+
+def _method_not_allowed(allowed: str) -> HttpResponse:
+    response = _json_response(
+        error_body(
+            f"Method not allowed; use {allowed}.", error_type="invalid_request_error", code="method_not_allowed"
+        ),
+        status=405,
+    )
+    response["Allow"] = allowed
+    return response
+
+
+async def not_found(request: HttpRequest, path: str) -> HttpResponse:
+    """Unknown /v1 paths answer in OpenAI's error shape too, not Django's HTML 404."""
+    started = time.perf_counter()
+    response = _json_response(
+        error_body(
+            f"Invalid URL ({request.method} /v1/{path})", error_type="invalid_request_error", code="unknown_url"
+        ),
+        status=404,
+    )
+    return _stamp(response, new_request_id(), started)

@@ -1,0 +1,393 @@
+"""The one pipeline every entry point runs: authenticate → resolve → admit → call → relay → settle.
+
+REST (``api_openai``) and WebSocket (``consumers``) are thin adapters from their transport to this
+module. A rule (a limit, a budget, a ledger field) is written here once. The settle step runs
+whatever happens: success, upstream error, client gone, cancel — exactly one ledger row per
+request, written in the background (``billing.services.ledger``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from billing.models import Endpoint, UsageStatus
+from billing.pricing import cost_for
+from billing.services.admission import Admission, admission_acquire, models_allowed
+from billing.services.keys import api_key_authenticate
+from billing.services.ledger import UsageData, usage_record_submit
+from providers.adapters import adapter_for
+from providers.exceptions import ApplicationError, ProviderError
+from providers.selectors import model_resolve
+from providers.types import ResolvedModel
+
+from .validation import validate_chat_request
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user_id: int
+    username: str
+    api_key_id: int | None = None
+    key_allowed_model_ids: frozenset[int] | None = None
+
+
+def caller_from_user(user: Any) -> Caller:
+    return Caller(user_id=user.pk, username=user.get_username())
+
+
+async def caller_from_api_key(raw: str | None) -> Caller:
+    principal = await api_key_authenticate(raw)
+    return Caller(
+        user_id=principal.user_id,
+        username=principal.username,
+        api_key_id=principal.key_id,
+        key_allowed_model_ids=principal.allowed_model_ids,
+    )
+
+
+async def models_for_caller(caller: Caller) -> list[ResolvedModel]:
+    return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids)
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    status: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost: Decimal
+    usage_estimated: bool
+    error_type: str = ""
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough count for text we relayed when the provider sent no usage (about four characters a token)."""
+    return math.ceil(len(text) / 4) if text else 0
+
+
+def prompt_tokens_upper_bound(body: dict[str, Any]) -> int:
+    """A generous upper bound of the prompt's tokens, for reservations before the call.
+
+    Real tokenizers average about four characters a token on English and rarely fall below two, so
+    half the characters of the messages and tools, plus the per-message framing and a fixed charge
+    per image, stays above what a provider later bills in practice."""
+    chars = 0
+    images = 0
+    for message in body.get("messages", ()):
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    chars += len(part.get("text", ""))
+                elif part.get("type") in ("image_url", "input_audio", "file"):
+                    images += 1
+        for call in message.get("tool_calls") or ():
+            chars += len(str(call.get("function", {}).get("arguments", "")))
+    for tool in body.get("tools") or ():
+        chars += len(str(tool))
+    return math.ceil(chars / 2) + 8 * len(body.get("messages", ())) + 1_600 * images + 16
+
+
+async def completion_start(
+    *, caller: Caller, body: dict[str, Any], endpoint: str, request_id: str | None = None
+) -> CompletionRun:
+    """Validate, resolve and admit a request. Nothing is sent upstream yet.
+
+    A request refused here (bad input, unknown or forbidden model, no budget, rate limited) still
+    gets its ledger row, with status ``rejected``, because every request an authenticated caller makes
+    is accounted for."""
+    request_id = request_id or new_request_id()
+    started = time.perf_counter()
+    model: ResolvedModel | None = None
+    try:
+        validate_chat_request(body)
+        model = await model_resolve(body["model"])
+        if body.get("stream") and not model.supports_streaming:
+            raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
+        admission = await admission_acquire(
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+            key_allowed_model_ids=caller.key_allowed_model_ids,
+            model=model,
+            body=body,
+            request_id=request_id,
+            prompt_tokens_upper=prompt_tokens_upper_bound(body),
+        )
+    except ApplicationError as exc:
+        usage_record_submit(
+            UsageData(
+                request_id=request_id,
+                endpoint=endpoint,
+                stream=bool(body.get("stream")) if isinstance(body, dict) else False,
+                status=UsageStatus.REJECTED,
+                user_id=caller.user_id,
+                api_key_id=caller.api_key_id,
+                provider_id=model.provider.id if model else None,
+                model_id=model.id if model else None,
+                provider_name=model.provider.name if model else "",
+                model_name=model.name if model else str(body.get("model", ""))[:128] if isinstance(body, dict) else "",
+                duration_ms=_ms(time.perf_counter() - started),
+                error_type=exc.code or type(exc).__name__,
+            )
+        )
+        raise
+    return CompletionRun(
+        caller=caller,
+        body=body,
+        endpoint=endpoint,
+        request_id=request_id,
+        model=model,
+        admission=admission,
+        started=started,
+    )
+
+
+class CompletionRun:
+    """One admitted request: call the provider once, relay, and settle exactly once."""
+
+    def __init__(
+        self,
+        *,
+        caller: Caller,
+        body: dict[str, Any],
+        endpoint: str,
+        request_id: str,
+        model: ResolvedModel,
+        admission: Admission,
+        started: float,
+    ) -> None:
+        self.caller = caller
+        self.body = body
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.model = model
+        self.admission = admission
+        self.started = started
+        self.result: RunResult | None = None
+        self._cancelled = False
+        self._settled = False
+        self._upstream_started: float | None = None
+        self._first_token_at: float | None = None
+        self._upstream_done: float | None = None
+
+    @property
+    def response_headers(self) -> dict[str, str]:
+        return self.admission.headers
+
+    def mark_cancelled(self) -> None:
+        """The user asked to stop (as opposed to going away): record the run as ``cancelled``."""
+        self._cancelled = True
+
+    def overhead_ms(self, now: float | None = None) -> float:
+        """Time spent in llmhub so far, upstream time excluded."""
+        now = time.perf_counter() if now is None else now
+        upstream = 0.0
+        if self._upstream_started is not None:
+            upstream = (self._upstream_done or now) - self._upstream_started
+        return max(0.0, (now - self.started - upstream) * 1000)
+
+    def _upstream_body(self) -> dict[str, Any]:
+        adapter_body = dict(self.body)
+        if (
+            self.admission.max_tokens is not None
+            and "max_tokens" not in adapter_body
+            and "max_completion_tokens" not in adapter_body
+        ):
+            adapter_body["max_tokens"] = self.admission.max_tokens
+        return adapter_body
+
+    async def complete(self) -> dict[str, Any]:
+        adapter = adapter_for(self.model.provider)
+        body = adapter.prepare_request(self._upstream_body(), self.model)
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        self._upstream_started = time.perf_counter()
+        status, error_type, response = UsageStatus.UPSTREAM_ERROR, "", None
+        try:
+            response = await adapter.complete(body)
+            status = UsageStatus.OK
+        except ProviderError as exc:
+            error_type = exc.code or type(exc).__name__
+            raise
+        except asyncio.CancelledError:
+            status = UsageStatus.CANCELLED if self._cancelled else UsageStatus.CLIENT_DISCONNECTED
+            raise
+        finally:
+            self._upstream_done = time.perf_counter()
+            usage = (response or {}).get("usage") or {}
+            finish = None
+            if response and response.get("choices"):
+                finish = response["choices"][0].get("finish_reason")
+            self._settle(status=status, usage=usage, delivered_text="", finish_reason=finish, error_type=error_type)
+        response["model"] = self.model.name
+        return response
+
+    async def stream(self) -> AsyncIterator[dict[str, Any]]:
+        """Relay chunks as they arrive. The client's ``stream_options.include_usage`` decides whether
+        the usage chunk is passed on; the adapter always asks for it, since settlement needs it."""
+        adapter = adapter_for(self.model.provider)
+        body = adapter.prepare_request(self._upstream_body(), self.model)
+        body["stream"] = True
+        wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
+        public_name = self.model.name
+        usage: dict[str, Any] = {}
+        delivered: list[str] = []
+        finish_reason: str | None = None
+        status, error_type = UsageStatus.UPSTREAM_ERROR, ""
+        self._upstream_started = time.perf_counter()
+        upstream = adapter.stream(body)
+        try:
+            async for chunk in upstream:
+                if self._first_token_at is None:
+                    self._first_token_at = time.perf_counter()
+                chunk["model"] = public_name
+                chunk_usage = chunk.get("usage")
+                if chunk_usage:
+                    usage = chunk_usage
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        delivered.append(delta["content"])
+                    for call in delta.get("tool_calls") or ():
+                        arguments = (call.get("function") or {}).get("arguments")
+                        if arguments:
+                            delivered.append(arguments)
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                if not wants_usage:
+                    if chunk_usage and not chunk.get("choices"):
+                        continue
+                    chunk.pop("usage", None)
+                yield chunk
+            status = UsageStatus.OK
+        except ProviderError as exc:
+            error_type = exc.code or type(exc).__name__
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = UsageStatus.CANCELLED if self._cancelled else UsageStatus.CLIENT_DISCONNECTED
+            raise
+        finally:
+            self._upstream_done = time.perf_counter()
+            try:
+                await upstream.aclose()
+            finally:
+                self._settle(
+                    status=status,
+                    usage=usage,
+                    delivered_text="".join(delivered),
+                    finish_reason=finish_reason,
+                    error_type=error_type,
+                )
+
+    def _settle(
+        self,
+        *,
+        status: str,
+        usage: dict[str, Any],
+        delivered_text: str,
+        finish_reason: str | None,
+        error_type: str,
+    ) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        estimated = not usage
+        if usage:
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        else:
+            # No usage from the provider (a stream cut short, a disconnect, an error): charge for what was
+            # relayed, and for the prompt only if the provider got as far as producing output.
+            completion_tokens = estimate_tokens(delivered_text)
+            prompt_tokens = self._prompt_estimate() if delivered_text else 0
+            cached_tokens = 0
+            estimated = bool(delivered_text)
+        cost = cost_for(
+            model=self.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+        )
+        now = time.perf_counter()
+        self.result = RunResult(
+            status=status,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            cost=cost,
+            usage_estimated=estimated,
+            error_type=error_type,
+        )
+        upstream_ms = None
+        if self._upstream_started is not None:
+            upstream_ms = _ms((self._upstream_done or now) - self._upstream_started)
+        ttft_ms = None
+        if self._first_token_at is not None and self._upstream_started is not None:
+            ttft_ms = _ms(self._first_token_at - self.started)
+        usage_record_submit(
+            UsageData(
+                request_id=self.request_id,
+                endpoint=self.endpoint,
+                stream=bool(self.body.get("stream")),
+                status=status,
+                user_id=self.caller.user_id,
+                api_key_id=self.caller.api_key_id,
+                provider_id=self.model.provider.id,
+                model_id=self.model.id,
+                provider_name=self.model.provider.name,
+                model_name=self.model.name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=cached_tokens,
+                cost=cost,
+                usage_estimated=estimated,
+                upstream_latency_ms=upstream_ms,
+                ttft_ms=ttft_ms,
+                duration_ms=_ms(now - self.started),
+                error_type=error_type,
+            ),
+            admission=self.admission,
+        )
+
+    def _prompt_estimate(self) -> int:
+        text = []
+        for message in self.body.get("messages", ()):
+            content = message.get("content")
+            if isinstance(content, str):
+                text.append(content)
+            elif isinstance(content, list):
+                text.extend(part.get("text", "") for part in content if isinstance(part, dict))
+        return estimate_tokens("".join(text)) + 3 * len(self.body.get("messages", ()))
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+__all__ = [
+    "Caller",
+    "CompletionRun",
+    "Endpoint",
+    "RunResult",
+    "caller_from_api_key",
+    "caller_from_user",
+    "completion_start",
+    "models_for_caller",
+    "new_request_id",
+]

@@ -1,0 +1,14 @@
+"""Routes of the OpenAI-compatible API, mounted at /v1/."""
+
+from __future__ import annotations
+
+from django.urls import path, re_path
+
+from . import api_openai
+
+urlpatterns = [
+    path("chat/completions", api_openai.chat_completions, name="v1-chat-completions"),
+    path("models", api_openai.models_list, name="v1-models"),
+    path("models/<path:model>", api_openai.model_retrieve, name="v1-model"),
+    re_path(r"^(?P<path>.*)$", api_openai.not_found),
+]

@@ -1,0 +1,192 @@
+"""Validation of OpenAI chat-completion requests, with OpenAI's wording and the offending ``param``.
+
+Only what we can judge without the provider is checked here: structure, types and documented
+ranges. Fields we do not know pass through untouched (the provider may know them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from providers.exceptions import ApplicationError
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+MAX_MESSAGES = 4096
+
+
+class InvalidRequestError(ApplicationError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+
+def _fail(message: str, param: str, code: str = "invalid_value") -> None:
+    raise InvalidRequestError(message, param=param, code=code)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_range(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not _is_number(value):
+        _fail(f"Invalid type for '{name}': expected a number.", name, "invalid_type")
+    if not low <= value <= high:
+        _fail(f"Invalid '{name}': {value} is not between {low:g} and {high:g}.", name)
+
+
+def _check_content(content: Any, index: int, role: str, message: dict[str, Any]) -> None:
+    param = f"messages[{index}].content"
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return
+        _fail(f"Invalid value for '{param}': expected a string or an array of content parts.", param)
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list) or not content:
+        _fail(
+            f"Invalid type for '{param}': expected a string or a non-empty array of content parts.",
+            param,
+            "invalid_type",
+        )
+    for part_index, part in enumerate(content):
+        part_param = f"{param}[{part_index}]"
+        if not isinstance(part, dict) or part.get("type") not in CONTENT_PART_TYPES:
+            _fail(f"Invalid content part at '{part_param}': expected an object with a known 'type'.", part_param)
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            _fail(
+                f"Missing required parameter: '{part_param}.text'.", f"{part_param}.text", "missing_required_parameter"
+            )
+        if part["type"] == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str) or not url:
+                _fail(
+                    f"Missing required parameter: '{part_param}.image_url.url'.",
+                    f"{part_param}.image_url.url",
+                    "missing_required_parameter",
+                )
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        _fail("Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+    if not isinstance(messages, list):
+        _fail("Invalid type for 'messages': expected an array of objects.", "messages", "invalid_type")
+    if not messages:
+        _fail("Invalid 'messages': empty array. Expected an array with minimum length 1.", "messages", "empty_array")
+    if len(messages) > MAX_MESSAGES:
+        _fail(f"Invalid 'messages': at most {MAX_MESSAGES} messages are accepted.", "messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            _fail(f"Invalid type for 'messages[{index}]': expected an object.", f"messages[{index}]", "invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            _fail(
+                f"Invalid value for 'messages[{index}].role': expected one of {', '.join(sorted(ROLES))}.",
+                f"messages[{index}].role",
+            )
+        _check_content(message.get("content"), index, role, message)
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            _fail(
+                f"Missing required parameter: 'messages[{index}].tool_call_id'.",
+                f"messages[{index}].tool_call_id",
+                "missing_required_parameter",
+            )
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            if role != "assistant" or not isinstance(tool_calls, list):
+                _fail(f"Invalid 'messages[{index}].tool_calls'.", f"messages[{index}].tool_calls")
+            for call_index, call in enumerate(tool_calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(call, dict) or not isinstance(call.get("id"), str) or not isinstance(function, dict):
+                    _fail(
+                        f"Invalid 'messages[{index}].tool_calls[{call_index}]'.",
+                        f"messages[{index}].tool_calls[{call_index}]",
+                    )
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        _fail("Invalid type for 'tools': expected an array of objects.", "tools", "invalid_type")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") not in ("function", "custom"):
+            _fail(f"Invalid value for 'tools[{index}].type': expected 'function'.", f"tools[{index}].type")
+        if tool["type"] == "function":
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+                _fail(
+                    f"Missing required parameter: 'tools[{index}].function.name'.",
+                    f"tools[{index}].function.name",
+                    "missing_required_parameter",
+                )
+    choice = body.get("tool_choice")
+    if choice is not None and not (choice in ("none", "auto", "required") or isinstance(choice, dict)):
+        _fail("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or an object.", "tool_choice")
+
+
+def validate_chat_request(body: Any) -> None:
+    """Raise ``InvalidRequestError`` (400) naming the first offending parameter."""
+    if not isinstance(body, dict):
+        _fail("The request body must be a JSON object.", "", "invalid_type")
+    model = body.get("model")
+    if model is None:
+        _fail("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model.strip():
+        _fail("Invalid type for 'model': expected a non-empty string.", "model", "invalid_type")
+    _check_messages(body.get("messages"))
+    _check_range(body, "temperature", 0, 2)
+    _check_range(body, "top_p", 0, 1)
+    _check_range(body, "presence_penalty", -2, 2)
+    _check_range(body, "frequency_penalty", -2, 2)
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or value < 1):
+            _fail(f"Invalid '{name}': expected an integer of at least 1.", name)
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= 128):
+        _fail("Invalid 'n': expected an integer between 1 and 128.", "n")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        _fail("Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            _fail("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+        if not isinstance(options, dict):
+            _fail("Invalid type for 'stream_options': expected an object.", "stream_options", "invalid_type")
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))
+    ):
+        _fail("Invalid 'stop': expected a string or an array of at most 4 strings.", "stop")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        _fail("Invalid type for 'logprobs': expected a boolean.", "logprobs", "invalid_type")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+        if not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
+            _fail("Invalid 'top_logprobs': expected an integer between 0 and 20.", "top_logprobs")
+        if not logprobs:
+            _fail("'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        _fail("Invalid type for 'seed': expected an integer.", "seed", "invalid_type")
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict)
+        or response_format.get("type") not in ("text", "json_object", "json_schema")
+    ):
+        _fail("Invalid 'response_format': expected type 'text', 'json_object' or 'json_schema'.", "response_format")
+    _check_tools(body)

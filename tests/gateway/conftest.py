@@ -1,0 +1,75 @@
+"""A live llmhub with a catalog pointing at the fake upstream, a user and a gateway key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+import openai
+import pytest
+
+from billing.services.keys import api_key_create
+from providers.models import ProviderKind
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+
+
+@dataclass
+class Gateway:
+    url: str
+    key: str
+    user: object
+    api_key: object
+    upstream: object
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.url + "/v1",
+            api_key=kwargs.pop("api_key", self.key),
+            max_retries=0,
+            timeout=kwargs.pop("timeout", 20),
+            **kwargs,
+        )
+
+    def async_client(self, **kwargs) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.url + "/v1",
+            api_key=kwargs.pop("api_key", self.key),
+            max_retries=0,
+            timeout=kwargs.pop("timeout", 20),
+            **kwargs,
+        )
+
+
+def make_catalog(upstream) -> dict:
+    openai_provider = ProviderFactory(name="fake-openai", base_url=upstream.base_url + "/v1")
+    anthropic_provider = ProviderFactory(name="fake-anthropic", kind=ProviderKind.ANTHROPIC, base_url=upstream.base_url)
+    return {
+        "gpt": ModelFactory(
+            name="gpt-test",
+            provider=openai_provider,
+            upstream_id="fake-gpt-4o-mini",
+            input_per_mtok=Decimal("0.15"),
+            output_per_mtok=Decimal("0.60"),
+            cached_input_per_mtok=Decimal("0.075"),
+        ),
+        "claude": ModelFactory(
+            name="claude-test",
+            provider=anthropic_provider,
+            upstream_id="fake-claude-haiku",
+            input_per_mtok=Decimal("0.80"),
+            output_per_mtok=Decimal("4.00"),
+        ),
+        "broken": ModelFactory(name="broken", provider=openai_provider, upstream_id="fault-500"),
+        "limited": ModelFactory(name="limited", provider=openai_provider, upstream_id="fault-429"),
+        "disabled": ModelFactory(name="disabled-model", provider=openai_provider, enabled=False),
+    }
+
+
+@pytest.fixture
+def gateway(llmhub_server, fake_upstream) -> Gateway:
+    make_catalog(fake_upstream)
+    user = UserFactory(username="alice")
+    created = api_key_create(user=user, name="tests")
+    return Gateway(
+        url=llmhub_server.url, key=created.secret, user=user, api_key=created.api_key, upstream=fake_upstream
+    )

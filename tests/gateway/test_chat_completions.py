@@ -1,0 +1,235 @@
+"""/v1/chat/completions through the official openai SDK, sync and async, against a live llmhub."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from llmhub.testing.openapi import validate_openai_schema
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_non_streaming_completion_validates_against_openai_schema(gateway):
+    client = gateway.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hello there"}]
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Echo: hello there"
+    assert completion.model == "gpt-test"
+    assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens == 3
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateChatCompletionResponse")
+    assert raw.headers["x-request-id"].startswith("req_")
+    assert float(raw.headers["x-llmhub-overhead-ms"]) >= 0
+
+
+def test_streaming_relays_every_chunk_and_usage_when_asked(gateway):
+    client = gateway.client()
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "stream me [[words=12]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-request-id"].startswith("req_")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert len(text.split()) == 12
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] == "stop" for c in chunks)
+
+
+def test_streaming_without_include_usage_sends_no_usage(gateway):
+    stream = gateway.client().chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "[[words=5]]"}], stream=True
+    )
+    chunks = list(stream)
+    assert all(chunk.usage is None for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split().__len__() == 5
+
+
+async def test_async_client_streams_and_completes(gateway):
+    client = gateway.async_client()
+    completion = await client.chat.completions.create(
+        model="claude-test", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert completion.choices[0].message.content == "Echo: hi"
+    stream = await client.chat.completions.create(
+        model="claude-test",
+        messages=[{"role": "user", "content": "[[words=7]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    async for chunk in stream:
+        validate_openai_schema(chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert len("".join(pieces).split()) == 7
+    assert usage is not None and usage.completion_tokens == 7
+    await client.close()
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+def test_tool_call_round_trip(gateway, model):
+    client = gateway.client()
+    messages = [{"role": "user", "content": "Paris"}]
+    first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"},
+    ]
+    second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
+    assert second.choices[0].message.content == "Tool result: sunny, 21C"
+
+
+def test_streamed_tool_call_arrives_in_fragments(gateway):
+    stream = gateway.client().chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "Oslo"}], tools=[WEATHER_TOOL], stream=True
+    )
+    arguments, name, finish = "", None, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or ():
+                name = call.function.name or name
+                arguments += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Oslo"} and finish == "tool_calls"
+
+
+def test_unknown_fields_and_logprobs_pass_through(gateway):
+    completion = gateway.client().chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "abc def"}],
+        logprobs=True,
+        seed=7,
+        extra_body={"custom_vendor_field": {"x": 1}},
+    )
+    assert completion.choices[0].logprobs.content[0].token
+    sent = gateway.upstream.requests[-1]["body"]
+    assert sent["custom_vendor_field"] == {"x": 1} and sent["seed"] == 7 and sent["model"] == "fake-gpt-4o-mini"
+
+
+def test_sdk_sees_its_own_exception_classes(gateway):
+    client = gateway.client()
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(api_key="sk-llmhub-wrongwrongwrongwrongwrongwrongwrongwrong").chat.completions.create(
+            model="gpt-test", messages=messages
+        )
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="no-such-model", messages=messages)
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="disabled-model", messages=messages)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="gpt-test", messages=messages, temperature=3)
+    assert bad.value.param == "temperature"
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.chat.completions.create(model="limited", messages=messages)
+    assert limited.value.response.headers["retry-after"] == "2"
+    with pytest.raises(openai.APIStatusError) as broken:
+        client.chat.completions.create(model="broken", messages=messages)
+    assert broken.value.status_code == 503
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "gpt-test"}, "messages"),
+        ({"model": "gpt-test", "messages": []}, "messages"),
+        ({"model": "gpt-test", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+        (
+            {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools[0].function.name",
+        ),
+        ({"model": "gpt-test", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "stream_options": {}}, "stream_options"),
+    ],
+)
+def test_bad_input_answers_400_with_the_offending_param(gateway, body, param):
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {gateway.key}"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_malformed_json_and_wrong_method(gateway):
+    headers = {"Authorization": f"Bearer {gateway.key}", "content-type": "application/json"}
+    response = httpx.post(gateway.url + "/v1/chat/completions", content=b"{nope", headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    response = httpx.get(gateway.url + "/v1/chat/completions", headers=headers)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    response = httpx.get(gateway.url + "/v1/nothing/here", headers=headers)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_upstream_auth_failure_is_a_502_without_the_upstream_key(gateway, fake_upstream):
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "[[fault=401]]"}]},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+    )
+    assert response.status_code == 502
+    assert "sk-fake-upstream-key" not in response.text
+    assert response.json()["error"]["code"] == "upstream_authentication_failed"
+
+
+def test_upstream_timeout_is_a_504(gateway):
+    from providers.models import Provider
+
+    provider = Provider.objects.get(name="fake-openai")
+    provider.timeout_seconds = 1
+    provider.save()  # an admin save: the catalog cache of this process forgets the old config at once
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "[[fault=hang]]"}]},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_models_endpoint_lists_enabled_models_in_openai_shape(gateway):
+    raw = gateway.client().models.with_raw_response.list()
+    payload = json.loads(raw.http_response.text)
+    validate_openai_schema(payload, "ListModelsResponse")
+    ids = {m["id"]: m["owned_by"] for m in payload["data"]}
+    assert ids["gpt-test"] == "fake-openai" and ids["claude-test"] == "fake-anthropic"
+    assert "disabled-model" not in ids
+    assert gateway.client().models.retrieve("gpt-test").owned_by == "fake-openai"
+    with pytest.raises(openai.NotFoundError):
+        gateway.client().models.retrieve("disabled-model")
