@@ -10,6 +10,7 @@ Code that really needs the plaintext asks for it by name: ``secret.reveal()``.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -17,9 +18,11 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.core.signals import setting_changed
 from django.db import models
+from django.db.models.query_utils import DeferredAttribute
 from django.dispatch import receiver
 
 TOKEN_PREFIX = "fernet:"
+_KIND_PREFIX = re.compile(r"[A-Za-z]{1,4}[-_]")
 
 
 class Secret:
@@ -41,7 +44,9 @@ class Secret:
             return ""
         if len(value) < 12:
             return "…" + value[-2:] if len(value) > 4 else "…"
-        head = value[:3] if value[:3].isalpha() else ""
+        # The kind prefix ("sk-", "gsk_", "xai-") is public and tells an admin which key is stored.
+        kind = _KIND_PREFIX.match(value)
+        head = kind.group(0) if kind else ""
         return f"{head}…{value[-4:]}"
 
     def __bool__(self) -> bool:
@@ -63,6 +68,14 @@ class Secret:
 
     def __reduce__(self) -> Any:
         raise TypeError("a Secret is not to be pickled")
+
+    # Immutable, so a copy may be the same object; without these, copy.copy() of a model instance
+    # holding a Secret would hit the pickling guard above.
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
 
 
 @functools.cache
@@ -103,10 +116,19 @@ def rotate(token: str) -> str:
     return TOKEN_PREFIX + _fernet().rotate(token[len(TOKEN_PREFIX) :].encode()).decode()
 
 
+class _SecretAttribute(DeferredAttribute):
+    """Wraps whatever is assigned in a :class:`Secret`, so that ``Provider(api_key="sk-...")`` holds the same
+    type as a row loaded from the database, and the plaintext never sits on an instance as a bare ``str``."""
+
+    def __set__(self, instance: models.Model, value: Any) -> None:
+        instance.__dict__[self.field.attname] = self.field.to_python(value)
+
+
 class EncryptedTextField(models.TextField):
     """A text column whose value is encrypted before it reaches the database."""
 
     description = "Text encrypted at rest with Fernet"
+    descriptor_class = _SecretAttribute
 
     def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Secret | None:
         if value is None:
@@ -133,8 +155,18 @@ class EncryptedTextField(models.TextField):
         value = self.value_from_object(obj)
         return self.get_prep_value(value) or ""
 
+    def save_form_data(self, instance: models.Model, data: Any) -> None:
+        # ``SecretFormField`` cleans an empty submission to None, meaning "keep what is stored" (its
+        # placeholder says so). ModelForm's construct_instance would otherwise write "" over the key.
+        if data is None:
+            return
+        super().save_form_data(instance, data)
+
     def formfield(self, **kwargs: Any) -> Any:
-        from .forms import SecretFormField
+        from .forms import SecretFormField, SecretInput
 
         kwargs.setdefault("form_class", SecretFormField)
+        # Forced: TextField.formfield() passes a Textarea and the admin an AdminTextareaWidget, either of
+        # which would render the stored value (and resubmit its hint as the new key).
+        kwargs["widget"] = SecretInput
         return super().formfield(**kwargs)

@@ -28,6 +28,8 @@ class SecretFormField(forms.CharField):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.pop("max_length", None)
         kwargs["strip"] = True
+        # None, not "": ``EncryptedTextField.save_form_data`` skips None, so an empty submission keeps the key.
+        kwargs["empty_value"] = None
         super().__init__(*args, **kwargs)
 
     def has_changed(self, initial: Any, data: Any) -> bool:
@@ -37,6 +39,6 @@ class SecretFormField(forms.CharField):
         # An empty submission means "keep what is stored".
         return initial if not data else data
 
-    def clean(self, value: Any) -> Any:
+    def clean(self, value: Any) -> Secret | None:
         value = super().clean(value)
-        return Secret(value) if value else value
+        return Secret(value) if value else None

@@ -1,0 +1,46 @@
+"""``manage.py setupschedules``: create or update the periodic tasks celery beat runs.
+
+Idempotent: tasks are matched by name. A task an admin disabled stays disabled; its task path and
+schedule are brought back to what is listed here. To add a schedule, add an entry to ``SCHEDULES``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from celery.schedules import crontab, schedule
+from django.core.management.base import BaseCommand
+from django.db import transaction
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
+
+# (name shown in the admin, dotted task path, when): a timedelta runs at that interval, a crontab at those times.
+SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
+    ("providers: health check", "providers.tasks.providers_health_check_all", timedelta(minutes=5)),
+    ("providers: re-encrypt secrets", "providers.tasks.providers_rotate_encryption_task", crontab(minute=17, hour=3)),
+]
+
+
+def _stored(row: IntervalSchedule | CrontabSchedule) -> IntervalSchedule | CrontabSchedule:
+    # from_schedule() finds a matching row or returns an unsaved new one.
+    if row.pk is None:
+        row.save()
+    return row
+
+
+class Command(BaseCommand):
+    help = "Create or update the celery beat periodic tasks (health checks, key rotation, billing jobs)."
+
+    @transaction.atomic
+    def handle(self, *args: Any, **options: Any) -> None:
+        for name, task, when in SCHEDULES:
+            if isinstance(when, timedelta):
+                timing = _stored(IntervalSchedule.from_schedule(schedule(when)))
+                fields = {"interval": timing, "crontab": None}
+            else:
+                timing = _stored(CrontabSchedule.from_schedule(when))
+                fields = {"crontab": timing, "interval": None}
+            _, created = PeriodicTask.objects.update_or_create(
+                name=name, defaults={"task": task, **fields}, create_defaults={"task": task, "enabled": True, **fields}
+            )
+            self.stdout.write(f"{name}: {'created' if created else 'updated'} ({task}, {timing})")

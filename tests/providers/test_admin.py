@@ -1,0 +1,277 @@
+"""The providers admin, driven as a superuser through Django's test client."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.contrib import messages
+from django.urls import reverse
+
+from llmhub.testing.fake_upstream import MODELS, FakeUpstream
+from providers.models import HealthStatus, Model, Provider, ProviderKind
+from tests.conftest import free_port
+from tests.factories import ModelFactory, ProviderFactory
+
+pytestmark = pytest.mark.django_db
+
+KEY = "sk-admin-test-key-0123456789abcdefWXYZ"
+WRONG_KEY = "sk-wrong-admin-key-00000000000000000000"
+
+
+@pytest.fixture(scope="module")
+def locked_upstream():
+    server = FakeUpstream(api_key="sk-only-this-key-works-111111111111").start()
+    yield server
+    server.stop()
+
+
+def change_url(provider: Provider) -> str:
+    return reverse("admin:providers_provider_change", args=[provider.pk])
+
+
+def form_data(provider: Provider, **overrides: object) -> dict[str, object]:
+    data = {
+        "name": provider.name,
+        "kind": provider.kind,
+        "enabled": "on",
+        "base_url": provider.base_url,
+        "api_key": "",
+        "organization": provider.organization,
+        "extra_headers": "{}",
+        "timeout_seconds": str(provider.timeout_seconds),
+        "max_retries": str(provider.max_retries),
+    }
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def run_action(client, action: str, *providers: Provider):
+    response = client.post(
+        reverse("admin:providers_provider_changelist"),
+        {"action": action, "_selected_action": [provider.pk for provider in providers]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    return response, [(message.level, message.message) for message in response.context["messages"]]
+
+
+# The write-only key ---------------------------------------------------------------------------------
+
+
+def test_change_page_never_shows_the_key(admin_client):
+    provider = ProviderFactory(api_key=KEY)
+
+    response = admin_client.get(change_url(provider))
+
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert KEY not in page and KEY[3:-4] not in page
+    assert 'type="password"' in page and "stored: sk-…WXYZ (leave empty to keep)" in page
+    assert "Clear stored key" in page
+
+
+def test_empty_key_submission_keeps_the_stored_key(admin_client):
+    provider = ProviderFactory(api_key=KEY)
+
+    response = admin_client.post(change_url(provider), form_data(provider, organization="org-new"))
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    provider.refresh_from_db()
+    assert provider.organization == "org-new"
+    assert provider.api_key.reveal() == KEY
+
+
+def test_a_new_key_replaces_the_stored_one(admin_client):
+    provider = ProviderFactory(api_key=KEY)
+
+    response = admin_client.post(change_url(provider), form_data(provider, api_key="  sk-replacement-key-999999999  "))
+
+    assert response.status_code == 302
+    provider.refresh_from_db()
+    assert provider.api_key.reveal() == "sk-replacement-key-999999999"
+
+
+def test_clear_stored_key(admin_client):
+    provider = ProviderFactory(api_key=KEY)
+
+    response = admin_client.post(change_url(provider), form_data(provider, clear_api_key="on"))
+
+    assert response.status_code == 302
+    provider.refresh_from_db()
+    assert not provider.api_key
+
+
+def test_clearing_and_giving_a_key_at_once_is_refused(admin_client):
+    provider = ProviderFactory(api_key=KEY)
+
+    response = admin_client.post(
+        change_url(provider), form_data(provider, clear_api_key="on", api_key="sk-another-key-1234567890")
+    )
+
+    page = response.content.decode()
+    assert response.status_code == 200 and "not both" in page
+    assert "sk-another-key-1234567890" not in page and KEY not in page
+    provider.refresh_from_db()
+    assert provider.api_key.reveal() == KEY
+
+
+def test_invalid_submission_does_not_echo_the_new_key(admin_client):
+    provider = ProviderFactory(api_key=KEY)
+
+    response = admin_client.post(
+        change_url(provider), form_data(provider, base_url="ftp://nope.example.com", api_key="sk-typed-in-key-55555555")
+    )
+
+    page = response.content.decode()
+    assert response.status_code == 200 and "http(s) URL" in page
+    assert "sk-typed-in-key-55555555" not in page and KEY not in page
+    provider.refresh_from_db()
+    assert provider.api_key.reveal() == KEY
+
+
+def test_add_provider_with_a_key(admin_client):
+    response = admin_client.post(
+        reverse("admin:providers_provider_add"),
+        {
+            "name": "added",
+            "kind": ProviderKind.OPENAI_COMPATIBLE,
+            "enabled": "on",
+            "base_url": "http://127.0.0.1:9/v1",
+            "api_key": KEY,
+            "organization": "",
+            "extra_headers": "{}",
+            "timeout_seconds": "30",
+            "max_retries": "1",
+        },
+    )
+
+    assert response.status_code == 302
+    assert Provider.objects.get(name="added").api_key.reveal() == KEY
+
+
+# Lists ----------------------------------------------------------------------------------------------
+
+
+def test_provider_list_shows_endpoint_health_and_model_count(admin_client, fake_upstream):
+    checked = ProviderFactory(name="checked", base_url=fake_upstream.base_url + "/v1", api_key=KEY)
+    ModelFactory.create_batch(2, provider=checked)
+    ProviderFactory(name="default-endpoint", kind=ProviderKind.OPENAI, base_url="")
+    run_action(admin_client, "test_connection", checked)
+
+    response = admin_client.get(reverse("admin:providers_provider_changelist"))
+
+    page = response.content.decode()
+    assert response.status_code == 200 and KEY not in page
+    assert "https://api.openai.com/v1" in page  # the kind's default, for an empty base URL
+    assert "never checked" in page
+    row = next(line for line in page.split("<tr") if ">checked<" in line)
+    assert "OK, " in row and " ms, " in row and ">2<" in row
+
+
+def test_model_list_filters_search_and_edits_enabled(admin_client):
+    provider = ProviderFactory(name="listing")
+    ModelFactory(name="visible-model", provider=provider, upstream_id="up-visible", input_per_mtok=Decimal("1.25"))
+    hidden = ModelFactory(name="other-model", provider=provider, upstream_id="up-other", enabled=False)
+    changelist = reverse("admin:providers_model_changelist")
+
+    page = admin_client.get(changelist, {"q": "up-visible"}).content.decode()
+    assert "visible-model" in page and "other-model" not in page and "1.25" in page
+    page = admin_client.get(changelist, {"enabled__exact": "0", "provider__id__exact": provider.pk}).content.decode()
+    assert "other-model" in page and "visible-model" not in page
+    assert admin_client.get(changelist, {"supports_vision__exact": "1"}).status_code == 200
+
+    models = list(Model.objects.order_by("name"))
+    response = admin_client.post(
+        changelist,
+        {
+            "form-TOTAL_FORMS": str(len(models)),
+            "form-INITIAL_FORMS": str(len(models)),
+            **{f"form-{i}-id": str(model.pk) for i, model in enumerate(models)},
+            **{f"form-{i}-enabled": "on" for i, _ in enumerate(models)},
+            "_save": "Save",
+        },
+    )
+    assert response.status_code == 302
+    hidden.refresh_from_db()
+    assert hidden.enabled
+
+
+def test_model_change_page_has_the_fieldsets(admin_client):
+    model = ModelFactory()
+
+    page = admin_client.get(reverse("admin:providers_model_change", args=[model.pk])).content.decode()
+
+    for heading in ("Identity", "Prices per million tokens", "Limits", "Capabilities", "Parameter rules"):
+        assert heading in page
+
+
+# Actions --------------------------------------------------------------------------------------------
+
+
+def test_test_connection_success(admin_client, fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1", api_key=KEY)
+
+    response, shown = run_action(admin_client, "test_connection", provider)
+
+    [(level, text)] = shown
+    assert level == messages.SUCCESS and text.startswith(f"{provider.name}: OK in ")
+    assert f"{len(MODELS)} models listed" in text
+    provider.refresh_from_db()
+    assert provider.last_health_status == HealthStatus.OK and provider.last_health_at is not None
+    assert KEY not in response.content.decode()
+
+
+def test_test_connection_with_a_refused_key(admin_client, locked_upstream):
+    provider = ProviderFactory(base_url=locked_upstream.base_url + "/v1", api_key=WRONG_KEY)
+
+    response, shown = run_action(admin_client, "test_connection", provider)
+
+    [(level, text)] = shown
+    assert level == messages.ERROR
+    assert "refused the gateway's credentials" in text and "update the provider's API key" in text
+    assert WRONG_KEY not in response.content.decode()
+    provider.refresh_from_db()
+    assert provider.last_health_status == HealthStatus.FAILING
+    assert "refused the gateway's credentials" in provider.last_health_error
+    assert provider.last_health_latency_ms is not None and provider.last_health_at is not None
+
+
+def test_test_connection_to_an_unreachable_port(admin_client, fake_upstream):
+    down = ProviderFactory(name="down", base_url=f"http://127.0.0.1:{free_port()}/v1")
+    up = ProviderFactory(name="up", base_url=fake_upstream.base_url + "/v1")
+
+    _, shown = run_action(admin_client, "test_connection", down, up)
+
+    levels = {text.split(":")[0]: level for level, text in shown}
+    assert levels == {"down": messages.ERROR, "up": messages.SUCCESS}
+    assert any("could not reach" in text for _, text in shown)
+    down.refresh_from_db()
+    assert down.last_health_status == HealthStatus.FAILING and "could not reach" in down.last_health_error
+
+
+def test_import_models_action(admin_client, fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+
+    _, shown = run_action(admin_client, "import_models", provider)
+
+    [(level, text)] = shown
+    assert level == messages.SUCCESS and f"{len(MODELS)} model(s) added" in text
+    assert sorted(Model.objects.filter(provider=provider).values_list("upstream_id", flat=True)) == sorted(
+        model_id for model_id, _ in MODELS
+    )
+    assert not Model.objects.filter(enabled=True).exists()
+
+    _, shown = run_action(admin_client, "import_models", provider)
+    assert f"0 model(s) added; {len(MODELS)} already in the catalog" in shown[0][1]
+
+
+def test_import_models_action_reports_a_refusal(admin_client, locked_upstream):
+    provider = ProviderFactory(base_url=locked_upstream.base_url + "/v1", api_key=WRONG_KEY)
+
+    response, shown = run_action(admin_client, "import_models", provider)
+
+    [(level, text)] = shown
+    assert level == messages.ERROR and "import failed" in text and "refused the gateway's credentials" in text
+    assert WRONG_KEY not in response.content.decode()
+    assert not Model.objects.exists()
