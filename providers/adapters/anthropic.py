@@ -1,0 +1,161 @@
+"""Adapter for Anthropic's Messages API, behind the OpenAI chat-completions shape.
+
+Requests and responses are translated by the pure functions of :mod:`.translate_anthropic`. The
+Messages body is posted with the SDK's generic ``post`` and ``cast_to=object``, so that responses
+and stream events arrive as plain dicts (no pydantic model per event) while authentication,
+retries and exception classes stay the SDK's. ``ProviderConfig.base_url`` has no ``/v1``: the
+SDK's paths carry it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx2
+
+from ..exceptions import ProviderBadRequestError, ProviderError
+from ..types import ProviderConfig, UpstreamModel
+from .base import BaseAdapter
+from .common import (
+    POOL_LIMITS,
+    connection_error,
+    error_for_status,
+    http_timeout,
+    interruption_reason,
+    is_context_length_message,
+    scrub,
+    stream_interrupted,
+    timeout_error,
+)
+from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message
+
+_MESSAGES_PATH = "/v1/messages"
+# Given when the row has no key, so that the SDK never falls back to the gateway's own environment
+# (ANTHROPIC_API_KEY, profiles on disk): the provider then answers 401, which is the truth.
+_PLACEHOLDER_KEY = "not-configured"
+_EventStream = anthropic.AsyncStream[object]
+# The SDK does not wrap transport errors met while reading a stream; ValueError is malformed JSON.
+_FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, ValueError)
+
+
+class AnthropicAdapter(BaseAdapter):
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        timeout = http_timeout(config)
+        self._client = anthropic.AsyncAnthropic(
+            api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
+            base_url=config.base_url,
+            timeout=timeout,
+            max_retries=config.max_retries,
+            default_headers=dict(config.extra_headers),
+            http_client=anthropic.DefaultAsyncHttpxClient(limits=POOL_LIMITS, timeout=timeout),
+        )
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        request = self._translate(body)
+        try:
+            message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        if not isinstance(message, dict) or message.get("type") != "message":
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than a message.",
+                provider=self.config.name,
+            )
+        return completion_from_message(message)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        request = self._translate(body)
+        request["stream"] = True
+        try:
+            upstream = await self._client.post(
+                _MESSAGES_PATH, body=request, cast_to=object, stream=True, stream_cls=_EventStream
+            )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        translator = StreamTranslator()
+        try:
+            async for event in upstream:
+                if not isinstance(event, dict):
+                    raise ValueError("not an event object")
+                chunk = translator.feed(event)
+                if chunk is not None:
+                    yield chunk
+        except _FAILURES as exc:
+            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+        finally:
+            # Also on aclose() and cancellation: the upstream response stops at once.
+            await upstream.close()
+        if not translator.complete:
+            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    async def list_models(self) -> list[UpstreamModel]:
+        try:
+            return [
+                UpstreamModel(
+                    id=model.id,
+                    owned_by="anthropic",
+                    display_name=model.display_name or "",
+                    context_window=getattr(model, "max_input_tokens", None),
+                )
+                async for model in self._client.models.list()
+            ]
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+
+    def map_error(self, exc: BaseException) -> ProviderError:
+        if isinstance(exc, ProviderError):
+            return exc
+        config = self.config
+        if isinstance(exc, anthropic.APIStatusError):
+            message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
+            if exc.status_code < 400:
+                # An error event inside a stream that had begun with a 200.
+                return ProviderError(f"The provider {config.name!r} reported an error: {message}", provider=config.name)
+            return error_for_status(
+                config,
+                exc.status_code,
+                message,
+                headers=exc.response.headers,
+                context_exceeded=is_context_length_message(message),
+            )
+        if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
+            return timeout_error(config)
+        if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
+            return connection_error(config)
+        if isinstance(exc, ValueError):
+            return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
+        return ProviderError(
+            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return anthropic_request(body)
+        except ProviderBadRequestError as exc:
+            exc.provider = self.config.name
+            raise
+
+    def _interruption_reason(self, exc: BaseException) -> str:
+        if isinstance(exc, anthropic.APITimeoutError):
+            return "no data arrived in time."
+        if isinstance(exc, anthropic.APIConnectionError):
+            return "the connection closed before the response was complete."
+        if isinstance(exc, anthropic.APIStatusError):
+            return f"the provider reported an error: {self._upstream_message(exc.body) or 'no details given'}"
+        if isinstance(exc, ValueError):
+            return "the provider sent a malformed event."
+        return interruption_reason(exc)
+
+    def _upstream_message(self, body: object) -> str:
+        """The provider's own error message (``body`` is ``{"type": "error", "error": {...}}`` or a text)."""
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else body
+        if not isinstance(message, str):
+            return ""
+        return scrub(message.strip(), self.config.api_key)

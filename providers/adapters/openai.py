@@ -1,0 +1,181 @@
+"""Adapter for OpenAI and every server that speaks its chat-completions protocol (OpenRouter,
+Ollama, vLLM, any OpenAI-compatible endpoint).
+
+The request body goes upstream as the client sent it (after the model's parameter rules): fields
+this adapter does not interpret — tools, response_format, images, logprobs, seed, fields newer
+than the SDK — pass through untouched. It is posted with the SDK's generic ``post`` rather than
+``chat.completions.create``, whose keyword signature would refuse unknown fields, and with
+``cast_to=object`` so that responses and streamed chunks come back as the upstream's JSON decoded
+to dicts, without building and dumping a pydantic model per chunk; authentication, retries and
+the exception classes are still the SDK's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+
+from ..exceptions import ProviderError
+from ..types import ProviderConfig, UpstreamModel
+from .base import BaseAdapter
+from .common import (
+    POOL_LIMITS,
+    connection_error,
+    error_for_status,
+    http_timeout,
+    interruption_reason,
+    is_context_length_message,
+    scrub,
+    stream_interrupted,
+    timeout_error,
+)
+
+_CHAT_PATH = "/chat/completions"
+# Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
+_PLACEHOLDER_KEY = "not-needed"
+_ChunkStream = openai.AsyncStream[object]
+# What the SDK and its transport raise; ValueError covers a body that is not the JSON it claims to be.
+_FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError)
+
+
+class OpenAIAdapter(BaseAdapter):
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        timeout = http_timeout(config)
+        self._client = openai.AsyncOpenAI(
+            api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
+            organization=config.organization or None,
+            base_url=config.base_url,
+            timeout=timeout,
+            max_retries=config.max_retries,
+            default_headers=dict(config.extra_headers),
+            http_client=openai.DefaultAsyncHttpxClient(limits=POOL_LIMITS, timeout=timeout),
+        )
+        # The provider row alone configures the client: the gateway's own environment
+        # (OPENAI_ORG_ID, OPENAI_PROJECT_ID) must not be sent to a third-party server.
+        self._client.organization = config.organization or None
+        self._client.project = None
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        if "stream" in body or "stream_options" in body:
+            body = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+        try:
+            completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        if not isinstance(completion, dict):
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than a chat completion.",
+                provider=self.config.name,
+            )
+        return completion
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        # Usage is always asked for, whatever the client said, so that billing has real counts.
+        options = body.get("stream_options")
+        request = {
+            **body,
+            "stream": True,
+            "stream_options": {**options, "include_usage": True}
+            if isinstance(options, dict)
+            else {"include_usage": True},
+        }
+        try:
+            upstream = await self._client.post(
+                _CHAT_PATH, body=request, cast_to=object, stream=True, stream_cls=_ChunkStream
+            )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        finished = False
+        try:
+            async for chunk in upstream:
+                if not isinstance(chunk, dict):
+                    raise ValueError("not a chunk object")
+                if not finished:
+                    for choice in chunk.get("choices") or ():
+                        if choice.get("finish_reason"):
+                            finished = True
+                yield chunk
+        except _FAILURES as exc:
+            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+        finally:
+            # Also on aclose() and cancellation: the upstream response stops at once.
+            await upstream.close()
+        if not finished:
+            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    async def list_models(self) -> list[UpstreamModel]:
+        try:
+            listing = await self._client.get("/models", cast_to=object)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list):
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered its model list in an unknown shape.",
+                provider=self.config.name,
+            )
+        return [_upstream_model(item) for item in data if isinstance(item, dict) and item.get("id")]
+
+    def map_error(self, exc: BaseException) -> ProviderError:
+        if isinstance(exc, ProviderError):
+            return exc
+        config = self.config
+        if isinstance(exc, openai.APIStatusError):
+            message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
+            return error_for_status(
+                config,
+                exc.status_code,
+                message,
+                headers=exc.response.headers,
+                param=exc.param,
+                context_exceeded=exc.code == "context_length_exceeded" or is_context_length_message(message),
+            )
+        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+            return timeout_error(config)
+        if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
+            return connection_error(config)
+        if isinstance(exc, openai.APIError):
+            message = self._upstream_message(exc.body) or "no details given"
+            return ProviderError(f"The provider {config.name!r} reported an error: {message}", provider=config.name)
+        if isinstance(exc, ValueError):
+            return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
+        return ProviderError(
+            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _interruption_reason(self, exc: BaseException) -> str:
+        # The SDK wraps transport failures met while reading the stream in its own classes.
+        if isinstance(exc, openai.APITimeoutError):
+            return "no data arrived in time."
+        if isinstance(exc, openai.APIConnectionError):
+            return "the connection closed before the response was complete."
+        if isinstance(exc, openai.APIError):
+            return f"the provider reported an error: {self._upstream_message(exc.body) or 'no details given'}"
+        if isinstance(exc, ValueError):
+            return "the provider sent a malformed chunk."
+        return interruption_reason(exc)
+
+    def _upstream_message(self, body: object) -> str:
+        """The provider's own error message (``body`` is the error object, or the text of an error page)."""
+        message = body.get("message") if isinstance(body, dict) else body
+        if not isinstance(message, str):
+            return ""
+        return scrub(message.strip(), self.config.api_key)
+
+
+def _upstream_model(item: dict[str, Any]) -> UpstreamModel:
+    # OpenRouter says `context_length`, vLLM `max_model_len`; OpenAI itself does not say.
+    window = item.get("context_length") or item.get("context_window") or item.get("max_model_len")
+    return UpstreamModel(
+        id=str(item["id"]),
+        owned_by=str(item.get("owned_by") or ""),
+        display_name=str(item.get("name") or ""),
+        context_window=window if isinstance(window, int) else None,
+    )

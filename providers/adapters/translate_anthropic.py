@@ -1,0 +1,412 @@
+"""OpenAI chat completions ⇄ Anthropic Messages API, as pure functions on wire-format dicts.
+
+Request (OpenAI → Anthropic):
+
+- ``system`` and ``developer`` messages, wherever they are, become the ``system`` prompt (their texts
+  joined by blank lines); ``user`` and ``assistant`` messages become turns; text parts, ``image_url``
+  parts (``data:`` URLs as base64 sources, http(s) URLs as url sources), assistant ``tool_calls``
+  (``tool_use`` blocks) and ``tool`` messages (``tool_result`` blocks; consecutive results share one
+  user turn, as Anthropic expects them) are translated.
+- ``tools`` (functions) and ``tool_choice``; ``parallel_tool_calls: false`` becomes
+  ``disable_parallel_tool_use``; ``max_completion_tokens``/``max_tokens`` → ``max_tokens`` (required
+  by Anthropic: :data:`DEFAULT_MAX_TOKENS` when absent); ``temperature``, ``top_p``; ``stop`` →
+  ``stop_sequences``; ``user`` (or ``safety_identifier``) → ``metadata.user_id``;
+  ``response_format`` of type ``json_schema`` → ``output_config.format``. Anthropic's own ``top_k``
+  and ``thinking`` pass through for clients that know they talk to Claude.
+- Everything else is dropped, since the Messages API rejects fields it does not know: among them
+  ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``, ``top_logprobs``, ``seed``,
+  ``response_format`` ``json_object``/``text``, ``store``, ``metadata``, ``service_tier``,
+  ``reasoning_effort``, ``modalities``, ``audio``, ``prediction``, ``prompt_cache_key``,
+  ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and the
+  legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused.
+
+Response (Anthropic → OpenAI): a ``message`` becomes a ``chat.completion``; a stream of Messages
+events becomes ``chat.completion.chunk`` objects through :class:`StreamTranslator`, ending with a
+usage chunk (``choices: []``) like OpenAI's ``stream_options.include_usage``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from ..exceptions import ProviderBadRequestError
+
+DEFAULT_MAX_TOKENS = 4096
+
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+_DATA_URL = re.compile(r"data:(?P<media_type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
+_PASSTHROUGH = ("temperature", "top_p", "top_k", "thinking")
+
+
+def _invalid(message: str, param: str, code: str = "invalid_value") -> ProviderBadRequestError:
+    """The client sent something this translation cannot express: a 400 before any upstream call."""
+    return ProviderBadRequestError(message, param=param, code=code)
+
+
+# Request -------------------------------------------------------------------------------------------
+
+
+def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The Messages API body for an OpenAI chat-completions body (``stream`` is left to the caller)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("`messages` must be a non-empty array.", "messages")
+    n = body.get("n")
+    if n not in (None, 1):
+        raise _invalid("This model returns one choice per request: `n` must be 1.", "n", "unsupported_value")
+    system, turns = _translate_messages(messages)
+
+    request: dict[str, Any] = {"model": body.get("model"), "messages": turns, "max_tokens": _max_tokens(body)}
+    if system:
+        request["system"] = system
+    for name in _PASSTHROUGH:
+        if body.get(name) is not None:
+            request[name] = body[name]
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        request["stop_sequences"] = [stop]
+    elif isinstance(stop, list) and stop:
+        request["stop_sequences"] = stop
+    user = body.get("user") or body.get("safety_identifier")
+    if user:
+        request["metadata"] = {"user_id": user}
+    output_format = _output_format(body.get("response_format"))
+    if output_format is not None:
+        request["output_config"] = {"format": output_format}
+    tools = body.get("tools")
+    if tools:
+        request["tools"] = _translate_tools(tools)
+        tool_choice = _translate_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if tool_choice is not None:
+            request["tool_choice"] = tool_choice
+    return request
+
+
+def _max_tokens(body: dict[str, Any]) -> Any:
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            return body[name]
+    return DEFAULT_MAX_TOKENS
+
+
+def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    tool_turn: dict[str, Any] | None = None  # the user turn holding the latest run of tool results
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _invalid("Each message must be an object.", where)
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system.extend(_texts(content, f"{where}.content"))
+        elif role == "user":
+            blocks = _content_blocks(content, f"{where}.content")
+            if blocks:
+                turns.append({"role": "user", "content": blocks})
+        elif role == "assistant":
+            blocks = _content_blocks(content, f"{where}.content") if content is not None else []
+            blocks.extend(_tool_use_blocks(message.get("tool_calls"), f"{where}.tool_calls"))
+            if blocks:
+                turns.append({"role": "assistant", "content": blocks})
+        elif role == "tool":
+            result = _tool_result_block(message, where)
+            if tool_turn is not None and turns[-1] is tool_turn:
+                tool_turn["content"].append(result)
+            else:
+                tool_turn = {"role": "user", "content": [result]}
+                turns.append(tool_turn)
+        else:
+            raise _invalid(f"Unsupported message role {role!r} for this model.", f"{where}.role", "unsupported_value")
+    return "\n\n".join(text for text in system if text), turns
+
+
+def _texts(content: Any, where: str) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        raise _invalid("A system message's content must be a string or an array of text parts.", where)
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise _invalid("A system message takes text parts only.", f"{where}[{j}]")
+        texts.append(part["text"])
+    return texts
+
+
+def _content_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise _invalid("Message content must be a string or an array of content parts.", where)
+    blocks = []
+    for j, part in enumerate(content):
+        block = _content_block(part, f"{where}[{j}]")
+        if block is not None:
+            blocks.append(block)
+    return blocks
+
+
+def _content_block(part: Any, where: str) -> dict[str, Any] | None:
+    if not isinstance(part, dict):
+        raise _invalid("Each content part must be an object.", where)
+    kind = part.get("type")
+    if kind in ("text", "refusal"):
+        text = part.get(kind)
+        if not isinstance(text, str):
+            raise _invalid(f"A {kind} part needs a string `{kind}`.", where)
+        if not text:
+            return None  # Anthropic refuses empty text blocks; an empty part says nothing anyway.
+        block: dict[str, Any] = {"type": "text", "text": text}
+        if isinstance(part.get("cache_control"), dict):
+            block["cache_control"] = part["cache_control"]
+        return block
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        return {"type": "image", "source": _image_source(url, f"{where}.image_url.url")}
+    raise _invalid(
+        f"Content parts of type {kind!r} are not supported by this model.", f"{where}.type", "unsupported_value"
+    )
+
+
+def _image_source(url: Any, where: str) -> dict[str, Any]:
+    if not isinstance(url, str) or not url:
+        raise _invalid("An image part needs a URL.", where)
+    if url.startswith("data:"):
+        match = _DATA_URL.fullmatch(url)
+        if match is None:
+            raise _invalid("A data URL image must look like data:<media type>;base64,<data>.", where)
+        return {"type": "base64", "media_type": match["media_type"], "data": match["data"]}
+    if url.startswith(("https://", "http://")):
+        return {"type": "url", "url": url}
+    raise _invalid("An image URL must be an http(s) URL or a base64 data URL.", where)
+
+
+def _tool_use_blocks(tool_calls: Any, where: str) -> list[dict[str, Any]]:
+    if not tool_calls:
+        return []
+    if not isinstance(tool_calls, list):
+        raise _invalid("`tool_calls` must be an array.", where)
+    blocks = []
+    for j, call in enumerate(tool_calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not call.get("id") or not function.get("name"):
+            raise _invalid("Each tool call needs an `id` and a `function` with a `name`.", f"{where}[{j}]")
+        arguments = function.get("arguments") or "{}"
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise _invalid("Tool call arguments must be a JSON object.", f"{where}[{j}].function.arguments")
+        blocks.append({"type": "tool_use", "id": call["id"], "name": function["name"], "input": parsed})
+    return blocks
+
+
+def _tool_result_block(message: dict[str, Any], where: str) -> dict[str, Any]:
+    tool_call_id = message.get("tool_call_id")
+    if not isinstance(tool_call_id, str) or not tool_call_id:
+        raise _invalid("A tool message needs the `tool_call_id` it answers.", f"{where}.tool_call_id")
+    content = message.get("content")
+    result: Any = content if isinstance(content, str) else _content_blocks(content, f"{where}.content")
+    return {"type": "tool_result", "tool_use_id": tool_call_id, "content": result}
+
+
+def _translate_tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise _invalid("`tools` must be an array.", "tools")
+    translated = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise _invalid("This model takes function tools only.", f"tools[{i}]", "unsupported_value")
+        if not function.get("name"):
+            raise _invalid("A function tool needs a `name`.", f"tools[{i}].function.name")
+        spec: dict[str, Any] = {
+            "name": function["name"],
+            "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
+        }
+        if function.get("description"):
+            spec["description"] = function["description"]
+        translated.append(spec)
+    return translated
+
+
+def _translate_tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    if choice is None:
+        translated: dict[str, Any] | None = {"type": "auto"} if parallel is False else None
+    elif choice == "auto":
+        translated = {"type": "auto"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif choice == "required":
+        translated = {"type": "any"}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) and choice["function"].get("name"):
+        translated = {"type": "tool", "name": choice["function"]["name"]}
+    else:
+        raise _invalid('`tool_choice` must be "auto", "none", "required" or a function.', "tool_choice")
+    if translated is not None and parallel is False:
+        translated["disable_parallel_tool_use"] = True
+    return translated
+
+
+def _output_format(response_format: Any) -> dict[str, Any] | None:
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise _invalid("A json_schema response format needs a `schema` object.", "response_format.json_schema.schema")
+    return {"type": "json_schema", "schema": schema}
+
+
+# Response ------------------------------------------------------------------------------------------
+
+
+def finish_reason(stop_reason: str | None) -> str:
+    return _FINISH_REASONS.get(stop_reason or "", "stop")
+
+
+def openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage counts cached prompt tokens inside ``prompt_tokens``; Anthropic's ``input_tokens`` does not."""
+    cache_read = usage.get("cache_read_input_tokens") or 0
+    cache_write = usage.get("cache_creation_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cache_read + cache_write
+    completion = usage.get("output_tokens") or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write},
+    }
+
+
+def completion_from_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A ``chat.completion`` for an Anthropic ``message``."""
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for block in message.get("content") or ():
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "tool_use":
+            tool_calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})},
+                }
+            )
+    reply: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not tool_calls else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    return {
+        "id": message.get("id") or "",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": message.get("model") or "",
+        "choices": [
+            {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(message.get("stop_reason"))}
+        ],
+        "usage": openai_usage(message.get("usage") or {}),
+    }
+
+
+class StreamTranslator:
+    """Turns the events of one Anthropic message stream into OpenAI chunks, one event at a time.
+
+    ``feed`` returns the chunk an event becomes, or None for events a client need not see (ping,
+    block stops, thinking). ``complete`` tells whether ``message_stop`` arrived: a stream that ends
+    without it was cut short.
+    """
+
+    __slots__ = ("_created", "_id", "_model", "_tool_index", "_usage", "complete")
+
+    def __init__(self) -> None:
+        self._id = ""
+        self._model = ""
+        self._created = int(time.time())
+        self._usage: dict[str, Any] = {}
+        self._tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+        self.complete = False
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    def feed(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            delta_kind = delta.get("type")
+            if delta_kind == "text_delta":
+                return self._chunk({"content": delta.get("text") or ""})
+            if delta_kind == "input_json_delta" and delta.get("partial_json"):
+                index = self._tool_index.get(event.get("index", -1))
+                if index is not None:
+                    return self._chunk(
+                        {"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]}
+                    )
+            return None
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self._id = message.get("id") or ""
+            self._model = message.get("model") or ""
+            self._usage = dict(message.get("usage") or {})
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start":
+            return self._block_start(event.get("index", -1), event.get("content_block") or {})
+        if kind == "message_delta":
+            for name, value in (event.get("usage") or {}).items():
+                if isinstance(value, int):
+                    self._usage[name] = value
+            stop_reason = (event.get("delta") or {}).get("stop_reason")
+            return self._chunk({}, finish_reason(stop_reason)) if stop_reason else None
+        if kind == "message_stop":
+            self.complete = True
+            return {
+                "id": self._id,
+                "object": "chat.completion.chunk",
+                "created": self._created,
+                "model": self._model,
+                "choices": [],
+                "usage": openai_usage(self._usage),
+            }
+        return None
+
+    def _block_start(self, index: int, block: dict[str, Any]) -> dict[str, Any] | None:
+        kind = block.get("type")
+        if kind == "tool_use":
+            tool_index = self._tool_index[index] = len(self._tool_index)
+            call = {
+                "index": tool_index,
+                "id": block.get("id"),
+                "type": "function",
+                "function": {"name": block.get("name"), "arguments": ""},
+            }
+            return self._chunk({"tool_calls": [call]})
+        if kind == "text" and block.get("text"):
+            return self._chunk({"content": block["text"]})
+        return None

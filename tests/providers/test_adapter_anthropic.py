@@ -1,0 +1,510 @@
+"""AnthropicAdapter against the fake upstream over HTTP, through the official anthropic SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from decimal import Decimal
+
+import pytest
+
+from llmhub.testing.fake_upstream import FakeUpstream
+from llmhub.testing.openapi import validate_openai_schema
+from providers.adapters.anthropic import AnthropicAdapter
+from providers.adapters.translate_anthropic import DEFAULT_MAX_TOKENS
+from providers.exceptions import (
+    ProviderAuthenticationError,
+    ProviderBadRequestError,
+    ProviderContextLengthError,
+    ProviderError,
+    ProviderOverloadedError,
+    ProviderRateLimitError,
+    ProviderStreamInterruptedError,
+    ProviderTimeoutError,
+    ProviderUnavailableError,
+)
+from providers.fields import Secret
+from providers.types import ProviderConfig, ResolvedModel
+
+API_KEY = "sk-ant-adapter-test-key-0123456789abcdef"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+
+
+def make_config(upstream, **overrides) -> ProviderConfig:
+    values = {
+        "id": 9201,
+        "name": "fake-anthropic",
+        "kind": "anthropic",
+        "base_url": upstream.base_url,  # no /v1: the SDK adds it
+        "api_key": Secret(API_KEY),
+        "timeout": 5.0,
+        "max_retries": 0,
+    }
+    values.update(overrides)
+    return ProviderConfig(**values)
+
+
+def user(text: str, **extra) -> dict:
+    return {"model": "fake-claude-haiku", "messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest.fixture
+async def adapter(fake_upstream):
+    adapter = AnthropicAdapter(make_config(fake_upstream))
+    yield adapter
+    await adapter.aclose()
+
+
+async def collect(stream) -> list[dict]:
+    return [chunk async for chunk in stream]
+
+
+def streamed_text(chunks: list[dict]) -> str:
+    return "".join(choice["delta"].get("content") or "" for chunk in chunks for choice in chunk["choices"])
+
+
+def sent(upstream) -> dict:
+    request = upstream.requests[-1]
+    assert request["path"] == "/v1/messages"
+    return request["body"]
+
+
+# Completions and streams ---------------------------------------------------------------------------
+
+
+async def test_complete_translates_request_and_response(adapter, fake_upstream):
+    body = {
+        "model": "fake-claude-haiku",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "developer", "content": [{"type": "text", "text": "Answer in English."}]},
+            {"role": "user", "content": "hello there [[cache=3]]"},
+        ],
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "user": "end-user-7",
+        "seed": 11,
+        "frequency_penalty": 0.1,
+        "logprobs": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    completion = await adapter.complete(body)
+
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    message = completion["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Echo: hello there", "refusal": None}
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert completion["model"] == "fake-claude-haiku"
+    # The fake counts the system prompt as a message (3 + 6 words) and the user turn (3 + 3 words);
+    # three of those tokens were read from the cache, which OpenAI counts inside prompt_tokens.
+    assert completion["usage"]["prompt_tokens"] == 15
+    assert completion["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
+    assert completion["usage"]["completion_tokens"] == 3
+    assert completion["usage"]["total_tokens"] == 18
+
+    request = sent(fake_upstream)
+    assert request == {
+        "model": "fake-claude-haiku",
+        "system": "You are terse.\n\nAnswer in English.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there [[cache=3]]"}]}],
+        "max_tokens": DEFAULT_MAX_TOKENS,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "metadata": {"user_id": "end-user-7"},
+    }
+
+
+async def test_stream_validates_and_ends_with_usage(adapter):
+    chunks = await collect(adapter.stream(user("[[words=12]]")))
+
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len(streamed_text(chunks).split()) == 12
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    assert chunks[-1]["usage"]["prompt_tokens"] == 4
+    assert len({chunk["id"] for chunk in chunks}) == 1
+
+
+async def test_stream_yields_each_chunk_as_it_arrives(adapter):
+    started = time.monotonic()
+    arrivals = []
+    async for chunk in adapter.stream(user("[[tps=20]] [[words=10]]")):
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            arrivals.append(time.monotonic() - started)
+
+    assert len(arrivals) == 10
+    assert arrivals[0] < 0.25 < arrivals[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "finish"),
+    [({"max_completion_tokens": 3}, "length"), ({"max_tokens": 3}, "length"), ({"stop": "dolor"}, "stop")],
+)
+async def test_limits_and_stop_sequences(adapter, fake_upstream, extra, finish):
+    completion = await adapter.complete(user("[[words=10]]", **extra))
+
+    assert completion["choices"][0]["finish_reason"] == finish
+    request = sent(fake_upstream)
+    if "stop" in extra:
+        assert request["stop_sequences"] == ["dolor"]
+        assert completion["choices"][0]["message"]["content"] == "lorem ipsum "
+    else:
+        assert request["max_tokens"] == 3
+        assert completion["choices"][0]["message"]["content"] == "lorem ipsum dolor"
+
+
+async def test_images_are_sent_as_image_blocks(adapter, fake_upstream):
+    body = {
+        "model": "fake-claude-sonnet",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "compare"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg", "detail": "high"}},
+                ],
+            }
+        ],
+    }
+
+    completion = await adapter.complete(body)
+
+    assert completion["choices"][0]["message"]["content"] == "Echo: compare [image] [image]"
+    blocks = sent(fake_upstream)["messages"][0]["content"]
+    assert blocks[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    assert blocks[2] == {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}}
+
+
+async def test_parameter_rules_apply_before_translation(adapter, fake_upstream):
+    model = ResolvedModel(
+        id=2,
+        name="claude",
+        upstream_id="fake-claude-sonnet",
+        provider=adapter.config,
+        input_per_mtok=Decimal("3"),
+        output_per_mtok=Decimal("15"),
+        cached_input_per_mtok=Decimal("0.30"),
+        context_window=200_000,
+        max_output_tokens=8192,
+        parameter_rules={"drop": ["top_p"], "rename": {"max_tokens": "max_completion_tokens"}},
+    )
+    prepared = adapter.prepare_request(user("hi", top_p=0.5, max_tokens=50), model)
+
+    await adapter.complete(prepared)
+
+    request = sent(fake_upstream)
+    assert request["model"] == "fake-claude-sonnet"
+    assert request["max_tokens"] == 50
+    assert "top_p" not in request
+
+
+async def test_extra_headers_reach_the_upstream(fake_upstream):
+    adapter = AnthropicAdapter(make_config(fake_upstream, extra_headers=(("anthropic-beta", "fake-beta-1"),)))
+    try:
+        await adapter.complete(user("hi"))
+    finally:
+        await adapter.aclose()
+
+    headers = fake_upstream.requests[-1]["headers"]
+    assert headers["anthropic-beta"] == "fake-beta-1"
+    assert "anthropic-version" in headers
+    credential = headers.get("x-api-key") or headers["authorization"]
+    assert credential.endswith(API_KEY[-4:])
+
+
+async def test_tool_call_round_trip(adapter, fake_upstream):
+    messages = [{"role": "user", "content": "Lisbon"}]
+    first = await adapter.complete({"model": "fake-claude-sonnet", "messages": messages, "tools": [WEATHER_TOOL]})
+
+    validate_openai_schema(first, "CreateChatCompletionResponse")
+    choice = first["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Lisbon", "days": 42}
+    tools = sent(fake_upstream)["tools"]
+    assert tools == [
+        {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "input_schema": WEATHER_TOOL["function"]["parameters"],
+        }
+    ]
+
+    messages += [choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "21 degrees"}]
+    final = await adapter.complete({"model": "fake-claude-sonnet", "messages": messages, "tools": [WEATHER_TOOL]})
+
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["choices"][0]["message"]["content"] == "Tool result: 21 degrees"
+    turns = sent(fake_upstream)["messages"]
+    assert turns[1] == {
+        "role": "assistant",
+        "content": [
+            {"type": "tool_use", "id": call["id"], "name": "get_weather", "input": {"city": "Lisbon", "days": 42}}
+        ],
+    }
+    assert turns[2] == {
+        "role": "user",
+        "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "21 degrees"}],
+    }
+
+
+async def test_streamed_tool_call(adapter, fake_upstream):
+    body = {
+        "model": "fake-claude-sonnet",
+        "messages": [{"role": "user", "content": "Rome"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+    }
+
+    chunks = await collect(adapter.stream(body))
+
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    calls = [
+        call for chunk in chunks for choice in chunk["choices"] for call in choice["delta"].get("tool_calls") or ()
+    ]
+    assert calls[0]["id"].startswith("toolu_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert {call["index"] for call in calls} == {0}
+    assert json.loads("".join(call["function"]["arguments"] for call in calls)) == {"city": "Rome", "days": 42}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    assert sent(fake_upstream)["tool_choice"] == {
+        "type": "tool",
+        "name": "get_weather",
+        "disable_parallel_tool_use": True,
+    }
+
+
+async def test_a_request_it_cannot_translate_is_refused_before_any_upstream_call(adapter, fake_upstream):
+    body = {"model": "fake-claude-haiku", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}
+
+    with pytest.raises(ProviderBadRequestError) as caught:
+        await adapter.complete(body)
+
+    assert caught.value.param == "messages[0].content[0].type"
+    assert caught.value.status_code == 400
+    assert caught.value.provider == "fake-anthropic"
+    assert fake_upstream.requests == []
+
+
+# Failures ------------------------------------------------------------------------------------------
+
+STATUS_FAULTS = [
+    ("429", ProviderRateLimitError, 429),
+    ("500", ProviderUnavailableError, 500),
+    ("503", ProviderUnavailableError, 503),
+    ("529", ProviderOverloadedError, 529),
+    ("401", ProviderAuthenticationError, 401),
+    ("400", ProviderBadRequestError, 400),
+    ("context", ProviderContextLengthError, 400),
+]
+
+
+def assert_clean(error: ProviderError) -> None:
+    assert error.provider == "fake-anthropic"
+    assert error.__cause__ is None and error.__suppress_context__
+    for text in (str(error), repr(error), error.message):
+        assert API_KEY not in text
+
+
+@pytest.mark.parametrize(("fault", "error_class", "status"), STATUS_FAULTS)
+async def test_status_faults_map_to_provider_errors(adapter, fault, error_class, status):
+    for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+        with pytest.raises(ProviderError) as caught:
+            await call(user(f"hi [[fault={fault}]]"))
+        error = caught.value
+        assert type(error) is error_class
+        assert error.upstream_status == status
+        assert_clean(error)
+        if fault == "429":
+            assert error.retry_after == 2.0
+        if fault == "401":
+            assert "refused the gateway's credentials" in error.message
+        if fault == "context":
+            assert "prompt is too long" in error.message
+            assert error.code == "context_length_exceeded"
+
+
+async def test_a_hanging_upstream_times_out(fake_upstream):
+    adapter = AnthropicAdapter(make_config(fake_upstream, timeout=0.3))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProviderTimeoutError) as caught:
+            await adapter.complete(user("[[fault=hang]]"))
+        assert time.monotonic() - started < 2
+        assert_clean(caught.value)
+        with pytest.raises(ProviderTimeoutError):
+            await collect(adapter.stream(user("[[fault=hang]]")))
+    finally:
+        await adapter.aclose()
+
+
+async def test_a_stream_that_stalls_midway_is_interrupted(fake_upstream):
+    adapter = AnthropicAdapter(make_config(fake_upstream, timeout=0.3))
+    received = []
+    try:
+        with pytest.raises(ProviderStreamInterruptedError) as caught:
+            async for chunk in adapter.stream(user("[[tps=1]] [[words=5]]")):
+                received.append(chunk)
+    finally:
+        await adapter.aclose()
+
+    assert received[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "in time" in caught.value.message
+
+
+@pytest.mark.parametrize("cut", [0, 3])
+async def test_a_cut_stream_is_interrupted_after_the_chunks_it_sent(adapter, cut):
+    received = []
+    with pytest.raises(ProviderStreamInterruptedError) as caught:
+        async for chunk in adapter.stream(user(f"[[words=20]] [[fault=cut-{cut}]]")):
+            received.append(chunk)
+
+    assert len([c for c in received if c["choices"][0]["delta"].get("content")]) == cut
+    assert caught.value.status_code == 502
+    assert_clean(caught.value)
+
+
+async def test_a_cut_completion_is_unavailable(adapter):
+    with pytest.raises(ProviderUnavailableError) as caught:
+        await adapter.complete(user("[[fault=cut-2]]"))
+    assert_clean(caught.value)
+
+
+async def test_an_error_event_interrupts_the_stream(adapter):
+    received = []
+    with pytest.raises(ProviderStreamInterruptedError) as caught:
+        async for chunk in adapter.stream(user("[[words=20]] [[fault=error-event]]")):
+            received.append(chunk)
+
+    assert streamed_text(received).split() == ["lorem", "ipsum"]
+    assert "Overloaded" in caught.value.message
+    assert_clean(caught.value)
+
+
+async def test_the_adapter_never_shows_its_key(adapter):
+    for text in (repr(adapter), str(adapter), repr(adapter.config), str(adapter.config)):
+        assert API_KEY not in text
+
+
+# Cancellation --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_upstream():
+    """A fake upstream of this module's own, so that every connection to its port is ours to count."""
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+def open_connections_to(port: int) -> int:
+    """Established TCP connections to ``port`` on this machine, as the kernel lists them."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            next(handle)
+            for line in handle:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+async def two_content_chunks(stream) -> None:
+    received = 0
+    async for chunk in stream:
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            received += 1
+            if received == 2:
+                return
+
+
+async def test_closing_a_stream_closes_the_upstream_response_at_once(private_upstream):
+    adapter = AnthropicAdapter(make_config(private_upstream))
+    try:
+        stream = adapter.stream(user("[[tps=5]] [[words=200]]"))
+        await two_content_chunks(stream)
+        assert open_connections_to(private_upstream.port) == 1
+        started = time.monotonic()
+        await stream.aclose()
+
+        assert time.monotonic() - started < 0.2
+        assert open_connections_to(private_upstream.port) == 0
+    finally:
+        await adapter.aclose()
+
+
+async def test_cancelling_the_consuming_task_closes_the_upstream_response(private_upstream):
+    adapter = AnthropicAdapter(make_config(private_upstream))
+    two_chunks = asyncio.Event()
+
+    async def consume() -> None:
+        stream = adapter.stream(user("[[tps=5]] [[words=200]]"))
+        await two_content_chunks(stream)
+        two_chunks.set()
+        async for _chunk in stream:
+            pass
+
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(two_chunks.wait(), timeout=5)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert time.monotonic() - started < 0.2
+        assert open_connections_to(private_upstream.port) == 0
+    finally:
+        await adapter.aclose()
+
+
+# Models and health ---------------------------------------------------------------------------------
+
+
+async def test_list_models_and_health_check(adapter, fake_upstream):
+    models = await adapter.list_models()
+
+    claude = next(model for model in models if model.id == "fake-claude-sonnet")
+    assert claude.display_name == "Fake Claude Sonnet"
+    assert claude.context_window == 200_000
+    assert fake_upstream.requests[-1]["path"] == "/v1/models"
+
+    health = await adapter.health_check()
+    assert health.ok and health.models_seen == len(models)
+
+
+async def test_health_check_reports_a_failing_provider(fake_upstream):
+    adapter = AnthropicAdapter(make_config(fake_upstream, extra_headers=(("x-fake-fault", "401"),)))
+    try:
+        health = await adapter.health_check()
+    finally:
+        await adapter.aclose()
+
+    assert not health.ok
+    assert "credentials" in health.error
+    assert API_KEY not in health.error

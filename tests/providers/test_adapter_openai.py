@@ -1,0 +1,444 @@
+"""OpenAIAdapter against the fake upstream over HTTP, through the official openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from decimal import Decimal
+
+import pytest
+
+from llmhub.testing.fake_upstream import FakeUpstream
+from llmhub.testing.openapi import validate_openai_schema
+from providers.adapters.openai import OpenAIAdapter
+from providers.exceptions import (
+    ProviderAuthenticationError,
+    ProviderBadRequestError,
+    ProviderContextLengthError,
+    ProviderError,
+    ProviderOverloadedError,
+    ProviderRateLimitError,
+    ProviderStreamInterruptedError,
+    ProviderTimeoutError,
+    ProviderUnavailableError,
+)
+from providers.fields import Secret
+from providers.types import ProviderConfig, ResolvedModel
+
+API_KEY = "sk-openai-adapter-test-key-0123456789abcdef"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def make_config(upstream, **overrides) -> ProviderConfig:
+    values = {
+        "id": 9101,
+        "name": "fake-openai",
+        "kind": "openai_compatible",
+        "base_url": upstream.base_url + "/v1",
+        "api_key": Secret(API_KEY),
+        "timeout": 5.0,
+        "max_retries": 0,
+    }
+    values.update(overrides)
+    return ProviderConfig(**values)
+
+
+def user(text: str) -> dict:
+    return {"model": "fake-gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+
+
+@pytest.fixture
+async def adapter(fake_upstream):
+    adapter = OpenAIAdapter(make_config(fake_upstream))
+    yield adapter
+    await adapter.aclose()
+
+
+async def collect(stream) -> list[dict]:
+    return [chunk async for chunk in stream]
+
+
+def streamed_text(chunks: list[dict]) -> str:
+    return "".join(choice["delta"].get("content") or "" for chunk in chunks for choice in chunk["choices"])
+
+
+# Completions and streams ---------------------------------------------------------------------------
+
+
+async def test_complete_returns_the_upstream_completion(adapter, fake_upstream):
+    completion = await adapter.complete(user("hello there"))
+
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    assert completion["choices"][0]["message"]["content"] == "Echo: hello there"
+    assert completion["usage"]["completion_tokens"] == 3
+    # Fields the adapter does not know about come back as the upstream sent them.
+    assert completion["system_fingerprint"] == "fp_fake"
+    assert fake_upstream.requests[-1]["body"].get("stream") is None
+
+
+async def test_stream_validates_and_ends_with_usage_even_when_the_client_did_not_ask(adapter, fake_upstream):
+    body = {**user("[[words=12]]"), "stream_options": {"include_usage": False, "include_obfuscation": False}}
+
+    chunks = await collect(adapter.stream(body))
+
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len(streamed_text(chunks).split()) == 12
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+    sent = fake_upstream.requests[-1]["body"]
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+    assert body["stream_options"]["include_usage"] is False, "the caller's body must not be modified"
+
+
+async def test_stream_yields_each_chunk_as_it_arrives(adapter):
+    started = time.monotonic()
+    arrivals = []
+    async for chunk in adapter.stream(user("[[tps=20]] [[words=10]]")):
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            arrivals.append(time.monotonic() - started)
+
+    assert len(arrivals) == 10
+    # Ten tokens at 20/s take half a second; the first must not wait for the rest.
+    assert arrivals[0] < 0.25 < arrivals[-1]
+
+
+async def test_unknown_and_uninterpreted_fields_pass_through_unchanged(adapter, fake_upstream):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+    body = {
+        "model": "fake-gpt-4o-mini",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"}, image]}],
+        "seed": 7,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "user": "end-user-42",
+        "metadata": {"team": "blue"},
+        "response_format": {"type": "json_object"},
+        "service_tier": "flex",
+        "x_future_option": {"nested": [1, 2, {"deep": None}]},
+    }
+
+    completion = await adapter.complete(body)
+
+    assert fake_upstream.requests[-1]["body"] == body
+    assert completion["choices"][0]["message"]["content"] == "Echo: what is this [image]"
+    assert completion["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+
+
+async def test_parameter_rules_rewrite_the_request(adapter, fake_upstream):
+    model = ResolvedModel(
+        id=1,
+        name="o3-mini",
+        upstream_id="fake-o3-mini",
+        provider=adapter.config,
+        input_per_mtok=Decimal("1.10"),
+        output_per_mtok=Decimal("4.40"),
+        cached_input_per_mtok=None,
+        context_window=200_000,
+        max_output_tokens=None,
+        parameter_rules={"fixed": {"temperature": 1}, "rename": {"max_tokens": "max_completion_tokens"}},
+    )
+    body = {
+        "model": "o3-mini",
+        "messages": [{"role": "user", "content": "[[words=10]]"}],
+        "temperature": 0.2,
+        "max_tokens": 3,
+    }
+
+    prepared = adapter.prepare_request(body, model)
+    completion = await adapter.complete(prepared)
+
+    sent = fake_upstream.requests[-1]["body"]
+    assert sent["model"] == "fake-o3-mini"
+    assert sent["temperature"] == 1
+    assert sent["max_completion_tokens"] == 3
+    assert "max_tokens" not in sent
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert body["model"] == "o3-mini" and body["max_tokens"] == 3, "the client's body must be left as it was"
+
+
+async def test_extra_headers_and_organization_reach_the_upstream(fake_upstream):
+    config = make_config(fake_upstream, extra_headers=(("X-Team", "blue"),), organization="org-llmhub")
+    adapter = OpenAIAdapter(config)
+    try:
+        await adapter.complete(user("hi"))
+    finally:
+        await adapter.aclose()
+
+    headers = fake_upstream.requests[-1]["headers"]
+    assert headers["x-team"] == "blue"
+    assert headers["openai-organization"] == "org-llmhub"
+    assert headers["authorization"].endswith(API_KEY[-4:])
+    assert "openai-project" not in headers
+
+
+async def test_an_empty_api_key_still_works_for_self_hosted_servers(fake_upstream):
+    adapter = OpenAIAdapter(make_config(fake_upstream, kind="ollama", api_key=Secret("")))
+    try:
+        completion = await adapter.complete(user("local"))
+    finally:
+        await adapter.aclose()
+
+    assert completion["choices"][0]["message"]["content"] == "Echo: local"
+
+
+async def test_tool_call_round_trip(adapter):
+    messages = [{"role": "user", "content": "Paris"}]
+    first = await adapter.complete({"model": "fake-gpt-4o", "messages": messages, "tools": [WEATHER_TOOL]})
+
+    validate_openai_schema(first, "CreateChatCompletionResponse")
+    choice = first["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
+
+    messages += [choice["message"], {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees, sunny"}]
+    final = await adapter.complete({"model": "fake-gpt-4o", "messages": messages, "tools": [WEATHER_TOOL]})
+
+    assert final["choices"][0]["finish_reason"] == "stop"
+    assert final["choices"][0]["message"]["content"] == "Tool result: 18 degrees, sunny"
+
+
+async def test_streamed_tool_call_fragments_add_up_to_the_arguments(adapter):
+    body = {"model": "fake-gpt-4o", "messages": [{"role": "user", "content": "Oslo"}], "tools": [WEATHER_TOOL]}
+
+    chunks = await collect(adapter.stream(body))
+
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    fragments = [
+        call["function"].get("arguments", "")
+        for chunk in chunks
+        for choice in chunk["choices"]
+        for call in choice["delta"].get("tool_calls") or ()
+    ]
+    assert json.loads("".join(fragments)) == {"city": "Oslo", "unit": "celsius"}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+# Failures ------------------------------------------------------------------------------------------
+
+STATUS_FAULTS = [
+    ("429", ProviderRateLimitError, 429),
+    ("500", ProviderUnavailableError, 500),
+    ("503", ProviderUnavailableError, 503),
+    ("529", ProviderOverloadedError, 529),
+    ("401", ProviderAuthenticationError, 401),
+    ("400", ProviderBadRequestError, 400),
+    ("context", ProviderContextLengthError, 400),
+]
+
+
+def assert_clean(error: ProviderError) -> None:
+    """Our error, with no SDK exception (which holds the request and its headers) chained to it."""
+    assert error.provider == "fake-openai"
+    assert error.__cause__ is None and error.__suppress_context__
+    for text in (str(error), repr(error), error.message):
+        assert API_KEY not in text
+
+
+@pytest.mark.parametrize(("fault", "error_class", "status"), STATUS_FAULTS)
+async def test_status_faults_map_to_provider_errors(adapter, fault, error_class, status):
+    for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+        with pytest.raises(ProviderError) as caught:
+            await call(user(f"hi [[fault={fault}]]"))
+        error = caught.value
+        assert type(error) is error_class
+        assert error.upstream_status == status
+        assert_clean(error)
+        if fault == "429":
+            assert error.retry_after == 2.0
+            assert error.status_code == 429
+        if fault == "401":
+            assert "refused the gateway's credentials" in error.message
+        if fault == "context":
+            assert error.code == "context_length_exceeded"
+            assert error.param == "messages"
+
+
+async def test_a_hanging_upstream_times_out(fake_upstream):
+    adapter = OpenAIAdapter(make_config(fake_upstream, timeout=0.3))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ProviderTimeoutError) as caught:
+            await adapter.complete(user("[[fault=hang]]"))
+        assert time.monotonic() - started < 2
+        assert_clean(caught.value)
+        with pytest.raises(ProviderTimeoutError):
+            await collect(adapter.stream(user("[[fault=hang]]")))
+    finally:
+        await adapter.aclose()
+
+
+async def test_an_unreachable_upstream_is_unavailable(fake_upstream):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    adapter = OpenAIAdapter(make_config(fake_upstream, base_url=f"http://127.0.0.1:{closed_port}/v1"))
+    try:
+        with pytest.raises(ProviderUnavailableError) as caught:
+            await adapter.complete(user("hi"))
+        assert_clean(caught.value)
+    finally:
+        await adapter.aclose()
+
+
+@pytest.mark.parametrize("cut", [0, 3])
+async def test_a_cut_stream_is_interrupted_after_the_chunks_it_sent(adapter, cut):
+    received = []
+    with pytest.raises(ProviderStreamInterruptedError) as caught:
+        async for chunk in adapter.stream(user(f"[[words=20]] [[fault=cut-{cut}]]")):
+            received.append(chunk)
+
+    assert len([c for c in received if c["choices"] and c["choices"][0]["delta"].get("content")]) == cut
+    assert caught.value.status_code == 502
+    assert_clean(caught.value)
+
+
+async def test_a_cut_completion_is_unavailable(adapter):
+    with pytest.raises(ProviderUnavailableError) as caught:
+        await adapter.complete(user("[[fault=cut-2]]"))
+    assert_clean(caught.value)
+
+
+async def test_an_error_event_interrupts_the_stream(adapter):
+    received = []
+    with pytest.raises(ProviderStreamInterruptedError) as caught:
+        async for chunk in adapter.stream(user("[[words=20]] [[fault=error-event]]")):
+            received.append(chunk)
+
+    assert streamed_text(received).split() == ["lorem", "ipsum"]
+    assert "The server had an error" in caught.value.message
+    assert_clean(caught.value)
+
+
+async def test_an_upstream_message_quoting_the_key_is_scrubbed(adapter):
+    # The fake quotes an unknown fault name back in its 400 message.
+    with pytest.raises(ProviderBadRequestError) as caught:
+        await adapter.complete(user(f"[[fault={API_KEY}]]"))
+
+    assert "Unknown fake fault" in caught.value.message
+    assert_clean(caught.value)
+
+
+async def test_the_adapter_never_shows_its_key(adapter):
+    for text in (repr(adapter), str(adapter), repr(adapter.config), str(adapter.config)):
+        assert API_KEY not in text
+    assert "fake-openai" in repr(adapter)
+
+
+# Cancellation --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def private_upstream():
+    """A fake upstream of this module's own, so that every connection to its port is ours to count."""
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+def open_connections_to(port: int) -> int:
+    """Established TCP connections to ``port`` on this machine, as the kernel lists them."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            next(handle)
+            for line in handle:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+async def two_content_chunks(stream) -> None:
+    received = 0
+    async for chunk in stream:
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            received += 1
+            if received == 2:
+                return
+
+
+async def test_closing_a_stream_closes_the_upstream_response_at_once(private_upstream):
+    adapter = OpenAIAdapter(make_config(private_upstream))
+    try:
+        stream = adapter.stream(user("[[tps=5]] [[words=200]]"))
+        await two_content_chunks(stream)
+        assert open_connections_to(private_upstream.port) == 1
+        started = time.monotonic()
+        await stream.aclose()
+
+        assert time.monotonic() - started < 0.2
+        # A half-read response cannot go back to the pool: its connection is gone, not left streaming.
+        assert open_connections_to(private_upstream.port) == 0
+        assert (await adapter.complete(user("after")))["choices"][0]["message"]["content"] == "Echo: after"
+    finally:
+        await adapter.aclose()
+
+
+async def test_cancelling_the_consuming_task_closes_the_upstream_response(private_upstream):
+    adapter = OpenAIAdapter(make_config(private_upstream))
+    two_chunks = asyncio.Event()
+
+    async def consume() -> None:
+        stream = adapter.stream(user("[[tps=5]] [[words=200]]"))
+        await two_content_chunks(stream)
+        two_chunks.set()
+        async for _chunk in stream:
+            pass
+
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(two_chunks.wait(), timeout=5)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert time.monotonic() - started < 0.2
+        assert open_connections_to(private_upstream.port) == 0
+    finally:
+        await adapter.aclose()
+
+
+# Models and health ---------------------------------------------------------------------------------
+
+
+async def test_list_models_and_health_check(adapter):
+    models = await adapter.list_models()
+    assert "fake-gpt-4o-mini" in {model.id for model in models}
+    assert all(model.owned_by == "fake" for model in models)
+
+    health = await adapter.health_check()
+    assert health.ok and health.models_seen == len(models)
+
+
+async def test_health_check_reports_a_failing_provider(fake_upstream):
+    adapter = OpenAIAdapter(make_config(fake_upstream, extra_headers=(("x-fake-fault", "503"),)))
+    try:
+        health = await adapter.health_check()
+    finally:
+        await adapter.aclose()
+
+    assert not health.ok
+    assert "unavailable" in health.error
+    assert API_KEY not in health.error

@@ -1,0 +1,360 @@
+"""The OpenAI ⇄ Anthropic translation as pure functions: no server involved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmhub.testing.openapi import validate_openai_schema
+from providers.adapters.translate_anthropic import (
+    DEFAULT_MAX_TOKENS,
+    StreamTranslator,
+    anthropic_request,
+    completion_from_message,
+    finish_reason,
+    openai_usage,
+)
+from providers.exceptions import ProviderBadRequestError
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up.",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
+
+
+def request(*messages: dict, **fields) -> dict:
+    return anthropic_request({"model": "claude", "messages": list(messages), **fields})
+
+
+# Requests ------------------------------------------------------------------------------------------
+
+
+def test_system_and_developer_messages_become_the_system_prompt_wherever_they_are():
+    translated = request(
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
+        {"role": "user", "content": "and again"},
+    )
+
+    assert translated["system"] == "Be brief.\n\nUse metric units."
+    assert [turn["role"] for turn in translated["messages"]] == ["user", "user"]
+    assert translated["max_tokens"] == DEFAULT_MAX_TOKENS
+
+
+def test_no_system_key_without_system_messages():
+    assert "system" not in request({"role": "user", "content": "hi"})
+
+
+def test_images_from_data_and_http_urls():
+    translated = request(
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what are these"},
+                {"type": "image_url", "image_url": {"url": "data:image/webp;base64,UklGRg=="}},
+                {"type": "image_url", "image_url": {"url": "http://images.example/a.gif"}},
+            ],
+        }
+    )
+
+    assert translated["messages"][0]["content"] == [
+        {"type": "text", "text": "what are these"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/webp", "data": "UklGRg=="}},
+        {"type": "image", "source": {"type": "url", "url": "http://images.example/a.gif"}},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "param"),
+    [
+        (
+            [{"type": "image_url", "image_url": {"url": "data:image/png,not-base64"}}],
+            "messages[0].content[0].image_url.url",
+        ),
+        ([{"type": "image_url", "image_url": {"url": "ftp://host/x.png"}}], "messages[0].content[0].image_url.url"),
+        ([{"type": "input_audio", "input_audio": {}}], "messages[0].content[0].type"),
+        ([{"type": "text"}], "messages[0].content[0]"),
+        (42, "messages[0].content"),
+    ],
+)
+def test_content_it_cannot_express_is_a_clear_400(content, param):
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request({"role": "user", "content": content})
+
+    assert caught.value.param == param
+    assert caught.value.status_code == 400
+    assert caught.value.error_type == "invalid_request_error"
+
+
+def test_assistant_tool_calls_and_consecutive_tool_results():
+    translated = request(
+        {"role": "user", "content": "define two words"},
+        {
+            "role": "assistant",
+            "content": "Looking them up.",
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"word": "a"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "lookup", "arguments": ""}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "first letter"},
+        {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "no word"}]},
+        {"role": "user", "content": "thanks"},
+        tools=[TOOL],
+    )
+
+    assert translated["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "define two words"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Looking them up."},
+                {"type": "tool_use", "id": "call_1", "name": "lookup", "input": {"word": "a"}},
+                {"type": "tool_use", "id": "call_2", "name": "lookup", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "call_1", "content": "first letter"},
+                {"type": "tool_result", "tool_use_id": "call_2", "content": [{"type": "text", "text": "no word"}]},
+            ],
+        },
+        {"role": "user", "content": [{"type": "text", "text": "thanks"}]},
+    ]
+    assert translated["tools"] == [
+        {"name": "lookup", "input_schema": TOOL["function"]["parameters"], "description": "Look a word up."}
+    ]
+
+
+def test_tool_results_separated_by_another_turn_are_not_merged():
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    translated = request(
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "one"},
+        {"role": "assistant", "content": None, "tool_calls": [{**call, "id": "c2"}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "two"},
+    )
+
+    assert [turn["role"] for turn in translated["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+    assert len(translated["messages"][-1]["content"]) == 1
+
+
+def test_invalid_tool_call_arguments_are_refused():
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{not json"}}
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request({"role": "user", "content": "go"}, {"role": "assistant", "tool_calls": [call]})
+
+    assert caught.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "expected"),
+    [
+        ("auto", None, {"type": "auto"}),
+        ("none", None, {"type": "none"}),
+        ("required", None, {"type": "any"}),
+        ({"type": "function", "function": {"name": "lookup"}}, None, {"type": "tool", "name": "lookup"}),
+        ("required", False, {"type": "any", "disable_parallel_tool_use": True}),
+        (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
+        (None, None, None),
+    ],
+)
+def test_tool_choice(choice, parallel, expected):
+    fields = {"tools": [TOOL]}
+    if choice is not None:
+        fields["tool_choice"] = choice
+    if parallel is not None:
+        fields["parallel_tool_calls"] = parallel
+
+    translated = request({"role": "user", "content": "x"}, **fields)
+
+    assert translated.get("tool_choice") == expected
+
+
+def test_other_fields_are_mapped_or_dropped():
+    translated = request(
+        {"role": "user", "content": "x"},
+        max_completion_tokens=100,
+        max_tokens=5,
+        temperature=0.3,
+        top_p=0.8,
+        top_k=20,
+        stop=["END", "STOP"],
+        safety_identifier="hashed-user",
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}},
+        seed=1,
+        logit_bias={"50256": -100},
+        presence_penalty=0.5,
+        store=True,
+        metadata={"a": "b"},
+        reasoning_effort="low",
+        stream_options={"include_usage": True},
+        x_unknown=True,
+    )
+
+    assert translated == {
+        "model": "claude",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        "max_tokens": 100,
+        "temperature": 0.3,
+        "top_p": 0.8,
+        "top_k": 20,
+        "stop_sequences": ["END", "STOP"],
+        "metadata": {"user_id": "hashed-user"},
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+    }
+
+
+def test_more_than_one_choice_is_refused():
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request({"role": "user", "content": "x"}, n=3)
+    assert caught.value.param == "n"
+
+
+def test_the_input_body_is_left_as_it_was():
+    body = {"model": "claude", "messages": [{"role": "user", "content": "x"}], "stop": "END"}
+    snapshot = json.dumps(body, sort_keys=True)
+
+    anthropic_request(body)
+
+    assert json.dumps(body, sort_keys=True) == snapshot
+
+
+# Responses -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stop_reason", "expected"),
+    [
+        ("end_turn", "stop"),
+        ("stop_sequence", "stop"),
+        ("max_tokens", "length"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        (None, "stop"),
+    ],
+)
+def test_stop_reasons(stop_reason, expected):
+    assert finish_reason(stop_reason) == expected
+
+
+def test_usage_counts_cached_tokens_inside_prompt_tokens():
+    usage = openai_usage(
+        {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20}
+    )
+
+    assert usage == {
+        "prompt_tokens": 130,
+        "completion_tokens": 5,
+        "total_tokens": 135,
+        "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20},
+    }
+
+
+def test_message_with_text_and_tool_use_becomes_a_completion():
+    completion = completion_from_message(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"word": "é"}},
+            ],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 7, "output_tokens": 3},
+        }
+    )
+
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    choice = completion["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Let me check."
+    assert choice["message"]["refusal"] is None
+    assert choice["message"]["tool_calls"] == [
+        {"id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"word": "é"})}}
+    ]
+    assert completion["usage"]["total_tokens"] == 10
+
+
+def test_a_refusal_is_a_content_filter_stop():
+    completion = completion_from_message(
+        {"id": "msg_2", "model": "m", "content": [], "stop_reason": "refusal", "usage": {"input_tokens": 1}}
+    )
+
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    assert completion["choices"][0]["finish_reason"] == "content_filter"
+    assert completion["choices"][0]["message"]["content"] == ""
+
+
+# Streams -------------------------------------------------------------------------------------------
+
+TOOL_STREAM = [
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_9",
+            "model": "claude-x",
+            "usage": {"input_tokens": 12, "output_tokens": 1, "cache_read_input_tokens": 4},
+        },
+    },
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "ping"},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Checking"}},
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {"type": "tool_use", "id": "toolu_9", "name": "lookup", "input": {}},
+    },
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"wo'}},
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": 'rd": "x"}'}},
+    {"type": "content_block_stop", "index": 1},
+    {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}},
+    {"type": "message_stop"},
+]
+
+
+def test_a_stream_of_events_becomes_openai_chunks():
+    translator = StreamTranslator()
+    chunks = [chunk for event in TOOL_STREAM if (chunk := translator.feed(event)) is not None]
+
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert deltas == [
+        {"role": "assistant", "content": ""},
+        {"content": "Checking"},
+        {
+            "tool_calls": [
+                {"index": 0, "id": "toolu_9", "type": "function", "function": {"name": "lookup", "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"wo'}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": 'rd": "x"}'}}]},
+        {},
+    ]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["prompt_tokens"] == 16
+    assert chunks[-1]["usage"]["completion_tokens"] == 9
+    assert {chunk["id"] for chunk in chunks} == {"msg_9"}
+    assert translator.complete
+
+
+def test_a_stream_without_message_stop_is_incomplete():
+    translator = StreamTranslator()
+    for event in TOOL_STREAM[:-1]:
+        translator.feed(event)
+
+    assert not translator.complete
