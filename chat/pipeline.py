@@ -192,6 +192,11 @@ class CompletionRun:
         """The user asked to stop (as opposed to going away): record the run as ``cancelled``."""
         self._cancelled = True
 
+    def abandon(self, *, status: str = UsageStatus.CANCELLED, error_type: str = "abandoned") -> None:
+        """Settle a run that will never be called (its entry point failed after admission): the
+        reservation is released and the request still gets its one ledger row, at no cost."""
+        self._settle(status=status, usage={}, delivered_text="", finish_reason=None, error_type=error_type)
+
     def overhead_ms(self, now: float | None = None) -> float:
         """Time spent in llmhub so far, upstream time excluded."""
         now = time.perf_counter() if now is None else now

@@ -2,4 +2,8 @@ from __future__ import annotations
 
 from django.urls import path
 
-websocket_urlpatterns: list = []
+from .consumers import ChatConsumer
+
+websocket_urlpatterns = [
+    path("ws/chat/", ChatConsumer.as_asgi()),
+]

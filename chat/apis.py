@@ -1,0 +1,150 @@
+"""REST for the chat page: the user's conversations and feedback on replies.
+
+Every view reads through ``chat.selectors`` with the requesting user's id, so another user's
+conversation or message answers 404 exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer
+from rest_framework import serializers, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from llmhub.schema import error_responses
+
+from . import selectors, services
+from .models import Feedback, Message
+
+_TAGS = ["Conversations"]
+
+
+@extend_schema_serializer(component_name="ChatMessage")
+class MessageOutputSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model_name")
+    provider = serializers.CharField(source="provider_name")
+
+    class Meta:
+        model = Message
+        fields = [
+            "id",
+            "role",
+            "content",
+            "model",
+            "provider",
+            "request_id",
+            "status",
+            "error_message",
+            "feedback",
+            "feedback_comment",
+            "created_at",
+        ]
+
+
+class ConversationSummarySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    model = serializers.CharField(source="model_name")
+    archived = serializers.BooleanField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+
+class ConversationListApi(APIView):
+    pagination_class = LimitOffsetPagination
+
+    @extend_schema_serializer(component_name="ConversationSummary")
+    class OutputSerializer(ConversationSummarySerializer):
+        pass
+
+    @extend_schema(
+        tags=_TAGS,
+        operation_id="conversations_list",
+        summary="List your conversations",
+        description="Not archived, most recently active first.",
+        responses={200: OutputSerializer(many=True), **error_responses(401)},
+    )
+    def get(self, request: Request) -> Response:
+        conversations = selectors.conversation_list(user_id=request.user.pk)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(conversations, request, view=self)
+        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+
+
+class ConversationDetailApi(APIView):
+    @extend_schema_serializer(component_name="ConversationUpdate")
+    class InputSerializer(serializers.Serializer):
+        title = serializers.CharField(max_length=200, required=False)
+        system_prompt = serializers.CharField(max_length=20_000, required=False, allow_blank=True)
+        archived = serializers.BooleanField(required=False)
+
+    @extend_schema_serializer(component_name="Conversation")
+    class OutputSerializer(ConversationSummarySerializer):
+        system_prompt = serializers.CharField()
+        messages = serializers.SerializerMethodField()
+
+        @extend_schema_field(MessageOutputSerializer(many=True))
+        def get_messages(self, conversation) -> list[dict]:
+            rows = selectors.conversation_messages(conversation=conversation)
+            return MessageOutputSerializer(rows, many=True).data
+
+    @extend_schema(
+        tags=_TAGS,
+        operation_id="conversations_retrieve",
+        summary="A conversation with its messages",
+        responses={200: OutputSerializer, **error_responses(401, 404)},
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        conversation = selectors.conversation_get(user_id=request.user.pk, conversation_id=pk)
+        return Response(self.OutputSerializer(conversation).data)
+
+    @extend_schema(
+        tags=_TAGS,
+        operation_id="conversations_update",
+        summary="Rename a conversation, set its system prompt or archive it",
+        request=InputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 404)},
+    )
+    def patch(self, request: Request, pk: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        conversation = selectors.conversation_get(user_id=request.user.pk, conversation_id=pk)
+        conversation = services.conversation_update(conversation=conversation, **serializer.validated_data)
+        return Response(self.OutputSerializer(conversation).data)
+
+    @extend_schema(
+        tags=_TAGS,
+        operation_id="conversations_destroy",
+        summary="Delete a conversation and its messages",
+        description="The usage ledger keeps its rows: spend does not disappear with the conversation.",
+        responses={204: None, **error_responses(401, 404)},
+    )
+    def delete(self, request: Request, pk: int) -> Response:
+        conversation = selectors.conversation_get(user_id=request.user.pk, conversation_id=pk)
+        services.conversation_delete(conversation=conversation)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MessageFeedbackApi(APIView):
+    @extend_schema_serializer(component_name="MessageFeedback")
+    class InputSerializer(serializers.Serializer):
+        value = serializers.ChoiceField(choices=Feedback.choices, allow_null=True, help_text="1, -1, or null to clear.")
+        comment = serializers.CharField(max_length=2000, required=False, allow_blank=True, default="")
+
+    OutputSerializer = MessageOutputSerializer
+
+    @extend_schema(
+        tags=_TAGS,
+        operation_id="messages_feedback",
+        summary="Thumbs up or down on a reply",
+        request=InputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 404)},
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        message = selectors.message_get(user_id=request.user.pk, message_id=pk)
+        message = services.message_feedback_set(message=message, **serializer.validated_data)
+        return Response(self.OutputSerializer(message).data)

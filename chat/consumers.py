@@ -1,0 +1,411 @@
+"""The chat WebSocket (``/ws/chat/``): a thin adapter between JSON events and the completion pipeline.
+
+Authentication. A socket opened with a logged-in browser session is ready at once. Any other socket is
+accepted but can do nothing until its first message is ``{"type": "auth", "api_key": "sk-llmhub-…"}``;
+a wrong key, any other message first, or no ``auth`` within ``AUTH_TIMEOUT`` seconds closes it with code
+4401. Accepting first (rather than refusing the handshake) is what lets programs without cookies send
+a key, and a key is never read from the URL, where it would end up in access logs. A handshake that
+carries an ``Origin`` header (every browser's does) must name one of ``ALLOWED_HOSTS``; programs may
+omit the header (``chat.security``).
+
+Protocol (JSON both ways)::
+
+    → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt"}
+    → {"type": "chat.cancel", "request_id": "..."}
+    → {"type": "ping"}
+    ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider"}
+    ← {"type": "chat.delta", "request_id", "content"}
+    ← {"type": "chat.completed", "request_id", "message", "finish_reason", "usage": {...}}
+    ← {"type": "chat.cancelled", "request_id", "message"}
+    ← {"type": "error", "request_id", "code", "message"}
+    ← {"type": "pong"}
+
+Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
+conversation streams one reply at a time (per socket: a second send on it answers ``conversation_busy``).
+The database is reached only through ``chat.services`` / ``chat.selectors`` in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from billing.models import UsageStatus
+from billing.services.keys import AuthenticationFailed
+from providers.exceptions import ApplicationError, ProviderError
+from providers.selectors import model_resolve
+
+from . import selectors, services
+from .history import Turn, history_trim
+from .models import MessageStatus
+from .pipeline import Caller, CompletionRun, caller_from_api_key, caller_from_user, completion_start
+
+logger = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+AUTH_TIMEOUT = 10.0
+MAX_STREAMS_PER_SOCKET = 8
+MAX_CONTENT_CHARS = 100_000
+MAX_REQUEST_ID_CHARS = 64
+# A streaming reply is written to the database at most this often, not once per token.
+CHECKPOINT_SECONDS = 1.0
+# How long a closing socket waits for its replies to be saved before the consumer ends.
+DISCONNECT_GRACE_SECONDS = 5.0
+
+
+class SocketError(ApplicationError):
+    """A bad event on the socket; answered with an ``error`` event, the socket stays open."""
+
+    code = "invalid_request"
+
+
+@dataclass
+class _Stream:
+    """One reply in flight on this socket."""
+
+    request_id: str
+    conversation_id: int | None
+    task: asyncio.Task[None] | None = None
+    run: CompletionRun | None = None
+    # Until the upstream call starts, a stop is only noted: the run, once admitted, must be streamed for
+    # the pipeline to settle it, so the task stops itself right after the start.
+    streaming: bool = False
+    stop_requested: bool = False
+    user_cancelled: bool = False
+    content: list[str] = field(default_factory=list)
+
+
+def _turn_context(*, user_id: int, conversation_id: int | None) -> tuple[str, list[Turn]]:
+    if conversation_id is None:
+        return "", []
+    conversation = selectors.conversation_get(user_id=user_id, conversation_id=conversation_id)
+    return conversation.system_prompt, selectors.conversation_turns(conversation=conversation)
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        self.caller: Caller | None = None
+        self.closing = False
+        self.streams: dict[str, _Stream] = {}
+        self.busy_conversations: dict[int, str] = {}
+        self.auth_deadline: asyncio.Task[None] | None = None
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            self.caller = caller_from_user(user)
+        await self.accept()
+        if self.caller is None:
+            self.auth_deadline = asyncio.create_task(self._close_if_not_authenticated())
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if self.auth_deadline is not None:
+            self.auth_deadline.cancel()
+        for stream in list(self.streams.values()):
+            self._stop(stream, by_user=False)
+        tasks = [stream.task for stream in self.streams.values() if stream.task is not None]
+        if tasks:
+            # The partial replies are saved by the tasks themselves; wait so that they land before we go.
+            await asyncio.wait(tasks, timeout=DISCONNECT_GRACE_SECONDS)
+
+    # Incoming ---------------------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        if text_data is None:
+            await self._send_error("Send JSON text frames.", code="invalid_json")
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except ValueError:
+            await self._send_error("That frame is not valid JSON.", code="invalid_json")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if self.closing:
+            return
+        event_type = content.get("type") if isinstance(content, dict) else None
+        if self.caller is None:
+            await self._authenticate(content if event_type == "auth" else None)
+            return
+        handlers = {"chat.send": self._chat_send, "chat.cancel": self._chat_cancel, "ping": self._ping}
+        handler = handlers.get(event_type)
+        if handler is None:
+            if event_type == "auth":
+                await self._send_error("This socket is already authenticated.", code="already_authenticated")
+            else:
+                await self._send_error(f"Unknown event type {event_type!r}.", code="unknown_type")
+            return
+        try:
+            await handler(content)
+        except SocketError as exc:
+            await self._send_error(exc.message, code=exc.code, request_id=_client_request_id(content))
+
+    async def _authenticate(self, event: dict[str, Any] | None) -> None:
+        if event is None:
+            await self._refuse('Authenticate first: send {"type": "auth", "api_key": "..."}.', "auth_required")
+            return
+        raw = event.get("api_key")
+        try:
+            self.caller = await caller_from_api_key(raw if isinstance(raw, str) else None)
+        except AuthenticationFailed as exc:
+            await self._refuse(exc.message, exc.code or "invalid_api_key")
+            return
+        if self.auth_deadline is not None:
+            self.auth_deadline.cancel()
+        await self.send_json({"type": "auth.ok"})
+
+    async def _close_if_not_authenticated(self) -> None:
+        await asyncio.sleep(AUTH_TIMEOUT)
+        if self.caller is None and not self.closing:
+            await self._refuse(f"No auth message within {AUTH_TIMEOUT:g} seconds.", "auth_timeout")
+
+    async def _refuse(self, message: str, code: str) -> None:
+        await self._send_error(message, code=code)
+        self.closing = True
+        await self.close(code=CLOSE_UNAUTHENTICATED)
+
+    async def _ping(self, event: dict[str, Any]) -> None:
+        await self.send_json({"type": "pong"})
+
+    async def _chat_send(self, event: dict[str, Any]) -> None:
+        request_id = _client_request_id(event)
+        if request_id is None and event.get("request_id") is not None:
+            raise SocketError(f"'request_id' must be a string of 1 to {MAX_REQUEST_ID_CHARS} printable characters.")
+        request_id = request_id or "ws_" + uuid.uuid4().hex
+        if request_id in self.streams:
+            raise SocketError("A reply with this request_id is already streaming.", code="duplicate_request_id")
+        if len(self.streams) >= MAX_STREAMS_PER_SOCKET:
+            raise SocketError(
+                f"At most {MAX_STREAMS_PER_SOCKET} replies may stream at once on one socket.", code="too_many_streams"
+            )
+        conversation_id = event.get("conversation")
+        if conversation_id is not None and (not isinstance(conversation_id, int) or isinstance(conversation_id, bool)):
+            raise SocketError("'conversation' must be a conversation id or null.")
+        model_name = event.get("model")
+        if not isinstance(model_name, str) or not model_name.strip():
+            raise SocketError("'model' must be a model name.")
+        text = event.get("content")
+        if not isinstance(text, str) or not text.strip():
+            raise SocketError("'content' must be a non-empty string.")
+        if len(text) > MAX_CONTENT_CHARS:
+            raise SocketError(f"'content' is longer than {MAX_CONTENT_CHARS} characters.")
+        if conversation_id is not None and conversation_id in self.busy_conversations:
+            raise SocketError("A reply is already streaming in this conversation.", code="conversation_busy")
+        stream = _Stream(request_id=request_id, conversation_id=conversation_id)
+        self.streams[request_id] = stream
+        if conversation_id is not None:
+            self.busy_conversations[conversation_id] = request_id
+        stream.task = asyncio.create_task(self._run_turn(stream, model_name=model_name.strip(), text=text))
+
+    async def _chat_cancel(self, event: dict[str, Any]) -> None:
+        request_id = _client_request_id(event)
+        stream = self.streams.get(request_id) if request_id else None
+        if stream is None:
+            raise SocketError("No reply with this request_id is streaming.", code="not_found")
+        self._stop(stream, by_user=True)
+
+    def _stop(self, stream: _Stream, *, by_user: bool) -> None:
+        if stream.stop_requested:
+            return
+        stream.stop_requested = True
+        stream.user_cancelled = by_user
+        if stream.run is not None and by_user:
+            stream.run.mark_cancelled()
+        if stream.streaming and stream.task is not None:
+            stream.task.cancel()
+
+    # One reply ------------------------------------------------------------------------------------
+
+    async def _run_turn(self, stream: _Stream, *, model_name: str, text: str) -> None:
+        caller = self.caller
+        assert caller is not None
+        run: CompletionRun | None = None
+        try:
+            try:
+                run = await self._admit(stream, caller=caller, model_name=model_name, text=text)
+                if run is None:
+                    return
+                rows = await self._begin(stream, run=run, caller=caller, text=text)
+            except ApplicationError as exc:
+                if run is not None:
+                    run.abandon(status=UsageStatus.REJECTED, error_type=exc.code or type(exc).__name__)
+                await self._send_error(exc.message, code=exc.code, request_id=stream.request_id, exc=exc)
+                return
+            except Exception:
+                logger.exception("chat.send %s failed before the reply started", stream.request_id)
+                await self._send_error(
+                    "The reply could not be started.", code="internal_error", request_id=stream.request_id
+                )
+                return
+            await self._relay(stream, run=run, message_id=rows.assistant_message.pk)
+        finally:
+            if run is not None:
+                # A no-op when the stream settled; otherwise (cancelled before relaying) the one ledger row.
+                run.abandon()
+            self._forget(stream)
+
+    async def _admit(self, stream: _Stream, *, caller: Caller, model_name: str, text: str) -> CompletionRun | None:
+        system_prompt, turns = await database_sync_to_async(_turn_context)(
+            user_id=caller.user_id, conversation_id=stream.conversation_id
+        )
+        model = await model_resolve(model_name)
+        messages = history_trim(
+            turns=[*turns, Turn("user", text)],
+            system_prompt=system_prompt,
+            context_window=model.context_window,
+            max_output_tokens=model.max_output_tokens,
+        )
+        if stream.stop_requested:
+            # Stopped before anything was admitted: nothing to settle, nothing to keep.
+            await self._send_cancelled(stream, message_id=None)
+            return None
+        body = {"model": model_name, "messages": messages, "stream": True}
+        run = await completion_start(caller=caller, body=body, endpoint="websocket")
+        stream.run = run
+        if stream.user_cancelled:
+            run.mark_cancelled()
+        return run
+
+    async def _begin(self, stream: _Stream, *, run: CompletionRun, caller: Caller, text: str) -> services.TurnRows:
+        rows = await database_sync_to_async(services.chat_turn_begin)(
+            user_id=caller.user_id,
+            conversation_id=stream.conversation_id,
+            model_name=run.model.name,
+            provider_name=run.model.provider.name,
+            content=text,
+            request_id=run.request_id,
+        )
+        if stream.conversation_id is None:
+            stream.conversation_id = rows.conversation.pk
+            self.busy_conversations[rows.conversation.pk] = stream.request_id
+        await self._send(
+            {
+                "type": "chat.started",
+                "request_id": stream.request_id,
+                "conversation": rows.conversation.pk,
+                "message": rows.assistant_message.pk,
+                "model": run.model.name,
+                "provider": run.model.provider.name,
+                "title": rows.conversation.title,
+            }
+        )
+        return rows
+
+    async def _relay(self, stream: _Stream, *, run: CompletionRun, message_id: int) -> None:
+        stream.streaming = True
+        if stream.stop_requested:
+            # A stop arrived while the run was being admitted: the pipeline settles it on cancellation.
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+        try:
+            # aclosing: whatever ends this loop early, the pipeline's stream is closed and settles at once.
+            async with contextlib.aclosing(run.stream()) as chunks:
+                async for chunk in chunks:
+                    piece = _delta_text(chunk)
+                    if not piece:
+                        continue
+                    stream.content.append(piece)
+                    await self._send({"type": "chat.delta", "request_id": stream.request_id, "content": piece})
+                    if time.monotonic() >= checkpoint_at:
+                        await database_sync_to_async(services.message_content_save)(
+                            message_id=message_id, content="".join(stream.content)
+                        )
+                        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+        except asyncio.CancelledError:
+            stream.streaming = False
+            await self._finish(stream, message_id, MessageStatus.CANCELLED)
+            if stream.user_cancelled:
+                await self._send_cancelled(stream, message_id=message_id)
+            raise
+        except ProviderError as exc:
+            stream.streaming = False
+            await self._finish(stream, message_id, MessageStatus.ERROR, error_message=exc.message)
+            await self._send_error(exc.message, code=exc.code, request_id=stream.request_id, exc=exc)
+            return
+        except Exception:
+            stream.streaming = False
+            logger.exception("relaying %s failed", stream.request_id)
+            await self._finish(stream, message_id, MessageStatus.ERROR, error_message="The reply failed.")
+            await self._send_error("The reply failed.", code="internal_error", request_id=stream.request_id)
+            return
+        # From here a stop comes too late: the reply is whole, so it is saved and reported as complete.
+        stream.streaming = False
+        await self._finish(stream, message_id, MessageStatus.COMPLETE)
+        result = run.result
+        await self._send(
+            {
+                "type": "chat.completed",
+                "request_id": stream.request_id,
+                "message": message_id,
+                "finish_reason": result.finish_reason if result else None,
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens if result else 0,
+                    "completion_tokens": result.completion_tokens if result else 0,
+                    "cost": str(result.cost) if result else "0",
+                },
+            }
+        )
+
+    async def _finish(self, stream: _Stream, message_id: int, status: MessageStatus, error_message: str = "") -> None:
+        # Shielded: this write is what keeps a partial reply when the task is being torn down.
+        await asyncio.shield(
+            database_sync_to_async(services.message_finish)(
+                message_id=message_id, content="".join(stream.content), status=status, error_message=error_message
+            )
+        )
+
+    def _forget(self, stream: _Stream) -> None:
+        self.streams.pop(stream.request_id, None)
+        if (
+            stream.conversation_id is not None
+            and self.busy_conversations.get(stream.conversation_id) == stream.request_id
+        ):
+            del self.busy_conversations[stream.conversation_id]
+
+    # Outgoing ---------------------------------------------------------------------------------------
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        if self.closing:
+            return
+        try:
+            await self.send_json(event)
+        except OSError:
+            # The client is gone and the server has not told us yet (uvicorn's ClientDisconnected); the
+            # disconnect that follows stops the replies still streaming.
+            self.closing = True
+
+    async def _send_cancelled(self, stream: _Stream, *, message_id: int | None) -> None:
+        await self._send({"type": "chat.cancelled", "request_id": stream.request_id, "message": message_id})
+
+    async def _send_error(
+        self, message: str, *, code: str | None, request_id: str | None = None, exc: ApplicationError | None = None
+    ) -> None:
+        event: dict[str, Any] = {"type": "error", "request_id": request_id, "code": code or "error", "message": message}
+        if exc is not None and exc.param:
+            event["param"] = exc.param
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            event["retry_after"] = retry_after
+        await self._send(event)
+
+
+def _client_request_id(event: Any) -> str | None:
+    value = event.get("request_id") if isinstance(event, dict) else None
+    if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isprintable():
+        return value
+    return None
+
+
+def _delta_text(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or ()
+    if not choices:
+        return ""
+    return (choices[0].get("delta") or {}).get("content") or ""

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+TITLE_MAX_LENGTH = 60
+
+
+class Conversation(models.Model):
+    """A chat thread on the web page or over the WebSocket; its messages are the model's context."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    title = models.CharField(max_length=200, blank=True, help_text="Taken from the first message; renamable.")
+    # The public name, not a FK: the catalog may rename or drop a model and the thread must stay readable.
+    model_name = models.CharField(max_length=128, blank=True)
+    system_prompt = models.TextField(blank=True)
+    archived = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        indexes = [
+            # The sidebar: one user's live conversations, most recently active first.
+            models.Index(fields=["owner", "archived", "-updated_at"], name="chat_conv_sidebar_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.pk}"
+
+
+class Role(models.TextChoices):
+    SYSTEM = "system", "System"
+    USER = "user", "User"
+    ASSISTANT = "assistant", "Assistant"
+
+
+class MessageStatus(models.TextChoices):
+    COMPLETE = "complete", "Complete"
+    STREAMING = "streaming", "Streaming"
+    CANCELLED = "cancelled", "Cancelled"
+    ERROR = "error", "Error"
+
+
+class Feedback(models.IntegerChoices):
+    UP = 1, "Thumbs up"
+    DOWN = -1, "Thumbs down"
+
+
+class Message(models.Model):
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    model_name = models.CharField(max_length=128, blank=True)
+    provider_name = models.CharField(max_length=64, blank=True)
+    # The ledger row is written in the background after the reply ends, so it may not exist yet when this
+    # row is saved: a plain reference by request_id, without a database constraint.
+    usage_record = models.ForeignKey(
+        "billing.UsageRecord",
+        to_field="request_id",
+        db_constraint=False,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        related_name="+",
+    )
+    request_id = models.CharField(max_length=64, blank=True, db_index=True)
+    status = models.CharField(max_length=16, choices=MessageStatus.choices, default=MessageStatus.COMPLETE)
+    error_message = models.CharField(max_length=500, blank=True)
+    feedback = models.SmallIntegerField(choices=Feedback.choices, null=True, blank=True)
+    feedback_comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["conversation", "created_at"], name="chat_msg_conv_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.role}: {self.content[:40]}"

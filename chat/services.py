@@ -1,0 +1,116 @@
+"""Writes of conversations and messages. Each takes the owner into account: callers pass the user's id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from providers.exceptions import ApplicationError
+
+from .models import TITLE_MAX_LENGTH, Conversation, Message, MessageStatus, Role
+from .selectors import NotFoundError
+
+
+def conversation_title_from(content: str) -> str:
+    """The first line of the first message, whitespace collapsed, cut at a word boundary near 60 chars."""
+    text = " ".join(content.split())
+    if len(text) <= TITLE_MAX_LENGTH:
+        return text or "New conversation"
+    cut = text[: TITLE_MAX_LENGTH - 1]
+    if " " in cut[TITLE_MAX_LENGTH // 2 :]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" .,;:") + "…"
+
+
+@dataclass(frozen=True)
+class TurnRows:
+    conversation: Conversation
+    user_message: Message
+    assistant_message: Message
+    created_conversation: bool
+
+
+@transaction.atomic
+def chat_turn_begin(
+    *,
+    user_id: int,
+    conversation_id: int | None,
+    model_name: str,
+    provider_name: str,
+    content: str,
+    request_id: str,
+) -> TurnRows:
+    """The user's message and an empty reply in ``streaming`` state, written together.
+
+    ``conversation_id=None`` starts a conversation titled after ``content``. The reply points at the
+    ledger row the pipeline will write under ``request_id``.
+    """
+    created = conversation_id is None
+    if created:
+        conversation = Conversation.objects.create(
+            owner_id=user_id, title=conversation_title_from(content), model_name=model_name
+        )
+    else:
+        conversation = Conversation.objects.select_for_update().filter(owner_id=user_id, pk=conversation_id).first()
+        if conversation is None:
+            raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
+        conversation.model_name = model_name
+        conversation.save(update_fields=["model_name", "updated_at"])
+    user_message = Message.objects.create(conversation=conversation, role=Role.USER, content=content)
+    assistant_message = Message.objects.create(
+        conversation=conversation,
+        role=Role.ASSISTANT,
+        model_name=model_name,
+        provider_name=provider_name,
+        request_id=request_id,
+        usage_record_id=request_id,
+        status=MessageStatus.STREAMING,
+    )
+    return TurnRows(conversation, user_message, assistant_message, created)
+
+
+def message_content_save(*, message_id: int, content: str) -> None:
+    """Checkpoint a reply while it streams, so a reload (or a crash) shows what was written so far."""
+    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=content)
+
+
+def message_finish(*, message_id: int, content: str, status: MessageStatus, error_message: str = "") -> None:
+    Message.objects.filter(pk=message_id).update(content=content, status=status, error_message=error_message[:500])
+
+
+@transaction.atomic
+def conversation_update(
+    *,
+    conversation: Conversation,
+    title: str | None = None,
+    system_prompt: str | None = None,
+    archived: bool | None = None,
+) -> Conversation:
+    fields = []
+    if title is not None:
+        conversation.title = title.strip()
+        fields.append("title")
+    if system_prompt is not None:
+        conversation.system_prompt = system_prompt
+        fields.append("system_prompt")
+    if archived is not None:
+        conversation.archived = archived
+        fields.append("archived")
+    if fields:
+        conversation.save(update_fields=[*fields, "updated_at"])
+    return conversation
+
+
+def conversation_delete(*, conversation: Conversation) -> None:
+    conversation.delete()
+
+
+def message_feedback_set(*, message: Message, value: int | None, comment: str = "") -> Message:
+    """Thumbs up (1), down (-1) or cleared (None) on a reply; the comment goes with the vote."""
+    if message.role != Role.ASSISTANT:
+        raise ApplicationError("Only replies take feedback.", param="message", code="invalid_value")
+    message.feedback = value
+    message.feedback_comment = comment if value is not None else ""
+    message.save(update_fields=["feedback", "feedback_comment"])
+    return message

@@ -1,0 +1,693 @@
+/* The chat page: conversations over REST, replies over the /ws/chat/ WebSocket.
+
+   Model output is untrusted. It is rendered as Markdown by marked with raw HTML escaped (shown as text)
+   and images turned into links (no request leaves the page on the model's say-so), then sanitized by
+   DOMPurify into a DOM fragment. Nothing the model wrote reaches innerHTML unsanitized. */
+(function () {
+  "use strict";
+
+  const { api, copyWithFeedback, formatDate } = window.llmhub;
+
+  const MODELS = JSON.parse(document.getElementById("models-data").textContent);
+  const INITIAL_CONVERSATION = JSON.parse(document.getElementById("conversation-id").textContent);
+  const PING_INTERVAL_MS = 25000;
+  const RECONNECT_MAX_MS = 15000;
+  const MODEL_STORAGE_KEY = "llmhub.model";
+
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    sidebar: $("sidebar"),
+    sidebarToggle: $("sidebar-toggle"),
+    scrim: $("sidebar-scrim"),
+    newChat: $("new-chat"),
+    convList: $("conversation-list"),
+    convEmpty: $("conversation-empty"),
+    picker: $("model-picker"),
+    badge: $("provider-badge"),
+    conn: $("connection-status"),
+    messages: $("messages"),
+    emptyState: $("empty-state"),
+    composer: $("composer"),
+    prompt: $("prompt"),
+    send: $("send"),
+    stop: $("stop"),
+  };
+
+  const state = {
+    socket: null,
+    socketOpen: false,
+    reconnectAttempt: 0,
+    reconnectTimer: null,
+    pingTimer: null,
+    conversations: new Map(), // id -> {id, title, model, updated_at}
+    currentId: null, // the conversation on screen; null for a new chat
+    newChatRequest: null, // request_id of a new chat's first reply, until the server gives it an id
+    streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, view, ...}
+    loadToken: 0,
+  };
+
+  /* Markdown ----------------------------------------------------------------------------------- */
+
+  const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+  const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => ESCAPES[c]);
+
+  window.marked.use({
+    gfm: true,
+    renderer: {
+      html(token) {
+        const text = escapeHtml(token.text);
+        return token.block ? `<p>${text}</p>` : text;
+      },
+      image(token) {
+        const label = escapeHtml(token.text || token.href);
+        return `<a href="${escapeHtml(token.href)}">${label}</a>`;
+      },
+    },
+  });
+
+  window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.tagName === "A") {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer nofollow");
+    }
+  });
+
+  function renderMarkdown(text) {
+    return window.DOMPurify.sanitize(window.marked.parse(text, { async: false }), {
+      USE_PROFILES: { html: true },
+      FORBID_TAGS: ["img", "style", "form", "input", "button", "textarea", "select", "iframe", "video", "audio"],
+      RETURN_DOM_FRAGMENT: true,
+    });
+  }
+
+  const COPY_ICON =
+    '<svg viewBox="0 0 24 24" aria-hidden="true"><rect x="9" y="9" width="11" height="11" rx="2"/><path d="M5 15V5a2 2 0 0 1 2-2h8"/></svg>';
+
+  function svgButton(className, label, svg) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = className;
+    button.setAttribute("aria-label", label);
+    button.title = label;
+    button.innerHTML = svg; // our own constant markup
+    return button;
+  }
+
+  /* Wrap each code block with its language and a copy button; highlight once the text is final. */
+  function decorateCode(container, highlight) {
+    for (const code of container.querySelectorAll("pre > code")) {
+      const pre = code.parentElement;
+      const language = (code.className.match(/language-([\w+#.-]+)/) || [])[1] || "";
+      const block = document.createElement("div");
+      block.className = "code-block";
+      const head = document.createElement("div");
+      head.className = "code-head";
+      const name = document.createElement("span");
+      name.textContent = language || "code";
+      const copy = svgButton("copy-btn", "Copy code", COPY_ICON);
+      const copyLabel = document.createElement("span");
+      copyLabel.className = "copy-label";
+      copyLabel.textContent = "Copy";
+      copy.append(copyLabel);
+      copy.addEventListener("click", () => copyWithFeedback(copy, code.textContent));
+      head.append(name, copy);
+      pre.replaceWith(block);
+      block.append(head, pre);
+      if (highlight && window.hljs && language && window.hljs.getLanguage(language)) {
+        window.hljs.highlightElement(code);
+      }
+    }
+  }
+
+  /* Messages ----------------------------------------------------------------------------------- */
+
+  function createMessageView(message) {
+    const root = document.createElement("article");
+    root.className = `message ${message.role}`;
+    if (message.id) root.dataset.messageId = message.id;
+    root.setAttribute("aria-label", message.role === "user" ? "You said" : "Reply");
+    if (message.role === "assistant") {
+      const meta = document.createElement("div");
+      meta.className = "message-meta";
+      const model = document.createElement("span");
+      model.className = "model-name";
+      model.textContent = message.model || "";
+      const provider = document.createElement("span");
+      provider.className = "badge";
+      provider.textContent = message.provider || "";
+      meta.append(model, provider);
+      root.append(meta);
+    }
+    const body = document.createElement("div");
+    body.className = "message-body";
+    root.append(body);
+    el.emptyState.hidden = true;
+    el.messages.append(root);
+    return { root, body, role: message.role, text: "", messageId: message.id || null, feedback: message.feedback ?? null };
+  }
+
+  function paintUser(view, text) {
+    view.text = text;
+    view.body.textContent = text;
+  }
+
+  function paintAssistant(view, text, final) {
+    view.text = text;
+    if (!text && !final) {
+      const typing = document.createElement("span");
+      typing.className = "typing";
+      typing.setAttribute("aria-label", "Writing");
+      typing.append(document.createElement("span"), document.createElement("span"), document.createElement("span"));
+      view.body.replaceChildren(typing);
+      return;
+    }
+    view.body.replaceChildren(renderMarkdown(text));
+    decorateCode(view.body, final);
+  }
+
+  /* The end state of a reply: a note for stopped or failed replies, feedback buttons for the others. */
+  function settleView(view, { status, error, usage }) {
+    view.root.removeAttribute("aria-busy");
+    view.root.dataset.status = status;
+    for (const old of view.root.querySelectorAll(".message-status, .message-error, .message-footer")) old.remove();
+    if (status === "streaming") {
+      view.root.setAttribute("aria-busy", "true");
+      return;
+    }
+    if (status === "cancelled") {
+      const note = document.createElement("p");
+      note.className = "message-status";
+      note.textContent = error || "Stopped.";
+      view.root.append(note);
+    }
+    if (status === "error") {
+      const box = document.createElement("p");
+      box.className = "message-error";
+      box.setAttribute("role", "alert");
+      box.textContent = error || "The reply failed.";
+      view.root.append(box);
+    }
+    if (view.messageId && view.text) view.root.append(footerFor(view, usage));
+  }
+
+  const THUMB_UP =
+    '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M7 10v11H4V10zM7 10l4-7a2 2 0 0 1 3 2l-1 5h6a2 2 0 0 1 2 2.3l-1.4 7A2 2 0 0 1 17.6 21H7"/></svg>';
+  const THUMB_DOWN =
+    '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M17 14V3h3v11zM17 14l-4 7a2 2 0 0 1-3-2l1-5H5a2 2 0 0 1-2-2.3l1.4-7A2 2 0 0 1 6.4 3H17"/></svg>';
+
+  function footerFor(view, usage) {
+    const footer = document.createElement("div");
+    footer.className = "message-footer";
+    const copy = svgButton("icon-btn", "Copy reply", COPY_ICON);
+    copy.addEventListener("click", () => copyWithFeedback(copy, view.text));
+    const up = svgButton("icon-btn", "Good reply", THUMB_UP);
+    const down = svgButton("icon-btn", "Bad reply", THUMB_DOWN);
+    const sync = () => {
+      up.setAttribute("aria-pressed", String(view.feedback === 1));
+      down.setAttribute("aria-pressed", String(view.feedback === -1));
+    };
+    const vote = async (value) => {
+      const next = view.feedback === value ? null : value;
+      try {
+        const saved = await api(`/api/messages/${view.messageId}/feedback/`, { method: "POST", body: { value: next } });
+        view.feedback = saved.feedback;
+        sync();
+      } catch (error) {
+        toast(error.message);
+      }
+    };
+    up.addEventListener("click", () => vote(1));
+    down.addEventListener("click", () => vote(-1));
+    sync();
+    footer.append(copy, up, down);
+    if (usage) {
+      const info = document.createElement("span");
+      info.className = "usage";
+      const cost = String(usage.cost).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
+      info.textContent = `${usage.prompt_tokens} + ${usage.completion_tokens} tokens · $${cost}`;
+      footer.append(info);
+    }
+    return footer;
+  }
+
+  function nearBottom() {
+    const m = el.messages;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 120;
+  }
+
+  function scrollToBottom() {
+    el.messages.scrollTop = el.messages.scrollHeight;
+  }
+
+  function clearMessages() {
+    for (const node of [...el.messages.children]) if (node !== el.emptyState) node.remove();
+    el.emptyState.hidden = false;
+  }
+
+  function toast(message) {
+    const node = document.createElement("div");
+    node.className = "toast";
+    node.setAttribute("role", "alert");
+    node.textContent = message;
+    document.body.append(node);
+    setTimeout(() => node.remove(), 6000);
+  }
+
+  /* Streams ------------------------------------------------------------------------------------ */
+
+  function streamOnScreen() {
+    for (const stream of state.streams.values()) {
+      if (state.currentId !== null ? stream.conversationId === state.currentId : stream.requestId === state.newChatRequest) {
+        return stream;
+      }
+    }
+    return null;
+  }
+
+  function schedulePaint(stream) {
+    if (!stream.view || stream.paintQueued) return;
+    stream.paintQueued = true;
+    // One paint per frame however many tokens arrived: re-rendering Markdown per token would stall.
+    requestAnimationFrame(() => {
+      stream.paintQueued = false;
+      if (!stream.view) return;
+      const follow = nearBottom();
+      paintAssistant(stream.view, stream.text, false);
+      if (follow) scrollToBottom();
+    });
+  }
+
+  function finishStream(stream, status, { error, usage } = {}) {
+    state.streams.delete(stream.requestId);
+    if (state.newChatRequest === stream.requestId) state.newChatRequest = null;
+    if (stream.view) {
+      const follow = nearBottom();
+      stream.view.messageId = stream.messageId;
+      paintAssistant(stream.view, stream.text, true);
+      settleView(stream.view, { status, error, usage });
+      if (follow) scrollToBottom();
+    }
+    if (stream.conversationId !== null) touchConversation(stream.conversationId);
+    renderSidebar();
+    updateComposer();
+  }
+
+  function newRequestId() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    return Date.now().toString(36) + Math.random().toString(36).slice(2);
+  }
+
+  function sendMessage() {
+    const text = el.prompt.value;
+    if (!text.trim() || streamOnScreen()) return;
+    if (!state.socketOpen) {
+      toast("Not connected. Reconnecting, try again in a moment.");
+      return;
+    }
+    const model = el.picker.value;
+    const option = el.picker.selectedOptions[0];
+    const provider = option ? option.dataset.provider : "";
+    const requestId = newRequestId();
+    paintUser(createMessageView({ role: "user" }), text);
+    const view = createMessageView({ role: "assistant", model, provider });
+    paintAssistant(view, "", false);
+    settleView(view, { status: "streaming" });
+    state.streams.set(requestId, {
+      requestId,
+      conversationId: state.currentId,
+      messageId: null,
+      text: "",
+      userText: text,
+      view,
+      paintQueued: false,
+    });
+    if (state.currentId === null) state.newChatRequest = requestId;
+    state.socket.send(
+      JSON.stringify({ type: "chat.send", conversation: state.currentId, model, content: text, request_id: requestId }),
+    );
+    el.prompt.value = "";
+    autosize();
+    scrollToBottom();
+    renderSidebar();
+    updateComposer();
+  }
+
+  function stopStreaming() {
+    const stream = streamOnScreen();
+    if (stream && state.socketOpen) state.socket.send(JSON.stringify({ type: "chat.cancel", request_id: stream.requestId }));
+  }
+
+  function handleEvent(event) {
+    const stream = event.request_id ? state.streams.get(event.request_id) : null;
+    switch (event.type) {
+      case "chat.started":
+        if (!stream) return;
+        stream.conversationId = event.conversation;
+        stream.messageId = event.message;
+        if (stream.view) stream.view.root.dataset.messageId = event.message;
+        if (state.newChatRequest === stream.requestId && state.currentId === null) {
+          state.currentId = event.conversation;
+          state.newChatRequest = null;
+          history.replaceState({ conversation: event.conversation }, "", `/c/${event.conversation}/`);
+        }
+        if (!state.conversations.has(event.conversation)) {
+          state.conversations.set(event.conversation, { id: event.conversation, title: event.title, model: event.model });
+        }
+        touchConversation(event.conversation);
+        renderSidebar();
+        break;
+      case "chat.delta":
+        if (!stream) return;
+        stream.text += event.content;
+        schedulePaint(stream);
+        break;
+      case "chat.completed":
+        if (stream) finishStream(stream, "complete", { usage: event.usage });
+        break;
+      case "chat.cancelled":
+        if (stream) finishStream(stream, "cancelled");
+        break;
+      case "error":
+        if (stream) {
+          if (stream.messageId === null && !el.prompt.value) el.prompt.value = stream.userText; // to retry
+          finishStream(stream, "error", { error: event.message });
+        } else {
+          toast(event.message);
+        }
+        break;
+      default:
+        break; // pong, auth.ok
+    }
+  }
+
+  /* The socket, reconnected with exponential backoff ------------------------------------------ */
+
+  function setConnection(stateName, text) {
+    el.conn.dataset.state = stateName;
+    el.conn.querySelector(".conn-text").textContent = text;
+  }
+
+  function connect() {
+    clearTimeout(state.reconnectTimer);
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/chat/`);
+    state.socket = socket;
+    setConnection("connecting", "Connecting…");
+    socket.addEventListener("open", () => {
+      state.socketOpen = true;
+      state.reconnectAttempt = 0;
+      setConnection("open", "Connected");
+      state.pingTimer = setInterval(() => socket.send(JSON.stringify({ type: "ping" })), PING_INTERVAL_MS);
+      updateComposer();
+    });
+    socket.addEventListener("message", (message) => handleEvent(JSON.parse(message.data)));
+    socket.addEventListener("close", (closed) => {
+      if (state.socket !== socket) return;
+      state.socketOpen = false;
+      clearInterval(state.pingTimer);
+      // The server keeps what was written of an interrupted reply; show it as stopped.
+      for (const stream of [...state.streams.values()]) {
+        finishStream(stream, stream.messageId ? "cancelled" : "error", {
+          error: "The connection dropped; the reply was stopped.",
+        });
+      }
+      if (closed.code === 4401) {
+        setConnection("closed", "Signed out");
+        window.location.assign("/accounts/login/?next=" + encodeURIComponent(location.pathname));
+        return;
+      }
+      const delay = Math.min(RECONNECT_MAX_MS, 500 * 2 ** state.reconnectAttempt) * (0.8 + Math.random() * 0.4);
+      state.reconnectAttempt += 1;
+      setConnection("closed", `Reconnecting in ${Math.ceil(delay / 1000)} s…`);
+      state.reconnectTimer = setTimeout(connect, delay);
+      updateComposer();
+    });
+  }
+
+  function reconnectNow() {
+    if (!state.socketOpen && state.socket && state.socket.readyState === WebSocket.CLOSED) connect();
+  }
+  window.addEventListener("online", reconnectNow);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") reconnectNow();
+  });
+
+  /* Conversations ------------------------------------------------------------------------------ */
+
+  function touchConversation(id) {
+    const conversation = state.conversations.get(id);
+    if (conversation) conversation.updated_at = new Date().toISOString();
+  }
+
+  async function loadConversations() {
+    try {
+      const data = await api("/api/conversations/?limit=100");
+      state.conversations = new Map(data.results.map((c) => [c.id, c]));
+    } catch (error) {
+      toast(`Could not load conversations: ${error.message}`);
+    }
+    renderSidebar();
+  }
+
+  const EDIT_ICON = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 20h4L19 9l-4-4L4 16zM13.5 6.5l4 4"/></svg>';
+  const TRASH_ICON =
+    '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h16M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3"/></svg>';
+
+  function renderSidebar() {
+    const busy = new Set([...state.streams.values()].map((s) => s.conversationId));
+    const items = [...state.conversations.values()].sort((a, b) =>
+      String(b.updated_at || "").localeCompare(String(a.updated_at || "")),
+    );
+    el.convList.replaceChildren(
+      ...items.map((conversation) => {
+        const item = document.createElement("li");
+        item.className = "conv-item";
+        item.dataset.conversationId = conversation.id;
+        if (conversation.id === state.currentId) item.setAttribute("aria-current", "true");
+        if (busy.has(conversation.id)) item.classList.add("conv-streaming");
+        const link = document.createElement("a");
+        link.className = "conv-link";
+        link.href = `/c/${conversation.id}/`;
+        link.textContent = conversation.title || "New conversation";
+        link.title = conversation.updated_at ? formatDate(conversation.updated_at) : "";
+        link.addEventListener("click", (event) => {
+          if (event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
+          event.preventDefault();
+          openConversation(conversation.id, { push: true });
+        });
+        const actions = document.createElement("div");
+        actions.className = "conv-actions";
+        const rename = svgButton("icon-btn", `Rename “${conversation.title}”`, EDIT_ICON);
+        rename.addEventListener("click", () => startRename(item, link, conversation));
+        const remove = svgButton("icon-btn", `Delete “${conversation.title}”`, TRASH_ICON);
+        remove.addEventListener("click", () => deleteConversation(conversation));
+        actions.append(rename, remove);
+        item.append(link, actions);
+        return item;
+      }),
+    );
+    el.convEmpty.hidden = items.length > 0;
+  }
+
+  function startRename(item, link, conversation) {
+    const input = document.createElement("input");
+    input.type = "text";
+    input.className = "conv-rename";
+    input.value = conversation.title;
+    input.maxLength = 200;
+    input.setAttribute("aria-label", "New title");
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      const title = input.value.trim();
+      if (save && title && title !== conversation.title) {
+        try {
+          const saved = await api(`/api/conversations/${conversation.id}/`, { method: "PATCH", body: { title } });
+          conversation.title = saved.title;
+        } catch (error) {
+          toast(error.message);
+        }
+      }
+      renderSidebar();
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        finish(true);
+      } else if (event.key === "Escape") {
+        finish(false);
+      }
+    });
+    input.addEventListener("blur", () => finish(true));
+    link.replaceWith(input);
+    item.querySelector(".conv-actions").hidden = true;
+    input.focus();
+    input.select();
+  }
+
+  async function deleteConversation(conversation) {
+    if (!window.confirm(`Delete “${conversation.title}”? This cannot be undone.`)) return;
+    try {
+      await api(`/api/conversations/${conversation.id}/`, { method: "DELETE" });
+    } catch (error) {
+      if (error.status !== 404) {
+        toast(error.message);
+        return;
+      }
+    }
+    state.conversations.delete(conversation.id);
+    if (state.currentId === conversation.id) newChat({ push: true });
+    renderSidebar();
+  }
+
+  function detachStreams() {
+    for (const stream of state.streams.values()) stream.view = null;
+  }
+
+  function selectModel(name) {
+    if (!name || ![...el.picker.options].some((o) => o.value === name)) return;
+    el.picker.value = name;
+    updateBadge();
+  }
+
+  async function openConversation(id, { push }) {
+    const token = ++state.loadToken;
+    state.currentId = id;
+    state.newChatRequest = null;
+    detachStreams();
+    clearMessages();
+    el.emptyState.hidden = true;
+    if (push) history.pushState({ conversation: id }, "", `/c/${id}/`);
+    closeSidebar();
+    renderSidebar();
+    updateComposer();
+    let data;
+    try {
+      data = await api(`/api/conversations/${id}/`);
+    } catch (error) {
+      if (token !== state.loadToken) return;
+      const view = createMessageView({ role: "assistant" });
+      paintAssistant(view, "", true);
+      settleView(view, {
+        status: "error",
+        error: error.status === 404 ? "This conversation does not exist." : error.message,
+      });
+      state.conversations.delete(id);
+      renderSidebar();
+      return;
+    }
+    if (token !== state.loadToken) return;
+    document.title = `${data.title || "Chat"} · llmhub`;
+    selectModel(data.model);
+    for (const message of data.messages) {
+      const view = createMessageView(message);
+      if (message.role === "user") {
+        paintUser(view, message.content);
+        continue;
+      }
+      const live = [...state.streams.values()].find((s) => s.messageId === message.id);
+      if (live) {
+        live.view = view;
+        paintAssistant(view, live.text, false);
+        settleView(view, { status: "streaming" });
+      } else {
+        paintAssistant(view, message.content, true);
+        const unfinished = message.status === "streaming" ? "This reply did not finish." : "";
+        settleView(view, {
+          status: message.status === "streaming" ? "cancelled" : message.status,
+          error: message.error_message || unfinished,
+        });
+      }
+    }
+    scrollToBottom();
+  }
+
+  function newChat({ push }) {
+    state.loadToken += 1;
+    state.currentId = null;
+    state.newChatRequest = null;
+    detachStreams();
+    clearMessages();
+    document.title = "Chat · llmhub";
+    if (push) history.pushState({ conversation: null }, "", "/");
+    closeSidebar();
+    renderSidebar();
+    updateComposer();
+    el.prompt.focus();
+  }
+
+  window.addEventListener("popstate", () => {
+    const match = location.pathname.match(/^\/c\/(\d+)\/$/);
+    if (match) openConversation(Number(match[1]), { push: false });
+    else newChat({ push: false });
+  });
+
+  /* Composer, picker, sidebar ------------------------------------------------------------------ */
+
+  function updateComposer() {
+    const active = streamOnScreen();
+    el.send.hidden = Boolean(active);
+    el.stop.hidden = !active;
+    el.send.disabled = !state.socketOpen || MODELS.length === 0;
+  }
+
+  function autosize() {
+    el.prompt.style.height = "auto";
+    el.prompt.style.height = `${el.prompt.scrollHeight}px`;
+  }
+
+  function updateBadge() {
+    const option = el.picker.selectedOptions[0];
+    el.badge.textContent = option ? option.dataset.provider || "" : "";
+  }
+
+  function openSidebar() {
+    el.sidebar.classList.add("open");
+    el.scrim.hidden = false;
+    el.sidebarToggle.setAttribute("aria-expanded", "true");
+    el.sidebarToggle.setAttribute("aria-label", "Hide conversations");
+  }
+
+  function closeSidebar() {
+    el.sidebar.classList.remove("open");
+    el.scrim.hidden = true;
+    el.sidebarToggle.setAttribute("aria-expanded", "false");
+    el.sidebarToggle.setAttribute("aria-label", "Show conversations");
+  }
+
+  el.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sendMessage();
+  });
+  el.prompt.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      sendMessage();
+    } else if (event.key === "Escape" && streamOnScreen()) {
+      stopStreaming();
+    }
+  });
+  el.prompt.addEventListener("input", autosize);
+  el.stop.addEventListener("click", stopStreaming);
+  el.newChat.addEventListener("click", () => newChat({ push: true }));
+  el.picker.addEventListener("change", () => {
+    updateBadge();
+    localStorage.setItem(MODEL_STORAGE_KEY, el.picker.value);
+  });
+  el.sidebarToggle.addEventListener("click", () => {
+    if (el.sidebar.classList.contains("open")) closeSidebar();
+    else openSidebar();
+  });
+  el.scrim.addEventListener("click", closeSidebar);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && el.sidebar.classList.contains("open")) closeSidebar();
+  });
+
+  selectModel(localStorage.getItem(MODEL_STORAGE_KEY));
+  updateBadge();
+  updateComposer();
+  if (INITIAL_CONVERSATION) openConversation(INITIAL_CONVERSATION, { push: false });
+  loadConversations();
+  connect();
+})();

@@ -1,0 +1,360 @@
+"""The chat WebSocket against the real pipeline and the fake upstream, through the real ASGI stack
+(origin check, session middleware) with Channels' ``WebsocketCommunicator``."""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from billing.models import UsageRecord
+from billing.services.keys import api_key_create, api_key_revoke
+from billing.services.ledger import ledger_flush
+from chat import consumers
+from chat.models import Conversation, Message, MessageStatus, Role
+from tests.chat.conftest import deltas, ends, events_until, open_socket
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LONG_REPLY = "Tell me a long story [[words=300]] [[tps=20]]"
+
+
+async def send(communicator, *, content: str, model, conversation=None, request_id: str = "r1") -> None:
+    await communicator.send_json_to(
+        {
+            "type": "chat.send",
+            "conversation": conversation,
+            "model": model.name,
+            "content": content,
+            "request_id": request_id,
+        }
+    )
+
+
+async def receive_deltas(communicator, request_id: str, count: int) -> list[dict]:
+    events = []
+    while sum(e["type"] == "chat.delta" for e in events) < count:
+        event = await communicator.receive_json_from(timeout=10)
+        assert event["type"] in ("chat.started", "chat.delta"), event
+        events.append(event)
+    return events
+
+
+async def usage_row(request_id: str) -> UsageRecord:
+    await ledger_flush()
+    return await UsageRecord.objects.aget(request_id=request_id)
+
+
+async def test_streamed_reply_is_relayed_and_persisted(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content="Hello there, how are you?", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+
+    started, completed = events[0], events[-1]
+    assert started["type"] == "chat.started"
+    assert started["model"] == chat_model.name
+    assert completed["type"] == "chat.completed", completed
+    assert [e["type"] for e in events[1:-1]] == ["chat.delta"] * (len(events) - 2)
+    assert len(events) - 2 > 1, "the reply should arrive in several deltas"
+    assert deltas(events, "r1") == "Echo: Hello there, how are you?"
+    assert completed["finish_reason"] == "stop"
+    assert completed["message"] == started["message"]
+    usage = completed["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] == 6
+    assert isinstance(usage["cost"], str) and Decimal(usage["cost"]) > 0
+
+    conversation = await Conversation.objects.aget(pk=started["conversation"])
+    assert conversation.owner_id == alice.pk
+    assert conversation.title == "Hello there, how are you?"
+    assert conversation.model_name == chat_model.name
+    messages = [m async for m in conversation.messages.order_by("created_at", "id")]
+    assert [(m.role, m.content, m.status) for m in messages] == [
+        (Role.USER, "Hello there, how are you?", MessageStatus.COMPLETE),
+        (Role.ASSISTANT, "Echo: Hello there, how are you?", MessageStatus.COMPLETE),
+    ]
+    reply = messages[1]
+    assert reply.pk == started["message"]
+    assert reply.provider_name == chat_model.provider.name
+
+    record = await usage_row(reply.request_id)
+    assert record.endpoint == "websocket"
+    assert record.status == "ok"
+    assert record.user_id == alice.pk
+    assert record.completion_tokens == 6
+    assert str(record.cost.normalize()) == str(Decimal(usage["cost"]).normalize())
+    assert reply.usage_record_id == record.request_id
+
+
+async def test_next_turn_sends_the_history(alice, chat_model, socket_for, fake_upstream):
+    ws = await socket_for(alice)
+    await send(ws, content="My name is Ada.", model=chat_model)
+    first = await events_until(ws, ends("r1"))
+    conversation_id = first[0]["conversation"]
+
+    await send(ws, content="What is my name?", model=chat_model, conversation=conversation_id, request_id="r2")
+    second = await events_until(ws, ends("r2"))
+    assert second[0]["conversation"] == conversation_id
+    assert deltas(second, "r2") == "Echo: What is my name?"
+
+    sent = fake_upstream.requests[-1]["body"]["messages"]
+    assert sent == [
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Echo: My name is Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 4
+
+
+async def test_system_prompt_goes_first(alice, chat_model, socket_for, fake_upstream):
+    conversation = await Conversation.objects.acreate(owner=alice, title="t", system_prompt="Answer in French.")
+    ws = await socket_for(alice)
+    await send(ws, content="Hi", model=chat_model, conversation=conversation.pk)
+    await events_until(ws, ends("r1"))
+    sent = fake_upstream.requests[-1]["body"]["messages"]
+    assert sent == [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+
+
+async def test_cancel_stops_the_reply_and_keeps_what_was_written(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content=LONG_REPLY, model=chat_model)
+    events = await receive_deltas(ws, "r1", 3)
+    await ws.send_json_to({"type": "chat.cancel", "request_id": "r1"})
+    events += await events_until(ws, ends("r1"))
+
+    cancelled = events[-1]
+    assert cancelled["type"] == "chat.cancelled", cancelled
+    assert cancelled["message"] == events[0]["message"]
+    received = deltas(events, "r1")
+    assert 0 < len(received.split()) < 100, "the stream should stop long before its 300 words"
+
+    reply = await Message.objects.aget(pk=cancelled["message"])
+    assert reply.status == MessageStatus.CANCELLED
+    assert reply.content == received
+    record = await usage_row(reply.request_id)
+    assert record.status == "cancelled"
+    assert record.endpoint == "websocket"
+    assert record.completion_tokens > 0
+
+    # The socket is still usable, and the conversation is free again.
+    await send(ws, content="again", model=chat_model, conversation=events[0]["conversation"], request_id="r2")
+    assert (await events_until(ws, ends("r2")))[-1]["type"] == "chat.completed"
+
+
+async def test_disconnect_mid_stream_keeps_the_partial_reply(alice, chat_model):
+    ws, connected, _ = await open_socket(user=alice)
+    assert connected
+    await send(ws, content=LONG_REPLY, model=chat_model)
+    events = await receive_deltas(ws, "r1", 3)
+    await ws.disconnect(timeout=10)
+
+    reply = await Message.objects.aget(pk=events[0]["message"])
+    assert reply.status == MessageStatus.CANCELLED
+    assert reply.content.startswith(deltas(events, "r1"))
+    assert 0 < len(reply.content.split()) < 100
+    record = await usage_row(reply.request_id)
+    assert record.status == "client_disconnected"
+
+
+async def test_upstream_error_is_reported_and_recorded(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content="break please [[fault=500]]", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+
+    error = events[-1]
+    assert error["type"] == "error"
+    assert error["request_id"] == "r1"
+    assert error["code"].startswith("upstream")
+    assert error["message"]
+    reply = await Message.objects.aget(pk=events[0]["message"])
+    assert reply.status == MessageStatus.ERROR
+    assert reply.error_message
+    record = await usage_row(reply.request_id)
+    assert record.status == "upstream_error"
+
+
+async def test_error_event_mid_stream_keeps_the_partial_reply(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content="one two three four [[fault=error-event]]", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+    assert events[-1]["type"] == "error"
+    reply = await Message.objects.aget(pk=events[0]["message"])
+    assert reply.status == MessageStatus.ERROR
+    assert reply.content == deltas(events, "r1") != ""
+
+
+async def test_two_conversations_stream_at_once_on_one_socket(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content="first [[words=12]] [[tps=40]]", model=chat_model, request_id="a")
+    await send(ws, content="second [[words=12]] [[tps=40]]", model=chat_model, request_id="b")
+    finished: set[str] = set()
+    events = await events_until(
+        ws, lambda e: e["type"] == "chat.completed" and (finished.add(e["request_id"]) or finished == {"a", "b"})
+    )
+    order = [e["request_id"] for e in events if e["type"] == "chat.delta"]
+    switches = sum(1 for x, y in itertools.pairwise(order) if x != y)
+    assert switches >= 2, f"deltas were not interleaved: {order}"
+    assert len(deltas(events, "a").split()) == 12
+    assert len(deltas(events, "b").split()) == 12
+    started = {e["request_id"]: e for e in events if e["type"] == "chat.started"}
+    assert started["a"]["conversation"] != started["b"]["conversation"]
+    statuses = [
+        m.status async for m in Message.objects.filter(pk__in=[started["a"]["message"], started["b"]["message"]])
+    ]
+    assert statuses == [MessageStatus.COMPLETE, MessageStatus.COMPLETE]
+
+
+async def test_second_send_on_a_streaming_conversation_is_refused(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content="hi", model=chat_model)
+    conversation_id = (await events_until(ws, ends("r1")))[0]["conversation"]
+    await send(ws, content=LONG_REPLY, model=chat_model, conversation=conversation_id, request_id="r2")
+    await receive_deltas(ws, "r2", 1)
+    await send(ws, content="me too", model=chat_model, conversation=conversation_id, request_id="r3")
+    busy = await events_until(ws, lambda e: e.get("request_id") == "r3")
+    assert busy[-1]["type"] == "error" and busy[-1]["code"] == "conversation_busy"
+    await ws.send_json_to({"type": "chat.cancel", "request_id": "r2"})
+    assert (await events_until(ws, ends("r2")))[-1]["type"] == "chat.cancelled"
+    assert await Message.objects.filter(conversation_id=conversation_id, content="me too").aexists() is False
+
+
+async def test_unknown_model_and_bad_input_write_nothing(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await ws.send_json_to({"type": "chat.send", "conversation": None, "model": "no-such-model", "content": "hi"})
+    error = await ws.receive_json_from(timeout=5)
+    assert error["type"] == "error" and error["code"] == "model_not_found"
+
+    for bad, code in [
+        ({"type": "chat.send", "model": chat_model.name, "content": "   "}, "invalid_request"),
+        ({"type": "chat.send", "model": chat_model.name, "content": "x", "conversation": "1"}, "invalid_request"),
+        ({"type": "chat.send", "content": "x"}, "invalid_request"),
+        ({"type": "chat.send", "model": chat_model.name, "content": "x", "request_id": "x" * 65}, "invalid_request"),
+        ({"type": "chat.cancel", "request_id": "nothing"}, "not_found"),
+        ({"type": "nonsense"}, "unknown_type"),
+        (["not", "an", "object"], "unknown_type"),
+    ]:
+        await ws.send_json_to(bad)
+        event = await ws.receive_json_from(timeout=5)
+        assert (event["type"], event["code"]) == ("error", code), bad
+    await ws.send_to(text_data="{not json")
+    assert (await ws.receive_json_from(timeout=5))["code"] == "invalid_json"
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from(timeout=5) == {"type": "pong"}
+    assert await Conversation.objects.acount() == 0
+    assert await Message.objects.acount() == 0
+
+
+async def test_another_users_conversation_is_not_found(alice, bob, chat_model, socket_for):
+    ws_alice = await socket_for(alice)
+    await send(ws_alice, content="secret plans", model=chat_model)
+    conversation_id = (await events_until(ws_alice, ends("r1")))[0]["conversation"]
+
+    ws_bob = await socket_for(bob)
+    await send(ws_bob, content="let me in", model=chat_model, conversation=conversation_id)
+    error = (await events_until(ws_bob, ends("r1")))[-1]
+    assert (error["type"], error["code"]) == ("error", "not_found")
+    await send(ws_bob, content="let me in", model=chat_model, conversation=999_999, request_id="r2")
+    missing = (await events_until(ws_bob, ends("r2")))[-1]
+    assert (missing["code"], missing["message"]) == ("not_found", "No conversation 999999.")
+    assert error["message"] == f"No conversation {conversation_id}."
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    assert await Conversation.objects.filter(owner=bob).aexists() is False
+
+
+async def test_socket_without_session_must_authenticate_first(chat_model, socket_for):
+    ws = await socket_for(None)
+    await send(ws, content="hi", model=chat_model)
+    error = await ws.receive_json_from(timeout=5)
+    assert (error["type"], error["code"]) == ("error", "auth_required")
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+    assert await Message.objects.acount() == 0
+
+
+async def test_unauthenticated_socket_is_closed_after_the_auth_timeout(socket_for, monkeypatch):
+    monkeypatch.setattr(consumers, "AUTH_TIMEOUT", 0.2)
+    ws = await socket_for(None)
+    error = await ws.receive_json_from(timeout=5)
+    assert (error["type"], error["code"]) == ("error", "auth_timeout")
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_foreign_origin_is_rejected(alice):
+    for origin in ("http://evil.example", "null"):
+        ws, connected, _ = await open_socket(user=alice, origin=origin)
+        assert connected is False, origin
+        await ws.disconnect()
+
+
+async def test_api_key_in_the_first_message(alice, chat_model, socket_for):
+    created = await sync_to_async(api_key_create)(user=alice, name="script")
+    ws = await socket_for(None)
+    await ws.send_json_to({"type": "auth", "api_key": created.secret})
+    assert await ws.receive_json_from(timeout=5) == {"type": "auth.ok"}
+    await send(ws, content="hi from a script", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+    assert events[-1]["type"] == "chat.completed"
+    conversation = await Conversation.objects.aget(pk=events[0]["conversation"])
+    assert conversation.owner_id == alice.pk
+    record = await usage_row((await Message.objects.aget(pk=events[0]["message"])).request_id)
+    assert record.api_key_id == created.api_key.pk
+    await ws.send_json_to({"type": "auth", "api_key": created.secret})
+    assert (await ws.receive_json_from(timeout=5))["code"] == "already_authenticated"
+
+
+@pytest.mark.parametrize("variant", ["wrong", "revoked", "missing"])
+async def test_bad_api_key_closes_the_socket(alice, socket_for, variant):
+    created = await sync_to_async(api_key_create)(user=alice, name="k")
+    if variant == "revoked":
+        await sync_to_async(api_key_revoke)(api_key=created.api_key)
+    keys = {"wrong": {"api_key": created.secret[:-4] + "zzzz"}, "revoked": {"api_key": created.secret}, "missing": {}}
+    message = {"type": "auth", **keys[variant]}
+    ws = await socket_for(None)
+    await ws.send_json_to(message)
+    error = await ws.receive_json_from(timeout=5)
+    assert error["type"] == "error"
+    assert error["code"] == ("missing_api_key" if variant == "missing" else "invalid_api_key")
+    assert created.secret not in error["message"]
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
+
+
+async def test_api_key_in_the_url_is_ignored(alice, chat_model, socket_for):
+    created = await sync_to_async(api_key_create)(user=alice, name="k")
+    ws = await socket_for(None, path=f"/ws/chat/?api_key={created.secret}")
+    await send(ws, content="hi", model=chat_model)
+    assert (await ws.receive_json_from(timeout=5))["code"] == "auth_required"
+
+
+async def test_model_outside_the_keys_allow_list_is_refused(alice, chat_model, socket_for):
+    from tests.factories import ModelFactory
+
+    other = await sync_to_async(ModelFactory)(provider=chat_model.provider)
+    created = await sync_to_async(api_key_create)(user=alice, name="narrow")
+    await created.api_key.allowed_models.aset([other])
+    ws = await socket_for(None)
+    await ws.send_json_to({"type": "auth", "api_key": created.secret})
+    await ws.receive_json_from(timeout=5)
+    await send(ws, content="hi", model=chat_model)
+    error = await ws.receive_json_from(timeout=5)
+    assert (error["type"], error["code"], error["request_id"]) == ("error", "model_not_allowed", "r1")
+    assert await Conversation.objects.acount() == 0
+    await ledger_flush()
+    assert await UsageRecord.objects.filter(status="rejected", endpoint="websocket").aexists()
+
+
+async def test_cancel_before_the_reply_starts(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await send(ws, content=LONG_REPLY, model=chat_model)
+    await ws.send_json_to({"type": "chat.cancel", "request_id": "r1"})
+    events = await events_until(ws, ends("r1"))
+    assert events[-1]["type"] == "chat.cancelled"
+    assert await Message.objects.filter(status=MessageStatus.STREAMING).aexists() is False
+
+
+async def test_a_program_without_origin_authenticates_with_a_key(alice):
+    created = await sync_to_async(api_key_create)(user=alice, name="no-origin")
+    ws, connected, _ = await open_socket(user=None, origin=None)
+    assert connected is True
+    await ws.send_json_to({"type": "auth", "api_key": created.secret})
+    assert await ws.receive_json_from(timeout=5) == {"type": "auth.ok"}
+    await ws.disconnect()

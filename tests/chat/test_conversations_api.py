@@ -1,0 +1,212 @@
+"""REST for conversations and feedback: own rows only, OpenAI-shaped errors, CSRF for the session."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+
+from billing.services.keys import api_key_create
+from chat.models import Conversation, Message, MessageStatus, Role
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def conversation_with_reply(owner, title: str = "Trip to Lisbon") -> tuple[Conversation, Message]:
+    conversation = Conversation.objects.create(owner=owner, title=title, model_name="gpt-test")
+    Message.objects.create(conversation=conversation, role=Role.USER, content="Plan a trip")
+    reply = Message.objects.create(
+        conversation=conversation,
+        role=Role.ASSISTANT,
+        content="Day 1: **Alfama**",
+        model_name="gpt-test",
+        provider_name="fake-openai",
+        request_id="req_1",
+        status=MessageStatus.COMPLETE,
+    )
+    return conversation, reply
+
+
+@pytest.fixture
+def alice():
+    return UserFactory()
+
+
+@pytest.fixture
+def client(alice) -> Client:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(alice)
+    return client
+
+
+def csrf(client: Client) -> dict[str, str]:
+    """The token the page's JavaScript sends back: a page render sets the cookie."""
+    client.get("/")
+    return {"HTTP_X_CSRFTOKEN": client.cookies["csrftoken"].value}
+
+
+def test_list_is_own_unarchived_newest_first_and_paginated(client, alice):
+    conversation_with_reply(alice, "older")
+    conversation_with_reply(alice, "newer")
+    archived, _ = conversation_with_reply(alice, "archived")
+    Conversation.objects.filter(pk=archived.pk).update(archived=True)
+    conversation_with_reply(UserFactory(), "someone else's")
+
+    response = client.get("/api/conversations/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["count"] == 2
+    assert [c["title"] for c in body["results"]] == ["newer", "older"]
+    assert set(body["results"][0]) == {"id", "title", "model", "archived", "created_at", "updated_at"}
+
+    page = client.get("/api/conversations/?limit=1&offset=1").json()
+    assert [c["title"] for c in page["results"]] == ["older"]
+    assert page["previous"] is not None
+
+
+def test_retrieve_has_the_messages(client, alice):
+    conversation, reply = conversation_with_reply(alice)
+    body = client.get(f"/api/conversations/{conversation.pk}/").json()
+    assert body["title"] == "Trip to Lisbon"
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("user", "Plan a trip"),
+        ("assistant", "Day 1: **Alfama**"),
+    ]
+    assert body["messages"][1]["id"] == reply.pk
+    assert body["messages"][1]["provider"] == "fake-openai"
+    assert body["messages"][1]["status"] == "complete"
+
+
+def test_rename_and_delete(client, alice):
+    conversation, _ = conversation_with_reply(alice)
+    headers = csrf(client)
+    response = client.patch(
+        f"/api/conversations/{conversation.pk}/",
+        {"title": "  Lisbon, 3 days  "},
+        content_type="application/json",
+        **headers,
+    )
+    assert response.status_code == 200
+    assert response.json()["title"] == "Lisbon, 3 days"
+    conversation.refresh_from_db()
+    assert conversation.title == "Lisbon, 3 days"
+
+    response = client.delete(f"/api/conversations/{conversation.pk}/", **headers)
+    assert response.status_code == 204
+    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+    assert not Message.objects.filter(conversation_id=conversation.pk).exists()
+
+
+def test_invalid_rename_is_a_400_in_the_openai_shape(client, alice):
+    conversation, _ = conversation_with_reply(alice)
+    response = client.patch(
+        f"/api/conversations/{conversation.pk}/", {"title": "x" * 201}, content_type="application/json", **csrf(client)
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "title" and error["code"] == "invalid_value"
+    conversation.refresh_from_db()
+    assert conversation.title == "Trip to Lisbon"
+
+
+def test_writes_without_the_csrf_token_are_refused(client, alice):
+    conversation, _ = conversation_with_reply(alice)
+    response = client.delete(f"/api/conversations/{conversation.pk}/")
+    assert response.status_code == 403
+    assert Conversation.objects.filter(pk=conversation.pk).exists()
+
+
+def test_feedback_on_a_reply(client, alice):
+    _, reply = conversation_with_reply(alice)
+    headers = csrf(client)
+    url = f"/api/messages/{reply.pk}/feedback/"
+    response = client.post(url, {"value": -1, "comment": "wrong city"}, content_type="application/json", **headers)
+    assert response.status_code == 200
+    assert response.json()["feedback"] == -1
+    reply.refresh_from_db()
+    assert (reply.feedback, reply.feedback_comment) == (-1, "wrong city")
+
+    client.post(url, {"value": None}, content_type="application/json", **headers)
+    reply.refresh_from_db()
+    assert (reply.feedback, reply.feedback_comment) == (None, "")
+
+    bad = client.post(url, {"value": 5}, content_type="application/json", **headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "value"
+
+
+def test_feedback_on_the_users_own_message_is_refused(client, alice):
+    conversation, _ = conversation_with_reply(alice)
+    question = conversation.messages.get(role=Role.USER)
+    response = client.post(
+        f"/api/messages/{question.pk}/feedback/", {"value": 1}, content_type="application/json", **csrf(client)
+    )
+    assert response.status_code == 400
+    question.refresh_from_db()
+    assert question.feedback is None
+
+
+def test_another_users_rows_answer_404_like_missing_ones(client):
+    mallory_conversation, mallory_reply = conversation_with_reply(UserFactory(), "private")
+    headers = csrf(client)
+    missing = client.get("/api/conversations/999999/")
+    assert missing.status_code == 404
+    attempts = [
+        client.get(f"/api/conversations/{mallory_conversation.pk}/"),
+        client.patch(
+            f"/api/conversations/{mallory_conversation.pk}/",
+            {"title": "mine"},
+            content_type="application/json",
+            **headers,
+        ),
+        client.delete(f"/api/conversations/{mallory_conversation.pk}/", **headers),
+        client.post(
+            f"/api/messages/{mallory_reply.pk}/feedback/", {"value": 1}, content_type="application/json", **headers
+        ),
+    ]
+    for response in attempts:
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    mallory_conversation.refresh_from_db()
+    mallory_reply.refresh_from_db()
+    assert mallory_conversation.title == "private"
+    assert mallory_reply.feedback is None
+
+
+def test_anonymous_requests_are_refused():
+    response = Client().get("/api/conversations/")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_an_api_key_reads_its_owners_conversations(alice):
+    conversation_with_reply(alice, "from a script")
+    created = api_key_create(user=alice, name="script")
+    response = Client().get("/api/conversations/", HTTP_AUTHORIZATION=f"Bearer {created.secret}")
+    assert response.status_code == 200
+    assert [c["title"] for c in response.json()["results"]] == ["from a script"]
+
+
+def test_pages_need_a_login(client):
+    anonymous = Client()
+    for path in ("/", "/keys/", "/c/1/"):
+        response = anonymous.get(path)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/accounts/login/")
+    page = client.get("/")
+    assert page.status_code == 200
+    assert b'id="model-picker"' in page.content
+    assert client.get("/keys/").status_code == 200
+
+
+def test_admin_shows_conversations_and_messages(admin_client, alice):
+    conversation, reply = conversation_with_reply(alice)
+    for url in (
+        "/admin/chat/conversation/",
+        f"/admin/chat/conversation/{conversation.pk}/change/",
+        "/admin/chat/message/?status=complete",
+        f"/admin/chat/message/{reply.pk}/change/",
+    ):
+        response = admin_client.get(url)
+        assert response.status_code == 200, url
+    assert b"Trip to Lisbon" in admin_client.get("/admin/chat/conversation/").content
