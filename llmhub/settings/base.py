@@ -85,6 +85,10 @@ STATIC_URL = "static/"
 STATIC_ROOT = env("STATIC_ROOT", default=str(BASE_DIR / "var" / "static"))
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").exists() else []
 
+# Messages live in the server-side session, never in a cookie: a newly created API key is shown once
+# through a message, and a signed cookie is readable by anyone who holds it.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"
@@ -163,7 +167,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "llmhub.schema.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "chat.exception_handlers.drf_exception_handler",
@@ -177,6 +181,15 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # 3.1 because the /v1/* schemas are copied from OpenAI's spec, which is written in 3.1.
+    "OAS_VERSION": "3.1.0",
+    # One enum per choice set that several fields share (otherwise named after each field, with a warning).
+    "ENUM_NAME_OVERRIDES": {"FeedbackEnum": "chat.models.Feedback"},
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "llmhub.schema.document_error_responses",
+        "llmhub.schema.add_openai_compatible_paths",
+    ],
 }
 
 # LLMHUB
@@ -212,6 +225,13 @@ LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
 # self-hosted servers such as Ollama or vLLM on the same machine need it).
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=True)
+# The plan a user without one is put on at their first request; empty: such users are unrestricted.
+LLMHUB_DEFAULT_PLAN = env("LLMHUB_DEFAULT_PLAN", default="Free")
+# A request without max_tokens under a budget or token quota is sent upstream with max_tokens = the
+# least of this, the model's output limit and what the budget still pays for (that much is reserved).
+LLMHUB_BUDGET_MAX_TOKENS_CAP = env.int("LLMHUB_BUDGET_MAX_TOKENS_CAP", default=4096)
+# Budget alerts also go to this Slack-compatible webhook ({"text": ...}) when set.
+LLMHUB_ALERT_WEBHOOK_URL = env("LLMHUB_ALERT_WEBHOOK_URL", default="")
 
 LOGGING = {
     "version": 1,

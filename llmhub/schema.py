@@ -1,0 +1,257 @@
+"""OpenAPI wiring for drf-spectacular (``/api/schema/``, ``/api/docs/``).
+
+- ``AutoSchema`` names the nested Input/Output serializers of our views after their view;
+- ``ErrorResponseSerializer`` and ``error_responses`` document OpenAI's error shape, which every
+  error of ours takes; the ``document_error_responses`` hook adds the errors a view left implied;
+- ``ApiKeyAuthenticationScheme`` documents the gateway key (``Authorization: Bearer`` or ``x-api-key``);
+- the ``add_openai_compatible_paths`` hook adds ``/v1/*``: plain async Django views (see
+  ``chat.api_openai``) that drf-spectacular cannot see. Their request and response schemas are
+  OpenAI's own, copied from OpenAI's spec into ``openai_schemas.json`` by
+  ``scripts/extract_openai_schemas.py`` (the spec itself is not deployed).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from drf_spectacular import openapi
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.utils import OpenApiResponse, extend_schema_serializer
+from rest_framework import serializers
+
+OPENAI_SCHEMAS_PATH = Path(__file__).resolve().parent / "openai_schemas.json"
+BEARER_SCHEME = "bearerAuth"
+HEADER_SCHEME = "apiKeyHeader"
+_REF = "#/components/schemas/"
+
+
+_SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    BEARER_SCHEME: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A gateway key, `Authorization: Bearer sk-llmhub-…` (what OpenAI's SDKs send).",
+    },
+    HEADER_SCHEME: {
+        "type": "apiKey",
+        "in": "header",
+        "name": "x-api-key",
+        "description": "The same gateway key in an `x-api-key` header (what Anthropic-style clients send).",
+    },
+}
+
+_ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request: `error.param` names the offending parameter.",
+    401: "Missing, malformed, unknown, revoked or expired API key.",
+    403: "The key or the owner's plan does not allow this model.",
+    404: "No such object, or not yours (the two are indistinguishable).",
+    429: "A rate limit or the budget is exhausted; `Retry-After` says when to retry.",
+    502: "The upstream provider failed or answered something unusable.",
+    503: "No upstream provider is available for this model right now.",
+    504: "The upstream provider did not answer in time.",
+}
+
+
+class AutoSchema(openapi.AutoSchema):
+    """Views nest their ``InputSerializer``/``OutputSerializer`` (HackSoft style), so class names repeat
+    across views; a nested serializer's component is named after its view instead
+    (``ConversationListApi.OutputSerializer`` → ``ConversationListOutput``)."""
+
+    def get_serializer_name(self, serializer: serializers.BaseSerializer, direction: Any) -> str:
+        outer, _, name = type(serializer).__qualname__.rpartition(".")
+        if outer and "<locals>" not in outer:
+            return outer.rpartition(".")[2].removesuffix("Api") + name
+        return name
+
+
+@extend_schema_serializer(component_name="Error")
+class ErrorSerializer(serializers.Serializer):
+    message = serializers.CharField()
+    type = serializers.CharField(help_text="e.g. invalid_request_error, rate_limit_error, api_error.")
+    param = serializers.CharField(allow_null=True, help_text="The request parameter at fault, if any.")
+    code = serializers.CharField(allow_null=True, help_text="A machine-readable code, e.g. invalid_api_key.")
+
+
+@extend_schema_serializer(component_name="ErrorResponse")
+class ErrorResponseSerializer(serializers.Serializer):
+    """Every error, on /api/* as on /v1/*: OpenAI's ``{"error": {...}}``."""
+
+    error = ErrorSerializer()
+
+
+def error_responses(*status_codes: int) -> dict[int, OpenApiResponse]:
+    """``extend_schema(responses=...)`` entries for the given error statuses of a DRF view."""
+    return {
+        status: OpenApiResponse(response=ErrorResponseSerializer, description=_ERROR_DESCRIPTIONS[status])
+        for status in status_codes
+    }
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """``billing.authentication.ApiKeyAuthentication`` reads either header: either one suffices."""
+
+    target_class = "billing.authentication.ApiKeyAuthentication"
+    name = [BEARER_SCHEME, HEADER_SCHEME]
+
+    def get_security_requirement(self, auto_schema: Any) -> list[dict[str, list[Any]]]:
+        return [{BEARER_SCHEME: []}, {HEADER_SCHEME: []}]
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, Any]]:
+        return [_SECURITY_SCHEMES[BEARER_SCHEME], _SECURITY_SCHEMES[HEADER_SCHEME]]
+
+
+@functools.cache
+def openai_schemas() -> dict[str, Any]:
+    with OPENAI_SCHEMAS_PATH.open(encoding="utf-8") as handle:
+        return json.load(handle)["schemas"]
+
+
+def _json(schema_name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF + schema_name}}}
+
+
+def _errors(*status_codes: int) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status in status_codes:
+        responses[str(status)] = {"description": _ERROR_DESCRIPTIONS[status], "content": _json("ErrorResponse")}
+    if 429 in status_codes:
+        responses["429"]["headers"] = {
+            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+        }
+    return responses
+
+
+def _request_id_header() -> dict[str, Any]:
+    return {
+        "x-request-id": {"description": "The id of this request in the usage ledger.", "schema": {"type": "string"}}
+    }
+
+
+_TAG = "OpenAI-compatible"
+
+
+def _openai_compatible_paths() -> dict[str, Any]:
+    security = [{BEARER_SCHEME: []}, {HEADER_SCHEME: []}]
+    return {
+        "/v1/chat/completions": {
+            "post": {
+                "operationId": "createChatCompletion",
+                "summary": "Create a chat completion",
+                "description": (
+                    "OpenAI's Chat Completions API, routed to the provider that serves `model`. With "
+                    '`"stream": true` the answer is `text/event-stream`: one `data: {chunk}` event per '
+                    "CreateChatCompletionStreamResponse, then `data: [DONE]`. An upstream failure after the "
+                    'stream has started arrives as a `data: {"error": {...}}` event.'
+                ),
+                "tags": [_TAG],
+                "security": security,
+                "requestBody": {"required": True, "content": _json("CreateChatCompletionRequest")},
+                "responses": {
+                    "200": {
+                        "description": "The completion, or a stream of chunks when `stream` is true.",
+                        "headers": _request_id_header(),
+                        "content": {
+                            **_json("CreateChatCompletionResponse"),
+                            "text/event-stream": {"schema": {"$ref": _REF + "CreateChatCompletionStreamResponse"}},
+                        },
+                    },
+                    **_errors(400, 401, 403, 404, 429, 502, 503, 504),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "summary": "List the models this key may use",
+                "tags": [_TAG],
+                "security": security,
+                "responses": {
+                    "200": {
+                        "description": "The models.",
+                        "headers": _request_id_header(),
+                        "content": _json("ListModelsResponse"),
+                    },
+                    **_errors(401),
+                },
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "operationId": "retrieveModel",
+                "summary": "Retrieve a model this key may use",
+                "tags": [_TAG],
+                "security": security,
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "The public model name.",
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "The model.", "headers": _request_id_header(), "content": _json("Model")},
+                    **_errors(401, 404),
+                },
+            }
+        },
+    }
+
+
+# Components both sides define: the DRF serializers above mirror OpenAI's, and OpenAI's copy wins.
+_SHARED_COMPONENTS = frozenset({"Error", "ErrorResponse"})
+
+
+def add_openai_compatible_paths(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """drf-spectacular POSTPROCESSING hook: add ``/v1/*`` with OpenAI's schemas and our error and auth schemes."""
+    components = result.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for name, schema in openai_schemas().items():
+        if name in schemas and name not in _SHARED_COMPONENTS:
+            raise ImproperlyConfigured(f"component {name!r} is defined both by a DRF serializer and by OpenAI's spec")
+        schemas[name] = copy.deepcopy(schema)
+    components["schemas"] = dict(sorted(schemas.items()))
+    security_schemes = components.setdefault("securitySchemes", {})
+    for name, scheme in _SECURITY_SCHEMES.items():
+        security_schemes.setdefault(name, scheme)
+    result["paths"] = {**result.get("paths", {}), **_openai_compatible_paths()}
+    tags = result.setdefault("tags", [])
+    if not any(tag.get("name") == _TAG for tag in tags):
+        tags.append({"name": _TAG, "description": "Drop-in replacement for OpenAI's API: point an OpenAI SDK here."})
+    return result
+
+
+_METHODS = ("get", "put", "post", "patch", "delete")
+_PAGINATION_PARAMS = frozenset({"limit", "offset"})
+
+
+def document_error_responses(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """drf-spectacular POSTPROCESSING hook: every DRF error answers in OpenAI's shape (the
+    EXCEPTION_HANDLER sees to it), so document the errors an operation implies where its view did not:
+    401 unless anonymous access is allowed, 400 when it takes input, 404 when its path names an object."""
+    for path, item in result.get("paths", {}).items():
+        for method in _METHODS:
+            operation = item.get(method)
+            if operation is None:
+                continue
+            implied = []
+            if {} not in operation.get("security", [{}]):
+                implied.append(401)
+            takes_input = "requestBody" in operation or any(
+                parameter.get("in") == "query" and parameter.get("name") not in _PAGINATION_PARAMS
+                for parameter in operation.get("parameters", [])
+            )
+            if takes_input:
+                implied.append(400)
+            if "{" in path:
+                implied.append(404)
+            responses = operation.setdefault("responses", {})
+            for status, response in _errors(*implied).items():
+                responses.setdefault(status, response)
+            operation["responses"] = dict(sorted(responses.items()))
+    return result
