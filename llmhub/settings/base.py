@@ -200,9 +200,13 @@ if not FIELD_ENCRYPTION_KEYS:
 
     _key_file = LOCAL_DIR / "field-encryption.key"
     if not _key_file.exists():
+        import os
+
         LOCAL_DIR.mkdir(parents=True, exist_ok=True)
-        _key_file.write_text(Fernet.generate_key().decode() + "\n")
-        _key_file.chmod(0o600)
+        # Created with mode 600 from the start: never readable by others, not even for a moment.
+        _fd = os.open(_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(_fd, "w") as _out:
+            _out.write(Fernet.generate_key().decode() + "\n")
         logger.warning(
             "FIELD_ENCRYPTION_KEYS is not set: generated a development key in %s. "
             "Set FIELD_ENCRYPTION_KEYS in production and keep it safe.",

@@ -1,0 +1,56 @@
+# llmhub's front door: `make run` serves the demo, `make test` runs the suite.
+# Both build .venv on first use; the install step reruns only when pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# Newer than pyproject.toml once its dependencies are installed into this .venv.
+STAMP := $(VENV)/.installed-pyproject
+ARGS ?=
+
+.PHONY: help install run test lint format bench migrate clean
+
+help:
+	@echo "make run      build .venv if needed, migrate, load the demo and serve http://127.0.0.1:8000/ (Ctrl-C stops)"
+	@echo "make test     run the whole test-suite (ARGS='-k name' narrows it)"
+	@echo "make lint     ruff check and ruff format --check"
+	@echo "make format   ruff format and ruff check --fix"
+	@echo "make bench    run the gateway benchmark (bench/run.py)"
+	@echo "make migrate  apply database migrations"
+	@echo "make clean    remove .venv, caches and test artefacts (keeps db.sqlite3 and .local/)"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) scripts/run_dev.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
+migrate: $(STAMP)
+	$(PY) manage.py migrate --noinput
+
+# db.sqlite3 and .local/ stay: they hold the developer's data and the key that decrypts its secrets.
+clean:
+	rm -rf $(VENV) var test-artifacts .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

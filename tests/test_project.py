@@ -1,0 +1,411 @@
+"""The project's wiring as an operator meets it: Django's checks per environment, the refusal to start
+without secrets, the development key, the compose file, and `make run`'s supervisor.
+
+Everything that starts Django runs it in a subprocess with a clean environment, as a shell would,
+so that the test settings this process runs under do not hide a problem.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import importlib.util
+import io
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import string
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """What a developer's shell would pass, without anything this test process or its user has set."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    env.update(variables)
+    return env
+
+
+def manage(*args: str, cwd: Path = ROOT, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "manage.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def production_env(**overrides: str) -> dict[str, str]:
+    alphabet = string.ascii_letters + string.digits + "!@#%^&*(-_=+)"
+    env = clean_env(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.production",
+        SECRET_KEY="".join(secrets.choice(alphabet) for _ in range(60)),
+        FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        ALLOWED_HOSTS="llmhub.example.com",
+    )
+    env.update(overrides)
+    return {name: value for name, value in env.items() if value is not None}
+
+
+def copy_project(destination: Path) -> Path:
+    """The source tree without developer state, so that a test may create .local/ and a database in it."""
+    top_level = {".venv", ".git", ".local", "var", "test-artifacts", "node_modules", "db.sqlite3"}
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        ignored = {name for name in names if name in {"__pycache__", ".pytest_cache", ".ruff_cache"}}
+        if Path(directory) == ROOT:
+            ignored |= {name for name in names if name in top_level or name.startswith("db.sqlite3")}
+        return ignored
+
+    shutil.copytree(ROOT, destination, ignore=ignore)
+    return destination
+
+
+# Django checks ------------------------------------------------------------------------------------
+
+
+def test_check_is_clean_in_development():
+    result = manage(
+        "check",
+        "--fail-level",
+        "WARNING",
+        env=clean_env(
+            DJANGO_SETTINGS_MODULE="llmhub.settings.base", FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode()
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_deploy_check_is_clean_with_production_settings():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=production_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_models_and_migrations_agree():
+    env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.test")
+    result = manage("makemigrations", "--check", "--dry-run", env=env)
+    assert result.returncode == 0, f"a model change has no migration:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"SECRET_KEY": None}, "SECRET_KEY"),
+        ({"SECRET_KEY": "short-and-weak"}, "SECRET_KEY"),
+        ({"FIELD_ENCRYPTION_KEYS": None}, "FIELD_ENCRYPTION_KEYS"),
+        ({"FIELD_ENCRYPTION_KEYS": "not-a-fernet-key"}, "FIELD_ENCRYPTION_KEYS"),
+    ],
+    ids=["secret-key-missing", "secret-key-weak", "encryption-keys-missing", "encryption-key-malformed"],
+)
+def test_production_refuses_to_start_without_its_secrets(overrides, variable):
+    env = production_env(**overrides)
+    result = manage("check", env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line naming the problem, got:\n{result.stderr}"
+    assert variable in lines[0]
+    # The refusal names the variable, never its (wrong) value.
+    for value in overrides.values():
+        if value:
+            assert value not in result.stderr
+
+
+def test_development_generates_a_private_encryption_key_once(tmp_path):
+    project = copy_project(tmp_path / "project")
+    env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base")
+    key_file = project / ".local" / "field-encryption.key"
+
+    first = manage("check", cwd=project, env=env)
+    assert first.returncode == 0, first.stderr
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip()
+    Fernet(key.encode())  # a usable key, not just a file
+
+    second = manage("check", cwd=project, env=env)
+    assert second.returncode == 0, second.stderr
+    assert key_file.read_text().strip() == key, "a second start must reuse the key, or stored secrets are lost"
+
+
+# docker-compose -----------------------------------------------------------------------------------
+
+APP_SERVICES = ("migrate", "web", "worker", "beat")
+REQUIRED_SECRETS = ("SECRET_KEY", "FIELD_ENCRYPTION_KEYS")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_runs_every_part_of_llmhub(compose):
+    services = compose["services"]
+    assert set(services) >= {*APP_SERVICES, "redis", "postgres"}
+    assert services["web"]["command"] == ["daphne", "-b", "0.0.0.0", "-p", "8000", "llmhub.asgi:application"]
+    assert services["worker"]["command"][:4] == ["celery", "-A", "llmhub", "worker"]
+    beat = " ".join(services["beat"]["command"])
+    assert "beat" in beat and "django_celery_beat.schedulers:DatabaseScheduler" in beat
+    assert "migrate" in " ".join(services["migrate"]["command"])
+    assert services["redis"]["image"].startswith("redis:7")
+    assert services["postgres"]["image"].startswith("postgres:16")
+
+
+def test_compose_configures_every_app_service_alike(compose):
+    for name in APP_SERVICES:
+        environment = compose["services"][name]["environment"]
+        assert environment["DJANGO_SETTINGS_MODULE"] == "llmhub.settings.production", name
+        assert environment["DATABASE_URL"].startswith("postgres://"), name
+        assert environment["REDIS_URL"] == "redis://redis:6379/0", name
+        assert "ALLOWED_HOSTS" in environment, name
+        for secret in REQUIRED_SECRETS:
+            # ${VAR:?message}: compose refuses to start rather than run with an empty secret.
+            assert environment[secret].startswith("${" + secret + ":?"), (name, secret)
+
+
+def test_compose_starts_services_only_once_their_dependencies_are_ready(compose):
+    services = compose["services"]
+    for name in ("postgres", "redis", "web"):
+        assert services[name]["healthcheck"]["test"], name
+    for name in ("web", "worker", "beat"):
+        depends = services[name]["depends_on"]
+        assert depends["postgres"]["condition"] == "service_healthy", name
+        assert depends["redis"]["condition"] == "service_healthy", name
+        assert depends["migrate"]["condition"] == "service_completed_successfully", name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_docker_build_context_leaves_developer_secrets_out():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".local", ".env", ".venv", ".git", "db.sqlite3"} <= ignored
+
+
+def _docker_compose_works() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _docker_compose_works(), reason="the docker compose plugin is not installed")
+def test_docker_compose_accepts_the_file_and_refuses_missing_secrets():
+    env = clean_env(
+        SECRET_KEY=secrets.token_urlsafe(50),
+        FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        POSTGRES_PASSWORD=secrets.token_urlsafe(16),
+    )
+    command = ["docker", "compose", "-f", "docker-compose.yml", "config", "--quiet"]
+    ok = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    del env["SECRET_KEY"]
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert refused.returncode != 0
+    assert "SECRET_KEY" in refused.stderr
+
+
+# make run's supervisor ----------------------------------------------------------------------------
+
+
+def load_run_dev():
+    if "run_dev" in sys.modules:
+        return sys.modules["run_dev"]
+    spec = importlib.util.spec_from_file_location("run_dev", ROOT / "scripts" / "run_dev.py")
+    module = importlib.util.module_from_spec(spec)
+    # Registered first: dataclasses look their module up while the class is being built.
+    sys.modules["run_dev"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def alive(pid: int) -> bool:
+    """True while the process runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [pid for pid in pids if alive(pid)]
+        if not left:
+            return []
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
+# A leader that ignores SIGTERM and has a child of its own: only a group kill ends both.
+STUBBORN = (
+    "import signal, subprocess, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+    "print('grandchild', child.pid, flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def supervised(run_dev, extra: list | None = None):
+    services = [
+        run_dev.Service("sleeper", [PYTHON, "-c", "import time; time.sleep(120)"]),
+        run_dev.Service("stubborn", [PYTHON, "-c", STUBBORN]),
+        *(extra or []),
+    ]
+    out = io.StringIO()
+    return run_dev.Supervisor(services, cwd=ROOT, stop_timeout=1.0, out=out), services, out
+
+
+def started_pids(services, out: io.StringIO) -> list[int]:
+    grandchildren = [int(pid) for pid in re.findall(r"grandchild (\d+)", out.getvalue())]
+    assert grandchildren, out.getvalue()
+    return [service.process.pid for service in services] + grandchildren
+
+
+def test_supervisor_stops_everything_when_one_child_dies():
+    run_dev = load_run_dev()
+    crasher = run_dev.Service("crasher", [PYTHON, "-c", "import time, sys; time.sleep(1.5); sys.exit(3)"])
+    supervisor, services, out = supervised(run_dev, [crasher])
+
+    status = supervisor.run()
+
+    assert status == 3
+    assert "crasher exited with status 3" in out.getvalue()
+    assert wait_gone(started_pids(services, out)) == []
+
+
+def test_supervisor_stops_everything_on_sigterm():
+    run_dev = load_run_dev()
+    supervisor, services, out = supervised(run_dev)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM))
+    previous = signal.getsignal(signal.SIGTERM)
+    timer.start()
+    try:
+        status = supervisor.run()
+    finally:
+        timer.cancel()
+
+    assert status == 0
+    assert signal.getsignal(signal.SIGTERM) is previous, "the supervisor must give the signal back"
+    assert wait_gone(started_pids(services, out)) == []
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
+    """scripts/run_dev.py (what `make run` runs) in a copy of the project: a fresh database and .local/."""
+    project = copy_project(tmp_path / "project")
+    port, upstream_port = free_port(), free_port()
+    env = clean_env()
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PYTHON, "scripts/run_dev.py", "--port", str(port), "--upstream-port", str(upstream_port), "--tps", "0"],
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while "Ctrl-C stops everything" not in log_path.read_text() and process.poll() is None:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        assert process.poll() is None, log_path.read_text()
+        children = [int(pid) for pid in re.findall(r"started \w+ \(pid (\d+)\)", log_path.read_text())]
+        assert len(children) == 3
+
+        site = f"http://127.0.0.1:{port}"
+        password = (project / ".local" / "demo-admin-password").read_text().strip()
+        assert password in log_path.read_text(), "the login is printed for the developer"
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with browser.open(f"{site}/admin/login/", timeout=10) as login:
+            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.read().decode()).group(1)
+        form = {"csrfmiddlewaretoken": token, "username": "admin", "password": password, "next": "/admin/"}
+        with browser.open(f"{site}/admin/login/", urllib.parse.urlencode(form).encode(), timeout=10) as logged_in:
+            assert logged_in.url.endswith("/admin/"), "the printed password logs in"
+        with browser.open(f"{site}/admin/providers/provider/", timeout=10) as providers:
+            listing = providers.read().decode()
+        assert "demo-fake-openai" in listing and "demo-fake-anthropic" in listing
+        with browser.open(f"{site}/static/admin/css/base.css", timeout=10) as stylesheet:
+            assert stylesheet.status == 200
+
+        created = manage("createapikey", "admin", cwd=project, env=env)
+        assert created.returncode == 0, created.stderr
+        client = openai.OpenAI(base_url=f"{site}/v1", api_key=created.stdout.strip().splitlines()[-1], max_retries=0)
+        reply = client.chat.completions.create(
+            model="demo-gpt-4o-mini", messages=[{"role": "user", "content": "[[reply=hello from the demo]]"}]
+        )
+        assert reply.choices[0].message.content == "hello from the demo"
+
+        members = [pid for child in children for pid in group_members(child)]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, log_path.read_text()
+        assert wait_gone(members) == [], "every process `make run` started is gone after Ctrl-C"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for child in children:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_make_run_twice_keeps_one_admin_and_one_catalog(tmp_path):
+    project = copy_project(tmp_path / "project")
+    openai_key = "sk-test-" + secrets.token_hex(16)
+    env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base", OPENAI_API_KEY=openai_key)
+    assert manage("migrate", "--noinput", cwd=project, env=env).returncode == 0
+    first = manage("demo_setup", cwd=project, env=env)
+    assert first.returncode == 0, first.stderr
+    password = (project / ".local" / "demo-admin-password").read_text().strip()
+    second = manage("demo_setup", cwd=project, env=env)
+    assert second.returncode == 0, second.stderr
+    assert (project / ".local" / "demo-admin-password").read_text().strip() == password
+    assert "created" not in second.stdout and "updated" not in second.stdout
+    assert openai_key not in first.stdout + first.stderr + second.stdout + second.stderr
+    count = manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; from providers.models import Model, Provider; "
+        "print(User.objects.filter(username='admin').count(), sorted(Provider.objects.values_list('name', flat=True)), "
+        "Model.objects.filter(provider__name='openai').count())",
+        cwd=project,
+        env=env,
+    )
+    last_line = count.stdout.strip().splitlines()[-1]
+    assert last_line == "1 ['demo-fake-anthropic', 'demo-fake-openai', 'openai'] 2", count.stdout + count.stderr
