@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from django.core.asgi import get_asgi_application
 
@@ -19,6 +20,12 @@ if settings.DEBUG:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
+elif Path(settings.STATIC_ROOT).is_dir():
+    # Production: the files `collectstatic` gathered, served by ServeStatic (WhiteNoise's ASGI-native
+    # fork) in front of Django, so no sync middleware joins the request path and no proxy is required.
+    from servestatic import ServeStaticASGI
+
+    django_asgi_app = ServeStaticASGI(django_asgi_app, root=settings.STATIC_ROOT, prefix=settings.STATIC_URL)
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -409,3 +409,37 @@ def test_make_run_twice_keeps_one_admin_and_one_catalog(tmp_path):
     )
     last_line = count.stdout.strip().splitlines()[-1]
     assert last_line == "1 ['demo-fake-anthropic', 'demo-fake-openai', 'openai'] 2", count.stdout + count.stderr
+
+
+def test_production_serves_collected_static_files_itself(tmp_path):
+    """With DEBUG off, the admin's and the chat page's assets come from STATIC_ROOT through ServeStatic."""
+    env = production_env(
+        STATIC_ROOT=str(tmp_path / "static"),
+        SECURE_SSL_REDIRECT="false",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    )
+    assert manage("collectstatic", "--noinput", env=env).returncode == 0
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "off"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=2) as r:
+                    assert r.status == 200 and b"body" in r.read()
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/chat/app.css", timeout=2) as r:
+            assert r.status == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
