@@ -3,8 +3,15 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
+
+
+class BudgetPeriod(models.TextChoices):
+    DAILY = "daily", "Daily (UTC day)"
+    MONTHLY = "monthly", "Monthly (UTC calendar month)"
+    TOTAL = "total", "Total (never resets)"
 
 
 class ApiKey(models.Model):
@@ -21,6 +28,13 @@ class ApiKey(models.Model):
     allowed_models = models.ManyToManyField(
         "providers.Model", blank=True, related_name="+", help_text="Empty: every model the owner's plan allows."
     )
+    # Limits of this key on top of its owner's plan; empty means the key adds no limit of its own.
+    budget_usd = models.DecimalField(
+        "budget (USD)", max_digits=14, decimal_places=4, null=True, blank=True, validators=[MinValueValidator(0)]
+    )
+    budget_period = models.CharField(max_length=8, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY)
+    rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True)
+    tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -81,3 +95,177 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model_name} {self.status}"
+
+
+class Plan(models.Model):
+    """What a user may spend and use. A user's own overrides (``UserPlan``) win over the plan's values.
+
+    Models: ``allow_all_models``, or the models listed, or any model whose output price is at most
+    ``max_output_price_per_mtok`` (so "the cheapest models" stays true when the catalog changes)."""
+
+    name = models.CharField(max_length=64, unique=True)
+    description = models.CharField(max_length=300, blank=True)
+    allow_all_models = models.BooleanField(default=False)
+    allowed_models = models.ManyToManyField("providers.Model", blank=True, related_name="+")
+    max_output_price_per_mtok = models.DecimalField(
+        "also allow models with output $/Mtok up to",
+        max_digits=12,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+    )
+    daily_token_quota = models.PositiveBigIntegerField(null=True, blank=True, help_text="Empty: unlimited.")
+    monthly_budget_usd = models.DecimalField(
+        "monthly budget (USD)",
+        max_digits=14,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Empty: unlimited.",
+    )
+    rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True, help_text="Empty: unlimited.")
+    tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True, help_text="Empty: unlimited.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class UserPlan(models.Model):
+    """A user's plan, with per-user overrides; an empty override means "as the plan says"."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="billing_plan")
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="subscriptions")
+    daily_token_quota = models.PositiveBigIntegerField("daily token quota override", null=True, blank=True)
+    monthly_budget_usd = models.DecimalField(
+        "monthly budget override (USD)",
+        max_digits=14,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+    )
+    rpm = models.PositiveIntegerField("requests per minute override", null=True, blank=True)
+    tpm = models.PositiveIntegerField("tokens per minute override", null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "user plan"
+
+    def __str__(self) -> str:
+        return f"{self.user} on {self.plan}"
+
+
+class BudgetMetric(models.TextChoices):
+    COST = "cost", "Spend (USD)"
+    TOKENS = "tokens", "Tokens"
+
+
+class ScopeKind(models.TextChoices):
+    USER = "user", "User"
+    KEY = "key", "API key"
+
+
+class BudgetCounter(models.Model):
+    """Spend of one scope in one period, for the database path of admission (no Redis).
+
+    ``reserved`` is the sum of the open reservations below; ``spent`` follows the ledger, and the
+    reconcile task puts it back on the ledger's figure if a settle was ever lost."""
+
+    key = models.CharField(max_length=120, unique=True)
+    scope_kind = models.CharField(max_length=8, choices=ScopeKind.choices)
+    scope_id = models.BigIntegerField()
+    metric = models.CharField(max_length=8, choices=BudgetMetric.choices)
+    period = models.CharField(max_length=8, choices=BudgetPeriod.choices)
+    period_start = models.DateTimeField()
+    spent = models.DecimalField(max_digits=24, decimal_places=10, default=Decimal("0"))
+    reserved = models.DecimalField(max_digits=24, decimal_places=10, default=Decimal("0"))
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-period_start", "key"]
+        indexes = [models.Index(fields=["scope_kind", "scope_id", "period_start"])]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class BudgetReservation(models.Model):
+    """What one request holds against a counter until it settles. Settled rows are kept a little
+    while (``settled_at``) so that reconciliation can tell a settled request whose ledger row is
+    still on its way from one that never happened."""
+
+    counter = models.ForeignKey(BudgetCounter, on_delete=models.CASCADE, related_name="reservations")
+    request_id = models.CharField(max_length=64)
+    amount = models.DecimalField(max_digits=24, decimal_places=10)
+    expires_at = models.DateTimeField()
+    settled_at = models.DateTimeField(null=True, blank=True)
+    settled_amount = models.DecimalField(max_digits=24, decimal_places=10, null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["counter", "request_id"], name="billing_reservation_once_per_counter")
+        ]
+        indexes = [models.Index(fields=["counter", "settled_at", "expires_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} on {self.counter_id}"
+
+
+class BudgetAlert(models.Model):
+    """A budget threshold crossed; the unique constraint is what makes each one fire once per period."""
+
+    scope_kind = models.CharField(max_length=8, choices=ScopeKind.choices)
+    scope_id = models.BigIntegerField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    metric = models.CharField(max_length=8, choices=BudgetMetric.choices)
+    period = models.CharField(max_length=8, choices=BudgetPeriod.choices)
+    period_start = models.DateTimeField()
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit.")
+    limit = models.DecimalField(max_digits=24, decimal_places=10)
+    spent = models.DecimalField(max_digits=24, decimal_places=10, help_text="When the threshold was crossed.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True, help_text="When the email went out.")
+    channels = models.JSONField(default=list, blank=True, help_text="Channels that delivered it.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["scope_kind", "scope_id", "metric", "period_start", "threshold"],
+                name="billing_alert_once_per_threshold_and_period",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.scope_kind}:{self.scope_id} {self.metric} {self.threshold}% ({self.period_start:%Y-%m-%d})"
+
+
+class DailyUsage(models.Model):
+    """The ledger summed per day, user, key and model: derived, rebuilt from ``UsageRecord`` at will."""
+
+    day = models.DateField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    provider_name = models.CharField(max_length=64, blank=True)
+    model_name = models.CharField(max_length=128, blank=True)
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["-day", "model_name"]
+        verbose_name_plural = "daily usage"
+        indexes = [models.Index(fields=["day"]), models.Index(fields=["user", "day"])]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model_name} ${self.cost}"

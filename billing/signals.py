@@ -1,0 +1,64 @@
+"""Cache invalidation only: a changed, revoked or deleted key, a changed allow-list or a deactivated
+owner is forgotten by this process's key cache at once (other processes within
+``LLMHUB_LOOKUP_CACHE_TTL``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.db.models.signals import m2m_changed, post_delete, post_save
+from django.dispatch import receiver
+
+from .models import ApiKey, Plan, UserPlan
+from .selectors import limits_cache
+from .services.keys import key_cache
+
+
+def _forget(secret_hashes: list[str]) -> None:
+    def invalidate() -> None:
+        for secret_hash in secret_hashes:
+            key_cache.invalidate(secret_hash)
+
+    invalidate()
+    # Again after commit: a concurrent request may have cached the old row between now and then.
+    transaction.on_commit(invalidate)
+
+
+@receiver([post_save, post_delete], sender=ApiKey)
+def _api_key_changed(instance: ApiKey, **kwargs: Any) -> None:
+    _forget([instance.secret_hash])
+
+
+@receiver(m2m_changed, sender=ApiKey.allowed_models.through)
+def _api_key_models_changed(instance: ApiKey, action: str, **kwargs: Any) -> None:
+    # Only the forward side exists (related_name="+"), so ``instance`` is always the key.
+    if action.startswith("post_"):
+        _forget([instance.secret_hash])
+
+
+@receiver(post_save, sender=get_user_model())
+def _owner_changed(instance: Any, **kwargs: Any) -> None:
+    # A deactivated user's keys must stop at once; saving an active user (e.g. last_login) costs nothing.
+    if not instance.is_active:
+        _forget(list(ApiKey.objects.filter(user=instance).values_list("secret_hash", flat=True)))
+
+
+# Limits (plans, a user's plan, a key's budget and rates) are cached per process like keys are.
+
+
+@receiver([post_save, post_delete], sender=ApiKey)
+def _api_key_limits_changed(instance: ApiKey, **kwargs: Any) -> None:
+    limits_cache.invalidate(("key", instance.pk))
+
+
+@receiver([post_save, post_delete], sender=UserPlan)
+def _user_plan_changed(instance: UserPlan, **kwargs: Any) -> None:
+    limits_cache.invalidate(("user", instance.user_id))
+
+
+@receiver([post_save, post_delete], sender=Plan)
+@receiver(m2m_changed, sender=Plan.allowed_models.through)
+def _plan_changed(**kwargs: Any) -> None:
+    limits_cache.invalidate()

@@ -1,3 +1,15 @@
+"""The management API, mounted at /api/ (see ``billing.apis``)."""
+
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import apis
+
+urlpatterns = [
+    path("keys/", apis.ApiKeyListCreateApi.as_view(), name="api-keys"),
+    path("keys/<int:key_id>/", apis.ApiKeyDetailApi.as_view(), name="api-key-detail"),
+    path("keys/<int:key_id>/revoke/", apis.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
+    path("usage/", apis.UsageListApi.as_view(), name="usage"),
+    path("usage/summary/", apis.UsageSummaryApi.as_view(), name="usage-summary"),
+]

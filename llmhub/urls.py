@@ -11,5 +11,6 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/", include("billing.urls")),
+    path("usage/", include("billing.urls_dashboard")),
     path("", include("chat.urls")),
 ]

@@ -7,6 +7,7 @@ from decimal import Decimal
 import factory
 from django.contrib.auth import get_user_model
 
+from billing.models import Endpoint, UsageRecord, UsageStatus
 from providers.models import Model, Provider, ProviderKind
 
 
@@ -17,7 +18,7 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     username = factory.Sequence(lambda n: f"user{n}")
     email = factory.LazyAttribute(lambda o: f"{o.username}@example.com")
-    password = factory.PostGenerationMethodCall("set_password", "pw-for-tests-123")
+    password = factory.django.Password("pw-for-tests-123")
 
 
 class ProviderFactory(factory.django.DjangoModelFactory):
@@ -44,3 +45,21 @@ class ModelFactory(factory.django.DjangoModelFactory):
     input_per_mtok = Decimal("0.15")
     output_per_mtok = Decimal("0.60")
     context_window = 128_000
+
+
+class UsageRecordFactory(factory.django.DjangoModelFactory):
+    """A ledger row as the pipeline writes it; pass ``user``, ``api_key``, ``created_at`` as a test needs."""
+
+    class Meta:
+        model = UsageRecord
+
+    request_id = factory.Sequence(lambda n: f"req-test-{n:08d}")
+    user = factory.SubFactory(UserFactory)
+    provider_name = "fake-openai"
+    model_name = "gpt-test"
+    endpoint = Endpoint.REST
+    prompt_tokens = 10
+    completion_tokens = 5
+    cost = Decimal("0.0000045")
+    duration_ms = 120
+    status = UsageStatus.OK

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.contrib.auth import get_user_model
@@ -20,6 +21,7 @@ from django.utils import timezone
 
 from providers.cache import TTLCache
 from providers.exceptions import ApplicationError
+from providers.models import Model
 
 from ..models import ApiKey
 
@@ -60,16 +62,26 @@ def _random(length: int) -> str:
 @dataclass(frozen=True)
 class CreatedKey:
     api_key: ApiKey
-    secret: str  # shown to the user once, never stored
+    secret: str = field(repr=False)  # shown to the user once, never stored, never in a traceback
 
 
 @transaction.atomic
-def api_key_create(*, user, name: str = "default", expires_at: datetime | None = None) -> CreatedKey:
+def api_key_create(
+    *,
+    user,
+    name: str = "default",
+    expires_at: datetime | None = None,
+    allowed_models: Iterable[Model] = (),
+) -> CreatedKey:
+    """``allowed_models`` empty: the key may use every model its owner's plan allows."""
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ApplicationError("expires_at must be in the future.", param="expires_at", code="invalid_value")
     prefix = KEY_PREFIX + _random(8)
     secret = f"{prefix}-{_random(32)}"
     api_key = ApiKey.objects.create(
         user=user, name=name or "default", prefix=prefix, secret_hash=hash_key(secret), expires_at=expires_at
     )
+    api_key.allowed_models.set(allowed_models)
     return CreatedKey(api_key=api_key, secret=secret)
 
 

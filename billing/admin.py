@@ -1,0 +1,164 @@
+"""Admin for billing. Keys are created and revoked through the key services; the ledger is read-only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+
+from . import admin_plans  # noqa: F401  (plans, budget counters, alerts, daily usage)
+from .models import ApiKey, UsageRecord
+from .services.budgets import api_key_limits_set
+from .services.keys import api_key_create, api_key_revoke
+
+# API KEYS
+
+
+class ApiKeyStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("active", "Active"), ("expired", "Expired"), ("revoked", "Revoked")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
+        now = timezone.now()
+        not_expired = Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+        if self.value() == "active":
+            return queryset.filter(not_expired, revoked_at__isnull=True)
+        if self.value() == "expired":
+            return queryset.filter(revoked_at__isnull=True).exclude(not_expired)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+class ApiKeyAddForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ("user", "name", "expires_at", "allowed_models", "budget_usd", "budget_period", "rpm", "tpm")
+
+    def clean_expires_at(self) -> Any:
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            raise forms.ValidationError("Give a moment in the future, or leave empty for a key that never expires.")
+        return expires_at
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    add_form = ApiKeyAddForm
+    list_display = ("prefix", "name", "user", "created_at", "last_used_at", "expires_at", "status")
+    list_filter = (ApiKeyStatusFilter,)
+    list_select_related = ("user",)
+    search_fields = ("prefix", "name", "user__username", "user__email")
+    ordering = ("-created_at",)
+    actions = ("revoke_selected",)
+    autocomplete_fields = ("user",)
+    filter_horizontal = ("allowed_models",)
+    # secret_hash is in no field list: the admin never shows it.
+    fieldsets = (
+        (None, {"fields": ("prefix", "user", "name", "expires_at", "allowed_models")}),
+        ("Limits of this key (on top of its owner's plan)", {"fields": ("budget_usd", "budget_period", "rpm", "tpm")}),
+        ("History", {"fields": ("created_at", "last_used_at", "revoked_at")}),
+    )
+    readonly_fields = ("prefix", "user", "created_at", "last_used_at", "revoked_at")
+
+    @admin.display(description="status")
+    def status(self, obj: ApiKey) -> str:
+        if obj.revoked_at is not None:
+            return "revoked"
+        return "active" if obj.is_active else "expired"
+
+    def get_form(self, request: HttpRequest, obj: ApiKey | None = None, **kwargs: Any) -> Any:
+        if obj is None:
+            kwargs.setdefault("form", self.add_form)
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        if obj is None:
+            return ((None, {"fields": self.add_form.Meta.fields}),)
+        return self.fieldsets
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        return () if obj is None else self.readonly_fields
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        created = api_key_create(
+            user=form.cleaned_data["user"],
+            name=form.cleaned_data["name"],
+            expires_at=form.cleaned_data["expires_at"],
+            allowed_models=form.cleaned_data["allowed_models"],
+        )
+        api_key_limits_set(
+            api_key=created.api_key,
+            budget_usd=form.cleaned_data["budget_usd"],
+            budget_period=form.cleaned_data["budget_period"],
+            rpm=form.cleaned_data["rpm"],
+            tpm=form.cleaned_data["tpm"],
+        )
+        # The admin goes on with ``obj`` (change log, redirect): make it the row the service created.
+        obj.pk = created.api_key.pk
+        obj.refresh_from_db()
+        self.message_user(
+            request,
+            f"The new key is {created.secret} — copy it now: it is shown this once and cannot be recovered.",
+            messages.SUCCESS,
+        )
+
+    def save_related(self, request: HttpRequest, form: forms.ModelForm, formsets: Any, change: bool) -> None:
+        # On add, api_key_create has already set the allowed models.
+        if change:
+            super().save_related(request, form, formsets, change)
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        revoked = 0
+        for api_key in queryset.filter(revoked_at__isnull=True):
+            api_key_revoke(api_key=api_key)
+            revoked += 1
+        self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
+
+
+# USAGE LEDGER
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    """The ledger is the source of truth for spend: nobody edits or deletes it from the admin."""
+
+    list_display = (
+        "created_at",
+        "user",
+        "model_name",
+        "endpoint",
+        "stream",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+        "status",
+        "error_type",
+        "usage_estimated",
+    )
+    list_filter = ("status", "endpoint", "model_name", "provider_name", "stream", "usage_estimated")
+    list_select_related = ("user",)
+    search_fields = ("request_id", "user__username", "model_name")
+    date_hierarchy = "created_at"
+    ordering = ("-created_at",)
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False

@@ -1,0 +1,151 @@
+"""Admin for plans, users' plans, budget counters, alerts and the daily rollup. Imported by ``admin.py``.
+
+Counters, alerts and rollups are derived from the ledger: they are read-only here, and their actions
+(reconcile, rebuild) call the services that recompute them from the ledger.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+
+from .models import BudgetAlert, BudgetCounter, DailyUsage, Plan, UserPlan
+from .services.counters import budget_counters_reconcile
+from .services.plans import plan_assign
+from .services.rollups import daily_usage_rebuild
+
+
+class _ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object | None = None) -> bool:
+        return False
+
+
+@admin.register(Plan)
+class PlanAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "allow_all_models",
+        "max_output_price_per_mtok",
+        "daily_token_quota",
+        "monthly_budget_usd",
+        "rpm",
+        "tpm",
+        "users",
+    )
+    search_fields = ("name",)
+    filter_horizontal = ("allowed_models",)
+    fieldsets = (
+        (None, {"fields": ("name", "description")}),
+        ("Models", {"fields": ("allow_all_models", "allowed_models", "max_output_price_per_mtok")}),
+        ("Limits (empty: unlimited)", {"fields": ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")}),
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:
+        return super().get_queryset(request).annotate(user_count=Count("subscriptions"))
+
+    @admin.display(description="users", ordering="user_count")
+    def users(self, obj: Plan) -> int:
+        return obj.user_count
+
+
+@admin.register(UserPlan)
+class UserPlanAdmin(admin.ModelAdmin):
+    list_display = ("user", "plan", "daily_token_quota", "monthly_budget_usd", "rpm", "tpm", "updated_at")
+    list_filter = ("plan",)
+    list_select_related = ("user", "plan")
+    search_fields = ("user__username", "user__email")
+    autocomplete_fields = ("user",)
+    actions = ("clear_overrides",)
+    fieldsets = (
+        (None, {"fields": ("user", "plan")}),
+        (
+            "The user's own limits (empty: as the plan says)",
+            {"fields": ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")},
+        ),
+    )
+
+    @admin.action(description="Clear the selected users' own limits (use their plan's)")
+    def clear_overrides(self, request: HttpRequest, queryset: QuerySet[UserPlan]) -> None:
+        for user_plan in queryset.select_related("user", "plan"):
+            plan_assign(user=user_plan.user, plan=user_plan.plan, clear_overrides=True)
+        self.message_user(request, f"Cleared the own limits of {queryset.count()} user(s).", messages.SUCCESS)
+
+
+@admin.register(BudgetCounter)
+class BudgetCounterAdmin(_ReadOnlyAdmin):
+    """The database store's counters (with Redis configured, the counters live in Redis)."""
+
+    list_display = (
+        "key",
+        "scope_kind",
+        "scope_id",
+        "metric",
+        "period",
+        "period_start",
+        "spent",
+        "reserved",
+        "updated_at",
+    )
+    list_filter = ("scope_kind", "metric", "period")
+    search_fields = ("key",)
+    actions = ("reconcile",)
+
+    @admin.action(description="Reconcile every budget counter with the ledger")
+    def reconcile(self, request: HttpRequest, queryset: QuerySet[BudgetCounter]) -> None:
+        adjusted = budget_counters_reconcile()
+        self.message_user(request, f"Reconciled with the ledger; {adjusted} counter(s) were off.", messages.SUCCESS)
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(_ReadOnlyAdmin):
+    list_display = (
+        "created_at",
+        "scope_kind",
+        "scope_id",
+        "user",
+        "metric",
+        "threshold",
+        "period_start",
+        "spent",
+        "limit",
+        "sent_at",
+        "channels",
+    )
+    list_filter = ("threshold", "metric", "scope_kind", "period")
+    list_select_related = ("user",)
+    search_fields = ("user__username", "user__email")
+    date_hierarchy = "created_at"
+
+
+@admin.register(DailyUsage)
+class DailyUsageAdmin(_ReadOnlyAdmin):
+    list_display = (
+        "day",
+        "user",
+        "api_key",
+        "provider_name",
+        "model_name",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost",
+    )
+    list_filter = ("provider_name", "model_name")
+    list_select_related = ("user", "api_key")
+    search_fields = ("user__username", "model_name")
+    date_hierarchy = "day"
+    actions = ("rebuild",)
+
+    @admin.action(description="Rebuild the selected days from the ledger")
+    def rebuild(self, request: HttpRequest, queryset: QuerySet[DailyUsage]) -> None:
+        days = sorted(set(queryset.values_list("day", flat=True)))
+        for day in days:
+            daily_usage_rebuild(day=day)
+        self.message_user(request, f"Rebuilt {len(days)} day(s) from the ledger.", messages.SUCCESS)

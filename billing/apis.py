@@ -1,0 +1,285 @@
+"""The management API of billing: a user's own gateway keys and usage ledger.
+
+Authentication is a gateway key (``Authorization: Bearer`` or ``x-api-key``) or the web session;
+every read is scoped to the caller, and another user's key answers 404 exactly like a missing one.
+Errors use OpenAI's shape (``chat.exception_handlers``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from llmhub.schema import error_responses
+from providers.models import Model
+
+from .models import ApiKey, UsageStatus
+from .selectors import UsageFilters, api_key_get, api_key_list, usage_record_list, usage_summary
+from .services.keys import CreatedKey, api_key_create, api_key_revoke
+
+_KEYS_TAG = ["API keys"]
+_USAGE_TAG = ["Usage"]
+# The ledger keeps 10 decimal places; sums may need more integer digits than one row.
+_COST = {"max_digits": None, "decimal_places": 10, "coerce_to_string": True}
+
+
+def _paginated_response(*, request: Request, view: APIView, queryset: Any, serializer_class: type) -> Response:
+    paginator = view.pagination_class()
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer_class(page, many=True).data)
+
+
+# API KEYS
+
+
+@extend_schema_serializer(component_name="ApiKey")
+class ApiKeyOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    prefix = serializers.CharField(help_text="The visible start of the key, to tell keys apart.")
+    created_at = serializers.DateTimeField()
+    last_used_at = serializers.DateTimeField(allow_null=True)
+    expires_at = serializers.DateTimeField(allow_null=True)
+    revoked_at = serializers.DateTimeField(allow_null=True)
+    is_active = serializers.BooleanField(help_text="Neither revoked nor expired.")
+    allowed_models = serializers.SerializerMethodField(help_text="Public model names; empty: every model of the plan.")
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_allowed_models(self, api_key: ApiKey) -> list[str]:
+        return [model.name for model in api_key.allowed_models.all()]
+
+
+@extend_schema_serializer(component_name="ApiKeyCreated")
+class ApiKeyCreatedOutputSerializer(ApiKeyOutputSerializer):
+    secret = serializers.CharField(help_text="The whole key. Shown this once: llmhub keeps only its SHA-256.")
+
+    def to_representation(self, instance: CreatedKey) -> dict[str, Any]:
+        return {**ApiKeyOutputSerializer(instance.api_key).data, "secret": instance.secret}
+
+
+def _own_key_or_404(request: Request, key_id: int) -> ApiKey:
+    api_key = api_key_get(user=request.user, key_id=key_id)
+    if api_key is None:
+        raise NotFound("No API key with this id.")
+    return api_key
+
+
+class ApiKeyListCreateApi(APIView):
+    pagination_class = LimitOffsetPagination
+
+    @extend_schema_serializer(component_name="ApiKeyCreate")
+    class InputSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=100, default="default")
+        expires_at = serializers.DateTimeField(required=False, allow_null=True, help_text="Must be in the future.")
+        allowed_models = serializers.SlugRelatedField(
+            many=True,
+            required=False,
+            slug_field="name",
+            queryset=Model.objects.filter(enabled=True, provider__enabled=True),
+            help_text="Public model names this key may use; omit for every model the plan allows.",
+        )
+
+    @extend_schema(
+        tags=_KEYS_TAG,
+        operation_id="api_keys_list",
+        summary="List your API keys",
+        description="Newest first. Shows each key's prefix, never the secret or its hash.",
+        responses={200: ApiKeyOutputSerializer(many=True), **error_responses(401)},
+    )
+    def get(self, request: Request) -> Response:
+        return _paginated_response(
+            request=request,
+            view=self,
+            queryset=api_key_list(user=request.user),
+            serializer_class=ApiKeyOutputSerializer,
+        )
+
+    @extend_schema(
+        tags=_KEYS_TAG,
+        operation_id="api_keys_create",
+        summary="Create an API key",
+        description="The answer carries the whole key in `secret`: store it now, it is never shown again.",
+        request=InputSerializer,
+        responses={201: ApiKeyCreatedOutputSerializer, **error_responses(400, 401)},
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        created = api_key_create(user=request.user, **serializer.validated_data)
+        return Response(ApiKeyCreatedOutputSerializer(created).data, status=status.HTTP_201_CREATED)
+
+
+class ApiKeyDetailApi(APIView):
+    @extend_schema(
+        tags=_KEYS_TAG,
+        operation_id="api_keys_retrieve",
+        summary="Retrieve one of your API keys",
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404)},
+    )
+    def get(self, request: Request, key_id: int) -> Response:
+        return Response(ApiKeyOutputSerializer(_own_key_or_404(request, key_id)).data)
+
+    @extend_schema(
+        tags=_KEYS_TAG,
+        operation_id="api_keys_destroy",
+        summary="Revoke one of your API keys (same as POST …/revoke/)",
+        description=(
+            "Revokes rather than deletes: the key stops working at once, and stays listed as revoked so "
+            "that the usage ledger still says which key spent what. Revoking twice is harmless."
+        ),
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404)},
+    )
+    def delete(self, request: Request, key_id: int) -> Response:
+        api_key = api_key_revoke(api_key=_own_key_or_404(request, key_id))
+        return Response(ApiKeyOutputSerializer(api_key).data)
+
+
+class ApiKeyRevokeApi(APIView):
+    @extend_schema(
+        tags=_KEYS_TAG,
+        operation_id="api_keys_revoke",
+        summary="Revoke one of your API keys",
+        description="The key stops working at once. Revoking twice is harmless and keeps the first `revoked_at`.",
+        request=None,
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404)},
+    )
+    def post(self, request: Request, key_id: int) -> Response:
+        api_key = api_key_revoke(api_key=_own_key_or_404(request, key_id))
+        return Response(ApiKeyOutputSerializer(api_key).data)
+
+
+# USAGE
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "description": "An ISO 8601 date (`2025-01-31`, the whole UTC day) or date-time (`2025-01-31T12:00:00Z`).",
+    }
+)
+class DateOrDateTimeField(serializers.Field):
+    default_error_messages = {
+        "invalid": "Give an ISO 8601 date (2025-01-31) or date-time (2025-01-31T12:00:00Z).",
+    }
+
+    def to_internal_value(self, data: Any) -> date | datetime:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        try:
+            # A date first: Python's fromisoformat would also read "2025-01-31" as a midnight datetime.
+            parsed: date | datetime | None = parse_date(data) or parse_datetime(data)
+        except ValueError:
+            self.fail("invalid")
+        if parsed is None:
+            self.fail("invalid")
+        if isinstance(parsed, datetime) and timezone.is_naive(parsed):
+            parsed = timezone.make_aware(parsed, UTC)
+        return parsed
+
+    def to_representation(self, value: date | datetime) -> str:
+        return value.isoformat()
+
+
+class UsageFilterSerializer(serializers.Serializer):
+    start = DateOrDateTimeField(required=False, help_text="Inclusive.")
+    end = DateOrDateTimeField(required=False, help_text="Inclusive; a date includes its whole day.")
+    model = serializers.CharField(required=False, max_length=128, help_text="A public model name.")
+    key = serializers.RegexField(
+        r"^(?:[0-9]{1,18}|[A-Za-z][A-Za-z0-9-]{0,31})$",
+        required=False,
+        help_text="One of your keys: its id or its prefix.",
+    )
+    status = serializers.ChoiceField(choices=UsageStatus.choices, required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        since, until = UsageFilters(start=attrs.get("start"), end=attrs.get("end")).created_range()
+        if since is not None and until is not None and since >= until:
+            raise serializers.ValidationError({"end": "end must not be before start."})
+        return attrs
+
+
+class UsageListApi(APIView):
+    pagination_class = LimitOffsetPagination
+
+    @extend_schema_serializer(component_name="UsageRecord")
+    class OutputSerializer(serializers.Serializer):
+        request_id = serializers.CharField()
+        created_at = serializers.DateTimeField()
+        model = serializers.CharField(source="model_name")
+        provider = serializers.CharField(source="provider_name")
+        endpoint = serializers.CharField()
+        stream = serializers.BooleanField()
+        prompt_tokens = serializers.IntegerField()
+        completion_tokens = serializers.IntegerField()
+        cached_tokens = serializers.IntegerField()
+        cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
+        usage_estimated = serializers.BooleanField(help_text="The provider sent no usage; tokens were counted.")
+        status = serializers.CharField()
+        error_type = serializers.CharField()
+        ttft_ms = serializers.IntegerField(allow_null=True, help_text="Time to first token.")
+        duration_ms = serializers.IntegerField()
+        key = serializers.CharField(source="key_prefix", allow_null=True, help_text="The prefix of the key used.")
+
+    @extend_schema(
+        tags=_USAGE_TAG,
+        operation_id="usage_list",
+        summary="List your requests from the usage ledger",
+        description="Newest first.",
+        parameters=[UsageFilterSerializer],
+        responses={200: OutputSerializer(many=True), **error_responses(400, 401)},
+    )
+    def get(self, request: Request) -> Response:
+        filters = UsageFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        records = usage_record_list(user=request.user, filters=UsageFilters(**filters.validated_data))
+        return _paginated_response(request=request, view=self, queryset=records, serializer_class=self.OutputSerializer)
+
+
+@extend_schema_serializer(component_name="UsageTotals")
+class _UsageTotalsSerializer(serializers.Serializer):
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
+
+
+@extend_schema_serializer(component_name="UsageDay")
+class _UsageDaySerializer(_UsageTotalsSerializer):
+    day = serializers.DateField(help_text="UTC.")
+
+
+@extend_schema_serializer(component_name="UsageModel")
+class _UsageModelSerializer(_UsageTotalsSerializer):
+    model = serializers.CharField()
+
+
+class UsageSummaryApi(APIView):
+    @extend_schema_serializer(component_name="UsageSummary")
+    class OutputSerializer(serializers.Serializer):
+        total = _UsageTotalsSerializer()
+        by_day = _UsageDaySerializer(many=True)
+        by_model = _UsageModelSerializer(many=True)
+
+    @extend_schema(
+        tags=_USAGE_TAG,
+        operation_id="usage_summary",
+        summary="Sum your usage, in total, per day and per model",
+        description="Takes the same filters as the list. Costs are exact decimal sums, as strings.",
+        parameters=[UsageFilterSerializer],
+        responses={200: OutputSerializer, **error_responses(400, 401)},
+    )
+    def get(self, request: Request) -> Response:
+        filters = UsageFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        summary = usage_summary(user=request.user, filters=UsageFilters(**filters.validated_data))
+        return Response(self.OutputSerializer(summary).data)

@@ -1,0 +1,55 @@
+"""Errors of admission control, in the OpenAI error vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from providers.exceptions import ApplicationError
+
+
+class ModelNotAllowedError(ApplicationError):
+    """The plan or the key does not include the model; the message says which and why."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
+class QuotaExceededError(ApplicationError):
+    """A budget or token quota cannot pay for the request; nothing was sent upstream."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class RateLimitExceededError(ApplicationError):
+    """Requests or tokens per minute exhausted; ``retry_after`` seconds and the x-ratelimit-* headers
+    (in ``extra["headers"]``) tell the client when to come back."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+        self.extra["headers"] = headers or {}
+
+
+class BillingMisconfiguredError(ApplicationError):
+    """The gateway's own billing configuration is broken (e.g. the default plan does not exist)."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "billing_misconfigured"
+
+
+class BillingUnavailableError(ApplicationError):
+    """Budgets and rate limits cannot be checked (Redis is unreachable): refuse rather than run unmetered."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "billing_unavailable"

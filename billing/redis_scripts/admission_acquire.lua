@@ -1,0 +1,212 @@
+-- Admission in one round trip: expire stale reservations, clamp max_tokens to what every budget
+-- still pays for, check the sliding-window rate limits, check the budgets, and only if all pass,
+-- record the request in every window and reserve its worst-case cost on every budget counter.
+--
+-- Money is in integer units of 1e-10 USD (the ledger's precision), tokens are plain integers.
+-- KEYS, for each budget counter i: [hash (spent, reserved, r:<rid>, s:<rid>), expiry zset, settled zset]
+--       then for each rate scope j: [requests zset, tokens zset, token amounts hash (<rid>, sum)]
+-- ARGV: now_ms, request_id, reservation_ttl_ms, n_counters, n_rate_scopes, fixed_cost, token_price,
+--       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
+--       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
+-- Returns {'ok', max_tokens, cost, tokens, per scope: rpm, rpm_remaining, rpm_reset_ms, tpm, tpm_remaining,
+-- tpm_reset_ms}, {'seed', {counter indexes}}, {'quota', i, spent, reserved, needed} or
+-- {'rate', j, 'requests' | 'tokens', limit, used, requested, retry_after_ms (-1: never fits)}.
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local resv_ttl = tonumber(ARGV[3])
+local nb = tonumber(ARGV[4])
+local nr = tonumber(ARGV[5])
+local fixed = tonumber(ARGV[6])
+local price = tonumber(ARGV[7])
+local requested = tonumber(ARGV[8])
+local cap = tonumber(ARGV[9])
+local prompt = tonumber(ARGV[10])
+local choices = tonumber(ARGV[11])
+local window = tonumber(ARGV[12])
+
+-- Lua turns large numbers into "1e+15", which HINCRBY refuses: always pass integers through this.
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+local missing = {}
+for i = 1, nb do
+  if redis.call('HEXISTS', KEYS[3 * i - 2], 'spent') == 0 then
+    missing[#missing + 1] = i
+  end
+end
+if #missing > 0 then
+  return {'seed', missing}
+end
+
+local counters = {}
+for i = 1, nb do
+  local h, exp = KEYS[3 * i - 2], KEYS[3 * i - 1]
+  local a = 12 + 3 * (i - 1)
+  -- A reservation whose request never settled (its process died) gives its amount back.
+  local stale = redis.call('ZRANGEBYSCORE', exp, '-inf', now)
+  for _, r in ipairs(stale) do
+    local amount = redis.call('HGET', h, 'r:' .. r)
+    if amount then
+      redis.call('HINCRBY', h, 'reserved', int(-tonumber(amount)))
+      redis.call('HDEL', h, 'r:' .. r)
+    end
+  end
+  if #stale > 0 then
+    redis.call('ZREMRANGEBYSCORE', exp, '-inf', now)
+  end
+  local values = redis.call('HMGET', h, 'spent', 'reserved')
+  counters[i] = {
+    metric = ARGV[a + 1],
+    limit = tonumber(ARGV[a + 2]),
+    ttl = tonumber(ARGV[a + 3]),
+    spent = tonumber(values[1]),
+    reserved = tonumber(values[2] or '0'),
+  }
+end
+
+local max_tokens = requested
+if requested < 0 then
+  max_tokens = cap
+  local tightest = 0
+  for i, c in ipairs(counters) do
+    local left = c.limit - c.spent - c.reserved
+    local affordable
+    if c.metric == 'cost' then
+      left = left - fixed
+      if price > 0 then
+        affordable = math.floor(left / (price * choices))
+      elseif left >= 0 then
+        affordable = cap
+      else
+        affordable = -1
+      end
+    else
+      affordable = math.floor((left - prompt) / choices)
+    end
+    if affordable < max_tokens then
+      max_tokens = affordable
+      tightest = i
+    end
+  end
+  if max_tokens < 1 then
+    local c = counters[tightest]
+    local needed = prompt + choices
+    if c.metric == 'cost' then
+      needed = fixed + math.ceil(choices * price)
+    end
+    return {'quota', tightest, int(c.spent), int(c.reserved), int(needed)}
+  end
+end
+local completion = max_tokens * choices
+local cost = fixed + math.ceil(completion * price)
+local tokens = prompt + completion
+
+local scopes = {}
+for j = 1, nr do
+  local k = 3 * nb + 3 * (j - 1)
+  local rq, tk, th = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local a = 12 + 3 * nb + 2 * (j - 1)
+  local s = {rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), rq = rq, tk = tk, th = th}
+  local cutoff = now - window
+  if s.rpm >= 0 then
+    redis.call('ZREMRANGEBYSCORE', rq, '-inf', cutoff)
+    s.used_requests = redis.call('ZCARD', rq)
+    if s.used_requests + 1 > s.rpm then
+      -- Room comes back when the entry that makes the window one too full leaves it.
+      local retry = window
+      local index = s.used_requests - s.rpm
+      local entry = redis.call('ZRANGE', rq, index, index, 'WITHSCORES')
+      if entry[2] then
+        retry = tonumber(entry[2]) + window - now
+      end
+      return {'rate', j, 'requests', s.rpm, s.used_requests, 1, int(retry)}
+    end
+  end
+  if s.tpm >= 0 then
+    local old = redis.call('ZRANGEBYSCORE', tk, '-inf', cutoff)
+    for _, r in ipairs(old) do
+      local amount = redis.call('HGET', th, r)
+      if amount then
+        redis.call('HINCRBY', th, 'sum', int(-tonumber(amount)))
+        redis.call('HDEL', th, r)
+      end
+    end
+    if #old > 0 then
+      redis.call('ZREMRANGEBYSCORE', tk, '-inf', cutoff)
+    end
+    s.used_tokens = tonumber(redis.call('HGET', th, 'sum') or '0')
+    if s.used_tokens + tokens > s.tpm then
+      local retry = -1
+      if tokens <= s.tpm then
+        local excess = s.used_tokens + tokens - s.tpm
+        local entries = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
+        local freed = 0
+        for e = 1, #entries, 2 do
+          freed = freed + tonumber(redis.call('HGET', th, entries[e]) or '0')
+          if freed >= excess then
+            retry = tonumber(entries[e + 1]) + window - now
+            break
+          end
+        end
+      end
+      return {'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(tokens), int(retry)}
+    end
+  end
+  scopes[j] = s
+end
+
+for i, c in ipairs(counters) do
+  local amount = tokens
+  if c.metric == 'cost' then
+    amount = cost
+  end
+  if c.spent + c.reserved + amount > c.limit then
+    return {'quota', i, int(c.spent), int(c.reserved), int(amount)}
+  end
+end
+
+for i, c in ipairs(counters) do
+  local h, exp = KEYS[3 * i - 2], KEYS[3 * i - 1]
+  local amount = tokens
+  if c.metric == 'cost' then
+    amount = cost
+  end
+  redis.call('HINCRBY', h, 'reserved', int(amount))
+  redis.call('HSET', h, 'r:' .. rid, int(amount))
+  redis.call('ZADD', exp, int(now + resv_ttl), rid)
+  redis.call('PEXPIRE', h, int(c.ttl))
+  redis.call('PEXPIRE', exp, int(c.ttl))
+end
+
+local result = {'ok', int(max_tokens), int(cost), int(tokens)}
+for _, s in ipairs(scopes) do
+  if s.rpm >= 0 then
+    redis.call('ZADD', s.rq, int(now), rid)
+    redis.call('PEXPIRE', s.rq, int(window + 1000))
+    local oldest = redis.call('ZRANGE', s.rq, 0, 0, 'WITHSCORES')
+    result[#result + 1] = int(s.rpm)
+    result[#result + 1] = int(s.rpm - s.used_requests - 1)
+    result[#result + 1] = int(tonumber(oldest[2]) + window - now)
+  else
+    result[#result + 1] = '-1'
+    result[#result + 1] = '-1'
+    result[#result + 1] = '-1'
+  end
+  if s.tpm >= 0 then
+    redis.call('ZADD', s.tk, int(now), rid)
+    redis.call('HSET', s.th, rid, int(tokens))
+    redis.call('HINCRBY', s.th, 'sum', int(tokens))
+    redis.call('PEXPIRE', s.tk, int(window + 1000))
+    redis.call('PEXPIRE', s.th, int(window + 1000))
+    local oldest = redis.call('ZRANGE', s.tk, 0, 0, 'WITHSCORES')
+    result[#result + 1] = int(s.tpm)
+    result[#result + 1] = int(s.tpm - s.used_tokens - tokens)
+    result[#result + 1] = int(tonumber(oldest[2]) + window - now)
+  else
+    result[#result + 1] = '-1'
+    result[#result + 1] = '-1'
+    result[#result + 1] = '-1'
+  end
+end
+return result

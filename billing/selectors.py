@@ -1,0 +1,327 @@
+"""Reads of billing data: a user's keys and ledger (the management API), the limits checked on every
+request (cached in-process), and the usage dashboards' figures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db.models import Count, F, QuerySet, Sum
+from django.db.models.functions import Coalesce, TruncDate
+
+from providers.cache import TTLCache
+from providers.types import ResolvedModel
+
+from .models import ApiKey, DailyUsage, Plan, UsageRecord, UserPlan
+
+# API KEYS AND LEDGER (management API)
+
+
+def api_key_list(*, user: Any) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(user=user).prefetch_related("allowed_models").order_by("-created_at", "-pk")
+
+
+def api_key_get(*, user: Any, key_id: int) -> ApiKey | None:
+    """One of the user's own keys; another user's key is None, exactly like a missing one."""
+    return api_key_list(user=user).filter(pk=key_id).first()
+
+
+@dataclass(frozen=True)
+class UsageFilters:
+    start: date | datetime | None = None
+    end: date | datetime | None = None
+    model: str | None = None
+    key: str | None = None  # a key's id or its prefix
+    status: str | None = None
+
+    def created_range(self) -> tuple[datetime | None, datetime | None]:
+        """[since, until): a date start is its midnight (UTC); a date end includes its whole day; a
+        date-time end is inclusive."""
+        since = until = None
+        if self.start is not None:
+            since = self.start if isinstance(self.start, datetime) else datetime.combine(self.start, time(), UTC)
+        if self.end is not None:
+            if isinstance(self.end, datetime):
+                until = self.end + timedelta(microseconds=1)
+            else:
+                until = datetime.combine(self.end + timedelta(days=1), time(), UTC)
+        return since, until
+
+
+def usage_record_list(*, user: Any, filters: UsageFilters) -> QuerySet[UsageRecord]:
+    """The user's own ledger rows, newest first, with ``key_prefix`` of the key used (None without one)."""
+    rows = UsageRecord.objects.filter(user=user)
+    since, until = filters.created_range()
+    if since is not None:
+        rows = rows.filter(created_at__gte=since)
+    if until is not None:
+        rows = rows.filter(created_at__lt=until)
+    if filters.model:
+        rows = rows.filter(model_name=filters.model)
+    if filters.status:
+        rows = rows.filter(status=filters.status)
+    if filters.key:
+        rows = (
+            rows.filter(api_key_id=int(filters.key))
+            if filters.key.isdigit()
+            else rows.filter(api_key__prefix=filters.key)
+        )
+    return rows.annotate(key_prefix=F("api_key__prefix")).order_by("-created_at", "-pk")
+
+
+_TOTALS = {
+    "requests": Count("pk"),
+    "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+    "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+    "cost": Coalesce(Sum("cost"), Decimal(0)),
+}
+
+
+def usage_summary(*, user: Any, filters: UsageFilters) -> dict[str, Any]:
+    """Totals, per UTC day and per model, of the rows ``usage_record_list`` would return."""
+    rows = usage_record_list(user=user, filters=filters).order_by()
+    by_day = rows.annotate(day=TruncDate("created_at", tzinfo=UTC)).values("day").annotate(**_TOTALS).order_by("day")
+    by_model = rows.values("model_name").annotate(**_TOTALS).order_by("model_name")
+    return {
+        "total": rows.aggregate(**_TOTALS),
+        "by_day": list(by_day),
+        "by_model": [{"model": entry.pop("model_name"), **entry} for entry in by_model],
+    }
+
+
+# LIMITS (request path)
+
+# Limits on the request path: one query per TTL per user or key, not per request. The process that
+# changes a plan or key clears its copy at once; other processes follow within LLMHUB_LOOKUP_CACHE_TTL.
+limits_cache: TTLCache[Any] = TTLCache("billing-limits")
+
+
+@dataclass(frozen=True, slots=True)
+class UserLimits:
+    plan_name: str | None  # None: the user has no plan and nothing limits them
+    allow_all_models: bool
+    allowed_model_ids: frozenset[int]
+    max_output_price_per_mtok: Decimal | None
+    daily_token_quota: int | None
+    monthly_budget_usd: Decimal | None
+    rpm: int | None
+    tpm: int | None
+
+    def allows(self, model: ResolvedModel) -> bool:
+        if self.allow_all_models or model.id in self.allowed_model_ids:
+            return True
+        return self.max_output_price_per_mtok is not None and model.output_per_mtok <= self.max_output_price_per_mtok
+
+    def model_rule(self) -> str:
+        """The allow-list in words, for the message that refuses a model."""
+        parts = []
+        if self.max_output_price_per_mtok is not None:
+            parts.append(
+                f"models whose output price is at most ${self.max_output_price_per_mtok:.2f} per million tokens"
+            )
+        if self.allowed_model_ids:
+            parts.append("the models it lists")
+        return " and ".join(parts) or "no models"
+
+
+UNRESTRICTED = UserLimits(
+    plan_name=None,
+    allow_all_models=True,
+    allowed_model_ids=frozenset(),
+    max_output_price_per_mtok=None,
+    daily_token_quota=None,
+    monthly_budget_usd=None,
+    rpm=None,
+    tpm=None,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    budget_usd: Decimal | None
+    budget_period: str
+    rpm: int | None
+    tpm: int | None
+
+
+def _pick(override: Any, plan_value: Any) -> Any:
+    return plan_value if override is None else override
+
+
+def user_limits_from(user_plan: UserPlan, allowed_model_ids: Iterable[int]) -> UserLimits:
+    plan = user_plan.plan
+    return UserLimits(
+        plan_name=plan.name,
+        allow_all_models=plan.allow_all_models,
+        allowed_model_ids=frozenset(allowed_model_ids),
+        max_output_price_per_mtok=plan.max_output_price_per_mtok,
+        daily_token_quota=_pick(user_plan.daily_token_quota, plan.daily_token_quota),
+        monthly_budget_usd=_pick(user_plan.monthly_budget_usd, plan.monthly_budget_usd),
+        rpm=_pick(user_plan.rpm, plan.rpm),
+        tpm=_pick(user_plan.tpm, plan.tpm),
+    )
+
+
+async def _load_user_limits(user_id: int) -> UserLimits:
+    from .services.plans import user_plan_ensure
+
+    user_plan = await UserPlan.objects.select_related("plan").filter(user_id=user_id).afirst()
+    if user_plan is None:
+        user_plan = await sync_to_async(user_plan_ensure)(user_id=user_id)
+        if user_plan is None:
+            return UNRESTRICTED
+    allowed: list[int] = []
+    if not user_plan.plan.allow_all_models:
+        allowed = [pk async for pk in user_plan.plan.allowed_models.values_list("pk", flat=True)]
+    return user_limits_from(user_plan, allowed)
+
+
+async def user_limits(user_id: int) -> UserLimits:
+    return await limits_cache.get_or_load(("user", user_id), lambda: _load_user_limits(user_id))
+
+
+async def _load_key_limits(api_key_id: int) -> KeyLimits | None:
+    row = await ApiKey.objects.filter(pk=api_key_id).values("budget_usd", "budget_period", "rpm", "tpm").afirst()
+    return None if row is None else KeyLimits(**row)
+
+
+async def key_limits(api_key_id: int) -> KeyLimits | None:
+    return await limits_cache.get_or_load(("key", api_key_id), lambda: _load_key_limits(api_key_id))
+
+
+def user_limits_sync(user_id: int) -> UserLimits:
+    """For pages and commands: the same limits, uncached, without creating a plan row."""
+    user_plan = UserPlan.objects.select_related("plan").filter(user_id=user_id).first()
+    if user_plan is None:
+        plan = Plan.objects.filter(name=settings.LLMHUB_DEFAULT_PLAN).first() if settings.LLMHUB_DEFAULT_PLAN else None
+        if plan is None:
+            return UNRESTRICTED
+        user_plan = UserPlan(user_id=user_id, plan=plan)
+    allowed = [] if user_plan.plan.allow_all_models else user_plan.plan.allowed_models.values_list("pk", flat=True)
+    return user_limits_from(user_plan, allowed)
+
+
+# USAGE DASHBOARDS
+# Days before today come from the DailyUsage rollup, today from the live ledger.
+
+
+@dataclass(frozen=True, slots=True)
+class DaySpend:
+    day: date
+    cost: Decimal
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpendShare:
+    label: str
+    requests: int
+    tokens: int
+    cost: Decimal
+
+
+def _day_start(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
+def usage_daily(*, days: int, today: date, user_id: int | None = None) -> list[DaySpend]:
+    """Spend per UTC day for the ``days`` days up to and including today, zero-filled; everyone's when
+    ``user_id`` is None."""
+    first = today - timedelta(days=days - 1)
+    rolled = DailyUsage.objects.filter(day__gte=first, day__lt=today)
+    live = UsageRecord.objects.filter(
+        created_at__gte=_day_start(today), created_at__lt=_day_start(today + timedelta(1))
+    )
+    if user_id is not None:
+        rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
+    found = {
+        row["day"]: (row["cost"], row["requests"])
+        for row in rolled.values("day").annotate(cost=Sum("cost"), requests=Sum("requests")).order_by()
+    }
+    today_totals = live.aggregate(cost=Coalesce(Sum("cost"), Decimal(0)), requests=Count("pk"))
+    found[today] = (today_totals["cost"], today_totals["requests"])
+    return [DaySpend(day, *found.get(day, (Decimal(0), 0))) for day in (first + timedelta(n) for n in range(days))]
+
+
+_BREAKDOWN_FIELDS = {"model": "model_name", "provider": "provider_name", "user": "user_id"}
+
+
+def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = None) -> list[SpendShare]:
+    """Spend over the last ``days`` days grouped by ``by`` ("model", "provider" or "user"), largest first."""
+    group = _BREAKDOWN_FIELDS[by]  # the same column name in DailyUsage and UsageRecord
+    first = today - timedelta(days=days - 1)
+    rolled = DailyUsage.objects.filter(day__gte=first, day__lt=today)
+    live = UsageRecord.objects.filter(
+        created_at__gte=_day_start(today), created_at__lt=_day_start(today + timedelta(1))
+    )
+    if user_id is not None:
+        rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
+    merged: dict[Any, list] = {}
+    for rows, requests in ((rolled, Sum("requests")), (live, Count("pk"))):
+        grouped = rows.values(group).annotate(
+            n=requests,
+            tokens=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0),
+            spent=Coalesce(Sum("cost"), Decimal(0)),
+        )
+        for row in grouped.order_by():
+            entry = merged.setdefault(row[group], [0, 0, Decimal(0)])
+            entry[0] += row["n"]
+            entry[1] += row["tokens"]
+            entry[2] += row["spent"]
+    if by == "user":
+        from django.contrib.auth import get_user_model
+
+        usernames = dict(get_user_model().objects.filter(pk__in=[k for k in merged if k]).values_list("pk", "username"))
+        labels = {key: usernames.get(key, "(deleted user)") for key in merged}
+    else:
+        labels = {key: key or "(unknown)" for key in merged}
+    shares = [SpendShare(labels[key], requests, tokens, cost) for key, (requests, tokens, cost) in merged.items()]
+    return sorted(shares, key=lambda share: (-share.cost, -share.requests, share.label))
+
+
+@dataclass(frozen=True, slots=True)
+class Meter:
+    """How much of one limit is used in its current period."""
+
+    title: str
+    used: Decimal
+    limit: Decimal
+    metric: str  # "cost" or "tokens"
+    period: str
+
+    @property
+    def percent(self) -> int:
+        return 100 if self.limit <= 0 else min(100, int(self.used * 100 / self.limit))
+
+    @property
+    def left(self) -> Decimal:
+        return max(self.limit - self.used, Decimal(0))
+
+
+def usage_meters(*, user: Any, now: datetime) -> list[Meter]:
+    """The user's plan budget and token quota, and each active key's budget, as the ledger has them."""
+    from .models import BudgetMetric, BudgetPeriod, ScopeKind
+    from .services.budgets import CounterRef, ledger_spend, period_bounds
+
+    limits = user_limits_sync(user.pk)
+    meters = []
+    if limits.monthly_budget_usd is not None:
+        start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
+        used = ledger_spend(CounterRef(ScopeKind.USER, user.pk, BudgetMetric.COST, BudgetPeriod.MONTHLY, start))
+        meters.append(Meter("Monthly budget", used, limits.monthly_budget_usd, BudgetMetric.COST, "this month"))
+    if limits.daily_token_quota is not None:
+        start, _ = period_bounds(BudgetPeriod.DAILY, now)
+        used = ledger_spend(CounterRef(ScopeKind.USER, user.pk, BudgetMetric.TOKENS, BudgetPeriod.DAILY, start))
+        meters.append(Meter("Daily tokens", used, Decimal(limits.daily_token_quota), BudgetMetric.TOKENS, "today"))
+    keys = ApiKey.objects.filter(user=user, revoked_at__isnull=True, budget_usd__isnull=False).order_by("name")
+    for key in keys:
+        start, _ = period_bounds(key.budget_period, now)
+        used = ledger_spend(CounterRef(ScopeKind.KEY, key.pk, BudgetMetric.COST, key.budget_period, start))
+        period = {"daily": "today", "monthly": "this month", "total": "in total"}[key.budget_period]
+        meters.append(Meter(f"Key “{key.name}” ({key.prefix}…)", used, key.budget_usd, BudgetMetric.COST, period))
+    return meters

@@ -1,0 +1,143 @@
+"""Admission: may this caller send this request now, and what is held for it until it settles.
+
+``admission_acquire`` runs on every request, before anything goes upstream: the plan's and the key's
+model allow-lists, then rate limits and budget reservations together (one Redis round trip, or one
+database transaction without Redis). Limits come from an in-process cache, so a caller with nothing
+to enforce costs no I/O at all. ``admission_settle`` runs once per admitted request, after the
+response: the reservation is swapped for the real cost, and a budget that crosses a threshold alerts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from providers.selectors import models_enabled
+from providers.types import ResolvedModel
+
+from ..exceptions import ModelNotAllowedError
+from ..models import BudgetMetric
+from ..selectors import UserLimits, key_limits, user_limits
+from .alerts import budget_alerts_raise, budget_crossings
+from .budgets import CounterSpec, charge_for, counter_specs
+from .counters import admission_store
+from .ratelimits import RateSpec, rate_specs, ratelimit_headers
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What settlement needs to find the request's reservations and windows again."""
+
+    counters: tuple[CounterSpec, ...]
+    rates: tuple[RateSpec, ...]
+
+
+@dataclass
+class Admission:
+    request_id: str
+    user_id: int
+    api_key_id: int | None
+    reserved_cost: Decimal = Decimal("0")  # reserved against USD budgets; 0 when none applies
+    max_tokens: int | None = None  # the clamp to send upstream when the request set none and a budget applies
+    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the client
+    handle: Any = None  # _Held, or None when nothing was held
+
+
+def _check_models(*, limits: UserLimits, key_allowed_model_ids: frozenset[int] | None, model: ResolvedModel) -> None:
+    if not limits.allows(model):
+        raise ModelNotAllowedError(
+            f"Your plan ({limits.plan_name}) does not include the model `{model.name}`: it includes "
+            f"{limits.model_rule()}. Pick another model (GET /v1/models lists yours) or ask for a larger plan.",
+            param="model",
+        )
+    if key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:
+        raise ModelNotAllowedError(
+            f"This API key may not use the model `{model.name}`: it is restricted to a list of models "
+            "(GET /v1/models lists them). Use another key or ask its owner to allow the model.",
+            param="model",
+        )
+
+
+async def admission_acquire(
+    *,
+    user_id: int,
+    api_key_id: int | None,
+    key_allowed_model_ids: frozenset[int] | None,
+    model: ResolvedModel,
+    body: dict[str, Any],
+    request_id: str,
+    prompt_tokens_upper: int,
+) -> Admission:
+    """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
+    ``RateLimitExceededError`` (429); a refused request holds nothing."""
+    limits = await user_limits(user_id)
+    _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
+    key = await key_limits(api_key_id) if api_key_id is not None else None
+    now = timezone.now()
+    counters = counter_specs(user_id=user_id, api_key_id=api_key_id, user=limits, key=key, now=now)
+    rates = rate_specs(
+        user_id=user_id,
+        api_key_id=api_key_id,
+        user_rpm=limits.rpm,
+        user_tpm=limits.tpm,
+        key_rpm=key.rpm if key else None,
+        key_tpm=key.tpm if key else None,
+    )
+    admission = Admission(request_id=request_id, user_id=user_id, api_key_id=api_key_id)
+    if not counters and not rates:
+        return admission
+    charge = charge_for(
+        model=model,
+        body=body,
+        prompt_tokens_upper=prompt_tokens_upper,
+        cap=settings.LLMHUB_BUDGET_MAX_TOKENS_CAP,
+        budgeted=bool(counters),
+    )
+    outcome = await admission_store().acquire(
+        request_id=request_id, counters=counters, rates=rates, charge=charge, now=now
+    )
+    if any(spec.metric == BudgetMetric.COST for spec in counters):
+        admission.reserved_cost = outcome.reserved.cost
+    if charge.requested_max_tokens is None:
+        admission.max_tokens = outcome.reserved.max_tokens
+    admission.headers = ratelimit_headers(outcome.rate_states)
+    admission.handle = _Held(counters=counters, rates=rates)
+    return admission
+
+
+async def admission_settle(
+    *, admission: Admission, cost: Decimal, prompt_tokens: int, completion_tokens: int, ok: bool
+) -> None:
+    """Swap the reservation for the real cost. Called once per admitted request, whatever happened:
+    a failed request settles with what it cost (often 0), which releases the rest of its reservation.
+    ``ok`` does not change the accounting, the ledger's cost does."""
+    held = admission.handle
+    if not isinstance(held, _Held):
+        return
+    now = timezone.now()
+    moved = await admission_store().settle(
+        request_id=admission.request_id,
+        counters=held.counters,
+        rates=held.rates,
+        cost=cost,
+        tokens=prompt_tokens + completion_tokens,
+        now=now,
+    )
+    crossings = [c for spec, before, after in moved for c in budget_crossings(spec=spec, before=before, after=after)]
+    if crossings:
+        await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=admission.user_id)
+
+
+async def models_allowed(*, user_id: int, key_allowed_model_ids: frozenset[int] | None) -> list[ResolvedModel]:
+    """For /v1/models and the chat model picker: the plan's allow-list ∩ the key's ∩ the enabled catalog."""
+    limits = await user_limits(user_id)
+    return [
+        m
+        for m in await models_enabled()
+        if limits.allows(m) and (key_allowed_model_ids is None or m.id in key_allowed_model_ids)
+    ]

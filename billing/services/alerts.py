@@ -1,0 +1,136 @@
+"""Budget alerts: at 50 %, 80 % and 100 % of a budget or token quota, once per threshold and period.
+
+The ``BudgetAlert`` row is the "once": its unique constraint lets exactly one settlement, in whatever
+process, record a crossing. Delivery happens after commit in Celery tasks (email to the user, or the
+key's owner; the Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import partial
+
+import httpx
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ..models import ApiKey, BudgetAlert, BudgetMetric, ScopeKind
+from .budgets import THRESHOLDS, CounterSpec, usd
+
+
+class WebhookDeliveryError(Exception):
+    """The webhook refused or could not be reached. The message never holds the URL (it is a secret)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    spec: CounterSpec
+    threshold: int
+    spent: Decimal
+
+
+def budget_crossings(*, spec: CounterSpec, before: Decimal, after: Decimal) -> list[Crossing]:
+    """Thresholds this settlement took the counter across (a big request may cross several)."""
+    if spec.limit <= 0:
+        return []
+    return [Crossing(spec, t, after) for t in THRESHOLDS if before < spec.limit * t / 100 <= after]
+
+
+def budget_alerts_raise(*, crossings: Sequence[Crossing], user_id: int) -> list[BudgetAlert]:
+    """Record each crossing unless this threshold already fired in this period; deliver the new ones."""
+    created = []
+    for crossing in crossings:
+        ref = crossing.spec.ref
+        try:
+            with transaction.atomic():
+                alert = BudgetAlert.objects.create(
+                    scope_kind=ref.scope_kind,
+                    scope_id=ref.scope_id,
+                    user_id=user_id,
+                    api_key_id=ref.scope_id if ref.scope_kind == ScopeKind.KEY else None,
+                    metric=ref.metric,
+                    period=ref.period,
+                    period_start=ref.period_start,
+                    threshold=crossing.threshold,
+                    limit=crossing.spec.limit,
+                    spent=crossing.spent,
+                )
+        except IntegrityError:
+            continue  # fired already in this period
+        created.append(alert)
+        transaction.on_commit(partial(_deliver, alert.pk))
+    return created
+
+
+def _deliver(alert_id: int) -> None:
+    from ..tasks import budget_alert_email, budget_alert_webhook
+
+    budget_alert_email.delay(alert_id)
+    if settings.LLMHUB_ALERT_WEBHOOK_URL:
+        budget_alert_webhook.delay(alert_id)
+
+
+def _amount(metric: str, value: Decimal) -> str:
+    return usd(value) if metric == BudgetMetric.COST else f"{int(value):,} tokens"
+
+
+def alert_subject(alert: BudgetAlert) -> str:
+    """What reached the threshold, in words: "alice's monthly budget", "API key sk-llmhub-ab… (ci)"."""
+    owner = alert.user.get_username() if alert.user else "a deleted user"
+    if alert.scope_kind == ScopeKind.KEY:
+        key = ApiKey.objects.filter(pk=alert.scope_id).only("prefix", "name").first()
+        name = f"{key.prefix}… ({key.name})" if key else f"#{alert.scope_id}"
+        return f"the {alert.period} budget of API key {name} of {owner}"
+    if alert.metric == BudgetMetric.TOKENS:
+        return f"{owner}'s daily token quota"
+    return f"{owner}'s monthly budget"
+
+
+def alert_text(alert: BudgetAlert) -> str:
+    since = "" if alert.period == "total" else f" in the period that began {alert.period_start:%Y-%m-%d}"
+    return (
+        f"llmhub: {alert_subject(alert)} has reached {alert.threshold}%: "
+        f"{_amount(alert.metric, alert.spent)} of {_amount(alert.metric, alert.limit)} used{since}."
+    )
+
+
+def _mark_delivered(alert_id: int, channel: str) -> None:
+    with transaction.atomic():
+        alert = BudgetAlert.objects.select_for_update().get(pk=alert_id)
+        if channel not in alert.channels:
+            alert.channels = [*alert.channels, channel]
+        if channel == "email":
+            alert.sent_at = timezone.now()
+        alert.save(update_fields=["channels", "sent_at"])
+
+
+def budget_alert_email_send(*, alert: BudgetAlert) -> bool:
+    """Email the user (a key's owner for a key's budget); False when they have no address."""
+    recipient = alert.user.email if alert.user else ""
+    if not recipient:
+        return False
+    body = alert_text(alert)
+    if alert.threshold >= 100:
+        body += "\n\nRequests are refused until the period ends or the limit is raised."
+    send_mail(
+        subject=f"[llmhub] {alert_subject(alert)} is at {alert.threshold}%",
+        message=body,
+        from_email=None,
+        recipient_list=[recipient],
+    )
+    _mark_delivered(alert.pk, "email")
+    return True
+
+
+def budget_alert_webhook_send(*, alert: BudgetAlert, url: str) -> None:
+    try:
+        response = httpx.post(url, json={"text": alert_text(alert)}, timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise WebhookDeliveryError(f"the alert webhook could not be reached ({type(exc).__name__})") from None
+    if response.status_code >= 300:
+        raise WebhookDeliveryError(f"the alert webhook answered HTTP {response.status_code}")
+    _mark_delivered(alert.pk, "webhook")

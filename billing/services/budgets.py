@@ -1,0 +1,326 @@
+"""Budgets: which counters a request is charged against, how much it may cost, and what the ledger says.
+
+A request is charged against up to three counters: its user's monthly budget (USD), its user's daily
+token quota, and its key's budget (USD, daily / monthly / total). Each counter holds ``spent`` (settled)
+and ``reserved`` (requests in flight). Admission reserves the most a request can cost and refuses it
+when a counter cannot pay; settlement swaps the reservation for the real cost. The arithmetic below is
+the one the database path runs; ``redis_scripts/admission_acquire.lua`` runs the same steps in Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+from django.core.exceptions import ValidationError
+from django.db.models import F, Sum
+from django.db.models.functions import Coalesce
+
+from providers.types import ResolvedModel
+
+from ..exceptions import QuotaExceededError
+from ..models import ApiKey, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
+from ..pricing import COST_QUANTUM, cost_for
+from ..selectors import KeyLimits, UserLimits
+
+THRESHOLDS = (50, 80, 100)
+# Longer than any request may run: an unsettled reservation older than this belonged to a dead process.
+RESERVATION_TTL = timedelta(minutes=15)
+# How long a settle is remembered after it happened: longer than the ledger row takes to be written.
+SETTLED_MEMORY = timedelta(minutes=5)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+KEY_PREFIX = "llmhub:bud:"
+
+
+def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None]:
+    """[start, end) of the UTC period containing ``now``; a total budget never ends."""
+    now = now.astimezone(UTC)
+    if period == BudgetPeriod.DAILY:
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + timedelta(days=1)
+    if period == BudgetPeriod.MONTHLY:
+        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        return start, (start + timedelta(days=32)).replace(day=1)
+    return _EPOCH, None
+
+
+def _period_label(period: str, start: datetime) -> str:
+    if period == BudgetPeriod.DAILY:
+        return f"d{start:%Y%m%d}"
+    if period == BudgetPeriod.MONTHLY:
+        return f"m{start:%Y%m}"
+    return "total"
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRef:
+    """One scope's spend of one metric in one period; ``key`` names it in Redis and the database."""
+
+    scope_kind: str
+    scope_id: int
+    metric: str
+    period: str
+    period_start: datetime
+
+    @property
+    def key(self) -> str:
+        label = _period_label(self.period, self.period_start)
+        return f"{KEY_PREFIX}{self.scope_kind}:{self.scope_id}:{self.metric}:{label}"
+
+    @property
+    def period_end(self) -> datetime | None:
+        return period_bounds(self.period, self.period_start)[1]
+
+    @classmethod
+    def from_key(cls, key: str) -> CounterRef:
+        scope_kind, scope_id, metric, label = key.removeprefix(KEY_PREFIX).split(":")
+        if label == "total":
+            return cls(scope_kind, int(scope_id), metric, BudgetPeriod.TOTAL, _EPOCH)
+        if label.startswith("d"):
+            start = datetime.strptime(label[1:], "%Y%m%d").replace(tzinfo=UTC)
+            return cls(scope_kind, int(scope_id), metric, BudgetPeriod.DAILY, start)
+        start = datetime.strptime(label[1:], "%Y%m").replace(tzinfo=UTC)
+        return cls(scope_kind, int(scope_id), metric, BudgetPeriod.MONTHLY, start)
+
+    def to_units(self, value: Decimal) -> int:
+        """Integers for Redis: money in units of 1e-10 USD (the ledger's precision), rounded up."""
+        if self.metric == BudgetMetric.COST:
+            return int((value / COST_QUANTUM).to_integral_value(rounding=ROUND_CEILING))
+        return int(value)
+
+    def from_units(self, units: int | str) -> Decimal:
+        if self.metric == BudgetMetric.COST:
+            return Decimal(int(units)) * COST_QUANTUM
+        return Decimal(int(units))
+
+    def retention(self, now: datetime) -> timedelta:
+        """How long the counter is kept after its last use; it is rebuilt from the ledger if it goes."""
+        end = self.period_end
+        if end is None:
+            return timedelta(days=35)
+        return max(end - now, timedelta(0)) + timedelta(days=1)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSpec:
+    ref: CounterRef
+    limit: Decimal
+    title: str  # "the monthly budget of your plan (Pro)": used in messages and alerts
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    @property
+    def metric(self) -> str:
+        return self.ref.metric
+
+
+def counter_specs(
+    *, user_id: int, api_key_id: int | None, user: UserLimits, key: KeyLimits | None, now: datetime
+) -> tuple[CounterSpec, ...]:
+    specs: list[CounterSpec] = []
+    if user.monthly_budget_usd is not None:
+        start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
+        ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.COST, BudgetPeriod.MONTHLY, start)
+        specs.append(CounterSpec(ref, user.monthly_budget_usd, f"the monthly budget of your plan ({user.plan_name})"))
+    if user.daily_token_quota is not None:
+        start, _ = period_bounds(BudgetPeriod.DAILY, now)
+        ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.TOKENS, BudgetPeriod.DAILY, start)
+        specs.append(
+            CounterSpec(ref, Decimal(user.daily_token_quota), f"the daily token quota of your plan ({user.plan_name})")
+        )
+    if key is not None and api_key_id is not None and key.budget_usd is not None:
+        start, _ = period_bounds(key.budget_period, now)
+        ref = CounterRef(ScopeKind.KEY, api_key_id, BudgetMetric.COST, key.budget_period, start)
+        specs.append(CounterSpec(ref, key.budget_usd, f"this API key's {key.budget_period} budget"))
+    return tuple(specs)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """The most a request can cost: a fixed part (the prompt's upper bound, and the completion when
+    the client set max_tokens) plus ``token_price`` per completion token when llmhub picks max_tokens."""
+
+    fixed_cost: Decimal
+    token_price: Decimal
+    requested_max_tokens: int | None
+    cap: int
+    prompt_tokens: int
+    choices: int
+
+
+def requested_max_tokens(body: Mapping[str, object]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def charge_for(
+    *, model: ResolvedModel, body: Mapping[str, object], prompt_tokens_upper: int, cap: int, budgeted: bool
+) -> Charge:
+    """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it."""
+    choices = body.get("n")
+    choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+    prompt_tokens = max(prompt_tokens_upper, 0)
+    max_tokens = requested_max_tokens(body)
+    if max_tokens is None and not budgeted:
+        # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
+        max_tokens = 0
+    if max_tokens is not None:
+        fixed = cost_for(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
+        return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices)
+    if model.max_output_tokens:
+        cap = min(cap, model.max_output_tokens)
+    fixed = cost_for(model=model, prompt_tokens=prompt_tokens, completion_tokens=0)
+    return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices)
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    max_tokens: int
+    cost: Decimal
+    tokens: int
+
+    def amount_for(self, spec: CounterSpec) -> Decimal:
+        return self.cost if spec.metric == BudgetMetric.COST else Decimal(self.tokens)
+
+
+def charge_clamp(charge: Charge, counters: Sequence[tuple[CounterSpec, Decimal, Decimal]]) -> Reserved:
+    """Pick max_tokens (the client's, or the most every counter still pays for) and the amounts to reserve.
+    ``counters``: (spec, spent, reserved). Raises ``QuotaExceededError`` if not even one token is paid for."""
+    max_tokens = charge.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = charge.cap
+        tightest: tuple[CounterSpec, Decimal, Decimal] | None = None
+        for spec, spent, reserved in counters:
+            left = spec.limit - spent - reserved
+            if spec.metric == BudgetMetric.COST:
+                left -= charge.fixed_cost
+                if charge.token_price > 0:
+                    affordable = int((left / (charge.token_price * charge.choices)).to_integral_value(ROUND_FLOOR))
+                else:
+                    affordable = charge.cap if left >= 0 else -1
+            else:
+                affordable = int(((left - charge.prompt_tokens) / charge.choices).to_integral_value(ROUND_FLOOR))
+            if affordable < max_tokens:
+                max_tokens, tightest = affordable, (spec, spent, reserved)
+        if max_tokens < 1 and tightest is not None:
+            spec, spent, reserved = tightest
+            one_token = Reserved(1, _cost_with(charge, 1), charge.prompt_tokens + charge.choices)
+            raise quota_error(spec, spent=spent, reserved=reserved, needed=one_token.amount_for(spec))
+    return Reserved(max_tokens, _cost_with(charge, max_tokens), charge.prompt_tokens + max_tokens * charge.choices)
+
+
+def _cost_with(charge: Charge, max_tokens: int) -> Decimal:
+    variable = (Decimal(max_tokens * charge.choices) * charge.token_price).quantize(COST_QUANTUM, ROUND_CEILING)
+    return charge.fixed_cost + variable
+
+
+def charge_check(reserved: Reserved, counters: Sequence[tuple[CounterSpec, Decimal, Decimal]]) -> None:
+    for spec, spent, held in counters:
+        amount = reserved.amount_for(spec)
+        if spent + held + amount > spec.limit:
+            raise quota_error(spec, spent=spent, reserved=held, needed=amount)
+
+
+def _amount(metric: str, value: Decimal) -> str:
+    if metric == BudgetMetric.COST:
+        return usd(value)
+    return f"{int(value):,} tokens"
+
+
+def usd(value: Decimal) -> str:
+    """Dollars, with as many decimals as a small amount needs to be told apart from zero."""
+    if value == 0 or abs(value) >= 1:
+        return f"${value:,.2f}"
+    whole, _, fraction = f"{value:.10f}".rstrip("0").partition(".")
+    return f"${whole}.{fraction.ljust(2, '0')}"
+
+
+def quota_error(spec: CounterSpec, *, spent: Decimal, reserved: Decimal, needed: Decimal) -> QuotaExceededError:
+    metric = spec.metric
+    held = f", {_amount(metric, reserved)} is held by requests in progress" if reserved > 0 else ""
+    advice = (
+        "Raise the key's budget or wait for its next period."
+        if spec.ref.scope_kind == ScopeKind.KEY
+        else "Wait for the next period or ask an administrator for a larger plan."
+    )
+    return QuotaExceededError(
+        f"You exceeded your current quota: {spec.title} is {_amount(metric, spec.limit)}; "
+        f"{_amount(metric, spent)} is used{held}, and this request could need up to {_amount(metric, needed)}. "
+        f"{advice}"
+    )
+
+
+# Ledger sums. The ledger is the truth; counters are rebuilt from it.
+
+
+def _ledger_rows(ref: CounterRef, *, until: datetime | None = None):
+    scope = {"api_key_id": ref.scope_id} if ref.scope_kind == ScopeKind.KEY else {"user_id": ref.scope_id}
+    rows = UsageRecord.objects.filter(created_at__gte=ref.period_start, **scope)
+    if ref.period_end is not None:
+        rows = rows.filter(created_at__lt=ref.period_end)
+    if until is not None:
+        rows = rows.filter(created_at__lte=until)
+    return rows
+
+
+def _metric_sum(rows, metric: str) -> Decimal:
+    if metric == BudgetMetric.COST:
+        total = rows.aggregate(total=Coalesce(Sum("cost"), Decimal(0)))["total"]
+    else:
+        total = rows.aggregate(total=Coalesce(Sum(F("prompt_tokens") + F("completion_tokens")), 0))["total"]
+    return Decimal(total)
+
+
+def ledger_spend(ref: CounterRef) -> Decimal:
+    """Spend (USD) or tokens of the counter's scope in its period according to the ledger."""
+    return _metric_sum(_ledger_rows(ref), ref.metric)
+
+
+def expected_spend(
+    *, ref: CounterRef, at: datetime, open_ids: Collection[str], settled: Mapping[str, Decimal]
+) -> Decimal:
+    """What the counter should hold at the instant ``at`` of a snapshot, from the ledger.
+
+    The ledger row of a request is written around the time it settles, before or after. So from the
+    ledger rows up to ``at`` take away those of requests still open at ``at`` (they have not settled
+    yet), and add the settles the ledger does not show yet (their rows are on their way)."""
+    rows = _ledger_rows(ref, until=at)
+    total = _metric_sum(rows, ref.metric)
+    if open_ids:
+        total -= _metric_sum(rows.filter(request_id__in=list(open_ids)), ref.metric)
+    if settled:
+        written = set(UsageRecord.objects.filter(request_id__in=list(settled)).values_list("request_id", flat=True))
+        total += sum((amount for rid, amount in settled.items() if rid not in written), Decimal(0))
+    return total
+
+
+def api_key_limits_set(
+    *,
+    api_key: ApiKey,
+    budget_usd: Decimal | None,
+    budget_period: str = BudgetPeriod.MONTHLY,
+    rpm: int | None = None,
+    tpm: int | None = None,
+) -> ApiKey:
+    """Set a key's own budget and rate limits (None: no limit of the key's own)."""
+    if budget_usd is not None and budget_usd < 0:
+        raise ValidationError({"budget_usd": "A budget cannot be negative."})
+    if budget_period not in BudgetPeriod.values:
+        raise ValidationError({"budget_period": f"Choose one of {', '.join(BudgetPeriod.values)}."})
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 0:
+            raise ValidationError({name: "A rate limit cannot be negative."})
+    api_key.budget_usd = budget_usd
+    api_key.budget_period = budget_period
+    api_key.rpm = rpm
+    api_key.tpm = tpm
+    api_key.full_clean(exclude=["user", "prefix", "secret_hash"])
+    api_key.save(update_fields=["budget_usd", "budget_period", "rpm", "tpm"])  # signals clear cached limits
+    return api_key

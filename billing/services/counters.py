@@ -1,0 +1,450 @@
+"""Where admission keeps its counters: Redis when ``REDIS_URL`` is set, else the database.
+
+Redis: one Lua script per admission and one per settlement, so every process of every host sees one
+truth and the check-then-reserve cannot interleave. One ``redis.asyncio`` client (and its connection
+pool) per process and event loop.
+
+Database: a ``BudgetCounter`` row per scope and period, locked with ``select_for_update`` inside a
+transaction (on SQLite, where that is a no-op, the IMMEDIATE transaction mode takes the write lock
+at BEGIN, which serializes admissions just the same). Rate limits then live in this process
+(``LocalRateLimiter``): exact for one process, which is what a deployment without Redis is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import cache
+from operator import attrgetter
+from pathlib import Path
+
+import redis
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ..exceptions import BillingUnavailableError
+from ..models import BudgetCounter, BudgetMetric, BudgetPeriod, BudgetReservation
+from ..pricing import COST_QUANTUM
+from .budgets import (
+    KEY_PREFIX,
+    RESERVATION_TTL,
+    SETTLED_MEMORY,
+    Charge,
+    CounterRef,
+    CounterSpec,
+    Reserved,
+    charge_check,
+    charge_clamp,
+    expected_spend,
+    ledger_spend,
+    period_bounds,
+    quota_error,
+)
+from .ratelimits import WINDOW_MS, RateSpec, RateState, WindowState, local_rate_limiter, rate_limit_error
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
+INDEX_KEY = KEY_PREFIX + "index"  # every counter key, for reconciliation
+
+
+@cache
+def _script(name: str) -> str:
+    return (SCRIPTS_DIR / f"{name}.lua").read_text()
+
+
+def _ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def _ms_of(delta: timedelta) -> int:
+    return int(delta.total_seconds() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireOutcome:
+    reserved: Reserved
+    rate_states: list[RateState]
+
+
+# A counter moved by a settlement: (counter, spent before, spent after), for alerts.
+Moved = tuple[CounterSpec, Decimal, Decimal]
+
+
+def _counter_keys(key: str) -> list[str]:
+    return [key, key + ":exp", key + ":set"]
+
+
+class RedisCounterStore:
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self._acquire = client.register_script(_script("admission_acquire"))
+        self._settle = client.register_script(_script("admission_settle"))
+
+    async def acquire(
+        self,
+        *,
+        request_id: str,
+        counters: Sequence[CounterSpec],
+        rates: Sequence[RateSpec],
+        charge: Charge,
+        now: datetime,
+    ) -> AcquireOutcome:
+        keys: list[str] = []
+        price_units = charge.token_price / COST_QUANTUM
+        args: list[str | int] = [
+            _ms(now),
+            request_id,
+            _ms_of(RESERVATION_TTL),
+            len(counters),
+            len(rates),
+            int(charge.fixed_cost / COST_QUANTUM),
+            format(price_units.normalize(), "f"),
+            -1 if charge.requested_max_tokens is None else charge.requested_max_tokens,
+            charge.cap,
+            charge.prompt_tokens,
+            charge.choices,
+            WINDOW_MS,
+        ]
+        for spec in counters:
+            keys += _counter_keys(spec.key)
+            args += [spec.metric, spec.ref.to_units(spec.limit), _ms_of(spec.ref.retention(now))]
+        for rate in rates:
+            keys += list(rate.keys)
+            args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
+        try:
+            # A second round trip only at a counter's first use in a period (or after Redis lost it).
+            for _ in range(3):
+                reply = await self._acquire(keys=keys, args=args)
+                if reply[0] != "seed":
+                    break
+                await self._seed([counters[int(i) - 1] for i in reply[1]], now)
+            else:
+                raise BillingUnavailableError("Budget counters vanished from Redis while being set up; try again.")
+        except redis.RedisError as exc:
+            raise BillingUnavailableError(
+                f"Budgets and rate limits cannot be checked right now ({type(exc).__name__}); try again shortly."
+            ) from exc
+        if reply[0] == "quota":
+            spec = counters[int(reply[1]) - 1]
+            raise quota_error(
+                spec,
+                spent=spec.ref.from_units(reply[2]),
+                reserved=spec.ref.from_units(reply[3]),
+                needed=spec.ref.from_units(reply[4]),
+            )
+        if reply[0] == "rate":
+            raise rate_limit_error(
+                rates[int(reply[1]) - 1],
+                dimension=reply[2],
+                limit=int(reply[3]),
+                used=int(reply[4]),
+                requested=int(reply[5]),
+                retry_after_ms=int(reply[6]),
+            )
+        values = [int(v) for v in reply[1:]]
+        reserved = Reserved(max_tokens=values[0], cost=Decimal(values[1]) * COST_QUANTUM, tokens=values[2])
+        states = []
+        for j in range(len(rates)):
+            rpm, rpm_left, rpm_reset, tpm, tpm_left, tpm_reset = values[3 + 6 * j : 9 + 6 * j]
+            states.append(
+                RateState(
+                    requests=WindowState(rpm, rpm_left, rpm_reset) if rpm >= 0 else None,
+                    tokens=WindowState(tpm, tpm_left, tpm_reset) if tpm >= 0 else None,
+                )
+            )
+        return AcquireOutcome(reserved, states)
+
+    async def _seed(self, specs: Sequence[CounterSpec], now: datetime) -> None:
+        """Start a counter from the ledger's figure for its period. HSETNX: the first seeder wins."""
+        for spec in specs:
+            spent = await sync_to_async(ledger_spend)(spec.ref)
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(spec.key, "spent", spec.ref.to_units(spent))
+                pipe.hsetnx(spec.key, "reserved", 0)
+                pipe.pexpire(spec.key, _ms_of(spec.ref.retention(now)))
+                pipe.sadd(INDEX_KEY, spec.key)
+                await pipe.execute()
+
+    async def settle(
+        self,
+        *,
+        request_id: str,
+        counters: Sequence[CounterSpec],
+        rates: Sequence[RateSpec],
+        cost: Decimal,
+        tokens: int,
+        now: datetime,
+    ) -> list[Moved]:
+        keys: list[str] = []
+        args: list[str | int] = [
+            request_id,
+            _ms(now),
+            len(counters),
+            len(rates),
+            int(cost / COST_QUANTUM),
+            tokens,
+            _ms_of(SETTLED_MEMORY),
+        ]
+        for spec in counters:
+            keys += _counter_keys(spec.key)
+            args += [spec.metric, _ms_of(spec.ref.retention(now))]
+        for rate in rates:
+            keys += list(rate.keys[1:])
+        reply = await self._settle(keys=keys, args=args)
+        if reply[0] == "duplicate":
+            return []
+        moved = []
+        for i, spec in enumerate(counters):
+            before, after = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
+            if before >= 0:
+                moved.append((spec, spec.ref.from_units(before), spec.ref.from_units(after)))
+        return moved
+
+
+_redis_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RedisCounterStore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def redis_store(url: str) -> RedisCounterStore:
+    """This event loop's store for ``url``: a client (with its pool) cannot be shared between loops."""
+    per_loop = _redis_stores.setdefault(asyncio.get_running_loop(), {})
+    store = per_loop.get(url)
+    if store is None:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        store = per_loop[url] = RedisCounterStore(client)
+    return store
+
+
+def redis_reconcile(url: str, now: datetime) -> int:
+    """Bring every Redis counter back to the ledger's figure; returns how many were off."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        snapshot = client.register_script(_script("budget_snapshot"))
+        adjust = client.register_script(_script("budget_adjust"))
+        adjusted = 0
+        for key in sorted(client.smembers(INDEX_KEY)):
+            reply = snapshot(keys=_counter_keys(key), args=[_ms(now), _ms_of(SETTLED_MEMORY)])
+            if reply[0] == "missing":
+                client.srem(INDEX_KEY, key)
+                continue
+            ref = CounterRef.from_key(key)
+            _, spent, _reserved, open_ids, settled_ids, amounts = reply
+            settled = {rid: ref.from_units(amount) for rid, amount in zip(settled_ids, amounts, strict=True)}
+            expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled)
+            delta = ref.to_units(expected) - int(spent)
+            if delta:
+                adjust(keys=[key], args=[delta])
+                adjusted += 1
+        return adjusted
+    finally:
+        client.close()
+
+
+def redis_counter_state(url: str, ref: CounterRef) -> tuple[Decimal, Decimal] | None:
+    """(spent, reserved) of a counter as Redis holds it; None if it is not there."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        spent, reserved = client.hmget(ref.key, "spent", "reserved")
+    finally:
+        client.close()
+    if spent is None:
+        return None
+    return ref.from_units(spent), ref.from_units(reserved or 0)
+
+
+class DatabaseCounterStore:
+    async def acquire(
+        self,
+        *,
+        request_id: str,
+        counters: Sequence[CounterSpec],
+        rates: Sequence[RateSpec],
+        charge: Charge,
+        now: datetime,
+    ) -> AcquireOutcome:
+        if not counters:
+            reserved = charge_clamp(charge, ())
+            states = local_rate_limiter.acquire(
+                request_id=request_id, specs=rates, tokens=reserved.tokens, now_ms=_ms(now)
+            )
+            return AcquireOutcome(reserved, states)
+        return await sync_to_async(self._acquire)(
+            request_id=request_id, counters=counters, rates=rates, charge=charge, now=now
+        )
+
+    def _acquire(
+        self,
+        *,
+        request_id: str,
+        counters: Sequence[CounterSpec],
+        rates: Sequence[RateSpec],
+        charge: Charge,
+        now: datetime,
+    ) -> AcquireOutcome:
+        recorded = False
+        try:
+            with transaction.atomic():
+                rows = self._lock(counters, now)
+                states = [(spec, row.spent, row.reserved) for spec, row in zip(counters, rows, strict=True)]
+                reserved = charge_clamp(charge, states)
+                rate_states = local_rate_limiter.acquire(
+                    request_id=request_id, specs=rates, tokens=reserved.tokens, now_ms=_ms(now)
+                )
+                recorded = True
+                charge_check(reserved, states)
+                for spec, row in zip(counters, rows, strict=True):
+                    amount = reserved.amount_for(spec)
+                    BudgetReservation.objects.create(
+                        counter=row, request_id=request_id, amount=amount, expires_at=now + RESERVATION_TTL
+                    )
+                    row.reserved += amount
+                    row.save(update_fields=["reserved", "updated_at"])
+        except BaseException:
+            if recorded:
+                local_rate_limiter.release(request_id=request_id, specs=rates)
+            raise
+        return AcquireOutcome(reserved, rate_states)
+
+    def _lock(self, counters: Sequence[CounterSpec], now: datetime) -> list[BudgetCounter]:
+        # Always in key order, so two admissions sharing counters cannot deadlock.
+        rows = {}
+        for spec in sorted(counters, key=attrgetter("key")):
+            row = self._counter_for_update(spec.ref)
+            self._expire(row, now)
+            rows[spec.key] = row
+        return [rows[spec.key] for spec in counters]
+
+    def _counter_for_update(self, ref: CounterRef) -> BudgetCounter:
+        row = BudgetCounter.objects.select_for_update().filter(key=ref.key).first()
+        if row is not None:
+            return row
+        try:
+            with transaction.atomic():
+                return BudgetCounter.objects.create(
+                    key=ref.key,
+                    scope_kind=ref.scope_kind,
+                    scope_id=ref.scope_id,
+                    metric=ref.metric,
+                    period=ref.period,
+                    period_start=ref.period_start,
+                    spent=ledger_spend(ref),
+                )
+        except IntegrityError:
+            return BudgetCounter.objects.select_for_update().get(key=ref.key)
+
+    def _expire(self, row: BudgetCounter, now: datetime) -> None:
+        """Give back what requests that never settled (a dead process) still hold."""
+        stale = BudgetReservation.objects.filter(counter=row, settled_at__isnull=True, expires_at__lte=now)
+        amounts = list(stale.values_list("amount", flat=True))
+        if amounts:
+            row.reserved -= sum(amounts, Decimal(0))
+            stale.delete()
+            row.save(update_fields=["reserved", "updated_at"])
+
+    async def settle(
+        self,
+        *,
+        request_id: str,
+        counters: Sequence[CounterSpec],
+        rates: Sequence[RateSpec],
+        cost: Decimal,
+        tokens: int,
+        now: datetime,
+    ) -> list[Moved]:
+        local_rate_limiter.settle(request_id=request_id, specs=rates, tokens=tokens)
+        if not counters:
+            return []
+        return await sync_to_async(self._settle)(
+            request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now
+        )
+
+    @transaction.atomic
+    def _settle(
+        self, *, request_id: str, counters: Sequence[CounterSpec], cost: Decimal, tokens: int, now: datetime
+    ) -> list[Moved]:
+        moved = []
+        for spec in sorted(counters, key=attrgetter("key")):
+            row = BudgetCounter.objects.select_for_update().filter(key=spec.key).first()
+            if row is None:
+                continue
+            reservation = BudgetReservation.objects.filter(counter=row, request_id=request_id).first()
+            if reservation is not None and reservation.settled_at is not None:
+                continue  # settled already
+            if reservation is None:
+                # Expired and given back before the request finished: it still spent what it spent.
+                reservation = BudgetReservation(counter=row, request_id=request_id, amount=Decimal(0))
+            else:
+                row.reserved -= reservation.amount
+            actual = cost if spec.metric == BudgetMetric.COST else Decimal(tokens)
+            # Kept a while, settled, so that reconciliation can tell it from a request that never ran.
+            reservation.expires_at = reservation.settled_at = now
+            reservation.settled_amount = actual
+            reservation.save()
+            before = row.spent
+            row.spent += actual
+            row.save(update_fields=["spent", "reserved", "updated_at"])
+            BudgetReservation.objects.filter(counter=row, settled_at__lt=now - SETTLED_MEMORY).delete()
+            moved.append((spec, before, row.spent))
+        return moved
+
+    def reconcile(self, now: datetime) -> int:
+        """Bring every counter back to the ledger's figure, each under its row lock; returns how many
+        were off. Counters of periods long over are dropped (they are rebuilt from the ledger if needed)."""
+        daily_start, _ = period_bounds(BudgetPeriod.DAILY, now)
+        monthly_start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
+        BudgetCounter.objects.filter(period=BudgetPeriod.DAILY, period_start__lt=daily_start).delete()
+        BudgetCounter.objects.filter(period=BudgetPeriod.MONTHLY, period_start__lt=monthly_start).delete()
+        adjusted = 0
+        for pk in BudgetCounter.objects.values_list("pk", flat=True):
+            with transaction.atomic():
+                row = BudgetCounter.objects.select_for_update().filter(pk=pk).first()
+                if row is None:
+                    continue
+                self._expire(row, now)
+                reservations = BudgetReservation.objects.filter(counter=row)
+                reservations.filter(settled_at__lt=now - SETTLED_MEMORY).delete()
+                open_ids = list(reservations.filter(settled_at__isnull=True).values_list("request_id", flat=True))
+                settled = dict(
+                    reservations.filter(settled_at__isnull=False).values_list("request_id", "settled_amount")
+                )
+                ref = CounterRef(row.scope_kind, row.scope_id, row.metric, row.period, row.period_start)
+                expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled)
+                if expected != row.spent:
+                    row.spent = expected
+                    row.save(update_fields=["spent", "updated_at"])
+                    adjusted += 1
+        return adjusted
+
+    def counter_state(self, ref: CounterRef) -> tuple[Decimal, Decimal] | None:
+        row = BudgetCounter.objects.filter(key=ref.key).values_list("spent", "reserved").first()
+        return None if row is None else (row[0], row[1])
+
+
+database_store = DatabaseCounterStore()
+
+
+def admission_store() -> RedisCounterStore | DatabaseCounterStore:
+    url = settings.REDIS_URL
+    return redis_store(url) if url else database_store
+
+
+def counter_state(ref: CounterRef) -> tuple[Decimal, Decimal] | None:
+    """(spent, reserved) of a counter in the store in use; None if it holds nothing for it yet."""
+    if settings.REDIS_URL:
+        return redis_counter_state(settings.REDIS_URL, ref)
+    return database_store.counter_state(ref)
+
+
+def budget_counters_reconcile(*, now: datetime | None = None) -> int:
+    """Put every counter of the store in use back on the ledger's figure; returns how many were off."""
+    now = now or timezone.now()
+    if settings.REDIS_URL:
+        return redis_reconcile(settings.REDIS_URL, now)
+    return database_store.reconcile(now)

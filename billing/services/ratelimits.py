@@ -1,0 +1,239 @@
+"""Requests and tokens per minute, per key and per user, as sliding one-minute windows.
+
+A window holds an entry per admitted request (its time, and for tokens its amount): a request is
+admitted when the entries of the last 60 seconds leave room for it, so a limit of 30 admits exactly 30
+in any minute however the requests bunch up. With Redis the windows live in Redis and are checked in
+the same script as the budgets (``redis_scripts/admission_acquire.lua``); without Redis,
+``LocalRateLimiter`` keeps them in this process, which is exact for a single process only.
+
+Tokens are counted as the prompt's upper bound plus max_tokens when admitted, then corrected to what
+the request really used when it settles. The x-ratelimit-* headers follow OpenAI's names and duration
+format; ``reset`` is the time until the window's oldest entry leaves it, i.e. until ``remaining`` rises.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..exceptions import RateLimitExceededError
+from ..models import ScopeKind
+
+WINDOW_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    scope_kind: str
+    scope_id: int
+    rpm: int | None
+    tpm: int | None
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        base = f"llmhub:rl:{self.scope_kind}:{self.scope_id}"
+        return f"{base}:req", f"{base}:tok", f"{base}:tokamt"
+
+    @property
+    def where(self) -> str:
+        return "this API key" if self.scope_kind == ScopeKind.KEY else "your account"
+
+
+def rate_specs(
+    *,
+    user_id: int,
+    api_key_id: int | None,
+    user_rpm: int | None,
+    user_tpm: int | None,
+    key_rpm: int | None,
+    key_tpm: int | None,
+) -> tuple[RateSpec, ...]:
+    specs = []
+    if api_key_id is not None and (key_rpm is not None or key_tpm is not None):
+        specs.append(RateSpec(ScopeKind.KEY, api_key_id, key_rpm, key_tpm))
+    if user_rpm is not None or user_tpm is not None:
+        specs.append(RateSpec(ScopeKind.USER, user_id, user_rpm, user_tpm))
+    return tuple(specs)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    """One dimension (requests or tokens) of one scope after admission."""
+
+    limit: int
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    requests: WindowState | None
+    tokens: WindowState | None
+
+
+def format_reset(ms: int) -> str:
+    """OpenAI's (Go's) duration format: "17ms", "1s", "1.5s", "6m0s", "1h2m3s"."""
+    ms = max(int(ms), 0)
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    text = f"{hours}h" if hours else ""
+    if hours or minutes:
+        text += f"{minutes}m"
+    return f"{text}{seconds}s"
+
+
+def _headers_for(name: str, state: WindowState) -> dict[str, str]:
+    return {
+        f"x-ratelimit-limit-{name}": str(state.limit),
+        f"x-ratelimit-remaining-{name}": str(max(state.remaining, 0)),
+        f"x-ratelimit-reset-{name}": format_reset(state.reset_ms),
+    }
+
+
+def ratelimit_headers(states: Sequence[RateState]) -> dict[str, str]:
+    """Per dimension, the scope with the least room left is the one the client must respect."""
+    headers: dict[str, str] = {}
+    for name in ("requests", "tokens"):
+        windows = [getattr(state, name) for state in states if getattr(state, name) is not None]
+        if windows:
+            headers.update(_headers_for(name, min(windows, key=lambda w: (w.remaining, -w.reset_ms))))
+    return headers
+
+
+def rate_limit_error(
+    spec: RateSpec, *, dimension: str, limit: int, used: int, requested: int, retry_after_ms: int
+) -> RateLimitExceededError:
+    """``retry_after_ms`` < 0: the request alone is more than the limit and can never be admitted."""
+    name = "requests" if dimension == "requests" else "tokens"
+    if retry_after_ms < 0:
+        message = (
+            f"Request too large for {spec.where}: it may use {requested:,} tokens (prompt plus max_tokens) and the "
+            f"limit is {limit:,} tokens per minute. Lower max_tokens or shorten the messages."
+        )
+        retry_ms = WINDOW_MS
+    else:
+        message = (
+            f"Rate limit reached for {name} per minute on {spec.where}: limit {limit:,}, used {used:,}, "
+            f"requested {requested:,}. Please try again in {format_reset(retry_after_ms)}."
+        )
+        retry_ms = retry_after_ms
+    headers = _headers_for(name, WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms))
+    return RateLimitExceededError(message, retry_after=math.ceil(retry_ms / 1000), headers=headers)
+
+
+@dataclass
+class _Window:
+    entries: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)  # request id -> (ms, amount)
+    total: int = 0
+
+    def expire(self, now_ms: int) -> None:
+        while self.entries:
+            request_id, (at, amount) = next(iter(self.entries.items()))
+            if at > now_ms - WINDOW_MS:
+                return
+            del self.entries[request_id]
+            self.total -= amount
+
+    def reset_ms(self, now_ms: int) -> int:
+        if not self.entries:
+            return 0
+        return next(iter(self.entries.values()))[0] + WINDOW_MS - now_ms
+
+    def retry_after_ms(self, now_ms: int, excess: int) -> int:
+        freed = 0
+        for at, amount in self.entries.values():
+            freed += amount
+            if freed >= excess:
+                return at + WINDOW_MS - now_ms
+        return WINDOW_MS
+
+
+class LocalRateLimiter:
+    """The windows in this process's memory, for deployments without Redis (one process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, int, str], _Window] = {}
+
+    def _window(self, spec: RateSpec, name: str) -> _Window:
+        return self._windows.setdefault((spec.scope_kind, spec.scope_id, name), _Window())
+
+    def acquire(self, *, request_id: str, specs: Sequence[RateSpec], tokens: int, now_ms: int) -> list[RateState]:
+        """Check every window, then record the request in all of them, or in none."""
+        with self._lock:
+            for spec in specs:
+                if spec.rpm is not None:
+                    window = self._window(spec, "requests")
+                    window.expire(now_ms)
+                    if window.total + 1 > spec.rpm:
+                        raise rate_limit_error(
+                            spec,
+                            dimension="requests",
+                            limit=spec.rpm,
+                            used=window.total,
+                            requested=1,
+                            retry_after_ms=window.retry_after_ms(now_ms, window.total + 1 - spec.rpm),
+                        )
+                if spec.tpm is not None:
+                    window = self._window(spec, "tokens")
+                    window.expire(now_ms)
+                    if window.total + tokens > spec.tpm:
+                        retry = (
+                            -1 if tokens > spec.tpm else window.retry_after_ms(now_ms, window.total + tokens - spec.tpm)
+                        )
+                        raise rate_limit_error(
+                            spec,
+                            dimension="tokens",
+                            limit=spec.tpm,
+                            used=window.total,
+                            requested=tokens,
+                            retry_after_ms=retry,
+                        )
+            states = []
+            for spec in specs:
+                requests = tokens_state = None
+                if spec.rpm is not None:
+                    window = self._window(spec, "requests")
+                    window.entries[request_id] = (now_ms, 1)
+                    window.total += 1
+                    requests = WindowState(spec.rpm, spec.rpm - window.total, window.reset_ms(now_ms))
+                if spec.tpm is not None:
+                    window = self._window(spec, "tokens")
+                    window.entries[request_id] = (now_ms, tokens)
+                    window.total += tokens
+                    tokens_state = WindowState(spec.tpm, spec.tpm - window.total, window.reset_ms(now_ms))
+                states.append(RateState(requests, tokens_state))
+            return states
+
+    def release(self, *, request_id: str, specs: Sequence[RateSpec]) -> None:
+        """Take back a request that was recorded but then refused for another reason (its budget)."""
+        with self._lock:
+            for spec in specs:
+                for name in ("requests", "tokens"):
+                    window = self._windows.get((spec.scope_kind, spec.scope_id, name))
+                    if window is not None and request_id in window.entries:
+                        window.total -= window.entries.pop(request_id)[1]
+
+    def clear(self) -> None:
+        """Forget every window (a test's scopes must not leak into the next test's)."""
+        with self._lock:
+            self._windows.clear()
+
+    def settle(self, *, request_id: str, specs: Sequence[RateSpec], tokens: int) -> None:
+        """Replace the admitted token estimate with what the request really used."""
+        with self._lock:
+            for spec in specs:
+                window = self._windows.get((spec.scope_kind, spec.scope_id, "tokens"))
+                if window is not None and request_id in window.entries:
+                    at, reserved = window.entries[request_id]
+                    window.entries[request_id] = (at, tokens)
+                    window.total += tokens - reserved
+
+
+local_rate_limiter = LocalRateLimiter()

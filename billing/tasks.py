@@ -1,0 +1,50 @@
+"""Celery tasks of billing. Each takes primary keys or nothing, loads what it needs and calls a service."""
+
+from __future__ import annotations
+
+import smtplib
+
+from celery import shared_task
+from django.conf import settings
+
+from .models import BudgetAlert
+from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
+from .services.counters import budget_counters_reconcile
+from .services.rollups import daily_usage_rebuild_recent
+
+
+@shared_task
+def usage_rollup(days: int = 2) -> int:
+    """Every 10 minutes: today's and yesterday's ``DailyUsage`` from the ledger."""
+    return daily_usage_rebuild_recent(days=days)
+
+
+@shared_task
+def reservations_reconcile() -> int:
+    """Every 5 minutes: stale reservations released, budget counters put back on the ledger's figure."""
+    return budget_counters_reconcile()
+
+
+@shared_task(bind=True, max_retries=5, default_retry_delay=60)
+def budget_alert_email(self, alert_id: int) -> bool:
+    alert = BudgetAlert.objects.select_related("user").filter(pk=alert_id).first()
+    if alert is None or "email" in alert.channels:
+        return False
+    try:
+        return budget_alert_email_send(alert=alert)
+    except (smtplib.SMTPException, OSError) as exc:
+        raise self.retry(exc=exc) from None
+
+
+@shared_task(bind=True, max_retries=8)
+def budget_alert_webhook(self, alert_id: int) -> bool:
+    url = settings.LLMHUB_ALERT_WEBHOOK_URL
+    alert = BudgetAlert.objects.select_related("user").filter(pk=alert_id).first()
+    if not url or alert is None or "webhook" in alert.channels:
+        return False
+    try:
+        budget_alert_webhook_send(alert=alert, url=url)
+    except WebhookDeliveryError as exc:
+        # 10 s, 20 s, 40 s … up to 10 minutes between attempts.
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
+    return True

@@ -1,0 +1,79 @@
+"""Fixtures for the billing tests: the standard plans, a catalog on the fake upstream, and Redis as
+the admission store (each test gets an empty Redis database)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+import redis
+
+from billing.models import Plan
+from billing.selectors import limits_cache
+from billing.services.ratelimits import local_rate_limiter
+from tests.factories import ModelFactory, ProviderFactory
+
+STANDARD_PLANS = {
+    "Free": {
+        "allow_all_models": False,
+        "max_output_price_per_mtok": Decimal("1.00"),
+        "daily_token_quota": 1_000,
+        "rpm": 20,
+    },
+    "Pro": {"allow_all_models": True, "daily_token_quota": 100_000, "rpm": 600},
+    "Enterprise": {"allow_all_models": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _forget_cached_limits():
+    """Primary keys are reused after a rollback: cached limits and local windows must not outlive a test."""
+    limits_cache.invalidate()
+    local_rate_limiter.clear()
+    yield
+    limits_cache.invalidate()
+    local_rate_limiter.clear()
+
+
+@pytest.fixture
+def plans(db) -> dict[str, Plan]:
+    """The three plans the data migration seeds (a flush by an earlier transactional test removes them)."""
+    return {name: Plan.objects.get_or_create(name=name, defaults=fields)[0] for name, fields in STANDARD_PLANS.items()}
+
+
+@pytest.fixture
+def catalog(db, fake_upstream) -> dict:
+    provider = ProviderFactory(name="fake-openai", base_url=fake_upstream.base_url + "/v1")
+    return {
+        "cheap": ModelFactory(
+            name="cheap-model", provider=provider, input_per_mtok=Decimal("0.15"), output_per_mtok=Decimal("0.60")
+        ),
+        "premium": ModelFactory(
+            name="premium-model", provider=provider, input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10.00")
+        ),
+        # Output only, $0.0001 a token: its cost is exactly completion tokens × $0.0001, so budgets are easy to size.
+        "flat": ModelFactory(
+            name="flat-model", provider=provider, input_per_mtok=Decimal("0"), output_per_mtok=Decimal("100.00")
+        ),
+    }
+
+
+@pytest.fixture
+def use_redis(settings, redis_url):
+    """Admission keeps its counters in the real Redis server, emptied after the test."""
+    settings.REDIS_URL = redis_url
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["database", "redis"])
+def store(request, settings):
+    """Run a test against both admission stores: database row locks, then Redis."""
+    if request.param == "redis":
+        request.getfixturevalue("use_redis")
+    else:
+        settings.REDIS_URL = ""
+    return request.param

@@ -1,0 +1,179 @@
+"""Budget alerts: 50 %, 80 % and 100 %, each once per period, by email and to a Slack-compatible webhook
+(a real HTTP server started here), recorded in ``BudgetAlert``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.core import mail
+
+from billing.models import BudgetAlert, BudgetPeriod
+from billing.services.admission import admission_acquire, admission_settle
+from billing.services.alerts import Crossing, budget_alerts_raise
+from billing.services.budgets import CounterRef, CounterSpec, api_key_limits_set
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from providers.selectors import resolved_model
+from tests.conftest import free_port
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TOKEN = Decimal("0.0001")
+
+
+@dataclass
+class Webhook:
+    url: str
+    received: list[dict] = field(default_factory=list)
+    fail_next: int = 0  # answer 500 to this many requests first
+
+
+@pytest.fixture
+def webhook(settings) -> Iterator[Webhook]:
+    """A local HTTP server standing in for Slack; its URL is the configured alert webhook."""
+    port = free_port()
+    hook = Webhook(url=f"http://127.0.0.1:{port}/services/T000/B000/secret-path")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if hook.fail_next:
+                hook.fail_next -= 1
+                self.send_response(500)
+            else:
+                hook.received.append(body)
+                self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings.LLMHUB_ALERT_WEBHOOK_URL = hook.url
+    yield hook
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def account(plans, catalog):
+    """Alice's key has a $0.01 monthly budget: 100 tokens of the flat model."""
+    user = UserFactory(username="alice", email="alice@example.com")
+    plan_assign(user=user, plan=plans["Enterprise"])
+    api_key = api_key_create(user=user, name="ci").api_key
+    api_key_limits_set(api_key=api_key, budget_usd=100 * TOKEN, budget_period=BudgetPeriod.MONTHLY)
+    return {"user": user, "key": api_key, "flat": resolved_model(catalog["flat"])}
+
+
+async def spend(account, request_id: str, tokens: int) -> None:
+    admission = await admission_acquire(
+        user_id=account["user"].pk,
+        api_key_id=account["key"].pk,
+        key_allowed_model_ids=None,
+        model=account["flat"],
+        body={"model": "flat-model", "messages": [], "max_tokens": tokens},
+        request_id=request_id,
+        prompt_tokens_upper=0,
+    )
+    await admission_settle(admission=admission, cost=tokens * TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True)
+
+
+def alerts() -> list[tuple[int, list[str]]]:
+    return list(BudgetAlert.objects.order_by("threshold").values_list("threshold", "channels"))
+
+
+async def test_each_threshold_alerts_once_per_period_by_email_and_webhook(store, account, webhook):
+    await spend(account, "a", 40)
+    assert mail.outbox == [] and webhook.received == []
+
+    await spend(account, "b", 15)  # 55 %
+    await spend(account, "c", 5)  # 60 %: 50 % already alerted
+    assert len(mail.outbox) == 1 and len(webhook.received) == 1
+
+    await spend(account, "d", 40)  # 100 %: crosses 80 and 100 at once
+    assert len(mail.outbox) == 3 and len(webhook.received) == 3
+    assert await sync_to_async(alerts)() == [
+        (50, ["email", "webhook"]),
+        (80, ["email", "webhook"]),
+        (100, ["email", "webhook"]),
+    ]
+
+    first = mail.outbox[0]
+    assert first.to == ["alice@example.com"]
+    assert first.subject.startswith(f"[llmhub] the monthly budget of API key {account['key'].prefix}… (ci) of alice")
+    assert first.subject.endswith("is at 50%")
+    assert "has reached 50%: $0.0055 of $0.01 used in the period that began" in first.body
+    assert "Requests are refused" in mail.outbox[2].body
+    assert set(webhook.received[0]) == {"text"}
+    assert webhook.received[0]["text"].startswith("llmhub: the monthly budget of API key")
+    assert "reached 100%: $0.01 of $0.01 used" in webhook.received[2]["text"]
+    alert = await BudgetAlert.objects.aget(threshold=100)
+    assert alert.sent_at is not None and alert.spent == 100 * TOKEN and alert.limit == 100 * TOKEN
+
+
+async def test_a_failing_webhook_is_retried(store, account, webhook):
+    webhook.fail_next = 2
+    await spend(account, "big", 50)
+    assert [entry["text"][:40] for entry in webhook.received] == ["llmhub: the monthly budget of API key sk"]
+    assert await sync_to_async(alerts)() == [(50, ["email", "webhook"])]
+
+
+async def test_without_a_webhook_only_email_is_sent(store, account, settings):
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""
+    await spend(account, "big", 80)
+    assert len(mail.outbox) == 2
+    assert await sync_to_async(alerts)() == [(50, ["email"]), (80, ["email"])]
+
+
+def crossing(user, period_start: datetime, threshold: int) -> Crossing:
+    ref = CounterRef("user", user.pk, "cost", BudgetPeriod.MONTHLY, period_start)
+    return Crossing(CounterSpec(ref, Decimal("10"), "the monthly budget"), threshold, Decimal("5"))
+
+
+def test_the_same_threshold_fires_again_in_the_next_period_only():
+    user = UserFactory(username="bob", email="bob@example.com")
+    march, april = datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)
+
+    assert len(budget_alerts_raise(crossings=[crossing(user, march, 50)], user_id=user.pk)) == 1
+    assert budget_alerts_raise(crossings=[crossing(user, march, 50)], user_id=user.pk) == []
+    assert len(budget_alerts_raise(crossings=[crossing(user, april, 50)], user_id=user.pk)) == 1
+
+    assert BudgetAlert.objects.count() == 2
+    assert [m.subject for m in mail.outbox] == ["[llmhub] bob's monthly budget is at 50%"] * 2
+    assert "in the period that began 2026-04-01" in mail.outbox[1].body
+
+
+def test_concurrent_settlements_record_a_crossing_once():
+    """Two processes settling at once may both see the crossing: the unique constraint keeps one."""
+    user = UserFactory(username="carol", email="carol@example.com")
+    march = datetime(2026, 3, 1, tzinfo=UTC)
+    barrier = threading.Barrier(4)
+    created: list[int] = []
+
+    def settle_in_thread() -> None:
+        from django.db import connection
+
+        barrier.wait()
+        created.append(len(budget_alerts_raise(crossings=[crossing(user, march, 80)], user_id=user.pk)))
+        connection.close()
+
+    threads = [threading.Thread(target=settle_in_thread) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(created) == [0, 0, 0, 1]
+    assert BudgetAlert.objects.count() == 1 and len(mail.outbox) == 1

@@ -1,0 +1,271 @@
+"""Budgets and token quotas: reserve the most a request can cost, refuse what cannot be paid, settle to
+the real cost, release what never settled, and put counters back on the ledger's figure.
+
+Every test runs against both admission stores (database row locks, and the real Redis server)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from billing.exceptions import BillingUnavailableError, QuotaExceededError
+from billing.models import ApiKey, BudgetPeriod, UsageRecord
+from billing.services.admission import admission_acquire, admission_settle
+from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds, usd
+from billing.services.counters import admission_store, budget_counters_reconcile, counter_state
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from providers.selectors import resolved_model
+from tests.factories import UsageRecordFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TOKEN = Decimal("0.0001")  # one completion token of the flat model
+
+
+@pytest.fixture
+def account(plans, catalog):
+    """An Enterprise user (no plan limits) with a key whose budget ($0.005) pays for 50 flat-model tokens a month."""
+    user = UserFactory(username="budgeted")
+    plan_assign(user=user, plan=plans["Enterprise"])
+    api_key = api_key_create(user=user, name="budgeted").api_key
+    api_key_limits_set(api_key=api_key, budget_usd=50 * TOKEN, budget_period=BudgetPeriod.MONTHLY)
+    return {"user": user, "key": api_key, "flat": resolved_model(catalog["flat"]), "catalog": catalog}
+
+
+def key_ref(api_key: ApiKey, period: str = BudgetPeriod.MONTHLY) -> CounterRef:
+    return CounterRef("key", api_key.pk, "cost", period, period_bounds(period, timezone.now())[0])
+
+
+async def acquire(account, request_id: str, *, max_tokens: int | None = None, prompt_upper: int = 0, **body):
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return await admission_acquire(
+        user_id=account["user"].pk,
+        api_key_id=account["key"].pk,
+        key_allowed_model_ids=None,
+        model=account["flat"],
+        body={"model": "flat-model", "messages": [{"role": "user", "content": "hi"}], **body},
+        request_id=request_id,
+        prompt_tokens_upper=prompt_upper,
+    )
+
+
+async def settle(admission, completion_tokens: int, *, prompt_tokens: int = 0):
+    await admission_settle(
+        admission=admission,
+        cost=completion_tokens * TOKEN,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        ok=True,
+    )
+
+
+async def test_reserves_max_tokens_and_refuses_what_the_budget_cannot_pay(store, account):
+    admitted = [await acquire(account, f"r{i}", max_tokens=10) for i in range(5)]
+    assert [a.reserved_cost for a in admitted] == [10 * TOKEN] * 5
+    assert all(a.max_tokens is None for a in admitted)  # the client chose max_tokens
+
+    with pytest.raises(QuotaExceededError) as refused:
+        await acquire(account, "r5", max_tokens=10)
+    assert refused.value.status_code == 429 and refused.value.code == "insufficient_quota"
+    assert "this API key's monthly budget is $0.005" in refused.value.message
+    assert "$0.005 is held by requests in progress" in refused.value.message
+
+    # Settling at the real cost (8 tokens each) frees the difference: 40 spent, 10 left.
+    for admission in admitted:
+        await settle(admission, 8)
+    assert await sync_to_async(counter_state)(key_ref(account["key"])) == (40 * TOKEN, Decimal(0))
+    await acquire(account, "r6", max_tokens=10)
+    with pytest.raises(QuotaExceededError):
+        await acquire(account, "r7", max_tokens=1)
+
+
+async def test_without_max_tokens_the_request_is_clamped_to_what_is_left(store, account):
+    first = await acquire(account, "c1", prompt_upper=100)
+    # Input is free on the flat model, so the whole $0.005 buys 50 completion tokens.
+    assert first.max_tokens == 50 and first.reserved_cost == 50 * TOKEN
+
+    with pytest.raises(QuotaExceededError) as refused:
+        await acquire(account, "c2")
+    assert "could need up to $0.0001" in refused.value.message
+
+    await settle(first, 20)
+    second = await acquire(account, "c3")
+    assert second.max_tokens == 30
+
+
+async def test_the_clamp_never_exceeds_the_configured_cap(store, account, settings):
+    settings.LLMHUB_BUDGET_MAX_TOKENS_CAP = 16
+    assert (await acquire(account, "cap")).max_tokens == 16
+
+
+async def test_n_choices_multiply_the_completion(store, account):
+    admission = await acquire(account, "n1", max_tokens=10, n=3)
+    assert admission.reserved_cost == 30 * TOKEN
+    assert (await acquire(account, "n2", n=2)).max_tokens == 10  # (50 - 30) / 2
+
+
+@pytest.fixture
+def quota_user(plans):
+    """A Pro user whose own daily quota (an override) is 100 tokens."""
+    user = UserFactory(username="quota")
+    user_plan = plan_assign(user=user, plan=plans["Pro"])
+    user_plan.daily_token_quota = 100
+    user_plan.save()
+    return user
+
+
+async def test_daily_token_quota_counts_prompt_and_completion(store, quota_user, catalog):
+    user = quota_user
+    flat = resolved_model(catalog["flat"])
+
+    async def go(request_id: str, **body):
+        return await admission_acquire(
+            user_id=user.pk,
+            api_key_id=None,
+            key_allowed_model_ids=None,
+            model=flat,
+            body={"model": "flat-model", "messages": [], **body},
+            request_id=request_id,
+            prompt_tokens_upper=30,
+        )
+
+    with pytest.raises(QuotaExceededError) as refused:
+        await go("q0", max_tokens=71)
+    assert "the daily token quota of your plan (Pro) is 100 tokens" in refused.value.message
+    admission = await go("q1")
+    assert admission.max_tokens == 70
+    assert admission.reserved_cost == 0  # a token quota, no USD budget
+    await admission_settle(admission=admission, cost=Decimal(0), prompt_tokens=12, completion_tokens=8, ok=True)
+    assert (await go("q2")).max_tokens == 50  # 100 - 20 used - 30 prompt
+
+
+async def test_a_reservation_that_never_settles_expires(store, account):
+    flat_store = admission_store()
+    now = timezone.now()
+    stuck = await acquire(account, "stuck", max_tokens=50)
+    assert stuck.reserved_cost == 50 * TOKEN
+    with pytest.raises(QuotaExceededError):
+        await acquire(account, "blocked", max_tokens=1)
+
+    # The process that held it died; sixteen minutes later the reservation is gone.
+    from billing.services.budgets import Charge
+
+    later = now + timedelta(minutes=16)
+    charge = Charge(10 * TOKEN, Decimal(0), 10, 4096, 0, 1)
+    outcome = await flat_store.acquire(
+        request_id="after", counters=stuck.handle.counters, rates=(), charge=charge, now=later
+    )
+    assert outcome.reserved.cost == 10 * TOKEN
+
+
+async def test_settling_twice_counts_once(store, account):
+    admission = await acquire(account, "twice", max_tokens=10)
+    await settle(admission, 7)
+    await settle(admission, 7)
+    assert (await sync_to_async(counter_state)(key_ref(account["key"])))[0] == 7 * TOKEN
+
+
+async def test_a_counter_starts_from_the_ledger(store, account):
+    """Spend recorded before the counter exists (another process, a restart, a new period) counts."""
+    await sync_to_async(UsageRecordFactory)(user=account["user"], api_key=account["key"], cost=45 * TOKEN)
+    with pytest.raises(QuotaExceededError):
+        await acquire(account, "over", max_tokens=6)
+    assert (await acquire(account, "fits")).max_tokens == 5
+
+
+async def test_reconcile_puts_counters_back_on_the_ledger(store, account):
+    admission = await acquire(account, "settled", max_tokens=10)
+    await settle(admission, 10)  # settled, but its ledger row is never written (lost)
+    # …and a request whose settle was lost, though its ledger row exists.
+    await sync_to_async(UsageRecordFactory)(user=account["user"], api_key=account["key"], cost=3 * TOKEN)
+    ref = key_ref(account["key"])
+    assert (await sync_to_async(counter_state)(ref))[0] == 10 * TOKEN
+
+    # Within the memory window the settled request counts as "ledger row on its way".
+    await sync_to_async(budget_counters_reconcile)()
+    assert (await sync_to_async(counter_state)(ref))[0] == 13 * TOKEN
+
+    # Long after, only what the ledger shows remains.
+    await sync_to_async(budget_counters_reconcile)(now=timezone.now() + timedelta(minutes=10))
+    assert (await sync_to_async(counter_state)(ref))[0] == 3 * TOKEN
+
+
+async def test_reconcile_ignores_requests_in_flight(store, account):
+    """An open request whose ledger row is already written must not be counted twice."""
+    admission = await acquire(account, "inflight", max_tokens=10)
+    await sync_to_async(UsageRecordFactory)(
+        request_id="inflight", user=account["user"], api_key=account["key"], cost=9 * TOKEN
+    )
+    await sync_to_async(budget_counters_reconcile)()
+    await settle(admission, 9)
+    assert await sync_to_async(counter_state)(key_ref(account["key"])) == (9 * TOKEN, Decimal(0))
+    ledger = await sync_to_async(lambda: sum(UsageRecord.objects.values_list("cost", flat=True), Decimal(0)))()
+    assert ledger == 9 * TOKEN
+
+
+def test_periods_are_utc_days_months_or_forever():
+    moment = datetime(2026, 2, 28, 23, 30, tzinfo=UTC)
+    assert period_bounds("daily", moment) == (
+        moment.replace(hour=0, minute=0),
+        moment.replace(day=1, month=3, hour=0, minute=0),
+    )
+    start, end = period_bounds("monthly", moment)
+    assert (start.day, start.month, end.day, end.month) == (1, 2, 1, 3)
+    assert period_bounds("total", moment)[1] is None
+    ref = CounterRef("key", 7, "cost", "monthly", start)
+    assert CounterRef.from_key(ref.key) == ref
+
+
+def test_usd_shows_small_amounts():
+    assert [usd(Decimal(v)) for v in ("0", "12.5", "0.5", "0.0123", "0.00005", "0.0000000001")] == [
+        "$0.00",
+        "$12.50",
+        "$0.50",
+        "$0.0123",
+        "$0.00005",
+        "$0.0000000001",
+    ]
+
+
+def test_api_key_limits_refuse_bad_values(account):
+    from django.core.exceptions import ValidationError
+
+    for bad in (
+        {"budget_usd": Decimal("-1")},
+        {"budget_usd": None, "budget_period": "weekly"},
+        {"budget_usd": None, "rpm": -1},
+    ):
+        with pytest.raises(ValidationError):
+            api_key_limits_set(api_key=account["key"], **bad)
+    account["key"].refresh_from_db()
+    assert account["key"].budget_usd == 50 * TOKEN  # nothing half-written
+
+
+async def test_an_unreachable_redis_refuses_with_503_rather_than_running_unmetered(account, settings):
+    from tests.conftest import free_port
+
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with pytest.raises(BillingUnavailableError) as refused:
+        await acquire(account, "down", max_tokens=1)
+    assert refused.value.status_code == 503 and refused.value.code == "billing_unavailable"
+    assert "cannot be checked right now (ConnectionError)" in refused.value.message
+
+
+async def test_large_budgets_stay_exact(store, account):
+    """$1,000,000 is 10^16 units of 1e-10 USD, past a double's exact integers: Redis must still add exactly."""
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=Decimal("1000000"))
+    admission = await acquire(account, "big-spender", prompt_upper=0)
+    assert admission.max_tokens == 4096
+    await admission_settle(
+        admission=admission, cost=Decimal("0.0000000001"), prompt_tokens=0, completion_tokens=1, ok=True
+    )
+    again = await acquire(account, "again", max_tokens=3)
+    await settle(again, 3)
+    spent, reserved = await sync_to_async(counter_state)(key_ref(account["key"]))
+    assert (spent, reserved) == (Decimal("0.0003000001"), Decimal(0))

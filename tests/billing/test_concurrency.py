@@ -1,0 +1,289 @@
+"""Budgets and rate limits hold when many requests race, in one process and across processes.
+
+Service level: many concurrent ``admission_acquire`` calls in this process, and two worker processes
+admitting for the same key at once. End to end: two llmhub server processes (uvicorn) sharing the test
+database and the real Redis, hit by 50 or 60 parallel HTTP requests; and the same without Redis, where
+row locks guard the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from billing.exceptions import QuotaExceededError
+from billing.models import BudgetPeriod, UsageRecord, UsageStatus
+from billing.services.admission import admission_acquire, admission_settle
+from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
+from billing.services.counters import counter_state
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from providers.selectors import resolved_model
+from tests.conftest import free_port, wait_for_port
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = Decimal("0.0001")  # one completion token of the flat model
+MAX_TOKENS = 5
+RESERVATION = MAX_TOKENS * TOKEN  # input is free on the flat model, so this is what one request reserves
+BODY = {
+    "model": "flat-model",
+    # The fake upstream answers exactly MAX_TOKENS words, so each request costs exactly its reservation.
+    "messages": [{"role": "user", "content": f"[[words={MAX_TOKENS}]] count for me"}],
+    "max_tokens": MAX_TOKENS,
+}
+
+
+@pytest.fixture
+def budget_key(plans, catalog):
+    """An Enterprise user's key whose monthly budget pays for exactly 10 requests."""
+    user = UserFactory(username="racer")
+    plan_assign(user=user, plan=plans["Enterprise"])
+    created = api_key_create(user=user, name="racer")
+    api_key_limits_set(api_key=created.api_key, budget_usd=10 * RESERVATION, budget_period=BudgetPeriod.MONTHLY)
+    return {"user": user, "key": created.api_key, "secret": created.secret, "flat": catalog["flat"]}
+
+
+def key_ref(api_key) -> CounterRef:
+    start, _ = period_bounds(BudgetPeriod.MONTHLY, timezone.now())
+    return CounterRef("key", api_key.pk, "cost", BudgetPeriod.MONTHLY, start)
+
+
+def ledger_sum(api_key) -> Decimal:
+    return sum(UsageRecord.objects.filter(api_key=api_key).values_list("cost", flat=True), Decimal(0))
+
+
+def server_env(redis_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}",
+        PYTHONPATH=str(ROOT),
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+class ServerProcess:
+    """``uvicorn llmhub.asgi:application`` in its own process, on the test database."""
+
+    def __init__(self, redis_url: str | None, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Its log (a warning per 429) goes to a file: read it when a test fails.
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "llmhub.asgi:application",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=server_env(redis_url),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self) -> None:
+        # SIGTERM: uvicorn's lifespan shutdown drains the ledger before the process exits.
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def two_servers(request, tmp_path):
+    """Two llmhub processes; with ``request.param == "redis"`` they share the real Redis server."""
+    redis_url = request.getfixturevalue("use_redis") if request.param == "redis" else None
+    servers = [ServerProcess(redis_url, tmp_path / f"server-{n}.log") for n in range(2)]
+    try:
+        for server in servers:
+            wait_for_port(server.port, timeout=30)
+        yield [server.url for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def post_all(urls: list[str], secret: str, count: int) -> list[httpx.Response]:
+    """``count`` chat completions at once, spread over the servers."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    f"{urls[i % len(urls)]}/v1/chat/completions",
+                    json=BODY,
+                    headers={"Authorization": f"Bearer {secret}"},
+                )
+                for i in range(count)
+            )
+        )
+
+
+def wait_for_ledger(api_key, rows: int, timeout: float = 30.0) -> None:
+    """Ledger rows are written after the response; every request (refused ones too) gets one."""
+    deadline = time.monotonic() + timeout
+    while UsageRecord.objects.filter(api_key=api_key).count() < rows:
+        assert time.monotonic() < deadline, "the ledger never caught up"
+        time.sleep(0.1)
+
+
+def assert_budget_held(budget_key, responses, fake_upstream) -> None:
+    statuses = sorted(r.status_code for r in responses)
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) + len(refused) == len(responses), statuses
+    # The budget pays for exactly 10 and every request costs exactly its reservation.
+    assert len(ok) == 10
+    assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+    assert fake_upstream.stats["requests"] == 10  # refused requests never went upstream
+
+    wait_for_ledger(budget_key["key"], len(responses))
+    spent, reserved = counter_state(key_ref(budget_key["key"]))
+    budget = 10 * RESERVATION
+    assert spent <= budget + RESERVATION
+    assert reserved == 0
+    assert ledger_sum(budget_key["key"]) == spent == budget
+    assert UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.REJECTED).count() == 40
+
+
+# SERVICE LEVEL
+
+
+async def test_concurrent_admissions_in_one_process_never_overspend(store, budget_key):
+    flat = resolved_model(budget_key["flat"])
+
+    async def one(index: int):
+        try:
+            return await admission_acquire(
+                user_id=budget_key["user"].pk,
+                api_key_id=budget_key["key"].pk,
+                key_allowed_model_ids=None,
+                model=flat,
+                body=BODY,
+                request_id=f"one-{index}",
+                prompt_tokens_upper=0,
+            )
+        except QuotaExceededError:
+            return None
+
+    admissions = await asyncio.gather(*(one(i) for i in range(50)))
+    admitted = [a for a in admissions if a is not None]
+    assert len(admitted) == 10
+    await asyncio.gather(
+        *(
+            admission_settle(admission=a, cost=RESERVATION, prompt_tokens=0, completion_tokens=MAX_TOKENS, ok=True)
+            for a in admitted
+        )
+    )
+    assert await sync_to_async(counter_state)(key_ref(budget_key["key"])) == (10 * RESERVATION, Decimal(0))
+
+
+@pytest.mark.parametrize("store_kind", ["database", "redis"])
+def test_two_processes_admitting_for_one_key_never_overspend(request, store_kind, budget_key, settings):
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else None
+    settings.REDIS_URL = redis_url or ""
+    job = {
+        "user_id": budget_key["user"].pk,
+        "key_id": budget_key["key"].pk,
+        "model": "flat-model",
+        "max_tokens": MAX_TOKENS,
+        "count": 25,
+        "start_at": time.time() + 3,
+    }
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.billing.admission_worker", json.dumps({**job, "tag": f"w{n}"})],
+            cwd=ROOT,
+            env=server_env(redis_url),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(2)
+    ]
+    results = [json.loads(worker.communicate(timeout=90)[0]) for worker in workers]
+
+    assert sum(r["admitted"] for r in results) == 10
+    assert sum(r["refused"] for r in results) == 40
+    spent, reserved = counter_state(key_ref(budget_key["key"]))
+    assert ledger_sum(budget_key["key"]) == spent == 10 * RESERVATION
+    assert reserved == 0
+
+
+# END TO END
+
+
+@pytest.mark.parametrize("two_servers", ["redis", "database"], indirect=True)
+def test_fifty_parallel_requests_on_two_servers_spend_at_most_the_budget(two_servers, budget_key, fake_upstream):
+    responses = asyncio.run(post_all(two_servers, budget_key["secret"], 50))
+    assert_budget_held(budget_key, responses, fake_upstream)
+
+
+def test_fifty_parallel_requests_without_redis_hold_the_budget_with_row_locks(
+    llmhub_server, budget_key, fake_upstream, settings
+):
+    settings.REDIS_URL = ""
+    responses = asyncio.run(post_all([llmhub_server.url], budget_key["secret"], 50))
+    assert_budget_held(budget_key, responses, fake_upstream)
+
+
+@pytest.mark.parametrize("two_servers", ["redis"], indirect=True)
+def test_thirty_requests_per_minute_admit_exactly_thirty_of_sixty(two_servers, budget_key, fake_upstream):
+    api_key_limits_set(api_key=budget_key["key"], budget_usd=None, rpm=30)
+
+    responses = asyncio.run(post_all(two_servers, budget_key["secret"], 60))
+
+    ok = [r for r in responses if r.status_code == 200]
+    limited = [r for r in responses if r.status_code == 429]
+    assert (len(ok), len(limited)) == (30, 30), [
+        (r.status_code, r.text[:200]) for r in responses if r.status_code != 200
+    ]
+    assert fake_upstream.stats["requests"] == 30
+    for response in limited:
+        assert response.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert response.headers["x-ratelimit-limit-requests"] == "30"
+        assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in ok)
+    assert remaining == list(range(30))  # each admitted request saw one slot fewer
+    assert all(r.headers["x-ratelimit-limit-requests"] == "30" for r in ok)
+    assert all(r.headers["x-ratelimit-reset-requests"].endswith("s") for r in ok)
+
+
+@pytest.mark.parametrize("two_servers", ["redis"], indirect=True)
+def test_a_request_that_cannot_be_paid_never_reaches_the_upstream(two_servers, budget_key, fake_upstream):
+    api_key_limits_set(api_key=budget_key["key"], budget_usd=TOKEN * 3)
+
+    response = httpx.post(
+        f"{two_servers[0]}/v1/chat/completions",
+        json={**BODY, "max_tokens": 4},
+        headers={"Authorization": f"Bearer {budget_key['secret']}"},
+        timeout=30,
+    )
+
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
+    assert "this API key's monthly budget is $0.0003" in error["message"]
+    assert fake_upstream.stats["requests"] == 0

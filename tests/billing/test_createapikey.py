@@ -1,0 +1,71 @@
+"""``manage.py createapikey``: the last line printed is a working key."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from billing.models import ApiKey
+from billing.services.keys import api_key_authenticate_sync
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args: str) -> list[str]:
+    out = StringIO()
+    call_command("createapikey", *args, stdout=out)
+    return out.getvalue().splitlines()
+
+
+def test_the_last_line_is_a_working_key_for_the_user():
+    alice = UserFactory(username="alice")
+
+    lines = run("alice")
+
+    secret = lines[-1]
+    principal = api_key_authenticate_sync(secret)
+    assert principal.user_id == alice.pk and principal.username == "alice"
+    row = ApiKey.objects.get(pk=principal.key_id)
+    assert row.name == "default" and row.expires_at is None
+    # The lines before it describe the key without the secret.
+    assert len(lines) >= 2
+    assert row.prefix in lines[0] and "never" in lines[0]
+    assert not any(secret in line for line in lines[:-1])
+
+
+def test_name_and_expiry():
+    UserFactory(username="alice")
+    before = timezone.now()
+
+    secret = run("alice", "--name", "ci runner", "--expires-days", "7")[-1]
+
+    row = ApiKey.objects.get(pk=api_key_authenticate_sync(secret).key_id)
+    assert row.name == "ci runner"
+    assert before + timedelta(days=7) <= row.expires_at <= timezone.now() + timedelta(days=7)
+
+
+def test_each_run_makes_a_new_key():
+    UserFactory(username="alice")
+
+    assert run("alice")[-1] != run("alice")[-1]
+    assert ApiKey.objects.count() == 2
+
+
+def test_unknown_user_is_an_error():
+    with pytest.raises(CommandError, match="nobody"):
+        run("nobody")
+    assert not ApiKey.objects.exists()
+
+
+@pytest.mark.parametrize("days", ["0", "-3", "soon"])
+def test_bad_expiry_is_an_error(days):
+    UserFactory(username="alice")
+
+    with pytest.raises(CommandError, match="expires-days"):
+        run("alice", "--expires-days", days)
+    assert not ApiKey.objects.exists()

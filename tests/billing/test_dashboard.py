@@ -1,0 +1,197 @@
+"""The usage pages: each user's spend per day and per model and what is left of their limits, staff's
+view of everyone, and both in a real browser (Debian's Chromium through Playwright), screenshotted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.test import Client
+from playwright.async_api import Browser, async_playwright, expect
+
+from billing.models import BudgetPeriod, UserPlan
+from billing.selectors import usage_breakdown, usage_daily
+from billing.services.budgets import api_key_limits_set
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from billing.services.rollups import daily_usage_rebuild
+from tests.conftest import LiveServer, wait_for_port
+from tests.factories import UsageRecordFactory, UserFactory
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+def days_ago(days: int, hour: int = 12) -> datetime:
+    now = datetime.now(UTC)
+    return (now - timedelta(days=days)).replace(hour=hour if days else min(now.hour, 23), minute=0)
+
+
+@pytest.fixture
+def ada(plans):
+    """Ada (Pro, with her own $10 monthly budget) spent $2.50 three days ago, $0.40 ten days ago, $1.25 today."""
+    user = UserFactory(username="ada", email="ada@example.com")
+    plan_assign(user=user, plan=plans["Pro"])
+    UserPlan.objects.filter(user=user).update(monthly_budget_usd=Decimal("10"))
+    key = api_key_create(user=user, name="notebook").api_key
+    api_key_limits_set(api_key=key, budget_usd=Decimal("5"), budget_period=BudgetPeriod.TOTAL)
+    rows = [
+        (days_ago(3), "claude-test", "fake-anthropic", Decimal("2.50"), 1200, 800),
+        (days_ago(10), "gpt-test", "fake-openai", Decimal("0.40"), 300, 200),
+        (days_ago(0), "gpt-test", "fake-openai", Decimal("1.00"), 150, 50),
+        (days_ago(0), "gpt-test", "fake-openai", Decimal("0.25"), 100, 50),
+    ]
+    for created_at, model, provider, cost, prompt, completion in rows:
+        UsageRecordFactory(
+            user=user,
+            api_key=key,
+            created_at=created_at,
+            model_name=model,
+            provider_name=provider,
+            cost=cost,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+        )
+    for created_at, *_ in rows[:2]:
+        daily_usage_rebuild(day=created_at.date())
+    # Someone else's spend shows on the staff page only.
+    UsageRecordFactory(user=UserFactory(username="grace"), created_at=days_ago(1), cost=Decimal("7.00"))
+    daily_usage_rebuild(day=days_ago(1).date())
+    return user
+
+
+@pytest.mark.django_db
+def test_daily_spend_is_the_rollup_plus_todays_ledger(ada):
+    today = datetime.now(UTC).date()
+    days = usage_daily(days=30, today=today, user_id=ada.pk)
+    assert len(days) == 30 and days[-1].day == today
+    spent = {d.day: d.cost for d in days if d.cost}
+    assert spent == {
+        today - timedelta(days=10): Decimal("0.40"),
+        today - timedelta(days=3): Decimal("2.50"),
+        today: Decimal("1.25"),
+    }
+    by_model = usage_breakdown(by="model", days=30, today=today, user_id=ada.pk)
+    assert [(s.label, s.requests, s.tokens, s.cost) for s in by_model] == [
+        ("claude-test", 1, 2000, Decimal("2.50")),
+        ("gpt-test", 3, 850, Decimal("1.65")),
+    ]
+    assert [s.label for s in usage_breakdown(by="user", days=30, today=today)] == ["grace", "ada"]
+
+
+@pytest.mark.django_db
+def test_the_usage_page_shows_spend_and_what_is_left(ada):
+    client = Client()
+    assert client.get("/usage/").status_code == 302  # login first
+    client.force_login(ada)
+
+    page = client.get("/usage/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'id="spent-30d">$4.15<' in html and 'id="spent-today">$1.25<' in html
+    assert "<strong>$4.15</strong> of $10.00 used this month" in html  # ada's own monthly budget
+    assert "of 100,000 tokens used today" in html  # Pro's daily quota
+    assert "<strong>$4.15</strong> of $5.00 used in total" in html  # the key's total budget
+    assert ">$2.50</text>" in html and ">$1.25</text>" in html  # bars of the daily chart
+    assert "grace" not in html and "$7.00" not in html
+
+
+@pytest.mark.django_db
+def test_the_staff_page_is_for_staff_and_shows_everyone(ada):
+    client = Client()
+    client.force_login(ada)
+    assert client.get("/usage/admin/").status_code == 403
+
+    client.force_login(UserFactory(username="root", is_staff=True))
+    html = client.get("/usage/admin/").content.decode()
+    assert 'id="spent-30d">$11.15<' in html
+    for text in ("grace", "ada", "fake-anthropic", "fake-openai", "claude-test", ">$7.00</text>"):
+        assert text in html
+
+
+# In a real browser
+
+
+class StaticLiveServer(LiveServer):
+    """The live server with static files served as ``make run`` does (tests run with DEBUG off)."""
+
+    def start(self) -> StaticLiveServer:
+        import uvicorn
+
+        from llmhub.asgi import application
+
+        config = uvicorn.Config(
+            ASGIStaticFilesHandler(application), host="127.0.0.1", port=self.port, log_level="warning", lifespan="auto"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
+        self._thread.start()
+        wait_for_port(self.port)
+        return self
+
+
+@pytest.fixture
+def site(transactional_db) -> Iterator[LiveServer]:
+    server = StaticLiveServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed; .ci/run must install it")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
+    staff = await sync_to_async(UserFactory)(username="root", is_staff=True)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    cookie = {"name": settings.SESSION_COOKIE_NAME, "domain": "127.0.0.1", "path": "/"}
+    await context.add_cookies([{**cookie, "value": await sync_to_async(session_cookie)(ada)}])
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    await page.goto(site.url + "/usage/")
+
+    daily = page.locator("svg.chart-columns")
+    await expect(daily).to_be_visible()
+    await expect(daily.locator("text.bar-value")).to_have_text(["$0.40", "$2.50", "$1.25"])
+    box = await daily.bounding_box()
+    assert box["width"] > 800 and box["height"] > 200  # drawn at the card's width, not icon-sized
+    await expect(page.locator("#spent-30d")).to_have_text("$4.15")
+    await expect(page.locator("svg.chart-bars text.row-label")).to_have_text(["claude-test", "gpt-test"])
+    await expect(page.locator(".meter-figures").first).to_contain_text("$4.15 of $10.00 used this month")
+    await page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
+
+    await context.add_cookies([{**cookie, "value": await sync_to_async(session_cookie)(staff)}])
+    await page.goto(site.url + "/usage/admin/")
+    await expect(page.locator("#spent-30d")).to_have_text("$11.15")
+    await expect(page.locator("svg.chart-bars").last.locator("text.row-label")).to_have_text(["grace", "ada"])
+    await page.screenshot(path=str(artifacts_dir / "dashboard-admin.png"), full_page=True)
+    assert errors == []
+    await context.close()

@@ -1,0 +1,197 @@
+"""Requests and tokens per minute, per key and per user: sliding windows in Redis or in this process,
+OpenAI's x-ratelimit-* headers, Retry-After, and the same limits on WebSocket messages."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.test import Client
+from django.utils import timezone
+
+from billing.exceptions import QuotaExceededError, RateLimitExceededError
+from billing.services.admission import admission_acquire, admission_settle
+from billing.services.budgets import Charge, api_key_limits_set
+from billing.services.counters import admission_store
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from billing.services.ratelimits import RateSpec, format_reset
+from providers.selectors import resolved_model
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def account(plans, catalog):
+    user = UserFactory(username="limited")
+    plan_assign(user=user, plan=plans["Enterprise"])
+    api_key = api_key_create(user=user, name="limited").api_key
+    return {"user": user, "key": api_key, "flat": resolved_model(catalog["flat"]), "catalog": catalog}
+
+
+async def acquire(account, request_id: str, *, prompt_upper: int = 0, with_key: bool = True, **body):
+    return await admission_acquire(
+        user_id=account["user"].pk,
+        api_key_id=account["key"].pk if with_key else None,
+        key_allowed_model_ids=None,
+        model=account["flat"],
+        body={"model": "flat-model", "messages": [], **body},
+        request_id=request_id,
+        prompt_tokens_upper=prompt_upper,
+    )
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (0, "0ms"),
+        (17, "17ms"),
+        (1000, "1s"),
+        (1500, "1.5s"),
+        (59_999, "59.999s"),
+        (360_000, "6m0s"),
+        (61_250, "1m1.25s"),
+        (3_723_000, "1h2m3s"),
+    ],
+)
+def test_reset_durations_read_like_openais(ms, text):
+    assert format_reset(ms) == text
+
+
+async def test_requests_per_minute_admit_the_limit_then_429(store, account):
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, rpm=3)
+
+    admitted = [await acquire(account, f"r{i}", max_tokens=5) for i in range(3)]
+
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in admitted] == ["2", "1", "0"]
+    assert all(a.headers["x-ratelimit-limit-requests"] == "3" for a in admitted)
+    assert admitted[0].headers["x-ratelimit-reset-requests"] in ("59.999s", "1m0s", "59.998s")
+    assert "x-ratelimit-limit-tokens" not in admitted[0].headers  # no tokens-per-minute limit here
+    with pytest.raises(RateLimitExceededError) as refused:
+        await acquire(account, "r3", max_tokens=5)
+    error = refused.value
+    assert (error.status_code, error.error_type, error.code) == (429, "rate_limit_error", "rate_limit_exceeded")
+    assert "Rate limit reached for requests per minute on this API key: limit 3, used 3" in error.message
+    assert 59 <= error.retry_after <= 60
+    assert error.extra["headers"]["x-ratelimit-remaining-requests"] == "0"
+    assert error.extra["headers"]["x-ratelimit-limit-requests"] == "3"
+
+
+async def test_the_window_slides(store, account):
+    """A slot frees exactly sixty seconds after the request that took it."""
+    rates = (RateSpec("key", account["key"].pk, rpm=2, tpm=None),)
+    charge = Charge(Decimal(0), Decimal(0), 1, 1, 0, 1)
+    now = timezone.now()
+
+    async def at(seconds: float, request_id: str):
+        return await admission_store().acquire(
+            request_id=request_id, counters=(), rates=rates, charge=charge, now=now + timedelta(seconds=seconds)
+        )
+
+    await at(0, "w0")
+    await at(30, "w1")
+    with pytest.raises(RateLimitExceededError) as refused:
+        await at(59, "w2")
+    assert refused.value.retry_after == 1
+    later = await at(60.5, "w3")
+    assert later.rate_states[0].requests.remaining == 0  # w1 is still in the window
+    assert later.rate_states[0].requests.reset_ms == 29_500  # until w1 leaves it
+
+
+async def test_tokens_per_minute_count_the_estimate_then_the_real_use(store, account):
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, tpm=100)
+
+    first = await acquire(account, "t0", prompt_upper=30, max_tokens=20)  # counts 50
+    second = await acquire(account, "t1", prompt_upper=30, max_tokens=20)  # 100
+    assert (first.headers["x-ratelimit-remaining-tokens"], second.headers["x-ratelimit-remaining-tokens"]) == (
+        "50",
+        "0",
+    )
+    with pytest.raises(RateLimitExceededError) as refused:
+        await acquire(account, "t2", prompt_upper=30, max_tokens=20)
+    assert "tokens per minute on this API key: limit 100, used 100, requested 50" in refused.value.message
+
+    # The first really used 10 tokens: settling gives back the other 40.
+    await admission_settle(admission=first, cost=Decimal(0), prompt_tokens=6, completion_tokens=4, ok=True)
+    third = await acquire(account, "t3", prompt_upper=30, max_tokens=10)  # 10 + 50 + 40
+    assert third.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_a_request_larger_than_the_token_limit_can_never_pass(store, account):
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, tpm=100)
+    with pytest.raises(RateLimitExceededError) as refused:
+        await acquire(account, "big", prompt_upper=30, max_tokens=500)
+    assert refused.value.message.startswith("Request too large for this API key")
+
+
+async def test_the_tighter_of_user_and_key_limits_is_reported(store, account, plans):
+    """The plan allows 600 rpm, the key only 5: the headers describe the key, the tighter one."""
+    await sync_to_async(plan_assign)(user=account["user"], plan=plans["Pro"])
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, rpm=5)
+    admission = await acquire(account, "both", max_tokens=1)
+    assert admission.headers["x-ratelimit-limit-requests"] == "5"
+    assert admission.headers["x-ratelimit-remaining-requests"] == "4"
+
+    # Without the key (the chat page's session), only the plan's limit applies: the key's window is untouched.
+    session = await acquire(account, "session", with_key=False, max_tokens=1)
+    assert session.headers["x-ratelimit-limit-requests"] == "600"
+    assert session.headers["x-ratelimit-remaining-requests"] == "598"
+
+
+async def test_a_request_refused_for_its_budget_takes_no_rate_limit_slot(store, account):
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=Decimal("0.0003"), rpm=2)
+    with pytest.raises(QuotaExceededError):
+        await acquire(account, "too-dear", max_tokens=4)
+    first = await acquire(account, "cheap", max_tokens=1)
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+
+
+@pytest.fixture
+def socket_user(plans, catalog):
+    user = UserFactory(username="socket")
+    user_plan = plan_assign(user=user, plan=plans["Enterprise"])
+    user_plan.rpm = 2
+    user_plan.save()
+    client = Client()
+    client.force_login(user)
+    return {"user": user, "cookie": client.cookies[django_settings.SESSION_COOKIE_NAME].value}
+
+
+async def test_websocket_messages_go_through_the_same_limits(store, socket_user, catalog, fake_upstream):
+    from llmhub.asgi import application
+
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"origin", b"http://127.0.0.1:8000"),
+        (b"cookie", f"{django_settings.SESSION_COOKIE_NAME}={socket_user['cookie']}".encode()),
+    ]
+    socket = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    connected, _ = await socket.connect(timeout=5)
+    assert connected
+    try:
+        outcomes = {}
+        for index in range(3):
+            request_id = f"ws{index}"
+            await socket.send_json_to(
+                {
+                    "type": "chat.send",
+                    "conversation": None,
+                    "model": "cheap-model",
+                    "content": "hello",
+                    "request_id": request_id,
+                }
+            )
+            while request_id not in outcomes:
+                event = await socket.receive_json_from(timeout=10)
+                if event.get("request_id") == request_id and event["type"] in ("chat.completed", "error"):
+                    outcomes[request_id] = event
+        assert [outcomes[f"ws{i}"]["type"] for i in range(3)] == ["chat.completed", "chat.completed", "error"]
+        assert outcomes["ws2"]["code"] == "rate_limit_exceeded"
+        assert fake_upstream.stats["requests"] == 2
+    finally:
+        await socket.disconnect(timeout=10)

@@ -1,0 +1,166 @@
+"""Cost rollups: ``DailyUsage`` always equals the ledger summed per day, user, key, provider and model,
+however often the rollup runs and whenever late ledger rows arrive."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from billing.models import DailyUsage, UsageRecord
+from billing.services.keys import api_key_create
+from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent
+from billing.tasks import usage_rollup
+from tests.factories import UsageRecordFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+TODAY = date(2026, 3, 10)
+
+
+def at(day: date, hour: int) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, tzinfo=UTC)
+
+
+def totals(rows) -> dict:
+    """(day, user, key, provider, model) → [requests, prompt, completion, cached, cost]."""
+    out: dict = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
+    for day, user, key, provider, model, requests, prompt, completion, cached, cost in rows:
+        entry = out[(day, user, key, provider, model)]
+        for index, value in enumerate((requests, prompt, completion, cached, cost)):
+            entry[index] += value
+    return dict(out)
+
+
+def ledger_totals(days) -> dict:
+    return totals(
+        (
+            r.created_at.astimezone(UTC).date(),
+            r.user_id,
+            r.api_key_id,
+            r.provider_name,
+            r.model_name,
+            1,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.cached_tokens,
+            r.cost,
+        )
+        for r in UsageRecord.objects.all()
+        if r.created_at.astimezone(UTC).date() in days
+    )
+
+
+def rollup_totals() -> dict:
+    return totals(
+        DailyUsage.objects.values_list(
+            "day",
+            "user_id",
+            "api_key_id",
+            "provider_name",
+            "model_name",
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "cost",
+        )
+    )
+
+
+@pytest.fixture
+def ledger():
+    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
+    work = api_key_create(user=alice, name="work").api_key
+    yesterday = TODAY - timedelta(days=1)
+    rows = [
+        dict(
+            user=alice, api_key=work, created_at=at(yesterday, 0), model_name="gpt-test", cost=Decimal("0.0015000001")
+        ),
+        dict(user=alice, api_key=work, created_at=at(yesterday, 23), model_name="gpt-test", cost=Decimal("0.25")),
+        dict(
+            user=alice,
+            api_key=None,
+            created_at=at(yesterday, 12),
+            model_name="claude-test",
+            provider_name="fake-anthropic",
+            cost=Decimal("1.1"),
+            cached_tokens=4,
+        ),
+        dict(user=alice, api_key=work, created_at=at(TODAY, 1), model_name="gpt-test", cost=Decimal("0.0000000003")),
+        dict(
+            user=bob,
+            api_key=None,
+            created_at=at(TODAY, 2),
+            model_name="gpt-test",
+            cost=Decimal("2"),
+            prompt_tokens=1000,
+            completion_tokens=2000,
+        ),
+        dict(user=bob, api_key=None, created_at=at(TODAY, 3), model_name="gpt-test", cost=Decimal("3")),
+        dict(user=None, api_key=None, created_at=at(TODAY, 4), model_name="gpt-test", cost=Decimal("0.5")),
+    ]
+    for row in rows:
+        UsageRecordFactory(**row)
+    return {"alice": alice, "bob": bob, "work": work, "yesterday": yesterday}
+
+
+def test_rollup_equals_the_ledger_and_running_twice_changes_nothing(ledger):
+    days = {TODAY, ledger["yesterday"]}
+    assert daily_usage_rebuild_recent(days=2, today=TODAY) == 5
+    first = rollup_totals()
+    assert first == ledger_totals(days)
+
+    daily_usage_rebuild_recent(days=2, today=TODAY)
+    assert rollup_totals() == first
+    assert DailyUsage.objects.count() == 5
+    bob_today = DailyUsage.objects.get(day=TODAY, user=ledger["bob"])
+    assert (bob_today.requests, bob_today.prompt_tokens, bob_today.completion_tokens, bob_today.cost) == (
+        2,
+        1010,
+        2005,
+        Decimal("5"),
+    )
+
+
+def test_a_late_ledger_row_is_counted_on_the_next_run(ledger):
+    days = {TODAY, ledger["yesterday"]}
+    daily_usage_rebuild_recent(days=2, today=TODAY)
+
+    # A row for yesterday evening, written after the rollup ran (e.g. replayed from the spool).
+    UsageRecordFactory(
+        user=ledger["alice"],
+        api_key=ledger["work"],
+        created_at=at(ledger["yesterday"], 22),
+        model_name="gpt-test",
+        cost=Decimal("0.0000000007"),
+    )
+    assert rollup_totals() != ledger_totals(days)
+
+    daily_usage_rebuild_recent(days=2, today=TODAY)
+    assert rollup_totals() == ledger_totals(days)
+    work_yesterday = DailyUsage.objects.get(day=ledger["yesterday"], api_key=ledger["work"])
+    assert (work_yesterday.requests, work_yesterday.cost) == (3, Decimal("0.2515000008"))
+
+
+def test_a_day_with_nothing_left_in_the_ledger_is_emptied(ledger):
+    daily_usage_rebuild(day=TODAY)
+    UsageRecord.objects.filter(created_at__date=TODAY).delete()
+    assert daily_usage_rebuild(day=TODAY) == 0
+    assert not DailyUsage.objects.filter(day=TODAY).exists()
+
+
+def test_the_beat_task_rolls_up_today_and_yesterday(ledger, settings):
+    now = datetime.now(UTC)
+    UsageRecordFactory(user=ledger["bob"], created_at=now, cost=Decimal("0.75"))
+    UsageRecordFactory(user=ledger["bob"], created_at=now - timedelta(days=1), cost=Decimal("0.5"))
+    UsageRecordFactory(user=ledger["bob"], created_at=now - timedelta(days=2), cost=Decimal("9"))
+
+    usage_rollup.delay()
+
+    assert sorted(DailyUsage.objects.values_list("day", "cost")) == [
+        ((now - timedelta(days=1)).date(), Decimal("0.5")),
+        (now.date(), Decimal("0.75")),
+    ]
