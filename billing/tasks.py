@@ -10,6 +10,7 @@ from django.conf import settings
 from .models import BudgetAlert
 from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
 from .services.counters import budget_counters_reconcile
+from .services.ledger import ledger_replay_spool
 from .services.rollups import daily_usage_rebuild_recent
 
 
@@ -23,6 +24,15 @@ def usage_rollup(days: int = 2) -> int:
 def reservations_reconcile() -> int:
     """Every 5 minutes: stale reservations released, budget counters put back on the ledger's figure."""
     return budget_counters_reconcile()
+
+
+@shared_task
+def ledger_spool_replay() -> int:
+    """Every minute: ledger rows a server spooled to disk while the database failed, written now.
+
+    uvicorn replays at start-up (ASGI lifespan); this catches servers without lifespan (daphne) and
+    spools left by a server that has not restarted."""
+    return ledger_replay_spool()
 
 
 @shared_task(bind=True, max_retries=5, default_retry_delay=60)

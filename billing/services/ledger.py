@@ -11,6 +11,7 @@ task and server start-up), and ``request_id`` is unique, so a replay can never c
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -72,12 +73,20 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
     task = asyncio.get_running_loop().create_task(_settle_and_record(data, admission))
     with _pending_lock:
         _pending.add(task)
-    task.add_done_callback(_forget)
+    task.add_done_callback(functools.partial(_forget, data=data))
 
 
-def _forget(task: asyncio.Task[None]) -> None:
+def _forget(task: asyncio.Task[None], *, data: UsageData) -> None:
+    """Whatever ended the task, a row it did not write goes to the spool: a task cancelled by a loop
+    shutting down (even before it started, when no ``except`` inside it could run) or one that failed.
+    A row written as well as spooled is harmless: the replay skips request ids already in the ledger."""
     with _pending_lock:
         _pending.discard(task)
+    if task.cancelled():
+        _spool(data)
+    elif task.exception() is not None:
+        logger.error("ledger task for %s failed; spooled", data.request_id, exc_info=task.exception())
+        _spool(data)
 
 
 async def ledger_flush(wait_seconds: float = 30.0) -> None:
@@ -94,25 +103,20 @@ async def ledger_flush(wait_seconds: float = 30.0) -> None:
 
 
 async def _settle_and_record(data: UsageData, admission: Admission | None) -> None:
-    try:
-        if admission is not None:
-            try:
-                await admission_settle(
-                    admission=admission,
-                    cost=data.cost,
-                    prompt_tokens=data.prompt_tokens,
-                    completion_tokens=data.completion_tokens,
-                    ok=data.status == "ok",
-                )
-            except Exception:
-                # The reservation expires and the reconcile task corrects the counters from the ledger,
-                # so the row below must be written whatever happened here.
-                logger.exception("settling request %s failed", data.request_id)
-        await usage_record_write(data)
-    except asyncio.CancelledError:
-        # The loop is being torn down: keep the row on disk rather than lose it.
-        _spool(data)
-        raise
+    if admission is not None:
+        try:
+            await admission_settle(
+                admission=admission,
+                cost=data.cost,
+                prompt_tokens=data.prompt_tokens,
+                completion_tokens=data.completion_tokens,
+                ok=data.status == "ok",
+            )
+        except Exception:
+            # The reservation expires and the reconcile task corrects the counters from the ledger,
+            # so the row below must be written whatever happened here.
+            logger.exception("settling request %s failed", data.request_id)
+    await usage_record_write(data)
 
 
 async def usage_record_write(data: UsageData) -> None:

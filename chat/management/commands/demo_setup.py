@@ -103,10 +103,21 @@ class Command(BaseCommand):
             self.stdout.write(str(row))
 
         password, note = admin_ensure(password_file=Path(settings.LOCAL_DIR) / "demo-admin-password")
+        self._admin_plan()
         if password is None:
             self.stdout.write(self.style.WARNING(f"Demo admin {ADMIN_USERNAME!r}: {note}"))
         else:
             self.stdout.write(self.style.SUCCESS(f"Demo admin: user {ADMIN_USERNAME!r}, password {password!r} {note}"))
+
+    def _admin_plan(self) -> None:
+        """The demo admin tries every demo model, so it is on the unlimited plan rather than the default."""
+        from billing.models import Plan
+        from billing.services.plans import plan_assign
+
+        plan = Plan.objects.filter(name="Enterprise").first()
+        if plan is not None:
+            plan_assign(user=get_user_model().objects.get(username=ADMIN_USERNAME), plan=plan)
+            self.stdout.write(f"Demo admin plan: {plan.name}")
 
 
 def admin_ensure(*, password_file: Path) -> tuple[str | None, str]:

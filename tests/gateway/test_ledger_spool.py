@@ -1,0 +1,64 @@
+"""The ledger's safety net: rows that could not be written in the background are spooled to disk and
+replayed exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from billing.models import UsageRecord
+from billing.services import ledger
+from billing.services.ledger import UsageData, ledger_flush, ledger_replay_spool, usage_record_submit
+from billing.tasks import ledger_spool_replay
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def spool(tmp_path, settings):
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    return settings.LLMHUB_LEDGER_SPOOL
+
+
+def data(request_id: str) -> UsageData:
+    return UsageData(
+        request_id=request_id,
+        endpoint="rest",
+        stream=False,
+        status="ok",
+        model_name="m",
+        prompt_tokens=10,
+        completion_tokens=5,
+        cost=Decimal("0.0000123456"),
+    )
+
+
+async def test_a_write_cut_short_by_shutdown_is_spooled_then_replayed_once(spool):
+    usage_record_submit(data("req_cut"))
+    with ledger._pending_lock:
+        tasks = list(ledger._pending)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await ledger_flush()
+    assert spool.exists() and "req_cut" in spool.read_text()
+
+    assert await sync_to_async(ledger_replay_spool)() == 1
+    assert await sync_to_async(ledger_replay_spool)() == 0
+    record = await UsageRecord.objects.aget(request_id="req_cut")
+    assert record.cost == Decimal("0.0000123456") and record.completion_tokens == 5
+    assert await UsageRecord.objects.filter(request_id="req_cut").acount() == 1
+    assert not spool.exists()
+
+
+def test_replay_never_duplicates_a_row_already_written(spool):
+    ledger._write_sync(data("req_twice"))
+    ledger._spool(data("req_twice"))
+    ledger._spool(data("req_new"))
+    assert ledger_spool_replay() == 2
+    assert UsageRecord.objects.filter(request_id="req_twice").count() == 1
+    assert UsageRecord.objects.filter(request_id="req_new").count() == 1
+    assert ledger_spool_replay() == 0
