@@ -96,9 +96,13 @@ def redis_url() -> Iterator[str]:
 
 
 class LiveServer:
-    """llmhub's ASGI application served by uvicorn in a thread of this process, on a real port."""
+    """llmhub's ASGI application served by uvicorn in a thread of this process, on a real port.
 
-    def __init__(self) -> None:
+    ``static_files`` serves the apps' static files as ``make run`` does (tests run with DEBUG off), for
+    pages a browser loads."""
+
+    def __init__(self, *, static_files: bool = False) -> None:
+        self.static_files = static_files
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = None
@@ -106,10 +110,12 @@ class LiveServer:
 
     def start(self) -> LiveServer:
         import uvicorn
+        from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
         from llmhub.asgi import application
 
-        config = uvicorn.Config(application, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        app = ASGIStaticFilesHandler(application) if self.static_files else application
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
         self._thread.start()
@@ -129,3 +135,40 @@ def llmhub_server(transactional_db) -> Iterator[LiveServer]:
     server = LiveServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def live_site(transactional_db) -> Iterator[LiveServer]:
+    """A live llmhub serving its pages with their static files, for a browser."""
+    server = LiveServer(static_files=True).start()
+    yield server
+    server.stop()
+
+
+CHROMIUM = "/usr/bin/chromium"
+# No background networking: this machine has no network, and Chromium's own connections would fail.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+async def browser():
+    """Debian's Chromium driven by Playwright (never a browser build Playwright would download)."""
+    from playwright.async_api import async_playwright
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed; .ci/run must install it")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()

@@ -3,20 +3,14 @@ view of everyone, and both in a real browser (Debian's Chromium through Playwrig
 
 from __future__ import annotations
 
-import asyncio
-import os
-import threading
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.test import Client
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import expect
 
 from billing.models import BudgetPeriod, UserPlan
 from billing.selectors import usage_breakdown, usage_daily
@@ -24,11 +18,8 @@ from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from billing.services.rollups import daily_usage_rebuild
-from tests.conftest import LiveServer, wait_for_port
+from tests.conftest import LiveServer
 from tests.factories import UsageRecordFactory, UserFactory
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
 
 def days_ago(days: int, hour: int = 12) -> datetime:
@@ -122,41 +113,9 @@ def test_the_staff_page_is_for_staff_and_shows_everyone(ada):
 # In a real browser
 
 
-class StaticLiveServer(LiveServer):
-    """The live server with static files served as ``make run`` does (tests run with DEBUG off)."""
-
-    def start(self) -> StaticLiveServer:
-        import uvicorn
-
-        from llmhub.asgi import application
-
-        config = uvicorn.Config(
-            ASGIStaticFilesHandler(application), host="127.0.0.1", port=self.port, log_level="warning", lifespan="auto"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
-        self._thread.start()
-        wait_for_port(self.port)
-        return self
-
-
 @pytest.fixture
-def site(transactional_db) -> Iterator[LiveServer]:
-    server = StaticLiveServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is not installed; .ci/run must install it")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
+def site(live_site) -> LiveServer:
+    return live_site
 
 
 def session_cookie(user) -> str:

@@ -6,37 +6,20 @@ makes every Django ORM call of the test (and the database flush after it) refuse
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import threading
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Page, expect
 
 from billing.models import ApiKey
 from billing.services.keys import api_key_authenticate
 from chat.models import Conversation, Message, MessageStatus, Role
-from tests.conftest import LiveServer, wait_for_port
+from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PASSWORD = "pw-for-tests-123"
 
 CODE_REPLY = """Here is one way to do it:
@@ -55,41 +38,9 @@ print(reverse("llmhub"))  # buhmll
 """
 
 
-class StaticLiveServer(LiveServer):
-    """The live server with static files served, as ``make run`` does (tests run with DEBUG off)."""
-
-    def start(self) -> StaticLiveServer:
-        import uvicorn
-
-        from llmhub.asgi import application
-
-        config = uvicorn.Config(
-            ASGIStaticFilesHandler(application), host="127.0.0.1", port=self.port, log_level="warning", lifespan="auto"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
-        self._thread.start()
-        wait_for_port(self.port)
-        return self
-
-
 @pytest.fixture
-def site(transactional_db, fake_upstream) -> Iterator[LiveServer]:
-    server = StaticLiveServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Debian's chromium is not installed; .ci/run must install it")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
+def site(live_site, fake_upstream) -> LiveServer:
+    return live_site
 
 
 @pytest.fixture
