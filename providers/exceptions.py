@@ -64,7 +64,8 @@ class ProviderError(ApplicationError):
         self.retry_after = retry_after
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, provider={self.provider!r}, upstream_status={self.upstream_status})"
+        name = type(self).__name__
+        return f"{name}({self.message!r}, provider={self.provider!r}, upstream_status={self.upstream_status})"
 
 
 class ProviderAuthenticationError(ProviderError):

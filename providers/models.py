@@ -38,9 +38,7 @@ class HealthStatus(models.TextChoices):
 class Provider(models.Model):
     name = models.SlugField(max_length=64, unique=True, help_text="Shown to clients as owned_by.")
     kind = models.CharField(max_length=32, choices=ProviderKind.choices)
-    base_url = models.URLField(
-        max_length=500, blank=True, help_text="Leave empty for the kind's default endpoint."
-    )
+    base_url = models.URLField(max_length=500, blank=True, help_text="Leave empty for the kind's default endpoint.")
     api_key = EncryptedTextField(blank=True, default="", help_text="Encrypted at rest; never shown back.")
     organization = models.CharField(max_length=128, blank=True)
     extra_headers = models.JSONField(default=dict, blank=True, help_text="Sent with every upstream request.")

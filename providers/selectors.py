@@ -50,9 +50,7 @@ def resolved_model(model: Model) -> ResolvedModel:
 
 async def _load_model(name: str) -> ResolvedModel | None:
     row = (
-        await Model.objects.select_related("provider")
-        .filter(name=name, enabled=True, provider__enabled=True)
-        .afirst()
+        await Model.objects.select_related("provider").filter(name=name, enabled=True, provider__enabled=True).afirst()
     )
     return None if row is None else resolved_model(row)
 
@@ -84,5 +82,7 @@ async def models_enabled() -> list[ResolvedModel]:
 def models_enabled_sync() -> list[ResolvedModel]:
     return [
         resolved_model(row)
-        for row in Model.objects.select_related("provider").filter(enabled=True, provider__enabled=True).order_by("name")
+        for row in Model.objects.select_related("provider")
+        .filter(enabled=True, provider__enabled=True)
+        .order_by("name")
     ]

@@ -27,8 +27,15 @@ class ProviderConfig:
     @property
     def cache_key(self) -> tuple[Any, ...]:
         """Everything that shapes the SDK client; two configs with the same key share one client."""
-        return (self.kind, self.base_url, self.api_key.reveal(), self.organization, self.extra_headers,
-                self.timeout, self.max_retries)
+        return (
+            self.kind,
+            self.base_url,
+            self.api_key.reveal(),
+            self.organization,
+            self.extra_headers,
+            self.timeout,
+            self.max_retries,
+        )
 
 
 @dataclass(frozen=True, slots=True)

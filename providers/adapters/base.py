@@ -68,7 +68,7 @@ class BaseAdapter(ABC):
             return HealthResult(ok=False, latency_ms=_ms_since(started), error=exc.message)
         return HealthResult(ok=True, latency_ms=_ms_since(started), models_seen=len(models))
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027  (an optional hook: adapters without a client keep it)
         """Release the pooled HTTP client."""
 
 
