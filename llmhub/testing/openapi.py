@@ -6,13 +6,15 @@ OpenAPI 3.0-style ``nullable: true`` annotations that a 2020-12 validator would 
 once, when the spec is loaded.
 
 The spec is located at ``<repo parent>/shared/specs/openai-openapi.yaml`` unless the environment
-variable ``LLMHUB_OPENAI_SPEC`` points elsewhere. Loading takes a moment (the file is ~3 MB), so the
+variable ``LLMHUB_OPENAI_SPEC`` points elsewhere; without either, the schemas extracted from it into
+``llmhub/openai_schemas.json`` are used. Loading takes a moment (the file is ~3 MB), so the
 parsed spec and each compiled validator are cached per process.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,17 @@ __all__ = ["ValidationError", "spec_path", "validate_openai_schema"]
 _SPEC_URI = "urn:llmhub:openai-openapi"
 
 
+# The schemas /v1 needs, extracted from the same spec by scripts/extract_openai_schemas.py (a test
+# keeps them in step with it): used where the shared folder is not beside the checkout.
+COMMITTED_SCHEMAS = Path(__file__).resolve().parents[1] / "openai_schemas.json"
+
+
 def spec_path() -> Path:
     override = os.environ.get("LLMHUB_OPENAI_SPEC")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2].parent / "shared/specs/openai-openapi.yaml"
+    shared = Path(__file__).resolve().parents[2].parent / "shared/specs/openai-openapi.yaml"
+    return shared if shared.exists() else COMMITTED_SCHEMAS
 
 
 def _translate_nullable(node: Any) -> Any:
@@ -49,9 +57,13 @@ def _translate_nullable(node: Any) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _registry(path: str) -> tuple[Registry, frozenset[str]]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with open(path, encoding="utf-8") as handle:
-        spec = yaml.load(handle, Loader=loader)  # noqa: S506 - a SafeLoader, C-accelerated when available
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as handle:
+            spec = {"components": {"schemas": json.load(handle)["schemas"]}}
+    else:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        with open(path, encoding="utf-8") as handle:
+            spec = yaml.load(handle, Loader=loader)  # noqa: S506 - a SafeLoader, C-accelerated when available
     # Only the components tree is kept: it is all that `#/components/...` references need, and the
     # `paths` tree has non-string keys (status codes) that JSON pointers cannot address anyway.
     components = _translate_nullable(spec.get("components", {}))
