@@ -8,12 +8,14 @@ the same: parse, hand over to ``chat.pipeline``, serialize. Every answer, error 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -47,6 +49,7 @@ def _error_response(exc: ApplicationError) -> HttpResponse:
 
 def _stamp(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
     response["x-request-id"] = request_id
+    response["X-Content-Type-Options"] = "nosniff"
     overhead = run.overhead_ms() if run is not None else (time.perf_counter() - started) * 1000
     response["x-llmhub-overhead-ms"] = f"{overhead:.2f}"
     if run is not None:
@@ -69,7 +72,37 @@ def _parse_body(request: HttpRequest) -> Any:
         ) from None
 
 
-@csrf_exempt
+def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awaitable[HttpResponse]]:
+    """What Django's middleware would otherwise do for these views (they are served without it, see
+    ``llmhub.handlers``): refuse a Host not in ALLOWED_HOSTS, and turn any unexpected failure into an
+    OpenAI-shaped 500 rather than Django's HTML error page."""
+
+    @functools.wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            request.get_host()
+        except DisallowedHost:
+            return _json_response(
+                error_body("Invalid Host header.", error_type="invalid_request_error", code="invalid_host"), status=400
+            )
+        try:
+            return await view(request, *args, **kwargs)
+        except Exception:
+            logger.exception("unexpected failure in %s", view.__name__)
+            response = _json_response(
+                error_body(
+                    "The server had an error while processing your request.",
+                    error_type="api_error",
+                    code="internal_error",
+                ),
+                status=500,
+            )
+            return _stamp(response, new_request_id(), time.perf_counter())
+
+    return csrf_exempt(wrapper)
+
+
+@openai_endpoint
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
@@ -121,7 +154,7 @@ async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any
     yield SSE_DONE
 
 
-@csrf_exempt
+@openai_endpoint
 async def models_list(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
@@ -139,7 +172,7 @@ async def models_list(request: HttpRequest) -> HttpResponse:
     return _stamp(_json_response(payload), request_id, started)
 
 
-@csrf_exempt
+@openai_endpoint
 async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
@@ -170,6 +203,7 @@ def _method_not_allowed(allowed: str) -> HttpResponse:
     return response
 
 
+@openai_endpoint
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
     """Unknown /v1 paths answer in OpenAI's error shape too, not Django's HTML 404."""
     started = time.perf_counter()

@@ -32,13 +32,18 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.security import browser_origin_validator  # noqa: E402
+from llmhub.handlers import MiddlewareFreeASGIHandler, PathPrefixRouter  # noqa: E402
 
 from .lifespan import LifespanMiddleware  # noqa: E402
 
 application = LifespanMiddleware(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            "http": PathPrefixRouter(
+                prefixes=tuple(settings.LLMHUB_MIDDLEWARE_FREE_PREFIXES),
+                lean=MiddlewareFreeASGIHandler(),
+                full=django_asgi_app,
+            ),
             "websocket": browser_origin_validator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )

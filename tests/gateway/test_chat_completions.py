@@ -233,3 +233,19 @@ def test_models_endpoint_lists_enabled_models_in_openai_shape(gateway):
     assert gateway.client().models.retrieve("gpt-test").owned_by == "fake-openai"
     with pytest.raises(openai.NotFoundError):
         gateway.client().models.retrieve("disabled-model")
+
+
+def test_a_host_outside_allowed_hosts_is_refused_in_openai_shape(gateway):
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {gateway.key}", "Host": "evil.example"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_host"
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_api_responses_are_not_sniffable(gateway):
+    response = httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {gateway.key}"})
+    assert response.headers["x-content-type-options"] == "nosniff"
