@@ -56,6 +56,21 @@ async def models_for_caller(caller: Caller) -> list[ResolvedModel]:
     return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids)
 
 
+# Runs whose upstream call is in progress, with the task running each: a server shutting down cancels
+# them (``runs_cancel_all``) so that each settles in its own ``finally`` before the ledger is drained.
+_active_runs: dict[CompletionRun, asyncio.Task[Any]] = {}
+
+
+async def runs_cancel_all(wait_seconds: float = 10.0) -> int:
+    """Cancel every run still talking to a provider and wait until they have settled."""
+    tasks = set(_active_runs.values())
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=wait_seconds)
+    return len(tasks)
+
+
 def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
@@ -192,6 +207,11 @@ class CompletionRun:
         """The user asked to stop (as opposed to going away): record the run as ``cancelled``."""
         self._cancelled = True
 
+    def _activate(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            _active_runs[self] = task
+
     def abandon(self, *, status: str = UsageStatus.CANCELLED, error_type: str = "abandoned") -> None:
         """Settle a run that will never be called (its entry point failed after admission): the
         reservation is released and the request still gets its one ledger row, at no cost."""
@@ -222,6 +242,7 @@ class CompletionRun:
         body.pop("stream_options", None)
         self._upstream_started = time.perf_counter()
         status, error_type, response = UsageStatus.UPSTREAM_ERROR, "", None
+        self._activate()
         try:
             response = await adapter.complete(body)
             status = UsageStatus.OK
@@ -232,6 +253,7 @@ class CompletionRun:
             status = UsageStatus.CANCELLED if self._cancelled else UsageStatus.CLIENT_DISCONNECTED
             raise
         finally:
+            _active_runs.pop(self, None)
             self._upstream_done = time.perf_counter()
             usage = (response or {}).get("usage") or {}
             finish = None
@@ -255,6 +277,7 @@ class CompletionRun:
         status, error_type = UsageStatus.UPSTREAM_ERROR, ""
         self._upstream_started = time.perf_counter()
         upstream = adapter.stream(body)
+        self._activate()
         try:
             async for chunk in upstream:
                 if self._first_token_at is None:
@@ -286,6 +309,7 @@ class CompletionRun:
             status = UsageStatus.CANCELLED if self._cancelled else UsageStatus.CLIENT_DISCONNECTED
             raise
         finally:
+            _active_runs.pop(self, None)
             self._upstream_done = time.perf_counter()
             try:
                 await upstream.aclose()
@@ -395,4 +419,5 @@ __all__ = [
     "completion_start",
     "models_for_caller",
     "new_request_id",
+    "runs_cancel_all",
 ]

@@ -19,7 +19,8 @@ class LifespanMiddleware:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
-        from billing.services.ledger import ledger_flush, ledger_replay_spool
+        from billing.services.ledger import ledger_begin_shutdown, ledger_flush, ledger_replay_spool
+        from chat.pipeline import runs_cancel_all
         from providers.adapters.registry import adapters_close_all
 
         while True:
@@ -33,7 +34,14 @@ class LifespanMiddleware:
                     logger.exception("could not replay the ledger spool; it stays on disk")
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                # Requests still talking to a provider now are ones the server has given up on (uvicorn's
+                # graceful period is over, and Django leaves their tasks orphaned): cancel them so each
+                # settles, then drain the ledger, before uvicorn re-raises the signal and the process dies.
+                await runs_cancel_all()
                 await ledger_flush()
+                # Streams the server cuts after this point settle while the loop winds down: their rows
+                # go straight to the spool rather than to tasks that might never run.
+                ledger_begin_shutdown()
                 await adapters_close_all()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -11,12 +11,14 @@ task and server start-up), and ``request_id`` is unique, so a replay can never c
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -33,8 +35,12 @@ from .admission import Admission, admission_settle
 
 logger = logging.getLogger("llmhub.ledger")
 
-_pending: set[asyncio.Task[None]] = set()
+# Each write task with the row it carries, so that a row whose task never finished can still be saved.
+_pending: dict[asyncio.Task[None], UsageData] = {}
 _pending_lock = threading.Lock()
+# Loops of servers that have begun to shut down: rows settled on them from then on (streams cut by the
+# shutdown) are spooled at once, since such a loop may not live long enough to run another task.
+_closing_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _last_used_written: dict[int, float] = {}
 LAST_USED_RESOLUTION = 60.0  # seconds: a key's last_used_at is written at most this often per process
 _WRITE_ATTEMPTS = 5
@@ -65,14 +71,18 @@ class UsageData:
 
 
 def _spool_path() -> Path:
-    return Path(getattr(settings, "LLMHUB_LEDGER_SPOOL", settings.BASE_DIR / "var" / "ledger-spool.jsonl"))
+    return Path(settings.LLMHUB_LEDGER_SPOOL)
 
 
 def usage_record_submit(data: UsageData, *, admission: Admission | None = None) -> None:
     """Settle and record ``data`` in the background. Safe to call from a ``finally`` under cancellation."""
-    task = asyncio.get_running_loop().create_task(_settle_and_record(data, admission))
+    loop = asyncio.get_running_loop()
+    if loop in _closing_loops:
+        _spool(data)
+        return
+    task = loop.create_task(_settle_and_record(data, admission))
     with _pending_lock:
-        _pending.add(task)
+        _pending[task] = data
     task.add_done_callback(functools.partial(_forget, data=data))
 
 
@@ -81,11 +91,27 @@ def _forget(task: asyncio.Task[None], *, data: UsageData) -> None:
     shutting down (even before it started, when no ``except`` inside it could run) or one that failed.
     A row written as well as spooled is harmless: the replay skips request ids already in the ledger."""
     with _pending_lock:
-        _pending.discard(task)
+        _pending.pop(task, None)
     if task.cancelled():
         _spool(data)
     elif task.exception() is not None:
         logger.error("ledger task for %s failed; spooled", data.request_id, exc_info=task.exception())
+        _spool(data)
+
+
+def ledger_begin_shutdown() -> None:
+    """From now on, rows settled on the running loop are spooled synchronously (lifespan shutdown)."""
+    _closing_loops.add(asyncio.get_running_loop())
+
+
+@atexit.register
+def _spool_unfinished() -> None:
+    """At interpreter exit, rows whose write task never ran to the end (the event loop was torn down
+    under it, as servers without a lifespan shutdown do) go to the spool; the next start replays them."""
+    with _pending_lock:
+        unfinished = [data for task, data in _pending.items() if not task.done()]
+        _pending.clear()
+    for data in unfinished:
         _spool(data)
 
 

@@ -226,6 +226,8 @@ LLMHUB_ADAPTERS = {
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
 # another process; the process that made the change invalidates its own copy at once.
 LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
+# Ledger rows the database refused (or a shutdown cut short) wait here to be replayed.
+LLMHUB_LEDGER_SPOOL = env.path("LLMHUB_LEDGER_SPOOL", default=str(BASE_DIR / "var" / "ledger-spool.jsonl"))
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path.
 LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/"]
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
