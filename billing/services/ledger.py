@@ -1,11 +1,13 @@
 """Writing the ledger off the response's critical path without ever dropping a row.
 
-The pipeline hands over a finished request's ``UsageData`` with ``usage_record_submit``; a task on
-the running loop settles the budget reservation and writes the row after the response has gone.
-Every such task is tracked until it ends: ``ledger_flush`` waits for all of them (the ASGI lifespan
-shutdown calls it, so a graceful stop drains the ledger first). A write that keeps failing (the
-database is down) is appended to a spool file and replayed by ``ledger_replay_spool`` (a Celery
-task and server start-up), and ``request_id`` is unique, so a replay can never count a request twice.
+The pipeline hands over a finished request's ``UsageData`` with ``usage_record_submit``. A writer
+task per event loop settles the budget reservations and inserts the rows in batches after the
+responses have gone (one transaction per batch, so the cost per row falls as load rises). Until its
+batch commits, every row is tracked: ``ledger_flush`` waits for them all (the ASGI lifespan shutdown
+calls it, so a graceful stop drains the ledger first); rows a failing database, a cancelled writer or
+a process exit leave behind go to a spool file that ``ledger_replay_spool`` writes back (at start-up
+and from a Celery task). ``request_id`` is unique and inserts skip ids already present, so a row can
+never be counted twice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -27,7 +30,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.utils import timezone
 
 from ..models import ApiKey, UsageRecord
@@ -35,9 +38,10 @@ from .admission import Admission, admission_settle
 
 logger = logging.getLogger("llmhub.ledger")
 
-# Each write task with the row it carries, so that a row whose task never finished can still be saved.
-_pending: dict[asyncio.Task[None], UsageData] = {}
-_pending_lock = threading.Lock()
+# Rows submitted and not yet committed, by request id, from every loop of this process.
+_unwritten: dict[str, UsageData] = {}
+_unwritten_lock = threading.Lock()
+BATCH_SIZE = 500
 # Loops of servers that have begun to shut down: rows settled on them from then on (streams cut by the
 # shutdown) are spooled at once, since such a loop may not live long enough to run another task.
 _closing_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -75,28 +79,102 @@ def _spool_path() -> Path:
 
 
 def usage_record_submit(data: UsageData, *, admission: Admission | None = None) -> None:
-    """Settle and record ``data`` in the background. Safe to call from a ``finally`` under cancellation."""
+    """Settle and record ``data`` in the background. Safe to call from a ``finally`` under cancellation.
+
+    Rows queue up for one writer task per event loop, which settles their reservations and inserts
+    them in batches: one transaction per batch rather than per row, so the cost per row falls as the
+    load rises. A row is tracked in ``_unwritten`` from here until its batch is committed."""
     loop = asyncio.get_running_loop()
     if loop in _closing_loops:
         _spool(data)
         return
-    task = loop.create_task(_settle_and_record(data, admission))
-    with _pending_lock:
-        _pending[task] = data
-    task.add_done_callback(functools.partial(_forget, data=data))
+    with _unwritten_lock:
+        _unwritten[data.request_id] = data
+    writer = _writers.get(loop)
+    if writer is None:
+        writer = _writers[loop] = _Writer()
+    writer.queue.append((data, admission))
+    writer.wakeup.set()
+    if writer.task is None or writer.task.done():
+        writer.task = loop.create_task(_writer_run(writer))
+        writer.task.add_done_callback(functools.partial(_writer_ended, writer=writer))
 
 
-def _forget(task: asyncio.Task[None], *, data: UsageData) -> None:
-    """Whatever ended the task, a row it did not write goes to the spool: a task cancelled by a loop
-    shutting down (even before it started, when no ``except`` inside it could run) or one that failed.
-    A row written as well as spooled is harmless: the replay skips request ids already in the ledger."""
-    with _pending_lock:
-        _pending.pop(task, None)
-    if task.cancelled():
+class _Writer:
+    def __init__(self) -> None:
+        self.queue: list[tuple[UsageData, Admission | None]] = []
+        self.in_flight: list[tuple[UsageData, Admission | None]] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+_writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
+
+
+async def _writer_run(writer: _Writer) -> None:
+    while True:
+        await writer.wakeup.wait()
+        writer.wakeup.clear()
+        while writer.queue:
+            writer.in_flight = writer.queue[:BATCH_SIZE]
+            del writer.queue[:BATCH_SIZE]
+            await _settle_batch(writer.in_flight)
+            await _write_batch([data for data, _ in writer.in_flight])
+            _forget(data for data, _ in writer.in_flight)
+            writer.in_flight = []
+
+
+def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
+    """However the writer ended (its loop cancelled it, even before it ran; or it failed), the rows it
+    held go to the spool. A row both written and spooled is harmless: the replay skips known ids."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the ledger writer failed; its rows are spooled", exc_info=task.exception())
+    rows = [data for data, _ in (*writer.in_flight, *writer.queue)]
+    writer.in_flight, writer.queue = [], []
+    for data in rows:
         _spool(data)
-    elif task.exception() is not None:
-        logger.error("ledger task for %s failed; spooled", data.request_id, exc_info=task.exception())
-        _spool(data)
+    _forget(rows)
+
+
+def _forget(rows: Iterable[UsageData]) -> None:
+    with _unwritten_lock:
+        for data in rows:
+            _unwritten.pop(data.request_id, None)
+
+
+async def _settle_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
+    settles = [
+        admission_settle(
+            admission=admission,
+            cost=data.cost,
+            prompt_tokens=data.prompt_tokens,
+            completion_tokens=data.completion_tokens,
+            ok=data.status == "ok",
+        )
+        for data, admission in batch
+        if admission is not None
+    ]
+    for outcome in await asyncio.gather(*settles, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            # The reservation expires and the reconcile task corrects the counters from the ledger, so
+            # the rows must be written whatever happened here.
+            logger.error("settling a reservation failed", exc_info=outcome)
+
+
+async def _write_batch(rows: list[UsageData]) -> None:
+    delay = 0.05
+    for attempt in range(1, _WRITE_ATTEMPTS + 1):
+        try:
+            await sync_to_async(_write_rows, thread_sensitive=False)(rows)
+            return
+        except DatabaseError:
+            if attempt == _WRITE_ATTEMPTS:
+                logger.exception("ledger write of %d rows failed %d times; spooled", len(rows), attempt)
+                for data in rows:
+                    _spool(data)
+                return
+            await asyncio.sleep(delay)
+            delay *= 2
 
 
 def ledger_begin_shutdown() -> None:
@@ -106,72 +184,35 @@ def ledger_begin_shutdown() -> None:
 
 @atexit.register
 def _spool_unfinished() -> None:
-    """At interpreter exit, rows whose write task never ran to the end (the event loop was torn down
-    under it, as servers without a lifespan shutdown do) go to the spool; the next start replays them."""
-    with _pending_lock:
-        unfinished = [data for task, data in _pending.items() if not task.done()]
-        _pending.clear()
-    for data in unfinished:
+    """At interpreter exit, rows not committed yet (their loop was torn down under the writer, as
+    servers without a lifespan shutdown do) go to the spool; the next start replays them."""
+    with _unwritten_lock:
+        rows = list(_unwritten.values())
+        _unwritten.clear()
+    for data in rows:
         _spool(data)
 
 
 async def ledger_flush(wait_seconds: float = 30.0) -> None:
-    """Wait until every submitted record (from any event loop of this process) is written."""
+    """Wait until every submitted row (from any event loop of this process) is committed or spooled."""
     deadline = time.monotonic() + wait_seconds
     while True:
-        with _pending_lock:
-            if not _pending:
+        with _unwritten_lock:
+            if not _unwritten:
                 return
         if time.monotonic() > deadline:
-            logger.error("ledger flush timed out with %d writes pending", len(_pending))
+            logger.error("ledger flush timed out with %d rows unwritten", len(_unwritten))
             return
         await asyncio.sleep(0.005)
 
 
-async def _settle_and_record(data: UsageData, admission: Admission | None) -> None:
-    if admission is not None:
-        try:
-            await admission_settle(
-                admission=admission,
-                cost=data.cost,
-                prompt_tokens=data.prompt_tokens,
-                completion_tokens=data.completion_tokens,
-                ok=data.status == "ok",
-            )
-        except Exception:
-            # The reservation expires and the reconcile task corrects the counters from the ledger,
-            # so the row below must be written whatever happened here.
-            logger.exception("settling request %s failed", data.request_id)
-    await usage_record_write(data)
-
-
-async def usage_record_write(data: UsageData) -> None:
-    delay = 0.05
-    for attempt in range(1, _WRITE_ATTEMPTS + 1):
-        try:
-            await sync_to_async(_write_sync, thread_sensitive=False)(data)
-            return
-        except DatabaseError:
-            if attempt == _WRITE_ATTEMPTS:
-                logger.exception("ledger write for %s failed %d times; spooled", data.request_id, attempt)
-                _spool(data)
-                return
-            await asyncio.sleep(delay)
-            delay *= 2
-
-
-def _write_sync(data: UsageData) -> None:
+def _write_rows(rows: list[UsageData]) -> None:
+    """Insert rows in one transaction; rows whose request id is already in the ledger are skipped."""
     close_old_connections()
-    fields = asdict(data)
-    request_id = fields.pop("request_id")
-    try:
-        with transaction.atomic():
-            UsageRecord.objects.get_or_create(request_id=request_id, defaults=fields)
-    except IntegrityError:
-        # Another writer (a replay) got there first: the row exists, which is all we need.
-        if not UsageRecord.objects.filter(request_id=request_id).exists():
-            raise
-    _touch_key(data.api_key_id)
+    with transaction.atomic():
+        UsageRecord.objects.bulk_create([UsageRecord(**asdict(data)) for data in rows], ignore_conflicts=True)
+    for api_key_id in {data.api_key_id for data in rows}:
+        _touch_key(api_key_id)
 
 
 def _touch_key(api_key_id: int | None) -> None:
@@ -195,7 +236,8 @@ def _spool(data: UsageData) -> None:
 
 
 def ledger_replay_spool() -> int:
-    """Write every spooled record that is not in the ledger yet; return how many were replayed."""
+    """Write every spooled row that is not in the ledger yet; return how many spooled rows were processed
+    (rows already in the ledger count, and are skipped)."""
     path = _spool_path()
     if not path.exists():
         return 0
@@ -204,19 +246,22 @@ def ledger_replay_spool() -> int:
         path.rename(claimed)
     except FileNotFoundError:
         return 0
+    lines = [line for line in claimed.read_text(encoding="utf-8").splitlines() if line.strip()]
     replayed = 0
     leftovers: list[str] = []
-    for line in claimed.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        raw: dict[str, Any] = json.loads(line)
-        raw["cost"] = Decimal(raw["cost"])
-        raw["created_at"] = datetime.fromisoformat(raw["created_at"])
+    for start in range(0, len(lines), BATCH_SIZE):
+        chunk = lines[start : start + BATCH_SIZE]
+        rows = []
+        for line in chunk:
+            raw: dict[str, Any] = json.loads(line)
+            raw["cost"] = Decimal(raw["cost"])
+            raw["created_at"] = datetime.fromisoformat(raw["created_at"])
+            rows.append(UsageData(**raw))
         try:
-            _write_sync(UsageData(**raw))
-            replayed += 1
+            _write_rows(rows)
+            replayed += len(rows)
         except DatabaseError:
-            leftovers.append(line)
+            leftovers.extend(chunk)
     if leftovers:
         with open(path, "a", encoding="utf-8") as spool:
             spool.write("\n".join(leftovers) + "\n")
