@@ -1,4 +1,4 @@
-# llmhub's image: one for web (daphne), worker and beat; docker-compose.yml picks the command.
+# llmhub's image: one for web (uvicorn), worker and beat; docker-compose.yml picks the command.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -26,4 +26,4 @@ RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
     python manage.py collectstatic --noinput
 
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "llmhub.asgi:application"]
+CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "25"]

@@ -161,7 +161,8 @@ def compose() -> dict:
 def test_compose_runs_every_part_of_llmhub(compose):
     services = compose["services"]
     assert set(services) >= {*APP_SERVICES, "redis", "postgres"}
-    assert services["web"]["command"] == ["daphne", "-b", "0.0.0.0", "-p", "8000", "llmhub.asgi:application"]
+    assert services["web"]["command"][:2] == ["uvicorn", "llmhub.asgi:application"]
+    assert "--lifespan" in services["web"]["command"]  # the ledger drains at shutdown
     assert services["worker"]["command"][:4] == ["celery", "-A", "llmhub", "worker"]
     beat = " ".join(services["beat"]["command"])
     assert "beat" in beat and "django_celery_beat.schedulers:DatabaseScheduler" in beat
