@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
 
+from billing.models import UsageRecord
 from providers.exceptions import ApplicationError
 
 from .models import TITLE_MAX_LENGTH, Conversation, Message, MessageStatus, Role
@@ -114,3 +118,22 @@ def message_feedback_set(*, message: Message, value: int | None, comment: str = 
     message.feedback_comment = comment if value is not None else ""
     message.save(update_fields=["feedback", "feedback_comment"])
     return message
+
+
+# A reply still marked streaming this long after it began belongs to a server that stopped mid-stream.
+ABANDONED_AFTER = timedelta(hours=1)
+# Sooner when the ledger already holds its row: the run has ended, only the message was not finished.
+ABANDONED_SETTLED_AFTER = timedelta(minutes=5)
+
+
+def messages_close_abandoned(*, now: datetime | None = None) -> int:
+    """Mark replies left ``streaming`` by a crashed server as cancelled, keeping the text they had."""
+    now = now or timezone.now()
+    settled = UsageRecord.objects.values("request_id")
+    abandoned = Message.objects.filter(status=MessageStatus.STREAMING).filter(
+        Q(created_at__lt=now - ABANDONED_AFTER)
+        | Q(created_at__lt=now - ABANDONED_SETTLED_AFTER, request_id__in=settled)
+    )
+    return abandoned.update(
+        status=MessageStatus.CANCELLED, error_message="The reply did not finish: the server stopped while it streamed."
+    )

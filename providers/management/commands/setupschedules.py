@@ -21,6 +21,11 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
     ("billing: roll up today's and yesterday's usage", "billing.tasks.usage_rollup", timedelta(minutes=10)),
     ("billing: reconcile budgets with the ledger", "billing.tasks.reservations_reconcile", timedelta(minutes=5)),
     ("billing: replay the ledger spool", "billing.tasks.ledger_spool_replay", timedelta(minutes=1)),
+    (
+        "chat: close replies a stopped server left streaming",
+        "chat.tasks.messages_close_abandoned_task",
+        timedelta(minutes=5),
+    ),
 ]
 
 
