@@ -172,11 +172,11 @@ def _listening(port: int | None, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def prepare(*, upstream_url: str) -> dict[str, bool]:
+def prepare(*, upstream_url: str) -> None:
     """Migrate and load the demo in this process (one Django start instead of several)."""
     import django
     from django.conf import settings
-    from django.core.management import call_command, get_commands
+    from django.core.management import call_command
     from django.db import connections
 
     django.setup()
@@ -188,11 +188,8 @@ def prepare(*, upstream_url: str) -> dict[str, bool]:
                 Path(options[key]).mkdir(parents=True, exist_ok=True)
     call_command("migrate", interactive=False, verbosity=1)
     call_command("demo_setup", upstream_url=upstream_url)
-    commands = get_commands()
-    if "setupschedules" in commands:
-        call_command("setupschedules")
+    call_command("setupschedules")
     connections.close_all()
-    return {"createapikey": "createapikey" in commands}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
     upstream_url = f"http://127.0.0.1:{args.upstream_port}"
     try:
-        features = prepare(upstream_url=upstream_url)
+        prepare(upstream_url=upstream_url)
     except KeyboardInterrupt:
         return 130
 
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         site = f"http://127.0.0.1:{args.port}"
         password_file = ROOT / ".local" / "demo-admin-password"
         password = password_file.read_text().strip() if password_file.exists() else "(see `changepassword admin`)"
-        key_hint = "  key: .venv/bin/python manage.py createapikey admin" if features["createapikey"] else ""
+        key_hint = "  key: .venv/bin/python manage.py createapikey admin"
         lines = [
             "llmhub is running. Ctrl-C stops everything.",
             f"  chat page      {site}/",

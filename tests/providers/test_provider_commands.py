@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django_celery_beat.models import PeriodicTask
 
-from providers.management.commands.setupschedules import SCHEDULES
+from chat.management.commands.setupschedules import SCHEDULES
 from providers.models import Model, Provider
 from tests.factories import ModelFactory, ProviderFactory
 
