@@ -1,0 +1,185 @@
+"""From the raw points to the figures the targets are stated in, and the markdown table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# name: (what it is, how the figure is read, limit)
+TARGETS = {
+    "added_p50_c1": ("added latency at concurrency 1, p50 (llmhub − upstream direct)", "≤ 2 ms", 2.0),
+    "added_p99_c1": ("added latency at concurrency 1, p99", "≤ 6 ms", 6.0),
+    "share_of_bare_c32": ("throughput at concurrency 32 against the bare view", "≥ 60 %", 0.6),
+    "added_ttft_p50": ("added time to first streamed line, p50 (fake provider)", "≤ 2 ms", 2.0),
+}
+
+
+def find_point(points: list[dict[str, Any]], target: str, stream: bool, concurrency: int) -> dict[str, Any] | None:
+    return next(
+        (p for p in points if p["target"] == target and p["stream"] == stream and p["concurrency"] == concurrency),
+        None,
+    )
+
+
+def _difference(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, key: str) -> float | None:
+    if ours is None or theirs is None:
+        return None
+    return round(ours[key] - theirs[key], 3)
+
+
+def derive(results: dict[str, Any]) -> None:
+    """Adds ``derived`` (the figures) and ``targets`` (met or not) to each server's results."""
+    direct = results["direct"]
+    for data in results["servers"].values():
+        points = data["wrk"]
+        derived: dict[str, Any] = {}
+        for stream, kind in ((False, "json"), (True, "sse")):
+            base = find_point(direct["wrk"], "direct", stream, 1)
+            for target in ("llmhub", "llmhub-budget", "bare"):
+                ours = find_point(points, target, stream, 1)
+                derived[f"{target}_added_p50_ms_c1_{kind}"] = _difference(ours, base, "p50_ms")
+                derived[f"{target}_added_p99_ms_c1_{kind}"] = _difference(ours, base, "p99_ms")
+            for concurrency in (1, 32, 128):
+                ceiling = find_point(points, "bare", stream, concurrency)
+                for target in ("llmhub", "llmhub-budget"):
+                    ours = find_point(points, target, stream, concurrency)
+                    if ours and ceiling and ceiling["rps"]:
+                        derived[f"{target}_share_of_bare_c{concurrency}_{kind}"] = round(
+                            ours["rps"] / ceiling["rps"], 3
+                        )
+        for name in ("timed", "fast"):
+            theirs = direct["first_token"].get(name)
+            for target in ("llmhub", "bare"):
+                ours = data["first_token"].get(f"{target}-{name}")
+                derived[f"{target}_added_ttft_p50_ms_{name}"] = _difference(ours, theirs, "first_line_p50_ms")
+                derived[f"{target}_added_first_content_p50_ms_{name}"] = _difference(ours, theirs, "first_token_p50_ms")
+        data["derived"] = {key: value for key, value in derived.items() if value is not None}
+        figures = {
+            "added_p50_c1": derived.get("llmhub_added_p50_ms_c1_json"),
+            "added_p99_c1": derived.get("llmhub_added_p99_ms_c1_json"),
+            "share_of_bare_c32": derived.get("llmhub_share_of_bare_c32_json"),
+            "added_ttft_p50": derived.get("llmhub_added_ttft_p50_ms_timed"),
+        }
+        data["targets"] = {
+            name: {
+                "figure": figure,
+                "limit": TARGETS[name][2],
+                "met": None
+                if figure is None
+                else (figure >= TARGETS[name][2] if name.startswith("share") else figure <= TARGETS[name][2]),
+            }
+            for name, figure in figures.items()
+        }
+
+
+def _ms(value: float | None, signed: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.2f} ms" if signed else f"{value:.2f} ms"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.0f} %"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    servers = results["servers"]
+    names = list(servers)
+    plan = results["plan"]
+    lines = [
+        f"llmhub benchmark of {results['code']}, {results['finished_at']}: {results['mode']} run, "
+        f"{plan['duration']} s per wrk point, "
+        f"one server process, settings {results['settings']}; load average at start {results['load_at_start']}.",
+        "",
+        "| server | target | body | conc | req/s | p50 ms | p99 ms | server CPU ms/req | other load (cores) | errors |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [("—", p) for p in results["direct"]["wrk"]]
+    rows += [(server, p) for server, data in servers.items() for p in data["wrk"]]
+    for server, p in rows:
+        label = "upstream direct" if p["target"] == "direct" else p["target"]
+        cpu = p.get("server_cpu_ms_per_request")
+        lines.append(
+            f"| {server} | {label} | {'stream' if p['stream'] else 'json'} | {p['concurrency']} | {p['rps']:.0f} | "
+            f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {'—' if p['target'] == 'direct' or cpu is None else cpu} | "
+            f"{p['other_cores']:.2f} | {p['errors']} |"
+        )
+
+    lines += [
+        "",
+        "| first streamed line, p50 / p99 (ms) | upstream direct | "
+        + " | ".join(f"{s} llmhub | {s} bare" for s in names)
+        + " |",
+        "|---|---:|" + "---:|---:|" * len(names),
+    ]
+    for name, label in (("timed", "fake provider, 50 tokens/s"), ("fast", "nginx, canned stream")):
+
+        def cell(series: dict[str, Any]) -> str:
+            return f"{series['first_line_p50_ms']:.2f} / {series['first_line_p99_ms']:.2f}"
+
+        cells = [cell(results["direct"]["first_token"][name])]
+        for data in servers.values():
+            cells += [cell(data["first_token"][f"{target}-{name}"]) for target in ("llmhub", "bare")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    lines += ["", "| figure | target | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+
+    def row(label: str, target: str, key: str, kind: str = "ms") -> None:
+        values = [servers[s]["derived"].get(key) for s in names]
+        cells = [_pct(v) if kind == "pct" else _ms(v) for v in values]
+        lines.append(f"| {label} | {target} | " + " | ".join(cells) + " |")
+
+    row("added latency, c=1, p50, json", "≤ 2 ms", "llmhub_added_p50_ms_c1_json")
+    row("added latency, c=1, p99, json", "≤ 6 ms", "llmhub_added_p99_ms_c1_json")
+    row("… of which the bare view (Django + server), p50", "", "bare_added_p50_ms_c1_json")
+    row("… of which the bare view, p99", "", "bare_added_p99_ms_c1_json")
+    row("added latency, c=1, p50, stream", "", "llmhub_added_p50_ms_c1_sse")
+    row("added latency, c=1, p50, json, budgeted key", "", "llmhub-budget_added_p50_ms_c1_json")
+    row("req/s against the bare view, c=32, json", "≥ 60 %", "llmhub_share_of_bare_c32_json", "pct")
+    row("req/s against the bare view, c=128, json", "", "llmhub_share_of_bare_c128_json", "pct")
+    row("req/s against the bare view, c=32, stream", "", "llmhub_share_of_bare_c32_sse", "pct")
+    row("req/s against the bare view, c=32, json, budgeted key", "", "llmhub-budget_share_of_bare_c32_json", "pct")
+    row("added time to first line, p50, fake provider", "≤ 2 ms", "llmhub_added_ttft_p50_ms_timed")
+    row("… of which the bare view", "", "bare_added_ttft_p50_ms_timed")
+    row("added time to first line, p50, nginx", "", "llmhub_added_ttft_p50_ms_fast")
+    lines.append(
+        "| peak RSS of the server process | | "
+        + " | ".join(f"{servers[s]['peak_rss_mib']:.0f} MiB" for s in names)
+        + " |"
+    )
+    lines.append(
+        "| ledger rows written / requests completed via llmhub | | "
+        + " | ".join(f"{sum(servers[s]['ledger'].values())} / {servers[s]['completed_via_llmhub']}" for s in names)
+        + " |"
+    )
+    lines.append(
+        "| ASGI lifespan (ledger drain at shutdown) | | "
+        + " | ".join("yes" if servers[s]["lifespan_supported"] else "**no**" for s in names)
+        + " |"
+    )
+    lines.append(
+        "| SIGTERM with 16 streams in flight: ledger rows + spooled / lost | no loss | "
+        + " | ".join("<br>".join(_shutdown_cell(probe) for probe in servers[s].get("shutdown", [])) for s in names)
+        + " |"
+    )
+    lines += ["", "Targets: " + "; ".join(_target_line(name, servers) for name in TARGETS)]
+    busiest = max((p["other_cores"] for _, p in rows), default=0.0)
+    if busiest > 0.25:
+        lines.append(
+            f"\nWarning: other processes used up to {busiest:.2f} cores during a point (see 'other load'): "
+            "latencies are inflated; the server CPU per request is the steadier comparison."
+        )
+    return "\n".join(lines)
+
+
+def _target_line(name: str, servers: dict[str, Any]) -> str:
+    verdicts = []
+    for server, data in servers.items():
+        met = data["targets"][name]["met"]
+        verdicts.append(f"{server} {'met' if met else 'n/a' if met is None else 'MISSED'}")
+    return f"{TARGETS[name][0]} {TARGETS[name][1]}: " + ", ".join(verdicts)
+
+
+def _shutdown_cell(probe: dict[str, Any]) -> str:
+    lost = f"**{probe['lost']} lost**" if probe["lost"] else "0 lost"
+    how = f" ({probe['server_args']})" if probe["server_args"] else ""
+    return f"{probe['ledger_rows']} + {probe['spooled']} / {lost}{how}"
