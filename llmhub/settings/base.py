@@ -55,7 +55,8 @@ INSTALLED_APPS = [
     "chat",
 ]
 
-# Every middleware here is async-capable, so an async view runs without a thread hop.
+# Django's middleware classes run their hooks through sync_to_async under ASGI (two thread hops each),
+# so the hot path (/v1/) is served without them: see LLMHUB_MIDDLEWARE_FREE_PREFIXES and llmhub/handlers.py.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
