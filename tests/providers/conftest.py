@@ -1,0 +1,40 @@
+"""Helpers of the adapter tests: a fake upstream whose connections are all ours to count."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from llmhub.testing.fake_upstream import FakeUpstream
+
+
+@pytest.fixture(scope="module")
+def private_upstream() -> Iterator[FakeUpstream]:
+    """A fake upstream of the test module's own, so that every connection to its port is the module's."""
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+def open_connections_to(port: int) -> int:
+    """Established TCP connections to ``port`` on this machine, as the kernel lists them."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            next(handle)
+            for line in handle:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+async def two_content_chunks(stream: AsyncIterator[dict[str, Any]]) -> None:
+    received = 0
+    async for chunk in stream:
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            received += 1
+            if received == 2:
+                return
