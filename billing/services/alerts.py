@@ -1,8 +1,10 @@
 """Budget alerts: at 50 %, 80 % and 100 % of a budget or token quota, once per threshold and period.
 
 The ``BudgetAlert`` row is the "once": its unique constraint lets exactly one settlement, in whatever
-process, record a crossing. Delivery happens after commit in Celery tasks (email to the user, or the
-key's owner; the Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries.
+process, record a crossing. Reconciliation raises the alerts a settlement missed (a lost settle whose
+spend only the ledger shows) through the same rows, so a threshold that fired never fires again.
+Delivery happens after commit in Celery tasks (email to the user, or the key's owner; the
+Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from ..models import ApiKey, BudgetAlert, BudgetMetric, ScopeKind
-from .budgets import THRESHOLDS, CounterSpec, usd
+from ..selectors import UNRESTRICTED, KeyLimits, user_limits_sync
+from .budgets import THRESHOLDS, CounterRef, CounterSpec, counter_specs, usd
 
 
 class WebhookDeliveryError(Exception):
@@ -64,6 +67,39 @@ def budget_alerts_raise(*, crossings: Sequence[Crossing], user_id: int) -> list[
         created.append(alert)
         transaction.on_commit(partial(_deliver, alert.pk))
     return created
+
+
+def budget_correction_alerts_raise(*, ref: CounterRef, before: Decimal, after: Decimal) -> list[BudgetAlert]:
+    """Alerts for the thresholds that reconciliation took a counter across when it moved it from ``before``
+    up to the ledger's ``after``: the spend it missed crossed them unseen. A correction down fires nothing."""
+    if after <= before:
+        return []
+    charged = _counter_spec_now(ref)
+    if charged is None:
+        return []
+    spec, user_id = charged
+    return budget_alerts_raise(crossings=budget_crossings(spec=spec, before=before, after=after), user_id=user_id)
+
+
+def _counter_spec_now(ref: CounterRef) -> tuple[CounterSpec, int] | None:
+    """The counter as admission charges it now (its limit and title, as a settlement's alert has them) and
+    the user its alerts go to; None when nothing limits it any more (the limit is gone, the key's budget
+    period changed, the key was deleted)."""
+    if ref.scope_kind == ScopeKind.KEY:
+        row = ApiKey.objects.filter(pk=ref.scope_id).values("user_id", "budget_usd", "budget_period").first()
+        if row is None:
+            return None
+        user_id = row["user_id"]
+        key = KeyLimits(budget_usd=row["budget_usd"], budget_period=row["budget_period"], rpm=None, tpm=None)
+        specs = counter_specs(
+            user_id=user_id, api_key_id=ref.scope_id, user=UNRESTRICTED, key=key, now=ref.period_start
+        )
+    else:
+        user_id = ref.scope_id
+        limits = user_limits_sync(user_id)
+        specs = counter_specs(user_id=user_id, api_key_id=None, user=limits, key=None, now=ref.period_start)
+    spec = next((spec for spec in specs if spec.key == ref.key), None)
+    return None if spec is None else (spec, user_id)
 
 
 def _deliver(alert_id: int) -> None:

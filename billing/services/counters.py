@@ -32,6 +32,7 @@ from django.utils import timezone
 from ..exceptions import BillingUnavailableError
 from ..models import BudgetCounter, BudgetMetric, BudgetPeriod, BudgetReservation
 from ..pricing import COST_QUANTUM
+from .alerts import budget_correction_alerts_raise
 from .budgets import (
     KEY_PREFIX,
     RESERVATION_TTL,
@@ -223,7 +224,8 @@ def redis_store(url: str) -> RedisCounterStore:
 
 
 def redis_reconcile(url: str, now: datetime) -> int:
-    """Bring every Redis counter back to the ledger's figure; returns how many were off."""
+    """Bring every Redis counter back to the ledger's figure, alerting for the thresholds a correction up
+    crosses; returns how many were off."""
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
         snapshot = client.register_script(_script("budget_snapshot"))
@@ -240,8 +242,13 @@ def redis_reconcile(url: str, now: datetime) -> int:
             expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled)
             delta = ref.to_units(expected) - int(spent)
             if delta:
-                adjust(keys=[key], args=[delta])
+                spent_now = adjust(keys=[key], args=[delta])
                 adjusted += 1
+                if spent_now is not None:
+                    # From what the adjustment itself moved: a settle since the snapshot alerted for its own part.
+                    budget_correction_alerts_raise(
+                        ref=ref, before=ref.from_units(spent_now - delta), after=ref.from_units(spent_now)
+                    )
         return adjusted
     finally:
         client.close()
@@ -395,8 +402,9 @@ class DatabaseCounterStore:
         return moved
 
     def reconcile(self, now: datetime) -> int:
-        """Bring every counter back to the ledger's figure, each under its row lock; returns how many
-        were off. Counters of periods long over are dropped (they are rebuilt from the ledger if needed)."""
+        """Bring every counter back to the ledger's figure, each under its row lock and in one transaction
+        with the alerts for the thresholds a correction up crosses; returns how many were off. Counters of
+        periods long over are dropped (they are rebuilt from the ledger if needed)."""
         daily_start, _ = period_bounds(BudgetPeriod.DAILY, now)
         monthly_start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
         BudgetCounter.objects.filter(period=BudgetPeriod.DAILY, period_start__lt=daily_start).delete()
@@ -417,9 +425,10 @@ class DatabaseCounterStore:
                 ref = CounterRef(row.scope_kind, row.scope_id, row.metric, row.period, row.period_start)
                 expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled)
                 if expected != row.spent:
-                    row.spent = expected
+                    before, row.spent = row.spent, expected
                     row.save(update_fields=["spent", "updated_at"])
                     adjusted += 1
+                    budget_correction_alerts_raise(ref=ref, before=before, after=expected)
         return adjusted
 
     def counter_state(self, ref: CounterRef) -> tuple[Decimal, Decimal] | None:
@@ -443,7 +452,11 @@ def counter_state(ref: CounterRef) -> tuple[Decimal, Decimal] | None:
 
 
 def budget_counters_reconcile(*, now: datetime | None = None) -> int:
-    """Put every counter of the store in use back on the ledger's figure; returns how many were off."""
+    """Put every counter of the store in use back on the ledger's figure; returns how many were off.
+
+    Spend a counter missed (a settle lost in a crash) may have crossed a budget threshold without an
+    alert: a correction up raises the alerts for the thresholds it crosses that have not fired in the
+    period yet. Running it again finds nothing off and fires nothing."""
     now = now or timezone.now()
     if settings.REDIS_URL:
         return redis_reconcile(settings.REDIS_URL, now)
