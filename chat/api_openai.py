@@ -21,6 +21,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
 from providers.exceptions import ApplicationError, ProviderError
+from providers.types import chunk_json
 
 from .exception_handlers import application_error_body, error_body
 from .pipeline import CompletionRun, caller_from_api_key, completion_start, models_for_caller, new_request_id
@@ -142,9 +143,9 @@ async def _open_stream(run: CompletionRun) -> HttpResponse:
 async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
         if first is not None:
-            yield b"data: " + _dumps(first).encode() + b"\n\n"
+            yield b"data: " + chunk_json(first) + b"\n\n"
         async for chunk in chunks:
-            yield b"data: " + _dumps(chunk).encode() + b"\n\n"
+            yield b"data: " + chunk_json(chunk) + b"\n\n"
     except ProviderError as exc:
         # Headers are gone: report in-band the way OpenAI does; its SDK raises APIError on this event.
         yield b"data: " + _dumps(application_error_body(exc)).encode() + b"\n\n"

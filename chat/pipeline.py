@@ -25,7 +25,7 @@ from billing.services.ledger import UsageData, usage_record_submit
 from providers.adapters import adapter_for
 from providers.exceptions import ApplicationError, ProviderError
 from providers.selectors import model_resolve
-from providers.types import ResolvedModel
+from providers.types import ResolvedModel, WireChunk
 
 from .validation import validate_chat_request
 
@@ -282,7 +282,10 @@ class CompletionRun:
             async for chunk in upstream:
                 if self._first_token_at is None:
                     self._first_token_at = time.perf_counter()
-                chunk["model"] = public_name
+                if isinstance(chunk, WireChunk):
+                    chunk.set_model(public_name)
+                else:
+                    chunk["model"] = public_name
                 chunk_usage = chunk.get("usage")
                 if chunk_usage:
                     usage = chunk_usage
@@ -296,10 +299,13 @@ class CompletionRun:
                             delivered.append(arguments)
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
-                if not wants_usage:
-                    if chunk_usage and not chunk.get("choices"):
+                if not wants_usage and chunk_usage:
+                    if not chunk.get("choices"):
                         continue
-                    chunk.pop("usage", None)
+                    if isinstance(chunk, WireChunk):
+                        chunk.drop_usage()
+                    else:
+                        del chunk["usage"]
                 yield chunk
             status = UsageStatus.OK
         except ProviderError as exc:

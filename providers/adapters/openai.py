@@ -5,13 +5,15 @@ The request body goes upstream as the client sent it (after the model's paramete
 this adapter does not interpret — tools, response_format, images, logprobs, seed, fields newer
 than the SDK — pass through untouched. It is posted with the SDK's generic ``post`` rather than
 ``chat.completions.create``, whose keyword signature would refuse unknown fields, and with
-``cast_to=object`` so that responses and streamed chunks come back as the upstream's JSON decoded
-to dicts, without building and dumping a pydantic model per chunk; authentication, retries and
-the exception classes are still the SDK's.
+``cast_to=object`` so that a response comes back as the upstream's JSON decoded to a dict, without
+building and dumping a pydantic model. A stream is read raw (``sse.sse_events``) and each chunk keeps
+the upstream's bytes (``WireChunk``), so that the relay forwards what it did not change instead of
+encoding it again. Authentication, retries and the exception classes are still the SDK's.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +21,7 @@ import httpx2
 import openai
 
 from ..exceptions import ProviderError
-from ..types import ProviderConfig, UpstreamModel
+from ..types import ProviderConfig, UpstreamModel, WireChunk
 from .base import BaseAdapter
 from .common import (
     POOL_LIMITS,
@@ -32,11 +34,12 @@ from .common import (
     stream_interrupted,
     timeout_error,
 )
+from .sse import sse_events
 
 _CHAT_PATH = "/chat/completions"
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
 _PLACEHOLDER_KEY = "not-needed"
-_ChunkStream = openai.AsyncStream[object]
+_RAW_STREAM = {openai._constants.RAW_RESPONSE_HEADER: "stream"}
 # What the SDK and its transport raise; ValueError covers a body that is not the JSON it claims to be.
 _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError)
 
@@ -84,26 +87,40 @@ class OpenAIAdapter(BaseAdapter):
             else {"include_usage": True},
         }
         try:
+            # The raw response, still through the SDK (auth, retries, error classes for a non-2xx
+            # answer): the header is the SDK's own way to ask for it, as `with_streaming_response` does.
             upstream = await self._client.post(
-                _CHAT_PATH, body=request, cast_to=object, stream=True, stream_cls=_ChunkStream
+                _CHAT_PATH, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
             )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        finished = False
+        finished = done = False
         try:
-            async for chunk in upstream:
+            async for event in sse_events(upstream.aiter_bytes()):
+                if done:
+                    continue  # read to the end, so that the connection goes back to the pool
+                if event.data.startswith(b"[DONE]"):
+                    done = True
+                    continue
+                chunk = json.loads(event.data)
                 if not isinstance(chunk, dict):
                     raise ValueError("not a chunk object")
+                if chunk.get("error"):
+                    # OpenAI reports a failure after the headers in-band, as `data: {"error": …}`.
+                    raise stream_interrupted(
+                        self.config,
+                        f"the provider reported an error: {self._upstream_message(chunk['error']) or 'no details'}",
+                    ) from None
                 if not finished:
                     for choice in chunk.get("choices") or ():
                         if choice.get("finish_reason"):
                             finished = True
-                yield chunk
+                yield WireChunk(chunk, event.data)
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
         finally:
             # Also on aclose() and cancellation: the upstream response stops at once.
-            await upstream.close()
+            await upstream.aclose()
         if not finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
