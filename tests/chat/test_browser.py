@@ -6,11 +6,15 @@ makes every Django ORM call of the test (and the database flush after it) refuse
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+from collections.abc import Callable
 
 import pytest
 from asgiref.sync import sync_to_async
-from playwright.async_api import Page, expect
+from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import Page, WebSocket, expect
 
 from billing.models import ApiKey
 from billing.services.keys import api_key_authenticate
@@ -50,7 +54,66 @@ def user(fake_upstream):
     return UserFactory(username="ada")
 
 
-async def sign_in(page: Page, site: LiveServer) -> None:
+class CuttableRelay:
+    """A TCP relay on the loopback interface in front of the live server.
+
+    The browser loads the site through it, so its WebSocket runs through it too. ``cut()`` aborts every
+    connection at once (a reset, no closing handshake: what a dropped network or a killed server looks
+    like to the page) and, until ``restore()``, aborts each new one as soon as it is accepted, so the
+    page's reconnect attempts fail as they would while the server is unreachable."""
+
+    def __init__(self, target: LiveServer) -> None:
+        self.target_port = target.port
+        self.url = ""
+        self.cutting = False
+        self.refused = 0
+        self._links: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> CuttableRelay:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self.cutting:
+            self.refused += 1
+            client_writer.transport.abort()
+            return
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        writers = (client_writer, server_writer)
+        self._links.update(writers)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+
+        try:
+            await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+        finally:
+            for writer in writers:
+                self._links.discard(writer)
+                writer.transport.abort()
+
+    def cut(self) -> None:
+        self.cutting = True
+        for writer in list(self._links):
+            writer.transport.abort()
+
+    def restore(self) -> None:
+        self.cutting = False
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def sign_in(page: Page, site: LiveServer | CuttableRelay) -> None:
     await page.goto(site.url + "/")
     await expect(page).to_have_url(re.compile(r"/accounts/login/"))
     await page.get_by_label("Username").fill("ada")
@@ -229,3 +292,107 @@ async def test_api_keys_page(site, browser, user, artifacts_dir):
     await page.reload()
     await expect(page.locator("#secret-value")).to_be_hidden()
     await page.close()
+
+
+async def wait_until(condition: Callable[[], bool], what: str, *, timeout: float = 30.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"still waiting after {timeout:.0f} s for {what}")
+
+
+async def pause_clock(page: Page) -> None:
+    """Stop the page's fake clock about where it is: no timer fires until ``page.clock.resume()``."""
+    for _ in range(3):
+        now_ms = await page.evaluate("Date.now()")
+        try:
+            await page.clock.pause_at((now_ms + 100) / 1000)  # Python's clock API takes seconds
+            return
+        except PlaywrightError as error:
+            # The clock passed that instant while the call was on its way (it is paused now): try again.
+            if "Cannot fast-forward to the past" not in error.message:
+                raise
+    pytest.fail("could not pause the page's clock")
+
+
+async def test_chat_reconnects_after_the_connection_drops(site, browser, user):
+    relay = await CuttableRelay(site).start()
+    page = await browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sockets: list[WebSocket] = []
+    page.on("websocket", lambda socket: sockets.append(socket))
+    status = page.locator("#connection-status")
+    try:
+        await sign_in(page, relay)
+        await send(page, "A long story [[words=400]] [[tps=20]]")
+        interrupted = page.locator(".message.assistant").last
+        await expect(interrupted.locator(".message-body")).to_contain_text("lorem")
+
+        # The connection drops mid-reply: the reply is shown as stopped, the page says it is reconnecting.
+        relay.cut()
+        await expect(interrupted).to_have_attribute("data-status", "cancelled")
+        await expect(interrupted).to_contain_text("The connection dropped; the reply was stopped.")
+        await expect(status).to_have_attribute("data-state", "closed")
+        await expect(status).to_have_text(re.compile(r"Reconnecting in \d+ s"))
+        await expect(page.locator("#send")).to_be_disabled()
+
+        # While the server is out of reach the page keeps trying, and keeps saying so.
+        opened = len(sockets)
+        await wait_until(lambda: len(sockets) >= opened + 2 and relay.refused >= 2, "two failed reconnect attempts")
+        await expect(status).to_have_attribute("data-state", "closed")
+        await expect(status).to_have_text(re.compile(r"Reconnecting in \d+ s"))
+
+        # Once it is reachable again the page reconnects by itself, and the next message streams a reply.
+        relay.restore()
+        await expect(status).to_have_attribute("data-state", "open", timeout=30_000)
+        await expect(status).to_have_text("Connected")
+        await expect(page.locator("#send")).to_be_enabled()
+        await send(page, "Still there? [[words=12]]")
+        reply = page.locator(".message.assistant").last
+        await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+        assert len((await reply.locator(".message-body").inner_text()).split()) == 12
+        await expect(page.locator(".message.assistant")).to_have_count(2)
+        assert errors == []
+    finally:
+        await page.close()
+        await relay.close()
+
+
+async def test_chat_reconnects_at_once_when_back_online(site, browser, user):
+    relay = await CuttableRelay(site).start()
+    context = await browser.new_context()
+    # Fake timers, running at the normal pace until paused below: then no backoff timer can fire, and a
+    # reconnect can only come from the page's `online` handler.
+    await context.clock.install()
+    page = await context.new_page()
+    status = page.locator("#connection-status")
+    try:
+        await sign_in(page, relay)
+
+        # The network goes away. Chromium's offline mode leaves open sockets alone, so the relay cuts the
+        # page's; new connections are refused by the browser itself while it is offline.
+        await context.set_offline(True)
+        relay.cut()
+        relay.restore()
+        await expect(status).to_have_attribute("data-state", "closed")
+        await expect(status).to_have_text(re.compile(r"Reconnecting in \d+ s"))
+
+        await pause_clock(page)
+        # An attempt started just before the pause fails offline; after that nothing is in flight.
+        await expect(status).to_have_attribute("data-state", "closed")
+
+        await context.set_offline(False)
+        await expect(status).to_have_attribute("data-state", "open", timeout=30_000)
+        await expect(status).to_have_text("Connected")
+
+        await page.clock.resume()
+        await send(page, "Back online [[words=7]]")
+        reply = page.locator(".message.assistant").last
+        await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+        assert len((await reply.locator(".message-body").inner_text()).split()) == 7
+    finally:
+        await context.close()
+        await relay.close()

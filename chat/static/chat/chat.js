@@ -12,6 +12,7 @@
   const INITIAL_CONVERSATION = JSON.parse(document.getElementById("conversation-id").textContent);
   const PING_INTERVAL_MS = 25000;
   const RECONNECT_MAX_MS = 15000;
+  const STABLE_AFTER_MS = 10000;
   const MODEL_STORAGE_KEY = "llmhub.model";
 
   const $ = (id) => document.getElementById(id);
@@ -38,6 +39,7 @@
     socketOpen: false,
     reconnectAttempt: 0,
     reconnectTimer: null,
+    stableTimer: null,
     pingTimer: null,
     conversations: new Map(), // id -> {id, title, model, updated_at}
     currentId: null, // the conversation on screen; null for a new chat
@@ -395,7 +397,12 @@
     setConnection("connecting", "Connecting…");
     socket.addEventListener("open", () => {
       state.socketOpen = true;
-      state.reconnectAttempt = 0;
+      // The backoff starts over only once the socket has held: a server that accepts and drops at
+      // once (a restart loop, a proxy timing out) keeps getting longer delays instead of 0.5 s.
+      clearTimeout(state.stableTimer);
+      state.stableTimer = setTimeout(() => {
+        state.reconnectAttempt = 0;
+      }, STABLE_AFTER_MS);
       setConnection("open", "Connected");
       state.pingTimer = setInterval(() => socket.send(JSON.stringify({ type: "ping" })), PING_INTERVAL_MS);
       updateComposer();
@@ -405,6 +412,7 @@
       if (state.socket !== socket) return;
       state.socketOpen = false;
       clearInterval(state.pingTimer);
+      clearTimeout(state.stableTimer);
       // The server keeps what was written of an interrupted reply; show it as stopped.
       for (const stream of [...state.streams.values()]) {
         finishStream(stream, stream.messageId ? "cancelled" : "error", {
