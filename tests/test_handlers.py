@@ -1,0 +1,129 @@
+"""The lean ASGI handler of /v1 (llmhub/handlers.py): no middleware, no request_started hop, and the
+rest of Django's request cycle kept (request_finished, the disconnect watch)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from django.core import signals
+from django.core.handlers.asgi import ASGIHandler
+from django.db import close_old_connections, reset_queries
+
+from llmhub.asgi import application
+from llmhub.handlers import MiddlewareFreeASGIHandler
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def call(path: str, *, method: str = "GET", body: bytes = b"", disconnect: asyncio.Event | None = None):
+    """One request through llmhub's ASGI application, in-process; returns (status, headers, body)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+    sent_body = False
+    gone = disconnect or asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    status, headers, parts = 0, {}, []
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers = {name.decode().lower(): value.decode() for name, value in message["headers"]}
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    await application(scope, receive, send)
+    gone.set()
+    return status, headers, b"".join(parts)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[type] = []
+
+    def __call__(self, sender: type, **kwargs: Any) -> None:
+        self.calls.append(sender)
+
+
+@pytest.fixture
+def request_signals():
+    started, finished = Recorder(), Recorder()
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    yield started, finished
+    signals.request_started.disconnect(started)
+    signals.request_finished.disconnect(finished)
+
+
+async def test_v1_skips_the_middleware_and_request_started_but_sends_request_finished(request_signals):
+    started, finished = request_signals
+    status, headers, body = await call("/v1/models")
+    assert status == 401 and b'"code":"missing_api_key"' in body
+    assert "x-frame-options" not in headers  # no middleware ran
+    assert headers["x-request-id"].startswith("req_")
+    assert started.calls == []
+    assert finished.calls == [MiddlewareFreeASGIHandler]
+
+
+async def test_other_paths_keep_the_full_django_stack(request_signals):
+    started, finished = request_signals
+    status, headers, _ = await call("/accounts/login/")
+    assert status == 200
+    assert headers["x-frame-options"] == "DENY"
+    assert started.calls and finished.calls  # Django's own handler, both signals
+
+
+def test_request_started_has_only_djangos_connection_receivers():
+    """The lean handler skips request_started because its only receivers are these two, whose work
+    request_finished repeats after the request (close_old_connections) or which matter only with
+    DEBUG query logging (reset_queries). An app that adds a receiver must decide about /v1: this fails."""
+    sync_receivers, async_receivers = signals.request_started._live_receivers(ASGIHandler)
+    assert set(sync_receivers) == {reset_queries, close_old_connections}
+    assert async_receivers == []
+    finished_sync, _ = signals.request_finished._live_receivers(MiddlewareFreeASGIHandler)
+    assert close_old_connections in finished_sync
+
+
+async def test_a_client_that_goes_away_cancels_the_view(monkeypatch):
+    """Django's disconnect watch is kept: a view still waiting when the client leaves is cancelled."""
+    from chat import api_openai
+
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hanging_caller(raw: str | None):
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(api_openai, "caller_from_api_key", hanging_caller)
+    gone = asyncio.Event()
+    request = asyncio.create_task(call("/v1/chat/completions", method="POST", body=b"{}", disconnect=gone))
+    await asyncio.wait_for(entered.wait(), 10)
+    gone.set()
+    await asyncio.wait_for(request, 10)
+    assert cancelled.is_set()
