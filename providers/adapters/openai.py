@@ -115,7 +115,10 @@ class OpenAIAdapter(BaseAdapter):
                     for choice in chunk.get("choices") or ():
                         if choice.get("finish_reason"):
                             finished = True
-                yield WireChunk(chunk, event.data)
+                # An event spread over several `data:` lines holds line breaks: relayed as it came, it
+                # would break the client's SSE framing, so that one is encoded again.
+                raw = event.data if b"\n" not in event.data and b"\r" not in event.data else None
+                yield WireChunk(chunk, raw)
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
         finally:

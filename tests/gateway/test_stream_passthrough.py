@@ -42,7 +42,8 @@ def expected_relay(raw: bytes) -> bytes:
 
 
 class ExactUpstream:
-    def __init__(self) -> None:
+    def __init__(self, events: list[bytes] | None = None) -> None:
+        self.events = events or [b"data: " + raw + b"\r\n\r\n" for raw in CHUNKS]
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.bodies: list[dict] = []
@@ -53,8 +54,7 @@ class ExactUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b": keep-alive\r\n\r\n")
-        for raw in CHUNKS:
-            event = b"data: " + raw + b"\r\n\r\n"
+        for event in self.events:
             middle = len(event) // 2
             await response.write(event[:middle])  # one event in two writes
             await asyncio.sleep(0.005)
@@ -149,3 +149,25 @@ def test_usage_the_client_did_not_ask_for_is_left_out(exact_gateway):
     assert relayed == [*(expected_relay(raw) for raw in CHUNKS[:-1]), b"[DONE]"]
     assert upstream.bodies[0]["stream_options"] == {"include_usage": True}  # asked upstream all the same
     assert wait_for_record(request_id).completion_tokens == 7
+
+
+def test_an_event_spread_over_several_data_lines_is_sent_on_one(llmhub_server):
+    """SSE allows one event in several `data:` lines (joined with a line break); relayed as it came, the
+    line break would cut the client's event in two."""
+    first, *rest = CHUNKS
+    split_at = first.index(b', "choices"')
+    events = [b"data: " + first[:split_at] + b"\ndata: " + first[split_at:] + b"\n\n"]
+    events += [b"data: " + raw + b"\n\n" for raw in rest]
+    with ExactUpstream(events) as upstream:
+        provider = ProviderFactory(name="exact", base_url=upstream.base_url)
+        ModelFactory(name="public-model", provider=provider, upstream_id="up-model")
+        key = api_key_create(user=UserFactory(username="lines"), name="t").secret
+        body = {"model": "public-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        relayed, _ = stream_lines(llmhub_server.url, key, body)
+
+    assert all(b"\n" not in line for line in relayed)
+    assert json.loads(relayed[0]) == {
+        **json.loads(first[:split_at] + b"\n" + first[split_at:]),
+        "model": "public-model",
+    }
+    assert relayed[1:] == [*(expected_relay(raw) for raw in rest[:-1]), b"[DONE]"]
