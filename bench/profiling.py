@@ -1,10 +1,11 @@
-"""`make bench ARGS=--profile`: where the time goes, in three views.
+"""`make bench ARGS=--profile`: where the time goes, in four views.
 
 * ``py-spy record`` on the server during one extra wrk run at concurrency 32: the functions on the stack
   most often, across every thread (a thread started per request shows up here, not in cProfile);
 * ``bench.profile_request`` in-process: the CPU per request of llmhub and of the bare view as they are,
   and without the thread hops of Django's request signals;
-* ``bench.components``: each piece of the request path alone.
+* ``bench.components``: each piece of the request path alone;
+* ``bench.first_line``: a stream's first line, stage by stage.
 
 None of these runs count in the benchmark's figures: a sampler attached changes them.
 """
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import first_line
 from bench.load import Meter, run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +118,9 @@ def in_process(env: dict[str, str], requests: int) -> dict[str, Any]:
     components = _module(env, "bench.components", "-n", str(requests))
     for name, figures in components.items():
         print(f"  component {name}: CPU {figures['cpu_ms']:.3f} ms, wall {figures['wall_ms']:.3f} ms", flush=True)
-    return {"what_ifs": what_ifs, "components": components}
+    stages = _module(env, "bench.first_line", "-n", str(requests))
+    print(f"  a stream's first line, in-process, p50 ms at each stage: {stages['median_ms_at']}", flush=True)
+    return {"what_ifs": what_ifs, "components": components, "first_line": stages}
 
 
 def markdown(profile: dict[str, Any]) -> str:
@@ -133,6 +137,8 @@ def markdown(profile: dict[str, Any]) -> str:
     lines += ["", "| piece of the request path, alone | CPU ms | wall ms |", "|---|---:|---:|"]
     for name, figures in profile["components"].items():
         lines.append(f"| {name} | {figures['cpu_ms']:.3f} | {figures['wall_ms']:.3f} |")
+    if "first_line" in profile:
+        lines.append(first_line.markdown(profile["first_line"]))
     for server, spied in profile.get("py_spy", {}).items():
         lines += ["", f"py-spy, {server}, llmhub json at c=32 ({spied['samples']} samples), own time:", ""]
         lines += [f"- {pct:5.1f} % {frame}" for frame, pct in spied["own_pct"][:12]]

@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated, from uvicorn, uvicorn-h11 (asyncio + h11 forced) and daphne (default: %(default)s)",
     )
     parser.add_argument("--duration", type=int, help="seconds per wrk point (default 10, 3 with --quick)")
+    parser.add_argument(
+        "--ttft-requests", type=int, help="streams timed to their first line (default 200, 30 with --quick)"
+    )
     parser.add_argument("--no-redis", action="store_true", help="admission on the database even if Redis is here")
     parser.add_argument(
         "--settings",
@@ -466,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.duration:
         plan = replace(plan, duration=args.duration)
+    if args.ttft_requests:
+        plan = replace(plan, ttft_requests=args.ttft_requests)
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     for name in servers:
         server_argv(name, "", 0)
