@@ -10,6 +10,7 @@ import redis
 
 from billing.models import Plan
 from billing.selectors import limits_cache
+from billing.services.admission import admission_acquire, admission_settle
 from billing.services.ratelimits import local_rate_limiter
 from tests.factories import ModelFactory, ProviderFactory
 
@@ -77,3 +78,24 @@ def store(request, settings):
     else:
         settings.REDIS_URL = ""
     return request.param
+
+
+# One completion token of the `flat` model of ``catalog``.
+FLAT_TOKEN = Decimal("0.0001")
+
+
+async def spend_settled(account: dict, request_id: str, tokens: int) -> None:
+    """A request of ``tokens`` completion tokens on ``account["flat"]``, admitted and settled as ok
+    (``account``: ``user``, ``key``, ``flat``)."""
+    admission = await admission_acquire(
+        user_id=account["user"].pk,
+        api_key_id=account["key"].pk,
+        key_allowed_model_ids=None,
+        model=account["flat"],
+        body={"model": "flat-model", "messages": [], "max_tokens": tokens},
+        request_id=request_id,
+        prompt_tokens_upper=0,
+    )
+    await admission_settle(
+        admission=admission, cost=tokens * FLAT_TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True
+    )

@@ -16,18 +16,18 @@ from asgiref.sync import sync_to_async
 from django.core import mail
 
 from billing.models import BudgetAlert, BudgetPeriod
-from billing.services.admission import admission_acquire, admission_settle
 from billing.services.alerts import Crossing, budget_alerts_raise
 from billing.services.budgets import CounterRef, CounterSpec, api_key_limits_set
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
+from tests.billing.conftest import FLAT_TOKEN, spend_settled
 from tests.conftest import free_port
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TOKEN = Decimal("0.0001")
+TOKEN = FLAT_TOKEN
 
 
 @dataclass
@@ -77,32 +77,19 @@ def account(plans, catalog):
     return {"user": user, "key": api_key, "flat": resolved_model(catalog["flat"])}
 
 
-async def spend(account, request_id: str, tokens: int) -> None:
-    admission = await admission_acquire(
-        user_id=account["user"].pk,
-        api_key_id=account["key"].pk,
-        key_allowed_model_ids=None,
-        model=account["flat"],
-        body={"model": "flat-model", "messages": [], "max_tokens": tokens},
-        request_id=request_id,
-        prompt_tokens_upper=0,
-    )
-    await admission_settle(admission=admission, cost=tokens * TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True)
-
-
 def alerts() -> list[tuple[int, list[str]]]:
     return list(BudgetAlert.objects.order_by("threshold").values_list("threshold", "channels"))
 
 
 async def test_each_threshold_alerts_once_per_period_by_email_and_webhook(store, account, webhook):
-    await spend(account, "a", 40)
+    await spend_settled(account, "a", 40)
     assert mail.outbox == [] and webhook.received == []
 
-    await spend(account, "b", 15)  # 55 %
-    await spend(account, "c", 5)  # 60 %: 50 % already alerted
+    await spend_settled(account, "b", 15)  # 55 %
+    await spend_settled(account, "c", 5)  # 60 %: 50 % already alerted
     assert len(mail.outbox) == 1 and len(webhook.received) == 1
 
-    await spend(account, "d", 40)  # 100 %: crosses 80 and 100 at once
+    await spend_settled(account, "d", 40)  # 100 %: crosses 80 and 100 at once
     assert len(mail.outbox) == 3 and len(webhook.received) == 3
     assert await sync_to_async(alerts)() == [
         (50, ["email", "webhook"]),
@@ -125,14 +112,14 @@ async def test_each_threshold_alerts_once_per_period_by_email_and_webhook(store,
 
 async def test_a_failing_webhook_is_retried(store, account, webhook):
     webhook.fail_next = 2
-    await spend(account, "big", 50)
+    await spend_settled(account, "big", 50)
     assert [entry["text"][:40] for entry in webhook.received] == ["llmhub: the monthly budget of API key sk"]
     assert await sync_to_async(alerts)() == [(50, ["email", "webhook"])]
 
 
 async def test_without_a_webhook_only_email_is_sent(store, account, settings):
     settings.LLMHUB_ALERT_WEBHOOK_URL = ""
-    await spend(account, "big", 80)
+    await spend_settled(account, "big", 80)
     assert len(mail.outbox) == 2
     assert await sync_to_async(alerts)() == [(50, ["email"]), (80, ["email"])]
 

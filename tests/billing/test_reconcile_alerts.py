@@ -20,11 +20,12 @@ from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
+from tests.billing.conftest import FLAT_TOKEN, spend_settled
 from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TOKEN = Decimal("0.0001")  # one completion token of the flat model
+TOKEN = FLAT_TOKEN
 LATER = timedelta(minutes=10)  # past the memory of settles: only what the ledger shows counts
 
 
@@ -50,16 +51,7 @@ def key_ref(account) -> CounterRef:
 
 async def spend(account, request_id: str, tokens: int, *, ledger: bool = True) -> None:
     """A request admitted and settled; ``ledger``: its ledger row is written too (else it is on its way)."""
-    admission = await admission_acquire(
-        user_id=account["user"].pk,
-        api_key_id=account["key"].pk,
-        key_allowed_model_ids=None,
-        model=account["flat"],
-        body={"model": "flat-model", "messages": [], "max_tokens": tokens},
-        request_id=request_id,
-        prompt_tokens_upper=0,
-    )
-    await admission_settle(admission=admission, cost=tokens * TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True)
+    await spend_settled(account, request_id, tokens)
     if ledger:
         await write_ledger(account, request_id, tokens)
 
