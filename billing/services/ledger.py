@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -30,8 +30,11 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.contrib.auth import get_user_model
+from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
 from django.utils import timezone
+
+from providers.models import Model, Provider
 
 from ..models import ApiKey, UsageRecord
 from .admission import Admission, admission_settle
@@ -207,12 +210,42 @@ async def ledger_flush(wait_seconds: float = 30.0) -> None:
 
 
 def _write_rows(rows: list[UsageData]) -> None:
-    """Insert rows in one transaction; rows whose request id is already in the ledger are skipped."""
+    """Insert rows in one transaction; rows whose request id is already in the ledger are skipped.
+
+    A row can refer to a user, key, provider or model deleted after its request ran (an admin removed
+    a model mid-stream, or the row waited in the spool). Its insert would break a foreign key and take
+    the whole batch with it, again at every retry and replay, so then the batch is written once more
+    with those references cleared: the row keeps the provider and model names and its cost, and the
+    ledger keeps every request, as ``on_delete=SET_NULL`` would have left it."""
     close_old_connections()
-    with transaction.atomic():
-        UsageRecord.objects.bulk_create([UsageRecord(**asdict(data)) for data in rows], ignore_conflicts=True)
+    try:
+        _insert(rows)
+    except IntegrityError:
+        kept = _without_dangling_references(rows)
+        if kept == rows:
+            raise
+        logger.warning("ledger rows refer to deleted users, keys, providers or models; written without them")
+        _insert(kept)
     for api_key_id in {data.api_key_id for data in rows}:
         _touch_key(api_key_id)
+
+
+def _insert(rows: list[UsageData]) -> None:
+    with transaction.atomic():
+        UsageRecord.objects.bulk_create([UsageRecord(**asdict(data)) for data in rows], ignore_conflicts=True)
+
+
+def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
+    targets = {"user_id": get_user_model(), "api_key_id": ApiKey, "provider_id": Provider, "model_id": Model}
+    existing: dict[str, set[int]] = {}
+    for name, target in targets.items():
+        ids = {getattr(data, name) for data in rows} - {None}
+        existing[name] = set(target.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
+    kept = []
+    for data in rows:
+        gone = {name: None for name in targets if getattr(data, name) not in (None, *existing[name])}
+        kept.append(replace(data, **gone) if gone else data)
+    return kept
 
 
 def _touch_key(api_key_id: int | None) -> None:
@@ -261,6 +294,7 @@ def ledger_replay_spool() -> int:
             _write_rows(rows)
             replayed += len(rows)
         except DatabaseError:
+            logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(rows))
             leftovers.extend(chunk)
     if leftovers:
         with open(path, "a", encoding="utf-8") as spool:

@@ -26,6 +26,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # that runs side by side (or pytest-xdist workers, which add their own suffix) never share one.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test-db-{os.getpid()}.sqlite3")}
 LLMHUB_LOOKUP_CACHE_TTL = 5.0
+# A spool of this run's own: a live server the tests start replays the spool at start-up, and must not
+# write rows that an earlier run (or `make run`) left there into this run's database.
+LLMHUB_LEDGER_SPOOL = BASE_DIR / "var" / f"test-ledger-spool-{os.getpid()}.jsonl"
 # Users are unrestricted unless a test puts them on a plan (the seeded plans do not survive a flush).
 LLMHUB_DEFAULT_PLAN = ""
 LOGGING["root"]["level"] = "WARNING"  # noqa: F405

@@ -37,6 +37,7 @@ def data(request_id: str) -> UsageData:
 
 
 async def test_a_write_cut_short_by_shutdown_is_spooled_then_replayed_once(spool):
+    await ledger_flush()  # nothing of an earlier test still in this loop's writer
     usage_record_submit(data("req_cut"))
     # The loop's writer is cancelled before it could run, as when a server's loop is torn down.
     writer_task = ledger._writers[asyncio.get_running_loop()].task
@@ -61,3 +62,45 @@ def test_replay_never_duplicates_a_row_already_written(spool):
     assert UsageRecord.objects.filter(request_id="req_twice").count() == 1
     assert UsageRecord.objects.filter(request_id="req_new").count() == 1
     assert ledger_spool_replay() == 0
+
+
+def test_a_row_whose_model_and_key_were_deleted_meanwhile_is_still_written(spool):
+    """An admin deleted the model (or the key) while its request ran: the row's foreign keys would break
+    the batch's insert, every retry and every replay; it is written without them, and the batch with it."""
+    from dataclasses import replace
+
+    from tests.factories import ModelFactory, UserFactory
+
+    model = ModelFactory(name="kept-model")
+    user = UserFactory()
+    kept = replace(data("req_kept"), user_id=user.pk, model_id=model.pk, provider_id=model.provider_id)
+    orphan = replace(
+        data("req_orphan"),
+        user_id=user.pk,
+        api_key_id=987_654,
+        provider_id=model.provider_id,
+        model_id=model.pk + 1000,
+        model_name="deleted-model",
+    )
+    ledger._write_rows([kept, orphan])
+
+    rows = {row.request_id: row for row in UsageRecord.objects.all()}
+    assert set(rows) == {"req_kept", "req_orphan"}
+    assert rows["req_kept"].model_id == model.pk
+    assert rows["req_orphan"].model_id is None and rows["req_orphan"].api_key_id is None
+    assert rows["req_orphan"].model_name == "deleted-model" and rows["req_orphan"].cost == Decimal("0.0000123456")
+    assert rows["req_orphan"].user_id == user.pk and rows["req_orphan"].provider_id == model.provider_id
+
+
+def test_a_spooled_row_whose_model_is_gone_is_replayed(spool):
+    ledger._spool(replace_model(data("req_spooled_orphan"), 424_242))
+    assert ledger_replay_spool() == 1
+    row = UsageRecord.objects.get(request_id="req_spooled_orphan")
+    assert row.model_id is None and row.model_name == "m"
+    assert not spool.exists()
+
+
+def replace_model(usage: UsageData, model_id: int) -> UsageData:
+    from dataclasses import replace
+
+    return replace(usage, model_id=model_id)
