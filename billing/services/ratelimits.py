@@ -118,11 +118,14 @@ def rate_limit_error(
         )
         retry_ms = WINDOW_MS
     else:
+        # Each server process stamps its entries with its own clock when it admits, so a process can see an
+        # entry stamped a moment after its own `now` (another process admitted later but ran the script
+        # first): the wait then computes a few milliseconds past the window, which it can never be.
+        retry_ms = min(retry_after_ms, WINDOW_MS)
         message = (
             f"Rate limit reached for {name} per minute on {spec.where}: limit {limit:,}, used {used:,}, "
-            f"requested {requested:,}. Please try again in {format_reset(retry_after_ms)}."
+            f"requested {requested:,}. Please try again in {format_reset(retry_ms)}."
         )
-        retry_ms = retry_after_ms
     headers = _headers_for(name, WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms))
     return RateLimitExceededError(message, retry_after=math.ceil(retry_ms / 1000), headers=headers)
 

@@ -195,3 +195,21 @@ async def test_websocket_messages_go_through_the_same_limits(store, socket_user,
         assert fake_upstream.stats["requests"] == 2
     finally:
         await socket.disconnect(timeout=10)
+
+
+def test_retry_after_never_exceeds_the_window():
+    """Two server processes stamp window entries with their own clocks; one may compute a wait a few
+    milliseconds past the window (seen as `Retry-After: 61` in the two-process test). It is capped."""
+    from billing.services.ratelimits import RateSpec, rate_limit_error
+
+    error = rate_limit_error(
+        RateSpec("key", 1, rpm=30, tpm=None),
+        dimension="requests",
+        limit=30,
+        used=30,
+        requested=1,
+        retry_after_ms=60_004,
+    )
+    assert error.retry_after == 60
+    assert error.extra["headers"]["x-ratelimit-reset-requests"] == "1m0s"
+    assert error.message.endswith("Please try again in 1m0s.")
