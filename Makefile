@@ -12,11 +12,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-pyproject
 ARGS ?=
 
-.PHONY: help install run test lint format bench migrate clean
+.PHONY: help install run test test-postgres lint format bench migrate clean
 
 help:
 	@echo "make run      build .venv if needed, migrate, load the demo and serve http://127.0.0.1:8000/ (Ctrl-C stops)"
-	@echo "make test     run the whole test-suite (ARGS='-k name' narrows it)"
+	@echo "make test     run the whole test-suite, then its money tests on PostgreSQL (ARGS='-k name' narrows it to SQLite)"
+	@echo "make test-postgres  the money tests (or ARGS) on a throw-away PostgreSQL"
 	@echo "make lint     ruff check and ruff format --check"
 	@echo "make format   ruff format and ruff check --fix"
 	@echo "make bench    run the gateway benchmark (bench/run.py)"
@@ -33,8 +34,18 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) scripts/run_dev.py $(ARGS)
 
+# The tests about money (budgets under concurrency, row locks, the ledger) run a second time on a
+# throw-away PostgreSQL, the production database; `make test ARGS=...` runs only what ARGS selects.
+POSTGRES_TESTS := tests/billing tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py
+
 test: $(STAMP)
 	$(VENV)/bin/pytest $(ARGS)
+ifeq ($(strip $(ARGS)),)
+	$(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -q -p no:cacheprovider $(POSTGRES_TESTS)
+endif
+
+test-postgres: $(STAMP)
+	$(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -p no:cacheprovider $(if $(strip $(ARGS)),$(ARGS),$(POSTGRES_TESTS))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

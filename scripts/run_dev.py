@@ -88,7 +88,7 @@ class Supervisor:
         for service in self.services:
             if self._stop_requested is not None:
                 return
-            service.process = subprocess.Popen(  # noqa: S603 (argv built by this script, no shell)
+            service.process = subprocess.Popen(
                 service.argv,
                 cwd=self.cwd,
                 env=self.env,

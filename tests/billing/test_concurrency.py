@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.utils import timezone
 
 from billing.exceptions import QuotaExceededError
@@ -31,7 +30,7 @@ from billing.services.counters import counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -71,7 +70,7 @@ def server_env(redis_url: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(
         DJANGO_SETTINGS_MODULE="llmhub.settings.test",
-        TEST_DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
         PYTHONPATH=str(ROOT),
     )
     if redis_url:

@@ -15,7 +15,7 @@ from django.conf import settings
 
 from billing.models import UsageRecord
 from billing.services.ledger import ledger_replay_spool
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
 from tests.gateway.conftest import make_catalog
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,7 +34,7 @@ def test_sigterm_with_streams_in_flight_loses_no_ledger_row(fake_upstream, tmp_p
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(
         DJANGO_SETTINGS_MODULE="llmhub.settings.test",
-        TEST_DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
         LLMHUB_LEDGER_SPOOL=str(spool),
     )
     # A one-second grace period: uvicorn then cuts the streams, which settle while the loop winds down.
