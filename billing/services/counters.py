@@ -162,7 +162,11 @@ class RedisCounterStore:
         return AcquireOutcome(reserved, states)
 
     async def _seed(self, specs: Sequence[CounterSpec], now: datetime) -> None:
-        """Start a counter from the ledger's figure for its period. HSETNX: the first seeder wins."""
+        """Start a counter from the ledger's figure for its period. HSETNX: the first seeder wins.
+
+        A counter that starts mid-period above a threshold (its key was lost: a Redis flush, a failover
+        without persistence) may hide a crossing nobody alerted for: the seeder raises the alerts from
+        zero to the ledger's figure, which fire only for thresholds not alerted yet this period."""
         for spec in specs:
             spent = await sync_to_async(ledger_spend)(spec.ref)
             async with self.client.pipeline(transaction=True) as pipe:
@@ -170,7 +174,9 @@ class RedisCounterStore:
                 pipe.hsetnx(spec.key, "reserved", 0)
                 pipe.pexpire(spec.key, _ms_of(spec.ref.retention(now)))
                 pipe.sadd(INDEX_KEY, spec.key)
-                await pipe.execute()
+                seeded, *_ = await pipe.execute()
+            if seeded and spent > 0:
+                await sync_to_async(budget_correction_alerts_raise)(ref=spec.ref, before=Decimal(0), after=spent)
 
     async def settle(
         self,

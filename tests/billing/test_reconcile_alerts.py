@@ -9,6 +9,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+import redis
 from asgiref.sync import sync_to_async
 from django.core import mail
 from django.utils import timezone
@@ -171,3 +172,19 @@ async def test_a_users_token_quota_alerts_after_reconcile(store, quota_user):
         "[llmhub] bob's daily token quota is at 80%",
     ]
     assert "has reached 80%: 80 tokens of 100 tokens used in the period that began" in mail.outbox[1].body
+
+
+async def test_a_counter_started_from_the_ledger_alerts_for_what_it_starts_above(use_redis, account, redis_url):
+    """Redis lost the counter (a flush, a failover without persistence) after spend that was never
+    alerted: the counter starts again from the ledger's figure, and the thresholds below it fire then."""
+    await write_ledger(account, "before-the-flush", 85)  # settled into a counter that is gone now
+    assert mail.outbox == []
+
+    await spend(account, "first-after", 1)  # admission seeds the counter from the ledger: 85 %
+    assert await sync_to_async(alerts)() == [(50, 85 * TOKEN, ["email"]), (80, 85 * TOKEN, ["email"])]
+    assert len(mail.outbox) == 2
+
+    redis.Redis.from_url(redis_url).flushdb()  # lost again: seeding again fires nothing new
+    await spend(account, "second-after", 1)
+    assert [threshold for threshold, _, _ in await sync_to_async(alerts)()] == [50, 80]
+    assert len(mail.outbox) == 2
