@@ -20,8 +20,8 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
+from providers.adapters.base import chunk_json
 from providers.exceptions import ApplicationError, ProviderError
-from providers.types import chunk_json
 
 from .exception_handlers import application_error_body, error_body
 from .pipeline import CompletionRun, caller_from_api_key, completion_start, models_for_caller, new_request_id

@@ -23,9 +23,10 @@ from billing.services.admission import Admission, admission_acquire, models_allo
 from billing.services.keys import api_key_authenticate
 from billing.services.ledger import UsageData, usage_record_submit
 from providers.adapters import adapter_for
+from providers.adapters.base import WireChunk
 from providers.exceptions import ApplicationError, ProviderError
 from providers.selectors import model_resolve
-from providers.types import ResolvedModel, WireChunk
+from providers.types import ResolvedModel
 
 from .validation import validate_chat_request
 

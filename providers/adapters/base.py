@@ -2,12 +2,14 @@
 
 Requests and responses are OpenAI chat-completion shapes (plain dicts, as they travel on the wire):
 ``complete`` returns a ``chat.completion`` object, ``stream`` yields ``chat.completion.chunk``
-objects. An adapter for another wire protocol translates both ways, so that everything above the
+objects (an adapter that reads them off the wire yields ``WireChunk``, which also carries their
+bytes). An adapter for another wire protocol translates both ways, so that everything above the
 adapter speaks one format. Model: LiteLLM's ``BaseConfig`` (required methods, optional hooks).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -74,3 +76,52 @@ class BaseAdapter(ABC):
 
 def _ms_since(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
+
+
+_json_text = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class WireChunk(dict[str, Any]):
+    """A ``chat.completion.chunk`` decoded from an OpenAI-protocol stream, with the exact JSON it came
+    in as (``raw``), so that a chunk nobody changed is relayed upstream-byte for byte instead of being
+    encoded again. Change it through ``set_model`` / ``drop_usage``, which keep ``raw`` right; any
+    other change must set ``raw = None`` (the relay then encodes the dict)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, data: dict[str, Any], raw: bytes | None) -> None:
+        super().__init__(data)
+        self.raw = raw
+
+    def set_model(self, name: str) -> None:
+        old = self.get("model")
+        if old == name:
+            return
+        self["model"] = name
+        raw = self.raw
+        if raw is None:
+            return
+        self.raw = None
+        if not isinstance(old, str):
+            return
+        # An unescaped `"model":"…"` cannot occur inside a JSON string (its quotes would be escaped),
+        # so the first match is the chunk's own key. A spelling we do not find is encoded again.
+        old_value = _json_text(old).encode()
+        for separator in (b'"model":', b'"model": '):
+            needle = separator + old_value
+            at = raw.find(needle)
+            if at >= 0:
+                self.raw = raw[:at] + b'"model":' + _json_text(name).encode() + raw[at + len(needle) :]
+                return
+
+    def drop_usage(self) -> None:
+        """Remove a usage report the client did not ask for (``"usage": null`` may stay: it is valid)."""
+        if self.get("usage") is not None:
+            del self["usage"]
+            self.raw = None
+
+
+def chunk_json(chunk: dict[str, Any]) -> bytes:
+    """The JSON of a stream chunk: the upstream's own bytes when it is an unchanged ``WireChunk``."""
+    raw = getattr(chunk, "raw", None)
+    return raw if raw is not None else _json_text(chunk).encode()

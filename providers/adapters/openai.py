@@ -21,8 +21,8 @@ import httpx2
 import openai
 
 from ..exceptions import ProviderError
-from ..types import ProviderConfig, UpstreamModel, WireChunk
-from .base import BaseAdapter
+from ..types import ProviderConfig, UpstreamModel
+from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
     connection_error,

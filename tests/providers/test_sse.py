@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from providers.adapters.base import WireChunk, chunk_json
 from providers.adapters.sse import ServerSentEvent, sse_events
-from providers.types import WireChunk, chunk_json
 
 STREAM = (
     b": OPENROUTER PROCESSING\r\n\r\n"
