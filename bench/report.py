@@ -88,7 +88,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"llmhub benchmark of {results['code']}, {results['finished_at']}: {results['mode']} run, "
         f"{plan['duration']} s per wrk point, "
-        f"one server process, settings {results['settings']}; load average at start {results['load_at_start']}.",
+        f"one server process, settings {results['settings']}, database {results.get('database', 'sqlite')}, "
+        f"admission store {results['admission_store']}; load average at start {results['load_at_start']}.",
         "",
         "| server | target | body | conc | req/s | p50 ms | p99 ms | server CPU ms/req | other load (cores) | errors |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -6,7 +6,8 @@ Everything runs on this machine and talks over 127.0.0.1 only:
 * upstreams: nginx answering canned OpenAI JSON and SSE in microseconds (``bench/upstream.py``: what
   is left is our cost), and the bundled fake provider streaming at 50 tokens/s (a realistic stream);
 * llmhub, started with each production server command on ``bench.settings`` (the production settings
-  on a throw-away SQLite database, Redis for admission when ``redis-server`` is installed), one worker
+  on a throw-away PostgreSQL, production's database, or with ``--database sqlite`` or without PostgreSQL
+  installed a SQLite file; Redis for admission when ``redis-server`` is installed), one worker
   process, key auth and the ledger on. Two keys: one on a plan that enforces nothing, one with a budget
   and a rate limit (every request reserves and settles);
 * in the same server, ``bench/bare.py``: a Django view that forwards the body to the same upstream with
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import profiling, report, upstream
 from bench.load import Meter, children_of, first_token_series, request_body, run_wrk
+from llmhub.testing import postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -401,7 +403,7 @@ def code_version() -> str:
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def bench_environment(upstreams: dict[str, str], redis_url: str) -> dict[str, str]:
+def bench_environment(upstreams: dict[str, str], redis_url: str, database_url: str) -> dict[str, str]:
     from cryptography.fernet import Fernet
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "DATABASE_", "REDIS_"))}
@@ -412,7 +414,7 @@ def bench_environment(upstreams: dict[str, str], redis_url: str) -> dict[str, st
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
         SECRET_KEY=base64.urlsafe_b64encode(secrets.token_bytes(48)).decode(),
         FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
-        DATABASE_URL=f"sqlite:///{WORK / 'bench.sqlite3'}",
+        DATABASE_URL=database_url,
         LLMHUB_LEDGER_SPOOL=str(WORK / "ledger-spool.jsonl"),
         BENCH_BARE_UPSTREAMS=json.dumps(upstreams),
         LOG_LEVEL="WARNING",
@@ -457,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ttft-requests", type=int, help="streams timed to their first line (default 200, 30 with --quick)"
     )
+    parser.add_argument(
+        "--database",
+        choices=("postgres", "sqlite"),
+        default="postgres" if postgres.server_bin() else "sqlite",
+        help="a throw-away PostgreSQL (production's database; the default when installed) or SQLite file",
+    )
     parser.add_argument("--no-redis", action="store_true", help="admission on the database even if Redis is here")
     parser.add_argument(
         "--settings",
@@ -488,14 +496,21 @@ def main(argv: list[str] | None = None) -> int:
 
     processes = Processes()
     meter = Meter()
-    with stopped_on_signals(processes):
+    with contextlib.ExitStack() as database, stopped_on_signals(processes):
+        if args.database == "postgres":
+            database_url = database.enter_context(postgres.throwaway_postgres(max_connections=300))
+            postgres.createdb(database_url)
+            database_text = f"PostgreSQL {postgres.server_bin().parent.name} (throw-away, fsync off)"
+        else:
+            database_url = f"sqlite:///{WORK / 'bench.sqlite3'}"
+            database_text = f"SQLite {WORK / 'bench.sqlite3'}"
         nginx_port, fake_port, redis_port, server_port = free_ports(4)
         upstreams = {
             "bench-json": f"http://127.0.0.1:{nginx_port}/json/v1",
             "bench-sse": f"http://127.0.0.1:{nginx_port}/sse/v1",
             "bench-timed": f"http://127.0.0.1:{fake_port}/v1",
         }
-        env = bench_environment(upstreams, f"redis://127.0.0.1:{redis_port}/0" if redis_binary else "")
+        env = bench_environment(upstreams, f"redis://127.0.0.1:{redis_port}/0" if redis_binary else "", database_url)
         (WORK / "nginx.conf").write_text(upstream.nginx_conf(WORK, nginx_port))
         started_upstreams = [
             ("nginx", nginx_port, [upstream.nginx_binary(), "-c", str(WORK / "nginx.conf"), "-p", str(WORK)]),
@@ -519,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
         django_command(env, "manage.py", "migrate", "--noinput", "-v", "0")
         keys = json.loads(django_command(env, "-m", "bench.db", "seed"))
-        say(f"bench: database {WORK / 'bench.sqlite3'} migrated and seeded (2 users and keys, 3 providers/models)")
+        say(f"bench: database {database_text} migrated and seeded (2 users and keys, 3 providers/models)")
 
         # Migrations and the seed ran on bench.settings; only the servers take a what-if module.
         server_env = {**env, "DJANGO_SETTINGS_MODULE": args.settings}
@@ -531,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_at_start": load_at_start,
             "machine": machine(),
             "admission_store": "redis" if redis_binary else "database",
+            "database": args.database,
             "direct": {"wrk": [], "first_token": {}},
             "servers": {},
         }
