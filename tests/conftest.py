@@ -21,6 +21,32 @@ import pytest
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def pytest_configure(config) -> None:
+    _flush_retrying_deadlocks()
+
+
+def _flush_retrying_deadlocks() -> None:
+    """On PostgreSQL, the flush that ends a transactional test (one TRUNCATE of every table) can deadlock
+    with work a test leaves running for a moment (a live server's ledger write, whose foreign-key check
+    locks a table the TRUNCATE already holds); PostgreSQL then aborts the TRUNCATE, and every later test
+    would start on the previous one's rows. The other transaction commits, so the flush is tried again."""
+    from django.core.management.base import CommandError
+    from django.test import testcases
+
+    teardown = testcases.TransactionTestCase._fixture_teardown
+
+    def _fixture_teardown(self) -> None:
+        for attempt in range(1, 6):
+            try:
+                return teardown(self)
+            except CommandError as exc:
+                if attempt == 5 or "deadlock detected" not in str(exc.__cause__):
+                    raise
+                time.sleep(0.2 * attempt)
+
+    testcases.TransactionTestCase._fixture_teardown = _fixture_teardown
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
