@@ -25,6 +25,18 @@ def pytest_configure(config) -> None:
     _flush_retrying_deadlocks()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """Before a test's fixtures are torn down (the database flush among them), the ledger rows it
+    submitted on the test event loop are written: that loop does not run between tests, so its writer
+    would otherwise write them during the next test, into that test's database."""
+    from billing.services import ledger
+
+    for loop, writer in list(ledger._writers.items()):
+        if (writer.queue or writer.in_flight) and not loop.is_running() and not loop.is_closed():
+            loop.run_until_complete(ledger.ledger_flush(wait_seconds=10))
+
+
 def _flush_retrying_deadlocks() -> None:
     """On PostgreSQL, the flush that ends a transactional test (one TRUNCATE of every table) can deadlock
     with work a test leaves running for a moment (a live server's ledger write, whose foreign-key check
