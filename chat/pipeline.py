@@ -264,7 +264,7 @@ class CompletionRun:
         response["model"] = self.model.name
         return response
 
-    async def stream(self) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self) -> AsyncIterator[WireChunk]:
         """Relay chunks as they arrive. The client's ``stream_options.include_usage`` decides whether
         the usage chunk is passed on; the adapter always asks for it, since settlement needs it."""
         adapter = adapter_for(self.model.provider)
@@ -283,10 +283,7 @@ class CompletionRun:
             async for chunk in upstream:
                 if self._first_token_at is None:
                     self._first_token_at = time.perf_counter()
-                if isinstance(chunk, WireChunk):
-                    chunk.set_model(public_name)
-                else:
-                    chunk["model"] = public_name
+                chunk.set_model(public_name)
                 chunk_usage = chunk.get("usage")
                 if chunk_usage:
                     usage = chunk_usage
@@ -303,10 +300,7 @@ class CompletionRun:
                 if not wants_usage and chunk_usage:
                     if not chunk.get("choices"):
                         continue
-                    if isinstance(chunk, WireChunk):
-                        chunk.drop_usage()
-                    else:
-                        del chunk["usage"]
+                    chunk.drop_usage()
                 yield chunk
             status = UsageStatus.OK
         except ProviderError as exc:

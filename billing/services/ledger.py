@@ -243,7 +243,8 @@ def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
         existing[name] = set(target.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
     kept = []
     for data in rows:
-        gone = {name: None for name in targets if getattr(data, name) not in (None, *existing[name])}
+        values = {name: getattr(data, name) for name in targets}
+        gone = {name: None for name, value in values.items() if value is not None and value not in existing[name]}
         kept.append(replace(data, **gone) if gone else data)
     return kept
 

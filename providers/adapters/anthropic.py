@@ -17,7 +17,7 @@ import httpx2
 
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..types import ProviderConfig, UpstreamModel
-from .base import BaseAdapter
+from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
     connection_error,
@@ -66,7 +66,7 @@ class AnthropicAdapter(BaseAdapter):
             )
         return completion_from_message(message)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         request = self._translate(body)
         request["stream"] = True
         try:
@@ -82,7 +82,7 @@ class AnthropicAdapter(BaseAdapter):
                     raise ValueError("not an event object")
                 chunk = translator.feed(event)
                 if chunk is not None:
-                    yield chunk
+                    yield WireChunk(chunk, None)  # translated: no upstream bytes to relay
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
         finally:

@@ -2,9 +2,10 @@
 
 Requests and responses are OpenAI chat-completion shapes (plain dicts, as they travel on the wire):
 ``complete`` returns a ``chat.completion`` object, ``stream`` yields ``chat.completion.chunk``
-objects (an adapter that reads them off the wire yields ``WireChunk``, which also carries their
-bytes). An adapter for another wire protocol translates both ways, so that everything above the
-adapter speaks one format. Model: LiteLLM's ``BaseConfig`` (required methods, optional hooks).
+objects as ``WireChunk`` (a dict that also carries the upstream's bytes when it was read off the wire
+as is; a translated chunk has none). An adapter for another wire protocol translates both ways, so
+that everything above the adapter speaks one format. Model: LiteLLM's ``BaseConfig`` (required
+methods, optional hooks).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class BaseAdapter(ABC):
         """Send a non-streaming chat completion; ``body["model"]`` is already the provider's model id."""
 
     @abstractmethod
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         """Yield OpenAI-style chunks as they arrive. The last chunk before the end carries ``usage``
         whenever the provider reports it (adapters ask for it even when the client did not).
         Closing the iterator (``aclose``) aborts the upstream request."""

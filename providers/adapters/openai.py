@@ -76,7 +76,7 @@ class OpenAIAdapter(BaseAdapter):
             )
         return completion
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         # Usage is always asked for, whatever the client said, so that billing has real counts.
         options = body.get("stream_options")
         request = {
