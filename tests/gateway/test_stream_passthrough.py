@@ -15,11 +15,11 @@ import httpx
 import pytest
 from aiohttp import web
 
-from billing.models import UsageRecord
 from billing.services.keys import api_key_create
 from llmhub.testing.openapi import validate_openai_schema
 from tests.conftest import free_port, wait_for_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.gateway.test_ledger import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -110,15 +110,6 @@ def stream_lines(url: str, key: str, body: dict) -> tuple[list[bytes], str]:
     events = raw.split(b"\n\n")
     assert events[-1] == b""
     return [event.removeprefix(b"data: ") for event in events[:-1]], request_id
-
-
-def wait_for_record(request_id: str) -> UsageRecord:
-    for _ in range(200):
-        record = UsageRecord.objects.filter(request_id=request_id).first()
-        if record is not None:
-            return record
-        threading.Event().wait(0.05)
-    raise AssertionError("no ledger row")
 
 
 def test_chunks_arrive_byte_for_byte_with_the_public_model_name(exact_gateway):
