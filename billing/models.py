@@ -14,8 +14,18 @@ class BudgetPeriod(models.TextChoices):
     TOTAL = "total", "Total (never resets)"
 
 
+class KeyScope(models.TextChoices):
+    """Rights a key holds beyond calling models. None by default."""
+
+    KEYS_MANAGE = "keys:manage", "Manage keys (create child keys, list and revoke its own subtree)"
+
+
 class ApiKey(models.Model):
-    """A gateway key. Only a SHA-256 of the secret is kept; the secret is shown once, at creation."""
+    """A gateway key. Only a SHA-256 of the secret is kept; the secret is shown once, at creation.
+
+    A key created by another key (``parent``) never has more than its parent: a budget no larger in the
+    same period, no longer lifetime, a subset of its models, rate limits and scopes. It works only while
+    every key above it works, and its spend and requests count against every key above it too."""
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(max_length=100, default="default")
@@ -35,6 +45,20 @@ class ApiKey(models.Model):
     budget_period = models.CharField(max_length=8, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY)
     rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True)
     tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True)
+    # A list of ``KeyScope`` values rather than one boolean per right: a new right is a new choice, not a
+    # migration, and "a child's scopes are a subset of its parent's" stays one set comparison.
+    scopes = models.JSONField(default=list, blank=True, help_text="Rights beyond calling models; empty: none.")
+    # CASCADE: a child exists only under its parent, so deleting a key deletes the keys it created (the
+    # ledger keeps their rows, with the key emptied, as for any deleted key).
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="children",
+        editable=False,
+        help_text="The key that created this one; empty for keys created by a person.",
+    )
 
     class Meta:
         ordering = ["-created_at"]
