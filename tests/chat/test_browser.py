@@ -396,3 +396,40 @@ async def test_chat_reconnects_at_once_when_back_online(site, browser, user):
     finally:
         await context.close()
         await relay.close()
+
+
+# The fake upstream echoes the prompt: a prompt whose lines hold a fenced block gets a reply that holds it.
+STREAMED_CODE_PROMPT = """Format this [[tps=40]]
+```python
+def add(a: int, b: int) -> int:
+    return a + b
+```
+"""
+
+
+async def test_a_streamed_code_block_ends_highlighted(site, browser, user, artifacts_dir):
+    """The reply is highlighted when it ends, not only once reloaded from the database.
+
+    The page repaints a streaming reply once per animation frame. With the page's clock paused no frame
+    runs while the reply streams, so the repaint the last chunk queued is still pending when the reply
+    ends; it used to run after the final paint and put the unhighlighted text back."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    await context.clock.install()
+    page = await context.new_page()
+    try:
+        await sign_in(page, site)
+        await pause_clock(page)
+        await page.locator("#prompt").fill(STREAMED_CODE_PROMPT)
+        await page.locator("#prompt").press("Enter")
+        reply = page.locator(".message.assistant").last
+        await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+        await page.clock.run_for(1000)  # the frames that were due while the reply streamed
+        await page.clock.resume()
+        code = reply.locator(".code-block pre code")
+        await expect(code).to_have_class(re.compile(r"\bhljs\b"))
+        await expect(code.locator(".hljs-keyword").first).to_have_text("def")
+        await expect(code.locator(".hljs-title.function_")).to_have_text("add")
+        await expect(reply.locator(".code-head")).to_have_count(1)
+        await page.screenshot(path=str(artifacts_dir / "chat-streamed-code.png"))
+    finally:
+        await context.close()

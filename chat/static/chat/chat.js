@@ -267,11 +267,10 @@
   }
 
   function schedulePaint(stream) {
-    if (!stream.view || stream.paintQueued) return;
-    stream.paintQueued = true;
+    if (!stream.view || stream.frame) return;
     // One paint per frame however many tokens arrived: re-rendering Markdown per token would stall.
-    requestAnimationFrame(() => {
-      stream.paintQueued = false;
+    stream.frame = requestAnimationFrame(() => {
+      stream.frame = 0;
       if (!stream.view) return;
       const follow = nearBottom();
       paintAssistant(stream.view, stream.text, false);
@@ -280,6 +279,10 @@
   }
 
   function finishStream(stream, status, { error, usage } = {}) {
+    // The last chunks may have queued a repaint for the next frame. It would run after the final paint
+    // below and show the reply as unfinished again: without highlighting until a reload.
+    cancelAnimationFrame(stream.frame);
+    stream.frame = 0;
     state.streams.delete(stream.requestId);
     if (state.newChatRequest === stream.requestId) state.newChatRequest = null;
     if (stream.view) {
@@ -321,7 +324,7 @@
       text: "",
       userText: text,
       view,
-      paintQueued: false,
+      frame: 0, // the pending repaint's requestAnimationFrame id
     });
     if (state.currentId === null) state.newChatRequest = requestId;
     state.socket.send(
