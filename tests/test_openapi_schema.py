@@ -60,7 +60,7 @@ def drf_api_paths() -> set[str]:
                 found.add(shape("/" + re.sub(r"<[^>]*>", "{}", route)))
 
     walk(get_resolver().url_patterns, "")
-    return found - {"/api/schema/", "/api/docs/"}
+    return found - {"/api/schema/", "/api/docs/", "/api/redoc/"}
 
 
 def validator_for(schema: dict[str, Any], component: str) -> Draft202012Validator:

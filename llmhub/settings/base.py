@@ -48,6 +48,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    # Swagger UI and ReDoc as static files of a pinned version: the docs render without a CDN.
+    "drf_spectacular_sidecar",
     "channels",
     "django_celery_beat",
     "providers",
@@ -178,9 +180,16 @@ REST_FRAMEWORK = {
 # https://drf-spectacular.readthedocs.io/en/latest/settings.html
 SPECTACULAR_SETTINGS = {
     "TITLE": "llmhub API",
-    "DESCRIPTION": "OpenAI-compatible gateway and management API of llmhub.",
+    "DESCRIPTION": (
+        "OpenAI-compatible gateway and management API of llmhub.\n\n"
+        "The same document in [Swagger UI](/api/docs/) and [ReDoc](/api/redoc/); raw: [/api/schema/](/api/schema/)."
+    ),
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The docs pages load their scripts from our static files (drf_spectacular_sidecar), never a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     # 3.1 because the /v1/* schemas are copied from OpenAI's spec, which is written in 3.1.
     "OAS_VERSION": "3.1.0",
