@@ -1,37 +1,33 @@
-"""Outbound URL checks for provider endpoints (SSRF guard)."""
+"""The save-time check of provider URLs: the outbound policy (``providers.outbound``), applied early.
+
+It is an early, friendly answer for the admin, not the guard: a name may resolve differently by the
+time a request is sent (or not resolve here at all), so every connection is judged again when it is
+opened. A name that does not resolve now is therefore accepted, except the cloud metadata names,
+which are refused by name here and at connect time."""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 
-_BLOCKED_ALWAYS = (
-    ipaddress.ip_network("169.254.0.0/16"),  # link-local, cloud metadata services live here
-    ipaddress.ip_network("fe80::/10"),
-    ipaddress.ip_network("0.0.0.0/8"),
-)
+from . import outbound
 
 
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _addresses(host: str) -> list[outbound.IPAddress]:
+    literal = outbound.literal_address(host)
+    if literal is not None:
+        return [literal]
     try:
-        found = [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-        except OSError:
-            return []  # unresolvable now; the health check will say so
-        found = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    # ::ffff:169.254.169.254 reaches the IPv4 metadata address but is in no IPv4 network: judge the IPv4 inside.
-    return [address.ipv4_mapped if getattr(address, "ipv4_mapped", None) else address for address in found]
+        return outbound.resolver.resolve_sync(host)
+    except OSError:
+        return []  # unresolvable now; judged when a connection is opened
 
 
 def validate_provider_url(url: str, *, field: str = "base_url") -> None:
-    """Refuse URLs a provider must not point at: other schemes, credentials in the URL, metadata addresses,
-    and private or loopback addresses unless ``LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS`` allows them."""
+    """Refuse URLs a provider must not point at: other schemes, credentials in the URL, metadata hosts and
+    addresses, and private or loopback addresses unless ``LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS`` (or
+    ``LLMHUB_OUTBOUND_ALLOWED_NETWORKS``) allows them."""
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
@@ -41,12 +37,7 @@ def validate_provider_url(url: str, *, field: str = "base_url") -> None:
         raise ValidationError({field: "Give an http(s) URL with a host."})
     if parts.username or parts.password:
         raise ValidationError({field: "Put credentials in the API key field, not in the URL."})
-    allow_private = getattr(settings, "LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", False)
-    for address in _addresses(hostname):
-        if any(address in network for network in _BLOCKED_ALWAYS):
-            raise ValidationError({field: f"{hostname} resolves to a link-local or unspecified address."})
-        # not is_global: also refuses shared (100.64.0.0/10) and other non-routable space, not only RFC 1918.
-        if not allow_private and not address.is_global:
-            raise ValidationError(
-                {field: f"{hostname} is a private address; set LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS to allow it."}
-            )
+    try:
+        outbound.check_addresses(hostname, _addresses(hostname))
+    except outbound.OutboundRefused as exc:
+        raise ValidationError({field: exc.message}) from None

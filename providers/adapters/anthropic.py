@@ -16,18 +16,21 @@ import anthropic
 import httpx2
 
 from ..exceptions import ProviderBadRequestError, ProviderError
+from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
-    POOL_LIMITS,
     connection_error,
     error_for_status,
     http_timeout,
     interruption_reason,
     is_context_length_message,
+    provider_http_client,
+    refused_error,
     scrub,
     stream_interrupted,
     timeout_error,
+    upstream_deadline,
 )
 from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message
 
@@ -36,8 +39,9 @@ _MESSAGES_PATH = "/v1/messages"
 # (ANTHROPIC_API_KEY, profiles on disk): the provider then answers 401, which is the truth.
 _PLACEHOLDER_KEY = "not-configured"
 _EventStream = anthropic.AsyncStream[object]
-# The SDK does not wrap transport errors met while reading a stream; ValueError is malformed JSON.
-_FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, ValueError)
+# The SDK does not wrap transport errors met while reading a stream; ValueError is malformed JSON;
+# OutboundRefused is the outbound policy's refusal, which the SDK lets through unwrapped.
+_FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, ValueError, OutboundRefused)
 
 
 class AnthropicAdapter(BaseAdapter):
@@ -50,13 +54,14 @@ class AnthropicAdapter(BaseAdapter):
             timeout=timeout,
             max_retries=config.max_retries,
             default_headers=dict(config.extra_headers),
-            http_client=anthropic.DefaultAsyncHttpxClient(limits=POOL_LIMITS, timeout=timeout),
+            http_client=provider_http_client(config),
         )
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         request = self._translate(body)
         try:
-            message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
+            async with upstream_deadline(self.config):
+                message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         if not isinstance(message, dict) or message.get("type") != "message":
@@ -70,9 +75,10 @@ class AnthropicAdapter(BaseAdapter):
         request = self._translate(body)
         request["stream"] = True
         try:
-            upstream = await self._client.post(
-                _MESSAGES_PATH, body=request, cast_to=object, stream=True, stream_cls=_EventStream
-            )
+            async with upstream_deadline(self.config):
+                upstream = await self._client.post(
+                    _MESSAGES_PATH, body=request, cast_to=object, stream=True, stream_cls=_EventStream
+                )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         translator = StreamTranslator()
@@ -93,15 +99,16 @@ class AnthropicAdapter(BaseAdapter):
 
     async def list_models(self) -> list[UpstreamModel]:
         try:
-            return [
-                UpstreamModel(
-                    id=model.id,
-                    owned_by="anthropic",
-                    display_name=model.display_name or "",
-                    context_window=getattr(model, "max_input_tokens", None),
-                )
-                async for model in self._client.models.list()
-            ]
+            async with upstream_deadline(self.config):
+                return [
+                    UpstreamModel(
+                        id=model.id,
+                        owned_by="anthropic",
+                        display_name=model.display_name or "",
+                        context_window=getattr(model, "max_input_tokens", None),
+                    )
+                    async for model in self._client.models.list()
+                ]
         except _FAILURES as exc:
             raise self.map_error(exc) from None
 
@@ -109,6 +116,8 @@ class AnthropicAdapter(BaseAdapter):
         if isinstance(exc, ProviderError):
             return exc
         config = self.config
+        if isinstance(exc, OutboundRefused):
+            return refused_error(config, exc)
         if isinstance(exc, anthropic.APIStatusError):
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             if exc.status_code < 400:

@@ -5,12 +5,20 @@ built ``httpx2.AsyncClient`` so that the connection pool is sized for a gateway 
 concurrent streams to one provider) rather than for a single application. The mapping from an
 upstream failure to our ``ProviderError`` family is decided here once, by HTTP status, so that an
 OpenAI-compatible server and Anthropic answer a client the same way for the same failure.
+
+The client goes only where the outbound policy allows (``providers.outbound``: addresses judged at
+connect time, no redirect off the provider's origin), and one call, retries and their waits
+included, is bounded by one deadline (``upstream_deadline``): ``ProviderConfig.timeout`` is what a
+client may wait for an answer, not what each of the SDK's attempts may take.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 
 import httpx2
@@ -28,6 +36,7 @@ from ..exceptions import (
     ProviderUnavailableError,
 )
 from ..fields import Secret
+from ..outbound import OutboundRefused, outbound_client
 from ..types import ProviderConfig
 
 # Enough connections for well over the 128 concurrent streams a busy gateway holds open to one
@@ -41,6 +50,48 @@ def http_timeout(config: ProviderConfig) -> httpx2.Timeout:
     """``config.timeout`` bounds every wait: connecting, each read (the gap between two streamed
     chunks), each write; connecting never needs more than 10 seconds."""
     return httpx2.Timeout(config.timeout, connect=min(config.timeout, 10.0))
+
+
+# When the running upstream call must be over (loop time), for the response hook below.
+_deadline: ContextVar[float | None] = ContextVar("upstream_deadline", default=None)
+
+
+def provider_http_client(config: ProviderConfig) -> httpx2.AsyncClient:
+    """The pooled client an adapter hands its SDK: bound to the provider's origin, under the outbound policy."""
+    return outbound_client(
+        url=config.base_url,
+        timeout=http_timeout(config),
+        limits=POOL_LIMITS,
+        event_hooks={"response": [_no_retry_past_deadline]},
+    )
+
+
+async def _no_retry_past_deadline(response: httpx2.Response) -> None:
+    """An upstream that asks to be retried later than the deadline allows is not retried: the SDK would
+    sleep into the deadline and the client would get a timeout instead of the provider's answer."""
+    deadline = _deadline.get()
+    if deadline is None or response.status_code < 400:
+        return
+    wait = retry_after_seconds(response.headers)
+    if wait is not None and wait >= deadline - asyncio.get_running_loop().time():
+        response.headers["x-should-retry"] = "false"  # both SDKs honour it before their own rules
+
+
+@asynccontextmanager
+async def upstream_deadline(config: ProviderConfig) -> AsyncIterator[None]:
+    """Bound everything inside, the SDK's retries and the waits between them included, by ``config.timeout``.
+
+    A stream is bounded until its response begins; after that, each gap between two chunks is bounded
+    by the HTTP client's read timeout (the same number)."""
+    loop = asyncio.get_running_loop()
+    token = _deadline.set(loop.time() + config.timeout)
+    try:
+        async with asyncio.timeout(config.timeout):
+            yield
+    except TimeoutError:
+        raise timeout_error(config) from None
+    finally:
+        _deadline.reset(token)
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -119,6 +170,15 @@ def error_for_status(
 def timeout_error(config: ProviderConfig) -> ProviderTimeoutError:
     return ProviderTimeoutError(
         f"The provider {config.name!r} did not answer within {config.timeout:g} seconds.", provider=config.name
+    )
+
+
+def refused_error(config: ProviderConfig, exc: OutboundRefused) -> ProviderError:
+    """The outbound policy stopped the call: a configuration problem of the provider, so a 502."""
+    return ProviderError(
+        f"The gateway may not connect where the provider {config.name!r} leads: {exc.message}",
+        provider=config.name,
+        code="upstream_address_refused",
     )
 
 

@@ -21,18 +21,21 @@ import httpx2
 import openai
 
 from ..exceptions import ProviderError
+from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
-    POOL_LIMITS,
     connection_error,
     error_for_status,
     http_timeout,
     interruption_reason,
     is_context_length_message,
+    provider_http_client,
+    refused_error,
     scrub,
     stream_interrupted,
     timeout_error,
+    upstream_deadline,
 )
 from .sse import sse_events
 
@@ -40,8 +43,9 @@ _CHAT_PATH = "/chat/completions"
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
 _PLACEHOLDER_KEY = "not-needed"
 _RAW_STREAM = {openai._constants.RAW_RESPONSE_HEADER: "stream"}
-# What the SDK and its transport raise; ValueError covers a body that is not the JSON it claims to be.
-_FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError)
+# What the SDK and its transport raise; ValueError covers a body that is not the JSON it claims to be, and
+# OutboundRefused the outbound policy (it reaches us unwrapped: the SDK neither retries nor wraps it).
+_FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
 
 
 class OpenAIAdapter(BaseAdapter):
@@ -55,7 +59,7 @@ class OpenAIAdapter(BaseAdapter):
             timeout=timeout,
             max_retries=config.max_retries,
             default_headers=dict(config.extra_headers),
-            http_client=openai.DefaultAsyncHttpxClient(limits=POOL_LIMITS, timeout=timeout),
+            http_client=provider_http_client(config),
         )
         # The provider row alone configures the client: the gateway's own environment
         # (OPENAI_ORG_ID, OPENAI_PROJECT_ID) must not be sent to a third-party server.
@@ -66,7 +70,8 @@ class OpenAIAdapter(BaseAdapter):
         if "stream" in body or "stream_options" in body:
             body = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
         try:
-            completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
+            async with upstream_deadline(self.config):
+                completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         if not isinstance(completion, dict):
@@ -89,9 +94,10 @@ class OpenAIAdapter(BaseAdapter):
         try:
             # The raw response, still through the SDK (auth, retries, error classes for a non-2xx
             # answer): the header is the SDK's own way to ask for it, as `with_streaming_response` does.
-            upstream = await self._client.post(
-                _CHAT_PATH, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
-            )
+            async with upstream_deadline(self.config):
+                upstream = await self._client.post(
+                    _CHAT_PATH, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
+                )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         finished = done = False
@@ -129,7 +135,8 @@ class OpenAIAdapter(BaseAdapter):
 
     async def list_models(self) -> list[UpstreamModel]:
         try:
-            listing = await self._client.get("/models", cast_to=object)
+            async with upstream_deadline(self.config):
+                listing = await self._client.get("/models", cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         data = listing.get("data") if isinstance(listing, dict) else None
@@ -144,6 +151,8 @@ class OpenAIAdapter(BaseAdapter):
         if isinstance(exc, ProviderError):
             return exc
         config = self.config
+        if isinstance(exc, OutboundRefused):
+            return refused_error(config, exc)
         if isinstance(exc, openai.APIStatusError):
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             return error_for_status(

@@ -37,11 +37,38 @@ def test_rejects_credentials_in_the_url():
         "http://[::ffff:169.254.169.254]/latest/meta-data/",  # the same address, written as IPv6
         "http://[fe80::1]/v1",
         "http://0.0.0.0:8000/v1",
+        "http://[::]/v1",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64 form of the metadata address
+        "http://[2002:a9fe:a9fe::1]/v1",  # 6to4 form
+        "http://[::169.254.169.254]/v1",  # IPv4-compatible form
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/v1",  # Teredo
+        "http://224.0.0.1/v1",
+        "http://[fd00:ec2::254]/latest/meta-data/",  # AWS metadata over IPv6
     ],
 )
 def test_rejects_metadata_and_link_local_addresses_always(url, allow_private):
     with override_settings(LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS=allow_private):
-        assert "link-local or unspecified" in rejection(url)
+        assert "never connects to" in rejection(url)
+
+
+@pytest.mark.parametrize("allow_private", [True, False])
+@pytest.mark.parametrize("url", ["http://metadata.google.internal/computeMetadata/v1", "http://METADATA.GOOG./v1"])
+def test_rejects_metadata_host_names_that_do_not_resolve_here(url, allow_private):
+    # They resolve only inside their cloud: refused by name, since there is no address to judge.
+    with override_settings(LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS=allow_private):
+        assert "cloud metadata host" in rejection(url)
+
+
+@override_settings(LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS=False)
+def test_accepts_a_name_that_does_not_resolve_now():
+    # Judged when a connection is opened (tests/providers/test_outbound.py).
+    validate_provider_url("https://llm.invalid/v1")
+
+
+@override_settings(LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS=False, LLMHUB_OUTBOUND_ALLOWED_NETWORKS=["10.8.0.0/16"])
+def test_allowed_networks_admit_their_private_addresses_only():
+    validate_provider_url("http://10.8.1.2:8000/v1")
+    assert "private address" in rejection("http://10.9.1.2:8000/v1")
 
 
 @pytest.mark.parametrize(
@@ -56,6 +83,8 @@ def test_rejects_metadata_and_link_local_addresses_always(url, allow_private):
         "http://[::1]:8000/v1",
         "http://[fd00::1]/v1",
         "http://[::ffff:10.0.0.1]/v1",
+        "http://[64:ff9b::7f00:1]/v1",  # NAT64 form of 127.0.0.1
+        "http://[2002:c0a8:0101::1]/v1",  # 6to4 form of 192.168.1.1
     ],
 )
 def test_private_addresses_depend_on_the_setting(url):
