@@ -243,6 +243,9 @@ LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/"]
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
 # self-hosted servers such as Ollama or vLLM on the same machine need it).
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=True)
+# Networks a provider (or the alert webhook) may be on even where private addresses are refused, e.g.
+# "10.8.0.0/16" for a vLLM cluster; link-local and metadata addresses stay refused (docs/outbound.md).
+LLMHUB_OUTBOUND_ALLOWED_NETWORKS = env.list("LLMHUB_OUTBOUND_ALLOWED_NETWORKS", default=[])
 # The plan a user without one is put on at their first request; empty: such users are unrestricted.
 LLMHUB_DEFAULT_PLAN = env("LLMHUB_DEFAULT_PLAN", default="Free")
 # A request without max_tokens under a budget or token quota is sent upstream with max_tokens = the
