@@ -3,6 +3,7 @@
 Run it standalone::
 
     python -m llmhub.testing.fake_upstream --port 18080 [--host 127.0.0.1] [--latency-ms 0] [--tps 0] [--api-key KEY]
+        [--demo]
 
 or in-process (tests)::
 
@@ -29,7 +30,11 @@ Replies
       the reply is a call to the first tool (or the one ``tool_choice`` names) whose arguments come from
       its JSON-schema properties: ``enum`` -> first value, string -> last user text, number/integer -> 42,
       boolean -> true, array -> [], object -> {};
-    * otherwise the echo.
+    * otherwise the echo; or, in demo mode (``--demo``, ``FakeUpstream(demo=True)``, what `make run`
+      starts), one of a few canned answers in Markdown (bold or a heading, a list, a fenced code block
+      with a language tag) that show what a chat page can render: the first whose keywords the prompt
+      contains (``code``/``python``/…, ``list``/``steps``/…, ``api``/``sdk``/…, ``hello``/``hi``/…),
+      else one picked by the CRC-32 of the prompt, so the same prompt always gets the same answer.
 
     Other directives: ``[[tps=N]]`` tokens per second (also paces non-streamed replies: the response is
     held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
@@ -90,7 +95,7 @@ from typing import Any, Literal, NoReturn
 
 from aiohttp import web
 
-__all__ = ["MODELS", "FakeUpstream", "count_words", "main", "split_tokens"]
+__all__ = ["MODELS", "FakeUpstream", "count_words", "demo_answer", "main", "split_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +120,85 @@ _ANTHROPIC_CONTEXT_WINDOW = 200_000
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
+
+# Demo mode's answers: short enough for a few turns on the Free plan's 1,000 tokens a day, and each
+# with something for the chat page to render (emphasis, a list, a highlighted code block).
+_DEMO_ANSWERS: dict[str, str] = {
+    "code": """Here is a small, self-contained **Python** example:
+
+```python
+from collections import Counter
+
+
+def top_words(text: str, n: int = 3) -> list[tuple[str, int]]:
+    \"\"\"The n most frequent words, most frequent first.\"\"\"
+    return Counter(text.lower().split()).most_common(n)
+
+
+print(top_words("the cat and the hat and the bat"))
+```
+
+How it works:
+
+1. `text.lower().split()` breaks the text into words.
+2. `Counter` counts how often each word occurs.
+3. `most_common(n)` keeps the `n` largest counts.
+
+Running it prints `[('the', 3), ('and', 2), ('cat', 1)]`.""",
+    "list": """## Five ways to get better answers from a model
+
+1. **Say who the answer is for**: "explain to a new engineer" beats "explain".
+2. **Show an example** of the output you want.
+3. **Ask for a format**: a table, a list or JSON.
+4. **Split big tasks** into steps and check each one.
+5. **Follow up** instead of starting over.
+
+A prompt that does most of that:
+
+```markdown
+You review a pull request for a new engineer.
+List at most three problems, most important first, each with a one-line fix.
+```""",
+    "api": """### Calling this model from code
+
+Every model on this page is also served at `/v1/` in OpenAI's format, so the official SDK works
+unchanged:
+
+```python
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-llmhub-...")
+reply = client.chat.completions.create(
+    model="demo-gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}]
+)
+print(reply.choices[0].message.content)
+```
+
+- Create the key at **/keys/**: its secret is shown once.
+- Every call is priced and written to the ledger: see **/usage/**.""",
+    "hello": """**Hello!** I am the demo model of llmhub: a fake provider running on this machine, so nothing you
+type leaves it or costs money.
+
+What this page can show you:
+
+- replies streamed *token by token*, with a stop button;
+- Markdown: headings, **bold**, lists and `inline code`;
+- highlighted code blocks:
+
+```python
+print("Hello from llmhub!")
+```
+
+To steer me, put a marker in your message: `[[words=50]]` for fifty words, `[[reply=any text]]`
+for exactly that text.""",
+}
+# The first entry whose keywords occur in the prompt (as words) chooses the answer.
+_DEMO_KEYWORDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("code", frozenset({"code", "python", "function", "script", "program", "snippet", "bug", "regex", "sql"})),
+    ("list", frozenset({"list", "steps", "ideas", "tips", "plan", "checklist", "ways"})),
+    ("api", frozenset({"api", "sdk", "openai", "curl", "key", "keys", "endpoint"})),
+    ("hello", frozenset({"hello", "hi", "hey", "help", "who", "demo"})),
+)
 
 _DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
@@ -219,6 +303,16 @@ class _Reply:
         if self.tool_name is not None:
             return count_words(f"{self.tool_name} {self.arguments_json}")
         return len(self.tokens)
+
+
+def demo_answer(prompt: str) -> str:
+    """Demo mode's reply to ``prompt`` (directives already removed): by keyword, else by its CRC-32."""
+    words = set(re.findall(r"[a-z0-9]+", prompt.lower()))
+    for name, keywords in _DEMO_KEYWORDS:
+        if words & keywords:
+            return _DEMO_ANSWERS[name]
+    answers = list(_DEMO_ANSWERS.values())
+    return answers[zlib.crc32(prompt.encode()) % len(answers)]
 
 
 def _extract_directives(text: str) -> tuple[str, dict[str, str]]:
@@ -423,6 +517,7 @@ def _build_reply(
     max_tokens: int | None,
     stops: list[str],
     tool_id_prefix: str,
+    demo: bool = False,
 ) -> _Reply:
     directives = conv.directives
     if "reply" in directives:
@@ -441,6 +536,8 @@ def _build_reply(
             tool_arguments=_tool_arguments(tool.schema, conv.user_text),
             tool_id=_new_id(tool_id_prefix),
         )
+    elif demo:
+        text = demo_answer(conv.user_text)
     else:
         text = "Echo: " + conv.user_text
 
@@ -568,10 +665,11 @@ class _Aborted(Exception):
 
 
 class _App:
-    def __init__(self, latency_ms: float, tps: float, api_key: str | None) -> None:
+    def __init__(self, latency_ms: float, tps: float, api_key: str | None, demo: bool = False) -> None:
         self.latency_ms = latency_ms
         self.tps = tps
         self.api_key = api_key
+        self.demo = demo
         self._lock = threading.Lock()
         self._requests = 0
         self._by_path: Counter[str] = Counter()
@@ -840,7 +938,7 @@ class _App:
             max_tokens = _int_or_none(body.get("max_tokens"))
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
-        reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_")
+        reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         completion = reply.completion_tokens * n
@@ -1019,7 +1117,7 @@ class _App:
         if invalid is not None:
             return invalid
         stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
-        reply = _build_reply(conv, _anthropic_tool(body), body["max_tokens"], stops, "toolu_")
+        reply = _build_reply(conv, _anthropic_tool(body), body["max_tokens"], stops, "toolu_", self.demo)
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         usage = {
             "input_tokens": conv.prompt_tokens - cached,
@@ -1139,10 +1237,11 @@ class FakeUpstream:
         latency_ms: float = 0,
         tps: float = 0,
         api_key: str | None = None,
+        demo: bool = False,
     ) -> None:
         self.host = host
         self.port = port
-        self._app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key)
+        self._app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key, demo=demo)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -1233,8 +1332,8 @@ async def _stop_site(app: _App, runner: web.AppRunner) -> None:
     await runner.cleanup()
 
 
-async def _serve_forever(host: str, port: int, latency_ms: float, tps: float, api_key: str | None) -> None:
-    app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key)
+async def _serve_forever(host: str, port: int, latency_ms: float, tps: float, api_key: str | None, demo: bool) -> None:
+    app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key, demo=demo)
     runner, bound_port = await _start_site(app, host, port)
     logger.info("fake upstream listening on http://%s:%s", host, bound_port)
     try:
@@ -1250,10 +1349,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0, help="delay before every answer")
     parser.add_argument("--tps", type=float, default=0, help="streamed tokens per second; 0 means no delay")
     parser.add_argument("--api-key", default=None, help="require this key; any key is accepted when unset")
+    parser.add_argument(
+        "--demo", action="store_true", help="answer with canned Markdown replies instead of the echo (make run)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.tps, args.api_key))
+        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.tps, args.api_key, args.demo))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -736,6 +737,104 @@ def test_unknown_path_and_bad_json(upstream: FakeUpstream) -> None:
         urllib.request.urlopen(request, timeout=5)
     assert info.value.code == 400
     assert json.loads(info.value.read())["error"]["type"] == "invalid_request_error"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demo mode (what `make run` starts): canned Markdown answers instead of the echo
+
+DEMO_TPS = 200
+# One prompt per keyword group; each must get its own answer.
+DEMO_PROMPTS = ["Write a Python function", "Give me a list of tips", "How do I call the API?", "Hello!"]
+
+
+@pytest.fixture(scope="module")
+def demo_server() -> Iterator[FakeUpstream]:
+    with FakeUpstream(demo=True, tps=DEMO_TPS) as server:
+        yield server
+
+
+@pytest.fixture
+def demo_oai(demo_server: FakeUpstream) -> openai.OpenAI:
+    return openai.OpenAI(base_url=demo_server.base_url + "/v1", api_key="k", max_retries=0, timeout=10)
+
+
+@pytest.fixture
+def demo_ant(demo_server: FakeUpstream) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=demo_server.base_url, api_key="k", max_retries=0, timeout=10)
+
+
+def assert_renders_markdown(text: str) -> None:
+    """What a newcomer's first chat should show off: emphasis or a heading, a list and highlighted code."""
+    assert "**" in text or re.search(r"^#{1,3} ", text, re.MULTILINE), text
+    assert re.search(r"^(- |\d+\. )\S", text, re.MULTILINE), text
+    assert re.search(r"^```[a-z]+\n.*?\n```$", text, re.MULTILINE | re.DOTALL), text
+
+
+def test_demo_mode_answers_in_markdown_chosen_from_the_prompt(
+    demo_oai: openai.OpenAI, demo_ant: anthropic.Anthropic, oai: openai.OpenAI
+) -> None:
+    answers = {}
+    for prompt in DEMO_PROMPTS:
+        reply = demo_oai.chat.completions.create(model="fake-gpt-4o-mini", messages=user(prompt))
+        text = reply.choices[0].message.content
+        assert_renders_markdown(text)
+        assert reply.choices[0].finish_reason == "stop"
+        assert reply.usage is not None and reply.usage.completion_tokens == len(text.split())
+        message = demo_ant.messages.create(model="fake-claude-haiku", max_tokens=1000, messages=user(prompt))
+        assert message.content[0].text == text, "both wire shapes give the same answer"
+        assert message.usage.output_tokens == len(text.split()) and message.stop_reason == "end_turn"
+        answers[prompt] = text
+    assert len(set(answers.values())) == len(DEMO_PROMPTS), "each kind of question has its own answer"
+    assert "```python\n" in answers["Write a Python function"]
+
+    # A prompt without keywords still gets one of them, the same one every time.
+    unmatched = [f"Tell me about the sea, take {i}" for i in range(12)]
+    picked = [
+        demo_oai.chat.completions.create(model="m", messages=user(p)).choices[0].message.content for p in unmatched
+    ]
+    assert set(picked) <= set(answers.values()) and len(set(picked)) > 1, "chosen from the prompt, not fixed"
+    again = demo_oai.chat.completions.create(model="m", messages=user(unmatched[0])).choices[0].message.content
+    assert again == picked[0]
+
+    # The default, which the rest of the suite relies on, is still the echo.
+    assert oai.chat.completions.create(model="m", messages=user("Hello!")).choices[0].message.content == "Echo: Hello!"
+
+
+def test_demo_mode_streams_token_by_token_at_the_configured_tps(
+    demo_server: FakeUpstream, demo_oai: openai.OpenAI, demo_ant: anthropic.Anthropic
+) -> None:
+    prompt = user("Show me some code")
+    whole = demo_oai.chat.completions.create(model="fake-gpt-4o", messages=prompt).choices[0].message.content
+    tokens = len(whole.split())
+
+    started = time.monotonic()
+    stream = demo_oai.chat.completions.create(model="fake-gpt-4o", messages=prompt, stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert time.monotonic() - started >= tokens / DEMO_TPS
+    assert "".join(pieces) == whole, "the Markdown, newlines and indentation included, arrives intact"
+    assert len(pieces) == tokens, "one chunk per token"
+
+    body = {"model": "fake-claude-haiku", "max_tokens": 1000, "messages": prompt, "stream": True}
+    started = time.monotonic()
+    status, _, raw = http(demo_server, "POST", "/v1/messages", body, {"anthropic-version": "2023-06-01"})
+    assert time.monotonic() - started >= tokens / DEMO_TPS
+    assert status == 200
+    deltas = [data["delta"]["text"] for name, data in anthropic_sse(raw) if name == "content_block_delta"]
+    assert "".join(deltas) == whole and len(deltas) == tokens
+    with demo_ant.messages.stream(model="fake-claude-haiku", max_tokens=1000, messages=prompt) as helper:
+        assert "".join(helper.text_stream) == whole
+
+
+def test_demo_mode_markers_and_limits_still_steer(demo_oai: openai.OpenAI, demo_ant: anthropic.Anthropic) -> None:
+    exact = demo_oai.chat.completions.create(model="m", messages=user("python [[reply=just this]]"))
+    assert exact.choices[0].message.content == "just this"
+    counted = demo_ant.messages.create(model="m", max_tokens=100, messages=user("Hello [[words=4]]"))
+    assert counted.content[0].text == "lorem ipsum dolor sit"
+
+    cut = demo_oai.chat.completions.create(model="m", messages=user("Hello!"), max_tokens=5)
+    assert cut.choices[0].finish_reason == "length" and len(cut.choices[0].message.content.split()) == 5
+    with pytest.raises(openai.RateLimitError):
+        demo_oai.chat.completions.create(model="m", messages=user("Hello [[fault=429]]"))
 
 
 def test_cli_serves_and_logs_address() -> None:
