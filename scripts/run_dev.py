@@ -183,7 +183,7 @@ def prepare(*, upstream_url: str) -> None:
     if settings.CELERY_BROKER_URL.startswith("filesystem://"):
         # kombu's filesystem transport does not create its folders.
         options = settings.CELERY_BROKER_TRANSPORT_OPTIONS
-        for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+        for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
             if options.get(key):
                 Path(options[key]).mkdir(parents=True, exist_ok=True)
     call_command("migrate", interactive=False, verbosity=1)
@@ -217,7 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     services = [
         Service(
             "upstream",
-            [python, "-m", "llmhub.testing.fake_upstream", "--port", str(args.upstream_port), "--tps", str(args.tps)],
+            [
+                python,
+                "-m",
+                "llmhub.testing.fake_upstream",
+                "--demo",
+                "--port",
+                str(args.upstream_port),
+                "--tps",
+                str(args.tps),
+            ],
             port=args.upstream_port,
         ),
         Service(
@@ -230,15 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     supervisor = Supervisor(services, env=env)
 
+    def password(username: str, file_name: str) -> str:
+        password_file = ROOT / ".local" / file_name
+        return password_file.read_text().strip() if password_file.exists() else f"(see `changepassword {username}`)"
+
     def banner() -> None:
         site = f"http://127.0.0.1:{args.port}"
-        password_file = ROOT / ".local" / "demo-admin-password"
-        password = password_file.read_text().strip() if password_file.exists() else "(see `changepassword admin`)"
         key_hint = "  key: .venv/bin/python manage.py createapikey admin"
         lines = [
             "llmhub is running. Ctrl-C stops everything.",
             f"  chat page      {site}/",
-            f"  admin          {site}/admin/   user: admin   password: {password}",
+            f"  admin          {site}/admin/   user: admin   password: {password('admin', 'demo-admin-password')}",
+            f"  Free plan      {site}/         user: demo    password: {password('demo', 'demo-user-password')}",
             f"  API            {site}/v1/{key_hint}",
             f"  API docs       {site}/api/docs/",
             f"  fake upstream  {upstream_url}   (serves the demo-* models)",

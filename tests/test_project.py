@@ -323,9 +323,20 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def untracked(project: Path) -> set[str]:
+    listing = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=normal"], cwd=project, capture_output=True, text=True
+    )
+    assert listing.returncode == 0, listing.stderr
+    return set(listing.stdout.splitlines())
+
+
 def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
     """scripts/run_dev.py (what `make run` runs) in a copy of the project: a fresh database and .local/."""
     project = copy_project(tmp_path / "project")
+    # A repository of its own, so that `git status` can tell what the run leaves behind (.gitignore applies).
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    untracked_before = untracked(project)
     port, upstream_port = free_port(), free_port()
     env = clean_env()
     log_path = tmp_path / "run.log"
@@ -352,6 +363,8 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
         site = f"http://127.0.0.1:{port}"
         password = (project / ".local" / "demo-admin-password").read_text().strip()
         assert password in log_path.read_text(), "the login is printed for the developer"
+        demo_password = (project / ".local" / "demo-user-password").read_text().strip()
+        assert demo_password in log_path.read_text(), "so is the Free plan's demo user"
         browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
         with browser.open(f"{site}/admin/login/", timeout=10) as login:
             token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.read().decode()).group(1)
@@ -371,11 +384,34 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
             model="demo-gpt-4o-mini", messages=[{"role": "user", "content": "[[reply=hello from the demo]]"}]
         )
         assert reply.choices[0].message.content == "hello from the demo"
+        # The demo's fake provider answers like a model, in Markdown the chat page renders.
+        greeting = client.chat.completions.create(
+            model="demo-claude-haiku", messages=[{"role": "user", "content": "Hi"}]
+        )
+        assert "**" in greeting.choices[0].message.content and "```python" in greeting.choices[0].message.content
+
+        # The demo user signs in on the chat page, and its Free plan shows: the cheap model only.
+        demo = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with demo.open(f"{site}/accounts/login/", timeout=10) as login:
+            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.read().decode()).group(1)
+        form = {"csrfmiddlewaretoken": token, "username": "demo", "password": demo_password, "next": "/"}
+        with demo.open(f"{site}/accounts/login/", urllib.parse.urlencode(form).encode(), timeout=10) as page:
+            assert urllib.parse.urlsplit(page.url).path == "/", "the printed password signs the demo user in"
+        created = manage("createapikey", "demo", cwd=project, env=env)
+        assert created.returncode == 0, created.stderr
+        free = openai.OpenAI(base_url=f"{site}/v1", api_key=created.stdout.strip().splitlines()[-1], max_retries=0)
+        cheap = free.chat.completions.create(model="demo-gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+        assert cheap.choices[0].message.content
+        with pytest.raises(openai.PermissionDeniedError):
+            free.chat.completions.create(model="demo-gpt-4o", messages=[{"role": "user", "content": "Hi"}])
 
         members = [pid for child in children for pid in group_members(child)]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0, log_path.read_text()
         assert wait_gone(members) == [], "every process `make run` started is gone after Ctrl-C"
+        assert untracked(project) == untracked_before, (
+            "`make run` leaves only ignored files (.local/, db.sqlite3, var/)"
+        )
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -386,7 +422,7 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
                 pass
 
 
-def test_make_run_twice_keeps_one_admin_and_one_catalog(tmp_path):
+def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     project = copy_project(tmp_path / "project")
     openai_key = "sk-test-" + secrets.token_hex(16)
     env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base", OPENAI_API_KEY=openai_key)
@@ -394,9 +430,13 @@ def test_make_run_twice_keeps_one_admin_and_one_catalog(tmp_path):
     first = manage("demo_setup", cwd=project, env=env)
     assert first.returncode == 0, first.stderr
     password = (project / ".local" / "demo-admin-password").read_text().strip()
+    demo_password = (project / ".local" / "demo-user-password").read_text().strip()
+    assert demo_password in first.stdout
+    assert stat.S_IMODE((project / ".local" / "demo-user-password").stat().st_mode) == 0o600
     second = manage("demo_setup", cwd=project, env=env)
     assert second.returncode == 0, second.stderr
     assert (project / ".local" / "demo-admin-password").read_text().strip() == password
+    assert (project / ".local" / "demo-user-password").read_text().strip() == demo_password
     assert "created" not in second.stdout and "updated" not in second.stdout
     assert openai_key not in first.stdout + first.stderr + second.stdout + second.stderr
     count = manage(
@@ -410,6 +450,17 @@ def test_make_run_twice_keeps_one_admin_and_one_catalog(tmp_path):
     )
     last_line = count.stdout.strip().splitlines()[-1]
     assert last_line == "1 ['demo-fake-anthropic', 'demo-fake-openai', 'openai'] 2", count.stdout + count.stderr
+    demo = manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth import authenticate; from django.contrib.auth.models import User; "
+        f"user = authenticate(username='demo', password={demo_password!r}); "
+        "print(User.objects.filter(username='demo').count(), user is not None and not user.is_staff, "
+        "user.billing_plan.plan.name)",
+        cwd=project,
+        env=env,
+    )
+    assert demo.stdout.strip().splitlines()[-1] == "1 True Free", demo.stdout + demo.stderr
 
 
 def test_production_serves_collected_static_files_itself(tmp_path):

@@ -1,10 +1,10 @@
-"""What `make run` loads before it serves: the demo admin, the demo catalog and any real provider
-whose key is in the environment.
+"""What `make run` loads before it serves: the demo admin, a demo user on the Free plan, the demo
+catalog and any real provider whose key is in the environment.
 
 The catalog goes through ``providers_load`` (the service behind ``loadproviders``), so the demo file
 is validated exactly like an operator's file. Running it again changes nothing that is already
-right: rows are matched by name, and the admin's password is generated once and kept in
-``.local/demo-admin-password``.
+right: rows are matched by name, and each demo login's password is generated once and kept in
+``.local/demo-admin-password`` and ``.local/demo-user-password``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from providers.services import providers_load
 
 DEMO_CATALOG = Path(settings.BASE_DIR) / "llmhub" / "demo" / "providers.yaml"
 ADMIN_USERNAME = "admin"
+# A plain user on the Free plan: what the chat page looks like to someone who is not an admin.
+DEMO_USERNAME = "demo"
+DEMO_PLAN = "Free"
 
 
 def _model(name: str, inp: str, out: str, cached: str | None, context: int, max_out: int | None) -> dict[str, Any]:
@@ -102,12 +105,24 @@ class Command(BaseCommand):
         for row in result.rows:
             self.stdout.write(str(row))
 
-        password, note = admin_ensure(password_file=Path(settings.LOCAL_DIR) / "demo-admin-password")
+        local = Path(settings.LOCAL_DIR)
+        password, note = login_ensure(
+            username=ADMIN_USERNAME, password_file=local / "demo-admin-password", superuser=True
+        )
         self._admin_plan()
         if password is None:
             self.stdout.write(self.style.WARNING(f"Demo admin {ADMIN_USERNAME!r}: {note}"))
         else:
             self.stdout.write(self.style.SUCCESS(f"Demo admin: user {ADMIN_USERNAME!r}, password {password!r} {note}"))
+
+        password, note = login_ensure(username=DEMO_USERNAME, password_file=local / "demo-user-password")
+        plan = self._demo_user_plan()
+        if password is None:
+            self.stdout.write(self.style.WARNING(f"Demo user {DEMO_USERNAME!r}: {note}"))
+        else:
+            self.stdout.write(
+                self.style.SUCCESS(f"Demo user: user {DEMO_USERNAME!r} ({plan}), password {password!r} {note}")
+            )
 
     def _admin_plan(self) -> None:
         """The demo admin tries every demo model, so it is on the unlimited plan rather than the default."""
@@ -119,23 +134,44 @@ class Command(BaseCommand):
             plan_assign(user=get_user_model().objects.get(username=ADMIN_USERNAME), plan=plan)
             self.stdout.write(f"Demo admin plan: {plan.name}")
 
+    def _demo_user_plan(self) -> str:
+        """Put the demo user on the Free plan once; a plan an admin gives it later is left alone.
 
-def admin_ensure(*, password_file: Path) -> tuple[str | None, str]:
-    """Make sure the demo superuser exists; return its password (None when unknown) and a note.
+        Returns a note naming the plan the user is on, for the line that introduces the login.
+        """
+        from billing.models import Plan, UserPlan
+        from billing.services.plans import plan_assign
 
-    The file is the password's home: it is generated once, and an admin that exists without the file
+        user = get_user_model().objects.get(username=DEMO_USERNAME)
+        current = UserPlan.objects.filter(user=user).select_related("plan").first()
+        if current is not None:
+            return f"{current.plan.name} plan"
+        plan = Plan.objects.filter(name=DEMO_PLAN).first()
+        if plan is None:
+            return f"no {DEMO_PLAN} plan in the database: the default plan applies"
+        plan_assign(user=user, plan=plan)
+        return f"{plan.name} plan"
+
+
+def login_ensure(*, username: str, password_file: Path, superuser: bool = False) -> tuple[str | None, str]:
+    """Make sure the demo login exists; return its password (None when unknown) and a note.
+
+    The file is the password's home: it is generated once, and a user that exists without the file
     (say .local/ was removed) gets a new one. A password changed in the admin since is left alone.
     """
     user_model = get_user_model()
     stored = password_file.read_text().strip() if password_file.exists() else ""
-    user = user_model.objects.filter(username=ADMIN_USERNAME).first()
+    user = user_model.objects.filter(username=username).first()
     if user is not None and stored:
         if user.check_password(stored):
             return stored, f"(kept in {password_file})"
-        return None, f"its password is no longer the one in {password_file}; `manage.py changepassword admin` sets one."
+        return None, (
+            f"its password is no longer the one in {password_file}; `manage.py changepassword {username}` sets one."
+        )
     password = stored or secrets.token_urlsafe(12)
     if user is None:
-        user_model.objects.create_superuser(ADMIN_USERNAME, email="admin@localhost", password=password)
+        create = user_model.objects.create_superuser if superuser else user_model.objects.create_user
+        create(username, email=f"{username}@localhost", password=password)
     else:
         user.set_password(password)
         user.save(update_fields=["password"])
