@@ -33,6 +33,18 @@ _USAGE_TAG = ["Usage"]
 _COST = {"max_digits": None, "decimal_places": 10, "coerce_to_string": True}
 
 
+class BoundedPagination(LimitOffsetPagination):
+    """DRF's limit/offset with bounds: a ``limit`` above ``max_limit`` is clamped to it (DRF's own rule),
+    and so is an ``offset`` past any real ledger, which the database could not otherwise take (SQLite
+    and PostgreSQL integers are 64-bit); both answer what a smaller value would, never an error."""
+
+    max_limit = 1000
+    max_offset = 10**12
+
+    def get_offset(self, request: Request) -> int:
+        return min(super().get_offset(request), self.max_offset)
+
+
 def _paginated_response(*, request: Request, view: APIView, queryset: Any, serializer_class: type) -> Response:
     paginator = view.pagination_class()
     page = paginator.paginate_queryset(queryset, request, view=view)
@@ -75,7 +87,7 @@ def _own_key_or_404(request: Request, key_id: int) -> ApiKey:
 
 
 class ApiKeyListCreateApi(APIView):
-    pagination_class = LimitOffsetPagination
+    pagination_class = BoundedPagination
 
     @extend_schema_serializer(component_name="ApiKeyCreate")
     class InputSerializer(serializers.Serializer):
@@ -202,14 +214,28 @@ class UsageFilterSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=UsageStatus.choices, required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        since, until = UsageFilters(start=attrs.get("start"), end=attrs.get("end")).created_range()
+        try:
+            since, until = UsageFilters(start=attrs.get("start"), end=attrs.get("end")).created_range()
+        except OverflowError:  # the day after 9999-12-31
+            raise serializers.ValidationError({"end": "end is out of range: give a day before 9999-12-31."}) from None
         if since is not None and until is not None and since >= until:
             raise serializers.ValidationError({"end": "end must not be before start."})
         return attrs
 
 
+class UsageSummaryFilterSerializer(UsageFilterSerializer):
+    max_days = 366
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        since, until = UsageFilters(start=attrs.get("start"), end=attrs.get("end")).created_range()
+        if since is not None and until is not None and (until - since).days > self.max_days:
+            raise serializers.ValidationError({"end": f"A summary spans at most {self.max_days} days."})
+        return attrs
+
+
 class UsageListApi(APIView):
-    pagination_class = LimitOffsetPagination
+    pagination_class = BoundedPagination
 
     @extend_schema_serializer(component_name="UsageRecord")
     class OutputSerializer(serializers.Serializer):
@@ -274,12 +300,15 @@ class UsageSummaryApi(APIView):
         tags=_USAGE_TAG,
         operation_id="usage_summary",
         summary="Sum your usage, in total, per day and per model",
-        description="Takes the same filters as the list. Costs are exact decimal sums, as strings.",
+        description=(
+            "Takes the same filters as the list; `start` and `end`, when both given, are at most 366 days "
+            "apart. Costs are exact decimal sums, as strings."
+        ),
         parameters=[UsageFilterSerializer],
         responses={200: OutputSerializer, **error_responses(400, 401)},
     )
     def get(self, request: Request) -> Response:
-        filters = UsageFilterSerializer(data=request.query_params)
+        filters = UsageSummaryFilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
         summary = usage_summary(user=request.user, filters=UsageFilters(**filters.validated_data))
         return Response(self.OutputSerializer(summary).data)

@@ -15,7 +15,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from django.core.exceptions import DisallowedHost
+from django.conf import settings
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -24,7 +25,16 @@ from providers.adapters.base import chunk_json
 from providers.exceptions import ApplicationError, ProviderError
 
 from .exception_handlers import application_error_body, error_body
-from .pipeline import CompletionRun, caller_from_api_key, completion_start, models_for_caller, new_request_id
+from .pipeline import (
+    Caller,
+    CompletionRun,
+    caller_from_api_key,
+    completion_reject,
+    completion_start,
+    models_for_caller,
+    new_request_id,
+)
+from .validation import InvalidRequestError, RequestTooLargeError, json_parse
 
 logger = logging.getLogger("llmhub.api")
 
@@ -62,15 +72,18 @@ def _stamp(response: HttpResponse, request_id: str, started: float, run: Complet
 def _parse_body(request: HttpRequest) -> Any:
     content_type = request.content_type or ""
     if content_type and content_type != "application/json":
-        raise ApplicationError("Content-Type must be application/json.", code="invalid_content_type")
+        raise InvalidRequestError("Content-Type must be application/json.", code="invalid_content_type")
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     try:
-        return json.loads(request.body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApplicationError(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload.)",
-            code="invalid_json",
-        ) from None
+        raw = request.body  # Django refuses a Content-Length over the limit here
+    except RequestDataTooBig:
+        raw = None
+    # A chunked body has no Content-Length for Django to check: what arrived is measured instead.
+    if raw is None or (limit is not None and len(raw) > limit):
+        raise RequestTooLargeError(
+            f"The request body is larger than the {limit:,} bytes this server accepts.", code="request_too_large"
+        )
+    return json_parse(raw or b"null")
 
 
 def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awaitable[HttpResponse]]:
@@ -108,11 +121,15 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return _stamp(_method_not_allowed("POST"), request_id, started)
+        return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
     run: CompletionRun | None = None
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
-        body = _parse_body(request)
+        try:
+            body = _parse_body(request)
+        except ApplicationError as exc:
+            completion_reject(caller=caller, endpoint="rest", request_id=request_id, error=exc, started=started)
+            raise
         run = await completion_start(caller=caller, body=body, endpoint="rest", request_id=request_id)
         if body.get("stream"):
             response = await _open_stream(run)
@@ -160,7 +177,7 @@ async def models_list(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "GET":
-        return _stamp(_method_not_allowed("GET"), request_id, started)
+        return _stamp(await _method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         models = await models_for_caller(caller)
@@ -177,6 +194,8 @@ async def models_list(request: HttpRequest) -> HttpResponse:
 async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
+    if request.method != "GET":
+        return _stamp(await _method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         for candidate in await models_for_caller(caller):
@@ -193,21 +212,35 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         return _stamp(_error_response(exc), request_id, started)
 
 
-def _method_not_allowed(allowed: str) -> HttpResponse:
-    response = _json_response(
-        error_body(
-            f"Method not allowed; use {allowed}.", error_type="invalid_request_error", code="method_not_allowed"
-        ),
-        status=405,
+async def _method_not_allowed(request: HttpRequest, allowed: str, request_id: str) -> HttpResponse:
+    """405, and the ``rejected`` ledger row a request from a valid key gets however it was refused."""
+    error = InvalidRequestError(
+        f"Method not allowed; use {allowed}." if allowed else f"Method not allowed ({request.method}).",
+        param=None,
+        code="method_not_allowed",
     )
+    raw_key = key_from_headers(request.headers)
+    if raw_key:
+        caller: Caller | None
+        try:
+            caller = await caller_from_api_key(raw_key)
+        except ApplicationError:
+            caller = None  # the method is wrong whoever asks; an unknown key changes nothing
+        if caller is not None:
+            completion_reject(caller=caller, endpoint="rest", request_id=request_id, error=error)
+    response = _json_response(application_error_body(error), status=405)
     response["Allow"] = allowed
     return response
 
 
 @openai_endpoint
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
-    """Unknown /v1 paths answer in OpenAI's error shape too, not Django's HTML 404."""
+    """Unknown /v1 paths answer in OpenAI's error shape too, not Django's HTML 404; TRACE, refused
+    everywhere, is a 405 here as well."""
     started = time.perf_counter()
+    if request.method == "TRACE":
+        request_id = new_request_id()
+        return _stamp(await _method_not_allowed(request, "", request_id), request_id, started)
     response = _json_response(
         error_body(
             f"Invalid URL ({request.method} /v1/{path})", error_type="invalid_request_error", code="unknown_url"

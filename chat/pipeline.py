@@ -118,6 +118,42 @@ def prompt_tokens_upper_bound(body: dict[str, Any]) -> int:
     return math.ceil(chars / 2) + 8 * len(body.get("messages", ())) + 1_600 * images + 16
 
 
+def completion_reject(
+    *,
+    caller: Caller,
+    endpoint: str,
+    request_id: str,
+    error: ApplicationError,
+    started: float | None = None,
+    body: Any = None,
+    model: ResolvedModel | None = None,
+) -> None:
+    """The ``rejected`` ledger row of a request refused before any upstream call: for its input, its
+    model, its budget, or before its body could be read at all (too large, not JSON, wrong method)."""
+    requested = body.get("model") if isinstance(body, dict) else None
+    usage_record_submit(
+        UsageData(
+            request_id=request_id,
+            endpoint=endpoint,
+            stream=bool(body.get("stream")) if isinstance(body, dict) else False,
+            status=UsageStatus.REJECTED,
+            user_id=caller.user_id,
+            api_key_id=caller.api_key_id,
+            provider_id=model.provider.id if model else None,
+            model_id=model.id if model else None,
+            provider_name=model.provider.name if model else "",
+            model_name=model.name if model else _storable(requested, 128) if requested is not None else "",
+            duration_ms=_ms(time.perf_counter() - started) if started is not None else 0,
+            error_type=error.code or type(error).__name__,
+        )
+    )
+
+
+def _storable(value: Any, length: int) -> str:
+    """A client's value as text any database can store: no NUL, no lone surrogate, at most ``length``."""
+    return str(value)[:length].replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+
+
 async def completion_start(
     *, caller: Caller, body: dict[str, Any], endpoint: str, request_id: str | None = None
 ) -> CompletionRun:
@@ -144,21 +180,8 @@ async def completion_start(
             prompt_tokens_upper=prompt_tokens_upper_bound(body),
         )
     except ApplicationError as exc:
-        usage_record_submit(
-            UsageData(
-                request_id=request_id,
-                endpoint=endpoint,
-                stream=bool(body.get("stream")) if isinstance(body, dict) else False,
-                status=UsageStatus.REJECTED,
-                user_id=caller.user_id,
-                api_key_id=caller.api_key_id,
-                provider_id=model.provider.id if model else None,
-                model_id=model.id if model else None,
-                provider_name=model.provider.name if model else "",
-                model_name=model.name if model else str(body.get("model", ""))[:128] if isinstance(body, dict) else "",
-                duration_ms=_ms(time.perf_counter() - started),
-                error_type=exc.code or type(exc).__name__,
-            )
+        completion_reject(
+            caller=caller, endpoint=endpoint, request_id=request_id, error=exc, started=started, body=body, model=model
         )
         raise
     return CompletionRun(
@@ -417,6 +440,7 @@ __all__ = [
     "RunResult",
     "caller_from_api_key",
     "caller_from_user",
+    "completion_reject",
     "completion_start",
     "models_for_caller",
     "new_request_id",

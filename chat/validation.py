@@ -6,6 +6,9 @@ ranges. Fields we do not know pass through untouched (the provider may know them
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Any
 
 from providers.exceptions import ApplicationError
@@ -13,12 +16,49 @@ from providers.exceptions import ApplicationError
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 MAX_MESSAGES = 4096
+# Deeper than any real request (a JSON schema in ``response_format`` or a tool's parameters included),
+# and far enough below Python's recursion limit that what we accept can still be encoded and forwarded.
+MAX_JSON_DEPTH = 64
+# Token counts are 32-bit in every provider's API; a bound also keeps the budget's Decimal math finite.
+MAX_TOKENS_LIMIT = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+# A lone UTF-16 surrogate: JSON's \ud800 escape decodes to one, and UTF-8 cannot encode it, so it would
+# fail when the request is forwarded or written to the ledger.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+INVALID_JSON_MESSAGE = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+    "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+)
 
 
 class InvalidRequestError(ApplicationError):
     status_code = 400
     error_type = "invalid_request_error"
     code = "invalid_value"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    status_code = 413
+    code = "request_too_large"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_parse(raw: bytes | str) -> Any:
+    """``json.loads`` that fails only with ``InvalidRequestError``: besides malformed JSON, Python's parser
+    raises ``RecursionError`` on deep nesting and ``ValueError`` on an integer of more than 4300 digits,
+    and it accepts ``NaN`` and ``Infinity``, which JSON does not have."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise InvalidRequestError(
+            f"Invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels.", param=None, code="invalid_json"
+        ) from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError and the integer-digits limit among them
+        raise InvalidRequestError(INVALID_JSON_MESSAGE, param=None, code="invalid_json") from None
 
 
 def _fail(message: str, param: str, code: str = "invalid_value") -> None:
@@ -31,6 +71,44 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _check_json_values(body: dict[str, Any]) -> None:
+    """Every value, down to the leaves: nesting at most ``MAX_JSON_DEPTH`` deep, strings UTF-8 can encode,
+    integers within 64 bits and finite numbers, so that what we accept can be forwarded and recorded.
+    One pass over the parsed body, without recursion; the error names the top-level field."""
+    for name, value in body.items():
+        param = name if isinstance(name, str) and not _has_surrogate(name) else ""
+        stack = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if isinstance(node, str):
+                if _has_surrogate(node):
+                    _fail(f"Invalid '{param}': the text contains a lone UTF-16 surrogate (not valid Unicode).", param)
+            elif isinstance(node, dict | list):
+                if depth > MAX_JSON_DEPTH:
+                    _fail(f"Invalid '{param}': nested deeper than {MAX_JSON_DEPTH} levels.", param)
+                if isinstance(node, dict):
+                    stack.extend((key, depth) for key in node)
+                    stack.extend((item, depth + 1) for item in node.values())
+                else:
+                    stack.extend((item, depth + 1) for item in node)
+            elif isinstance(node, bool) or node is None:
+                continue
+            elif isinstance(node, int):
+                if not INT64_MIN <= node <= INT64_MAX:
+                    _fail(f"Invalid '{param}': an integer outside the 64-bit range.", param)
+            elif isinstance(node, float):
+                if not math.isfinite(node):
+                    _fail(f"Invalid '{param}': numbers must be finite.", param)
+            else:
+                _fail(f"Invalid type for '{param}': not a JSON value.", param, "invalid_type")
+        if param == "":
+            _fail("Invalid parameter name: it contains a lone UTF-16 surrogate.", "")
 
 
 def _check_range(body: dict[str, Any], name: str, low: float, high: float) -> None:
@@ -59,7 +137,8 @@ def _check_content(content: Any, index: int, role: str, message: dict[str, Any])
         )
     for part_index, part in enumerate(content):
         part_param = f"{param}[{part_index}]"
-        if not isinstance(part, dict) or part.get("type") not in CONTENT_PART_TYPES:
+        part_type = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part_type, str) or part_type not in CONTENT_PART_TYPES:
             _fail(f"Invalid content part at '{part_param}': expected an object with a known 'type'.", part_param)
         if part["type"] == "text" and not isinstance(part.get("text"), str):
             _fail(
@@ -89,7 +168,7 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             _fail(f"Invalid type for 'messages[{index}]': expected an object.", f"messages[{index}]", "invalid_type")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             _fail(
                 f"Invalid value for 'messages[{index}].role': expected one of {', '.join(sorted(ROLES))}.",
                 f"messages[{index}].role",
@@ -131,9 +210,36 @@ def _check_tools(body: dict[str, Any]) -> None:
                     f"tools[{index}].function.name",
                     "missing_required_parameter",
                 )
+
+
+def _check_tool_choice(body: dict[str, Any]) -> None:
+    """OpenAI refuses a ``tool_choice`` that asks for tools when there are none; ``"none"`` asks for
+    nothing, so it is accepted either way (it is the default without tools)."""
     choice = body.get("tool_choice")
-    if choice is not None and not (choice in ("none", "auto", "required") or isinstance(choice, dict)):
-        _fail("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or an object.", "tool_choice")
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICE_MODES:
+            _fail("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or an object.", "tool_choice")
+        if choice == "none":
+            return
+    elif isinstance(choice, dict):
+        kind = choice.get("type")
+        named = choice.get(kind) if isinstance(kind, str) and kind in ("function", "custom") else None
+        if kind == "allowed_tools":
+            if not isinstance(choice.get("allowed_tools"), dict):
+                _fail("Invalid 'tool_choice.allowed_tools': expected an object.", "tool_choice")
+        elif not isinstance(named, dict) or not isinstance(named.get("name"), str) or not named["name"]:
+            _fail(
+                'Invalid value for \'tool_choice\': expected {"type": "function", "function": {"name": ...}}.',
+                "tool_choice",
+            )
+    else:
+        _fail("Invalid type for 'tool_choice': expected a string or an object.", "tool_choice", "invalid_type")
+    if not body.get("tools"):
+        _fail(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.", "tool_choice"
+        )
 
 
 def validate_chat_request(body: Any) -> None:
@@ -145,6 +251,9 @@ def validate_chat_request(body: Any) -> None:
         _fail("Missing required parameter: 'model'.", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model.strip():
         _fail("Invalid type for 'model': expected a non-empty string.", "model", "invalid_type")
+    if "\x00" in model or _has_surrogate(model):
+        _fail("Invalid 'model': not a model name.", "model")
+    _check_json_values(body)
     _check_messages(body.get("messages"))
     _check_range(body, "temperature", 0, 2)
     _check_range(body, "top_p", 0, 1)
@@ -152,8 +261,8 @@ def validate_chat_request(body: Any) -> None:
     _check_range(body, "frequency_penalty", -2, 2)
     for name in ("max_tokens", "max_completion_tokens"):
         value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 1):
-            _fail(f"Invalid '{name}': expected an integer of at least 1.", name)
+        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_TOKENS_LIMIT):
+            _fail(f"Invalid '{name}': expected an integer between 1 and {MAX_TOKENS_LIMIT}.", name)
     n = body.get("n")
     if n is not None and (not _is_int(n) or not 1 <= n <= 128):
         _fail("Invalid 'n': expected an integer between 1 and 128.", "n")
@@ -190,3 +299,4 @@ def validate_chat_request(body: Any) -> None:
     ):
         _fail("Invalid 'response_format': expected type 'text', 'json_object' or 'json_schema'.", "response_format")
     _check_tools(body)
+    _check_tool_choice(body)

@@ -27,6 +27,7 @@ Everything else (pages, admin, /api/) keeps the full Django stack.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -104,8 +105,26 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         body_file.close()
 
 
+# What the full stack's views implement, TRACE excepted: a 405 must say what is allowed (RFC 9110, 15.5.6).
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_TRACE_REFUSED = json.dumps(
+    {
+        "error": {
+            "message": "Method not allowed (TRACE).",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "method_not_allowed",
+        }
+    }
+).encode()
+
+
 class PathPrefixRouter:
-    """HTTP requests whose path starts with one of ``prefixes`` go to ``lean``, all others to ``full``."""
+    """HTTP requests whose path starts with one of ``prefixes`` go to ``lean``, all others to ``full``.
+
+    ``TRACE`` is refused here for every path of ``full`` (a view that does not check its method would
+    otherwise echo the request, a cross-site tracing vector); ``lean``'s views refuse it themselves, in
+    OpenAI's error shape and with a ledger row for the key that sent it."""
 
     def __init__(self, *, prefixes: tuple[str, ...], lean: Any, full: Any) -> None:
         self.prefixes = prefixes
@@ -115,5 +134,23 @@ class PathPrefixRouter:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["path"].startswith(self.prefixes):
             await self.lean(scope, receive, send)
+        elif scope.get("method") == "TRACE":
+            await _refuse_trace(send)
         else:
             await self.full(scope, receive, send)
+
+
+async def _refuse_trace(send: Any) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 405,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_TRACE_REFUSED)).encode()),
+                (b"allow", _ALLOW.encode()),
+                (b"x-content-type-options", b"nosniff"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _TRACE_REFUSED})

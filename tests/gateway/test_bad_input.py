@@ -1,0 +1,251 @@
+"""No input answers 500 (issue 9, point 4): each reproduction below once did, over the live server.
+
+Every answer is a 4xx in OpenAI's error shape, and a request refused for its body or its method still
+gets its ``rejected`` ledger row when its key authenticates.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import httpx
+import pytest
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from billing.models import BudgetPeriod, UsageRecord
+from billing.pricing import cost_for
+from billing.services.budgets import api_key_limits_set
+from providers.models import Model
+from providers.selectors import resolved_model
+from tests.factories import UsageRecordFactory, UserFactory
+from tests.gateway.test_ledger import settle_quietly, wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def post(gateway, body: bytes | str, *, key: str | None = None, **headers: str) -> httpx.Response:
+    content = body.encode() if isinstance(body, str) else body
+    return httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=content,
+        headers={"Authorization": f"Bearer {key or gateway.key}", "Content-Type": "application/json", **headers},
+        timeout=20,
+    )
+
+
+def chat(**fields) -> str:
+    return json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def assert_openai_error(response: httpx.Response, status: int, *, param=..., code=...) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not ...:
+        assert error["param"] == param
+    if code is not ...:
+        assert error["code"] == code
+    return error
+
+
+def assert_rejected_row(gateway, response: httpx.Response, error_type: str) -> UsageRecord:
+    record = wait_for_record(response.headers["x-request-id"])
+    settle_quietly()
+    assert UsageRecord.objects.count() == 1
+    assert record.status == "rejected" and record.error_type == error_type
+    assert record.api_key_id == gateway.api_key.pk and record.user_id == gateway.user.pk
+    assert record.cost == 0
+    return record
+
+
+@pytest.mark.parametrize("role", [{"name": "user"}, ["user"]])
+def test_role_of_the_wrong_type_is_a_400(gateway, role):
+    response = post(gateway, json.dumps({"model": "gpt-test", "messages": [{"role": role, "content": "hi"}]}))
+    assert_openai_error(response, 400, param="messages[0].role")
+    assert_rejected_row(gateway, response, "invalid_value")
+
+
+@pytest.mark.parametrize("part_type", [{"t": "text"}, ["text"]])
+def test_content_part_type_of_the_wrong_type_is_a_400(gateway, part_type):
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": [{"type": part_type, "text": "hi"}]}]}
+    response = post(gateway, json.dumps(body))
+    assert_openai_error(response, 400, param="messages[0].content[0]")
+
+
+def test_a_body_over_the_upload_limit_is_a_413_with_its_ledger_row(gateway):
+    padding = "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)
+    response = post(gateway, chat(user=padding))
+    assert_openai_error(response, 413, param=None, code="request_too_large")
+    assert_rejected_row(gateway, response, "request_too_large")
+
+
+def test_a_chunked_body_over_the_upload_limit_is_a_413_too(gateway):
+    """Without Content-Length, Django's own check does not apply; the size of what arrived does."""
+    body = chat(user="x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)).encode()
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=(body[i : i + 65536] for i in range(0, len(body), 65536)),
+        headers={"Authorization": f"Bearer {gateway.key}", "Content-Type": "application/json"},
+        timeout=20,
+    )
+    assert "content-length" not in response.request.headers
+    assert_openai_error(response, 413, code="request_too_large")
+
+
+def test_deeply_nested_arrays_are_a_400_with_their_ledger_row(gateway):
+    response = post(gateway, "[" * 100_000 + "]" * 100_000)
+    assert_openai_error(response, 400, code="invalid_json")
+    assert_rejected_row(gateway, response, "invalid_json")
+
+
+def test_nesting_deeper_than_the_limit_inside_a_valid_body_is_a_400(gateway):
+    response = post(gateway, chat(metadata={"a": "[" * 200 + "]" * 200}, user=json.loads("[" * 200 + "]" * 200)))
+    assert_openai_error(response, 400, param="user")
+
+
+def test_a_5000_digit_integer_is_a_400(gateway):
+    response = post(gateway, chat()[:-1] + ', "seed": ' + "9" * 5000 + "}")
+    assert_openai_error(response, 400, code="invalid_json")
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_a_400(gateway, literal):
+    response = post(gateway, chat()[:-1] + f', "temperature": {literal}' + "}")
+    assert_openai_error(response, 400)
+
+
+def test_unparsable_json_with_a_valid_key_is_a_400_with_its_ledger_row(gateway):
+    response = post(gateway, '{"model": "gpt-test", "messages": [')
+    assert_openai_error(response, 400, code="invalid_json")
+    assert_rejected_row(gateway, response, "invalid_json")
+
+
+def test_huge_max_tokens_on_a_budgeted_key_is_a_400(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("5"), budget_period=BudgetPeriod.MONTHLY)
+    response = post(gateway, chat(max_tokens=10**30))
+    assert_openai_error(response, 400, param="max_tokens")
+    assert_rejected_row(gateway, response, "invalid_value")
+
+
+def test_the_largest_accepted_max_tokens_is_priced_without_error(gateway):
+    """2**31 - 1 tokens, 128 choices, at a price far above any real one: the Decimal math still holds."""
+    model = resolved_model(Model.objects.select_related("provider").get(name="gpt-test"))
+    cost = cost_for(model=model, prompt_tokens=2**63 - 1, completion_tokens=(2**31 - 1) * 128, cached_tokens=0)
+    assert cost > 0
+
+
+def test_a_lone_surrogate_in_content_is_a_400(gateway):
+    response = post(gateway, chat()[:-1].replace('"hi"', '"\\ud800"') + "}")
+    assert_openai_error(response, 400, param="messages")
+    assert_rejected_row(gateway, response, "invalid_value")
+    assert gateway.upstream.requests == []
+
+
+def test_a_lone_surrogate_in_the_model_name_is_a_400_and_its_row_is_written(gateway):
+    response = post(gateway, chat().replace('"gpt-test"', '"gpt\\udfff"'))
+    assert_openai_error(response, 400, param="model")
+    record = assert_rejected_row(gateway, response, "invalid_value")
+    assert record.model_name.startswith("gpt")
+
+
+def test_a_surrogate_pair_is_a_character_not_an_error(gateway):
+    response = post(gateway, chat().replace('"hi"', '"\\ud83d\\ude00"'))
+    assert response.status_code == 200, response.text
+
+
+def test_tool_choice_without_tools_is_a_400(gateway):
+    response = post(gateway, chat(tool_choice="required"))
+    assert_openai_error(response, 400, param="tool_choice")
+    response = post(gateway, chat(tool_choice={"type": "function", "function": {"name": "f"}}))
+    assert_openai_error(response, 400, param="tool_choice")
+
+
+def test_tool_choice_none_without_tools_is_accepted(gateway):
+    assert post(gateway, chat(tool_choice="none")).status_code == 200
+
+
+@pytest.mark.parametrize("choice", [["auto"], 3, {"type": "function"}, {"type": "function", "function": {"name": 1}}])
+def test_tool_choice_of_a_wrong_shape_is_a_400(gateway, choice):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    response = post(gateway, chat(tools=tools, tool_choice=choice))
+    assert_openai_error(response, 400, param="tool_choice")
+
+
+def test_get_on_chat_completions_is_a_405_with_its_ledger_row(gateway):
+    response = httpx.get(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {gateway.key}"})
+    assert_openai_error(response, 405, code="method_not_allowed")
+    assert response.headers["allow"] == "POST"
+    assert_rejected_row(gateway, response, "method_not_allowed")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models", "/v1/models/gpt-test", "/v1/nothing-here"])
+def test_trace_on_v1_is_a_405_in_openai_shape_with_its_ledger_row(gateway, path):
+    response = httpx.request("TRACE", gateway.url + path, headers={"Authorization": f"Bearer {gateway.key}"})
+    assert_openai_error(response, 405, code="method_not_allowed")
+    assert "TRACE" not in response.headers["allow"]
+    assert_rejected_row(gateway, response, "method_not_allowed")
+
+
+def test_trace_without_a_key_is_a_405_and_writes_no_row(gateway):
+    response = httpx.request("TRACE", gateway.url + "/v1/models")
+    assert_openai_error(response, 405, code="method_not_allowed")
+    settle_quietly()
+    assert UsageRecord.objects.count() == 0
+
+
+@pytest.mark.parametrize("path", ["/", "/api/usage/", "/api/schema/", "/admin/login/", "/accounts/login/"])
+def test_trace_is_a_405_outside_v1_too(gateway, path):
+    response = httpx.request("TRACE", gateway.url + path, headers={"Authorization": f"Bearer {gateway.key}"})
+    assert response.status_code == 405, response.text
+    assert "TRACE" not in response.headers["allow"]
+    assert "authorization" not in response.text.lower()
+
+
+def test_post_on_a_model_is_a_405(gateway):
+    response = httpx.post(gateway.url + "/v1/models/gpt-test", headers={"Authorization": f"Bearer {gateway.key}"})
+    assert_openai_error(response, 405, code="method_not_allowed")
+    assert response.headers["allow"] == "GET"
+
+
+# The usage API (/api/usage/): a Django test client is enough, it is served by the full stack.
+
+
+@pytest.fixture
+def usage_client() -> APIClient:
+    user = UserFactory(username="carol")
+    UsageRecordFactory.create_batch(3, user=user)
+    client = APIClient()
+    client.force_login(user)
+    return client
+
+
+def test_a_huge_limit_is_clamped_to_the_largest_page(usage_client):
+    response = usage_client.get("/api/usage/", {"limit": str(10**20)})
+    assert response.status_code == 200, response.content
+    assert response.json()["count"] == 3 and len(response.json()["results"]) == 3
+
+
+def test_a_huge_offset_is_past_the_end(usage_client):
+    response = usage_client.get("/api/usage/", {"offset": str(10**20)})
+    assert response.status_code == 200, response.content
+    assert response.json()["results"] == [] and response.json()["count"] == 3
+
+
+@pytest.mark.parametrize("path", ["/api/usage/", "/api/usage/summary/"])
+def test_dates_at_the_ends_of_the_calendar_are_a_400(usage_client, path):
+    response = usage_client.get(path, {"start": "0001-01-01", "end": "9999-12-31"})
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == "end"
+    response = usage_client.get(path, {"end": "9999-12-31T23:59:59.999999Z"})
+    assert response.status_code == 400, response.content
+
+
+def test_a_summary_over_more_than_a_year_is_a_400(usage_client):
+    response = usage_client.get("/api/usage/summary/", {"start": "2024-01-01", "end": "2025-01-02"})
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == "end"
+    assert usage_client.get("/api/usage/summary/", {"start": "2024-01-01", "end": "2024-12-31"}).status_code == 200
