@@ -21,10 +21,29 @@ from .models import Feedback, Message
 _TAGS = ["Conversations"]
 
 
+@extend_schema_serializer(component_name="MessageUsage")
+class MessageUsageSerializer(serializers.Serializer):
+    """A reply's figures from its ledger row (billing's UsageRecord), the source of truth for spend."""
+
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    cost = serializers.DecimalField(max_digits=20, decimal_places=10, help_text="USD.")
+    estimated = serializers.BooleanField(
+        source="usage_estimated", help_text="The provider reported no usage (a stopped reply): tokens were counted."
+    )
+
+
 @extend_schema_serializer(component_name="ChatMessage")
 class MessageOutputSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model_name")
     provider = serializers.CharField(source="provider_name")
+    usage = MessageUsageSerializer(
+        source="usage_record",
+        allow_null=True,
+        read_only=True,
+        help_text="What the reply was billed, stopped replies included; null for your own messages and until "
+        "the ledger row is written, a moment after the reply ends.",
+    )
 
     class Meta:
         model = Message
@@ -39,6 +58,7 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "error_message",
             "feedback",
             "feedback_comment",
+            "usage",
             "created_at",
         ]
 

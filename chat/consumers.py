@@ -16,7 +16,7 @@ Protocol (JSON both ways)::
     ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider"}
     ← {"type": "chat.delta", "request_id", "content"}
     ← {"type": "chat.completed", "request_id", "message", "finish_reason", "usage": {...}}
-    ← {"type": "chat.cancelled", "request_id", "message"}
+    ← {"type": "chat.cancelled", "request_id", "message", "usage": {...}|null}
     ← {"type": "error", "request_id", "code", "message"}
     ← {"type": "pong"}
 
@@ -46,7 +46,7 @@ from providers.selectors import model_resolve
 from . import selectors, services
 from .history import Turn, history_trim
 from .models import MessageStatus
-from .pipeline import Caller, CompletionRun, caller_from_api_key, caller_from_user, completion_start
+from .pipeline import Caller, CompletionRun, RunResult, caller_from_api_key, caller_from_user, completion_start
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             stream.streaming = False
             await self._finish(stream, message_id, MessageStatus.CANCELLED)
             if stream.user_cancelled:
-                await self._send_cancelled(stream, message_id=message_id)
+                # Closing the stream settled the run: what was delivered is billed, and the page shows it.
+                await self._send_cancelled(stream, message_id=message_id, usage=_usage_event(run.result))
             raise
         except ProviderError as exc:
             stream.streaming = False
@@ -346,11 +347,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 "request_id": stream.request_id,
                 "message": message_id,
                 "finish_reason": result.finish_reason if result else None,
-                "usage": {
-                    "prompt_tokens": result.prompt_tokens if result else 0,
-                    "completion_tokens": result.completion_tokens if result else 0,
-                    "cost": str(result.cost) if result else "0",
-                },
+                "usage": _usage_event(result) or {"prompt_tokens": 0, "completion_tokens": 0, "cost": "0"},
             }
         )
 
@@ -382,8 +379,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             # disconnect that follows stops the replies still streaming.
             self.closing = True
 
-    async def _send_cancelled(self, stream: _Stream, *, message_id: int | None) -> None:
-        await self._send({"type": "chat.cancelled", "request_id": stream.request_id, "message": message_id})
+    async def _send_cancelled(
+        self, stream: _Stream, *, message_id: int | None, usage: dict[str, Any] | None = None
+    ) -> None:
+        await self._send(
+            {"type": "chat.cancelled", "request_id": stream.request_id, "message": message_id, "usage": usage}
+        )
 
     async def _send_error(
         self, message: str, *, code: str | None, request_id: str | None = None, exc: ApplicationError | None = None
@@ -402,6 +403,18 @@ def _client_request_id(event: Any) -> str | None:
     if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS and value.isprintable():
         return value
     return None
+
+
+def _usage_event(result: RunResult | None) -> dict[str, Any] | None:
+    """A settled run's figures, as the conversation API reads them back from the ledger row."""
+    if result is None:
+        return None
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "cost": str(result.cost),
+        "estimated": result.usage_estimated,
+    }
 
 
 def _delta_text(chunk: dict[str, Any]) -> str:

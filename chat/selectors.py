@@ -30,7 +30,8 @@ def conversation_get(*, user_id: int, conversation_id: int) -> Conversation:
 
 
 def conversation_messages(*, conversation: Conversation) -> QuerySet[Message]:
-    return conversation.messages.order_by("created_at", "id")
+    """The messages with each reply's ledger row, joined in the same query (``None`` until it is written)."""
+    return conversation.messages.select_related("usage_record").order_by("created_at", "id")
 
 
 def conversation_turns(*, conversation: Conversation) -> list[Turn]:
@@ -51,7 +52,9 @@ def conversation_turns(*, conversation: Conversation) -> list[Turn]:
 
 def message_get(*, user_id: int, message_id: int) -> Message:
     message = (
-        Message.objects.select_related("conversation").filter(pk=message_id, conversation__owner_id=user_id).first()
+        Message.objects.select_related("conversation", "usage_record")
+        .filter(pk=message_id, conversation__owner_id=user_id)
+        .first()
     )
     if message is None:
         raise NotFoundError(f"No message {message_id}.", param="message")

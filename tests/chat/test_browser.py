@@ -16,7 +16,7 @@ from asgiref.sync import sync_to_async
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, WebSocket, expect
 
-from billing.models import ApiKey
+from billing.models import ApiKey, UsageRecord
 from billing.services.keys import api_key_authenticate
 from chat.models import Conversation, Message, MessageStatus, Role
 from tests.conftest import LiveServer
@@ -433,3 +433,46 @@ async def test_a_streamed_code_block_ends_highlighted(site, browser, user, artif
         await page.screenshot(path=str(artifacts_dir / "chat-streamed-code.png"))
     finally:
         await context.close()
+
+
+async def ledger_row(request_id: str) -> UsageRecord:
+    """The reply's ledger row, written in the background a moment after the reply ends."""
+    async with asyncio.timeout(15):
+        while (record := await UsageRecord.objects.filter(request_id=request_id).afirst()) is None:
+            await asyncio.sleep(0.05)
+    return record
+
+
+def usage_text(record: UsageRecord) -> re.Pattern[str]:
+    approx = "≈ " if record.usage_estimated else ""
+    return re.compile(rf"^{approx}{record.prompt_tokens} \+ {record.completion_tokens} tokens · \$0\.\d+$")
+
+
+async def test_the_usage_line_is_shown_live_and_after_a_reload(site, browser, user):
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+
+    await send(page, "A short one [[words=6]]")
+    done = page.locator(".message.assistant").nth(0)
+    await expect(done).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(done.locator(".usage")).to_have_text(re.compile(r"^\d+ \+ 6 tokens · \$0\.\d+$"))
+
+    await send(page, "A long one [[words=400]] [[tps=20]]")
+    stopped = page.locator(".message.assistant").nth(1)
+    await expect(stopped.locator(".message-body")).to_contain_text("lorem")
+    await page.get_by_role("button", name="Stop generating").click()
+    await expect(stopped).to_have_attribute("data-status", "cancelled")
+    # Billed for what was delivered, and shown at once: the cancelled event carries the settled figures.
+    await expect(stopped.locator(".usage")).to_have_text(re.compile(r"^≈ \d+ \+ \d+ tokens · \$0\.\d+$"))
+
+    replies = [m async for m in Message.objects.filter(role=Role.ASSISTANT).order_by("created_at", "id")]
+    assert [m.status for m in replies] == [MessageStatus.COMPLETE, MessageStatus.CANCELLED]
+    records = [await ledger_row(m.request_id) for m in replies]
+    await expect(stopped.locator(".usage")).to_have_text(usage_text(records[1]))
+
+    await page.reload()
+    await expect(page.locator(".message.assistant")).to_have_count(2)
+    for view, record in zip([done, stopped], records, strict=True):
+        await expect(view.locator(".usage")).to_have_text(usage_text(record))
+    await expect(stopped).to_contain_text("Stopped.")
+    await page.close()

@@ -136,6 +136,10 @@ async def test_cancel_stops_the_reply_and_keeps_what_was_written(alice, chat_mod
     assert record.status == "cancelled"
     assert record.endpoint == "websocket"
     assert record.completion_tokens > 0
+    # The event carries what the ledger row bills, for the page to show under the stopped reply.
+    usage = cancelled["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (record.prompt_tokens, record.completion_tokens)
+    assert (Decimal(usage["cost"]), usage["estimated"]) == (record.cost, record.usage_estimated)
 
     # The socket is still usable, and the conversation is free again.
     await send(ws, content="again", model=chat_model, conversation=events[0]["conversation"], request_id="r2")

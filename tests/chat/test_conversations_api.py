@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
+from billing.models import UsageStatus
 from billing.services.keys import api_key_create
 from chat.models import Conversation, Message, MessageStatus, Role
-from tests.factories import UserFactory
+from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -210,3 +213,66 @@ def test_admin_shows_conversations_and_messages(admin_client, alice):
         response = admin_client.get(url)
         assert response.status_code == 200, url
     assert b"Trip to Lisbon" in admin_client.get("/admin/chat/conversation/").content
+
+
+def reply_billed(conversation, request_id: str, message_status: str, **ledger) -> Message:
+    """A reply and, with ``ledger`` figures, its ledger row (without them: the row is not written yet)."""
+    Message.objects.create(conversation=conversation, role=Role.USER, content="Go on")
+    reply = Message.objects.create(
+        conversation=conversation,
+        role=Role.ASSISTANT,
+        content="More",
+        request_id=request_id,
+        usage_record_id=request_id,
+        status=message_status,
+    )
+    if ledger:
+        UsageRecordFactory(request_id=request_id, user=conversation.owner, **ledger)
+    return reply
+
+
+def test_retrieve_has_each_replys_usage_from_its_ledger_row(client, alice, django_assert_num_queries):
+    conversation = Conversation.objects.create(owner=alice, title="Billing", model_name="gpt-test")
+    reply_billed(
+        conversation, "req_done", MessageStatus.COMPLETE, prompt_tokens=12, completion_tokens=30, cost="0.0042"
+    )
+    reply_billed(
+        conversation,
+        "req_stopped",
+        MessageStatus.CANCELLED,
+        prompt_tokens=40,
+        completion_tokens=7,
+        cost="0.0001",
+        usage_estimated=True,
+        status=UsageStatus.CANCELLED,
+    )
+    reply_billed(conversation, "req_not_yet", MessageStatus.COMPLETE)
+
+    body = client.get(f"/api/conversations/{conversation.pk}/").json()
+    usages = [(m["role"], m["usage"]) for m in body["messages"]]
+    assert usages == [
+        ("user", None),
+        ("assistant", {"prompt_tokens": 12, "completion_tokens": 30, "cost": "0.0042000000", "estimated": False}),
+        ("user", None),
+        ("assistant", {"prompt_tokens": 40, "completion_tokens": 7, "cost": "0.0001000000", "estimated": True}),
+        ("user", None),
+        ("assistant", None),
+    ]
+
+    # The ledger rows come with the messages, in one query however many replies there are.
+    with CaptureQueriesContext(connection) as three_replies:
+        client.get(f"/api/conversations/{conversation.pk}/")
+    for n in range(5):
+        reply_billed(conversation, f"req_more_{n}", MessageStatus.COMPLETE, cost="0.001")
+    with django_assert_num_queries(len(three_replies)):
+        body = client.get(f"/api/conversations/{conversation.pk}/").json()
+    assert sum(m["usage"] is not None for m in body["messages"]) == 7
+
+
+def test_feedback_answers_with_the_replys_usage(client, alice):
+    conversation = Conversation.objects.create(owner=alice, title="Billing", model_name="gpt-test")
+    reply = reply_billed(conversation, "req_voted", MessageStatus.COMPLETE, prompt_tokens=3, completion_tokens=4)
+    response = client.post(
+        f"/api/messages/{reply.pk}/feedback/", {"value": 1}, content_type="application/json", **csrf(client)
+    )
+    assert response.json()["usage"]["completion_tokens"] == 4

@@ -226,7 +226,11 @@
       const info = document.createElement("span");
       info.className = "usage";
       const cost = String(usage.cost).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
-      info.textContent = `${usage.prompt_tokens} + ${usage.completion_tokens} tokens · $${cost}`;
+      const figures = `${usage.prompt_tokens} + ${usage.completion_tokens} tokens · $${cost}`;
+      info.textContent = usage.estimated ? `≈ ${figures}` : figures;
+      info.title = usage.estimated
+        ? "Prompt + reply tokens and cost. The provider reported no usage for this reply: the tokens were counted."
+        : "Prompt + reply tokens and cost.";
       footer.append(info);
     }
     return footer;
@@ -370,7 +374,7 @@
         if (stream) finishStream(stream, "complete", { usage: event.usage });
         break;
       case "chat.cancelled":
-        if (stream) finishStream(stream, "cancelled");
+        if (stream) finishStream(stream, "cancelled", { usage: event.usage });
         break;
       case "error":
         if (stream) {
@@ -608,6 +612,7 @@
         settleView(view, {
           status: message.status === "streaming" ? "cancelled" : message.status,
           error: message.error_message || unfinished,
+          usage: message.usage, // from the reply's ledger row; null until that is written
         });
       }
     }
