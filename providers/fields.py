@@ -1,15 +1,19 @@
 """Secrets encrypted at rest.
 
-``EncryptedTextField`` stores Fernet tokens (``MultiFernet`` over ``settings.FIELD_ENCRYPTION_KEYS``:
+Every :class:`EncryptedField` stores a Fernet token (``MultiFernet`` over ``settings.FIELD_ENCRYPTION_KEYS``:
 the first key encrypts, every key decrypts, so a key is rotated by putting a new one first and
-re-saving rows at leisure). In Python the value is a :class:`Secret`, whose ``str`` and ``repr`` are
-masked, so that a secret formatted into a log line, an exception or a debug page shows only a hint.
-Code that really needs the plaintext asks for it by name: ``secret.reveal()``.
+re-encrypting the stored tokens, ``provider_rotate_encryption``). ``EncryptedTextField`` holds one secret
+(an API key); ``EncryptedMappingField`` a JSON object of names to secrets (a provider's extra headers,
+which may carry a credential such as ``X-Upstream-Token``). In Python every secret is a :class:`Secret`,
+whose ``str`` and ``repr`` are masked, so that a secret formatted into a log line, an exception or a
+debug page shows only a hint. Code that really needs the plaintext asks for it by name:
+``secret.reveal()``.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Any
 
@@ -117,43 +121,59 @@ def rotate(token: str) -> str:
 
 
 class _SecretAttribute(DeferredAttribute):
-    """Wraps whatever is assigned in a :class:`Secret`, so that ``Provider(api_key="sk-...")`` holds the same
-    type as a row loaded from the database, and the plaintext never sits on an instance as a bare ``str``."""
+    """Passes whatever is assigned through the field's ``to_python``, so that ``Provider(api_key="sk-...")``
+    holds the same type as a row loaded from the database, and the plaintext never sits on an instance as a
+    bare ``str``."""
 
     def __set__(self, instance: models.Model, value: Any) -> None:
         instance.__dict__[self.field.attname] = self.field.to_python(value)
 
 
-class EncryptedTextField(models.TextField):
-    """A text column whose value is encrypted before it reaches the database."""
+class EncryptedField(models.TextField):
+    """A text column holding a Fernet token of the value's plaintext, or "" for an empty value.
 
-    description = "Text encrypted at rest with Fernet"
+    Subclasses say what the plaintext of a Python value is and back; ``provider_rotate_encryption``
+    re-encrypts every column of this class, whatever the subclass."""
+
     descriptor_class = _SecretAttribute
 
-    def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Secret | None:
+    def to_plaintext(self, value: Any) -> str:
+        raise NotImplementedError
+
+    def from_plaintext(self, plaintext: str) -> Any:
+        raise NotImplementedError
+
+    def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Any:
         if value is None:
             return None
-        if value == "":
-            return Secret("")
-        return Secret(decrypt(value))
+        return self.from_plaintext(decrypt(value) if value else "")
+
+    def get_prep_value(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        plaintext = self.to_plaintext(self.to_python(value))
+        return encrypt(plaintext) if plaintext else ""
+
+    def value_to_string(self, obj: models.Model) -> str:
+        # Serialization (dumpdata) writes the ciphertext, never the plaintext.
+        return self.get_prep_value(self.value_from_object(obj)) or ""
+
+
+class EncryptedTextField(EncryptedField):
+    """One secret string (an API key)."""
+
+    description = "Text encrypted at rest with Fernet"
 
     def to_python(self, value: Any) -> Secret | None:
         if value is None or isinstance(value, Secret):
             return value
         return Secret(str(value))
 
-    def get_prep_value(self, value: Any) -> str | None:
-        if value is None:
-            return None
-        plaintext = value.reveal() if isinstance(value, Secret) else str(value)
-        if plaintext == "":
-            return ""
-        return encrypt(plaintext)
+    def to_plaintext(self, value: Secret) -> str:
+        return value.reveal()
 
-    def value_to_string(self, obj: models.Model) -> str:
-        # Serialization (dumpdata) writes the ciphertext, never the plaintext.
-        value = self.value_from_object(obj)
-        return self.get_prep_value(value) or ""
+    def from_plaintext(self, plaintext: str) -> Secret:
+        return Secret(plaintext)
 
     def save_form_data(self, instance: models.Model, data: Any) -> None:
         # ``SecretFormField`` cleans an empty submission to None, meaning "keep what is stored" (its
@@ -169,4 +189,53 @@ class EncryptedTextField(models.TextField):
         # Forced: TextField.formfield() passes a Textarea and the admin an AdminTextareaWidget, either of
         # which would render the stored value (and resubmit its hint as the new key).
         kwargs["widget"] = SecretInput
+        return super().formfield(**kwargs)
+
+
+class EncryptedMappingField(EncryptedField):
+    """A JSON object of names to secret strings (a provider's extra headers), encrypted as a whole: the
+    names are not secret, but one token per row keeps rotation and the column simple.
+
+    In Python the value is a ``dict`` of names to :class:`Secret`. Values of any other type are left as
+    they are, for the model's ``clean()`` to refuse."""
+
+    description = "A JSON object of names to strings, encrypted at rest with Fernet"
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(TOKEN_PREFIX):
+            return self.from_plaintext(decrypt(value))  # what value_to_string wrote (loaddata)
+        if not isinstance(value, dict):
+            return value
+        return {name: Secret(item) if isinstance(item, str) else item for name, item in value.items()}
+
+    def to_plaintext(self, value: Any) -> str:
+        if not value:
+            return ""
+        revealed = {name: item.reveal() if isinstance(item, Secret) else item for name, item in value.items()}
+        return json.dumps(revealed, sort_keys=True, separators=(",", ":"))
+
+    def from_plaintext(self, plaintext: str) -> dict[str, Any]:
+        return self.to_python(json.loads(plaintext)) if plaintext else {}
+
+    def save_form_data(self, instance: models.Model, data: Any) -> None:
+        # The form shows each stored value as its hint; a hint sent back under the same name means "keep the
+        # value stored under that name". A hint always contains "…", which no HTTP header value can, so a
+        # typed value is never mistaken for one. A hint under another name stays as typed, and clean()
+        # refuses it as a header value.
+        stored = getattr(instance, self.attname) or {}
+        if isinstance(data, dict):
+            data = {
+                name: stored[name]
+                if isinstance(value, Secret)
+                and isinstance(stored.get(name), Secret)
+                and value.reveal() == stored[name].hint
+                else value
+                for name, value in data.items()
+            }
+        super().save_form_data(instance, data)
+
+    def formfield(self, **kwargs: Any) -> Any:
+        from .forms import SecretMappingFormField
+
+        kwargs["form_class"] = SecretMappingFormField
         return super().formfield(**kwargs)

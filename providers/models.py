@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
-from .fields import EncryptedTextField
+from .fields import EncryptedMappingField, EncryptedTextField, Secret
 
 
 class ProviderKind(models.TextChoices):
@@ -29,6 +30,11 @@ DEFAULT_BASE_URLS: dict[str, str] = {
 }
 
 
+# RFC 9110: a name is a token; a value is visible ASCII, spaces and tabs (no CR or LF, which would split it).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
 class HealthStatus(models.TextChoices):
     UNKNOWN = "unknown", "Unknown"
     OK = "ok", "OK"
@@ -41,7 +47,14 @@ class Provider(models.Model):
     base_url = models.URLField(max_length=500, blank=True, help_text="Leave empty for the kind's default endpoint.")
     api_key = EncryptedTextField(blank=True, default="", help_text="Encrypted at rest; never shown back.")
     organization = models.CharField(max_length=128, blank=True)
-    extra_headers = models.JSONField(default=dict, blank=True, help_text="Sent with every upstream request.")
+    extra_headers = EncryptedMappingField(
+        default=dict,
+        blank=True,
+        help_text=(
+            "Sent with every upstream request. Values are encrypted at rest and shown masked (…abcd): leave a "
+            "masked value as it is to keep it, type a new value to replace it, remove the name to drop it."
+        ),
+    )
     timeout_seconds = models.DecimalField(
         max_digits=6, decimal_places=1, default=Decimal("60.0"), validators=[MinValueValidator(Decimal("0.1"))]
     )
@@ -72,10 +85,22 @@ class Provider(models.Model):
         if not self.effective_base_url:
             raise ValidationError({"base_url": "This kind of provider has no default endpoint: give a base URL."})
         validate_provider_url(self.effective_base_url, field="base_url")
-        if not isinstance(self.extra_headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.extra_headers.items()
+        headers = self.extra_headers
+        if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, Secret) for k, v in headers.items()
         ):
             raise ValidationError({"extra_headers": "Give a JSON object of header names to string values."})
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValidationError({"extra_headers": f"{name!r} is not a valid header name."})
+            # HTTP clients send header values as ASCII. The message names the header, never the value.
+            if not _HEADER_VALUE.fullmatch(value.reveal()):
+                raise ValidationError(
+                    {
+                        "extra_headers": f"The value of {name} is not a valid header value (printable ASCII). "
+                        "A masked value (…) keeps only the value stored under the same name: type the whole value."
+                    }
+                )
 
 
 class Model(models.Model):

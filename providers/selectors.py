@@ -21,7 +21,7 @@ def provider_config(provider: Provider) -> ProviderConfig:
         base_url=provider.effective_base_url,
         api_key=provider.api_key,
         organization=provider.organization,
-        extra_headers=tuple(sorted((provider.extra_headers or {}).items())),
+        extra_headers=tuple(sorted((name, value.reveal()) for name, value in (provider.extra_headers or {}).items())),
         timeout=float(provider.timeout_seconds),
         max_retries=provider.max_retries,
         enabled=provider.enabled,

@@ -27,7 +27,7 @@ from django.utils import timezone
 from .adapters import adapter_class_for_kind, adapter_for
 from .adapters.base import BaseAdapter
 from .exceptions import ApplicationError, ProviderError
-from .fields import EncryptedTextField, Secret, rotate
+from .fields import EncryptedField, Secret, rotate
 from .models import HealthStatus, Model, Provider
 from .selectors import provider_config
 from .types import HealthResult, ProviderConfig, UpstreamModel
@@ -203,13 +203,13 @@ def provider_import_models(*, provider: Provider) -> ImportResult:
 def _encrypted_columns() -> Iterable[tuple[type[models.Model], str]]:
     for model in apps.get_models():
         for field in model._meta.concrete_fields:
-            if isinstance(field, EncryptedTextField):
+            if isinstance(field, EncryptedField):
                 yield model, field.attname
 
 
 @transaction.atomic
 def provider_rotate_encryption() -> int:
-    """Re-encrypt every stored secret (every ``EncryptedTextField`` of every model) under the first key of
+    """Re-encrypt every stored secret (every ``EncryptedField`` of every model) under the first key of
     ``FIELD_ENCRYPTION_KEYS``, after which the older keys can be dropped. Returns how many values were
     rewritten. Works on the stored tokens, so no plaintext is handled; all or nothing."""
     rewritten = 0
@@ -560,7 +560,7 @@ def _dumped_headers(provider: Provider) -> dict[str, str]:
     return {
         header: "${" + env_name_for(provider.name, "HEADER_" + re.sub(r"[^A-Za-z0-9]+", "_", header).upper()) + "}"
         if _SENSITIVE_HEADER.search(header)
-        else value
+        else value.reveal()
         for header, value in sorted((provider.extra_headers or {}).items())
     }
 

@@ -18,7 +18,8 @@ class ProviderConfig:
     base_url: str
     api_key: Secret = field(repr=False)
     organization: str = ""
-    extra_headers: tuple[tuple[str, str], ...] = ()
+    # Decrypted, as the SDK client sends them; they may carry a credential, so no repr shows them.
+    extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     timeout: float = 60.0
     max_retries: int = 2
     enabled: bool = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -148,6 +149,80 @@ def test_add_provider_with_a_key(admin_client):
 
     assert response.status_code == 302
     assert Provider.objects.get(name="added").api_key.reveal() == KEY
+
+
+# Extra headers: names shown, values masked ---------------------------------------------------------
+
+HEADER_TOKEN = "upstream-token-0123456789-abcdEFGH"
+
+
+def stored_headers(provider: Provider) -> dict[str, str]:
+    provider.refresh_from_db()
+    return {name: value.reveal() for name, value in provider.extra_headers.items()}
+
+
+def test_change_page_shows_header_names_with_masked_values(admin_client):
+    provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN, "X-Team": "research"})
+
+    page = admin_client.get(change_url(provider)).content.decode()
+
+    assert HEADER_TOKEN not in page and HEADER_TOKEN[:-4] not in page and "research" not in page
+    assert "&quot;X-Upstream-Token&quot;: &quot;…EFGH&quot;" in page
+    assert "&quot;X-Team&quot;: &quot;…ch&quot;" in page  # short values show two characters at most
+
+
+def test_masked_header_values_are_kept_typed_ones_replace_and_left_out_names_drop(admin_client):
+    provider = ProviderFactory(
+        extra_headers={"X-Upstream-Token": HEADER_TOKEN, "X-Team": "research", "X-Old": "to-be-dropped"}
+    )
+    submitted = {"X-Upstream-Token": "…EFGH", "X-Team": "platform", "X-New": "added"}
+
+    response = admin_client.post(change_url(provider), form_data(provider, extra_headers=json.dumps(submitted)))
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert stored_headers(provider) == {"X-Upstream-Token": HEADER_TOKEN, "X-Team": "platform", "X-New": "added"}
+
+
+def test_an_unchanged_form_keeps_every_header(admin_client):
+    provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN})
+    shown = admin_client.get(change_url(provider)).context["adminform"].form["extra_headers"].value()
+
+    response = admin_client.post(change_url(provider), form_data(provider, organization="org-2", extra_headers=shown))
+
+    assert response.status_code == 302
+    assert stored_headers(provider) == {"X-Upstream-Token": HEADER_TOKEN}
+
+
+def test_a_masked_value_under_another_name_is_refused_and_nothing_typed_is_echoed(admin_client):
+    provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN})
+    submitted = {"X-Renamed-Token": "…EFGH", "X-Fresh-Secret": "typed-secret-value-7777"}
+
+    response = admin_client.post(change_url(provider), form_data(provider, extra_headers=json.dumps(submitted)))
+
+    page = response.content.decode()
+    assert response.status_code == 200 and "keeps only the value stored under the same name" in page
+    assert "typed-secret-value-7777" not in page and HEADER_TOKEN not in page
+    assert stored_headers(provider) == {"X-Upstream-Token": HEADER_TOKEN}
+
+
+def test_add_provider_with_a_credential_header(admin_client):
+    response = admin_client.post(
+        reverse("admin:providers_provider_add"),
+        {
+            "name": "with-header",
+            "kind": ProviderKind.OPENAI_COMPATIBLE,
+            "enabled": "on",
+            "base_url": "http://127.0.0.1:9/v1",
+            "api_key": "",
+            "organization": "",
+            "extra_headers": json.dumps({"X-Upstream-Token": HEADER_TOKEN}),
+            "timeout_seconds": "30",
+            "max_retries": "1",
+        },
+    )
+
+    assert response.status_code == 302
+    assert stored_headers(Provider.objects.get(name="with-header")) == {"X-Upstream-Token": HEADER_TOKEN}
 
 
 # Lists ----------------------------------------------------------------------------------------------

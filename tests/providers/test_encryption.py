@@ -1,8 +1,10 @@
-"""Provider keys at rest: what the database holds, key rotation, and what reprs show."""
+"""Provider secrets at rest (API keys and extra header values): what the database holds, key rotation, the
+migration that encrypted the headers, and what reprs show."""
 
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -10,22 +12,30 @@ from cryptography.fernet import Fernet
 from django.core import serializers
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
 from django.test import override_settings
 
 from providers.fields import TOKEN_PREFIX, Secret
 from providers.models import Provider
 from providers.selectors import provider_config
-from providers.services import provider_rotate_encryption
+from providers.services import provider_health_check, provider_rotate_encryption, providers_dump
 from tests.factories import ModelFactory, ProviderFactory
 
 pytestmark = pytest.mark.django_db
 
 KEY = "sk-live-0123456789abcdefghijklmnopqrstuvwxyz"
+HEADER_TOKEN = "upstream-token-0123456789-QRSTUVWXYZ"
 
 
 def raw_key(provider: Provider) -> str:
     with connection.cursor() as cursor:
         cursor.execute("SELECT api_key FROM providers_provider WHERE id = %s", [provider.pk])
+        return cursor.fetchone()[0]
+
+
+def raw_headers(provider: Provider) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT extra_headers FROM providers_provider WHERE id = %s", [provider.pk])
         return cursor.fetchone()[0]
 
 
@@ -90,7 +100,7 @@ def test_rotation_is_all_or_nothing_when_a_value_cannot_be_decrypted():
 
 
 def test_no_repr_or_str_shows_the_key():
-    provider = ProviderFactory(api_key=KEY)
+    provider = ProviderFactory(api_key=KEY, extra_headers={"X-Upstream-Token": HEADER_TOKEN})
     model = ModelFactory(provider=provider)
     loaded = Provider.objects.get(pk=provider.pk)
     config = provider_config(loaded)
@@ -111,7 +121,8 @@ def test_no_repr_or_str_shows_the_key():
         serializers.serialize("json", [loaded]),
     ]
     for text in shown:
-        assert KEY not in text
+        assert KEY not in text and HEADER_TOKEN not in text
+    assert "X-Upstream-Token" in repr(vars(loaded))  # the name is not secret, its value is
     assert secret.hint == "sk-…wxyz" and secret.hint in repr(secret)
     assert secret.reveal() == KEY
 
@@ -125,3 +136,93 @@ def test_assigned_keys_are_secrets_and_instances_still_copy():
     assert copy.deepcopy(provider).api_key.reveal() == KEY
     with pytest.raises(TypeError):
         pickle.dumps(provider.api_key)
+
+
+# Extra headers ----------------------------------------------------------------------------------------
+
+
+def test_header_values_are_encrypted_at_rest():
+    provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN, "X-Team": "research"})
+    headerless = ProviderFactory(extra_headers={})
+
+    stored = raw_headers(provider)
+
+    assert stored.startswith(TOKEN_PREFIX)
+    assert HEADER_TOKEN not in stored and HEADER_TOKEN[-12:] not in stored and "research" not in stored
+    assert raw_headers(headerless) == ""
+    loaded = Provider.objects.get(pk=provider.pk)
+    assert {name: value.reveal() for name, value in loaded.extra_headers.items()} == {
+        "X-Upstream-Token": HEADER_TOKEN,
+        "X-Team": "research",
+    }
+    assert Provider.objects.get(pk=headerless.pk).extra_headers == {}
+
+
+def test_the_adapter_still_sends_the_decrypted_header_upstream(fake_upstream):
+    provider = ProviderFactory(
+        base_url=fake_upstream.base_url + "/v1", extra_headers={"X-Upstream-Token": HEADER_TOKEN}
+    )
+
+    result = provider_health_check(provider=Provider.objects.get(pk=provider.pk))
+
+    assert result.ok
+    assert fake_upstream.requests[-1]["headers"]["x-upstream-token"] == HEADER_TOKEN
+
+
+def test_rotation_re_encrypts_the_headers_too():
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    with override_settings(FIELD_ENCRYPTION_KEYS=[old]):
+        provider = ProviderFactory(api_key="", extra_headers={"X-Upstream-Token": HEADER_TOKEN})
+        under_old = raw_headers(provider)
+
+    with override_settings(FIELD_ENCRYPTION_KEYS=[new, old]):
+        assert provider_rotate_encryption() == 1
+
+    assert raw_headers(provider) != under_old and raw_headers(provider).startswith(TOKEN_PREFIX)
+    with override_settings(FIELD_ENCRYPTION_KEYS=[new]):
+        assert Provider.objects.get(pk=provider.pk).extra_headers["X-Upstream-Token"].reveal() == HEADER_TOKEN
+
+
+def test_a_dump_refers_credential_headers_to_the_environment():
+    ProviderFactory(name="azure", extra_headers={"X-Upstream-Token": HEADER_TOKEN, "X-Region": "east"})
+
+    [dumped] = providers_dump()["providers"]
+
+    assert dumped["extra_headers"] == {"X-Region": "east", "X-Upstream-Token": "${AZURE_HEADER_X_UPSTREAM_TOKEN}"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_encrypts_existing_headers_and_reverses():
+    before, after = [("providers", "0001_initial")], [("providers", "0002_encrypt_provider_extra_headers")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    try:
+        with connection.cursor() as cursor:
+            for name, headers in (("with-headers", {"X-Upstream-Token": HEADER_TOKEN}), ("without", {})):
+                cursor.execute(
+                    "INSERT INTO providers_provider (name, kind, base_url, api_key, organization, extra_headers,"
+                    " timeout_seconds, max_retries, enabled, last_health_status, last_health_error, created_at,"
+                    " updated_at) VALUES (%s, 'openai', '', '', '', %s, 60, 2, %s, 'unknown', '', %s, %s)",
+                    [name, json.dumps(headers), True, "2026-01-01 00:00:00+00:00", "2026-01-01 00:00:00+00:00"],
+                )
+
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(after)
+
+        encrypted, empty = Provider.objects.get(name="with-headers"), Provider.objects.get(name="without")
+        assert raw_headers(encrypted).startswith(TOKEN_PREFIX) and HEADER_TOKEN not in raw_headers(encrypted)
+        assert encrypted.extra_headers["X-Upstream-Token"].reveal() == HEADER_TOKEN
+        assert raw_headers(empty) == "" and empty.extra_headers == {}
+
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(before)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT name, extra_headers FROM providers_provider ORDER BY name")
+            rows = {name: value if isinstance(value, dict) else json.loads(value) for name, value in cursor.fetchall()}
+        assert rows == {"with-headers": {"X-Upstream-Token": HEADER_TOKEN}, "without": {}}
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())

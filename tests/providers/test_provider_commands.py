@@ -14,6 +14,7 @@ from django.core.management.base import CommandError
 from django_celery_beat.models import PeriodicTask
 
 from chat.management.commands.setupschedules import SCHEDULES
+from providers.fields import Secret
 from providers.models import Model, Provider
 from tests.factories import ModelFactory, ProviderFactory
 
@@ -100,7 +101,7 @@ def test_load_creates_everything_and_never_prints_the_key(catalog):
     assert "model gpt-4o-mini: created" in output and "5 created, 0 updated, 0 unchanged." in output
     local = Provider.objects.get(name="local-openai")
     assert local.api_key.reveal() == UPSTREAM_KEY  # ${UPSTREAM_KEY} resolved from the environment
-    assert local.extra_headers == {"X-Team": "research"} and local.timeout_seconds == Decimal("60")
+    assert local.extra_headers == {"X-Team": Secret("research")} and local.timeout_seconds == Decimal("60")
     mini = Model.objects.get(name="gpt-4o-mini")
     assert (mini.input_per_mtok, mini.output_per_mtok, mini.cached_input_per_mtok) == (
         Decimal("0.15"),
