@@ -302,7 +302,9 @@ class UsageSummaryApi(APIView):
         summary="Sum your usage, in total, per day and per model",
         description=(
             "Takes the same filters as the list; `start` and `end`, when both given, are at most 366 days "
-            "apart. Costs are exact decimal sums, as strings."
+            "apart. Costs are exact decimal sums, as strings. `by_model` lists models of the catalog only: a "
+            "request refused because its model name matched none (mistyped, disabled) counts in `total` and "
+            "`by_day`; the list shows it with `status=rejected`."
         ),
         parameters=[UsageFilterSerializer],
         responses={200: OutputSerializer, **error_responses(400, 401)},

@@ -11,7 +11,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models import Count, F, QuerySet, Sum
+from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
 from providers.cache import TTLCache
@@ -74,6 +74,12 @@ def usage_record_list(*, user: Any, filters: UsageFilters) -> QuerySet[UsageReco
     return rows.annotate(key_prefix=F("api_key__prefix")).order_by("-created_at", "-pk")
 
 
+# A request whose model name matched no model of the catalog (mistyped, disabled, removed) is refused
+# before a provider is chosen: its ledger row (status ``rejected``, $0) has no provider name, in the
+# ledger and in its daily rollup alike. It counts as a request, but lists of spend per model or provider
+# leave it out: its name is whatever the client typed, not a model.
+NAMED_NO_MODEL = Q(provider_name="")
+
 _TOTALS = {
     "requests": Count("pk"),
     "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
@@ -83,10 +89,11 @@ _TOTALS = {
 
 
 def usage_summary(*, user: Any, filters: UsageFilters) -> dict[str, Any]:
-    """Totals, per UTC day and per model, of the rows ``usage_record_list`` would return."""
+    """Totals, per UTC day and per model, of the rows ``usage_record_list`` would return; requests that
+    named no model of the catalog are in the total and the days but under no model."""
     rows = usage_record_list(user=user, filters=filters).order_by()
     by_day = rows.annotate(day=TruncDate("created_at", tzinfo=UTC)).values("day").annotate(**_TOTALS).order_by("day")
-    by_model = rows.values("model_name").annotate(**_TOTALS).order_by("model_name")
+    by_model = rows.exclude(NAMED_NO_MODEL).values("model_name").annotate(**_TOTALS).order_by("model_name")
     return {
         "total": rows.aggregate(**_TOTALS),
         "by_day": list(by_day),
@@ -252,7 +259,10 @@ _BREAKDOWN_FIELDS = {"model": "model_name", "provider": "provider_name", "user":
 
 
 def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = None) -> list[SpendShare]:
-    """Spend over the last ``days`` days grouped by ``by`` ("model", "provider" or "user"), largest first."""
+    """Spend over the last ``days`` days grouped by ``by`` ("model", "provider" or "user"), largest first.
+
+    By model or provider, requests that named no model of the catalog are left out (see NAMED_NO_MODEL);
+    by user they count, as they do in ``usage_daily``."""
     group = _BREAKDOWN_FIELDS[by]  # the same column name in DailyUsage and UsageRecord
     first = today - timedelta(days=days - 1)
     rolled = DailyUsage.objects.filter(day__gte=first, day__lt=today)
@@ -261,6 +271,8 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
     )
     if user_id is not None:
         rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
+    if by != "user":
+        rolled, live = rolled.exclude(NAMED_NO_MODEL), live.exclude(NAMED_NO_MODEL)
     merged: dict[Any, list] = {}
     for rows, requests in ((rolled, Sum("requests")), (live, Count("pk"))):
         grouped = rows.values(group).annotate(
