@@ -3,6 +3,10 @@
 Authentication is a gateway key (``Authorization: Bearer`` or ``x-api-key``) or the web session;
 every read is scoped to the caller, and another user's key answers 404 exactly like a missing one.
 Errors use OpenAI's shape (``chat.exception_handlers``).
+
+Keys are managed by a person (the session) or by a key holding the ``keys:manage`` scope; any other key
+gets 403 on every /api/keys/ endpoint. A managing key sees, creates and revokes only the keys in its own
+subtree (itself and the keys created under it), and a key it creates never has more than it has.
 """
 
 from __future__ import annotations
@@ -12,20 +16,20 @@ from typing import Any
 
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
-from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer
-from rest_framework import serializers, status
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
+from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from llmhub.schema import error_responses
+from llmhub.schema import ErrorResponseSerializer, error_responses
 from providers.models import Model
 
-from .models import ApiKey, UsageStatus
+from .models import ApiKey, BudgetPeriod, KeyScope, UsageStatus
 from .selectors import UsageFilters, api_key_get, api_key_list, usage_record_list, usage_summary
-from .services.keys import CreatedKey, api_key_create, api_key_revoke
+from .services.keys import CreatedKey, KeyPrincipal, api_key_create, api_key_revoke
 
 _KEYS_TAG = ["API keys"]
 _USAGE_TAG = ["Usage"]
@@ -65,6 +69,16 @@ class ApiKeyOutputSerializer(serializers.Serializer):
     revoked_at = serializers.DateTimeField(allow_null=True)
     is_active = serializers.BooleanField(help_text="Neither revoked nor expired.")
     allowed_models = serializers.SerializerMethodField(help_text="Public model names; empty: every model of the plan.")
+    budget_usd = serializers.DecimalField(
+        max_digits=14, decimal_places=4, allow_null=True, help_text="US dollars, as a decimal string; null: none."
+    )
+    budget_period = serializers.CharField()
+    rpm = serializers.IntegerField(allow_null=True, help_text="Requests per minute; null: no limit of its own.")
+    tpm = serializers.IntegerField(allow_null=True, help_text="Tokens per minute; null: no limit of its own.")
+    scopes = serializers.ListField(child=serializers.CharField(), help_text="Rights beyond calling models.")
+    parent = serializers.IntegerField(
+        source="parent_id", allow_null=True, help_text="The id of the key that created this one; null: a person did."
+    )
 
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_allowed_models(self, api_key: ApiKey) -> list[str]:
@@ -79,15 +93,40 @@ class ApiKeyCreatedOutputSerializer(ApiKeyOutputSerializer):
         return {**ApiKeyOutputSerializer(instance.api_key).data, "secret": instance.secret}
 
 
+class CanManageKeys(permissions.BasePermission):
+    """A session may manage its user's keys; a gateway key only if it holds the ``keys:manage`` scope."""
+
+    message = (
+        "This API key may not manage keys: only a key created with the keys:manage scope may, "
+        "or the account owner from the web session."
+    )
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        principal = request.auth
+        return not isinstance(principal, KeyPrincipal) or KeyScope.KEYS_MANAGE in principal.scopes
+
+
+def _managing_key_id(request: Request) -> int | None:
+    """The key making the request, which sees only its own subtree; None for a session, which sees all."""
+    return request.auth.key_id if isinstance(request.auth, KeyPrincipal) else None
+
+
 def _own_key_or_404(request: Request, key_id: int) -> ApiKey:
-    api_key = api_key_get(user=request.user, key_id=key_id)
+    api_key = api_key_get(user=request.user, key_id=key_id, root_key_id=_managing_key_id(request))
     if api_key is None:
         raise NotFound("No API key with this id.")
     return api_key
 
 
+_KEY_PERMISSIONS = [permissions.IsAuthenticated, CanManageKeys]
+_NO_MANAGE_SCOPE = {
+    403: OpenApiResponse(response=ErrorResponseSerializer, description="The API key lacks the `keys:manage` scope.")
+}
+
+
 class ApiKeyListCreateApi(APIView):
     pagination_class = BoundedPagination
+    permission_classes = _KEY_PERMISSIONS
 
     @extend_schema_serializer(component_name="ApiKeyCreate")
     class InputSerializer(serializers.Serializer):
@@ -100,19 +139,38 @@ class ApiKeyListCreateApi(APIView):
             queryset=Model.objects.filter(enabled=True, provider__enabled=True),
             help_text="Public model names this key may use; omit for every model the plan allows.",
         )
+        budget_usd = serializers.DecimalField(
+            max_digits=14,
+            decimal_places=4,
+            min_value=0,
+            required=False,
+            allow_null=True,
+            help_text="Spend cap of the key in US dollars; omit for none.",
+        )
+        budget_period = serializers.ChoiceField(choices=BudgetPeriod.choices, default=BudgetPeriod.MONTHLY)
+        rpm = serializers.IntegerField(min_value=1, required=False, allow_null=True, help_text="Requests per minute.")
+        tpm = serializers.IntegerField(min_value=1, required=False, allow_null=True, help_text="Tokens per minute.")
+        scopes = serializers.ListField(
+            child=serializers.ChoiceField(choices=KeyScope.choices),
+            required=False,
+            help_text="`keys:manage` lets the key create keys (never with more than it has) and revoke them.",
+        )
 
     @extend_schema(
         tags=_KEYS_TAG,
         operation_id="api_keys_list",
         summary="List your API keys",
-        description="Newest first. Shows each key's prefix, never the secret or its hash.",
-        responses={200: ApiKeyOutputSerializer(many=True), **error_responses(401)},
+        description=(
+            "Newest first. Shows each key's prefix, never the secret or its hash. A key with the `keys:manage` "
+            "scope sees itself and the keys created under it."
+        ),
+        responses={200: ApiKeyOutputSerializer(many=True), **error_responses(401), **_NO_MANAGE_SCOPE},
     )
     def get(self, request: Request) -> Response:
         return _paginated_response(
             request=request,
             view=self,
-            queryset=api_key_list(user=request.user),
+            queryset=api_key_list(user=request.user, root_key_id=_managing_key_id(request)),
             serializer_class=ApiKeyOutputSerializer,
         )
 
@@ -120,23 +178,34 @@ class ApiKeyListCreateApi(APIView):
         tags=_KEYS_TAG,
         operation_id="api_keys_create",
         summary="Create an API key",
-        description="The answer carries the whole key in `secret`: store it now, it is never shown again.",
+        description=(
+            "The answer carries the whole key in `secret`: store it now, it is never shown again. Created with a "
+            "key (which needs the `keys:manage` scope), the new key is a child of it: where the parent has a "
+            "budget, an expiry, a model list, rate limits or scopes, the child must state its own, no larger "
+            "(400 names the field), and the child's spend and requests count against the parent's too."
+        ),
         request=InputSerializer,
-        responses={201: ApiKeyCreatedOutputSerializer, **error_responses(400, 401)},
+        responses={201: ApiKeyCreatedOutputSerializer, **error_responses(400, 401), **_NO_MANAGE_SCOPE},
     )
     def post(self, request: Request) -> Response:
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        created = api_key_create(user=request.user, **serializer.validated_data)
+        managing_key_id = _managing_key_id(request)
+        parent = None
+        if managing_key_id is not None:
+            parent = ApiKey.objects.prefetch_related("allowed_models").get(pk=managing_key_id)
+        created = api_key_create(user=request.user, parent=parent, **serializer.validated_data)
         return Response(ApiKeyCreatedOutputSerializer(created).data, status=status.HTTP_201_CREATED)
 
 
 class ApiKeyDetailApi(APIView):
+    permission_classes = _KEY_PERMISSIONS
+
     @extend_schema(
         tags=_KEYS_TAG,
         operation_id="api_keys_retrieve",
         summary="Retrieve one of your API keys",
-        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404)},
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **_NO_MANAGE_SCOPE},
     )
     def get(self, request: Request, key_id: int) -> Response:
         return Response(ApiKeyOutputSerializer(_own_key_or_404(request, key_id)).data)
@@ -146,10 +215,11 @@ class ApiKeyDetailApi(APIView):
         operation_id="api_keys_destroy",
         summary="Revoke one of your API keys (same as POST …/revoke/)",
         description=(
-            "Revokes rather than deletes: the key stops working at once, and stays listed as revoked so "
-            "that the usage ledger still says which key spent what. Revoking twice is harmless."
+            "Revokes rather than deletes: the key stops working at once, and so does every key created under "
+            "it; it stays listed as revoked so that the usage ledger still says which key spent what. Revoking "
+            "twice is harmless."
         ),
-        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404)},
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **_NO_MANAGE_SCOPE},
     )
     def delete(self, request: Request, key_id: int) -> Response:
         api_key = api_key_revoke(api_key=_own_key_or_404(request, key_id))
@@ -157,13 +227,18 @@ class ApiKeyDetailApi(APIView):
 
 
 class ApiKeyRevokeApi(APIView):
+    permission_classes = _KEY_PERMISSIONS
+
     @extend_schema(
         tags=_KEYS_TAG,
         operation_id="api_keys_revoke",
         summary="Revoke one of your API keys",
-        description="The key stops working at once. Revoking twice is harmless and keeps the first `revoked_at`.",
+        description=(
+            "The key stops working at once, and so does every key created under it. Revoking twice is harmless "
+            "and keeps the first `revoked_at`."
+        ),
         request=None,
-        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404)},
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **_NO_MANAGE_SCOPE},
     )
     def post(self, request: Request, key_id: int) -> Response:
         api_key = api_key_revoke(api_key=_own_key_or_404(request, key_id))

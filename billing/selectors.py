@@ -22,13 +22,39 @@ from .models import ApiKey, DailyUsage, Plan, UsageRecord, UserPlan
 # API KEYS AND LEDGER (management API)
 
 
-def api_key_list(*, user: Any) -> QuerySet[ApiKey]:
-    return ApiKey.objects.filter(user=user).prefetch_related("allowed_models").order_by("-created_at", "-pk")
+def api_key_list(*, user: Any, root_key_id: int | None = None) -> QuerySet[ApiKey]:
+    """The user's keys; with ``root_key_id``, only that key and the keys created under it (what a key
+    with the ``keys:manage`` scope may see)."""
+    keys = ApiKey.objects.filter(user=user)
+    if root_key_id is not None:
+        keys = keys.filter(pk__in=api_key_subtree_ids(root_key_id))
+    return keys.prefetch_related("allowed_models").order_by("-created_at", "-pk")
 
 
-def api_key_get(*, user: Any, key_id: int) -> ApiKey | None:
-    """One of the user's own keys; another user's key is None, exactly like a missing one."""
-    return api_key_list(user=user).filter(pk=key_id).first()
+def api_key_get(*, user: Any, key_id: int, root_key_id: int | None = None) -> ApiKey | None:
+    """One of the user's own keys (in ``root_key_id``'s subtree, if given); any other key is None, exactly
+    like a missing one."""
+    return api_key_list(user=user, root_key_id=root_key_id).filter(pk=key_id).first()
+
+
+def api_key_subtree_ids(key_id: int) -> list[int]:
+    """The key and every key created under it, at any depth."""
+    ids, frontier = [key_id], [key_id]
+    while frontier:
+        frontier = [pk for pk in ApiKey.objects.filter(parent_id__in=frontier).values_list("pk", flat=True)]
+        frontier = [pk for pk in frontier if pk not in ids]  # a loop made by hand ends the walk
+        ids += frontier
+    return ids
+
+
+def api_key_ancestor_ids(key_id: int) -> list[int]:
+    """The keys above this one, nearest first."""
+    ids: list[int] = []
+    parent_id = ApiKey.objects.filter(pk=key_id).values_list("parent_id", flat=True).first()
+    while parent_id is not None and parent_id not in ids and parent_id != key_id:
+        ids.append(parent_id)
+        parent_id = ApiKey.objects.filter(pk=parent_id).values_list("parent_id", flat=True).first()
+    return ids
 
 
 @dataclass(frozen=True)
@@ -154,6 +180,8 @@ class KeyLimits:
     budget_period: str
     rpm: int | None
     tpm: int | None
+    parent_id: int | None = None  # the key that created this one: its limits apply to this key's requests too
+    prefix: str = ""
 
 
 def _pick(override: Any, plan_value: Any) -> Any:
@@ -193,7 +221,11 @@ async def user_limits(user_id: int) -> UserLimits:
 
 
 async def _load_key_limits(api_key_id: int) -> KeyLimits | None:
-    row = await ApiKey.objects.filter(pk=api_key_id).values("budget_usd", "budget_period", "rpm", "tpm").afirst()
+    row = await (
+        ApiKey.objects.filter(pk=api_key_id)
+        .values("budget_usd", "budget_period", "rpm", "tpm", "parent_id", "prefix")
+        .afirst()
+    )
     return None if row is None else KeyLimits(**row)
 
 

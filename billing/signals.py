@@ -12,7 +12,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
 from .models import ApiKey, Plan, UserPlan
-from .selectors import limits_cache
+from .selectors import api_key_subtree_ids, limits_cache
 from .services.keys import key_cache
 
 
@@ -26,16 +26,23 @@ def _forget(secret_hashes: list[str]) -> None:
     transaction.on_commit(invalidate)
 
 
+def _with_subtree(instance: ApiKey) -> list[str]:
+    # A key's cached lookup carries the keys above it (revoked? expiring? models?): a change to a key
+    # changes what every key created under it may do.
+    below = ApiKey.objects.filter(pk__in=api_key_subtree_ids(instance.pk)).exclude(pk=instance.pk)
+    return [instance.secret_hash, *below.values_list("secret_hash", flat=True)]
+
+
 @receiver([post_save, post_delete], sender=ApiKey)
 def _api_key_changed(instance: ApiKey, **kwargs: Any) -> None:
-    _forget([instance.secret_hash])
+    _forget(_with_subtree(instance))
 
 
 @receiver(m2m_changed, sender=ApiKey.allowed_models.through)
 def _api_key_models_changed(instance: ApiKey, action: str, **kwargs: Any) -> None:
     # Only the forward side exists (related_name="+"), so ``instance`` is always the key.
     if action.startswith("post_"):
-        _forget([instance.secret_hash])
+        _forget(_with_subtree(instance))
 
 
 @receiver(post_save, sender=get_user_model())

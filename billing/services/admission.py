@@ -21,11 +21,12 @@ from providers.selectors import models_enabled
 from providers.types import ResolvedModel
 
 from ..exceptions import ModelNotAllowedError
-from ..models import BudgetMetric
-from ..selectors import UserLimits, key_limits, user_limits
+from ..models import BudgetMetric, ScopeKind
+from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
 from .alerts import budget_alerts_raise, budget_crossings
 from .budgets import CounterSpec, charge_for, counter_specs
 from .counters import admission_store
+from .keys import MAX_KEY_DEPTH
 from .ratelimits import RateSpec, rate_specs, ratelimit_headers
 
 
@@ -78,8 +79,9 @@ async def admission_acquire(
     limits = await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
+    ancestors = await _ancestors(key)
     now = timezone.now()
-    counters = counter_specs(user_id=user_id, api_key_id=api_key_id, user=limits, key=key, now=now)
+    counters = counter_specs(user_id=user_id, api_key_id=api_key_id, user=limits, key=key, now=now, ancestors=ancestors)
     rates = rate_specs(
         user_id=user_id,
         api_key_id=api_key_id,
@@ -87,6 +89,10 @@ async def admission_acquire(
         user_tpm=limits.tpm,
         key_rpm=key.rpm if key else None,
         key_tpm=key.tpm if key else None,
+    ) + tuple(
+        RateSpec(ScopeKind.KEY, ancestor_id, ancestor.rpm, ancestor.tpm)
+        for ancestor_id, ancestor in ancestors
+        if ancestor.rpm is not None or ancestor.tpm is not None
     )
     admission = Admission(request_id=request_id, user_id=user_id, api_key_id=api_key_id)
     if not counters and not rates:
@@ -108,6 +114,19 @@ async def admission_acquire(
     admission.headers = ratelimit_headers(outcome.rate_states)
     admission.handle = _Held(counters=counters, rates=rates)
     return admission
+
+
+async def _ancestors(key: KeyLimits | None) -> list[tuple[int, KeyLimits]]:
+    """The keys above a key, nearest first, from the same cache as the key's own limits."""
+    chain: list[tuple[int, KeyLimits]] = []
+    parent_id = key.parent_id if key is not None else None
+    while parent_id is not None and len(chain) < MAX_KEY_DEPTH:
+        parent = await key_limits(parent_id)
+        if parent is None:
+            break
+        chain.append((parent_id, parent))
+        parent_id = parent.parent_id
+    return chain
 
 
 async def admission_settle(

@@ -1,7 +1,8 @@
 """Budgets: which counters a request is charged against, how much it may cost, and what the ledger says.
 
-A request is charged against up to three counters: its user's monthly budget (USD), its user's daily
-token quota, and its key's budget (USD, daily / monthly / total). Each counter holds ``spent`` (settled)
+A request is charged against its user's monthly budget (USD), its user's daily token quota, its key's
+budget (USD, daily / monthly / total), and the budget of every key above its key (a key created by a key
+spends from its parent's budget too). Each counter holds ``spent`` (settled)
 and ``reserved`` (requests in flight). Admission reserves the most a request can cost and refuses it
 when a counter cannot pay; settlement swaps the reservation for the real cost. The arithmetic below is
 the one the database path runs; ``redis_scripts/admission_acquire.lua`` runs the same steps in Redis.
@@ -23,7 +24,7 @@ from providers.types import ResolvedModel
 from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
 from ..pricing import COST_QUANTUM, cost_for
-from ..selectors import KeyLimits, UserLimits
+from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
 
 THRESHOLDS = (50, 80, 100)
 # Longer than any request may run: an unsettled reservation older than this belonged to a dead process.
@@ -119,8 +120,16 @@ class CounterSpec:
 
 
 def counter_specs(
-    *, user_id: int, api_key_id: int | None, user: UserLimits, key: KeyLimits | None, now: datetime
+    *,
+    user_id: int,
+    api_key_id: int | None,
+    user: UserLimits,
+    key: KeyLimits | None,
+    now: datetime,
+    ancestors: Sequence[tuple[int, KeyLimits]] = (),
 ) -> tuple[CounterSpec, ...]:
+    """``ancestors``: the keys above ``api_key_id`` (id, limits), nearest first; a request through a key
+    is charged against each of their budgets too, once."""
     specs: list[CounterSpec] = []
     if user.monthly_budget_usd is not None:
         start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
@@ -136,7 +145,14 @@ def counter_specs(
         start, _ = period_bounds(key.budget_period, now)
         ref = CounterRef(ScopeKind.KEY, api_key_id, BudgetMetric.COST, key.budget_period, start)
         specs.append(CounterSpec(ref, key.budget_usd, f"this API key's {key.budget_period} budget"))
-    return tuple(specs)
+    for ancestor_id, ancestor in ancestors:
+        if ancestor.budget_usd is None or ancestor_id == api_key_id:
+            continue
+        start, _ = period_bounds(ancestor.budget_period, now)
+        ref = CounterRef(ScopeKind.KEY, ancestor_id, BudgetMetric.COST, ancestor.budget_period, start)
+        title = f"the {ancestor.budget_period} budget of the key {ancestor.prefix}… that this key was created under"
+        specs.append(CounterSpec(ref, ancestor.budget_usd, title))
+    return tuple(dict.fromkeys(specs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +277,11 @@ def quota_error(spec: CounterSpec, *, spent: Decimal, reserved: Decimal, needed:
 
 
 def _ledger_rows(ref: CounterRef, *, until: datetime | None = None):
-    scope = {"api_key_id": ref.scope_id} if ref.scope_kind == ScopeKind.KEY else {"user_id": ref.scope_id}
+    # A key's counter is charged by its own requests and by those of every key created under it.
+    if ref.scope_kind == ScopeKind.KEY:
+        scope = {"api_key_id__in": api_key_subtree_ids(ref.scope_id)}
+    else:
+        scope = {"user_id": ref.scope_id}
     rows = UsageRecord.objects.filter(created_at__gte=ref.period_start, **scope)
     if ref.period_end is not None:
         rows = rows.filter(created_at__lt=ref.period_end)

@@ -14,6 +14,8 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
+from typing import Literal
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
@@ -23,9 +25,13 @@ from providers.cache import TTLCache
 from providers.exceptions import ApplicationError
 from providers.models import Model
 
-from ..models import ApiKey
+from ..models import ApiKey, BudgetPeriod, KeyScope
+from ..selectors import api_key_ancestor_ids, api_key_subtree_ids
 
 KEY_PREFIX = "sk-llmhub-"
+# How many keys may stand above a key. Creation refuses deeper chains; the lookup treats a deeper one
+# (rows edited by hand into a loop) as revoked.
+MAX_KEY_DEPTH = 8
 _ALPHABET = "abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
@@ -44,8 +50,9 @@ class KeyPrincipal:
     username: str
     prefix: str
     secret_hash: str
-    expires_at: datetime | None
-    allowed_model_ids: frozenset[int] | None  # None: no key-level restriction
+    expires_at: datetime | None  # the earliest expiry of the key and every key above it
+    allowed_model_ids: frozenset[int] | None  # None: no key-level restriction; else what the whole chain allows
+    scopes: frozenset[str] = frozenset()
 
 
 key_cache: TTLCache[KeyPrincipal | None] = TTLCache("api-keys")
@@ -72,25 +79,137 @@ def api_key_create(
     name: str = "default",
     expires_at: datetime | None = None,
     allowed_models: Iterable[Model] = (),
+    budget_usd: Decimal | None = None,
+    budget_period: str = BudgetPeriod.MONTHLY,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    scopes: Iterable[str] = (),
+    parent: ApiKey | None = None,
 ) -> CreatedKey:
-    """``allowed_models`` empty: the key may use every model its owner's plan allows."""
+    """``allowed_models`` empty: the key may use every model its owner's plan allows.
+
+    ``parent``: the key creating this one. The new key belongs to the parent's owner and may not exceed
+    the parent in anything (``_check_within_parent``); an ``ApplicationError`` names the field that does."""
+    allowed_models = list(allowed_models)
+    scopes = sorted(set(scopes))
     if expires_at is not None and expires_at <= timezone.now():
         raise ApplicationError("expires_at must be in the future.", param="expires_at", code="invalid_value")
+    unknown = [scope for scope in scopes if scope not in KeyScope.values]
+    if unknown:
+        raise _invalid("scopes", f"Unknown scope {unknown[0]!r}; choose from {', '.join(KeyScope.values)}.")
+    if budget_usd is not None and budget_usd < 0:
+        raise _invalid("budget_usd", "A budget cannot be negative.")
+    if budget_period not in BudgetPeriod.values:
+        raise _invalid("budget_period", f"Choose one of {', '.join(BudgetPeriod.values)}.")
+    for param, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 1:
+            raise _invalid(param, "A rate limit must be at least 1.")
+    if parent is not None:
+        if parent.user_id != user.pk:
+            raise _invalid("parent", "A key can only create keys for its own owner.")
+        if len(api_key_ancestor_ids(parent.pk)) >= MAX_KEY_DEPTH:
+            raise _invalid("parent", f"Keys may be created at most {MAX_KEY_DEPTH} levels below a person's key.")
+        _check_within_parent(
+            parent,
+            expires_at=expires_at,
+            allowed_models=allowed_models,
+            budget_usd=budget_usd,
+            budget_period=budget_period,
+            rpm=rpm,
+            tpm=tpm,
+            scopes=scopes,
+        )
     prefix = KEY_PREFIX + _random(8)
     secret = f"{prefix}-{_random(32)}"
     api_key = ApiKey.objects.create(
-        user=user, name=name or "default", prefix=prefix, secret_hash=hash_key(secret), expires_at=expires_at
+        user=user,
+        name=name or "default",
+        prefix=prefix,
+        secret_hash=hash_key(secret),
+        expires_at=expires_at,
+        budget_usd=budget_usd,
+        budget_period=budget_period,
+        rpm=rpm,
+        tpm=tpm,
+        scopes=scopes,
+        parent=parent,
     )
     api_key.allowed_models.set(allowed_models)
     return CreatedKey(api_key=api_key, secret=secret)
 
 
+def _invalid(param: str, message: str) -> ApplicationError:
+    return ApplicationError(message, param=param, code="invalid_value")
+
+
+def _check_within_parent(
+    parent: ApiKey,
+    *,
+    expires_at: datetime | None,
+    allowed_models: list[Model],
+    budget_usd: Decimal | None,
+    budget_period: str,
+    rpm: int | None,
+    tpm: int | None,
+    scopes: list[str],
+) -> None:
+    """A child never has more than its parent. Where the parent has a limit the child must state one
+    (no larger); "no limit" is never inherited silently, so that the child's row says what it may do.
+
+    Budgets: the same period, or ``total`` (which never resets, so it is never more than the same amount
+    per period). Admission charges every key above the child as well, so the parent's budget holds
+    across all of its children together whatever they were given."""
+    if parent.expires_at is not None and (expires_at is None or expires_at > parent.expires_at):
+        raise _invalid(
+            "expires_at",
+            f"This key expires at {parent.expires_at.isoformat()}: a key it creates must expire no later.",
+        )
+    parent_models = {model.pk: model.name for model in parent.allowed_models.all()}
+    if parent_models:
+        extra = [model.name for model in allowed_models if model.pk not in parent_models]
+        if not allowed_models or extra:
+            allowed = ", ".join(sorted(parent_models.values()))
+            raise _invalid(
+                "allowed_models",
+                f"This key is restricted to {allowed}: a key it creates must list some of these models and no other"
+                + (f" (not {', '.join(extra)})." if extra else "."),
+            )
+    if parent.budget_usd is not None:
+        if budget_usd is None or budget_usd > parent.budget_usd:
+            raise _invalid(
+                "budget_usd",
+                f"This key has a {parent.budget_period} budget of ${parent.budget_usd}: a key it creates must have "
+                "a budget no larger.",
+            )
+        if budget_period not in (parent.budget_period, BudgetPeriod.TOTAL):
+            raise _invalid(
+                "budget_period",
+                f"This key's budget is {parent.budget_period}: a key it creates must have a {parent.budget_period} "
+                "or a total budget.",
+            )
+    for param, mine, theirs in (("rpm", rpm, parent.rpm), ("tpm", tpm, parent.tpm)):
+        if theirs is not None and (mine is None or mine > theirs):
+            raise _invalid(param, f"This key allows {theirs} {param}: a key it creates must allow no more.")
+    extra_scopes = sorted(set(scopes) - set(parent.scopes))
+    if extra_scopes:
+        raise _invalid("scopes", f"This key does not hold the scope {extra_scopes[0]!r}, so it cannot grant it.")
+
+
 def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Revoking a key stops the keys created under it too (they are valid only while it is): their cached
+    copies in this process are dropped with its own."""
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
-    key_cache.invalidate(api_key.secret_hash)
+    key_cache_forget(api_key_ids=[api_key.pk])
     return api_key
+
+
+def key_cache_forget(*, api_key_ids: Iterable[int]) -> None:
+    """Drop the cached lookups of these keys and of every key below them."""
+    ids = [descendant for key_id in api_key_ids for descendant in api_key_subtree_ids(key_id)]
+    for secret_hash in ApiKey.objects.filter(pk__in=ids).values_list("secret_hash", flat=True):
+        key_cache.invalidate(secret_hash)
 
 
 def _is_well_formed(raw: str) -> bool:
@@ -98,6 +217,8 @@ def _is_well_formed(raw: str) -> bool:
 
 
 async def _load_principal(digest: str) -> KeyPrincipal | None:
+    """The key and every key above it must be unrevoked (and the owner active); the earliest expiry and
+    the narrowest model list of the chain apply."""
     row = await (
         ApiKey.objects.select_related("user")
         .filter(secret_hash=digest, revoked_at__isnull=True, user__is_active=True)
@@ -105,15 +226,32 @@ async def _load_principal(digest: str) -> KeyPrincipal | None:
     )
     if row is None:
         return None
-    allowed = frozenset([pk async for pk in row.allowed_models.values_list("pk", flat=True)])
+    expires_at = row.expires_at
+    allowed = frozenset([pk async for pk in row.allowed_models.values_list("pk", flat=True)]) or None
+    parent_id, depth = row.parent_id, 0
+    while parent_id is not None:
+        depth += 1
+        if depth > MAX_KEY_DEPTH:
+            return None
+        parent = await ApiKey.objects.filter(pk=parent_id).values("parent_id", "revoked_at", "expires_at").afirst()
+        if parent is None or parent["revoked_at"] is not None:
+            return None
+        if parent["expires_at"] is not None and (expires_at is None or parent["expires_at"] < expires_at):
+            expires_at = parent["expires_at"]
+        through = ApiKey.allowed_models.through.objects.filter(apikey_id=parent_id)
+        theirs = frozenset([pk async for pk in through.values_list("model_id", flat=True)])
+        if theirs:
+            allowed = theirs if allowed is None else allowed & theirs
+        parent_id = parent["parent_id"]
     return KeyPrincipal(
         key_id=row.pk,
         user_id=row.user_id,
         username=row.user.get_username(),
         prefix=row.prefix,
         secret_hash=row.secret_hash,
-        expires_at=row.expires_at,
-        allowed_model_ids=allowed or None,
+        expires_at=expires_at,
+        allowed_model_ids=allowed,
+        scopes=frozenset(row.scopes),
     )
 
 
@@ -133,6 +271,21 @@ async def api_key_authenticate(raw: str | None) -> KeyPrincipal:
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
     return principal
+
+
+KeyStatus = Literal["active", "revoked", "expired"]
+
+
+async def api_key_status(digest: str) -> KeyStatus:
+    """Whether a key that authenticated once still works, through the same cache as every request: for
+    a WebSocket that keeps a key for its whole life. Revoked covers a deleted key, a deactivated owner
+    and a revoked key above it; expired, an expiry of the key or of a key above it."""
+    principal = await key_cache.get_or_load(digest, lambda: _load_principal(digest))
+    if principal is None:
+        return "revoked"
+    if principal.expires_at is not None and principal.expires_at <= timezone.now():
+        return "expired"
+    return "active"
 
 
 def api_key_authenticate_sync(raw: str | None) -> KeyPrincipal:

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def created():
-    return api_key_create(user=UserFactory(username="alice"), name="tests")
+    # keys:manage: these tests authenticate against /api/keys/, which other keys are refused (403).
+    return api_key_create(user=UserFactory(username="alice"), name="tests", scopes=["keys:manage"])
 
 
 def get_keys(**headers):

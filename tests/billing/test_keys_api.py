@@ -24,6 +24,12 @@ KEY_FIELDS = {
     "revoked_at",
     "is_active",
     "allowed_models",
+    "budget_usd",
+    "budget_period",
+    "rpm",
+    "tpm",
+    "scopes",
+    "parent",
 }
 
 
@@ -80,12 +86,28 @@ def test_create_shows_the_secret_once_and_stores_only_its_hash(client):
 
 
 def test_the_created_secret_is_a_working_key(client):
-    secret = client.post("/api/keys/", {"name": "ci"}, format="json").json()["secret"]
+    secret = client.post("/api/keys/", {"name": "ci", "scopes": ["keys:manage"]}, format="json").json()["secret"]
 
     response = key_client(secret).get("/api/keys/")
 
     assert response.status_code == 200
     assert [key["name"] for key in response.json()["results"]] == ["ci"]
+    assert response.json()["results"][0]["scopes"] == ["keys:manage"]
+
+
+def test_a_session_sets_the_keys_own_limits(client):
+    response = client.post(
+        "/api/keys/",
+        {"name": "capped", "budget_usd": "2.5", "budget_period": "daily", "rpm": 10, "tpm": 1000},
+        format="json",
+    )
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["budget_usd"], body["budget_period"], body["rpm"], body["tpm"]) == ("2.5000", "daily", 10, 1000)
+    assert body["scopes"] == [] and body["parent"] is None
+    row = ApiKey.objects.get(pk=body["id"])
+    assert (str(row.budget_usd), row.budget_period, row.rpm, row.tpm) == ("2.5000", "daily", 10, 1000)
 
 
 def test_create_with_expiry_and_allowed_models(client):
@@ -117,6 +139,10 @@ def test_create_with_expiry_and_allowed_models(client):
         ({"allowed_models": ["no-such-model"]}, "allowed_models"),
         ({"allowed_models": ["switched-off"]}, "allowed_models"),
         ({"allowed_models": "gpt-a"}, "allowed_models"),
+        ({"scopes": ["keys:everything"]}, "scopes"),
+        ({"budget_usd": "-1"}, "budget_usd"),
+        ({"budget_period": "weekly"}, "budget_period"),
+        ({"rpm": 0}, "rpm"),
     ],
 )
 def test_create_rejects_bad_input_naming_the_param(client, payload, param):
@@ -171,7 +197,7 @@ def test_revoke_marks_the_key_and_keeps_the_first_revocation_time(client, alice)
 
 
 def test_a_revoked_key_is_refused_at_once(client, alice):
-    created = api_key_create(user=alice, name="leaked")
+    created = api_key_create(user=alice, name="leaked", scopes=["keys:manage"])
     with_key = key_client(created.secret)
     assert with_key.get("/api/keys/").status_code == 200  # the key is now in this process's cache
 
@@ -182,8 +208,8 @@ def test_a_revoked_key_is_refused_at_once(client, alice):
     assert created.secret not in error["message"]
 
 
-def test_a_key_can_revoke_itself(alice):
-    created = api_key_create(user=alice, name="self")
+def test_a_managing_key_can_revoke_itself(alice):
+    created = api_key_create(user=alice, name="self", scopes=["keys:manage"])
     with_key = key_client(created.secret, header="x-api-key")
 
     assert with_key.post(f"/api/keys/{created.api_key.pk}/revoke/").status_code == 200
@@ -192,7 +218,7 @@ def test_a_key_can_revoke_itself(alice):
 
 
 def test_delete_revokes_and_keeps_the_key_listed(client, alice):
-    created = api_key_create(user=alice, name="gone")
+    created = api_key_create(user=alice, name="gone", scopes=["keys:manage"])
     assert key_client(created.secret).get("/api/keys/").status_code == 200
 
     response = client.delete(f"/api/keys/{created.api_key.pk}/")
@@ -204,7 +230,7 @@ def test_delete_revokes_and_keeps_the_key_listed(client, alice):
 
 
 def test_another_users_key_is_indistinguishable_from_a_missing_one(client):
-    bobs = api_key_create(user=UserFactory(username="bob"), name="bobs")
+    bobs = api_key_create(user=UserFactory(username="bob"), name="bobs", scopes=["keys:manage"])
     missing_id = bobs.api_key.pk + 1000
 
     for method, suffix in (("get", ""), ("delete", ""), ("post", "revoke/")):
