@@ -25,6 +25,7 @@ from .common import (
     http_timeout,
     interruption_reason,
     is_context_length_message,
+    outbound_refusal,
     provider_http_client,
     refused_error,
     scrub,
@@ -116,8 +117,9 @@ class AnthropicAdapter(BaseAdapter):
         if isinstance(exc, ProviderError):
             return exc
         config = self.config
-        if isinstance(exc, OutboundRefused):
-            return refused_error(config, exc)
+        refusal = outbound_refusal(exc)
+        if refusal is not None:
+            return refused_error(config, refusal)
         if isinstance(exc, anthropic.APIStatusError):
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             if exc.status_code < 400:

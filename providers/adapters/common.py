@@ -173,12 +173,25 @@ def timeout_error(config: ProviderConfig) -> ProviderTimeoutError:
     )
 
 
+def outbound_refusal(exc: BaseException) -> OutboundRefused | None:
+    """The policy's refusal behind ``exc``: the openai SDK lets it through as is, the anthropic SDK wraps it
+    in its connection error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OutboundRefused):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def refused_error(config: ProviderConfig, exc: OutboundRefused) -> ProviderError:
     """The outbound policy stopped the call: a configuration problem of the provider, so a 502."""
     return ProviderError(
         f"The gateway may not connect where the provider {config.name!r} leads: {exc.message}",
         provider=config.name,
-        code="upstream_address_refused",
+        code="upstream_destination_refused",
     )
 
 

@@ -30,6 +30,7 @@ from .common import (
     http_timeout,
     interruption_reason,
     is_context_length_message,
+    outbound_refusal,
     provider_http_client,
     refused_error,
     scrub,
@@ -151,8 +152,9 @@ class OpenAIAdapter(BaseAdapter):
         if isinstance(exc, ProviderError):
             return exc
         config = self.config
-        if isinstance(exc, OutboundRefused):
-            return refused_error(config, exc)
+        refusal = outbound_refusal(exc)
+        if refusal is not None:
+            return refused_error(config, refusal)
         if isinstance(exc, openai.APIStatusError):
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             return error_for_status(
