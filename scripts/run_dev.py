@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  admin          {site}/admin/   user: admin   password: {password('admin', 'demo-admin-password')}",
             f"  Free plan      {site}/         user: demo    password: {password('demo', 'demo-user-password')}",
             f"  API            {site}/v1/{key_hint}",
-            f"  API docs       {site}/api/docs/",
+            f"  API docs       {site}/api/docs/   ReDoc: {site}/api/redoc/",
             f"  fake upstream  {upstream_url}   (serves the demo-* models)",
         ]
         rule = "=" * max(len(line) for line in lines)
