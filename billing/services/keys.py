@@ -91,7 +91,7 @@ def api_key_create(
     ``parent``: the key creating this one. The new key belongs to the parent's owner and may not exceed
     the parent in anything (``_check_within_parent``); an ``ApplicationError`` names the field that does."""
     allowed_models = list(allowed_models)
-    scopes = sorted(set(scopes))
+    scopes = sorted({str(scope) for scope in scopes})
     if expires_at is not None and expires_at <= timezone.now():
         raise ApplicationError("expires_at must be in the future.", param="expires_at", code="invalid_value")
     unknown = [scope for scope in scopes if scope not in KeyScope.values]

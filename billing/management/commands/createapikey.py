@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 from django.utils import timezone
 
-from billing.models import BudgetPeriod
+from billing.models import BudgetPeriod, KeyScope
 from billing.services.budgets import api_key_limits_set, usd
 from billing.services.keys import CreatedKey, api_key_create
 
@@ -39,6 +39,12 @@ class Command(BaseCommand):
         key.add_argument("--name", default="default", help="A label to tell the user's keys apart.")
         key.add_argument(
             "--expires-days", type=_positive_int, metavar="N", help="The key expires N days from now (default: never)."
+        )
+        key.add_argument(
+            "--manage-keys",
+            action="store_true",
+            help="Let the key manage keys over /api/keys/: create keys under it (never with more than it has) "
+            "and list or revoke them (default: it may not).",
         )
         limits = parser.add_argument_group("limits of the key (on top of its owner's plan)")
         limits.add_argument("--budget", type=_usd, metavar="USD", help="Spend cap of the key (default: none).")
@@ -67,7 +73,8 @@ class Command(BaseCommand):
     def _create_key(self, user: Any, options: dict[str, Any]) -> CreatedKey:
         days = options["expires_days"]
         expires_at = timezone.now() + timedelta(days=days) if days else None
-        created = api_key_create(user=user, name=options["name"], expires_at=expires_at)
+        scopes = [KeyScope.KEYS_MANAGE] if options["manage_keys"] else []
+        created = api_key_create(user=user, name=options["name"], expires_at=expires_at, scopes=scopes)
         api_key_limits_set(
             api_key=created.api_key,
             budget_usd=options["budget"],
@@ -81,8 +88,9 @@ class Command(BaseCommand):
         api_key = created.api_key
         expiry = api_key.expires_at.isoformat(timespec="seconds") if api_key.expires_at else "never"
         owner = api_key.user.get_username()
+        scopes = f" Scopes: {', '.join(api_key.scopes)}." if api_key.scopes else ""
         return [
-            f"Created API key {api_key.prefix}… ({api_key.name!r}) for {owner}; expires: {expiry}.",
+            f"Created API key {api_key.prefix}… ({api_key.name!r}) for {owner}; expires: {expiry}.{scopes}",
             *_limits_line(api_key),
             "The secret below is shown this once; llmhub keeps only its hash.",
         ]
