@@ -21,6 +21,12 @@ requests under the configured prefixes go to this handler, which
   rather than before. No receiver of ``request_started`` of our own or of an installed app depends on
   it for /v1 (a test pins the receivers).
 
+What ``SecurityMiddleware`` does for the full stack is done here too, from headers computed once
+(``TransportSecurity``): HSTS and the other security headers on every response, and, where production
+asks for HTTPS (``SECURE_SSL_REDIRECT``), a plain-HTTP request is refused instead of redirected: a
+redirect would let a misconfigured client keep working while it sends its key in clear on every
+request (and resend it, with the body, to the redirect), where a refusal shows the mistake at once.
+
 Everything else (pages, admin, /api/) keeps the full Django stack.
 """
 
@@ -28,14 +34,76 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest, HttpResponse
 from django.urls import set_script_prefix
+
+from chat.exception_handlers import error_body
+
+
+class TransportSecurity:
+    """``SecurityMiddleware``'s work for the lean handler, read from the same settings once, at start-up.
+
+    ``request.is_secure()`` honours ``SECURE_PROXY_SSL_HEADER``, as the middleware does; paths matching
+    ``SECURE_REDIRECT_EXEMPT`` are served over plain HTTP, as the middleware serves them."""
+
+    def __init__(self) -> None:
+        self.https_only = bool(settings.SECURE_SSL_REDIRECT)
+        self.exempt = tuple(re.compile(pattern) for pattern in settings.SECURE_REDIRECT_EXEMPT)
+        headers: list[tuple[str, str]] = []
+        if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+            headers.append(("X-Content-Type-Options", "nosniff"))
+        policy = settings.SECURE_REFERRER_POLICY
+        if policy:
+            parts = [part.strip() for part in policy.split(",")] if isinstance(policy, str) else policy
+            headers.append(("Referrer-Policy", ",".join(parts)))
+        if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+            headers.append(("Cross-Origin-Opener-Policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY))
+        self.headers = tuple(headers)
+        self.secure_headers = self.headers
+        if settings.SECURE_HSTS_SECONDS:
+            hsts = f"max-age={settings.SECURE_HSTS_SECONDS}"
+            if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
+                hsts += "; includeSubDomains"
+            if settings.SECURE_HSTS_PRELOAD:
+                hsts += "; preload"
+            self.secure_headers = (("Strict-Transport-Security", hsts), *self.headers)
+
+    def refuses(self, request: HttpRequest) -> bool:
+        """Whether a request that came over plain HTTP is refused."""
+        return self.https_only and not any(pattern.search(request.path.lstrip("/")) for pattern in self.exempt)
+
+    @staticmethod
+    def refusal() -> HttpResponse:
+        body = error_body(
+            "This API is served over HTTPS only. The request was sent over plain HTTP: use an https:// base "
+            "URL, and replace any API key sent this way, as it may have been read on the way.",
+            error_type="invalid_request_error",
+            code="https_required",
+        )
+        return HttpResponse(json.dumps(body), status=403, content_type="application/json")
+
+    def wrap(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponse]]) -> Any:
+        async def secured(request: HttpRequest) -> HttpResponse:
+            secure = request.is_secure()
+            if not secure and self.refuses(request):
+                response = self.refusal()
+            else:
+                response = await get_response(request)
+            for name, value in self.secure_headers if secure else self.headers:
+                response.headers.setdefault(name, value)
+            return response
+
+        return secured
 
 
 class MiddlewareFreeASGIHandler(ASGIHandler):
@@ -43,8 +111,11 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         self._view_middleware = []
         self._template_response_middleware = []
         self._exception_middleware = []
-        handler = self._get_response_async if is_async else self._get_response
-        self._middleware_chain = convert_exception_to_response(handler)
+        if not is_async:
+            raise ValueError("the lean /v1 handler serves ASGI only")
+        # As in Django's chain, each layer converts exceptions: a view's error response gets the headers too.
+        handler = convert_exception_to_response(self._get_response_async)
+        self._middleware_chain = convert_exception_to_response(TransportSecurity().wrap(handler))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -82,6 +82,8 @@ async def test_v1_skips_the_middleware_and_request_started_but_sends_request_fin
     status, headers, body = await call("/v1/models")
     assert status == 401 and b'"code":"missing_api_key"' in body
     assert "x-frame-options" not in headers  # no middleware ran
+    # SecurityMiddleware's headers, from the handler's own precomputed list (tests/test_security_headers.py)
+    assert headers["referrer-policy"] == "same-origin" and headers["x-content-type-options"] == "nosniff"
     assert headers["x-request-id"].startswith("req_")
     assert started.calls == []
     assert finished.calls == [MiddlewareFreeASGIHandler]

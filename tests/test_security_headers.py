@@ -1,0 +1,181 @@
+"""/v1 under production's transport settings: plain HTTP refused, HTTPS answers with HSTS and the other
+headers SecurityMiddleware gives the full stack; and ``check --deploy`` clean with production settings."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+from django.core.handlers.asgi import ASGIHandler
+from django.test import override_settings
+
+from llmhub.handlers import MiddlewareFreeASGIHandler, PathPrefixRouter
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parent.parent
+SECURITY_HEADERS = (
+    "strict-transport-security",
+    "x-content-type-options",
+    "referrer-policy",
+    "cross-origin-opener-policy",
+)
+
+
+def production_environment() -> dict[str, str]:
+    """What production settings require to load (the values are throw-away)."""
+    return {
+        "DJANGO_SETTINGS_MODULE": "llmhub.settings.production",
+        "SECRET_KEY": Fernet.generate_key().decode() * 2,
+        "FIELD_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "DATABASE_URL": "sqlite:///" + str(ROOT / "var" / f"check-deploy-{os.getpid()}.sqlite3"),
+        "ALLOWED_HOSTS": "llmhub.example.com",
+    }
+
+
+@pytest.fixture(scope="module")
+def production() -> dict[str, Any]:
+    """The SECURE_* settings of llmhub.settings.production itself, for override_settings."""
+    saved = dict(os.environ)
+    os.environ.update(production_environment())
+    try:
+        module = importlib.import_module("llmhub.settings.production")
+        values = {name: getattr(module, name) for name in dir(module) if name.startswith("SECURE_")}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.modules.pop("llmhub.settings.production", None)
+    assert values["SECURE_SSL_REDIRECT"] and values["SECURE_HSTS_SECONDS"] and values["SECURE_PROXY_SSL_HEADER"]
+    return values
+
+
+async def call(
+    path: str, *, scheme: str = "http", method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request through a router built under the current settings (the handlers read them once, at
+    start-up, as they do in a server); returns (status, headers, body)."""
+    app = PathPrefixRouter(prefixes=("/v1/",), lean=MiddlewareFreeASGIHandler(), full=ASGIHandler())
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": scheme,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")]
+        + [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 443 if scheme == "https" else 80),
+    }
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await asyncio.Event().wait()  # the client stays until the answer is sent
+        return {"type": "http.disconnect"}
+
+    status, response_headers, parts = 0, {}, []
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status, response_headers
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            response_headers = {name.decode().lower(): value.decode() for name, value in message["headers"]}
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, response_headers, b"".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("GET", "/v1/models", {}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"Authorization": "Bearer sk-llmhub-sent-in-clear", "Content-Type": "application/json"},
+        ),
+    ],
+)
+async def test_plain_http_to_v1_is_refused_in_production(production, method, path, headers):
+    with override_settings(**production):
+        status, response_headers, body = await call(path, method=method, headers=headers)
+
+    assert status == 403  # not the view's 401: nothing was looked up
+    error = json.loads(body)["error"]
+    assert error["code"] == "https_required" and error["type"] == "invalid_request_error"
+    assert "HTTPS only" in error["message"] and "sk-llmhub-sent-in-clear" not in body.decode()
+    assert "location" not in response_headers  # refused, not redirected
+    assert "strict-transport-security" not in response_headers  # HSTS over plain HTTP means nothing
+    assert response_headers["x-content-type-options"] == "nosniff"
+
+
+async def test_https_answers_carry_hsts(production):
+    with override_settings(**production):
+        status, headers, body = await call("/v1/models", scheme="https")
+
+    assert status == 401 and json.loads(body)["error"]["code"] == "missing_api_key"
+    assert headers["strict-transport-security"] == "max-age=2592000; includeSubDomains; preload"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "same-origin"
+
+
+async def test_forwarded_proto_counts_only_when_the_proxy_header_is_configured(production):
+    forwarded = {"X-Forwarded-Proto": "https"}
+    with override_settings(**production):
+        status, headers, _ = await call("/v1/models", headers=forwarded)
+    assert status == 401 and "strict-transport-security" in headers
+
+    with override_settings(**{**production, "SECURE_PROXY_SSL_HEADER": None}):
+        status, headers, _ = await call("/v1/models", headers=forwarded)
+    assert status == 403 and "strict-transport-security" not in headers
+
+
+async def test_v1_carries_the_same_security_headers_as_the_full_stack(production):
+    with override_settings(**production):
+        _, v1, _ = await call("/v1/models", scheme="https")
+        _, page, _ = await call("/accounts/login/", scheme="https")
+
+    assert {name: page[name] for name in SECURITY_HEADERS} == {name: v1[name] for name in SECURITY_HEADERS}
+
+
+async def test_exempt_paths_and_development_serve_plain_http(production):
+    with override_settings(**{**production, "SECURE_REDIRECT_EXEMPT": [r"^v1/models$"]}):
+        status, _, _ = await call("/v1/models")
+    assert status == 401
+
+    with override_settings(SECURE_SSL_REDIRECT=False, SECURE_HSTS_SECONDS=0):
+        status, headers, _ = await call("/v1/models")
+    assert status == 401 and "strict-transport-security" not in headers
+
+
+def test_check_deploy_is_clean_with_production_settings():
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    environment.update(production_environment())
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "DEBUG"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout
