@@ -14,15 +14,60 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import time_machine
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "period_instants(tick=False): run the test once at each of PERIOD_INSTANTS, with this process's clock "
+        "pinned there (tick=True: started there and running)",
+    )
     _flush_retrying_deadlocks()
+
+
+# PERIODS AND CLOCKS
+# Where calendar arithmetic goes wrong: a day or month that has just begun (nothing earlier in it), one about
+# to end (everything earlier in it, the next one a second away), the end of a year, and a leap day. A test
+# marked `period_instants` runs once at each, under these ids.
+PERIOD_INSTANTS = {
+    "first-second-of-month": datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC),
+    "last-second-of-month": datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC),
+    "last-second-of-year": datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC),
+    "leap-day": datetime(2028, 2, 29, 12, 0, 0, tzinfo=UTC),
+}
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if metafunc.definition.get_closest_marker("period_instants") is not None:
+        params = [pytest.param(instant, id=name) for name, instant in PERIOD_INSTANTS.items()]
+        metafunc.parametrize("period_clock", params, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def period_clock(request) -> Iterator[datetime | None]:
+    """For a test marked ``period_instants``: the instant it runs at, with every wall clock of this process
+    (``datetime.now``, ``timezone.now``, ``time.time``, a live server's thread) pinned there from before the
+    test's other fixtures build their rows. Autouse so that it is set up first; None for other tests.
+
+    Frozen by default: a test at 23:59:59 stays in that second however slow the machine is, so what it
+    expects cannot move to the next day half-way. Sockets, asyncio and timeouts run on the monotonic
+    clock, which time-machine leaves alone, so they keep working. Other processes are not pinned: a test
+    hands a worker it starts the instant to travel to itself (``tests/billing/admission_worker.py``). Redis
+    runs TTLs on its own clock, but only for durations; the instants in its data come from this process."""
+    instant = getattr(request, "param", None)
+    if instant is None:
+        yield None
+        return
+    tick = request.node.get_closest_marker("period_instants").kwargs.get("tick", False)
+    with time_machine.travel(instant, tick=tick):
+        yield instant
 
 
 @pytest.hookimpl(tryfirst=True)

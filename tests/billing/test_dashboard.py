@@ -21,10 +21,37 @@ from billing.services.rollups import daily_usage_rebuild
 from tests.conftest import LiveServer
 from tests.factories import UsageRecordFactory, UserFactory
 
+# "Today", "this month" and "the last 30 days" are checked where they are easiest to get wrong.
+pytestmark = pytest.mark.period_instants
+
 
 def days_ago(days: int, hour: int = 12) -> datetime:
     now = datetime.now(UTC)
     return (now - timedelta(days=days)).replace(hour=hour if days else min(now.hour, 23), minute=0)
+
+
+# Ada's spend: (days ago, model, provider, cost, prompt tokens, completion tokens).
+ADA_SPEND = [
+    (3, "claude-test", "fake-anthropic", Decimal("2.50"), 1200, 800),
+    (10, "gpt-test", "fake-openai", Decimal("0.40"), 300, 200),
+    (0, "gpt-test", "fake-openai", Decimal("1.00"), 150, 50),
+    (0, "gpt-test", "fake-openai", Decimal("0.25"), 100, 50),
+]
+
+
+def spent_this_month() -> str:
+    """Ada's spend in the current UTC calendar month, worked out from the dates alone: on the 1st–10th the
+    spend of 3 and 10 days ago belongs to the month before."""
+    now = datetime.now(UTC)
+    month = sum(
+        (
+            cost
+            for days, _, _, cost, *_ in ADA_SPEND
+            if (days_ago(days).year, days_ago(days).month) == (now.year, now.month)
+        ),
+        Decimal(0),
+    )
+    return f"${month:.2f}"
 
 
 @pytest.fixture
@@ -35,25 +62,19 @@ def ada(plans):
     UserPlan.objects.filter(user=user).update(monthly_budget_usd=Decimal("10"))
     key = api_key_create(user=user, name="notebook").api_key
     api_key_limits_set(api_key=key, budget_usd=Decimal("5"), budget_period=BudgetPeriod.TOTAL)
-    rows = [
-        (days_ago(3), "claude-test", "fake-anthropic", Decimal("2.50"), 1200, 800),
-        (days_ago(10), "gpt-test", "fake-openai", Decimal("0.40"), 300, 200),
-        (days_ago(0), "gpt-test", "fake-openai", Decimal("1.00"), 150, 50),
-        (days_ago(0), "gpt-test", "fake-openai", Decimal("0.25"), 100, 50),
-    ]
-    for created_at, model, provider, cost, prompt, completion in rows:
+    for days, model, provider, cost, prompt, completion in ADA_SPEND:
         UsageRecordFactory(
             user=user,
             api_key=key,
-            created_at=created_at,
+            created_at=days_ago(days),
             model_name=model,
             provider_name=provider,
             cost=cost,
             prompt_tokens=prompt,
             completion_tokens=completion,
         )
-    for created_at, *_ in rows[:2]:
-        daily_usage_rebuild(day=created_at.date())
+    for days in (3, 10):
+        daily_usage_rebuild(day=days_ago(days).date())
     # Someone else's spend shows on the staff page only.
     UsageRecordFactory(user=UserFactory(username="grace"), created_at=days_ago(1), cost=Decimal("7.00"))
     daily_usage_rebuild(day=days_ago(1).date())
@@ -90,7 +111,8 @@ def test_the_usage_page_shows_spend_and_what_is_left(ada):
     assert page.status_code == 200
     html = page.content.decode()
     assert 'id="spent-30d">$4.15<' in html and 'id="spent-today">$1.25<' in html
-    assert "<strong>$4.15</strong> of $10.00 used this month" in html  # ada's own monthly budget
+    # Ada's own monthly budget: only this month's part of the 30 days' spend.
+    assert f"<strong>{spent_this_month()}</strong> of $10.00 used this month" in html
     assert "of 100,000 tokens used today" in html  # Pro's daily quota
     assert "<strong>$4.15</strong> of $5.00 used in total" in html  # the key's total budget
     assert ">$2.50</text>" in html and ">$1.25</text>" in html  # bars of the daily chart
@@ -144,7 +166,9 @@ async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
     assert box["width"] > 800 and box["height"] > 200  # drawn at the card's width, not icon-sized
     await expect(page.locator("#spent-30d")).to_have_text("$4.15")
     await expect(page.locator("svg.chart-bars text.row-label")).to_have_text(["claude-test", "gpt-test"])
-    await expect(page.locator(".meter-figures").first).to_contain_text("$4.15 of $10.00 used this month")
+    await expect(page.locator(".meter-figures").first).to_contain_text(
+        f"{spent_this_month()} of $10.00 used this month"
+    )
     await page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
 
     await context.add_cookies([{**cookie, "value": await sync_to_async(session_cookie)(staff)}])
