@@ -59,6 +59,10 @@ def _script(name: str) -> str:
     return (SCRIPTS_DIR / f"{name}.lua").read_text()
 
 
+# How long the database keeps a counter after its period ended: as long as Redis does.
+KEPT_AFTER_PERIOD = timedelta(days=1)
+
+
 def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
@@ -410,9 +414,11 @@ class DatabaseCounterStore:
     def reconcile(self, now: datetime) -> int:
         """Bring every counter back to the ledger's figure, each under its row lock and in one transaction
         with the alerts for the thresholds a correction up crosses; returns how many were off. Counters of
-        periods long over are dropped (they are rebuilt from the ledger if needed)."""
-        daily_start, _ = period_bounds(BudgetPeriod.DAILY, now)
-        monthly_start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
+        periods that ended more than a day ago are dropped (they are rebuilt from the ledger if needed):
+        a request admitted in a period's last seconds settles into its counter after the period ended, and
+        Redis keeps a counter as long (``CounterRef.retention``)."""
+        daily_start, _ = period_bounds(BudgetPeriod.DAILY, now - KEPT_AFTER_PERIOD)
+        monthly_start, _ = period_bounds(BudgetPeriod.MONTHLY, now - KEPT_AFTER_PERIOD)
         BudgetCounter.objects.filter(period=BudgetPeriod.DAILY, period_start__lt=daily_start).delete()
         BudgetCounter.objects.filter(period=BudgetPeriod.MONTHLY, period_start__lt=monthly_start).delete()
         adjusted = 0

@@ -5,10 +5,11 @@ Every test runs against both admission stores (database row locks, and the real 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 
 import pytest
+import time_machine
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
@@ -22,7 +23,7 @@ from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
 from tests.factories import UsageRecordFactory, UserFactory
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
 
 TOKEN = Decimal("0.0001")  # one completion token of the flat model
 
@@ -207,6 +208,74 @@ async def test_reconcile_ignores_requests_in_flight(store, account):
     assert await sync_to_async(counter_state)(key_ref(account["key"])) == (9 * TOKEN, Decimal(0))
     ledger = await sync_to_async(lambda: sum(UsageRecord.objects.values_list("cost", flat=True), Decimal(0)))()
     assert ledger == 9 * TOKEN
+
+
+def next_month_start(moment: datetime) -> datetime:
+    return datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+
+
+def this_month_start(moment: datetime) -> datetime:
+    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
+
+
+async def test_a_counter_starts_from_this_periods_ledger_rows_only(store, account):
+    """The first second of the month belongs to it; the microsecond before belongs to the month before."""
+    start = this_month_start(datetime.now(UTC))
+    for created_at, tokens in ((start - timedelta(microseconds=1), 45), (start, 20)):
+        await sync_to_async(UsageRecordFactory)(
+            user=account["user"], api_key=account["key"], cost=tokens * TOKEN, created_at=created_at
+        )
+    assert (await acquire(account, "rest")).max_tokens == 30
+    assert (await sync_to_async(counter_state)(key_ref(account["key"])))[0] == 20 * TOKEN
+
+
+async def test_a_monthly_budget_starts_afresh_on_the_first_and_not_a_second_earlier(store, account):
+    await settle(await acquire(account, "all", max_tokens=50), 50)
+    new_month = next_month_start(datetime.now(UTC))
+
+    with time_machine.travel(new_month - timedelta(microseconds=1), tick=False):
+        with pytest.raises(QuotaExceededError):
+            await acquire(account, "last-moment", max_tokens=1)
+    with time_machine.travel(new_month, tick=False):
+        assert (await acquire(account, "first-moment")).max_tokens == 50
+
+
+async def test_a_daily_token_quota_starts_afresh_at_utc_midnight(store, quota_user, catalog):
+    flat = resolved_model(catalog["flat"])
+
+    async def go(request_id: str, max_tokens: int):
+        return await admission_acquire(
+            user_id=quota_user.pk,
+            api_key_id=None,
+            key_allowed_model_ids=None,
+            model=flat,
+            body={"model": "flat-model", "messages": [], "max_tokens": max_tokens},
+            request_id=request_id,
+            prompt_tokens_upper=0,
+        )
+
+    used = await go("all", 100)
+    await admission_settle(admission=used, cost=Decimal(0), prompt_tokens=0, completion_tokens=100, ok=True)
+    midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), time(), UTC)
+
+    with time_machine.travel(midnight - timedelta(microseconds=1), tick=False):
+        with pytest.raises(QuotaExceededError):
+            await go("last-moment", 1)
+    with time_machine.travel(midnight, tick=False):
+        assert (await go("first-moment", 100)).reserved_cost == 0
+
+
+async def test_a_request_admitted_before_the_month_ended_settles_into_that_month(store, account):
+    """Admitted in the old month and settled in the new one, after reconciliation ran there: it is charged to
+    the month it was admitted in, whose counter is still there to take it, and the new month starts empty."""
+    admission = await acquire(account, "late", max_tokens=10)
+    old_month = key_ref(account["key"])
+
+    with time_machine.travel(next_month_start(datetime.now(UTC)) + timedelta(minutes=1), tick=False):
+        await sync_to_async(budget_counters_reconcile)()
+        await settle(admission, 7)
+        assert await sync_to_async(counter_state)(old_month) == (7 * TOKEN, Decimal(0))
+        assert (await acquire(account, "new-month")).max_tokens == 50
 
 
 def test_periods_are_utc_days_months_or_forever():
