@@ -25,7 +25,7 @@ from tests.billing.conftest import FLAT_TOKEN, spend_settled
 from tests.conftest import free_port
 from tests.factories import UserFactory
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
 
 TOKEN = FLAT_TOKEN
 

@@ -23,7 +23,7 @@ from billing.services.ratelimits import RateSpec, format_reset
 from providers.selectors import resolved_model
 from tests.factories import UserFactory
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from providers.selectors import resolved_model
 from tests.billing.conftest import FLAT_TOKEN, spend_settled
 from tests.factories import UsageRecordFactory, UserFactory
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
 
 TOKEN = FLAT_TOKEN
 LATER = timedelta(minutes=10)  # past the memory of settles: only what the ledger shows counts
