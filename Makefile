@@ -36,15 +36,27 @@ run: $(STAMP)
 
 # The tests about money (budgets under concurrency, row locks, the ledger) run a second time on a
 # throw-away PostgreSQL, the production database; `make test ARGS=...` runs only what ARGS selects.
+# The PostgreSQL phase runs even when the SQLite phase failed, so one red test does not hide the other
+# half's result; make fails if either did. scripts/system_deps.sh first checks (as root: installs)
+# redis-server, chromium, fonts-liberation and PostgreSQL.
 POSTGRES_TESTS := tests/billing tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py
+PYTEST_SQLITE := $(VENV)/bin/pytest
+PYTEST_POSTGRES := $(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -q -p no:cacheprovider $(POSTGRES_TESTS)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest $(ARGS)
+	@bash scripts/system_deps.sh
 ifeq ($(strip $(ARGS)),)
-	$(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -q -p no:cacheprovider $(POSTGRES_TESTS)
+	@sqlite=0; postgres=0; \
+	echo "== SQLite: $(PYTEST_SQLITE)"; $(PYTEST_SQLITE) || sqlite=$$?; \
+	echo "== PostgreSQL: $(PYTEST_POSTGRES)"; $(PYTEST_POSTGRES) || postgres=$$?; \
+	echo "== make test: SQLite phase exit $$sqlite, PostgreSQL phase exit $$postgres"; \
+	[ $$sqlite -eq 0 ] && [ $$postgres -eq 0 ]
+else
+	$(VENV)/bin/pytest $(ARGS)
 endif
 
 test-postgres: $(STAMP)
+	@bash scripts/system_deps.sh
 	$(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -p no:cacheprovider $(if $(strip $(ARGS)),$(ARGS),$(POSTGRES_TESTS))
 
 lint: $(STAMP)
