@@ -8,6 +8,12 @@ a key, and a key is never read from the URL, where it would end up in access log
 carries an ``Origin`` header (every browser's does) must name one of ``ALLOWED_HOSTS``; programs may
 omit the header (``chat.security``).
 
+Revocation. A key can be revoked or expire while its socket is open: it is checked again before every
+``chat.send``, through the same cache as every request (this process's revocations are seen at once,
+another process's within ``LLMHUB_LOOKUP_CACHE_TTL``). A key that no longer works gets an ``error``
+(``key_revoked`` or ``key_expired``) and the socket is closed with code 4410 (revoked: the key, a key above
+it, or its owner) or 4440 (expired); replies still streaming on it are stopped and saved as cancelled.
+
 Protocol (JSON both ways)::
 
     → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt"}
@@ -39,7 +45,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from billing.models import UsageStatus
-from billing.services.keys import AuthenticationFailed
+from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
 from providers.exceptions import ApplicationError, ProviderError
 from providers.selectors import model_resolve
 
@@ -51,6 +57,9 @@ from .pipeline import Caller, CompletionRun, RunResult, caller_from_api_key, cal
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+# After HTTP's 410 Gone and IIS's 440 Login Time-out: the key worked when the socket authenticated.
+CLOSE_KEY_REVOKED = 4410
+CLOSE_KEY_EXPIRED = 4440
 AUTH_TIMEOUT = 10.0
 MAX_STREAMS_PER_SOCKET = 8
 MAX_CONTENT_CHARS = 100_000
@@ -93,6 +102,7 @@ def _turn_context(*, user_id: int, conversation_id: int | None) -> tuple[str, li
 class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.caller: Caller | None = None
+        self.key_digest: str | None = None  # set when a key authenticated the socket, to check it again
         self.closing = False
         self.streams: dict[str, _Stream] = {}
         self.busy_conversations: dict[int, str] = {}
@@ -135,6 +145,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.caller is None:
             await self._authenticate(content if event_type == "auth" else None)
             return
+        if event_type == "chat.send" and not await self._key_still_works(content):
+            return
         handlers = {"chat.send": self._chat_send, "chat.cancel": self._chat_cancel, "ping": self._ping}
         handler = handlers.get(event_type)
         if handler is None:
@@ -158,19 +170,46 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except AuthenticationFailed as exc:
             await self._refuse(exc.message, exc.code or "invalid_api_key")
             return
+        self.key_digest = hash_key(raw)
         if self.auth_deadline is not None:
             self.auth_deadline.cancel()
         await self.send_json({"type": "auth.ok"})
+
+    async def _key_still_works(self, event: dict[str, Any]) -> bool:
+        if self.key_digest is None:
+            return True
+        status = await api_key_status(self.key_digest)
+        if status == "active":
+            return True
+        for stream in list(self.streams.values()):
+            self._stop(stream, by_user=False)
+        if status == "expired":
+            await self._refuse(
+                "This API key has expired.",
+                "key_expired",
+                close_code=CLOSE_KEY_EXPIRED,
+                request_id=_client_request_id(event),
+            )
+        else:
+            await self._refuse(
+                "This API key has been revoked.",
+                "key_revoked",
+                close_code=CLOSE_KEY_REVOKED,
+                request_id=_client_request_id(event),
+            )
+        return False
 
     async def _close_if_not_authenticated(self) -> None:
         await asyncio.sleep(AUTH_TIMEOUT)
         if self.caller is None and not self.closing:
             await self._refuse(f"No auth message within {AUTH_TIMEOUT:g} seconds.", "auth_timeout")
 
-    async def _refuse(self, message: str, code: str) -> None:
-        await self._send_error(message, code=code)
+    async def _refuse(
+        self, message: str, code: str, *, close_code: int = CLOSE_UNAUTHENTICATED, request_id: str | None = None
+    ) -> None:
+        await self._send_error(message, code=code, request_id=request_id)
         self.closing = True
-        await self.close(code=CLOSE_UNAUTHENTICATED)
+        await self.close(code=close_code)
 
     async def _ping(self, event: dict[str, Any]) -> None:
         await self.send_json({"type": "pong"})
