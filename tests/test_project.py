@@ -462,6 +462,12 @@ def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     )
     assert demo.stdout.strip().splitlines()[-1] == "1 True Free", demo.stdout + demo.stderr
 
+    # A plan an admin gives the demo user later is theirs to keep.
+    assert manage("setplan", "demo", "Pro", cwd=project, env=env).returncode == 0
+    third = manage("demo_setup", cwd=project, env=env)
+    assert third.returncode == 0, third.stderr
+    assert "user 'demo' (Pro plan)" in third.stdout, third.stdout
+
 
 def test_production_serves_collected_static_files_itself(tmp_path):
     """With DEBUG off, the admin's and the chat page's assets come from STATIC_ROOT through ServeStatic."""
