@@ -84,6 +84,7 @@ def test_revoked_key_is_401(created):
     assert_401(get_keys(HTTP_AUTHORIZATION=f"Bearer {created.secret}"))
 
 
+@pytest.mark.period_instants
 def test_expired_key_is_401(created):
     headers = {"HTTP_AUTHORIZATION": f"Bearer {created.secret}"}
     assert get_keys(**headers).status_code == 200
@@ -94,6 +95,16 @@ def test_expired_key_is_401(created):
 
     error = assert_401(get_keys(**headers))
     assert "expired" in error["message"]
+
+
+@pytest.mark.period_instants
+def test_a_key_expires_at_its_expiry_instant(created):
+    """Valid up to the microsecond before ``expires_at``, refused from that instant on (the clock is pinned)."""
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {created.secret}"}
+    for expires_in, status in ((timedelta(microseconds=1), 200), (timedelta(0), 401)):
+        created.api_key.expires_at = timezone.now() + expires_in
+        created.api_key.save()  # the save signal drops the cached copy
+        assert get_keys(**headers).status_code == status, expires_in
 
 
 def test_a_key_of_a_deactivated_user_is_refused_at_once(created):

@@ -152,6 +152,7 @@ def test_a_day_with_nothing_left_in_the_ledger_is_emptied(ledger):
     assert not DailyUsage.objects.filter(day=TODAY).exists()
 
 
+@pytest.mark.period_instants
 def test_the_beat_task_rolls_up_today_and_yesterday(ledger, settings):
     now = datetime.now(UTC)
     UsageRecordFactory(user=ledger["bob"], created_at=now, cost=Decimal("0.75"))

@@ -22,6 +22,7 @@ def reply(conversation, *, age: timedelta, request_id: str, status=MessageStatus
     return message
 
 
+@pytest.mark.period_instants  # ages in hours and seconds, over a midnight, a month's end and a leap day
 def test_only_abandoned_streaming_replies_are_closed():
     conversation = Conversation.objects.create(owner=UserFactory(), title="t", model_name="m")
     ancient = reply(conversation, age=timedelta(hours=2), request_id="req_a")
