@@ -53,6 +53,7 @@ from . import selectors, services
 from .history import Turn, history_trim
 from .models import MessageStatus
 from .pipeline import Caller, CompletionRun, RunResult, caller_from_api_key, caller_from_user, completion_start
+from .validation import InvalidRequestError, has_lone_surrogate, json_parse
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ AUTH_TIMEOUT = 10.0
 MAX_STREAMS_PER_SOCKET = 8
 MAX_CONTENT_CHARS = 100_000
 MAX_REQUEST_ID_CHARS = 64
+MAX_DATABASE_ID = 2**63 - 1
 # A streaming reply is written to the database at most this often, not once per token.
 CHECKPOINT_SECONDS = 1.0
 # How long a closing socket waits for its replies to be saved before the consumer ends.
@@ -132,9 +134,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_error("Send JSON text frames.", code="invalid_json")
             return
         try:
-            content = await self.decode_json(text_data)
-        except ValueError:
+            # Not decode_json: Python's parser raises RecursionError on deep nesting, which would end the
+            # consumer and drop the socket without a close frame.
+            content = json_parse(text_data)
+        except InvalidRequestError:
             await self._send_error("That frame is not valid JSON.", code="invalid_json")
+            if self.caller is None:
+                await self._refuse('Authenticate first: send {"type": "auth", "api_key": "..."}.', "auth_required")
             return
         await self.receive_json(content)
 
@@ -142,6 +148,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.closing:
             return
         event_type = content.get("type") if isinstance(content, dict) else None
+        if not isinstance(event_type, str):
+            event_type = None
         if self.caller is None:
             await self._authenticate(content if event_type == "auth" else None)
             return
@@ -153,7 +161,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if event_type == "auth":
                 await self._send_error("This socket is already authenticated.", code="already_authenticated")
             else:
-                await self._send_error(f"Unknown event type {event_type!r}.", code="unknown_type")
+                await self._send_error(f"Unknown event type {event_type and event_type[:64]!r}.", code="unknown_type")
             return
         try:
             await handler(content)
@@ -226,10 +234,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 f"At most {MAX_STREAMS_PER_SOCKET} replies may stream at once on one socket.", code="too_many_streams"
             )
         conversation_id = event.get("conversation")
-        if conversation_id is not None and (not isinstance(conversation_id, int) or isinstance(conversation_id, bool)):
+        if conversation_id is not None and (
+            not isinstance(conversation_id, int)
+            or isinstance(conversation_id, bool)
+            or not 0 < conversation_id <= MAX_DATABASE_ID
+        ):
             raise SocketError("'conversation' must be a conversation id or null.")
         model_name = event.get("model")
-        if not isinstance(model_name, str) or not model_name.strip():
+        if not isinstance(model_name, str) or not model_name.strip() or has_lone_surrogate(model_name):
             raise SocketError("'model' must be a model name.")
         text = event.get("content")
         if not isinstance(text, str) or not text.strip():

@@ -73,7 +73,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _has_surrogate(text: str) -> bool:
+def has_lone_surrogate(text: str) -> bool:
     return not text.isascii() and _SURROGATE.search(text) is not None
 
 
@@ -82,12 +82,12 @@ def _check_json_values(body: dict[str, Any]) -> None:
     integers within 64 bits and finite numbers, so that what we accept can be forwarded and recorded.
     One pass over the parsed body, without recursion; the error names the top-level field."""
     for name, value in body.items():
-        param = name if isinstance(name, str) and not _has_surrogate(name) else ""
+        param = name if isinstance(name, str) and not has_lone_surrogate(name) else ""
         stack = [(value, 1)]
         while stack:
             node, depth = stack.pop()
             if isinstance(node, str):
-                if _has_surrogate(node):
+                if has_lone_surrogate(node):
                     _fail(f"Invalid '{param}': the text contains a lone UTF-16 surrogate (not valid Unicode).", param)
             elif isinstance(node, dict | list):
                 if depth > MAX_JSON_DEPTH:
@@ -251,7 +251,7 @@ def validate_chat_request(body: Any) -> None:
         _fail("Missing required parameter: 'model'.", "model", "missing_required_parameter")
     if not isinstance(model, str) or not model.strip():
         _fail("Invalid type for 'model': expected a non-empty string.", "model", "invalid_type")
-    if "\x00" in model or _has_surrogate(model):
+    if "\x00" in model or has_lone_surrogate(model):
         _fail("Invalid 'model': not a model name.", "model")
     _check_json_values(body)
     _check_messages(body.get("messages"))
