@@ -11,7 +11,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from . import admin_plans  # noqa: F401  (plans, budget counters, alerts, daily usage)
-from .models import ApiKey, UsageRecord
+from .models import ApiKey, KeyScope, UsageRecord
 from .services.budgets import api_key_limits_set
 from .services.keys import api_key_create, api_key_revoke
 
@@ -37,10 +37,34 @@ class ApiKeyStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
-class ApiKeyAddForm(forms.ModelForm):
+class ApiKeyChangeForm(forms.ModelForm):
+    # The model keeps a JSON list; the admin offers the known scopes as checkboxes.
+    scopes = forms.MultipleChoiceField(
+        choices=KeyScope.choices,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="Rights beyond calling models. A key created by this key can only get scopes this key holds.",
+    )
+
     class Meta:
         model = ApiKey
-        fields = ("user", "name", "expires_at", "allowed_models", "budget_usd", "budget_period", "rpm", "tpm")
+        fields = ("name", "expires_at", "allowed_models", "scopes", "budget_usd", "budget_period", "rpm", "tpm")
+
+
+class ApiKeyAddForm(ApiKeyChangeForm):
+    class Meta:
+        model = ApiKey
+        fields = (
+            "user",
+            "name",
+            "expires_at",
+            "allowed_models",
+            "budget_usd",
+            "budget_period",
+            "rpm",
+            "tpm",
+            "scopes",
+        )
 
     def clean_expires_at(self) -> Any:
         expires_at = self.cleaned_data.get("expires_at")
@@ -52,9 +76,10 @@ class ApiKeyAddForm(forms.ModelForm):
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
     add_form = ApiKeyAddForm
-    list_display = ("prefix", "name", "user", "created_at", "last_used_at", "expires_at", "status")
+    form = ApiKeyChangeForm
+    list_display = ("prefix", "name", "user", "parent", "created_at", "last_used_at", "expires_at", "status")
     list_filter = (ApiKeyStatusFilter,)
-    list_select_related = ("user",)
+    list_select_related = ("user", "parent")
     search_fields = ("prefix", "name", "user__username", "user__email")
     ordering = ("-created_at",)
     actions = ("revoke_selected",)
@@ -62,11 +87,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
     filter_horizontal = ("allowed_models",)
     # secret_hash is in no field list: the admin never shows it.
     fieldsets = (
-        (None, {"fields": ("prefix", "user", "name", "expires_at", "allowed_models")}),
+        (None, {"fields": ("prefix", "user", "parent", "name", "expires_at", "allowed_models", "scopes")}),
         ("Limits of this key (on top of its owner's plan)", {"fields": ("budget_usd", "budget_period", "rpm", "tpm")}),
         ("History", {"fields": ("created_at", "last_used_at", "revoked_at")}),
     )
-    readonly_fields = ("prefix", "user", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = ("prefix", "user", "parent", "created_at", "last_used_at", "revoked_at")
 
     @admin.display(description="status")
     def status(self, obj: ApiKey) -> str:
@@ -96,6 +121,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             name=form.cleaned_data["name"],
             expires_at=form.cleaned_data["expires_at"],
             allowed_models=form.cleaned_data["allowed_models"],
+            scopes=form.cleaned_data["scopes"],
         )
         api_key_limits_set(
             api_key=created.api_key,

@@ -14,7 +14,10 @@ import httpx
 import pytest
 import time_machine
 from asgiref.sync import async_to_sync, sync_to_async
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -397,3 +400,23 @@ def test_createapikey_grants_the_manage_scope_only_when_asked(alice, capsys):
     assert ApiKey.objects.get(name="plain").scopes == []
     assert ApiKey.objects.get(name="manager").scopes == MANAGE
     assert "keys:manage" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_the_admin_grants_the_scope_and_shows_the_parent(alice):
+    admin = Client()
+    admin.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw-for-tests-123"))
+    response = admin.post(
+        reverse("admin:billing_apikey_add"),
+        {"user": alice.pk, "name": "manager", "budget_period": "monthly", "scopes": ["keys:manage"]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    manager = ApiKey.objects.get(name="manager")
+    assert manager.scopes == MANAGE
+    child = api_key_create(user=alice, name="child", parent=manager)
+
+    page = admin.get(reverse("admin:billing_apikey_change", args=[child.api_key.pk])).content.decode()
+    assert manager.prefix in page  # the parent, read-only
+    listing = admin.get(reverse("admin:billing_apikey_changelist")).content.decode()
+    assert str(manager) in listing  # the child's parent column
