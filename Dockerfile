@@ -26,4 +26,6 @@ RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
     python manage.py collectstatic --noinput
 
 EXPOSE 8000
+# The access log (uvicorn's, to stderr) shows request paths without their query strings: llmhub/logging.py,
+# installed by llmhub.asgi, so it holds for any uvicorn command line. tests/test_access_log.py runs this CMD.
 CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "25"]

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from django.core.asgi import get_asgi_application
 
+from llmhub.logging import drop_query_strings_from_server_logs
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
+# The server's access log would otherwise keep a key a client put in a query string (llmhub/logging.py).
+drop_query_strings_from_server_logs()
 
 # Django must be set up before anything imports models (the WebSocket routing does).
 django_asgi_app = get_asgi_application()

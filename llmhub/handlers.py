@@ -90,7 +90,7 @@ class TransportSecurity:
             error_type="invalid_request_error",
             code="https_required",
         )
-        return HttpResponse(json.dumps(body), status=403, content_type="application/json")
+        return HttpResponse(json.dumps(body, separators=(",", ":")), status=403, content_type="application/json")
 
     def wrap(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponse]]) -> Any:
         async def secured(request: HttpRequest) -> HttpResponse:
