@@ -377,12 +377,14 @@ def outbound_client(
     )
 
 
-def outbound_sync_client(*, url: str, timeout: httpx2.Timeout | float, **kwargs: Any) -> httpx2.Client:
+def outbound_sync_client(
+    *, url: str, timeout: httpx2.Timeout | float, follow_redirects: bool = True, **kwargs: Any
+) -> httpx2.Client:
     """``outbound_client`` for synchronous code."""
     return httpx2.Client(
         transport=SyncOutboundTransport(origin=url, limits=httpx2.Limits()),
         timeout=timeout,
-        follow_redirects=True,
+        follow_redirects=follow_redirects,
         trust_env=False,
         **kwargs,
     )

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 
-import httpx
+import httpx2
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+
+from providers.outbound import OutboundRefused, outbound_sync_client
 
 from ..models import ApiKey, BudgetAlert, BudgetMetric, ScopeKind
 from ..selectors import UNRESTRICTED, KeyLimits, user_limits_sync
@@ -163,9 +165,16 @@ def budget_alert_email_send(*, alert: BudgetAlert) -> bool:
 
 
 def budget_alert_webhook_send(*, alert: BudgetAlert, url: str) -> None:
+    """POST the alert to the webhook, under the outbound policy every provider call obeys (the URL is set by
+    an operator, but the address its name resolves to is not); a redirect is a failure, as it always was."""
     try:
-        response = httpx.post(url, json={"text": alert_text(alert)}, timeout=10.0)
-    except httpx.HTTPError as exc:
+        with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False) as client:
+            response = client.post(url, json={"text": alert_text(alert)})
+    except OutboundRefused:
+        raise WebhookDeliveryError(
+            "the alert webhook's address is refused by the outbound policy (see LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS)"
+        ) from None
+    except httpx2.HTTPError as exc:
         raise WebhookDeliveryError(f"the alert webhook could not be reached ({type(exc).__name__})") from None
     if response.status_code >= 300:
         raise WebhookDeliveryError(f"the alert webhook answered HTTP {response.status_code}")

@@ -17,11 +17,14 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import openai
 import pytest
 from aiohttp import web
 
+from billing.models import BudgetAlert, BudgetMetric, BudgetPeriod, ScopeKind
+from billing.services.alerts import WebhookDeliveryError, budget_alert_webhook_send
 from billing.services.keys import api_key_create
 from providers import outbound
 from providers.exceptions import ProviderError
@@ -121,6 +124,8 @@ class Redirector:
         if parts[0] in ("cross", "same") and len(parts) == 3:
             target = f"{self.upstream_url}/{parts[2]}" if parts[0] == "cross" else f"/served/{parts[2]}"
             return web.Response(status=int(parts[1]), headers={"Location": target})
+        if request.path == "/hook":
+            return web.Response(text="ok")
         if request.path == "/served/v1/models":
             return web.json_response({"object": "list", "data": [{"id": "served-model", "object": "model"}]})
         if request.path == "/served/v1/chat/completions":
@@ -350,3 +355,45 @@ def test_import_models_creates_nothing_when_refused(production_rules, fake_upstr
 
     assert excinfo.value.status_code == 502
     assert Model.objects.filter(provider=provider).count() == 1  # only the one made here
+
+
+# -- the budget alert webhook, another outbound call ------------------------------------------------
+
+
+@pytest.fixture
+def alert() -> BudgetAlert:
+    user = UserFactory()
+    return BudgetAlert.objects.create(
+        scope_kind=ScopeKind.USER,
+        scope_id=user.pk,
+        user=user,
+        metric=BudgetMetric.COST,
+        period=BudgetPeriod.MONTHLY,
+        period_start=datetime(2026, 12, 1, tzinfo=UTC),
+        threshold=80,
+        limit=10,
+        spent=8,
+    )
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "169.254.169.254", "[::ffff:127.0.0.1]", "loopback.test", "metadata.google.internal"]
+)
+def test_the_alert_webhook_obeys_the_same_rules(host, alert, production_rules, fake_upstream):
+    with pytest.raises(WebhookDeliveryError) as excinfo:
+        budget_alert_webhook_send(alert=alert, url=f"http://{host}:{fake_upstream.port}/v1/models")
+
+    assert "outbound policy" in str(excinfo.value)
+    assert fake_upstream.stats["requests"] == 0
+    alert.refresh_from_db()
+    assert alert.channels == []
+
+
+def test_the_alert_webhook_reaches_an_allowed_address(alert, production_rules, redirector):
+    redirector.hits.clear()
+
+    budget_alert_webhook_send(alert=alert, url=f"{redirector.url}/hook")
+
+    assert redirector.hits == ["POST /hook"]
+    alert.refresh_from_db()
+    assert alert.channels == ["webhook"]
