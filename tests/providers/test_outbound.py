@@ -397,3 +397,24 @@ def test_the_alert_webhook_reaches_an_allowed_address(alert, production_rules, r
     assert redirector.hits == ["POST /hook"]
     alert.refresh_from_db()
     assert alert.channels == ["webhook"]
+
+
+# -- the admin's buttons ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["test_connection", "import_models"])
+@pytest.mark.parametrize("where", ["cross-origin redirect", "loopback"])
+def test_the_admin_actions_report_the_refusal(where, action, admin_client, production_rules, redirector, fake_upstream):
+    from tests.providers.test_admin import run_action
+
+    if where == "loopback":
+        provider = provider_at(f"http://127.0.0.1:{fake_upstream.port}/v1")
+    else:
+        provider = provider_at(f"{redirector.url}/cross/302/v1")
+
+    _, shown = run_action(admin_client, action, provider)
+
+    assert len(shown) == 1
+    assert "failed" in shown[0][1]
+    assert "may not connect" in shown[0][1]
+    assert fake_upstream.stats["requests"] == 0
