@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
+from django.templatetags.static import static
+from django.views.decorators.cache import cache_control
 
 from .pipeline import caller_from_user, models_for_caller
 
@@ -27,3 +29,11 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
 async def keys_page(request: HttpRequest) -> HttpResponse:
     user = await request.auser()
     return render(request, "chat/keys.html", {"user": user, "page": "keys"})
+
+
+@cache_control(max_age=86400, public=True)
+async def favicon(request: HttpRequest) -> HttpResponse:
+    """Browsers ask for /favicon.ico on pages that link no icon (the admin, the API docs): the static SVG.
+
+    A temporary redirect, cached for a day: a permanent one would outlive a renamed (hashed) static file."""
+    return HttpResponseRedirect(static("chat/favicon.svg"))
