@@ -81,6 +81,28 @@
     if (target) copyWithFeedback(button, target.textContent);
   });
 
+  /* The top bar's menu, shown on narrow phones only (the links and "Sign out" are in the bar elsewhere). */
+  const menuToggle = document.getElementById("menu-toggle");
+  const menu = document.getElementById("topbar-menu");
+  function setMenu(open) {
+    menu.classList.toggle("open", open);
+    menuToggle.setAttribute("aria-expanded", String(open));
+  }
+  if (menuToggle && menu) {
+    menuToggle.addEventListener("click", () => setMenu(!menu.classList.contains("open")));
+    document.addEventListener("click", (event) => {
+      if (menu.classList.contains("open") && !menu.contains(event.target) && !menuToggle.contains(event.target)) {
+        setMenu(false);
+      }
+    });
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && menu.classList.contains("open")) {
+        setMenu(false);
+        menuToggle.focus();
+      }
+    });
+  }
+
   const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
   function formatDate(value) {
     return value ? dateFormat.format(new Date(value)) : "";

@@ -1,0 +1,293 @@
+"""Every page at phone width (360 px) in a real browser (Debian's Chromium through Playwright), with data
+that is hard to fit: a long code line, a wide table, long model and key names, a chart with many rows.
+
+A page fits when ``document.documentElement.scrollWidth`` is at most the viewport's width: what is wider
+than the screen (code, tables) scrolls inside its own box, not the page. Each page is screenshotted into
+test-artifacts/ at phone and desktop width. Loading a page must not cost a failed request either (the
+browser asks for /favicon.ico on its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from decimal import Decimal
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.test import Client
+from django.utils import timezone
+from playwright.async_api import Browser, BrowserContext, Page, Response, expect
+
+from billing.models import BudgetPeriod, Plan
+from billing.services.budgets import api_key_limits_set
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from billing.services.rollups import daily_usage_rebuild
+from chat.models import Conversation, Message, MessageStatus, Role
+from tests.conftest import LiveServer
+from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+PHONE = {"width": 360, "height": 740}
+DESKTOP = {"width": 1280, "height": 860}
+
+LONG_LINE = "result = " + " + ".join(f"compute_the_{n}th_intermediate_value(argument_{n})" for n in range(12))
+WIDE_REPLY = f"""Here is the whole pipeline in one line:
+
+```python
+{LONG_LINE}
+```
+
+| model | context window | input $/Mtok | output $/Mtok | cached input $/Mtok | notes |
+|---|---|---|---|---|---|
+| claude-3-5-sonnet-20241022-long-context | 200000 | 3.00 | 15.00 | 0.30 | the default for long documents |
+
+See https://example.com/a/very/long/path/that/does/not/break/anywhere/by/itself/at/all/0123456789abcdef
+"""
+LONG_MODELS = ("claude-3-5-sonnet-20241022-long-context", "gpt-4o-mini-2024-07-18-with-a-long-suffix", "o3-mini-high")
+
+
+def seed(user) -> Conversation:
+    """A conversation with wide content, keys with long names and limits, and a month of usage."""
+    provider = ProviderFactory(name="fake-openai-mobile")
+    ModelFactory(name=LONG_MODELS[0], provider=provider)
+    plan = Plan.objects.create(
+        name="Team with a long plan name", allow_all_models=True, daily_token_quota=100_000, rpm=600, tpm=100_000
+    )
+    plan_assign(user=user, plan=plan)
+    user.billing_plan.monthly_budget_usd = Decimal("25")
+    user.billing_plan.save()
+    keys = [api_key_create(user=user, name=name).api_key for name in ("laptop", "continuous-integration-nightly")]
+    api_key_limits_set(api_key=keys[1], budget_usd=Decimal("5"), budget_period=BudgetPeriod.TOTAL)
+
+    conversation = Conversation.objects.create(owner=user, title="One very long line", model_name=LONG_MODELS[0])
+    Message.objects.create(
+        conversation=conversation,
+        role=Role.USER,
+        content="Put it on one line: " + "averyveryverylongwordwithoutanyspaces" * 4,
+    )
+    Message.objects.create(
+        conversation=conversation,
+        role=Role.ASSISTANT,
+        content=WIDE_REPLY,
+        model_name=LONG_MODELS[0],
+        provider_name=provider.name,
+        status=MessageStatus.COMPLETE,
+    )
+
+    now = timezone.now()
+    grace = UserFactory(username="grace.hopper.with.a.long.username")
+    for day in range(0, 30, 2):
+        for n, model in enumerate(LONG_MODELS):
+            UsageRecordFactory(
+                user=user if n < 2 else grace,
+                api_key=keys[n % 2] if n < 2 else None,
+                created_at=now - timedelta(days=day),
+                model_name=model,
+                provider_name=provider.name,
+                cost=Decimal("1.2345") * (n + 1),
+                prompt_tokens=12_000 + day,
+                completion_tokens=3_400,
+            )
+    for day in range(1, 30):
+        daily_usage_rebuild(day=(now - timedelta(days=day)).date())
+    return conversation
+
+
+@pytest.fixture
+def ada(live_site, fake_upstream):
+    return UserFactory(username="ada", is_staff=True)
+
+
+def session_cookie(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+async def signed_in(browser: Browser, site: LiveServer, user) -> BrowserContext:
+    context = await browser.new_context(viewport=PHONE)
+    value = await sync_to_async(session_cookie)(user)
+    await context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": value, "url": site.url}])
+    return context
+
+
+def failed_requests(page: Page) -> list[str]:
+    failed: list[str] = []
+
+    def check(response: Response) -> None:
+        if response.status >= 400:
+            failed.append(f"{response.status} {response.url}")
+
+    page.on("response", check)
+    return failed
+
+
+async def scroll_width(page: Page) -> int:
+    return await page.evaluate("document.documentElement.scrollWidth")
+
+
+# The page's own scrolling boxes (the main column, the chat's messages) must not scroll sideways either:
+# that is the page scrolling, only hidden from the document's width.
+SIDEWAYS_JS = """() => [...document.querySelectorAll("#main, .messages")]
+  .filter((node) => node.scrollWidth > node.clientWidth)
+  .map((node) => `#${node.id || node.className}: ${node.scrollWidth} px in ${node.clientWidth} px`)"""
+
+
+# The outermost elements that stick out to the right of the viewport: what to fix when a page is too wide.
+OVERFLOWING_JS = """() => {
+  const width = document.documentElement.clientWidth;
+  const name = (node) => node.tagName.toLowerCase() + (node.id ? "#" + node.id : "")
+    + [...node.classList].map((c) => "." + c).join("");
+  return [...document.body.querySelectorAll("*")]
+    .filter((node) => node.getBoundingClientRect().right > width + 0.5)
+    .filter((node) => !(node.parentElement.getBoundingClientRect().right > width + 0.5))
+    .map((node) => `${name(node)} in ${name(node.parentElement)} to ${node.getBoundingClientRect().right} px`);
+}"""
+
+
+async def check_page(page: Page, name: str, artifacts_dir, ready) -> None:
+    """At phone width the page fits; screenshots at both widths."""
+    await page.set_viewport_size(PHONE)
+    await ready()
+    width = await scroll_width(page)
+    await page.screenshot(path=str(artifacts_dir / f"mobile-{name}.png"), full_page=True)
+    if width > PHONE["width"]:
+        culprits = await page.evaluate(OVERFLOWING_JS)
+        pytest.fail(f"{name}: the page is {width} px wide at {PHONE['width']} px; too wide: {culprits}")
+    assert await page.evaluate(SIDEWAYS_JS) == [], name
+    await page.set_viewport_size(DESKTOP)
+    await page.screenshot(path=str(artifacts_dir / f"desktop-{name}.png"), full_page=True)
+    assert await scroll_width(page) <= DESKTOP["width"]
+    await page.set_viewport_size(PHONE)
+
+
+async def scrolls_inside(page: Page, selector: str) -> None:
+    """The wide thing is really wider than the screen, and scrolls inside its own box."""
+    box = page.locator(selector).first
+    await expect(box).to_be_visible()
+    sizes = await box.evaluate("node => [node.scrollWidth, node.clientWidth, getComputedStyle(node).overflowX]")
+    scroll, client, overflow = sizes
+    assert scroll > PHONE["width"] and client < PHONE["width"] and overflow in ("auto", "scroll"), (selector, sizes)
+
+
+async def chat_ready(page: Page) -> None:
+    await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    await expect(page.locator(".conv-item")).to_have_count(1)
+
+
+async def conversation_ready(page: Page) -> None:
+    await chat_ready(page)
+    await expect(page.locator(".code-block pre code.hljs")).to_have_count(1)
+    await scrolls_inside(page, ".code-block pre code")  # highlight.js makes the code its scroll box
+    await scrolls_inside(page, ".message-body table")
+
+
+async def sidebar_open(page: Page) -> None:
+    await conversation_ready(page)
+    await page.get_by_role("button", name="Show conversations").click()
+    await expect(page.locator("#sidebar")).to_be_in_viewport()
+    await page.wait_for_timeout(300)  # the slide-in transition
+
+
+async def keys_ready(page: Page) -> None:
+    await expect(page.locator("#keys-body tr")).to_have_count(2)
+    await scrolls_inside(page, ".table-wrap")
+
+
+async def usage_ready(page: Page) -> None:
+    await expect(page.locator("svg.chart-columns")).to_be_visible()
+    await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
+    await scrolls_inside(page, ".chart-scroll")
+    # The daily chart starts scrolled to its end: today's column is in the visible part of its box.
+    shown = await page.locator("svg.chart-columns .column.today").evaluate(
+        """node => {
+          const column = node.getBoundingClientRect(), box = node.closest(".chart-scroll").getBoundingClientRect();
+          return column.left >= box.left && column.right <= box.right;
+        }"""
+    )
+    assert shown, "today's column is scrolled out of view"
+
+
+async def usage_admin_ready(page: Page) -> None:
+    await expect(page.locator("svg.chart-bars")).to_have_count(3)
+    await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
+
+
+async def menu_open(page: Page) -> None:
+    """The top bar's links and "Sign out" are in its menu, inside the screen."""
+    menu = page.get_by_role("button", name="Menu")
+    await menu.click()
+    await expect(menu).to_have_attribute("aria-expanded", "true")
+    for link in ("Chat", "API keys", "Usage", "Admin"):
+        await expect(page.get_by_role("link", name=link, exact=True)).to_be_in_viewport(ratio=1)
+    await expect(page.get_by_role("button", name="Sign out")).to_be_in_viewport(ratio=1)
+
+
+async def login_ready(page: Page) -> None:
+    await expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+
+
+# name: (path, signed in, wait until the page is ready and check what is special to it)
+PAGES: dict[str, tuple[str, bool, Callable[[Page], Awaitable[None]]]] = {
+    "chat-empty": ("/", True, chat_ready),
+    "chat": ("/c/{conversation}/", True, conversation_ready),
+    "chat-sidebar": ("/c/{conversation}/", True, sidebar_open),
+    "keys": ("/keys/", True, keys_ready),
+    "usage": ("/usage/", True, usage_ready),
+    "usage-admin": ("/usage/admin/", True, usage_admin_ready),
+    "menu": ("/keys/", True, menu_open),
+    "login": ("/accounts/login/", False, login_ready),
+}
+
+
+@pytest.mark.parametrize("name", PAGES)
+async def test_the_page_fits_a_phone(name, live_site, browser, ada, artifacts_dir):
+    path, signed_in_page, ready = PAGES[name]
+    conversation = await sync_to_async(seed)(ada)
+    context = await (signed_in(browser, live_site, ada) if signed_in_page else browser.new_context(viewport=PHONE))
+    page = await context.new_page()
+    failed = failed_requests(page)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        await page.goto(live_site.url + path.format(conversation=conversation.pk))
+        await check_page(page, name, artifacts_dir, lambda: ready(page))
+        assert failed == []
+        assert errors == []
+    finally:
+        await context.close()
+
+
+async def test_sign_out_from_the_phone_menu(live_site, browser, ada):
+    context = await signed_in(browser, live_site, ada)
+    page = await context.new_page()
+    await page.goto(live_site.url + "/keys/")
+    sign_out = page.get_by_role("button", name="Sign out")
+    await expect(sign_out).to_be_hidden()
+    await menu_open(page)
+    await page.keyboard.press("Escape")
+    await expect(sign_out).to_be_hidden()
+    await expect(page.get_by_role("button", name="Menu")).to_be_focused()
+    await page.get_by_role("button", name="Menu").click()
+    await sign_out.click()
+    await expect(page).to_have_url(live_site.url + "/accounts/login/")
+    await context.close()
+
+
+async def test_the_favicon(live_site, browser):
+    page = await browser.new_page()
+    failed = failed_requests(page)
+    await page.goto(live_site.url + "/accounts/login/")
+    icon = await page.locator('link[rel="icon"]').get_attribute("href")
+    async with httpx.AsyncClient(base_url=live_site.url, follow_redirects=True) as client:
+        linked = await client.get(icon)
+        legacy = await client.get("/favicon.ico")  # what browsers ask for by themselves, on pages without a link
+    assert linked.status_code == 200 and linked.headers["content-type"] == "image/svg+xml"
+    assert legacy.status_code == 200 and legacy.content == linked.content
+    assert failed == []
+    await page.close()
