@@ -76,7 +76,19 @@ def seed(user) -> Conversation:
         content=WIDE_REPLY,
         model_name=LONG_MODELS[0],
         provider_name=provider.name,
-        status=MessageStatus.COMPLETE,
+        request_id="req_wide_reply",
+        usage_record_id="req_wide_reply",
+        status=MessageStatus.CANCELLED,
+    )
+    UsageRecordFactory(  # a long usage line under the reply
+        request_id="req_wide_reply",
+        user=user,
+        model_name=LONG_MODELS[0],
+        provider_name=provider.name,
+        prompt_tokens=123_456,
+        completion_tokens=65_432,
+        cost=Decimal("12.3456789"),
+        usage_estimated=True,
     )
 
     now = timezone.now()
@@ -182,6 +194,7 @@ async def chat_ready(page: Page) -> None:
 
 async def conversation_ready(page: Page) -> None:
     await chat_ready(page)
+    await expect(page.locator(".message-footer .usage")).to_have_text("≈ 123456 + 65432 tokens · $12.3456789")
     await expect(page.locator(".code-block pre code.hljs")).to_have_count(1)
     await scrolls_inside(page, ".code-block pre code")  # highlight.js makes the code its scroll box
     await scrolls_inside(page, ".message-body table")
