@@ -26,8 +26,9 @@ from django.utils import timezone
 
 from .adapters import adapter_class_for_kind, adapter_for
 from .adapters.base import BaseAdapter
+from .adapters.common import scrub
 from .exceptions import ApplicationError, ProviderError
-from .fields import EncryptedField, Secret, rotate
+from .fields import EncryptedField, rotate
 from .models import HealthStatus, Model, Provider
 from .selectors import provider_config
 from .types import HealthResult, ProviderConfig, UpstreamModel
@@ -37,13 +38,11 @@ from .types import HealthResult, ProviderConfig, UpstreamModel
 _HEALTH_ERROR_MAX = Provider._meta.get_field("last_health_error").max_length
 
 
-def _scrubbed(message: str, secret: Secret) -> str:
-    """Adapters word their own messages, but a provider may echo the key back in an error body; this text
-    is stored and shown to every admin, so the key is masked here whatever the adapter did."""
-    plaintext = secret.reveal()
-    if plaintext and plaintext in message:
-        message = message.replace(plaintext, secret.hint or "…")
-    return message[:_HEALTH_ERROR_MAX]
+def _scrubbed(message: str, config: ProviderConfig) -> str:
+    """Adapters word their own messages, but a provider may echo the key (or a credential header) back in
+    an error body; this text is stored and shown to every admin, so they are masked here whatever the
+    adapter did."""
+    return scrub(message, config)[:_HEALTH_ERROR_MAX]
 
 
 async def _probe(adapter: BaseAdapter) -> HealthResult:
@@ -53,7 +52,7 @@ async def _probe(adapter: BaseAdapter) -> HealthResult:
     except ProviderError as exc:
         # The default health_check() turns these into a result; an adapter's override may let one through.
         result = HealthResult(ok=False, latency_ms=round((time.perf_counter() - started) * 1000), error=exc.message)
-    return replace(result, error=_scrubbed(result.error, adapter.config.api_key))
+    return replace(result, error=_scrubbed(result.error, adapter.config))
 
 
 async def _probe_once(config: ProviderConfig) -> HealthResult:

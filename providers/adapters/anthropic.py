@@ -169,4 +169,4 @@ class AnthropicAdapter(BaseAdapter):
         message = error.get("message") if isinstance(error, dict) else body
         if not isinstance(message, str):
             return ""
-        return scrub(message.strip(), self.config.api_key)
+        return scrub(message.strip(), self.config)

@@ -118,11 +118,18 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
-def scrub(text: str, secret: Secret) -> str:
-    """``text`` without the credential in it: a provider may quote the key it refused."""
-    key = secret.reveal()
-    if key and key in text:
-        text = text.replace(key, secret.hint or "…")
+# An extra header's value this short is no credential, and masking it would garble messages ("red" in "requested").
+_SCRUBBED_HEADER_MIN = 8
+
+
+def scrub(text: str, config: ProviderConfig) -> str:
+    """``text`` without the provider's credentials in it: a provider may quote the key it refused, or a
+    credential header (``extra_headers``)."""
+    headers = (Secret(value) for _, value in config.extra_headers if len(value) >= _SCRUBBED_HEADER_MIN)
+    for secret in (config.api_key, *headers):
+        plaintext = secret.reveal()
+        if plaintext and plaintext in text:
+            text = text.replace(plaintext, secret.hint or "…")
     return text[:_MAX_UPSTREAM_MESSAGE]
 
 

@@ -198,7 +198,7 @@ class OpenAIAdapter(BaseAdapter):
         message = body.get("message") if isinstance(body, dict) else body
         if not isinstance(message, str):
             return ""
-        return scrub(message.strip(), self.config.api_key)
+        return scrub(message.strip(), self.config)
 
 
 def _upstream_model(item: dict[str, Any]) -> UpstreamModel:

@@ -15,6 +15,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.test import override_settings
 
+from providers.adapters.common import scrub
 from providers.fields import TOKEN_PREFIX, Secret
 from providers.models import Provider
 from providers.selectors import provider_config
@@ -181,6 +182,17 @@ def test_rotation_re_encrypts_the_headers_too():
     assert raw_headers(provider) != under_old and raw_headers(provider).startswith(TOKEN_PREFIX)
     with override_settings(FIELD_ENCRYPTION_KEYS=[new]):
         assert Provider.objects.get(pk=provider.pk).extra_headers["X-Upstream-Token"].reveal() == HEADER_TOKEN
+
+
+def test_an_upstream_message_quoting_a_credential_header_is_scrubbed():
+    provider = ProviderFactory(api_key=KEY, extra_headers={"X-Upstream-Token": HEADER_TOKEN, "X-Team": "red"})
+    config = provider_config(Provider.objects.get(pk=provider.pk))
+
+    text = scrub(f"token {HEADER_TOKEN} and key {KEY} refused for the requested team red", config)
+
+    assert HEADER_TOKEN not in text and KEY not in text
+    assert "…WXYZ" in text and "sk-…wxyz" in text
+    assert "requested team red" in text  # a value this short is no credential, and is left alone
 
 
 def test_a_dump_refers_credential_headers_to_the_environment():
