@@ -159,6 +159,16 @@ def test_header_values_are_encrypted_at_rest():
     assert Provider.objects.get(pk=headerless.pk).extra_headers == {}
 
 
+def test_dumpdata_writes_the_headers_encrypted_and_loaddata_reads_them_back():
+    provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN})
+
+    dumped = serializers.serialize("json", [Provider.objects.get(pk=provider.pk)])
+    [restored] = serializers.deserialize("json", dumped)
+
+    assert HEADER_TOKEN not in dumped and TOKEN_PREFIX in json.loads(dumped)[0]["fields"]["extra_headers"]
+    assert restored.object.extra_headers == {"X-Upstream-Token": Secret(HEADER_TOKEN)}
+
+
 def test_the_adapter_still_sends_the_decrypted_header_upstream(fake_upstream):
     provider = ProviderFactory(
         base_url=fake_upstream.base_url + "/v1", extra_headers={"X-Upstream-Token": HEADER_TOKEN}
