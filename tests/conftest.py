@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,8 +27,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers",
-        "period_instants(tick=False): run the test once at each of PERIOD_INSTANTS, with this process's clock "
-        "pinned there (tick=True: started there and running)",
+        "period_instants(tick=False, only=names): run the test once at each of PERIOD_INSTANTS (or those named), "
+        "with this process's clock pinned there (tick=True: started there and running)",
     )
     _flush_retrying_deadlocks()
 
@@ -44,9 +45,19 @@ PERIOD_INSTANTS = {
 }
 
 
+def python_argv(clock: datetime | None, module: str, *args: str) -> list[str]:
+    """The command line of ``python -m module args``, with the process's clock pinned at ``clock`` (the
+    ``period_clock`` of the test that starts it) when there is one."""
+    if clock is None:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "tests.pinned_clock", clock.isoformat(), module, *args]
+
+
 def pytest_generate_tests(metafunc) -> None:
-    if metafunc.definition.get_closest_marker("period_instants") is not None:
-        params = [pytest.param(instant, id=name) for name, instant in PERIOD_INSTANTS.items()]
+    marker = metafunc.definition.get_closest_marker("period_instants")
+    if marker is not None:
+        names = marker.kwargs.get("only", PERIOD_INSTANTS)
+        params = [pytest.param(PERIOD_INSTANTS[name], id=name) for name in names]
         metafunc.parametrize("period_clock", params, indirect=True)
 
 
@@ -59,8 +70,8 @@ def period_clock(request) -> Iterator[datetime | None]:
     Frozen by default: a test at 23:59:59 stays in that second however slow the machine is, so what it
     expects cannot move to the next day half-way. Sockets, asyncio and timeouts run on the monotonic
     clock, which time-machine leaves alone, so they keep working. Other processes are not pinned: a test
-    hands a worker it starts the instant to travel to itself (``tests/billing/admission_worker.py``). Redis
-    runs TTLs on its own clock, but only for durations; the instants in its data come from this process."""
+    starts them through ``python_argv`` to pin theirs at the same instant. Redis runs TTLs on its own
+    clock, but only for durations; the instants in its data come from the processes that write them."""
     instant = getattr(request, "param", None)
     if instant is None:
         yield None

@@ -1,8 +1,9 @@
 """One of several processes admitting requests of the same key at the same time (test_concurrency).
 
 Run as ``python -m tests.billing.admission_worker '<json>'`` with DJANGO_SETTINGS_MODULE, TEST_DATABASE_URL
-and (for the Redis store) REDIS_URL set. Each request goes through the real services: admission, then
-the ledger's settle-and-record. Prints {"admitted": n, "refused": n} as JSON.
+and (for the Redis store) REDIS_URL set, through ``tests.pinned_clock`` when the test's clock is pinned. Each
+request goes through the real services: admission, then the ledger's settle-and-record. Prints
+{"admitted": n, "refused": n} as JSON.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from providers.selectors import model_resolve  # noqa: E402
 
 async def main(job: dict) -> dict:
     model = await model_resolve(job["model"])
-    # Both processes start together, so that their admissions really interleave.
-    await asyncio.sleep(max(0.0, job["start_at"] - time.time()))
+    # Both processes start together, so that their admissions really interleave. On the monotonic clock:
+    # it is the same in every process of the machine, and a pinned wall clock does not stop it.
+    await asyncio.sleep(max(0.0, job["start_at"] - time.monotonic()))
 
     async def one(index: int) -> str:
         request_id = f"{job['tag']}-{index}"

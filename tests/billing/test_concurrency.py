@@ -12,8 +12,8 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import time
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -30,10 +30,15 @@ from billing.services.counters import counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
-from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, python_argv, wait_for_port
 from tests.factories import UserFactory
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Every process of a test (this one, the workers, the servers) has its clock pinned at the same instant, so
+# that they agree on the month the budget is in, at the instants where it is easiest to disagree.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
+# The end-to-end tests are about races, not periods: one instant, a month's last second, where a server
+# whose clock was not pinned would count in another month than this test.
+SERVERS_PINNED = pytest.mark.period_instants(only=["last-second-of-month"])
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = Decimal("0.0001")  # one completion token of the flat model
@@ -81,22 +86,15 @@ def server_env(redis_url: str | None) -> dict[str, str]:
 class ServerProcess:
     """``uvicorn llmhub.asgi:application`` in its own process, on the test database."""
 
-    def __init__(self, redis_url: str | None, log: Path) -> None:
+    def __init__(self, redis_url: str | None, log: Path, clock: datetime | None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # Its log (a warning per 429) goes to a file: read it when a test fails.
         self.log = log.open("w")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "llmhub.asgi:application",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
+            python_argv(
+                clock, "uvicorn", "llmhub.asgi:application", "--port", str(self.port), "--log-level", "warning"
+            ),
             cwd=ROOT,
             env=server_env(redis_url),
             stdout=self.log,
@@ -111,10 +109,10 @@ class ServerProcess:
 
 
 @pytest.fixture
-def two_servers(request, tmp_path):
+def two_servers(request, tmp_path, period_clock):
     """Two llmhub processes; with ``request.param == "redis"`` they share the real Redis server."""
     redis_url = request.getfixturevalue("use_redis") if request.param == "redis" else None
-    servers = [ServerProcess(redis_url, tmp_path / f"server-{n}.log") for n in range(2)]
+    servers = [ServerProcess(redis_url, tmp_path / f"server-{n}.log", period_clock) for n in range(2)]
     try:
         for server in servers:
             wait_for_port(server.port, timeout=30)
@@ -200,7 +198,7 @@ async def test_concurrent_admissions_in_one_process_never_overspend(store, budge
 
 
 @pytest.mark.parametrize("store_kind", ["database", "redis"])
-def test_two_processes_admitting_for_one_key_never_overspend(request, store_kind, budget_key, settings):
+def test_two_processes_admitting_for_one_key_never_overspend(request, store_kind, budget_key, settings, period_clock):
     redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else None
     settings.REDIS_URL = redis_url or ""
     job = {
@@ -209,11 +207,11 @@ def test_two_processes_admitting_for_one_key_never_overspend(request, store_kind
         "model": "flat-model",
         "max_tokens": MAX_TOKENS,
         "count": 25,
-        "start_at": time.time() + 3,
+        "start_at": time.monotonic() + 3,
     }
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.billing.admission_worker", json.dumps({**job, "tag": f"w{n}"})],
+            python_argv(period_clock, "tests.billing.admission_worker", json.dumps({**job, "tag": f"w{n}"})),
             cwd=ROOT,
             env=server_env(redis_url),
             stdout=subprocess.PIPE,
@@ -233,12 +231,14 @@ def test_two_processes_admitting_for_one_key_never_overspend(request, store_kind
 # END TO END
 
 
+@SERVERS_PINNED
 @pytest.mark.parametrize("two_servers", ["redis", "database"], indirect=True)
 def test_fifty_parallel_requests_on_two_servers_spend_at_most_the_budget(two_servers, budget_key, fake_upstream):
     responses = asyncio.run(post_all(two_servers, budget_key["secret"], 50))
     assert_budget_held(budget_key, responses, fake_upstream)
 
 
+@SERVERS_PINNED
 def test_fifty_parallel_requests_without_redis_hold_the_budget_with_row_locks(
     llmhub_server, budget_key, fake_upstream, settings
 ):
@@ -247,6 +247,7 @@ def test_fifty_parallel_requests_without_redis_hold_the_budget_with_row_locks(
     assert_budget_held(budget_key, responses, fake_upstream)
 
 
+@SERVERS_PINNED
 @pytest.mark.parametrize("two_servers", ["redis"], indirect=True)
 def test_thirty_requests_per_minute_admit_exactly_thirty_of_sixty(two_servers, budget_key, fake_upstream):
     api_key_limits_set(api_key=budget_key["key"], budget_usd=None, rpm=30)
@@ -270,6 +271,7 @@ def test_thirty_requests_per_minute_admit_exactly_thirty_of_sixty(two_servers, b
     assert all(r.headers["x-ratelimit-reset-requests"].endswith("s") for r in ok)
 
 
+@SERVERS_PINNED
 @pytest.mark.parametrize("two_servers", ["redis"], indirect=True)
 def test_a_request_that_cannot_be_paid_never_reaches_the_upstream(two_servers, budget_key, fake_upstream):
     api_key_limits_set(api_key=budget_key["key"], budget_usd=TOKEN * 3)
