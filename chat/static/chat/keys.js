@@ -7,6 +7,7 @@
   const body = $("keys-body");
   const form = $("create-key");
   const nameInput = $("key-name");
+  const manageInput = $("key-manage");
   const createButton = $("create-key-button");
   const createError = $("create-error");
   const secretBox = $("new-secret");
@@ -25,6 +26,20 @@
     const td = document.createElement("td");
     if (className) td.className = className;
     td.textContent = text;
+    return td;
+  }
+
+  function nameCell(key) {
+    const td = cell(key.name);
+    const notes = [];
+    if ((key.scopes || []).includes("keys:manage")) notes.push("manages keys");
+    if (key.parent) notes.push("created by a key");
+    if (notes.length) {
+      const note = document.createElement("small");
+      note.className = "muted key-notes";
+      note.textContent = ` · ${notes.join(" · ")}`;
+      td.append(note);
+    }
     return td;
   }
 
@@ -52,7 +67,7 @@
       actions.append(revoke);
     }
     tr.append(
-      cell(key.name),
+      nameCell(key),
       prefix,
       cell(formatDate(key.created_at)),
       cell(key.last_used_at ? formatDate(key.last_used_at) : "Never", key.last_used_at ? "" : "muted"),
@@ -83,7 +98,8 @@
   }
 
   async function revokeKey(key, button) {
-    if (!window.confirm(`Revoke “${key.name}” (${key.prefix}…)? Programs using it will stop working at once.`)) return;
+    const question = `Revoke “${key.name}” (${key.prefix}…)? Programs using it, or a key created with it, stop at once.`;
+    if (!window.confirm(question)) return;
     button.disabled = true;
     try {
       await api(`/api/keys/${key.id}/revoke/`, { method: "POST" });
@@ -101,11 +117,14 @@
     createError.hidden = true;
     createButton.disabled = true;
     try {
-      const created = await api("/api/keys/", { method: "POST", body: { name: nameInput.value.trim() } });
+      const request = { name: nameInput.value.trim() };
+      if (manageInput.checked) request.scopes = ["keys:manage"];
+      const created = await api("/api/keys/", { method: "POST", body: request });
       secretValue.textContent = created.secret;
       secretBox.hidden = false;
       secretValue.focus();
       nameInput.value = "";
+      manageInput.checked = false;
       await loadKeys();
     } catch (error) {
       createError.textContent = error.message;
