@@ -10,7 +10,8 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.views import defaults
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
@@ -74,3 +75,16 @@ def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         message, error_type=_TYPES.get(response.status_code, "api_error"), param=param, code=code
     )
     return response
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's ``handler404``: a path under /api/ that no route matches (``/api/conversations/-1/``: the
+    ``int`` converter takes digits only) answers in the API's error shape; pages keep Django's HTML."""
+    if request.path.startswith("/api/"):
+        return JsonResponse(
+            error_body(
+                f"Invalid URL ({request.method} {request.path})", error_type="invalid_request_error", code="unknown_url"
+            ),
+            status=404,
+        )
+    return defaults.page_not_found(request, exception)

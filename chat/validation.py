@@ -82,7 +82,9 @@ def _check_json_values(body: dict[str, Any]) -> None:
     integers within 64 bits and finite numbers, so that what we accept can be forwarded and recorded.
     One pass over the parsed body, without recursion; the error names the top-level field."""
     for name, value in body.items():
-        param = name if isinstance(name, str) and not has_lone_surrogate(name) else ""
+        if not isinstance(name, str) or has_lone_surrogate(name):
+            _fail("Invalid parameter name: it contains a lone UTF-16 surrogate.", "")
+        param = name
         stack = [(value, 1)]
         while stack:
             node, depth = stack.pop()
@@ -107,8 +109,6 @@ def _check_json_values(body: dict[str, Any]) -> None:
                     _fail(f"Invalid '{param}': numbers must be finite.", param)
             else:
                 _fail(f"Invalid type for '{param}': not a JSON value.", param, "invalid_type")
-        if param == "":
-            _fail("Invalid parameter name: it contains a lone UTF-16 surrogate.", "")
 
 
 def _check_range(body: dict[str, Any], name: str, low: float, high: float) -> None:

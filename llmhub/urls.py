@@ -18,3 +18,6 @@ urlpatterns = [
     path("usage/", include("billing.urls_dashboard")),
     path("", include("chat.urls")),
 ]
+
+# /api/ paths that match no route answer JSON like the rest of the API.
+handler404 = "chat.exception_handlers.page_not_found"

@@ -249,3 +249,11 @@ def test_a_summary_over_more_than_a_year_is_a_400(usage_client):
     assert response.status_code == 400, response.content
     assert response.json()["error"]["param"] == "end"
     assert usage_client.get("/api/usage/summary/", {"start": "2024-01-01", "end": "2024-12-31"}).status_code == 200
+
+
+def test_an_api_path_no_route_matches_is_a_json_404_and_a_page_stays_html(usage_client):
+    response = usage_client.get("/api/conversations/-1/")
+    assert response.status_code == 404 and response["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "unknown_url"
+    page = usage_client.get("/no-such-page/")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
