@@ -90,7 +90,13 @@ async def admission_acquire(
         key_rpm=key.rpm if key else None,
         key_tpm=key.tpm if key else None,
     ) + tuple(
-        RateSpec(ScopeKind.KEY, ancestor_id, ancestor.rpm, ancestor.tpm)
+        RateSpec(
+            ScopeKind.KEY,
+            ancestor_id,
+            ancestor.rpm,
+            ancestor.tpm,
+            label=f"the key {ancestor.prefix}… that this key was created under",
+        )
         for ancestor_id, ancestor in ancestors
         if ancestor.rpm is not None or ancestor.tpm is not None
     )

@@ -31,6 +31,7 @@ class RateSpec:
     scope_id: int
     rpm: int | None
     tpm: int | None
+    label: str = ""  # how messages name the scope, when "this API key" / "your account" would be wrong
 
     @property
     def keys(self) -> tuple[str, str, str]:
@@ -39,6 +40,8 @@ class RateSpec:
 
     @property
     def where(self) -> str:
+        if self.label:
+            return self.label
         return "this API key" if self.scope_kind == ScopeKind.KEY else "your account"
 
 

@@ -357,8 +357,9 @@ async def test_a_parents_rate_limit_holds_across_its_children(store, plans, cata
 
     await acquire(family, children[0], "r1", max_tokens=1)
     await acquire(family, children[1], "r2", max_tokens=1)
-    with pytest.raises(RateLimitExceededError):
+    with pytest.raises(RateLimitExceededError) as limited:
         await acquire(family, children[0], "r3", max_tokens=1)
+    assert f"on the key {parent.api_key.prefix}… that this key was created under" in limited.value.message
 
 
 @pytest.mark.django_db(transaction=True)
