@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
 from rest_framework import permissions, serializers, status
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import AuthenticationFailed, NotFound
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -193,7 +193,9 @@ class ApiKeyListCreateApi(APIView):
         managing_key_id = _managing_key_id(request)
         parent = None
         if managing_key_id is not None:
-            parent = ApiKey.objects.prefetch_related("allowed_models").get(pk=managing_key_id)
+            parent = ApiKey.objects.prefetch_related("allowed_models").filter(pk=managing_key_id).first()
+            if parent is None:  # deleted since this process cached it
+                raise AuthenticationFailed("Incorrect API key provided.")
         created = api_key_create(user=request.user, parent=parent, **serializer.validated_data)
         return Response(ApiKeyCreatedOutputSerializer(created).data, status=status.HTTP_201_CREATED)
 
