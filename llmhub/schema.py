@@ -49,6 +49,7 @@ _ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "Missing, malformed, unknown, revoked or expired API key.",
     403: "The key or the owner's plan does not allow this model.",
     404: "No such object, or not yours (the two are indistinguishable).",
+    413: "The request body is larger than the server accepts (`DATA_UPLOAD_MAX_MEMORY_SIZE`, 2.5 MB by default).",
     429: "A rate limit or the budget is exhausted; `Retry-After` says when to retry.",
     502: "The upstream provider failed or answered something unusable.",
     503: "No upstream provider is available for this model right now.",
@@ -159,7 +160,7 @@ def _openai_compatible_paths() -> dict[str, Any]:
                             "text/event-stream": {"schema": {"$ref": _REF + "CreateChatCompletionStreamResponse"}},
                         },
                     },
-                    **_errors(400, 401, 403, 404, 429, 502, 503, 504),
+                    **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
                 },
             }
         },

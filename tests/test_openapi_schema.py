@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from drf_spectacular.validation import validate_schema
 from jsonschema import Draft202012Validator
@@ -16,8 +17,10 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from rest_framework.test import APIClient
 
+from billing.services.keys import api_key_create
 from llmhub.schema import OPENAI_SCHEMAS_PATH
 from llmhub.testing.openapi import COMMITTED_SCHEMAS, spec_path
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -139,6 +142,21 @@ def test_a_real_error_body_matches_the_documented_error(schema):
         validator_for(schema, "ErrorResponse").validate({"detail": "Not found."})
 
 
+def test_the_413_of_a_body_too_large_is_the_documented_error(schema, settings):
+    secret = api_key_create(user=UserFactory()).secret
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 64 + b'"}]}'
+    response = Client().post(
+        "/v1/chat/completions",
+        data=body,
+        content_type="application/json",
+        headers={"authorization": f"Bearer {secret}"},
+    )
+    assert response.status_code == 413
+    validator_for(schema, "ErrorResponse").validate(response.json())
+    assert "413" in schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+
+
 def test_key_management_documents_its_bodies(schema):
     create = schema["paths"]["/api/keys/"]["post"]
     assert create["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ApiKeyCreateRequest")
@@ -162,7 +180,7 @@ def test_chat_completions_uses_openais_schemas(schema):
     ok = operation["responses"]["200"]["content"]
     assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/CreateChatCompletionResponse"}
     assert ok["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/CreateChatCompletionStreamResponse"}
-    assert {"400", "401", "403", "404", "429", "502", "503", "504"} <= set(operation["responses"])
+    assert {"400", "401", "403", "404", "413", "429", "502", "503", "504"} <= set(operation["responses"])
     assert "Retry-After" in operation["responses"]["429"]["headers"]
     assert {"bearerAuth": []} in operation["security"]
     assert schema["components"]["securitySchemes"]["bearerAuth"] == {
