@@ -93,7 +93,7 @@ def api_key_create(
     allowed_models = list(allowed_models)
     scopes = sorted({str(scope) for scope in scopes})
     if expires_at is not None and expires_at <= timezone.now():
-        raise ApplicationError("expires_at must be in the future.", param="expires_at", code="invalid_value")
+        raise _invalid("expires_at", "expires_at must be in the future.")
     unknown = [scope for scope in scopes if scope not in KeyScope.values]
     if unknown:
         raise _invalid("scopes", f"Unknown scope {unknown[0]!r}; choose from {', '.join(KeyScope.values)}.")
@@ -107,6 +107,8 @@ def api_key_create(
     if parent is not None:
         if parent.user_id != user.pk:
             raise _invalid("parent", "A key can only create keys for its own owner.")
+        if not parent.is_active:
+            raise _invalid("parent", "A revoked or expired key cannot create keys.")
         if len(api_key_ancestor_ids(parent.pk)) >= MAX_KEY_DEPTH:
             raise _invalid("parent", f"Keys may be created at most {MAX_KEY_DEPTH} levels below a person's key.")
         _check_within_parent(

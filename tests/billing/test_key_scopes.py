@@ -235,6 +235,16 @@ def test_a_child_cannot_be_given_a_scope_its_parent_lacks(alice):
     assert refused.value.param == "scopes"
 
 
+@pytest.mark.django_db
+def test_a_revoked_key_creates_nothing(alice):
+    parent = api_key_create(user=alice, name="parent", scopes=MANAGE)
+    api_key_revoke(api_key=parent.api_key)
+
+    with pytest.raises(ApplicationError) as refused:
+        api_key_create(user=alice, name="late", parent=parent.api_key)
+    assert refused.value.param == "parent"
+
+
 # A CHILD WORKS ONLY WHILE ITS PARENT WORKS
 
 
