@@ -11,6 +11,7 @@ subtree (itself and the keys created under it), and a key it creates never has m
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -31,10 +32,21 @@ from .models import ApiKey, BudgetPeriod, KeyScope, UsageStatus
 from .selectors import UsageFilters, api_key_get, api_key_list, usage_record_list, usage_summary
 from .services.keys import CreatedKey, KeyPrincipal, api_key_create, api_key_revoke
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _KEYS_TAG = ["API keys"]
 _USAGE_TAG = ["Usage"]
 # The ledger keeps 10 decimal places; sums may need more integer digits than one row.
 _COST = {"max_digits": None, "decimal_places": 10, "coerce_to_string": True}
+
+
+class ModelNameField(serializers.SlugRelatedField):
+    """A public model name. Text no column can hold (PostgreSQL refuses NUL; UTF-8 cannot encode a lone
+    surrogate) names no model: it is refused as such here, instead of failing in the database's lookup."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str) and ("\x00" in data or _SURROGATE.search(data)):
+            self.fail("does_not_exist", slug_name=self.slug_field, value=data.encode("utf-8", "replace").decode())
+        return super().to_internal_value(data)
 
 
 class BoundedPagination(LimitOffsetPagination):
@@ -132,7 +144,7 @@ class ApiKeyListCreateApi(APIView):
     class InputSerializer(serializers.Serializer):
         name = serializers.CharField(max_length=100, default="default")
         expires_at = serializers.DateTimeField(required=False, allow_null=True, help_text="Must be in the future.")
-        allowed_models = serializers.SlugRelatedField(
+        allowed_models = ModelNameField(
             many=True,
             required=False,
             slug_field="name",

@@ -257,3 +257,12 @@ def test_an_api_path_no_route_matches_is_a_json_404_and_a_page_stays_html(usage_
     assert response.json()["error"]["code"] == "unknown_url"
     page = usage_client.get("/no-such-page/")
     assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
+
+
+@pytest.mark.parametrize("name", ["gpt\\u0000", "gpt\\ud800"])
+def test_a_model_name_no_column_can_hold_is_a_400_when_creating_a_key(usage_client, name):
+    """Found by tests/test_fuzz.py on PostgreSQL, which refuses NUL in text: the lookup was a 500."""
+    body = '{"name": "k", "allowed_models": ["' + name + '"]}'
+    response = usage_client.post("/api/keys/", body, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"].startswith("allowed_models")
