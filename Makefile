@@ -16,7 +16,7 @@ ARGS ?=
 
 help:
 	@echo "make run      build .venv if needed, migrate, load the demo and serve http://127.0.0.1:8000/ (Ctrl-C stops)"
-	@echo "make test     run the whole test-suite, then its money tests on PostgreSQL (ARGS='-k name' narrows it to SQLite)"
+	@echo "make test     check the system packages (root: install them), run the whole test-suite, then its money tests on PostgreSQL even if it failed (ARGS='-k name' narrows it to SQLite)"
 	@echo "make test-postgres  the money tests (or ARGS) on a throw-away PostgreSQL"
 	@echo "make lint     ruff check and ruff format --check"
 	@echo "make format   ruff format and ruff check --fix"
