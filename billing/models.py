@@ -83,6 +83,10 @@ class UsageStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
     UPSTREAM_ERROR = "upstream_error", "Upstream error"
     REJECTED = "rejected", "Rejected"
+    # The server stopped (graceful shutdown) while the reply was streaming; the client got an in-band error.
+    SERVER_SHUTDOWN = "server_shutdown", "Server shut down"
+    # The process that admitted the request died before settling it; written by reconcile from its reservation.
+    LOST = "lost", "Lost (process died)"
 
 
 class UsageRecord(models.Model):
