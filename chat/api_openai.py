@@ -8,6 +8,7 @@ the same: parse, hand over to ``chat.pipeline``, serialize. Every answer, error 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -22,7 +23,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
 from providers.adapters.base import chunk_json
-from providers.exceptions import ApplicationError, ProviderError
+from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
 
 from .exception_handlers import application_error_body, error_body
 from .pipeline import (
@@ -30,6 +31,7 @@ from .pipeline import (
     CompletionRun,
     caller_from_api_key,
     completion_reject,
+    completion_reject_unverified,
     completion_start,
     models_for_caller,
     new_request_id,
@@ -101,6 +103,10 @@ def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..
             )
         try:
             return await view(request, *args, **kwargs)
+        except DATABASE_OUTAGE_ERRORS:
+            # Any query of ours that met a database outage outside the pipeline's steps: a 503 to retry.
+            logger.warning("database unavailable in %s", view.__name__, exc_info=True)
+            return _stamp(_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
         except Exception:
             logger.exception("unexpected failure in %s", view.__name__)
             response = _json_response(
@@ -124,7 +130,17 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
     run: CompletionRun | None = None
     try:
-        caller = await caller_from_api_key(key_from_headers(request.headers))
+        raw_key = key_from_headers(request.headers)
+        try:
+            caller = await caller_from_api_key(raw_key)
+        except DatabaseUnavailableError as exc:
+            body = None
+            with contextlib.suppress(ApplicationError):
+                body = _parse_body(request)
+            completion_reject_unverified(
+                raw_key=raw_key or "", endpoint="rest", request_id=request_id, error=exc, started=started, body=body
+            )
+            raise
         try:
             body = _parse_body(request)
         except ApplicationError as exc:

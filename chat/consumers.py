@@ -46,7 +46,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from billing.models import UsageStatus
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
-from providers.exceptions import ApplicationError, ProviderError
+from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
 from providers.selectors import model_resolve
 
 from . import selectors, services
@@ -153,7 +153,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.caller is None:
             await self._authenticate(content if event_type == "auth" else None)
             return
-        if event_type == "chat.send" and not await self._key_still_works(content):
+        try:
+            if event_type == "chat.send" and not await self._key_still_works(content):
+                return
+        except DatabaseUnavailableError as exc:
+            await self._send_error(exc.message, code=exc.code, request_id=_client_request_id(content), exc=exc)
             return
         handlers = {"chat.send": self._chat_send, "chat.cancel": self._chat_cancel, "ping": self._ping}
         handler = handlers.get(event_type)
@@ -177,6 +181,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self.caller = await caller_from_api_key(raw if isinstance(raw, str) else None)
         except AuthenticationFailed as exc:
             await self._refuse(exc.message, exc.code or "invalid_api_key")
+            return
+        except DatabaseUnavailableError as exc:
+            # Not the key's fault: the socket stays open, still unauthenticated, for the client to send
+            # its auth again (within what is left of AUTH_TIMEOUT).
+            await self._send_error(exc.message, code=exc.code, exc=exc)
             return
         self.key_digest = hash_key(raw)
         if self.auth_deadline is not None:
@@ -285,7 +294,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 if run is None:
                     return
                 rows = await self._begin(stream, run=run, caller=caller, text=text)
-            except ApplicationError as exc:
+            except (ApplicationError, *DATABASE_OUTAGE_ERRORS) as failure:
+                # The conversation is read and written in the database: without it, a 503-like error event.
+                exc = failure if isinstance(failure, ApplicationError) else DatabaseUnavailableError()
                 if run is not None:
                     run.abandon(status=UsageStatus.REJECTED, error_type=exc.code or type(exc).__name__)
                 await self._send_error(exc.message, code=exc.code, request_id=stream.request_id, exc=exc)
@@ -366,9 +377,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     stream.content.append(piece)
                     await self._send({"type": "chat.delta", "request_id": stream.request_id, "content": piece})
                     if time.monotonic() >= checkpoint_at:
-                        await database_sync_to_async(services.message_content_save)(
-                            message_id=message_id, content="".join(stream.content)
-                        )
+                        try:
+                            await database_sync_to_async(services.message_content_save)(
+                                message_id=message_id, content="".join(stream.content)
+                            )
+                        except DATABASE_OUTAGE_ERRORS:
+                            # Only a checkpoint: the reply goes on, and the next one (or the finish) saves it.
+                            logger.warning("checkpoint of %s skipped: the database is unavailable", stream.request_id)
                         checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
         except asyncio.CancelledError:
             stream.streaming = False

@@ -6,6 +6,7 @@ a client handles errors one way. Model: HackSoft ``api/exception_handlers.py``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
@@ -16,7 +17,9 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from providers.exceptions import ApplicationError
+from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+
+logger = logging.getLogger("llmhub.api")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -47,6 +50,9 @@ def _first_field_error(detail: Any, path: str = "") -> tuple[str | None, str]:
 
 
 def drf_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, DATABASE_OUTAGE_ERRORS):
+        logger.warning("database unavailable: %s", exc)
+        exc = DatabaseUnavailableError()
     if isinstance(exc, ApplicationError):
         response = Response(application_error_body(exc), status=exc.status_code)
         retry_after = getattr(exc, "retry_after", None)

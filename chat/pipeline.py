@@ -20,11 +20,11 @@ from typing import Any
 from billing.models import Endpoint, UsageStatus
 from billing.pricing import cost_for
 from billing.services.admission import Admission, admission_acquire, models_allowed
-from billing.services.keys import api_key_authenticate
+from billing.services.keys import api_key_authenticate, hash_key
 from billing.services.ledger import UsageData, usage_record_submit
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk
-from providers.exceptions import ApplicationError, ProviderError
+from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
 from providers.selectors import model_resolve
 from providers.types import ResolvedModel
 
@@ -149,6 +149,27 @@ def completion_reject(
     )
 
 
+def completion_reject_unverified(
+    *, raw_key: str, endpoint: str, request_id: str, error: ApplicationError, started: float, body: Any = None
+) -> None:
+    """The ``rejected`` row of a request whose key could not be looked up (the database was down): kept
+    under the key's hash and attributed to the key when the writer gets the database back, so that this
+    answer's ``x-request-id`` has its row too. A key that turns out not to exist gets none, like a 401."""
+    requested = body.get("model") if isinstance(body, dict) else None
+    usage_record_submit(
+        UsageData(
+            request_id=request_id,
+            endpoint=endpoint,
+            stream=bool(body.get("stream")) if isinstance(body, dict) else False,
+            status=UsageStatus.REJECTED,
+            model_name=_storable(requested, 128) if requested is not None else "",
+            duration_ms=_ms(time.perf_counter() - started),
+            error_type=error.code or type(error).__name__,
+            key_hash=hash_key(raw_key),
+        )
+    )
+
+
 def _storable(value: Any, length: int) -> str:
     """A client's value as text any database can store: no NUL, no lone surrogate, at most ``length``."""
     return str(value)[:length].replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
@@ -179,6 +200,20 @@ async def completion_start(
             request_id=request_id,
             prompt_tokens_upper=prompt_tokens_upper_bound(body),
         )
+    except DATABASE_OUTAGE_ERRORS as exc:
+        # The admission's own queries (a row-lock budget, a counter seeded from the ledger): a 503 with its
+        # ledger row, which the writer spools until the database is back.
+        error = DatabaseUnavailableError()
+        completion_reject(
+            caller=caller,
+            endpoint=endpoint,
+            request_id=request_id,
+            error=error,
+            started=started,
+            body=body,
+            model=model,
+        )
+        raise error from exc
     except ApplicationError as exc:
         completion_reject(
             caller=caller, endpoint=endpoint, request_id=request_id, error=exc, started=started, body=body, model=model
@@ -441,6 +476,7 @@ __all__ = [
     "caller_from_api_key",
     "caller_from_user",
     "completion_reject",
+    "completion_reject_unverified",
     "completion_start",
     "models_for_caller",
     "new_request_id",

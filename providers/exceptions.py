@@ -7,6 +7,11 @@ error ``type``/``code`` our own API answers with; messages never contain a crede
 
 from __future__ import annotations
 
+from typing import Any
+
+import django.db
+from django.conf import settings
+
 
 class ApplicationError(Exception):
     """A failure of ours that a client should see as a clear message (HackSoft's ApplicationError)."""
@@ -119,3 +124,34 @@ class ProviderNotFoundError(ProviderError):
 
     status_code = 502
     code = "upstream_model_not_found"
+
+
+# What a database that is down, unreachable, restarting or locked raises (as opposed to a query that is
+# wrong, which stays a 500): Django's wrappers, and psycopg's own classes for the paths Django does not wrap.
+try:
+    import psycopg
+
+    _DRIVER_OUTAGE_ERRORS: tuple[type[Exception], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+except ImportError:  # pragma: no cover - SQLite-only installs
+    _DRIVER_OUTAGE_ERRORS = ()
+
+DATABASE_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    django.db.OperationalError,
+    django.db.InterfaceError,
+    *_DRIVER_OUTAGE_ERRORS,
+)
+
+
+class DatabaseUnavailableError(ApplicationError):
+    """llmhub's own database did not answer: a 503 the client should retry after ``retry_after`` seconds.
+
+    ``server_error`` is the type OpenAI gives its own 5xx answers (the SDKs raise ``InternalServerError``
+    for the status and retry it by default)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "database_unavailable"
+
+    def __init__(self, message: str = "llmhub's database is unavailable; retry shortly", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = float(settings.LLMHUB_DATABASE_RETRY_AFTER)

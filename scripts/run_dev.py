@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         Service(
             "daphne",
-            [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(args.port), "llmhub.asgi:application"],
+            [python, "-m", "llmhub.devserver", "-b", "127.0.0.1", "-p", str(args.port), "llmhub.asgi:application"],
             port=args.port,
         ),
         Service("celery", [python, "-m", "celery", "-A", "llmhub", "worker", "-B", "-l", "info"]),

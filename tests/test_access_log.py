@@ -101,3 +101,30 @@ def test_the_filter_leaves_other_arguments_and_plain_paths_alone():
     )
     DropQueryStrings().filter(websocket)
     assert websocket.getMessage() == '1.2.3.4:5 - "WebSocket /ws/chat/?[redacted]" [accepted]'
+
+
+@pytest.mark.django_db(transaction=True)
+def test_make_runs_daphne_drops_the_query_string_too(tmp_path):
+    """`make run` serves with daphne, whose access log is its own writer, not Python's logging."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    environment.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        PYTHONUNBUFFERED="1",
+    )
+    log = tmp_path / "daphne.log"
+    command = [sys.executable, "-m", "llmhub.devserver", "-b", "127.0.0.1", "-p", str(port), "llmhub.asgi:application"]
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
+        try:
+            wait_for_port(port, timeout=60)
+            response = httpx.get(f"http://127.0.0.1:{port}/v1/models?api_key={SECRET}", timeout=30)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    text = log.read_text()
+    assert response.status_code == 401
+    assert SECRET not in text and "api_key" not in text
+    assert '"GET /v1/models?[redacted]" 401' in text, text

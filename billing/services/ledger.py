@@ -75,6 +75,9 @@ class UsageData:
     duration_ms: int = 0
     error_type: str = ""
     created_at: datetime = field(default_factory=timezone.now)
+    # Instead of user_id and api_key_id when the key could not be looked up (the database was down): the
+    # key's SHA-256, as the database keeps it. The row is attributed when written (``_keys_resolved``).
+    key_hash: str = ""
 
 
 def _spool_path() -> Path:
@@ -218,6 +221,7 @@ def _write_rows(rows: list[UsageData]) -> None:
     with those references cleared: the row keeps the provider and model names and its cost, and the
     ledger keeps every request, as ``on_delete=SET_NULL`` would have left it."""
     close_old_connections()
+    rows = _keys_resolved(rows)
     try:
         _insert(rows)
     except IntegrityError:
@@ -230,9 +234,32 @@ def _write_rows(rows: list[UsageData]) -> None:
         _touch_key(api_key_id)
 
 
+def _keys_resolved(rows: list[UsageData]) -> list[UsageData]:
+    """Rows recorded under a key's hash get the key and its owner; a hash of no unrevoked key gets no row
+    at all, as the 401 that key would have had with the database up."""
+    hashes = {data.key_hash for data in rows if data.key_hash}
+    if not hashes:
+        return rows
+    keys = ApiKey.objects.filter(secret_hash__in=hashes, revoked_at__isnull=True)
+    found = {digest: (key_id, user_id) for digest, key_id, user_id in keys.values_list("secret_hash", "pk", "user_id")}
+    resolved = []
+    for data in rows:
+        if not data.key_hash:
+            resolved.append(data)
+        elif data.key_hash in found:
+            key_id, user_id = found[data.key_hash]
+            resolved.append(replace(data, api_key_id=key_id, user_id=user_id, key_hash=""))
+    return resolved
+
+
 def _insert(rows: list[UsageData]) -> None:
+    records = []
+    for data in rows:
+        fields = asdict(data)
+        del fields["key_hash"]
+        records.append(UsageRecord(**fields))
     with transaction.atomic():
-        UsageRecord.objects.bulk_create([UsageRecord(**asdict(data)) for data in rows], ignore_conflicts=True)
+        UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
 
 
 def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:

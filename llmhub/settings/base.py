@@ -110,6 +110,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=0))
+# A persistent connection is checked before its first use in each request, so that one the database
+# dropped (a restart, a failover) is replaced instead of failing a request after the database is back.
+DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", env.bool("CONN_HEALTH_CHECKS", default=True))
 
 PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2PasswordHasher",
@@ -238,6 +241,12 @@ LLMHUB_ADAPTERS = {
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
 # another process; the process that made the change invalidates its own copy at once.
 LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
+# While the database is down, such a lookup is answered from this process's last copy if that copy is
+# at most this many seconds past its TTL (stale-if-error), so callers seen lately keep being served
+# (docs/reliability.md, "Database outages"); 0 turns this off.
+LLMHUB_LOOKUP_STALE_IF_ERROR = env.float("LLMHUB_LOOKUP_STALE_IF_ERROR", default=300.0)
+# The Retry-After (seconds) of the 503 a request gets when the database does not answer.
+LLMHUB_DATABASE_RETRY_AFTER = env.int("LLMHUB_DATABASE_RETRY_AFTER", default=2)
 # Ledger rows the database refused (or a shutdown cut short) wait here to be replayed.
 LLMHUB_LEDGER_SPOOL = env.path("LLMHUB_LEDGER_SPOOL", default=str(BASE_DIR / "var" / "ledger-spool.jsonl"))
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path.
