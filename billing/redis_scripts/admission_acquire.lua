@@ -3,7 +3,8 @@
 -- record the request in every window and reserve its worst-case cost on every budget counter.
 --
 -- Money is in integer units of 1e-10 USD (the ledger's precision), tokens are plain integers.
--- KEYS, for each budget counter i: [hash (spent, reserved, r:<rid>, s:<rid>), expiry zset, settled zset]
+-- KEYS (the last one is this request's admission marker, see below), for each budget counter i:
+--       [hash (spent, reserved, r:<rid>, s:<rid>), expiry zset, settled zset]
 --       then for each rate scope j: [requests zset, tokens zset, token amounts hash (<rid>, sum)]
 -- ARGV: now_ms, request_id, reservation_ttl_ms, n_counters, n_rate_scopes, fixed_cost, token_price,
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
@@ -27,6 +28,14 @@ local window = tonumber(ARGV[12])
 -- Lua turns large numbers into "1e+15", which HINCRBY refuses: always pass integers through this.
 local function int(x)
   return string.format('%.0f', x)
+end
+
+-- The last key marks an admission done, with its answer: a call retried because its reply was lost with
+-- its connection answers the same and reserves nothing twice (billing/services/counters.py).
+local marker = KEYS[#KEYS]
+local done = redis.call('GET', marker)
+if done then
+  return cjson.decode(done)
 end
 
 local missing = {}
@@ -209,4 +218,5 @@ for _, s in ipairs(scopes) do
     result[#result + 1] = '-1'
   end
 end
+redis.call('SET', marker, cjson.encode(result), 'PX', 60000)
 return result

@@ -28,6 +28,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 from ..exceptions import BillingUnavailableError
 from ..models import BudgetCounter, BudgetMetric, BudgetPeriod, BudgetReservation
@@ -122,10 +124,11 @@ class RedisCounterStore:
         for rate in rates:
             keys += list(rate.keys)
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
+        marker = f"{KEY_PREFIX}admitted:{request_id}"
         try:
             # A second round trip only at a counter's first use in a period (or after Redis lost it).
             for _ in range(3):
-                reply = await self._acquire(keys=keys, args=args)
+                reply = await self._acquire(keys=[*keys, marker], args=args)
                 if reply[0] != "seed":
                     break
                 await self._seed([counters[int(i) - 1] for i in reply[1]], now)
@@ -224,11 +227,26 @@ _redis_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Re
 
 
 def redis_store(url: str) -> RedisCounterStore:
-    """This event loop's store for ``url``: a client (with its pool) cannot be shared between loops."""
+    """This event loop's store for ``url``: a client (with its pool) cannot be shared between loops.
+
+    After a Redis restart every pooled connection is dead. One idle longer than the health-check interval
+    is pinged (and replaced) before use; a command that fails on a dead connection anyway is sent again on
+    a fresh one. That is safe because every command sent through this client is idempotent: a seed writes
+    only a counter that is missing, a settle is a no-op once its request is marked settled, and an
+    admission remembers its answer under a marker keyed by its request id (``admission_acquire.lua``), so
+    a retried one reserves nothing twice."""
     per_loop = _redis_stores.setdefault(asyncio.get_running_loop(), {})
     store = per_loop.get(url)
     if store is None:
-        client = redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        client = redis.asyncio.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=settings.REDIS_HEALTH_CHECK_INTERVAL,
+            socket_keepalive=True,
+            socket_connect_timeout=5,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.REDIS_RETRIES),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
         store = per_loop[url] = RedisCounterStore(client)
     return store
 

@@ -21,13 +21,14 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -148,23 +149,51 @@ def _forget(rows: Iterable[UsageData]) -> None:
             _unwritten.pop(data.request_id, None)
 
 
+def _settle(data: UsageData, admission: Admission) -> Coroutine[Any, Any, None]:
+    return admission_settle(
+        admission=admission,
+        cost=data.cost,
+        prompt_tokens=data.prompt_tokens,
+        completion_tokens=data.completion_tokens,
+        ok=data.status == "ok",
+    )
+
+
 async def _settle_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
-    settles = [
-        admission_settle(
-            admission=admission,
-            cost=data.cost,
-            prompt_tokens=data.prompt_tokens,
-            completion_tokens=data.completion_tokens,
-            ok=data.status == "ok",
-        )
-        for data, admission in batch
-        if admission is not None
-    ]
-    for outcome in await asyncio.gather(*settles, return_exceptions=True):
-        if isinstance(outcome, Exception):
-            # The reservation expires and the reconcile task corrects the counters from the ledger, so
-            # the rows must be written whatever happened here.
+    settled = [(data, admission) for data, admission in batch if admission is not None]
+    outcomes = await asyncio.gather(*(_settle(data, admission) for data, admission in settled), return_exceptions=True)
+    for (data, admission), outcome in zip(settled, outcomes, strict=True):
+        if isinstance(outcome, redis.RedisError | DatabaseError):
+            # The counters' store is down longer than its client retries: the row is written now and the
+            # settle keeps being retried apart from it (settles are idempotent per request id).
+            logger.warning("settling %s failed (%s); retrying until it lands", data.request_id, outcome)
+            task = asyncio.get_running_loop().create_task(_settle_until_landed(data, admission))
+            _settles_retrying.add(task)
+            task.add_done_callback(_settles_retrying.discard)
+        elif isinstance(outcome, Exception):
+            # Not a store that is down: retrying would fail the same way. The hold is released when its
+            # reservation expires, and reconciliation puts the counters back on the ledger's figure.
             logger.error("settling a reservation failed", exc_info=outcome)
+
+
+# Settles retried in the background, kept referenced until they land.
+_settles_retrying: set[asyncio.Task[None]] = set()
+SETTLE_RETRY_MAX_DELAY = 5.0  # seconds between attempts, at most
+
+
+async def _settle_until_landed(data: UsageData, admission: Admission) -> None:
+    """Retry a settle for as long as this process lives. If it dies first, its reservation is one of a
+    dead process, which reconciliation releases, and the counters are rebuilt from the ledger, which has
+    the row (or its spool does)."""
+    delay = 0.1
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await _settle(data, admission)
+            logger.warning("the settle of %s landed", data.request_id)
+            return
+        except (redis.RedisError, DatabaseError):
+            delay = min(delay * 2, SETTLE_RETRY_MAX_DELAY)
 
 
 async def _write_batch(rows: list[UsageData]) -> None:

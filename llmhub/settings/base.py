@@ -127,18 +127,57 @@ AUTH_PASSWORD_VALIDATORS = [
 
 # REDIS (optional): one URL moves cache, channel layer and Celery broker to Redis.
 REDIS_URL = env("REDIS_URL", default="")
+# Every Redis client llmhub builds (billing/services/counters.py, the cache, the channel layer, the
+# Celery broker) outlives a Redis restart with dead connections in its pool. A connection idle for this
+# many seconds is pinged before use, TCP keepalive finds peers that vanished, and a command that fails
+# on a dead connection is retried on a fresh one this many times (after 50 ms, 100 ms, ... at most
+# 0.5 s): the commands sent through them are idempotent (docs/reliability.md).
+# https://redis.readthedocs.io/en/stable/retry.html
+REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
+REDIS_RETRIES = env.int("REDIS_RETRIES", default=3)
+
+
+def redis_pool_options(retry_class: type) -> dict:
+    """Connection-pool keyword arguments for redis-py; ``retry_class``: ``redis.retry.Retry`` for sync
+    clients, ``redis.asyncio.retry.Retry`` for asyncio ones."""
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return {
+        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "retry": retry_class(ExponentialBackoff(cap=0.5, base=0.05), REDIS_RETRIES),
+        "retry_on_error": [ConnectionError, TimeoutError],
+    }
+
 
 # CACHES
 # https://docs.djangoproject.com/en/5.2/topics/cache/#redis
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    from redis.retry import Retry as _SyncRetry
+
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": redis_pool_options(_SyncRetry),
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "llmhub"}}
 
 # CHANNELS
 # https://channels.readthedocs.io/en/stable/topics/channel_layers.html
 if REDIS_URL:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}}
+    from redis.asyncio.retry import Retry as _AsyncRetry
+
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, **redis_pool_options(_AsyncRetry)}]},
+        }
+    }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
@@ -152,6 +191,9 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 if REDIS_URL:
     CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
+    # kombu reconnects by itself; these find a dead connection sooner.
+    # https://docs.celeryq.dev/en/stable/userguide/configuration.html#broker-transport-options
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"health_check_interval": REDIS_HEALTH_CHECK_INTERVAL, "socket_keepalive": True}
 else:
     # kombu's filesystem transport needs no server: good enough for one machine in development.
     _broker_dir = LOCAL_DIR / "celery-broker"
