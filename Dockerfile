@@ -28,4 +28,6 @@ RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
 EXPOSE 8000
 # The access log (uvicorn's, to stderr) shows request paths without their query strings: llmhub/logging.py,
 # installed by llmhub.asgi, so it holds for any uvicorn command line. tests/test_access_log.py runs this CMD.
-CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "25"]
+# --timeout-graceful-shutdown comes after llmhub's own grace period (LLMHUB_SHUTDOWN_GRACE_SECONDS), once
+# every reply has ended: see docker-compose.yml's stop_grace_period and docs/reliability.md.
+CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "10"]

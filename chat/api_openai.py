@@ -8,6 +8,7 @@ the same: parse, hand over to ``chat.pipeline``, serialize. Every answer, error 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -153,6 +154,12 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             response = _json_response(await run.complete())
     except ApplicationError as exc:
         response = _error_response(exc)
+    except asyncio.CancelledError:
+        # The server's shutdown cut the run before its answer began: a 503 that says so.
+        error = run.shutdown_error() if run is not None else None
+        if error is None:
+            raise
+        response = _error_response(error)
     return _stamp(response, request_id, started, run)
 
 
@@ -167,13 +174,15 @@ async def _open_stream(run: CompletionRun) -> HttpResponse:
     except ProviderError:
         await chunks.aclose()
         raise
-    response = StreamingHttpResponse(_sse(first, chunks), content_type="text/event-stream")
+    response = StreamingHttpResponse(_sse(run, first, chunks), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
 
 
-async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _sse(
+    run: CompletionRun, first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
+) -> AsyncIterator[bytes]:
     try:
         if first is not None:
             yield b"data: " + chunk_json(first) + b"\n\n"
@@ -182,6 +191,13 @@ async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any
     except ProviderError as exc:
         # Headers are gone: report in-band the way OpenAI does; its SDK raises APIError on this event.
         yield b"data: " + _dumps(application_error_body(exc)).encode() + b"\n\n"
+        return
+    except asyncio.CancelledError:
+        # The server's shutdown cut the stream: in-band too, and no [DONE], so the client knows it is short.
+        error = run.shutdown_error()
+        if error is None:
+            raise
+        yield b"data: " + _dumps(application_error_body(error)).encode() + b"\n\n"
         return
     finally:
         await chunks.aclose()

@@ -26,6 +26,11 @@ Protocol (JSON both ways)::
     ← {"type": "error", "request_id", "code", "message"}
     ← {"type": "pong"}
 
+Server shutdown. When the server begins to stop, a ``chat.send`` is answered with an ``error``
+(``server_shutting_down``, with ``retry_after``); replies streaming get the server's grace period to end,
+after which each is ended with the same ``error`` and its partial message is kept; once no reply is
+streaming the socket is closed with code 1012 (service restart): reconnect and send again.
+
 Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
 conversation streams one reply at a time (per socket: a second send on it answers ``conversation_busy``).
 The database is reached only through ``chat.services`` / ``chat.selectors`` in a thread.
@@ -52,7 +57,15 @@ from providers.selectors import model_resolve
 from . import selectors, services
 from .history import Turn, history_trim
 from .models import MessageStatus
-from .pipeline import Caller, CompletionRun, RunResult, caller_from_api_key, caller_from_user, completion_start
+from .pipeline import (
+    Caller,
+    CompletionRun,
+    RunResult,
+    caller_from_api_key,
+    caller_from_user,
+    completion_start,
+    shutdown_began,
+)
 from .validation import InvalidRequestError, has_lone_surrogate, json_parse
 
 logger = logging.getLogger(__name__)
@@ -61,6 +74,8 @@ CLOSE_UNAUTHENTICATED = 4401
 # After HTTP's 410 Gone and IIS's 440 Login Time-out: the key worked when the socket authenticated.
 CLOSE_KEY_REVOKED = 4410
 CLOSE_KEY_EXPIRED = 4440
+# RFC 6455's "service restart": the server is stopping; the client may reconnect (to another server).
+CLOSE_SERVICE_RESTART = 1012
 AUTH_TIMEOUT = 10.0
 MAX_STREAMS_PER_SOCKET = 8
 MAX_CONTENT_CHARS = 100_000
@@ -109,17 +124,21 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.streams: dict[str, _Stream] = {}
         self.busy_conversations: dict[int, str] = {}
         self.auth_deadline: asyncio.Task[None] | None = None
+        self.shutdown_watch: asyncio.Task[None] | None = None
         user = self.scope.get("user")
         if user is not None and user.is_authenticated:
             self.caller = caller_from_user(user)
         await self.accept()
         if self.caller is None:
             self.auth_deadline = asyncio.create_task(self._close_if_not_authenticated())
+        self.shutdown_watch = asyncio.create_task(self._close_at_shutdown())
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
         if self.auth_deadline is not None:
             self.auth_deadline.cancel()
+        if self.shutdown_watch is not None:
+            self.shutdown_watch.cancel()
         for stream in list(self.streams.values()):
             self._stop(stream, by_user=False)
         tasks = [stream.task for stream in self.streams.values() if stream.task is not None]
@@ -227,6 +246,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self._send_error(message, code=code, request_id=request_id)
         self.closing = True
         await self.close(code=close_code)
+
+    async def _close_at_shutdown(self) -> None:
+        """Once the server begins to stop: the pipeline refuses new replies and ends the streaming ones after
+        its grace period; when none is left, close with 1012 so that the client reconnects elsewhere."""
+        await shutdown_began()
+        while tasks := [stream.task for stream in self.streams.values() if stream.task is not None]:
+            await asyncio.wait(tasks)
+        if not self.closing:
+            self.closing = True
+            await self.close(code=CLOSE_SERVICE_RESTART)
 
     async def _ping(self, event: dict[str, Any]) -> None:
         await self.send_json({"type": "pong"})
@@ -387,6 +416,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
         except asyncio.CancelledError:
             stream.streaming = False
+            shutdown = run.shutdown_error()
+            if shutdown is not None:
+                # The server's shutdown ended the reply: the partial message is kept, and the client told.
+                await self._finish(stream, message_id, MessageStatus.ERROR, error_message=shutdown.message)
+                await self._send_error(shutdown.message, code=shutdown.code, request_id=stream.request_id, exc=shutdown)
+                return
             await self._finish(stream, message_id, MessageStatus.CANCELLED)
             if stream.user_cancelled:
                 # Closing the stream settled the run: what was delivered is billed, and the page shows it.

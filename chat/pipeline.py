@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -57,19 +58,125 @@ async def models_for_caller(caller: Caller) -> list[ResolvedModel]:
     return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids)
 
 
-# Runs whose upstream call is in progress, with the task running each: a server shutting down cancels
-# them (``runs_cancel_all``) so that each settles in its own ``finally`` before the ledger is drained.
+# Runs whose upstream call is in progress, with the task running each: a server shutting down cuts
+# them (``runs_cut_all``) so that each settles in its own ``finally`` before the ledger is drained.
 _active_runs: dict[CompletionRun, asyncio.Task[Any]] = {}
+# The tasks serving a completion request, from its start until its last byte or event has gone: what a
+# graceful shutdown waits for (``runs_drain``).
+_requests_in_flight: set[asyncio.Task[Any]] = set()
+# Seconds a client refused by a server that is shutting down is told to wait: time for another server
+# (or this one, restarted) to take the request.
+SHUTDOWN_RETRY_AFTER_SECONDS = 5
+
+
+class ServerShuttingDownError(ApplicationError):
+    """This server process is stopping: a new request is refused, and one it had to cut is told so."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_shutting_down"
+    retry_after = SHUTDOWN_RETRY_AFTER_SECONDS
+
+    def __init__(self, message: str = "The server is restarting; retry the request.") -> None:
+        super().__init__(message)
+
+
+class _Shutdown:
+    """A server's graceful shutdown, for the event loop it serves on (tests run several servers in one
+    process, each on its own loop): once ``begun``, no request is admitted; once ``cut``, a run still
+    talking to a provider (or one that gets that far) is ended and settled as ``server_shutdown``."""
+
+    def __init__(self) -> None:
+        self.begun = False
+        self.cut = False
+        self.waiters: set[asyncio.Future[None]] = set()
+
+
+_shutdowns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Shutdown] = weakref.WeakKeyDictionary()
+
+
+def _shutdown_here() -> _Shutdown:
+    return _shutdowns.setdefault(asyncio.get_running_loop(), _Shutdown())
+
+
+def shutdown_begin() -> None:
+    """Refuse new requests from now on, and wake whatever waits in ``shutdown_began``."""
+    shutdown = _shutdown_here()
+    shutdown.begun = True
+    for waiter in list(shutdown.waiters):
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+async def shutdown_began() -> None:
+    """Return once the server has begun to shut down (the WebSocket consumer then closes its socket)."""
+    shutdown = _shutdown_here()
+    if shutdown.begun:
+        return
+    waiter = asyncio.get_running_loop().create_future()
+    shutdown.waiters.add(waiter)
+    try:
+        await waiter
+    finally:
+        shutdown.waiters.discard(waiter)
+
+
+def runs_cut_all() -> int:
+    """End every run still talking to a provider, and any that gets that far from now on: each one's task
+    is cancelled, the run settles as ``server_shutdown``, and its entry point tells the client in-band
+    (``CompletionRun.shutdown_error``)."""
+    shutdown_begin()
+    _shutdown_here().cut = True
+    loop = asyncio.get_running_loop()
+    runs = [(run, task) for run, task in _active_runs.items() if task.get_loop() is loop]
+    for run, task in runs:
+        run.cut_by_shutdown(task)
+    return len(runs)
+
+
+async def runs_drain(*, grace_seconds: float, hurry: asyncio.Event | None = None, settle_seconds: float = 5.0) -> int:
+    """A graceful shutdown of the pipeline: refuse new requests, let those in flight finish for up to
+    ``grace_seconds`` (or until ``hurry`` is set), cut the rest, and wait up to ``settle_seconds`` for
+    their entry points to tell their clients. Returns how many runs were cut."""
+    shutdown_begin()
+    loop = asyncio.get_running_loop()
+    hurried = asyncio.ensure_future((hurry or asyncio.Event()).wait())
+    try:
+        await _requests_wait(until=loop.time() + grace_seconds, unless=hurried)
+        cut = runs_cut_all()
+        await _requests_wait(until=loop.time() + settle_seconds)
+    finally:
+        hurried.cancel()
+    return cut
+
+
+async def _requests_wait(*, until: float, unless: asyncio.Future[Any] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    while (left := until - loop.time()) > 0 and not (unless is not None and unless.done()):
+        waiting: set[asyncio.Future[Any]] = {task for task in _requests_in_flight if task.get_loop() is loop}
+        if not waiting:
+            return
+        if unless is not None:
+            waiting.add(unless)
+        await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
 
 
 async def runs_cancel_all(wait_seconds: float = 10.0) -> int:
-    """Cancel every run still talking to a provider and wait until they have settled."""
-    tasks = set(_active_runs.values())
-    for task in tasks:
-        task.cancel()
+    """Cut every run still talking to a provider (the server has given up on them) and wait until they
+    have settled."""
+    loop = asyncio.get_running_loop()
+    tasks = {task for task in _active_runs.values() if task.get_loop() is loop}
+    runs_cut_all()
     if tasks:
         await asyncio.wait(tasks, timeout=wait_seconds)
     return len(tasks)
+
+
+def _request_track() -> None:
+    task = asyncio.current_task()
+    if task is not None and task not in _requests_in_flight:
+        _requests_in_flight.add(task)
+        task.add_done_callback(_requests_in_flight.discard)
 
 
 def new_request_id() -> str:
@@ -186,7 +293,11 @@ async def completion_start(
     request_id = request_id or new_request_id()
     started = time.perf_counter()
     model: ResolvedModel | None = None
+    _request_track()
     try:
+        shutdown = _shutdowns.get(asyncio.get_running_loop())
+        if shutdown is not None and shutdown.begun:
+            raise ServerShuttingDownError()
         validate_chat_request(body)
         model = await model_resolve(body["model"])
         if body.get("stream") and not model.supports_streaming:
@@ -253,6 +364,7 @@ class CompletionRun:
         self.started = started
         self.result: RunResult | None = None
         self._cancelled = False
+        self._cut_by_shutdown = False
         self._settled = False
         self._upstream_started: float | None = None
         self._first_token_at: float | None = None
@@ -266,10 +378,37 @@ class CompletionRun:
         """The user asked to stop (as opposed to going away): record the run as ``cancelled``."""
         self._cancelled = True
 
+    def cut_by_shutdown(self, task: asyncio.Task[Any]) -> None:
+        """The server is stopping and will not wait for this run: cancel its task (see ``shutdown_error``)."""
+        self._cut_by_shutdown = True
+        task.cancel()
+
+    def shutdown_error(self) -> ServerShuttingDownError | None:
+        """For an entry point that caught a ``CancelledError``: when the shutdown cut this run, consume that
+        cancellation and return the error to tell the client (a 503, or an in-band error once a stream has
+        begun); otherwise ``None``, and the cancellation must go on."""
+        if not self._cut_by_shutdown:
+            return None
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()
+        return ServerShuttingDownError("The server is restarting and ended this reply; retry the request.")
+
+    def _interrupted_status(self) -> str:
+        if self._cancelled:
+            return UsageStatus.CANCELLED
+        if self._cut_by_shutdown:
+            return UsageStatus.SERVER_SHUTDOWN
+        return UsageStatus.CLIENT_DISCONNECTED
+
     def _activate(self) -> None:
         task = asyncio.current_task()
         if task is not None:
             _active_runs[self] = task
+            shutdown = _shutdowns.get(task.get_loop())
+            if shutdown is not None and shutdown.cut:
+                # Admitted before the shutdown's cut, reaching the provider after it: ended like the others.
+                self.cut_by_shutdown(task)
 
     def abandon(self, *, status: str = UsageStatus.CANCELLED, error_type: str = "abandoned") -> None:
         """Settle a run that will never be called (its entry point failed after admission): the
@@ -309,7 +448,7 @@ class CompletionRun:
             error_type = exc.code or type(exc).__name__
             raise
         except asyncio.CancelledError:
-            status = UsageStatus.CANCELLED if self._cancelled else UsageStatus.CLIENT_DISCONNECTED
+            status = self._interrupted_status()
             raise
         finally:
             _active_runs.pop(self, None)
@@ -365,7 +504,7 @@ class CompletionRun:
             error_type = exc.code or type(exc).__name__
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status = UsageStatus.CANCELLED if self._cancelled else UsageStatus.CLIENT_DISCONNECTED
+            status = self._interrupted_status()
             raise
         finally:
             _active_runs.pop(self, None)
@@ -473,6 +612,7 @@ __all__ = [
     "CompletionRun",
     "Endpoint",
     "RunResult",
+    "ServerShuttingDownError",
     "caller_from_api_key",
     "caller_from_user",
     "completion_reject",
@@ -481,4 +621,8 @@ __all__ = [
     "models_for_caller",
     "new_request_id",
     "runs_cancel_all",
+    "runs_cut_all",
+    "runs_drain",
+    "shutdown_began",
+    "shutdown_begin",
 ]

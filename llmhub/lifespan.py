@@ -1,12 +1,29 @@
 """ASGI lifespan: replay a spooled ledger at start-up, drain the ledger and close pooled provider
-clients at shutdown. uvicorn sends these events; daphne does not (see docs/performance.md)."""
+clients at shutdown. uvicorn sends these events; daphne does not (see docs/performance.md).
+
+Graceful shutdown under uvicorn. uvicorn's own, on SIGTERM or SIGINT, closes its listening sockets,
+closes every WebSocket at once (code 1012), waits up to ``--timeout-graceful-shutdown`` for HTTP
+responses to end, cancels what is left and only then sends ``lifespan.shutdown``: the app is not told
+that a shutdown began until it is over, and a cut stream just stops. So at start-up the lifespan puts
+``ShutdownSignals`` in front of uvicorn's signal handler. On the first signal the pipeline drains
+(``chat.pipeline.runs_drain``): new requests are refused with 503 ``server_shutting_down``, requests in
+flight get ``LLMHUB_SHUTDOWN_GRACE_SECONDS`` to finish, the streams still running are then ended with an
+in-band ``server_shutting_down`` error and settled as ``server_shutdown``, and sockets close with 1012
+once their replies have ended. Then uvicorn's handler runs and its shutdown goes on as before (a second
+signal cuts the grace short). The stop takes at most the grace, 5 s for the cut replies to be told, and
+uvicorn's ``--timeout-graceful-shutdown``, plus the ledger drain (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
+from types import FrameType
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 logger = logging.getLogger("llmhub.lifespan")
 
@@ -33,11 +50,13 @@ class LifespanMiddleware:
                 except Exception:
                     logger.exception("could not replay the ledger spool; it stays on disk")
                 await _warm_up()
+                ShutdownSignals(grace_seconds=settings.LLMHUB_SHUTDOWN_GRACE_SECONDS).install()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # Requests still talking to a provider now are ones the server has given up on (uvicorn's
-                # graceful period is over, and Django leaves their tasks orphaned): cancel them so each
-                # settles, then drain the ledger, before uvicorn re-raises the signal and the process dies.
+                # graceful period is over, and Django leaves their tasks orphaned; or the server stopped
+                # without a signal we saw): cut them so each settles, then drain the ledger, before uvicorn
+                # re-raises the signal and the process dies.
                 await runs_cancel_all()
                 await ledger_flush()
                 # Streams the server cuts after this point settle while the loop winds down: their rows
@@ -64,3 +83,63 @@ async def _warm_up() -> None:
             adapter_for(config)
         except Exception:
             logger.exception("could not prepare a client for provider %s", config.name)
+
+
+class ShutdownSignals:
+    """Runs the pipeline's drain between a SIGTERM/SIGINT and uvicorn's own handling of it.
+
+    Installed only in front of a uvicorn ``Server``'s handler (the one the Dockerfile runs): other servers
+    keep their own signal handling, and their runs are cut at ``lifespan.shutdown`` as before."""
+
+    def __init__(self, *, grace_seconds: float) -> None:
+        self.grace_seconds = grace_seconds
+        self.loop = asyncio.get_running_loop()
+        self.server_handlers: dict[int, Any] = {}
+        self.drain: asyncio.Task[None] | None = None
+        self.hurry = asyncio.Event()
+        self.handed_over = False
+
+    def install(self) -> bool:
+        # Signal handlers belong to the main thread (a server run in a thread, as in tests, has none).
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        from uvicorn.server import HANDLED_SIGNALS, Server
+
+        for sig in HANDLED_SIGNALS:
+            handler = signal.getsignal(sig)
+            if isinstance(getattr(handler, "__self__", None), Server):
+                self.server_handlers[sig] = handler
+                signal.signal(sig, self._on_signal)
+        return bool(self.server_handlers)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        # This runs between two bytecodes of whatever the loop was doing: do the work on the loop.
+        try:
+            self.loop.call_soon_threadsafe(self._signalled, sig)
+        except RuntimeError:  # the loop is closed: nothing left to drain
+            self.server_handlers[sig](sig, frame)
+
+    def _signalled(self, sig: int) -> None:
+        if self.handed_over:
+            self.server_handlers[sig](sig, None)  # uvicorn's: a second SIGINT there forces the exit
+        elif self.drain is None:
+            self.drain = self.loop.create_task(self._drain_then_hand_over(sig))
+        else:
+            logger.warning("second stop signal: cutting the replies still streaming now")
+            self.hurry.set()
+
+    async def _drain_then_hand_over(self, sig: int) -> None:
+        from chat.pipeline import runs_drain
+
+        logger.warning(
+            "shutdown began: refusing new requests, giving those in flight %gs to finish", self.grace_seconds
+        )
+        try:
+            cut = await runs_drain(grace_seconds=self.grace_seconds, hurry=self.hurry)
+            if cut:
+                logger.warning("cut %d replies still running at the end of the grace period", cut)
+        except Exception:
+            logger.exception("the pipeline's drain failed; handing over to the server's shutdown")
+        finally:
+            self.handed_over = True
+            self.server_handlers[sig](sig, None)

@@ -291,6 +291,11 @@ LLMHUB_LOOKUP_STALE_IF_ERROR = env.float("LLMHUB_LOOKUP_STALE_IF_ERROR", default
 LLMHUB_DATABASE_RETRY_AFTER = env.int("LLMHUB_DATABASE_RETRY_AFTER", default=2)
 # Ledger rows the database refused (or a shutdown cut short) wait here to be replayed.
 LLMHUB_LEDGER_SPOOL = env.path("LLMHUB_LEDGER_SPOOL", default=str(BASE_DIR / "var" / "ledger-spool.jsonl"))
+# Seconds a stopping server (SIGTERM/SIGINT under uvicorn) gives requests in flight to finish before it
+# ends the streams still running with an in-band `server_shutting_down` error (llmhub/lifespan.py). Keep
+# grace + 5 s + uvicorn's --timeout-graceful-shutdown + a few seconds of ledger drain below the time the
+# orchestrator waits before SIGKILL (docker-compose.yml's stop_grace_period).
+LLMHUB_SHUTDOWN_GRACE_SECONDS = env.float("LLMHUB_SHUTDOWN_GRACE_SECONDS", default=20.0)
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path.
 LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/"]
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
