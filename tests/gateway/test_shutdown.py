@@ -122,7 +122,8 @@ class SlowStream(threading.Thread):
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     self.events.append(line.removeprefix("data: "))
-                    if len(self.events) == 1 and self.started is not None:
+                    # The first chunks (the role, then words) have arrived: the reply is under way.
+                    if len(self.events) == 3 and self.started is not None:
                         self.started.wait()
 
 
@@ -180,7 +181,6 @@ def test_streams_still_running_after_the_grace_period_end_with_an_in_band_error(
 
     for stream in streams:
         assert stream.error is None
-        assert len(stream.events) > 2  # some of the reply got through before the cut
         assert json.loads(stream.events[-1]) == SHUTTING_DOWN
         assert "[DONE]" not in stream.events
     [response] = answer
