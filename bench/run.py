@@ -231,6 +231,10 @@ def shutdown_probe(
     before = sum(json.loads(django_command(env, "-m", "bench.db", "ledger")).values())
     spooled_before = len(spool.read_text().splitlines()) if spool.exists() else 0
     argv = [*server_argv(server, "llmhub.asgi:application", port), *extra_args]
+    if "--timeout-graceful-shutdown" in extra_args:
+        # llmhub's own grace period (LLMHUB_SHUTDOWN_GRACE_SECONDS, 20 s) comes before uvicorn's: shorten it
+        # so that this variant still cuts the two-second streams.
+        env = {**env, "LLMHUB_SHUTDOWN_GRACE_SECONDS": "0.5"}
     process = processes.start(f"shutdown-{server}", argv, env)
     wait_for_port(port, process, f"shutdown-{server}")
     # 100 words at 50 tokens/s: two seconds of stream, so that all of them are in flight at the signal.
@@ -241,8 +245,9 @@ def shutdown_probe(
     async def one(client: httpx.AsyncClient) -> str:
         try:
             async with client.stream("POST", url, content=body, headers=headers) as response:
-                async for _ in response.aiter_lines():
-                    pass
+                lines = [line async for line in response.aiter_lines()]
+            if any("server_shutting_down" in line for line in lines):
+                return "cut with an in-band error"
             return "completed"
         except httpx.HTTPError:
             return "cut"
