@@ -25,6 +25,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so that live-server subprocesses see the same database; one per test run, so
     # that runs side by side (or pytest-xdist workers, which add their own suffix) never share one.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test-db-{os.getpid()}.sqlite3")}
+# As in base.py: a persistent connection (a TEST_DATABASE_URL with ?conn_max_age=60, as production keeps
+# them) is checked before its first use in a request.
+DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 LLMHUB_LOOKUP_CACHE_TTL = 5.0
 # A spool of this run's own: a live server the tests start replays the spool at start-up, and must not
 # write rows that an earlier run (or `make run`) left there into this run's database.

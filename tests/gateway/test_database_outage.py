@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -24,7 +32,8 @@ from rest_framework.test import APIClient
 from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.keys import api_key_create
-from tests.conftest import free_port
+from llmhub.testing.postgres import PostgresUnavailable, createdb, server_bin
+from tests.conftest import free_port, wait_for_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -193,3 +202,334 @@ async def test_websocket_send_gets_an_error_event_and_keeps_the_socket(gateway, 
         await sync_to_async(ledger.ledger_replay_spool)()
     row = await refused.select_related("api_key").aget()
     assert row.api_key_id == gateway.api_key.pk and row.model_name == "gpt-test"
+
+
+# ACROSS PROCESSES: A POSTGRESQL OF THEIR OWN, STOPPED UNDER LOAD
+
+ROOT = Path(__file__).resolve().parents[2]
+OUTAGE_SECONDS = 10
+
+
+class PostgresCluster:
+    """A private cluster on a free port (as ``llmhub.testing.postgres.throwaway_postgres`` makes one), which
+    the tests stop and start again on the same port, as an operator restarting the database would."""
+
+    def __init__(self) -> None:
+        self.bindir = server_bin()
+        if self.bindir is None:
+            if os.environ.get("CI"):
+                pytest.fail("PostgreSQL is not installed; .ci/run must install it")
+            pytest.skip("PostgreSQL is not installed")
+        self.owner = "postgres" if os.geteuid() == 0 else None
+        self.work = Path(tempfile.mkdtemp(prefix="llmhub-outage-pg-"))
+        if self.owner:
+            shutil.chown(self.work, user=self.owner)
+        self.data, self.log = self.work / "data", self.work / "server.log"
+        self.port = free_port()
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/llmhub"
+
+    def _run(self, *argv: str, check: bool = True) -> None:
+        command = [str(self.bindir / argv[0]), *argv[1:]]
+        if self.owner:
+            command = ["runuser", "-u", self.owner, "--", *command]
+        subprocess.run(command, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.work} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
+
+    def stop(self) -> None:
+        # fast: every session is cut, as when the database host goes away.
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# The catalog and the keys, written by a process of its own into the cluster. Keys: on the server with
+# Redis budgets and on the one with row-lock budgets, a budgeted and an unbudgeted one each; and one no
+# server has looked up before the outage.
+SETUP = """
+import django, json, sys
+from decimal import Decimal
+django.setup()
+from billing.services.keys import api_key_create
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+provider = ProviderFactory(name="fake-openai", base_url=sys.argv[1] + "/v1")
+ModelFactory(name="gpt-test", provider=provider, input_per_mtok=Decimal("0.15"), output_per_mtok=Decimal("0.60"))
+user = UserFactory(username="outage")
+keys = {}
+for name, budget in [("redis-budgeted", 100), ("redis-free", None), ("rowlock-budgeted", 100), ("rowlock-free", None),
+                     ("uncached", None)]:
+    created = api_key_create(user=user, name=name, budget_usd=None if budget is None else Decimal(budget),
+                             budget_period="total")
+    keys[name] = {"secret": created.secret, "id": created.api_key.pk}
+print(json.dumps(keys))
+"""
+
+
+def ledger_rows(database_url: str, request_ids: list[str]) -> dict[str, tuple[str, str, int | None]]:
+    import psycopg
+
+    with psycopg.connect(database_url) as db:
+        rows = db.execute(
+            "SELECT request_id, status, error_type, api_key_id FROM billing_usagerecord WHERE request_id = ANY(%s)",
+            [request_ids],
+        ).fetchall()
+    return {request_id: (status, error_type, key_id) for request_id, status, error_type, key_id in rows}
+
+
+@dataclass
+class Outcome:
+    kind: str
+    sent: float
+    done: float
+    status: int
+    headers: dict[str, str]
+    body: dict | None
+
+
+class Load:
+    """Clients of the official SDK (no retries) sending chat completions in turn to each target until stopped,
+    at most ``limit`` in all; a target is (kind, server URL, key), and ``later`` are added by ``widen``."""
+
+    def __init__(self, targets: list[tuple[str, str, str]], *, threads: int = 4, limit: int = 3000) -> None:
+        self.targets, self.limit = list(targets), limit
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def widen(self, targets: list[tuple[str, str, str]]) -> None:
+        with self.lock:
+            self.targets += targets
+
+    def _run(self, offset: int) -> None:
+        clients: dict[tuple[str, str], openai.OpenAI] = {}
+        turn = offset
+        while not self.stop.is_set():
+            with self.lock:
+                if len(self.outcomes) >= self.limit:
+                    return
+                kind, url, key = self.targets[turn % len(self.targets)]
+            turn += 1
+            client = clients.get((url, key))
+            if client is None:
+                client = clients[(url, key)] = openai.OpenAI(
+                    base_url=url + "/v1", api_key=key, max_retries=0, timeout=30
+                )
+            sent = time.monotonic()
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi [[words=3]]"}]
+                )
+                status, headers, body = raw.status_code, dict(raw.headers), None
+            except openai.APIStatusError as exc:
+                status, headers, body = exc.status_code, dict(exc.response.headers), exc.response.json()
+            except openai.APIConnectionError:
+                status, headers, body = 0, {}, None
+            with self.lock:
+                self.outcomes.append(Outcome(kind, sent, time.monotonic(), status, headers, body))
+            time.sleep(0.02)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def count(self, kind: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for outcome in self.outcomes if kind is None or outcome.kind == kind)
+
+
+@pytest.fixture(scope="module")
+def outage_postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    try:
+        try:
+            cluster.init()
+            cluster.start()
+            createdb(cluster.url)
+        except (subprocess.CalledProcessError, PostgresUnavailable) as exc:
+            pytest.fail(f"could not start PostgreSQL: {exc}")
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[str]:
+    """A redis-server of this test's own: the session's holds counters of other tests' keys with the same ids."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def server_env(database_url: str, tmp_path: Path, name: str, redis_url: str = "") -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        # Persistent connections, as production keeps them (CONN_MAX_AGE=60): the ones the restart cut
+        # must be replaced, not fail a request once the database is back.
+        TEST_DATABASE_URL=database_url + "?conn_max_age=60",
+        LLMHUB_LOOKUP_CACHE_TTL="0.5",  # runs out early in the outage
+        LLMHUB_LEDGER_SPOOL=str(tmp_path / f"spool-{name}.jsonl"),
+        PYTHONPATH=str(ROOT),
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+@contextlib.contextmanager
+def servers(envs: dict[str, dict[str, str]], tmp_path: Path) -> Iterator[dict[str, str]]:
+    """uvicorn processes, one per environment; yields their URLs by name."""
+    started: list[subprocess.Popen] = []
+    urls = {}
+    try:
+        for name, env in envs.items():
+            port = free_port()
+            log = (tmp_path / f"server-{name}.log").open("w")
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            urls[name] = f"http://127.0.0.1:{port}"
+            wait_for_port(port, timeout=30)
+        yield urls
+        for process in started:
+            assert process.poll() is None, "a server died"
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+def migrated(cluster: PostgresCluster, upstream_url: str, tmp_path: Path) -> dict[str, dict]:
+    env = server_env(cluster.url, tmp_path, "setup")
+    subprocess.run([sys.executable, "manage.py", "flush", "--noinput"], cwd=ROOT, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    setup = subprocess.run(
+        [sys.executable, "-c", SETUP, upstream_url], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    return json.loads(setup.stdout.strip().splitlines()[-1])
+
+
+def test_postgres_stopped_under_load_answers_503_and_keeps_every_row(
+    outage_postgres, own_redis, fake_upstream, tmp_path
+):
+    keys = migrated(outage_postgres, fake_upstream.base_url, tmp_path)
+    envs = {
+        "redis": server_env(outage_postgres.url, tmp_path, "redis", own_redis),
+        "rowlock": server_env(outage_postgres.url, tmp_path, "rowlock"),
+    }
+    with servers(envs, tmp_path) as urls:
+        targets = [
+            (name, urls[name.split("-")[0]], keys[name]["secret"])
+            for name in ("redis-budgeted", "redis-free", "rowlock-budgeted", "rowlock-free")
+        ]
+        with Load(targets) as load:
+            while min(load.count(kind) for kind, _, _ in targets) < 3:  # every caller is in its server's caches
+                time.sleep(0.05)
+            outage_postgres.stop()
+            stopped = time.monotonic()
+            # A key neither server has seen: both must look it up, and cannot.
+            load.widen([("uncached", url, keys["uncached"]["secret"]) for url in urls.values()])
+            time.sleep(OUTAGE_SECONDS)
+            restarting = time.monotonic()
+            outage_postgres.start()
+            back = time.monotonic()
+            during = load.count()
+            while load.count() < during + 100:
+                time.sleep(0.05)
+        outcomes = list(load.outcomes)
+        # Every answer's x-request-id has its one ledger row, written by the servers themselves while they
+        # run on (no Celery worker, no restart), the refused ones as `rejected` under the key that sent them.
+        expected = {o.headers["x-request-id"]: o for o in outcomes}
+        assert len(expected) == len(outcomes)
+        deadline = time.monotonic() + 90
+        while len(rows := ledger_rows(outage_postgres.url, list(expected))) < len(expected):
+            assert time.monotonic() < deadline, f"{len(expected) - len(rows)} of {len(expected)} rows never arrived"
+            time.sleep(0.5)
+
+    assert {o.status for o in outcomes} <= {200, 503}, sorted({(o.kind, o.status) for o in outcomes})
+    for outcome in outcomes:
+        if outcome.status == 503:
+            assert_database_unavailable(outcome.status, outcome.headers, outcome.body)
+
+    # Sent and answered while the database was down: callers in the caches are served where admission
+    # needs no database (Redis budgets, or no budget); row-lock budgets and unknown keys are refused.
+    outage = [o for o in outcomes if o.sent > stopped and o.done < restarting]
+    by_kind = {kind: {o.status for o in outage if o.kind == kind} for kind in keys}
+    assert by_kind == {
+        "redis-budgeted": {200},
+        "redis-free": {200},
+        "rowlock-budgeted": {503},
+        "rowlock-free": {200},
+        "uncached": {503},
+    }
+    # Once the database is back, every caller is served again, the one never seen before included.
+    for kind in keys:
+        assert [o.status for o in outcomes if o.kind == kind and o.sent > back][-3:] == [200, 200, 200], kind
+
+    key_ids = {kind: key["id"] for kind, key in keys.items()}
+    for request_id, outcome in expected.items():
+        status, error_type, key_id = rows[request_id]
+        assert key_id == key_ids[outcome.kind]
+        if outcome.status == 503:
+            assert (status, error_type) == ("rejected", "database_unavailable")
+        else:
+            assert status == "ok"
+
+
+def test_a_restart_nobody_saw_costs_no_request(outage_postgres, fake_upstream, tmp_path):
+    """The server's persistent connections all died in a restart that happened while it was idle: the
+    first requests after it (one that must look its key up among them) are served, not failed once each."""
+    keys = migrated(outage_postgres, fake_upstream.base_url, tmp_path)
+    with servers({"rowlock": server_env(outage_postgres.url, tmp_path, "rowlock")}, tmp_path) as urls:
+        clients = {
+            kind: openai.OpenAI(base_url=urls["rowlock"] + "/v1", api_key=keys[kind]["secret"], max_retries=0)
+            for kind in ("rowlock-budgeted", "uncached")
+        }
+        messages = [{"role": "user", "content": "hi"}]
+        for _ in range(3):
+            clients["rowlock-budgeted"].chat.completions.create(model="gpt-test", messages=messages)
+        outage_postgres.stop()
+        outage_postgres.start()
+        for kind in ("uncached", "rowlock-budgeted"):
+            assert clients[kind].chat.completions.create(model="gpt-test", messages=messages).choices
