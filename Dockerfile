@@ -18,6 +18,8 @@ RUN pip install . && rm -rf build *.egg-info
 
 COPY --chown=llmhub:llmhub . .
 USER llmhub
+# The ledger spool's volume (docker-compose.yml) takes this directory's owner when first mounted.
+RUN mkdir -p /app/var/spool
 
 # Production settings refuse to load without secrets; collectstatic gets throwaway ones that exist only
 # for this command and are never stored in the image.

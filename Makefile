@@ -39,7 +39,7 @@ run: $(STAMP)
 # The PostgreSQL phase runs even when the SQLite phase failed, so one red test does not hide the other
 # half's result; make fails if either did. scripts/system_deps.sh first checks (as root: installs)
 # redis-server, chromium, fonts-liberation and PostgreSQL.
-POSTGRES_TESTS := tests/billing tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py
+POSTGRES_TESTS := tests/billing tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py
 PYTEST_SQLITE := $(VENV)/bin/pytest
 PYTEST_POSTGRES := $(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -q -p no:cacheprovider $(POSTGRES_TESTS)
 

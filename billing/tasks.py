@@ -30,8 +30,10 @@ def reservations_reconcile() -> int:
 def ledger_spool_replay() -> int:
     """Every minute: ledger rows a server spooled to disk while the database failed, written now.
 
-    uvicorn replays at start-up (ASGI lifespan); this catches servers without lifespan (daphne) and
-    spools left by a server that has not restarted."""
+    A server replays its spool itself, at start-up and as soon as the database answers again; this
+    catches rows no live server watches: a process that died, or servers without lifespan (daphne).
+    The spool is shared (docker-compose.yml mounts it in every app container), and concurrent replays
+    each claim what they write (billing/services/spool.py)."""
     return ledger_replay_spool()
 
 

@@ -36,7 +36,12 @@ class LifespanMiddleware:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
-        from billing.services.ledger import ledger_begin_shutdown, ledger_flush, ledger_replay_spool
+        from billing.services.ledger import (
+            ledger_begin_shutdown,
+            ledger_flush,
+            ledger_replay_spool,
+            ledger_spool_watch,
+        )
         from chat.pipeline import runs_cancel_all
         from providers.adapters.registry import adapters_close_all
 
@@ -49,6 +54,8 @@ class LifespanMiddleware:
                         logger.warning("replayed %d spooled ledger records", replayed)
                 except Exception:
                     logger.exception("could not replay the ledger spool; it stays on disk")
+                # What is still spooled (the database is not up yet) is replayed as soon as it answers.
+                ledger_spool_watch()
                 await _warm_up()
                 ShutdownSignals(grace_seconds=settings.LLMHUB_SHUTDOWN_GRACE_SECONDS).install()
                 await send({"type": "lifespan.startup.complete"})

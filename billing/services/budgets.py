@@ -25,6 +25,7 @@ from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
 from ..pricing import COST_QUANTUM, cost_for
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
+from .spool import spool_pending, spool_rows
 
 THRESHOLDS = (50, 80, 100)
 # Longer than any request may run: an unsettled reservation older than this belonged to a dead process.
@@ -310,7 +311,11 @@ def expected_spend(
 
     The ledger row of a request is written around the time it settles, before or after. So from the
     ledger rows up to ``at`` take away those of requests still open at ``at`` (they have not settled
-    yet), and add the settles the ledger does not show yet (their rows are on their way)."""
+    yet), and add the settles the ledger does not show yet (their rows are on their way), and the rows
+    waiting in the ledger spool (the database was down) however long ago they settled.
+
+    The spool is read before the ledger: a row replayed in between is then in both, and counted once."""
+    spooled = spooled_spend(ref, until=at)
     rows = _ledger_rows(ref, until=at)
     total = _metric_sum(rows, ref.metric)
     if open_ids:
@@ -318,7 +323,36 @@ def expected_spend(
     if settled:
         written = set(UsageRecord.objects.filter(request_id__in=list(settled)).values_list("request_id", flat=True))
         total += sum((amount for rid, amount in settled.items() if rid not in written), Decimal(0))
+    waiting = {rid: amount for rid, amount in spooled.items() if rid not in settled and rid not in open_ids}
+    if waiting:
+        written = set(UsageRecord.objects.filter(request_id__in=list(waiting)).values_list("request_id", flat=True))
+        total += sum((amount for rid, amount in waiting.items() if rid not in written), Decimal(0))
     return total
+
+
+def spooled_spend(ref: CounterRef, *, until: datetime | None = None) -> dict[str, Decimal]:
+    """Spend (USD) or tokens of the counter's scope in its period in the rows waiting in the ledger spool,
+    by request id (some may be in the ledger already: a replay is under way)."""
+    if not spool_pending():
+        return {}
+    if ref.scope_kind == ScopeKind.KEY:
+        keys, user_id = set(api_key_subtree_ids(ref.scope_id)), None
+    else:
+        keys, user_id = None, ref.scope_id
+    spent: dict[str, Decimal] = {}
+    for raw in spool_rows():
+        if (raw.get("api_key_id") not in keys) if keys is not None else (raw.get("user_id") != user_id):
+            continue
+        created_at = datetime.fromisoformat(raw["created_at"])
+        if created_at < ref.period_start or (ref.period_end is not None and created_at >= ref.period_end):
+            continue
+        if until is not None and created_at > until:
+            continue
+        if ref.metric == BudgetMetric.COST:
+            spent[raw["request_id"]] = Decimal(raw["cost"])
+        else:
+            spent[raw["request_id"]] = Decimal(int(raw["prompt_tokens"]) + int(raw["completion_tokens"]))
+    return spent
 
 
 def api_key_limits_set(

@@ -46,7 +46,6 @@ from .budgets import (
     charge_check,
     charge_clamp,
     expected_spend,
-    ledger_spend,
     period_bounds,
     quota_error,
 )
@@ -175,7 +174,7 @@ class RedisCounterStore:
         without persistence) may hide a crossing nobody alerted for: the seeder raises the alerts from
         zero to the ledger's figure, which fire only for thresholds not alerted yet this period."""
         for spec in specs:
-            spent = await sync_to_async(ledger_spend)(spec.ref)
+            spent = await sync_to_async(expected_spend)(ref=spec.ref, at=None, open_ids=(), settled={})
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.hsetnx(spec.key, "spent", spec.ref.to_units(spent))
                 pipe.hsetnx(spec.key, "reserved", 0)
@@ -369,7 +368,9 @@ class DatabaseCounterStore:
                     metric=ref.metric,
                     period=ref.period,
                     period_start=ref.period_start,
-                    spent=ledger_spend(ref),
+                    # With the spool's rows: a counter started while the database was down must not
+                    # forget what requests spent meanwhile.
+                    spent=expected_spend(ref=ref, at=None, open_ids=(), settled={}),
                 )
         except IntegrityError:
             return BudgetCounter.objects.select_for_update().get(key=ref.key)

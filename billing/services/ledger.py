@@ -5,8 +5,10 @@ task per event loop settles the budget reservations and inserts the rows in batc
 responses have gone (one transaction per batch, so the cost per row falls as load rises). Until its
 batch commits, every row is tracked: ``ledger_flush`` waits for them all (the ASGI lifespan shutdown
 calls it, so a graceful stop drains the ledger first); rows a failing database, a cancelled writer or
-a process exit leave behind go to a spool file that ``ledger_replay_spool`` writes back (at start-up
-and from a Celery task). ``request_id`` is unique and inserts skip ids already present, so a row can
+a process exit leave behind go to a spool file (``spool.py``) that ``ledger_replay_spool`` writes back:
+at start-up, from a Celery task, and above all from the process that spooled them, which probes the
+database from then on and replays as soon as it answers (``ledger_spool_watch``), so neither a worker
+nor a restart is needed. ``request_id`` is unique and inserts skip ids already present, so a row can
 never be counted twice.
 """
 
@@ -17,7 +19,6 @@ import atexit
 import functools
 import json
 import logging
-import os
 import threading
 import time
 import weakref
@@ -25,20 +26,20 @@ from collections.abc import Coroutine, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import DatabaseError, IntegrityError, close_old_connections, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.utils import timezone
 
 from providers.models import Model, Provider
 
 from ..models import ApiKey, UsageRecord
 from .admission import Admission, admission_settle
+from .spool import spool_append, spool_claim, spool_pending
 
 logger = logging.getLogger("llmhub.ledger")
 
@@ -79,10 +80,6 @@ class UsageData:
     # Instead of user_id and api_key_id when the key could not be looked up (the database was down): the
     # key's SHA-256, as the database keeps it. The row is attributed when written (``_keys_resolved``).
     key_hash: str = ""
-
-
-def _spool_path() -> Path:
-    return Path(settings.LLMHUB_LEDGER_SPOOL)
 
 
 def usage_record_submit(data: UsageData, *, admission: Admission | None = None) -> None:
@@ -138,8 +135,7 @@ def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
         logger.error("the ledger writer failed; its rows are spooled", exc_info=task.exception())
     rows = [data for data, _ in (*writer.in_flight, *writer.queue)]
     writer.in_flight, writer.queue = [], []
-    for data in rows:
-        _spool(data)
+    _spool(*rows)
     _forget(rows)
 
 
@@ -205,8 +201,8 @@ async def _write_batch(rows: list[UsageData]) -> None:
         except DatabaseError:
             if attempt == _WRITE_ATTEMPTS:
                 logger.exception("ledger write of %d rows failed %d times; spooled", len(rows), attempt)
-                for data in rows:
-                    _spool(data)
+                _spool(*rows)
+                ledger_spool_watch()
                 return
             await asyncio.sleep(delay)
             delay *= 2
@@ -224,8 +220,7 @@ def _spool_unfinished() -> None:
     with _unwritten_lock:
         rows = list(_unwritten.values())
         _unwritten.clear()
-    for data in rows:
-        _spool(data)
+    _spool(*rows)
 
 
 async def ledger_flush(wait_seconds: float = 30.0) -> None:
@@ -315,46 +310,79 @@ def _touch_key(api_key_id: int | None) -> None:
     ApiKey.objects.filter(pk=api_key_id).update(last_used_at=timezone.now())
 
 
-def _spool(data: UsageData) -> None:
-    path = _spool_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(asdict(data), default=str)
-    with open(path, "a", encoding="utf-8") as spool:
-        spool.write(line + "\n")
-        spool.flush()
-        os.fsync(spool.fileno())
+def _spool(*rows: UsageData) -> None:
+    spool_append([json.dumps(asdict(data), default=str) for data in rows])
+
+
+def usage_data_from_spool(raw: dict[str, Any]) -> UsageData:
+    return UsageData(**{**raw, "cost": Decimal(raw["cost"]), "created_at": datetime.fromisoformat(raw["created_at"])})
 
 
 def ledger_replay_spool() -> int:
     """Write every spooled row that is not in the ledger yet; return how many spooled rows were processed
-    (rows already in the ledger count, and are skipped)."""
-    path = _spool_path()
-    if not path.exists():
+    (rows already in the ledger count, and are skipped). Rows the database refuses again go back to the
+    spool. Safe to run in several processes at once: each claims what it replays (``spool.py``)."""
+    if not spool_pending():
         return 0
-    claimed = path.with_suffix(f".replaying-{os.getpid()}")
-    try:
-        path.rename(claimed)
-    except FileNotFoundError:
-        return 0
-    lines = [line for line in claimed.read_text(encoding="utf-8").splitlines() if line.strip()]
     replayed = 0
-    leftovers: list[str] = []
-    for start in range(0, len(lines), BATCH_SIZE):
-        chunk = lines[start : start + BATCH_SIZE]
-        rows = []
-        for line in chunk:
-            raw: dict[str, Any] = json.loads(line)
-            raw["cost"] = Decimal(raw["cost"])
-            raw["created_at"] = datetime.fromisoformat(raw["created_at"])
-            rows.append(UsageData(**raw))
-        try:
-            _write_rows(rows)
-            replayed += len(rows)
-        except DatabaseError:
-            logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(rows))
-            leftovers.extend(chunk)
-    if leftovers:
-        with open(path, "a", encoding="utf-8") as spool:
-            spool.write("\n".join(leftovers) + "\n")
-    claimed.unlink()
+    with spool_claim() as files:
+        for claimed in files:
+            lines = [line for line in claimed.read().splitlines() if line.strip()]
+            leftovers: list[str] = []
+            for start in range(0, len(lines), BATCH_SIZE):
+                chunk = lines[start : start + BATCH_SIZE]
+                try:
+                    _write_rows([usage_data_from_spool(json.loads(line)) for line in chunk])
+                    replayed += len(chunk)
+                except DatabaseError:
+                    logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(chunk))
+                    leftovers.extend(chunk)
+            spool_append(leftovers)
     return replayed
+
+
+_spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+
+
+def ledger_spool_watch() -> None:
+    """Replay the spool from this event loop as soon as the database answers again: called when this
+    process spools rows, and at start-up when a replay could not empty the spool. One watcher per loop;
+    it ends when the spool is empty."""
+    loop = asyncio.get_running_loop()
+    if loop in _closing_loops:
+        return
+    task = _spool_watchers.get(loop)
+    if task is None or task.done():
+        _spool_watchers[loop] = loop.create_task(_spool_watch())
+
+
+async def _spool_watch() -> None:
+    """Probe the database every ``LLMHUB_LEDGER_SPOOL_PROBE_SECONDS`` (backing off to four times that while
+    it stays down) and replay once it answers. A cheap ``SELECT 1`` first, so that a database still down
+    costs one failed connection per probe, not a rewrite of the spool."""
+    base = settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
+    delay = base
+    while await sync_to_async(spool_pending, thread_sensitive=False)():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, base * 4)
+        try:
+            if not await sync_to_async(_database_answers, thread_sensitive=False)():
+                continue
+            replayed = await sync_to_async(ledger_replay_spool, thread_sensitive=False)()
+        except Exception:
+            logger.exception("replaying the ledger spool failed; trying again")
+            continue
+        if replayed:
+            logger.warning("the database answers again: replayed %d spooled ledger rows", replayed)
+        delay = base
+
+
+def _database_answers() -> bool:
+    close_old_connections()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return True
+    except DatabaseError:
+        connection.close()
+        return False

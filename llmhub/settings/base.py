@@ -289,8 +289,12 @@ LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
 LLMHUB_LOOKUP_STALE_IF_ERROR = env.float("LLMHUB_LOOKUP_STALE_IF_ERROR", default=300.0)
 # The Retry-After (seconds) of the 503 a request gets when the database does not answer.
 LLMHUB_DATABASE_RETRY_AFTER = env.int("LLMHUB_DATABASE_RETRY_AFTER", default=2)
-# Ledger rows the database refused (or a shutdown cut short) wait here to be replayed.
+# Ledger rows the database refused (or a shutdown cut short) wait here to be replayed: one file shared
+# by every process that writes or replays it (in docker-compose.yml, a volume they all mount).
 LLMHUB_LEDGER_SPOOL = env.path("LLMHUB_LEDGER_SPOOL", default=str(BASE_DIR / "var" / "ledger-spool.jsonl"))
+# While rows wait in the spool, each server process asks the database every this many seconds whether
+# it answers again (backing off to 4 times as long), and replays the spool as soon as it does.
+LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = env.float("LLMHUB_LEDGER_SPOOL_PROBE_SECONDS", default=0.5)
 # Seconds a stopping server (SIGTERM/SIGINT under uvicorn) gives requests in flight to finish before it
 # ends the streams still running with an in-band `server_shutting_down` error (llmhub/lifespan.py). Keep
 # grace + 5 s + uvicorn's --timeout-graceful-shutdown + a few seconds of ledger drain below the time the

@@ -1,0 +1,113 @@
+"""The ledger spool on disk: rows the database could not take, one JSON object a line.
+
+One file (``LLMHUB_LEDGER_SPOOL``) shared by every process that writes or replays it, rather than a file
+per process: a process that dies leaves nothing only it could replay, and whichever process sees the
+database first (a server's spool watcher, the beat task, a start-up) replays every row. Three
+operations share it, coordinated with ``flock`` on a lock file beside it (the spool itself is renamed,
+so it cannot carry the lock):
+
+- append (``spool_append``): under the lock, short.
+- claim (``spool_claim``): under the lock, the spool is renamed to a claimed file that only the claimer
+  replays, holding a lock of its own on it for as long as it does. A claimed file no process holds any
+  more (its replayer died) is claimed again by the next replayer.
+- read (``spool_rows``): under the lock, the spool and every claimed file, for reconciliation to count
+  spend that is on its way to the ledger. A claimed file is unlinked only after its rows are committed
+  (or appended back to the spool), so a row is always in the ledger, in a file, or both; readers drop
+  rows whose request id the ledger already has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from django.conf import settings
+
+CLAIMED_INFIX = ".replaying-"
+
+
+def spool_path() -> Path:
+    return Path(settings.LLMHUB_LEDGER_SPOOL)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def spool_append(lines: list[str]) -> None:
+    """Append JSON lines to the spool, on disk (fsync) before this returns."""
+    if not lines:
+        return
+    path = spool_path()
+    with _locked(path, fcntl.LOCK_EX), open(path, "a", encoding="utf-8") as spool:
+        spool.write("".join(line + "\n" for line in lines))
+        spool.flush()
+        os.fsync(spool.fileno())
+
+
+def spool_pending() -> bool:
+    """Whether any row waits in the spool or in a claimed file."""
+    path = spool_path()
+    return (path.exists() and path.stat().st_size > 0) or any(_claimed_files(path))
+
+
+def _claimed_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + CLAIMED_INFIX + "*")) if path.parent.exists() else []
+
+
+@contextlib.contextmanager
+def spool_claim() -> Iterator[list[IO[str]]]:
+    """The files this process replays now, each held (flock) until the block ends, when they are unlinked:
+    the spool as it stands (renamed, so appends from here on start a new one) and every claimed file whose
+    replayer is gone. The block must have written their rows (or appended them back) before it ends."""
+    path = spool_path()
+    held: list[tuple[Path, IO[str]]] = []
+    try:
+        with _locked(path, fcntl.LOCK_EX):
+            for claimed in _claimed_files(path):
+                handle = open(claimed, encoding="utf-8")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()  # a live replayer holds it
+                    continue
+                held.append((claimed, handle))
+            if path.exists():
+                claimed = path.with_name(f"{path.name}{CLAIMED_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                path.rename(claimed)
+                handle = open(claimed, encoding="utf-8")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                held.append((claimed, handle))
+        yield [handle for _, handle in held]
+        for claimed, _ in held:
+            claimed.unlink(missing_ok=True)
+    finally:
+        for _, handle in held:
+            handle.close()
+
+
+def spool_rows() -> list[dict[str, Any]]:
+    """Every row waiting in the spool or in a claimed file (a row may appear twice: replay skips known
+    ids, and so must a reader that sums them)."""
+    path = spool_path()
+    lines: list[str] = []
+    with _locked(path, fcntl.LOCK_SH):
+        for name in [path, *_claimed_files(path)]:
+            try:
+                lines += name.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                continue
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,381 @@
+"""Ledger rows spooled while the database was down reach the ledger without Celery and without a restart,
+and no budget counter forgets them meanwhile.
+
+End to end: a PostgreSQL cluster of the test's own (stopped and started under a live server process, so it
+cannot be the suite's database), Redis, and llmhub under a steady load. Service level: reconciliation and
+the rebuild of a counter with rows in the spool.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import time_machine
+import yaml
+from asgiref.sync import async_to_sync
+from django.utils import timezone
+
+from billing.models import BudgetPeriod, UsageRecord
+from billing.services import ledger
+from billing.services.admission import admission_acquire, admission_settle
+from billing.services.budgets import SETTLED_MEMORY, CounterRef, api_key_limits_set, period_bounds
+from billing.services.counters import budget_counters_reconcile, counter_state
+from billing.services.keys import api_key_create
+from billing.services.ledger import UsageData
+from llmhub.testing.postgres import PostgresUnavailable, createdb, server_bin
+from providers.selectors import resolved_model
+from tests.conftest import free_port, wait_for_port
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = Decimal("0.0001")  # one completion token of the flat model (input is free)
+
+
+# A POSTGRESQL THAT CAN BE STOPPED
+
+
+class PostgresCluster:
+    """A private cluster on a free port (as ``llmhub.testing.postgres.throwaway_postgres`` makes), which
+    this test stops and starts again on the same port."""
+
+    def __init__(self) -> None:
+        self.bindir = server_bin()
+        if self.bindir is None:
+            if os.environ.get("CI"):
+                pytest.fail("PostgreSQL is not installed; .ci/run must install it")
+            pytest.skip("PostgreSQL is not installed")
+        self.owner = "postgres" if os.geteuid() == 0 else None
+        self.work = Path(tempfile.mkdtemp(prefix="llmhub-spool-pg-"))
+        if self.owner:
+            shutil.chown(self.work, user=self.owner)
+        self.data, self.log = self.work / "data", self.work / "server.log"
+        self.port = free_port()
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/llmhub"
+
+    def _run(self, *argv: str) -> None:
+        command = [str(self.bindir / argv[0]), *argv[1:]]
+        if self.owner:
+            command = ["runuser", "-u", self.owner, "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.work} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
+
+    def stop(self) -> None:
+        # fast: every session is cut, as when the database host goes away.
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(
+            (["runuser", "-u", self.owner, "--"] if self.owner else [])
+            + [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    try:
+        try:
+            cluster.init()
+            cluster.start()
+            createdb(cluster.url)
+        except (subprocess.CalledProcessError, PostgresUnavailable) as exc:
+            pytest.fail(f"could not start PostgreSQL: {exc}")
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+def django_env(database_url: str, redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+# The catalog, a user and a budgeted key, written by a process of its own into the test's cluster.
+SETUP = """
+import django, sys
+from decimal import Decimal
+django.setup()
+from billing.services.keys import api_key_create
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+provider = ProviderFactory(name="fake-openai", base_url=sys.argv[1] + "/v1")
+ModelFactory(name="flat-model", provider=provider, input_per_mtok=Decimal(0), output_per_mtok=Decimal(100))
+created = api_key_create(user=UserFactory(username="outage"), name="outage", budget_usd=Decimal(100),
+                         budget_period="total")
+print(created.secret, created.api_key.pk)
+"""
+
+
+def ledger_ids(database_url: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(database_url) as connection:
+        return {row[0] for row in connection.execute("SELECT request_id FROM billing_usagerecord")}
+
+
+def ledger_cost(database_url: str, api_key_id: int) -> Decimal:
+    import psycopg
+
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute(
+            "SELECT COALESCE(SUM(cost), 0) FROM billing_usagerecord WHERE api_key_id = %s", [api_key_id]
+        ).fetchone()
+    return Decimal(row[0])
+
+
+class Load:
+    """Two clients sending chat completions one after another until stopped (at most ``limit`` in all)."""
+
+    def __init__(self, url: str, secret: str, limit: int = 600) -> None:
+        self.url, self.secret, self.limit = url, secret, limit
+        self.responses: list[tuple[int, str | None]] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(2)]
+
+    def _run(self) -> None:
+        body = {"model": "flat-model", "messages": [{"role": "user", "content": "[[words=3]] hi"}], "max_tokens": 5}
+        with httpx.Client(timeout=30) as client:
+            while not self.stop.is_set():
+                with self.lock:
+                    if len(self.responses) >= self.limit:
+                        return
+                try:
+                    response = client.post(
+                        f"{self.url}/v1/chat/completions",
+                        json=body,
+                        headers={"Authorization": f"Bearer {self.secret}"},
+                    )
+                    outcome = (response.status_code, response.headers.get("x-request-id"))
+                except httpx.HTTPError as exc:
+                    outcome = (0, type(exc).__name__)
+                with self.lock:
+                    self.responses.append(outcome)
+                time.sleep(0.05)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.responses)
+
+
+def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_or_restart(
+    postgres, redis_url, fake_upstream, tmp_path
+):
+    redis.Redis.from_url(redis_url).flushdb()
+    env = django_env(postgres.url, redis_url)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    setup = subprocess.run(
+        [sys.executable, "-c", SETUP, fake_upstream.base_url],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    secret, api_key_id = setup.stdout.split()
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "on"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, timeout=30)
+        with Load(f"http://127.0.0.1:{port}", secret) as load:
+            while load.count() < 20:  # the caller's key, limits and model are in the server's caches
+                time.sleep(0.05)
+            postgres.stop()
+            during = load.count()
+            time.sleep(6)
+            assert load.count() > during + 20, "the load stalled while the database was down"
+            postgres.start()
+            time.sleep(2)
+        assert server.poll() is None  # the same process throughout: no restart replays anything
+
+        answered = [rid for status, rid in load.responses if status and rid]
+        assert len(answered) == len(load.responses), sorted({s for s, _ in load.responses})
+        assert {status for status, _ in load.responses} <= {200, 503}
+        served = [rid for status, rid in load.responses if status == 200]
+        assert len(served) > during + 20  # callers already cached were served through the outage
+
+        # No Celery worker runs, and the server is not restarted: the server replays its spool itself.
+        deadline = time.monotonic() + 60
+        while missing := set(answered) - ledger_ids(postgres.url):
+            assert time.monotonic() < deadline, f"{len(missing)} of {len(answered)} rows never reached the ledger"
+            time.sleep(0.5)
+        spools = list((ROOT / "var").glob(f"test-ledger-spool-{server.pid}.jsonl*"))
+        assert not [p for p in spools if not p.name.endswith(".lock") and p.stat().st_size], spools
+
+        # Every settle landed in Redis while the rows waited: the counter is the ledger's total.
+        start, _ = period_bounds(BudgetPeriod.TOTAL, timezone.now())
+        ref = CounterRef("key", int(api_key_id), "cost", BudgetPeriod.TOTAL, start)
+        spent = redis.Redis.from_url(redis_url, decode_responses=True).hget(ref.key, "spent")
+        assert ref.from_units(spent) == ledger_cost(postgres.url, int(api_key_id)) > 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
+        log.close()
+
+
+# SERVICE LEVEL: reconciliation and a rebuilt counter count the spool
+
+
+@pytest.fixture
+def spool(tmp_path, settings):
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    return settings.LLMHUB_LEDGER_SPOOL
+
+
+@pytest.fixture(params=["redis", "database"])
+def counters_store(request, settings):
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        settings.REDIS_URL = url
+    else:
+        settings.REDIS_URL = ""
+    return request.param
+
+
+@pytest.fixture
+def account(transactional_db, fake_upstream):
+    provider = ProviderFactory(name="fake-openai", base_url=fake_upstream.base_url + "/v1")
+    flat = ModelFactory(name="flat-model", provider=provider, input_per_mtok=Decimal(0), output_per_mtok=Decimal(100))
+    user = UserFactory(username="spooled")
+    created = api_key_create(user=user, name="spooled")
+    api_key_limits_set(api_key=created.api_key, budget_usd=Decimal(1), budget_period=BudgetPeriod.MONTHLY)
+    return {"user": user, "key": created.api_key, "flat": flat}
+
+
+def key_ref(api_key) -> CounterRef:
+    start, _ = period_bounds(BudgetPeriod.MONTHLY, timezone.now())
+    return CounterRef("key", api_key.pk, "cost", BudgetPeriod.MONTHLY, start)
+
+
+def spend_and_spool(account, request_id: str, tokens: int) -> None:
+    """A request admitted and settled whose ledger row went to the spool (the database refused it)."""
+
+    model = resolved_model(account["flat"])
+
+    async def run() -> None:
+        admission = await admission_acquire(
+            user_id=account["user"].pk,
+            api_key_id=account["key"].pk,
+            key_allowed_model_ids=None,
+            model=model,
+            body={"model": "flat-model", "messages": [], "max_tokens": tokens},
+            request_id=request_id,
+            prompt_tokens_upper=0,
+        )
+        await admission_settle(
+            admission=admission, cost=tokens * TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True
+        )
+
+    async_to_sync(run)()
+    ledger._spool(
+        UsageData(
+            request_id=request_id,
+            endpoint="rest",
+            stream=False,
+            status="ok",
+            user_id=account["user"].pk,
+            api_key_id=account["key"].pk,
+            model_name="flat-model",
+            completion_tokens=tokens,
+            cost=tokens * TOKEN,
+        )
+    )
+
+
+@pytest.mark.period_instants(only=["leap-day"], tick=True)
+def test_reconcile_long_after_the_settle_keeps_spend_that_waits_in_the_spool(counters_store, account, spool):
+    """Before, the settle was remembered for SETTLED_MEMORY only: a reconcile after that put the counter
+    back on the ledger alone, and the key could spend its spooled spend a second time."""
+    spend_and_spool(account, "req_spooled", 40)
+    ref = key_ref(account["key"])
+    assert counter_state(ref)[0] == 40 * TOKEN
+    assert not UsageRecord.objects.exists()
+
+    with time_machine.travel(timezone.now() + SETTLED_MEMORY + timedelta(minutes=5)):
+        budget_counters_reconcile()
+        assert counter_state(ref)[0] == 40 * TOKEN
+
+        # Once the rows are in the ledger, the same figure comes from there.
+        assert ledger.ledger_replay_spool() == 1
+        budget_counters_reconcile()
+        assert counter_state(ref)[0] == 40 * TOKEN == UsageRecord.objects.get().cost
+
+
+@pytest.mark.period_instants(only=["leap-day"], tick=True)
+def test_a_counter_rebuilt_while_rows_wait_in_the_spool_counts_them(counters_store, account, spool, settings):
+    """Redis lost the counter (or the database store starts a new one) while the ledger misses spooled
+    rows: the rebuilt counter holds them, so the budget still refuses what it would have refused."""
+    spend_and_spool(account, "req_before_loss", 60)
+    ref = key_ref(account["key"])
+    if counters_store == "redis":
+        redis.Redis.from_url(settings.REDIS_URL).delete(ref.key, ref.key + ":exp", ref.key + ":set")
+    else:
+        from billing.models import BudgetCounter
+
+        BudgetCounter.objects.filter(key=ref.key).delete()
+
+    spend_and_spool(account, "req_after_loss", 1)
+
+    assert counter_state(ref)[0] == 61 * TOKEN
+
+
+def test_compose_shares_the_spool_between_the_servers_and_the_replaying_worker():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    spool = Path(services["web"]["environment"]["LLMHUB_LEDGER_SPOOL"])
+    for name in ("web", "worker", "beat"):
+        assert services[name]["environment"]["LLMHUB_LEDGER_SPOOL"] == str(spool), name
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services[name]["volumes"]}
+        assert mounts.get(str(spool.parent)) == "ledger-spool", name
+    assert "ledger-spool" in compose["volumes"]
