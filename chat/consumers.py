@@ -454,11 +454,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _finish(self, stream: _Stream, message_id: int, status: MessageStatus, error_message: str = "") -> None:
         # Shielded: this write is what keeps a partial reply when the task is being torn down.
-        await asyncio.shield(
-            database_sync_to_async(services.message_finish)(
-                message_id=message_id, content="".join(stream.content), status=status, error_message=error_message
+        try:
+            await asyncio.shield(
+                database_sync_to_async(services.message_finish)(
+                    message_id=message_id, content="".join(stream.content), status=status, error_message=error_message
+                )
             )
-        )
+        except DATABASE_OUTAGE_ERRORS:
+            # The client has the reply; the stored message keeps its last checkpoint.
+            logger.warning("reply %s not saved: the database is unavailable", stream.request_id)
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.request_id, None)

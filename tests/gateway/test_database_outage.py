@@ -204,6 +204,39 @@ async def test_websocket_send_gets_an_error_event_and_keeps_the_socket(gateway, 
     assert row.api_key_id == gateway.api_key.pk and row.model_name == "gpt-test"
 
 
+async def test_websocket_reply_streaming_when_the_database_goes_down_runs_to_its_end(gateway, short_lookups, tmp_path):
+    from tests.chat.conftest import open_socket
+
+    ws, connected, _ = await open_socket()
+    assert connected
+    try:
+        await ws.send_json_to({"type": "auth", "api_key": gateway.key})
+        assert await ws.receive_json_from(timeout=10) == {"type": "auth.ok"}
+        await ws.send_json_to(
+            {"type": "chat.send", "conversation": None, "model": "gpt-test", "content": "[[words=40]] [[tps=20]]"}
+        )
+        assert (await ws.receive_json_from(timeout=20))["type"] == "chat.started"
+        assert (await ws.receive_json_from(timeout=20))["type"] == "chat.delta"
+        await database_sync_to_async(close_old_connections)()
+        with database_unreachable(tmp_path):
+            # Two seconds of words: its checkpoints meet the outage, and so does the save at its end.
+            events = [await ws.receive_json_from(timeout=20)]
+            while events[-1]["type"] == "chat.delta":
+                events.append(await ws.receive_json_from(timeout=20))
+            await sync_to_async(wait_until_spooled)()
+    finally:
+        await ws.disconnect(timeout=10)
+    assert events[-1]["type"] == "chat.completed", events[-1]
+    assert len(events) > 20
+    # Its ledger row, spooled meanwhile, bills the whole reply.
+    billed = UsageRecord.objects.filter(endpoint="websocket", status="ok", completion_tokens__gte=40)
+    deadline = time.monotonic() + 30
+    while not await billed.aexists():
+        assert time.monotonic() < deadline
+        await sync_to_async(ledger.ledger_replay_spool)()
+        await asyncio.sleep(0.2)
+
+
 # ACROSS PROCESSES: A POSTGRESQL OF THEIR OWN, STOPPED UNDER LOAD
 
 ROOT = Path(__file__).resolve().parents[2]
