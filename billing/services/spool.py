@@ -65,7 +65,12 @@ def spool_pending() -> bool:
 
 
 def _claimed_files(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(path.name + CLAIMED_INFIX + "*")) if path.parent.exists() else []
+    if not path.parent.exists():
+        return []
+    # Also the names an earlier llmhub gave the file it was replaying (``ledger-spool.replaying-<pid>``),
+    # which nothing replayed again if that process died.
+    patterns = {path.name + CLAIMED_INFIX + "*", path.stem + CLAIMED_INFIX + "*"}
+    return sorted({name for pattern in patterns for name in path.parent.glob(pattern)})
 
 
 @contextlib.contextmanager
@@ -78,11 +83,17 @@ def spool_claim() -> Iterator[list[IO[str]]]:
     try:
         with _locked(path, fcntl.LOCK_EX):
             for claimed in _claimed_files(path):
-                handle = open(claimed, encoding="utf-8")
+                try:
+                    handle = open(claimed, encoding="utf-8")
+                except FileNotFoundError:
+                    continue  # its replayer has just finished (it unlinks without this lock)
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     handle.close()  # a live replayer holds it
+                    continue
+                if os.fstat(handle.fileno()).st_nlink == 0:
+                    handle.close()  # finished and unlinked between the open and the lock
                     continue
                 held.append((claimed, handle))
             if path.exists():

@@ -379,3 +379,62 @@ def test_compose_shares_the_spool_between_the_servers_and_the_replaying_worker()
         mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services[name]["volumes"]}
         assert mounts.get(str(spool.parent)) == "ledger-spool", name
     assert "ledger-spool" in compose["volumes"]
+
+
+# SEVERAL PROCESSES ON ONE SPOOL
+
+SPOOL_WORKER = """
+import sys, time
+from decimal import Decimal
+from pathlib import Path
+import django
+django.setup()
+from django.conf import settings
+settings.LLMHUB_LEDGER_SPOOL = sys.argv[1]
+from billing.services import ledger
+role, tag = sys.argv[2], sys.argv[3]
+if role == "append":
+    for i in range(int(sys.argv[4])):
+        row = ledger.UsageData(request_id=f"{tag}-{i}", endpoint="rest", stream=False, status="ok",
+                               model_name="m", cost=Decimal("0.0001"))
+        ledger._spool(row)
+else:
+    stop = Path(sys.argv[4])
+    while not stop.exists():
+        ledger.ledger_replay_spool()
+        time.sleep(0.005)
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processes_appending_and_replaying_one_spool_at_once_lose_and_double_nothing(spool, tmp_path):
+    """Servers append while others (a server's watcher, the beat task) replay: every row reaches the ledger
+    once, none is left behind in a file that was claimed while a row was being added to it."""
+    from tests.conftest import database_url_for_subprocesses
+
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        PYTHONPATH=str(ROOT),
+    )
+    stop = tmp_path / "stop"
+
+    def worker(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", SPOOL_WORKER, str(spool), *args], cwd=ROOT, env=env)
+
+    replayers = [worker("replay", f"r{n}", str(stop)) for n in range(2)]
+    appenders = [worker("append", f"a{n}", "300") for n in range(3)]
+    try:
+        assert [appender.wait(timeout=120) for appender in appenders] == [0, 0, 0]
+    finally:
+        stop.touch()
+        for replayer in replayers:
+            replayer.wait(timeout=60)
+    assert [replayer.returncode for replayer in replayers] == [0, 0]
+    ledger.ledger_replay_spool()  # what the replayers had not got to yet
+
+    ids = list(UsageRecord.objects.values_list("request_id", flat=True))
+    assert len(ids) == len(set(ids)) == 900
+    assert set(ids) == {f"a{n}-{i}" for n in range(3) for i in range(300)}
+    assert not [p.name for p in spool.parent.iterdir() if p.name not in (spool.name + ".lock", stop.name)]
