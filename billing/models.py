@@ -5,6 +5,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.models.functions import Now
 from django.utils import timezone
 
 
@@ -244,6 +245,47 @@ class BudgetReservation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} on {self.counter_id}"
+
+
+class RequestReservation(models.Model):
+    """The record of one admitted request still in flight, for the database path of admission (Redis keeps
+    the same record in a hash per process): written in the transaction that reserves its budget, deleted
+    in the one that settles it. A record whose process is gone (``ProcessHeartbeat`` expired) is turned
+    into a ``lost`` ledger row at the reserved amount, and its holds are released, by the lost-request
+    sweep (``billing.services.inflight``)."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    instance = models.CharField(max_length=160, db_index=True, help_text="The server process that admitted it.")
+    user_id = models.BigIntegerField(null=True)
+    api_key_id = models.BigIntegerField(null=True)
+    model_id = models.BigIntegerField(null=True)
+    provider_id = models.BigIntegerField(null=True)
+    model_name = models.CharField(max_length=128, blank=True)
+    provider_name = models.CharField(max_length=64, blank=True)
+    endpoint = models.CharField(max_length=16, blank=True)
+    stream = models.BooleanField(default=False)
+    counters = models.JSONField(default=list, help_text="Keys of the budget counters it holds.")
+    reserved_cost = models.DecimalField(max_digits=24, decimal_places=10)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    reserved_tokens = models.PositiveIntegerField(default=0, help_text="Prompt and completion tokens reserved.")
+    admitted_at = models.DateTimeField(help_text="On the server's clock: the period its spend belongs to.")
+    # On the database's clock, like the heartbeats, so that a record is never judged against a heartbeat
+    # its process had no time to write yet.
+    recorded_at = models.DateTimeField(db_default=Now())
+
+    def __str__(self) -> str:
+        return f"{self.request_id} on {self.instance}"
+
+
+class ProcessHeartbeat(models.Model):
+    """A server process that may hold ``RequestReservation`` rows says it is alive; ``expires_at`` is on
+    the database's clock (``Now()``), which every process shares whatever its own clock says."""
+
+    instance = models.CharField(max_length=160, primary_key=True)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.instance
 
 
 class BudgetAlert(models.Model):

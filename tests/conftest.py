@@ -150,6 +150,7 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_lookup_caches():
     """In-process lookup caches outlive a test's database rows; start every test without them."""
+    from billing.services.inflight import held_clear
     from billing.services.keys import key_cache
     from providers.selectors import catalog_cache
 
@@ -158,6 +159,7 @@ def _fresh_lookup_caches():
     yield
     catalog_cache.invalidate()
     key_cache.invalidate()
+    held_clear()  # a test's unsettled admissions must not be re-asserted into the next test's Redis
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,19 @@
 -- record the request in every window and reserve its worst-case cost on every budget counter.
 --
 -- Money is in integer units of 1e-10 USD (the ledger's precision), tokens are plain integers.
+-- An admitted request also leaves its record (billing/services/inflight.py) in its process's in-flight
+-- hash, and refreshes that process's heartbeat, in this same step.
+--
 -- KEYS (the last one is this request's admission marker, see below), for each budget counter i:
 --       [hash (spent, reserved, r:<rid>, s:<rid>), expiry zset, settled zset]
 --       then for each rate scope j: [requests zset, tokens zset, token amounts hash (<rid>, sum)]
+--       then: in-flight hash of the process, epoch key, heartbeat key of the process, instances set
 -- ARGV: now_ms, request_id, reservation_ttl_ms, n_counters, n_rate_scopes, fixed_cost, token_price,
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
 --       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
+--       then: record (JSON, without its amounts), restart_grace_ms, heartbeat_ttl_ms, instance id
 -- Returns {'ok', max_tokens, cost, tokens, per scope: rpm, rpm_remaining, rpm_reset_ms, tpm, tpm_remaining,
--- tpm_reset_ms}, {'seed', {counter indexes}}, {'quota', i, spent, reserved, needed} or
+-- tpm_reset_ms}, {'seed', {counter indexes}}, {'wait', ms}, {'quota', i, spent, reserved, needed} or
 -- {'rate', j, 'requests' | 'tokens', limit, used, requested, retry_after_ms (-1: never fits)}.
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -24,6 +29,9 @@ local cap = tonumber(ARGV[9])
 local prompt = tonumber(ARGV[10])
 local choices = tonumber(ARGV[11])
 local window = tonumber(ARGV[12])
+local kx = 3 * nb + 3 * nr
+local ax = 12 + 3 * nb + 2 * nr
+local inflight, epoch_key, heartbeat, instances = KEYS[kx + 1], KEYS[kx + 2], KEYS[kx + 3], KEYS[kx + 4]
 
 -- Lua turns large numbers into "1e+15", which HINCRBY refuses: always pass integers through this.
 local function int(x)
@@ -45,6 +53,20 @@ for i = 1, nb do
   end
 end
 if #missing > 0 then
+  -- A counter is rebuilt from the ledger plus the reservations live processes re-asserted. After Redis
+  -- lost its data (no epoch), they need a few heartbeats to notice and re-assert: until then, wait.
+  -- Redis's own clock, since the processes' clocks may disagree (or, in tests, stand still).
+  local t = redis.call('TIME')
+  local rnow = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    redis.call('SET', epoch_key, int(rnow))
+    epoch = rnow
+  end
+  local wait = tonumber(epoch) + tonumber(ARGV[ax + 2]) - rnow
+  if wait > 0 then
+    return {'wait', int(wait)}
+  end
   return {'seed', missing}
 end
 
@@ -187,6 +209,14 @@ for i, c in ipairs(counters) do
   redis.call('PEXPIRE', h, int(c.ttl))
   redis.call('PEXPIRE', exp, int(c.ttl))
 end
+
+local record = cjson.decode(ARGV[ax + 1])
+record['cost'] = int(cost)
+record['tokens'] = int(tokens)
+record['max_tokens'] = int(max_tokens)
+redis.call('HSET', inflight, rid, cjson.encode(record))
+redis.call('SET', heartbeat, '1', 'PX', ARGV[ax + 3])
+redis.call('SADD', instances, ARGV[ax + 4])
 
 local result = {'ok', int(max_tokens), int(cost), int(tokens)}
 for _, s in ipairs(scopes) do

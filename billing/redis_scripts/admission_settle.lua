@@ -1,8 +1,11 @@
 -- Settle one request: release its reservation, add what it really cost, and correct its entry in
 -- the tokens-per-minute windows. Idempotent for as long as the settled entry is remembered.
 --
+-- Removes the request's in-flight record. A counter Redis lost (no 'spent' yet) still remembers the settle
+-- (s:<rid>), so that the counter's rebuild counts it while its ledger row is on its way.
+--
 -- KEYS, for each budget counter i: [hash, expiry zset, settled zset]; then for each rate scope j:
---       [tokens zset, token amounts hash]
+--       [tokens zset, token amounts hash]; then the in-flight hash of the process that admitted it
 -- ARGV: request_id, now_ms, n_counters, n_rate_scopes, cost, tokens, settled_memory_ms,
 --       then per counter: metric, key_ttl_ms
 -- Returns {'ok', per counter: spent before, spent after ('-1' when the counter is gone)} or {'duplicate'}.
@@ -18,6 +21,7 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
+redis.call('HDEL', KEYS[3 * nb + 2 * nr + 1], rid)
 for i = 1, nb do
   if redis.call('HEXISTS', KEYS[3 * i - 2], 's:' .. rid) == 1 then
     return {'duplicate'}
@@ -40,19 +44,21 @@ for i = 1, nb do
     actual = cost
   end
   local before = redis.call('HGET', h, 'spent')
+  -- Remembered for a while so that reconciliation (and a rebuild) can count a settle whose ledger row is
+  -- not written yet.
+  redis.call('HSET', h, 's:' .. rid, actual)
+  redis.call('ZADD', settled, int(now), rid)
+  local forgotten = redis.call('ZRANGEBYSCORE', settled, '-inf', int(now - memory))
+  for _, r in ipairs(forgotten) do
+    redis.call('HDEL', h, 's:' .. r)
+  end
+  if #forgotten > 0 then
+    redis.call('ZREMRANGEBYSCORE', settled, '-inf', int(now - memory))
+  end
+  redis.call('PEXPIRE', settled, ttl)
+  redis.call('PEXPIRE', h, ttl)
   if before then
     local after = redis.call('HINCRBY', h, 'spent', actual)
-    -- Remembered for a while so that reconciliation can count a settle whose ledger row is not written yet.
-    redis.call('HSET', h, 's:' .. rid, actual)
-    redis.call('ZADD', settled, int(now), rid)
-    local forgotten = redis.call('ZRANGEBYSCORE', settled, '-inf', int(now - memory))
-    for _, r in ipairs(forgotten) do
-      redis.call('HDEL', h, 's:' .. r)
-    end
-    if #forgotten > 0 then
-      redis.call('ZREMRANGEBYSCORE', settled, '-inf', int(now - memory))
-    end
-    redis.call('PEXPIRE', settled, ttl)
     result[#result + 1] = before
     result[#result + 1] = int(after)
   else

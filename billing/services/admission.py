@@ -73,9 +73,14 @@ async def admission_acquire(
     body: dict[str, Any],
     request_id: str,
     prompt_tokens_upper: int,
+    endpoint: str = "",
 ) -> Admission:
     """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
-    ``RateLimitExceededError`` (429); a refused request holds nothing."""
+    ``RateLimitExceededError`` (429); a refused request holds nothing.
+
+    What it holds, it holds with a record of the request (``services.inflight``): should this process
+    die before settling, the record becomes the request's ``lost`` ledger row and its holds are released.
+    ``endpoint``: for that row."""
     limits = await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
@@ -110,8 +115,21 @@ async def admission_acquire(
         cap=settings.LLMHUB_BUDGET_MAX_TOKENS_CAP,
         budgeted=bool(counters),
     )
+    record = {
+        "request_id": request_id,
+        "user_id": user_id,
+        "api_key_id": api_key_id,
+        "model_id": model.id,
+        "provider_id": model.provider.id,
+        "model_name": model.name,
+        "provider_name": model.provider.name,
+        "endpoint": endpoint,
+        "stream": bool(body.get("stream")),
+        "prompt_tokens": charge.prompt_tokens,
+        "admitted_at": now,
+    }
     outcome = await admission_store().acquire(
-        request_id=request_id, counters=counters, rates=rates, charge=charge, now=now
+        request_id=request_id, counters=counters, rates=rates, charge=charge, now=now, record=record
     )
     if any(spec.metric == BudgetMetric.COST for spec in counters):
         admission.reserved_cost = outcome.reserved.cost

@@ -305,9 +305,9 @@ def ledger_spend(ref: CounterRef) -> Decimal:
 
 
 def expected_spend(
-    *, ref: CounterRef, at: datetime, open_ids: Collection[str], settled: Mapping[str, Decimal]
+    *, ref: CounterRef, at: datetime | None, open_ids: Collection[str], settled: Mapping[str, Decimal]
 ) -> Decimal:
-    """What the counter should hold at the instant ``at`` of a snapshot, from the ledger.
+    """What the counter should hold at the instant ``at`` of a snapshot (None: now), from the ledger.
 
     The ledger row of a request is written around the time it settles, before or after. So from the
     ledger rows up to ``at`` take away those of requests still open at ``at`` (they have not settled

@@ -13,6 +13,9 @@ at BEGIN, which serializes admissions just the same). Rate limits then live in t
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +30,23 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Value
+from django.db.models.functions import Now
 from django.utils import timezone
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
 from ..exceptions import BillingUnavailableError
-from ..models import BudgetCounter, BudgetMetric, BudgetPeriod, BudgetReservation
+from ..models import (
+    BudgetCounter,
+    BudgetMetric,
+    BudgetPeriod,
+    BudgetReservation,
+    ProcessHeartbeat,
+    RequestReservation,
+    UsageRecord,
+    UsageStatus,
+)
 from ..pricing import COST_QUANTUM
 from .alerts import budget_correction_alerts_raise
 from .budgets import (
@@ -49,7 +63,24 @@ from .budgets import (
     period_bounds,
     quota_error,
 )
+from .inflight import (
+    EPOCH_KEY,
+    INSTANCES_KEY,
+    SWEEP_LOCK_KEY,
+    Held,
+    heartbeat_key,
+    heartbeat_ttl_ms,
+    held_add,
+    held_lock,
+    held_remove,
+    held_snapshot_locked,
+    inflight_key,
+    instance_id,
+    restart_grace_ms,
+)
 from .ratelimits import WINDOW_MS, RateSpec, RateState, WindowState, local_rate_limiter, rate_limit_error
+
+logger = logging.getLogger("llmhub.counters")
 
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
 INDEX_KEY = KEY_PREFIX + "index"  # every counter key, for reconciliation
@@ -86,11 +117,18 @@ def _counter_keys(key: str) -> list[str]:
     return [key, key + ":exp", key + ":set"]
 
 
+def _bare_record(request_id: str, now: datetime) -> dict:
+    """The record of a request acquired without one (a caller of the store itself, not of admission)."""
+    return {"request_id": request_id, "admitted_at": now}
+
+
 class RedisCounterStore:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
         self._acquire = client.register_script(_script("admission_acquire"))
         self._settle = client.register_script(_script("admission_settle"))
+        self._seed_read = client.register_script(_script("budget_seed_read"))
+        self._seed_write = client.register_script(_script("budget_seed_write"))
 
     async def acquire(
         self,
@@ -100,6 +138,7 @@ class RedisCounterStore:
         rates: Sequence[RateSpec],
         charge: Charge,
         now: datetime,
+        record: dict | None = None,
     ) -> AcquireOutcome:
         keys: list[str] = []
         price_units = charge.token_price / COST_QUANTUM
@@ -124,15 +163,34 @@ class RedisCounterStore:
             keys += list(rate.keys)
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         marker = f"{KEY_PREFIX}admitted:{request_id}"
+        instance = instance_id()
+        record = record or _bare_record(request_id, now)
+        record = {
+            **record,
+            "admitted_at": record["admitted_at"].isoformat(),
+            "instance": instance,
+            "counters": [spec.key for spec in counters],
+        }
+        keys += [inflight_key(instance), EPOCH_KEY, heartbeat_key(instance), INSTANCES_KEY]
+        args += [json.dumps(record), restart_grace_ms(), heartbeat_ttl_ms(), instance]
         try:
             # A second round trip only at a counter's first use in a period (or after Redis lost it).
-            for _ in range(3):
+            seeds = 0
+            waited_until = time.monotonic() + restart_grace_ms() / 1000 + 5
+            while True:
                 reply = await self._acquire(keys=[*keys, marker], args=args)
+                if reply[0] == "wait" and time.monotonic() < waited_until:
+                    # Redis lost its data a moment ago: live processes are re-asserting what they hold.
+                    await asyncio.sleep(int(reply[1]) / 1000)
+                    continue
+                if reply[0] == "wait":
+                    raise BillingUnavailableError("Budget counters are being rebuilt after a Redis restart; try again.")
                 if reply[0] != "seed":
                     break
+                seeds += 1
+                if seeds > 3:
+                    raise BillingUnavailableError("Budget counters vanished from Redis while being set up; try again.")
                 await self._seed([counters[int(i) - 1] for i in reply[1]], now)
-            else:
-                raise BillingUnavailableError("Budget counters vanished from Redis while being set up; try again.")
         except redis.RedisError as exc:
             raise BillingUnavailableError(
                 f"Budgets and rate limits cannot be checked right now ({type(exc).__name__}); try again shortly."
@@ -156,6 +214,16 @@ class RedisCounterStore:
             )
         values = [int(v) for v in reply[1:]]
         reserved = Reserved(max_tokens=values[0], cost=Decimal(values[1]) * COST_QUANTUM, tokens=values[2])
+        record.update(cost=str(values[1]), tokens=str(values[2]), max_tokens=str(values[0]))
+        held_add(
+            request_id,
+            Held(
+                record=json.dumps(record),
+                counters=tuple(
+                    (spec.key, values[1] if spec.metric == BudgetMetric.COST else values[2]) for spec in counters
+                ),
+            ),
+        )
         states = []
         for j in range(len(rates)):
             rpm, rpm_left, rpm_reset, tpm, tpm_left, tpm_reset = values[3 + 6 * j : 9 + 6 * j]
@@ -168,21 +236,35 @@ class RedisCounterStore:
         return AcquireOutcome(reserved, states)
 
     async def _seed(self, specs: Sequence[CounterSpec], now: datetime) -> None:
-        """Start a counter from the ledger's figure for its period. HSETNX: the first seeder wins.
+        """Start a counter from the ledger's figure for its period; the first seeder wins.
+
+        The ledger does not show requests in flight, nor those settled whose rows are still on their way:
+        the first hold reservations live processes re-asserted (kept in ``reserved``, and taken off the
+        ledger's figure should their rows be written already), the second are the settles the counter
+        remembers (``expected_spend``). A settle landing between the read and the write makes the write
+        refuse, and the rebuild reads again.
 
         A counter that starts mid-period above a threshold (its key was lost: a Redis flush, a failover
         without persistence) may hide a crossing nobody alerted for: the seeder raises the alerts from
         zero to the ledger's figure, which fire only for thresholds not alerted yet this period."""
         for spec in specs:
-            spent = await sync_to_async(expected_spend)(ref=spec.ref, at=None, open_ids=(), settled={})
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(spec.key, "spent", spec.ref.to_units(spent))
-                pipe.hsetnx(spec.key, "reserved", 0)
-                pipe.pexpire(spec.key, _ms_of(spec.ref.retention(now)))
-                pipe.sadd(INDEX_KEY, spec.key)
-                seeded, *_ = await pipe.execute()
-            if seeded and spent > 0:
-                await sync_to_async(budget_correction_alerts_raise)(ref=spec.ref, before=Decimal(0), after=spent)
+            keys = _counter_keys(spec.key)
+            for _ in range(5):
+                reply = await self._seed_read(keys=keys)
+                if reply[0] == "exists":
+                    break
+                _, open_ids, settled_ids, amounts = reply
+                settled = {rid: spec.ref.from_units(amount) for rid, amount in zip(settled_ids, amounts, strict=True)}
+                spent = await sync_to_async(expected_spend)(ref=spec.ref, at=None, open_ids=open_ids, settled=settled)
+                outcome = await self._seed_write(
+                    keys=[spec.key, keys[2], INDEX_KEY],
+                    args=[spec.ref.to_units(spent), _ms_of(spec.ref.retention(now)), *settled_ids],
+                )
+                if outcome == "changed":
+                    continue
+                if outcome == "ok" and spent > 0:
+                    await sync_to_async(budget_correction_alerts_raise)(ref=spec.ref, before=Decimal(0), after=spent)
+                break
 
     async def settle(
         self,
@@ -209,6 +291,8 @@ class RedisCounterStore:
             args += [spec.metric, _ms_of(spec.ref.retention(now))]
         for rate in rates:
             keys += list(rate.keys[1:])
+        keys.append(inflight_key(instance_id()))
+        held_remove(request_id)
         reply = await self._settle(keys=keys, args=args)
         if reply[0] == "duplicate":
             return []
@@ -302,16 +386,25 @@ class DatabaseCounterStore:
         rates: Sequence[RateSpec],
         charge: Charge,
         now: datetime,
+        record: dict | None = None,
     ) -> AcquireOutcome:
         if not counters:
+            # Only this process's rate windows: nothing held that another process would have to release.
             reserved = charge_clamp(charge, ())
             states = local_rate_limiter.acquire(
                 request_id=request_id, specs=rates, tokens=reserved.tokens, now_ms=_ms(now)
             )
             return AcquireOutcome(reserved, states)
-        return await sync_to_async(self._acquire)(
-            request_id=request_id, counters=counters, rates=rates, charge=charge, now=now
+        outcome = await sync_to_async(self._acquire)(
+            request_id=request_id,
+            counters=counters,
+            rates=rates,
+            charge=charge,
+            now=now,
+            record=record or _bare_record(request_id, now),
         )
+        held_add(request_id, None)
+        return outcome
 
     def _acquire(
         self,
@@ -321,6 +414,7 @@ class DatabaseCounterStore:
         rates: Sequence[RateSpec],
         charge: Charge,
         now: datetime,
+        record: dict | None = None,
     ) -> AcquireOutcome:
         recorded = False
         try:
@@ -340,6 +434,13 @@ class DatabaseCounterStore:
                     )
                     row.reserved += amount
                     row.save(update_fields=["reserved", "updated_at"])
+                RequestReservation.objects.create(
+                    **record,
+                    instance=instance_id(),
+                    counters=[spec.key for spec in counters],
+                    reserved_cost=reserved.cost,
+                    reserved_tokens=reserved.tokens,
+                )
         except BaseException:
             if recorded:
                 local_rate_limiter.release(request_id=request_id, specs=rates)
@@ -397,6 +498,7 @@ class DatabaseCounterStore:
         local_rate_limiter.settle(request_id=request_id, specs=rates, tokens=tokens)
         if not counters:
             return []
+        held_remove(request_id)
         return await sync_to_async(self._settle)(
             request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now
         )
@@ -406,6 +508,7 @@ class DatabaseCounterStore:
         self, *, request_id: str, counters: Sequence[CounterSpec], cost: Decimal, tokens: int, now: datetime
     ) -> list[Moved]:
         moved = []
+        RequestReservation.objects.filter(request_id=request_id).delete()
         for spec in sorted(counters, key=attrgetter("key")):
             row = BudgetCounter.objects.select_for_update().filter(key=spec.key).first()
             if row is None:
@@ -489,6 +592,194 @@ def budget_counters_reconcile(*, now: datetime | None = None) -> int:
     alert: a correction up raises the alerts for the thresholds it crosses that have not fired in the
     period yet. Running it again finds nothing off and fires nothing."""
     now = now or timezone.now()
+    inflight_lost_settle(now=now)
     if settings.REDIS_URL:
         return redis_reconcile(settings.REDIS_URL, now)
     return database_store.reconcile(now)
+
+
+# IN-FLIGHT RECORDS: heartbeats, re-assertion after Redis lost them, and the requests of dead processes.
+
+
+def redis_sync_client(url: str) -> redis.Redis:
+    """For the heartbeat thread and the sweep: a dead pooled connection (Redis restarted) is found by a
+    ping before use and the command is tried again on a new one."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        health_check_interval=1,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+def redis_heartbeat(client: redis.Redis, instance: str, *, known_epoch: str | None) -> str:
+    """Refresh this process's heartbeat; if Redis is in an epoch this process has not seen (it lost its
+    data, or this is the first beat), re-assert every reservation the process holds. Returns the epoch."""
+    beat = client.register_script(_script("inflight_heartbeat"))
+    epoch = beat(keys=[heartbeat_key(instance), INSTANCES_KEY, EPOCH_KEY], args=[instance, heartbeat_ttl_ms()])
+    if epoch != known_epoch:
+        reasserted = redis_reassert(client, instance)
+        if reasserted and known_epoch is not None:
+            logger.warning("Redis lost its data: re-asserted %d requests in flight", reasserted)
+    return epoch
+
+
+def redis_reassert(client: redis.Redis, instance: str) -> int:
+    reassert = client.register_script(_script("inflight_reassert"))
+    now = timezone.now()
+    count = 0
+    # Under the lock, so that a settle cannot slip between reading what is held and writing it back.
+    with held_lock():
+        for request_id, held in held_snapshot_locked():
+            keys = [inflight_key(instance)]
+            args: list[str | int] = [request_id, held.record, _ms(now), _ms_of(RESERVATION_TTL), len(held.counters)]
+            for key, amount in held.counters:
+                keys += _counter_keys(key)[:2]
+                args += [amount, _ms_of(CounterRef.from_key(key).retention(now))]
+            count += reassert(keys=keys, args=args)
+    return count
+
+
+def database_heartbeat(instance: str) -> None:
+    expires = ExpressionWrapper(
+        Now() + Value(timedelta(seconds=settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL), output_field=DurationField()),
+        output_field=DateTimeField(),
+    )
+    if not ProcessHeartbeat.objects.filter(instance=instance).update(expires_at=expires):
+        try:
+            ProcessHeartbeat.objects.create(instance=instance, expires_at=expires)
+        except IntegrityError:
+            ProcessHeartbeat.objects.filter(instance=instance).update(expires_at=expires)
+
+
+def inflight_lost_settle(*, now: datetime | None = None, sweeper: bool = False) -> int:
+    """Requests whose process died before settling them: each gets one ledger row (status ``lost``, at the
+    amount reserved, flagged estimated; or the row it has already, if its process wrote or spooled one),
+    and its holds are swapped for that amount. Safe to run in several processes at once, and again.
+    ``sweeper``: a server process's own periodic run, skipped when another process is at it."""
+    now = now or timezone.now()
+    if settings.REDIS_URL:
+        return _redis_lost_settle(settings.REDIS_URL, now, sweeper=sweeper)
+    return _database_lost_settle(now)
+
+
+def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int]:
+    """The request's ledger row: the one it has, or a ``lost`` one now. Returns its (cost, tokens)."""
+    existing = UsageRecord.objects.filter(request_id=record["request_id"])
+    row = existing.values_list("cost", "prompt_tokens", "completion_tokens").first()
+    if row is None:
+        prompt = int(record.get("prompt_tokens") or 0)
+        UsageRecord.objects.bulk_create(
+            [
+                UsageRecord(
+                    request_id=record["request_id"],
+                    user_id=record.get("user_id"),
+                    api_key_id=record.get("api_key_id"),
+                    provider_id=record.get("provider_id"),
+                    model_id=record.get("model_id"),
+                    provider_name=record.get("provider_name") or "",
+                    model_name=record.get("model_name") or "",
+                    endpoint=record.get("endpoint") or "",
+                    stream=bool(record.get("stream")),
+                    prompt_tokens=prompt,
+                    completion_tokens=max(tokens - prompt, 0),
+                    cost=cost,
+                    usage_estimated=True,
+                    status=UsageStatus.LOST,
+                    error_type="process_lost",
+                    created_at=record["admitted_at"],
+                )
+            ],
+            ignore_conflicts=True,
+        )
+        row = existing.values_list("cost", "prompt_tokens", "completion_tokens").first()
+    return row[0], row[1] + row[2]
+
+
+def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool) -> int:
+    client = redis_sync_client(url)
+    try:
+        if sweeper and not client.set(SWEEP_LOCK_KEY, instance_id(), nx=True, px=heartbeat_ttl_ms()):
+            return 0
+        settle = client.register_script(_script("admission_settle"))
+        settled = 0
+        for instance in sorted(client.smembers(INSTANCES_KEY)):
+            if client.exists(heartbeat_key(instance)):
+                continue
+            records = client.hgetall(inflight_key(instance))
+            if not records:
+                # Its process beats again (and comes back here) if it admits anything.
+                client.srem(INSTANCES_KEY, instance)
+                continue
+            for request_id, raw in sorted(records.items()):
+                record = json.loads(raw)
+                record["admitted_at"] = datetime.fromisoformat(record["admitted_at"])
+                cost, tokens = _lost_row(
+                    record, cost=Decimal(int(record["cost"])) * COST_QUANTUM, tokens=int(record["tokens"])
+                )
+                counter_keys = record.get("counters") or []  # an empty list comes back from Lua as {}
+                keys: list[str] = []
+                args: list[str | int] = [
+                    request_id,
+                    _ms(now),
+                    len(counter_keys),
+                    0,
+                    int(cost / COST_QUANTUM),
+                    tokens,
+                    _ms_of(SETTLED_MEMORY),
+                ]
+                for key in counter_keys:
+                    ref = CounterRef.from_key(key)
+                    keys += _counter_keys(key)
+                    args += [ref.metric, _ms_of(ref.retention(now))]
+                keys.append(inflight_key(instance))
+                settle(keys=keys, args=args)
+                settled += 1
+        return settled
+    finally:
+        client.close()
+
+
+def _database_lost_settle(now: datetime) -> int:
+    ttl = Value(timedelta(seconds=settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL), output_field=DurationField())
+    alive = ProcessHeartbeat.objects.filter(expires_at__gt=Now()).values("instance")
+    # A record younger than a heartbeat's TTL is never judged: its process may not have beaten yet.
+    dead = (
+        RequestReservation.objects.exclude(instance__in=alive)
+        .filter(recorded_at__lt=ExpressionWrapper(Now() - ttl, output_field=DateTimeField()))
+        .values_list("pk", flat=True)
+    )
+    settled = 0
+    for pk in list(dead):
+        with transaction.atomic():
+            reservation = RequestReservation.objects.select_for_update().filter(pk=pk).first()
+            if reservation is None:
+                continue  # settled meanwhile, by its process or another sweep
+            record = {
+                field: getattr(reservation, field)
+                for field in (
+                    "request_id",
+                    "user_id",
+                    "api_key_id",
+                    "provider_id",
+                    "model_id",
+                    "provider_name",
+                    "model_name",
+                    "endpoint",
+                    "stream",
+                    "prompt_tokens",
+                    "admitted_at",
+                )
+            }
+            cost, tokens = _lost_row(record, cost=reservation.reserved_cost, tokens=reservation.reserved_tokens)
+            specs = [CounterSpec(CounterRef.from_key(key), Decimal(0), "") for key in reservation.counters]
+            database_store._settle(request_id=reservation.request_id, counters=specs, cost=cost, tokens=tokens, now=now)
+            settled += 1
+    return settled

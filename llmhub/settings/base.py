@@ -315,6 +315,13 @@ LLMHUB_DEFAULT_PLAN = env("LLMHUB_DEFAULT_PLAN", default="Free")
 LLMHUB_BUDGET_MAX_TOKENS_CAP = env.int("LLMHUB_BUDGET_MAX_TOKENS_CAP", default=4096)
 # Budget alerts also go to this Slack-compatible webhook ({"text": ...}) when set.
 LLMHUB_ALERT_WEBHOOK_URL = env("LLMHUB_ALERT_WEBHOOK_URL", default="")
+# Requests in flight (docs/reliability.md, "Reservations and in-flight requests"): a process holding any
+# beats every INTERVAL seconds; one silent for TTL seconds is dead, and the sweep (every SWEEP_INTERVAL
+# seconds in each server process, 0: only from the reconcile task) writes its requests as `lost` and
+# releases their holds. After Redis lost its data, budget counters are rebuilt 3 × INTERVAL later.
+LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL", default=2.0)
+LLMHUB_INFLIGHT_HEARTBEAT_TTL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_TTL", default=20.0)
+LLMHUB_INFLIGHT_SWEEP_INTERVAL = env.float("LLMHUB_INFLIGHT_SWEEP_INTERVAL", default=20.0)
 
 LOGGING = {
     "version": 1,

@@ -35,3 +35,8 @@ LLMHUB_LEDGER_SPOOL = BASE_DIR / "var" / f"test-ledger-spool-{os.getpid()}.jsonl
 # Users are unrestricted unless a test puts them on a plan (the seeded plans do not survive a flush).
 LLMHUB_DEFAULT_PLAN = ""
 LOGGING["root"]["level"] = "WARNING"  # noqa: F405
+# Short in-flight heartbeats (a Redis the tests empty waits 3 beats before rebuilding a counter); the
+# test process itself does not sweep for dead processes (tests that need it run the sweep or a server).
+LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL", default=0.1)
+LLMHUB_INFLIGHT_HEARTBEAT_TTL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_TTL", default=1.0)
+LLMHUB_INFLIGHT_SWEEP_INTERVAL = env.float("LLMHUB_INFLIGHT_SWEEP_INTERVAL", default=0)

@@ -1,0 +1,307 @@
+"""A reservation is the record of a request in flight: a Redis restart and a killed process lose nothing.
+
+Issue 15, points 1 and 5. Real components throughout: two llmhub server processes (uvicorn) on the test
+database, a redis-server of the test's own that it kills and starts again empty on the same port, the fake
+upstream holding requests in flight (``[[latency=MS]]``), SIGKILL for a crashed process. Heartbeats are
+short in the tests (``llmhub/settings/test.py``): a process is dead one second after its last beat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import subprocess
+import time
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from asgiref.sync import sync_to_async
+
+from billing.models import BudgetPeriod, ProcessHeartbeat, RequestReservation, UsageRecord, UsageStatus
+from billing.services.budgets import api_key_limits_set
+from billing.services.counters import budget_counters_reconcile, counter_state
+from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
+from tests.conftest import free_port, python_argv, wait_for_port
+from tests.factories import UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants(only=["last-second-of-month"])]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def body(*, latency_ms: int = 0) -> dict:
+    """A request that costs exactly its reservation (RESERVATION): the fake upstream answers MAX_TOKENS words,
+    after ``latency_ms``, which is how long it stays in flight."""
+    marker = f"[[latency={latency_ms}]]" if latency_ms else ""
+    return {
+        "model": "flat-model",
+        "messages": [{"role": "user", "content": f"[[words={MAX_TOKENS}]]{marker} count for me"}],
+        "max_tokens": MAX_TOKENS,
+    }
+
+
+class RedisServer:
+    """A redis-server of this test's own, with the session's flags (no persistence: a restart is empty)."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def own_redis(settings):
+    server = RedisServer().start()
+    settings.REDIS_URL = server.url
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class Server:
+    """``uvicorn llmhub.asgi:application`` in a process of its own, on the test database."""
+
+    def __init__(self, redis_url: str, log: Path, clock: datetime | None, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            python_argv(
+                clock, "uvicorn", "llmhub.asgi:application", "--port", str(self.port), "--log-level", "warning"
+            ),
+            cwd=ROOT,
+            env={**server_env(redis_url), **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port(self.port, timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def servers(tmp_path, period_clock):
+    """Start servers with ``servers(redis_url, count, **env)``; all are stopped after the test."""
+    started: list[Server] = []
+
+    def start(redis_url: str, count: int = 1, **env: str) -> list[Server]:
+        new = [
+            Server(redis_url, tmp_path / f"server-{len(started) + n}.log", period_clock, **env) for n in range(count)
+        ]
+        started.extend(new)
+        return new
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def budget_key(plans, catalog):
+    """An Enterprise user's key whose monthly budget pays for exactly 4 requests."""
+    user = UserFactory(username="inflight")
+    plan_assign(user=user, plan=plans["Enterprise"])
+    created = api_key_create(user=user, name="inflight")
+    api_key_limits_set(api_key=created.api_key, budget_usd=4 * RESERVATION, budget_period=BudgetPeriod.MONTHLY)
+    return {"user": user, "key": created.api_key, "secret": created.secret}
+
+
+async def post(client: httpx.AsyncClient, url: str, secret: str, payload: dict) -> httpx.Response:
+    return await client.post(f"{url}/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {secret}"})
+
+
+async def post_through_billing_outage(client: httpx.AsyncClient, url: str, secret: str) -> httpx.Response:
+    """A quick request, sent again while the answer is 503 (a server's connection to the restarted Redis
+    may fail once: that is point 2 of the issue, not what these tests are about)."""
+    for _ in range(20):
+        response = await post(client, url, secret, body())
+        if response.status_code != 503:
+            return response
+        await asyncio.sleep(0.25)
+    return response
+
+
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        await asyncio.sleep(0.05)
+
+
+def wait_for_rows(api_key, rows: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while UsageRecord.objects.filter(api_key=api_key).count() < rows:
+        assert time.monotonic() < deadline, "the ledger never caught up"
+        time.sleep(0.1)
+
+
+# POINT 1: A REDIS RESTART LETS NO KEY OVERSPEND
+
+
+def test_a_redis_restart_with_requests_in_flight_admits_nothing_the_budget_would_not(
+    own_redis, servers, budget_key, fake_upstream
+):
+    """Three requests in flight on two processes hold 3 of the key's 4 reservations when Redis restarts
+    empty. The counter Redis rebuilds must count them: of three more requests, one is admitted."""
+    first, second = servers(own_redis.url, 2)
+    secret = budget_key["secret"]
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            # Long enough to still be in flight after the restart and the three requests below.
+            held = [
+                asyncio.create_task(post(client, server.url, secret, body(latency_ms=6000)))
+                for server in (first, second, first)
+            ]
+            await until(lambda: fake_upstream.stats["requests"] == 3, "three requests upstream")
+            own_redis.kill()
+            own_redis.start()
+            quick = [await post_through_billing_outage(client, server.url, secret) for server in (first, second, first)]
+            return quick, await asyncio.gather(*held)
+
+    quick, held = asyncio.run(scenario())
+
+    assert [r.status_code for r in held] == [200, 200, 200]
+    statuses = sorted(r.status_code for r in quick)
+    assert statuses == [200, 429, 429], [r.text[:300] for r in quick]
+    refused = [r for r in quick if r.status_code == 429]
+    assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
+    assert fake_upstream.stats["requests"] == 4  # the refused ones never went upstream
+    wait_for_rows(budget_key["key"], 6)
+    assert ledger_sum(budget_key["key"]) == 4 * RESERVATION  # the budget, to the last token
+
+
+# POINT 5: A KILLED PROCESS LOSES NOTHING THAT WAS RESERVED
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_holds(
+    request, store_kind, servers, budget_key, fake_upstream, settings
+):
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    secret = budget_key["secret"]
+    (doomed,) = servers(redis_url, 1)
+    # The survivor sweeps for dead processes on its own, often (no Celery worker in this test).
+    (survivor,) = servers(redis_url, 1, LLMHUB_INFLIGHT_SWEEP_INTERVAL="0.2")
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            warm = await post(client, survivor.url, secret, body())
+            assert warm.status_code == 200, warm.text
+            held = [asyncio.create_task(post(client, doomed.url, secret, body(latency_ms=60_000))) for _ in range(2)]
+            await until(lambda: fake_upstream.stats["requests"] == 3, "two requests upstream from the doomed server")
+            assert await sync_to_async(records_held)() == 2  # the records of the two requests in flight
+            doomed.process.send_signal(signal.SIGKILL)
+            doomed.process.wait(timeout=10)
+            results = await asyncio.gather(*held, return_exceptions=True)
+            assert all(isinstance(r, httpx.HTTPError) for r in results), results
+
+    def records_held() -> int:
+        if store_kind == "database":
+            return RequestReservation.objects.count()
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            return sum(client.hlen(INFLIGHT_PREFIX + instance) for instance in client.smembers(INSTANCES_KEY))
+        finally:
+            client.close()
+
+    asyncio.run(scenario())
+
+    # The survivor writes them as lost on its own once the doomed process's heartbeat has expired.
+    deadline = time.monotonic() + 30
+    while UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.LOST).count() < 2:
+        assert time.monotonic() < deadline, "the requests of the killed process never got their rows"
+        time.sleep(0.1)
+    lost = list(UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.LOST))
+    assert len(lost) == 2
+    assert all(row.usage_estimated and row.cost == RESERVATION for row in lost)
+    assert all(row.completion_tokens == MAX_TOKENS and row.model_name == "flat-model" for row in lost)
+    assert records_held() == 0
+    # Held amounts became spend, once: the counter is on the ledger's figure and holds nothing.
+    ref = key_ref(budget_key["key"])
+    assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+    assert ledger_sum(budget_key["key"]) == 3 * RESERVATION
+
+    # Reconcile (the Celery task's work) finds nothing more to do, however often it runs.
+    for _ in range(2):
+        budget_counters_reconcile()
+        assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
+        assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+
+    # What the budget still pays for is admitted: one more request, and not two.
+    async def two_more() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return [(await post(client, survivor.url, secret, body())).status_code for _ in range(2)]
+
+    assert asyncio.run(two_more()) == [200, 429]
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+async def test_a_request_settled_by_its_process_is_never_written_as_lost(request, store_kind, budget_key, settings):
+    """The sweep leaves alone what live processes hold, and the records of settled requests are gone."""
+    from billing.services.admission import admission_acquire, admission_settle
+    from providers.selectors import model_resolve
+
+    if store_kind == "redis":
+        request.getfixturevalue("use_redis")
+    else:
+        settings.REDIS_URL = ""
+    model = await model_resolve("flat-model")
+
+    async def acquire(request_id: str):
+        return await admission_acquire(
+            user_id=budget_key["user"].pk,
+            api_key_id=budget_key["key"].pk,
+            key_allowed_model_ids=None,
+            model=model,
+            body=body(),
+            request_id=request_id,
+            prompt_tokens_upper=0,
+        )
+
+    settled, open_ = await acquire("settled"), await acquire("open")
+    await admission_settle(admission=settled, cost=RESERVATION, prompt_tokens=0, completion_tokens=MAX_TOKENS, ok=True)
+    await asyncio.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
+
+    from billing.services.counters import inflight_lost_settle
+
+    assert await sync_to_async(inflight_lost_settle)() == 0
+    assert not await UsageRecord.objects.filter(status=UsageStatus.LOST).aexists()
+    if store_kind == "database":
+        assert [r async for r in RequestReservation.objects.values_list("request_id", flat=True)] == ["open"]
+        assert await ProcessHeartbeat.objects.aexists()
+    state = await sync_to_async(counter_state)(key_ref(budget_key["key"]))
+    assert state == (RESERVATION, RESERVATION)  # one settled, one still held
+    await admission_settle(admission=open_, cost=Decimal(0), prompt_tokens=0, completion_tokens=0, ok=False)
