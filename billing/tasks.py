@@ -9,7 +9,7 @@ from django.conf import settings
 
 from .models import BudgetAlert
 from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
-from .services.counters import budget_counters_reconcile
+from .services.counters import budget_counters_reconcile, inflight_lost_settle
 from .services.ledger import ledger_replay_spool
 from .services.rollups import daily_usage_rebuild_recent
 
@@ -24,6 +24,14 @@ def usage_rollup(days: int = 2) -> int:
 def reservations_reconcile() -> int:
     """Every 5 minutes: stale reservations released, budget counters put back on the ledger's figure."""
     return budget_counters_reconcile()
+
+
+@shared_task
+def reservations_lost_settle() -> int:
+    """Every 30 seconds: requests whose server process died get their ``lost`` ledger row and release
+    what they held, within a minute of the death. Each server sweeps too (LLMHUB_INFLIGHT_SWEEP_INTERVAL);
+    this covers a deployment whose servers all died, and runs alongside them safely."""
+    return inflight_lost_settle()
 
 
 @shared_task

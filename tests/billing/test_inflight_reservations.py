@@ -9,6 +9,7 @@ short in the tests (``llmhub/settings/test.py``): a process is dead one second a
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -305,3 +306,43 @@ async def test_a_request_settled_by_its_process_is_never_written_as_lost(request
     state = await sync_to_async(counter_state)(key_ref(budget_key["key"]))
     assert state == (RESERVATION, RESERVATION)  # one settled, one still held
     await admission_settle(admission=open_, cost=Decimal(0), prompt_tokens=0, completion_tokens=0, ok=False)
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budget_key, settings, period_clock):
+    """Without any server sweeping: the Celery beat task (every 30 s) writes the rows and releases the holds."""
+    from billing.tasks import reservations_lost_settle
+
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    job = {"user_id": budget_key["user"].pk, "key_id": budget_key["key"].pk, "model": "flat-model"}
+    worker = subprocess.run(
+        python_argv(
+            period_clock,
+            "tests.billing.inflight_worker",
+            json.dumps({**job, "tag": "dead", "count": 3, "max_tokens": MAX_TOKENS}),
+        ),
+        cwd=ROOT,
+        env=server_env(redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    admitted = json.loads(worker.stdout)
+    ref = key_ref(budget_key["key"])
+    assert counter_state(ref) == (Decimal(0), 3 * RESERVATION)  # held by a process that is gone
+
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    assert reservations_lost_settle.delay().get() == 3
+    assert reservations_lost_settle.delay().get() == 0
+
+    rows = {row.request_id: row for row in UsageRecord.objects.filter(api_key=budget_key["key"])}
+    assert sorted(rows) == sorted(admitted)
+    assert {(row.status, row.cost, row.usage_estimated, row.endpoint) for row in rows.values()} == {
+        (UsageStatus.LOST, RESERVATION, True, "rest")
+    }
+    assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+    budget_counters_reconcile()
+    assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+    assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3

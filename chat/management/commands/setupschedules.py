@@ -20,6 +20,7 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
     ("providers: re-encrypt secrets", "providers.tasks.providers_rotate_encryption_task", crontab(minute=17, hour=3)),
     ("billing: roll up today's and yesterday's usage", "billing.tasks.usage_rollup", timedelta(minutes=10)),
     ("billing: reconcile budgets with the ledger", "billing.tasks.reservations_reconcile", timedelta(minutes=5)),
+    ("billing: settle requests of dead processes", "billing.tasks.reservations_lost_settle", timedelta(seconds=30)),
     ("billing: replay the ledger spool", "billing.tasks.ledger_spool_replay", timedelta(minutes=1)),
     (
         "chat: close replies a stopped server left streaming",
