@@ -310,6 +310,7 @@ async def completion_start(
             body=body,
             request_id=request_id,
             prompt_tokens_upper=prompt_tokens_upper_bound(body),
+            endpoint=endpoint,
         )
     except DATABASE_OUTAGE_ERRORS as exc:
         # The admission's own queries (a row-lock budget, a counter seeded from the ledger): a 503 with its

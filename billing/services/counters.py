@@ -29,15 +29,20 @@ import redis
 import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Value
 from django.db.models.functions import Now
 from django.utils import timezone
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
+
+from providers.models import Model, Provider
 
 from ..exceptions import BillingUnavailableError
 from ..models import (
+    ApiKey,
     BudgetCounter,
     BudgetMetric,
     BudgetPeriod,
@@ -676,14 +681,24 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int
     row = existing.values_list("cost", "prompt_tokens", "completion_tokens").first()
     if row is None:
         prompt = int(record.get("prompt_tokens") or 0)
+        # Its user, key, provider or model may have been deleted since: the row keeps the names and the cost.
+        references = {
+            "user_id": get_user_model(),
+            "api_key_id": ApiKey,
+            "provider_id": Provider,
+            "model_id": Model,
+        }
+        kept = {
+            name: record.get(name)
+            if record.get(name) is not None and target.objects.filter(pk=record[name]).exists()
+            else None
+            for name, target in references.items()
+        }
         UsageRecord.objects.bulk_create(
             [
                 UsageRecord(
                     request_id=record["request_id"],
-                    user_id=record.get("user_id"),
-                    api_key_id=record.get("api_key_id"),
-                    provider_id=record.get("provider_id"),
-                    model_id=record.get("model_id"),
+                    **kept,
                     provider_name=record.get("provider_name") or "",
                     model_name=record.get("model_name") or "",
                     endpoint=record.get("endpoint") or "",
@@ -719,32 +734,33 @@ def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool) -> int:
                 client.srem(INSTANCES_KEY, instance)
                 continue
             for request_id, raw in sorted(records.items()):
-                record = json.loads(raw)
-                record["admitted_at"] = datetime.fromisoformat(record["admitted_at"])
-                cost, tokens = _lost_row(
-                    record, cost=Decimal(int(record["cost"])) * COST_QUANTUM, tokens=int(record["tokens"])
-                )
-                counter_keys = record.get("counters") or []  # an empty list comes back from Lua as {}
-                keys: list[str] = []
-                args: list[str | int] = [
-                    request_id,
-                    _ms(now),
-                    len(counter_keys),
-                    0,
-                    int(cost / COST_QUANTUM),
-                    tokens,
-                    _ms_of(SETTLED_MEMORY),
-                ]
-                for key in counter_keys:
-                    ref = CounterRef.from_key(key)
-                    keys += _counter_keys(key)
-                    args += [ref.metric, _ms_of(ref.retention(now))]
-                keys.append(inflight_key(instance))
-                settle(keys=keys, args=args)
-                settled += 1
+                try:
+                    settled += _redis_lost_settle_one(client, settle, instance, request_id, raw, now)
+                except Exception:
+                    # The others still get theirs; this one is tried again at the next sweep.
+                    logger.exception("could not settle the lost request %s", request_id)
         return settled
     finally:
         client.close()
+
+
+def _redis_lost_settle_one(
+    client: redis.Redis, settle: Script, instance: str, request_id: str, raw: str, now: datetime
+) -> int:
+    record = json.loads(raw)
+    record["admitted_at"] = datetime.fromisoformat(record["admitted_at"])
+    cost, tokens = _lost_row(record, cost=Decimal(int(record["cost"])) * COST_QUANTUM, tokens=int(record["tokens"]))
+    counter_keys = record.get("counters") or []  # an empty list comes back from Lua as {}
+    keys: list[str] = []
+    args: list[str | int] = [request_id, _ms(now), len(counter_keys), 0, int(cost / COST_QUANTUM), tokens]
+    args.append(_ms_of(SETTLED_MEMORY))
+    for key in counter_keys:
+        ref = CounterRef.from_key(key)
+        keys += _counter_keys(key)
+        args += [ref.metric, _ms_of(ref.retention(now))]
+    keys.append(inflight_key(instance))
+    settle(keys=keys, args=args)
+    return 1
 
 
 def _database_lost_settle(now: datetime) -> int:
@@ -758,28 +774,23 @@ def _database_lost_settle(now: datetime) -> int:
     )
     settled = 0
     for pk in list(dead):
-        with transaction.atomic():
-            reservation = RequestReservation.objects.select_for_update().filter(pk=pk).first()
-            if reservation is None:
-                continue  # settled meanwhile, by its process or another sweep
-            record = {
-                field: getattr(reservation, field)
-                for field in (
-                    "request_id",
-                    "user_id",
-                    "api_key_id",
-                    "provider_id",
-                    "model_id",
-                    "provider_name",
-                    "model_name",
-                    "endpoint",
-                    "stream",
-                    "prompt_tokens",
-                    "admitted_at",
-                )
-            }
-            cost, tokens = _lost_row(record, cost=reservation.reserved_cost, tokens=reservation.reserved_tokens)
-            specs = [CounterSpec(CounterRef.from_key(key), Decimal(0), "") for key in reservation.counters]
-            database_store._settle(request_id=reservation.request_id, counters=specs, cost=cost, tokens=tokens, now=now)
-            settled += 1
+        try:
+            settled += _database_lost_settle_one(pk, now)
+        except Exception:
+            # The others still get theirs; this one is tried again at the next sweep.
+            logger.exception("could not settle the lost request of reservation %s", pk)
     return settled
+
+
+def _database_lost_settle_one(pk: int, now: datetime) -> int:
+    fields = ("request_id", "user_id", "api_key_id", "provider_id", "model_id", "provider_name", "model_name")
+    fields += ("endpoint", "stream", "prompt_tokens", "admitted_at")
+    with transaction.atomic():
+        reservation = RequestReservation.objects.select_for_update().filter(pk=pk).first()
+        if reservation is None:
+            return 0  # settled meanwhile, by its process or another sweep
+        record = {field: getattr(reservation, field) for field in fields}
+        cost, tokens = _lost_row(record, cost=reservation.reserved_cost, tokens=reservation.reserved_tokens)
+        specs = [CounterSpec(CounterRef.from_key(key), Decimal(0), "") for key in reservation.counters]
+        database_store._settle(request_id=reservation.request_id, counters=specs, cost=cost, tokens=tokens, now=now)
+    return 1

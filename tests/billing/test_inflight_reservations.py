@@ -249,6 +249,7 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
     assert len(lost) == 2
     assert all(row.usage_estimated and row.cost == RESERVATION for row in lost)
     assert all(row.completion_tokens == MAX_TOKENS and row.model_name == "flat-model" for row in lost)
+    assert all(row.endpoint == "rest" and row.user_id == budget_key["user"].pk for row in lost)
     assert records_held() == 0
     # Held amounts became spend, once: the counter is on the ledger's figure and holds nothing.
     ref = key_ref(budget_key["key"])
