@@ -78,6 +78,14 @@ class Endpoint(models.TextChoices):
     WEBSOCKET = "websocket", "WebSocket"
 
 
+class Operation(models.TextChoices):
+    """What the request asked for, whatever transport it came over (``Endpoint``)."""
+
+    CHAT = "chat", "Chat completion"
+    MESSAGES = "messages", "Anthropic messages"
+    EMBEDDINGS = "embeddings", "Embeddings"
+
+
 class UsageStatus(models.TextChoices):
     OK = "ok", "OK"
     CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
@@ -102,6 +110,7 @@ class UsageRecord(models.Model):
     provider_name = models.CharField(max_length=64, blank=True)
     model_name = models.CharField(max_length=128, blank=True)
     endpoint = models.CharField(max_length=16, choices=Endpoint.choices)
+    operation = models.CharField(max_length=16, choices=Operation.choices, default=Operation.CHAT)
     stream = models.BooleanField(default=False)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)

@@ -103,6 +103,11 @@ class Provider(models.Model):
                 )
 
 
+class ModelMode(models.TextChoices):
+    CHAT = "chat", "Chat"
+    EMBEDDING = "embedding", "Embedding"
+
+
 class Model(models.Model):
     """A model in the catalog, under the public name clients send."""
 
@@ -123,6 +128,13 @@ class Model(models.Model):
         blank=True,
         validators=[MinValueValidator(0)],
         help_text="Empty: cached input tokens are priced as input tokens.",
+    )
+    mode = models.CharField(
+        max_length=16,
+        choices=ModelMode.choices,
+        default=ModelMode.CHAT,
+        help_text="What the model does: chat models answer /v1/chat/completions and /v1/messages and appear "
+        "in the chat picker; embedding models answer /v1/embeddings only.",
     )
     context_window = models.PositiveIntegerField(default=128_000)
     max_output_tokens = models.PositiveIntegerField(null=True, blank=True)
