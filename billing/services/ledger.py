@@ -61,6 +61,7 @@ class UsageData:
     endpoint: str
     stream: bool
     status: str
+    operation: str = "chat"  # ``Operation``: what was asked (chat, messages, embeddings), whatever the transport
     user_id: int | None = None
     api_key_id: int | None = None
     provider_id: int | None = None
