@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import close_old_connections, connection
 
+from .budgets import RESERVATION_TTL
+
 logger = logging.getLogger("llmhub.inflight")
 
 INFLIGHT_PREFIX = "llmhub:inflight:"  # hash per process: request id → record (JSON)
@@ -79,9 +81,9 @@ class Held:
     counters: tuple[tuple[str, int], ...]
 
 
-# Longer than any request may run (``budgets.RESERVATION_TTL``): what a process still holds after this was
-# leaked by a caller that never settled, and its reservation has expired everywhere else already.
-HELD_AT_MOST = 15 * 60.0
+# Longer than any request may run: what a process still holds after this was leaked by a caller that
+# never settled, and its reservation has expired everywhere else already.
+HELD_AT_MOST = RESERVATION_TTL.total_seconds()
 
 
 # Request id → (monotonic time admitted, what this process holds for it; None for the database store,

@@ -203,6 +203,42 @@ def test_a_redis_restart_with_requests_in_flight_admits_nothing_the_budget_would
     assert ledger_sum(budget_key["key"]) == 4 * RESERVATION  # the budget, to the last token
 
 
+async def test_a_rebuilt_counter_counts_reservations_held_and_settles_not_yet_in_the_ledger(
+    own_redis, budget_key, settings
+):
+    """In one process: three requests hold 3 of 4 reservations when Redis restarts empty; one of them
+    settles before the counter is rebuilt, its ledger row not written yet. The rebuilt counter has its
+    spend and the other two reservations: one more request fits, not two."""
+    from billing.exceptions import QuotaExceededError
+    from billing.services.admission import admission_acquire, admission_settle
+    from providers.selectors import model_resolve
+
+    model = await model_resolve("flat-model")
+
+    async def acquire(request_id: str):
+        return await admission_acquire(
+            user_id=budget_key["user"].pk,
+            api_key_id=budget_key["key"].pk,
+            key_allowed_model_ids=None,
+            model=model,
+            body=body(),
+            request_id=request_id,
+            prompt_tokens_upper=0,
+        )
+
+    held = [await acquire(f"held-{n}") for n in range(3)]
+    own_redis.kill()
+    own_redis.start()
+    # Settled on a counter Redis no longer has; the row is still on its way to the ledger.
+    await admission_settle(admission=held[0], cost=RESERVATION, prompt_tokens=0, completion_tokens=MAX_TOKENS, ok=True)
+
+    await acquire("after")
+    with pytest.raises(QuotaExceededError):
+        await acquire("one-too-many")
+    state = await sync_to_async(counter_state)(key_ref(budget_key["key"]))
+    assert state == (RESERVATION, 3 * RESERVATION)  # held-0 spent; held-1, held-2 and after reserved
+
+
 # POINT 5: A KILLED PROCESS LOSES NOTHING THAT WAS RESERVED
 
 
