@@ -772,6 +772,10 @@ def _database_lost_settle(now: datetime) -> int:
         .filter(recorded_at__lt=ExpressionWrapper(Now() - ttl, output_field=DateTimeField()))
         .values_list("pk", flat=True)
     )
+    # Heartbeats of processes that are gone and hold nothing: one row per process ever started otherwise.
+    ProcessHeartbeat.objects.filter(expires_at__lt=Now()).exclude(
+        instance__in=RequestReservation.objects.values("instance")
+    ).delete()
     settled = 0
     for pk in list(dead):
         try:
