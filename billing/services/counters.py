@@ -223,7 +223,7 @@ class RedisCounterStore:
         held_add(
             request_id,
             Held(
-                record=json.dumps(record),
+                record=record,
                 counters=tuple(
                     (spec.key, values[1] if spec.metric == BudgetMetric.COST else values[2]) for spec in counters
                 ),
@@ -644,7 +644,8 @@ def redis_reassert(client: redis.Redis, instance: str) -> int:
     with held_lock():
         for request_id, held in held_snapshot_locked():
             keys = [inflight_key(instance)]
-            args: list[str | int] = [request_id, held.record, _ms(now), _ms_of(RESERVATION_TTL), len(held.counters)]
+            args: list[str | int] = [request_id, json.dumps(held.record), _ms(now), _ms_of(RESERVATION_TTL)]
+            args.append(len(held.counters))
             for key, amount in held.counters:
                 keys += _counter_keys(key)[:2]
                 args += [amount, _ms_of(CounterRef.from_key(key).retention(now))]

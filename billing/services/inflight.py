@@ -74,10 +74,11 @@ def restart_grace_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A reservation this process holds in Redis, as it would re-assert it: the record (JSON, with its
-    amounts) and, per budget counter, the key and the amount in the counter's units."""
+    """A reservation this process holds in Redis, as it would re-assert it: the record (with its amounts;
+    encoded only if it is ever re-asserted) and, per budget counter, the key and the amount in the
+    counter's units."""
 
-    record: str
+    record: dict
     counters: tuple[tuple[str, int], ...]
 
 
