@@ -39,6 +39,34 @@ def application_error_body(exc: ApplicationError) -> dict[str, Any]:
     return error_body(exc.message, error_type=exc.error_type, param=exc.param, code=exc.code)
 
 
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); its SDK raises its own
+# exception class per status, so the status is what a client of /v1/messages reacts to.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+# Anthropic answers an overloaded model with 529, where our OpenAI-shaped errors say 503.
+_ANTHROPIC_OVERLOADED = frozenset({"upstream_overloaded"})
+
+
+def anthropic_error(exc: ApplicationError) -> tuple[int, dict[str, Any]]:
+    """The status and body of ``exc`` for a client of the Messages API (``/v1/messages``):
+    ``{"type": "error", "error": {"type", "message"}}``."""
+    status = 529 if exc.code in _ANTHROPIC_OVERLOADED else exc.status_code
+    return status, anthropic_error_body(exc.message, status=status)
+
+
+def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:
+    error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
 def _first_field_error(detail: Any, path: str = "") -> tuple[str | None, str]:
     if isinstance(detail, dict):
         for key, value in detail.items():

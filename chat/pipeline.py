@@ -18,18 +18,23 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from billing.models import Endpoint, UsageStatus
+from billing.models import Endpoint, Operation, UsageStatus
 from billing.pricing import cost_for
 from billing.services.admission import Admission, admission_acquire, models_allowed
 from billing.services.keys import api_key_authenticate, hash_key
 from billing.services.ledger import UsageData, usage_record_submit
 from providers.adapters import adapter_for
-from providers.adapters.base import WireChunk
+from providers.adapters.base import WireChunk, WireEvent
+from providers.adapters.translate_anthropic import openai_usage
 from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
 from providers.selectors import model_resolve
 from providers.types import ResolvedModel
 
 from .validation import validate_chat_request
+from .validation_anthropic import validate_messages_request
+
+# How each operation's body is checked before anything else (``completion_start``).
+_VALIDATORS = {Operation.CHAT: validate_chat_request, Operation.MESSAGES: validate_messages_request}
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,19 +210,26 @@ def prompt_tokens_upper_bound(body: dict[str, Any]) -> int:
 
     Real tokenizers average about four characters a token on English and rarely fall below two, so
     half the characters of the messages and tools, plus the per-message framing and a fixed charge
-    per image, stays above what a provider later bills in practice."""
+    per image, stays above what a provider later bills in practice. Chat-completion and Messages API
+    bodies alike (Anthropic's ``system``, ``image``, ``tool_use`` and ``tool_result`` blocks)."""
     chars = 0
     images = 0
+    system = body.get("system")
+    if system:
+        chars += len(str(system))
     for message in body.get("messages", ()):
         content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
             for part in content:
-                if part.get("type") == "text":
+                kind = part.get("type")
+                if kind == "text":
                     chars += len(part.get("text", ""))
-                elif part.get("type") in ("image_url", "input_audio", "file"):
+                elif kind in ("image_url", "input_audio", "file", "image", "document"):
                     images += 1
+                elif kind in ("tool_use", "tool_result"):
+                    chars += len(str(part.get("input") or part.get("content") or ""))
         for call in message.get("tool_calls") or ():
             chars += len(str(call.get("function", {}).get("arguments", "")))
     for tool in body.get("tools") or ():
@@ -234,6 +246,7 @@ def completion_reject(
     started: float | None = None,
     body: Any = None,
     model: ResolvedModel | None = None,
+    operation: str = Operation.CHAT,
 ) -> None:
     """The ``rejected`` ledger row of a request refused before any upstream call: for its input, its
     model, its budget, or before its body could be read at all (too large, not JSON, wrong method)."""
@@ -242,6 +255,7 @@ def completion_reject(
         UsageData(
             request_id=request_id,
             endpoint=endpoint,
+            operation=operation,
             stream=bool(body.get("stream")) if isinstance(body, dict) else False,
             status=UsageStatus.REJECTED,
             user_id=caller.user_id,
@@ -257,7 +271,14 @@ def completion_reject(
 
 
 def completion_reject_unverified(
-    *, raw_key: str, endpoint: str, request_id: str, error: ApplicationError, started: float, body: Any = None
+    *,
+    raw_key: str,
+    endpoint: str,
+    request_id: str,
+    error: ApplicationError,
+    started: float,
+    body: Any = None,
+    operation: str = Operation.CHAT,
 ) -> None:
     """The ``rejected`` row of a request whose key could not be looked up (the database was down): kept
     under the key's hash and attributed to the key when the writer gets the database back, so that this
@@ -267,6 +288,7 @@ def completion_reject_unverified(
         UsageData(
             request_id=request_id,
             endpoint=endpoint,
+            operation=operation,
             stream=bool(body.get("stream")) if isinstance(body, dict) else False,
             status=UsageStatus.REJECTED,
             model_name=_storable(requested, 128) if requested is not None else "",
@@ -283,9 +305,15 @@ def _storable(value: Any, length: int) -> str:
 
 
 async def completion_start(
-    *, caller: Caller, body: dict[str, Any], endpoint: str, request_id: str | None = None
+    *,
+    caller: Caller,
+    body: dict[str, Any],
+    endpoint: str,
+    request_id: str | None = None,
+    operation: str = Operation.CHAT,
 ) -> CompletionRun:
-    """Validate, resolve and admit a request. Nothing is sent upstream yet.
+    """Validate, resolve and admit a request. Nothing is sent upstream yet. ``operation``: the shape of
+    ``body``, a chat completion or an Anthropic Messages request (``CompletionRun.messages_complete``).
 
     A request refused here (bad input, unknown or forbidden model, no budget, rate limited) still
     gets its ledger row, with status ``rejected``, because every request an authenticated caller makes
@@ -298,7 +326,7 @@ async def completion_start(
         shutdown = _shutdowns.get(asyncio.get_running_loop())
         if shutdown is not None and shutdown.begun:
             raise ServerShuttingDownError()
-        validate_chat_request(body)
+        _VALIDATORS[operation](body)
         model = await model_resolve(body["model"])
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
@@ -324,11 +352,19 @@ async def completion_start(
             started=started,
             body=body,
             model=model,
+            operation=operation,
         )
         raise error from exc
     except ApplicationError as exc:
         completion_reject(
-            caller=caller, endpoint=endpoint, request_id=request_id, error=exc, started=started, body=body, model=model
+            caller=caller,
+            endpoint=endpoint,
+            request_id=request_id,
+            error=exc,
+            started=started,
+            body=body,
+            model=model,
+            operation=operation,
         )
         raise
     return CompletionRun(
@@ -339,6 +375,7 @@ async def completion_start(
         model=model,
         admission=admission,
         started=started,
+        operation=operation,
     )
 
 
@@ -355,8 +392,10 @@ class CompletionRun:
         model: ResolvedModel,
         admission: Admission,
         started: float,
+        operation: str = Operation.CHAT,
     ) -> None:
         self.caller = caller
+        self.operation = operation
         self.body = body
         self.endpoint = endpoint
         self.request_id = request_id
@@ -521,6 +560,93 @@ class CompletionRun:
                     error_type=error_type,
                 )
 
+    async def messages_complete(self) -> dict[str, Any]:
+        """``complete`` for an Anthropic Messages request: the adapter answers with a ``message`` (passed
+        through by an Anthropic-protocol provider, translated by the others), settled from its usage."""
+        adapter = adapter_for(self.model.provider)
+        request = adapter.prepare_messages_request(self.body, self.model)
+        request.pop("stream", None)
+        self._upstream_started = time.perf_counter()
+        status, error_type, message = UsageStatus.UPSTREAM_ERROR, "", None
+        self._activate()
+        try:
+            message = await adapter.messages(request)
+            status = UsageStatus.OK
+        except ProviderError as exc:
+            error_type = exc.code or type(exc).__name__
+            raise
+        except asyncio.CancelledError:
+            status = self._interrupted_status()
+            raise
+        finally:
+            _active_runs.pop(self, None)
+            self._upstream_done = time.perf_counter()
+            usage = (message or {}).get("usage")
+            self._settle(
+                status=status,
+                usage=openai_usage(usage) if isinstance(usage, dict) else {},
+                delivered_text="",
+                finish_reason=(message or {}).get("stop_reason"),
+                error_type=error_type,
+            )
+        message["model"] = self.model.name
+        return message
+
+    async def messages_stream(self) -> AsyncIterator[WireEvent]:
+        """``stream`` for an Anthropic Messages request: relay the events as they arrive (an unchanged
+        event keeps the upstream's bytes; ``message_start`` gets the public model name). Usage is read
+        from ``message_start`` and ``message_delta``; a stream cut before ``message_delta`` is charged
+        for what was relayed, as a cut chat stream is."""
+        adapter = adapter_for(self.model.provider)
+        request = adapter.prepare_messages_request(self.body, self.model)
+        request["stream"] = True
+        usage: dict[str, Any] = {}
+        final = False
+        delivered: list[str] = []
+        stop_reason: str | None = None
+        status, error_type = UsageStatus.UPSTREAM_ERROR, ""
+        self._upstream_started = time.perf_counter()
+        upstream = adapter.messages_stream(request)
+        self._activate()
+        try:
+            async for event in upstream:
+                kind = event.get("type")
+                if kind == "content_block_delta":
+                    if self._first_token_at is None:
+                        self._first_token_at = time.perf_counter()
+                    delta = event.get("delta") or {}
+                    delivered.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
+                elif kind == "message_start":
+                    event.set_model(self.model.name)
+                    usage = dict((event.get("message") or {}).get("usage") or {})
+                elif kind == "message_delta":
+                    final = True
+                    usage.update(
+                        (name, value) for name, value in (event.get("usage") or {}).items() if value is not None
+                    )
+                    stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                yield event
+            status = UsageStatus.OK
+        except ProviderError as exc:
+            error_type = exc.code or type(exc).__name__
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = self._interrupted_status()
+            raise
+        finally:
+            _active_runs.pop(self, None)
+            self._upstream_done = time.perf_counter()
+            try:
+                await upstream.aclose()
+            finally:
+                self._settle(
+                    status=status,
+                    usage=openai_usage(usage) if final else {},
+                    delivered_text="".join(delivered),
+                    finish_reason=stop_reason,
+                    error_type=error_type,
+                )
+
     def _settle(
         self,
         *,
@@ -572,6 +698,7 @@ class CompletionRun:
             UsageData(
                 request_id=self.request_id,
                 endpoint=self.endpoint,
+                operation=self.operation,
                 stream=bool(self.body.get("stream")),
                 status=status,
                 user_id=self.caller.user_id,

@@ -47,7 +47,10 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponse
 from django.urls import set_script_prefix
 
-from chat.exception_handlers import error_body
+from chat.exception_handlers import anthropic_error_body, error_body
+
+# The paths of Anthropic's Messages API: their errors are in Anthropic's shape (``chat.api_anthropic``).
+ANTHROPIC_PATHS = ("/v1/messages",)
 
 
 class TransportSecurity:
@@ -83,20 +86,22 @@ class TransportSecurity:
         return self.https_only and not any(pattern.search(request.path.lstrip("/")) for pattern in self.exempt)
 
     @staticmethod
-    def refusal() -> HttpResponse:
-        body = error_body(
+    def refusal(path: str = "") -> HttpResponse:
+        message = (
             "This API is served over HTTPS only. The request was sent over plain HTTP: use an https:// base "
-            "URL, and replace any API key sent this way, as it may have been read on the way.",
-            error_type="invalid_request_error",
-            code="https_required",
+            "URL, and replace any API key sent this way, as it may have been read on the way."
         )
+        if path.startswith(ANTHROPIC_PATHS):
+            body = anthropic_error_body(message, status=403)  # Anthropic's clients read Anthropic's shape
+        else:
+            body = error_body(message, error_type="invalid_request_error", code="https_required")
         return HttpResponse(json.dumps(body, separators=(",", ":")), status=403, content_type="application/json")
 
     def wrap(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponse]]) -> Any:
         async def secured(request: HttpRequest) -> HttpResponse:
             secure = request.is_secure()
             if not secure and self.refuses(request):
-                response = self.refusal()
+                response = self.refusal(request.path)
             else:
                 response = await get_response(request)
             for name, value in self.secure_headers if secure else self.headers:

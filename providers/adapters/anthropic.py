@@ -9,6 +9,7 @@ SDK's paths carry it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import httpx2
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
-from .base import BaseAdapter, WireChunk
+from .base import BaseAdapter, WireChunk, WireEvent
 from .common import (
     connection_error,
     error_for_status,
@@ -33,6 +34,7 @@ from .common import (
     timeout_error,
     upstream_deadline,
 )
+from .sse import sse_events
 from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message
 
 _MESSAGES_PATH = "/v1/messages"
@@ -40,6 +42,7 @@ _MESSAGES_PATH = "/v1/messages"
 # (ANTHROPIC_API_KEY, profiles on disk): the provider then answers 401, which is the truth.
 _PLACEHOLDER_KEY = "not-configured"
 _EventStream = anthropic.AsyncStream[object]
+_RAW_STREAM = {anthropic._constants.RAW_RESPONSE_HEADER: "stream"}
 # The SDK does not wrap transport errors met while reading a stream; ValueError is malformed JSON;
 # OutboundRefused is the outbound policy's refusal, which the SDK lets through unwrapped.
 _FAILURES = (anthropic.AnthropicError, httpx2.HTTPError, ValueError, OutboundRefused)
@@ -96,6 +99,55 @@ class AnthropicAdapter(BaseAdapter):
             # Also on aclose() and cancellation: the upstream response stops at once.
             await upstream.close()
         if not translator.complete:
+            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    async def messages(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A Messages request goes through untranslated: whatever the client sent (cache control, thinking,
+        fields newer than this code) reaches the provider, and its message comes back as it was."""
+        request = {key: value for key, value in request.items() if key != "stream"}
+        try:
+            async with upstream_deadline(self.config):
+                message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        if not isinstance(message, dict) or message.get("type") != "message":
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than a message.",
+                provider=self.config.name,
+            )
+        return message
+
+    async def messages_stream(self, request: dict[str, Any]) -> AsyncIterator[WireEvent]:
+        """The upstream's events, each with its own bytes (``WireEvent.raw``), read raw as the OpenAI
+        adapter reads its chunks: the relay forwards what it does not change as it came."""
+        try:
+            async with upstream_deadline(self.config):
+                upstream = await self._client.post(
+                    _MESSAGES_PATH,
+                    body={**request, "stream": True},
+                    cast_to=httpx2.Response,
+                    options={"headers": _RAW_STREAM},
+                )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        finished = False
+        try:
+            async for sse in sse_events(upstream.aiter_bytes()):
+                event = json.loads(sse.data)
+                if not isinstance(event, dict):
+                    raise ValueError("not an event object")
+                if event.get("type") == "error":
+                    error = event.get("error") if isinstance(event.get("error"), dict) else {}
+                    reason = scrub(str(error.get("message") or "no details given"), self.config)
+                    raise stream_interrupted(self.config, f"the provider reported an error: {reason}")
+                finished = finished or event.get("type") == "message_stop"
+                raw = sse.data if b"\n" not in sse.data and b"\r" not in sse.data else None
+                yield WireEvent(event, raw)
+        except _FAILURES as exc:
+            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+        finally:
+            await upstream.aclose()
+        if not finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
     async def list_models(self) -> list[UpstreamModel]:

@@ -19,6 +19,7 @@ from typing import Any
 from ..exceptions import ProviderError
 from ..rules import apply_parameter_rules
 from ..types import HealthResult, ProviderConfig, ResolvedModel, UpstreamModel
+from .translate_anthropic import EventTranslator, chat_request, estimate_input_tokens, message_from_completion
 
 
 class BaseAdapter(ABC):
@@ -61,6 +62,30 @@ class BaseAdapter(ABC):
             prepared = dict(body)
         prepared["model"] = model.upstream_id
         return prepared
+
+    def prepare_messages_request(self, request: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """A Messages API request (``/v1/messages``) for ``model``: its upstream id. The parameter rules
+        are written for chat-completion fields and do not apply."""
+        return {**request, "model": model.upstream_id}
+
+    async def messages(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer an Anthropic Messages request with a ``message``. Default: translated to a chat
+        completion and back; ``AnthropicAdapter`` overrides it to pass the request through."""
+        return message_from_completion(await self.complete(chat_request(request)))
+
+    async def messages_stream(self, request: dict[str, Any]) -> AsyncIterator[WireEvent]:
+        """Yield the Anthropic stream events answering a Messages request. Default: the chat stream,
+        translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's events."""
+        translator = EventTranslator(input_tokens_estimate=estimate_input_tokens(request))
+        chunks = self.stream({**chat_request(request), "stream": True})
+        try:
+            async for chunk in chunks:
+                for event in translator.feed(chunk):
+                    yield WireEvent(event, None)
+        finally:
+            await chunks.aclose()
+        for event in translator.finish():
+            yield WireEvent(event, None)
 
     async def health_check(self) -> HealthResult:
         """Default: time a model listing. Overridden by providers without a model list endpoint."""
@@ -105,21 +130,46 @@ class WireChunk(dict[str, Any]):
         self.raw = None
         if not isinstance(old, str):
             return
-        # An unescaped `"model":"…"` cannot occur inside a JSON string (its quotes would be escaped),
-        # so the first match is the chunk's own key. A spelling we do not find is encoded again.
-        old_value = _json_text(old).encode()
-        for separator in (b'"model":', b'"model": '):
-            needle = separator + old_value
-            at = raw.find(needle)
-            if at >= 0:
-                self.raw = raw[:at] + b'"model":' + _json_text(name).encode() + raw[at + len(needle) :]
-                return
+        self.raw = _model_replaced(raw, old, name)
 
     def drop_usage(self) -> None:
         """Remove a usage report the client did not ask for (``"usage": null`` may stay: it is valid)."""
         if self.get("usage") is not None:
             del self["usage"]
             self.raw = None
+
+
+def _model_replaced(raw: bytes, old: str, name: str) -> bytes | None:
+    # An unescaped `"model":"…"` cannot occur inside a JSON string (its quotes would be escaped),
+    # so the first match is the object's own key. A spelling we do not find is encoded again (None).
+    old_value = _json_text(old).encode()
+    for separator in (b'"model":', b'"model": '):
+        needle = separator + old_value
+        at = raw.find(needle)
+        if at >= 0:
+            return raw[:at] + b'"model":' + _json_text(name).encode() + raw[at + len(needle) :]
+    return None
+
+
+class WireEvent(WireChunk):
+    """An Anthropic Messages stream event (``ping``, ``message_start``, …) with the exact JSON of its
+    ``data:`` line when it was read off the wire (``raw``); the SSE event name is its ``type``. Only
+    ``message_start`` names the model (``message.model``), which ``set_model`` rewrites in place."""
+
+    __slots__ = ()
+
+    def set_model(self, name: str) -> None:
+        message = self.get("message")
+        if self.get("type") != "message_start" or not isinstance(message, dict) or message.get("model") == name:
+            return
+        old = message.get("model")
+        message["model"] = name
+        raw = self.raw
+        self.raw = _model_replaced(raw, old, name) if raw is not None and isinstance(old, str) else None
+
+    def sse(self) -> bytes:
+        """The event as Anthropic frames it: ``event: <type>`` and one ``data:`` line."""
+        return b"event: " + str(self.get("type")).encode() + b"\ndata: " + chunk_json(self) + b"\n\n"
 
 
 def chunk_json(chunk: dict[str, Any]) -> bytes:

@@ -28,8 +28,10 @@ usage chunk (``choices: []``) like OpenAI's ``stream_options.include_usage``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
+import uuid
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
@@ -410,3 +412,380 @@ class StreamTranslator:
         if kind == "text" and block.get("text"):
             return self._chunk({"content": block["text"]})
         return None
+
+
+# Inbound: Anthropic Messages → OpenAI chat completions, and the answer back ----------------------------------
+#
+# For clients of ``/v1/messages`` whose model speaks the OpenAI protocol. The request keeps ``system``,
+# text, images (base64 → data URL, url → URL), ``tool_use`` blocks (assistant ``tool_calls``) and
+# ``tool_result`` blocks (``tool`` messages, placed before the rest of their user turn, as OpenAI wants them
+# right after the call), ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and
+# ``max_tokens``. ``metadata``, ``top_k``, ``thinking`` and ``cache_control`` have no OpenAI equivalent and
+# are dropped; a block type with no equivalent (``document``, server tools) is refused.
+
+_STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+_MESSAGES_OPTIONAL = ("temperature", "top_p")
+
+
+def stop_reason(finish: str | None) -> str:
+    """Anthropic's ``stop_reason`` for an OpenAI ``finish_reason`` (the inverse of ``finish_reason``)."""
+    return _STOP_REASONS.get(finish or "", "end_turn")
+
+
+def chat_request(request: dict[str, Any]) -> dict[str, Any]:
+    """The chat-completions body for a Messages API body (``stream`` is left to the caller)."""
+    messages: list[dict[str, Any]] = []
+    system = request.get("system")
+    if system:
+        text = system if isinstance(system, str) else "\n\n".join(_block_texts(system, "system"))
+        messages.append({"role": "system", "content": text})
+    for i, turn in enumerate(request.get("messages") or ()):
+        messages.extend(_chat_messages(turn, f"messages[{i}]"))
+    body: dict[str, Any] = {"model": request.get("model"), "messages": messages}
+    if request.get("max_tokens") is not None:
+        body["max_tokens"] = request["max_tokens"]
+    for name in _MESSAGES_OPTIONAL:
+        if request.get(name) is not None:
+            body[name] = request[name]
+    if request.get("stop_sequences"):
+        body["stop"] = request["stop_sequences"]
+    tools = request.get("tools")
+    if tools:
+        body["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    choice = request.get("tool_choice")
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind == "tool":
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        elif kind in ("auto", "any", "none"):
+            body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[kind]
+        if choice.get("disable_parallel_tool_use") and tools:
+            body["parallel_tool_calls"] = False
+    if not tools:
+        body.pop("tool_choice", None)
+    return body
+
+
+def _block_texts(blocks: Any, where: str) -> list[str]:
+    if isinstance(blocks, str):
+        return [blocks]
+    if not isinstance(blocks, list):
+        raise _invalid("Expected a string or an array of text blocks.", where)
+    texts = []
+    for j, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _invalid("Expected text blocks only.", f"{where}[{j}]")
+        texts.append(block["text"])
+    return texts
+
+
+def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
+    role = turn.get("role") if isinstance(turn, dict) else None
+    content = turn.get("content") if isinstance(turn, dict) else None
+    if role not in ("user", "assistant"):
+        raise _invalid("Each message needs a `role` of user or assistant.", f"{where}.role")
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise _invalid("Message content must be a string or an array of content blocks.", f"{where}.content")
+    if role == "assistant":
+        return [_assistant_message(content, where)]
+    results: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "tool_result":
+            results.append(_tool_message(block, f"{where}.content[{j}]"))
+        elif kind == "text":
+            parts.append({"type": "text", "text": block.get("text") or ""})
+        elif kind == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, f"{where}.content[{j}]")}})
+        else:
+            raise _invalid(
+                f"Content blocks of type {kind!r} are not supported by this model.",
+                f"{where}.content[{j}].type",
+                "unsupported_value",
+            )
+    if parts:
+        results.append({"role": "user", "content": parts})
+    return results
+
+
+def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "tool_use":
+            calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})},
+                }
+            )
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # the model's own reasoning: another provider cannot verify or use it
+        else:
+            raise _invalid(
+                f"Content blocks of type {kind!r} are not supported by this model.",
+                f"{where}.content[{j}].type",
+                "unsupported_value",
+            )
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tool_message(block: dict[str, Any], where: str) -> dict[str, Any]:
+    content = block.get("content")
+    if isinstance(content, list):
+        text = "".join(
+            part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    else:
+        text = content if isinstance(content, str) else ""
+    if block.get("is_error"):
+        text = f"Error: {text}" if text else "Error"
+    tool_use_id = block.get("tool_use_id")
+    if not isinstance(tool_use_id, str) or not tool_use_id:
+        raise _invalid("A tool_result block needs the `tool_use_id` it answers.", f"{where}.tool_use_id")
+    return {"role": "tool", "tool_call_id": tool_use_id, "content": text}
+
+
+def _image_url(block: dict[str, Any], where: str) -> str:
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64" and source.get("media_type") and source.get("data"):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if source.get("type") == "url" and source.get("url"):
+        return source["url"]
+    raise _invalid("An image block needs a base64 or url source.", f"{where}.source")
+
+
+def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tool, dict) or tool.get("type", "custom") != "custom" or not tool.get("name"):
+        raise _invalid("This model takes client tools (with a `name` and an `input_schema`) only.", where)
+    function: dict[str, Any] = {
+        "name": tool["name"],
+        "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},
+    }
+    if tool.get("description"):
+        function["description"] = tool["description"]
+    return {"type": "function", "function": function}
+
+
+def messages_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """Anthropic's usage for OpenAI's: ``input_tokens`` excludes the tokens read from the cache."""
+    usage = usage or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return {
+        "input_tokens": max(0, (usage.get("prompt_tokens") or 0) - cached),
+        "output_tokens": usage.get("completion_tokens") or 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def message_id(completion_id: Any) -> str:
+    return (
+        completion_id
+        if isinstance(completion_id, str) and completion_id.startswith("msg_")
+        else "msg_" + (str(completion_id or "") or uuid.uuid4().hex)
+    )
+
+
+def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic ``message`` for a ``chat.completion``."""
+    choice = (completion.get("choices") or [{}])[0]
+    reply = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    reasoning = reply.get("reasoning_content") or reply.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    if reply.get("content"):
+        content.append({"type": "text", "text": reply["content"]})
+    elif reply.get("refusal"):
+        content.append({"type": "text", "text": reply["refusal"]})
+    for call in reply.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id") or "toolu_" + uuid.uuid4().hex,
+                "name": function.get("name") or "",
+                "input": _arguments(function.get("arguments")),
+            }
+        )
+    return {
+        "id": message_id(completion.get("id")),
+        "type": "message",
+        "role": "assistant",
+        "model": completion.get("model") or "",
+        "content": content,
+        "stop_reason": stop_reason(choice.get("finish_reason")),
+        "stop_sequence": None,
+        "usage": messages_usage(completion.get("usage")),
+    }
+
+
+def _arguments(arguments: Any) -> dict[str, Any]:
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) and arguments else arguments
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def estimate_input_tokens(request: dict[str, Any]) -> int:
+    """An estimate of a Messages request's input tokens, for ``count_tokens`` and a translated stream's
+    ``message_start`` (the real count arrives with the usage at its end): about four characters a
+    token, plus a few tokens of framing per message and a flat charge per image (Anthropic's own
+    estimate for a mid-sized image is about 1,600 tokens)."""
+    chars = 0
+    images = 0
+
+    def walk(content: Any) -> None:
+        nonlocal chars, images
+        if isinstance(content, str):
+            chars += len(content)
+            return
+        for block in content if isinstance(content, list) else ():
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text":
+                chars += len(block.get("text") or "")
+            elif kind == "image":
+                images += 1
+            elif kind == "tool_use":
+                chars += len(json.dumps(block.get("input") or {}))
+            elif kind == "tool_result":
+                walk(block.get("content"))
+            elif kind == "thinking":
+                chars += len(block.get("thinking") or "")
+
+    walk(request.get("system"))
+    messages = request.get("messages") or ()
+    for message in messages:
+        if isinstance(message, dict):
+            walk(message.get("content"))
+    for tool in request.get("tools") or ():
+        chars += len(json.dumps(tool))
+    return math.ceil(chars / 4) + 3 * len(messages) + 1_600 * images
+
+
+class EventTranslator:
+    """Turns the OpenAI chunks of one stream into Anthropic Messages events, in Anthropic's order:
+    ``message_start``, ``ping``, then per content block ``content_block_start``, its deltas and
+    ``content_block_stop``, and at the end (``finish``) ``message_delta`` with the stop reason and usage,
+    and ``message_stop``.
+
+    OpenAI reports usage only at the end of a stream, so ``message_start`` carries ``input_tokens_estimate``
+    and ``message_delta`` the real counts (input tokens included, as Anthropic's own ``message_delta`` may)."""
+
+    def __init__(self, *, input_tokens_estimate: int = 0) -> None:
+        self._estimate = input_tokens_estimate
+        self._started = False
+        self._index = -1
+        self._block: tuple[str, int | None] | None = None  # (kind, OpenAI tool call index)
+        self._tool_blocks: dict[int, int] = {}
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if not self._started:
+            self._started = True
+            message = {
+                "id": message_id(chunk.get("id")),
+                "type": "message",
+                "role": "assistant",
+                "model": chunk.get("model") or "",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": self._estimate, "output_tokens": 0},
+            }
+            events.append({"type": "message_start", "message": message})
+            events.append({"type": "ping"})
+        if chunk.get("usage"):
+            self._usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self._open("thinking", None, {"type": "thinking", "thinking": "", "signature": ""}, events)
+                events.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
+            if delta.get("content"):
+                self._open("text", None, {"type": "text", "text": ""}, events)
+                events.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+            for call in delta.get("tool_calls") or ():
+                self._tool_delta(call, events)
+            if choice.get("finish_reason"):
+                self._finish = choice["finish_reason"]
+        return events
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The closing events, once the upstream stream has ended with its finish."""
+        events: list[dict[str, Any]] = []
+        self._close(events)
+        usage = messages_usage(self._usage) if self._usage else {"output_tokens": 0}
+        events.append(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason(self._finish), "stop_sequence": None},
+                "usage": usage,
+            }
+        )
+        events.append({"type": "message_stop"})
+        return events
+
+    def _tool_delta(self, call: dict[str, Any], events: list[dict[str, Any]]) -> None:
+        position = call.get("index", 0)
+        function = call.get("function") or {}
+        if position not in self._tool_blocks:
+            block = {
+                "type": "tool_use",
+                "id": call.get("id") or "toolu_" + uuid.uuid4().hex,
+                "name": function.get("name") or "",
+                "input": {},
+            }
+            self._open("tool_use", position, block, events, new=True)
+            self._tool_blocks[position] = self._index
+        elif self._block != ("tool_use", position):
+            return  # arguments of a call whose block was closed: Anthropic cannot interleave blocks
+        arguments = function.get("arguments")
+        if arguments:
+            events.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+
+    def _open(
+        self, kind: str, position: int | None, block: dict[str, Any], events: list[dict[str, Any]], new: bool = False
+    ) -> None:
+        if self._block == (kind, position) and not new:
+            return
+        self._close(events)
+        self._index += 1
+        self._block = (kind, position)
+        events.append({"type": "content_block_start", "index": self._index, "content_block": block})
+
+    def _close(self, events: list[dict[str, Any]]) -> None:
+        if self._block is None:
+            return
+        if self._block[0] == "thinking":
+            events.append(self._delta({"type": "signature_delta", "signature": ""}))
+        events.append({"type": "content_block_stop", "index": self._index})
+        self._block = None
+
+    def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": self._index, "delta": delta}

@@ -1,0 +1,223 @@
+"""Anthropic's Messages API, inbound: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+A thin transport adapter over ``chat.pipeline``, like ``api_openai``: the same keys, allow-lists, rate
+limits, budget reservations and one ledger row (``operation=messages``); only the shapes differ. An
+Anthropic-protocol model gets the request untranslated and its events relayed as they came; any other
+model is reached through the chat-completions translation of ``providers.adapters.translate_anthropic``
+(the adapters decide, ``BaseAdapter.messages``). Errors use Anthropic's shape and status codes, so that
+its SDK raises its own classes (``AuthenticationError``, ``NotFoundError``, ``RateLimitError``, …);
+``x-api-key`` or ``Authorization: Bearer`` carry the gateway key; ``anthropic-version`` is accepted
+whatever it says (the request is relayed in the version the client wrote it in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from django.core.exceptions import DisallowedHost
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from billing.authentication import key_from_headers
+from billing.models import Operation
+from providers.adapters.base import WireEvent
+from providers.adapters.translate_anthropic import estimate_input_tokens
+from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from providers.selectors import model_resolve
+
+from .api_openai import _dumps, _json_response, _parse_body, _stamp
+from .exception_handlers import anthropic_error, anthropic_error_body
+from .pipeline import (
+    CompletionRun,
+    caller_from_api_key,
+    completion_reject,
+    completion_reject_unverified,
+    completion_start,
+    new_request_id,
+)
+from .validation import InvalidRequestError
+from .validation_anthropic import validate_count_tokens_request
+
+logger = logging.getLogger("llmhub.api")
+
+_ENDPOINT = "rest"
+
+
+def _error_response(exc: ApplicationError) -> HttpResponse:
+    status, body = anthropic_error(exc)
+    response = _json_response(body, status=status)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after:
+        response["Retry-After"] = str(max(1, round(retry_after)))
+    for name, value in (exc.extra.get("headers") or {}).items():
+        response[name] = value
+    return response
+
+
+def _answer(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
+    # Anthropic's SDK reads the request id from `request-id`; ours also goes out as `x-request-id`.
+    response["request-id"] = request_id
+    return _stamp(response, request_id, started, run)
+
+
+def anthropic_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awaitable[HttpResponse]]:
+    """``api_openai.openai_endpoint`` for Anthropic's clients: a bad Host and any unexpected failure in
+    Anthropic's error shape."""
+
+    @functools.wraps(view)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            request.get_host()
+        except DisallowedHost:
+            return _json_response(anthropic_error_body("Invalid Host header.", status=400), status=400)
+        try:
+            return await view(request, *args, **kwargs)
+        except DATABASE_OUTAGE_ERRORS:
+            logger.warning("database unavailable in %s", view.__name__, exc_info=True)
+            return _answer(_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
+        except Exception:
+            logger.exception("unexpected failure in %s", view.__name__)
+            body = anthropic_error_body("The server had an error while processing your request.", status=500)
+            return _answer(_json_response(body, status=500), new_request_id(), time.perf_counter())
+
+    return csrf_exempt(wrapper)
+
+
+@anthropic_endpoint
+async def messages(request: HttpRequest) -> HttpResponse:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "POST":
+        return _answer(await _method_not_allowed(request, request_id), request_id, started)
+    run: CompletionRun | None = None
+    try:
+        raw_key = key_from_headers(request.headers)
+        try:
+            caller = await caller_from_api_key(raw_key)
+        except DatabaseUnavailableError as exc:
+            body = None
+            with contextlib.suppress(ApplicationError):
+                body = _parse_body(request)
+            completion_reject_unverified(
+                raw_key=raw_key or "",
+                endpoint=_ENDPOINT,
+                request_id=request_id,
+                error=exc,
+                started=started,
+                body=body,
+                operation=Operation.MESSAGES,
+            )
+            raise
+        try:
+            body = _parse_body(request)
+        except ApplicationError as exc:
+            completion_reject(
+                caller=caller,
+                endpoint=_ENDPOINT,
+                request_id=request_id,
+                error=exc,
+                started=started,
+                operation=Operation.MESSAGES,
+            )
+            raise
+        run = await completion_start(
+            caller=caller, body=body, endpoint=_ENDPOINT, request_id=request_id, operation=Operation.MESSAGES
+        )
+        if body.get("stream"):
+            response = await _open_stream(run)
+        else:
+            response = _json_response(await run.messages_complete())
+    except ApplicationError as exc:
+        response = _error_response(exc)
+    except asyncio.CancelledError:
+        error = run.shutdown_error() if run is not None else None
+        if error is None:
+            raise
+        response = _error_response(error)
+    return _answer(response, request_id, started, run)
+
+
+async def _open_stream(run: CompletionRun) -> HttpResponse:
+    """As for chat completions: wait for the first event, so that an upstream failure before any output
+    still gets its own HTTP status."""
+    events = run.messages_stream()
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        first = None
+    except ProviderError:
+        await events.aclose()
+        raise
+    response = StreamingHttpResponse(_sse(run, first, events), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def _error_event(exc: ApplicationError) -> bytes:
+    _status, body = anthropic_error(exc)
+    return b"event: error\ndata: " + _dumps(body).encode() + b"\n\n"
+
+
+async def _sse(run: CompletionRun, first: WireEvent | None, events: AsyncIterator[WireEvent]) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            yield first.sse()
+        async for event in events:
+            yield event.sse()
+    except ProviderError as exc:
+        # Headers are gone: Anthropic reports in-band with an `error` event, which its SDK raises.
+        yield _error_event(exc)
+    except asyncio.CancelledError:
+        error = run.shutdown_error()
+        if error is None:
+            raise
+        yield _error_event(error)
+    finally:
+        await events.aclose()
+
+
+@anthropic_endpoint
+async def count_tokens(request: HttpRequest) -> HttpResponse:
+    """An estimate of a Messages request's input tokens (about four characters a token, see
+    ``estimate_input_tokens``), for the model the caller names; nothing goes upstream and nothing is
+    charged, so no ledger row."""
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "POST":
+        return _answer(await _method_not_allowed(request, request_id), request_id, started)
+    try:
+        await caller_from_api_key(key_from_headers(request.headers))
+        body = _parse_body(request)
+        validate_count_tokens_request(body)
+        await model_resolve(body["model"])
+    except ApplicationError as exc:
+        return _answer(_error_response(exc), request_id, started)
+    return _answer(_json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)
+
+
+async def _method_not_allowed(request: HttpRequest, request_id: str) -> HttpResponse:
+    """405, and the ``rejected`` ledger row a request from a valid key gets however it was refused."""
+    error = InvalidRequestError("Method not allowed; use POST.", code="method_not_allowed", status_code=405)
+    raw_key = key_from_headers(request.headers)
+    if raw_key:
+        with contextlib.suppress(ApplicationError):
+            caller = await caller_from_api_key(raw_key)
+            completion_reject(
+                caller=caller, endpoint=_ENDPOINT, request_id=request_id, error=error, operation=Operation.MESSAGES
+            )
+    response = _error_response(error)
+    response["Allow"] = "POST"
+    return response
+
+
+@anthropic_endpoint
+async def not_found(request: HttpRequest, path: str) -> HttpResponse:
+    body = anthropic_error_body(f"Not found: {request.method} /v1/messages/{path}", status=404)
+    return _answer(_json_response(body, status=404), new_request_id(), time.perf_counter())

@@ -1,0 +1,119 @@
+"""Validation of Anthropic Messages requests (``/v1/messages``), in Anthropic's wording (``field: problem``).
+
+As for chat completions (``chat.validation``), only what can be judged without the provider is checked:
+structure, types and documented ranges; unknown fields and block types pass (an Anthropic-protocol
+provider may know them, and the translation for other providers refuses what it cannot express).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values, has_lone_surrogate
+
+ROLES = ("user", "assistant")
+TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
+
+
+def _fail(message: str, param: str, code: str = "invalid_value") -> None:
+    raise InvalidRequestError(f"{param}: {message}" if param else message, param=param or None, code=code)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_blocks(content: Any, param: str) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        _fail("Input should be a valid string or a list of content blocks", param, "invalid_type")
+    for index, block in enumerate(content):
+        where = f"{param}.{index}"
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            _fail("Input should be an object with a `type`", where, "invalid_type")
+        kind = block["type"]
+        if kind == "text" and not isinstance(block.get("text"), str):
+            _fail("Field required", f"{where}.text", "missing_required_parameter")
+        elif kind == "image" and not isinstance(block.get("source"), dict):
+            _fail("Field required", f"{where}.source", "missing_required_parameter")
+        elif kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)):
+            _fail("A tool_use block needs an `id` and a `name`", where)
+        elif kind == "tool_result":
+            if not isinstance(block.get("tool_use_id"), str):
+                _fail("Field required", f"{where}.tool_use_id", "missing_required_parameter")
+            if block.get("content") is not None:
+                _check_blocks(block["content"], f"{where}.content")
+
+
+def validate_messages_request(body: Any) -> None:
+    """Raise ``InvalidRequestError`` (400) naming the first offending field."""
+    if not isinstance(body, dict):
+        _fail("The request body must be a JSON object.", "", "invalid_type")
+    model = body.get("model")
+    if model is None:
+        _fail("Field required", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model.strip() or "\x00" in model or has_lone_surrogate(model):
+        _fail("Input should be a non-empty model name", "model", "invalid_type")
+    _check_json_values(body)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        _fail("Field required", "max_tokens", "missing_required_parameter")
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        _fail(f"Input should be an integer between 1 and {MAX_TOKENS_LIMIT}", "max_tokens")
+    messages = body.get("messages")
+    if messages is None:
+        _fail("Field required", "messages", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        _fail("Input should be a non-empty list", "messages", "invalid_type")
+    if len(messages) > MAX_MESSAGES:
+        _fail(f"At most {MAX_MESSAGES} messages are accepted", "messages")
+    for index, message in enumerate(messages):
+        where = f"messages.{index}"
+        if not isinstance(message, dict):
+            _fail("Input should be an object", where, "invalid_type")
+        if message.get("role") not in ROLES:
+            _fail("Input should be 'user' or 'assistant'", f"{where}.role")
+        if "content" not in message:
+            _fail("Field required", f"{where}.content", "missing_required_parameter")
+        _check_blocks(message["content"], f"{where}.content")
+    system = body.get("system")
+    if system is not None:
+        _check_blocks(system, "system")
+    for name, high in (("temperature", 1), ("top_p", 1)):
+        value = body.get(name)
+        if value is not None and (not _is_number(value) or not 0 <= value <= high):
+            _fail(f"Input should be a number between 0 and {high}", name)
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        _fail("Input should be a non-negative integer", "top_k")
+    stop = body.get("stop_sequences")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(item, str) for item in stop)):
+        _fail("Input should be a list of strings", "stop_sequences", "invalid_type")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        _fail("Input should be a valid boolean", "stream", "invalid_type")
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            _fail("Input should be a valid list", "tools", "invalid_type")
+        for index, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
+                _fail("Field required", f"tools.{index}.name", "missing_required_parameter")
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if not isinstance(choice, dict) or choice.get("type") not in TOOL_CHOICE_TYPES:
+            _fail("Input should be an object whose type is 'auto', 'any', 'tool' or 'none'", "tool_choice")
+        if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
+            _fail("Field required", "tool_choice.name", "missing_required_parameter")
+
+
+def validate_count_tokens_request(body: Any) -> None:
+    """``count_tokens`` takes a Messages body without ``max_tokens``."""
+    if isinstance(body, dict) and body.get("max_tokens") is None:
+        body = {**body, "max_tokens": 1}
+    validate_messages_request(body)

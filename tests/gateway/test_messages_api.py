@@ -1,0 +1,336 @@
+"""Anthropic's Messages API inbound (``/v1/messages``): the official ``anthropic`` SDK against a live llmhub,
+with the fake upstream behind an Anthropic-protocol model (``claude-test``: passed through) and an
+OpenAI-protocol one (``gpt-test``: translated both ways)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import anthropic
+import httpx
+import pytest
+from anthropic.types import RawMessageStreamEvent
+from pydantic import TypeAdapter
+
+from billing.models import UsageRecord
+from billing.services.budgets import api_key_limits_set
+from tests.gateway.test_ledger import settle_quietly, wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MILLION = Decimal(1_000_000)
+PRICES = {"gpt-test": (Decimal("0.15"), Decimal("0.60")), "claude-test": (Decimal("0.80"), Decimal("4.00"))}
+MODELS = ["claude-test", "gpt-test"]
+EVENT = TypeAdapter(RawMessageStreamEvent)
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+ORDER = {"message_start": 0, "content_block_start": 1, "content_block_delta": 1, "content_block_stop": 1}
+
+
+def client(gateway, **kwargs) -> anthropic.Anthropic:
+    return anthropic.Anthropic(
+        base_url=gateway.url, api_key=kwargs.pop("api_key", gateway.key), max_retries=0, timeout=20, **kwargs
+    )
+
+
+def async_client(gateway) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+
+
+def expected_cost(model: str, record: UsageRecord) -> Decimal:
+    input_price, output_price = PRICES[model]
+    cost = (Decimal(record.prompt_tokens) * input_price + Decimal(record.completion_tokens) * output_price) / MILLION
+    return cost.quantize(Decimal("0.0000000001"))
+
+
+def raw_events(gateway, body: dict) -> tuple[httpx.Response, list[tuple[str, bytes]]]:
+    """The SSE events as they came over the wire: (event name, data bytes)."""
+    events: list[tuple[str, bytes]] = []
+    headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    with httpx.stream("POST", gateway.url + "/v1/messages", json={**body, "stream": True}, headers=headers) as reply:
+        name = None
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, line[6:].encode()))
+    return reply, events
+
+
+def assert_anthropic_sequence(events: list[dict]) -> None:
+    """Every event is one of Anthropic's (strict), in Anthropic's order. ``ping`` is not in the SDK's
+    union of events (its stream reader skips it): it must be exactly ``{"type": "ping"}``."""
+    for event in events:
+        if event["type"] == "ping":
+            assert event == {"type": "ping"}
+        else:
+            EVENT.validate_python(event, strict=True)
+    kinds = [event["type"] for event in events if event["type"] != "ping"]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    open_block = None
+    for event in events:
+        if event["type"] == "content_block_start":
+            assert open_block is None
+            open_block = event["index"]
+        elif event["type"] == "content_block_delta":
+            assert event["index"] == open_block
+        elif event["type"] == "content_block_stop":
+            assert event["index"] == open_block
+            open_block = None
+    assert open_block is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_non_streaming_message_and_its_ledger_row(gateway, model):
+    raw = client(gateway).messages.with_raw_response.create(
+        model=model,
+        max_tokens=100,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "one two three [[reply=hello there]]"}],
+    )
+    message = raw.parse()
+    assert message.type == "message" and message.role == "assistant" and message.model == model
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == "hello there"
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens == 2 and message.usage.input_tokens > 0
+    record = wait_for_record(raw.headers["x-request-id"])
+    settle_quietly()
+    assert UsageRecord.objects.count() == 1
+    assert record.operation == "messages" and record.status == "ok" and record.stream is False
+    assert (record.model_name, record.prompt_tokens, record.completion_tokens) == (
+        model,
+        message.usage.input_tokens,
+        2,
+    )
+    assert record.cost == expected_cost(model, record) and record.cost > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_streamed_text_through_the_sdk(gateway, model):
+    with client(gateway).messages.stream(
+        model=model, max_tokens=100, messages=[{"role": "user", "content": "[[words=7]]"}]
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        request_id = stream.response.headers["x-request-id"]
+    assert text == "lorem ipsum dolor sit amet consectetur adipiscing"
+    assert final.content[0].text == text and final.stop_reason == "end_turn" and final.model == model
+    assert final.usage.output_tokens == 7
+    record = wait_for_record(request_id)
+    assert record.operation == "messages" and record.stream is True and record.status == "ok"
+    assert record.completion_tokens == 7 and record.usage_estimated is False
+    assert record.prompt_tokens == final.usage.input_tokens
+    assert record.cost == expected_cost(model, record)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_streamed_event_has_anthropics_shape_and_order(gateway, model):
+    reply, events = raw_events(
+        gateway, {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "[[words=3]]"}]}
+    )
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    decoded = [json.loads(data) for _, data in events]
+    assert [name for name, _ in events] == [event["type"] for event in decoded]
+    assert_anthropic_sequence(decoded)
+    assert decoded[0]["message"]["model"] == model
+    assert decoded[-2]["delta"]["stop_reason"] == "end_turn" and decoded[-2]["usage"]["output_tokens"] == 3
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tool_use_round_trip(gateway, model):
+    sdk = client(gateway)
+    question = {"role": "user", "content": "Paris"}
+    with sdk.messages.stream(model=model, max_tokens=100, tools=[WEATHER], messages=[question]) as stream:
+        events = [event.model_dump(mode="json", exclude_none=True) for event in stream if event.type in ORDER]
+        call = stream.get_final_message()
+    assert call.stop_reason == "tool_use"
+    [tool_use] = [block for block in call.content if block.type == "tool_use"]
+    assert (tool_use.name, tool_use.input) == ("get_weather", {"city": "Paris"})
+    deltas = [event["delta"] for event in events if event["type"] == "content_block_delta"]
+    assert deltas and all(delta["type"] == "input_json_delta" for delta in deltas)
+    assert json.loads("".join(delta["partial_json"] for delta in deltas)) == {"city": "Paris"}
+
+    answer = sdk.messages.create(
+        model=model,
+        max_tokens=100,
+        tools=[WEATHER],
+        messages=[
+            question,
+            {"role": "assistant", "content": [tool_use.model_dump(exclude_none=True)]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "18 C"}]},
+        ],
+    )
+    assert answer.content[0].text == "Tool result: 18 C" and answer.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_async_client_streams_and_completes(gateway, model):
+    sdk = async_client(gateway)
+    message = await sdk.messages.create(
+        model=model, max_tokens=20, messages=[{"role": "user", "content": "[[reply=async works]]"}]
+    )
+    assert message.content[0].text == "async works"
+    async with sdk.messages.stream(
+        model=model, max_tokens=20, messages=[{"role": "user", "content": "[[words=4]]"}]
+    ) as stream:
+        pieces = [text async for text in stream.text_stream]
+        final = await stream.get_final_message()
+    assert "".join(pieces) == "lorem ipsum dolor sit" and final.usage.output_tokens == 4
+    await sdk.close()
+
+
+def test_anthropic_model_gets_the_request_untranslated_and_its_event_bytes_relayed(gateway):
+    body = {
+        "model": "claude-test",
+        "max_tokens": 50,
+        "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        "metadata": {"user_id": "u-1"},
+        "messages": [{"role": "user", "content": "[[reply=café ☕ naïve]]"}],
+    }
+    reply, events = raw_events(gateway, body)
+    assert reply.status_code == 200
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
+    assert sent["system"] == body["system"] and sent["metadata"] == body["metadata"]
+    assert sent["model"] == "fake-claude-haiku" and sent["stream"] is True
+    # The fake upstream writes compact JSON with non-ASCII escaped (`\u00e9`): every event but the first
+    # (whose model name is rewritten in place) arrives in exactly those bytes, never re-encoded.
+    for name, data in events:
+        decoded = json.loads(data)
+        assert json.dumps(decoded, separators=(",", ":")).encode() == data, name
+    text = "".join(json.loads(data)["delta"].get("text", "") for name, data in events if name == "content_block_delta")
+    assert text == "café ☕ naïve" and b"\\u00e9" in b"".join(data for _, data in events)
+    assert json.loads(events[0][1])["message"]["model"] == "claude-test"
+    assert [name for name, _ in events].count("ping") == 1
+
+
+def test_openai_model_gets_a_translated_request(gateway):
+    client(gateway).messages.create(
+        model="gpt-test",
+        max_tokens=30,
+        system="Be brief.",
+        extra_body={"temperature": 0.5},  # this SDK's signature no longer takes it; the API still does
+        stop_sequences=["END"],
+        metadata={"user_id": "u-1"},
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                ],
+            }
+        ],
+    )
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert sent["model"] == "fake-gpt-4o-mini" and sent["max_tokens"] == 30 and sent["stop"] == ["END"]
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["messages"][1]["content"][1] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+    }
+    assert "metadata" not in sent and sent["temperature"] == 0.5
+
+
+def test_count_tokens_answers_an_estimate(gateway):
+    counted = client(gateway).messages.count_tokens(
+        model="gpt-test", system="Be brief.", messages=[{"role": "user", "content": "x" * 400}]
+    )
+    assert 100 <= counted.input_tokens <= 120
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_wrong_key_is_the_sdks_authentication_error(gateway):
+    with pytest.raises(anthropic.AuthenticationError) as failed:
+        client(gateway, api_key="sk-llmhub-aaaaaaaa-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").messages.create(
+            model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert failed.value.body["type"] == "error"
+    assert failed.value.body["error"]["type"] == "authentication_error"
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_bearer_header_works_too(gateway):
+    response = httpx.post(
+        gateway.url + "/v1/messages",
+        json={"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {gateway.key}", "anthropic-version": "2023-06-01"},
+    )
+    assert response.status_code == 200 and response.json()["type"] == "message"
+
+
+def test_unknown_model_is_not_found_with_a_rejected_row(gateway):
+    with pytest.raises(anthropic.NotFoundError) as failed:
+        client(gateway).messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert failed.value.body["error"]["type"] == "not_found_error"
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "messages"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"extra_body": {"temperature": 3}}, {"messages": []}, {"messages": [{"role": "system", "content": "x"}]}],
+)
+def test_invalid_request_is_the_sdks_bad_request_error(gateway, change):
+    body = {"model": "claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **change}
+    with pytest.raises(anthropic.BadRequestError) as failed:
+        client(gateway).messages.create(**body)
+    assert failed.value.body["error"]["type"] == "invalid_request_error"
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_missing_max_tokens_is_a_bad_request(gateway):
+    response = httpx.post(
+        gateway.url + "/v1/messages",
+        json={"model": "claude-test", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-api-key": gateway.key},
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+    }
+
+
+def test_rate_limited_key_gets_the_sdks_rate_limit_error(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=1)
+    sdk = client(gateway)
+    sdk.messages.create(model="gpt-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.RateLimitError) as failed:
+        sdk.messages.create(model="gpt-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert failed.value.body["error"]["type"] == "rate_limit_error"
+    assert failed.value.response.headers.get("retry-after")
+
+
+def test_exhausted_budget_is_a_rate_limit_error_before_any_upstream_call(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("0.0001"))
+    with pytest.raises(anthropic.RateLimitError):
+        client(gateway).messages.create(
+            model="claude-test", max_tokens=4000, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_upstream_failure_mid_stream_is_an_error_event_the_sdk_raises(gateway):
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        with client(gateway).messages.stream(
+            model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": "[[words=9]] [[fault=cut-3]]"}]
+        ) as stream:
+            for _ in stream:
+                pass
+    assert failed.value.body["type"] == "error"
+
+
+def test_model_not_allowed_for_the_key_is_a_permission_error(gateway):
+    from billing.services.keys import api_key_create
+    from providers.models import Model
+
+    created = api_key_create(user=gateway.user, name="narrow", allowed_models=[Model.objects.get(name="gpt-test")])
+    with pytest.raises(anthropic.PermissionDeniedError):
+        client(gateway, api_key=created.secret).messages.create(
+            model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        )
