@@ -5,15 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from anthropic.types import Message, RawMessageStreamEvent
+from pydantic import TypeAdapter
 
 from llmhub.testing.openapi import validate_openai_schema
 from providers.adapters.translate_anthropic import (
     DEFAULT_MAX_TOKENS,
+    EventTranslator,
     StreamTranslator,
     anthropic_request,
+    chat_request,
     completion_from_message,
+    estimate_input_tokens,
     finish_reason,
+    message_from_completion,
     openai_usage,
+    stop_reason,
 )
 from providers.exceptions import ProviderBadRequestError
 
@@ -358,3 +365,245 @@ def test_a_stream_without_message_stop_is_incomplete():
         translator.feed(event)
 
     assert not translator.complete
+
+
+# Inbound: a Messages API request for an OpenAI-protocol model, and its answer back --------------------------
+
+MESSAGES_TOOL = {
+    "name": "lookup",
+    "description": "Look a word up.",
+    "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}},
+}
+_EVENT = TypeAdapter(RawMessageStreamEvent)
+
+
+def test_messages_request_becomes_a_chat_request():
+    body = chat_request(
+        {
+            "model": "m",
+            "max_tokens": 64,
+            "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 5,
+            "stop_sequences": ["END"],
+            "metadata": {"user_id": "u"},
+            "tools": [MESSAGES_TOOL],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Define these."},
+                        {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA="}},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                        {"type": "text", "text": "Looking up."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"word": "a"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "And then?"},
+                        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "A."}]},
+                    ],
+                },
+            ],
+        }
+    )
+    assert body == {
+        "model": "m",
+        "max_tokens": 64,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "stop": ["END"],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "lookup",
+                    "parameters": MESSAGES_TOOL["input_schema"],
+                    "description": "Look a word up.",
+                },
+            }
+        ],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "messages": [
+            {"role": "system", "content": "Be brief.\n\nBe kind."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Define these."},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA="}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "Looking up.",
+                "tool_calls": [
+                    {"id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": '{"word": "a"}'}}
+                ],
+            },
+            # The tool's answer first: OpenAI wants it right after the call that asked for it.
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "A."},
+            {"role": "user", "content": [{"type": "text", "text": "And then?"}]},
+        ],
+    }
+    validate_openai_schema(body, "CreateChatCompletionRequest")
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "auto"}, "auto"),
+        ({"type": "none"}, "none"),
+        ({"type": "tool", "name": "lookup"}, {"type": "function", "function": {"name": "lookup"}}),
+    ],
+)
+def test_tool_choice_translation(choice, expected):
+    body = chat_request(
+        {"model": "m", "max_tokens": 1, "tools": [MESSAGES_TOOL], "tool_choice": choice, "messages": []}
+    )
+    assert body["tool_choice"] == expected
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "document", "source": {"type": "text", "data": "x"}},
+        {"type": "image", "source": {"type": "file", "file_id": "f"}},
+    ],
+)
+def test_blocks_without_an_openai_equivalent_are_refused(block):
+    with pytest.raises(ProviderBadRequestError):
+        chat_request({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [block]}]})
+
+
+def test_server_tools_are_refused():
+    with pytest.raises(ProviderBadRequestError):
+        chat_request(
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("finish", "expected"),
+    [("stop", "end_turn"), ("length", "max_tokens"), ("tool_calls", "tool_use"), ("content_filter", "refusal")],
+)
+def test_finish_reasons_become_stop_reasons(finish, expected):
+    assert stop_reason(finish) == expected
+
+
+def test_completion_becomes_a_message():
+    message = message_from_completion(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {
+                        "role": "assistant",
+                        "content": "Let me look.",
+                        "tool_calls": [
+                            {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"w":1}'}}
+                        ],
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 6}},
+        }
+    )
+    assert Message.model_validate(message, strict=True)
+    assert message["id"] == "msg_chatcmpl-1" and message["stop_reason"] == "tool_use"
+    assert message["content"] == [
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_use", "id": "call_1", "name": "lookup", "input": {"w": 1}},
+    ]
+    assert message["usage"] == {
+        "input_tokens": 4,
+        "output_tokens": 4,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 6,
+    }
+
+
+def _chunk(delta: dict, finish: str | None = None, **extra) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def test_chunks_become_anthropics_event_sequence():
+    translator = EventTranslator(input_tokens_estimate=12)
+    chunks = [
+        _chunk({"role": "assistant", "content": ""}),
+        _chunk({"reasoning_content": "Think."}),
+        _chunk({"content": "Hi"}),
+        _chunk({"content": " there"}),
+        _chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "a"}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        _chunk({"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "b"}}]}),
+        _chunk({}, "tool_calls"),
+        {**_chunk({}), "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}},
+    ]
+    events = [event for chunk in chunks for event in translator.feed(chunk)] + translator.finish()
+    for event in events:
+        if event["type"] != "ping":
+            _EVENT.validate_python(event, strict=True)
+    assert [
+        (e["type"], e.get("index"), (e.get("delta") or e.get("content_block") or {}).get("type")) for e in events
+    ] == [
+        ("message_start", None, None),
+        ("ping", None, None),
+        ("content_block_start", 0, "thinking"),
+        ("content_block_delta", 0, "thinking_delta"),
+        ("content_block_delta", 0, "signature_delta"),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, "text"),
+        ("content_block_delta", 1, "text_delta"),
+        ("content_block_delta", 1, "text_delta"),
+        ("content_block_stop", 1, None),
+        ("content_block_start", 2, "tool_use"),
+        ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_delta", 2, "input_json_delta"),
+        ("content_block_stop", 2, None),
+        ("content_block_start", 3, "tool_use"),
+        ("content_block_stop", 3, None),
+        ("message_delta", None, None),
+        ("message_stop", None, None),
+    ]
+    assert events[0]["message"]["usage"] == {"input_tokens": 12, "output_tokens": 0}
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2]["usage"]["input_tokens"] == 9 and events[-2]["usage"]["output_tokens"] == 5
+
+
+def test_input_token_estimate_counts_every_kind_of_content():
+    base = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}]}
+    plain = estimate_input_tokens(base)
+    assert plain == 10 + 3
+    assert estimate_input_tokens({**base, "system": "y" * 40}) == plain + 10
+    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+    assert estimate_input_tokens({**base, "messages": [{"role": "user", "content": [image]}]}) == 1_600 + 3
