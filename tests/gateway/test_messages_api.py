@@ -334,3 +334,51 @@ def test_model_not_allowed_for_the_key_is_a_permission_error(gateway):
         client(gateway, api_key=created.secret).messages.create(
             model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
         )
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_overloaded_upstream_is_the_sdks_overloaded_error(gateway, model):
+    with pytest.raises(anthropic.OverloadedError) as failed:
+        client(gateway).messages.create(
+            model=model, max_tokens=5, messages=[{"role": "user", "content": "hi [[fault=529]]"}]
+        )
+    assert failed.value.status_code == 529 and failed.value.body["error"]["type"] == "overloaded_error"
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.operation == "messages"
+
+
+def test_an_error_event_after_the_stream_began_reaches_the_sdk(gateway):
+    failing = [{"role": "user", "content": "x [[fault=error-event]]"}]
+    reply, events = raw_events(gateway, {"model": "claude-test", "max_tokens": 50, "messages": failing})
+    assert reply.status_code == 200
+    name, data = events[-1]
+    assert name == "error" and json.loads(data)["type"] == "error"
+    assert "message_stop" not in [name for name, _ in events]
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.operation == "messages"
+
+
+def test_cached_input_is_priced_at_the_cached_rate(gateway):
+    from providers.models import Model
+
+    Model.objects.filter(name="claude-test").update(cached_input_per_mtok=Decimal("0.08"))
+    raw = client(gateway).messages.with_raw_response.create(
+        model="claude-test", max_tokens=20, messages=[{"role": "user", "content": "a b c d e f [[cache=4]]"}]
+    )
+    message = raw.parse()
+    assert message.usage.cache_read_input_tokens == 4
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.cached_tokens == 4 and record.prompt_tokens == message.usage.input_tokens + 4
+    expected = (
+        Decimal(message.usage.input_tokens) * Decimal("0.80")
+        + 4 * Decimal("0.08")
+        + Decimal(message.usage.output_tokens) * Decimal("4.00")
+    ) / MILLION
+    assert record.cost == expected.quantize(Decimal("0.0000000001"))
+
+
+def test_plain_http_refusal_speaks_each_protocols_shape():
+    from llmhub.handlers import TransportSecurity
+
+    assert json.loads(TransportSecurity.refusal("/v1/messages").content)["error"]["type"] == "permission_error"
+    assert json.loads(TransportSecurity.refusal("/v1/chat/completions").content)["error"]["code"] == "https_required"
