@@ -564,13 +564,12 @@ class CompletionRun:
         """``complete`` for an Anthropic Messages request: the adapter answers with a ``message`` (passed
         through by an Anthropic-protocol provider, translated by the others), settled from its usage."""
         adapter = adapter_for(self.model.provider)
-        request = adapter.prepare_messages_request(self.body, self.model)
-        request.pop("stream", None)
+        request = {key: value for key, value in self.body.items() if key != "stream"}
         self._upstream_started = time.perf_counter()
         status, error_type, message = UsageStatus.UPSTREAM_ERROR, "", None
         self._activate()
         try:
-            message = await adapter.messages(request)
+            message = await adapter.messages(request, self.model)
             status = UsageStatus.OK
         except ProviderError as exc:
             error_type = exc.code or type(exc).__name__
@@ -598,15 +597,13 @@ class CompletionRun:
         from ``message_start`` and ``message_delta``; a stream cut before ``message_delta`` is charged
         for what was relayed, as a cut chat stream is."""
         adapter = adapter_for(self.model.provider)
-        request = adapter.prepare_messages_request(self.body, self.model)
-        request["stream"] = True
         usage: dict[str, Any] = {}
         final = False
         delivered: list[str] = []
         stop_reason: str | None = None
         status, error_type = UsageStatus.UPSTREAM_ERROR, ""
         self._upstream_started = time.perf_counter()
-        upstream = adapter.messages_stream(request)
+        upstream = adapter.messages_stream(self.body, self.model)
         self._activate()
         try:
             async for event in upstream:

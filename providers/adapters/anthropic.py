@@ -18,7 +18,7 @@ import httpx2
 
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..outbound import OutboundRefused
-from ..types import ProviderConfig, UpstreamModel
+from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from .base import BaseAdapter, WireChunk, WireEvent
 from .common import (
     connection_error,
@@ -101,10 +101,11 @@ class AnthropicAdapter(BaseAdapter):
         if not translator.complete:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
-    async def messages(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A Messages request goes through untranslated: whatever the client sent (cache control, thinking,
-        fields newer than this code) reaches the provider, and its message comes back as it was."""
-        request = {key: value for key, value in request.items() if key != "stream"}
+    async def messages(self, request: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """A Messages request goes through untranslated (but for the model's upstream id): whatever the
+        client sent (cache control, thinking, fields newer than this code) reaches the provider, and its
+        message comes back as it was. The parameter rules, written for chat-completion fields, do not apply."""
+        request = {**{key: value for key, value in request.items() if key != "stream"}, "model": model.upstream_id}
         try:
             async with upstream_deadline(self.config):
                 message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
@@ -117,14 +118,14 @@ class AnthropicAdapter(BaseAdapter):
             )
         return message
 
-    async def messages_stream(self, request: dict[str, Any]) -> AsyncIterator[WireEvent]:
+    async def messages_stream(self, request: dict[str, Any], model: ResolvedModel) -> AsyncIterator[WireEvent]:
         """The upstream's events, each with its own bytes (``WireEvent.raw``), read raw as the OpenAI
         adapter reads its chunks: the relay forwards what it does not change as it came."""
         try:
             async with upstream_deadline(self.config):
                 upstream = await self._client.post(
                     _MESSAGES_PATH,
-                    body={**request, "stream": True},
+                    body={**request, "model": model.upstream_id, "stream": True},
                     cast_to=httpx2.Response,
                     options={"headers": _RAW_STREAM},
                 )

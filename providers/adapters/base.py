@@ -63,21 +63,18 @@ class BaseAdapter(ABC):
         prepared["model"] = model.upstream_id
         return prepared
 
-    def prepare_messages_request(self, request: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
-        """A Messages API request (``/v1/messages``) for ``model``: its upstream id. The parameter rules
-        are written for chat-completion fields and do not apply."""
-        return {**request, "model": model.upstream_id}
+    async def messages(self, request: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """Answer an Anthropic Messages request (``/v1/messages``) for ``model`` with a ``message``.
+        Default: translated to a chat completion (then ``prepare_request``: upstream id, parameter rules)
+        and back; ``AnthropicAdapter`` overrides it to pass the request through."""
+        return message_from_completion(await self.complete(self.prepare_request(chat_request(request), model)))
 
-    async def messages(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Answer an Anthropic Messages request with a ``message``. Default: translated to a chat
-        completion and back; ``AnthropicAdapter`` overrides it to pass the request through."""
-        return message_from_completion(await self.complete(chat_request(request)))
-
-    async def messages_stream(self, request: dict[str, Any]) -> AsyncIterator[WireEvent]:
-        """Yield the Anthropic stream events answering a Messages request. Default: the chat stream,
-        translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's events."""
+    async def messages_stream(self, request: dict[str, Any], model: ResolvedModel) -> AsyncIterator[WireEvent]:
+        """Yield the Anthropic stream events answering a Messages request for ``model``. Default: the chat
+        stream, translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's
+        events."""
         translator = EventTranslator(input_tokens_estimate=estimate_input_tokens(request))
-        chunks = self.stream({**chat_request(request), "stream": True})
+        chunks = self.stream({**self.prepare_request(chat_request(request), model), "stream": True})
         try:
             async for chunk in chunks:
                 for event in translator.feed(chunk):
