@@ -39,6 +39,10 @@ Replies
     Other directives: ``[[tps=N]]`` tokens per second (also paces non-streamed replies: the response is
     held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
     ``--latency-ms``), ``[[cache=N]]`` N cached prompt tokens, ``[[fault=NAME]]`` see below.
+    ``[[omit=NAME,...]]`` (OpenAI only) leaves fields out of the response and of every chunk, as some
+    OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
+    ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
+    ``refusal`` (each message or delta), ``tool_calls.type``, ``tool_calls.index``, ``usage.total_tokens``.
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); ``stop`` / ``stop_sequences`` cut the reply before the first occurrence
@@ -215,6 +219,34 @@ _ANTHROPIC_FINISH: dict[str, str] = {
     "length": "max_tokens",
     "tool": "tool_use",
 }
+
+
+_TOP_FIELDS = frozenset({"id", "object", "created", "model"})
+_CHOICE_FIELDS = frozenset({"index", "logprobs", "finish_reason"})
+_MESSAGE_FIELDS = frozenset({"role", "content", "refusal"})
+
+
+def _omitted(data: dict[str, Any], names: frozenset[str], *, chunk: bool = False) -> dict[str, Any]:
+    """``data`` without the fields ``[[omit=...]]`` names (see the module docstring)."""
+    if not names:
+        return data
+    data = copy.deepcopy(data)
+    for name in names & _TOP_FIELDS:
+        data.pop(name, None)
+    for choice in data.get("choices") or ():
+        for name in names & _CHOICE_FIELDS:
+            if not (chunk and name == "finish_reason" and choice.get(name) is not None):
+                choice.pop(name, None)
+        message = choice.get("delta" if chunk else "message") or {}
+        for name in names & _MESSAGE_FIELDS:
+            message.pop(name, None)
+        for call in message.get("tool_calls") or ():
+            for name in names:
+                if name.startswith("tool_calls."):
+                    call.pop(name.removeprefix("tool_calls."), None)
+    if "usage.total_tokens" in names and isinstance(data.get("usage"), dict):
+        data["usage"].pop("total_tokens", None)
+    return data
 
 
 def count_words(text: str) -> int:
@@ -956,24 +988,28 @@ class _App:
         }
         logprobs = body.get("logprobs") is True
         top = _int_or_none(body.get("top_logprobs")) or 0
+        omit = frozenset(name.strip() for name in conv.directives.get("omit", "").split(",") if name.strip())
         if stream:
             stream_options = body.get("stream_options")
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
             return await self._openai_stream(
-                request, body, reply, n, usage if include_usage else None, logprobs, top, timing, fault
+                request, body, reply, n, usage if include_usage else None, logprobs, top, timing, fault, omit
             )
         await self._pause(len(reply.tokens) * timing.token_delay)
         return web.json_response(
-            {
-                "id": _new_id("chatcmpl-", 29),
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body["model"],
-                "choices": [self._openai_choice(i, reply, logprobs, top) for i in range(n)],
-                "usage": usage,
-                "service_tier": "default",
-                "system_fingerprint": "fp_fake",
-            },
+            _omitted(
+                {
+                    "id": _new_id("chatcmpl-", 29),
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body["model"],
+                    "choices": [self._openai_choice(i, reply, logprobs, top) for i in range(n)],
+                    "usage": usage,
+                    "service_tier": "default",
+                    "system_fingerprint": "fp_fake",
+                },
+                omit,
+            ),
             headers={"x-request-id": _new_id("req_")},
         )
 
@@ -1023,6 +1059,7 @@ class _App:
         top: int,
         timing: _Timing,
         fault: str | None,
+        omit: frozenset[str] = frozenset(),
     ) -> web.StreamResponse:
         base = {
             "id": _new_id("chatcmpl-", 29),
@@ -1042,7 +1079,9 @@ class _App:
         response = await self._start_sse(request, {"x-request-id": _new_id("req_")})
 
         async def send(data: dict[str, Any] | str) -> None:
-            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            payload = (
+                data if isinstance(data, str) else json.dumps(_omitted(data, omit, chunk=True), separators=(",", ":"))
+            )
             await response.write(f"data: {payload}\n\n".encode())
 
         content_limit = _content_limit(fault)

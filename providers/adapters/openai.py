@@ -38,6 +38,7 @@ from .common import (
     timeout_error,
     upstream_deadline,
 )
+from .openai_shape import StreamShape, completion_conform
 from .sse import sse_events
 
 _CHAT_PATH = "/chat/completions"
@@ -80,7 +81,7 @@ class OpenAIAdapter(BaseAdapter):
                 f"The provider {self.config.name!r} answered with something other than a chat completion.",
                 provider=self.config.name,
             )
-        return completion
+        return completion_conform(completion, model=str(body.get("model") or ""))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         # Usage is always asked for, whatever the client said, so that billing has real counts.
@@ -102,6 +103,7 @@ class OpenAIAdapter(BaseAdapter):
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         finished = done = False
+        shape = StreamShape(str(body.get("model") or ""))
         try:
             async for event in sse_events(upstream.aiter_bytes()):
                 if done:
@@ -125,6 +127,8 @@ class OpenAIAdapter(BaseAdapter):
                 # An event spread over several `data:` lines holds line breaks: relayed as it came, it
                 # would break the client's SSE framing, so that one is encoded again.
                 raw = event.data if b"\n" not in event.data and b"\r" not in event.data else None
+                if not shape.conform(chunk):
+                    raw = None  # filled in where the upstream left out what OpenAI's schema requires
                 yield WireChunk(chunk, raw)
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None

@@ -162,3 +162,35 @@ def test_an_event_spread_over_several_data_lines_is_sent_on_one(llmhub_server):
         "model": "public-model",
     }
     assert relayed[1:] == [*(expected_relay(raw) for raw in rest[:-1]), b"[DONE]"]
+
+
+def test_a_chunk_missing_required_fields_is_filled_in_and_the_valid_ones_keep_their_bytes(llmhub_server):
+    """Only the chunk that lacks what OpenAI's schema requires (here `finish_reason`, `object`, `created`) is
+    encoded again; those around it still arrive as the upstream wrote them."""
+    incomplete = (
+        b'{"id":"chatcmpl-x", "model": "up-model", "choices":[{"index":0, "delta":{"content":" na\\u00efve"}}]}'
+    )
+    chunks = [CHUNKS[0], incomplete, *CHUNKS[1:]]
+    with ExactUpstream([b"data: " + raw + b"\n\n" for raw in chunks]) as upstream:
+        provider = ProviderFactory(name="exact", base_url=upstream.base_url)
+        ModelFactory(name="public-model", provider=provider, upstream_id="up-model")
+        key = api_key_create(user=UserFactory(username="fill"), name="t").secret
+        body = {
+            "model": "public-model",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        relayed, _ = stream_lines(llmhub_server.url, key, body)
+
+    assert relayed[0] == expected_relay(CHUNKS[0])
+    assert relayed[2:] == [*(expected_relay(raw) for raw in CHUNKS[1:]), b"[DONE]"]
+    filled = json.loads(relayed[1])
+    validate_openai_schema(filled, "CreateChatCompletionStreamResponse")
+    assert filled == {
+        "id": "chatcmpl-x",
+        "object": "chat.completion.chunk",
+        "created": 1,  # the stream's own timestamp, from its first chunk
+        "model": "public-model",
+        "choices": [{"index": 0, "delta": {"content": " naïve"}, "finish_reason": None}],
+    }
