@@ -7,7 +7,8 @@ model is reached through the chat-completions translation of ``providers.adapter
 (the adapters decide, ``BaseAdapter.messages``). Errors use Anthropic's shape and status codes, so that
 its SDK raises its own classes (``AuthenticationError``, ``NotFoundError``, ``RateLimitError``, …);
 ``x-api-key`` or ``Authorization: Bearer`` carry the gateway key; ``anthropic-version`` is accepted
-whatever it says (the request is relayed in the version the client wrote it in).
+whatever it says (the request is relayed in the version the client wrote it in), and ``anthropic-beta``
+is passed on to an Anthropic-protocol provider.
 """
 
 from __future__ import annotations
@@ -129,10 +130,11 @@ async def messages(request: HttpRequest) -> HttpResponse:
         run = await completion_start(
             caller=caller, body=body, endpoint=_ENDPOINT, request_id=request_id, operation=Operation.MESSAGES
         )
+        headers = _forwarded(request)
         if body.get("stream"):
-            response = await _open_stream(run)
+            response = await _open_stream(run, headers)
         else:
-            response = _json_response(await run.messages_complete())
+            response = _json_response(await run.messages_complete(headers=headers))
     except ApplicationError as exc:
         response = _error_response(exc)
     except asyncio.CancelledError:
@@ -143,10 +145,17 @@ async def messages(request: HttpRequest) -> HttpResponse:
     return _answer(response, request_id, started, run)
 
 
-async def _open_stream(run: CompletionRun) -> HttpResponse:
+def _forwarded(request: HttpRequest) -> dict[str, str]:
+    """The client's headers an Anthropic-protocol provider must see: the beta features it opted into
+    (``anthropic-beta``: interleaved thinking, longer contexts, …), without which such a request fails."""
+    beta = request.headers.get("anthropic-beta")
+    return {"anthropic-beta": beta} if beta else {}
+
+
+async def _open_stream(run: CompletionRun, headers: dict[str, str]) -> HttpResponse:
     """As for chat completions: wait for the first event, so that an upstream failure before any output
     still gets its own HTTP status."""
-    events = run.messages_stream()
+    events = run.messages_stream(headers=headers)
     try:
         first = await anext(events)
     except StopAsyncIteration:

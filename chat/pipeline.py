@@ -560,16 +560,17 @@ class CompletionRun:
                     error_type=error_type,
                 )
 
-    async def messages_complete(self) -> dict[str, Any]:
+    async def messages_complete(self, *, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """``complete`` for an Anthropic Messages request: the adapter answers with a ``message`` (passed
-        through by an Anthropic-protocol provider, translated by the others), settled from its usage."""
+        through by an Anthropic-protocol provider, with the client's ``headers``; translated by the
+        others), settled from its usage."""
         adapter = adapter_for(self.model.provider)
         request = {key: value for key, value in self.body.items() if key != "stream"}
         self._upstream_started = time.perf_counter()
         status, error_type, message = UsageStatus.UPSTREAM_ERROR, "", None
         self._activate()
         try:
-            message = await adapter.messages(request, self.model)
+            message = await adapter.messages(request, self.model, headers=headers)
             status = UsageStatus.OK
         except ProviderError as exc:
             error_type = exc.code or type(exc).__name__
@@ -591,7 +592,7 @@ class CompletionRun:
         message["model"] = self.model.name
         return message
 
-    async def messages_stream(self) -> AsyncIterator[WireEvent]:
+    async def messages_stream(self, *, headers: dict[str, str] | None = None) -> AsyncIterator[WireEvent]:
         """``stream`` for an Anthropic Messages request: relay the events as they arrive (an unchanged
         event keeps the upstream's bytes; ``message_start`` gets the public model name). Usage is read
         from ``message_start`` and ``message_delta``; a stream cut before ``message_delta`` is charged
@@ -603,7 +604,7 @@ class CompletionRun:
         stop_reason: str | None = None
         status, error_type = UsageStatus.UPSTREAM_ERROR, ""
         self._upstream_started = time.perf_counter()
-        upstream = adapter.messages_stream(self.body, self.model)
+        upstream = adapter.messages_stream(self.body, self.model, headers=headers)
         self._activate()
         try:
             async for event in upstream:

@@ -10,7 +10,7 @@ SDK's paths carry it.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import anthropic
@@ -101,14 +101,18 @@ class AnthropicAdapter(BaseAdapter):
         if not translator.complete:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
-    async def messages(self, request: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+    async def messages(
+        self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """A Messages request goes through untranslated (but for the model's upstream id): whatever the
         client sent (cache control, thinking, fields newer than this code) reaches the provider, and its
         message comes back as it was. The parameter rules, written for chat-completion fields, do not apply."""
         request = {**{key: value for key, value in request.items() if key != "stream"}, "model": model.upstream_id}
         try:
             async with upstream_deadline(self.config):
-                message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
+                message = await self._client.post(
+                    _MESSAGES_PATH, body=request, cast_to=object, options={"headers": dict(headers or {})}
+                )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         if not isinstance(message, dict) or message.get("type") != "message":
@@ -118,7 +122,9 @@ class AnthropicAdapter(BaseAdapter):
             )
         return message
 
-    async def messages_stream(self, request: dict[str, Any], model: ResolvedModel) -> AsyncIterator[WireEvent]:
+    async def messages_stream(
+        self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[WireEvent]:
         """The upstream's events, each with its own bytes (``WireEvent.raw``), read raw as the OpenAI
         adapter reads its chunks: the relay forwards what it does not change as it came."""
         try:
@@ -127,7 +133,7 @@ class AnthropicAdapter(BaseAdapter):
                     _MESSAGES_PATH,
                     body={**request, "model": model.upstream_id, "stream": True},
                     cast_to=httpx2.Response,
-                    options={"headers": _RAW_STREAM},
+                    options={"headers": {**(headers or {}), **_RAW_STREAM}},
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None

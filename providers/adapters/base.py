@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ..exceptions import ProviderError
@@ -63,13 +63,18 @@ class BaseAdapter(ABC):
         prepared["model"] = model.upstream_id
         return prepared
 
-    async def messages(self, request: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+    async def messages(
+        self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Answer an Anthropic Messages request (``/v1/messages``) for ``model`` with a ``message``.
         Default: translated to a chat completion (then ``prepare_request``: upstream id, parameter rules)
-        and back; ``AnthropicAdapter`` overrides it to pass the request through."""
+        and back; ``AnthropicAdapter`` overrides it to pass the request through, with the client's
+        Anthropic ``headers`` (``anthropic-beta``), which mean nothing to another protocol."""
         return message_from_completion(await self.complete(self.prepare_request(chat_request(request), model)))
 
-    async def messages_stream(self, request: dict[str, Any], model: ResolvedModel) -> AsyncIterator[WireEvent]:
+    async def messages_stream(
+        self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[WireEvent]:
         """Yield the Anthropic stream events answering a Messages request for ``model``. Default: the chat
         stream, translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's
         events."""

@@ -382,3 +382,13 @@ def test_plain_http_refusal_speaks_each_protocols_shape():
 
     assert json.loads(TransportSecurity.refusal("/v1/messages").content)["error"]["type"] == "permission_error"
     assert json.loads(TransportSecurity.refusal("/v1/chat/completions").content)["error"]["code"] == "https_required"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_beta_header_reaches_an_anthropic_provider(gateway, stream):
+    body = {"model": "claude-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    headers = {"x-api-key": gateway.key, "anthropic-beta": "interleaved-thinking-2025-05-14"}
+    response = httpx.post(gateway.url + "/v1/messages", json=body, headers=headers)
+    assert response.status_code == 200
+    [sent] = [entry["headers"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
+    assert sent["anthropic-beta"] == "interleaved-thinking-2025-05-14"
