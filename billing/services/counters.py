@@ -84,6 +84,7 @@ from .inflight import (
     restart_grace_ms,
 )
 from .ratelimits import WINDOW_MS, RateSpec, RateState, WindowState, local_rate_limiter, rate_limit_error
+from .spool import spool_pending, spool_rows
 
 logger = logging.getLogger("llmhub.counters")
 
@@ -681,6 +682,8 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int
     existing = UsageRecord.objects.filter(request_id=record["request_id"])
     row = existing.values_list("cost", "prompt_tokens", "completion_tokens").first()
     if row is None:
+        row = _spooled_row(record["request_id"])
+    if row is None:
         prompt = int(record.get("prompt_tokens") or 0)
         # Its user, key, provider or model may have been deleted since: the row keeps the names and the cost.
         references = {
@@ -717,6 +720,17 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int
         )
         row = existing.values_list("cost", "prompt_tokens", "completion_tokens").first()
     return row[0], row[1] + row[2]
+
+
+def _spooled_row(request_id: str) -> tuple[Decimal, int, int] | None:
+    """The request's row waiting in the ledger spool (its process spooled it, e.g. a stream cut at shutdown,
+    and died before settling): that row is the request's, and its replay writes it."""
+    if not spool_pending():
+        return None
+    for raw in spool_rows():
+        if raw.get("request_id") == request_id:
+            return Decimal(raw["cost"]), int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)
+    return None
 
 
 def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool) -> int:

@@ -3,7 +3,9 @@
 Run as ``python -m tests.billing.inflight_worker '<json>'`` with DJANGO_SETTINGS_MODULE, TEST_DATABASE_URL
 and (for the Redis store) REDIS_URL set. Admits ``count`` requests of ``max_tokens`` through the real
 admission service, prints their request ids as JSON, and exits at once, as SIGKILL would leave them:
-nothing settled, no ledger row, the heartbeat stopped.
+nothing settled, no ledger row, the heartbeat stopped. With ``"spool": path``, each request's row is first
+spooled there with status ``server_shutdown`` and ``spooled_tokens`` completion tokens, as a server does
+for a stream it cut while shutting down.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.test")
 django.setup()
 
+from django.conf import settings  # noqa: E402
+
+from billing.pricing import cost_for  # noqa: E402
 from billing.services.admission import admission_acquire  # noqa: E402
+from billing.services.ledger import UsageData, _spool  # noqa: E402
 from providers.selectors import model_resolve  # noqa: E402
 
 
@@ -38,6 +44,25 @@ async def main(job: dict) -> list[str]:
             endpoint="rest",
         )
         admitted.append(request_id)
+        if job.get("spool"):
+            settings.LLMHUB_LEDGER_SPOOL = job["spool"]
+            tokens = job["spooled_tokens"]
+            _spool(
+                UsageData(
+                    request_id=request_id,
+                    endpoint="rest",
+                    stream=True,
+                    status="server_shutdown",
+                    user_id=job["user_id"],
+                    api_key_id=job["key_id"],
+                    model_id=model.id,
+                    provider_id=model.provider.id,
+                    model_name=model.name,
+                    provider_name=model.provider.name,
+                    completion_tokens=tokens,
+                    cost=cost_for(model=model, prompt_tokens=0, completion_tokens=tokens),
+                )
+            )
     return admitted
 
 

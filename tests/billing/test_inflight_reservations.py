@@ -383,3 +383,49 @@ def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budg
     budget_counters_reconcile()
     assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
     assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_a_dead_process_whose_row_waits_in_the_spool_gets_that_row_not_a_lost_one(
+    request, store_kind, budget_key, settings, period_clock, tmp_path
+):
+    """A server cut two streams while shutting down, spooled their rows and died before settling them: the
+    sweep settles them at the spooled cost and writes no lost row; the replay writes theirs."""
+    from billing.services.ledger import ledger_replay_spool
+    from billing.tasks import reservations_lost_settle
+
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    job = {
+        "user_id": budget_key["user"].pk,
+        "key_id": budget_key["key"].pk,
+        "model": "flat-model",
+        "tag": "cut",
+        "count": 2,
+        "max_tokens": MAX_TOKENS,
+        "spool": str(settings.LLMHUB_LEDGER_SPOOL),
+        "spooled_tokens": 2,
+    }
+    worker = subprocess.run(
+        python_argv(period_clock, "tests.billing.inflight_worker", json.dumps(job)),
+        cwd=ROOT,
+        env=server_env(redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)
+
+    assert reservations_lost_settle.delay().get() == 2
+    assert not UsageRecord.objects.filter(status=UsageStatus.LOST).exists()
+    spent = 2 * 2 * (RESERVATION / MAX_TOKENS)  # two requests of two tokens each
+    assert counter_state(key_ref(budget_key["key"])) == (spent, Decimal(0))
+
+    assert ledger_replay_spool() == 2
+    statuses = set(UsageRecord.objects.filter(api_key=budget_key["key"]).values_list("status", flat=True))
+    assert statuses == {UsageStatus.SERVER_SHUTDOWN}
+    assert ledger_sum(budget_key["key"]) == spent
+    budget_counters_reconcile()
+    assert counter_state(key_ref(budget_key["key"])) == (spent, Decimal(0))
