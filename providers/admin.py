@@ -133,6 +133,7 @@ class ModelAdmin(admin.ModelAdmin):
         "name",
         "provider",
         "upstream_id",
+        "mode",
         "input_per_mtok",
         "output_per_mtok",
         "cached_input_per_mtok",
@@ -142,6 +143,7 @@ class ModelAdmin(admin.ModelAdmin):
     list_editable = ("enabled",)
     list_filter = (
         "provider",
+        "mode",
         "enabled",
         "supports_streaming",
         "supports_tools",
@@ -152,7 +154,7 @@ class ModelAdmin(admin.ModelAdmin):
     search_fields = ("name", "upstream_id")
     readonly_fields = ("created_at", "updated_at")
     fieldsets = (
-        ("Identity", {"fields": ("name", "provider", "upstream_id", "enabled")}),
+        ("Identity", {"fields": ("name", "provider", "upstream_id", "mode", "enabled")}),
         (
             "Prices per million tokens (USD)",
             {"fields": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")},

@@ -40,6 +40,7 @@ def resolved_model(model: Model) -> ResolvedModel:
         cached_input_per_mtok=None if model.cached_input_per_mtok is None else Decimal(model.cached_input_per_mtok),
         context_window=model.context_window,
         max_output_tokens=model.max_output_tokens,
+        mode=model.mode,
         supports_streaming=model.supports_streaming,
         supports_tools=model.supports_tools,
         supports_vision=model.supports_vision,

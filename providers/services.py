@@ -258,6 +258,7 @@ _MODEL_KEYS = frozenset(
     {
         "name",
         "upstream",
+        "mode",
         "input_per_mtok",
         "output_per_mtok",
         "cached_input_per_mtok",
@@ -287,6 +288,7 @@ _PROVIDER_COMPARED = (
 _MODEL_COMPARED = (
     "provider_id",
     "upstream_id",
+    "mode",
     "input_per_mtok",
     "output_per_mtok",
     "cached_input_per_mtok",
@@ -471,6 +473,7 @@ def _model_load(entry: _Entry, provider: Provider) -> LoadedRow:
 
     model.provider = provider
     model.upstream_id = entry.text("upstream")
+    model.mode = entry.text("mode", _field_default(Model, "mode"))  # full_clean refuses an unknown mode
     model.input_per_mtok = entry.decimal("input_per_mtok", None, required=True)
     model.output_per_mtok = entry.decimal("output_per_mtok", None, required=True)
     model.cached_input_per_mtok = entry.decimal("cached_input_per_mtok", None)
@@ -589,6 +592,7 @@ def _model_dump(model: Model) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "name": model.name,
         "upstream": model.upstream_id,
+        "mode": model.mode,
         "input_per_mtok": _plain_decimal(model.input_per_mtok),
         "output_per_mtok": _plain_decimal(model.output_per_mtok),
     }

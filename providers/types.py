@@ -50,6 +50,7 @@ class ResolvedModel:
     cached_input_per_mtok: Decimal | None
     context_window: int
     max_output_tokens: int | None
+    mode: str = "chat"  # ``ModelMode``: which endpoints the model answers (chat, embedding)
     supports_streaming: bool = True
     supports_tools: bool = True
     supports_vision: bool = False

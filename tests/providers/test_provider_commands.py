@@ -270,6 +270,46 @@ def test_dump_has_no_secret_and_round_trips(catalog, tmp_path, monkeypatch):
     assert comparable(after[1]) == comparable(before[1])
 
 
+EMBEDDING_CATALOG = """
+providers:
+  - name: local-openai
+    kind: openai_compatible
+    base_url: http://127.0.0.1:18080/v1
+    models:
+      - name: chatty
+        upstream: gpt-4o-mini
+        input_per_mtok: "0.15"
+        output_per_mtok: "0.60"
+      - name: embedder
+        upstream: text-embedding-3-small
+        mode: embedding
+        input_per_mtok: "0.02"
+        output_per_mtok: "0"
+"""
+
+
+def test_mode_loads_dumps_round_trips_and_is_checked(tmp_path):
+    path = write(tmp_path, EMBEDDING_CATALOG)
+    load(path)
+    assert dict(Model.objects.values_list("name", "mode")) == {"chatty": "chat", "embedder": "embedding"}
+
+    out = io.StringIO()
+    call_command("dumpproviders", stdout=out)
+    dumped = {model["name"]: model for model in yaml.safe_load(out.getvalue())["providers"][0]["models"]}
+    assert (dumped["chatty"]["mode"], dumped["embedder"]["mode"]) == ("chat", "embedding")
+    Model.objects.all().delete()
+    load(write(tmp_path, out.getvalue(), "dump.yaml"))
+    assert dict(Model.objects.values_list("name", "mode")) == {"chatty": "chat", "embedder": "embedding"}
+
+    output = load(write(tmp_path, EMBEDDING_CATALOG.replace("mode: embedding", "mode: chat"), "changed.yaml"))
+    assert "model embedder: updated" in output and Model.objects.get(name="embedder").mode == "chat"
+
+    with pytest.raises(CommandError) as refused:
+        load(write(tmp_path, EMBEDDING_CATALOG.replace("mode: embedding", "mode: rerank"), "bad.yaml"))
+    assert "model embedder: mode:" in str(refused.value) and "rerank" in str(refused.value)
+    assert Model.objects.get(name="embedder").mode == "chat"  # nothing written
+
+
 def test_dump_of_an_empty_catalog_loads_back():
     out = io.StringIO()
     call_command("dumpproviders", stdout=out)
