@@ -12,8 +12,9 @@ or in-process (tests)::
 
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
-    or not), ``GET /v1/models`` and ``GET /v1/models/{id}`` (Anthropic shape when the request carries an
-    ``anthropic-version`` header, OpenAI shape otherwise). Control endpoints, which are neither counted
+    or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below), ``GET /v1/models`` and
+    ``GET /v1/models/{id}`` (Anthropic shape when the request carries an ``anthropic-version`` header,
+    OpenAI shape otherwise). Control endpoints, which are neither counted
     nor logged: ``GET /_fake/stats``, ``POST /_fake/reset``, ``GET /_fake/requests``.
 
 Replies
@@ -64,6 +65,16 @@ Token counting (exact rule)
       ``input_tokens`` excludes them (``input_tokens = prompt - c``, ``cache_read_input_tokens = c``,
       ``cache_creation_input_tokens = 0``).
 
+Embeddings
+    One vector per input (a string, a list of strings, a token array or a list of token arrays), derived
+    from the SHA-256 of the input (its text, or its tokens joined by spaces), so the same input always gets
+    the same vector: ``dimensions`` numbers (default 256), each a float32, the whole of unit length.
+    ``encoding_format: base64`` answers each as the base64 of its little-endian float32 bytes, as OpenAI
+    does. ``usage.prompt_tokens`` (= ``total_tokens``) is the sum of ``words(text)`` of the strings and
+    the lengths of the token arrays. Directives are read from the string inputs: ``[[fault=NAME]]`` and
+    ``[[latency=MS]]`` as for chat, ``[[usage=none]]`` leaves ``usage`` out, ``[[encoding=float]]``
+    answers floats whatever ``encoding_format`` asked (as servers that ignore the field do).
+
 Faults
     Chosen by the ``x-fake-fault`` header, else the ``[[fault=NAME]]`` directive, else a model named
     ``fault-NAME``. Any 4xx/5xx status code (e.g. ``400``, ``401``, ``429`` with ``Retry-After: 2``,
@@ -81,12 +92,17 @@ Keys
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
+import base64
 import contextlib
 import copy
+import hashlib
 import json
 import logging
+import math
 import re
+import sys
 import threading
 import time
 import uuid
@@ -124,6 +140,7 @@ _ANTHROPIC_CONTEXT_WINDOW = 200_000
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
+_EMBEDDING_DIMENSIONS = 256
 
 # Demo mode's answers: short enough for a few turns on the Free plan's 1,000 tokens a day, and each
 # with something for the chat page to render (emphasis, a list, a highlighted code block).
@@ -745,6 +762,7 @@ class _App:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_get("/_fake/stats", self.control_stats)
@@ -1136,6 +1154,46 @@ class _App:
         await response.prepare(request)
         return response
 
+    # -- OpenAI embeddings --
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _openai_error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        items = _embedding_inputs(body.get("input"))
+        directives: dict[str, str] = {}
+        for item in items or ():
+            if isinstance(item, str):
+                directives.update(_extract_directives(item)[1])
+        await self._pause(self._timing(directives).latency)
+        fault = self._fault_name(request, directives, body.get("model"))
+        prompt_tokens = sum(count_words(item) if isinstance(item, str) else len(item) for item in items or ())
+        if fault is not None:
+            early = await self._immediate_fault(request, "openai", fault, prompt_tokens, stream=False)
+            if early is not None:
+                return early
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            return _openai_error(400, "you must provide a model parameter", "invalid_request_error")
+        if not items:
+            return _openai_error(
+                400, "'input' must be a non-empty string or array.", "invalid_request_error", "invalid_value", "input"
+            )
+        dimensions = body.get("dimensions", _EMBEDDING_DIMENSIONS)
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions <= 4096:
+            return _openai_error(
+                400, "Invalid 'dimensions': expected 1 to 4096.", "invalid_request_error", "invalid_value", "dimensions"
+            )
+        base64_wanted = body.get("encoding_format") == "base64" and directives.get("encoding") != "float"
+        data = []
+        for index, item in enumerate(items):
+            vector = _embedding_vector(item if isinstance(item, str) else " ".join(map(str, item)), dimensions)
+            encoded: Any = base64.b64encode(vector.tobytes()).decode() if base64_wanted else vector.tolist()
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
+        if directives.get("usage") != "none":
+            answer["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+        return web.json_response(answer, headers={"x-request-id": _new_id("req_")})
+
     # -- Anthropic messages --
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -1246,6 +1304,36 @@ class _App:
         await send("message_stop", {"type": "message_stop"})
         await response.write_eof()
         return response
+
+
+def _embedding_inputs(value: Any) -> list[str | list[int]] | None:
+    """The inputs of an embeddings request, one per vector; None when ``value`` is not a valid input."""
+    if isinstance(value, str):
+        return [value] if value else None
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return [value]
+    if all(isinstance(item, str) and item for item in value):
+        return list(value)
+    if all(
+        isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+        for item in value
+    ):
+        return list(value)
+    return None
+
+
+def _embedding_vector(text: str, dimensions: int) -> array.array:
+    """A unit-length float32 vector from the SHA-256 of ``text`` (the digest of ``text`` and a block number,
+    as many blocks as the dimensions need, each pair of bytes one number in [-1, 1))."""
+    raw = b"".join(hashlib.sha256(f"{block}:{text}".encode()).digest() for block in range(-(-dimensions * 2 // 32)))
+    numbers = [(int.from_bytes(raw[2 * i : 2 * i + 2], "little") - 32768) / 32768 for i in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in numbers)) or 1.0
+    little_endian = array.array("f", (x / norm for x in numbers))
+    if sys.byteorder == "big":
+        little_endian.byteswap()
+    return little_endian
 
 
 def _directive_int(directives: dict[str, str], name: str) -> int | None:

@@ -873,3 +873,66 @@ def test_openapi_validator_rejects_bad_documents() -> None:
         )
     with pytest.raises(KeyError):
         validate_openai_schema(chunk, "NoSuchSchema")
+
+
+# Embeddings ---------------------------------------------------------------------------------------------
+
+
+def test_embeddings_are_deterministic_unit_vectors_with_word_counted_usage(oai: openai.OpenAI) -> None:
+    raw = oai.embeddings.with_raw_response.create(
+        model="fake-embedding-small", input=["the quick brown fox", "jumps"], encoding_format="float"
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateEmbeddingResponse")
+    first = raw.parse()
+    assert [item.index for item in first.data] == [0, 1]
+    assert all(len(item.embedding) == 256 for item in first.data)
+    assert all(abs(sum(x * x for x in item.embedding) - 1) < 1e-5 for item in first.data)
+    assert first.usage.prompt_tokens == first.usage.total_tokens == 5  # 4 words + 1 word
+    again = oai.embeddings.create(model="fake-embedding-small", input="jumps", encoding_format="float")
+    assert again.data[0].embedding == first.data[1].embedding
+    assert first.data[0].embedding != first.data[1].embedding
+
+
+def test_embeddings_honour_dimensions_tokens_and_base64(oai: openai.OpenAI, upstream: FakeUpstream) -> None:
+    floats = oai.embeddings.create(model="m", input=[[1, 2, 3], [4]], dimensions=8, encoding_format="float")
+    assert [len(item.embedding) for item in floats.data] == [8, 8]
+    assert floats.usage.prompt_tokens == 4
+    status, _, body = http(
+        upstream,
+        "POST",
+        "/v1/embeddings",
+        {"model": "m", "input": [[1, 2, 3], [4]], "dimensions": 8, "encoding_format": "base64"},
+    )
+    assert status == 200
+    encoded = json.loads(body)["data"]
+    assert all(isinstance(item["embedding"], str) for item in encoded)
+    # The SDK decodes base64 itself when no format is asked for: the same numbers as the floats.
+    decoded = oai.embeddings.create(model="m", input=[[1, 2, 3], [4]], dimensions=8)
+    assert [item.embedding for item in decoded.data] == [item.embedding for item in floats.data]
+
+
+def test_embeddings_directives_and_faults(oai: openai.OpenAI, upstream: FakeUpstream) -> None:
+    status, _, body = http(
+        upstream, "POST", "/v1/embeddings", {"model": "m", "input": "hi [[usage=none]]", "encoding_format": "base64"}
+    )
+    assert status == 200 and "usage" not in json.loads(body)
+    status, _, body = http(
+        upstream,
+        "POST",
+        "/v1/embeddings",
+        {"model": "m", "input": "hi [[encoding=float]]", "encoding_format": "base64"},
+    )
+    assert isinstance(json.loads(body)["data"][0]["embedding"], list)
+    with pytest.raises(openai.RateLimitError):
+        oai.embeddings.create(model="m", input="hi [[fault=429]]", encoding_format="float")
+    with pytest.raises(openai.InternalServerError):
+        oai.embeddings.create(model="fault-500", input="hi", encoding_format="float")
+    for bad in (
+        {"model": "m", "input": ""},
+        {"model": "m", "input": []},
+        {"model": "m", "input": [1, "a"]},
+        {"input": "x"},
+    ):
+        status, _, body = http(upstream, "POST", "/v1/embeddings", bad)
+        assert status == 400 and "error" in json.loads(body), bad
+    assert upstream.stats["by_path"]["/v1/embeddings"] == 8
