@@ -1,4 +1,4 @@
-"""The OpenAI-compatible REST entry point: ``/v1/chat/completions`` and ``/v1/models``.
+"""The OpenAI-compatible REST entry point: ``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/models``.
 
 These are plain async Django views rather than DRF views: DRF's ``APIView`` is synchronous, so
 every request would hop to a thread and back, which the hot path cannot afford. They stay thin all
@@ -23,6 +23,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
+from billing.models import Operation
 from providers.adapters.base import chunk_json
 from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
 
@@ -163,6 +164,55 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return _stamp(response, request_id, started, run)
 
 
+@openai_endpoint
+async def embeddings(request: HttpRequest) -> HttpResponse:
+    """``POST /v1/embeddings``: the same steps as a chat completion (key, model, admission, one call, one
+    ledger row with ``operation=embeddings``), answered with the upstream's list of embeddings."""
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "POST":
+        return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
+    run: CompletionRun | None = None
+    operation = Operation.EMBEDDINGS
+    try:
+        raw_key = key_from_headers(request.headers)
+        try:
+            caller = await caller_from_api_key(raw_key)
+        except DatabaseUnavailableError as exc:
+            body = None
+            with contextlib.suppress(ApplicationError):
+                body = _parse_body(request)
+            completion_reject_unverified(
+                raw_key=raw_key or "",
+                endpoint="rest",
+                request_id=request_id,
+                error=exc,
+                started=started,
+                body=body,
+                operation=operation,
+            )
+            raise
+        try:
+            body = _parse_body(request)
+        except ApplicationError as exc:
+            completion_reject(
+                caller=caller, endpoint="rest", request_id=request_id, error=exc, started=started, operation=operation
+            )
+            raise
+        run = await completion_start(
+            caller=caller, body=body, endpoint="rest", request_id=request_id, operation=operation
+        )
+        response = _json_response(await run.embed())
+    except ApplicationError as exc:
+        response = _error_response(exc)
+    except asyncio.CancelledError:
+        error = run.shutdown_error() if run is not None else None
+        if error is None:
+            raise
+        response = _error_response(error)
+    return _stamp(response, request_id, started, run)
+
+
 async def _open_stream(run: CompletionRun) -> HttpResponse:
     """Wait for the first chunk before answering, so that an upstream failure before any output
     (429, 5xx, timeout, bad auth) still gets its proper HTTP status instead of a 200 and a broken stream."""
@@ -212,7 +262,7 @@ async def models_list(request: HttpRequest) -> HttpResponse:
         return _stamp(await _method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
-        models = await models_for_caller(caller)
+        models = await models_for_caller(caller, mode=None)  # embedding models too, unlike the chat picker
     except ApplicationError as exc:
         return _stamp(_error_response(exc), request_id, started)
     payload = {
@@ -230,7 +280,7 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         return _stamp(await _method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
-        for candidate in await models_for_caller(caller):
+        for candidate in await models_for_caller(caller, mode=None):
             if candidate.name == model:
                 payload = {"id": candidate.name, "object": "model", "created": 0, "owned_by": candidate.provider.name}
                 return _stamp(_json_response(payload), request_id, started)

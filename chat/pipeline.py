@@ -27,14 +27,20 @@ from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
 from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from providers.models import ModelMode
 from providers.selectors import model_resolve
 from providers.types import ResolvedModel
 
-from .validation import validate_chat_request
+from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
+from .validation_embeddings import embeddings_input_tokens, validate_embeddings_request
 
 # How each operation's body is checked before anything else (``completion_start``).
-_VALIDATORS = {Operation.CHAT: validate_chat_request, Operation.MESSAGES: validate_messages_request}
+_VALIDATORS = {
+    Operation.CHAT: validate_chat_request,
+    Operation.MESSAGES: validate_messages_request,
+    Operation.EMBEDDINGS: validate_embeddings_request,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +65,9 @@ async def caller_from_api_key(raw: str | None) -> Caller:
     )
 
 
-async def models_for_caller(caller: Caller) -> list[ResolvedModel]:
-    return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids)
+async def models_for_caller(caller: Caller, *, mode: str | None = ModelMode.CHAT) -> list[ResolvedModel]:
+    """The models ``caller`` may use, of one ``mode`` (chat: the picker's), or of every mode (None)."""
+    return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, mode=mode)
 
 
 # Runs whose upstream call is in progress, with the task running each: a server shutting down cuts
@@ -328,8 +335,10 @@ async def completion_start(
             raise ServerShuttingDownError()
         _VALIDATORS[operation](body)
         model = await model_resolve(body["model"])
+        _check_mode(model, operation)
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
+        embeddings = operation == Operation.EMBEDDINGS
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -337,7 +346,9 @@ async def completion_start(
             model=model,
             body=body,
             request_id=request_id,
-            prompt_tokens_upper=prompt_tokens_upper_bound(body),
+            prompt_tokens_upper=embeddings_input_tokens(body, upper_bound=True)
+            if embeddings
+            else prompt_tokens_upper_bound(body),
             endpoint=endpoint,
         )
     except DATABASE_OUTAGE_ERRORS as exc:
@@ -377,6 +388,24 @@ async def completion_start(
         started=started,
         operation=operation,
     )
+
+
+def _check_mode(model: ResolvedModel, operation: str) -> None:
+    """An embedding model answers /v1/embeddings only, and a chat model everything else: refused before
+    admission, so a request for the wrong kind of model holds nothing."""
+    if operation == Operation.EMBEDDINGS and model.mode != ModelMode.EMBEDDING:
+        raise InvalidRequestError(
+            f"The model `{model.name}` is not an embedding model: it answers /v1/chat/completions. "
+            "GET /v1/models lists the models you may use.",
+            param="model",
+            code="model_not_supported",
+        )
+    if operation != Operation.EMBEDDINGS and model.mode == ModelMode.EMBEDDING:
+        raise InvalidRequestError(
+            f"The model `{model.name}` is an embedding model: use it with /v1/embeddings, not for chat.",
+            param="model",
+            code="model_not_supported",
+        )
 
 
 class CompletionRun:
@@ -645,6 +674,51 @@ class CompletionRun:
                     error_type=error_type,
                 )
 
+    async def embed(self) -> dict[str, Any]:
+        """The call and settle steps of an embeddings request: one upstream call, priced on input tokens
+        only. They come from the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the
+        ledger row says so)."""
+        adapter = adapter_for(self.model.provider)
+        body = {**self.body, "model": self.model.upstream_id}
+        self._upstream_started = time.perf_counter()
+        status, error_type, response = UsageStatus.UPSTREAM_ERROR, "", None
+        self._activate()
+        try:
+            response = await adapter.embed(body)
+            status = UsageStatus.OK
+        except ProviderError as exc:
+            error_type = exc.code or type(exc).__name__
+            raise
+        except asyncio.CancelledError:
+            status = self._interrupted_status()
+            raise
+        finally:
+            _active_runs.pop(self, None)
+            self._upstream_done = time.perf_counter()
+            usage: dict[str, Any] = {}
+            estimated = False
+            if response is not None:
+                reported = (response.get("usage") or {}).get("prompt_tokens")
+                estimated = not isinstance(reported, int) or isinstance(reported, bool) or reported < 0
+                if estimated:
+                    reported = embeddings_input_tokens(self.body, upper_bound=False)
+                usage = {"prompt_tokens": reported}
+            self._settle(
+                status=status,
+                usage=usage,
+                delivered_text="",
+                finish_reason=None,
+                error_type=error_type,
+                usage_estimated=estimated,
+            )
+        response["model"] = self.model.name
+        # OpenAI's schema requires both: an upstream that left them out gets them, the usage being the
+        # estimate the request was charged for.
+        response.setdefault("object", "list")
+        if estimated:
+            response["usage"] = {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}
+        return response
+
     def _settle(
         self,
         *,
@@ -653,11 +727,12 @@ class CompletionRun:
         delivered_text: str,
         finish_reason: str | None,
         error_type: str,
+        usage_estimated: bool = False,
     ) -> None:
         if self._settled:
             return
         self._settled = True
-        estimated = not usage
+        estimated = usage_estimated or not usage
         if usage:
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)

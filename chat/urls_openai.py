@@ -8,6 +8,7 @@ from . import api_anthropic, api_openai
 
 urlpatterns = [
     path("chat/completions", api_openai.chat_completions, name="v1-chat-completions"),
+    path("embeddings", api_openai.embeddings, name="v1-embeddings"),
     path("messages", api_anthropic.messages, name="v1-messages"),
     path("messages/count_tokens", api_anthropic.count_tokens, name="v1-messages-count-tokens"),
     re_path(r"^messages/(?P<path>.*)$", api_anthropic.not_found),

@@ -17,6 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from providers.models import ModelMode
 from providers.selectors import models_enabled
 from providers.types import ResolvedModel
 
@@ -176,11 +177,16 @@ async def admission_settle(
         await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=admission.user_id)
 
 
-async def models_allowed(*, user_id: int, key_allowed_model_ids: frozenset[int] | None) -> list[ResolvedModel]:
-    """For /v1/models and the chat model picker: the plan's allow-list ∩ the key's ∩ the enabled catalog."""
+async def models_allowed(
+    *, user_id: int, key_allowed_model_ids: frozenset[int] | None, mode: str | None = ModelMode.CHAT
+) -> list[ResolvedModel]:
+    """For /v1/models and the chat model picker: the plan's allow-list ∩ the key's ∩ the enabled catalog,
+    of one ``mode`` (chat by default: the picker never offers an embedding model), or of all (None)."""
     limits = await user_limits(user_id)
     return [
         m
         for m in await models_enabled()
-        if limits.allows(m) and (key_allowed_model_ids is None or m.id in key_allowed_model_ids)
+        if (mode is None or m.mode == mode)
+        and limits.allows(m)
+        and (key_allowed_model_ids is None or m.id in key_allowed_model_ids)
     ]

@@ -19,6 +19,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import F, Sum
 from django.db.models.functions import Coalesce
 
+from providers.models import ModelMode
 from providers.types import ResolvedModel
 
 from ..exceptions import QuotaExceededError
@@ -180,10 +181,20 @@ def requested_max_tokens(body: Mapping[str, object]) -> int | None:
 def charge_for(
     *, model: ResolvedModel, body: Mapping[str, object], prompt_tokens_upper: int, cap: int, budgeted: bool
 ) -> Charge:
-    """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it."""
+    """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it.
+    An embedding model produces no output tokens: its charge is the input alone, whatever the body says."""
     choices = body.get("n")
     choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
     prompt_tokens = max(prompt_tokens_upper, 0)
+    if model.mode == ModelMode.EMBEDDING:
+        return Charge(
+            cost_for(model=model, prompt_tokens=prompt_tokens, completion_tokens=0),
+            Decimal(0),
+            0,
+            cap,
+            prompt_tokens,
+            1,
+        )
     max_tokens = requested_max_tokens(body)
     if max_tokens is None and not budgeted:
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.

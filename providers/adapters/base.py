@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from ..exceptions import ProviderError
+from ..exceptions import ProviderBadRequestError, ProviderError
 from ..rules import apply_parameter_rules
 from ..types import HealthResult, ProviderConfig, ResolvedModel, UpstreamModel
 from .translate_anthropic import EventTranslator, chat_request, estimate_input_tokens, message_from_completion
@@ -88,6 +88,17 @@ class BaseAdapter(ABC):
             await chunks.aclose()
         for event in translator.finish():
             yield WireEvent(event, None)
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer an OpenAI embeddings request (``body["model"]`` is the provider's model id) with the
+        upstream's ``list`` of embeddings and its usage. Default: not served; ``OpenAIAdapter`` overrides it
+        (Anthropic has no embeddings API)."""
+        raise ProviderBadRequestError(
+            f"The provider {self.config.name!r} ({self.config.kind}) does not serve embeddings.",
+            provider=self.config.name,
+            param="model",
+            code="embeddings_not_supported",
+        )
 
     async def health_check(self) -> HealthResult:
         """Default: time a model listing. Overridden by providers without a model list endpoint."""

@@ -13,7 +13,9 @@ encoding it again. Authentication, retries and the exception classes are still t
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,6 +47,8 @@ _CHAT_PATH = "/chat/completions"
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
 _PLACEHOLDER_KEY = "not-needed"
 _RAW_STREAM = {openai._constants.RAW_RESPONSE_HEADER: "stream"}
+# The fields ``embeddings.create`` takes as keywords; any other field of the request goes as ``extra_body``.
+_EMBEDDING_PARAMS = ("input", "model", "dimensions", "encoding_format", "user")
 # What the SDK and its transport raise; ValueError covers a body that is not the JSON it claims to be, and
 # OutboundRefused the outbound policy (it reaches us unwrapped: the SDK neither retries nor wraps it).
 _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
@@ -137,6 +141,43 @@ class OpenAIAdapter(BaseAdapter):
             await upstream.aclose()
         if not finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Through the SDK's ``embeddings.create``, read raw so that the upstream's JSON is relayed as it
+        came rather than rebuilt from the SDK's model. ``encoding_format`` is always sent: left out, the SDK
+        would ask for base64 and decode it itself, which only its ``parse()`` does. An upstream that
+        answers floats to a request for base64 (some OpenAI-compatible servers ignore the field) has them
+        encoded here, as OpenAI encodes them: little-endian float32."""
+        encoding = body.get("encoding_format") or "float"
+        params = {name: body[name] for name in _EMBEDDING_PARAMS if body.get(name) is not None}
+        extra = {name: value for name, value in body.items() if name not in _EMBEDDING_PARAMS}
+        try:
+            async with upstream_deadline(self.config):
+                raw = await self._client.embeddings.with_raw_response.create(
+                    **{**params, "encoding_format": encoding}, extra_body=extra or None
+                )
+            response = json.loads(raw.content)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        data = response.get("data") if isinstance(response, dict) else None
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than a list of embeddings.",
+                provider=self.config.name,
+            )
+        if encoding == "base64":
+            for item in data:
+                vector = item.get("embedding")
+                if isinstance(vector, list):
+                    try:
+                        packed = struct.pack(f"<{len(vector)}f", *vector)
+                    except (struct.error, TypeError):
+                        raise ProviderError(
+                            f"The provider {self.config.name!r} answered with an embedding that is not numbers.",
+                            provider=self.config.name,
+                        ) from None
+                    item["embedding"] = base64.b64encode(packed).decode()
+        return response
 
     async def list_models(self) -> list[UpstreamModel]:
         try:

@@ -1,0 +1,247 @@
+"""/v1/embeddings through the official openai SDK against a live llmhub: the same key, model, admission and
+ledger steps as a chat completion, priced on input tokens alone."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+import time
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from asgiref.sync import async_to_sync
+
+from billing.models import UsageRecord
+from billing.services.admission import models_allowed
+from billing.services.budgets import api_key_limits_set
+from billing.services.ledger import ledger_flush
+from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ModelMode, Provider
+from tests.chat.conftest import ends, events_until, open_socket
+from tests.factories import ModelFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MILLION = Decimal(1_000_000)
+INPUT_PRICE = Decimal("0.02")
+
+
+@pytest.fixture
+def embedder(gateway):
+    """``embed-test``: an embedding model on the OpenAI-protocol provider, $0.02 per million input tokens."""
+    ModelFactory(
+        name="embed-test",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fake-embedding-small",
+        mode=ModelMode.EMBEDDING,
+        input_per_mtok=INPUT_PRICE,
+        output_per_mtok=Decimal(0),
+        context_window=8192,
+    )
+    return gateway
+
+
+def wait_for_record(request_id: str, timeout: float = 10.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = UsageRecord.objects.filter(request_id=request_id).first()
+        if record is not None:
+            return record
+        time.sleep(0.02)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
+def assert_priced_row(request_id: str, prompt_tokens: int, *, estimated: bool = False) -> UsageRecord:
+    record = wait_for_record(request_id)
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+    assert (record.operation, record.endpoint, record.status) == ("embeddings", "rest", "ok")
+    assert (record.model_name, record.provider_name) == ("embed-test", "fake-openai")
+    assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == (prompt_tokens, 0, estimated)
+    assert record.cost == Decimal(prompt_tokens) * INPUT_PRICE / MILLION  # exact: the ledger keeps 10 places
+    return record
+
+
+def decoded(text: str) -> list[float]:
+    raw = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def test_float_embeddings_validate_and_write_one_row_priced_on_input(embedder):
+    raw = embedder.client().embeddings.with_raw_response.create(
+        model="embed-test", input="the quick brown fox", encoding_format="float"
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateEmbeddingResponse")
+    response = raw.parse()
+    assert response.model == "embed-test"
+    assert len(response.data) == 1 and len(response.data[0].embedding) == 256
+    assert math.isclose(sum(x * x for x in response.data[0].embedding), 1, rel_tol=1e-5)
+    assert response.usage.prompt_tokens == 4
+    assert_priced_row(raw.headers["x-request-id"], 4)
+
+
+def test_base64_explicit_and_the_sdks_default_decode_to_the_same_floats(embedder):
+    client = embedder.client()
+    floats = client.embeddings.create(model="embed-test", input="one two three", encoding_format="float")
+    raw = client.embeddings.with_raw_response.create(
+        model="embed-test", input="one two three", encoding_format="base64"
+    )
+    explicit = raw.parse()
+    assert isinstance(explicit.data[0].embedding, str)  # asked explicitly: the SDK leaves it encoded
+    assert decoded(explicit.data[0].embedding) == floats.data[0].embedding
+    assert_priced_row(raw.headers["x-request-id"], 3)
+
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input="one two three")
+    assert json.loads(raw.http_response.text)["data"][0]["embedding"] == explicit.data[0].embedding
+    assert raw.parse().data[0].embedding == floats.data[0].embedding  # the SDK asked for base64 and decoded it
+    assert_priced_row(raw.headers["x-request-id"], 3)
+
+
+def test_lists_token_arrays_and_dimensions(embedder):
+    client = embedder.client()
+    raw = client.embeddings.with_raw_response.create(
+        model="embed-test", input=["alpha beta", "gamma"], dimensions=16, encoding_format="float"
+    )
+    texts = raw.parse()
+    assert [(item.index, len(item.embedding)) for item in texts.data] == [(0, 16), (1, 16)]
+    assert_priced_row(raw.headers["x-request-id"], 3)
+
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input=[[1, 2, 3], [4, 5]], dimensions=8)
+    assert [len(item.embedding) for item in raw.parse().data] == [8, 8]
+    assert_priced_row(raw.headers["x-request-id"], 5)
+
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input=[7, 8, 9, 10])
+    assert len(raw.parse().data) == 1
+    assert_priced_row(raw.headers["x-request-id"], 4)
+    sent = [r["body"] for r in embedder.upstream.requests if r["path"] == "/v1/embeddings"]
+    assert sent[0]["model"] == "fake-embedding-small" and sent[0]["dimensions"] == 16
+
+
+def test_floats_from_an_upstream_that_ignores_base64_are_encoded(embedder):
+    client = embedder.client()
+    floats = client.embeddings.create(model="embed-test", input="same words", encoding_format="float")
+    asked = client.embeddings.create(
+        model="embed-test", input="same words [[encoding=float]]", encoding_format="base64"
+    )
+    assert isinstance(asked.data[0].embedding, str)
+    other = client.embeddings.create(model="embed-test", input="same words [[encoding=float]]", encoding_format="float")
+    assert decoded(asked.data[0].embedding) == other.data[0].embedding != floats.data[0].embedding
+
+
+def test_an_upstream_without_usage_is_charged_an_estimate_and_the_row_says_so(embedder):
+    text = "no usage here [[usage=none]]"
+    raw = embedder.client().embeddings.with_raw_response.create(model="embed-test", input=text, encoding_format="float")
+    body = json.loads(raw.http_response.text)
+    validate_openai_schema(body, "CreateEmbeddingResponse")  # the usage the spec requires is filled in
+    estimate = math.ceil(len(text) / 4)
+    assert body["usage"] == {"prompt_tokens": estimate, "total_tokens": estimate}
+    assert_priced_row(raw.headers["x-request-id"], estimate, estimated=True)
+
+
+def test_a_budget_that_cannot_pay_the_input_is_refused_before_the_upstream(embedder):
+    # $0.0001 pays for 5,000 input tokens: 20,000 characters reserve up to 10,000, a short text a handful.
+    api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0001"))
+    client = embedder.client()
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.embeddings.create(model="embed-test", input="word " * 4000, encoding_format="float")
+    assert refused.value.code == "insufficient_quota"
+    assert "/v1/embeddings" not in embedder.upstream.stats["by_path"]
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (record.operation, record.status, record.cost) == ("embeddings", "rejected", 0)
+
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input="short", encoding_format="float")
+    assert_priced_row(raw.headers["x-request-id"], 1)
+
+
+def test_a_list_of_token_arrays_reserves_its_exact_size(embedder):
+    # 5,000 tokens at $0.02 per million cost exactly $0.0001: the budget pays for 5,000 and not for 5,001.
+    api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0001"))
+    client = embedder.client()
+    with pytest.raises(openai.RateLimitError):
+        client.embeddings.create(model="embed-test", input=[[1] * 2500, [2] * 2501], encoding_format="float")
+    raw = client.embeddings.with_raw_response.create(
+        model="embed-test", input=[[1] * 2500, [2] * 2500], encoding_format="float"
+    )
+    assert_priced_row(raw.headers["x-request-id"], 5000)
+
+
+def test_a_chat_model_is_refused_on_embeddings_and_an_embedding_model_on_chat(embedder):
+    client = embedder.client()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="gpt-test", input="hello", encoding_format="float")
+    assert (refused.value.param, refused.value.code) == ("model", "model_not_supported")
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (record.operation, record.status) == ("embeddings", "rejected")
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="embed-test", messages=[{"role": "user", "content": "hello"}])
+    assert (refused.value.param, refused.value.code) == ("model", "model_not_supported")
+    assert embedder.upstream.stats["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "embed-test"}, "input"),
+        ({"model": "embed-test", "input": ""}, "input"),
+        ({"model": "embed-test", "input": []}, "input"),
+        ({"model": "embed-test", "input": ["x"] * 2049}, "input"),
+        ({"model": "embed-test", "input": ["fine", ""]}, "input[1]"),
+        ({"model": "embed-test", "input": [1, 2.5]}, "input[1]"),
+        ({"model": "embed-test", "input": [[1, 2], [True]]}, "input[1][0]"),
+        ({"model": "embed-test", "input": [[1], []]}, "input[1]"),
+        ({"model": "embed-test", "input": [{"text": "x"}]}, "input[0]"),
+        ({"model": "embed-test", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "embed-test", "input": "x", "dimensions": 0}, "dimensions"),
+        ({"model": "embed-test", "input": "x", "user": 7}, "user"),
+        ({"input": "x"}, "model"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_parameter(embedder, body, param):
+    response = httpx.post(
+        embedder.url + "/v1/embeddings", json=body, headers={"Authorization": f"Bearer {embedder.key}"}, timeout=20
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert embedder.upstream.stats["requests"] == 0
+
+
+def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_its_row(embedder):
+    ModelFactory(
+        name="claude-embed",
+        provider=Provider.objects.get(name="fake-anthropic"),
+        upstream_id="fake-claude-haiku",
+        mode=ModelMode.EMBEDDING,
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        embedder.client().embeddings.create(model="claude-embed", input="hello", encoding_format="float")
+    assert refused.value.code == "embeddings_not_supported"
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
+
+
+def test_v1_models_lists_embedding_models_and_the_chat_picker_does_not(embedder):
+    listed = [model.id for model in embedder.client().models.list()]
+    assert "embed-test" in listed and "gpt-test" in listed
+    assert embedder.client().models.retrieve("embed-test").id == "embed-test"
+    picker = async_to_sync(models_allowed)(user_id=embedder.user.pk, key_allowed_model_ids=None)
+    assert "gpt-test" in [m.name for m in picker] and "embed-test" not in [m.name for m in picker]
+
+
+async def test_an_embedding_model_on_the_chat_socket_is_refused(embedder):
+    communicator, connected, _ = await open_socket(user=embedder.user)
+    assert connected
+    try:
+        await communicator.send_json_to(
+            {"type": "chat.send", "conversation": None, "model": "embed-test", "content": "hi", "request_id": "e1"}
+        )
+        events = await events_until(communicator, ends("e1"))
+    finally:
+        await communicator.disconnect(timeout=10)
+        await ledger_flush()
+    assert events[-1]["type"] == "error"
+    assert (events[-1]["code"], events[-1]["param"]) == ("model_not_supported", "model")
