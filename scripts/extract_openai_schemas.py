@@ -29,6 +29,8 @@ ROOTS = (
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
     "ListModelsResponse",
+    "CreateEmbeddingRequest",
+    "CreateEmbeddingResponse",
     "ErrorResponse",
 )
 _REF_PREFIX = "#/components/schemas/"
