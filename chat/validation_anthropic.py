@@ -39,8 +39,8 @@ def _check_blocks(content: Any, param: str) -> None:
         kind = block["type"]
         if kind == "text" and not isinstance(block.get("text"), str):
             _fail("Field required", f"{where}.text", "missing_required_parameter")
-        elif kind == "image" and not isinstance(block.get("source"), dict):
-            _fail("Field required", f"{where}.source", "missing_required_parameter")
+        elif kind == "image":
+            _check_source(block.get("source"), f"{where}.source")
         elif kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)):
             _fail("A tool_use block needs an `id` and a `name`", where)
         elif kind == "tool_result":
@@ -48,6 +48,18 @@ def _check_blocks(content: Any, param: str) -> None:
                 _fail("Field required", f"{where}.tool_use_id", "missing_required_parameter")
             if block.get("content") is not None:
                 _check_blocks(block["content"], f"{where}.content")
+
+
+# The fields each documented image source needs; other source types (``file``) pass to the provider.
+_SOURCE_FIELDS = {"base64": ("media_type", "data"), "url": ("url",)}
+
+
+def _check_source(source: Any, param: str) -> None:
+    if not isinstance(source, dict):
+        _fail("Field required", param, "missing_required_parameter")
+    for name in _SOURCE_FIELDS.get(source.get("type"), ()):
+        if not isinstance(source.get(name), str) or not source[name]:
+            _fail("Field required", f"{param}.{name}", "missing_required_parameter")
 
 
 def validate_messages_request(body: Any) -> None:

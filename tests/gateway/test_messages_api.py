@@ -392,3 +392,45 @@ def test_beta_header_reaches_an_anthropic_provider(gateway, stream):
     assert response.status_code == 200
     [sent] = [entry["headers"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
     assert sent["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64"}}]}]},
+        {"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 5}]}]},
+        {"messages": [{"role": "user", "content": ["not a block"]}]},
+        {"messages": [{"role": "user"}]},
+        {"system": [{"type": "text"}]},
+        {"max_tokens": 0},
+        {"max_tokens": "5"},
+        {"tool_choice": {"type": "tool"}},
+        {"tools": [{"description": "no name"}]},
+        {"stream": "yes"},
+    ],
+)
+def test_malformed_bodies_are_400s_in_anthropics_shape(gateway, model, change):
+    body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **change}
+    response = httpx.post(gateway.url + "/v1/messages", json=body, headers={"x-api-key": gateway.key})
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "error" and response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("payload", [b"[]", b"not json", b'"text"', b"{}"])
+def test_bodies_that_are_not_a_messages_object_are_400s(gateway, payload):
+    response = httpx.post(
+        gateway.url + "/v1/messages",
+        content=payload,
+        headers={"x-api-key": gateway.key, "content-type": "application/json"},
+    )
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_document_block_is_refused_for_a_translated_model_but_reaches_an_anthropic_one(gateway):
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes."}}
+    body = {"max_tokens": 5, "messages": [{"role": "user", "content": [document, {"type": "text", "text": "hi"}]}]}
+    headers = {"x-api-key": gateway.key}
+    refused = httpx.post(gateway.url + "/v1/messages", json={**body, "model": "gpt-test"}, headers=headers)
+    assert refused.status_code == 400 and "document" in refused.json()["error"]["message"]
+    assert httpx.post(gateway.url + "/v1/messages", json={**body, "model": "claude-test"}, headers=headers).is_success
