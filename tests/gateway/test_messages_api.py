@@ -434,3 +434,30 @@ def test_a_document_block_is_refused_for_a_translated_model_but_reaches_an_anthr
     refused = httpx.post(gateway.url + "/v1/messages", json={**body, "model": "gpt-test"}, headers=headers)
     assert refused.status_code == 400 and "document" in refused.json()["error"]["message"]
     assert httpx.post(gateway.url + "/v1/messages", json={**body, "model": "claude-test"}, headers=headers).is_success
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_client_gone_mid_stream_writes_one_estimated_row(gateway, model):
+    deltas = 0
+    body = {
+        "model": model,
+        "max_tokens": 1000,
+        "stream": True,
+        "messages": [{"role": "user", "content": "[[words=400]] [[tps=40]]"}],
+    }
+    with (
+        httpx.Client(timeout=20) as http,
+        http.stream("POST", gateway.url + "/v1/messages", json=body, headers={"x-api-key": gateway.key}) as response,
+    ):
+        request_id = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            deltas += line == "event: content_block_delta"
+            if deltas >= 5:
+                break
+    # Leaving both context managers closes the connection mid-stream.
+    record = wait_for_record(request_id, timeout=15)
+    settle_quietly()
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+    assert record.status == "client_disconnected" and record.operation == "messages"
+    assert record.usage_estimated is True and 5 <= record.completion_tokens < 60
+    assert record.cost == expected_cost(model, record)
