@@ -1,5 +1,10 @@
 """OpenAI chat completions ⇄ Anthropic Messages API, as pure functions on wire-format dicts.
 
+Two uses, one home for the mapping tables: outbound, an OpenAI-shaped request for an Anthropic-protocol
+model (``anthropic_request``, ``completion_from_message``, ``StreamTranslator``, described below); inbound,
+a ``/v1/messages`` request for an OpenAI-protocol model (``chat_request``, ``message_from_completion``,
+``EventTranslator``, described at the end of the module).
+
 Request (OpenAI → Anthropic):
 
 - ``system`` and ``developer`` messages, wherever they are, become the ``system`` prompt (their texts
@@ -649,7 +654,8 @@ def estimate_input_tokens(request: dict[str, Any]) -> int:
     """An estimate of a Messages request's input tokens, for ``count_tokens`` and a translated stream's
     ``message_start`` (the real count arrives with the usage at its end): about four characters a
     token, plus a few tokens of framing per message and a flat charge per image (Anthropic's own
-    estimate for a mid-sized image is about 1,600 tokens)."""
+    estimate for a mid-sized image is about 1,600 tokens). The cost calculator (``/api/cost/estimate``)
+    gives it chat-completion messages too, whose images are ``image_url`` parts."""
     chars = 0
     images = 0
 
@@ -664,7 +670,7 @@ def estimate_input_tokens(request: dict[str, Any]) -> int:
             kind = block.get("type")
             if kind == "text":
                 chars += len(block.get("text") or "")
-            elif kind == "image":
+            elif kind in ("image", "image_url"):
                 images += 1
             elif kind == "tool_use":
                 chars += len(json.dumps(block.get("input") or {}))

@@ -461,3 +461,19 @@ def test_client_gone_mid_stream_writes_one_estimated_row(gateway, model):
     assert record.status == "client_disconnected" and record.operation == "messages"
     assert record.usage_estimated is True and 5 <= record.completion_tokens < 60
     assert record.cost == expected_cost(model, record)
+
+
+async def test_async_client_gets_the_sdks_error_classes(gateway):
+    sdk = async_client(gateway)
+    with pytest.raises(anthropic.NotFoundError):
+        await sdk.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.BadRequestError):
+        await sdk.messages.create(model="gpt-test", max_tokens=5, messages=[])
+    bad_key = anthropic.AsyncAnthropic(base_url=gateway.url, api_key="sk-llmhub-x", max_retries=0, timeout=20)
+    with pytest.raises(anthropic.AuthenticationError):
+        async with bad_key.messages.stream(
+            model="gpt-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            await stream.get_final_message()
+    await sdk.close()
+    await bad_key.close()
