@@ -9,9 +9,12 @@ from django.contrib import admin, messages
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
 
 from . import admin_plans  # noqa: F401  (plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
+from .pricing import cost_breakdown
 from .services.budgets import api_key_limits_set
 from .services.keys import api_key_create, api_key_revoke
 
@@ -179,6 +182,38 @@ class UsageRecordAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     ordering = ("-created_at",)
     show_full_result_count = False
+    readonly_fields = ("cost_breakdown",)
+
+    @admin.display(description="cost breakdown (current prices)")
+    def cost_breakdown(self, obj: UsageRecord) -> SafeString | str:
+        """The row keeps its total only; the parts are priced again, by the ledger's own function, from the
+        row's tokens and the catalog's prices of today, which may differ from those of the request."""
+        model = obj.model
+        if model is None:
+            return "The model is no longer in the catalog: only the recorded cost is known."
+        parts = cost_breakdown(
+            model=model,
+            prompt_tokens=obj.prompt_tokens,
+            completion_tokens=obj.completion_tokens,
+            cached_tokens=obj.cached_tokens,
+        )
+        cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
+        return format_html(
+            "input ${} ({} tokens at ${}/M) · cached input ${} ({} tokens at ${}/M) · output ${} ({} tokens at "
+            "${}/M) = ${}.<br>Computed now from this row's tokens and the catalog's current prices, which may "
+            "have changed since the request; the recorded cost, ${}, is what was charged.",
+            parts.input_cost,
+            parts.input_tokens - parts.cached_input_tokens,
+            model.input_per_mtok,
+            parts.cached_input_cost,
+            parts.cached_input_tokens,
+            cached_price,
+            parts.output_cost,
+            parts.output_tokens,
+            model.output_per_mtok,
+            parts.total_cost,
+            obj.cost,
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

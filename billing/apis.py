@@ -26,15 +26,25 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from llmhub.schema import ErrorResponseSerializer, error_responses
+from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.models import Model
 
 from .models import ApiKey, BudgetPeriod, KeyScope, UsageStatus
-from .selectors import UsageFilters, api_key_get, api_key_list, usage_record_list, usage_summary
+from .selectors import (
+    CostEstimate,
+    UsageFilters,
+    api_key_get,
+    api_key_list,
+    cost_estimate,
+    usage_record_list,
+    usage_summary,
+)
 from .services.keys import CreatedKey, KeyPrincipal, api_key_create, api_key_revoke
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _KEYS_TAG = ["API keys"]
 _USAGE_TAG = ["Usage"]
+_COST_TAG = ["Cost"]
 # The ledger keeps 10 decimal places; sums may need more integer digits than one row.
 _COST = {"max_digits": None, "decimal_places": 10, "coerce_to_string": True}
 
@@ -403,3 +413,148 @@ class UsageSummaryApi(APIView):
         filters.is_valid(raise_exception=True)
         summary = usage_summary(user=request.user, filters=UsageFilters(**filters.validated_data))
         return Response(self.OutputSerializer(summary).data)
+
+
+# COST ESTIMATES
+
+# Far above any real request, low enough that a cost stays a readable number.
+_MAX_TOKENS = 10**12
+
+
+@extend_schema_serializer(component_name="CostDeployment")
+class _CostDeploymentSerializer(serializers.Serializer):
+    provider = serializers.CharField(help_text="The provider's name in the catalog.")
+    upstream = serializers.CharField(help_text="The model's id at that provider.")
+    input_tokens = serializers.IntegerField(source="cost.input_tokens", help_text="Cached ones included.")
+    cached_input_tokens = serializers.IntegerField(source="cost.cached_input_tokens")
+    output_tokens = serializers.IntegerField(source="cost.output_tokens")
+    input_per_mtok = serializers.DecimalField(
+        source="model.input_per_mtok", **_COST, help_text="US dollars per million input tokens."
+    )
+    cached_input_per_mtok = serializers.DecimalField(
+        source="model.cached_input_per_mtok",
+        **_COST,
+        allow_null=True,
+        help_text="US dollars per million cached input tokens; null: charged as input.",
+    )
+    output_per_mtok = serializers.DecimalField(
+        source="model.output_per_mtok", **_COST, help_text="US dollars per million output tokens."
+    )
+    input_cost = serializers.DecimalField(
+        source="cost.input_cost", **_COST, help_text="The input tokens that were not cached."
+    )
+    cached_input_cost = serializers.DecimalField(source="cost.cached_input_cost", **_COST)
+    output_cost = serializers.DecimalField(source="cost.output_cost", **_COST)
+    total_cost = serializers.DecimalField(
+        source="cost.total_cost", **_COST, help_text="What the ledger would record for such a request."
+    )
+
+
+class CostEstimateApi(APIView):
+    """What a request would cost, priced exactly as the ledger prices it (``billing.pricing``)."""
+
+    @extend_schema_serializer(component_name="CostEstimateQuery")
+    class InputSerializer(serializers.Serializer):
+        model = serializers.CharField(max_length=128, help_text="A public model name.")
+        input_tokens = serializers.IntegerField(
+            min_value=0, max_value=_MAX_TOKENS, help_text="Prompt tokens, cached ones included."
+        )
+        cached_input_tokens = serializers.IntegerField(
+            min_value=0, max_value=_MAX_TOKENS, default=0, help_text="How many of the input tokens are cached."
+        )
+        output_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, default=0)
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            if attrs["cached_input_tokens"] > attrs["input_tokens"]:
+                raise serializers.ValidationError(
+                    {"cached_input_tokens": "cached_input_tokens counts part of input_tokens: it cannot be larger."}
+                )
+            return attrs
+
+    @extend_schema_serializer(component_name="CostEstimateRequest")
+    class MessagesInputSerializer(serializers.Serializer):
+        model = serializers.CharField(max_length=128, help_text="A public model name.")
+        messages = serializers.ListField(
+            child=serializers.DictField(),
+            min_length=1,
+            max_length=10_000,
+            help_text="Chat messages as /v1/chat/completions takes them (Messages API content blocks too).",
+        )
+        system = serializers.JSONField(required=False, help_text="An Anthropic-style system prompt, if any.")
+        tools = serializers.ListField(child=serializers.DictField(), required=False, max_length=1_000)
+        max_tokens = serializers.IntegerField(
+            min_value=0, max_value=_MAX_TOKENS, help_text="The most output tokens the request may produce."
+        )
+
+    @extend_schema_serializer(component_name="CostEstimate")
+    class OutputSerializer(serializers.Serializer):
+        model = serializers.CharField()
+        currency = serializers.CharField(help_text="Always `USD`.")
+        deployments = _CostDeploymentSerializer(
+            many=True, help_text="One entry per place the model runs (one per catalog model today)."
+        )
+        min_total = serializers.DecimalField(**_COST, help_text="The cheapest deployment's total_cost.")
+        max_total = serializers.DecimalField(**_COST, help_text="The dearest deployment's total_cost.")
+
+    @extend_schema(
+        tags=_COST_TAG,
+        operation_id="cost_estimate",
+        summary="Estimate a request's cost from token counts",
+        description=(
+            "Prices the given token counts with the catalog's current prices, per deployment of the model, "
+            "with the same function that prices the ledger: input (not cached), cached input and output, and "
+            "the total, as decimal strings of US dollars. The model must be one your plan and key may use."
+        ),
+        parameters=[InputSerializer],
+        responses={200: OutputSerializer, **error_responses(400, 401, 403, 404)},
+    )
+    def get(self, request: Request) -> Response:
+        serializer = self.InputSerializer(data=request.query_params)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        return self._answer(
+            request,
+            model_name=data["model"],
+            prompt_tokens=data["input_tokens"],
+            cached_tokens=data["cached_input_tokens"],
+            completion_tokens=data["output_tokens"],
+        )
+
+    @extend_schema(
+        tags=_COST_TAG,
+        operation_id="cost_estimate_messages",
+        summary="Estimate a request's cost from its messages",
+        description=(
+            "Counts the input tokens of the messages (and tools) with llmhub's estimator, about four "
+            "characters a token plus a little per message and a flat charge per image (the provider's "
+            "tokenizer will differ somewhat), takes `max_tokens` as the output, and prices both as the GET "
+            "form does."
+        ),
+        request=MessagesInputSerializer,
+        responses={200: OutputSerializer, **error_responses(400, 401, 403, 404)},
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.MessagesInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        return self._answer(
+            request,
+            model_name=data["model"],
+            prompt_tokens=estimate_input_tokens(data),
+            cached_tokens=0,
+            completion_tokens=data["max_tokens"],
+        )
+
+    def _answer(
+        self, request: Request, *, model_name: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+    ) -> Response:
+        principal = request.auth
+        estimate: CostEstimate = cost_estimate(
+            user_id=request.user.pk,
+            key_allowed_model_ids=principal.allowed_model_ids if isinstance(principal, KeyPrincipal) else None,
+            model_name=model_name,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+        )
+        return Response(self.OutputSerializer(estimate).data)

@@ -1,10 +1,14 @@
-"""The one place a request's cost is computed: tokens × the catalog's prices per million tokens."""
+"""The one place a request's cost is computed: tokens × the catalog's prices per million tokens.
+
+``_exact_parts`` is the formula; ``cost_for`` (the ledger, reservations) is the sum of its parts, and
+``cost_breakdown`` the parts themselves, for the cost calculator (``/api/cost/estimate``) and the ledger's
+admin."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Context, Decimal, localcontext
-
-from providers.types import ResolvedModel
+from typing import Protocol
 
 MILLION = Decimal(1_000_000)
 # The ledger keeps 10 decimal places: a millionth of a cent is far below any price step.
@@ -14,15 +18,70 @@ COST_QUANTUM = Decimal("0.0000000001")
 _COST_CONTEXT = Context(prec=80)
 
 
-def cost_for(*, model: ResolvedModel, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
-    """Cached prompt tokens are part of ``prompt_tokens`` (OpenAI's convention) and priced at the cached
-    rate when the catalog has one."""
+class Prices(Protocol):
+    """What pricing reads of a model: a catalog ``ResolvedModel`` or a ``providers.models.Model`` row."""
+
+    @property
+    def input_per_mtok(self) -> Decimal: ...
+    @property
+    def output_per_mtok(self) -> Decimal: ...
+    @property
+    def cached_input_per_mtok(self) -> Decimal | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CostBreakdown:
+    """A request's cost in its parts. ``input_tokens`` includes the cached ones (OpenAI's convention, as
+    the ledger's ``prompt_tokens``); ``input_cost`` prices the others. Each part and the total are rounded
+    to the ledger's 10 decimal places separately, so the parts may differ from the total in the last place."""
+
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    input_cost: Decimal
+    cached_input_cost: Decimal
+    output_cost: Decimal
+    total_cost: Decimal
+
+
+def _exact_parts(
+    model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+) -> tuple[int, Decimal, Decimal, Decimal]:
+    """The formula: (cached tokens, input, cached input, output cost), unrounded; call inside ``_COST_CONTEXT``.
+    Cached prompt tokens are part of ``prompt_tokens`` and priced at the cached rate when the catalog has
+    one (else at the input rate)."""
     cached = min(max(cached_tokens, 0), prompt_tokens)
     cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
+    return (
+        cached,
+        Decimal(prompt_tokens - cached) * model.input_per_mtok / MILLION,
+        Decimal(cached) * cached_price / MILLION,
+        Decimal(completion_tokens) * model.output_per_mtok / MILLION,
+    )
+
+
+def cost_for(*, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
+    """The cost the ledger records and reservations hold: the sum of the parts, rounded once. On every
+    request, so it builds no ``CostBreakdown``."""
     with localcontext(_COST_CONTEXT):
-        total = (
-            Decimal(prompt_tokens - cached) * model.input_per_mtok
-            + Decimal(cached) * cached_price
-            + Decimal(completion_tokens) * model.output_per_mtok
-        ) / MILLION
-        return total.quantize(COST_QUANTUM)
+        _, input_cost, cached_cost, output_cost = _exact_parts(model, prompt_tokens, completion_tokens, cached_tokens)
+        return (input_cost + cached_cost + output_cost).quantize(COST_QUANTUM)
+
+
+def cost_breakdown(
+    *, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> CostBreakdown:
+    """The same cost in its parts; ``total_cost`` is exactly what ``cost_for`` answers."""
+    with localcontext(_COST_CONTEXT):
+        cached, input_cost, cached_cost, output_cost = _exact_parts(
+            model, prompt_tokens, completion_tokens, cached_tokens
+        )
+        return CostBreakdown(
+            input_tokens=prompt_tokens,
+            cached_input_tokens=cached,
+            output_tokens=completion_tokens,
+            input_cost=input_cost.quantize(COST_QUANTUM),
+            cached_input_cost=cached_cost.quantize(COST_QUANTUM),
+            output_cost=output_cost.quantize(COST_QUANTUM),
+            total_cost=(input_cost + cached_cost + output_cost).quantize(COST_QUANTUM),
+        )

@@ -15,9 +15,14 @@ from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
 from providers.cache import TTLCache
+from providers.exceptions import ModelNotFoundError
+from providers.models import Model
+from providers.selectors import resolved_model
 from providers.types import ResolvedModel
 
+from .exceptions import ModelNotAllowedError
 from .models import ApiKey, DailyUsage, Plan, UsageRecord, UserPlan
+from .pricing import CostBreakdown, cost_breakdown
 
 # API KEYS AND LEDGER (management API)
 
@@ -369,3 +374,81 @@ def usage_meters(*, user: Any, now: datetime) -> list[Meter]:
         period = {"daily": "today", "monthly": "this month", "total": "in total"}[key.budget_period]
         meters.append(Meter(f"Key “{key.name}” ({key.prefix}…)", used, key.budget_usd, BudgetMetric.COST, period))
     return meters
+
+
+# COST ESTIMATES
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentCost:
+    provider: str
+    upstream: str
+    model: ResolvedModel  # the prices the estimate used
+    cost: CostBreakdown
+
+
+@dataclass(frozen=True, slots=True)
+class CostEstimate:
+    model: str
+    deployments: list[DeploymentCost]
+    currency: str = "USD"
+
+    @property
+    def min_total(self) -> Decimal:
+        return min(deployment.cost.total_cost for deployment in self.deployments)
+
+    @property
+    def max_total(self) -> Decimal:
+        return max(deployment.cost.total_cost for deployment in self.deployments)
+
+
+def cost_estimate(
+    *,
+    user_id: int,
+    key_allowed_model_ids: frozenset[int] | None,
+    model_name: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+) -> CostEstimate:
+    """What a request of these token counts would cost on each deployment of ``model_name`` that the
+    caller may use, priced by the ledger's own function (``pricing.cost_breakdown``). An unknown or
+    disabled model is ``ModelNotFoundError`` (404); one the plan or the key excludes ``ModelNotAllowedError``
+    (403), as on /v1. A catalog model is one provider and upstream id today: the list has one entry, and
+    the shape leaves room for the several deployments routing will bring."""
+    rows = Model.objects.select_related("provider").filter(name=model_name, enabled=True, provider__enabled=True)
+    deployments = [resolved_model(row) for row in rows]
+    if not deployments:
+        raise ModelNotFoundError(
+            f"The model `{model_name}` does not exist or you do not have access to it.", param="model"
+        )
+    limits = user_limits_sync(user_id)
+    for model in deployments:
+        if not limits.allows(model):
+            raise ModelNotAllowedError(
+                f"Your plan ({limits.plan_name}) does not include the model `{model.name}`: it includes "
+                f"{limits.model_rule()}.",
+                param="model",
+            )
+        if key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:
+            raise ModelNotAllowedError(
+                f"This API key may not use the model `{model.name}`: it is restricted to a list of models.",
+                param="model",
+            )
+    return CostEstimate(
+        model=model_name,
+        deployments=[
+            DeploymentCost(
+                provider=model.provider.name,
+                upstream=model.upstream_id,
+                model=model,
+                cost=cost_breakdown(
+                    model=model,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    cached_tokens=cached_tokens,
+                ),
+            )
+            for model in deployments
+        ],
+    )

@@ -12,4 +12,5 @@ urlpatterns = [
     path("keys/<int:key_id>/revoke/", apis.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
     path("usage/", apis.UsageListApi.as_view(), name="usage"),
     path("usage/summary/", apis.UsageSummaryApi.as_view(), name="usage-summary"),
+    path("cost/estimate", apis.CostEstimateApi.as_view(), name="cost-estimate"),
 ]

@@ -1,0 +1,265 @@
+"""The cost calculator, ``/api/cost/estimate``: token counts (GET) or messages (POST) priced by the ledger's own
+function, per deployment of the model; and the ledger admin's breakdown of a row's cost."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.test import Client
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from billing.models import UsageRecord
+from billing.pricing import cost_for
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from providers.selectors import resolved_model
+from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/cost/estimate"
+
+
+@pytest.fixture
+def models() -> dict:
+    provider = ProviderFactory(name="openai-main")
+    return {
+        "mini": ModelFactory(
+            name="gpt-mini",
+            provider=provider,
+            upstream_id="gpt-4o-mini-2024-07-18",
+            input_per_mtok=Decimal("0.15"),
+            cached_input_per_mtok=Decimal("0.075"),
+            output_per_mtok=Decimal("0.60"),
+        ),
+        "big": ModelFactory(
+            name="gpt-big", provider=provider, input_per_mtok=Decimal("2.50"), output_per_mtok=Decimal("10.00")
+        ),
+        "off": ModelFactory(name="gpt-off", provider=provider, enabled=False),
+    }
+
+
+@pytest.fixture
+def user():
+    return UserFactory(username="estimator")
+
+
+@pytest.fixture
+def client(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key_create(user=user, name='t').secret}")
+    return client
+
+
+def test_token_counts_are_priced_exactly_with_their_breakdown(client, models):
+    response = client.get(
+        URL, {"model": "gpt-mini", "input_tokens": 1_200_000, "cached_input_tokens": 200_000, "output_tokens": 30_000}
+    )
+
+    assert response.status_code == 200, response.content
+    # 1,000,000 × $0.15/M + 200,000 × $0.075/M + 30,000 × $0.60/M
+    assert response.json() == {
+        "model": "gpt-mini",
+        "currency": "USD",
+        "deployments": [
+            {
+                "provider": "openai-main",
+                "upstream": "gpt-4o-mini-2024-07-18",
+                "input_tokens": 1_200_000,
+                "cached_input_tokens": 200_000,
+                "output_tokens": 30_000,
+                "input_per_mtok": "0.1500000000",
+                "cached_input_per_mtok": "0.0750000000",
+                "output_per_mtok": "0.6000000000",
+                "input_cost": "0.1500000000",
+                "cached_input_cost": "0.0150000000",
+                "output_cost": "0.0180000000",
+                "total_cost": "0.1830000000",
+            }
+        ],
+        "min_total": "0.1830000000",
+        "max_total": "0.1830000000",
+    }
+
+
+def test_the_total_is_what_the_ledger_would_record(client, models):
+    """Odd counts whose parts round in the last place: the total is still the ledger's own figure."""
+    response = client.get(URL, {"model": "gpt-mini", "input_tokens": 7, "cached_input_tokens": 3, "output_tokens": 1})
+
+    deployment = response.json()["deployments"][0]
+    expected = cost_for(model=resolved_model(models["mini"]), prompt_tokens=7, completion_tokens=1, cached_tokens=3)
+    assert Decimal(deployment["total_cost"]) == expected == Decimal("0.0000014250")
+    assert (deployment["input_cost"], deployment["cached_input_cost"], deployment["output_cost"]) == (
+        "0.0000006000",
+        "0.0000002250",
+        "0.0000006000",
+    )
+
+
+def test_without_a_cached_price_cached_tokens_cost_the_input_price(client, models):
+    response = client.get(URL, {"model": "gpt-big", "input_tokens": 1000, "cached_input_tokens": 400})
+
+    deployment = response.json()["deployments"][0]
+    assert deployment["cached_input_per_mtok"] is None
+    assert (deployment["input_cost"], deployment["cached_input_cost"], deployment["output_cost"]) == (
+        "0.0015000000",
+        "0.0010000000",
+        "0.0000000000",
+    )
+    assert deployment["output_tokens"] == 0
+
+
+def test_messages_are_counted_with_the_estimator_and_max_tokens_is_the_output(client, models):
+    text = "How much does a question of about this many characters cost?"
+    body = {"model": "gpt-big", "messages": [{"role": "user", "content": text}], "max_tokens": 500}
+
+    response = client.post(URL, body, format="json")
+
+    assert response.status_code == 200, response.content
+    deployment = response.json()["deployments"][0]
+    input_tokens = math.ceil(len(text) / 4) + 3  # four characters a token, three for the message's framing
+    assert (deployment["input_tokens"], deployment["output_tokens"]) == (input_tokens, 500)
+    expected = (Decimal(input_tokens) * Decimal("2.50") + 500 * Decimal("10.00")) / 1_000_000
+    assert Decimal(response.json()["min_total"]) == expected
+
+
+def test_images_in_messages_count(client, models):
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    with_image = {"role": "user", "content": [{"type": "text", "text": "what is it"}, image]}
+    plain = {"role": "user", "content": [{"type": "text", "text": "what is it"}]}
+
+    tokens = [
+        client.post(URL, {"model": "gpt-big", "messages": [message], "max_tokens": 0}, format="json").json()[
+            "deployments"
+        ][0]["input_tokens"]
+        for message in (with_image, plain)
+    ]
+    assert tokens[0] - tokens[1] == 1_600
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"input_tokens": 10}, "model"),
+        ({"model": "gpt-mini"}, "input_tokens"),
+        ({"model": "gpt-mini", "input_tokens": "ten"}, "input_tokens"),
+        ({"model": "gpt-mini", "input_tokens": -1}, "input_tokens"),
+        ({"model": "gpt-mini", "input_tokens": 10, "output_tokens": 1.5}, "output_tokens"),
+        ({"model": "gpt-mini", "input_tokens": 10, "cached_input_tokens": 11}, "cached_input_tokens"),
+        ({"model": "gpt-mini", "input_tokens": 10**13}, "input_tokens"),
+    ],
+)
+def test_bad_parameters_are_a_400_naming_the_parameter(client, models, params, param):
+    response = client.get(URL, params)
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "gpt-mini", "messages": [], "max_tokens": 10}, "messages"),
+        ({"model": "gpt-mini", "messages": "hello", "max_tokens": 10}, "messages"),
+        ({"model": "gpt-mini", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+    ],
+)
+def test_a_bad_messages_body_is_a_400(client, models, body, param):
+    response = client.post(URL, body, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "gpt-off"])
+def test_an_unknown_or_disabled_model_is_a_404(client, models, name):
+    response = client.get(URL, {"model": name, "input_tokens": 10})
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_authentication_is_required(models):
+    assert APIClient().get(URL, {"model": "gpt-mini", "input_tokens": 10}).status_code == 401
+    bad = APIClient()
+    bad.credentials(HTTP_AUTHORIZATION="Bearer sk-llmhub-nope-nope")
+    assert bad.get(URL, {"model": "gpt-mini", "input_tokens": 10}).status_code == 401
+
+
+def test_the_web_session_works_too(user, models):
+    session = Client()
+    session.force_login(user)
+
+    response = session.get(URL, {"model": "gpt-mini", "input_tokens": 10})
+
+    assert response.status_code == 200
+    assert response.json()["deployments"][0]["total_cost"] == "0.0000015000"
+
+
+def test_a_model_outside_the_plan_is_a_403(client, user, models, plans):
+    plan_assign(user=user, plan=plans["Free"])  # models whose output costs at most $1.00 per million
+
+    assert client.get(URL, {"model": "gpt-mini", "input_tokens": 10}).status_code == 200
+    response = client.get(URL, {"model": "gpt-big", "input_tokens": 10})
+
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["code"] == "model_not_allowed"
+    assert "Free" in error["message"]
+
+
+def test_a_model_outside_the_keys_list_is_a_403(user, models):
+    key = api_key_create(user=user, name="mini only", allowed_models=[models["mini"]]).secret
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+
+    assert client.get(URL, {"model": "gpt-mini", "input_tokens": 10}).status_code == 200
+    response = client.get(URL, {"model": "gpt-big", "input_tokens": 10})
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "model_not_allowed"
+
+
+# The ledger admin
+
+
+@pytest.fixture
+def admin_client() -> Client:
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw-for-tests-123"))
+    return client
+
+
+def test_the_ledger_admin_shows_each_rows_breakdown_at_current_prices(admin_client, models):
+    record = UsageRecordFactory(
+        model=models["mini"],
+        model_name="gpt-mini",
+        prompt_tokens=1_200_000,
+        cached_tokens=200_000,
+        completion_tokens=30_000,
+        cost=Decimal("0.1830000000"),
+    )
+
+    page = admin_client.get(reverse("admin:billing_usagerecord_change", args=[record.pk]))
+
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert "cost breakdown (current prices)" in text.lower()
+    assert "input $0.1500000000 (1000000 tokens at $0.150000/M)" in text
+    assert "cached input $0.0150000000 (200000 tokens at $0.075000/M)" in text
+    assert "output $0.0180000000 (30000 tokens at $0.600000/M) = $0.1830000000" in text
+    assert "may have changed since the request" in text
+
+
+def test_the_admin_says_so_when_the_rows_model_is_gone(admin_client):
+    record = UsageRecordFactory(model=None, model_name="retired-model")
+
+    page = admin_client.get(reverse("admin:billing_usagerecord_change", args=[record.pk]))
+
+    assert page.status_code == 200
+    assert "no longer in the catalog" in page.content.decode()
+    assert UsageRecord.objects.filter(pk=record.pk).exists()
