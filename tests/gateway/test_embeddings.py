@@ -13,11 +13,14 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+import redis
 from asgiref.sync import async_to_sync
+from django.utils import timezone
 
-from billing.models import UsageRecord
+from billing.models import BudgetPeriod, UsageRecord
 from billing.services.admission import models_allowed
-from billing.services.budgets import api_key_limits_set
+from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
+from billing.services.counters import counter_state
 from billing.services.ledger import ledger_flush
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ModelMode, Provider
@@ -43,6 +46,22 @@ def embedder(gateway):
         context_window=8192,
     )
     return gateway
+
+
+@pytest.fixture(params=["database", "redis"])
+def store(request, settings):
+    """The live server's admission store: database row locks, then the real Redis server (emptied)."""
+    if request.param == "database":
+        settings.REDIS_URL = ""
+        yield request.param
+        return
+    url = request.getfixturevalue("redis_url")
+    settings.REDIS_URL = url
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield request.param
+    client.flushdb()
+    client.close()
 
 
 def wait_for_record(request_id: str, timeout: float = 10.0) -> UsageRecord:
@@ -141,7 +160,7 @@ def test_an_upstream_without_usage_is_charged_an_estimate_and_the_row_says_so(em
     assert_priced_row(raw.headers["x-request-id"], estimate, estimated=True)
 
 
-def test_a_budget_that_cannot_pay_the_input_is_refused_before_the_upstream(embedder):
+def test_a_budget_that_cannot_pay_the_input_is_refused_before_the_upstream(store, embedder):
     # $0.0001 pays for 5,000 input tokens: 20,000 characters reserve up to 10,000, a short text a handful.
     api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0001"))
     client = embedder.client()
@@ -156,7 +175,7 @@ def test_a_budget_that_cannot_pay_the_input_is_refused_before_the_upstream(embed
     assert_priced_row(raw.headers["x-request-id"], 1)
 
 
-def test_a_list_of_token_arrays_reserves_its_exact_size(embedder):
+def test_a_list_of_token_arrays_reserves_its_exact_size(store, embedder):
     # 5,000 tokens at $0.02 per million cost exactly $0.0001: the budget pays for 5,000 and not for 5,001.
     api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0001"))
     client = embedder.client()
@@ -166,6 +185,9 @@ def test_a_list_of_token_arrays_reserves_its_exact_size(embedder):
         model="embed-test", input=[[1] * 2500, [2] * 2500], encoding_format="float"
     )
     assert_priced_row(raw.headers["x-request-id"], 5000)
+    start = period_bounds(BudgetPeriod.MONTHLY, timezone.now())[0]
+    ref = CounterRef("key", embedder.api_key.pk, "cost", BudgetPeriod.MONTHLY, start)
+    assert counter_state(ref) == (Decimal("0.0001"), Decimal(0))  # spent in full, nothing left held
 
 
 def test_a_chat_model_is_refused_on_embeddings_and_an_embedding_model_on_chat(embedder):
