@@ -254,6 +254,12 @@ def test_v1_models_lists_embedding_models_and_the_chat_picker_does_not(embedder)
     assert "gpt-test" in [m.name for m in picker] and "embed-test" not in [m.name for m in picker]
 
 
+def test_the_chat_page_offers_no_embedding_model(embedder, client):
+    client.force_login(embedder.user)
+    page = client.get("/").content.decode()
+    assert 'value="gpt-test"' in page and "embed-test" not in page
+
+
 async def test_an_embedding_model_on_the_chat_socket_is_refused(embedder):
     communicator, connected, _ = await open_socket(user=embedder.user)
     assert connected
