@@ -421,6 +421,23 @@ class UsageSummaryApi(APIView):
 _MAX_TOKENS = 10**12
 
 
+def _countable(content: Any, depth: int = 0) -> bool:
+    """Content the estimator can count: text, or parts whose ``text`` / ``thinking`` are text (a
+    ``tool_result``'s own content likewise); what it does not count (images, unknown parts) may be anything."""
+    if content is None or isinstance(content, str):
+        return True
+    if not isinstance(content, list) or depth > 2:
+        return False
+    for part in content:
+        if not isinstance(part, dict):
+            return False
+        if any(not isinstance(part.get(name) or "", str) for name in ("text", "thinking")):
+            return False
+        if part.get("type") == "tool_result" and not _countable(part.get("content"), depth + 1):
+            return False
+    return True
+
+
 @extend_schema_serializer(component_name="CostDeployment")
 class _CostDeploymentSerializer(serializers.Serializer):
     provider = serializers.CharField(help_text="The provider's name in the catalog.")
@@ -485,6 +502,16 @@ class CostEstimateApi(APIView):
         max_tokens = serializers.IntegerField(
             min_value=0, max_value=_MAX_TOKENS, help_text="The most output tokens the request may produce."
         )
+
+        def validate_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            if not all(_countable(message.get("content")) for message in messages):
+                raise serializers.ValidationError("A message's content is a string or a list of content parts.")
+            return messages
+
+        def validate_system(self, system: Any) -> Any:
+            if not _countable(system):
+                raise serializers.ValidationError("The system prompt is a string or a list of text blocks.")
+            return system
 
     @extend_schema_serializer(component_name="CostEstimate")
     class OutputSerializer(serializers.Serializer):

@@ -166,6 +166,19 @@ def test_bad_parameters_are_a_400_naming_the_parameter(client, models, params, p
         ({"model": "gpt-mini", "messages": [], "max_tokens": 10}, "messages"),
         ({"model": "gpt-mini", "messages": "hello", "max_tokens": 10}, "messages"),
         ({"model": "gpt-mini", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        ({"model": "gpt-mini", "messages": [{"content": [{"type": "text", "text": 5}]}], "max_tokens": 1}, "messages"),
+        (
+            {
+                "model": "gpt-mini",
+                "messages": [{"content": [{"type": "tool_result", "content": [{"type": "text", "text": [1]}]}]}],
+                "max_tokens": 1,
+            },
+            "messages",
+        ),
+        (
+            {"model": "gpt-mini", "messages": [{"content": "x"}], "system": [{"text": {"a": 1}}], "max_tokens": 1},
+            "system",
+        ),
     ],
 )
 def test_a_bad_messages_body_is_a_400(client, models, body, param):
