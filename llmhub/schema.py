@@ -164,6 +164,28 @@ def _openai_compatible_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/embeddings": {
+            "post": {
+                "operationId": "createEmbedding",
+                "summary": "Create embeddings",
+                "description": (
+                    "OpenAI's Embeddings API, for catalog models whose mode is `embedding`; priced on input "
+                    "tokens. A chat model here is a 400 `model_not_supported`."
+                ),
+                "tags": [_TAG],
+                "security": security,
+                "requestBody": {"required": True, "content": _json("CreateEmbeddingRequest")},
+                "responses": {
+                    "200": {
+                        "description": "The embeddings.",
+                        "headers": _request_id_header(),
+                        "content": _json("CreateEmbeddingResponse"),
+                    },
+                    **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
+                },
+            }
+        },
+        **_anthropic_compatible_paths(security),
         "/v1/models": {
             "get": {
                 "operationId": "listModels",
@@ -204,6 +226,88 @@ def _openai_compatible_paths() -> dict[str, Any]:
     }
 
 
+_ANTHROPIC_TAG = "Anthropic-compatible"
+# Anthropic publishes no OpenAPI document of its own; these are the shapes its SDK validates.
+ANTHROPIC_ERROR_COMPONENT = "AnthropicErrorResponse"
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+def _anthropic_errors(*status_codes: int) -> dict[str, Any]:
+    return {
+        str(status): {
+            "description": _ERROR_DESCRIPTIONS.get(status, "The provider is overloaded; retry later."),
+            "content": {"application/json": {"schema": {"$ref": _REF + ANTHROPIC_ERROR_COMPONENT}}},
+        }
+        for status in status_codes
+    }
+
+
+def _anthropic_compatible_paths(security: list[dict[str, list[Any]]]) -> dict[str, Any]:
+    body = {"type": "object", "required": ["model", "messages"], "additionalProperties": True}
+    return {
+        "/v1/messages": {
+            "post": {
+                "operationId": "createMessage",
+                "summary": "Create a message (Anthropic's Messages API)",
+                "description": (
+                    "Anthropic's Messages API for every chat model: passed through to Anthropic-protocol "
+                    'providers, translated for the others. With `"stream": true` the answer is Anthropic\'s '
+                    "event stream. Errors come in Anthropic's shape."
+                ),
+                "tags": [_ANTHROPIC_TAG],
+                "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                "responses": {
+                    "200": {
+                        "description": "The message, or its event stream when `stream` is true.",
+                        "headers": _request_id_header(),
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_anthropic_errors(400, 401, 403, 404, 413, 429, 502, 503, 504, 529),
+                },
+            }
+        },
+        "/v1/messages/count_tokens": {
+            "post": {
+                "operationId": "countMessageTokens",
+                "summary": "Estimate the input tokens of a Messages request",
+                "tags": [_ANTHROPIC_TAG],
+                "security": security,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                "responses": {
+                    "200": {
+                        "description": "An estimate; not charged.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["input_tokens"],
+                                    "properties": {"input_tokens": {"type": "integer"}},
+                                }
+                            }
+                        },
+                    },
+                    **_anthropic_errors(400, 401, 404, 413),
+                },
+            }
+        },
+    }
+
+
 # Components both sides define: the DRF serializers above mirror OpenAI's, and OpenAI's copy wins.
 _SHARED_COMPONENTS = frozenset({"Error", "ErrorResponse"})
 
@@ -216,6 +320,7 @@ def add_openai_compatible_paths(result: dict[str, Any], generator: Any, request:
         if name in schemas and name not in _SHARED_COMPONENTS:
             raise ImproperlyConfigured(f"component {name!r} is defined both by a DRF serializer and by OpenAI's spec")
         schemas[name] = copy.deepcopy(schema)
+    schemas[ANTHROPIC_ERROR_COMPONENT] = copy.deepcopy(_ANTHROPIC_ERROR)
     components["schemas"] = dict(sorted(schemas.items()))
     security_schemes = components.setdefault("securitySchemes", {})
     for name, scheme in _SECURITY_SCHEMES.items():
@@ -224,6 +329,8 @@ def add_openai_compatible_paths(result: dict[str, Any], generator: Any, request:
     tags = result.setdefault("tags", [])
     if not any(tag.get("name") == _TAG for tag in tags):
         tags.append({"name": _TAG, "description": "Drop-in replacement for OpenAI's API: point an OpenAI SDK here."})
+    if not any(tag.get("name") == _ANTHROPIC_TAG for tag in tags):
+        tags.append({"name": _ANTHROPIC_TAG, "description": "Anthropic's Messages API: point an Anthropic SDK here."})
     return result
 
 

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.django_db
 
 METHODS = ("get", "put", "post", "patch", "delete")
 ERROR_REF = "#/components/schemas/ErrorResponse"
+ANTHROPIC_ERROR_REF = "#/components/schemas/AnthropicErrorResponse"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_every_api_route_is_documented(schema):
 
     assert {"/api/keys/", "/api/keys/{}/", "/api/keys/{}/revoke/", "/api/usage/", "/api/usage/summary/"} <= expected
     assert expected <= {shape(path) for path in schema["paths"]}
-    assert {"/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+    assert {"/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/models"} <= set(schema["paths"])
 
 
 @pytest.mark.parametrize("prefix", ["/api/", "/v1/"])
@@ -120,8 +121,10 @@ def test_every_operation_documents_its_errors_in_openai_shape(schema, prefix):
             assert "404" in errors, (path, method)
         if "requestBody" in operation:
             assert "400" in errors, (path, method)
+        # Anthropic's Messages API answers in Anthropic's error shape, so that its SDK raises its own classes.
+        expected = ANTHROPIC_ERROR_REF if path.startswith("/v1/messages") else ERROR_REF
         for code, response in errors.items():
-            assert response["content"]["application/json"]["schema"] == {"$ref": ERROR_REF}, (path, method, code)
+            assert response["content"]["application/json"]["schema"] == {"$ref": expected}, (path, method, code)
         assert operation["security"], (path, method)
     assert seen >= 3
 
