@@ -17,6 +17,10 @@ class ProviderKind(models.TextChoices):
     OLLAMA = "ollama", "Ollama"
     VLLM = "vllm", "vLLM"
     OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible server"
+    AZURE_OPENAI = "azure_openai", "Azure OpenAI"
+    MISTRAL = "mistral", "Mistral"
+    GEMINI = "gemini", "Google Gemini"
+    COHERE = "cohere", "Cohere"
 
 
 # Where each kind lives when the admin leaves the base URL empty.
@@ -27,6 +31,10 @@ DEFAULT_BASE_URLS: dict[str, str] = {
     ProviderKind.OLLAMA: "http://127.0.0.1:11434/v1",
     ProviderKind.VLLM: "http://127.0.0.1:8000/v1",
     ProviderKind.OPENAI_COMPATIBLE: "",
+    ProviderKind.AZURE_OPENAI: "",  # https://<resource>.openai.azure.com: every resource has its own
+    ProviderKind.MISTRAL: "https://api.mistral.ai/v1",
+    ProviderKind.GEMINI: "https://generativelanguage.googleapis.com",
+    ProviderKind.COHERE: "https://api.cohere.com",
 }
 
 
@@ -47,6 +55,9 @@ class Provider(models.Model):
     base_url = models.URLField(max_length=500, blank=True, help_text="Leave empty for the kind's default endpoint.")
     api_key = EncryptedTextField(blank=True, default="", help_text="Encrypted at rest; never shown back.")
     organization = models.CharField(max_length=128, blank=True)
+    api_version = models.CharField(
+        max_length=32, blank=True, help_text="Azure OpenAI's api-version (e.g. 2024-10-21); other kinds ignore it."
+    )
     extra_headers = EncryptedMappingField(
         default=dict,
         blank=True,

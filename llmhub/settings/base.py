@@ -278,6 +278,8 @@ LLMHUB_ADAPTERS = {
     "ollama": "providers.adapters.openai.OpenAIAdapter",
     "vllm": "providers.adapters.openai.OpenAIAdapter",
     "openai_compatible": "providers.adapters.openai.OpenAIAdapter",
+    # Mistral's API is OpenAI's chat and embeddings API (plus fields it passes through).
+    "mistral": "providers.adapters.openai.OpenAIAdapter",
     "anthropic": "providers.adapters.anthropic.AnthropicAdapter",
 }
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
