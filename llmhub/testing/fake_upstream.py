@@ -223,10 +223,10 @@ _DEMO_KEYWORDS: tuple[tuple[str, frozenset[str]], ...] = (
 
 _DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
-_MASKED_HEADERS = frozenset({"authorization", "x-api-key"})
+_MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("fake_body")
 
-Provider = Literal["openai", "anthropic"]
+Provider = Literal["openai", "anthropic", "gemini"]
 Finish = Literal["stop", "stop_sequence", "length", "tool"]
 
 _OPENAI_FINISH: dict[str, str] = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool": "tool_calls"}
@@ -629,6 +629,8 @@ def _error(
 ) -> web.Response:
     if provider == "anthropic":
         return _anthropic_error(status, kind or _anthropic_error_type(status), message)
+    if provider == "gemini":
+        return _gemini_error(status, message)
     return _openai_error(status, message, kind or _openai_error_type(status), code)
 
 
@@ -670,7 +672,9 @@ _ANTHROPIC_FAULT_MESSAGES: dict[int, str] = {
 
 
 def _status_fault(provider: Provider, status: int) -> web.Response:
-    if provider == "anthropic":
+    if provider == "gemini":
+        response = _gemini_error(status, _GEMINI_FAULT_MESSAGES.get(status, f"Injected fault {status}"))
+    elif provider == "anthropic":
         message = _ANTHROPIC_FAULT_MESSAGES.get(status, f"Injected fault {status}")
         response = _anthropic_error(status, _anthropic_error_type(status), message)
     else:
@@ -682,6 +686,13 @@ def _status_fault(provider: Provider, status: int) -> web.Response:
 
 
 def _context_fault(provider: Provider, prompt_tokens: int) -> web.Response:
+    if provider == "gemini":
+        window = _GEMINI_CONTEXT_WINDOW
+        return _gemini_error(
+            400,
+            f"The input token count ({window + prompt_tokens}) exceeds the maximum number of tokens allowed "
+            f"({window}).",
+        )
     if provider == "anthropic":
         window = _ANTHROPIC_CONTEXT_WINDOW
         return _anthropic_error(
@@ -765,6 +776,8 @@ class _App:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model_id}", self.model)
+        app.router.add_get("/v1beta/models", self.gemini_models)
+        app.router.add_post("/v1beta/models/{model_action}", self.gemini_model_action)
         app.router.add_get("/_fake/stats", self.control_stats)
         app.router.add_post("/_fake/reset", self.control_reset)
         app.router.add_get("/_fake/requests", self.control_requests)
@@ -808,6 +821,8 @@ class _App:
     def _provider_for(request: web.Request) -> Provider:
         if request.path.startswith("/v1/messages") or "anthropic-version" in request.headers:
             return "anthropic"
+        if request.path.startswith("/v1beta/"):
+            return "gemini"
         return "openai"
 
     def _authorized(self, request: web.Request) -> bool:
@@ -816,6 +831,8 @@ class _App:
         return (
             request.headers.get("authorization") == f"Bearer {self.api_key}"
             or request.headers.get("x-api-key") == self.api_key
+            or request.headers.get("x-goog-api-key") == self.api_key
+            or (request.path.startswith("/v1beta/") and request.query.get("key") == self.api_key)
         )
 
     async def _pause(self, seconds: float) -> None:
@@ -1305,6 +1322,150 @@ class _App:
         await response.write_eof()
         return response
 
+    # -- Google Gemini (generativelanguage v1beta) --
+
+    async def gemini_models(self, request: web.Request) -> web.StreamResponse:
+        early = await self._models_fault(request)
+        if early is not None:
+            return early
+        models = [
+            {
+                "name": f"models/{model_id}",
+                "displayName": name,
+                "inputTokenLimit": _GEMINI_CONTEXT_WINDOW,
+                "outputTokenLimit": 65_536,
+                "supportedGenerationMethods": ["generateContent", "countTokens"],
+            }
+            for model_id, name in MODELS
+        ]
+        models.append(
+            {
+                "name": "models/fake-gemini-embedding",
+                "displayName": "Fake Gemini embedding",
+                "supportedGenerationMethods": ["embedContent"],
+            }
+        )
+        return web.json_response({"models": models})
+
+    async def gemini_model_action(self, request: web.Request) -> web.StreamResponse:
+        model, _, action = request.match_info["model_action"].partition(":")
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _gemini_error(400, "Invalid JSON payload received.")
+        if action == "batchEmbedContents":
+            return await self._gemini_embed(request, model, body)
+        if action not in ("generateContent", "streamGenerateContent"):
+            return _gemini_error(404, f"Method {action!r} not found for models/{model}.")
+        stream = action == "streamGenerateContent"
+        conv = _parse_gemini(body)
+        timing = self._timing(conv.directives)
+        await self._pause(timing.latency)
+        fault = self._fault_name(request, conv.directives, model)
+        if fault is not None:
+            early = await self._immediate_fault(request, "gemini", fault, conv.prompt_tokens, stream)
+            if early is not None:
+                return early
+        if not body.get("contents"):
+            return _gemini_error(400, "* GenerateContentRequest.contents: contents is not specified")
+        config = body.get("generationConfig") or {}
+        stop = config.get("stopSequences") or []
+        reply = _build_reply(
+            conv, _gemini_tool(body), _int_or_none(config.get("maxOutputTokens")), list(stop), "", self.demo
+        )
+        cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
+        usage = {
+            "promptTokenCount": conv.prompt_tokens,
+            "candidatesTokenCount": reply.completion_tokens,
+            "totalTokenCount": conv.prompt_tokens + reply.completion_tokens,
+        }
+        if cached:
+            usage["cachedContentTokenCount"] = cached
+        response_id = _new_id("")
+        safety = conv.directives.get("safety")
+        if safety == "prompt":
+            blocked = {
+                "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
+                "usageMetadata": {"promptTokenCount": conv.prompt_tokens, "totalTokenCount": conv.prompt_tokens},
+                "modelVersion": model,
+                "responseId": response_id,
+            }
+            if stream:
+                return await self._gemini_sse(request, [blocked], None)
+            return web.json_response(blocked)
+        if safety == "response":
+            reply = _Reply(text=None, tokens=[], finish="stop")
+        finish = "SAFETY" if safety == "response" else _GEMINI_FINISH[reply.finish]
+        if reply.tool_name is not None:
+            parts: list[list[dict[str, Any]]] = [
+                [{"functionCall": {"name": reply.tool_name, "args": reply.tool_arguments}}]
+            ]
+        elif reply.text is None:
+            parts = [[]]
+        elif stream:
+            parts = [[{"text": piece}] for piece in reply.tokens] or [[{"text": ""}]]
+        else:
+            parts = [[{"text": reply.text}]]
+        chunks = []
+        for index, chunk_parts in enumerate(parts):
+            candidate: dict[str, Any] = {"content": {"role": "model", "parts": chunk_parts}, "index": 0}
+            if not chunk_parts:
+                del candidate["content"]
+            chunk: dict[str, Any] = {"candidates": [candidate], "modelVersion": model, "responseId": response_id}
+            if index == len(parts) - 1:
+                candidate["finishReason"] = finish
+                if finish == "SAFETY":
+                    candidate["safetyRatings"] = [
+                        {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+                    ]
+                chunk["usageMetadata"] = usage
+            chunks.append(chunk)
+        if not stream:
+            return web.json_response(chunks[0])
+        return await self._gemini_sse(request, chunks, fault, timing)
+
+    async def _gemini_sse(
+        self, request: web.Request, chunks: list[dict[str, Any]], fault: str | None, timing: _Timing | None = None
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        limit = _content_limit(fault)
+        for index, chunk in enumerate(chunks):
+            if limit is not None and index >= limit:
+                if fault == "error-event":
+                    error = {"error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}}
+                    await response.write(b"data: " + json.dumps(error).encode() + b"\r\n\r\n")
+                    await response.write_eof()
+                    return response
+                await self._cut(request)
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+            if timing is not None:
+                await self._pause(timing.token_delay)
+        await response.write_eof()
+        return response
+
+    async def _gemini_embed(self, request: web.Request, model: str, body: dict[str, Any]) -> web.StreamResponse:
+        requests = body.get("requests")
+        texts = []
+        for item in requests if isinstance(requests, list) else []:
+            parts = ((item or {}).get("content") or {}).get("parts") or []
+            texts.append(" ".join(p.get("text", "") for p in parts if isinstance(p, dict)))
+        directives: dict[str, str] = {}
+        for text in texts:
+            directives.update(_extract_directives(text)[1])
+        await self._pause(self._timing(directives).latency)
+        fault = self._fault_name(request, directives, model)
+        if fault is not None:
+            early = await self._immediate_fault(request, "gemini", fault, sum(map(count_words, texts)), stream=False)
+            if early is not None:
+                return early
+        if not texts or not all(texts):
+            return _gemini_error(400, "* BatchEmbedContentsRequest.requests: content is not specified")
+        embeddings = []
+        for item, text in zip(requests, texts, strict=True):
+            dimensions = item.get("outputDimensionality") or _EMBEDDING_DIMENSIONS
+            embeddings.append({"values": _embedding_vector(text, int(dimensions)).tolist()})
+        return web.json_response({"embeddings": embeddings})
+
 
 def _embedding_inputs(value: Any) -> list[str | list[int]] | None:
     """The inputs of an embeddings request, one per vector; None when ``value`` is not a valid input."""
@@ -1352,6 +1513,114 @@ def _content_limit(fault: str | None) -> int | None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Running it
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Google Gemini's wire format (``POST /v1beta/models/{model}:generateContent`` and friends)
+
+_GEMINI_CONTEXT_WINDOW = 1_048_576
+_GEMINI_FINISH: dict[str, str] = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
+_GEMINI_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_GEMINI_FAULT_MESSAGES: dict[int, str] = {
+    401: "API key not valid. Please pass a valid API key.",
+    429: "Resource has been exhausted (e.g. check quota).",
+    500: "An internal error has occurred. Please retry or report in https://developers.generativeai.google/guide/troubleshooting",
+    503: "The model is overloaded. Please try again later.",
+}
+
+
+def _gemini_error(status: int, message: str) -> web.Response:
+    """Google's error shape: ``{"error": {"code", "message", "status"}}``."""
+    status_name = _GEMINI_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
+    return web.json_response({"error": {"code": status, "message": message, "status": status_name}}, status=status)
+
+
+def _parse_gemini(body: dict[str, Any]) -> _Conversation:
+    conv = _Conversation()
+    system = body.get("systemInstruction") or {}
+    tally = _Tally()
+    for part in system.get("parts") or [] if isinstance(system, dict) else []:
+        if isinstance(part, dict):
+            tally.text(part.get("text"))
+    conv.prompt_tokens += tally.tokens if tally.words else 0
+    user_text: str | None = None
+    last: dict[str, Any] = {}
+    for content in body.get("contents") or []:
+        if not isinstance(content, dict):
+            continue
+        last = content
+        tally = _Tally()
+        texts = []
+        for part in content.get("parts") or []:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str):
+                tally.text(part["text"])
+                texts.append(part["text"])
+            elif "inlineData" in part or "fileData" in part:
+                tally.images += 1
+                texts.append("[image]")
+            elif isinstance(part.get("functionCall"), dict):
+                tally.text(json.dumps(part["functionCall"].get("args") or {}))
+            elif isinstance(part.get("functionResponse"), dict):
+                tally.text(json.dumps(part["functionResponse"].get("response") or {}))
+        conv.prompt_tokens += tally.tokens
+        if content.get("role", "user") == "user" and texts:
+            user_text = " ".join(texts)
+    responses = [
+        part["functionResponse"]
+        for part in last.get("parts") or []
+        if isinstance(part, dict) and isinstance(part.get("functionResponse"), dict)
+    ]
+    if responses:
+        result = responses[-1].get("response")
+        conv.tool_result = json.dumps(result) if not isinstance(result, str) else result
+        if isinstance(result, dict) and set(result) <= {"output", "result", "content"} and len(result) == 1:
+            value = next(iter(result.values()))
+            conv.tool_result = value if isinstance(value, str) else json.dumps(value)
+    conv.last_is_user = last.get("role", "user") == "user" and not responses
+    conv.user_text, conv.directives = _extract_directives(user_text or "")
+    return conv
+
+
+def _gemini_tool(body: dict[str, Any]) -> _ToolSpec | None:
+    mode_config = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
+    if mode_config.get("mode") == "NONE":
+        return None
+    declarations = [
+        declaration
+        for tool in body.get("tools") or []
+        if isinstance(tool, dict)
+        for declaration in tool.get("functionDeclarations") or []
+        if isinstance(declaration, dict) and declaration.get("name")
+    ]
+    allowed = mode_config.get("allowedFunctionNames") or []
+    declarations = [d for d in declarations if d["name"] in allowed] or declarations if allowed else declarations
+    if not declarations:
+        return None
+    schema = declarations[0].get("parameters") or declarations[0].get("parametersJsonSchema") or {}
+    return _ToolSpec(declarations[0]["name"], _lower_types(schema))
+
+
+def _lower_types(schema: Any) -> Any:
+    """Gemini's schema spells types in capitals (``STRING``); the reply builder reads JSON schema's."""
+    if isinstance(schema, dict):
+        return {k: (v.lower() if k == "type" and isinstance(v, str) else _lower_types(v)) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_lower_types(item) for item in schema]
+    return schema
 
 
 class FakeUpstream:
