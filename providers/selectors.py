@@ -26,6 +26,7 @@ def provider_config(provider: Provider) -> ProviderConfig:
         max_retries=provider.max_retries,
         enabled=provider.enabled,
         version=provider.updated_at,
+        api_version=provider.api_version,
     )
 
 

@@ -24,6 +24,7 @@ class ProviderConfig:
     max_retries: int = 2
     enabled: bool = True
     version: datetime | None = None  # the row's updated_at: a changed config builds a new client
+    api_version: str = ""  # Azure OpenAI's api-version, Gemini's (v1beta); empty: the adapter's default
 
     @property
     def cache_key(self) -> tuple[Any, ...]:
@@ -36,6 +37,7 @@ class ProviderConfig:
             self.extra_headers,
             self.timeout,
             self.max_retries,
+            self.api_version,
         )
 
 
