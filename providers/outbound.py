@@ -37,7 +37,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import anyio
+import httpcore
 import httpcore2
+import httpx
 import httpx2
 from django.conf import settings
 
@@ -385,6 +387,87 @@ def outbound_sync_client(
         transport=SyncOutboundTransport(origin=url, limits=httpx2.Limits()),
         timeout=timeout,
         follow_redirects=follow_redirects,
+        trust_env=False,
+        **kwargs,
+    )
+
+
+class PlainGuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """``GuardedNetworkBackend`` for SDKs built on plain ``httpx`` / ``httpcore`` (cohere, google-genai):
+    the same resolver and the same ``check_addresses`` judge each address before it is connected to."""
+
+    def __init__(self) -> None:
+        self._backend = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109  (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        literal = literal_address(host)
+        if literal is not None:
+            addresses = check_addresses(host, [literal])
+        else:
+            check_addresses(host, [])
+            try:
+                with anyio.fail_after(timeout):
+                    found = await resolver.resolve(host, port)
+            except TimeoutError:
+                raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+            except OSError as exc:
+                raise httpcore.ConnectError(f"{host} could not be resolved ({exc})") from None
+            addresses = check_addresses(host, found)
+        last: Exception = httpcore.ConnectError(f"{host} has no address")
+        for address in addresses:
+            try:
+                return await self._backend.connect_tcp(
+                    _connect_target(address),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except httpcore.ConnectError as exc:
+                last = exc
+        raise last
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise OutboundRefused("Outbound requests go over TCP only.")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+class PlainOutboundTransport(httpx.AsyncHTTPTransport):
+    """``OutboundTransport`` for plain ``httpx``: one origin, the guarded backend, no environment proxies."""
+
+    def __init__(self, *, origin: str, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits, trust_env=False)
+        self.origin = origin_of(origin)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PlainGuardedNetworkBackend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        _refuse_other_origin(self.origin, httpx2.URL(str(request.url)))
+        return await super().handle_async_request(request)
+
+
+def plain_outbound_client(
+    *, url: str, timeout: httpx.Timeout | float, limits: httpx.Limits | None = None, **kwargs: Any
+) -> httpx.AsyncClient:
+    """``outbound_client`` for SDKs that take a plain ``httpx.AsyncClient``."""
+    return httpx.AsyncClient(
+        transport=PlainOutboundTransport(origin=url, limits=limits or httpx.Limits()),
+        timeout=timeout,
+        follow_redirects=True,
         trust_env=False,
         **kwargs,
     )

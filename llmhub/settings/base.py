@@ -281,6 +281,7 @@ LLMHUB_ADAPTERS = {
     # Mistral's API is OpenAI's chat and embeddings API (plus fields it passes through).
     "mistral": "providers.adapters.openai.OpenAIAdapter",
     "anthropic": "providers.adapters.anthropic.AnthropicAdapter",
+    "cohere": "providers.adapters.cohere.CohereAdapter",
 }
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
 # another process; the process that made the change invalidates its own copy at once.

@@ -778,6 +778,9 @@ class _App:
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_get("/v1beta/models", self.gemini_models)
         app.router.add_post("/v1beta/models/{model_action}", self.gemini_model_action)
+        from . import fake_cohere  # imports this module: loaded here, not at the top
+
+        fake_cohere.add_routes(app.router, self)
         app.router.add_get("/_fake/stats", self.control_stats)
         app.router.add_post("/_fake/reset", self.control_reset)
         app.router.add_get("/_fake/requests", self.control_requests)

@@ -97,6 +97,12 @@ CONTRACT_ADAPTERS: list[ContractAdapter] = [
         listed_model="fake-claude-haiku",
         embeddings=False,
     ),
+    ContractAdapter(
+        kind="cohere",
+        base_url=lambda url: url + "/cohere",  # the fake serves Cohere's v2 API under /cohere
+        model="command-a-03-2025",
+        listed_model="command-a-03-2025",
+    ),
 ]
 
 

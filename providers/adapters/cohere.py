@@ -1,0 +1,465 @@
+"""Adapter for Cohere's v2 API (``cohere.AsyncClientV2``), behind the OpenAI chat-completions shape.
+
+The SDK sends through plain ``httpx`` (not ``httpx2`` like the openai and anthropic SDKs), so it gets a
+plain ``httpx.AsyncClient`` built on ``providers.outbound``'s guarded backend for that library: the same
+address rules at connect time, no redirect off the provider's origin. The SDK's own retries are off
+(``max_retries=0``): ``upstream_deadline`` bounds a call, and a retry is the router's decision.
+
+Responses and stream events arrive as the SDK's pydantic models; they are read back as the wire's JSON
+(``.dict()``, by alias) and translated by the pure functions below, so that the translation is tested
+without a server. Cohere's finish reasons: ``COMPLETE``/``STOP_SEQUENCE`` → ``stop``, ``MAX_TOKENS`` →
+``length``, ``TOOL_CALL`` → ``tool_calls``, ``ERROR_TOXIC`` → ``content_filter`` (the model's output was
+withheld, which is what ``content_filter`` tells an OpenAI client); ``ERROR`` is a failure of the
+provider, raised as one.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import cohere
+import httpx
+from cohere.core.api_error import ApiError
+
+from ..exceptions import ProviderBadRequestError, ProviderError
+from ..outbound import OutboundRefused, plain_outbound_client
+from ..types import ProviderConfig, UpstreamModel
+from .base import BaseAdapter, WireChunk
+from .common import (
+    POOL_LIMITS,
+    connection_error,
+    error_for_status,
+    is_context_length_message,
+    outbound_refusal,
+    refused_error,
+    scrub,
+    stream_interrupted,
+    timeout_error,
+    upstream_deadline,
+)
+
+# Given when the row has no key, so that the SDK never falls back to CO_API_KEY from the gateway's
+# environment: the provider then answers 401, which is the truth.
+_PLACEHOLDER_KEY = "not-configured"
+_FAILURES = (ApiError, httpx.HTTPError, ValueError, OutboundRefused)
+
+FINISH_REASONS = {
+    "COMPLETE": "stop",
+    "STOP_SEQUENCE": "stop",
+    "MAX_TOKENS": "length",
+    "TOOL_CALL": "tool_calls",
+    "ERROR_TOXIC": "content_filter",
+}
+_TOOL_CHOICES = {"required": "REQUIRED", "none": "NONE"}
+
+
+class CohereAdapter(BaseAdapter):
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0))
+        limits = httpx.Limits(
+            max_connections=POOL_LIMITS.max_connections,
+            max_keepalive_connections=POOL_LIMITS.max_keepalive_connections,
+            keepalive_expiry=POOL_LIMITS.keepalive_expiry,
+        )
+        self._http = plain_outbound_client(
+            url=config.base_url, timeout=timeout, limits=limits, headers=dict(config.extra_headers)
+        )
+        self._client = cohere.AsyncClientV2(
+            api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
+            base_url=config.base_url,
+            timeout=config.timeout,
+            max_retries=0,
+            httpx_client=self._http,
+            log_warning_experimental_features=False,
+        )
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        request = self._translate(body)
+        try:
+            async with upstream_deadline(self.config):
+                response = await self._client.chat(**request)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        data = response.dict()
+        if data.get("finish_reason") == "ERROR":
+            raise ProviderError(f"The provider {self.config.name!r} reported an error.", provider=self.config.name)
+        return completion_from_cohere(data, model=body["model"])
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        request = self._translate(body)
+        translator = StreamTranslator(model=body["model"])
+        upstream = self._client.chat_stream(**request)
+        try:
+            async with upstream_deadline(self.config):
+                first = await anext(upstream, None)
+        except _FAILURES as exc:
+            await upstream.aclose()
+            raise self.map_error(exc) from None
+        try:
+            event = first
+            while event is not None:
+                for chunk in translator.feed(event.dict()):
+                    yield WireChunk(chunk, None)
+                event = await anext(upstream, None)
+        except _FAILURES as exc:
+            raise stream_interrupted(self.config, _interruption_reason(exc)) from None
+        finally:
+            await upstream.aclose()
+        if translator.failed:
+            raise stream_interrupted(self.config, "the provider reported an error.") from None
+        if not translator.complete:
+            raise stream_interrupted(self.config, "the stream ended before the model finished.") from None
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise ProviderBadRequestError(
+                "Cohere embeds text only: 'input' must be a string or a list of strings.",
+                provider=self.config.name,
+                param="input",
+            )
+        try:
+            async with upstream_deadline(self.config):
+                response = await self._client.embed(
+                    texts=texts, model=body["model"], input_type="search_document", embedding_types=["float"]
+                )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        return embeddings_from_cohere(response.dict(), model=body["model"], encoding=body.get("encoding_format"))
+
+    async def list_models(self) -> list[UpstreamModel]:
+        try:
+            async with upstream_deadline(self.config):
+                listing = await self._client.models.list()
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        return [
+            UpstreamModel(id=model.name, owned_by="cohere", context_window=_int_or_none(model.context_length))
+            for model in listing.models or []
+            if model.name
+        ]
+
+    def map_error(self, exc: BaseException) -> ProviderError:
+        if isinstance(exc, ProviderError):
+            return exc
+        config = self.config
+        refusal = outbound_refusal(exc)
+        if refusal is not None:
+            return refused_error(config, refusal)
+        if isinstance(exc, ApiError) and exc.status_code is not None:
+            message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
+            return error_for_status(
+                config,
+                exc.status_code,
+                message,
+                headers=exc.headers,
+                # Cohere says "too many tokens: total number of tokens in the prompt cannot exceed …".
+                context_exceeded=is_context_length_message(message) or "too many tokens" in message.lower(),
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return timeout_error(config)
+        if isinstance(exc, httpx.TransportError):
+            return connection_error(config)
+        if isinstance(exc, ValueError):
+            return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
+        return ProviderError(
+            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return cohere_request(body)
+        except ProviderBadRequestError as exc:
+            exc.provider = self.config.name
+            raise
+
+    def _upstream_message(self, body: object) -> str:
+        """Cohere's error body is ``{"message": ...}``; a proxy's may be text."""
+        message = body.get("message") if isinstance(body, dict) else body
+        if not isinstance(message, str):
+            return ""
+        return scrub(message.strip(), self.config)
+
+
+def _interruption_reason(exc: BaseException) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "no data arrived in time."
+    if isinstance(exc, httpx.TransportError):
+        return "the connection closed before the response was complete."
+    if isinstance(exc, ValueError):
+        return "the provider sent a malformed event."
+    return "the provider reported an error."
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAI chat → Cohere v2
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def _user_content(content: Any) -> str | list[dict[str, Any]]:
+    if not isinstance(content, list):
+        return _text_of(content)
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            raise ProviderBadRequestError(f"Cohere does not take a content part of type {kind!r}.", param="messages")
+    return parts
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    role = message.get("role")
+    if role in ("system", "developer"):
+        return {"role": "system", "content": _text_of(message.get("content"))}
+    if role == "user":
+        return {"role": "user", "content": _user_content(message.get("content"))}
+    if role == "assistant":
+        translated: dict[str, Any] = {"role": "assistant"}
+        text = _text_of(message.get("content"))
+        if text:
+            translated["content"] = text
+        calls = message.get("tool_calls") or []
+        if calls:
+            translated["tool_calls"] = [
+                {
+                    "id": call.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": call.get("function", {}).get("name"),
+                        "arguments": call.get("function", {}).get("arguments") or "{}",
+                    },
+                }
+                for call in calls
+            ]
+        return translated
+    if role == "tool":
+        return {
+            "role": "tool",
+            "tool_call_id": message.get("tool_call_id"),
+            "content": _text_of(message.get("content")),
+        }
+    raise ProviderBadRequestError(f"Cohere does not take a message of role {role!r}.", param="messages")
+
+
+def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``AsyncClientV2.chat`` / ``chat_stream`` for an OpenAI chat body."""
+    request: dict[str, Any] = {
+        "model": body["model"],
+        "messages": [_message(message) for message in body.get("messages") or []],
+    }
+    tools = [tool for tool in body.get("tools") or [] if tool.get("type") == "function"]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        # Cohere cannot name the tool to call: offer only that one, and require a call.
+        name = choice.get("function", {}).get("name")
+        tools = [tool for tool in tools if tool["function"].get("name") == name]
+        choice = "required"
+    if tools:
+        request["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    key: tool["function"][key]
+                    for key in ("name", "description", "parameters")
+                    if key in tool["function"]
+                },
+            }
+            for tool in tools
+        ]
+    if choice in _TOOL_CHOICES:
+        request["tool_choice"] = _TOOL_CHOICES[choice]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        request["max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    for ours, theirs in (
+        ("temperature", "temperature"),
+        ("top_p", "p"),
+        ("seed", "seed"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
+    ):
+        if body.get(ours) is not None:
+            request[theirs] = body[ours]
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        schema = response_format.get("json_schema", {}).get("schema")
+        request["response_format"] = {"type": "json_object", **({"json_schema": schema} if schema else {})}
+    return request
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cohere v2 → OpenAI chat
+
+
+def usage_from_cohere(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """Billed units when Cohere gives them (what it charges for), else its raw token counts."""
+    usage = usage or {}
+    billed = usage.get("billed_units") or {}
+    tokens = usage.get("tokens") or {}
+    prompt = int(billed.get("input_tokens") or tokens.get("input_tokens") or 0)
+    completion = int(billed.get("output_tokens") or tokens.get("output_tokens") or 0)
+    result: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    cached = usage.get("cached_tokens")
+    if cached:
+        result["prompt_tokens_details"] = {"cached_tokens": int(cached)}
+    return result
+
+
+def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.get("id") or "",
+            "type": "function",
+            "function": {
+                "name": (call.get("function") or {}).get("name") or "",
+                "arguments": (call.get("function") or {}).get("arguments") or "{}",
+            },
+        }
+        for call in calls or []
+    ]
+
+
+def completion_from_cohere(response: dict[str, Any], *, model: str) -> dict[str, Any]:
+    message = response.get("message") or {}
+    text = "".join(part.get("text") or "" for part in message.get("content") or [] if part.get("type") == "text")
+    calls = _tool_calls(message.get("tool_calls"))
+    reply: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else ""), "refusal": None}
+    if calls:
+        reply["tool_calls"] = calls
+    return {
+        "id": response.get("id") or "",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": reply,
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS.get(response.get("finish_reason") or "", "stop"),
+            }
+        ],
+        "usage": usage_from_cohere(response.get("usage")),
+    }
+
+
+class StreamTranslator:
+    """Cohere's v2 stream events (each the JSON of one ``data:`` line) → ``chat.completion.chunk`` dicts."""
+
+    def __init__(self, *, model: str) -> None:
+        self.model = model
+        self.id = ""
+        self.created = int(time.time())
+        self.complete = False
+        self.failed = False
+        self._tool_index = -1
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = event.get("type")
+        delta = event.get("delta") or {}
+        message = delta.get("message") or {}
+        if kind == "message-start":
+            self.id = event.get("id") or self.id
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content-delta":
+            text = (message.get("content") or {}).get("text")
+            return [self._chunk({"content": text})] if text else []
+        if kind == "tool-call-start":
+            call = message.get("tool_calls") or {}
+            self._tool_index += 1
+            function = call.get("function") or {}
+            return [
+                self._chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": self._tool_index,
+                                "id": call.get("id") or "",
+                                "type": "function",
+                                "function": {
+                                    "name": function.get("name") or "",
+                                    "arguments": function.get("arguments") or "",
+                                },
+                            }
+                        ]
+                    }
+                )
+            ]
+        if kind == "tool-call-delta":
+            arguments = ((message.get("tool_calls") or {}).get("function") or {}).get("arguments")
+            if not arguments:
+                return []
+            return [self._chunk({"tool_calls": [{"index": self._tool_index, "function": {"arguments": arguments}}]})]
+        if kind == "message-end":
+            reason = delta.get("finish_reason") or ""
+            if reason == "ERROR":
+                self.failed = True
+                return []
+            self.complete = True
+            finish = FINISH_REASONS.get(reason, "stop")
+            usage_chunk = {**self._chunk({}), "choices": [], "usage": usage_from_cohere(delta.get("usage"))}
+            return [self._chunk({}, finish), usage_chunk]
+        # content-start / content-end / tool-plan-delta / tool-call-end / citations: nothing to relay.
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def embeddings_from_cohere(response: dict[str, Any], *, model: str, encoding: str | None) -> dict[str, Any]:
+    vectors = (response.get("embeddings") or {}).get("float") or []
+    data = []
+    for index, vector in enumerate(vectors):
+        embedding: Any = vector
+        if encoding == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    billed = ((response.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0
+    tokens = int(billed)
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
