@@ -1,0 +1,209 @@
+"""Adapter for Google Gemini (the Gemini API, ``generativelanguage``) over google-genai, behind the OpenAI
+chat-completions shape.
+
+Requests and responses are translated by the pure functions of :mod:`.translate_gemini`. The SDK client is
+given our pooled ``httpx2.AsyncClient`` (``HttpOptions.httpx_async_client``; google-genai accepts httpx2
+clients as well as httpx ones), so every connection goes through the outbound policy's guarded transport
+(``providers.outbound``) like the other adapters': without it the SDK would open its own aiohttp session,
+unguarded. The SDK's own retries are off (one attempt): the gateway's retry policy lives elsewhere, and
+``upstream_deadline`` bounds each call. ``ProviderConfig.base_url`` has no version; ``api_version`` (the
+provider's field) defaults to ``v1beta``, where the Gemini API serves everything this adapter uses.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
+from pydantic import ValidationError
+
+from ..exceptions import ProviderBadRequestError, ProviderError
+from ..outbound import OutboundRefused
+from ..types import ProviderConfig, UpstreamModel
+from .base import BaseAdapter, WireChunk
+from .common import (
+    connection_error,
+    error_for_status,
+    http_timeout,
+    interruption_reason,
+    is_context_length_message,
+    outbound_refusal,
+    provider_http_client,
+    refused_error,
+    scrub,
+    stream_interrupted,
+    timeout_error,
+    upstream_deadline,
+)
+from .translate_gemini import StreamTranslator, completion_from_response, gemini_request
+
+DEFAULT_API_VERSION = "v1beta"
+_PLACEHOLDER_KEY = "not-configured"
+_MODELS_PREFIX = "models/"
+_FAILURES = (genai_errors.APIError, httpx2.HTTPError, ValueError, ValidationError, OutboundRefused)
+
+
+class GeminiAdapter(BaseAdapter):
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        self._http = provider_http_client(config)
+        timeout = http_timeout(config)
+        self._client = genai.Client(
+            api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
+            http_options=genai_types.HttpOptions(
+                base_url=config.base_url.rstrip("/") + "/",
+                api_version=config.api_version or DEFAULT_API_VERSION,
+                headers=dict(config.extra_headers),
+                timeout=round(timeout.read * 1000) if timeout.read else None,
+                retry_options=genai_types.HttpRetryOptions(attempts=1),
+                httpx_async_client=self._http,
+            ),
+        )
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        request = gemini_request(body)
+        try:
+            async with upstream_deadline(self.config):
+                response = await self._client.aio.models.generate_content(**request)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        return completion_from_response(_dump(response), request["model"])
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        request = gemini_request(body)
+        upstream = None
+        try:
+            # The SDK sends the request when the stream is first read: the response's start (an error
+            # status included) is awaited here, under the deadline, so that a refusal maps like complete's.
+            async with upstream_deadline(self.config):
+                upstream = await self._client.aio.models.generate_content_stream(**request)
+                first = await anext(upstream, None)
+        except _FAILURES as exc:
+            if upstream is not None:
+                await upstream.aclose()
+            if isinstance(exc, httpx2.TransportError) and not isinstance(
+                exc, httpx2.ConnectError | httpx2.TimeoutException
+            ):
+                # Connected and answered, then the body broke off: the stream had begun.
+                raise stream_interrupted(self.config, interruption_reason(exc)) from None
+            raise self.map_error(exc) from None
+        translator = StreamTranslator(request["model"])
+        try:
+            response = first
+            while response is not None:
+                chunk = translator.feed(_dump(response))
+                if chunk is not None:
+                    yield WireChunk(chunk, None)  # translated: no upstream bytes to relay
+                response = await anext(upstream, None)
+        except _FAILURES as exc:
+            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+        finally:
+            await upstream.aclose()
+        if not translator.finished:
+            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+        last = translator.usage_chunk()
+        if last is not None:
+            yield WireChunk(last, None)
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``models.embed_content`` (``batchEmbedContents``), answered in OpenAI's shape. The Gemini API
+        reports no token usage for embeddings: the response has none, and the pipeline estimates it (and
+        flags the ledger row as estimated)."""
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+            raise ProviderBadRequestError(
+                "Gemini embeds text only: `input` must be a string or an array of strings, not token arrays.",
+                provider=self.config.name,
+                param="input",
+                code="invalid_value",
+            )
+        config = {"output_dimensionality": body["dimensions"]} if body.get("dimensions") else None
+        try:
+            async with upstream_deadline(self.config):
+                response = await self._client.aio.models.embed_content(
+                    model=str(body.get("model") or ""), contents=texts, config=config
+                )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        embeddings = response.embeddings or []
+        if len(embeddings) != len(texts):
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered {len(embeddings)} embeddings for {len(texts)} inputs.",
+                provider=self.config.name,
+            )
+        base64_wanted = body.get("encoding_format") == "base64"
+        data = []
+        for index, embedding in enumerate(embeddings):
+            values = list(embedding.values or [])
+            vector: Any = (
+                base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if base64_wanted else values
+            )
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        return {"object": "list", "data": data, "model": str(body.get("model") or "")}
+
+    async def list_models(self) -> list[UpstreamModel]:
+        try:
+            async with upstream_deadline(self.config):
+                pager = await self._client.aio.models.list()
+                models = [model async for model in pager]
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        return [
+            UpstreamModel(
+                id=model.name.removeprefix(_MODELS_PREFIX),
+                owned_by="google",
+                display_name=model.display_name or "",
+                context_window=model.input_token_limit,
+            )
+            for model in models
+            if model.name
+        ]
+
+    def map_error(self, exc: BaseException) -> ProviderError:
+        if isinstance(exc, ProviderError):
+            return exc
+        config = self.config
+        refusal = outbound_refusal(exc)
+        if refusal is not None:
+            return refused_error(config, refusal)
+        if isinstance(exc, genai_errors.APIError):
+            message = scrub(str(exc.message or exc.status or f"HTTP {exc.code}").strip(), config)
+            response = getattr(exc, "response", None)
+            headers = getattr(response, "headers", None)
+            return error_for_status(
+                config,
+                int(exc.code or 500),
+                message,
+                headers=headers,
+                context_exceeded=is_context_length_message(message) or "input token count" in message.lower(),
+            )
+        if isinstance(exc, httpx2.TimeoutException):
+            return timeout_error(config)
+        if isinstance(exc, httpx2.TransportError):
+            return connection_error(config)
+        if isinstance(exc, ValueError | ValidationError):
+            return ProviderError(f"The provider {config.name!r} answered in an unknown shape.", provider=config.name)
+        return ProviderError(
+            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _interruption_reason(self, exc: BaseException) -> str:
+        if isinstance(exc, genai_errors.APIError):
+            return f"the provider reported an error: {scrub(str(exc.message or exc.status or exc.code), self.config)}"
+        if isinstance(exc, ValueError | ValidationError):
+            return "the provider sent a malformed chunk."
+        return interruption_reason(exc)
+
+
+def _dump(response: genai_types.GenerateContentResponse) -> dict[str, Any]:
+    return response.model_dump(exclude={"sdk_http_response", "automatic_function_calling_history"}, exclude_none=True)

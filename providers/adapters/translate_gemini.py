@@ -1,0 +1,379 @@
+"""OpenAI chat completions ↔ Google Gemini ``generateContent``, as pure functions (both directions).
+
+The request side builds the keyword arguments of google-genai's ``models.generate_content`` (plain dicts
+in the SDK's snake_case spelling, which its pydantic types accept): system and developer messages become
+``system_instruction``; the turns become ``contents`` (roles ``user`` and ``model``; an assistant's tool
+calls ``function_call`` parts, a tool message a ``function_response`` part named after the call it
+answers); tools their ``function_declarations`` with the JSON schema as given
+(``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
+``Schema`` subset); ``tool_choice`` a ``function_calling_config``. A data URL image is sent inline; an
+http(s) image URL is refused with a 400 (Gemini's ``file_data`` takes only files it hosts, and the
+gateway does not fetch URLs for the provider).
+
+The response side turns a ``GenerateContentResponse`` (as a dict, ``model_dump``'d) into a
+``chat.completion`` or a ``chat.completion.chunk``; a safety verdict, on the prompt
+(``prompt_feedback.block_reason``) or on the answer, is ``finish_reason: content_filter``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import time
+from typing import Any
+
+from ..exceptions import ProviderBadRequestError
+
+_FINISH: dict[str, str] = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+    "LANGUAGE": "content_filter",
+}
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
+
+
+def _invalid(message: str, param: str, code: str = "invalid_value") -> ProviderBadRequestError:
+    return ProviderBadRequestError(message, param=param, code=code)
+
+
+# Request ------------------------------------------------------------------------------------------------------
+
+
+def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
+    """``model``, ``contents`` and ``config`` for ``models.generate_content`` from an OpenAI chat body."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("`messages` must be a non-empty array.", "messages")
+    system, contents = _contents(messages)
+    if not contents:
+        raise _invalid("Gemini needs at least one user or assistant message besides the system prompt.", "messages")
+    config: dict[str, Any] = {}
+    if system:
+        config["system_instruction"] = "\n\n".join(system)
+    for ours, theirs in (
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("n", "candidate_count"),
+        ("seed", "seed"),
+        ("presence_penalty", "presence_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+    ):
+        if body.get(ours) is not None:
+            config[theirs] = body[ours]
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        config["max_output_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop:
+        config["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        config["response_mime_type"] = "application/json"
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if isinstance(schema, dict):
+            config["response_json_schema"] = schema
+    tools = _tools(body.get("tools"))
+    if tools:
+        config["tools"] = tools
+        # The SDK would otherwise call Python callables itself; a gateway only relays the calls.
+        config["automatic_function_calling"] = {"disable": True}
+    tool_config = _tool_config(body.get("tool_choice"))
+    if tool_config is not None and tools:
+        config["tool_config"] = tool_config
+    return {"model": str(body.get("model") or ""), "contents": contents, "config": config}
+
+
+def _contents(messages: list[Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid(f"`{where}` must be an object.", where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.extend(part["text"] for part in _parts(message.get("content"), where) if "text" in part)
+            continue
+        if role == "user":
+            parts = _parts(message.get("content"), where)
+            gemini_role = "user"
+        elif role == "assistant":
+            parts = _parts(message.get("content"), where) if message.get("content") else []
+            for call in message.get("tool_calls") or []:
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not function.get("name"):
+                    raise _invalid(f"`{where}.tool_calls` must name each function.", f"{where}.tool_calls")
+                call_names[str(call.get("id") or "")] = function["name"]
+                parts.append({"function_call": {"name": function["name"], "args": _arguments(function, where)}})
+            gemini_role = "model"
+        elif role in ("tool", "function"):
+            name = message.get("name") or call_names.get(str(message.get("tool_call_id") or ""))
+            if not name:
+                raise _invalid(
+                    f"`{where}` answers a tool call this conversation does not contain.", f"{where}.tool_call_id"
+                )
+            output = " ".join(part.get("text", "") for part in _parts(message.get("content") or "", where))
+            parts = [{"function_response": {"name": name, "response": {"output": output}}}]
+            gemini_role = "user"
+        else:
+            raise _invalid(f"`{where}.role` {role!r} is not one Gemini can take.", f"{where}.role")
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == gemini_role:
+            contents[-1]["parts"].extend(parts)  # Gemini wants the roles to alternate
+        else:
+            contents.append({"role": gemini_role, "parts": parts})
+    return system, contents
+
+
+def _parts(content: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}]
+    if not isinstance(content, list):
+        raise _invalid(f"`{where}.content` must be a string or an array of parts.", f"{where}.content")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"text": part["text"]})
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            parts.append(_image_part(url, where))
+        else:
+            raise _invalid(f"`{where}.content` has a part Gemini cannot take ({kind!r}).", f"{where}.content")
+    return parts
+
+
+def _image_part(url: Any, where: str) -> dict[str, Any]:
+    match = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
+    if match is None:
+        raise _invalid(
+            f"`{where}`: Gemini takes images as base64 data URLs (data:image/png;base64,…) only; "
+            "it cannot fetch an image from a URL.",
+            f"{where}.content",
+            code="image_url_not_supported",
+        )
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(f"`{where}`: the image's data URL is not valid base64.", f"{where}.content") from None
+    return {"inline_data": {"mime_type": match["mime"] or "image/png", "data": data}}
+
+
+def _arguments(function: dict[str, Any], where: str) -> dict[str, Any]:
+    arguments = function.get("arguments")
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = json.loads(arguments or "{}")
+    except (TypeError, ValueError):
+        raise _invalid(f"`{where}`: a tool call's arguments are not JSON.", f"{where}.tool_calls") from None
+    if not isinstance(value, dict):
+        raise _invalid(f"`{where}`: a tool call's arguments must be a JSON object.", f"{where}.tool_calls")
+    return value
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    declarations = []
+    for index, tool in enumerate(tools or []):
+        function = (
+            tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        )
+        if not isinstance(function, dict) or not function.get("name"):
+            raise _invalid(f"`tools[{index}]` must be a function with a name.", f"tools[{index}]")
+        declaration: dict[str, Any] = {"name": function["name"]}
+        if function.get("description"):
+            declaration["description"] = function["description"]
+        if isinstance(function.get("parameters"), dict):
+            declaration["parameters_json_schema"] = function["parameters"]
+        declarations.append(declaration)
+    return [{"function_declarations": declarations}] if declarations else []
+
+
+def _tool_config(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice == "none":
+        return {"function_calling_config": {"mode": "NONE"}}
+    if choice == "auto":
+        return {"function_calling_config": {"mode": "AUTO"}}
+    if choice == "required":
+        return {"function_calling_config": {"mode": "ANY"}}
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and function.get("name"):
+        return {"function_calling_config": {"mode": "ANY", "allowed_function_names": [function["name"]]}}
+    raise _invalid("`tool_choice` must be none, auto, required or a named function.", "tool_choice")
+
+
+# Response -----------------------------------------------------------------------------------------------------
+
+
+def completion_id(response: dict[str, Any]) -> str:
+    """``chatcmpl-`` and Gemini's response id, else a digest of the response (deterministic)."""
+    rid = response.get("response_id")
+    if not rid:
+        rid = hashlib.sha256(json.dumps(response, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return f"chatcmpl-{rid}"
+
+
+def _tool_call(call: dict[str, Any], response_key: str, number: int) -> dict[str, Any]:
+    return {
+        "id": call.get("id") or f"call_{response_key}_{number}",
+        "type": "function",
+        "function": {"name": call.get("name") or "", "arguments": json.dumps(call.get("args") or {})},
+    }
+
+
+def _candidate(
+    candidate: dict[str, Any], response_key: str, first_call: int = 0
+) -> tuple[str | None, list[dict[str, Any]], str | None]:
+    """Text, tool calls (numbered from ``first_call``) and OpenAI finish reason (None while a stream goes
+    on) of one candidate."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for part in (candidate.get("content") or {}).get("parts") or []:
+        if part.get("thought"):
+            continue  # the model's reasoning summary is not part of its answer
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(part.get("function_call"), dict):
+            calls.append(_tool_call(part["function_call"], response_key, first_call + len(calls)))
+    reason = candidate.get("finish_reason")
+    reason = getattr(reason, "value", reason)
+    finish = None
+    if reason:
+        finish = "tool_calls" if calls else _FINISH.get(str(reason), "stop")
+    return ("".join(texts) if texts else None), calls, finish
+
+
+def openai_usage(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not metadata:
+        return None
+    prompt = (metadata.get("prompt_token_count") or 0) + (metadata.get("tool_use_prompt_token_count") or 0)
+    thoughts = metadata.get("thoughts_token_count") or 0
+    completion = (metadata.get("candidates_token_count") or 0) + thoughts
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": metadata.get("cached_content_token_count") or 0},
+        "completion_tokens_details": {"reasoning_tokens": thoughts},
+    }
+
+
+def completion_from_response(response: dict[str, Any], model: str) -> dict[str, Any]:
+    """A ``chat.completion`` from a ``GenerateContentResponse`` (``model_dump()``)."""
+    cid = completion_id(response)
+    key = cid.removeprefix("chatcmpl-")
+    choices = []
+    if (response.get("prompt_feedback") or {}).get("block_reason") and not response.get("candidates"):
+        choices.append(
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "content_filter",
+            }
+        )
+    for index, candidate in enumerate(response.get("candidates") or []):
+        text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        elif text is None:
+            message["content"] = ""
+        choices.append(
+            {
+                "index": candidate.get("index") or index,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish or "stop",
+            }
+        )
+    completion: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": response.get("model_version") or model,
+        "choices": choices,
+    }
+    usage = openai_usage(response.get("usage_metadata"))
+    if usage is not None:
+        completion["usage"] = usage
+    return completion
+
+
+class StreamTranslator:
+    """Each ``GenerateContentResponse`` of a stream becomes one ``chat.completion.chunk`` (the first carries
+    the role); the usage, which Gemini repeats (cumulatively) on its chunks, comes once at the end in a chunk
+    of its own (``usage_chunk``), as OpenAI sends it."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id: str | None = None
+        self.created = int(time.time())
+        self.usage: dict[str, Any] | None = None
+        self.finished = False
+        self._started: set[int] = set()
+        self._calls = 0
+
+    def feed(self, response: dict[str, Any]) -> dict[str, Any] | None:
+        if self.id is None:
+            self.id = completion_id(response)
+        self.model = response.get("model_version") or self.model
+        usage = openai_usage(response.get("usage_metadata"))
+        if usage is not None:
+            self.usage = usage
+        choices = []
+        if (response.get("prompt_feedback") or {}).get("block_reason") and not response.get("candidates"):
+            choices.append(
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "content_filter"}
+            )
+        key = self.id.removeprefix("chatcmpl-")
+        for position, candidate in enumerate(response.get("candidates") or []):
+            index = candidate.get("index") or position
+            text, calls, finish = _candidate(candidate, key, self._calls)
+            delta: dict[str, Any] = {}
+            if index not in self._started:
+                self._started.add(index)
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            if calls:
+                delta["tool_calls"] = []
+                for call in calls:
+                    delta["tool_calls"].append({"index": self._calls, **call})
+                    self._calls += 1
+            if finish == "stop" and self._calls:
+                finish = "tool_calls"  # the calls came in an earlier chunk than the finish
+            choices.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
+        if any(choice["finish_reason"] for choice in choices):
+            self.finished = True
+        if not choices:
+            return None
+        return self._chunk(choices)
+
+    def usage_chunk(self) -> dict[str, Any] | None:
+        if self.usage is None or self.id is None:
+            return None
+        return {**self._chunk([]), "usage": self.usage}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
