@@ -281,6 +281,7 @@ LLMHUB_ADAPTERS = {
     # Mistral's API is OpenAI's chat and embeddings API (plus fields it passes through).
     "mistral": "providers.adapters.openai.OpenAIAdapter",
     "anthropic": "providers.adapters.anthropic.AnthropicAdapter",
+    "gemini": "providers.adapters.gemini.GeminiAdapter",
     "cohere": "providers.adapters.cohere.CohereAdapter",
 }
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
