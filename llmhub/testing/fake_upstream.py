@@ -14,8 +14,11 @@ Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
     or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below), ``GET /v1/models`` and
     ``GET /v1/models/{id}`` (Anthropic shape when the request carries an ``anthropic-version`` header,
-    OpenAI shape otherwise). Control endpoints, which are neither counted
-    nor logged: ``GET /_fake/stats``, ``POST /_fake/reset``, ``GET /_fake/requests``.
+    OpenAI shape otherwise). Azure OpenAI's routes answer as OpenAI's: ``POST
+    /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
+    when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
+    (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Control endpoints, which
+    are neither counted nor logged: ``GET /_fake/stats``, ``POST /_fake/reset``, ``GET /_fake/requests``.
 
 Replies
     To the last user message (the last ``user`` message that has text or images; Anthropic messages that
@@ -223,7 +226,7 @@ _DEMO_KEYWORDS: tuple[tuple[str, frozenset[str]], ...] = (
 
 _DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
-_MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
+_MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("fake_body")
 
 Provider = Literal["openai", "anthropic", "gemini"]
@@ -781,6 +784,9 @@ class _App:
         from . import fake_cohere  # imports this module: loaded here, not at the top
 
         fake_cohere.add_routes(app.router, self)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure(self.chat_completions))
+        app.router.add_post("/openai/deployments/{deployment}/embeddings", self.azure(self.embeddings))
+        app.router.add_get("/openai/models", self.azure(self.models))
         app.router.add_get("/_fake/stats", self.control_stats)
         app.router.add_post("/_fake/reset", self.control_reset)
         app.router.add_get("/_fake/requests", self.control_requests)
@@ -835,6 +841,7 @@ class _App:
             request.headers.get("authorization") == f"Bearer {self.api_key}"
             or request.headers.get("x-api-key") == self.api_key
             or request.headers.get("x-goog-api-key") == self.api_key
+            or (request.path.startswith("/openai/") and request.headers.get("api-key") == self.api_key)
             or (request.path.startswith("/v1beta/") and request.query.get("key") == self.api_key)
         )
 
@@ -928,6 +935,25 @@ class _App:
 
     async def control_requests(self, _request: web.Request) -> web.Response:
         return web.json_response(self.requests())
+
+    # -- Azure OpenAI: OpenAI's handlers behind Azure's paths --
+
+    @staticmethod
+    def azure(
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def azure_handler(request: web.Request) -> web.StreamResponse:
+            if not request.query.get("api-version"):
+                return _openai_error(
+                    400, "Missing required query parameter: api-version", "invalid_request_error", "missing_api_version"
+                )
+            deployment = request.match_info.get("deployment")
+            body = request[_BODY_KEY]
+            if deployment and isinstance(body, dict) and not body.get("model"):
+                body["model"] = deployment
+            return await handler(request)
+
+        return azure_handler
 
     # -- models --
 
@@ -1613,15 +1639,8 @@ def _gemini_tool(body: dict[str, Any]) -> _ToolSpec | None:
     declarations = [d for d in declarations if d["name"] in allowed] or declarations if allowed else declarations
     if not declarations:
         return None
-    # Google's JSON parser takes a field's proto name (snake_case) as well as its camelCase one.
-    declaration = declarations[0]
-    schema = (
-        declaration.get("parameters")
-        or declaration.get("parametersJsonSchema")
-        or declaration.get("parameters_json_schema")
-        or {}
-    )
-    return _ToolSpec(declaration["name"], _lower_types(schema))
+    schema = declarations[0].get("parameters") or declarations[0].get("parametersJsonSchema") or {}
+    return _ToolSpec(declarations[0]["name"], _lower_types(schema))
 
 
 def _lower_types(schema: Any) -> Any:
