@@ -63,7 +63,7 @@ class ProviderAdmin(admin.ModelAdmin):
         (None, {"fields": ("name", "kind", "enabled")}),
         (
             "Endpoint",
-            {"fields": ("base_url", "api_key", "clear_api_key", "organization", "extra_headers")},
+            {"fields": ("base_url", "api_key", "clear_api_key", "organization", "api_version", "extra_headers")},
         ),
         ("Client", {"fields": ("timeout_seconds", "max_retries")}),
         ("Last health check", {"fields": readonly_fields}),

@@ -96,6 +96,8 @@ class Provider(models.Model):
         if not self.effective_base_url:
             raise ValidationError({"base_url": "This kind of provider has no default endpoint: give a base URL."})
         validate_provider_url(self.effective_base_url, field="base_url")
+        if self.kind == ProviderKind.AZURE_OPENAI and not self.api_version.strip():
+            raise ValidationError({"api_version": "Azure OpenAI needs an api-version (e.g. 2024-10-21)."})
         headers = self.extra_headers
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, Secret) for k, v in headers.items()

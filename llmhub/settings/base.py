@@ -280,6 +280,7 @@ LLMHUB_ADAPTERS = {
     "openai_compatible": "providers.adapters.openai.OpenAIAdapter",
     # Mistral's API is OpenAI's chat and embeddings API (plus fields it passes through).
     "mistral": "providers.adapters.openai.OpenAIAdapter",
+    "azure_openai": "providers.adapters.azure.AzureOpenAIAdapter",
     "anthropic": "providers.adapters.anthropic.AnthropicAdapter",
     "gemini": "providers.adapters.gemini.GeminiAdapter",
     "cohere": "providers.adapters.cohere.CohereAdapter",

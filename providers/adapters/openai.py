@@ -57,20 +57,23 @@ _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
 class OpenAIAdapter(BaseAdapter):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
-        timeout = http_timeout(config)
-        self._client = openai.AsyncOpenAI(
-            api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
-            organization=config.organization or None,
-            base_url=config.base_url,
-            timeout=timeout,
-            max_retries=config.max_retries,
-            default_headers=dict(config.extra_headers),
-            http_client=provider_http_client(config),
-        )
+        self._client = self._sdk_client(config)
         # The provider row alone configures the client: the gateway's own environment
         # (OPENAI_ORG_ID, OPENAI_PROJECT_ID) must not be sent to a third-party server.
         self._client.organization = config.organization or None
         self._client.project = None
+
+    def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
+        """The SDK client every call goes through; Azure OpenAI's adapter builds the SDK's Azure client instead."""
+        return openai.AsyncOpenAI(
+            api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
+            organization=config.organization or None,
+            base_url=config.base_url,
+            timeout=http_timeout(config),
+            max_retries=config.max_retries,
+            default_headers=dict(config.extra_headers),
+            http_client=provider_http_client(config),
+        )
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         if "stream" in body or "stream_options" in body:

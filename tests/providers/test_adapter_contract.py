@@ -93,6 +93,8 @@ CONTRACT_ADAPTERS: list[ContractAdapter] = [
     ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1"),
     # Mistral speaks OpenAI's chat and embeddings API: the OpenAI adapter against the same routes.
     ContractAdapter(kind="mistral", base_url=lambda url: url + "/v1"),
+    # The model is the Azure deployment's name; the SDK puts it in the path, the fake answers as that model.
+    ContractAdapter(kind="azure_openai", base_url=lambda url: url, config={"api_version": "2024-10-21"}),
     ContractAdapter(
         kind="anthropic",
         base_url=lambda url: url,  # the SDK's paths carry /v1
