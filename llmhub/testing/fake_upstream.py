@@ -1639,8 +1639,15 @@ def _gemini_tool(body: dict[str, Any]) -> _ToolSpec | None:
     declarations = [d for d in declarations if d["name"] in allowed] or declarations if allowed else declarations
     if not declarations:
         return None
-    schema = declarations[0].get("parameters") or declarations[0].get("parametersJsonSchema") or {}
-    return _ToolSpec(declarations[0]["name"], _lower_types(schema))
+    # Google's JSON parser takes a field's proto name (snake_case) as well as its camelCase one.
+    declaration = declarations[0]
+    schema = (
+        declaration.get("parameters")
+        or declaration.get("parametersJsonSchema")
+        or declaration.get("parameters_json_schema")
+        or {}
+    )
+    return _ToolSpec(declaration["name"], _lower_types(schema))
 
 
 def _lower_types(schema: Any) -> Any:
