@@ -936,3 +936,106 @@ def test_embeddings_directives_and_faults(oai: openai.OpenAI, upstream: FakeUpst
         status, _, body = http(upstream, "POST", "/v1/embeddings", bad)
         assert status == 400 and "error" in json.loads(body), bad
     assert upstream.stats["by_path"]["/v1/embeddings"] == 8
+
+
+# -- Cohere v2 (under /cohere) ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def co(upstream: FakeUpstream):
+    import cohere
+
+    return cohere.ClientV2(api_key="co-test-1234", base_url=upstream.base_url + "/cohere", max_retries=0, timeout=5)
+
+
+def test_cohere_chat_tool_round_trip_and_embed_through_the_sdk(upstream: FakeUpstream, co) -> None:
+    reply = co.chat(model="command-a-03-2025", messages=[{"role": "user", "content": "hello [[cache=1]]"}])
+    assert reply.finish_reason == "COMPLETE"
+    assert reply.message.content[0].text == "Echo: hello"
+    assert reply.usage.billed_units.output_tokens == 2
+    assert reply.usage.cached_tokens == 1
+
+    first = co.chat(
+        model="command-a-03-2025", messages=[{"role": "user", "content": "Paris"}], tools=[WEATHER_TOOL_OPENAI]
+    )
+    assert first.finish_reason == "TOOL_CALL"
+    call = first.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
+    final = co.chat(
+        model="command-a-03-2025",
+        messages=[
+            {"role": "user", "content": "Paris"},
+            {"role": "assistant", "tool_calls": [call.dict()], "tool_plan": first.message.tool_plan},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        ],
+        tools=[WEATHER_TOOL_OPENAI],
+    )
+    assert final.message.content[0].text == "Tool result: sunny"
+
+    embedded = co.embed(
+        texts=["one two", "three"], model="embed-v4.0", input_type="search_document", embedding_types=["float"]
+    )
+    assert [len(vector) for vector in embedded.embeddings.float_] == [256, 256]
+    assert embedded.meta.billed_units.input_tokens == 3
+    assert "command-a-03-2025" in {model.name for model in co.models.list().models}
+    assert upstream.stats["by_path"]["/cohere/v2/chat"] == 3
+
+
+def test_cohere_stream_events_are_framed_as_cohere_frames_them(upstream: FakeUpstream, co) -> None:
+    status, headers, raw = http(
+        upstream, "POST", "/cohere/v2/chat", {"model": "c", "stream": True, "messages": user("[[words=3]]")}
+    )
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = anthropic_sse(raw)  # `event: <type>` then one `data:` line whose type matches
+    assert [name for name, _ in events] == [
+        "message-start",
+        "content-start",
+        "content-delta",
+        "content-delta",
+        "content-delta",
+        "content-end",
+        "message-end",
+    ]
+    assert events[-1][1]["delta"]["usage"]["billed_units"]["output_tokens"] == 3
+
+    streamed = list(
+        co.chat_stream(
+            model="command-a-03-2025", messages=[{"role": "user", "content": "Oslo"}], tools=[WEATHER_TOOL_OPENAI]
+        )
+    )
+    kinds = [event.type for event in streamed]
+    assert kinds[:3] == ["message-start", "tool-plan-delta", "tool-call-start"]
+    assert kinds[-2:] == ["tool-call-end", "message-end"]
+    arguments = "".join(
+        e.delta.message.tool_calls.function.arguments or "" for e in streamed if e.type == "tool-call-delta"
+    )
+    assert json.loads(arguments)["city"] == "Oslo"
+    assert streamed[-1].delta.finish_reason == "TOOL_CALL"
+
+
+def test_cohere_faults_answer_in_cohere_error_shape(upstream: FakeUpstream) -> None:
+    for fault, status in (("429", 429), ("503", 503), ("context", 400)):
+        code, headers, body = http(
+            upstream, "POST", "/cohere/v2/chat", {"model": "c", "messages": user(f"hi [[fault={fault}]]")}
+        )
+        assert code == status and set(json.loads(body)) == {"message"}, fault
+    assert "too many tokens" in json.loads(body)["message"]
+    code, headers, _ = http(
+        upstream,
+        "POST",
+        "/cohere/v2/embed",
+        {"model": "e", "texts": ["x"], "input_type": "search_document"},
+        {"x-fake-fault": "429"},
+    )
+    assert code == 429 and headers["Retry-After"] == "2"
+    _, _, raw = http(
+        upstream,
+        "POST",
+        "/cohere/v2/chat",
+        {"model": "c", "stream": True, "messages": user("[[words=9]] [[fault=error-event]]")},
+    )
+    events = anthropic_sse(raw)
+    assert [name for name, _ in events].count("content-delta") == 2
+    assert events[-1][1]["delta"]["finish_reason"] == "ERROR"
+    # OpenAI's model list keeps its own path and shape.
+    assert "data" in json.loads(http(upstream, "GET", "/v1/models")[2])
