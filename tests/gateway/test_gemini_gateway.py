@@ -1,0 +1,97 @@
+"""A catalog model on a Gemini provider, through a live llmhub with the openai SDK: the gateway speaks OpenAI,
+the adapter Gemini (to the fake upstream's Gemini routes), and the ledger prices what Gemini reported."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import pytest
+
+from billing.models import UsageRecord
+from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MILLION = Decimal(1_000_000)
+INPUT, CACHED, OUTPUT = Decimal("0.30"), Decimal("0.075"), Decimal("2.50")
+
+
+@pytest.fixture
+def gemini(gateway):
+    provider = ProviderFactory(name="fake-gemini", kind=ProviderKind.GEMINI, base_url=gateway.upstream.base_url)
+    ModelFactory(
+        name="gemini-test",
+        provider=provider,
+        upstream_id="gemini-2.5-flash",
+        input_per_mtok=INPUT,
+        output_per_mtok=OUTPUT,
+        cached_input_per_mtok=CACHED,
+    )
+    return gateway
+
+
+def wait_for_record(request_id: str, timeout: float = 10.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = UsageRecord.objects.filter(request_id=request_id).first()
+        if record is not None:
+            return record
+        time.sleep(0.02)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
+def assert_priced(record: UsageRecord, prompt: int, cached: int, completion: int, *, stream: bool) -> None:
+    assert (record.model_name, record.provider_name, record.status, record.stream) == (
+        "gemini-test",
+        "fake-gemini",
+        "ok",
+        stream,
+    )
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (prompt, cached, completion)
+    assert not record.usage_estimated
+    expected = ((prompt - cached) * INPUT + cached * CACHED + completion * OUTPUT) / MILLION
+    assert record.cost == expected
+
+
+def test_a_completion_through_gemini_is_answered_and_priced(gemini):
+    raw = gemini.client().chat.completions.with_raw_response.create(
+        model="gemini-test",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there [[cache=2]]"}],
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateChatCompletionResponse")
+    completion = raw.parse()
+    assert completion.model == "gemini-test"
+    assert completion.choices[0].message.content == "Echo: hello there"
+    usage = completion.usage
+    assert usage.prompt_tokens_details.cached_tokens == 2
+    assert gemini.upstream.requests[-1]["path"] == "/v1beta/models/gemini-2.5-flash:generateContent"
+
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert_priced(record, usage.prompt_tokens, 2, usage.completion_tokens, stream=False)
+
+
+def test_a_stream_through_gemini_relays_chunks_and_is_priced(gemini):
+    with gemini.client().chat.completions.with_streaming_response.create(
+        model="gemini-test",
+        messages=[{"role": "user", "content": "stream me [[words=9]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert len(text.split()) == 9
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 9
+    assert gemini.upstream.requests[-1]["path"] == "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+
+    record = wait_for_record(request_id)
+    assert_priced(record, usage["prompt_tokens"], 0, 9, stream=True)
