@@ -1,0 +1,135 @@
+"""A Cohere provider behind a live llmhub, used with the official openai SDK: chat (streamed and not, with
+a tool round trip) and embeddings each leave one priced ledger row, whatever protocol the provider speaks."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import openai
+import pytest
+
+from billing.models import UsageRecord
+from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ModelMode, ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MILLION = Decimal(1_000_000)
+INPUT, OUTPUT = Decimal("2.50"), Decimal("10.00")
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture
+def cohere_gateway(gateway):
+    provider = ProviderFactory(
+        name="fake-cohere", kind=ProviderKind.COHERE, base_url=gateway.upstream.base_url + "/cohere"
+    )
+    ModelFactory(
+        name="command-test",
+        provider=provider,
+        upstream_id="command-a-03-2025",
+        input_per_mtok=INPUT,
+        output_per_mtok=OUTPUT,
+    )
+    ModelFactory(
+        name="cohere-embed-test",
+        provider=provider,
+        upstream_id="embed-v4.0",
+        mode=ModelMode.EMBEDDING,
+        input_per_mtok=Decimal("0.12"),
+        output_per_mtok=Decimal(0),
+    )
+    return gateway
+
+
+def ledger_row(request_id: str, timeout: float = 10.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = list(UsageRecord.objects.filter(request_id=request_id))
+        if rows:
+            assert len(rows) == 1
+            return rows[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
+def assert_chat_row(row: UsageRecord, *, stream: bool, completion_tokens: int) -> None:
+    assert (row.model_name, row.provider_name, row.status, row.stream) == ("command-test", "fake-cohere", "ok", stream)
+    assert row.completion_tokens == completion_tokens and row.prompt_tokens > 0
+    assert not row.usage_estimated
+    assert row.cost == (row.prompt_tokens * INPUT + completion_tokens * OUTPUT) / MILLION
+
+
+def test_chat_and_a_tool_round_trip(cohere_gateway):
+    client = cohere_gateway.client()
+    raw = client.chat.completions.with_raw_response.create(
+        model="command-test", messages=[{"role": "user", "content": "hello [[words=4]]"}]
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateChatCompletionResponse")
+    completion = raw.parse()
+    assert completion.model == "command-test"
+    assert completion.choices[0].message.content == "lorem ipsum dolor sit"
+    assert_chat_row(ledger_row(raw.headers["x-request-id"]), stream=False, completion_tokens=4)
+
+    messages = [{"role": "user", "content": "Lima"}]
+    first = client.chat.completions.create(model="command-test", messages=messages, tools=[WEATHER_TOOL])
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert json.loads(call.function.arguments) == {"city": "Lima"}
+    messages += [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "warm"},
+    ]
+    final = client.chat.completions.create(model="command-test", messages=messages, tools=[WEATHER_TOOL])
+    assert final.choices[0].message.content == "Tool result: warm"
+
+
+def test_a_streamed_chat_relays_chunks_and_bills_the_reported_usage(cohere_gateway):
+    client = cohere_gateway.client()
+    with client.chat.completions.with_streaming_response.create(
+        model="command-test",
+        messages=[{"role": "user", "content": "[[words=6]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        chunks = list(response.parse())
+
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).split() == [
+        "lorem",
+        "ipsum",
+        "dolor",
+        "sit",
+        "amet",
+        "consectetur",
+    ]
+    assert chunks[-1].usage.completion_tokens == 6
+    assert_chat_row(ledger_row(request_id), stream=True, completion_tokens=6)
+
+
+def test_embeddings_leave_one_row_priced_on_input(cohere_gateway):
+    client = cohere_gateway.client()
+    raw = client.embeddings.with_raw_response.create(model="cohere-embed-test", input="one two three four")
+    response = raw.parse()  # the SDK asked for base64 and decoded the vectors
+    assert len(response.data[0].embedding) == 256
+    assert response.usage.prompt_tokens == 4
+    row = ledger_row(raw.headers["x-request-id"])
+    assert (row.operation, row.provider_name, row.prompt_tokens, row.status) == ("embeddings", "fake-cohere", 4, "ok")
+    assert row.cost == 4 * Decimal("0.12") / MILLION
+
+
+def test_an_upstream_fault_is_the_clients_error_with_its_row(cohere_gateway):
+    client = cohere_gateway.client()
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="command-test", messages=[{"role": "user", "content": "[[fault=429]]"}])
+    row = ledger_row(caught.value.response.headers["x-request-id"])
+    assert row.status != "ok" and row.provider_name == "fake-cohere"
