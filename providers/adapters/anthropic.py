@@ -21,17 +21,13 @@ from ..outbound import OutboundRefused
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from .base import BaseAdapter, WireChunk, WireEvent
 from .common import (
-    connection_error,
+    error_for_failure,
     error_for_status,
     http_timeout,
     interruption_reason,
-    is_context_length_message,
-    outbound_refusal,
     provider_http_client,
-    refused_error,
     scrub,
     stream_interrupted,
-    timeout_error,
     upstream_deadline,
 )
 from .sse import sse_events
@@ -173,32 +169,15 @@ class AnthropicAdapter(BaseAdapter):
             raise self.map_error(exc) from None
 
     def map_error(self, exc: BaseException) -> ProviderError:
-        if isinstance(exc, ProviderError):
-            return exc
         config = self.config
-        refusal = outbound_refusal(exc)
-        if refusal is not None:
-            return refused_error(config, refusal)
         if isinstance(exc, anthropic.APIStatusError):
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             if exc.status_code < 400:
                 # An error event inside a stream that had begun with a 200.
                 return ProviderError(f"The provider {config.name!r} reported an error: {message}", provider=config.name)
-            return error_for_status(
-                config,
-                exc.status_code,
-                message,
-                headers=exc.response.headers,
-                context_exceeded=is_context_length_message(message),
-            )
-        if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
-            return timeout_error(config)
-        if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
-            return connection_error(config)
-        if isinstance(exc, ValueError):
-            return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
-        return ProviderError(
-            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+            return error_for_status(config, exc.status_code, message, headers=exc.response.headers)
+        return error_for_failure(
+            config, exc, timeouts=(anthropic.APITimeoutError,), connection_errors=(anthropic.APIConnectionError,)
         )
 
     async def aclose(self) -> None:

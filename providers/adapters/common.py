@@ -140,10 +140,15 @@ def error_for_status(
     *,
     headers: Mapping[str, str] | None = None,
     param: str | None = None,
+    code: str | None = None,
     context_exceeded: bool = False,
 ) -> ProviderError:
-    """The error for an upstream HTTP error status; ``message`` is the provider's own, already scrubbed."""
+    """The error for an upstream HTTP error status, whatever the protocol; ``message`` is the provider's own,
+    already scrubbed, and ``code`` its machine-readable error code if it gives one. A context-length error is
+    recognised by OpenAI's code or by its wording (compatible servers and Anthropic only say it in words);
+    ``context_exceeded`` is for a provider whose wording only its adapter knows."""
     name = config.name
+    context_exceeded = context_exceeded or code == "context_length_exceeded" or is_context_length_message(message)
     kwargs = {"provider": name, "upstream_status": status}
     if status in (401, 403):
         # The client's own key was fine (it got this far): this is the gateway's credential, and
@@ -172,6 +177,33 @@ def error_for_status(
     if status >= 500:
         return ProviderUnavailableError(f"The provider {name!r} is unavailable (HTTP {status}): {message}", **kwargs)
     return ProviderError(f"The provider {name!r} failed (HTTP {status}): {message}", **kwargs)
+
+
+def error_for_failure(
+    config: ProviderConfig,
+    exc: BaseException,
+    *,
+    timeouts: tuple[type[BaseException], ...] = (),
+    connection_errors: tuple[type[BaseException], ...] = (),
+) -> ProviderError:
+    """The error for a failure that is not an upstream HTTP error status: one of ours already, the outbound
+    policy's refusal, a timeout, a connection that failed, a body that is not JSON, or anything else.
+    ``timeouts`` and ``connection_errors`` are the SDK's own classes for the transport's failures (which it
+    raises in place of, or besides, httpx2's)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    refusal = outbound_refusal(exc)
+    if refusal is not None:
+        return refused_error(config, refusal)
+    if isinstance(exc, (httpx2.TimeoutException, *timeouts)):
+        return timeout_error(config)
+    if isinstance(exc, (httpx2.TransportError, *connection_errors)):
+        return connection_error(config)
+    if isinstance(exc, ValueError):
+        return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
+    return ProviderError(
+        f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+    )
 
 
 def timeout_error(config: ProviderConfig) -> ProviderTimeoutError:

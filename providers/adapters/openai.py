@@ -27,17 +27,13 @@ from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
-    connection_error,
+    error_for_failure,
     error_for_status,
     http_timeout,
     interruption_reason,
-    is_context_length_message,
-    outbound_refusal,
     provider_http_client,
-    refused_error,
     scrub,
     stream_interrupted,
-    timeout_error,
     upstream_deadline,
 )
 from .openai_shape import StreamShape, completion_conform
@@ -197,33 +193,17 @@ class OpenAIAdapter(BaseAdapter):
         return [_upstream_model(item) for item in data if isinstance(item, dict) and item.get("id")]
 
     def map_error(self, exc: BaseException) -> ProviderError:
-        if isinstance(exc, ProviderError):
-            return exc
         config = self.config
-        refusal = outbound_refusal(exc)
-        if refusal is not None:
-            return refused_error(config, refusal)
         if isinstance(exc, openai.APIStatusError):
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             return error_for_status(
-                config,
-                exc.status_code,
-                message,
-                headers=exc.response.headers,
-                param=exc.param,
-                context_exceeded=exc.code == "context_length_exceeded" or is_context_length_message(message),
+                config, exc.status_code, message, headers=exc.response.headers, param=exc.param, code=exc.code
             )
-        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
-            return timeout_error(config)
-        if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
-            return connection_error(config)
-        if isinstance(exc, openai.APIError):
+        if isinstance(exc, openai.APIError) and not isinstance(exc, openai.APIConnectionError):
             message = self._upstream_message(exc.body) or "no details given"
             return ProviderError(f"The provider {config.name!r} reported an error: {message}", provider=config.name)
-        if isinstance(exc, ValueError):
-            return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
-        return ProviderError(
-            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+        return error_for_failure(
+            config, exc, timeouts=(openai.APITimeoutError,), connection_errors=(openai.APIConnectionError,)
         )
 
     async def aclose(self) -> None:
