@@ -1039,3 +1039,124 @@ def test_cohere_faults_answer_in_cohere_error_shape(upstream: FakeUpstream) -> N
     assert events[-1][1]["delta"]["finish_reason"] == "ERROR"
     # OpenAI's model list keeps its own path and shape.
     assert "data" in json.loads(http(upstream, "GET", "/v1/models")[2])
+
+
+# -- Google Gemini's routes (v1beta), driven by google-genai --------------------------------------------------
+
+
+@pytest.fixture
+def genai_client(upstream: FakeUpstream):
+    from google import genai
+    from google.genai import types
+
+    return genai.Client(
+        api_key="AIza-fake",
+        http_options=types.HttpOptions(
+            base_url=upstream.base_url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)
+        ),
+    )
+
+
+def test_gemini_generate_content_echoes_with_usage_and_tool_calls(genai_client, upstream: FakeUpstream) -> None:
+    response = genai_client.models.generate_content(
+        model="gemini-2.5-flash",
+        contents="hello there [[cache=2]]",
+        config={"system_instruction": "be brief"},
+    )
+    assert response.text == "Echo: hello there"
+    assert response.candidates[0].finish_reason.value == "STOP"
+    usage = response.usage_metadata
+    assert usage.cached_content_token_count == 2
+    assert usage.candidates_token_count == 3
+    assert usage.total_token_count == usage.prompt_token_count + 3
+    assert upstream.requests[-1]["headers"]["x-goog-api-key"] != "AIza-fake"  # sent, and masked in the log
+
+    tool = {
+        "function_declarations": [
+            {
+                "name": "get_weather",
+                "parameters_json_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+            }
+        ]
+    }
+    called = genai_client.models.generate_content(
+        model="gemini-2.5-flash",
+        contents="Paris",
+        config={"tools": [tool], "automatic_function_calling": {"disable": True}},
+    )
+    call = called.candidates[0].content.parts[0].function_call
+    assert (call.name, call.args) == ("get_weather", {"city": "Paris"})
+    answered = genai_client.models.generate_content(
+        model="gemini-2.5-flash",
+        contents=[
+            {"role": "user", "parts": [{"text": "Paris"}]},
+            {"role": "model", "parts": [{"function_call": {"name": "get_weather", "args": {"city": "Paris"}}}]},
+            {
+                "role": "user",
+                "parts": [{"function_response": {"name": "get_weather", "response": {"output": "sunny"}}}],
+            },
+        ],
+        config={"tools": [tool], "automatic_function_calling": {"disable": True}},
+    )
+    assert answered.text == "Tool result: sunny"
+
+
+def test_gemini_stream_is_sse_one_token_per_chunk_with_usage_last(genai_client) -> None:
+    chunks = list(genai_client.models.generate_content_stream(model="gemini-2.5-flash", contents="[[words=5]]"))
+    assert "".join(chunk.text for chunk in chunks).split() == ["lorem", "ipsum", "dolor", "sit", "amet"]
+    assert len(chunks) == 5
+    assert chunks[-1].candidates[0].finish_reason.value == "STOP"
+    assert chunks[-1].usage_metadata.candidates_token_count == 5
+    assert all(chunk.usage_metadata is None for chunk in chunks[:-1])
+
+
+def test_gemini_safety_blocks(genai_client) -> None:
+    blocked = genai_client.models.generate_content(model="m", contents="x [[safety=response]]")
+    assert blocked.candidates[0].finish_reason.value == "SAFETY"
+    assert blocked.candidates[0].content is None
+    prompt = genai_client.models.generate_content(model="m", contents="x [[safety=prompt]]")
+    assert prompt.prompt_feedback.block_reason.value == "SAFETY"
+    assert not prompt.candidates
+
+
+def test_gemini_faults_in_googles_error_shape(genai_client, upstream: FakeUpstream) -> None:
+    from google.genai import errors
+
+    with pytest.raises(errors.ClientError) as caught:
+        genai_client.models.generate_content(model="m", contents="x [[fault=429]]")
+    assert (caught.value.code, caught.value.status) == (429, "RESOURCE_EXHAUSTED")
+    with pytest.raises(errors.ServerError) as caught:
+        genai_client.models.generate_content(model="fault-503", contents="x")
+    assert (caught.value.code, caught.value.status) == (503, "UNAVAILABLE")
+    with pytest.raises(errors.ClientError) as caught:
+        genai_client.models.generate_content(model="m", contents="x [[fault=context]]")
+    assert caught.value.status == "INVALID_ARGUMENT" and "input token count" in caught.value.message
+    with pytest.raises(errors.ServerError):
+        list(genai_client.models.generate_content_stream(model="m", contents="[[words=9]] [[fault=error-event]]"))
+    status, _, body = http(upstream, "POST", "/v1beta/models/m:generateContent", {"contents": []})
+    assert status == 400 and json.loads(body)["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def test_gemini_models_and_embeddings(genai_client, upstream: FakeUpstream) -> None:
+    names = [model.name for model in genai_client.models.list()]
+    assert "models/fake-gpt-4o-mini" in names and "models/fake-gemini-embedding" in names
+    response = genai_client.models.embed_content(
+        model="fake-gemini-embedding", contents=["one two", "three"], config={"output_dimensionality": 8}
+    )
+    vectors = [embedding.values for embedding in response.embeddings]
+    assert [len(vector) for vector in vectors] == [8, 8]
+    assert vectors[0] != vectors[1]
+    again = genai_client.models.embed_content(
+        model="fake-gemini-embedding", contents=["one two"], config={"output_dimensionality": 8}
+    )
+    assert again.embeddings[0].values == vectors[0]  # deterministic
+
+
+def test_gemini_key_in_the_query_string_is_accepted_when_a_key_is_required() -> None:
+    with FakeUpstream(api_key="AIza-required") as server:
+        status, _, _ = http(server, "GET", "/v1beta/models")
+        assert status == 401
+        status, _, body = http(server, "GET", "/v1beta/models?key=AIza-required")
+        assert status == 200 and json.loads(body)["models"]
+        status, _, _ = http(server, "GET", "/v1beta/models", headers={"x-goog-api-key": "AIza-required"})
+        assert status == 200
