@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.urls import reverse
 
 from providers.adapters.azure import AzureOpenAIAdapter
+from providers.adapters.registry import adapter_class_for_kind
 from providers.fields import Secret
 from providers.models import Provider, ProviderKind
+from providers.selectors import provider_config
 from providers.types import ProviderConfig
 
 API_KEY = "azure-adapter-test-key-0123456789abcdef"
@@ -72,3 +76,44 @@ def test_an_azure_provider_needs_a_base_url():
     with pytest.raises(ValidationError) as caught:
         provider.clean()
     assert "base_url" in caught.value.message_dict
+
+
+def azure_form(base_url: str, **overrides: object) -> dict[str, object]:
+    data = {
+        "name": "azure-east",
+        "kind": ProviderKind.AZURE_OPENAI,
+        "enabled": "on",
+        "base_url": base_url,
+        "api_key": API_KEY,
+        "organization": "",
+        "api_version": "2024-10-21",
+        "extra_headers": "{}",
+        "timeout_seconds": "5",
+        "max_retries": "0",
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.mark.django_db
+def test_the_admin_asks_for_an_api_version_and_the_saved_provider_answers(admin_client, fake_upstream):
+    add_url = reverse("admin:providers_provider_add")
+    refused = admin_client.post(add_url, azure_form(fake_upstream.base_url, api_version=""))
+    assert refused.status_code == 200
+    assert "Azure OpenAI needs an api-version" in refused.content.decode()
+    assert not Provider.objects.exists()
+
+    assert admin_client.post(add_url, azure_form(fake_upstream.base_url)).status_code == 302
+    provider = Provider.objects.get(name="azure-east")
+    assert provider.api_version == "2024-10-21"
+
+    async def check_health():
+        adapter = adapter_class_for_kind(provider.kind)(provider_config(provider))
+        try:
+            return await adapter.health_check()
+        finally:
+            await adapter.aclose()
+
+    health = async_to_sync(check_health)()
+    assert health.ok, health.error
+    assert fake_upstream.requests[-1]["path"] == "/openai/models"
