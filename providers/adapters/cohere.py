@@ -31,14 +31,10 @@ from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
-    connection_error,
+    error_for_failure,
     error_for_status,
-    is_context_length_message,
-    outbound_refusal,
-    refused_error,
     scrub,
     stream_interrupted,
-    timeout_error,
     upstream_deadline,
 )
 
@@ -147,30 +143,19 @@ class CohereAdapter(BaseAdapter):
         ]
 
     def map_error(self, exc: BaseException) -> ProviderError:
-        if isinstance(exc, ProviderError):
-            return exc
-        config = self.config
-        refusal = outbound_refusal(exc)
-        if refusal is not None:
-            return refused_error(config, refusal)
         if isinstance(exc, ApiError) and exc.status_code is not None:
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             return error_for_status(
-                config,
+                self.config,
                 exc.status_code,
                 message,
                 headers=exc.headers,
                 # Cohere says "too many tokens: total number of tokens in the prompt cannot exceed …".
-                context_exceeded=is_context_length_message(message) or "too many tokens" in message.lower(),
+                context_exceeded="too many tokens" in message.lower(),
             )
-        if isinstance(exc, httpx.TimeoutException):
-            return timeout_error(config)
-        if isinstance(exc, httpx.TransportError):
-            return connection_error(config)
-        if isinstance(exc, ValueError):
-            return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
-        return ProviderError(
-            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
+        # The SDK sends through plain httpx, whose transport errors are not httpx2's.
+        return error_for_failure(
+            self.config, exc, timeouts=(httpx.TimeoutException,), connection_errors=(httpx.TransportError,)
         )
 
     async def aclose(self) -> None:
