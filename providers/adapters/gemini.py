@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 import httpx2
@@ -47,12 +48,23 @@ DEFAULT_API_VERSION = "v1beta"
 _PLACEHOLDER_KEY = "not-configured"
 _MODELS_PREFIX = "models/"
 _FAILURES = (genai_errors.APIError, httpx2.HTTPError, ValueError, ValidationError, OutboundRefused)
+# The HTTP responses a stream's opening request received. The SDK reads a stream through several nested
+# generators; closing the outer one leaves the inner ones (and the response) open until they are garbage
+# collected, so the adapter closes the response itself.
+_stream_responses: ContextVar[list[httpx2.Response] | None] = ContextVar("gemini_stream_responses", default=None)
+
+
+async def _track_stream_response(response: httpx2.Response) -> None:
+    opened = _stream_responses.get()
+    if opened is not None:
+        opened.append(response)
 
 
 class GeminiAdapter(BaseAdapter):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._http = provider_http_client(config)
+        self._http.event_hooks["response"].append(_track_stream_response)
         timeout = http_timeout(config)
         self._client = genai.Client(
             api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
@@ -78,6 +90,8 @@ class GeminiAdapter(BaseAdapter):
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         request = gemini_request(body)
         upstream = None
+        opened: list[httpx2.Response] = []
+        tracking = _stream_responses.set(opened)
         try:
             # The SDK sends the request when the stream is first read: the response's start (an error
             # status included) is awaited here, under the deadline, so that a refusal maps like complete's.
@@ -85,14 +99,15 @@ class GeminiAdapter(BaseAdapter):
                 upstream = await self._client.aio.models.generate_content_stream(**request)
                 first = await anext(upstream, None)
         except _FAILURES as exc:
-            if upstream is not None:
-                await upstream.aclose()
+            await _close(upstream, opened)
             if isinstance(exc, httpx2.TransportError) and not isinstance(
                 exc, httpx2.ConnectError | httpx2.TimeoutException
             ):
                 # Connected and answered, then the body broke off: the stream had begun.
                 raise stream_interrupted(self.config, interruption_reason(exc)) from None
             raise self.map_error(exc) from None
+        finally:
+            _stream_responses.reset(tracking)  # before the first yield: the caller's context stays its own
         translator = StreamTranslator(request["model"])
         try:
             response = first
@@ -104,7 +119,8 @@ class GeminiAdapter(BaseAdapter):
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
         finally:
-            await upstream.aclose()
+            # Also on aclose() and cancellation: the upstream response stops at once.
+            await _close(upstream, opened)
         if not translator.finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
         last = translator.usage_chunk()
@@ -203,6 +219,13 @@ class GeminiAdapter(BaseAdapter):
         if isinstance(exc, ValueError | ValidationError):
             return "the provider sent a malformed chunk."
         return interruption_reason(exc)
+
+
+async def _close(upstream: AsyncIterator[Any] | None, opened: list[httpx2.Response]) -> None:
+    for response in opened:
+        await response.aclose()
+    if upstream is not None:
+        await upstream.aclose()  # type: ignore[attr-defined]
 
 
 def _dump(response: genai_types.GenerateContentResponse) -> dict[str, Any]:

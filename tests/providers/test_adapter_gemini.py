@@ -3,6 +3,7 @@ Gemini routes through google-genai. The behaviour every adapter shares is in tes
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 
@@ -14,6 +15,7 @@ from providers.adapters.translate_gemini import StreamTranslator, completion_fro
 from providers.exceptions import ProviderBadRequestError, ProviderError
 from providers.fields import Secret
 from providers.types import ProviderConfig
+from tests.providers.conftest import open_connections_to, two_content_chunks
 
 API_KEY = "AIza-gemini-adapter-test-key-0123456789"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -319,3 +321,39 @@ async def test_the_sdk_connects_only_through_the_outbound_policy(settings):
 async def _drain(stream) -> None:
     async for _ in stream:
         pass
+
+
+async def test_closing_a_stream_closes_the_upstream_response_at_once(private_upstream):
+    adapter = GeminiAdapter(make_config(private_upstream.base_url))
+    try:
+        stream = adapter.stream(chat("[[tps=5]] [[words=200]]"))
+        await two_content_chunks(stream)
+        assert open_connections_to(private_upstream.port) == 1
+        await stream.aclose()
+
+        assert open_connections_to(private_upstream.port) == 0
+    finally:
+        await adapter.aclose()
+
+
+async def test_cancelling_the_consuming_task_closes_the_upstream_response(private_upstream):
+    adapter = GeminiAdapter(make_config(private_upstream.base_url))
+    two_chunks = asyncio.Event()
+
+    async def consume() -> None:
+        stream = adapter.stream(chat("[[tps=5]] [[words=200]]"))
+        await two_content_chunks(stream)
+        two_chunks.set()
+        async for _chunk in stream:
+            pass
+
+    try:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(two_chunks.wait(), timeout=5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert open_connections_to(private_upstream.port) == 0
+    finally:
+        await adapter.aclose()
