@@ -17,7 +17,12 @@ Endpoints
     OpenAI shape otherwise). Azure OpenAI's routes answer as OpenAI's: ``POST
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
-    (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Control endpoints, which
+    (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Google Gemini's (v1beta):
+    ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
+    ``data:`` event, usage on the last), ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no
+    usage, as Gemini reports none), ``GET /v1beta/models``; the key in ``x-goog-api-key`` or ``?key=``,
+    errors as ``{"error": {"code", "message", "status"}}``; ``[[safety=response]]`` answers a SAFETY finish
+    with no content, ``[[safety=prompt]]`` a ``promptFeedback.blockReason``. Control endpoints, which
     are neither counted nor logged: ``GET /_fake/stats``, ``POST /_fake/reset``, ``GET /_fake/requests``.
 
 Replies
