@@ -29,17 +29,13 @@ from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
-    connection_error,
+    error_for_failure,
     error_for_status,
     http_timeout,
     interruption_reason,
-    is_context_length_message,
-    outbound_refusal,
     provider_http_client,
-    refused_error,
     scrub,
     stream_interrupted,
-    timeout_error,
     upstream_deadline,
 )
 from .translate_gemini import StreamTranslator, completion_from_response, gemini_request
@@ -183,32 +179,25 @@ class GeminiAdapter(BaseAdapter):
         ]
 
     def map_error(self, exc: BaseException) -> ProviderError:
-        if isinstance(exc, ProviderError):
-            return exc
-        config = self.config
-        refusal = outbound_refusal(exc)
-        if refusal is not None:
-            return refused_error(config, refusal)
+        """google-genai's ``APIError`` carries the HTTP status (``code``) and Google's own ``status``; everything
+        else (refusals, timeouts, transport failures, malformed bodies) is the shared mapping's."""
         if isinstance(exc, genai_errors.APIError):
+            config = self.config
             message = scrub(str(exc.message or exc.status or f"HTTP {exc.code}").strip(), config)
-            response = getattr(exc, "response", None)
-            headers = getattr(response, "headers", None)
+            headers = getattr(getattr(exc, "response", None), "headers", None)
             return error_for_status(
                 config,
                 int(exc.code or 500),
                 message,
                 headers=headers,
-                context_exceeded=is_context_length_message(message) or "input token count" in message.lower(),
+                # Gemini's wording: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
+                context_exceeded="input token count" in message.lower(),
             )
-        if isinstance(exc, httpx2.TimeoutException):
-            return timeout_error(config)
-        if isinstance(exc, httpx2.TransportError):
-            return connection_error(config)
-        if isinstance(exc, ValueError | ValidationError):
-            return ProviderError(f"The provider {config.name!r} answered in an unknown shape.", provider=config.name)
-        return ProviderError(
-            f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
-        )
+        if isinstance(exc, ValidationError):  # the SDK could not read the body as a response
+            return ProviderError(
+                f"The provider {self.config.name!r} answered in an unknown shape.", provider=self.config.name
+            )
+        return error_for_failure(self.config, exc)
 
     async def aclose(self) -> None:
         await self._http.aclose()
