@@ -247,6 +247,7 @@ _PROVIDER_KEYS = frozenset(
         "base_url",
         "api_key",
         "organization",
+        "api_version",
         "extra_headers",
         "timeout",
         "max_retries",
@@ -280,6 +281,7 @@ _PROVIDER_COMPARED = (
     "base_url",
     "api_key",
     "organization",
+    "api_version",
     "extra_headers",
     "timeout_seconds",
     "max_retries",
@@ -433,6 +435,7 @@ def _provider_load(entry: _Entry) -> tuple[Provider, LoadedRow]:
     provider.kind = entry.text("kind")
     provider.base_url = entry.text("base_url", "")
     provider.organization = entry.text("organization", "")
+    provider.api_version = entry.text("api_version", "")
     provider.extra_headers = entry.mapping("extra_headers")
     provider.timeout_seconds = entry.decimal("timeout", _field_default(Provider, "timeout_seconds"))
     provider.max_retries = entry.integer("max_retries", _field_default(Provider, "max_retries"))
@@ -578,6 +581,7 @@ def providers_dump() -> dict[str, Any]:
             entry["api_key"] = "${" + env_name_for(provider.name) + "}"
         entry.update(
             organization=provider.organization,
+            api_version=provider.api_version,
             extra_headers=_dumped_headers(provider),
             timeout=_plain_number(provider.timeout_seconds),
             max_retries=provider.max_retries,

@@ -338,3 +338,30 @@ def test_setupschedules_is_idempotent_and_keeps_an_admins_disabling():
     assert {name: task.pk for name, task in again.items()} == {name: task.pk for name, task in tasks.items()}
     assert again["providers: health check"].task == "providers.tasks.providers_health_check_all"
     assert not again["providers: health check"].enabled
+
+
+@pytest.mark.django_db
+def test_an_azure_provider_loads_and_dumps_with_its_api_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("AZURE_EAST_KEY", "azure-secret")
+    path = tmp_path / "azure.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            providers:
+              - name: azure-east
+                kind: azure_openai
+                base_url: https://my-resource.openai.azure.com
+                api_version: "2024-10-21"
+                api_key: ${AZURE_EAST_KEY}
+                models:
+                  - {name: gpt-4o-azure, upstream: my-deployment, input_per_mtok: "2.50", output_per_mtok: "10.00"}
+            """
+        )
+    )
+    load(path)
+    assert Provider.objects.get(name="azure-east").api_version == "2024-10-21"
+
+    out = io.StringIO()
+    call_command("dumpproviders", stdout=out)
+    [dumped] = yaml.safe_load(out.getvalue())["providers"]
+    assert dumped["api_version"] == "2024-10-21"
