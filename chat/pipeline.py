@@ -9,11 +9,12 @@ request, written in the background (``billing.services.ledger``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -408,6 +409,14 @@ def _check_mode(model: ResolvedModel, operation: str) -> None:
         )
 
 
+@dataclass(slots=True)
+class _Call:
+    """How a call step ended: what its settlement records besides what the step gathered."""
+
+    status: str = UsageStatus.UPSTREAM_ERROR
+    error_type: str = ""
+
+
 class CompletionRun:
     """One admitted request: call the provider once, relay, and settle exactly once."""
 
@@ -502,31 +511,47 @@ class CompletionRun:
             adapter_body["max_tokens"] = self.admission.max_tokens
         return adapter_body
 
+    @contextlib.asynccontextmanager
+    async def _upstream_call(self, settle: Callable[[_Call], None]) -> AsyncIterator[_Call]:
+        """The frame of every call step: time the upstream, register the run (so a shutdown can cut it),
+        classify how the call ended, and settle once whatever happened. ``settle`` reads what the call
+        step gathered and hands it, with the call's status, to ``_settle``."""
+        call = _Call()
+        self._upstream_started = time.perf_counter()
+        self._activate()
+        try:
+            yield call
+            call.status = UsageStatus.OK
+        except ProviderError as exc:
+            call.error_type = exc.code or type(exc).__name__
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            call.status = self._interrupted_status()
+            raise
+        finally:
+            _active_runs.pop(self, None)
+            self._upstream_done = time.perf_counter()
+            settle(call)
+
     async def complete(self) -> dict[str, Any]:
         adapter = adapter_for(self.model.provider)
         body = adapter.prepare_request(self._upstream_body(), self.model)
         body.pop("stream", None)
         body.pop("stream_options", None)
-        self._upstream_started = time.perf_counter()
-        status, error_type, response = UsageStatus.UPSTREAM_ERROR, "", None
-        self._activate()
-        try:
+        response: dict[str, Any] | None = None
+
+        def settle(call: _Call) -> None:
+            choices = (response or {}).get("choices")
+            self._settle(
+                status=call.status,
+                usage=(response or {}).get("usage") or {},
+                delivered_text="",
+                finish_reason=choices[0].get("finish_reason") if choices else None,
+                error_type=call.error_type,
+            )
+
+        async with self._upstream_call(settle):
             response = await adapter.complete(body)
-            status = UsageStatus.OK
-        except ProviderError as exc:
-            error_type = exc.code or type(exc).__name__
-            raise
-        except asyncio.CancelledError:
-            status = self._interrupted_status()
-            raise
-        finally:
-            _active_runs.pop(self, None)
-            self._upstream_done = time.perf_counter()
-            usage = (response or {}).get("usage") or {}
-            finish = None
-            if response and response.get("choices"):
-                finish = response["choices"][0].get("finish_reason")
-            self._settle(status=status, usage=usage, delivered_text="", finish_reason=finish, error_type=error_type)
         response["model"] = self.model.name
         return response
 
@@ -541,53 +566,43 @@ class CompletionRun:
         usage: dict[str, Any] = {}
         delivered: list[str] = []
         finish_reason: str | None = None
-        status, error_type = UsageStatus.UPSTREAM_ERROR, ""
-        self._upstream_started = time.perf_counter()
+
+        def settle(call: _Call) -> None:
+            self._settle(
+                status=call.status,
+                usage=usage,
+                delivered_text="".join(delivered),
+                finish_reason=finish_reason,
+                error_type=call.error_type,
+            )
+
         upstream = adapter.stream(body)
-        self._activate()
-        try:
-            async for chunk in upstream:
-                if self._first_token_at is None:
-                    self._first_token_at = time.perf_counter()
-                chunk.set_model(public_name)
-                chunk_usage = chunk.get("usage")
-                if chunk_usage:
-                    usage = chunk_usage
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    if delta.get("content"):
-                        delivered.append(delta["content"])
-                    for call in delta.get("tool_calls") or ():
-                        arguments = (call.get("function") or {}).get("arguments")
-                        if arguments:
-                            delivered.append(arguments)
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-                if not wants_usage and chunk_usage:
-                    if not chunk.get("choices"):
-                        continue
-                    chunk.drop_usage()
-                yield chunk
-            status = UsageStatus.OK
-        except ProviderError as exc:
-            error_type = exc.code or type(exc).__name__
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            status = self._interrupted_status()
-            raise
-        finally:
-            _active_runs.pop(self, None)
-            self._upstream_done = time.perf_counter()
+        async with self._upstream_call(settle):
             try:
-                await upstream.aclose()
+                async for chunk in upstream:
+                    if self._first_token_at is None:
+                        self._first_token_at = time.perf_counter()
+                    chunk.set_model(public_name)
+                    chunk_usage = chunk.get("usage")
+                    if chunk_usage:
+                        usage = chunk_usage
+                    for choice in chunk.get("choices") or ():
+                        delta = choice.get("delta") or {}
+                        if delta.get("content"):
+                            delivered.append(delta["content"])
+                        for call in delta.get("tool_calls") or ():
+                            arguments = (call.get("function") or {}).get("arguments")
+                            if arguments:
+                                delivered.append(arguments)
+                        if choice.get("finish_reason"):
+                            finish_reason = choice["finish_reason"]
+                    if not wants_usage and chunk_usage:
+                        if not chunk.get("choices"):
+                            continue
+                        chunk.drop_usage()
+                    yield chunk
             finally:
-                self._settle(
-                    status=status,
-                    usage=usage,
-                    delivered_text="".join(delivered),
-                    finish_reason=finish_reason,
-                    error_type=error_type,
-                )
+                await upstream.aclose()
 
     async def messages_complete(self, *, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """``complete`` for an Anthropic Messages request: the adapter answers with a ``message`` (passed
@@ -595,29 +610,20 @@ class CompletionRun:
         others), settled from its usage."""
         adapter = adapter_for(self.model.provider)
         request = {key: value for key, value in self.body.items() if key != "stream"}
-        self._upstream_started = time.perf_counter()
-        status, error_type, message = UsageStatus.UPSTREAM_ERROR, "", None
-        self._activate()
-        try:
-            message = await adapter.messages(request, self.model, headers=headers)
-            status = UsageStatus.OK
-        except ProviderError as exc:
-            error_type = exc.code or type(exc).__name__
-            raise
-        except asyncio.CancelledError:
-            status = self._interrupted_status()
-            raise
-        finally:
-            _active_runs.pop(self, None)
-            self._upstream_done = time.perf_counter()
+        message: dict[str, Any] | None = None
+
+        def settle(call: _Call) -> None:
             usage = (message or {}).get("usage")
             self._settle(
-                status=status,
+                status=call.status,
                 usage=openai_usage(usage) if isinstance(usage, dict) else {},
                 delivered_text="",
                 finish_reason=(message or {}).get("stop_reason"),
-                error_type=error_type,
+                error_type=call.error_type,
             )
+
+        async with self._upstream_call(settle):
+            message = await adapter.messages(request, self.model, headers=headers)
         message["model"] = self.model.name
         return message
 
@@ -631,48 +637,38 @@ class CompletionRun:
         final = False
         delivered: list[str] = []
         stop_reason: str | None = None
-        status, error_type = UsageStatus.UPSTREAM_ERROR, ""
-        self._upstream_started = time.perf_counter()
+
+        def settle(call: _Call) -> None:
+            self._settle(
+                status=call.status,
+                usage=openai_usage(usage) if final else {},
+                delivered_text="".join(delivered),
+                finish_reason=stop_reason,
+                error_type=call.error_type,
+            )
+
         upstream = adapter.messages_stream(self.body, self.model, headers=headers)
-        self._activate()
-        try:
-            async for event in upstream:
-                kind = event.get("type")
-                if kind == "content_block_delta":
-                    if self._first_token_at is None:
-                        self._first_token_at = time.perf_counter()
-                    delta = event.get("delta") or {}
-                    delivered.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
-                elif kind == "message_start":
-                    event.set_model(self.model.name)
-                    usage = dict((event.get("message") or {}).get("usage") or {})
-                elif kind == "message_delta":
-                    final = True
-                    usage.update(
-                        (name, value) for name, value in (event.get("usage") or {}).items() if value is not None
-                    )
-                    stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
-                yield event
-            status = UsageStatus.OK
-        except ProviderError as exc:
-            error_type = exc.code or type(exc).__name__
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            status = self._interrupted_status()
-            raise
-        finally:
-            _active_runs.pop(self, None)
-            self._upstream_done = time.perf_counter()
+        async with self._upstream_call(settle):
             try:
-                await upstream.aclose()
+                async for event in upstream:
+                    kind = event.get("type")
+                    if kind == "content_block_delta":
+                        if self._first_token_at is None:
+                            self._first_token_at = time.perf_counter()
+                        delta = event.get("delta") or {}
+                        delivered.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
+                    elif kind == "message_start":
+                        event.set_model(self.model.name)
+                        usage = dict((event.get("message") or {}).get("usage") or {})
+                    elif kind == "message_delta":
+                        final = True
+                        usage.update(
+                            (name, value) for name, value in (event.get("usage") or {}).items() if value is not None
+                        )
+                        stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                    yield event
             finally:
-                self._settle(
-                    status=status,
-                    usage=openai_usage(usage) if final else {},
-                    delivered_text="".join(delivered),
-                    finish_reason=stop_reason,
-                    error_type=error_type,
-                )
+                await upstream.aclose()
 
     async def embed(self) -> dict[str, Any]:
         """The call and settle steps of an embeddings request: one upstream call, priced on input tokens
@@ -680,23 +676,12 @@ class CompletionRun:
         ledger row says so)."""
         adapter = adapter_for(self.model.provider)
         body = {**self.body, "model": self.model.upstream_id}
-        self._upstream_started = time.perf_counter()
-        status, error_type, response = UsageStatus.UPSTREAM_ERROR, "", None
-        self._activate()
-        try:
-            response = await adapter.embed(body)
-            status = UsageStatus.OK
-        except ProviderError as exc:
-            error_type = exc.code or type(exc).__name__
-            raise
-        except asyncio.CancelledError:
-            status = self._interrupted_status()
-            raise
-        finally:
-            _active_runs.pop(self, None)
-            self._upstream_done = time.perf_counter()
-            usage: dict[str, Any] = {}
-            estimated = False
+        response: dict[str, Any] | None = None
+        usage: dict[str, Any] = {}
+        estimated = False
+
+        def settle(call: _Call) -> None:
+            nonlocal usage, estimated
             if response is not None:
                 reported = (response.get("usage") or {}).get("prompt_tokens")
                 estimated = not isinstance(reported, int) or isinstance(reported, bool) or reported < 0
@@ -704,13 +689,16 @@ class CompletionRun:
                     reported = embeddings_input_tokens(self.body, upper_bound=False)
                 usage = {"prompt_tokens": reported}
             self._settle(
-                status=status,
+                status=call.status,
                 usage=usage,
                 delivered_text="",
                 finish_reason=None,
-                error_type=error_type,
+                error_type=call.error_type,
                 usage_estimated=estimated,
             )
+
+        async with self._upstream_call(settle):
+            response = await adapter.embed(body)
         response["model"] = self.model.name
         # OpenAI's schema requires both: an upstream that left them out gets them, the usage being the
         # estimate the request was charged for.
