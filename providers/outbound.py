@@ -214,17 +214,26 @@ def _connect_target(address: IPAddress) -> str:
     return str(inner or address)
 
 
-def _resolution_failed(host: str, exc: BaseException) -> Exception:
-    if isinstance(exc, TimeoutError):
-        return httpcore2.ConnectTimeout(f"resolving {host} timed out")
-    return httpcore2.ConnectError(f"{host} could not be resolved ({exc})")
+def _literal_or_blocked(host: str) -> list[IPAddress] | None:
+    """The checked address of an IP-literal host; ``None`` for a name, after refusing a metadata name
+    before it is even looked up."""
+    literal = literal_address(host)
+    if literal is not None:
+        return check_addresses(host, [literal])
+    check_addresses(host, [])
+    return None
 
 
-class GuardedNetworkBackend(httpcore2.AsyncNetworkBackend):
-    """httpcore's network backend, resolving and judging each host before any connection is opened."""
+class _AsyncGuard:
+    """An httpcore network backend that resolves and judges each host before any connection is opened,
+    then connects to the very address it judged (no second lookup a rebinding name could answer
+    differently). Written once for both cores: ``_core`` is ``httpcore2`` (httpx2: the openai, anthropic
+    and google-genai SDKs) or ``httpcore`` (plain httpx: cohere)."""
+
+    _core: Any
 
     def __init__(self) -> None:
-        self._backend = httpcore2.AnyIOBackend()
+        self._backend = self._core.AnyIOBackend()
 
     async def connect_tcp(
         self,
@@ -233,19 +242,18 @@ class GuardedNetworkBackend(httpcore2.AsyncNetworkBackend):
         timeout: float | None = None,  # noqa: ASYNC109  (httpcore's interface)
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
-        literal = literal_address(host)
-        if literal is not None:
-            addresses = check_addresses(host, [literal])
-        else:
-            check_addresses(host, [])  # a metadata name is refused before it is even looked up
+    ) -> Any:
+        addresses = _literal_or_blocked(host)
+        if addresses is None:
             try:
                 with anyio.fail_after(timeout):
                     found = await resolver.resolve(host, port)
-            except (TimeoutError, OSError) as exc:
-                raise _resolution_failed(host, exc) from None
+            except TimeoutError:
+                raise self._core.ConnectTimeout(f"resolving {host} timed out") from None
+            except OSError as exc:
+                raise self._core.ConnectError(f"{host} could not be resolved ({exc})") from None
             addresses = check_addresses(host, found)
-        last: Exception = httpcore2.ConnectError(f"{host} has no address")
+        last: Exception = self._core.ConnectError(f"{host} has no address")
         for address in addresses:
             try:
                 return await self._backend.connect_tcp(
@@ -255,15 +263,27 @@ class GuardedNetworkBackend(httpcore2.AsyncNetworkBackend):
                     local_address=local_address,
                     socket_options=socket_options,
                 )
-            except httpcore2.ConnectError as exc:
+            except self._core.ConnectError as exc:
                 last = exc
         raise last
 
-    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore2.AsyncNetworkStream:
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> Any:
         raise OutboundRefused("Outbound requests go over TCP only.")
 
     async def sleep(self, seconds: float) -> None:
         await self._backend.sleep(seconds)
+
+
+class GuardedNetworkBackend(_AsyncGuard, httpcore2.AsyncNetworkBackend):
+    """The guard for httpx2 clients."""
+
+    _core = httpcore2
+
+
+class PlainGuardedNetworkBackend(_AsyncGuard, httpcore.AsyncNetworkBackend):
+    """The guard for SDKs built on plain ``httpx`` / ``httpcore`` (cohere)."""
+
+    _core = httpcore
 
 
 class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
@@ -280,15 +300,12 @@ class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.NetworkStream:
-        literal = literal_address(host)
-        if literal is not None:
-            addresses = check_addresses(host, [literal])
-        else:
-            check_addresses(host, [])
+        addresses = _literal_or_blocked(host)
+        if addresses is None:
             try:
                 found = resolver.resolve_sync(host, port)
             except OSError as exc:
-                raise _resolution_failed(host, exc) from None
+                raise httpcore2.ConnectError(f"{host} could not be resolved ({exc})") from None
             addresses = check_addresses(host, found)
         last: Exception = httpcore2.ConnectError(f"{host} has no address")
         for address in addresses:
@@ -390,55 +407,6 @@ def outbound_sync_client(
         trust_env=False,
         **kwargs,
     )
-
-
-class PlainGuardedNetworkBackend(httpcore.AsyncNetworkBackend):
-    """``GuardedNetworkBackend`` for SDKs built on plain ``httpx`` / ``httpcore`` (cohere, google-genai):
-    the same resolver and the same ``check_addresses`` judge each address before it is connected to."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109  (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        literal = literal_address(host)
-        if literal is not None:
-            addresses = check_addresses(host, [literal])
-        else:
-            check_addresses(host, [])
-            try:
-                with anyio.fail_after(timeout):
-                    found = await resolver.resolve(host, port)
-            except TimeoutError:
-                raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
-            except OSError as exc:
-                raise httpcore.ConnectError(f"{host} could not be resolved ({exc})") from None
-            addresses = check_addresses(host, found)
-        last: Exception = httpcore.ConnectError(f"{host} has no address")
-        for address in addresses:
-            try:
-                return await self._backend.connect_tcp(
-                    _connect_target(address),
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except httpcore.ConnectError as exc:
-                last = exc
-        raise last
-
-    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
-        raise OutboundRefused("Outbound requests go over TCP only.")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
 
 
 class PlainOutboundTransport(httpx.AsyncHTTPTransport):
