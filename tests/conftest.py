@@ -7,6 +7,7 @@ sockets on the loopback interface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -17,8 +18,12 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from llmhub.testing.postgres import PostgresCluster
 import time_machine
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -284,3 +289,27 @@ async def browser():
         launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched
         await launched.close()
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL of the test's own, its database created, which the test may stop and start again
+    (the suite's database cannot be taken away from under it). Skipped without PostgreSQL, except in CI."""
+    from llmhub.testing.postgres import PostgresCluster, PostgresUnavailable, createdb
+
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}; .ci/run must install it")
+        pytest.skip(str(exc))
+    try:
+        try:
+            cluster.init()
+            cluster.start()
+            createdb(cluster.url)
+        except (subprocess.CalledProcessError, PostgresUnavailable) as exc:
+            pytest.fail(f"could not start PostgreSQL: {exc}")
+        yield cluster
+    finally:
+        cluster.remove()

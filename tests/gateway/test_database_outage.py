@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,8 +31,8 @@ from rest_framework.test import APIClient
 from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.keys import api_key_create
-from llmhub.testing.postgres import PostgresUnavailable, createdb, server_bin
-from tests.conftest import free_port, wait_for_port
+from llmhub.testing.postgres import PostgresCluster
+from tests.conftest import free_port, own_postgres, wait_for_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -243,49 +242,6 @@ ROOT = Path(__file__).resolve().parents[2]
 OUTAGE_SECONDS = 10
 
 
-class PostgresCluster:
-    """A private cluster on a free port (as ``llmhub.testing.postgres.throwaway_postgres`` makes one), which
-    the tests stop and start again on the same port, as an operator restarting the database would."""
-
-    def __init__(self) -> None:
-        self.bindir = server_bin()
-        if self.bindir is None:
-            if os.environ.get("CI"):
-                pytest.fail("PostgreSQL is not installed; .ci/run must install it")
-            pytest.skip("PostgreSQL is not installed")
-        self.owner = "postgres" if os.geteuid() == 0 else None
-        self.work = Path(tempfile.mkdtemp(prefix="llmhub-outage-pg-"))
-        if self.owner:
-            shutil.chown(self.work, user=self.owner)
-        self.data, self.log = self.work / "data", self.work / "server.log"
-        self.port = free_port()
-        self.url = f"postgres://postgres@127.0.0.1:{self.port}/llmhub"
-
-    def _run(self, *argv: str, check: bool = True) -> None:
-        command = [str(self.bindir / argv[0]), *argv[1:]]
-        if self.owner:
-            command = ["runuser", "-u", self.owner, "--", *command]
-        subprocess.run(command, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.work} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
-
-    def stop(self) -> None:
-        # fast: every session is cut, as when the database host goes away.
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def remove(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
-        shutil.rmtree(self.work, ignore_errors=True)
-
-
 # The catalog and the keys, written by a process of its own into the cluster. Keys: on the server with
 # Redis budgets and on the one with row-lock budgets, a budgeted and an unbudgeted one each; and one no
 # server has looked up before the outage.
@@ -389,17 +345,8 @@ class Load:
 
 @pytest.fixture(scope="module")
 def outage_postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    try:
-        try:
-            cluster.init()
-            cluster.start()
-            createdb(cluster.url)
-        except (subprocess.CalledProcessError, PostgresUnavailable) as exc:
-            pytest.fail(f"could not start PostgreSQL: {exc}")
+    with own_postgres() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 @pytest.fixture

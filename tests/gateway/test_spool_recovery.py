@@ -9,10 +9,8 @@ the rebuild of a counter with rows in the spool.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -35,9 +33,9 @@ from billing.services.budgets import SETTLED_MEMORY, CounterRef, api_key_limits_
 from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
 from billing.services.ledger import UsageData
-from llmhub.testing.postgres import PostgresUnavailable, createdb, server_bin
+from llmhub.testing.postgres import PostgresCluster
 from providers.selectors import resolved_model
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, own_postgres, wait_for_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,67 +45,10 @@ TOKEN = Decimal("0.0001")  # one completion token of the flat model (input is fr
 # A POSTGRESQL THAT CAN BE STOPPED
 
 
-class PostgresCluster:
-    """A private cluster on a free port (as ``llmhub.testing.postgres.throwaway_postgres`` makes), which
-    this test stops and starts again on the same port."""
-
-    def __init__(self) -> None:
-        self.bindir = server_bin()
-        if self.bindir is None:
-            if os.environ.get("CI"):
-                pytest.fail("PostgreSQL is not installed; .ci/run must install it")
-            pytest.skip("PostgreSQL is not installed")
-        self.owner = "postgres" if os.geteuid() == 0 else None
-        self.work = Path(tempfile.mkdtemp(prefix="llmhub-spool-pg-"))
-        if self.owner:
-            shutil.chown(self.work, user=self.owner)
-        self.data, self.log = self.work / "data", self.work / "server.log"
-        self.port = free_port()
-        self.url = f"postgres://postgres@127.0.0.1:{self.port}/llmhub"
-
-    def _run(self, *argv: str) -> None:
-        command = [str(self.bindir / argv[0]), *argv[1:]]
-        if self.owner:
-            command = ["runuser", "-u", self.owner, "--", *command]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-    def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-
-    def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.work} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        )
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
-
-    def stop(self) -> None:
-        # fast: every session is cut, as when the database host goes away.
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-    def remove(self) -> None:
-        subprocess.run(
-            (["runuser", "-u", self.owner, "--"] if self.owner else [])
-            + [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-        shutil.rmtree(self.work, ignore_errors=True)
-
-
 @pytest.fixture
 def postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
-    try:
-        try:
-            cluster.init()
-            cluster.start()
-            createdb(cluster.url)
-        except (subprocess.CalledProcessError, PostgresUnavailable) as exc:
-            pytest.fail(f"could not start PostgreSQL: {exc}")
+    with own_postgres() as cluster:
         yield cluster
-    finally:
-        cluster.remove()
 
 
 def django_env(database_url: str, redis_url: str) -> dict[str, str]:
