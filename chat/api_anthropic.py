@@ -32,14 +32,12 @@ from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
 from providers.selectors import model_resolve
 
-from .api_openai import _dumps, _json_response, _parse_body, _stamp
+from .api_openai import _dumps, _json_response, _parse_body, _stamp, run_open, shutdown_response
 from .exception_handlers import anthropic_error, anthropic_error_body
 from .pipeline import (
     CompletionRun,
     caller_from_api_key,
     completion_reject,
-    completion_reject_unverified,
-    completion_start,
     new_request_id,
 )
 from .validation import InvalidRequestError
@@ -98,50 +96,19 @@ async def messages(request: HttpRequest) -> HttpResponse:
         return _answer(await _method_not_allowed(request, request_id), request_id, started)
     run: CompletionRun | None = None
     try:
-        raw_key = key_from_headers(request.headers)
-        try:
-            caller = await caller_from_api_key(raw_key)
-        except DatabaseUnavailableError as exc:
-            body = None
-            with contextlib.suppress(ApplicationError):
-                body = _parse_body(request)
-            completion_reject_unverified(
-                raw_key=raw_key or "",
-                endpoint=_ENDPOINT,
-                request_id=request_id,
-                error=exc,
-                started=started,
-                body=body,
-                operation=Operation.MESSAGES,
-            )
-            raise
-        try:
-            body = _parse_body(request)
-        except ApplicationError as exc:
-            completion_reject(
-                caller=caller,
-                endpoint=_ENDPOINT,
-                request_id=request_id,
-                error=exc,
-                started=started,
-                operation=Operation.MESSAGES,
-            )
-            raise
-        run = await completion_start(
-            caller=caller, body=body, endpoint=_ENDPOINT, request_id=request_id, operation=Operation.MESSAGES
+        run = await run_open(
+            request, endpoint=_ENDPOINT, request_id=request_id, started=started, operation=Operation.MESSAGES
         )
         headers = _forwarded(request)
-        if body.get("stream"):
+        if run.body.get("stream"):
             response = await _open_stream(run, headers)
         else:
             response = _json_response(await run.messages_complete(headers=headers))
     except ApplicationError as exc:
         response = _error_response(exc)
     except asyncio.CancelledError:
-        error = run.shutdown_error() if run is not None else None
-        if error is None:
+        if (response := shutdown_response(run, _error_response)) is None:
             raise
-        response = _error_response(error)
     return _answer(response, request_id, started, run)
 
 

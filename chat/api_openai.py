@@ -124,6 +124,50 @@ def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..
     return csrf_exempt(wrapper)
 
 
+async def run_open(
+    request: HttpRequest, *, endpoint: str, request_id: str, started: float, operation: str = Operation.CHAT
+) -> CompletionRun:
+    """The steps every POST entry point takes before its call: authenticate, read the body, start the run
+    (resolve and admit). A request refused on the way still gets its ``rejected`` ledger row: by its key's
+    hash when the database cannot say whose key it is, by its caller when the body is unreadable."""
+    raw_key = key_from_headers(request.headers)
+    try:
+        caller = await caller_from_api_key(raw_key)
+    except DatabaseUnavailableError as exc:
+        body = None
+        with contextlib.suppress(ApplicationError):
+            body = _parse_body(request)
+        completion_reject_unverified(
+            raw_key=raw_key or "",
+            endpoint=endpoint,
+            request_id=request_id,
+            error=exc,
+            started=started,
+            body=body,
+            operation=operation,
+        )
+        raise
+    try:
+        body = _parse_body(request)
+    except ApplicationError as exc:
+        completion_reject(
+            caller=caller, endpoint=endpoint, request_id=request_id, error=exc, started=started, operation=operation
+        )
+        raise
+    return await completion_start(
+        caller=caller, body=body, endpoint=endpoint, request_id=request_id, operation=operation
+    )
+
+
+def shutdown_response(
+    run: CompletionRun | None, render: Callable[[ApplicationError], HttpResponse]
+) -> HttpResponse | None:
+    """The answer to a run the server's shutdown cut before its answer began (a 503 that says so); None
+    for any other cancellation, which the caller lets go on."""
+    error = run.shutdown_error() if run is not None else None
+    return None if error is None else render(error)
+
+
 @openai_endpoint
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
@@ -132,35 +176,16 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
     run: CompletionRun | None = None
     try:
-        raw_key = key_from_headers(request.headers)
-        try:
-            caller = await caller_from_api_key(raw_key)
-        except DatabaseUnavailableError as exc:
-            body = None
-            with contextlib.suppress(ApplicationError):
-                body = _parse_body(request)
-            completion_reject_unverified(
-                raw_key=raw_key or "", endpoint="rest", request_id=request_id, error=exc, started=started, body=body
-            )
-            raise
-        try:
-            body = _parse_body(request)
-        except ApplicationError as exc:
-            completion_reject(caller=caller, endpoint="rest", request_id=request_id, error=exc, started=started)
-            raise
-        run = await completion_start(caller=caller, body=body, endpoint="rest", request_id=request_id)
-        if body.get("stream"):
+        run = await run_open(request, endpoint="rest", request_id=request_id, started=started)
+        if run.body.get("stream"):
             response = await _open_stream(run)
         else:
             response = _json_response(await run.complete())
     except ApplicationError as exc:
         response = _error_response(exc)
     except asyncio.CancelledError:
-        # The server's shutdown cut the run before its answer began: a 503 that says so.
-        error = run.shutdown_error() if run is not None else None
-        if error is None:
+        if (response := shutdown_response(run, _error_response)) is None:
             raise
-        response = _error_response(error)
     return _stamp(response, request_id, started, run)
 
 
@@ -173,43 +198,16 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
     run: CompletionRun | None = None
-    operation = Operation.EMBEDDINGS
     try:
-        raw_key = key_from_headers(request.headers)
-        try:
-            caller = await caller_from_api_key(raw_key)
-        except DatabaseUnavailableError as exc:
-            body = None
-            with contextlib.suppress(ApplicationError):
-                body = _parse_body(request)
-            completion_reject_unverified(
-                raw_key=raw_key or "",
-                endpoint="rest",
-                request_id=request_id,
-                error=exc,
-                started=started,
-                body=body,
-                operation=operation,
-            )
-            raise
-        try:
-            body = _parse_body(request)
-        except ApplicationError as exc:
-            completion_reject(
-                caller=caller, endpoint="rest", request_id=request_id, error=exc, started=started, operation=operation
-            )
-            raise
-        run = await completion_start(
-            caller=caller, body=body, endpoint="rest", request_id=request_id, operation=operation
+        run = await run_open(
+            request, endpoint="rest", request_id=request_id, started=started, operation=Operation.EMBEDDINGS
         )
         response = _json_response(await run.embed())
     except ApplicationError as exc:
         response = _error_response(exc)
     except asyncio.CancelledError:
-        error = run.shutdown_error() if run is not None else None
-        if error is None:
+        if (response := shutdown_response(run, _error_response)) is None:
             raise
-        response = _error_response(error)
     return _stamp(response, request_id, started, run)
 
 
