@@ -254,8 +254,9 @@ def _check_tool_choice(body: dict[str, Any]) -> None:
         )
 
 
-def validate_chat_request(body: Any) -> None:
-    """Raise ``InvalidRequestError`` (400) naming the first offending parameter."""
+def check_body_and_model(body: Any) -> None:
+    """What every OpenAI-shaped request body is checked for first (chat completions, embeddings): a JSON
+    object naming a usable model, whose values are all ones llmhub can store and forward."""
     if not isinstance(body, dict):
         _fail("The request body must be a JSON object.", "", "invalid_type")
     model = body.get("model")
@@ -266,6 +267,11 @@ def validate_chat_request(body: Any) -> None:
     if "\x00" in model or has_lone_surrogate(model):
         _fail("Invalid 'model': not a model name.", "model")
     _check_json_values(body)
+
+
+def validate_chat_request(body: Any) -> None:
+    """Raise ``InvalidRequestError`` (400) naming the first offending parameter."""
+    check_body_and_model(body)
     _check_messages(body.get("messages"))
     _check_range(body, "temperature", 0, 2)
     _check_range(body, "top_p", 0, 1)

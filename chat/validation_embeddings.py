@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values, has_lone_surrogate
+from .validation import MAX_TOKENS_LIMIT, _fail, check_body_and_model
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs (strings or token arrays) in one request
 ENCODING_FORMATS = ("float", "base64")
 # Token ids are 32-bit in every tokenizer's vocabulary; a bound also keeps a token array's size finite.
 MAX_TOKEN_ID = 2**31 - 1
-
-
-def _fail(message: str, param: str, code: str = "invalid_value") -> None:
-    raise InvalidRequestError(message, param=param, code=code)
 
 
 def _is_int(value: Any) -> bool:
@@ -81,16 +77,7 @@ def _check_input(value: Any) -> None:
 
 def validate_embeddings_request(body: Any) -> None:
     """Raise ``InvalidRequestError`` (400) naming the first offending parameter."""
-    if not isinstance(body, dict):
-        _fail("The request body must be a JSON object.", "", "invalid_type")
-    model = body.get("model")
-    if model is None:
-        _fail("Missing required parameter: 'model'.", "model", "missing_required_parameter")
-    if not isinstance(model, str) or not model.strip():
-        _fail("Invalid type for 'model': expected a non-empty string.", "model", "invalid_type")
-    if "\x00" in model or has_lone_surrogate(model):
-        _fail("Invalid 'model': not a model name.", "model")
-    _check_json_values(body)
+    check_body_and_model(body)
     _check_input(body.get("input"))
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in ENCODING_FORMATS:
