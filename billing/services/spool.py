@@ -61,7 +61,12 @@ def spool_append(lines: list[str]) -> None:
 def spool_pending() -> bool:
     """Whether any row waits in the spool or in a claimed file."""
     path = spool_path()
-    return (path.exists() and path.stat().st_size > 0) or any(_claimed_files(path))
+    try:
+        # Read without the lock: another process may claim (rename) the file between any two looks at it.
+        waiting = path.stat().st_size > 0
+    except FileNotFoundError:
+        waiting = False
+    return waiting or any(_claimed_files(path))
 
 
 def _claimed_files(path: Path) -> list[Path]:
