@@ -27,7 +27,7 @@ from rest_framework.views import APIView
 
 from llmhub.schema import ErrorResponseSerializer, error_responses
 from providers.adapters.translate_anthropic import estimate_input_tokens
-from providers.models import Model
+from providers.models import CatalogModel
 
 from .models import ApiKey, BudgetPeriod, KeyScope, UsageStatus
 from .selectors import (
@@ -158,7 +158,7 @@ class ApiKeyListCreateApi(APIView):
             many=True,
             required=False,
             slug_field="name",
-            queryset=Model.objects.filter(enabled=True, provider__enabled=True),
+            queryset=CatalogModel.objects.filter(enabled=True),
             help_text="Public model names this key may use; omit for every model the plan allows.",
         )
         budget_usd = serializers.DecimalField(

@@ -37,7 +37,7 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     allowed_models = models.ManyToManyField(
-        "providers.Model", blank=True, related_name="+", help_text="Empty: every model the owner's plan allows."
+        "providers.CatalogModel", blank=True, related_name="+", help_text="Empty: every model the owner's plan allows."
     )
     # Limits of this key on top of its owner's plan; empty means the key adds no limit of its own.
     budget_usd = models.DecimalField(
@@ -105,10 +105,21 @@ class UsageRecord(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
     provider = models.ForeignKey("providers.Provider", null=True, on_delete=models.SET_NULL, related_name="+")
-    model = models.ForeignKey("providers.Model", null=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.ForeignKey("providers.CatalogModel", null=True, on_delete=models.SET_NULL, related_name="+")
+    deployment = models.ForeignKey("providers.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
     # Names are copied so that the ledger still reads right after a catalog row is renamed or deleted.
     provider_name = models.CharField(max_length=64, blank=True)
-    model_name = models.CharField(max_length=128, blank=True)
+    model_name = models.CharField(max_length=128, blank=True, help_text="The public model that answered.")
+    deployment_name = models.CharField(max_length=64, blank=True)
+    requested_model = models.CharField(
+        max_length=128,
+        blank=True,
+        help_text="The name the client sent, when another model answered (an alias or a fallback).",
+    )
+    attempts = models.PositiveSmallIntegerField(
+        default=0, help_text="Upstream calls made: retries and fallbacks included."
+    )
+    resumed = models.BooleanField(default=False, help_text="A stream that failed midway and was continued elsewhere.")
     endpoint = models.CharField(max_length=16, choices=Endpoint.choices)
     operation = models.CharField(max_length=16, choices=Operation.choices, default=Operation.CHAT)
     stream = models.BooleanField(default=False)
@@ -144,7 +155,7 @@ class Plan(models.Model):
     name = models.CharField(max_length=64, unique=True)
     description = models.CharField(max_length=300, blank=True)
     allow_all_models = models.BooleanField(default=False)
-    allowed_models = models.ManyToManyField("providers.Model", blank=True, related_name="+")
+    allowed_models = models.ManyToManyField("providers.CatalogModel", blank=True, related_name="+")
     max_output_price_per_mtok = models.DecimalField(
         "also allow models with output $/Mtok up to",
         max_digits=12,

@@ -16,8 +16,7 @@ from django.db.models.functions import Coalesce, TruncDate
 
 from providers.cache import TTLCache
 from providers.exceptions import ModelNotFoundError
-from providers.models import Model
-from providers.selectors import resolved_model
+from providers.selectors import model_resolve_sync
 from providers.types import ResolvedModel
 
 from .exceptions import ModelNotAllowedError
@@ -414,41 +413,41 @@ def cost_estimate(
     """What a request of these token counts would cost on each deployment of ``model_name`` that the
     caller may use, priced by the ledger's own function (``pricing.cost_breakdown``). An unknown or
     disabled model is ``ModelNotFoundError`` (404); one the plan or the key excludes ``ModelNotAllowedError``
-    (403), as on /v1. A catalog model is one provider and upstream id today: the list has one entry, and
-    the shape leaves room for the several deployments routing will bring."""
-    rows = Model.objects.select_related("provider").filter(name=model_name, enabled=True, provider__enabled=True)
-    deployments = [resolved_model(row) for row in rows]
+    (403), as on /v1. An alias is priced as the model it names."""
+    model = model_resolve_sync(model_name)
+    deployments = [model.on(deployment) for deployment in model.deployments] if model is not None else []
     if not deployments:
         raise ModelNotFoundError(
             f"The model `{model_name}` does not exist or you do not have access to it.", param="model"
         )
     limits = user_limits_sync(user_id)
-    for model in deployments:
-        if not limits.allows(model):
-            raise ModelNotAllowedError(
-                f"Your plan ({limits.plan_name}) does not include the model `{model.name}`: it includes "
-                f"{limits.model_rule()}.",
-                param="model",
-            )
-        if key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:
-            raise ModelNotAllowedError(
-                f"This API key may not use the model `{model.name}`: it is restricted to a list of models.",
-                param="model",
-            )
+    assert model is not None
+    # The public model (at its highest prices), as admission checks it.
+    if not limits.allows(model):
+        raise ModelNotAllowedError(
+            f"Your plan ({limits.plan_name}) does not include the model `{model.name}`: it includes "
+            f"{limits.model_rule()}.",
+            param="model",
+        )
+    if key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:
+        raise ModelNotAllowedError(
+            f"This API key may not use the model `{model.name}`: it is restricted to a list of models.",
+            param="model",
+        )
     return CostEstimate(
         model=model_name,
         deployments=[
             DeploymentCost(
-                provider=model.provider.name,
-                upstream=model.upstream_id,
-                model=model,
+                provider=deployment.provider.name,
+                upstream=deployment.upstream_id,
+                model=deployment,
                 cost=cost_breakdown(
-                    model=model,
+                    model=deployment,
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
                     cached_tokens=cached_tokens,
                 ),
             )
-            for model in deployments
+            for deployment in deployments
         ],
     )

@@ -16,7 +16,7 @@ from django.utils.timesince import timesince
 
 from .exceptions import ApplicationError
 from .fields import Secret
-from .models import HealthStatus, Model, Provider
+from .models import CatalogModel, Deployment, HealthStatus, Provider
 from .services import provider_import_models, providers_health_check
 from .types import HealthResult
 
@@ -65,12 +65,12 @@ class ProviderAdmin(admin.ModelAdmin):
             "Endpoint",
             {"fields": ("base_url", "api_key", "clear_api_key", "organization", "api_version", "extra_headers")},
         ),
-        ("Client", {"fields": ("timeout_seconds", "max_retries")}),
+        ("Client", {"fields": ("timeout_seconds",)}),
         ("Last health check", {"fields": readonly_fields}),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
-        return super().get_queryset(request).annotate(models_total=Count("models"))
+        return super().get_queryset(request).annotate(models_total=Count("deployments__model", distinct=True))
 
     @admin.display(description="base URL")
     def effective_base_url(self, obj: Provider) -> str:
@@ -127,37 +127,57 @@ class ProviderAdmin(admin.ModelAdmin):
             self.message_user(request, text, messages.SUCCESS if not result.skipped else messages.WARNING)
 
 
-@admin.register(Model)
-class ModelAdmin(admin.ModelAdmin):
-    list_display = (
+class DeploymentInline(admin.TabularInline):
+    model = Deployment
+    extra = 0
+    fields = (
         "name",
         "provider",
         "upstream_id",
-        "mode",
         "input_per_mtok",
         "output_per_mtok",
         "cached_input_per_mtok",
-        "context_window",
+        "weight",
+        "priority",
+        "rpm_limit",
+        "tpm_limit",
+        "quality",
+        "breaker_override",
         "enabled",
     )
+
+
+@admin.register(CatalogModel)
+class CatalogModelAdmin(admin.ModelAdmin):
+    inlines = (DeploymentInline,)
+    list_display = ("name", "alias_of", "mode", "strategy", "context_window", "enabled")
     list_editable = ("enabled",)
     list_filter = (
-        "provider",
         "mode",
+        "strategy",
         "enabled",
         "supports_streaming",
         "supports_tools",
         "supports_vision",
         "supports_json_mode",
     )
-    list_select_related = ("provider",)
-    search_fields = ("name", "upstream_id")
+    list_select_related = ("alias_of",)
+    search_fields = ("name", "label", "deployments__upstream_id")
     readonly_fields = ("created_at", "updated_at")
     fieldsets = (
-        ("Identity", {"fields": ("name", "provider", "upstream_id", "mode", "enabled")}),
+        ("Identity", {"fields": ("name", "label", "alias_of", "mode", "enabled")}),
         (
-            "Prices per million tokens (USD)",
-            {"fields": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")},
+            "Routing",
+            {
+                "fields": (
+                    "strategy",
+                    "retries",
+                    "fallbacks",
+                    "context_window_fallbacks",
+                    "resume_on_failure",
+                    "stream_idle_timeout_seconds",
+                )
+            },
         ),
         ("Limits", {"fields": ("context_window", "max_output_tokens")}),
         (

@@ -69,7 +69,6 @@ class Provider(models.Model):
     timeout_seconds = models.DecimalField(
         max_digits=6, decimal_places=1, default=Decimal("60.0"), validators=[MinValueValidator(Decimal("0.1"))]
     )
-    max_retries = models.PositiveSmallIntegerField(default=2)
     enabled = models.BooleanField(default=True)
 
     last_health_status = models.CharField(max_length=16, choices=HealthStatus.choices, default=HealthStatus.UNKNOWN)
@@ -121,26 +120,33 @@ class ModelMode(models.TextChoices):
     EMBEDDING = "embedding", "Embedding"
 
 
-class Model(models.Model):
-    """A model in the catalog, under the public name clients send."""
+class RoutingStrategy(models.TextChoices):
+    WEIGHTED = "weighted", "Weighted (random by weight)"
+    PRIORITY = "priority", "Priority (lowest number first)"
+    LOWEST_LATENCY = "lowest_latency", "Lowest latency"
+    LEAST_BUSY = "least_busy", "Least busy (fewest requests in flight)"
+    CHEAPEST = "cheapest", "Cheapest"
+
+
+def _price_field(label: str, **kwargs: object) -> models.DecimalField:
+    return models.DecimalField(label, max_digits=12, decimal_places=6, validators=[MinValueValidator(0)], **kwargs)
+
+
+class CatalogModel(models.Model):
+    """A public model: the name clients send, what it can do, and how a request for it is routed among its
+    ``Deployment``s. An alias (``alias_of``) is a second public name for another model and has none of its
+    own. (Not called ``Model``: it would shadow ``django.db.models.Model`` in every reader's head.)"""
 
     name = models.CharField(max_length=128, unique=True, help_text="The public name clients send as `model`.")
-    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="models")
-    upstream_id = models.CharField(max_length=200, help_text="The provider's own model id.")
-    input_per_mtok = models.DecimalField(
-        "input $/Mtok", max_digits=12, decimal_places=6, default=Decimal("0"), validators=[MinValueValidator(0)]
-    )
-    output_per_mtok = models.DecimalField(
-        "output $/Mtok", max_digits=12, decimal_places=6, default=Decimal("0"), validators=[MinValueValidator(0)]
-    )
-    cached_input_per_mtok = models.DecimalField(
-        "cached input $/Mtok",
-        max_digits=12,
-        decimal_places=6,
+    label = models.CharField(max_length=128, blank=True, help_text="Shown in the chat picker; empty: the name.")
+    alias_of = models.ForeignKey(
+        "self",
         null=True,
         blank=True,
-        validators=[MinValueValidator(0)],
-        help_text="Empty: cached input tokens are priced as input tokens.",
+        on_delete=models.CASCADE,
+        related_name="aliases",
+        help_text="Make this name an alias: requests for it are served by that model (its deployments, "
+        "prices and routing); plan and key allow-lists are checked against that model.",
     )
     mode = models.CharField(
         max_length=16,
@@ -163,12 +169,41 @@ class Model(models.Model):
             '"rename": {"max_tokens": "max_completion_tokens"}, "drop": ["presence_penalty"]}.'
         ),
     )
+    strategy = models.CharField(max_length=16, choices=RoutingStrategy.choices, default=RoutingStrategy.WEIGHTED)
+    retries = models.PositiveSmallIntegerField(
+        default=2, help_text="Further attempts on this model's other deployments after a retryable failure."
+    )
+    fallbacks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Other public model names tried in order when every deployment failed, e.g. ["claude-haiku"].',
+    )
+    context_window_fallbacks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Public model names tried in order when the prompt is too long for this one.",
+    )
+    resume_on_failure = models.BooleanField(
+        default=False,
+        help_text="When a stream fails after it began, continue it on the next deployment with the partial reply "
+        "as a prefill (the client sees one stream; the ledger row says it was resumed).",
+    )
+    stream_idle_timeout_seconds = models.DecimalField(
+        max_digits=6,
+        decimal_places=1,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(Decimal("0.1"))],
+        help_text="A stream that sends nothing for this long is ended with an error. Empty: the server's default.",
+    )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
+        verbose_name = "model"
+        verbose_name_plural = "models"
 
     def __str__(self) -> str:
         return self.name
@@ -177,3 +212,123 @@ class Model(models.Model):
         from .rules import validate_parameter_rules
 
         validate_parameter_rules(self.parameter_rules)
+        if self.alias_of_id is not None:
+            if self.alias_of_id == self.pk:
+                raise ValidationError({"alias_of": "A model cannot be an alias of itself."})
+            if self.alias_of is not None and self.alias_of.alias_of_id is not None:
+                raise ValidationError({"alias_of": "Point the alias at a model, not at another alias."})
+        for field in ("fallbacks", "context_window_fallbacks"):
+            value = getattr(self, field)
+            if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+                raise ValidationError({field: "Give a list of public model names."})
+            if self.name in value:
+                raise ValidationError({field: "A model cannot fall back to itself."})
+
+
+class BreakerOverride(models.TextChoices):
+    NONE = "", "None (the breaker decides)"
+    OPEN = "open", "Forced open (no traffic)"
+    CLOSED = "closed", "Forced closed (always a candidate)"
+
+
+class Deployment(models.Model):
+    """One place a public model is served: a provider, the provider's model id, and its prices."""
+
+    model = models.ForeignKey(CatalogModel, on_delete=models.CASCADE, related_name="deployments")
+    name = models.SlugField(
+        max_length=64,
+        blank=True,
+        help_text="Unique within the model; sent as x-llmhub-deployment. Empty: the provider's name.",
+    )
+    provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="deployments")
+    upstream_id = models.CharField(max_length=200, help_text="The provider's own model id.")
+    input_per_mtok = _price_field("input $/Mtok", default=Decimal("0"))
+    output_per_mtok = _price_field("output $/Mtok", default=Decimal("0"))
+    cached_input_per_mtok = _price_field(
+        "cached input $/Mtok", null=True, blank=True, help_text="Empty: cached input tokens are priced as input tokens."
+    )
+    weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
+    priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")
+    rpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Requests per minute this deployment takes; at the cap it is skipped."
+    )
+    tpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tokens per minute this deployment takes; at the cap it is skipped."
+    )
+    quality = models.DecimalField(
+        max_digits=6,
+        decimal_places=3,
+        null=True,
+        blank=True,
+        help_text="A score (higher is better) for requests sent with x-llmhub-route: quality.",
+    )
+    breaker_override = models.CharField(max_length=8, choices=BreakerOverride.choices, default="", blank=True)
+    paid_health_probe = models.BooleanField(
+        default=False,
+        help_text="Health checks send a one-token completion (billed by the provider) instead of listing models.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model", "priority", "pk"]
+        constraints = [models.UniqueConstraint(fields=["model", "name"], name="deployment_name_unique_in_model")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}/{self.name}" if self.model_id else self.name
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        if not self.name and self.provider_id is not None:
+            self.name = self._free_name()
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _free_name(self) -> str:
+        base = self.provider.name[:60]
+        taken = set(
+            Deployment.objects.filter(model_id=self.model_id).exclude(pk=self.pk).values_list("name", flat=True)
+        )
+        name, n = base, 2
+        while name in taken:
+            name, n = f"{base}-{n}", n + 1
+        return name
+
+
+class HealthCheck(models.Model):
+    """One probe of a deployment (``providers.health``): the history shown in the admin."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="health_checks")
+    checked_at = models.DateTimeField(db_index=True)
+    ok = models.BooleanField()
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+    paid = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-checked_at"]
+        indexes = [models.Index(fields=["deployment", "-checked_at"], name="healthcheck_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {'ok' if self.ok else 'failing'} at {self.checked_at:%Y-%m-%d %H:%M:%S}"
+
+
+class Incident(models.Model):
+    """A deployment down from ``started_at`` until ``ended_at``: one alert when it starts, one when it ends."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="incidents")
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment"],
+                condition=models.Q(ended_at__isnull=True),
+                name="one_open_incident_per_deployment",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} down since {self.started_at:%Y-%m-%d %H:%M:%S}"

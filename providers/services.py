@@ -29,7 +29,8 @@ from .adapters.base import BaseAdapter
 from .adapters.common import scrub
 from .exceptions import ApplicationError, ProviderError
 from .fields import EncryptedField, rotate
-from .models import HealthStatus, Model, Provider
+from .models import CatalogModel as Model  # noqa: N814  (being split: catalog file, import, health)
+from .models import Deployment, HealthStatus, Provider
 from .selectors import provider_config
 from .types import HealthResult, ProviderConfig, UpstreamModel
 

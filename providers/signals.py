@@ -8,11 +8,12 @@ from typing import Any
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from .models import Model, Provider
+from .models import CatalogModel, Deployment, Provider
 from .selectors import catalog_cache
 
 
 @receiver([post_save, post_delete], sender=Provider)
-@receiver([post_save, post_delete], sender=Model)
+@receiver([post_save, post_delete], sender=CatalogModel)
+@receiver([post_save, post_delete], sender=Deployment)
 def _catalog_changed(**kwargs: Any) -> None:
     catalog_cache.invalidate()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -21,7 +21,6 @@ class ProviderConfig:
     # Decrypted, as the SDK client sends them; they may carry a credential, so no repr shows them.
     extra_headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     timeout: float = 60.0
-    max_retries: int = 2
     enabled: bool = True
     version: datetime | None = None  # the row's updated_at: a changed config builds a new client
     api_version: str = ""  # Azure OpenAI's api-version, Gemini's (v1beta); empty: the adapter's default
@@ -36,13 +35,49 @@ class ProviderConfig:
             self.organization,
             self.extra_headers,
             self.timeout,
-            self.max_retries,
             self.api_version,
         )
 
 
+class RoutingStrategy:
+    """How a model picks among its deployments (``providers.routing``)."""
+
+    WEIGHTED = "weighted"
+    PRIORITY = "priority"
+    LOWEST_LATENCY = "lowest_latency"
+    LEAST_BUSY = "least_busy"
+    CHEAPEST = "cheapest"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedDeployment:
+    """One place a public model is served: a provider, the provider's model id, and that deployment's prices
+    and routing settings."""
+
+    id: int
+    name: str  # unique within its model; what ``x-llmhub-deployment`` says
+    provider: ProviderConfig
+    upstream_id: str
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cached_input_per_mtok: Decimal | None = None
+    weight: int = 1
+    priority: int = 0
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    quality: float | None = None  # set by admins (later fed by experiments): ``x-llmhub-route: quality``
+    forced_state: str = ""  # "" (the breaker decides), "open" or "closed": an admin's override
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
+    """A public model, as clients name it, with the deployments that serve it.
+
+    ``upstream_id``, ``provider`` and the prices are those of ``deployment`` once the snapshot is bound to
+    one (``on``: what an adapter and the pricing of one attempt see). Unbound (``deployment`` is None), the
+    prices are the highest of its deployments (what a reservation must cover) and ``provider`` /
+    ``upstream_id`` are those of its first deployment in priority order (``owned_by``)."""
+
     id: int
     name: str
     upstream_id: str
@@ -58,6 +93,27 @@ class ResolvedModel:
     supports_vision: bool = False
     supports_json_mode: bool = True
     parameter_rules: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    label: str = ""
+    deployments: tuple[ResolvedDeployment, ...] = ()
+    deployment: ResolvedDeployment | None = None  # the one this snapshot is bound to
+    strategy: str = RoutingStrategy.WEIGHTED
+    retries: int = 2  # further attempts among this model's deployments after the first
+    fallbacks: tuple[str, ...] = ()  # other public names, tried in order once the deployments are exhausted
+    context_window_fallbacks: tuple[str, ...] = ()  # tried instead when the prompt is too long for this one
+    resume_on_failure: bool = False
+    stream_idle_timeout: float | None = None  # seconds without a chunk that end a stream; None: the setting
+
+    def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
+        """This model as served by ``deployment``: its provider, upstream id and prices."""
+        return replace(
+            self,
+            upstream_id=deployment.upstream_id,
+            provider=deployment.provider,
+            input_per_mtok=deployment.input_per_mtok,
+            output_per_mtok=deployment.output_per_mtok,
+            cached_input_per_mtok=deployment.cached_input_per_mtok,
+            deployment=deployment,
+        )
 
 
 @dataclass(frozen=True, slots=True)

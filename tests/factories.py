@@ -8,7 +8,7 @@ import factory
 from django.contrib.auth import get_user_model
 
 from billing.models import Endpoint, UsageRecord, UsageStatus
-from providers.models import Model, Provider, ProviderKind
+from providers.models import CatalogModel, Deployment, Provider, ProviderKind
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -31,13 +31,18 @@ class ProviderFactory(factory.django.DjangoModelFactory):
     kind = ProviderKind.OPENAI_COMPATIBLE
     base_url = "http://127.0.0.1:9/v1"
     api_key = "sk-fake-upstream-key-0000000000000000"
-    max_retries = 0
     timeout_seconds = Decimal("10.0")
 
 
+_DEPLOYMENT_FIELDS = ("provider", "upstream_id", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+
+
 class ModelFactory(factory.django.DjangoModelFactory):
+    """A public model with one deployment: ``provider``, ``upstream_id`` and the prices go to the deployment
+    (as a catalog row held them before deployments)."""
+
     class Meta:
-        model = Model
+        model = CatalogModel
 
     name = factory.Sequence(lambda n: f"model-{n}")
     provider = factory.SubFactory(ProviderFactory)
@@ -45,6 +50,24 @@ class ModelFactory(factory.django.DjangoModelFactory):
     input_per_mtok = Decimal("0.15")
     output_per_mtok = Decimal("0.60")
     context_window = 128_000
+
+    @classmethod
+    def _create(cls, model_class: type[CatalogModel], *args: object, **kwargs: object) -> CatalogModel:
+        deployment = {name: kwargs.pop(name) for name in _DEPLOYMENT_FIELDS if name in kwargs}
+        model = model_class.objects.create(*args, **kwargs)
+        Deployment.objects.create(model=model, **deployment)
+        return model
+
+
+class DeploymentFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Deployment
+
+    model = factory.SubFactory(ModelFactory)
+    provider = factory.SubFactory(ProviderFactory)
+    upstream_id = "fake-gpt-4o-mini"
+    input_per_mtok = Decimal("0.15")
+    output_per_mtok = Decimal("0.60")
 
 
 class UsageRecordFactory(factory.django.DjangoModelFactory):

@@ -38,7 +38,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 
-from providers.models import Model, Provider
+from providers.models import CatalogModel, Provider
 
 from ..exceptions import BillingUnavailableError
 from ..models import (
@@ -690,7 +690,7 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int
             "user_id": get_user_model(),
             "api_key_id": ApiKey,
             "provider_id": Provider,
-            "model_id": Model,
+            "model_id": CatalogModel,
         }
         kept = {
             name: record.get(name)

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from providers.cache import TTLCache
 from providers.exceptions import ApplicationError
-from providers.models import Model
+from providers.models import CatalogModel
 
 from ..models import ApiKey, BudgetPeriod, KeyScope
 from ..selectors import api_key_ancestor_ids, api_key_subtree_ids
@@ -78,7 +78,7 @@ def api_key_create(
     user,
     name: str = "default",
     expires_at: datetime | None = None,
-    allowed_models: Iterable[Model] = (),
+    allowed_models: Iterable[CatalogModel] = (),
     budget_usd: Decimal | None = None,
     budget_period: str = BudgetPeriod.MONTHLY,
     rpm: int | None = None,
@@ -148,7 +148,7 @@ def _check_within_parent(
     parent: ApiKey,
     *,
     expires_at: datetime | None,
-    allowed_models: list[Model],
+    allowed_models: list[CatalogModel],
     budget_usd: Decimal | None,
     budget_period: str,
     rpm: int | None,

@@ -35,7 +35,7 @@ from django.contrib.auth import get_user_model
 from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.utils import timezone
 
-from providers.models import Model, Provider
+from providers.models import CatalogModel, Deployment, Provider
 
 from ..models import ApiKey, UsageRecord
 from .admission import Admission, admission_settle
@@ -66,8 +66,13 @@ class UsageData:
     api_key_id: int | None = None
     provider_id: int | None = None
     model_id: int | None = None
+    deployment_id: int | None = None
     provider_name: str = ""
     model_name: str = ""
+    deployment_name: str = ""
+    requested_model: str = ""  # the name the client sent, when another model answered (alias, fallback)
+    attempts: int = 0  # upstream calls made, retries and fallbacks included
+    resumed: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -288,7 +293,13 @@ def _insert(rows: list[UsageData]) -> None:
 
 
 def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
-    targets = {"user_id": get_user_model(), "api_key_id": ApiKey, "provider_id": Provider, "model_id": Model}
+    targets = {
+        "user_id": get_user_model(),
+        "api_key_id": ApiKey,
+        "provider_id": Provider,
+        "model_id": CatalogModel,
+        "deployment_id": Deployment,
+    }
     existing: dict[str, set[int]] = {}
     for name, target in targets.items():
         ids = {getattr(data, name) for data in rows} - {None}

@@ -52,7 +52,7 @@ class AnthropicAdapter(BaseAdapter):
             api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
             base_url=config.base_url,
             timeout=timeout,
-            max_retries=config.max_retries,
+            max_retries=0,  # retries are the router's (chat.pipeline): the SDK's would multiply them
             default_headers=dict(config.extra_headers),
             http_client=provider_http_client(config),
         )

@@ -33,7 +33,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
             api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
             organization=config.organization or None,
             timeout=http_timeout(config),
-            max_retries=config.max_retries,
+            max_retries=0,  # retries are the router's (chat.pipeline): the SDK's would multiply them
             default_headers=dict(config.extra_headers),
             http_client=provider_http_client(config),
         )

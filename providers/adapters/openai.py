@@ -66,7 +66,7 @@ class OpenAIAdapter(BaseAdapter):
             organization=config.organization or None,
             base_url=config.base_url,
             timeout=http_timeout(config),
-            max_retries=config.max_retries,
+            max_retries=0,  # retries are the router's (chat.pipeline): the SDK's would multiply them
             default_headers=dict(config.extra_headers),
             http_client=provider_http_client(config),
         )
