@@ -17,7 +17,8 @@ from django.utils.timesince import timesince
 from .exceptions import ApplicationError
 from .fields import Secret
 from .models import CatalogModel, Deployment, HealthStatus, Provider
-from .services import provider_import_models, providers_health_check
+from .services.health import providers_health_check
+from .services.model_import import provider_import_models
 from .types import HealthResult
 
 logger = logging.getLogger(__name__)

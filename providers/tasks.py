@@ -7,7 +7,8 @@ import logging
 from celery import Task, shared_task
 
 from .models import Provider
-from .services import provider_health_check, provider_rotate_encryption, providers_health_check
+from .services.encryption import provider_rotate_encryption
+from .services.health import provider_health_check, providers_health_check
 from .types import HealthResult
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,9 @@ from providers.adapters.common import scrub
 from providers.fields import TOKEN_PREFIX, Secret
 from providers.models import Provider
 from providers.selectors import provider_config
-from providers.services import provider_health_check, provider_rotate_encryption, providers_dump
+from providers.services.catalog_file import providers_dump
+from providers.services.encryption import provider_rotate_encryption
+from providers.services.health import provider_health_check
 from tests.factories import ModelFactory, ProviderFactory
 
 pytestmark = pytest.mark.django_db

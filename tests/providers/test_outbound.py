@@ -29,7 +29,8 @@ from billing.services.keys import api_key_create
 from providers import outbound
 from providers.exceptions import ProviderError
 from providers.models import Model, ProviderKind
-from providers.services import provider_health_check, provider_import_models
+from providers.services.health import provider_health_check
+from providers.services.model_import import provider_import_models
 from providers.validators import validate_provider_url
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 

@@ -15,12 +15,8 @@ from llmhub.testing.fake_upstream import MODELS, FakeUpstream
 from providers.adapters.registry import adapters_close_all
 from providers.exceptions import ProviderAuthenticationError
 from providers.models import HealthStatus, Model, Provider, ProviderKind
-from providers.services import (
-    aprovider_health_check,
-    provider_health_check,
-    provider_import_models,
-    providers_health_check,
-)
+from providers.services.health import aprovider_health_check, provider_health_check, providers_health_check
+from providers.services.model_import import provider_import_models
 from providers.tasks import (
     provider_health_check_task,
     providers_health_check_all,

@@ -7,7 +7,7 @@ from typing import Any
 import yaml
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from providers.services import providers_dump
+from providers.services.catalog_file import providers_dump
 
 
 class Command(BaseCommand):

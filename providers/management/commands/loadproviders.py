@@ -9,7 +9,7 @@ import yaml
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from providers.exceptions import ApplicationError
-from providers.services import providers_load
+from providers.services.catalog_file import providers_load
 
 
 class Command(BaseCommand):

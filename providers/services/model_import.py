@@ -1,0 +1,92 @@
+"""Import of a provider's model list into the catalog, as disabled models until an admin prices them.
+
+Adapter calls are async (the SDK clients are). The sync entry points (admin actions, Celery tasks,
+management commands) run them with ``async_to_sync`` on a one-shot adapter that is closed afterwards:
+the pooled adapters of ``adapter_for`` belong to a long-lived loop, and a pooled client created in a
+loop that ends right after the call would never be closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from asgiref.sync import async_to_sync
+from django.db import transaction
+
+from ..adapters import adapter_class_for_kind
+from ..models import CatalogModel as Model
+from ..models import Provider
+from ..selectors import provider_config
+from ..types import ProviderConfig, UpstreamModel
+
+# Model import -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    created: tuple[str, ...]  # public names of the new catalog entries (disabled, unpriced)
+    already_known: int  # upstream ids the catalog already had for this provider
+    skipped: tuple[str, ...]  # upstream ids left out because no public name was free for them
+
+
+async def _list_models_once(config: ProviderConfig) -> list[UpstreamModel]:
+    adapter = adapter_class_for_kind(config.kind)(config)
+    try:
+        return await adapter.list_models()
+    finally:
+        await adapter.aclose()
+
+
+def provider_import_models(*, provider: Provider) -> ImportResult:
+    """Add the provider's listed models that the catalog does not have yet for it.
+
+    New entries are disabled and priced at zero, so that no client can use (and nobody is billed nothing
+    for) a model until an admin has priced and enabled it. The public name is the upstream id, or
+    ``<provider>/<upstream id>`` when another entry already has that name. Raises ``ProviderError`` when
+    the provider cannot be listed."""
+    listed = async_to_sync(_list_models_once)(provider_config(provider))
+    name_max = Model._meta.get_field("name").max_length
+    upstream_max = Model._meta.get_field("upstream_id").max_length
+    default_context = Model._meta.get_field("context_window").get_default()
+    upstream_ids = sorted({item.id for item in listed if item.id})
+    context_windows = {item.id: item.context_window for item in listed}
+
+    with transaction.atomic():
+        known = set(Model.objects.filter(provider=provider).values_list("upstream_id", flat=True))
+        candidates = [name for uid in upstream_ids for name in (uid, f"{provider.name}/{uid}")]
+        taken = set(Model.objects.filter(name__in=candidates).values_list("name", flat=True))
+        new_rows: list[Model] = []
+        skipped: list[str] = []
+        for upstream_id in upstream_ids:
+            if upstream_id in known:
+                continue
+            name = next(
+                (
+                    name
+                    for name in (upstream_id, f"{provider.name}/{upstream_id}")
+                    if name not in taken and len(name) <= name_max
+                ),
+                None,
+            )
+            if name is None or len(upstream_id) > upstream_max:
+                skipped.append(upstream_id)
+                continue
+            taken.add(name)
+            new_rows.append(
+                Model(
+                    name=name,
+                    provider=provider,
+                    upstream_id=upstream_id,
+                    input_per_mtok=Decimal("0"),
+                    output_per_mtok=Decimal("0"),
+                    context_window=context_windows.get(upstream_id) or default_context,
+                    enabled=False,
+                )
+            )
+        Model.objects.bulk_create(new_rows)
+    return ImportResult(
+        created=tuple(row.name for row in new_rows),
+        already_known=len(known.intersection(upstream_ids)),
+        skipped=tuple(skipped),
+    )
