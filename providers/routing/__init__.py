@@ -1,0 +1,52 @@
+"""Routing: which deployment of a public model serves an attempt, and what each attempt taught us.
+
+The pipeline (``chat.pipeline``) asks ``route_candidates`` for the order in which to try a model's
+deployments, checks each with ``breaker_allows`` just before calling it, and reports every call with
+``call_started`` / ``call_finished``. Everything on the request path is in-process and cheap: the
+breakers' and the statistics' shared state (Redis, when ``REDIS_URL`` is set) is kept in sync in the
+background, never awaited per request, except to claim a half-open breaker's single probe.
+
+- ``router``: the strategies (weighted, priority, lowest_latency, least_busy, cheapest) and the
+  ``x-llmhub-route`` hints (cost, latency, quality).
+- ``breakers``: circuit breakers per deployment, shared by every process through Redis.
+- ``stats``: latency and time-to-first-token averages, requests in flight, rpm/tpm per deployment.
+"""
+
+from __future__ import annotations
+
+from .breakers import breaker_allows, breaker_record
+from .router import ROUTE_HINTS, route_candidates
+from .stats import CallTicket, stats_call_finished, stats_call_started
+
+
+class Outcome:
+    """How an attempt ended, for the breaker and the statistics."""
+
+    OK = "ok"
+    FAILURE = "failure"  # the deployment failed (5xx, 429, timeout, refused, cut, bad credentials)
+    NEUTRAL = "neutral"  # says nothing about the deployment (a 400 for the client's input, a client gone)
+
+
+def call_started(deployment_id: int) -> CallTicket:
+    """An attempt on ``deployment_id`` begins: counted in flight (least_busy) and against its rpm cap."""
+    return stats_call_started(deployment_id)
+
+
+def call_finished(ticket: CallTicket, *, outcome: str, ttft_s: float | None = None, tokens: int = 0) -> None:
+    """An attempt ended: its latency (and time to first token) feed the averages, its outcome the breaker,
+    its tokens the deployment's tpm cap. Never raises, never blocks: shared state is written in the
+    background."""
+    stats_call_finished(ticket, ok=outcome == Outcome.OK, ttft_s=ttft_s, tokens=tokens)
+    if outcome != Outcome.NEUTRAL:
+        breaker_record(ticket.deployment_id, ok=outcome == Outcome.OK)
+
+
+__all__ = [
+    "ROUTE_HINTS",
+    "CallTicket",
+    "Outcome",
+    "breaker_allows",
+    "call_finished",
+    "call_started",
+    "route_candidates",
+]
