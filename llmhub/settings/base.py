@@ -306,6 +306,16 @@ LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = env.float("LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
 # grace + 5 s + uvicorn's --timeout-graceful-shutdown + a few seconds of ledger drain below the time the
 # orchestrator waits before SIGKILL (docker-compose.yml's stop_grace_period).
 LLMHUB_SHUTDOWN_GRACE_SECONDS = env.float("LLMHUB_SHUTDOWN_GRACE_SECONDS", default=20.0)
+# One deadline per request, across every attempt, retry, backoff and fallback (a stream: until its first
+# chunk). Each attempt is also bounded by its provider's own timeout.
+LLMHUB_REQUEST_DEADLINE_SECONDS = env.float("LLMHUB_REQUEST_DEADLINE_SECONDS", default=300.0)
+# A stream that has begun and then sends nothing for this long is ended with an in-band error (a model's
+# own `stream_idle_timeout_seconds` overrides it).
+LLMHUB_STREAM_IDLE_TIMEOUT_SECONDS = env.float("LLMHUB_STREAM_IDLE_TIMEOUT_SECONDS", default=60.0)
+# Backoff between two attempts: full jitter, uniform in [0, min(cap, base * 2**n)] seconds; a provider's
+# Retry-After is honoured before the same deployment is tried again.
+LLMHUB_RETRY_BACKOFF_BASE_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_BASE_SECONDS", default=0.05)
+LLMHUB_RETRY_BACKOFF_CAP_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_CAP_SECONDS", default=2.0)
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path.
 LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/"]
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
