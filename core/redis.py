@@ -1,0 +1,73 @@
+"""Redis clients every app builds the same way: one asyncio client per event loop, one sync client per process.
+
+After a Redis restart every pooled connection is dead. A connection idle longer than
+``REDIS_HEALTH_CHECK_INTERVAL`` is pinged (and replaced) before use, TCP keepalive finds peers that vanished,
+and a command that fails on a dead connection is sent again on a fresh one (``REDIS_RETRIES`` times, after
+50 ms, 100 ms, ... at most 0.5 s). Only send idempotent commands through these clients, or make them
+idempotent (a Lua script that remembers its answer): a retried command may have run once already.
+
+An asyncio client (and its pool) is bound to the event loop that created it, hence one per loop; a loop
+that ends takes its clients with it (weak keys). https://redis.readthedocs.io/en/stable/retry.html
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+
+import redis
+import redis.asyncio
+from django.conf import settings
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]] = (
+    weakref.WeakKeyDictionary()
+)
+_sync_clients: dict[str, redis.Redis] = {}
+_sync_lock = threading.Lock()
+
+
+def _options(*, socket_timeout: float | None) -> dict:
+    return {
+        "decode_responses": True,
+        "health_check_interval": settings.REDIS_HEALTH_CHECK_INTERVAL,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": socket_timeout,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+def redis_async_client(url: str, *, socket_timeout: float | None = None) -> redis.asyncio.Redis:
+    """The running event loop's client for ``url`` (built at its first use in that loop).
+
+    ``socket_timeout``: seconds a command may wait for its reply (None: forever, as redis-py's default);
+    clients with different timeouts are different clients."""
+    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    key = f"{url}#{socket_timeout}"
+    client = per_loop.get(key)
+    if client is None:
+        retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.REDIS_RETRIES)
+        client = per_loop[key] = redis.asyncio.Redis.from_url(
+            url, retry=retry, **_options(socket_timeout=socket_timeout)
+        )
+    return client
+
+
+def redis_sync_client(url: str, *, socket_timeout: float | None = 5) -> redis.Redis:
+    """This process's sync client for ``url`` (thread-safe: its pool hands each thread a connection), for
+    admin pages, Celery tasks and management commands."""
+    key = f"{url}#{socket_timeout}"
+    client = _sync_clients.get(key)
+    if client is None:
+        with _sync_lock:
+            client = _sync_clients.get(key)
+            if client is None:
+                retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), settings.REDIS_RETRIES)
+                client = _sync_clients[key] = redis.Redis.from_url(
+                    url, retry=retry, **_options(socket_timeout=socket_timeout)
+                )
+    return client
