@@ -338,6 +338,19 @@ LLMHUB_ALERT_WEBHOOK_URL = env("LLMHUB_ALERT_WEBHOOK_URL", default="")
 LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL", default=2.0)
 LLMHUB_INFLIGHT_HEARTBEAT_TTL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_TTL", default=20.0)
 LLMHUB_INFLIGHT_SWEEP_INTERVAL = env.float("LLMHUB_INFLIGHT_SWEEP_INTERVAL", default=20.0)
+# Circuit breakers per deployment (docs/routing.md, "Circuit breakers"): a breaker opens after FAILURES
+# consecutive failures, or when more than ERROR_RATE % of at least MIN_VOLUME calls in the last WINDOW
+# seconds failed; it stays open COOLDOWN seconds, doubled after each failed half-open probe up to
+# MAX_COOLDOWN. A claimed probe that reports nothing for PROBE_LEASE seconds lets another one through.
+LLMHUB_BREAKER_FAILURES = env.int("LLMHUB_BREAKER_FAILURES", default=5)
+LLMHUB_BREAKER_ERROR_RATE = env.float("LLMHUB_BREAKER_ERROR_RATE", default=50.0)
+LLMHUB_BREAKER_WINDOW_SECONDS = env.float("LLMHUB_BREAKER_WINDOW_SECONDS", default=60.0)
+LLMHUB_BREAKER_MIN_VOLUME = env.int("LLMHUB_BREAKER_MIN_VOLUME", default=20)
+LLMHUB_BREAKER_COOLDOWN_SECONDS = env.float("LLMHUB_BREAKER_COOLDOWN_SECONDS", default=30.0)
+LLMHUB_BREAKER_MAX_COOLDOWN_SECONDS = env.float("LLMHUB_BREAKER_MAX_COOLDOWN_SECONDS", default=600.0)
+LLMHUB_BREAKER_PROBE_LEASE_SECONDS = env.float("LLMHUB_BREAKER_PROBE_LEASE_SECONDS", default=60.0)
+# With REDIS_URL, each process re-reads every open breaker this often, in case it missed a change message.
+LLMHUB_BREAKER_RESYNC_SECONDS = env.float("LLMHUB_BREAKER_RESYNC_SECONDS", default=2.0)
 
 LOGGING = {
     "version": 1,
