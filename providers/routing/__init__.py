@@ -15,7 +15,7 @@ background, never awaited per request, except to claim a half-open breaker's sin
 from __future__ import annotations
 
 from .breakers import breaker_allows, breaker_record
-from .router import ROUTE_HINTS, route_candidates
+from .router import ROUTE_HINTS, caps_retry_after, route_candidates
 from .stats import CallTicket, stats_call_finished, stats_call_started
 
 
@@ -48,5 +48,6 @@ __all__ = [
     "breaker_allows",
     "call_finished",
     "call_started",
+    "caps_retry_after",
     "route_candidates",
 ]

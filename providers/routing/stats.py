@@ -1,11 +1,54 @@
-"""Per-deployment statistics (first version: in-process counters only)."""
+"""Per-deployment statistics the router reads: requests in flight, latency and time-to-first-token averages,
+and this minute's requests and tokens (the deployments' rpm/tpm caps).
+
+The request path never waits for Redis. ``stats_call_started`` / ``stats_call_finished`` only touch this
+process's figures (a dict lookup and a few attribute updates under a lock: the same process may run
+several event loops in threads). When ``settings.REDIS_URL`` is set, a background task per event loop
+(started by the first call made on that loop) exchanges them with Redis every ``FLUSH_INTERVAL`` seconds
+in one script call (``providers/redis_scripts/routing_stats_flush.lua``): it sends this process's
+requests in flight (absolute, under a key that expires ``BUSY_TTL`` after its last refresh, so a process
+that dies stops counting), the minute's requests and tokens and the latency samples since the previous
+exchange, and reads back every process's view. What the router sees of other processes is therefore up
+to about two intervals old (theirs and ours, ~0.5 s); its own process's figures are always current.
+
+Redis down or slow: the exchange fails, what it carried is kept for the next one (requests and tokens of
+the current minute; latency samples are dropped, the local averages have them), other processes' requests
+in flight are forgotten (``STALE_AFTER``) and the router works from this process's view. Nothing here
+raises into the request path.
+
+Averages are exponentially weighted (EWMA, weight ``ALPHA`` on each new sample; Roberts 1959, "Control
+chart tests based on geometric moving averages"). Redis applies a batch of n samples with mean m as
+``avg + (1 - (1 - ALPHA)**n) * (m - avg)``, the sequential update with the samples taken as equal.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import threading
 import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
 
-_in_flight: dict[int, int] = {}
+from django.conf import settings
+
+logger = logging.getLogger("llmhub.routing")
+
+ALPHA = 0.25  # weight of a new latency sample in the averages
+FLUSH_INTERVAL = 0.25  # seconds between two exchanges with Redis
+BUSY_TTL_MS = 3_000  # a process's requests in flight vanish from Redis this long after its last exchange
+STALE_AFTER = 2.0  # seconds after which other processes' requests in flight are no longer believed
+IDLE_EXIT = 30.0  # a flusher with nothing to send for this long stops (the next call starts it again)
+KEY_PREFIX = "llmhub:route:"
+MINUTE_TTL_MS = 120_000
+LATENCY_TTL_MS = 86_400_000
+
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
 
 
 @dataclass(slots=True)
@@ -14,10 +57,366 @@ class CallTicket:
     started: float = field(default_factory=time.perf_counter)
 
 
+class DeploymentStats:
+    """What this process knows of one deployment. ``requests``/``tokens`` are this process's counts of
+    ``minute`` not yet sent to Redis, ``sent_*`` those on their way, ``shared_*`` every process's counts of
+    ``shared_minute`` as Redis last answered (this process's sent counts included)."""
+
+    __slots__ = (
+        "in_flight",
+        "latency",
+        "latency_n",
+        "latency_sum",
+        "minute",
+        "others_in_flight",
+        "requests",
+        "sent_minute",
+        "sent_requests",
+        "sent_tokens",
+        "shared_minute",
+        "shared_requests",
+        "shared_tokens",
+        "tokens",
+        "ttft",
+        "ttft_n",
+        "ttft_sum",
+    )
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.others_in_flight = 0
+        self.minute = self.sent_minute = self.shared_minute = -1
+        self.requests = self.tokens = 0
+        self.sent_requests = self.sent_tokens = 0
+        self.shared_requests = self.shared_tokens = 0
+        self.latency: float | None = None
+        self.ttft: float | None = None
+        self.latency_n = self.ttft_n = 0
+        self.latency_sum = self.ttft_sum = 0.0
+
+    def requests_in(self, minute: int) -> int:
+        count = self.shared_requests if self.shared_minute == minute else 0
+        if self.sent_minute == minute:
+            count += self.sent_requests
+        if self.minute == minute:
+            count += self.requests
+        return count
+
+    def tokens_in(self, minute: int) -> int:
+        count = self.shared_tokens if self.shared_minute == minute else 0
+        if self.sent_minute == minute:
+            count += self.sent_tokens
+        if self.minute == minute:
+            count += self.tokens
+        return count
+
+
+_stats: dict[int, DeploymentStats] = {}
+_lock = threading.Lock()
+_view_at = 0.0  # time.monotonic() of the last view read from Redis
+_last_activity = 0.0
+
+
+def current_minute() -> int:
+    """The calendar minute (UTC, since the epoch) the caps count in."""
+    return int(time.time() // 60)
+
+
+def _entry(deployment_id: int) -> DeploymentStats:
+    entry = _stats.get(deployment_id)
+    if entry is None:
+        entry = _stats[deployment_id] = DeploymentStats()
+    return entry
+
+
 def stats_call_started(deployment_id: int) -> CallTicket:
-    _in_flight[deployment_id] = _in_flight.get(deployment_id, 0) + 1
+    """An attempt begins: one more in flight, one more request this minute."""
+    global _last_activity
+    minute = current_minute()
+    try:
+        with _lock:
+            entry = _entry(deployment_id)
+            entry.in_flight += 1
+            if entry.minute != minute:
+                entry.minute, entry.requests, entry.tokens = minute, 0, 0
+            entry.requests += 1
+        if settings.REDIS_URL:
+            _last_activity = time.monotonic()
+            _ensure_flusher()
+    except Exception:  # pragma: no cover - bookkeeping must never fail a request
+        logger.exception("routing statistics: could not count a call's start")
     return CallTicket(deployment_id)
 
 
 def stats_call_finished(ticket: CallTicket, *, ok: bool, ttft_s: float | None, tokens: int) -> None:
-    _in_flight[ticket.deployment_id] = max(0, _in_flight.get(ticket.deployment_id, 0) - 1)
+    """An attempt ended after ``time.perf_counter() - ticket.started`` seconds.
+
+    A successful attempt's duration feeds the latency average; a failed one's only when it was slower than
+    the average (a timeout makes a deployment look slower, a refused connection never makes it look faster).
+    A time to first token feeds its average whatever the outcome: the first chunk did arrive then."""
+    elapsed = time.perf_counter() - ticket.started
+    minute = current_minute()
+    try:
+        with _lock:
+            entry = _entry(ticket.deployment_id)
+            if entry.in_flight > 0:
+                entry.in_flight -= 1
+            if tokens > 0:
+                if entry.minute != minute:
+                    entry.minute, entry.requests, entry.tokens = minute, 0, 0
+                entry.tokens += tokens
+            if ok or (entry.latency is not None and elapsed > entry.latency):
+                entry.latency = elapsed if entry.latency is None else entry.latency + ALPHA * (elapsed - entry.latency)
+                entry.latency_n += 1
+                entry.latency_sum += elapsed
+            if ttft_s is not None and ttft_s >= 0:
+                entry.ttft = ttft_s if entry.ttft is None else entry.ttft + ALPHA * (ttft_s - entry.ttft)
+                entry.ttft_n += 1
+                entry.ttft_sum += ttft_s
+    except Exception:  # pragma: no cover - bookkeeping must never fail a request
+        logger.exception("routing statistics: could not count a call's end")
+
+
+# WHAT THE ROUTER READS: plain attribute reads, no lock (a figure a moment old is as good).
+
+
+def stats_of(deployment_id: int) -> DeploymentStats | None:
+    return _stats.get(deployment_id)
+
+
+def in_flight(deployment_id: int) -> int:
+    """Requests in flight on the deployment: this process's, plus other processes' as Redis last said (if
+    that was less than ``STALE_AFTER`` ago)."""
+    entry = _stats.get(deployment_id)
+    if entry is None:
+        return 0
+    if entry.others_in_flight and time.monotonic() - _view_at < STALE_AFTER:
+        return entry.in_flight + entry.others_in_flight
+    return entry.in_flight
+
+
+def latency_score(deployment_id: int) -> float | None:
+    """Seconds: the time-to-first-token average when the deployment has one (it is what a streaming client
+    waits for, and does not grow with the answer's length), else the whole-call latency average; None
+    before the first measurement."""
+    entry = _stats.get(deployment_id)
+    if entry is None:
+        return None
+    return entry.ttft if entry.ttft is not None else entry.latency
+
+
+def stats_clear() -> None:
+    """Forget every figure this process holds (a test's start; Redis keeps what it was sent)."""
+    global _view_at
+    with _lock:
+        _stats.clear()
+        _view_at = 0.0
+
+
+# SHARING THROUGH REDIS
+
+
+@cache
+def _instance_id() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def instance_id() -> str:
+    """This process's name in Redis (a forked child gets its own)."""
+    return _instance_id() if _instance_id().startswith(f"{os.getpid()}-") else _new_instance_id()
+
+
+def _new_instance_id() -> str:
+    _instance_id.cache_clear()
+    return _instance_id()
+
+
+@cache
+def _script_source() -> str:
+    return (SCRIPTS_DIR / "routing_stats_flush.lua").read_text()
+
+
+class _Exchange:
+    """One event loop's Redis client for ``url`` and the flush script registered on it."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        self.url = url
+        # Short timeouts and one retry: a flush that cannot get through is simply sent with the next one.
+        self.client = redis.asyncio.Redis.from_url(
+            url,
+            decode_responses=True,
+            health_check_interval=settings.REDIS_HEALTH_CHECK_INTERVAL,
+            socket_keepalive=True,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self.script = self.client.register_script(_script_source())
+
+
+_exchanges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Exchange] = weakref.WeakKeyDictionary()
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+_failing = False  # the last exchange failed: said once in the log, not every FLUSH_INTERVAL
+_flushing = False  # one exchange at a time per process, whichever loop runs it
+_known: tuple[Any, Any] = (None, None)  # (loop, task) last seen running: the request path's fast check
+
+
+def _ensure_flusher() -> None:
+    global _known
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # called outside an event loop: counted locally, sent by a loop's flusher if there is one
+    known_loop, known_task = _known
+    if known_loop is loop and not known_task.done():
+        return
+    task = _flushers.get(loop)
+    if task is None or task.done():
+        task = _flushers[loop] = loop.create_task(_flush_forever(), name="llmhub-routing-stats")
+    _known = (loop, task)
+
+
+async def _flush_forever() -> None:
+    try:
+        while settings.REDIS_URL:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            await stats_flush()
+            if time.monotonic() - _last_activity > IDLE_EXIT and not any(e.in_flight for e in list(_stats.values())):
+                return
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # pragma: no cover - stats_flush catches what it expects; anything else ends this task
+        logger.exception("routing statistics: the flusher stopped")
+
+
+def _take_batch(minute: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """Under the lock: this process's requests in flight, and the counts and samples not sent yet (moved to
+    ``sent_*``, so that the router keeps counting them while they are on their way)."""
+    busy: list[Any] = []
+    counts: list[Any] = []
+    samples: list[Any] = []
+    for deployment_id, entry in _stats.items():
+        if entry.in_flight:
+            busy += [deployment_id, entry.in_flight]
+        if entry.minute == minute and (entry.requests or entry.tokens):
+            counts += [deployment_id, entry.requests, entry.tokens]
+            entry.sent_minute, entry.sent_requests, entry.sent_tokens = minute, entry.requests, entry.tokens
+            entry.requests = entry.tokens = 0
+        if entry.latency_n:
+            samples += [deployment_id, "l", entry.latency_n, repr(entry.latency_sum / entry.latency_n)]
+            entry.latency_n, entry.latency_sum = 0, 0.0
+        if entry.ttft_n:
+            samples += [deployment_id, "f", entry.ttft_n, repr(entry.ttft_sum / entry.ttft_n)]
+            entry.ttft_n, entry.ttft_sum = 0, 0.0
+    return busy, counts, samples
+
+
+def _give_back() -> None:
+    """Under the lock: the exchange failed; what was on its way is counted as not sent yet."""
+    for entry in _stats.values():
+        if entry.sent_requests or entry.sent_tokens:
+            if entry.sent_minute == entry.minute:
+                entry.requests += entry.sent_requests
+                entry.tokens += entry.sent_tokens
+            entry.sent_requests = entry.sent_tokens = 0
+        entry.others_in_flight = 0
+
+
+def _merge(reply: list[Any], minute: int) -> None:
+    """Under the lock: every process's view, as the script returned it."""
+    global _view_at
+    busy, counts, averages = reply
+    others: dict[int, int] = {}
+    for i in range(0, len(busy), 2):
+        others[int(busy[i])] = int(busy[i + 1])
+    for deployment_id in others:
+        _entry(deployment_id)
+    for deployment_id, entry in _stats.items():
+        entry.others_in_flight = others.get(deployment_id, 0)
+        entry.sent_requests = entry.sent_tokens = 0
+    for i in range(0, len(counts), 2):
+        kind, _, deployment = counts[i].partition(":")
+        entry = _entry(int(deployment))
+        if entry.shared_minute != minute:
+            entry.shared_minute, entry.shared_requests, entry.shared_tokens = minute, 0, 0
+        if kind == "r":
+            entry.shared_requests = int(counts[i + 1])
+        else:
+            entry.shared_tokens = int(counts[i + 1])
+    for i in range(0, len(averages), 2):
+        kind, _, deployment = averages[i].partition(":")
+        entry = _entry(int(deployment))
+        if kind == "l":
+            entry.latency = float(averages[i + 1])
+        else:
+            entry.ttft = float(averages[i + 1])
+    _view_at = time.monotonic()
+
+
+async def stats_flush() -> bool:
+    """Exchange this process's figures with Redis now (the background task's step; tests call it to skip
+    the wait). Returns whether the exchange went through; never raises."""
+    global _flushing, _failing
+    url = settings.REDIS_URL
+    if not url:
+        return False
+    minute = current_minute()
+    with _lock:
+        if _flushing:
+            return False
+        _flushing = True
+        busy, counts, samples = _take_batch(minute)
+    try:
+        loop = asyncio.get_running_loop()
+        exchange = _exchanges.get(loop)
+        if exchange is None or exchange.url != url:
+            exchange = _exchanges[loop] = _Exchange(url)
+        instance = instance_id()
+        reply = await exchange.script(
+            keys=[
+                KEY_PREFIX + "instances",
+                f"{KEY_PREFIX}busy:{instance}",
+                f"{KEY_PREFIX}minute:{minute}",
+                KEY_PREFIX + "latency",
+            ],
+            args=[
+                instance,
+                KEY_PREFIX + "busy:",
+                BUSY_TTL_MS,
+                MINUTE_TTL_MS,
+                LATENCY_TTL_MS,
+                repr(ALPHA),
+                len(busy) // 2,
+                *busy,
+                len(counts) // 3,
+                *counts,
+                len(samples) // 4,
+                *samples,
+            ],
+        )
+    except Exception as exc:
+        with _lock:
+            _give_back()
+            _flushing = False
+        if not _failing:
+            logger.warning("routing statistics: Redis exchange failed (%r); routing on this process's view", exc)
+        _failing = True
+        return False
+    with _lock:
+        try:
+            _merge(reply, minute)
+        except Exception:  # pragma: no cover - a reply of another shape (a script from another version)
+            logger.exception("routing statistics: unexpected reply from Redis")
+            return False
+        finally:
+            _flushing = False
+    if _failing:
+        logger.warning("routing statistics: Redis exchanges work again")
+    _failing = False
+    return True
