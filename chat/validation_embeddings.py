@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from billing.models import Operation
+from billing.tokens import prompt_tokens
+
 from .validation import MAX_TOKENS_LIMIT, _fail, check_body_and_model
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs (strings or token arrays) in one request
@@ -94,16 +97,7 @@ def validate_embeddings_request(body: Any) -> None:
 
 
 def embeddings_input_tokens(body: dict[str, Any], *, upper_bound: bool) -> int:
-    """The tokens of a validated request's input: a token array counts exactly; text by the project's
-    estimators, ``upper_bound`` for a reservation (half the characters: a real tokenizer rarely falls below
-    two characters a token), otherwise the settle-time estimate (a quarter, ``pipeline.estimate_tokens``)."""
-    value = body.get("input")
-    items = [value] if isinstance(value, str) or (isinstance(value, list) and value and _is_int(value[0])) else value
-    divisor = 2 if upper_bound else 4
-    total = 0
-    for item in items or ():
-        if isinstance(item, str):
-            total += -(-len(item) // divisor)
-        elif isinstance(item, list):
-            total += len(item)
-    return total
+    """The tokens of a validated request's input, by billing's one estimator (``billing.tokens``): a token
+    array counts exactly, text as a bound for a reservation (``upper_bound``) or as the settle-time estimate.
+    Kept for the pipeline until it calls ``billing.tokens.prompt_tokens`` itself."""
+    return prompt_tokens(body, operation=Operation.EMBEDDINGS, upper_bound=upper_bound)

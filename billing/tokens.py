@@ -1,0 +1,131 @@
+"""The one token estimator: what a request's prompt, or the text relayed to a client, comes to in tokens
+when no provider has counted them.
+
+Two modes over the same walk of a body (a chat completion, an Anthropic Messages request, an embeddings
+request), so that what admission reserves and what settlement charges look at the same parts:
+
+- ``upper_bound``: before the call, for reservations and tokens-per-minute windows. Real tokenizers average
+  about four characters a token on English and rarely fall below two, so half the characters, plus the
+  per-message framing, a fixed charge per image and a little overhead, stays above what a provider later
+  bills in practice.
+- estimate (the default): at settlement, when the provider sent no usage (a stream cut short, a client
+  gone, an upstream that reports none): about four characters a token, a few tokens of framing a message,
+  and Anthropic's own estimate for a mid-sized image. The ledger row says it is an estimate.
+
+A token array (embeddings' pre-tokenized input) is counted exactly in both modes.
+
+Billing holds it because admission needs it before the call and settlement after; ``chat`` may import
+billing, ``providers`` may not (``providers.adapters.translate_anthropic.estimate_input_tokens`` keeps its
+own copy for a translated stream's ``message_start``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .models import Operation
+
+CHARS_PER_TOKEN = 4  # an estimate: English averages about four characters a token
+UPPER_CHARS_PER_TOKEN = 2  # a bound: tokenizers rarely fall below two characters a token
+IMAGE_TOKENS = 1_600  # Anthropic's estimate for a mid-sized image; attachments of every kind count as one
+MESSAGE_FRAMING = 3  # the role and separators each message adds, as providers count them
+UPPER_MESSAGE_FRAMING = 8
+UPPER_OVERHEAD = 16  # the reply's priming, for the bound
+_ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document"})
+
+
+def text_tokens(text: str) -> int:
+    """The estimated tokens of text relayed to a client (a completion the provider did not count)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+
+
+def prompt_tokens(body: Mapping[str, Any], *, operation: str, upper_bound: bool = False) -> int:
+    """The prompt's tokens in a request ``body`` of ``operation`` (``billing.models.Operation``): an upper
+    bound before the call, or the settle-time estimate. The body is one that passed validation; parts of a
+    shape the walk does not know count for nothing rather than fail (settlement runs in a ``finally``)."""
+    if operation == Operation.EMBEDDINGS:
+        return _input_tokens(body.get("input"), upper_bound=upper_bound)
+    chars, attachments, messages = _prompt_parts(body)
+    if upper_bound:
+        return (
+            math.ceil(chars / UPPER_CHARS_PER_TOKEN)
+            + UPPER_MESSAGE_FRAMING * messages
+            + IMAGE_TOKENS * attachments
+            + UPPER_OVERHEAD
+        )
+    return math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_FRAMING * messages + IMAGE_TOKENS * attachments
+
+
+def _input_tokens(value: Any, *, upper_bound: bool) -> int:
+    """Embeddings' ``input``: a string, a list of strings, a token array or a list of token arrays."""
+    if isinstance(value, str) or (isinstance(value, list) and value and _is_token(value[0])):
+        items = [value]
+    else:
+        items = value if isinstance(value, list) else []
+    divisor = UPPER_CHARS_PER_TOKEN if upper_bound else CHARS_PER_TOKEN
+    total = 0
+    for item in items:
+        if isinstance(item, str):
+            total += math.ceil(len(item) / divisor)
+        elif isinstance(item, list):
+            total += len(item)
+    return total
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(characters, attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
+    (text or blocks), every message's text, tool calls and results, thinking, and the tools' definitions."""
+    counted = _Counted()
+    counted.content(body.get("system"))
+    messages = body.get("messages")
+    messages = messages if isinstance(messages, list) else []
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        counted.content(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                counted.chars += len(str(function.get("arguments") or ""))
+    for tool in body.get("tools") or ():
+        counted.chars += len(_dumps(tool))
+    return counted.chars, counted.attachments, len(messages)
+
+
+class _Counted:
+    def __init__(self) -> None:
+        self.chars = 0
+        self.attachments = 0
+
+    def content(self, content: Any) -> None:
+        if isinstance(content, str):
+            self.chars += len(content)
+            return
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind == "text":
+                self.chars += len(str(part.get("text") or ""))
+            elif kind in _ATTACHMENTS:
+                self.attachments += 1
+            elif kind == "tool_use":
+                self.chars += len(_dumps(part.get("input") or {}))
+            elif kind == "tool_result":
+                self.content(part.get("content"))
+            elif kind == "thinking":
+                self.chars += len(str(part.get("thinking") or ""))
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)

@@ -1,0 +1,107 @@
+"""The one token estimator (``billing.tokens``): what admission reserves for a prompt and what settlement
+charges when the provider counted nothing come from the same walk of the body. Pure functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from billing.models import Operation
+from billing.tokens import IMAGE_TOKENS, prompt_tokens, text_tokens
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+RESULT = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "4"}]}
+
+BODIES = {
+    "plain chat": (Operation.CHAT, {"messages": [{"role": "user", "content": "Hello there, how are you?"}]}),
+    "chat with tools and a tool call": (
+        Operation.CHAT,
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}, IMAGE]},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "18 degrees and sunny"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        },
+    ),
+    "messages with system blocks, tool use and thinking": (
+        Operation.MESSAGES,
+        {
+            "system": [{"type": "text", "text": "You are terse."}],
+            "messages": [
+                {"role": "user", "content": "What is 2 + 2?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "Simple arithmetic."},
+                        {"type": "tool_use", "id": "t1", "name": "calc", "input": {"expr": "2+2"}},
+                    ],
+                },
+                {"role": "user", "content": [RESULT]},
+            ],
+        },
+    ),
+    "embeddings text": (Operation.EMBEDDINGS, {"input": ["first document", "a second, longer document"]}),
+}
+
+
+@pytest.mark.parametrize("name", BODIES)
+def test_the_reservation_bound_is_never_below_the_settlement_estimate(name):
+    operation, body = BODIES[name]
+    estimate = prompt_tokens(body, operation=operation)
+    assert estimate > 0
+    assert prompt_tokens(body, operation=operation, upper_bound=True) > estimate
+
+
+def test_text_is_four_characters_a_token_estimated_and_two_at_most():
+    body = {"messages": [{"role": "user", "content": "x" * 400}]}
+    assert prompt_tokens(body, operation=Operation.CHAT) == 100 + 3
+    assert prompt_tokens(body, operation=Operation.CHAT, upper_bound=True) == 200 + 8 + 16
+    assert text_tokens("x" * 401) == 101
+    assert text_tokens("") == 0
+
+
+def test_every_part_of_a_messages_body_counts_once():
+    """Anthropic's system blocks, a tool result's nested text and thinking are text; a block's JSON framing
+    is not (the estimate used to see only plain message text, the bound the repr of the system blocks)."""
+    operation, body = BODIES["messages with system blocks, tool use and thinking"]
+    chars = len("You are terse.") + len("What is 2 + 2?") + len("Simple arithmetic.") + len('{"expr": "2+2"}') + 1
+    assert prompt_tokens(body, operation=operation) == math.ceil(chars / 4) + 3 * 3
+
+
+def test_an_attachment_is_charged_as_a_mid_sized_image_in_both_modes():
+    body = {"messages": [{"role": "user", "content": [IMAGE, {"type": "input_audio"}, {"type": "text", "text": ""}]}]}
+    assert prompt_tokens(body, operation=Operation.CHAT) == 2 * IMAGE_TOKENS + 3
+    assert prompt_tokens(body, operation=Operation.CHAT, upper_bound=True) == 2 * IMAGE_TOKENS + 8 + 16
+
+
+def test_token_arrays_count_exactly_and_text_inputs_by_the_estimator():
+    assert prompt_tokens({"input": [1, 2, 3]}, operation=Operation.EMBEDDINGS, upper_bound=True) == 3
+    assert prompt_tokens({"input": [[1, 2], [3]]}, operation=Operation.EMBEDDINGS) == 3
+    assert prompt_tokens({"input": "abcdefgh"}, operation=Operation.EMBEDDINGS) == 2
+    assert prompt_tokens({"input": "abcdefgh"}, operation=Operation.EMBEDDINGS, upper_bound=True) == 4
+    assert prompt_tokens({"input": ["abc", "abcde"]}, operation=Operation.EMBEDDINGS) == 1 + 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"messages": "not a list"},
+        {"messages": [None, 3, {"content": [None, "text", {"type": "text", "text": None}]}]},
+        {"messages": [{"role": "assistant", "tool_calls": [None, {"function": "weather"}]}]},
+        {"tools": [{"callable": object()}]},
+        {"input": None},
+    ],
+)
+def test_a_shape_the_walk_does_not_know_counts_for_nothing_rather_than_failing(body):
+    """Settlement runs in a ``finally``: an estimator that raised there would lose the ledger row."""
+    for operation in (Operation.CHAT, Operation.MESSAGES, Operation.EMBEDDINGS):
+        assert prompt_tokens(body, operation=operation) >= 0
+        assert prompt_tokens(body, operation=operation, upper_bound=True) >= 0
