@@ -1,38 +1,421 @@
-"""Circuit breakers per deployment (first version: in-process, consecutive failures only)."""
+"""Circuit breakers per deployment, shared by every process and server through Redis.
+
+The state machine is ``breaker_machine.Machine`` (closed → open → half-open → closed or open again, with a
+cooldown that doubles after each failed probe); with ``REDIS_URL`` set, the breaker of a deployment lives in
+a Redis hash and every transition is one Lua script (``providers/redis_scripts/breaker_*.lua``, the twin of
+``Machine``), so every process sees one truth. Without Redis, each process runs ``Machine`` in memory.
+
+The request path never waits for Redis, except to claim a half-open breaker's single probe:
+
+- ``breaker_is_open`` reads this process's view (``_views``): a dict lookup and two comparisons.
+- ``breaker_record`` adds the outcome to a batch; a flusher task per event loop sends failures at once and
+  successes every ``SUCCESS_FLUSH_SECONDS`` (at once too when the breaker is not plainly closed). The
+  scripts' answers update the view.
+- A script that changes a breaker publishes it on ``CHANNEL``; a listener task per event loop applies what
+  it hears (other processes learn of a change within milliseconds) and re-reads every open breaker every
+  ``LLMHUB_BREAKER_RESYNC_SECONDS`` (a missed message heals). Every change carries a version from one
+  Redis counter, so a late message never undoes a newer state.
+- Redis unreachable: the request goes on with the view as it was; outcomes and claims are then decided by an
+  in-memory ``Machine`` started from that view, until Redis answers again (its state wins).
+
+``forced_state`` on a ``ResolvedDeployment`` (an admin's ``Deployment.breaker_override``) beats all of it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
+import weakref
+from collections.abc import Callable, Iterable
+from functools import cache
+from pathlib import Path
+
+import redis
+import redis.asyncio
+from django.conf import settings
+from redis.commands.core import AsyncScript, Script
+
+from core.redis import redis_async_client, redis_sync_client
 
 from ..types import ResolvedDeployment
+from .breaker_machine import CLOSED, OPEN, BreakerConfig, BreakerState, BreakerView, Machine
 
-FAILURES_TO_OPEN = 5
-COOLDOWN_SECONDS = 30.0
+logger = logging.getLogger("llmhub.breakers")
 
-_failures: dict[int, int] = {}
-_open_until: dict[int, float] = {}
+SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
+KEY_PREFIX = "llmhub:breaker:"
+INDEX_KEY = "llmhub:breakers:open"
+VERSION_KEY = "llmhub:breakers:version"
+CHANNEL = "llmhub:breakers:changes"
+SUCCESS_FLUSH_SECONDS = 0.5
+# A request claiming a probe waits at most this long for Redis before deciding in memory.
+CLAIM_TIMEOUT_SECONDS = 1.0
+FORCED_OPEN = "open"
+
+# This process's view of every breaker it has heard of (absent: closed).
+_views: dict[int, BreakerView] = {}
+# Breakers decided in this process: all of them without Redis; with Redis, those that changed while it was
+# unreachable (dropped as soon as Redis speaks for them again).
+_machines: dict[int, Machine] = {}
+_lock = threading.Lock()  # transitions of _machines (threads: sync views, Celery)
+LOCAL_VERSION = -1  # a view decided in memory while Redis was away: whatever Redis says next wins
+
+
+@cache
+def _script_text(name: str) -> str:
+    return (SCRIPTS_DIR / "breaker_common.lua").read_text() + "\n" + (SCRIPTS_DIR / f"{name}.lua").read_text()
+
+
+_scripts: weakref.WeakKeyDictionary[object, dict[str, Script | AsyncScript]] = weakref.WeakKeyDictionary()
+
+
+def _script(client: redis.Redis | redis.asyncio.Redis, name: str) -> Script | AsyncScript:
+    per_client = _scripts.setdefault(client, {})
+    script = per_client.get(name)
+    if script is None:
+        text = _script_text(name) if name != "breaker_snapshot" else (SCRIPTS_DIR / f"{name}.lua").read_text()
+        script = per_client[name] = client.register_script(text)
+    return script
+
+
+def _keys(deployment_id: int) -> list[str]:
+    return [f"{KEY_PREFIX}{deployment_id}", INDEX_KEY, VERSION_KEY]
+
+
+def _args(deployment_id: int, cfg: BreakerConfig, now: int, *extra: int) -> list[str | int]:
+    return [deployment_id, now, *cfg.lua_args(), CHANNEL, *extra]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# THIS PROCESS'S VIEW
+
+
+def _apply(deployment_id: int, view: BreakerView) -> None:
+    """What Redis answered or announced; older than what this process knows already: ignored."""
+    current = _views.get(deployment_id)
+    if current is None or view.version >= current.version:
+        _views[deployment_id] = view
+        _machines.pop(deployment_id, None)
+
+
+def _apply_message(data: str) -> None:
+    deployment_id, *fields = data.split()
+    _apply(int(deployment_id), BreakerView.parse(fields))
+
+
+def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> int:
+    """Every open breaker as Redis holds it; any other this process thinks open is closed. Returns the
+    version counter the snapshot was taken at."""
+    top = int(reply[0])
+    seen = {int(reply[i]): BreakerView.parse(reply[i + 1 : i + 7]) for i in range(1, len(reply), 7)}
+    closed = BreakerView(CLOSED, 0, 0, int(settings.LLMHUB_BREAKER_COOLDOWN_SECONDS * 1000), 0, top)
+    for deployment_id, view in list(_views.items()):
+        if deployment_id not in seen and (view.version <= top or redis_lost_data):
+            _views[deployment_id] = closed
+            _machines.pop(deployment_id, None)
+    for deployment_id, view in seen.items():
+        if redis_lost_data:
+            _views[deployment_id] = view
+            _machines.pop(deployment_id, None)
+        else:
+            _apply(deployment_id, view)
+    return top
+
+
+def _local(deployment_id: int, transition: Callable[[Machine], tuple[bool, bool]]) -> bool:
+    """A transition decided in this process (no Redis, or Redis unreachable); returns ``won``."""
+    version = LOCAL_VERSION if settings.REDIS_URL else 0
+    cfg = BreakerConfig.from_settings()
+    with _lock:
+        machine = _machines.get(deployment_id)
+        if machine is None:
+            machine = _machines[deployment_id] = Machine(cfg, _views.get(deployment_id))
+        _changed, won = transition(machine)
+        _views[deployment_id] = machine.view(version)
+    return won
+
+
+def _local_record(deployment_id: int, ok: int, failed: int, tail: int, now: int) -> None:
+    cfg = BreakerConfig.from_settings()
+    _local(deployment_id, lambda machine: machine.record(cfg, now, ok=ok, failed=failed, tail=tail))
+
+
+# THE BACKGROUND OF EACH EVENT LOOP: FLUSHER AND LISTENER
+
+
+class _Syncer:
+    """Sends this event loop's outcomes to Redis and keeps the process's view in step with it."""
+
+    def __init__(self, url: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.url = url
+        self.loop = loop
+        self.pending: dict[int, list[int]] = {}  # deployment -> [succeeded, failed, failed after last success]
+        self.wake = asyncio.Event()
+        self.synced = asyncio.Event()  # the first snapshot is in
+        self.redis_ok = True
+        self.top_seen = 0
+        self.tasks = [loop.create_task(self._flush_forever()), loop.create_task(self._listen_forever())]
+
+    @property
+    def active(self) -> bool:
+        return settings.REDIS_URL == self.url and not all(task.done() for task in self.tasks)
+
+    def add(self, deployment_id: int, ok: bool) -> None:
+        counts = self.pending.get(deployment_id)
+        if counts is None:
+            counts = self.pending[deployment_id] = [0, 0, 0]
+        if ok:
+            counts[0] += 1
+            counts[2] = 0
+            view = _views.get(deployment_id)
+            if view is not None and (view.state != CLOSED or view.failures):
+                self.wake.set()  # a probe's success, or a run of failures this success ends: tell everyone now
+        else:
+            counts[1] += 1
+            counts[2] += 1
+            self.wake.set()
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self.redis_ok:
+            logger.warning("Redis unreachable for the circuit breakers (%s); deciding in this process", exc)
+        self.redis_ok = False
+
+    async def _flush_forever(self) -> None:
+        while settings.REDIS_URL == self.url:
+            try:
+                await asyncio.wait_for(self.wake.wait(), SUCCESS_FLUSH_SECONDS)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            if self.pending:
+                batch, self.pending = self.pending, {}
+                try:
+                    await self.flush(batch)
+                except Exception:
+                    logger.exception("circuit breaker outcomes lost")
+
+    async def flush(self, batch: dict[int, list[int]]) -> None:
+        cfg = BreakerConfig.from_settings()
+        now = _now_ms()
+        client = redis_async_client(self.url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
+        script = _script(client, "breaker_record")
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for deployment_id, counts in batch.items():
+                    await script(keys=_keys(deployment_id), args=_args(deployment_id, cfg, now, *counts), client=pipe)
+                replies = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._unreachable(exc)
+            for deployment_id, (ok, failed, tail) in batch.items():
+                _local_record(deployment_id, ok, failed, tail, now)
+            return
+        self.redis_ok = True
+        for deployment_id, reply in zip(batch, replies, strict=True):
+            _apply(deployment_id, BreakerView.parse(reply[2:]))
+
+    async def _listen_forever(self) -> None:
+        backoff = 0.1
+        while settings.REDIS_URL == self.url:
+            client = redis_async_client(self.url)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                await self.resync(client)  # after subscribing: nothing published since is missed
+                backoff = 0.1
+                resync_at = time.monotonic() + settings.LLMHUB_BREAKER_RESYNC_SECONDS
+                while settings.REDIS_URL == self.url:
+                    message = await pubsub.get_message(timeout=max(0.0, min(resync_at - time.monotonic(), 1.0)))
+                    if message is not None and message["type"] == "message":
+                        _apply_message(message["data"])
+                    if time.monotonic() >= resync_at:
+                        await self.resync(client)
+                        resync_at = time.monotonic() + settings.LLMHUB_BREAKER_RESYNC_SECONDS
+            except (redis.RedisError, OSError) as exc:
+                self._unreachable(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                logger.exception("circuit breaker listener failed; starting again")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (redis.RedisError, OSError):
+                    pass
+
+    async def resync(self, client: redis.asyncio.Redis) -> None:
+        reply = await _script(client, "breaker_snapshot")(keys=[INDEX_KEY, VERSION_KEY], args=[KEY_PREFIX])
+        # The version counter only grows; lower than one seen before, Redis lost its data (a restart).
+        self.top_seen = _apply_snapshot(reply, redis_lost_data=int(reply[0]) < self.top_seen)
+        self.redis_ok = True
+        self.synced.set()
+
+
+_syncers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Syncer] = weakref.WeakKeyDictionary()
+_last_syncer: _Syncer | None = None
+
+
+def _syncer() -> _Syncer | None:
+    """This event loop's syncer (started at first use), or None without Redis or outside an event loop."""
+    global _last_syncer
+    url = settings.REDIS_URL
+    if not url:
+        return None
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return None
+    syncer = _last_syncer
+    if syncer is not None and syncer.loop is loop and syncer.url == url:
+        return syncer
+    syncer = _syncers.get(loop)
+    if syncer is None or not syncer.active:
+        syncer = _syncers[loop] = _Syncer(url, loop)
+    _last_syncer = syncer
+    return syncer
+
+
+async def breakers_synced() -> None:
+    """Wait until this event loop's view holds what Redis held (the first snapshot): at a server's start,
+    and for tests. Returns at once without Redis."""
+    syncer = _syncer()
+    if syncer is not None:
+        await syncer.synced.wait()
+
+
+# THE INTERFACE
 
 
 def breaker_is_open(deployment: ResolvedDeployment) -> bool:
-    """Sync, no I/O: whether the router should leave ``deployment`` out."""
-    if deployment.forced_state == "open":
-        return True
-    if deployment.forced_state == "closed":
-        return False
-    return _open_until.get(deployment.id, 0.0) > time.monotonic()
+    """Sync, no I/O: whether the router should leave ``deployment`` out (open and cooling down, or half-open
+    with its one probe out). A half-open breaker whose probe is free is a candidate: ``breaker_allows``
+    decides who probes."""
+    forced = deployment.forced_state
+    if forced:
+        return forced == FORCED_OPEN
+    _syncer()
+    view = _views.get(deployment.id)
+    return view is not None and view.leaves_out(time.time() * 1000)
 
 
 async def breaker_allows(deployment: ResolvedDeployment) -> bool:
     """Just before an attempt: False when the breaker is open (another process may have opened it since the
-    candidates were listed); True when closed, or when this caller won the half-open probe."""
-    return not breaker_is_open(deployment)
+    candidates were listed); True when closed, or when this caller won the half-open probe (claimed
+    atomically across every process: one Redis round trip, the only one on the request path)."""
+    forced = deployment.forced_state
+    if forced:
+        return forced != FORCED_OPEN
+    view = _views.get(deployment.id)
+    if view is None or view.state != OPEN:
+        return True
+    now = _now_ms()
+    if view.leaves_out(now):
+        return False
+    cfg = BreakerConfig.from_settings()
+    url = settings.REDIS_URL
+    if url:
+        try:
+            client = redis_async_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
+            script = _script(client, "breaker_claim")
+            reply = await script(keys=_keys(deployment.id), args=_args(deployment.id, cfg, now))
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("Redis unreachable to claim the probe of deployment %s (%s)", deployment.id, exc)
+        else:
+            _apply(deployment.id, BreakerView.parse(reply[2:]))
+            return bool(reply[1])
+    return _local(deployment.id, lambda machine: machine.claim(cfg, now))
 
 
 def breaker_record(deployment_id: int, *, ok: bool) -> None:
-    if ok:
-        _failures.pop(deployment_id, None)
-        _open_until.pop(deployment_id, None)
-        return
-    _failures[deployment_id] = _failures.get(deployment_id, 0) + 1
-    if _failures[deployment_id] >= FAILURES_TO_OPEN:
-        _open_until[deployment_id] = time.monotonic() + COOLDOWN_SECONDS
+    """An attempt on ``deployment_id`` succeeded or failed. Sync, never raises; in an event loop it never
+    waits either (the outcome is sent in the background). Outside one (a Celery task, a command), it is
+    sent to Redis at once."""
+    try:
+        succeeded, failed = (1, 0) if ok else (0, 1)
+        if not settings.REDIS_URL:
+            _local_record(deployment_id, succeeded, failed, failed, _now_ms())
+            return
+        syncer = _syncer()
+        if syncer is not None:
+            syncer.add(deployment_id, ok)
+            return
+        _sync_transition(deployment_id, "breaker_record", succeeded, failed, failed)
+    except Exception:
+        logger.exception("the outcome of a call to deployment %s did not reach its breaker", deployment_id)
+
+
+def breaker_force(deployment_id: int, state: str) -> None:
+    """Open (``"open"``: as if it had just failed; after a failed probe, for twice the cooldown) or close
+    (``"closed"``: as ``breaker_reset``) the breaker now, for every process. An admin's lasting override is
+    ``Deployment.breaker_override``; this makes it felt at once, before the catalog caches expire. Sync (an
+    admin action, a health check task): with Redis, one round trip."""
+    if state == OPEN:
+        _sync_transition(deployment_id, "breaker_trip")
+    elif state == CLOSED:
+        _sync_transition(deployment_id, "breaker_reset")
+    else:
+        raise ValueError(f"a breaker is forced 'open' or 'closed', not {state!r}")
+
+
+def breaker_reset(deployment_id: int) -> None:
+    """Closed, no failures counted, the cooldown back to its base: for every process."""
+    _sync_transition(deployment_id, "breaker_reset")
+
+
+def _sync_transition(deployment_id: int, name: str, *extra: int) -> None:
+    cfg = BreakerConfig.from_settings()
+    now = _now_ms()
+    url = settings.REDIS_URL
+    if url:
+        try:
+            client = redis_sync_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
+            reply = _script(client, name)(keys=_keys(deployment_id), args=_args(deployment_id, cfg, now, *extra))
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("Redis unreachable for the breaker of deployment %s (%s)", deployment_id, exc)
+        else:
+            _apply(deployment_id, BreakerView.parse(reply[2:]))
+            return
+    transitions: dict[str, Callable[[Machine], tuple[bool, bool]]] = {
+        "breaker_record": lambda m: m.record(cfg, now, ok=extra[0], failed=extra[1], tail=extra[2]),
+        "breaker_trip": lambda m: m.trip(cfg, now),
+        "breaker_reset": lambda m: m.reset(cfg),
+    }
+    _local(deployment_id, transitions[name])
+
+
+def breaker_state(deployment_id: int) -> BreakerState:
+    """The breaker of ``deployment_id`` as it stands (in Redis when it is set and answers), for admins."""
+    return breaker_states([deployment_id])[deployment_id]
+
+
+def breaker_states(deployment_ids: Iterable[int]) -> dict[int, BreakerState]:
+    """``breaker_state`` of several deployments in one round trip (an admin changelist's page)."""
+    ids = list(deployment_ids)
+    cfg = BreakerConfig.from_settings()
+    now = _now_ms()
+    url = settings.REDIS_URL
+    if url and ids:
+        try:
+            client = redis_sync_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
+            with client.pipeline(transaction=False) as pipe:
+                for deployment_id in ids:
+                    pipe.hgetall(f"{KEY_PREFIX}{deployment_id}")
+                hashes = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            logger.warning("Redis unreachable to read the circuit breakers (%s); showing this process's", exc)
+        else:
+            return {
+                deployment_id: Machine.from_hash(cfg, fields).state_for_admin(deployment_id, cfg, now, shared=True)
+                for deployment_id, fields in zip(ids, hashes, strict=True)
+            }
+    states = {}
+    with _lock:
+        for deployment_id in ids:
+            machine = _machines.get(deployment_id) or Machine(cfg, _views.get(deployment_id))
+            states[deployment_id] = machine.state_for_admin(deployment_id, cfg, now, shared=False)
+    return states
