@@ -6,7 +6,9 @@
 --         last exchange so that a dead process stops counting
 -- KEYS[3] this minute's hash of counts ("r:<id>" requests, "t:<id>" tokens) for the rpm/tpm caps
 -- KEYS[4] hash of latency averages ("l:<id>" whole call, "f:<id>" time to first token), seconds
--- ARGV: instance, busy key prefix, busy ttl ms, minute ttl ms, averages ttl ms, alpha,
+-- KEYS[5] the last batch number of this instance applied: a flush retried after a lost reply (the client
+--         sends a command again on a fresh connection) adds its counts and samples once
+-- ARGV: instance, busy key prefix, busy ttl ms, minute ttl ms, averages ttl ms, alpha, batch number,
 --       n busy, (id, count) * n, n counts, (id, requests, tokens) * n, n samples, (id, kind, n, mean) * n
 -- Other instances' busy hashes are read by name (prefix .. instance): a single Redis, not a cluster.
 -- Returns {busy of the other instances (id, sum)...}, {this minute's hash}, {the averages hash}.
@@ -17,7 +19,11 @@ local busy_ttl = tonumber(ARGV[3])
 local minute_ttl = tonumber(ARGV[4])
 local averages_ttl = tonumber(ARGV[5])
 local alpha = tonumber(ARGV[6])
-local i = 7
+local batch = tonumber(ARGV[7])
+local i = 8
+
+local fresh = batch > tonumber(redis.call('GET', KEYS[5]) or '-1')
+if fresh then redis.call('SET', KEYS[5], ARGV[7], 'PX', minute_ttl) end
 
 local n_busy = tonumber(ARGV[i])
 i = i + 1
@@ -34,11 +40,12 @@ end
 local n_counts = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, n_counts do
-  local id = ARGV[i]
-  local requests = tonumber(ARGV[i + 1])
-  local tokens = tonumber(ARGV[i + 2])
-  if requests ~= 0 then redis.call('HINCRBY', KEYS[3], 'r:' .. id, requests) end
-  if tokens ~= 0 then redis.call('HINCRBY', KEYS[3], 't:' .. id, tokens) end
+  if fresh then
+    local requests = tonumber(ARGV[i + 1])
+    local tokens = tonumber(ARGV[i + 2])
+    if requests ~= 0 then redis.call('HINCRBY', KEYS[3], 'r:' .. ARGV[i], requests) end
+    if tokens ~= 0 then redis.call('HINCRBY', KEYS[3], 't:' .. ARGV[i], tokens) end
+  end
   i = i + 3
 end
 if n_counts > 0 then redis.call('PEXPIRE', KEYS[3], minute_ttl) end
@@ -46,13 +53,15 @@ if n_counts > 0 then redis.call('PEXPIRE', KEYS[3], minute_ttl) end
 local n_samples = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, n_samples do
-  local field = ARGV[i + 1] .. ':' .. ARGV[i]
-  local n = tonumber(ARGV[i + 2])
-  local mean = tonumber(ARGV[i + 3])
-  local old = tonumber(redis.call('HGET', KEYS[4], field))
-  local new = mean
-  if old then new = old + (1 - (1 - alpha) ^ n) * (mean - old) end
-  redis.call('HSET', KEYS[4], field, string.format('%.17g', new))
+  if fresh then
+    local field = ARGV[i + 1] .. ':' .. ARGV[i]
+    local n = tonumber(ARGV[i + 2])
+    local mean = tonumber(ARGV[i + 3])
+    local old = tonumber(redis.call('HGET', KEYS[4], field))
+    local new = mean
+    if old then new = old + (1 - (1 - alpha) ^ n) * (mean - old) end
+    redis.call('HSET', KEYS[4], field, string.format('%.17g', new))
+  end
   i = i + 4
 end
 if n_samples > 0 then redis.call('PEXPIRE', KEYS[4], averages_ttl) end

@@ -24,6 +24,7 @@ chart tests based on geometric moving averages"). Redis applies a batch of n sam
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+
+from core.redis import redis_async_client
 
 logger = logging.getLogger("llmhub.routing")
 
@@ -237,31 +240,20 @@ def _script_source() -> str:
 
 
 class _Exchange:
-    """One event loop's Redis client for ``url`` and the flush script registered on it."""
+    """One event loop's Redis client for ``url`` (``core.redis``: health checks, retries on a dead
+    connection) and the flush script registered on it. A retried flush is applied once: the script
+    remembers each batch's id."""
 
     def __init__(self, url: str) -> None:
-        import redis
-        import redis.asyncio
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
-
         self.url = url
-        # Short timeouts and one retry: a flush that cannot get through is simply sent with the next one.
-        self.client = redis.asyncio.Redis.from_url(
-            url,
-            decode_responses=True,
-            health_check_interval=settings.REDIS_HEALTH_CHECK_INTERVAL,
-            socket_keepalive=True,
-            socket_connect_timeout=1,
-            socket_timeout=1,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
+        # A short timeout: a flush that cannot get through is simply sent with the next one.
+        self.client = redis_async_client(url, socket_timeout=1)
         self.script = self.client.register_script(_script_source())
 
 
 _exchanges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Exchange] = weakref.WeakKeyDictionary()
 _flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+_batches = itertools.count()
 _failing = False  # the last exchange failed: said once in the log, not every FLUSH_INTERVAL
 _flushing = False  # one exchange at a time per process, whichever loop runs it
 _known: tuple[Any, Any] = (None, None)  # (loop, task) last seen running: the request path's fast check
@@ -384,6 +376,7 @@ async def stats_flush() -> bool:
                 f"{KEY_PREFIX}busy:{instance}",
                 f"{KEY_PREFIX}minute:{minute}",
                 KEY_PREFIX + "latency",
+                f"{KEY_PREFIX}batch:{instance}",
             ],
             args=[
                 instance,
@@ -392,6 +385,7 @@ async def stats_flush() -> bool:
                 MINUTE_TTL_MS,
                 LATENCY_TTL_MS,
                 repr(ALPHA),
+                next(_batches),
                 len(busy) // 2,
                 *busy,
                 len(counts) // 3,
