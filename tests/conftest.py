@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 import time_machine
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+pytest_plugins = ["tests.fixtures_upstreams"]
 
 
 def pytest_configure(config) -> None:

@@ -60,11 +60,12 @@ def add_routes(router: web.UrlDispatcher, app: _App) -> None:
 async def _fault(
     app: _App, request: web.Request, fault: str, prompt_tokens: int, stream: bool
 ) -> web.StreamResponse | None:
-    if fault.isdigit() and 400 <= int(fault) <= 599:
-        status = int(fault)
+    status_fault = fake._fault_status(fault)
+    if status_fault is not None:
+        status, retry_after = status_fault
         response = cohere_error(status, _FAULT_MESSAGES.get(status, f"Injected fault {status}"))
         if status == 429:
-            response.headers["Retry-After"] = "2"
+            response.headers["Retry-After"] = retry_after
         return response
     if fault == "context":
         return cohere_error(
@@ -74,7 +75,7 @@ async def _fault(
         )
     if fault == "error-event" and not stream:
         return cohere_error(500, _FAULT_MESSAGES[500])
-    # hang, cut-N, error-event while streaming, unknown faults: the fake upstream's own handling.
+    # refuse, hang, cut-N, error-event while streaming, unknown faults: the fake upstream's own handling.
     early = await app._immediate_fault(request, "openai", fault, prompt_tokens, stream)
     if early is not None and early.status == 400:
         return cohere_error(400, f"Unknown fake fault {fault!r}")
@@ -138,7 +139,7 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
     response_id = fake._new_id("", 32)
     if stream:
         return await _chat_stream(app, request, response_id, reply, usage, timing, fault)
-    await app._pause(len(reply.tokens) * timing.token_delay)
+    await app._pause(timing.whole_reply(len(reply.tokens)))
     message: dict[str, Any] = {"role": "assistant"}
     if reply.tool_name is not None:
         message["tool_plan"] = f"I will call {reply.tool_name}."
@@ -186,7 +187,7 @@ async def _chat_stream(
         for position, piece in enumerate(fake._split_pieces(reply.arguments_json)):
             if limit is not None and position >= limit:
                 break
-            await app._pause(timing.token_delay)
+            await app._pause(timing.before_piece(position))
             arguments = {"function": {"arguments": piece}}
             await send("tool-call-delta", index=0, delta={"message": {"tool_calls": arguments}})
         else:
@@ -196,7 +197,7 @@ async def _chat_stream(
         for position, token in enumerate(reply.tokens):
             if limit is not None and position >= limit:
                 break
-            await app._pause(timing.token_delay)
+            await app._pause(timing.before_piece(position))
             await send("content-delta", index=0, delta={"message": {"content": {"text": token}}})
         else:
             await send("content-end", index=0)

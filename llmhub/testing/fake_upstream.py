@@ -2,13 +2,30 @@
 
 Run it standalone::
 
-    python -m llmhub.testing.fake_upstream --port 18080 [--host 127.0.0.1] [--latency-ms 0] [--tps 0] [--api-key KEY]
-        [--demo]
+    python -m llmhub.testing.fake_upstream --port 18080 [--host 127.0.0.1] [--latency-ms 0] [--ttft-ms 0] [--tps 0]
+        [--api-key KEY] [--demo]
+    python -m llmhub.testing.fake_upstream --upstream east=18080 --upstream west=18082,latency_ms=50,fault=status=503
 
-or in-process (tests)::
+or in-process (tests; the ``fake_upstreams`` fixture starts several)::
 
     with FakeUpstream() as upstream:
         client = openai.OpenAI(base_url=upstream.base_url + "/v1", api_key="x", max_retries=0)
+
+Several upstreams
+    One process serves any number of listeners (``--upstream NAME=PORT[,latency_ms=MS][,ttft_ms=MS][,tps=N]
+    [,fault=SPEC]``, repeated; ``fault=`` comes last; in-process ``FakeUpstreams([UpstreamSpec(...), ...])``),
+    each with its own base latency (before the answer), time to first token (on top, before the first
+    streamed piece or a whole non-streamed reply), tokens per second, and standing fault: what every request
+    that names no fault itself gets. Faults are spelt ``status=503`` (or ``503``), ``status=429,retry_after=1``
+    (or ``429:1``; a plain ``429`` says ``Retry-After: 2``), ``cut_after=3`` (or ``cut-3``), ``context_length``
+    (or ``context``), ``hang``, ``error-event``, and ``refuse``: the listener stops listening (connections are
+    refused; those kept alive from before are dropped) until its fault is changed. Every spelling also works
+    as a request's marker (``[[fault=status=429,retry_after=1]]``), where ``refuse`` drops that connection.
+    ``POST /__control`` with a JSON object changes a listener at run time: ``fault`` (a spelling, or null to
+    heal), ``latency_ms``, ``ttft_ms``, ``tps``, ``reset`` (counters to zero), and ``upstream`` to act on
+    another listener of the process by name (how a refusing one is healed over HTTP). ``GET /__stats``
+    (``?upstream=NAME`` for another) answers a listener's settings and the requests it served (in all, by
+    path, by model); control requests and refused connections are not counted.
 
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
@@ -47,7 +64,8 @@ Replies
 
     Other directives: ``[[tps=N]]`` tokens per second (also paces non-streamed replies: the response is
     held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
-    ``--latency-ms``), ``[[cache=N]]`` N cached prompt tokens, ``[[fault=NAME]]`` see below.
+    ``--latency-ms``), ``[[ttft=MS]]`` time to first token (overrides ``--ttft-ms``), ``[[cache=N]]`` N cached
+    prompt tokens, ``[[fault=NAME]]`` see below.
     ``[[omit=NAME,...]]`` (OpenAI only) leaves fields out of the response and of every chunk, as some
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
@@ -89,7 +107,8 @@ Faults
     ``500``, ``503``, ``529``) answers that status with a provider-shaped error body; ``context`` is a 400
     context-length error; ``hang`` never answers; ``cut-N`` streams N content chunks and then aborts the
     connection (non-streamed: aborts without answering); ``error-event`` streams two content chunks and
-    then an in-stream error (non-streamed: a 500). Unknown names are a 400.
+    then an in-stream error (non-streamed: a 500). Unknown names are a 400. Without any of these, the
+    listener's standing fault applies (see Several upstreams, which also lists the other spellings).
 
 Keys
     With ``api_key`` set, requests must carry ``Authorization: Bearer KEY`` or ``x-api-key: KEY``
@@ -116,14 +135,25 @@ import time
 import uuid
 import zlib
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, Self
 
 from aiohttp import web
 
-__all__ = ["MODELS", "FakeUpstream", "count_words", "demo_answer", "main", "split_tokens"]
+__all__ = [
+    "MODELS",
+    "FakeUpstream",
+    "FakeUpstreams",
+    "UpstreamHandle",
+    "UpstreamSpec",
+    "count_words",
+    "demo_answer",
+    "fault_canonical",
+    "main",
+    "split_tokens",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -679,7 +709,7 @@ _ANTHROPIC_FAULT_MESSAGES: dict[int, str] = {
 }
 
 
-def _status_fault(provider: Provider, status: int) -> web.Response:
+def _status_fault(provider: Provider, status: int, retry_after: str = "2") -> web.Response:
     if provider == "gemini":
         response = _gemini_error(status, _GEMINI_FAULT_MESSAGES.get(status, f"Injected fault {status}"))
     elif provider == "anthropic":
@@ -689,7 +719,7 @@ def _status_fault(provider: Provider, status: int) -> web.Response:
         kind, code, message = _OPENAI_FAULTS.get(status, (_openai_error_type(status), None, f"Injected fault {status}"))
         response = _openai_error(status, message, kind, code)
     if status == 429:
-        response.headers["Retry-After"] = "2"
+        response.headers["Retry-After"] = retry_after
     return response
 
 
@@ -715,6 +745,48 @@ def _context_fault(provider: Provider, prompt_tokens: int) -> web.Response:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Fault names
+
+_STATUS_FAULT_RE = re.compile(r"(\d{3})(?::(\d+(?:\.\d+)?))?")
+_SIMPLE_FAULTS = frozenset({"refuse", "hang", "context", "error-event"})
+
+
+def fault_canonical(spec: str) -> str:
+    """The fault name the handlers act on, from any of its spellings (see "Several upstreams" in the module
+    docstring): ``503`` or ``status=503``; ``429:1`` or ``status=429,retry_after=1``; ``cut-3`` or
+    ``cut_after=3``; ``context`` or ``context_length``; ``refuse``; ``hang``; ``error-event``. Raises
+    ValueError for anything else."""
+    spec = spec.strip()
+    if spec in _SIMPLE_FAULTS or re.fullmatch(r"cut-\d+", spec):
+        return spec
+    if spec == "context_length":
+        return "context"
+    if _fault_status(spec) is not None:
+        return spec
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() in fields:
+            raise ValueError(f"unknown fake fault {spec!r}")
+        fields[key.strip()] = value.strip()
+    if set(fields) == {"cut_after"} and fields["cut_after"].isdigit():
+        return f"cut-{fields['cut_after']}"
+    if "status" in fields and set(fields) <= {"status", "retry_after"}:
+        canonical = fields["status"] + (f":{fields['retry_after']}" if "retry_after" in fields else "")
+        if _fault_status(canonical) is not None:
+            return canonical
+    raise ValueError(f"unknown fake fault {spec!r}")
+
+
+def _fault_status(fault: str) -> tuple[int, str] | None:
+    """``(status, Retry-After)`` of a status fault (``503``, ``429:1``), None for other faults."""
+    match = _STATUS_FAULT_RE.fullmatch(fault)
+    if match is None or not 400 <= int(match.group(1)) <= 599:
+        return None
+    return int(match.group(1)), match.group(2) or "2"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The server
 
 
@@ -722,10 +794,20 @@ def _context_fault(provider: Provider, prompt_tokens: int) -> web.Response:
 class _Timing:
     latency: float
     tps: float
+    ttft: float = 0.0
 
     @property
     def token_delay(self) -> float:
         return 1.0 / self.tps if self.tps > 0 else 0.0
+
+    def before_piece(self, position: int) -> float:
+        """The pause before the streamed piece at ``position``: the time to first token comes on top of the
+        first piece's own delay."""
+        return self.token_delay + (self.ttft if position == 0 else 0.0)
+
+    def whole_reply(self, pieces: int) -> float:
+        """What a non-streamed reply of ``pieces`` tokens is held back by (after the latency)."""
+        return self.ttft + pieces * self.token_delay
 
 
 class _Aborted(Exception):
@@ -733,11 +815,26 @@ class _Aborted(Exception):
 
 
 class _App:
-    def __init__(self, latency_ms: float, tps: float, api_key: str | None, demo: bool = False) -> None:
+    def __init__(
+        self,
+        latency_ms: float,
+        tps: float,
+        api_key: str | None,
+        demo: bool = False,
+        *,
+        name: str = "upstream",
+        ttft_ms: float = 0,
+    ) -> None:
+        self.name = name
         self.latency_ms = latency_ms
+        self.ttft_ms = ttft_ms
         self.tps = tps
         self.api_key = api_key
         self.demo = demo
+        # The standing fault (canonical, see fault_canonical): what every request gets that names none itself.
+        self.fault: str | None = None
+        # Set by the listener that serves this app: what /__control acts on (itself, or a peer by name).
+        self.listener: _Listener | None = None
         self._lock = threading.Lock()
         self._requests = 0
         self._by_path: Counter[str] = Counter()
@@ -750,6 +847,15 @@ class _App:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"requests": self._requests, "by_path": dict(self._by_path), "by_model": dict(self._by_model)}
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "fault": self.fault,
+            "latency_ms": self.latency_ms,
+            "ttft_ms": self.ttft_ms,
+            "tps": self.tps,
+        }
 
     def requests(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -795,6 +901,8 @@ class _App:
         app.router.add_get("/_fake/stats", self.control_stats)
         app.router.add_post("/_fake/reset", self.control_reset)
         app.router.add_get("/_fake/requests", self.control_requests)
+        app.router.add_get("/__stats", self.listener_stats)
+        app.router.add_post("/__control", self.listener_control)
         app.on_startup.append(self._on_startup)
         return app
 
@@ -805,8 +913,13 @@ class _App:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path.startswith("/_fake/"):
+        if request.path.startswith(("/_fake/", "/__")):
             return await handler(request)
+        if self.fault == "refuse":
+            # A connection kept alive from before the listener stopped listening: dropped unanswered, like
+            # the new ones the closed port refuses, and not counted (a host that is down serves nothing).
+            self._abort_now(request)
+            return web.Response(status=499)
         raw = await request.read()
         body: Any = None
         if raw:
@@ -884,10 +997,14 @@ class _App:
 
     @staticmethod
     def _abort(request: web.Request) -> NoReturn:
+        _App._abort_now(request)
+        raise _Aborted
+
+    @staticmethod
+    def _abort_now(request: web.Request) -> None:
         transport = request.transport
         if transport is not None:
             transport.abort()
-        raise _Aborted
 
     def _timing(self, directives: dict[str, str]) -> _Timing:
         def number(name: str, default: float) -> float:
@@ -896,25 +1013,37 @@ class _App:
             except (KeyError, ValueError):
                 return default
 
-        return _Timing(latency=number("latency", self.latency_ms) / 1000, tps=number("tps", self.tps))
+        return _Timing(
+            latency=number("latency", self.latency_ms) / 1000,
+            tps=number("tps", self.tps),
+            ttft=number("ttft", self.ttft_ms) / 1000,
+        )
 
-    @staticmethod
-    def _fault_name(request: web.Request, directives: dict[str, str], model: Any) -> str | None:
+    def _fault_name(self, request: web.Request, directives: dict[str, str], model: Any) -> str | None:
+        """The request's own fault (header, marker, model name) before the listener's standing one."""
         header = request.headers.get("x-fake-fault")
         if header:
-            return header.strip()
-        if directives.get("fault"):
-            return directives["fault"]
-        if isinstance(model, str) and model.startswith("fault-"):
-            return model[len("fault-") :]
-        return None
+            named = header.strip()
+        elif directives.get("fault"):
+            named = directives["fault"]
+        elif isinstance(model, str) and model.startswith("fault-"):
+            named = model[len("fault-") :]
+        else:
+            return self.fault
+        try:
+            return fault_canonical(named)
+        except ValueError:
+            return named  # answered as an unknown fault (a 400)
 
     async def _immediate_fault(
         self, request: web.Request, provider: Provider, fault: str, prompt_tokens: int, stream: bool
     ) -> web.StreamResponse | None:
         """Handle faults that do not need a reply; None means the fault is streamed (or there is none)."""
-        if fault.isdigit() and 400 <= int(fault) <= 599:
-            return _status_fault(provider, int(fault))
+        status = _fault_status(fault)
+        if status is not None:
+            return _status_fault(provider, *status)
+        if fault == "refuse":
+            self._abort(request)
         if fault == "context":
             return _context_fault(provider, prompt_tokens)
         if fault == "hang":
@@ -940,6 +1069,52 @@ class _App:
 
     async def control_requests(self, _request: web.Request) -> web.Response:
         return web.json_response(self.requests())
+
+    def _peer(self, name: str | None) -> _Listener | None:
+        listener = self.listener
+        if listener is None or name is None or name == self.name:
+            return listener
+        return listener.peers.get(name)
+
+    async def listener_stats(self, request: web.Request) -> web.Response:
+        listener = self._peer(request.query.get("upstream"))
+        if listener is None:
+            return web.json_response({"error": f"no upstream {request.query.get('upstream')!r}"}, status=404)
+        return web.json_response(listener.describe())
+
+    async def listener_control(self, request: web.Request) -> web.StreamResponse:
+        """Change a listener's standing settings while traffic flows (see "Several upstreams")."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "send a JSON object"}, status=400)
+        unknown = set(body) - {"upstream", "fault", "latency_ms", "ttft_ms", "tps", "reset"}
+        if unknown:
+            return web.json_response({"error": f"unknown settings {sorted(unknown)}"}, status=400)
+        listener = self._peer(body.get("upstream"))
+        if listener is None:
+            return web.json_response({"error": f"no upstream {body.get('upstream')!r}"}, status=404)
+        fault = body.get("fault", listener.app.fault)
+        try:
+            fault = fault_canonical(fault) if fault is not None else None
+            timing = {key: float(body[key]) for key in ("latency_ms", "ttft_ms", "tps") if key in body}
+        except (TypeError, ValueError, AttributeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        listener.set_timing(**timing)
+        if body.get("reset"):
+            listener.app.reset()
+        if fault != "refuse" or listener is not self.listener:
+            await listener.set_fault(fault)
+            return web.json_response(listener.describe())
+        # Refusing this very listener: the answer goes out first, on a connection closed after it.
+        response = web.json_response({**listener.describe(), "fault": "refuse"})
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        await listener.set_fault(fault, spare=request.transport)
+        return response
 
     # -- Azure OpenAI: OpenAI's handlers behind Azure's paths --
 
@@ -1064,7 +1239,7 @@ class _App:
             return await self._openai_stream(
                 request, body, reply, n, usage if include_usage else None, logprobs, top, timing, fault, omit
             )
-        await self._pause(len(reply.tokens) * timing.token_delay)
+        await self._pause(timing.whole_reply(len(reply.tokens)))
         return web.json_response(
             _omitted(
                 {
@@ -1173,7 +1348,7 @@ class _App:
         for position, delta in enumerate(pieces):
             if content_limit is not None and position >= content_limit:
                 break
-            await self._pause(timing.token_delay)
+            await self._pause(timing.before_piece(position))
             for index in range(n):
                 lp = None
                 if logprobs and "content" in delta:
@@ -1285,7 +1460,7 @@ class _App:
         }
         if stream:
             return await self._anthropic_stream(request, message, reply, timing, fault)
-        await self._pause(len(reply.tokens) * timing.token_delay)
+        await self._pause(timing.whole_reply(len(reply.tokens)))
         if reply.tool_name is not None:
             content = [
                 {"type": "tool_use", "id": reply.tool_id, "name": reply.tool_name, "input": reply.tool_arguments}
@@ -1333,7 +1508,7 @@ class _App:
         for position, delta in enumerate(deltas):
             if content_limit is not None and position >= content_limit:
                 break
-            await self._pause(timing.token_delay)
+            await self._pause(timing.before_piece(position))
             await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
 
         if fault is not None and fault.startswith("cut-"):
@@ -1471,6 +1646,8 @@ class _App:
                     await response.write_eof()
                     return response
                 await self._cut(request)
+            if timing is not None and index == 0:
+                await self._pause(timing.ttft)
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
             if timing is not None:
                 await self._pause(timing.token_delay)
@@ -1664,49 +1841,218 @@ def _lower_types(schema: Any) -> Any:
     return schema
 
 
-class FakeUpstream:
-    """The fake served from a background thread with its own event loop."""
+# --------------------------------------------------------------------------------------------------------------
+# Running it: one or several listeners, each an upstream of its own, on one event loop
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        latency_ms: float = 0,
-        tps: float = 0,
-        api_key: str | None = None,
-        demo: bool = False,
-    ) -> None:
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One listener: its name, port (0: any free one), timing and standing fault (any spelling that
+    ``fault_canonical`` reads; ``refuse`` starts it closed)."""
+
+    name: str = "upstream"
+    port: int = 0
+    latency_ms: float = 0
+    ttft_ms: float = 0
+    tps: float = 0
+    fault: str | None = None
+    api_key: str | None = None
+    demo: bool = False
+
+
+class _Listener:
+    """An ``_App`` on its own port, which it can stop listening on (``refuse``) and take up again."""
+
+    def __init__(self, spec: UpstreamSpec, host: str, peers: dict[str, _Listener]) -> None:
+        self.name = spec.name
         self.host = host
-        self.port = port
-        self._app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key, demo=demo)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = spec.port
+        self.peers = peers
+        self.app = _App(latency_ms=spec.latency_ms, tps=spec.tps, api_key=spec.api_key, demo=spec.demo, name=spec.name)
+        self.app.ttft_ms = spec.ttft_ms
+        self.app.listener = self
+        self._initial_fault = fault_canonical(spec.fault) if spec.fault else None
         self._runner: web.AppRunner | None = None
-        self._thread: threading.Thread | None = None
+        self._site: web.TCPSite | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def announcement(self) -> str:
+        named = "" if self.name == UpstreamSpec.name else f" {self.name}"
+        return f"fake upstream{named} listening on {self.base_url}"
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.app.settings(), "port": self.port, "listening": self._site is not None, **self.app.stats()}
+
+    def set_timing(
+        self, *, latency_ms: float | None = None, ttft_ms: float | None = None, tps: float | None = None
+    ) -> None:
+        if latency_ms is not None:
+            self.app.latency_ms = max(latency_ms, 0.0)
+        if ttft_ms is not None:
+            self.app.ttft_ms = max(ttft_ms, 0.0)
+        if tps is not None:
+            self.app.tps = max(tps, 0.0)
+
+    async def start(self) -> None:
+        # handler_cancellation: a client that goes away mid-stream (or mid-hang) should end its handler at once.
+        self._runner = web.AppRunner(
+            self.app.build(), access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT
+        )
+        await self._runner.setup()
+        await self._listen()
+        await self.set_fault(self._initial_fault)
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self._site = site
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def set_fault(self, fault: str | None, *, spare: asyncio.BaseTransport | None = None) -> None:
+        """``fault`` (canonical) becomes the standing fault. ``refuse`` closes the port and drops the open
+        connections (but ``spare``, the one asking); any other value opens the port again if it was closed."""
+        self.app.fault = fault
+        if fault == "refuse":
+            if self._site is not None:
+                site, self._site = self._site, None
+                await site.stop()
+            assert self._runner is not None and self._runner.server is not None
+            for connection in list(self._runner.server.connections):
+                transport = connection.transport
+                if transport is not None and transport is not spare:
+                    transport.abort()
+        elif self._site is None:
+            await self._listen()
+
+    async def stop(self) -> None:
+        if self._runner is None:
+            return
+        if self.app.stopping is not None:
+            self.app.stopping.set()
+        await self._runner.cleanup()
+        self._runner = self._site = None
+
+
+class UpstreamHandle:
+    """A test's hold on one listener of a ``FakeUpstreams`` running in its thread. Every method may be called
+    from any thread, an async test's included: it waits for the upstream's own loop to do the work."""
+
+    def __init__(self, group: FakeUpstreams, listener: _Listener) -> None:
+        self._group = group
+        self._listener = listener
+
+    def __repr__(self) -> str:
+        return f"<UpstreamHandle {self.name} {self.base_url} fault={self.fault!r}>"
+
+    @property
+    def name(self) -> str:
+        return self._listener.name
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    @property
+    def base_url(self) -> str:
+        return self._listener.base_url
+
+    @property
+    def fault(self) -> str | None:
+        return self._listener.app.fault
+
+    def set_fault(self, fault: str | None) -> None:
+        """A standing fault for every request that names none itself (``None`` heals; ``refuse`` closes the
+        port); any spelling ``fault_canonical`` reads."""
+        canonical = fault_canonical(fault) if fault is not None else None
+        self._group._run(self._listener.set_fault(canonical))
+
+    def refuse(self) -> None:
+        """Stop listening: new connections are refused, open ones dropped."""
+        self.set_fault("refuse")
+
+    def accept(self) -> None:
+        """Listen again (and drop any standing fault)."""
+        self.set_fault(None)
+
+    def set_timing(
+        self, *, latency_ms: float | None = None, ttft_ms: float | None = None, tps: float | None = None
+    ) -> None:
+        self._listener.set_timing(latency_ms=latency_ms, ttft_ms=ttft_ms, tps=tps)
+
+    def requests_served(self, path: str | None = None) -> int:
+        """Requests that reached this listener (control endpoints and refused connections not counted),
+        or those on ``path``."""
+        stats = self._listener.app.stats()
+        return stats["requests"] if path is None else stats["by_path"].get(path, 0)
+
     @property
     def stats(self) -> dict[str, Any]:
-        return self._app.stats()
+        return self._listener.describe()
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        return self._app.requests()
+        return self._listener.app.requests()
 
     def reset(self) -> None:
-        self._app.reset()
+        """Counters and request log to zero; the standing fault and timing stay."""
+        self._listener.app.reset()
 
-    def start(self) -> FakeUpstream:
+
+class FakeUpstreams:
+    """Several fake upstreams, one listener each, served from one background thread with its own event loop.
+
+    ::
+
+        with FakeUpstreams([UpstreamSpec("east"), UpstreamSpec("west", latency_ms=50)]) as upstreams:
+            upstreams["east"].refuse()
+            ...
+            assert upstreams["west"].requests_served() == 3
+    """
+
+    def __init__(self, specs: Sequence[UpstreamSpec], host: str = "127.0.0.1") -> None:
+        names = [spec.name for spec in specs]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"give one or more upstreams with distinct names, not {names}")
+        self.host = host
+        peers: dict[str, _Listener] = {}
+        for spec in specs:
+            peers[spec.name] = _Listener(spec, host, peers)
+        self._listeners = list(peers.values())
+        self.handles = [UpstreamHandle(self, listener) for listener in self._listeners]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def __getitem__(self, key: int | str) -> UpstreamHandle:
+        if isinstance(key, str):
+            return next(handle for handle in self.handles if handle.name == key)
+        return self.handles[key]
+
+    def __iter__(self) -> Iterator[UpstreamHandle]:
+        return iter(self.handles)
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def _run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        if self._loop is None:
+            coroutine.close()
+            raise RuntimeError("the fake upstreams are not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    def start(self) -> Self:
         if self._thread is not None:
-            raise RuntimeError("FakeUpstream already started")
+            raise RuntimeError(f"{type(self).__name__} already started")
         ready = threading.Event()
         failure: list[BaseException] = []
         loop = asyncio.new_event_loop()
 
         async def boot() -> None:
-            self._runner, self.port = await _start_site(self._app, self.host, self.port)
+            for listener in self._listeners:
+                await listener.start()
 
         def run() -> None:
             asyncio.set_event_loop(loop)
@@ -1714,6 +2060,8 @@ class FakeUpstream:
                 loop.run_until_complete(boot())
             except BaseException as exc:  # handed over to the thread that called start()
                 failure.append(exc)
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(self._stop_listeners())
                 ready.set()
                 loop.close()
                 return
@@ -1727,24 +2075,29 @@ class FakeUpstream:
         ready.wait()
         if failure:
             self._thread.join()
-            self._thread = None
+            self._loop = self._thread = None
             raise failure[0]
-        logger.info("fake upstream listening on %s", self.base_url)
+        for listener in self._listeners:
+            logger.info("%s", listener.announcement())
         return self
 
     def stop(self) -> None:
-        loop, thread, runner = self._loop, self._thread, self._runner
+        loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        if runner is not None and not loop.is_closed():
-            future = asyncio.run_coroutine_threadsafe(_stop_site(self._app, runner), loop)
+        if not loop.is_closed():
+            future = asyncio.run_coroutine_threadsafe(self._stop_listeners(), loop)
             with contextlib.suppress(Exception):
                 future.result(timeout=10)
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
-        self._loop = self._thread = self._runner = None
+        self._loop = self._thread = None
 
-    def __enter__(self) -> FakeUpstream:
+    async def _stop_listeners(self) -> None:
+        for listener in self._listeners:
+            await listener.stop()
+
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -1753,46 +2106,121 @@ class FakeUpstream:
         self.stop()
 
 
-async def _start_site(app: _App, host: str, port: int) -> tuple[web.AppRunner, int]:
-    # handler_cancellation: a client that goes away mid-stream (or mid-hang) should end its handler at once.
-    runner = web.AppRunner(app.build(), access_log=None, handler_cancellation=True, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_port = runner.addresses[0][1]
-    return runner, bound_port
+class FakeUpstream(FakeUpstreams):
+    """One fake upstream (the common case): ``FakeUpstreams`` with a single listener, whose handle's methods
+    it has too."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_ms: float = 0,
+        tps: float = 0,
+        api_key: str | None = None,
+        demo: bool = False,
+    ) -> None:
+        super().__init__([UpstreamSpec(port=port, latency_ms=latency_ms, tps=tps, api_key=api_key, demo=demo)], host)
+
+    @property
+    def port(self) -> int:
+        return self.handles[0].port
+
+    @property
+    def base_url(self) -> str:
+        return self.handles[0].base_url
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self._listeners[0].app.stats()
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self.handles[0].requests
+
+    def reset(self) -> None:
+        self.handles[0].reset()
+
+    def set_fault(self, fault: str | None) -> None:
+        self.handles[0].set_fault(fault)
+
+    def refuse(self) -> None:
+        self.handles[0].refuse()
+
+    def accept(self) -> None:
+        self.handles[0].accept()
+
+    def requests_served(self, path: str | None = None) -> int:
+        return self.handles[0].requests_served(path)
 
 
-async def _stop_site(app: _App, runner: web.AppRunner) -> None:
-    if app.stopping is not None:
-        app.stopping.set()
-    await runner.cleanup()
+def parse_upstream(text: str, defaults: UpstreamSpec) -> UpstreamSpec:
+    """``--upstream`` of the command line: ``NAME=PORT`` then ``,KEY=VALUE`` settings (``latency_ms``,
+    ``ttft_ms``, ``tps``, ``fault``); ``fault=`` comes last and takes the rest (it may hold commas)."""
+    head, _, rest = text.partition(",")
+    name, sep, port = head.partition("=")
+    if not sep or not name.strip() or not port.strip().isdigit():
+        raise ValueError(f"--upstream {text!r}: start with NAME=PORT, e.g. east=18080")
+    settings: dict[str, Any] = {"name": name.strip(), "port": int(port)}
+    while rest:
+        if rest.startswith("fault="):
+            settings["fault"] = fault_canonical(rest.removeprefix("fault="))
+            break
+        item, _, rest = rest.partition(",")
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("latency_ms", "ttft_ms", "tps"):
+            raise ValueError(f"--upstream {text!r}: unknown setting {item!r} (latency_ms, ttft_ms, tps, fault)")
+        settings[key] = float(value)
+    return replace(defaults, **settings)
 
 
-async def _serve_forever(host: str, port: int, latency_ms: float, tps: float, api_key: str | None, demo: bool) -> None:
-    app = _App(latency_ms=latency_ms, tps=tps, api_key=api_key, demo=demo)
-    runner, bound_port = await _start_site(app, host, port)
-    logger.info("fake upstream listening on http://%s:%s", host, bound_port)
+async def _serve_forever(specs: Sequence[UpstreamSpec], host: str) -> None:
+    peers: dict[str, _Listener] = {}
+    for spec in specs:
+        peers[spec.name] = _Listener(spec, host, peers)
     try:
+        for listener in peers.values():
+            await listener.start()
+            logger.info("%s", listener.announcement())
         await asyncio.Event().wait()
     finally:
-        await _stop_site(app, runner)
+        for listener in peers.values():
+            await listener.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Deterministic fake OpenAI/Anthropic upstream.")
+    parser = argparse.ArgumentParser(description="Deterministic fake OpenAI/Anthropic upstream(s).")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--port", type=int, default=18080, help="the one listener's port, without --upstream")
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=PORT[,latency_ms=MS][,ttft_ms=MS][,tps=N][,fault=SPEC]",
+        help="a listener of its own (repeat for several, all in this process); the other options are defaults",
+    )
     parser.add_argument("--latency-ms", type=float, default=0, help="delay before every answer")
+    parser.add_argument("--ttft-ms", type=float, default=0, help="further delay before the first token")
     parser.add_argument("--tps", type=float, default=0, help="streamed tokens per second; 0 means no delay")
     parser.add_argument("--api-key", default=None, help="require this key; any key is accepted when unset")
     parser.add_argument(
         "--demo", action="store_true", help="answer with canned Markdown replies instead of the echo (make run)"
     )
     args = parser.parse_args(argv)
+    defaults = UpstreamSpec(
+        port=args.port,
+        latency_ms=args.latency_ms,
+        ttft_ms=args.ttft_ms,
+        tps=args.tps,
+        api_key=args.api_key,
+        demo=args.demo,
+    )
+    try:
+        specs = [parse_upstream(text, defaults) for text in args.upstream] or [defaults]
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args.host, args.port, args.latency_ms, args.tps, args.api_key, args.demo))
+        asyncio.run(_serve_forever(specs, args.host))
 
 
 if __name__ == "__main__":
