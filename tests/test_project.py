@@ -442,9 +442,9 @@ def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     count = manage(
         "shell",
         "-c",
-        "from django.contrib.auth.models import User; from providers.models import Model, Provider; "
+        "from django.contrib.auth.models import User; from providers.models import CatalogModel, Provider; "
         "print(User.objects.filter(username='admin').count(), sorted(Provider.objects.values_list('name', flat=True)), "
-        "Model.objects.filter(provider__name='openai').count())",
+        "CatalogModel.objects.filter(deployments__provider__name='openai').count())",
         cwd=project,
         env=env,
     )

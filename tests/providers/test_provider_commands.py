@@ -15,7 +15,7 @@ from django_celery_beat.models import PeriodicTask
 
 from chat.management.commands.setupschedules import SCHEDULES
 from providers.fields import Secret
-from providers.models import Model, Provider
+from providers.models import CatalogModel, Deployment, Provider
 from tests.factories import ModelFactory, ProviderFactory
 
 pytestmark = pytest.mark.django_db
@@ -73,14 +73,23 @@ def load(path: Path) -> str:
     return out.getvalue()
 
 
-def snapshot() -> tuple[list[dict], list[dict]]:
+def snapshot() -> tuple[list[dict], list[dict], list[dict]]:
     providers = [
         {**row, "api_key": provider.api_key.reveal()}
         for provider, row in zip(
             Provider.objects.order_by("name"), Provider.objects.order_by("name").values(), strict=True
         )
     ]
-    return providers, list(Model.objects.order_by("name").values())
+    deployments = Deployment.objects.order_by("model__name", "name").values(
+        "model__name", "provider__name", *(f.attname for f in Deployment._meta.concrete_fields)
+    )
+    return providers, list(CatalogModel.objects.order_by("name").values()), list(deployments)
+
+
+def deployment_of(model_name: str) -> Deployment:
+    """The one deployment a model of the older file shape has."""
+    [deployment] = Deployment.objects.filter(model__name=model_name).select_related("provider")
+    return deployment
 
 
 @pytest.fixture
@@ -98,22 +107,24 @@ def test_load_creates_everything_and_never_prints_the_key(catalog):
     assert UPSTREAM_KEY not in output
     assert "provider local-openai: created (key set)" in output
     assert "provider claude: created (no key)" in output
-    assert "model gpt-4o-mini: created" in output and "5 created, 0 updated, 0 unchanged." in output
+    assert "model gpt-4o-mini: created" in output and "deployment gpt-4o-mini/local-openai: created" in output
+    assert "8 created, 0 updated, 0 unchanged." in output  # 2 providers, 3 models, one deployment each
     local = Provider.objects.get(name="local-openai")
     assert local.api_key.reveal() == UPSTREAM_KEY  # ${UPSTREAM_KEY} resolved from the environment
     assert local.extra_headers == {"X-Team": Secret("research")} and local.timeout_seconds == Decimal("60")
-    mini = Model.objects.get(name="gpt-4o-mini")
-    assert (mini.input_per_mtok, mini.output_per_mtok, mini.cached_input_per_mtok) == (
+    mini, on_local = CatalogModel.objects.get(name="gpt-4o-mini"), deployment_of("gpt-4o-mini")
+    assert (on_local.input_per_mtok, on_local.output_per_mtok, on_local.cached_input_per_mtok) == (
         Decimal("0.15"),
         Decimal("0.60"),
         Decimal("0.075"),
     )
-    assert mini.max_output_tokens == 16384 and mini.provider == local
-    o3 = Model.objects.get(name="o3-mini")
-    assert o3.input_per_mtok == Decimal("1.1") and o3.output_per_mtok == Decimal("4.4")  # YAML floats, exactly
-    assert o3.parameter_rules["fixed"] == {"temperature": 1} and o3.cached_input_per_mtok is None
-    haiku = Model.objects.get(name="claude-haiku")
-    assert haiku.supports_vision and haiku.supports_tools and haiku.provider.name == "claude"
+    assert mini.max_output_tokens == 16384 and on_local.provider == local and on_local.name == "local-openai"
+    o3, o3_deployment = CatalogModel.objects.get(name="o3-mini"), deployment_of("o3-mini")
+    # YAML floats, exactly
+    assert o3_deployment.input_per_mtok == Decimal("1.1") and o3_deployment.output_per_mtok == Decimal("4.4")
+    assert o3.parameter_rules["fixed"] == {"temperature": 1} and o3_deployment.cached_input_per_mtok is None
+    haiku = CatalogModel.objects.get(name="claude-haiku")
+    assert haiku.supports_vision and haiku.supports_tools and deployment_of("claude-haiku").provider.name == "claude"
 
 
 def test_loading_twice_leaves_the_same_rows(catalog):
@@ -124,7 +135,7 @@ def test_loading_twice_leaves_the_same_rows(catalog):
 
     assert snapshot() == first  # same count, same values, not even updated_at moved
     assert "provider local-openai: unchanged (key kept)" in output
-    assert "0 created, 0 updated, 5 unchanged." in output
+    assert "0 created, 0 updated, 8 unchanged." in output
 
 
 def test_load_updates_changed_fields(catalog, tmp_path, monkeypatch):
@@ -137,11 +148,13 @@ def test_load_updates_changed_fields(catalog, tmp_path, monkeypatch):
     output = load(write(tmp_path, changed, "changed.yaml"))
 
     assert "provider local-openai: updated (key changed)" in output
-    assert "model gpt-4o-mini: updated" in output and "model o3-mini: unchanged" in output
+    # The price is the deployment's: the model row itself did not change.
+    assert "deployment gpt-4o-mini/local-openai: updated" in output and "model gpt-4o-mini: unchanged" in output
+    assert "model o3-mini: unchanged" in output and "deployment o3-mini/local-openai: unchanged" in output
     assert "provider claude: updated (no key)" in output
-    assert Model.objects.get(name="gpt-4o-mini").input_per_mtok == Decimal("0.20")
+    assert deployment_of("gpt-4o-mini").input_per_mtok == Decimal("0.20")
     assert Provider.objects.get(name="local-openai").api_key.reveal() == "sk-rotated-upstream-key-99999999999"
-    assert Provider.objects.count() == 2 and Model.objects.count() == 3
+    assert Provider.objects.count() == 2 and CatalogModel.objects.count() == 3 and Deployment.objects.count() == 3
 
 
 def test_absent_key_keeps_the_stored_one_and_empty_key_clears_it(tmp_path):
@@ -171,7 +184,7 @@ def test_missing_environment_variable_names_it_and_writes_nothing(tmp_path, monk
 
     assert "CLAUDE_KEY" in str(excinfo.value) and "provider claude" in str(excinfo.value)
     assert "Nothing was written" in str(excinfo.value)
-    assert not Provider.objects.exists() and not Model.objects.exists()
+    assert not Provider.objects.exists() and not CatalogModel.objects.exists()
 
 
 @pytest.mark.parametrize(
@@ -209,7 +222,7 @@ def test_invalid_entries_name_the_row_and_write_nothing(catalog, tmp_path, broke
 
     assert expected in str(excinfo.value)
     assert UPSTREAM_KEY not in str(excinfo.value)
-    assert not Provider.objects.exists() and not Model.objects.exists()
+    assert not Provider.objects.exists() and not CatalogModel.objects.exists()
 
 
 def test_duplicate_names_and_bad_files_are_refused(tmp_path):
@@ -247,13 +260,25 @@ def test_dump_has_no_secret_and_round_trips(catalog, tmp_path, monkeypatch):
     assert "api_key" not in next(entry for entry in dumped["providers"] if entry["name"] == "claude")
     az = next(entry for entry in dumped["providers"] if entry["name"] == "azure-east")
     assert az["extra_headers"] == {"X-Region": "east", "api-key": "${AZURE_EAST_HEADER_API_KEY}"}
-    assert az["models"][0]["input_per_mtok"] == "2.5"
+    assert "models" not in az and "max_retries" not in az
+    az_gpt = next(entry for entry in dumped["models"] if entry["name"] == "az-gpt")
+    assert az_gpt["deployments"] == [
+        {
+            "provider": "azure-east",
+            "upstream": "fake-gpt-4o-mini",
+            "input_per_mtok": "2.5",
+            "output_per_mtok": "0.6",
+            "weight": 1,
+            "priority": 0,
+            "enabled": True,
+        }
+    ]
 
     # On another machine: an empty catalog and the variables the dump refers to.
     target = tmp_path / "dump.yaml"
     call_command("dumpproviders", "-o", str(target), stderr=io.StringIO())
     assert target.read_text() == text
-    Model.objects.all().delete()
+    CatalogModel.objects.all().delete()
     Provider.objects.all().delete()
     monkeypatch.setenv("LOCAL_OPENAI_API_KEY", UPSTREAM_KEY)
     monkeypatch.setenv("AZURE_EAST_HEADER_API_KEY", "azure-header-secret-123")
@@ -261,13 +286,17 @@ def test_dump_has_no_secret_and_round_trips(catalog, tmp_path, monkeypatch):
 
     def comparable(rows: list[dict]) -> list[dict]:
         return [
-            {key: value for key, value in row.items() if key not in {"id", "provider_id", "created_at", "updated_at"}}
+            {
+                key: value
+                for key, value in row.items()
+                if key not in {"id", "provider_id", "model_id", "created_at", "updated_at"}
+            }
             for row in rows
         ]
 
     after = snapshot()
-    assert comparable(after[0]) == comparable(before[0])
-    assert comparable(after[1]) == comparable(before[1])
+    for rows_after, rows_before in zip(after, before, strict=True):
+        assert comparable(rows_after) == comparable(rows_before)
 
 
 EMBEDDING_CATALOG = """
@@ -291,29 +320,29 @@ providers:
 def test_mode_loads_dumps_round_trips_and_is_checked(tmp_path):
     path = write(tmp_path, EMBEDDING_CATALOG)
     load(path)
-    assert dict(Model.objects.values_list("name", "mode")) == {"chatty": "chat", "embedder": "embedding"}
+    assert dict(CatalogModel.objects.values_list("name", "mode")) == {"chatty": "chat", "embedder": "embedding"}
 
     out = io.StringIO()
     call_command("dumpproviders", stdout=out)
-    dumped = {model["name"]: model for model in yaml.safe_load(out.getvalue())["providers"][0]["models"]}
+    dumped = {model["name"]: model for model in yaml.safe_load(out.getvalue())["models"]}
     assert (dumped["chatty"]["mode"], dumped["embedder"]["mode"]) == ("chat", "embedding")
-    Model.objects.all().delete()
+    CatalogModel.objects.all().delete()
     load(write(tmp_path, out.getvalue(), "dump.yaml"))
-    assert dict(Model.objects.values_list("name", "mode")) == {"chatty": "chat", "embedder": "embedding"}
+    assert dict(CatalogModel.objects.values_list("name", "mode")) == {"chatty": "chat", "embedder": "embedding"}
 
     output = load(write(tmp_path, EMBEDDING_CATALOG.replace("mode: embedding", "mode: chat"), "changed.yaml"))
-    assert "model embedder: updated" in output and Model.objects.get(name="embedder").mode == "chat"
+    assert "model embedder: updated" in output and CatalogModel.objects.get(name="embedder").mode == "chat"
 
     with pytest.raises(CommandError) as refused:
         load(write(tmp_path, EMBEDDING_CATALOG.replace("mode: embedding", "mode: rerank"), "bad.yaml"))
     assert "model embedder: mode:" in str(refused.value) and "rerank" in str(refused.value)
-    assert Model.objects.get(name="embedder").mode == "chat"  # nothing written
+    assert CatalogModel.objects.get(name="embedder").mode == "chat"  # nothing written
 
 
 def test_dump_of_an_empty_catalog_loads_back():
     out = io.StringIO()
     call_command("dumpproviders", stdout=out)
-    assert yaml.safe_load(out.getvalue()) == {"providers": []}
+    assert yaml.safe_load(out.getvalue()) == {"providers": [], "models": []}
 
 
 # setupschedules -------------------------------------------------------------------------------------
@@ -365,3 +394,224 @@ def test_an_azure_provider_loads_and_dumps_with_its_api_version(tmp_path, monkey
     call_command("dumpproviders", stdout=out)
     [dumped] = yaml.safe_load(out.getvalue())["providers"]
     assert dumped["api_version"] == "2024-10-21"
+
+
+# The models: section (deployments, aliases, routing) -----------------------------------------------
+
+ROUTED = """
+providers:
+  - {name: east, kind: openai_compatible, base_url: http://127.0.0.1:18080/v1, api_key: ${EAST_KEY}}
+  - {name: west, kind: openai_compatible, base_url: http://127.0.0.1:18082/v1, api_key: ${WEST_KEY}}
+models:
+  - name: gpt-4o-mini
+    strategy: weighted            # weighted | priority | lowest_latency | least_busy | cheapest
+    retries: 2
+    fallbacks: [claude-haiku]     # other public names, tried in order
+    context_window_fallbacks: [gpt-4o-long]
+    deployments:
+      - {provider: east, upstream: gpt-4o-mini, weight: 3, input_per_mtok: "0.15", output_per_mtok: "0.60"}
+      - {provider: west, upstream: gpt-4o-mini, weight: 1, input_per_mtok: "0.15", output_per_mtok: "0.60"}
+  - name: claude-haiku
+    label: Claude Haiku
+    strategy: priority
+    retries: 0
+    resume_on_failure: true
+    stream_idle_timeout: 12.5
+    deployments:
+      - {provider: east, upstream: claude-3-5-haiku, priority: 0, input_per_mtok: "0.8", output_per_mtok: "4",
+         rpm_limit: 600, tpm_limit: 90000, quality: "0.92", breaker_override: closed, paid_health_probe: true}
+      - {name: east-backup, provider: east, upstream: claude-3-5-haiku-b, priority: 1, input_per_mtok: "1",
+         output_per_mtok: "5", enabled: false}
+  - name: gpt-4o-long
+    context_window: 1000000
+    deployments:
+      - {provider: west, upstream: gpt-4o-long, input_per_mtok: "2", output_per_mtok: "8"}
+  - {name: chat-default, alias_of: gpt-4o-mini}
+"""
+
+
+@pytest.fixture
+def routed(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("EAST_KEY", "sk-east-0000000000000000000000")
+    monkeypatch.setenv("WEST_KEY", "sk-west-0000000000000000000000")
+    return write(tmp_path, ROUTED, "routed.yaml")
+
+
+def dump() -> str:
+    out = io.StringIO()
+    call_command("dumpproviders", stdout=out)
+    return out.getvalue()
+
+
+def test_the_issues_example_loads_models_with_their_deployments_and_an_alias(routed):
+    output = load(routed)
+
+    mini = CatalogModel.objects.get(name="gpt-4o-mini")
+    assert (mini.strategy, mini.retries, mini.fallbacks, mini.context_window_fallbacks) == (
+        "weighted",
+        2,
+        ["claude-haiku"],
+        ["gpt-4o-long"],
+    )
+    deployments = {d.name: d for d in mini.deployments.select_related("provider")}
+    assert set(deployments) == {"east", "west"}  # named after their providers
+    assert deployments["east"].weight == 3 and deployments["west"].weight == 1
+    assert deployments["west"].provider.name == "west" and deployments["west"].upstream_id == "gpt-4o-mini"
+    assert deployments["east"].input_per_mtok == Decimal("0.15")
+    haiku = CatalogModel.objects.get(name="claude-haiku")
+    primary, backup = haiku.deployments.order_by("priority")
+    assert (primary.rpm_limit, primary.tpm_limit, primary.quality) == (600, 90000, Decimal("0.92"))
+    assert primary.breaker_override == "closed" and primary.paid_health_probe
+    assert backup.name == "east-backup" and not backup.enabled and backup.provider.name == "east"
+    assert haiku.label == "Claude Haiku" and haiku.resume_on_failure
+    assert haiku.stream_idle_timeout_seconds == Decimal("12.5")
+    alias = CatalogModel.objects.get(name="chat-default")
+    assert alias.alias_of == mini and not alias.deployments.exists()
+    assert "deployment gpt-4o-mini/west: created" in output and "model chat-default: created" in output
+    assert "11 created, 0 updated, 0 unchanged." in output  # 2 providers, 4 models, 5 deployments
+
+
+def test_the_new_format_round_trips_dump_load_dump(routed, tmp_path, monkeypatch):
+    load(routed)
+    first = dump()
+
+    assert "sk-east" not in first and "${EAST_API_KEY}" in first
+    dumped = yaml.safe_load(first)
+    assert "models" not in dumped["providers"][0]
+    by_name = {entry["name"]: entry for entry in dumped["models"]}
+    assert by_name["chat-default"] == {"name": "chat-default", "alias_of": "gpt-4o-mini"}
+    assert [d["provider"] for d in by_name["gpt-4o-mini"]["deployments"]] == ["east", "west"]
+    assert "name" not in by_name["gpt-4o-mini"]["deployments"][0]  # the provider's name, the default
+    assert by_name["claude-haiku"]["deployments"][1]["name"] == "east-backup"
+    assert by_name["claude-haiku"]["deployments"][0]["quality"] == "0.92"
+
+    # The same database: loading its own dump changes nothing, and dumps the same text again.
+    path = write(tmp_path, first, "dump.yaml")
+    monkeypatch.setenv("EAST_API_KEY", "sk-east-0000000000000000000000")
+    monkeypatch.setenv("WEST_API_KEY", "sk-west-0000000000000000000000")
+    before = snapshot()
+    output = load(path)
+    assert "0 created, 0 updated, 11 unchanged." in output and snapshot() == before
+    assert dump() == first
+
+    # An empty database: the dump rebuilds the same catalog.
+    CatalogModel.objects.all().delete()
+    Provider.objects.all().delete()
+    load(path)
+    assert dump() == first
+
+
+def test_the_old_format_dumps_in_the_new_one_and_loads_back_the_same(catalog, tmp_path, monkeypatch):
+    load(catalog)
+    first = dump()
+    assert "models" in yaml.safe_load(first) and all("models" not in p for p in yaml.safe_load(first)["providers"])
+    CatalogModel.objects.all().delete()
+    Provider.objects.all().delete()
+    monkeypatch.setenv("LOCAL_OPENAI_API_KEY", UPSTREAM_KEY)
+
+    load(write(tmp_path, first, "dump.yaml"))
+
+    assert dump() == first
+    assert deployment_of("gpt-4o-mini").cached_input_per_mtok == Decimal("0.075")
+
+
+def test_max_retries_on_a_provider_is_ignored_with_a_warning(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    path = write(
+        tmp_path, "providers:\n  - {name: old, kind: openai, base_url: 'http://127.0.0.1:9/v1', max_retries: 4}\n"
+    )
+
+    call_command("loadproviders", str(path), stdout=out, stderr=err)
+
+    assert "provider old: created" in out.getvalue()
+    assert "warning: provider old: max_retries is ignored: retries are set per model now" in err.getvalue()
+
+
+def test_a_deployment_the_file_no_longer_lists_is_removed_and_others_are_kept(routed, tmp_path):
+    load(routed)
+    kept = Deployment.objects.get(model__name="gpt-4o-mini", name="east")
+    fewer = ROUTED.replace(
+        '      - {provider: west, upstream: gpt-4o-mini, weight: 1, input_per_mtok: "0.15", output_per_mtok: "0.60"}\n',
+        "",
+    ).replace("weight: 3", "weight: 5")
+
+    output = load(write(tmp_path, fewer, "fewer.yaml"))
+
+    assert "deployment gpt-4o-mini/west: removed" in output and "deployment gpt-4o-mini/east: updated" in output
+    assert ", 1 removed." in output
+    assert list(Deployment.objects.filter(model__name="gpt-4o-mini").values_list("pk", "weight")) == [(kept.pk, 5)]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("retries: 2\n", "retries: 2\n    retry: 3\n", "model gpt-4o-mini: unknown key(s) retry"),
+        ("weight: 3,", "weight: 3, wieght: 1,", "model gpt-4o-mini, deployment #1 (east): unknown key(s) wieght"),
+        ("name: east-backup,", "name: east-backup, colour: red,", "deployment east-backup: unknown key(s) colour"),
+        (
+            "{name: chat-default, alias_of: gpt-4o-mini}",
+            "{name: chat-default, alias_of: gpt-4o-mini, deployments: []}",
+            "model chat-default: an alias has no deployments of its own",
+        ),
+        (
+            "{name: chat-default, alias_of: gpt-4o-mini}",
+            "{name: chat-default, alias_of: gpt-4o-mini, retries: 1}",
+            "model chat-default: an alias takes only name, label, alias_of and enabled, not retries",
+        ),
+        (
+            "{name: chat-default, alias_of: gpt-4o-mini}",
+            "{name: chat-default, alias_of: gpt-5}",
+            "model chat-default: alias_of names no model",
+        ),
+        (
+            "fallbacks: [claude-haiku]",
+            "fallbacks: [claude-opus]",
+            "model gpt-4o-mini: fallbacks: claude-opus: no such model",
+        ),
+        ("fallbacks: [claude-haiku]", "fallbacks: [chat-default]", "model gpt-4o-mini: fallbacks: A model cannot fall"),
+        (
+            "    strategy: priority\n",
+            "    strategy: priority\n    fallbacks: [chat-default]\n",
+            # through the alias: chat-default is gpt-4o-mini
+            "model gpt-4o-mini: fallbacks: This makes a cycle: gpt-4o-mini → claude-haiku → gpt-4o-mini.",
+        ),
+        ("strategy: weighted ", "strategy: fastest ", "model gpt-4o-mini: strategy: Value 'fastest'"),
+        (
+            "provider: west, upstream: gpt-4o-long",
+            "provider: north, upstream: gpt-4o-long",
+            "provider north is in neither the file nor the catalog",
+        ),
+        (
+            "{name: east-backup, provider: east,",
+            "{provider: east,",
+            "deployment east appears more than once in the model: give each a name",
+        ),
+        (
+            "    deployments:\n      - {provider: west, upstream: gpt-4o-long, "
+            'input_per_mtok: "2", output_per_mtok: "8"}\n',
+            "",
+            "model gpt-4o-long: an enabled model needs at least one deployment",
+        ),
+    ],
+)
+def test_invalid_models_name_their_entry_and_write_nothing(routed, tmp_path, old, new, expected):
+    assert old in ROUTED
+    path = write(tmp_path, ROUTED.replace(old, new, 1), "broken.yaml")
+
+    with pytest.raises(CommandError) as excinfo:
+        load(path)
+
+    assert expected in str(excinfo.value) and "Nothing was written" in str(excinfo.value)
+    assert not Provider.objects.exists() and not CatalogModel.objects.exists() and not Deployment.objects.exists()
+
+
+def test_a_models_section_may_name_providers_already_in_the_catalog(tmp_path):
+    ProviderFactory(name="stored")
+    path = write(
+        tmp_path,
+        "models:\n  - name: solo\n    deployments:\n"
+        "      - {provider: stored, upstream: up, input_per_mtok: 1, output_per_mtok: 2}\n",
+    )
+
+    assert "model solo: created" in load(path)
+    assert deployment_of("solo").provider.name == "stored"

@@ -22,7 +22,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from providers.exceptions import ApplicationError
 from providers.models import ProviderKind
-from providers.services import providers_load
+from providers.services.catalog_file import providers_load
 
 DEMO_CATALOG = Path(settings.BASE_DIR) / "llmhub" / "demo" / "providers.yaml"
 ADMIN_USERNAME = "admin"

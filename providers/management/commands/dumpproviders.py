@@ -1,4 +1,5 @@
-"""``manage.py dumpproviders [-o FILE]``: write providers and models as YAML, without secrets."""
+"""``manage.py dumpproviders [-o FILE]``: write providers and models (with their deployments) as YAML,
+without secrets."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from providers.services.catalog_file import providers_dump
 
 class Command(BaseCommand):
     help = (
-        "Write every provider and catalog model in the loadproviders format. Stored keys are written as "
-        "${NAME_API_KEY} references, never as values."
+        "Write every provider and catalog model (with its deployments) in the loadproviders format. Stored keys "
+        "are written as ${NAME_API_KEY} references, never as values."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
