@@ -188,3 +188,6 @@ class CatalogModelAdmin(admin.ModelAdmin):
         ("Parameter rules", {"fields": ("parameter_rules",)}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
+
+
+from . import admin_health  # noqa: E402, F401  (registers IncidentAdmin)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import smtplib
 
 from celery import Task, shared_task
+from django.conf import settings
 
-from .models import Provider
+from .models import Incident, Provider
 from .services.encryption import provider_rotate_encryption
-from .services.health import provider_health_check, providers_health_check
+from .services.health import health_check_round, provider_health_check
+from .services.incidents import WebhookDeliveryError, incident_alert_email_send, incident_alert_webhook_send
 from .types import HealthResult
 
 logger = logging.getLogger(__name__)
@@ -16,7 +19,10 @@ logger = logging.getLogger(__name__)
 
 @shared_task
 def providers_health_check_all() -> dict[str, bool]:
-    """Check every enabled provider; one that cannot be checked is logged and does not stop the others."""
+    """Every 5 minutes (``setupschedules``): check every enabled provider and the deployments it serves
+    (``health_check_round``: breakers, incidents and their alerts follow), then drop old ``HealthCheck``
+    rows. A provider that cannot be checked is logged and does not stop the others. Returns whether each
+    provider answered."""
     providers: list[Provider] = []
     for provider_id in Provider.objects.filter(enabled=True).values_list("pk", flat=True):
         # One row at a time: a row that cannot be loaded (its key lost with an old encryption key) is
@@ -26,11 +32,11 @@ def providers_health_check_all() -> dict[str, bool]:
         except Exception:
             logger.exception("provider %s could not be loaded for its health check", provider_id)
     healthy: dict[str, bool] = {}
-    for provider, outcome in zip(providers, providers_health_check(providers=providers), strict=True):
-        if isinstance(outcome, HealthResult):
-            healthy[provider.name] = outcome.ok
+    for checked in health_check_round(providers=providers):
+        if isinstance(checked.result, HealthResult):
+            healthy[checked.provider.name] = checked.result.ok
         else:
-            logger.error("health check of provider %s could not run", provider.name, exc_info=outcome)
+            logger.error("health check of provider %s could not run", checked.provider.name, exc_info=checked.result)
     return healthy
 
 
@@ -53,3 +59,41 @@ def providers_rotate_encryption_task() -> int:
     rewritten = provider_rotate_encryption()
     logger.info("re-encrypted %d stored secret(s) under the first FIELD_ENCRYPTION_KEYS key", rewritten)
     return rewritten
+
+
+def _incident(incident_id: int) -> Incident | None:
+    # The provider's name is all an alert says of it: its secrets are not even decrypted.
+    return (
+        Incident.objects.select_related("deployment__model", "deployment__provider")
+        .defer("deployment__provider__api_key", "deployment__provider__extra_headers")
+        .filter(pk=incident_id)
+        .first()
+    )
+
+
+@shared_task(bind=True, max_retries=8)
+def incident_alert_email(self: Task, incident_id: int, event: str) -> bool:
+    """Email an incident's alert (``event``: down or recovered) to the admins; retried while the mail server
+    fails."""
+    incident = _incident(incident_id)
+    if incident is None:
+        return False  # its deployment was deleted since
+    try:
+        return incident_alert_email_send(incident=incident, event=event)
+    except (smtplib.SMTPException, OSError) as exc:
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
+
+
+@shared_task(bind=True, max_retries=8)
+def incident_alert_webhook(self: Task, incident_id: int, event: str) -> bool:
+    """POST an incident's alert to ``LLMHUB_ALERT_WEBHOOK_URL``; retried while it fails."""
+    url = settings.LLMHUB_ALERT_WEBHOOK_URL
+    incident = _incident(incident_id)
+    if not url or incident is None:
+        return False
+    try:
+        incident_alert_webhook_send(incident=incident, event=event, url=url)
+    except WebhookDeliveryError as exc:
+        # 10 s, 20 s, 40 s … up to 10 minutes between attempts.
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
+    return True

@@ -1,4 +1,10 @@
-"""Health checks of providers (and, with routing, of deployments): cheap probes whose results are kept.
+"""Health checks of providers and of the deployments they serve: cheap probes whose results are kept.
+
+A round of checks (``health_check_round``, run by the Celery beat task) lists each enabled provider's
+models once, which answers for all of its deployments at no cost, and sends a one-token completion only
+for the deployments whose admin asked for a paid probe. Each deployment's outcome is kept as a
+``HealthCheck`` row, moves its circuit breaker (a failing probe opens it, a passing one closes it) and
+opens or closes its ``Incident`` (``incidents``).
 
 Adapter calls are async (the SDK clients are). The sync entry points (admin actions, Celery tasks,
 management commands) run them with ``async_to_sync`` on a one-shot adapter that is closed afterwards:
@@ -9,21 +15,29 @@ loop that ends right after the call would never be closed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.db import models, transaction
 from django.utils import timezone
 
 from ..adapters import adapter_class_for_kind, adapter_for
 from ..adapters.base import BaseAdapter
 from ..adapters.common import scrub
 from ..exceptions import ProviderError
-from ..models import HealthStatus, Provider
-from ..selectors import provider_config
-from ..types import HealthResult, ProviderConfig
+from ..models import Deployment, HealthCheck, HealthStatus, ModelMode, Provider, ProviderKind
+from ..routing.breakers import breaker_record
+from ..selectors import provider_config, resolved_deployment, resolved_model
+from ..types import HealthResult, ProviderConfig, ResolvedModel
+from .incidents import incident_close, incident_open
+
+logger = logging.getLogger(__name__)
 
 # Health checks ------------------------------------------------------------------------------------
 
@@ -43,8 +57,12 @@ async def _probe(adapter: BaseAdapter) -> HealthResult:
         result = await adapter.health_check()
     except ProviderError as exc:
         # The default health_check() turns these into a result; an adapter's override may let one through.
-        result = HealthResult(ok=False, latency_ms=round((time.perf_counter() - started) * 1000), error=exc.message)
+        result = HealthResult(ok=False, latency_ms=_ms_since(started), error=exc.message)
     return replace(result, error=_scrubbed(result.error, adapter.config))
+
+
+def _ms_since(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
 
 
 async def _probe_once(config: ProviderConfig) -> HealthResult:
@@ -114,3 +132,228 @@ def provider_health_check(*, provider: Provider) -> HealthResult:
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+# Deployments --------------------------------------------------------------------------------------
+
+# The model list of these kinds does not name what a deployment calls: Azure OpenAI lists the models a
+# resource may deploy, while a deployment's upstream id is the name of an Azure deployment.
+_LIST_DOES_NOT_NAME_DEPLOYMENTS = frozenset({ProviderKind.AZURE_OPENAI})
+_PAID_PROBE_TEXT = "ping"
+
+
+def incident_after_failures() -> int:
+    """Consecutive failing probes that open an incident (the breaker opens at the first)."""
+    return max(1, getattr(settings, "LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES", 2))
+
+
+def health_checks_kept() -> tuple[int, timedelta]:
+    """How many ``HealthCheck`` rows a deployment keeps at most, and for how long at most."""
+    rows = max(1, getattr(settings, "LLMHUB_HEALTH_CHECKS_KEPT", 1000))
+    days = max(1, getattr(settings, "LLMHUB_HEALTH_CHECK_RETENTION_DAYS", 30))
+    return rows, timedelta(days=days)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What probing one deployment needs, read from the database before the event loop runs."""
+
+    deployment_id: int
+    upstream_id: str
+    paid: bool
+    model: ResolvedModel | None  # bound to the deployment; only paid probes need it
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentProbe:
+    """The outcome of one probe of one deployment."""
+
+    deployment_id: int
+    ok: bool
+    latency_ms: int | None
+    error: str = ""
+    paid: bool = False
+
+
+@dataclass(slots=True)
+class ProviderRound:
+    """One provider's share of a round: its own result (or why it could not be checked) and its deployments'."""
+
+    provider: Provider
+    result: HealthResult | Exception
+    deployments: list[DeploymentProbe] = field(default_factory=list)
+
+
+def _names_match(upstream_id: str, listed: frozenset[str]) -> bool:
+    if upstream_id in listed or upstream_id.removeprefix("models/") in listed:  # Gemini's ids may keep it
+        return True
+    # Ollama lists a model pulled as "llama3.2" under "llama3.2:latest".
+    return ":" not in upstream_id and f"{upstream_id}:latest" in listed
+
+
+async def _listing(adapter: BaseAdapter) -> tuple[HealthResult, frozenset[str] | None]:
+    """The free probe: the provider's model list, timed, and the ids it names. An adapter that overrides
+    ``health_check`` (a provider without a model list) is probed its own way; it names no ids (None)."""
+    if type(adapter).health_check is not BaseAdapter.health_check:
+        return await _probe(adapter), None
+    started = time.perf_counter()
+    try:
+        models = await adapter.list_models()
+    except ProviderError as exc:
+        return HealthResult(ok=False, latency_ms=_ms_since(started), error=_scrubbed(exc.message, adapter.config)), None
+    return HealthResult(ok=True, latency_ms=_ms_since(started), models_seen=len(models)), frozenset(
+        model.id for model in models
+    )
+
+
+def _listed_outcome(
+    target: _Target, config: ProviderConfig, result: HealthResult, listed: frozenset[str] | None
+) -> DeploymentProbe:
+    if not result.ok:
+        return DeploymentProbe(target.deployment_id, ok=False, latency_ms=result.latency_ms, error=result.error)
+    # A provider that lists nothing (an empty list, or no list at all) cannot say which models it serves:
+    # its answering is all the free probe can tell.
+    if listed and config.kind not in _LIST_DOES_NOT_NAME_DEPLOYMENTS and not _names_match(target.upstream_id, listed):
+        error = f"The provider {config.name!r} answers, but its model list does not include {target.upstream_id!r}."
+        return DeploymentProbe(target.deployment_id, ok=False, latency_ms=result.latency_ms, error=error[:500])
+    return DeploymentProbe(target.deployment_id, ok=True, latency_ms=result.latency_ms)
+
+
+async def _paid_probe(adapter: BaseAdapter, target: _Target) -> DeploymentProbe:
+    """A one-token completion (an embedding of one word, for an embedding model): billed by the provider."""
+    model = target.model
+    assert model is not None
+    started = time.perf_counter()
+    try:
+        if model.mode == ModelMode.EMBEDDING:
+            await adapter.embed({"model": model.upstream_id, "input": _PAID_PROBE_TEXT})
+        else:
+            body = {"messages": [{"role": "user", "content": _PAID_PROBE_TEXT}], "max_tokens": 1}
+            await adapter.complete(adapter.prepare_request(body, model))
+    except ProviderError as exc:
+        error = _scrubbed(exc.message, adapter.config)
+        return DeploymentProbe(target.deployment_id, ok=False, latency_ms=_ms_since(started), error=error, paid=True)
+    return DeploymentProbe(target.deployment_id, ok=True, latency_ms=_ms_since(started), paid=True)
+
+
+async def _provider_round(
+    config: ProviderConfig, targets: Sequence[_Target]
+) -> tuple[HealthResult, list[DeploymentProbe]]:
+    """One provider: its model list (which answers for the deployments without a paid probe) and the paid
+    probes, all at once."""
+    paid = [target for target in targets if target.paid]
+    adapter = adapter_class_for_kind(config.kind)(config)
+    try:
+        listing, *paid_outcomes = await asyncio.gather(
+            _listing(adapter), *(_paid_probe(adapter, target) for target in paid), return_exceptions=True
+        )
+    finally:
+        await adapter.aclose()
+    if isinstance(listing, BaseException):
+        raise listing  # not an upstream failure: the provider could not be checked at all
+    result, listed = listing
+    probes = [_listed_outcome(target, config, result, listed) for target in targets if not target.paid]
+    for target, outcome in zip(paid, paid_outcomes, strict=True):
+        if isinstance(outcome, DeploymentProbe):
+            probes.append(outcome)
+        elif isinstance(outcome, Exception):
+            # Not an upstream failure (an adapter bug): nothing is learnt about the deployment.
+            logger.error("paid health probe of deployment %s could not run", target.deployment_id, exc_info=outcome)
+        else:
+            raise outcome
+    return result, probes
+
+
+async def _round(
+    work: Sequence[tuple[ProviderConfig, Sequence[_Target]]],
+) -> list[tuple[HealthResult, list[DeploymentProbe]] | BaseException]:
+    # Concurrently, so that one provider that hangs until its timeout does not delay the others.
+    return await asyncio.gather(*(_provider_round(config, targets) for config, targets in work), return_exceptions=True)
+
+
+def _targets(provider: Provider) -> list[_Target]:
+    """The deployments a round probes: enabled, of an enabled public model, on ``provider`` (enabled)."""
+    rows = Deployment.objects.filter(provider=provider, enabled=True, model__enabled=True).select_related("model")
+    targets = []
+    for row in rows:
+        row.provider = provider  # already loaded (and its secrets decrypted) once
+        model = None
+        if row.paid_health_probe:
+            unbound = resolved_model(row.model, [row])
+            model = unbound.on(resolved_deployment(row)) if unbound is not None else None
+        targets.append(_Target(row.pk, row.upstream_id, paid=model is not None, model=model))
+    return targets
+
+
+def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
+    """Check ``providers`` and the deployments they serve, all at once, and act on what was found.
+
+    Per provider: its model list is fetched once (free) and stored on its row (``last_health_*``, as the
+    admin's "Test connection" does); each of its deployments gets a ``HealthCheck`` row (from that list,
+    or from a one-token completion when ``paid_health_probe`` is set), its breaker is opened or closed,
+    and its incident opened or closed. A provider that cannot be checked (its adapter raised something
+    that is not an upstream failure) has the exception in its ``result``; its rows are left as they were."""
+    work = [(provider_config(provider), _targets(provider)) for provider in providers]
+    outcomes = async_to_sync(_round)(work)
+    rounds: list[ProviderRound] = []
+    for provider, outcome in zip(providers, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            rounds.append(ProviderRound(provider, outcome))
+            continue
+        if isinstance(outcome, BaseException):
+            raise outcome  # cancellation, KeyboardInterrupt: not a per-provider failure
+        result, probes = outcome
+        _health_store(provider=provider, result=result)
+        for probe in probes:
+            deployment_probe_record(probe=probe)
+        rounds.append(ProviderRound(provider, result, probes))
+    health_checks_prune()
+    return rounds
+
+
+def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = None) -> HealthCheck:
+    """Keep ``probe`` and act on it: a failing probe opens the deployment's breaker at once, and its incident
+    once ``incident_after_failures()`` probes in a row have failed; a passing probe closes both."""
+    at = at or timezone.now()
+    check = HealthCheck.objects.create(
+        deployment_id=probe.deployment_id,
+        checked_at=at,
+        ok=probe.ok,
+        latency_ms=probe.latency_ms,
+        error=probe.error[:500],
+        paid=probe.paid,
+    )
+    breaker_record(probe.deployment_id, ok=probe.ok)
+    if probe.ok:
+        incident_close(deployment_id=probe.deployment_id, at=at)
+    elif _failing_in_a_row(probe.deployment_id, incident_after_failures()):
+        incident_open(deployment_id=probe.deployment_id, reason=check.error, at=at)
+    return check
+
+
+def _failing_in_a_row(deployment_id: int, count: int) -> bool:
+    latest = HealthCheck.objects.filter(deployment_id=deployment_id).order_by("-checked_at", "-pk")
+    outcomes = list(latest.values_list("ok", flat=True)[:count])
+    return len(outcomes) == count and not any(outcomes)
+
+
+@transaction.atomic
+def health_checks_prune(*, now: datetime | None = None) -> int:
+    """Drop ``HealthCheck`` rows past the retention (``health_checks_kept``): older than its days, or beyond
+    its number of rows of the same deployment. Returns how many went."""
+    rows, age = health_checks_kept()
+    deleted, _ = HealthCheck.objects.filter(checked_at__lt=(now or timezone.now()) - age).delete()
+    crowded = (
+        HealthCheck.objects.values("deployment_id")
+        .annotate(total=models.Count("pk"))
+        .filter(total__gt=rows)
+        .values_list("deployment_id", flat=True)
+    )
+    for deployment_id in crowded:
+        latest = HealthCheck.objects.filter(deployment_id=deployment_id).order_by("-checked_at", "-pk")
+        oldest_kept = latest.values_list("checked_at", "pk")[rows - 1]
+        older = latest.filter(
+            models.Q(checked_at__lt=oldest_kept[0]) | models.Q(checked_at=oldest_kept[0], pk__lt=oldest_kept[1])
+        )
+        deleted += older.delete()[0]
+    return deleted

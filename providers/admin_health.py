@@ -1,0 +1,71 @@
+"""Admin for incidents: which deployments went down, when, for how long and why. Read-only: incidents are
+opened and closed by the health checks (``providers.services.incidents``)."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import F, QuerySet
+from django.http import HttpRequest
+
+from .models import Incident
+from .services.incidents import incident_duration
+
+
+class IncidentStateFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("open", "Open"), ("closed", "Closed")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Incident]) -> QuerySet[Incident]:
+        if self.value() == "open":
+            return queryset.filter(ended_at__isnull=True)
+        if self.value() == "closed":
+            return queryset.filter(ended_at__isnull=False)
+        return queryset
+
+
+@admin.register(Incident)
+class IncidentAdmin(admin.ModelAdmin):
+    list_display = ("deployment_name", "model_name", "provider_name", "started_at", "ended_at", "duration", "reason")
+    list_select_related = ("deployment__model", "deployment__provider")
+    list_filter = (IncidentStateFilter, "deployment__model__name", "deployment__provider__name")
+    # Open incidents first (no end), then the most recent.
+    ordering = (F("ended_at").desc(nulls_first=True), "-started_at")
+    date_hierarchy = "started_at"
+    search_fields = ("deployment__name", "deployment__model__name", "deployment__provider__name", "reason")
+    fields = ("deployment", "started_at", "ended_at", "duration", "reason")
+    readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Incident]:
+        # The provider's name is all this page shows of it: its secrets are not even decrypted.
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("deployment__model", "deployment__provider")
+            .defer("deployment__provider__api_key", "deployment__provider__extra_headers")
+        )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Incident | None = None) -> bool:
+        return False
+
+    @admin.display(description="deployment", ordering="deployment__name")
+    def deployment_name(self, obj: Incident) -> str:
+        return obj.deployment.name
+
+    @admin.display(description="model", ordering="deployment__model__name")
+    def model_name(self, obj: Incident) -> str:
+        return obj.deployment.model.name
+
+    @admin.display(description="provider", ordering="deployment__provider__name")
+    def provider_name(self, obj: Incident) -> str:
+        return obj.deployment.provider.name
+
+    @admin.display(description="duration")
+    def duration(self, obj: Incident) -> str:
+        text = incident_duration(obj)
+        return text if obj.ended_at else f"{text} (ongoing)"

@@ -1,0 +1,141 @@
+"""Incidents: a deployment down, from the probe that found it down to the one that found it back.
+
+One ``Incident`` row is open per deployment at most (a unique constraint on the open ones), so that
+whatever the number of workers probing at once, exactly one of them opens it and has its alert sent,
+and exactly one closes it and has the recovery sent. Alerts go out after commit through Celery tasks
+with retries (``providers.tasks``): an email to the admins (``settings.ADMINS``; without any, the active
+superusers with an address) and the Slack-compatible webhook (``LLMHUB_ALERT_WEBHOOK_URL``) the budget
+alerts use. The reason stored and sent is a health check's error, already scrubbed of secrets.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import partial
+
+import httpx2
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.mail import send_mail
+from django.db import transaction
+from django.utils import timezone
+from django.utils.timesince import timesince
+
+from ..models import Incident
+from ..outbound import OutboundRefused, outbound_sync_client
+
+
+class IncidentEvent:
+    """Which of an incident's two alerts."""
+
+    DOWN = "down"
+    RECOVERED = "recovered"
+
+
+class WebhookDeliveryError(Exception):
+    """The webhook refused or could not be reached. The message never holds the URL (it is a secret)."""
+
+
+def incident_open(*, deployment_id: int, reason: str, at: datetime) -> Incident | None:
+    """Open the deployment's incident, unless one is open already; the new one's alert is sent after commit.
+    Returns the incident this call opened, None when it was open before."""
+    with transaction.atomic():
+        # get_or_create inserts in a savepoint and reads again on the unique constraint's IntegrityError: of
+        # two workers racing here, the second waits for the first's commit and finds its row.
+        incident, created = Incident.objects.get_or_create(
+            deployment_id=deployment_id, ended_at=None, defaults={"started_at": at, "reason": reason[:500]}
+        )
+        if not created:
+            return None
+        transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.DOWN))
+    return incident
+
+
+def incident_close(*, deployment_id: int, at: datetime) -> Incident | None:
+    """Close the deployment's open incident, if any; its recovery alert is sent after commit. Returns the
+    incident this call closed, None when none was open."""
+    with transaction.atomic():
+        # Locked: a second worker waits here, then no longer finds the row open.
+        incident = Incident.objects.select_for_update().filter(deployment_id=deployment_id, ended_at=None).first()
+        if incident is None:
+            return None
+        incident.ended_at = max(at, incident.started_at)
+        incident.save(update_fields=["ended_at"])
+        transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.RECOVERED))
+    return incident
+
+
+def _deliver(incident_id: int, event: str) -> None:
+    from ..tasks import incident_alert_email, incident_alert_webhook
+
+    incident_alert_email.delay(incident_id, event)
+    if settings.LLMHUB_ALERT_WEBHOOK_URL:
+        incident_alert_webhook.delay(incident_id, event)
+
+
+def incident_duration(incident: Incident, *, now: datetime | None = None) -> str:
+    """How long the deployment was (or has been) down, in words: "12 minutes", "1 hour, 5 minutes"."""
+    end = incident.ended_at or now or timezone.now()
+    if (end - incident.started_at).total_seconds() < 60:
+        return "less than a minute"
+    return timesince(incident.started_at, end)
+
+
+def incident_subject(incident: Incident) -> str:
+    deployment = incident.deployment
+    return f"deployment {deployment.name} of model {deployment.model.name}"
+
+
+def incident_alert_text(incident: Incident, event: str) -> str:
+    deployment = incident.deployment
+    where = f"{incident_subject(incident)} (provider {deployment.provider.name}, upstream {deployment.upstream_id})"
+    since = f"{incident.started_at:%Y-%m-%d %H:%M:%S} UTC"
+    if event == IncidentEvent.RECOVERED:
+        return f"llmhub: {where} is back up after {incident_duration(incident)} down (since {since})."
+    reason = f": {incident.reason}" if incident.reason else ""
+    return f"llmhub: {where} is down since {since}{reason}"
+
+
+def incident_alert_recipients() -> list[str]:
+    """``settings.ADMINS`` (names and addresses, or addresses); without any, the active superusers'."""
+    listed = [entry if isinstance(entry, str) else entry[1] for entry in settings.ADMINS]
+    if listed:
+        return listed
+    superusers = get_user_model().objects.filter(is_superuser=True, is_active=True).exclude(email="")
+    return sorted(set(superusers.values_list("email", flat=True)))
+
+
+def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
+    """Email the alert to the admins; False when there is nobody to send it to."""
+    recipients = incident_alert_recipients()
+    if not recipients:
+        return False
+    state = "is back up" if event == IncidentEvent.RECOVERED else "is down"
+    send_mail(
+        subject=f"[llmhub] {incident_subject(incident)} {state}",
+        message=incident_alert_text(incident, event),
+        from_email=None,
+        recipient_list=recipients,
+    )
+    return True
+
+
+def alert_webhook_post(*, url: str, text: str) -> None:
+    """POST ``{"text": text}`` to a Slack-compatible webhook, under the outbound policy every provider call
+    obeys (the URL is set by an operator, but the address its name resolves to is not); a redirect is a
+    failure. Raises ``WebhookDeliveryError``, whose message never holds the URL."""
+    try:
+        with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False) as client:
+            response = client.post(url, json={"text": text})
+    except OutboundRefused:
+        raise WebhookDeliveryError(
+            "the alert webhook's address is refused by the outbound policy (see LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS)"
+        ) from None
+    except httpx2.HTTPError as exc:
+        raise WebhookDeliveryError(f"the alert webhook could not be reached ({type(exc).__name__})") from None
+    if response.status_code >= 300:
+        raise WebhookDeliveryError(f"the alert webhook answered HTTP {response.status_code}")
+
+
+def incident_alert_webhook_send(*, incident: Incident, event: str, url: str) -> None:
+    alert_webhook_post(url=url, text=incident_alert_text(incident, event))

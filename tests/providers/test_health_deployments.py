@@ -1,0 +1,221 @@
+"""Health checks of deployments: a round of probes against the fake upstream over real HTTP, kept as
+``HealthCheck`` rows, moving the breakers the router reads; free unless a deployment asks for a paid probe."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+import time_machine
+from django.test import override_settings
+
+from providers.models import Deployment, HealthCheck, HealthStatus, ModelMode, Provider, ProviderKind
+from providers.services.health import health_check_round, health_checks_prune
+from providers.tasks import providers_health_check_all
+from tests.conftest import free_port
+from tests.factories import ModelFactory, ProviderFactory
+
+pytestmark = pytest.mark.django_db
+
+KEY = "sk-health-secret-key-0123456789abcdefghij"
+
+
+def checks(deployment: Deployment) -> list[tuple[bool, str]]:
+    return [(check.ok, check.error) for check in deployment.health_checks.order_by("checked_at", "pk")]
+
+
+def served(upstream) -> dict[str, int]:
+    """Requests the fake upstream served, by path (its control endpoint, which counts itself out)."""
+    return httpx.get(upstream.base_url + "/_fake/stats").json()["by_path"]
+
+
+def logged(upstream, path: str) -> list[dict]:
+    return [entry for entry in httpx.get(upstream.base_url + "/_fake/requests").json() if entry["path"] == path]
+
+
+def set_fault(provider: Provider, fault: str | None) -> None:
+    """The fake upstream answers every request of ``provider`` with this fault (its ``x-fake-fault`` header)."""
+    provider.extra_headers = {"x-fake-fault": fault} if fault else {}
+    provider.save()
+
+
+@pytest.fixture
+def empty_lister() -> Iterator[str]:
+    """An OpenAI-compatible server whose model list is empty (as some self-hosted servers answer)."""
+    port = free_port()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"object": "list", "data": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_one_free_model_list_per_provider_answers_for_all_its_deployments(fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    mini = ModelFactory(provider=provider, upstream_id="fake-gpt-4o-mini").deployments.get()
+    big = ModelFactory(provider=provider, upstream_id="fake-gpt-4o").deployments.get()
+    gone = ModelFactory(provider=provider, upstream_id="retired-model").deployments.get()
+
+    assert providers_health_check_all.delay().get() == {provider.name: True}
+
+    assert checks(mini) == [(True, "")] and checks(big) == [(True, "")]
+    assert checks(gone) == [
+        (False, f"The provider {provider.name!r} answers, but its model list does not include 'retired-model'.")
+    ]
+    assert all(check.latency_ms is not None and not check.paid for check in HealthCheck.objects.all())
+    # Free: one model list for the three deployments, and not one completion.
+    assert served(fake_upstream) == {"/v1/models": 1}
+    provider.refresh_from_db()
+    assert provider.last_health_status == HealthStatus.OK and provider.last_health_at is not None
+
+
+def test_a_paid_probe_is_a_one_token_completion_of_that_deployment_only(fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    free = ModelFactory(provider=provider, upstream_id="fake-gpt-4o-mini").deployments.get()
+    paid = ModelFactory(provider=provider, upstream_id="fake-gpt-4o").deployments.get()
+    Deployment.objects.filter(pk=paid.pk).update(paid_health_probe=True)
+
+    providers_health_check_all.delay().get()
+
+    completions = logged(fake_upstream, "/v1/chat/completions")
+    assert [(r["body"]["model"], r["body"]["max_tokens"]) for r in completions] == [("fake-gpt-4o", 1)]
+    assert served(fake_upstream) == {"/v1/models": 1, "/v1/chat/completions": 1}
+    assert [(c.ok, c.paid) for c in free.health_checks.all()] == [(True, False)]
+    assert [(c.ok, c.paid) for c in paid.health_checks.all()] == [(True, True)]
+
+
+def test_a_paid_probe_of_an_embedding_model_embeds_one_word(fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    model = ModelFactory(provider=provider, upstream_id="fake-embed", mode=ModelMode.EMBEDDING)
+    Deployment.objects.filter(model=model).update(paid_health_probe=True)
+
+    providers_health_check_all.delay().get()
+
+    assert served(fake_upstream) == {"/v1/models": 1, "/v1/embeddings": 1}
+    assert [(c.ok, c.paid) for c in HealthCheck.objects.all()] == [(True, True)]
+
+
+def test_an_unreachable_provider_fails_its_deployments(fake_upstream):
+    provider = ProviderFactory(base_url=f"http://127.0.0.1:{free_port()}/v1")
+    deployment = ModelFactory(provider=provider).deployments.get()
+
+    assert providers_health_check_all.delay().get() == {provider.name: False}
+
+    ((ok, error),) = checks(deployment)
+    assert not ok and "could not reach" in error
+    assert Provider.objects.get(pk=provider.pk).last_health_status == HealthStatus.FAILING
+
+
+def test_the_key_quoted_back_by_the_provider_never_reaches_a_health_check(fake_upstream):
+    # The fake quotes an unknown fault name back in its error; here the name is the provider's key.
+    provider = ProviderFactory(
+        base_url=fake_upstream.base_url + "/v1", api_key=KEY, extra_headers={"x-fake-fault": KEY}
+    )
+    listed = ModelFactory(provider=provider).deployments.get()
+    paid = ModelFactory(provider=provider, upstream_id="fake-gpt-4o").deployments.get()
+    Deployment.objects.filter(pk=paid.pk).update(paid_health_probe=True)
+
+    providers_health_check_all.delay().get()
+
+    stored = [check.error for check in HealthCheck.objects.all()] + [Provider.objects.get().last_health_error]
+    assert len(stored) == 3 and all("Unknown fake fault" in error for error in stored)
+    assert not any(KEY in error or KEY[-12:] in error for error in stored)
+    assert listed.health_checks.get().ok is False and paid.health_checks.get().paid
+
+
+def test_disabled_deployments_models_and_providers_are_not_probed(fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    off = ModelFactory(provider=provider).deployments.get()
+    Deployment.objects.filter(pk=off.pk).update(enabled=False)
+    ModelFactory(provider=provider, enabled=False)
+    ModelFactory(provider=ProviderFactory(base_url=fake_upstream.base_url + "/v1", enabled=False))
+
+    providers_health_check_all.delay().get()
+
+    assert not HealthCheck.objects.exists()
+
+
+def test_a_provider_that_lists_nothing_is_healthy_while_it_answers(empty_lister):
+    deployment = ModelFactory(provider=ProviderFactory(base_url=empty_lister)).deployments.get()
+
+    providers_health_check_all.delay().get()
+
+    assert checks(deployment) == [(True, "")]
+
+
+def test_azure_deployments_are_not_looked_for_in_the_model_list(fake_upstream):
+    # Azure lists the models a resource may deploy, not the names of its deployments.
+    provider = ProviderFactory(
+        kind=ProviderKind.AZURE_OPENAI, base_url=fake_upstream.base_url, api_version="2024-10-21"
+    )
+    deployment = ModelFactory(provider=provider, upstream_id="my-gpt-4o-deployment").deployments.get()
+
+    providers_health_check_all.delay().get()
+
+    assert checks(deployment) == [(True, "")]
+    assert served(fake_upstream) == {"/openai/models": 1}
+
+
+def test_health_checks_are_kept_for_a_number_of_rows_and_of_days(fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    busy = ModelFactory(provider=provider).deployments.get()
+    quiet = ModelFactory(provider=ProviderFactory(enabled=False)).deployments.get()
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    for minutes in range(1, 6):
+        HealthCheck.objects.create(deployment=busy, checked_at=now - timedelta(minutes=minutes), ok=True)
+    HealthCheck.objects.create(deployment=quiet, checked_at=now - timedelta(days=3, minutes=1), ok=False)
+    HealthCheck.objects.create(deployment=quiet, checked_at=now - timedelta(days=2, minutes=59), ok=True)
+
+    with (
+        time_machine.travel(now, tick=False),
+        override_settings(LLMHUB_HEALTH_CHECKS_KEPT=3, LLMHUB_HEALTH_CHECK_RETENTION_DAYS=3),
+    ):
+        providers_health_check_all.delay().get()
+
+    kept = [check.checked_at for check in busy.health_checks.order_by("-checked_at")]
+    assert kept == [now, now - timedelta(minutes=1), now - timedelta(minutes=2)]
+    assert [check.ok for check in quiet.health_checks.all()] == [True]  # the older one is past 3 days
+
+
+def test_pruning_keeps_the_newest_rows_of_each_deployment():
+    deployment = ModelFactory().deployments.get()
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    same_instant = [HealthCheck.objects.create(deployment=deployment, checked_at=now, ok=True) for _ in range(4)]
+
+    with time_machine.travel(now, tick=False), override_settings(LLMHUB_HEALTH_CHECKS_KEPT=2):
+        assert health_checks_prune() == 2
+
+    assert sorted(deployment.health_checks.values_list("pk", flat=True)) == [c.pk for c in same_instant[2:]]
+
+
+def test_a_round_goes_on_past_a_provider_that_cannot_be_checked(fake_upstream):
+    good = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    broken = ProviderFactory(kind=ProviderKind.VLLM, base_url=fake_upstream.base_url + "/v1")
+    ModelFactory(provider=good)
+    unchecked = ModelFactory(provider=broken).deployments.get()
+
+    with override_settings(LLMHUB_ADAPTERS={"openai_compatible": "providers.adapters.openai.OpenAIAdapter"}):
+        rounds = health_check_round(providers=[good, broken])
+
+    assert rounds[0].result.ok and len(rounds[0].deployments) == 1
+    assert isinstance(rounds[1].result, Exception) and rounds[1].deployments == []
+    assert not unchecked.health_checks.exists()

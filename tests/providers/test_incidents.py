@@ -1,0 +1,242 @@
+"""Incidents: a deployment the health checks find down opens one, with one alert (email to the admins and the
+Slack-compatible webhook, a real HTTP server started here); back up, it is closed with one recovery alert.
+Probes run against the fake upstream over real HTTP; the committed transactions let the alerts go out."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import time_machine
+from django.core import mail
+from django.db import connection
+
+from providers.models import Incident, Provider
+from providers.tasks import providers_health_check_all
+from tests.conftest import free_port
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+KEY = "sk-incident-secret-key-0123456789abcdefgh"
+START = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+
+@dataclass
+class Webhook:
+    url: str
+    received: list[dict] = field(default_factory=list)
+    fail_next: int = 0  # answer 500 to this many requests first
+
+
+@pytest.fixture
+def webhook(settings) -> Iterator[Webhook]:
+    """A local HTTP server standing in for Slack; its URL is the configured alert webhook."""
+    port = free_port()
+    hook = Webhook(url=f"http://127.0.0.1:{port}/services/T000/B000/secret-path")
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with lock:
+                failing = hook.fail_next > 0
+                if failing:
+                    hook.fail_next -= 1
+                else:
+                    hook.received.append(body)
+            self.send_response(500 if failing else 200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings.LLMHUB_ALERT_WEBHOOK_URL = hook.url
+    yield hook
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def admins(settings) -> list[str]:
+    settings.ADMINS = [("Ops", "ops@example.com")]
+    return ["ops@example.com"]
+
+
+def set_fault(provider: Provider, fault: str | None) -> None:
+    """The fake upstream answers every request of ``provider`` with this fault (its ``x-fake-fault`` header)."""
+    provider.extra_headers = {"x-fake-fault": fault} if fault else {}
+    provider.save()
+
+
+def test_down_opens_one_incident_with_one_alert_and_back_up_closes_it_with_one_recovery(fake_upstream, webhook, admins):
+    provider = ProviderFactory(name="east", base_url=fake_upstream.base_url + "/v1")
+    deployment = ModelFactory(name="gpt-4o-mini", provider=provider, upstream_id="fake-gpt-4o-mini").deployments.get()
+
+    with time_machine.travel(START, tick=False) as clock:
+        providers_health_check_all.delay().get()
+        assert not Incident.objects.exists() and mail.outbox == []
+
+        set_fault(provider, "503")
+        providers_health_check_all.delay().get()  # one failing probe: the breaker opens, nobody is woken
+        assert not Incident.objects.exists() and mail.outbox == [] and webhook.received == []
+
+        clock.shift(timedelta(minutes=5))
+        providers_health_check_all.delay().get()  # the second in a row: down
+        incident = Incident.objects.get()
+        assert (incident.deployment, incident.started_at, incident.ended_at) == (
+            deployment,
+            START + timedelta(minutes=5),
+            None,
+        )
+        assert "overloaded" in incident.reason
+        assert len(mail.outbox) == 1 and len(webhook.received) == 1
+        assert mail.outbox[0].to == admins
+        assert mail.outbox[0].subject == "[llmhub] deployment east of model gpt-4o-mini is down"
+        assert webhook.received[0]["text"].startswith(
+            "llmhub: deployment east of model gpt-4o-mini (provider east, upstream fake-gpt-4o-mini) is down since "
+            "2026-12-01 09:05:00 UTC: "
+        )
+
+        for _ in range(3):  # still down: nothing more
+            clock.shift(timedelta(minutes=5))
+            providers_health_check_all.delay().get()
+        assert Incident.objects.count() == 1 and len(mail.outbox) == 1 and len(webhook.received) == 1
+
+        set_fault(provider, None)
+        clock.shift(timedelta(minutes=5))
+        providers_health_check_all.delay().get()  # back up, 20 minutes after it went down
+        incident.refresh_from_db()
+        assert incident.ended_at == START + timedelta(minutes=25)
+        assert len(mail.outbox) == 2 and len(webhook.received) == 2
+        assert mail.outbox[1].subject == "[llmhub] deployment east of model gpt-4o-mini is back up"
+        assert webhook.received[1]["text"] == (
+            "llmhub: deployment east of model gpt-4o-mini (provider east, upstream fake-gpt-4o-mini) is back up "
+            "after 20\xa0minutes down (since 2026-12-01 09:05:00 UTC)."
+        )
+
+        clock.shift(timedelta(minutes=5))
+        providers_health_check_all.delay().get()
+    assert Incident.objects.count() == 1 and len(mail.outbox) == 2 and len(webhook.received) == 2
+
+
+def test_a_deployment_down_again_opens_a_new_incident(fake_upstream, admins, settings):
+    settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = 1
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    ModelFactory(provider=provider)
+
+    for fault in ("503", None, "500", None):
+        set_fault(provider, fault)
+        providers_health_check_all.delay().get()
+
+    assert [i.ended_at is not None for i in Incident.objects.order_by("started_at", "pk")] == [True, True]
+    assert [m.subject.rsplit(" ", 2)[-2:] for m in mail.outbox] == [
+        ["is", "down"],
+        ["back", "up"],
+        ["is", "down"],
+        ["back", "up"],
+    ]
+
+
+def test_two_rounds_at_once_open_one_incident_and_send_one_alert(fake_upstream, webhook, admins, settings):
+    settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = 1
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1", extra_headers={"x-fake-fault": "503"})
+    deployment = ModelFactory(provider=provider).deployments.get()
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            start.wait()
+            providers_health_check_all()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert deployment.health_checks.filter(ok=False).count() == 2  # both probed
+    assert Incident.objects.count() == 1
+    assert len(mail.outbox) == 1 and len(webhook.received) == 1
+
+    set_fault(provider, None)
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    start.reset()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert Incident.objects.get().ended_at is not None
+    assert len(mail.outbox) == 2 and len(webhook.received) == 2
+
+
+def test_alerts_never_carry_the_key_the_provider_quoted_back(fake_upstream, webhook, admins, settings):
+    settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = 1
+    # The fake quotes an unknown fault name back in its error; here the name is the provider's key.
+    provider = ProviderFactory(
+        base_url=fake_upstream.base_url + "/v1", api_key=KEY, extra_headers={"x-fake-fault": KEY}
+    )
+    ModelFactory(provider=provider)
+
+    providers_health_check_all.delay().get()
+
+    texts = [mail.outbox[0].subject, mail.outbox[0].body, webhook.received[0]["text"], Incident.objects.get().reason]
+    assert all("Unknown fake fault" in text for text in texts[1:])
+    assert not any(KEY in text or KEY[-12:] in text for text in texts)
+
+
+def test_without_admins_the_superusers_are_emailed_and_a_failing_webhook_is_retried(fake_upstream, webhook, settings):
+    settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = 1
+    settings.ADMINS = []
+    UserFactory(username="root", email="root@example.com", is_superuser=True, is_staff=True)
+    UserFactory(username="alice", email="alice@example.com")
+    ModelFactory(provider=ProviderFactory(base_url=f"http://127.0.0.1:{free_port()}/v1"))
+    webhook.fail_next = 2
+
+    providers_health_check_all.delay().get()
+
+    assert [message.to for message in mail.outbox] == [["root@example.com"]]
+    assert len(webhook.received) == 1 and "could not reach" in webhook.received[0]["text"]
+
+
+def test_the_admin_lists_open_incidents_first(client, fake_upstream):
+    admin = UserFactory(username="admin", is_superuser=True, is_staff=True)
+    client.force_login(admin)
+    provider = ProviderFactory(name="west", api_key=KEY)
+    old, recent = (ModelFactory(name=name, provider=provider).deployments.get() for name in ("old", "recent"))
+    ongoing = ModelFactory(name="ongoing", provider=provider).deployments.get()
+    Incident.objects.create(
+        deployment=old, started_at=START - timedelta(days=2), ended_at=START - timedelta(days=2) + timedelta(hours=1)
+    )
+    Incident.objects.create(
+        deployment=recent, started_at=START, ended_at=START + timedelta(minutes=7), reason="HTTP 503"
+    )
+    Incident.objects.create(deployment=ongoing, started_at=START - timedelta(days=5), reason="could not reach")
+
+    with time_machine.travel(START + timedelta(minutes=30), tick=False):
+        page = client.get("/admin/providers/incident/")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    rows = [html.index(f">{name}<") for name in ("ongoing", "recent", "old")]
+    assert rows == sorted(rows)
+    assert "5\xa0days (ongoing)" in html and "7\xa0minutes" in html and "1\xa0hour" in html
+    assert KEY not in html and KEY[-12:] not in html
+    assert client.get("/admin/providers/incident/add/").status_code == 403
