@@ -1,4 +1,5 @@
-"""Import of a provider's model list into the catalog, as disabled models until an admin prices them.
+"""Import of a provider's model list into the catalog, as disabled models (one deployment each on that
+provider) until an admin prices them.
 
 Adapter calls are async (the SDK clients are). The sync entry points (admin actions, Celery tasks,
 management commands) run them with ``async_to_sync`` on a one-shot adapter that is closed afterwards:
@@ -15,8 +16,7 @@ from asgiref.sync import async_to_sync
 from django.db import transaction
 
 from ..adapters import adapter_class_for_kind
-from ..models import CatalogModel as Model
-from ..models import Provider
+from ..models import CatalogModel, Deployment, Provider
 from ..selectors import provider_config
 from ..types import ProviderConfig, UpstreamModel
 
@@ -26,7 +26,7 @@ from ..types import ProviderConfig, UpstreamModel
 @dataclass(frozen=True, slots=True)
 class ImportResult:
     created: tuple[str, ...]  # public names of the new catalog entries (disabled, unpriced)
-    already_known: int  # upstream ids the catalog already had for this provider
+    already_known: int  # upstream ids already deployed on this provider
     skipped: tuple[str, ...]  # upstream ids left out because no public name was free for them
 
 
@@ -39,24 +39,25 @@ async def _list_models_once(config: ProviderConfig) -> list[UpstreamModel]:
 
 
 def provider_import_models(*, provider: Provider) -> ImportResult:
-    """Add the provider's listed models that the catalog does not have yet for it.
+    """Add the provider's listed models that the catalog does not serve from it yet.
 
-    New entries are disabled and priced at zero, so that no client can use (and nobody is billed nothing
-    for) a model until an admin has priced and enabled it. The public name is the upstream id, or
-    ``<provider>/<upstream id>`` when another entry already has that name. Raises ``ProviderError`` when
-    the provider cannot be listed."""
+    Each new entry is a disabled public model with one deployment on this provider, priced at zero, so that
+    no client can use (and nobody is billed nothing for) a model until an admin has priced and enabled it.
+    An upstream id already deployed on this provider, under any public name, is already known. The public
+    name is the upstream id, or ``<provider>/<upstream id>`` when another model already has that name.
+    Raises ``ProviderError`` when the provider cannot be listed."""
     listed = async_to_sync(_list_models_once)(provider_config(provider))
-    name_max = Model._meta.get_field("name").max_length
-    upstream_max = Model._meta.get_field("upstream_id").max_length
-    default_context = Model._meta.get_field("context_window").get_default()
+    name_max = CatalogModel._meta.get_field("name").max_length
+    upstream_max = Deployment._meta.get_field("upstream_id").max_length
+    default_context = CatalogModel._meta.get_field("context_window").get_default()
     upstream_ids = sorted({item.id for item in listed if item.id})
     context_windows = {item.id: item.context_window for item in listed}
 
     with transaction.atomic():
-        known = set(Model.objects.filter(provider=provider).values_list("upstream_id", flat=True))
+        known = set(Deployment.objects.filter(provider=provider).values_list("upstream_id", flat=True))
         candidates = [name for uid in upstream_ids for name in (uid, f"{provider.name}/{uid}")]
-        taken = set(Model.objects.filter(name__in=candidates).values_list("name", flat=True))
-        new_rows: list[Model] = []
+        taken = set(CatalogModel.objects.filter(name__in=candidates).values_list("name", flat=True))
+        new_rows: list[tuple[CatalogModel, str]] = []
         skipped: list[str] = []
         for upstream_id in upstream_ids:
             if upstream_id in known:
@@ -73,20 +74,24 @@ def provider_import_models(*, provider: Provider) -> ImportResult:
                 skipped.append(upstream_id)
                 continue
             taken.add(name)
-            new_rows.append(
-                Model(
-                    name=name,
-                    provider=provider,
-                    upstream_id=upstream_id,
-                    input_per_mtok=Decimal("0"),
-                    output_per_mtok=Decimal("0"),
-                    context_window=context_windows.get(upstream_id) or default_context,
-                    enabled=False,
-                )
+            model = CatalogModel(
+                name=name, context_window=context_windows.get(upstream_id) or default_context, enabled=False
             )
-        Model.objects.bulk_create(new_rows)
+            new_rows.append((model, upstream_id))
+        CatalogModel.objects.bulk_create([model for model, _ in new_rows])
+        Deployment.objects.bulk_create(
+            Deployment(
+                model=model,
+                name=provider.name,  # bulk_create skips save(), which would default the name to this
+                provider=provider,
+                upstream_id=upstream_id,
+                input_per_mtok=Decimal("0"),
+                output_per_mtok=Decimal("0"),
+            )
+            for model, upstream_id in new_rows
+        )
     return ImportResult(
-        created=tuple(row.name for row in new_rows),
+        created=tuple(model.name for model, _ in new_rows),
         already_known=len(known.intersection(upstream_ids)),
         skipped=tuple(skipped),
     )

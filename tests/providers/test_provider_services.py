@@ -14,7 +14,7 @@ from django.test import override_settings
 from llmhub.testing.fake_upstream import MODELS, FakeUpstream
 from providers.adapters.registry import adapters_close_all
 from providers.exceptions import ProviderAuthenticationError
-from providers.models import HealthStatus, Model, Provider, ProviderKind
+from providers.models import CatalogModel, Deployment, HealthStatus, Provider, ProviderKind
 from providers.services.health import aprovider_health_check, provider_health_check, providers_health_check
 from providers.services.model_import import provider_import_models
 from providers.tasks import (
@@ -23,7 +23,7 @@ from providers.tasks import (
     providers_rotate_encryption_task,
 )
 from tests.conftest import free_port
-from tests.factories import ModelFactory, ProviderFactory
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
 
 WRONG_KEY = "sk-wrong-key-for-the-fake-0000000000000"
 UPSTREAM_IDS = sorted(model_id for model_id, _ in MODELS)
@@ -192,15 +192,32 @@ def test_import_creates_disabled_unpriced_models_once(fake_upstream):
     result = provider_import_models(provider=provider)
 
     assert sorted(result.created) == UPSTREAM_IDS and result.already_known == 0 and result.skipped == ()
-    rows = Model.objects.filter(provider=provider).order_by("name")
-    assert [row.upstream_id for row in rows] == UPSTREAM_IDS
+    rows = CatalogModel.objects.filter(deployments__provider=provider).order_by("name")
+    assert [row.name for row in rows] == UPSTREAM_IDS
     for row in rows:
-        assert row.name == row.upstream_id and not row.enabled
-        assert row.input_per_mtok == Decimal("0") and row.output_per_mtok == Decimal("0")
+        [deployment] = row.deployments.all()
+        assert row.name == deployment.upstream_id and not row.enabled and row.alias_of is None
+        assert deployment.provider == provider and deployment.name == provider.name and deployment.enabled
+        assert deployment.input_per_mtok == Decimal("0") and deployment.output_per_mtok == Decimal("0")
 
     again = provider_import_models(provider=provider)
     assert again.created == () and again.already_known == len(UPSTREAM_IDS)
-    assert Model.objects.filter(provider=provider).count() == len(UPSTREAM_IDS)
+    assert Deployment.objects.filter(provider=provider).count() == len(UPSTREAM_IDS) == CatalogModel.objects.count()
+
+
+@pytest.mark.django_db
+def test_an_upstream_id_deployed_under_another_public_name_is_already_known(fake_upstream):
+    provider = ProviderFactory(name="fresh", base_url=fake_upstream.base_url + "/v1")
+    other = ProviderFactory(name="other")
+    # fake-gpt-4o is served by this provider as a second deployment of a model with another name.
+    served = ModelFactory(name="house-gpt", provider=other, upstream_id="fake-gpt-4o")
+    DeploymentFactory(model=served, provider=provider, upstream_id="fake-gpt-4o")
+
+    result = provider_import_models(provider=provider)
+
+    assert "fake-gpt-4o" not in result.created and "fresh/fake-gpt-4o" not in result.created
+    assert result.already_known == 1 and len(result.created) == len(UPSTREAM_IDS) - 1
+    assert served.deployments.count() == 2
 
 
 @pytest.mark.django_db
@@ -215,8 +232,8 @@ def test_import_prefixes_names_taken_by_another_provider(fake_upstream):
 
     assert "fresh/fake-gpt-4o" in result.created and "fake-gpt-4o" not in result.created
     assert result.skipped == ("fake-o3-mini",)  # both the plain and the prefixed name are taken
-    assert Model.objects.get(name="fresh/fake-gpt-4o").provider == provider
-    assert Model.objects.get(name="fake-gpt-4o").provider == other
+    assert CatalogModel.objects.get(name="fresh/fake-gpt-4o").deployments.get().provider == provider
+    assert CatalogModel.objects.get(name="fake-gpt-4o").deployments.get().provider == other
 
 
 @pytest.mark.django_db
@@ -236,4 +253,4 @@ def test_import_refused_by_the_provider_raises_and_creates_nothing(locked_upstre
         provider_import_models(provider=provider)
 
     assert WRONG_KEY not in excinfo.value.message
-    assert not Model.objects.exists()
+    assert not CatalogModel.objects.exists() and not Deployment.objects.exists()
