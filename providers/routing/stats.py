@@ -135,16 +135,17 @@ def _entry(deployment_id: int) -> DeploymentStats:
 def stats_call_started(deployment_id: int) -> CallTicket:
     """An attempt begins: one more in flight, one more request this minute."""
     global _last_activity
-    minute = current_minute()
+    now = time.time()
+    minute = int(now // 60)
     try:
         with _lock:
-            entry = _entry(deployment_id)
+            entry = _stats.get(deployment_id) or _entry(deployment_id)
             entry.in_flight += 1
             if entry.minute != minute:
                 entry.minute, entry.requests, entry.tokens = minute, 0, 0
             entry.requests += 1
         if settings.REDIS_URL:
-            _last_activity = time.monotonic()
+            _last_activity = now
             _ensure_flusher()
     except Exception:  # pragma: no cover - bookkeeping must never fail a request
         logger.exception("routing statistics: could not count a call's start")
@@ -158,13 +159,13 @@ def stats_call_finished(ticket: CallTicket, *, ok: bool, ttft_s: float | None, t
     the average (a timeout makes a deployment look slower, a refused connection never makes it look faster).
     A time to first token feeds its average whatever the outcome: the first chunk did arrive then."""
     elapsed = time.perf_counter() - ticket.started
-    minute = current_minute()
     try:
         with _lock:
-            entry = _entry(ticket.deployment_id)
+            entry = _stats.get(ticket.deployment_id) or _entry(ticket.deployment_id)
             if entry.in_flight > 0:
                 entry.in_flight -= 1
             if tokens > 0:
+                minute = int(time.time() // 60)
                 if entry.minute != minute:
                     entry.minute, entry.requests, entry.tokens = minute, 0, 0
                 entry.tokens += tokens
@@ -279,7 +280,7 @@ async def _flush_forever() -> None:
         while settings.REDIS_URL:
             await asyncio.sleep(FLUSH_INTERVAL)
             await stats_flush()
-            if time.monotonic() - _last_activity > IDLE_EXIT and not any(e.in_flight for e in list(_stats.values())):
+            if time.time() - _last_activity > IDLE_EXIT and not any(e.in_flight for e in list(_stats.values())):
                 return
     except asyncio.CancelledError:
         raise
