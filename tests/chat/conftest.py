@@ -13,14 +13,14 @@ from django.conf import settings
 from django.test import Client
 
 from billing.services.ledger import ledger_flush
-from providers.models import Model
+from providers.models import CatalogModel
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
 ORIGIN = "http://127.0.0.1:8000"
 
 
 @pytest.fixture
-def chat_model(transactional_db, fake_upstream) -> Model:
+def chat_model(transactional_db, fake_upstream) -> CatalogModel:
     provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
     return ModelFactory(provider=provider, context_window=16_000, max_output_tokens=1_000)
 
