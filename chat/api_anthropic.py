@@ -120,17 +120,10 @@ def _forwarded(request: HttpRequest) -> dict[str, str]:
 
 
 async def _open_stream(run: CompletionRun, headers: dict[str, str]) -> HttpResponse:
-    """As for chat completions: wait for the first event, so that an upstream failure before any output
-    still gets its own HTTP status."""
-    events = run.messages_stream(headers=headers)
-    try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        first = None
-    except ProviderError:
-        await events.aclose()
-        raise
-    response = StreamingHttpResponse(_sse(run, first, events), content_type="text/event-stream")
+    """As for chat completions: answer once the first event has arrived (``messages_stream_open``), so that
+    a failure before any output still gets its own HTTP status."""
+    events = await run.messages_stream_open(headers=headers)
+    response = StreamingHttpResponse(_sse(run, events), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
@@ -141,10 +134,8 @@ def _error_event(exc: ApplicationError) -> bytes:
     return b"event: error\ndata: " + _dumps(body).encode() + b"\n\n"
 
 
-async def _sse(run: CompletionRun, first: WireEvent | None, events: AsyncIterator[WireEvent]) -> AsyncIterator[bytes]:
+async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIterator[bytes]:
     try:
-        if first is not None:
-            yield first.sse()
         async for event in events:
             yield event.sse()
     except ProviderError as exc:

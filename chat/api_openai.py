@@ -155,7 +155,12 @@ async def run_open(
         )
         raise
     return await completion_start(
-        caller=caller, body=body, endpoint=endpoint, request_id=request_id, operation=operation
+        caller=caller,
+        body=body,
+        endpoint=endpoint,
+        request_id=request_id,
+        operation=operation,
+        route=request.headers.get("x-llmhub-route"),
     )
 
 
@@ -212,28 +217,18 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
 
 
 async def _open_stream(run: CompletionRun) -> HttpResponse:
-    """Wait for the first chunk before answering, so that an upstream failure before any output
-    (429, 5xx, timeout, bad auth) still gets its proper HTTP status instead of a 200 and a broken stream."""
-    chunks = run.stream()
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        first = None
-    except ProviderError:
-        await chunks.aclose()
-        raise
-    response = StreamingHttpResponse(_sse(run, first, chunks), content_type="text/event-stream")
+    """Answer once the stream's first chunk has arrived (``CompletionRun.stream_open``), so that a failure
+    before any output (429, 5xx, timeout, bad auth, on every deployment tried) still gets its proper HTTP
+    status instead of a 200 and a broken stream."""
+    chunks = await run.stream_open()
+    response = StreamingHttpResponse(_sse(run, chunks), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
 
 
-async def _sse(
-    run: CompletionRun, first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]
-) -> AsyncIterator[bytes]:
+async def _sse(run: CompletionRun, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
-        if first is not None:
-            yield b"data: " + chunk_json(first) + b"\n\n"
         async for chunk in chunks:
             yield b"data: " + chunk_json(chunk) + b"\n\n"
     except ProviderError as exc:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
+
+from django.conf import settings
 
 from billing.models import Endpoint, Operation, UsageStatus
 from billing.pricing import cost_for
@@ -27,10 +30,24 @@ from billing.services.ledger import UsageData, usage_record_submit
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
-from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from providers.exceptions import (
+    DATABASE_OUTAGE_ERRORS,
+    ApplicationError,
+    DatabaseUnavailableError,
+    ProviderAuthenticationError,
+    ProviderBadRequestError,
+    ProviderContextLengthError,
+    ProviderError,
+    ProviderNotFoundError,
+    ProviderStreamInterruptedError,
+    ProviderTimeoutError,
+    ProviderUnavailableError,
+)
 from providers.models import ModelMode
+from providers.routing import Outcome, breaker_allows, call_finished, call_started, route_candidates
+from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
-from providers.types import ResolvedModel
+from providers.types import ResolvedDeployment, ResolvedModel
 
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
@@ -319,13 +336,20 @@ async def completion_start(
     endpoint: str,
     request_id: str | None = None,
     operation: str = Operation.CHAT,
+    shape: Callable[[ResolvedModel], list[dict[str, Any]]] | None = None,
+    route: str | None = None,
 ) -> CompletionRun:
     """Validate, resolve and admit a request. Nothing is sent upstream yet. ``operation``: the shape of
     ``body``, a chat completion or an Anthropic Messages request (``CompletionRun.messages_complete``).
 
-    A request refused here (bad input, unknown or forbidden model, no budget, rate limited) still
-    gets its ledger row, with status ``rejected``, because every request an authenticated caller makes
-    is accounted for."""
+    ``shape``: for an entry point that builds the messages from the model (the chat page trims a
+    conversation's history to the model's context window): called with the resolved model, it returns the
+    ``messages`` to send. ``route``: the client's ``x-llmhub-route`` hint (cost, latency, quality).
+
+    The reservation covers the most expensive model the request may end on (its fallbacks included), so
+    that no fallback can spend past a budget. A request refused here (bad input, unknown or forbidden model,
+    no budget, rate limited) still gets its ledger row, with status ``rejected``, because every request an
+    authenticated caller makes is accounted for."""
     request_id = request_id or new_request_id()
     started = time.perf_counter()
     model: ResolvedModel | None = None
@@ -334,17 +358,22 @@ async def completion_start(
         shutdown = _shutdowns.get(asyncio.get_running_loop())
         if shutdown is not None and shutdown.begun:
             raise ServerShuttingDownError()
+        if shape is not None:
+            model = await model_resolve(body.get("model"))
+            body["messages"] = shape(model)
         _VALIDATORS[operation](body)
-        model = await model_resolve(body["model"])
+        if model is None:
+            model = await model_resolve(body["model"])
         _check_mode(model, operation)
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
+        fallbacks, context_fallbacks = await _fallbacks_for(caller, model, operation=operation, body=body)
         embeddings = operation == Operation.EMBEDDINGS
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
             key_allowed_model_ids=caller.key_allowed_model_ids,
-            model=model,
+            model=_price_ceiling(model, [*fallbacks, *context_fallbacks]),
             body=body,
             request_id=request_id,
             prompt_tokens_upper=embeddings_input_tokens(body, upper_bound=True)
@@ -388,6 +417,59 @@ async def completion_start(
         admission=admission,
         started=started,
         operation=operation,
+        fallbacks=fallbacks,
+        context_fallbacks=context_fallbacks,
+        route=route,
+    )
+
+
+async def _fallbacks_for(
+    caller: Caller, model: ResolvedModel, *, operation: str, body: dict[str, Any]
+) -> tuple[list[ResolvedModel], list[ResolvedModel]]:
+    """The model's ``fallbacks`` and ``context_window_fallbacks`` that this caller may use for this request:
+    known and enabled, in the caller's plan and key allow-lists, of the right mode, streaming if asked. One
+    level: a fallback's own fallbacks are not followed. Others are left out silently (the ledger row says
+    which model answered)."""
+    if not model.fallbacks and not model.context_window_fallbacks:
+        return [], []
+    allowed = {m.name: m for m in await models_for_caller(caller, mode=None)}
+
+    def usable(names: tuple[str, ...]) -> list[ResolvedModel]:
+        chosen: list[ResolvedModel] = []
+        for name in names:
+            candidate = allowed.get(name)
+            if (
+                candidate is None
+                or candidate.id == model.id
+                or any(c.id == candidate.id for c in chosen)
+                or (candidate.mode == ModelMode.EMBEDDING) != (operation == Operation.EMBEDDINGS)
+                or (body.get("stream") and not candidate.supports_streaming)
+            ):
+                continue
+            chosen.append(candidate)
+        return chosen
+
+    return usable(model.fallbacks), usable(model.context_window_fallbacks)
+
+
+def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> ResolvedModel:
+    """``model`` priced at the highest prices among it and ``others``: what admission reserves, so that the
+    request may end on any of them without spending past a budget. (An unbound model is already priced at
+    its most expensive deployment.)"""
+    if not others:
+        return model
+    every = [model, *others]
+
+    def cached(m: ResolvedModel) -> Decimal:
+        return m.input_per_mtok if m.cached_input_per_mtok is None else m.cached_input_per_mtok
+
+    caps = [m.max_output_tokens for m in every]
+    return replace(
+        model,
+        input_per_mtok=max(m.input_per_mtok for m in every),
+        output_per_mtok=max(m.output_per_mtok for m in every),
+        cached_input_per_mtok=max(cached(m) for m in every),
+        max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
 
 
@@ -417,8 +499,36 @@ class _Call:
     error_type: str = ""
 
 
+T = TypeVar("T")
+_END = object()
+
+
+class NoDeploymentAvailableError(ProviderUnavailableError):
+    """Every deployment the request could go to has its circuit breaker open (or none is left to try)."""
+
+    status_code = 503
+    code = "no_deployment_available"
+
+
+def _retryable(exc: ProviderError) -> bool:
+    """Whether another attempt (the next deployment, a fallback) may succeed where this one failed: rate
+    limits, overload, 5xx, timeouts, refused or cut connections. A 400, 401, 403 or 404 never is."""
+    if isinstance(exc, (ProviderBadRequestError, ProviderAuthenticationError, ProviderNotFoundError)):
+        return False
+    return exc.upstream_status is None or exc.upstream_status in (408, 429, 500, 502, 503, 504, 529)
+
+
+def _outcome(exc: ProviderError) -> str:
+    """What a failed attempt says about the deployment, for its breaker: a request the upstream found wrong
+    (400, context length) says nothing; anything else, bad credentials included, counts against it."""
+    if isinstance(exc, ProviderBadRequestError):
+        return Outcome.NEUTRAL
+    return Outcome.FAILURE
+
+
 class CompletionRun:
-    """One admitted request: call the provider once, relay, and settle exactly once."""
+    """One admitted request: route it to a deployment (retrying on others and on the model's fallbacks
+    until one answers), relay, and settle exactly once."""
 
     def __init__(
         self,
@@ -431,6 +541,9 @@ class CompletionRun:
         admission: Admission,
         started: float,
         operation: str = Operation.CHAT,
+        fallbacks: list[ResolvedModel] | None = None,
+        context_fallbacks: list[ResolvedModel] | None = None,
+        route: str | None = None,
     ) -> None:
         self.caller = caller
         self.operation = operation
@@ -440,7 +553,14 @@ class CompletionRun:
         self.model = model
         self.admission = admission
         self.started = started
+        self.fallbacks = fallbacks or []
+        self.context_fallbacks = context_fallbacks or []
+        self.route = route
+        # The model bound to the deployment of the latest attempt: the one that answered, once one has.
+        self.served: ResolvedModel | None = None
+        self.attempts = 0
         self.result: RunResult | None = None
+        self._ticket: CallTicket | None = None
         self._cancelled = False
         self._cut_by_shutdown = False
         self._settled = False
@@ -450,7 +570,21 @@ class CompletionRun:
 
     @property
     def response_headers(self) -> dict[str, str]:
-        return self.admission.headers
+        """``x-ratelimit-*`` from admission, and who answered: provider, deployment and attempts made."""
+        headers = dict(self.admission.headers)
+        served = self.served
+        if served is not None and served.deployment is not None:
+            headers["x-llmhub-provider"] = served.provider.name
+            headers["x-llmhub-deployment"] = served.deployment.name
+            headers["x-llmhub-model"] = served.name
+        if self.attempts:
+            headers["x-llmhub-attempts"] = str(self.attempts)
+        return headers
+
+    @property
+    def answered_by(self) -> ResolvedModel:
+        """The model (bound to its deployment) that answered, or the one asked for before any attempt."""
+        return self.served or self.model
 
     def mark_cancelled(self) -> None:
         """The user asked to stop (as opposed to going away): record the run as ``cancelled``."""
@@ -524,21 +658,174 @@ class CompletionRun:
             call.status = UsageStatus.OK
         except ProviderError as exc:
             call.error_type = exc.code or type(exc).__name__
+            self._ticket_close(_outcome(exc) if not isinstance(exc, NoDeploymentAvailableError) else Outcome.NEUTRAL)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             call.status = self._interrupted_status()
+            self._ticket_close(Outcome.NEUTRAL)
             raise
         finally:
+            self._ticket_close(Outcome.OK)
             _active_runs.pop(self, None)
             self._upstream_done = time.perf_counter()
             settle(call)
 
+    # The call loop -----------------------------------------------------------------------------------
+
+    def _ticket_close(self, outcome: str, *, tokens: int = 0) -> None:
+        """Report the attempt still open (a stream's, until its end) to routing; once."""
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ttft = None
+            if self._first_token_at is not None and self._first_token_at >= ticket.started:
+                ttft = self._first_token_at - ticket.started
+            call_finished(ticket, outcome=outcome, ttft_s=ttft, tokens=tokens)
+
+    def _plan(self) -> list[ResolvedModel]:
+        return [self.model, *self.fallbacks]
+
+    async def _call(self, once: Callable[[ResolvedModel], Awaitable[T]], *, keep_open: bool = False) -> T:
+        """Run ``once`` on one deployment after another until one answers: the model's deployments in the
+        order its strategy gives (``1 + retries`` attempts, skipping open breakers), then each fallback
+        model's the same way. A retryable failure moves on after a backoff with full jitter (honouring the
+        provider's Retry-After before the same deployment is tried again); any other failure is the answer.
+        A context-length failure moves to the model's ``context_window_fallbacks`` instead. One deadline
+        bounds the whole loop. ``keep_open``: the attempt that answered stays open for routing's statistics
+        until the caller closes it (a stream, at its end)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.LLMHUB_REQUEST_DEADLINE_SECONDS
+        plan = self._plan()
+        switched_for_context = False
+        last: ProviderError | None = None
+        last_deployment: ResolvedDeployment | None = None
+        failures = 0
+        index = 0
+        while index < len(plan):
+            model = plan[index]
+            index += 1
+            candidates = route_candidates(model, hint=self.route)
+            budget = 1 + model.retries
+            skipped = 0
+            position = 0
+            while budget > 0 and candidates and skipped < len(candidates):
+                deployment = candidates[position % len(candidates)]
+                position += 1
+                if not await breaker_allows(deployment):
+                    skipped += 1
+                    continue
+                skipped = 0
+                if last is not None:
+                    await self._backoff(failures, last, same=deployment == last_deployment, deadline=deadline)
+                budget -= 1
+                target = model.on(deployment)
+                self.served = target
+                self.attempts += 1
+                self._ticket = call_started(deployment.id)
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        result = await once(target)
+                except TimeoutError:
+                    self._ticket_close(Outcome.FAILURE)
+                    raise ProviderTimeoutError(
+                        f"No deployment answered within {settings.LLMHUB_REQUEST_DEADLINE_SECONDS:g} seconds, "
+                        "the request's deadline.",
+                        provider=target.provider.name,
+                    ) from None
+                except ProviderContextLengthError:
+                    self._ticket_close(Outcome.NEUTRAL)
+                    if switched_for_context or not self.context_fallbacks:
+                        raise
+                    # Too long for this model: the models with larger windows, in their order, and nothing else.
+                    switched_for_context = True
+                    plan, index, last, last_deployment, failures = list(self.context_fallbacks), 0, None, None, 0
+                    break
+                except ProviderError as exc:
+                    self._ticket_close(_outcome(exc))
+                    if not _retryable(exc):
+                        raise
+                    last, last_deployment = exc, deployment
+                    failures += 1
+                    continue
+                except BaseException:
+                    self._ticket_close(Outcome.NEUTRAL)
+                    raise
+                if not keep_open:
+                    self._ticket_close(Outcome.OK)
+                return result
+        if last is not None:
+            raise last
+        raise NoDeploymentAvailableError(
+            f"No deployment of the model `{self.model.name}` is available right now (every one is failing and "
+            "its circuit breaker is open); retry shortly.",
+            provider="",
+        )
+
+    async def _backoff(self, failures: int, last: ProviderError, *, same: bool, deadline: float) -> None:
+        """Full jitter: a uniform wait in [0, min(cap, base * 2**(n-1))]; at least the provider's Retry-After
+        before the same deployment is tried again. A wait that would pass the deadline ends the loop with the
+        last failure instead."""
+        ceiling = min(
+            settings.LLMHUB_RETRY_BACKOFF_CAP_SECONDS,
+            settings.LLMHUB_RETRY_BACKOFF_BASE_SECONDS * 2 ** max(failures - 1, 0),
+        )
+        wait = random.uniform(0, ceiling)  # noqa: S311 (spreading retries, not secrets)
+        if same and last.retry_after:
+            wait = max(wait, last.retry_after)
+        loop = asyncio.get_running_loop()
+        if loop.time() + wait >= deadline:
+            raise last
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _idle_timeout(self) -> float:
+        served = self.answered_by
+        return served.stream_idle_timeout or settings.LLMHUB_STREAM_IDLE_TIMEOUT_SECONDS
+
+    async def _relay(self, first: Any, upstream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The chunks of an opened stream: ``first`` (already received), then the rest, each within the idle
+        timeout. A stall, like a cut, ends the stream with ``ProviderStreamInterruptedError``."""
+        if first is not _END:
+            yield first
+        idle = self._idle_timeout()
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    item = await anext(upstream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                name = self.answered_by.provider.name
+                raise ProviderStreamInterruptedError(
+                    f"The stream from the provider {name!r} was interrupted: nothing arrived for {idle:g} seconds.",
+                    provider=name,
+                ) from None
+            yield item
+
+    @staticmethod
+    async def _first(upstream: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+        """Open a stream: wait for its first item (``_END`` if it has none). A failure before it closes the
+        stream and raises, so that the call loop can try elsewhere."""
+        try:
+            first = await anext(upstream)
+        except StopAsyncIteration:
+            first = _END
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await upstream.aclose()  # type: ignore[attr-defined]
+            raise
+        return first, upstream
+
+    # The call steps ----------------------------------------------------------------------------------
+
     async def complete(self) -> dict[str, Any]:
-        adapter = adapter_for(self.model.provider)
-        body = adapter.prepare_request(self._upstream_body(), self.model)
-        body.pop("stream", None)
-        body.pop("stream_options", None)
         response: dict[str, Any] | None = None
+
+        async def once(target: ResolvedModel) -> dict[str, Any]:
+            adapter = adapter_for(target.provider)
+            body = adapter.prepare_request(self._upstream_body(), target)
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+            return await adapter.complete(body)
 
         def settle(call: _Call) -> None:
             choices = (response or {}).get("choices")
@@ -551,21 +838,32 @@ class CompletionRun:
             )
 
         async with self._upstream_call(settle):
-            response = await adapter.complete(body)
-        response["model"] = self.model.name
+            response = await self._call(once)
+        response["model"] = self.answered_by.name
         return response
 
+    async def stream_open(self) -> AsyncIterator[WireChunk]:
+        """``stream``, once its first chunk has arrived: every entry point waits for it before answering, so
+        that a failure before any output (every deployment and fallback failed) is a proper error (an HTTP
+        status, an ``error`` event) and not a stream that begins and breaks. Raises ``ProviderError`` then."""
+        return await _opened(self.stream())
+
     async def stream(self) -> AsyncIterator[WireChunk]:
-        """Relay chunks as they arrive. The client's ``stream_options.include_usage`` decides whether
-        the usage chunk is passed on; the adapter always asks for it, since settlement needs it."""
-        adapter = adapter_for(self.model.provider)
-        body = adapter.prepare_request(self._upstream_body(), self.model)
-        body["stream"] = True
+        """Relay chunks as they arrive. Until the first chunk, a failure falls over to the next deployment
+        (``_call``); after it, a failure (a cut, a stall past the idle timeout, a malformed chunk) ends the
+        stream with ``ProviderError``, which the entry point reports in-band, never as a clean end. The
+        client's ``stream_options.include_usage`` decides whether the usage chunk is passed on; the adapter
+        always asks for it, since settlement needs it."""
         wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
-        public_name = self.model.name
         usage: dict[str, Any] = {}
         delivered: list[str] = []
         finish_reason: str | None = None
+
+        async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
+            adapter = adapter_for(target.provider)
+            body = adapter.prepare_request(self._upstream_body(), target)
+            body["stream"] = True
+            return await self._first(adapter.stream(body))
 
         def settle(call: _Call) -> None:
             self._settle(
@@ -576,10 +874,12 @@ class CompletionRun:
                 error_type=call.error_type,
             )
 
-        upstream = adapter.stream(body)
+        upstream: AsyncIterator[WireChunk] | None = None
         async with self._upstream_call(settle):
             try:
-                async for chunk in upstream:
+                first, upstream = await self._call(once, keep_open=True)
+                public_name = self.answered_by.name
+                async for chunk in self._relay(first, upstream):
                     if self._first_token_at is None:
                         self._first_token_at = time.perf_counter()
                     chunk.set_model(public_name)
@@ -602,15 +902,18 @@ class CompletionRun:
                         chunk.drop_usage()
                     yield chunk
             finally:
-                await upstream.aclose()
+                if upstream is not None:
+                    await upstream.aclose()  # type: ignore[attr-defined]
 
     async def messages_complete(self, *, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """``complete`` for an Anthropic Messages request: the adapter answers with a ``message`` (passed
         through by an Anthropic-protocol provider, with the client's ``headers``; translated by the
         others), settled from its usage."""
-        adapter = adapter_for(self.model.provider)
         request = {key: value for key, value in self.body.items() if key != "stream"}
         message: dict[str, Any] | None = None
+
+        async def once(target: ResolvedModel) -> dict[str, Any]:
+            return await adapter_for(target.provider).messages(request, target, headers=headers)
 
         def settle(call: _Call) -> None:
             usage = (message or {}).get("usage")
@@ -623,20 +926,26 @@ class CompletionRun:
             )
 
         async with self._upstream_call(settle):
-            message = await adapter.messages(request, self.model, headers=headers)
-        message["model"] = self.model.name
+            message = await self._call(once)
+        message["model"] = self.answered_by.name
         return message
+
+    async def messages_stream_open(self, *, headers: dict[str, str] | None = None) -> AsyncIterator[WireEvent]:
+        """``messages_stream`` once its first event has arrived (see ``stream_open``)."""
+        return await _opened(self.messages_stream(headers=headers))
 
     async def messages_stream(self, *, headers: dict[str, str] | None = None) -> AsyncIterator[WireEvent]:
         """``stream`` for an Anthropic Messages request: relay the events as they arrive (an unchanged
         event keeps the upstream's bytes; ``message_start`` gets the public model name). Usage is read
         from ``message_start`` and ``message_delta``; a stream cut before ``message_delta`` is charged
         for what was relayed, as a cut chat stream is."""
-        adapter = adapter_for(self.model.provider)
         usage: dict[str, Any] = {}
         final = False
         delivered: list[str] = []
         stop_reason: str | None = None
+
+        async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireEvent]]:
+            return await self._first(adapter_for(target.provider).messages_stream(self.body, target, headers=headers))
 
         def settle(call: _Call) -> None:
             self._settle(
@@ -647,10 +956,12 @@ class CompletionRun:
                 error_type=call.error_type,
             )
 
-        upstream = adapter.messages_stream(self.body, self.model, headers=headers)
+        upstream: AsyncIterator[WireEvent] | None = None
         async with self._upstream_call(settle):
             try:
-                async for event in upstream:
+                first, upstream = await self._call(once, keep_open=True)
+                public_name = self.answered_by.name
+                async for event in self._relay(first, upstream):
                     kind = event.get("type")
                     if kind == "content_block_delta":
                         if self._first_token_at is None:
@@ -658,7 +969,7 @@ class CompletionRun:
                         delta = event.get("delta") or {}
                         delivered.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
                     elif kind == "message_start":
-                        event.set_model(self.model.name)
+                        event.set_model(public_name)
                         usage = dict((event.get("message") or {}).get("usage") or {})
                     elif kind == "message_delta":
                         final = True
@@ -668,17 +979,18 @@ class CompletionRun:
                         stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
                     yield event
             finally:
-                await upstream.aclose()
+                if upstream is not None:
+                    await upstream.aclose()  # type: ignore[attr-defined]
 
     async def embed(self) -> dict[str, Any]:
-        """The call and settle steps of an embeddings request: one upstream call, priced on input tokens
-        only. They come from the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the
-        ledger row says so)."""
-        adapter = adapter_for(self.model.provider)
-        body = {**self.body, "model": self.model.upstream_id}
+        """The call and settle steps of an embeddings request, priced on input tokens only. They come from
+        the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the ledger row says so)."""
         response: dict[str, Any] | None = None
         usage: dict[str, Any] = {}
         estimated = False
+
+        async def once(target: ResolvedModel) -> dict[str, Any]:
+            return await adapter_for(target.provider).embed({**self.body, "model": target.upstream_id})
 
         def settle(call: _Call) -> None:
             nonlocal usage, estimated
@@ -698,8 +1010,8 @@ class CompletionRun:
             )
 
         async with self._upstream_call(settle):
-            response = await adapter.embed(body)
-        response["model"] = self.model.name
+            response = await self._call(once)
+        response["model"] = self.answered_by.name
         # OpenAI's schema requires both: an upstream that left them out gets them, the usage being the
         # estimate the request was charged for.
         response.setdefault("object", "list")
@@ -732,8 +1044,9 @@ class CompletionRun:
             prompt_tokens = self._prompt_estimate() if delivered_text else 0
             cached_tokens = 0
             estimated = bool(delivered_text)
+        served = self.answered_by
         cost = cost_for(
-            model=self.model,
+            model=served,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
@@ -764,10 +1077,14 @@ class CompletionRun:
                 status=status,
                 user_id=self.caller.user_id,
                 api_key_id=self.caller.api_key_id,
-                provider_id=self.model.provider.id,
-                model_id=self.model.id,
-                provider_name=self.model.provider.name,
-                model_name=self.model.name,
+                provider_id=served.provider.id,
+                model_id=served.id,
+                deployment_id=served.deployment.id if served.deployment is not None else None,
+                provider_name=served.provider.name,
+                model_name=served.name,
+                deployment_name=served.deployment.name if served.deployment is not None else "",
+                requested_model=_requested_name(self.body, served),
+                attempts=self.attempts,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 cached_tokens=cached_tokens,
@@ -792,6 +1109,34 @@ class CompletionRun:
         return estimate_tokens("".join(text)) + 3 * len(self.body.get("messages", ()))
 
 
+def _requested_name(body: dict[str, Any], served: ResolvedModel) -> str:
+    """The name the client sent, when another public model answered (an alias's target, a fallback)."""
+    requested = body.get("model")
+    return _storable(requested, 128) if isinstance(requested, str) and requested != served.name else ""
+
+
+async def _opened(items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``items`` once its first item has arrived; what came before it (a failure) is raised here."""
+    try:
+        first = await anext(items)
+    except StopAsyncIteration:
+        first = _END
+    except BaseException:
+        await items.aclose()  # type: ignore[attr-defined]
+        raise
+    return _prepended(first, items)
+
+
+async def _prepended(first: Any, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        if first is not _END:
+            yield first
+        async for item in items:
+            yield item
+    finally:
+        await items.aclose()  # type: ignore[attr-defined]
+
+
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
@@ -800,6 +1145,7 @@ __all__ = [
     "Caller",
     "CompletionRun",
     "Endpoint",
+    "NoDeploymentAvailableError",
     "RunResult",
     "ServerShuttingDownError",
     "caller_from_api_key",

@@ -73,10 +73,10 @@ def test_only_the_hash_of_a_key_is_stored(gateway):
 
 
 def test_key_allow_list_limits_models(gateway):
-    from providers.models import Model
+    from providers.models import CatalogModel
 
     restricted = api_key_create(user=gateway.user, name="restricted")
-    restricted.api_key.allowed_models.add(Model.objects.get(name="claude-test"))
+    restricted.api_key.allowed_models.add(CatalogModel.objects.get(name="claude-test"))
     headers = {"Authorization": f"Bearer {restricted.secret}"}
     response = post(gateway, headers)
     assert response.status_code == 403 and response.json()["error"]["code"] == "model_not_allowed"

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from billing.models import BudgetPeriod, UsageRecord
 from billing.pricing import cost_for
 from billing.services.budgets import api_key_limits_set
-from providers.models import Model
+from providers.models import CatalogModel
 from providers.selectors import resolved_model
 from tests.factories import UsageRecordFactory, UserFactory
 from tests.gateway.test_ledger import settle_quietly, wait_for_record
@@ -133,7 +133,7 @@ def test_huge_max_tokens_on_a_budgeted_key_is_a_400(gateway):
 
 def test_the_largest_accepted_max_tokens_is_priced_without_error(gateway):
     """2**31 - 1 tokens, 128 choices, at a price far above any real one: the Decimal math still holds."""
-    model = resolved_model(Model.objects.select_related("provider").get(name="gpt-test"))
+    model = resolved_model(CatalogModel.objects.get(name="gpt-test"))
     cost = cost_for(model=model, prompt_tokens=2**63 - 1, completion_tokens=(2**31 - 1) * 128, cached_tokens=0)
     assert cost > 0
 

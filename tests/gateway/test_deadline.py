@@ -22,9 +22,16 @@ pytestmark = pytest.mark.django_db(transaction=True)
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-def slow_provider(fake_upstream, *, timeout: float = 1, max_retries: int = 2, kind: str = "openai_compatible"):
+@pytest.fixture(autouse=True)
+def request_deadline(settings):
+    """One deadline per request, across attempts: 1 s here, as the provider's own timeout."""
+    settings.LLMHUB_REQUEST_DEADLINE_SECONDS = 1
+    return settings
+
+
+def slow_provider(fake_upstream, *, timeout: float = 1, kind: str = "openai_compatible"):
     base_url = fake_upstream.base_url + ("/v1" if kind != "anthropic" else "")
-    return ProviderFactory(base_url=base_url, kind=kind, timeout_seconds=timeout, max_retries=max_retries)
+    return ProviderFactory(base_url=base_url, kind=kind, timeout_seconds=timeout)
 
 
 def client_for(server) -> openai.OpenAI:
@@ -68,8 +75,9 @@ def test_retry_after_beyond_the_deadline_is_not_waited_for(llmhub_server, fake_u
     assert fake_upstream.stats["requests"] == 1
 
 
-def test_retries_that_fit_in_the_deadline_still_happen(llmhub_server, fake_upstream):
+def test_retries_that_fit_in_the_deadline_still_happen(llmhub_server, fake_upstream, request_deadline):
     # 3 s: the first Retry-After (2 s) fits, the second would reach past the deadline.
+    request_deadline.LLMHUB_REQUEST_DEADLINE_SECONDS = 3
     ModelFactory(name="limited", provider=slow_provider(fake_upstream, timeout=3), upstream_id="fault-429")
 
     with pytest.raises(openai.RateLimitError):

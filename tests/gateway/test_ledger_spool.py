@@ -73,12 +73,13 @@ def test_a_row_whose_model_and_key_were_deleted_meanwhile_is_still_written(spool
 
     model = ModelFactory(name="kept-model")
     user = UserFactory()
-    kept = replace(data("req_kept"), user_id=user.pk, model_id=model.pk, provider_id=model.provider_id)
+    provider_id = model.deployments.get().provider_id
+    kept = replace(data("req_kept"), user_id=user.pk, model_id=model.pk, provider_id=provider_id)
     orphan = replace(
         data("req_orphan"),
         user_id=user.pk,
         api_key_id=987_654,
-        provider_id=model.provider_id,
+        provider_id=provider_id,
         model_id=model.pk + 1000,
         model_name="deleted-model",
     )
@@ -89,7 +90,7 @@ def test_a_row_whose_model_and_key_were_deleted_meanwhile_is_still_written(spool
     assert rows["req_kept"].model_id == model.pk
     assert rows["req_orphan"].model_id is None and rows["req_orphan"].api_key_id is None
     assert rows["req_orphan"].model_name == "deleted-model" and rows["req_orphan"].cost == Decimal("0.0000123456")
-    assert rows["req_orphan"].user_id == user.pk and rows["req_orphan"].provider_id == model.provider_id
+    assert rows["req_orphan"].user_id == user.pk and rows["req_orphan"].provider_id == provider_id
 
 
 def test_a_spooled_row_whose_model_is_gone_is_replayed(spool):

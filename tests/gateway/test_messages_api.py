@@ -327,9 +327,11 @@ def test_upstream_failure_mid_stream_is_an_error_event_the_sdk_raises(gateway):
 
 def test_model_not_allowed_for_the_key_is_a_permission_error(gateway):
     from billing.services.keys import api_key_create
-    from providers.models import Model
+    from providers.models import CatalogModel
 
-    created = api_key_create(user=gateway.user, name="narrow", allowed_models=[Model.objects.get(name="gpt-test")])
+    created = api_key_create(
+        user=gateway.user, name="narrow", allowed_models=[CatalogModel.objects.get(name="gpt-test")]
+    )
     with pytest.raises(anthropic.PermissionDeniedError):
         client(gateway, api_key=created.secret).messages.create(
             model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
@@ -359,9 +361,9 @@ def test_an_error_event_after_the_stream_began_reaches_the_sdk(gateway):
 
 
 def test_cached_input_is_priced_at_the_cached_rate(gateway):
-    from providers.models import Model
+    from providers.models import Deployment
 
-    Model.objects.filter(name="claude-test").update(cached_input_per_mtok=Decimal("0.08"))
+    Deployment.objects.filter(model__name="claude-test").update(cached_input_per_mtok=Decimal("0.08"))
     raw = client(gateway).messages.with_raw_response.create(
         model="claude-test", max_tokens=20, messages=[{"role": "user", "content": "a b c d e f [[cache=4]]"}]
     )

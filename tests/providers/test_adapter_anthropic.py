@@ -46,7 +46,6 @@ def make_config(upstream, **overrides) -> ProviderConfig:
         "base_url": upstream.base_url,  # no /v1: the SDK adds it
         "api_key": Secret(API_KEY),
         "timeout": 5.0,
-        "max_retries": 0,
     }
     values.update(overrides)
     return ProviderConfig(**values)

@@ -26,7 +26,6 @@ def make_config(upstream, **overrides) -> ProviderConfig:
         "api_key": Secret(API_KEY),
         "api_version": "2024-10-21",
         "timeout": 5.0,
-        "max_retries": 0,
     }
     values.update(overrides)
     return ProviderConfig(**values)
@@ -89,7 +88,6 @@ def azure_form(base_url: str, **overrides: object) -> dict[str, object]:
         "api_version": "2024-10-21",
         "extra_headers": "{}",
         "timeout_seconds": "5",
-        "max_retries": "0",
     }
     data.update(overrides)
     return data

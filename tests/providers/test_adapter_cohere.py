@@ -44,7 +44,6 @@ def make_config(base_url: str, **overrides) -> ProviderConfig:
         "base_url": base_url,
         "api_key": Secret(API_KEY),
         "timeout": 5.0,
-        "max_retries": 0,
     }
     values.update(overrides)
     return ProviderConfig(**values)

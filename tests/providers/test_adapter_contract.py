@@ -78,7 +78,6 @@ class ContractAdapter:
             "base_url": self.base_url(upstream_url),
             "api_key": Secret(API_KEY),
             "timeout": 5.0,
-            "max_retries": 0,
             **self.config,
         }
         values.update(overrides)

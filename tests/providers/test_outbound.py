@@ -28,7 +28,7 @@ from billing.services.alerts import WebhookDeliveryError, budget_alert_webhook_s
 from billing.services.keys import api_key_create
 from providers import outbound
 from providers.exceptions import ProviderError
-from providers.models import Model, ProviderKind
+from providers.models import Deployment, ProviderKind
 from providers.services.health import provider_health_check
 from providers.services.model_import import provider_import_models
 from providers.validators import validate_provider_url
@@ -200,7 +200,7 @@ def production_rules(settings, resolver):
 
 def provider_at(base_url: str, *, kind: str = ProviderKind.OPENAI_COMPATIBLE):
     """A provider row as an earlier save left it (the factory does not run the save-time check)."""
-    provider = ProviderFactory(base_url=base_url, kind=kind, timeout_seconds=3, max_retries=0)
+    provider = ProviderFactory(base_url=base_url, kind=kind, timeout_seconds=3)
     ModelFactory(name="guarded", provider=provider, upstream_id="fake-gpt-4o-mini")
     return provider
 
@@ -355,7 +355,7 @@ def test_import_models_creates_nothing_when_refused(production_rules, fake_upstr
         provider_import_models(provider=provider)
 
     assert excinfo.value.status_code == 502
-    assert Model.objects.filter(provider=provider).count() == 1  # only the one made here
+    assert Deployment.objects.filter(provider=provider).count() == 1  # only the one made here
 
 
 # -- the budget alert webhook, another outbound call ------------------------------------------------
