@@ -159,11 +159,19 @@ class _Syncer:
         self.synced = asyncio.Event()  # the first snapshot is in
         self.redis_ok = True
         self.top_seen = 0
+        self.stopped = False  # REDIS_URL changed (tests) or a task ended: the next caller starts another syncer
         self.tasks = [loop.create_task(self._flush_forever()), loop.create_task(self._listen_forever())]
+        for task in self.tasks:
+            task.add_done_callback(self._stop)
+
+    def _stop(self, _task: asyncio.Task | None = None) -> None:
+        self.stopped = True
 
     @property
     def active(self) -> bool:
-        return settings.REDIS_URL == self.url and not all(task.done() for task in self.tasks)
+        if settings.REDIS_URL != self.url:
+            self.stopped = True
+        return not self.stopped
 
     def add(self, deployment_id: int, ok: bool) -> None:
         counts = self.pending.get(deployment_id)
@@ -186,7 +194,7 @@ class _Syncer:
         self.redis_ok = False
 
     async def _flush_forever(self) -> None:
-        while settings.REDIS_URL == self.url:
+        while self.active:
             try:
                 await asyncio.wait_for(self.wake.wait(), SUCCESS_FLUSH_SECONDS)
             except TimeoutError:
@@ -220,7 +228,7 @@ class _Syncer:
 
     async def _listen_forever(self) -> None:
         backoff = 0.1
-        while settings.REDIS_URL == self.url:
+        while self.active:
             client = redis_async_client(self.url)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -228,7 +236,7 @@ class _Syncer:
                 await self.resync(client)  # after subscribing: nothing published since is missed
                 backoff = 0.1
                 resync_at = time.monotonic() + settings.LLMHUB_BREAKER_RESYNC_SECONDS
-                while settings.REDIS_URL == self.url:
+                while self.active:
                     message = await pubsub.get_message(timeout=max(0.0, min(resync_at - time.monotonic(), 1.0)))
                     if message is not None and message["type"] == "message":
                         _apply_message(message["data"])
@@ -271,7 +279,7 @@ def _syncer() -> _Syncer | None:
     if loop is None:
         return None
     syncer = _last_syncer
-    if syncer is not None and syncer.loop is loop and syncer.url == url:
+    if syncer is not None and syncer.loop is loop and syncer.url == url and not syncer.stopped:
         return syncer
     syncer = _syncers.get(loop)
     if syncer is None or not syncer.active:
