@@ -32,7 +32,8 @@ from ..adapters.base import BaseAdapter
 from ..adapters.common import scrub
 from ..exceptions import ProviderError
 from ..models import Deployment, HealthCheck, HealthStatus, ModelMode, Provider, ProviderKind
-from ..routing.breakers import breaker_record
+from ..routing.breaker_machine import CLOSED, OPEN
+from ..routing.breakers import breaker_force, breaker_reset, breaker_state
 from ..selectors import provider_config, resolved_deployment, resolved_model
 from ..types import HealthResult, ProviderConfig, ResolvedModel
 from .incidents import incident_close, incident_open
@@ -323,12 +324,23 @@ def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = Non
         error=probe.error[:500],
         paid=probe.paid,
     )
-    breaker_record(probe.deployment_id, ok=probe.ok)
+    _breaker_follow(probe)
     if probe.ok:
         incident_close(deployment_id=probe.deployment_id, at=at)
     elif _failing_in_a_row(probe.deployment_id, incident_after_failures()):
         incident_open(deployment_id=probe.deployment_id, reason=check.error, at=at)
     return check
+
+
+def _breaker_follow(probe: DeploymentProbe) -> None:
+    """A failing probe opens the breaker at once, for every process (no request has to fail to find out;
+    a half-open breaker opens again for twice its cooldown); a passing one closes an open or half-open breaker
+    (traffic need not wait for its cooldown). A closed breaker keeps the failures it counted: a model list
+    that answers says less about completions than the requests' own outcomes do."""
+    if not probe.ok:
+        breaker_force(probe.deployment_id, OPEN)
+    elif breaker_state(probe.deployment_id).state != CLOSED:
+        breaker_reset(probe.deployment_id)
 
 
 def _failing_in_a_row(deployment_id: int, count: int) -> bool:

@@ -11,18 +11,40 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+import redis
 import time_machine
 from django.test import override_settings
 
 from providers.models import Deployment, HealthCheck, HealthStatus, ModelMode, Provider, ProviderKind
+from providers.routing import route_candidates
+from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN
+from providers.routing.breakers import breaker_record, breaker_state
+from providers.selectors import resolved_model
 from providers.services.health import health_check_round, health_checks_prune
 from providers.tasks import providers_health_check_all
 from tests.conftest import free_port
-from tests.factories import ModelFactory, ProviderFactory
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
+from tests.providers.health_probes import breakers_closed_after, set_fault  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("breakers_closed_after")]
 
 KEY = "sk-health-secret-key-0123456789abcdefghij"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def home(request, settings):
+    """Where the breakers live: this process's memory, or the real Redis every process shares (emptied)."""
+    if request.param == "memory":
+        settings.REDIS_URL = ""
+        yield request.param
+        return
+    url = request.getfixturevalue("redis_url")
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    settings.REDIS_URL = url
+    yield request.param
+    client.flushdb()
+    client.close()
 
 
 def checks(deployment: Deployment) -> list[tuple[bool, str]]:
@@ -36,12 +58,6 @@ def served(upstream) -> dict[str, int]:
 
 def logged(upstream, path: str) -> list[dict]:
     return [entry for entry in httpx.get(upstream.base_url + "/_fake/requests").json() if entry["path"] == path]
-
-
-def set_fault(provider: Provider, fault: str | None) -> None:
-    """The fake upstream answers every request of ``provider`` with this fault (its ``x-fake-fault`` header)."""
-    provider.extra_headers = {"x-fake-fault": fault} if fault else {}
-    provider.save()
 
 
 @pytest.fixture
@@ -112,6 +128,48 @@ def test_a_paid_probe_of_an_embedding_model_embeds_one_word(fake_upstream):
 
     assert served(fake_upstream) == {"/v1/models": 1, "/v1/embeddings": 1}
     assert [(c.ok, c.paid) for c in HealthCheck.objects.all()] == [(True, True)]
+
+
+def test_a_failing_probe_opens_the_breaker_for_every_process_and_a_passing_one_closes_it(fake_upstream, home):
+    east = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    west = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    model = ModelFactory(provider=east, upstream_id="fake-gpt-4o-mini")
+    flaky = DeploymentFactory(model=model, provider=west, upstream_id="fake-gpt-4o-mini")
+
+    def routed() -> set[str]:
+        return {d.provider.name for d in route_candidates(resolved_model(model))}
+
+    assert routed() == {east.name, west.name}
+    set_fault(west, "503")
+    providers_health_check_all.delay().get()
+    assert routed() == {east.name}  # one failing probe is enough: no request has to fail to find out
+    state = breaker_state(flaky.pk)
+    assert state.state == OPEN and state.shared == (home == "redis")  # shared: what every process reads
+
+    set_fault(west, None)
+    providers_health_check_all.delay().get()
+    assert routed() == {east.name, west.name}
+    assert breaker_state(flaky.pk).state == CLOSED
+
+
+def test_a_passing_probe_closes_a_half_open_breaker_and_leaves_a_closed_ones_count(fake_upstream, settings):
+    settings.REDIS_URL = ""
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    tripped = ModelFactory(provider=provider).deployments.get()
+    wobbly = ModelFactory(provider=provider).deployments.get()
+    start = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    with time_machine.travel(start, tick=False) as clock:
+        for _ in range(settings.LLMHUB_BREAKER_FAILURES):  # requests failed: the breaker opened
+            breaker_record(tripped.pk, ok=False)
+        breaker_record(wobbly.pk, ok=False)
+        clock.shift(timedelta(seconds=settings.LLMHUB_BREAKER_COOLDOWN_SECONDS + 1))
+        assert breaker_state(tripped.pk).state == HALF_OPEN
+
+        providers_health_check_all.delay().get()
+
+        assert breaker_state(tripped.pk).state == CLOSED
+        wobbly_state = breaker_state(wobbly.pk)
+        assert wobbly_state.state == CLOSED and wobbly_state.failures == 1
 
 
 def test_an_unreachable_provider_fails_its_deployments(fake_upstream):

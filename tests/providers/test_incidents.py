@@ -16,12 +16,13 @@ import time_machine
 from django.core import mail
 from django.db import connection
 
-from providers.models import Incident, Provider
+from providers.models import Incident
 from providers.tasks import providers_health_check_all
 from tests.conftest import free_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.providers.health_probes import breakers_closed_after, set_fault  # noqa: F401  (a fixture)
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("breakers_closed_after")]
 
 KEY = "sk-incident-secret-key-0123456789abcdefgh"
 START = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -70,12 +71,6 @@ def webhook(settings) -> Iterator[Webhook]:
 def admins(settings) -> list[str]:
     settings.ADMINS = [("Ops", "ops@example.com")]
     return ["ops@example.com"]
-
-
-def set_fault(provider: Provider, fault: str | None) -> None:
-    """The fake upstream answers every request of ``provider`` with this fault (its ``x-fake-fault`` header)."""
-    provider.extra_headers = {"x-fake-fault": fault} if fault else {}
-    provider.save()
 
 
 def test_down_opens_one_incident_with_one_alert_and_back_up_closes_it_with_one_recovery(fake_upstream, webhook, admins):
