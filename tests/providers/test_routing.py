@@ -126,10 +126,11 @@ def test_lowest_latency_measures_new_deployments_first():
     slow, fast = deployment("slow"), deployment("fast")
     routed = model(slow, fast, strategy=RoutingStrategy.LOWEST_LATENCY)
     attempt(slow, ttft_s=0.050)
-    assert route_candidates(routed)[0] == fast  # never measured: it goes first
+    assert first_choices(routed, 200)["fast"] >= 180  # never measured: it goes first (but for exploration)
     attempt(fast, ttft_s=0.005)
     newcomer = deployment("newcomer")
-    assert route_candidates(model(slow, fast, newcomer, strategy=RoutingStrategy.LOWEST_LATENCY))[0] == newcomer
+    with_newcomer = model(slow, fast, newcomer, strategy=RoutingStrategy.LOWEST_LATENCY)
+    assert first_choices(with_newcomer, 200)["newcomer"] >= 180
 
 
 def serve(routed, latencies: dict[str, float], n: int) -> Counter:
