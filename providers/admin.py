@@ -1,21 +1,26 @@
-"""Admin for providers and the model catalog. Actions call services; the API key is write-only."""
+"""Admin for providers and the model catalog (public models, each with its deployments inline). Actions call
+services; the API key is write-only."""
 
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Max, Min, QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
 from .exceptions import ApplicationError
+from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from .fields import Secret
+from .forms import ModelNamesField
 from .models import CatalogModel, Deployment, HealthStatus, Provider
 from .services.health import providers_health_check
 from .services.model_import import provider_import_models
@@ -55,7 +60,7 @@ class ProviderAdmin(admin.ModelAdmin):
     form = ProviderAdminForm
     # What an admin types without a scheme is an API host: https (Django 6's default, set before it).
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
-    list_display = ("name", "kind", "effective_base_url", "enabled", "last_health", "models_count")
+    list_display = ("name", "kind", "effective_base_url", "enabled", "last_health", "deployments_count")
     list_filter = ("kind", "enabled", "last_health_status")
     search_fields = ("name", "base_url")
     actions = ("test_connection", "import_models")
@@ -71,15 +76,16 @@ class ProviderAdmin(admin.ModelAdmin):
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
-        return super().get_queryset(request).annotate(models_total=Count("deployments__model", distinct=True))
+        return super().get_queryset(request).annotate(deployments_total=Count("deployments"))
 
     @admin.display(description="base URL")
     def effective_base_url(self, obj: Provider) -> str:
         return obj.effective_base_url
 
-    @admin.display(description="models", ordering="models_total")
-    def models_count(self, obj: Provider) -> int:
-        return obj.models_total
+    @admin.display(description="deployments", ordering="deployments_total")
+    def deployments_count(self, obj: Provider) -> int:
+        """How many model deployments this provider serves (a model served twice by it counts twice)."""
+        return obj.deployments_total
 
     @admin.display(description="last health", ordering="last_health_at")
     def last_health(self, obj: Provider) -> str:
@@ -128,9 +134,40 @@ class ProviderAdmin(admin.ModelAdmin):
             self.message_user(request, text, messages.SUCCESS if not result.skipped else messages.WARNING)
 
 
+class DeploymentInlineForm(forms.ModelForm):
+    """No Meta: ``DeploymentInline`` builds the form for its fields."""
+
+    def clean_name(self) -> str | None:
+        # Blank: ``Deployment.save`` names it after its provider (with a suffix when that name is taken).
+        # None rather than "", so that two blank names in one submission are not read as duplicates.
+        return self.cleaned_data.get("name") or None
+
+
+class DeploymentFormSet(BaseInlineFormSet):
+    """The deployments submitted with a model, checked against what the model form says it is."""
+
+    def clean(self) -> None:
+        super().clean()
+        if any(self.errors):
+            return
+        kept = [form for form in self.forms if form.cleaned_data and not form.cleaned_data.get("DELETE")]
+        model: CatalogModel = self.instance
+        if model.alias_of_id is not None and kept:
+            raise ValidationError(
+                "An alias has no deployments of its own: requests for it go to its model's. "
+                "Delete these deployments, or clear “alias of”."
+            )
+        if model.alias_of_id is None and model.enabled and not kept:
+            raise ValidationError(
+                "An enabled model needs at least one deployment (a provider and its model id): "
+                "add one, make the model an alias, or untick “enabled”."
+            )
+
+
 class DeploymentInline(admin.TabularInline):
     model = Deployment
-    extra = 0
+    form = DeploymentInlineForm
+    formset = DeploymentFormSet
     fields = (
         "name",
         "provider",
@@ -144,19 +181,71 @@ class DeploymentInline(admin.TabularInline):
         "tpm_limit",
         "quality",
         "breaker_override",
+        "paid_health_probe",
         "enabled",
     )
+
+    def get_extra(self, request: HttpRequest, obj: CatalogModel | None = None, **kwargs: Any) -> int:
+        return 1 if obj is None else 0  # a new model starts with one deployment row to fill in
+
+
+class CatalogModelAdminForm(forms.ModelForm):
+    """No Meta: ``CatalogModelAdmin`` builds the form for its fieldsets."""
+
+    fallbacks = ModelNamesField(
+        help_text="Other public models tried in order when every deployment of this one failed, comma-separated."
+    )
+    context_window_fallbacks = ModelNamesField(
+        help_text="Public models tried in order when the prompt is too long for this one, comma-separated."
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "alias_of" in self.fields:
+            # An alias names a model, never another alias (nor itself).
+            targets = CatalogModel.objects.filter(alias_of__isnull=True)
+            if self.instance.pk is not None:
+                targets = targets.exclude(pk=self.instance.pk)
+            self.fields["alias_of"].queryset = targets
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        name = cleaned.get("name") or self.instance.name
+        alias_of = cleaned.get("alias_of")
+        known = set(CatalogModel.objects.values_list("name", flat=True)) | {name}
+        for field in FALLBACK_FIELDS:
+            names = cleaned.get(field)
+            if not names:
+                continue
+            if alias_of is not None:
+                self.add_error(field, "An alias is routed as its model is: set the fallbacks there.")
+                continue
+            exclude = [self.instance.name] if self.instance.pk is not None else []
+            edges, aliases = fallback_graph(field=field, exclude=exclude)
+            problem = fallback_problem(name=name, names=names, known=known, edges=edges, aliases=aliases)
+            if problem:
+                self.add_error(field, problem)
+        return cleaned
+
+
+def _price_span(low: Decimal | None, high: Decimal | None) -> str:
+    if low is None or high is None:
+        return "—"
+    low_text, high_text = (format(value.normalize(), "f") for value in (low, high))
+    return low_text if low == high else f"{low_text}–{high_text}"
 
 
 @admin.register(CatalogModel)
 class CatalogModelAdmin(admin.ModelAdmin):
+    form = CatalogModelAdminForm
     inlines = (DeploymentInline,)
-    list_display = ("name", "alias_of", "mode", "strategy", "context_window", "enabled")
+    list_display = ("name", "alias_of", "mode", "strategy", "deployments_count", "price_range", "enabled")
     list_editable = ("enabled",)
     list_filter = (
         "mode",
         "strategy",
         "enabled",
+        ("deployments__provider", admin.RelatedOnlyFieldListFilter),
         "supports_streaming",
         "supports_tools",
         "supports_vision",
@@ -170,6 +259,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
         (
             "Routing",
             {
+                "description": "How a request picks among the deployments below, and what happens when they fail.",
                 "fields": (
                     "strategy",
                     "retries",
@@ -177,7 +267,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
                     "context_window_fallbacks",
                     "resume_on_failure",
                     "stream_idle_timeout_seconds",
-                )
+                ),
             },
         ),
         ("Limits", {"fields": ("context_window", "max_output_tokens")}),
@@ -188,6 +278,29 @@ class CatalogModelAdmin(admin.ModelAdmin):
         ("Parameter rules", {"fields": ("parameter_rules",)}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[CatalogModel]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                deployments_total=Count("deployments", distinct=True),
+                input_low=Min("deployments__input_per_mtok"),
+                input_high=Max("deployments__input_per_mtok"),
+                output_low=Min("deployments__output_per_mtok"),
+                output_high=Max("deployments__output_per_mtok"),
+            )
+        )
+
+    @admin.display(description="deployments", ordering="deployments_total")
+    def deployments_count(self, obj: CatalogModel) -> int | str:
+        return "alias" if obj.alias_of_id is not None else obj.deployments_total
+
+    @admin.display(description="$/Mtok in · out", ordering="input_low")
+    def price_range(self, obj: CatalogModel) -> str:
+        if obj.deployments_total == 0:
+            return "—"
+        return f"{_price_span(obj.input_low, obj.input_high)} · {_price_span(obj.output_low, obj.output_high)}"
 
 
 from . import admin_health  # noqa: E402, F401  (registers IncidentAdmin)

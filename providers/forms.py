@@ -96,3 +96,27 @@ class SecretMappingFormField(forms.Field):
             not isinstance(stored[name], Secret) or value.reveal() not in (stored[name].hint, stored[name].reveal())
             for name, value in submitted.items()
         )
+
+
+class ModelNamesField(forms.CharField):
+    """A list of public model names (a JSON list on the model), typed comma-separated: ``claude-haiku,
+    gpt-4o``. The order is kept: it is the order the names are tried in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("required", False)
+        super().__init__(*args, **kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return ", ".join(str(item) for item in value)
+        return value
+
+    def to_python(self, value: Any) -> list[str]:
+        if isinstance(value, list):
+            return value
+        if value in self.empty_values:
+            return []
+        return [name.strip() for name in str(value).replace("\n", ",").split(",") if name.strip()]
+
+    def has_changed(self, initial: Any, data: Any) -> bool:
+        return self.to_python(initial or []) != self.to_python(data)

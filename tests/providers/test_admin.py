@@ -10,9 +10,9 @@ from django.contrib import messages
 from django.urls import reverse
 
 from llmhub.testing.fake_upstream import MODELS, FakeUpstream
-from providers.models import HealthStatus, Model, Provider, ProviderKind
+from providers.models import CatalogModel, Deployment, HealthStatus, Provider, ProviderKind
 from tests.conftest import free_port
-from tests.factories import ModelFactory, ProviderFactory
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +41,6 @@ def form_data(provider: Provider, **overrides: object) -> dict[str, object]:
         "organization": provider.organization,
         "extra_headers": "{}",
         "timeout_seconds": str(provider.timeout_seconds),
-        "max_retries": str(provider.max_retries),
     }
     data.update(overrides)
     return {key: value for key, value in data.items() if value is not None}
@@ -143,7 +142,6 @@ def test_add_provider_with_a_key(admin_client):
             "organization": "",
             "extra_headers": "{}",
             "timeout_seconds": "30",
-            "max_retries": "1",
         },
     )
 
@@ -217,7 +215,6 @@ def test_add_provider_with_a_credential_header(admin_client):
             "organization": "",
             "extra_headers": json.dumps({"X-Upstream-Token": HEADER_TOKEN}),
             "timeout_seconds": "30",
-            "max_retries": "1",
         },
     )
 
@@ -228,7 +225,7 @@ def test_add_provider_with_a_credential_header(admin_client):
 # Lists ----------------------------------------------------------------------------------------------
 
 
-def test_provider_list_shows_endpoint_health_and_model_count(admin_client, fake_upstream):
+def test_provider_list_shows_endpoint_health_and_deployment_count(admin_client, fake_upstream):
     checked = ProviderFactory(name="checked", base_url=fake_upstream.base_url + "/v1", api_key=KEY)
     ModelFactory.create_batch(2, provider=checked)
     ProviderFactory(name="default-endpoint", kind=ProviderKind.OPENAI, base_url="")
@@ -248,15 +245,17 @@ def test_model_list_filters_search_and_edits_enabled(admin_client):
     provider = ProviderFactory(name="listing")
     ModelFactory(name="visible-model", provider=provider, upstream_id="up-visible", input_per_mtok=Decimal("1.25"))
     hidden = ModelFactory(name="other-model", provider=provider, upstream_id="up-other", enabled=False)
-    changelist = reverse("admin:providers_model_changelist")
+    changelist = reverse("admin:providers_catalogmodel_changelist")
 
     page = admin_client.get(changelist, {"q": "up-visible"}).content.decode()
     assert "visible-model" in page and "other-model" not in page and "1.25" in page
-    page = admin_client.get(changelist, {"enabled__exact": "0", "provider__id__exact": provider.pk}).content.decode()
+    page = admin_client.get(
+        changelist, {"enabled__exact": "0", "deployments__provider__id__exact": provider.pk}
+    ).content.decode()
     assert "other-model" in page and "visible-model" not in page
     assert admin_client.get(changelist, {"supports_vision__exact": "1"}).status_code == 200
 
-    models = list(Model.objects.order_by("name"))
+    models = list(CatalogModel.objects.order_by("name"))
     response = admin_client.post(
         changelist,
         {
@@ -275,9 +274,9 @@ def test_model_list_filters_search_and_edits_enabled(admin_client):
 def test_model_change_page_has_the_fieldsets(admin_client):
     model = ModelFactory()
 
-    page = admin_client.get(reverse("admin:providers_model_change", args=[model.pk])).content.decode()
+    page = admin_client.get(reverse("admin:providers_catalogmodel_change", args=[model.pk])).content.decode()
 
-    for heading in ("Identity", "Prices per million tokens", "Limits", "Capabilities", "Parameter rules"):
+    for heading in ("Identity", "Routing", "Limits", "Capabilities", "Parameter rules", "Deployments"):
         assert heading in page
 
 
@@ -332,10 +331,10 @@ def test_import_models_action(admin_client, fake_upstream):
 
     [(level, text)] = shown
     assert level == messages.SUCCESS and f"{len(MODELS)} model(s) added" in text
-    assert sorted(Model.objects.filter(provider=provider).values_list("upstream_id", flat=True)) == sorted(
+    assert sorted(Deployment.objects.filter(provider=provider).values_list("upstream_id", flat=True)) == sorted(
         model_id for model_id, _ in MODELS
     )
-    assert not Model.objects.filter(enabled=True).exists()
+    assert not CatalogModel.objects.filter(enabled=True).exists()
 
     _, shown = run_action(admin_client, "import_models", provider)
     assert f"0 model(s) added; {len(MODELS)} already in the catalog" in shown[0][1]
@@ -349,4 +348,172 @@ def test_import_models_action_reports_a_refusal(admin_client, locked_upstream):
     [(level, text)] = shown
     assert level == messages.ERROR and "import failed" in text and "refused the gateway's credentials" in text
     assert WRONG_KEY not in response.content.decode()
-    assert not Model.objects.exists()
+    assert not CatalogModel.objects.exists()
+
+
+# Public models with their deployments ----------------------------------------------------------------
+
+
+def model_form(name: str, deployments: list[dict[str, object]], **overrides: object) -> dict[str, object]:
+    """The add/change form of a public model as the admin page posts it, deployments inline."""
+    data: dict[str, object] = {
+        "name": name,
+        "label": "",
+        "mode": "chat",
+        "enabled": "on",
+        "strategy": "weighted",
+        "retries": "2",
+        "fallbacks": "",
+        "context_window_fallbacks": "",
+        "context_window": "128000",
+        "supports_streaming": "on",
+        "supports_tools": "on",
+        "supports_json_mode": "on",
+        "parameter_rules": "{}",
+        "deployments-TOTAL_FORMS": str(len(deployments)),
+        "deployments-INITIAL_FORMS": str(sum(1 for row in deployments if "id" in row)),
+        "deployments-MIN_NUM_FORMS": "0",
+        "deployments-MAX_NUM_FORMS": "1000",
+    }
+    for index, row in enumerate(deployments):
+        fields = {"weight": "1", "priority": "0", "enabled": "on", "input_per_mtok": "0", "output_per_mtok": "0"}
+        fields.update(row)
+        data.update({f"deployments-{index}-{key}": value for key, value in fields.items()})
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def test_add_a_model_with_two_deployments_inline(admin_client):
+    east = ProviderFactory(name="east", api_key=KEY)
+    west = ProviderFactory(name="west", api_key=KEY)
+    add_url = reverse("admin:providers_catalogmodel_add")
+    page = admin_client.get(add_url).content.decode()
+    assert "deployments-TOTAL_FORMS" in page and KEY not in page  # one row to fill in, no key anywhere
+
+    response = admin_client.post(
+        add_url,
+        model_form(
+            "gpt-4o-mini",
+            [
+                {
+                    "provider": east.pk,
+                    "upstream_id": "gpt-4o-mini",
+                    "weight": "3",
+                    "input_per_mtok": "0.15",
+                    "output_per_mtok": "0.60",
+                    "rpm_limit": "600",
+                    "quality": "0.9",
+                },
+                {
+                    "provider": west.pk,
+                    "upstream_id": "gpt-4o-mini-west",
+                    "input_per_mtok": "0.30",
+                    "output_per_mtok": "1.20",
+                    "priority": "1",
+                    "breaker_override": "open",
+                },
+            ],
+            strategy="priority",
+        ),
+    )
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    model = CatalogModel.objects.get(name="gpt-4o-mini")
+    assert model.strategy == "priority"
+    rows = {d.name: d for d in model.deployments.select_related("provider")}
+    assert set(rows) == {"east", "west"}  # blank names: the providers'
+    assert (rows["east"].weight, rows["east"].rpm_limit, rows["east"].quality) == (3, 600, Decimal("0.9"))
+    assert rows["west"].upstream_id == "gpt-4o-mini-west" and rows["west"].breaker_override == "open"
+
+    changelist = admin_client.get(reverse("admin:providers_catalogmodel_changelist")).content.decode()
+    results = changelist.split('id="result_list"', 1)[1]
+    row = next(line for line in results.split("<tr") if ">gpt-4o-mini<" in line)
+    assert ">2<" in row and "0.15–0.3 · 0.6–1.2" in row
+    change = admin_client.get(reverse("admin:providers_catalogmodel_change", args=[model.pk])).content.decode()
+    assert "gpt-4o-mini-west" in change and KEY not in change
+    providers = admin_client.get(reverse("admin:providers_provider_changelist")).content.decode()
+    results = providers.split('id="result_list"', 1)[1]
+    assert KEY not in providers and ">1<" in next(line for line in results.split("<tr") if ">east<" in line)
+
+
+def test_two_unnamed_deployments_on_one_provider_get_distinct_names(admin_client):
+    east = ProviderFactory(name="east")
+    rows = [{"provider": east.pk, "upstream_id": "a"}, {"provider": east.pk, "upstream_id": "b"}]
+
+    response = admin_client.post(reverse("admin:providers_catalogmodel_add"), model_form("twice", rows))
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    assert sorted(Deployment.objects.values_list("name", flat=True)) == ["east", "east-2"]
+
+
+def test_an_enabled_model_without_deployments_is_refused_with_a_clear_message(admin_client):
+    response = admin_client.post(reverse("admin:providers_catalogmodel_add"), model_form("bare", []))
+
+    assert response.status_code == 200
+    assert "An enabled model needs at least one deployment" in response.content.decode()
+    assert not CatalogModel.objects.exists()
+
+    # Disabled, it may wait for its deployments (as an imported model does).
+    response = admin_client.post(reverse("admin:providers_catalogmodel_add"), model_form("bare", [], enabled=None))
+    assert response.status_code == 302 and not CatalogModel.objects.get(name="bare").enabled
+
+
+def test_an_alias_with_deployments_of_its_own_is_refused(admin_client):
+    target = ModelFactory(name="gpt-4o-mini")
+    provider = ProviderFactory()
+    add_url = reverse("admin:providers_catalogmodel_add")
+
+    response = admin_client.post(
+        add_url, model_form("chat-default", [{"provider": provider.pk, "upstream_id": "x"}], alias_of=target.pk)
+    )
+
+    assert response.status_code == 200 and "An alias has no deployments of its own" in response.content.decode()
+    response = admin_client.post(add_url, model_form("chat-default", [], alias_of=target.pk))
+    assert response.status_code == 302
+    assert CatalogModel.objects.get(name="chat-default").alias_of == target
+
+
+def test_fallbacks_must_name_other_models_without_a_cycle(admin_client):
+    provider = ProviderFactory()
+    haiku = ModelFactory(name="claude-haiku", provider=provider, fallbacks=["gpt-4o-mini"])
+    ModelFactory(name="gpt-4o-long", provider=provider)
+    ModelFactory(name="chat-default", alias_of=haiku)
+    add_url = reverse("admin:providers_catalogmodel_add")
+    row = [{"provider": provider.pk, "upstream_id": "gpt-4o-mini"}]
+
+    def refused(**fields: object) -> str:
+        response = admin_client.post(add_url, model_form("gpt-4o-mini", row, **fields))
+        assert response.status_code == 200
+        return response.content.decode()
+
+    assert "claude-opus: no such model in the catalog" in refused(fallbacks="claude-opus")
+    assert "cannot fall back to itself" in refused(context_window_fallbacks="gpt-4o-mini")
+    page = refused(fallbacks="gpt-4o-long, chat-default")  # the alias stands for claude-haiku
+    assert "This makes a cycle: gpt-4o-mini → claude-haiku → gpt-4o-mini." in page
+    assert not CatalogModel.objects.filter(name="gpt-4o-mini").exists()
+
+    response = admin_client.post(
+        add_url, model_form("gpt-4o-mini", row, fallbacks="gpt-4o-long", context_window_fallbacks="chat-default")
+    )
+    assert response.status_code == 302, response.content.decode()[:3000]
+    model = CatalogModel.objects.get(name="gpt-4o-mini")
+    assert model.fallbacks == ["gpt-4o-long"] and model.context_window_fallbacks == ["chat-default"]
+    change = admin_client.get(reverse("admin:providers_catalogmodel_change", args=[model.pk])).content.decode()
+    assert 'value="gpt-4o-long"' in change  # shown back as typed
+
+
+def test_a_deployment_row_can_be_deleted_from_the_change_page(admin_client):
+    model = ModelFactory(name="two-homes")
+    extra = DeploymentFactory(model=model, name="spare", upstream_id="spare-id")
+    first = model.deployments.exclude(pk=extra.pk).get()
+    rows = [
+        {"id": first.pk, "model": model.pk, "provider": first.provider_id, "upstream_id": first.upstream_id},
+        {"id": extra.pk, "model": model.pk, "provider": extra.provider_id, "upstream_id": "spare-id", "DELETE": "on"},
+    ]
+
+    response = admin_client.post(
+        reverse("admin:providers_catalogmodel_change", args=[model.pk]), model_form("two-homes", rows)
+    )
+
+    assert response.status_code == 302, response.content.decode()[:3000]
+    assert list(model.deployments.values_list("pk", flat=True)) == [first.pk]
