@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.db.models import QuerySet
 
 from providers.exceptions import ApplicationError
@@ -48,6 +50,22 @@ def conversation_turns(*, conversation: Conversation) -> list[Turn]:
         .values_list("role", "content")
     )
     return [Turn(role, content) for role, content in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a new turn in a conversation is sent with, before trimming: its system prompt and history."""
+
+    system_prompt: str = ""
+    turns: tuple[Turn, ...] = ()
+
+
+def turn_context(*, user_id: int, conversation_id: int | None) -> TurnContext:
+    """The context of a new turn: empty for a new conversation (``conversation_id=None``)."""
+    if conversation_id is None:
+        return TurnContext()
+    conversation = conversation_get(user_id=user_id, conversation_id=conversation_id)
+    return TurnContext(conversation.system_prompt, tuple(conversation_turns(conversation=conversation)))
 
 
 def message_get(*, user_id: int, message_id: int) -> Message:

@@ -79,8 +79,23 @@ def message_content_save(*, message_id: int, content: str) -> None:
     Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=content)
 
 
-def message_finish(*, message_id: int, content: str, status: MessageStatus, error_message: str = "") -> None:
-    Message.objects.filter(pk=message_id).update(content=content, status=status, error_message=error_message[:500])
+def message_finish(
+    *,
+    message_id: int,
+    content: str,
+    status: MessageStatus,
+    error_message: str = "",
+    model_name: str | None = None,
+    provider_name: str | None = None,
+) -> None:
+    """The reply's final text and status. ``model_name`` / ``provider_name``: who answered, when routing chose
+    another provider (a deployment) or model (a fallback) than the reply was begun with."""
+    fields: dict[str, object] = {"content": content, "status": status, "error_message": error_message[:500]}
+    if model_name is not None:
+        fields["model_name"] = model_name
+    if provider_name is not None:
+        fields["provider_name"] = provider_name[:64]
+    Message.objects.filter(pk=message_id).update(**fields)
 
 
 @transaction.atomic

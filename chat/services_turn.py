@@ -1,0 +1,356 @@
+"""The chat turn: one user message and its streamed reply, from the conversation's history to the reply's
+final status. Its one home, whatever carries it: the WebSocket consumer (``chat.consumers``) parses events
+and turns what a turn reports into events; anything else (a test, another transport) drives a ``ChatTurn``
+the same way, with its own ``report`` callback.
+
+A turn, in order:
+
+1. reads the conversation's system prompt and history (another user's conversation is not found);
+2. starts the run through the pipeline (``completion_start``), which resolves the model and calls back
+   ``shape`` to trim the history to that model's context window (``chat.history``): a request refused
+   there (unknown model, not in the plan, bad input, no budget) gets its ``rejected`` ledger row, as a
+   REST one does;
+3. writes the user's message and an empty reply in ``streaming`` state;
+4. relays the reply, saving what was written every ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows
+   it), and reports ``TurnStarted`` with the first chunk, once routing knows which deployment answers;
+5. writes the reply's final status: ``complete``; ``cancelled`` when stopped (what was written is kept);
+   ``error`` when the upstream failed, before or during the reply, or the server's shutdown ended it (the
+   partial reply is kept).
+
+It reports exactly one ending (``TurnCompleted``, ``TurnCancelled`` or ``TurnFailed``), preceded by
+``TurnStarted`` whenever the messages were written. The database is reached through ``chat.services`` and
+``chat.selectors`` in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from channels.db import database_sync_to_async
+
+from billing.models import Endpoint, UsageStatus
+from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from providers.types import ResolvedModel
+
+from . import selectors, services
+from .history import Turn, history_trim
+from .models import MessageStatus
+from .pipeline import Caller, CompletionRun, RunResult, completion_start
+
+logger = logging.getLogger(__name__)
+
+# A streaming reply is written to the database at most this often, not once per token.
+CHECKPOINT_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TurnUsage:
+    """A settled run's figures, as the conversation API reads them back from the ledger row."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+    estimated: bool
+
+    @classmethod
+    def of(cls, result: RunResult | None) -> TurnUsage | None:
+        if result is None:
+            return None
+        return cls(result.prompt_tokens, result.completion_tokens, result.cost, result.usage_estimated)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    """The messages are written and the reply is coming (or has failed before its first chunk: then
+    ``deployment`` is None and ``model`` / ``provider`` are those asked for)."""
+
+    conversation_id: int
+    message_id: int
+    title: str
+    model: str
+    provider: str
+    deployment: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDelta:
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCompleted:
+    message_id: int
+    finish_reason: str | None
+    usage: TurnUsage | None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCancelled:
+    """Stopped: ``by_user`` (``ChatTurn.stop``), or because its owner is going away. ``message_id`` is None
+    when the turn was stopped before anything was written."""
+
+    message_id: int | None
+    usage: TurnUsage | None
+    by_user: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFailed:
+    """Refused, or failed; ``error`` says why (its ``code``, ``param``, ``retry_after``) in words a client
+    may see."""
+
+    error: ApplicationError
+
+
+TurnEvent = TurnStarted | TurnDelta | TurnCompleted | TurnCancelled | TurnFailed
+
+
+class ChatTurn:
+    """One turn of a conversation (``conversation_id=None``: the first of a new one), run by ``run`` in a
+    task of its own, reporting to ``report``; ``stop`` ends it early from any other task."""
+
+    def __init__(
+        self,
+        *,
+        caller: Caller,
+        conversation_id: int | None,
+        model_name: str,
+        content: str,
+        report: Callable[[TurnEvent], Awaitable[None]],
+    ) -> None:
+        self.caller = caller
+        self.conversation_id = conversation_id  # set once a new conversation is written
+        self.model_name = model_name
+        self.content = content
+        self.report = report
+        self._task: asyncio.Task[Any] | None = None
+        self._run: CompletionRun | None = None
+        self._rows: services.TurnRows | None = None
+        self._written: list[str] = []
+        # Until the upstream call starts a stop is only noted: the run, once admitted, must be streamed (or
+        # abandoned) for the pipeline to settle it, so the turn stops itself at its next step.
+        self._streaming = False
+        self._stop_requested = False
+        self._stopped_by_user = False
+        self._answered = False  # a first chunk arrived: the run knows its deployment
+        self._started_reported = False
+
+    def stop(self, *, by_user: bool) -> None:
+        """End the turn: ``by_user`` (the user asked; the run is recorded ``cancelled``), or because its owner
+        is going away (``client_disconnected``). What was written is kept either way."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        self._stopped_by_user = by_user
+        if self._run is not None and by_user:
+            self._run.mark_cancelled()
+        if self._streaming and self._task is not None:
+            self._task.cancel()
+
+    async def run(self) -> None:
+        """The whole turn. Returns once its ending is reported, also when ``stop`` ended it; raises only
+        ``CancelledError`` when its task was cancelled by someone else."""
+        self._task = asyncio.current_task()
+        run: CompletionRun | None = None
+        try:
+            try:
+                run = await self._admit()
+                if run is None:
+                    return
+                rows = await self._begin(run)
+            except (ApplicationError, *DATABASE_OUTAGE_ERRORS) as failure:
+                # The conversation is read and written in the database: without it, a 503-like error.
+                exc = failure if isinstance(failure, ApplicationError) else DatabaseUnavailableError()
+                if run is not None:
+                    run.abandon(status=UsageStatus.REJECTED, error_type=exc.code or type(exc).__name__)
+                await self.report(TurnFailed(exc))
+                return
+            except Exception:
+                logger.exception("a chat turn in conversation %s failed before its reply started", self.conversation_id)
+                await self.report(
+                    TurnFailed(ApplicationError("The reply could not be started.", code="internal_error"))
+                )
+                return
+            await self._relay(run, rows)
+        finally:
+            if run is not None:
+                # A no-op when the stream settled; otherwise (stopped before relaying) the one ledger row.
+                run.abandon()
+
+    async def _admit(self) -> CompletionRun | None:
+        context = await database_sync_to_async(selectors.turn_context)(
+            user_id=self.caller.user_id, conversation_id=self.conversation_id
+        )
+        if self._stop_requested:
+            # Stopped before anything was admitted: nothing to settle, nothing to keep.
+            await self.report(TurnCancelled(message_id=None, usage=None, by_user=self._stopped_by_user))
+            return None
+        turns = [*context.turns, Turn("user", self.content)]
+
+        def shape(model: ResolvedModel) -> list[dict[str, Any]]:
+            return history_trim(
+                turns=turns,
+                system_prompt=context.system_prompt,
+                context_window=model.context_window,
+                max_output_tokens=model.max_output_tokens,
+            )
+
+        run = await completion_start(
+            caller=self.caller,
+            body={"model": self.model_name, "stream": True},
+            endpoint=Endpoint.WEBSOCKET,
+            shape=shape,
+        )
+        self._run = run
+        if self._stopped_by_user:
+            run.mark_cancelled()
+        return run
+
+    async def _begin(self, run: CompletionRun) -> services.TurnRows:
+        rows = await database_sync_to_async(services.chat_turn_begin)(
+            user_id=self.caller.user_id,
+            conversation_id=self.conversation_id,
+            model_name=run.model.name,
+            provider_name=run.model.provider.name,
+            content=self.content,
+            request_id=run.request_id,
+        )
+        self.conversation_id = rows.conversation.pk
+        self._rows = rows
+        return rows
+
+    async def _relay(self, run: CompletionRun, rows: services.TurnRows) -> None:
+        message_id = rows.assistant_message.pk
+        self._streaming = True
+        if self._stop_requested:
+            # A stop arrived while the run was being admitted: the pipeline settles it on cancellation.
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+        try:
+            # aclosing: whatever ends this loop early, the pipeline's stream is closed and settles at once.
+            async with contextlib.aclosing(run.stream()) as chunks:
+                async for chunk in chunks:
+                    if not self._answered:
+                        self._answered = True
+                        await self._report_started(run)
+                    piece = _delta_text(chunk)
+                    if not piece:
+                        continue
+                    self._written.append(piece)
+                    await self.report(TurnDelta(piece))
+                    if time.monotonic() >= checkpoint_at:
+                        await self._checkpoint(message_id)
+                        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
+        except asyncio.CancelledError:
+            self._streaming = False
+            shutdown = run.shutdown_error()
+            if shutdown is not None:
+                # The server's shutdown ended the reply: the partial message is kept, and the client told.
+                await self._finish(run, message_id, MessageStatus.ERROR, error_message=shutdown.message)
+                await self._report_started(run)
+                await self.report(TurnFailed(shutdown))
+                return
+            # Closing the stream settled the run: what was delivered is billed, and the usage says so.
+            await self._finish(run, message_id, MessageStatus.CANCELLED)
+            await self._report_started(run)
+            await self.report(
+                TurnCancelled(message_id=message_id, usage=TurnUsage.of(run.result), by_user=self._stopped_by_user)
+            )
+            if not self._own_cancellation():
+                raise
+            return
+        except ProviderError as exc:
+            # Before the first chunk, every deployment (and fallback) failed; after it, the stream broke.
+            self._streaming = False
+            await self._finish(run, message_id, MessageStatus.ERROR, error_message=exc.message)
+            await self._report_started(run)
+            await self.report(TurnFailed(exc))
+            return
+        except Exception:
+            self._streaming = False
+            logger.exception("relaying the reply %s failed", run.request_id)
+            await self._finish(run, message_id, MessageStatus.ERROR, error_message="The reply failed.")
+            await self._report_started(run)
+            await self.report(TurnFailed(ApplicationError("The reply failed.", code="internal_error")))
+            return
+        # From here a stop comes too late: the reply is whole, so it is saved and reported as complete.
+        self._streaming = False
+        await self._finish(run, message_id, MessageStatus.COMPLETE)
+        await self._report_started(run)
+        result = run.result
+        await self.report(
+            TurnCompleted(
+                message_id=message_id,
+                finish_reason=result.finish_reason if result else None,
+                usage=TurnUsage.of(result),
+            )
+        )
+
+    def _own_cancellation(self) -> bool:
+        """Whether the cancellation being handled is only ``stop``'s: then it is consumed, and the turn ends
+        normally; one from anywhere else goes on."""
+        task = asyncio.current_task()
+        if not self._stop_requested or task is None:
+            return False
+        return task.uncancel() == 0
+
+    async def _report_started(self, run: CompletionRun) -> None:
+        if self._started_reported or self._rows is None:
+            return
+        self._started_reported = True
+        rows = self._rows
+        answered = run.answered_by if self._answered else run.model
+        deployment = answered.deployment if self._answered else None
+        await self.report(
+            TurnStarted(
+                conversation_id=rows.conversation.pk,
+                message_id=rows.assistant_message.pk,
+                title=rows.conversation.title,
+                model=answered.name,
+                provider=answered.provider.name,
+                deployment=deployment.name if deployment is not None else None,
+            )
+        )
+
+    async def _checkpoint(self, message_id: int) -> None:
+        try:
+            await database_sync_to_async(services.message_content_save)(
+                message_id=message_id, content="".join(self._written)
+            )
+        except DATABASE_OUTAGE_ERRORS:
+            # Only a checkpoint: the reply goes on, and the next one (or the finish) saves it.
+            logger.warning("a checkpoint of the reply %s was skipped: the database is unavailable", message_id)
+
+    async def _finish(
+        self, run: CompletionRun, message_id: int, status: MessageStatus, error_message: str = ""
+    ) -> None:
+        answered = run.answered_by if self._answered else None
+        # Shielded: this write is what keeps a partial reply when the task is being torn down.
+        try:
+            await asyncio.shield(
+                database_sync_to_async(services.message_finish)(
+                    message_id=message_id,
+                    content="".join(self._written),
+                    status=status,
+                    error_message=error_message,
+                    model_name=answered.name if answered is not None else None,
+                    provider_name=answered.provider.name if answered is not None else None,
+                )
+            )
+        except DATABASE_OUTAGE_ERRORS:
+            # The client has the reply; the stored message keeps its last checkpoint.
+            logger.warning("the reply %s was not saved: the database is unavailable", message_id)
+
+
+def _delta_text(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or ()
+    if not choices:
+        return ""
+    return (choices[0].get("delta") or {}).get("content") or ""

@@ -1,0 +1,160 @@
+"""The chat turn (``chat.services_turn``) driven without a socket: a ``report`` callback collects what it
+says, against the real pipeline, the fake upstream and the database."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from billing.models import UsageRecord
+from billing.services.ledger import ledger_flush
+from chat.models import Conversation, Message, MessageStatus, Role
+from chat.pipeline import Caller
+from chat.services_turn import (
+    ChatTurn,
+    TurnCancelled,
+    TurnCompleted,
+    TurnDelta,
+    TurnEvent,
+    TurnFailed,
+    TurnStarted,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Recorder:
+    """A ``report`` callback: keeps every event, and can stop the turn once it has seen ``stop_after`` deltas."""
+
+    def __init__(self, *, stop_after: int | None = None) -> None:
+        self.events: list[TurnEvent] = []
+        self.stop_after = stop_after
+        self.turn: ChatTurn | None = None
+
+    async def __call__(self, event: TurnEvent) -> None:
+        self.events.append(event)
+        if self.stop_after is not None and self.turn is not None and len(self.of(TurnDelta)) == self.stop_after:
+            self.turn.stop(by_user=True)
+
+    def of(self, kind: type) -> list:
+        return [event for event in self.events if isinstance(event, kind)]
+
+    @property
+    def text(self) -> str:
+        return "".join(delta.content for delta in self.of(TurnDelta))
+
+
+def turn_for(user, model_name: str, content: str, *, conversation_id: int | None = None, **recorder) -> ChatTurn:
+    report = Recorder(**recorder)
+    turn = ChatTurn(
+        caller=Caller(user_id=user.pk, username=user.username),
+        conversation_id=conversation_id,
+        model_name=model_name,
+        content=content,
+        report=report,
+    )
+    report.turn = turn
+    return turn
+
+
+async def test_a_turn_reports_its_reply_and_writes_it(alice, chat_model):
+    turn = turn_for(alice, chat_model.name, "Hello there")
+    await turn.run()
+    events = turn.report.events
+    started, completed = events[0], events[-1]
+    assert isinstance(started, TurnStarted) and isinstance(completed, TurnCompleted)
+    assert [type(event) for event in events[1:-1]] == [TurnDelta] * (len(events) - 2)
+    assert turn.report.text == "Echo: Hello there"
+    deployment = await chat_model.deployments.select_related("provider").aget()
+    assert (started.model, started.provider, started.deployment) == (
+        chat_model.name,
+        deployment.provider.name,
+        deployment.name,
+    )
+    assert started.title == "Hello there" and turn.conversation_id == started.conversation_id
+    assert completed.finish_reason == "stop" and completed.usage.completion_tokens == 3
+    assert completed.usage.cost > 0
+
+    messages = [m async for m in Message.objects.filter(conversation_id=started.conversation_id)]
+    assert [(m.role, m.content, m.status) for m in messages] == [
+        (Role.USER, "Hello there", MessageStatus.COMPLETE),
+        (Role.ASSISTANT, "Echo: Hello there", MessageStatus.COMPLETE),
+    ]
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(request_id=messages[1].request_id)
+    assert (record.status, record.endpoint, record.cost) == ("ok", "websocket", completed.usage.cost)
+
+
+async def test_a_stopped_turn_keeps_what_was_written_and_ends_normally(alice, chat_model):
+    turn = turn_for(alice, chat_model.name, "A long one [[words=300]] [[tps=50]]", stop_after=3)
+    await turn.run()  # returns: the cancellation was the turn's own
+    cancelled = turn.report.events[-1]
+    assert isinstance(cancelled, TurnCancelled) and cancelled.by_user
+    assert 3 <= len(turn.report.of(TurnDelta)) < 100
+    reply = await Message.objects.aget(pk=cancelled.message_id)
+    assert (reply.status, reply.content) == (MessageStatus.CANCELLED, turn.report.text)
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert record.status == "cancelled"
+    assert (cancelled.usage.completion_tokens, cancelled.usage.cost) == (record.completion_tokens, record.cost)
+
+
+async def test_a_turn_stopped_before_it_is_admitted_writes_nothing(alice, chat_model):
+    turn = turn_for(alice, chat_model.name, "hi")
+    task = asyncio.create_task(turn.run())
+    turn.stop(by_user=True)
+    await task
+    assert turn.report.events == [TurnCancelled(message_id=None, usage=None, by_user=True)]
+    assert await Message.objects.acount() == 0
+
+
+async def test_the_history_is_trimmed_to_the_resolved_models_context_window(alice, chat_model, fake_upstream):
+    """The pipeline resolves the model and the turn's ``shape`` trims the history to its window: 40 turns
+    of 400 characters (about 104 tokens each) do not fit 2,000 tokens less a 500-token reserve."""
+    chat_model.context_window, chat_model.max_output_tokens = 2_000, 500
+    await chat_model.asave(update_fields=["context_window", "max_output_tokens"])
+    conversation = await Conversation.objects.acreate(owner=alice, title="t", system_prompt="Be brief.")
+    for n in range(20):
+        await Message.objects.acreate(conversation=conversation, role=Role.USER, content=f"q{n:02d} " + "x" * 396)
+        await Message.objects.acreate(conversation=conversation, role=Role.ASSISTANT, content=f"a{n:02d} " + "y" * 396)
+
+    turn = turn_for(alice, chat_model.name, "And now?", conversation_id=conversation.pk)
+    await turn.run()
+    assert isinstance(turn.report.events[-1], TurnCompleted), turn.report.events[-1]
+    sent = fake_upstream.requests[-1]["body"]["messages"]
+    assert sent[0] == {"role": "system", "content": "Be brief."}
+    assert sent[-1] == {"role": "user", "content": "And now?"}
+    # An unbroken run of the newest turns: (1500 - 7 - 6) // 104 = 14 of the 40.
+    assert [m["content"][:3] for m in sent[1:-1]] == [f"{kind}{n:02d}" for n in range(13, 20) for kind in ("q", "a")]
+
+
+async def test_an_unknown_model_fails_the_turn_with_a_rejected_row(alice, chat_model):
+    turn = turn_for(alice, "no-such-model", "hi")
+    await turn.run()
+    [failed] = turn.report.events
+    assert isinstance(failed, TurnFailed) and failed.error.code == "model_not_found"
+    await ledger_flush()
+    record = await UsageRecord.objects.aget()
+    assert (record.status, record.endpoint, record.model_name) == ("rejected", "websocket", "no-such-model")
+    assert await Message.objects.acount() == 0
+
+
+async def test_an_upstream_failure_keeps_the_partial_reply_as_an_error(alice, chat_model):
+    turn = turn_for(alice, chat_model.name, "one two three four [[fault=error-event]]")
+    await turn.run()
+    events = turn.report.events
+    assert isinstance(events[0], TurnStarted) and isinstance(events[-1], TurnFailed)
+    assert events[-1].error.code.startswith("upstream")
+    reply = await Message.objects.aget(pk=events[0].message_id)
+    assert reply.status == MessageStatus.ERROR and reply.error_message
+    assert reply.content == turn.report.text != ""
+
+
+async def test_another_users_conversation_is_not_found(alice, bob, chat_model):
+    conversation = await Conversation.objects.acreate(owner=alice, title="mine")
+    turn = turn_for(bob, chat_model.name, "let me in", conversation_id=conversation.pk)
+    await turn.run()
+    [failed] = turn.report.events
+    assert isinstance(failed, TurnFailed) and failed.error.code == "not_found"
+    assert await Message.objects.acount() == 0
