@@ -19,7 +19,7 @@ Protocol (JSON both ways)::
     → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt"}
     → {"type": "chat.cancel", "request_id": "..."}
     → {"type": "ping"}
-    ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider"}
+    ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment", "title"}
     ← {"type": "chat.delta", "request_id", "content"}
     ← {"type": "chat.completed", "request_id", "message", "finish_reason", "usage": {...}}
     ← {"type": "chat.cancelled", "request_id", "message", "usage": {...}|null}
@@ -31,40 +31,45 @@ Server shutdown. When the server begins to stop, a ``chat.send`` is answered wit
 after which each is ended with the same ``error`` and its partial message is kept; once no reply is
 streaming the socket is closed with code 1012 (service restart): reconnect and send again.
 
+Replies. ``chat.started`` comes with the reply's first chunk, once routing has found the deployment that
+answers (``model``, ``provider`` and ``deployment`` say who: another deployment of the model, or a
+fallback model, when the first ones failed); a reply that fails before any output gets ``chat.started``
+with ``deployment`` null, then its ``error``. An ``error`` after ``chat.started`` ends the reply and keeps
+what was written (status ``error``). A ``chat.send`` refused by the pipeline (unknown model, one outside
+the plan or the key's models, bad input, no budget, rate limited) gets an ``error`` and, as on REST, a
+``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type, a busy
+conversation) gets an ``error`` only.
+
 Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
 conversation streams one reply at a time (per socket: a second send on it answers ``conversation_busy``).
-The database is reached only through ``chat.services`` / ``chat.selectors`` in a thread.
+The turn itself (history, messages, checkpoints, cancel, final status) is ``chat.services_turn.ChatTurn``:
+this consumer parses and checks events, authenticates, keeps track of its streams, and turns what each
+turn reports into events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from billing.models import UsageStatus
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
-from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
-from providers.selectors import model_resolve
+from providers.exceptions import ApplicationError, DatabaseUnavailableError
 
-from . import selectors, services
-from .history import Turn, history_trim
-from .models import MessageStatus
-from .pipeline import (
-    Caller,
-    CompletionRun,
-    RunResult,
-    caller_from_api_key,
-    caller_from_user,
-    completion_start,
-    shutdown_began,
+from .pipeline import Caller, caller_from_api_key, caller_from_user, shutdown_began
+from .services_turn import (
+    ChatTurn,
+    TurnCancelled,
+    TurnCompleted,
+    TurnDelta,
+    TurnEvent,
+    TurnFailed,
+    TurnStarted,
+    TurnUsage,
 )
 from .validation import InvalidRequestError, has_lone_surrogate, json_parse
 
@@ -81,8 +86,6 @@ MAX_STREAMS_PER_SOCKET = 8
 MAX_CONTENT_CHARS = 100_000
 MAX_REQUEST_ID_CHARS = 64
 MAX_DATABASE_ID = 2**63 - 1
-# A streaming reply is written to the database at most this often, not once per token.
-CHECKPOINT_SECONDS = 1.0
 # How long a closing socket waits for its replies to be saved before the consumer ends.
 DISCONNECT_GRACE_SECONDS = 5.0
 
@@ -95,25 +98,12 @@ class SocketError(ApplicationError):
 
 @dataclass
 class _Stream:
-    """One reply in flight on this socket."""
+    """One reply in flight on this socket: the turn making it, and the task running the turn."""
 
     request_id: str
     conversation_id: int | None
+    turn: ChatTurn
     task: asyncio.Task[None] | None = None
-    run: CompletionRun | None = None
-    # Until the upstream call starts, a stop is only noted: the run, once admitted, must be streamed for
-    # the pipeline to settle it, so the task stops itself right after the start.
-    streaming: bool = False
-    stop_requested: bool = False
-    user_cancelled: bool = False
-    content: list[str] = field(default_factory=list)
-
-
-def _turn_context(*, user_id: int, conversation_id: int | None) -> tuple[str, list[Turn]]:
-    if conversation_id is None:
-        return "", []
-    conversation = selectors.conversation_get(user_id=user_id, conversation_id=conversation_id)
-    return conversation.system_prompt, selectors.conversation_turns(conversation=conversation)
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -288,11 +278,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise SocketError(f"'content' is longer than {MAX_CONTENT_CHARS} characters.")
         if conversation_id is not None and conversation_id in self.busy_conversations:
             raise SocketError("A reply is already streaming in this conversation.", code="conversation_busy")
-        stream = _Stream(request_id=request_id, conversation_id=conversation_id)
+        assert self.caller is not None
+        turn = ChatTurn(
+            caller=self.caller,
+            conversation_id=conversation_id,
+            model_name=model_name.strip(),
+            content=text,
+            report=lambda turn_event: self._turn_event(stream, turn_event),
+        )
+        stream = _Stream(request_id=request_id, conversation_id=conversation_id, turn=turn)
         self.streams[request_id] = stream
         if conversation_id is not None:
             self.busy_conversations[conversation_id] = request_id
-        stream.task = asyncio.create_task(self._run_turn(stream, model_name=model_name.strip(), text=text))
+        stream.task = asyncio.create_task(self._run_turn(stream))
 
     async def _chat_cancel(self, event: dict[str, Any]) -> None:
         request_id = _client_request_id(event)
@@ -302,167 +300,61 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self._stop(stream, by_user=True)
 
     def _stop(self, stream: _Stream, *, by_user: bool) -> None:
-        if stream.stop_requested:
-            return
-        stream.stop_requested = True
-        stream.user_cancelled = by_user
-        if stream.run is not None and by_user:
-            stream.run.mark_cancelled()
-        if stream.streaming and stream.task is not None:
-            stream.task.cancel()
+        stream.turn.stop(by_user=by_user)
 
     # One reply ------------------------------------------------------------------------------------
 
-    async def _run_turn(self, stream: _Stream, *, model_name: str, text: str) -> None:
-        caller = self.caller
-        assert caller is not None
-        run: CompletionRun | None = None
+    async def _run_turn(self, stream: _Stream) -> None:
         try:
-            try:
-                run = await self._admit(stream, caller=caller, model_name=model_name, text=text)
-                if run is None:
-                    return
-                rows = await self._begin(stream, run=run, caller=caller, text=text)
-            except (ApplicationError, *DATABASE_OUTAGE_ERRORS) as failure:
-                # The conversation is read and written in the database: without it, a 503-like error event.
-                exc = failure if isinstance(failure, ApplicationError) else DatabaseUnavailableError()
-                if run is not None:
-                    run.abandon(status=UsageStatus.REJECTED, error_type=exc.code or type(exc).__name__)
-                await self._send_error(exc.message, code=exc.code, request_id=stream.request_id, exc=exc)
-                return
-            except Exception:
-                logger.exception("chat.send %s failed before the reply started", stream.request_id)
-                await self._send_error(
-                    "The reply could not be started.", code="internal_error", request_id=stream.request_id
-                )
-                return
-            await self._relay(stream, run=run, message_id=rows.assistant_message.pk)
+            await stream.turn.run()
         finally:
-            if run is not None:
-                # A no-op when the stream settled; otherwise (cancelled before relaying) the one ledger row.
-                run.abandon()
             self._forget(stream)
 
-    async def _admit(self, stream: _Stream, *, caller: Caller, model_name: str, text: str) -> CompletionRun | None:
-        system_prompt, turns = await database_sync_to_async(_turn_context)(
-            user_id=caller.user_id, conversation_id=stream.conversation_id
-        )
-        model = await model_resolve(model_name)
-        messages = history_trim(
-            turns=[*turns, Turn("user", text)],
-            system_prompt=system_prompt,
-            context_window=model.context_window,
-            max_output_tokens=model.max_output_tokens,
-        )
-        if stream.stop_requested:
-            # Stopped before anything was admitted: nothing to settle, nothing to keep.
-            await self._send_cancelled(stream, message_id=None)
-            return None
-        body = {"model": model_name, "messages": messages, "stream": True}
-        run = await completion_start(caller=caller, body=body, endpoint="websocket")
-        stream.run = run
-        if stream.user_cancelled:
-            run.mark_cancelled()
-        return run
-
-    async def _begin(self, stream: _Stream, *, run: CompletionRun, caller: Caller, text: str) -> services.TurnRows:
-        rows = await database_sync_to_async(services.chat_turn_begin)(
-            user_id=caller.user_id,
-            conversation_id=stream.conversation_id,
-            model_name=run.model.name,
-            provider_name=run.model.provider.name,
-            content=text,
-            request_id=run.request_id,
-        )
-        if stream.conversation_id is None:
-            stream.conversation_id = rows.conversation.pk
-            self.busy_conversations[rows.conversation.pk] = stream.request_id
-        await self._send(
-            {
-                "type": "chat.started",
-                "request_id": stream.request_id,
-                "conversation": rows.conversation.pk,
-                "message": rows.assistant_message.pk,
-                "model": run.model.name,
-                "provider": run.model.provider.name,
-                "title": rows.conversation.title,
-            }
-        )
-        return rows
-
-    async def _relay(self, stream: _Stream, *, run: CompletionRun, message_id: int) -> None:
-        stream.streaming = True
-        if stream.stop_requested:
-            # A stop arrived while the run was being admitted: the pipeline settles it on cancellation.
-            asyncio.current_task().cancel()  # type: ignore[union-attr]
-        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
-        try:
-            # aclosing: whatever ends this loop early, the pipeline's stream is closed and settles at once.
-            async with contextlib.aclosing(run.stream()) as chunks:
-                async for chunk in chunks:
-                    piece = _delta_text(chunk)
-                    if not piece:
-                        continue
-                    stream.content.append(piece)
-                    await self._send({"type": "chat.delta", "request_id": stream.request_id, "content": piece})
-                    if time.monotonic() >= checkpoint_at:
-                        try:
-                            await database_sync_to_async(services.message_content_save)(
-                                message_id=message_id, content="".join(stream.content)
-                            )
-                        except DATABASE_OUTAGE_ERRORS:
-                            # Only a checkpoint: the reply goes on, and the next one (or the finish) saves it.
-                            logger.warning("checkpoint of %s skipped: the database is unavailable", stream.request_id)
-                        checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
-        except asyncio.CancelledError:
-            stream.streaming = False
-            shutdown = run.shutdown_error()
-            if shutdown is not None:
-                # The server's shutdown ended the reply: the partial message is kept, and the client told.
-                await self._finish(stream, message_id, MessageStatus.ERROR, error_message=shutdown.message)
-                await self._send_error(shutdown.message, code=shutdown.code, request_id=stream.request_id, exc=shutdown)
-                return
-            await self._finish(stream, message_id, MessageStatus.CANCELLED)
-            if stream.user_cancelled:
-                # Closing the stream settled the run: what was delivered is billed, and the page shows it.
-                await self._send_cancelled(stream, message_id=message_id, usage=_usage_event(run.result))
-            raise
-        except ProviderError as exc:
-            stream.streaming = False
-            await self._finish(stream, message_id, MessageStatus.ERROR, error_message=exc.message)
-            await self._send_error(exc.message, code=exc.code, request_id=stream.request_id, exc=exc)
-            return
-        except Exception:
-            stream.streaming = False
-            logger.exception("relaying %s failed", stream.request_id)
-            await self._finish(stream, message_id, MessageStatus.ERROR, error_message="The reply failed.")
-            await self._send_error("The reply failed.", code="internal_error", request_id=stream.request_id)
-            return
-        # From here a stop comes too late: the reply is whole, so it is saved and reported as complete.
-        stream.streaming = False
-        await self._finish(stream, message_id, MessageStatus.COMPLETE)
-        result = run.result
-        await self._send(
-            {
-                "type": "chat.completed",
-                "request_id": stream.request_id,
-                "message": message_id,
-                "finish_reason": result.finish_reason if result else None,
-                "usage": _usage_event(result) or {"prompt_tokens": 0, "completion_tokens": 0, "cost": "0"},
-            }
-        )
-
-    async def _finish(self, stream: _Stream, message_id: int, status: MessageStatus, error_message: str = "") -> None:
-        # Shielded: this write is what keeps a partial reply when the task is being torn down.
-        try:
-            await asyncio.shield(
-                database_sync_to_async(services.message_finish)(
-                    message_id=message_id, content="".join(stream.content), status=status, error_message=error_message
-                )
+    async def _turn_event(self, stream: _Stream, event: TurnEvent) -> None:
+        """What the turn reports, as this socket's events."""
+        request_id = stream.request_id
+        if isinstance(event, TurnStarted):
+            if stream.conversation_id is None:
+                stream.conversation_id = event.conversation_id
+                self.busy_conversations[event.conversation_id] = request_id
+            await self._send(
+                {
+                    "type": "chat.started",
+                    "request_id": request_id,
+                    "conversation": event.conversation_id,
+                    "message": event.message_id,
+                    "model": event.model,
+                    "provider": event.provider,
+                    "deployment": event.deployment,
+                    "title": event.title,
+                }
             )
-        except DATABASE_OUTAGE_ERRORS:
-            # The client has the reply; the stored message keeps its last checkpoint.
-            logger.warning("reply %s not saved: the database is unavailable", stream.request_id)
+        elif isinstance(event, TurnDelta):
+            await self._send({"type": "chat.delta", "request_id": request_id, "content": event.content})
+        elif isinstance(event, TurnCompleted):
+            await self._send(
+                {
+                    "type": "chat.completed",
+                    "request_id": request_id,
+                    "message": event.message_id,
+                    "finish_reason": event.finish_reason,
+                    "usage": _usage_event(event.usage) or {"prompt_tokens": 0, "completion_tokens": 0, "cost": "0"},
+                }
+            )
+        elif isinstance(event, TurnCancelled):
+            # Stopped for any other reason than the user's cancel, the socket is going away: no one to tell.
+            if event.by_user:
+                await self._send(
+                    {
+                        "type": "chat.cancelled",
+                        "request_id": request_id,
+                        "message": event.message_id,
+                        "usage": _usage_event(event.usage),
+                    }
+                )
+        elif isinstance(event, TurnFailed):
+            exc = event.error
+            await self._send_error(exc.message, code=exc.code, request_id=request_id, exc=exc)
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.request_id, None)
@@ -484,13 +376,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             # disconnect that follows stops the replies still streaming.
             self.closing = True
 
-    async def _send_cancelled(
-        self, stream: _Stream, *, message_id: int | None, usage: dict[str, Any] | None = None
-    ) -> None:
-        await self._send(
-            {"type": "chat.cancelled", "request_id": stream.request_id, "message": message_id, "usage": usage}
-        )
-
     async def _send_error(
         self, message: str, *, code: str | None, request_id: str | None = None, exc: ApplicationError | None = None
     ) -> None:
@@ -510,20 +395,12 @@ def _client_request_id(event: Any) -> str | None:
     return None
 
 
-def _usage_event(result: RunResult | None) -> dict[str, Any] | None:
-    """A settled run's figures, as the conversation API reads them back from the ledger row."""
-    if result is None:
+def _usage_event(usage: TurnUsage | None) -> dict[str, Any] | None:
+    if usage is None:
         return None
     return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "cost": str(result.cost),
-        "estimated": result.usage_estimated,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost": str(usage.cost),
+        "estimated": usage.estimated,
     }
-
-
-def _delta_text(chunk: dict[str, Any]) -> str:
-    choices = chunk.get("choices") or ()
-    if not choices:
-        return ""
-    return (choices[0].get("delta") or {}).get("content") or ""

@@ -76,7 +76,7 @@ async def test_streamed_reply_is_relayed_and_persisted(alice, chat_model, socket
     ]
     reply = messages[1]
     assert reply.pk == started["message"]
-    assert reply.provider_name == chat_model.provider.name
+    assert reply.provider_name == (await chat_model.deployments.select_related("provider").aget()).provider.name
 
     record = await usage_row(reply.request_id)
     assert record.endpoint == "websocket"
@@ -332,7 +332,8 @@ async def test_api_key_in_the_url_is_ignored(alice, chat_model, socket_for):
 async def test_model_outside_the_keys_allow_list_is_refused(alice, chat_model, socket_for):
     from tests.factories import ModelFactory
 
-    other = await sync_to_async(ModelFactory)(provider=chat_model.provider)
+    deployment = await chat_model.deployments.select_related("provider").aget()
+    other = await sync_to_async(ModelFactory)(provider=deployment.provider)
     created = await sync_to_async(api_key_create)(user=alice, name="narrow")
     await created.api_key.allowed_models.aset([other])
     ws = await socket_for(None)
@@ -362,3 +363,66 @@ async def test_a_program_without_origin_authenticates_with_a_key(alice):
     await ws.send_json_to({"type": "auth", "api_key": created.secret})
     assert await ws.receive_json_from(timeout=5) == {"type": "auth.ok"}
     await ws.disconnect()
+
+
+async def rejected_rows() -> list[UsageRecord]:
+    await ledger_flush()
+    return [row async for row in UsageRecord.objects.filter(status="rejected")]
+
+
+async def test_an_unknown_model_is_refused_with_a_rejected_row(alice, chat_model, socket_for):
+    ws = await socket_for(alice)
+    await ws.send_json_to({"type": "chat.send", "model": "no-such-model", "content": "hi", "request_id": "r1"})
+    [error] = await events_until(ws, ends("r1"))
+    assert (error["type"], error["code"], error["param"]) == ("error", "model_not_found", "model")
+
+    [row] = await rejected_rows()
+    assert (row.endpoint, row.model_name, row.user_id) == ("websocket", "no-such-model", alice.pk)
+    assert row.error_type == "model_not_found" and row.cost == 0
+    assert await Conversation.objects.acount() == 0
+
+
+async def test_a_model_outside_the_plan_is_refused_with_a_rejected_row(alice, chat_model, socket_for):
+    from billing.models import Plan
+    from billing.services.plans import plan_assign
+
+    narrow = await Plan.objects.acreate(name="Nothing", allow_all_models=False)
+    await sync_to_async(plan_assign)(user=alice, plan=narrow)
+    ws = await socket_for(alice)
+    await send(ws, content="hi", model=chat_model)
+    [error] = await events_until(ws, ends("r1"))
+    assert (error["type"], error["code"]) == ("error", "model_not_allowed")
+
+    [row] = await rejected_rows()
+    assert (row.endpoint, row.model_name, row.user_id) == ("websocket", chat_model.name, alice.pk)
+    assert row.error_type == "model_not_allowed" and row.cost == 0
+    assert await Conversation.objects.acount() == 0
+    assert await Message.objects.acount() == 0
+
+
+async def test_a_turn_that_fails_over_names_the_deployment_that_answered(alice, chat_model, socket_for):
+    """The first deployment (by priority) refuses connections; the reply comes from the second, and the
+    page is told which one, as the stored reply says."""
+    from tests.factories import DeploymentFactory, ProviderFactory
+
+    served_by = await chat_model.deployments.select_related("provider").aget()
+    dead = await sync_to_async(ProviderFactory)(base_url="http://127.0.0.1:9/v1")
+    await sync_to_async(DeploymentFactory)(model=chat_model, provider=dead, name="dead", priority=0)
+    served_by.priority = 1
+    await served_by.asave(update_fields=["priority"])
+    chat_model.strategy = "priority"
+    await chat_model.asave(update_fields=["strategy"])
+
+    ws = await socket_for(alice)
+    await send(ws, content="Hello", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+    started, completed = events[0], events[-1]
+    assert completed["type"] == "chat.completed", completed
+    assert (started["type"], started["deployment"], started["provider"]) == (
+        "chat.started",
+        served_by.name,
+        served_by.provider.name,
+    )
+    reply = await Message.objects.aget(pk=started["message"])
+    assert (reply.provider_name, reply.status) == (served_by.provider.name, MessageStatus.COMPLETE)
+    assert (await usage_row(reply.request_id)).status == "ok"
