@@ -354,6 +354,14 @@ LLMHUB_BREAKER_RESYNC_SECONDS = env.float("LLMHUB_BREAKER_RESYNC_SECONDS", defau
 
 LOGGING = {
     "version": 1,
+# Health checks (docs/routing.md, "Health checks and incidents"): this many failing probes in a row open a
+# deployment's incident (its breaker opens at the first); a deployment keeps at most CHECKS_KEPT probe rows,
+# none older than RETENTION_DAYS. Incident alerts go to ADMINS (addresses; without any, to the superusers)
+# and to LLMHUB_ALERT_WEBHOOK_URL.
+LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = env.int("LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES", default=2)
+LLMHUB_HEALTH_CHECKS_KEPT = env.int("LLMHUB_HEALTH_CHECKS_KEPT", default=1000)
+LLMHUB_HEALTH_CHECK_RETENTION_DAYS = env.int("LLMHUB_HEALTH_CHECK_RETENTION_DAYS", default=30)
+ADMINS = [("", address) for address in env.list("ADMINS", default=[])]
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},

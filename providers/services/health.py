@@ -145,13 +145,13 @@ _PAID_PROBE_TEXT = "ping"
 
 def incident_after_failures() -> int:
     """Consecutive failing probes that open an incident (the breaker opens at the first)."""
-    return max(1, getattr(settings, "LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES", 2))
+    return max(1, settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES)
 
 
 def health_checks_kept() -> tuple[int, timedelta]:
     """How many ``HealthCheck`` rows a deployment keeps at most, and for how long at most."""
-    rows = max(1, getattr(settings, "LLMHUB_HEALTH_CHECKS_KEPT", 1000))
-    days = max(1, getattr(settings, "LLMHUB_HEALTH_CHECK_RETENTION_DAYS", 30))
+    rows = max(1, settings.LLMHUB_HEALTH_CHECKS_KEPT)
+    days = max(1, settings.LLMHUB_HEALTH_CHECK_RETENTION_DAYS)
     return rows, timedelta(days=days)
 
 
