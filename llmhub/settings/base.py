@@ -351,9 +351,6 @@ LLMHUB_BREAKER_MAX_COOLDOWN_SECONDS = env.float("LLMHUB_BREAKER_MAX_COOLDOWN_SEC
 LLMHUB_BREAKER_PROBE_LEASE_SECONDS = env.float("LLMHUB_BREAKER_PROBE_LEASE_SECONDS", default=60.0)
 # With REDIS_URL, each process re-reads every open breaker this often, in case it missed a change message.
 LLMHUB_BREAKER_RESYNC_SECONDS = env.float("LLMHUB_BREAKER_RESYNC_SECONDS", default=2.0)
-
-LOGGING = {
-    "version": 1,
 # Health checks (docs/routing.md, "Health checks and incidents"): this many failing probes in a row open a
 # deployment's incident (its breaker opens at the first); a deployment keeps at most CHECKS_KEPT probe rows,
 # none older than RETENTION_DAYS. Incident alerts go to ADMINS (addresses; without any, to the superusers)
@@ -362,6 +359,9 @@ LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = env.int("LLMHUB_HEALTH_INCIDENT_AFTER_FA
 LLMHUB_HEALTH_CHECKS_KEPT = env.int("LLMHUB_HEALTH_CHECKS_KEPT", default=1000)
 LLMHUB_HEALTH_CHECK_RETENTION_DAYS = env.int("LLMHUB_HEALTH_CHECK_RETENTION_DAYS", default=30)
 ADMINS = [("", address) for address in env.list("ADMINS", default=[])]
+
+LOGGING = {
+    "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
