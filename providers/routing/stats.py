@@ -220,19 +220,16 @@ def stats_clear() -> None:
 # SHARING THROUGH REDIS
 
 
-@cache
-def _instance_id() -> str:
-    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+_instance: tuple[int, str] = (0, "")
 
 
 def instance_id() -> str:
     """This process's name in Redis (a forked child gets its own)."""
-    return _instance_id() if _instance_id().startswith(f"{os.getpid()}-") else _new_instance_id()
-
-
-def _new_instance_id() -> str:
-    _instance_id.cache_clear()
-    return _instance_id()
+    global _instance
+    pid = os.getpid()
+    if _instance[0] != pid:
+        _instance = (pid, f"{pid}-{uuid.uuid4().hex[:12]}")
+    return _instance[1]
 
 
 @cache

@@ -193,6 +193,45 @@ async def test_the_background_exchange_sends_without_being_asked(shared, redis_u
         client.close()
 
 
+def test_a_flush_sent_twice_counts_once(redis_url):
+    """The client sends a command again when its connection died before the reply: the script must not add
+    the batch's requests, tokens and samples twice."""
+    import redis
+
+    from providers.routing.stats import KEY_PREFIX, SCRIPTS_DIR
+    from tests.providers.test_routing import deployment
+
+    d = deployment("east")
+    instance = f"test-{d.id}"
+    keys = [
+        KEY_PREFIX + "instances",
+        f"{KEY_PREFIX}busy:{instance}",
+        f"{KEY_PREFIX}minute:test-{d.id}",
+        KEY_PREFIX + "latency",
+        f"{KEY_PREFIX}batch:{instance}",
+    ]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        flush = client.register_script((SCRIPTS_DIR / "routing_stats_flush.lua").read_text())
+
+        def send(batch: int, requests: int, ttft: float) -> list:
+            args = [instance, KEY_PREFIX + "busy:", 3000, 120_000, 60_000, "0.5", batch]
+            return flush(keys=keys, args=[*args, 1, d.id, 2, 1, d.id, requests, 10 * requests, 1, d.id, "f", 1, ttft])
+
+        send(1, 3, 0.1)
+        _, counts, averages = send(1, 3, 0.1)  # the same batch again
+        assert dict(zip(counts[::2], counts[1::2], strict=True)) == {f"r:{d.id}": "3", f"t:{d.id}": "30"}
+        assert float(dict(zip(averages[::2], averages[1::2], strict=True))[f"f:{d.id}"]) == pytest.approx(0.1)
+        _, counts, averages = send(2, 1, 0.3)  # the next one
+        assert dict(zip(counts[::2], counts[1::2], strict=True))[f"r:{d.id}"] == "4"
+        assert float(dict(zip(averages[::2], averages[1::2], strict=True))[f"f:{d.id}"]) == pytest.approx(0.2)
+    finally:
+        client.delete(*keys[1:3], keys[4])
+        client.hdel(keys[3], f"f:{d.id}")
+        client.srem(keys[0], instance)
+        client.close()
+
+
 async def test_with_redis_unreachable_routing_works_on_this_process_view(settings):
     from providers.routing import Outcome, call_finished, call_started, route_candidates
     from providers.routing.stats import in_flight, stats_clear, stats_flush
