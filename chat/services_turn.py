@@ -5,7 +5,8 @@ the same way, with its own ``report`` callback.
 
 A turn, in order:
 
-1. reads the conversation's system prompt and history (another user's conversation is not found);
+1. reads the conversation's system prompt and history (another user's conversation is not found: a
+   ``rejected`` ledger row, as for any refused request);
 2. starts the run through the pipeline (``completion_start``), which resolves the model and calls back
    ``shape`` to trim the history to that model's context window (``chat.history``): a request refused
    there (unknown model, not in the plan, bad input, no budget) gets its ``rejected`` ledger row, as a
@@ -42,7 +43,7 @@ from providers.types import ResolvedModel
 from . import selectors, services
 from .history import Turn, history_trim
 from .models import MessageStatus
-from .pipeline import Caller, CompletionRun, RunResult, completion_start
+from .pipeline import Caller, CompletionRun, RunResult, completion_reject, completion_start, new_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +186,21 @@ class ChatTurn:
                 run.abandon()
 
     async def _admit(self) -> CompletionRun | None:
-        context = await database_sync_to_async(selectors.turn_context)(
-            user_id=self.caller.user_id, conversation_id=self.conversation_id
-        )
+        body: dict[str, Any] = {"model": self.model_name, "stream": True}
+        try:
+            context = await database_sync_to_async(selectors.turn_context)(
+                user_id=self.caller.user_id, conversation_id=self.conversation_id
+            )
+        except (ApplicationError, *DATABASE_OUTAGE_ERRORS) as failure:
+            # Refused before the pipeline saw it (a conversation not found, the database down): still a
+            # request of this caller, with its rejected row like one the pipeline refuses.
+            error = failure if isinstance(failure, ApplicationError) else DatabaseUnavailableError()
+            completion_reject(
+                caller=self.caller, endpoint=Endpoint.WEBSOCKET, request_id=new_request_id(), error=error, body=body
+            )
+            if error is failure:
+                raise
+            raise error from failure
         if self._stop_requested:
             # Stopped before anything was admitted: nothing to settle, nothing to keep.
             await self.report(TurnCancelled(message_id=None, usage=None, by_user=self._stopped_by_user))
@@ -204,7 +217,7 @@ class ChatTurn:
 
         run = await completion_start(
             caller=self.caller,
-            body={"model": self.model_name, "stream": True},
+            body=body,
             endpoint=Endpoint.WEBSOCKET,
             shape=shape,
         )

@@ -170,6 +170,8 @@ async def test_upstream_error_is_reported_and_recorded(alice, chat_model, socket
     assert error["type"] == "error"
     assert error["request_id"] == "r1"
     assert error["code"].startswith("upstream")
+    # Every attempt failed before any output: no deployment answered.
+    assert [e["type"] for e in events] == ["chat.started", "error"] and events[0]["deployment"] is None
     assert error["message"]
     reply = await Message.objects.aget(pk=events[0]["message"])
     assert reply.status == MessageStatus.ERROR

@@ -158,3 +158,6 @@ async def test_another_users_conversation_is_not_found(alice, bob, chat_model):
     [failed] = turn.report.events
     assert isinstance(failed, TurnFailed) and failed.error.code == "not_found"
     assert await Message.objects.acount() == 0
+    await ledger_flush()
+    record = await UsageRecord.objects.aget()
+    assert (record.status, record.user_id, record.error_type) == ("rejected", bob.pk, "not_found")
