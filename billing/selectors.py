@@ -16,7 +16,8 @@ from django.db.models.functions import Coalesce, TruncDate
 
 from providers.cache import TTLCache
 from providers.exceptions import ModelNotFoundError
-from providers.selectors import model_resolve_sync
+from providers.models import ModelMode
+from providers.selectors import model_resolve_sync, models_enabled_sync
 from providers.types import ResolvedModel
 
 from .exceptions import ModelNotAllowedError
@@ -451,3 +452,55 @@ def cost_estimate(
             for deployment in deployments
         ],
     )
+
+
+# THE CATALOG AS A CALLER SEES IT (/api/models/, the chat picker)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRange:
+    min: Decimal
+    max: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    """A public model with what a picker shows: its providers, capabilities and the span of its deployments'
+    prices; ``locked`` when the caller's plan or key does not include it (shown, but not usable)."""
+
+    model: ResolvedModel  # an alias under its own name, with its target's deployments
+    providers: tuple[str, ...]  # distinct provider names of its deployments, in priority order
+    input_per_mtok: PriceRange
+    output_per_mtok: PriceRange
+    locked: bool
+    locked_reason: str  # "plan", "key" or "" (not locked)
+
+
+def models_catalog_for(*, user_id: int, key_allowed_model_ids: frozenset[int] | None) -> list[CatalogEntry]:
+    """Every chat model of the catalog (aliases included, under their own name), each marked ``locked``
+    when the caller's plan or key does not include it, instead of being left out: the picker shows what an
+    upgrade would bring. Admission checks the same rules (``UserLimits.allows`` and the key's list)."""
+    limits = user_limits_sync(user_id)
+    entries = []
+    for model in models_enabled_sync():
+        if model.mode != ModelMode.CHAT:
+            continue
+        if not limits.allows(model):
+            reason = "plan"
+        elif key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:
+            reason = "key"
+        else:
+            reason = ""
+        inputs = [deployment.input_per_mtok for deployment in model.deployments]
+        outputs = [deployment.output_per_mtok for deployment in model.deployments]
+        entries.append(
+            CatalogEntry(
+                model=model,
+                providers=tuple(dict.fromkeys(deployment.provider.name for deployment in model.deployments)),
+                input_per_mtok=PriceRange(min(inputs), max(inputs)),
+                output_per_mtok=PriceRange(min(outputs), max(outputs)),
+                locked=bool(reason),
+                locked_reason=reason,
+            )
+        )
+    return entries

@@ -1,4 +1,4 @@
-"""REST for the chat page: the user's conversations and feedback on replies.
+"""REST for the chat page: the user's conversations, feedback on replies and the model catalog.
 
 Every view reads through ``chat.selectors`` with the requesting user's id, so another user's
 conversation or message answers 404 exactly like a missing one.
@@ -13,6 +13,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from billing.selectors import CatalogEntry, models_catalog_for
+from billing.services.keys import KeyPrincipal
 from llmhub.schema import error_responses
 
 from . import selectors, services
@@ -168,3 +170,61 @@ class MessageFeedbackApi(APIView):
         message = selectors.message_get(user_id=request.user.pk, message_id=pk)
         message = services.message_feedback_set(message=message, **serializer.validated_data)
         return Response(self.OutputSerializer(message).data)
+
+
+@extend_schema_serializer(component_name="ModelCapabilities")
+class ModelCapabilitiesSerializer(serializers.Serializer):
+    streaming = serializers.BooleanField(source="supports_streaming")
+    tools = serializers.BooleanField(source="supports_tools")
+    vision = serializers.BooleanField(source="supports_vision")
+    json_mode = serializers.BooleanField(source="supports_json_mode")
+
+
+@extend_schema_serializer(component_name="PriceRange")
+class PriceRangeSerializer(serializers.Serializer):
+    """USD per million tokens: the cheapest and the dearest of the model's deployments."""
+
+    min = serializers.DecimalField(max_digits=12, decimal_places=6)
+    max = serializers.DecimalField(max_digits=12, decimal_places=6)
+
+
+class ModelListApi(APIView):
+    """The catalog for a picker: every chat model, with the ones the caller may not use marked ``locked``."""
+
+    @extend_schema_serializer(component_name="CatalogModel")
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.CharField(source="model.name", help_text="The public name to send as `model`.")
+        label = serializers.CharField(source="model.label")
+        providers = serializers.ListField(
+            child=serializers.CharField(), help_text="The providers whose deployments serve it (its badges)."
+        )
+        capabilities = ModelCapabilitiesSerializer(source="model")
+        context_window = serializers.IntegerField(source="model.context_window")
+        max_output_tokens = serializers.IntegerField(source="model.max_output_tokens", allow_null=True)
+        input_per_mtok = PriceRangeSerializer()
+        output_per_mtok = PriceRangeSerializer()
+        locked = serializers.BooleanField(help_text="Your plan (or this key) does not include it.")
+        locked_reason = serializers.ChoiceField(
+            choices=["plan", "key"], allow_null=True, help_text="What excludes it; null when it is not locked."
+        )
+
+        def to_representation(self, entry: CatalogEntry) -> dict:
+            data = super().to_representation(entry)
+            data["locked_reason"] = entry.locked_reason or None
+            return data
+
+    @extend_schema(
+        tags=["Models"],
+        operation_id="catalog_models_list",
+        summary="The chat models of the catalog, with prices and what your plan includes",
+        description="Every chat model (aliases under their own name). Models your plan or API key does not "
+        "include are listed with `locked: true` rather than left out; a request for one is refused with 403.",
+        responses={200: OutputSerializer(many=True), **error_responses(401)},
+    )
+    def get(self, request: Request) -> Response:
+        principal = request.auth
+        entries = models_catalog_for(
+            user_id=request.user.pk,
+            key_allowed_model_ids=principal.allowed_model_ids if isinstance(principal, KeyPrincipal) else None,
+        )
+        return Response(self.OutputSerializer(entries, many=True).data)

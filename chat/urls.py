@@ -12,4 +12,5 @@ urlpatterns = [
     path("api/conversations/", apis.ConversationListApi.as_view(), name="conversation-list"),
     path("api/conversations/<int:pk>/", apis.ConversationDetailApi.as_view(), name="conversation-detail"),
     path("api/messages/<int:pk>/feedback/", apis.MessageFeedbackApi.as_view(), name="message-feedback"),
+    path("api/models/", apis.ModelListApi.as_view(), name="model-list"),
 ]

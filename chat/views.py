@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.templatetags.static import static
 from django.views.decorators.cache import cache_control
 
-from .pipeline import caller_from_user, models_for_caller
+from billing.selectors import models_catalog_for
 
 
 @login_required
@@ -16,12 +17,28 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
     # The user goes into the context explicitly: the auth context processor's lazy request.user would
     # query the session synchronously while the template renders, which an async view may not do.
     user = await request.auser()
-    models = await models_for_caller(caller_from_user(user))
+    # Models the plan does not include are offered too, disabled, as an upsell: the same list as /api/models/.
+    entries = await sync_to_async(models_catalog_for)(user_id=user.pk, key_allowed_model_ids=None)
     picker = [
-        {"name": model.name, "provider": model.provider.name, "context_window": model.context_window}
-        for model in models
+        {
+            "name": entry.model.name,
+            "label": entry.model.label or entry.model.name,
+            "provider": " · ".join(entry.providers),
+            "context_window": entry.model.context_window,
+            "locked": entry.locked,
+        }
+        for entry in entries
     ]
-    context = {"user": user, "models": picker, "conversation_id": conversation_id, "page": "chat"}
+    first_usable = next((model for model in picker if not model["locked"]), None)
+    context = {
+        "user": user,
+        "models": picker,
+        "usable": first_usable is not None,
+        "locked": any(model["locked"] for model in picker),
+        "badge": first_usable["provider"] if first_usable else "",
+        "conversation_id": conversation_id,
+        "page": "chat",
+    }
     return render(request, "chat/chat.html", context)
 
 

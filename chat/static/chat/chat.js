@@ -561,7 +561,8 @@
   }
 
   function selectModel(name) {
-    if (!name || ![...el.picker.options].some((o) => o.value === name)) return;
+    // A model the plan does not include is shown (disabled) but never selected, even for an old conversation.
+    if (!name || ![...el.picker.options].some((o) => o.value === name && !o.disabled)) return;
     el.picker.value = name;
     updateBadge();
   }
@@ -645,7 +646,7 @@
     const active = streamOnScreen();
     el.send.hidden = Boolean(active);
     el.stop.hidden = !active;
-    el.send.disabled = !state.socketOpen || MODELS.length === 0;
+    el.send.disabled = !state.socketOpen || !MODELS.some((model) => !model.locked);
   }
 
   function autosize() {
