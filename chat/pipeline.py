@@ -762,14 +762,16 @@ class CompletionRun:
 
     async def _backoff(self, failures: int, last: ProviderError, *, same: bool, deadline: float) -> None:
         """Full jitter: a uniform wait in [0, min(cap, base * 2**(n-1))]; at least the provider's Retry-After
-        before the same deployment is tried again. A wait that would pass the deadline ends the loop with the
-        last failure instead."""
+        before the same deployment is tried again. A wait that would pass the deadline, or a Retry-After
+        longer than ``LLMHUB_RETRY_AFTER_MAX_SECONDS``, ends the loop with the last failure instead."""
         ceiling = min(
             settings.LLMHUB_RETRY_BACKOFF_CAP_SECONDS,
             settings.LLMHUB_RETRY_BACKOFF_BASE_SECONDS * 2 ** max(failures - 1, 0),
         )
         wait = random.uniform(0, ceiling)  # noqa: S311 (spreading retries, not secrets)
         if same and last.retry_after:
+            if last.retry_after > settings.LLMHUB_RETRY_AFTER_MAX_SECONDS:
+                raise last
             wait = max(wait, last.retry_after)
         loop = asyncio.get_running_loop()
         if loop.time() + wait >= deadline:

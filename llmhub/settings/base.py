@@ -316,6 +316,9 @@ LLMHUB_STREAM_IDLE_TIMEOUT_SECONDS = env.float("LLMHUB_STREAM_IDLE_TIMEOUT_SECON
 # Retry-After is honoured before the same deployment is tried again.
 LLMHUB_RETRY_BACKOFF_BASE_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_BASE_SECONDS", default=0.05)
 LLMHUB_RETRY_BACKOFF_CAP_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_CAP_SECONDS", default=2.0)
+# A Retry-After longer than this is not waited for: the client gets the provider's answer (and its
+# Retry-After) at once rather than a request held open.
+LLMHUB_RETRY_AFTER_MAX_SECONDS = env.float("LLMHUB_RETRY_AFTER_MAX_SECONDS", default=5.0)
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path.
 LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/"]
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and

@@ -1,0 +1,263 @@
+"""Retries and fallbacks, through the official openai SDK against a live llmhub and the fake upstream.
+
+A model ``routed`` has two deployments tried in priority order: ``first`` (made to fail in each test's own
+way) and ``second`` (healthy, at other prices). Whatever the first does, the request succeeds on the next
+candidate or on a fallback, says who answered, and has exactly one ledger row priced at the deployment that
+answered."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+
+from billing.models import UsageRecord
+from billing.pricing import cost_for
+from billing.services.budgets import api_key_limits_set
+from billing.services.keys import api_key_create
+from providers.models import CatalogModel, Deployment
+from providers.selectors import model_resolve_sync
+from tests.conftest import free_port
+from tests.factories import ProviderFactory, UserFactory
+from tests.gateway.test_ledger import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MESSAGES = [{"role": "user", "content": "hello there [[words=6]]"}]
+CHEAP = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+DEAR = {"input_per_mtok": Decimal("3.00"), "output_per_mtok": Decimal("15.00")}
+
+
+@pytest.fixture
+def client(llmhub_server):
+    user = UserFactory(username="router-user")
+    created = api_key_create(user=user, name="routing")
+    client = openai.OpenAI(base_url=llmhub_server.url + "/v1", api_key=created.secret, max_retries=0, timeout=30)
+    client.key = created  # type: ignore[attr-defined]
+    return client
+
+
+def routed(fake_upstream, first_upstream: str, *, first_base_url: str | None = None, timeout: float = 10, **model):
+    """``routed``: ``first`` (priority 0, cheap, failing as asked) then ``second`` (priority 1, dearer, healthy)."""
+    first = ProviderFactory(
+        name="first", base_url=first_base_url or fake_upstream.base_url + "/v1", timeout_seconds=Decimal(timeout)
+    )
+    second = ProviderFactory(name="second", base_url=fake_upstream.base_url + "/v1")
+    catalog = CatalogModel.objects.create(name="routed", strategy="priority", **model)
+    Deployment.objects.create(model=catalog, name="first", provider=first, upstream_id=first_upstream, **CHEAP)
+    Deployment.objects.create(
+        model=catalog, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **DEAR
+    )
+    return catalog
+
+
+def single(name: str, provider, upstream: str, prices: dict, **model) -> CatalogModel:
+    catalog = CatalogModel.objects.create(name=name, **model)
+    Deployment.objects.create(model=catalog, provider=provider, upstream_id=upstream, **prices)
+    return catalog
+
+
+def assert_answered_by(raw, *, deployment: str, attempts: int, model: str = "routed", price: dict = DEAR):
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert raw.headers["x-llmhub-deployment"] == deployment
+    assert raw.headers["x-llmhub-attempts"] == str(attempts)
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert UsageRecord.objects.count() == 1, "exactly one ledger row for the request, whatever the attempts"
+    assert record.status == "ok"
+    assert record.deployment_name == deployment and record.deployment_id is not None
+    assert record.attempts == attempts
+    assert record.model_name == model
+    answered = model_resolve_sync(model)
+    bound = answered.on(next(d for d in answered.deployments if d.name == deployment))
+    assert bound.input_per_mtok == price["input_per_mtok"]
+    assert record.cost == cost_for(
+        model=bound,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        cached_tokens=record.cached_tokens,
+    )
+    assert record.cost > 0
+    return record
+
+
+@pytest.mark.parametrize("fault", ["fault-429", "fault-500", "fault-503", "fault-529"])
+def test_a_retryable_status_on_the_first_deployment_is_answered_by_the_next(client, fake_upstream, fault):
+    routed(fake_upstream, fault)
+
+    raw = client.chat.completions.with_raw_response.create(model="routed", messages=MESSAGES)
+
+    record = assert_answered_by(raw, deployment="second", attempts=2)
+    assert raw.headers["x-llmhub-provider"] == "second"
+    assert record.requested_model == ""  # the model asked for answered, on another deployment
+
+
+def test_a_hanging_deployment_times_out_and_the_next_answers(client, fake_upstream):
+    routed(fake_upstream, "fault-hang", timeout=1)
+
+    raw = client.chat.completions.with_raw_response.create(model="routed", messages=MESSAGES)
+
+    assert_answered_by(raw, deployment="second", attempts=2)
+
+
+def test_a_refused_connection_moves_to_the_next_deployment(client, fake_upstream):
+    routed(fake_upstream, "fake-gpt-4o-mini", first_base_url=f"http://127.0.0.1:{free_port()}/v1")
+
+    raw = client.chat.completions.with_raw_response.create(model="routed", messages=MESSAGES)
+
+    assert_answered_by(raw, deployment="second", attempts=2)
+
+
+def test_context_length_exceeded_goes_to_the_context_window_fallback(client, fake_upstream):
+    provider = ProviderFactory(name="only", base_url=fake_upstream.base_url + "/v1")
+    single("short", provider, "fault-context", CHEAP, context_window_fallbacks=["long"], fallbacks=["unrelated"])
+    single("long", provider, "fake-gpt-4o-mini", DEAR, context_window=1_000_000)
+    single("unrelated", provider, "fault-500", CHEAP)
+
+    raw = client.chat.completions.with_raw_response.create(model="short", messages=MESSAGES)
+
+    record = assert_answered_by(raw, deployment="only", attempts=2, model="long")
+    assert raw.parse().model == "long"
+    assert raw.headers["x-llmhub-model"] == "long"
+    assert record.requested_model == "short"
+
+
+def test_the_fallback_model_answers_when_every_deployment_failed(client, fake_upstream):
+    routed(fake_upstream, "fault-503", retries=0, fallbacks=["backup"])
+    Deployment.objects.filter(name="second").update(upstream_id="fault-503")
+    single("backup", ProviderFactory(name="spare", base_url=fake_upstream.base_url + "/v1"), "fake-gpt-4o-mini", DEAR)
+
+    raw = client.chat.completions.with_raw_response.create(model="routed", messages=MESSAGES)
+
+    # retries=0: one attempt on the routed model, then the fallback's.
+    record = assert_answered_by(raw, deployment="spare", attempts=2, model="backup")
+    assert record.requested_model == "routed"
+    assert raw.headers["x-llmhub-provider"] == "spare"
+
+
+def test_a_fallback_outside_the_callers_plan_is_not_tried(client, fake_upstream):
+    routed(fake_upstream, "fault-503", retries=0, fallbacks=["backup"])
+    Deployment.objects.filter(name="second").update(upstream_id="fault-503")
+    backup = single("backup", ProviderFactory(name="spare", base_url=fake_upstream.base_url + "/v1"), "x", DEAR)
+    restricted = api_key_create(
+        user=UserFactory(username="narrow"), name="narrow", allowed_models=[CatalogModel.objects.get(name="routed")]
+    )
+    assert backup.pk not in {m.pk for m in restricted.api_key.allowed_models.all()}
+    narrow = openai.OpenAI(base_url=str(client.base_url), api_key=restricted.secret, max_retries=0, timeout=30)
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        narrow.chat.completions.create(model="routed", messages=MESSAGES)
+
+    assert excinfo.value.status_code == 503
+    record = wait_for_record(excinfo.value.response.headers["x-request-id"])
+    assert record.attempts == 1 and record.model_name == "routed"
+
+
+@pytest.mark.parametrize(("fault", "status"), [("fault-400", 400), ("fault-401", 502)])
+def test_a_400_or_401_from_upstream_is_not_retried(client, fake_upstream, fault, status):
+    routed(fake_upstream, fault)
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="routed", messages=MESSAGES)
+
+    assert excinfo.value.status_code == status
+    headers = excinfo.value.response.headers
+    assert headers["x-llmhub-attempts"] == "1" and headers["x-llmhub-deployment"] == "first"
+    record = wait_for_record(headers["x-request-id"])
+    assert record.attempts == 1 and record.status == "upstream_error" and record.cost == 0
+
+
+def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
+    routed(fake_upstream, "fault-503")
+
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        assert response.headers["x-llmhub-deployment"] == "second"
+        assert response.headers["x-llmhub-attempts"] == "2"
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage is not None
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.deployment_name == "second" and record.attempts == 2
+
+
+def test_a_stream_cut_after_three_chunks_ends_with_an_in_band_error_and_no_done(llmhub_server, client, fake_upstream):
+    provider = ProviderFactory(name="cutting", base_url=fake_upstream.base_url + "/v1")
+    single("cut", provider, "fault-cut-3", CHEAP, fallbacks=["never"])
+    single("never", provider, "fake-gpt-4o-mini", DEAR)
+
+    # Raw bytes: what the client got, to the last line.
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {client.key.secret}"},
+        json={"model": "cut", "messages": MESSAGES, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        request_id = response.headers["x-request-id"]
+
+    assert lines[-1] != "data: [DONE]" and '"error"' in lines[-1], lines[-3:]
+    content_chunks = [line for line in lines[:-1] if '"content"' in line]
+    assert len(content_chunks) >= 3
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error"
+    assert record.model_name == "cut" and record.attempts == 1, "after the first byte, no fail-over"
+    assert record.completion_tokens > 0 and record.usage_estimated, "the delivered tokens are charged"
+
+    # Through the SDK: the in-band error is raised, never a clean end.
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model="cut", messages=MESSAGES, stream=True):
+            pass
+
+
+@pytest.mark.parametrize("requests_paid", [10, 100])
+def test_a_budget_holds_when_every_request_ends_on_a_fallback_ten_times_dearer(client, fake_upstream, requests_paid):
+    """The key's budget pays for exactly 10 requests on the model asked for (and, second case, for 10 on the
+    fallback); its deployment fails, so each request is answered by the fallback at 10x the price. The
+    reservation covers the fallback: the key ends within its budget, however many requests try at once.
+    (Reserved at the primary's prices, as before deployments, 10 requests would have spent 10 budgets.)"""
+    # $0.0001 a token: a request's cost has the four decimals a budget is set in.
+    base = {"input_per_mtok": Decimal("100"), "output_per_mtok": Decimal("100")}
+    tenfold = {"input_per_mtok": Decimal("1000"), "output_per_mtok": Decimal("1000")}
+    provider = ProviderFactory(name="only", base_url=fake_upstream.base_url + "/v1")
+    single("probe", provider, "fake-gpt-4o-mini", base)
+    single("primary", provider, "fault-503", base, retries=0, fallbacks=["dear"])
+    single("dear", provider, "fake-gpt-4o-mini", tenfold)
+    body = {"messages": MESSAGES, "max_tokens": 16}
+
+    probe = client.chat.completions.with_raw_response.create(model="probe", **body)
+    one_request = wait_for_record(probe.headers["x-request-id"]).cost
+    budget = (one_request * requests_paid).quantize(Decimal("0.0001"))
+    assert budget == one_request * requests_paid
+    spender = api_key_create(user=client.key.api_key.user, name="budgeted")
+    api_key_limits_set(api_key=spender.api_key, budget_usd=budget)
+    spending = openai.OpenAI(base_url=str(client.base_url), api_key=spender.secret, max_retries=0, timeout=30)
+
+    def attempt(_: int) -> str:
+        try:
+            raw = spending.chat.completions.with_raw_response.create(model="primary", **body)
+        except openai.RateLimitError as exc:
+            return exc.code or "429"
+        return raw.headers["x-request-id"]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        outcomes = list(pool.map(attempt, range(24)))
+
+    answered = [outcome for outcome in outcomes if outcome.startswith("req_")]
+    assert len(answered) < 24, "the budget ends it"
+    if requests_paid == 100:
+        assert answered, "the fallback answers while the budget lasts"
+    for request_id in answered:
+        record = wait_for_record(request_id)
+        assert record.model_name == "dear" and record.requested_model == "primary"
+    spent = sum(r.cost for r in UsageRecord.objects.filter(api_key=spender.api_key))
+    assert spent == one_request * 10 * len(answered)
+    assert spent <= budget, (spent, budget)
