@@ -47,7 +47,7 @@ def incident_open(*, deployment_id: int, reason: str, at: datetime) -> Incident 
         )
         if not created:
             return None
-        transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.DOWN))
+        transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.DOWN), robust=True)
     return incident
 
 
@@ -61,11 +61,13 @@ def incident_close(*, deployment_id: int, at: datetime) -> Incident | None:
             return None
         incident.ended_at = max(at, incident.started_at)
         incident.save(update_fields=["ended_at"])
-        transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.RECOVERED))
+        transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.RECOVERED), robust=True)
     return incident
 
 
 def _deliver(incident_id: int, event: str) -> None:
+    # Queued after commit, robustly: a broker that cannot take the tasks is logged by Django and does not
+    # break the round of health checks that found the incident (the incident row stays, for the admin).
     from ..tasks import incident_alert_email, incident_alert_webhook
 
     incident_alert_email.delay(incident_id, event)

@@ -235,3 +235,17 @@ def test_the_admin_lists_open_incidents_first(client, fake_upstream):
     assert "5\xa0days (ongoing)" in html and "7\xa0minutes" in html and "1\xa0hour" in html
     assert KEY not in html and KEY[-12:] not in html
     assert client.get("/admin/providers/incident/add/").status_code == 403
+
+
+def test_a_mail_server_that_is_down_neither_stops_the_round_nor_the_webhook(fake_upstream, webhook, admins, settings):
+    settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = 1
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()  # nothing listens: refused, retried
+    down = ProviderFactory(base_url=fake_upstream.base_url + "/v1", extra_headers={"x-fake-fault": "503"})
+    up = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    ModelFactory(provider=down)
+    ModelFactory(provider=up)
+
+    assert providers_health_check_all.delay().get() == {down.name: False, up.name: True}
+
+    assert Incident.objects.count() == 1 and len(webhook.received) == 1
