@@ -261,3 +261,27 @@ def test_a_budget_holds_when_every_request_ends_on_a_fallback_ten_times_dearer(c
     spent = sum(r.cost for r in UsageRecord.objects.filter(api_key=spender.api_key))
     assert spent == one_request * 10 * len(answered)
     assert spent <= budget, (spent, budget)
+
+
+def test_a_stream_that_stalls_past_the_models_idle_timeout_ends_with_an_in_band_error(
+    llmhub_server, client, fake_upstream
+):
+    provider = ProviderFactory(name="slow", base_url=fake_upstream.base_url + "/v1")
+    single("stalling", provider, "fake-gpt-4o-mini", CHEAP, stream_idle_timeout_seconds=Decimal("0.3"))
+    stalled = [{"role": "user", "content": "slow now [[tps=1]] [[words=5]]"}]
+
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {client.key.secret}"},
+        json={"model": "stalling", "messages": stalled, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        request_id = response.headers["x-request-id"]
+
+    assert lines[-1] != "data: [DONE]"
+    assert "upstream_stream_interrupted" in lines[-1] and "0.3 seconds" in lines[-1], lines[-1]
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error" and record.error_type == "upstream_stream_interrupted"
