@@ -304,3 +304,4 @@ class CatalogModelAdmin(admin.ModelAdmin):
 
 
 from . import admin_health  # noqa: E402, F401  (registers IncidentAdmin)
+from .admin_deployments import DeploymentAdmin  # noqa: E402, F401  (registers it)

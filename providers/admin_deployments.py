@@ -1,0 +1,170 @@
+"""Admin for deployments: where each public model is served, how its circuit breaker stands, and what its
+latest health checks found. The breaker actions call ``deployment_breaker_override_set``."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.db.models import OuterRef, QuerySet, Subquery
+from django.forms.models import BaseInlineFormSet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.timesince import timesince
+
+from .models import BreakerOverride, Deployment, HealthCheck
+from .routing.breaker_machine import CLOSED, HALF_OPEN, OPEN, BreakerState
+from .routing.breakers import breaker_state, breaker_states
+from .services.breakers import deployment_breaker_override_set
+
+HEALTH_CHECKS_SHOWN = 20
+_COLOURS = {CLOSED: "#2e7d32", HALF_OPEN: "#ef6c00", OPEN: "#c62828"}
+
+
+class _LatestHealthChecks(BaseInlineFormSet):
+    """Only the latest checks of the deployment: slicing must come after the inline's filter on it."""
+
+    def get_queryset(self) -> QuerySet[HealthCheck]:
+        if not hasattr(self, "_latest"):
+            self._latest = super().get_queryset().order_by("-checked_at")[:HEALTH_CHECKS_SHOWN]
+        return self._latest
+
+
+class HealthCheckInline(admin.TabularInline):
+    model = HealthCheck
+    formset = _LatestHealthChecks
+    fields = ("checked_at", "ok", "latency_ms", "paid", "error")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = f"latest health checks (at most {HEALTH_CHECKS_SHOWN})"
+
+    def has_add_permission(self, request: HttpRequest, obj: Deployment | None = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Deployment | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Deployment | None = None) -> bool:
+        return False
+
+
+def _breaker_html(state: BreakerState, override: str) -> SafeString:
+    if override:
+        return format_html(
+            '<strong style="color:{}">forced {}</strong> <span title="the breaker underneath">({})</span>',
+            _COLOURS[override],
+            override,
+            state.state.replace("_", "-"),
+        )
+    if state.state == OPEN:
+        detail = f"lets a probe through in {state.seconds_to_probe(timezone.now()):.0f} s"
+    elif state.state == HALF_OPEN:
+        detail = "probe out" if state.probe_until else "waiting for a probe"
+    else:
+        detail = f"{state.failures} failure{'s' if state.failures != 1 else ''} in a row" if state.failures else ""
+    if state.window_calls:
+        detail = f"{detail}; " if detail else ""
+        detail += f"{state.window_failures}/{state.window_calls} failed lately"
+    return format_html(
+        '<strong style="color:{}">{}</strong>{}{}',
+        _COLOURS[state.state],
+        state.state.replace("_", "-"),
+        " · " if detail else "",
+        detail,
+    )
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(admin.ModelAdmin):
+    list_display = (
+        "__str__",
+        "model",
+        "provider",
+        "upstream_id",
+        "prices",
+        "weight",
+        "priority",
+        "enabled",
+        "breaker",
+        "last_health_check",
+    )
+    list_filter = ("enabled", "breaker_override", "provider")
+    list_select_related = ("model", "provider")
+    search_fields = ("name", "upstream_id", "model__name", "provider__name")
+    actions = ("force_breaker_open", "force_breaker_closed", "clear_breaker_override")
+    inlines = (HealthCheckInline,)
+    readonly_fields = ("breaker_now", "created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("model", "name", "provider", "upstream_id", "enabled")}),
+        ("Prices ($ per million tokens)", {"fields": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")}),
+        ("Routing", {"fields": ("weight", "priority", "rpm_limit", "tpm_limit", "quality")}),
+        ("Circuit breaker", {"fields": ("breaker_now", "breaker_override", "paid_health_probe")}),
+        ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Deployment]:
+        latest = HealthCheck.objects.filter(deployment=OuterRef("pk")).order_by("-checked_at")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                last_check_at=Subquery(latest.values("checked_at")[:1]),
+                last_check_ok=Subquery(latest.values("ok")[:1]),
+                last_check_latency_ms=Subquery(latest.values("latency_ms")[:1]),
+            )
+        )
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        """The page's breakers in one read (one Redis round trip), not one per row."""
+        changelist = super().get_changelist_instance(request)
+        states = breaker_states(deployment.pk for deployment in changelist.result_list)
+        for deployment in changelist.result_list:
+            deployment.breaker_state = states[deployment.pk]
+        return changelist
+
+    @admin.display(description="prices in / out ($/Mtok)")
+    def prices(self, obj: Deployment) -> str:
+        return f"{obj.input_per_mtok.normalize():f} / {obj.output_per_mtok.normalize():f}"
+
+    @admin.display(description="breaker")
+    def breaker(self, obj: Deployment) -> SafeString:
+        state = getattr(obj, "breaker_state", None) or breaker_state(obj.pk)
+        return _breaker_html(state, obj.breaker_override)
+
+    @admin.display(description="breaker now")
+    def breaker_now(self, obj: Deployment) -> SafeString | str:
+        return _breaker_html(breaker_state(obj.pk), obj.breaker_override) if obj.pk else "—"
+
+    @admin.display(description="last health check", ordering="last_check_at")
+    def last_health_check(self, obj: Deployment) -> SafeString | str:
+        if obj.last_check_at is None:
+            return "never checked"
+        latency = "" if obj.last_check_latency_ms is None else f", {obj.last_check_latency_ms} ms"
+        return format_html(
+            '<span style="color:{}">{}</span>{}, {} ago',
+            _COLOURS[CLOSED if obj.last_check_ok else OPEN],
+            "ok" if obj.last_check_ok else "failing",
+            latency,
+            timesince(obj.last_check_at),
+        )
+
+    def _override(self, request: HttpRequest, queryset: QuerySet[Deployment], override: str, done: str) -> None:
+        deployments = list(queryset)
+        for deployment in deployments:
+            deployment_breaker_override_set(deployment=deployment, override=override)
+        names = ", ".join(str(deployment) for deployment in deployments)
+        self.message_user(request, f"{done}: {names}.", messages.SUCCESS)
+
+    @admin.action(description="Force breaker open (no traffic)")
+    def force_breaker_open(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._override(request, queryset, BreakerOverride.OPEN, "Breaker forced open")
+
+    @admin.action(description="Force breaker closed (always a candidate)")
+    def force_breaker_closed(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._override(request, queryset, BreakerOverride.CLOSED, "Breaker forced closed")
+
+    @admin.action(description="Clear override and reset breaker")
+    def clear_breaker_override(self, request: HttpRequest, queryset: QuerySet[Deployment]) -> None:
+        self._override(request, queryset, BreakerOverride.NONE, "Override cleared and breaker reset")

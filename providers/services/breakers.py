@@ -1,0 +1,22 @@
+"""An admin's hand on a deployment's circuit breaker: a lasting override kept on the row, felt at once."""
+
+from __future__ import annotations
+
+from ..models import BreakerOverride, Deployment
+from ..routing.breaker_machine import CLOSED, OPEN
+from ..routing.breakers import breaker_force, breaker_reset
+
+
+def deployment_breaker_override_set(*, deployment: Deployment, override: str) -> None:
+    """Keep ``override`` (``BreakerOverride``: forced open, forced closed, or none) on the deployment, and move
+    its shared breaker the same way now: other processes read the override from their catalog snapshot only
+    when it expires (``LLMHUB_LOOKUP_CACHE_TTL``), but hear of the breaker's change within milliseconds.
+    Clearing the override also resets the breaker (closed, no failures, the base cooldown)."""
+    deployment.breaker_override = BreakerOverride(override)
+    deployment.save(update_fields=["breaker_override", "updated_at"])
+    if override == BreakerOverride.OPEN:
+        breaker_force(deployment.pk, OPEN)
+    elif override == BreakerOverride.CLOSED:
+        breaker_force(deployment.pk, CLOSED)
+    else:
+        breaker_reset(deployment.pk)
