@@ -22,10 +22,11 @@ Several upstreams
     refused; those kept alive from before are dropped) until its fault is changed. Every spelling also works
     as a request's marker (``[[fault=status=429,retry_after=1]]``), where ``refuse`` drops that connection.
     ``POST /__control`` with a JSON object changes a listener at run time: ``fault`` (a spelling, or null to
-    heal), ``latency_ms``, ``ttft_ms``, ``tps``, ``reset`` (counters to zero), and ``upstream`` to act on
-    another listener of the process by name (how a refusing one is healed over HTTP). ``GET /__stats``
-    (``?upstream=NAME`` for another) answers a listener's settings and the requests it served (in all, by
-    path, by model); control requests and refused connections are not counted.
+    heal), ``models`` (a list of upstream model ids: the fault hits only requests for those, as when one
+    model is down at a provider), ``latency_ms``, ``ttft_ms``, ``tps``, ``reset`` (counters to zero), and
+    ``upstream`` to act on another listener of the process by name (how a refusing one is healed over
+    HTTP). ``GET /__stats`` (``?upstream=NAME`` for another) answers a listener's settings and the requests
+    it served (in all, by path, by model); control requests and refused connections are not counted.
 
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
@@ -778,6 +779,17 @@ def fault_canonical(spec: str) -> str:
     raise ValueError(f"unknown fake fault {spec!r}")
 
 
+def _fault_models(fault: str | None, models: Any) -> frozenset[str] | None:
+    """The upstream model ids a standing fault is limited to (None: every request)."""
+    if models is None:
+        return None
+    if not isinstance(models, list | tuple | set | frozenset) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError("models: give a list of upstream model ids")
+    if fault == "refuse":
+        raise ValueError("refuse closes the whole port: it cannot be limited to some models")
+    return frozenset(models)
+
+
 def _fault_status(fault: str) -> tuple[int, str] | None:
     """``(status, Retry-After)`` of a status fault (``503``, ``429:1``), None for other faults."""
     match = _STATUS_FAULT_RE.fullmatch(fault)
@@ -831,8 +843,10 @@ class _App:
         self.tps = tps
         self.api_key = api_key
         self.demo = demo
-        # The standing fault (canonical, see fault_canonical): what every request gets that names none itself.
+        # The standing fault (canonical, see fault_canonical): what every request gets that names none itself,
+        # or only those for the upstream model ids in fault_models (one model down at a provider).
         self.fault: str | None = None
+        self.fault_models: frozenset[str] | None = None
         # Set by the listener that serves this app: what /__control acts on (itself, or a peer by name).
         self.listener: _Listener | None = None
         self._lock = threading.Lock()
@@ -852,6 +866,7 @@ class _App:
         return {
             "name": self.name,
             "fault": self.fault,
+            "fault_models": sorted(self.fault_models) if self.fault_models is not None else None,
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
             "tps": self.tps,
@@ -1028,8 +1043,10 @@ class _App:
             named = directives["fault"]
         elif isinstance(model, str) and model.startswith("fault-"):
             named = model[len("fault-") :]
-        else:
+        elif self.fault_models is None or model in self.fault_models:
             return self.fault
+        else:
+            return None
         try:
             return fault_canonical(named)
         except ValueError:
@@ -1090,15 +1107,17 @@ class _App:
             body = None
         if not isinstance(body, dict):
             return web.json_response({"error": "send a JSON object"}, status=400)
-        unknown = set(body) - {"upstream", "fault", "latency_ms", "ttft_ms", "tps", "reset"}
+        unknown = set(body) - {"upstream", "fault", "models", "latency_ms", "ttft_ms", "tps", "reset"}
         if unknown:
             return web.json_response({"error": f"unknown settings {sorted(unknown)}"}, status=400)
         listener = self._peer(body.get("upstream"))
         if listener is None:
             return web.json_response({"error": f"no upstream {body.get('upstream')!r}"}, status=404)
         fault = body.get("fault", listener.app.fault)
+        models = body.get("models", listener.app.fault_models if "fault" not in body else None)
         try:
             fault = fault_canonical(fault) if fault is not None else None
+            models = _fault_models(fault, models)
             timing = {key: float(body[key]) for key in ("latency_ms", "ttft_ms", "tps") if key in body}
         except (TypeError, ValueError, AttributeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
@@ -1106,14 +1125,13 @@ class _App:
         if body.get("reset"):
             listener.app.reset()
         if fault != "refuse" or listener is not self.listener:
-            await listener.set_fault(fault)
+            await listener.set_fault(fault, models=models)
             return web.json_response(listener.describe())
-        # Refusing this very listener: the answer goes out first, on a connection closed after it.
-        response = web.json_response({**listener.describe(), "fault": "refuse"})
-        response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
+        # Refusing this very listener: the port is closed before the answer goes out (so the caller finds it
+        # closed), on the one connection spared, which closes after it.
         await listener.set_fault(fault, spare=request.transport)
+        response = web.json_response(listener.describe())
+        response.force_close()
         return response
 
     # -- Azure OpenAI: OpenAI's handlers behind Azure's paths --
@@ -1912,10 +1930,18 @@ class _Listener:
         self._site = site
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
-    async def set_fault(self, fault: str | None, *, spare: asyncio.BaseTransport | None = None) -> None:
-        """``fault`` (canonical) becomes the standing fault. ``refuse`` closes the port and drops the open
-        connections (but ``spare``, the one asking); any other value opens the port again if it was closed."""
+    async def set_fault(
+        self,
+        fault: str | None,
+        *,
+        models: frozenset[str] | None = None,
+        spare: asyncio.BaseTransport | None = None,
+    ) -> None:
+        """``fault`` (canonical) becomes the standing fault, for requests naming ``models`` only when given.
+        ``refuse`` closes the port and drops the open connections (but ``spare``, the one asking); any other
+        value opens the port again if it was closed."""
         self.app.fault = fault
+        self.app.fault_models = models
         if fault == "refuse":
             if self._site is not None:
                 site, self._site = self._site, None
@@ -1964,11 +1990,12 @@ class UpstreamHandle:
     def fault(self) -> str | None:
         return self._listener.app.fault
 
-    def set_fault(self, fault: str | None) -> None:
+    def set_fault(self, fault: str | None, *, models: Sequence[str] | None = None) -> None:
         """A standing fault for every request that names none itself (``None`` heals; ``refuse`` closes the
-        port); any spelling ``fault_canonical`` reads."""
+        port); any spelling ``fault_canonical`` reads. ``models``: only for requests naming these upstream
+        model ids (one model down at a provider that serves others)."""
         canonical = fault_canonical(fault) if fault is not None else None
-        self._group._run(self._listener.set_fault(canonical))
+        self._group._run(self._listener.set_fault(canonical, models=_fault_models(canonical, models)))
 
     def refuse(self) -> None:
         """Stop listening: new connections are refused, open ones dropped."""
@@ -2140,8 +2167,8 @@ class FakeUpstream(FakeUpstreams):
     def reset(self) -> None:
         self.handles[0].reset()
 
-    def set_fault(self, fault: str | None) -> None:
-        self.handles[0].set_fault(fault)
+    def set_fault(self, fault: str | None, *, models: Sequence[str] | None = None) -> None:
+        self.handles[0].set_fault(fault, models=models)
 
     def refuse(self) -> None:
         self.handles[0].refuse()

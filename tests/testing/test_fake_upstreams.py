@@ -95,6 +95,24 @@ def test_a_standing_fault_breaks_one_listener_and_healing_it_restores_it(fake_up
     assert east.requests_served() == 3, "answered faults count as served"
 
 
+def test_a_standing_fault_can_hit_some_models_only(fake_upstreams) -> None:
+    (upstream,) = fake_upstreams(1)
+    upstream.set_fault("status=503", models=["fake-gpt-4o-mini"])
+    assert chat(upstream).status_code == 503
+    other = httpx.post(
+        upstream.base_url + CHAT, json={"model": "fake-gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert other.status_code == 200, "the provider's other models still answer"
+    # Over HTTP too; a new fault without models applies to every model again.
+    assert control(upstream, fault="status=500", models=["fake-gpt-4o"]).json()["fault_models"] == ["fake-gpt-4o"]
+    assert chat(upstream).status_code == 200
+    assert control(upstream, fault="status=500").json()["fault_models"] is None
+    assert chat(upstream).status_code == 500
+    assert control(upstream, fault="refuse", models=["fake-gpt-4o"]).status_code == 400
+    with pytest.raises(ValueError):
+        upstream.set_fault("refuse", models=["fake-gpt-4o"])
+
+
 def test_rate_limit_fault_carries_its_retry_after(fake_upstreams) -> None:
     (upstream,) = fake_upstreams(UpstreamSpec("limited", fault="status=429,retry_after=1"))
     response = chat(upstream)
@@ -172,12 +190,12 @@ def test_time_to_first_token_comes_before_the_first_streamed_piece(fake_upstream
     slow, fast = fake_upstreams(UpstreamSpec("slow", ttft_ms=300), UpstreamSpec("fast"))
     for upstream, least in ((slow, 0.3), (fast, 0.0)):
         body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "[[words=3]]"}]}
+        started = time.monotonic()
         with httpx.stream("POST", upstream.base_url + CHAT, json=body, timeout=5) as response:
-            headers_at = time.monotonic()
-            first = next(
-                time.monotonic() for line in response.iter_lines() if line.startswith("data: {") and "lorem" in line
-            )
-        assert first - headers_at >= least
+            lines = response.iter_lines()
+            assert '"role":"assistant"' in next(line for line in lines if line.startswith("data: {"))
+            first = next(time.monotonic() for line in lines if line.startswith("data: {") and "lorem" in line)
+        assert first - started >= least, "the first token comes no sooner than the time to first token"
     slow.set_timing(ttft_ms=0, latency_ms=250)
     started = time.monotonic()
     assert chat(slow).status_code == 200
