@@ -243,6 +243,20 @@ class Migration(migrations.Migration):
                 ],
             },
         ),
+        # The columns about to move to Deployment accept a row without them first, so that going back can
+        # add them again to a table that has rows, before first_deployment_back fills them in.
+        migrations.AlterField(
+            model_name="catalogmodel",
+            name="provider",
+            field=models.ForeignKey(
+                null=True, on_delete=django.db.models.deletion.PROTECT, related_name="models", to="providers.provider"
+            ),
+        ),
+        migrations.AlterField(
+            model_name="catalogmodel",
+            name="upstream_id",
+            field=models.CharField(default="", help_text="The provider's own model id.", max_length=200),
+        ),
         migrations.RunPython(one_deployment_each, first_deployment_back),
         migrations.RemoveField(model_name="catalogmodel", name="provider"),
         migrations.RemoveField(model_name="catalogmodel", name="upstream_id"),
