@@ -241,7 +241,7 @@ async def _load_principal(digest: str) -> KeyPrincipal | None:
         if parent["expires_at"] is not None and (expires_at is None or parent["expires_at"] < expires_at):
             expires_at = parent["expires_at"]
         through = ApiKey.allowed_models.through.objects.filter(apikey_id=parent_id)
-        theirs = frozenset([pk async for pk in through.values_list("model_id", flat=True)])
+        theirs = frozenset([pk async for pk in through.values_list("catalogmodel_id", flat=True)])
         if theirs:
             allowed = theirs if allowed is None else allowed & theirs
         parent_id = parent["parent_id"]
