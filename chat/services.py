@@ -94,7 +94,7 @@ def message_finish(
     if model_name is not None:
         fields["model_name"] = model_name
     if provider_name is not None:
-        fields["provider_name"] = provider_name[:64]
+        fields["provider_name"] = provider_name
     Message.objects.filter(pk=message_id).update(**fields)
 
 
