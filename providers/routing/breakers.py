@@ -35,6 +35,8 @@ from pathlib import Path
 import redis
 import redis.asyncio
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from redis.commands.core import AsyncScript, Script
 
 from core.redis import redis_async_client, redis_sync_client
@@ -92,6 +94,24 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_settings: tuple[str, BreakerConfig] | None = None
+
+
+def _conf() -> tuple[str, BreakerConfig]:
+    """(``REDIS_URL``, the breaker settings), read once: reading settings costs microseconds per call."""
+    global _settings
+    if _settings is None:
+        _settings = (settings.REDIS_URL, BreakerConfig.from_settings())
+    return _settings
+
+
+@receiver(setting_changed)
+def _settings_changed(*, setting: str, **kwargs: object) -> None:
+    global _settings
+    if setting == "REDIS_URL" or setting.startswith("LLMHUB_BREAKER_"):
+        _settings = None
+
+
 # THIS PROCESS'S VIEW
 
 
@@ -113,7 +133,7 @@ def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> int:
     version counter the snapshot was taken at."""
     top = int(reply[0])
     seen = {int(reply[i]): BreakerView.parse(reply[i + 1 : i + 7]) for i in range(1, len(reply), 7)}
-    closed = BreakerView(CLOSED, 0, 0, int(settings.LLMHUB_BREAKER_COOLDOWN_SECONDS * 1000), 0, top)
+    closed = BreakerView(CLOSED, 0, 0, _conf()[1].cooldown_ms, 0, top)
     for deployment_id, view in list(_views.items()):
         if deployment_id not in seen and (view.version <= top or redis_lost_data):
             _views[deployment_id] = closed
@@ -129,8 +149,8 @@ def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> int:
 
 def _local(deployment_id: int, transition: Callable[[Machine], tuple[bool, bool]]) -> bool:
     """A transition decided in this process (no Redis, or Redis unreachable); returns ``won``."""
-    version = LOCAL_VERSION if settings.REDIS_URL else 0
-    cfg = BreakerConfig.from_settings()
+    url, cfg = _conf()
+    version = LOCAL_VERSION if url else 0
     with _lock:
         machine = _machines.get(deployment_id)
         if machine is None:
@@ -141,7 +161,7 @@ def _local(deployment_id: int, transition: Callable[[Machine], tuple[bool, bool]
 
 
 def _local_record(deployment_id: int, ok: int, failed: int, tail: int, now: int) -> None:
-    cfg = BreakerConfig.from_settings()
+    cfg = _conf()[1]
     _local(deployment_id, lambda machine: machine.record(cfg, now, ok=ok, failed=failed, tail=tail))
 
 
@@ -169,7 +189,7 @@ class _Syncer:
 
     @property
     def active(self) -> bool:
-        if settings.REDIS_URL != self.url:
+        if _conf()[0] != self.url:
             self.stopped = True
         return not self.stopped
 
@@ -208,7 +228,7 @@ class _Syncer:
                     logger.exception("circuit breaker outcomes lost")
 
     async def flush(self, batch: dict[int, list[int]]) -> None:
-        cfg = BreakerConfig.from_settings()
+        cfg = _conf()[1]
         now = _now_ms()
         client = redis_async_client(self.url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
         script = _script(client, "breaker_record")
@@ -272,7 +292,7 @@ _last_syncer: _Syncer | None = None
 def _syncer() -> _Syncer | None:
     """This event loop's syncer (started at first use), or None without Redis or outside an event loop."""
     global _last_syncer
-    url = settings.REDIS_URL
+    url = _conf()[0]
     if not url:
         return None
     loop = asyncio._get_running_loop()
@@ -306,7 +326,6 @@ def breaker_is_open(deployment: ResolvedDeployment) -> bool:
     forced = deployment.forced_state
     if forced:
         return forced == FORCED_OPEN
-    _syncer()
     view = _views.get(deployment.id)
     return view is not None and view.leaves_out(time.time() * 1000)
 
@@ -318,14 +337,14 @@ async def breaker_allows(deployment: ResolvedDeployment) -> bool:
     forced = deployment.forced_state
     if forced:
         return forced != FORCED_OPEN
+    _syncer()  # this event loop keeps the process's view in step with Redis from its first request on
     view = _views.get(deployment.id)
     if view is None or view.state != OPEN:
         return True
     now = _now_ms()
     if view.leaves_out(now):
         return False
-    cfg = BreakerConfig.from_settings()
-    url = settings.REDIS_URL
+    url, cfg = _conf()
     if url:
         try:
             client = redis_async_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
@@ -345,7 +364,7 @@ def breaker_record(deployment_id: int, *, ok: bool) -> None:
     sent to Redis at once."""
     try:
         succeeded, failed = (1, 0) if ok else (0, 1)
-        if not settings.REDIS_URL:
+        if not _conf()[0]:
             _local_record(deployment_id, succeeded, failed, failed, _now_ms())
             return
         syncer = _syncer()
@@ -376,9 +395,8 @@ def breaker_reset(deployment_id: int) -> None:
 
 
 def _sync_transition(deployment_id: int, name: str, *extra: int) -> None:
-    cfg = BreakerConfig.from_settings()
+    url, cfg = _conf()
     now = _now_ms()
-    url = settings.REDIS_URL
     if url:
         try:
             client = redis_sync_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
@@ -404,9 +422,8 @@ def breaker_state(deployment_id: int) -> BreakerState:
 def breaker_states(deployment_ids: Iterable[int]) -> dict[int, BreakerState]:
     """``breaker_state`` of several deployments in one round trip (an admin changelist's page)."""
     ids = list(deployment_ids)
-    cfg = BreakerConfig.from_settings()
+    url, cfg = _conf()
     now = _now_ms()
-    url = settings.REDIS_URL
     if url and ids:
         try:
             client = redis_sync_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
