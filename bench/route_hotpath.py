@@ -31,7 +31,8 @@ from django.conf import settings  # noqa: E402
 
 from providers.fields import Secret  # noqa: E402
 from providers.routing import Outcome, call_finished, call_started, route_candidates  # noqa: E402
-from providers.routing.stats import stats_clear  # noqa: E402
+from providers.routing.breakers import breaker_record  # noqa: E402
+from providers.routing.stats import stats_call_finished, stats_call_started, stats_clear  # noqa: E402
 from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel, RoutingStrategy  # noqa: E402
 
 
@@ -100,7 +101,13 @@ async def main(calls: int) -> None:
         ticket = call_started(9_000)
         call_finished(ticket, outcome=Outcome.OK, ttft_s=0.01, tokens=20)
 
+    def statistics_only() -> None:
+        stats_call_finished(stats_call_started(9_000), ok=True, ttft_s=0.01, tokens=20)
+
     print(f"  call_started + call_finished                     {per_call_us(one_attempt, calls):6.2f}")
+    print(f"    of which the statistics (stats_call_*)         {per_call_us(statistics_only, calls):6.2f}")
+    breaker = per_call_us(functools.partial(breaker_record, 9_000, ok=True), calls)
+    print(f"    of which the breaker (breaker_record)          {breaker:6.2f}")
     await asyncio.sleep(0)
 
 
