@@ -158,10 +158,12 @@ def _fresh_lookup_caches():
     """In-process lookup caches outlive a test's database rows; start every test without them."""
     from billing.services.inflight import held_clear
     from billing.services.keys import key_cache
+    from providers.routing.breakers import breakers_forget_local
     from providers.selectors import catalog_cache
 
     catalog_cache.invalidate()
     key_cache.invalidate()
+    breakers_forget_local()  # deployment ids are reused once the database is emptied
     yield
     catalog_cache.invalidate()
     key_cache.invalidate()
