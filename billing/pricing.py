@@ -19,7 +19,8 @@ _COST_CONTEXT = Context(prec=80)
 
 
 class Prices(Protocol):
-    """What pricing reads of a model: a catalog ``ResolvedModel`` or a ``providers.models.Model`` row."""
+    """What pricing reads of a model: a catalog ``ResolvedModel`` (bound to a deployment with ``on``, or the
+    highest prices of its deployments when unbound) or a ``providers.models.Deployment`` row."""
 
     @property
     def input_per_mtok(self) -> Decimal: ...

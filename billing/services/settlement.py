@@ -1,0 +1,152 @@
+"""Settlement, in one place: what a finished request is charged, and its one ledger row.
+
+Whatever ended the request (success, an upstream error, the client gone, a cancel, a shutdown), the entry
+point hands over what its call gathered: the provider's usage if it sent one, the text relayed to the
+client, the request's body (for the prompt estimate), the model bound to the deployment that answered.
+``request_settle`` decides the tokens (reported, or estimated and flagged), prices them at that
+deployment's prices (``billing.pricing.cost_for``), and submits the row with the request's admission:
+the ledger writer swaps the reservation for the cost and inserts the row (``ledger.usage_record_submit``),
+or spools both, so that the replay settles the reservation with the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from providers.types import ResolvedModel
+
+from ..models import Operation, UsageStatus
+from ..pricing import cost_for
+from ..tokens import prompt_tokens, text_tokens
+from .admission import Admission
+from .ledger import UsageData, usage_record_submit
+
+REQUESTED_MODEL_LENGTH = 128  # UsageRecord.requested_model
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What the request was charged, as its ledger row says."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost: Decimal
+    usage_estimated: bool
+
+
+def settlement_tokens(
+    *,
+    operation: str,
+    body: Mapping[str, Any],
+    status: str,
+    usage: Mapping[str, Any] | None,
+    delivered_text: str,
+) -> tuple[int, int, int, bool]:
+    """(prompt, completion, cached tokens, estimated) of a finished request.
+
+    The provider's usage when it reported one. Otherwise an estimate, flagged: the text relayed to the client
+    and, since the provider got as far as producing it, the prompt; an embeddings request that succeeded
+    without usage is charged its input. A request that produced nothing (refused upstream, cut before its
+    first token) costs nothing and is not an estimate."""
+    reported = _reported(usage, operation)
+    if reported is not None:
+        return (*reported, False)
+    if operation == Operation.EMBEDDINGS:
+        if status == UsageStatus.OK:
+            return prompt_tokens(body, operation=operation), 0, 0, True
+        return 0, 0, 0, False
+    if delivered_text:
+        return prompt_tokens(body, operation=operation), text_tokens(delivered_text), 0, True
+    return 0, 0, 0, False
+
+
+def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int, int] | None:
+    """OpenAI-shaped usage (``prompt_tokens``, ``completion_tokens``, ``prompt_tokens_details.cached_tokens``),
+    or None when it counts nothing usable: an embeddings usage must count the input, a chat usage the prompt
+    or the completion. A count that is not a non-negative integer is no count."""
+    if not usage:
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    if prompt is None and (operation == Operation.EMBEDDINGS or completion is None):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else None
+    return prompt or 0, completion or 0, cached or 0
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def request_settle(
+    *,
+    request_id: str,
+    endpoint: str,
+    operation: str,
+    body: Mapping[str, Any],
+    status: str,
+    user_id: int,
+    api_key_id: int | None,
+    model: ResolvedModel,
+    admission: Admission | None,
+    usage: Mapping[str, Any] | None = None,
+    delivered_text: str = "",
+    error_type: str = "",
+    requested_model: str = "",
+    attempts: int = 0,
+    resumed: bool = False,
+    upstream_latency_ms: int | None = None,
+    ttft_ms: int | None = None,
+    duration_ms: int = 0,
+) -> Settlement:
+    """Settle a request that was admitted: decide its tokens and cost, and submit its ledger row with its
+    admission (the reservation is released with the row, or both wait in the spool). Synchronous and
+    without I/O, so safe in a ``finally`` under cancellation.
+
+    ``model``: bound to the deployment that answered last (``model.on(deployment)``), whose provider and
+    prices the row gets; unbound when no call was made. ``usage``: the provider's, OpenAI-shaped, or None.
+    ``delivered_text``: what was relayed to the client, for the estimate when there is no usage.
+    ``requested_model``: the name the client sent; the row keeps it only when another model answered."""
+    prompt, completion, cached, estimated = settlement_tokens(
+        operation=operation, body=body, status=status, usage=usage, delivered_text=delivered_text
+    )
+    cost = cost_for(model=model, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+    deployment = model.deployment
+    usage_record_submit(
+        UsageData(
+            request_id=request_id,
+            endpoint=endpoint,
+            operation=operation,
+            stream=bool(body.get("stream")),
+            status=status,
+            user_id=user_id,
+            api_key_id=api_key_id,
+            provider_id=model.provider.id,
+            model_id=model.id,
+            deployment_id=deployment.id if deployment is not None else None,
+            provider_name=model.provider.name,
+            model_name=model.name,
+            deployment_name=deployment.name if deployment is not None else "",
+            requested_model=requested_model[:REQUESTED_MODEL_LENGTH] if requested_model != model.name else "",
+            attempts=attempts,
+            resumed=resumed,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=cached,
+            cost=cost,
+            usage_estimated=estimated,
+            upstream_latency_ms=upstream_latency_ms,
+            ttft_ms=ttft_ms,
+            duration_ms=duration_ms,
+            error_type=error_type,
+        ),
+        admission=admission,
+    )
+    return Settlement(
+        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, cost=cost, usage_estimated=estimated
+    )
