@@ -6,8 +6,9 @@ deployments, checks each with ``breaker_allows`` just before calling it, and rep
 breakers' and the statistics' shared state (Redis, when ``REDIS_URL`` is set) is kept in sync in the
 background, never awaited per request, except to claim a half-open breaker's single probe.
 
-- ``router``: the strategies (weighted, priority, lowest_latency, least_busy, cheapest) and the
-  ``x-llmhub-route`` hints (cost, latency, quality).
+- ``router``: the strategies (weighted, priority, lowest_latency, least_busy, cheapest), the
+  ``x-llmhub-route`` hints (cost, latency, quality) and the deployments' rpm/tpm caps; when the caps leave
+  no deployment, ``caps_retry_after`` says how long until they reopen (a 429, not a 503).
 - ``breakers``: circuit breakers per deployment, shared by every process through Redis.
 - ``stats``: latency and time-to-first-token averages, requests in flight, rpm/tpm per deployment.
 """
