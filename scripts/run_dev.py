@@ -2,8 +2,9 @@
 """`make run`: migrate, load the demo, then run everything llmhub needs on one machine, and stop it
 all together.
 
-The children are the bundled fake upstream (which the demo providers point at), daphne serving
-llmhub, and a Celery worker with beat embedded. Each runs in its own process group, so a Ctrl-C in
+The children are the bundled fake upstream (one process serving two hosts, ``east`` and ``west``,
+which the demo providers point at: ``demo-gpt-4o-mini`` is balanced over both), daphne serving llmhub,
+and a Celery worker with beat embedded. Each runs in its own process group, so a Ctrl-C in
 the terminal reaches only this supervisor, which then stops them in an orderly way (SIGTERM, then
 SIGKILL for what is left of each group after a grace period) instead of leaving half of them behind.
 When any child dies on its own, the others are stopped too and the exit status is non-zero: a demo
@@ -27,6 +28,7 @@ from types import FrameType
 from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
+WEST_PORT = 18082
 
 
 @dataclass
@@ -166,13 +168,19 @@ def _signal_group_quietly(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _listening(port: int | None, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
 
 
-def prepare(*, upstream_url: str) -> None:
+def prepare(*, upstream_url: str, west_upstream_url: str) -> None:
     """Migrate and load the demo in this process (one Django start instead of several)."""
     import django
     from django.conf import settings
@@ -187,7 +195,7 @@ def prepare(*, upstream_url: str) -> None:
             if options.get(key):
                 Path(options[key]).mkdir(parents=True, exist_ok=True)
     call_command("migrate", interactive=False, verbosity=1)
-    call_command("demo_setup", upstream_url=upstream_url)
+    call_command("demo_setup", upstream_url=upstream_url, west_upstream_url=west_upstream_url)
     call_command("setupschedules")
     connections.close_all()
 
@@ -195,11 +203,18 @@ def prepare(*, upstream_url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8000, help="llmhub's port on 127.0.0.1")
-    parser.add_argument("--upstream-port", type=int, default=18080, help="the fake upstream's port")
+    parser.add_argument("--upstream-port", type=int, default=18080, help="the fake upstream's east host's port")
+    parser.add_argument(
+        "--west-port",
+        type=int,
+        default=0,
+        help=f"the fake upstream's west host's port (default: {WEST_PORT}, or any free port when that is taken)",
+    )
     parser.add_argument("--tps", type=int, default=30, help="tokens per second the fake upstream streams")
     args = parser.parse_args(argv)
 
-    busy = [port for port in (args.port, args.upstream_port) if _listening(port)]
+    west_port = args.west_port or (WEST_PORT if not _listening(WEST_PORT) else _free_port())
+    busy = [port for port in (args.port, args.upstream_port, west_port) if _listening(port)]
     if busy:
         print(f"port {busy[0]} on 127.0.0.1 is already in use (another `make run`?)", file=sys.stderr)
         return 1
@@ -208,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
     upstream_url = f"http://127.0.0.1:{args.upstream_port}"
+    west_url = f"http://127.0.0.1:{west_port}"
     try:
-        prepare(upstream_url=upstream_url)
+        prepare(upstream_url=upstream_url, west_upstream_url=west_url)
     except KeyboardInterrupt:
         return 130
 
@@ -222,12 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                 "-m",
                 "llmhub.testing.fake_upstream",
                 "--demo",
-                "--port",
-                str(args.upstream_port),
+                "--upstream",
+                f"east={args.upstream_port}",
+                "--upstream",
+                f"west={west_port}",
                 "--tps",
                 str(args.tps),
             ],
-            port=args.upstream_port,
+            # The west host starts after the east one: once it listens, both do.
+            port=west_port,
         ),
         Service(
             "daphne",
@@ -253,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             f"  Free plan      {site}/         user: demo    password: {password('demo', 'demo-user-password')}",
             f"  API            {site}/v1/{key_hint}",
             f"  API docs       {site}/api/docs/   ReDoc: {site}/api/redoc/",
-            f"  fake upstream  {upstream_url}   (serves the demo-* models)",
+            f"  fake upstream  east {upstream_url}   west {west_url}   (one process; serve the demo-* models)",
+            "  routing        demo-gpt-4o-mini: 3:1 over east and west, then demo-claude-haiku. Break east:",
+            f"""                 curl -d '{{"fault":"status=503"}}' {upstream_url}/__control   (heal: "fault":null)""",
         ]
         rule = "=" * max(len(line) for line in lines)
         supervisor.say("\n".join([rule, *lines, rule]))

@@ -449,7 +449,8 @@ def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
         env=env,
     )
     last_line = count.stdout.strip().splitlines()[-1]
-    assert last_line == "1 ['demo-fake-anthropic', 'demo-fake-openai', 'openai'] 2", count.stdout + count.stderr
+    expected = "1 ['demo-fake-anthropic', 'demo-fake-openai', 'demo-fake-openai-west', 'openai'] 2"
+    assert last_line == expected, count.stdout + count.stderr
     demo = manage(
         "shell",
         "-c",
