@@ -5,11 +5,18 @@ model allow-lists, then rate limits and budget reservations together (one Redis 
 database transaction without Redis). Limits come from an in-process cache, so a caller with nothing
 to enforce costs no I/O at all. ``admission_settle`` runs once per admitted request, after the
 response: the reservation is swapped for the real cost, and a budget that crosses a threshold alerts.
+
+A ledger row that goes to the spool instead (the database was down, the server was stopping) carries
+its admission (``admission_dump``), so that whichever process replays it settles the reservation too
+(``admission_settle_spooled``), at once rather than when the reservation expires or its process is
+declared dead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -24,9 +31,10 @@ from providers.types import ResolvedModel
 from ..exceptions import ModelNotAllowedError
 from ..models import BudgetMetric, ScopeKind
 from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
-from .alerts import budget_alerts_raise, budget_crossings
-from .budgets import CounterSpec, charge_for, counter_specs
-from .counters import admission_store
+from .alerts import Crossing, budget_alerts_raise, budget_crossings
+from .budgets import CounterRef, CounterSpec, charge_for, counter_specs
+from .counters import Moved, admission_store, reservation_settle_if_held
+from .inflight import instance_id
 from .keys import MAX_KEY_DEPTH
 from .ratelimits import RateSpec, rate_specs, ratelimit_headers
 
@@ -37,6 +45,7 @@ class _Held:
 
     counters: tuple[CounterSpec, ...]
     rates: tuple[RateSpec, ...]
+    instance: str = ""  # the process that admitted it: Redis keeps the request's in-flight record under its name
 
 
 @dataclass
@@ -137,7 +146,7 @@ async def admission_acquire(
     if charge.requested_max_tokens is None:
         admission.max_tokens = outcome.reserved.max_tokens
     admission.headers = ratelimit_headers(outcome.rate_states)
-    admission.handle = _Held(counters=counters, rates=rates)
+    admission.handle = _Held(counters=counters, rates=rates, instance=instance_id())
     return admission
 
 
@@ -172,9 +181,72 @@ async def admission_settle(
         tokens=prompt_tokens + completion_tokens,
         now=now,
     )
-    crossings = [c for spec, before, after in moved for c in budget_crossings(spec=spec, before=before, after=after)]
+    crossings = _crossings(moved)
     if crossings:
         await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=admission.user_id)
+
+
+def _crossings(moved: list[Moved]) -> list[Crossing]:
+    return [c for spec, before, after in moved for c in budget_crossings(spec=spec, before=before, after=after)]
+
+
+def admission_dump(admission: Admission | None) -> dict[str, Any] | None:
+    """What settling ``admission`` needs, as JSON, for a ledger row that waits in the spool; None when it
+    holds nothing. The counters keep their limits and titles, for the alerts their settle may raise."""
+    held = admission.handle if admission is not None else None
+    if not isinstance(held, _Held):
+        return None
+    return {
+        "request_id": admission.request_id,
+        "user_id": admission.user_id,
+        "api_key_id": admission.api_key_id,
+        "instance": held.instance,
+        "counters": [[spec.key, str(spec.limit), spec.title] for spec in held.counters],
+        "rates": [[rate.scope_kind, rate.scope_id] for rate in held.rates],
+    }
+
+
+def admission_load(raw: Mapping[str, Any]) -> Admission:
+    """The admission ``admission_dump`` wrote, as far as settling it goes (a rate scope's limits are not
+    needed to correct its window)."""
+    held = _Held(
+        counters=tuple(
+            CounterSpec(CounterRef.from_key(key), Decimal(limit), title) for key, limit, title in raw["counters"]
+        ),
+        rates=tuple(RateSpec(kind, int(scope_id), None, None) for kind, scope_id in raw["rates"]),
+        instance=raw["instance"],
+    )
+    return Admission(
+        request_id=raw["request_id"], user_id=raw["user_id"], api_key_id=raw.get("api_key_id"), handle=held
+    )
+
+
+def admission_settle_spooled(
+    *, admission: Admission, cost: Decimal, prompt_tokens: int, completion_tokens: int, now: datetime | None = None
+) -> bool:
+    """``admission_settle`` for a row replayed from the spool, from any process, synchronously: the
+    reservation is swapped for the row's cost if it is still held, and not again once it is not (settled by
+    its request, by an earlier replay, or as a lost request; ``counters.reservation_settle_if_held``).
+    Returns whether it settled. Raises ``redis.RedisError`` or ``DatabaseError`` when the counters' store is
+    down: the row then waits in the spool with its admission."""
+    held = admission.handle
+    if not isinstance(held, _Held):
+        return False
+    moved = reservation_settle_if_held(
+        request_id=admission.request_id,
+        instance=held.instance,
+        counters=held.counters,
+        rates=held.rates,
+        cost=cost,
+        tokens=prompt_tokens + completion_tokens,
+        now=now or timezone.now(),
+    )
+    if moved is None:
+        return False
+    crossings = _crossings(moved)
+    if crossings:
+        budget_alerts_raise(crossings=crossings, user_id=admission.user_id)
+    return True
 
 
 async def models_allowed(

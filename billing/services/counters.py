@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import weakref
 from collections.abc import Sequence
@@ -282,32 +283,52 @@ class RedisCounterStore:
         tokens: int,
         now: datetime,
     ) -> list[Moved]:
-        keys: list[str] = []
-        args: list[str | int] = [
-            request_id,
-            _ms(now),
-            len(counters),
-            len(rates),
-            int(cost / COST_QUANTUM),
-            tokens,
-            _ms_of(SETTLED_MEMORY),
-        ]
-        for spec in counters:
-            keys += _counter_keys(spec.key)
-            args += [spec.metric, _ms_of(spec.ref.retention(now))]
-        for rate in rates:
-            keys += list(rate.keys[1:])
-        keys.append(inflight_key(instance_id()))
+        keys, args = _settle_call(
+            request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance_id()
+        )
         held_remove(request_id)
-        reply = await self._settle(keys=keys, args=args)
-        if reply[0] == "duplicate":
-            return []
-        moved = []
-        for i, spec in enumerate(counters):
-            before, after = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
-            if before >= 0:
-                moved.append((spec, spec.ref.from_units(before), spec.ref.from_units(after)))
-        return moved
+        return _settle_moved(counters, await self._settle(keys=keys, args=args))
+
+
+def _settle_call(
+    request_id: str,
+    counters: Sequence[CounterSpec],
+    rates: Sequence[RateSpec],
+    *,
+    cost: Decimal,
+    tokens: int,
+    now: datetime,
+    instance: str,
+) -> tuple[list[str], list[str | int]]:
+    """The keys and arguments of ``admission_settle.lua`` for a request admitted by the process ``instance``."""
+    keys: list[str] = []
+    args: list[str | int] = [
+        request_id,
+        _ms(now),
+        len(counters),
+        len(rates),
+        int(cost / COST_QUANTUM),
+        tokens,
+        _ms_of(SETTLED_MEMORY),
+    ]
+    for spec in counters:
+        keys += _counter_keys(spec.key)
+        args += [spec.metric, _ms_of(spec.ref.retention(now))]
+    for rate in rates:
+        keys += list(rate.keys[1:])
+    keys.append(inflight_key(instance))
+    return keys, args
+
+
+def _settle_moved(counters: Sequence[CounterSpec], reply: list) -> list[Moved]:
+    if reply[0] == "duplicate":
+        return []
+    moved = []
+    for i, spec in enumerate(counters):
+        before, after = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
+        if before >= 0:
+            moved.append((spec, spec.ref.from_units(before), spec.ref.from_units(after)))
+    return moved
 
 
 _redis_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RedisCounterStore]] = (
@@ -577,6 +598,48 @@ class DatabaseCounterStore:
 
 
 database_store = DatabaseCounterStore()
+
+
+def reservation_settle_if_held(
+    *,
+    request_id: str,
+    instance: str,
+    counters: Sequence[CounterSpec],
+    rates: Sequence[RateSpec],
+    cost: Decimal,
+    tokens: int,
+    now: datetime,
+) -> list[Moved] | None:
+    """Settle a reservation from outside the request that holds it, if it is still held: for a ledger row
+    replayed from the spool, perhaps by another process than ``instance``, the one that admitted it.
+    Returns the counters moved, or None when there was nothing to settle.
+
+    The request's in-flight record says whether it is held: every settle removes it in the same step (its
+    own, or the lost-request sweep's), so a replay run twice, or after a sweep, settles nothing twice however
+    long after. A reservation that expired meanwhile keeps its record: the settle then adds the spend alone.
+    In Redis the record is read before the settle script runs; a settle landing in between is one the
+    script remembers (``s:<rid>``, ``SETTLED_MEMORY``) and refuses as a duplicate. In the database the
+    record's row lock holds off the sweep until this transaction ends."""
+    held_remove(request_id)
+    url = settings.REDIS_URL
+    if not url:
+        with transaction.atomic():
+            if RequestReservation.objects.select_for_update().filter(request_id=request_id).first() is None:
+                return None
+            return database_store._settle(request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now)
+    client = _replay_client(url, os.getpid())
+    if not client.hexists(inflight_key(instance), request_id):
+        return None
+    keys, args = _settle_call(request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance)
+    reply = client.register_script(_script("admission_settle"))(keys=keys, args=args)
+    return None if reply[0] == "duplicate" else _settle_moved(counters, reply)
+
+
+@cache
+def _replay_client(url: str, pid: int) -> redis.Redis:
+    """One client (and pool) per process for the replays, which settle a spool's rows one by one: not a
+    connection per row. Keyed by pid too, since a forked worker cannot share its parent's sockets."""
+    return redis_sync_client(url)
 
 
 def admission_store() -> RedisCounterStore | DatabaseCounterStore:

@@ -10,6 +10,10 @@ at start-up, from a Celery task, and above all from the process that spooled the
 database from then on and replays as soon as it answers (``ledger_spool_watch``), so neither a worker
 nor a restart is needed. ``request_id`` is unique and inserts skip ids already present, so a row can
 never be counted twice.
+
+A spooled row carries its request's admission (``admission_dump``), settled or not: the replay settles
+the reservation before it writes the row, if it is still held (``admission_settle_spooled``), so a stream
+cut at shutdown releases its hold when its row is replayed, and a row settled already settles nothing.
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ from django.utils import timezone
 from providers.models import CatalogModel, Deployment, Provider
 
 from ..models import ApiKey, UsageRecord
-from .admission import Admission, admission_settle
+from .admission import Admission, admission_dump, admission_load, admission_settle, admission_settle_spooled
 from .spool import spool_append, spool_claim, spool_pending
 
 logger = logging.getLogger("llmhub.ledger")
 
-# Rows submitted and not yet committed, by request id, from every loop of this process.
-_unwritten: dict[str, UsageData] = {}
+# Rows submitted and not yet committed, with their admissions, by request id, from every loop of this process.
+_unwritten: dict[str, tuple[UsageData, Admission | None]] = {}
 _unwritten_lock = threading.Lock()
 BATCH_SIZE = 500
 # Loops of servers that have begun to shut down: rows settled on them from then on (streams cut by the
@@ -96,10 +100,10 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
     load rises. A row is tracked in ``_unwritten`` from here until its batch is committed."""
     loop = asyncio.get_running_loop()
     if loop in _closing_loops:
-        _spool(data)
+        _spool_entries([(data, admission)])
         return
     with _unwritten_lock:
-        _unwritten[data.request_id] = data
+        _unwritten[data.request_id] = (data, admission)
     writer = _writers.get(loop)
     if writer is None:
         writer = _writers[loop] = _Writer()
@@ -129,20 +133,21 @@ async def _writer_run(writer: _Writer) -> None:
             writer.in_flight = writer.queue[:BATCH_SIZE]
             del writer.queue[:BATCH_SIZE]
             await _settle_batch(writer.in_flight)
-            await _write_batch([data for data, _ in writer.in_flight])
+            await _write_batch(writer.in_flight)
             _forget(data for data, _ in writer.in_flight)
             writer.in_flight = []
 
 
 def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
     """However the writer ended (its loop cancelled it, even before it ran; or it failed), the rows it
-    held go to the spool. A row both written and spooled is harmless: the replay skips known ids."""
+    held go to the spool with their admissions. A row both written and spooled is harmless: the replay
+    skips known ids, and settles only a reservation still held."""
     if not task.cancelled() and task.exception() is not None:
         logger.error("the ledger writer failed; its rows are spooled", exc_info=task.exception())
-    rows = [data for data, _ in (*writer.in_flight, *writer.queue)]
+    entries = [*writer.in_flight, *writer.queue]
     writer.in_flight, writer.queue = [], []
-    _spool(*rows)
-    _forget(rows)
+    _spool_entries(entries)
+    _forget(data for data, _ in entries)
 
 
 def _forget(rows: Iterable[UsageData]) -> None:
@@ -198,7 +203,11 @@ async def _settle_until_landed(data: UsageData, admission: Admission) -> None:
             delay = min(delay * 2, SETTLE_RETRY_MAX_DELAY)
 
 
-async def _write_batch(rows: list[UsageData]) -> None:
+async def _write_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
+    """Write a settled batch; rows the database keeps refusing are spooled, with their admissions: a settle
+    that failed too (the database is the counters' store) is then made by the replay, if its retry has not
+    landed first."""
+    rows = [data for data, _ in batch]
     delay = 0.05
     for attempt in range(1, _WRITE_ATTEMPTS + 1):
         try:
@@ -207,7 +216,7 @@ async def _write_batch(rows: list[UsageData]) -> None:
         except DatabaseError:
             if attempt == _WRITE_ATTEMPTS:
                 logger.exception("ledger write of %d rows failed %d times; spooled", len(rows), attempt)
-                _spool(*rows)
+                _spool_entries(batch)
                 ledger_spool_watch()
                 return
             await asyncio.sleep(delay)
@@ -224,9 +233,9 @@ def _spool_unfinished() -> None:
     """At interpreter exit, rows not committed yet (their loop was torn down under the writer, as
     servers without a lifespan shutdown do) go to the spool; the next start replays them."""
     with _unwritten_lock:
-        rows = list(_unwritten.values())
+        entries = list(_unwritten.values())
         _unwritten.clear()
-    _spool(*rows)
+    _spool_entries(entries)
 
 
 async def ledger_flush(wait_seconds: float = 30.0) -> None:
@@ -323,17 +332,35 @@ def _touch_key(api_key_id: int | None) -> None:
 
 
 def _spool(*rows: UsageData) -> None:
-    spool_append([json.dumps(asdict(data), default=str) for data in rows])
+    """Spool rows that hold no reservation."""
+    _spool_entries([(data, None) for data in rows])
+
+
+def _spool_entries(entries: Iterable[tuple[UsageData, Admission | None]]) -> None:
+    """One JSON line a row: its fields, and under ``admission`` what settling its reservation needs."""
+    lines = []
+    for data, admission in entries:
+        raw: dict[str, Any] = asdict(data)
+        held = admission_dump(admission)
+        if held is not None:
+            raw["admission"] = held
+        lines.append(json.dumps(raw, default=str))
+    spool_append(lines)
 
 
 def usage_data_from_spool(raw: dict[str, Any]) -> UsageData:
-    return UsageData(**{**raw, "cost": Decimal(raw["cost"]), "created_at": datetime.fromisoformat(raw["created_at"])})
+    fields = {name: value for name, value in raw.items() if name != "admission"}
+    return UsageData(
+        **{**fields, "cost": Decimal(raw["cost"]), "created_at": datetime.fromisoformat(raw["created_at"])}
+    )
 
 
 def ledger_replay_spool() -> int:
-    """Write every spooled row that is not in the ledger yet; return how many spooled rows were processed
-    (rows already in the ledger count, and are skipped). Rows the database refuses again go back to the
-    spool. Safe to run in several processes at once: each claims what it replays (``spool.py``)."""
+    """Settle the reservation each spooled row still holds, then write every row that is not in the ledger
+    yet; return how many spooled rows were processed (rows already in the ledger count, and are skipped).
+    Rows the database refuses again, and rows whose counters' store is down, go back to the spool (with
+    their admissions). Safe to run in several processes at once: each claims what it replays
+    (``spool.py``), and a reservation is settled once however often its row is replayed."""
     if not spool_pending():
         return 0
     replayed = 0
@@ -342,15 +369,42 @@ def ledger_replay_spool() -> int:
             lines = [line for line in claimed.read().splitlines() if line.strip()]
             leftovers: list[str] = []
             for start in range(0, len(lines), BATCH_SIZE):
-                chunk = lines[start : start + BATCH_SIZE]
+                chunk = _settled_spooled(lines[start : start + BATCH_SIZE], leftovers)
                 try:
-                    _write_rows([usage_data_from_spool(json.loads(line)) for line in chunk])
+                    _write_rows([data for _, data in chunk])
                     replayed += len(chunk)
                 except DatabaseError:
                     logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(chunk))
-                    leftovers.extend(chunk)
+                    leftovers.extend(line for line, _ in chunk)
             spool_append(leftovers)
     return replayed
+
+
+def _settled_spooled(lines: list[str], leftovers: list[str]) -> list[tuple[str, UsageData]]:
+    """Settle what the spooled rows' admissions still hold; return the rows to write now. A row whose
+    settle finds the counters' store down goes to ``leftovers``, to be settled and written together later."""
+    ready = []
+    for line in lines:
+        raw = json.loads(line)
+        data = usage_data_from_spool(raw)
+        if raw.get("admission"):
+            try:
+                admission_settle_spooled(
+                    admission=admission_load(raw["admission"]),
+                    cost=data.cost,
+                    prompt_tokens=data.prompt_tokens,
+                    completion_tokens=data.completion_tokens,
+                )
+            except (redis.RedisError, DatabaseError) as exc:
+                logger.warning("settling spooled %s failed (%s); it stays spooled", data.request_id, exc)
+                leftovers.append(line)
+                continue
+            except Exception:
+                # Not a store that is down: the row is written all the same; its hold is released when it
+                # expires, and reconciliation puts the counters back on the ledger's figure.
+                logger.exception("settling the reservation of spooled %s failed", data.request_id)
+        ready.append((line, data))
+    return ready
 
 
 _spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()

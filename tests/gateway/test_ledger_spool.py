@@ -105,3 +105,32 @@ def replace_model(usage: UsageData, model_id: int) -> UsageData:
     from dataclasses import replace
 
     return replace(usage, model_id=model_id)
+
+
+def test_how_a_request_was_served_survives_the_spool_and_a_deleted_deployment(spool):
+    """The routing fields (deployment, the name the client asked for, attempts, a resumed stream) are written,
+    spooled and replayed like the others; a deployment deleted meanwhile leaves its name on the row."""
+    from dataclasses import replace
+
+    from tests.factories import DeploymentFactory, ModelFactory
+
+    model = ModelFactory(name="routed-model")
+    kept, gone = DeploymentFactory(model=model, name="kept"), DeploymentFactory(model=model, name="gone")
+    served = replace(
+        data("req_served"),
+        model_id=model.pk,
+        deployment_id=kept.pk,
+        deployment_name="kept",
+        requested_model="routed-alias",
+        attempts=3,
+        resumed=True,
+    )
+    ledger._spool(served, replace(served, request_id="req_gone", deployment_id=gone.pk, deployment_name="gone"))
+    gone.delete()
+
+    assert ledger_replay_spool() == 2
+    rows = {row.request_id: row for row in UsageRecord.objects.all()}
+    fields = ("deployment_id", "deployment_name", "requested_model", "attempts", "resumed")
+    assert [getattr(rows["req_served"], name) for name in fields] == [kept.pk, "kept", "routed-alias", 3, True]
+    assert [getattr(rows["req_gone"], name) for name in fields] == [None, "gone", "routed-alias", 3, True]
+    assert rows["req_gone"].model_id == model.pk
