@@ -123,7 +123,7 @@ def quota_user(plans):
 
 async def test_daily_token_quota_counts_prompt_and_completion(store, quota_user, catalog):
     user = quota_user
-    flat = resolved_model(catalog["flat"])
+    flat = await sync_to_async(resolved_model)(catalog["flat"])
 
     async def go(request_id: str, **body):
         return await admission_acquire(
@@ -241,7 +241,7 @@ async def test_a_monthly_budget_starts_afresh_on_the_first_and_not_a_second_earl
 
 
 async def test_a_daily_token_quota_starts_afresh_at_utc_midnight(store, quota_user, catalog):
-    flat = resolved_model(catalog["flat"])
+    flat = await sync_to_async(resolved_model)(catalog["flat"])
 
     async def go(request_id: str, max_tokens: int):
         return await admission_acquire(

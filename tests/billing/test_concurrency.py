@@ -169,7 +169,7 @@ def assert_budget_held(budget_key, responses, fake_upstream) -> None:
 
 
 async def test_concurrent_admissions_in_one_process_never_overspend(store, budget_key):
-    flat = resolved_model(budget_key["flat"])
+    flat = await sync_to_async(resolved_model)(budget_key["flat"])
 
     async def one(index: int):
         try:
