@@ -157,9 +157,19 @@ class LoadResult:
 
 
 def catalog_yaml_parse(text: str) -> Any:
-    """The catalog file's YAML, with each bare ``${VAR}`` value quoted first (see ``_BARE_REFERENCE``).
-    Raises ``yaml.YAMLError``."""
-    return yaml.safe_load(_BARE_REFERENCE.sub(r'"\1"', text))
+    """The catalog file's YAML. A file that does not parse is read again with each bare ``${VAR}`` value
+    quoted (see ``_BARE_REFERENCE``); a file that parses as it is is never rewritten. Raises the first
+    ``yaml.YAMLError`` when neither parses."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        quoted = _BARE_REFERENCE.sub(r'"\1"', text)
+        if quoted == text:
+            raise
+        try:
+            return yaml.safe_load(quoted)
+        except yaml.YAMLError:
+            raise error from None
 
 
 def env_name_for(provider_name: str, suffix: str = "API_KEY") -> str:

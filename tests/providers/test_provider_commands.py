@@ -615,3 +615,21 @@ def test_a_models_section_may_name_providers_already_in_the_catalog(tmp_path):
 
     assert "model solo: created" in load(path)
     assert deployment_of("solo").provider.name == "stored"
+
+
+def test_references_are_quoted_only_when_the_file_needs_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAST_KEY", "sk-east-0000000000000000000000")
+    monkeypatch.setenv("TEAM", "research")
+    # As the issue writes it: a bare reference in a flow mapping, which YAML alone does not parse.
+    flow = "providers:\n  - {name: east, kind: openai, base_url: 'http://127.0.0.1:9/v1', api_key: ${EAST_KEY}}\n"
+    # Valid YAML as it is, with a reference inside a quoted string that quoting would break: left alone.
+    quoted = (
+        "providers:\n  - name: west\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n"
+        '    extra_headers: {X-Team: "team ${TEAM}, platform"}\n'
+    )
+
+    load(write(tmp_path, flow, "flow.yaml"))
+    load(write(tmp_path, quoted, "quoted.yaml"))
+
+    assert Provider.objects.get(name="east").api_key.reveal() == "sk-east-0000000000000000000000"
+    assert Provider.objects.get(name="west").extra_headers == {"X-Team": Secret("team research, platform")}
