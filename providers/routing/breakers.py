@@ -50,6 +50,7 @@ SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
 KEY_PREFIX = "llmhub:breaker:"
 INDEX_KEY = "llmhub:breakers:open"
 VERSION_KEY = "llmhub:breakers:version"
+EPOCH_KEY = "llmhub:breakers:epoch"
 CHANNEL = "llmhub:breakers:changes"
 SUCCESS_FLUSH_SECONDS = 0.5
 # A request claiming a probe waits at most this long for Redis before deciding in memory.
@@ -128,11 +129,11 @@ def _apply_message(data: str) -> None:
     _apply(int(deployment_id), BreakerView.parse(fields))
 
 
-def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> int:
-    """Every open breaker as Redis holds it; any other this process thinks open is closed. Returns the
-    version counter the snapshot was taken at."""
-    top = int(reply[0])
-    seen = {int(reply[i]): BreakerView.parse(reply[i + 1 : i + 7]) for i in range(1, len(reply), 7)}
+def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> None:
+    """Every open breaker as Redis holds it (``breaker_snapshot.lua``); any other this process thinks open is
+    closed. ``redis_lost_data``: versions started again from 0, so those this process knows mean nothing."""
+    top = int(reply[1])
+    seen = {int(reply[i]): BreakerView.parse(reply[i + 1 : i + 7]) for i in range(2, len(reply), 7)}
     closed = BreakerView(CLOSED, 0, 0, _conf()[1].cooldown_ms, 0, top)
     for deployment_id, view in list(_views.items()):
         if deployment_id not in seen and (view.version <= top or redis_lost_data):
@@ -144,7 +145,6 @@ def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> int:
             _machines.pop(deployment_id, None)
         else:
             _apply(deployment_id, view)
-    return top
 
 
 def _local(deployment_id: int, transition: Callable[[Machine], tuple[bool, bool]]) -> bool:
@@ -178,7 +178,7 @@ class _Syncer:
         self.wake = asyncio.Event()
         self.synced = asyncio.Event()  # the first snapshot is in
         self.redis_ok = True
-        self.top_seen = 0
+        self.epoch: str | None = None  # of the Redis data this syncer has read (breaker_snapshot.lua)
         self.stopped = False  # REDIS_URL changed (tests) or a task ended: the next caller starts another syncer
         self.tasks = [loop.create_task(self._flush_forever()), loop.create_task(self._listen_forever())]
         for task in self.tasks:
@@ -278,9 +278,10 @@ class _Syncer:
                     pass
 
     async def resync(self, client: redis.asyncio.Redis) -> None:
-        reply = await _script(client, "breaker_snapshot")(keys=[INDEX_KEY, VERSION_KEY], args=[KEY_PREFIX])
-        # The version counter only grows; lower than one seen before, Redis lost its data (a restart).
-        self.top_seen = _apply_snapshot(reply, redis_lost_data=int(reply[0]) < self.top_seen)
+        script = _script(client, "breaker_snapshot")
+        reply = await script(keys=[INDEX_KEY, VERSION_KEY, EPOCH_KEY], args=[KEY_PREFIX])
+        _apply_snapshot(reply, redis_lost_data=self.epoch is not None and reply[0] != self.epoch)
+        self.epoch = reply[0]
         self.redis_ok = True
         self.synced.set()
 

@@ -245,7 +245,37 @@ async def test_redis_losing_its_data_closes_what_it_forgot(shared):
     d = deployment()
     await breakers_synced()
     breaker_force(d.id, "open")
-    await asyncio.sleep(0.5)  # a resync or two: the process knows the version counter
     assert breaker_is_open(d)
     shared.flushdb()  # as a Redis restarted without persistence
     await eventually(lambda: not breaker_is_open(d), "the breaker Redis forgot is closed here too")
+
+
+async def test_a_redis_restart_costs_the_breakers_only_what_redis_forgot(tmp_path, settings):
+    from tests.billing.test_redis_restart import RedisServer
+
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir)
+    server.start()
+    settings.REDIS_URL = server.url
+    settings.LLMHUB_BREAKER_RESYNC_SECONDS = 0.2
+    try:
+        d = deployment()
+        await fail(d, 5)
+        await eventually(lambda: breaker_is_open(d), "open")
+
+        server.kill()  # and its data with it
+        breaker_record(d.id, ok=False)  # Redis away: never raises, decided in this process
+        await asyncio.sleep(0.3)
+        assert breaker_is_open(d)
+        server.start()
+        await eventually(lambda: not breaker_is_open(d), "Redis came back empty: closed, as it says")
+
+        other = deployment()
+        for _ in range(5):
+            breaker_record(other.id, ok=False)  # the scripts Redis forgot are loaded again
+        await eventually(lambda: breaker_is_open(other), "a breaker opens again")
+        assert breaker_state(other.id).shared
+    finally:
+        server.process.kill()
+        server.process.wait(timeout=10)
