@@ -18,36 +18,45 @@ def _setup() -> None:
     django.setup()
 
 
-def seed(upstreams: dict[str, str]) -> dict[str, str]:
-    """One provider + catalog model per upstream (``model name -> base URL``) and two users with a key each:
-    ``key`` on a plan that enforces nothing (admission does no I/O), ``budgeted_key`` on a plan with a
-    monthly budget and a rate limit too large to be reached, so that every request reserves and settles."""
+def seed(upstreams: dict[str, str], routed: dict[str, list[dict[str, str]]]) -> dict[str, str]:
+    """One provider + catalog model (with one deployment) per upstream (``model name -> base URL``), a model
+    with several deployments per entry of ``routed`` (``model name -> [{base_url, breaker_override}]``, one
+    provider each, equal weights), and two users with a key each: ``key`` on a plan that enforces nothing
+    (admission does no I/O), ``budgeted_key`` on a plan with a monthly budget and a rate limit too large to
+    be reached, so that every request reserves and settles."""
     from django.contrib.auth import get_user_model
 
     from billing.models import Plan
     from billing.services.keys import api_key_create
     from billing.services.plans import plan_assign, plan_get
-    from providers.models import Model, Provider, ProviderKind
+    from providers.models import CatalogModel, Deployment, Provider, ProviderKind
 
-    for name, base_url in upstreams.items():
+    def provider_create(name: str, base_url: str) -> Provider:
         provider = Provider(
-            name=f"{name}-upstream",
+            name=name,
             kind=ProviderKind.OPENAI_COMPATIBLE,
             base_url=base_url,
             api_key="sk-bench-upstream",
-            # A retry would hide a failure behind a slow request; the harness wants to see it.
-            max_retries=0,
             timeout_seconds=Decimal("30"),
         )
         provider.full_clean()
         provider.save()
-        Model.objects.create(
-            name=name,
-            provider=provider,
-            upstream_id="fake-gpt-4o-mini",
-            input_per_mtok=Decimal("0.15"),
-            output_per_mtok=Decimal("0.60"),
-        )
+        return provider
+
+    prices = {"upstream_id": "fake-gpt-4o-mini", "input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+    for name, base_url in upstreams.items():
+        model = CatalogModel.objects.create(name=name)
+        Deployment.objects.create(model=model, provider=provider_create(f"{name}-upstream", base_url), **prices)
+    for name, deployments in routed.items():
+        model = CatalogModel.objects.create(name=name)
+        for index, spec in enumerate(deployments, start=1):
+            Deployment.objects.create(
+                model=model,
+                name=f"d{index}",
+                provider=provider_create(f"{name}-{index}", spec["base_url"]),
+                breaker_override=spec.get("breaker_override", ""),
+                **prices,
+            )
     users = get_user_model().objects
     unlimited = users.create_user(username="bench", password=None)
     plan_assign(user=unlimited, plan=plan_get(name="Enterprise"))
@@ -79,7 +88,8 @@ def main() -> None:
     _setup()
     command = sys.argv[1]
     if command == "seed":
-        print(json.dumps(seed(json.loads(os.environ["BENCH_BARE_UPSTREAMS"]))))
+        upstreams = json.loads(os.environ["BENCH_BARE_UPSTREAMS"])
+        print(json.dumps(seed(upstreams, json.loads(os.environ.get("BENCH_ROUTED_MODELS", "{}")))))
     elif command == "ledger":
         print(json.dumps(ledger()))
     else:

@@ -27,9 +27,13 @@ def _difference(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, key:
 
 
 def derive(results: dict[str, Any]) -> None:
-    """Adds ``derived`` (the figures) and ``targets`` (met or not) to each server's results."""
+    """Adds ``derived`` (the figures) and ``targets`` (met or not) to each server's results, and
+    ``routing_derived`` (the routing scenarios' figures)."""
     direct = results["direct"]
     for data in results["servers"].values():
+        data["routing_derived"] = derive_routing(data)
+        if results.get("routing_only"):
+            continue
         points = data["wrk"]
         derived: dict[str, Any] = {}
         for stream, kind in ((False, "json"), (True, "sse")):
@@ -82,6 +86,12 @@ def _pct(value: float | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    if results.get("routing_only"):
+        return (
+            f"llmhub routing benchmark of {results['code']}, {results['finished_at']}: {results['mode']} run, "
+            f"database {results.get('database', 'sqlite')}, admission store {results['admission_store']}; load "
+            f"average at start {results['load_at_start']}.\n\n" + routing_markdown(results)
+        )
     servers = results["servers"]
     names = list(servers)
     plan = results["plan"]
@@ -163,6 +173,9 @@ def markdown(results: dict[str, Any]) -> str:
         + " |"
     )
     lines += ["", "Targets: " + "; ".join(_target_line(name, servers) for name in TARGETS)]
+    routing = routing_markdown(results)
+    if routing:
+        lines += ["", routing]
     busiest = max((p["other_cores"] for _, p in rows), default=0.0)
     if busiest > 0.25:
         lines.append(
@@ -184,3 +197,139 @@ def _shutdown_cell(probe: dict[str, Any]) -> str:
     lost = f"**{probe['lost']} lost**" if probe["lost"] else "0 lost"
     how = f" ({probe['server_args']})" if probe["server_args"] else ""
     return f"{probe['ledger_rows']} + {probe['spooled']} / {lost}{how}"
+
+
+# --- routing (issue 10) ------------------------------------------------------------------------------------
+
+ROUTING_LABELS = {
+    "one": "(a) one deployment",
+    "three": "(b) three deployments, all healthy",
+    "three-one-down": "(c) three, one refusing connections, its breaker open",
+}
+ROUTING_ADDED_LIMIT_MS = 0.1
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _paired(points: list[dict[str, Any]], ours: str, theirs: str, key: str) -> float | None:
+    """The median over rounds of (ours − theirs) within the same round: drift between rounds cancels out."""
+    by_round: dict[int, dict[str, float]] = {}
+    for point in points:
+        by_round.setdefault(point["round"], {})[point["scenario"]] = point[key]
+    differences = [r[ours] - r[theirs] for r in by_round.values() if ours in r and theirs in r]
+    return round(_median(differences), 3) if differences else None
+
+
+def derive_routing(data: dict[str, Any]) -> dict[str, Any]:
+    """Per scenario the medians over rounds, and the figures the acceptance is stated in."""
+    points = data.get("routing") or []
+    scenarios: dict[str, Any] = {}
+    for name in ROUTING_LABELS:
+        mine = [p for p in points if p["scenario"] == name]
+        if not mine:
+            continue
+        p50s, p99s = [p["p50_ms"] for p in mine], [p["p99_ms"] for p in mine]
+        scenarios[name] = {
+            "rounds": len(mine),
+            "p50_ms": round(_median(p50s), 3),
+            "p99_ms": round(_median(p99s), 3),
+            "p50_range_ms": [min(p50s), max(p50s)],
+            "p99_range_ms": [min(p99s), max(p99s)],
+            "rps": round(_median([p["rps"] for p in mine]), 1),
+            "server_cpu_ms_per_request": round(_median([p["server_cpu_ms_per_request"] or 0 for p in mine]), 3),
+            "errors": sum(p["errors"] for p in mine),
+            "other_cores_max": max(p["other_cores"] for p in mine),
+        }
+    added = _paired(points, "three", "one", "p50_ms")
+    moved_p50 = _paired(points, "three-one-down", "three", "p50_ms")
+    moved_p99 = _paired(points, "three-one-down", "three", "p99_ms")
+    three = scenarios.get("three")
+    # "Not moved" means: no further from (b) than (b)'s own rounds are from one another.
+    p50_noise = three["p50_range_ms"][1] - three["p50_range_ms"][0] if three else None
+    p99_noise = three["p99_range_ms"][1] - three["p99_range_ms"][0] if three else None
+    down = scenarios.get("three-one-down")
+    return {
+        "scenarios": scenarios,
+        "added_p50_ms": added,
+        "added_p50_met": None if added is None else added <= ROUTING_ADDED_LIMIT_MS,
+        "down_moved_p50_ms": moved_p50,
+        "down_moved_p99_ms": moved_p99,
+        "p50_noise_ms": None if p50_noise is None else round(p50_noise, 3),
+        "p99_noise_ms": None if p99_noise is None else round(p99_noise, 3),
+        "down_unmoved": None
+        if moved_p50 is None or moved_p99 is None or p50_noise is None or p99_noise is None
+        else (
+            abs(moved_p50) <= max(p50_noise, ROUTING_ADDED_LIMIT_MS)
+            and abs(moved_p99) <= p99_noise
+            and bool(down)
+            and down["errors"] == 0
+        ),
+    }
+
+
+def routing_markdown(results: dict[str, Any]) -> str:
+    servers = {name: data for name, data in results["servers"].items() if data.get("routing_derived")}
+    if not servers:
+        return ""
+    names = list(servers)
+    plan = results["plan"]
+    lines = [
+        f"Routing, concurrency 1, non-streamed, nginx's canned answer behind every deployment: "
+        f"{plan['route_rounds']} rounds of {plan['route_duration']} s a point, the scenarios in turns within each "
+        "round; medians over the rounds (ranges in brackets).",
+        "",
+        "| server | scenario | p50 ms | p99 ms | req/s | server CPU ms/req | errors | other load (max) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for server, data in servers.items():
+        for name, figures in data["routing_derived"]["scenarios"].items():
+            low50, high50 = figures["p50_range_ms"]
+            low99, high99 = figures["p99_range_ms"]
+            lines.append(
+                f"| {server} | {ROUTING_LABELS[name]} | {figures['p50_ms']:.2f} ({low50:.2f}–{high50:.2f}) | "
+                f"{figures['p99_ms']:.2f} ({low99:.2f}–{high99:.2f}) | {figures['rps']:.0f} | "
+                f"{figures['server_cpu_ms_per_request']} | {figures['errors']} | {figures['other_cores_max']:.2f} |"
+            )
+    lines += ["", "| figure | target | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+
+    def row(label: str, target: str, cell: Any) -> None:
+        lines.append(f"| {label} | {target} | " + " | ".join(cell(servers[s]["routing_derived"]) for s in names) + " |")
+
+    def verdict(value: bool | None) -> str:
+        return "n/a" if value is None else "met" if value else "**MISSED**"
+
+    row(
+        "routing added to the p50, (b) − (a), median of the rounds' differences",
+        f"≤ {ROUTING_ADDED_LIMIT_MS} ms",
+        lambda d: f"{_ms(d['added_p50_ms'])} ({verdict(d['added_p50_met'])})",
+    )
+    row("one deployment down: p50 moved, (c) − (b)", "within noise", lambda d: _ms(d["down_moved_p50_ms"]))
+    row("one deployment down: p99 moved, (c) − (b)", "within noise", lambda d: _ms(d["down_moved_p99_ms"]))
+    row(
+        "noise: spread of (b)'s own rounds, p50 / p99",
+        "",
+        lambda d: f"{_ms(d['p50_noise_ms'], False)} / {_ms(d['p99_noise_ms'], False)}",
+    )
+    row("(c) did not move (p50 and p99 within the noise, no errors)", "yes", lambda d: verdict(d["down_unmoved"]))
+
+    in_process = results.get("routing_in_process") or {}
+    if in_process:
+        lines += [
+            "",
+            "In-process (`bench/routing.py`: route_candidates, breaker_allows, model.on, call_started and "
+            "call_finished, the models taking turns request by request):",
+            "",
+            "| model | deployments | p50 µs | p99 µs | mean µs | first choice | breaker refused |",
+            "|---|---:|---:|---:|---:|---|---:|",
+        ]
+        for model, figures in in_process.items():
+            choices = ", ".join(f"{name} {count}" for name, count in figures["first_choice"].items())
+            lines.append(
+                f"| {model} | {figures['deployments']} | {figures['p50_us']:.2f} | {figures['p99_us']:.2f} | "
+                f"{figures['mean_us']:.2f} | {choices} | {figures['breaker_refused']} |"
+            )
+    return "\n".join(lines)

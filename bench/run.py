@@ -15,9 +15,18 @@ Everything runs on this machine and talks over 127.0.0.1 only:
 
 ``wrk`` drives non-streamed and streamed requests at concurrency 1, 32 and 128, llmhub and the bare view
 back to back at each point; a sequential Python client times the first streamed ``data:`` line (wrk
-sees whole responses only). The figures are printed as markdown and written to
-``bench/results/latest.json`` and ``latest.md``. ``--quick`` is a shorter run; ``--profile`` adds
-the profiles of ``bench/profiling.py``. Every process it starts is stopped when it ends.
+sees whole responses only).
+
+Routing (issue 10): three catalog models answered by nginx's canned JSON, taken in turns at concurrency 1
+over several rounds: (a) ``bench-json``, one deployment; (b) ``bench-route-3``, three deployments on three
+nginx ports, equal weights; (c) ``bench-route-3-down``, the same two healthy ports and a third deployment on a
+fake upstream listener that refuses connections, its breaker forced open (``breaker_override``). Routing must
+add at most 0.1 ms to (a)'s p50, and (c)'s p50 and p99 must not move from (b)'s. ``bench/routing.py`` times
+the routing calls themselves in-process. ``--routing-only`` runs just these.
+
+The figures are printed as markdown and written to ``bench/results/latest.json`` and ``latest.md``.
+``--quick`` is a shorter run; ``--profile`` adds the profiles of ``bench/profiling.py``. Every process it
+starts is stopped when it ends.
 """
 
 from __future__ import annotations
@@ -72,10 +81,14 @@ class Plan:
     concurrencies: tuple[int, ...]
     stream_concurrencies: tuple[int, ...]
     budget_concurrencies: tuple[int, ...]
+    route_rounds: int  # rounds of the routing scenarios, each taken in turns within a round
+    route_duration: int  # seconds per routing point
 
 
-FULL = Plan(10, 2, 200, (1, 32, 128), (1, 32, 128), (1, 32))
-QUICK = Plan(3, 1, 30, (1, 32), (32,), (32,))
+FULL = Plan(10, 2, 200, (1, 32, 128), (1, 32, 128), (1, 32), 8, 5)
+QUICK = Plan(3, 1, 30, (1, 32), (32,), (32,), 3, 2)
+# (name, catalog model): one deployment; three healthy ones; three of which one refuses with its breaker open.
+ROUTING_SCENARIOS = (("one", "bench-json"), ("three", "bench-route-3"), ("three-one-down", "bench-route-3-down"))
 
 
 def say(message: str) -> None:
@@ -281,8 +294,9 @@ def shutdown_probe(
 def check_gateway(base: str, keys: dict[str, str]) -> int:
     """One request of each kind through llmhub before any load: a broken gateway stops the run here."""
     sent = 0
+    routed = [(model, False) for _, model in ROUTING_SCENARIOS[1:]]
     for key in keys.values():
-        for model, stream in (("bench-json", False), ("bench-sse", True), ("bench-timed", True)):
+        for model, stream in (("bench-json", False), ("bench-sse", True), ("bench-timed", True), *routed):
             response = httpx.post(
                 base + LLMHUB_PATH,
                 content=request_body(model, stream=stream),
@@ -307,6 +321,7 @@ def bench_server(
     plan: Plan,
     meter: Meter,
     profile: bool,
+    routing_only: bool = False,
 ) -> dict[str, Any]:
     say(f"\n== {server}: {' '.join(server_argv(server, 'llmhub.asgi:application', port))}")
     process = processes.start(server, server_argv(server, "llmhub.asgi:application", port), env)
@@ -315,6 +330,13 @@ def bench_server(
     base = f"http://127.0.0.1:{port}"
     completed_via_llmhub = check_gateway(base, keys)
     result: dict[str, Any] = {"wrk": [], "first_token": {}}
+    if routing_only:
+        result["routing"] = bench_routing(base, keys["key"], plan, meter)
+        completed_via_llmhub += sum(point["requests"] for point in result["routing"])
+        meter.server = None
+        result["exit_code"] = processes.stop(process)
+        result["completed_via_llmhub"] = completed_via_llmhub
+        return result
     # (label, path, key, model, stream, concurrencies); llmhub and the bare view alternate at each point, so
     # that a change in the machine's load (other processes) hits both alike.
     kinds = [
@@ -341,6 +363,8 @@ def bench_server(
             result["first_token"][f"{label}-{name}"] = series
             completed_via_llmhub += plan.ttft_requests + 5 if label == "llmhub" else 0
             say(f"  {label:13} first line ({name} upstream): {_ttft_text(series)}")
+    result["routing"] = bench_routing(base, keys["key"], plan, meter)
+    completed_via_llmhub += sum(point["requests"] for point in result["routing"])
     result["peak_rss_mib"] = round(peak_rss_kib(process.pid) / 1024, 1)
     say(f"  peak RSS {result['peak_rss_mib']} MiB")
     if profile:
@@ -355,6 +379,23 @@ def bench_server(
     result["exit_code"] = processes.stop(process)
     result["completed_via_llmhub"] = completed_via_llmhub
     return result
+
+
+def bench_routing(base: str, key: str, plan: Plan, meter: Meter) -> list[dict[str, Any]]:
+    """The routing scenarios at concurrency 1, in rounds; within a round each scenario once, the order turned
+    by one each round, so that neither a scenario's place nor the machine's drift favours one of them."""
+    say(f"  routing: {plan.route_rounds} rounds of {len(ROUTING_SCENARIOS)} points, {plan.route_duration} s each")
+    for _, model in ROUTING_SCENARIOS:
+        run_wrk(base + LLMHUB_PATH, request_body(model, stream=False), key, 1, plan.warmup, meter)
+    points = []
+    for round_number in range(plan.route_rounds):
+        shift = round_number % len(ROUTING_SCENARIOS)
+        for scenario, model in ROUTING_SCENARIOS[shift:] + ROUTING_SCENARIOS[:shift]:
+            point = run_wrk(base + LLMHUB_PATH, request_body(model, stream=False), key, 1, plan.route_duration, meter)
+            point.update(target="llmhub", stream=False, scenario=scenario, model=model, round=round_number)
+            points.append(point)
+            say(f"  route {scenario:15} round {round_number} {_point_text(point)}")
+    return points
 
 
 def _point_text(point: dict[str, Any]) -> str:
@@ -477,8 +518,14 @@ def main(argv: list[str] | None = None) -> int:
         help="settings module of the served llmhub, to measure a what-if (default: %(default)s)",
     )
     parser.add_argument("--profile", action="store_true", help="also profile (bench/profiling.py; ~3 more minutes)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    parser.add_argument(
+        "--routing-only", action="store_true", help="only the routing scenarios (and the in-process routing cost)"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="default: bench/results/latest.json (routing.json with --routing-only)"
+    )
     args = parser.parse_args(argv)
+    args.output = args.output or RESULTS / ("routing.json" if args.routing_only else "latest.json")
     plan = QUICK if args.quick else FULL
     if args.duration:
         plan = replace(plan, duration=args.duration)
@@ -509,21 +556,30 @@ def main(argv: list[str] | None = None) -> int:
         else:
             database_url = f"sqlite:///{WORK / 'bench.sqlite3'}"
             database_text = f"SQLite {WORK / 'bench.sqlite3'}"
-        nginx_port, fake_port, redis_port, server_port = free_ports(4)
+        nginx_port, fake_port, redis_port, server_port, *route_ports, down_port = free_ports(7)
         upstreams = {
             "bench-json": f"http://127.0.0.1:{nginx_port}/json/v1",
             "bench-sse": f"http://127.0.0.1:{nginx_port}/sse/v1",
             "bench-timed": f"http://127.0.0.1:{fake_port}/v1",
         }
+        healthy = [{"base_url": f"http://127.0.0.1:{port}/json/v1"} for port in (nginx_port, *route_ports)]
+        routed = {
+            "bench-route-3": healthy,
+            "bench-route-3-down": [
+                *healthy[:2],
+                {"base_url": f"http://127.0.0.1:{down_port}/v1", "breaker_override": "open"},
+            ],
+        }
         env = bench_environment(upstreams, f"redis://127.0.0.1:{redis_port}/0" if redis_binary else "", database_url)
-        (WORK / "nginx.conf").write_text(upstream.nginx_conf(WORK, nginx_port))
+        env["BENCH_ROUTED_MODELS"] = json.dumps(routed)
+        (WORK / "nginx.conf").write_text(upstream.nginx_conf(WORK, nginx_port, tuple(route_ports)))
+        # One fake upstream process: the paced provider, and a listener that refuses every connection (the
+        # deployment that is down in the third routing scenario).
+        fake_argv = [PY, "-m", "llmhub.testing.fake_upstream", "--upstream", f"timed={fake_port}"]
+        fake_argv += ["--upstream", f"down={down_port},fault=refuse", "--tps", "50"]
         started_upstreams = [
             ("nginx", nginx_port, [upstream.nginx_binary(), "-c", str(WORK / "nginx.conf"), "-p", str(WORK)]),
-            (
-                "fake-upstream",
-                fake_port,
-                [PY, "-m", "llmhub.testing.fake_upstream", "--port", str(fake_port), "--tps", "50"],
-            ),
+            ("fake-upstream", fake_port, fake_argv),
         ]
         if redis_binary:
             redis_argv = [redis_binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
@@ -533,13 +589,17 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_port(port, process, name)
             meter.ours += [process.pid, *children_of(process.pid)]
         say(
-            f"bench: nginx :{nginx_port} (canned JSON and SSE), fake provider :{fake_port} (50 tokens/s), "
+            f"bench: nginx :{nginx_port} and :{route_ports[0]}, :{route_ports[1]} (canned JSON and SSE), fake provider "
+            f":{fake_port} (50 tokens/s) and :{down_port} (refusing), "
             + (f"redis :{redis_port} (admission store)" if redis_binary else "no Redis (admission on the database)")
         )
 
         django_command(env, "manage.py", "migrate", "--noinput", "-v", "0")
         keys = json.loads(django_command(env, "-m", "bench.db", "seed"))
-        say(f"bench: database {database_text} migrated and seeded (2 users and keys, 3 providers/models)")
+        say(f"bench: database {database_text} migrated and seeded (2 users and keys, 5 models on 9 providers)")
+        in_process = json.loads(django_command(env, "-m", "bench.routing", *(m for _, m in ROUTING_SCENARIOS)))
+        for name, figures in in_process.items():
+            say(f"  routing in-process {name:20} {figures}")
 
         # Migrations and the seed ran on bench.settings; only the servers take a what-if module.
         server_env = {**env, "DJANGO_SETTINGS_MODULE": args.settings}
@@ -554,50 +614,58 @@ def main(argv: list[str] | None = None) -> int:
             "database": args.database,
             "direct": {"wrk": [], "first_token": {}},
             "servers": {},
+            "routing_in_process": in_process,
+            "routing_only": args.routing_only,
         }
-        say("\n== upstream direct (nginx)")
-        for stream, url, concurrencies in (
-            (False, upstreams["bench-json"], plan.concurrencies),
-            (True, upstreams["bench-sse"], plan.stream_concurrencies),
-        ):
-            body = request_body("fake-gpt-4o-mini", stream=stream)
-            run_wrk(url + "/chat/completions", body, "", 32, plan.warmup, meter)
-            for concurrency in concurrencies:
-                point = run_wrk(url + "/chat/completions", body, "", concurrency, plan.duration, meter)
-                point.update(target="direct", stream=stream)
-                results["direct"]["wrk"].append(point)
-                say(f"  direct        {'sse ' if stream else 'json'} c={concurrency:<3} {_point_text(point)}")
-        for name, url, content in (
-            ("timed", upstreams["bench-timed"], TIMED_CONTENT),
-            ("fast", upstreams["bench-sse"], None),
-        ):
-            body = request_body("fake-gpt-4o-mini", stream=True, **({"content": content} if content else {}))
-            series = asyncio.run(first_token_series(url + "/chat/completions", body, "", plan.ttft_requests))
-            results["direct"]["first_token"][name] = series
-            say(f"  direct        first line ({name} upstream): {_ttft_text(series)}")
+        if args.routing_only:
+            for server in servers:
+                results["servers"][server] = bench_server(
+                    processes, server, server_port, server_env, keys, plan, meter, False, routing_only=True
+                )
+        else:
+            say("\n== upstream direct (nginx)")
+            for stream, url, concurrencies in (
+                (False, upstreams["bench-json"], plan.concurrencies),
+                (True, upstreams["bench-sse"], plan.stream_concurrencies),
+            ):
+                body = request_body("fake-gpt-4o-mini", stream=stream)
+                run_wrk(url + "/chat/completions", body, "", 32, plan.warmup, meter)
+                for concurrency in concurrencies:
+                    point = run_wrk(url + "/chat/completions", body, "", concurrency, plan.duration, meter)
+                    point.update(target="direct", stream=stream)
+                    results["direct"]["wrk"].append(point)
+                    say(f"  direct        {'sse ' if stream else 'json'} c={concurrency:<3} {_point_text(point)}")
+            for name, url, content in (
+                ("timed", upstreams["bench-timed"], TIMED_CONTENT),
+                ("fast", upstreams["bench-sse"], None),
+            ):
+                body = request_body("fake-gpt-4o-mini", stream=True, **({"content": content} if content else {}))
+                series = asyncio.run(first_token_series(url + "/chat/completions", body, "", plan.ttft_requests))
+                results["direct"]["first_token"][name] = series
+                say(f"  direct        first line ({name} upstream): {_ttft_text(series)}")
 
-        for server in servers:
-            ledger_before = json.loads(django_command(env, "-m", "bench.db", "ledger"))
-            data = bench_server(processes, server, server_port, server_env, keys, plan, meter, args.profile)
-            ledger_now = json.loads(django_command(env, "-m", "bench.db", "ledger"))
-            data["ledger"] = {
-                status: n - ledger_before.get(status, 0)
-                for status, n in ledger_now.items()
-                if n != ledger_before.get(status, 0)
-            }
-            data["lifespan_events"] = lifespan_probe(processes, server, server_port, env)
-            data["lifespan_supported"] = "lifespan.shutdown" in data["lifespan_events"]
-            # uvicorn waits for running requests unless told how long to: both ways are probed.
-            variants = [()] + ([("--timeout-graceful-shutdown", "1")] if server.startswith("uvicorn") else [])
-            data["shutdown"] = [
-                shutdown_probe(processes, server, server_port, server_env, keys["key"], v) for v in variants
-            ]
-            for probe in data["shutdown"]:
-                say(f"  SIGTERM with streams in flight: {probe}")
-            if server.startswith("uvicorn"):
-                data["loop_http"] = choice if server == "uvicorn" else {"loop": "asyncio", "http": "h11"}
-            say(f"  ledger rows written: {data['ledger']}; ASGI events seen by an app: {data['lifespan_events']}")
-            results["servers"][server] = data
+            for server in servers:
+                ledger_before = json.loads(django_command(env, "-m", "bench.db", "ledger"))
+                data = bench_server(processes, server, server_port, server_env, keys, plan, meter, args.profile)
+                ledger_now = json.loads(django_command(env, "-m", "bench.db", "ledger"))
+                data["ledger"] = {
+                    status: n - ledger_before.get(status, 0)
+                    for status, n in ledger_now.items()
+                    if n != ledger_before.get(status, 0)
+                }
+                data["lifespan_events"] = lifespan_probe(processes, server, server_port, env)
+                data["lifespan_supported"] = "lifespan.shutdown" in data["lifespan_events"]
+                # uvicorn waits for running requests unless told how long to: both ways are probed.
+                variants = [()] + ([("--timeout-graceful-shutdown", "1")] if server.startswith("uvicorn") else [])
+                data["shutdown"] = [
+                    shutdown_probe(processes, server, server_port, server_env, keys["key"], v) for v in variants
+                ]
+                for probe in data["shutdown"]:
+                    say(f"  SIGTERM with streams in flight: {probe}")
+                if server.startswith("uvicorn"):
+                    data["loop_http"] = choice if server == "uvicorn" else {"loop": "asyncio", "http": "h11"}
+                say(f"  ledger rows written: {data['ledger']}; ASGI events seen by an app: {data['lifespan_events']}")
+                results["servers"][server] = data
 
         if args.profile:
             say("\n== profiles (not part of the figures above)")

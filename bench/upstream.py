@@ -66,12 +66,14 @@ def canned_stream() -> str:
     return "".join(events)
 
 
-def nginx_conf(work: Path, port: int) -> str:
-    """The configuration (one worker: two cores are shared with the server and wrk); writes the answers."""
+def nginx_conf(work: Path, port: int, more_ports: tuple[int, ...] = ()) -> str:
+    """The configuration (one worker: two cores are shared with the server and wrk); writes the answers.
+    ``more_ports`` serve the same answers: each is another host to llmhub (a deployment of a routed model)."""
     (work / "completion.json").write_text(canned_completion())
     (work / "stream.sse").write_text(canned_stream())
     # Workers of a root master run as nobody, who may not be able to read the work tree.
     user = "user root;" if os.geteuid() == 0 else ""
+    listen = "\n        ".join(f"listen 127.0.0.1:{each};" for each in (port, *more_ports))
     return f"""
 {user}
 worker_processes 1;
@@ -90,7 +92,7 @@ http {{
     uwsgi_temp_path {work}/nginx-uwsgi;
     scgi_temp_path {work}/nginx-scgi;
     server {{
-        listen 127.0.0.1:{port};
+        {listen}
         location = /json/v1/chat/completions {{
             default_type application/json;
             alias {work}/completion.json;
