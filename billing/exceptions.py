@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from providers.exceptions import ApplicationError
+from core.exceptions import ApplicationError
 
 
 class ModelNotAllowedError(ApplicationError):

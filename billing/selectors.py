@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 
-from providers.cache import TTLCache
+from core.cache import TTLCache
 from providers.exceptions import ModelNotFoundError
 from providers.models import ModelMode
 from providers.selectors import model_resolve_sync, models_enabled_sync

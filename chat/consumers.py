@@ -58,7 +58,7 @@ from typing import Any
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
-from providers.exceptions import ApplicationError, DatabaseUnavailableError
+from core.exceptions import ApplicationError, DatabaseUnavailableError
 
 from .pipeline import Caller, caller_from_api_key, caller_from_user, shutdown_began
 from .services_turn import (

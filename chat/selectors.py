@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from django.db.models import QuerySet
 
-from providers.exceptions import ApplicationError
+from core.exceptions import ApplicationError
 
 from .history import Turn
 from .models import Conversation, Message, MessageStatus, Role

@@ -10,7 +10,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from billing.models import UsageRecord
-from providers.exceptions import ApplicationError
+from core.exceptions import ApplicationError
 
 from .models import TITLE_MAX_LENGTH, Conversation, Message, MessageStatus, Role
 from .selectors import NotFoundError

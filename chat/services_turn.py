@@ -37,7 +37,8 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from billing.models import Endpoint, UsageStatus
-from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+from providers.exceptions import ProviderError
 from providers.types import ResolvedModel
 
 from . import selectors, services

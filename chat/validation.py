@@ -11,7 +11,7 @@ import math
 import re
 from typing import Any
 
-from providers.exceptions import ApplicationError
+from core.exceptions import ApplicationError
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})

@@ -7,7 +7,8 @@ from decimal import Decimal
 
 from django.db.models import Prefetch, QuerySet
 
-from .cache import TTLCache
+from core.cache import TTLCache
+
 from .exceptions import ModelNotFoundError
 from .models import CatalogModel, Deployment, Provider
 from .types import ProviderConfig, ResolvedDeployment, ResolvedModel

@@ -21,8 +21,8 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from providers.cache import TTLCache
-from providers.exceptions import ApplicationError
+from core.cache import TTLCache
+from core.exceptions import ApplicationError
 from providers.models import CatalogModel
 
 from ..models import ApiKey, BudgetPeriod, KeyScope

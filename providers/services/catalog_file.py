@@ -19,7 +19,8 @@ from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.db.models import Prefetch
 
-from ..exceptions import ApplicationError
+from core.exceptions import ApplicationError
+
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from ..models import CatalogModel, Deployment, Provider
 

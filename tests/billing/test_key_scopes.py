@@ -29,7 +29,7 @@ from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
 from billing.services.plans import plan_assign
-from providers.exceptions import ApplicationError
+from core.exceptions import ApplicationError
 from providers.models import Model
 from providers.selectors import resolved_model
 from tests.factories import ModelFactory, UsageRecordFactory, UserFactory

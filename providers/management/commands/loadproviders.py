@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from providers.exceptions import ApplicationError
+from core.exceptions import ApplicationError
 from providers.services.catalog_file import catalog_yaml_parse, providers_load
 
 

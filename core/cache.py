@@ -1,7 +1,7 @@
 """A small in-process TTL cache for lookups made on every request.
 
-Each process keeps its own copy; the process that changes a row clears its entries at once (see
-``signals``), other processes see the change when the TTL runs out (``LLMHUB_LOOKUP_CACHE_TTL``).
+Each process keeps its own copy; the process that changes a row clears its entries at once (see the
+apps' ``signals``), other processes see the change when the TTL runs out (``LLMHUB_LOOKUP_CACHE_TTL``).
 Negative results are cached too, so an unknown model or key costs one query per TTL, not per request.
 
 While the database is down, a lookup whose copy has run out is answered from that copy for a while
