@@ -1,5 +1,5 @@
--- Shared head of every breaker transition (breaker_record, breaker_claim, breaker_trip, breaker_reset):
--- loaded in front of each of them, so that each transition is still one atomic script.
+-- Shared head of every breaker transition (breaker_record, breaker_claim, breaker_release, breaker_trip,
+-- breaker_reset): loaded in front of each of them, so that each transition is still one atomic script.
 -- The Python twin is providers/routing/breaker_machine.py (Machine): change both together.
 --
 -- KEYS: [breaker hash, index of open breakers, version counter]

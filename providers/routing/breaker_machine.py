@@ -226,6 +226,13 @@ class Machine:
         self.probe_until = now + cfg.lease_ms
         return True, True
 
+    def release(self, token: int) -> tuple[bool, bool]:
+        """The probe whose claim set ``probe_until`` to ``token`` ended saying nothing (``breaker_release.lua``)."""
+        if self.state == OPEN and self.probe_until > 0 and self.probe_until == token:
+            self.probe_until = 0
+            return True, False
+        return False, False
+
     def trip(self, cfg: BreakerConfig, now: int) -> tuple[bool, bool]:
         """Open now (``breaker_trip.lua``)."""
         if self.state != OPEN:

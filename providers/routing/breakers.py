@@ -63,6 +63,8 @@ _views: dict[int, BreakerView] = {}
 # unreachable (dropped as soon as Redis speaks for them again).
 _machines: dict[int, Machine] = {}
 _lock = threading.Lock()  # transitions of _machines (threads: sync views, Celery)
+# The half-open probes this process claimed and has not reported yet: deployment -> the claim's probe_until.
+_probes: dict[int, int] = {}
 LOCAL_VERSION = -1  # a view decided in memory while Redis was away: whatever Redis says next wins
 
 
@@ -175,6 +177,7 @@ class _Syncer:
         self.url = url
         self.loop = loop
         self.pending: dict[int, list[int]] = {}  # deployment -> [succeeded, failed, failed after last success]
+        self.releases: dict[int, int] = {}  # deployment -> the probe_until of a probe this loop gives back
         self.wake = asyncio.Event()
         self.synced = asyncio.Event()  # the first snapshot is in
         self.redis_ok = True
@@ -208,6 +211,10 @@ class _Syncer:
             counts[2] += 1
             self.wake.set()
 
+    def release(self, deployment_id: int, token: int) -> None:
+        self.releases[deployment_id] = token
+        self.wake.set()
+
     def _unreachable(self, exc: Exception) -> None:
         if self.redis_ok:
             logger.warning("Redis unreachable for the circuit breakers (%s); deciding in this process", exc)
@@ -220,30 +227,37 @@ class _Syncer:
             except TimeoutError:
                 pass
             self.wake.clear()
-            if self.pending:
+            if self.pending or self.releases:
                 batch, self.pending = self.pending, {}
+                releases, self.releases = self.releases, {}
                 try:
-                    await self.flush(batch)
+                    await self.flush(batch, releases)
                 except Exception:
                     logger.exception("circuit breaker outcomes lost")
 
-    async def flush(self, batch: dict[int, list[int]]) -> None:
+    async def flush(self, batch: dict[int, list[int]], releases: dict[int, int]) -> None:
+        """Outcomes, then probes given back: one pipelined round trip."""
         cfg = _conf()[1]
         now = _now_ms()
         client = redis_async_client(self.url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
-        script = _script(client, "breaker_record")
+        record, release = _script(client, "breaker_record"), _script(client, "breaker_release")
+        sent = [*batch, *releases]
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for deployment_id, counts in batch.items():
-                    await script(keys=_keys(deployment_id), args=_args(deployment_id, cfg, now, *counts), client=pipe)
+                    await record(keys=_keys(deployment_id), args=_args(deployment_id, cfg, now, *counts), client=pipe)
+                for deployment_id, token in releases.items():
+                    await release(keys=_keys(deployment_id), args=_args(deployment_id, cfg, now, token), client=pipe)
                 replies = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._unreachable(exc)
             for deployment_id, (ok, failed, tail) in batch.items():
                 _local_record(deployment_id, ok, failed, tail, now)
+            for deployment_id, token in releases.items():
+                _local(deployment_id, lambda machine, token=token: machine.release(token))
             return
         self.redis_ok = True
-        for deployment_id, reply in zip(batch, replies, strict=True):
+        for deployment_id, reply in zip(sent, replies, strict=True):
             _apply(deployment_id, BreakerView.parse(reply[2:]))
 
     async def _listen_forever(self) -> None:
@@ -323,6 +337,7 @@ def breakers_forget_local() -> None:
     with _lock:
         _views.clear()
         _machines.clear()
+        _probes.clear()
 
 
 # THE INTERFACE
@@ -362,9 +377,15 @@ async def breaker_allows(deployment: ResolvedDeployment) -> bool:
         except (redis.RedisError, OSError) as exc:
             logger.warning("Redis unreachable to claim the probe of deployment %s (%s)", deployment.id, exc)
         else:
-            _apply(deployment.id, BreakerView.parse(reply[2:]))
+            view = BreakerView.parse(reply[2:])
+            _apply(deployment.id, view)
+            if reply[1] and view.state == OPEN:
+                _probes[deployment.id] = view.probe_until
             return bool(reply[1])
-    return _local(deployment.id, lambda machine: machine.claim(cfg, now))
+    won = _local(deployment.id, lambda machine: machine.claim(cfg, now))
+    if won and _views[deployment.id].state == OPEN:
+        _probes[deployment.id] = _views[deployment.id].probe_until
+    return won
 
 
 def breaker_record(deployment_id: int, *, ok: bool) -> None:
@@ -372,6 +393,7 @@ def breaker_record(deployment_id: int, *, ok: bool) -> None:
     waits either (the outcome is sent in the background). Outside one (a Celery task, a command), it is
     sent to Redis at once."""
     try:
+        _probes.pop(deployment_id, None)
         succeeded, failed = (1, 0) if ok else (0, 1)
         if not _conf()[0]:
             _local_record(deployment_id, succeeded, failed, failed, _now_ms())
@@ -383,6 +405,26 @@ def breaker_record(deployment_id: int, *, ok: bool) -> None:
         _sync_transition(deployment_id, "breaker_record", succeeded, failed, failed)
     except Exception:
         logger.exception("the outcome of a call to deployment %s did not reach its breaker", deployment_id)
+
+
+def breaker_release_probe(deployment_id: int) -> None:
+    """An attempt on ``deployment_id`` ended saying nothing about it (``Outcome.NEUTRAL``: the client left, its
+    own input was refused). If it was the half-open probe this process claimed, the probe is free again at
+    once, rather than when its lease ends: the next caller probes. Sync, never raises, never waits."""
+    token = _probes.pop(deployment_id, None)
+    if token is None:
+        return
+    try:
+        if _conf()[0]:
+            syncer = _syncer()
+            if syncer is not None:
+                syncer.release(deployment_id, token)
+                return
+            _sync_transition(deployment_id, "breaker_release", token)
+            return
+        _local(deployment_id, lambda machine: machine.release(token))
+    except Exception:
+        logger.exception("the probe of deployment %s was not given back; its lease will end it", deployment_id)
 
 
 def breaker_force(deployment_id: int, state: str) -> None:
@@ -418,6 +460,7 @@ def _sync_transition(deployment_id: int, name: str, *extra: int) -> None:
     transitions: dict[str, Callable[[Machine], tuple[bool, bool]]] = {
         "breaker_record": lambda m: m.record(cfg, now, ok=extra[0], failed=extra[1], tail=extra[2]),
         "breaker_trip": lambda m: m.trip(cfg, now),
+        "breaker_release": lambda m: m.release(extra[0]),
         "breaker_reset": lambda m: m.reset(cfg),
     }
     _local(deployment_id, transitions[name])

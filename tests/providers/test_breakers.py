@@ -23,6 +23,7 @@ from providers.routing.breakers import (
     breaker_force,
     breaker_is_open,
     breaker_record,
+    breaker_release_probe,
     breaker_reset,
     breaker_state,
     breakers_synced,
@@ -168,6 +169,35 @@ async def test_half_the_calls_failing_is_not_above_the_threshold(home, clock):
     assert breaker_state(d.id).state == CLOSED
     clock.shift(61)  # a minute later the window has forgotten them
     assert breaker_state(d.id).window_calls == 0
+
+
+async def test_a_probe_that_says_nothing_gives_its_claim_back(home, clock):
+    d = deployment()
+    await fail(d, 5)
+    await eventually(lambda: breaker_is_open(d), "open")
+    clock.shift(30)
+    assert await breaker_allows(d)  # this caller probes...
+    breaker_release_probe(d.id)  # ...and its client goes away: nothing learnt
+    await eventually(lambda: not breaker_is_open(d), "the probe is free again")
+    assert await breaker_allows(d)  # the next caller probes at once, not after the 60 s lease
+    assert not await breaker_allows(d)
+    breaker_release_probe(d.id)
+    breaker_release_probe(d.id)  # twice: the second is not this process's claim any more
+    await eventually(lambda: not breaker_is_open(d), "free again")
+    assert await breaker_allows(d)
+    breaker_record(d.id, ok=True)
+    await eventually(lambda: breaker_state(d.id).state == CLOSED, "its success closes it")
+
+
+async def test_an_attempt_that_was_not_the_probe_leaves_the_claim_alone(shared):
+    d = deployment()
+    await breakers_synced()
+    breaker_force(d.id, "open")
+    args = breakers._args(d.id, BreakerConfig.from_settings(), breakers._now_ms() + 30_000)
+    assert breakers._script(shared, "breaker_claim")(keys=breakers._keys(d.id), args=args)[1] == 1  # elsewhere
+    breaker_release_probe(d.id)  # an attempt of this process that said nothing (it began before the opening)
+    await asyncio.sleep(0.3)
+    assert breaker_state(d.id).probe_until is not None
 
 
 async def test_an_admins_override_beats_the_breaker(home, clock):

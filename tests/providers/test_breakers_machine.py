@@ -25,7 +25,8 @@ CFG = BreakerConfig(
     lease_ms=500,
 )
 
-# (operation, ms after T0, expected); operations: ok, fail, claim, trip, reset, ("batch", ok, failed, tail).
+# (operation, ms after T0, expected); operations: ok, fail, claim, trip, reset, ("batch", ok, failed, tail),
+# ("release", the claim's probe_until in ms after T0).
 # expected: the phase (closed, open, half_open) after the step, and any of failures / cooldown / won / changed.
 CASES = {
     "consecutive failures open it": [
@@ -103,6 +104,17 @@ CASES = {
         ("claim", 1_499, {"won": False}),
         ("claim", 1_500, {"won": True, "changed": True}),
     ],
+    "a probe that ends saying nothing gives its claim back, and only its own": [
+        ("trip", 0, {}),
+        ("claim", 1_000, {"won": True}),  # its claim: probe_until = T0 + 1_500
+        (("release", 1_499), 1_010, {"changed": False}),  # not that claim
+        ("claim", 1_020, {"won": False}),
+        (("release", 1_500), 1_030, {"changed": True, "phase": HALF_OPEN}),
+        (("release", 1_500), 1_040, {"changed": False}),
+        ("claim", 1_050, {"won": True}),  # the next caller probes at once
+        ("ok", 1_060, {"phase": CLOSED}),
+        (("release", 1_550), 1_070, {"changed": False, "phase": CLOSED}),
+    ],
     "batched outcomes keep their order": [
         # (succeeded, failed, failed after the last success): the run of failures is the batch's tail.
         (("batch", 5, 3, 1), 0, {"phase": CLOSED, "failures": 1}),  # 3 of 8 failed
@@ -133,7 +145,9 @@ class TwinRunner:
 
     def step(self, op, now: int) -> tuple[bool, bool, BreakerView, tuple[int, int]]:
         m = self.machine
-        if isinstance(op, tuple):
+        if isinstance(op, tuple) and op[0] == "release":
+            changed, won = m.release(T0 + op[1])
+        elif isinstance(op, tuple):
             changed, won = m.record(CFG, now, ok=op[1], failed=op[2], tail=op[3])
         elif op == "ok":
             changed, won = m.record(CFG, now, ok=1, failed=0, tail=0)
@@ -155,7 +169,9 @@ class LuaRunner:
 
     def step(self, op, now: int) -> tuple[bool, bool, BreakerView, tuple[int, int]]:
         extra: tuple[int, ...] = ()
-        if isinstance(op, tuple):
+        if isinstance(op, tuple) and op[0] == "release":
+            name, extra = "breaker_release", (T0 + op[1],)
+        elif isinstance(op, tuple):
             name, extra = "breaker_record", op[1:]
         elif op in ("ok", "fail"):
             name, extra = "breaker_record", (1, 0, 0) if op == "ok" else (0, 1, 1)
