@@ -275,3 +275,34 @@ def test_the_command_line_refuses_a_malformed_upstream() -> None:
         timeout=30,
     )
     assert completed.returncode == 2 and "unknown setting 'colour=red'" in completed.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_live_llmhub_reaches_them_and_keeps_answering_while_one_refuses(llmhub_server, fake_upstreams) -> None:
+    from billing.services.keys import api_key_create
+    from providers.models import CatalogModel
+    from tests.factories import DeploymentFactory, ProviderFactory, UserFactory
+
+    east, west = fake_upstreams("east", "west")
+    model = CatalogModel.objects.create(name="balanced")
+    for upstream in (east, west):
+        provider = ProviderFactory(name=f"fake-{upstream.name}", base_url=upstream.base_url + "/v1")
+        DeploymentFactory(model=model, name=upstream.name, provider=provider)
+    key = api_key_create(user=UserFactory(), name="tests").secret
+    client = openai.OpenAI(base_url=llmhub_server.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+    def deployment_answering() -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model="balanced", messages=[{"role": "user", "content": "[[reply=ok]]"}]
+        )
+        assert raw.parse().choices[0].message.content == "ok"
+        return raw.headers["x-llmhub-deployment"]
+
+    first = [deployment_answering() for _ in range(20)]
+    assert (east.requests_served(), west.requests_served()) == (first.count("east"), first.count("west"))
+    assert 0 < east.requests_served() < 20, "equal weights: both take a share"
+
+    east.refuse()
+    served_by_west = west.requests_served()
+    assert [deployment_answering() for _ in range(8)] == ["west"] * 8
+    assert west.requests_served() == served_by_west + 8
