@@ -15,7 +15,7 @@ background, never awaited per request, except to claim a half-open breaker's sin
 
 from __future__ import annotations
 
-from .breakers import breaker_allows, breaker_record
+from .breakers import breaker_allows, breaker_record, breaker_release_probe
 from .router import ROUTE_HINTS, caps_retry_after, route_candidates
 from .stats import CallTicket, stats_call_finished, stats_call_started
 
@@ -38,7 +38,9 @@ def call_finished(ticket: CallTicket, *, outcome: str, ttft_s: float | None = No
     its tokens the deployment's tpm cap. Never raises, never blocks: shared state is written in the
     background."""
     stats_call_finished(ticket, ok=outcome == Outcome.OK, ttft_s=ttft_s, tokens=tokens)
-    if outcome != Outcome.NEUTRAL:
+    if outcome == Outcome.NEUTRAL:
+        breaker_release_probe(ticket.deployment_id)  # if it was a half-open probe, the next caller probes
+    else:
         breaker_record(ticket.deployment_id, ok=outcome == Outcome.OK)
 
 
