@@ -14,7 +14,8 @@ The request path never waits for Redis, except to claim a half-open breaker's si
 - A script that changes a breaker publishes it on ``CHANNEL``; a listener task per event loop applies what
   it hears (other processes learn of a change within milliseconds) and re-reads every open breaker every
   ``LLMHUB_BREAKER_RESYNC_SECONDS`` (a missed message heals). Every change carries a version from one
-  Redis counter, so a late message never undoes a newer state.
+  Redis counter, so a late message never undoes a newer state; a new epoch (Redis lost its data) rebuilds
+  the view from what Redis holds.
 - Redis unreachable: the request goes on with the view as it was; outcomes and claims are then decided by an
   in-memory ``Machine`` started from that view, until Redis answers again (its state wins).
 
@@ -324,8 +325,9 @@ def _syncer() -> _Syncer | None:
 
 
 async def breakers_synced() -> None:
-    """Wait until this event loop's view holds what Redis held (the first snapshot): at a server's start,
-    and for tests. Returns at once without Redis."""
+    """Wait until this event loop's view holds what Redis held (its first snapshot): at a server's start, so
+    that its first requests already avoid open breakers (bound the wait with ``asyncio.timeout``: with Redis
+    down it lasts until Redis answers), and in tests. Returns at once without Redis."""
     syncer = _syncer()
     if syncer is not None:
         await syncer.synced.wait()
