@@ -2,7 +2,7 @@
 
 Authentication is a gateway key (``Authorization: Bearer`` or ``x-api-key``) or the web session;
 every read is scoped to the caller, and another user's key answers 404 exactly like a missing one.
-Errors use OpenAI's shape (``chat.exception_handlers``).
+Errors use OpenAI's shape (``core.exception_handlers``).
 
 Keys are managed by a person (the session) or by a key holding the ``keys:manage`` scope; any other key
 gets 403 on every /api/keys/ endpoint. A managing key sees, creates and revokes only the keys in its own

@@ -47,7 +47,7 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponse
 from django.urls import set_script_prefix
 
-from chat.exception_handlers import anthropic_error_body, error_body
+from core.errors import anthropic_error_body, json_response, openai_error_body
 
 # The paths of Anthropic's Messages API: their errors are in Anthropic's shape (``chat.api_anthropic``).
 ANTHROPIC_PATHS = ("/v1/messages",)
@@ -94,8 +94,8 @@ class TransportSecurity:
         if path.startswith(ANTHROPIC_PATHS):
             body = anthropic_error_body(message, status=403)  # Anthropic's clients read Anthropic's shape
         else:
-            body = error_body(message, error_type="invalid_request_error", code="https_required")
-        return HttpResponse(json.dumps(body, separators=(",", ":")), status=403, content_type="application/json")
+            body = openai_error_body(message, error_type="invalid_request_error", code="https_required")
+        return json_response(body, status=403)
 
     def wrap(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponse]]) -> Any:
         async def secured(request: HttpRequest) -> HttpResponse:
@@ -184,14 +184,7 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
 # What the full stack's views implement, TRACE excepted: a 405 must say what is allowed (RFC 9110, 15.5.6).
 _ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _TRACE_REFUSED = json.dumps(
-    {
-        "error": {
-            "message": "Method not allowed (TRACE).",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "method_not_allowed",
-        }
-    }
+    openai_error_body("Method not allowed (TRACE).", error_type="invalid_request_error", code="method_not_allowed")
 ).encode()
 
 

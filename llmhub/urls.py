@@ -20,4 +20,4 @@ urlpatterns = [
 ]
 
 # /api/ paths that match no route answer JSON like the rest of the API.
-handler404 = "chat.exception_handlers.page_not_found"
+handler404 = "core.exception_handlers.page_not_found"

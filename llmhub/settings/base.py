@@ -221,7 +221,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "llmhub.schema.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
-    "EXCEPTION_HANDLER": "chat.exception_handlers.drf_exception_handler",
+    "EXCEPTION_HANDLER": "core.exception_handlers.drf_exception_handler",
 }
 
 # DRF-SPECTACULAR
