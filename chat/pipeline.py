@@ -39,12 +39,20 @@ from providers.exceptions import (
     ProviderContextLengthError,
     ProviderError,
     ProviderNotFoundError,
+    ProviderRateLimitError,
     ProviderStreamInterruptedError,
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
 from providers.models import ModelMode
-from providers.routing import Outcome, breaker_allows, call_finished, call_started, route_candidates
+from providers.routing import (
+    Outcome,
+    breaker_allows,
+    call_finished,
+    call_started,
+    caps_retry_after,
+    route_candidates,
+)
 from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
 from providers.types import ResolvedDeployment, ResolvedModel
@@ -510,6 +518,12 @@ class NoDeploymentAvailableError(ProviderUnavailableError):
     code = "no_deployment_available"
 
 
+class DeploymentsAtCapacityError(ProviderRateLimitError):
+    """Every deployment the request could go to is at its rpm/tpm cap for this minute."""
+
+    code = "deployments_at_capacity"
+
+
 def _retryable(exc: ProviderError) -> bool:
     """Whether another attempt (the next deployment, a fallback) may succeed where this one failed: rate
     limits, overload, 5xx, timeouts, refused or cut connections. A 400, 401, 403 or 404 never is."""
@@ -658,14 +672,13 @@ class CompletionRun:
             call.status = UsageStatus.OK
         except ProviderError as exc:
             call.error_type = exc.code or type(exc).__name__
-            self._ticket_close(_outcome(exc) if not isinstance(exc, NoDeploymentAvailableError) else Outcome.NEUTRAL)
+            self._ticket_close(_outcome(exc))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             call.status = self._interrupted_status()
             self._ticket_close(Outcome.NEUTRAL)
             raise
         finally:
-            self._ticket_close(Outcome.OK)
             _active_runs.pop(self, None)
             self._upstream_done = time.perf_counter()
             settle(call)
@@ -684,14 +697,14 @@ class CompletionRun:
     def _plan(self) -> list[ResolvedModel]:
         return [self.model, *self.fallbacks]
 
-    async def _call(self, once: Callable[[ResolvedModel], Awaitable[T]], *, keep_open: bool = False) -> T:
+    async def _call(self, once: Callable[[ResolvedModel], Awaitable[T]]) -> T:
         """Run ``once`` on one deployment after another until one answers: the model's deployments in the
         order its strategy gives (``1 + retries`` attempts, skipping open breakers), then each fallback
         model's the same way. A retryable failure moves on after a backoff with full jitter (honouring the
         provider's Retry-After before the same deployment is tried again); any other failure is the answer.
         A context-length failure moves to the model's ``context_window_fallbacks`` instead. One deadline
-        bounds the whole loop. ``keep_open``: the attempt that answered stays open for routing's statistics
-        until the caller closes it (a stream, at its end)."""
+        bounds the whole loop. The attempt that answered stays open for routing's statistics until the run
+        settles (a stream, at its end), when its tokens are known (the deployment's tpm cap)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.LLMHUB_REQUEST_DEADLINE_SECONDS
         plan = self._plan()
@@ -749,11 +762,18 @@ class CompletionRun:
                 except BaseException:
                     self._ticket_close(Outcome.NEUTRAL)
                     raise
-                if not keep_open:
-                    self._ticket_close(Outcome.OK)
                 return result
         if last is not None:
             raise last
+        waits = [wait for wait in map(caps_retry_after, plan) if wait is not None]
+        if waits:
+            error = DeploymentsAtCapacityError(
+                f"Every deployment of the model `{self.model.name}` is at its rate limit for this minute; "
+                "retry after the time in Retry-After.",
+                provider="",
+            )
+            error.retry_after = max(1.0, min(waits))
+            raise error
         raise NoDeploymentAvailableError(
             f"No deployment of the model `{self.model.name}` is available right now (every one is failing and "
             "its circuit breaker is open); retry shortly.",
@@ -879,7 +899,7 @@ class CompletionRun:
         upstream: AsyncIterator[WireChunk] | None = None
         async with self._upstream_call(settle):
             try:
-                first, upstream = await self._call(once, keep_open=True)
+                first, upstream = await self._call(once)
                 public_name = self.answered_by.name
                 async for chunk in self._relay(first, upstream):
                     if self._first_token_at is None:
@@ -961,7 +981,7 @@ class CompletionRun:
         upstream: AsyncIterator[WireEvent] | None = None
         async with self._upstream_call(settle):
             try:
-                first, upstream = await self._call(once, keep_open=True)
+                first, upstream = await self._call(once)
                 public_name = self.answered_by.name
                 async for event in self._relay(first, upstream):
                     kind = event.get("type")
@@ -1046,6 +1066,9 @@ class CompletionRun:
             prompt_tokens = self._prompt_estimate() if delivered_text else 0
             cached_tokens = 0
             estimated = bool(delivered_text)
+        self._ticket_close(
+            Outcome.OK if status == UsageStatus.OK else Outcome.NEUTRAL, tokens=prompt_tokens + completion_tokens
+        )
         served = self.answered_by
         cost = cost_for(
             model=served,
@@ -1146,6 +1169,7 @@ def _ms(seconds: float) -> int:
 __all__ = [
     "Caller",
     "CompletionRun",
+    "DeploymentsAtCapacityError",
     "Endpoint",
     "NoDeploymentAvailableError",
     "RunResult",
