@@ -187,8 +187,13 @@ class UsageRecordAdmin(admin.ModelAdmin):
     @admin.display(description="cost breakdown (current prices)")
     def cost_breakdown(self, obj: UsageRecord) -> SafeString | str:
         """The row keeps its total only; the parts are priced again, by the ledger's own function, from the
-        row's tokens and the catalog's prices of today, which may differ from those of the request."""
-        model = obj.model
+        row's tokens and the catalog's prices of today (the answering deployment's), which may differ from those
+        of the request."""
+        # The deployment that answered; a row from before deployments (or whose deployment is gone): its
+        # model's first deployment.
+        model = obj.deployment
+        if model is None and obj.model is not None:
+            model = obj.model.deployments.order_by("priority", "pk").first()
         if model is None:
             return "The model is no longer in the catalog: only the recorded cost is known."
         parts = cost_breakdown(

@@ -83,8 +83,9 @@ async def test_the_keys_allow_list_narrows_the_plan(free_user, catalog):
 
 @pytest.mark.django_db(transaction=True)
 async def test_models_allowed_is_plan_and_key_and_enabled_catalog(free_user, catalog, plans):
+    provider = await sync_to_async(lambda: catalog["cheap"].deployments.get().provider)()
     disabled = await sync_to_async(ModelFactory)(
-        name="disabled-cheap", provider=catalog["cheap"].provider, output_per_mtok=Decimal("0.10"), enabled=False
+        name="disabled-cheap", provider=provider, output_per_mtok=Decimal("0.10"), enabled=False
     )
     # A model the plan lists by name is allowed whatever its price.
     await sync_to_async(plans["Free"].allowed_models.add)(catalog["premium"])
