@@ -25,7 +25,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from llmhub.schema import ErrorResponseSerializer, error_responses
+from core.openapi import ErrorResponseSerializer, error_responses
 from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.models import CatalogModel
 

@@ -15,7 +15,7 @@ from rest_framework.views import APIView
 
 from billing.selectors import CatalogEntry, models_catalog_for
 from billing.services.keys import KeyPrincipal
-from llmhub.schema import error_responses
+from core.openapi import error_responses
 
 from . import selectors, services
 from .models import Feedback, Message

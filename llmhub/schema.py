@@ -1,8 +1,9 @@
 """OpenAPI wiring for drf-spectacular (``/api/schema/``, ``/api/docs/``).
 
-- ``AutoSchema`` names the nested Input/Output serializers of our views after their view;
-- ``ErrorResponseSerializer`` and ``error_responses`` document OpenAI's error shape, which every
-  error of ours takes; the ``document_error_responses`` hook adds the errors a view left implied;
+- ``AutoSchema`` (``DEFAULT_SCHEMA_CLASS``) names the nested Input/Output serializers of our views after
+  their view;
+- the ``document_error_responses`` hook adds the errors a view left implied, in OpenAI's error shape
+  (``core.openapi``, which the apps' views document their own errors with);
 - ``ApiKeyAuthenticationScheme`` documents the gateway key (``Authorization: Bearer`` or ``x-api-key``);
 - the ``add_openai_compatible_paths`` hook adds ``/v1/*``: plain async Django views (see
   ``chat.api_openai``) that drf-spectacular cannot see. Their request and response schemas are
@@ -21,8 +22,9 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from drf_spectacular import openapi
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from drf_spectacular.utils import OpenApiResponse, extend_schema_serializer
 from rest_framework import serializers
+
+from core.openapi import ERROR_DESCRIPTIONS
 
 OPENAI_SCHEMAS_PATH = Path(__file__).resolve().parent / "openai_schemas.json"
 BEARER_SCHEME = "bearerAuth"
@@ -44,18 +46,6 @@ _SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
     },
 }
 
-_ERROR_DESCRIPTIONS: dict[int, str] = {
-    400: "Invalid request: `error.param` names the offending parameter.",
-    401: "Missing, malformed, unknown, revoked or expired API key.",
-    403: "The key or the owner's plan does not allow this model.",
-    404: "No such object, or not yours (the two are indistinguishable).",
-    413: "The request body is larger than the server accepts (`DATA_UPLOAD_MAX_MEMORY_SIZE`, 2.5 MB by default).",
-    429: "A rate limit or the budget is exhausted; `Retry-After` says when to retry.",
-    502: "The upstream provider failed or answered something unusable.",
-    503: "No upstream provider is available for this model right now.",
-    504: "The upstream provider did not answer in time.",
-}
-
 
 class AutoSchema(openapi.AutoSchema):
     """Views nest their ``InputSerializer``/``OutputSerializer`` (HackSoft style), so class names repeat
@@ -67,29 +57,6 @@ class AutoSchema(openapi.AutoSchema):
         if outer and "<locals>" not in outer:
             return outer.rpartition(".")[2].removesuffix("Api") + name
         return name
-
-
-@extend_schema_serializer(component_name="Error")
-class ErrorSerializer(serializers.Serializer):
-    message = serializers.CharField()
-    type = serializers.CharField(help_text="e.g. invalid_request_error, rate_limit_error, api_error.")
-    param = serializers.CharField(allow_null=True, help_text="The request parameter at fault, if any.")
-    code = serializers.CharField(allow_null=True, help_text="A machine-readable code, e.g. invalid_api_key.")
-
-
-@extend_schema_serializer(component_name="ErrorResponse")
-class ErrorResponseSerializer(serializers.Serializer):
-    """Every error, on /api/* as on /v1/*: OpenAI's ``{"error": {...}}``."""
-
-    error = ErrorSerializer()
-
-
-def error_responses(*status_codes: int) -> dict[int, OpenApiResponse]:
-    """``extend_schema(responses=...)`` entries for the given error statuses of a DRF view."""
-    return {
-        status: OpenApiResponse(response=ErrorResponseSerializer, description=_ERROR_DESCRIPTIONS[status])
-        for status in status_codes
-    }
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -118,7 +85,7 @@ def _json(schema_name: str) -> dict[str, Any]:
 def _errors(*status_codes: int) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     for status in status_codes:
-        responses[str(status)] = {"description": _ERROR_DESCRIPTIONS[status], "content": _json("ErrorResponse")}
+        responses[str(status)] = {"description": ERROR_DESCRIPTIONS[status], "content": _json("ErrorResponse")}
     if 429 in status_codes:
         responses["429"]["headers"] = {
             "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
@@ -246,7 +213,7 @@ _ANTHROPIC_ERROR = {
 def _anthropic_errors(*status_codes: int) -> dict[str, Any]:
     return {
         str(status): {
-            "description": _ERROR_DESCRIPTIONS.get(status, "The provider is overloaded; retry later."),
+            "description": ERROR_DESCRIPTIONS.get(status, "The provider is overloaded; retry later."),
             "content": {"application/json": {"schema": {"$ref": _REF + ANTHROPIC_ERROR_COMPONENT}}},
         }
         for status in status_codes
