@@ -30,8 +30,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 LLMHUB_LOOKUP_CACHE_TTL = 5.0
 # A spool of this run's own: a live server the tests start replays the spool at start-up, and must not
-# write rows that an earlier run (or `make run`) left there into this run's database.
-LLMHUB_LEDGER_SPOOL = BASE_DIR / "var" / f"test-ledger-spool-{os.getpid()}.jsonl"
+# write rows that an earlier run (or `make run`) left there into this run's database. A test that stops a
+# server and starts another on the same spool (a restart) names it in the environment.
+LLMHUB_LEDGER_SPOOL = env.path(
+    "LLMHUB_LEDGER_SPOOL", default=str(BASE_DIR / "var" / f"test-ledger-spool-{os.getpid()}.jsonl")
+)
 # Users are unrestricted unless a test puts them on a plan (the seeded plans do not survive a flush).
 LLMHUB_DEFAULT_PLAN = ""
 LOGGING["root"]["level"] = "WARNING"  # noqa: F405

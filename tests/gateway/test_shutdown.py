@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -25,7 +27,7 @@ from django.test import override_settings
 
 from billing.models import UsageRecord
 from billing.services.ledger import ledger_replay_spool
-from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, own_postgres, wait_for_port
 from tests.gateway.conftest import make_catalog
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,18 +46,29 @@ SHUTTING_DOWN = {
 
 
 @contextlib.contextmanager
-def uvicorn_server(tmp_path: Path, *, grace_seconds: float, graceful_timeout: int = 3) -> Iterator[tuple]:
+def uvicorn_server(
+    tmp_path: Path,
+    *,
+    grace_seconds: float,
+    graceful_timeout: int = 3,
+    database_url: str | None = None,
+    redis_url: str = "",
+) -> Iterator[tuple]:
     """A uvicorn subprocess serving llmhub on a free port; yields ``(process, port, spool)``. On the way
-    out it is killed if still running, and the rows it spooled are replayed into the test's database."""
+    out it is killed if still running. ``database_url``: the test's own database (default: the suite's);
+    ``redis_url``: the counters' store (default: the database)."""
     spool = tmp_path / "spool.jsonl"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(
         DJANGO_SETTINGS_MODULE="llmhub.settings.test",
-        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        TEST_DATABASE_URL=database_url or database_url_for_subprocesses(),
         LLMHUB_LEDGER_SPOOL=str(spool),
         LLMHUB_SHUTDOWN_GRACE_SECONDS=str(grace_seconds),
+        PYTHONPATH=str(ROOT),
     )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(
         [
@@ -235,3 +248,111 @@ def test_the_shutdown_window_refuses_new_requests_and_lets_short_ones_finish(key
     assert rows[endless.request_id].status == "server_shutdown"
     refused_row = rows[refused.headers["x-request-id"]]
     assert (refused_row.status, refused_row.error_type) == ("rejected", "server_shutting_down")
+
+
+# SETTLEMENT: a row spooled at shutdown keeps its reservation's release
+
+# The catalog, a user and a key with a budget, written into the test's own PostgreSQL by a process of its own.
+BUDGET_SETUP = """
+import django, sys
+from decimal import Decimal
+django.setup()
+from billing.services.keys import api_key_create
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+provider = ProviderFactory(name="fake-openai", base_url=sys.argv[1] + "/v1")
+ModelFactory(name="gpt-test", provider=provider, input_per_mtok=Decimal(0), output_per_mtok=Decimal(100))
+created = api_key_create(user=UserFactory(username="budgeted"), name="budgeted", budget_usd=Decimal(100),
+                         budget_period="total")
+print(created.secret, created.api_key.pk)
+"""
+
+
+def own_database_env(database_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(DJANGO_SETTINGS_MODULE="llmhub.settings.test", TEST_DATABASE_URL=database_url, PYTHONPATH=str(ROOT))
+    return env
+
+
+def key_counter(database_url: str, redis_url: str, api_key_id: int) -> tuple[Decimal, Decimal]:
+    """(spent, reserved) of the key's total budget, in whichever store holds it."""
+    import psycopg
+    import redis
+
+    if redis_url:
+        from billing.models import BudgetPeriod
+        from billing.services.budgets import CounterRef, period_bounds
+
+        start, _ = period_bounds(BudgetPeriod.TOTAL, datetime.now(UTC))
+        ref = CounterRef("key", api_key_id, "cost", BudgetPeriod.TOTAL, start)
+        spent, reserved = redis.Redis.from_url(redis_url).hmget(ref.key, "spent", "reserved")
+        return ref.from_units(spent), ref.from_units(reserved or 0)
+    with psycopg.connect(database_url) as connection:
+        row = connection.execute(
+            "SELECT spent, reserved FROM billing_budgetcounter WHERE scope_kind = 'key' AND scope_id = %s",
+            [api_key_id],
+        ).fetchone()
+    return Decimal(row[0]), Decimal(row[1])
+
+
+def ledger_row(database_url: str, request_id: str) -> tuple[str, Decimal] | None:
+    import psycopg
+
+    with psycopg.connect(database_url) as connection:
+        return connection.execute(
+            "SELECT status, cost FROM billing_usagerecord WHERE request_id = %s", [request_id]
+        ).fetchone()
+
+
+@pytest.mark.parametrize("store", ["database", "redis"])
+def test_a_stream_cut_at_shutdown_with_the_database_down_is_settled_once_when_its_row_is_replayed(
+    request, store, fake_upstream, tmp_path
+):
+    """The database is down when the server stops: the cut stream's row, and on the database store its
+    settle, cannot be written, so the row is spooled with its admission and the process exits. The next
+    start replays it: the reservation is released at once (on the database store it was held until then:
+    before, until it expired) and the key has spent exactly the row's cost, on Redis too, where the settle
+    had landed before the write failed and the replay, in another process, must not make it twice."""
+    redis_url = request.getfixturevalue("redis_url") if store == "redis" else ""
+    if redis_url:
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()
+    with own_postgres() as postgres:
+        env = own_database_env(postgres.url)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput"], cwd=ROOT, env=env, check=True, capture_output=True
+        )
+        setup = subprocess.run(
+            [sys.executable, "-c", BUDGET_SETUP, fake_upstream.base_url],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        secret, api_key_id = setup.stdout.split()
+        serve = {"database_url": postgres.url, "redis_url": redis_url}
+        with uvicorn_server(tmp_path, grace_seconds=1, **serve) as (server, port, spool):
+            started = threading.Barrier(2, timeout=30)
+            stream = SlowStream(port, secret, started=started)
+            stream.start()
+            started.wait()
+            postgres.stop()
+            server.send_signal(signal.SIGTERM)
+            stream.join(timeout=60)
+            stopped(server)
+        [spooled] = [json.loads(line) for line in spool.read_text().splitlines() if line.strip()]
+        assert spooled["request_id"] == stream.request_id and spooled["admission"]
+        cost = Decimal(spooled["cost"])
+        assert cost > 0  # billed for what was relayed
+
+        postgres.start()
+        if store == "database":
+            assert key_counter(postgres.url, redis_url, int(api_key_id))[1] > 0  # still held
+        with uvicorn_server(tmp_path, grace_seconds=1, **serve) as (restarted, _, _):
+            # Listening means its start-up (which replays the spool) is done.
+            assert ledger_row(postgres.url, stream.request_id) == ("server_shutdown", cost)
+            assert key_counter(postgres.url, redis_url, int(api_key_id)) == (cost, Decimal(0))
+            restarted.send_signal(signal.SIGTERM)
+            stopped(restarted)
+        assert not (spool.exists() and spool.read_text().strip())
