@@ -573,6 +573,7 @@ class CompletionRun:
         # The model bound to the deployment of the latest attempt: the one that answered, once one has.
         self.served: ResolvedModel | None = None
         self.attempts = 0
+        self.resumed = False  # a stream that failed midway and was continued on another deployment
         self.result: RunResult | None = None
         self._ticket: CallTicket | None = None
         self._cancelled = False
@@ -697,7 +698,9 @@ class CompletionRun:
     def _plan(self) -> list[ResolvedModel]:
         return [self.model, *self.fallbacks]
 
-    async def _call(self, once: Callable[[ResolvedModel], Awaitable[T]]) -> T:
+    async def _call(
+        self, once: Callable[[ResolvedModel], Awaitable[T]], *, exclude: frozenset[int] | set[int] = frozenset()
+    ) -> T:
         """Run ``once`` on one deployment after another until one answers: the model's deployments in the
         order its strategy gives (``1 + retries`` attempts, skipping open breakers), then each fallback
         model's the same way. A retryable failure moves on after a backoff with full jitter (honouring the
@@ -716,7 +719,7 @@ class CompletionRun:
         while index < len(plan):
             model = plan[index]
             index += 1
-            candidates = route_candidates(model, hint=self.route)
+            candidates = [d for d in route_candidates(model, hint=self.route) if d.id not in exclude]
             budget = 1 + model.retries
             skipped = 0
             position = 0
@@ -873,56 +876,100 @@ class CompletionRun:
     async def stream(self) -> AsyncIterator[WireChunk]:
         """Relay chunks as they arrive. Until the first chunk, a failure falls over to the next deployment
         (``_call``); after it, a failure (a cut, a stall past the idle timeout, a malformed chunk) ends the
-        stream with ``ProviderError``, which the entry point reports in-band, never as a clean end. The
-        client's ``stream_options.include_usage`` decides whether the usage chunk is passed on; the adapter
-        always asks for it, since settlement needs it."""
+        stream with ``ProviderError``, which the entry point reports in-band, never as a clean end; unless
+        the model opted into ``resume_on_failure`` (``_resume``). The client's
+        ``stream_options.include_usage`` decides whether the usage chunk is passed on; the adapter always
+        asks for it, since settlement needs it."""
         wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
         usage: dict[str, Any] = {}
         delivered: list[str] = []
+        text: list[str] = []  # the reply's text alone: what a resumed attempt is given as its prefill
         finish_reason: str | None = None
+        calls_streamed = False
+        # Completion tokens of the parts delivered by attempts that failed midway, before a resume.
+        earlier_tokens = 0
 
-        async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
-            adapter = adapter_for(target.provider)
-            body = adapter.prepare_request(self._upstream_body(), target)
-            body["stream"] = True
-            return await self._first(adapter.stream(body))
+        def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
+            async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
+                adapter = adapter_for(target.provider)
+                body = self._upstream_body()
+                if prefill is not None:
+                    body["messages"] = [*body["messages"], {"role": "assistant", "content": prefill}]
+                body = adapter.prepare_request(body, target)
+                body["stream"] = True
+                return await self._first(adapter.stream(body))
+
+            return once
 
         def settle(call: _Call) -> None:
+            reported = usage
+            if reported and earlier_tokens:
+                completion = int(reported.get("completion_tokens") or 0) + earlier_tokens
+                reported = {**reported, "completion_tokens": completion}
             self._settle(
                 status=call.status,
-                usage=usage,
+                usage=reported,
                 delivered_text="".join(delivered),
                 finish_reason=finish_reason,
                 error_type=call.error_type,
+                usage_estimated=bool(earlier_tokens),
             )
 
         upstream: AsyncIterator[WireChunk] | None = None
         async with self._upstream_call(settle):
             try:
-                first, upstream = await self._call(once)
-                public_name = self.answered_by.name
-                async for chunk in self._relay(first, upstream):
-                    if self._first_token_at is None:
-                        self._first_token_at = time.perf_counter()
-                    chunk.set_model(public_name)
-                    chunk_usage = chunk.get("usage")
-                    if chunk_usage:
-                        usage = chunk_usage
-                    for choice in chunk.get("choices") or ():
-                        delta = choice.get("delta") or {}
-                        if delta.get("content"):
-                            delivered.append(delta["content"])
-                        for call in delta.get("tool_calls") or ():
-                            arguments = (call.get("function") or {}).get("arguments")
-                            if arguments:
-                                delivered.append(arguments)
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
-                    if not wants_usage and chunk_usage:
-                        if not chunk.get("choices"):
-                            continue
-                        chunk.drop_usage()
-                    yield chunk
+                first, upstream = await self._call(once_with(None))
+                public_name = self.answered_by.name  # the name the stream began with, kept if it is resumed
+                failed: set[int] = set()
+                while True:
+                    try:
+                        async for chunk in self._relay(first, upstream):
+                            if self._first_token_at is None:
+                                self._first_token_at = time.perf_counter()
+                            if failed and _role_only(chunk):
+                                continue  # a resumed attempt's opening chunk: the client's stream began long ago
+                            chunk.set_model(public_name)
+                            chunk_usage = chunk.get("usage")
+                            if chunk_usage:
+                                usage = chunk_usage
+                            for choice in chunk.get("choices") or ():
+                                delta = choice.get("delta") or {}
+                                if delta.get("content"):
+                                    delivered.append(delta["content"])
+                                    text.append(delta["content"])
+                                for call in delta.get("tool_calls") or ():
+                                    calls_streamed = True
+                                    arguments = (call.get("function") or {}).get("arguments")
+                                    if arguments:
+                                        delivered.append(arguments)
+                                if choice.get("finish_reason"):
+                                    finish_reason = choice["finish_reason"]
+                            if not wants_usage and chunk_usage:
+                                if not chunk.get("choices"):
+                                    continue
+                                chunk.drop_usage()
+                            yield chunk
+                        break
+                    except ProviderError as exc:
+                        served = self.answered_by
+                        if not (
+                            served.resume_on_failure
+                            and _retryable(exc)
+                            and text
+                            and not calls_streamed
+                            and served.deployment is not None
+                            and len(failed) < max(1, served.retries)
+                        ):
+                            raise
+                        # Resume: the next deployment continues the reply from what the client already has.
+                        failed.add(served.deployment.id)
+                        self._ticket_close(Outcome.FAILURE)
+                        await upstream.aclose()  # type: ignore[attr-defined]
+                        upstream = None
+                        earlier_tokens = estimate_tokens("".join(delivered))
+                        usage = {}
+                        self.resumed = True
+                        first, upstream = await self._call(once_with("".join(text)), exclude=failed)
             finally:
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
@@ -1110,6 +1157,7 @@ class CompletionRun:
                 deployment_name=served.deployment.name if served.deployment is not None else "",
                 requested_model=_requested_name(self.body, served),
                 attempts=self.attempts,
+                resumed=self.resumed,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 cached_tokens=cached_tokens,
@@ -1132,6 +1180,16 @@ class CompletionRun:
             elif isinstance(content, list):
                 text.extend(part.get("text", "") for part in content if isinstance(part, dict))
         return estimate_tokens("".join(text)) + 3 * len(self.body.get("messages", ()))
+
+
+def _role_only(chunk: WireChunk) -> bool:
+    """A chunk that only opens the assistant's message (its role, no text, no call, no finish)."""
+    choices = chunk.get("choices") or ()
+    if len(choices) != 1 or chunk.get("usage"):
+        return False
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    return not choice.get("finish_reason") and not delta.get("content") and not delta.get("tool_calls")
 
 
 def _requested_name(body: dict[str, Any], served: ResolvedModel) -> str:

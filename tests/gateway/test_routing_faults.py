@@ -285,3 +285,29 @@ def test_a_stream_that_stalls_past_the_models_idle_timeout_ends_with_an_in_band_
     assert "upstream_stream_interrupted" in lines[-1] and "0.3 seconds" in lines[-1], lines[-1]
     record = wait_for_record(request_id)
     assert record.status == "upstream_error" and record.error_type == "upstream_stream_interrupted"
+
+
+def test_a_model_that_resumes_on_failure_continues_a_cut_stream_on_the_next_deployment(client, fake_upstream):
+    """Opt-in: the stream cut after three chunks goes on from the next deployment, given the partial reply as
+    an assistant prefill; the client sees one stream that ends with [DONE] and no error."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+        assert response.headers["x-llmhub-deployment"] == "first", "headers name who began the stream"
+
+    texts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([t for t in texts if t]) > 3, "the first three chunks, then the next deployment's"
+    assert {c.model for c in chunks} == {"routed"}
+    roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
+    assert roles == ["assistant"], "one stream: the resumed attempt's opening chunk is not relayed"
+    assert chunks[-1].usage is not None
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed
+    assert record.deployment_name == "second" and record.attempts == 2
+    assert record.usage_estimated and record.completion_tokens > chunks[-1].usage.completion_tokens
+    prefill = fake_upstream.requests[-1]["body"]["messages"][-1]
+    assert prefill["role"] == "assistant" and prefill["content"] == "".join(texts[:4])
