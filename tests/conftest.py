@@ -159,11 +159,13 @@ def _fresh_lookup_caches():
     from billing.services.inflight import held_clear
     from billing.services.keys import key_cache
     from providers.routing.breakers import breakers_forget_local
+    from providers.routing.stats import stats_forget_local
     from providers.selectors import catalog_cache
 
     catalog_cache.invalidate()
     key_cache.invalidate()
     breakers_forget_local()  # deployment ids are reused once the database is emptied
+    stats_forget_local()  # so are their latencies, in-flight and per-minute counts
     yield
     catalog_cache.invalidate()
     key_cache.invalidate()
