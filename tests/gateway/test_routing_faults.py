@@ -311,3 +311,30 @@ def test_a_model_that_resumes_on_failure_continues_a_cut_stream_on_the_next_depl
     assert record.usage_estimated and record.completion_tokens > chunks[-1].usage.completion_tokens
     prefill = fake_upstream.requests[-1]["body"]["messages"][-1]
     assert prefill["role"] == "assistant" and prefill["content"] == "".join(texts[:4])
+
+
+def test_messages_and_embeddings_run_the_same_call_loop(llmhub_server, client, fake_upstream):
+    import anthropic
+
+    routed(fake_upstream, "fault-503")
+    messages = anthropic.Anthropic(base_url=llmhub_server.url, api_key=client.key.secret, max_retries=0, timeout=30)
+
+    raw = messages.messages.with_raw_response.create(
+        model="routed", max_tokens=32, messages=[{"role": "user", "content": "hi there"}]
+    )
+    assert raw.headers["x-llmhub-deployment"] == "second" and raw.headers["x-llmhub-attempts"] == "2"
+    assert wait_for_record(raw.headers["x-request-id"]).attempts == 2
+
+    with messages.messages.stream(
+        model="routed", max_tokens=32, messages=[{"role": "user", "content": "hi there"}]
+    ) as stream:
+        assert "".join(stream.text_stream)
+        assert stream.response.headers["x-llmhub-deployment"] == "second"
+
+    first = ProviderFactory(name="embed-first", base_url=fake_upstream.base_url + "/v1")
+    second = ProviderFactory(name="embed-second", base_url=fake_upstream.base_url + "/v1")
+    embedder = CatalogModel.objects.create(name="embedder", mode="embedding", strategy="priority")
+    Deployment.objects.create(model=embedder, name="a", provider=first, upstream_id="fault-500", **CHEAP)
+    Deployment.objects.create(model=embedder, name="b", provider=second, upstream_id="emb", priority=1, **CHEAP)
+    raw = client.embeddings.with_raw_response.create(model="embedder", input="hello")
+    assert raw.headers["x-llmhub-deployment"] == "b" and len(raw.parse().data) == 1
