@@ -258,6 +258,8 @@ class _Syncer:
                 _local(deployment_id, lambda machine, token=token: machine.release(token))
             return
         self.redis_ok = True
+        if not self.active:
+            return
         for deployment_id, reply in zip(sent, replies, strict=True):
             _apply(deployment_id, BreakerView.parse(reply[2:]))
 
@@ -273,6 +275,8 @@ class _Syncer:
                 resync_at = time.monotonic() + settings.LLMHUB_BREAKER_RESYNC_SECONDS
                 while self.active:
                     message = await pubsub.get_message(timeout=max(0.0, min(resync_at - time.monotonic(), 1.0)))
+                    if not self.active:  # what a Redis no longer ours says is not news
+                        break
                     if message is not None and message["type"] == "message":
                         _apply_message(message["data"])
                     if time.monotonic() >= resync_at:
@@ -295,6 +299,8 @@ class _Syncer:
     async def resync(self, client: redis.asyncio.Redis) -> None:
         script = _script(client, "breaker_snapshot")
         reply = await script(keys=[INDEX_KEY, VERSION_KEY, EPOCH_KEY], args=[KEY_PREFIX])
+        if not self.active:
+            return
         _apply_snapshot(reply, redis_lost_data=self.epoch is not None and reply[0] != self.epoch)
         self.epoch = reply[0]
         self.redis_ok = True
