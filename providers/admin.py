@@ -17,7 +17,8 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from .exceptions import ApplicationError
+from core.exceptions import ApplicationError
+
 from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from .fields import Secret
 from .forms import ModelNamesField
