@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import time
 import uuid
@@ -23,10 +22,11 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from billing.models import Endpoint, Operation, UsageStatus
-from billing.pricing import cost_for
 from billing.services.admission import Admission, admission_acquire, models_allowed
 from billing.services.keys import api_key_authenticate, hash_key
 from billing.services.ledger import UsageData, usage_record_submit
+from billing.services.settlement import request_settle
+from billing.tokens import prompt_tokens, text_tokens
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
@@ -59,7 +59,7 @@ from providers.types import ResolvedDeployment, ResolvedModel
 
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
-from .validation_embeddings import embeddings_input_tokens, validate_embeddings_request
+from .validation_embeddings import validate_embeddings_request
 
 # How each operation's body is checked before anything else (``completion_start``).
 _VALIDATORS = {
@@ -233,43 +233,6 @@ class RunResult:
     error_type: str = ""
 
 
-def estimate_tokens(text: str) -> int:
-    """Rough count for text we relayed when the provider sent no usage (about four characters a token)."""
-    return math.ceil(len(text) / 4) if text else 0
-
-
-def prompt_tokens_upper_bound(body: dict[str, Any]) -> int:
-    """A generous upper bound of the prompt's tokens, for reservations before the call.
-
-    Real tokenizers average about four characters a token on English and rarely fall below two, so
-    half the characters of the messages and tools, plus the per-message framing and a fixed charge
-    per image, stays above what a provider later bills in practice. Chat-completion and Messages API
-    bodies alike (Anthropic's ``system``, ``image``, ``tool_use`` and ``tool_result`` blocks)."""
-    chars = 0
-    images = 0
-    system = body.get("system")
-    if system:
-        chars += len(str(system))
-    for message in body.get("messages", ()):
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                kind = part.get("type")
-                if kind == "text":
-                    chars += len(part.get("text", ""))
-                elif kind in ("image_url", "input_audio", "file", "image", "document"):
-                    images += 1
-                elif kind in ("tool_use", "tool_result"):
-                    chars += len(str(part.get("input") or part.get("content") or ""))
-        for call in message.get("tool_calls") or ():
-            chars += len(str(call.get("function", {}).get("arguments", "")))
-    for tool in body.get("tools") or ():
-        chars += len(str(tool))
-    return math.ceil(chars / 2) + 8 * len(body.get("messages", ())) + 1_600 * images + 16
-
-
 def completion_reject(
     *,
     caller: Caller,
@@ -376,7 +339,6 @@ async def completion_start(
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
         fallbacks, context_fallbacks = await _fallbacks_for(caller, model, operation=operation, body=body)
-        embeddings = operation == Operation.EMBEDDINGS
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -384,9 +346,7 @@ async def completion_start(
             model=_price_ceiling(model, [*fallbacks, *context_fallbacks]),
             body=body,
             request_id=request_id,
-            prompt_tokens_upper=embeddings_input_tokens(body, upper_bound=True)
-            if embeddings
-            else prompt_tokens_upper_bound(body),
+            prompt_tokens_upper=prompt_tokens(body, operation=operation, upper_bound=True),
             endpoint=endpoint,
         )
     except DATABASE_OUTAGE_ERRORS as exc:
@@ -856,7 +816,7 @@ class CompletionRun:
             choices = (response or {}).get("choices")
             self._settle(
                 status=call.status,
-                usage=(response or {}).get("usage") or {},
+                usage=_mapping((response or {}).get("usage")),
                 delivered_text="",
                 finish_reason=choices[0].get("finish_reason") if choices else None,
                 error_type=call.error_type,
@@ -912,7 +872,7 @@ class CompletionRun:
                 delivered_text="".join(delivered),
                 finish_reason=finish_reason,
                 error_type=call.error_type,
-                usage_estimated=bool(earlier_tokens),
+                usage_partly_estimated=bool(earlier_tokens),
             )
 
         upstream: AsyncIterator[WireChunk] | None = None
@@ -966,7 +926,7 @@ class CompletionRun:
                         self._ticket_close(Outcome.FAILURE)
                         await upstream.aclose()  # type: ignore[attr-defined]
                         upstream = None
-                        earlier_tokens = estimate_tokens("".join(delivered))
+                        earlier_tokens = text_tokens("".join(delivered))
                         usage = {}
                         self.resumed = True
                         first, upstream = await self._call(once_with("".join(text)), exclude=failed)
@@ -1055,27 +1015,17 @@ class CompletionRun:
         """The call and settle steps of an embeddings request, priced on input tokens only. They come from
         the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the ledger row says so)."""
         response: dict[str, Any] | None = None
-        usage: dict[str, Any] = {}
-        estimated = False
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
             return await adapter_for(target.provider).embed({**self.body, "model": target.upstream_id})
 
         def settle(call: _Call) -> None:
-            nonlocal usage, estimated
-            if response is not None:
-                reported = (response.get("usage") or {}).get("prompt_tokens")
-                estimated = not isinstance(reported, int) or isinstance(reported, bool) or reported < 0
-                if estimated:
-                    reported = embeddings_input_tokens(self.body, upper_bound=False)
-                usage = {"prompt_tokens": reported}
             self._settle(
                 status=call.status,
-                usage=usage,
+                usage=_mapping((response or {}).get("usage")),
                 delivered_text="",
                 finish_reason=None,
                 error_type=call.error_type,
-                usage_estimated=estimated,
             )
 
         async with self._upstream_call(settle):
@@ -1084,102 +1034,75 @@ class CompletionRun:
         # OpenAI's schema requires both: an upstream that left them out gets them, the usage being the
         # estimate the request was charged for.
         response.setdefault("object", "list")
-        if estimated:
-            response["usage"] = {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]}
+        if self.result is not None and self.result.usage_estimated:
+            counted = self.result.prompt_tokens
+            response["usage"] = {"prompt_tokens": counted, "total_tokens": counted}
         return response
 
     def _settle(
         self,
         *,
         status: str,
-        usage: dict[str, Any],
+        usage: dict[str, Any] | None,
         delivered_text: str,
         finish_reason: str | None,
         error_type: str,
-        usage_estimated: bool = False,
+        usage_partly_estimated: bool = False,
     ) -> None:
+        """Once per run, whatever happened: billing decides the tokens (the provider's usage, or an estimate
+        from what was relayed), the cost at the answering deployment's prices and the reservation's release
+        together (``request_settle``); the attempt still open is reported to routing with its tokens."""
         if self._settled:
             return
         self._settled = True
-        estimated = usage_estimated or not usage
-        if usage:
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-            cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-        else:
-            # No usage from the provider (a stream cut short, a disconnect, an error): charge for what was
-            # relayed, and for the prompt only if the provider got as far as producing output.
-            completion_tokens = estimate_tokens(delivered_text)
-            prompt_tokens = self._prompt_estimate() if delivered_text else 0
-            cached_tokens = 0
-            estimated = bool(delivered_text)
-        self._ticket_close(
-            Outcome.OK if status == UsageStatus.OK else Outcome.NEUTRAL, tokens=prompt_tokens + completion_tokens
-        )
-        served = self.answered_by
-        cost = cost_for(
-            model=served,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-        )
         now = time.perf_counter()
-        self.result = RunResult(
-            status=status,
-            finish_reason=finish_reason,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-            cost=cost,
-            usage_estimated=estimated,
-            error_type=error_type,
-        )
         upstream_ms = None
         if self._upstream_started is not None:
             upstream_ms = _ms((self._upstream_done or now) - self._upstream_started)
         ttft_ms = None
         if self._first_token_at is not None and self._upstream_started is not None:
             ttft_ms = _ms(self._first_token_at - self.started)
-        usage_record_submit(
-            UsageData(
-                request_id=self.request_id,
-                endpoint=self.endpoint,
-                operation=self.operation,
-                stream=bool(self.body.get("stream")),
-                status=status,
-                user_id=self.caller.user_id,
-                api_key_id=self.caller.api_key_id,
-                provider_id=served.provider.id,
-                model_id=served.id,
-                deployment_id=served.deployment.id if served.deployment is not None else None,
-                provider_name=served.provider.name,
-                model_name=served.name,
-                deployment_name=served.deployment.name if served.deployment is not None else "",
-                requested_model=_requested_name(self.body, served),
-                attempts=self.attempts,
-                resumed=self.resumed,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cached_tokens=cached_tokens,
-                cost=cost,
-                usage_estimated=estimated,
-                upstream_latency_ms=upstream_ms,
-                ttft_ms=ttft_ms,
-                duration_ms=_ms(now - self.started),
-                error_type=error_type,
-            ),
+        served = self.answered_by
+        settled = request_settle(
+            request_id=self.request_id,
+            endpoint=self.endpoint,
+            operation=self.operation,
+            body=self.body,
+            status=status,
+            user_id=self.caller.user_id,
+            api_key_id=self.caller.api_key_id,
+            model=served,
             admission=self.admission,
+            usage=usage or None,
+            delivered_text=delivered_text,
+            error_type=error_type,
+            requested_model=_requested_name(self.body, served),
+            attempts=self.attempts,
+            resumed=self.resumed,
+            usage_partly_estimated=usage_partly_estimated,
+            upstream_latency_ms=upstream_ms,
+            ttft_ms=ttft_ms,
+            duration_ms=_ms(now - self.started),
+        )
+        self._ticket_close(
+            Outcome.OK if status == UsageStatus.OK else Outcome.NEUTRAL,
+            tokens=settled.prompt_tokens + settled.completion_tokens,
+        )
+        self.result = RunResult(
+            status=status,
+            finish_reason=finish_reason,
+            prompt_tokens=settled.prompt_tokens,
+            completion_tokens=settled.completion_tokens,
+            cached_tokens=settled.cached_tokens,
+            cost=settled.cost,
+            usage_estimated=settled.usage_estimated,
+            error_type=error_type,
         )
 
-    def _prompt_estimate(self) -> int:
-        text = []
-        for message in self.body.get("messages", ()):
-            content = message.get("content")
-            if isinstance(content, str):
-                text.append(content)
-            elif isinstance(content, list):
-                text.extend(part.get("text", "") for part in content if isinstance(part, dict))
-        return estimate_tokens("".join(text)) + 3 * len(self.body.get("messages", ()))
+
+def _mapping(value: Any) -> dict[str, Any] | None:
+    """An upstream's ``usage`` if it is an object at all (what it holds, billing checks)."""
+    return value if isinstance(value, dict) and value else None
 
 
 def _role_only(chunk: WireChunk) -> bool:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from billing.models import Operation
-from billing.tokens import prompt_tokens
-
 from .validation import MAX_TOKENS_LIMIT, _fail, check_body_and_model
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs (strings or token arrays) in one request
@@ -94,10 +91,3 @@ def validate_embeddings_request(body: Any) -> None:
     stream = body.get("stream")
     if stream:
         _fail("Embeddings are not streamed: remove 'stream' or set it to false.", "stream")
-
-
-def embeddings_input_tokens(body: dict[str, Any], *, upper_bound: bool) -> int:
-    """The tokens of a validated request's input, by billing's one estimator (``billing.tokens``): a token
-    array counts exactly, text as a bound for a reservation (``upper_bound``) or as the settle-time estimate.
-    Kept for the pipeline until it calls ``billing.tokens.prompt_tokens`` itself."""
-    return prompt_tokens(body, operation=Operation.EMBEDDINGS, upper_bound=upper_bound)

@@ -5,7 +5,7 @@
   status, content type and body the schema documents;
 - hypothesis feeds the chat request validator arbitrary JSON and the values that once crashed it: it
   accepts, or refuses with our 400; and what it accepts can be forwarded (encoded as UTF-8 JSON) and
-  priced (``prompt_tokens_upper_bound``).
+  priced (``billing.tokens.prompt_tokens``).
 
 Both are bounded (examples per operation, no deadline: the 2-core CI machine is shared) and derandomized,
 so a run is reproducible and a failure shows the same example again.
@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from billing.models import ApiKey, KeyScope
 from billing.services.keys import api_key_create
-from chat.pipeline import prompt_tokens_upper_bound
+from billing.tokens import prompt_tokens
 from chat.validation import MAX_JSON_DEPTH, InvalidRequestError, validate_chat_request
 from tests.factories import UserFactory
 from tests.gateway.conftest import make_catalog
@@ -236,7 +236,7 @@ def test_the_validator_accepts_or_answers_400_and_what_it_accepts_can_be_sent(bo
         exc.message.encode("utf-8")  # the message itself is safe to send
         return
     json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    assert prompt_tokens_upper_bound(body) >= 0
+    assert prompt_tokens(body, operation="chat", upper_bound=True) >= 0
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,7 @@ def request_settle(
     requested_model: str = "",
     attempts: int = 0,
     resumed: bool = False,
+    usage_partly_estimated: bool = False,
     upstream_latency_ms: int | None = None,
     ttft_ms: int | None = None,
     duration_ms: int = 0,
@@ -111,10 +112,13 @@ def request_settle(
     ``model``: bound to the deployment that answered last (``model.on(deployment)``), whose provider and
     prices the row gets; unbound when no call was made. ``usage``: the provider's, OpenAI-shaped, or None.
     ``delivered_text``: what was relayed to the client, for the estimate when there is no usage.
-    ``requested_model``: the name the client sent; the row keeps it only when another model answered."""
+    ``requested_model``: the name the client sent; the row keeps it only when another model answered.
+    ``usage_partly_estimated``: ``usage`` adds counted tokens to the provider's (a resumed stream's first
+    part): the row is flagged as an estimate."""
     prompt, completion, cached, estimated = settlement_tokens(
         operation=operation, body=body, status=status, usage=usage, delivered_text=delivered_text
     )
+    estimated = estimated or (usage_partly_estimated and usage is not None)
     cost = cost_for(model=model, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
     deployment = model.deployment
     usage_record_submit(
