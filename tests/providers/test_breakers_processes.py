@@ -25,7 +25,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 COOLDOWN = 1.0
-PROBE_SECONDS = 1.0  # a healthy deployment answers this slowly: the probe is still out when others ask
+PROBE_SECONDS = 2.0  # a healthy deployment answers this slowly: the probe is still out when others ask
 
 
 class Deployment(ThreadingHTTPServer):
