@@ -27,13 +27,14 @@ from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
 from billing.models import Operation
+from core.errors import anthropic_error_body, anthropic_error_event, anthropic_error_response, json_response
+from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import WireEvent
 from providers.adapters.translate_anthropic import estimate_input_tokens
-from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from providers.exceptions import ProviderError
 from providers.selectors import model_resolve
 
-from .api_openai import _dumps, _json_response, _parse_body, _stamp, run_open, shutdown_response
-from .exception_handlers import anthropic_error, anthropic_error_body
+from .api_openai import _parse_body, _stamp, run_open, shutdown_response
 from .pipeline import (
     CompletionRun,
     caller_from_api_key,
@@ -46,17 +47,6 @@ from .validation_anthropic import validate_count_tokens_request
 logger = logging.getLogger("llmhub.api")
 
 _ENDPOINT = "rest"
-
-
-def _error_response(exc: ApplicationError) -> HttpResponse:
-    status, body = anthropic_error(exc)
-    response = _json_response(body, status=status)
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after:
-        response["Retry-After"] = str(max(1, round(retry_after)))
-    for name, value in (exc.extra.get("headers") or {}).items():
-        response[name] = value
-    return response
 
 
 def _answer(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
@@ -74,16 +64,16 @@ def anthropic_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable
         try:
             request.get_host()
         except DisallowedHost:
-            return _json_response(anthropic_error_body("Invalid Host header.", status=400), status=400)
+            return json_response(anthropic_error_body("Invalid Host header.", status=400), status=400)
         try:
             return await view(request, *args, **kwargs)
         except DATABASE_OUTAGE_ERRORS:
             logger.warning("database unavailable in %s", view.__name__, exc_info=True)
-            return _answer(_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
+            return _answer(anthropic_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
         except Exception:
             logger.exception("unexpected failure in %s", view.__name__)
             body = anthropic_error_body("The server had an error while processing your request.", status=500)
-            return _answer(_json_response(body, status=500), new_request_id(), time.perf_counter())
+            return _answer(json_response(body, status=500), new_request_id(), time.perf_counter())
 
     return csrf_exempt(wrapper)
 
@@ -103,11 +93,11 @@ async def messages(request: HttpRequest) -> HttpResponse:
         if run.body.get("stream"):
             response = await _open_stream(run, headers)
         else:
-            response = _json_response(await run.messages_complete(headers=headers))
+            response = json_response(await run.messages_complete(headers=headers))
     except ApplicationError as exc:
-        response = _error_response(exc)
+        response = anthropic_error_response(exc)
     except asyncio.CancelledError:
-        if (response := shutdown_response(run, _error_response)) is None:
+        if (response := shutdown_response(run, anthropic_error_response)) is None:
             raise
     return _answer(response, request_id, started, run)
 
@@ -129,23 +119,18 @@ async def _open_stream(run: CompletionRun, headers: dict[str, str]) -> HttpRespo
     return response
 
 
-def _error_event(exc: ApplicationError) -> bytes:
-    _status, body = anthropic_error(exc)
-    return b"event: error\ndata: " + _dumps(body).encode() + b"\n\n"
-
-
 async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield event.sse()
     except ProviderError as exc:
         # Headers are gone: Anthropic reports in-band with an `error` event, which its SDK raises.
-        yield _error_event(exc)
+        yield anthropic_error_event(exc)
     except asyncio.CancelledError:
         error = run.shutdown_error()
         if error is None:
             raise
-        yield _error_event(error)
+        yield anthropic_error_event(error)
     finally:
         await events.aclose()
 
@@ -165,8 +150,8 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
         validate_count_tokens_request(body)
         await model_resolve(body["model"])
     except ApplicationError as exc:
-        return _answer(_error_response(exc), request_id, started)
-    return _answer(_json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)
+        return _answer(anthropic_error_response(exc), request_id, started)
+    return _answer(json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)
 
 
 async def _method_not_allowed(request: HttpRequest, request_id: str) -> HttpResponse:
@@ -179,7 +164,7 @@ async def _method_not_allowed(request: HttpRequest, request_id: str) -> HttpResp
             completion_reject(
                 caller=caller, endpoint=_ENDPOINT, request_id=request_id, error=error, operation=Operation.MESSAGES
             )
-    response = _error_response(error)
+    response = anthropic_error_response(error)
     response["Allow"] = "POST"
     return response
 
@@ -187,4 +172,4 @@ async def _method_not_allowed(request: HttpRequest, request_id: str) -> HttpResp
 @anthropic_endpoint
 async def not_found(request: HttpRequest, path: str) -> HttpResponse:
     body = anthropic_error_body(f"Not found: {request.method} /v1/messages/{path}", status=404)
-    return _answer(_json_response(body, status=404), new_request_id(), time.perf_counter())
+    return _answer(json_response(body, status=404), new_request_id(), time.perf_counter())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +23,17 @@ from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
 from billing.models import Operation
+from core.errors import (
+    json_response,
+    openai_error_body,
+    openai_error_body_for,
+    openai_error_event,
+    openai_error_response,
+)
+from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import chunk_json
-from providers.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError, ProviderError
+from providers.exceptions import ProviderError
 
-from .exception_handlers import application_error_body, error_body
 from .pipeline import (
     Caller,
     CompletionRun,
@@ -42,24 +48,7 @@ from .validation import InvalidRequestError, RequestTooLargeError, json_parse
 
 logger = logging.getLogger("llmhub.api")
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 SSE_DONE = b"data: [DONE]\n\n"
-
-
-def _json_response(payload: Any, *, status: int = 200) -> HttpResponse:
-    return HttpResponse(_dumps(payload).encode(), status=status, content_type="application/json")
-
-
-def _error_response(exc: ApplicationError) -> HttpResponse:
-    response = _json_response(application_error_body(exc), status=exc.status_code)
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after:
-        response["Retry-After"] = str(max(1, round(retry_after)))
-    for name, value in (exc.extra.get("headers") or {}).items():
-        response[name] = value
-    if exc.status_code == 401:
-        response["WWW-Authenticate"] = 'Bearer realm="llmhub"'
-    return response
 
 
 def _stamp(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
@@ -100,19 +89,20 @@ def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..
         try:
             request.get_host()
         except DisallowedHost:
-            return _json_response(
-                error_body("Invalid Host header.", error_type="invalid_request_error", code="invalid_host"), status=400
+            return json_response(
+                openai_error_body("Invalid Host header.", error_type="invalid_request_error", code="invalid_host"),
+                status=400,
             )
         try:
             return await view(request, *args, **kwargs)
         except DATABASE_OUTAGE_ERRORS:
             # Any query of ours that met a database outage outside the pipeline's steps: a 503 to retry.
             logger.warning("database unavailable in %s", view.__name__, exc_info=True)
-            return _stamp(_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
+            return _stamp(openai_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
         except Exception:
             logger.exception("unexpected failure in %s", view.__name__)
-            response = _json_response(
-                error_body(
+            response = json_response(
+                openai_error_body(
                     "The server had an error while processing your request.",
                     error_type="api_error",
                     code="internal_error",
@@ -185,11 +175,11 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         if run.body.get("stream"):
             response = await _open_stream(run)
         else:
-            response = _json_response(await run.complete())
+            response = json_response(await run.complete())
     except ApplicationError as exc:
-        response = _error_response(exc)
+        response = openai_error_response(exc)
     except asyncio.CancelledError:
-        if (response := shutdown_response(run, _error_response)) is None:
+        if (response := shutdown_response(run, openai_error_response)) is None:
             raise
     return _stamp(response, request_id, started, run)
 
@@ -207,11 +197,11 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
         run = await run_open(
             request, endpoint="rest", request_id=request_id, started=started, operation=Operation.EMBEDDINGS
         )
-        response = _json_response(await run.embed())
+        response = json_response(await run.embed())
     except ApplicationError as exc:
-        response = _error_response(exc)
+        response = openai_error_response(exc)
     except asyncio.CancelledError:
-        if (response := shutdown_response(run, _error_response)) is None:
+        if (response := shutdown_response(run, openai_error_response)) is None:
             raise
     return _stamp(response, request_id, started, run)
 
@@ -233,14 +223,14 @@ async def _sse(run: CompletionRun, chunks: AsyncIterator[dict[str, Any]]) -> Asy
             yield b"data: " + chunk_json(chunk) + b"\n\n"
     except ProviderError as exc:
         # Headers are gone: report in-band the way OpenAI does; its SDK raises APIError on this event.
-        yield b"data: " + _dumps(application_error_body(exc)).encode() + b"\n\n"
+        yield openai_error_event(exc)
         return
     except asyncio.CancelledError:
         # The server's shutdown cut the stream: in-band too, and no [DONE], so the client knows it is short.
         error = run.shutdown_error()
         if error is None:
             raise
-        yield b"data: " + _dumps(application_error_body(error)).encode() + b"\n\n"
+        yield openai_error_event(error)
         return
     finally:
         await chunks.aclose()
@@ -257,12 +247,12 @@ async def models_list(request: HttpRequest) -> HttpResponse:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         models = await models_for_caller(caller, mode=None)  # embedding models too, unlike the chat picker
     except ApplicationError as exc:
-        return _stamp(_error_response(exc), request_id, started)
+        return _stamp(openai_error_response(exc), request_id, started)
     payload = {
         "object": "list",
         "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name} for m in models],
     }
-    return _stamp(_json_response(payload), request_id, started)
+    return _stamp(json_response(payload), request_id, started)
 
 
 @openai_endpoint
@@ -276,7 +266,7 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         for candidate in await models_for_caller(caller, mode=None):
             if candidate.name == model:
                 payload = {"id": candidate.name, "object": "model", "created": 0, "owned_by": candidate.provider.name}
-                return _stamp(_json_response(payload), request_id, started)
+                return _stamp(json_response(payload), request_id, started)
         raise ApplicationError(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
@@ -284,7 +274,7 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
             status_code=404,
         )
     except ApplicationError as exc:
-        return _stamp(_error_response(exc), request_id, started)
+        return _stamp(openai_error_response(exc), request_id, started)
 
 
 async def _method_not_allowed(request: HttpRequest, allowed: str, request_id: str) -> HttpResponse:
@@ -303,7 +293,7 @@ async def _method_not_allowed(request: HttpRequest, allowed: str, request_id: st
             caller = None  # the method is wrong whoever asks; an unknown key changes nothing
         if caller is not None:
             completion_reject(caller=caller, endpoint="rest", request_id=request_id, error=error)
-    response = _json_response(application_error_body(error), status=405)
+    response = json_response(openai_error_body_for(error), status=405)
     response["Allow"] = allowed
     return response
 
@@ -316,8 +306,8 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
     if request.method == "TRACE":
         request_id = new_request_id()
         return _stamp(await _method_not_allowed(request, "", request_id), request_id, started)
-    response = _json_response(
-        error_body(
+    response = json_response(
+        openai_error_body(
             f"Invalid URL ({request.method} /v1/{path})", error_type="invalid_request_error", code="unknown_url"
         ),
         status=404,

@@ -27,13 +27,11 @@ from billing.services.keys import api_key_authenticate, hash_key
 from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
+from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
 from providers.exceptions import (
-    DATABASE_OUTAGE_ERRORS,
-    ApplicationError,
-    DatabaseUnavailableError,
     ProviderAuthenticationError,
     ProviderBadRequestError,
     ProviderContextLengthError,

@@ -7,10 +7,7 @@ error ``type``/``code`` our own API answers with; messages never contain a crede
 
 from __future__ import annotations
 
-# ApplicationError is the base of the errors below. DATABASE_OUTAGE_ERRORS and DatabaseUnavailableError are
-# only passed on: chat/pipeline.py, chat/api_openai.py and chat/api_anthropic.py, being rewritten (issue 10),
-# still import them from here; their home is core.exceptions, and they leave this line once those files move.
-from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError  # noqa: F401
+from core.exceptions import ApplicationError
 
 
 class ModelNotFoundError(ApplicationError):

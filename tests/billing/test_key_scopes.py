@@ -30,7 +30,7 @@ from billing.services.keys import api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
 from billing.services.plans import plan_assign
 from core.exceptions import ApplicationError
-from providers.models import Model
+from providers.models import CatalogModel
 from providers.selectors import resolved_model
 from tests.factories import ModelFactory, UsageRecordFactory, UserFactory
 
@@ -160,7 +160,7 @@ def limited_parent(alice):
         budget_usd=Decimal("1.00"),
         budget_period=BudgetPeriod.DAILY,
         expires_at=timezone.now() + timedelta(days=7),
-        allowed_models=Model.objects.filter(name__in=["model-a", "model-b"]),
+        allowed_models=CatalogModel.objects.filter(name__in=["model-a", "model-b"]),
         rpm=10,
         tpm=1000,
     )
@@ -363,7 +363,7 @@ async def test_a_parents_rate_limit_holds_across_its_children(store, plans, cata
         (await sync_to_async(api_key_create)(user=user, name=f"c{n}", parent=parent.api_key, rpm=2)).api_key
         for n in (1, 2)
     ]
-    family = {"user": user, "flat": resolved_model(catalog["flat"])}
+    family = {"user": user, "flat": await sync_to_async(resolved_model)(catalog["flat"])}
 
     await acquire(family, children[0], "r1", max_tokens=1)
     await acquire(family, children[1], "r2", max_tokens=1)
