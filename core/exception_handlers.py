@@ -84,3 +84,19 @@ def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
             status=404,
         )
     return defaults.page_not_found(request, exception)
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """Django's ``handler400``, for what Django refuses before any view runs (a suspicious request: more form
+    fields than ``DATA_UPLOAD_MAX_NUMBER_FIELDS``, a malformed multipart body): JSON in the API's error shape
+    under /api/ and /v1/, Django's HTML page elsewhere. The exception's text is not echoed."""
+    if request.path.startswith(("/api/", "/v1/")):
+        return JsonResponse(
+            openai_error_body(
+                "The request could not be read (too many fields, or a malformed body).",
+                error_type="invalid_request_error",
+                code="bad_request",
+            ),
+            status=400,
+        )
+    return defaults.bad_request(request, exception)

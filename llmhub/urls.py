@@ -20,4 +20,5 @@ urlpatterns = [
 ]
 
 # /api/ paths that match no route answer JSON like the rest of the API.
+handler400 = "core.exception_handlers.bad_request"
 handler404 = "core.exception_handlers.page_not_found"
