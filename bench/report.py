@@ -245,6 +245,7 @@ def derive_routing(data: dict[str, Any]) -> dict[str, Any]:
             "other_cores_max": max(p["other_cores"] for p in mine),
         }
     added = _paired(points, "three", "one", "p50_ms")
+    added_cpu = _paired(points, "three", "one", "server_cpu_ms_per_request")
     moved_p50 = _paired(points, "three-one-down", "three", "p50_ms")
     moved_p99 = _paired(points, "three-one-down", "three", "p99_ms")
     three = scenarios.get("three")
@@ -256,6 +257,7 @@ def derive_routing(data: dict[str, Any]) -> dict[str, Any]:
         "scenarios": scenarios,
         "added_p50_ms": added,
         "added_p50_met": None if added is None else added <= ROUTING_ADDED_LIMIT_MS,
+        "added_server_cpu_ms": added_cpu,
         "down_moved_p50_ms": moved_p50,
         "down_moved_p99_ms": moved_p99,
         "p50_noise_ms": None if p50_noise is None else round(p50_noise, 3),
@@ -307,6 +309,11 @@ def routing_markdown(results: dict[str, Any]) -> str:
         f"≤ {ROUTING_ADDED_LIMIT_MS} ms",
         lambda d: f"{_ms(d['added_p50_ms'])} ({verdict(d['added_p50_met'])})",
     )
+    row(
+        "… server CPU per request, (b) − (a), median of the rounds' differences",
+        "",
+        lambda d: _ms(d["added_server_cpu_ms"]),
+    )
     row("one deployment down: p50 moved, (c) − (b)", "within noise", lambda d: _ms(d["down_moved_p50_ms"]))
     row("one deployment down: p99 moved, (c) − (b)", "within noise", lambda d: _ms(d["down_moved_p99_ms"]))
     row(
@@ -316,6 +323,29 @@ def routing_markdown(results: dict[str, Any]) -> str:
     )
     row("(c) did not move (p50 and p99 within the noise, no errors)", "yes", lambda d: verdict(d["down_unmoved"]))
 
+    whole = results.get("routing_whole_in_process") or []
+    if whole:
+        lines += [
+            "",
+            "Whole requests in-process (`bench.profile_request`: llmhub's ASGI application driven without a server, "
+            "against the same nginx ports; medians over the rounds, the scenarios in turns):",
+            "",
+            "| scenario | CPU ms/request | wall p50 ms | CPU, paired difference | wall p50, paired difference |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, label in ROUTING_LABELS.items():
+            mine = [p for p in whole if p["scenario"] == name]
+            if not mine:
+                continue
+            against = {"three": "one", "three-one-down": "three"}.get(name)
+            cpu = _paired(whole, name, against, "cpu_ms_per_request") if against else None
+            wall = _paired(whole, name, against, "wall_p50_ms") if against else None
+            versus = f" vs {ROUTING_LABELS[against][:3]}" if against else ""
+            lines.append(
+                f"| {label} | {_median([p['cpu_ms_per_request'] for p in mine]):.3f} | "
+                f"{_median([p['wall_p50_ms'] for p in mine]):.3f} | "
+                f"{_ms(cpu) + versus if cpu is not None else '—'} | {_ms(wall) + versus if wall is not None else '—'} |"
+            )
     in_process = results.get("routing_in_process") or {}
     if in_process:
         lines += [

@@ -85,8 +85,9 @@ class Plan:
     route_duration: int  # seconds per routing point
 
 
-FULL = Plan(10, 2, 200, (1, 32, 128), (1, 32, 128), (1, 32), 8, 5)
-QUICK = Plan(3, 1, 30, (1, 32), (32,), (32,), 3, 2)
+# Routing points are short and many: a tenth of a millisecond is found only in differences taken seconds apart.
+FULL = Plan(10, 2, 200, (1, 32, 128), (1, 32, 128), (1, 32), 20, 2)
+QUICK = Plan(3, 1, 30, (1, 32), (32,), (32,), 4, 1)
 # (name, catalog model): one deployment; three healthy ones; three of which one refuses with its breaker open.
 ROUTING_SCENARIOS = (("one", "bench-json"), ("three", "bench-route-3"), ("three-one-down", "bench-route-3-down"))
 
@@ -398,6 +399,23 @@ def bench_routing(base: str, key: str, plan: Plan, meter: Meter) -> list[dict[st
     return points
 
 
+def routing_in_process(env: dict[str, str], key: str, rounds: int, requests: int) -> list[dict[str, Any]]:
+    """Each routing scenario's whole request in-process (``bench.profile_request``: llmhub's ASGI application
+    without a server or a client in the way, so its CPU per request is far steadier than a served latency),
+    in rounds taken in turns like the served points."""
+    points = []
+    for round_number in range(rounds):
+        shift = round_number % len(ROUTING_SCENARIOS)
+        for scenario, model in ROUTING_SCENARIOS[shift:] + ROUTING_SCENARIOS[:shift]:
+            measured = json.loads(
+                django_command(env, "-m", "bench.profile_request", "--model", model, "-n", str(requests), "--key", key)
+            )
+            point = {k: measured[k] for k in ("cpu_ms_per_request", "wall_p50_ms", "wall_p99_ms")}
+            points.append({**point, "scenario": scenario, "model": model, "round": round_number})
+            say(f"  route in-process {scenario:15} round {round_number} {point}")
+    return points
+
+
 def _point_text(point: dict[str, Any]) -> str:
     errors = f"  ERRORS {point['errors']}" if point["errors"] else ""
     return (
@@ -599,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"bench: database {database_text} migrated and seeded (2 users and keys, 5 models on 9 providers)")
         in_process = json.loads(django_command(env, "-m", "bench.routing", *(m for _, m in ROUTING_SCENARIOS)))
         for name, figures in in_process.items():
-            say(f"  routing in-process {name:20} {figures}")
+            say(f"  routing calls in-process {name:20} {figures}")
+        whole_in_process = routing_in_process(env, keys["key"], 3 if args.quick else 6, 500 if args.quick else 1500)
 
         # Migrations and the seed ran on bench.settings; only the servers take a what-if module.
         server_env = {**env, "DJANGO_SETTINGS_MODULE": args.settings}
@@ -615,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             "direct": {"wrk": [], "first_token": {}},
             "servers": {},
             "routing_in_process": in_process,
+            "routing_whole_in_process": whole_in_process,
             "routing_only": args.routing_only,
         }
         if args.routing_only:
