@@ -16,6 +16,7 @@ uvicorn's ``--timeout-graceful-shutdown``, plus the ledger drain (docs/reliabili
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -75,8 +76,9 @@ class LifespanMiddleware:
 
 
 async def _warm_up() -> None:
-    """Load the catalog into the lookup cache and build each provider's pooled SDK client before the
-    first request: otherwise that request pays for importing the SDKs and filling the caches (~0.7 s)."""
+    """Load the catalog into the lookup cache and build the pooled SDK client of every deployment's provider
+    before the first request: otherwise that request pays for importing the SDKs and filling the caches
+    (~0.7 s). Then read the breakers shared through Redis."""
     from providers.adapters.registry import adapter_for
     from providers.selectors import models_enabled
 
@@ -85,11 +87,19 @@ async def _warm_up() -> None:
     except Exception:
         logger.exception("could not read the catalog at start-up; the first requests will")
         return
-    for config in {model.provider.id: model.provider for model in models}.values():
+    providers = {d.provider.id: d.provider for model in models for d in model.deployments}
+    for config in providers.values():
         try:
             adapter_for(config)
         except Exception:
             logger.exception("could not prepare a client for provider %s", config.name)
+    # The circuit breakers other servers hold open, so that this one avoids those deployments from its
+    # first request; with Redis down or slow, it starts on its own view and catches up in the background.
+    from providers.routing.breakers import breakers_synced
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2):
+            await breakers_synced()
 
 
 class ShutdownSignals:
