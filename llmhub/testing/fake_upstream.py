@@ -1889,6 +1889,7 @@ class _Listener:
         self.app = _App(latency_ms=spec.latency_ms, tps=spec.tps, api_key=spec.api_key, demo=spec.demo, name=spec.name)
         self.app.ttft_ms = spec.ttft_ms
         self.app.listener = self
+        self.spec = spec
         self._initial_fault = fault_canonical(spec.fault) if spec.fault else None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -1953,6 +1954,11 @@ class _Listener:
                     transport.abort()
         elif self._site is None:
             await self._listen()
+
+    async def restore(self) -> None:
+        """Back to how it started: its timing and standing fault as its spec gave them."""
+        self.set_timing(latency_ms=self.spec.latency_ms, ttft_ms=self.spec.ttft_ms, tps=self.spec.tps)
+        await self.set_fault(self._initial_fault)
 
     async def stop(self) -> None:
         if self._runner is None:
@@ -2165,7 +2171,10 @@ class FakeUpstream(FakeUpstreams):
         return self.handles[0].requests
 
     def reset(self) -> None:
+        """Counters and request log to zero, and (a server shared by tests starts each clean) its standing
+        fault and timing back to the constructor's."""
         self.handles[0].reset()
+        self._run(self._listeners[0].restore())
 
     def set_fault(self, fault: str | None, *, models: Sequence[str] | None = None) -> None:
         self.handles[0].set_fault(fault, models=models)

@@ -227,6 +227,15 @@ def test_a_group_in_a_with_block_and_the_single_upstream_api() -> None:
     assert refused(group["a"].port)
 
 
+def test_reset_of_a_single_shared_upstream_heals_it(fake_upstream) -> None:
+    """The session's shared ``fake_upstream`` starts every test clean, whatever the previous one broke."""
+    fake_upstream.set_fault("refuse")
+    fake_upstream.handles[0].set_timing(latency_ms=5000)
+    fake_upstream.reset()
+    assert chat(fake_upstream.handles[0]).status_code == 200
+    assert fake_upstream.requests_served() == 1
+
+
 def test_the_command_line_serves_several_upstreams_in_one_process() -> None:
     with FakeUpstreams([UpstreamSpec("p1"), UpstreamSpec("p2")]) as probe:
         east_port, west_port = probe["p1"].port, probe["p2"].port  # free a moment ago
