@@ -1,0 +1,167 @@
+"""``manage.py demo_setup``: the demo catalog comes from ``llmhub/demo/`` through the catalog-file loader,
+and the file loads by hand (``loadproviders``) into exactly what ``make run`` writes.
+
+``tests/test_project.py`` runs the whole of ``make run`` in a clean copy of the project; these run the
+command in-process, against the test database.
+"""
+
+from __future__ import annotations
+
+import io
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from providers.models import CatalogModel, Deployment, ModelMode, Provider
+from providers.services.catalog_file import providers_dump
+
+pytestmark = pytest.mark.django_db
+
+EAST, WEST = "http://127.0.0.1:28080", "http://127.0.0.1:28082"
+REAL_PROVIDER_VARIABLES = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "OLLAMA_BASE_URL")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(settings, tmp_path, monkeypatch):
+    """The demo logins' passwords go to a folder of the test's own; no real provider unless a test says so."""
+    settings.LOCAL_DIR = tmp_path / ".local"
+    for variable in REAL_PROVIDER_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def demo_setup(**options: str) -> str:
+    out = io.StringIO()
+    options = {"upstream_url": EAST, "west_upstream_url": WEST, **options}
+    call_command("demo_setup", stdout=out, stderr=io.StringIO(), **options)
+    return out.getvalue()
+
+
+def deployments(model: str) -> dict[str, Deployment]:
+    return {row.name: row for row in Deployment.objects.filter(model__name=model).select_related("provider")}
+
+
+def test_demo_setup_writes_the_demo_catalog():
+    demo_setup()
+
+    providers = {row.name: row for row in Provider.objects.all()}
+    assert {name: (row.kind, row.base_url) for name, row in providers.items()} == {
+        "demo-fake-openai": ("openai_compatible", f"{EAST}/v1"),
+        "demo-fake-openai-west": ("openai_compatible", f"{WEST}/v1"),
+        "demo-fake-anthropic": ("anthropic", EAST),
+    }
+    assert all(row.api_key.reveal() for row in providers.values()), "the SDKs insist on a key, even a fake one"
+
+    mini = CatalogModel.objects.get(name="demo-gpt-4o-mini")
+    assert mini.fallbacks == ["demo-claude-haiku"]
+    assert (mini.context_window, mini.max_output_tokens) == (128_000, 16_384)
+    served = deployments("demo-gpt-4o-mini")
+    assert {name: (row.provider.name, row.upstream_id, row.weight) for name, row in served.items()} == {
+        "east": ("demo-fake-openai", "fake-gpt-4o-mini", 3),
+        "west": ("demo-fake-openai-west", "fake-gpt-4o-mini", 1),
+    }
+    for row in served.values():
+        assert (row.input_per_mtok, row.output_per_mtok, row.cached_input_per_mtok) == (
+            Decimal("0.15"),
+            Decimal("0.60"),
+            Decimal("0.075"),
+        )
+
+    assert CatalogModel.objects.get(name="demo-gpt-4o").supports_vision
+    assert not CatalogModel.objects.get(name="demo-claude-haiku").supports_vision
+    embedding = CatalogModel.objects.get(name="demo-embedding-small")
+    assert (embedding.mode, embedding.context_window) == (ModelMode.EMBEDDING, 8192)
+    haiku = deployments("demo-claude-haiku")["demo-fake-anthropic"]
+    assert (haiku.upstream_id, haiku.output_per_mtok) == ("fake-claude-haiku", Decimal("4.00"))
+    assert set(CatalogModel.objects.values_list("name", flat=True)) == {
+        "demo-gpt-4o-mini",
+        "demo-gpt-4o",
+        "demo-embedding-small",
+        "demo-claude-haiku",
+    }
+
+
+def test_demo_setup_twice_changes_nothing():
+    demo_setup()
+    catalog = providers_dump()
+
+    again = demo_setup()
+
+    rows = [line for line in again.splitlines() if line.startswith(("provider ", "model ", "deployment "))]
+    assert len(rows) == 3 + 4 + 5
+    assert all(line.split(": ", 1)[1].startswith("unchanged") for line in rows), again
+    assert providers_dump() == catalog
+
+
+def test_the_demo_file_loaded_by_hand_is_what_demo_setup_writes(monkeypatch):
+    """The README calls llmhub/demo/providers.yaml the demo catalog: loading it as its comment says finds
+    every row of demo_setup's already right."""
+    demo_setup()
+    catalog = providers_dump()
+    monkeypatch.setenv("LLMHUB_DEMO_EAST_URL", EAST)
+    monkeypatch.setenv("LLMHUB_DEMO_WEST_URL", WEST)
+    out = io.StringIO()
+
+    call_command("loadproviders", str(Path(settings.BASE_DIR) / "llmhub" / "demo" / "providers.yaml"), stdout=out)
+
+    assert out.getvalue().splitlines()[-1] == "0 created, 0 updated, 12 unchanged.", out.getvalue()
+    assert providers_dump() == catalog
+
+
+def test_demo_setup_follows_the_upstream_it_is_given():
+    demo_setup()
+
+    moved = demo_setup(upstream_url="http://127.0.0.1:38080/")
+
+    assert "provider demo-fake-openai: updated" in moved
+    assert "provider demo-fake-openai-west: unchanged" in moved
+    assert Provider.objects.get(name="demo-fake-openai").base_url == "http://127.0.0.1:38080/v1"
+    assert Provider.objects.get(name="demo-fake-anthropic").base_url == "http://127.0.0.1:38080"
+
+
+def test_real_providers_join_when_their_variable_is_set(monkeypatch):
+    openai_key, anthropic_key = "sk-test-0123456789abcdef", "sk-ant-test-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", f" {openai_key}\n")  # pasted with a space and a newline
+    monkeypatch.setenv("ANTHROPIC_API_KEY", anthropic_key)
+    monkeypatch.setenv("OLLAMA_BASE_URL", "http://127.0.0.1:11434/v1/")
+
+    output = demo_setup()
+
+    assert openai_key not in output and anthropic_key not in output
+    providers = {row.name: row for row in Provider.objects.all()}
+    assert providers["openai"].api_key.reveal() == openai_key
+    assert providers["anthropic"].api_key.reveal() == anthropic_key
+    assert providers["ollama"].base_url == "http://127.0.0.1:11434/v1"
+    served_by = dict(
+        CatalogModel.objects.exclude(name__startswith="demo-").values_list("name", "deployments__provider__name")
+    )
+    assert served_by == {
+        "gpt-4o-mini": "openai",
+        "gpt-4o": "openai",
+        "claude-haiku-4-5": "anthropic",
+        "claude-sonnet-4-5": "anthropic",
+        "llama3.2": "ollama",
+        "qwen2.5": "ollama",
+    }
+    sonnet = deployments("claude-sonnet-4-5")["anthropic"]
+    assert (sonnet.input_per_mtok, sonnet.output_per_mtok) == (Decimal("3.00"), Decimal("15.00"))
+
+    # A later run without the variables leaves them in the catalog.
+    for variable in REAL_PROVIDER_VARIABLES:
+        monkeypatch.delenv(variable)
+    demo_setup()
+    assert Provider.objects.filter(name__in=["openai", "anthropic", "ollama"]).count() == 3
+
+
+def test_a_catalog_that_does_not_load_writes_nothing(monkeypatch):
+    """The demo files load in one call: one bad value stops the whole catalog, demo providers included."""
+    monkeypatch.setenv("OLLAMA_BASE_URL", "not a url")
+
+    with pytest.raises(CommandError, match="provider ollama: base_url"):
+        demo_setup()
+
+    assert not Provider.objects.exists()
+    assert not CatalogModel.objects.exists()
