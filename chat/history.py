@@ -17,11 +17,11 @@ The rule, in full:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-CHARS_PER_TOKEN = 4
+from billing.tokens import text_tokens
+
 MESSAGE_OVERHEAD_TOKENS = 4
 DEFAULT_OUTPUT_RESERVE = 4096
 
@@ -36,7 +36,8 @@ class Turn:
 
 
 def estimate_tokens(content: str) -> int:
-    return math.ceil(len(content) / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
+    """A turn's share of the context window: its text by billing's one estimator, plus the message's framing."""
+    return text_tokens(content) + MESSAGE_OVERHEAD_TOKENS
 
 
 def output_reserve(*, context_window: int, max_output_tokens: int | None) -> int:
