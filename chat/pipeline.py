@@ -46,6 +46,7 @@ from providers.models import ModelMode
 from providers.routing import (
     Outcome,
     breaker_allows,
+    breaker_release_probe,
     call_finished,
     call_started,
     caps_retry_after,
@@ -689,7 +690,11 @@ class CompletionRun:
                     continue
                 skipped = 0
                 if last is not None:
-                    await self._backoff(failures, last, same=deployment == last_deployment, deadline=deadline)
+                    try:
+                        await self._backoff(failures, last, same=deployment == last_deployment, deadline=deadline)
+                    except BaseException:
+                        breaker_release_probe(deployment.id)  # a half-open probe it claimed goes unused
+                        raise
                 budget -= 1
                 target = model.on(deployment)
                 self.served = target

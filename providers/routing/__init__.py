@@ -49,6 +49,7 @@ __all__ = [
     "CallTicket",
     "Outcome",
     "breaker_allows",
+    "breaker_release_probe",
     "call_finished",
     "call_started",
     "caps_retry_after",
