@@ -476,3 +476,32 @@ async def test_the_usage_line_is_shown_live_and_after_a_reload(site, browser, us
         await expect(view.locator(".usage")).to_have_text(usage_text(record))
     await expect(stopped).to_contain_text("Stopped.")
     await page.close()
+
+
+async def test_a_reply_names_the_deployment_that_answered(site, browser, user, fake_upstream):
+    """The first deployment refuses connections: the reply comes from the second, and its badge says so."""
+    from asgiref.sync import sync_to_async
+
+    from providers.models import CatalogModel, Deployment
+    from tests.conftest import free_port
+
+    def catalog() -> None:
+        down = ProviderFactory(name="down-browser", base_url=f"http://127.0.0.1:{free_port()}/v1")
+        up = ProviderFactory(name="up-browser", base_url=fake_upstream.base_url + "/v1")
+        model = CatalogModel.objects.create(name="routed-browser", strategy="priority")
+        Deployment.objects.create(model=model, name="first", provider=down, upstream_id="fake-gpt-4o-mini")
+        Deployment.objects.create(model=model, name="second", provider=up, upstream_id="fake-gpt-4o-mini", priority=1)
+
+    await sync_to_async(catalog)()
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+    await page.locator("#model-picker").select_option("routed-browser")
+    await expect(page.locator("#provider-badge")).to_have_text("down-browser · up-browser")  # both providers
+
+    await send(page, "Which one answers? [[words=5]]")
+    reply = page.locator(".message.assistant").last
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    badge = reply.locator(".message-meta .badge")
+    await expect(badge).to_have_text("up-browser")
+    await expect(badge).to_have_attribute("title", "deployment second")
+    await page.close()

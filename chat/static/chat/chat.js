@@ -353,7 +353,17 @@
         if (!stream) return;
         stream.conversationId = event.conversation;
         stream.messageId = event.message;
-        if (stream.view) stream.view.root.dataset.messageId = event.message;
+        if (stream.view) {
+          stream.view.root.dataset.messageId = event.message;
+          // Who answered: routing may have gone to another deployment, or a fallback model.
+          const meta = stream.view.root.querySelector(".message-meta");
+          if (meta && event.model) {
+            meta.querySelector(".model-name").textContent = event.model;
+            const badge = meta.querySelector(".badge");
+            badge.textContent = event.provider || "";
+            badge.title = event.deployment ? `deployment ${event.deployment}` : "";
+          }
+        }
         if (state.newChatRequest === stream.requestId && state.currentId === null) {
           state.currentId = event.conversation;
           state.newChatRequest = null;
