@@ -60,6 +60,20 @@ def single(name: str, provider, upstream: str, prices: dict, **model) -> Catalog
     return catalog
 
 
+def sse_lines(server, client, model: str, messages: list) -> tuple[list[str], str]:
+    """A streamed completion's ``data:`` lines as the client got them, to the last one, and its request id."""
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {client.key.secret}"},
+        json={"model": model, "messages": messages, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        return lines, response.headers["x-request-id"]
+
+
 def assert_answered_by(raw, *, deployment: str, attempts: int, model: str = "routed", price: dict = DEAR):
     completion = raw.parse()
     assert completion.choices[0].message.content
@@ -192,17 +206,7 @@ def test_a_stream_cut_after_three_chunks_ends_with_an_in_band_error_and_no_done(
     single("cut", provider, "fault-cut-3", CHEAP, fallbacks=["never"])
     single("never", provider, "fake-gpt-4o-mini", DEAR)
 
-    # Raw bytes: what the client got, to the last line.
-    with httpx.stream(
-        "POST",
-        llmhub_server.url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {client.key.secret}"},
-        json={"model": "cut", "messages": MESSAGES, "stream": True},
-        timeout=30,
-    ) as response:
-        assert response.status_code == 200
-        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-        request_id = response.headers["x-request-id"]
+    lines, request_id = sse_lines(llmhub_server, client, "cut", MESSAGES)
 
     assert lines[-1] != "data: [DONE]" and '"error"' in lines[-1], lines[-3:]
     content_chunks = [line for line in lines[:-1] if '"content"' in line]
@@ -270,16 +274,7 @@ def test_a_stream_that_stalls_past_the_models_idle_timeout_ends_with_an_in_band_
     single("stalling", provider, "fake-gpt-4o-mini", CHEAP, stream_idle_timeout_seconds=Decimal("0.3"))
     stalled = [{"role": "user", "content": "slow now [[tps=1]] [[words=5]]"}]
 
-    with httpx.stream(
-        "POST",
-        llmhub_server.url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {client.key.secret}"},
-        json={"model": "stalling", "messages": stalled, "stream": True},
-        timeout=30,
-    ) as response:
-        assert response.status_code == 200
-        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
-        request_id = response.headers["x-request-id"]
+    lines, request_id = sse_lines(llmhub_server, client, "stalling", stalled)
 
     assert lines[-1] != "data: [DONE]"
     assert "upstream_stream_interrupted" in lines[-1] and "0.3 seconds" in lines[-1], lines[-1]
