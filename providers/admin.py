@@ -169,22 +169,7 @@ class DeploymentInline(admin.TabularInline):
     model = Deployment
     form = DeploymentInlineForm
     formset = DeploymentFormSet
-    fields = (
-        "name",
-        "provider",
-        "upstream_id",
-        "input_per_mtok",
-        "output_per_mtok",
-        "cached_input_per_mtok",
-        "weight",
-        "priority",
-        "rpm_limit",
-        "tpm_limit",
-        "quality",
-        "breaker_override",
-        "paid_health_probe",
-        "enabled",
-    )
+    fields = ("name", *Deployment.SETTINGS)
 
     def get_extra(self, request: HttpRequest, obj: CatalogModel | None = None, **kwargs: Any) -> int:
         return 1 if obj is None else 0  # a new model starts with one deployment row to fill in

@@ -234,6 +234,24 @@ class BreakerOverride(models.TextChoices):
 class Deployment(models.Model):
     """One place a public model is served: a provider, the provider's model id, and its prices."""
 
+    # What an admin sets on a deployment besides its name: the admin's inline columns and the catalog
+    # file's deployment keys (where ``upstream_id`` is spelled ``upstream``) are this list.
+    SETTINGS = (
+        "provider",
+        "upstream_id",
+        "input_per_mtok",
+        "output_per_mtok",
+        "cached_input_per_mtok",
+        "weight",
+        "priority",
+        "rpm_limit",
+        "tpm_limit",
+        "quality",
+        "breaker_override",
+        "paid_health_probe",
+        "enabled",
+    )
+
     model = models.ForeignKey(CatalogModel, on_delete=models.CASCADE, related_name="deployments")
     name = models.SlugField(
         max_length=64,

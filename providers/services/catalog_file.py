@@ -70,24 +70,7 @@ _MODEL_KEYS = _COMMON_MODEL_KEYS | frozenset(
 )
 # An alias is only a second name: everything else is its target's.
 _ALIAS_KEYS = frozenset({"name", "label", "alias_of", "enabled"})
-_DEPLOYMENT_KEYS = frozenset(
-    {
-        "name",
-        "provider",
-        "upstream",
-        "input_per_mtok",
-        "output_per_mtok",
-        "cached_input_per_mtok",
-        "weight",
-        "priority",
-        "rpm_limit",
-        "tpm_limit",
-        "quality",
-        "breaker_override",
-        "paid_health_probe",
-        "enabled",
-    }
-)
+_DEPLOYMENT_KEYS = frozenset({"name", "upstream"} | set(Deployment.SETTINGS) - {"upstream_id"})
 _CAPABILITIES = {
     "streaming": "supports_streaming",
     "tools": "supports_tools",
@@ -120,21 +103,7 @@ _MODEL_COMPARED = (
     "stream_idle_timeout_seconds",
     "enabled",
 )
-_DEPLOYMENT_COMPARED = (
-    "provider_id",
-    "upstream_id",
-    "input_per_mtok",
-    "output_per_mtok",
-    "cached_input_per_mtok",
-    "weight",
-    "priority",
-    "rpm_limit",
-    "tpm_limit",
-    "quality",
-    "breaker_override",
-    "paid_health_probe",
-    "enabled",
-)
+_DEPLOYMENT_COMPARED = tuple(Deployment._meta.get_field(name).attname for name in Deployment.SETTINGS)
 
 
 @dataclass(frozen=True, slots=True)
