@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 import time_machine
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-pytest_plugins = ["tests.fixtures_upstreams"]
+pytest_plugins = ["tests.fixtures_upstreams", "tests.fixtures_webhook"]
 
 
 def pytest_configure(config) -> None:

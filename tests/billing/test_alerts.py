@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -22,49 +18,11 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
 from tests.billing.conftest import FLAT_TOKEN, spend_settled
-from tests.conftest import free_port
 from tests.factories import UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
 
 TOKEN = FLAT_TOKEN
-
-
-@dataclass
-class Webhook:
-    url: str
-    received: list[dict] = field(default_factory=list)
-    fail_next: int = 0  # answer 500 to this many requests first
-
-
-@pytest.fixture
-def webhook(settings) -> Iterator[Webhook]:
-    """A local HTTP server standing in for Slack; its URL is the configured alert webhook."""
-    port = free_port()
-    hook = Webhook(url=f"http://127.0.0.1:{port}/services/T000/B000/secret-path")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if hook.fail_next:
-                hook.fail_next -= 1
-                self.send_response(500)
-            else:
-                hook.received.append(body)
-                self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    settings.LLMHUB_ALERT_WEBHOOK_URL = hook.url
-    yield hook
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
