@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from billing.models import Endpoint, Operation, UsageStatus
-from billing.services.admission import Admission, admission_acquire, models_allowed
+from billing.services.admission import Admission, admission_acquire, models_allowed, models_permitted
 from billing.services.keys import api_key_authenticate, hash_key
 from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.settlement import request_settle
@@ -32,6 +32,7 @@ from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
 from providers.exceptions import (
+    ModelNotFoundError,
     ProviderAuthenticationError,
     ProviderBadRequestError,
     ProviderContextLengthError,
@@ -399,7 +400,15 @@ async def _fallbacks_for(
     which model answered)."""
     if not model.fallbacks and not model.context_window_fallbacks:
         return [], []
-    allowed = {m.name: m for m in await models_for_caller(caller, mode=None)}
+    known: dict[str, ResolvedModel] = {}
+    for name in {*model.fallbacks, *model.context_window_fallbacks}:
+        with contextlib.suppress(ModelNotFoundError):
+            known[name] = await model_resolve(name)  # cached, like the model's own lookup
+    permitted = await models_permitted(
+        user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, models=list(known.values())
+    )
+    permitted_ids = {m.id for m in permitted}
+    allowed = {name: m for name, m in known.items() if m.id in permitted_ids}
 
     def usable(names: tuple[str, ...]) -> list[ResolvedModel]:
         chosen: list[ResolvedModel] = []

@@ -262,3 +262,12 @@ async def models_allowed(
         and limits.allows(m)
         and (key_allowed_model_ids is None or m.id in key_allowed_model_ids)
     ]
+
+
+async def models_permitted(
+    *, user_id: int, key_allowed_model_ids: frozenset[int] | None, models: list[ResolvedModel]
+) -> list[ResolvedModel]:
+    """Those of ``models`` that the plan's and the key's allow-lists include (the fallbacks a request may be
+    answered by), without walking the whole catalog as ``models_allowed`` does."""
+    limits = await user_limits(user_id)
+    return [m for m in models if limits.allows(m) and (key_allowed_model_ids is None or m.id in key_allowed_model_ids)]
