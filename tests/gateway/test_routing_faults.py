@@ -8,11 +8,13 @@ answered."""
 from __future__ import annotations
 
 import concurrent.futures
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
 import openai
 import pytest
+import time_machine
 
 from billing.models import UsageRecord
 from billing.pricing import cost_for
@@ -222,8 +224,17 @@ def test_a_stream_cut_after_three_chunks_ends_with_an_in_band_error_and_no_done(
             pass
 
 
+@pytest.fixture
+def mid_month():
+    """A monthly budget's window: mid-month, so that no request of the test falls in another month."""
+    with time_machine.travel(datetime(2026, 11, 10, 12, 0, tzinfo=UTC), tick=True):
+        yield
+
+
 @pytest.mark.parametrize("requests_paid", [10, 100])
-def test_a_budget_holds_when_every_request_ends_on_a_fallback_ten_times_dearer(client, fake_upstream, requests_paid):
+def test_a_budget_holds_when_every_request_ends_on_a_fallback_ten_times_dearer(
+    mid_month, client, fake_upstream, requests_paid
+):
     """The key's budget pays for exactly 10 requests on the model asked for (and, second case, for 10 on the
     fallback); its deployment fails, so each request is answered by the fallback at 10x the price. The
     reservation covers the fallback: the key ends within its budget, however many requests try at once.
