@@ -867,6 +867,10 @@ class CompletionRun:
                 body = self._upstream_body()
                 if prefill is not None:
                     body["messages"] = [*body["messages"], {"role": "assistant", "content": prefill}]
+                    # The reply's token limit (the reservation's too) covers both parts: the rest only.
+                    for limit in ("max_tokens", "max_completion_tokens"):
+                        if isinstance(body.get(limit), int):
+                            body[limit] = max(1, body[limit] - text_tokens(prefill))
                 body = adapter.prepare_request(body, target)
                 body["stream"] = True
                 return await self._first(adapter.stream(body))

@@ -8,6 +8,7 @@ answered."""
 from __future__ import annotations
 
 import concurrent.futures
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -317,6 +318,22 @@ def test_a_model_that_resumes_on_failure_continues_a_cut_stream_on_the_next_depl
     assert record.usage_estimated and record.completion_tokens > chunks[-1].usage.completion_tokens
     prefill = fake_upstream.requests[-1]["body"]["messages"][-1]
     assert prefill["role"] == "assistant" and prefill["content"] == "".join(texts[:4])
+
+
+def test_a_resumed_stream_asks_the_next_deployment_only_for_the_rest_of_the_token_limit(client, fake_upstream):
+    """The reservation covers max_tokens for the whole reply: the resumed attempt may not add a second one."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=MESSAGES, stream=True, max_tokens=40
+    ) as response:
+        texts = [c.choices[0].delta.content or "" for c in response.parse() if c.choices]
+
+    first, resumed = fake_upstream.requests[-2]["body"], fake_upstream.requests[-1]["body"]
+    delivered = "".join(texts[:4])
+    assert first["max_tokens"] == 40
+    assert resumed["messages"][-1]["content"] == delivered
+    assert resumed["max_tokens"] == 40 - math.ceil(len(delivered) / 4)
 
 
 def test_messages_and_embeddings_run_the_same_call_loop(llmhub_server, client, fake_upstream):
