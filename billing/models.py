@@ -51,6 +51,11 @@ class ApiKey(models.Model):
     scopes = models.JSONField(default=list, blank=True, help_text="Rights beyond calling models; empty: none.")
     # CASCADE: a child exists only under its parent, so deleting a key deletes the keys it created (the
     # ledger keeps their rows, with the key emptied, as for any deleted key).
+    # Rotation: the secret before the newest keeps working until ``previous_secret_expires_at`` (a grace
+    # period for clients to switch), then stops everywhere within the key cache's TTL.
+    previous_secret_hash = models.CharField(max_length=64, null=True, blank=True, unique=True, editable=False)
+    previous_secret_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
     parent = models.ForeignKey(
         "self",
         null=True,
@@ -98,6 +103,11 @@ class UsageStatus(models.TextChoices):
     LOST = "lost", "Lost (process died)"
 
 
+class BillingSource(models.TextChoices):
+    PLATFORM = "platform", "Platform key"
+    USER_KEY = "user_key", "User's own key"
+
+
 class UsageRecord(models.Model):
     """The ledger: one row per request, the source of truth for spend."""
 
@@ -133,6 +143,23 @@ class UsageRecord(models.Model):
     duration_ms = models.PositiveIntegerField(default=0)
     status = models.CharField(max_length=24, choices=UsageStatus.choices)
     error_type = models.CharField(max_length=64, blank=True)
+    billing_source = models.CharField(
+        max_length=16,
+        choices=BillingSource.choices,
+        default=BillingSource.PLATFORM,
+        help_text="Whose provider key paid: the platform's, or the user's own (bring your own key).",
+    )
+    user_key_cost = models.DecimalField(
+        max_digits=20,
+        decimal_places=10,
+        null=True,
+        blank=True,
+        help_text="On a user's own key: the request's price at catalog prices, paid on their account. ``cost`` "
+        "holds what counts against the platform's budgets (zero unless the plan counts own-key spend).",
+    )
+    moderation = models.CharField(
+        max_length=200, blank=True, help_text="What moderation found, e.g. 'flagged input: violence'."
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
@@ -176,6 +203,20 @@ class Plan(models.Model):
     )
     rpm = models.PositiveIntegerField("requests per minute", null=True, blank=True, help_text="Empty: unlimited.")
     tpm = models.PositiveIntegerField("tokens per minute", null=True, blank=True, help_text="Empty: unlimited.")
+    byok_counts_against_budget = models.BooleanField(
+        "own-key spend counts against budgets",
+        default=False,
+        help_text="Whether requests made on a user's own provider key count against this plan's budgets "
+        "(rate limits and token quotas always apply).",
+    )
+    moderation_policy = models.ForeignKey(
+        "providers.ModerationPolicy",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Checks on the input and output of this plan's users' requests (besides the model's policy).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -149,6 +149,8 @@ class UserLimits:
     monthly_budget_usd: Decimal | None
     rpm: int | None
     tpm: int | None
+    byok_counts_against_budget: bool = False  # whether spend on the user's own provider keys counts
+    moderation_policy_id: int | None = None  # the plan's moderation policy
 
     def allows(self, model: ResolvedModel) -> bool:
         if self.allow_all_models or model.id in self.allowed_model_ids:
@@ -204,6 +206,8 @@ def user_limits_from(user_plan: UserPlan, allowed_model_ids: Iterable[int]) -> U
         monthly_budget_usd=_pick(user_plan.monthly_budget_usd, plan.monthly_budget_usd),
         rpm=_pick(user_plan.rpm, plan.rpm),
         tpm=_pick(user_plan.tpm, plan.tpm),
+        byok_counts_against_budget=plan.byok_counts_against_budget,
+        moderation_policy_id=plan.moderation_policy_id,
     )
 
 

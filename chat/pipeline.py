@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 
-from billing.models import Endpoint, Operation, UsageStatus
-from billing.services.admission import Admission, admission_acquire, models_allowed, models_permitted
-from billing.services.keys import api_key_authenticate, hash_key
+from billing.models import BillingSource, Endpoint, Operation, UsageStatus
+from billing.services.admission import Admission, admission_acquire, models_permitted
+from billing.services.keys import hash_key
 from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
@@ -31,8 +31,10 @@ from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUn
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
+from providers.byok import UserCredential, byok_bind, byok_in_use, byok_missing, byok_refused, user_credentials
 from providers.exceptions import (
     ModelNotFoundError,
+    OwnKeyRequiredError,
     ProviderAuthenticationError,
     ProviderBadRequestError,
     ProviderContextLengthError,
@@ -57,6 +59,7 @@ from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
 from providers.types import ResolvedDeployment, ResolvedModel
 
+from .callers import Caller, caller_from_api_key, caller_from_user, models_for_caller
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
@@ -67,33 +70,6 @@ _VALIDATORS = {
     Operation.MESSAGES: validate_messages_request,
     Operation.EMBEDDINGS: validate_embeddings_request,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    user_id: int
-    username: str
-    api_key_id: int | None = None
-    key_allowed_model_ids: frozenset[int] | None = None
-
-
-def caller_from_user(user: Any) -> Caller:
-    return Caller(user_id=user.pk, username=user.get_username())
-
-
-async def caller_from_api_key(raw: str | None) -> Caller:
-    principal = await api_key_authenticate(raw)
-    return Caller(
-        user_id=principal.user_id,
-        username=principal.username,
-        api_key_id=principal.key_id,
-        key_allowed_model_ids=principal.allowed_model_ids,
-    )
-
-
-async def models_for_caller(caller: Caller, *, mode: str | None = ModelMode.CHAT) -> list[ResolvedModel]:
-    """The models ``caller`` may use, of one ``mode`` (chat: the picker's), or of every mode (None)."""
-    return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, mode=mode)
 
 
 # Runs whose upstream call is in progress, with the task running each: a server shutting down cuts
@@ -339,6 +315,7 @@ async def completion_start(
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
         fallbacks, context_fallbacks = await _fallbacks_for(caller, model, operation=operation, body=body)
+        credentials = await _credentials_for(caller, [model, *fallbacks, *context_fallbacks])
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -388,7 +365,25 @@ async def completion_start(
         fallbacks=fallbacks,
         context_fallbacks=context_fallbacks,
         route=route,
+        credentials=credentials,
     )
+
+
+async def _credentials_for(caller: Caller, models: list[ResolvedModel]) -> dict[int, UserCredential] | None:
+    """The caller's own provider keys, when any model the request may end on can use one (else None, and no
+    lookup). Refused here when no deployment of any of them can serve the caller: each needs the caller's
+    own key for its provider and they have none."""
+    if not any(byok_in_use(m) for m in models):
+        return None
+    credentials = dict(await user_credentials(caller.user_id))
+    missing = byok_missing(models[0], credentials)
+    if missing and all(byok_bind(m.on(d), credentials) is None for m in models for d in m.deployments):
+        raise OwnKeyRequiredError(
+            f"The model `{models[0].name}` is served only on your own API key for {', '.join(missing)}: "
+            "add one under your provider keys (POST /api/provider-keys/).",
+            param="model",
+        )
+    return credentials
 
 
 async def _fallbacks_for(
@@ -526,8 +521,10 @@ class CompletionRun:
         fallbacks: list[ResolvedModel] | None = None,
         context_fallbacks: list[ResolvedModel] | None = None,
         route: str | None = None,
+        credentials: dict[int, UserCredential] | None = None,
     ) -> None:
         self.caller = caller
+        self.credentials = credentials  # the caller's own provider keys; None: no model here can use one
         self.operation = operation
         self.body = body
         self.endpoint = endpoint
@@ -542,6 +539,7 @@ class CompletionRun:
         self.served: ResolvedModel | None = None
         self.attempts = 0
         self.resumed = False  # a stream that failed midway and was continued on another deployment
+        self.moderation = ""  # what moderation found, for the ledger row (``chat.moderation``)
         self.result: RunResult | None = None
         self._ticket: CallTicket | None = None
         self._cancelled = False
@@ -688,6 +686,8 @@ class CompletionRun:
             model = plan[index]
             index += 1
             candidates = [d for d in route_candidates(model, hint=self.route) if d.id not in exclude]
+            if self.credentials is not None:  # a provider that requires the caller's own key they lack: skipped
+                candidates = [d for d in candidates if byok_bind(model.on(d), self.credentials) is not None]
             budget = 1 + model.retries
             skipped = 0
             position = 0
@@ -706,6 +706,8 @@ class CompletionRun:
                         raise
                 budget -= 1
                 target = model.on(deployment)
+                if self.credentials is not None:
+                    target = byok_bind(target, self.credentials) or target
                 self.served = target
                 self.attempts += 1
                 self._ticket = call_started(deployment.id)
@@ -730,7 +732,10 @@ class CompletionRun:
                 except ProviderError as exc:
                     self._ticket_close(_outcome(exc))
                     if not _retryable(exc):
-                        raise
+                        refused = byok_refused(target, exc)
+                        if refused is exc:
+                            raise
+                        raise refused from exc
                     last, last_deployment = exc, deployment
                     failures += 1
                     continue
@@ -1096,6 +1101,8 @@ class CompletionRun:
             attempts=self.attempts,
             resumed=self.resumed,
             usage_partly_estimated=usage_partly_estimated,
+            billing_source=BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY,
+            moderation=self.moderation,
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),

@@ -330,3 +330,13 @@ def document_error_responses(result: dict[str, Any], generator: Any, request: An
                 responses.setdefault(status, response)
             operation["responses"] = dict(sorted(responses.items()))
     return result
+
+
+class JwtAuthenticationScheme(OpenApiAuthenticationExtension):
+    """``accounts.authentication.JwtAuthentication``: an identity provider's JWT as a bearer token."""
+
+    target_class = "accounts.authentication.JwtAuthentication"
+    name = "jwtAuth"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        return {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}

@@ -14,7 +14,10 @@ urlpatterns = [
     path(
         "api/redoc/", SpectacularRedocView.as_view(url_name="schema", template_name="api_docs/redoc.html"), name="redoc"
     ),
+    path("api/provider-keys/", include("providers.urls_credentials")),
+    path("api/audit/", include("audit.urls")),
     path("api/", include("billing.urls")),
+    path("provider-keys/", include("providers.urls_pages")),
     path("usage/", include("billing.urls_dashboard")),
     path("", include("chat.urls")),
 ]

@@ -95,3 +95,20 @@ class ProviderNotFoundError(ProviderError):
 
     status_code = 502
     code = "upstream_model_not_found"
+
+
+class UserKeyRefusedError(ProviderAuthenticationError):
+    """The provider refused the user's own key (bring your own key): the user's to fix, so a 401 that names
+    the key by its hint, not a 502 asking an administrator to act."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "user_key_refused"
+
+
+class OwnKeyRequiredError(ApplicationError):
+    """Every deployment that could serve the request needs the user's own key for its provider."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "own_key_required"

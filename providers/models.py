@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
@@ -49,6 +50,12 @@ class HealthStatus(models.TextChoices):
     FAILING = "failing", "Failing"
 
 
+class ByokMode(models.TextChoices):
+    DISABLED = "disabled", "Disabled: the provider's key only"
+    OPTIONAL = "optional", "Optional: a user's own key when they have one, else the provider's"
+    REQUIRED = "required", "Required: only users with their own key may use its deployments"
+
+
 class Provider(models.Model):
     name = models.SlugField(max_length=64, unique=True, help_text="Shown to clients as owned_by.")
     kind = models.CharField(max_length=32, choices=ProviderKind.choices)
@@ -70,6 +77,13 @@ class Provider(models.Model):
         max_digits=6, decimal_places=1, default=Decimal("60.0"), validators=[MinValueValidator(Decimal("0.1"))]
     )
     enabled = models.BooleanField(default=True)
+    byok = models.CharField(
+        "bring your own key",
+        max_length=16,
+        choices=ByokMode.choices,
+        default=ByokMode.DISABLED,
+        help_text="Whether users may call this provider's deployments with their own API key.",
+    )
 
     last_health_status = models.CharField(max_length=16, choices=HealthStatus.choices, default=HealthStatus.UNKNOWN)
     last_health_latency_ms = models.PositiveIntegerField(null=True, blank=True)
@@ -195,6 +209,14 @@ class CatalogModel(models.Model):
         blank=True,
         validators=[MinValueValidator(Decimal("0.1"))],
         help_text="A stream that sends nothing for this long is ended with an error. Empty: the server's default.",
+    )
+    moderation_policy = models.ForeignKey(
+        "ModerationPolicy",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Checks on this model's input and output (besides the user's plan's policy).",
     )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -350,3 +372,89 @@ class Incident(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment_id} down since {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+class CredentialStatus(models.TextChoices):
+    UNCHECKED = "unchecked", "Unchecked"
+    VALID = "valid", "Valid"
+    INVALID = "invalid", "Invalid"
+
+
+class ProviderCredential(models.Model):
+    """A user's own API key for a provider (bring your own key): used instead of the provider's key for that
+    user's requests to the provider's deployments, when the provider allows it (``Provider.byok``)."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="provider_credentials")
+    provider = models.ForeignKey(Provider, on_delete=models.CASCADE, related_name="credentials")
+    api_key = EncryptedTextField(help_text="Encrypted at rest; never shown back.")
+    label = models.CharField(max_length=100, blank=True)
+    hint = models.CharField(max_length=24, blank=True, help_text="The visible start and end of the key (sk-…abcd).")
+    status = models.CharField(max_length=16, choices=CredentialStatus.choices, default=CredentialStatus.UNCHECKED)
+    status_detail = models.CharField(max_length=300, blank=True, help_text="Why the provider refused the key.")
+    last_validated_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["owner_id", "provider__name"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "provider"], name="one_credential_per_user_and_provider")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider.name} key {self.hint or '…'} of user {self.owner_id}"
+
+
+class ModerationChecker(models.TextChoices):
+    BLOCKLIST = "blocklist", "Local block-list of words and patterns"
+    OPENAI = "openai", "OpenAI moderation API (through a provider in the catalog)"
+
+
+class ModerationAction(models.TextChoices):
+    BLOCK = "block", "Block (400 content_policy_violation; a stream is cut)"
+    FLAG = "flag", "Flag (served; recorded on the ledger row and in the audit log)"
+
+
+class ModerationPolicy(models.Model):
+    """What is checked, how, and what happens to a hit. Attached to plans and models; a request is checked
+    by the policy of its model and the policy of its user's plan (both, when both are set)."""
+
+    name = models.CharField(max_length=64, unique=True)
+    checker = models.CharField(max_length=16, choices=ModerationChecker.choices, default=ModerationChecker.BLOCKLIST)
+    blocklist = models.TextField(
+        blank=True,
+        help_text="One entry a line: a word or phrase (matched as whole words, any case), or re:<regular expression>.",
+    )
+    moderation_provider = models.ForeignKey(
+        Provider,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="For the OpenAI checker: the provider whose /v1/moderations is called.",
+    )
+    moderation_model = models.CharField(max_length=128, blank=True, default="omni-moderation-latest")
+    categories = models.JSONField(
+        default=list, blank=True, help_text="For the OpenAI checker: the categories that count; empty: any flagged."
+    )
+    check_input = models.BooleanField(default=True)
+    check_output = models.BooleanField(default=True)
+    action = models.CharField(max_length=8, choices=ModerationAction.choices, default=ModerationAction.BLOCK)
+    stream_interval_chars = models.PositiveIntegerField(
+        default=200, help_text="On streams, the reply so far is checked every this many characters and at the end."
+    )
+    fail_open = models.BooleanField(
+        default=False,
+        help_text="When the moderation service fails: serve anyway (recorded), instead of refusing the request.",
+    )
+    timeout_seconds = models.DecimalField(max_digits=5, decimal_places=1, default=Decimal("5.0"))
+    enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "moderation policies"
+
+    def __str__(self) -> str:
+        return self.name

@@ -30,6 +30,7 @@ def provider_config(provider: Provider) -> ProviderConfig:
         enabled=provider.enabled,
         version=provider.updated_at,
         api_version=provider.api_version,
+        byok=provider.byok,
     )
 
 

@@ -97,3 +97,7 @@ def incident_alert_webhook(self: Task, incident_id: int, event: str) -> bool:
         # 10 s, 20 s, 40 s … up to 10 minutes between attempts.
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
     return True
+
+
+# Users' own provider keys: the daily re-validation (``tasks_credentials``), registered with Celery here.
+from .tasks_credentials import *  # noqa: E402,F403

@@ -24,6 +24,15 @@ class ProviderConfig:
     enabled: bool = True
     version: datetime | None = None  # the row's updated_at: a changed config builds a new client
     api_version: str = ""  # Azure OpenAI's api-version, Gemini's (v1beta); empty: the adapter's default
+    byok: str = "disabled"  # ``ByokMode``: whether users' own keys may replace ``api_key``
+    # Set when ``api_key`` is a user's own key (``providers.byok.byok_bind``): its row and visible hint.
+    credential_id: int | None = None
+    credential_hint: str = ""
+
+    @property
+    def pool_key(self) -> tuple[int, int | None]:
+        """One pooled client per provider and per user credential (``adapters.registry``)."""
+        return (self.id, self.credential_id)
 
     @property
     def cache_key(self) -> tuple[Any, ...]:

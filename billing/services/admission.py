@@ -57,6 +57,7 @@ class Admission:
     max_tokens: int | None = None  # the clamp to send upstream when the request set none and a budget applies
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the client
     handle: Any = None  # _Held, or None when nothing was held
+    byok_counts_against_budget: bool = False  # the plan counts spend on the user's own provider keys
 
 
 def _check_models(*, limits: UserLimits, key_allowed_model_ids: frozenset[int] | None, model: ResolvedModel) -> None:
@@ -115,7 +116,12 @@ async def admission_acquire(
         for ancestor_id, ancestor in ancestors
         if ancestor.rpm is not None or ancestor.tpm is not None
     )
-    admission = Admission(request_id=request_id, user_id=user_id, api_key_id=api_key_id)
+    admission = Admission(
+        request_id=request_id,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        byok_counts_against_budget=limits.byok_counts_against_budget,
+    )
     if not counters and not rates:
         return admission
     charge = charge_for(

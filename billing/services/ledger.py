@@ -86,6 +86,10 @@ class UsageData:
     ttft_ms: int | None = None
     duration_ms: int = 0
     error_type: str = ""
+    billing_source: str = "platform"  # ``BillingSource``: whose provider key paid
+    user_key_cost: Decimal | None = None  # the price of a request on the user's own key (``cost`` is then
+    # what counts against the platform's budgets)
+    moderation: str = ""  # what moderation found (flagged, or served although the moderation service failed)
     created_at: datetime = field(default_factory=timezone.now)
     # Instead of user_id and api_key_id when the key could not be looked up (the database was down): the
     # key's SHA-256, as the database keeps it. The row is attributed when written (``_keys_resolved``).
@@ -350,8 +354,14 @@ def _spool_entries(entries: Iterable[tuple[UsageData, Admission | None]]) -> Non
 
 def usage_data_from_spool(raw: dict[str, Any]) -> UsageData:
     fields = {name: value for name, value in raw.items() if name != "admission"}
+    user_key_cost = raw.get("user_key_cost")
     return UsageData(
-        **{**fields, "cost": Decimal(raw["cost"]), "created_at": datetime.fromisoformat(raw["created_at"])}
+        **{
+            **fields,
+            "cost": Decimal(raw["cost"]),
+            "user_key_cost": None if user_key_cost is None else Decimal(user_key_cost),
+            "created_at": datetime.fromisoformat(raw["created_at"]),
+        }
     )
 
 

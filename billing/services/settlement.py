@@ -18,7 +18,7 @@ from typing import Any
 
 from providers.types import ResolvedModel
 
-from ..models import Operation, UsageStatus
+from ..models import BillingSource, Operation, UsageStatus
 from ..pricing import cost_for
 from ..tokens import prompt_tokens, text_tokens
 from .admission import Admission
@@ -104,6 +104,8 @@ def request_settle(
     upstream_latency_ms: int | None = None,
     ttft_ms: int | None = None,
     duration_ms: int = 0,
+    billing_source: str = BillingSource.PLATFORM,
+    moderation: str = "",
 ) -> Settlement:
     """Settle a request that was admitted: decide its tokens and cost, and submit its ledger row with its
     admission (the reservation is released with the row, or both wait in the spool). Synchronous and
@@ -114,12 +116,19 @@ def request_settle(
     ``delivered_text``: what was relayed to the client, for the estimate when there is no usage.
     ``requested_model``: the name the client sent; the row keeps it only when another model answered.
     ``usage_partly_estimated``: ``usage`` adds counted tokens to the provider's (a resumed stream's first
-    part): the row is flagged as an estimate."""
+    part): the row is flagged as an estimate. ``billing_source``: whose provider key paid; on the user's own
+    key the row's ``cost`` counts against budgets only when the user's plan says so (``user_key_cost`` keeps
+    the price either way). ``moderation``: what moderation found, for the row."""
     prompt, completion, cached, estimated = settlement_tokens(
         operation=operation, body=body, status=status, usage=usage, delivered_text=delivered_text
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
     cost = cost_for(model=model, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+    user_key_cost = None
+    if billing_source == BillingSource.USER_KEY:
+        user_key_cost = cost
+        if not (admission is not None and admission.byok_counts_against_budget):
+            cost = Decimal(0)
     deployment = model.deployment
     usage_record_submit(
         UsageData(
@@ -148,6 +157,9 @@ def request_settle(
             ttft_ms=ttft_ms,
             duration_ms=duration_ms,
             error_type=error_type,
+            billing_source=billing_source,
+            user_key_cost=user_key_cost,
+            moderation=moderation[:200],
         ),
         admission=admission,
     )

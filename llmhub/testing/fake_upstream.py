@@ -23,10 +23,14 @@ Several upstreams
     as a request's marker (``[[fault=status=429,retry_after=1]]``), where ``refuse`` drops that connection.
     ``POST /__control`` with a JSON object changes a listener at run time: ``fault`` (a spelling, or null to
     heal), ``models`` (a list of upstream model ids: the fault hits only requests for those, as when one
-    model is down at a provider), ``latency_ms``, ``ttft_ms``, ``tps``, ``reset`` (counters to zero), and
+    model is down at a provider), ``latency_ms``, ``ttft_ms``, ``tps``, ``reset`` (counters to zero),
+    ``accept_keys`` (keys accepted besides ``--api-key``: users' own keys), and
     ``upstream`` to act on another listener of the process by name (how a refusing one is healed over
     HTTP). ``GET /__stats`` (``?upstream=NAME`` for another) answers a listener's settings and the requests
     it served (in all, by path, by model); control requests and refused connections are not counted.
+    Each recorded request (``requests``) keeps the SHA-256 of the key it came with (``key_sha256``), never
+    the key. A key containing ``-refused``, ``-noaccess`` or ``-noquota`` is answered as a provider answers
+    such a key: 401 invalid_api_key, 403 no access, 429 insufficient_quota.
 
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
@@ -320,6 +324,48 @@ def split_tokens(text: str) -> list[str]:
 
 def _new_id(prefix: str, length: int = 24) -> str:
     return prefix + uuid.uuid4().hex[:length]
+
+
+def _presented_key(request: web.Request) -> str:
+    """The API key a request carries, however its protocol sends it ("" for none)."""
+    authorization = request.headers.get("authorization") or ""
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return (
+        request.headers.get("x-api-key")
+        or request.headers.get("x-goog-api-key")
+        or request.headers.get("api-key")
+        or request.query.get("key")
+        or ""
+    )
+
+
+def _key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest() if key else ""
+
+
+# Keys that a real provider would refuse, by a marker in the key: what a key's live validation and a call
+# on a user's own key meet. (status, message, error type, code), as the provider words it.
+_KEY_REFUSALS: tuple[tuple[str, tuple[int, str, str | None, str | None]], ...] = (
+    ("-refused", (401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")),
+    ("-noaccess", (403, "You do not have access to this model or project.", "permission_error", "model_not_found")),
+    (
+        "-noquota",
+        (
+            429,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            "insufficient_quota",
+        ),
+    ),
+)
+
+
+def _key_refusal(key: str) -> tuple[int, str, str | None, str | None] | None:
+    for marker, refusal in _KEY_REFUSALS:
+        if marker in key:
+            return refusal
+    return None
 
 
 def _mask(value: str) -> str:
@@ -842,6 +888,8 @@ class _App:
         self.ttft_ms = ttft_ms
         self.tps = tps
         self.api_key = api_key
+        # Keys accepted besides ``api_key`` (users' own keys in tests): set with /__control {"accept_keys": [...]}.
+        self.accept_keys: frozenset[str] = frozenset()
         self.demo = demo
         # The standing fault (canonical, see fault_canonical): what every request gets that names none itself,
         # or only those for the upstream model ids in fault_models (one model down at a provider).
@@ -894,7 +942,16 @@ class _App:
             self._by_path[request.path] += 1
             if isinstance(model, str):
                 self._by_model[model] += 1
-            self._log.append({"path": request.path, "method": request.method, "headers": headers, "body": body})
+            self._log.append(
+                {
+                    "path": request.path,
+                    "method": request.method,
+                    "headers": headers,
+                    "body": body,
+                    # Which key the request came with, without keeping it: tests compare digests.
+                    "key_sha256": _key_digest(_presented_key(request)),
+                }
+            )
 
     # -- aiohttp plumbing --
 
@@ -947,6 +1004,9 @@ class _App:
         provider = self._provider_for(request)
         if not self._authorized(request):
             return _status_fault(provider, 401)
+        refusal = _key_refusal(_presented_key(request))
+        if refusal is not None:
+            return _error(provider, *refusal)
         try:
             return await handler(request)
         except web.HTTPNotFound:
@@ -968,6 +1028,8 @@ class _App:
         return "openai"
 
     def _authorized(self, request: web.Request) -> bool:
+        if self.accept_keys and _presented_key(request) in self.accept_keys:
+            return True
         if self.api_key is None:
             return True
         return (
@@ -1107,7 +1169,7 @@ class _App:
             body = None
         if not isinstance(body, dict):
             return web.json_response({"error": "send a JSON object"}, status=400)
-        unknown = set(body) - {"upstream", "fault", "models", "latency_ms", "ttft_ms", "tps", "reset"}
+        unknown = set(body) - {"upstream", "fault", "models", "latency_ms", "ttft_ms", "tps", "reset", "accept_keys"}
         if unknown:
             return web.json_response({"error": f"unknown settings {sorted(unknown)}"}, status=400)
         listener = self._peer(body.get("upstream"))
@@ -1122,6 +1184,8 @@ class _App:
         except (TypeError, ValueError, AttributeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         listener.set_timing(**timing)
+        if "accept_keys" in body:
+            listener.app.accept_keys = frozenset(str(key) for key in body["accept_keys"] or ())
         if body.get("reset"):
             listener.app.reset()
         if fault != "refuse" or listener is not self.listener:

@@ -24,8 +24,9 @@ from ..types import ProviderConfig
 if TYPE_CHECKING:
     from .base import BaseAdapter
 
-# loop -> {provider id: adapter}; entries vanish with their loop.
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, BaseAdapter]] = weakref.WeakKeyDictionary()
+# loop -> {(provider id, user credential id): adapter}; entries vanish with their loop.
+_PoolKey = tuple[int, int | None]
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_PoolKey, BaseAdapter]] = weakref.WeakKeyDictionary()
 _retired: set[asyncio.Task[None]] = set()
 
 
@@ -51,11 +52,11 @@ def adapter_for(config: ProviderConfig) -> BaseAdapter:
     except RuntimeError:
         return adapter_class_for_kind(config.kind)(config)
     pool = _pools.setdefault(loop, {})
-    adapter = pool.get(config.id)
+    adapter = pool.get(config.pool_key)
     if adapter is not None and adapter.config.cache_key == config.cache_key:
         return adapter
     fresh = adapter_class_for_kind(config.kind)(config)
-    pool[config.id] = fresh
+    pool[config.pool_key] = fresh
     if adapter is not None:
         # Streams still running on the old client finish first; then its connections close.
         task = loop.create_task(_close_later(adapter))

@@ -1,0 +1,187 @@
+"""Recording audit events (``audit_record``) and checking the chain (``audit_verify``).
+
+The hash of a row is SHA-256 over its previous row's hash and a canonical JSON of its own fields
+(sorted keys, UTC ISO time), so any edit of a recorded field, a removed row or two rows swapped makes
+the chain fail at the first row concerned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from .context import AuditOrigin, origin_current
+from .models import GENESIS_HASH, ActorType, AuditChainHead, AuditEvent
+
+SECRET_MASK = "[secret]"
+# Field names whose values are never written to the log, whatever the model (masked in ``changes``).
+SECRET_FIELD_HINTS = ("secret", "password", "api_key", "token", "extra_headers", "key_hash")
+
+
+def is_secret_field(name: str) -> bool:
+    lowered = name.lower()
+    return any(hint in lowered for hint in SECRET_FIELD_HINTS)
+
+
+def _text(value: Any, length: int) -> str:
+    return str(value)[:length].replace("\x00", "") if value is not None else ""
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set | frozenset) else items
+    return str(value)
+
+
+def changes_masked(changes: Mapping[str, Any] | None, *, secret_fields: Iterable[str] = ()) -> dict[str, Any]:
+    """``{field: [old, new]}`` as stored: values of secret fields (by name, or listed) replaced by a mask
+    that still says whether the value changed, was set or was cleared."""
+    secret = set(secret_fields)
+    out: dict[str, Any] = {}
+    for name, pair in (changes or {}).items():
+        if name in secret or is_secret_field(name):
+            old, new = pair if isinstance(pair, list | tuple) and len(pair) == 2 else (None, pair)
+            out[name] = [SECRET_MASK if old else "", SECRET_MASK if new else ""]
+        else:
+            out[name] = _jsonable(pair)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    type: str
+    id: str = ""
+    repr: str = ""
+
+
+def actor_for(who: Any) -> Actor:
+    """A user, a gateway key (has ``prefix``), an ``Actor``, or None (system)."""
+    if who is None:
+        return Actor(ActorType.SYSTEM, "", "system")
+    if isinstance(who, Actor):
+        return who
+    if hasattr(who, "prefix") and hasattr(who, "secret_hash"):  # billing.ApiKey, without importing billing
+        return Actor(ActorType.KEY, str(who.pk), _text(who.prefix, 200))
+    if hasattr(who, "get_username"):
+        if not getattr(who, "is_authenticated", True):
+            return Actor(ActorType.ANONYMOUS, "", "anonymous")
+        return Actor(ActorType.USER, str(who.pk), _text(who.get_username(), 200))
+    return Actor(ActorType.SYSTEM, "", _text(who, 200))
+
+
+def event_hash(fields: Mapping[str, Any], prev_hash: str) -> str:
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
+
+
+def hashed_fields(event: AuditEvent) -> dict[str, Any]:
+    """What the hash covers: every recorded field but the hashes themselves."""
+    created = event.created_at.astimezone(UTC).isoformat(timespec="microseconds")
+    return {
+        "seq": event.seq,
+        "created_at": created,
+        "actor_type": event.actor_type,
+        "actor_id": event.actor_id,
+        "actor_repr": event.actor_repr,
+        "action": event.action,
+        "target_type": event.target_type,
+        "target_id": event.target_id,
+        "target_repr": event.target_repr,
+        "changes": event.changes,
+        "ip_address": event.ip_address,
+        "user_agent": event.user_agent,
+    }
+
+
+def audit_record(
+    action: str,
+    *,
+    target: Any = None,
+    target_type: str = "",
+    target_id: Any = "",
+    target_repr: str = "",
+    changes: Mapping[str, Any] | None = None,
+    secret_fields: Iterable[str] = (),
+    actor: Any = ...,
+    origin: AuditOrigin | None = None,
+) -> AuditEvent:
+    """Append one event. ``target``: a model instance (its label, pk and str, which must hold no secret),
+    or give ``target_type``/``target_id``/``target_repr``. ``actor``: a user, a key, None for the system;
+    left out, the acting principal of the current request (``audit.context``), else the system.
+    ``changes``: ``{field: [old, new]}``; secret fields are masked here, so callers may pass them as is.
+
+    Runs in its own atomic block (a savepoint inside a caller's transaction, so the event is kept or
+    rolled back with the change it records)."""
+    origin = origin or origin_current()
+    if actor is ...:
+        who = Actor(origin.actor_type, origin.actor_id, origin.actor_repr) if origin else actor_for(None)
+    else:
+        who = actor_for(actor)
+    if target is not None:
+        target_type = target_type or target._meta.label_lower
+        target_id = target.pk if target_id == "" else target_id
+        target_repr = target_repr or _text(target, 200)
+    with transaction.atomic():
+        head, _ = AuditChainHead.objects.select_for_update().get_or_create(pk=1)
+        event = AuditEvent(
+            seq=head.last_seq + 1,
+            created_at=timezone.now(),
+            actor_type=who.type,
+            actor_id=_text(who.id, 64),
+            actor_repr=_text(who.repr, 200),
+            action=_text(action, 64),
+            target_type=_text(target_type, 64),
+            target_id=_text(target_id, 64),
+            target_repr=_text(target_repr, 200),
+            changes=changes_masked(changes, secret_fields=secret_fields),
+            ip_address=origin.ip_address if origin else None,
+            user_agent=_text(origin.user_agent, 300) if origin else "",
+            prev_hash=head.last_hash,
+        )
+        event.hash = event_hash(hashed_fields(event), event.prev_hash)
+        event.save(force_insert=True)
+        head.last_hash, head.last_seq = event.hash, event.seq
+        head.save(update_fields=["last_hash", "last_seq"])
+    return event
+
+
+@dataclass(frozen=True, slots=True)
+class ChainProblem:
+    seq: int | None
+    reason: str
+
+
+def audit_verify(*, batch_size: int = 2000) -> ChainProblem | None:
+    """Walk the chain from the first row; the first row that does not hold (edited, missing predecessor,
+    out of order, or a head that does not match the newest row) is returned, else None."""
+    prev_hash, expected_seq = GENESIS_HASH, 1
+    last_seq = 0
+    queryset = AuditEvent.objects.in_chain_order()
+    while True:
+        rows = list(queryset.filter(seq__gt=last_seq)[:batch_size])
+        if not rows:
+            break
+        for event in rows:
+            if event.seq != expected_seq:
+                return ChainProblem(event.seq, f"row #{expected_seq} is missing (the next row is #{event.seq})")
+            if event.prev_hash != prev_hash:
+                return ChainProblem(event.seq, "its prev_hash is not the hash of the row before it")
+            if event_hash(hashed_fields(event), event.prev_hash) != event.hash:
+                return ChainProblem(event.seq, "its fields do not match its hash (edited after it was written)")
+            prev_hash, expected_seq, last_seq = event.hash, expected_seq + 1, event.seq
+    head = AuditChainHead.objects.filter(pk=1).first()
+    if head is not None and (head.last_seq != last_seq or head.last_hash != prev_hash):
+        return ChainProblem(last_seq + 1 if head.last_seq > last_seq else last_seq, "rows after it were removed")
+    return None
