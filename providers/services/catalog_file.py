@@ -22,7 +22,7 @@ from django.db.models import Prefetch
 from core.exceptions import ApplicationError
 
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
-from ..models import CatalogModel, Deployment, Provider
+from ..models import ByokMode, CatalogModel, Deployment, Provider
 
 # YAML load and dump -------------------------------------------------------------------------------
 
@@ -46,6 +46,7 @@ _PROVIDER_KEYS = frozenset(
         "timeout",
         "max_retries",  # accepted and ignored (with a warning): retries are a model's setting now
         "enabled",
+        "byok",  # whether users may bring their own key: disabled (the default), optional or required
         "models",  # the older shape: one deployment on this provider per entry
     }
 )
@@ -86,6 +87,7 @@ _PROVIDER_COMPARED = (
     "extra_headers",
     "timeout_seconds",
     "enabled",
+    "byok",
 )
 _MODEL_COMPARED = (
     "label",
@@ -202,6 +204,12 @@ class _Entry:
             raise self._fail(key, "a non-empty string" if default is None else "a string")
         return value
 
+    def choice(self, key: str, choices: type[models.TextChoices], default: str) -> str:
+        value = self.data.get(key, default)
+        if value not in choices.values:
+            raise self._fail(key, f"one of {', '.join(choices.values)}, not {value!r}")
+        return value
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
         if not isinstance(value, bool):
@@ -311,6 +319,7 @@ def _provider_load(entry: _Entry, warnings: list[str]) -> tuple[Provider, Loaded
     provider.extra_headers = entry.mapping("extra_headers")
     provider.timeout_seconds = entry.decimal("timeout", _field_default(Provider, "timeout_seconds"))
     provider.enabled = entry.boolean("enabled", _field_default(Provider, "enabled"))
+    provider.byok = entry.choice("byok", ByokMode, _field_default(Provider, "byok"))
     if entry.has("max_retries"):
         entry.integer("max_retries", None)
         warnings.append(f"{entry.where}: max_retries is ignored: retries are set per model now (a model's retries).")
@@ -542,6 +551,7 @@ def providers_dump() -> dict[str, Any]:
             extra_headers=_dumped_headers(provider),
             timeout=_plain_number(provider.timeout_seconds),
             enabled=provider.enabled,
+            byok=provider.byok,
         )
         providers.append(entry)
     rows = (
