@@ -298,6 +298,10 @@ LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)
 # at most this many seconds past its TTL (stale-if-error), so callers seen lately keep being served
 # (docs/reliability.md, "Database outages"); 0 turns this off.
 LLMHUB_LOOKUP_STALE_IF_ERROR = env.float("LLMHUB_LOOKUP_STALE_IF_ERROR", default=300.0)
+# Rotation (docs/rotation.md): how long a gateway key's replaced secret keeps working by default (0: not at
+# all), and how many rows the encryption-key rotation re-encrypts per transaction.
+LLMHUB_KEY_ROTATION_GRACE_SECONDS = env.int("LLMHUB_KEY_ROTATION_GRACE_SECONDS", default=86400)
+LLMHUB_ENCRYPTION_ROTATION_BATCH_SIZE = env.int("LLMHUB_ENCRYPTION_ROTATION_BATCH_SIZE", default=500)
 # The Retry-After (seconds) of the 503 a request gets when the database does not answer.
 LLMHUB_DATABASE_RETRY_AFTER = env.int("LLMHUB_DATABASE_RETRY_AFTER", default=2)
 # Ledger rows the database refused (or a shutdown cut short) wait here to be replayed: one file shared
