@@ -22,7 +22,7 @@ from core.exceptions import ApplicationError
 from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from .fields import Secret
 from .forms import ModelNamesField
-from .models import CatalogModel, Deployment, HealthStatus, Provider
+from .models import ByokMode, CatalogModel, Deployment, HealthStatus, Provider
 from .services.health import providers_health_check
 from .services.model_import import provider_import_models
 from .types import HealthResult
@@ -61,8 +61,8 @@ class ProviderAdmin(admin.ModelAdmin):
     form = ProviderAdminForm
     # What an admin types without a scheme is an API host: https (Django 6's default, set before it).
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
-    list_display = ("name", "kind", "effective_base_url", "enabled", "last_health", "deployments_count")
-    list_filter = ("kind", "enabled", "last_health_status")
+    list_display = ("name", "kind", "effective_base_url", "enabled", "own_keys", "last_health", "deployments_count")
+    list_filter = ("kind", "enabled", "byok", "last_health_status")
     search_fields = ("name", "base_url")
     actions = ("test_connection", "import_models")
     readonly_fields = ("last_health_status", "last_health_latency_ms", "last_health_error", "last_health_at")
@@ -73,11 +73,17 @@ class ProviderAdmin(admin.ModelAdmin):
             {"fields": ("base_url", "api_key", "clear_api_key", "organization", "api_version", "extra_headers")},
         ),
         ("Client", {"fields": ("timeout_seconds",)}),
+        ("Users' own keys", {"fields": ("byok",)}),
         ("Last health check", {"fields": readonly_fields}),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
         return super().get_queryset(request).annotate(deployments_total=Count("deployments"))
+
+    @admin.display(description="users' own keys", ordering="byok")
+    def own_keys(self, obj: Provider) -> str:
+        """The mode's one word (disabled, optional, required); its label, a sentence, is the tooltip."""
+        return format_html('<span title="{}">{}</span>', ByokMode(obj.byok).label, obj.byok)
 
     @admin.display(description="base URL")
     def effective_base_url(self, obj: Provider) -> str:

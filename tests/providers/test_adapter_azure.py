@@ -88,6 +88,7 @@ def azure_form(base_url: str, **overrides: object) -> dict[str, object]:
         "api_version": "2024-10-21",
         "extra_headers": "{}",
         "timeout_seconds": "5",
+        "byok": "disabled",
     }
     data.update(overrides)
     return data

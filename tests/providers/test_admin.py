@@ -41,6 +41,7 @@ def form_data(provider: Provider, **overrides: object) -> dict[str, object]:
         "organization": provider.organization,
         "extra_headers": "{}",
         "timeout_seconds": str(provider.timeout_seconds),
+        "byok": provider.byok,
     }
     data.update(overrides)
     return {key: value for key, value in data.items() if value is not None}
@@ -142,6 +143,7 @@ def test_add_provider_with_a_key(admin_client):
             "organization": "",
             "extra_headers": "{}",
             "timeout_seconds": "30",
+            "byok": "disabled",
         },
     )
 
@@ -215,6 +217,7 @@ def test_add_provider_with_a_credential_header(admin_client):
             "organization": "",
             "extra_headers": json.dumps({"X-Upstream-Token": HEADER_TOKEN}),
             "timeout_seconds": "30",
+            "byok": "disabled",
         },
     )
 
