@@ -18,6 +18,11 @@ from django_celery_beat.models import CrontabSchedule, IntervalSchedule, Periodi
 SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
     ("providers: health check", "providers.tasks.providers_health_check_all", timedelta(minutes=5)),
     ("providers: re-encrypt secrets", "providers.tasks.providers_rotate_encryption_task", crontab(minute=17, hour=3)),
+    (
+        "providers: re-check users' own provider keys",
+        "providers.tasks_credentials.provider_credentials_revalidate_all",
+        crontab(minute=41, hour=4),
+    ),
     ("billing: roll up today's and yesterday's usage", "billing.tasks.usage_rollup", timedelta(minutes=10)),
     ("billing: reconcile budgets with the ledger", "billing.tasks.reservations_reconcile", timedelta(minutes=5)),
     ("billing: settle requests of dead processes", "billing.tasks.reservations_lost_settle", timedelta(seconds=30)),

@@ -1,0 +1,213 @@
+"""The management API of users' own provider keys (bring your own key), mounted at /api/provider-keys/.
+
+Authenticated like every /api/ endpoint (web session, gateway key, or a JWT); each user sees and changes
+only their own keys, and another user's key answers 404 exactly like a missing one. The key itself is
+write-only: answers show its hint (``sk-…abcd``), never the key. Errors use OpenAI's shape
+(``core.exception_handlers``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from core.openapi import ErrorResponseSerializer, error_responses
+
+from .models import ByokMode, CredentialStatus, Provider, ProviderCredential
+from .services.credentials import (
+    key_prefix,
+    provider_credential_delete,
+    provider_credential_label_set,
+    provider_credential_save,
+    provider_credential_validate,
+)
+
+_TAG = ["Provider keys"]
+# Text no column can hold (PostgreSQL refuses NUL, which DRF's CharField already refuses; UTF-8 cannot
+# encode a lone surrogate).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(value: str) -> str:
+    if _SURROGATE.search(value):
+        raise serializers.ValidationError("Text with lone surrogate code points cannot be stored.")
+    return value
+
+
+@extend_schema_serializer(component_name="ProviderKey")
+class ProviderCredentialOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    provider = serializers.CharField(source="provider.name", help_text="The provider's name.")
+    label = serializers.CharField()
+    hint = serializers.CharField(help_text="The visible start and end of the key (`sk-…abcd`); the key is never shown.")
+    status = serializers.ChoiceField(choices=CredentialStatus.choices)
+    status_detail = serializers.CharField(help_text="Why the provider refused the key, when it did.")
+    last_validated_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    rotated_at = serializers.DateTimeField(allow_null=True, help_text="When the key was last replaced.")
+
+
+@extend_schema_serializer(component_name="ProviderAcceptingKeys")
+class ProviderOutputSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    kind = serializers.CharField()
+    byok = serializers.ChoiceField(
+        choices=ByokMode.choices, help_text="`optional`: your key when you have one; `required`: only with yours."
+    )
+    key_prefix = serializers.SerializerMethodField(help_text="How this provider's keys start; empty: no known form.")
+
+    def get_key_prefix(self, provider: Provider) -> str:
+        return key_prefix(provider.kind)
+
+
+def _own_credential_or_404(request: Request, credential_id: int) -> ProviderCredential:
+    credential = (
+        ProviderCredential.objects.select_related("provider").filter(pk=credential_id, owner=request.user).first()
+    )
+    if credential is None:
+        raise NotFound("No provider key with this id.")
+    return credential
+
+
+class ProviderCredentialListCreateApi(APIView):
+    @extend_schema_serializer(component_name="ProviderKeyCreate")
+    class InputSerializer(serializers.Serializer):
+        provider = serializers.CharField(max_length=64, validators=[_no_surrogates], help_text="A provider's name.")
+        api_key = serializers.CharField(
+            max_length=1024, write_only=True, help_text="The key, as the provider issued it. Never shown back."
+        )
+        label = serializers.CharField(
+            max_length=100, required=False, allow_blank=True, default="", validators=[_no_surrogates]
+        )
+
+        def validate_provider(self, value: str) -> Provider:
+            provider = Provider.objects.filter(name=value, enabled=True).first()
+            if provider is None:
+                raise serializers.ValidationError(f"No provider named {value!r}.")
+            return provider
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_list",
+        summary="List your own provider keys",
+        description="One key a provider at most. Shows each key's hint and status, never the key.",
+        responses={200: ProviderCredentialOutputSerializer(many=True), **error_responses(401)},
+    )
+    def get(self, request: Request) -> Response:
+        rows = ProviderCredential.objects.select_related("provider").filter(owner=request.user)
+        return Response(ProviderCredentialOutputSerializer(rows, many=True).data)
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_save",
+        summary="Add your key for a provider, or replace the one you have",
+        description=(
+            "The key is checked first: its form for the provider (`sk-`, `sk-ant-`, `sk-or-`, …), then live with "
+            "the provider's model list, which costs nothing. A key the provider refuses (wrong key, no access, "
+            "quota exhausted) or that cannot be checked is not stored: 400 `provider_key_invalid` says why. "
+            "201 when the key was added; 200 when it replaced your previous key for the provider (requests "
+            "already running finish on the previous key)."
+        ),
+        request=InputSerializer,
+        responses={
+            201: ProviderCredentialOutputSerializer,
+            200: ProviderCredentialOutputSerializer,
+            **error_responses(400, 401),
+        },
+    )
+    def post(self, request: Request) -> Response:
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        credential = provider_credential_save(owner=request.user, **serializer.validated_data)
+        # A key that has never been replaced was just added.
+        added = credential.rotated_at is None
+        return Response(
+            ProviderCredentialOutputSerializer(credential).data,
+            status=status.HTTP_201_CREATED if added else status.HTTP_200_OK,
+        )
+
+
+class ProviderCredentialDetailApi(APIView):
+    @extend_schema_serializer(component_name="ProviderKeyUpdate")
+    class InputSerializer(serializers.Serializer):
+        label = serializers.CharField(max_length=100, allow_blank=True, validators=[_no_surrogates])
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_retrieve",
+        summary="Retrieve one of your provider keys",
+        responses={200: ProviderCredentialOutputSerializer, **error_responses(401, 404)},
+    )
+    def get(self, request: Request, credential_id: int) -> Response:
+        return Response(ProviderCredentialOutputSerializer(_own_credential_or_404(request, credential_id)).data)
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_partial_update",
+        summary="Rename one of your provider keys",
+        description="Only the label changes here; to change the key, POST a new one for the provider.",
+        request=InputSerializer,
+        responses={200: ProviderCredentialOutputSerializer, **error_responses(400, 401, 404)},
+    )
+    def patch(self, request: Request, credential_id: int) -> Response:
+        credential = _own_credential_or_404(request, credential_id)
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        credential = provider_credential_label_set(credential=credential, label=serializer.validated_data["label"])
+        return Response(ProviderCredentialOutputSerializer(credential).data)
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_destroy",
+        summary="Delete one of your provider keys",
+        description=(
+            "Your requests to the provider go back to the platform's key where the provider allows it "
+            "(`optional`), and are refused where it requires your own (`required`)."
+        ),
+        responses={204: None, **error_responses(401, 404)},
+    )
+    def delete(self, request: Request, credential_id: int) -> Response:
+        provider_credential_delete(credential=_own_credential_or_404(request, credential_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ProviderCredentialValidateApi(APIView):
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_validate",
+        summary="Check one of your provider keys again",
+        description=(
+            "Asks the provider for its model list with the key (free) and records the outcome in `status`, "
+            "`status_detail` and `last_validated_at`. 502 `provider_key_unchecked` when the provider could not "
+            "be asked; the status is then left as it was."
+        ),
+        request=None,
+        responses={
+            200: ProviderCredentialOutputSerializer,
+            **error_responses(401, 404),
+            502: OpenApiResponse(response=ErrorResponseSerializer, description="The provider could not be asked."),
+        },
+    )
+    def post(self, request: Request, credential_id: int) -> Response:
+        credential = _own_credential_or_404(request, credential_id)
+        provider_credential_validate(credential=credential)
+        return Response(ProviderCredentialOutputSerializer(credential).data)
+
+
+class ProviderAcceptingKeysListApi(APIView):
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_providers",
+        summary="List the providers that accept your own key",
+        responses={200: ProviderOutputSerializer(many=True), **error_responses(401)},
+    )
+    def get(self, request: Request) -> Response:
+        rows: Any = Provider.objects.filter(enabled=True).exclude(byok=ByokMode.DISABLED).order_by("name")
+        return Response(ProviderOutputSerializer(rows, many=True).data)

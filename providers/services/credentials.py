@@ -1,0 +1,329 @@
+"""Users' own provider keys (bring your own key): add, replace, delete and re-check them.
+
+A key is checked before it is stored: first its format for the provider's kind, then live, with the
+provider's model list (a call that costs nothing) on a one-off adapter holding the candidate key, under a
+short timeout (``LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS``) and the outbound policy every provider call
+obeys. A key the provider refuses, or one that cannot be checked because the provider is unreachable, is
+not stored; the refusal says why in words. Replacing a key swaps it in one row update once the new key has
+passed: requests already running hold the old key in their bound configuration and finish on it.
+
+The plaintext key never reaches a message, a log line, an exception or the audit log: in Python it is a
+``Secret`` as soon as it arrives, and only its ``hint`` (``sk-…abcd``) is ever shown. The functions that
+take it as a plain string are ``sensitive_variables``, so that a debug error page does not show it either.
+
+Every change is saved with ``.save()`` / ``.delete()`` (never a queryset ``update``), so that the request
+path's cache of a user's keys hears of it through the model signals.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from audit.services import audit_record
+from core.exceptions import ApplicationError
+
+from ..adapters import adapter_class_for_kind
+from ..exceptions import (
+    ProviderAuthenticationError,
+    ProviderError,
+    ProviderNotFoundError,
+    ProviderRateLimitError,
+)
+from ..fields import Secret
+from ..models import ByokMode, CredentialStatus, Provider, ProviderCredential, ProviderKind
+from ..selectors import provider_config
+from ..types import ProviderConfig
+
+logger = logging.getLogger(__name__)
+
+# The start every key of these kinds has; other kinds (self-hosted servers, Azure, Gemini…) have no known one.
+KEY_PREFIXES: dict[str, str] = {
+    ProviderKind.OPENAI: "sk-",
+    ProviderKind.ANTHROPIC: "sk-ant-",
+    ProviderKind.OPENROUTER: "sk-or-",
+}
+# Keys of another provider that a known prefix would let through (an Anthropic key starts with "sk-" too).
+_FOREIGN_PREFIXES: tuple[tuple[str, str], ...] = (("sk-ant-", "an Anthropic key"), ("sk-or-", "an OpenRouter key"))
+KEY_MIN_LENGTH = 8
+KEY_MAX_LENGTH = 512
+DEFAULT_VALIDATION_TIMEOUT_SECONDS = 10.0
+
+
+class ProviderKeyInvalidError(ApplicationError):
+    """The key was refused: malformed, or refused by the provider, or not checkable (provider unreachable)."""
+
+    status_code = 400
+    code = "provider_key_invalid"
+
+
+class ProviderKeyNotAcceptedError(ApplicationError):
+    """The provider takes no user keys (``Provider.byok`` is ``disabled``)."""
+
+    status_code = 400
+    code = "provider_key_not_accepted"
+
+
+class ProviderKeyUncheckedError(ApplicationError):
+    """A stored key could not be re-checked (the provider did not answer): its status is left as it was."""
+
+    status_code = 502
+    error_type = "api_error"
+    code = "provider_key_unchecked"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCheck:
+    """The outcome of a live check: ``ok``, or refused by the provider (``refused``), or not checkable."""
+
+    ok: bool
+    refused: bool = False
+    reason: str = ""
+
+
+def key_prefix(kind: str) -> str:
+    return KEY_PREFIXES.get(kind, "")
+
+
+def validation_timeout() -> float:
+    return float(getattr(settings, "LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS", DEFAULT_VALIDATION_TIMEOUT_SECONDS))
+
+
+@sensitive_variables("api_key", "plaintext")
+def key_format_check(*, provider: Provider, api_key: Secret) -> None:
+    """Raise ``ProviderKeyInvalidError`` (400, ``param: api_key``) naming what is wrong with the key's form,
+    and for the kinds with a known format, the start their keys have. The message shows no part of the key."""
+    plaintext = api_key.reveal()
+    name = provider.name
+    if not plaintext:
+        raise ProviderKeyInvalidError("Give the API key.", param="api_key")
+    if any(ch.isspace() for ch in plaintext):
+        raise ProviderKeyInvalidError("An API key has no spaces or line breaks in it.", param="api_key")
+    if not (plaintext.isascii() and plaintext.isprintable()):
+        raise ProviderKeyInvalidError("An API key is made of printable ASCII characters only.", param="api_key")
+    if not KEY_MIN_LENGTH <= len(plaintext) <= KEY_MAX_LENGTH:
+        raise ProviderKeyInvalidError(
+            f"An API key is between {KEY_MIN_LENGTH} and {KEY_MAX_LENGTH} characters long.", param="api_key"
+        )
+    prefix = key_prefix(provider.kind)
+    if not prefix:
+        return
+    label = ProviderKind(provider.kind).label
+    if not plaintext.startswith(prefix) or len(plaintext) <= len(prefix):
+        raise ProviderKeyInvalidError(
+            f"This is not a {label} API key: {label} keys start with {prefix!r} (provider {name!r}).",
+            param="api_key",
+        )
+    for foreign, what in _FOREIGN_PREFIXES:
+        if foreign != prefix and foreign.startswith(prefix) and plaintext.startswith(foreign):
+            raise ProviderKeyInvalidError(
+                f"This looks like {what}, not a {label} API key (provider {name!r}, keys starting with {prefix!r}).",
+                param="api_key",
+            )
+
+
+def _refusal_reason(provider: Provider, hint: str, exc: ProviderError) -> KeyCheck:
+    """The provider's answer to the model list, in words a user can act on."""
+    name = provider.name
+    if isinstance(exc, ProviderAuthenticationError) and exc.upstream_status == 401:
+        return KeyCheck(False, True, f"{name} refused the key {hint}: it is not a valid API key (wrong key, HTTP 401).")
+    if isinstance(exc, ProviderAuthenticationError) or isinstance(exc, ProviderNotFoundError):
+        return KeyCheck(
+            False,
+            True,
+            f"{name} accepted the key {hint} but gives it no access (HTTP {exc.upstream_status}): "
+            "check the key's project, permissions or models at the provider.",
+        )
+    if isinstance(exc, ProviderRateLimitError) and "quota" in exc.message.lower():
+        return KeyCheck(
+            False,
+            True,
+            f"{name} refused the key {hint}: its quota is exhausted (HTTP 429 insufficient_quota): "
+            "check the plan and billing details of the provider account.",
+        )
+    return KeyCheck(
+        False,
+        False,
+        f"The key {hint} could not be checked: {name} did not answer as expected ({exc.message}). "
+        "It was not stored as valid; try again later.",
+    )
+
+
+async def _list_models_once(config: ProviderConfig) -> None:
+    adapter = adapter_class_for_kind(config.kind)(config)
+    try:
+        await adapter.list_models()
+    finally:
+        await adapter.aclose()
+
+
+def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | None = None) -> KeyCheck:
+    """List the provider's models with ``api_key`` (free), on a one-off client that is closed afterwards:
+    not the shared pool, whose clients a candidate key must never become."""
+    config = replace(
+        provider_config(provider),
+        api_key=api_key,
+        credential_id=credential_id,
+        credential_hint=api_key.hint,
+        timeout=validation_timeout(),
+    )
+    try:
+        async_to_sync(_list_models_once)(config)
+    except ProviderError as exc:
+        # The adapters' messages are scrubbed of the key (``adapters.common.scrub``); the reason is ours anyway.
+        return _refusal_reason(provider, api_key.hint, exc)
+    return KeyCheck(True)
+
+
+def _not_accepted_check(provider: Provider) -> None:
+    if provider.byok == ByokMode.DISABLED:
+        raise ProviderKeyNotAcceptedError(
+            f"The provider {provider.name!r} does not accept users' own API keys.", param="provider"
+        )
+
+
+@sensitive_variables("api_key", "secret")
+def provider_credential_save(
+    *, owner, provider: Provider, api_key: str | Secret, label: str = ""
+) -> ProviderCredential:
+    """Add the user's key for ``provider``, or replace the one they have (keeping its label unless a new one
+    is given). The key is checked first (format, then live); a refused or uncheckable key raises
+    ``ProviderKeyInvalidError`` and changes nothing stored. A replacement is one row update: requests
+    already running keep the key they started with."""
+    secret = api_key if isinstance(api_key, Secret) else Secret(str(api_key).strip())
+    _not_accepted_check(provider)
+    key_format_check(provider=provider, api_key=secret)
+    existing = ProviderCredential.objects.filter(owner=owner, provider=provider).first()
+    check = key_live_check(provider=provider, api_key=secret, credential_id=existing.pk if existing else None)
+    if not check.ok:
+        audit_record(
+            "provider_key.validation_failed",
+            target=existing or provider,
+            changes={"hint": [existing.hint if existing else None, secret.hint], "status_detail": [None, check.reason]},
+        )
+        logger.info("provider key %s for %s refused for user %s", secret.hint, provider.name, owner.pk)
+        raise ProviderKeyInvalidError(check.reason, param="api_key")
+    try:
+        return _credential_store(owner=owner, provider=provider, secret=secret, label=label)
+    except IntegrityError:
+        # Another request added this user's key for the provider meanwhile: this one replaces it.
+        return _credential_store(owner=owner, provider=provider, secret=secret, label=label)
+
+
+@sensitive_variables("secret")
+@transaction.atomic
+def _credential_store(*, owner, provider: Provider, secret: Secret, label: str) -> ProviderCredential:
+    now = timezone.now()
+    credential = ProviderCredential.objects.select_for_update().filter(owner=owner, provider=provider).first()
+    if credential is None:
+        credential = ProviderCredential(
+            owner=owner,
+            provider=provider,
+            api_key=secret,
+            label=label,
+            hint=secret.hint,
+            status=CredentialStatus.VALID,
+            last_validated_at=now,
+        )
+        credential.save(force_insert=True)
+        audit_record(
+            "provider_key.add",
+            target=credential,
+            changes={"api_key": [None, True], "hint": [None, credential.hint], "label": [None, label]},
+        )
+        return credential
+    before = {"hint": credential.hint, "label": credential.label, "status": credential.status}
+    credential.api_key = secret
+    credential.hint = secret.hint
+    if label:
+        credential.label = label
+    credential.status = CredentialStatus.VALID
+    credential.status_detail = ""
+    credential.last_validated_at = now
+    credential.rotated_at = now
+    credential.save()
+    changes = {"api_key": [True, True]}
+    changes.update(
+        {field: [old, getattr(credential, field)] for field, old in before.items() if old != getattr(credential, field)}
+    )
+    audit_record("provider_key.replace", target=credential, changes=changes)
+    return credential
+
+
+@transaction.atomic
+def provider_credential_label_set(*, credential: ProviderCredential, label: str) -> ProviderCredential:
+    if credential.label != label:
+        credential.label = label
+        credential.save(update_fields=["label", "updated_at"])
+    return credential
+
+
+@transaction.atomic
+def provider_credential_delete(*, credential: ProviderCredential) -> None:
+    """Delete the user's key: their requests go back to the provider's key (``optional``) or are refused
+    (``required``)."""
+    audit_record(
+        "provider_key.delete", target=credential, changes={"api_key": [True, None], "hint": [credential.hint, None]}
+    )
+    credential.delete()
+
+
+def provider_credential_validate(*, credential: ProviderCredential) -> bool:
+    """Re-check a stored key live and record the outcome (status, status_detail, last_validated_at).
+    Returns whether the provider accepts it. Raises ``ProviderKeyUncheckedError`` when the provider could
+    not be asked (unreachable, timing out, answering something else): the stored status is then left as it
+    is, since one failed call says nothing about the key."""
+    provider = credential.provider
+    checked_key = credential.api_key
+    check = key_live_check(provider=provider, api_key=checked_key, credential_id=credential.pk)
+    if not check.ok and not check.refused:
+        raise ProviderKeyUncheckedError(check.reason)
+    with transaction.atomic():
+        current = ProviderCredential.objects.select_for_update().filter(pk=credential.pk).first()
+        if current is None or current.api_key != checked_key:
+            # Deleted or replaced while this check ran: the new key was checked when it was saved.
+            return check.ok
+        old_status = current.status
+        current.status = CredentialStatus.VALID if check.ok else CredentialStatus.INVALID
+        current.status_detail = "" if check.ok else check.reason[:300]
+        current.last_validated_at = timezone.now()
+        current.save(update_fields=["status", "status_detail", "last_validated_at", "updated_at"])
+        if not check.ok and old_status != CredentialStatus.INVALID:
+            audit_record(
+                "provider_key.validation_failed",
+                target=current,
+                changes={"status": [old_status, current.status], "status_detail": [None, current.status_detail]},
+            )
+    for field in ("status", "status_detail", "last_validated_at", "updated_at"):
+        setattr(credential, field, getattr(current, field))
+    return check.ok
+
+
+def provider_credential_invalid_notify(*, credential: ProviderCredential) -> bool:
+    """Tell the key's owner by email that the provider now refuses it; False when they have no address."""
+    owner = credential.owner
+    if not owner.email:
+        return False
+    provider = credential.provider.name
+    label = f" ({credential.label})" if credential.label else ""
+    send_mail(
+        subject=f"[llmhub] Your {provider} API key {credential.hint} was refused",
+        message=(
+            f"Hello {owner.get_username()},\n\n"
+            f"Your own API key {credential.hint}{label} for the provider {provider} was checked today and refused:\n"
+            f"{credential.status_detail}\n\n"
+            "Until you replace it, your requests to this provider use the platform's key where it allows that, "
+            "and are refused where it requires your own key. Replace or delete it on the Provider keys page "
+            "(/provider-keys/) or with POST /api/provider-keys/.\n"
+        ),
+        from_email=None,
+        recipient_list=[owner.email],
+    )
+    return True

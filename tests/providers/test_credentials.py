@@ -1,0 +1,365 @@
+"""Users' own provider keys (bring your own key): add, replace, delete and re-check them over /api/provider-keys/,
+against a fake provider that accepts only the keys it is told to and refuses marked keys as a provider would."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from django.core import mail
+from rest_framework.test import APIClient
+
+from audit.models import AuditEvent
+from llmhub.testing.fake_upstream import FakeUpstream
+from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
+from providers.services.credentials import provider_credential_save, provider_credential_validate
+from providers.tasks_credentials import provider_credentials_revalidate_all
+from tests.conftest import free_port
+from tests.factories import ProviderFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+PLATFORM_KEY = "sk-platform-key-0000000000000000"
+OUTPUT_FIELDS = {
+    "id",
+    "provider",
+    "label",
+    "hint",
+    "status",
+    "status_detail",
+    "last_validated_at",
+    "created_at",
+    "rotated_at",
+}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    """A provider of the module's own that, like a real one, refuses every key it has not been given."""
+    server = FakeUpstream(api_key=PLATFORM_KEY).start()
+    yield server
+    server.stop()
+
+
+def accept_keys(upstream: FakeUpstream, *keys: str) -> None:
+    response = httpx.post(upstream.base_url + "/__control", json={"accept_keys": list(keys), "reset": True})
+    response.raise_for_status()
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(prefix: str = "sk-", marker: str = "") -> str:
+    return f"{prefix}user-{secrets.token_hex(12)}{marker}"
+
+
+@pytest.fixture
+def provider(upstream):
+    accept_keys(upstream)
+    return ProviderFactory(
+        name="openai-byok",
+        kind=ProviderKind.OPENAI,
+        base_url=upstream.base_url + "/v1",
+        api_key=PLATFORM_KEY,
+        byok=ByokMode.OPTIONAL,
+    )
+
+
+@pytest.fixture
+def alice():
+    return UserFactory(username="alice", email="alice@example.com")
+
+
+@pytest.fixture
+def client(alice) -> APIClient:
+    client = APIClient()
+    client.force_login(alice)
+    return client
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.content
+    return response.json()["error"]
+
+
+def actions() -> list[str]:
+    """The provider-key events recorded, oldest first (other parts of the app record events of their own)."""
+    return list(
+        AuditEvent.objects.filter(action__startswith="provider_key.").order_by("seq").values_list("action", flat=True)
+    )
+
+
+def test_a_key_is_checked_live_with_the_free_model_list_then_stored_encrypted_and_shown_by_its_hint(
+    client, provider, upstream, alice
+):
+    key = new_key()
+    accept_keys(upstream, key)
+
+    response = client.post(
+        "/api/provider-keys/", {"provider": "openai-byok", "api_key": key, "label": "mine"}, format="json"
+    )
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert set(body) == OUTPUT_FIELDS
+    assert body["provider"] == "openai-byok" and body["label"] == "mine"
+    assert body["status"] == "valid" and body["last_validated_at"] and body["rotated_at"] is None
+    assert body["hint"] == "sk-…" + key[-4:]
+    assert key not in response.content.decode()
+    # The check was the model list, sent with the user's key.
+    checks = [r for r in upstream.requests if r["path"] == "/v1/models"]
+    assert [r["key_sha256"] for r in checks] == [sha(key)]
+    assert not [r for r in upstream.requests if r["path"] != "/v1/models"]
+    stored = ProviderCredential.objects.get(owner=alice)
+    assert stored.api_key.reveal() == key
+    assert actions() == ["provider_key.add"]
+    assert key not in str(AuditEvent.objects.get(action="provider_key.add").changes)
+
+    listed = client.get("/api/provider-keys/")
+    assert listed.status_code == 200
+    assert [row["id"] for row in listed.json()] == [body["id"]]
+    assert key not in listed.content.decode()
+
+
+def test_replacing_a_key_checks_the_new_one_first_and_keeps_the_row(client, provider, upstream, alice):
+    old, new = new_key(), new_key()
+    accept_keys(upstream, old, new)
+    first = client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": old, "label": "a"}, format="json")
+
+    replaced = client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": new}, format="json")
+
+    assert replaced.status_code == 200, replaced.content
+    body = replaced.json()
+    assert body["id"] == first.json()["id"]
+    assert body["hint"].endswith(new[-4:]) and body["rotated_at"] and body["label"] == "a"
+    assert ProviderCredential.objects.get(owner=alice).api_key.reveal() == new
+    assert [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/models"] == [sha(old), sha(new)]
+    assert actions() == ["provider_key.add", "provider_key.replace"]
+    replace_event = AuditEvent.objects.get(action="provider_key.replace")
+    assert replace_event.changes["hint"] == [first.json()["hint"], body["hint"]]
+    assert replace_event.changes["api_key"] == ["[secret]", "[secret]"]
+
+
+@pytest.mark.parametrize(
+    ("marker", "words"),
+    [
+        ("-refused", "not a valid API key"),
+        ("-noaccess", "no access"),
+        ("-noquota", "quota is exhausted"),
+    ],
+)
+def test_a_key_the_provider_refuses_is_not_stored_and_the_reason_is_said_in_words(
+    client, provider, upstream, alice, marker, words
+):
+    key = new_key(marker=marker)
+    accept_keys(upstream, key)
+
+    error = error_of(
+        client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json"), 400
+    )
+
+    assert error["code"] == "provider_key_invalid" and error["param"] == "api_key"
+    assert words in error["message"] and "sk-…" + key[-4:] in error["message"]
+    assert key not in error["message"]
+    assert not ProviderCredential.objects.exists()
+    assert actions() == ["provider_key.validation_failed"]
+    event = AuditEvent.objects.get(action="provider_key.validation_failed")
+    assert event.target_type == "providers.provider" and key not in str(event.changes) + event.target_repr
+
+
+def test_a_refused_replacement_leaves_the_working_key_in_place(client, provider, upstream, alice):
+    good = new_key()
+    accept_keys(upstream, good)
+    client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": good}, format="json")
+
+    wrong = new_key()  # not accepted by the provider: 401
+    error = error_of(
+        client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": wrong}, format="json"), 400
+    )
+
+    assert "wrong key" in error["message"]
+    stored = ProviderCredential.objects.get(owner=alice)
+    assert stored.api_key.reveal() == good and stored.status == CredentialStatus.VALID and stored.rotated_at is None
+    assert actions() == ["provider_key.add", "provider_key.validation_failed"]
+    assert AuditEvent.objects.get(action="provider_key.validation_failed").target_id == str(stored.pk)
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "words"),
+    [
+        (ProviderKind.OPENAI, "pk-0123456789abcdef", "start with 'sk-'"),
+        (ProviderKind.OPENAI, "sk-ant-0123456789abcdef", "an Anthropic key"),
+        (ProviderKind.ANTHROPIC, "sk-0123456789abcdef", "start with 'sk-ant-'"),
+        (ProviderKind.OPENROUTER, "sk-ant-0123456789abcdef", "start with 'sk-or-'"),
+        (ProviderKind.OPENAI_COMPATIBLE, "abc def 0123456789", "no spaces"),
+        (ProviderKind.OPENAI_COMPATIBLE, "short", "between 8 and 512"),
+        (ProviderKind.MISTRAL, "clé-0123456789abcdef", "printable ASCII"),
+    ],
+)
+def test_a_malformed_key_is_refused_before_anything_is_sent(client, upstream, kind, key, words):
+    ProviderFactory(name="p", kind=kind, base_url=upstream.base_url + "/v1", byok=ByokMode.REQUIRED)
+    accept_keys(upstream)
+
+    error = error_of(client.post("/api/provider-keys/", {"provider": "p", "api_key": key}, format="json"), 400)
+
+    assert error["code"] == "provider_key_invalid" and error["param"] == "api_key"
+    assert words in error["message"]
+    assert upstream.requests == []
+    assert not ProviderCredential.objects.exists()
+
+
+def test_a_key_that_cannot_be_checked_is_not_stored(client, alice):
+    ProviderFactory(
+        name="down", kind=ProviderKind.OPENAI, base_url=f"http://127.0.0.1:{free_port()}/v1", byok=ByokMode.OPTIONAL
+    )
+
+    error = error_of(client.post("/api/provider-keys/", {"provider": "down", "api_key": new_key()}, format="json"), 400)
+
+    assert error["code"] == "provider_key_invalid"
+    assert "could not be checked" in error["message"] and "could not reach" in error["message"]
+    assert not ProviderCredential.objects.exists()
+
+
+def test_a_provider_that_takes_no_user_keys_refuses_them(client, upstream):
+    ProviderFactory(name="closed", kind=ProviderKind.OPENAI, base_url=upstream.base_url + "/v1")
+    accept_keys(upstream)
+
+    error = error_of(
+        client.post("/api/provider-keys/", {"provider": "closed", "api_key": new_key()}, format="json"), 400
+    )
+
+    assert error["code"] == "provider_key_not_accepted" and error["param"] == "provider"
+    assert upstream.requests == []
+    unknown = error_of(
+        client.post("/api/provider-keys/", {"provider": "nope", "api_key": new_key()}, format="json"), 400
+    )
+    assert unknown["param"] == "provider"
+
+
+def test_the_providers_that_take_user_keys_are_listed_with_their_key_prefix(client, provider):
+    ProviderFactory(name="closed", kind=ProviderKind.OPENAI)
+    ProviderFactory(name="claude-own", kind=ProviderKind.ANTHROPIC, byok=ByokMode.REQUIRED)
+    ProviderFactory(name="local", kind=ProviderKind.VLLM, byok=ByokMode.OPTIONAL)
+
+    response = client.get("/api/provider-keys/providers/")
+
+    assert response.status_code == 200
+    assert response.json() == [
+        {"name": "claude-own", "kind": "anthropic", "byok": "required", "key_prefix": "sk-ant-"},
+        {"name": "local", "kind": "vllm", "byok": "optional", "key_prefix": ""},
+        {"name": "openai-byok", "kind": "openai", "byok": "optional", "key_prefix": "sk-"},
+    ]
+
+
+def test_label_change_and_delete_are_the_owners_only(client, provider, upstream, alice):
+    key = new_key()
+    accept_keys(upstream, key)
+    credential_id = client.post(
+        "/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json"
+    ).json()["id"]
+    mallory = APIClient()
+    mallory.force_login(UserFactory(username="mallory"))
+    url = f"/api/provider-keys/{credential_id}/"
+
+    assert mallory.get(url).status_code == 404
+    assert mallory.patch(url, {"label": "mine now"}, format="json").status_code == 404
+    assert mallory.post(url + "validate/").status_code == 404
+    assert mallory.delete(url).status_code == 404
+    assert mallory.get("/api/provider-keys/").json() == []
+    assert APIClient().get("/api/provider-keys/").status_code == 401
+
+    renamed = client.patch(url, {"label": "work", "api_key": "ignored"}, format="json")
+    assert renamed.status_code == 200 and renamed.json()["label"] == "work"
+    assert ProviderCredential.objects.get().api_key.reveal() == key
+
+    assert client.delete(url).status_code == 204
+    assert not ProviderCredential.objects.exists()
+    assert client.get(url).status_code == 404
+    assert actions() == ["provider_key.add", "provider_key.delete"]
+    deleted = AuditEvent.objects.get(action="provider_key.delete")
+    assert deleted.target_id == str(credential_id) and deleted.actor_repr == "alice"
+
+
+def test_revalidation_marks_a_key_the_provider_now_refuses_invalid_and_says_why(client, provider, upstream, alice):
+    key = new_key()
+    accept_keys(upstream, key)
+    created = client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json")
+    url = f"/api/provider-keys/{created.json()['id']}/"
+
+    assert client.post(url + "validate/").json()["status"] == "valid"
+    accept_keys(upstream)  # the provider revoked it
+    checked = client.post(url + "validate/")
+
+    assert checked.status_code == 200
+    assert checked.json()["status"] == "invalid" and "wrong key" in checked.json()["status_detail"]
+    assert ProviderCredential.objects.get().status == CredentialStatus.INVALID
+    assert actions() == ["provider_key.add", "provider_key.validation_failed"]
+
+
+def test_revalidation_of_an_unreachable_provider_leaves_the_status_as_it_was(client, provider, upstream, alice):
+    key = new_key()
+    accept_keys(upstream, key)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=key)
+    provider.base_url = f"http://127.0.0.1:{free_port()}/v1"
+    provider.save()
+
+    error = error_of(client.post(f"/api/provider-keys/{credential.pk}/validate/"), 502)
+
+    assert error["code"] == "provider_key_unchecked"
+    assert ProviderCredential.objects.get().status == CredentialStatus.VALID
+
+
+def test_a_check_that_ran_on_a_key_replaced_meanwhile_does_not_mark_the_new_key(provider, upstream, alice):
+    old, new = new_key(), new_key()
+    accept_keys(upstream, old, new)
+    stale = provider_credential_save(owner=alice, provider=provider, api_key=old)
+    provider_credential_save(owner=alice, provider=provider, api_key=new)
+    accept_keys(upstream, new)  # the old key is revoked at the provider
+
+    assert provider_credential_validate(credential=stale) is False
+
+    current = ProviderCredential.objects.get()
+    assert current.api_key.reveal() == new and current.status == CredentialStatus.VALID
+
+
+def test_the_daily_check_emails_an_owner_once_when_their_key_turns_invalid(provider, upstream, alice):
+    bob = UserFactory(username="bob", email="bob@example.com")
+    alice_key, bob_key = new_key(), new_key()
+    accept_keys(upstream, alice_key, bob_key)
+    provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
+    provider_credential_save(owner=bob, provider=provider, api_key=bob_key)
+    # A key of a provider that no longer takes users' keys is not checked.
+    closed = ProviderFactory(name="closed", kind=ProviderKind.OPENAI, base_url=upstream.base_url + "/v1")
+    ProviderCredential.objects.create(owner=alice, provider=closed, api_key="sk-unused-0000000000", hint="sk-…0000")
+    accept_keys(upstream, bob_key)  # alice's key is revoked
+
+    first = provider_credentials_revalidate_all()
+
+    assert first == {"valid": 1, "invalid": 1, "turned_invalid": 1, "unchecked": 0}
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+    message = mail.outbox[0]
+    assert "alice@example.com" not in message.subject and "sk-…" + alice_key[-4:] in message.subject
+    assert "wrong key" in message.body and alice_key not in message.body + message.subject
+    assert ProviderCredential.objects.get(owner=alice, provider=provider).status == CredentialStatus.INVALID
+    assert ProviderCredential.objects.get(owner=bob).status == CredentialStatus.VALID
+    assert len([r for r in upstream.requests if r["path"] == "/v1/models"]) == 2
+
+    second = provider_credentials_revalidate_all()
+
+    assert second["turned_invalid"] == 0 and second["invalid"] == 1
+    assert len(mail.outbox) == 1  # still invalid: no second email
+    assert actions().count("provider_key.validation_failed") == 1
+
+    accept_keys(upstream, alice_key, bob_key)  # alice topped up her account
+    assert provider_credentials_revalidate_all()["valid"] == 2
+    assert ProviderCredential.objects.get(owner=alice, provider=provider).status == CredentialStatus.VALID
+
+
+def test_the_daily_check_is_scheduled():
+    from chat.management.commands.setupschedules import SCHEDULES
+
+    assert "providers.tasks_credentials.provider_credentials_revalidate_all" in {path for _, path, _ in SCHEDULES}
