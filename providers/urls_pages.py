@@ -1,3 +1,9 @@
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.provider_keys_page, name="provider-keys"),
+]

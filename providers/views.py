@@ -1,0 +1,16 @@
+"""The web page where a user manages their own provider keys (bring your own key). Its data comes over the
+REST API (``/api/provider-keys/``): the page holds no key, and the server renders none."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+
+@login_required
+async def provider_keys_page(request: HttpRequest) -> HttpResponse:
+    # The user goes into the context explicitly, as on the other pages: the auth context processor's lazy
+    # request.user would query the session synchronously while the template renders.
+    user = await request.auser()
+    return render(request, "providers/provider_keys.html", {"user": user, "page": "provider-keys"})
