@@ -16,7 +16,7 @@ from . import admin_plans  # noqa: F401  (plans, budget counters, alerts, daily 
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
 from .services.budgets import api_key_limits_set
-from .services.keys import api_key_create, api_key_revoke
+from .services.keys import api_key_create, api_key_delete, api_key_revoke, api_key_rotate
 
 # API KEYS
 
@@ -85,16 +85,28 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_select_related = ("user", "parent")
     search_fields = ("prefix", "name", "user__username", "user__email")
     ordering = ("-created_at",)
-    actions = ("revoke_selected",)
+    actions = ("revoke_selected", "rotate_selected")
     autocomplete_fields = ("user",)
     filter_horizontal = ("allowed_models",)
     # secret_hash is in no field list: the admin never shows it.
     fieldsets = (
         (None, {"fields": ("prefix", "user", "parent", "name", "expires_at", "allowed_models", "scopes")}),
         ("Limits of this key (on top of its owner's plan)", {"fields": ("budget_usd", "budget_period", "rpm", "tpm")}),
-        ("History", {"fields": ("created_at", "last_used_at", "revoked_at")}),
+        (
+            "History",
+            {"fields": ("created_at", "last_used_at", "rotated_at", "previous_secret_expires_at", "revoked_at")},
+        ),
     )
-    readonly_fields = ("prefix", "user", "parent", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = (
+        "prefix",
+        "user",
+        "parent",
+        "created_at",
+        "last_used_at",
+        "rotated_at",
+        "previous_secret_expires_at",
+        "revoked_at",
+    )
 
     @admin.display(description="status")
     def status(self, obj: ApiKey) -> str:
@@ -154,6 +166,34 @@ class ApiKeyAdmin(admin.ModelAdmin):
             api_key_revoke(api_key=api_key)
             revoked += 1
         self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
+
+    @admin.action(description="Rotate selected keys (new secrets; the old ones work for the default grace period)")
+    def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        skipped = []
+        for api_key in queryset.order_by("pk"):
+            if not api_key.is_active:
+                skipped.append(api_key.prefix)
+                continue
+            rotated = api_key_rotate(api_key=api_key)
+            until = rotated.api_key.previous_secret_expires_at
+            self.message_user(
+                request,
+                f"{api_key.name} (was {api_key.prefix}…): the new key is {rotated.secret} — copy it now, it is shown "
+                "this once. "
+                + (f"The old secret works until {until:%Y-%m-%d %H:%M} UTC." if until else "The old secret stopped."),
+                messages.SUCCESS,
+            )
+        if skipped:
+            self.message_user(request, f"Not rotated (revoked or expired): {', '.join(skipped)}.", messages.WARNING)
+
+    # Deleting goes through the key service too, so that it is audited and both secrets are forgotten.
+    def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:
+        api_key_delete(api_key=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for api_key in queryset:
+            if ApiKey.objects.filter(pk=api_key.pk).exists():  # not already gone with a key above it
+                api_key_delete(api_key=api_key)
 
 
 # USAGE LEDGER

@@ -1,9 +1,15 @@
-"""Gateway API keys: creation, revocation and the cached, constant-time lookup on every request.
+"""Gateway API keys: creation, rotation, revocation, deletion and the cached, constant-time lookup on
+every request.
 
 A key reads ``sk-llmhub-<prefix 8>-<secret 32>``. The database keeps the prefix (to show the user
 which key is which) and a SHA-256 of the whole key. SHA-256 rather than a slow password hash is
 deliberate: the key is 190 bits of randomness, so brute force is hopeless either way, and the hash
 is computed on every request. The lookup is by hash; the final comparison is constant-time.
+
+Rotation gives a key a new secret (and a new prefix) while the key keeps its id, owner, limits, children
+and ledger; the secret before it keeps working for a grace period (``previous_secret_hash`` until
+``previous_secret_expires_at``). Every change here is written to the audit log (``key.create``,
+``key.rotate``, ``key.revoke``, ``key.delete``) with the prefix, never a secret or its hash.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ import hmac
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from audit.services import audit_record
 from core.cache import TTLCache
 from core.exceptions import ApplicationError
 from providers.models import CatalogModel
@@ -32,6 +41,8 @@ KEY_PREFIX = "sk-llmhub-"
 # How many keys may stand above a key. Creation refuses deeper chains; the lookup treats a deeper one
 # (rows edited by hand into a loop) as revoked.
 MAX_KEY_DEPTH = 8
+# A grace period is for clients to switch to the new secret, not a second lifetime for the old one.
+MAX_ROTATION_GRACE_SECONDS = 30 * 86400
 _ALPHABET = "abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
@@ -53,6 +64,12 @@ class KeyPrincipal:
     expires_at: datetime | None  # the earliest expiry of the key and every key above it
     allowed_model_ids: frozenset[int] | None  # None: no key-level restriction; else what the whole chain allows
     scopes: frozenset[str] = frozenset()
+    # Set when the lookup was by the secret a rotation replaced: when its grace period ends. Kept in the
+    # cached copy, so that every process refuses it from that moment, whatever its cache holds.
+    rotated_out_at: datetime | None = None
+
+    def rotated_out(self, now: datetime) -> bool:
+        return self.rotated_out_at is not None and self.rotated_out_at <= now
 
 
 key_cache: TTLCache[KeyPrincipal | None] = TTLCache("api-keys")
@@ -121,8 +138,7 @@ def api_key_create(
             tpm=tpm,
             scopes=scopes,
         )
-    prefix = KEY_PREFIX + _random(8)
-    secret = f"{prefix}-{_random(32)}"
+    prefix, secret = _new_secret()
     api_key = ApiKey.objects.create(
         user=user,
         name=name or "default",
@@ -137,7 +153,77 @@ def api_key_create(
         parent=parent,
     )
     api_key.allowed_models.set(allowed_models)
+    audit_record(
+        "key.create",
+        target=api_key,
+        changes={
+            "user": [None, user.get_username()],
+            "name": [None, api_key.name],
+            "prefix": [None, prefix],
+            "parent": [None, parent.prefix if parent is not None else None],
+            "expires_at": [None, _iso(expires_at)],
+            "scopes": [None, scopes],
+            "allowed_models": [None, sorted(model.name for model in allowed_models)],
+        },
+    )
     return CreatedKey(api_key=api_key, secret=secret)
+
+
+def _new_secret() -> tuple[str, str]:
+    prefix = KEY_PREFIX + _random(8)
+    return prefix, f"{prefix}-{_random(32)}"
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def api_key_rotate(*, api_key: ApiKey, grace_seconds: float | None = None) -> CreatedKey:
+    """Give the key a new secret; the one it had keeps working for ``grace_seconds`` (default
+    ``LLMHUB_KEY_ROTATION_GRACE_SECONDS``; 0: it stops at once), then gets 401 in every process (its cached
+    lookup carries the end of the grace). A secret replaced by an earlier rotation stops now: only the
+    newest previous secret has a grace period. The key keeps its id, limits, children and ledger.
+
+    The prefix changes with the secret: it is how a person tells which secret a client holds, so during
+    the grace period a client still sending the old one shows the old prefix, not the listed one.
+    Refused for a revoked or expired key (a new secret would not work either)."""
+    grace = settings.LLMHUB_KEY_ROTATION_GRACE_SECONDS if grace_seconds is None else grace_seconds
+    if not 0 <= grace <= MAX_ROTATION_GRACE_SECONDS:
+        raise _invalid(
+            "grace_seconds", f"A grace period is between 0 and {MAX_ROTATION_GRACE_SECONDS} seconds (30 days)."
+        )
+    with transaction.atomic():
+        # Locked: two rotations at once must not both take the same secret as "previous".
+        locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+        if locked.revoked_at is not None:
+            raise _invalid("key", "A revoked key cannot be rotated: create a new key.")
+        if not locked.is_active:
+            raise _invalid("key", "An expired key cannot be rotated: create a new key.")
+        now = timezone.now()
+        replaced = [locked.secret_hash, locked.previous_secret_hash]
+        before = {"prefix": locked.prefix, "grace_until": _iso(locked.previous_secret_expires_at)}
+        prefix, secret = _new_secret()
+        if grace > 0:
+            locked.previous_secret_hash = locked.secret_hash
+            locked.previous_secret_expires_at = now + timedelta(seconds=grace)
+        else:
+            locked.previous_secret_hash = None
+            locked.previous_secret_expires_at = None
+        locked.prefix, locked.secret_hash, locked.rotated_at = prefix, hash_key(secret), now
+        locked.save(
+            update_fields=["prefix", "secret_hash", "previous_secret_hash", "previous_secret_expires_at", "rotated_at"]
+        )
+        audit_record(
+            "key.rotate",
+            target=locked,
+            changes={
+                "prefix": [before["prefix"], prefix],
+                "grace_until": [before["grace_until"], _iso(locked.previous_secret_expires_at)],
+                "grace_seconds": [None, grace],
+            },
+        )
+        _forget_secrets(replaced)
+    return CreatedKey(api_key=locked, secret=secret)
 
 
 def _invalid(param: str, message: str) -> ApplicationError:
@@ -197,21 +283,53 @@ def _check_within_parent(
         raise _invalid("scopes", f"This key does not hold the scope {extra_scopes[0]!r}, so it cannot grant it.")
 
 
+@transaction.atomic
 def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
-    """Revoking a key stops the keys created under it too (they are valid only while it is): their cached
-    copies in this process are dropped with its own."""
+    """Revoking a key stops the keys created under it too (they are valid only while it is), and both of
+    its secrets during a rotation's grace period: their cached copies in this process are dropped with its
+    own. Revoking twice keeps the first ``revoked_at`` and records one event."""
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
+        audit_record("key.revoke", target=api_key, changes={"revoked_at": [None, _iso(api_key.revoked_at)]})
     key_cache_forget(api_key_ids=[api_key.pk])
     return api_key
 
 
+@transaction.atomic
+def api_key_delete(*, api_key: ApiKey) -> None:
+    """Delete a key and the keys created under it (the ledger keeps their rows, without the key). Revoking
+    is usually what a person wants: a deleted key's rows no longer say which key spent."""
+    ids = api_key_subtree_ids(api_key.pk)
+    hashes = list(ApiKey.objects.filter(pk__in=ids).values_list("secret_hash", "previous_secret_hash"))
+    target = {"target_type": api_key._meta.label_lower, "target_id": api_key.pk, "target_repr": str(api_key)}
+    below = [prefix for pk, prefix in ApiKey.objects.filter(pk__in=ids).values_list("pk", "prefix") if pk != api_key.pk]
+    api_key.delete()
+    audit_record("key.delete", **target, changes={"prefix": [api_key.prefix, None], "keys_below": [sorted(below), []]})
+    _forget_secrets([digest for pair in hashes for digest in pair])
+
+
 def key_cache_forget(*, api_key_ids: Iterable[int]) -> None:
-    """Drop the cached lookups of these keys and of every key below them."""
+    """Drop the cached lookups of these keys and of every key below them (both secrets of each)."""
     ids = [descendant for key_id in api_key_ids for descendant in api_key_subtree_ids(key_id)]
-    for secret_hash in ApiKey.objects.filter(pk__in=ids).values_list("secret_hash", flat=True):
+    pairs = ApiKey.objects.filter(pk__in=ids).values_list("secret_hash", "previous_secret_hash")
+    for secret_hash, previous_hash in pairs:
         key_cache.invalidate(secret_hash)
+        if previous_hash:
+            key_cache.invalidate(previous_hash)
+
+
+def _forget_secrets(digests: Iterable[str | None]) -> None:
+    """Drop these secrets' cached lookups now and again after commit (a request may cache the old row in
+    between)."""
+    digests = [digest for digest in digests if digest]
+
+    def forget() -> None:
+        for digest in digests:
+            key_cache.invalidate(digest)
+
+    forget()
+    transaction.on_commit(forget)
 
 
 def _is_well_formed(raw: str) -> bool:
@@ -223,11 +341,16 @@ async def _load_principal(digest: str) -> KeyPrincipal | None:
     the narrowest model list of the chain apply."""
     row = await (
         ApiKey.objects.select_related("user")
-        .filter(secret_hash=digest, revoked_at__isnull=True, user__is_active=True)
+        .filter(Q(secret_hash=digest) | Q(previous_secret_hash=digest), revoked_at__isnull=True, user__is_active=True)
         .afirst()
     )
     if row is None:
         return None
+    rotated_out_at = None
+    if row.secret_hash != digest:  # the secret a rotation replaced: valid until its grace period ends
+        rotated_out_at = row.previous_secret_expires_at
+        if rotated_out_at is None:
+            return None
     expires_at = row.expires_at
     allowed = frozenset([pk async for pk in row.allowed_models.values_list("pk", flat=True)]) or None
     parent_id, depth = row.parent_id, 0
@@ -250,10 +373,11 @@ async def _load_principal(digest: str) -> KeyPrincipal | None:
         user_id=row.user_id,
         username=row.user.get_username(),
         prefix=row.prefix,
-        secret_hash=row.secret_hash,
+        secret_hash=digest,
         expires_at=expires_at,
         allowed_model_ids=allowed,
         scopes=frozenset(row.scopes),
+        rotated_out_at=rotated_out_at,
     )
 
 
@@ -270,6 +394,11 @@ async def api_key_authenticate(raw: str | None) -> KeyPrincipal:
     principal = await key_cache.get_or_load(digest, lambda: _load_principal(digest))
     if principal is None or not hmac.compare_digest(principal.secret_hash, digest):
         raise AuthenticationFailed(f"Incorrect API key provided: {raw[:14]}…")
+    if principal.rotated_out(timezone.now()):
+        raise AuthenticationFailed(
+            f"This API key was rotated and its old secret ({raw[:14]}…) stopped working at the end of its grace "
+            "period: use the new secret."
+        )
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
     return principal
@@ -281,10 +410,13 @@ KeyStatus = Literal["active", "revoked", "expired"]
 async def api_key_status(digest: str) -> KeyStatus:
     """Whether a key that authenticated once still works, through the same cache as every request: for
     a WebSocket that keeps a key for its whole life. Revoked covers a deleted key, a deactivated owner
-    and a revoked key above it; expired, an expiry of the key or of a key above it."""
+    and a revoked key above it; expired, an expiry of the key or of a key above it, and the end of the
+    grace period of a secret a rotation replaced."""
     principal = await key_cache.get_or_load(digest, lambda: _load_principal(digest))
     if principal is None:
         return "revoked"
+    if principal.rotated_out(timezone.now()):
+        return "expired"
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
         return "expired"
     return "active"
