@@ -1,6 +1,38 @@
-from django.apps import AppConfig
+from __future__ import annotations
+
+from django.apps import AppConfig, apps
+from django.db.models.signals import m2m_changed, post_migrate, post_save
+
+
+def _roles_after_migrate(sender, using="default", **kwargs) -> None:
+    # post_migrate is sent once per app; the permissions of every app exist once the last one's is sent.
+    if sender is list(apps.get_app_configs())[-1]:
+        from .roles import roles_ensure
+
+        roles_ensure(using=using)
+
+
+def _role_forget(sender, instance, **kwargs) -> None:
+    """A user's groups or superuser flag changed (the admin, role_set): this process's copy of their role
+    goes at once; other processes' within LLMHUB_LOOKUP_CACHE_TTL."""
+    from .roles import role_cache
+
+    pk = getattr(instance, "pk", None)
+    if kwargs.get("reverse") or pk is None or not hasattr(instance, "get_username"):
+        role_cache.invalidate()  # a group's members changed from the group's side: any of them
+    else:
+        role_cache.invalidate(pk)
+        instance.__dict__.pop("_llmhub_role", None)
 
 
 class AccountsConfig(AppConfig):
     name = "accounts"
     verbose_name = "Accounts: sign-in and roles"
+
+    def ready(self) -> None:
+        from django.contrib.auth import get_user_model
+
+        user_model = get_user_model()
+        post_migrate.connect(_roles_after_migrate, dispatch_uid="accounts.roles_ensure")
+        m2m_changed.connect(_role_forget, sender=user_model.groups.through, dispatch_uid="accounts.role_forget_m2m")
+        post_save.connect(_role_forget, sender=user_model, dispatch_uid="accounts.role_forget_save")

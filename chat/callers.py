@@ -1,11 +1,15 @@
-"""Who is calling: the ``Caller`` every entry point builds from its credentials (a gateway key, a signed-in
-user) before it runs the pipeline, and the models that caller may use."""
+"""Who is calling: the ``Caller`` every entry point builds from its credentials (a gateway key, a bearer
+JWT from an identity provider, a signed-in user) before it runs the pipeline, and the models that caller
+may use. A caller whose role may not chat (a viewer) is refused here, on every entry point alike."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from accounts.exceptions import RoleForbidden
+from accounts.jwt import jwt_authenticate, jwt_bearer
+from accounts.roles import CAPABILITIES, Capability, Role, role_for_user_id
 from billing.services.admission import models_allowed
 from billing.services.keys import api_key_authenticate
 from providers.models import ModelMode
@@ -18,19 +22,43 @@ class Caller:
     username: str
     api_key_id: int | None = None
     key_allowed_model_ids: frozenset[int] | None = None
+    role: Role = Role.MEMBER
+    token_expires_at: float | None = None  # a JWT's exp (epoch seconds): a socket signed in with it ends then
 
 
-def caller_from_user(user: Any) -> Caller:
-    return Caller(user_id=user.pk, username=user.get_username())
+def _may_chat(role: Role) -> Role:
+    if Capability.CHAT not in CAPABILITIES[role]:
+        raise RoleForbidden(
+            f"Your role ({role.value}) may not use models: it may only read its own usage. "
+            "Ask an administrator for the member role."
+        )
+    return role
 
 
-async def caller_from_api_key(raw: str | None) -> Caller:
+async def caller_from_user(user: Any) -> Caller:
+    """A signed-in user (the web session); RoleForbidden for a role that may not chat."""
+    role = _may_chat(await role_for_user_id(user.pk))
+    return Caller(user_id=user.pk, username=user.get_username(), role=role)
+
+
+async def caller_from_api_key(raw: str | None, *, ip_address: str | None = None) -> Caller:
+    """The caller a bearer value names: a gateway key, or a JWT when JWT sign-in is on. AuthenticationFailed
+    (gateway key), JwtRefused (401, why the token was refused) or RoleForbidden (403)."""
+    if jwt_bearer(raw):
+        principal = await jwt_authenticate(raw, ip_address=ip_address)
+        return Caller(
+            user_id=principal.user_id,
+            username=principal.username,
+            role=_may_chat(principal.role),
+            token_expires_at=principal.expires_at,
+        )
     principal = await api_key_authenticate(raw)
     return Caller(
         user_id=principal.user_id,
         username=principal.username,
         api_key_id=principal.key_id,
         key_allowed_model_ids=principal.allowed_model_ids,
+        role=_may_chat(await role_for_user_id(principal.user_id)),
     )
 
 

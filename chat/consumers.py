@@ -1,12 +1,14 @@
 """The chat WebSocket (``/ws/chat/``): a thin adapter between JSON events and the completion pipeline.
 
 Authentication. A socket opened with a logged-in browser session is ready at once. Any other socket is
-accepted but can do nothing until its first message is ``{"type": "auth", "api_key": "sk-llmhub-…"}``;
-a wrong key, any other message first, or no ``auth`` within ``AUTH_TIMEOUT`` seconds closes it with code
-4401. Accepting first (rather than refusing the handshake) is what lets programs without cookies send
-a key, and a key is never read from the URL, where it would end up in access logs. A handshake that
-carries an ``Origin`` header (every browser's does) must name one of ``ALLOWED_HOSTS``; programs may
-omit the header (``chat.security``).
+accepted but can do nothing until its first message is ``{"type": "auth", "api_key": "sk-llmhub-…"}``
+(or, with JWT sign-in on, a JWT in ``api_key`` or ``token``); a wrong key or token, any other message first,
+or no ``auth`` within ``AUTH_TIMEOUT`` seconds closes it with code 4401. A user whose role may not chat (a
+viewer) gets ``permission_denied`` and code 4403; a socket signed in with a JWT is closed with 4440 at the
+first ``chat.send`` after the token's expiry. Accepting first (rather than refusing the handshake) is what
+lets programs without cookies send a key, and a key is never read from the URL, where it would end up in
+access logs. A handshake that carries an ``Origin`` header (every browser's does) must name one of
+``ALLOWED_HOSTS``; programs may omit the header (``chat.security``).
 
 Revocation. A key can be revoked or expire while its socket is open: it is checked again before every
 ``chat.send``, through the same cache as every request (this process's revocations are seen at once,
@@ -51,12 +53,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
+from accounts.exceptions import JwtRefused, RoleForbidden
+from audit.context import request_ip
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
 from core.exceptions import ApplicationError, DatabaseUnavailableError
 
@@ -76,6 +82,8 @@ from .validation import InvalidRequestError, has_lone_surrogate, json_parse
 logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+# After HTTP's 403: signed in, but the role may not chat (a viewer).
+CLOSE_FORBIDDEN = 4403
 # After HTTP's 410 Gone and IIS's 440 Login Time-out: the key worked when the socket authenticated.
 CLOSE_KEY_REVOKED = 4410
 CLOSE_KEY_EXPIRED = 4440
@@ -116,9 +124,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.auth_deadline: asyncio.Task[None] | None = None
         self.shutdown_watch: asyncio.Task[None] | None = None
         user = self.scope.get("user")
+        refused: ApplicationError | None = None
         if user is not None and user.is_authenticated:
-            self.caller = caller_from_user(user)
+            try:
+                self.caller = await caller_from_user(user)
+            except RoleForbidden as exc:
+                refused = exc
+            except DatabaseUnavailableError:
+                pass  # the socket waits for an auth message, as one without a session does
         await self.accept()
+        if refused is not None:
+            await self._refuse(refused.message, refused.code or "permission_denied", close_code=CLOSE_FORBIDDEN)
+            return
         if self.caller is None:
             self.auth_deadline = asyncio.create_task(self._close_if_not_authenticated())
         self.shutdown_watch = asyncio.create_task(self._close_at_shutdown())
@@ -185,23 +202,37 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if event is None:
             await self._refuse('Authenticate first: send {"type": "auth", "api_key": "..."}.', "auth_required")
             return
-        raw = event.get("api_key")
+        raw = event.get("api_key", event.get("token"))
+        raw = raw if isinstance(raw, str) else None
         try:
-            self.caller = await caller_from_api_key(raw if isinstance(raw, str) else None)
-        except AuthenticationFailed as exc:
-            await self._refuse(exc.message, exc.code or "invalid_api_key")
-            return
+            self.caller = await caller_from_api_key(raw, ip_address=request_ip(self.scope))
         except DatabaseUnavailableError as exc:
             # Not the key's fault: the socket stays open, still unauthenticated, for the client to send
             # its auth again (within what is left of AUTH_TIMEOUT).
             await self._send_error(exc.message, code=exc.code, exc=exc)
             return
-        self.key_digest = hash_key(raw)
+        except (AuthenticationFailed, JwtRefused, RoleForbidden) as exc:
+            close_code = CLOSE_FORBIDDEN if isinstance(exc, RoleForbidden) else CLOSE_UNAUTHENTICATED
+            await self._refuse(exc.message, exc.code or "invalid_api_key", close_code=close_code)
+            return
+        if self.caller.api_key_id is not None:
+            self.key_digest = hash_key(raw)
         if self.auth_deadline is not None:
             self.auth_deadline.cancel()
         await self.send_json({"type": "auth.ok"})
 
     async def _key_still_works(self, event: dict[str, Any]) -> bool:
+        expires_at = self.caller.token_expires_at if self.caller is not None else None
+        if expires_at is not None and time.time() > expires_at + settings.LLMHUB_JWT_LEEWAY_SECONDS:
+            for stream in list(self.streams.values()):
+                self._stop(stream, by_user=False)
+            await self._refuse(
+                "This token has expired; open a new socket with a fresh one.",
+                "token_expired",
+                close_code=CLOSE_KEY_EXPIRED,
+                request_id=_client_request_id(event),
+            )
+            return False
         if self.key_digest is None:
             return True
         status = await api_key_status(self.key_digest)

@@ -156,6 +156,8 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_lookup_caches():
     """In-process lookup caches outlive a test's database rows; start every test without them."""
+    from accounts.jwt import token_cache
+    from accounts.roles import role_cache
     from billing.services.inflight import held_clear
     from billing.services.keys import key_cache
     from providers.routing.breakers import breakers_forget_local
@@ -164,6 +166,8 @@ def _fresh_lookup_caches():
 
     catalog_cache.invalidate()
     key_cache.invalidate()
+    role_cache.invalidate()  # user ids are reused once the database is emptied
+    token_cache.invalidate()
     breakers_forget_local()  # deployment ids are reused once the database is emptied
     stats_forget_local()  # so are their latencies, in-flight and per-minute counts
     yield

@@ -218,8 +218,9 @@ CELERY_TASK_IGNORE_RESULT = True
 # https://www.django-rest-framework.org/api-guide/settings/
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "billing.authentication.ApiKeyAuthentication",
+        # First: it answers only for a JWT-shaped bearer while JWT sign-in is on, and passes the rest on.
         "accounts.authentication.JwtAuthentication",
+        "billing.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -371,6 +372,28 @@ LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = env.int("LLMHUB_HEALTH_INCIDENT_AFTER_FA
 LLMHUB_HEALTH_CHECKS_KEPT = env.int("LLMHUB_HEALTH_CHECKS_KEPT", default=1000)
 LLMHUB_HEALTH_CHECK_RETENTION_DAYS = env.int("LLMHUB_HEALTH_CHECK_RETENTION_DAYS", default=30)
 ADMINS = [("", address) for address in env.list("ADMINS", default=[])]
+
+# JWT SIGN-IN (docs/auth.md): `Authorization: Bearer <JWT>` on /v1/*, /api/* and the WebSocket. Off unless a
+# JWKS URL (RS256/ES256) or a shared secret (HS256) is set; issuer and audience are then required.
+LLMHUB_JWT_JWKS_URL = env("LLMHUB_JWT_JWKS_URL", default="")
+LLMHUB_JWT_HS256_SECRET = env("LLMHUB_JWT_HS256_SECRET", default="")
+LLMHUB_JWT_ISSUER = env("LLMHUB_JWT_ISSUER", default="")
+LLMHUB_JWT_AUDIENCE = env("LLMHUB_JWT_AUDIENCE", default="")
+# The algorithms accepted (never taken from the token); empty: RS256 and ES256 with a JWKS URL, HS256 with
+# a secret.
+LLMHUB_JWT_ALGORITHMS = env.list("LLMHUB_JWT_ALGORITHMS", default=[])
+# Clock skew allowed on exp, nbf and iat.
+LLMHUB_JWT_LEEWAY_SECONDS = env.int("LLMHUB_JWT_LEEWAY_SECONDS", default=30)
+# The claim naming the user's role (a dotted path reaches into objects: realm_access.roles), one value or a
+# list; a token without a known role gets the default role.
+LLMHUB_JWT_ROLE_CLAIM = env("LLMHUB_JWT_ROLE_CLAIM", default="role")
+LLMHUB_JWT_DEFAULT_ROLE = env("LLMHUB_JWT_DEFAULT_ROLE", default="member")
+# The JWKS is kept this long; a token with an unknown kid refetches it, at most once per REFRESH_MIN.
+LLMHUB_JWT_JWKS_CACHE_SECONDS = env.float("LLMHUB_JWT_JWKS_CACHE_SECONDS", default=600.0)
+LLMHUB_JWT_JWKS_REFRESH_MIN_SECONDS = env.float("LLMHUB_JWT_JWKS_REFRESH_MIN_SECONDS", default=30.0)
+LLMHUB_JWT_JWKS_TIMEOUT_SECONDS = env.float("LLMHUB_JWT_JWKS_TIMEOUT_SECONDS", default=3.0)
+# A verified token is trusted this long (never past its exp) before its signature is checked again.
+LLMHUB_JWT_CACHE_SECONDS = env.float("LLMHUB_JWT_CACHE_SECONDS", default=60.0)
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,50 @@
+"""DRF permission classes by role capability (accounts.roles), for the management API's views."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import permissions
+
+from .roles import Capability, Role, role_can, role_of
+
+_MESSAGES = {
+    Capability.CHAT: "Your role ({role}) may not chat or read conversations; ask an administrator for the member role.",
+    Capability.MANAGE_OWN_KEYS: "Your role ({role}) may not manage keys; ask an administrator for the member role.",
+    Capability.VIEW_OWN_USAGE: "Your role ({role}) may not read usage.",
+    Capability.VIEW_ALL_USAGE: "Your role ({role}) may read only your own usage; other users' is for operators.",
+}
+
+
+class RolePermission(permissions.BasePermission):
+    """Allows a signed-in user whose role holds ``capability``; subclass with ``role_permission()``."""
+
+    capability: Capability = Capability.VIEW_OWN_USAGE
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        user = request.user
+        if user is None or not user.is_authenticated:
+            return False
+        if role_can(user, self.capability):
+            return True
+        self.message = _MESSAGES[self.capability].format(role=role_of(user).value)
+        return False
+
+
+_classes: dict[Capability, type[RolePermission]] = {}
+
+
+def role_permission(capability: Capability) -> type[RolePermission]:
+    """The permission class that requires ``capability`` (one class per capability, for DRF's lists)."""
+    if capability not in _classes:
+        name = "Can" + "".join(part.title() for part in capability.value.split("_"))
+        _classes[capability] = type(name, (RolePermission,), {"capability": capability})
+    return _classes[capability]
+
+
+CanChat = role_permission(Capability.CHAT)
+CanManageOwnKeys = role_permission(Capability.MANAGE_OWN_KEYS)
+CanViewOwnUsage = role_permission(Capability.VIEW_OWN_USAGE)
+CanViewAllUsage = role_permission(Capability.VIEW_ALL_USAGE)
+
+__all__ = ["CanChat", "CanManageOwnKeys", "CanViewAllUsage", "CanViewOwnUsage", "Role", "RolePermission"]

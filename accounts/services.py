@@ -1,0 +1,140 @@
+"""Signing in a user from a verified JWT's claims, and the audit events of JWT sign-ins."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from audit.context import AuditOrigin, origin_current
+from audit.services import audit_record
+
+from .exceptions import JwtRefused
+from .jwt import JwtPrincipal
+from .models import ExternalIdentity
+from .roles import Role, role_parse, role_set, role_strongest
+
+_USERNAME_UNSAFE = re.compile(r"[^\w.@+-]", re.ASCII)
+# At most this many auth.jwt_failed events a minute in all, and one a minute per (reason, address).
+JWT_FAILED_EVENTS_PER_MINUTE = 30
+
+
+def claim_get(claims: dict[str, Any], path: str) -> Any:
+    """A claim by name, or by a dotted path into nested objects (``realm_access.roles``)."""
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def role_from_claims(claims: dict[str, Any]) -> Role:
+    """The role the configured claim names (one value or a list: the most powerful known one); an unknown
+    or missing one gives ``LLMHUB_JWT_DEFAULT_ROLE``."""
+    value = claim_get(claims, settings.LLMHUB_JWT_ROLE_CLAIM)
+    values = value if isinstance(value, list) else [value]
+    role = role_strongest(filter(None, map(role_parse, values)))
+    return role or role_parse(settings.LLMHUB_JWT_DEFAULT_ROLE) or Role.MEMBER
+
+
+def username_for_claims(claims: dict[str, Any]) -> str:
+    """A free username from ``preferred_username``, else ``email``, else ``sub``: only the characters
+    Django's usernames allow, and ``-2``, ``-3``… appended when it is taken."""
+    User = get_user_model()
+    for claim in ("preferred_username", "email", "sub"):
+        value = claims.get(claim)
+        if isinstance(value, str) and _USERNAME_UNSAFE.sub("", value):
+            base = _USERNAME_UNSAFE.sub("", value)[:140]
+            break
+    else:
+        base = "user"
+    candidate, n = base, 1
+    while User.objects.filter(username__iexact=candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def _user_create(*, issuer: str, subject: str, claims: dict[str, Any]) -> Any:
+    User = get_user_model()
+    email = claims.get("email") if isinstance(claims.get("email"), str) and "@" in claims["email"] else ""
+    try:
+        with transaction.atomic():
+            user = User.objects.create_user(username=username_for_claims(claims), email=email[:254])
+            ExternalIdentity.objects.create(issuer=issuer, subject=subject, user=user)
+    except IntegrityError:  # the same subject's first two requests at once: the other one created it
+        return ExternalIdentity.objects.select_related("user").get(issuer=issuer, subject=subject).user
+    return user
+
+
+def identity_sign_in(*, issuer: str, claims: dict[str, Any]) -> JwtPrincipal:
+    """The user of a verified token's (issuer, sub), created at the first token; their role is set from the
+    token's claim at each sign-in (a change shows in the audit log as ``role.change``)."""
+    subject = str(claims["sub"])[:255]
+    identity = ExternalIdentity.objects.select_related("user").filter(issuer=issuer, subject=subject).first()
+    user = identity.user if identity is not None else _user_create(issuer=issuer, subject=subject, claims=claims)
+    if not user.is_active:
+        raise JwtRefused("This account is disabled.")
+    role = role_from_claims(claims)
+    role_set(user, role)
+    ExternalIdentity.objects.filter(issuer=issuer, subject=subject).update(last_seen_at=timezone.now())
+    principal = JwtPrincipal(
+        user_id=user.pk,
+        username=user.get_username(),
+        role=Role.ADMIN if user.is_superuser else role,
+        issuer=issuer,
+        subject=subject,
+        expires_at=float(claims["exp"]),
+    )
+    _login_record(user=user, principal=principal, jti=claims.get("jti"))
+    return principal
+
+
+def _login_record(*, user: Any, principal: JwtPrincipal, jti: Any) -> None:
+    """``auth.jwt_login`` once per token (by ``jti``) or, for tokens without one, once per user per hour:
+    not at every request, nor at every re-verification of the same token."""
+    if isinstance(jti, str) and jti:
+        key = f"llmhub:jwt-login:{user.pk}:{jti[:128]}"
+        timeout = max(1, min(int(principal.expires_at - time.time()) + 60, 86_400))
+    else:
+        key, timeout = f"llmhub:jwt-login:{user.pk}:h{int(time.time() // 3600)}", 3600
+    if cache.add(key, 1, timeout=timeout):
+        audit_record(
+            "auth.jwt_login",
+            target=user,
+            changes={"issuer": [None, principal.issuer], "role": [None, principal.role.value]},
+            actor=user,
+        )
+
+
+def jwt_failure_record(*, reason: str, ip_address: str | None = None) -> None:
+    """``auth.jwt_failed`` for a refused token, at most once a minute per (reason, address) and
+    ``JWT_FAILED_EVENTS_PER_MINUTE`` a minute in all, so a flood of bad tokens cannot fill the log."""
+    origin = origin_current()
+    ip_address = ip_address or (origin.ip_address if origin else None)
+    minute = int(time.time() // 60)
+    if not cache.add(
+        f"llmhub:jwt-failed:{minute}:{ip_address}:{hashlib.sha256(reason.encode()).hexdigest()[:16]}", 1, timeout=120
+    ):
+        return
+    total_key = f"llmhub:jwt-failed:{minute}"
+    cache.add(total_key, 0, timeout=120)
+    if cache.incr(total_key) > JWT_FAILED_EVENTS_PER_MINUTE:
+        return
+    audit_record(
+        "auth.jwt_failed",
+        target_type="auth.token",
+        target_repr="bearer JWT",
+        changes={"reason": [None, reason]},
+        origin=origin or AuditOrigin(ip_address=ip_address),
+    )
