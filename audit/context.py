@@ -4,7 +4,7 @@ the WebSocket consumer) and read by ``audit_record`` so that services need not p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -18,15 +18,21 @@ class AuditOrigin:
     user_agent: str = ""
 
 
-_origin: ContextVar[AuditOrigin | None] = ContextVar("audit_origin", default=None)
+# An origin, or a function that works it out when an event is recorded: the middleware runs before DRF
+# authenticates a gateway key or a JWT, so who acts is only known later in the request.
+OriginSource = AuditOrigin | Callable[[], AuditOrigin]
+_origin: ContextVar[OriginSource | None] = ContextVar("audit_origin", default=None)
 
 
 def origin_current() -> AuditOrigin | None:
-    return _origin.get()
+    """The current origin. A lazy one may read the request's user: call this from sync code (as
+    ``audit_record`` is), not from an event loop."""
+    source = _origin.get()
+    return source() if callable(source) else source
 
 
 @contextlib.contextmanager
-def audit_origin(origin: AuditOrigin) -> Iterator[AuditOrigin]:
+def audit_origin(origin: OriginSource) -> Iterator[OriginSource]:
     token = _origin.set(origin)
     try:
         yield origin
@@ -34,7 +40,7 @@ def audit_origin(origin: AuditOrigin) -> Iterator[AuditOrigin]:
         _origin.reset(token)
 
 
-def origin_set(origin: AuditOrigin | None) -> None:
+def origin_set(origin: OriginSource | None) -> None:
     """For code that cannot wrap the whole request in ``audit_origin`` (a DRF authentication class)."""
     _origin.set(origin)
 

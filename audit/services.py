@@ -8,6 +8,7 @@ the chain fail at the first row concerned.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
+from django.utils.ipv6 import clean_ipv6_address
 
 from .context import AuditOrigin, origin_current
 from .models import GENESIS_HASH, ActorType, AuditChainHead, AuditEvent
@@ -35,10 +37,13 @@ def _text(value: Any, length: int) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
+    """What a JSON column gives back as it was given: PostgreSQL's jsonb refuses NUL in text."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {_jsonable(str(k)): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset):
         items = [_jsonable(v) for v in value]
         return sorted(items, key=str) if isinstance(value, set | frozenset) else items
@@ -59,6 +64,18 @@ def changes_masked(changes: Mapping[str, Any] | None, *, secret_fields: Iterable
     return out
 
 
+def ip_normalized(value: str | None) -> str | None:
+    """The address as the column gives it back (Django's IPv6 spelling, as PostgreSQL's ``inet`` prints it),
+    so that the hash taken before the insert holds for the row read back; None if it is no address."""
+    if not value:
+        return None
+    try:
+        address = ipaddress.ip_address(str(value).split("%", 1)[0].strip())
+    except ValueError:
+        return None
+    return clean_ipv6_address(str(address)) if address.version == 6 else str(address)
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
     type: str
@@ -72,8 +89,9 @@ def actor_for(who: Any) -> Actor:
         return Actor(ActorType.SYSTEM, "", "system")
     if isinstance(who, Actor):
         return who
-    if hasattr(who, "prefix") and hasattr(who, "secret_hash"):  # billing.ApiKey, without importing billing
-        return Actor(ActorType.KEY, str(who.pk), _text(who.prefix, 200))
+    if hasattr(who, "prefix") and hasattr(who, "secret_hash"):  # billing's ApiKey or KeyPrincipal, unimported
+        key_id = who.key_id if hasattr(who, "key_id") else who.pk
+        return Actor(ActorType.KEY, str(key_id), _text(who.prefix, 200))
     if hasattr(who, "get_username"):
         if not getattr(who, "is_authenticated", True):
             return Actor(ActorType.ANONYMOUS, "", "anonymous")
@@ -146,7 +164,7 @@ def audit_record(
             target_id=_text(target_id, 64),
             target_repr=_text(target_repr, 200),
             changes=changes_masked(changes, secret_fields=secret_fields),
-            ip_address=origin.ip_address if origin else None,
+            ip_address=ip_normalized(origin.ip_address) if origin else None,
             user_agent=_text(origin.user_agent, 300) if origin else "",
             prev_hash=head.last_hash,
         )
@@ -161,6 +179,11 @@ def audit_record(
 class ChainProblem:
     seq: int | None
     reason: str
+    action: str = ""
+
+    def __str__(self) -> str:
+        row = f"#{self.seq}" if self.seq is not None else "the chain head"
+        return f"{row}{f' ({self.action})' if self.action else ''}: {self.reason}"
 
 
 def audit_verify(*, batch_size: int = 2000) -> ChainProblem | None:
@@ -175,13 +198,21 @@ def audit_verify(*, batch_size: int = 2000) -> ChainProblem | None:
             break
         for event in rows:
             if event.seq != expected_seq:
-                return ChainProblem(event.seq, f"row #{expected_seq} is missing (the next row is #{event.seq})")
+                reason = f"row #{expected_seq} before it is missing (removed after it was written)"
+                return ChainProblem(event.seq, reason, event.action)
             if event.prev_hash != prev_hash:
-                return ChainProblem(event.seq, "its prev_hash is not the hash of the row before it")
+                reason = "its prev_hash is not the hash of the row before it (rows reordered or rewritten)"
+                return ChainProblem(event.seq, reason, event.action)
             if event_hash(hashed_fields(event), event.prev_hash) != event.hash:
-                return ChainProblem(event.seq, "its fields do not match its hash (edited after it was written)")
+                return ChainProblem(
+                    event.seq, "its fields do not match its hash (edited after it was written)", event.action
+                )
             prev_hash, expected_seq, last_seq = event.hash, expected_seq + 1, event.seq
     head = AuditChainHead.objects.filter(pk=1).first()
-    if head is not None and (head.last_seq != last_seq or head.last_hash != prev_hash):
-        return ChainProblem(last_seq + 1 if head.last_seq > last_seq else last_seq, "rows after it were removed")
+    if head is None:
+        return ChainProblem(None, "the chain head row is missing") if last_seq else None
+    if head.last_seq > last_seq:
+        return ChainProblem(last_seq + 1, f"rows #{last_seq + 1} to #{head.last_seq} were removed from the end")
+    if head.last_seq != last_seq or head.last_hash != prev_hash:
+        return ChainProblem(None, f"it does not match the newest row #{last_seq} (edited after it was written)")
     return None
