@@ -268,6 +268,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
             {"fields": ("supports_streaming", "supports_tools", "supports_vision", "supports_json_mode")},
         ),
         ("Parameter rules", {"fields": ("parameter_rules",)}),
+        ("Moderation", {"fields": ("moderation_policy",)}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
 
@@ -295,5 +296,6 @@ class CatalogModelAdmin(admin.ModelAdmin):
         return f"{_price_span(obj.input_low, obj.input_high)} · {_price_span(obj.output_low, obj.output_high)}"
 
 
-from . import admin_health  # noqa: E402, F401  (registers IncidentAdmin)
+from . import admin_credentials, admin_health  # noqa: E402, F401  (register ProviderCredentialAdmin, IncidentAdmin)
 from .admin_deployments import DeploymentAdmin  # noqa: E402, F401  (registers it)
+from .admin_moderation import ModerationPolicyAdmin  # noqa: E402, F401  (registers it)

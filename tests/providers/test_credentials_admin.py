@@ -3,11 +3,16 @@ as a superuser through Django's test client."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from django.contrib import messages
 from django.urls import reverse
 
-from providers.models import ByokMode, Provider
-from tests.factories import ProviderFactory
+from audit.models import AuditEvent
+from providers.fields import Secret
+from providers.models import ByokMode, CredentialStatus, Provider, ProviderCredential
+from tests.factories import ProviderFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -68,3 +73,139 @@ def test_the_provider_list_shows_and_filters_by_byok(admin_client):
 
     filtered = admin_client.get(changelist, {"byok__exact": "optional"}).content.decode()
     assert "welcomes-own-keys" in filtered and "platform-key-only" not in filtered
+
+
+# ProviderCredential -----------------------------------------------------------------------------------
+
+ADA_KEY = "sk-ada-own-key-0123456789abcdefghijADAX"
+GRACE_KEY = "sk-grace-own-key-9876543210zyxwvutsrGRCE"
+CHANGELIST = "admin:providers_providercredential_changelist"
+
+
+def credential(owner_name: str, provider: Provider, key: str, **fields: object) -> ProviderCredential:
+    owner = UserFactory(username=owner_name)
+    return ProviderCredential.objects.create(
+        owner=owner, provider=provider, api_key=key, hint=Secret(key).hint, **fields
+    )
+
+
+@pytest.fixture
+def keys(fake_upstream):
+    """Two users' keys for a provider on the fake upstream (which accepts any key but one marked refused)."""
+    provider = ProviderFactory(name="byo-openai", base_url=fake_upstream.base_url + "/v1", byok=ByokMode.OPTIONAL)
+    other = ProviderFactory(name="byo-other", byok=ByokMode.REQUIRED)
+    return (
+        credential("ada", provider, ADA_KEY, label="personal account", status=CredentialStatus.VALID),
+        credential("grace", other, GRACE_KEY, status=CredentialStatus.INVALID, status_detail="wrong key (HTTP 401)"),
+    )
+
+
+def test_the_list_shows_whose_key_for_which_provider_and_its_state_never_the_key(admin_client, keys):
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+
+    for column in ("owner", "provider", "label", "hint", "status", "last validated at", "created at", "rotated at"):
+        assert f">{column.capitalize()}</a>" in page or f">{column.capitalize()}</span>" in page, column
+    assert "personal account" in page and Secret(ADA_KEY).hint in page and Secret(GRACE_KEY).hint in page
+    assert '<span title="wrong key (HTTP 401)">Invalid</span>' in page
+    for key in (ADA_KEY, GRACE_KEY):
+        assert key not in page and key[3:-4] not in page
+
+
+def test_the_list_filters_by_provider_and_status_and_searches_by_owner(admin_client, keys):
+    ada, _ = keys
+    changelist = reverse(CHANGELIST)
+
+    def owners(**query: object) -> list[str]:
+        response = admin_client.get(changelist, query)
+        assert response.status_code == 200
+        return sorted(row.owner.username for row in response.context["cl"].result_list)
+
+    assert owners() == ["ada", "grace"]
+    assert owners(provider__id__exact=ada.provider_id) == ["ada"]
+    assert owners(status__exact="invalid") == ["grace"]
+    assert owners(q="grac") == ["grace"]
+    assert owners(q="ada@example.com") == ["ada"]
+
+
+def test_the_change_page_is_read_only_and_never_holds_the_key(admin_client, keys):
+    ada, _ = keys
+    url = reverse("admin:providers_providercredential_change", args=[ada.pk])
+
+    response = admin_client.get(url)
+
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert ADA_KEY not in page and ADA_KEY[3:-4] not in page
+    # No field at all (a masked one neither): the only named inputs are the forms' CSRF tokens.
+    assert set(re.findall(r'<(?:input|textarea|select)\b[^>]*\bname="([^"]+)"', page)) == {"csrfmiddlewaretoken"}
+    assert Secret(ADA_KEY).hint in page and "personal account" in page
+    assert 'name="_save"' not in page
+
+    # Nor does a hand-made POST change anything, the key least of all.
+    refused = admin_client.post(url, {"label": "renamed", "api_key": "sk-typed-by-staff-000000000000000"})
+    assert refused.status_code == 403
+    ada.refresh_from_db()
+    assert ada.label == "personal account" and ada.api_key.reveal() == ADA_KEY
+
+
+def test_staff_cannot_add_a_key(admin_client, keys):
+    assert admin_client.get(reverse("admin:providers_providercredential_add")).status_code == 403
+    assert (
+        'href="/admin/providers/providercredential/add/"' not in admin_client.get(reverse(CHANGELIST)).content.decode()
+    )
+
+
+def run_action(client, action: str, *credentials: ProviderCredential) -> list[tuple[int, str]]:
+    response = client.post(
+        reverse(CHANGELIST), {"action": action, "_selected_action": [c.pk for c in credentials]}, follow=True
+    )
+    assert response.status_code == 200
+    return [(message.level, message.message) for message in response.context["messages"]]
+
+
+def test_checking_keys_again_marks_them_with_what_the_provider_says(admin_client, keys, fake_upstream):
+    ada, _ = keys
+    refused = credential("linus", ada.provider, "sk-linus-key-refused-00000000000000LNUS")
+
+    shown = run_action(admin_client, "revalidate", ada, refused)
+
+    ada.refresh_from_db()
+    refused.refresh_from_db()
+    assert ada.status == CredentialStatus.VALID and ada.last_validated_at is not None
+    assert refused.status == CredentialStatus.INVALID and "not a valid API key" in refused.status_detail
+    assert (messages.SUCCESS, f"{ada}: valid.") in shown
+    assert (messages.ERROR, f"{refused}: refused: {refused.status_detail}") in shown
+    failed = AuditEvent.objects.get(action="provider_key.validation_failed")
+    assert failed.target_id == str(refused.pk) and failed.actor_repr == "admin"
+    # The provider was asked with each user's own key.
+    assert len({entry["key_sha256"] for entry in fake_upstream.requests}) == 2
+
+
+def test_a_provider_that_cannot_be_asked_leaves_the_status_as_it_was(admin_client, keys):
+    _, grace = keys  # its provider points at a port where nothing listens
+
+    shown = run_action(admin_client, "revalidate", grace)
+
+    grace.refresh_from_db()
+    assert grace.status == CredentialStatus.INVALID and grace.status_detail == "wrong key (HTTP 401)"
+    [(level, text)] = shown
+    assert level == messages.WARNING and text.startswith(f"{grace}: not checked:")
+    assert GRACE_KEY not in text
+
+
+def test_staff_delete_keys_through_the_service_which_records_it(admin_client, keys):
+    ada, grace = keys
+
+    confirm = admin_client.get(reverse("admin:providers_providercredential_delete", args=[ada.pk]))
+    assert confirm.status_code == 200 and ADA_KEY not in confirm.content.decode()
+    deleted = admin_client.post(reverse("admin:providers_providercredential_delete", args=[ada.pk]), {"post": "yes"})
+    assert deleted.status_code == 302
+    admin_client.post(reverse(CHANGELIST), {"action": "delete_selected", "_selected_action": [grace.pk], "post": "yes"})
+
+    assert not ProviderCredential.objects.exists()
+    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
+    assert [(event.target_id, event.actor_repr) for event in events] == [
+        (str(ada.pk), "admin"),
+        (str(grace.pk), "admin"),
+    ]
+    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))

@@ -1,0 +1,93 @@
+"""Admin for users' own provider keys (bring your own key). Staff see whose key it is, for which provider, its
+hint and status, and may check a key again or delete it; they never read it: the key has no field here, not
+even a masked one, and nobody types one in (its owner adds and replaces it on the provider keys page or over
+REST). Deleting and checking go through the services, which record them in the audit log."""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+
+from core.exceptions import ApplicationError
+
+from .models import CredentialStatus, ProviderCredential
+from .services.credentials import provider_credential_delete, provider_credential_validate
+
+logger = logging.getLogger(__name__)
+
+# Everything on the change page, read-only; ``api_key`` is not among them.
+_SHOWN_FIELDS = (
+    "owner",
+    "provider",
+    "label",
+    "hint",
+    "status",
+    "status_detail",
+    "last_validated_at",
+    "created_at",
+    "rotated_at",
+    "updated_at",
+)
+
+
+@admin.register(ProviderCredential)
+class ProviderCredentialAdmin(admin.ModelAdmin):
+    list_display = (
+        "owner",
+        "provider",
+        "label",
+        "hint",
+        "status_shown",
+        "last_validated_at",
+        "created_at",
+        "rotated_at",
+    )
+    list_filter = (("provider", admin.RelatedOnlyFieldListFilter), "status")
+    list_select_related = ("owner", "provider")
+    search_fields = ("owner__username", "owner__email", "owner__first_name", "owner__last_name")
+    date_hierarchy = "created_at"
+    actions = ("revalidate",)
+    fields = _SHOWN_FIELDS
+    readonly_fields = _SHOWN_FIELDS
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # a key is its owner's to give; staff never type one in
+
+    def has_change_permission(self, request: HttpRequest, obj: ProviderCredential | None = None) -> bool:
+        """A key's page is read-only (there is nothing on it for staff to edit); the permission still counts
+        on the list, where it allows the "check again" action."""
+        return obj is None and super().has_change_permission(request)
+
+    @admin.display(description="status", ordering="status")
+    def status_shown(self, obj: ProviderCredential) -> str:
+        """The status, with the provider's reason for refusing the key as its tooltip."""
+        return format_html('<span title="{}">{}</span>', obj.status_detail, CredentialStatus(obj.status).label)
+
+    @admin.action(description="Check selected keys again with their providers", permissions=["change"])
+    def revalidate(self, request: HttpRequest, queryset: QuerySet[ProviderCredential]) -> None:
+        for credential in queryset.select_related("owner", "provider"):
+            name = str(credential)
+            try:
+                accepted = provider_credential_validate(credential=credential)
+            except ApplicationError as exc:  # the provider could not be asked: the status is left as it was
+                self.message_user(request, f"{name}: not checked: {exc.message}", messages.WARNING)
+                continue
+            except Exception:
+                logger.exception("checking provider credential %s failed", credential.pk)
+                self.message_user(request, f"{name}: not checked; see the server log.", messages.ERROR)
+                continue
+            if accepted:
+                self.message_user(request, f"{name}: valid.", messages.SUCCESS)
+            else:
+                self.message_user(request, f"{name}: refused: {credential.status_detail}", messages.ERROR)
+
+    def delete_model(self, request: HttpRequest, obj: ProviderCredential) -> None:
+        provider_credential_delete(credential=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ProviderCredential]) -> None:
+        for credential in queryset.select_related("owner", "provider"):
+            provider_credential_delete(credential=credential)
