@@ -45,6 +45,7 @@ class PlanAdmin(admin.ModelAdmin):
         (None, {"fields": ("name", "description")}),
         ("Models", {"fields": ("allow_all_models", "allowed_models", "max_output_price_per_mtok")}),
         ("Limits (empty: unlimited)", {"fields": ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")}),
+        ("Moderation", {"fields": ("moderation_policy",)}),
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:

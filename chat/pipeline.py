@@ -60,6 +60,7 @@ from providers.selectors import model_resolve
 from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, models_for_caller
+from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
@@ -219,9 +220,11 @@ def completion_reject(
     body: Any = None,
     model: ResolvedModel | None = None,
     operation: str = Operation.CHAT,
+    moderation: str = "",
 ) -> None:
     """The ``rejected`` ledger row of a request refused before any upstream call: for its input, its
-    model, its budget, or before its body could be read at all (too large, not JSON, wrong method)."""
+    model, its budget, or before its body could be read at all (too large, not JSON, wrong method).
+    ``moderation``: what the input check found (a refused input says why; a flag, what)."""
     requested = body.get("model") if isinstance(body, dict) else None
     usage_record_submit(
         UsageData(
@@ -238,6 +241,7 @@ def completion_reject(
             model_name=model.name if model else _storable(requested, 128) if requested is not None else "",
             duration_ms=_ms(time.perf_counter() - started) if started is not None else 0,
             error_type=error.code or type(error).__name__,
+            moderation=moderation[:200],
         )
     )
 
@@ -300,6 +304,7 @@ async def completion_start(
     request_id = request_id or new_request_id()
     started = time.perf_counter()
     model: ResolvedModel | None = None
+    moderation: Moderation | None = None
     _request_track()
     try:
         shutdown = _shutdowns.get(asyncio.get_running_loop())
@@ -316,6 +321,10 @@ async def completion_start(
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
         fallbacks, context_fallbacks = await _fallbacks_for(caller, model, operation=operation, body=body)
         credentials = await _credentials_for(caller, [model, *fallbacks, *context_fallbacks])
+        # The input check, before admission: a refused input holds nothing and nothing goes upstream.
+        moderation = await moderation_for(caller, model, operation, request_id=request_id)
+        if moderation is not None:
+            await moderation.check_input(body, operation)
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -339,6 +348,7 @@ async def completion_start(
             body=body,
             model=model,
             operation=operation,
+            moderation=moderation.summary if moderation is not None else "",
         )
         raise error from exc
     except ApplicationError as exc:
@@ -351,6 +361,7 @@ async def completion_start(
             body=body,
             model=model,
             operation=operation,
+            moderation=moderation.summary if moderation is not None else "",
         )
         raise
     return CompletionRun(
@@ -366,6 +377,7 @@ async def completion_start(
         context_fallbacks=context_fallbacks,
         route=route,
         credentials=credentials,
+        moderation=moderation,
     )
 
 
@@ -489,16 +501,18 @@ class DeploymentsAtCapacityError(ProviderRateLimitError):
 
 def _retryable(exc: ProviderError) -> bool:
     """Whether another attempt (the next deployment, a fallback) may succeed where this one failed: rate
-    limits, overload, 5xx, timeouts, refused or cut connections. A 400, 401, 403 or 404 never is."""
-    if isinstance(exc, (ProviderBadRequestError, ProviderAuthenticationError, ProviderNotFoundError)):
+    limits, overload, 5xx, timeouts, refused or cut connections. A 400, 401, 403 or 404 never is, nor a
+    moderation verdict (another deployment's reply would be checked by the same policy)."""
+    if isinstance(exc, (ProviderBadRequestError, ProviderAuthenticationError, ProviderNotFoundError, ModerationError)):
         return False
     return exc.upstream_status is None or exc.upstream_status in (408, 429, 500, 502, 503, 504, 529)
 
 
 def _outcome(exc: ProviderError) -> str:
     """What a failed attempt says about the deployment, for its breaker: a request the upstream found wrong
-    (400, context length) says nothing; anything else, bad credentials included, counts against it."""
-    if isinstance(exc, ProviderBadRequestError):
+    (400, context length) says nothing, nor does moderation; anything else, bad credentials included, counts
+    against it."""
+    if isinstance(exc, (ProviderBadRequestError, ModerationError)):
         return Outcome.NEUTRAL
     return Outcome.FAILURE
 
@@ -522,6 +536,7 @@ class CompletionRun:
         context_fallbacks: list[ResolvedModel] | None = None,
         route: str | None = None,
         credentials: dict[int, UserCredential] | None = None,
+        moderation: Moderation | None = None,
     ) -> None:
         self.caller = caller
         self.credentials = credentials  # the caller's own provider keys; None: no model here can use one
@@ -539,7 +554,8 @@ class CompletionRun:
         self.served: ResolvedModel | None = None
         self.attempts = 0
         self.resumed = False  # a stream that failed midway and was continued on another deployment
-        self.moderation = ""  # what moderation found, for the ledger row (``chat.moderation``)
+        # The request's moderation policies and what they found (the ledger row's ``moderation``); None: none.
+        self.moderation = moderation
         self.result: RunResult | None = None
         self._ticket: CallTicket | None = None
         self._cancelled = False
@@ -841,8 +857,23 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             response = await self._call(once)
+            await self._reply_check(_completion_text(response))
         response["model"] = self.answered_by.name
         return response
+
+    def _reply_guard(self) -> ReplyGuard | None:
+        return self.moderation.output() if self.moderation is not None else None
+
+    async def _reply_check(self, text: str) -> None:
+        """The output check of a whole reply, once it has come (and been paid for): a ``block`` hit answers
+        ``content_policy_violation`` instead of the reply, which is billed all the same."""
+        guard = self._reply_guard()
+        if guard is None:
+            return
+        try:
+            await guard.check(text)
+        finally:
+            guard.close()
 
     async def stream_open(self) -> AsyncIterator[WireChunk]:
         """``stream``, once its first chunk has arrived: every entry point waits for it before answering, so
@@ -865,6 +896,7 @@ class CompletionRun:
         calls_streamed = False
         # Completion tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
+        guard = self._reply_guard()  # the output check: each piece is fed to it before it is relayed
 
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
             async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
@@ -913,6 +945,8 @@ class CompletionRun:
                             chunk_usage = chunk.get("usage")
                             if chunk_usage:
                                 usage = chunk_usage
+                            if guard is not None:
+                                await guard.feed(_chunk_text(chunk))
                             for choice in chunk.get("choices") or ():
                                 delta = choice.get("delta") or {}
                                 if delta.get("content"):
@@ -930,6 +964,8 @@ class CompletionRun:
                                     continue
                                 chunk.drop_usage()
                             yield chunk
+                        if guard is not None:
+                            await guard.finish()  # before the stream may end cleanly
                         break
                     except ProviderError as exc:
                         served = self.answered_by
@@ -952,6 +988,8 @@ class CompletionRun:
                         self.resumed = True
                         first, upstream = await self._call(once_with("".join(text)), exclude=failed)
             finally:
+                if guard is not None:
+                    guard.close()
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
 
@@ -977,6 +1015,7 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             message = await self._call(once)
+            await self._reply_check(_message_text(message))
         message["model"] = self.answered_by.name
         return message
 
@@ -1007,6 +1046,7 @@ class CompletionRun:
             )
 
         upstream: AsyncIterator[WireEvent] | None = None
+        guard = self._reply_guard()
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once)
@@ -1017,6 +1057,8 @@ class CompletionRun:
                         if self._first_token_at is None:
                             self._first_token_at = time.perf_counter()
                         delta = event.get("delta") or {}
+                        if guard is not None:
+                            await guard.feed(delta.get("text") or "")
                         delivered.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
                     elif kind == "message_start":
                         event.set_model(public_name)
@@ -1027,8 +1069,14 @@ class CompletionRun:
                             (name, value) for name, value in (event.get("usage") or {}).items() if value is not None
                         )
                         stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                    elif kind == "message_stop" and guard is not None:
+                        await guard.finish()  # before the stream's last event says it ended cleanly
                     yield event
+                if guard is not None:
+                    await guard.finish()
             finally:
+                if guard is not None:
+                    guard.close()
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
 
@@ -1102,7 +1150,7 @@ class CompletionRun:
             resumed=self.resumed,
             usage_partly_estimated=usage_partly_estimated,
             billing_source=BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY,
-            moderation=self.moderation,
+            moderation=self.moderation.summary if self.moderation is not None else "",
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),
@@ -1126,6 +1174,27 @@ class CompletionRun:
 def _mapping(value: Any) -> dict[str, Any] | None:
     """An upstream's ``usage`` if it is an object at all (what it holds, billing checks)."""
     return value if isinstance(value, dict) and value else None
+
+
+def _chunk_text(chunk: WireChunk) -> str:
+    """The reply's text in a chunk (each choice's), what the output check reads."""
+    return "".join((choice.get("delta") or {}).get("content") or "" for choice in chunk.get("choices") or ())
+
+
+def _completion_text(response: dict[str, Any]) -> str:
+    return "\n".join(
+        content
+        for choice in response.get("choices") or ()
+        if isinstance(content := (choice.get("message") or {}).get("content"), str)
+    )
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    return "\n".join(
+        block["text"]
+        for block in message.get("content") or ()
+        if isinstance(block, dict) and isinstance(block.get("text"), str)
+    )
 
 
 def _role_only(chunk: WireChunk) -> bool:

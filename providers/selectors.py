@@ -98,6 +98,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         stream_idle_timeout=None
         if model.stream_idle_timeout_seconds is None
         else float(model.stream_idle_timeout_seconds),
+        moderation_policy_id=model.moderation_policy_id,
     )
 
 

@@ -111,6 +111,7 @@ class ResolvedModel:
     context_window_fallbacks: tuple[str, ...] = ()  # tried instead when the prompt is too long for this one
     resume_on_failure: bool = False
     stream_idle_timeout: float | None = None  # seconds without a chunk that end a stream; None: the setting
+    moderation_policy_id: int | None = None  # ``ModerationPolicy`` checking this model's input and output
 
     def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
         """This model as served by ``deployment``: its provider, upstream id and prices."""

@@ -34,7 +34,8 @@ Several upstreams
 
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
-    or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below), ``GET /v1/models`` and
+    or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below), ``POST /v1/moderations`` (OpenAI, see
+    Moderation below), ``GET /v1/models`` and
     ``GET /v1/models/{id}`` (Anthropic shape when the request carries an ``anthropic-version`` header,
     OpenAI shape otherwise). Azure OpenAI's routes answer as OpenAI's: ``POST
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
@@ -106,6 +107,17 @@ Embeddings
     ``[[latency=MS]]`` as for chat, ``[[usage=none]]`` leaves ``usage`` out, ``[[encoding=float]]``
     answers floats whatever ``encoding_format`` asked (as servers that ignore the field do).
 
+Moderation
+    ``POST /v1/moderations`` answers OpenAI's shape, ``{"id", "model", "results": [{"flagged",
+    "categories", "category_scores"}]}``, one result per input (a string, a list of strings, or text parts).
+    An input is flagged in the categories it names with markers ``[flag:CATEGORY]`` (single brackets, so a
+    marker survives the echo and ``[[reply=...]]`` into a chat reply: the same text flags a prompt and the
+    reply that repeats it), e.g. ``[flag:violence]`` or ``[flag:self-harm/intent]``; only OpenAI's category
+    names count (``MODERATION_CATEGORIES``). A flagged category scores 0.99, the others 0.0001. It is counted
+    in ``/__stats`` like every path; the faults apply as for chat (a ``[[fault=...]]`` or ``[[latency=MS]]``
+    in the input, the ``x-fake-fault`` header, or a standing fault, which ``/__control {"fault": "503",
+    "models": ["omni-moderation-latest"]}`` limits to the moderation model so that chat keeps working).
+
 Faults
     Chosen by the ``x-fake-fault`` header, else the ``[[fault=NAME]]`` directive, else a model named
     ``fault-NAME``. Any 4xx/5xx status code (e.g. ``400``, ``401``, ``429`` with ``Retry-After: 2``,
@@ -149,6 +161,7 @@ from aiohttp import web
 
 __all__ = [
     "MODELS",
+    "MODERATION_CATEGORIES",
     "FakeUpstream",
     "FakeUpstreams",
     "UpstreamHandle",
@@ -264,6 +277,23 @@ _DEMO_KEYWORDS: tuple[tuple[str, frozenset[str]], ...] = (
     ("hello", frozenset({"hello", "hi", "hey", "help", "who", "demo"})),
 )
 
+# OpenAI's moderation categories (omni-moderation), in its order.
+MODERATION_CATEGORIES: tuple[str, ...] = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+_FLAG_RE = re.compile(r"\[flag:([a-z/-]+)\]")
 _DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
 _MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
@@ -960,6 +990,7 @@ class _App:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/moderations", self.moderations)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model_id}", self.model)
         app.router.add_get("/v1beta/models", self.gemini_models)
@@ -1502,6 +1533,42 @@ class _App:
             answer["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
         return web.json_response(answer, headers={"x-request-id": _new_id("req_")})
 
+    # -- OpenAI moderations --
+
+    async def moderations(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/moderations``: one result per input, flagged by the ``[flag:CATEGORY]`` markers it
+        holds (see Moderation in the module docstring)."""
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _openai_error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        items = _moderation_inputs(body.get("input"))
+        directives: dict[str, str] = {}
+        for item in items or ():
+            directives.update(_extract_directives(item)[1])
+        await self._pause(self._timing(directives).latency)
+        model = body.get("model") or "omni-moderation-latest"
+        fault = self._fault_name(request, directives, model)
+        if fault is not None:
+            early = await self._immediate_fault(request, "openai", fault, 0, stream=False)
+            if early is not None:
+                return early
+        if not items:
+            return _openai_error(
+                400, "'input' must be a non-empty string or array.", "invalid_request_error", "invalid_value", "input"
+            )
+        results = []
+        for item in items:
+            marked = {name for name in _FLAG_RE.findall(item) if name in MODERATION_CATEGORIES}
+            results.append(
+                {
+                    "flagged": bool(marked),
+                    "categories": {name: name in marked for name in MODERATION_CATEGORIES},
+                    "category_scores": {name: 0.99 if name in marked else 0.0001 for name in MODERATION_CATEGORIES},
+                }
+            )
+        answer = {"id": _new_id("modr-"), "model": model, "results": results}
+        return web.json_response(answer, headers={"x-request-id": _new_id("req_")})
+
     # -- Anthropic messages --
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -1776,6 +1843,24 @@ def _embedding_inputs(value: Any) -> list[str | list[int]] | None:
     ):
         return list(value)
     return None
+
+
+def _moderation_inputs(value: Any) -> list[str] | None:
+    """The texts of a moderation request's ``input``: a string, a list of strings, or a list of parts (the
+    text parts; images are not judged here)."""
+    if isinstance(value, str):
+        return [value] if value else None
+    if not isinstance(value, list) or not value:
+        return None
+    texts: list[str] = []
+    for item in value:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        elif not (isinstance(item, dict) and item.get("type") == "image_url"):
+            return None
+    return texts or None
 
 
 def _embedding_vector(text: str, dimensions: int) -> array.array:

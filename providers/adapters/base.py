@@ -100,6 +100,16 @@ class BaseAdapter(ABC):
             code="embeddings_not_supported",
         )
 
+    async def moderate(self, text: str, *, model: str) -> list[dict[str, Any]]:
+        """Classify ``text`` with the provider's moderation model: OpenAI's ``results`` (each with
+        ``flagged``, ``categories`` and ``category_scores``). Default: not served; ``OpenAIAdapter``
+        overrides it (``/v1/moderations``)."""
+        raise ProviderBadRequestError(
+            f"The provider {self.config.name!r} ({self.config.kind}) does not serve moderation.",
+            provider=self.config.name,
+            code="moderation_not_supported",
+        )
+
     async def health_check(self) -> HealthResult:
         """Default: time a model listing. Overridden by providers without a model list endpoint."""
         started = time.perf_counter()

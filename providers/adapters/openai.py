@@ -178,6 +178,23 @@ class OpenAIAdapter(BaseAdapter):
                     item["embedding"] = base64.b64encode(packed).decode()
         return response
 
+    async def moderate(self, text: str, *, model: str) -> list[dict[str, Any]]:
+        """Through the SDK's ``moderations.create``, read raw: the categories keep their wire names
+        (``self-harm``, ``hate/threatening``) without a round trip through the SDK's model."""
+        try:
+            async with upstream_deadline(self.config):
+                raw = await self._client.moderations.with_raw_response.create(input=text, model=model)
+            response = json.loads(raw.content)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        results = response.get("results") if isinstance(response, dict) else None
+        if not isinstance(results, list) or not all(isinstance(item, dict) for item in results):
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than moderation results.",
+                provider=self.config.name,
+            )
+        return results
+
     async def list_models(self) -> list[UpstreamModel]:
         try:
             async with upstream_deadline(self.config):

@@ -1,0 +1,335 @@
+"""Moderation in the pipeline: the input check before admission, the output check on replies and streams,
+and what a finding does (``docs/moderation.md``).
+
+A request is checked by its model's policy and its user's plan's (``providers.moderation``). With neither,
+``moderation_for`` returns None after two cached lookups and nothing else runs. A ``block`` hit refuses the
+input (400 ``content_policy_violation``, nothing sent upstream) or ends the reply; a ``flag`` hit is
+recorded on the ledger row (``CompletionRun.moderation``) and as an audit event ``moderation.flag``
+written in the background. A moderation service that fails refuses the request (503
+``moderation_unavailable``) unless the policy fails open; then the request is served and the ledger row
+and a log warning say it went unchecked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from asgiref.sync import sync_to_async
+
+from audit.models import ActorType
+from audit.services import Actor, audit_record
+from billing.models import Operation
+from billing.selectors import user_limits
+from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
+from providers.moderation import Hit, ModerationServiceError, PolicySnapshot, moderation_policies
+from providers.types import ResolvedModel
+
+from .callers import Caller
+
+logger = logging.getLogger("llmhub.moderation")
+
+# The operations whose text is moderated (embeddings are not: nothing is said back).
+MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES})
+# Audit writes in flight, kept referenced until done (the event loop keeps only weak references).
+_background: set[asyncio.Task[Any]] = set()
+
+
+class ModerationError:
+    """Marks the errors moderation raises: never retried on another deployment, never held against one."""
+
+
+class ContentPolicyViolationError(ModerationError, ProviderBadRequestError):
+    """The input, or the reply, is refused by a moderation policy. A ``ProviderError`` so that a stream cut
+    by it ends the way every entry point ends a broken stream (an in-band error, never a clean end)."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "content_policy_violation"
+
+    def __init__(self, message: str, *, moderation: str) -> None:
+        super().__init__(message, code=self.code)
+        self.moderation = moderation  # for the ledger row: what was found, not the text
+
+
+class ModerationUnavailableError(ModerationError, ProviderUnavailableError):
+    """The moderation service failed and the policy fails closed."""
+
+    status_code = 503
+    code = "moderation_unavailable"
+
+    def __init__(self, message: str, *, moderation: str) -> None:
+        super().__init__(message, code=self.code)
+        self.moderation = moderation
+
+
+class Moderation:
+    """The policies of one request and what they found so far (``notes``: the ledger row's words)."""
+
+    def __init__(self, policies: list[PolicySnapshot], *, caller: Caller, request_id: str, model: str) -> None:
+        self.policies = policies
+        self.caller = caller
+        self.request_id = request_id
+        self.model = model
+        self.notes: list[str] = []
+        self._flagged: set[tuple[int, str]] = set()  # (policy, direction) already recorded
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(self.notes)
+
+    async def check_input(self, body: dict[str, Any], operation: str) -> None:
+        """Before admission: raise on a ``block`` hit or a failed service that fails closed."""
+        policies = [p for p in self.policies if p.check_input]
+        if not policies:
+            return
+        text = input_text(body, operation)
+        if not text:
+            return
+        for policy in policies:
+            await self._judge(policy, "input", lambda p=policy: p.check(text))
+
+    def output(self) -> ReplyGuard | None:
+        """The guard of the reply, when a policy checks output."""
+        policies = [p for p in self.policies if p.check_output]
+        return ReplyGuard(self, policies) if policies else None
+
+    async def _judge(self, policy: PolicySnapshot, direction: str, check: Any) -> None:
+        try:
+            hit = await check()
+        except Exception as exc:  # whatever failed, the text went unchecked: the policy decides
+            self.unavailable(policy, direction, _reason(exc))
+            return
+        if hit is not None:
+            self.found(policy, direction, hit)
+
+    def found(self, policy: PolicySnapshot, direction: str, hit: Hit) -> None:
+        what = f"{direction}: {hit.describe()}"
+        if policy.blocks:
+            note = f"blocked {what}"
+            self.notes.append(note)
+            if direction == "input":
+                message = f"Your request was refused by the content policy ({', '.join(hit.categories)})."
+            else:
+                message = (
+                    f"The reply was stopped by the content policy ({', '.join(hit.categories)}); "
+                    "the tokens generated so far are billed."
+                )
+            raise ContentPolicyViolationError(message, moderation=self.summary)
+        if (policy.id, direction) in self._flagged:
+            return
+        self._flagged.add((policy.id, direction))
+        self.notes.append(f"flagged {what}")
+        self._audit(policy, direction, hit)
+
+    def unavailable(self, policy: PolicySnapshot, direction: str, reason: str) -> None:
+        if not policy.fail_open:
+            self.notes.append(f"{direction} unchecked: moderation unavailable")
+            raise ModerationUnavailableError(
+                "The content moderation service is unavailable, and this request may not be served "
+                "unchecked; retry shortly.",
+                moderation=self.summary,
+            )
+        logger.warning(
+            "moderation policy %r failed on the %s of %s (%s): served unchecked (the policy fails open)",
+            policy.name,
+            direction,
+            self.request_id,
+            reason,
+        )
+        note = f"{direction} unchecked: moderation unavailable (fail open)"
+        if note not in self.notes:
+            self.notes.append(note)
+
+    def _audit(self, policy: PolicySnapshot, direction: str, hit: Hit) -> None:
+        """``moderation.flag`` in the audit log, written off the request's path; a failure is logged."""
+        caller = self.caller
+        if caller.api_key_id is not None:
+            actor = Actor(ActorType.KEY, str(caller.api_key_id), f"key {caller.api_key_id} of {caller.username}")
+        else:
+            actor = Actor(ActorType.USER, str(caller.user_id), caller.username)
+        flagged = {"direction": direction, "categories": list(hit.categories), "policy": policy.name}
+        if hit.where:
+            flagged["where"] = hit.where
+        record = sync_to_async(audit_record)
+        task = asyncio.ensure_future(
+            record(
+                "moderation.flag",
+                target_type="request",
+                target_id=self.request_id,
+                target_repr=f"{self.model} request {self.request_id}",
+                changes={"flagged": [None, flagged]},
+                actor=actor,
+            )
+        )
+        _background.add(task)
+        task.add_done_callback(_audit_done)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ModerationServiceError):
+        return str(exc)
+    logger.error("a moderation check failed unexpectedly", exc_info=exc)
+    return f"unexpected {type(exc).__name__}"
+
+
+def _audit_done(task: asyncio.Task[Any]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a moderation.flag audit event could not be written", exc_info=task.exception())
+
+
+async def moderation_drain() -> None:
+    """Wait for the audit events still being written (tests, shutdown)."""
+    while _background:
+        await asyncio.gather(*list(_background), return_exceptions=True)
+
+
+async def moderation_for(caller: Caller, model: ResolvedModel, operation: str, *, request_id: str) -> Moderation | None:
+    """The request's moderation, or None when no policy applies (the model's and the plan's ids are read from
+    snapshots already cached for routing and admission)."""
+    if operation not in MODERATED:
+        return None
+    plan_policy = (await user_limits(caller.user_id)).moderation_policy_id
+    if model.moderation_policy_id is None and plan_policy is None:
+        return None
+    policies = await moderation_policies((model.moderation_policy_id, plan_policy))
+    if not policies:
+        return None
+    return Moderation(policies, caller=caller, request_id=request_id, model=model.name)
+
+
+class ReplyGuard:
+    """The output check of one reply. ``feed`` each piece before it is relayed; ``finish`` at the end.
+
+    Block-list policies scan, every ``stream_interval_chars`` characters, only the text added since their
+    last scan plus an overlap as long as their longest entry, before the piece that crossed the mark is
+    relayed. OpenAI policies are asked at the same marks in a background task, so the relay does not wait
+    for them: a verdict is read at the next piece (a block cuts the stream there), and ``finish`` waits for
+    the last one and checks the whole reply once more before the stream may end cleanly."""
+
+    def __init__(self, moderation: Moderation, policies: list[PolicySnapshot]) -> None:
+        self.moderation = moderation
+        self.policies = policies
+        self._parts: list[str] = []
+        self._length = 0
+        self._scanned: dict[int, int] = {p.id: 0 for p in policies}  # block-list: scanned up to
+        self._marked: dict[int, int] = {p.id: 0 for p in policies}  # length at the last check
+        self._asked: dict[int, asyncio.Task[Hit | None]] = {}  # service: the question in flight
+        self._seen: dict[int, int] = {}  # service: the length of the reply it was last asked about
+        self._done: set[int] = set()  # flag policies that found something: nothing more to do
+        self._finished = -1  # the length of the reply ``finish`` last passed
+
+    def _text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    async def feed(self, piece: str) -> None:
+        """Take ``piece`` (not yet relayed) into the reply; raise when the reply must stop before it."""
+        if not piece:
+            return
+        self._parts.append(piece)
+        self._length += len(piece)
+        for policy in self.policies:
+            if policy.id in self._done:
+                continue
+            if not policy.is_blocklist:
+                await self._collect(policy, wait=False)
+            if self._length - self._marked[policy.id] >= policy.stream_interval_chars:
+                self._marked[policy.id] = self._length
+                if policy.is_blocklist:
+                    self._scan(policy, final=False)
+                elif policy.id not in self._asked:
+                    self._ask(policy)
+
+    async def finish(self) -> None:
+        """The end of the reply: every policy has the last word on all of it."""
+        if self._finished == self._length:
+            return
+        for policy in self.policies:
+            if policy.id in self._done:
+                continue
+            if policy.is_blocklist:
+                self._scan(policy, final=True)
+                continue
+            await self._collect(policy, wait=True)
+            if policy.id not in self._done and self._seen.get(policy.id) != self._length:
+                self._ask(policy)
+                await self._collect(policy, wait=True)
+        self._finished = self._length
+
+    async def check(self, text: str) -> None:
+        """A whole reply (not streamed)."""
+        await self.feed(text)
+        await self.finish()
+
+    def close(self) -> None:
+        """The reply ended another way: stop asking."""
+        for task in self._asked.values():
+            task.cancel()
+        self._asked.clear()
+
+    def _scan(self, policy: PolicySnapshot, *, final: bool) -> None:
+        blocklist = policy.blocklist
+        if not blocklist:
+            return
+        text = self._text()
+        start = max(0, self._scanned[policy.id] - blocklist.overlap)
+        hit = blocklist.scan(text, start=start, final=final)
+        self._scanned[policy.id] = len(text)
+        if hit is not None:
+            self._found(policy, hit)
+
+    def _ask(self, policy: PolicySnapshot) -> None:
+        self._seen[policy.id] = self._length
+        self._asked[policy.id] = asyncio.ensure_future(policy.ask_service(self._text()))
+
+    async def _collect(self, policy: PolicySnapshot, *, wait: bool) -> None:
+        task = self._asked.get(policy.id)
+        if task is None:
+            return
+        if not task.done():
+            if not wait:
+                return
+            await asyncio.wait({task})
+        del self._asked[policy.id]
+        try:
+            hit = task.result()
+        except Exception as exc:  # whatever failed, the reply went unchecked: the policy decides
+            self.moderation.unavailable(policy, "output", _reason(exc))
+            return
+        if hit is not None:
+            self._found(policy, hit)
+
+    def _found(self, policy: PolicySnapshot, hit: Hit) -> None:
+        if not policy.blocks:
+            self._done.add(policy.id)
+        self.moderation.found(policy, "output", hit)
+
+
+def input_text(body: dict[str, Any], operation: str) -> str:
+    """The text of what the client sends the model, the model's own earlier replies left out (they were
+    checked as output, and a conversation's history must not refuse every later turn)."""
+    parts: list[str] = []
+    if operation == Operation.MESSAGES:
+        parts.extend(_texts(body.get("system")))
+    for message in body.get("messages") or ():
+        if isinstance(message, dict) and message.get("role") != "assistant":
+            parts.extend(_texts(message.get("content")))
+    return "\n".join(part for part in parts if part)
+
+
+def _texts(content: Any) -> Iterable[str]:
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str):
+                yield part["text"]
+            elif part.get("type") == "tool_result":
+                yield from _texts(part.get("content"))

@@ -1,0 +1,91 @@
+"""Admin for moderation policies: a block-list is vetted when it is saved (``blocklist_problems``), so that a
+pattern that does not compile or could backtrack for ever never reaches the request path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.core.exceptions import ValidationError
+
+from .models import CatalogModel, ModerationChecker, ModerationPolicy
+from .moderation import blocklist_problems
+
+
+class ModerationPolicyForm(forms.ModelForm):
+    class Meta:
+        model = ModerationPolicy
+        fields = (
+            "name",
+            "enabled",
+            "checker",
+            "action",
+            "check_input",
+            "check_output",
+            "stream_interval_chars",
+            "blocklist",
+            "moderation_provider",
+            "moderation_model",
+            "categories",
+            "timeout_seconds",
+            "fail_open",
+        )
+        widgets = {"blocklist": forms.Textarea(attrs={"rows": 12, "cols": 60, "spellcheck": "false"})}
+
+    def clean_blocklist(self) -> str:
+        text = self.cleaned_data.get("blocklist") or ""
+        problems = blocklist_problems(text)
+        if problems:
+            raise ValidationError(problems)
+        return text
+
+    def clean_categories(self) -> list[str]:
+        categories = self.cleaned_data.get("categories") or []
+        if not isinstance(categories, list) or not all(isinstance(c, str) and c for c in categories):
+            raise ValidationError('A list of category names, e.g. ["violence", "self-harm"].')
+        return categories
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        checker = cleaned.get("checker")
+        if checker == ModerationChecker.OPENAI and not cleaned.get("moderation_provider"):
+            self.add_error("moderation_provider", "The OpenAI checker calls this provider's /v1/moderations.")
+        if checker == ModerationChecker.BLOCKLIST and not (cleaned.get("blocklist") or "").strip():
+            self.add_error("blocklist", "The block-list checker needs at least one entry.")
+        if not cleaned.get("check_input") and not cleaned.get("check_output"):
+            self.add_error("check_input", "Check the input, the output, or both.")
+        timeout = cleaned.get("timeout_seconds")
+        if timeout is not None and timeout <= 0:
+            self.add_error("timeout_seconds", "More than zero seconds.")
+        return cleaned
+
+
+@admin.register(ModerationPolicy)
+class ModerationPolicyAdmin(admin.ModelAdmin):
+    form = ModerationPolicyForm
+    list_display = ("name", "checker", "action", "check_input", "check_output", "fail_open", "models_using", "enabled")
+    list_filter = ("checker", "action", "enabled", "fail_open")
+    search_fields = ("name",)
+    readonly_fields = ("updated_at",)
+    fieldsets = (
+        (None, {"fields": ("name", "enabled", "checker", "action")}),
+        ("What is checked", {"fields": ("check_input", "check_output", "stream_interval_chars")}),
+        (
+            "Block-list",
+            {
+                "description": "One entry a line: a word or phrase (whole words, any case), or re:<pattern>. "
+                "Lines starting with # are comments.",
+                "fields": ("blocklist",),
+            },
+        ),
+        (
+            "OpenAI moderation",
+            {"fields": ("moderation_provider", "moderation_model", "categories", "timeout_seconds", "fail_open")},
+        ),
+        ("History", {"fields": ("updated_at",), "classes": ("collapse",)}),
+    )
+
+    @admin.display(description="models")
+    def models_using(self, obj: ModerationPolicy) -> int:
+        return CatalogModel.objects.filter(moderation_policy=obj).count()
