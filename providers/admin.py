@@ -268,6 +268,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
             {"fields": ("supports_streaming", "supports_tools", "supports_vision", "supports_json_mode")},
         ),
         ("Parameter rules", {"fields": ("parameter_rules",)}),
+        ("Moderation", {"fields": ("moderation_policy",)}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
 
@@ -297,3 +298,4 @@ class CatalogModelAdmin(admin.ModelAdmin):
 
 from . import admin_credentials, admin_health  # noqa: E402, F401  (register ProviderCredentialAdmin, IncidentAdmin)
 from .admin_deployments import DeploymentAdmin  # noqa: E402, F401  (registers it)
+from .admin_moderation import ModerationPolicyAdmin  # noqa: E402, F401  (registers it)
