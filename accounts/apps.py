@@ -14,15 +14,18 @@ def _roles_after_migrate(sender, using="default", **kwargs) -> None:
 
 def _role_forget(sender, instance, **kwargs) -> None:
     """A user's groups or superuser flag changed (the admin, role_set): this process's copy of their role
-    goes at once; other processes' within LLMHUB_LOOKUP_CACHE_TTL."""
-    from .roles import role_cache
+    goes at once (other processes' within LLMHUB_LOOKUP_CACHE_TTL), and a user put in or out of a role
+    group from the admin becomes staff or not as ``role_set`` would have made them."""
+    from .roles import role_cache, role_staff_sync
 
     pk = getattr(instance, "pk", None)
     if kwargs.get("reverse") or pk is None or not hasattr(instance, "get_username"):
         role_cache.invalidate()  # a group's members changed from the group's side: any of them
-    else:
-        role_cache.invalidate(pk)
-        instance.__dict__.pop("_llmhub_role", None)
+        return
+    role_cache.invalidate(pk)
+    instance.__dict__.pop("_llmhub_role", None)
+    if kwargs.get("action") in ("post_add", "post_remove", "post_clear"):
+        role_staff_sync(instance)
 
 
 class AccountsConfig(AppConfig):

@@ -2,9 +2,9 @@
 
 What a role may do in the admin is the group's model permissions (seeded by ``roles_ensure``, editable
 in the admin like any group's); what it may do outside the admin (chat, manage its own keys, read
-everyone's usage) is a capability of the role, below. A user in no role group is a ``member`` (every
-user created before roles existed keeps working); a superuser is an ``admin``; a user in several role
-groups has the most powerful of them.
+everyone's usage) is a capability of the role, below. A superuser is an ``admin``; a user in several role
+groups has the most powerful of them. A user in no role group keeps what they could do before roles
+existed: a ``member``, or an ``operator`` if they are staff (the staff usage page stays theirs).
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def role_strongest(roles: Iterable[Role]) -> Role | None:
     return next((role for role in ROLES_BY_POWER if role in held), None)
 
 
-def _role_from_groups(names: Iterable[str], *, is_superuser: bool) -> Role:
+def _role_from_groups(names: Iterable[str], *, is_superuser: bool, is_staff: bool) -> Role:
     if is_superuser:
         return Role.ADMIN
-    return role_strongest(filter(None, map(role_parse, names))) or Role.MEMBER
+    return role_strongest(filter(None, map(role_parse, names))) or (Role.OPERATOR if is_staff else Role.MEMBER)
 
 
 def role_of(user: Any) -> Role:
@@ -97,7 +97,7 @@ def role_of(user: Any) -> Role:
     cached = getattr(user, "_llmhub_role", None)
     if cached is None:
         names = user.groups.filter(name__in=[r.value for r in Role]).values_list("name", flat=True)
-        cached = _role_from_groups(names, is_superuser=user.is_superuser)
+        cached = _role_from_groups(names, is_superuser=user.is_superuser, is_staff=user.is_staff)
         user._llmhub_role = cached
     return cached
 
@@ -113,11 +113,11 @@ role_cache: TTLCache[Role] = TTLCache("roles")
 async def _role_load(user_id: int) -> Role:
     from django.contrib.auth import get_user_model
 
-    row = await get_user_model().objects.filter(pk=user_id).values("is_superuser").afirst()
+    row = await get_user_model().objects.filter(pk=user_id).values("is_superuser", "is_staff").afirst()
     if row is None:
         return Role.VIEWER
     names = [name async for name in _groups_of(user_id)]
-    return _role_from_groups(names, is_superuser=row["is_superuser"])
+    return _role_from_groups(names, is_superuser=row["is_superuser"], is_staff=row["is_staff"])
 
 
 def _groups_of(user_id: int):
@@ -155,6 +155,18 @@ def role_set(user: Any, role: Role) -> bool:
     user.__dict__.pop("_llmhub_role", None)
     role_cache.invalidate(user.pk)
     return changed
+
+
+def role_staff_sync(user: Any) -> None:
+    """After a user's groups changed outside ``role_set`` (the admin's user form): staff if and only if
+    their role is admin or operator, so that putting someone in a role group is all it takes."""
+    user.__dict__.pop("_llmhub_role", None)
+    is_staff = role_of(user) in STAFF_ROLES or user.is_superuser
+    if user.is_staff != is_staff:
+        type(user).objects.filter(pk=user.pk).update(is_staff=is_staff)
+        user.is_staff = is_staff
+    user.__dict__.pop("_llmhub_role", None)
+    role_cache.invalidate(user.pk)
 
 
 def roles_ensure(*, apps: Any = None, using: str = "default") -> None:

@@ -4,6 +4,9 @@ Authentication is a gateway key (``Authorization: Bearer`` or ``x-api-key``) or 
 every read is scoped to the caller, and another user's key answers 404 exactly like a missing one.
 Errors use OpenAI's shape (``core.exception_handlers``).
 
+Roles (accounts.roles): a viewer may read only its own usage (no keys); operators and admins may read
+anyone's usage with ``?user=<id or username>``.
+
 Keys are managed by a person (the session) or by a key holding the ``keys:manage`` scope; any other key
 gets 403 on every /api/keys/ endpoint. A managing key sees, creates and revokes only the keys in its own
 subtree (itself and the keys created under it), and a key it creates never has more than it has.
@@ -15,16 +18,19 @@ import re
 from datetime import UTC, date, datetime
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
 from rest_framework import permissions, serializers, status
-from rest_framework.exceptions import AuthenticationFailed, NotFound
+from rest_framework.exceptions import AuthenticationFailed, NotFound, PermissionDenied
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import CanManageOwnKeys, CanViewOwnUsage
+from accounts.roles import Capability, role_can
 from core.openapi import ErrorResponseSerializer, error_responses
 from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.models import CatalogModel
@@ -140,9 +146,12 @@ def _own_key_or_404(request: Request, key_id: int) -> ApiKey:
     return api_key
 
 
-_KEY_PERMISSIONS = [permissions.IsAuthenticated, CanManageKeys]
+_KEY_PERMISSIONS = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys]
 _NO_MANAGE_SCOPE = {
-    403: OpenApiResponse(response=ErrorResponseSerializer, description="The API key lacks the `keys:manage` scope.")
+    403: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description="The API key lacks the `keys:manage` scope, or the user's role (viewer) may not manage keys.",
+    )
 }
 
 
@@ -311,6 +320,11 @@ class UsageFilterSerializer(serializers.Serializer):
         help_text="One of your keys: its id or its prefix.",
     )
     status = serializers.ChoiceField(choices=UsageStatus.choices, required=False)
+    user = serializers.RegexField(
+        r"^[\w.@+-]{1,150}$",
+        required=False,
+        help_text="Operators and admins: another user's usage, by id or username (anyone else gets 403).",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -333,8 +347,31 @@ class UsageSummaryFilterSerializer(UsageFilterSerializer):
         return attrs
 
 
+def _usage_owner(request: Request, wanted: str | None) -> Any:
+    """Whose usage a request reads: the caller's own, or with ``?user=`` (operators and admins) another's."""
+    if wanted is None:
+        return request.user
+    if not role_can(request.user, Capability.VIEW_ALL_USAGE):
+        raise PermissionDenied("Only operators and admins may read another user's usage (?user=).")
+    users = get_user_model().objects.filter(username=wanted)
+    owner = users.first() or (get_user_model().objects.filter(pk=int(wanted)).first() if wanted.isdigit() else None)
+    if owner is None:
+        raise NotFound("No user with this id or username.")
+    return owner
+
+
+_USAGE_PERMISSIONS = [permissions.IsAuthenticated, CanViewOwnUsage]
+_USAGE_FORBIDDEN = {
+    403: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description="`user` given by a caller who is neither an operator nor an admin.",
+    )
+}
+
+
 class UsageListApi(APIView):
     pagination_class = BoundedPagination
+    permission_classes = _USAGE_PERMISSIONS
 
     @extend_schema_serializer(component_name="UsageRecord")
     class OutputSerializer(serializers.Serializer):
@@ -361,12 +398,13 @@ class UsageListApi(APIView):
         summary="List your requests from the usage ledger",
         description="Newest first.",
         parameters=[UsageFilterSerializer],
-        responses={200: OutputSerializer(many=True), **error_responses(400, 401)},
+        responses={200: OutputSerializer(many=True), **error_responses(400, 401, 404), **_USAGE_FORBIDDEN},
     )
     def get(self, request: Request) -> Response:
         filters = UsageFilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        records = usage_record_list(user=request.user, filters=UsageFilters(**filters.validated_data))
+        owner = _usage_owner(request, filters.validated_data.pop("user", None))
+        records = usage_record_list(user=owner, filters=UsageFilters(**filters.validated_data))
         return _paginated_response(request=request, view=self, queryset=records, serializer_class=self.OutputSerializer)
 
 
@@ -389,6 +427,8 @@ class _UsageModelSerializer(_UsageTotalsSerializer):
 
 
 class UsageSummaryApi(APIView):
+    permission_classes = _USAGE_PERMISSIONS
+
     @extend_schema_serializer(component_name="UsageSummary")
     class OutputSerializer(serializers.Serializer):
         total = _UsageTotalsSerializer()
@@ -406,12 +446,13 @@ class UsageSummaryApi(APIView):
             "`by_day`; the list shows it with `status=rejected`."
         ),
         parameters=[UsageFilterSerializer],
-        responses={200: OutputSerializer, **error_responses(400, 401)},
+        responses={200: OutputSerializer, **error_responses(400, 401, 404), **_USAGE_FORBIDDEN},
     )
     def get(self, request: Request) -> Response:
         filters = UsageSummaryFilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        summary = usage_summary(user=request.user, filters=UsageFilters(**filters.validated_data))
+        owner = _usage_owner(request, filters.validated_data.pop("user", None))
+        summary = usage_summary(user=owner, filters=UsageFilters(**filters.validated_data))
         return Response(self.OutputSerializer(summary).data)
 
 

@@ -1,5 +1,8 @@
 """Usage pages: ``/usage/`` for each user (their spend, by day and by model, and what is left of their
-quota and budgets) and ``/usage/admin/`` for staff (spend by provider, model and user)."""
+quota and budgets) and ``/usage/admin/`` for operators and admins (spend by provider, model and user).
+
+Every role may read its own usage page (a viewer too); the page of everyone's is for the roles that may
+read everyone's usage (accounts.roles)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
+
+from accounts.roles import Capability, role_can
 
 from .charts import spend_per_day_chart, spend_share_chart
 from .models import BudgetMetric
@@ -96,7 +101,7 @@ def usage_page(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def usage_admin_page(request: HttpRequest) -> HttpResponse:
-    if not request.user.is_staff:
+    if not role_can(request.user, Capability.VIEW_ALL_USAGE):
         raise PermissionDenied
     today = timezone.now().astimezone(UTC).date()
     days = usage_daily(days=DAYS, today=today)

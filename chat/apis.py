@@ -1,18 +1,20 @@
 """REST for the chat page: the user's conversations, feedback on replies and the model catalog.
 
 Every view reads through ``chat.selectors`` with the requesting user's id, so another user's
-conversation or message answers 404 exactly like a missing one.
+conversation or message answers 404 exactly like a missing one. Every view needs a role that may chat:
+a viewer (accounts.roles) gets 403.
 """
 
 from __future__ import annotations
 
 from drf_spectacular.utils import extend_schema, extend_schema_field, extend_schema_serializer
-from rest_framework import serializers, status
+from rest_framework import permissions, serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import CanChat
 from billing.selectors import CatalogEntry, models_catalog_for
 from billing.services.keys import KeyPrincipal
 from core.openapi import error_responses
@@ -21,6 +23,8 @@ from . import selectors, services
 from .models import Feedback, Message
 
 _TAGS = ["Conversations"]
+# A viewer (accounts.roles) may not chat, so neither read conversations nor the picker's catalog.
+_CHAT_PERMISSIONS = [permissions.IsAuthenticated, CanChat]
 
 
 @extend_schema_serializer(component_name="MessageUsage")
@@ -75,6 +79,7 @@ class ConversationSummarySerializer(serializers.Serializer):
 
 
 class ConversationListApi(APIView):
+    permission_classes = _CHAT_PERMISSIONS
     pagination_class = LimitOffsetPagination
 
     @extend_schema_serializer(component_name="ConversationSummary")
@@ -96,6 +101,8 @@ class ConversationListApi(APIView):
 
 
 class ConversationDetailApi(APIView):
+    permission_classes = _CHAT_PERMISSIONS
+
     @extend_schema_serializer(component_name="ConversationUpdate")
     class InputSerializer(serializers.Serializer):
         title = serializers.CharField(max_length=200, required=False)
@@ -150,6 +157,8 @@ class ConversationDetailApi(APIView):
 
 
 class MessageFeedbackApi(APIView):
+    permission_classes = _CHAT_PERMISSIONS
+
     @extend_schema_serializer(component_name="MessageFeedback")
     class InputSerializer(serializers.Serializer):
         value = serializers.ChoiceField(choices=Feedback.choices, allow_null=True, help_text="1, -1, or null to clear.")
@@ -190,6 +199,8 @@ class PriceRangeSerializer(serializers.Serializer):
 
 class ModelListApi(APIView):
     """The catalog for a picker: every chat model, with the ones the caller may not use marked ``locked``."""
+
+    permission_classes = _CHAT_PERMISSIONS
 
     @extend_schema_serializer(component_name="CatalogModel")
     class OutputSerializer(serializers.Serializer):

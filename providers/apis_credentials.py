@@ -11,13 +11,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer
-from rest_framework import serializers, status
+from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import CanManageOwnKeys
 from core.openapi import ErrorResponseSerializer, error_responses
 
 from .models import ByokMode, CredentialStatus, Provider, ProviderCredential
@@ -76,7 +79,15 @@ def _own_credential_or_404(request: Request, credential_id: int) -> ProviderCred
     return credential
 
 
+# A viewer (accounts.roles) may not manage keys of its own.
+_OWN_KEYS = [permissions.IsAuthenticated, CanManageOwnKeys]
+
+
+# A debug error page shows a form POST's fields and each frame's variables: neither may show the key.
+@method_decorator(sensitive_post_parameters("api_key"), name="dispatch")
 class ProviderCredentialListCreateApi(APIView):
+    permission_classes = _OWN_KEYS
+
     @extend_schema_serializer(component_name="ProviderKeyCreate")
     class InputSerializer(serializers.Serializer):
         provider = serializers.CharField(max_length=64, validators=[_no_surrogates], help_text="A provider's name.")
@@ -122,8 +133,9 @@ class ProviderCredentialListCreateApi(APIView):
             **error_responses(400, 401),
         },
     )
+    @method_decorator(sensitive_variables("serializer"))
     def post(self, request: Request) -> Response:
-        serializer = self.InputSerializer(data=request.data)
+        serializer = self.InputSerializer(data=request.data)  # its repr shows the data, key included
         serializer.is_valid(raise_exception=True)
         credential = provider_credential_save(owner=request.user, **serializer.validated_data)
         # A key that has never been replaced was just added.
@@ -135,6 +147,8 @@ class ProviderCredentialListCreateApi(APIView):
 
 
 class ProviderCredentialDetailApi(APIView):
+    permission_classes = _OWN_KEYS
+
     @extend_schema_serializer(component_name="ProviderKeyUpdate")
     class InputSerializer(serializers.Serializer):
         label = serializers.CharField(max_length=100, allow_blank=True, validators=[_no_surrogates])
@@ -179,6 +193,8 @@ class ProviderCredentialDetailApi(APIView):
 
 
 class ProviderCredentialValidateApi(APIView):
+    permission_classes = _OWN_KEYS
+
     @extend_schema(
         tags=_TAG,
         operation_id="provider_keys_validate",
