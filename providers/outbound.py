@@ -33,6 +33,7 @@ import asyncio
 import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -344,9 +345,16 @@ def _refuse_other_origin(origin: tuple[str, str, int | None], url: httpx2.URL) -
         )
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for every provider client: building one loads the CA bundle (tens of milliseconds on
+    the event loop), and a client is built per user's own key (bring your own key), not only per provider."""
+    return httpx2.create_ssl_context(trust_env=False)
+
+
 def _pool_options(limits: httpx2.Limits) -> dict[str, Any]:
     return {
-        "ssl_context": httpx2.create_ssl_context(trust_env=False),
+        "ssl_context": _ssl_context(),
         "max_connections": limits.max_connections,
         "max_keepalive_connections": limits.max_keepalive_connections,
         "keepalive_expiry": limits.keepalive_expiry,
@@ -361,7 +369,7 @@ class OutboundTransport(httpx2.AsyncHTTPTransport):
     redirects, so this is the check that keeps a redirect on the provider's origin."""
 
     def __init__(self, *, origin: str, limits: httpx2.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        super().__init__(verify=_ssl_context(), limits=limits, trust_env=False)
         self.origin = origin_of(origin)
         self._pool = httpcore2.AsyncConnectionPool(**_pool_options(limits), network_backend=GuardedNetworkBackend())
 
@@ -374,7 +382,7 @@ class SyncOutboundTransport(httpx2.HTTPTransport):
     """``OutboundTransport`` for synchronous clients."""
 
     def __init__(self, *, origin: str, limits: httpx2.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
+        super().__init__(verify=_ssl_context(), limits=limits, trust_env=False)
         self.origin = origin_of(origin)
         self._pool = httpcore2.ConnectionPool(**_pool_options(limits), network_backend=GuardedSyncNetworkBackend())
 

@@ -292,6 +292,9 @@ LLMHUB_ADAPTERS = {
     "gemini": "providers.adapters.gemini.GeminiAdapter",
     "cohere": "providers.adapters.cohere.CohereAdapter",
 }
+# Per event loop, at most this many SDK clients for users' own provider keys (bring your own key), the
+# least recently used closed first; the providers' own clients are not counted (docs/byok.md).
+LLMHUB_ADAPTER_POOL_SIZE = env.int("LLMHUB_ADAPTER_POOL_SIZE", default=256)
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
 # another process; the process that made the change invalidates its own copy at once.
 LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)

@@ -4,13 +4,23 @@ Kinds map to dotted paths in ``settings.LLMHUB_ADAPTERS`` (loaded once with ``im
 unknown kind is a configuration error). Adapters hold a pooled SDK client, so one is kept per
 provider configuration and per event loop (an httpx client must not cross loops; Celery tasks run
 each in a loop of their own), rebuilt when the configuration changes, never one per request.
+
+Users' own keys (bring your own key) each need a client of their own (``ProviderConfig.pool_key``:
+provider and credential), and thousands of users must not open thousands of connection pools: those
+clients are bounded by ``LLMHUB_ADAPTER_POOL_SIZE`` per loop and evicted least-recently-used. The
+providers' own clients are kept apart and never evicted: there is one per provider, start-up warms them,
+and every platform request needs its provider's. An evicted or replaced client is closed once the calls
+on it (a stream may run for minutes) have finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -24,10 +34,26 @@ from ..types import ProviderConfig
 if TYPE_CHECKING:
     from .base import BaseAdapter
 
-# loop -> {(provider id, user credential id): adapter}; entries vanish with their loop.
+logger = logging.getLogger(__name__)
+
 _PoolKey = tuple[int, int | None]
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_PoolKey, BaseAdapter]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Pool:
+    """One event loop's adapters: the providers' own (by provider id) and users' keys' (LRU, bounded)."""
+
+    platform: dict[int, BaseAdapter] = field(default_factory=dict)
+    users: OrderedDict[_PoolKey, BaseAdapter] = field(default_factory=OrderedDict)
+    retiring: set[BaseAdapter] = field(default_factory=set)  # evicted or replaced, closed once idle
+
+
+# Entries vanish with their loop.
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 _retired: set[asyncio.Task[None]] = set()
+# How often a retired client is checked for calls still running on it, and the longest it is kept for them.
+_IDLE_POLL_SECONDS = 1.0
+_RETIRE_MAX_SECONDS = 600.0
 
 
 @functools.cache
@@ -51,27 +77,101 @@ def adapter_for(config: ProviderConfig) -> BaseAdapter:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return adapter_class_for_kind(config.kind)(config)
-    pool = _pools.setdefault(loop, {})
-    adapter = pool.get(config.pool_key)
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = _Pool()
+    if config.credential_id is None:
+        return _platform_adapter(pool, config, loop)
+    return _user_adapter(pool, config, loop)
+
+
+def _platform_adapter(pool: _Pool, config: ProviderConfig, loop: asyncio.AbstractEventLoop) -> BaseAdapter:
+    adapter = pool.platform.get(config.id)
     if adapter is not None and adapter.config.cache_key == config.cache_key:
         return adapter
-    fresh = adapter_class_for_kind(config.kind)(config)
-    pool[config.pool_key] = fresh
+    fresh = pool.platform[config.id] = adapter_class_for_kind(config.kind)(config)
     if adapter is not None:
-        # Streams still running on the old client finish first; then its connections close.
-        task = loop.create_task(_close_later(adapter))
-        _retired.add(task)
-        task.add_done_callback(_retired.discard)
+        _retire(pool, adapter, loop)
     return fresh
 
 
-async def _close_later(adapter: BaseAdapter, delay: float = 600.0) -> None:
-    await asyncio.sleep(delay)
-    await adapter.aclose()
+def _user_adapter(pool: _Pool, config: ProviderConfig, loop: asyncio.AbstractEventLoop) -> BaseAdapter:
+    key = config.pool_key
+    adapter = pool.users.get(key)
+    if adapter is not None and adapter.config.cache_key == config.cache_key:
+        pool.users.move_to_end(key)
+        return adapter
+    fresh = adapter_class_for_kind(config.kind)(config)
+    pool.users[key] = fresh
+    pool.users.move_to_end(key)
+    if adapter is not None:  # the user replaced their key: the old one's calls finish on its client
+        _retire(pool, adapter, loop)
+    limit = max(1, settings.LLMHUB_ADAPTER_POOL_SIZE)
+    while len(pool.users) > limit:
+        _, evicted = pool.users.popitem(last=False)
+        _retire(pool, evicted, loop)
+    return fresh
+
+
+def _retire(pool: _Pool, adapter: BaseAdapter, loop: asyncio.AbstractEventLoop) -> None:
+    pool.retiring.add(adapter)
+    task = loop.create_task(_close_later(adapter, pool))
+    _retired.add(task)
+    task.add_done_callback(_retired.discard)
+
+
+async def _close_later(adapter: BaseAdapter, pool: _Pool | None = None, delay: float = _RETIRE_MAX_SECONDS) -> None:
+    """Close ``adapter``'s client once no call runs on it (a stream relaying, a request waiting for its
+    answer), or after ``delay`` seconds whatever runs."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + delay
+    try:
+        # Polled: httpcore's pool signals no "last response closed" (a stream's end) to wait on.
+        while loop.time() < give_up:
+            if not _busy(adapter):
+                break
+            await asyncio.sleep(min(_IDLE_POLL_SECONDS, max(0.0, give_up - loop.time())))
+        await adapter.aclose()
+    except Exception:
+        logger.warning("closing a retired %s client failed", adapter.config.name, exc_info=True)
+    finally:
+        if pool is not None:
+            pool.retiring.discard(adapter)
+
+
+def _busy(adapter: BaseAdapter) -> bool:
+    """Whether a call is running on ``adapter``'s HTTP client: a connection of its pool is not idle (a
+    request in flight, a response being read). An adapter whose pool cannot be seen counts as busy, so that
+    it is closed after the longest wait rather than under a stream."""
+    connections = _connections(adapter)
+    if connections is None:
+        return True
+    return any(not connection.is_idle() and not connection.is_closed() for connection in connections)
+
+
+def _connections(adapter: BaseAdapter) -> list | None:
+    # adapter → SDK client → its httpx2 client → our transport (``providers.outbound``) → httpcore2's pool.
+    sdk = getattr(adapter, "_client", None)
+    http = getattr(sdk, "_client", None)
+    transport = getattr(http, "_transport", None)
+    pool = getattr(transport, "_pool", None)
+    connections = getattr(pool, "connections", None)
+    return list(connections) if connections is not None else None
+
+
+def adapters_open() -> int:
+    """How many adapters of the running loop hold a client not yet closed: pooled, and retired but still
+    finishing their calls."""
+    pool = _pools.get(asyncio.get_running_loop())
+    if pool is None:
+        return 0
+    return len(pool.platform) + len(pool.users) + len(pool.retiring)
 
 
 async def adapters_close_all() -> None:
     """Close every pooled client of the running loop (graceful shutdown, test teardown)."""
-    pool = _pools.pop(asyncio.get_running_loop(), {})
-    for adapter in pool.values():
+    pool = _pools.pop(asyncio.get_running_loop(), None)
+    if pool is None:
+        return
+    for adapter in [*pool.platform.values(), *pool.users.values(), *pool.retiring]:
         await adapter.aclose()
