@@ -27,6 +27,8 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from billing.services.rollups import daily_usage_rebuild
 from chat.models import Conversation, Message, MessageStatus, Role
+from providers.fields import Secret
+from providers.models import ByokMode, CredentialStatus, ProviderCredential
 from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
@@ -62,6 +64,17 @@ def seed(user) -> Conversation:
     user.billing_plan.monthly_budget_usd = Decimal("25")
     user.billing_plan.save()
     keys = [api_key_create(user=user, name=name).api_key for name in ("laptop", "continuous-integration-nightly")]
+    own_provider = ProviderFactory(name="bring-your-own-openai-account", byok=ByokMode.OPTIONAL)
+    own_key = "sk-mobile-own-key-0123456789abcdefWXYZ"
+    ProviderCredential.objects.create(
+        owner=user,
+        provider=own_provider,
+        api_key=own_key,
+        hint=Secret(own_key).hint,
+        label="personal account, billed to my card",
+        status=CredentialStatus.INVALID,
+        status_detail="bring-your-own-openai-account refused the key sk-…WXYZ: it is not a valid API key (wrong key).",
+    )
     api_key_limits_set(api_key=keys[1], budget_usd=Decimal("5"), budget_period=BudgetPeriod.TOTAL)
 
     conversation = Conversation.objects.create(owner=user, title="One very long line", model_name=LONG_MODELS[0])
@@ -212,6 +225,12 @@ async def keys_ready(page: Page) -> None:
     await scrolls_inside(page, ".table-wrap")
 
 
+async def provider_keys_ready(page: Page) -> None:
+    await expect(page.locator("#keys-body tr .status")).to_have_text("Invalid")
+    await expect(page.locator("#key-provider option")).to_have_count(1)
+    await scrolls_inside(page, ".table-wrap")
+
+
 async def usage_ready(page: Page) -> None:
     await expect(page.locator("svg.chart-columns")).to_be_visible()
     await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
@@ -236,7 +255,7 @@ async def menu_open(page: Page) -> None:
     menu = page.get_by_role("button", name="Menu")
     await menu.click()
     await expect(menu).to_have_attribute("aria-expanded", "true")
-    for link in ("Chat", "API keys", "Usage", "Admin"):
+    for link in ("Chat", "API keys", "Provider keys", "Usage", "Admin"):
         await expect(page.get_by_role("link", name=link, exact=True)).to_be_in_viewport(ratio=1)
     await expect(page.get_by_role("button", name="Sign out")).to_be_in_viewport(ratio=1)
 
@@ -251,6 +270,7 @@ PAGES: dict[str, tuple[str, bool, Callable[[Page], Awaitable[None]]]] = {
     "chat": ("/c/{conversation}/", True, conversation_ready),
     "chat-sidebar": ("/c/{conversation}/", True, sidebar_open),
     "keys": ("/keys/", True, keys_ready),
+    "provider-keys": ("/provider-keys/", True, provider_keys_ready),
     "usage": ("/usage/", True, usage_ready),
     "usage-admin": ("/usage/admin/", True, usage_admin_ready),
     "menu": ("/keys/", True, menu_open),

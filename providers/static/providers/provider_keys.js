@@ -44,9 +44,14 @@
     const existing = keys.get(providerSelect.value);
     secretInput.placeholder = provider && provider.key_prefix ? `${provider.key_prefix}…` : "Your API key";
     const notes = [];
-    if (provider && MODE_NOTES[provider.byok]) notes.push(MODE_NOTES[provider.byok]);
-    if (existing) notes.push(`Saving replaces your key ${existing.hint} in one step, once the new one is accepted.`);
-    modeNote.textContent = notes.join(" ");
+    if (provider && MODE_NOTES[provider.byok]) notes.push(`${MODE_NOTES[provider.byok]} `);
+    if (existing) {
+      const hint = document.createElement("code");
+      hint.className = "key-hint";
+      hint.textContent = existing.hint;
+      notes.push("Saving replaces your key ", hint, " in one step, once the new one is accepted.");
+    }
+    modeNote.replaceChildren(...notes);
     saveButton.textContent = existing ? "Replace key" : "Save key";
   }
 
