@@ -1,0 +1,212 @@
+"""A user's own provider key never shows in plaintext anywhere llmhub writes or answers.
+
+Canary keys are put through every path a key takes: a validation failure, an add, a replacement, calls
+served on the user's key and one the provider refuses, the re-check and the daily re-validation (with its
+email), a server error (its page and the report mailed to the admins), the admin's change forms,
+``manage.py dumpproviders`` and the provider-keys page, with every logger at DEBUG. Then everything is read
+back: every text column of every table (raw, as stored), every log record, every response body and header,
+every page and email.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import secrets
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from django.contrib import admin
+from django.core import mail
+from django.core.management import call_command
+from django.db import connection
+from django.test import Client
+from django.utils.log import AdminEmailHandler
+
+from billing.services.keys import api_key_create
+from llmhub.testing.fake_upstream import FakeUpstream
+from providers.models import ByokMode, ProviderCredential, ProviderKind
+from providers.tasks_credentials import provider_credentials_revalidate_all
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+
+PLATFORM_KEY = f"sk-platform-canary-{secrets.token_hex(16)}"
+CANARY = f"sk-canary-{secrets.token_hex(16)}"
+CANARY_REPLACEMENT = f"sk-canary-{secrets.token_hex(16)}"
+SECRETS = (CANARY, CANARY_REPLACEMENT, PLATFORM_KEY)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # The whole line as any handler would write it, traceback and arguments included.
+        self.lines.append(self.format(record) + " " + repr(record.args))
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[_Records]:
+    """Every logger at DEBUG, every record kept (also of loggers that do not propagate to the root)."""
+    handler = _Records()
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    saved = [(logger, logger.level, logger.disabled) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.disabled = False
+        if logger is logging.getLogger() or not logger.propagate:
+            logger.addHandler(handler)
+    yield handler
+    for logger, level, disabled in saved:
+        logger.setLevel(level)
+        logger.disabled = disabled
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    server = FakeUpstream(api_key=PLATFORM_KEY).start()
+    yield server
+    server.stop()
+
+
+def accept_keys(upstream: FakeUpstream, *keys: str) -> None:
+    httpx.post(upstream.base_url + "/__control", json={"accept_keys": list(keys)}).raise_for_status()
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def stored_text() -> list[tuple[str, str, str]]:
+    """Every value of every column of every table, as the database holds it: (table, column, text)."""
+    found = []
+    with connection.cursor() as cursor:
+        for table in connection.introspection.table_names():
+            quoted = connection.ops.quote_name(table)
+            cursor.execute(f"SELECT * FROM {quoted}")  # the names come from the database itself
+            columns = [column[0] for column in cursor.description]
+            for row in cursor.fetchall():
+                for column, value in zip(columns, row, strict=True):
+                    if isinstance(value, bytes | memoryview):
+                        value = bytes(value).decode("latin-1")
+                    if value is not None:
+                        found.append((table, column, str(value)))
+    return found
+
+
+def leaks(text: str) -> list[str]:
+    return [secret[:14] + "…" for secret in SECRETS if secret in text]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_email(
+    llmhub_server, upstream, debug_logs, settings
+):
+    provider = ProviderFactory(
+        name="openai-own",
+        kind=ProviderKind.OPENAI,
+        base_url=upstream.base_url + "/v1",
+        api_key=PLATFORM_KEY,
+        byok=ByokMode.OPTIONAL,
+    )
+    ModelFactory(name="gpt-own", provider=provider, upstream_id="fake-gpt-4o-mini")
+    alice = UserFactory(username="alice", email="alice@example.com", is_staff=True, is_superuser=True)
+    gateway_key = api_key_create(user=alice, name="canary").secret
+    api = httpx.Client(base_url=llmhub_server.url, headers={"Authorization": f"Bearer {gateway_key}"}, timeout=30)
+    answers: list[httpx.Response] = []
+
+    def send(method: str, path: str, **kwargs) -> httpx.Response:
+        response = api.request(method, path, **kwargs)
+        answers.append(response)
+        return response
+
+    def chat() -> httpx.Response:
+        body = {"model": "gpt-own", "messages": [{"role": "user", "content": "hello"}]}
+        return send("POST", "/v1/chat/completions", json=body)
+
+    # A validation failure: the provider does not know the key yet.
+    refused = send("POST", "/api/provider-keys/", json={"provider": "openai-own", "api_key": CANARY})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "provider_key_invalid"
+
+    # Added, replaced, and replaced back.
+    accept_keys(upstream, CANARY, CANARY_REPLACEMENT)
+    added = send("POST", "/api/provider-keys/", json={"provider": "openai-own", "api_key": CANARY, "label": "x"})
+    assert added.status_code == 201, added.text
+    credential_id = added.json()["id"]
+    assert send(
+        "POST", "/api/provider-keys/", json={"provider": "openai-own", "api_key": CANARY_REPLACEMENT}
+    ).is_success
+    assert send("POST", "/api/provider-keys/", json={"provider": "openai-own", "api_key": CANARY}).status_code == 200
+    assert send("GET", "/api/provider-keys/").is_success
+    assert send("GET", f"/api/provider-keys/{credential_id}/").is_success
+
+    # Served on the user's own key, then refused upstream once the provider revokes it.
+    served = chat()
+    assert served.status_code == 200, served.text
+    assert upstream.requests[-1]["key_sha256"] == sha(CANARY)
+    accept_keys(upstream)
+    refused_upstream = chat()
+    assert refused_upstream.status_code == 401, refused_upstream.text
+    assert refused_upstream.json()["error"]["code"] == "user_key_refused"
+    assert upstream.requests[-1]["key_sha256"] == sha(CANARY)
+
+    # The daily re-validation finds it refused and emails alice; the re-check on demand says so too.
+    assert provider_credentials_revalidate_all()["turned_invalid"] == 1
+    assert len(mail.outbox) == 1
+    rechecked = send("POST", f"/api/provider-keys/{credential_id}/validate/")
+    assert rechecked.json()["status"] == "invalid"
+
+    # The pages: the provider-keys page, the admin's change forms, and a server error page with DEBUG on.
+    browser = Client(raise_request_exception=False)
+    browser.force_login(alice)
+    pages = [browser.get("/provider-keys/")]
+    if admin.site.is_registered(ProviderCredential):
+        pages.append(browser.get(f"/admin/providers/providercredential/{credential_id}/change/"))
+        pages.append(browser.get("/admin/providers/providercredential/"))
+    pages.append(browser.get(f"/admin/providers/provider/{provider.pk}/change/"))
+    assert all(page.status_code == 200 for page in pages), [page.status_code for page in pages]
+    # A server error inside the service that holds the key: the 500 page, and the report Django mails to the
+    # admins with every frame's variables (with DEBUG on, Django's own debug page shows everything by design).
+    settings.ADMINS = [("ops", "ops@example.com")]
+    settings.LLMHUB_ADAPTERS = {}  # the key's live check now fails unexpectedly, inside the service
+    report = AdminEmailHandler(include_html=True)
+    logging.getLogger("django.request").addHandler(report)
+    try:
+        error_page = browser.post(
+            "/api/provider-keys/", {"provider": "openai-own", "api_key": CANARY}, content_type="application/json"
+        )
+    finally:
+        logging.getLogger("django.request").removeHandler(report)
+    assert error_page.status_code == 500
+    pages.append(error_page)
+    reports = [message.body for message in mail.outbox[1:]]
+    assert reports and all("ImproperlyConfigured" in body for body in reports)
+    assert any("provider_credential_save" in body for body in reports)  # with the service's frame and variables
+
+    dumped = io.StringIO()
+    call_command("dumpproviders", stdout=dumped)
+    assert "openai-own" in dumped.getvalue()
+
+    # Now read everything back.
+    assert ProviderCredential.objects.get().api_key.reveal() == CANARY  # the key is there, encrypted
+    in_columns = [(table, column) for table, column, text in stored_text() if leaks(text)]
+    assert in_columns == []
+    in_logs = [line[:200] for line in debug_logs.lines if leaks(line)]
+    assert in_logs == []
+    assert any("provider" in line for line in debug_logs.lines)  # the capture did capture
+    for response in answers:
+        assert leaks(response.text) == [], (response.request.url, response.status_code)
+        assert leaks(str(response.headers.raw)) == [], response.request.url
+    for page in pages:
+        assert leaks(page.content.decode()) == [], page.request["PATH_INFO"]
+        assert leaks(str(page.headers)) == [], page.request["PATH_INFO"]
+    assert leaks(dumped.getvalue()) == []
+    for message in mail.outbox:
+        assert leaks(message.subject + message.body) == []
+        assert leaks(str(message.alternatives) + str(message.attachments)) == []
