@@ -1,0 +1,180 @@
+"""``/api/audit/``: the audit log for staff (``is_staff``), newest first, filtered, as JSON pages or CSV.
+
+Authentication is whatever the other ``/api/`` endpoints take (a gateway key of a staff user, a JWT, the web
+session); anyone else gets 403. Reading the log is not itself recorded.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
+from rest_framework import permissions, renderers, serializers
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from core.openapi import ErrorResponseSerializer, error_responses
+
+from .exports import audit_csv_response
+from .models import ActorType
+from .selectors import AuditFilters, audit_event_list
+
+_TAG = ["Audit log"]
+_STAFF_ONLY = {403: OpenApiResponse(response=ErrorResponseSerializer, description="Only staff may read the audit log.")}
+
+
+class AuditPagination(LimitOffsetPagination):
+    max_limit = 1000
+    max_offset = 10**12
+
+    def get_offset(self, request: Request) -> int:
+        return min(super().get_offset(request), self.max_offset)
+
+
+class CsvFormatRenderer(renderers.BaseRenderer):
+    """Lets ``?format=csv`` through DRF's content negotiation; the view answers it with the CSV export."""
+
+    media_type = "text/csv"
+    format = "csv"
+
+    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
+        raise NotImplementedError("the audit views answer CSV themselves")
+
+
+@extend_schema_field(
+    {
+        "type": "string",
+        "description": (
+            "An ISO 8601 date (`2026-01-31`, the start of that UTC day) or date-time (`2026-01-31T12:00:00Z`)."
+        ),
+    }
+)
+class InstantField(serializers.Field):
+    default_error_messages = {"invalid": "Give an ISO 8601 date (2026-01-31) or date-time (2026-01-31T12:00:00Z)."}
+
+    def to_internal_value(self, data: Any) -> datetime:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        try:
+            parsed: date | datetime | None = parse_date(data) or parse_datetime(data)
+        except ValueError:
+            self.fail("invalid")
+        if parsed is None:
+            self.fail("invalid")
+        if not isinstance(parsed, datetime):
+            parsed = datetime.combine(parsed, time.min)
+        return timezone.make_aware(parsed, UTC) if timezone.is_naive(parsed) else parsed
+
+    def to_representation(self, value: datetime) -> str:
+        return value.isoformat()
+
+
+class AuditFilterSerializer(serializers.Serializer):
+    action = serializers.CharField(
+        required=False, max_length=64, help_text="An action (`provider_key.add`), or a prefix ending in `.`."
+    )
+    actor = serializers.CharField(
+        required=False,
+        max_length=200,
+        help_text="A username, a key prefix, `system`, or `<actor_type>:<actor_id>` (`user:42`, `key:7`).",
+    )
+    target_type = serializers.CharField(required=False, max_length=64, help_text="e.g. `providers.provider`.")
+    target_id = serializers.CharField(required=False, max_length=64)
+    since = InstantField(required=False, help_text="Inclusive.")
+    until = InstantField(required=False, help_text="Exclusive; a date means its start.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        for name, value in attrs.items():
+            if isinstance(value, str) and not value.isprintable():
+                raise serializers.ValidationError({name: "Give printable text."})
+        since, until = attrs.get("since"), attrs.get("until")
+        if since is not None and until is not None and since >= until:
+            raise serializers.ValidationError({"until": "until must be after since."})
+        return attrs
+
+
+@extend_schema_serializer(component_name="AuditEvent")
+class AuditEventOutputSerializer(serializers.Serializer):
+    seq = serializers.IntegerField(help_text="The row's place in the chain.")
+    created_at = serializers.DateTimeField()
+    actor_type = serializers.ChoiceField(choices=ActorType.choices)
+    actor_id = serializers.CharField(help_text="A user's or a key's id; empty for the system.")
+    actor_repr = serializers.CharField(help_text="A username, a key prefix, or `system`.")
+    action = serializers.CharField()
+    target_type = serializers.CharField()
+    target_id = serializers.CharField()
+    target_repr = serializers.CharField()
+    changes = serializers.DictField(
+        child=serializers.JSONField(), help_text="field: [old, new]; secret values are `[secret]`."
+    )
+    ip_address = serializers.IPAddressField(allow_null=True)
+    user_agent = serializers.CharField()
+    prev_hash = serializers.CharField()
+    hash = serializers.CharField()
+
+
+def _filters(request: Request) -> AuditFilters:
+    serializer = AuditFilterSerializer(data=request.query_params)
+    serializer.is_valid(raise_exception=True)
+    return AuditFilters(**serializer.validated_data)
+
+
+class _AuditApi(APIView):
+    permission_classes = [permissions.IsAdminUser]
+    renderer_classes = [renderers.JSONRenderer, CsvFormatRenderer]
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        # Errors are JSON in OpenAI's shape, like every /api/ error, even when CSV was asked for.
+        if isinstance(response, Response) and response.status_code >= 400:
+            request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
+        return super().finalize_response(request, response, *args, **kwargs)
+
+
+class AuditEventListApi(_AuditApi):
+    pagination_class = AuditPagination
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="audit_events_list",
+        summary="List audit events (staff)",
+        description=(
+            "Newest first. Who did what to which object, from which address, with `changes` as field: "
+            "[old, new] (secrets masked). `?format=csv` answers every matching event as CSV, as "
+            "`/api/audit/export.csv` does."
+        ),
+        parameters=[AuditFilterSerializer],
+        responses={200: AuditEventOutputSerializer(many=True), **error_responses(400, 401), **_STAFF_ONLY},
+    )
+    def get(self, request: Request) -> Any:
+        events = audit_event_list(filters=_filters(request))
+        if request.accepted_renderer.format == "csv":
+            return audit_csv_response(events)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(events, request, view=self)
+        return paginator.get_paginated_response(AuditEventOutputSerializer(page, many=True).data)
+
+
+class AuditEventExportApi(_AuditApi):
+    @extend_schema(
+        tags=_TAG,
+        operation_id="audit_events_export",
+        summary="Export audit events as CSV (staff)",
+        description=(
+            "Every matching event, newest first, one row each: the columns of the JSON list, `changes` as JSON."
+        ),
+        parameters=[AuditFilterSerializer],
+        responses={
+            (200, "text/csv"): OpenApiResponse(response=OpenApiTypes.STR, description="CSV with a header row."),
+            **error_responses(400, 401),
+            **_STAFF_ONLY,
+        },
+    )
+    def get(self, request: Request) -> Any:
+        stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+        return audit_csv_response(audit_event_list(filters=_filters(request)), filename=f"audit-log-{stamp}.csv")

@@ -1,0 +1,316 @@
+"""Admin changes are recorded (issue 11, point 3): each audited model changed, created and deleted through the
+real admin by a superuser (Django's test client), many-to-many changes, a user's role, and that no secret
+(a provider's api_key, an extra_headers value, a password) appears in any event."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.urls import reverse
+
+from audit.models import AuditEvent
+from audit.services import SECRET_MASK, audit_verify
+from billing.models import Plan, UserPlan
+from providers.models import CatalogModel, Deployment, ModerationPolicy, Provider
+from tests.audit.conftest import AGENT, admin_submit, events, last_event
+from tests.factories import ModelFactory, ProviderFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+CANARY_KEY = "sk-canary-audit-4f9e1c2b7a6d5e3f"
+CANARY_HEADER = "hdr-canary-audit-8b7c6d5e4f3a"
+CANARY_PASSWORD = "pw-canary-audit-Zq81!xv"
+
+
+def change_url(instance) -> str:
+    return reverse(f"admin:{instance._meta.app_label}_{instance._meta.model_name}_change", args=[instance.pk])
+
+
+def assert_by_root(event: AuditEvent, root) -> None:
+    assert (event.actor_type, event.actor_id, event.actor_repr) == ("user", str(root.pk), "root")
+    assert event.ip_address == "127.0.0.1"
+    assert event.user_agent == AGENT
+
+
+def test_changing_a_provider_records_the_changed_fields_only(admin_client, root):
+    provider = ProviderFactory(name="acme")
+
+    admin_submit(admin_client, change_url(provider), timeout_seconds="42.5", base_url="http://127.0.0.1:9/v2")
+
+    event = last_event("providers.provider.change")
+    assert event.target_type == "providers.provider"
+    assert (event.target_id, event.target_repr) == (str(provider.pk), "acme")
+    assert set(event.changes) == {"timeout_seconds", "base_url"}
+    assert event.changes["base_url"] == ["http://127.0.0.1:9/v1", "http://127.0.0.1:9/v2"]
+    old, new = event.changes["timeout_seconds"]
+    assert (Decimal(old), Decimal(new)) == (Decimal("10"), Decimal("42.5"))
+    assert_by_root(event, root)
+    assert audit_verify() is None
+
+
+def test_saving_a_provider_unchanged_records_nothing(admin_client):
+    provider = ProviderFactory()
+    before = AuditEvent.objects.count()
+
+    admin_submit(admin_client, change_url(provider))
+
+    assert AuditEvent.objects.count() == before
+
+
+def test_a_providers_key_and_headers_are_masked(admin_client):
+    provider = ProviderFactory()
+
+    admin_submit(
+        admin_client, change_url(provider), api_key=CANARY_KEY, extra_headers=json.dumps({"X-Canary": CANARY_HEADER})
+    )
+
+    event = last_event("providers.provider.change")
+    assert event.changes["api_key"] == [SECRET_MASK, SECRET_MASK]
+    assert event.changes["extra_headers"] == ["", SECRET_MASK]
+    assert Provider.objects.get(pk=provider.pk).extra_headers["X-Canary"].reveal() == CANARY_HEADER  # it happened
+
+
+def test_creating_a_provider(admin_client, root):
+    admin_submit(
+        admin_client,
+        reverse("admin:providers_provider_add"),
+        name="brand-new",
+        kind="openai_compatible",
+        base_url="http://127.0.0.1:9/v1",
+        api_key=CANARY_KEY,
+        timeout_seconds="30",
+        byok="optional",
+    )
+
+    event = last_event("providers.provider.create")
+    provider = Provider.objects.get(name="brand-new")
+    assert (event.target_id, event.target_repr) == (str(provider.pk), "brand-new")
+    assert event.changes["name"] == [None, "brand-new"]
+    assert event.changes["byok"] == [None, "optional"]
+    assert event.changes["api_key"] == ["", SECRET_MASK]
+    assert_by_root(event, root)
+
+
+def test_deleting_a_provider(admin_client, root):
+    provider = ProviderFactory(name="doomed")
+
+    response = admin_client.post(reverse("admin:providers_provider_delete", args=[provider.pk]), {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not Provider.objects.filter(pk=provider.pk).exists()
+    event = last_event("providers.provider.delete")
+    assert (event.target_id, event.target_repr) == (str(provider.pk), "doomed")
+    assert event.changes["name"] == ["doomed", None]
+    assert event.changes["api_key"] == [SECRET_MASK, ""]
+    assert_by_root(event, root)
+
+
+def test_changing_a_deployment(admin_client, root):
+    model = ModelFactory(name="gpt-x")
+    deployment = model.deployments.get()
+
+    admin_submit(admin_client, change_url(deployment), weight="7", output_per_mtok="0.9")
+
+    event = last_event("providers.deployment.change")
+    assert event.target_id == str(deployment.pk)
+    assert set(event.changes) == {"weight", "output_per_mtok"}
+    assert event.changes["weight"] == [1, 7]
+    assert_by_root(event, root)
+
+
+def test_changing_a_catalog_model_and_its_inline_deployment(admin_client, root):
+    model = ModelFactory(name="gpt-y", context_window=1000)
+    deployment = model.deployments.get()
+
+    admin_submit(admin_client, change_url(model), context_window="2000", **{"deployments-0-priority": "3"})
+
+    event = last_event("providers.catalogmodel.change")
+    assert (event.target_id, event.target_repr) == (str(model.pk), "gpt-y")
+    assert event.changes == {"context_window": [1000, 2000]}
+    inline = last_event("providers.deployment.change")
+    assert (inline.target_id, inline.changes) == (str(deployment.pk), {"priority": [0, 3]})
+    assert_by_root(event, root)
+
+
+def test_deleting_a_catalog_model_records_its_deployments_too(admin_client):
+    model = ModelFactory(name="gpt-gone")
+    deployment_id = model.deployments.get().pk
+
+    response = admin_client.post(reverse("admin:providers_catalogmodel_delete", args=[model.pk]), {"post": "yes"})
+
+    assert response.status_code == 302
+    assert not CatalogModel.objects.filter(pk=model.pk).exists()
+    assert last_event("providers.catalogmodel.delete").target_repr == "gpt-gone"
+    assert last_event("providers.deployment.delete").target_id == str(deployment_id)
+
+
+def test_changing_a_moderation_policy(admin_client, root):
+    policy = ModerationPolicy.objects.create(name="strict")
+
+    admin_submit(admin_client, change_url(policy), blocklist="forbidden\nwords", action="flag")
+
+    event = last_event("providers.moderationpolicy.change")
+    assert event.changes == {"blocklist": ["", "forbidden\nwords"], "action": ["block", "flag"]}
+    assert_by_root(event, root)
+
+
+def test_changing_a_plan_and_its_allowed_models(admin_client, root, django_capture_on_commit_callbacks):
+    plan = Plan.objects.create(name="Audited starter", allow_all_models=False, rpm=10)
+    kept, added = ModelFactory(name="model-kept"), ModelFactory(name="model-added")
+    with django_capture_on_commit_callbacks(execute=True):
+        plan.allowed_models.add(kept)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, change_url(plan), rpm="20", allowed_models=[str(kept.pk), str(added.pk)])
+
+    changes = [event.changes for event in events("billing.plan.change")]
+    assert {"rpm": [10, 20]} in changes
+    assert {"allowed_models": [["model-kept"], ["model-added", "model-kept"]]} in changes
+    assert_by_root(last_event("billing.plan.change"), root)
+
+
+def test_a_plan_change_outside_a_request_is_by_the_system(django_capture_on_commit_callbacks):
+    plan = Plan.objects.create(name="Scripted", allow_all_models=False)
+    model = ModelFactory(name="model-scripted")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        plan.allowed_models.add(model)
+    plan.rpm = 5
+    plan.save()
+
+    for event in (last_event("billing.plan.create"), *events("billing.plan.change")):
+        assert (event.actor_type, event.actor_repr, event.ip_address) == ("system", "system", None)
+    assert [e.changes for e in events("billing.plan.change")] == [
+        {"allowed_models": [[], ["model-scripted"]]},
+        {"rpm": [None, 5]},
+    ]
+
+
+def test_assigning_a_plan_to_a_user(admin_client, root):
+    alice = UserFactory(username="alice")
+    plan = Plan.objects.create(name="Audited pro")
+
+    admin_submit(admin_client, reverse("admin:billing_userplan_add"), user=str(alice.pk), plan=str(plan.pk), rpm="60")
+
+    event = last_event("billing.userplan.create")
+    user_plan = UserPlan.objects.get(user=alice)
+    assert event.target_id == str(user_plan.pk)
+    assert event.changes["plan"] == [None, plan.pk]
+    assert event.changes["rpm"] == [None, 60]
+    assert_by_root(event, root)
+
+
+def test_a_role_change_names_the_groups_old_and_new(admin_client, root, django_capture_on_commit_callbacks):
+    member, admin_group = Group.objects.get_or_create(name="member")[0], Group.objects.get_or_create(name="admin")[0]
+    bob = UserFactory(username="bob")
+    with django_capture_on_commit_callbacks(execute=True):
+        bob.groups.add(member)
+    before = len(events("role.change"))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, change_url(bob), groups=[str(admin_group.pk)], email="bob@new.example")
+
+    assert len(events("role.change")) == before + 1  # set() removes then adds: one event, old set → new set
+    event = last_event("role.change")
+    assert (event.target_type, event.target_id, event.target_repr) == ("auth.user", str(bob.pk), "bob")
+    assert event.changes == {"groups": [["member"], ["admin"]]}
+    assert_by_root(event, root)
+    # (The admin's form also drops date_joined's microseconds, a change it records too.)
+    assert last_event("auth.user.change").changes["email"] == ["bob@example.com", "bob@new.example"]
+
+
+def test_a_role_given_from_the_groups_side_is_a_role_change(django_capture_on_commit_callbacks):
+    operator = Group.objects.get_or_create(name="operator")[0]
+    carol = UserFactory(username="carol")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.user_set.add(carol)
+
+    event = last_event("role.change")
+    assert (event.target_id, event.changes) == (str(carol.pk), {"groups": [[], ["operator"]]})
+
+
+def test_a_rolled_back_role_change_is_not_recorded(django_capture_on_commit_callbacks):
+    from django.db import transaction
+
+    viewer = Group.objects.get_or_create(name="viewer")[0]
+    dave = UserFactory(username="dave")
+    before = len(events("role.change"))
+
+    with django_capture_on_commit_callbacks(execute=True):
+        with pytest.raises(RuntimeError), transaction.atomic():
+            dave.groups.add(viewer)
+            raise RuntimeError("abandoned")
+
+    assert len(events("role.change")) == before
+
+
+def test_changing_a_groups_permissions(admin_client, root, django_capture_on_commit_callbacks):
+    group = Group.objects.create(name="auditors")
+    url = change_url(group)
+    permission = Permission.objects.get(codename="view_auditevent")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, url, permissions=[str(permission.pk)])
+
+    event = last_event("auth.group.change")
+    assert event.changes == {"permissions": [[], [str(permission)]]}
+    assert_by_root(event, root)
+
+
+def test_creating_and_deleting_a_user_through_the_admin(admin_client, root):
+    response = admin_client.post(
+        reverse("admin:auth_user_add"),
+        {"username": "erin", "password1": CANARY_PASSWORD, "password2": CANARY_PASSWORD, "usable_password": "true"},
+    )
+    assert response.status_code == 302
+    erin = get_user_model().objects.get(username="erin")
+    created = last_event("auth.user.create")
+    assert created.target_repr == "erin"
+    assert created.changes["password"] == ["", SECRET_MASK]
+
+    response = admin_client.post(reverse("admin:auth_user_delete", args=[erin.pk]), {"post": "yes"})
+
+    assert response.status_code == 302
+    deleted = last_event("auth.user.delete")
+    assert (deleted.target_id, deleted.target_repr) == (str(erin.pk), "erin")
+    assert_by_root(deleted, root)
+
+
+def test_a_password_change_is_recorded_masked(admin_client, root):
+    frank = UserFactory(username="frank")
+
+    response = admin_client.post(
+        reverse("admin:auth_user_password_change", args=[frank.pk]),
+        {"password1": CANARY_PASSWORD, "password2": CANARY_PASSWORD, "usable_password": "true"},
+    )
+
+    assert response.status_code == 302
+    event = last_event("auth.user.change")
+    assert event.target_repr == "frank"
+    assert event.changes == {"password": [SECRET_MASK, SECRET_MASK]}
+    assert_by_root(event, root)
+
+
+def test_no_secret_appears_in_any_event(admin_client, django_capture_on_commit_callbacks):
+    provider = ProviderFactory(api_key=CANARY_KEY)
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, change_url(provider), extra_headers=json.dumps({"X-Canary": CANARY_HEADER}))
+        admin_submit(admin_client, change_url(provider), api_key=CANARY_KEY + "-2")
+        admin_client.post(
+            reverse("admin:auth_user_add"),
+            {"username": "gina", "password1": CANARY_PASSWORD, "password2": CANARY_PASSWORD, "usable_password": "true"},
+        )
+        admin_client.post(reverse("admin:providers_provider_delete", args=[provider.pk]), {"post": "yes"})
+    assert Deployment.objects.count() == 0  # nothing else interferes
+
+    recorded = json.dumps(list(AuditEvent.objects.values()), default=str)
+    assert "providers.provider.delete" in recorded and "auth.user.create" in recorded
+    for secret in (CANARY_KEY, CANARY_HEADER, CANARY_PASSWORD, "canary"):
+        assert secret not in recorded
+    # Nor its hash: Django's hasher output starts with the algorithm's name.
+    assert "md5$" not in recorded and "pbkdf2" not in recorded

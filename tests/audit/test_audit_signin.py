@@ -1,0 +1,92 @@
+"""Sign-ins are recorded: a success as ``auth.login`` by the user, a failure as ``auth.login_failed`` with the
+name that was tried and never the password, a sign-out as ``auth.logout``; and a change made through the API
+with a gateway key is by that key, not by an anonymous visitor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from audit import signals
+from audit.models import AuditEvent
+from billing.models import KeyScope
+from billing.services.keys import api_key_create
+from tests.audit.conftest import AGENT, ROOT_PASSWORD, events, last_event
+
+pytestmark = pytest.mark.django_db
+
+WRONG_PASSWORD = "wrong-canary-password-77"
+
+
+def test_a_sign_in_is_recorded_with_the_users_address_and_client(root):
+    client = Client(HTTP_USER_AGENT=AGENT, REMOTE_ADDR="203.0.113.9")
+
+    response = client.post(reverse("admin:login"), {"username": "root", "password": ROOT_PASSWORD})
+
+    assert response.status_code == 302
+    event = last_event("auth.login")
+    assert (event.actor_type, event.actor_id, event.actor_repr) == ("user", str(root.pk), "root")
+    assert (event.target_type, event.target_id) == ("auth.user", str(root.pk))
+    assert (event.ip_address, event.user_agent) == ("203.0.113.9", AGENT)
+    assert not events("auth.user.change")  # the last_login stamp is no change of its own
+
+
+def test_a_failed_sign_in_names_the_attempted_user_never_the_password(root):
+    client = Client(HTTP_USER_AGENT=AGENT, REMOTE_ADDR="2001:DB8::7")
+
+    response = client.post(reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD})
+
+    assert response.status_code == 200  # the form again, with its error
+    assert not events("auth.login")
+    event = last_event("auth.login_failed")
+    assert (event.actor_type, event.target_type, event.target_repr) == ("anonymous", "auth.user", "root")
+    assert event.ip_address == "2001:db8::7"
+    recorded = json.dumps(list(AuditEvent.objects.values()), default=str)
+    assert WRONG_PASSWORD not in recorded and ROOT_PASSWORD not in recorded
+
+
+def test_a_sign_out_is_recorded(admin_client, root):
+    response = admin_client.post(reverse("admin:logout"))
+
+    assert response.status_code in (200, 302)
+    event = last_event("auth.logout")
+    assert (event.actor_repr, event.target_id) == ("root", str(root.pk))
+
+
+@pytest.fixture
+def api_keys_audited():
+    """Changes of gateway keys recorded like an admin change, for this test: a change made over the API."""
+    signals.connect(["billing.ApiKey"])
+    yield
+    signals.disconnect(["billing.ApiKey"])
+
+
+def test_a_change_over_the_api_with_a_gateway_key_is_by_that_key(root, api_keys_audited):
+    manager = api_key_create(user=root, name="manager", scopes=[KeyScope.KEYS_MANAGE])
+    client = APIClient(HTTP_USER_AGENT=AGENT)
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {manager.secret}")
+
+    response = client.post("/api/keys/", {"name": "made-by-a-key"}, format="json")
+
+    assert response.status_code == 201, response.content
+    event = last_event("billing.apikey.create")
+    assert event.changes["name"] == [None, "made-by-a-key"]
+    assert (event.actor_type, event.actor_id, event.actor_repr) == (
+        "key",
+        str(manager.api_key.pk),
+        manager.api_key.prefix,
+    )
+    assert (event.ip_address, event.user_agent) == ("127.0.0.1", AGENT)
+    assert "secret_hash" in event.changes and event.changes["secret_hash"][1] == "[secret]"
+
+
+def test_a_change_over_the_api_in_a_session_is_by_the_user(admin_client, root, api_keys_audited):
+    response = admin_client.post("/api/keys/", {"name": "made-in-a-session"}, content_type="application/json")
+
+    assert response.status_code == 201, response.content
+    event = last_event("billing.apikey.create")
+    assert (event.actor_type, event.actor_repr) == ("user", "root")
