@@ -298,4 +298,5 @@ class CatalogModelAdmin(admin.ModelAdmin):
 
 from . import admin_credentials, admin_health  # noqa: E402, F401  (register ProviderCredentialAdmin, IncidentAdmin)
 from .admin_deployments import DeploymentAdmin  # noqa: E402, F401  (registers it)
+from .admin_encryption import EncryptionRotationAdmin  # noqa: E402, F401  (registers it)
 from .admin_moderation import ModerationPolicyAdmin  # noqa: E402, F401  (registers it)

@@ -458,3 +458,28 @@ class ModerationPolicy(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class EncryptionRotation(models.Model):
+    """Progress of re-encrypting one encrypted column under the newest key (``provider_rotate_encryption``),
+    written in the same transaction as each batch, so that a run stopped by a crash resumes after the last
+    batch it committed. ``key_id`` names the key the column is being moved to (a one-way fingerprint, not the
+    key): a new first key in ``FIELD_ENCRYPTION_KEYS`` starts the column over."""
+
+    column = models.CharField(max_length=200, unique=True, help_text="app_label.Model.field")
+    key_id = models.CharField(max_length=16, help_text="Fingerprint of the key the column is moved to.")
+    last_pk = models.CharField(max_length=64, blank=True, help_text="The last row done; empty: none yet.")
+    rows_done = models.PositiveBigIntegerField(default=0)
+    rows_total = models.PositiveBigIntegerField(default=0)
+    rows_rewritten = models.PositiveBigIntegerField(default=0, help_text="Rows done that held a value.")
+    runs = models.PositiveIntegerField(default=0, help_text="Runs that worked on it: more than one, it was resumed.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["column"]
+
+    def __str__(self) -> str:
+        return f"{self.column}: {self.rows_done}/{self.rows_total}"

@@ -7,6 +7,7 @@ import smtplib
 
 from celery import Task, shared_task
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from .models import Incident, Provider
 from .services.encryption import provider_rotate_encryption
@@ -53,10 +54,18 @@ def provider_health_check_task(self: Task, provider_id: int) -> bool | None:
         raise self.retry(exc=exc) from exc
 
 
-@shared_task
-def providers_rotate_encryption_task() -> int:
-    """Re-encrypt stored secrets under the newest key, so that old keys can be retired."""
-    rewritten = provider_rotate_encryption()
+@shared_task(bind=True, max_retries=5, default_retry_delay=60)
+def providers_rotate_encryption_task(self: Task) -> int:
+    """Re-encrypt stored secrets under the newest key, so that old keys can be retired. Batches commit as
+    they go: a retry (or the next night's run) resumes after the last one. A value no key decrypts is not
+    retried: it needs a person (the key it was written under put back in FIELD_ENCRYPTION_KEYS)."""
+    try:
+        rewritten = provider_rotate_encryption()
+    except ImproperlyConfigured:
+        logger.exception("encryption-key rotation stopped at a value no key decrypts")
+        raise
+    except Exception as exc:
+        raise self.retry(exc=exc) from exc
     logger.info("re-encrypted %d stored secret(s) under the first FIELD_ENCRYPTION_KEYS key", rewritten)
     return rewritten
 

@@ -87,7 +87,8 @@ def test_old_key_still_decrypts_and_rotation_moves_values_to_the_new_key():
     assert KEY not in str(excinfo.value)
 
 
-def test_rotation_is_all_or_nothing_when_a_value_cannot_be_decrypted():
+def test_a_value_no_key_decrypts_stops_the_rotation_before_its_batch_is_written():
+    # The readable row is in the unreadable one's batch (more: tests/providers/test_encryption_rotation.py).
     old, new, lost = (Fernet.generate_key().decode() for _ in range(3))
     with override_settings(FIELD_ENCRYPTION_KEYS=[old]):
         readable = ProviderFactory(name="a-readable", api_key=KEY)
