@@ -1,0 +1,440 @@
+"""Moderation over REST, against a live llmhub and the fake upstream (which serves /v1/moderations and flags
+``[flag:CATEGORY]`` markers): input checks before anything goes upstream, output checks on whole and streamed
+replies, the OpenAI checker, failing services, the Messages API's error shape, the plan's policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from audit.models import AuditEvent
+from billing.models import Plan, UsageRecord, UserPlan
+from billing.tokens import text_tokens
+from llmhub.testing.fake_upstream import split_tokens
+from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
+from providers.moderation import policy_cache
+from tests.gateway.test_ledger import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/v1/chat/completions"
+MODERATIONS = "/v1/moderations"
+MODERATION_MODEL = "omni-moderation-latest"
+# The fake upstream's ``[[words=N]]`` cycle.
+LOREM = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
+    "magna aliqua"
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_policies():
+    policy_cache.invalidate()
+    yield
+    policy_cache.invalidate()
+
+
+def policy_on(model_name: str, **fields) -> ModerationPolicy:
+    """A policy (a block-list by default) on the catalog model ``model_name``."""
+    fields.setdefault("name", f"policy-{model_name}")
+    if fields.get("checker") == ModerationChecker.OPENAI:
+        fields.setdefault("moderation_provider", Provider.objects.get(name="fake-openai"))
+        fields.setdefault("moderation_model", MODERATION_MODEL)
+    policy = ModerationPolicy.objects.create(**fields)
+    model = CatalogModel.objects.get(name=model_name)
+    model.moderation_policy = policy
+    model.save()
+    return policy
+
+
+def audit_events(request_id: str, timeout: float = 10.0) -> list[AuditEvent]:
+    """The ``moderation.flag`` events of a request, once the background write has landed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = list(AuditEvent.objects.filter(action="moderation.flag", target_id=request_id))
+        if events:
+            return events
+        time.sleep(0.05)
+    raise AssertionError(f"no moderation.flag event for {request_id}")
+
+
+def sse_stream(gateway, body: dict) -> tuple[list[dict | str], str]:
+    """The ``data:`` payloads of a streamed chat completion (``[DONE]`` as a string), and its request id."""
+    with httpx.stream(
+        "POST", gateway.url + CHAT, json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+    ) as response:
+        assert response.status_code == 200, response.read()
+        events: list[dict | str] = []
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+        return events, response.headers["x-request-id"]
+
+
+def delivered_text(events: list[dict | str]) -> str:
+    return "".join(
+        (choice.get("delta") or {}).get("content") or ""
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices") or ()
+    )
+
+
+# INPUT
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_a_blocked_input_never_reaches_the_upstream_and_gets_its_rejected_row(gateway, stream):
+    policy_on("gpt-test", blocklist="forbidden\nre:secret\\s+plan")
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "Tell me the FORBIDDEN word"}], stream=stream
+        )
+
+    assert refused.value.status_code == 400
+    assert refused.value.code == "content_policy_violation"
+    assert refused.value.type == "invalid_request_error"
+    assert gateway.upstream.requests_served(CHAT) == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.error_type == "content_policy_violation"
+    assert record.moderation.startswith("blocked input: blocklist (entry 1 at character ")
+    assert "forbidden" not in record.moderation.lower()
+    assert record.cost == 0 and record.model_name == "gpt-test"
+
+
+def test_block_list_entries_are_whole_words_any_case_and_patterns(gateway):
+    policy_on("gpt-test", blocklist="forbidden\nre:secret\\s+plan")
+    client = gateway.client()
+
+    served = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "unforbiddenness and secrets planned"}]
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "our Secret  plan"}])
+
+    assert served.choices[0].message.content
+    assert refused.value.code == "content_policy_violation"
+    assert gateway.upstream.requests_served(CHAT) == 1
+
+
+def test_the_models_earlier_replies_are_not_checked_as_input(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+
+    reply = gateway.client().chat.completions.create(
+        model="gpt-test",
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "a forbidden word"},
+            {"role": "user", "content": "go on"},
+        ],
+    )
+
+    assert reply.choices[0].message.content == "Echo: go on"
+
+
+def test_a_flagged_input_is_served_and_recorded_on_the_ledger_and_in_the_audit_log(gateway):
+    policy_on("gpt-test", blocklist="forbidden", action=ModerationAction.FLAG, check_output=False)
+
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "say the forbidden word"}]
+    )
+
+    assert raw.parse().choices[0].message.content == "Echo: say the forbidden word"
+    request_id = raw.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.cost > 0
+    assert record.moderation == "flagged input: blocklist (entry 1 at character 8)"
+    (event,) = audit_events(request_id)
+    assert (event.actor_type, event.actor_id) == ("key", str(gateway.api_key.pk))
+    assert event.changes["flagged"][1] == {
+        "direction": "input",
+        "categories": ["blocklist"],
+        "policy": "policy-gpt-test",
+        "where": "entry 1 at character 8",
+    }
+    assert "forbidden" not in json.dumps(event.changes) + event.target_repr
+
+
+def test_the_plans_policy_applies_to_every_model_of_the_plan(gateway):
+    policy = ModerationPolicy.objects.create(name="plan-policy", blocklist="forbidden")
+    plan = Plan.objects.create(name="moderated", allow_all_models=True, moderation_policy=policy)
+    UserPlan.objects.create(user=gateway.user, plan=plan)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "the forbidden word"}]
+        )
+
+    assert refused.value.code == "content_policy_violation"
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
+def test_a_policy_saved_in_the_admin_applies_to_the_next_request(gateway):
+    policy = policy_on("gpt-test", blocklist="forbidden")
+    client = gateway.client()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "forbidden"}])
+
+    policy.enabled = False
+    policy.save()
+
+    reply = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "forbidden"}])
+    assert reply.choices[0].message.content == "Echo: forbidden"
+
+
+# OUTPUT
+
+
+def test_a_streamed_reply_crossing_the_block_list_is_cut_in_band_and_its_delivered_tokens_are_billed(gateway):
+    policy_on("gpt-test", blocklist="adipiscing", stream_interval_chars=1)
+    full = " ".join(LOREM.split()[:30])
+
+    events, request_id = sse_stream(
+        gateway, {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "[[words=30]]"}]}
+    )
+
+    assert "[DONE]" not in events
+    error = events[-1]["error"]
+    assert error["code"] == "content_policy_violation"
+    text = delivered_text(events)
+    assert text and full.startswith(text) and len(text) < len(full)
+    assert "elit" not in text, "the stream goes on past the blocked word"
+    record = wait_for_record(request_id)
+    assert record.error_type == "content_policy_violation"
+    assert record.moderation.startswith("blocked output: blocklist (entry 1 at character ")
+    assert record.completion_tokens == text_tokens(text) and record.usage_estimated
+    assert record.cost > 0
+
+
+def test_the_openai_sdk_raises_on_a_cut_stream(gateway):
+    policy_on("gpt-test", blocklist="adipiscing", stream_interval_chars=20)
+    pieces: list[str] = []
+
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in gateway.client().chat.completions.create(
+            model="gpt-test", stream=True, messages=[{"role": "user", "content": "[[words=60]]"}]
+        ):
+            pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert "content policy" in cut.value.message
+    full = " ".join((LOREM.split() * 4)[:60])
+    assert full.startswith("".join(pieces)) and len("".join(pieces)) < len(full)
+
+
+def test_a_term_at_the_very_end_of_a_stream_is_found_by_the_final_check(gateway):
+    policy_on("gpt-test", blocklist="labore", check_input=False, stream_interval_chars=10_000)
+
+    events, request_id = sse_stream(
+        gateway,
+        {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "[[reply=ut labore]]"}]},
+    )
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    assert delivered_text(events) == "ut labore"
+    assert wait_for_record(request_id).completion_tokens == len(split_tokens("ut labore"))
+
+
+def test_a_clean_stream_under_a_policy_ends_normally(gateway):
+    policy_on("gpt-test", blocklist="forbidden", stream_interval_chars=5)
+
+    events, request_id = sse_stream(
+        gateway, {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "[[words=40]]"}]}
+    )
+
+    assert events[-1] == "[DONE]"
+    assert delivered_text(events) == " ".join((LOREM.split() * 3)[:40])
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.moderation == ""
+
+
+def test_a_whole_reply_with_a_blocked_word_is_withheld_with_an_error_and_billed(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False)
+
+    with pytest.raises(openai.BadRequestError) as withheld:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "[[reply=a forbidden answer]]"}]
+        )
+
+    assert withheld.value.code == "content_policy_violation"
+    assert "forbidden" not in withheld.value.message
+    assert gateway.upstream.requests_served(CHAT) == 1
+    record = wait_for_record(withheld.value.response.headers["x-request-id"])
+    assert record.completion_tokens == 3 and not record.usage_estimated
+    assert record.cost == (record.prompt_tokens * Decimal("0.15") + 3 * Decimal("0.60")) / Decimal(1_000_000)
+    assert record.moderation == "blocked output: blocklist (entry 1 at character 2)"
+
+
+# THE OPENAI CHECKER
+
+
+def test_the_openai_checker_blocks_a_flagged_input_before_the_call(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hello [flag:violence]"}]
+        )
+
+    assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
+    assert gateway.upstream.requests_served(MODERATIONS) == 1
+    assert gateway.upstream.requests_served(CHAT) == 0
+    moderated = [r for r in gateway.upstream.requests if r["path"] == MODERATIONS]
+    assert moderated[0]["body"] == {"input": "hello [flag:violence]", "model": MODERATION_MODEL}
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.moderation == "blocked input: violence"
+
+
+def test_the_openai_checker_lets_a_clean_input_through_and_counts_only_its_categories(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, categories=["self-harm"], check_output=False)
+    client = gateway.client()
+
+    clean = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hello"}])
+    other = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "hello [flag:violence]"}]
+    )
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "[flag:self-harm]"}])
+
+    assert clean.choices[0].message.content == "Echo: hello"
+    assert other.choices[0].message.content == "Echo: hello [flag:violence]"
+    assert gateway.upstream.requests_served(CHAT) == 2
+
+
+def test_the_openai_checker_flags_a_streamed_reply_which_is_served_whole(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, action=ModerationAction.FLAG, check_input=False)
+    prompt = "[[reply=one two [flag:hate] three four five six]]"
+
+    events, request_id = sse_stream(
+        gateway, {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    )
+
+    assert events[-1] == "[DONE]"
+    assert delivered_text(events) == "one two [flag:hate] three four five six"
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.moderation == "flagged output: hate"
+    (event,) = audit_events(request_id)
+    assert event.changes["flagged"][1]["direction"] == "output"
+
+
+def test_the_openai_checker_cuts_a_streamed_reply(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_input=False, stream_interval_chars=30)
+    # Paced, so that the verdict on the first marks may come while the reply is still streaming (it cuts the
+    # stream there); on a fast machine the final check cuts it instead, after the last piece. Either way:
+    prompt = "[[tps=400]] [[reply=" + " ".join(["calm"] * 20) + " [flag:violence] " + " ".join(["calm"] * 200) + "]]"
+
+    events, request_id = sse_stream(
+        gateway, {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    )
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    text = delivered_text(events)
+    record = wait_for_record(request_id)
+    assert record.moderation == "blocked output: violence"
+    # What was relayed is billed: counted by the provider when its usage came before the cut, else estimated.
+    assert record.completion_tokens == (len(split_tokens(text)) if not record.usage_estimated else text_tokens(text))
+    assert record.cost > 0
+    assert gateway.upstream.requests_served(MODERATIONS) >= 1
+
+
+# A FAILING MODERATION SERVICE
+
+
+def test_a_failing_service_refuses_the_request_when_the_policy_fails_closed(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI)
+    gateway.upstream.set_fault("503", models=[MODERATION_MODEL])
+
+    with pytest.raises(openai.InternalServerError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hello"}])
+
+    assert refused.value.status_code == 503 and refused.value.code == "moderation_unavailable"
+    assert gateway.upstream.requests_served(CHAT) == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.error_type == "moderation_unavailable"
+    assert record.moderation == "input unchecked: moderation unavailable"
+
+
+def test_a_service_too_slow_for_the_policys_timeout_counts_as_failing(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, timeout_seconds=Decimal("0.5"))
+    gateway.upstream.set_fault("hang", models=[MODERATION_MODEL])
+
+    with pytest.raises(openai.InternalServerError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hello"}])
+
+    assert refused.value.code == "moderation_unavailable"
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
+def test_a_failing_service_serves_the_request_and_says_so_when_the_policy_fails_open(gateway, caplog):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, fail_open=True)
+    gateway.upstream.set_fault("503", models=[MODERATION_MODEL])
+
+    with caplog.at_level("WARNING", logger="llmhub.moderation"):
+        raw = gateway.client().chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hello"}]
+        )
+        record = wait_for_record(raw.headers["x-request-id"])
+
+    assert raw.parse().choices[0].message.content == "Echo: hello"
+    assert record.status == "ok"
+    assert (
+        record.moderation
+        == "input unchecked: moderation unavailable (fail open); output unchecked: moderation unavailable (fail open)"
+    )
+    assert any("served unchecked" in r.getMessage() for r in caplog.records if r.name == "llmhub.moderation")
+
+
+# THE MESSAGES API
+
+
+def anthropic_client(gateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+
+
+def test_a_blocked_input_on_the_messages_api_answers_in_anthropics_shape(gateway):
+    policy_on("claude-test", blocklist="forbidden")
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(gateway).messages.create(
+            model="claude-test",
+            max_tokens=100,
+            system="Never say forbidden things.",
+            messages=[{"role": "user", "content": "hello"}],
+        )
+
+    assert refused.value.status_code == 400
+    assert refused.value.body["type"] == "error"
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert "content policy" in refused.value.body["error"]["message"]
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.error_type == "content_policy_violation"
+
+
+def test_a_streamed_message_crossing_the_block_list_ends_with_an_error_event(gateway):
+    policy_on("claude-test", blocklist="adipiscing", stream_interval_chars=1)
+    text: list[str] = []
+
+    with pytest.raises(anthropic.APIStatusError) as cut:
+        with anthropic_client(gateway).messages.stream(
+            model="claude-test", max_tokens=200, messages=[{"role": "user", "content": "[[words=30]]"}]
+        ) as stream:
+            for piece in stream.text_stream:
+                text.append(piece)
+
+    assert "content policy" in str(cut.value)
+    delivered = "".join(text)
+    assert delivered and " ".join(LOREM.split()[:30]).startswith(delivered) and "elit" not in delivered
+    record = UsageRecord.objects.none()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not record:
+        record = list(UsageRecord.objects.filter(model_name="claude-test"))
+        time.sleep(0.05)
+    assert record[0].error_type == "content_policy_violation" and record[0].cost > 0
