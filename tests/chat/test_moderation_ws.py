@@ -1,0 +1,74 @@
+"""Moderation on the chat WebSocket: a refused input is an ``error`` event (nothing sent upstream, a
+``rejected`` row), a reply cut by the output check ends with an ``error`` and is kept as far as delivered."""
+
+from __future__ import annotations
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from billing.models import UsageRecord
+from billing.services.ledger import ledger_flush
+from billing.tokens import text_tokens
+from chat.models import Message, MessageStatus, Role
+from providers.models import ModerationPolicy
+from providers.moderation import policy_cache
+from tests.chat.conftest import deltas, ends, events_until
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_policies():
+    policy_cache.invalidate()
+    yield
+    policy_cache.invalidate()
+
+
+@sync_to_async
+def moderate(model, **fields) -> None:
+    model.moderation_policy = ModerationPolicy.objects.create(name="ws-policy", **fields)
+    model.save()
+
+
+async def send(ws, model, content: str, request_id: str = "r1") -> None:
+    await ws.send_json_to(
+        {"type": "chat.send", "conversation": None, "model": model.name, "content": content, "request_id": request_id}
+    )
+
+
+async def test_a_blocked_message_is_an_error_event_and_never_reaches_the_upstream(
+    alice, chat_model, socket_for, fake_upstream
+):
+    await moderate(chat_model, blocklist="forbidden")
+    ws = await socket_for(alice)
+
+    await send(ws, chat_model, "a Forbidden question")
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "content_policy_violation"
+    assert fake_upstream.requests_served("/v1/chat/completions") == 0
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(user_id=alice.pk)
+    assert record.status == "rejected" and record.error_type == "content_policy_violation"
+    assert record.endpoint == "websocket" and record.moderation.startswith("blocked input: blocklist")
+    assert not await Message.objects.filter(conversation__owner=alice).aexists()
+
+
+async def test_a_reply_cut_by_the_block_list_is_kept_as_delivered_and_marked(alice, chat_model, socket_for):
+    await moderate(chat_model, blocklist="adipiscing", stream_interval_chars=1)
+    ws = await socket_for(alice)
+
+    await send(ws, chat_model, "[[words=30]]")
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "content_policy_violation"
+    delivered = deltas(events, "r1")
+    assert delivered and "lorem ipsum dolor sit amet consectetur adipiscing elit".startswith(delivered)
+    assert "elit" not in delivered
+    reply = await Message.objects.aget(conversation__owner=alice, role=Role.ASSISTANT)
+    assert reply.content == delivered and reply.status == MessageStatus.ERROR
+    assert "content policy" in reply.error_message
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(user_id=alice.pk)
+    assert record.completion_tokens == text_tokens(delivered) and record.cost > 0
+    assert record.moderation.startswith("blocked output: blocklist")
