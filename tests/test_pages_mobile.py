@@ -324,3 +324,28 @@ async def test_the_favicon(live_site, browser):
     assert legacy.status_code == 200 and legacy.content == linked.content
     assert failed == []
     await page.close()
+
+
+async def test_the_top_bar_keeps_each_link_on_one_line_between_phone_and_desktop(live_site, browser):
+    """Just above the width where the links fold into the menu, and below the desktop's: five links and a
+    long user name (which gives way with an ellipsis) still fit, each link on one line."""
+    user = await sync_to_async(UserFactory)(username="grace.hopper.with.a.long.username", is_staff=True)
+    context = await signed_in(browser, live_site, user)
+    page = await context.new_page()
+    await page.goto(live_site.url + "/provider-keys/")
+    for width in (561, 700, 801, 900):
+        await page.set_viewport_size({"width": width, "height": 600})
+        heights = await page.evaluate(
+            """() => [...document.querySelectorAll(".topnav a, .signout .btn")].map(
+                 (node) => [node.textContent.trim(), node.getBoundingClientRect().height])"""
+        )
+        single_line = await page.evaluate(
+            """() => [...document.querySelectorAll(".topnav a, .signout .btn")].every((node) => {
+                 const style = getComputedStyle(node);
+                 const line = parseFloat(style.lineHeight) || parseFloat(style.fontSize) * 1.6;
+                 return node.getBoundingClientRect().height < 2 * line;
+               })"""
+        )
+        assert single_line, (width, heights)
+        assert await scroll_width(page) <= width
+    await context.close()
