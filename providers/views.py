@@ -3,9 +3,13 @@ REST API (``/api/provider-keys/``): the page holds no key, and the server render
 
 from __future__ import annotations
 
+from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+
+from accounts.roles import Capability, role_can
 
 
 @login_required
@@ -13,4 +17,7 @@ async def provider_keys_page(request: HttpRequest) -> HttpResponse:
     # The user goes into the context explicitly, as on the other pages: the auth context processor's lazy
     # request.user would query the session synchronously while the template renders.
     user = await request.auser()
+    # As the API it talks to: a role without keys of its own (viewer) would get a page whose every call fails.
+    if not await sync_to_async(role_can)(user, Capability.MANAGE_OWN_KEYS):
+        raise PermissionDenied
     return render(request, "providers/provider_keys.html", {"user": user, "page": "provider-keys"})

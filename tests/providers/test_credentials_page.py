@@ -7,6 +7,7 @@ import re
 import pytest
 from django.urls import reverse
 
+from accounts.roles import Role, role_set
 from providers.models import ByokMode, ProviderCredential
 from tests.factories import ProviderFactory, UserFactory
 
@@ -46,3 +47,12 @@ def test_the_other_pages_link_to_it(client):
     page = client.get("/keys/").content.decode()
 
     assert re.search(r'<a href="/provider-keys/"\s*>Provider keys</a>', page)
+
+
+def test_a_role_without_keys_of_its_own_is_refused_as_by_the_api(client):
+    viewer = UserFactory(username="vera")
+    role_set(viewer, Role.VIEWER)
+    client.force_login(viewer)
+
+    assert client.get("/provider-keys/").status_code == 403
+    assert client.get("/api/provider-keys/").status_code == 403
