@@ -6,11 +6,11 @@ import logging
 
 from celery import shared_task
 
-from .models import ByokMode, CredentialStatus, ProviderCredential
+from .models import ByokMode, ProviderCredential
 from .services.credentials import (
     ProviderKeyUncheckedError,
     provider_credential_invalid_notify,
-    provider_credential_validate,
+    provider_credential_revalidate,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,8 @@ def provider_credentials_revalidate_all() -> dict[str, int]:
             logger.exception("provider key %s could not be loaded for its daily check", credential_id)
             counts["unchecked"] += 1
             continue
-        was_invalid = credential.status == CredentialStatus.INVALID
         try:
-            valid = provider_credential_validate(credential=credential)
+            checked = provider_credential_revalidate(credential=credential)
         except ProviderKeyUncheckedError as exc:
             logger.warning("provider key %s (%s) not checked: %s", credential_id, credential.hint, exc.message)
             counts["unchecked"] += 1
@@ -51,8 +50,8 @@ def provider_credentials_revalidate_all() -> dict[str, int]:
             logger.exception("provider key %s (%s) could not be checked", credential_id, credential.hint)
             counts["unchecked"] += 1
             continue
-        counts["valid" if valid else "invalid"] += 1
-        if not valid and not was_invalid and credential.status == CredentialStatus.INVALID:
+        counts["valid" if checked.valid else "invalid"] += 1
+        if checked.turned_invalid:
             counts["turned_invalid"] += 1
             try:
                 provider_credential_invalid_notify(credential=credential)

@@ -275,11 +275,25 @@ def provider_credential_delete(*, credential: ProviderCredential) -> None:
     credential.delete()
 
 
+@dataclass(frozen=True, slots=True)
+class Revalidation:
+    valid: bool
+    # This check turned the stored status to invalid (decided under the row's lock, so of two checks that
+    # meet the same refusal at once, or a check and a refused request, one only sees the change).
+    turned_invalid: bool = False
+
+
 def provider_credential_validate(*, credential: ProviderCredential) -> bool:
     """Re-check a stored key live and record the outcome (status, status_detail, last_validated_at).
     Returns whether the provider accepts it. Raises ``ProviderKeyUncheckedError`` when the provider could
     not be asked (unreachable, timing out, answering something else): the stored status is then left as it
     is, since one failed call says nothing about the key."""
+    return provider_credential_revalidate(credential=credential).valid
+
+
+def provider_credential_revalidate(*, credential: ProviderCredential) -> Revalidation:
+    """``provider_credential_validate``, also saying whether this check is the one that turned the key
+    invalid (whose owner is then to be told)."""
     provider = credential.provider
     checked_key = credential.api_key
     check = key_live_check(provider=provider, api_key=checked_key, credential_id=credential.pk)
@@ -289,13 +303,14 @@ def provider_credential_validate(*, credential: ProviderCredential) -> bool:
         current = ProviderCredential.objects.select_for_update().filter(pk=credential.pk).first()
         if current is None or current.api_key != checked_key:
             # Deleted or replaced while this check ran: the new key was checked when it was saved.
-            return check.ok
+            return Revalidation(check.ok)
         old_status = current.status
         current.status = CredentialStatus.VALID if check.ok else CredentialStatus.INVALID
         current.status_detail = "" if check.ok else check.reason[:300]
         current.last_validated_at = timezone.now()
         current.save(update_fields=["status", "status_detail", "last_validated_at", "updated_at"])
-        if not check.ok and old_status != CredentialStatus.INVALID:
+        turned_invalid = not check.ok and old_status != CredentialStatus.INVALID
+        if turned_invalid:
             audit_record(
                 "provider_key.validation_failed",
                 target=current,
@@ -303,7 +318,7 @@ def provider_credential_validate(*, credential: ProviderCredential) -> bool:
             )
     for field in ("status", "status_detail", "last_validated_at", "updated_at"):
         setattr(credential, field, getattr(current, field))
-    return check.ok
+    return Revalidation(check.ok, turned_invalid)
 
 
 def provider_credential_invalid_notify(*, credential: ProviderCredential) -> bool:
