@@ -269,6 +269,8 @@ class ReplyGuard:
     def close(self) -> None:
         """The reply ended another way: stop asking."""
         for task in self._asked.values():
+            if task.done() and not task.cancelled():
+                task.exception()  # a verdict nobody reads any more: retrieved, so that asyncio does not log it
             task.cancel()
         self._asked.clear()
 

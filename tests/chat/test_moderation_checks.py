@@ -1,0 +1,172 @@
+"""The block-list matcher, the reply guard's incremental checks (pure logic), and the policy admin, which
+refuses a block-list that could not be matched safely."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from audit.models import AuditEvent
+from chat.callers import Caller
+from chat.moderation import ContentPolicyViolationError, Moderation, ReplyGuard, moderation_drain
+from providers.models import ModerationAction, ModerationChecker, ModerationPolicy
+from providers.moderation import Blocklist, blocklist_problems, policy_snapshot
+
+# THE BLOCK-LIST
+
+
+def test_words_and_phrases_match_as_whole_words_in_any_case():
+    blocklist = Blocklist("kill\nbad   phrase\n# a comment\n")
+
+    assert blocklist.scan("I will KILL it").where == "entry 1 at character 7"
+    assert blocklist.scan("a Bad\nphrase here").where == "entry 2 at character 2"
+    assert blocklist.scan("killer skills, badphrase") is None
+
+
+def test_patterns_and_the_first_hit_in_the_text():
+    blocklist = Blocklist("zebra\nre:\\d{3}-\\d{4}")
+
+    assert blocklist.scan("call 555-1234 about the zebra").where == "entry 2 at character 5"
+    assert blocklist.scan("nothing here 55-1234") is None
+
+
+def test_a_stream_scan_waits_for_the_next_piece_before_counting_a_word_at_the_very_end():
+    blocklist = Blocklist("kill")
+
+    assert blocklist.scan("we kill", final=False) is None  # it may yet be "killer"
+    assert blocklist.scan("we killer", final=False) is None
+    assert blocklist.scan("we kill it", final=False) is not None
+    assert blocklist.scan("we kill", final=True) is not None
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("re:(a+)+$", "nested or adjacent"),
+        ("re:(\\w*)*x", "nested or adjacent"),
+        ("re:.*.*=", "nested or adjacent"),
+        ("re:(x|y", "not a regular expression"),
+        ("re:(a)\\1", "back-references"),
+        ("re:a*", "matches empty text"),
+        ("re:" + "a" * 301, "at most 300 characters"),
+    ],
+)
+def test_patterns_that_could_backtrack_for_ever_or_do_not_compile_are_refused(entry, problem):
+    (found,) = blocklist_problems(f"fine words\n{entry}")
+
+    assert found.startswith("Line 2:") and problem in found
+
+
+def test_sound_patterns_are_accepted():
+    assert blocklist_problems("word\nre:\\bcredit\\s+card\\b\nre:\\d{3,4}-\\d+\nre:(?:foo|bar)baz") == []
+
+
+# THE REPLY GUARD
+
+
+def policy(**fields) -> object:
+    row = ModerationPolicy(
+        pk=fields.pop("pk", 1),
+        name="p",
+        checker=ModerationChecker.BLOCKLIST,
+        **{"stream_interval_chars": 1, "blocklist": "adipiscing", **fields},
+    )
+    return policy_snapshot(row, None)
+
+
+def guard_for(*policies) -> tuple[Moderation, ReplyGuard]:
+    moderation = Moderation(list(policies), caller=Caller(user_id=1, username="u"), request_id="req_1", model="m")
+    guard = moderation.output()
+    assert guard is not None
+    return moderation, guard
+
+
+async def test_a_term_split_over_two_pieces_is_found():
+    _, guard = guard_for(policy())
+
+    await guard.feed("lorem adip")
+    with pytest.raises(ContentPolicyViolationError) as blocked:
+        await guard.feed("iscing elit")
+
+    assert blocked.value.code == "content_policy_violation"
+    assert blocked.value.moderation == "blocked output: blocklist (entry 1 at character 6)"
+
+
+async def test_between_marks_nothing_is_scanned_and_the_end_scans_the_rest():
+    _, guard = guard_for(policy(stream_interval_chars=1000))
+
+    await guard.feed("lorem adipiscing elit")  # under the mark: relayed unchecked
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.finish()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_flag_is_recorded_once_however_often_the_term_comes_back():
+    moderation, guard = guard_for(policy(action=ModerationAction.FLAG))
+
+    for piece in ("adipiscing ", "and ", "adipiscing ", "again"):
+        await guard.feed(piece)
+    await guard.finish()
+    await moderation_drain()
+
+    assert moderation.summary == "flagged output: blocklist (entry 1 at character 0)"
+    events = [event async for event in AuditEvent.objects.filter(action="moderation.flag")]
+    assert [(e.actor_type, e.actor_id, e.target_id) for e in events] == [("user", "1", "req_1")]
+
+
+def test_an_output_guard_only_when_a_policy_checks_output():
+    moderation = Moderation(
+        [policy(check_output=False)], caller=Caller(user_id=1, username="u"), request_id="r", model="m"
+    )
+
+    assert moderation.output() is None
+
+
+# THE ADMIN
+
+
+@pytest.fixture
+def admin_client(client, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser("root", "root@example.com", "pw"))
+    return client
+
+
+def policy_form(**fields) -> dict:
+    return {
+        "name": "house rules",
+        "enabled": "on",
+        "checker": "blocklist",
+        "action": "block",
+        "check_input": "on",
+        "check_output": "on",
+        "stream_interval_chars": "200",
+        "blocklist": "",
+        "moderation_model": "omni-moderation-latest",
+        "categories": "[]",
+        "timeout_seconds": "5.0",
+        **fields,
+    }
+
+
+@pytest.mark.django_db
+def test_the_admin_refuses_a_catastrophic_pattern_and_saves_a_sound_list(admin_client):
+    url = reverse("admin:providers_moderationpolicy_add")
+
+    refused = admin_client.post(url, policy_form(blocklist="fine\nre:(a+)+$"))
+    saved = admin_client.post(url, policy_form(blocklist="fine\nre:\\bcredit\\s+card\\b"))
+
+    assert refused.status_code == 200
+    assert "Line 2: nested or adjacent unbounded repetition" in refused.content.decode()
+    assert saved.status_code == 302
+    assert list(ModerationPolicy.objects.values_list("blocklist", flat=True)) == ["fine\nre:\\bcredit\\s+card\\b"]
+
+
+@pytest.mark.django_db
+def test_the_openai_checker_needs_a_provider_in_the_admin(admin_client):
+    response = admin_client.post(
+        reverse("admin:providers_moderationpolicy_add"), policy_form(checker="openai", blocklist="")
+    )
+
+    assert response.status_code == 200
+    assert "/v1/moderations" in response.content.decode()
+    assert not ModerationPolicy.objects.exists()
