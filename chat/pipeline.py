@@ -31,7 +31,15 @@ from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUn
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
-from providers.byok import UserCredential, byok_bind, byok_in_use, byok_missing, byok_refused, user_credentials
+from providers.byok import (
+    UserCredential,
+    byok_bind,
+    byok_in_use,
+    byok_missing,
+    byok_only,
+    byok_refused,
+    user_credentials,
+)
 from providers.exceptions import (
     ModelNotFoundError,
     OwnKeyRequiredError,
@@ -334,6 +342,7 @@ async def completion_start(
             request_id=request_id,
             prompt_tokens_upper=prompt_tokens(body, operation=operation, upper_bound=True),
             endpoint=endpoint,
+            own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
         )
     except DATABASE_OUTAGE_ERRORS as exc:
         # The admission's own queries (a row-lock budget, a counter seeded from the ledger): a 503 with its
@@ -746,12 +755,13 @@ class CompletionRun:
                     plan, index, last, last_deployment, failures = list(self.context_fallbacks), 0, None, None, 0
                     break
                 except ProviderError as exc:
-                    self._ticket_close(_outcome(exc))
-                    if not _retryable(exc):
-                        refused = byok_refused(target, exc)
-                        if refused is exc:
-                            raise
+                    refused = byok_refused(target, exc)
+                    # A user's own key refused says nothing of the deployment: its breaker does not count it.
+                    self._ticket_close(_outcome(exc) if refused is exc else Outcome.NEUTRAL)
+                    if refused is not exc:
                         raise refused from exc
+                    if not _retryable(exc):
+                        raise
                     last, last_deployment = exc, deployment
                     failures += 1
                     continue

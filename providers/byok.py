@@ -2,18 +2,32 @@
 
 ``user_credentials`` loads a user's usable keys (cached per process, dropped when a key changes);
 ``byok_bind`` puts the user's key on a model bound to a deployment, or says the deployment cannot serve
-the user (its provider requires a key of their own and they have none).
+the user (its provider requires a key of their own and they have none). ``byok_refused`` turns the
+provider's refusal of a user's key into the user's error, and marks the key invalid in the background so
+that their next request does not meet the same refusal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError, transaction
+from django.utils import timezone
+
+from audit.services import audit_record
+from core.cache import TTLCache
 
 from .exceptions import ProviderAuthenticationError, ProviderError, UserKeyRefusedError
 from .fields import Secret
 from .models import ByokMode, CredentialStatus, ProviderCredential
+from .services.credentials import provider_credential_invalid_notify
 from .types import ResolvedModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +38,18 @@ class UserCredential:
     hint: str = ""
 
 
+# user id -> their usable keys by provider id. Invalidated per user by ``signals`` when a key is saved or
+# deleted in this process; other processes see the change within ``LLMHUB_LOOKUP_CACHE_TTL``. A user with
+# no key is cached too (an empty mapping), so a model that allows own keys costs one query per TTL per user.
+credentials_cache: TTLCache[Mapping[int, UserCredential]] = TTLCache("user_credentials")
+
+
 async def user_credentials(user_id: int) -> Mapping[int, UserCredential]:
     """The user's own keys by provider id: those not known to be refused (valid or unchecked)."""
+    return await credentials_cache.get_or_load(user_id, lambda: _credentials_load(user_id))
+
+
+async def _credentials_load(user_id: int) -> Mapping[int, UserCredential]:
     rows = ProviderCredential.objects.filter(owner_id=user_id).exclude(status=CredentialStatus.INVALID)
     return {
         row.provider_id: UserCredential(id=row.pk, provider_id=row.provider_id, api_key=row.api_key, hint=row.hint)
@@ -47,18 +71,127 @@ def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) 
     return replace(target, provider=bound)
 
 
+def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCredential] | None) -> bool:
+    """Whether every deployment that may serve the request (of ``models``: the model, its fallbacks) runs on
+    the user's own key: then nothing of it is paid on the platform's keys (admission need not reserve
+    against the platform's budgets). False without credentials, or when some deployment would use the
+    provider's key."""
+    if not credentials:
+        return False
+    bound = [byok_bind(m.on(d), credentials) for m in models for d in m.deployments]
+    servable = [b for b in bound if b is not None]
+    return bool(servable) and all(b.provider.credential_id is not None for b in servable)
+
+
 def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
     """The error to give the client when a call on ``target`` failed with ``exc``: a refusal of the user's
-    own key becomes ``UserKeyRefusedError`` naming the key; anything else is unchanged."""
+    own key becomes ``UserKeyRefusedError`` naming the key by its hint; anything else is unchanged.
+
+    A key refused as invalid (401) is also marked invalid, in the background (``byok_key_refused_record``),
+    so that the user's next request uses the provider's key (``optional``) or is refused up front as needing
+    their own (``required``) instead of meeting the same refusal. A 403 (no access to this model) leaves the
+    key as it is: it may serve the provider's other models."""
     provider = target.provider
     if provider.credential_id is None or not isinstance(exc, ProviderAuthenticationError):
         return exc
+    if isinstance(exc, UserKeyRefusedError):
+        return exc
+    hint = f" {provider.credential_hint}" if provider.credential_hint else ""
+    if exc.upstream_status == 403:
+        what = f"{provider.name} refused your own API key{hint}: it has no access to this model (HTTP 403)"
+    else:
+        what = f"{provider.name} refused your own API key{hint} as invalid (HTTP {exc.upstream_status or 401})"
+        byok_key_refused_record(
+            credential_id=provider.credential_id,
+            api_key=provider.api_key,
+            reason=f"{provider.name} refused the key when it was used (HTTP {exc.upstream_status or 401}).",
+        )
     return UserKeyRefusedError(
-        f"{provider.name} refused your own API key {provider.credential_hint or ''}".rstrip()
-        + ". Replace it in your provider keys, or delete it to use the platform's key where allowed.",
+        what + ". Replace it in your provider keys, or delete it to use the platform's key where allowed.",
         provider=provider.name,
         upstream_status=exc.upstream_status,
     )
+
+
+# Marks in progress, by credential id: kept referenced until done, and one per key however many requests
+# met the refusal at once.
+_marking: dict[int, asyncio.Task[None]] = {}
+_MARK_ATTEMPTS = 5
+
+
+def byok_key_refused_record(*, credential_id: int, api_key: Secret, reason: str) -> None:
+    """Mark a user's key invalid off the request's path: a task of the running loop, retried while the
+    database fails, logged if it never lands (the next refusal of the same key tries again, and the daily
+    re-validation finds it too)."""
+    if credential_id in _marking:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop (a synchronous caller): do it now
+        byok_credential_refused(credential_id=credential_id, api_key=api_key, reason=reason)
+        return
+    task = loop.create_task(_mark_until_landed(credential_id, api_key, reason))
+    _marking[credential_id] = task
+    task.add_done_callback(lambda _: _marking.pop(credential_id, None))
+
+
+async def _mark_until_landed(credential_id: int, api_key: Secret, reason: str) -> None:
+    delay = 0.2
+    for attempt in range(1, _MARK_ATTEMPTS + 1):
+        try:
+            await sync_to_async(byok_credential_refused, thread_sensitive=False)(
+                credential_id=credential_id, api_key=api_key, reason=reason
+            )
+            return
+        except DatabaseError:
+            if attempt == _MARK_ATTEMPTS:
+                logger.exception(
+                    "provider key %s was refused upstream but could not be marked invalid (%d attempts)",
+                    credential_id,
+                    attempt,
+                )
+                return
+            await asyncio.sleep(delay)
+            delay *= 2
+        except Exception:
+            logger.exception("provider key %s was refused upstream; marking it invalid failed", credential_id)
+            return
+
+
+def byok_credential_refused(*, credential_id: int, api_key: Secret, reason: str) -> bool:
+    """Record that the provider refused ``api_key``, the key of credential ``credential_id``, on a request:
+    the credential turns invalid with ``reason`` (audited as ``provider_key.validation_failed``, by the
+    system) and its owner is told by email. Nothing changes when the key was replaced or deleted since the
+    request read it, or is already invalid. Returns whether it turned invalid."""
+    with transaction.atomic():
+        current = ProviderCredential.objects.select_for_update().filter(pk=credential_id).first()
+        if current is None or current.api_key != api_key or current.status == CredentialStatus.INVALID:
+            return False
+        old_status = current.status
+        current.status = CredentialStatus.INVALID
+        current.status_detail = reason[:300]
+        current.last_validated_at = timezone.now()
+        # ``save`` (not a queryset update): the signal drops the owner's cached keys in this process.
+        current.save(update_fields=["status", "status_detail", "last_validated_at", "updated_at"])
+        audit_record(
+            "provider_key.validation_failed",
+            target=current,
+            changes={"status": [old_status, current.status], "status_detail": [None, current.status_detail]},
+            actor=None,
+        )
+    _owner_notify(credential_id)
+    return True
+
+
+def _owner_notify(credential_id: int) -> None:
+    credential = ProviderCredential.objects.select_related("provider", "owner").filter(pk=credential_id).first()
+    if credential is None:
+        return
+    try:
+        provider_credential_invalid_notify(credential=credential)
+    except Exception:
+        # The key is marked invalid either way (the page and the API show it); only the email is lost.
+        logger.exception("the owner of provider key %s could not be emailed about its refusal", credential_id)
 
 
 def byok_missing(model: ResolvedModel, credentials: Mapping[int, UserCredential]) -> list[str]:
@@ -75,7 +208,3 @@ def byok_missing(model: ResolvedModel, credentials: Mapping[int, UserCredential]
 def byok_in_use(model: ResolvedModel) -> bool:
     """Whether any deployment of ``model`` may run on a user's key: else no lookup is needed."""
     return any(d.provider.byok != ByokMode.DISABLED for d in model.deployments)
-
-
-def byok_servable(deployment_provider_byok: str, provider_id: int, credentials: Mapping[int, UserCredential]) -> bool:
-    return deployment_provider_byok != ByokMode.REQUIRED or provider_id in credentials

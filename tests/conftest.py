@@ -160,12 +160,14 @@ def _fresh_lookup_caches():
     from accounts.roles import role_cache
     from billing.services.inflight import held_clear
     from billing.services.keys import key_cache
+    from providers.byok import credentials_cache
     from providers.routing.breakers import breakers_forget_local
     from providers.routing.stats import stats_forget_local
     from providers.selectors import catalog_cache
 
     catalog_cache.invalidate()
     key_cache.invalidate()
+    credentials_cache.invalidate()  # users' own keys, by user id
     role_cache.invalidate()  # user ids are reused once the database is emptied
     token_cache.invalidate()
     breakers_forget_local()  # deployment ids are reused once the database is emptied

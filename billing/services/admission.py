@@ -85,19 +85,27 @@ async def admission_acquire(
     request_id: str,
     prompt_tokens_upper: int,
     endpoint: str = "",
+    own_key_only: bool = False,
 ) -> Admission:
     """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
     ``RateLimitExceededError`` (429); a refused request holds nothing.
 
     What it holds, it holds with a record of the request (``services.inflight``): should this process
     die before settling, the record becomes the request's ``lost`` ledger row and its holds are released.
-    ``endpoint``: for that row."""
+    ``endpoint``: for that row.
+
+    ``own_key_only``: every deployment that may serve the request runs on the user's own provider key
+    (bring your own key). Unless the plan counts own-key spend, such a request costs the platform nothing
+    (its ledger row's ``cost`` is 0, ``settlement.request_settle``), so no spending budget (USD: the plan's,
+    the key's and its parents') reserves for it or refuses it; the token quota and rate limits still do."""
     limits = await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
     ancestors = await _ancestors(key)
     now = timezone.now()
     counters = counter_specs(user_id=user_id, api_key_id=api_key_id, user=limits, key=key, now=now, ancestors=ancestors)
+    if own_key_only and not limits.byok_counts_against_budget:
+        counters = tuple(spec for spec in counters if spec.metric != BudgetMetric.COST)
     rates = rate_specs(
         user_id=user_id,
         api_key_id=api_key_id,

@@ -1,0 +1,192 @@
+"""A user's own provider key refused upstream: the user is told, by every entry point, that it is their own
+key (named by its hint) with a 401, not that an administrator must act; the key turns invalid in the
+background, so that the next request uses the provider's key (``optional``) or is refused up front
+(``required``); the deployment's breaker does not count one user's bad key against everyone; and the key
+appears in no response and no log line.
+
+The fake upstream answers a key containing ``-refused`` with 401 invalid_api_key and one containing
+``-noaccess`` with 403, as a provider does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from websockets.asyncio.client import connect
+
+from audit.models import AuditEvent
+from billing.models import BillingSource
+from billing.services.keys import api_key_create
+from llmhub.testing.fake_upstream import UpstreamSpec
+from providers.fields import Secret
+from providers.models import ByokMode, CredentialStatus, ProviderCredential
+from tests.chat.conftest import session_cookie
+from tests.factories import ProviderFactory, UserFactory
+from tests.gateway.test_byok import PLATFORM_KEY, digest, model_on
+from tests.gateway.test_ledger import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REFUSED_KEY = "sk-alice-refused-canary-51c0ffee9d"
+NO_ACCESS_KEY = "sk-alice-noaccess-canary-7e11a2b3"
+MESSAGES = [{"role": "user", "content": "hello [[words=5]]"}]
+ENTRY_POINTS = ["chat", "chat-stream", "messages", "websocket"]
+
+
+@pytest.fixture
+def setup(llmhub_server, fake_upstreams, caplog):
+    caplog.set_level(logging.DEBUG)
+    upstream = fake_upstreams(UpstreamSpec(name="byok", api_key=PLATFORM_KEY))["byok"]
+    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY]}
+    httpx.post(upstream.base_url + "/__control", json=accepted, timeout=5).raise_for_status()
+    base_url = upstream.base_url + "/v1"
+    optional = ProviderFactory(name="optional-openai", base_url=base_url, byok=ByokMode.OPTIONAL)
+    required = ProviderFactory(name="required-openai", base_url=base_url, byok=ByokMode.REQUIRED)
+    model_on("opt-model", optional)
+    model_on("req-model", required)
+    alice = UserFactory(username="alice")
+    return {
+        "server": llmhub_server,
+        "upstream": upstream,
+        "alice": alice,
+        "secret": api_key_create(user=alice, name="alice").secret,
+        "optional": optional,
+        "required": required,
+    }
+
+
+def credential(owner, provider, key: str = REFUSED_KEY) -> ProviderCredential:
+    return ProviderCredential.objects.create(
+        owner=owner, provider=provider, api_key=key, hint=Secret(key).hint, status=CredentialStatus.VALID
+    )
+
+
+def ask(setup, entry: str, model: str) -> tuple[int | None, str]:
+    """One request through ``entry``: the HTTP status (on the socket: 200 for a completed reply, None for an
+    error event, which has no status) and the whole text the client received."""
+    url, secret = setup["server"].url, setup["secret"]
+    headers = {"Authorization": f"Bearer {secret}"}
+    if entry == "websocket":
+        return _ask_socket(setup, model)
+    if entry == "messages":
+        body = {"model": model, "max_tokens": 50, "messages": MESSAGES}
+        response = httpx.post(url + "/v1/messages", json=body, headers=headers, timeout=30)
+        return response.status_code, response.text
+    body = {"model": model, "messages": MESSAGES, "stream": entry == "chat-stream"}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=30) as response:
+        return response.status_code, response.read().decode()
+
+
+def _ask_socket(setup, model: str) -> tuple[int | None, str]:
+    import asyncio
+
+    async def run() -> tuple[int | None, str]:
+        cookie = f"{settings.SESSION_COOKIE_NAME}={await sync_to_async(session_cookie)(setup['alice'])}"
+        server = setup["server"].url
+        received: list[str] = []
+        send = {"type": "chat.send", "conversation": None, "model": model, "content": "hi", "request_id": "r"}
+        async with connect(
+            server.replace("http://", "ws://") + "/ws/chat/", origin=server, additional_headers={"Cookie": cookie}
+        ) as ws:
+            await ws.send(json.dumps(send))
+            while True:
+                event = json.loads(await ws.recv(decode=True))
+                received.append(json.dumps(event, ensure_ascii=False))
+                if event["type"] == "chat.completed":
+                    return 200, "\n".join(received)
+                if event["type"] == "error":
+                    return None, "\n".join(received)
+
+    return asyncio.run(run())
+
+
+def wait_for_status(row: ProviderCredential, status: str, timeout: float = 10.0) -> ProviderCredential:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row.refresh_from_db()
+        if row.status == status:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"the key stayed {row.status}")
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_refused_own_key_is_the_users_401_naming_it_then_invalid_and_the_providers_key_serves(setup, entry, caplog):
+    row = credential(setup["alice"], setup["optional"])
+    hint = Secret(REFUSED_KEY).hint
+
+    status, text = ask(setup, entry, "opt-model")
+
+    assert status == (None if entry == "websocket" else 401), text
+    # OpenAI's error shape (and the socket's error event) carry our code; Anthropic's (/v1/messages) its type.
+    assert ("authentication_error" if entry == "messages" else "user_key_refused") in text
+    assert f"refused your own API key {hint}" in text
+    assert "administrator" not in text
+    assert setup["upstream"].requests[-1]["key_sha256"] == digest(REFUSED_KEY)
+
+    row = wait_for_status(row, CredentialStatus.INVALID)
+    assert "refused" in row.status_detail
+    event = AuditEvent.objects.get(action="provider_key.validation_failed")
+    assert event.target_id == str(row.pk) and event.actor_type == "system"
+
+    # The next request is served on the provider's key, and says so in the ledger.
+    status, text = ask(setup, entry, "opt-model")
+    assert status == 200, text
+    assert setup["upstream"].requests[-1]["key_sha256"] == digest(PLATFORM_KEY)
+
+    for leaked in (text, caplog.text, json.dumps(list(AuditEvent.objects.values()), default=str)):
+        assert REFUSED_KEY not in leaked
+
+
+def test_a_refused_own_key_on_a_provider_that_requires_one_refuses_the_next_request_up_front(setup):
+    row = credential(setup["alice"], setup["required"])
+    assert ask(setup, "chat", "req-model")[0] == 401
+    wait_for_status(row, CredentialStatus.INVALID)
+    served_before = setup["upstream"].requests_served()
+
+    status, text = ask(setup, "chat", "req-model")
+
+    assert status == 403 and "own_key_required" in text
+    assert setup["upstream"].requests_served() == served_before  # nothing more went upstream
+
+
+def test_a_key_replaced_since_the_refusal_is_not_marked_invalid(setup):
+    """The mark compares the key: a refusal of the old key cannot mark the new one (here, the row is changed
+    before the refused request is even answered: the mark finds another key and leaves it)."""
+    from providers.byok import byok_credential_refused
+
+    row = credential(setup["alice"], setup["optional"])
+    row.api_key = "sk-alice-new-key-0000000000000001"
+    row.save()
+
+    assert byok_credential_refused(credential_id=row.pk, api_key=Secret(REFUSED_KEY), reason="refused") is False
+    row.refresh_from_db()
+    assert row.status == CredentialStatus.VALID
+    assert not AuditEvent.objects.filter(action="provider_key.validation_failed").exists()
+
+
+def test_one_users_refused_key_does_not_open_the_breaker_for_everyone(setup):
+    """A key without access to the model (403) is refused on every request and kept (it may serve the
+    provider's other models): more refusals than the breaker's failure threshold, and other users are still
+    served on that deployment."""
+    credential(setup["alice"], setup["optional"], key=NO_ACCESS_KEY)
+    for _ in range(settings.LLMHUB_BREAKER_FAILURES + 2):
+        status, text = ask(setup, "chat", "opt-model")
+        assert status == 401 and "has no access to this model" in text
+
+    bob = UserFactory(username="bob")
+    client = openai.OpenAI(
+        base_url=setup["server"].url + "/v1", api_key=api_key_create(user=bob, name="bob").secret, max_retries=0
+    )
+    raw = client.chat.completions.with_raw_response.create(model="opt-model", messages=MESSAGES)
+
+    assert raw.parse().choices[0].message.content
+    assert setup["upstream"].requests[-1]["key_sha256"] == digest(PLATFORM_KEY)
+    assert wait_for_record(raw.headers["x-request-id"]).billing_source == BillingSource.PLATFORM
+    assert ProviderCredential.objects.get(owner=setup["alice"]).status == CredentialStatus.VALID
