@@ -360,3 +360,19 @@ def test_deleting_through_the_service_is_audited_too(alice):
     assert [event.target_id for event in events("key.delete")] == [str(key_id)]
     assert not ApiKey.objects.exists()
     assert audit_verify() is None
+
+
+def test_a_rotation_by_a_managing_key_is_attributed_to_that_key(alice):
+    manager = api_key_create(user=alice, name="manager", scopes=[KeyScope.KEYS_MANAGE])
+    child = api_key_create(user=alice, name="child", parent=manager.api_key)
+
+    response = key_client(manager.secret).post(f"/api/keys/{child.api_key.pk}/rotate/", format="json")
+
+    assert response.status_code == 200
+    [event] = events("key.rotate")
+    assert (event.actor_type, event.actor_id, event.target_id) == (
+        "key",
+        str(manager.api_key.pk),
+        str(child.api_key.pk),
+    )
+    assert_no_secret(event, manager.secret, child.secret, response.json()["secret"])
