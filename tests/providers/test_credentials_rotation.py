@@ -1,20 +1,23 @@
 """Replacing a user's own provider key while a request runs on it: the running request finishes on the key it
 started with, and the next request goes out with the new key, against a live llmhub and a fake provider that
-records the key each request came with."""
+records the key each request came with. And two saves of a key at once: one adds, the other replaces."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from django.db import connection
 
+from audit.models import AuditEvent
 from billing.services.keys import api_key_create
 from llmhub.testing.fake_upstream import FakeUpstream
-from providers.models import ByokMode, ProviderKind
+from providers.models import ByokMode, ProviderCredential, ProviderKind
 from providers.services.credentials import provider_credential_save
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
@@ -79,3 +82,32 @@ def test_a_stream_running_on_the_old_key_finishes_on_it_and_the_next_request_use
 
     calls = [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/chat/completions"]
     assert calls == [sha(old), sha(new)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_saves_of_a_key_at_once_leave_one_key_added_then_replaced(upstream):
+    provider = ProviderFactory(
+        name="openai-own",
+        kind=ProviderKind.OPENAI,
+        base_url=upstream.base_url + "/v1",
+        api_key=PLATFORM_KEY,
+        byok=ByokMode.OPTIONAL,
+    )
+    alice = UserFactory(username="alice")
+    keys = [f"sk-race-{i}-{secrets.token_hex(12)}" for i in range(2)]
+    accept_keys(upstream, *keys)
+
+    def save(key: str) -> int:
+        try:
+            return provider_credential_save(owner=alice, provider=provider, api_key=key).pk
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ids = list(pool.map(save, keys))
+
+    stored = ProviderCredential.objects.get()
+    assert ids == [stored.pk, stored.pk]
+    assert stored.api_key.reveal() in keys and stored.rotated_at is not None
+    events = AuditEvent.objects.filter(action__startswith="provider_key.").order_by("seq")
+    assert [e.action for e in events] == ["provider_key.add", "provider_key.replace"]
