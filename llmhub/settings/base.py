@@ -295,6 +295,9 @@ LLMHUB_ADAPTERS = {
 # Per event loop, at most this many SDK clients for users' own provider keys (bring your own key), the
 # least recently used closed first; the providers' own clients are not counted (docs/byok.md).
 LLMHUB_ADAPTER_POOL_SIZE = env.int("LLMHUB_ADAPTER_POOL_SIZE", default=256)
+# Seconds a user's own provider key may take to be checked live (its model list) when it is saved or
+# re-checked; past it the key is not stored (docs/byok.md).
+LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS = env.float("LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS", default=10.0)
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
 # another process; the process that made the change invalidates its own copy at once.
 LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)

@@ -54,7 +54,6 @@ KEY_PREFIXES: dict[str, str] = {
 _FOREIGN_PREFIXES: tuple[tuple[str, str], ...] = (("sk-ant-", "an Anthropic key"), ("sk-or-", "an OpenRouter key"))
 KEY_MIN_LENGTH = 8
 KEY_MAX_LENGTH = 512
-DEFAULT_VALIDATION_TIMEOUT_SECONDS = 10.0
 
 
 class ProviderKeyInvalidError(ApplicationError):
@@ -93,7 +92,7 @@ def key_prefix(kind: str) -> str:
 
 
 def validation_timeout() -> float:
-    return float(getattr(settings, "LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS", DEFAULT_VALIDATION_TIMEOUT_SECONDS))
+    return float(settings.LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS)
 
 
 @sensitive_variables("api_key", "plaintext")

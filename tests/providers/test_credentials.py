@@ -224,6 +224,25 @@ def test_a_key_that_cannot_be_checked_is_not_stored(client, alice):
     assert not ProviderCredential.objects.exists()
 
 
+def test_a_provider_slower_than_the_validation_timeout_gets_the_key_refused_as_unchecked(
+    client, provider, upstream, settings
+):
+    settings.LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS = 0.3
+    key = new_key()
+    accept_keys(upstream, key)
+    httpx.post(upstream.base_url + "/__control", json={"latency_ms": 3000}).raise_for_status()
+    try:
+        error = error_of(
+            client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json"), 400
+        )
+    finally:
+        httpx.post(upstream.base_url + "/__control", json={"latency_ms": 0}).raise_for_status()
+
+    assert error["code"] == "provider_key_invalid"
+    assert "could not be checked" in error["message"] and "within 0.3 seconds" in error["message"]
+    assert not ProviderCredential.objects.exists()
+
+
 def test_a_provider_that_takes_no_user_keys_refuses_them(client, upstream):
     ProviderFactory(name="closed", kind=ProviderKind.OPENAI, base_url=upstream.base_url + "/v1")
     accept_keys(upstream)
