@@ -91,7 +91,11 @@ def _before_save(sender: type[models.Model], instance: models.Model, using: str,
     before = None
     if instance.pk is not None:
         fields = _tracked_fields(sender, update_fields)
-        before = sender._base_manager.using(using).filter(pk=instance.pk).values(*(f.attname for f in fields)).first()
+        if not fields:  # only untracked fields saved (a sign-in's last_login): nothing to read
+            before = {}
+        else:
+            rows = sender._base_manager.using(using).filter(pk=instance.pk)
+            before = rows.values(*(field.attname for field in fields)).first()
     instance.__dict__["_audit_before"] = before
 
 
