@@ -133,12 +133,15 @@ async def role_for_user_id(user_id: int) -> Role:
 @transaction.atomic
 def role_set(user: Any, role: Role) -> bool:
     """Put ``user`` in ``role``'s group (and no other role group) and make them staff or not as the role
-    says (a superuser stays staff). True if anything changed. The group is created if a flush removed it.
+    says (a superuser stays staff). True if anything changed. A missing group is created with its default
+    permissions.
 
     The audit log's ``role.change`` event comes from the group membership change itself (audit app)."""
-    from django.contrib.auth.models import Group
+    from django.contrib.auth.models import Group, Permission
 
-    group, _ = Group.objects.get_or_create(name=role.value)
+    group, created = Group.objects.get_or_create(name=role.value)
+    if created:  # a database emptied since migrate (a test's flush): the group comes back with its defaults
+        _role_permissions_grant(group, role, Permission=Permission)
     others = list(user.groups.filter(name__in=[r.value for r in Role]).exclude(pk=group.pk))
     changed = False
     if others:
@@ -172,23 +175,29 @@ def role_staff_sync(user: Any) -> None:
 def roles_ensure(*, apps: Any = None, using: str = "default") -> None:
     """Create the role groups that are missing and give each its default permissions (adds, never takes
     away: a permission an administrator added to a group stays). Run by the data migration and after
-    every ``migrate`` (and test flush), so the models of apps that arrive later reach their roles."""
+    every ``migrate``, so the models of apps that arrive later reach their roles."""
     if apps is None:
         from django.apps import apps as global_apps
 
         apps = global_apps
     Group = apps.get_model("auth", "Group")
     Permission = apps.get_model("auth", "Permission")
-    for role in ROLES_BY_POWER:
-        group, _ = Group.objects.using(using).get_or_create(name=role.value)
-        if role == Role.ADMIN:
-            wanted = Permission.objects.using(using).all()
-        else:
-            wanted = Permission.objects.using(using).none()
-            for app_label, model, actions in ROLE_PERMISSIONS[role]:
-                codenames = Permission.objects.using(using).filter(content_type__app_label=app_label)
-                if model != ALL:
-                    codenames = codenames.filter(content_type__model=model)
-                wanted = wanted | codenames.filter(codename__regex=rf"^({'|'.join(actions)})_")
-        missing = wanted.exclude(pk__in=group.permissions.values_list("pk", flat=True))
+    with transaction.atomic(using=using):
+        for role in ROLES_BY_POWER:
+            group, _ = Group.objects.using(using).get_or_create(name=role.value)
+            _role_permissions_grant(group, role, Permission=Permission, using=using)
+
+
+def _role_permissions_grant(group: Any, role: Role, *, Permission: Any, using: str = "default") -> None:
+    if role == Role.ADMIN:
+        wanted = Permission.objects.using(using).all()
+    else:
+        wanted = Permission.objects.using(using).none()
+        for app_label, model, actions in ROLE_PERMISSIONS[role]:
+            codenames = Permission.objects.using(using).filter(content_type__app_label=app_label)
+            if model != ALL:
+                codenames = codenames.filter(content_type__model=model)
+            wanted = wanted | codenames.filter(codename__regex=rf"^({'|'.join(actions)})_")
+    missing = wanted.exclude(pk__in=group.permissions.values_list("pk", flat=True))
+    if missing.exists():
         group.permissions.add(*missing)
