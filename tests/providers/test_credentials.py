@@ -243,6 +243,35 @@ def test_a_provider_slower_than_the_validation_timeout_gets_the_key_refused_as_u
     assert not ProviderCredential.objects.exists()
 
 
+@pytest.mark.parametrize(("marker", "status", "words"), [("", 201, None), ("-refused", 400, "not a valid API key")])
+def test_an_anthropic_key_is_checked_with_anthropics_model_list(client, upstream, marker, status, words):
+    ProviderFactory(name="claude-own", kind=ProviderKind.ANTHROPIC, base_url=upstream.base_url, byok=ByokMode.REQUIRED)
+    key = new_key(prefix="sk-ant-", marker=marker)
+    accept_keys(upstream, key)
+
+    response = client.post("/api/provider-keys/", {"provider": "claude-own", "api_key": key}, format="json")
+
+    assert response.status_code == status, response.content
+    if words:
+        assert words in response.json()["error"]["message"]
+    assert [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/models"] == [sha(key)]
+    assert key not in response.content.decode()
+
+
+def test_the_live_check_obeys_the_outbound_policy(client):
+    ProviderFactory(
+        name="metadata", kind=ProviderKind.OPENAI, base_url="http://169.254.169.254/v1", byok=ByokMode.OPTIONAL
+    )
+
+    error = error_of(
+        client.post("/api/provider-keys/", {"provider": "metadata", "api_key": new_key()}, format="json"), 400
+    )
+
+    assert error["code"] == "provider_key_invalid"
+    assert "could not be checked" in error["message"] and "may not connect" in error["message"]
+    assert not ProviderCredential.objects.exists()
+
+
 def test_a_provider_that_takes_no_user_keys_refuses_them(client, upstream):
     ProviderFactory(name="closed", kind=ProviderKind.OPENAI, base_url=upstream.base_url + "/v1")
     accept_keys(upstream)
