@@ -37,6 +37,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from providers.models import CatalogModel, Deployment, Provider
@@ -283,15 +284,23 @@ def _keys_resolved(rows: list[UsageData]) -> list[UsageData]:
     hashes = {data.key_hash for data in rows if data.key_hash}
     if not hashes:
         return rows
-    keys = ApiKey.objects.filter(secret_hash__in=hashes, revoked_at__isnull=True)
-    found = {digest: (key_id, user_id) for digest, key_id, user_id in keys.values_list("secret_hash", "pk", "user_id")}
+    # A rotated key's previous secret is the key too, until its grace ended (then it had a 401: no row).
+    keys = ApiKey.objects.filter(
+        Q(secret_hash__in=hashes) | Q(previous_secret_hash__in=hashes), revoked_at__isnull=True
+    ).values_list("secret_hash", "previous_secret_hash", "previous_secret_expires_at", "pk", "user_id")
+    found: dict[str, tuple[int, int, datetime | None]] = {}
+    for current, previous, grace_end, key_id, user_id in keys:
+        found[current] = (key_id, user_id, None)
+        if previous:
+            found.setdefault(previous, (key_id, user_id, grace_end))
     resolved = []
     for data in rows:
         if not data.key_hash:
             resolved.append(data)
-        elif data.key_hash in found:
-            key_id, user_id = found[data.key_hash]
-            resolved.append(replace(data, api_key_id=key_id, user_id=user_id, key_hash=""))
+            continue
+        key = found.get(data.key_hash)
+        if key is not None and (key[2] is None or data.created_at < key[2]):
+            resolved.append(replace(data, api_key_id=key[0], user_id=key[1], key_hash=""))
     return resolved
 
 
