@@ -84,7 +84,7 @@ def role_strongest(roles: Iterable[Role]) -> Role | None:
     return next((role for role in ROLES_BY_POWER if role in held), None)
 
 
-def _role_from_groups(names: Iterable[str], *, is_superuser: bool, is_staff: bool) -> Role:
+def role_from_groups(names: Iterable[str], *, is_superuser: bool, is_staff: bool) -> Role:
     if is_superuser:
         return Role.ADMIN
     return role_strongest(filter(None, map(role_parse, names))) or (Role.OPERATOR if is_staff else Role.MEMBER)
@@ -97,7 +97,7 @@ def role_of(user: Any) -> Role:
     cached = getattr(user, "_llmhub_role", None)
     if cached is None:
         names = user.groups.filter(name__in=[r.value for r in Role]).values_list("name", flat=True)
-        cached = _role_from_groups(names, is_superuser=user.is_superuser, is_staff=user.is_staff)
+        cached = role_from_groups(names, is_superuser=user.is_superuser, is_staff=user.is_staff)
         user._llmhub_role = cached
     return cached
 
@@ -117,7 +117,7 @@ async def _role_load(user_id: int) -> Role:
     if row is None:
         return Role.VIEWER
     names = [name async for name in _groups_of(user_id)]
-    return _role_from_groups(names, is_superuser=row["is_superuser"], is_staff=row["is_staff"])
+    return role_from_groups(names, is_superuser=row["is_superuser"], is_staff=row["is_staff"])
 
 
 def _groups_of(user_id: int):

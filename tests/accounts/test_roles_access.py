@@ -124,6 +124,8 @@ def test_putting_a_user_in_a_role_group_from_the_admin_makes_them_staff_or_not(a
             "date_joined_1": "00:00:00",
             "initial-date_joined_0": "2026-01-01",
             "initial-date_joined_1": "00:00:00",
+            "external_identities-TOTAL_FORMS": "0",
+            "external_identities-INITIAL_FORMS": "0",
         },
     )
 
@@ -135,3 +137,23 @@ def test_putting_a_user_in_a_role_group_from_the_admin_makes_them_staff_or_not(a
     user = get_user_model().objects.get(pk=user.pk)
     assert not user.is_staff
     assert list(user.groups.values_list("name", flat=True)) == ["viewer"]
+
+
+def test_the_user_admin_lists_each_users_role_and_their_identity_provider_identities(admin_client):
+    from accounts.models import ExternalIdentity
+
+    for role in (OP, M, V):
+        role_set(UserFactory(username=f"{role.value}-user"), role)
+    UserFactory(username="old-staff", is_staff=True)
+    signed_in_with_jwt = UserFactory(username="jwt-user")
+    ExternalIdentity.objects.create(issuer="https://idp.example", subject="sub-42", user=signed_in_with_jwt)
+
+    listing = admin_client.get("/admin/auth/user/").content.decode()
+    change_form = admin_client.get(f"/admin/auth/user/{signed_in_with_jwt.pk}/change/").content.decode()
+
+    for username, role in [("operator-user", OP), ("member-user", M), ("viewer-user", V), ("old-staff", OP)]:
+        row = listing[listing.index(f">{username}</a>") :]
+        row = row[: row.index("</tr>")]
+        assert f'<td class="field-role">{role.value}</td>' in row, row
+    assert "sub-42" in change_form
+    assert "https://idp.example" in change_form
