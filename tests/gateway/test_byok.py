@@ -274,6 +274,18 @@ def test_a_platform_budget_the_user_has_spent_does_not_refuse_a_request_served_o
     assert world.keys_seen() == [digest(ALICE_KEY)]
 
 
+def test_the_daily_token_quota_applies_on_the_users_own_key_too(world):
+    few_tokens = Plan.objects.create(name="Few tokens", allow_all_models=True, daily_token_quota=1)
+    plan_assign(user=world.alice, plan=few_tokens)
+
+    with pytest.raises(openai.RateLimitError) as refused:
+        world.client(world.alice_key).chat.completions.create(model="opt-model", messages=MESSAGES)
+
+    assert refused.value.code == "insufficient_quota"
+    assert "daily token quota" in refused.value.message
+    assert world.keys_seen() == []
+
+
 def test_rate_limits_apply_on_the_users_own_key_too(world):
     plan_assign(user=world.alice, plan=Plan.objects.create(name="One a minute", allow_all_models=True, rpm=1))
     world.client(world.alice_key).chat.completions.create(model="opt-model", messages=MESSAGES)
