@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -27,7 +28,15 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from llmhub.testing.fake_upstream import UpstreamSpec
 from providers.fields import Secret
-from providers.models import ByokMode, CatalogModel, CredentialStatus, Deployment, Provider, ProviderCredential
+from providers.models import (
+    ByokMode,
+    CatalogModel,
+    CredentialStatus,
+    Deployment,
+    Provider,
+    ProviderCredential,
+    ProviderKind,
+)
 from providers.selectors import model_resolve_sync
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
@@ -147,7 +156,8 @@ def assert_row(raw, *, source: str, model: str, counted: bool = False) -> UsageR
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
-def test_a_user_with_their_own_key_is_served_with_it(world, stream):
+def test_a_user_with_their_own_key_is_served_with_it(world, stream, caplog):
+    caplog.set_level(logging.DEBUG)
     raw = world.client(world.alice_key).chat.completions.with_raw_response.create(
         model="opt-model", messages=MESSAGES, stream=stream
     )
@@ -159,6 +169,28 @@ def test_a_user_with_their_own_key_is_served_with_it(world, stream):
 
     assert world.keys_seen() == [digest(ALICE_KEY)]
     assert_row(raw, source=BillingSource.USER_KEY, model="opt-model")
+    body = "" if stream else raw.http_response.text  # a stream's text was read above, through the SDK
+    assert ALICE_KEY not in body + str(raw.headers) + caplog.text
+
+
+def test_the_messages_api_on_an_anthropic_provider_sends_the_users_own_key(world):
+    anthropic = ProviderFactory(
+        name="anthropic-byok", kind=ProviderKind.ANTHROPIC, base_url=world.upstream.base_url, byok=ByokMode.OPTIONAL
+    )
+    model_on("claude-own", anthropic, upstream_ids=["fake-claude-haiku"])
+    own_key(world.alice, anthropic)
+
+    response = httpx.post(
+        world.url + "/v1/messages",
+        json={"model": "claude-own", "max_tokens": 50, "messages": MESSAGES},
+        headers={"x-api-key": world.alice_key, "anthropic-version": "2023-06-01"},
+        timeout=30,
+    )
+
+    assert response.status_code == 200, response.text
+    assert [r["key_sha256"] for r in world.upstream.requests] == [digest(ALICE_KEY)]
+    record = wait_for_record(response.headers["x-request-id"])
+    assert record.billing_source == BillingSource.USER_KEY and record.cost == 0 and record.user_key_cost > 0
 
 
 def test_a_user_without_a_key_is_served_on_the_providers_key_when_own_keys_are_optional(world):
