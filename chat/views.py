@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.templatetags.static import static
 from django.views.decorators.cache import cache_control
 
+from accounts.roles import Capability, role_can_async
 from billing.selectors import models_catalog_for
 
 
@@ -17,6 +19,9 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
     # The user goes into the context explicitly: the auth context processor's lazy request.user would
     # query the session synchronously while the template renders, which an async view may not do.
     user = await request.auser()
+    if not await role_can_async(user.pk, Capability.CHAT):
+        # A viewer may not chat (accounts.roles): their page is their usage.
+        return HttpResponseRedirect("/usage/")
     # Models the plan does not include are offered too, disabled, as an upsell: the same list as /api/models/.
     entries = await sync_to_async(models_catalog_for)(user_id=user.pk, key_allowed_model_ids=None)
     picker = [
@@ -45,6 +50,9 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
 @login_required
 async def keys_page(request: HttpRequest) -> HttpResponse:
     user = await request.auser()
+    # As the API it talks to: a role without keys of its own (viewer) would get a page whose every call fails.
+    if not await role_can_async(user.pk, Capability.MANAGE_OWN_KEYS):
+        raise PermissionDenied
     return render(request, "chat/keys.html", {"user": user, "page": "keys"})
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db
 
 A, OP, M, V = Role.ADMIN, Role.OPERATOR, Role.MEMBER, Role.VIEWER
 ROLES = (A, OP, M, V)
-LOGIN = 302  # the admin sends whoever is not staff to its login page
+LOGIN = 302  # a redirect: the admin sends whoever is not staff to its login page, the chat page a viewer to /usage/
 
 # (method, path, body, {role: status}); "{other}" is another user's username.
 TABLE: list[tuple[str, str, dict | None, dict[Role, int]]] = [
@@ -29,6 +29,9 @@ TABLE: list[tuple[str, str, dict | None, dict[Role, int]]] = [
     ("get", "/api/models/", None, {A: 200, OP: 200, M: 200, V: 403}),
     ("get", "/api/provider-keys/", None, {A: 200, OP: 200, M: 200, V: 403}),
     ("get", "/usage/", None, {A: 200, OP: 200, M: 200, V: 200}),
+    ("get", "/", None, {A: 200, OP: 200, M: 200, V: 302}),  # a viewer's page is their usage
+    ("get", "/keys/", None, {A: 200, OP: 200, M: 200, V: 403}),
+    ("get", "/provider-keys/", None, {A: 200, OP: 200, M: 200, V: 403}),
     ("get", "/usage/admin/", None, {A: 200, OP: 200, M: 403, V: 403}),
     ("get", "/admin/", None, {A: 200, OP: 200, M: LOGIN, V: LOGIN}),
     ("get", "/admin/providers/provider/", None, {A: 200, OP: 200, M: LOGIN, V: LOGIN}),
@@ -68,7 +71,7 @@ def test_each_role_sees_what_its_row_says(client, other_user, role, method, path
 
     assert response.status_code == expected[role], response.content[:300]
     if expected[role] == LOGIN:
-        assert response["Location"].startswith("/admin/login/")
+        assert response["Location"].startswith("/admin/login/" if path.startswith("/admin/") else "/usage/")
 
 
 @pytest.mark.parametrize("role", ROLES, ids=[r.value for r in ROLES])
