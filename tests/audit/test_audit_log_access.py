@@ -97,6 +97,7 @@ def test_the_admin_lists_events_and_allows_no_add_change_or_delete(superuser_cli
     assert "providers.provider.change" in page and "198.51.100.1" in page and "alice" in page
     assert reverse("admin:audit_auditevent_add") not in page
     assert 'value="delete_selected"' not in page
+    assert reverse("admin:audit_auditevent_export") in page  # the "Export these as CSV" link
 
     assert superuser_client.get(reverse("admin:audit_auditevent_add")).status_code == 403
     event = recorded[0]
