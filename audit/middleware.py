@@ -7,6 +7,8 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.utils.functional import LazyObject
 
+from core.exceptions import DATABASE_OUTAGE_ERRORS
+
 from .context import AuditOrigin, OriginSource, audit_origin, request_ip, request_user_agent
 from .models import ActorType
 from .services import actor_for
@@ -65,6 +67,9 @@ class AuditContextMiddleware:
     async def __acall__(self, request):
         # request.user would query the database synchronously when an event is recorded from async code:
         # auser() is its async twin, resolved here once.
-        user = await request.auser() if hasattr(request, "auser") else None
+        try:
+            user = await request.auser() if hasattr(request, "auser") else None
+        except DATABASE_OUTAGE_ERRORS:
+            user = None  # the view answers the outage (503); an event recorded later resolves the user then
         with audit_origin(lazy_origin(request, user)):
             return await self.get_response(request)
