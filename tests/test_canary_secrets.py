@@ -10,7 +10,6 @@ every page and email.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import secrets
@@ -26,7 +25,7 @@ from django.test import Client
 from django.utils.log import AdminEmailHandler
 
 from billing.services.keys import api_key_create
-from llmhub.testing.fake_upstream import FakeUpstream
+from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.models import ByokMode, ProviderCredential, ProviderKind
 from providers.tasks_credentials import provider_credentials_revalidate_all
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
@@ -73,14 +72,6 @@ def upstream() -> Iterator[FakeUpstream]:
     server = FakeUpstream(api_key=PLATFORM_KEY).start()
     yield server
     server.stop()
-
-
-def accept_keys(upstream: FakeUpstream, *keys: str) -> None:
-    httpx.post(upstream.base_url + "/__control", json={"accept_keys": list(keys)}).raise_for_status()
-
-
-def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def stored_text() -> list[tuple[str, str, str]]:
@@ -135,7 +126,7 @@ def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_em
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "provider_key_invalid"
 
     # Added, replaced, and replaced back.
-    accept_keys(upstream, CANARY, CANARY_REPLACEMENT)
+    upstream.accept_keys(CANARY, CANARY_REPLACEMENT)
     added = send("POST", "/api/provider-keys/", json={"provider": "openai-own", "api_key": CANARY, "label": "x"})
     assert added.status_code == 201, added.text
     credential_id = added.json()["id"]
@@ -149,12 +140,12 @@ def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_em
     # Served on the user's own key, then refused upstream once the provider revokes it.
     served = chat()
     assert served.status_code == 200, served.text
-    assert upstream.requests[-1]["key_sha256"] == sha(CANARY)
-    accept_keys(upstream)
+    assert upstream.requests[-1]["key_sha256"] == key_digest(CANARY)
+    upstream.accept_keys()
     refused_upstream = chat()
     assert refused_upstream.status_code == 401, refused_upstream.text
     assert refused_upstream.json()["error"]["code"] == "user_key_refused"
-    assert upstream.requests[-1]["key_sha256"] == sha(CANARY)
+    assert upstream.requests[-1]["key_sha256"] == key_digest(CANARY)
 
     # The key turns invalid (the refused call marks it in the background; else the daily re-validation
     # finds it), its owner is emailed once, and the re-check on demand says so too.

@@ -370,7 +370,8 @@ def _presented_key(request: web.Request) -> str:
     )
 
 
-def _key_digest(key: str) -> str:
+def key_digest(key: str) -> str:
+    """What a recorded request keeps of its key (``key_sha256``): compare with this, never the key."""
     return hashlib.sha256(key.encode()).hexdigest() if key else ""
 
 
@@ -979,7 +980,7 @@ class _App:
                     "headers": headers,
                     "body": body,
                     # Which key the request came with, without keeping it: tests compare digests.
-                    "key_sha256": _key_digest(_presented_key(request)),
+                    "key_sha256": key_digest(_presented_key(request)),
                 }
             )
 
@@ -2165,6 +2166,10 @@ class UpstreamHandle:
     ) -> None:
         self._listener.set_timing(latency_ms=latency_ms, ttft_ms=ttft_ms, tps=tps)
 
+    def accept_keys(self, *keys: str) -> None:
+        """Accept these keys besides the listener's own (users' own keys); none: only its own again."""
+        self._listener.app.accept_keys = frozenset(keys)
+
     def requests_served(self, path: str | None = None) -> int:
         """Requests that reached this listener (control endpoints and refused connections not counted),
         or those on ``path``."""
@@ -2333,6 +2338,9 @@ class FakeUpstream(FakeUpstreams):
 
     def accept(self) -> None:
         self.handles[0].accept()
+
+    def accept_keys(self, *keys: str) -> None:
+        self.handles[0].accept_keys(*keys)
 
     def requests_served(self, path: str | None = None) -> int:
         return self.handles[0].requests_served(path)

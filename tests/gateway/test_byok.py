@@ -8,7 +8,6 @@ fallbacks that cross a deployment on the user's key and one on the platform's bi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -26,7 +25,7 @@ from billing.pricing import cost_for
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
-from llmhub.testing.fake_upstream import UpstreamSpec
+from llmhub.testing.fake_upstream import UpstreamSpec, key_digest
 from providers.fields import Secret
 from providers.models import (
     ByokMode,
@@ -48,10 +47,6 @@ PLATFORM_KEY = "sk-fake-upstream-key-0000000000000000"  # ProviderFactory's
 ALICE_KEY = "sk-alice-own-key-7f3a9c1e5b2d4a68"
 PRICES = {"input_per_mtok": Decimal("2.00"), "output_per_mtok": Decimal("8.00")}
 MESSAGES = [{"role": "user", "content": "hello [[words=5]]"}]
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass
@@ -167,7 +162,7 @@ def test_a_user_with_their_own_key_is_served_with_it(world, stream, caplog):
         text = raw.parse().choices[0].message.content
     assert text
 
-    assert world.keys_seen() == [digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY)]
     assert_row(raw, source=BillingSource.USER_KEY, model="opt-model")
     body = "" if stream else raw.http_response.text  # a stream's text was read above, through the SDK
     assert ALICE_KEY not in body + str(raw.headers) + caplog.text
@@ -188,7 +183,7 @@ def test_the_messages_api_on_an_anthropic_provider_sends_the_users_own_key(world
     )
 
     assert response.status_code == 200, response.text
-    assert [r["key_sha256"] for r in world.upstream.requests] == [digest(ALICE_KEY)]
+    assert [r["key_sha256"] for r in world.upstream.requests] == [key_digest(ALICE_KEY)]
     record = wait_for_record(response.headers["x-request-id"])
     assert record.billing_source == BillingSource.USER_KEY and record.cost == 0 and record.user_key_cost > 0
 
@@ -197,7 +192,7 @@ def test_a_user_without_a_key_is_served_on_the_providers_key_when_own_keys_are_o
     raw = world.client(world.bob_key).chat.completions.with_raw_response.create(model="opt-model", messages=MESSAGES)
 
     assert raw.parse().choices[0].message.content
-    assert world.keys_seen() == [digest(PLATFORM_KEY)]
+    assert world.keys_seen() == [key_digest(PLATFORM_KEY)]
     assert_row(raw, source=BillingSource.PLATFORM, model="opt-model")
 
 
@@ -208,7 +203,7 @@ def test_a_provider_that_takes_no_own_keys_uses_its_own_key_even_for_a_user_who_
         model="platform-model", messages=MESSAGES
     )
 
-    assert world.keys_seen() == [digest(PLATFORM_KEY)]
+    assert world.keys_seen() == [key_digest(PLATFORM_KEY)]
     assert_row(raw, source=BillingSource.PLATFORM, model="platform-model")
 
 
@@ -226,7 +221,7 @@ def test_a_user_without_a_key_is_refused_clearly_when_own_keys_are_required(worl
 
     # Alice, who has one, is served on it.
     raw = world.client(world.alice_key).chat.completions.with_raw_response.create(model="req-model", messages=MESSAGES)
-    assert world.keys_seen() == [digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY)]
     assert_row(raw, source=BillingSource.USER_KEY, model="req-model")
 
 
@@ -236,7 +231,7 @@ def test_a_deleted_key_sends_the_user_back_to_the_providers_key_at_once(world):
 
     raw = world.client(world.alice_key).chat.completions.with_raw_response.create(model="opt-model", messages=MESSAGES)
 
-    assert world.keys_seen() == [digest(ALICE_KEY), digest(PLATFORM_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY), key_digest(PLATFORM_KEY)]
     assert_row(raw, source=BillingSource.PLATFORM, model="opt-model")
 
 
@@ -248,7 +243,7 @@ def test_a_plan_that_counts_own_key_spend_charges_it_to_the_platform_budget_too(
 
     raw = world.client(world.alice_key).chat.completions.with_raw_response.create(model="opt-model", messages=MESSAGES)
 
-    assert world.keys_seen() == [digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY)]
     assert_row(raw, source=BillingSource.USER_KEY, model="opt-model", counted=True)
 
 
@@ -260,7 +255,7 @@ def test_a_retry_from_the_users_key_to_a_platform_deployment_bills_the_platform(
     raw = world.client(world.alice_key).chat.completions.with_raw_response.create(model="mixed", messages=MESSAGES)
 
     assert raw.headers["x-llmhub-attempts"] == "2"
-    assert world.keys_seen() == [digest(ALICE_KEY), digest(PLATFORM_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY), key_digest(PLATFORM_KEY)]
     record = assert_row(raw, source=BillingSource.PLATFORM, model="mixed")
     assert record.deployment_name == "mixed-1"
 
@@ -278,7 +273,7 @@ def test_a_fallback_from_a_platform_model_to_one_on_the_users_key_bills_the_user
         model="broken-platform", messages=MESSAGES
     )
 
-    assert world.keys_seen() == [digest(PLATFORM_KEY), digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(PLATFORM_KEY), key_digest(ALICE_KEY)]
     record = assert_row(raw, source=BillingSource.USER_KEY, model="on-user-key")
     assert record.requested_model == "broken-platform"
 
@@ -303,7 +298,7 @@ def test_a_platform_budget_the_user_has_spent_does_not_refuse_a_request_served_o
     )
     with pytest.raises(openai.RateLimitError):
         world.client(world.alice_key).chat.completions.create(model="opt-model", messages=MESSAGES)
-    assert world.keys_seen() == [digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY)]
 
 
 def test_the_daily_token_quota_applies_on_the_users_own_key_too(world):
@@ -326,7 +321,7 @@ def test_rate_limits_apply_on_the_users_own_key_too(world):
         world.client(world.alice_key).chat.completions.create(model="opt-model", messages=MESSAGES)
 
     assert refused.value.code != "insufficient_quota"
-    assert world.keys_seen() == [digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY)]
 
 
 async def test_the_websocket_chat_uses_the_users_own_key(world):
@@ -345,6 +340,6 @@ async def test_the_websocket_chat_uses_the_users_own_key(world):
             events.append(json.loads(await ws.recv(decode=True)))
 
     assert events[-1]["type"] == "chat.completed", events[-1]
-    assert world.keys_seen() == [digest(ALICE_KEY)]
+    assert world.keys_seen() == [key_digest(ALICE_KEY)]
     record = await sync_to_async(only_row_of)(world.alice)
     assert record.billing_source == BillingSource.USER_KEY and record.cost == 0 and record.user_key_cost > 0

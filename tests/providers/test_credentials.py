@@ -3,7 +3,6 @@ against a fake provider that accepts only the keys it is told to and refuses mar
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Iterator
 
@@ -13,7 +12,7 @@ from django.core import mail
 from rest_framework.test import APIClient
 
 from audit.models import AuditEvent
-from llmhub.testing.fake_upstream import FakeUpstream
+from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
 from providers.services.credentials import provider_credential_save, provider_credential_validate
 from providers.tasks_credentials import provider_credentials_revalidate_all
@@ -47,10 +46,6 @@ def upstream() -> Iterator[FakeUpstream]:
 def accept_keys(upstream: FakeUpstream, *keys: str) -> None:
     response = httpx.post(upstream.base_url + "/__control", json={"accept_keys": list(keys), "reset": True})
     response.raise_for_status()
-
-
-def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def new_key(prefix: str = "sk-", marker: str = "") -> str:
@@ -112,7 +107,7 @@ def test_a_key_is_checked_live_with_the_free_model_list_then_stored_encrypted_an
     assert key not in response.content.decode()
     # The check was the model list, sent with the user's key.
     checks = [r for r in upstream.requests if r["path"] == "/v1/models"]
-    assert [r["key_sha256"] for r in checks] == [sha(key)]
+    assert [r["key_sha256"] for r in checks] == [key_digest(key)]
     assert not [r for r in upstream.requests if r["path"] != "/v1/models"]
     stored = ProviderCredential.objects.get(owner=alice)
     assert stored.api_key.reveal() == key
@@ -137,7 +132,10 @@ def test_replacing_a_key_checks_the_new_one_first_and_keeps_the_row(client, prov
     assert body["id"] == first.json()["id"]
     assert body["hint"].endswith(new[-4:]) and body["rotated_at"] and body["label"] == "a"
     assert ProviderCredential.objects.get(owner=alice).api_key.reveal() == new
-    assert [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/models"] == [sha(old), sha(new)]
+    assert [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/models"] == [
+        key_digest(old),
+        key_digest(new),
+    ]
     assert actions() == ["provider_key.add", "provider_key.replace"]
     replace_event = AuditEvent.objects.get(action="provider_key.replace")
     assert replace_event.changes["hint"] == [first.json()["hint"], body["hint"]]
@@ -254,7 +252,7 @@ def test_an_anthropic_key_is_checked_with_anthropics_model_list(client, upstream
     assert response.status_code == status, response.content
     if words:
         assert words in response.json()["error"]["message"]
-    assert [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/models"] == [sha(key)]
+    assert [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/models"] == [key_digest(key)]
     assert key not in response.content.decode()
 
 

@@ -7,7 +7,6 @@ the test's thread, where the Django ORM then refuses to run.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from playwright.async_api import Page, expect
 
-from llmhub.testing.fake_upstream import FakeUpstream
+from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
 from tests.conftest import LiveServer
@@ -28,10 +27,6 @@ PLATFORM_KEY = "sk-platform-key-of-the-hub-000000000000"
 FIRST_KEY = "sk-ada-own-key-first-1111111111111111AAAA"
 SECOND_KEY = "sk-ada-own-key-second-2222222222222222BBBB"
 UNKNOWN_KEY = "sk-ada-own-key-unknown-333333333333333CCCC"  # the upstream refuses it (401)
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +119,7 @@ async def test_add_replace_refuse_and_delete_a_key(live_site, browser, provider,
     await assert_no_key_in_page(page, FIRST_KEY, PLATFORM_KEY)
     credential = await stored(user)
     assert credential.api_key.reveal() == FIRST_KEY and credential.status == CredentialStatus.VALID
-    assert digest(FIRST_KEY) in {entry["key_sha256"] for entry in upstream.requests}
+    assert key_digest(FIRST_KEY) in {entry["key_sha256"] for entry in upstream.requests}
     await page.screenshot(path=str(artifacts_dir / "provider-keys.png"))
 
     # A key the provider refuses: its reason in words beside the form, the field emptied, nothing changed.

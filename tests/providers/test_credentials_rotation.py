@@ -4,7 +4,6 @@ records the key each request came with. And two saves of a key at once: one adds
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from django.db import connection
 
 from audit.models import AuditEvent
 from billing.services.keys import api_key_create
-from llmhub.testing.fake_upstream import FakeUpstream
+from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.models import ByokMode, ProviderCredential, ProviderKind
 from providers.services.credentials import provider_credential_save
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
@@ -29,14 +28,6 @@ def upstream() -> Iterator[FakeUpstream]:
     server = FakeUpstream(api_key=PLATFORM_KEY).start()
     yield server
     server.stop()
-
-
-def accept_keys(upstream: FakeUpstream, *keys: str) -> None:
-    httpx.post(upstream.base_url + "/__control", json={"accept_keys": list(keys)}).raise_for_status()
-
-
-def sha(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -52,7 +43,7 @@ def test_a_stream_running_on_the_old_key_finishes_on_it_and_the_next_request_use
     alice = UserFactory(username="alice")
     gateway_key = api_key_create(user=alice, name="rotation").secret
     old, new = f"sk-old-{secrets.token_hex(12)}", f"sk-new-{secrets.token_hex(12)}"
-    accept_keys(upstream, old, new)
+    upstream.accept_keys(old, new)
     provider_credential_save(owner=alice, provider=provider, api_key=old)
     client = openai.OpenAI(base_url=llmhub_server.url + "/v1", api_key=gateway_key, max_retries=0, timeout=30)
     words = " ".join(f"w{i}" for i in range(30))
@@ -70,7 +61,7 @@ def test_a_stream_running_on_the_old_key_finishes_on_it_and_the_next_request_use
         timeout=30,
     )
     assert replaced.status_code == 200, replaced.text
-    accept_keys(upstream, new)  # the old key is revoked at the provider too
+    upstream.accept_keys(new)  # the old key is revoked at the provider too
 
     rest = list(chunks)
     text = first.choices[0].delta.content + "".join(c.choices[0].delta.content or "" for c in rest if c.choices)
@@ -81,7 +72,7 @@ def test_a_stream_running_on_the_old_key_finishes_on_it_and_the_next_request_use
     assert after.choices[0].message.content
 
     calls = [r["key_sha256"] for r in upstream.requests if r["path"] == "/v1/chat/completions"]
-    assert calls == [sha(old), sha(new)]
+    assert calls == [key_digest(old), key_digest(new)]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -95,7 +86,7 @@ def test_two_saves_of_a_key_at_once_leave_one_key_added_then_replaced(upstream):
     )
     alice = UserFactory(username="alice")
     keys = [f"sk-race-{i}-{secrets.token_hex(12)}" for i in range(2)]
-    accept_keys(upstream, *keys)
+    upstream.accept_keys(*keys)
 
     def save(key: str) -> int:
         try:
