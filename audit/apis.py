@@ -6,13 +6,11 @@ session); anyone else gets 403. Reading the log is not itself recorded.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time
 from typing import Any
 
 from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer
 from rest_framework import permissions, renderers, serializers
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
@@ -20,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.openapi import ErrorResponseSerializer, error_responses
+from core.serializer_fields import InstantField
 
 from .exports import audit_csv_response
 from .models import ActorType
@@ -45,34 +44,6 @@ class CsvFormatRenderer(renderers.BaseRenderer):
 
     def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
         raise NotImplementedError("the audit views answer CSV themselves")
-
-
-@extend_schema_field(
-    {
-        "type": "string",
-        "description": (
-            "An ISO 8601 date (`2026-01-31`, the start of that UTC day) or date-time (`2026-01-31T12:00:00Z`)."
-        ),
-    }
-)
-class InstantField(serializers.Field):
-    default_error_messages = {"invalid": "Give an ISO 8601 date (2026-01-31) or date-time (2026-01-31T12:00:00Z)."}
-
-    def to_internal_value(self, data: Any) -> datetime:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        try:
-            parsed: date | datetime | None = parse_date(data) or parse_datetime(data)
-        except ValueError:
-            self.fail("invalid")
-        if parsed is None:
-            self.fail("invalid")
-        if not isinstance(parsed, datetime):
-            parsed = datetime.combine(parsed, time.min)
-        return timezone.make_aware(parsed, UTC) if timezone.is_naive(parsed) else parsed
-
-    def to_representation(self, value: datetime) -> str:
-        return value.isoformat()
 
 
 class AuditFilterSerializer(serializers.Serializer):

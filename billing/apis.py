@@ -15,12 +15,9 @@ subtree (itself and the keys created under it), and a key it creates never has m
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
 from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import AuthenticationFailed, NotFound, PermissionDenied
@@ -32,6 +29,7 @@ from rest_framework.views import APIView
 from accounts.permissions import CanManageOwnKeys, CanViewOwnUsage
 from accounts.roles import Capability, role_can
 from core.openapi import ErrorResponseSerializer, error_responses
+from core.serializer_fields import DateOrDateTimeField
 from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.models import CatalogModel
 
@@ -279,35 +277,6 @@ class ApiKeyRevokeApi(APIView):
 
 
 # USAGE
-
-
-@extend_schema_field(
-    {
-        "type": "string",
-        "description": "An ISO 8601 date (`2025-01-31`, the whole UTC day) or date-time (`2025-01-31T12:00:00Z`).",
-    }
-)
-class DateOrDateTimeField(serializers.Field):
-    default_error_messages = {
-        "invalid": "Give an ISO 8601 date (2025-01-31) or date-time (2025-01-31T12:00:00Z).",
-    }
-
-    def to_internal_value(self, data: Any) -> date | datetime:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        try:
-            # A date first: Python's fromisoformat would also read "2025-01-31" as a midnight datetime.
-            parsed: date | datetime | None = parse_date(data) or parse_datetime(data)
-        except ValueError:
-            self.fail("invalid")
-        if parsed is None:
-            self.fail("invalid")
-        if isinstance(parsed, datetime) and timezone.is_naive(parsed):
-            parsed = timezone.make_aware(parsed, UTC)
-        return parsed
-
-    def to_representation(self, value: date | datetime) -> str:
-        return value.isoformat()
 
 
 class UsageFilterSerializer(serializers.Serializer):
