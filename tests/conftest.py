@@ -154,6 +154,19 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _empty_ledger_spool():
+    """Every test starts with this process's ledger spool empty: a row an earlier test left there (its
+    database rolled back under it) would otherwise be replayed into this test's ledger by a live server's
+    start-up. Tests that study the spool give it a path of their own or fill it themselves."""
+    from billing.services.spool import CLAIMED_INFIX, spool_path
+
+    path = spool_path()
+    for leftover in [path, *path.parent.glob(path.name + CLAIMED_INFIX + "*")]:
+        leftover.unlink(missing_ok=True)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_lookup_caches():
     """In-process lookup caches outlive a test's database rows; start every test without them."""
     from accounts.jwt import token_cache
