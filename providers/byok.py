@@ -21,7 +21,13 @@ from django.utils import timezone
 from audit.services import audit_record
 from core.cache import TTLCache
 
-from .exceptions import ProviderAuthenticationError, ProviderError, UserKeyRefusedError
+from .exceptions import (
+    ProviderAuthenticationError,
+    ProviderError,
+    ProviderQuotaExhaustedError,
+    UserKeyQuotaExhaustedError,
+    UserKeyRefusedError,
+)
 from .fields import Secret
 from .models import ByokMode, CredentialStatus, ProviderCredential
 from .services.credentials import provider_credential_invalid_notify
@@ -85,18 +91,27 @@ def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCre
 
 def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
     """The error to give the client when a call on ``target`` failed with ``exc``: a refusal of the user's
-    own key becomes ``UserKeyRefusedError`` naming the key by its hint; anything else is unchanged.
+    own key becomes ``UserKeyRefusedError`` naming the key by its hint, its account's exhausted quota
+    ``UserKeyQuotaExhaustedError``; anything else is unchanged.
 
     A key refused as invalid (401) is also marked invalid, in the background (``byok_key_refused_record``),
     so that the user's next request uses the provider's key (``optional``) or is refused up front as needing
     their own (``required``) instead of meeting the same refusal. A 403 (no access to this model) leaves the
     key as it is: it may serve the provider's other models."""
     provider = target.provider
-    if provider.credential_id is None or not isinstance(exc, ProviderAuthenticationError):
-        return exc
-    if isinstance(exc, UserKeyRefusedError):
+    if provider.credential_id is None:
         return exc
     hint = f" {provider.credential_hint}" if provider.credential_hint else ""
+    if isinstance(exc, ProviderQuotaExhaustedError):
+        # Not retried on another deployment: the platform's key would pay for what the user's account could not.
+        return UserKeyQuotaExhaustedError(
+            f"{provider.name} says the quota of your own API key{hint} is exhausted: check your plan and billing "
+            "with them, or delete the key to use the platform's key where allowed.",
+            provider=provider.name,
+            upstream_status=exc.upstream_status,
+        )
+    if not isinstance(exc, ProviderAuthenticationError) or isinstance(exc, UserKeyRefusedError):
+        return exc
     if exc.upstream_status == 403:
         what = f"{provider.name} refused your own API key{hint}: it has no access to this model (HTTP 403)"
     else:

@@ -97,6 +97,21 @@ class ProviderNotFoundError(ProviderError):
     code = "upstream_model_not_found"
 
 
+class ProviderQuotaExhaustedError(ProviderRateLimitError):
+    """The provider's account behind the key has no quota left (OpenAI's 429 ``insufficient_quota``): not a
+    passing rate limit, so no wait helps the same key."""
+
+    code = "upstream_quota_exhausted"
+
+
+class UserKeyQuotaExhaustedError(ProviderError):
+    """The account behind the user's own key has no quota left: theirs to fix, in OpenAI's own terms."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    code = "user_key_quota_exhausted"
+
+
 class UserKeyRefusedError(ProviderAuthenticationError):
     """The provider refused the user's own key (bring your own key): the user's to fix, so a 401 that names
     the key by its hint, not a 502 asking an administrator to act."""

@@ -30,6 +30,7 @@ from ..exceptions import (
     ProviderError,
     ProviderNotFoundError,
     ProviderOverloadedError,
+    ProviderQuotaExhaustedError,
     ProviderRateLimitError,
     ProviderStreamInterruptedError,
     ProviderTimeoutError,
@@ -156,6 +157,12 @@ def error_for_status(
         return ProviderAuthenticationError(
             f"The provider {name!r} refused the gateway's credentials (HTTP {status}); "
             "an administrator must update the provider's API key.",
+            **kwargs,
+        )
+    if status == 429 and code == "insufficient_quota":
+        return ProviderQuotaExhaustedError(
+            f"The provider {name!r} says the account's quota is exhausted: {message}",
+            retry_after=retry_after_seconds(headers),
             **kwargs,
         )
     if status == 429:

@@ -23,18 +23,19 @@ from websockets.asyncio.client import connect
 from audit.models import AuditEvent
 from billing.models import BillingSource
 from billing.services.keys import api_key_create
-from llmhub.testing.fake_upstream import UpstreamSpec
+from llmhub.testing.fake_upstream import UpstreamSpec, key_digest
 from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, ProviderCredential
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_byok import PLATFORM_KEY, digest, model_on
+from tests.gateway.test_byok import PLATFORM_KEY, model_on
 from tests.gateway.test_ledger import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 REFUSED_KEY = "sk-alice-refused-canary-51c0ffee9d"
 NO_ACCESS_KEY = "sk-alice-noaccess-canary-7e11a2b3"
+NO_QUOTA_KEY = "sk-alice-noquota-canary-3d4e5f60"
 MESSAGES = [{"role": "user", "content": "hello [[words=5]]"}]
 ENTRY_POINTS = ["chat", "chat-stream", "messages", "websocket"]
 
@@ -43,7 +44,7 @@ ENTRY_POINTS = ["chat", "chat-stream", "messages", "websocket"]
 def setup(llmhub_server, fake_upstreams, caplog):
     caplog.set_level(logging.DEBUG)
     upstream = fake_upstreams(UpstreamSpec(name="byok", api_key=PLATFORM_KEY))["byok"]
-    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY]}
+    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY, NO_QUOTA_KEY]}
     httpx.post(upstream.base_url + "/__control", json=accepted, timeout=5).raise_for_status()
     base_url = upstream.base_url + "/v1"
     optional = ProviderFactory(name="optional-openai", base_url=base_url, byok=ByokMode.OPTIONAL)
@@ -128,7 +129,7 @@ def test_a_refused_own_key_is_the_users_401_naming_it_then_invalid_and_the_provi
     assert ("authentication_error" if entry == "messages" else "user_key_refused") in text
     assert f"refused your own API key {hint}" in text
     assert "administrator" not in text
-    assert setup["upstream"].requests[-1]["key_sha256"] == digest(REFUSED_KEY)
+    assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(REFUSED_KEY)
 
     row = wait_for_status(row, CredentialStatus.INVALID)
     assert "refused" in row.status_detail
@@ -138,7 +139,7 @@ def test_a_refused_own_key_is_the_users_401_naming_it_then_invalid_and_the_provi
     # The next request is served on the provider's key, and says so in the ledger.
     status, text = ask(setup, entry, "opt-model")
     assert status == 200, text
-    assert setup["upstream"].requests[-1]["key_sha256"] == digest(PLATFORM_KEY)
+    assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(PLATFORM_KEY)
 
     for leaked in (text, caplog.text, json.dumps(list(AuditEvent.objects.values()), default=str)):
         assert REFUSED_KEY not in leaked
@@ -187,6 +188,25 @@ def test_one_users_refused_key_does_not_open_the_breaker_for_everyone(setup):
     raw = client.chat.completions.with_raw_response.create(model="opt-model", messages=MESSAGES)
 
     assert raw.parse().choices[0].message.content
-    assert setup["upstream"].requests[-1]["key_sha256"] == digest(PLATFORM_KEY)
+    assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(PLATFORM_KEY)
     assert wait_for_record(raw.headers["x-request-id"]).billing_source == BillingSource.PLATFORM
     assert ProviderCredential.objects.get(owner=setup["alice"]).status == CredentialStatus.VALID
+
+
+def test_an_own_key_out_of_quota_is_the_users_429_and_the_platform_does_not_pay_instead(setup):
+    """OpenAI's 429 insufficient_quota on the user's key: their account is empty. Not retried (no wait helps
+    that key) and not moved to the provider's key (the platform would pay for what their account could not);
+    the key stays valid (a top-up fixes it)."""
+    row = credential(setup["alice"], setup["optional"], NO_QUOTA_KEY)
+
+    status, text = ask(setup, "chat", "opt-model")
+
+    assert status == 429
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "user_key_quota_exhausted")
+    assert "your own API key" in error["message"] and row.hint in error["message"]
+    assert NO_QUOTA_KEY not in text
+    calls = [r for r in setup["upstream"].requests if r["path"] == "/v1/chat/completions"]
+    assert [r["key_sha256"] for r in calls] == [key_digest(NO_QUOTA_KEY)]
+    row.refresh_from_db()
+    assert row.status == CredentialStatus.VALID
