@@ -130,9 +130,11 @@ async def role_for_user_id(user_id: int) -> Role:
     return await role_cache.get_or_load(user_id, lambda: _role_load(user_id))
 
 
-async def role_can_async(user_id: int, capability: Capability) -> bool:
-    """``role_can`` for async views, which know a user by id (cached like the role of a /v1 caller)."""
-    return capability in CAPABILITIES[await role_for_user_id(user_id)]
+async def request_role(request: Any, user: Any) -> Role:
+    """The role of a page's user, for an async view: kept on the request for its template's navigation
+    (``accounts.context_processors``), which may not query while it renders."""
+    request.llmhub_role = await role_for_user_id(user.pk)
+    return request.llmhub_role
 
 
 @transaction.atomic

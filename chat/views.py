@@ -10,7 +10,7 @@ from django.shortcuts import render
 from django.templatetags.static import static
 from django.views.decorators.cache import cache_control
 
-from accounts.roles import Capability, role_can_async
+from accounts.roles import CAPABILITIES, Capability, request_role
 from billing.selectors import models_catalog_for
 
 
@@ -19,7 +19,7 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
     # The user goes into the context explicitly: the auth context processor's lazy request.user would
     # query the session synchronously while the template renders, which an async view may not do.
     user = await request.auser()
-    if not await role_can_async(user.pk, Capability.CHAT):
+    if Capability.CHAT not in CAPABILITIES[await request_role(request, user)]:
         # A viewer may not chat (accounts.roles): their page is their usage.
         return HttpResponseRedirect("/usage/")
     # Models the plan does not include are offered too, disabled, as an upsell: the same list as /api/models/.
@@ -51,7 +51,7 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
 async def keys_page(request: HttpRequest) -> HttpResponse:
     user = await request.auser()
     # As the API it talks to: a role without keys of its own (viewer) would get a page whose every call fails.
-    if not await role_can_async(user.pk, Capability.MANAGE_OWN_KEYS):
+    if Capability.MANAGE_OWN_KEYS not in CAPABILITIES[await request_role(request, user)]:
         raise PermissionDenied
     return render(request, "chat/keys.html", {"user": user, "page": "keys"})
 

@@ -3,13 +3,12 @@ REST API (``/api/provider-keys/``): the page holds no key, and the server render
 
 from __future__ import annotations
 
-from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
-from accounts.roles import Capability, role_can
+from accounts.roles import CAPABILITIES, Capability, request_role
 
 
 @login_required
@@ -18,6 +17,6 @@ async def provider_keys_page(request: HttpRequest) -> HttpResponse:
     # request.user would query the session synchronously while the template renders.
     user = await request.auser()
     # As the API it talks to: a role without keys of its own (viewer) would get a page whose every call fails.
-    if not await sync_to_async(role_can)(user, Capability.MANAGE_OWN_KEYS):
+    if Capability.MANAGE_OWN_KEYS not in CAPABILITIES[await request_role(request, user)]:
         raise PermissionDenied
     return render(request, "providers/provider_keys.html", {"user": user, "page": "provider-keys"})

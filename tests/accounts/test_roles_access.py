@@ -160,3 +160,18 @@ def test_the_user_admin_lists_each_users_role_and_their_identity_provider_identi
         assert f'<td class="field-role">{role.value}</td>' in row, row
     assert "sub-42" in change_form
     assert "https://idp.example" in change_form
+
+
+@pytest.mark.parametrize("role", ROLES, ids=[r.value for r in ROLES])
+def test_the_navigation_shows_a_role_only_the_pages_it_may_use(client, role):
+    signed_in(client, role)
+
+    page = client.get("/usage/").content.decode()
+
+    shown = {path for path in ("/", "/keys/", "/provider-keys/", "/usage/") if f'href="{path}"' in page}
+    # The brand links home ("/") for everyone; the Chat link is the second one.
+    chat_links = page.count('href="/"')
+    if role == V:
+        assert shown == {"/", "/usage/"} and chat_links == 1
+    else:
+        assert shown == {"/", "/keys/", "/provider-keys/", "/usage/"} and chat_links == 2
