@@ -4,7 +4,12 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from llmhub.probes import healthz, readyz
+
 urlpatterns = [
+    # Probes for the orchestrator (llmhub/probes.py), served by the lean handler like /v1/.
+    path("healthz", healthz, name="healthz"),
+    path("readyz", readyz, name="readyz"),
     path("v1/", include("chat.urls_openai")),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),

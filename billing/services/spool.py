@@ -69,6 +69,19 @@ def spool_pending() -> bool:
     return waiting or any(_claimed_files(path))
 
 
+def spool_size_bytes() -> int:
+    """The bytes waiting in the spool and in claimed files, from ``stat`` alone (no lock, no reading): cheap
+    enough for a readiness probe however large an outage has made the spool."""
+    path = spool_path()
+    size = 0
+    for name in [path, *_claimed_files(path)]:
+        try:
+            size += name.stat().st_size
+        except FileNotFoundError:
+            continue  # claimed, or replayed and unlinked, between the listing and the look
+    return size
+
+
 def _claimed_files(path: Path) -> list[Path]:
     if not path.parent.exists():
         return []

@@ -336,8 +336,9 @@ LLMHUB_RETRY_BACKOFF_CAP_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_CAP_SECONDS",
 # A Retry-After longer than this is not waited for: the client gets the provider's answer (and its
 # Retry-After) at once rather than a request held open.
 LLMHUB_RETRY_AFTER_MAX_SECONDS = env.float("LLMHUB_RETRY_AFTER_MAX_SECONDS", default=5.0)
-# Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path.
-LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/"]
+# Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path, and the probes
+# (llmhub/probes.py), which need no session and must answer whatever Host the orchestrator sends.
+LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/", "/healthz", "/readyz"]
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
 # self-hosted servers such as Ollama or vLLM on the same machine need it).
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=True)
