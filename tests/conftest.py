@@ -214,9 +214,10 @@ def fake_upstream(fake_upstream_server):
     return fake_upstream_server
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real redis-server on a free port (``.ci/run`` installs it). Skipped only outside CI."""
+@contextlib.contextmanager
+def redis_server() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real redis-server on a free port, without persistence: its URL and process (a test may stop it).
+    Skipped only outside CI (``.ci/run`` installs it)."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
@@ -230,10 +231,17 @@ def redis_url() -> Iterator[str]:
     )
     try:
         wait_for_port(port)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", process
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The session's redis-server (``redis_server``)."""
+    with redis_server() as (url, _):
+        yield url
 
 
 class LiveServer:

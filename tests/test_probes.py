@@ -4,7 +4,6 @@ that is stopped, a migration recorded as not applied, a ledger spool that grows,
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from django.db.migrations.recorder import MigrationRecorder
 
 from billing.services.spool import spool_append, spool_claim
 from llmhub.probes import readiness_forget
-from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, redis_server, wait_for_port
 from tests.gateway.test_database_outage import database_unreachable
 from tests.test_project import ROOT, production_env
 
@@ -130,21 +129,8 @@ def test_readyz_names_the_migrations_while_one_is_not_applied(llmhub_server, spo
 @pytest.fixture
 def own_redis() -> Iterator[tuple[str, subprocess.Popen]]:
     """A redis-server this test may stop (the session's, ``redis_url``, must stay up for the others)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield f"redis://127.0.0.1:{port}/0", process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with redis_server() as server:
+        yield server
 
 
 @pytest.mark.django_db(transaction=True)

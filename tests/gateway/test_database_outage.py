@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.keys import api_key_create
 from llmhub.testing.postgres import PostgresCluster
-from tests.conftest import free_port, own_postgres, wait_for_port
+from tests.conftest import free_port, own_postgres, redis_server, wait_for_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -352,21 +351,8 @@ def outage_postgres() -> Iterator[PostgresCluster]:
 @pytest.fixture
 def own_redis() -> Iterator[str]:
     """A redis-server of this test's own: the session's holds counters of other tests' keys with the same ids."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with redis_server() as (url, _):
+        yield url
 
 
 def server_env(database_url: str, tmp_path: Path, name: str, redis_url: str = "") -> dict[str, str]:
