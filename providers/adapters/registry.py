@@ -51,7 +51,9 @@ class _Pool:
 # Entries vanish with their loop.
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 _retired: set[asyncio.Task[None]] = set()
-# How often a retired client is checked for calls still running on it, and the longest it is kept for them.
+# How often a retired client is checked for calls still running on it (soon at first, since most calls are
+# short, then every second at most), and the longest it is kept for them.
+_IDLE_POLL_FIRST_SECONDS = 0.05
 _IDLE_POLL_SECONDS = 1.0
 _RETIRE_MAX_SECONDS = 600.0
 
@@ -127,10 +129,12 @@ async def _close_later(adapter: BaseAdapter, pool: _Pool | None = None, delay: f
     give_up = loop.time() + delay
     try:
         # Polled: httpcore's pool signals no "last response closed" (a stream's end) to wait on.
+        poll = _IDLE_POLL_FIRST_SECONDS
         while loop.time() < give_up:
             if not _busy(adapter):
                 break
-            await asyncio.sleep(min(_IDLE_POLL_SECONDS, max(0.0, give_up - loop.time())))
+            await asyncio.sleep(min(poll, max(0.0, give_up - loop.time())))
+            poll = min(poll * 2, _IDLE_POLL_SECONDS)
         await adapter.aclose()
     except Exception:
         logger.warning("closing a retired %s client failed", adapter.config.name, exc_info=True)
