@@ -14,7 +14,6 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_
 from rest_framework import permissions, renderers, serializers
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
-from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.openapi import ErrorResponseSerializer, error_responses
@@ -34,16 +33,6 @@ class AuditPagination(LimitOffsetPagination):
 
     def get_offset(self, request: Request) -> int:
         return min(super().get_offset(request), self.max_offset)
-
-
-class CsvFormatRenderer(renderers.BaseRenderer):
-    """Lets ``?format=csv`` through DRF's content negotiation; the view answers it with the CSV export."""
-
-    media_type = "text/csv"
-    format = "csv"
-
-    def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Any = None) -> bytes:
-        raise NotImplementedError("the audit views answer CSV themselves")
 
 
 class AuditFilterSerializer(serializers.Serializer):
@@ -96,15 +85,20 @@ def _filters(request: Request) -> AuditFilters:
     return AuditFilters(**serializer.validated_data)
 
 
+def _wants_csv(request: Request) -> bool:
+    return request.query_params.get("format") == "csv"
+
+
 class _AuditApi(APIView):
     permission_classes = [permissions.IsAdminUser]
-    renderer_classes = [renderers.JSONRenderer, CsvFormatRenderer]
+    renderer_classes = [renderers.JSONRenderer]
 
-    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
-        # Errors are JSON in OpenAI's shape, like every /api/ error, even when CSV was asked for.
-        if isinstance(response, Response) and response.status_code >= 400:
-            request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
-        return super().finalize_response(request, response, *args, **kwargs)
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # ``?format=csv`` is answered by the view with a streamed export (``audit_csv_response``), not by a
+        # renderer; anything DRF renders here (a page, an error) is JSON, like every /api/ answer.
+        if _wants_csv(request):
+            return renderers.JSONRenderer(), "application/json"
+        return super().perform_content_negotiation(request, force)
 
 
 class AuditEventListApi(_AuditApi):
@@ -124,7 +118,7 @@ class AuditEventListApi(_AuditApi):
     )
     def get(self, request: Request) -> Any:
         events = audit_event_list(filters=_filters(request))
-        if request.accepted_renderer.format == "csv":
+        if _wants_csv(request):
             return audit_csv_response(events)
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(events, request, view=self)

@@ -167,6 +167,17 @@ def test_the_csv_has_every_column_changes_as_json_and_no_formula(staff_client, r
     assert exported[0]["actor_type"] == "system" and exported[0]["ip_address"] == ""
 
 
+def test_format_csv_on_the_list_is_the_export_and_its_errors_stay_json(staff_client, recorded):
+    as_list = rows(staff_client.get("/api/audit/", {"format": "csv", "actor": "alice"}))
+    as_export = rows(staff_client.get("/api/audit/export.csv", {"actor": "alice"}))
+    assert as_list == as_export and [row["actor_repr"] for row in as_list] == ["alice"]
+
+    refused = staff_client.get("/api/audit/", {"format": "csv", "since": "yesterday-ish"})
+    assert refused.status_code == 400
+    assert refused["Content-Type"].startswith("application/json")
+    assert refused.json()["error"]["param"] == "since"
+
+
 # THE API
 
 
