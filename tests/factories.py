@@ -86,3 +86,21 @@ class UsageRecordFactory(factory.django.DjangoModelFactory):
     cost = Decimal("0.0000045")
     duration_ms = 120
     status = UsageStatus.OK
+
+
+def provider_admin_form(provider, **overrides: object) -> dict[str, object]:
+    """The Provider admin's change form as a browser posts it for ``provider`` (``api_key`` empty: kept),
+    with ``overrides``; an override of None leaves that field out."""
+    data = {
+        "name": provider.name,
+        "kind": provider.kind,
+        "enabled": "on",
+        "base_url": provider.base_url,
+        "api_key": "",
+        "organization": provider.organization,
+        "extra_headers": "{}",
+        "timeout_seconds": str(provider.timeout_seconds),
+        "byok": provider.byok,
+    }
+    data.update(overrides)
+    return {key: value for key, value in data.items() if value is not None}

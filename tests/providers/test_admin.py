@@ -12,7 +12,7 @@ from django.urls import reverse
 from llmhub.testing.fake_upstream import MODELS, FakeUpstream
 from providers.models import CatalogModel, Deployment, HealthStatus, Provider, ProviderKind
 from tests.conftest import free_port
-from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, provider_admin_form
 
 pytestmark = pytest.mark.django_db
 
@@ -29,22 +29,6 @@ def locked_upstream():
 
 def change_url(provider: Provider) -> str:
     return reverse("admin:providers_provider_change", args=[provider.pk])
-
-
-def form_data(provider: Provider, **overrides: object) -> dict[str, object]:
-    data = {
-        "name": provider.name,
-        "kind": provider.kind,
-        "enabled": "on",
-        "base_url": provider.base_url,
-        "api_key": "",
-        "organization": provider.organization,
-        "extra_headers": "{}",
-        "timeout_seconds": str(provider.timeout_seconds),
-        "byok": provider.byok,
-    }
-    data.update(overrides)
-    return {key: value for key, value in data.items() if value is not None}
 
 
 def run_action(client, action: str, *providers: Provider):
@@ -75,7 +59,7 @@ def test_change_page_never_shows_the_key(admin_client):
 def test_empty_key_submission_keeps_the_stored_key(admin_client):
     provider = ProviderFactory(api_key=KEY)
 
-    response = admin_client.post(change_url(provider), form_data(provider, organization="org-new"))
+    response = admin_client.post(change_url(provider), provider_admin_form(provider, organization="org-new"))
 
     assert response.status_code == 302, response.content.decode()[:2000]
     provider.refresh_from_db()
@@ -86,7 +70,9 @@ def test_empty_key_submission_keeps_the_stored_key(admin_client):
 def test_a_new_key_replaces_the_stored_one(admin_client):
     provider = ProviderFactory(api_key=KEY)
 
-    response = admin_client.post(change_url(provider), form_data(provider, api_key="  sk-replacement-key-999999999  "))
+    response = admin_client.post(
+        change_url(provider), provider_admin_form(provider, api_key="  sk-replacement-key-999999999  ")
+    )
 
     assert response.status_code == 302
     provider.refresh_from_db()
@@ -96,7 +82,7 @@ def test_a_new_key_replaces_the_stored_one(admin_client):
 def test_clear_stored_key(admin_client):
     provider = ProviderFactory(api_key=KEY)
 
-    response = admin_client.post(change_url(provider), form_data(provider, clear_api_key="on"))
+    response = admin_client.post(change_url(provider), provider_admin_form(provider, clear_api_key="on"))
 
     assert response.status_code == 302
     provider.refresh_from_db()
@@ -107,7 +93,7 @@ def test_clearing_and_giving_a_key_at_once_is_refused(admin_client):
     provider = ProviderFactory(api_key=KEY)
 
     response = admin_client.post(
-        change_url(provider), form_data(provider, clear_api_key="on", api_key="sk-another-key-1234567890")
+        change_url(provider), provider_admin_form(provider, clear_api_key="on", api_key="sk-another-key-1234567890")
     )
 
     page = response.content.decode()
@@ -121,7 +107,8 @@ def test_invalid_submission_does_not_echo_the_new_key(admin_client):
     provider = ProviderFactory(api_key=KEY)
 
     response = admin_client.post(
-        change_url(provider), form_data(provider, base_url="ftp://nope.example.com", api_key="sk-typed-in-key-55555555")
+        change_url(provider),
+        provider_admin_form(provider, base_url="ftp://nope.example.com", api_key="sk-typed-in-key-55555555"),
     )
 
     page = response.content.decode()
@@ -177,7 +164,9 @@ def test_masked_header_values_are_kept_typed_ones_replace_and_left_out_names_dro
     )
     submitted = {"X-Upstream-Token": "…EFGH", "X-Team": "platform", "X-New": "added"}
 
-    response = admin_client.post(change_url(provider), form_data(provider, extra_headers=json.dumps(submitted)))
+    response = admin_client.post(
+        change_url(provider), provider_admin_form(provider, extra_headers=json.dumps(submitted))
+    )
 
     assert response.status_code == 302, response.content.decode()[:2000]
     assert stored_headers(provider) == {"X-Upstream-Token": HEADER_TOKEN, "X-Team": "platform", "X-New": "added"}
@@ -187,7 +176,9 @@ def test_an_unchanged_form_keeps_every_header(admin_client):
     provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN})
     shown = admin_client.get(change_url(provider)).context["adminform"].form["extra_headers"].value()
 
-    response = admin_client.post(change_url(provider), form_data(provider, organization="org-2", extra_headers=shown))
+    response = admin_client.post(
+        change_url(provider), provider_admin_form(provider, organization="org-2", extra_headers=shown)
+    )
 
     assert response.status_code == 302
     assert stored_headers(provider) == {"X-Upstream-Token": HEADER_TOKEN}
@@ -197,7 +188,9 @@ def test_a_masked_value_under_another_name_is_refused_and_nothing_typed_is_echoe
     provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN})
     submitted = {"X-Renamed-Token": "…EFGH", "X-Fresh-Secret": "typed-secret-value-7777"}
 
-    response = admin_client.post(change_url(provider), form_data(provider, extra_headers=json.dumps(submitted)))
+    response = admin_client.post(
+        change_url(provider), provider_admin_form(provider, extra_headers=json.dumps(submitted))
+    )
 
     page = response.content.decode()
     assert response.status_code == 200 and "keeps only the value stored under the same name" in page

@@ -12,25 +12,9 @@ from django.urls import reverse
 from audit.models import AuditEvent
 from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, Provider, ProviderCredential
-from tests.factories import ProviderFactory, UserFactory
+from tests.factories import ProviderFactory, UserFactory, provider_admin_form
 
 pytestmark = pytest.mark.django_db
-
-
-def provider_form(provider: Provider, **overrides: object) -> dict[str, object]:
-    data = {
-        "name": provider.name,
-        "kind": provider.kind,
-        "enabled": "on",
-        "base_url": provider.base_url,
-        "api_key": "",
-        "organization": provider.organization,
-        "extra_headers": "{}",
-        "timeout_seconds": str(provider.timeout_seconds),
-        "byok": provider.byok,
-    }
-    data.update(overrides)
-    return data
 
 
 # Provider.byok --------------------------------------------------------------------------------------
@@ -43,7 +27,7 @@ def test_the_provider_admin_edits_byok(admin_client):
     page = admin_client.get(url).content.decode()
     assert 'name="byok"' in page and "Users&#x27; own keys" in page
 
-    response = admin_client.post(url, provider_form(provider, byok=ByokMode.REQUIRED))
+    response = admin_client.post(url, provider_admin_form(provider, byok=ByokMode.REQUIRED))
 
     assert response.status_code == 302, response.content.decode()[:2000]
     provider.refresh_from_db()
@@ -54,7 +38,7 @@ def test_the_provider_admin_refuses_an_unknown_byok(admin_client):
     provider = ProviderFactory()
 
     response = admin_client.post(
-        reverse("admin:providers_provider_change", args=[provider.pk]), provider_form(provider, byok="sometimes")
+        reverse("admin:providers_provider_change", args=[provider.pk]), provider_admin_form(provider, byok="sometimes")
     )
 
     assert response.status_code == 200
