@@ -38,6 +38,7 @@ from providers.byok import (
     byok_missing,
     byok_only,
     byok_refused,
+    byok_servable,
     user_credentials,
 )
 from providers.exceptions import (
@@ -398,7 +399,7 @@ async def _credentials_for(caller: Caller, models: list[ResolvedModel]) -> dict[
         return None
     credentials = dict(await user_credentials(caller.user_id))
     missing = byok_missing(models[0], credentials)
-    if missing and all(byok_bind(m.on(d), credentials) is None for m in models for d in m.deployments):
+    if missing and not any(byok_servable(d, credentials) for m in models for d in m.deployments):
         raise OwnKeyRequiredError(
             f"The model `{models[0].name}` is served only on your own API key for {', '.join(missing)}: "
             "add one under your provider keys (POST /api/provider-keys/).",
@@ -712,7 +713,7 @@ class CompletionRun:
             index += 1
             candidates = [d for d in route_candidates(model, hint=self.route) if d.id not in exclude]
             if self.credentials is not None:  # a provider that requires the caller's own key they lack: skipped
-                candidates = [d for d in candidates if byok_bind(model.on(d), self.credentials) is not None]
+                candidates = [d for d in candidates if byok_servable(d, self.credentials)]
             budget = 1 + model.retries
             skipped = 0
             position = 0

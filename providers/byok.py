@@ -31,7 +31,7 @@ from .exceptions import (
 from .fields import Secret
 from .models import ByokMode, CredentialStatus, ProviderCredential
 from .services.credentials import provider_credential_invalid_notify
-from .types import ResolvedModel
+from .types import ResolvedDeployment, ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,16 @@ def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) 
     return replace(target, provider=bound)
 
 
+def byok_servable(deployment: ResolvedDeployment, credentials: Mapping[int, UserCredential]) -> bool:
+    """Whether ``deployment`` can serve the user: its provider does not require their own key, or they have
+    one (``byok_bind`` would not answer None); without building the bound snapshot."""
+    return deployment.provider.byok != ByokMode.REQUIRED or deployment.provider.id in credentials
+
+
+def _on_user_key(deployment: ResolvedDeployment, credentials: Mapping[int, UserCredential]) -> bool:
+    return deployment.provider.byok != ByokMode.DISABLED and deployment.provider.id in credentials
+
+
 def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCredential] | None) -> bool:
     """Whether every deployment that may serve the request (of ``models``: the model, its fallbacks) runs on
     the user's own key: then nothing of it is paid on the platform's keys (admission need not reserve
@@ -84,9 +94,8 @@ def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCre
     provider's key."""
     if not credentials:
         return False
-    bound = [byok_bind(m.on(d), credentials) for m in models for d in m.deployments]
-    servable = [b for b in bound if b is not None]
-    return bool(servable) and all(b.provider.credential_id is not None for b in servable)
+    servable = [d for m in models for d in m.deployments if byok_servable(d, credentials)]
+    return bool(servable) and all(_on_user_key(d, credentials) for d in servable)
 
 
 def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
