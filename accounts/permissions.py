@@ -13,6 +13,7 @@ _MESSAGES = {
     Capability.MANAGE_OWN_KEYS: "Your role ({role}) may not manage keys; ask an administrator for the member role.",
     Capability.VIEW_OWN_USAGE: "Your role ({role}) may not read usage.",
     Capability.VIEW_ALL_USAGE: "Your role ({role}) may read only your own usage; other users' is for operators.",
+    Capability.MANAGE_EXPERIMENTS: "Your role ({role}) may not manage experiments; they are for operators.",
 }
 
 
@@ -46,5 +47,14 @@ CanChat = role_permission(Capability.CHAT)
 CanManageOwnKeys = role_permission(Capability.MANAGE_OWN_KEYS)
 CanViewOwnUsage = role_permission(Capability.VIEW_OWN_USAGE)
 CanViewAllUsage = role_permission(Capability.VIEW_ALL_USAGE)
+CanManageExperiments = role_permission(Capability.MANAGE_EXPERIMENTS)
 
-__all__ = ["CanChat", "CanManageOwnKeys", "CanViewAllUsage", "CanViewOwnUsage", "Role", "RolePermission"]
+__all__ = [
+    "CanChat",
+    "CanManageExperiments",
+    "CanManageOwnKeys",
+    "CanViewAllUsage",
+    "CanViewOwnUsage",
+    "Role",
+    "RolePermission",
+]

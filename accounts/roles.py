@@ -36,6 +36,7 @@ class Capability(enum.StrEnum):
     MANAGE_OWN_KEYS = "manage_own_keys"  # gateway keys and provider keys of one's own
     VIEW_OWN_USAGE = "view_own_usage"
     VIEW_ALL_USAGE = "view_all_usage"  # ?user= on /api/usage/, the staff usage page
+    MANAGE_EXPERIMENTS = "manage_experiments"  # /api/experiments/, the results pages, promoting a winner
 
 
 CAPABILITIES: dict[Role, frozenset[Capability]] = {
@@ -58,6 +59,7 @@ ROLE_PERMISSIONS: dict[Role, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
         ("providers", "healthcheck", ("view",)),
         ("providers", "incident", ("view", "change")),
         ("experiments", ALL, ("view", "add", "change", "delete")),
+        ("prompts", ALL, ("view", "add", "change", "delete")),
         ("billing", "usagerecord", ("view",)),
         ("billing", "dailyusage", ("view",)),
         ("billing", "budgetalert", ("view",)),

@@ -160,6 +160,10 @@ class UsageRecord(models.Model):
     moderation = models.CharField(
         max_length=200, blank=True, help_text="What moderation found, e.g. 'flagged input: violence'."
     )
+    # The A/B experiment the request was assigned in, and its variant (``experiments``): plain ids, since
+    # billing sits below experiments and the row must outlive an experiment that is deleted.
+    experiment_id = models.PositiveBigIntegerField(null=True, blank=True)
+    experiment_variant_id = models.PositiveBigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
 
     class Meta:
@@ -167,6 +171,11 @@ class UsageRecord(models.Model):
         indexes = [
             models.Index(fields=["user", "created_at"]),
             models.Index(fields=["api_key", "created_at"]),
+            models.Index(
+                fields=["experiment_id", "experiment_variant_id"],
+                condition=models.Q(experiment_id__isnull=False),
+                name="billing_usage_experiment_idx",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -28,6 +28,7 @@ from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
@@ -70,6 +71,7 @@ from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
+from .prompt_runs import prompt_messages_render, prompt_requested
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
@@ -230,10 +232,12 @@ def completion_reject(
     model: ResolvedModel | None = None,
     operation: str = Operation.CHAT,
     moderation: str = "",
+    assignment: Assignment | None = None,
 ) -> None:
     """The ``rejected`` ledger row of a request refused before any upstream call: for its input, its
     model, its budget, or before its body could be read at all (too large, not JSON, wrong method).
-    ``moderation``: what the input check found (a refused input says why; a flag, what)."""
+    ``moderation``: what the input check found (a refused input says why; a flag, what). ``assignment``:
+    the experiment's variant the request was assigned to before it was refused."""
     requested = body.get("model") if isinstance(body, dict) else None
     usage_record_submit(
         UsageData(
@@ -251,6 +255,8 @@ def completion_reject(
             duration_ms=_ms(time.perf_counter() - started) if started is not None else 0,
             error_type=error.code or type(error).__name__,
             moderation=moderation[:200],
+            experiment_id=assignment.experiment_id if assignment is not None else None,
+            experiment_variant_id=assignment.variant_id if assignment is not None else None,
         )
     )
 
@@ -314,17 +320,28 @@ async def completion_start(
     started = time.perf_counter()
     model: ResolvedModel | None = None
     moderation: Moderation | None = None
+    assignment: Assignment | None = None
     _request_track()
     try:
         shutdown = _shutdowns.get(asyncio.get_running_loop())
         if shutdown is not None and shutdown.begun:
             raise ServerShuttingDownError()
-        if shape is not None:
-            model = await model_resolve(body.get("model"))
-            body["messages"] = shape(model)
+        templated = operation == Operation.CHAT and prompt_requested(body)
+        if shape is not None or templated:
+            # The messages depend on the model (its context window) or on the experiment's variant (a
+            # template version): resolved and assigned first.
+            model, assignment = await _experiment_enter(caller, await model_resolve(body.get("model")), body, operation)
+            if templated:
+                version_id = assignment.variant.prompt_version_id if assignment is not None else None
+                await prompt_messages_render(body, version_id=version_id)
+            if shape is not None:
+                body["messages"] = shape(model)
         _VALIDATORS[operation](body)
         if model is None:
-            model = await model_resolve(body["model"])
+            model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
+        if assignment is not None and assignment.variant.overrides:
+            # The variant's parameters (set by an admin, e.g. temperature) replace the client's.
+            body.update(assignment.variant.overrides)
         _check_mode(model, operation)
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
@@ -359,6 +376,7 @@ async def completion_start(
             model=model,
             operation=operation,
             moderation=moderation.summary if moderation is not None else "",
+            assignment=assignment,
         )
         raise error from exc
     except ApplicationError as exc:
@@ -372,6 +390,7 @@ async def completion_start(
             model=model,
             operation=operation,
             moderation=moderation.summary if moderation is not None else "",
+            assignment=assignment,
         )
         raise
     return CompletionRun(
@@ -388,7 +407,51 @@ async def completion_start(
         route=route,
         credentials=credentials,
         moderation=moderation,
+        assignment=assignment,
     )
+
+
+async def _experiment_enter(
+    caller: Caller, model: ResolvedModel, body: dict[str, Any], operation: str
+) -> tuple[ResolvedModel, Assignment | None]:
+    """The model the request runs on and its experiment's variant (``experiments.assignment``), if the
+    model has a running experiment and the caller's unit falls in a variant. A deployment variant narrows
+    the model to that deployment; a model variant serves another public model, which the caller's plan
+    and key must allow (else the caller is left out of the experiment, served as usual, and not recorded
+    in it); a variant whose deployment is gone or disabled is left out the same way."""
+    if operation == Operation.EMBEDDINGS:
+        return model, None
+    unit = assignment_unit(user_id=caller.user_id, api_key_id=caller.api_key_id, end_user=body.get("user"))
+    assignment = await experiment_assign(model_id=model.id, unit=unit)
+    if assignment is None:
+        return model, None
+    variant = assignment.variant
+    if variant.target_model_name is not None:
+        try:
+            target = await model_resolve(variant.target_model_name)
+        except ModelNotFoundError:
+            return model, None
+        permitted = await models_permitted(
+            user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, models=[target]
+        )
+        if not permitted or (target.mode == ModelMode.EMBEDDING) != (operation == Operation.EMBEDDINGS):
+            return model, None
+        return target, assignment
+    if variant.deployment_id is not None:
+        chosen = next((d for d in model.deployments if d.id == variant.deployment_id), None)
+        if chosen is None:
+            return model, None
+        narrowed = replace(
+            model,
+            deployments=(chosen,),
+            upstream_id=chosen.upstream_id,
+            provider=chosen.provider,
+            input_per_mtok=chosen.input_per_mtok,
+            output_per_mtok=chosen.output_per_mtok,
+            cached_input_per_mtok=chosen.cached_input_per_mtok,
+        )
+        return narrowed, assignment
+    return model, assignment
 
 
 async def _credentials_for(caller: Caller, models: list[ResolvedModel]) -> dict[int, UserCredential] | None:
@@ -547,8 +610,10 @@ class CompletionRun:
         route: str | None = None,
         credentials: dict[int, UserCredential] | None = None,
         moderation: Moderation | None = None,
+        assignment: Assignment | None = None,
     ) -> None:
         self.caller = caller
+        self.assignment = assignment  # the experiment's variant this request was assigned to; None: none
         self.credentials = credentials  # the caller's own provider keys; None: no model here can use one
         self.operation = operation
         self.body = body
@@ -586,6 +651,8 @@ class CompletionRun:
             headers["x-llmhub-model"] = served.name
         if self.attempts:
             headers["x-llmhub-attempts"] = str(self.attempts)
+        if self.assignment is not None:
+            headers["x-llmhub-experiment"] = self.assignment.header
         return headers
 
     @property
@@ -1162,6 +1229,8 @@ class CompletionRun:
             usage_partly_estimated=usage_partly_estimated,
             billing_source=BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY,
             moderation=self.moderation.summary if self.moderation is not None else "",
+            experiment_id=self.assignment.experiment_id if self.assignment is not None else None,
+            experiment_variant_id=self.assignment.variant_id if self.assignment is not None else None,
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),

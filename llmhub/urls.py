@@ -21,9 +21,12 @@ urlpatterns = [
     ),
     path("api/provider-keys/", include("providers.urls_credentials")),
     path("api/audit/", include("audit.urls")),
+    path("api/experiments/", include("experiments.urls")),
+    path("api/prompts/", include("chat.urls_prompts")),
     path("api/", include("billing.urls")),
     path("provider-keys/", include("providers.urls_pages")),
     path("usage/", include("billing.urls_dashboard")),
+    path("experiments/", include("experiments.urls_pages")),
     path("", include("chat.urls")),
 ]
 

@@ -91,6 +91,8 @@ class UsageData:
     user_key_cost: Decimal | None = None  # the price of a request on the user's own key (``cost`` is then
     # what counts against the platform's budgets)
     moderation: str = ""  # what moderation found (flagged, or served although the moderation service failed)
+    experiment_id: int | None = None  # the A/B experiment the request was assigned in, and its variant
+    experiment_variant_id: int | None = None
     created_at: datetime = field(default_factory=timezone.now)
     # Instead of user_id and api_key_id when the key could not be looked up (the database was down): the
     # key's SHA-256, as the database keeps it. The row is attributed when written (``_keys_resolved``).

@@ -106,6 +106,8 @@ def request_settle(
     duration_ms: int = 0,
     billing_source: str = BillingSource.PLATFORM,
     moderation: str = "",
+    experiment_id: int | None = None,
+    experiment_variant_id: int | None = None,
 ) -> Settlement:
     """Settle a request that was admitted: decide its tokens and cost, and submit its ledger row with its
     admission (the reservation is released with the row, or both wait in the spool). Synchronous and
@@ -160,6 +162,8 @@ def request_settle(
             billing_source=billing_source,
             user_key_cost=user_key_cost,
             moderation=moderation[:200],
+            experiment_id=experiment_id,
+            experiment_variant_id=experiment_variant_id,
         ),
         admission=admission,
     )

@@ -57,6 +57,8 @@ INSTALLED_APPS = [
     "accounts",
     "providers",
     "billing",
+    "prompts",
+    "experiments",
     "chat",
 ]
 

@@ -1,4 +1,5 @@
-"""DESIGN.md's one direction of imports: chat → billing → providers → accounts → audit → core, and ``core`` imports no app.
+"""DESIGN.md's one direction of imports: chat → experiments → prompts → billing → providers → accounts → audit →
+core, and ``core`` imports no app.
 
 Read from the source (every ``import``, at module level or inside a function), so a new import the
 wrong way fails here before it makes a cycle at runtime."""
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-APPS = ("core", "audit", "accounts", "providers", "billing", "chat")
+APPS = ("core", "audit", "accounts", "providers", "billing", "prompts", "experiments", "chat")
 # What each app must not import: the apps that come before it in the chain, and the project's wiring.
 FORBIDDEN = {app: {*APPS[APPS.index(app) + 1 :], "llmhub"} for app in APPS}
 # llmhub.testing is the fake upstreams: code any test may import, no wiring.

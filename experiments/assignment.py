@@ -1,0 +1,130 @@
+"""Which variant of a running experiment serves a request: sticky and deterministic.
+
+The unit (``assignment_unit``: the user, else the gateway key; a key's request that names an end user in
+``user`` is that end user of that key) and the experiment's salt are hashed into one of ``BUCKETS``
+buckets (``experiments.layout.bucket_of``); ``Experiment.layout`` says which variant owns the bucket, or
+none (the untouched share). Nothing is stored per user, so a user keeps their variant across requests,
+processes and restarts, and everyone is reshuffled only when the salt changes.
+
+The running experiment of each model is cached in-process (``assignment_cache``, cleared by
+``experiments.signals`` on any change, other processes within ``LLMHUB_LOOKUP_CACHE_TTL``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.utils import timezone
+
+from core.cache import TTLCache
+
+from .layout import bucket_of, layout_owner
+from .models import Experiment, ExperimentStatus
+
+
+@dataclass(frozen=True, slots=True)
+class VariantPlan:
+    """A variant as assignment needs it (a snapshot: no ORM object on the hot path)."""
+
+    id: int
+    name: str
+    deployment_id: int | None
+    target_model_name: str | None
+    prompt_version_id: int | None
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentPlan:
+    id: int
+    name: str
+    salt: str
+    layout: tuple[tuple[int, int, int], ...]
+    variants: dict[int, VariantPlan] = field(hash=False, compare=False)
+    starts_at: Any = None
+    ends_at: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """The variant a request was assigned to. ``header``: the value of ``x-llmhub-experiment``."""
+
+    experiment_id: int
+    experiment_name: str
+    variant: VariantPlan
+
+    @property
+    def variant_id(self) -> int:
+        return self.variant.id
+
+    @property
+    def header(self) -> str:
+        return f"{self.experiment_name}:{self.variant.name}"
+
+
+assignment_cache: TTLCache[ExperimentPlan | None] = TTLCache("experiments")
+
+
+def assignment_unit(*, user_id: int | None, api_key_id: int | None, end_user: Any = None) -> str | None:
+    """What assignment hashes: the request's ``user`` field on a gateway key (an app serving its own end
+    users through one key), else the user, else the key; None when there is none of them."""
+    if api_key_id is not None and isinstance(end_user, str) and end_user:
+        return f"key:{api_key_id}:user:{end_user}"
+    if user_id is not None:
+        return f"user:{user_id}"
+    if api_key_id is not None:
+        return f"key:{api_key_id}"
+    return None
+
+
+def experiment_plan_build(experiment: Experiment) -> ExperimentPlan:
+    variants = {
+        v.id: VariantPlan(
+            id=v.id,
+            name=v.name,
+            deployment_id=v.deployment_id,
+            target_model_name=v.target_model.name if v.target_model_id is not None else None,
+            prompt_version_id=v.prompt_version_id,
+            overrides=dict(v.overrides or {}),
+        )
+        for v in experiment.variants.all()
+    }
+    return ExperimentPlan(
+        id=experiment.pk,
+        name=experiment.name,
+        salt=experiment.salt,
+        layout=tuple((int(a), int(b), int(c)) for a, b, c in experiment.layout or ()),
+        variants=variants,
+        starts_at=experiment.starts_at,
+        ends_at=experiment.ends_at,
+    )
+
+
+async def _load_plan(model_id: int) -> ExperimentPlan | None:
+    experiment = await (
+        Experiment.objects.filter(model_id=model_id, status=ExperimentStatus.RUNNING)
+        .prefetch_related("variants__target_model")
+        .afirst()
+    )
+    if experiment is None:
+        return None
+    return experiment_plan_build(experiment)
+
+
+async def experiment_assign(*, model_id: int, unit: str | None) -> Assignment | None:
+    """The variant ``unit`` gets in the running experiment on the model ``model_id``, or None (no running
+    experiment, outside its start and end, no unit, or the unit falls in the untouched share)."""
+    if unit is None:
+        return None
+    plan = await assignment_cache.get_or_load(("model", model_id), lambda: _load_plan(model_id))
+    if plan is None:
+        return None
+    if plan.starts_at is not None or plan.ends_at is not None:
+        now = timezone.now()
+        if (plan.starts_at is not None and now < plan.starts_at) or (plan.ends_at is not None and now >= plan.ends_at):
+            return None
+    variant_id = layout_owner(plan.layout, bucket_of(plan.salt, unit))
+    variant = plan.variants.get(variant_id) if variant_id is not None else None
+    if variant is None:
+        return None
+    return Assignment(experiment_id=plan.id, experiment_name=plan.name, variant=variant)
