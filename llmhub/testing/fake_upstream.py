@@ -56,6 +56,10 @@ Replies
 
     * ``[[reply=some text]]`` replies exactly that text; ``[[words=N]]`` replies exactly N words from a
       fixed lorem-ipsum cycle;
+    * ``[[then=some text]]`` in an earlier user message that an assistant message follows (OpenAI and
+      Anthropic): the reply to the next turn is that text, unless that turn's own message says ``reply``
+      or ``words`` (a conversation that goes on after a scripted first answer, e.g. a retry after a bad
+      reply: ``[[reply=bad]] [[then=good]]``);
     * if the last message is a tool result (OpenAI ``role: tool``; Anthropic ``tool_result`` blocks) the
       reply is ``"Tool result: " + result text``;
     * if ``tools`` are given (and ``tool_choice`` is not ``none``) and the last message is a user message,
@@ -485,6 +489,19 @@ def _extract_directives(text: str) -> tuple[str, dict[str, str]]:
     return _DIRECTIVE_RE.sub("", text).strip(), directives
 
 
+def _follow_up(conv: _Conversation, turns: list[tuple[str, str | None]]) -> None:
+    """``[[then=...]]``: the scripted reply to the turn after an assistant message (module docstring).
+    ``turns``: each message's role and its text (None: no text)."""
+    pending = answer = None
+    for role, text in turns:
+        if role == "user" and text is not None:
+            pending = _extract_directives(text)[1].get("then", pending)
+        elif role == "assistant" and pending is not None:
+            answer, pending = pending, None
+    if answer is not None and "reply" not in conv.directives and "words" not in conv.directives:
+        conv.directives["reply"] = answer
+
+
 class _Tally:
     """Accumulates the words/images of one message."""
 
@@ -555,6 +572,14 @@ def _parse_openai(body: dict[str, Any]) -> _Conversation:
         conv.tool_result = _content_text(last.get("content"), "text", ()) or ""
     conv.last_is_user = last.get("role") == "user"
     conv.user_text, conv.directives = _extract_directives(user_text or "")
+    _follow_up(
+        conv,
+        [
+            (m.get("role"), _content_text(m.get("content"), "text", ("image_url",)))
+            for m in messages
+            if isinstance(m, dict)
+        ],
+    )
     return conv
 
 
@@ -616,6 +641,10 @@ def _parse_anthropic(body: dict[str, Any]) -> _Conversation:
         conv.tool_result = _anthropic_tool_result(last.get("content"))
         conv.last_is_user = conv.tool_result is None
     conv.user_text, conv.directives = _extract_directives(user_text or "")
+    _follow_up(
+        conv,
+        [(m.get("role"), _content_text(m.get("content"), "text", ("image",))) for m in messages if isinstance(m, dict)],
+    )
     return conv
 
 
