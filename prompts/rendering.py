@@ -1,0 +1,305 @@
+"""Rendering a prompt version's messages: its variables resolved and type-checked, each message's content a
+Jinja2 template run in one sandbox, and a brand profile carried into the system message.
+
+The sandbox (``jinja2.sandbox``) refuses attribute access to internals (``{{ ''.__class__ }}``), and this one
+is immutable (a template cannot ``append`` to a list it was given) and caps ``*`` and ``**``, so a typo in a
+template cannot fill the process's memory. The context holds only the caller's variables and plain dicts
+(never a model instance, whose methods a template could call), so an error message has nothing secret to
+quote. Every failure is an ``ApplicationError`` 400, never a 500."""
+
+from __future__ import annotations
+
+import copy
+import json
+import operator
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+from jinja2 import meta
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .exceptions import PromptTemplateError, PromptVariablesError
+
+if TYPE_CHECKING:
+    from .models import BrandProfile, PromptVersion
+
+VARIABLE_TYPES = ("string", "integer", "number", "boolean", "array", "object")
+# Names the renderer itself gives every template: a version cannot declare a variable so named.
+RESERVED_NAMES = frozenset({"brand", "output_schema", "field_limits"})
+# The longest string or list a template's ``*`` or ``**`` may build.
+MAX_PRODUCT = 100_000
+
+
+class _PromptSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "**":
+            if isinstance(right, int | float) and abs(right) > 100:
+                raise SecurityError("the exponent is too large for a prompt template")
+            return operator.pow(left, right)
+        if isinstance(left, str | list | tuple) or isinstance(right, str | list | tuple):
+            times = right if isinstance(left, str | list | tuple) else left
+            base = left if isinstance(left, str | list | tuple) else right
+            if isinstance(times, int) and len(base) * times > MAX_PRODUCT:
+                raise SecurityError(f"a repeated string or list longer than {MAX_PRODUCT} items")
+        return operator.mul(left, right)
+
+
+# Autoescape off: the output is a chat message, not HTML. StrictUndefined: a misspelt name is an error, not
+# an empty string the model silently never sees. No loader: a template cannot include a file.
+environment = _PromptSandbox(
+    autoescape=False, undefined=jinja2.StrictUndefined, loader=None, keep_trailing_newline=True
+)
+
+
+def _where(index: int | None) -> str:
+    return "" if index is None else f"message {index + 1}: "
+
+
+@lru_cache(maxsize=2048)
+def _compiled(source: str) -> jinja2.Template:
+    return environment.from_string(source)
+
+
+def template_compile(source: str, *, index: int | None = None) -> jinja2.Template:
+    """The compiled template (cached by its text); a syntax error is a ``PromptTemplateError``."""
+    try:
+        return _compiled(source)
+    except TemplateSyntaxError as exc:
+        raise PromptTemplateError(
+            f"The prompt template does not compile: {_where(index)}{exc.message} (line {exc.lineno}).",
+            param="prompt",
+        ) from None
+
+
+def template_names(source: str) -> set[str]:
+    """The names a template's text reads from its context (after compiling it)."""
+    template_compile(source)
+    return set(meta.find_undeclared_variables(environment.parse(source)))
+
+
+def template_render(source: str, context: dict[str, Any], *, index: int | None = None) -> str:
+    template = template_compile(source, index=index)
+    try:
+        return template.render(context)
+    except SecurityError as exc:
+        raise PromptTemplateError(
+            f"The prompt template does something the sandbox refuses: {_where(index)}{_short(exc)}", param="prompt"
+        ) from None
+    except UndefinedError as exc:
+        raise PromptTemplateError(
+            f"The prompt template uses a name it was not given: {_where(index)}{_short(exc)}", param="prompt"
+        ) from None
+    except TemplateError as exc:
+        raise PromptTemplateError(
+            f"The prompt template does not render: {_where(index)}{_short(exc)}", param="prompt"
+        ) from None
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        raise PromptTemplateError(
+            f"The prompt template does not render: {_where(index)}{type(exc).__name__}: {_short(exc)}",
+            param="prompt",
+        ) from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# VARIABLES
+
+
+def _type_ok(kind: str, value: Any) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "object":
+        return isinstance(value, dict)
+    return True
+
+
+_ARTICLE = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false"}
+
+
+def _type_phrase(kind: str) -> str:
+    return _ARTICLE.get(kind, f"an {kind}")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def variable_required(declared: dict[str, Any]) -> bool:
+    """Required unless it says otherwise or has a default."""
+    return bool(declared.get("required", "default" not in declared))
+
+
+def variables_resolve(version: PromptVersion, given: Any) -> dict[str, Any]:
+    """The variables a render gets: the caller's, each of its declared type, with the declared defaults for
+    those left out. A missing required variable, an unknown one or a wrong type is a ``PromptVariablesError``
+    (``param`` ``variables.<name>``)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise PromptVariablesError("`variables` must be an object of name: value.", param="variables")
+    declared = {item["name"]: item for item in version.variables or []}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        names = ", ".join(f"`{name}`" for name in declared) or "none"
+        raise PromptVariablesError(
+            f"The prompt template has no variable `{unknown[0]}` (it declares {names}).",
+            param=f"variables.{unknown[0]}",
+        )
+    resolved: dict[str, Any] = {}
+    for name, spec in declared.items():
+        kind = spec.get("type", "string")
+        value = given.get(name)
+        if value is None:
+            if "default" in spec:
+                resolved[name] = copy.deepcopy(spec["default"])
+            elif variable_required(spec):
+                raise PromptVariablesError(
+                    f"The variable `{name}` is required ({_type_phrase(kind)}).", param=f"variables.{name}"
+                )
+            else:
+                resolved[name] = None
+            continue
+        if not _type_ok(kind, value):
+            raise PromptVariablesError(
+                f"The variable `{name}` must be {_type_phrase(kind)}, not {_json_type(value)}.",
+                param=f"variables.{name}",
+            )
+        resolved[name] = copy.deepcopy(value)
+    return resolved
+
+
+# BRAND
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip().lstrip("-*• ").strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def brand_section(brand: BrandProfile) -> str:
+    """The brand as a section of a system message: who to sound like, and what never to write."""
+    parts = [
+        f"## Brand: {brand.name}",
+        "Write as this brand. Follow its voice, tone and rules in everything you write.",
+    ]
+    if brand.voice:
+        parts.append(f"Voice: {brand.voice.strip()}")
+    if brand.tone:
+        parts.append(f"Tone: {brand.tone.strip()}")
+    if brand.audience:
+        parts.append(f"Audience: {brand.audience.strip()}")
+    rules = _lines(brand.style_rules)
+    if rules:
+        parts.append("Style rules:\n" + "\n".join(f"- {rule}" for rule in rules))
+    words = [w for w in brand.words_to_avoid or [] if isinstance(w, str) and w.strip()]
+    if words:
+        parts.append("Words to avoid (never use them): " + ", ".join(f'"{w.strip()}"' for w in words))
+    if brand.example_copy:
+        parts.append("Example copy in the brand's voice:\n" + brand.example_copy.strip())
+    return "\n".join(parts)
+
+
+def brand_context(brand: BrandProfile | None) -> dict[str, Any] | None:
+    """What a template sees as ``brand``: plain values (never the model instance) and the ready ``section``."""
+    if brand is None:
+        return None
+    return {
+        "name": brand.name,
+        "slug": brand.slug,
+        "voice": brand.voice,
+        "tone": brand.tone,
+        "audience": brand.audience,
+        "style_rules": _lines(brand.style_rules),
+        "words_to_avoid": [w for w in brand.words_to_avoid or [] if isinstance(w, str)],
+        "example_copy": brand.example_copy,
+        "section": brand_section(brand),
+    }
+
+
+# MESSAGES
+
+
+def _sources(message: dict[str, Any]) -> list[str]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return []
+
+
+def _render_content(content: Any, context: dict[str, Any], index: int) -> Any:
+    if isinstance(content, str):
+        return template_render(content, context, index=index)
+    if isinstance(content, list):
+        return [
+            {**part, "text": template_render(part["text"], context, index=index)}
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+            else part
+            for part in content
+        ]
+    return content
+
+
+def places_brand(version: PromptVersion) -> bool:
+    """The template puts ``brand`` somewhere itself, so the renderer does not add its section."""
+    return any("brand" in template_names(source) for message in version.messages or [] for source in _sources(message))
+
+
+def render_context(version: PromptVersion, variables: dict[str, Any], brand: BrandProfile | None) -> dict[str, Any]:
+    return {
+        **variables,
+        "brand": brand_context(brand),
+        "output_schema": json.dumps(version.output_schema, indent=2) if version.output_schema else "",
+        "field_limits": dict(version.field_limits or {}),
+    }
+
+
+def render_messages(version: PromptVersion, variables: dict[str, Any], brand: BrandProfile | None) -> list[dict]:
+    """The chat messages of ``version`` rendered with ``variables`` (already resolved by ``variables_resolve``).
+
+    With a brand, its section ends the first system message (or is a system message of its own, first, if the
+    template has none), unless the template places ``brand`` itself."""
+    context = render_context(version, variables, brand)
+    rendered = [
+        {**message, "content": _render_content(message.get("content"), context, index)}
+        for index, message in enumerate(version.messages or [])
+    ]
+    if brand is None or places_brand(version):
+        return rendered
+    section = context["brand"]["section"]
+    for message in rendered:
+        if message.get("role") == "system":
+            content = message.get("content")
+            if isinstance(content, str):
+                message["content"] = f"{content.rstrip()}\n\n{section}" if content.strip() else section
+            else:
+                message["content"] = [*(content or []), {"type": "text", "text": section}]
+            return rendered
+    return [{"role": "system", "content": section}, *rendered]
