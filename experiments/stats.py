@@ -1,0 +1,370 @@
+"""The numerics of experiment results: summaries, intervals, and anytime-valid comparisons.
+
+Pure functions over numbers and arrays (numpy and scipy, no Django), so that they can be tested by
+simulation with fixed seeds and read without the models that feed them.
+
+**Comparisons** use the mixture sequential probability ratio test (mSPRT) with a normal mixture, of
+Johari, Koomen, Pekelis & Walsh, "Always Valid Inference: Continuous Monitoring of A/B Tests",
+Operations Research 70(3), 2022 (arXiv:1512.04922), on the difference of two means with the plug-in
+variance. With ``d`` the observed difference (treatment − control), ``v`` its estimated variance
+(``s_c²/n_c + s_t²/n_t``) and a normal mixture ``N(0, tau²)`` over the true difference, the statistic
+against the null difference ``d0`` is the likelihood ratio of ``d`` integrated over that mixture::
+
+    Lambda(d0) = sqrt(v / (v + tau²)) * exp(tau² (d − d0)² / (2 v (v + tau²)))
+
+Under the null it is a nonnegative martingale with mean 1 (exactly so for normal observations with a
+known variance, asymptotically with the plug-in one), so Ville's inequality bounds the chance that it
+*ever* reaches ``1/alpha`` by ``alpha``. That is why looking at the results every hour does not inflate
+the error: the verdict at any look, however the look was chosen (including "stop when it says better"),
+is a stopped value of a process whose whole path stays under the boundary with probability
+``1 − alpha``. ``min(1, 1/Lambda(0))`` at the current look is therefore a valid p-value by itself, and its
+running minimum over looks (``SequentialTest``) is too.
+
+The set of ``d0`` with ``Lambda(d0) < 1/alpha`` is the **confidence sequence** for the difference: the
+normal-mixture boundary of Howard, Ramdas, McAuliffe & Sekhon, "Time-uniform, nonparametric,
+nonasymptotic confidence sequences", Annals of Statistics 49(2), 2021 (arXiv:1810.08240), two-sided,
+with intrinsic time ``V_n = n·sigma²`` and ``rho = sigma⁴/tau²`` (``sigma²`` the variance of one pair's
+difference) in their notation, which is ``d ± sqrt(v (v + tau²)/tau² · (2 log(1/alpha) +
+log((v + tau²)/v)))``. It covers the true difference at every look at once with probability
+``1 − alpha``; the verdict is "better" or "worse" exactly when it excludes 0.
+
+**Several variants** are judged against the control with a Bonferroni correction: each comparison is
+held to ``alpha / comparisons``; the p-value returned is the adjusted one (``min(1, comparisons · p)``),
+so a verdict is reached exactly when ``p_value <= alpha``.
+
+**The mixture variance** ``tau²``, unless given (in the metric's units), is ``c · (s_c² + s_t²)`` with
+``c = x/N0``: the boundary is then tightest at ``N0 = DESIGN_SAMPLES`` per arm, where ``x`` solves
+``x = 2 log(1/alpha) + log(1 + x)`` (the ``rho`` that Howard et al. tune to a target intrinsic time).
+Proportional to the variance, the test depends on the data only through the z-statistic and ``n``, so the
+same default suits rates, scores, latencies and costs alike; beyond ``N0`` the boundary widens only like
+``sqrt(log n)``, so a 0.60 vs 0.50 positive rate is found within about a thousand samples per arm and
+smaller effects later. See docs/statistics.md for the choices and the simulations.
+
+**Intervals** for single arms: Wilson for rates, Student t for means, scipy's BCa bootstrap for medians and
+other statistics, and the delta method for a ratio of two means (cost per positive answer).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
+
+DESIGN_SAMPLES = 1_000  # per arm: where the default mixture makes the boundary tightest
+SAMPLES_NEEDED_CAP = 10_000_000  # per arm: beyond this, "not estimable" (the effect is ~0)
+
+BETTER = "better"
+WORSE = "worse"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a comparison needs of one arm: the count, the mean, and the sample variance (ddof=1)."""
+
+    n: int
+    mean: float
+    variance: float  # sample variance (ddof=1); 0 for n < 2
+
+
+def summary_of(values: Sequence[float] | np.ndarray) -> Summary:
+    """The summary of observed values; an empty sample has mean 0 and variance 0 (never NaN)."""
+    array = np.asarray(values, dtype=float)
+    n = int(array.size)
+    if n == 0:
+        return Summary(n=0, mean=0.0, variance=0.0)
+    variance = float(np.var(array, ddof=1)) if n > 1 else 0.0
+    return Summary(n=n, mean=float(np.mean(array)), variance=variance)
+
+
+def summary_of_rate(successes: int, n: int) -> Summary:
+    """The summary of ``n`` 0/1 observations of which ``successes`` are 1, without the array."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"successes={successes} of n={n} is not a rate")
+    if n == 0:
+        return Summary(n=0, mean=0.0, variance=0.0)
+    p = successes / n
+    variance = p * (1 - p) * n / (n - 1) if n > 1 else 0.0
+    return Summary(n=n, mean=p, variance=variance)
+
+
+def _z(confidence: float) -> float:
+    return float(stats.norm.ppf(0.5 + confidence / 2))
+
+
+def _wilson(successes: np.ndarray, n: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score bounds, vectorised; n == 0 gives (0, 1)."""
+    z = _z(confidence)
+    successes = np.asarray(successes, dtype=float)
+    n = np.asarray(n, dtype=float)
+    safe_n = np.where(n > 0, n, 1.0)
+    p = successes / safe_n
+    denominator = 1 + z * z / safe_n
+    centre = (p + z * z / (2 * safe_n)) / denominator
+    half = z * np.sqrt(p * (1 - p) / safe_n + z * z / (4 * safe_n * safe_n)) / denominator
+    low = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), 0.0)
+    high = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), 1.0)
+    return low, high
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval for a rate (Wilson 1927): good coverage even near 0 and 1 and for small n,
+    where the normal ("Wald") interval collapses; (0, 1) when there is no observation."""
+    low, high = _wilson(np.asarray(successes), np.asarray(n), confidence)
+    return float(low), float(high)
+
+
+def mean_interval(s: Summary, confidence: float = 0.95) -> tuple[float, float]:
+    """The Student t interval for a mean; (nan, nan) when ``n < 2`` (no variance to go on)."""
+    if s.n < 2:
+        return (math.nan, math.nan)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=s.n - 1)) * math.sqrt(s.variance / s.n)
+    return (s.mean - half, s.mean + half)
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray,
+    statistic: Callable = np.median,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A BCa bootstrap interval (``scipy.stats.bootstrap``) for a statistic such as the median or a
+    percentile of latency, where no formula fits. Deterministic for a given ``seed``. (nan, nan) for no
+    value; a single value, or identical ones, give that value as both bounds."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return (math.nan, math.nan)
+    if array.size == 1 or np.all(array == array[0]):
+        value = float(statistic(array))
+        return (value, value)
+    result = None
+    for method in ("BCa", "percentile"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns, then answers NaN, when BCa degenerates: we fall back
+            try:
+                result = stats.bootstrap(
+                    (array,),
+                    statistic,
+                    confidence_level=confidence,
+                    n_resamples=resamples,
+                    method=method,
+                    rng=np.random.default_rng(seed),
+                )
+            except ValueError:
+                continue
+        low, high = result.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            return (float(low), float(high))
+    value = float(statistic(array))
+    return (value, value)
+
+
+def ratio_interval(
+    numerator_values: Sequence[float] | np.ndarray,
+    denominator_values: Sequence[float] | np.ndarray,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """An interval for ``sum(numerator) / sum(denominator)`` over paired units, e.g. cost per positive
+    answer (each request's cost, and 1 if its feedback was positive else 0), by the delta method:
+    ``var(R) ≈ (s_x² − 2 R s_xy + R² s_y²) / (n · ȳ²)``, with a Student t quantile. (nan, nan) when there
+    are fewer than two units or the denominator sums to 0 (no positive answer: no cost per one)."""
+    x = np.asarray(numerator_values, dtype=float)
+    y = np.asarray(denominator_values, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError("ratio_interval needs one numerator and one denominator per unit")
+    n = x.size
+    if n < 2 or y.sum() == 0:
+        return (math.nan, math.nan)
+    ratio = x.sum() / y.sum()
+    covariance = np.cov(x, y, ddof=1)
+    variance = (covariance[0, 0] - 2 * ratio * covariance[0, 1] + ratio * ratio * covariance[1, 1]) / (
+        n * y.mean() ** 2
+    )
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * math.sqrt(max(variance, 0.0))
+    return (float(ratio - half), float(ratio + half))
+
+
+# --- the anytime-valid comparison -------------------------------------------------------------------
+
+
+def mixture_scale(alpha: float, design_samples: int = DESIGN_SAMPLES) -> float:
+    """``c`` in ``tau² = c · (s_c² + s_t²)``: makes the two-sided normal-mixture boundary at level ``alpha``
+    tightest after ``design_samples`` per arm. The boundary in z units is ``(1 + nc)/(nc) · (2 log(1/alpha)
+    + log(1 + nc))``; its minimum over ``x = nc`` is where ``x = 2 log(1/alpha) + log(1 + x)``."""
+    a = 2 * math.log(1 / alpha)
+    x = optimize.brentq(lambda x: x - a - math.log1p(x), a, 10 * a + 10)
+    return x / design_samples
+
+
+def log_mixture_ratio(difference, variance, tau2, null: float = 0.0):
+    """``log Lambda``: the log of the normal-mixture likelihood ratio of an observed ``difference`` with
+    sampling ``variance`` against the ``null`` difference, vectorised over arrays."""
+    difference = np.asarray(difference, dtype=float)
+    variance = np.asarray(variance, dtype=float)
+    tau2 = np.asarray(tau2, dtype=float)
+    total = variance + tau2
+    return 0.5 * np.log(variance / total) + tau2 * (difference - null) ** 2 / (2 * variance * total)
+
+
+def confidence_half_width(variance, tau2, alpha: float):
+    """Half the width of the normal-mixture confidence sequence (Howard et al. 2021), vectorised:
+    the difference lies within ``observed ± this`` at every look with probability ``1 − alpha``."""
+    variance = np.asarray(variance, dtype=float)
+    tau2 = np.asarray(tau2, dtype=float)
+    total = variance + tau2
+    return np.sqrt(variance * total / tau2 * (2 * math.log(1 / alpha) + np.log(total / variance)))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    verdict: str  # "better" | "worse" | "unknown" (direction-aware: for lower-is-better metrics "better" means lower)
+    difference: float  # treatment mean − control mean
+    interval: tuple[float, float]  # anytime-valid confidence sequence for the difference, at the corrected level
+    p_value: float  # always-valid p-value, Bonferroni-adjusted: the verdict is reached when p_value <= alpha
+    samples_needed: int | None  # per-arm samples still needed if the observed difference is real; None if decided
+    # or not estimable
+
+
+def _sampling_variance(control: Summary, treatment: Summary) -> tuple[float, float]:
+    """The variance of the difference of means and the per-observation variance that scales ``tau²``.
+
+    The unpooled (Welch) variance is the plug-in; when it is 0 (every value in each arm the same) the
+    variance pooled over both arms, the one that holds under the null of no difference, stands in, so that
+    0/20 against 20/20 is evidence and not a division by zero."""
+    per_observation = control.variance + treatment.variance
+    variance = control.variance / control.n + treatment.variance / treatment.n
+    if variance > 0:
+        return variance, per_observation
+    total = control.n + treatment.n
+    if total < 2:
+        return 0.0, 0.0
+    grand_mean = (control.n * control.mean + treatment.n * treatment.mean) / total
+    squares = (
+        (control.n - 1) * control.variance
+        + (treatment.n - 1) * treatment.variance
+        + control.n * (control.mean - grand_mean) ** 2
+        + treatment.n * (treatment.mean - grand_mean) ** 2
+    )
+    pooled = squares / (total - 1)
+    return pooled * (1 / control.n + 1 / treatment.n), 2 * pooled
+
+
+def _tau2(tau: float | None, per_observation: float, level: float) -> float:
+    if tau is not None:
+        if tau <= 0:
+            raise ValueError("tau must be positive")
+        return tau * tau
+    return mixture_scale(level) * per_observation
+
+
+def samples_needed(difference: float, per_observation: float, tau2: float, level: float, n_now: int) -> int | None:
+    """The per-arm samples still needed for the boundary at ``level`` to be crossed if the observed
+    ``difference`` and per-observation variance held (arms of equal size from here on); None when that
+    lies beyond ``SAMPLES_NEEDED_CAP`` (the effect is ~0) or cannot be estimated."""
+    if per_observation <= 0 or not math.isfinite(difference) or difference == 0:
+        return None
+    threshold = math.log(1 / level)
+
+    def excess(n: float) -> float:
+        return float(log_mixture_ratio(difference, per_observation / n, tau2)) - threshold
+
+    start = max(float(n_now), 1.0)
+    if excess(SAMPLES_NEEDED_CAP) < 0:
+        return None
+    if excess(start) >= 0:
+        return 1
+    target = optimize.brentq(excess, start, SAMPLES_NEEDED_CAP, xtol=0.5)
+    return max(1, math.ceil(target) - n_now)
+
+
+def compare(
+    control: Summary,
+    treatment: Summary,
+    *,
+    alpha: float = 0.05,
+    comparisons: int = 1,
+    higher_is_better: bool = True,
+    tau: float | None = None,
+) -> Comparison:
+    """Judge a treatment against the control by the mSPRT at the current look (valid at any look; see the
+    module docstring). ``comparisons`` is the size of the Bonferroni family (the treatments judged against
+    the control, times the metrics judged); ``tau``, in the metric's units, overrides the default mixture.
+
+    Every output is finite: with an empty arm, or no variance to estimate (every value in both arms the
+    same), the verdict is unknown, the p-value 1 and the interval the observed difference alone."""
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must lie in (0, 1)")
+    if comparisons < 1:
+        raise ValueError("comparisons must be at least 1")
+    level = alpha / comparisons
+    if control.n == 0 or treatment.n == 0:
+        return Comparison(UNKNOWN, 0.0, (0.0, 0.0), 1.0, None)
+    difference = treatment.mean - control.mean
+    variance, per_observation = _sampling_variance(control, treatment)
+    if variance <= 0:
+        return Comparison(UNKNOWN, difference, (difference, difference), 1.0, None)
+    tau2 = _tau2(tau, per_observation, level)
+    log_ratio = float(log_mixture_ratio(difference, variance, tau2))
+    raw_p = min(1.0, math.exp(-log_ratio)) if log_ratio > 0 else 1.0
+    p_value = min(1.0, raw_p * comparisons)
+    half = float(confidence_half_width(variance, tau2, level))
+    interval = (difference - half, difference + half)
+    decided = log_ratio >= math.log(1 / level)
+    if decided:
+        verdict = BETTER if (difference > 0) == higher_is_better else WORSE
+        needed = None
+    else:
+        verdict = UNKNOWN
+        needed = samples_needed(difference, per_observation, tau2, level, min(control.n, treatment.n))
+    return Comparison(verdict, difference, interval, p_value, needed)
+
+
+class SequentialTest:
+    """A comparison followed over looks: the always-valid p-value is the running minimum of the p-values
+    seen, and the interval the running intersection of the confidence sequences, both still valid because
+    the sequence's guarantee holds over all looks at once. Once decided, the verdict stays."""
+
+    def __init__(
+        self, *, alpha: float = 0.05, comparisons: int = 1, higher_is_better: bool = True, tau: float | None = None
+    ) -> None:
+        self.alpha = alpha
+        self.comparisons = comparisons
+        self.higher_is_better = higher_is_better
+        self.tau = tau
+        self.p_value = 1.0
+        self.interval: tuple[float, float] | None = None
+        self.verdict = UNKNOWN
+
+    def look(self, control: Summary, treatment: Summary) -> Comparison:
+        now = compare(
+            control,
+            treatment,
+            alpha=self.alpha,
+            comparisons=self.comparisons,
+            higher_is_better=self.higher_is_better,
+            tau=self.tau,
+        )
+        self.p_value = min(self.p_value, now.p_value)
+        if now.interval[0] < now.interval[1]:  # a degenerate interval has nothing to go on
+            if self.interval is None:
+                self.interval = now.interval
+            else:
+                low, high = max(self.interval[0], now.interval[0]), min(self.interval[1], now.interval[1])
+                self.interval = (low, high) if low <= high else now.interval
+        if self.verdict == UNKNOWN and now.verdict != UNKNOWN:
+            self.verdict = now.verdict
+        interval = self.interval if self.interval is not None else now.interval
+        needed = None if self.verdict != UNKNOWN else now.samples_needed
+        return Comparison(self.verdict, now.difference, interval, self.p_value, needed)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A number JSON can carry: NaN and infinities (an interval with nothing to go on) become None."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
