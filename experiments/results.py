@@ -87,10 +87,453 @@ JSON shape (every figure may be null when there is no data; money is a decimal s
 
 from __future__ import annotations
 
-from billing.models import UsageStatus
+import datetime as dt
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Count, F, FloatField, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models.functions import Cast, Coalesce, TruncDate
+from django.utils import timezone
+from scipy import stats as scipy_stats
+
+from billing.models import UsageRecord, UsageStatus
+
+from . import stats
+from .models import HIGHER_IS_BETTER, Experiment, Feedback, FeedbackMetric, Metric, Variant
 
 # Statuses that are a verdict on the variant: served, or failed upstream (errors, timeouts included).
 OK_STATUSES = (UsageStatus.OK,)
 ERROR_STATUSES = (UsageStatus.UPSTREAM_ERROR,)
 # Every row but these counts towards cost: the gateway refused them before any upstream call.
 UNSERVED_STATUSES = (UsageStatus.REJECTED,)
+
+METRIC_ORDER = (
+    Metric.POSITIVE_RATE,
+    Metric.MEAN_SCORE,
+    Metric.ERROR_RATE,
+    Metric.LATENCY,
+    Metric.TTFT,
+    Metric.COST,
+    Metric.COST_PER_POSITIVE,
+)
+MONEY_METRICS = frozenset({Metric.COST, Metric.COST_PER_POSITIVE})
+_MONEY_PLACES = Decimal("1E-10")  # the ledger's
+
+METHOD = (
+    "Verdicts: mixture sequential probability ratio test (mSPRT, normal mixture) on the difference of means "
+    "against the control, with its confidence sequence: Johari, Koomen, Pekelis & Walsh, 'Always Valid "
+    "Inference: Continuous Monitoring of A/B Tests', Operations Research 70(3), 2022; Howard, Ramdas, "
+    "McAuliffe & Sekhon, 'Time-uniform, nonparametric, nonasymptotic confidence sequences', Annals of "
+    "Statistics 49(2), 2021. Valid however often the results are looked at; Bonferroni-corrected over "
+    "{family} comparisons (treatments x decisive metrics) at alpha {alpha}. Latency and time to first token "
+    "are compared on their means. Intervals per variant: Wilson score (rates), Student's t (means), "
+    "binomial order statistics (percentiles), delta method on the log scale (cost per positive answer = "
+    "mean price / positive rate)."
+)
+
+
+def _price() -> Any:
+    """What a request cost, whoever paid: on a user's own key ``cost`` is only what counts against the
+    platform's budgets, ``user_key_cost`` the price."""
+    return Coalesce("user_key_cost", "cost")
+
+
+def _money(value: float | Decimal | None) -> str | None:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return str(Decimal(str(value)).quantize(_MONEY_PLACES))
+
+
+def _interval(interval: Any, *, money: bool = False) -> list[Any] | None:
+    if interval is None:
+        return None
+    low, high = interval
+    if money:
+        return [_money(low), _money(high)]
+    return [_float(low), _float(high)]
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _variance(n: int, total: float, total_squares: float) -> float:
+    """The sample variance from a count, a sum and a sum of squares (as the database returns them)."""
+    if n < 2:
+        return 0.0
+    return max((total_squares - total * total / n) / (n - 1), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Figure:
+    """One metric of one variant: its summary (what ``stats.compare`` takes) and its JSON."""
+
+    summary: stats.Summary | None
+    data: dict[str, Any]
+
+
+def _empty(**extra: Any) -> _Figure:
+    return _Figure(None, {"value": None, "interval": None, "n": 0, **extra})
+
+
+def _rate(successes: int, n: int, confidence: float) -> _Figure:
+    if n == 0:
+        return _empty(successes=0)
+    return _Figure(
+        stats.summary_of_rate(successes, n),
+        {
+            "value": successes / n,
+            "interval": _interval(stats.wilson_interval(successes, n, confidence)),
+            "n": n,
+            "successes": successes,
+        },
+    )
+
+
+def _mean(n: int, total: float, total_squares: float, confidence: float, *, money: bool = False) -> _Figure:
+    if n == 0:
+        return _empty()
+    summary = stats.Summary(n=n, mean=total / n, variance=_variance(n, total, total_squares))
+    interval = stats.mean_interval(summary, confidence) if n >= 2 else None
+    value = _money(summary.mean) if money else summary.mean
+    return _Figure(summary, {"value": value, "interval": _interval(interval, money=money), "n": n})
+
+
+def _percentile(rows: QuerySet, field: str, n: int, q: float, confidence: float) -> tuple[int | None, list | None]:
+    """The nearest-rank ``q`` percentile of ``field`` over ``rows`` (``n`` of them) and its
+    distribution-free interval: order statistics ``l`` and ``u`` with ``l = F⁻¹(α/2)`` and
+    ``u = F⁻¹(1 - α/2) + 1``, ``F`` the Binomial(n, q) distribution. Only the slice of sorted values
+    between them is read."""
+    if n == 0:
+        return None, None
+    rank = max(1, math.ceil(q * n))
+    alpha = 1 - confidence
+    low = int(max(1, scipy_stats.binom.ppf(alpha / 2, n, q)))
+    high = int(min(n, scipy_stats.binom.ppf(1 - alpha / 2, n, q) + 1))
+    first, last = min(low, rank), max(high, rank)
+    values = list(rows.order_by(field).values_list(field, flat=True)[first - 1 : last])
+    point = values[rank - first]
+    return point, [values[low - first], values[high - first]]
+
+
+def _cost_per_positive(cost: _Figure, positive: _Figure, confidence: float) -> _Figure:
+    """Mean price over positive rate: what one positive answer costs. Equal to total price / positive
+    answers when every request is rated; with fewer rated it does not count the unrated ones as negative.
+    Its interval: the delta method on the log scale, the two means taken as independent,
+    ``log R ± z·sqrt(cv_cost² + cv_rate²)`` with ``cv`` a mean's standard error over the mean."""
+    if cost.summary is None or positive.summary is None or positive.summary.mean <= 0 or cost.summary.mean <= 0:
+        return _empty(total=cost.data.get("total"))
+    c, p = cost.summary, positive.summary
+    ratio = c.mean / p.mean
+    relative_variance = c.variance / (c.n * c.mean**2) + p.variance / (p.n * p.mean**2)
+    z = scipy_stats.norm.ppf(1 - (1 - confidence) / 2)
+    spread = z * math.sqrt(relative_variance)
+    # For comparisons: a "sample" of the rated requests whose mean's variance is the ratio's.
+    summary = stats.Summary(n=p.n, mean=ratio, variance=relative_variance * ratio**2 * p.n)
+    return _Figure(
+        summary,
+        {
+            "value": _money(ratio),
+            "interval": [_money(ratio * math.exp(-spread)), _money(ratio * math.exp(spread))],
+            "n": positive.data["successes"],
+            "total": cost.data.get("total"),
+        },
+    )
+
+
+_NO_USAGE: dict[str, Any] = {
+    "requests": 0,
+    "users": 0,
+    "ok": 0,
+    "errors": 0,
+    "latency_n": 0,
+    "latency_sum": None,
+    "latency_squares": None,
+    "ttft_n": 0,
+    "ttft_sum": None,
+    "ttft_squares": None,
+    "cost_n": 0,
+    "cost_total": None,
+    "cost_sum": None,
+    "cost_squares": None,
+}
+
+
+def _usage_aggregates(rows: QuerySet, variant_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Per variant id (every one of ``variant_ids``, zeros for one without rows): counts, sums and sums
+    of squares, and ``statuses``."""
+    price = Cast(_price(), FloatField())
+    ok = Q(status__in=OK_STATUSES)
+    ttft = ok & Q(stream=True, ttft_ms__isnull=False)
+    served = ~Q(status__in=UNSERVED_STATUSES)
+    duration = Cast("duration_ms", FloatField())
+    first_token = Cast("ttft_ms", FloatField())
+    aggregates = rows.values("experiment_variant_id").annotate(
+        requests=Count("id"),
+        users=Count("user_id", distinct=True),
+        keys_alone=Count("api_key_id", distinct=True, filter=Q(user_id__isnull=True)),
+        ok=Count("id", filter=ok),
+        errors=Count("id", filter=Q(status__in=ERROR_STATUSES)),
+        latency_n=Count("id", filter=ok),
+        latency_sum=Sum(duration, filter=ok),
+        latency_squares=Sum(duration * duration, filter=ok),
+        ttft_n=Count("id", filter=ttft),
+        ttft_sum=Sum(first_token, filter=ttft),
+        ttft_squares=Sum(first_token * first_token, filter=ttft),
+        cost_n=Count("id", filter=served),
+        cost_total=Sum(_price(), filter=served),
+        cost_sum=Sum(price, filter=served),
+        cost_squares=Sum(price * price, filter=served),
+    )
+    found = {variant_id: {**_NO_USAGE, "statuses": {}} for variant_id in variant_ids}
+    for row in aggregates.order_by():
+        variant_id = row.pop("experiment_variant_id")
+        if variant_id in found:
+            row["users"] += row.pop("keys_alone")
+            found[variant_id].update(row)
+    for row in rows.values("experiment_variant_id", "status").annotate(n=Count("id")).order_by():
+        if row["experiment_variant_id"] in found:
+            found[row["experiment_variant_id"]]["statuses"][row["status"]] = row["n"]
+    return found
+
+
+def _feedback_aggregates(rows: QuerySet) -> dict[str, dict[str, Any]]:
+    feedback = Feedback.objects.filter(request_id__in=rows.values("request_id"))
+    value = F("value")
+    return {
+        row.pop("metric"): row
+        for row in feedback.values("metric")
+        .annotate(
+            n=Count("id"),
+            positives=Count("id", filter=Q(value__gt=0)),
+            total=Sum(value),
+            squares=Sum(value * value),
+        )
+        .order_by()
+    }
+
+
+def _variant_figures(experiment: Experiment, variant: Variant, usage: dict[str, Any], confidence: float) -> dict:
+    rows = UsageRecord.objects.filter(experiment_id=experiment.pk, experiment_variant_id=variant.pk)
+    feedback = _feedback_aggregates(rows) if usage["requests"] else {}
+    thumbs = feedback.get(FeedbackMetric.THUMBS, {})
+    scores = feedback.get(FeedbackMetric.SCORE, {})
+
+    figures: dict[str, _Figure] = {}
+    figures[Metric.POSITIVE_RATE] = _rate(thumbs.get("positives", 0), thumbs.get("n", 0), confidence)
+    figures[Metric.MEAN_SCORE] = _mean(
+        scores.get("n", 0), scores.get("total") or 0.0, scores.get("squares") or 0.0, confidence
+    )
+    figures[Metric.ERROR_RATE] = _rate(usage["errors"], usage["ok"] + usage["errors"], confidence)
+
+    latency = _mean(usage["latency_n"], usage["latency_sum"] or 0.0, usage["latency_squares"] or 0.0, confidence)
+    ok_rows = rows.filter(status__in=OK_STATUSES)
+    for q, key in ((0.5, "p50"), (0.95, "p95")):
+        point, interval = _percentile(ok_rows, "duration_ms", usage["latency_n"], q, confidence)
+        latency.data[key], latency.data[f"{key}_interval"] = point, interval
+    figures[Metric.LATENCY] = latency
+
+    ttft = _mean(usage["ttft_n"], usage["ttft_sum"] or 0.0, usage["ttft_squares"] or 0.0, confidence)
+    ttft_rows = ok_rows.filter(stream=True, ttft_ms__isnull=False)
+    ttft.data["p50"], ttft.data["p50_interval"] = _percentile(ttft_rows, "ttft_ms", usage["ttft_n"], 0.5, confidence)
+    figures[Metric.TTFT] = ttft
+
+    cost = _mean(usage["cost_n"], usage["cost_sum"] or 0.0, usage["cost_squares"] or 0.0, confidence, money=True)
+    cost.data["total"] = _money(usage["cost_total"] or Decimal(0))
+    figures[Metric.COST] = cost
+    figures[Metric.COST_PER_POSITIVE] = _cost_per_positive(cost, figures[Metric.POSITIVE_RATE], confidence)
+    return figures
+
+
+def _comparison(metric: str, control: _Figure, treatment: _Figure, *, alpha: float, comparisons: int) -> dict | None:
+    if control.summary is None or treatment.summary is None:
+        return None
+    result = stats.compare(
+        control.summary,
+        treatment.summary,
+        alpha=alpha,
+        comparisons=comparisons,
+        higher_is_better=HIGHER_IS_BETTER.get(metric, False),
+    )
+    money = metric in MONEY_METRICS
+    difference = result.difference
+    return {
+        "verdict": result.verdict,
+        "difference": _money(difference) if money else _float(difference),
+        "interval": _interval(result.interval, money=money),
+        "p_value": _float(result.p_value),
+        "samples_needed": result.samples_needed,
+    }
+
+
+def _series(rows: QuerySet, variants: list[Variant]) -> dict[str, Any]:
+    """Requests and the positive-feedback rate per UTC day of the request, per variant."""
+    utc = dt.UTC
+    requests = (
+        rows.annotate(day=TruncDate("created_at", tzinfo=utc))
+        .values("experiment_variant_id", "day")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    request_day = Subquery(
+        UsageRecord.objects.filter(request_id=OuterRef("request_id"))
+        .annotate(day=TruncDate("created_at", tzinfo=utc))
+        .values("day")[:1]
+    )
+    request_variant = Subquery(
+        UsageRecord.objects.filter(request_id=OuterRef("request_id")).values("experiment_variant_id")[:1]
+    )
+    ratings = (
+        Feedback.objects.filter(metric=FeedbackMetric.THUMBS, request_id__in=rows.values("request_id"))
+        .annotate(day=request_day, variant_id=request_variant)
+        .values("variant_id", "day")
+        .annotate(n=Count("id"), positives=Count("id", filter=Q(value__gt=0)))
+        .order_by()
+    )
+    counts: dict[tuple[int, dt.date], int] = {}
+    for row in requests:
+        counts[(row["experiment_variant_id"], _as_date(row["day"]))] = row["n"]
+    rated: dict[tuple[int, dt.date], tuple[int, int]] = {}
+    for row in ratings:
+        rated[(row["variant_id"], _as_date(row["day"]))] = (row["n"], row["positives"])
+    seen = {day for _, day in counts} | {day for _, day in rated}
+    days = _day_range(min(seen), max(seen)) if seen else []
+    series = []
+    for variant in variants:
+        pairs = [rated.get((variant.pk, day), (0, 0)) for day in days]
+        series.append(
+            {
+                "name": variant.name,
+                "requests": [counts.get((variant.pk, day), 0) for day in days],
+                "rated": [n for n, _ in pairs],
+                "positive_rate": [positives / n if n else None for n, positives in pairs],
+            }
+        )
+    return {"days": [day.isoformat() for day in days], "variants": series}
+
+
+def _as_date(value: Any) -> dt.date:
+    # SQLite answers TruncDate with a string through a subquery annotation.
+    return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
+
+
+def _day_range(first: dt.date, last: dt.date) -> list[dt.date]:
+    return [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def _winner(
+    control: Variant | None, variants: list[Variant], comparisons: dict[str, dict], primary: str, guardrails: list[str]
+) -> tuple[Variant | None, str]:
+    if control is None:
+        return None, "No control variant: nothing to compare against."
+    treatments = [v for v in variants if v.pk != control.pk]
+    if not treatments:
+        return None, "Only the control: nothing to compare."
+    candidates = []
+    for variant in treatments:
+        found = comparisons[variant.name]
+        primary_verdict = (found.get(primary) or {}).get("verdict")
+        worse = [g for g in guardrails if (found.get(g) or {}).get("verdict") == "worse"]
+        if primary_verdict == "better" and not worse:
+            candidates.append(variant)
+    if candidates:
+        sign = 1 if HIGHER_IS_BETTER.get(primary, False) else -1
+
+        def gain(variant: Variant) -> float:
+            return sign * float(comparisons[variant.name][primary]["difference"])
+
+        best = max(candidates, key=gain)
+        return best, f"{best.name} is better than {control.name} on {primary} and worse on no guardrail metric."
+    if all((comparisons[v.name].get(primary) or {}).get("verdict") == "worse" for v in treatments):
+        return control, f"Every variant is worse than the control {control.name} on {primary}."
+    return None, f"No variant is yet known to be better than {control.name} on {primary} without a guardrail worse."
+
+
+def experiment_results(experiment: Experiment, *, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The experiment's results as JSON-ready data: the shape is in this module's docstring."""
+    now = now or timezone.now()
+    alpha = float(experiment.alpha)
+    confidence = 1 - alpha
+    variants = list(experiment.variants.all())
+    control = next((v for v in variants if v.is_control), None)
+    rows = UsageRecord.objects.filter(experiment_id=experiment.pk)
+    usage = _usage_aggregates(rows, [v.pk for v in variants])
+    figures = {v.pk: _variant_figures(experiment, v, usage[v.pk], confidence) for v in variants}
+
+    treatments = [v for v in variants if control is not None and v.pk != control.pk]
+    guardrails = [str(g) for g in experiment.guardrail_metrics or [] if g != experiment.primary_metric]
+    # The Bonferroni family: every treatment on every metric that decides (the primary and the guardrails).
+    family = max(1, len(treatments) * (1 + len(guardrails)))
+    comparisons: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        comparisons[variant.name] = {}
+        if variant in treatments:
+            for metric in METRIC_ORDER:
+                found = _comparison(
+                    metric,
+                    figures[control.pk][metric],
+                    figures[variant.pk][metric],
+                    alpha=alpha,
+                    comparisons=family,
+                )
+                if found is not None:
+                    comparisons[variant.name][metric] = found
+    winner, reason = _winner(control, variants, comparisons, experiment.primary_metric, guardrails)
+
+    return {
+        "experiment": {
+            "id": experiment.pk,
+            "name": experiment.name,
+            "model": experiment.model.name,
+            "status": experiment.status,
+            "starts_at": _instant(experiment.starts_at),
+            "ends_at": _instant(experiment.ends_at),
+            "primary_metric": experiment.primary_metric,
+            "guardrail_metrics": guardrails,
+            "alpha": str(experiment.alpha),
+            "promoted_variant": experiment.promoted_variant.name if experiment.promoted_variant_id else None,
+        },
+        "generated_at": _instant(now),
+        "confidence": confidence,
+        "method": METHOD.format(family=family, alpha=experiment.alpha),
+        "control": control.name if control else None,
+        "winner": winner.name if winner else None,
+        "winner_reason": reason,
+        "metrics": [
+            {
+                "key": str(metric),
+                "label": metric.label,
+                "higher_is_better": HIGHER_IS_BETTER.get(metric, False),
+                "money": metric in MONEY_METRICS,
+                "primary": metric == experiment.primary_metric,
+                "guardrail": metric in guardrails,
+            }
+            for metric in METRIC_ORDER
+        ],
+        "variants": [
+            {
+                "id": v.pk,
+                "name": v.name,
+                "is_control": v.is_control,
+                "allocation": str(v.allocation),
+                "requests": usage[v.pk]["requests"],
+                "users": usage[v.pk]["users"],
+                "statuses": usage[v.pk]["statuses"],
+                "metrics": {str(metric): figures[v.pk][metric].data for metric in METRIC_ORDER},
+                "comparisons": comparisons[v.name],
+            }
+            for v in variants
+        ],
+        "series": _series(rows, variants),
+    }
+
+
+def _instant(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
