@@ -42,3 +42,9 @@ class OutputParseError(ApplicationError):
 
     status_code = 422
     code = "output_not_json"
+
+
+class PromptVersionInvalidError(ApplicationError):
+    """A new version's messages, variables, schema or limits do not hold together (``param`` names which)."""
+
+    code = "invalid_prompt_version"

@@ -112,7 +112,7 @@ def _short(exc: BaseException) -> str:
 # VARIABLES
 
 
-def _type_ok(kind: str, value: Any) -> bool:
+def type_ok(kind: str, value: Any) -> bool:
     if kind == "string":
         return isinstance(value, str)
     if kind == "integer":
@@ -186,7 +186,7 @@ def variables_resolve(version: PromptVersion, given: Any) -> dict[str, Any]:
             else:
                 resolved[name] = None
             continue
-        if not _type_ok(kind, value):
+        if not type_ok(kind, value):
             raise PromptVariablesError(
                 f"The variable `{name}` must be {_type_phrase(kind)}, not {_json_type(value)}.",
                 param=f"variables.{name}",

@@ -1,0 +1,185 @@
+"""Rendering a version: variables typed, defaulted and refused; the brand in the system message; the sandbox
+refusing internals with a 400 (issue 12, part 4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.exceptions import ApplicationError
+from prompts.exceptions import PromptTemplateError, PromptVariablesError
+from prompts.models import BrandProfile, PromptTemplate, PromptVersion
+from prompts.rendering import render_messages, variables_resolve
+
+pytestmark = pytest.mark.django_db
+
+
+def version(messages, variables=(), **fields) -> PromptVersion:
+    template = PromptTemplate.objects.create(slug=f"t-{PromptTemplate.objects.count()}")
+    return PromptVersion.objects.create(
+        template=template, number=1, messages=messages, variables=list(variables), **fields
+    )
+
+
+@pytest.fixture
+def brand() -> BrandProfile:
+    return BrandProfile.objects.create(
+        name="Acme Outdoors",
+        slug="acme",
+        voice="A seasoned trail guide who has seen it all and still loves it",
+        tone="warm, plain-spoken, never pushy",
+        audience="weekend hikers in their thirties",
+        style_rules="Short sentences.\n- Say 'you', not 'customers'.",
+        words_to_avoid=["synergy", "best-in-class"],
+        example_copy="The trail doesn't care about your inbox. Neither do we.",
+    )
+
+
+VARIABLES = [
+    {"name": "topic", "type": "string"},
+    {"name": "count", "type": "integer", "default": 3},
+    {"name": "ratio", "type": "number", "default": 0.5},
+    {"name": "formal", "type": "boolean", "default": False},
+    {"name": "tags", "type": "array", "default": ["a"]},
+    {"name": "meta", "type": "object", "default": {}},
+    {"name": "aside", "type": "string", "required": False},
+]
+
+
+def test_variables_get_their_defaults_and_keep_the_given_values():
+    v = version([{"role": "user", "content": "{{ topic }}"}], VARIABLES)
+    resolved = variables_resolve(v, {"topic": "boots", "count": 5, "ratio": 2})
+    assert resolved == {
+        "topic": "boots",
+        "count": 5,
+        "ratio": 2,
+        "formal": False,
+        "tags": ["a"],
+        "meta": {},
+        "aside": None,
+    }
+
+
+def test_a_default_is_a_copy_so_a_render_cannot_change_the_version():
+    v = version([{"role": "user", "content": "{{ topic }}"}], VARIABLES)
+    variables_resolve(v, {"topic": "x"})["tags"].append("changed")
+    assert variables_resolve(v, {"topic": "x"})["tags"] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("given", "param", "words"),
+    [
+        ({}, "variables.topic", "is required"),
+        ({"topic": 3}, "variables.topic", "must be a string, not a number"),
+        ({"topic": "x", "count": 2.5}, "variables.count", "must be an integer"),
+        ({"topic": "x", "count": True}, "variables.count", "must be an integer, not a boolean"),
+        ({"topic": "x", "ratio": "1"}, "variables.ratio", "must be a number"),
+        ({"topic": "x", "formal": "yes"}, "variables.formal", "must be true or false"),
+        ({"topic": "x", "tags": "a"}, "variables.tags", "must be an array"),
+        ({"topic": "x", "meta": []}, "variables.meta", "must be an object"),
+        ({"topic": "x", "colour": "red"}, "variables.colour", "has no variable `colour`"),
+    ],
+)
+def test_variables_are_typed_and_unknown_ones_refused(given, param, words):
+    v = version([{"role": "user", "content": "{{ topic }}"}], VARIABLES)
+    with pytest.raises(PromptVariablesError) as caught:
+        variables_resolve(v, given)
+    assert caught.value.status_code == 400
+    assert caught.value.param == param
+    assert words in caught.value.message
+
+
+def test_variables_must_be_an_object():
+    v = version([{"role": "user", "content": "hi"}])
+    with pytest.raises(PromptVariablesError) as caught:
+        variables_resolve(v, ["topic"])
+    assert caught.value.param == "variables"
+
+
+def test_a_brand_ends_the_system_message(brand):
+    v = version(
+        [{"role": "system", "content": "You write posts."}, {"role": "user", "content": "About {{ topic }}"}],
+        [{"name": "topic", "type": "string"}],
+    )
+    rendered = render_messages(v, {"topic": "boots"}, brand)
+    assert [m["role"] for m in rendered] == ["system", "user"]
+    system = rendered[0]["content"]
+    assert system.startswith("You write posts.\n\n## Brand: Acme Outdoors")
+    assert "Voice: A seasoned trail guide who has seen it all and still loves it" in system
+    assert "Tone: warm, plain-spoken, never pushy" in system
+    assert "Audience: weekend hikers in their thirties" in system
+    assert "- Short sentences.\n- Say 'you', not 'customers'." in system
+    assert 'Words to avoid (never use them): "synergy", "best-in-class"' in system
+    assert "The trail doesn't care about your inbox." in system
+    assert rendered[1] == {"role": "user", "content": "About boots"}
+
+
+def test_a_brand_is_a_system_message_of_its_own_when_the_template_has_none(brand):
+    v = version([{"role": "user", "content": "Hello"}])
+    rendered = render_messages(v, {}, brand)
+    assert rendered[0]["role"] == "system"
+    assert "Voice: A seasoned trail guide" in rendered[0]["content"]
+    assert rendered[1] == {"role": "user", "content": "Hello"}
+
+
+def test_a_template_can_place_the_brand_itself(brand):
+    v = version(
+        [
+            {
+                "role": "system",
+                "content": "Rules first.{% if brand %} Sound like {{ brand.name }}: {{ brand.tone }}.{% endif %}",
+            },
+            {"role": "user", "content": "Go"},
+        ]
+    )
+    with_brand = render_messages(v, {}, brand)
+    assert with_brand[0]["content"] == "Rules first. Sound like Acme Outdoors: warm, plain-spoken, never pushy."
+    assert render_messages(v, {}, None)[0]["content"] == "Rules first."
+
+
+def test_without_a_brand_the_messages_are_only_the_template():
+    v = version(
+        [{"role": "system", "content": "S {{ n }}"}, {"role": "user", "content": "U"}],
+        [{"name": "n", "type": "integer"}],
+    )
+    assert render_messages(v, {"n": 2}, None) == [
+        {"role": "system", "content": "S 2"},
+        {"role": "user", "content": "U"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ topic.__class__.__init__.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os }}",
+        "{{ tags.append('x') }}",
+        "{{ 'a' * 100000000 }}",
+    ],
+)
+def test_the_sandbox_refuses_internals_with_a_400(source):
+    v = version(
+        [{"role": "user", "content": source}], [{"name": "topic", "type": "string"}, {"name": "tags", "type": "array"}]
+    )
+    with pytest.raises(PromptTemplateError) as caught:
+        render_messages(v, {"topic": "x", "tags": []}, None)
+    assert isinstance(caught.value, ApplicationError)
+    assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("{{ missing }}", "'missing' is undefined"),
+        ("{% for x in %}", "does not compile"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ],
+)
+def test_a_template_error_is_a_400_saying_what_went_wrong(source, words):
+    v = version([{"role": "system", "content": "fine"}, {"role": "user", "content": source}])
+    with pytest.raises(PromptTemplateError) as caught:
+        render_messages(v, {}, None)
+    assert caught.value.status_code == 400
+    assert "message 2" in caught.value.message
+    assert words in caught.value.message
