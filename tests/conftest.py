@@ -173,6 +173,7 @@ def _fresh_lookup_caches():
     from accounts.roles import role_cache
     from billing.services.inflight import held_clear
     from billing.services.keys import key_cache
+    from prompts.selectors import brand_cache, prompt_cache
     from providers.byok import credentials_cache
     from providers.routing.breakers import breakers_forget_local
     from providers.routing.stats import stats_forget_local
@@ -185,6 +186,8 @@ def _fresh_lookup_caches():
     token_cache.invalidate()
     breakers_forget_local()  # deployment ids are reused once the database is emptied
     stats_forget_local()  # so are their latencies, in-flight and per-minute counts
+    prompt_cache.invalidate()  # template slugs and version ids are reused once the database is emptied
+    brand_cache.invalidate()
     yield
     catalog_cache.invalidate()
     key_cache.invalidate()
