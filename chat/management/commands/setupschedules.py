@@ -32,6 +32,7 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
         "chat.tasks.messages_close_abandoned_task",
         timedelta(minutes=5),
     ),
+    ("experiments: apply due rollout steps", "experiments.tasks.rollout_steps_apply_due_task", timedelta(minutes=1)),
 ]
 
 
