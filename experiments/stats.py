@@ -46,6 +46,7 @@ other statistics, and the delta method for a ratio of two means (cost per positi
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -192,6 +193,7 @@ def ratio_interval(
 # --- the anytime-valid comparison -------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)
 def mixture_scale(alpha: float, design_samples: int = DESIGN_SAMPLES) -> float:
     """``c`` in ``tau² = c · (s_c² + s_t²)``: makes the two-sided normal-mixture boundary at level ``alpha``
     tightest after ``design_samples`` per arm. The boundary in z units is ``(1 + nc)/(nc) · (2 log(1/alpha)
@@ -222,44 +224,96 @@ def confidence_half_width(variance, tau2, alpha: float):
 
 @dataclass(frozen=True)
 class Comparison:
-    verdict: str  # "better" | "worse" | "unknown" (direction-aware: for lower-is-better metrics "better" means lower)
-    difference: float  # treatment mean − control mean
-    interval: tuple[float, float]  # anytime-valid confidence sequence for the difference, at the corrected level
-    p_value: float  # always-valid p-value, Bonferroni-adjusted: the verdict is reached when p_value <= alpha
-    samples_needed: int | None  # per-arm samples still needed if the observed difference is real; None if decided
-    # or not estimable
+    """A treatment judged against the control on one metric, every number finite (JSON carries it as is).
+
+    ``verdict`` is "better", "worse" or "unknown", direction-aware (for a lower-is-better metric "better"
+    means lower); ``difference`` is treatment mean − control mean; ``interval`` the anytime-valid confidence
+    sequence for the difference at the corrected level; ``p_value`` the always-valid p-value,
+    Bonferroni-adjusted, so the verdict is reached exactly when ``p_value <= alpha``; ``samples_needed`` the
+    per-arm samples still needed to reach a verdict if the observed difference is real, None when decided
+    or not estimable (no difference, or one too small to find within ``SAMPLES_NEEDED_CAP``)."""
+
+    verdict: str
+    difference: float
+    interval: tuple[float, float]
+    p_value: float
+    samples_needed: int | None
 
 
-def _sampling_variance(control: Summary, treatment: Summary) -> tuple[float, float]:
-    """The variance of the difference of means and the per-observation variance that scales ``tau²``.
+@dataclass(frozen=True)
+class MixtureTest:
+    """The mSPRT at one look for many comparisons at once (arrays of one shape), as ``mixture_test`` gives
+    it: ``compare`` reads one of these, and simulations read thousands without a Python loop."""
 
-    The unpooled (Welch) variance is the plug-in; when it is 0 (every value in each arm the same) the
-    variance pooled over both arms, the one that holds under the null of no difference, stands in, so that
-    0/20 against 20/20 is evidence and not a division by zero."""
-    per_observation = control.variance + treatment.variance
-    variance = control.variance / control.n + treatment.variance / treatment.n
-    if variance > 0:
-        return variance, per_observation
-    total = control.n + treatment.n
-    if total < 2:
-        return 0.0, 0.0
-    grand_mean = (control.n * control.mean + treatment.n * treatment.mean) / total
-    squares = (
-        (control.n - 1) * control.variance
-        + (treatment.n - 1) * treatment.variance
-        + control.n * (control.mean - grand_mean) ** 2
-        + treatment.n * (treatment.mean - grand_mean) ** 2
+    difference: np.ndarray  # treatment mean − control mean (0 where an arm is empty)
+    low: np.ndarray  # the confidence sequence at the corrected level
+    high: np.ndarray
+    p_value: np.ndarray  # always valid, Bonferroni-adjusted
+    decided: np.ndarray  # the boundary is crossed: p_value <= alpha, and the interval excludes 0
+    per_observation: np.ndarray  # the variance of one pair's difference, which scales tau² and samples_needed
+    tau2: np.ndarray
+
+
+def mixture_test(
+    control_n,
+    control_mean,
+    control_variance,
+    treatment_n,
+    treatment_mean,
+    treatment_variance,
+    *,
+    alpha: float = 0.05,
+    comparisons: int = 1,
+    tau: float | None = None,
+) -> MixtureTest:
+    """The mSPRT of the treatment's mean against the control's, vectorised over arrays of summaries.
+
+    The plug-in variance of the difference is the unpooled (Welch) one; where it is 0 (every value in
+    each arm the same) the variance pooled over both arms, the one that holds under the null of no
+    difference, stands in, so that 0/20 against 20/20 is evidence and not a division by zero. With an empty
+    arm, or no variance at all, nothing is decided: p-value 1, the interval the observed difference alone."""
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must lie in (0, 1)")
+    if comparisons < 1:
+        raise ValueError("comparisons must be at least 1")
+    if tau is not None and not tau > 0:
+        raise ValueError("tau must be positive")
+    level = alpha / comparisons
+    nc, mc, vc, nt, mt, vt = np.broadcast_arrays(
+        *(
+            np.asarray(a, dtype=float)
+            for a in (control_n, control_mean, control_variance, treatment_n, treatment_mean, treatment_variance)
+        )
     )
-    pooled = squares / (total - 1)
-    return pooled * (1 / control.n + 1 / treatment.n), 2 * pooled
-
-
-def _tau2(tau: float | None, per_observation: float, level: float) -> float:
-    if tau is not None:
-        if tau <= 0:
-            raise ValueError("tau must be positive")
-        return tau * tau
-    return mixture_scale(level) * per_observation
+    vc, vt = np.maximum(vc, 0.0), np.maximum(vt, 0.0)  # a variance from running sums can round below 0
+    with np.errstate(all="ignore"):
+        both = (nc > 0) & (nt > 0)
+        difference = np.where(both, mt - mc, 0.0)
+        welch = vc / nc + vt / nt
+        total = nc + nt
+        grand_mean = (nc * mc + nt * mt) / total
+        squares = (nc - 1) * vc + (nt - 1) * vt + nc * (mc - grand_mean) ** 2 + nt * (mt - grand_mean) ** 2
+        pooled = squares / (total - 1)
+        use_welch = welch > 0
+        variance = np.where(use_welch, welch, pooled * (1 / nc + 1 / nt))
+        per_observation = np.where(use_welch, vc + vt, 2 * pooled)
+        informative = both & (variance > 0) & np.isfinite(variance)
+        variance = np.where(informative, variance, 1.0)
+        per_observation = np.where(informative, per_observation, 0.0)
+        tau2 = np.full_like(variance, tau * tau) if tau is not None else mixture_scale(level) * per_observation
+        tau2 = np.where(informative, tau2, 1.0)
+        log_ratio = np.where(informative, log_mixture_ratio(difference, variance, tau2), 0.0)
+        half = np.where(informative, confidence_half_width(variance, tau2, level), 0.0)
+    raw_p = np.exp(-np.maximum(log_ratio, 0.0))
+    return MixtureTest(
+        difference=difference,
+        low=difference - half,
+        high=difference + half,
+        p_value=np.minimum(1.0, raw_p * comparisons),
+        decided=informative & (log_ratio >= math.log(1 / level)),
+        per_observation=per_observation,
+        tau2=tau2,
+    )
 
 
 def samples_needed(difference: float, per_observation: float, tau2: float, level: float, n_now: int) -> int | None:
@@ -297,31 +351,26 @@ def compare(
 
     Every output is finite: with an empty arm, or no variance to estimate (every value in both arms the
     same), the verdict is unknown, the p-value 1 and the interval the observed difference alone."""
-    if not 0 < alpha < 1:
-        raise ValueError("alpha must lie in (0, 1)")
-    if comparisons < 1:
-        raise ValueError("comparisons must be at least 1")
-    level = alpha / comparisons
-    if control.n == 0 or treatment.n == 0:
-        return Comparison(UNKNOWN, 0.0, (0.0, 0.0), 1.0, None)
-    difference = treatment.mean - control.mean
-    variance, per_observation = _sampling_variance(control, treatment)
-    if variance <= 0:
-        return Comparison(UNKNOWN, difference, (difference, difference), 1.0, None)
-    tau2 = _tau2(tau, per_observation, level)
-    log_ratio = float(log_mixture_ratio(difference, variance, tau2))
-    raw_p = min(1.0, math.exp(-log_ratio)) if log_ratio > 0 else 1.0
-    p_value = min(1.0, raw_p * comparisons)
-    half = float(confidence_half_width(variance, tau2, level))
-    interval = (difference - half, difference + half)
-    decided = log_ratio >= math.log(1 / level)
-    if decided:
+    test = mixture_test(
+        control.n,
+        control.mean,
+        control.variance,
+        treatment.n,
+        treatment.mean,
+        treatment.variance,
+        alpha=alpha,
+        comparisons=comparisons,
+        tau=tau,
+    )
+    difference = float(test.difference)
+    interval = (float(test.low), float(test.high))
+    if bool(test.decided):
         verdict = BETTER if (difference > 0) == higher_is_better else WORSE
-        needed = None
-    else:
-        verdict = UNKNOWN
-        needed = samples_needed(difference, per_observation, tau2, level, min(control.n, treatment.n))
-    return Comparison(verdict, difference, interval, p_value, needed)
+        return Comparison(verdict, difference, interval, float(test.p_value), None)
+    needed = samples_needed(
+        difference, float(test.per_observation), float(test.tau2), alpha / comparisons, min(control.n, treatment.n)
+    )
+    return Comparison(UNKNOWN, difference, interval, float(test.p_value), needed)
 
 
 class SequentialTest:
