@@ -71,7 +71,7 @@ from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
-from .prompt_runs import prompt_messages_render, prompt_requested
+from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
@@ -321,6 +321,7 @@ async def completion_start(
     model: ResolvedModel | None = None
     moderation: Moderation | None = None
     assignment: Assignment | None = None
+    rendered: RenderedPrompt | None = None
     _request_track()
     try:
         shutdown = _shutdowns.get(asyncio.get_running_loop())
@@ -333,7 +334,7 @@ async def completion_start(
             model, assignment = await _experiment_enter(caller, await model_resolve(body.get("model")), body, operation)
             if templated:
                 version_id = assignment.variant.prompt_version_id if assignment is not None else None
-                await prompt_messages_render(body, version_id=version_id)
+                rendered = await prompt_messages_render(body, version_id=version_id)
             if shape is not None:
                 body["messages"] = shape(model)
         _VALIDATORS[operation](body)
@@ -408,6 +409,7 @@ async def completion_start(
         credentials=credentials,
         moderation=moderation,
         assignment=assignment,
+        prompt=rendered,
     )
 
 
@@ -611,9 +613,11 @@ class CompletionRun:
         credentials: dict[int, UserCredential] | None = None,
         moderation: Moderation | None = None,
         assignment: Assignment | None = None,
+        prompt: RenderedPrompt | None = None,
     ) -> None:
         self.caller = caller
         self.assignment = assignment  # the experiment's variant this request was assigned to; None: none
+        self.prompt = prompt  # the prompt template version a templated request ran (chat.prompt_runs); None: none
         self.credentials = credentials  # the caller's own provider keys; None: no model here can use one
         self.operation = operation
         self.body = body
@@ -653,6 +657,8 @@ class CompletionRun:
             headers["x-llmhub-attempts"] = str(self.attempts)
         if self.assignment is not None:
             headers["x-llmhub-experiment"] = self.assignment.header
+        if self.prompt is not None:
+            headers["x-llmhub-prompt"] = self.prompt.header
         return headers
 
     @property
