@@ -6,8 +6,19 @@ buckets (``experiments.layout.bucket_of``); ``Experiment.layout`` says which var
 none (the untouched share). Nothing is stored per user, so a user keeps their variant across requests,
 processes and restarts, and everyone is reshuffled only when the salt changes.
 
-The running experiment of each model is cached in-process (``assignment_cache``, cleared by
-``experiments.signals`` on any change, other processes within ``LLMHUB_LOOKUP_CACHE_TTL``)."""
+Which experiment a model's requests meet:
+
+- a **running** one, between its ``starts_at`` and ``ends_at`` (outside them it assigns nobody);
+- a **paused** one assigns nobody: everyone is served as if there were no experiment, and a resume gives
+  each user their variant back (the layout is kept);
+- a **concluded** one assigns nobody, unless a variant was promoted: then its layout (the winner at 100 %)
+  keeps serving the model, with the header and the ledger's experiment columns, until another experiment
+  runs on that model. Promoting and then concluding must not snap the traffic back to the old route
+  behind the admin's back; to return to it, change the allocation or start another experiment.
+
+The plan of each model is cached in-process (``assignment_cache``; a model without one is cached too),
+cleared by ``experiments.signals`` on any change in this process, other processes within
+``LLMHUB_LOOKUP_CACHE_TTL``: a request costs no query, only a SHA-256 and a bisect."""
 
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ from django.utils import timezone
 
 from core.cache import TTLCache
 
-from .layout import bucket_of, layout_owner
+from .layout import bucket_of, layout_owner, layout_starts
 from .models import Experiment, ExperimentStatus
 
 
@@ -43,6 +54,7 @@ class ExperimentPlan:
     variants: dict[int, VariantPlan] = field(hash=False, compare=False)
     starts_at: Any = None
     ends_at: Any = None
+    starts: tuple[int, ...] = ()  # the layout's range starts, for the bisect
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +90,10 @@ def assignment_unit(*, user_id: int | None, api_key_id: int | None, end_user: An
 
 
 def experiment_plan_build(experiment: Experiment) -> ExperimentPlan:
+    """The snapshot assignment works from. A concluded experiment (serving its promoted winner) has no
+    window: its end has passed, and its layout serves on."""
+    layout = tuple((int(a), int(b), int(c)) for a, b, c in experiment.layout or ())
+    window = experiment.status == ExperimentStatus.RUNNING
     variants = {
         v.id: VariantPlan(
             id=v.id,
@@ -93,27 +109,33 @@ def experiment_plan_build(experiment: Experiment) -> ExperimentPlan:
         id=experiment.pk,
         name=experiment.name,
         salt=experiment.salt,
-        layout=tuple((int(a), int(b), int(c)) for a, b, c in experiment.layout or ()),
+        layout=layout,
         variants=variants,
-        starts_at=experiment.starts_at,
-        ends_at=experiment.ends_at,
+        starts_at=experiment.starts_at if window else None,
+        ends_at=experiment.ends_at if window else None,
+        starts=layout_starts(layout),
     )
 
 
 async def _load_plan(model_id: int) -> ExperimentPlan | None:
-    experiment = await (
-        Experiment.objects.filter(model_id=model_id, status=ExperimentStatus.RUNNING)
-        .prefetch_related("variants__target_model")
-        .afirst()
-    )
+    """The model's running experiment, else the latest concluded one with a promoted winner, else None."""
+    experiments = Experiment.objects.filter(model_id=model_id).prefetch_related("variants__target_model")
+    experiment = await experiments.filter(status=ExperimentStatus.RUNNING).afirst()
+    if experiment is None:
+        experiment = await (
+            experiments.filter(status=ExperimentStatus.CONCLUDED, promoted_variant__isnull=False)
+            .order_by("-ends_at", "-id")
+            .afirst()
+        )
     if experiment is None:
         return None
     return experiment_plan_build(experiment)
 
 
 async def experiment_assign(*, model_id: int, unit: str | None) -> Assignment | None:
-    """The variant ``unit`` gets in the running experiment on the model ``model_id``, or None (no running
-    experiment, outside its start and end, no unit, or the unit falls in the untouched share)."""
+    """The variant ``unit`` gets in the experiment on the model ``model_id``, or None (no running experiment
+    nor promoted winner, outside its start and end, no unit, or the unit falls in the untouched share).
+    No query once the model's plan is cached."""
     if unit is None:
         return None
     plan = await assignment_cache.get_or_load(("model", model_id), lambda: _load_plan(model_id))
@@ -123,7 +145,7 @@ async def experiment_assign(*, model_id: int, unit: str | None) -> Assignment | 
         now = timezone.now()
         if (plan.starts_at is not None and now < plan.starts_at) or (plan.ends_at is not None and now >= plan.ends_at):
             return None
-    variant_id = layout_owner(plan.layout, bucket_of(plan.salt, unit))
+    variant_id = layout_owner(plan.layout, bucket_of(plan.salt, unit), plan.starts)
     variant = plan.variants.get(variant_id) if variant_id is not None else None
     if variant is None:
         return None
