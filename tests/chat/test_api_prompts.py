@@ -1,0 +1,353 @@
+"""The prompt templates over HTTP, against a live llmhub and the fake upstream: ``POST /api/prompts/{slug}/run``
+with a gateway key, a JWT or the web session, ``GET /api/prompts/``, and ``/v1/chat/completions`` with the
+``prompt`` extension through the official openai SDK (``extra_body``). Errors in the API's JSON shape."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from django.conf import settings
+
+from accounts.roles import Role, role_set
+from billing.models import ApiKey, UsageRecord, UsageStatus
+from billing.services.keys import api_key_create
+from experiments.layout import bucket_of
+from prompts.models import PromptTemplate, PromptVersion
+from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
+from tests.chat.conftest import session_cookie
+from tests.chat.test_prompt_runs import (
+    GOOD_AD,
+    ad_template,
+    brand_lighthouse,
+    reply,
+    then,
+    versions_experiment,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CSRF_TOKEN = "k" * 32
+
+
+@pytest.fixture
+def key(alice, chat_model, llmhub_server) -> str:
+    return api_key_create(user=alice, name="prompts").secret
+
+
+def api(server, key: str | None = None, **headers: str) -> httpx.Client:
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.Client(base_url=server.url, headers=headers, timeout=20)
+
+
+def sdk(server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+def wait_for_rows(request_ids: list[str], timeout: float = 10.0) -> dict[str, UsageRecord]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {row.request_id: row for row in UsageRecord.objects.filter(request_id__in=request_ids)}
+        if len(rows) == len(request_ids) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
+
+
+def upstream_chats(fake_upstream) -> list[dict]:
+    return [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
+
+
+def error_of(response: httpx.Response) -> dict:
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["error"]
+
+
+# POST /api/prompts/{slug}/run
+
+
+def test_a_run_answers_the_parsed_output_with_its_checks_and_ledger_rows(llmhub_server, fake_upstream, chat_model, key):
+    ad_template()
+    brand_lighthouse()
+    chatty = f"Here is your ad: {json.dumps(GOOD_AD)} Hope you like it."
+
+    response = api(llmhub_server, key).post(
+        "/api/prompts/search-ad/run",
+        json={
+            "model": chat_model.name,
+            "brand": "lighthouse",
+            "variables": {"product": "sourdough", "notes": reply(chatty)},
+        },
+    )
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["output"] == GOOD_AD and body["raw"] == chatty
+    assert (body["valid"], body["ok"], body["repaired"], body["attempts"]) == (True, True, False, 1)
+    assert (body["template"], body["version"], body["model"]) == ("search-ad", 1, chat_model.name)
+    assert {check["field"] for check in body["checks"]} == {"headline", "description"}
+    assert body["experiment"] is None
+    assert response.headers["x-llmhub-prompt"] == "search-ad:v1"
+    assert response.headers["x-request-id"] == body["request_ids"][0]
+    (sent,) = upstream_chats(fake_upstream)
+    assert "A cheerful lighthouse keeper who bakes before sunrise." in sent["messages"][0]["content"]
+    rows = wait_for_rows(body["request_ids"])
+    (row,) = rows.values()
+    assert row.status == UsageStatus.OK and row.endpoint == "rest" and row.api_key_id is not None
+    assert Decimal(body["cost"]) == row.cost > 0
+    assert (row.prompt_tokens, row.completion_tokens) == (
+        body["usage"]["prompt_tokens"],
+        body["usage"]["completion_tokens"],
+    )
+
+
+def test_a_repaired_run_reports_both_requests_each_with_its_ledger_row(llmhub_server, fake_upstream, chat_model, key):
+    ad_template()
+
+    response = api(llmhub_server, key).post(
+        "/api/prompts/search-ad/run",
+        json={"model": chat_model.name, "variables": {"product": "rye", "notes": reply("no JSON") + then(GOOD_AD)}},
+    )
+
+    body = response.json()
+    assert response.status_code == 200, body
+    assert (body["output"], body["repaired"], body["attempts"], body["valid"]) == (GOOD_AD, True, 2, True)
+    assert len(upstream_chats(fake_upstream)) == 2
+    rows = wait_for_rows(body["request_ids"])
+    assert set(rows) == set(body["request_ids"]) and len(rows) == 2
+    assert body["usage"]["total_tokens"] == sum(r.prompt_tokens + r.completion_tokens for r in rows.values())
+
+
+def test_a_session_user_may_run_a_template(llmhub_server, fake_upstream, chat_model, alice):
+    ad_template()
+    client = api(llmhub_server, **{"X-CSRFToken": CSRF_TOKEN})
+    client.cookies.set(settings.SESSION_COOKIE_NAME, session_cookie(alice))
+    client.cookies.set(settings.CSRF_COOKIE_NAME, CSRF_TOKEN)
+
+    response = client.post(
+        "/api/prompts/search-ad/run",
+        json={"model": chat_model.name, "version": 1, "variables": {"product": "rye", "notes": reply(GOOD_AD)}},
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["output"] == GOOD_AD
+    (row,) = wait_for_rows(response.json()["request_ids"]).values()
+    assert row.user_id == alice.pk and row.api_key_id is None
+
+
+def test_a_jwt_user_may_run_a_template(llmhub_server, fake_upstream, chat_model, jwt_on):  # noqa: F811
+    ad_template()
+
+    response = api(llmhub_server, jwt_on.token()).post(
+        "/api/prompts/search-ad/run",
+        json={"model": chat_model.name, "variables": {"product": "rye", "notes": reply(GOOD_AD)}},
+    )
+
+    assert response.status_code == 200, response.text
+    (row,) = wait_for_rows(response.json()["request_ids"]).values()
+    assert row.user.username == "ada" and row.api_key_id is None
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "status", "param"),
+    [
+        ("/api/prompts/no-such-template/run", {"variables": {"product": "rye"}}, 404, "prompt"),
+        ("/api/prompts/search-ad/run", {"variables": {"product": 7}}, 400, "variables.product"),
+        ("/api/prompts/search-ad/run", {"variables": {}}, 400, "variables.product"),
+        ("/api/prompts/search-ad/run", {"variables": {"product": "rye", "colour": "red"}}, 400, "variables.colour"),
+        (
+            "/api/prompts/search-ad/run",
+            {"variables": {"product": "rye"}, "version": 1, "label": "production"},
+            400,
+            "label",
+        ),
+        ("/api/prompts/search-ad/run", {"variables": {"product": "rye"}, "version": 9}, 404, "version"),
+        ("/api/prompts/search-ad/run", {"variables": {"product": "rye"}, "label": "staging"}, 404, "label"),
+        ("/api/prompts/search-ad/run", {"variables": {"product": "rye"}, "brand": "nobody"}, 404, "brand"),
+        ("/api/prompts/search-ad/run", {"variables": {"product": "rye"}, "model": "no-such-model"}, 404, "model"),
+        ("/api/prompts/search-ad/run", {"variables": "product=rye"}, 400, "variables"),
+    ],
+)
+def test_errors_are_clear_json_and_nothing_goes_upstream(
+    llmhub_server, fake_upstream, chat_model, key, path, payload, status, param
+):
+    ad_template()
+    brand_lighthouse()
+
+    response = api(llmhub_server, key).post(path, json={"model": chat_model.name, **payload})
+
+    assert response.status_code == status, response.text
+    error = error_of(response)
+    assert error["param"] == param and error["message"]
+    assert upstream_chats(fake_upstream) == []
+
+
+def test_a_viewer_may_not_run_a_template_and_no_key_is_a_401(llmhub_server, fake_upstream, chat_model, key, alice):
+    ad_template()
+    payload = {"model": chat_model.name, "variables": {"product": "rye"}}
+
+    assert api(llmhub_server).post("/api/prompts/search-ad/run", json=payload).status_code == 401
+    role_set(alice, Role.VIEWER)
+    refused = api(llmhub_server, key).post("/api/prompts/search-ad/run", json=payload)
+
+    assert refused.status_code == 403 and error_of(refused)["type"] == "permission_error"
+    assert upstream_chats(fake_upstream) == []
+
+
+# GET /api/prompts/
+
+
+def test_the_list_says_kinds_labels_latest_version_and_variables(llmhub_server, chat_model, key):
+    version = ad_template()
+    PromptVersion.objects.create(
+        template=version.template,
+        number=2,
+        messages=version.messages,
+        variables=[*version.variables, {"name": "tone", "type": "string", "required": False}],
+        output_schema=version.output_schema,
+        field_limits=version.field_limits,
+        note="A tone to ask for",
+    )
+    PromptTemplate.objects.create(slug="empty-template")
+
+    response = api(llmhub_server, key).get("/api/prompts/")
+
+    assert response.status_code == 200, response.text
+    listed = {item["slug"]: item for item in response.json()["results"]}
+    ad = listed["search-ad"]
+    assert (ad["kind"], ad["platform"], ad["labels"]) == ("ad_copy", "google", {"production": 1})
+    latest = ad["latest_version"]
+    assert latest["number"] == 2 and latest["note"] == "A tone to ask for"
+    assert latest["variables"] == [
+        {"name": "product", "type": "string", "required": True, "description": "What the ad sells."},
+        {"name": "notes", "type": "string", "required": False, "default": ""},
+        {"name": "tone", "type": "string", "required": False},
+    ]
+    assert latest["field_limits"] == {"headline": 30, "description": 90}
+    assert latest["output_schema"]["required"] == ["headline", "description"]
+    assert listed["empty-template"]["latest_version"] is None
+
+
+# /v1/chat/completions WITH THE prompt EXTENSION
+
+
+def test_the_openai_sdk_runs_a_template_with_the_prompt_extension(llmhub_server, fake_upstream, chat_model, key):
+    ad_template()
+    brand_lighthouse()
+
+    raw = sdk(llmhub_server, key).chat.completions.with_raw_response.create(
+        model=chat_model.name,
+        messages=openai.NOT_GIVEN,
+        extra_body={
+            "prompt": {
+                "slug": "search-ad",
+                "label": "production",
+                "brand": "lighthouse",
+                "variables": {"product": "sourdough", "notes": reply(GOOD_AD)},
+            }
+        },
+    )
+
+    completion = raw.parse()
+    assert json.loads(completion.choices[0].message.content) == GOOD_AD
+    assert raw.headers["x-llmhub-prompt"] == "search-ad:v1"
+    (sent,) = upstream_chats(fake_upstream)
+    assert "prompt" not in sent
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"]
+    assert "A cheerful lighthouse keeper" in sent["messages"][0]["content"]
+    assert sent["messages"][1]["content"] == f"Write an ad for sourdough. {reply(GOOD_AD)}"
+    (row,) = wait_for_rows([raw.headers["x-request-id"]]).values()
+    assert row.status == UsageStatus.OK
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "param"),
+    [
+        ({"prompt": {"slug": "no-such-template", "variables": {}}}, 404, "prompt"),
+        ({"prompt": {"slug": "search-ad", "variables": {"product": ["rye"]}}}, 400, "prompt.variables.product"),
+        ({"prompt": {"slug": "search-ad", "version": 1, "label": "production", "variables": {}}}, 400, "prompt.label"),
+        ({"prompt": {"slug": "search-ad", "variables": {"product": "rye"}, "brand": "nobody"}}, 404, "prompt.brand"),
+        ({"prompt": {"slug": "search-ad", "variables": {"product": "rye"}, "lable": "x"}}, 400, "prompt.lable"),
+        ({"prompt": {"variables": {"product": "rye"}}}, 400, "prompt.slug"),
+        ({"prompt": "search-ad"}, 400, "prompt"),
+        (
+            {
+                "prompt": {"slug": "search-ad", "variables": {"product": "rye"}},
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            400,
+            "prompt",
+        ),
+    ],
+)
+def test_the_prompt_extensions_errors_name_the_field_and_get_a_rejected_row(
+    llmhub_server, fake_upstream, chat_model, key, extra, status, param
+):
+    ad_template()
+    brand_lighthouse()
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(llmhub_server, key).chat.completions.create(
+            model=chat_model.name, messages=openai.NOT_GIVEN, extra_body=extra
+        )
+
+    assert refused.value.status_code == status
+    assert refused.value.body["param"] == param
+    assert upstream_chats(fake_upstream) == []
+    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
+    assert row.status == UsageStatus.REJECTED
+
+
+def test_template_versions_as_variants_serve_each_end_user_their_version(
+    llmhub_server, fake_upstream, chat_model, key, alice
+):
+    template = PromptTemplate.objects.create(slug="tagline")
+    experiment, variants = versions_experiment(chat_model, template)
+    api_key_id = ApiKey.objects.get(user=alice).pk
+    # The gateway key serves its own end users (the request's ``user``): each is assigned on their own.
+    names = {"plain": None, "playful": None}
+    for n in range(200):
+        half = "plain" if bucket_of(experiment.salt, f"key:{api_key_id}:user:end-user-{n}") < 5000 else "playful"
+        names[half] = names[half] or f"end-user-{n}"
+    client = sdk(llmhub_server, key)
+
+    answers = {}
+    for variant, end_user in names.items():
+        answers[variant] = client.chat.completions.with_raw_response.create(
+            model=chat_model.name,
+            messages=openai.NOT_GIVEN,
+            user=end_user,
+            extra_body={"prompt": {"slug": "tagline", "variables": {"product": "bread"}}},
+        )
+
+    plain_sent, playful_sent = upstream_chats(fake_upstream)
+    assert plain_sent["messages"][0]["content"] == "You are the plain copywriter (version one)."
+    assert playful_sent["messages"][0]["content"] == "You are the playful copywriter (version two)."
+    for variant, raw in answers.items():
+        assert raw.headers["x-llmhub-experiment"] == f"tagline-voice:{variant}"
+        assert raw.headers["x-llmhub-prompt"] == f"tagline:v{1 if variant == 'plain' else 2}"
+        (row,) = wait_for_rows([raw.headers["x-request-id"]]).values()
+        assert (row.experiment_id, row.experiment_variant_id) == (experiment.pk, variants[variant].pk)
+
+
+def test_the_same_end_user_keeps_their_version_across_requests(llmhub_server, fake_upstream, chat_model, key):
+    template = PromptTemplate.objects.create(slug="tagline")
+    versions_experiment(chat_model, template)
+    client = sdk(llmhub_server, key)
+
+    prompts = {
+        client.chat.completions.with_raw_response.create(
+            model=chat_model.name,
+            messages=openai.NOT_GIVEN,
+            user="the-same-reader",
+            extra_body={"prompt": {"slug": "tagline", "variables": {"product": "bread"}}},
+        ).headers["x-llmhub-prompt"]
+        for _ in range(4)
+    }
+
+    assert len(prompts) == 1
+    assert len({body["messages"][0]["content"] for body in upstream_chats(fake_upstream)}) == 1
