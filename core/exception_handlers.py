@@ -35,7 +35,7 @@ _TYPES = {
 def _first_field_error(detail: Any, path: str = "") -> tuple[str | None, str]:
     if isinstance(detail, dict):
         for key, value in detail.items():
-            name = key if key != "non_field_errors" else ""
+            name = str(key) if key != "non_field_errors" else ""  # a list's errors are keyed by index, 0 too
             return _first_field_error(value, f"{path}.{name}" if path and name else (name or path))
     if isinstance(detail, list) and detail:
         return _first_field_error(detail[0], path)

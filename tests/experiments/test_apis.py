@@ -1,0 +1,399 @@
+"""``/api/experiments/`` through the real URL stack: who may use it, creation and its 400s, the lifecycle
+endpoints, promotion (recorded in the audit log), a started experiment's variants that cannot be
+retargeted, and the results as JSON and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from accounts.roles import Role, role_set
+from audit.models import AuditEvent
+from billing.models import UsageRecord
+from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback
+from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
+from tests.factories import DeploymentFactory, ModelFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+URL = "/api/experiments/"
+
+
+def signed_in(client, role: Role):
+    user = UserFactory(username=f"{role.value}-user")
+    role_set(user, role)
+    client.force_login(user)
+    return user
+
+
+@pytest.fixture
+def operator(client):
+    return signed_in(client, Role.OPERATOR)
+
+
+@pytest.fixture
+def model():
+    model = ModelFactory(name="ab-model")
+    first = model.deployments.get()
+    first.name = "blue"
+    first.save()
+    DeploymentFactory(model=model, provider=first.provider, name="green", upstream_id="fake-green")
+    ModelFactory(name="other-model")
+    return model
+
+
+def body(**overrides):
+    data = {
+        "name": "tone-test",
+        "model": "ab-model",
+        "primary_metric": "positive_rate",
+        "guardrail_metrics": ["error_rate"],
+        "variants": [
+            {"name": "control", "is_control": True, "deployment": "blue", "allocation": "10"},
+            {"name": "green", "deployment": "green", "overrides": {"temperature": 0.2}, "allocation": 10},
+        ],
+        "steps": [{"allocations": {"green": "25"}}, {"allocations": {"green": "50"}, "at": "2026-12-24T00:00:00Z"}],
+    }
+    data.update(overrides)
+    return data
+
+
+def create(client, **overrides):
+    response = client.post(URL, body(**overrides), content_type="application/json")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def post(client, path, data=None):
+    return client.post(path, data or {}, content_type="application/json")
+
+
+def test_a_member_gets_403_and_an_anonymous_caller_is_refused(client, model):
+    assert client.get(URL).status_code in (401, 403)
+    signed_in(client, Role.MEMBER)
+    response = client.get(URL)
+    assert response.status_code == 403
+    assert "operators" in response.json()["error"]["message"]
+    assert client.post(URL, body(), content_type="application/json").status_code == 403
+    assert not Experiment.objects.exists()
+
+
+@pytest.mark.parametrize("role", [Role.OPERATOR, Role.ADMIN])
+def test_operators_and_admins_may_manage_experiments(client, model, role):
+    signed_in(client, role)
+    created = create(client)
+    assert client.get(URL).json()["results"][0]["id"] == created["id"]
+    assert client.get(f"{URL}{created['id']}/results/").status_code == 200
+
+
+def test_an_operator_with_a_jwt_may_and_a_member_with_one_may_not(client, model, jwt_on):  # noqa: F811
+    operator_token = jwt_on.token(sub="op-1", preferred_username="op", role="operator")
+    response = client.get(URL, HTTP_AUTHORIZATION=f"Bearer {operator_token}")
+    assert response.status_code == 200
+    member_token = jwt_on.token(sub="m-1", preferred_username="mem", role="member")
+    assert client.get(URL, HTTP_AUTHORIZATION=f"Bearer {member_token}").status_code == 403
+
+
+def test_create_makes_a_draft_with_its_variants_steps_and_layout(client, operator, model):
+    created = create(client)
+    assert created["status"] == "draft"
+    assert created["model"] == "ab-model"
+    assert created["untouched"] == "80.00"
+    assert [
+        (v["name"], v["is_control"], v["deployment"], v["allocation"], v["overrides"]) for v in created["variants"]
+    ] == [
+        ("control", True, "blue", "10.00", {}),
+        ("green", False, "green", "10.00", {"temperature": 0.2}),
+    ]
+    assert [(s["position"], s["allocations"], s["at"]) for s in created["steps"]] == [
+        (0, {"green": "25.00"}, None),
+        (1, {"green": "50.00"}, "2026-12-24T00:00:00Z"),
+    ]
+    experiment = Experiment.objects.get(pk=created["id"])
+    owned = sum(end - start for start, end, _ in experiment.layout)
+    assert owned == 2000  # 20 % of 10,000 buckets
+    assert AuditEvent.objects.filter(action="experiment.create", target_id=str(experiment.pk)).exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param"),
+    [
+        ({"model": "no-such-model"}, "model"),
+        ({"name": "Not a slug!"}, "name"),
+        ({"primary_metric": "happiness"}, "primary_metric"),
+        ({"guardrail_metrics": ["error_rate", "vibes"]}, "guardrail_metrics.1"),
+        ({"alpha": "0.5"}, "alpha"),
+        ({"ends_at": "2026-01-01T00:00:00Z", "starts_at": "2026-02-01T00:00:00Z"}, "ends_at"),
+        ({"variants": [{"name": "only", "is_control": True}]}, "variants"),
+        ({"variants": [{"name": "a", "is_control": True}, {"name": "b", "is_control": True}]}, "variants"),
+        ({"variants": [{"name": "a", "is_control": True}, {"name": "a"}]}, "variants"),
+        (
+            {"variants": [{"name": "a", "is_control": True, "allocation": "60"}, {"name": "b", "allocation": 41}]},
+            "variants",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True, "allocation": "12.345"}, {"name": "b"}]},
+            "variants.0.allocation",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True}, {"name": "b", "deployment": "red"}]},
+            "variants.1.deployment",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True}, {"name": "b", "target_model": "nope"}]},
+            "variants.1.target_model",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True}, {"name": "b", "target_model": "ab-model"}]},
+            "variants.1.target_model",
+        ),
+        (
+            {
+                "variants": [
+                    {"name": "a", "is_control": True},
+                    {"name": "b", "deployment": "green", "target_model": "other-model"},
+                ]
+            },
+            "variants.1.target_model",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True}, {"name": "b", "prompt_version": 999}]},
+            "variants.1.prompt_version",
+        ),
+        ({"steps": [{"allocations": {"purple": "5"}}]}, "steps.0.allocations"),
+        ({"steps": [{"allocations": {"green": "101"}}]}, "steps.0.allocations.green"),
+    ],
+)
+def test_an_invalid_experiment_is_a_400_naming_the_field(client, operator, model, overrides, param):
+    response = client.post(URL, body(**overrides), content_type="application/json")
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    assert error["type"] == "invalid_request_error"
+    assert not Experiment.objects.exists()
+
+
+def test_a_name_taken_is_a_400(client, operator, model):
+    create(client)
+    response = client.post(URL, body(), content_type="application/json")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "name"
+
+
+def test_the_lifecycle_start_advance_pause_resume_conclude(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+
+    response = post(client, detail + "start/")
+    assert response.status_code == 200
+    assert response.json()["status"] == "running" and response.json()["starts_at"] is not None
+
+    response = post(client, detail + "start/")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "status"
+
+    response = post(client, detail + "advance/")
+    assert response.status_code == 200
+    green = next(v for v in response.json()["variants"] if v["name"] == "green")
+    assert green["allocation"] == "25.00"
+    assert response.json()["steps"][0]["applied_at"] is not None
+
+    assert post(client, detail + "pause/").json()["status"] == "paused"
+    assert post(client, detail + "start/").json()["status"] == "running"
+    concluded = post(client, detail + "conclude/").json()
+    assert concluded["status"] == "concluded" and concluded["ends_at"] is not None
+    assert post(client, detail + "pause/").status_code == 400
+
+    actions = list(
+        AuditEvent.objects.filter(target_id=str(created["id"]), action__startswith="experiment.")
+        .order_by("seq")
+        .values_list("action", flat=True)
+    )
+    assert actions == [
+        "experiment.create",
+        "experiment.start",
+        "experiment.allocation",
+        "experiment.pause",
+        "experiment.start",
+        "experiment.conclude",
+    ]
+
+
+def test_starting_a_second_experiment_on_a_model_is_a_400(client, operator, model):
+    first = create(client)
+    second = create(client, name="second")
+    assert post(client, f"{URL}{first['id']}/start/").status_code == 200
+    response = post(client, f"{URL}{second['id']}/start/")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "model"
+
+
+def test_advance_without_steps_left_is_a_400(client, operator, model):
+    created = create(client, steps=[])
+    post(client, f"{URL}{created['id']}/start/")
+    response = post(client, f"{URL}{created['id']}/advance/")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "steps"
+
+
+def test_promote_sets_the_winner_to_100_percent_and_is_recorded(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+    post(client, detail + "start/")
+
+    assert post(client, detail + "promote/", {"variant": "purple"}).json()["error"]["param"] == "variant"
+    response = post(client, detail + "promote/", {"variant": "green"})
+    assert response.status_code == 200
+    promoted = response.json()
+    assert promoted["promoted_variant"] == "green"
+    assert {v["name"]: v["allocation"] for v in promoted["variants"]} == {"control": "0.00", "green": "100.00"}
+    assert promoted["untouched"] == "0.00"
+    event = AuditEvent.objects.get(action="experiment.promote", target_id=str(created["id"]))
+    assert event.changes["promoted_variant"] == [None, "green"]
+    assert event.actor_repr == operator.username
+    experiment = Experiment.objects.get(pk=created["id"])
+    assert experiment.layout == [[0, 10_000, experiment.promoted_variant_id]]
+
+
+def test_a_started_experiments_variant_cannot_be_retargeted_but_its_allocation_changes(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+    post(client, detail + "start/")
+    experiment = Experiment.objects.get(pk=created["id"])
+    before = [list(r) for r in experiment.layout]
+
+    for change, param in [
+        ({"deployment": "blue"}, "variants.0.deployment"),
+        ({"target_model": "other-model"}, "variants.0.target_model"),
+        ({"overrides": {"temperature": 1}}, "variants.0.overrides"),
+        ({"is_control": True}, "variants.0.is_control"),
+    ]:
+        response = client.patch(detail, {"variants": [{"name": "green", **change}]}, content_type="application/json")
+        assert response.status_code == 400, (change, response.json())
+        assert response.json()["error"]["param"] == param
+    response = client.patch(detail, {"variants": [{"name": "purple"}]}, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "variants.0.name"
+    response = client.patch(detail, {"name": "renamed"}, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "name"
+
+    response = client.patch(
+        detail,
+        {"variants": [{"name": "green", "allocation": "20"}], "description": "greener"},
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.json()
+    assert {v["name"]: v["allocation"] for v in response.json()["variants"]} == {"control": "10.00", "green": "20.00"}
+    assert response.json()["description"] == "greener"
+    experiment.refresh_from_db()
+    green_id = next(v["id"] for v in response.json()["variants"] if v["name"] == "green")
+    # Raising green moved nobody out of the buckets they had: every old range is still owned as before.
+    owner = {b: vid for s, e, vid in experiment.layout for b in range(s, e)}
+    assert all(owner.get(b) == vid for s, e, vid in before for b in range(s, e))
+    assert sum(e - s for s, e, vid in experiment.layout if vid == green_id) == 2000
+    event = AuditEvent.objects.filter(action="experiment.allocation", target_id=str(experiment.pk)).latest("seq")
+    assert event.changes["allocation"][1]["green"] == "20.00"
+
+    response = client.patch(
+        detail, {"variants": [{"name": "green", "allocation": "95"}]}, content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "allocations"
+
+
+def test_a_draft_may_be_retargeted_and_gain_variants_and_steps(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+    response = client.patch(
+        detail,
+        {
+            "variants": [
+                {"name": "green", "deployment": None, "target_model": "other-model"},
+                {"name": "third", "deployment": "green", "allocation": "5"},
+            ],
+            "steps": [{"allocations": {"third": "15"}}],
+        },
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.json()
+    variants = {v["name"]: v for v in response.json()["variants"]}
+    assert variants["green"]["target_model"] == "other-model" and variants["green"]["deployment"] is None
+    assert variants["third"]["allocation"] == "5.00" and variants["third"]["deployment"] == "green"
+    assert [s["allocations"] for s in response.json()["steps"]] == [{"third": "15.00"}]
+    assert AllocationStep.objects.filter(experiment_id=created["id"]).count() == 1
+
+
+def test_delete_only_a_draft_or_concluded_experiment(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+    post(client, detail + "start/")
+    response = client.delete(detail)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "status"
+    post(client, detail + "conclude/")
+    assert client.delete(detail).status_code == 204
+    assert client.get(detail).status_code == 404
+    assert AuditEvent.objects.filter(action="experiment.delete", target_id=str(created["id"])).exists()
+
+
+def test_results_as_json_and_csv_agree(client, operator, model):
+    created = create(client)
+    experiment = Experiment.objects.get(pk=created["id"])
+    experiment.status = ExperimentStatus.RUNNING
+    experiment.save()
+    control, green = experiment.variants.order_by("position")
+    rows = []
+    for i in range(40):
+        variant = control if i % 2 else green
+        rows.append(
+            UsageRecord(
+                request_id=f"r-{i}",
+                endpoint="rest",
+                status="ok",
+                duration_ms=100 + i,
+                cost=Decimal("0.002"),
+                experiment_id=experiment.pk,
+                experiment_variant_id=variant.pk,
+                created_at=datetime(2026, 11, 2, tzinfo=UTC),
+            )
+        )
+    UsageRecord.objects.bulk_create(rows)
+    Feedback.objects.bulk_create(
+        Feedback(request_id=r.request_id, metric="thumbs", value=1 if i % 3 else -1) for i, r in enumerate(rows)
+    )
+
+    results = client.get(f"{URL}{created['id']}/results/").json()
+    assert results["experiment"]["name"] == "tone-test"
+    assert [v["requests"] for v in results["variants"]] == [20, 20]
+
+    response = client.get(f"{URL}{created['id']}/results/?format=csv")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/csv")
+    assert response["Content-Disposition"].startswith('attachment; filename="experiment-tone-test-')
+    table = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert len(table) == 2 * 7  # one row per variant and metric
+    by_key = {(r["variant"], r["metric"]): r for r in table}
+    for variant in results["variants"]:
+        for key, figure in variant["metrics"].items():
+            line = by_key[(variant["name"], key)]
+            assert line["value"] == ("" if figure["value"] is None else str(figure["value"]))
+            assert line["n"] == str(figure["n"])
+            assert line["requests"] == str(variant["requests"])
+            comparison = variant["comparisons"].get(key)
+            assert line["verdict"] == (comparison["verdict"] if comparison else "")
+            if comparison:
+                assert line["samples_needed"] == (
+                    "" if comparison["samples_needed"] is None else str(comparison["samples_needed"])
+                )
+    assert by_key[("green", "positive_rate")]["verdict"] in {"better", "worse", "unknown"}
+
+
+def test_the_csv_errors_stay_json(client, model):
+    signed_in(client, Role.MEMBER)
+    response = client.get(f"{URL}1/results/?format=csv")
+    assert response.status_code == 403
+    assert response["Content-Type"].startswith("application/json")
+    signed_in(client, Role.OPERATOR)
+    response = client.get(f"{URL}12345/results/?format=csv")
+    assert response.status_code == 404
+    assert response.json()["error"]
