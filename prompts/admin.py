@@ -364,14 +364,15 @@ def version_diff(a: PromptVersion, b: PromptVersion, *, unified: bool = False) -
         old, new = _section_lines(a, name), _section_lines(b, name)
         if unified:
             lines = list(difflib.unified_diff(old, new, f"v{a.number}", f"v{b.number}", lineterm="", n=3))
+            # No newline between the lines: each span is a block of its own (one line, coloured full width).
             html = format_html_join(
-                "\n",
+                "",
                 '<span class="{}">{}</span>',
                 ((_line_class(line), line) for line in lines),
             )
         else:
             html = mark_safe(  # noqa: S308 - HtmlDiff escapes &, < and > in every line it writes
-                difflib.HtmlDiff(wrapcolumn=70).make_table(
+                difflib.HtmlDiff(wrapcolumn=60).make_table(
                     old, new, f"v{a.number}", f"v{b.number}", context=True, numlines=3
                 )
             )
