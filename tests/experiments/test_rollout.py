@@ -1,0 +1,236 @@
+"""The experiment services: start's checks, allocation changes, the gradual rollout (timed steps applied by
+``rollout_steps_apply_due`` under a pinned clock, steps an admin advances), promotion; each in the audit log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import time_machine
+from django.core.exceptions import ValidationError
+
+from audit.models import AuditEvent
+from experiments.layout import layout_counts, layout_owners
+from experiments.models import AllocationStep, Experiment, ExperimentStatus, Variant
+from experiments.services import (
+    experiment_allocation_set,
+    experiment_conclude,
+    experiment_promote,
+    experiment_rollout_advance,
+    experiment_start,
+    experiments_conclude_due,
+    rollout_steps_apply_due,
+)
+from experiments.tasks import rollout_steps_apply_due_task
+from providers.models import ModelMode
+from tests.factories import DeploymentFactory, ModelFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def allocations(ab) -> dict[str, Decimal]:
+    ab.refresh()
+    return {"control": ab.control.allocation, "treatment": ab.treatment.allocation}
+
+
+def events(action: str) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(action=action).order_by("seq"))
+
+
+def owned(ab) -> dict[str, set[int]]:
+    ab.experiment.refresh_from_db()
+    names = {ab.control.pk: "control", ab.treatment.pk: "treatment"}
+    buckets: dict[str, set[int]] = {"control": set(), "treatment": set()}
+    for bucket, owner in enumerate(layout_owners(ab.experiment.layout)):
+        if owner is not None:
+            buckets[names[owner]].add(bucket)
+    return buckets
+
+
+@pytest.fixture
+def rollout(ab_experiment):
+    """5 % each, then 25 % at +1 h, 50 % at +2 h, an admin's go, then treatment alone at 90 % at +3 h."""
+    with time_machine.travel(T0, tick=False):
+        ab = ab_experiment(control=5, treatment=5)
+    for position, (at, control, treatment) in enumerate(
+        [
+            (T0 + timedelta(hours=1), 25, 25),
+            (T0 + timedelta(hours=2), 50, 50),
+            (None, 40, 60),
+            (T0 + timedelta(hours=3), 10, 90),
+        ],
+        start=1,
+    ):
+        AllocationStep.objects.create(
+            experiment=ab.experiment,
+            position=position,
+            at=at,
+            allocations={"control": str(control), "treatment": str(treatment)},
+        )
+    return ab
+
+
+def test_timed_steps_apply_when_due_in_order_and_wait_for_an_admins_step(rollout):
+    ab = rollout
+    with time_machine.travel(T0 + timedelta(minutes=59), tick=False):
+        assert rollout_steps_apply_due() == []
+    assert allocations(ab) == {"control": Decimal("5.00"), "treatment": Decimal("5.00")}
+    first = owned(ab)
+
+    with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
+        assert rollout_steps_apply_due_task() == 1  # the Celery task beat runs every minute
+    assert allocations(ab) == {"control": Decimal("25.00"), "treatment": Decimal("25.00")}
+    second = owned(ab)
+    # Users already in a variant stay there while it grows.
+    assert first["control"] <= second["control"] and first["treatment"] <= second["treatment"]
+    step = AllocationStep.objects.get(experiment=ab.experiment, position=1)
+    assert step.applied_at == T0 + timedelta(hours=1, minutes=1)
+
+    # Hours later: the 50 % step applies; the admin's step holds back the timed one after it.
+    with time_machine.travel(T0 + timedelta(hours=5), tick=False):
+        assert [s.position for s in rollout_steps_apply_due()] == [2]
+        assert rollout_steps_apply_due() == []
+    assert allocations(ab) == {"control": Decimal("50.00"), "treatment": Decimal("50.00")}
+
+    with time_machine.travel(T0 + timedelta(hours=5, minutes=3), tick=False):
+        assert experiment_rollout_advance(experiment=ab.experiment, actor=UserFactory(username="ops")).position == 3
+        assert allocations(ab) == {"control": Decimal("40.00"), "treatment": Decimal("60.00")}
+        assert [s.position for s in rollout_steps_apply_due()] == [4]
+    assert allocations(ab) == {"control": Decimal("10.00"), "treatment": Decimal("90.00")}
+    assert layout_counts(ab.experiment.layout) == {ab.control.pk: 1000, ab.treatment.pk: 9000}
+
+    recorded = events("experiment.allocation")
+    assert [e.changes["rollout_step"][1] for e in recorded] == [1, 2, 3, 4]
+    assert recorded[0].changes["allocation"] == [
+        {"control": "5.00", "treatment": "5.00"},
+        {"control": "25.00", "treatment": "25.00"},
+    ]
+    assert recorded[0].actor_type == "system" and recorded[2].actor_repr == "ops"
+    assert AllocationStep.objects.filter(experiment=ab.experiment, applied_at__isnull=True).count() == 0
+    with pytest.raises(ValidationError, match="no rollout step left"):
+        experiment_rollout_advance(experiment=ab.experiment, actor=None)
+
+
+def test_a_missed_run_catches_up_step_by_step_each_recorded(rollout):
+    with time_machine.travel(T0 + timedelta(hours=2, minutes=30), tick=False):
+        assert [s.position for s in rollout_steps_apply_due()] == [1, 2]
+    assert allocations(rollout) == {"control": Decimal("50.00"), "treatment": Decimal("50.00")}
+    assert len(events("experiment.allocation")) == 2
+
+
+def test_a_paused_experiments_steps_wait(rollout):
+    from experiments.services import experiment_pause
+
+    experiment_pause(experiment=rollout.experiment, actor=None)
+    with time_machine.travel(T0 + timedelta(hours=2, minutes=30), tick=False):
+        assert rollout_steps_apply_due() == []
+    assert allocations(rollout) == {"control": Decimal("5.00"), "treatment": Decimal("5.00")}
+
+
+def test_promote_gives_the_winner_everyone_records_it_and_ends_the_rollout(rollout):
+    ab = rollout
+    with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
+        rollout_steps_apply_due()
+    winner_before = owned(ab)["treatment"]
+    experiment_promote(experiment=ab.experiment, variant=ab.treatment, actor=UserFactory(username="lead"))
+    assert allocations(ab) == {"control": Decimal("0.00"), "treatment": Decimal("100.00")}
+    assert ab.experiment.promoted_variant_id == ab.treatment.pk
+    assert owned(ab)["treatment"] == set(range(10_000)) and winner_before < owned(ab)["treatment"]
+    (event,) = events("experiment.promote")
+    assert event.changes["promoted_variant"] == [None, "treatment"]
+    assert event.changes["allocation"][1] == {"control": "0.00", "treatment": "100.00"}
+    assert event.actor_repr == "lead"
+    with time_machine.travel(T0 + timedelta(days=1), tick=False):
+        assert rollout_steps_apply_due() == []
+    with pytest.raises(ValidationError, match="promoted"):
+        experiment_rollout_advance(experiment=ab.experiment, actor=None)
+    assert allocations(ab)["treatment"] == Decimal("100.00")
+
+
+def test_allocation_changes_are_checked_and_recorded_old_to_new(ab_experiment):
+    ab = ab_experiment(control=10, treatment=10)
+    for wrong, message in [
+        ({"treatment": "95"}, "more than 100"),
+        ({"treatment": "-1"}, "between 0 and 100"),
+        ({"treatment": "12.345"}, "two decimals"),
+        ({"treatment": "lots"}, "not a number"),
+        ({"nobody": "5"}, "No variant named nobody"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            experiment_allocation_set(experiment=ab.experiment, allocations=wrong, actor=None, reason="typo")
+    assert allocations(ab) == {"control": Decimal("10.00"), "treatment": Decimal("10.00")}
+    assert events("experiment.allocation") == []
+
+    experiment_allocation_set(
+        experiment=ab.experiment, allocations={"treatment": Decimal("20")}, actor=None, reason="ramp"
+    )
+    assert allocations(ab) == {"control": Decimal("10.00"), "treatment": Decimal("20.00")}
+    assert layout_counts(ab.experiment.layout) == {ab.control.pk: 1000, ab.treatment.pk: 2000}
+    (event,) = events("experiment.allocation")
+    assert event.changes == {
+        "allocation": [{"control": "10.00", "treatment": "10.00"}, {"control": "10.00", "treatment": "20.00"}],
+        "reason": [None, "ramp"],
+    }
+
+
+def draft(ab) -> Experiment:
+    experiment = Experiment.objects.create(name="draft-one", model=ab.model)
+    Variant.objects.create(experiment=experiment, name="base", is_control=True, allocation=30)
+    Variant.objects.create(experiment=experiment, name="alt", deployment=ab.treatment_deployment, allocation=30)
+    return experiment
+
+
+def test_start_checks_the_variants_and_the_one_running_experiment_per_model(ab_experiment):
+    ab = ab_experiment(status=ExperimentStatus.DRAFT)
+    experiment = draft(ab)
+    other_model = ModelFactory(name="elsewhere")
+    embedding = ModelFactory(name="embedder", mode=ModelMode.EMBEDDING)
+
+    lone = Experiment.objects.create(name="lone", model=ab.model)
+    Variant.objects.create(experiment=lone, name="only", allocation=10)
+    with pytest.raises(ValidationError) as failed:
+        experiment_start(experiment=lone, actor=None)
+    assert "at least two variants" in str(failed.value) and "Exactly one variant must be the control" in str(
+        failed.value
+    )
+
+    foreign = Variant.objects.create(
+        experiment=experiment, name="foreign", deployment=DeploymentFactory(model=other_model), allocation=0
+    )
+    with pytest.raises(ValidationError, match="not a deployment of ab-model"):
+        experiment_start(experiment=experiment, actor=None)
+    foreign.delete()
+    embed = Variant.objects.create(experiment=experiment, name="embed", target_model=embedding, allocation=0)
+    with pytest.raises(ValidationError, match="not a chat model"):
+        experiment_start(experiment=experiment, actor=None)
+    embed.delete()
+
+    running = ab.experiment
+    experiment_start(experiment=running, actor=None)
+    with pytest.raises(ValidationError, match="already runs on ab-model"):
+        experiment_start(experiment=experiment, actor=None)  # a clear error, not the constraint's IntegrityError
+    experiment_conclude(experiment=running, actor=None)
+
+    with time_machine.travel(T0, tick=False):
+        started = experiment_start(experiment=experiment, actor=None)
+    assert started.status == ExperimentStatus.RUNNING and started.starts_at == T0
+    variants = {v.name: v.pk for v in started.variants.all()}
+    assert layout_counts(started.layout) == {variants["base"]: 3000, variants["alt"]: 3000}
+    assert [e.target_id for e in events("experiment.start")] == [str(running.pk), str(started.pk)]
+    with pytest.raises(ValidationError, match="already running"):
+        experiment_start(experiment=started, actor=None)
+
+
+def test_an_experiment_past_its_end_is_concluded_by_the_task(ab_experiment):
+    ab = ab_experiment()
+    Experiment.objects.filter(pk=ab.experiment.pk).update(ends_at=T0)
+    with time_machine.travel(T0 - timedelta(minutes=1), tick=False):
+        assert experiments_conclude_due() == []
+    with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+        rollout_steps_apply_due_task()
+    ab.experiment.refresh_from_db()
+    assert ab.experiment.status == ExperimentStatus.CONCLUDED and ab.experiment.ends_at == T0
+    assert len(events("experiment.conclude")) == 1
