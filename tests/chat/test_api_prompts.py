@@ -28,6 +28,7 @@ from tests.chat.test_prompt_runs import (
     then,
     versions_experiment,
 )
+from tests.test_openapi_schema import validator_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,6 +63,12 @@ def upstream_chats(fake_upstream) -> list[dict]:
     return [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
 
 
+def documented(server, component: str, body: dict) -> None:
+    """``body`` is what the OpenAPI document says ``component`` is (what a generated client would expect)."""
+    schema = httpx.get(server.url + "/api/schema/", params={"format": "json"}, timeout=60).json()
+    validator_for(schema, component).validate(body)
+
+
 def error_of(response: httpx.Response) -> dict:
     assert response.headers["content-type"].startswith("application/json")
     return response.json()["error"]
@@ -91,6 +98,7 @@ def test_a_run_answers_the_parsed_output_with_its_checks_and_ledger_rows(llmhub_
     assert (body["template"], body["version"], body["model"]) == ("search-ad", 1, chat_model.name)
     assert {check["field"] for check in body["checks"]} == {"headline", "description"}
     assert body["experiment"] is None
+    documented(llmhub_server, "PromptRunResult", body)
     assert response.headers["x-llmhub-prompt"] == "search-ad:v1"
     assert response.headers["x-request-id"] == body["request_ids"][0]
     (sent,) = upstream_chats(fake_upstream)
@@ -230,6 +238,8 @@ def test_the_list_says_kinds_labels_latest_version_and_variables(llmhub_server, 
     assert latest["field_limits"] == {"headline": 30, "description": 90}
     assert latest["output_schema"]["required"] == ["headline", "description"]
     assert listed["empty-template"]["latest_version"] is None
+    for item in listed.values():
+        documented(llmhub_server, "PromptTemplateSummary", item)
 
 
 # /v1/chat/completions WITH THE prompt EXTENSION
