@@ -42,6 +42,14 @@ def _staff_only(request: HttpRequest) -> None:
 # Figures as the page prints them: one formatter per kind of metric, for values, bounds and differences.
 
 
+def money(value: Decimal) -> str:
+    """Dollars to four significant digits below $1 (a request costs fractions of a cent; the exact amount
+    is in the cell's ``data-raw`` and the CSV)."""
+    if value == 0 or abs(value) >= 1:
+        return usd(value)
+    return usd(round(value, 3 - value.adjusted()))
+
+
 def figure(metric: str, value: Any) -> str:
     if value is None:
         return "—"
@@ -50,7 +58,7 @@ def figure(metric: str, value: Any) -> str:
     if metric in DURATIONS:
         return f"{float(value):,.0f} ms"
     if metric in (Metric.COST, Metric.COST_PER_POSITIVE):
-        return usd(Decimal(str(value)))
+        return money(Decimal(str(value)))
     return f"{float(value):.2f}"
 
 

@@ -230,7 +230,7 @@ def test_the_figures_are_the_ledgers_and_the_feedbacks(seeded):
     assert text(cells, "cost", "control", "value") == "$0.0008"  # $0.004 over 5 rows (the error cost nothing)
     # The mean price over the positive rate (unrated answers are not counted as negative):
     assert text(cells, "cost_per_positive", "control", "value") == "$0.0016"  # $0.0008 / (2 / 4)
-    assert text(cells, "cost_per_positive", "treatment", "value") == "$0.0026666667"  # $0.002 / (3 / 4)
+    assert text(cells, "cost_per_positive", "treatment", "value") == "$0.002667"  # $0.002 / (3 / 4)
 
 
 def test_the_charts_draw_the_same_figures_from_embedded_json_without_inline_script(seeded):

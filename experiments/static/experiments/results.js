@@ -82,7 +82,7 @@
           x: { grid: { display: false } },
         },
         plugins: {
-          legend: { position: "bottom" },
+          legend: { position: "bottom", labels: { usePointStyle: true } },
           tooltip: {
             callbacks: {
               label: (item) => {
