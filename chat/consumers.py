@@ -21,7 +21,8 @@ Protocol (JSON both ways)::
     → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt"}
     → {"type": "chat.cancel", "request_id": "..."}
     → {"type": "ping"}
-    ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment", "title"}
+    ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment",
+       "experiment", "title"}
     ← {"type": "chat.delta", "request_id", "content"}
     ← {"type": "chat.completed", "request_id", "message", "finish_reason", "usage": {...}}
     ← {"type": "chat.cancelled", "request_id", "message", "usage": {...}|null}
@@ -35,9 +36,10 @@ streaming the socket is closed with code 1012 (service restart): reconnect and s
 
 Replies. ``chat.started`` comes with the reply's first chunk, once routing has found the deployment that
 answers (``model``, ``provider`` and ``deployment`` say who: another deployment of the model, or a
-fallback model, when the first ones failed); a reply that fails before any output gets ``chat.started``
-with ``deployment`` null, then its ``error``. An ``error`` after ``chat.started`` ends the reply and keeps
-what was written (status ``error``). A ``chat.send`` refused by the pipeline (unknown model, one outside
+fallback model, when the first ones failed; ``experiment``, ``"name:variant"`` when the reply is in an
+A/B experiment, as REST's ``x-llmhub-experiment``, else null); a reply that fails before any output gets
+``chat.started`` with ``deployment`` null, then its ``error``. An ``error`` after ``chat.started`` ends the
+reply and keeps what was written (status ``error``). A ``chat.send`` refused by the pipeline (unknown model, one outside
 the plan or the key's models, bad input, no budget, rate limited) gets an ``error`` and, as on REST, a
 ``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type, a busy
 conversation) gets an ``error`` only.
@@ -357,6 +359,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "model": event.model,
                     "provider": event.provider,
                     "deployment": event.deployment,
+                    "experiment": event.experiment,
                     "title": event.title,
                 }
             )

@@ -79,6 +79,7 @@ class TurnStarted:
     model: str
     provider: str
     deployment: str | None
+    experiment: str | None = None  # "name:variant" when the reply is in an experiment (x-llmhub-experiment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +331,7 @@ class ChatTurn:
                 model=answered.name,
                 provider=answered.provider.name,
                 deployment=deployment.name if deployment is not None else None,
+                experiment=run.assignment.header if run.assignment is not None else None,
             )
         )
 

@@ -1,0 +1,192 @@
+"""The experiment in the pipeline, through a live server with the official ``openai`` SDK and the chat
+WebSocket: the header, the ledger's experiment and variant, who answers a variant, its overrides, the
+untouched share, callers left out, rejected requests."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+import openai
+import pytest
+from asgiref.sync import sync_to_async
+
+from billing.models import Plan, UsageRecord, UsageStatus
+from billing.services.keys import api_key_create
+from billing.services.plans import plan_assign
+from experiments.assignment import assignment_unit
+from experiments.layout import bucket_of, layout_owner
+from tests.chat.conftest import ends, events_until, open_socket
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def client_for(server, secret: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=secret, max_retries=0, timeout=30)
+
+
+def variant_of(ab, unit: str) -> str | None:
+    """The variant the experiment's layout gives ``unit``, read off the layout the factory stored (not
+    through the code under test)."""
+    owner = layout_owner(ab.experiment.layout, bucket_of(ab.experiment.salt, unit))
+    return {ab.control.pk: "control", ab.treatment.pk: "treatment", None: None}[owner]
+
+
+def end_user_in(ab, api_key, variant: str | None) -> str:
+    """An end user (the request's ``user`` field) of ``api_key`` whom the experiment puts in ``variant``."""
+    for n in range(10_000):
+        unit = assignment_unit(user_id=api_key.user_id, api_key_id=api_key.pk, end_user=f"end-{n}")
+        if variant_of(ab, unit) == variant:
+            return f"end-{n}"
+    raise AssertionError(f"no end user in {variant}")
+
+
+def wait_for_record(request_id: str, timeout: float = 15.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = UsageRecord.objects.filter(request_id=request_id).first()
+        if record is not None:
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
+def upstream_bodies(fake_upstream) -> list[dict]:
+    return [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
+
+
+def test_rest_replies_say_their_variant_which_its_deployment_answers_with_its_overrides(
+    llmhub_server, fake_upstream, ab_experiment
+):
+    ab = ab_experiment(control=40, treatment=40, overrides={"temperature": 0.25})
+    created = api_key_create(user=UserFactory(username="app"), name="app")
+    client = client_for(llmhub_server, created.secret)
+
+    for variant in ("control", "treatment"):
+        fake_upstream.reset()
+        end_user = end_user_in(ab, created.api_key, variant)
+        raw = client.chat.completions.with_raw_response.create(
+            model="ab-model", messages=HELLO, user=end_user, temperature=0.9
+        )
+        assert raw.status_code == 200 and raw.parse().choices[0].message.content
+        assert raw.headers["x-llmhub-experiment"] == f"ab-test:{variant}"
+        assert raw.headers["x-llmhub-deployment"] == variant
+        (body,) = upstream_bodies(fake_upstream)
+        assert body["model"] == f"fake-{variant}"
+        # The treatment's override replaces the client's temperature; the control leaves it alone.
+        assert body["temperature"] == (0.25 if variant == "treatment" else 0.9)
+        record = wait_for_record(raw.headers["x-request-id"])
+        assert record.status == UsageStatus.OK
+        assert record.experiment_id == ab.experiment.pk
+        assert record.experiment_variant_id == getattr(ab, variant).pk
+
+        fake_upstream.reset()
+        raw = client.chat.completions.with_raw_response.create(
+            model="ab-model", messages=HELLO, user=end_user, stream=True
+        )
+        assert raw.headers["x-llmhub-experiment"] == f"ab-test:{variant}"
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        assert text
+        (body,) = upstream_bodies(fake_upstream)
+        assert body["model"] == f"fake-{variant}" and body["stream"] is True
+        record = wait_for_record(raw.headers["x-request-id"])
+        assert record.stream is True
+        assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, getattr(ab, variant).pk)
+
+
+def test_the_untouched_share_has_no_header_and_no_experiment_on_its_row(llmhub_server, fake_upstream, ab_experiment):
+    ab = ab_experiment(control=30, treatment=30, overrides={"temperature": 0.25})
+    created = api_key_create(user=UserFactory(username="app"), name="app")
+    end_user = end_user_in(ab, created.api_key, None)
+    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user
+    )
+    assert raw.status_code == 200
+    assert "x-llmhub-experiment" not in raw.headers
+    (body,) = upstream_bodies(fake_upstream)
+    assert "temperature" not in body
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
+
+
+def test_a_model_variant_is_answered_by_the_other_model(llmhub_server, fake_upstream, ab_experiment):
+    ab = ab_experiment(control=50, treatment=50, treatment_model=True)
+    created = api_key_create(user=UserFactory(username="app"), name="app")
+    end_user = end_user_in(ab, created.api_key, "treatment")
+    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user
+    )
+    assert raw.headers["x-llmhub-experiment"] == "ab-test:treatment"
+    assert raw.headers["x-llmhub-model"] == "ab-model-other"
+    (body,) = upstream_bodies(fake_upstream)
+    assert body["model"] == "fake-other"
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
+
+
+@pytest.mark.parametrize("restricted_by", ["plan", "key"])
+def test_a_caller_whose_plan_or_key_does_not_allow_the_model_variant_is_left_out(
+    llmhub_server, fake_upstream, ab_experiment, restricted_by
+):
+    ab = ab_experiment(control=50, treatment=50, treatment_model=True)
+    user = UserFactory(username="basic")
+    if restricted_by == "plan":
+        plan = Plan.objects.create(name="experiment-model-only")
+        plan.allowed_models.add(ab.model)
+        plan_assign(user=user, plan=plan)
+        created = api_key_create(user=user, name="app")
+    else:
+        created = api_key_create(user=user, name="app", allowed_models=[ab.model])
+    end_user = end_user_in(ab, created.api_key, "treatment")
+    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user
+    )
+    assert raw.status_code == 200
+    assert "x-llmhub-experiment" not in raw.headers  # left out: served as usual, not counted in the experiment
+    assert raw.headers["x-llmhub-model"] == "ab-model"
+    (body,) = upstream_bodies(fake_upstream)
+    assert body["model"] in ("fake-control", "fake-treatment")
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
+
+
+def test_a_request_refused_after_assignment_records_its_variant(llmhub_server, fake_upstream, ab_experiment):
+    ab = ab_experiment(control=50, treatment=50)
+    created = api_key_create(
+        user=UserFactory(username="broke"), name="app", budget_usd=Decimal("0"), budget_period="total"
+    )
+    end_user = end_user_in(ab, created.api_key, "treatment")
+    with pytest.raises(openai.APIStatusError) as refused:
+        client_for(llmhub_server, created.secret).chat.completions.create(
+            model="ab-model", messages=HELLO, user=end_user
+        )
+    assert upstream_bodies(fake_upstream) == []
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == UsageStatus.REJECTED
+    assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
+
+
+async def test_a_websocket_reply_says_its_experiment(fake_upstream, ab_experiment):
+    ab = await sync_to_async(ab_experiment)(control=50, treatment=50)
+    users = [await sync_to_async(UserFactory)(username=f"chatter-{n}") for n in range(40)]
+    wanted = {
+        variant: next(u for u in users if variant_of(ab, f"user:{u.pk}") == variant)
+        for variant in ("control", "treatment")
+    }
+    for variant, user in wanted.items():
+        ws, connected, _ = await open_socket(user=user)
+        try:
+            assert connected
+            await ws.send_json_to(
+                {"type": "chat.send", "conversation": None, "model": "ab-model", "content": "hi", "request_id": "r1"}
+            )
+            events = await events_until(ws, ends("r1"))
+            started = events[0]
+            assert started["type"] == "chat.started" and events[-1]["type"] == "chat.completed", events[-1]
+            assert started["experiment"] == f"ab-test:{variant}"
+            assert started["deployment"] == variant
+        finally:
+            await ws.disconnect()
