@@ -3,9 +3,8 @@ lookups a run makes (issue 12, part 4)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
+from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
 
 from audit.models import AuditEvent
@@ -95,14 +94,14 @@ def test_a_label_points_at_one_of_the_templates_versions(template):
 
 def test_a_run_gets_the_version_by_number_label_production_or_newest(template):
     first, second = make(template), make(template, "v2 {{ topic }}")
-    assert asyncio.run(prompt_version_get("post")).pk == second.pk  # no production label: the newest
+    assert async_to_sync(prompt_version_get)("post").pk == second.pk  # no production label: the newest
     prompt_label_set(template=template, name="production", version=first)
     prompt_label_set(template=template, name="staging", version=second)
-    assert asyncio.run(prompt_version_get("post")).pk == first.pk  # the label moved: the cache was cleared
-    assert asyncio.run(prompt_version_get("post", label="staging")).pk == second.pk
-    found = asyncio.run(prompt_version_get("post", version=1))
+    assert async_to_sync(prompt_version_get)("post").pk == first.pk  # the label moved: the cache was cleared
+    assert async_to_sync(prompt_version_get)("post", label="staging").pk == second.pk
+    found = async_to_sync(prompt_version_get)("post", version=1)
     assert found.pk == first.pk and found.template.slug == "post"
-    assert asyncio.run(prompt_version_by_id(second.pk)).number == 2
+    assert async_to_sync(prompt_version_by_id)(second.pk).number == 2
     assert prompt_version_get_sync("post", label="staging").pk == second.pk
 
 
@@ -117,15 +116,15 @@ def test_a_run_gets_the_version_by_number_label_production_or_newest(template):
 def test_an_unknown_template_version_or_label_is_a_404(template, slug, kwargs, param):
     make(template)
     with pytest.raises(PromptNotFoundError) as caught:
-        asyncio.run(prompt_version_get(slug, **kwargs))
+        async_to_sync(prompt_version_get)(slug, **kwargs)
     assert (caught.value.status_code, caught.value.param) == (404, param)
 
 
 def test_brands_are_found_by_slug_and_an_unknown_one_is_a_404():
     BrandProfile.objects.create(name="Acme", slug="acme", tone="warm")
-    assert asyncio.run(brand_get("acme")).tone == "warm"
+    assert async_to_sync(brand_get)("acme").tone == "warm"
     with pytest.raises(BrandNotFoundError) as caught:
-        asyncio.run(brand_get("globex"))
+        async_to_sync(brand_get)("globex")
     assert caught.value.status_code == 404
 
 
