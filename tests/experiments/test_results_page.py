@@ -157,10 +157,14 @@ def page_of(client: Client, ab) -> str:
     return response.content.decode()
 
 
-def test_the_page_shows_every_figure_of_the_results(seeded):
-    html = page_of(operator_client(), seeded)
+def test_the_page_shows_every_figure_of_the_results_json(seeded):
+    """The page and GET /api/experiments/{id}/results/ agree, figure by figure."""
+    client = operator_client()
+    html = page_of(client, seeded)
     with time_machine.travel(NOW, tick=False):
-        results = experiment_results(seeded.refresh().experiment)
+        response = client.get(f"/api/experiments/{seeded.experiment.pk}/results/")
+    assert response.status_code == 200
+    results = response.json()
     cells = parse(html)
 
     shown = 0
@@ -253,7 +257,20 @@ def test_the_charts_draw_the_same_figures_from_embedded_json_without_inline_scri
     assert {"src": "/static/experiments/results.js"} in scripts
     # Every script is a file or data: nothing inline to run, no CDN.
     assert all(s.get("src", "").startswith("/static/") or s.get("type") == "application/json" for s in scripts)
-    assert f'href="/api/experiments/{seeded.experiment.pk}/results/?format=csv"' in html
+    csv_link = f"/api/experiments/{seeded.experiment.pk}/results/?format=csv"
+    assert f'href="{csv_link}"' in html
+
+
+def test_the_csv_link_downloads_the_results(seeded):
+    client = operator_client()
+    html = page_of(client, seeded)
+    link = re.search(r'id="csv-export"', html) and re.search(r'href="([^"]+)" id="csv-export"', html).group(1)
+
+    response = client.get(link)
+
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    body = b"".join(response.streaming_content).decode()
+    assert "positive_rate" in body and "treatment" in body and "control" in body
 
 
 def test_only_roles_that_manage_experiments_get_the_pages(seeded):
