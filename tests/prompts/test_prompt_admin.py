@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
+from accounts.roles import Role, role_set
 from audit.models import AuditEvent
 from prompts.models import BrandProfile, PromptLabel, PromptTemplate, PromptVersion
 from prompts.services import prompt_label_set, prompt_version_create
@@ -175,6 +176,20 @@ def test_the_diff_view_shows_what_changed_between_two_versions(admin_client, tem
     assert '<span class="diff-add">+Write about {{ topic }} &lt;b&gt;today&lt;/b&gt;.</span>' in unified
     assert '<span class="diff-del">-  &quot;text&quot;: 280</span>' in unified
     assert '<span class="diff-add">+  &quot;text&quot;: 250</span>' in unified
+
+
+@pytest.mark.parametrize(("role", "expected"), [(Role.OPERATOR, 200), (Role.MEMBER, 302), (Role.VIEWER, 302)])
+def test_operators_edit_prompts_and_members_are_sent_to_the_login(template, role, expected):
+    user = UserFactory(username=f"{role.value}-user")
+    role_set(user, role)
+    client = Client()
+    client.force_login(user)
+    compare = reverse("admin:prompts_prompttemplate_compare", args=[template.pk])
+    for url in (change_url(template), compare, reverse("admin:prompts_brandprofile_add")):
+        assert client.get(url).status_code == expected, url
+    if role is Role.OPERATOR:
+        admin_submit(client, change_url(template), messages="### user\nOnly {{ topic }} on {{ platform }}")
+        assert template.versions.get(number=2).created_by == user
 
 
 def test_the_prompts_admin_is_for_staff_only(template):
