@@ -121,6 +121,14 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
         writer.task.add_done_callback(functools.partial(_writer_ended, writer=writer))
 
 
+def usage_unwritten(request_id: str) -> UsageData | None:
+    """The row of ``request_id`` if this process submitted it and its batch has not committed yet: a client
+    may ask about its request (to rate it) the moment its reply ends, before the row is in the ledger."""
+    with _unwritten_lock:
+        entry = _unwritten.get(request_id)
+    return None if entry is None else entry[0]
+
+
 class _Writer:
     def __init__(self) -> None:
         self.queue: list[tuple[UsageData, Admission | None]] = []

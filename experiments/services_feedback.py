@@ -1,0 +1,93 @@
+"""Feedback on requests, from ``POST /v1/feedback`` and the chat page's thumbs alike: one ``Feedback`` row per
+request and metric, which results join to the ledger by ``request_id``.
+
+Only the caller who made a request may rate it (``request_is_users``). Its ledger row is the proof, and the
+ledger is written in the background (``billing.services.ledger``): a client that rates its reply the moment
+it ends may come before the row. So the row is looked for among this process's unwritten rows first, then in
+the ledger, and, when it is in neither, the ledger is watched for ``LEDGER_WAIT_SECONDS`` (another server
+process may hold the row until its batch commits) before the request is taken for unknown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+
+from billing.models import UsageRecord
+from billing.services.ledger import usage_unwritten
+
+from .models import Feedback, FeedbackMetric, FeedbackSource
+
+# How long a request missing from the ledger may still be on its way there: a batch commits within
+# milliseconds unless the database is slow, and a row held longer than this is spooled, not written.
+LEDGER_WAIT_SECONDS = 2.0
+LEDGER_POLL_SECONDS = 0.05
+# Ids as ``chat.pipeline.new_request_id`` makes them: only such an id can be a row on its way, so a
+# made-up id is answered at once rather than after the wait.
+_REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
+
+
+def _ledger_owned(*, request_id: str, user_id: int) -> bool | None:
+    """Whether the ledger row of ``request_id`` is the user's (made by them, or with one of their keys);
+    None when there is no such row."""
+    row = UsageRecord.objects.filter(request_id=request_id).values_list("user_id", "api_key__user_id").first()
+    if row is None:
+        return None
+    return user_id in row
+
+
+def _unwritten_owned(*, request_id: str, user_id: int) -> bool | None:
+    data = usage_unwritten(request_id)
+    if data is None or data.user_id is None:
+        # A row kept under its key's hash (the database was down when it was made) is attributed when it
+        # is written: until then it proves nothing.
+        return None
+    return data.user_id == user_id
+
+
+async def request_is_users(*, request_id: str, user_id: int) -> bool:
+    """Whether ``request_id`` is a request of the user ``user_id``: False for another user's request and for
+    one that does not exist, alike (a caller learns nothing of other users' requests)."""
+    owned = _unwritten_owned(request_id=request_id, user_id=user_id)
+    if owned is None:
+        owned = await sync_to_async(_ledger_owned)(request_id=request_id, user_id=user_id)
+    if owned is not None or not _REQUEST_ID.fullmatch(request_id):
+        return bool(owned)
+    deadline = time.monotonic() + LEDGER_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        await asyncio.sleep(LEDGER_POLL_SECONDS)
+        owned = _unwritten_owned(request_id=request_id, user_id=user_id)
+        if owned is None:
+            owned = await sync_to_async(_ledger_owned)(request_id=request_id, user_id=user_id)
+        if owned is not None:
+            return owned
+    return False
+
+
+def feedback_set(
+    *,
+    request_id: str,
+    user_id: int | None,
+    metric: str,
+    value: float,
+    comment: str = "",
+    source: str = FeedbackSource.API,
+) -> tuple[Feedback, bool]:
+    """Record (or replace) the ``metric`` feedback on ``request_id``; True with it when it is new.
+
+    Safe when two clients rate the same request at once: the unique constraint on (request, metric) lets one
+    insert win, and ``update_or_create`` turns the other's refused insert into an update of that row."""
+    with transaction.atomic():
+        return Feedback.objects.update_or_create(
+            request_id=request_id,
+            metric=metric,
+            defaults={"user_id": user_id, "value": value, "comment": comment, "source": source},
+        )
+
+
+def feedback_clear(*, request_id: str, metric: str = FeedbackMetric.THUMBS) -> None:
+    """Remove the ``metric`` feedback on ``request_id`` (the chat page's thumbs taken back)."""
+    Feedback.objects.filter(request_id=request_id, metric=metric).delete()
