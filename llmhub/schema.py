@@ -153,6 +153,34 @@ def _openai_compatible_paths() -> dict[str, Any]:
             }
         },
         **_anthropic_compatible_paths(security),
+        "/v1/feedback": {
+            "post": {
+                "operationId": "createFeedback",
+                "summary": "Rate one of your requests",
+                "description": (
+                    "Thumbs up or down, or a score (optionally named by `metric`), on a request of the caller's "
+                    "own, named by the `x-request-id` its answer carried; with an optional comment. One "
+                    "rating per request and metric: a second one replaces it (200; 201 when new). A request "
+                    "id that is not the caller's, another user's or an unknown one, answers 404. Not billed."
+                ),
+                "tags": [_TAG],
+                "security": security,
+                "requestBody": {"required": True, "content": _json(FEEDBACK_REQUEST_COMPONENT)},
+                "responses": {
+                    "200": {
+                        "description": "The rating that replaced the previous one.",
+                        "headers": _request_id_header(),
+                        "content": _json(FEEDBACK_COMPONENT),
+                    },
+                    "201": {
+                        "description": "The new rating.",
+                        "headers": _request_id_header(),
+                        "content": _json(FEEDBACK_COMPONENT),
+                    },
+                    **_feedback_errors(),
+                },
+            }
+        },
         "/v1/models": {
             "get": {
                 "operationId": "listModels",
@@ -191,6 +219,76 @@ def _openai_compatible_paths() -> dict[str, Any]:
             }
         },
     }
+
+
+# ``POST /v1/feedback`` is ours (OpenAI has no such endpoint), in the style of OpenAI's objects.
+FEEDBACK_REQUEST_COMPONENT = "CreateFeedbackRequest"
+FEEDBACK_COMPONENT = "FeedbackResponse"
+_FEEDBACK_COMMENT = {"type": "string", "maxLength": 2000, "description": "Why; at most 2,000 characters."}
+_FEEDBACK_REQUEST_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 64,
+    "description": "The `x-request-id` of the request rated.",
+}
+_FEEDBACK_SCHEMAS: dict[str, dict[str, Any]] = {
+    FEEDBACK_REQUEST_COMPONENT: {
+        "oneOf": [
+            {
+                "type": "object",
+                "title": "Thumbs",
+                "required": ["request_id", "thumbs"],
+                "additionalProperties": False,
+                "properties": {
+                    "request_id": _FEEDBACK_REQUEST_ID,
+                    "thumbs": {"type": "string", "enum": ["up", "down"]},
+                    "metric": {"type": "string", "enum": ["thumbs"]},
+                    "comment": {**_FEEDBACK_COMMENT, "type": ["string", "null"]},
+                },
+            },
+            {
+                "type": "object",
+                "title": "Score",
+                "required": ["request_id", "score"],
+                "additionalProperties": False,
+                "properties": {
+                    "request_id": _FEEDBACK_REQUEST_ID,
+                    "score": {"type": "number", "description": "Any finite number."},
+                    "metric": {
+                        "type": "string",
+                        "pattern": "^[a-z0-9][a-z0-9_.-]{0,31}$",
+                        "not": {"const": "thumbs"},
+                        "default": "score",
+                        "description": "The score's name, for several kinds of score.",
+                    },
+                    "comment": {**_FEEDBACK_COMMENT, "type": ["string", "null"]},
+                },
+            },
+        ]
+    },
+    FEEDBACK_COMPONENT: {
+        "type": "object",
+        "required": ["object", "request_id", "metric", "value", "comment", "created_at", "updated_at"],
+        "properties": {
+            "object": {"type": "string", "enum": ["feedback"]},
+            "request_id": {"type": "string"},
+            "metric": {"type": "string", "description": '"thumbs", or the score\'s name ("score" by default).'},
+            "value": {"type": "number", "description": "1 or -1 for thumbs up or down; the score otherwise."},
+            "thumbs": {"type": "string", "enum": ["up", "down"], "description": "For thumbs only."},
+            "score": {"type": "number", "description": "For scores only."},
+            "comment": _FEEDBACK_COMMENT,
+            "created_at": {"type": "integer", "description": "Unix seconds."},
+            "updated_at": {"type": "integer", "description": "Unix seconds: when it was last replaced."},
+        },
+    },
+}
+
+
+def _feedback_errors() -> dict[str, Any]:
+    responses = _errors(400, 401, 403, 404, 413, 503)
+    responses["403"]["description"] = "The caller's role may not use models (a viewer)."
+    responses["503"]["description"] = "llmhub's database is unavailable; retry after `Retry-After` seconds."
+    return responses
 
 
 _ANTHROPIC_TAG = "Anthropic-compatible"
@@ -288,6 +386,10 @@ def add_openai_compatible_paths(result: dict[str, Any], generator: Any, request:
             raise ImproperlyConfigured(f"component {name!r} is defined both by a DRF serializer and by OpenAI's spec")
         schemas[name] = copy.deepcopy(schema)
     schemas[ANTHROPIC_ERROR_COMPONENT] = copy.deepcopy(_ANTHROPIC_ERROR)
+    for name, schema in _FEEDBACK_SCHEMAS.items():
+        if name in schemas:
+            raise ImproperlyConfigured(f"component {name!r} is defined both by a DRF serializer and for /v1/feedback")
+        schemas[name] = copy.deepcopy(schema)
     components["schemas"] = dict(sorted(schemas.items()))
     security_schemes = components.setdefault("securitySchemes", {})
     for name, scheme in _SECURITY_SCHEMES.items():
