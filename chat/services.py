@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from billing.models import UsageRecord
 from core.exceptions import ApplicationError
+from experiments.models import FeedbackMetric, FeedbackSource
+from experiments.services_feedback import feedback_clear, feedback_set
 
 from .models import TITLE_MAX_LENGTH, Conversation, Message, MessageStatus, Role
 from .selectors import NotFoundError
@@ -125,13 +127,29 @@ def conversation_delete(*, conversation: Conversation) -> None:
     conversation.delete()
 
 
+@transaction.atomic
 def message_feedback_set(*, message: Message, value: int | None, comment: str = "") -> Message:
-    """Thumbs up (1), down (-1) or cleared (None) on a reply; the comment goes with the vote."""
+    """Thumbs up (1), down (-1) or cleared (None) on a reply; the comment goes with the vote.
+
+    The reply's request gets the same ``experiments.Feedback`` record as ``POST /v1/feedback`` gives it
+    (metric "thumbs", source "chat"), which experiment results count; clearing the thumbs removes it."""
     if message.role != Role.ASSISTANT:
         raise ApplicationError("Only replies take feedback.", param="message", code="invalid_value")
     message.feedback = value
     message.feedback_comment = comment if value is not None else ""
     message.save(update_fields=["feedback", "feedback_comment"])
+    if message.request_id:
+        if value is None:
+            feedback_clear(request_id=message.request_id, metric=FeedbackMetric.THUMBS)
+        else:
+            feedback_set(
+                request_id=message.request_id,
+                user_id=message.conversation.owner_id,
+                metric=FeedbackMetric.THUMBS,
+                value=float(value),
+                comment=message.feedback_comment,
+                source=FeedbackSource.CHAT,
+            )
     return message
 
 

@@ -19,6 +19,7 @@ from playwright.async_api import Page, WebSocket, expect
 from billing.models import ApiKey, UsageRecord
 from billing.services.keys import api_key_authenticate
 from chat.models import Conversation, Message, MessageStatus, Role
+from experiments.models import Feedback
 from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 
@@ -157,6 +158,9 @@ async def test_chat_page_streams_stops_and_remembers(site, browser, user):
     await expect(reply.get_by_role("button", name="Good reply")).to_have_attribute("aria-pressed", "true")
     first_reply = await Message.objects.aget(conversation_id=conversation_id, role=Role.ASSISTANT)
     assert first_reply.feedback == 1
+    # The same record as POST /v1/feedback writes, for the reply's request: what experiment results count.
+    rating = await Feedback.objects.aget(request_id=first_reply.request_id)
+    assert (rating.metric, rating.value, rating.source, rating.user_id) == ("thumbs", 1.0, "chat", user.pk)
 
     # The stop button ends a long reply.
     await send(page, "Now a very long one [[words=400]] [[tps=20]]")

@@ -10,6 +10,7 @@ from django.test.utils import CaptureQueriesContext
 from billing.models import UsageStatus
 from billing.services.keys import api_key_create
 from chat.models import Conversation, Message, MessageStatus, Role
+from experiments.models import Feedback
 from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -137,6 +138,42 @@ def test_feedback_on_a_reply(client, alice):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "value"
 
 
+def test_the_thumbs_are_the_requests_feedback_record(client, alice):
+    """The same ``experiments.Feedback`` record as ``POST /v1/feedback`` writes, which results count."""
+    _, reply = conversation_with_reply(alice)
+    headers = csrf(client)
+    url = f"/api/messages/{reply.pk}/feedback/"
+
+    client.post(url, {"value": -1, "comment": "wrong city"}, content_type="application/json", **headers)
+    down = Feedback.objects.get()
+    client.post(url, {"value": 1}, content_type="application/json", **headers)
+    up = Feedback.objects.get()
+
+    assert (down.request_id, down.user_id, down.metric, down.value, down.comment, down.source) == (
+        "req_1",
+        alice.pk,
+        "thumbs",
+        -1.0,
+        "wrong city",
+        "chat",
+    )
+    assert (up.pk, up.value, up.comment) == (down.pk, 1.0, "")
+
+    client.post(url, {"value": None}, content_type="application/json", **headers)
+    assert not Feedback.objects.exists()
+
+
+def test_thumbs_on_a_reply_without_a_request_record_no_feedback(client, alice):
+    """A reply saved without a request id (none was made) has nothing to attach a record to."""
+    _, reply = conversation_with_reply(alice)
+    Message.objects.filter(pk=reply.pk).update(request_id="")
+    response = client.post(
+        f"/api/messages/{reply.pk}/feedback/", {"value": 1}, content_type="application/json", **csrf(client)
+    )
+    assert response.status_code == 200 and response.json()["feedback"] == 1
+    assert not Feedback.objects.exists()
+
+
 def test_feedback_on_the_users_own_message_is_refused(client, alice):
     conversation, _ = conversation_with_reply(alice)
     question = conversation.messages.get(role=Role.USER)
@@ -174,6 +211,7 @@ def test_another_users_rows_answer_404_like_missing_ones(client):
     mallory_reply.refresh_from_db()
     assert mallory_conversation.title == "private"
     assert mallory_reply.feedback is None
+    assert not Feedback.objects.exists()
 
 
 def test_anonymous_requests_are_refused():
