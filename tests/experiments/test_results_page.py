@@ -343,3 +343,19 @@ def test_promote_needs_the_csrf_token(seeded):
     assert response.status_code == 403
     seeded.refresh()
     assert seeded.experiment.promoted_variant is None
+
+
+def test_a_draft_without_data_renders_without_figures_or_promote_buttons(ab_experiment):
+    draft = ab_experiment(name="not-yet", status="draft")
+
+    html = operator_client().get(f"/experiments/{draft.experiment.pk}/results/").content.decode()
+
+    cells = parse(html)
+    assert "No winner yet" in html and "Promote" not in html
+    assert raw(cells, "", "control", "requests") == "0"
+    assert text(cells, "positive_rate", "treatment", "value") == "—"
+    assert text(cells, "positive_rate", "treatment", "verdict") in ("No data to compare", "Not yet known")
+    charts = json.loads(
+        re.search(r'<script id="experiment-charts" type="application/json">(.*?)</script>', html).group(1)
+    )
+    assert charts["primary"]["values"] == [None, None] and charts["daily"]["days"] == []
