@@ -75,10 +75,15 @@ def template_compile(source: str, *, index: int | None = None) -> jinja2.Templat
         ) from None
 
 
-def template_names(source: str) -> set[str]:
+@lru_cache(maxsize=2048)
+def _names(source: str) -> frozenset[str]:
+    return frozenset(meta.find_undeclared_variables(environment.parse(source)))
+
+
+def template_names(source: str) -> frozenset[str]:
     """The names a template's text reads from its context (after compiling it)."""
     template_compile(source)
-    return set(meta.find_undeclared_variables(environment.parse(source)))
+    return _names(source)
 
 
 def template_render(source: str, context: dict[str, Any], *, index: int | None = None) -> str:

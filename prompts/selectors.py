@@ -8,6 +8,7 @@ from __future__ import annotations
 from django.db.models import QuerySet
 
 from core.cache import TTLCache
+from core.exceptions import ApplicationError
 
 from .exceptions import BrandNotFoundError, PromptNotFoundError
 from .models import BrandProfile, PromptLabel, PromptTemplate, PromptVersion
@@ -54,11 +55,11 @@ def _checked_args(slug: object, version: object, label: object) -> tuple[str, in
     if not isinstance(slug, str) or not slug:
         raise PromptNotFoundError("Name a prompt template by its slug.", param="prompt.slug")
     if version is not None and label is not None:
-        raise PromptNotFoundError("Give a version or a label, not both.", param="prompt.version", status_code=400)
+        raise ApplicationError("Give a version or a label, not both.", param="prompt.version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise PromptNotFoundError("A version is a whole number.", param="prompt.version", status_code=400)
+        raise ApplicationError("A version is a whole number.", param="prompt.version")
     if label is not None and (not isinstance(label, str) or not label):
-        raise PromptNotFoundError("A label is a name such as 'production'.", param="prompt.label", status_code=400)
+        raise ApplicationError("A label is a name such as 'production'.", param="prompt.label")
     return slug, version, label
 
 
@@ -104,7 +105,7 @@ def template_latest_version(template: PromptTemplate) -> PromptVersion | None:
 async def brand_get(slug: str) -> BrandProfile:
     """A brand profile by slug; unknown: ``BrandNotFoundError`` (404)."""
     if not isinstance(slug, str) or not slug:
-        raise BrandNotFoundError("Name a brand by its slug.", status_code=400)
+        raise ApplicationError("Name a brand by its slug.", param="brand")
     found = await brand_cache.get_or_load(slug, lambda: BrandProfile.objects.filter(slug=slug).afirst())
     if found is None:
         raise BrandNotFoundError(f"The brand `{slug}` does not exist.")

@@ -8,6 +8,7 @@ from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
 
 from audit.models import AuditEvent
+from core.exceptions import ApplicationError
 from prompts.exceptions import BrandNotFoundError, PromptNotFoundError, PromptVersionInvalidError
 from prompts.kinds import kind_specs, prompt_kinds_install
 from prompts.models import BrandProfile, PromptLabel, PromptTemplate, PromptVersion
@@ -181,3 +182,17 @@ def test_every_kind_renders_with_its_examples(spec):
     assert '"type": "object"' in system  # the schema is in the instructions
     assert "Voice: calm" in system
     assert all("{{" not in m["content"] and "{%" not in m["content"] for m in rendered)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"version": 1, "label": "production"}, "prompt.version"),
+        ({"version": "1"}, "prompt.version"),
+        ({"label": ""}, "prompt.label"),
+    ],
+)
+def test_a_malformed_lookup_is_a_400(template, kwargs, param):
+    with pytest.raises(ApplicationError) as caught:
+        async_to_sync(prompt_version_get)("post", **kwargs)
+    assert (caught.value.status_code, caught.value.param) == (400, param)
