@@ -274,6 +274,23 @@ def test_the_openai_sdk_runs_a_template_with_the_prompt_extension(llmhub_server,
     assert row.status == UsageStatus.OK
 
 
+def test_a_streamed_template_request_renders_too(llmhub_server, fake_upstream, chat_model, key):
+    ad_template()
+
+    with sdk(llmhub_server, key).chat.completions.with_streaming_response.create(
+        model=chat_model.name,
+        messages=openai.NOT_GIVEN,
+        stream=True,
+        extra_body={"prompt": {"slug": "search-ad", "variables": {"product": "rye", "notes": reply(GOOD_AD)}}},
+    ) as response:
+        assert response.headers["x-llmhub-prompt"] == "search-ad:v1"
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in response.parse() if chunk.choices)
+
+    assert json.loads(text) == GOOD_AD
+    (sent,) = upstream_chats(fake_upstream)
+    assert sent["stream"] is True and "prompt" not in sent
+
+
 @pytest.mark.parametrize(
     ("extra", "status", "param"),
     [
