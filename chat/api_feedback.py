@@ -151,7 +151,10 @@ async def feedback_create(request: HttpRequest) -> HttpResponse:
         given = feedback_input(_parse_body(request))
         if not await request_is_users(request_id=given.request_id, user_id=caller.user_id):
             raise RequestNotFoundError(
-                f"No request '{given.request_id}' of yours was found.", param="request_id", code="not_found"
+                f"No request '{given.request_id}' of yours was found (one that has just ended may take a "
+                "moment to be recorded: retry shortly).",
+                param="request_id",
+                code="not_found",
             )
         feedback, created = await sync_to_async(feedback_set)(
             request_id=given.request_id,

@@ -22,12 +22,12 @@ from billing.services.ledger import usage_unwritten
 from .models import Feedback, FeedbackMetric, FeedbackSource
 
 # How long a request missing from the ledger may still be on its way there: a batch commits within
-# milliseconds unless the database is slow, and a row held longer than this is spooled, not written.
+# milliseconds unless the database struggles (the 404 then says to send the rating again later).
 LEDGER_WAIT_SECONDS = 2.0
 LEDGER_POLL_SECONDS = 0.05
-# Ids as ``chat.pipeline.new_request_id`` makes them: only such an id can be a row on its way, so a
-# made-up id is answered at once rather than after the wait.
-_REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
+# Ids as llmhub makes them (``chat.pipeline.new_request_id``; the chat socket's when its client names none):
+# only such an id is waited for, so that a made-up one is answered at once.
+_REQUEST_ID = re.compile(r"(req|ws)_[0-9a-f]{32}")
 
 
 def _ledger_owned(*, request_id: str, user_id: int) -> bool | None:
@@ -50,21 +50,21 @@ def _unwritten_owned(*, request_id: str, user_id: int) -> bool | None:
 
 async def request_is_users(*, request_id: str, user_id: int) -> bool:
     """Whether ``request_id`` is a request of the user ``user_id``: False for another user's request and for
-    one that does not exist, alike (a caller learns nothing of other users' requests)."""
-    owned = _unwritten_owned(request_id=request_id, user_id=user_id)
-    if owned is None:
-        owned = await sync_to_async(_ledger_owned)(request_id=request_id, user_id=user_id)
-    if owned is not None or not _REQUEST_ID.fullmatch(request_id):
-        return bool(owned)
-    deadline = time.monotonic() + LEDGER_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        await asyncio.sleep(LEDGER_POLL_SECONDS)
+    one that does not exist, alike, and after the same time (a caller learns nothing of other users'
+    requests, not even from how long the answer took)."""
+    deadline = time.monotonic() + (LEDGER_WAIT_SECONDS if _REQUEST_ID.fullmatch(request_id) else 0.0)
+    while True:
         owned = _unwritten_owned(request_id=request_id, user_id=user_id)
         if owned is None:
             owned = await sync_to_async(_ledger_owned)(request_id=request_id, user_id=user_id)
-        if owned is not None:
-            return owned
-    return False
+        if owned:
+            return True
+        if owned is False:
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(LEDGER_POLL_SECONDS)
 
 
 def feedback_set(

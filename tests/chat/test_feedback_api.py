@@ -27,7 +27,7 @@ from billing.models import UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush, usage_unwritten
 from experiments.models import Feedback
-from experiments.services_feedback import feedback_set
+from experiments.services_feedback import LEDGER_WAIT_SECONDS, feedback_set
 from tests.factories import UsageRecordFactory, UserFactory
 from tests.gateway.conftest import make_catalog
 
@@ -88,6 +88,12 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
     assert error["type"] == "invalid_request_error"
     if code is not None:
         assert error["code"] == code, error
+
+
+def timed(call) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
 
 
 def test_a_completion_is_rated_then_the_rating_replaced(site, alice, alice_key):
@@ -165,8 +171,8 @@ def test_any_key_of_the_owner_may_rate_and_nobody_else(site, alice, alice_key, b
     other_key_of_alice = api_key_create(user=alice, name="alice's second").secret
 
     unknown_id = "req_" + uuid.uuid4().hex
-    by_bob = site.feedback(bob_key, {"request_id": request_id, "thumbs": "down"})
-    unknown = site.feedback(bob_key, {"request_id": unknown_id, "thumbs": "down"})
+    by_bob, by_bob_took = timed(lambda: site.feedback(bob_key, {"request_id": request_id, "thumbs": "down"}))
+    unknown, unknown_took = timed(lambda: site.feedback(bob_key, {"request_id": unknown_id, "thumbs": "down"}))
     made_up = site.feedback(bob_key, {"request_id": "not-an-id-of-ours", "thumbs": "down"})
     by_alice = site.feedback(other_key_of_alice, {"request_id": request_id, "thumbs": "up"})
 
@@ -176,6 +182,9 @@ def test_any_key_of_the_owner_may_rate_and_nobody_else(site, alice, alice_key, b
     assert by_bob.json()["error"]["message"].replace(request_id, "…") == unknown.json()["error"]["message"].replace(
         unknown_id, "…"
     )
+    # Nor how long the answer took: an unknown id is waited for (its row may be on its way), and so is
+    # another user's.
+    assert by_bob_took >= LEDGER_WAIT_SECONDS and unknown_took >= LEDGER_WAIT_SECONDS
     assert by_alice.status_code == 201
     assert Feedback.objects.get().value == 1.0
 
