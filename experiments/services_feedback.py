@@ -24,7 +24,9 @@ from .models import Feedback, FeedbackMetric, FeedbackSource
 # How long a request missing from the ledger may still be on its way there: a batch commits within
 # milliseconds unless the database struggles (the 404 then says to send the rating again later).
 LEDGER_WAIT_SECONDS = 2.0
-LEDGER_POLL_SECONDS = 0.05
+# The ledger is asked again after 50 ms, then twice as long each time up to 400 ms: a row on its way
+# usually lands at once, and a stream of unknown ids costs a few queries each rather than one per tick.
+LEDGER_POLL_SECONDS = (0.05, 0.1, 0.2, 0.4)
 # Ids as llmhub makes them (``chat.pipeline.new_request_id``; the chat socket's when its client names none):
 # only such an id is waited for, so that a made-up one is answered at once.
 _REQUEST_ID = re.compile(r"(req|ws)_[0-9a-f]{32}")
@@ -53,6 +55,7 @@ async def request_is_users(*, request_id: str, user_id: int) -> bool:
     one that does not exist, alike, and after the same time (a caller learns nothing of other users'
     requests, not even from how long the answer took)."""
     deadline = time.monotonic() + (LEDGER_WAIT_SECONDS if _REQUEST_ID.fullmatch(request_id) else 0.0)
+    polls = 0
     while True:
         owned = _unwritten_owned(request_id=request_id, user_id=user_id)
         if owned is None:
@@ -64,7 +67,9 @@ async def request_is_users(*, request_id: str, user_id: int) -> bool:
             return False
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(LEDGER_POLL_SECONDS)
+        pause = LEDGER_POLL_SECONDS[min(polls, len(LEDGER_POLL_SECONDS) - 1)]
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        polls += 1
 
 
 def feedback_set(
