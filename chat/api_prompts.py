@@ -168,18 +168,17 @@ class PromptRunApi(APIView):
         brand = serializers.SlugField(
             max_length=64, required=False, help_text="A brand profile's slug: its voice goes in the system message."
         )
-        version = serializers.IntegerField(min_value=1, max_value=2**31 - 1, required=False)
-        label = serializers.SlugField(max_length=32, required=False, help_text="e.g. `production`, `staging`.")
+        version = serializers.IntegerField(
+            min_value=1, max_value=2**31 - 1, required=False, help_text="A version number; or give a `label`."
+        )
+        label = serializers.SlugField(
+            max_length=32, required=False, help_text="e.g. `production`, `staging`; neither: `production`, else latest."
+        )
         stream = serializers.BooleanField(
             required=False,
             default=False,
             help_text="Stream from the provider (time to first token is measured); the answer is whole either way.",
         )
-
-        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-            if attrs.get("version") is not None and attrs.get("label") is not None:
-                raise serializers.ValidationError({"label": "Give a version or a label, not both."})
-            return attrs
 
     @extend_schema_serializer(component_name="PromptRunResult")
     class OutputSerializer(serializers.Serializer):

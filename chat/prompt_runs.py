@@ -268,13 +268,18 @@ async def prompt_run(
         if value is not None:
             spec[name] = value
     request_ids = [new_request_id()]
-    run, raw = await _attempt(
-        caller=caller,
-        body={"model": model, "prompt": spec},
-        endpoint=endpoint,
-        request_id=request_ids[0],
-        stream=stream,
-    )
+    try:
+        run, raw = await _attempt(
+            caller=caller,
+            body={"model": model, "prompt": spec},
+            endpoint=endpoint,
+            request_id=request_ids[0],
+            stream=stream,
+        )
+    except ApplicationError as exc:
+        # The refusal names its request, whose ledger row (rejected, or the upstream's error) says the rest.
+        exc.extra["headers"] = {**(exc.extra.get("headers") or {}), "x-request-id": request_ids[0]}
+        raise
     rendered = run.prompt
     assert rendered is not None  # a templated request always renders before it is admitted
     last = run

@@ -192,6 +192,11 @@ def test_errors_are_clear_json_and_nothing_goes_upstream(
     error = error_of(response)
     assert error["param"] == param and error["message"]
     assert upstream_chats(fake_upstream) == []
+    if "x-request-id" in response.headers:  # refused by the run, not by the body's shape
+        (row,) = wait_for_rows([response.headers["x-request-id"]]).values()
+        assert row.status == UsageStatus.REJECTED
+    else:
+        assert param == "variables" and not UsageRecord.objects.exists()
 
 
 def test_a_viewer_may_not_run_a_template_and_no_key_is_a_401(llmhub_server, fake_upstream, chat_model, key, alice):
