@@ -258,7 +258,8 @@ async def prompt_run(
     stream: bool = False,
 ) -> PromptRunResult:
     """Run a template version for ``caller`` on ``model``: render, complete through the pipeline, and for a
-    version with an output schema (or limits) check the reply and repair it once when it fails. Raises the
+    version with an output schema check the reply and repair it once when it fails (free text is checked
+    against its limits and the brand's words to avoid, and reported as it came). Raises the
     pipeline's ``ApplicationError``s (400, 403, 404, 402/429, 5xx from the upstream) for the first request;
     a repair request that fails is reported in ``errors``, with the first reply kept."""
     from .pipeline import new_request_id
