@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -234,3 +235,38 @@ def test_an_experiment_past_its_end_is_concluded_by_the_task(ab_experiment):
     ab.experiment.refresh_from_db()
     assert ab.experiment.status == ExperimentStatus.CONCLUDED and ab.experiment.ends_at == T0
     assert len(events("experiment.conclude")) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_admins_starting_two_experiments_on_one_model_at_once_get_one_started_and_one_clear_error(
+    ab_experiment,
+):
+    """Each start locks its own experiment, so both may pass the check before either saves: the database's
+    one-running-per-model constraint decides, and the loser gets a ValidationError, not an IntegrityError."""
+    from django.db import connection
+
+    ab = ab_experiment(status=ExperimentStatus.DRAFT)
+    rival = draft(ab)
+    barrier = threading.Barrier(2)
+    outcomes: dict[str, object] = {}
+
+    def start(experiment: Experiment) -> None:
+        try:
+            barrier.wait(timeout=10)
+            experiment_start(experiment=experiment, actor=None)
+            outcomes[experiment.name] = "started"
+        except Exception as exc:
+            outcomes[experiment.name] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start, args=(e,)) for e in (ab.experiment, rival)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(o if o == "started" else type(o).__name__ for o in outcomes.values()) == [
+        "ValidationError",
+        "started",
+    ], outcomes
+    assert Experiment.objects.filter(model=ab.model, status=ExperimentStatus.RUNNING).count() == 1
