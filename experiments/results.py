@@ -93,8 +93,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, F, FloatField, OuterRef, Q, QuerySet, Subquery, Sum
-from django.db.models.functions import Cast, Coalesce, TruncDate
+from django.db.models import Count, Exists, F, FloatField, Max, Min, OuterRef, Q, QuerySet, Sum
+from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 from scipy import stats as scipy_stats
 
@@ -371,55 +371,57 @@ def _comparison(metric: str, control: _Figure, treatment: _Figure, *, alpha: flo
     }
 
 
+SERIES_MAX_DAYS = 366  # the series covers at most the last year of an experiment
+
+
 def _series(rows: QuerySet, variants: list[Variant]) -> dict[str, Any]:
-    """Requests and the positive-feedback rate per UTC day of the request, per variant."""
-    utc = dt.UTC
-    requests = (
-        rows.annotate(day=TruncDate("created_at", tzinfo=utc))
-        .values("experiment_variant_id", "day")
-        .annotate(n=Count("id"))
-        .order_by()
-    )
-    request_day = Subquery(
-        UsageRecord.objects.filter(request_id=OuterRef("request_id"))
-        .annotate(day=TruncDate("created_at", tzinfo=utc))
-        .values("day")[:1]
-    )
-    request_variant = Subquery(
-        UsageRecord.objects.filter(request_id=OuterRef("request_id")).values("experiment_variant_id")[:1]
-    )
-    ratings = (
-        Feedback.objects.filter(metric=FeedbackMetric.THUMBS, request_id__in=rows.values("request_id"))
-        .annotate(day=request_day, variant_id=request_variant)
-        .values("variant_id", "day")
-        .annotate(n=Count("id"), positives=Count("id", filter=Q(value__gt=0)))
-        .order_by()
-    )
-    counts: dict[tuple[int, dt.date], int] = {}
-    for row in requests:
-        counts[(row["experiment_variant_id"], _as_date(row["day"]))] = row["n"]
-    rated: dict[tuple[int, dt.date], tuple[int, int]] = {}
-    for row in ratings:
-        rated[(row["variant_id"], _as_date(row["day"]))] = (row["n"], row["positives"])
-    seen = {day for _, day in counts} | {day for _, day in rated}
-    days = _day_range(min(seen), max(seen)) if seen else []
+    """Requests and the positive-feedback rate per UTC day of the request, per variant.
+
+    One conditional count per day (``created_at`` in the day's range) rather than grouping by a truncated
+    date: SQLite truncates dates in a Python function called per row, five times slower on 100,000 rows.
+    The rated and positive requests are the rows with thumbs feedback (an indexed ``EXISTS`` each)."""
+    span = rows.aggregate(first=Min("created_at"), last=Max("created_at"))
+    if span["first"] is None:
+        return {
+            "days": [],
+            "variants": [{"name": v.name, "requests": [], "rated": [], "positive_rate": []} for v in variants],
+        }
+    last = span["last"].astimezone(dt.UTC).date()
+    first = max(span["first"].astimezone(dt.UTC).date(), last - dt.timedelta(days=SERIES_MAX_DAYS - 1))
+    days = _day_range(first, last)
+
+    def per_day(queryset: QuerySet) -> dict[int, list[int]]:
+        columns = {
+            f"d{index}": Count(
+                "id",
+                filter=Q(
+                    created_at__gte=dt.datetime.combine(day, dt.time(), dt.UTC),
+                    created_at__lt=dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
+                ),
+            )
+            for index, day in enumerate(days)
+        }
+        found = queryset.values("experiment_variant_id").annotate(**columns).order_by()
+        return {row["experiment_variant_id"]: [row[f"d{i}"] for i in range(len(days))] for row in found}
+
+    thumbs = Feedback.objects.filter(request_id=OuterRef("request_id"), metric=FeedbackMetric.THUMBS)
+    requests = per_day(rows)
+    rated = per_day(rows.filter(Exists(thumbs)))
+    positives = per_day(rows.filter(Exists(thumbs.filter(value__gt=0))))
+    zeros = [0] * len(days)
     series = []
     for variant in variants:
-        pairs = [rated.get((variant.pk, day), (0, 0)) for day in days]
+        n_rated = rated.get(variant.pk, zeros)
+        n_positive = positives.get(variant.pk, zeros)
         series.append(
             {
                 "name": variant.name,
-                "requests": [counts.get((variant.pk, day), 0) for day in days],
-                "rated": [n for n, _ in pairs],
-                "positive_rate": [positives / n if n else None for n, positives in pairs],
+                "requests": requests.get(variant.pk, zeros),
+                "rated": n_rated,
+                "positive_rate": [p / n if n else None for n, p in zip(n_rated, n_positive, strict=True)],
             }
         )
     return {"days": [day.isoformat() for day in days], "variants": series}
-
-
-def _as_date(value: Any) -> dt.date:
-    # SQLite answers TruncDate with a string through a subquery annotation.
-    return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
 
 
 def _day_range(first: dt.date, last: dt.date) -> list[dt.date]:
