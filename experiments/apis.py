@@ -281,8 +281,9 @@ class _Echo:
 
 
 def results_csv_lines(results: dict[str, Any]) -> Iterator[str]:
-    """The results (``experiments.results``) as CSV lines: one per variant and metric, with the comparison
-    against the control where there is one. Empty cells for what has no value."""
+    """The results (``experiments.results``) as CSV lines: one per variant and metric (named scores as
+    ``scores.<name>``), with the comparison against the control where there is one. Empty cells for what
+    has no value."""
     writer = csv.writer(_Echo())
     yield writer.writerow(CSV_COLUMNS)
 
@@ -290,9 +291,9 @@ def results_csv_lines(results: dict[str, Any]) -> Iterator[str]:
         return "" if value is None else value
 
     for variant in results["variants"]:
-        for metric in results["metrics"]:
-            key = metric["key"]
-            figure = variant["metrics"][key]
+        figures = [(metric["key"], variant["metrics"][metric["key"]]) for metric in results["metrics"]]
+        figures += [(f"scores.{name}", figure) for name, figure in variant.get("scores", {}).items()]
+        for key, figure in figures:
             interval = figure.get("interval") or [None, None]
             comparison = variant["comparisons"].get(key) or {}
             difference_interval = comparison.get("interval") or [None, None]

@@ -18,7 +18,8 @@ named by its ``experiment_variant_id``; ``experiments.models.Feedback`` rows are
   but ``rejected`` ones; ``cost_per_positive``: the total price of those rows over the number of
   positive answers.
 - ``positive_rate``: thumbs feedback with ``value > 0`` over the rated requests; ``mean_score``: the mean
-  of ``score`` feedback.
+  of ``score`` feedback (a score sent without a name); named scores (``"metric": "helpfulness"``) are
+  reported per variant under ``scores``, with an interval but no verdict.
 
 How it is computed
 ------------------
@@ -75,6 +76,9 @@ JSON shape (every figure may be null when there is no data; money is a decimal s
                              "p_value": 0.004,            # anytime-valid
                              "samples_needed": 0 | 1800 | null},  # more per variant for a verdict
            …one per metric with data on both sides
+         },
+         "scores": {                             # named scores (feedback with a "metric"): no verdict
+           "helpfulness": {"value": 3.8, "interval": [3.5, 4.1], "n": 40}
          }}
       ],
       "series": {                                # per UTC day of the requests, for charts
@@ -318,7 +322,10 @@ def _feedback_aggregates(rows: QuerySet) -> dict[str, dict[str, Any]]:
     }
 
 
-def _variant_figures(experiment: Experiment, variant: Variant, usage: dict[str, Any], confidence: float) -> dict:
+def _variant_figures(
+    experiment: Experiment, variant: Variant, usage: dict[str, Any], confidence: float
+) -> tuple[dict[str, _Figure], dict[str, dict[str, Any]]]:
+    """The variant's figures by metric, and its named scores (``POST /v1/feedback`` with a ``metric``)."""
     rows = UsageRecord.objects.filter(experiment_id=experiment.pk, experiment_variant_id=variant.pk)
     feedback = _feedback_aggregates(rows) if usage["requests"] else {}
     thumbs = feedback.get(FeedbackMetric.THUMBS, {})
@@ -347,7 +354,12 @@ def _variant_figures(experiment: Experiment, variant: Variant, usage: dict[str, 
     cost.data["total"] = _money(usage["cost_total"] or Decimal(0))
     figures[Metric.COST] = cost
     figures[Metric.COST_PER_POSITIVE] = _cost_per_positive(cost, figures[Metric.POSITIVE_RATE], confidence)
-    return figures
+    named = {
+        name: _mean(found["n"], found["total"] or 0.0, found["squares"] or 0.0, confidence).data
+        for name, found in sorted(feedback.items())
+        if name not in (FeedbackMetric.THUMBS, FeedbackMetric.SCORE)
+    }
+    return figures, named
 
 
 def _comparison(metric: str, control: _Figure, treatment: _Figure, *, alpha: float, comparisons: int) -> dict | None:
@@ -465,7 +477,8 @@ def experiment_results(experiment: Experiment, *, now: dt.datetime | None = None
     control = next((v for v in variants if v.is_control), None)
     rows = UsageRecord.objects.filter(experiment_id=experiment.pk)
     usage = _usage_aggregates(rows, [v.pk for v in variants])
-    figures = {v.pk: _variant_figures(experiment, v, usage[v.pk], confidence) for v in variants}
+    computed = {v.pk: _variant_figures(experiment, v, usage[v.pk], confidence) for v in variants}
+    figures = {pk: found[0] for pk, found in computed.items()}
 
     treatments = [v for v in variants if control is not None and v.pk != control.pk]
     guardrails = [str(g) for g in experiment.guardrail_metrics or [] if g != experiment.primary_metric]
@@ -528,6 +541,7 @@ def experiment_results(experiment: Experiment, *, now: dt.datetime | None = None
                 "statuses": usage[v.pk]["statuses"],
                 "metrics": {str(metric): figures[v.pk][metric].data for metric in METRIC_ORDER},
                 "comparisons": comparisons[v.name],
+                "scores": computed[v.pk][1],
             }
             for v in variants
         ],

@@ -361,6 +361,7 @@ def test_results_as_json_and_csv_agree(client, operator, model):
     Feedback.objects.bulk_create(
         Feedback(request_id=r.request_id, metric="thumbs", value=1 if i % 3 else -1) for i, r in enumerate(rows)
     )
+    Feedback.objects.create(request_id="r-1", metric="helpfulness", value=4.5)
 
     results = client.get(f"{URL}{created['id']}/results/").json()
     assert results["experiment"]["name"] == "tone-test"
@@ -371,7 +372,9 @@ def test_results_as_json_and_csv_agree(client, operator, model):
     assert response["Content-Type"].startswith("text/csv")
     assert response["Content-Disposition"].startswith('attachment; filename="experiment-tone-test-')
     table = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
-    assert len(table) == 2 * 7  # one row per variant and metric
+    assert len(table) == 2 * 7 + 1  # one row per variant and metric, and control's named score
+    helpfulness = next(r for r in table if r["metric"] == "scores.helpfulness")
+    assert (helpfulness["variant"], helpfulness["value"], helpfulness["n"]) == ("control", "4.5", "1")
     by_key = {(r["variant"], r["metric"]): r for r in table}
     for variant in results["variants"]:
         for key, figure in variant["metrics"].items():

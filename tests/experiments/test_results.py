@@ -135,6 +135,9 @@ def test_every_figure_agrees_with_the_ledger_and_feedback_rows():
     treatment_ok = [r for r in rows if r.experiment_variant_id == treatment.pk and r.status == "ok"]
     for r in treatment_ok[:4]:
         Feedback.objects.create(request_id=r.request_id, user=r.user, metric="thumbs", value=1)
+    # a named score, reported apart from the unnamed "score"
+    for r, value in zip(control_ok[:2], [3.0, 4.0], strict=True):
+        Feedback.objects.create(request_id=r.request_id, user=r.user, metric="helpfulness", value=value)
     # feedback on a request outside the experiment is not counted
     Feedback.objects.create(request_id="req-plain", user=alice, metric="thumbs", value=-1)
 
@@ -197,6 +200,12 @@ def test_every_figure_agrees_with_the_ledger_and_feedback_rows():
     assert m["cost_per_positive"]["n"] == 5
     low, high = (float(x) for x in m["cost_per_positive"]["interval"])
     assert low < ratio < high
+
+    assert c["scores"]["helpfulness"]["value"] == pytest.approx(3.5)
+    assert c["scores"]["helpfulness"]["n"] == 2
+    expected = stats.mean_interval(stats.summary_of([3.0, 4.0]), confidence)
+    assert c["scores"]["helpfulness"]["interval"] == pytest.approx(list(expected))
+    assert t["scores"] == {}
 
     tm = t["metrics"]
     assert tm["positive_rate"]["value"] == 1.0 and tm["positive_rate"]["n"] == 4
