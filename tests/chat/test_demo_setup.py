@@ -11,11 +11,20 @@ import io
 from decimal import Decimal
 from pathlib import Path
 
+import openai
 import pytest
+from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from billing.models import UsageRecord
+from billing.services.keys import api_key_create
+from experiments.assignment import assignment_unit, experiment_assign
+from experiments.demo import EXPERIMENT_NAME
+from experiments.models import Experiment, ExperimentStatus, Feedback
+from prompts.models import BrandProfile, PromptTemplate
 from providers.models import CatalogModel, Deployment, ModelMode, Provider
 from providers.services.catalog_file import providers_dump
 
@@ -165,3 +174,60 @@ def test_a_catalog_that_does_not_load_writes_nothing(monkeypatch):
 
     assert not Provider.objects.exists()
     assert not CatalogModel.objects.exists()
+
+
+def test_demo_setup_installs_the_demo_experiment_once():
+    first = demo_setup()
+
+    experiment = Experiment.objects.get(name=EXPERIMENT_NAME)
+    assert experiment.status == ExperimentStatus.RUNNING
+    assert experiment.model.name == "demo-gpt-4o-mini"
+    assert f"Demo experiment {EXPERIMENT_NAME!r} (running): /experiments/{experiment.pk}/results/" in first
+    assert BrandProfile.objects.exists() and PromptTemplate.objects.filter(kind="ad_copy").exists()
+    history = (UsageRecord.objects.count(), Feedback.objects.count())
+    assert history[0] > 1_000 and history[1] > 500
+
+    again = demo_setup()
+
+    assert f"Demo experiment {EXPERIMENT_NAME!r} (running), as it was" in again
+    assert "created" not in again and "updated" not in again
+    assert (UsageRecord.objects.count(), Feedback.objects.count()) == history
+    assert Experiment.objects.get().pk == experiment.pk
+    # The seeded spend is the demo users' own: the logins people use start with none.
+    assert not UsageRecord.objects.filter(user__username__in=["admin", "demo"]).exists()
+
+
+def test_reset_demo_experiment_seeds_it_afresh():
+    demo_setup()
+    before = Experiment.objects.get(name=EXPERIMENT_NAME)
+    rows = UsageRecord.objects.count()
+
+    out = demo_setup(reset_demo_experiment=True)
+
+    assert f"Demo experiment: {rows} seeded ledger rows removed" in out
+    after = Experiment.objects.get(name=EXPERIMENT_NAME)
+    assert after.pk != before.pk and after.status == ExperimentStatus.RUNNING
+    assert UsageRecord.objects.count() == rows
+    assert set(UsageRecord.objects.exclude(experiment_id=None).values_list("experiment_id", flat=True)) == {after.pk}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_demo_user_chats_through_the_demo_experiment(llmhub_server, fake_upstream):
+    """After demo_setup the Free plan's demo user is in the demo experiment (its variant in the response's
+    header, the one assignment gives them) and its seeded history blocks nothing of theirs."""
+    demo_setup(upstream_url=fake_upstream.base_url, west_upstream_url=fake_upstream.base_url)
+    demo = get_user_model().objects.get(username="demo")
+    client = openai.OpenAI(
+        base_url=llmhub_server.url + "/v1", api_key=api_key_create(user=demo, name="t").secret, max_retries=0
+    )
+
+    raw = client.chat.completions.with_raw_response.create(
+        model="demo-gpt-4o-mini", messages=[{"role": "user", "content": "[[reply=hello from the demo]]"}]
+    )
+
+    assert raw.parse().choices[0].message.content == "hello from the demo"
+    experiment = Experiment.objects.get(name=EXPERIMENT_NAME)
+    assigned = async_to_sync(experiment_assign)(
+        model_id=experiment.model_id, unit=assignment_unit(user_id=demo.pk, api_key_id=None)
+    )
+    assert raw.headers.get("x-llmhub-experiment") == f"{EXPERIMENT_NAME}:{assigned.variant.name}"

@@ -1,5 +1,7 @@
 """What `make run` loads before it serves: the demo admin, a demo user on the Free plan, the demo
-catalog and any real provider whose key is in the environment.
+catalog and any real provider whose key is in the environment, and the demo's brand, prompt templates and
+running A/B experiment with its seeded history (``experiments.demo``; ``--reset-demo-experiment`` seeds
+it afresh).
 
 The catalog has one home, the files in ``llmhub/demo/``, loaded through the catalog-file loader
 (``providers_load``, what ``manage.py loadproviders`` runs): ``providers.yaml`` is the demo catalog, which
@@ -25,6 +27,7 @@ import yaml
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.urls import NoReverseMatch, reverse
 
 from core.exceptions import ApplicationError
 from providers.services.catalog_file import LoadResult, catalog_yaml_parse, providers_load
@@ -59,8 +62,15 @@ class Command(BaseCommand):
             default=WEST_URL,
             help="Where the fake upstream's west host listens (default: %(default)s).",
         )
+        parser.add_argument(
+            "--reset-demo-experiment",
+            action="store_true",
+            help="Delete the demo experiment and its seeded history, and seed them afresh.",
+        )
 
-    def handle(self, *args: Any, upstream_url: str, west_upstream_url: str, **options: Any) -> None:
+    def handle(
+        self, *args: Any, upstream_url: str, west_upstream_url: str, reset_demo_experiment: bool = False, **options: Any
+    ) -> None:
         try:
             result = demo_catalog_load(east_url=upstream_url, west_url=west_upstream_url, environ=os.environ)
         except ApplicationError as exc:
@@ -88,6 +98,24 @@ class Command(BaseCommand):
             self.stdout.write(
                 self.style.SUCCESS(f"Demo user: user {DEMO_USERNAME!r} ({plan}), password {password!r} {note}")
             )
+        self._experiment(reset=reset_demo_experiment)
+
+    def _experiment(self, *, reset: bool) -> None:
+        """The demo brand, prompt templates and A/B experiment with its seeded history (``experiments.demo``)."""
+        from experiments.demo import experiments_demo_ensure, experiments_demo_remove
+
+        if reset:
+            self.stdout.write(f"Demo experiment: {experiments_demo_remove()} seeded ledger rows removed")
+        result = experiments_demo_ensure()
+        experiment = result.experiment
+        try:
+            where = reverse("experiment-results-page", args=[experiment.pk])
+        except NoReverseMatch:
+            where = "/experiments/"
+        if result.seeded:
+            self.stdout.write(self.style.SUCCESS(f"Demo experiment {experiment.name!r} ({experiment.status}): {where}"))
+        else:
+            self.stdout.write(f"Demo experiment {experiment.name!r} ({experiment.status}), as it was: {where}")
 
     def _admin_plan(self) -> None:
         """The demo admin tries every demo model, so it is on the unlimited plan rather than the default."""
