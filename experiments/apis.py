@@ -133,8 +133,9 @@ class ExperimentDetailApi(APIView):
         operation_id="experiments_partial_update",
         summary="Change an experiment (staff)",
         description=(
-            "Any of the experiment's fields; `variants` by name. A draft's variants may change anything and new "
-            "ones may be added; once started, a variant cannot be retargeted (its deployment, target model, "
+            "Any of the experiment's fields (once started, not its name, metrics, alpha or start: 400); `variants` "
+            "by name. A draft's variants may change anything and new ones may be added; once started, a variant "
+            "cannot be retargeted (its deployment, target model, "
             "prompt version, overrides and control flag stay: 400), only its `allocation` changes, which moves "
             "as few users as possible and is recorded in the audit log. `steps` replaces the rollout steps not "
             "yet applied."

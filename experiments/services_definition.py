@@ -23,6 +23,9 @@ from .services import experiment_allocation_set
 # What serves a variant: fixed once the experiment has started.
 VARIANT_TARGET_FIELDS = ("deployment", "target_model", "prompt_version", "overrides", "is_control")
 EXPERIMENT_FIELDS = ("name", "description", "starts_at", "ends_at", "primary_metric", "guardrail_metrics", "alpha")
+# Settled when it starts (as in the admin): the name is in the headers clients saw; choosing the metric or
+# the error rate after looking at the results would void the verdicts' guarantee.
+EXPERIMENT_FIXED_ONCE_STARTED = ("name", "primary_metric", "guardrail_metrics", "alpha", "starts_at")
 
 
 def _text(value: Any) -> Any:
@@ -115,8 +118,12 @@ def experiment_update(
     experiment = Experiment.objects.select_for_update().get(pk=experiment.pk)
     started = experiment.status != ExperimentStatus.DRAFT
     changes: dict[str, list] = {}
-    if "name" in fields and fields["name"] != experiment.name and started:
-        raise ValidationError({"name": "A started experiment keeps its name: clients saw it in x-llmhub-experiment."})
+    if started:
+        for field in EXPERIMENT_FIXED_ONCE_STARTED:
+            if field in fields and fields[field] != getattr(experiment, field):
+                raise ValidationError(
+                    {field: f"{experiment.name} has started: its {field} is settled (create a new experiment)."}
+                )
     for field in EXPERIMENT_FIELDS:
         if field in fields and getattr(experiment, field) != fields[field]:
             changes[field] = [_text(getattr(experiment, field)), _text(fields[field])]

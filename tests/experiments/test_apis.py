@@ -275,8 +275,9 @@ def test_a_started_experiments_variant_cannot_be_retargeted_but_its_allocation_c
         assert response.json()["error"]["param"] == param
     response = client.patch(detail, {"variants": [{"name": "purple"}]}, content_type="application/json")
     assert response.status_code == 400 and response.json()["error"]["param"] == "variants.0.name"
-    response = client.patch(detail, {"name": "renamed"}, content_type="application/json")
-    assert response.status_code == 400 and response.json()["error"]["param"] == "name"
+    for field, value in [("name", "renamed"), ("primary_metric", "error_rate"), ("alpha", "0.1")]:
+        response = client.patch(detail, {field: value}, content_type="application/json")
+        assert response.status_code == 400 and response.json()["error"]["param"] == field
 
     response = client.patch(
         detail,
