@@ -82,6 +82,33 @@ def test_a_member_gets_403_and_an_anonymous_caller_is_refused(client, model):
     assert not Experiment.objects.exists()
 
 
+@pytest.mark.parametrize("role", [Role.MEMBER, Role.VIEWER])
+@pytest.mark.parametrize(
+    ("method", "suffix", "data"),
+    [
+        ("get", "", None),
+        ("patch", "", {"description": "x"}),
+        ("delete", "", None),
+        ("post", "start/", {}),
+        ("post", "pause/", {}),
+        ("post", "conclude/", {}),
+        ("post", "advance/", {}),
+        ("post", "promote/", {"variant": "green"}),
+        ("get", "results/", None),
+        ("get", "results/?format=csv", None),
+    ],
+)
+def test_every_endpoint_refuses_members_and_viewers(client, model, role, method, suffix, data):
+    signed_in(client, Role.OPERATOR)
+    created = create(client)
+    client.logout()
+    signed_in(client, role)
+    response = getattr(client, method)(f"{URL}{created['id']}/{suffix}", data, content_type="application/json")
+    assert response.status_code == 403
+    experiment = Experiment.objects.get(pk=created["id"])
+    assert experiment.status == "draft" and experiment.promoted_variant_id is None and experiment.description == ""
+
+
 @pytest.mark.parametrize("role", [Role.OPERATOR, Role.ADMIN])
 def test_operators_and_admins_may_manage_experiments(client, model, role):
     signed_in(client, role)
