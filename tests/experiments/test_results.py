@@ -14,6 +14,8 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from scipy import stats as scipy_stats
 
 from billing.models import ApiKey, UsageRecord, UsageStatus
@@ -317,3 +319,20 @@ def test_equal_variants_get_no_verdict_and_a_number_of_samples_still_needed():
     assert comparison["samples_needed"] > 0
     assert comparison["interval"][0] < 0 < comparison["interval"][1]
     assert results["winner"] is None
+
+
+def test_the_number_of_queries_does_not_grow_with_the_ledger():
+    """Everything is aggregated in the database: 2,000 rows per variant take the queries 10 do."""
+
+    def queries_for(n: int) -> int:
+        experiment, (control, treatment) = make_experiment(name=f"size-{n}")
+        for variant in (control, treatment):
+            rated_rows(experiment, variant, n=n, positives=n // 2)
+        UsageRecord.objects.filter(experiment_id=experiment.pk).update(stream=True, ttft_ms=40)
+        with CaptureQueriesContext(connection) as captured:
+            results = experiment_results(experiment, now=NOW)
+        assert results["variants"][0]["requests"] == n
+        assert results["variants"][0]["metrics"]["ttft_ms"]["p50"] == 40
+        return len(captured.captured_queries)
+
+    assert queries_for(10) == queries_for(2000)
