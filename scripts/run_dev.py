@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  API            {site}/v1/{key_hint}",
             f"  API docs       {site}/api/docs/   ReDoc: {site}/api/redoc/",
             f"  fake upstream  east {upstream_url}   west {west_url}   (one process; serve the demo-* models)",
-            "  routing        demo-gpt-4o-mini: 3:1 over east and west, then demo-claude-haiku. Break east:",
+            f"  experiment     {site}/experiments/   demo-mini-east-vs-west: demo-gpt-4o-mini's users 50/50 on east"
+            " and west, with three weeks of seeded results",
+            "  routing        demo-gpt-4o-mini: east or west as the experiment assigns (3:1 without it), then"
+            " demo-claude-haiku. Break east:",
             f"""                 curl -d '{{"fault":"status=503"}}' {upstream_url}/__control   (heal: "fault":null)""",
         ]
         rule = "=" * max(len(line) for line in lines)
