@@ -147,7 +147,7 @@ def _price() -> Any:
 def _money(value: float | Decimal | None) -> str | None:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
-    return str(Decimal(str(value)).quantize(_MONEY_PLACES))
+    return f"{Decimal(str(value)).quantize(_MONEY_PLACES):f}"  # never "1E-7": a plain decimal string
 
 
 def _interval(interval: Any, *, money: bool = False) -> list[Any] | None:
@@ -221,8 +221,9 @@ def _percentile(rows: QuerySet, field: str, n: int, q: float, confidence: float)
     high = int(min(n, scipy_stats.binom.ppf(1 - alpha / 2, n, q) + 1))
     first, last = min(low, rank), max(high, rank)
     values = list(rows.order_by(field).values_list(field, flat=True)[first - 1 : last])
-    point = values[rank - first]
-    return point, [values[low - first], values[high - first]]
+    if len(values) < last - first + 1:  # rows went away between the count and the read
+        return (values[-1], None) if values else (None, None)
+    return values[rank - first], [values[low - first], values[high - first]]
 
 
 def _cost_per_positive(cost: _Figure, positive: _Figure, confidence: float) -> _Figure:
@@ -230,9 +231,12 @@ def _cost_per_positive(cost: _Figure, positive: _Figure, confidence: float) -> _
     answers when every request is rated; with fewer rated it does not count the unrated ones as negative.
     Its interval: the delta method on the log scale, the two means taken as independent,
     ``log R ± z·sqrt(cv_cost² + cv_rate²)`` with ``cv`` a mean's standard error over the mean."""
-    if cost.summary is None or positive.summary is None or positive.summary.mean <= 0 or cost.summary.mean <= 0:
+    if cost.summary is None or positive.summary is None or positive.summary.mean <= 0:
         return _empty(total=cost.data.get("total"))
     c, p = cost.summary, positive.summary
+    if c.mean <= 0:  # free answers (a free model, own keys not priced): every positive one costs nothing
+        data = {"value": _money(0.0), "interval": [_money(0.0)] * 2, "n": positive.data["successes"]}
+        return _Figure(stats.Summary(n=p.n, mean=0.0, variance=0.0), {**data, "total": cost.data.get("total")})
     ratio = c.mean / p.mean
     relative_variance = c.variance / (c.n * c.mean**2) + p.variance / (p.n * p.mean**2)
     z = scipy_stats.norm.ppf(1 - (1 - confidence) / 2)

@@ -87,7 +87,7 @@ def order_statistic_interval(values, q, confidence):
 
 
 def money(value) -> str:
-    return str(Decimal(str(value)).quantize(Decimal("1E-10")))
+    return f"{Decimal(str(value)).quantize(Decimal('1E-10')):f}"
 
 
 def test_every_figure_agrees_with_the_ledger_and_feedback_rows():
@@ -336,3 +336,17 @@ def test_the_number_of_queries_does_not_grow_with_the_ledger():
         return len(captured.captured_queries)
 
     assert queries_for(10) == queries_for(2000)
+
+
+def test_money_is_a_plain_decimal_string_even_when_tiny_or_free():
+    experiment, (control, treatment) = make_experiment()
+    rated_rows(experiment, control, n=20, positives=10, cost=Decimal("0.0000001"))
+    rated_rows(experiment, treatment, n=20, positives=10, cost=Decimal("0"))
+    c, t = experiment_results(experiment, now=NOW)["variants"]
+    assert c["metrics"]["cost"]["value"] == "0.0000001000"
+    assert c["metrics"]["cost"]["total"] == "0.0000020000"
+    assert c["metrics"]["cost_per_positive"]["value"] == "0.0000002000"
+    assert t["metrics"]["cost"]["value"] == "0.0000000000"
+    assert t["metrics"]["cost_per_positive"]["value"] == "0.0000000000"
+    assert t["metrics"]["cost_per_positive"]["interval"] == ["0.0000000000", "0.0000000000"]
+    assert t["comparisons"]["cost"]["difference"] == "-0.0000001000"
