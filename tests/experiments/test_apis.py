@@ -191,6 +191,18 @@ def test_create_makes_a_draft_with_its_variants_steps_and_layout(client, operato
             {"variants": [{"name": "a", "is_control": True}, {"name": "b", "prompt_version": 999}]},
             "variants.1.prompt_version",
         ),
+        (
+            {"variants": [{"name": "a", "is_control": True}, {"name": "b", "overrides": {"stream": True}}]},
+            "variants.1.overrides.stream",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True}, {"name": "b", "overrides": {"temperature": 3}}]},
+            "variants.1.overrides.temperature",
+        ),
+        (
+            {"variants": [{"name": "a", "is_control": True, "overrides": {"max_tokens": "lots"}}, {"name": "b"}]},
+            "variants.0.overrides.max_tokens",
+        ),
         ({"steps": [{"allocations": {"purple": "5"}}]}, "steps.0.allocations"),
         ({"steps": [{"allocations": {"green": "101"}}]}, "steps.0.allocations.green"),
     ],
