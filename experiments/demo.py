@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
+from django.core.exceptions import ValidationError
 from django.db import connections, models, router, transaction
 from django.utils import timezone
 
@@ -45,7 +46,7 @@ from prompts.services import brand_save, prompt_label_set, prompt_version_create
 from providers.models import CatalogModel, Deployment
 
 from .layout import bucket_of, layout_owner
-from .models import AllocationStep, Experiment, ExperimentStatus, Feedback, FeedbackSource, Metric, Variant
+from .models import AllocationStep, Experiment, Feedback, FeedbackSource, Metric, Variant
 from .services import experiment_rollout_advance, experiment_start
 
 EXPERIMENT_NAME = "demo-mini-east-vs-west"
@@ -109,6 +110,7 @@ AD_COPY_V2_NOTE = "staging: lead with one concrete product fact in the headline"
 class DemoResult:
     experiment: Experiment
     seeded: bool  # False: it was there already, and nothing was seeded
+    problem: str = ""  # why it could not start (it is then a draft without history)
 
 
 def experiments_demo_install(*, now: datetime | None = None, seed: int = 12) -> Experiment:
@@ -125,7 +127,8 @@ def experiments_demo_ensure(*, now: datetime | None = None, seed: int = 12) -> D
     existing = Experiment.objects.filter(name=EXPERIMENT_NAME).first()
     if existing is not None:
         return DemoResult(existing, seeded=False)
-    return DemoResult(_experiment_seed(now=now or timezone.now(), seed=seed), seeded=True)
+    experiment, problem = _experiment_seed(now=now or timezone.now(), seed=seed)
+    return DemoResult(experiment, seeded=not problem, problem=problem)
 
 
 def demo_brand_ensure() -> BrandProfile:
@@ -184,9 +187,10 @@ def experiments_demo_remove() -> int:
     return removed
 
 
-def _experiment_seed(*, now: datetime, seed: int) -> Experiment:
+def _experiment_seed(*, now: datetime, seed: int) -> tuple[Experiment, str]:
     """Create the experiment and run its rollout through the services an admin's clicks run (start, then
-    each step), so its layout is the one they build; then write the history those layouts imply."""
+    each step), so its layout is the one they build; then write the history those layouts imply. Returns the
+    experiment and, when it could not start, why."""
     model = CatalogModel.objects.get(name=MODEL_NAME)
     deployments = {row.name: row for row in Deployment.objects.filter(model=model).select_related("provider")}
     start = (now - timedelta(days=DAYS)).replace(minute=0, second=0, microsecond=0)
@@ -225,12 +229,12 @@ def _experiment_seed(*, now: datetime, seed: int) -> Experiment:
         )
         for position, (day, percent) in enumerate(later, start=1)
     ]
-    if Experiment.objects.filter(model=model, status=ExperimentStatus.RUNNING).exists():
-        # One running experiment per model: someone else's runs on it, so the demo's stays a draft, unseeded
-        # (it never ran), rather than stopping theirs.
-        return experiment
-
-    experiment = experiment_start(experiment=experiment, actor=None)
+    try:
+        experiment = experiment_start(experiment=experiment, actor=None)
+    except ValidationError as exc:
+        # Say another experiment already runs on the model (one per model), or an admin disabled a deployment:
+        # the demo's stays a draft without history (it never ran) rather than stop theirs or fail `make run`.
+        return experiment, " ".join(exc.messages)
     layouts = [list(experiment.layout)]
     for step in steps:
         experiment_rollout_advance(experiment=experiment, actor=None)
@@ -249,7 +253,7 @@ def _experiment_seed(*, now: datetime, seed: int) -> Experiment:
         now=now,
         rng=np.random.default_rng(seed),
     )
-    return experiment
+    return experiment, ""
 
 
 def _history_seed(

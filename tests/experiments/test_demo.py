@@ -207,9 +207,10 @@ def test_a_model_with_another_running_experiment_gets_the_demo_as_an_unseeded_dr
     model = CatalogModel.objects.get(name="demo-gpt-4o-mini")
     other = Experiment.objects.create(name="theirs", model=model, status=ExperimentStatus.RUNNING)
 
-    experiment = experiments_demo_install()
+    result = experiments_demo_ensure()
 
-    assert experiment.status == ExperimentStatus.DRAFT
+    assert result.experiment.status == ExperimentStatus.DRAFT
+    assert not result.seeded and "theirs already runs on demo-gpt-4o-mini" in result.problem
     other.refresh_from_db()
     assert other.status == ExperimentStatus.RUNNING
     assert not UsageRecord.objects.exists() and not Feedback.objects.exists()

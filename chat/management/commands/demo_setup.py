@@ -112,6 +112,8 @@ class Command(BaseCommand):
             where = reverse("experiment-results-page", args=[experiment.pk])
         except NoReverseMatch:
             where = "/experiments/"
+        if result.problem:
+            self.stderr.write(self.style.WARNING(f"warning: the demo experiment stays a draft: {result.problem}"))
         if result.seeded:
             self.stdout.write(self.style.SUCCESS(f"Demo experiment {experiment.name!r} ({experiment.status}): {where}"))
         else:
