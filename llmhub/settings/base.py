@@ -251,7 +251,10 @@ SPECTACULAR_SETTINGS = {
     # 3.1 because the /v1/* schemas are copied from OpenAI's spec, which is written in 3.1.
     "OAS_VERSION": "3.1.0",
     # One enum per choice set that several fields share (otherwise named after each field, with a warning).
-    "ENUM_NAME_OVERRIDES": {"FeedbackEnum": "chat.models.Feedback"},
+    "ENUM_NAME_OVERRIDES": {
+        "FeedbackEnum": "chat.models.Feedback",
+        "ExperimentMetricEnum": "experiments.models.Metric",
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "llmhub.schema.document_error_responses",

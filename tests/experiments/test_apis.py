@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from django.test import Client
 
 from accounts.roles import Role, role_set
 from audit.models import AuditEvent
@@ -440,3 +441,39 @@ def test_the_csv_errors_stay_json(client, model):
     response = client.get(f"{URL}12345/results/?format=csv")
     assert response.status_code == 404
     assert response.json()["error"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_fuzzed_requests_by_an_operator_get_no_server_error_and_match_the_schema(llmhub_server, model, mode):
+    """schemathesis sends generated requests (valid ones, then invalid ones) to every /api/experiments/
+    operation as an operator, on a live server with a draft and a running experiment in place: every answer
+    is a non-5xx whose status, content type and (for valid requests) body the schema documents."""
+    import httpx
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    from billing.services.keys import api_key_create
+    from tests.test_fuzz import CHECKS, operation_failures
+
+    user = UserFactory(username="fuzz-operator")
+    role_set(user, Role.OPERATOR)
+    key = api_key_create(user=user, name="fuzz").secret
+    client = Client()
+    client.force_login(user)
+    create(client)
+    running = create(client, name="running")
+    post(client, f"{URL}{running['id']}/start/")
+
+    # The key the fuzzer sends is an operator's: its requests reach the views, not just the permission check.
+    listed = httpx.get(llmhub_server.url + URL, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert listed.status_code == 200 and listed.json()["count"] == 2
+
+    schema = schemathesis.openapi.from_url(llmhub_server.url + "/api/schema/?format=json").include(
+        path_regex="^/api/experiments/"
+    )
+    assert len(list(schema.get_all_operations())) == 11
+    generation = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
+    checks = CHECKS if mode == "positive" else CHECKS[:1] + CHECKS[2:3]
+    failures = operation_failures(schema, mode=generation, checks=checks, base_url=llmhub_server.url, key=key)
+    assert not failures, "\n\n".join(failures)
