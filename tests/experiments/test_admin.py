@@ -267,3 +267,37 @@ def test_feedback_is_read_only_and_found_by_request_id(operator_client):
     operator_client.post(reverse("admin:experiments_feedback_change", args=[feedback.pk]), {"value": "-1"})
     feedback.refresh_from_db()
     assert feedback.value == 1
+
+
+def test_an_experiment_is_created_with_its_variants_as_a_draft(operator_client, ab_experiment):
+    ab = ab_experiment(status=ExperimentStatus.CONCLUDED)  # a model with two deployments to choose from
+    add = reverse("admin:experiments_experiment_add")
+    page = operator_client.get(add)
+    assert page.status_code == 200
+    data = form_data(page)
+    data.update({"name": "new-test", "model": ab.model.pk, "primary_metric": "positive_rate", "alpha": "0.05"})
+    data["guardrail_metrics"] = '["error_rate"]'
+    variants = next(i for i in page.context["inline_admin_formsets"] if i.formset.model is Variant).formset
+    assert len(variants.forms) == 2  # a control and a treatment to fill in
+    for form, (name, deployment, control) in zip(
+        variants.forms, (("a", ab.control_deployment, True), ("b", ab.treatment_deployment, False)), strict=True
+    ):
+        data.update({form.add_prefix("name"): name, form.add_prefix("deployment"): deployment.pk})
+        data.update({form.add_prefix("allocation"): "50", form.add_prefix("position"): "0"})
+        data[form.add_prefix("overrides")] = "{}"
+        if control:
+            data[form.add_prefix("is_control")] = "on"
+
+    response = operator_client.post(add, data, follow=True)
+
+    assert response.status_code == 200
+    created = Experiment.objects.get(name="new-test")
+    assert created.status == ExperimentStatus.DRAFT and created.guardrail_metrics == ["error_rate"]
+    assert [(v.name, v.is_control, v.allocation) for v in created.variants.order_by("name")] == [
+        ("a", True, Decimal("50")),
+        ("b", False, Decimal("50")),
+    ]
+    data["name"], data["guardrail_metrics"] = "bad-metrics", '["speed"]'
+    refused = operator_client.post(add, data)
+    assert "A list of metrics among" in refused.content.decode()
+    assert not Experiment.objects.filter(name="bad-metrics").exists()
