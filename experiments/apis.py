@@ -27,7 +27,7 @@ from accounts.permissions import CanManageExperiments
 from billing.apis import BoundedPagination
 from core.openapi import ErrorResponseSerializer, error_responses
 
-from .models import AllocationStep, Experiment, Variant
+from .models import AllocationStep, Experiment, ExperimentStatus, Variant
 from .results import experiment_results
 from .serializers import (
     ExperimentCreateSerializer,
@@ -69,6 +69,13 @@ def _answer(experiment: Experiment, code: int = status.HTTP_200_OK) -> Response:
     return Response(ExperimentOutputSerializer(_experiment_or_404(experiment.pk)).data, status=code)
 
 
+class ExperimentFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=ExperimentStatus.choices, required=False, help_text="Only experiments in this status."
+    )
+    model = serializers.CharField(required=False, max_length=128, help_text="Only experiments on this public model.")
+
+
 class ExperimentListCreateApi(APIView):
     permission_classes = _PERMISSIONS
     pagination_class = BoundedPagination
@@ -78,18 +85,17 @@ class ExperimentListCreateApi(APIView):
         operation_id="experiments_list",
         summary="List experiments (staff)",
         description="Newest first, with their variants and rollout steps.",
-        parameters=[
-            OpenApiParameter("status", str, description="Only experiments in this status (`running`, …)."),
-            OpenApiParameter("model", str, description="Only experiments on this public model."),
-        ],
+        parameters=[ExperimentFilterSerializer],
         responses={200: ExperimentOutputSerializer(many=True), **error_responses(401), **_STAFF_ONLY},
     )
     def get(self, request: Request) -> Response:
+        filters = ExperimentFilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
         rows = _experiments()
-        if request.query_params.get("status"):
-            rows = rows.filter(status=request.query_params["status"])
-        if request.query_params.get("model"):
-            rows = rows.filter(model__name=request.query_params["model"])
+        if filters.validated_data.get("status"):
+            rows = rows.filter(status=filters.validated_data["status"])
+        if filters.validated_data.get("model"):
+            rows = rows.filter(model__name=filters.validated_data["model"])
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(rows, request, view=self)
         return paginator.get_paginated_response(ExperimentOutputSerializer(page, many=True).data)

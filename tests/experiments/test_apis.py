@@ -126,6 +126,18 @@ def test_an_operator_with_a_jwt_may_and_a_member_with_one_may_not(client, model,
     assert client.get(URL, HTTP_AUTHORIZATION=f"Bearer {member_token}").status_code == 403
 
 
+def test_the_list_filters_by_status_and_model_and_refuses_a_bad_filter(client, operator, model):
+    draft = create(client)
+    running = create(client, name="running")
+    post(client, f"{URL}{running['id']}/start/")
+    assert [e["id"] for e in client.get(URL + "?status=running").json()["results"]] == [running["id"]]
+    assert [e["id"] for e in client.get(URL + "?status=draft&model=ab-model").json()["results"]] == [draft["id"]]
+    assert client.get(URL + "?model=other-model").json()["count"] == 0
+    for query, param in [("?status=sleeping", "status"), ("?model=a%00b", "model")]:
+        response = client.get(URL + query)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
 def test_create_makes_a_draft_with_its_variants_steps_and_layout(client, operator, model):
     created = create(client)
     assert created["status"] == "draft"
@@ -477,3 +489,15 @@ def test_fuzzed_requests_by_an_operator_get_no_server_error_and_match_the_schema
     checks = CHECKS if mode == "positive" else CHECKS[:1] + CHECKS[2:3]
     failures = operation_failures(schema, mode=generation, checks=checks, base_url=llmhub_server.url, key=key)
     assert not failures, "\n\n".join(failures)
+
+
+def test_ids_past_any_row_are_404_or_400_not_server_errors(client, operator, model):
+    huge = 10**30
+    assert client.get(f"{URL}{huge}/").status_code == 404
+    assert client.get(f"{URL}{huge}/results/").status_code == 404
+    response = client.post(
+        URL,
+        body(variants=[{"name": "a", "is_control": True}, {"name": "b", "prompt_version": huge}]),
+        content_type="application/json",
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "variants.1.prompt_version"
