@@ -17,8 +17,11 @@ import secrets
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+from .overrides import overrides_validate
 
 BUCKETS = 10_000  # basis points: an allocation of 12.34 % owns 1,234 buckets
 
@@ -140,6 +143,13 @@ class Variant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment.name}:{self.name}"
+
+    def clean(self) -> None:
+        try:
+            overrides_validate(self.overrides)
+        except ValidationError as exc:
+            problems = "; ".join(f"{name}: {' '.join(messages)}" for name, messages in exc.message_dict.items())
+            raise ValidationError({"overrides": problems}) from None
 
 
 class AllocationStep(models.Model):

@@ -7,7 +7,6 @@ another public model's name, ``prompt_version`` a prompt template version's id."
 
 from __future__ import annotations
 
-import math
 import re
 from decimal import Decimal
 from typing import Any
@@ -20,6 +19,7 @@ from prompts.models import PromptVersion
 from providers.models import CatalogModel, Deployment
 
 from .models import AllocationStep, Experiment, Metric, Variant
+from .overrides import OVERRIDABLE, overrides_validate
 from .services import HUNDRED, allocation_percent
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -60,55 +60,12 @@ class AllocationsField(serializers.DictField):
         return {name: f"{Decimal(str(percent)).quantize(Decimal('0.01'))}" for name, percent in (value or {}).items()}
 
 
-_INT32_MAX = 2**31 - 1
-_INT64 = (-(2**63), 2**63 - 1)
-_RANGES = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2), "frequency_penalty": (-2, 2)}
-# What a variant may set on the way upstream: sampling parameters. Not what shapes the request or its answer
-# (model, messages, stream, n, tools, user): the pipeline merges overrides after validating the client's
-# request and deciding how to answer it, so they must not change either.
-OVERRIDABLE = (*_RANGES, "max_tokens", "max_completion_tokens", "seed", "stop", "reasoning_effort", "response_format")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def overrides_check(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` if each is a parameter a variant may set (``OVERRIDABLE``) with a value the chat
-    endpoint would accept; else a ``ValidationError`` naming the parameter."""
-    for name, value in overrides.items():
-        if name not in OVERRIDABLE:
-            raise serializers.ValidationError(
-                {name: f"Not a parameter a variant may set; one of {', '.join(OVERRIDABLE)}."}
-            )
-        if name in _RANGES:
-            low, high = _RANGES[name]
-            if not _is_number(value) or not low <= value <= high:
-                raise serializers.ValidationError({name: f"Expected a number between {low} and {high}."})
-        elif name in ("max_tokens", "max_completion_tokens"):
-            if not _is_int(value) or not 1 <= value <= _INT32_MAX:
-                raise serializers.ValidationError({name: f"Expected an integer between 1 and {_INT32_MAX}."})
-        elif name == "seed":
-            if not _is_int(value) or not _INT64[0] <= value <= _INT64[1]:
-                raise serializers.ValidationError({name: "Expected a 64-bit integer."})
-        elif name == "stop":
-            if not (
-                isinstance(value, str)
-                or (isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) for s in value))
-            ):
-                raise serializers.ValidationError({name: "Expected a string or an array of at most 4 strings."})
-        elif name == "reasoning_effort":
-            if value not in ("minimal", "low", "medium", "high"):
-                raise serializers.ValidationError({name: "Expected minimal, low, medium or high."})
-        elif name == "response_format" and (
-            not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema")
-        ):
-            raise serializers.ValidationError({name: "Expected an object of type text, json_object or json_schema."})
-    return overrides
+    """``overrides_validate`` for DRF: a ``ValidationError`` naming the parameter."""
+    try:
+        return overrides_validate(overrides)
+    except DjangoValidationError as exc:
+        raise serializers.ValidationError(exc.message_dict) from None
 
 
 @extend_schema_serializer(component_name="ExperimentVariant")

@@ -301,3 +301,21 @@ def test_an_experiment_is_created_with_its_variants_as_a_draft(operator_client, 
     refused = operator_client.post(add, data)
     assert "A list of metrics among" in refused.content.decode()
     assert not Experiment.objects.filter(name="bad-metrics").exists()
+
+
+def test_a_variant_override_the_pipeline_must_not_take_is_refused_in_the_admin(operator_client, ab_experiment):
+    """The admin checks a variant's overrides as the API does (``experiments.overrides``): ``stream`` would
+    change a request after it was validated, and a temperature of 5 no provider takes."""
+    ab = ab_experiment(status=ExperimentStatus.DRAFT, control=50, treatment=50)
+    page = operator_client.get(change_url(ab.experiment))
+    prefix = variant_prefix(page, "treatment")
+
+    for overrides in ('{"stream": true}', '{"temperature": 5}', "[1, 2]"):
+        response = post_change(operator_client, ab.experiment, **{f"{prefix}-overrides": overrides})
+        assert b"errorlist" in response.content, overrides
+        ab.refresh()
+        assert ab.treatment.overrides == {}
+
+    post_change(operator_client, ab.experiment, **{f"{prefix}-overrides": '{"temperature": 0.2}'})
+    ab.refresh()
+    assert ab.treatment.overrides == {"temperature": 0.2}
