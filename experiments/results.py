@@ -447,6 +447,7 @@ def _day_range(first: dt.date, last: dt.date) -> list[dt.date]:
 def _winner(
     control: Variant | None, variants: list[Variant], comparisons: dict[str, dict], primary: str, guardrails: list[str]
 ) -> tuple[Variant | None, str]:
+    label = str(Metric(primary).label).lower() if primary in Metric.values else primary
     if control is None:
         return None, "No control variant: nothing to compare against."
     treatments = [v for v in variants if v.pk != control.pk]
@@ -466,10 +467,10 @@ def _winner(
             return sign * float(comparisons[variant.name][primary]["difference"])
 
         best = max(candidates, key=gain)
-        return best, f"{best.name} is better than {control.name} on {primary} and worse on no guardrail metric."
+        return best, f"{best.name} is better than {control.name} on {label} and worse on no guardrail metric."
     if all((comparisons[v.name].get(primary) or {}).get("verdict") == "worse" for v in treatments):
-        return control, f"Every variant is worse than the control {control.name} on {primary}."
-    return None, f"No variant is yet known to be better than {control.name} on {primary} without a guardrail worse."
+        return control, f"Every variant is worse than the control {control.name} on {label}."
+    return None, f"No variant is yet known to be better than {control.name} on {label} without a guardrail worse."
 
 
 def experiment_results(experiment: Experiment, *, now: dt.datetime | None = None) -> dict[str, Any]:
