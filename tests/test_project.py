@@ -502,3 +502,12 @@ def test_production_serves_collected_static_files_itself(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_no_two_test_modules_share_a_name():
+    """The test folders are not packages (a ``tests/experiments/__init__.py`` would shadow the app), so pytest
+    imports each test module by its file name: two ``test_admin.py`` stop the whole suite at collection."""
+    names: dict[str, list[str]] = {}
+    for path in (Path(__file__).resolve().parent).rglob("test_*.py"):
+        names.setdefault(path.name, []).append(str(path))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
