@@ -100,7 +100,6 @@ from typing import Any
 from django.db.models import Count, Exists, F, FloatField, Max, Min, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
-from scipy import stats as scipy_stats
 
 from billing.models import UsageRecord, UsageStatus
 
@@ -209,16 +208,11 @@ def _mean(n: int, total: float, total_squares: float, confidence: float, *, mone
 
 
 def _percentile(rows: QuerySet, field: str, n: int, q: float, confidence: float) -> tuple[int | None, list | None]:
-    """The nearest-rank ``q`` percentile of ``field`` over ``rows`` (``n`` of them) and its
-    distribution-free interval: order statistics ``l`` and ``u`` with ``l = F⁻¹(α/2)`` and
-    ``u = F⁻¹(1 - α/2) + 1``, ``F`` the Binomial(n, q) distribution. Only the slice of sorted values
-    between them is read."""
+    """The nearest-rank ``q`` percentile of ``field`` over ``rows`` (``n`` of them) and its distribution-free
+    interval (``stats.quantile_ranks``). Only the slice of sorted values between its ranks is read."""
     if n == 0:
         return None, None
-    rank = max(1, math.ceil(q * n))
-    alpha = 1 - confidence
-    low = int(max(1, scipy_stats.binom.ppf(alpha / 2, n, q)))
-    high = int(min(n, scipy_stats.binom.ppf(1 - alpha / 2, n, q) + 1))
+    rank, low, high = stats.quantile_ranks(n, q, confidence)
     first, last = min(low, rank), max(high, rank)
     values = list(rows.order_by(field).values_list(field, flat=True)[first - 1 : last])
     if len(values) < last - first + 1:  # rows went away between the count and the read
@@ -229,25 +223,22 @@ def _percentile(rows: QuerySet, field: str, n: int, q: float, confidence: float)
 def _cost_per_positive(cost: _Figure, positive: _Figure, confidence: float) -> _Figure:
     """Mean price over positive rate: what one positive answer costs. Equal to total price / positive
     answers when every request is rated; with fewer rated it does not count the unrated ones as negative.
-    Its interval: the delta method on the log scale, the two means taken as independent,
-    ``log R ± z·sqrt(cv_cost² + cv_rate²)`` with ``cv`` a mean's standard error over the mean."""
+    Its interval: ``stats.ratio_of_means_interval`` (the delta method on the log scale)."""
     if cost.summary is None or positive.summary is None or positive.summary.mean <= 0:
         return _empty(total=cost.data.get("total"))
     c, p = cost.summary, positive.summary
     if c.mean <= 0:  # free answers (a free model, own keys not priced): every positive one costs nothing
         data = {"value": _money(0.0), "interval": [_money(0.0)] * 2, "n": positive.data["successes"]}
         return _Figure(stats.Summary(n=p.n, mean=0.0, variance=0.0), {**data, "total": cost.data.get("total")})
-    ratio = c.mean / p.mean
+    ratio, low, high = stats.ratio_of_means_interval(c, p, confidence)
     relative_variance = c.variance / (c.n * c.mean**2) + p.variance / (p.n * p.mean**2)
-    z = scipy_stats.norm.ppf(1 - (1 - confidence) / 2)
-    spread = z * math.sqrt(relative_variance)
     # For comparisons: a "sample" of the rated requests whose mean's variance is the ratio's.
     summary = stats.Summary(n=p.n, mean=ratio, variance=relative_variance * ratio**2 * p.n)
     return _Figure(
         summary,
         {
             "value": _money(ratio),
-            "interval": [_money(ratio * math.exp(-spread)), _money(ratio * math.exp(spread))],
+            "interval": [_money(low), _money(high)],
             "n": positive.data["successes"],
             "total": cost.data.get("total"),
         },

@@ -40,16 +40,16 @@ same default suits rates, scores, latencies and costs alike; beyond ``N0`` the b
 ``sqrt(log n)``, so a 0.60 vs 0.50 positive rate is found within about a thousand samples per arm and
 smaller effects later. See docs/statistics.md for the choices and the simulations.
 
-**Intervals** for single arms: Wilson for rates, Student t for means, scipy's BCa bootstrap for medians and
-other statistics, and the delta method for a ratio of two means (cost per positive answer).
+**Intervals** for single arms: Wilson for rates, Student t for means, binomial order statistics for
+percentiles (``quantile_ranks``), and the delta method on the log scale for a ratio of two means (cost per
+positive answer, ``ratio_of_means_interval``): all from what the database aggregates.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,67 +127,38 @@ def mean_interval(s: Summary, confidence: float = 0.95) -> tuple[float, float]:
     return (s.mean - half, s.mean + half)
 
 
-def bootstrap_interval(
-    values: Sequence[float] | np.ndarray,
-    statistic: Callable = np.median,
-    confidence: float = 0.95,
-    resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """A BCa bootstrap interval (``scipy.stats.bootstrap``) for a statistic such as the median or a
-    percentile of latency, where no formula fits. Deterministic for a given ``seed``. (nan, nan) for no
-    value; a single value, or identical ones, give that value as both bounds."""
-    array = np.asarray(values, dtype=float)
-    if array.size == 0:
-        return (math.nan, math.nan)
-    if array.size == 1 or np.all(array == array[0]):
-        value = float(statistic(array))
-        return (value, value)
-    result = None
-    for method in ("BCa", "percentile"):
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy warns, then answers NaN, when BCa degenerates: we fall back
-            try:
-                result = stats.bootstrap(
-                    (array,),
-                    statistic,
-                    confidence_level=confidence,
-                    n_resamples=resamples,
-                    method=method,
-                    rng=np.random.default_rng(seed),
-                )
-            except ValueError:
-                continue
-        low, high = result.confidence_interval
-        if np.isfinite(low) and np.isfinite(high):
-            return (float(low), float(high))
-    value = float(statistic(array))
-    return (value, value)
+def quantile_ranks(n: int, q: float, confidence: float = 0.95) -> tuple[int, int, int]:
+    """The nearest-rank ``q`` quantile of ``n`` sorted values and its distribution-free interval, as 1-based
+    ranks ``(rank, low, high)``: the order statistics ``low = F⁻¹(α/2)`` and ``high = F⁻¹(1 − α/2) + 1``
+    of ``F`` = Binomial(n, q) (the textbook interval for a quantile, e.g. Hahn & Meeker, *Statistical
+    Intervals*, 1991, §5.2), clipped to ``[1, n]``. Ranks, not values, so that the caller reads only the
+    slice of sorted values between them (the ledger is ordered by the database, never loaded whole)."""
+    if n < 1:
+        raise ValueError("quantile_ranks needs at least one value")
+    alpha = 1 - confidence
+    rank = max(1, math.ceil(q * n))
+    low = int(max(1, stats.binom.ppf(alpha / 2, n, q)))
+    high = int(min(n, stats.binom.ppf(1 - alpha / 2, n, q) + 1))
+    return rank, low, high
 
 
-def ratio_interval(
-    numerator_values: Sequence[float] | np.ndarray,
-    denominator_values: Sequence[float] | np.ndarray,
-    confidence: float = 0.95,
-) -> tuple[float, float]:
-    """An interval for ``sum(numerator) / sum(denominator)`` over paired units, e.g. cost per positive
-    answer (each request's cost, and 1 if its feedback was positive else 0), by the delta method:
-    ``var(R) ≈ (s_x² − 2 R s_xy + R² s_y²) / (n · ȳ²)``, with a Student t quantile. (nan, nan) when there
-    are fewer than two units or the denominator sums to 0 (no positive answer: no cost per one)."""
-    x = np.asarray(numerator_values, dtype=float)
-    y = np.asarray(denominator_values, dtype=float)
-    if x.shape != y.shape:
-        raise ValueError("ratio_interval needs one numerator and one denominator per unit")
-    n = x.size
-    if n < 2 or y.sum() == 0:
-        return (math.nan, math.nan)
-    ratio = x.sum() / y.sum()
-    covariance = np.cov(x, y, ddof=1)
-    variance = (covariance[0, 0] - 2 * ratio * covariance[0, 1] + ratio * ratio * covariance[1, 1]) / (
-        n * y.mean() ** 2
+def ratio_of_means_interval(
+    numerator: Summary, denominator: Summary, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """``(ratio, low, high)`` for ``mean(numerator) / mean(denominator)``, e.g. cost per positive answer
+    (mean price over positive rate), by the delta method on the log scale with the two means taken as
+    independent: ``log R ± z · sqrt(cv_x² + cv_y²)``, ``cv`` a mean's standard error over the mean. From
+    the summaries alone (what a database aggregates), so no per-row value is read. Where price and a
+    positive answer go together (longer answers cost more and please more), leaving out their covariance
+    widens the interval: conservative, never too narrow. NaNs when either mean is not positive."""
+    if numerator.n < 1 or denominator.n < 1 or numerator.mean <= 0 or denominator.mean <= 0:
+        return (math.nan, math.nan, math.nan)
+    ratio = numerator.mean / denominator.mean
+    relative_variance = numerator.variance / (numerator.n * numerator.mean**2) + denominator.variance / (
+        denominator.n * denominator.mean**2
     )
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * math.sqrt(max(variance, 0.0))
-    return (float(ratio - half), float(ratio + half))
+    spread = _z(confidence) * math.sqrt(relative_variance)
+    return (ratio, ratio * math.exp(-spread), ratio * math.exp(spread))
 
 
 # --- the anytime-valid comparison -------------------------------------------------------------------
