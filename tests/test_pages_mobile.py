@@ -250,6 +250,11 @@ async def usage_admin_ready(page: Page) -> None:
     await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
 
 
+async def experiments_ready(page: Page) -> None:
+    await expect(page.get_by_role("heading", name="Experiments", exact=True)).to_be_visible()
+    await expect(page.locator(".empty-note")).to_be_visible()
+
+
 async def menu_open(page: Page) -> None:
     """The top bar's links and "Sign out" are in its menu, inside the screen."""
     menu = page.get_by_role("button", name="Menu")
@@ -273,6 +278,7 @@ PAGES: dict[str, tuple[str, bool, Callable[[Page], Awaitable[None]]]] = {
     "provider-keys": ("/provider-keys/", True, provider_keys_ready),
     "usage": ("/usage/", True, usage_ready),
     "usage-admin": ("/usage/admin/", True, usage_admin_ready),
+    "experiments": ("/experiments/", True, experiments_ready),
     "menu": ("/keys/", True, menu_open),
     "login": ("/accounts/login/", False, login_ready),
 }
