@@ -113,7 +113,10 @@ def _openai_compatible_paths() -> dict[str, Any]:
                     "OpenAI's Chat Completions API, routed to the provider that serves `model`. With "
                     '`"stream": true` the answer is `text/event-stream`: one `data: {chunk}` event per '
                     "CreateChatCompletionStreamResponse, then `data: [DONE]`. An upstream failure after the "
-                    'stream has started arrives as a `data: {"error": {...}}` event.'
+                    'stream has started arrives as a `data: {"error": {...}}` event.\n\n'
+                    "llmhub's extension: `prompt` in place of `messages` runs a prompt template, "
+                    '`{"slug", "version" | "label", "variables", "brand"}` (see `GET /api/prompts/`); the template '
+                    "is rendered on the server and the provider receives only `messages`."
                 ),
                 "tags": [_TAG],
                 "security": security,
@@ -121,7 +124,18 @@ def _openai_compatible_paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "The completion, or a stream of chunks when `stream` is true.",
-                        "headers": _request_id_header(),
+                        "headers": {
+                            **_request_id_header(),
+                            "x-llmhub-experiment": {
+                                "description": "`<experiment>:<variant>` when the model's running A/B experiment "
+                                "assigned this caller to a variant.",
+                                "schema": {"type": "string"},
+                            },
+                            "x-llmhub-prompt": {
+                                "description": "`<slug>:v<N>`: the prompt template version that ran (`prompt`).",
+                                "schema": {"type": "string"},
+                            },
+                        },
                         "content": {
                             **_json("CreateChatCompletionResponse"),
                             "text/event-stream": {"schema": {"$ref": _REF + "CreateChatCompletionStreamResponse"}},
