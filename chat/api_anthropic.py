@@ -34,7 +34,7 @@ from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.exceptions import ProviderError
 from providers.selectors import model_resolve
 
-from .api_openai import _parse_body, _stamp, run_open, shutdown_response
+from .api_openai import parse_body, response_stamp, run_open, shutdown_response
 from .pipeline import (
     CompletionRun,
     caller_from_api_key,
@@ -52,7 +52,7 @@ _ENDPOINT = "rest"
 def _answer(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
     # Anthropic's SDK reads the request id from `request-id`; ours also goes out as `x-request-id`.
     response["request-id"] = request_id
-    return _stamp(response, request_id, started, run)
+    return response_stamp(response, request_id, started, run)
 
 
 def anthropic_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awaitable[HttpResponse]]:
@@ -83,7 +83,7 @@ async def messages(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return _answer(await _method_not_allowed(request, request_id), request_id, started)
+        return _answer(await method_not_allowed(request, request_id), request_id, started)
     run: CompletionRun | None = None
     try:
         run = await run_open(
@@ -143,10 +143,10 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return _answer(await _method_not_allowed(request, request_id), request_id, started)
+        return _answer(await method_not_allowed(request, request_id), request_id, started)
     try:
         await caller_from_api_key(key_from_headers(request.headers))
-        body = _parse_body(request)
+        body = parse_body(request)
         validate_count_tokens_request(body)
         await model_resolve(body["model"])
     except ApplicationError as exc:
@@ -154,7 +154,7 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
     return _answer(json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)
 
 
-async def _method_not_allowed(request: HttpRequest, request_id: str) -> HttpResponse:
+async def method_not_allowed(request: HttpRequest, request_id: str) -> HttpResponse:
     """405, and the ``rejected`` ledger row a request from a valid key gets however it was refused."""
     error = InvalidRequestError("Method not allowed; use POST.", code="method_not_allowed", status_code=405)
     raw_key = key_from_headers(request.headers)

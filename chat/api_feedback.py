@@ -23,7 +23,7 @@ from core.exceptions import ApplicationError
 from experiments.models import Feedback, FeedbackMetric, FeedbackSource
 from experiments.services_feedback import feedback_set, request_is_users
 
-from .api_openai import _method_not_allowed, _parse_body, _stamp, openai_endpoint
+from .api_openai import method_not_allowed, openai_endpoint, parse_body, response_stamp
 from .callers import caller_from_api_key
 from .pipeline import new_request_id
 from .validation import InvalidRequestError, has_lone_surrogate
@@ -145,10 +145,10 @@ async def feedback_create(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
+        return response_stamp(await method_not_allowed(request, "POST", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
-        given = feedback_input(_parse_body(request))
+        given = feedback_input(parse_body(request))
         if not await request_is_users(request_id=given.request_id, user_id=caller.user_id):
             raise RequestNotFoundError(
                 f"No request '{given.request_id}' of yours was found (one that has just ended may take a "
@@ -165,5 +165,7 @@ async def feedback_create(request: HttpRequest) -> HttpResponse:
             source=FeedbackSource.API,
         )
     except ApplicationError as exc:
-        return _stamp(openai_error_response(exc), request_id, started)
-    return _stamp(json_response(feedback_payload(feedback), status=201 if created else 200), request_id, started)
+        return response_stamp(openai_error_response(exc), request_id, started)
+    return response_stamp(
+        json_response(feedback_payload(feedback), status=201 if created else 200), request_id, started
+    )

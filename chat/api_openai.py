@@ -51,7 +51,9 @@ logger = logging.getLogger("llmhub.api")
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _stamp(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
+def response_stamp(
+    response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None
+) -> HttpResponse:
     response["x-request-id"] = request_id
     response["X-Content-Type-Options"] = "nosniff"
     overhead = run.overhead_ms() if run is not None else (time.perf_counter() - started) * 1000
@@ -62,7 +64,7 @@ def _stamp(response: HttpResponse, request_id: str, started: float, run: Complet
     return response
 
 
-def _parse_body(request: HttpRequest) -> Any:
+def parse_body(request: HttpRequest) -> Any:
     content_type = request.content_type or ""
     if content_type and content_type != "application/json":
         raise InvalidRequestError("Content-Type must be application/json.", code="invalid_content_type")
@@ -98,7 +100,9 @@ def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..
         except DATABASE_OUTAGE_ERRORS:
             # Any query of ours that met a database outage outside the pipeline's steps: a 503 to retry.
             logger.warning("database unavailable in %s", view.__name__, exc_info=True)
-            return _stamp(openai_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter())
+            return response_stamp(
+                openai_error_response(DatabaseUnavailableError()), new_request_id(), time.perf_counter()
+            )
         except Exception:
             logger.exception("unexpected failure in %s", view.__name__)
             response = json_response(
@@ -109,7 +113,7 @@ def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..
                 ),
                 status=500,
             )
-            return _stamp(response, new_request_id(), time.perf_counter())
+            return response_stamp(response, new_request_id(), time.perf_counter())
 
     return csrf_exempt(wrapper)
 
@@ -126,7 +130,7 @@ async def run_open(
     except DatabaseUnavailableError as exc:
         body = None
         with contextlib.suppress(ApplicationError):
-            body = _parse_body(request)
+            body = parse_body(request)
         completion_reject_unverified(
             raw_key=raw_key or "",
             endpoint=endpoint,
@@ -138,7 +142,7 @@ async def run_open(
         )
         raise
     try:
-        body = _parse_body(request)
+        body = parse_body(request)
     except ApplicationError as exc:
         completion_reject(
             caller=caller, endpoint=endpoint, request_id=request_id, error=exc, started=started, operation=operation
@@ -168,7 +172,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
+        return response_stamp(await method_not_allowed(request, "POST", request_id), request_id, started)
     run: CompletionRun | None = None
     try:
         run = await run_open(request, endpoint="rest", request_id=request_id, started=started)
@@ -181,7 +185,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     except asyncio.CancelledError:
         if (response := shutdown_response(run, openai_error_response)) is None:
             raise
-    return _stamp(response, request_id, started, run)
+    return response_stamp(response, request_id, started, run)
 
 
 @openai_endpoint
@@ -191,7 +195,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return _stamp(await _method_not_allowed(request, "POST", request_id), request_id, started)
+        return response_stamp(await method_not_allowed(request, "POST", request_id), request_id, started)
     run: CompletionRun | None = None
     try:
         run = await run_open(
@@ -203,7 +207,7 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     except asyncio.CancelledError:
         if (response := shutdown_response(run, openai_error_response)) is None:
             raise
-    return _stamp(response, request_id, started, run)
+    return response_stamp(response, request_id, started, run)
 
 
 async def _open_stream(run: CompletionRun) -> HttpResponse:
@@ -242,17 +246,17 @@ async def models_list(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "GET":
-        return _stamp(await _method_not_allowed(request, "GET", request_id), request_id, started)
+        return response_stamp(await method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         models = await models_for_caller(caller, mode=None)  # embedding models too, unlike the chat picker
     except ApplicationError as exc:
-        return _stamp(openai_error_response(exc), request_id, started)
+        return response_stamp(openai_error_response(exc), request_id, started)
     payload = {
         "object": "list",
         "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name} for m in models],
     }
-    return _stamp(json_response(payload), request_id, started)
+    return response_stamp(json_response(payload), request_id, started)
 
 
 @openai_endpoint
@@ -260,13 +264,13 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "GET":
-        return _stamp(await _method_not_allowed(request, "GET", request_id), request_id, started)
+        return response_stamp(await method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         for candidate in await models_for_caller(caller, mode=None):
             if candidate.name == model:
                 payload = {"id": candidate.name, "object": "model", "created": 0, "owned_by": candidate.provider.name}
-                return _stamp(json_response(payload), request_id, started)
+                return response_stamp(json_response(payload), request_id, started)
         raise ApplicationError(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
@@ -274,10 +278,10 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
             status_code=404,
         )
     except ApplicationError as exc:
-        return _stamp(openai_error_response(exc), request_id, started)
+        return response_stamp(openai_error_response(exc), request_id, started)
 
 
-async def _method_not_allowed(request: HttpRequest, allowed: str, request_id: str) -> HttpResponse:
+async def method_not_allowed(request: HttpRequest, allowed: str, request_id: str) -> HttpResponse:
     """405, and the ``rejected`` ledger row a request from a valid key gets however it was refused."""
     error = InvalidRequestError(
         f"Method not allowed; use {allowed}." if allowed else f"Method not allowed ({request.method}).",
@@ -305,11 +309,11 @@ async def not_found(request: HttpRequest, path: str) -> HttpResponse:
     started = time.perf_counter()
     if request.method == "TRACE":
         request_id = new_request_id()
-        return _stamp(await _method_not_allowed(request, "", request_id), request_id, started)
+        return response_stamp(await method_not_allowed(request, "", request_id), request_id, started)
     response = json_response(
         openai_error_body(
             f"Invalid URL ({request.method} /v1/{path})", error_type="invalid_request_error", code="unknown_url"
         ),
         status=404,
     )
-    return _stamp(response, new_request_id(), started)
+    return response_stamp(response, new_request_id(), started)
