@@ -29,6 +29,7 @@ from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
+from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.translate_anthropic import openai_usage
@@ -341,8 +342,10 @@ async def completion_start(
         if model is None:
             model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
         if assignment is not None and assignment.variant.overrides:
-            # The variant's parameters (set by an admin, e.g. temperature) replace the client's.
-            body.update(assignment.variant.overrides)
+            # The variant's parameters (set by an admin, e.g. temperature) replace the client's, as the
+            # request's protocol spells them.
+            overrides = assignment.variant.overrides
+            body.update(overrides_for_messages(overrides) if operation == Operation.MESSAGES else overrides)
         _check_mode(model, operation)
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")

@@ -57,3 +57,20 @@ def overrides_validate(overrides: Any) -> dict[str, Any]:
         ):
             raise ValidationError({name: "Expected an object of type text, json_object or json_schema."})
     return overrides
+
+
+def overrides_for_messages(overrides: dict[str, Any]) -> dict[str, Any]:
+    """A variant's overrides as an Anthropic Messages request (``/v1/messages``) spells them: the sampling
+    parameters that API has (``max_completion_tokens`` is its ``max_tokens``, ``stop`` its
+    ``stop_sequences``, a temperature up to 1), the others left out rather than sent to be refused."""
+    spelled: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name == "temperature" and value <= 1:
+            spelled["temperature"] = value
+        elif name == "top_p":
+            spelled["top_p"] = value
+        elif name in ("max_tokens", "max_completion_tokens"):
+            spelled["max_tokens"] = value
+        elif name == "stop":
+            spelled["stop_sequences"] = [value] if isinstance(value, str) else list(value)
+    return spelled

@@ -190,3 +190,36 @@ async def test_a_websocket_reply_says_its_experiment(fake_upstream, ab_experimen
             assert started["deployment"] == variant
         finally:
             await ws.disconnect()
+
+
+def test_an_anthropic_messages_request_gets_the_overrides_that_api_has(llmhub_server, fake_upstream, ab_experiment):
+    """/v1/messages speaks Anthropic's parameters: a variant's ``stop`` arrives as the stop sequence, its
+    ``max_completion_tokens`` as ``max_tokens``, and ``seed`` (which that API lacks) is left out rather than
+    sent to be refused; the request is in the experiment like any other."""
+    import anthropic
+
+    ab = ab_experiment(
+        control=50,
+        treatment=50,
+        overrides={"temperature": 0.25, "stop": "ZZZ", "seed": 7, "max_completion_tokens": 40},
+    )
+    for n in range(200):
+        user = UserFactory(username=f"claude-user-{n}")
+        if variant_of(ab, assignment_unit(user_id=user.pk, api_key_id=None)) == "treatment":
+            break
+    created = api_key_create(user=user, name="messages")
+    client = anthropic.Anthropic(base_url=llmhub_server.url, api_key=created.secret, max_retries=0, timeout=30)
+
+    raw = client.messages.with_raw_response.create(
+        model="ab-model", max_tokens=100, messages=[{"role": "user", "content": "hello there"}]
+    )
+
+    assert raw.status_code == 200 and raw.parse().content
+    assert raw.headers["x-llmhub-experiment"] == "ab-test:treatment"
+    (body,) = upstream_bodies(fake_upstream)
+    assert body["temperature"] == 0.25
+    assert body["stop"] == ["ZZZ"]
+    assert body.get("max_tokens", body.get("max_completion_tokens")) == 40
+    assert "seed" not in body
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
