@@ -139,7 +139,7 @@ def test_create_with_expiry_and_allowed_models(client):
         ({"allowed_models": ["no-such-model"]}, "allowed_models"),
         ({"allowed_models": ["switched-off"]}, "allowed_models"),
         ({"allowed_models": "gpt-a"}, "allowed_models"),
-        ({"scopes": ["keys:everything"]}, "scopes"),
+        ({"scopes": ["keys:everything"]}, "scopes.0"),  # the item at fault, as for any other index
         ({"budget_usd": "-1"}, "budget_usd"),
         ({"budget_period": "weekly"}, "budget_period"),
         ({"rpm": 0}, "rpm"),
