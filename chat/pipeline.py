@@ -28,6 +28,13 @@ from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+from core.telemetry import (
+    AttemptObservation,
+    RequestObservation,
+    request_ended,
+    request_observed,
+    request_started,
+)
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_for
@@ -258,6 +265,26 @@ def completion_reject(
             moderation=moderation[:200],
             experiment_id=assignment.experiment_id if assignment is not None else None,
             experiment_variant_id=assignment.variant_id if assignment is not None else None,
+        )
+    )
+    now_ns = time.time_ns()
+    duration = time.perf_counter() - started if started is not None else 0.0
+    request_observed(
+        RequestObservation(
+            request_id=request_id,
+            transport=endpoint,
+            operation=operation,
+            status=UsageStatus.REJECTED,
+            model=model.name if model else "",
+            provider=model.provider.name if model else "",
+            provider_kind=model.provider.kind if model else "",
+            error_type=error.code or type(error).__name__,
+            stream=bool(body.get("stream")) if isinstance(body, dict) else False,
+            duration=duration,
+            overhead=duration,
+            started_ns=now_ns - int(duration * 1e9),
+            ended_ns=now_ns,
+            experiment=assignment.header if assignment is not None else "",
         )
     )
 
@@ -646,6 +673,10 @@ class CompletionRun:
         self._upstream_started: float | None = None
         self._first_token_at: float | None = None
         self._upstream_done: float | None = None
+        # Every upstream call made, for the operator's metrics and traces (``core.telemetry``).
+        self.attempt_log: list[AttemptObservation] = []
+        self._attempt_started: tuple[float, int] | None = None
+        request_started()
 
     @property
     def response_headers(self) -> dict[str, str]:
@@ -754,9 +785,27 @@ class CompletionRun:
 
     # The call loop -----------------------------------------------------------------------------------
 
-    def _ticket_close(self, outcome: str, *, tokens: int = 0) -> None:
+    def _ticket_close(self, outcome: str, *, tokens: int = 0, error_type: str = "") -> None:
         """Report the attempt still open (a stream's, until its end) to routing; once."""
         ticket, self._ticket = self._ticket, None
+        opened, self._attempt_started = self._attempt_started, None
+        if opened is not None and self.served is not None and self.served.deployment is not None:
+            served = self.served
+            self.attempt_log.append(
+                AttemptObservation(
+                    deployment=served.deployment.name,
+                    provider=served.provider.name,
+                    provider_kind=served.provider.kind,
+                    model=served.name,
+                    upstream_model=served.upstream_id,
+                    started=opened[0],
+                    ended=time.perf_counter(),
+                    started_ns=opened[1],
+                    ended_ns=time.time_ns(),
+                    outcome=outcome,
+                    error_type=error_type,
+                )
+            )
         if ticket is not None:
             ttft = None
             if self._first_token_at is not None and self._first_token_at >= ticket.started:
@@ -813,11 +862,12 @@ class CompletionRun:
                 self.served = target
                 self.attempts += 1
                 self._ticket = call_started(deployment.id)
+                self._attempt_started = (time.perf_counter(), time.time_ns())
                 try:
                     async with asyncio.timeout_at(deadline):
                         result = await once(target)
                 except TimeoutError:
-                    self._ticket_close(Outcome.FAILURE)
+                    self._ticket_close(Outcome.FAILURE, error_type="timeout")
                     raise ProviderTimeoutError(
                         f"No deployment answered within {settings.LLMHUB_REQUEST_DEADLINE_SECONDS:g} seconds, "
                         "the request's deadline.",
@@ -834,7 +884,10 @@ class CompletionRun:
                 except ProviderError as exc:
                     refused = byok_refused(target, exc)
                     # A user's own key refused says nothing of the deployment: its breaker does not count it.
-                    self._ticket_close(_outcome(exc) if refused is exc else Outcome.NEUTRAL)
+                    self._ticket_close(
+                        _outcome(exc) if refused is exc else Outcome.NEUTRAL,
+                        error_type=exc.code or type(exc).__name__,
+                    )
                     if refused is not exc:
                         raise refused from exc
                     if not _retryable(exc):
@@ -1248,6 +1301,35 @@ class CompletionRun:
             Outcome.OK if status == UsageStatus.OK else Outcome.NEUTRAL,
             tokens=settled.prompt_tokens + settled.completion_tokens,
         )
+        duration = now - self.started
+        now_ns = time.time_ns()
+        deployment = served.deployment
+        request_observed(
+            RequestObservation(
+                request_id=self.request_id,
+                transport=self.endpoint,
+                operation=self.operation,
+                status=status,
+                model=served.name,
+                deployment=deployment.name if deployment is not None else "",
+                provider=served.provider.name,
+                provider_kind=served.provider.kind,
+                upstream_model=served.upstream_id,
+                error_type=error_type,
+                stream=bool(self.body.get("stream")),
+                duration=duration,
+                ttft=ttft_ms / 1000 if ttft_ms is not None else None,
+                overhead=self.overhead_ms(now) / 1000,
+                prompt_tokens=settled.prompt_tokens,
+                completion_tokens=settled.completion_tokens,
+                cost=settled.cost,
+                started_ns=now_ns - int(duration * 1e9),
+                ended_ns=now_ns,
+                attempts=tuple(self.attempt_log),
+                experiment=self.assignment.header if self.assignment is not None else "",
+            )
+        )
+        request_ended()
         self.result = RunResult(
             status=status,
             finish_reason=finish_reason,
