@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
@@ -28,6 +29,7 @@ from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+from core.request_context import request_id_bind
 from core.telemetry import (
     AttemptObservation,
     RequestObservation,
@@ -83,6 +85,8 @@ from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requeste
 from .validation import InvalidRequestError, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
+
+logger = logging.getLogger(__name__)
 
 # How each operation's body is checked before anything else (``completion_start``).
 _VALIDATORS = {
@@ -214,7 +218,11 @@ def _request_track() -> None:
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    """A new request's id, bound to the log context of the task serving it: every line logged from here
+    on while the request is served carries it (``core.request_context``)."""
+    request_id = "req_" + uuid.uuid4().hex
+    request_id_bind(request_id)
+    return request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +353,7 @@ async def completion_start(
     no budget, rate limited) still gets its ledger row, with status ``rejected``, because every request an
     authenticated caller makes is accounted for."""
     request_id = request_id or new_request_id()
+    request_id_bind(request_id)  # also an id the caller made (a prompt run's): its log lines carry it
     started = time.perf_counter()
     model: ResolvedModel | None = None
     moderation: Moderation | None = None
@@ -806,6 +815,16 @@ class CompletionRun:
                     error_type=error_type,
                 )
             )
+            if outcome == Outcome.FAILURE:
+                # The operator's first clue to a provider going bad; the request id is on the line.
+                logger.warning(
+                    "upstream attempt %d on deployment %s (provider %s, model %s) failed: %s",
+                    len(self.attempt_log),
+                    served.deployment.name,
+                    served.provider.name,
+                    served.upstream_id,
+                    error_type or "error",
+                )
         if ticket is not None:
             ttft = None
             if self._first_token_at is not None and self._first_token_at >= ticket.started:

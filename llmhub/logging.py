@@ -1,4 +1,13 @@
-"""Keeping secrets out of the server's own log lines.
+"""The server's log lines: one JSON object per line in production, each carrying the id of the request it
+was written for, and no secret in any of them.
+
+JSON lines (``JsonFormatter``, ``LLMHUB_LOG_FORMAT=json``, production's default): ``time`` (UTC, ISO 8601,
+milliseconds), ``level``, ``logger``, ``message``, ``request_id`` (null outside a request) and, when there
+is one, ``exception`` (the traceback as text). The request id comes from ``core.request_context``, set
+where a request gets its id, through ``RequestIdFilter`` on the handler: every line a request's handling
+writes carries it, from any logger. Plain text (the default in development) carries it too.
+
+Keeping secrets out of the server's own log lines.
 
 uvicorn logs every request's target with its query string: the access log (``uvicorn.access``) and
 the WebSocket handshakes (``uvicorn.error``). llmhub refuses an API key sent in a query string, but a
@@ -9,7 +18,12 @@ formatter, so it holds whatever log configuration the server was started with.
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from core.request_context import request_id_current
 
 # No space: log parsers split the request line on spaces.
 QUERY_REDACTED = "?[redacted]"
@@ -38,3 +52,79 @@ def drop_query_strings_from_server_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, DropQueryStrings) for existing in logger.filters):
             logger.addFilter(DropQueryStrings())
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being served (``record.request_id``; None outside
+    one). On the handler, so that records of every logger, propagated or not, get it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_current()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. Only the formatted message goes out: a record's arguments are not
+    written apart from it, and neither are ``extra`` fields, so a line says what its message says."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None) or request_id_current(),
+        }
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        # Non-ASCII stays readable; a line break inside a message is escaped, so one record is one line.
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The development format, with the request's id after the logger's name when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s%(request_tag)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None) or request_id_current()
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def logging_settings(*, log_format: str, level: str) -> dict[str, Any]:
+    """Django's ``LOGGING``: everything to stderr, as ``log_format`` (text or json) says, the request id on
+    every line. In JSON, uvicorn's own loggers (the access log, the server's errors) write JSON lines
+    through the same handler instead of uvicorn's text ones, so a log collector reads one format."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"LLMHUB_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    config: dict[str, Any] = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": "llmhub.logging.RequestIdFilter"}},
+        "formatters": {
+            "text": {"()": "llmhub.logging.TextFormatter"},
+            "json": {"()": "llmhub.logging.JsonFormatter"},
+        },
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": log_format, "filters": ["request_id"]}},
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {
+            "django.db.backends": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
+            "httpx2": {"level": "WARNING"},
+        },
+    }
+    if log_format == "json":
+        for name in SERVER_LOGGERS:
+            config["loggers"][name] = {"handlers": ["console"], "propagate": False}
+    return config

@@ -73,7 +73,9 @@ def test_production_access_log_drops_the_query_string(tmp_path):
     text = log.read_text()
     assert SECRET not in text and "api_key" not in text
     assert behind_proxy.status_code == 401 and plain.status_code == 403
-    lines = re.findall(r'"GET (\S+) HTTP/1\.1" (\d{3})', text)
+    # Production logs JSON lines (llmhub/logging.py), uvicorn's access log included.
+    messages = [json.loads(line)["message"] for line in text.splitlines()]
+    lines = [found for message in messages for found in re.findall(r'"GET (\S+) HTTP/1\.1" (\d{3})', message)]
     assert lines == [("/v1/models?[redacted]", "401"), ("/v1/models?[redacted]", "403")], text
 
 

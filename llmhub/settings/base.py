@@ -13,6 +13,8 @@ from pathlib import Path
 
 import environ
 
+from llmhub.logging import logging_settings
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 LOCAL_DIR = BASE_DIR / ".local"
 
@@ -408,15 +410,7 @@ LLMHUB_JWT_JWKS_TIMEOUT_SECONDS = env.float("LLMHUB_JWT_JWKS_TIMEOUT_SECONDS", d
 # A verified token is trusted this long (never past its exp) before its signature is checked again.
 LLMHUB_JWT_CACHE_SECONDS = env.float("LLMHUB_JWT_CACHE_SECONDS", default=60.0)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {
-        "django.db.backends": {"level": "WARNING"},
-        "httpx": {"level": "WARNING"},
-        "httpx2": {"level": "WARNING"},
-    },
-}
+# LOGGING
+# https://docs.djangoproject.com/en/5.2/topics/logging/ — JSON lines with LLMHUB_LOG_FORMAT=json (production's
+# default), every line with its request id (llmhub/logging.py, docs/observability.md).
+LOGGING = logging_settings(log_format=env("LLMHUB_LOG_FORMAT", default="text"), level=env("LOG_LEVEL", default="INFO"))

@@ -38,10 +38,14 @@ def _check_secrets() -> None:
 
 _check_secrets()
 
+from llmhub.logging import logging_settings  # noqa: E402
+
 from .base import *  # noqa: E402,F403
 from .base import env  # noqa: E402
 
 DEBUG = False
+# LOGGING: JSON lines, one object per line with its request id, for a log collector (docs/observability.md).
+LOGGING = logging_settings(log_format=env("LLMHUB_LOG_FORMAT", default="json"), level=env("LOG_LEVEL", default="INFO"))
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[])
 
 # SECURITY
