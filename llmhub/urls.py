@@ -26,6 +26,7 @@ urlpatterns = [
     path("api/", include("billing.urls")),
     path("provider-keys/", include("providers.urls_pages")),
     path("usage/", include("billing.urls_dashboard")),
+    path("ops/", include("billing.urls_ops")),
     path("experiments/", include("experiments.urls_pages")),
     path("", include("chat.urls")),
 ]

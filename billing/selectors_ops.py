@@ -1,0 +1,293 @@
+"""The operations dashboard's figures (``/ops/``): every provider and deployment with its health, its
+breaker and its last hour from the ledger (requests, error rate, p50/p95 latency, requests per minute),
+the spend per hour of the last 24 hours, and the requests refused in the last hour by reason.
+
+Everything is aggregated in the database over a time range of ``UsageRecord.created_at`` (indexed), so the
+cost of a read grows with the traffic of the window read, not with the size of the ledger. The percentiles
+are exact nearest-rank order statistics, read for every deployment at once with window functions (one
+query): no latency is loaded into Python. Billing sits above providers, so the breakers and the health
+checks are read here directly."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from django.db.models import Count, F, OuterRef, Q, Subquery, Sum, Window
+from django.db.models.functions import RowNumber, TruncHour
+
+from providers.models import BreakerOverride, Deployment, HealthCheck, HealthStatus, Incident, Provider
+from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN
+from providers.routing.breakers import breaker_states
+
+from .models import UsageRecord, UsageStatus
+
+WINDOW = timedelta(hours=1)
+SPEND_HOURS = 24
+# A deployment answering with at least this share of errors (over at least MIN_REQUESTS requests in the
+# window) is marked failing, whatever its breaker says: a breaker only opens on consecutive failures.
+FAILING_ERROR_RATE = 0.2
+MIN_REQUESTS = 5
+
+# What a refused request's ``error_type`` means, for people (any other code is shown as it is).
+REJECTION_LABELS = {
+    "rate_limit_exceeded": "Rate limit",
+    "insufficient_quota": "Budget or quota",
+    "model_not_allowed": "Model not allowed",
+    "content_policy_violation": "Moderation",
+    "moderation_unavailable": "Moderation unavailable",
+    "no_deployment_available": "No deployment available",
+    "deployments_at_capacity": "Deployments at capacity",
+    "request_too_large": "Request too large",
+    "invalid_value": "Invalid request",
+    "model_not_found": "Unknown model",
+    "own_key_required": "Own key required",
+    "billing_unavailable": "Billing unavailable",
+    "server_shutting_down": "Server shutting down",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentOps:
+    id: int
+    model: str
+    name: str
+    provider: str
+    enabled: bool
+    health: str  # HealthStatus of its latest health check: ok, failing, unknown (never checked)
+    health_at: datetime | None
+    health_error: str
+    incident_since: datetime | None  # an open incident
+    incident_reason: str
+    breaker: str  # closed, half_open, open (what routing sees, an admin's override included)
+    breaker_forced: bool
+    requests: int
+    errors: int
+    p50_ms: int | None
+    p95_ms: int | None
+    problems: tuple[str, ...]
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def rpm(self) -> float:
+        return self.requests / (WINDOW.total_seconds() / 60)
+
+    @property
+    def failing(self) -> bool:
+        return bool(self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderOps:
+    name: str
+    kind: str
+    health: str
+    health_at: datetime | None
+    health_error: str
+    deployments: int
+    failing: int
+
+
+@dataclass(frozen=True, slots=True)
+class HourSpend:
+    hour: datetime  # its start, UTC
+    cost: Decimal
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    code: str
+    label: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpsSnapshot:
+    now: datetime
+    providers: list[ProviderOps]
+    deployments: list[DeploymentOps]
+    spend_per_hour: list[HourSpend]
+    rejections: list[Rejection]
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+def _percentiles(since: datetime) -> dict[int, dict[str, int]]:
+    """p50 and p95 of ``duration_ms`` per deployment over the answered requests since ``since``: the values
+    at ranks ceil(q·n) of each deployment's sorted durations, picked in the database."""
+    ranked = (
+        UsageRecord.objects.filter(created_at__gte=since, deployment_id__isnull=False, status=UsageStatus.OK)
+        .annotate(
+            rank=Window(RowNumber(), partition_by=[F("deployment_id")], order_by=[F("duration_ms").asc()]),
+            n=Window(Count("pk"), partition_by=[F("deployment_id")]),
+        )
+        .values_list("deployment_id", "rank", "n", "duration_ms")
+    )
+    # ceil(n/2) and ceil(95n/100) in integer arithmetic, which both databases agree on.
+    picked = ranked.filter(Q(rank=(F("n") + 1) / 2) | Q(rank=(F("n") * 95 + 99) / 100))
+    found: dict[int, dict[str, int]] = defaultdict(dict)
+    for deployment_id, rank, n, duration in picked:
+        if rank == (n + 1) // 2:
+            found[deployment_id]["p50"] = duration
+        if rank == (n * 95 + 99) // 100:
+            found[deployment_id]["p95"] = duration
+    return found
+
+
+def _problems(
+    *, enabled: bool, breaker: str, forced: bool, health: str, incident: bool, requests: int, errors: int
+) -> tuple[str, ...]:
+    if not enabled:
+        return ()
+    problems = []
+    if incident:
+        problems.append("open incident")
+    if breaker == OPEN:
+        problems.append("breaker forced open" if forced else "breaker open")
+    elif breaker == HALF_OPEN:
+        problems.append("breaker half-open")
+    if health == HealthStatus.FAILING:
+        problems.append("health check failing")
+    if requests >= MIN_REQUESTS and errors / requests >= FAILING_ERROR_RATE:
+        problems.append(f"{round(100 * errors / requests)} % errors")
+    return tuple(problems)
+
+
+def ops_deployments(*, now: datetime) -> list[DeploymentOps]:
+    since = now - WINDOW
+    latest = HealthCheck.objects.filter(deployment=OuterRef("pk")).order_by("-checked_at")
+    incident = Incident.objects.filter(deployment=OuterRef("pk"), ended_at__isnull=True)
+    rows = list(
+        Deployment.objects.select_related("model", "provider")
+        .annotate(
+            check_ok=Subquery(latest.values("ok")[:1]),
+            check_at=Subquery(latest.values("checked_at")[:1]),
+            check_error=Subquery(latest.values("error")[:1]),
+            incident_since=Subquery(incident.values("started_at")[:1]),
+            incident_reason=Subquery(incident.values("reason")[:1]),
+        )
+        .order_by("model__name", "priority", "pk")
+    )
+    traffic = {
+        row["deployment_id"]: row
+        for row in UsageRecord.objects.filter(created_at__gte=since, deployment_id__isnull=False)
+        .values("deployment_id")
+        .annotate(requests=Count("pk"), errors=Count("pk", filter=Q(status=UsageStatus.UPSTREAM_ERROR)))
+        .order_by()
+    }
+    latency = _percentiles(since)
+    breakers = breaker_states(row.pk for row in rows)
+    deployments = []
+    for row in rows:
+        forced = row.breaker_override
+        breaker = {BreakerOverride.OPEN: OPEN, BreakerOverride.CLOSED: CLOSED}.get(forced, breakers[row.pk].state)
+        health = (
+            HealthStatus.UNKNOWN if row.check_ok is None else HealthStatus.OK if row.check_ok else HealthStatus.FAILING
+        )
+        seen = traffic.get(row.pk, {"requests": 0, "errors": 0})
+        deployments.append(
+            DeploymentOps(
+                id=row.pk,
+                model=row.model.name,
+                name=row.name,
+                provider=row.provider.name,
+                enabled=row.enabled and row.model.enabled and row.provider.enabled,
+                health=health,
+                health_at=row.check_at,
+                health_error=row.check_error or "",
+                incident_since=row.incident_since,
+                incident_reason=row.incident_reason or "",
+                breaker=breaker,
+                breaker_forced=bool(forced),
+                requests=seen["requests"],
+                errors=seen["errors"],
+                p50_ms=latency.get(row.pk, {}).get("p50"),
+                p95_ms=latency.get(row.pk, {}).get("p95"),
+                problems=_problems(
+                    enabled=row.enabled and row.model.enabled and row.provider.enabled,
+                    breaker=breaker,
+                    forced=forced == BreakerOverride.OPEN,
+                    health=health,
+                    incident=row.incident_since is not None,
+                    requests=seen["requests"],
+                    errors=seen["errors"],
+                ),
+            )
+        )
+    return deployments
+
+
+def ops_providers(deployments: list[DeploymentOps]) -> list[ProviderOps]:
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for deployment in deployments:
+        counts[deployment.provider][0] += 1
+        counts[deployment.provider][1] += deployment.failing
+    return [
+        ProviderOps(
+            name=provider.name,
+            kind=provider.kind,
+            health=provider.last_health_status,
+            health_at=provider.last_health_at,
+            health_error=provider.last_health_error,
+            deployments=counts[provider.name][0],
+            failing=counts[provider.name][1],
+        )
+        for provider in Provider.objects.order_by("name")
+    ]
+
+
+def ops_spend_per_hour(*, now: datetime) -> list[HourSpend]:
+    """The last ``SPEND_HOURS`` UTC hours, the current one (so far) last; hours without spend included."""
+    current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    first = current - timedelta(hours=SPEND_HOURS - 1)
+    spent = {
+        row["hour"]: row
+        for row in UsageRecord.objects.filter(created_at__gte=first, created_at__lte=now)
+        .annotate(hour=TruncHour("created_at", tzinfo=UTC))
+        .values("hour")
+        .annotate(cost=Sum("cost"), requests=Count("pk"))
+        .order_by()
+    }
+    hours = []
+    for offset in range(SPEND_HOURS):
+        hour = first + timedelta(hours=offset)
+        row = spent.get(hour, {})
+        hours.append(HourSpend(hour, row.get("cost") or Decimal(0), row.get("requests", 0)))
+    return hours
+
+
+def ops_rejections(*, now: datetime) -> list[Rejection]:
+    """Requests refused in the last hour (rate limit, budget, moderation, …) by reason, most first."""
+    rows = (
+        UsageRecord.objects.filter(created_at__gte=now - WINDOW, status=UsageStatus.REJECTED)
+        .values("error_type")
+        .annotate(n=Count("pk"))
+        .order_by("-n", "error_type")
+    )
+    return [
+        Rejection(row["error_type"], REJECTION_LABELS.get(row["error_type"], row["error_type"] or "unknown"), row["n"])
+        for row in rows
+    ]
+
+
+def ops_snapshot(*, now: datetime) -> OpsSnapshot:
+    deployments = ops_deployments(now=now)
+    rejections = ops_rejections(now=now)
+    return OpsSnapshot(
+        now=now,
+        providers=ops_providers(deployments),
+        deployments=deployments,
+        spend_per_hour=ops_spend_per_hour(now=now),
+        rejections=rejections,
+        totals={
+            "requests": sum(d.requests for d in deployments),
+            "errors": sum(d.errors for d in deployments),
+            "failing": sum(d.failing for d in deployments),
+            "rejected": sum(r.count for r in rejections),
+        },
+    )

@@ -1,0 +1,263 @@
+/* The operations dashboard: charts drawn by Chart.js (vendor/chartjs) from the figures the page embeds
+   (#ops-figures), then every refresh_seconds fetched again from /ops/data.json (the <main>'s data-source)
+   and redrawn in place, charts and tables alike: no page reload. A failing deployment is drawn in the
+   danger colour and named with a warning sign on the charts' axis, and its table row says why. */
+(function () {
+  "use strict";
+
+  const source = document.getElementById("ops-figures");
+  const main = document.getElementById("main");
+  if (!source || !main || typeof window.Chart === "undefined") return;
+  const Chart = window.Chart;
+
+  const css = getComputedStyle(document.documentElement);
+  const cssVar = (name, fallback) => css.getPropertyValue(name).trim() || fallback;
+  const ACCENT = cssVar("--accent", "#4f46e5");
+  const DANGER = cssVar("--danger", "#c2352b");
+  const MUTED = cssVar("--text-muted", "#5f6b7a");
+  const SECOND = "#0ea5e9";
+
+  Chart.defaults.color = MUTED;
+  Chart.defaults.borderColor = cssVar("--border", "#e3e6ea");
+  Chart.defaults.font.family = cssVar("--font", "system-ui, sans-serif");
+  Chart.defaults.animation = false; // redrawn every refresh: nothing moving, nothing to wait for
+
+  const WARNING = "⚠ ";
+  const axisLabel = (d) => (d.failing ? WARNING : "") + d.label;
+  const barColours = (deployments, colour) => deployments.map((d) => (d.failing ? DANGER : colour));
+
+  const charts = {};
+
+  function chart(id, config) {
+    const canvas = document.getElementById(id);
+    if (!canvas) return null;
+    if (charts[id]) {
+      charts[id].data = config.data;
+      charts[id].options = config.options;
+      charts[id].update();
+    } else {
+      charts[id] = new Chart(canvas, config);
+    }
+    canvas.dataset.drawn = String(Number(canvas.dataset.drawn || 0) + 1);
+    return charts[id];
+  }
+
+  function horizontal(extra) {
+    return {
+      indexAxis: "y",
+      responsive: true,
+      maintainAspectRatio: false,
+      scales: { x: { beginAtZero: true, ...(extra.x || {}) }, y: { grid: { display: false } } },
+      plugins: { legend: { display: Boolean(extra.legend) }, tooltip: extra.tooltip || {} },
+    };
+  }
+
+  function draw(figures) {
+    const deployments = figures.deployments;
+    const labels = deployments.map(axisLabel);
+
+    chart("chart-errors", {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [
+          {
+            label: "Error rate",
+            data: deployments.map((d) => (d.error_rate === null ? 0 : d.error_rate * 100)),
+            backgroundColor: barColours(deployments, ACCENT),
+          },
+        ],
+      },
+      options: horizontal({
+        x: { max: 100, ticks: { callback: (v) => v + " %" } },
+        tooltip: { callbacks: { label: (item) => deployments[item.dataIndex].error_rate_text + " errors, " + deployments[item.dataIndex].status } },
+      }),
+    });
+
+    chart("chart-latency", {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [
+          { label: "p50", data: deployments.map((d) => d.p50_ms), backgroundColor: barColours(deployments, ACCENT) },
+          { label: "p95", data: deployments.map((d) => d.p95_ms), backgroundColor: barColours(deployments, SECOND) },
+        ],
+      },
+      options: horizontal({ legend: true, x: { ticks: { callback: (v) => v.toLocaleString("en") + " ms" } } }),
+    });
+
+    chart("chart-rpm", {
+      type: "bar",
+      data: {
+        labels,
+        datasets: [{ label: "Requests per minute", data: deployments.map((d) => d.rpm), backgroundColor: barColours(deployments, ACCENT) }],
+      },
+      options: horizontal({}),
+    });
+
+    const rejections = figures.rejections;
+    chart("chart-rejections", {
+      type: "bar",
+      data: {
+        labels: rejections.length ? rejections.map((r) => r.label) : ["None"],
+        datasets: [{ label: "Requests refused", data: rejections.length ? rejections.map((r) => r.count) : [0], backgroundColor: cssVar("--warn", "#b7791f") }],
+      },
+      options: horizontal({ x: { ticks: { precision: 0 } } }),
+    });
+
+    const hours = figures.spend_per_hour;
+    chart("chart-spend", {
+      type: "bar",
+      data: {
+        labels: hours.map((h) => h.label),
+        datasets: [{ label: "Spend (USD)", data: hours.map((h) => h.cost), backgroundColor: ACCENT }],
+      },
+      options: {
+        responsive: true,
+        maintainAspectRatio: false,
+        scales: { y: { beginAtZero: true, ticks: { callback: (v) => "$" + Number(v.toPrecision(3)) } }, x: { grid: { display: false } } },
+        plugins: {
+          legend: { display: false },
+          tooltip: { callbacks: { label: (item) => hours[item.dataIndex].cost_text + ", " + hours[item.dataIndex].requests + " requests" } },
+        },
+      },
+    });
+  }
+
+  // Tables: the same cells as the server's template (billing/ops.html), built as DOM nodes (no HTML strings).
+  function cell(tag, text, className) {
+    const node = document.createElement(tag);
+    if (tag === "th") node.scope = "row";
+    if (className) node.className = className;
+    node.textContent = text;
+    return node;
+  }
+
+  function state(failing, enabled, text) {
+    const span = document.createElement("span");
+    span.className = "state " + (failing ? "state-failing" : enabled ? "state-ok" : "state-off");
+    const icon = document.createElement("span");
+    icon.className = "state-icon";
+    icon.setAttribute("aria-hidden", "true");
+    icon.textContent = failing ? "⚠" : enabled ? "✓" : "–";
+    span.append(icon, " " + text);
+    return span;
+  }
+
+  function fill(id, rows, empty, columns) {
+    const body = document.getElementById(id);
+    if (!body) return;
+    const nodes = [...rows];
+    if (!nodes.length) {
+      const tr = document.createElement("tr");
+      const td = cell("td", empty, "muted");
+      td.colSpan = columns;
+      tr.append(td);
+      nodes.push(tr);
+    }
+    body.replaceChildren(...nodes);
+  }
+
+  function tables(figures) {
+    fill(
+      "deployments-body",
+      figures.deployments.map((d) => {
+        const tr = document.createElement("tr");
+        tr.dataset.deployment = d.label;
+        tr.className = d.failing ? "is-failing" : d.enabled ? "" : "is-disabled";
+        const status = document.createElement("td");
+        status.append(state(d.failing, d.enabled, d.status));
+        tr.append(cell("th", d.label), status, cell("td", d.provider), cell("td", d.health_text), cell("td", d.breaker_text));
+        for (const value of [d.requests, d.errors, d.error_rate_text, d.p50_text, d.p95_text, d.rpm_text]) {
+          tr.append(cell("td", String(value), "num"));
+        }
+        return tr;
+      }),
+      "No deployments in the catalog.",
+      11,
+    );
+    fill(
+      "rejections-body",
+      figures.rejections.map((r) => {
+        const tr = document.createElement("tr");
+        tr.append(cell("th", r.label), cell("td", r.code), cell("td", String(r.count), "num"));
+        return tr;
+      }),
+      "No request refused in the last hour.",
+      3,
+    );
+    fill(
+      "spend-body",
+      figures.spend_per_hour.map((h) => {
+        const tr = document.createElement("tr");
+        const th = cell("th", "");
+        const time = document.createElement("time");
+        time.dateTime = h.hour;
+        time.textContent = h.label;
+        th.append(time);
+        tr.append(th, cell("td", String(h.requests), "num"), cell("td", h.cost_text, "num"));
+        return tr;
+      }),
+      "",
+      3,
+    );
+    fill(
+      "providers-body",
+      figures.providers.map((p) => {
+        const tr = document.createElement("tr");
+        tr.className = p.failing ? "is-failing" : "";
+        const failing = document.createElement("td");
+        failing.className = "num";
+        if (p.failing) failing.append(state(true, true, String(p.failing)));
+        else failing.textContent = "0";
+        tr.append(cell("th", p.name), cell("td", p.kind), cell("td", p.health_text), cell("td", String(p.deployments), "num"), failing);
+        return tr;
+      }),
+      "No providers.",
+      5,
+    );
+    const totals = figures.totals;
+    const set = (id, text) => {
+      const node = document.getElementById(id);
+      if (node) node.textContent = text;
+    };
+    set("total-requests", String(totals.requests));
+    set("total-error-rate", totals.error_rate);
+    set("total-failing", String(totals.failing));
+    document.getElementById("total-failing")?.classList.toggle("stat-danger", totals.failing > 0);
+    set("total-rejected", String(totals.rejected));
+    set("total-spend", totals.spend_24h);
+  }
+
+  function stamp(figures, note) {
+    const updated = document.getElementById("ops-updated");
+    if (!updated) return;
+    const time = document.createElement("time");
+    time.dateTime = figures ? figures.now : "";
+    time.textContent = figures ? figures.now.slice(11, 19) + " UTC" : "";
+    updated.replaceChildren(...(figures ? ["Updated ", time, "; refreshes every " + figures.refresh_seconds + " s."] : []), note || "");
+  }
+
+  let figures = JSON.parse(source.textContent);
+  draw(figures);
+  main.dataset.refreshes = "0";
+
+  async function refresh() {
+    try {
+      const response = await fetch(main.dataset.source, { headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin" });
+      if (!response.ok) {
+        stamp(figures, response.status === 401 ? " Signed out: sign in again to resume." : " Could not refresh (" + response.status + ").");
+        return;
+      }
+      figures = await response.json();
+      draw(figures);
+      tables(figures);
+      stamp(figures);
+      main.dataset.refreshes = String(Number(main.dataset.refreshes) + 1);
+    } catch (error) {
+      stamp(figures, " Could not refresh: the server did not answer.");
+    }
+  }
+
+  window.setInterval(refresh, figures.refresh_seconds * 1000);
+})();

@@ -1,0 +1,133 @@
+"""The operations dashboard: ``/ops/`` (the page, its figures embedded for the first drawing) and
+``/ops/data.json`` (the same figures, fetched by ``billing/static/billing/ops.js`` every 15 s to redraw the
+charts and the tables without reloading the page).
+
+For the roles that may read everyone's usage (``Capability.VIEW_ALL_USAGE``: operators and admins); others
+get 403 and the anonymous the login page (the JSON answers them 401 or 403: a script cannot log in)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+
+from accounts.roles import Capability, role_can
+
+from .selectors_ops import FAILING_ERROR_RATE, WINDOW, OpsSnapshot, ops_snapshot
+from .services.budgets import usd
+
+REFRESH_SECONDS = 15
+HEALTH_LABELS = {"ok": "OK", "failing": "Failing", "unknown": "Not checked"}
+BREAKER_LABELS = {"closed": "Closed", "half_open": "Half-open", "open": "Open"}
+
+
+def _iso(instant: datetime | None) -> str | None:
+    return instant.isoformat() if instant is not None else None
+
+
+def _percent(rate: float | None) -> str:
+    return "—" if rate is None else f"{100 * rate:.1f} %"
+
+
+def _ms(value: int | None) -> str:
+    return "—" if value is None else f"{value:,} ms"
+
+
+def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
+    """The snapshot as the page's script and its tables read it: raw numbers for the charts, and the text
+    of every cell, so that the script fills the tables with exactly what the server renders."""
+    return {
+        "now": _iso(snapshot.now),
+        "refresh_seconds": REFRESH_SECONDS,
+        "window_minutes": int(WINDOW.total_seconds() // 60),
+        "failing_error_rate": FAILING_ERROR_RATE,
+        "totals": {
+            **snapshot.totals,
+            "error_rate": _percent(snapshot.totals["errors"] / snapshot.totals["requests"])
+            if snapshot.totals["requests"]
+            else "—",
+            "spend_24h": usd(sum((h.cost for h in snapshot.spend_per_hour), start=0)),
+        },
+        "deployments": [
+            {
+                "id": d.id,
+                "label": f"{d.model} / {d.name}",
+                "model": d.model,
+                "name": d.name,
+                "provider": d.provider,
+                "enabled": d.enabled,
+                "failing": d.failing,
+                "problems": list(d.problems),
+                "status": ("Failing: " + ", ".join(d.problems)) if d.failing else ("OK" if d.enabled else "Disabled"),
+                "health": d.health,
+                "health_text": HEALTH_LABELS.get(d.health, d.health)
+                + (f": {d.health_error}" if d.health_error and d.health == "failing" else ""),
+                "health_at": _iso(d.health_at),
+                "incident_since": _iso(d.incident_since),
+                "incident_reason": d.incident_reason,
+                "breaker": d.breaker,
+                "breaker_text": BREAKER_LABELS.get(d.breaker, d.breaker) + (" (forced)" if d.breaker_forced else ""),
+                "requests": d.requests,
+                "errors": d.errors,
+                "error_rate": d.error_rate,
+                "error_rate_text": _percent(d.error_rate),
+                "p50_ms": d.p50_ms,
+                "p95_ms": d.p95_ms,
+                "p50_text": _ms(d.p50_ms),
+                "p95_text": _ms(d.p95_ms),
+                "rpm": round(d.rpm, 2),
+                "rpm_text": f"{d.rpm:.2f}",
+            }
+            for d in snapshot.deployments
+        ],
+        "providers": [
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "health": p.health,
+                "health_text": HEALTH_LABELS.get(p.health, p.health),
+                "health_at": _iso(p.health_at),
+                "deployments": p.deployments,
+                "failing": p.failing,
+            }
+            for p in snapshot.providers
+        ],
+        "spend_per_hour": [
+            {
+                "hour": _iso(h.hour),
+                "label": f"{h.hour:%H}:00",
+                "cost": float(h.cost),
+                "cost_text": usd(h.cost),
+                "requests": h.requests,
+            }
+            for h in snapshot.spend_per_hour
+        ],
+        "rejections": [{"code": r.code, "label": r.label, "count": r.count} for r in snapshot.rejections],
+    }
+
+
+def _allowed(request: HttpRequest) -> bool:
+    return role_can(request.user, Capability.VIEW_ALL_USAGE)
+
+
+@login_required
+def ops_page(request: HttpRequest) -> HttpResponse:
+    if not _allowed(request):
+        raise PermissionDenied
+    figures = ops_figures(ops_snapshot(now=timezone.now()))
+    return render(request, "billing/ops.html", {"page": "ops", "figures": figures})
+
+
+@never_cache
+def ops_data(request: HttpRequest) -> JsonResponse:
+    if not request.user.is_authenticated:
+        return JsonResponse({"error": "Sign in to read the operations dashboard."}, status=401)
+    if not _allowed(request):
+        return JsonResponse({"error": "Your role may not read the operations dashboard."}, status=403)
+    return JsonResponse(ops_figures(ops_snapshot(now=timezone.now())))

@@ -1,0 +1,240 @@
+"""The operations dashboard (``/ops/`` and ``/ops/data.json``): who may read it, and its figures worked out
+from a ledger, health checks, incidents and breakers built for the purpose, with the clock pinned so that
+"the last hour" and "the last 24 hours" have known edges."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import time_machine
+from django.test import Client
+from django.utils import timezone
+
+from accounts.roles import Role, role_set
+from billing.models import UsageStatus
+from billing.selectors_ops import ops_deployments
+from providers.models import BreakerOverride, HealthCheck, Incident
+from providers.routing.breakers import breaker_force, breakers_forget_local
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+NOW = datetime(2026, 6, 15, 12, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock():
+    with time_machine.travel(NOW, tick=False):
+        yield NOW
+
+
+def user_with(role: Role, name: str):
+    user = UserFactory(username=name)
+    role_set(user, role)
+    return user
+
+
+def client_for(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def ledger(deployment, *, minutes_ago: float, status=UsageStatus.OK, duration_ms=100, cost="0", **fields):
+    return UsageRecordFactory(
+        deployment=deployment,
+        deployment_name=deployment.name if deployment else "",
+        model_name=deployment.model.name if deployment else fields.pop("model_name", "chat"),
+        provider_name=deployment.provider.name if deployment else "",
+        created_at=NOW - timedelta(minutes=minutes_ago),
+        status=status,
+        duration_ms=duration_ms,
+        cost=Decimal(cost),
+        **fields,
+    )
+
+
+@pytest.fixture
+def fleet(clock):
+    """``chat`` on two providers: ``east`` answers (10 requests, 100…1000 ms), ``west`` fails 6 of 10 in
+    the last hour, its breaker open, its last health check failing and an incident open; older rows and a
+    disabled deployment must not count."""
+    east_provider = ProviderFactory(name="east-cloud")
+    west_provider = ProviderFactory(name="west-cloud")
+    chat = ModelFactory(name="chat", provider=east_provider)
+    east = chat.deployments.get()
+    east.name = "east"
+    east.save()
+    west = DeploymentFactory(model=chat, name="west", provider=west_provider, priority=1)
+    spare = DeploymentFactory(model=chat, name="spare", provider=west_provider, priority=2, enabled=False)
+    for n in range(10):
+        ledger(east, minutes_ago=5 + n, duration_ms=100 * (n + 1), cost="0.25")
+    ledger(east, minutes_ago=61, status=UsageStatus.UPSTREAM_ERROR)  # more than an hour ago
+    for n in range(4):
+        ledger(west, minutes_ago=3 + n, duration_ms=2000 + n)
+    for n in range(6):
+        ledger(west, minutes_ago=10 + n, status=UsageStatus.UPSTREAM_ERROR, duration_ms=50)
+    ledger(west, minutes_ago=20, status=UsageStatus.CLIENT_DISCONNECTED, duration_ms=30)
+    HealthCheck.objects.create(deployment=west, checked_at=NOW - timedelta(minutes=9), ok=False, error="HTTP 503")
+    HealthCheck.objects.create(deployment=west, checked_at=NOW - timedelta(minutes=40), ok=True)
+    HealthCheck.objects.create(deployment=east, checked_at=NOW - timedelta(minutes=2), ok=True, latency_ms=12)
+    Incident.objects.create(deployment=west, started_at=NOW - timedelta(minutes=9), reason="3 failed checks")
+    breaker_force(west.pk, "open")
+    # Refused requests: two rate limits and a budget in the hour; one rate limit before it.
+    for minutes, code in ((1, "rate_limit_exceeded"), (30, "rate_limit_exceeded"), (45, "insufficient_quota")):
+        ledger(None, minutes_ago=minutes, status=UsageStatus.REJECTED, error_type=code)
+    ledger(None, minutes_ago=70, status=UsageStatus.REJECTED, error_type="rate_limit_exceeded")
+    # Spend: the current hour (12:xx) has east's $2.50; 3 hours ago $1.20; 24 hours ago is outside.
+    ledger(east, minutes_ago=3 * 60, cost="1.20")
+    ledger(east, minutes_ago=24 * 60 + 5, cost="9.00")
+    return {"east": east, "west": west, "spare": spare}
+
+
+def figures(user) -> dict:
+    response = client_for(user).get("/ops/data.json")
+    assert response.status_code == 200
+    assert "no-cache" in response["Cache-Control"]
+    return response.json()
+
+
+def by_label(data: dict) -> dict[str, dict]:
+    return {d["label"]: d for d in data["deployments"]}
+
+
+def test_only_those_who_may_read_everyones_usage_see_it(clock):
+    anonymous = Client()
+    page = anonymous.get("/ops/")
+    assert page.status_code == 302 and page["Location"].startswith("/accounts/login/")
+    assert anonymous.get("/ops/data.json").status_code == 401
+    for role in (Role.MEMBER, Role.VIEWER):
+        client = client_for(user_with(role, f"a-{role}"))
+        assert client.get("/ops/").status_code == 403
+        assert client.get("/ops/data.json").status_code == 403
+        assert 'href="/ops/"' not in client.get("/usage/").content.decode()  # no link to a page it cannot open
+    for role in (Role.OPERATOR, Role.ADMIN):
+        client = client_for(user_with(role, f"a-{role}"))
+        assert client.get("/ops/").status_code == 200
+        assert client.get("/ops/data.json").status_code == 200
+        assert 'href="/ops/"' in client.get("/usage/").content.decode()
+
+
+def test_each_deployment_with_its_health_breaker_and_last_hour(fleet):
+    data = figures(user_with(Role.OPERATOR, "ops"))
+    rows = by_label(data)
+    assert list(rows) == ["chat / east", "chat / west", "chat / spare"]
+
+    east = rows["chat / east"]
+    assert (east["requests"], east["errors"], east["error_rate"]) == (10, 0, 0.0)
+    assert (east["p50_ms"], east["p95_ms"]) == (500, 1000)  # nearest rank: the 5th and 10th of 100…1000
+    assert east["rpm"] == round(10 / 60, 2)
+    assert east["failing"] is False and east["status"] == "OK"
+    assert east["breaker"] == "closed" and east["health"] == "ok"
+
+    west = rows["chat / west"]
+    # 11 requests in the hour: 4 answered, 6 failed, 1 the client gave up on (neither).
+    assert (west["requests"], west["errors"]) == (11, 6)
+    assert west["error_rate_text"] == "54.5 %"
+    assert (west["p50_ms"], west["p95_ms"]) == (2001, 2003)  # answered requests only
+    assert west["failing"] is True
+    assert west["breaker"] == "open" and west["health"] == "failing"
+    assert west["incident_reason"] == "3 failed checks"
+    assert west["problems"] == ["open incident", "breaker open", "health check failing", "55 % errors"]
+    assert west["status"].startswith("Failing: ")
+
+    spare = rows["chat / spare"]
+    assert spare["enabled"] is False and spare["failing"] is False and spare["status"] == "Disabled"
+    assert (spare["requests"], spare["p50_ms"], spare["p50_text"]) == (0, None, "—")
+
+    providers = {p["name"]: p for p in data["providers"]}
+    assert (providers["east-cloud"]["deployments"], providers["east-cloud"]["failing"]) == (1, 0)
+    assert (providers["west-cloud"]["deployments"], providers["west-cloud"]["failing"]) == (2, 1)
+    assert data["totals"]["failing"] == 1 and data["totals"]["requests"] == 21
+
+
+def test_a_high_error_rate_alone_marks_a_deployment_failing(clock):
+    deployment = DeploymentFactory(name="flaky")
+    for n in range(8):
+        ledger(deployment, minutes_ago=n + 1, status=UsageStatus.UPSTREAM_ERROR if n < 2 else UsageStatus.OK)
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "flaky"]
+    assert row.breaker == "closed" and row.problems == ("25 % errors",)
+    # Under MIN_REQUESTS requests, a failure or two is not yet a rate worth an alarm.
+    quiet = DeploymentFactory(name="quiet")
+    ledger(quiet, minutes_ago=1, status=UsageStatus.UPSTREAM_ERROR)
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "quiet"]
+    assert row.problems == ()
+
+
+def test_a_forced_breaker_is_shown_as_forced(clock):
+    deployment = DeploymentFactory(name="parked", breaker_override=BreakerOverride.OPEN)
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "parked"]
+    assert row.breaker == "open" and row.breaker_forced and row.problems == ("breaker forced open",)
+    deployment.breaker_override = BreakerOverride.CLOSED
+    deployment.save()
+    breaker_force(deployment.pk, "open")
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "parked"]
+    assert row.breaker == "closed" and row.problems == ()  # the override wins, as it does for routing
+
+
+def test_the_breaker_is_read_from_redis_when_it_is_shared(clock, use_redis):
+    deployment = DeploymentFactory(name="shared")
+    breaker_force(deployment.pk, "open")
+    breakers_forget_local()  # another process opened it: this one never saw it happen
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "shared"]
+    assert row.breaker == "open"
+
+
+def test_percentiles_are_the_exact_nearest_rank_values(clock):
+    """Against the textbook definition, on random durations and counts (fixed seed)."""
+    rng = random.Random(14)
+    expected = {}
+    for name, n in (("one", 1), ("two", 2), ("odd", 37), ("many", 200)):
+        deployment = DeploymentFactory(name=name)
+        durations = [rng.randint(1, 5000) for _ in range(n)]
+        for index, duration in enumerate(durations):
+            ledger(deployment, minutes_ago=rng.uniform(0, 59), duration_ms=duration, request_id=f"{name}-{index}")
+        ordered = sorted(durations)
+        expected[name] = (ordered[math.ceil(0.5 * n) - 1], ordered[math.ceil(0.95 * n) - 1])
+    found = {d.name: (d.p50_ms, d.p95_ms) for d in ops_deployments(now=timezone.now()) if d.name in expected}
+    assert found == expected
+
+
+def test_spend_per_hour_and_rejections(fleet):
+    data = figures(user_with(Role.ADMIN, "boss"))
+    hours = data["spend_per_hour"]
+    assert len(hours) == 24
+    assert hours[-1]["hour"] == "2026-06-15T12:00:00+00:00" and hours[0]["hour"] == "2026-06-14T13:00:00+00:00"
+    spent = {h["label"]: (h["cost_text"], h["requests"]) for h in hours if h["requests"]}
+    # 12:xx: east's ten $0.25 and west's rows at $0; 09:xx: $1.20. The $9.00 of 24 h 5 min ago is out.
+    assert spent["09:00"] == ("$1.20", 1)
+    assert spent["12:00"][0] == "$2.50"
+    assert data["totals"]["spend_24h"] == "$3.70"
+
+    assert data["rejections"] == [
+        {"code": "rate_limit_exceeded", "label": "Rate limit", "count": 2},
+        {"code": "insufficient_quota", "label": "Budget or quota", "count": 1},
+    ]
+    assert data["totals"]["rejected"] == 3
+
+
+def test_the_page_draws_with_the_projects_chart_js_and_marks_the_failing_row(fleet):
+    html = client_for(user_with(Role.OPERATOR, "ops")).get("/ops/").content.decode()
+    scripts = re.findall(r'<script src="([^"]+)"', html)
+    assert "/static/vendor/chartjs/chart.umd.min.js" in scripts and "/static/billing/ops.js" in scripts
+    assert all(src.startswith("/static/") for src in scripts)  # nothing from a CDN
+    assert '<svg class="chart' not in html
+    embedded = json.loads(re.search(r'<script id="ops-figures" type="application/json">(.*?)</script>', html, re.S)[1])
+    assert by_label(embedded)["chat / west"]["failing"] is True
+    west_row = re.search(r'<tr data-deployment="chat / west" class="([^"]*)">(.*?)</tr>', html, re.S)
+    assert west_row[1] == "is-failing"
+    assert "⚠" in west_row[2] and "Failing: open incident, breaker open" in west_row[2]
+    east_row = re.search(r'<tr data-deployment="chat / east" class="([^"]*)">(.*?)</tr>', html, re.S)
+    assert east_row[1] == "" and "Failing" not in east_row[2]
+    # Every figure of the charts is in a table: each deployment's and each hour's.
+    for cell in ("500 ms", "1,000 ms", "54.5 %", "0.17", "Rate limit", "$1.20"):
+        assert f">{cell}<" in html, cell
