@@ -24,7 +24,18 @@
 
   const WARNING = "⚠ ";
   const axisLabel = (d) => (d.failing ? WARNING : "") + d.label;
-  const barColours = (deployments, colour) => deployments.map((d) => (d.failing ? DANGER : colour));
+  const FADED_DANGER = DANGER.length === 7 && DANGER.startsWith("#") ? DANGER + "99" : DANGER;
+  const barColours = (deployments, colour, danger = DANGER) => deployments.map((d) => (d.failing ? danger : colour));
+  // A dataset's key in the legend is its own colour, not that of whichever bar comes first (a failing one).
+  const legendKeys = (chart) =>
+    chart.data.datasets.map((dataset, index) => ({
+      text: dataset.label,
+      fillStyle: dataset.keyColour,
+      strokeStyle: dataset.keyColour,
+      lineWidth: 0,
+      datasetIndex: index,
+      hidden: !chart.isDatasetVisible(index),
+    }));
 
   const charts = {};
 
@@ -48,7 +59,7 @@
       responsive: true,
       maintainAspectRatio: false,
       scales: { x: { beginAtZero: true, ...(extra.x || {}) }, y: { grid: { display: false } } },
-      plugins: { legend: { display: Boolean(extra.legend) }, tooltip: extra.tooltip || {} },
+      plugins: { legend: { display: Boolean(extra.legend), ...(extra.legend || {}) }, tooltip: extra.tooltip || {} },
     };
   }
 
@@ -79,11 +90,11 @@
       data: {
         labels,
         datasets: [
-          { label: "p50", data: deployments.map((d) => d.p50_ms), backgroundColor: barColours(deployments, ACCENT) },
-          { label: "p95", data: deployments.map((d) => d.p95_ms), backgroundColor: barColours(deployments, SECOND) },
+          { label: "p50", data: deployments.map((d) => d.p50_ms), backgroundColor: barColours(deployments, ACCENT), keyColour: ACCENT },
+          { label: "p95", data: deployments.map((d) => d.p95_ms), backgroundColor: barColours(deployments, SECOND, FADED_DANGER), keyColour: SECOND },
         ],
       },
-      options: horizontal({ legend: true, x: { ticks: { callback: (v) => v.toLocaleString("en") + " ms" } } }),
+      options: horizontal({ legend: { labels: { generateLabels: legendKeys } }, x: { ticks: { callback: (v) => v.toLocaleString("en") + " ms" } } }),
     });
 
     chart("chart-rpm", {
@@ -166,6 +177,7 @@
         tr.dataset.deployment = d.label;
         tr.className = d.failing ? "is-failing" : d.enabled ? "" : "is-disabled";
         const status = document.createElement("td");
+        status.className = "state-cell";
         status.append(state(d.failing, d.enabled, d.status));
         tr.append(cell("th", d.label), status, cell("td", d.provider), cell("td", d.health_text), cell("td", d.breaker_text));
         for (const value of [d.requests, d.errors, d.error_rate_text, d.p50_text, d.p95_text, d.rpm_text]) {
