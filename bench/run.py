@@ -71,6 +71,11 @@ PY = sys.executable
 TIMED_CONTENT = "[[words=4]] Say hello."
 LLMHUB_PATH = "/v1/chat/completions"
 BARE_PATH = "/bare/v1/chat/completions"
+BARE_AIOHTTP_PATH = "/bare-aiohttp/v1/chat/completions"
+# The two ceilings, side by side (issue 14): the report measures llmhub against the faster at each point.
+BARES = [("bare", BARE_PATH, ""), ("bare-aiohttp", BARE_AIOHTTP_PATH, "")]
+# Two uvicorn workers against one, llmhub json at this concurrency (target: ≥ 1.7× the requests per second).
+WORKERS_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -190,12 +195,15 @@ def ensure_tools() -> None:
 # --- servers ----------------------------------------------------------------------------------------------
 
 
-def server_argv(server: str, app: str, port: int) -> list[str]:
-    """The production server commands, one worker process each: the 2 cores are shared with wrk and nginx."""
+def server_argv(server: str, app: str, port: int, workers: int = 1) -> list[str]:
+    """The production server commands, one worker process each (the 2 cores are shared with wrk and nginx),
+    unless ``workers`` asks for more (uvicorn only: the two-worker scaling point)."""
     if server == "daphne":
         return [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), app]
     common = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
     common += ["--lifespan", "on", "--log-level", "warning"]
+    if workers > 1:
+        common += ["--workers", str(workers)]
     if server == "uvicorn":
         return [*common, "--loop", "auto", "--http", "auto"]
     if server == "uvicorn-h11":
@@ -341,21 +349,21 @@ def bench_server(
     # (label, path, key, model, stream, concurrencies); llmhub and the bare view alternate at each point, so
     # that a change in the machine's load (other processes) hits both alike.
     kinds = [
-        (False, "bench-json", plan.concurrencies, [("llmhub", LLMHUB_PATH, keys["key"]), ("bare", BARE_PATH, "")]),
-        (True, "bench-sse", plan.stream_concurrencies, [("llmhub", LLMHUB_PATH, keys["key"]), ("bare", BARE_PATH, "")]),
+        (False, "bench-json", plan.concurrencies, [("llmhub", LLMHUB_PATH, keys["key"]), *BARES]),
+        (True, "bench-sse", plan.stream_concurrencies, [("llmhub", LLMHUB_PATH, keys["key"]), *BARES]),
         (False, "bench-json", plan.budget_concurrencies, [("llmhub-budget", LLMHUB_PATH, keys["budgeted_key"])]),
     ]
     for stream, model, concurrencies, targets in kinds:
         body = request_body(model, stream=stream)
         for label, path, key in targets:
             warm = run_wrk(base + path, body, key, 32, plan.warmup, meter)
-            completed_via_llmhub += warm["requests"] if label != "bare" else 0
+            completed_via_llmhub += warm["requests"] if not label.startswith("bare") else 0
         for concurrency in concurrencies:
             for label, path, key in targets:
                 point = run_wrk(base + path, body, key, concurrency, plan.duration, meter)
                 point.update(target=label, stream=stream)
                 result["wrk"].append(point)
-                completed_via_llmhub += point["requests"] if label != "bare" else 0
+                completed_via_llmhub += point["requests"] if not label.startswith("bare") else 0
                 say(f"  {label:13} {'sse ' if stream else 'json'} c={concurrency:<3} {_point_text(point)}")
     for name, model, content in (("timed", "bench-timed", TIMED_CONTENT), ("fast", "bench-sse", None)):
         body = request_body(model, stream=True, **({"content": content} if content else {}))
@@ -380,6 +388,31 @@ def bench_server(
     result["exit_code"] = processes.stop(process)
     result["completed_via_llmhub"] = completed_via_llmhub
     return result
+
+
+def bench_workers(
+    processes: Processes, server: str, port: int, env: dict[str, str], key: str, plan: Plan, meter: Meter
+) -> dict[str, Any]:
+    """llmhub (json) at concurrency ``WORKERS_CONCURRENCY`` on one uvicorn worker, then on two, then on one
+    and two again (alternated, so that a change in the machine's load hits both alike); the better point of
+    each is kept. The target is two workers ≥ 1.7× one."""
+    body = request_body("bench-json", stream=False)
+    points: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+    completed = 0
+    for workers in (1, 2, 1, 2):
+        argv = server_argv(server, "llmhub.asgi:application", port, workers=workers)
+        process = processes.start(f"{server}-{workers}w", argv, env)
+        wait_for_port(port, process, f"{server}-{workers}w")
+        # Every worker must be up and warm: the warm-up holds enough connections to reach them all.
+        warm = run_wrk(f"http://127.0.0.1:{port}{LLMHUB_PATH}", body, key, WORKERS_CONCURRENCY, plan.warmup + 1, meter)
+        point = run_wrk(f"http://127.0.0.1:{port}{LLMHUB_PATH}", body, key, WORKERS_CONCURRENCY, plan.duration, meter)
+        point.update(target="llmhub", stream=False, workers=workers)
+        points[str(workers)].append(point)
+        completed += warm["requests"] + point["requests"]
+        processes.stop(process)
+        say(f"  workers={workers}     json c={WORKERS_CONCURRENCY:<3} {_point_text(point)}")
+    best = {n: max(series, key=lambda p: p["rps"]) for n, series in points.items()}
+    return {"points": points, "best": best, "completed": completed}
 
 
 def bench_routing(base: str, key: str, plan: Plan, meter: Meter) -> list[dict[str, Any]]:
@@ -667,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 ledger_before = json.loads(django_command(env, "-m", "bench.db", "ledger"))
                 data = bench_server(processes, server, server_port, server_env, keys, plan, meter, args.profile)
+                if server.startswith("uvicorn"):
+                    data["workers"] = bench_workers(
+                        processes, server, server_port, server_env, keys["key"], plan, meter
+                    )
+                    data["completed_via_llmhub"] += data["workers"]["completed"]
                 ledger_now = json.loads(django_command(env, "-m", "bench.db", "ledger"))
                 data["ledger"] = {
                     status: n - ledger_before.get(status, 0)

@@ -19,7 +19,7 @@ LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
 ROOT_URLCONF = "bench.urls"
 # The bare view is served by the same lean handler as /v1/ (llmhub/handlers.py): a ceiling measured
 # through Django's full middleware stack would not be the ceiling of the /v1 stack.
-LLMHUB_MIDDLEWARE_FREE_PREFIXES = [*LLMHUB_MIDDLEWARE_FREE_PREFIXES, "/bare/"]
+LLMHUB_MIDDLEWARE_FREE_PREFIXES = [*LLMHUB_MIDDLEWARE_FREE_PREFIXES, "/bare/", "/bare-aiohttp/"]
 # Public model name -> upstream base URL, for the bare view (it has no catalog to ask).
 BENCH_BARE_UPSTREAMS = env.json("BENCH_BARE_UPSTREAMS", default={})
 

@@ -10,5 +10,6 @@ from . import bare
 
 urlpatterns = [
     path("bare/v1/chat/completions", bare.chat_completions, name="bench-bare"),
+    path("bare-aiohttp/v1/chat/completions", bare.chat_completions_aiohttp, name="bench-bare-aiohttp"),
     *llmhub_urlpatterns,
 ]
