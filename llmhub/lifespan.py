@@ -44,6 +44,7 @@ class LifespanMiddleware:
             ledger_spool_watch,
         )
         from chat.pipeline import runs_cancel_all
+        from core.tracing import tracing_shutdown
         from providers.adapters.registry import adapters_close_all
 
         while True:
@@ -71,6 +72,9 @@ class LifespanMiddleware:
                 # go straight to the spool rather than to tasks that might never run.
                 ledger_begin_shutdown()
                 await adapters_close_all()
+                # The spans still queued for the OTLP exporter go out before the process ends (a no-op
+                # when tracing is off).
+                await sync_to_async(tracing_shutdown, thread_sensitive=False)()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

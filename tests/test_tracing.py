@@ -1,0 +1,302 @@
+"""OpenTelemetry traces (core/tracing.py), as an operator's collector receives them.
+
+A local OTLP/HTTP receiver on loopback decodes the ``ExportTraceServiceRequest`` protobufs a live llmhub
+(uvicorn in a subprocess, configured only by the standard ``OTEL_*`` variables) sends it: a request's span
+with the GenAI attributes, one child span per upstream attempt, and the spans still queued when the server
+stops flushed at its shutdown. With no ``OTEL_*`` variable, no tracer provider or exporter is built."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from billing.services.keys import api_key_create
+from core import tracing
+from providers.models import CatalogModel, Deployment, ProviderKind
+from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
+from tests.factories import ProviderFactory, UserFactory
+from tests.gateway.test_ledger import wait_for_record
+
+ROOT = Path(__file__).resolve().parent.parent
+OTEL_VARIABLES = [name for name in os.environ if name.startswith("OTEL_")]
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver: every span posted to ``/v1/traces``, decoded, with its resource's
+    attributes."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> Collector:
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector.paths.append(self.path)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                collector.receive(request)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def receive(self, request: ExportTraceServiceRequest) -> None:
+        for resource_spans in request.resource_spans:
+            resource = _attributes(resource_spans.resource.attributes)
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(
+                        {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex(),
+                            "kind": span.kind,
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                            "status": span.status.code,
+                            "attributes": _attributes(span.attributes),
+                            "resource": resource,
+                        }
+                    )
+
+    def of_request(self, request_id: str) -> dict[str, Any]:
+        [span] = [span for span in self.spans if span["attributes"].get("llmhub.request_id") == request_id]
+        return span
+
+    def children(self, parent: dict[str, Any]) -> list[dict[str, Any]]:
+        found = [
+            span
+            for span in self.spans
+            if span["parent_span_id"] == parent["span_id"] and span["trace_id"] == parent["trace_id"]
+        ]
+        return sorted(found, key=lambda span: span["start"])
+
+
+def _attributes(pairs: Any) -> dict[str, Any]:
+    return {pair.key: getattr(pair.value, pair.value.WhichOneof("value")) for pair in pairs}
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    receiver = Collector().start()
+    yield receiver
+    receiver.stop()
+
+
+# Values of Span.Kind and Status.StatusCode in the OTLP protobuf.
+SERVER, CLIENT = 2, 3
+STATUS_UNSET, STATUS_ERROR = 0, 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_attempt(collector, fake_upstream, tmp_path):
+    first = ProviderFactory(name="first", kind=ProviderKind.OPENAI, base_url=fake_upstream.base_url + "/v1")
+    second = ProviderFactory(name="second", kind=ProviderKind.OPENAI, base_url=fake_upstream.base_url + "/v1")
+    catalog = CatalogModel.objects.create(name="routed", strategy="priority")
+    prices = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+    Deployment.objects.create(model=catalog, name="first", provider=first, upstream_id="fault-503", **prices)
+    Deployment.objects.create(
+        model=catalog, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **prices
+    )
+    key = api_key_create(user=UserFactory(username="traced"), name="traces").secret
+
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", *OTEL_VARIABLES)}
+    environment.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        OTEL_SERVICE_NAME="llmhub-under-test",
+        # Nothing is exported on a timer during the test: the spans reach the collector when the server
+        # stops, through the flush at its shutdown.
+        OTEL_BSP_SCHEDULE_DELAY="600000",
+        PYTHONUNBUFFERED="1",
+    )
+    command = [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--lifespan", "on", "--log-level", "warning"]
+    log = tmp_path / "server.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
+        try:
+            wait_for_port(port, timeout=60)
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=30
+            ) as client:
+                body = {"model": "routed", "messages": [{"role": "user", "content": "hello [[words=5]]"}]}
+                retried = client.post("/v1/chat/completions", json=body)
+                refused = client.post("/v1/chat/completions", json={**body, "model": "no-such-model"})
+            assert retried.status_code == 200, retried.text
+            assert retried.headers["x-llmhub-attempts"] == "2"
+            assert refused.status_code == 404, refused.text
+            record = wait_for_record(retried.headers["x-request-id"])
+            assert collector.spans == []  # nothing yet: the batch waits for the shutdown
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    # uvicorn re-raises the signal once its shutdown (and the lifespan's) is done.
+    assert server.returncode in (0, -signal.SIGTERM), log.read_text()
+    assert "Traceback" not in log.read_text()
+
+    assert set(collector.paths) == {"/v1/traces"}
+    span = collector.of_request(retried.headers["x-request-id"])
+    assert span["name"] == "chat routed"
+    assert span["kind"] == SERVER
+    assert span["status"] == STATUS_UNSET
+    assert span["resource"]["service.name"] == "llmhub-under-test"
+    usage = retried.json()["usage"]
+    assert span["attributes"] == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
+        "gen_ai.system": "openai",
+        "gen_ai.request.model": "routed",
+        "gen_ai.response.model": "fake-gpt-4o-mini",
+        "gen_ai.usage.input_tokens": usage["prompt_tokens"],
+        "gen_ai.usage.output_tokens": usage["completion_tokens"],
+        "llmhub.request_id": retried.headers["x-request-id"],
+        "llmhub.transport": "rest",
+        "llmhub.status": "ok",
+        "llmhub.stream": False,
+        "llmhub.attempts": 2,
+        "llmhub.provider": "second",
+        "llmhub.deployment": "second",
+        "llmhub.model": "routed",
+        "llmhub.cost_usd": pytest.approx(float(record.cost)),
+        "llmhub.duration_s": span["attributes"]["llmhub.duration_s"],
+        "llmhub.overhead_s": span["attributes"]["llmhub.overhead_s"],
+    }
+    assert usage["completion_tokens"] > 0 and record.cost > 0
+    assert span["start"] < span["end"]
+
+    attempts = collector.children(span)
+    assert [attempt["attributes"]["llmhub.deployment"] for attempt in attempts] == ["first", "second"]
+    failed, answered = attempts
+    assert failed["name"] == "chat fault-503" and answered["name"] == "chat fake-gpt-4o-mini"
+    assert {attempt["kind"] for attempt in attempts} == {CLIENT}
+    assert failed["attributes"]["llmhub.outcome"] == "failure" and failed["status"] == STATUS_ERROR
+    assert failed["attributes"]["error.type"]
+    assert failed["attributes"]["llmhub.provider"] == "first"
+    assert failed["attributes"]["gen_ai.provider.name"] == "openai"
+    assert failed["attributes"]["gen_ai.request.model"] == "fault-503"
+    assert answered["attributes"]["llmhub.outcome"] == "ok" and answered["status"] == STATUS_UNSET
+    assert "error.type" not in answered["attributes"]
+    assert span["start"] <= failed["start"] <= failed["end"] <= answered["start"] <= answered["end"] <= span["end"]
+
+    # A refused request has its span too, with the refusal's code and no attempt.
+    refusal = collector.of_request(refused.headers["x-request-id"])
+    assert refusal["attributes"]["error.type"] == refused.json()["error"]["code"]
+    assert refusal["attributes"]["llmhub.status"] == "rejected"
+    assert collector.children(refusal) == []
+
+    # Never a message's content nor a key in a span.
+    exported = repr(collector.spans)
+    assert "hello" not in exported and key not in exported
+
+
+@pytest.fixture
+def fresh_tracing(monkeypatch) -> Iterator[None]:
+    """core.tracing as a new process has it (nothing configured), with no OTEL_* variable."""
+    for name in OTEL_VARIABLES:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(tracing, "_configured", False)
+    monkeypatch.setattr(tracing, "_provider", None)
+    monkeypatch.setattr(tracing, "_tracer", None)
+    yield
+    tracing.tracing_shutdown()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_no_otel_variable_no_tracer_provider_or_exporter_is_built(fresh_tracing, llmhub_server, fake_upstream):
+    from opentelemetry import trace
+
+    from tests.factories import ModelFactory
+
+    ModelFactory(name="plain", provider=ProviderFactory(base_url=fake_upstream.base_url + "/v1"))
+    key = api_key_create(user=UserFactory(username="untraced"), name="k").secret
+    answer = httpx.post(
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    wait_for_record(answer.headers["x-request-id"])
+
+    assert tracing._configured  # the request was observed: tracing decided, once, to stay off
+    assert tracing.tracer_provider() is None
+    assert tracing.tracing_configure() is None
+    # OpenTelemetry's global provider is untouched: still the API's no-op proxy.
+    assert type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider"
+
+
+def test_an_exporter_setting_builds_one_provider_with_a_batch_otlp_exporter(fresh_tracing, monkeypatch):
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{free_port()}/v1/traces")
+    provider = tracing.tracing_configure()
+
+    assert isinstance(provider, TracerProvider)
+    assert tracing.tracing_configure() is provider  # once per process
+    assert provider.resource.attributes["service.name"] == "llmhub"
+    [processor] = provider._active_span_processor._span_processors
+    assert isinstance(processor, BatchSpanProcessor)
+    assert isinstance(processor._batch_processor._exporter, OTLPSpanExporter)
+
+
+@pytest.mark.parametrize(
+    ("environ", "wanted"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "llmhub"}, False),  # a name is not an exporter
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, False),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": " "}, False),
+    ],
+)
+def test_tracing_is_wanted_only_when_an_exporter_is_named(environ, wanted):
+    assert tracing.tracing_wanted(environ) is wanted
