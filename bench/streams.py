@@ -64,6 +64,7 @@ WORK = RESULTS / "streams.tmp"  # git ignores bench/results/*.tmp
 PATH = "/v1/chat/completions"
 MODEL = "bench-stream"
 TOKENS_PER_SECOND = 30
+PARTS = frozenset({"steady", "burst", "cpu", "ws", "rss"})
 _CONTENT = re.compile(rb'"content":"[^"]')
 
 
@@ -77,6 +78,7 @@ class Plan:
     cost_streams: int  # streams of each kind for the CPU per chunk and per start
     workers: tuple[int, ...]
     words: int = 300  # per stream, at TOKENS_PER_SECOND
+    parts: frozenset[str] = PARTS
 
     @property
     def stream_seconds(self) -> float:
@@ -412,7 +414,7 @@ def bench_workers(
     asyncio.run(warm())
     sent += 20
     idle_rss = rss_kib(process.pid)
-    for base in plan.steady:
+    for base in plan.steady if "steady" in plan.parts else ():
         target = base * workers
         sampled: list[int] = []
 
@@ -444,32 +446,35 @@ def bench_workers(
             f" {straight['ttft_p50_ms']}/{straight['ttft_p99_ms']}); errors {ours_series['errors']}"
             f" {ours_series['error_kinds']}; {point['rss_per_stream_kib']} KiB per open stream; load {load_average()}"
         )
-    count = plan.burst * workers
-    ours_burst = asyncio.run(burst(port, ours, count))
-    sent += count
-    direct_burst = asyncio.run(burst(fake_port, direct, count))
-    result["burst"] = {
-        "streams": count,
-        "llmhub": ours_burst,
-        "direct": direct_burst,
-        "added_ttft_p50_ms": _minus(ours_burst["ttft_p50_ms"], direct_burst["ttft_p50_ms"]),
-    }
-    say(
-        f"  burst of {count}: added TTFT p50 {result['burst']['added_ttft_p50_ms']} ms (llmhub"
-        f" {ours_burst['ttft_p50_ms']}, direct {direct_burst['ttft_p50_ms']}); errors {ours_burst['errors']}"
-    )
-    if workers == 1:
+    if "burst" in plan.parts:
+        count = plan.burst * workers
+        ours_burst = asyncio.run(burst(port, ours, count))
+        sent += count
+        direct_burst = asyncio.run(burst(fake_port, direct, count))
+        result["burst"] = {
+            "streams": count,
+            "llmhub": ours_burst,
+            "direct": direct_burst,
+            "added_ttft_p50_ms": _minus(ours_burst["ttft_p50_ms"], direct_burst["ttft_p50_ms"]),
+        }
+        say(
+            f"  burst of {count}: added TTFT p50 {result['burst']['added_ttft_p50_ms']} ms (llmhub"
+            f" {ours_burst['ttft_p50_ms']}, direct {direct_burst['ttft_p50_ms']}); errors {ours_burst['errors']}"
+        )
+    if workers == 1 and "cpu" in plan.parts:
         result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams))
         sent += 3 * plan.cost_streams
         say(
             f"  CPU: {result['cpu']['cpu_per_chunk_us']} µs per relayed chunk, {result['cpu']['cpu_per_start_us']} µs"
             f" per stream start ({result['cpu']['cpu_per_long_stream_ms']} ms per 300-word stream)"
         )
+    if workers == 1 and "ws" in plan.parts:
         result["ws"] = asyncio.run(ws_chats(port, key, plan.ws_chats, plan.content))
         sent += plan.ws_chats
         say(
             f"  {plan.ws_chats} WebSocket chats: {result['ws']['completed']} completed, errors {result['ws']['errors']}"
         )
+    if workers == 1 and "rss" in plan.parts:
         result["rss"] = rss_drift(port, key, process.pid, plan.requests)
         sent += plan.requests
     result["load_average_end"] = load_average()
@@ -540,13 +545,14 @@ def markdown(results: dict[str, Any]) -> str:
             errors = point["llmhub"]["errors"]
             row(f"{label}, {n} open: failed streams", errors, "0", "ok" if errors == 0 else "MISSED")
             row(f"{label}, {n} open: memory per open stream", f"{point['rss_per_stream_kib']} KiB", "reported", "")
-        added = server["burst"]["added_ttft_p50_ms"]
-        row(
-            f"{label}, burst of {server['burst']['streams']}: added TTFT p50",
-            f"{added} ms",
-            "≤ 150 ms",
-            _verdict(added, 150),
-        )
+        added = server["burst"]["added_ttft_p50_ms"] if "burst" in server else None
+        if "burst" in server:
+            row(
+                f"{label}, burst of {server['burst']['streams']}: added TTFT p50",
+                f"{added} ms",
+                "≤ 150 ms",
+                _verdict(added, 150),
+            )
         if "cpu" in server:
             row("CPU per relayed chunk", f"{server['cpu']['cpu_per_chunk_us']} µs", "reported (cut)", "")
             row("CPU per stream start", f"{server['cpu']['cpu_per_start_us']} µs", "reported (cut)", "")
@@ -586,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small numbers, about a minute: the smoke test's run")
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1,2; --quick: 1)")
     parser.add_argument("--requests", type=int, default=None, help="non-streamed requests for the RSS drift")
+    parser.add_argument("--only", default=None, help=f"comma-separated parts, from {', '.join(sorted(PARTS))}")
+    parser.add_argument("--cost-streams", type=int, default=None, help="streams of each kind for the CPU costs")
     parser.add_argument("--output", default=None, help="where the JSON goes (default: bench/results/streams.json)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -593,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "workers": tuple(int(n) for n in args.workers.split(","))})
     if args.requests is not None:
         plan = Plan(**{**plan.__dict__, "requests": args.requests})
+    if args.cost_streams is not None:
+        plan = Plan(**{**plan.__dict__, "cost_streams": args.cost_streams})
+    if args.only:
+        parts = frozenset(args.only.split(","))
+        if parts - PARTS:
+            raise SystemExit(f"streams: unknown parts {', '.join(sorted(parts - PARTS))}")
+        plan = Plan(**{**plan.__dict__, "parts": parts})
     WORK.mkdir(parents=True, exist_ok=True)
     for stale in ("bench.sqlite3", "bench.sqlite3-wal", "bench.sqlite3-shm", "ledger-spool.jsonl"):
         (WORK / stale).unlink(missing_ok=True)
@@ -629,7 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         processes.stop_all()
     results["load_average_end"] = load_average()
-    output = Path(args.output) if args.output else RESULTS / ("streams-quick.json" if args.quick else "streams.json")
+    output = (
+        Path(args.output) if args.output else (WORK / "streams-quick.json" if args.quick else RESULTS / "streams.json")
+    )
     output.write_text(json.dumps(results, indent=2) + "\n")
     say("\n" + markdown(results))
     ledger = results["ledger"]
