@@ -409,3 +409,22 @@ class DailyUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.model_name} ${self.cost}"
+
+
+class DailyUsageSeal(models.Model):
+    """A day whose raw ledger rows the retention pass deletes (``LLMHUB_LEDGER_RETENTION_DAYS``).
+
+    Sealing rebuilds the day's ``DailyUsage`` one last time with the ledger closed to writes, so that it
+    holds every row of that day up to ``through_id``; those rows can then go. From then on the day's
+    rollup is never rebuilt from the ledger (the rows it sums are gone): a row of that day written later
+    (a spool replayed after a long outage) is added to it by the pass that deletes it."""
+
+    day = models.DateField(unique=True)
+    through_id = models.BigIntegerField(help_text="The last ledger row of the day the sealed rollup holds.")
+    sealed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-day"]
+
+    def __str__(self) -> str:
+        return f"{self.day} through #{self.through_id}"

@@ -11,6 +11,7 @@ from .models import BudgetAlert
 from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
 from .services.counters import budget_counters_reconcile, inflight_lost_settle
 from .services.ledger import ledger_replay_spool
+from .services.retention import ledger_retention_apply
 from .services.rollups import daily_usage_rebuild_recent
 
 
@@ -18,6 +19,13 @@ from .services.rollups import daily_usage_rebuild_recent
 def usage_rollup(days: int = 2) -> int:
     """Every 10 minutes: today's and yesterday's ``DailyUsage`` from the ledger."""
     return daily_usage_rebuild_recent(days=days)
+
+
+@shared_task
+def ledger_retention() -> int:
+    """Daily: raw ledger rows past LLMHUB_LEDGER_RETENTION_DAYS deleted, once their day is rolled up
+    (``services/retention.py``); nothing while the setting is unset."""
+    return ledger_retention_apply()
 
 
 @shared_task

@@ -13,10 +13,10 @@ from django.db import connection, transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
-from ..models import DailyUsage, UsageRecord
+from ..models import DailyUsage, DailyUsageSeal, UsageRecord
 
 
-def _lock_day(day: date) -> None:
+def lock_day(day: date) -> None:
     # Two rebuilds of one day at once could each delete, then each insert. SQLite's IMMEDIATE
     # transactions already serialize them; PostgreSQL needs a lock, held until commit.
     if connection.vendor == "postgresql":
@@ -26,8 +26,13 @@ def _lock_day(day: date) -> None:
 
 @transaction.atomic
 def daily_usage_rebuild(*, day: date) -> int:
-    """Replace ``day``'s rollup with the ledger's figures; returns how many rows it now has."""
-    _lock_day(day)
+    """Replace ``day``'s rollup with the ledger's figures; returns how many rows it now has.
+
+    A day sealed by retention (``DailyUsageSeal``) is left as it is: its raw rows are gone, and a rebuild
+    from what remains would lose them."""
+    lock_day(day)
+    if DailyUsageSeal.objects.filter(day=day).exists():
+        return DailyUsage.objects.filter(day=day).count()
     start = datetime.combine(day, time(), UTC)
     groups = (
         UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1))

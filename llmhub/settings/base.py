@@ -325,6 +325,11 @@ LLMHUB_LEDGER_SPOOL = env.path("LLMHUB_LEDGER_SPOOL", default=str(BASE_DIR / "va
 # While rows wait in the spool, each server process asks the database every this many seconds whether
 # it answers again (backing off to 4 times as long), and replays the spool as soon as it does.
 LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = env.float("LLMHUB_LEDGER_SPOOL_PROBE_SECONDS", default=0.5)
+# Raw ledger rows older than this many days are deleted once their day is rolled up (billing.tasks.
+# ledger_retention, daily; docs/ledger.md): the usage dashboards read those days from DailyUsage. Never
+# the current UTC month's rows (monthly budgets sum them) nor those of keys with a lifetime budget.
+# Unset or 0: every row is kept.
+LLMHUB_LEDGER_RETENTION_DAYS = env.int("LLMHUB_LEDGER_RETENTION_DAYS", default=0)
 # Seconds a stopping server (SIGTERM/SIGINT under uvicorn) gives requests in flight to finish before it
 # ends the streams still running with an in-band `server_shutting_down` error (llmhub/lifespan.py). Keep
 # grace + 5 s + uvicorn's --timeout-graceful-shutdown + a few seconds of ledger drain below the time the

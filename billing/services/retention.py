@@ -1,0 +1,150 @@
+"""Ledger retention: raw ``UsageRecord`` rows older than ``LLMHUB_LEDGER_RETENTION_DAYS`` are deleted once
+their day's ``DailyUsage`` holds them, so the table stops growing while every figure the dashboards draw
+for those days stays what it was (they read past days from the rollup: ``billing.selectors``).
+
+Which days: whole UTC days older than the setting, and never
+
+- yesterday or today: the rollup task still rebuilds them (late rows land on yesterday around midnight);
+- the current UTC month: monthly budgets and their reconciliation sum its raw rows (``services.budgets``);
+- rows charged to a key with a lifetime budget (``BudgetPeriod.TOTAL``), or to a key under one: such a
+  budget sums every row of the key since it was created, and keeps needing them.
+
+How: a day is first **sealed** (``DailyUsageSeal``): with the ledger closed to writes for the length of one
+day's aggregate (PostgreSQL ``LOCK TABLE ... IN SHARE MODE`` waits for inserts in flight and holds new ones;
+SQLite's write lock does the same), its rollup is rebuilt one last time and the last row id it holds is
+kept. No rollup written earlier is trusted: on PostgreSQL ids are taken before commit, so a past rebuild
+cannot say which rows it saw; the seal can, because nothing was being written while it summed. Then the
+day's rows are deleted in batches of ``batch_size``, each in its own short transaction, so that writers
+wait at most one batch. A row of a sealed day above its ``through_id`` arrived later (a spool replayed
+after a long outage): the batch that deletes it adds its figures to the rollup in the same transaction.
+Rows are never deleted before their figures are in the rollup, and never counted twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Max, Min
+from django.utils import timezone
+
+from ..models import ApiKey, BudgetPeriod, DailyUsage, DailyUsageSeal, UsageRecord
+from ..selectors import api_key_subtree_ids
+from .rollups import daily_usage_rebuild, lock_day
+
+BATCH_SIZE = 5000
+_GROUP = ("user_id", "api_key_id", "provider_name", "model_name")
+_FIGURES = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost")
+
+
+def retention_cutoff(*, today: date, days: int) -> date:
+    """The first day whose rows are kept when keeping ``days`` days (see the module's docstring)."""
+    return min(today - timedelta(days=days), today - timedelta(days=1), today.replace(day=1))
+
+
+def ledger_retention_apply(*, now: datetime | None = None, batch_size: int = BATCH_SIZE) -> int:
+    """Delete the raw rows past ``LLMHUB_LEDGER_RETENTION_DAYS`` (0: none); returns how many went."""
+    days = settings.LLMHUB_LEDGER_RETENTION_DAYS
+    if not days or days <= 0:
+        return 0
+    today = (now or timezone.now()).astimezone(UTC).date()
+    return usage_records_purge(before=retention_cutoff(today=today, days=days), batch_size=batch_size)
+
+
+def usage_records_purge(*, before: date, batch_size: int = BATCH_SIZE) -> int:
+    """Seal and empty every day before ``before`` that still has raw rows; returns the rows deleted.
+
+    ``before`` is taken as given, unclamped: ``ledger_retention_apply`` chooses it (the benchmark too)."""
+    end = _midnight(before)
+    rows = _purgeable(UsageRecord.objects.filter(created_at__lt=end))
+    deleted = 0
+    first = rows.aggregate(first=Min("created_at"))["first"]
+    day = first.astimezone(UTC).date() if first is not None else before
+    while day < before:
+        deleted += _day_purge(day, batch_size=batch_size)
+        day += timedelta(days=1)
+    return deleted
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), UTC)
+
+
+def _purgeable(rows):
+    """Rows that no lifetime budget needs."""
+    lifetime = ApiKey.objects.filter(budget_period=BudgetPeriod.TOTAL, budget_usd__isnull=False).values_list(
+        "pk", flat=True
+    )
+    kept: set[int] = set()
+    for key_id in lifetime:
+        kept.update(api_key_subtree_ids(key_id))
+    return rows.exclude(api_key_id__in=kept) if kept else rows
+
+
+def _day_rows(day: date):
+    return UsageRecord.objects.filter(created_at__gte=_midnight(day), created_at__lt=_midnight(day + timedelta(1)))
+
+
+def _day_purge(day: date, *, batch_size: int) -> int:
+    rows = _purgeable(_day_rows(day))
+    if not rows.exists():
+        return 0
+    through_id = _seal(day)
+    deleted = 0
+    while True:
+        with transaction.atomic():
+            lock_day(day)
+            batch = list(rows.order_by("pk").values("pk", *_GROUP, *_FIGURES)[:batch_size])
+            if not batch:
+                return deleted
+            _fold(day, [row for row in batch if row["pk"] > through_id])
+            UsageRecord.objects.filter(pk__in=[row["pk"] for row in batch]).delete()
+            deleted += len(batch)
+
+
+@transaction.atomic
+def _seal(day: date) -> int:
+    """Seal ``day`` if it is not sealed yet; returns the last row id its rollup holds."""
+    lock_day(day)
+    seal = DailyUsageSeal.objects.filter(day=day).first()
+    if seal is not None:
+        return seal.through_id
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"LOCK TABLE {UsageRecord._meta.db_table} IN SHARE MODE")
+    through_id = _day_rows(day).aggregate(last=Max("pk"))["last"] or 0
+    daily_usage_rebuild(day=day)
+    DailyUsageSeal.objects.create(day=day, through_id=through_id)
+    return through_id
+
+
+def _fold(day: date, rows: list[dict]) -> None:
+    """Add rows the sealed rollup does not hold to it."""
+    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
+    for row in rows:
+        entry = sums[tuple(row[name] for name in _GROUP)]
+        entry[0] += 1
+        for index, name in enumerate(_FIGURES, start=1):
+            entry[index] += row[name]
+    for group, (requests, prompt, completion, cached, cost) in sums.items():
+        found = DailyUsage.objects.filter(day=day, **dict(zip(_GROUP, group, strict=True)))
+        updated = found.update(
+            requests=F("requests") + requests,
+            prompt_tokens=F("prompt_tokens") + prompt,
+            completion_tokens=F("completion_tokens") + completion,
+            cached_tokens=F("cached_tokens") + cached,
+            cost=F("cost") + cost,
+        )
+        if not updated:
+            DailyUsage.objects.create(
+                day=day,
+                **dict(zip(_GROUP, group, strict=True)),
+                requests=requests,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost=cost,
+            )
