@@ -1,0 +1,182 @@
+"""Logs as JSON lines (llmhub/logging.py) with the id of the request being served on every line its
+handling writes, from any logger, and concurrent requests never swapping ids."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import logging.config
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from billing.services.keys import api_key_create
+from llmhub.logging import JsonFormatter, RequestIdFilter, logging_settings
+from providers.models import CatalogModel, Deployment
+from tests.factories import ProviderFactory, UserFactory
+from tests.gateway.test_ledger import wait_for_record
+
+ROOT = Path(__file__).resolve().parent.parent
+# The loggers a /v1 request's handling writes to: ours, Django's request log, the provider SDK's.
+REQUEST_LOGGERS = ("chat", "billing", "providers", "core", "django.request", "openai")
+
+
+class JsonLines(logging.Handler):
+    """What the production handler writes (the JSON formatter and the request-id filter), kept."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.addFilter(RequestIdFilter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def objects(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines]
+
+
+@pytest.fixture
+def json_lines() -> Iterator[JsonLines]:
+    """The request's loggers at DEBUG into a JSON-lines handler on the root logger."""
+    handler = JsonLines()
+    root = logging.getLogger()
+    loggers = [logging.getLogger(name) for name in REQUEST_LOGGERS]
+    saved = [(logger, logger.level) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+    root.addHandler(handler)
+    yield handler
+    root.removeHandler(handler)
+    for logger, level in saved:
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def retried(llmhub_server, fake_upstream) -> httpx.Client:
+    """``routed``: its first deployment answers 503 (the pipeline logs the failed attempt, then retries on
+    the second, which answers)."""
+    first = ProviderFactory(name="first", base_url=fake_upstream.base_url + "/v1")
+    second = ProviderFactory(name="second", base_url=fake_upstream.base_url + "/v1")
+    catalog = CatalogModel.objects.create(name="routed", strategy="priority")
+    prices = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+    Deployment.objects.create(model=catalog, name="first", provider=first, upstream_id="fault-503", **prices)
+    Deployment.objects.create(
+        model=catalog, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **prices
+    )
+    key = api_key_create(user=UserFactory(username="logged"), name="logs").secret
+    return httpx.Client(base_url=llmhub_server.url, headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+
+def chat(client: httpx.Client, model: str = "routed") -> httpx.Response:
+    return client.post(
+        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi [[words=4]]"}]}
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_line_a_retried_request_logs_carries_its_request_id(retried, json_lines):
+    answer = chat(retried)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-llmhub-attempts"] == "2"
+    request_id = answer.headers["x-request-id"]
+    wait_for_record(request_id)
+
+    lines = json_lines.objects()
+    assert all(set(line) >= {"time", "level", "logger", "message", "request_id"} for line in lines)
+    [warning] = [line for line in lines if line["logger"] == "chat.pipeline" and line["level"] == "WARNING"]
+    assert "deployment first" in warning["message"] and "failed" in warning["message"]
+    assert warning["request_id"] == request_id
+    # The provider SDK's own lines, written while the request called it, carry the id too.
+    sdk_lines = [line for line in lines if line["logger"].startswith("openai")]
+    assert sdk_lines
+    assert {line["request_id"] for line in sdk_lines} == {request_id}
+    assert {line["request_id"] for line in lines if line["logger"].startswith("chat")} == {request_id}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_requests_each_log_with_their_own_id(retried, json_lines):
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _: chat(retried), range(6)))
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    ids = sorted(answer.headers["x-request-id"] for answer in answers)
+    for request_id in ids:
+        wait_for_record(request_id)
+
+    warnings = [line["request_id"] for line in json_lines.objects() if line["logger"] == "chat.pipeline"]
+    assert sorted(warnings) == ids  # one failed attempt each, under its own id: none missing, none doubled
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_request_logs_with_its_id(retried, json_lines):
+    refused = chat(retried, model="no-such-model")
+    assert refused.status_code == 404
+
+    [line] = [line for line in json_lines.objects() if line["logger"] == "django.request"]
+    assert line["message"] == "Not Found: /v1/chat/completions"
+    assert line["request_id"] == refused.headers["x-request-id"]
+
+
+def test_a_json_line_is_one_line_with_the_traceback_and_a_null_id_outside_a_request():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("tests.json_logs")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        try:
+            raise ValueError("bad value")
+        except ValueError:
+            logger.error("two\nlines: %s", "ünïcode")
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+    first, second = stream.getvalue().splitlines()
+    plain = json.loads(first)
+    assert plain["message"] == "two\nlines: ünïcode" and plain["level"] == "ERROR"
+    assert plain["logger"] == "tests.json_logs" and plain["request_id"] is None
+    assert "exception" not in plain
+    assert plain["time"].endswith("+00:00")
+    failed = json.loads(second)
+    assert failed["exception"].startswith("Traceback") and "ValueError: bad value" in failed["exception"]
+
+
+def test_the_log_format_is_text_or_json():
+    assert logging_settings(log_format="json", level="INFO")["handlers"]["console"]["formatter"] == "json"
+    assert logging_settings(log_format="text", level="INFO")["handlers"]["console"]["formatter"] == "text"
+    with pytest.raises(ValueError, match="LLMHUB_LOG_FORMAT"):
+        logging_settings(log_format="xml", level="INFO")
+
+
+def test_llmhub_log_format_json_makes_the_whole_process_log_json_lines(tmp_path):
+    """The setting as an operator sets it, in a process of its own: our loggers and uvicorn's write JSON."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    environment.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        LLMHUB_LOG_FORMAT="json",
+        TEST_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    )
+    script = (
+        "import django, logging; django.setup(); "
+        "logging.getLogger('llmhub.check').warning('one'); "
+        "logging.getLogger('uvicorn.error').warning('two')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["logger"], line["message"]) for line in lines] == [("llmhub.check", "one"), ("uvicorn.error", "two")]
