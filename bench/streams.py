@@ -55,7 +55,6 @@ from bench.run import (
     ROOT,
     bench_environment,
     code_version,
-    free_ports,
     server_argv,
 )
 
@@ -132,6 +131,20 @@ class Processes:
             self.stop(process, timeout=10.0)
 
 
+def ephemeral_ports(count: int) -> list[int]:
+    """Ports the kernel picks (``bench/run.py``'s 19100-19999 are raced for when `make bench` runs beside)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def wait_for_http(port: int, process: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
     import socket
 
@@ -141,6 +154,9 @@ def wait_for_http(port: int, process: subprocess.Popen[bytes], name: str, timeou
             raise SystemExit(f"streams: {name} exited with {process.returncode}; see {WORK / (name + '.log')}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(0.5)
+                if process.poll() is not None:  # another process holds the port: ours could not bind it
+                    raise SystemExit(f"streams: {name} exited; see {WORK / (name + '.log')}")
                 return
         time.sleep(0.05)
     raise SystemExit(f"streams: {name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
@@ -621,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     say(f"streams: load average {results['load_average_start']}; plan {plan}")
     processes = Processes()
-    fake_port, server_port = free_ports(2)
+    fake_port, server_port = ephemeral_ports(2)
     env = bench_environment({MODEL: f"http://127.0.0.1:{fake_port}/v1"}, "", f"sqlite:///{WORK / 'bench.sqlite3'}")
     env["LLMHUB_LEDGER_SPOOL"] = str(WORK / "ledger-spool.jsonl")
     try:
