@@ -158,6 +158,9 @@ def _connections(adapter: BaseAdapter) -> list | None:
     sdk = getattr(adapter, "_client", None)
     http = getattr(sdk, "_client", None)
     transport = getattr(http, "_transport", None)
+    in_use = getattr(transport, "connections_in_use", None)
+    if in_use is not None:  # aiohttp's (``aiohttp_client.GuardedAiohttpTransport``): only the busy ones
+        return in_use()
     pool = getattr(transport, "_pool", None)
     connections = getattr(pool, "connections", None)
     return list(connections) if connections is not None else None

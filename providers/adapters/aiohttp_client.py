@@ -1,0 +1,169 @@
+"""The SDKs' aiohttp-based HTTP client (``DefaultAioHttpClient``) under the outbound policy.
+
+Both official SDKs can send through aiohttp instead of httpx2's own connection pool: their
+``DefaultAioHttpClient`` is an ``httpx2.AsyncClient`` whose transport (``AiohttpTransport``, vendored by
+the SDKs from httpx-aiohttp 0.2.0) hands each request to an ``aiohttp.ClientSession``. This module builds
+that client with the same guarantees as ``providers.outbound.OutboundTransport`` (docs/outbound.md):
+
+* **addresses judged at connect time**: the session's connector resolves every host name through
+  ``GuardedResolver`` (``outbound.resolver``, then ``outbound.check_addresses``) and connects to the very
+  addresses it judged; its DNS cache is off, so every new connection is judged again. aiohttp never asks
+  a resolver about an IP literal, so the transport judges a literal host itself before each request.
+* **no redirect off the origin**: the transport refuses any request to another origin than the one it
+  was built for, before anything is sent (the httpx2 client follows redirects; aiohttp's own following is
+  off in the transport);
+* **one deadline**: ``upstream_deadline`` and the response hook are the httpx2 client's, unchanged; the
+  connect and read timeouts go to aiohttp as ``sock_connect`` and ``sock_read``;
+* no proxy from the environment, no Unix socket.
+
+Which client the adapters use is ``LLMHUB_PROVIDER_HTTP_CLIENT`` ("httpx" or "aiohttp"), read by
+``providers.adapters.common.provider_http_client``; docs/performance.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx2
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+# The transport both SDKs' DefaultAioHttpClient uses (openai and anthropic vendor the same file).
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
+
+from .. import outbound
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, replaced: resolve with ``outbound.resolver``, refuse the connection if any
+    address is refused (``OutboundRefused`` goes through aiohttp unwrapped), and answer only the addresses
+    judged, so the connector connects to nothing else."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = outbound._literal_or_blocked(host)
+        if addresses is None:
+            try:
+                found = await outbound.resolver.resolve(host, port)
+            except OSError as exc:
+                raise OSError(f"{host} could not be resolved ({exc})") from None
+            addresses = outbound.check_addresses(host, found)
+        results: list[ResolveResult] = []
+        for address in addresses:
+            target = outbound._connect_target(address)
+            results.append(
+                {
+                    "hostname": host,
+                    "host": target,
+                    "port": port,
+                    "family": socket.AF_INET6 if ":" in target else socket.AF_INET,
+                    "proto": 0,
+                    "flags": socket.AI_NUMERICHOST,
+                }
+            )
+        if not results:
+            raise OSError(f"{host} has no address")
+        return results
+
+    async def close(self) -> None:
+        return None
+
+
+class GuardedAiohttpTransport(AiohttpTransport):
+    """``AiohttpTransport`` bound to one origin, over a session whose connector resolves through the guard."""
+
+    def __init__(self, *, origin: str, limits: httpx2.Limits) -> None:
+        super().__init__(verify=outbound._ssl_context(), limits=limits, trust_env=False)
+        self.origin = outbound.origin_of(origin)
+        self.client = self._guarded_session
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _guarded_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.limits.max_connections or 0,
+            limit_per_host=0,
+            keepalive_timeout=self.limits.keepalive_expiry,
+            ssl=self.ssl_context,
+            resolver=GuardedResolver(),
+            use_dns_cache=False,  # every new connection is judged, as with httpx2's guarded backend
+        )
+        self._loop = asyncio.get_running_loop()
+        return aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False)
+
+    def connections_in_use(self) -> list[Any]:
+        """The connections a call holds (a request waiting, a response being read), for the registry's
+        "is this retired client still busy?" (``registry._busy``): each answers ``is_idle()`` False."""
+        session = self.client
+        if not isinstance(session, aiohttp.ClientSession) or session.closed or session.connector is None:
+            return []
+        return [_Busy() for _ in session.connector._acquired]  # aiohttp keeps no public count
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        outbound._refuse_other_origin(self.origin, request.url)
+        # aiohttp connects to an IP literal without asking the resolver: judge it here, before anything is sent.
+        outbound._literal_or_blocked(request.url.host)
+        if isinstance(self.client, aiohttp.ClientSession) and self._loop is not asyncio.get_running_loop():
+            # A session belongs to the loop it was made in; a client used from another loop gets its own.
+            self.client = self._guarded_session
+        try:
+            response = await super().handle_async_request(request)
+        except httpx2.TimeoutException as exc:
+            raise _remapped(exc) from exc.__cause__
+        response.stream = _RemappedStream(response.stream)
+        return response
+
+
+def _remapped(exc: httpx2.TimeoutException) -> httpx2.TransportError:
+    """The vendored transport maps every ``aiohttp.ClientConnectionError`` to ``ConnectTimeout`` (its map
+    prefers the broader class), so a refused connection or a server that hung up would read as a timeout
+    (504 instead of 503, "no data arrived in time"): only a real timeout stays one."""
+    cause = exc.__cause__
+    if cause is None or isinstance(cause, asyncio.TimeoutError):
+        return exc
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return httpx2.ConnectError(str(cause))
+    if isinstance(cause, aiohttp.ClientConnectionError):
+        return httpx2.ReadError(str(cause))
+    return exc
+
+
+class _RemappedStream(httpx2.AsyncByteStream):
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except httpx2.TimeoutException as exc:
+            raise _remapped(exc) from exc.__cause__
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _Busy:
+    """A connection in use, as the registry asks of httpcore's."""
+
+    def is_idle(self) -> bool:
+        return False
+
+    def is_closed(self) -> bool:
+        return False
+
+
+def aiohttp_outbound_client(
+    *, url: str, timeout: httpx2.Timeout | float, limits: httpx2.Limits | None = None, **kwargs: Any
+) -> httpx2.AsyncClient:
+    """``outbound.outbound_client``, sending through aiohttp (what the SDKs' ``DefaultAioHttpClient`` does)."""
+    return httpx2.AsyncClient(
+        transport=GuardedAiohttpTransport(origin=url, limits=limits or httpx2.Limits()),
+        timeout=timeout,
+        follow_redirects=True,
+        trust_env=False,
+        **kwargs,
+    )

@@ -1,0 +1,137 @@
+"""The adapters' HTTP client: aiohttp by default (the SDKs' ``DefaultAioHttpClient``, measured faster; see
+docs/performance.md), httpx2's pool when ``LLMHUB_PROVIDER_HTTP_CLIENT`` is "httpx"; the outbound policy holds
+with either (docs/outbound.md). Against the real fake upstream; DNS is the only thing a test controls
+(``outbound.resolver``), as in test_outbound.py."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+import pytest
+
+from providers import outbound
+from providers.adapters.aiohttp_client import GuardedAiohttpTransport
+from providers.adapters.openai import OpenAIAdapter
+from providers.exceptions import ProviderError
+from providers.fields import Secret
+from providers.types import ProviderConfig
+
+CLIENTS = ("aiohttp", "httpx")
+BODY = {"model": "fake-gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Resolver:
+    """DNS as the test wants it: each name answers its addresses; every question is noted."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def resolve_sync(self, host: str, port: int | None = None) -> list[outbound.IPAddress]:
+        self.asked.append(host)
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [ipaddress.ip_address(item) for item in self.answers[host]]
+
+    async def resolve(self, host: str, port: int) -> list[outbound.IPAddress]:
+        return self.resolve_sync(host, port)
+
+
+def adapter_at(base_url: str) -> OpenAIAdapter:
+    return OpenAIAdapter(
+        ProviderConfig(id=1, name="client-test", kind="openai_compatible", base_url=base_url, api_key=Secret("sk-x"))
+    )
+
+
+def transport_of(adapter: OpenAIAdapter):
+    return adapter._client._client._transport
+
+
+@pytest.fixture
+def production_rules(settings):
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = False
+    settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = []
+
+
+def test_the_default_client_is_aiohttp_under_the_guard(settings):
+    del settings.LLMHUB_PROVIDER_HTTP_CLIENT  # the code's default, whatever a settings module says
+    assert isinstance(transport_of(adapter_at("http://127.0.0.1:1/v1")), GuardedAiohttpTransport)
+
+
+def test_httpx_stays_available(settings):
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = "httpx"
+    assert isinstance(transport_of(adapter_at("http://127.0.0.1:1/v1")), outbound.OutboundTransport)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_completion_and_a_stream_go_through(client, settings, fake_upstream):
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = client
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
+    adapter = adapter_at(fake_upstream.base_url + "/v1")
+    try:
+        answer = await adapter.complete(BODY)
+        chunks = [chunk async for chunk in adapter.stream({**BODY, "stream": True})]
+    finally:
+        await adapter.aclose()
+    assert answer["choices"][0]["message"]["content"]
+    assert len(chunks) > 1
+    assert fake_upstream.stats["requests"] == 2
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_loopback_literal_is_refused_before_anything_is_sent(client, settings, production_rules, fake_upstream):
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = client
+    adapter = adapter_at(fake_upstream.base_url + "/v1")
+    with pytest.raises(ProviderError) as excinfo:
+        await adapter.complete(BODY)
+    await adapter.aclose()
+    assert excinfo.value.code == "upstream_destination_refused"
+    assert fake_upstream.stats["requests"] == 0
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_name_is_judged_at_connect_time_for_every_new_connection(
+    client, settings, production_rules, fake_upstream, monkeypatch
+):
+    """Allowed at the first connection, rebound to loopback for the next: the second is refused."""
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = client
+    settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    resolver = Resolver({"rebind.test": ["127.0.0.1"]})
+    monkeypatch.setattr(outbound, "resolver", resolver)
+    adapter = adapter_at(f"http://rebind.test:{fake_upstream.port}/v1")
+    try:
+        assert (await adapter.complete(BODY))["choices"]
+        await adapter.aclose()  # the next call needs a new connection
+        adapter = adapter_at(f"http://rebind.test:{fake_upstream.port}/v1")
+        settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = []
+        with pytest.raises(ProviderError) as excinfo:
+            await adapter.complete(BODY)
+    finally:
+        await adapter.aclose()
+    assert excinfo.value.code == "upstream_destination_refused"
+    assert resolver.asked == ["rebind.test", "rebind.test"]
+    assert fake_upstream.stats["requests"] == 1
+
+
+async def test_aiohttp_reports_a_busy_connection_while_a_stream_is_read(settings, fake_upstream):
+    """What the registry asks before closing a retired client (``registry._busy``)."""
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = "aiohttp"
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
+    adapter = adapter_at(fake_upstream.base_url + "/v1")
+    transport = transport_of(adapter)
+    try:
+        assert transport.connections_in_use() == []
+        paced = [{"role": "user", "content": "[[words=20]] [[tps=40]] hi"}]  # half a second of chunks
+        stream = adapter.stream({**BODY, "messages": paced, "stream": True})
+        await anext(stream)
+        busy = transport.connections_in_use()
+        async for _ in stream:
+            pass
+        await asyncio.sleep(0)
+        idle = transport.connections_in_use()
+    finally:
+        await adapter.aclose()
+    assert len(busy) == 1 and not busy[0].is_idle()
+    assert idle == []
