@@ -92,7 +92,7 @@ def usage_page(request: HttpRequest) -> HttpResponse:
             "limits": limits,
             "totals": _totals(days, by_model),
             "daily_chart": spend_per_day_chart(days, title=f"Spend per day, last {DAYS} days (UTC)"),
-            "model_chart": spend_share_chart(by_model, title=f"Spend by model, last {DAYS} days", width=960),
+            "model_chart": spend_share_chart(by_model, title=f"Spend by model, last {DAYS} days"),
             "by_model": _rows(by_model),
             "meters": [_meter_view(m) for m in usage_meters(user=request.user, now=now)],
         },
@@ -114,12 +114,12 @@ def usage_admin_page(request: HttpRequest) -> HttpResponse:
             "totals": _totals(days, by_user),
             "daily_chart": spend_per_day_chart(days, title=f"Spend per day, everyone, last {DAYS} days (UTC)"),
             "provider_chart": spend_share_chart(
-                usage_breakdown(by="provider", days=DAYS, today=today), title="By provider", width=520
+                usage_breakdown(by="provider", days=DAYS, today=today), title="Spend by provider"
             ),
             "model_chart": spend_share_chart(
-                usage_breakdown(by="model", days=DAYS, today=today), title="By model", width=520
+                usage_breakdown(by="model", days=DAYS, today=today), title="Spend by model"
             ),
-            "user_chart": spend_share_chart(by_user, title="By user", width=1100),
+            "user_chart": spend_share_chart(by_user, title="Spend by user"),
             "top_users": _rows(by_user[:10]),
             "active_users": sum(1 for share in by_user if share.requests),
         },

@@ -232,22 +232,31 @@ async def provider_keys_ready(page: Page) -> None:
 
 
 async def usage_ready(page: Page) -> None:
-    await expect(page.locator("svg.chart-columns")).to_be_visible()
+    await expect(page.locator("canvas.chart-columns")).to_have_attribute("data-drawn", "true")
     await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
     await scrolls_inside(page, ".chart-scroll")
-    # The daily chart starts scrolled to its end: today's column is in the visible part of its box.
-    shown = await page.locator("svg.chart-columns .column.today").evaluate(
+    # The daily chart starts scrolled to its end: today's column (Chart.js's last bar) is in the visible part
+    # of its box.
+    shown = await page.locator("canvas.chart-columns").evaluate(
         """node => {
-          const column = node.getBoundingClientRect(), box = node.closest(".chart-scroll").getBoundingClientRect();
-          return column.left >= box.left && column.right <= box.right;
+          const today = Chart.getChart(node).getDatasetMeta(0).data.at(-1);
+          const canvas = node.getBoundingClientRect(), box = node.closest(".chart-scroll").getBoundingClientRect();
+          const left = canvas.left + today.x - today.width / 2, right = canvas.left + today.x + today.width / 2;
+          return left >= box.left && right <= box.right;
         }"""
     )
     assert shown, "today's column is scrolled out of view"
 
 
 async def usage_admin_ready(page: Page) -> None:
-    await expect(page.locator("svg.chart-bars")).to_have_count(3)
+    await expect(page.locator("canvas.chart-bars[data-drawn]")).to_have_count(3)
     await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
+
+
+async def ops_ready(page: Page) -> None:
+    await expect(page.locator("#chart-errors")).to_have_attribute("data-drawn", "1")
+    await expect(page.locator("#deployments-body tr")).to_have_count(1)
+    await scrolls_inside(page, ".table-wrap")
 
 
 async def experiments_ready(page: Page) -> None:
@@ -279,6 +288,7 @@ PAGES: dict[str, tuple[str, bool, Callable[[Page], Awaitable[None]]]] = {
     "usage": ("/usage/", True, usage_ready),
     "usage-admin": ("/usage/admin/", True, usage_admin_ready),
     "experiments": ("/experiments/", True, experiments_ready),
+    "ops": ("/ops/", True, ops_ready),
     "menu": ("/keys/", True, menu_open),
     "login": ("/accounts/login/", False, login_ready),
 }

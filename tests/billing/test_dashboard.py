@@ -3,6 +3,8 @@ view of everyone, and both in a real browser (Debian's Chromium through Playwrig
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -100,6 +102,13 @@ def test_daily_spend_is_the_rollup_plus_todays_ledger(ada):
     assert [s.label for s in usage_breakdown(by="user", days=30, today=today)] == ["grace", "ada"]
 
 
+def chart_data(html: str, chart_id: str) -> dict:
+    """The figures a chart of the page is drawn from (its json_script), as the page's script reads them."""
+    found = re.search(rf'<script id="chart-{chart_id}-data" type="application/json">(.*?)</script>', html, re.S)
+    assert found, f"no data for the {chart_id} chart"
+    return json.loads(found[1])
+
+
 @pytest.mark.django_db
 def test_the_usage_page_shows_spend_and_what_is_left(ada):
     client = Client()
@@ -115,7 +124,10 @@ def test_the_usage_page_shows_spend_and_what_is_left(ada):
     assert f"<strong>{spent_this_month()}</strong> of $10.00 used this month" in html
     assert "of 100,000 tokens used today" in html  # Pro's daily quota
     assert "<strong>$4.15</strong> of $5.00 used in total" in html  # the key's total budget
-    assert ">$2.50</text>" in html and ">$1.25</text>" in html  # bars of the daily chart
+    daily = chart_data(html, "daily")  # what the daily chart draws: a label on each day with spend
+    assert [label for label in daily["value_labels"] if label] == ["$0.40", "$2.50", "$1.25"]
+    assert daily["labels"][-1] == f"{datetime.now(UTC):%b} {datetime.now(UTC).day}"  # today, last
+    assert chart_data(html, "models")["labels"] == ["claude-test", "gpt-test"]
     assert "grace" not in html and "$7.00" not in html
 
 
@@ -128,8 +140,11 @@ def test_the_staff_page_is_for_staff_and_shows_everyone(ada):
     client.force_login(UserFactory(username="root", is_staff=True))
     html = client.get("/usage/admin/").content.decode()
     assert 'id="spent-30d">$11.15<' in html
-    for text in ("grace", "ada", "fake-anthropic", "fake-openai", "claude-test", ">$7.00</text>"):
+    for text in ("grace", "ada", "fake-anthropic", "fake-openai", "claude-test"):
         assert text in html
+    users = chart_data(html, "users")
+    assert (users["labels"], users["value_labels"]) == (["grace", "ada"], ["$7.00", "$4.15"])
+    assert chart_data(html, "providers")["labels"][:2] == ["fake-openai", "fake-anthropic"]
 
 
 # In a real browser
@@ -146,6 +161,21 @@ def session_cookie(user) -> str:
     return client.cookies[settings.SESSION_COOKIE_NAME].value
 
 
+async def drawn_labels(canvas) -> list[str]:
+    """The category labels of the Chart.js chart drawn in ``canvas``."""
+    return await canvas.evaluate("node => Chart.getChart(node).data.labels")
+
+
+async def drawn_value_labels(canvas) -> list[str]:
+    """The amounts written on the chart's bars (empty days have none)."""
+    return await canvas.evaluate(
+        """node => {
+          const chart = Chart.getChart(node), labels = chart.data.datasets[0].valueLabels;
+          return chart.getDatasetMeta(0).data.map((bar, i) => labels[i]).filter(Boolean);
+        }"""
+    )
+
+
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
@@ -159,13 +189,13 @@ async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
 
     await page.goto(site.url + "/usage/")
 
-    daily = page.locator("svg.chart-columns")
-    await expect(daily).to_be_visible()
-    await expect(daily.locator("text.bar-value")).to_have_text(["$0.40", "$2.50", "$1.25"])
+    daily = page.locator("canvas.chart-columns")
+    await expect(daily).to_have_attribute("data-drawn", "true")
+    assert await drawn_value_labels(daily) == ["$0.40", "$2.50", "$1.25"]
     box = await daily.bounding_box()
     assert box["width"] > 800 and box["height"] > 200  # drawn at the card's width, not icon-sized
     await expect(page.locator("#spent-30d")).to_have_text("$4.15")
-    await expect(page.locator("svg.chart-bars text.row-label")).to_have_text(["claude-test", "gpt-test"])
+    assert await drawn_labels(page.locator("canvas.chart-bars")) == ["claude-test", "gpt-test"]
     await expect(page.locator(".meter-figures").first).to_contain_text(
         f"{spent_this_month()} of $10.00 used this month"
     )
@@ -174,7 +204,10 @@ async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
     await context.add_cookies([{**cookie, "value": await sync_to_async(session_cookie)(staff)}])
     await page.goto(site.url + "/usage/admin/")
     await expect(page.locator("#spent-30d")).to_have_text("$11.15")
-    await expect(page.locator("svg.chart-bars").last.locator("text.row-label")).to_have_text(["grace", "ada"])
+    users = page.locator("canvas.chart-bars").last
+    await expect(users).to_have_attribute("data-drawn", "true")
+    assert await drawn_labels(users) == ["grace", "ada"]
+    assert await drawn_value_labels(users) == ["$7.00", "$4.15"]
     await page.screenshot(path=str(artifacts_dir / "dashboard-admin.png"), full_page=True)
     assert errors == []
     await context.close()
