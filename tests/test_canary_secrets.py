@@ -6,17 +6,32 @@ email), a server error (its page and the report mailed to the admins), the admin
 ``manage.py dumpproviders`` and the provider-keys page, with every logger at DEBUG. Then everything is read
 back: every text column of every table (raw, as stored), every log record, every response body and header,
 every page and email.
+
+A second test does the same for the gateway's own secrets and the admin's: gateway keys in the headers of
+/v1 requests (OpenAI's ``Authorization: Bearer`` and Anthropic's ``x-api-key``), an unknown key, a JWT and an
+expired one (and the secret that signs them), a platform key an upstream echoes back in its error body and
+headers, a server error (500) on a request carrying a key, a provider's key edited in the admin and then used,
+and a gateway key rotated in the admin, then used, old and new.
+
+The logs are read as production writes them: every logger at DEBUG, through the JSON formatter and the
+request-id filter (``llmhub.logging``), each record's arguments included.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import httpx
+import jwt
 import pytest
 from django.core import mail
 from django.core.management import call_command
@@ -25,6 +40,7 @@ from django.test import Client
 from django.utils.log import AdminEmailHandler
 
 from billing.services.keys import api_key_create
+from llmhub.logging import JsonFormatter, RequestIdFilter
 from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.models import ByokMode, ProviderCredential, ProviderKind
 from providers.tasks_credentials import provider_credentials_revalidate_all
@@ -39,12 +55,16 @@ SECRETS = (CANARY, CANARY_REPLACEMENT, PLATFORM_KEY)
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.setFormatter(JsonFormatter())  # production's format (LLMHUB_LOG_FORMAT=json)
+        self.addFilter(RequestIdFilter())
         self.lines: list[str] = []
+        self.objects: list[dict[str, Any]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         # The whole line as any handler would write it, traceback and arguments included.
-        self.lines.append(self.format(record) + " " + repr(record.args))
+        line = self.format(record)
+        self.lines.append(line + " " + repr(record.args))
+        self.objects.append(json.loads(line))
 
 
 @pytest.fixture
@@ -204,3 +224,175 @@ def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_em
     for message in mail.outbox:
         assert leaks(message.subject + message.body) == []
         assert leaks(str(message.alternatives) + str(message.attachments)) == []
+
+
+class EchoingUpstream:
+    """An OpenAI-style provider that refuses every key and echoes it back, in its error's message and in a
+    response header, as some providers and proxies do: whatever logs the upstream's answer logs the key."""
+
+    def __init__(self) -> None:
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> EchoingUpstream:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                error = {
+                    "message": f"Incorrect API key provided: {key}.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+                body = json.dumps({"error": error}).encode()
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("x-echo-authorization", key)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@pytest.fixture
+def echoing_upstream() -> Iterator[EchoingUpstream]:
+    server = EchoingUpstream().start()
+    yield server
+    server.stop()
+
+
+JWT_SECRET = f"jwt-signing-canary-{secrets.token_hex(24)}"
+ADMIN_KEY = f"sk-admin-canary-{secrets.token_hex(16)}"
+ECHOED_KEY = f"sk-echoed-canary-{secrets.token_hex(16)}"
+UNKNOWN_GATEWAY_KEY = f"sk-llmhub-canary-{secrets.token_hex(16)}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_keys_jwts_echoed_keys_and_admin_key_changes_reach_no_log_line(
+    llmhub_server, upstream, echoing_upstream, debug_logs, settings
+):
+    settings.LLMHUB_JWT_HS256_SECRET = JWT_SECRET
+    settings.LLMHUB_JWT_ISSUER = "https://idp.example.com/"
+    settings.LLMHUB_JWT_AUDIENCE = "llmhub"
+    settings.LLMHUB_JWT_ALGORITHMS = ["HS256"]
+    platform = ProviderFactory(name="platform", kind=ProviderKind.OPENAI, base_url=upstream.base_url + "/v1")
+    platform.api_key = PLATFORM_KEY
+    platform.save()
+    ModelFactory(name="gpt-canary", provider=platform, upstream_id="fake-gpt-4o-mini")
+    echoing = ProviderFactory(name="echoing", kind=ProviderKind.OPENAI, base_url=echoing_upstream.base_url)
+    echoing.api_key = ECHOED_KEY
+    echoing.save()
+    ModelFactory(name="gpt-echoed", provider=echoing, upstream_id="fake-gpt-4o-mini")
+    admin = UserFactory(username="root", email="root@example.com", is_staff=True, is_superuser=True)
+    gateway_key = api_key_create(user=admin, name="canary-gateway")
+    checked = [gateway_key.secret, PLATFORM_KEY, JWT_SECRET, ADMIN_KEY, ECHOED_KEY, UNKNOWN_GATEWAY_KEY]
+    answers: list[httpx.Response] = []
+    body = {"model": "gpt-canary", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+
+    def post(path: str, headers: dict[str, str], payload: dict = body) -> httpx.Response:
+        response = httpx.post(llmhub_server.url + path, headers=headers, json=payload, timeout=30)
+        answers.append(response)
+        return response
+
+    def bearer(secret: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secret}"}
+
+    # Requests: a gateway key the OpenAI way and the Anthropic way, streamed too, and one nobody issued.
+    assert post("/v1/chat/completions", bearer(gateway_key.secret)).status_code == 200
+    assert post("/v1/chat/completions", bearer(gateway_key.secret), {**body, "stream": True}).status_code == 200
+    messages = {"model": "gpt-canary", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    assert post("/v1/messages", {"x-api-key": gateway_key.secret}, messages).status_code == 200
+    assert post("/v1/chat/completions", bearer(UNKNOWN_GATEWAY_KEY)).status_code == 401
+    assert httpx.get(llmhub_server.url + "/v1/models", headers=bearer(gateway_key.secret)).is_success
+
+    # JWTs: one valid, one expired, one signed with the wrong secret.
+    now = int(time.time())
+    claims = {"iss": "https://idp.example.com/", "aud": "llmhub", "sub": "jwt-user", "iat": now, "exp": now + 600}
+    token = jwt.encode({**claims, "preferred_username": "jwt-user"}, JWT_SECRET, algorithm="HS256")
+    expired = jwt.encode({**claims, "iat": now - 7200, "exp": now - 3600}, JWT_SECRET, algorithm="HS256")
+    forged = jwt.encode(claims, "not-the-secret-" + secrets.token_hex(16), algorithm="HS256")
+    checked += [token, expired, forged]
+    assert post("/v1/chat/completions", bearer(token)).status_code == 200
+    assert post("/v1/chat/completions", bearer(expired)).status_code == 401
+    assert post("/v1/chat/completions", bearer(forged)).status_code == 401
+
+    # An upstream error that echoes the platform key, in its body and in a header.
+    echoed = post("/v1/chat/completions", bearer(gateway_key.secret), {**body, "model": "gpt-echoed"})
+    assert echoed.status_code >= 400 and echoed.json()["error"]
+    echoed_stream = post(
+        "/v1/chat/completions", bearer(gateway_key.secret), {**body, "model": "gpt-echoed", "stream": True}
+    )
+    assert echoed_stream.status_code >= 400 or "error" in echoed_stream.text
+
+    # A server error (500) while serving a request that carries the gateway key: no adapter for the kind.
+    broken = ProviderFactory(name="broken", kind=ProviderKind.OPENAI, base_url=upstream.base_url + "/v1")
+    ModelFactory(name="gpt-broken", provider=broken, upstream_id="fake-gpt-4o-mini")
+    adapters, settings.LLMHUB_ADAPTERS = settings.LLMHUB_ADAPTERS, {}
+    failed = post("/v1/chat/completions", bearer(gateway_key.secret), {**body, "model": "gpt-broken"})
+    settings.LLMHUB_ADAPTERS = adapters
+    assert failed.status_code == 500, failed.text
+
+    # The admin: a provider's key edited (then used), a gateway key rotated (then used, old and new).
+    browser = Client(raise_request_exception=False)
+    browser.force_login(admin)
+    edited = browser.post(
+        f"/admin/providers/provider/{platform.pk}/change/",
+        {
+            "name": "platform",
+            "kind": ProviderKind.OPENAI,
+            "enabled": "on",
+            "base_url": upstream.base_url + "/v1",
+            "api_key": ADMIN_KEY,
+            "organization": "",
+            "api_version": "",
+            "extra_headers": "{}",
+            "timeout_seconds": "10",
+            "byok": platform.byok,
+            "_save": "Save",
+        },
+    )
+    assert edited.status_code == 302, edited.content.decode()[:2000]
+    platform.refresh_from_db()
+    assert platform.api_key.reveal() == ADMIN_KEY
+    upstream.accept_keys(ADMIN_KEY)
+    deadline = time.monotonic() + 15
+    while post("/v1/chat/completions", bearer(gateway_key.secret)).status_code != 200:
+        assert time.monotonic() < deadline, "the edited key never reached the server"  # its lookup cache's TTL
+        time.sleep(0.2)
+    assert upstream.requests[-1]["key_sha256"] == key_digest(ADMIN_KEY)
+
+    rotated_page = browser.post(
+        "/admin/billing/apikey/",
+        {"action": "rotate_selected", "_selected_action": [gateway_key.api_key.pk], "index": "0"},
+        follow=True,
+    )
+    assert rotated_page.status_code == 200
+    [new_secret] = re.findall(r"the new key is (\S+) —", rotated_page.content.decode())
+    checked.append(new_secret)
+    assert post("/v1/chat/completions", bearer(new_secret)).status_code == 200
+    assert post("/v1/chat/completions", bearer(gateway_key.secret)).status_code == 200  # its grace period
+
+    in_logs = [line[:300] for line in debug_logs.lines if any(secret in line for secret in checked)]
+    assert in_logs == []
+    # The capture did capture, as JSON lines with the request ids of what was served.
+    served_ids = {answer.headers.get("x-request-id") for answer in answers} - {None}
+    assert served_ids & {entry["request_id"] for entry in debug_logs.objects}
+    for response in answers:
+        text = response.text + str(response.headers.raw)
+        assert [secret[:16] for secret in checked if secret in text] == [], response.request.url
