@@ -4,12 +4,15 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from llmhub.metrics import metrics_view
 from llmhub.probes import healthz, readyz
 
 urlpatterns = [
     # Probes for the orchestrator (llmhub/probes.py), served by the lean handler like /v1/.
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    # Prometheus (llmhub/metrics.py): every worker's metrics, for a bearer token or an allowed address.
+    path("metrics", metrics_view, name="metrics"),
     path("v1/", include("chat.urls_openai")),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import environ
 
+from core.metrics import metrics_directory_choose
 from llmhub.logging import logging_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -350,7 +351,17 @@ LLMHUB_RETRY_BACKOFF_CAP_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_CAP_SECONDS",
 LLMHUB_RETRY_AFTER_MAX_SECONDS = env.float("LLMHUB_RETRY_AFTER_MAX_SECONDS", default=5.0)
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path, and the probes
 # (llmhub/probes.py), which need no session and must answer whatever Host the orchestrator sends.
-LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/", "/healthz", "/readyz"]
+LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/", "/healthz", "/readyz", "/metrics"]
+# Prometheus metrics (docs/metrics.md): recorded unless LLMHUB_METRICS_ENABLED is false (then nothing is, and
+# /metrics is 404). /metrics answers a scrape with `Authorization: Bearer <LLMHUB_METRICS_TOKEN>` or from an
+# address in LLMHUB_METRICS_ALLOWED_IPS (addresses or networks, e.g. "10.0.0.0/8,127.0.0.1"); with neither
+# set, every scrape is refused. Worker processes write their metrics to files in PROMETHEUS_MULTIPROC_DIR
+# (docker-compose.yml: a tmpfs), one directory per server run under var/metrics/ when it is not set; set here,
+# before anything imports prometheus-client, which reads it once (core/metrics.py).
+LLMHUB_METRICS_ENABLED = env.bool("LLMHUB_METRICS_ENABLED", default=True)
+LLMHUB_METRICS_TOKEN = env("LLMHUB_METRICS_TOKEN", default="")
+LLMHUB_METRICS_ALLOWED_IPS = env.list("LLMHUB_METRICS_ALLOWED_IPS", default=[])
+LLMHUB_METRICS_DIR = metrics_directory_choose(BASE_DIR / "var" / "metrics") if LLMHUB_METRICS_ENABLED else ""
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
 # self-hosted servers such as Ollama or vLLM on the same machine need it).
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=True)

@@ -1,0 +1,553 @@
+"""Prometheus metrics at /metrics (llmhub/metrics.py, core/metrics.py): protected, summed over worker
+processes, and saying what each request did, through a live llmhub and the fake upstream."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from django.test import override_settings
+from prometheus_client.parser import text_string_to_metric_families
+
+from billing.services.budgets import api_key_limits_set
+from billing.services.keys import api_key_create
+from billing.services.spool import spool_append
+from core import metrics as core_metrics
+from core.telemetry import AttemptObservation, RequestObservation
+from providers.models import CatalogModel, Deployment
+from providers.routing.breakers import breaker_force
+from tests.conftest import free_port, wait_for_port
+from tests.factories import ProviderFactory, UserFactory
+from tests.gateway.test_ledger import wait_for_record
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "docs" / "grafana" / "llmhub-dashboard.json"
+TOKEN = "scrape-token-0123456789"
+MESSAGES = [{"role": "user", "content": "hello there [[words=6]]"}]
+PRICES = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+# HELPERS
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for n, got, v in samples(text) if n == name and labels.items() <= got.items())
+
+
+def scrape_until(url: str, name: str, expected: float, **labels: str) -> str:
+    """Scrape until ``name`` reaches ``expected``: the workers that did not answer the scrape write what they
+    counted every second (core.metrics.FLUSH_SECONDS)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = scrape(url)
+        if value(text, name, **labels) == expected or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)
+
+
+def scrape(url: str, token: str = TOKEN) -> str:
+    response = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def catalog_model(fake_upstream, name: str, upstream: str = "fake-gpt-4o-mini", **model) -> CatalogModel:
+    provider = ProviderFactory(name=f"{name}-provider", base_url=fake_upstream.base_url + "/v1")
+    catalog = CatalogModel.objects.create(name=name, **model)
+    Deployment.objects.create(model=catalog, name=f"{name}-dep", provider=provider, upstream_id=upstream, **PRICES)
+    return catalog
+
+
+@pytest.fixture
+def key():
+    return api_key_create(user=UserFactory(username="metered"), name="metrics")
+
+
+@pytest.fixture
+def scraping():
+    with override_settings(LLMHUB_METRICS_TOKEN=TOKEN, LLMHUB_METRICS_ALLOWED_IPS=[]):
+        yield
+
+
+def client_for(server, key) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key.secret, max_retries=0, timeout=30)
+
+
+# ACCESS
+
+
+@pytest.mark.parametrize(
+    ("settings_", "headers", "status"),
+    [
+        ({}, {}, 403),  # neither a token nor an allow-list: closed
+        ({"LLMHUB_METRICS_TOKEN": TOKEN}, {}, 401),
+        ({"LLMHUB_METRICS_TOKEN": TOKEN}, {"Authorization": "Bearer not-the-token"}, 401),
+        ({"LLMHUB_METRICS_TOKEN": TOKEN}, {"Authorization": TOKEN}, 401),  # not a bearer
+        ({"LLMHUB_METRICS_TOKEN": TOKEN}, {"Authorization": f"Bearer {TOKEN}"}, 200),
+        ({"LLMHUB_METRICS_ALLOWED_IPS": ["10.0.0.0/8"]}, {}, 403),
+        ({"LLMHUB_METRICS_ALLOWED_IPS": ["10.0.0.0/8", "127.0.0.1"]}, {}, 200),
+        ({"LLMHUB_METRICS_ALLOWED_IPS": ["127.0.0.0/8"]}, {"Authorization": "Bearer guessed"}, 401),
+        ({"LLMHUB_METRICS_ALLOWED_IPS": ["127.0.0.0/8"], "LLMHUB_METRICS_TOKEN": TOKEN}, {}, 200),
+    ],
+)
+def test_a_scrape_needs_the_token_or_an_allowed_address(llmhub_server, settings_, headers, status):
+    with override_settings(**{"LLMHUB_METRICS_TOKEN": "", "LLMHUB_METRICS_ALLOWED_IPS": [], **settings_}):
+        response = httpx.get(llmhub_server.url + "/metrics", headers=headers, timeout=30)
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert "llmhub_requests_in_flight" in response.text
+        assert response.headers["content-type"].startswith("text/plain")
+    else:
+        assert "llmhub_" not in response.text
+    if status == 401:
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_metrics_switched_off_record_nothing_and_are_not_served(llmhub_server, fake_upstream, key, scraping):
+    catalog_model(fake_upstream, "unmetered")
+    client = client_for(llmhub_server, key)
+    with override_settings(LLMHUB_METRICS_ENABLED=False):
+        raw = client.chat.completions.with_raw_response.create(model="unmetered", messages=MESSAGES)
+        wait_for_record(raw.headers["x-request-id"])
+        response = httpx.get(llmhub_server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 404
+    assert value(scrape(llmhub_server.url), "llmhub_requests_total", model="unmetered") == 0
+    # On again: counted from here.
+    raw = client.chat.completions.with_raw_response.create(model="unmetered", messages=MESSAGES)
+    wait_for_record(raw.headers["x-request-id"])
+    assert value(scrape(llmhub_server.url), "llmhub_requests_total", model="unmetered") == 1
+
+
+# WHAT A REQUEST LEAVES
+
+
+def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
+    llmhub_server, fake_upstream, key, scraping
+):
+    catalog_model(fake_upstream, "metered")
+    client = client_for(llmhub_server, key)
+    where = {"model": "metered", "deployment": "metered-dep", "provider": "metered-provider"}
+
+    raw = client.chat.completions.with_raw_response.create(model="metered", messages=MESSAGES)
+    record = wait_for_record(raw.headers["x-request-id"])
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key.secret}"},
+        json={"model": "metered", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        streamed_id = response.headers["x-request-id"]
+        list(response.iter_lines())
+    streamed = wait_for_record(streamed_id)
+
+    text = scrape(llmhub_server.url)
+    ok = {**where, "operation": "chat", "transport": "rest", "status": "ok"}
+    assert value(text, "llmhub_requests_total", **ok) == 2
+    assert value(text, "llmhub_request_duration_seconds_count", **where, operation="chat", transport="rest") == 2
+    assert value(text, "llmhub_request_duration_seconds_sum", **where) > 0
+    assert value(text, "llmhub_time_to_first_token_seconds_count", **where, transport="rest") == 1
+    assert value(text, "llmhub_overhead_seconds_count", model="metered", operation="chat", transport="rest") == 2
+    # The overhead's buckets are milliseconds: from a tenth of a millisecond.
+    bounds = {labels["le"] for name, labels, _ in samples(text) if name == "llmhub_overhead_seconds_bucket"}
+    assert {"0.0001", "0.0005", "0.001", "0.005"} <= bounds
+    assert value(text, "llmhub_tokens_total", **where, direction="input") == record.prompt_tokens + (
+        streamed.prompt_tokens
+    )
+    assert value(text, "llmhub_tokens_total", **where, direction="output") == record.completion_tokens + (
+        streamed.completion_tokens
+    )
+    assert value(text, "llmhub_cost_usd_total", **where) == pytest.approx(float(record.cost + streamed.cost))
+    assert value(text, "llmhub_upstream_attempts_total", **where, outcome="ok") == 2
+    assert value(text, "llmhub_retries_total", model="metered") == 0
+    assert value(text, "llmhub_requests_in_flight") == 0
+    # No request id, user or key among the labels.
+    for name, labels, _ in samples(text):
+        if name.startswith("llmhub_"):
+            assert not {"request_id", "user", "api_key", "key"} & labels.keys()
+            assert record.request_id not in labels.values()
+
+
+def test_rate_limit_and_budget_rejections_are_counted_by_reason(llmhub_server, fake_upstream, key, scraping):
+    catalog_model(fake_upstream, "limited")
+    client = client_for(llmhub_server, key)
+    api_key_limits_set(api_key=key.api_key, budget_usd=None, rpm=1)
+    client.chat.completions.create(model="limited", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="limited", messages=MESSAGES)
+    assert refused.value.code == "rate_limit_exceeded"
+
+    api_key_limits_set(api_key=key.api_key, budget_usd=Decimal("0"), rpm=None)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="limited", messages=MESSAGES)
+    assert refused.value.code == "insufficient_quota"
+
+    text = scrape(llmhub_server.url)
+    assert value(text, "llmhub_rejections_total", model="limited", reason="rate_limit_exceeded", transport="rest") == 1
+    assert value(text, "llmhub_rejections_total", model="limited", reason="insufficient_quota") == 1
+    assert value(text, "llmhub_requests_total", model="limited", status="rejected") == 2
+    assert value(text, "llmhub_requests_total", model="limited", status="ok") == 1
+    # A refusal is not timed as a request: only the one that was served.
+    assert value(text, "llmhub_request_duration_seconds_count", model="limited") == 1
+
+
+def test_a_retry_on_another_deployment_and_a_fallback_are_counted(llmhub_server, fake_upstream, key, scraping):
+    # "retried": its first deployment answers 503, its second answers.
+    first = ProviderFactory(name="failing", base_url=fake_upstream.base_url + "/v1")
+    second = ProviderFactory(name="healthy", base_url=fake_upstream.base_url + "/v1")
+    retried = CatalogModel.objects.create(name="retried", strategy="priority")
+    Deployment.objects.create(model=retried, name="first", provider=first, upstream_id="fault-503", **PRICES)
+    Deployment.objects.create(
+        model=retried, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **PRICES
+    )
+    # "broken": its only deployment answers 500; it falls back to "spare".
+    catalog_model(fake_upstream, "broken", upstream="fault-500", fallbacks=["spare"])
+    catalog_model(fake_upstream, "spare")
+    client = client_for(llmhub_server, key)
+
+    raw = client.chat.completions.with_raw_response.create(model="retried", messages=MESSAGES)
+    assert raw.headers["x-llmhub-deployment"] == "second"
+    wait_for_record(raw.headers["x-request-id"])
+    raw = client.chat.completions.with_raw_response.create(model="broken", messages=MESSAGES)
+    assert raw.parse().model == "spare"
+    attempts = int(raw.headers["x-llmhub-attempts"])  # "broken" tried again before its fallback
+    assert attempts >= 2
+    wait_for_record(raw.headers["x-request-id"])
+
+    text = scrape(llmhub_server.url)
+    assert value(text, "llmhub_retries_total", model="retried") == 1
+    assert value(text, "llmhub_fallbacks_total", model="retried") == 0
+    assert value(text, "llmhub_retries_total", model="broken") == attempts - 1
+    assert value(text, "llmhub_fallbacks_total", model="broken", fallback_model="spare") == 1
+    failed = {"deployment": "first", "provider": "failing", "outcome": "failure"}
+    assert value(text, "llmhub_upstream_attempts_total", model="retried", **failed) == 1
+    assert value(text, "llmhub_upstream_attempts_total", model="retried", deployment="second", outcome="ok") == 1
+    assert value(text, "llmhub_upstream_attempts_total", model="broken", outcome="failure") == attempts - 1
+    assert value(text, "llmhub_upstream_attempts_total", model="spare", outcome="ok") == 1
+    # The request is counted once, as the model that answered it.
+    assert value(text, "llmhub_requests_total", model="spare", status="ok") == 1
+    assert value(text, "llmhub_requests_total", model="retried", deployment="second", status="ok") == 1
+
+
+def test_breaker_state_spool_and_ledger_queue_are_read_at_scrape_time(llmhub_server, fake_upstream, scraping):
+    catalog_model(fake_upstream, "steady")
+    tripped = catalog_model(fake_upstream, "tripped")
+    forced = catalog_model(fake_upstream, "forced")
+    Deployment.objects.filter(model=forced).update(breaker_override="open")
+    breaker_force(tripped.deployments.get().pk, "open")
+    spool_append([json.dumps({"request_id": "spooled-1"}), json.dumps({"request_id": "spooled-2"})])
+
+    text = scrape(llmhub_server.url)
+    assert value(text, "llmhub_breaker_state", model="steady", deployment="steady-dep", provider="steady-provider") == 0
+    assert value(text, "llmhub_breaker_state", model="tripped", deployment="tripped-dep") == 2
+    assert value(text, "llmhub_breaker_state", model="forced") == 2
+    assert value(text, "llmhub_ledger_spooled_rows") == 2
+    assert value(text, "llmhub_ledger_spool_bytes") > 0
+    assert "llmhub_ledger_queue_rows" in text
+
+
+# SEVERAL WORKERS, ONE ANSWER
+
+
+def server_env(metrics_dir: Path | None) -> dict[str, str]:
+    from tests.conftest import database_url_for_subprocesses
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL", core_metrics.ENV)
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        PYTHONPATH=str(ROOT),
+        LLMHUB_METRICS_TOKEN=TOKEN,
+    )
+    if metrics_dir is not None:
+        env[core_metrics.ENV] = str(metrics_dir)
+    return env
+
+
+def start_server(log: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "on", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, timeout=60)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def counts_per_process(directory: Path, model: str) -> dict[str, float]:
+    """From each process's own file: its requests of ``model``."""
+    from prometheus_client import multiprocess
+
+    counts = {}
+    for path in directory.glob("counter_*.db"):
+        merged = multiprocess.MultiProcessCollector.merge([str(path)])
+        counts[path.stem.rsplit("_", 1)[1]] = sum(
+            sample.value
+            for metric in merged
+            for sample in metric.samples
+            if sample.name == "llmhub_requests_total" and sample.labels.get("model") == model
+        )
+    return counts
+
+
+def test_two_server_processes_sharing_a_directory_report_the_same_sums(fake_upstream, key, tmp_path):
+    catalog_model(fake_upstream, "shared")
+    metrics_dir = tmp_path / "metrics"
+    env = server_env(metrics_dir)
+    servers = [start_server(tmp_path / "a.log", env), start_server(tmp_path / "b.log", env)]
+    try:
+        for (_, url), requests in zip(servers, (3, 2), strict=True):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=key.secret, max_retries=0, timeout=30)
+            for _ in range(requests):
+                raw = client.chat.completions.with_raw_response.create(model="shared", messages=MESSAGES)
+                wait_for_record(raw.headers["x-request-id"])
+        for _, url in servers:
+            text = scrape_until(url, "llmhub_requests_total", 5, model="shared", status="ok")
+            assert value(text, "llmhub_requests_total", model="shared", status="ok") == 5
+            assert value(text, "llmhub_request_duration_seconds_count", model="shared") == 5
+            assert value(text, "llmhub_requests_in_flight") == 0
+    finally:
+        for process, _ in servers:
+            stop(process)
+
+
+def test_uvicorn_workers_report_as_one_and_a_restart_starts_from_zero(fake_upstream, key, tmp_path):
+    """``uvicorn --workers 2``: every scrape, whichever worker answers it, has every request of both; the next
+    server started on the same directory (a restarted container) starts from zero."""
+    catalog_model(fake_upstream, "pooled")
+    metrics_dir = tmp_path / "metrics"
+    env = server_env(metrics_dir)
+
+    def run(log: str) -> tuple[int, list[float]]:
+        process, url = start_server(tmp_path / log, env, "--workers", "2")
+        sent = 0
+        try:
+            # New connections until both workers have served some (the kernel spreads accepts between them).
+            for _ in range(100):
+                with httpx.Client(timeout=30) as fresh:
+                    response = fresh.post(
+                        url + "/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {key.secret}"},
+                        json={"model": "pooled", "messages": MESSAGES},
+                    )
+                assert response.status_code == 200, response.text
+                sent += 1
+                if sent >= 4 and len([c for c in counts_per_process(metrics_dir, "pooled").values() if c]) == 2:
+                    break
+            wait_for_record(response.headers["x-request-id"])
+            assert len([c for c in counts_per_process(metrics_dir, "pooled").values() if c]) == 2
+            totals = []
+            scrape_until(url, "llmhub_requests_total", sent, model="pooled")
+            for _ in range(6):
+                with httpx.Client(timeout=30) as fresh:
+                    response = fresh.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+                assert response.status_code == 200
+                totals.append(value(response.text, "llmhub_requests_total", model="pooled"))
+            return sent, totals
+        finally:
+            stop(process)
+
+    sent, totals = run("first.log")
+    assert totals == [sent] * len(totals)
+    sent_again, totals_again = run("second.log")
+    assert totals_again == [sent_again] * len(totals_again)
+
+
+def test_without_the_variable_a_servers_workers_share_their_masters_directory(tmp_path, monkeypatch):
+    """uvicorn starts its workers with multiprocessing (spawn): each finds the directory of its master."""
+    import multiprocessing
+
+    from tests.metrics_worker import directory_in_a_spawned_worker
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=directory_in_a_spawned_worker, args=(str(tmp_path), queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    chosen = {queue.get(timeout=120) for _ in workers}
+    for worker in workers:
+        worker.join(timeout=60)
+    assert chosen == {str(tmp_path / f"run-{os.getpid()}")}
+    monkeypatch.delenv(core_metrics.ENV)
+    assert core_metrics.metrics_directory_choose(tmp_path) == str(tmp_path / f"run-{os.getpid()}")
+    assert os.environ[core_metrics.ENV] == str(tmp_path / f"run-{os.getpid()}")
+
+
+def test_a_new_owner_empties_the_directory_and_a_live_one_keeps_it(tmp_path):
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    (directory / core_metrics.OWNER_FILE).write_text(f"{dead_pid}:12345\n")
+    (directory / "counter_1.db").write_bytes(b"stale")
+    core_metrics._directory_prepare(directory)
+    assert not (directory / "counter_1.db").exists()
+    me = core_metrics._process_identity(os.getpid())
+    assert (directory / core_metrics.OWNER_FILE).read_text().strip() == me
+
+    # A live owner (another server pointed at the same directory): its files stay.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (directory / core_metrics.OWNER_FILE).write_text(f"{core_metrics._process_identity(sleeper.pid)}\n")
+        (directory / "counter_2.db").write_bytes(b"live")
+        core_metrics._directory_prepare(directory)
+        assert (directory / "counter_2.db").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Once it is gone, the next server to start empties it.
+    core_metrics._directory_prepare(directory)
+    assert not (directory / "counter_2.db").exists()
+
+
+def test_a_dead_workers_in_flight_requests_are_not_summed_for_ever(llmhub_server, scraping, tmp_path):
+    """A worker killed with requests in flight leaves its live gauge file; the next scrape drops it."""
+    directory = Path(os.environ[core_metrics.ENV])
+    script = (
+        "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'llmhub.settings.test'); django.setup(); "
+        "from core.metrics import inflight_add, metrics_flush; inflight_add(1); inflight_add(1); metrics_flush(); "
+        "os._exit(0)"
+    )
+    env = {**server_env(directory), "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=120)
+    assert any(directory.glob("gauge_livesum_*.db"))
+    text = scrape(llmhub_server.url)
+    assert value(text, "llmhub_requests_in_flight") == 0
+
+
+# THE HOT PATH
+
+
+def test_recording_a_request_costs_an_append_and_the_flush_writes_it():
+    """Not a timing assertion: the times are printed (``-s``) for docs/metrics.md."""
+    attempts = (
+        AttemptObservation("bench-dep", "bench", "openai", "bench-model", "up", 0.0, 0.1, 0, 1, "failure", "timeout"),
+        AttemptObservation("bench-dep", "bench", "openai", "bench-model", "up", 0.1, 0.2, 1, 2, "ok"),
+    )
+    observation = RequestObservation(
+        request_id="r",
+        transport="rest",
+        operation="chat",
+        status="ok",
+        model="bench-model",
+        deployment="bench-dep",
+        provider="bench",
+        duration=0.2,
+        ttft=0.05,
+        overhead=0.0008,
+        prompt_tokens=12,
+        completion_tokens=30,
+        cost=Decimal("0.0000213"),
+        attempts=attempts,
+    )
+    core_metrics.request_metrics_record(observation)
+    core_metrics.metrics_flush()
+    metrics = core_metrics._current()
+    assert metrics is not None
+    requests = metrics.requests.labels("bench-model", "bench-dep", "bench", "chat", "rest", "ok")
+    overhead = metrics.overhead.labels("bench-model", "chat", "rest")
+    retries = metrics.retries.labels("bench-model")
+    before = (requests._value.get(), overhead._sum.get(), retries._value.get())
+    rounds = 20_000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        core_metrics.request_metrics_record(observation)
+    recorded = time.perf_counter()
+    core_metrics.metrics_flush()
+    flushed = time.perf_counter()
+    after = (requests._value.get(), overhead._sum.get(), retries._value.get())
+    assert after[0] - before[0] == rounds
+    assert after[1] - before[1] == pytest.approx(rounds * 0.0008)
+    assert after[2] - before[2] == rounds
+    print(
+        f"\nrequest_metrics_record: {(recorded - started) / rounds * 1e6:.2f} µs per request on the request path; "
+        f"metrics_flush: {(flushed - recorded) / rounds * 1e6:.2f} µs per request in the flusher thread"
+    )
+
+
+# THE DASHBOARD
+
+
+def exported_names(text: str) -> set[str]:
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+def test_the_grafana_dashboard_reads_only_metrics_we_export(llmhub_server, fake_upstream, key, scraping):
+    # Traffic that leaves a sample in every family: a retry and a fallback, a stream, a rejection.
+    catalog_model(fake_upstream, "charted")
+    catalog_model(fake_upstream, "flaky", upstream="fault-500", fallbacks=["charted"])
+    client = client_for(llmhub_server, key)
+    raw = client.chat.completions.with_raw_response.create(model="flaky", messages=MESSAGES)
+    wait_for_record(raw.headers["x-request-id"])
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key.secret}"},
+        json={"model": "charted", "messages": MESSAGES, "stream": True},
+        timeout=30,
+    ) as response:
+        list(response.iter_lines())
+    api_key_limits_set(api_key=key.api_key, budget_usd=Decimal("0"))
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="charted", messages=MESSAGES)
+    exported = exported_names(scrape(llmhub_server.url))
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert any(v["type"] == "datasource" and v["query"] == "prometheus" for v in dashboard["templating"]["list"])
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    used: set[str] = set()
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            assert set(re.findall(r"\b(llmhub_[a-z_]+)\b", variable["definition"])) <= exported
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b(llmhub_[a-z_]+)\b", target["expr"]))
+            assert names, f"{panel['title']}: no llmhub metric in {target['expr']}"
+            assert names <= exported, f"{panel['title']}: {names - exported} not exported"
+            used |= names
+    # Every family we export has a panel.
+    families = {
+        family.name: {sample.name for sample in family.samples}
+        for family in text_string_to_metric_families(scrape(llmhub_server.url))
+        if family.name.startswith("llmhub_")
+    }
+    uncharted = {name for name, sample_names in families.items() if not sample_names & used}
+    assert not uncharted, f"no panel for {uncharted}"
