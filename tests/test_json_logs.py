@@ -61,8 +61,7 @@ def json_lines() -> Iterator[JsonLines]:
         logger.setLevel(level)
 
 
-@pytest.fixture
-def retried(llmhub_server, fake_upstream) -> httpx.Client:
+def routed_model(fake_upstream) -> CatalogModel:
     """``routed``: its first deployment answers 503 (the pipeline logs the failed attempt, then retries on
     the second, which answers)."""
     first = ProviderFactory(name="first", base_url=fake_upstream.base_url + "/v1")
@@ -73,6 +72,12 @@ def retried(llmhub_server, fake_upstream) -> httpx.Client:
     Deployment.objects.create(
         model=catalog, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **prices
     )
+    return catalog
+
+
+@pytest.fixture
+def retried(llmhub_server, fake_upstream) -> httpx.Client:
+    routed_model(fake_upstream)
     key = api_key_create(user=UserFactory(username="logged"), name="logs").secret
     return httpx.Client(base_url=llmhub_server.url, headers={"authorization": f"Bearer {key}"}, timeout=30)
 
@@ -180,3 +185,42 @@ def test_llmhub_log_format_json_makes_the_whole_process_log_json_lines(tmp_path)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     assert [(line["logger"], line["message"]) for line in lines] == [("llmhub.check", "one"), ("uvicorn.error", "two")]
+
+
+@pytest.fixture
+def asgi_application():
+    """The ASGI application imported before ``json_lines`` attaches its handler: its first import sets
+    Django up, and so configures logging anew."""
+    from llmhub.asgi import application
+
+    return application
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_each_chat_socket_turn_logs_with_its_own_ledger_request_id(asgi_application, fake_upstream, json_lines):
+    from asgiref.sync import sync_to_async
+
+    from chat.models import Message, Role
+    from tests.chat.conftest import ends, events_until, open_socket
+
+    await sync_to_async(routed_model)(fake_upstream)
+    user = await sync_to_async(UserFactory)(username="socketeer")
+    socket, connected, _ = await open_socket(user=user)
+    assert connected
+    try:
+        for turn in ("t1", "t2"):  # two replies streaming at once on one socket, each its own turn
+            await socket.send_json_to(
+                {"type": "chat.send", "conversation": None, "model": "routed", "content": "hi", "request_id": turn}
+            )
+        events = await events_until(socket, ends("t1"))
+        if not any(ends("t2")(event) for event in events):
+            events += await events_until(socket, ends("t2"))
+    finally:
+        await socket.disconnect()
+    assert {event["request_id"] for event in events if event["type"] == "chat.completed"} == {"t1", "t2"}
+
+    replies = [m async for m in Message.objects.filter(role=Role.ASSISTANT).exclude(request_id="")]
+    ledger_ids = sorted(reply.request_id for reply in replies)
+    assert len(ledger_ids) == 2
+    warnings = [line["request_id"] for line in json_lines.objects() if line["logger"] == "chat.pipeline"]
+    assert sorted(warnings) == ledger_ids
