@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from . import admin_plans  # noqa: F401  (plans, budget counters, alerts, daily usage)
+from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
 from .services.budgets import api_key_limits_set

@@ -411,6 +411,94 @@ class DailyUsage(models.Model):
         return f"{self.day} {self.model_name} ${self.cost}"
 
 
+class OpsAlertKind(models.TextChoices):
+    DEPLOYMENT_DOWN = "deployment_down", "Deployment down"
+    ERROR_RATE = "error_rate", "Error rate per model"
+    LATENCY_P95 = "latency_p95", "p95 latency per model"
+    TOKEN_QUOTA = "token_quota", "Daily token quota exhausted"
+    SPEND_SPIKE = "spend_spike", "Spend spike"
+
+
+class OpsAlertRule(models.Model):
+    """An operator's alert beyond budgets (``billing.services.ops_alerts``): what is watched, from what
+    threshold, over which window, and who is told. ``threshold`` reads by kind: a percent of failed requests
+    (error rate), milliseconds (p95 latency), a percent of the quota (token quota), a multiple of the usual
+    hour (spend spike); a deployment down needs none (its breaker and health checks decide)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=20, choices=OpsAlertKind.choices)
+    enabled = models.BooleanField(default=True)
+    threshold = models.DecimalField(
+        max_digits=14,
+        decimal_places=4,
+        default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="Error rate: percent failed. p95 latency: milliseconds. Token quota: percent used. "
+        "Spend spike: times the usual hour. Deployment down: unused.",
+    )
+    window_minutes = models.PositiveIntegerField(
+        default=5, help_text="The span looked at (error rate, latency; the spend spike looks at the last hour)."
+    )
+    minimum_requests = models.PositiveIntegerField(
+        default=20, help_text="Error rate and latency: fewer requests than this in the window say nothing."
+    )
+    minimum_baseline_usd = models.DecimalField(
+        max_digits=14,
+        decimal_places=4,
+        default=Decimal("1"),
+        validators=[MinValueValidator(Decimal("0"))],
+        help_text="Spend spike: the usual hour must cost at least this much for a spike to count.",
+    )
+    model_name = models.CharField(
+        max_length=128, blank=True, help_text="Only this public model (error rate, latency, spend); empty: all."
+    )
+    email_recipients = models.TextField(
+        blank=True, help_text="Addresses, comma- or line-separated; empty: ADMINS (or the superusers)."
+    )
+    webhook_url = models.URLField(
+        max_length=500, blank=True, help_text="A Slack-compatible webhook; empty: LLMHUB_ALERT_WEBHOOK_URL."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["kind", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class OpsAlertIncident(models.Model):
+    """One incident of a rule for one subject (a model, a user, "all"), from the evaluation that found it to
+    the one that found it over: one alert when it opens, one when it clears. At most one is open per rule and
+    subject (a unique constraint), so evaluators running at once cannot open two."""
+
+    rule = models.ForeignKey(OpsAlertRule, on_delete=models.CASCADE, related_name="incidents")
+    subject = models.CharField(max_length=200, help_text='What it is about: "model:gpt-4o", "user:12", "all".')
+    opened_at = models.DateTimeField()
+    cleared_at = models.DateTimeField(null=True, blank=True)
+    value_at_open = models.DecimalField(max_digits=24, decimal_places=6)
+    peak = models.DecimalField(max_digits=24, decimal_places=6)
+    value_at_clear = models.DecimalField(max_digits=24, decimal_places=6, null=True, blank=True)
+    detail = models.CharField(max_length=300, blank=True, help_text="What was measured, in words, at opening.")
+    delivered = models.JSONField(
+        default=list, blank=True, help_text='Deliveries made: "open:email", "open:webhook", "clear:email", …'
+    )
+
+    class Meta:
+        ordering = ["-opened_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["rule", "subject"],
+                condition=models.Q(cleared_at__isnull=True),
+                name="billing_one_open_ops_incident_per_rule_and_subject",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule} {self.subject} since {self.opened_at:%Y-%m-%d %H:%M}"
+
+
 class DailyUsageSeal(models.Model):
     """A day whose raw ledger rows the retention pass deletes (``LLMHUB_LEDGER_RETENTION_DAYS``).
 

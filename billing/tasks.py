@@ -7,10 +7,11 @@ import smtplib
 from celery import shared_task
 from django.conf import settings
 
-from .models import BudgetAlert
+from .models import BudgetAlert, OpsAlertIncident
 from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
 from .services.counters import budget_counters_reconcile, inflight_lost_settle
 from .services.ledger import ledger_replay_spool
+from .services.ops_alerts import ops_alert_email_send, ops_alert_webhook_send, ops_alerts_evaluate
 from .services.retention import ledger_retention_apply
 from .services.rollups import daily_usage_rebuild_recent
 
@@ -76,3 +77,34 @@ def budget_alert_webhook(self, alert_id: int) -> bool:
         # 10 s, 20 s, 40 s … up to 10 minutes between attempts.
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
     return True
+
+
+@shared_task
+def ops_alerts_evaluate_task() -> int:
+    """Every minute: the operations alerts' incidents opened and cleared (``services.ops_alerts``); returns how
+    many changed. Concurrent runs are safe: each incident opens and clears once."""
+    evaluation = ops_alerts_evaluate()
+    return len(evaluation.opened) + len(evaluation.cleared)
+
+
+@shared_task(bind=True, max_retries=5, default_retry_delay=60)
+def ops_alert_email(self, incident_id: int, event: str) -> bool:
+    incident = OpsAlertIncident.objects.select_related("rule").filter(pk=incident_id).first()
+    if incident is None:
+        return False
+    try:
+        return ops_alert_email_send(incident=incident, event=event)
+    except (smtplib.SMTPException, OSError) as exc:
+        raise self.retry(exc=exc) from None
+
+
+@shared_task(bind=True, max_retries=8)
+def ops_alert_webhook(self, incident_id: int, event: str) -> bool:
+    incident = OpsAlertIncident.objects.select_related("rule").filter(pk=incident_id).first()
+    if incident is None:
+        return False
+    try:
+        return ops_alert_webhook_send(incident=incident, event=event)
+    except WebhookDeliveryError as exc:
+        # 10 s, 20 s, 40 s … up to 10 minutes between attempts, as the budget alerts' webhook.
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None

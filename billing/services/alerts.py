@@ -5,6 +5,10 @@ process, record a crossing. Reconciliation raises the alerts a settlement missed
 spend only the ledger shows) through the same rows, so a threshold that fired never fires again.
 Delivery happens after commit in Celery tasks (email to the user, or the key's owner; the
 Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries.
+
+The channels themselves (``alert_email_send``, ``alert_webhook_send``) are shared by every alert: these,
+the operations alerts (``ops_alerts``) and, through the same webhook poster, the deployment incidents of
+``providers.services.incidents``, so an email or a webhook call is made, refused and retried one way.
 """
 
 from __future__ import annotations
@@ -14,21 +18,37 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 
-import httpx2
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from providers.outbound import OutboundRefused, outbound_sync_client
+from providers.services.incidents import WebhookDeliveryError, alert_webhook_post
 
 from ..models import ApiKey, BudgetAlert, BudgetMetric, ScopeKind
 from ..selectors import UNRESTRICTED, KeyLimits, user_limits_sync
 from .budgets import THRESHOLDS, CounterRef, CounterSpec, counter_specs, usd
 
+__all__ = ["WebhookDeliveryError", "alert_email_send", "alert_webhook_send"]
 
-class WebhookDeliveryError(Exception):
-    """The webhook refused or could not be reached. The message never holds the URL (it is a secret)."""
+
+# CHANNELS: every alert's email and webhook go out through these two.
+
+
+def alert_email_send(*, subject: str, body: str, recipients: Sequence[str]) -> bool:
+    """Email ``body`` to ``recipients``; False when there is nobody to send it to. SMTP failures raise (the
+    Celery task that called retries)."""
+    if not recipients:
+        return False
+    send_mail(subject=subject, message=body, from_email=None, recipient_list=list(recipients))
+    return True
+
+
+def alert_webhook_send(*, url: str, text: str) -> None:
+    """POST ``{"text": text}`` to a Slack-compatible webhook under the outbound policy every provider call
+    obeys (the URL is set by an operator, but the address its name resolves to is not); a redirect is a
+    failure. Raises ``WebhookDeliveryError``, whose message never holds the URL."""
+    alert_webhook_post(url=url, text=text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,33 +169,17 @@ def _mark_delivered(alert_id: int, channel: str) -> None:
 def budget_alert_email_send(*, alert: BudgetAlert) -> bool:
     """Email the user (a key's owner for a key's budget); False when they have no address."""
     recipient = alert.user.email if alert.user else ""
-    if not recipient:
-        return False
     body = alert_text(alert)
     if alert.threshold >= 100:
         body += "\n\nRequests are refused until the period ends or the limit is raised."
-    send_mail(
-        subject=f"[llmhub] {alert_subject(alert)} is at {alert.threshold}%",
-        message=body,
-        from_email=None,
-        recipient_list=[recipient],
-    )
+    subject = f"[llmhub] {alert_subject(alert)} is at {alert.threshold}%"
+    if not alert_email_send(subject=subject, body=body, recipients=[recipient] if recipient else []):
+        return False
     _mark_delivered(alert.pk, "email")
     return True
 
 
 def budget_alert_webhook_send(*, alert: BudgetAlert, url: str) -> None:
-    """POST the alert to the webhook, under the outbound policy every provider call obeys (the URL is set by
-    an operator, but the address its name resolves to is not); a redirect is a failure, as it always was."""
-    try:
-        with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False) as client:
-            response = client.post(url, json={"text": alert_text(alert)})
-    except OutboundRefused:
-        raise WebhookDeliveryError(
-            "the alert webhook's address is refused by the outbound policy (see LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS)"
-        ) from None
-    except httpx2.HTTPError as exc:
-        raise WebhookDeliveryError(f"the alert webhook could not be reached ({type(exc).__name__})") from None
-    if response.status_code >= 300:
-        raise WebhookDeliveryError(f"the alert webhook answered HTTP {response.status_code}")
+    """POST the alert to the webhook (``alert_webhook_send``: the outbound policy applies, a redirect fails)."""
+    alert_webhook_send(url=url, text=alert_text(alert))
     _mark_delivered(alert.pk, "webhook")

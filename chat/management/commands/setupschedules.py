@@ -28,6 +28,7 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
     ("billing: settle requests of dead processes", "billing.tasks.reservations_lost_settle", timedelta(seconds=30)),
     ("billing: replay the ledger spool", "billing.tasks.ledger_spool_replay", timedelta(minutes=1)),
     ("billing: delete ledger rows past retention", "billing.tasks.ledger_retention", crontab(minute=23, hour=2)),
+    ("billing: evaluate the operations alerts", "billing.tasks.ops_alerts_evaluate_task", timedelta(minutes=1)),
     (
         "chat: close replies a stopped server left streaming",
         "chat.tasks.messages_close_abandoned_task",

@@ -1,0 +1,72 @@
+"""Admin of the operations alerts: rules (thresholds, windows, recipients) editable, incidents read-only."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+
+from .models import OpsAlertIncident, OpsAlertRule
+
+
+@admin.register(OpsAlertRule)
+class OpsAlertRuleAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "enabled", "threshold", "window_minutes", "minimum_requests", "model_name", "open"]
+    list_editable = ["enabled", "threshold", "window_minutes", "minimum_requests"]
+    list_filter = ["kind", "enabled"]
+    search_fields = ["name", "model_name"]
+    fieldsets = [
+        (None, {"fields": ["name", "kind", "enabled"]}),
+        ("When it fires", {"fields": ["threshold", "window_minutes", "minimum_requests", "minimum_baseline_usd"]}),
+        ("What it watches", {"fields": ["model_name"]}),
+        (
+            "Who is told",
+            {
+                "fields": ["email_recipients", "webhook_url"],
+                "description": "Empty: ADMINS (or the superusers) and LLMHUB_ALERT_WEBHOOK_URL. A webhook is "
+                "called under the outbound policy of provider calls.",
+            },
+        ),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[OpsAlertRule]:
+        return super().get_queryset(request).annotate(
+            open_count=Count("incidents", filter=Q(incidents__cleared_at__isnull=True))
+        )
+
+    @admin.display(description="open incidents", ordering="open_count")
+    def open(self, rule: OpsAlertRule) -> int:
+        return rule.open_count
+
+
+class OpenFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("open", "Open"), ("cleared", "Cleared")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[OpsAlertIncident]) -> QuerySet[OpsAlertIncident]:
+        if self.value() == "open":
+            return queryset.filter(cleared_at__isnull=True)
+        if self.value() == "cleared":
+            return queryset.filter(cleared_at__isnull=False)
+        return queryset
+
+
+@admin.register(OpsAlertIncident)
+class OpsAlertIncidentAdmin(admin.ModelAdmin):
+    """Opened and cleared by the evaluator only: an admin reads them (and may delete old ones)."""
+
+    list_display = ["rule", "subject", "opened_at", "cleared_at", "value_at_open", "peak", "delivered"]
+    list_filter = [OpenFilter, "rule__kind", "rule"]
+    search_fields = ["subject", "detail"]
+    list_select_related = ["rule"]
+    date_hierarchy = "opened_at"
+    readonly_fields = [field.name for field in OpsAlertIncident._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: OpsAlertIncident | None = None) -> bool:
+        return False

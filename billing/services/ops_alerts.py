@@ -1,0 +1,424 @@
+"""Operations alerts beyond budgets: a deployment down, a model's error rate or p95 latency too high, a user's
+daily token quota used up, spend in the last hour far above the usual hour.
+
+``ops_alerts_evaluate`` runs every minute (``billing.tasks.ops_alerts_evaluate_task``). For each enabled
+``OpsAlertRule`` it measures every subject the rule watches (a model, a user, all spend) from the ledger and
+opens an ``OpsAlertIncident`` for each subject in breach that has none open, and clears each open incident
+whose subject is no longer in breach. The open/clear transitions are the only thing that sends: one alert
+when an incident opens, one when it clears, however often the evaluator runs, and however many run at once
+(a unique constraint allows one open incident per rule and subject; clearing locks the row). Deliveries go
+out after commit through Celery tasks with retries, on the channels every alert shares
+(``alerts.alert_email_send`` / ``alerts.alert_webhook_send``), to the rule's recipients or, without any, to
+``ADMINS`` (the superusers without them) and ``LLMHUB_ALERT_WEBHOOK_URL``.
+
+A deployment down is not measured again here: ``providers.models.Incident`` already is that incident, opened
+by failing health checks and with its own down / back-up alerts. The evaluator adds what health checks miss
+(a provider whose model list answers while its completions fail): a deployment whose circuit breaker is open
+gets that same ``Incident`` opened (if none is), and an incident the evaluator opened this way is closed once
+the breaker has closed again. So a deployment down is still one incident and one pair of alerts, whichever
+signal found it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from functools import partial
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Max, Min, Q, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from django.utils.timesince import timesince
+
+from providers.models import Deployment, Incident
+from providers.routing.breaker_machine import CLOSED
+from providers.routing.breakers import breaker_states
+from providers.services.incidents import incident_alert_recipients, incident_close, incident_open
+
+from ..exceptions import QuotaExceededError
+from ..models import (
+    ApiKey,
+    BudgetMetric,
+    BudgetPeriod,
+    OpsAlertIncident,
+    OpsAlertKind,
+    OpsAlertRule,
+    Plan,
+    ScopeKind,
+    UsageRecord,
+    UsageStatus,
+    UserPlan,
+)
+from ..selectors import UserLimits, user_limits_sync
+from .alerts import alert_email_send, alert_webhook_send
+from .budgets import CounterRef, ledger_spend, period_bounds, usd
+
+# The reason written on a deployment's incident opened from its breaker: how the evaluator knows it is its own
+# to close (health checks close theirs when a probe passes).
+BREAKER_REASON = "Its circuit breaker is open: requests to it are failing."
+# The spend spike compares the last hour with the mean hour of the 7 days before it.
+SPEND_BASELINE = timedelta(days=7)
+# Requests that reached no provider say nothing of a model's health.
+_NOT_ANSWERED = (UsageStatus.REJECTED, UsageStatus.LOST)
+
+
+class OpsAlertEvent:
+    OPEN = "open"
+    CLEAR = "clear"
+
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """One subject of a rule as measured now: its value (in the rule's unit), whether that is a breach, and
+    the measurement in words for the alert."""
+
+    value: Decimal
+    breached: bool
+    detail: str
+
+
+@dataclass(slots=True)
+class Evaluation:
+    """What one run of the evaluator changed."""
+
+    opened: list[str]
+    cleared: list[str]
+
+
+def _model_scoped(rows, rule: OpsAlertRule):
+    rows = rows.exclude(model_name="")
+    return rows.filter(model_name=rule.model_name) if rule.model_name else rows
+
+
+def _percent(value: Decimal) -> str:
+    return f"{value.quantize(Decimal('0.1'))} %"
+
+
+def error_rate_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]:
+    """Per model, the share of ``upstream_error`` rows among the requests that reached a provider in the
+    window; a breach only from ``minimum_requests`` requests on (one failure out of two is no incident)."""
+    rows = UsageRecord.objects.filter(
+        created_at__gt=now - timedelta(minutes=rule.window_minutes), created_at__lte=now
+    ).exclude(status__in=_NOT_ANSWERED)
+    counts = (
+        _model_scoped(rows, rule)
+        .values("model_name")
+        .annotate(total=Count("pk"), failed=Count("pk", filter=Q(status=UsageStatus.UPSTREAM_ERROR)))
+    )
+    measures = {}
+    for row in counts:
+        rate = Decimal(row["failed"] * 100) / row["total"]
+        detail = (
+            f"error rate of model {row['model_name']} is {_percent(rate)} over the last {rule.window_minutes} minutes "
+            f"({row['failed']} of {row['total']} requests failed upstream)"
+        )
+        breached = row["total"] >= rule.minimum_requests and rate > rule.threshold
+        measures[f"model:{row['model_name']}"] = Measure(rate, breached, detail)
+    return measures
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (the smallest value with at least ``q`` of the values at or below it)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def latency_p95_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]:
+    """Per model, the p95 latency of the requests answered in the window: time to first token for a stream
+    (its length is the client's business), the whole reply otherwise."""
+    rows = UsageRecord.objects.filter(
+        created_at__gt=now - timedelta(minutes=rule.window_minutes), created_at__lte=now, status=UsageStatus.OK
+    )
+    latencies: dict[str, list[int]] = defaultdict(list)
+    for model_name, stream, ttft_ms, duration_ms in _model_scoped(rows, rule).values_list(
+        "model_name", "stream", "ttft_ms", "duration_ms"
+    ):
+        latencies[model_name].append(ttft_ms if stream and ttft_ms is not None else duration_ms)
+    measures = {}
+    for model_name, values in latencies.items():
+        p95 = percentile(values, 0.95)
+        detail = (
+            f"p95 latency of model {model_name} is {p95} ms over the last {rule.window_minutes} minutes "
+            f"({len(values)} requests)"
+        )
+        breached = len(values) >= rule.minimum_requests and p95 > rule.threshold
+        measures[f"model:{model_name}"] = Measure(Decimal(p95), breached, detail)
+    return measures
+
+
+def token_quota_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]:
+    """Per user with a daily token quota (UTC days, as admission counts them), the share of it the ledger shows
+    used today. In breach from ``threshold`` percent used, or when the quota is refusing them: admission
+    refuses a request the rest of the quota could not pay for at its largest, so a user is shut out well
+    before 100 % is used. A refusal counts when it is an ``insufficient_quota`` rejection in the last
+    ``window_minutes`` that no successful request of theirs followed, and the token quota is the most used of
+    their limits (the monthly budget, the refused key's budget: the counter nearest its limit is the one that
+    refused). It clears when their requests go through again, or none has been refused for the window."""
+    quotas = [
+        *Plan.objects.filter(daily_token_quota__isnull=False).values_list("daily_token_quota", flat=True),
+        *UserPlan.objects.filter(daily_token_quota__isnull=False).values_list("daily_token_quota", flat=True),
+    ]
+    if not quotas:
+        return {}
+    day_start, _ = period_bounds(BudgetPeriod.DAILY, now)
+    today = UsageRecord.objects.filter(created_at__gte=day_start, created_at__lte=now, user_id__isnull=False)
+    refused = {
+        row["user_id"]: row
+        for row in today.filter(
+            status=UsageStatus.REJECTED,
+            error_type=QuotaExceededError.code,
+            created_at__gt=now - timedelta(minutes=rule.window_minutes),
+        )
+        .values("user_id")
+        .annotate(last=Max("created_at"), refused_key=Max("api_key_id"))
+    }
+    # Only users who used the threshold of the smallest quota there is, or were refused, can be in breach; the
+    # others are not looked up one by one.
+    floor = min(quotas) * rule.threshold / 100
+    used = (
+        today.values("user_id")
+        .annotate(
+            tokens=Coalesce(Sum(F("prompt_tokens") + F("completion_tokens")), 0),
+            last_ok=Max("created_at", filter=Q(status=UsageStatus.OK)),
+        )
+        .filter(Q(tokens__gte=floor) | Q(user_id__in=list(refused)))
+    )
+    measures = {}
+    rows = list(used)
+    names = dict(get_user_model().objects.filter(pk__in=[row["user_id"] for row in rows]).values_list("pk", "username"))
+    for row in rows:
+        user_id = row["user_id"]
+        limits = user_limits_sync(user_id)
+        quota = limits.daily_token_quota
+        if not quota:
+            continue
+        share = Decimal(row["tokens"] * 100) / quota
+        rejection = refused.get(user_id)
+        shut_out = (
+            rejection is not None
+            and (row["last_ok"] is None or row["last_ok"] < rejection["last"])
+            and share >= _other_limits_share(user_id, limits, rejection["refused_key"], now)
+        )
+        name = names.get(user_id, f"#{user_id}")
+        detail = f"user {name} has used {row['tokens']:,} tokens of a daily quota of {quota:,} ({_percent(share)})" + (
+            " and is refused for it" if shut_out else ""
+        )
+        measures[f"user:{user_id}"] = Measure(share, share >= rule.threshold or shut_out, detail)
+    return measures
+
+
+def _other_limits_share(user_id: int, limits: UserLimits, api_key_id: int | None, now: datetime) -> Decimal:
+    """The highest percent used of the user's USD limits that could have refused them: their monthly budget
+    and the budget of a key their refused requests came with."""
+    shares = [Decimal(0)]
+    if limits.monthly_budget_usd:
+        start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
+        ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.COST, BudgetPeriod.MONTHLY, start)
+        shares.append(ledger_spend(ref) * 100 / limits.monthly_budget_usd)
+    key = ApiKey.objects.filter(pk=api_key_id).values("budget_usd", "budget_period").first() if api_key_id else None
+    if key and key["budget_usd"]:
+        start, _ = period_bounds(key["budget_period"], now)
+        ref = CounterRef(ScopeKind.KEY, api_key_id, BudgetMetric.COST, key["budget_period"], start)
+        shares.append(ledger_spend(ref) * 100 / key["budget_usd"])
+    return max(shares)
+
+
+def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]:
+    """The spend of the last hour against the mean hourly spend of the 7 days before it (every hour of the
+    week, not only the same hour of each day: seven samples of one hour are too few to trust). A breach when
+    the last hour costs more than ``threshold`` times that mean, and only when the mean reaches
+    ``minimum_baseline_usd``: a quiet gateway's first busy hour is no spike."""
+    hour_ago = now - timedelta(hours=1)
+    rows = _model_scoped(UsageRecord.objects.all(), rule) if rule.model_name else UsageRecord.objects.all()
+    week = Q(created_at__gt=hour_ago - SPEND_BASELINE, created_at__lte=hour_ago)
+    sums = rows.aggregate(
+        last=Coalesce(Sum("cost", filter=Q(created_at__gt=hour_ago, created_at__lte=now)), Decimal(0)),
+        week=Coalesce(Sum("cost", filter=week), Decimal(0)),
+        first=Min("created_at", filter=week),
+    )
+    baseline = sums["week"] / Decimal(SPEND_BASELINE / timedelta(hours=1))
+    if sums["first"] is None:
+        return {}
+    ratio = (sums["last"] / baseline) if baseline > 0 else Decimal(0)
+    what = f"spend on model {rule.model_name}" if rule.model_name else "spend"
+    detail = (
+        f"{what} in the last hour is {usd(sums['last'])}, {ratio.quantize(Decimal('0.1'))} times the usual hour "
+        f"({usd(baseline.quantize(Decimal('0.0001')))}, the mean hour of the 7 days before)"
+    )
+    breached = baseline >= rule.minimum_baseline_usd and baseline > 0 and ratio > rule.threshold
+    subject = f"model:{rule.model_name}" if rule.model_name else "all"
+    return {subject: Measure(ratio, breached, detail)}
+
+
+MEASURES: dict[str, Callable[[OpsAlertRule, datetime], dict[str, Measure]]] = {
+    OpsAlertKind.ERROR_RATE: error_rate_measures,
+    OpsAlertKind.LATENCY_P95: latency_p95_measures,
+    OpsAlertKind.TOKEN_QUOTA: token_quota_measures,
+    OpsAlertKind.SPEND_SPIKE: spend_spike_measures,
+}
+
+
+def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
+    """Measure every enabled rule now; open the incidents newly in breach and clear those no longer in it.
+    Idempotent: running it again with nothing changed opens, clears and sends nothing."""
+    now = now or timezone.now()
+    evaluation = Evaluation(opened=[], cleared=[])
+    for rule in OpsAlertRule.objects.filter(enabled=True):
+        if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
+            deployments_down_follow(now=now, evaluation=evaluation)
+            continue
+        measures = MEASURES[rule.kind](rule, now)
+        open_incidents = {incident.subject: incident for incident in rule.incidents.filter(cleared_at__isnull=True)}
+        for subject, measure in measures.items():
+            incident = open_incidents.get(subject)
+            if measure.breached and incident is None:
+                if ops_incident_open(rule=rule, subject=subject, measure=measure, now=now) is not None:
+                    evaluation.opened.append(f"{rule.kind} {subject}")
+            elif measure.breached and measure.value > incident.peak:
+                OpsAlertIncident.objects.filter(pk=incident.pk, peak__lt=measure.value).update(peak=measure.value)
+        for subject, incident in open_incidents.items():
+            measure = measures.get(subject)
+            if measure is None or not measure.breached:
+                if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
+                    evaluation.cleared.append(f"{rule.kind} {subject}")
+    return evaluation
+
+
+def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now: datetime) -> OpsAlertIncident | None:
+    """Open the rule's incident for ``subject`` unless one is open; its alert goes out after commit. None when
+    another evaluator opened it first."""
+    try:
+        with transaction.atomic():
+            incident = OpsAlertIncident.objects.create(
+                rule=rule,
+                subject=subject,
+                opened_at=now,
+                value_at_open=measure.value,
+                peak=measure.value,
+                detail=measure.detail[:300],
+            )
+            transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.OPEN), robust=True)
+    except IntegrityError:
+        return None
+    return incident
+
+
+def ops_incident_clear(
+    *, incident: OpsAlertIncident, measure: Measure | None, now: datetime
+) -> OpsAlertIncident | None:
+    """Clear ``incident`` unless another evaluator did; its alert goes out after commit."""
+    with transaction.atomic():
+        locked = OpsAlertIncident.objects.select_for_update().filter(pk=incident.pk, cleared_at__isnull=True).first()
+        if locked is None:
+            return None
+        locked.cleared_at = max(now, locked.opened_at)
+        locked.value_at_clear = measure.value if measure is not None else None
+        locked.save(update_fields=["cleared_at", "value_at_clear"])
+        transaction.on_commit(partial(_deliver, locked.pk, OpsAlertEvent.CLEAR), robust=True)
+    return locked
+
+
+def deployments_down_follow(*, now: datetime, evaluation: Evaluation) -> None:
+    """Open a deployment's ``Incident`` when its breaker is open (or half-open: still not trusted) and none is
+    open; close the ones opened this way once the breaker has closed. Deployments an admin forced open or
+    closed (``breaker_override``) are left alone: that is a decision, not an outage."""
+    deployments = dict(
+        Deployment.objects.filter(enabled=True, model__enabled=True, breaker_override="").values_list("pk", "name")
+    )
+    if not deployments:
+        return
+    states = breaker_states(deployments)
+    open_incidents = dict(
+        Incident.objects.filter(deployment_id__in=deployments, ended_at__isnull=True).values_list(
+            "deployment_id", "reason"
+        )
+    )
+    for deployment_id, name in deployments.items():
+        state = states[deployment_id].state
+        if state != CLOSED and deployment_id not in open_incidents:
+            if incident_open(deployment_id=deployment_id, reason=BREAKER_REASON, at=now) is not None:
+                evaluation.opened.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
+        elif state == CLOSED and open_incidents.get(deployment_id) == BREAKER_REASON:
+            if incident_close(deployment_id=deployment_id, at=now) is not None:
+                evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
+
+
+# DELIVERY
+
+
+def _deliver(incident_id: int, event: str) -> None:
+    # Queued after commit, robustly: a broker that cannot take the tasks is logged by Django and does not undo
+    # the incident (its row stays, for the admin; the rows not delivered show it).
+    from ..tasks import ops_alert_email, ops_alert_webhook
+
+    incident = OpsAlertIncident.objects.select_related("rule").get(pk=incident_id)
+    ops_alert_email.delay(incident_id, event)
+    if ops_alert_webhook_url(incident.rule):
+        ops_alert_webhook.delay(incident_id, event)
+
+
+def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:
+    """The rule's addresses; without any, the admins' (as the deployment incidents' alerts go)."""
+    listed = [part.strip() for part in rule.email_recipients.replace("\n", ",").split(",") if part.strip()]
+    return listed or incident_alert_recipients()
+
+
+def ops_alert_webhook_url(rule: OpsAlertRule) -> str:
+    return rule.webhook_url or settings.LLMHUB_ALERT_WEBHOOK_URL
+
+
+def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
+    rule = incident.rule
+    since = f"{incident.opened_at:%Y-%m-%d %H:%M} UTC"
+    if event == OpsAlertEvent.CLEAR:
+        lasted = "less than a minute"
+        if incident.cleared_at and (incident.cleared_at - incident.opened_at) >= timedelta(minutes=1):
+            lasted = timesince(incident.opened_at, incident.cleared_at)
+        return (
+            f"llmhub: cleared: {rule.name} ({incident.subject}), after {lasted} (since {since}). "
+            f"It began as: {incident.detail}."
+        )
+    return f"llmhub: {rule.name}: {incident.detail} (since {since})."
+
+
+def _delivered(incident_id: int, mark: str) -> None:
+    with transaction.atomic():
+        incident = OpsAlertIncident.objects.select_for_update().get(pk=incident_id)
+        if mark not in incident.delivered:
+            incident.delivered = [*incident.delivered, mark]
+            incident.save(update_fields=["delivered"])
+
+
+def ops_alert_email_send(*, incident: OpsAlertIncident, event: str) -> bool:
+    """Email one of the incident's two alerts; False when it went already or there is nobody to tell."""
+    mark = f"{event}:email"
+    if mark in incident.delivered:
+        return False
+    state = "cleared" if event == OpsAlertEvent.CLEAR else "firing"
+    sent = alert_email_send(
+        subject=f"[llmhub] {state}: {incident.rule.name} ({incident.subject})",
+        body=ops_alert_text(incident, event),
+        recipients=ops_alert_recipients(incident.rule),
+    )
+    if sent:
+        _delivered(incident.pk, mark)
+    return sent
+
+
+def ops_alert_webhook_send(*, incident: OpsAlertIncident, event: str) -> bool:
+    """POST one of the incident's two alerts to the webhook; raises ``WebhookDeliveryError`` (retried by the
+    task); False when it went already or no webhook is set."""
+    mark = f"{event}:webhook"
+    url = ops_alert_webhook_url(incident.rule)
+    if mark in incident.delivered or not url:
+        return False
+    alert_webhook_send(url=url, text=ops_alert_text(incident, event))
+    _delivered(incident.pk, mark)
+    return True

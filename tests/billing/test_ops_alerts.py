@@ -1,0 +1,399 @@
+"""Operations alerts: each kind fires once per incident and clears once, by email and to a Slack-compatible
+webhook (a real HTTP server), from requests a live llmhub served on the fake upstream with its faults.
+
+The live server runs in this process, so ``time_machine`` moves its clock too: requests are made at pinned
+instants (ticking, so timeouts work) and their ledger rows carry them; the evaluator then runs several times
+at later instants, frozen."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import httpx
+import pytest
+import redis
+import time_machine
+from django.apps import apps as django_apps
+from django.core import mail
+
+from billing.models import OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
+from billing.services.keys import api_key_create
+from billing.services.ops_alerts import BREAKER_REASON, ops_alerts_evaluate, percentile
+from billing.services.plans import plan_assign
+from billing.tasks import ops_alerts_evaluate_task
+from providers.models import Deployment, Incident
+from providers.routing.breaker_machine import CLOSED
+from providers.routing.breakers import breaker_state
+from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)  # a Tuesday noon, far from a day's edge
+OPS = "ops@example.com"
+
+
+@pytest.fixture(autouse=True)
+def admins(settings, transactional_db) -> None:
+    """Only the rules a test makes (the data migration's may be there or not: a flush removes them). Rules
+    without recipients of their own alert ADMINS; no webhook unless a test starts one."""
+    OpsAlertRule.objects.all().delete()
+    settings.ADMINS = [("", OPS)]
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""
+
+
+@dataclass
+class Gateway:
+    http: httpx.Client
+    upstream_url: str
+    model: str
+    deployment: Deployment
+    user_id: int
+
+    def chat(self, text: str = "hi", **body: object) -> httpx.Response:
+        payload = {"model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": 5, **body}
+        return self.http.post("/v1/chat/completions", json=payload)
+
+    def fault(self, fault: str | None) -> None:
+        """A standing fault of the upstream, set (``"503"``) or healed (None) through its control endpoint."""
+        httpx.post(f"{self.upstream_url}/__control", json={"fault": fault}).raise_for_status()
+
+
+@pytest.fixture
+def gateway(llmhub_server, fake_upstream, settings, redis_url, webhook) -> Iterator[Gateway]:
+    """A live llmhub (breakers and counters in Redis) serving ``watched`` from the fake upstream, for a user
+    on an unlimited plan; alerts go to ``OPS`` (ADMINS) and to the ``webhook`` fixture's server."""
+    settings.REDIS_URL = redis_url
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    provider = ProviderFactory(name="upstream", base_url=fake_upstream.base_url + "/v1")
+    model = ModelFactory(name="watched", provider=provider, input_per_mtok=Decimal("0"), output_per_mtok=Decimal("100"))
+    plan = Plan.objects.create(name="Unlimited", allow_all_models=True)
+    user = UserFactory(username="client")
+    plan_assign(user=user, plan=plan)
+    key = api_key_create(user=user, name="ops").secret
+    with httpx.Client(base_url=llmhub_server.url, headers={"authorization": f"Bearer {key}"}, timeout=30) as http:
+        yield Gateway(http, fake_upstream.base_url, model.name, model.deployments.get(), user.pk)
+    httpx.post(f"{fake_upstream.base_url}/__control", json={"fault": None})
+    client.flushdb()
+    client.close()
+
+
+def ledger_rows(count: int) -> None:
+    """Wait until the ledger holds ``count`` rows: the server writes them after each reply has gone."""
+    deadline = time.monotonic() + 30
+    while UsageRecord.objects.count() < count:
+        assert time.monotonic() < deadline, f"the ledger never reached {count} rows"
+        time.sleep(0.02)
+
+
+def wait_until(predicate, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def evaluate_at(instant: datetime, times: int = 3) -> None:
+    """The evaluator, run ``times`` over at a frozen ``instant`` (as a beat scheduling it each minute may
+    run it twice): what it sends must not depend on how often it runs."""
+    with time_machine.travel(instant, tick=False):
+        for _ in range(times):
+            ops_alerts_evaluate()
+
+
+def rule(kind: str, **fields: object) -> OpsAlertRule:
+    return OpsAlertRule.objects.create(name=f"test {kind}", kind=kind, **fields)
+
+
+def alert_mail() -> list:
+    """The alerts emailed (Django's own mails to ADMINS of a 5xx answer left out)."""
+    return [message for message in mail.outbox if message.subject.startswith("[llmhub]")]
+
+
+def sent() -> list[tuple[list[str], str]]:
+    return [(message.to, message.subject) for message in alert_mail()]
+
+
+def test_a_model_failing_upstream_alerts_once_then_clears_once(gateway, webhook, settings):
+    settings.LLMHUB_BREAKER_FAILURES = 1000  # the deployment stays in rotation: every request reaches it
+    watched = rule(
+        OpsAlertKind.ERROR_RATE, threshold=Decimal("20"), minimum_requests=4, email_recipients="oncall@example.com"
+    )
+    with time_machine.travel(T0, tick=True):
+        assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
+        gateway.fault("503")
+        assert all(gateway.chat().status_code >= 500 for _ in range(4))
+        ledger_rows(6)
+    assert UsageRecord.objects.filter(status=UsageStatus.UPSTREAM_ERROR).count() == 4
+
+    evaluate_at(T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.rule, incident.subject, incident.cleared_at) == (watched, "model:watched", None)
+    assert incident.value_at_open.quantize(Decimal("0.1")) == Decimal("66.7")
+    assert sent() == [(["oncall@example.com"], "[llmhub] firing: test error_rate (model:watched)")]
+    assert len(webhook.received) == 1
+    assert (
+        "error rate of model watched is 66.7 % over the last 5 minutes (4 of 6 requests failed upstream)"
+        in (webhook.received[0]["text"])
+    )
+
+    gateway.fault(None)
+    with time_machine.travel(T0 + timedelta(minutes=6), tick=True):
+        assert {gateway.chat().status_code for _ in range(4)} == {200}
+        ledger_rows(10)
+    evaluate_at(T0 + timedelta(minutes=6, seconds=30))
+    evaluate_at(T0 + timedelta(minutes=7))
+
+    incident.refresh_from_db()
+    assert incident.cleared_at == T0 + timedelta(minutes=6, seconds=30) and incident.value_at_clear == 0
+    assert sent()[1:] == [(["oncall@example.com"], "[llmhub] cleared: test error_rate (model:watched)")]
+    assert len(webhook.received) == 2 and webhook.received[1]["text"].startswith("llmhub: cleared: test error_rate")
+    assert sorted(incident.delivered) == ["clear:email", "clear:webhook", "open:email", "open:webhook"]
+
+
+def test_slow_replies_alert_on_the_p95_latency_once_then_clear_once(gateway, webhook):
+    rule(OpsAlertKind.LATENCY_P95, threshold=Decimal("1000"), minimum_requests=3)
+    with time_machine.travel(T0, tick=True):
+        assert {gateway.chat("[[latency=1500]] hi").status_code for _ in range(3)} == {200}
+        ledger_rows(3)
+    evaluate_at(T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))
+
+    incident = OpsAlertIncident.objects.get()
+    assert incident.subject == "model:watched" and incident.value_at_open >= 1500
+    assert sent() == [([OPS], "[llmhub] firing: test latency_p95 (model:watched)")]
+    assert len(webhook.received) == 1 and "p95 latency of model watched is" in webhook.received[0]["text"]
+
+    with time_machine.travel(T0 + timedelta(minutes=6), tick=True):
+        assert {gateway.chat().status_code for _ in range(3)} == {200}
+        ledger_rows(6)
+    evaluate_at(T0 + timedelta(minutes=6, seconds=30))
+    evaluate_at(T0 + timedelta(minutes=7))
+
+    incident.refresh_from_db()
+    assert incident.cleared_at is not None
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test latency_p95 (model:watched)",
+        "[llmhub] cleared: test latency_p95 (model:watched)",
+    ]
+    assert len(webhook.received) == 2
+
+
+def test_a_user_using_up_the_daily_token_quota_alerts_once_and_clears_when_it_is_raised(gateway, webhook):
+    # Refused long before 100 % is used (admission reserves what a request could cost at most): the refusal
+    # is what fires, the 100 % threshold is never reached.
+    rule(OpsAlertKind.TOKEN_QUOTA, threshold=Decimal("100"))
+    plan = Plan.objects.get(name="Unlimited")
+    plan.daily_token_quota = 100
+    plan.save()
+    statuses = []
+    with time_machine.travel(T0, tick=True):
+        while 429 not in statuses:
+            assert len(statuses) < 20, "the quota never refused a request"
+            statuses.append(gateway.chat().status_code)
+        ledger_rows(len(statuses))
+    refused = UsageRecord.objects.get(status=UsageStatus.REJECTED)
+    assert refused.error_type == "insufficient_quota"
+
+    evaluate_at(T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))
+    incident = OpsAlertIncident.objects.get()
+    assert incident.subject == f"user:{gateway.user_id}" and incident.value_at_open < 100
+    assert sent() == [([OPS], f"[llmhub] firing: test token_quota (user:{gateway.user_id})")]
+    assert len(webhook.received) == 1 and "of a daily quota of 100 (" in webhook.received[0]["text"]
+
+    evaluate_at(T0 + timedelta(minutes=3))  # still refused: nothing changes
+    assert len(alert_mail()) == 1
+
+    plan.daily_token_quota = 100_000  # an admin raises the quota; the user's requests go through again
+    plan.save()
+    with time_machine.travel(T0 + timedelta(minutes=4), tick=True):
+        assert gateway.chat().status_code == 200
+        ledger_rows(len(statuses) + 1)
+    evaluate_at(T0 + timedelta(minutes=5))
+    evaluate_at(T0 + timedelta(minutes=6))
+    incident.refresh_from_db()
+    assert incident.cleared_at == T0 + timedelta(minutes=5)
+    assert [subject for _, subject in sent()][1:] == [f"[llmhub] cleared: test token_quota (user:{gateway.user_id})"]
+    assert len(webhook.received) == 2
+
+
+def test_the_next_day_clears_a_used_up_quota():
+    rule(OpsAlertKind.TOKEN_QUOTA, threshold=Decimal("100"))
+    plan = Plan.objects.create(name="Tight", allow_all_models=True, daily_token_quota=30)
+    user = UserFactory(username="heavy")
+    plan_assign(user=user, plan=plan)
+    UsageRecordFactory(user=user, prompt_tokens=20, completion_tokens=10, created_at=T0)
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 1
+    evaluate_at(T0 + timedelta(days=1) - timedelta(hours=12, seconds=1))  # still that day: 23:59:59
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 1
+    evaluate_at(T0 + timedelta(hours=12))  # midnight UTC: a new day, nothing used
+    assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(hours=12)
+    assert len(alert_mail()) == 2
+
+
+def test_a_burst_of_spend_alerts_once_against_the_usual_hour_then_clears_once(gateway, webhook):
+    spike = rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("0.00001"))
+    webhook.fail_next = 2  # the webhook fails twice first: the alert is retried, not lost, nor sent twice
+    with time_machine.travel(T0, tick=True):
+        assert {gateway.chat("[[words=5]]").status_code for _ in range(3)} == {200}
+        ledger_rows(3)
+    burst = sum(UsageRecord.objects.values_list("cost", flat=True))
+    assert burst > 0
+    # The week before: one row an hour, the usual hour costing a tenth of the burst.
+    for hour in range(1, 24 * 7 + 1):
+        UsageRecordFactory(
+            user=None, model_name="watched", cost=burst / 10, created_at=T0 - timedelta(hours=hour, minutes=1)
+        )
+
+    evaluate_at(T0 + timedelta(minutes=5))
+    evaluate_at(T0 + timedelta(minutes=10))
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.rule, incident.subject) == (spike, "all")
+    assert Decimal("9.5") < incident.value_at_open < Decimal("10.5")  # ~10 times the usual hour
+    assert sent() == [([OPS], "[llmhub] firing: test spend_spike (all)")]
+    assert len(webhook.received) == 1 and "times the usual hour" in webhook.received[0]["text"]
+
+    evaluate_at(T0 + timedelta(hours=1, minutes=5))  # the burst is out of the last hour
+    evaluate_at(T0 + timedelta(hours=1, minutes=6))
+    incident.refresh_from_db()
+    assert incident.cleared_at == T0 + timedelta(hours=1, minutes=5)
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test spend_spike (all)",
+        "[llmhub] cleared: test spend_spike (all)",
+    ]
+    assert len(webhook.received) == 2
+
+
+def test_a_spend_spike_needs_a_usual_hour_worth_its_minimum():
+    rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"))
+    UsageRecordFactory(cost=Decimal("0.01"), created_at=T0 - timedelta(days=2))
+    UsageRecordFactory(cost=Decimal("5"), created_at=T0 - timedelta(minutes=5))  # 84 000 times the usual hour
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.count() == 0 and alert_mail() == []
+
+
+def test_a_deployment_whose_breaker_opens_is_one_incident_with_one_alert_each_way(gateway, webhook, settings):
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    settings.LLMHUB_BREAKER_FAILURES = 3
+    settings.LLMHUB_BREAKER_COOLDOWN_SECONDS = 1
+    deployment = gateway.deployment
+    with time_machine.travel(T0, tick=True):
+        gateway.fault("503")
+        for _ in range(10):
+            gateway.chat()
+            if breaker_state(deployment.pk).state != CLOSED:
+                break
+        assert breaker_state(deployment.pk).state != CLOSED
+
+    evaluate_at(T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))
+    incident = Incident.objects.get()
+    assert (incident.deployment_id, incident.reason, incident.ended_at) == (deployment.pk, BREAKER_REASON, None)
+    assert len(alert_mail()) == 1 and alert_mail()[0].to == [OPS] and alert_mail()[0].subject.endswith("is down")
+    assert len(webhook.received) == 1 and "is down since" in webhook.received[0]["text"]
+
+    gateway.fault(None)
+    with time_machine.travel(T0 + timedelta(minutes=3), tick=True):  # the cooldown is over: a probe goes through
+        statuses = []
+        while breaker_state(deployment.pk).state != CLOSED:
+            assert len(statuses) < 50, "the breaker never closed"
+            statuses.append(gateway.chat().status_code)
+            time.sleep(0.1)
+        assert 200 in statuses
+    evaluate_at(T0 + timedelta(minutes=4))
+    evaluate_at(T0 + timedelta(minutes=5))
+
+    incident.refresh_from_db()
+    assert incident.ended_at == T0 + timedelta(minutes=4)
+    assert len(alert_mail()) == 2 and alert_mail()[1].subject.endswith("is back up")
+    assert len(webhook.received) == 2 and "is back up after" in webhook.received[1]["text"]
+    assert OpsAlertIncident.objects.count() == 0  # the deployment's own Incident is the one incident
+
+
+def test_an_incident_health_checks_opened_is_left_to_them(fake_upstream):
+    """A deployment found down by its health checks already has its incident (and its alert): the evaluator
+    opens no second one, and does not close it when the breaker closes (a passing probe will)."""
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    deployment = ModelFactory(provider=ProviderFactory(base_url=fake_upstream.base_url + "/v1")).deployments.get()
+    Incident.objects.create(deployment=deployment, started_at=T0, reason="the model list failed")
+    evaluate_at(T0 + timedelta(minutes=1))  # its breaker is closed (nothing failed since it was reset)
+    assert Incident.objects.get().ended_at is None
+    assert alert_mail() == []
+
+
+def test_one_failure_in_two_requests_is_no_incident():
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=20)
+    UsageRecordFactory(model_name="m", created_at=T0 - timedelta(minutes=1))
+    UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.count() == 0
+
+
+def test_concurrent_evaluators_open_one_incident_and_send_one_alert():
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    for _ in range(3):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    barrier = threading.Barrier(4)
+
+    def evaluate_in_thread() -> None:
+        from django.db import connection
+
+        barrier.wait()
+        ops_alerts_evaluate(now=T0)
+        connection.close()
+
+    threads = [threading.Thread(target=evaluate_in_thread) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert OpsAlertIncident.objects.count() == 1
+    assert len(alert_mail()) == 1
+
+
+def test_the_task_evaluates_and_a_disabled_rule_is_silent():
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, enabled=False)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    with time_machine.travel(T0, tick=False):
+        assert ops_alerts_evaluate_task.delay().get() == 0
+        OpsAlertRule.objects.filter(pk=watched.pk).update(enabled=True)
+        assert ops_alerts_evaluate_task.delay().get() == 1
+    assert len(alert_mail()) == 1
+
+
+def test_the_default_rules_are_installed_and_editable_in_the_admin(admin_client):
+    importlib.import_module("billing.migrations.0011_ops_alerts").install_default_rules(django_apps, None)
+    assert set(OpsAlertRule.objects.values_list("kind", flat=True)) == set(OpsAlertKind.values)
+    error_rate = OpsAlertRule.objects.get(kind=OpsAlertKind.ERROR_RATE)
+    assert (error_rate.threshold, error_rate.window_minutes, error_rate.minimum_requests) == (Decimal("10"), 5, 20)
+
+    page = admin_client.get(f"/admin/billing/opsalertrule/{error_rate.pk}/change/")
+    assert page.status_code == 200
+    form = {
+        field: getattr(error_rate, field)
+        for field in ("name", "kind", "window_minutes", "minimum_requests", "minimum_baseline_usd", "model_name")
+    }
+    response = admin_client.post(
+        f"/admin/billing/opsalertrule/{error_rate.pk}/change/",
+        {**form, "enabled": "on", "threshold": "25", "email_recipients": "a@example.com", "webhook_url": ""},
+    )
+    assert response.status_code == 302, response.content
+    error_rate.refresh_from_db()
+    assert error_rate.threshold == Decimal("25") and error_rate.email_recipients == "a@example.com"
+    assert admin_client.get("/admin/billing/opsalertincident/").status_code == 200
+
+
+def test_nearest_rank_percentile():
+    assert percentile([100] * 19 + [5000], 0.95) == 100
+    assert percentile([100] * 18 + [5000] * 2, 0.95) == 5000
+    assert percentile([7], 0.95) == 7
