@@ -960,23 +960,37 @@ class CompletionRun:
 
     async def _relay(self, first: Any, upstream: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The chunks of an opened stream: ``first`` (already received), then the rest, each within the idle
-        timeout. A stall, like a cut, ends the stream with ``ProviderStreamInterruptedError``."""
+        timeout. A stall, like a cut, ends the stream with ``ProviderStreamInterruptedError``.
+
+        The idle timeout is one watchdog per stream (``_IdleWatch``), not an ``asyncio.timeout`` per chunk:
+        that armed and cancelled a timer (a heap entry) for every chunk, the relay's largest cost after the
+        socket write."""
         if first is not _END:
             yield first
         idle = self._idle_timeout()
-        while True:
-            try:
-                async with asyncio.timeout(idle):
-                    item = await anext(upstream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                name = self.answered_by.provider.name
-                raise ProviderStreamInterruptedError(
-                    f"The stream from the provider {name!r} was interrupted: nothing arrived for {idle:g} seconds.",
-                    provider=name,
-                ) from None
-            yield item
+        watch = _IdleWatch(idle)
+        step = upstream.__anext__
+        try:
+            while True:
+                # The wait for the next chunk begins: time the client took to read the last one is not counted.
+                watch.last = watch.loop.time()
+                watch.waiting = True
+                try:
+                    item = await step()
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not watch.expired():
+                        raise
+                    name = self.answered_by.provider.name
+                    raise ProviderStreamInterruptedError(
+                        f"The stream from the provider {name!r} was interrupted: nothing arrived for {idle:g} seconds.",
+                        provider=name,
+                    ) from None
+                watch.waiting = False
+                yield item
+        finally:
+            watch.close()
 
     @staticmethod
     async def _first(upstream: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
@@ -1427,6 +1441,49 @@ async def _prepended(first: Any, items: AsyncIterator[T]) -> AsyncIterator[T]:
 
 def _ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
+
+
+class _IdleWatch:
+    """A stream's idle timeout, as one timer for the whole stream: the relay only notes when its wait for
+    the next chunk began (``last``) and whether it is still waiting (``waiting``); the timer, when it fires,
+    either finds a chunk came since (and sleeps until ``last + idle``) or cancels the waiting task, which
+    ``expired`` then tells apart from any other cancellation (a client gone, a shutdown), as
+    ``asyncio.timeout`` does."""
+
+    __slots__ = ("_cancelling", "_fired", "_handle", "_task", "idle", "last", "loop", "waiting")
+
+    def __init__(self, idle: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.idle = idle
+        self.last = self.loop.time()
+        self.waiting = False
+        self._fired = False
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self._handle: asyncio.TimerHandle | None = self.loop.call_at(self.last + idle, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self.idle
+        if not self.waiting or self.loop.time() < due:
+            self._handle = self.loop.call_at(max(due, self.loop.time() + self.idle / 8), self._check)
+            return
+        self._handle = None
+        if self._task is not None and not self._task.done():
+            self._fired = True
+            self._task.cancel()
+
+    def expired(self) -> bool:
+        """Whether the ``CancelledError`` just caught is this watchdog's (consumed) and nothing else's."""
+        if not self._fired:
+            return False
+        self._fired = False
+        assert self._task is not None
+        return self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 __all__ = [

@@ -10,6 +10,7 @@ methods, optional hooks).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from abc import ABC, abstractmethod
@@ -165,13 +166,20 @@ class WireChunk(dict[str, Any]):
 def _model_replaced(raw: bytes, old: str, name: str) -> bytes | None:
     # An unescaped `"model":"…"` cannot occur inside a JSON string (its quotes would be escaped),
     # so the first match is the object's own key. A spelling we do not find is encoded again (None).
-    old_value = _json_text(old).encode()
-    for separator in (b'"model":', b'"model": '):
-        needle = separator + old_value
+    needles, replacement = _model_needles(old, name)
+    for needle in needles:
         at = raw.find(needle)
         if at >= 0:
-            return raw[:at] + b'"model":' + _json_text(name).encode() + raw[at + len(needle) :]
+            return raw[:at] + replacement + raw[at + len(needle) :]
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _model_needles(old: str, name: str) -> tuple[tuple[bytes, bytes], bytes]:
+    """The spellings of ``"model": old`` to look for and what replaces them: the same for every chunk of a
+    stream, so encoded once (a stream's chunks were encoding both names again each)."""
+    old_value = _json_text(old).encode()
+    return (b'"model":' + old_value, b'"model": ' + old_value), b'"model":' + _json_text(name).encode()
 
 
 class WireEvent(WireChunk):
