@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/app \
-    DJANGO_SETTINGS_MODULE=llmhub.settings.production
+    DJANGO_SETTINGS_MODULE=llmhub.settings.production \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/llmhub-metrics
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin llmhub
 WORKDIR /app

@@ -551,3 +551,14 @@ def test_the_grafana_dashboard_reads_only_metrics_we_export(llmhub_server, fake_
     }
     uncharted = {name for name, sample_names in families.items() if not sample_names & used}
     assert not uncharted, f"no panel for {uncharted}"
+
+
+def test_compose_gives_the_web_server_a_fresh_metrics_directory_at_every_start():
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    web = compose["services"]["web"]
+    directory = web["environment"][core_metrics.ENV]
+    assert directory in web["tmpfs"]
+    assert f"{core_metrics.ENV}={directory}" in (ROOT / "Dockerfile").read_text()
+    assert "LLMHUB_METRICS_TOKEN" in web["environment"] and "LLMHUB_METRICS_ALLOWED_IPS" in web["environment"]

@@ -52,8 +52,9 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[])
 # https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
-# The orchestrator probes the container over plain HTTP (llmhub/probes.py).
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# The orchestrator probes the container over plain HTTP (llmhub/probes.py), and Prometheus scrapes it so
+# (llmhub/metrics.py: a token or an allowed address; over plain HTTP, prefer the allow-list to a token).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 30)
