@@ -8,6 +8,8 @@ from django.db import models
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from providers.validators import validate_provider_url
+
 
 class BudgetPeriod(models.TextChoices):
     DAILY = "daily", "Daily (UTC day)"
@@ -466,6 +468,11 @@ class OpsAlertRule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        # Early and friendly, for the admin; every delivery is judged again when it connects.
+        if self.webhook_url:
+            validate_provider_url(self.webhook_url, field="webhook_url")
 
 
 class OpsAlertIncident(models.Model):

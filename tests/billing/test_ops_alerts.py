@@ -21,6 +21,7 @@ import redis
 import time_machine
 from django.apps import apps as django_apps
 from django.core import mail
+from django.core.exceptions import ValidationError
 
 from billing.models import OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
 from billing.services.keys import api_key_create
@@ -397,3 +398,26 @@ def test_nearest_rank_percentile():
     assert percentile([100] * 19 + [5000], 0.95) == 100
     assert percentile([100] * 18 + [5000] * 2, 0.95) == 5000
     assert percentile([7], 0.95) == 7
+
+
+def test_a_rules_own_webhook_is_called_under_the_outbound_policy(webhook, settings):
+    """A rule's webhook (here a loopback server) is refused when private addresses are not allowed: by the
+    admin's form, and again when a delivery connects (the email still goes)."""
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = False
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, webhook_url=webhook.url)
+    with pytest.raises(ValidationError) as refused:
+        watched.full_clean()
+    assert "webhook_url" in refused.value.message_dict and webhook.url not in str(refused.value)
+
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    assert webhook.received == []
+    assert OpsAlertIncident.objects.get().delivered == ["open:email"]
+
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True  # allowed: the rule's own webhook, not the global one
+    watched.full_clean()
+    UsageRecord.objects.all().delete()
+    evaluate_at(T0 + timedelta(minutes=1))
+    assert [entry["text"][:24] for entry in webhook.received] == ["llmhub: cleared: test er"]
