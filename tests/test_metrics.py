@@ -562,3 +562,24 @@ def test_compose_gives_the_web_server_a_fresh_metrics_directory_at_every_start()
     assert directory in web["tmpfs"]
     assert f"{core_metrics.ENV}={directory}" in (ROOT / "Dockerfile").read_text()
     assert "LLMHUB_METRICS_TOKEN" in web["environment"] and "LLMHUB_METRICS_ALLOWED_IPS" in web["environment"]
+
+
+async def test_production_serves_metrics_over_plain_http_to_an_allowed_address(monkeypatch):
+    """Prometheus inside the private network scrapes the container over plain HTTP, as the orchestrator probes
+    it: /metrics is exempt from production's HTTPS requirement (which /v1 keeps)."""
+    from llmhub.handlers import PathPrefixRouter
+    from tests import test_security_headers as security
+
+    production = security.production.__wrapped__()
+    lean_prefixes = ("/v1/", "/metrics")
+    monkeypatch.setattr(
+        security,
+        "PathPrefixRouter",
+        lambda *, prefixes, lean, full: PathPrefixRouter(prefixes=lean_prefixes, lean=lean, full=full),
+    )
+    with override_settings(**production, LLMHUB_METRICS_ALLOWED_IPS=["127.0.0.1"]):
+        metrics_status, _, body = await security.call("/metrics")
+        v1_status, _, _ = await security.call("/v1/models")
+    assert metrics_status == 200, body
+    assert b"llmhub_" in body
+    assert v1_status == 403  # https_required
