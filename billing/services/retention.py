@@ -97,11 +97,13 @@ def _day_purge(day: date, *, batch_size: int) -> int:
     while True:
         with transaction.atomic():
             lock_day(day)
-            batch = list(rows.order_by("pk").values("pk", *_GROUP, *_FIGURES)[:batch_size])
+            batch = list(rows.order_by("pk").values_list("pk", flat=True)[:batch_size])
             if not batch:
                 return deleted
-            _fold(day, [row for row in batch if row["pk"] > through_id])
-            UsageRecord.objects.filter(pk__in=[row["pk"] for row in batch]).delete()
+            late = [pk for pk in batch if pk > through_id]
+            if late:
+                _fold(day, list(UsageRecord.objects.filter(pk__in=late).values(*_GROUP, *_FIGURES)))
+            UsageRecord.objects.filter(pk__in=batch).delete()
             deleted += len(batch)
 
 
