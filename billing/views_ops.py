@@ -19,7 +19,7 @@ from django.views.decorators.cache import never_cache
 
 from accounts.roles import Capability, role_can
 
-from .selectors_ops import FAILING_ERROR_RATE, WINDOW, OpsSnapshot, ops_snapshot
+from .selectors_ops import FAILING_ERROR_RATE, WINDOW, DeploymentOps, OpsSnapshot, ops_snapshot
 from .services.budgets import usd
 
 REFRESH_SECONDS = 15
@@ -37,6 +37,17 @@ def _percent(rate: float | None) -> str:
 
 def _ms(value: int | None) -> str:
     return "—" if value is None else f"{value:,} ms"
+
+
+def _health_text(deployment: DeploymentOps) -> str:
+    """Its latest health check (with the error of a failing one) and its open incident, if any."""
+    text = HEALTH_LABELS.get(deployment.health, deployment.health)
+    if deployment.health == "failing" and deployment.health_error:
+        text += f": {deployment.health_error}"
+    if deployment.incident_since is not None:
+        text += f"; incident since {deployment.incident_since:%H:%M} UTC"
+        text += f" ({deployment.incident_reason})" if deployment.incident_reason else ""
+    return text
 
 
 def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
@@ -66,8 +77,7 @@ def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
                 "problems": list(d.problems),
                 "status": ("Failing: " + ", ".join(d.problems)) if d.failing else ("OK" if d.enabled else "Disabled"),
                 "health": d.health,
-                "health_text": HEALTH_LABELS.get(d.health, d.health)
-                + (f": {d.health_error}" if d.health_error and d.health == "failing" else ""),
+                "health_text": _health_text(d),
                 "health_at": _iso(d.health_at),
                 "incident_since": _iso(d.incident_since),
                 "incident_reason": d.incident_reason,

@@ -144,6 +144,7 @@ def test_each_deployment_with_its_health_breaker_and_last_hour(fleet):
     assert west["failing"] is True
     assert west["breaker"] == "open" and west["health"] == "failing"
     assert west["incident_reason"] == "3 failed checks"
+    assert west["health_text"] == "Failing: HTTP 503; incident since 12:21 UTC (3 failed checks)"
     assert west["problems"] == ["open incident", "breaker open", "health check failing", "55 % errors"]
     assert west["status"].startswith("Failing: ")
 

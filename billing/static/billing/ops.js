@@ -179,7 +179,7 @@
         const status = document.createElement("td");
         status.className = "state-cell";
         status.append(state(d.failing, d.enabled, d.status));
-        tr.append(cell("th", d.label), status, cell("td", d.provider), cell("td", d.health_text), cell("td", d.breaker_text));
+        tr.append(cell("th", d.label), status, cell("td", d.provider), cell("td", d.health_text, "wrap-cell"), cell("td", d.breaker_text));
         for (const value of [d.requests, d.errors, d.error_rate_text, d.p50_text, d.p95_text, d.rpm_text]) {
           tr.append(cell("td", String(value), "num"));
         }
