@@ -7,7 +7,7 @@ and each chat turn runs in its own task, so ids never cross between concurrent r
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 
 request_id_var: ContextVar[str | None] = ContextVar("llmhub_request_id", default=None)
 
@@ -19,3 +19,12 @@ def request_id_bind(request_id: str) -> None:
 
 def request_id_current() -> str | None:
     return request_id_var.get()
+
+
+def outside_request() -> Context:
+    """The current context with no request bound, for a task that outlives the request that happens to
+    start it (``loop.create_task(coro, context=outside_request())``): a background writer or flusher created
+    lazily by a request's first use would otherwise log every later line under that request's id."""
+    context = copy_context()
+    context.run(request_id_var.set, None)
+    return context

@@ -44,7 +44,7 @@ class LifespanMiddleware:
             ledger_spool_watch,
         )
         from chat.pipeline import runs_cancel_all
-        from core.tracing import tracing_shutdown
+        from core.tracing import tracing_configure, tracing_shutdown
         from providers.adapters.registry import adapters_close_all
 
         while True:
@@ -58,6 +58,9 @@ class LifespanMiddleware:
                     logger.exception("could not replay the ledger spool; it stays on disk")
                 # What is still spooled (the database is not up yet) is replayed as soon as it answers.
                 ledger_spool_watch()
+                # The tracer and its exporter, when OTEL_* asks for them, built now rather than when the
+                # first request ends (importing the SDK takes a while).
+                tracing_configure()
                 await _warm_up()
                 ShutdownSignals(grace_seconds=settings.LLMHUB_SHUTDOWN_GRACE_SECONDS).install()
                 await send({"type": "lifespan.startup.complete"})

@@ -224,3 +224,23 @@ async def test_each_chat_socket_turn_logs_with_its_own_ledger_request_id(asgi_ap
     assert len(ledger_ids) == 2
     warnings = [line["request_id"] for line in json_lines.objects() if line["logger"] == "chat.pipeline"]
     assert sorted(warnings) == ledger_ids
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_background_writer_a_request_starts_does_not_log_under_its_id(json_lines):
+    """The ledger's writer task is started by the first request that settles in a loop, and outlives it:
+    its lines are no request's (``core.request_context.outside_request``)."""
+    from billing.models import UsageRecord
+    from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
+    from core.request_context import request_id_bind
+
+    request_id_bind("req_starts_the_writer")
+    # A row whose user is gone: the writer warns, then writes it without the reference.
+    usage_record_submit(
+        UsageData(request_id="req_starts_the_writer", endpoint="rest", stream=False, status="ok", user_id=987654)
+    )
+    await ledger_flush()
+
+    assert await UsageRecord.objects.filter(request_id="req_starts_the_writer", user_id=None).aexists()
+    [warning] = [line for line in json_lines.objects() if "deleted users" in line["message"]]
+    assert warning["request_id"] is None

@@ -262,7 +262,7 @@ def test_with_no_otel_variable_no_tracer_provider_or_exporter_is_built(fresh_tra
     assert answer.status_code == 200, answer.text
     wait_for_record(answer.headers["x-request-id"])
 
-    assert tracing._configured  # the request was observed: tracing decided, once, to stay off
+    assert tracing._configured  # decided once (at start-up, or when a request ended): off
     assert tracing.tracer_provider() is None
     assert tracing.tracing_configure() is None
     # OpenTelemetry's global provider is untouched: still the API's no-op proxy.

@@ -40,6 +40,7 @@ from django.db import DatabaseError, IntegrityError, close_old_connections, conn
 from django.db.models import Q
 from django.utils import timezone
 
+from core.request_context import outside_request
 from providers.models import CatalogModel, Deployment, Provider
 
 from ..models import ApiKey, UsageRecord
@@ -117,7 +118,7 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
     writer.queue.append((data, admission))
     writer.wakeup.set()
     if writer.task is None or writer.task.done():
-        writer.task = loop.create_task(_writer_run(writer))
+        writer.task = loop.create_task(_writer_run(writer), context=outside_request())
         writer.task.add_done_callback(functools.partial(_writer_ended, writer=writer))
 
 

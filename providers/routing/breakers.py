@@ -41,6 +41,7 @@ from django.dispatch import receiver
 from redis.commands.core import AsyncScript, Script
 
 from core.redis import redis_async_client, redis_sync_client
+from core.request_context import outside_request
 
 from ..types import ResolvedDeployment
 from .breaker_machine import CLOSED, OPEN, BreakerConfig, BreakerState, BreakerView, Machine
@@ -184,7 +185,10 @@ class _Syncer:
         self.redis_ok = True
         self.epoch: str | None = None  # of the Redis data this syncer has read (breaker_snapshot.lua)
         self.stopped = False  # REDIS_URL changed (tests) or a task ended: the next caller starts another syncer
-        self.tasks = [loop.create_task(self._flush_forever()), loop.create_task(self._listen_forever())]
+        self.tasks = [
+            loop.create_task(self._flush_forever(), context=outside_request()),
+            loop.create_task(self._listen_forever(), context=outside_request()),
+        ]
         for task in self.tasks:
             task.add_done_callback(self._stop)
 

@@ -39,6 +39,7 @@ from typing import Any
 from django.conf import settings
 
 from core.redis import redis_async_client
+from core.request_context import outside_request
 
 logger = logging.getLogger("llmhub.routing")
 
@@ -275,7 +276,9 @@ def _ensure_flusher() -> None:
         return
     task = _flushers.get(loop)
     if task is None or task.done():
-        task = _flushers[loop] = loop.create_task(_flush_forever(), name="llmhub-routing-stats")
+        task = _flushers[loop] = loop.create_task(
+            _flush_forever(), name="llmhub-routing-stats", context=outside_request()
+        )
     _known = (loop, task)
 
 
