@@ -3,6 +3,7 @@ processes, and saying what each request did, through a live llmhub and the fake 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -583,3 +584,32 @@ async def test_production_serves_metrics_over_plain_http_to_an_allowed_address(m
     assert metrics_status == 200, body
     assert b"llmhub_" in body
     assert v1_status == 403  # https_required
+
+
+async def test_a_websocket_chat_is_counted_as_websocket(fake_upstream):
+    from asgiref.sync import sync_to_async
+
+    from llmhub.metrics import _exposition
+    from tests.chat.conftest import ends, events_until, open_socket
+
+    user = await sync_to_async(UserFactory)(username="socket-user")
+    await sync_to_async(catalog_model)(fake_upstream, "socketed")
+    ws, connected, _ = await open_socket(user=user)
+    assert connected
+    try:
+        await ws.send_json_to(
+            {"type": "chat.send", "conversation": None, "model": "socketed", "content": "hi", "request_id": "r1"}
+        )
+        events = await events_until(ws, ends("r1"))
+        assert events[-1]["type"] == "chat.completed", events[-1]
+    finally:
+        await ws.disconnect()
+    where = {"model": "socketed", "deployment": "socketed-dep", "transport": "websocket"}
+    for _ in range(100):  # the run settles (and is observed) just after its last event
+        text = (await sync_to_async(_exposition)(""))[0].decode()
+        if value(text, "llmhub_requests_total", **where, status="ok") == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert value(text, "llmhub_requests_total", **where, operation="chat", status="ok") == 1
+    assert value(text, "llmhub_time_to_first_token_seconds_count", **where) == 1
+    assert value(text, "llmhub_requests_total", model="socketed", transport="rest") == 0
