@@ -166,6 +166,9 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
                 body = {"model": "routed", "messages": [{"role": "user", "content": "hello [[words=5]]"}]}
                 retried = client.post("/v1/chat/completions", json=body)
                 refused = client.post("/v1/chat/completions", json={**body, "model": "no-such-model"})
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+                    assert streamed.status_code == 200
+                    assert any(line == "data: [DONE]" for line in streamed.iter_lines())
             assert retried.status_code == 200, retried.text
             assert retried.headers["x-llmhub-attempts"] == "2"
             assert refused.status_code == 404, refused.text
@@ -221,6 +224,14 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
     assert answered["attributes"]["llmhub.outcome"] == "ok" and answered["status"] == STATUS_UNSET
     assert "error.type" not in answered["attributes"]
     assert span["start"] <= failed["start"] <= failed["end"] <= answered["start"] <= answered["end"] <= span["end"]
+
+    # A streamed request: its time to first token, and its two attempts too.
+    stream_span = collector.of_request(streamed.headers["x-request-id"])
+    streamed_attributes = stream_span["attributes"]
+    assert streamed_attributes["llmhub.stream"] is True
+    assert 0 < streamed_attributes["llmhub.time_to_first_token_s"] <= streamed_attributes["llmhub.duration_s"]
+    assert streamed_attributes["gen_ai.usage.output_tokens"] > 0
+    assert len(collector.children(stream_span)) == 2
 
     # A refused request has its span too, with the refusal's code and no attempt.
     refusal = collector.of_request(refused.headers["x-request-id"])
