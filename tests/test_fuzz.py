@@ -79,6 +79,8 @@ def operation_failures(schema, *, mode: GenerationMode, checks: list, base_url: 
     return failures
 
 
+# Every operation of the API, 20 examples each, against a live server: minutes, not the suite's 120 s per test.
+@pytest.mark.timeout(900)
 @pytest.mark.django_db(transaction=True)
 def test_no_operation_answers_a_server_error_or_breaks_its_schema(llmhub_server, fuzz_key):
     schema = schemathesis.openapi.from_url(llmhub_server.url + "/api/schema/?format=json")
@@ -89,6 +91,7 @@ def test_no_operation_answers_a_server_error_or_breaks_its_schema(llmhub_server,
     assert not failures, "\n\n".join(failures)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.django_db(transaction=True)
 def test_no_invalid_request_answers_a_server_error(llmhub_server, fuzz_key):
     """Requests that break the schema on purpose: refused, never a 5xx, always in a documented content type."""
