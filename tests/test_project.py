@@ -331,6 +331,7 @@ def untracked(project: Path) -> set[str]:
     return set(listing.stdout.splitlines())
 
 
+@pytest.mark.timeout(300)  # migrations, the demo (its seeded experiment) and a server start, on a loaded CI
 def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
     """scripts/run_dev.py (what `make run` runs) in a copy of the project: a fresh database and .local/."""
     project = copy_project(tmp_path / "project")
@@ -422,6 +423,7 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
                 pass
 
 
+@pytest.mark.timeout(300)  # migrations, the demo (its seeded experiment) and a server start, on a loaded CI
 def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     project = copy_project(tmp_path / "project")
     openai_key = "sk-test-" + secrets.token_hex(16)
