@@ -43,7 +43,10 @@ EXPERIMENT_DAYS = 14  # the experiment ran over the last two weeks, on 5 % of th
 def _setup(url: str) -> None:
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
-    os.environ.setdefault("DJANGO_DEBUG", "false")  # DEBUG keeps every query in memory: not what a server runs
+    os.environ.setdefault("DJANGO_DEBUG", "false")
+    os.environ.setdefault(
+        "CONN_MAX_AGE", "60"
+    )  # as production.py: the writer keeps its connection  # DEBUG keeps every query in memory: not what a server runs
     import django
 
     django.setup()
@@ -149,7 +152,32 @@ def _timed(fn: Callable[[], Any], runs: int = 7) -> tuple[float, float]:
     return statistics.median(found), max(found)
 
 
-def _insert_throughput(*, rows: int, user_id: int, key_id: int) -> float:
+def _server_cpu() -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend serving this database, from /proc (Linux; empty elsewhere)."""
+    from django.db import connection
+
+    name = connection.settings_dict["NAME"].encode()
+    found = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                title = cmdline.read()
+            if not title.startswith(b"postgres: ") or b" " + name + b" " not in title:
+                continue
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return found
+
+
+def _insert_throughput(*, rows: int, user_id: int, key_id: int) -> tuple[float, float, float]:
+    """Rows per second, and the CPU milliseconds per row of this process (every thread: the loop and the
+    writer's database thread) and of the database's backends: on a busy machine the first falls with the
+    load, the others do not."""
     from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
 
     async def run() -> float:
@@ -177,7 +205,10 @@ def _insert_throughput(*, rows: int, user_id: int, key_id: int) -> float:
         await ledger_flush(wait_seconds=3600)
         return time.perf_counter() - began
 
-    return rows / asyncio.run(run())
+    cpu, server = time.process_time(), _server_cpu()
+    seconds = asyncio.run(run())
+    server_used = sum(used - server.get(pid, 0.0) for pid, used in _server_cpu().items())
+    return rows / seconds, (time.process_time() - cpu) * 1000 / rows, server_used * 1000 / rows
 
 
 def _line(name: str, median: float, worst: float, target: float, unit: str = "ms") -> bool:
@@ -240,10 +271,11 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
 
     ok = True
     print("\ninsert throughput, through the ledger writer (usage_record_submit, batches of 500, one transaction each)")
-    rate = _insert_throughput(rows=insert_rows, user_id=user_ids[1], key_id=key_ids[2])
+    rate, cpu_ms, server_ms = _insert_throughput(rows=insert_rows, user_id=user_ids[1], key_id=key_ids[2])
     ok &= rate >= INSERT_TARGET
     verdict = "ok" if rate >= INSERT_TARGET else "MISSED"
     print(f"  {insert_rows:,} rows into {rows:,}: {rate:8,.0f} rows/s   target ≥ {INSERT_TARGET:,} rows/s  {verdict}")
+    print(f"  CPU per row: {cpu_ms:.3f} ms in the writer's process, {server_ms:.3f} ms in PostgreSQL's backends")
 
     ok &= _queries(user_id=user_ids[3], experiment=experiment, today=today, rows=rows) == 0
 
