@@ -427,12 +427,12 @@ def ledger_queue_gauge() -> Any | None:
 
 
 def sampler_register(sampler: Callable[[], None]) -> None:
-    """Run ``sampler`` every ``FLUSH_SECONDS`` in a daemon thread of this process, while metrics are on: for
-    values that live in one process and must be summed across workers (a scrape reaches one worker only)."""
+    """Run ``sampler`` every ``FLUSH_SECONDS`` in a daemon thread of this process once metrics are in use (the
+    thread starts with the first request or scrape): for values that live in one process and must be summed
+    across workers (a scrape reaches one worker only). Registering starts nothing: a management command that
+    loads the URLs leaves no thread and no metrics directory behind."""
     if sampler not in _samplers:
         _samplers.append(sampler)
-    if _current() is not None:
-        _sampler_start()
 
 
 def _sampler_start() -> None:
