@@ -608,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small numbers, about a minute: the smoke test's run")
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1,2; --quick: 1)")
     parser.add_argument("--requests", type=int, default=None, help="non-streamed requests for the RSS drift")
+    parser.add_argument("--open", default=None, help="comma-separated streams open per worker (default: 300,500)")
     parser.add_argument("--only", default=None, help=f"comma-separated parts, from {', '.join(sorted(PARTS))}")
     parser.add_argument("--cost-streams", type=int, default=None, help="streams of each kind for the CPU costs")
     parser.add_argument("--output", default=None, help="where the JSON goes (default: bench/results/streams.json)")
@@ -617,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "workers": tuple(int(n) for n in args.workers.split(","))})
     if args.requests is not None:
         plan = Plan(**{**plan.__dict__, "requests": args.requests})
+    if args.open:
+        plan = Plan(**{**plan.__dict__, "steady": tuple(int(n) for n in args.open.split(","))})
     if args.cost_streams is not None:
         plan = Plan(**{**plan.__dict__, "cost_streams": args.cost_streams})
     if args.only:
