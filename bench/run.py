@@ -403,7 +403,9 @@ def bench_workers(
         argv = server_argv(server, "llmhub.asgi:application", port, workers=workers)
         process = processes.start(f"{server}-{workers}w", argv, env)
         wait_for_port(port, process, f"{server}-{workers}w")
-        # Every worker must be up and warm: the warm-up holds enough connections to reach them all.
+        # The port answers before the workers have loaded the app (seconds on a busy machine): wait until
+        # bursts of requests, which the kernel spreads over the workers, all succeed, then warm up with wrk.
+        completed += _answering(f"http://127.0.0.1:{port}{LLMHUB_PATH}", body, key, 8 * workers)
         warm = run_wrk(f"http://127.0.0.1:{port}{LLMHUB_PATH}", body, key, WORKERS_CONCURRENCY, plan.warmup + 1, meter)
         point = run_wrk(f"http://127.0.0.1:{port}{LLMHUB_PATH}", body, key, WORKERS_CONCURRENCY, plan.duration, meter)
         point.update(target="llmhub", stream=False, workers=workers)
@@ -413,6 +415,30 @@ def bench_workers(
         say(f"  workers={workers}     json c={WORKERS_CONCURRENCY:<3} {_point_text(point)}")
     best = {n: max(series, key=lambda p: p["rps"]) for n, series in points.items()}
     return {"points": points, "best": best, "completed": completed}
+
+
+def _answering(url: str, body: str, key: str, burst: int, patience: float = 180.0) -> int:
+    """Send bursts of ``burst`` concurrent requests until one burst succeeds whole; the requests sent."""
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+
+    async def one_burst() -> tuple[bool, int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            answers = await asyncio.gather(
+                *(client.post(url, content=body, headers=headers) for _ in range(burst)), return_exceptions=True
+            )
+        ok = [a for a in answers if isinstance(a, httpx.Response) and a.status_code == 200]
+        return len(ok) == burst, len(ok)
+
+    deadline = time.monotonic() + patience
+    sent = 0
+    while True:
+        whole, ok = asyncio.run(one_burst())
+        sent += ok
+        if whole:
+            return sent
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {url} did not answer a burst of {burst} within {patience:.0f} s")
+        time.sleep(0.5)
 
 
 def bench_routing(base: str, key: str, plan: Plan, meter: Meter) -> list[dict[str, Any]]:
