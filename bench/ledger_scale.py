@@ -345,15 +345,23 @@ def _queries(*, user_id: int, experiment: Any, today: Any, rows: int) -> int:
 
 
 def main(argv: list[str]) -> int:
+    global DAYS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--insert-rows", type=int, default=50_000)
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=DAYS,
+        help="days the rows span: fewer days with fewer rows keep a day (what the dashboards read raw) as full",
+    )
     parser.add_argument(
         "--queries-only",
         action="store_true",
         help="DATABASE_URL holds a ledger this script built: time the queries again, change nothing",
     )
     args = parser.parse_args(argv)
+    DAYS = args.days
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ExitStack() as stack:
         url = os.environ.get("DATABASE_URL", "")
