@@ -14,9 +14,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from django.db.models import Count, F, OuterRef, Q, Subquery, Sum, Window
-from django.db.models.functions import RowNumber, TruncHour
+from django.db.models import Count, ExpressionWrapper, F, IntegerField, OuterRef, Q, Subquery, Sum, Window
+from django.db.models.functions import RowNumber
 
 from providers.models import BreakerOverride, Deployment, HealthCheck, HealthStatus, Incident, Provider
 from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN
@@ -117,21 +118,32 @@ class OpsSnapshot:
     totals: dict[str, int] = field(default_factory=dict)
 
 
+# The ledger's reads here go through its ``created_at`` index, over the window's rows only. Grouped by the
+# plain column, SQLite's planner prefers to walk the ``deployment_id`` index (rows come out grouped, no sort)
+# and reads the whole ledger for it: 0.9 s instead of 0.1 s on 300,000 rows (30,000 in the window).
+# ``deployment_id + 0`` (the classic way to keep SQLite off an index) leaves it the time range; PostgreSQL
+# plans both alike.
+_deployment = ExpressionWrapper(F("deployment_id") + 0, output_field=IntegerField())
+
+
 def _percentiles(since: datetime) -> dict[int, dict[str, int]]:
     """p50 and p95 of ``duration_ms`` per deployment over the answered requests since ``since``: the values
     at ranks ceil(q·n) of each deployment's sorted durations, picked in the database."""
     ranked = (
-        UsageRecord.objects.filter(created_at__gte=since, deployment_id__isnull=False, status=UsageStatus.OK)
+        UsageRecord.objects.filter(created_at__gte=since, status=UsageStatus.OK)
         .annotate(
-            rank=Window(RowNumber(), partition_by=[F("deployment_id")], order_by=[F("duration_ms").asc()]),
-            n=Window(Count("pk"), partition_by=[F("deployment_id")]),
+            deployment_key=_deployment,
+            rank=Window(RowNumber(), partition_by=[_deployment], order_by=[F("duration_ms").asc()]),
+            n=Window(Count("pk"), partition_by=[_deployment]),
         )
-        .values_list("deployment_id", "rank", "n", "duration_ms")
+        .values_list("deployment_key", "rank", "n", "duration_ms")
     )
     # ceil(n/2) and ceil(95n/100) in integer arithmetic, which both databases agree on.
     picked = ranked.filter(Q(rank=(F("n") + 1) / 2) | Q(rank=(F("n") * 95 + 99) / 100))
     found: dict[int, dict[str, int]] = defaultdict(dict)
     for deployment_id, rank, n, duration in picked:
+        if deployment_id is None:  # answered by a deployment deleted since
+            continue
         if rank == (n + 1) // 2:
             found[deployment_id]["p50"] = duration
         if rank == (n * 95 + 99) // 100:
@@ -174,9 +186,9 @@ def ops_deployments(*, now: datetime) -> list[DeploymentOps]:
         .order_by("model__name", "priority", "pk")
     )
     traffic = {
-        row["deployment_id"]: row
-        for row in UsageRecord.objects.filter(created_at__gte=since, deployment_id__isnull=False)
-        .values("deployment_id")
+        row["deployment_key"]: row
+        for row in UsageRecord.objects.filter(created_at__gte=since)
+        .values(deployment_key=_deployment)
         .annotate(requests=Count("pk"), errors=Count("pk", filter=Q(status=UsageStatus.UPSTREAM_ERROR)))
         .order_by()
     }
@@ -244,21 +256,19 @@ def ops_providers(deployments: list[DeploymentOps]) -> list[ProviderOps]:
 def ops_spend_per_hour(*, now: datetime) -> list[HourSpend]:
     """The last ``SPEND_HOURS`` UTC hours, the current one (so far) last; hours without spend included."""
     current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    first = current - timedelta(hours=SPEND_HOURS - 1)
-    spent = {
-        row["hour"]: row
-        for row in UsageRecord.objects.filter(created_at__gte=first, created_at__lte=now)
-        .annotate(hour=TruncHour("created_at", tzinfo=UTC))
-        .values("hour")
-        .annotate(cost=Sum("cost"), requests=Count("pk"))
-        .order_by()
-    }
-    hours = []
-    for offset in range(SPEND_HOURS):
-        hour = first + timedelta(hours=offset)
-        row = spent.get(hour, {})
-        hours.append(HourSpend(hour, row.get("cost") or Decimal(0), row.get("requests", 0)))
-    return hours
+    starts = [current - timedelta(hours=SPEND_HOURS - 1 - offset) for offset in range(SPEND_HOURS)]
+    # One filtered sum per hour over one index range scan: SQLite truncates a date with a Python function
+    # called on every row (TruncHour), several times slower than comparing it with 24 bounds.
+    sums: dict[str, Any] = {}
+    for index, start in enumerate(starts):
+        hour = Q(created_at__gte=start, created_at__lt=start + timedelta(hours=1))
+        sums[f"cost_{index}"] = Sum("cost", filter=hour)
+        sums[f"requests_{index}"] = Count("pk", filter=hour)
+    row = UsageRecord.objects.filter(created_at__gte=starts[0], created_at__lte=now).aggregate(**sums)
+    return [
+        HourSpend(start, row[f"cost_{index}"] or Decimal(0), row[f"requests_{index}"])
+        for index, start in enumerate(starts)
+    ]
 
 
 def ops_rejections(*, now: datetime) -> list[Rejection]:
