@@ -16,8 +16,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.db import connection
 from django.db.models import Count, ExpressionWrapper, F, IntegerField, OuterRef, Q, Subquery, Sum, Window
-from django.db.models.functions import RowNumber
+from django.db.models.functions import RowNumber, TruncHour
 
 from providers.models import BreakerOverride, Deployment, HealthCheck, HealthStatus, Incident, Provider
 from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN
@@ -257,18 +258,30 @@ def ops_spend_per_hour(*, now: datetime) -> list[HourSpend]:
     """The last ``SPEND_HOURS`` UTC hours, the current one (so far) last; hours without spend included."""
     current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     starts = [current - timedelta(hours=SPEND_HOURS - 1 - offset) for offset in range(SPEND_HOURS)]
-    # One filtered sum per hour over one index range scan: SQLite truncates a date with a Python function
-    # called on every row (TruncHour), several times slower than comparing it with 24 bounds.
-    sums: dict[str, Any] = {}
-    for index, start in enumerate(starts):
-        hour = Q(created_at__gte=start, created_at__lt=start + timedelta(hours=1))
-        sums[f"cost_{index}"] = Sum("cost", filter=hour)
-        sums[f"requests_{index}"] = Count("pk", filter=hour)
-    row = UsageRecord.objects.filter(created_at__gte=starts[0], created_at__lte=now).aggregate(**sums)
-    return [
-        HourSpend(start, row[f"cost_{index}"] or Decimal(0), row[f"requests_{index}"])
-        for index, start in enumerate(starts)
-    ]
+    rows = UsageRecord.objects.filter(created_at__gte=starts[0], created_at__lte=now)
+    if connection.vendor == "sqlite":
+        # SQLite truncates a date with a Python function called on every row (TruncHour): 24 filtered sums
+        # over the one range scan are several times faster there. PostgreSQL's own date_trunc is faster still.
+        sums: dict[str, Any] = {}
+        for index, start in enumerate(starts):
+            hour = Q(created_at__gte=start, created_at__lt=start + timedelta(hours=1))
+            sums[f"cost_{index}"] = Sum("cost", filter=hour)
+            sums[f"requests_{index}"] = Count("pk", filter=hour)
+        row = rows.aggregate(**sums)
+        spent = {start: (row[f"cost_{i}"], row[f"requests_{i}"]) for i, start in enumerate(starts)}
+    else:
+        spent = {
+            row["hour"]: (row["cost"], row["requests"])
+            for row in rows.annotate(hour=TruncHour("created_at", tzinfo=UTC))
+            .values("hour")
+            .annotate(cost=Sum("cost"), requests=Count("pk"))
+            .order_by()
+        }
+    return [HourSpend(start, *_spent(spent.get(start))) for start in starts]
+
+
+def _spent(found: tuple[Decimal | None, int] | None) -> tuple[Decimal, int]:
+    return (found[0] or Decimal(0), found[1]) if found else (Decimal(0), 0)
 
 
 def ops_rejections(*, now: datetime) -> list[Rejection]:
