@@ -343,13 +343,13 @@ async def test_the_favicon(live_site, browser):
 
 
 async def test_the_top_bar_keeps_each_link_on_one_line_between_phone_and_desktop(live_site, browser):
-    """Just above the width where the links fold into the menu, and below the desktop's: five links and a
-    long user name (which gives way with an ellipsis) still fit, each link on one line."""
+    """Just above the width where the links fold into the menu (980 px), and wider: a staff user's seven
+    links and a long user name (which gives way with an ellipsis) still fit, each link on one line."""
     user = await sync_to_async(UserFactory)(username="grace.hopper.with.a.long.username", is_staff=True)
     context = await signed_in(browser, live_site, user)
     page = await context.new_page()
     await page.goto(live_site.url + "/provider-keys/")
-    for width in (561, 700, 801, 900):
+    for width in (981, 1024, 1280):
         await page.set_viewport_size({"width": width, "height": 600})
         heights = await page.evaluate(
             """() => [...document.querySelectorAll(".topnav a, .signout .btn")].map(
