@@ -109,10 +109,11 @@ class Processes:
     """Every process the benchmark starts, each in its own process group, stopped together at the end."""
 
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    work: Path = WORK  # where each process's log goes (bench/streams.py keeps its own)
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         # The child keeps its own copy of the descriptor: closing ours right after the start is fine.
-        with open(WORK / f"{name}.log", "ab") as log:
+        with open(self.work / f"{name}.log", "ab") as log:
             process = subprocess.Popen(
                 argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )

@@ -42,7 +42,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from bench.load import _process_cpu, children_of, percentile
 from bench.run import (
     PY,
     ROOT,
+    Processes,
     bench_environment,
     code_version,
     server_argv,
@@ -98,37 +99,6 @@ def say(message: str) -> None:
 
 
 # --- processes ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    running: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(WORK / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.running.append(process)
-        return process
-
-    def stop(self, process: subprocess.Popen[bytes], timeout: float = 30.0) -> int | None:
-        """SIGTERM (uvicorn's graceful stop: the lifespan shutdown drains the ledger queue), then SIGKILL."""
-        if process in self.running:
-            self.running.remove(process)
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 15)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 9)
-        process.wait(timeout=10)
-        return process.returncode
-
-    def stop_all(self) -> None:
-        for process in reversed(list(self.running)):
-            self.stop(process, timeout=10.0)
 
 
 def ephemeral_ports(count: int) -> list[int]:
@@ -494,7 +464,7 @@ def bench_workers(
         result["rss"] = rss_drift(port, key, process.pid, plan.requests)
         sent += plan.requests
     result["load_average_end"] = load_average()
-    result["exit_code"] = processes.stop(process)
+    result["exit_code"] = processes.stop(process, timeout=30.0)  # the lifespan drains the ledger queue
     return result, sent
 
 
@@ -639,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": [],
     }
     say(f"streams: load average {results['load_average_start']}; plan {plan}")
-    processes = Processes()
+    processes = Processes(work=WORK)
     fake_port, server_port = ephemeral_ports(2)
     env = bench_environment({MODEL: f"http://127.0.0.1:{fake_port}/v1"}, "", f"sqlite:///{WORK / 'bench.sqlite3'}")
     env["LLMHUB_LEDGER_SPOOL"] = str(WORK / "ledger-spool.jsonl")
