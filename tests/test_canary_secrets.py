@@ -24,10 +24,8 @@ import json
 import logging
 import re
 import secrets
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -45,6 +43,7 @@ from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.models import ByokMode, ProviderCredential, ProviderKind
 from providers.tasks_credentials import provider_credentials_revalidate_all
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.loopback_http import LoopbackHTTPServer, QuietHandler
 
 PLATFORM_KEY = f"sk-platform-canary-{secrets.token_hex(16)}"
 CANARY = f"sk-canary-{secrets.token_hex(16)}"
@@ -226,20 +225,16 @@ def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_em
         assert leaks(str(message.alternatives) + str(message.attachments)) == []
 
 
-class EchoingUpstream:
+class EchoingUpstream(LoopbackHTTPServer):
     """An OpenAI-style provider that refuses every key and echoes it back, in its error's message and in a
     response header, as some providers and proxies do: whatever logs the upstream's answer logs the key."""
 
-    def __init__(self) -> None:
-        self._server: ThreadingHTTPServer | None = None
-
     @property
     def base_url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return self.origin + "/v1"
 
     def start(self) -> EchoingUpstream:
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
@@ -257,17 +252,8 @@ class EchoingUpstream:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 @pytest.fixture

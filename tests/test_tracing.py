@@ -11,10 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +29,28 @@ from providers.models import CatalogModel, Deployment, ProviderKind
 from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.gateway.test_ledger import wait_for_record
+from tests.loopback_http import LoopbackHTTPServer, QuietHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 OTEL_VARIABLES = [name for name in os.environ if name.startswith("OTEL_")]
 
 
-class Collector:
+class Collector(LoopbackHTTPServer):
     """An OTLP/HTTP trace receiver: every span posted to ``/v1/traces``, decoded, with its resource's
     attributes."""
 
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
         self.paths: list[str] = []
-        self._server: ThreadingHTTPServer | None = None
 
     @property
     def endpoint(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self.origin
 
     def start(self) -> Collector:
         collector = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 collector.paths.append(self.path)
@@ -67,17 +64,8 @@ class Collector:
                 self.end_headers()
                 self.wfile.write(answer)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
     def receive(self, request: ExportTraceServiceRequest) -> None:
         for resource_spans in request.resource_spans:

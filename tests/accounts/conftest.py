@@ -5,17 +5,17 @@ tokens signed with PyJWT. ``jwt_on`` points llmhub's settings at it."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.loopback_http import LoopbackHTTPServer, QuietHandler
 
 ISSUER = "https://idp.test.example"
 AUDIENCE = "llmhub-tests"
@@ -27,7 +27,7 @@ def _jwk(public_key: Any, *, kid: str, alg: str) -> dict[str, Any]:
     return {**json.loads(algorithm.to_jwk(public_key)), "kid": kid, "alg": alg, "use": "sig"}
 
 
-class IdentityProvider:
+class IdentityProvider(LoopbackHTTPServer):
     """Signs tokens and serves its public keys (``/jwks.json``); ``publish`` changes what is served."""
 
     def __init__(self) -> None:
@@ -36,12 +36,10 @@ class IdentityProvider:
         self.keys = {"rsa-1": (self.rsa, "RS256"), "ec-1": (self.ec, "ES256")}
         self.published = dict(self.keys)
         self.fetches = 0
-        self._server: ThreadingHTTPServer | None = None
 
     @property
     def jwks_url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/jwks.json"
+        return self.origin + "/jwks.json"
 
     def rsa_public_pem(self) -> bytes:
         return self.rsa.public_key().public_bytes(
@@ -82,7 +80,7 @@ class IdentityProvider:
     def start(self) -> IdentityProvider:
         idp = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path != "/jwks.json":
                     self.send_error(404)
@@ -95,17 +93,8 @@ class IdentityProvider:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
 
 
 def unsigned_token(claims: dict[str, Any]) -> str:
