@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,6 +17,15 @@ def private_upstream() -> Iterator[FakeUpstream]:
     server = FakeUpstream().start()
     yield server
     server.stop()
+
+
+async def open_connections_once_closed(port: int) -> int:
+    """``open_connections_to`` after the event loop has run the close it was asked for: aiohttp (the
+    adapters' transport) closes a released connection's socket on the loop's next turns, not inside
+    ``aclose``. A handful of turns, no waiting on the clock."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return open_connections_to(port)
 
 
 def open_connections_to(port: int) -> int:

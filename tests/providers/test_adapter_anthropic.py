@@ -20,7 +20,7 @@ from providers.exceptions import (
 )
 from providers.fields import Secret
 from providers.types import ProviderConfig, ResolvedModel
-from tests.providers.conftest import open_connections_to, two_content_chunks
+from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
 
 API_KEY = "sk-ant-adapter-test-key-0123456789abcdef"
 WEATHER_TOOL = {
@@ -363,7 +363,7 @@ async def test_closing_a_stream_closes_the_upstream_response_at_once(private_ups
         assert open_connections_to(private_upstream.port) == 1
         await stream.aclose()
 
-        assert open_connections_to(private_upstream.port) == 0
+        assert await open_connections_once_closed(private_upstream.port) == 0
     finally:
         await adapter.aclose()
 

@@ -15,7 +15,7 @@ from providers.adapters.translate_gemini import StreamTranslator, completion_fro
 from providers.exceptions import ProviderBadRequestError, ProviderError
 from providers.fields import Secret
 from providers.types import ProviderConfig
-from tests.providers.conftest import open_connections_to, two_content_chunks
+from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
 
 API_KEY = "AIza-gemini-adapter-test-key-0123456789"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
@@ -330,7 +330,7 @@ async def test_closing_a_stream_closes_the_upstream_response_at_once(private_ups
         assert open_connections_to(private_upstream.port) == 1
         await stream.aclose()
 
-        assert open_connections_to(private_upstream.port) == 0
+        assert await open_connections_once_closed(private_upstream.port) == 0
     finally:
         await adapter.aclose()
 

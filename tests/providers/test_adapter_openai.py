@@ -17,7 +17,7 @@ from providers.exceptions import (
 )
 from providers.fields import Secret
 from providers.types import ProviderConfig, ResolvedModel
-from tests.providers.conftest import open_connections_to, two_content_chunks
+from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
 
 API_KEY = "sk-openai-adapter-test-key-0123456789abcdef"
 WEATHER_TOOL = {
@@ -234,7 +234,7 @@ async def test_closing_a_stream_closes_the_upstream_response_at_once(private_ups
         await stream.aclose()
 
         # A half-read response cannot go back to the pool: its connection is gone, not left streaming.
-        assert open_connections_to(private_upstream.port) == 0
+        assert await open_connections_once_closed(private_upstream.port) == 0
         assert (await adapter.complete(user("after")))["choices"][0]["message"]["content"] == "Echo: after"
     finally:
         await adapter.aclose()
