@@ -191,64 +191,69 @@ def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
 
 
 def test_rate_limit_and_budget_rejections_are_counted_by_reason(llmhub_server, fake_upstream, key, scraping):
-    catalog_model(fake_upstream, "limited")
+    catalog_model(fake_upstream, "metrics-limited")
     client = client_for(llmhub_server, key)
     api_key_limits_set(api_key=key.api_key, budget_usd=None, rpm=1)
-    client.chat.completions.create(model="limited", messages=MESSAGES)
+    client.chat.completions.create(model="metrics-limited", messages=MESSAGES)
     with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(model="limited", messages=MESSAGES)
+        client.chat.completions.create(model="metrics-limited", messages=MESSAGES)
     assert refused.value.code == "rate_limit_exceeded"
 
     api_key_limits_set(api_key=key.api_key, budget_usd=Decimal("0"), rpm=None)
     with pytest.raises(openai.RateLimitError) as refused:
-        client.chat.completions.create(model="limited", messages=MESSAGES)
+        client.chat.completions.create(model="metrics-limited", messages=MESSAGES)
     assert refused.value.code == "insufficient_quota"
 
     text = scrape(llmhub_server.url)
-    assert value(text, "llmhub_rejections_total", model="limited", reason="rate_limit_exceeded", transport="rest") == 1
-    assert value(text, "llmhub_rejections_total", model="limited", reason="insufficient_quota") == 1
-    assert value(text, "llmhub_requests_total", model="limited", status="rejected") == 2
-    assert value(text, "llmhub_requests_total", model="limited", status="ok") == 1
+    assert (
+        value(text, "llmhub_rejections_total", model="metrics-limited", reason="rate_limit_exceeded", transport="rest")
+        == 1
+    )
+    assert value(text, "llmhub_rejections_total", model="metrics-limited", reason="insufficient_quota") == 1
+    assert value(text, "llmhub_requests_total", model="metrics-limited", status="rejected") == 2
+    assert value(text, "llmhub_requests_total", model="metrics-limited", status="ok") == 1
     # A refusal is not timed as a request: only the one that was served.
-    assert value(text, "llmhub_request_duration_seconds_count", model="limited") == 1
+    assert value(text, "llmhub_request_duration_seconds_count", model="metrics-limited") == 1
 
 
 def test_a_retry_on_another_deployment_and_a_fallback_are_counted(llmhub_server, fake_upstream, key, scraping):
-    # "retried": its first deployment answers 503, its second answers.
+    # "metrics-retried": its first deployment answers 503, its second answers.
     first = ProviderFactory(name="failing", base_url=fake_upstream.base_url + "/v1")
     second = ProviderFactory(name="healthy", base_url=fake_upstream.base_url + "/v1")
-    retried = CatalogModel.objects.create(name="retried", strategy="priority")
+    retried = CatalogModel.objects.create(name="metrics-retried", strategy="priority")
     Deployment.objects.create(model=retried, name="first", provider=first, upstream_id="fault-503", **PRICES)
     Deployment.objects.create(
         model=retried, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **PRICES
     )
-    # "broken": its only deployment answers 500; it falls back to "spare".
-    catalog_model(fake_upstream, "broken", upstream="fault-500", fallbacks=["spare"])
-    catalog_model(fake_upstream, "spare")
+    # "metrics-broken": its only deployment answers 500; it falls back to "metrics-spare".
+    catalog_model(fake_upstream, "metrics-broken", upstream="fault-500", fallbacks=["metrics-spare"])
+    catalog_model(fake_upstream, "metrics-spare")
     client = client_for(llmhub_server, key)
 
-    raw = client.chat.completions.with_raw_response.create(model="retried", messages=MESSAGES)
+    raw = client.chat.completions.with_raw_response.create(model="metrics-retried", messages=MESSAGES)
     assert raw.headers["x-llmhub-deployment"] == "second"
     wait_for_record(raw.headers["x-request-id"])
-    raw = client.chat.completions.with_raw_response.create(model="broken", messages=MESSAGES)
-    assert raw.parse().model == "spare"
-    attempts = int(raw.headers["x-llmhub-attempts"])  # "broken" tried again before its fallback
+    raw = client.chat.completions.with_raw_response.create(model="metrics-broken", messages=MESSAGES)
+    assert raw.parse().model == "metrics-spare"
+    attempts = int(raw.headers["x-llmhub-attempts"])  # "metrics-broken" tried again before its fallback
     assert attempts >= 2
     wait_for_record(raw.headers["x-request-id"])
 
     text = scrape(llmhub_server.url)
-    assert value(text, "llmhub_retries_total", model="retried") == 1
-    assert value(text, "llmhub_fallbacks_total", model="retried") == 0
-    assert value(text, "llmhub_retries_total", model="broken") == attempts - 1
-    assert value(text, "llmhub_fallbacks_total", model="broken", fallback_model="spare") == 1
+    assert value(text, "llmhub_retries_total", model="metrics-retried") == 1
+    assert value(text, "llmhub_fallbacks_total", model="metrics-retried") == 0
+    assert value(text, "llmhub_retries_total", model="metrics-broken") == attempts - 1
+    assert value(text, "llmhub_fallbacks_total", model="metrics-broken", fallback_model="metrics-spare") == 1
     failed = {"deployment": "first", "provider": "failing", "outcome": "failure"}
-    assert value(text, "llmhub_upstream_attempts_total", model="retried", **failed) == 1
-    assert value(text, "llmhub_upstream_attempts_total", model="retried", deployment="second", outcome="ok") == 1
-    assert value(text, "llmhub_upstream_attempts_total", model="broken", outcome="failure") == attempts - 1
-    assert value(text, "llmhub_upstream_attempts_total", model="spare", outcome="ok") == 1
+    assert value(text, "llmhub_upstream_attempts_total", model="metrics-retried", **failed) == 1
+    assert (
+        value(text, "llmhub_upstream_attempts_total", model="metrics-retried", deployment="second", outcome="ok") == 1
+    )
+    assert value(text, "llmhub_upstream_attempts_total", model="metrics-broken", outcome="failure") == attempts - 1
+    assert value(text, "llmhub_upstream_attempts_total", model="metrics-spare", outcome="ok") == 1
     # The request is counted once, as the model that answered it.
-    assert value(text, "llmhub_requests_total", model="spare", status="ok") == 1
-    assert value(text, "llmhub_requests_total", model="retried", deployment="second", status="ok") == 1
+    assert value(text, "llmhub_requests_total", model="metrics-spare", status="ok") == 1
+    assert value(text, "llmhub_requests_total", model="metrics-retried", deployment="second", status="ok") == 1
 
 
 def test_breaker_state_spool_and_ledger_queue_are_read_at_scrape_time(llmhub_server, fake_upstream, scraping):
