@@ -167,6 +167,17 @@ def _empty_ledger_spool():
 
 
 @pytest.fixture(autouse=True)
+def _no_request_bound():
+    """A test starts outside any request: a synchronous test that made a request id (``new_request_id``
+    binds it for the log lines that follow, as a request's task does) would leave it bound in the main
+    thread for every later test's log lines."""
+    from core.request_context import request_id_var
+
+    request_id_var.set(None)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_lookup_caches():
     """In-process lookup caches outlive a test's database rows; start every test without them."""
     from accounts.jwt import token_cache
