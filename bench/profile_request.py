@@ -67,15 +67,16 @@ async def _request(application: Any, path: str, body: bytes, key: str) -> tuple[
         "server": ("127.0.0.1", 80),
     }
     delivered = False
-    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    response_ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def receive() -> dict[str, Any]:
         nonlocal delivered
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        # Django listens for a disconnect while the view runs; this client never goes away.
-        await never
+        # Django listens for a disconnect while the view runs; this client never goes away, and, as uvicorn
+        # does, the receive answers ``http.disconnect`` once the response has ended.
+        await response_ended
         return {"type": "http.disconnect"}
 
     status = 0
@@ -90,9 +91,11 @@ async def _request(application: Any, path: str, body: bytes, key: str) -> tuple[
             if not first_body_at and message.get("body"):
                 first_body_at = time.perf_counter()
             parts.append(message.get("body", b""))
+            if not message.get("more_body", False) and not response_ended.done():
+                response_ended.set_result(None)
 
     await application(scope, receive, send)
-    never.cancel()
+    response_ended.cancel()
     return status, b"".join(parts), first_body_at
 
 

@@ -10,7 +10,9 @@ ledger write or not, and the report gives the p50 / p99 / max of each class, the
 ``--what-if`` runs the same with a change applied from outside (``bench/whatif.py``), to see a fix pay before
 it is made: ``short-switch-interval``, ``no-request-signals``, and ``no-ledger-write`` (the batch write skipped:
 what the ledger's insert costs the other requests), ``no-wal-autocheckpoint`` (SQLite's WAL checkpoint, with its
-fsync, no longer run by the committing connection every 1000 pages). Prints JSON.
+fsync, no longer run by the committing connection every 1000 pages); ``census`` also counts the objects the
+garbage collector tracks, by type, before and after the run (what grows), and ``garbage`` what the run left
+in reference cycles (what only the garbage collector frees). Prints JSON.
 """
 
 from __future__ import annotations
@@ -43,10 +45,45 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def _census() -> dict[str, int]:
+    """Objects the garbage collector tracks, by type, after a full collection."""
+    import collections
+    import gc
+
+    gc.collect()
+    return dict(collections.Counter(type(item).__qualname__ for item in gc.get_objects()))
+
+
+import collections  # noqa: E402
+
+
+def _census_growth(before: dict[str, int]) -> dict[str, Any]:
+    after = _census()
+    grown = {name: after.get(name, 0) - before.get(name, 0) for name in set(before) | set(after)}
+    top = sorted(grown.items(), key=lambda item: -item[1])[:15]
+    import gc
+
+    sized = []
+    for item in gc.get_objects():
+        try:
+            size = len(item) if isinstance(item, (list, dict, set, tuple, collections.deque)) else 0
+        except TypeError:
+            continue
+        if size > 5000:
+            sized.append((size, type(item).__qualname__, repr(item)[:120]))
+    sized.sort(reverse=True)
+    return {
+        "tracked_before": sum(before.values()),
+        "tracked_after": sum(after.values()),
+        "top": top,
+        "largest_containers": sized[:10],
+    }
+
+
 def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
     from bench.profile_request import _request, _setup
 
-    application = _setup(what_if - {"no-ledger-write", "no-wal-autocheckpoint"})
+    application = _setup(what_if - {"no-ledger-write", "no-wal-autocheckpoint", "census", "garbage"})
     if "no-wal-autocheckpoint" in what_if:
         from django.db.backends.signals import connection_created
 
@@ -86,6 +123,13 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
 
         for _ in range(50):
             await _request(application, path, body, key)
+        census_before = _census() if "census" in what_if else None
+        if "garbage" in what_if:
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            gc.set_debug(gc.DEBUG_SAVEALL)
         writes.clear()
         sampling = asyncio.create_task(sampler())
         spans: list[tuple[float, float]] = []
@@ -98,6 +142,15 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
         stop = True
         await sampling
         await ledger.ledger_flush()
+        grown = _census_growth(census_before) if census_before is not None else None
+        if "garbage" in what_if:
+            import gc
+
+            gc.collect()
+            kinds = collections.Counter(type(item).__qualname__ for item in gc.garbage)
+            grown = {"cyclic_garbage_per_request": len(gc.garbage) / requests, "kinds": kinds.most_common(40)}
+            gc.set_debug(0)
+            gc.garbage.clear()
         overlapping, alone = [], []
         for start, end in spans:
             wall = (end - start) * 1000
@@ -115,6 +168,7 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
             "ledger_writes_ms": _percentiles([(e - s) * 1000 for s, e, _ in writes]),
             "ledger_write_threads": len({t for _, _, t in writes}),
             "loop_lag_ms": _percentiles(lags),
+            **({"objects_grown": grown} if grown is not None else {}),
         }
 
     return asyncio.run(run())

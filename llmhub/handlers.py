@@ -128,8 +128,9 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Django 5.2's ``ASGIHandler.handle`` without ``request_started`` (see the module's docstring);
-        everything else, the disconnect watch included, is Django's own."""
+        """Django 5.2's ``ASGIHandler.handle`` without ``request_started`` (see the module's docstring), and
+        with no reference cycle left behind (``_disconnect``); the disconnect watch and what a disconnect
+        cancels are Django's own."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
@@ -153,32 +154,39 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         # The disconnect watch first: it raises nothing unexpected that would keep the view from being
         # cancelled (Django's order and reasoning).
         tasks = [
-            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(_disconnect(receive)),
             asyncio.create_task(process_request()),
         ]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            if task.done():
-                try:
-                    task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
-                    body_file.close()
-                    raise
-            else:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
         try:
-            response = tasks[1].result()
-        except asyncio.CancelledError:
-            await signals.request_finished.asend(sender=self.__class__)
-        else:
-            await sync_to_async(response.close)()
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                    await asyncio.wait([task])
+                elif not task.cancelled() and (error := task.exception()) is not None:
+                    body_file.close()
+                    raise error
+            served = tasks[1]
+            if served.cancelled():
+                await signals.request_finished.asend(sender=self.__class__)
+            else:
+                await sync_to_async(served.result().close)()
+        finally:
+            # No exception of this request is raised in this frame on its normal paths, and the tasks are
+            # let go of here: a frame kept by a traceback that holds the tasks that hold that traceback is a
+            # reference cycle, which only the garbage collector frees (core/gc_tuning.py).
+            tasks.clear()
         body_file.close()
+
+
+async def _disconnect(receive: Any) -> None:
+    """Django's ``listen_for_disconnect`` without its ``RequestAborted``: the client's disconnect, or the end
+    of the response (uvicorn then answers ``http.disconnect`` too), ends the task with no exception. An
+    exception stored in the task, its traceback and the frames in it would be a reference cycle for every
+    request."""
+    message = await receive()
+    if message["type"] != "http.disconnect":
+        raise AssertionError(f"Invalid ASGI message after request body: {message['type']}")
 
 
 # What the full stack's views implement, TRACE excepted: a 405 must say what is allowed (RFC 9110, 15.5.6).

@@ -26,15 +26,19 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from core.gc_tuning import RequestCounter, gc_freeze_startup
+
 logger = logging.getLogger("llmhub.lifespan")
 
 
 class LifespanMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.requests = RequestCounter()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
+            self.requests.count()
             await self.app(scope, receive, send)
             return
         from billing.services.ledger import (
@@ -62,6 +66,8 @@ class LifespanMiddleware:
                 # first request ends (importing the SDK takes a while).
                 tracing_configure()
                 await _warm_up()
+                # What start-up loaded is never garbage: full collections stop walking it (core/gc_tuning.py).
+                gc_freeze_startup()
                 ShutdownSignals(grace_seconds=settings.LLMHUB_SHUTDOWN_GRACE_SECONDS).install()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -336,6 +336,9 @@ LLMHUB_LEDGER_RETENTION_DAYS = env.int("LLMHUB_LEDGER_RETENTION_DAYS", default=0
 # grace + 5 s + uvicorn's --timeout-graceful-shutdown + a few seconds of ledger drain below the time the
 # orchestrator waits before SIGKILL (docker-compose.yml's stop_grace_period).
 LLMHUB_SHUTDOWN_GRACE_SECONDS = env.float("LLMHUB_SHUTDOWN_GRACE_SECONDS", default=20.0)
+# Freeze what the server process holds after start-up and its first requests, so that the garbage
+# collector's full collections stop walking it (core/gc_tuning.py; a 170-230 ms stall otherwise).
+LLMHUB_GC_FREEZE = env.bool("LLMHUB_GC_FREEZE", default=True)
 # One deadline per request, across every attempt, retry, backoff and fallback (a stream: until its first
 # chunk). Each attempt is also bounded by its provider's own timeout.
 LLMHUB_REQUEST_DEADLINE_SECONDS = env.float("LLMHUB_REQUEST_DEADLINE_SECONDS", default=300.0)
