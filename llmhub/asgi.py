@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from django.core.asgi import get_asgi_application
+import django
 
 from llmhub.logging import drop_query_strings_from_server_logs
 
@@ -13,8 +13,13 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 # The server's access log would otherwise keep a key a client put in a query string (llmhub/logging.py).
 drop_query_strings_from_server_logs()
 
-# Django must be set up before anything imports models (the WebSocket routing does).
-django_asgi_app = get_asgi_application()
+# Django must be set up before anything imports models (the WebSocket routing does). What follows is
+# django.core.asgi.get_asgi_application with llmhub's handler (llmhub/handlers.py).
+django.setup(set_prefix=False)
+
+from llmhub.handlers import FullStackASGIHandler, MiddlewareFreeASGIHandler, PathPrefixRouter  # noqa: E402
+
+django_asgi_app = FullStackASGIHandler()
 
 from django.conf import settings  # noqa: E402
 
@@ -36,7 +41,6 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 from chat.security import browser_origin_validator  # noqa: E402
-from llmhub.handlers import MiddlewareFreeASGIHandler, PathPrefixRouter  # noqa: E402
 
 from .lifespan import LifespanMiddleware  # noqa: E402
 

@@ -111,6 +111,15 @@ class TransportSecurity:
         return secured
 
 
+class FullStackASGIHandler(ASGIHandler):
+    """Django's own handler for every path outside the lean prefixes (pages, admin, /api/), with the
+    disconnect watch that raises nothing (``_disconnect``): Django's ``RequestAborted`` made every request a
+    reference cycle that only the garbage collector could free (core/gc_tuning.py)."""
+
+    async def listen_for_disconnect(self, receive: Any) -> None:
+        await _disconnect(receive)
+
+
 class MiddlewareFreeASGIHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware = []

@@ -143,21 +143,34 @@ async def test_a_client_that_goes_away_cancels_the_view(monkeypatch):
     assert cancelled.is_set()
 
 
-@pytest.mark.parametrize("disconnect_after_response", [True, False], ids=["uvicorn", "receive-pending"])
-async def test_a_served_request_leaves_no_reference_cycle(disconnect_after_response):
+@pytest.mark.parametrize(
+    "path, status, disconnect_after_response",
+    [
+        ("/v1/models", 401, True),
+        ("/v1/models", 401, False),
+        ("/accounts/login/", 200, True),
+    ],
+    ids=["lean-uvicorn", "lean-receive-pending", "full-stack-uvicorn"],
+)
+async def test_a_served_request_leaves_no_reference_cycle(path, status, disconnect_after_response):
     """Django's handler left each request in a reference cycle (the disconnect watch's ``RequestAborted``,
     its traceback, the frames and the tasks holding it), so the garbage collector's full collections had a
-    request's worth of objects to find for every request (core/gc_tuning.py); the lean handler leaves none."""
-    await call("/v1/models", disconnect_after_response=disconnect_after_response)
+    request's worth of objects to find for every request (core/gc_tuning.py); llmhub's handlers leave none.
+    ``disconnect_after_response``: uvicorn's ``receive`` answers ``http.disconnect`` once the response ended."""
+    await call(path, disconnect_after_response=disconnect_after_response)
     gc.collect()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         for _ in range(3):
-            status, _, _ = await call("/v1/models", disconnect_after_response=disconnect_after_response)
-            assert status == 401
+            answered, _, _ = await call(path, disconnect_after_response=disconnect_after_response)
+            assert answered == status
         gc.collect()
         kinds = {type(item).__name__ for item in gc.garbage}
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
-    assert not kinds & {"ASGIRequest", "Task", "RequestAborted", "CancelledError", "HttpResponse", "frame"}
+    # The handler's own: its tasks, the disconnect watch's exception and the frames its traceback held.
+    handlers_own = {"Task", "RequestAborted", "CancelledError", "frame", "traceback", "coroutine"}
+    # The login page's form keeps the request in a cycle of its own (Django's forms and the session's lazy
+    # user), so only the /v1 path, which has no forms, is held to leaving no request behind at all.
+    assert not kinds & (handlers_own | ({"ASGIRequest", "HttpResponse"} if path.startswith("/v1/") else set()))
