@@ -30,8 +30,10 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OpsAlertRule]:
-        return super().get_queryset(request).annotate(
-            open_count=Count("incidents", filter=Q(incidents__cleared_at__isnull=True))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(open_count=Count("incidents", filter=Q(incidents__cleared_at__isnull=True)))
         )
 
     @admin.display(description="open incidents", ordering="open_count")
