@@ -387,7 +387,13 @@ def _series(rows: QuerySet, variants: list[Variant]) -> dict[str, Any]:
     One conditional count per day (``created_at`` in the day's range) rather than grouping by a truncated
     date: SQLite truncates dates in a Python function called per row, five times slower on 100,000 rows.
     The rated and positive requests are the rows with thumbs feedback (an indexed ``EXISTS`` each)."""
-    span = rows.aggregate(first=Min("created_at"), last=Max("created_at"))
+    # Grouped by the experiment rather than an aggregate over the filtered rows: PostgreSQL answers a bare
+    # MIN/MAX(created_at) by walking the ledger's created_at index from each end until it meets a row of
+    # this experiment (2 s on a 10-million-row ledger); grouped, it reads the experiment's own index.
+    span = next(
+        iter(rows.values("experiment_id").annotate(first=Min("created_at"), last=Max("created_at")).order_by()),
+        {"first": None, "last": None},
+    )
     if span["first"] is None:
         return {
             "days": [],
