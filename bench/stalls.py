@@ -133,12 +133,14 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
         writes.clear()
         sampling = asyncio.create_task(sampler())
         spans: list[tuple[float, float]] = []
+        cpu_started = time.process_time()
         for _ in range(requests):
             started = time.perf_counter()
             status, content, _first = await _request(application, path, body, key)
             spans.append((started, time.perf_counter()))
             if status != 200:
                 raise SystemExit(f"stalls: {status} {content[:300]!r}")
+        cpu_ms = (time.process_time() - cpu_started) * 1000 / requests
         stop = True
         await sampling
         await ledger.ledger_flush()
@@ -162,6 +164,8 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
             "what_if": sorted(what_if),
             "requests": requests,
             "all_ms": _percentiles([(e - s) * 1000 for s, e in spans]),
+            # The process's CPU (every thread: the ledger's writes too, and the loop-lag sampler's wake-ups).
+            "cpu_ms_per_request": round(cpu_ms, 3),
             "overlapping_a_ledger_write_ms": _percentiles(overlapping),
             "not_overlapping_ms": _percentiles(alone),
             "slowest_1pct_overlapping_a_write": f"{slow_with_write} of {len(slowest)}",
