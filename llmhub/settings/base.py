@@ -406,6 +406,9 @@ LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = env.int("LLMHUB_HEALTH_INCIDENT_AFTER_FA
 LLMHUB_HEALTH_CHECKS_KEPT = env.int("LLMHUB_HEALTH_CHECKS_KEPT", default=1000)
 LLMHUB_HEALTH_CHECK_RETENTION_DAYS = env.int("LLMHUB_HEALTH_CHECK_RETENTION_DAYS", default=30)
 ADMINS = [("", address) for address in env.list("ADMINS", default=[])]
+# Development prints alert mails in the worker's output (`make run` has no mail server: Django's SMTP
+# default made every alert mail fail and retry); production.py sends through SMTP unless told otherwise.
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 
 # JWT SIGN-IN (docs/auth.md): `Authorization: Bearer <JWT>` on /v1/*, /api/* and the WebSocket. Off unless a
 # JWKS URL (RS256/ES256) or a shared secret (HS256) is set; issuer and audience are then required.
