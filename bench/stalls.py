@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import gc
 import json
 import os
 import shutil
@@ -47,22 +49,15 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def _census() -> dict[str, int]:
     """Objects the garbage collector tracks, by type, after a full collection."""
-    import collections
-    import gc
 
     gc.collect()
     return dict(collections.Counter(type(item).__qualname__ for item in gc.get_objects()))
-
-
-import collections  # noqa: E402
 
 
 def _census_growth(before: dict[str, int]) -> dict[str, Any]:
     after = _census()
     grown = {name: after.get(name, 0) - before.get(name, 0) for name in set(before) | set(after)}
     top = sorted(grown.items(), key=lambda item: -item[1])[:15]
-    import gc
-
     sized = []
     for item in gc.get_objects():
         try:
@@ -125,8 +120,6 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
             await _request(application, path, body, key)
         census_before = _census() if "census" in what_if else None
         if "garbage" in what_if:
-            import gc
-
             gc.collect()
             gc.freeze()
             gc.set_debug(gc.DEBUG_SAVEALL)
@@ -146,8 +139,6 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
         await ledger.ledger_flush()
         grown = _census_growth(census_before) if census_before is not None else None
         if "garbage" in what_if:
-            import gc
-
             gc.collect()
             kinds = collections.Counter(type(item).__qualname__ for item in gc.garbage)
             grown = {"cyclic_garbage_per_request": len(gc.garbage) / requests, "kinds": kinds.most_common(40)}
