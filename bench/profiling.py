@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,24 +33,43 @@ def py_spy_point(
     work: Path, pid: int, name: str, url: str, body: str, key: str, seconds: int, meter: Meter
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The top functions by inclusive and by own samples, and the wrk point they were taken during."""
+    raw = work / f"py-spy-{name}.txt"
+    sampler = py_spy_start(pid, raw, seconds=seconds)
+    if sampler is None:
+        return None
+    try:
+        time.sleep(0.5)
+        point = run_wrk(url, body, key, 32, seconds, meter)
+    finally:
+        py_spy_stop(sampler, wait=True)
+    return (summarize_collapsed(raw), point) if raw.exists() else None
+
+
+def py_spy_start(pid: int, raw: Path, *, seconds: int | None = None) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` on ``pid`` into ``raw`` (collapsed stacks), for ``seconds`` or until stopped; None
+    when py-spy is not installed."""
     py_spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
     if not Path(py_spy).exists():
         print("  --profile: py-spy is not installed (.venv/bin/pip install py-spy); skipped", flush=True)
         return None
-    raw = work / f"py-spy-{name}.txt"
-    argv = [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "250", "--nonblocking"]
-    sampler = subprocess.Popen(
-        [*argv, "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    argv = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw"]
+    if seconds is not None:
+        argv += ["--duration", str(seconds)]
+    sampler = subprocess.Popen([*argv, "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the work begins
+    return sampler
+
+
+def py_spy_stop(sampler: subprocess.Popen[bytes], *, wait: bool = False) -> None:
+    """Stop a sampler (SIGINT writes its file) or, with ``wait``, let its duration run out."""
+    if not wait:
+        sampler.send_signal(signal.SIGINT)
     try:
-        time.sleep(0.5)
-        point = run_wrk(url, body, key, 32, seconds, meter)
         sampler.wait(timeout=60)
     finally:
         if sampler.poll() is None:
             sampler.kill()
             sampler.wait()
-    return (summarize_collapsed(raw), point) if raw.exists() else None
 
 
 def summarize_collapsed(raw: Path, top: int = 25) -> dict[str, Any]:

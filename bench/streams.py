@@ -49,6 +49,7 @@ from typing import Any
 # Run as a script (`python bench/streams.py`): its siblings are imported as the package they are.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import profiling
 from bench.load import _process_cpu, children_of, percentile
 from bench.run import (
     PY,
@@ -79,6 +80,7 @@ class Plan:
     workers: tuple[int, ...]
     words: int = 300  # per stream, at TOKENS_PER_SECOND
     parts: frozenset[str] = PARTS
+    profile: str = ""  # where py-spy's collapsed stacks of the CPU part go ("": not sampled)
 
     @property
     def stream_seconds(self) -> float:
@@ -334,13 +336,17 @@ async def ws_chats(port: int, key: str, count: int, content: str) -> dict[str, A
     }
 
 
-async def cpu_costs(port: int, key: str, pid: int, count: int) -> dict[str, Any]:
-    """Server CPU over ``count`` unpaced streams of 300 words, then of 1 word, 10 at a time."""
+async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | None = None) -> dict[str, Any]:
+    """Server CPU over ``count`` unpaced streams of 300 words, then of 1 word, 10 at a time; then ``count``
+    streams of 300 words at 30 tokens/s, all open at once. Unpaced, the upstream's chunks reach the server
+    several to a read; paced, as in the steady points, every chunk is a wake-up of its own (a read, the relay,
+    a write), which costs more: that is the figure the 500-stream target depends on. With ``profile``, py-spy
+    samples the server during a second paced round (not counted) and writes its collapsed stacks there."""
 
-    async def run(content: str) -> tuple[float, int, int]:
+    async def run(content: str, at_once: int = 10) -> tuple[float, int, int]:
         body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": content}]})
         request = _request(port, PATH, body.encode(), key)
-        semaphore = asyncio.Semaphore(10)
+        semaphore = asyncio.Semaphore(at_once)
 
         async def one() -> Stream:
             async with semaphore:
@@ -356,6 +362,12 @@ async def cpu_costs(port: int, key: str, pid: int, count: int) -> dict[str, Any]
     short_cpu, short_chunks, short_errors = await run("[[words=1]] A short one.")
     per_chunk = (long_cpu - short_cpu) / max(1, long_chunks - short_chunks)
     per_start = (short_cpu - short_chunks * per_chunk) / count
+    paced = f"[[words=300]] [[tps={TOKENS_PER_SECOND}]] Paced."
+    paced_cpu, paced_chunks, paced_errors = await run(paced, at_once=count)
+    per_paced_chunk = (paced_cpu - count * per_start) / max(1, paced_chunks)
+    if profile is not None and (sampler := profiling.py_spy_start(pid, profile)) is not None:
+        await run(paced, at_once=count)
+        profiling.py_spy_stop(sampler)
     return {
         "streams": count,
         "long_chunks": long_chunks,
@@ -363,7 +375,8 @@ async def cpu_costs(port: int, key: str, pid: int, count: int) -> dict[str, Any]
         "cpu_per_chunk_us": round(per_chunk * 1e6, 1),
         "cpu_per_start_us": round(per_start * 1e6, 1),
         "cpu_per_long_stream_ms": round(long_cpu / count * 1000, 2),
-        "errors": long_errors + short_errors,
+        "cpu_per_paced_chunk_us": round(per_paced_chunk * 1e6, 1),
+        "errors": long_errors + short_errors + paced_errors,
     }
 
 
@@ -448,12 +461,20 @@ def bench_workers(
             f" {ours_burst['ttft_p50_ms']}, direct {direct_burst['ttft_p50_ms']}); errors {ours_burst['errors']}"
         )
     if workers == 1 and "cpu" in plan.parts:
-        result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams))
-        sent += 3 * plan.cost_streams
+        profile = Path(plan.profile) if plan.profile else None
+        result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams, profile))
+        if profile is not None and profile.exists():
+            result["cpu"]["profile"] = profiling.summarize_collapsed(profile)
+        sent += (5 if profile else 4) * plan.cost_streams
+        cpu = result["cpu"]
         say(
-            f"  CPU: {result['cpu']['cpu_per_chunk_us']} µs per relayed chunk, {result['cpu']['cpu_per_start_us']} µs"
-            f" per stream start ({result['cpu']['cpu_per_long_stream_ms']} ms per 300-word stream)"
+            f"  CPU: {cpu['cpu_per_chunk_us']} µs per relayed chunk ({cpu['cpu_per_paced_chunk_us']} µs paced at"
+            f" {TOKENS_PER_SECOND}/s), {cpu['cpu_per_start_us']} µs per stream start"
+            f" ({cpu['cpu_per_long_stream_ms']} ms per 300-word stream)"
         )
+        for kind in ("own_pct", "inclusive_pct"):
+            for frame, share in result["cpu"].get("profile", {}).get(kind, []):
+                say(f"    {kind[:-4]:>9} {share:5.1f} %  {frame}")
     if workers == 1 and "ws" in plan.parts:
         result["ws"] = asyncio.run(ws_chats(port, key, plan.ws_chats, plan.content))
         sent += plan.ws_chats
@@ -541,6 +562,9 @@ def markdown(results: dict[str, Any]) -> str:
             )
         if "cpu" in server:
             row("CPU per relayed chunk", f"{server['cpu']['cpu_per_chunk_us']} µs", "reported (cut)", "")
+            if "cpu_per_paced_chunk_us" in server["cpu"]:
+                paced = f"{server['cpu']['cpu_per_paced_chunk_us']} µs"
+                row(f"CPU per relayed chunk, paced at {TOKENS_PER_SECOND}/s", paced, "reported (cut)", "")
             row("CPU per stream start", f"{server['cpu']['cpu_per_start_us']} µs", "reported (cut)", "")
         if "ws" in server:
             ws = server["ws"]
@@ -582,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help=f"comma-separated parts, from {', '.join(sorted(PARTS))}")
     parser.add_argument("--cost-streams", type=int, default=None, help="streams of each kind for the CPU costs")
     parser.add_argument("--output", default=None, help="where the JSON goes (default: bench/results/streams.json)")
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the server with py-spy during an extra round of the CPU part"
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.workers:
@@ -592,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "steady": tuple(int(n) for n in args.open.split(","))})
     if args.cost_streams is not None:
         plan = Plan(**{**plan.__dict__, "cost_streams": args.cost_streams})
+    if args.profile:
+        plan = Plan(**{**plan.__dict__, "profile": str(WORK / "py-spy-streams.txt")})
     if args.only:
         parts = frozenset(args.only.split(","))
         if parts - PARTS:

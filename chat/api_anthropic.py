@@ -22,12 +22,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from django.core.exceptions import DisallowedHost
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
 from billing.models import Operation
 from core.errors import anthropic_error_body, anthropic_error_event, anthropic_error_response, json_response
+from core.event_stream import EventStreamResponse
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import WireEvent
 from providers.adapters.translate_anthropic import estimate_input_tokens
@@ -113,10 +114,7 @@ async def _open_stream(run: CompletionRun, headers: dict[str, str]) -> HttpRespo
     """As for chat completions: answer once the first event has arrived (``messages_stream_open``), so that
     a failure before any output still gets its own HTTP status."""
     events = await run.messages_stream_open(headers=headers)
-    response = StreamingHttpResponse(_sse(run, events), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return EventStreamResponse(_sse(run, events))
 
 
 async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIterator[bytes]:

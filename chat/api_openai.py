@@ -18,7 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import DisallowedHost, RequestDataTooBig
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
@@ -30,6 +30,7 @@ from core.errors import (
     openai_error_event,
     openai_error_response,
 )
+from core.event_stream import EventStreamResponse
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import chunk_json
 from providers.exceptions import ProviderError
@@ -215,10 +216,7 @@ async def _open_stream(run: CompletionRun) -> HttpResponse:
     before any output (429, 5xx, timeout, bad auth, on every deployment tried) still gets its proper HTTP
     status instead of a 200 and a broken stream."""
     chunks = await run.stream_open()
-    response = StreamingHttpResponse(_sse(run, chunks), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
+    return EventStreamResponse(_sse(run, chunks))
 
 
 async def _sse(run: CompletionRun, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:

@@ -1426,17 +1426,41 @@ async def _opened(items: AsyncIterator[T]) -> AsyncIterator[T]:
     except BaseException:
         await items.aclose()  # type: ignore[attr-defined]
         raise
-    return _prepended(first, items)
+    return _Prepended(first, items)
 
 
-async def _prepended(first: Any, items: AsyncIterator[T]) -> AsyncIterator[T]:
-    try:
-        if first is not _END:
-            yield first
-        async for item in items:
-            yield item
-    finally:
-        await items.aclose()  # type: ignore[attr-defined]
+class _Prepended:
+    """``first``, then the rest of ``items``: an iterator object rather than an async generator, so that the
+    rest is ``items``' own ``__anext__`` (no frame of its own resumed for every chunk of a stream)."""
+
+    __slots__ = ("_first", "_items")
+
+    def __init__(self, first: Any, items: AsyncIterator[Any]) -> None:
+        self._first = first
+        self._items = items
+
+    def __aiter__(self) -> _Prepended:
+        return self
+
+    def __anext__(self) -> Awaitable[Any]:
+        first = self._first
+        if first is _TAKEN:
+            return self._items.__anext__()
+        self._first = _TAKEN
+        return _now(first)
+
+    async def aclose(self) -> None:
+        self._first = _TAKEN
+        await self._items.aclose()  # type: ignore[attr-defined]
+
+
+_TAKEN = object()
+
+
+async def _now(item: Any) -> Any:
+    if item is _END:
+        raise StopAsyncIteration
+    return item
 
 
 def _ms(seconds: float) -> int:

@@ -36,6 +36,7 @@ import asyncio
 import json
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -48,6 +49,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import set_script_prefix
 
 from core.errors import anthropic_error_body, json_response, openai_error_body
+from core.event_stream import EventStreamResponse
 
 # The paths of Anthropic's Messages API: their errors are in Anthropic's shape (``chat.api_anthropic``).
 ANTHROPIC_PATHS = ("/v1/messages",)
@@ -135,6 +137,20 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         await self.handle(scope, receive, send)
+
+    async def send_response(self, response: Any, send: Any) -> None:
+        """Django's, except for an ``EventStreamResponse``: its parts (framed events, a few hundred bytes
+        each) go to the server as they come, without the three generators Django puts between a streaming
+        response's iterator and ``send`` (core/event_stream.py): a chunk of a stream costs that much less."""
+        if not isinstance(response, EventStreamResponse) or response.cookies:
+            await super().send_response(response, send)
+            return
+        headers = [(header.encode("ascii"), value.encode("latin1")) for header, value in response.items()]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        async with aclosing(response.events) as events:
+            async for part in events:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body"})
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Django 5.2's ``ASGIHandler.handle`` without ``request_started`` (see the module's docstring), and

@@ -174,3 +174,74 @@ async def test_a_served_request_leaves_no_reference_cycle(path, status, disconne
     # The login page's form keeps the request in a cycle of its own (Django's forms and the session's lazy
     # user), so only the /v1 path, which has no forms, is held to leaving no request behind at all.
     assert not kinds & (handlers_own | ({"ASGIRequest", "HttpResponse"} if path.startswith("/v1/") else set()))
+
+
+def test_an_event_stream_is_sent_part_by_part_and_closed():
+    """``EventStreamResponse`` skips Django's streaming wrappers in the lean handler: each framed event is one
+    ``http.response.body`` message, as it came, with the response's headers; its iterator is closed when the
+    stream ends, and when the send fails midway (a client gone)."""
+    from core.event_stream import EventStreamResponse
+
+    closed: list[str] = []
+
+    async def events(name: str):
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            closed.append(name)
+
+    async def serve(name: str, fail_after: int | None = None) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            if fail_after is not None and len(messages) == fail_after:
+                raise OSError("the client went away")
+            messages.append(message)
+
+        handler = MiddlewareFreeASGIHandler()
+        response = EventStreamResponse(events(name))
+        response["x-request-id"] = "req-1"
+        try:
+            await handler.send_response(response, send)
+        except OSError:
+            pass
+        return messages
+
+    messages = asyncio.run(serve("whole"))
+    start, *bodies, end = messages
+    assert start["status"] == 200
+    headers = dict(start["headers"])
+    assert headers[b"Content-Type"] == b"text/event-stream"
+    assert headers[b"Cache-Control"] == b"no-cache"
+    assert headers[b"x-request-id"] == b"req-1"
+    assert [body["body"] for body in bodies] == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    assert all(body["more_body"] for body in bodies)
+    assert end == {"type": "http.response.body"}
+    assert closed == ["whole"]
+
+    asyncio.run(serve("cut", fail_after=2))
+    assert closed == ["whole", "cut"]
+
+
+def test_other_streaming_responses_keep_djangos_path():
+    """A plain ``StreamingHttpResponse`` (a CSV export) still goes through Django's ``send_response``."""
+    from django.http import StreamingHttpResponse
+
+    async def serve() -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+
+        async def rows():
+            yield "a,b\n"  # str: Django's make_bytes encodes it
+            yield b"1,2\n"
+
+        response = StreamingHttpResponse(rows(), content_type="text/csv")
+        await MiddlewareFreeASGIHandler().send_response(response, send)
+        return messages
+
+    messages = asyncio.run(serve())
+    assert [m.get("body") for m in messages[1:]] == [b"a,b\n", b"1,2\n", None]

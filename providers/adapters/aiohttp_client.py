@@ -32,7 +32,7 @@ import httpx2
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 # The transport both SDKs' DefaultAioHttpClient uses (openai and anthropic vendor the same file).
-from openai._vendor.httpx_aiohttp.transport import AiohttpTransport
+from openai._vendor.httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport, map_aiohttp_exceptions
 
 from .. import outbound
 
@@ -113,7 +113,7 @@ class GuardedAiohttpTransport(AiohttpTransport):
             response = await super().handle_async_request(request)
         except httpx2.TimeoutException as exc:
             raise _remapped(exc) from exc.__cause__
-        response.stream = _RemappedStream(response.stream)
+        response.stream = _GuardedStream(response.stream._aiohttp_response)
         return response
 
 
@@ -131,19 +131,25 @@ def _remapped(exc: httpx2.TimeoutException) -> httpx2.TransportError:
     return exc
 
 
-class _RemappedStream(httpx2.AsyncByteStream):
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
+class _GuardedStream(httpx2.AsyncByteStream):
+    """The vendored ``AiohttpResponseStream`` with its errors mapped right (``_remapped``) in the same frame:
+    the body's pieces come straight from aiohttp's reader, through one generator rather than two (every
+    frame between the socket and the client is resumed for every chunk of a stream)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._stream:
-                yield chunk
+            with map_aiohttp_exceptions():
+                async for piece in self._response.content.iter_chunked(AiohttpResponseStream.CHUNK_SIZE):
+                    yield piece
         except httpx2.TimeoutException as exc:
             raise _remapped(exc) from exc.__cause__
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        with map_aiohttp_exceptions():
+            await self._response.__aexit__(None, None, None)
 
 
 class _Busy:

@@ -30,7 +30,7 @@ from .common import (
     stream_interrupted,
     upstream_deadline,
 )
-from .sse import sse_events
+from .sse import ServerSentEvent, SSEParser, response_body
 from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message
 
 _MESSAGES_PATH = "/v1/messages"
@@ -134,24 +134,34 @@ class AnthropicAdapter(BaseAdapter):
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         finished = False
+        parser = SSEParser()
         try:
-            async for sse in sse_events(upstream.aiter_bytes()):
-                event = json.loads(sse.data)
-                if not isinstance(event, dict):
-                    raise ValueError("not an event object")
-                if event.get("type") == "error":
-                    error = event.get("error") if isinstance(event.get("error"), dict) else {}
-                    reason = scrub(str(error.get("message") or "no details given"), self.config)
-                    raise stream_interrupted(self.config, f"the provider reported an error: {reason}")
+            async for piece in response_body(upstream):
+                for sse in parser.feed(piece):
+                    event = self._event(sse)
+                    finished = finished or event.get("type") == "message_stop"
+                    yield event
+            for sse in parser.end():
+                event = self._event(sse)
                 finished = finished or event.get("type") == "message_stop"
-                raw = sse.data if b"\n" not in sse.data and b"\r" not in sse.data else None
-                yield WireEvent(event, raw)
+                yield event
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
         finally:
             await upstream.aclose()
         if not finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    def _event(self, sse: ServerSentEvent) -> WireEvent:
+        event = json.loads(sse.data)
+        if not isinstance(event, dict):
+            raise ValueError("not an event object")
+        if event.get("type") == "error":
+            error = event.get("error") if isinstance(event.get("error"), dict) else {}
+            reason = scrub(str(error.get("message") or "no details given"), self.config)
+            raise stream_interrupted(self.config, f"the provider reported an error: {reason}")
+        raw = sse.data if b"\n" not in sse.data and b"\r" not in sse.data else None
+        return WireEvent(event, raw)
 
     async def list_models(self) -> list[UpstreamModel]:
         try:

@@ -37,7 +37,7 @@ from .common import (
     upstream_deadline,
 )
 from .openai_shape import StreamShape, completion_conform
-from .sse import sse_events
+from .sse import ServerSentEvent, SSEParser, response_body
 
 _CHAT_PATH = "/chat/completions"
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
@@ -48,6 +48,14 @@ _EMBEDDING_PARAMS = ("input", "model", "dimensions", "encoding_format", "user")
 # What the SDK and its transport raise; ValueError covers a body that is not the JSON it claims to be, and
 # OutboundRefused the outbound policy (it reaches us unwrapped: the SDK neither retries nor wraps it).
 _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
+
+
+class _StreamState:
+    __slots__ = ("done", "finished")
+
+    def __init__(self) -> None:
+        self.done = False  # `[DONE]` came: what follows is read and dropped
+        self.finished = False  # a choice carried its finish_reason
 
 
 class OpenAIAdapter(BaseAdapter):
@@ -105,41 +113,54 @@ class OpenAIAdapter(BaseAdapter):
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        finished = done = False
         shape = StreamShape(str(body.get("model") or ""))
+        state = _StreamState()
+        parser = SSEParser()
         try:
-            async for event in sse_events(upstream.aiter_bytes()):
-                if done:
-                    continue  # read to the end, so that the connection goes back to the pool
-                if event.data.startswith(b"[DONE]"):
-                    done = True
-                    continue
-                chunk = json.loads(event.data)
-                if not isinstance(chunk, dict):
-                    raise ValueError("not a chunk object")
-                if chunk.get("error"):
-                    # OpenAI reports a failure after the headers in-band, as `data: {"error": …}`.
-                    raise stream_interrupted(
-                        self.config,
-                        f"the provider reported an error: {self._upstream_message(chunk['error']) or 'no details'}",
-                    ) from None
-                if not finished:
-                    for choice in chunk.get("choices") or ():
-                        if choice.get("finish_reason"):
-                            finished = True
-                # An event spread over several `data:` lines holds line breaks: relayed as it came, it
-                # would break the client's SSE framing, so that one is encoded again.
-                raw = event.data if b"\n" not in event.data and b"\r" not in event.data else None
-                if not shape.conform(chunk):
-                    raw = None  # filled in where the upstream left out what OpenAI's schema requires
-                yield WireChunk(chunk, raw)
+            async for piece in response_body(upstream):
+                for event in parser.feed(piece):
+                    chunk = self._chunk(event, state, shape)
+                    if chunk is not None:
+                        yield chunk
+            for event in parser.end():
+                chunk = self._chunk(event, state, shape)
+                if chunk is not None:
+                    yield chunk
         except _FAILURES as exc:
             raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
         finally:
             # Also on aclose() and cancellation: the upstream response stops at once.
             await upstream.aclose()
-        if not finished:
+        if not state.finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    def _chunk(self, event: ServerSentEvent, state: _StreamState, shape: StreamShape) -> WireChunk | None:
+        """The chunk an event carries; None for ``[DONE]`` and whatever follows it (read to the end, so that
+        the connection goes back to the pool)."""
+        if state.done:
+            return None
+        if event.data.startswith(b"[DONE]"):
+            state.done = True
+            return None
+        chunk = json.loads(event.data)
+        if not isinstance(chunk, dict):
+            raise ValueError("not a chunk object")
+        if chunk.get("error"):
+            # OpenAI reports a failure after the headers in-band, as `data: {"error": …}`.
+            raise stream_interrupted(
+                self.config,
+                f"the provider reported an error: {self._upstream_message(chunk['error']) or 'no details'}",
+            ) from None
+        if not state.finished:
+            for choice in chunk.get("choices") or ():
+                if choice.get("finish_reason"):
+                    state.finished = True
+        # An event spread over several `data:` lines holds line breaks: relayed as it came, it would break
+        # the client's SSE framing, so that one is encoded again.
+        raw = event.data if b"\n" not in event.data and b"\r" not in event.data else None
+        if not shape.conform(chunk):
+            raw = None  # filled in where the upstream left out what OpenAI's schema requires
+        return WireChunk(chunk, raw)
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
         """Through the SDK's ``embeddings.create``, read raw so that the upstream's JSON is relayed as it

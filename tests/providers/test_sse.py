@@ -97,3 +97,44 @@ def test_a_model_key_inside_a_string_is_not_rewritten():
     chunk = WireChunk(json.loads(raw), raw)
     chunk.set_model("pub")
     assert chunk_json(chunk) == b'{"choices":[{"delta":{"content":"\\"model\\":\\"up\\""}}],"model":"pub"}'
+
+
+def test_parser_fed_directly_matches_the_generator():
+    from providers.adapters.sse import SSEParser
+
+    parser = SSEParser()
+    events = []
+    for at in range(0, len(STREAM), 5):
+        events += parser.feed(STREAM[at : at + 5])
+    events += parser.end()
+    assert events == EXPECTED
+    assert parser.end() == []  # nothing left twice
+
+
+def test_response_body_reads_the_transport_unless_there_is_something_to_decode():
+    """With no Content-Encoding the transport's stream is read directly (no httpx2 decoder generators);
+    a compressed body still goes through ``aiter_bytes`` and comes out decoded."""
+    import gzip
+
+    import httpx2
+
+    from providers.adapters.sse import response_body
+
+    class Body(httpx2.AsyncByteStream):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def __aiter__(self):
+            yield self.data[:7]
+            yield self.data[7:]
+
+    async def read(response: httpx2.Response) -> bytes:
+        return b"".join([piece async for piece in response_body(response)])
+
+    plain = httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Body(STREAM))
+    assert response_body(plain) is plain.stream
+    assert asyncio.run(read(plain)) == STREAM
+
+    packed = httpx2.Response(200, headers={"content-encoding": "gzip"}, stream=Body(gzip.compress(STREAM)))
+    assert response_body(packed) is not packed.stream
+    assert asyncio.run(read(packed)) == STREAM
