@@ -55,6 +55,7 @@ def py_spy_start(pid: int, raw: Path, *, seconds: int | None = None) -> subproce
     argv = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--format", "raw"]
     if seconds is not None:
         argv += ["--duration", str(seconds)]
+    raw.unlink(missing_ok=True)  # a file left by an earlier run must not pass for this one's
     sampler = subprocess.Popen([*argv, "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # attached before the work begins
     return sampler

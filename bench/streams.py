@@ -63,6 +63,7 @@ from bench.run import (
 RESULTS = ROOT / "bench" / "results"
 WORK = RESULTS / "streams.tmp"  # git ignores bench/results/*.tmp
 PATH = "/v1/chat/completions"
+BARE_PATH = "/bare-aiohttp/v1/chat/completions"  # bench/bare.py: the ceiling make bench measures against
 MODEL = "bench-stream"
 TOKENS_PER_SECOND = 30
 PARTS = frozenset({"steady", "burst", "cpu", "ws", "rss"})
@@ -343,9 +344,9 @@ async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | N
     a write), which costs more: that is the figure the 500-stream target depends on. With ``profile``, py-spy
     samples the server during a second paced round (not counted) and writes its collapsed stacks there."""
 
-    async def run(content: str, at_once: int = 10) -> tuple[float, int, int]:
+    async def run(content: str, at_once: int = 10, path: str = PATH) -> tuple[float, int, int]:
         body = json.dumps({"model": MODEL, "stream": True, "messages": [{"role": "user", "content": content}]})
-        request = _request(port, PATH, body.encode(), key)
+        request = _request(port, path, body.encode(), key)
         semaphore = asyncio.Semaphore(at_once)
 
         async def one() -> Stream:
@@ -365,6 +366,9 @@ async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | N
     paced = f"[[words=300]] [[tps={TOKENS_PER_SECOND}]] Paced."
     paced_cpu, paced_chunks, paced_errors = await run(paced, at_once=count)
     per_paced_chunk = (paced_cpu - count * per_start) / max(1, paced_chunks)
+    # The floor: the bench's bare Django view relaying the same paced streams with aiohttp (same server,
+    # same lean handler, no key, no SDK, no ledger), all its CPU per chunk, start included, as ours beside it.
+    bare_cpu, bare_chunks, bare_errors = await run(paced, at_once=count, path=BARE_PATH)
     if profile is not None and (sampler := profiling.py_spy_start(pid, profile)) is not None:
         await run(paced, at_once=count)
         profiling.py_spy_stop(sampler)
@@ -376,7 +380,9 @@ async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | N
         "cpu_per_start_us": round(per_start * 1e6, 1),
         "cpu_per_long_stream_ms": round(long_cpu / count * 1000, 2),
         "cpu_per_paced_chunk_us": round(per_paced_chunk * 1e6, 1),
-        "errors": long_errors + short_errors + paced_errors,
+        "cpu_per_paced_chunk_all_in_us": round(paced_cpu / max(1, paced_chunks) * 1e6, 1),
+        "bare_cpu_per_paced_chunk_all_in_us": round(bare_cpu / max(1, bare_chunks) * 1e6, 1),
+        "errors": long_errors + short_errors + paced_errors + bare_errors,
     }
 
 
@@ -447,7 +453,15 @@ def bench_workers(
         )
     if "burst" in plan.parts:
         count = plan.burst * workers
+        burst_profile = Path(plan.profile).with_name("py-spy-burst.txt") if plan.profile else None
+        sampler = profiling.py_spy_start(process.pid, burst_profile) if burst_profile else None
         ours_burst = asyncio.run(burst(port, ours, count))
+        if sampler is not None and burst_profile is not None:
+            profiling.py_spy_stop(sampler)
+            if burst_profile.exists():
+                for kind, rows in profiling.summarize_collapsed(burst_profile).items():
+                    for frame, share in rows if isinstance(rows, list) else ():
+                        say(f"    burst {kind[:-4]:>9} {share:5.1f} %  {frame}")
         sent += count
         direct_burst = asyncio.run(burst(fake_port, direct, count))
         result["burst"] = {
@@ -469,7 +483,8 @@ def bench_workers(
         cpu = result["cpu"]
         say(
             f"  CPU: {cpu['cpu_per_chunk_us']} µs per relayed chunk ({cpu['cpu_per_paced_chunk_us']} µs paced at"
-            f" {TOKENS_PER_SECOND}/s), {cpu['cpu_per_start_us']} µs per stream start"
+            f" {TOKENS_PER_SECOND}/s; all in {cpu['cpu_per_paced_chunk_all_in_us']} µs, bare aiohttp view"
+            f" {cpu['bare_cpu_per_paced_chunk_all_in_us']} µs), {cpu['cpu_per_start_us']} µs per stream start"
             f" ({cpu['cpu_per_long_stream_ms']} ms per 300-word stream)"
         )
         for kind in ("own_pct", "inclusive_pct"):
@@ -565,6 +580,12 @@ def markdown(results: dict[str, Any]) -> str:
             if "cpu_per_paced_chunk_us" in server["cpu"]:
                 paced = f"{server['cpu']['cpu_per_paced_chunk_us']} µs"
                 row(f"CPU per relayed chunk, paced at {TOKENS_PER_SECOND}/s", paced, "reported (cut)", "")
+            if "bare_cpu_per_paced_chunk_all_in_us" in server["cpu"]:
+                both = (
+                    f"{server['cpu']['cpu_per_paced_chunk_all_in_us']} µs (bare aiohttp view:"
+                    f" {server['cpu']['bare_cpu_per_paced_chunk_all_in_us']} µs)"
+                )
+                row("CPU per paced chunk, stream start included", both, "reported", "")
             row("CPU per stream start", f"{server['cpu']['cpu_per_start_us']} µs", "reported (cut)", "")
         if "ws" in server:
             ws = server["ws"]
@@ -607,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-streams", type=int, default=None, help="streams of each kind for the CPU costs")
     parser.add_argument("--output", default=None, help="where the JSON goes (default: bench/results/streams.json)")
     parser.add_argument(
+        "--settings", default="bench.settings", help="the server's settings (a what-if: bench.settings_gclog, ...)"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="sample the server with py-spy during an extra round of the CPU part"
     )
     args = parser.parse_args(argv)
@@ -642,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     fake_port, server_port = ephemeral_ports(2)
     env = bench_environment({MODEL: f"http://127.0.0.1:{fake_port}/v1"}, "", f"sqlite:///{WORK / 'bench.sqlite3'}")
     env["LLMHUB_LEDGER_SPOOL"] = str(WORK / "ledger-spool.jsonl")
+    env["DJANGO_SETTINGS_MODULE"] = args.settings
     try:
         fake = processes.start(
             "fake-upstream", [PY, "-m", "llmhub.testing.fake_upstream", "--port", str(fake_port)], env

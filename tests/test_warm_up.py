@@ -1,0 +1,40 @@
+"""The lifespan's warm-up imports the URLconf before the first request (llmhub/lifespan.py): Django would
+otherwise import it, and every view module with it (SciPy among them), while the first requests wait."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+import asyncio, sys
+import django
+django.setup()
+from django.urls import get_resolver
+assert "url_patterns" not in vars(get_resolver()), "the URLconf was imported before the warm-up"
+from llmhub.lifespan import _warm_up
+asyncio.run(_warm_up())
+resolver = get_resolver()
+assert "url_patterns" in vars(resolver), "the URLconf was not imported"
+assert "chat.api_openai" in sys.modules and "experiments.apis" in sys.modules
+print("warm")
+"""
+
+
+def test_the_warm_up_imports_the_urlconf_and_every_view(tmp_path):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "llmhub.settings.test",
+        # An empty database of its own: the catalog cannot be read, which the warm-up logs and goes past.
+        "TEST_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.sqlite3'}",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("warm")
