@@ -101,6 +101,13 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def say_profile(summary: dict[str, Any], label: str = "") -> None:
+    """py-spy's top frames (``profiling.summarize_collapsed``), own time first, then inclusive."""
+    for kind in ("own_pct", "inclusive_pct"):
+        for frame, share in summary.get(kind, []):
+            say(f"    {label}{kind[:-4]:>9} {share:5.1f} %  {frame}")
+
+
 # --- processes ----------------------------------------------------------------------------------------------
 
 
@@ -459,9 +466,7 @@ def bench_workers(
         if sampler is not None and burst_profile is not None:
             profiling.py_spy_stop(sampler)
             if burst_profile.exists():
-                for kind, rows in profiling.summarize_collapsed(burst_profile).items():
-                    for frame, share in rows if isinstance(rows, list) else ():
-                        say(f"    burst {kind[:-4]:>9} {share:5.1f} %  {frame}")
+                say_profile(profiling.summarize_collapsed(burst_profile), "burst ")
         sent += count
         direct_burst = asyncio.run(burst(fake_port, direct, count))
         result["burst"] = {
@@ -487,9 +492,8 @@ def bench_workers(
             f" {cpu['bare_cpu_per_paced_chunk_all_in_us']} µs), {cpu['cpu_per_start_us']} µs per stream start"
             f" ({cpu['cpu_per_long_stream_ms']} ms per 300-word stream)"
         )
-        for kind in ("own_pct", "inclusive_pct"):
-            for frame, share in result["cpu"].get("profile", {}).get(kind, []):
-                say(f"    {kind[:-4]:>9} {share:5.1f} %  {frame}")
+        if "profile" in cpu:
+            say_profile(cpu["profile"])
     if workers == 1 and "ws" in plan.parts:
         result["ws"] = asyncio.run(ws_chats(port, key, plan.ws_chats, plan.content))
         sent += plan.ws_chats
