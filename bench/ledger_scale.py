@@ -92,7 +92,7 @@ def _fill(*, rows: int, first_user: int, first_key: int, experiment: tuple[int, 
                 SELECT 'bench-' || i, %(first_user)s + u, %(first_key)s + 2 * u + (i %% 2),
                     'provider-' || ((u * 7 + i %% 3) %% %(models)s %% %(providers)s),
                     'model-' || ((u * 7 + i %% 3) %% %(models)s), 'd1', '',
-                    1, false, CASE WHEN i %% 4 = 0 THEN 'websocket' ELSE 'rest' END, 'chat', i %% 2 = 0,
+                    1, false, CASE WHEN i %% 4 = 0 THEN 'websocket' ELSE 'rest' END, 'chat', i / 4 %% 2 = 0,
                     100 + i %% 900, 50 + i %% 400, 0,
                     (100 + i %% 900) * 0.00000015 + (50 + i %% 400) * 0.0000006, false,
                     200 + i %% 800, 100 + i %% 300, 300 + i %% 1500,
@@ -141,6 +141,27 @@ def _experiment() -> Any:
     return experiment
 
 
+def _feedback(experiment_id: int) -> int:
+    """Thumbs on a fifth of the experiment's requests, two up for one down, as ``POST /v1/feedback`` leaves
+    them: the results join them to the ledger per variant and per day."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO experiments_feedback
+                (request_id, user_id, metric, value, comment, source, created_at, updated_at)
+            SELECT request_id, user_id, 'thumbs', CASE WHEN id / 20 %% 3 = 0 THEN -1 ELSE 1 END, '', 'api',
+                created_at, created_at
+            FROM billing_usagerecord WHERE experiment_id = %s AND id / 20 %% 5 = 0
+            """,
+            [experiment_id],
+        )
+        inserted = cursor.rowcount
+        cursor.execute("ANALYZE experiments_feedback")
+        return inserted
+
+
 def _timed(fn: Callable[[], Any], runs: int = 7) -> tuple[float, float]:
     """Median and worst milliseconds over ``runs`` runs after one warm-up."""
     fn()
@@ -174,7 +195,7 @@ def _server_cpu() -> dict[int, float]:
     return found
 
 
-def _insert_throughput(*, rows: int, user_id: int, key_id: int) -> tuple[float, float, float]:
+def _insert_throughput(*, rows: int, user_id: int, key_id: int, prefix: str = "insert") -> tuple[float, float, float]:
     """Rows per second, and the CPU milliseconds per row of this process (every thread: the loop and the
     writer's database thread) and of the database's backends: on a busy machine the first falls with the
     load, the others do not."""
@@ -185,7 +206,7 @@ def _insert_throughput(*, rows: int, user_id: int, key_id: int) -> tuple[float, 
         for n in range(rows):
             usage_record_submit(
                 UsageData(
-                    request_id=f"insert-{n}",
+                    request_id=f"{prefix}-{n}",
                     endpoint="rest",
                     stream=False,
                     status="ok",
@@ -251,6 +272,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
         experiment=(experiment.pk, variants["control"], variants["treatment"]),
         start=start,
     )
+    print(f"  {_feedback(experiment.pk):,} thumbs on the experiment's requests")
     began = time.perf_counter()
     for offset in range(1, DAYS):
         daily_usage_rebuild(day=today - timedelta(days=offset))
@@ -276,6 +298,14 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     verdict = "ok" if rate >= INSERT_TARGET else "MISSED"
     print(f"  {insert_rows:,} rows into {rows:,}: {rate:8,.0f} rows/s   target ≥ {INSERT_TARGET:,} rows/s  {verdict}")
     print(f"  CPU per row: {cpu_ms:.3f} ms in the writer's process, {server_ms:.3f} ms in PostgreSQL's backends")
+
+    # The rollup task rebuilds today every 10 minutes; the pages read today's rollup and the raw rows since.
+    began = time.perf_counter()
+    daily_usage_rebuild(day=today)
+    print(f"\nrolled up today ({rows // DAYS + insert_rows:,} rows) in {time.perf_counter() - began:.1f} s", end="")
+    since = rows // DAYS // 144  # 10 minutes of the day's traffic, written after the rollup
+    _insert_throughput(rows=since, user_id=user_ids[5], key_id=key_ids[10], prefix="after-rollup")
+    print(f"; then {since:,} rows written after it (10 minutes of traffic), which the pages read raw")
 
     ok &= _queries(user_id=user_ids[3], experiment=experiment, today=today, rows=rows) == 0
 

@@ -431,6 +431,23 @@ class DailyUsage(models.Model):
         return f"{self.day} {self.model_name} ${self.cost}"
 
 
+class DailyUsageMark(models.Model):
+    """How far a day's ``DailyUsage`` goes: it holds that day's ledger rows up to ``through_id``, and none
+    above it. Written with the rollup, in its transaction (``services.rollups``). The dashboards read today
+    as the rollup plus the raw rows above the mark (``selectors.usage_daily``/``usage_breakdown``), so at
+    millions of rows a day they read minutes of raw rows, not the whole day."""
+
+    day = models.DateField(unique=True)
+    through_id = models.BigIntegerField(help_text="The last ledger row the day's rollup can hold.")
+    rebuilt_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-day"]
+
+    def __str__(self) -> str:
+        return f"{self.day} through #{self.through_id}"
+
+
 class OpsAlertKind(models.TextChoices):
     DEPLOYMENT_DOWN = "deployment_down", "Deployment down"
     ERROR_RATE = "error_rate", "Error rate per model"

@@ -3,11 +3,11 @@ request (cached in-process), and the usage dashboards' figures."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -21,7 +21,7 @@ from providers.selectors import model_resolve_sync, models_enabled_sync
 from providers.types import ResolvedModel
 
 from .exceptions import ModelNotAllowedError
-from .models import ApiKey, DailyUsage, Plan, UsageRecord, UserPlan
+from .models import ApiKey, DailyUsage, DailyUsageMark, Plan, UsageRecord, UserPlan
 from .pricing import CostBreakdown, cost_breakdown
 
 # API KEYS AND LEDGER (management API)
@@ -255,7 +255,9 @@ def user_limits_sync(user_id: int) -> UserLimits:
 
 
 # USAGE DASHBOARDS
-# Days before today come from the DailyUsage rollup, today from the live ledger.
+# Days before today come from the DailyUsage rollup. Today is its rollup (rebuilt every 10 minutes) plus
+# the raw ledger rows above the rollup's mark (DailyUsageMark): minutes of raw rows rather than the whole
+# day, which is what keeps the staff pages fast at millions of requests a day (docs/ledger.md).
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,22 +279,60 @@ def _day_start(day: date) -> datetime:
     return datetime.combine(day, time(), UTC)
 
 
+_T = TypeVar("_T")
+
+
+def _today_mark(today: date) -> int | None:
+    return DailyUsageMark.objects.filter(day=today).values_list("through_id", flat=True).first()
+
+
+def _usage_window(*, days: int, today: date, user_id: int | None, read: Callable[[QuerySet, QuerySet], _T]) -> _T:
+    """``read(rolled, live)`` over the ``days`` days up to today: ``rolled`` the rollup's rows, ``live``
+    the raw ledger rows the rollup does not hold (today's above its mark; all of today's before today's
+    first rollup). Both are the ledger's figures exactly, with nothing counted twice.
+
+    The mark and the rollup are written in one transaction, but read here in separate statements, so a
+    rollup of today committing in between could pair an old mark with a new rollup: the mark is read
+    again afterwards and the window read again if it moved. Rollups run every 10 minutes, so this almost
+    never repeats; if it kept moving, today is read raw whole, which needs no mark."""
+    first = today - timedelta(days=days - 1)
+    start, end = _day_start(today), _day_start(today + timedelta(1))
+
+    def window(mark: int | None) -> _T:
+        rolled = DailyUsage.objects.filter(day__gte=first, day__lte=today if mark is not None else today - timedelta(1))
+        live = UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
+        if mark is not None:
+            live = live.filter(pk__gt=mark)
+        if user_id is not None:
+            rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
+        return read(rolled, live)
+
+    for _attempt in range(3):
+        mark = _today_mark(today)
+        if mark is None:
+            return window(None)
+        result = window(mark)
+        if _today_mark(today) == mark:
+            return result
+    return window(None)
+
+
 def usage_daily(*, days: int, today: date, user_id: int | None = None) -> list[DaySpend]:
     """Spend per UTC day for the ``days`` days up to and including today, zero-filled; everyone's when
     ``user_id`` is None."""
+
+    def read(rolled: QuerySet, live: QuerySet) -> dict[date, list]:
+        found: dict[date, list] = {}
+        for row in rolled.values("day").annotate(cost=Sum("cost"), requests=Sum("requests")).order_by():
+            found[row["day"]] = [row["cost"], row["requests"]]
+        live_totals = live.aggregate(cost=Coalesce(Sum("cost"), Decimal(0)), requests=Count("pk"))
+        entry = found.setdefault(today, [Decimal(0), 0])
+        entry[0] += live_totals["cost"]
+        entry[1] += live_totals["requests"]
+        return found
+
+    found = _usage_window(days=days, today=today, user_id=user_id, read=read)
     first = today - timedelta(days=days - 1)
-    rolled = DailyUsage.objects.filter(day__gte=first, day__lt=today)
-    live = UsageRecord.objects.filter(
-        created_at__gte=_day_start(today), created_at__lt=_day_start(today + timedelta(1))
-    )
-    if user_id is not None:
-        rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
-    found = {
-        row["day"]: (row["cost"], row["requests"])
-        for row in rolled.values("day").annotate(cost=Sum("cost"), requests=Sum("requests")).order_by()
-    }
-    today_totals = live.aggregate(cost=Coalesce(Sum("cost"), Decimal(0)), requests=Count("pk"))
-    found[today] = (today_totals["cost"], today_totals["requests"])
     return [DaySpend(day, *found.get(day, (Decimal(0), 0))) for day in (first + timedelta(n) for n in range(days))]
 
 
@@ -305,27 +345,25 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
     By model or provider, requests that named no model of the catalog are left out (see NAMED_NO_MODEL);
     by user they count, as they do in ``usage_daily``."""
     group = _BREAKDOWN_FIELDS[by]  # the same column name in DailyUsage and UsageRecord
-    first = today - timedelta(days=days - 1)
-    rolled = DailyUsage.objects.filter(day__gte=first, day__lt=today)
-    live = UsageRecord.objects.filter(
-        created_at__gte=_day_start(today), created_at__lt=_day_start(today + timedelta(1))
-    )
-    if user_id is not None:
-        rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
-    if by != "user":
-        rolled, live = rolled.exclude(NAMED_NO_MODEL), live.exclude(NAMED_NO_MODEL)
-    merged: dict[Any, list] = {}
-    for rows, requests in ((rolled, Sum("requests")), (live, Count("pk"))):
-        grouped = rows.values(group).annotate(
-            n=requests,
-            tokens=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0),
-            spent=Coalesce(Sum("cost"), Decimal(0)),
-        )
-        for row in grouped.order_by():
-            entry = merged.setdefault(row[group], [0, 0, Decimal(0)])
-            entry[0] += row["n"]
-            entry[1] += row["tokens"]
-            entry[2] += row["spent"]
+
+    def read(rolled: QuerySet, live: QuerySet) -> dict[Any, list]:
+        if by != "user":
+            rolled, live = rolled.exclude(NAMED_NO_MODEL), live.exclude(NAMED_NO_MODEL)
+        merged: dict[Any, list] = {}
+        for rows, requests in ((rolled, Sum("requests")), (live, Count("pk"))):
+            grouped = rows.values(group).annotate(
+                n=requests,
+                tokens=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0),
+                spent=Coalesce(Sum("cost"), Decimal(0)),
+            )
+            for row in grouped.order_by():
+                entry = merged.setdefault(row[group], [0, 0, Decimal(0)])
+                entry[0] += row["n"]
+                entry[1] += row["tokens"]
+                entry[2] += row["spent"]
+        return merged
+
+    merged = _usage_window(days=days, today=today, user_id=user_id, read=read)
     if by == "user":
         from django.contrib.auth import get_user_model
 

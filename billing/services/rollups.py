@@ -2,6 +2,13 @@
 
 Each run recomputes whole days from the ledger (delete and insert in one transaction), so running it
 twice, or again after late ledger rows arrived, gives exactly the ledger's totals.
+
+Each run also says how far it went: the day's ``DailyUsageMark`` holds the last ledger id the rollup
+may hold, written in the same transaction. The rollup sums exactly the day's rows at or below it, so
+the rollup plus the day's raw rows above it is the whole day, with nothing counted twice; the dashboards
+read today that way (``billing.selectors``). The mark is the ledger's high water (``ledger_high_water``),
+below which no insert is still in flight; a bare ``MAX(id)`` would not do, since PostgreSQL hands out
+ids before commit and a row with a smaller id may still commit after the rollup has summed.
 """
 
 from __future__ import annotations
@@ -10,10 +17,10 @@ import zlib
 from datetime import UTC, date, datetime, time, timedelta
 
 from django.db import connection, transaction
-from django.db.models import Count, Sum
+from django.db.models import Count, Max, Sum
 from django.utils import timezone
 
-from ..models import DailyUsage, DailyUsageSeal, UsageRecord
+from ..models import DailyUsage, DailyUsageMark, DailyUsageSeal, UsageRecord
 
 
 def lock_day(day: date) -> None:
@@ -24,35 +31,57 @@ def lock_day(day: date) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(f"llmhub-rollup-{day}".encode())])
 
 
-@transaction.atomic
-def daily_usage_rebuild(*, day: date) -> int:
-    """Replace ``day``'s rollup with the ledger's figures; returns how many rows it now has.
+def ledger_high_water() -> int:
+    """The last ledger id at or below which every row is written for good (committed, or rolled back).
+
+    PostgreSQL: read with the ledger closed to writes for an instant (``SHARE`` mode waits for the
+    inserts in flight and holds new ones until this transaction ends, which is right after one index
+    probe). SQLite: the transaction's write lock does the same. Inside a transaction that already holds
+    the lock (the retention seal) it is simply the last id."""
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(f"LOCK TABLE {UsageRecord._meta.db_table} IN SHARE MODE")
+        return UsageRecord.objects.aggregate(last=Max("pk"))["last"] or 0
+
+
+def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
+    """Replace ``day``'s rollup with the ledger's figures up to ``through_id`` (default: the high water)
+    and mark it so; returns how many rows it now has.
 
     A day sealed by retention (``DailyUsageSeal``) is left as it is: its raw rows are gone, and a rebuild
-    from what remains would lose them."""
-    lock_day(day)
-    if DailyUsageSeal.objects.filter(day=day).exists():
-        return DailyUsage.objects.filter(day=day).count()
-    start = datetime.combine(day, time(), UTC)
-    groups = (
-        UsageRecord.objects.filter(created_at__gte=start, created_at__lt=start + timedelta(days=1))
-        .values("user_id", "api_key_id", "provider_name", "model_name")
-        .annotate(
-            requests=Count("pk"),
-            prompt_tokens=Sum("prompt_tokens"),
-            completion_tokens=Sum("completion_tokens"),
-            cached_tokens=Sum("cached_tokens"),
-            cost=Sum("cost"),
+    from what remains would lose them. Two rebuilds of a day run one after the other (``lock_day``); the
+    last to commit stands with its own mark, which always agrees with its rows."""
+    if through_id is None:
+        through_id = ledger_high_water()
+    with transaction.atomic():
+        lock_day(day)
+        if DailyUsageSeal.objects.filter(day=day).exists():
+            return DailyUsage.objects.filter(day=day).count()
+        start = datetime.combine(day, time(), UTC)
+        groups = (
+            UsageRecord.objects.filter(
+                created_at__gte=start, created_at__lt=start + timedelta(days=1), pk__lte=through_id
+            )
+            .values("user_id", "api_key_id", "provider_name", "model_name")
+            .annotate(
+                requests=Count("pk"),
+                prompt_tokens=Sum("prompt_tokens"),
+                completion_tokens=Sum("completion_tokens"),
+                cached_tokens=Sum("cached_tokens"),
+                cost=Sum("cost"),
+            )
+            .order_by()
         )
-        .order_by()
-    )
-    rows = [DailyUsage(day=day, **group) for group in groups]
-    DailyUsage.objects.filter(day=day).delete()
-    DailyUsage.objects.bulk_create(rows)
-    return len(rows)
+        rows = [DailyUsage(day=day, **group) for group in groups]
+        DailyUsage.objects.filter(day=day).delete()
+        DailyUsage.objects.bulk_create(rows)
+        DailyUsageMark.objects.update_or_create(day=day, defaults={"through_id": through_id})
+        return len(rows)
 
 
 def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> int:
     """Today and the ``days - 1`` days before it (late rows land on yesterday around midnight)."""
     today = today or timezone.now().astimezone(UTC).date()
-    return sum(daily_usage_rebuild(day=today - timedelta(days=offset)) for offset in range(days))
+    through_id = ledger_high_water()  # one instant with the ledger closed, for every day
+    return sum(daily_usage_rebuild(day=today - timedelta(days=offset), through_id=through_id) for offset in range(days))
