@@ -31,17 +31,26 @@ def lock_day(day: date) -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(f"llmhub-rollup-{day}".encode())])
 
 
+# How long the high water waits for the ledger's lock. While it waits, new inserts queue behind it, so it
+# must not wait on something long (an anti-wraparound VACUUM, a long transaction): it gives up instead,
+# and the rollup runs again 10 minutes later.
+HIGH_WATER_LOCK_TIMEOUT = "2s"
+
+
 def ledger_high_water() -> int:
     """The last ledger id at or below which every row is written for good (committed, or rolled back).
 
     PostgreSQL: read with the ledger closed to writes for an instant (``SHARE`` mode waits for the
     inserts in flight and holds new ones until this transaction ends, which is right after one index
-    probe). SQLite: the transaction's write lock does the same. Inside a transaction that already holds
-    the lock (the retention seal) it is simply the last id."""
+    probe); raises ``django.db.OperationalError`` if the lock is not had within
+    ``HIGH_WATER_LOCK_TIMEOUT``. SQLite: the transaction's write lock does the same. Inside a transaction
+    that already holds the lock (the retention seal) it is simply the last id."""
     with transaction.atomic():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = %s", [HIGH_WATER_LOCK_TIMEOUT])
                 cursor.execute(f"LOCK TABLE {UsageRecord._meta.db_table} IN SHARE MODE")
+                cursor.execute("SET LOCAL lock_timeout TO DEFAULT")  # within a caller's transaction too
         return UsageRecord.objects.aggregate(last=Max("pk"))["last"] or 0
 
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import pytest
 import time_machine
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 
 from billing import selectors
 from billing.models import DailyUsage, DailyUsageMark, UsageRecord
@@ -179,3 +179,37 @@ def test_the_high_water_waits_for_an_insert_in_flight(clock):
     thread.join(10)
     reader.join(10)
     assert got == [row_id[0]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_high_water_gives_up_rather_than_hold_the_writers_behind_a_long_lock(clock, monkeypatch):
+    """While the high water waits for the ledger's lock, new inserts queue behind it: it must not wait on a
+    long transaction (or an anti-wraparound VACUUM). It gives up after its timeout; the rollup runs again
+    10 minutes later."""
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has no lock timeout: its busy timeout bounds every writer alike")
+    from billing.services import rollups
+
+    monkeypatch.setattr(rollups, "HIGH_WATER_LOCK_TIMEOUT", "200ms")
+    user = UserFactory(username="ada")
+    inserted, release = threading.Event(), threading.Event()
+
+    def long_writer():
+        try:
+            with transaction.atomic():
+                spend(user, "2")
+                inserted.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=long_writer)
+    thread.start()
+    try:
+        assert inserted.wait(10)
+        with pytest.raises(OperationalError):
+            ledger_high_water()
+    finally:
+        release.set()
+        thread.join(10)
+    assert ledger_high_water() == UsageRecord.objects.latest("pk").pk  # and works again once it is over
