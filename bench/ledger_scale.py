@@ -3,11 +3,12 @@
 On a throw-away PostgreSQL (``llmhub.testing.postgres``; or ``DATABASE_URL`` if it names a PostgreSQL
 database, which is then used and filled), it migrates, builds ``--rows`` ledger rows server-side with
 ``generate_series`` (90 days of traffic from 1,000 users and 2,000 keys, each user on 3 of 20 models, in
-time order as the writer appends them; 5 % of the last 14 days in one experiment), rolls up every day but
-today, then measures and prints, each with its target:
+time order as the writer appends them; 5 % of the last 14 days in one experiment, a fifth of those rated),
+rolls up every day but today, then measures and prints, each with its target:
 
 - insert throughput through the ledger writer's batched path (``usage_record_submit`` on an event loop,
   ``ledger_flush``: the same writer task, batches and transaction per batch as a server), into the full table;
+- then rolls today up, as the rollup task does every 10 minutes, and writes 10 minutes of traffic after it;
 - the usage dashboards' queries (``billing.selectors.usage_daily``/``usage_breakdown``/``usage_meters``, as
   ``billing/views_dashboard.py`` calls them for one user and for staff), the usage API's list and summary,
   and ``experiments.results.experiment_results`` over the experiment: median and worst of several warm runs;
