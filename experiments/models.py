@@ -184,6 +184,17 @@ class Feedback(models.Model):
     ``value``: +1 / -1 for thumbs, the score otherwise."""
 
     request_id = models.CharField(max_length=64)
+    # The rated request's ledger row, joined on ``request_id`` (unique in the ledger): no column and no
+    # constraint, only the join the experiment results read (``experiments/results.py``). A rating may
+    # name a row not written yet, or deleted by retention; then the join finds nothing.
+    usage = models.ForeignObject(
+        "billing.UsageRecord",
+        on_delete=models.DO_NOTHING,
+        from_fields=["request_id"],
+        to_fields=["request_id"],
+        related_name="+",
+        null=True,
+    )
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     metric = models.CharField(max_length=32, default=FeedbackMetric.THUMBS)
     value = models.FloatField()
