@@ -350,3 +350,41 @@ def test_money_is_a_plain_decimal_string_even_when_tiny_or_free():
     assert t["metrics"]["cost_per_positive"]["value"] == "0.0000000000"
     assert t["metrics"]["cost_per_positive"]["interval"] == ["0.0000000000", "0.0000000000"]
     assert t["comparisons"]["cost"]["difference"] == "-0.0000001000"
+
+
+def test_a_status_the_code_no_longer_knows_is_still_counted():
+    """The statuses are counted in the main pass, one conditional count per status the code knows; a row
+    whose status is none of them (written by an older version) must still be counted under its own."""
+    experiment, (control, _) = make_experiment()
+    UsageRecord.objects.bulk_create(
+        [row(experiment, control), row(experiment, control, status=UsageStatus.REJECTED), row(experiment, control)]
+    )
+    UsageRecord.objects.filter(status=UsageStatus.REJECTED).update(status="retired_status")
+
+    results = experiment_results(experiment, now=NOW)
+
+    assert results["variants"][0]["requests"] == 3
+    assert results["variants"][0]["statuses"] == {"ok": 2, "retired_status": 1}
+
+
+def test_feedback_on_another_experiments_request_or_on_no_row_counts_nowhere():
+    experiment, (control, treatment) = make_experiment()
+    other, (other_control, _) = make_experiment(name="other")
+    mine = row(experiment, control)
+    theirs = row(other, other_control)
+    UsageRecord.objects.bulk_create([mine, theirs, row(experiment, treatment)])
+    Feedback.objects.bulk_create(
+        [
+            Feedback(request_id=mine.request_id, metric="thumbs", value=1),
+            Feedback(request_id=theirs.request_id, metric="thumbs", value=-1),
+            Feedback(request_id="req-never-written", metric="thumbs", value=-1),
+        ]
+    )
+
+    results = experiment_results(experiment, now=NOW)
+
+    positive = {v["name"]: v["metrics"]["positive_rate"] for v in results["variants"]}
+    assert (positive["control"]["n"], positive["control"]["successes"]) == (1, 1)
+    assert positive["v1"]["n"] == 0
+    assert results["series"]["variants"][0]["rated"] == [1]
+    assert results["series"]["variants"][1]["rated"] == [0]
