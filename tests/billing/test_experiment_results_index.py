@@ -84,5 +84,12 @@ def test_every_ledger_query_of_the_results_is_an_index_only_scan_of_the_covering
             plan = "\n".join(line for (line,) in cursor.fetchall())
             ledger_scans = [line for line in plan.splitlines() if " on billing_usagerecord" in line and "Scan" in line]
             assert ledger_scans, plan
+            # The time-to-first-token percentiles read their own small index, in ttft order.
+            ttft_percentile = sql.startswith('SELECT "billing_usagerecord"."ttft_ms"') and "ORDER BY" in sql
+            index = "billing_usage_experiment_ttft" if ttft_percentile else "billing_usage_experiment_cover"
             for line in ledger_scans:
-                assert "Index Only Scan using billing_usage_experiment_cover" in line, f"{sql}\n{plan}"
+                assert "Index Only Scan using billing_usage_experiment_" in line and index in line, f"{sql}\n{plan}"
+            if "ORDER BY" in sql:  # a percentile: read off the index in order, never sorted
+                assert "Sort" not in plan, f"{sql}\n{plan}"
+    percentiles = [sql for sql in ledger_queries if "ORDER BY" in sql]
+    assert len(percentiles) == 6  # p50 and p95 of latency, p50 of time to first token, per variant
