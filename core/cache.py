@@ -25,12 +25,22 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connections
 
 from .exceptions import DATABASE_OUTAGE_ERRORS, DatabaseUnavailableError
 
 V = TypeVar("V")
 _MISSING = object()
+
+
+def _replace_broken_connections() -> None:
+    """What Django's ``close_old_connections`` does at the end of a request, on this thread's connections,
+    leaving alone one inside a transaction (whose caller decides)."""
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:
+            connection.close_if_unusable_or_obsolete()
 
 
 def _retrieved(task: asyncio.Task[object]) -> None:
@@ -87,7 +97,16 @@ class TTLCache(Generic[V]):
 
     async def _load(self, key: Hashable, load: Callable[[], Awaitable[V]], invalidations: int) -> V:
         try:
-            value = await load()
+            try:
+                value = await load()
+            except DATABASE_OUTAGE_ERRORS:
+                # A persistent connection the database dropped while it was idle (a restart) fails its
+                # first query; Django replaces it only when a request cycle ends, which on /v1 is after
+                # the response (llmhub/handlers.py), so the lookup would fail a request the database
+                # could serve. Replace a broken connection now, on the thread the ORM uses, and try once
+                # more; a database still down fails again at once.
+                await sync_to_async(_replace_broken_connections)()
+                value = await load()
             if invalidations == self._invalidations:  # nothing changed while it was loading
                 self.set(key, value)
             return value

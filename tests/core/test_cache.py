@@ -87,7 +87,10 @@ def test_an_invalidation_during_a_load_is_not_undone():
     assert asyncio.run(main()) == ("old", "new", "new")
 
 
-def test_a_failed_load_fails_every_caller_and_is_not_cached():
+def test_a_failed_load_fails_every_caller_and_is_not_cached(monkeypatch):
+    import core.cache
+
+    monkeypatch.setattr(core.cache, "_replace_broken_connections", lambda: None)  # no database in this test
     cache: TTLCache[int] = TTLCache("test")
     calls = 0
 
@@ -101,7 +104,7 @@ def test_a_failed_load_fails_every_caller_and_is_not_cached():
         return await asyncio.gather(*(cache.get_or_load("k", load) for _ in range(5)), return_exceptions=True)
 
     results = asyncio.run(main())
-    assert calls == 1
+    assert calls == 2  # one shared load, tried once more on a fresh connection
     assert all(isinstance(result, DatabaseUnavailableError) for result in results)
 
     async def ok() -> int:
@@ -123,3 +126,24 @@ def test_loads_in_different_event_loops_do_not_share_a_task():
     assert asyncio.run(cache.get_or_load("a", load)) == 1
     cache.invalidate()
     assert asyncio.run(cache.get_or_load("a", load)) == 2
+
+
+def test_a_connection_the_database_dropped_is_replaced_and_the_lookup_served(monkeypatch):
+    """After a database restart nobody saw, a persistent connection fails its first query. Django would
+    replace it only at the end of the request, after the lookup failed it: the load replaces it at once
+    (``_replace_broken_connections`` on the ORM's thread) and tries once more."""
+    import core.cache
+
+    events: list[str] = []
+    monkeypatch.setattr(core.cache, "_replace_broken_connections", lambda: events.append("replaced"))
+    cache: TTLCache[int] = TTLCache("test")
+
+    async def load() -> int:
+        events.append("load")
+        if events.count("load") == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return 42
+
+    assert asyncio.run(cache.get_or_load("k", load)) == 42
+    assert events == ["load", "replaced", "load"]
+    assert cache.get("k") == 42
