@@ -39,7 +39,7 @@ run: $(STAMP)
 # The PostgreSQL phase runs even when the SQLite phase failed, so one red test does not hide the other
 # half's result; make fails if either did. scripts/system_deps.sh first checks (as root: installs)
 # redis-server, chromium, fonts-liberation and PostgreSQL.
-POSTGRES_TESTS := tests/billing tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py
+POSTGRES_TESTS := tests/billing tests/experiments/test_results.py tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py
 # Both phases run on two pytest-xdist workers (the machine's two cores): serial, the suite took about 31
 # minutes. Tests that time things across processes leave room for that load (see the breakers' cooldown).
 # `make test PYTEST_SQLITE=$(VENV)/bin/pytest` runs the SQLite phase serially.

@@ -4,11 +4,13 @@ On a throw-away PostgreSQL (``llmhub.testing.postgres``; or ``DATABASE_URL`` if 
 database, which is then used and filled), it migrates, builds ``--rows`` ledger rows server-side with
 ``generate_series`` (90 days of traffic from 1,000 users and 2,000 keys, each user on 3 of 20 models, in
 time order as the writer appends them; 5 % of the last 14 days in one experiment, a fifth of those rated),
-rolls up every day but today, then measures and prints, each with its target:
+rolls up every day but today and folds the experiment's rows into the experiments' daily rollup, then
+measures and prints, each with its target:
 
 - insert throughput through the ledger writer's batched path (``usage_record_submit`` on an event loop,
   ``ledger_flush``: the same writer task, batches and transaction per batch as a server), into the full table;
-- then rolls today up, as the rollup task does every 10 minutes, and writes 10 minutes of traffic after it;
+- then rolls today up and folds, as the rollup task does every 10 minutes, and writes 10 minutes of traffic
+  after it (one row in 20 in the experiment);
 - the usage dashboards' queries (``billing.selectors.usage_daily``/``usage_breakdown``/``usage_meters``, as
   ``billing/views_dashboard.py`` calls them for one user and for staff), the usage API's list and summary,
   and ``experiments.results.experiment_results`` over the experiment: median and worst of several warm runs;
@@ -196,10 +198,12 @@ def _server_cpu() -> dict[int, float]:
     return found
 
 
-def _insert_throughput(*, rows: int, user_id: int, key_id: int, prefix: str = "insert") -> tuple[float, float, float]:
+def _insert_throughput(
+    *, rows: int, user_id: int, key_id: int, prefix: str = "insert", experiment: tuple[int, int] | None = None
+) -> tuple[float, float, float]:
     """Rows per second, and the CPU milliseconds per row of this process (every thread: the loop and the
     writer's database thread) and of the database's backends: on a busy machine the first falls with the
-    load, the others do not."""
+    load, the others do not. With ``experiment`` (its id and a variant's), one row in 20 is in it."""
     from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
 
     async def run() -> float:
@@ -220,6 +224,8 @@ def _insert_throughput(*, rows: int, user_id: int, key_id: int, prefix: str = "i
                     completion_tokens=80,
                     cost=Decimal("0.0000660"),
                     duration_ms=420,
+                    experiment_id=experiment[0] if experiment and n % 20 == 0 else None,
+                    experiment_variant_id=experiment[1] if experiment and n % 20 == 0 else None,
                 )
             )
             if n % 1000 == 999:
@@ -248,7 +254,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     from django.db import connection
 
     from billing.models import DailyUsage
-    from billing.services.rollups import daily_usage_rebuild
+    from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent, experiment_usage_fold
 
     version = connection.cursor().connection.info.server_version
     print(f"PostgreSQL {version}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
@@ -278,6 +284,9 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     for offset in range(1, DAYS):
         daily_usage_rebuild(day=today - timedelta(days=offset))
     rollup_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    folded = experiment_usage_fold()  # the first fold: every experiment row there is
+    print(f"  experiments' rollup: first fold of {folded:,} rows in {time.perf_counter() - began:.1f} s")
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
         cursor.execute(
@@ -302,10 +311,16 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
 
     # The rollup task rebuilds today every 10 minutes; the pages read today's rollup and the raw rows since.
     began = time.perf_counter()
-    daily_usage_rebuild(day=today)
+    daily_usage_rebuild_recent(days=1, today=today)  # as the task: today, and the experiments' fold
     print(f"\nrolled up today ({rows // DAYS + insert_rows:,} rows) in {time.perf_counter() - began:.1f} s", end="")
     since = rows // DAYS // 144  # 10 minutes of the day's traffic, written after the rollup
-    _insert_throughput(rows=since, user_id=user_ids[5], key_id=key_ids[10], prefix="after-rollup")
+    _insert_throughput(
+        rows=since,
+        user_id=user_ids[5],
+        key_id=key_ids[10],
+        prefix="after-rollup",
+        experiment=(experiment.pk, variants["treatment"]),
+    )
     print(f"; then {since:,} rows written after it (10 minutes of traffic), which the pages read raw")
 
     ok &= _queries(user_id=user_ids[3], experiment=experiment, today=today, rows=rows) == 0

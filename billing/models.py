@@ -456,6 +456,55 @@ class DailyUsageMark(models.Model):
         return f"{self.day} through #{self.through_id}"
 
 
+class DailyExperimentUsage(models.Model):
+    """An A/B experiment's ledger rows summed per UTC day of the request, variant and status: what an
+    experiment's results add up across days (``experiments.results``), so that they read a few rows a day
+    instead of every request. Derived, like ``DailyUsage``; folded in by ``services.rollups.
+    experiment_usage_fold``, which holds every experiment row up to ``ExperimentUsageMark.through_id`` and
+    none above it. It outlives the raw rows that retention deletes.
+
+    Sums of squares are what the results' intervals need (a variance from a count, a sum and a sum of
+    squares). The price is what the request cost whoever paid (``user_key_cost`` on a user's own key, else
+    ``cost``); the time to first token is summed over the streamed rows that have one (``ttft_n``)."""
+
+    day = models.DateField()
+    experiment_id = models.PositiveBigIntegerField()
+    experiment_variant_id = models.PositiveBigIntegerField()
+    status = models.CharField(max_length=24)
+    requests = models.PositiveIntegerField(default=0)
+    duration_sum = models.BigIntegerField(default=0)
+    duration_squares = models.FloatField(default=0.0)
+    ttft_n = models.PositiveIntegerField(default=0)
+    ttft_sum = models.BigIntegerField(default=0)
+    ttft_squares = models.FloatField(default=0.0)
+    price = models.DecimalField(max_digits=24, decimal_places=10, default=Decimal("0"))
+    price_squares = models.DecimalField(max_digits=44, decimal_places=20, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["experiment_id", "day", "experiment_variant_id", "status"]
+        verbose_name_plural = "daily experiment usage"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["experiment_id", "experiment_variant_id", "day", "status"], name="billing_dailyexp_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} experiment {self.experiment_id}/{self.experiment_variant_id} {self.status}: {self.requests}"
+
+
+class ExperimentUsageMark(models.Model):
+    """How far ``DailyExperimentUsage`` goes: it holds every experiment's ledger rows up to ``through_id``
+    and none above. One row (``pk=1``), moved forward by each fold in the fold's transaction; the results
+    read the rollup plus the raw rows above it."""
+
+    through_id = models.BigIntegerField(default=0, help_text="The last ledger row the experiment rollup holds.")
+    folded_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"experiments through #{self.through_id}"
+
+
 class OpsAlertKind(models.TextChoices):
     DEPLOYMENT_DOWN = "deployment_down", "Deployment down"
     ERROR_RATE = "error_rate", "Error rate per model"

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db.models import Count, F, Q, QuerySet, Sum
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models import Count, DecimalField, ExpressionWrapper, F, FloatField, Q, QuerySet, Sum
+from django.db.models.functions import Cast, Coalesce, TruncDate
 
 from core.cache import TTLCache
 from providers.exceptions import ModelNotFoundError
@@ -21,7 +21,16 @@ from providers.selectors import model_resolve_sync, models_enabled_sync
 from providers.types import ResolvedModel
 
 from .exceptions import ModelNotAllowedError
-from .models import ApiKey, DailyUsage, DailyUsageMark, Plan, UsageRecord, UserPlan
+from .models import (
+    ApiKey,
+    DailyExperimentUsage,
+    DailyUsage,
+    DailyUsageMark,
+    ExperimentUsageMark,
+    Plan,
+    UsageRecord,
+    UserPlan,
+)
 from .pricing import CostBreakdown, cost_breakdown
 
 # API KEYS AND LEDGER (management API)
@@ -373,6 +382,57 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
         labels = {key: key or "(unknown)" for key in merged}
     shares = [SpendShare(labels[key], requests, tokens, cost) for key, (requests, tokens, cost) in merged.items()]
     return sorted(shares, key=lambda share: (-share.cost, -share.requests, share.label))
+
+
+# EXPERIMENTS' USAGE
+# An experiment's figures add across days: DailyExperimentUsage holds them per day, variant and status for
+# every ledger row up to ExperimentUsageMark.through_id (services.rollups.experiment_usage_fold, every 10
+# minutes); the rows above it are read raw. experiments.results reads both.
+
+
+def experiment_usage_sums() -> dict[str, Any]:
+    """The sums an experiment's results add up, as aggregates over ledger rows: the fold writes them per day
+    into ``DailyExperimentUsage`` (same names), the results read them from the raw rows the fold has not
+    reached yet. ``price`` is what the request cost whoever paid; ``ttft_*`` cover streamed rows with a
+    time to first token. The price's sums stay decimal: PostgreSQL casts numeric to float through text,
+    which cost more than the rest of the pass."""
+    price = Coalesce("user_key_cost", "cost")
+    ttft = Q(stream=True, ttft_ms__isnull=False)
+    duration, first_token = Cast("duration_ms", FloatField()), Cast("ttft_ms", FloatField())
+    return {
+        "requests": Count("pk"),
+        "duration_sum": Coalesce(Sum("duration_ms"), 0),
+        "duration_squares": Coalesce(Sum(duration * duration), 0.0),
+        "ttft_n": Count("pk", filter=ttft),
+        "ttft_sum": Coalesce(Sum("ttft_ms", filter=ttft), 0),
+        "ttft_squares": Coalesce(Sum(first_token * first_token, filter=ttft), 0.0),
+        "price": Coalesce(Sum(price), Decimal(0), output_field=DecimalField()),
+        "price_squares": Coalesce(
+            Sum(ExpressionWrapper(price * price, output_field=DecimalField())), Decimal(0), output_field=DecimalField()
+        ),
+    }
+
+
+def _experiment_mark() -> int:
+    return ExperimentUsageMark.objects.filter(pk=1).values_list("through_id", flat=True).first() or 0
+
+
+def experiment_usage_window(*, experiment_id: int, read: Callable[[QuerySet, QuerySet], _T]) -> _T:
+    """``read(rolled, live)`` for one experiment: ``rolled`` its ``DailyExperimentUsage`` rows, ``live`` its
+    ledger rows the rollup does not hold (above the mark). Together they are every row of the experiment
+    that was ever written, each counted once (the rollup keeps rows retention has deleted since).
+
+    The mark is read again after ``read``: a fold committing in between would pair an old mark with a newer
+    rollup, so the window is read again if it moved. Folds run every 10 minutes; if the mark kept moving,
+    the raw rows alone are read (``rolled`` empty), which needs no mark."""
+    live = UsageRecord.objects.filter(experiment_id=experiment_id)
+    for _attempt in range(3):
+        mark = _experiment_mark()
+        above = live.filter(pk__gt=mark) if mark else live  # no mark: every row (the covering index's plan)
+        result = read(DailyExperimentUsage.objects.filter(experiment_id=experiment_id), above)
+        if _experiment_mark() == mark:
+            return result
+    return read(DailyExperimentUsage.objects.none(), live)
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,9 +38,9 @@ from django.core.exceptions import ValidationError
 from django.db import connections, models, router, transaction
 from django.utils import timezone
 
-from billing.models import Endpoint, Operation, UsageRecord, UsageStatus
+from billing.models import DailyExperimentUsage, Endpoint, Operation, UsageRecord, UsageStatus
 from billing.pricing import cost_for
-from billing.services.rollups import daily_usage_rebuild
+from billing.services.rollups import daily_usage_rebuild, experiment_usage_fold
 from prompts.models import BrandProfile, PromptLabel, PromptTemplate
 from prompts.services import brand_save, prompt_label_set, prompt_version_create
 from providers.models import CatalogModel, Deployment
@@ -180,7 +180,9 @@ def experiments_demo_remove() -> int:
         for chunk in range(0, len(request_ids), 500):
             Feedback.objects.filter(request_id__in=request_ids[chunk : chunk + 500]).delete()
         removed, _ = rows.delete()
-        Experiment.objects.filter(name=EXPERIMENT_NAME).delete()
+        demo = Experiment.objects.filter(name=EXPERIMENT_NAME)
+        DailyExperimentUsage.objects.filter(experiment_id__in=list(demo.values_list("pk", flat=True))).delete()
+        demo.delete()
         users.delete()
         for day in sorted(days):
             daily_usage_rebuild(day=day)
@@ -356,6 +358,7 @@ def _history_seed(
     first_day = start.astimezone(UTC).date()
     for offset in range((now.astimezone(UTC).date() - first_day).days + 1):
         daily_usage_rebuild(day=first_day + timedelta(days=offset))
+    experiment_usage_fold()
 
 
 def _feedback_seed(

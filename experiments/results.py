@@ -23,14 +23,20 @@ named by its ``experiment_variant_id``; ``experiments.models.Feedback`` rows are
 
 How it is computed
 ------------------
-Counts, sums and sums of squares are aggregated in the database (one ``values().annotate()`` per
-question); the percentiles are exact order statistics read with ``ORDER BY … OFFSET`` (one short slice
-per percentile: its distribution-free interval's two ranks and everything between), so no distribution
-is read into Python. Intervals: Wilson for rates, Student's t for means, the binomial order-statistic
-interval for percentiles, the delta method for the cost per positive answer (a ratio of two means).
-Verdicts against the control: ``experiments.stats.compare`` (an anytime-valid mixture sequential
-probability ratio test, Bonferroni-corrected over the treatments), so looking every hour does not
-inflate the error rate; ``method`` names it.
+Counts, sums and sums of squares add across days: they are read from the experiment's daily rollup
+(``billing.models.DailyExperimentUsage``, per day, variant and status, folded in every 10 minutes) plus the
+raw rows above the rollup's mark (``billing.selectors.experiment_usage_window``), so a month-long
+experiment costs a few hundred rollup rows, not its millions of requests. What does not add across days is
+read from the raw rows (the partial covering index over the experiment's rows): distinct users, and the
+percentiles; the feedback is joined to the raw rows on ``request_id``. The percentiles are exact order
+statistics read with ``ORDER BY … OFFSET`` (one short slice per percentile: its distribution-free interval's
+two ranks and everything between), so no distribution is read into Python. Once retention has deleted an
+experiment's old raw rows (``LLMHUB_LEDGER_RETENTION_DAYS``), the rollup still counts them, but the distinct
+users and the percentiles cover only the rows that are left. Intervals: Wilson for rates, Student's t for
+means, the binomial order-statistic interval for percentiles, the delta method for the cost per positive
+answer (a ratio of two means). Verdicts against the control: ``experiments.stats.compare`` (an
+anytime-valid mixture sequential probability ratio test, Bonferroni-corrected over the treatments), so
+looking every hour does not inflate the error rate; ``method`` names it.
 
 JSON shape (every figure may be null when there is no data; money is a decimal string)
 ---------------------------------------------------------------------------------------
@@ -97,11 +103,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Count, DecimalField, ExpressionWrapper, F, FloatField, Max, Min, Q, QuerySet, Sum
-from django.db.models.functions import Cast, Coalesce, TruncDate
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from billing.models import UsageRecord, UsageStatus
+from billing.selectors import experiment_usage_sums, experiment_usage_window
 
 from . import stats
 from .models import HIGHER_IS_BETTER, Experiment, Feedback, FeedbackMetric, Metric, Variant
@@ -135,12 +142,6 @@ METHOD = (
     "binomial order statistics (percentiles), delta method on the log scale (cost per positive answer = "
     "mean price / positive rate)."
 )
-
-
-def _price() -> Any:
-    """What a request cost, whoever paid: on a user's own key ``cost`` is only what counts against the
-    platform's budgets, ``user_key_cost`` the price."""
-    return Coalesce("user_key_cost", "cost")
 
 
 def _money(value: float | Decimal | None) -> str | None:
@@ -245,79 +246,17 @@ def _cost_per_positive(cost: _Figure, positive: _Figure, confidence: float) -> _
     )
 
 
-_NO_USAGE: dict[str, Any] = {
-    "requests": 0,
-    "users": 0,
-    "ok": 0,
-    "errors": 0,
-    "latency_n": 0,
-    "latency_sum": None,
-    "latency_squares": None,
-    "ttft_n": 0,
-    "ttft_sum": None,
-    "ttft_squares": None,
-    "cost_n": 0,
-    "cost_total": None,
-    "cost_sum": None,
-    "cost_squares": None,
-}
+_SUMS = ("requests", "duration_sum", "duration_squares", "ttft_n", "ttft_sum", "ttft_squares", "price", "price_squares")
 
 
-def _usage_aggregates(rows: QuerySet, variant_ids: list[int]) -> tuple[dict[int, dict[str, Any]], _Span]:
-    """Per variant id (every one of ``variant_ids``, zeros for one without rows): counts, sums and sums
-    of squares, and ``statuses``; and the span of every row. One pass over the rows."""
-    # The price's sum and sum of squares stay decimal in the database: casting every row's decimal to a
-    # float (PostgreSQL converts through text) cost more than the rest of the pass.
-    price_squared = ExpressionWrapper(_price() * _price(), output_field=DecimalField())
-    ok = Q(status__in=OK_STATUSES)
-    ttft = ok & Q(stream=True, ttft_ms__isnull=False)
-    served = ~Q(status__in=UNSERVED_STATUSES)
-    duration = Cast("duration_ms", FloatField())
-    first_token = Cast("ttft_ms", FloatField())
-    aggregates = rows.values("experiment_variant_id").annotate(
-        requests=Count("id"),
-        users=Count("user_id", distinct=True),
-        keys_alone=Count("api_key_id", distinct=True, filter=Q(user_id__isnull=True)),
-        ok=Count("id", filter=ok),
-        errors=Count("id", filter=Q(status__in=ERROR_STATUSES)),
-        latency_n=Count("id", filter=ok),
-        latency_sum=Sum(duration, filter=ok),
-        latency_squares=Sum(duration * duration, filter=ok),
-        ttft_n=Count("id", filter=ttft),
-        ttft_sum=Sum(first_token, filter=ttft),
-        ttft_squares=Sum(first_token * first_token, filter=ttft),
-        cost_n=Count("id", filter=served),
-        cost_total=Sum(_price(), filter=served),
-        cost_squares=Sum(price_squared, filter=served),
-        first=Min("created_at"),
-        last=Max("created_at"),
-        **{f"status_{status}": Count("id", filter=Q(status=status)) for status in UsageStatus.values},
-    )
-    found = {variant_id: {**_NO_USAGE, "statuses": {}} for variant_id in variant_ids}
-    span = _Span()
-    counted_every_status = True
-    for row in aggregates.order_by():
-        variant_id = row.pop("experiment_variant_id")
-        span.add(row.pop("first"), row.pop("last"))
-        statuses = {status: row.pop(f"status_{status}") for status in UsageStatus.values}
-        counted_every_status &= sum(statuses.values()) == row["requests"]
-        if row["cost_total"] is not None:
-            row["cost_sum"], row["cost_squares"] = float(row["cost_total"]), float(row["cost_squares"])
-        if variant_id in found:
-            row["users"] += row.pop("keys_alone")
-            found[variant_id].update(row, statuses={status: n for status, n in statuses.items() if n})
-    if not counted_every_status:  # a status the code no longer knows (an old row): counted as it is
-        for entry in found.values():
-            entry["statuses"] = {}
-        for row in rows.values("experiment_variant_id", "status").annotate(n=Count("id")).order_by():
-            if row["experiment_variant_id"] in found:
-                found[row["experiment_variant_id"]]["statuses"][row["status"]] = row["n"]
-    return found, span
+def _no_sums() -> dict[str, Any]:
+    return {"requests": 0, "duration_sum": 0, "duration_squares": 0.0, "ttft_n": 0, "ttft_sum": 0,
+            "ttft_squares": 0.0, "price": Decimal(0), "price_squares": Decimal(0)}  # fmt: skip
 
 
 @dataclass(slots=True)
 class _Span:
-    """The first and last request of the experiment, over every variant (the series' days)."""
+    """The first and last request among some of the experiment's rows."""
 
     first: dt.datetime | None = None
     last: dt.datetime | None = None
@@ -327,6 +266,124 @@ class _Span:
             self.first = first if self.first is None else min(self.first, first)
         if last is not None:
             self.last = last if self.last is None else max(self.last, last)
+
+
+@dataclass(slots=True)
+class _Usage:
+    """The experiment's ledger figures: sums per variant and status, requests per variant and UTC day, and
+    per variant what only the raw rows can say (distinct users; how many rows the percentiles rank)."""
+
+    sums: dict[int, dict[str, dict[str, Any]]]
+    by_day: dict[int, dict[dt.date, int]]
+    raw: dict[int, dict[str, int]]
+
+
+def _usage_read(experiment_id: int) -> _Usage:
+    """The experiment's sums from its daily rollup plus the raw rows above the rollup's mark
+    (``billing.selectors.experiment_usage_window``): a few rows a day however many requests it had. Then
+    one pass over its raw rows (the covering index) for what does not add across days."""
+
+    def read(rolled: QuerySet, live: QuerySet) -> _Usage:
+        usage = _Usage({}, {}, {})
+
+        def add(variant_id: int, status: str, found: dict[str, Any]) -> None:
+            entry = usage.sums.setdefault(variant_id, {}).setdefault(status, _no_sums())
+            for name in _SUMS:
+                entry[name] += found[name]
+
+        for row in rolled.values("experiment_variant_id", "status", "day", *_SUMS).order_by():
+            add(row["experiment_variant_id"], row["status"], row)
+            days = usage.by_day.setdefault(row["experiment_variant_id"], {})
+            days[row["day"]] = days.get(row["day"], 0) + row["requests"]
+        span = _Span()
+        grouped = live.values("experiment_variant_id", "status").annotate(
+            **experiment_usage_sums(), first=Min("created_at"), last=Max("created_at")
+        )
+        for row in grouped.order_by():
+            span.add(row["first"], row["last"])
+            add(row["experiment_variant_id"], row["status"], row)
+        for variant_id, days in _requests_by_day(live, span).items():
+            merged = usage.by_day.setdefault(variant_id, {})
+            for day, n in days.items():
+                merged[day] = merged.get(day, 0) + n
+        return usage
+
+    usage = experiment_usage_window(experiment_id=experiment_id, read=read)
+    ok = Q(status__in=OK_STATUSES)
+    raw = (
+        UsageRecord.objects.filter(experiment_id=experiment_id)
+        .values("experiment_variant_id")
+        .annotate(
+            users=Count("user_id", distinct=True),
+            keys_alone=Count("api_key_id", distinct=True, filter=Q(user_id__isnull=True)),
+            latency_ranked=Count("id", filter=ok),
+            ttft_ranked=Count("id", filter=ok & Q(stream=True, ttft_ms__isnull=False)),
+        )
+    )
+    for row in raw.order_by():
+        usage.raw[row.pop("experiment_variant_id")] = row
+    return usage
+
+
+def _requests_by_day(rows: QuerySet, span: _Span) -> dict[int, dict[dt.date, int]]:
+    """Requests per variant and UTC day over ``span``: one conditional count per day (``created_at`` in the
+    day's range) rather than grouping by a truncated date: SQLite truncates dates in a Python function
+    called per row, five times slower on 100,000 rows (the raw rows are every row before the first fold)."""
+    if span.first is None or span.last is None:
+        return {}
+    last = span.last.astimezone(dt.UTC).date()
+    first = max(span.first.astimezone(dt.UTC).date(), last - dt.timedelta(days=SERIES_MAX_DAYS - 1))
+    days = _day_range(first, last)
+    columns = {
+        f"d{index}": Count(
+            "id",
+            filter=Q(
+                created_at__gte=dt.datetime.combine(day, dt.time(), dt.UTC),
+                created_at__lt=dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
+            ),
+        )
+        for index, day in enumerate(days)
+    }
+    return {
+        row["experiment_variant_id"]: {day: row[f"d{i}"] for i, day in enumerate(days) if row[f"d{i}"]}
+        for row in rows.values("experiment_variant_id").annotate(**columns).order_by()
+    }
+
+
+def _variant_usage(usage: _Usage, variant_id: int) -> dict[str, Any]:
+    """One variant's counts and sums as the figures take them, from its sums per status."""
+    by_status = usage.sums.get(variant_id, {})
+    raw = usage.raw.get(variant_id, {})
+
+    def total(statuses: Any, name: str) -> Any:
+        return sum((found[name] for status, found in by_status.items() if statuses(status)), _no_sums()[name])
+
+    def ok(status: str) -> bool:
+        return status in OK_STATUSES
+
+    def served(status: str) -> bool:
+        return status not in UNSERVED_STATUSES
+
+    cost_total = total(served, "price")
+    return {
+        "requests": total(lambda _status: True, "requests"),
+        "users": raw.get("users", 0) + raw.get("keys_alone", 0),
+        "statuses": {status: found["requests"] for status, found in by_status.items() if found["requests"]},
+        "ok": total(ok, "requests"),
+        "errors": total(lambda status: status in ERROR_STATUSES, "requests"),
+        "latency_n": total(ok, "requests"),
+        "latency_sum": float(total(ok, "duration_sum")),
+        "latency_squares": float(total(ok, "duration_squares")),
+        "latency_ranked": raw.get("latency_ranked", 0),
+        "ttft_n": total(ok, "ttft_n"),
+        "ttft_sum": float(total(ok, "ttft_sum")),
+        "ttft_squares": float(total(ok, "ttft_squares")),
+        "ttft_ranked": raw.get("ttft_ranked", 0),
+        "cost_n": total(served, "requests"),
+        "cost_total": cost_total,
+        "cost_sum": float(cost_total),
+        "cost_squares": float(total(served, "price_squares")),
+    }
 
 
 @dataclass(slots=True)
@@ -388,13 +445,15 @@ def _variant_figures(
     latency = _mean(usage["latency_n"], usage["latency_sum"] or 0.0, usage["latency_squares"] or 0.0, confidence)
     ok_rows = rows.filter(status__in=OK_STATUSES)
     for q, key in ((0.5, "p50"), (0.95, "p95")):
-        point, interval = _percentile(ok_rows, "duration_ms", usage["latency_n"], q, confidence)
+        point, interval = _percentile(ok_rows, "duration_ms", usage["latency_ranked"], q, confidence)
         latency.data[key], latency.data[f"{key}_interval"] = point, interval
     figures[Metric.LATENCY] = latency
 
     ttft = _mean(usage["ttft_n"], usage["ttft_sum"] or 0.0, usage["ttft_squares"] or 0.0, confidence)
     ttft_rows = ok_rows.filter(stream=True, ttft_ms__isnull=False)
-    ttft.data["p50"], ttft.data["p50_interval"] = _percentile(ttft_rows, "ttft_ms", usage["ttft_n"], 0.5, confidence)
+    ttft.data["p50"], ttft.data["p50_interval"] = _percentile(
+        ttft_rows, "ttft_ms", usage["ttft_ranked"], 0.5, confidence
+    )
     figures[Metric.TTFT] = ttft
 
     cost = _mean(usage["cost_n"], usage["cost_sum"] or 0.0, usage["cost_squares"] or 0.0, confidence, money=True)
@@ -433,44 +492,27 @@ def _comparison(metric: str, control: _Figure, treatment: _Figure, *, alpha: flo
 SERIES_MAX_DAYS = 366  # the series covers at most the last year of an experiment
 
 
-def _series(rows: QuerySet, variants: list[Variant], span: _Span, feedback: _Feedback) -> dict[str, Any]:
-    """Requests and the positive-feedback rate per UTC day of the request, per variant.
-
-    Requests: one conditional count per day (``created_at`` in the day's range) rather than grouping by a
-    truncated date: SQLite truncates dates in a Python function called per row, five times slower on
-    100,000 rows. The span and the thumbs per day come from the aggregate and the feedback's join."""
-    if span.first is None or span.last is None:
+def _series(usage: _Usage, variants: list[Variant], feedback: _Feedback) -> dict[str, Any]:
+    """Requests and the positive-feedback rate per UTC day of the request, per variant, from the first to
+    the last day with a request (at most ``SERIES_MAX_DAYS``)."""
+    every_day = {day for days in usage.by_day.values() for day in days}
+    if not every_day:
         return {
             "days": [],
             "variants": [{"name": v.name, "requests": [], "rated": [], "positive_rate": []} for v in variants],
         }
-    last = span.last.astimezone(dt.UTC).date()
-    first = max(span.first.astimezone(dt.UTC).date(), last - dt.timedelta(days=SERIES_MAX_DAYS - 1))
-    days = _day_range(first, last)
-    columns = {
-        f"d{index}": Count(
-            "id",
-            filter=Q(
-                created_at__gte=dt.datetime.combine(day, dt.time(), dt.UTC),
-                created_at__lt=dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC),
-            ),
-        )
-        for index, day in enumerate(days)
-    }
-    requests = {
-        row["experiment_variant_id"]: [row[f"d{i}"] for i in range(len(days))]
-        for row in rows.values("experiment_variant_id").annotate(**columns).order_by()
-    }
-    zeros = [0] * len(days)
+    last = max(every_day)
+    days = _day_range(max(min(every_day), last - dt.timedelta(days=SERIES_MAX_DAYS - 1)), last)
     series = []
     for variant in variants:
+        requests = usage.by_day.get(variant.pk, {})
         thumbs = feedback.thumbs_by_day.get(variant.pk, {})
         n_rated = [thumbs.get(day, (0, 0))[0] for day in days]
         n_positive = [thumbs.get(day, (0, 0))[1] for day in days]
         series.append(
             {
                 "name": variant.name,
-                "requests": requests.get(variant.pk, zeros),
+                "requests": [requests.get(day, 0) for day in days],
                 "rated": n_rated,
                 "positive_rate": [p / n if n else None for n, p in zip(n_rated, n_positive, strict=True)],
             }
@@ -518,8 +560,8 @@ def experiment_results(experiment: Experiment, *, now: dt.datetime | None = None
     confidence = 1 - alpha
     variants = list(experiment.variants.all())
     control = next((v for v in variants if v.is_control), None)
-    rows = UsageRecord.objects.filter(experiment_id=experiment.pk)
-    usage, span = _usage_aggregates(rows, [v.pk for v in variants])
+    read = _usage_read(experiment.pk)
+    usage = {v.pk: _variant_usage(read, v.pk) for v in variants}
     feedback = _feedback_aggregates(experiment.pk)
     computed = {
         v.pk: _variant_figures(experiment, v, usage[v.pk], feedback.by_variant.get(v.pk, {}), confidence)
@@ -592,7 +634,7 @@ def experiment_results(experiment: Experiment, *, now: dt.datetime | None = None
             }
             for v in variants
         ],
-        "series": _series(rows, variants, span, feedback),
+        "series": _series(read, variants, feedback),
     }
 
 

@@ -17,7 +17,9 @@ cannot say which rows it saw; the seal can, because nothing was being written wh
 day's rows are deleted in batches of ``batch_size``, each in its own short transaction, so that writers
 wait at most one batch. A row of a sealed day above its ``through_id`` arrived later (a spool replayed
 after a long outage): the batch that deletes it adds its figures to the rollup in the same transaction.
-Rows are never deleted before their figures are in the rollup, and never counted twice.
+Rows are never deleted before their figures are in the rollup, and never counted twice. The same holds for
+the experiments' rollup (``DailyExperimentUsage``): a row in an experiment is deleted only once it is folded
+in (at or below ``ExperimentUsageMark.through_id``), so an experiment's results outlive its raw rows.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import F, Max, Min
+from django.db import transaction
+from django.db.models import F, Min
 from django.utils import timezone
 
-from ..models import ApiKey, BudgetPeriod, DailyUsage, DailyUsageSeal, UsageRecord
+from ..models import ApiKey, BudgetPeriod, DailyUsage, DailyUsageSeal, ExperimentUsageMark, UsageRecord
 from ..selectors import api_key_subtree_ids
-from .rollups import daily_usage_rebuild, lock_day
+from .rollups import daily_usage_rebuild, experiment_usage_fold, ledger_high_water, lock_day
 
 BATCH_SIZE = 5000
 _GROUP = ("user_id", "api_key_id", "provider_name", "model_name")
@@ -57,7 +59,10 @@ def ledger_retention_apply(*, now: datetime | None = None, batch_size: int = BAT
 def usage_records_purge(*, before: date, batch_size: int = BATCH_SIZE) -> int:
     """Seal and empty every day before ``before`` that still has raw rows; returns the rows deleted.
 
-    ``before`` is taken as given, unclamped: ``ledger_retention_apply`` chooses it (the benchmark too)."""
+    ``before`` is taken as given, unclamped: ``ledger_retention_apply`` chooses it (the benchmark too).
+    The experiments' rollup is brought up to date first: an experiment's row is deleted only once that
+    rollup holds it (``_day_purge``)."""
+    experiment_usage_fold()
     end = _midnight(before)
     rows = _purgeable(UsageRecord.objects.filter(created_at__lt=end))
     deleted = 0
@@ -97,7 +102,14 @@ def _day_purge(day: date, *, batch_size: int) -> int:
     while True:
         with transaction.atomic():
             lock_day(day)
-            batch = list(rows.order_by("pk").values_list("pk", flat=True)[:batch_size])
+            # An experiment's row the experiments' rollup does not hold yet (written after the last fold)
+            # stays until a later pass: the mark's row lock keeps a fold from moving it meanwhile.
+            folded = ExperimentUsageMark.objects.select_for_update().filter(pk=1).values_list("through_id", flat=True)
+            batch = list(
+                rows.exclude(experiment_id__isnull=False, pk__gt=folded.first() or 0)
+                .order_by("pk")
+                .values_list("pk", flat=True)[:batch_size]
+            )
             if not batch:
                 return deleted
             late = [pk for pk in batch if pk > through_id]
@@ -114,11 +126,10 @@ def _seal(day: date) -> int:
     seal = DailyUsageSeal.objects.filter(day=day).first()
     if seal is not None:
         return seal.through_id
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(f"LOCK TABLE {UsageRecord._meta.db_table} IN SHARE MODE")
-    through_id = _day_rows(day).aggregate(last=Max("pk"))["last"] or 0
-    daily_usage_rebuild(day=day)
+    # The ledger's high water (its lock held to the end of this transaction): every row of the day at or
+    # below it is in the rebuilt rollup, and no row below it can still commit.
+    through_id = ledger_high_water()
+    daily_usage_rebuild(day=day, through_id=through_id)
     DailyUsageSeal.objects.create(day=day, through_id=through_id)
     return through_id
 

@@ -18,9 +18,18 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from django.db import connection, transaction
 from django.db.models import Count, Max, Sum
+from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from ..models import DailyUsage, DailyUsageMark, DailyUsageSeal, UsageRecord
+from ..models import (
+    DailyExperimentUsage,
+    DailyUsage,
+    DailyUsageMark,
+    DailyUsageSeal,
+    ExperimentUsageMark,
+    UsageRecord,
+)
+from ..selectors import experiment_usage_sums
 
 
 def lock_day(day: date) -> None:
@@ -90,7 +99,64 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
 
 
 def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> int:
-    """Today and the ``days - 1`` days before it (late rows land on yesterday around midnight)."""
+    """Today and the ``days - 1`` days before it (late rows land on yesterday around midnight), and the
+    experiments' rollup up to the same mark."""
     today = today or timezone.now().astimezone(UTC).date()
     through_id = ledger_high_water()  # one instant with the ledger closed, for every day
-    return sum(daily_usage_rebuild(day=today - timedelta(days=offset), through_id=through_id) for offset in range(days))
+    rebuilt = sum(
+        daily_usage_rebuild(day=today - timedelta(days=offset), through_id=through_id) for offset in range(days)
+    )
+    experiment_usage_fold(through_id=through_id)
+    return rebuilt
+
+
+_EXPERIMENT_GROUP = ("experiment_id", "experiment_variant_id", "day", "status")
+_EXPERIMENT_SUMS = tuple(experiment_usage_sums())
+
+
+def experiment_usage_fold(*, through_id: int | None = None) -> int:
+    """Add the experiments' ledger rows written since the last fold to ``DailyExperimentUsage``: those above
+    ``ExperimentUsageMark.through_id`` and up to ``through_id`` (default: the high water), and move the mark
+    there, in one transaction. Returns how many ledger rows it added.
+
+    Incremental rather than rebuilt: the ledger is insert-only, and every row at or below a high water is
+    written for good, so the ranges folded one after another hold each row exactly once. The first fold
+    reads every experiment row there is (the partial index over them). Two folds at once run one after
+    the other (the mark's row lock); the second finds the mark already past it, or folds what is left."""
+    if through_id is None:
+        through_id = ledger_high_water()
+    with transaction.atomic():
+        ExperimentUsageMark.objects.get_or_create(pk=1)
+        mark = ExperimentUsageMark.objects.select_for_update().get(pk=1)
+        if through_id <= mark.through_id:
+            return 0
+        groups = list(
+            UsageRecord.objects.filter(pk__gt=mark.through_id, pk__lte=through_id, experiment_id__isnull=False)
+            .values("experiment_id", "experiment_variant_id", "status", day=TruncDate("created_at", tzinfo=UTC))
+            .annotate(**experiment_usage_sums())
+            .order_by()
+        )
+        folded = 0
+        if groups:
+            existing = {
+                tuple(getattr(row, name) for name in _EXPERIMENT_GROUP): row
+                for row in DailyExperimentUsage.objects.filter(
+                    experiment_id__in={group["experiment_id"] for group in groups},
+                    day__in={group["day"] for group in groups},
+                )
+            }
+            changed, created = [], []
+            for group in groups:
+                folded += group["requests"]
+                row = existing.get(tuple(group[name] for name in _EXPERIMENT_GROUP))
+                if row is None:
+                    created.append(DailyExperimentUsage(**group))
+                    continue
+                for name in _EXPERIMENT_SUMS:
+                    setattr(row, name, getattr(row, name) + group[name])
+                changed.append(row)
+            DailyExperimentUsage.objects.bulk_update(changed, _EXPERIMENT_SUMS, batch_size=500)
+            DailyExperimentUsage.objects.bulk_create(created, batch_size=500)
+        mark.through_id = through_id
+        mark.save(update_fields=["through_id", "folded_at"])
+        return folded

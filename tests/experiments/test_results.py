@@ -18,7 +18,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from scipy import stats as scipy_stats
 
-from billing.models import ApiKey, UsageRecord, UsageStatus
+from billing.models import ApiKey, DailyExperimentUsage, UsageRecord, UsageStatus
+from billing.services.rollups import experiment_usage_fold
 from experiments import stats
 from experiments.models import Experiment, ExperimentStatus, Feedback, Metric, Variant
 from experiments.results import experiment_results
@@ -90,7 +91,19 @@ def money(value) -> str:
     return f"{Decimal(str(value)).quantize(Decimal('1E-10')):f}"
 
 
-def test_every_figure_agrees_with_the_ledger_and_feedback_rows():
+def fold_as(how: str) -> None:
+    """Put the ledger's experiment rows in the daily rollup as the fold task would: none of them (before the
+    first fold), all of them, or the first half (the rest written after the last fold, read raw)."""
+    ids = sorted(UsageRecord.objects.values_list("pk", flat=True))
+    if how == "all":
+        experiment_usage_fold()
+    elif how == "part":
+        experiment_usage_fold(through_id=ids[len(ids) // 2])
+
+
+@pytest.mark.parametrize("folded", ["none", "part", "all"])
+def test_every_figure_agrees_with_the_ledger_and_feedback_rows(folded):
+    """Whether the rows are read raw, from the experiments' daily rollup, or partly from each."""
     experiment, (control, treatment) = make_experiment(guardrails=[Metric.ERROR_RATE])
     alice, bob, carol = UserFactory(username="alice"), UserFactory(username="bob"), UserFactory(username="carol")
     key_only = ApiKey.objects.create(user=carol, name="app", prefix="llmhub_t1", secret_hash="h1")
@@ -142,6 +155,8 @@ def test_every_figure_agrees_with_the_ledger_and_feedback_rows():
         Feedback.objects.create(request_id=r.request_id, user=r.user, metric="helpfulness", value=value)
     # feedback on a request outside the experiment is not counted
     Feedback.objects.create(request_id="req-plain", user=alice, metric="thumbs", value=-1)
+    fold_as(folded)
+    assert DailyExperimentUsage.objects.exists() is (folded != "none")
 
     with time_machine.travel(NOW, tick=False):
         results = experiment_results(experiment)
@@ -321,7 +336,8 @@ def test_equal_variants_get_no_verdict_and_a_number_of_samples_still_needed():
     assert results["winner"] is None
 
 
-def test_the_number_of_queries_does_not_grow_with_the_ledger():
+@pytest.mark.parametrize("folded", ["none", "all"])
+def test_the_number_of_queries_does_not_grow_with_the_ledger(folded):
     """Everything is aggregated in the database: 2,000 rows per variant take the queries 10 do."""
 
     def queries_for(n: int) -> int:
@@ -329,6 +345,7 @@ def test_the_number_of_queries_does_not_grow_with_the_ledger():
         for variant in (control, treatment):
             rated_rows(experiment, variant, n=n, positives=n // 2)
         UsageRecord.objects.filter(experiment_id=experiment.pk).update(stream=True, ttft_ms=40)
+        fold_as(folded)
         with CaptureQueriesContext(connection) as captured:
             results = experiment_results(experiment, now=NOW)
         assert results["variants"][0]["requests"] == n
@@ -353,18 +370,20 @@ def test_money_is_a_plain_decimal_string_even_when_tiny_or_free():
 
 
 def test_a_status_the_code_no_longer_knows_is_still_counted():
-    """The statuses are counted in the main pass, one conditional count per status the code knows; a row
-    whose status is none of them (written by an older version) must still be counted under its own."""
+    """A row whose status the code no longer knows (written by an older version) is counted under its own,
+    from the raw rows as from the rollup."""
     experiment, (control, _) = make_experiment()
     UsageRecord.objects.bulk_create(
         [row(experiment, control), row(experiment, control, status=UsageStatus.REJECTED), row(experiment, control)]
     )
     UsageRecord.objects.filter(status=UsageStatus.REJECTED).update(status="retired_status")
+    experiment_usage_fold(through_id=min(UsageRecord.objects.values_list("pk", flat=True)))  # one from the rollup
+    UsageRecord.objects.bulk_create([row(experiment, control, status="retired_status")])
 
     results = experiment_results(experiment, now=NOW)
 
-    assert results["variants"][0]["requests"] == 3
-    assert results["variants"][0]["statuses"] == {"ok": 2, "retired_status": 1}
+    assert results["variants"][0]["requests"] == 4
+    assert results["variants"][0]["statuses"] == {"ok": 2, "retired_status": 2}
 
 
 def test_feedback_on_another_experiments_request_or_on_no_row_counts_nowhere():
