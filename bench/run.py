@@ -88,11 +88,14 @@ class Plan:
     budget_concurrencies: tuple[int, ...]
     route_rounds: int  # rounds of the routing scenarios, each taken in turns within a round
     route_duration: int  # seconds per routing point
+    in_process_rounds: int  # rounds of the routing scenarios' whole request in-process (a process each)
+    in_process_requests: int  # requests per in-process point
 
 
 # Routing points are short and many: a tenth of a millisecond is found only in differences taken seconds apart.
-FULL = Plan(10, 2, 200, (1, 32, 128), (1, 32, 128), (1, 32), 20, 2)
-QUICK = Plan(3, 1, 30, (1, 32), (32,), (32,), 4, 1)
+FULL = Plan(10, 2, 200, (1, 32, 128), (1, 32, 128), (1, 32), 20, 2, 6, 1500)
+# Quick: one in-process round (each point is a process of its own, about 5 s to start): a smoke run.
+QUICK = Plan(3, 1, 30, (1, 32), (32,), (32,), 4, 1, 1, 300)
 # (name, catalog model): one deployment; three healthy ones; three of which one refuses with its breaker open.
 ROUTING_SCENARIOS = (("one", "bench-json"), ("three", "bench-route-3"), ("three-one-down", "bench-route-3-down"))
 
@@ -678,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         in_process = json.loads(django_command(env, "-m", "bench.routing", *(m for _, m in ROUTING_SCENARIOS)))
         for name, figures in in_process.items():
             say(f"  routing calls in-process {name:20} {figures}")
-        whole_in_process = routing_in_process(env, keys["key"], 3 if args.quick else 6, 500 if args.quick else 1500)
+        whole_in_process = routing_in_process(env, keys["key"], plan.in_process_rounds, plan.in_process_requests)
 
         # Migrations and the seed ran on bench.settings; only the servers take a what-if module.
         server_env = {**env, "DJANGO_SETTINGS_MODULE": args.settings}
