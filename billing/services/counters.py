@@ -454,12 +454,17 @@ class DatabaseCounterStore:
                 )
                 recorded = True
                 charge_check(reserved, states)
+                holds = []
                 for spec, row in zip(counters, rows, strict=True):
                     amount = reserved.amount_for(spec)
-                    BudgetReservation.objects.create(
-                        counter=row, request_id=request_id, amount=amount, expires_at=now + RESERVATION_TTL
+                    holds.append(
+                        BudgetReservation(
+                            counter=row, request_id=request_id, amount=amount, expires_at=now + RESERVATION_TTL
+                        )
                     )
                     row.reserved += amount
+                BudgetReservation.objects.bulk_create(holds)
+                for row in rows:
                     row.save(update_fields=["reserved", "updated_at"])
                 RequestReservation.objects.create(
                     **record,
@@ -478,9 +483,8 @@ class DatabaseCounterStore:
         # Always in key order, so two admissions sharing counters cannot deadlock.
         rows = {}
         for spec in sorted(counters, key=attrgetter("key")):
-            row = self._counter_for_update(spec.ref)
-            self._expire(row, now)
-            rows[spec.key] = row
+            rows[spec.key] = self._counter_for_update(spec.ref)
+        self._expire(list(rows.values()), now)
         return [rows[spec.key] for spec in counters]
 
     def _counter_for_update(self, ref: CounterRef) -> BudgetCounter:
@@ -503,14 +507,19 @@ class DatabaseCounterStore:
         except IntegrityError:
             return BudgetCounter.objects.select_for_update().get(key=ref.key)
 
-    def _expire(self, row: BudgetCounter, now: datetime) -> None:
-        """Give back what requests that never settled (a dead process) still hold."""
-        stale = BudgetReservation.objects.filter(counter=row, settled_at__isnull=True, expires_at__lte=now)
-        amounts = list(stale.values_list("amount", flat=True))
-        if amounts:
-            row.reserved -= sum(amounts, Decimal(0))
-            stale.delete()
-            row.save(update_fields=["reserved", "updated_at"])
+    def _expire(self, rows: Sequence[BudgetCounter], now: datetime) -> None:
+        """Give back what requests that never settled (a dead process) still hold on ``rows`` (locked by
+        the caller): one query for them all, and writes only when something expired."""
+        stale = BudgetReservation.objects.filter(counter__in=rows, settled_at__isnull=True, expires_at__lte=now)
+        found = list(stale.values_list("pk", "counter_id", "amount"))
+        if not found:
+            return
+        by_id = {row.pk: row for row in rows}
+        for _pk, counter_id, amount in found:
+            by_id[counter_id].reserved -= amount
+        BudgetReservation.objects.filter(pk__in=[pk for pk, _counter_id, _amount in found]).delete()
+        for counter_id in sorted({counter_id for _pk, counter_id, _amount in found}):
+            by_id[counter_id].save(update_fields=["reserved", "updated_at"])
 
     async def settle(
         self,
@@ -536,28 +545,51 @@ class DatabaseCounterStore:
     ) -> list[Moved]:
         moved = []
         RequestReservation.objects.filter(request_id=request_id).delete()
-        for spec in sorted(counters, key=attrgetter("key")):
-            row = BudgetCounter.objects.select_for_update().filter(key=spec.key).first()
+        ordered = sorted(counters, key=attrgetter("key"))
+        # One statement locks them all, in key order as admission does (ORDER BY before FOR UPDATE).
+        rows = {
+            row.key: row
+            for row in BudgetCounter.objects.select_for_update()
+            .filter(key__in=[spec.key for spec in ordered])
+            .order_by("key")
+        }
+        if not rows:
+            return moved
+        held = {
+            reservation.counter_id: reservation
+            for reservation in BudgetReservation.objects.filter(counter__in=list(rows.values()), request_id=request_id)
+        }
+        settled_now, expired_meanwhile, changed = [], [], []
+        for spec in ordered:
+            row = rows.get(spec.key)
             if row is None:
                 continue
-            reservation = BudgetReservation.objects.filter(counter=row, request_id=request_id).first()
+            reservation = held.get(row.pk)
             if reservation is not None and reservation.settled_at is not None:
                 continue  # settled already
             if reservation is None:
                 # Expired and given back before the request finished: it still spent what it spent.
                 reservation = BudgetReservation(counter=row, request_id=request_id, amount=Decimal(0))
+                expired_meanwhile.append(reservation)
             else:
                 row.reserved -= reservation.amount
+                settled_now.append(reservation)
             actual = cost if spec.metric == BudgetMetric.COST else Decimal(tokens)
             # Kept a while, settled, so that reconciliation can tell it from a request that never ran.
             reservation.expires_at = reservation.settled_at = now
             reservation.settled_amount = actual
-            reservation.save()
             before = row.spent
             row.spent += actual
-            row.save(update_fields=["spent", "reserved", "updated_at"])
-            BudgetReservation.objects.filter(counter=row, settled_at__lt=now - SETTLED_MEMORY).delete()
+            changed.append(row)
             moved.append((spec, before, row.spent))
+        if settled_now:
+            BudgetReservation.objects.bulk_update(settled_now, ["expires_at", "settled_at", "settled_amount"])
+        if expired_meanwhile:
+            BudgetReservation.objects.bulk_create(expired_meanwhile)
+        for row in changed:
+            row.save(update_fields=["spent", "reserved", "updated_at"])
+        if changed:
+            BudgetReservation.objects.filter(counter__in=changed, settled_at__lt=now - SETTLED_MEMORY).delete()
         return moved
 
     def reconcile(self, now: datetime) -> int:
@@ -576,7 +608,7 @@ class DatabaseCounterStore:
                 row = BudgetCounter.objects.select_for_update().filter(pk=pk).first()
                 if row is None:
                     continue
-                self._expire(row, now)
+                self._expire([row], now)
                 reservations = BudgetReservation.objects.filter(counter=row)
                 reservations.filter(settled_at__lt=now - SETTLED_MEMORY).delete()
                 open_ids = list(reservations.filter(settled_at__isnull=True).values_list("request_id", flat=True))
