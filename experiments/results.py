@@ -246,12 +246,12 @@ def _cost_per_positive(cost: _Figure, positive: _Figure, confidence: float) -> _
     )
 
 
-_SUMS = ("requests", "duration_sum", "duration_squares", "ttft_n", "ttft_sum", "ttft_squares", "price", "price_squares")
+_SUMS = tuple(experiment_usage_sums())  # the names of the rollup's sums, in one place (billing.selectors)
 
 
 def _no_sums() -> dict[str, Any]:
-    return {"requests": 0, "duration_sum": 0, "duration_squares": 0.0, "ttft_n": 0, "ttft_sum": 0,
-            "ttft_squares": 0.0, "price": Decimal(0), "price_squares": Decimal(0)}  # fmt: skip
+    zeros = {"duration_squares": 0.0, "ttft_squares": 0.0, "price": Decimal(0), "price_squares": Decimal(0)}
+    return {name: zeros.get(name, 0) for name in _SUMS}
 
 
 @dataclass(slots=True)
