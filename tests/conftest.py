@@ -228,6 +228,33 @@ def fake_upstream(fake_upstream_server):
     return fake_upstream_server
 
 
+def redis_start(argv: list[str], port: int) -> subprocess.Popen | None:
+    """Start redis-server (``argv``, which names ``port``) and make sure that what answers on the port is
+    this process; None, with nothing left running, if another process holds the port.
+
+    Two test workers can be handed the same free port in the instant between ``free_port`` and the bind:
+    the redis-server that loses the bind exits, and its test would talk to the other's server, and lose it
+    when that test stops its own (the session's Redis of one worker once vanished that way)."""
+    import redis
+
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        try:
+            answering = int(client.info("server")["process_id"])
+        finally:
+            client.close()
+        if process.poll() is None and answering == process.pid:
+            return process
+    except (TimeoutError, redis.RedisError):
+        pass
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=10)
+    return None
+
+
 @contextlib.contextmanager
 def redis_server() -> Iterator[tuple[str, subprocess.Popen]]:
     """A real redis-server on a free port, without persistence: its URL and process (a test may stop it).
@@ -237,14 +264,15 @@ def redis_server() -> Iterator[tuple[str, subprocess.Popen]]:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed; .ci/run must install it")
         pytest.skip("redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    for _attempt in range(5):
+        port = free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process = redis_start(argv, port)
+        if process is not None:
+            break
+    else:
+        pytest.fail("no free port for a redis-server after 5 tries")
     try:
-        wait_for_port(port)
         yield f"redis://127.0.0.1:{port}/0", process
     finally:
         process.terminate()

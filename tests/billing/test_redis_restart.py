@@ -28,7 +28,7 @@ from billing.services.keys import api_key_create
 from billing.services.ledger import UsageData, usage_record_submit
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, redis_start
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -60,10 +60,17 @@ class RedisServer:
     def start(self) -> None:
         # The same flags as the session's server, plus an append-only file (always fsynced) in the test's
         # directory: a kill starts empty only if the test removes it.
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        first = self.process is None
+        for _attempt in range(5 if first else 1):
+            argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)]
+            process = redis_start(argv, self.port)
+            if process is not None:
+                self.process = process
+                return
+            self.port = free_port()  # taken by another worker's server in the instant after free_port
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        raise RuntimeError(f"another process took port {self.port} while this test's Redis was down")
 
     def kill(self, *, keep_data: bool = False) -> None:
         assert self.process is not None
