@@ -28,6 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llmhub.testing.ports import free_port
+
 
 def _setup() -> None:
     import django
@@ -40,12 +42,6 @@ def _setup() -> None:
         INSTALLED_APPS=[],
     )
     django.setup()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _measure(client: str, base_url: str, calls: int, concurrency: int, stream: bool) -> dict[str, Any]:
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import upstream
 
     work = Path(tempfile.mkdtemp(prefix="bench-sdk-"))
-    port = _free_port()
+    port = free_port()
     (work / "nginx.conf").write_text(upstream.nginx_conf(work, port))
     nginx = subprocess.Popen([upstream.nginx_binary(), "-c", str(work / "nginx.conf"), "-p", str(work)])
     try:

@@ -112,17 +112,11 @@ def say_profile(summary: dict[str, Any], label: str = "") -> None:
 
 
 def ephemeral_ports(count: int) -> list[int]:
-    """Ports the kernel picks (``bench/run.py``'s 19100-19999 are raced for when `make bench` runs beside)."""
-    import socket
+    """Free ports from ``llmhub.testing.ports`` (``bench/run.py``'s 19100-19999 are raced for when `make
+    bench` runs beside; the kernel's ephemeral ports are raced for by every outgoing connection)."""
+    from llmhub.testing.ports import free_port
 
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    return [free_port() for _ in range(count)]
 
 
 def wait_for_http(port: int, process: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:

@@ -168,12 +168,6 @@ def _signal_group_quietly(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _listening(port: int | None, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
@@ -213,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tps", type=int, default=30, help="tokens per second the fake upstream streams")
     args = parser.parse_args(argv)
 
-    west_port = args.west_port or (WEST_PORT if not _listening(WEST_PORT) else _free_port())
+    sys.path.insert(0, str(ROOT))
+    from llmhub.testing.ports import free_port
+
+    west_port = args.west_port or (WEST_PORT if not _listening(WEST_PORT) else free_port())
     busy = [port for port in (args.port, args.upstream_port, west_port) if _listening(port)]
     if busy:
         print(f"port {busy[0]} on 127.0.0.1 is already in use (another `make run`?)", file=sys.stderr)
         return 1
 
-    sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
     upstream_url = f"http://127.0.0.1:{args.upstream_port}"

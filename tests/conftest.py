@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import time_machine
+
+from llmhub.testing.ports import free_port
 
 if TYPE_CHECKING:
     from llmhub.testing.postgres import PostgresCluster
-import time_machine
+
+__all__ = ["free_port"]  # the tests' servers take their ports from llmhub.testing.ports
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 pytest_plugins = ["tests.fixtures_upstreams", "tests.fixtures_webhook"]
@@ -121,12 +125,6 @@ def _flush_retrying_deadlocks() -> None:
     testcases.TransactionTestCase._fixture_teardown = _fixture_teardown
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def database_url_for_subprocesses() -> str:
     """The URL of the database this test run uses (SQLite file or PostgreSQL), for the servers and
     workers a test starts in other processes (as their ``TEST_DATABASE_URL``)."""
@@ -143,12 +141,16 @@ def database_url_for_subprocesses() -> str:
     return f"postgres://{credentials}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
+def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
+    """Until something listens on ``port``; with ``process`` (the server meant to listen there), fails at
+    once, with its exit status, if it has ended instead of waiting out the timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} ended with status {process.returncode} before listening on {port}")
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
@@ -232,14 +234,16 @@ def redis_start(argv: list[str], port: int) -> subprocess.Popen | None:
     """Start redis-server (``argv``, which names ``port``) and make sure that what answers on the port is
     this process; None, with nothing left running, if another process holds the port.
 
-    Two test workers can be handed the same free port in the instant between ``free_port`` and the bind:
-    the redis-server that loses the bind exits, and its test would talk to the other's server, and lose it
-    when that test stops its own (the session's Redis of one worker once vanished that way)."""
+    A port handed out by the kernel could be taken by another process's connection or server in the
+    instant before the bind: the redis-server that loses the bind exits, and its test would talk to the
+    other's server, and lose it when that test stops its own (the session's Redis of one worker once
+    vanished that way). ``free_port`` now hands out ports no connection or other worker takes; this check
+    stays, for whatever else may hold a port."""
     import redis
 
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port)
+        wait_for_port(port, process=process)
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
         try:
             answering = int(client.info("server")["process_id"])
@@ -247,7 +251,7 @@ def redis_start(argv: list[str], port: int) -> subprocess.Popen | None:
             client.close()
         if process.poll() is None and answering == process.pid:
             return process
-    except (TimeoutError, redis.RedisError):
+    except (TimeoutError, RuntimeError, redis.RedisError):
         pass
     if process.poll() is None:
         process.terminate()

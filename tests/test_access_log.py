@@ -61,7 +61,7 @@ def test_production_access_log_drops_the_query_string(tmp_path):
             on_loopback(dockerfile_command(), port), cwd=ROOT, env=environment, stdout=output, stderr=output
         )
         try:
-            wait_for_port(port, timeout=60)
+            wait_for_port(port, timeout=60, process=server)
             url = f"http://127.0.0.1:{port}/v1/models?api_key={SECRET}&limit=5"
             # Through the TLS proxy production expects (the view answers), and over plain HTTP (refused).
             behind_proxy = httpx.get(url, headers={"X-Forwarded-Proto": "https"}, timeout=30)
@@ -120,7 +120,7 @@ def test_make_runs_daphne_drops_the_query_string_too(tmp_path):
     with log.open("w") as output:
         server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
         try:
-            wait_for_port(port, timeout=60)
+            wait_for_port(port, timeout=60, process=server)
             response = httpx.get(f"http://127.0.0.1:{port}/v1/models?api_key={SECRET}", timeout=30)
         finally:
             server.terminate()

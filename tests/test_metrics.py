@@ -304,7 +304,7 @@ def start_server(log: Path, env: dict[str, str], *args: str) -> tuple[subprocess
         stdout=log.open("a"),
         stderr=subprocess.STDOUT,
     )
-    wait_for_port(port, timeout=60)
+    wait_for_port(port, timeout=60, process=process)
     return process, f"http://127.0.0.1:{port}"
 
 

@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import stat
 import string
 import subprocess
@@ -31,14 +30,10 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
+from llmhub.testing.ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**variables: str) -> dict[str, str]:

@@ -147,7 +147,7 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
     with log.open("w") as output:
         server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
         try:
-            wait_for_port(port, timeout=60)
+            wait_for_port(port, timeout=60, process=server)
             with httpx.Client(
                 base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=30
             ) as client:

@@ -12,11 +12,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from llmhub.testing.ports import free_port
 
 
 class PostgresUnavailable(RuntimeError):
@@ -30,12 +31,6 @@ def server_bin() -> Path | None:
         return Path(found[-1]).parent
     postgres = shutil.which("postgres")
     return Path(postgres).parent if postgres else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PostgresCluster:
@@ -60,7 +55,7 @@ class PostgresCluster:
         if self.owner:
             shutil.chown(self.work, user=self.owner)
         self.data, self.log = self.work / "data", self.work / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgres://postgres@127.0.0.1:{self.port}/{database}"
 
     def _run(self, program: str, *args: str, check: bool = True) -> None:

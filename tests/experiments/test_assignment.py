@@ -222,7 +222,7 @@ class ServerProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_for_port(self.port, timeout=60)
+        wait_for_port(self.port, timeout=60, process=self.process)
 
     def headers(self, key: str, model: str) -> list[str | None]:
         client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)

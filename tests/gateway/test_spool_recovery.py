@@ -166,7 +166,7 @@ def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_o
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(port, timeout=30)
+        wait_for_port(port, timeout=30, process=server)
         with Load(f"http://127.0.0.1:{port}", secret) as load:
             while load.count() < 20:  # the caller's key, limits and model are in the server's caches
                 time.sleep(0.05)
