@@ -465,7 +465,10 @@ class DailyExperimentUsage(models.Model):
 
     Sums of squares are what the results' intervals need (a variance from a count, a sum and a sum of
     squares). The price is what the request cost whoever paid (``user_key_cost`` on a user's own key, else
-    ``cost``); the time to first token is summed over the streamed rows that have one (``ttft_n``)."""
+    ``cost``); the time to first token is summed over the streamed rows that have one (``ttft_n``).
+
+    ``experiment_id`` is a plain id, as on the ledger: deleting an experiment (a draft or concluded one) keeps
+    its ledger rows and so its rows here, a few a day, which no id of a later experiment reuses."""
 
     day = models.DateField()
     experiment_id = models.PositiveBigIntegerField()

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count, DecimalField, ExpressionWrapper, F, FloatField, Q, QuerySet, Sum
 from django.db.models.functions import Cast, Coalesce, TruncDate
 
@@ -289,6 +290,7 @@ def _day_start(day: date) -> datetime:
 
 
 _T = TypeVar("_T")
+_M = TypeVar("_M")
 
 
 def _today_mark(today: date) -> int | None:
@@ -300,10 +302,7 @@ def _usage_window(*, days: int, today: date, user_id: int | None, read: Callable
     the raw ledger rows the rollup does not hold (today's above its mark; all of today's before today's
     first rollup). Both are the ledger's figures exactly, with nothing counted twice.
 
-    The mark and the rollup are written in one transaction, but read here in separate statements, so a
-    rollup of today committing in between could pair an old mark with a new rollup: the mark is read
-    again afterwards and the window read again if it moved. Rollups run every 10 minutes, so this almost
-    never repeats; if it kept moving, today is read raw whole, which needs no mark."""
+    Read at a steady mark (``_at_a_steady_mark``)."""
     first = today - timedelta(days=days - 1)
     start, end = _day_start(today), _day_start(today + timedelta(1))
 
@@ -316,14 +315,32 @@ def _usage_window(*, days: int, today: date, user_id: int | None, read: Callable
             rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
         return read(rolled, live)
 
+    # Without a mark (today not rolled up yet, or in the end) today is read raw whole, which no rollup
+    # committing meanwhile can change: the rollup's rows of today are not read.
+    return _at_a_steady_mark(
+        lambda: _today_mark(today), window, steady=lambda mark: mark is None, settle=lambda: window(None)
+    )
+
+
+def _at_a_steady_mark(
+    mark: Callable[[], _M],
+    window: Callable[[_M], _T],
+    *,
+    settle: Callable[[], _T],
+    steady: Callable[[_M], bool] | None = None,
+) -> _T:
+    """``window(m)`` for a rollup's mark ``m`` (``mark()``), its rollup and raw rows read in separate
+    statements: the mark and the rollup are written in one transaction, but a rollup committing between
+    the reads would pair an old mark with a newer rollup, so the mark is read again afterwards and the
+    window read again if it moved (unless ``steady(m)``: a window no rollup can change). Rollups run
+    every 10 minutes, so this almost never repeats; if the mark kept moving, ``settle()`` reads a window
+    that holds without it."""
     for _attempt in range(3):
-        mark = _today_mark(today)
-        if mark is None:
-            return window(None)
-        result = window(mark)
-        if _today_mark(today) == mark:
+        seen = mark()
+        result = window(seen)
+        if (steady is not None and steady(seen)) or mark() == seen:
             return result
-    return window(None)
+    return settle()
 
 
 def usage_daily(*, days: int, today: date, user_id: int | None = None) -> list[DaySpend]:
@@ -422,17 +439,21 @@ def experiment_usage_window(*, experiment_id: int, read: Callable[[QuerySet, Que
     ledger rows the rollup does not hold (above the mark). Together they are every row of the experiment
     that was ever written, each counted once (the rollup keeps rows retention has deleted since).
 
-    The mark is read again after ``read``: a fold committing in between would pair an old mark with a newer
-    rollup, so the window is read again if it moved. Folds run every 10 minutes; if the mark kept moving,
-    the raw rows alone are read (``rolled`` empty), which needs no mark."""
+    Read at a steady mark (``_at_a_steady_mark``). If folds kept moving it, the window is read in one
+    transaction holding the mark's row lock, which a fold waits for: the raw rows alone would miss those
+    retention has deleted since they were folded."""
     live = UsageRecord.objects.filter(experiment_id=experiment_id)
-    for _attempt in range(3):
-        mark = _experiment_mark()
-        above = live.filter(pk__gt=mark) if mark else live  # no mark: every row (the covering index's plan)
-        result = read(DailyExperimentUsage.objects.filter(experiment_id=experiment_id), above)
-        if _experiment_mark() == mark:
-            return result
-    return read(DailyExperimentUsage.objects.none(), live)
+    rolled = DailyExperimentUsage.objects.filter(experiment_id=experiment_id)
+
+    def window(mark: int) -> _T:
+        return read(rolled, live.filter(pk__gt=mark) if mark else live)  # no mark: the covering index's plan
+
+    def settle() -> _T:
+        with transaction.atomic():
+            mark = ExperimentUsageMark.objects.select_for_update().filter(pk=1).values_list("through_id", flat=True)
+            return window(mark.first() or 0)
+
+    return _at_a_steady_mark(_experiment_mark, window, settle=settle)
 
 
 @dataclass(frozen=True, slots=True)
