@@ -23,6 +23,7 @@ Wiring, not domain: it reads ``providers`` and ``billing`` state, which ``core``
 
 from __future__ import annotations
 
+import glob
 import hmac
 import ipaddress
 import logging
@@ -120,18 +121,50 @@ async def metrics_view(request: HttpRequest) -> HttpResponse:
 
 
 def _exposition(accept: str) -> tuple[bytes, str]:
-    from prometheus_client import CollectorRegistry, exposition, multiprocess
+    from prometheus_client import CollectorRegistry, exposition
 
     try:
         core_metrics.metrics_sample()  # this process's queued requests and ledger queue, up to now
         _forget_dead_workers()
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        _worker_files_collector()(registry)
         registry.register(AppStateCollector())
         encoder, content_type = exposition.choose_encoder(accept)
         return encoder(registry), content_type
     finally:
         connections.close_all()
+
+
+@lru_cache(maxsize=1)
+def _worker_files_collector() -> type:
+    """Built on first use, as prometheus-client is imported everywhere here: after the settings."""
+    from prometheus_client import multiprocess
+
+    class WorkerFilesCollector(multiprocess.MultiProcessCollector):
+        """prometheus-client's collector of the workers' files, without the two ways a file in the directory
+        can fail a scrape (a 500): a file a worker has created but not sized yet (``MmapedDict`` opens it, then
+        truncates it to its size: a worker killed in between leaves it empty for good), and a dead worker's
+        gauge file removed between listing the directory and reading it (``_forget_dead_workers``)."""
+
+        def collect(self) -> Any:
+            for attempt in range(3):
+                files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if _has_header(path)]
+                try:
+                    return self.merge(files, accumulate=True)
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+            return []
+
+    return WorkerFilesCollector
+
+
+def _has_header(path: str) -> bool:
+    """Whether a worker's file holds at least its header (the bytes in use, 8 once written)."""
+    try:
+        return os.stat(path).st_size >= 8
+    except FileNotFoundError:
+        return False
 
 
 def _forget_dead_workers() -> None:

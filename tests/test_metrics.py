@@ -455,6 +455,19 @@ def test_a_dead_workers_in_flight_requests_are_not_summed_for_ever(llmhub_server
     assert value(text, "llmhub_requests_in_flight") == 0
 
 
+def test_a_worker_killed_while_creating_its_file_does_not_fail_the_scrape(llmhub_server, scraping):
+    """prometheus-client creates a worker's file, then sizes it: a worker killed in between leaves an empty
+    file for good, which prometheus-client's own collector cannot read (every scrape was a 500)."""
+    directory = Path(os.environ[core_metrics.ENV])
+    empty = directory / "counter_4000000.db"
+    empty.touch()
+    try:
+        text = scrape(llmhub_server.url)
+    finally:
+        empty.unlink()
+    assert "llmhub_requests_in_flight" in text
+
+
 # THE HOT PATH
 
 
