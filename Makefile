@@ -43,8 +43,9 @@ POSTGRES_TESTS := tests/billing tests/experiments/test_results.py tests/gateway/
 # Both phases run on two pytest-xdist workers (the machine's two cores): serial, the suite took about 31
 # minutes. Tests that time things across processes leave room for that load (see the breakers' cooldown).
 # `make test PYTEST_SQLITE=$(VENV)/bin/pytest` runs the SQLite phase serially.
-PYTEST_SQLITE := $(VENV)/bin/pytest -n 2
-PYTEST_POSTGRES := $(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -n 2 -q -p no:cacheprovider $(POSTGRES_TESTS)
+# --durations: the slowest tests of each phase end its report, to keep the suite near 15 minutes.
+PYTEST_SQLITE := $(VENV)/bin/pytest -n 2 --durations=20
+PYTEST_POSTGRES := $(PY) scripts/with_postgres.py -- $(VENV)/bin/pytest -n 2 -q -p no:cacheprovider --durations=10 $(POSTGRES_TESTS)
 
 test: $(STAMP)
 	@bash scripts/system_deps.sh
