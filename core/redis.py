@@ -51,9 +51,16 @@ def redis_async_client(url: str, *, socket_timeout: float | None = None) -> redi
     client = per_loop.get(key)
     if client is None:
         retry = AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.REDIS_RETRIES)
-        client = per_loop[key] = redis.asyncio.Redis.from_url(
-            url, retry=retry, **_options(socket_timeout=socket_timeout)
+        # Blocking: past REDIS_MAX_CONNECTIONS commands at once, a command waits for a connection (up to
+        # REDIS_POOL_TIMEOUT) rather than failing with "Too many connections" as redis-py's default pool does.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=settings.REDIS_MAX_CONNECTIONS,
+            timeout=settings.REDIS_POOL_TIMEOUT,
+            retry=retry,
+            **_options(socket_timeout=socket_timeout),
         )
+        client = per_loop[key] = redis.asyncio.Redis.from_pool(pool)
     return client
 
 

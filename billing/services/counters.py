@@ -35,10 +35,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Value
 from django.db.models.functions import Now
 from django.utils import timezone
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 
+from core.redis import redis_async_client
 from providers.models import CatalogModel, Provider
 
 from ..exceptions import BillingUnavailableError
@@ -348,16 +348,9 @@ def redis_store(url: str) -> RedisCounterStore:
     per_loop = _redis_stores.setdefault(asyncio.get_running_loop(), {})
     store = per_loop.get(url)
     if store is None:
-        client = redis.asyncio.Redis.from_url(
-            url,
-            decode_responses=True,
-            health_check_interval=settings.REDIS_HEALTH_CHECK_INTERVAL,
-            socket_keepalive=True,
-            socket_connect_timeout=5,
-            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), settings.REDIS_RETRIES),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        )
-        store = per_loop[url] = RedisCounterStore(client)
+        # The loop's shared client (core.redis): its blocking pool makes a burst of admissions and settles
+        # wait for a connection rather than fail.
+        store = per_loop[url] = RedisCounterStore(redis_async_client(url))
     return store
 
 
@@ -705,7 +698,6 @@ def budget_counters_reconcile(*, now: datetime | None = None) -> int:
 def redis_sync_client(url: str) -> redis.Redis:
     """For the heartbeat thread and the sweep: a dead pooled connection (Redis restarted) is found by a
     ping before use and the command is tried again on a new one."""
-    from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
     return redis.Redis.from_url(

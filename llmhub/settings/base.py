@@ -146,6 +146,11 @@ REDIS_URL = env("REDIS_URL", default="")
 # https://redis.readthedocs.io/en/stable/retry.html
 REDIS_HEALTH_CHECK_INTERVAL = env.int("REDIS_HEALTH_CHECK_INTERVAL", default=5)
 REDIS_RETRIES = env.int("REDIS_RETRIES", default=3)
+# Connections each server process's asyncio Redis client keeps (per event loop): past that, a command waits up
+# to REDIS_POOL_TIMEOUT seconds for one to come free instead of failing (redis-py's own pool raises "Too many
+# connections" at once: a burst of admissions and settles beyond 100 at once failed requests with 503).
+REDIS_MAX_CONNECTIONS = env.int("REDIS_MAX_CONNECTIONS", default=100)
+REDIS_POOL_TIMEOUT = env.float("REDIS_POOL_TIMEOUT", default=5.0)
 
 
 def redis_pool_options(retry_class: type) -> dict:
