@@ -327,8 +327,9 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def _session_redis_alive(request) -> None:
-    """A test that finds the session's redis-server gone (it has happened in CI, cause not found yet) gets
-    it started again on the same port, with a warning naming the test. Asks for no fixture: the order in
+    """A test that finds the session's redis-server gone (it happened in CI, most likely a port handed to two
+    servers at once, which ``free_port`` no longer does) gets it started again on the same port, with a
+    warning naming the test. Asks for no fixture: the order in
     which the others are set up stays as it was."""
     if _session_redis is not None:
         _session_redis.ensure(request.node.nodeid)
