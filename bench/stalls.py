@@ -6,10 +6,12 @@
 (``billing.services.ledger._write_rows``) is wrapped to note when each write ran and for how long, and a
 sampler task notes how late the event loop wakes up (its lag). Each request is then classed as overlapping a
 ledger write or not, and the report gives the p50 / p99 / max of each class, the write times, and the lag.
+The rows' batches are in the write times: ``writes`` and ``rows_per_write``.
 
 ``--what-if`` runs the same with a change applied from outside (``bench/whatif.py``), to see a fix pay before
 it is made: ``short-switch-interval``, ``no-request-signals``, and ``no-ledger-write`` (the batch write skipped:
-what the ledger's insert costs the other requests), ``no-wal-autocheckpoint`` (SQLite's WAL checkpoint, with its
+what the ledger's insert costs the other requests), ``no-linger`` (the writer's batch written at every
+wake-up, as before ``LLMHUB_LEDGER_LINGER_MS``), ``no-wal-autocheckpoint`` (SQLite's WAL checkpoint, with its
 fsync, no longer run by the committing connection every 1000 pages); ``census`` also counts the objects the
 garbage collector tracks, by type, before and after the run (what grows), and ``garbage`` what the run left
 in reference cycles (what only the garbage collector frees). Prints JSON.
@@ -78,7 +80,11 @@ def _census_growth(before: dict[str, int]) -> dict[str, Any]:
 def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
     from bench.profile_request import _request, _setup
 
-    application = _setup(what_if - {"no-ledger-write", "no-wal-autocheckpoint", "census", "garbage"})
+    application = _setup(what_if - {"no-ledger-write", "no-wal-autocheckpoint", "no-linger", "census", "garbage"})
+    if "no-linger" in what_if:
+        from django.conf import settings
+
+        settings.LLMHUB_LEDGER_LINGER_MS = 0  # every wake-up of the ledger's writer writes at once
     if "no-wal-autocheckpoint" in what_if:
         from django.db.backends.signals import connection_created
 
@@ -161,6 +167,8 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
             "not_overlapping_ms": _percentiles(alone),
             "slowest_1pct_overlapping_a_write": f"{slow_with_write} of {len(slowest)}",
             "ledger_writes_ms": _percentiles([(e - s) * 1000 for s, e, _ in writes]),
+            "writes": len(writes),
+            "rows_per_write": round(requests / len(writes), 2) if writes else None,
             "ledger_write_threads": len({t for _, _, t in writes}),
             "loop_lag_ms": _percentiles(lags),
             **({"objects_grown": grown} if grown is not None else {}),
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 postgres.createdb(database_url)
             else:
                 database_url = f"sqlite:///{work / 'stalls.sqlite3'}"
+            run.ensure_tools()
             nginx_port, *route_ports = run.free_ports(3)
             upstreams = {"bench-json": f"http://127.0.0.1:{nginx_port}/json/v1"}
             env = run.bench_environment(upstreams, "", database_url)

@@ -2,14 +2,15 @@
 
 The pipeline hands over a finished request's ``UsageData`` with ``usage_record_submit``. A writer
 task per event loop settles the budget reservations and inserts the rows in batches after the
-responses have gone (one transaction per batch, so the cost per row falls as load rises). Until its
-batch commits, every row is tracked: ``ledger_flush`` waits for them all (the ASGI lifespan shutdown
-calls it, so a graceful stop drains the ledger first); rows a failing database, a cancelled writer or
-a process exit leave behind go to a spool file (``spool.py``) that ``ledger_replay_spool`` writes back:
-at start-up, from a Celery task, and above all from the process that spooled them, which probes the
-database from then on and replays as soon as it answers (``ledger_spool_watch``), so neither a worker
-nor a restart is needed. ``request_id`` is unique and inserts skip ids already present, so a row can
-never be counted twice.
+responses have gone (one transaction per batch, so the cost per row falls as load rises). A batch
+lingers a moment for company (``LLMHUB_LEDGER_LINGER_MS``) once its reservations are settled, so that at
+low load too a transaction carries several rows rather than one each. Until its batch commits, every
+row is tracked: ``ledger_flush`` waits for them all (the ASGI lifespan shutdown calls it, so a graceful
+stop drains the ledger first); rows a failing database, a cancelled writer or a process exit leave behind
+go to a spool file (``spool.py``) that ``ledger_replay_spool`` writes back: at start-up, from a Celery
+task, and above all from the process that spooled them, which probes the database from then on and
+replays as soon as it answers (``ledger_spool_watch``), so neither a worker nor a restart is needed.
+``request_id`` is unique and inserts skip ids already present, so a row can never be counted twice.
 
 A spooled row carries its request's admission (``admission_dump``), settled or not: the replay settles
 the reservation before it writes the row, if it is still held (``admission_settle_spooled``), so a stream
@@ -114,7 +115,7 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
         _unwritten[data.request_id] = (data, admission)
     writer = _writers.get(loop)
     if writer is None:
-        writer = _writers[loop] = _Writer()
+        writer = _writers[loop] = _Writer(loop)
     writer.queue.append((data, admission))
     writer.wakeup.set()
     if writer.task is None or writer.task.done():
@@ -131,11 +132,15 @@ def usage_unwritten(request_id: str) -> UsageData | None:
 
 
 class _Writer:
-    def __init__(self) -> None:
-        self.queue: list[tuple[UsageData, Admission | None]] = []
-        self.in_flight: list[tuple[UsageData, Admission | None]] = []
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: list[tuple[UsageData, Admission | None]] = []  # submitted, not settled yet
+        self.in_flight: list[tuple[UsageData, Admission | None]] = []  # settled, the batch being written
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.write_by = 0.0  # the loop's time by which the lingering batch is written
+        self.due: asyncio.TimerHandle | None = None  # wakes the writer then
+        self.hurried = False  # a flush or a shutdown waits: no lingering until the writer is idle
 
 
 _writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
@@ -145,13 +150,55 @@ async def _writer_run(writer: _Writer) -> None:
     while True:
         await writer.wakeup.wait()
         writer.wakeup.clear()
-        while writer.queue:
-            writer.in_flight = writer.queue[:BATCH_SIZE]
-            del writer.queue[:BATCH_SIZE]
-            await _settle_batch(writer.in_flight)
+        while writer.queue or writer.in_flight:
+            if writer.queue:
+                writer.wakeup.clear()  # from here, set by a row submitted, a hurry or the batch's timer
+                if not writer.in_flight:
+                    linger = settings.LLMHUB_LEDGER_LINGER_MS / 1000
+                    writer.write_by = writer.loop.time() + linger
+                    writer.due = writer.loop.call_at(writer.write_by, writer.wakeup.set) if linger > 0 else None
+                fresh = writer.queue[: BATCH_SIZE - len(writer.in_flight)]
+                del writer.queue[: len(fresh)]
+                writer.in_flight += fresh
+                # Settled at once, lingering or not: a reservation's hold is released as soon as it can be.
+                await _settle_batch(fresh)
+            if await _more_rows_came(writer):
+                continue
+            if writer.due is not None:
+                writer.due.cancel()  # when hurried or full before it was due
             await _write_batch(writer.in_flight)
             _forget(data for data, _ in writer.in_flight)
             writer.in_flight = []
+        writer.hurried = False
+
+
+async def _more_rows_came(writer: _Writer) -> bool:
+    """Linger until the batch's time to be written: True as soon as more rows are submitted (to be settled
+    and join it), False when it is due, full, or hurried by a flush or a shutdown."""
+    if len(writer.in_flight) >= BATCH_SIZE or writer.hurried or writer.loop in _closing_loops:
+        return False
+    if not writer.queue:
+        if writer.wakeup.is_set() or writer.loop.time() >= writer.write_by:
+            return False  # the batch's timer fired (maybe a clock tick early), or a hurry came
+        await writer.wakeup.wait()  # a row submitted, a hurry, or the batch's timer (``due``)
+    return bool(writer.queue) and not writer.hurried
+
+
+def _hurry_writers(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Every writer of this process (or ``loop``'s) writes what it holds now, without lingering. Thread-safe:
+    a flush may run on another loop than the writer's."""
+    for writer in list(_writers.values()):
+        if loop is not None and writer.loop is not loop:
+            continue
+        try:
+            writer.loop.call_soon_threadsafe(_hurry, writer)
+        except RuntimeError:  # its loop is closed: its rows were spooled when its writer ended
+            continue
+
+
+def _hurry(writer: _Writer) -> None:
+    writer.hurried = True
+    writer.wakeup.set()
 
 
 def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
@@ -240,8 +287,11 @@ async def _write_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
 
 
 def ledger_begin_shutdown() -> None:
-    """From now on, rows settled on the running loop are spooled synchronously (lifespan shutdown)."""
-    _closing_loops.add(asyncio.get_running_loop())
+    """From now on, rows settled on the running loop are spooled synchronously (lifespan shutdown); its
+    writer writes what it holds at once."""
+    loop = asyncio.get_running_loop()
+    _closing_loops.add(loop)
+    _hurry_writers(loop)
 
 
 @atexit.register
@@ -255,7 +305,9 @@ def _spool_unfinished() -> None:
 
 
 async def ledger_flush(wait_seconds: float = 30.0) -> None:
-    """Wait until every submitted row (from any event loop of this process) is committed or spooled."""
+    """Wait until every submitted row (from any event loop of this process) is committed or spooled; the
+    writers write at once what they hold, without lingering."""
+    _hurry_writers()
     deadline = time.monotonic() + wait_seconds
     while True:
         with _unwritten_lock:

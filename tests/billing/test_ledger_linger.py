@@ -1,0 +1,100 @@
+"""The ledger writer's linger (``LLMHUB_LEDGER_LINGER_MS``): at low load a batch waits a moment for more rows
+to share its transaction, its reservations settled before it waits, and a flush or a shutdown never waits
+for it. On SQLite and on PostgreSQL (Makefile ``POSTGRES_TESTS``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from billing.models import UsageRecord
+from billing.services import ledger
+from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+_ids = itertools.count()
+
+
+def row() -> UsageData:
+    return UsageData(request_id=f"linger-{next(_ids)}", endpoint="rest", stream=False, status="ok")
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """The writer's steps as they happen: ("settle", n) and ("write", n), the real ones still run."""
+    steps: list[tuple[str, int]] = []
+    write_rows, settle_batch = ledger._write_rows, ledger._settle_batch
+
+    def write_spy(rows):
+        steps.append(("write", len(rows)))
+        return write_rows(rows)
+
+    async def settle_spy(batch):
+        steps.append(("settle", len(batch)))
+        return await settle_batch(batch)
+
+    monkeypatch.setattr(ledger, "_write_rows", write_spy)
+    monkeypatch.setattr(ledger, "_settle_batch", settle_spy)
+    return steps
+
+
+async def written(count: int) -> int:
+    for _ in range(500):
+        if await UsageRecord.objects.filter(request_id__startswith="linger-").acount() >= count:
+            break
+        await asyncio.sleep(0.01)
+    return await UsageRecord.objects.filter(request_id__startswith="linger-").acount()
+
+
+async def test_rows_submitted_apart_share_one_transaction_and_are_settled_as_they_come(settings, batches):
+    settings.LLMHUB_LEDGER_LINGER_MS = 1500
+    for _ in range(4):
+        usage_record_submit(row())
+        await asyncio.sleep(0.02)  # each row a wake-up of its own, as at concurrency 1
+    assert batches == [("settle", 1)] * 4  # every hold released already, none written yet
+    assert await written(4) == 4
+    assert batches == [("settle", 1)] * 4 + [("write", 4)]
+
+
+async def test_without_a_linger_each_wake_up_writes_at_once(settings, batches):
+    settings.LLMHUB_LEDGER_LINGER_MS = 0
+    for n in range(1, 4):
+        usage_record_submit(row())
+        assert await written(n) == n
+    assert batches == [("settle", 1), ("write", 1)] * 3
+
+
+async def test_a_flush_writes_a_lingering_batch_at_once(settings, batches):
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000  # ten minutes: only the flush can write it in time
+    for _ in range(3):
+        usage_record_submit(row())
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(ledger_flush(), timeout=20)
+    assert await UsageRecord.objects.filter(request_id__startswith="linger-").acount() == 3
+    assert batches[-1] == ("write", 3)
+
+
+async def test_a_shutdown_writes_a_lingering_batch_at_once(settings, batches):
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    usage_record_submit(row())
+    await asyncio.sleep(0.02)
+    loop = asyncio.get_running_loop()
+    ledger.ledger_begin_shutdown()
+    try:
+        assert await written(1) == 1
+    finally:
+        ledger._closing_loops.discard(loop)
+    assert batches == [("settle", 1), ("write", 1)]
+
+
+async def test_a_full_batch_does_not_linger(settings, batches):
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    for _ in range(ledger.BATCH_SIZE + 1):
+        usage_record_submit(row())
+    assert await written(ledger.BATCH_SIZE) == ledger.BATCH_SIZE  # the first 500 at once, the last one waits
+    assert batches[:2] == [("settle", ledger.BATCH_SIZE), ("write", ledger.BATCH_SIZE)]
+    await asyncio.wait_for(ledger_flush(), timeout=20)
+    assert batches[2:] == [("settle", 1), ("write", 1)]
