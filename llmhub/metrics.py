@@ -147,14 +147,15 @@ def _worker_files_collector() -> type:
         gauge file removed between listing the directory and reading it (``_forget_dead_workers``)."""
 
         def collect(self) -> Any:
-            for attempt in range(3):
-                files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if _has_header(path)]
+            for _attempt in range(2):
                 try:
-                    return self.merge(files, accumulate=True)
+                    return self.merge(self._readable_files(), accumulate=True)
                 except FileNotFoundError:
-                    if attempt == 2:
-                        raise
-            return []
+                    continue
+            return self.merge(self._readable_files(), accumulate=True)
+
+        def _readable_files(self) -> list[str]:
+            return [path for path in glob.glob(os.path.join(self._path, "*.db")) if _has_header(path)]
 
     return WorkerFilesCollector
 

@@ -186,8 +186,16 @@ async def _more_rows_came(writer: _Writer) -> bool:
 
 def _hurry_writers(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Every writer of this process (or ``loop``'s) writes what it holds now, without lingering. Thread-safe:
-    a flush may run on another loop than the writer's."""
-    for writer in list(_writers.values()):
+    a flush may run on another loop than the writer's, while the writers' loops add to ``_writers``."""
+    for _attempt in range(3):
+        try:
+            writers = list(_writers.values())
+            break
+        except RuntimeError:  # changed size while copied (another thread's loop started its writer)
+            continue
+    else:
+        writers = []
+    for writer in writers:
         if loop is not None and writer.loop is not loop:
             continue
         try:
