@@ -40,7 +40,8 @@ async def _components(count: int) -> dict[str, dict[str, float]]:
     from django.conf import settings
 
     from billing.services.admission import admission_settle
-    from billing.services.ledger import UsageData, _write_rows
+    from billing.services.ledger import _write_rows
+    from billing.services.ledger_rows import UsageData
     from chat.pipeline import caller_from_api_key, completion_start
     from providers.adapters import adapter_for
     from providers.selectors import model_resolve

@@ -204,7 +204,8 @@ def _insert_throughput(
     """Rows per second, and the CPU milliseconds per row of this process (every thread: the loop and the
     writer's database thread) and of the database's backends: on a busy machine the first falls with the
     load, the others do not. With ``experiment`` (its id and a variant's), one row in 20 is in it."""
-    from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
+    from billing.services.ledger import ledger_flush, usage_record_submit
+    from billing.services.ledger_rows import UsageData
 
     async def run() -> float:
         began = time.perf_counter()

@@ -347,10 +347,11 @@ class BudgetReservation(models.Model):
 
 class RequestReservation(models.Model):
     """The record of one admitted request still in flight, for the database path of admission (Redis keeps
-    the same record in a hash per process): written in the transaction that reserves its budget, deleted
-    in the one that settles it. A record whose process is gone (``ProcessHeartbeat`` expired) is turned
-    into a ``lost`` ledger row at the reserved amount, and its holds are released, by the lost-request
-    sweep (``billing.services.inflight``)."""
+    the same record in a hash per process): written in the transaction that reserves its budget; the one
+    that settles it keeps it with the request's ledger row (``settled_row``), and the transaction that
+    inserts that row deletes it. A record whose process is gone (``ProcessHeartbeat`` expired) becomes, by
+    the lost-request sweep (``billing.services.inflight``): if settled, its row; if not, a ``lost`` ledger
+    row at the reserved amount, and its holds are released."""
 
     request_id = models.CharField(max_length=64, unique=True)
     instance = models.CharField(max_length=160, db_index=True, help_text="The server process that admitted it.")
@@ -370,6 +371,11 @@ class RequestReservation(models.Model):
     # On the database's clock, like the heartbeats, so that a record is never judged against a heartbeat
     # its process had no time to write yet.
     recorded_at = models.DateTimeField(db_default=Now())
+    settled_row = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="Once settled: the request's ledger row, kept with the record until the row is written.",
+    )
 
     def __str__(self) -> str:
         return f"{self.request_id} on {self.instance}"

@@ -25,7 +25,8 @@ from django.conf import settings
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
 from billing.services.admission import Admission, admission_acquire, models_permitted
 from billing.services.keys import hash_key
-from billing.services.ledger import UsageData, usage_record_submit
+from billing.services.ledger import usage_record_submit
+from billing.services.ledger_rows import UsageData
 from billing.services.settlement import request_settle
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError

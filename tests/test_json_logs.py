@@ -231,7 +231,8 @@ async def test_a_background_writer_a_request_starts_does_not_log_under_its_id(js
     """The ledger's writer task is started by the first request that settles in a loop, and outlives it:
     its lines are no request's (``core.request_context.outside_request``)."""
     from billing.models import UsageRecord
-    from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
+    from billing.services.ledger import ledger_flush, usage_record_submit
+    from billing.services.ledger_rows import UsageData
     from core.request_context import request_id_bind
 
     request_id_bind("req_starts_the_writer")

@@ -1,13 +1,15 @@
 -- Settle one request: release its reservation, add what it really cost, and correct its entry in
 -- the tokens-per-minute windows. Idempotent for as long as the settled entry is remembered.
 --
--- Removes the request's in-flight record. A counter Redis lost (no 'spent' yet) still remembers the settle
--- (s:<rid>), so that the counter's rebuild counts it while its ledger row is on its way.
+-- Removes the request's in-flight record, or, given a settled record (its ledger row, on its way to the
+-- database), replaces it with that: the record then goes when the row is written, and a process killed
+-- before has its row written by the lost-request sweep. A counter Redis lost (no 'spent' yet) still
+-- remembers the settle (s:<rid>), so that the counter's rebuild counts it while its ledger row is on its way.
 --
 -- KEYS, for each budget counter i: [hash, expiry zset, settled zset]; then for each rate scope j:
 --       [tokens zset, token amounts hash]; then the in-flight hash of the process that admitted it
 -- ARGV: request_id, now_ms, n_counters, n_rate_scopes, cost, tokens, settled_memory_ms,
---       then per counter: metric, key_ttl_ms
+--       then per counter: metric, key_ttl_ms; then, optionally, the settled record
 -- Returns {'ok', per counter: spent before, spent after ('-1' when the counter is gone)} or {'duplicate'}.
 local rid = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -21,7 +23,12 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
-redis.call('HDEL', KEYS[3 * nb + 2 * nr + 1], rid)
+local settled_record = ARGV[8 + 2 * nb]
+if settled_record then
+  redis.call('HSET', KEYS[3 * nb + 2 * nr + 1], rid, settled_record)
+else
+  redis.call('HDEL', KEYS[3 * nb + 2 * nr + 1], rid)
+end
 for i = 1, nb do
   if redis.call('HEXISTS', KEYS[3 * i - 2], 's:' .. rid) == 1 then
     return {'duplicate'}

@@ -14,7 +14,7 @@ declared dead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -178,11 +178,20 @@ async def _ancestors(key: KeyLimits | None) -> list[tuple[int, KeyLimits]]:
 
 
 async def admission_settle(
-    *, admission: Admission, cost: Decimal, prompt_tokens: int, completion_tokens: int, ok: bool
+    *,
+    admission: Admission,
+    cost: Decimal,
+    prompt_tokens: int,
+    completion_tokens: int,
+    ok: bool,
+    row: dict[str, Any] | None = None,
 ) -> None:
     """Swap the reservation for the real cost. Called once per admitted request, whatever happened:
     a failed request settles with what it cost (often 0), which releases the rest of its reservation.
-    ``ok`` does not change the accounting, the ledger's cost does."""
+    ``ok`` does not change the accounting, the ledger's cost does.
+
+    ``row``: the request's ledger row (``usage_data_dump``), not committed yet. The in-flight record is then
+    kept, settled, with the row in it, until ``admission_records_forget``; without it the record goes."""
     held = admission.handle
     if not isinstance(held, _Held):
         return
@@ -194,10 +203,31 @@ async def admission_settle(
         cost=cost,
         tokens=prompt_tokens + completion_tokens,
         now=now,
+        row=row,
     )
     crossings = _crossings(moved)
     if crossings:
         await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=admission.user_id)
+
+
+def admission_records_held(entries: Iterable[tuple[Any, Admission | None]]) -> list[str]:
+    """The request ids of ``entries`` (rows with their admissions) that left an in-flight record, which
+    their settle kept, settled, until the rows are written."""
+    store = admission_store()
+    return [
+        admission.request_id
+        for _, admission in entries
+        if admission is not None and isinstance(admission.handle, _Held) and store.keeps_record(admission.handle)
+    ]
+
+
+async def admission_records_forget(entries: Iterable[tuple[Any, Admission | None]]) -> None:
+    """The rows of ``entries`` are committed or spooled: their settled in-flight records go."""
+    by_instance: dict[str, list[str]] = {}
+    for _, admission in entries:
+        if admission is not None and isinstance(admission.handle, _Held):
+            by_instance.setdefault(admission.handle.instance, []).append(admission.request_id)
+    await admission_store().records_forget(by_instance)
 
 
 def _crossings(moved: list[Moved]) -> list[Crossing]:

@@ -18,13 +18,14 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
 from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -79,16 +80,21 @@ from .inflight import (
     held_add,
     held_lock,
     held_remove,
+    held_settled,
     held_snapshot_locked,
+    held_written,
     inflight_key,
     instance_id,
     restart_grace_ms,
 )
+from .ledger_rows import usage_data_from_spool, usage_rows_write
 from .ratelimits import WINDOW_MS, RateSpec, RateState, WindowState, local_rate_limiter, rate_limit_error
 from .spool import spool_pending, spool_rows
 
 logger = logging.getLogger("llmhub.counters")
 
+# In a settled in-flight record: the request's ledger row, kept until it is committed or spooled.
+SETTLED_ROW = "settled_row"
 SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
 INDEX_KEY = KEY_PREFIX + "index"  # every counter key, for reconciliation
 
@@ -282,12 +288,28 @@ class RedisCounterStore:
         cost: Decimal,
         tokens: int,
         now: datetime,
+        row: dict | None = None,
     ) -> list[Moved]:
         keys, args = _settle_call(
             request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance_id()
         )
-        held_remove(request_id)
+        if row is not None:
+            args.append(json.dumps({SETTLED_ROW: row}))
+            held_settled(request_id)
+        else:
+            held_remove(request_id)
         return _settle_moved(counters, await self._settle(keys=keys, args=args))
+
+    def keeps_record(self, held: Any) -> bool:
+        return True  # the acquire script records every request it admits
+
+    async def records_forget(self, by_instance: Mapping[str, Sequence[str]]) -> None:
+        """Remove the settled records of requests whose rows are committed or spooled."""
+        try:
+            for instance, request_ids in by_instance.items():
+                await self.client.hdel(inflight_key(instance), *request_ids)
+        finally:
+            held_written(rid for request_ids in by_instance.values() for rid in request_ids)
 
 
 def _settle_call(
@@ -523,21 +545,45 @@ class DatabaseCounterStore:
         cost: Decimal,
         tokens: int,
         now: datetime,
+        row: dict | None = None,
     ) -> list[Moved]:
         local_rate_limiter.settle(request_id=request_id, specs=rates, tokens=tokens)
         if not counters:
             return []
-        held_remove(request_id)
+        if row is not None:
+            held_settled(request_id)
+        else:
+            held_remove(request_id)
         return await sync_to_async(self._settle)(
-            request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now
+            request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now, row=row
         )
+
+    def keeps_record(self, held: Any) -> bool:
+        return bool(held.counters)  # a request under rate limits alone holds nothing here
+
+    async def records_forget(self, by_instance: Mapping[str, Sequence[str]]) -> None:
+        """Nothing to remove: a settled record is deleted in the transaction that inserts its row
+        (``ledger_rows.usage_rows_write``)."""
+        held_written(rid for request_ids in by_instance.values() for rid in request_ids)
 
     @transaction.atomic
     def _settle(
-        self, *, request_id: str, counters: Sequence[CounterSpec], cost: Decimal, tokens: int, now: datetime
+        self,
+        *,
+        request_id: str,
+        counters: Sequence[CounterSpec],
+        cost: Decimal,
+        tokens: int,
+        now: datetime,
+        row: dict | None = None,
     ) -> list[Moved]:
+        """``row``: keep the request's record, settled with its ledger row, until the row is written."""
         moved = []
-        RequestReservation.objects.filter(request_id=request_id).delete()
+        reservations = RequestReservation.objects.filter(request_id=request_id)
+        if row is None:
+            reservations.delete()
+        else:
+            reservations.update(settled_row=row)
         ordered = sorted(counters, key=attrgetter("key"))
         # One statement locks them all, in key order as admission does (ORDER BY before FOR UPDATE).
         rows = {
@@ -649,11 +695,13 @@ def reservation_settle_if_held(
     url = settings.REDIS_URL
     if not url:
         with transaction.atomic():
-            if RequestReservation.objects.select_for_update().filter(request_id=request_id).first() is None:
+            held = RequestReservation.objects.select_for_update().filter(request_id=request_id, settled_row__isnull=True)
+            if held.first() is None:
                 return None
             return database_store._settle(request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now)
     client = _replay_client(url, os.getpid())
-    if not client.hexists(inflight_key(instance), request_id):
+    record = client.hget(inflight_key(instance), request_id)
+    if record is None or SETTLED_ROW in json.loads(record):
         return None
     keys, args = _settle_call(request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance)
     reply = client.register_script(_script("admission_settle"))(keys=keys, args=args)
@@ -850,6 +898,12 @@ def _redis_lost_settle_one(
     client: redis.Redis, settle: Script, instance: str, request_id: str, raw: str, now: datetime
 ) -> int:
     record = json.loads(raw)
+    if SETTLED_ROW in record:
+        # Settled by its process, which died before committing the row: the row is written from the record,
+        # and the counters, moved by that settle already, stay as they are.
+        usage_rows_write([usage_data_from_spool(record[SETTLED_ROW])])
+        client.hdel(inflight_key(instance), request_id)
+        return 1
     record["admitted_at"] = datetime.fromisoformat(record["admitted_at"])
     cost, tokens = _lost_row(record, cost=Decimal(int(record["cost"])) * COST_QUANTUM, tokens=int(record["tokens"]))
     counter_keys = record.get("counters") or []  # an empty list comes back from Lua as {}
@@ -891,8 +945,14 @@ def _database_lost_settle(now: datetime) -> int:
 def _database_lost_settle_one(pk: int, now: datetime) -> int:
     fields = ("request_id", "user_id", "api_key_id", "provider_id", "model_id", "provider_name", "model_name")
     fields += ("endpoint", "stream", "prompt_tokens", "admitted_at")
+    settled = RequestReservation.objects.filter(pk=pk).values_list("request_id", "settled_row").first()
+    if settled is not None and settled[1] is not None:
+        # Settled by its process, which died before committing the row: the row is written from the record,
+        # which goes in the same transaction; the counters, moved by that settle already, stay as they are.
+        usage_rows_write([usage_data_from_spool(settled[1])], settled=[settled[0]])
+        return 1
     with transaction.atomic():
-        reservation = RequestReservation.objects.select_for_update().filter(pk=pk).first()
+        reservation = RequestReservation.objects.select_for_update().filter(pk=pk, settled_row__isnull=True).first()
         if reservation is None:
             return 0  # settled meanwhile, by its process or another sweep
         record = {field: getattr(reservation, field) for field in fields}

@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -90,6 +91,8 @@ HELD_AT_MOST = RESERVATION_TTL.total_seconds()
 # Request id → (monotonic time admitted, what this process holds for it; None for the database store,
 # where only the count matters: a process with nothing in flight need not beat).
 _held: dict[str, tuple[float, Held | None]] = {}
+# Request id → monotonic time settled, for requests settled whose ledger rows are not written yet.
+_settled: dict[str, float] = {}
 _held_lock = threading.Lock()
 
 
@@ -106,13 +109,32 @@ def held_remove(request_id: str) -> None:
         _held.pop(request_id, None)
 
 
+def held_settled(request_id: str) -> None:
+    """As ``held_remove``, but the request's record stays, settled, until its ledger row is written
+    (``held_written``): the process keeps beating for it meanwhile, so that the sweep does not write a row
+    that is on its way."""
+    with _held_lock:
+        _held.pop(request_id, None)
+        _settled[request_id] = time.monotonic()
+    _beat_start()
+
+
+def held_written(request_ids: Iterable[str]) -> None:
+    with _held_lock:
+        for request_id in request_ids:
+            _settled.pop(request_id, None)
+
+
 def held_count() -> int:
-    """How many requests this process holds, after forgetting those held for longer than any may run."""
+    """How many requests this process holds, or has settled without their rows written yet, after
+    forgetting those held for longer than any may run."""
     oldest = time.monotonic() - HELD_AT_MOST
     with _held_lock:
         for request_id in [rid for rid, (since, _) in _held.items() if since < oldest]:
             del _held[request_id]
-        return len(_held)
+        for request_id in [rid for rid, since in _settled.items() if since < oldest]:
+            del _settled[request_id]
+        return len(_held) + len(_settled)
 
 
 def held_clear() -> None:
@@ -120,6 +142,7 @@ def held_clear() -> None:
     and database are emptied between them."""
     with _held_lock:
         _held.clear()
+        _settled.clear()
 
 
 class _Beat(threading.Thread):

@@ -27,25 +27,26 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime
-from decimal import Decimal
+from collections.abc import Collection, Coroutine, Iterable
 from typing import Any
 
 import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
-from django.db.models import Q
-from django.utils import timezone
+from django.db import DatabaseError, close_old_connections, connection
 
 from core.request_context import outside_request
-from providers.models import CatalogModel, Deployment, Provider
 
-from ..models import ApiKey, UsageRecord
-from .admission import Admission, admission_dump, admission_load, admission_settle, admission_settle_spooled
+from .admission import (
+    Admission,
+    admission_dump,
+    admission_load,
+    admission_records_forget,
+    admission_records_held,
+    admission_settle,
+    admission_settle_spooled,
+)
+from .ledger_rows import UsageData, usage_data_dump, usage_data_from_spool, usage_rows_write
 from .spool import spool_append, spool_claim, spool_pending
 
 logger = logging.getLogger("llmhub.ledger")
@@ -57,48 +58,7 @@ BATCH_SIZE = 500
 # Loops of servers that have begun to shut down: rows settled on them from then on (streams cut by the
 # shutdown) are spooled at once, since such a loop may not live long enough to run another task.
 _closing_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
-_last_used_written: dict[int, float] = {}
-LAST_USED_RESOLUTION = 60.0  # seconds: a key's last_used_at is written at most this often per process
 _WRITE_ATTEMPTS = 5
-
-
-@dataclass
-class UsageData:
-    request_id: str
-    endpoint: str
-    stream: bool
-    status: str
-    operation: str = "chat"  # ``Operation``: what was asked (chat, messages, embeddings), whatever the transport
-    user_id: int | None = None
-    api_key_id: int | None = None
-    provider_id: int | None = None
-    model_id: int | None = None
-    deployment_id: int | None = None
-    provider_name: str = ""
-    model_name: str = ""
-    deployment_name: str = ""
-    requested_model: str = ""  # the name the client sent, when another model answered (alias, fallback)
-    attempts: int = 0  # upstream calls made, retries and fallbacks included
-    resumed: bool = False
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    cost: Decimal = Decimal("0")
-    usage_estimated: bool = False
-    upstream_latency_ms: int | None = None
-    ttft_ms: int | None = None
-    duration_ms: int = 0
-    error_type: str = ""
-    billing_source: str = "platform"  # ``BillingSource``: whose provider key paid
-    user_key_cost: Decimal | None = None  # the price of a request on the user's own key (``cost`` is then
-    # what counts against the platform's budgets)
-    moderation: str = ""  # what moderation found (flagged, or served although the moderation service failed)
-    experiment_id: int | None = None  # the A/B experiment the request was assigned in, and its variant
-    experiment_variant_id: int | None = None
-    created_at: datetime = field(default_factory=timezone.now)
-    # Instead of user_id and api_key_id when the key could not be looked up (the database was down): the
-    # key's SHA-256, as the database keeps it. The row is attributed when written (``_keys_resolved``).
-    key_hash: str = ""
 
 
 def usage_record_submit(data: UsageData, *, admission: Admission | None = None) -> None:
@@ -227,13 +187,17 @@ def _forget(rows: Iterable[UsageData]) -> None:
             _unwritten.pop(data.request_id, None)
 
 
-def _settle(data: UsageData, admission: Admission) -> Coroutine[Any, Any, None]:
+def _settle(data: UsageData, admission: Admission, *, row: bool = True) -> Coroutine[Any, Any, None]:
+    """Swap the reservation for the row's cost. ``row``: the in-flight record stays, settled, with the row,
+    until the row is committed or spooled (``_records_forget``): a process killed in between has its row
+    written by the lost-request sweep from that record, instead of leaving spend with no row."""
     return admission_settle(
         admission=admission,
         cost=data.cost,
         prompt_tokens=data.prompt_tokens,
         completion_tokens=data.completion_tokens,
         ok=data.status == "ok",
+        row=usage_data_dump(data) if row else None,
     )
 
 
@@ -267,7 +231,8 @@ async def _settle_until_landed(data: UsageData, admission: Admission) -> None:
     while True:
         await asyncio.sleep(delay)
         try:
-            await _settle(data, admission)
+            # Once the row is committed or spooled, its record has nothing left to keep: the settle removes it.
+            await _settle(data, admission, row=usage_unwritten(data.request_id) is not None)
             logger.warning("the settle of %s landed", data.request_id)
             return
         except (redis.RedisError, DatabaseError):
@@ -279,19 +244,33 @@ async def _write_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
     that failed too (the database is the counters' store) is then made by the replay, if its retry has not
     landed first."""
     rows = [data for data, _ in batch]
+    settled = admission_records_held(batch)
     delay = 0.05
     for attempt in range(1, _WRITE_ATTEMPTS + 1):
         try:
-            await sync_to_async(_write_rows, thread_sensitive=False)(rows)
-            return
+            await sync_to_async(_write_rows, thread_sensitive=False)(rows, settled)
+            break
         except DatabaseError:
             if attempt == _WRITE_ATTEMPTS:
                 logger.exception("ledger write of %d rows failed %d times; spooled", len(rows), attempt)
                 _spool_entries(batch)
                 ledger_spool_watch()
-                return
+                break
             await asyncio.sleep(delay)
             delay *= 2
+    await _records_forget(batch, settled)
+
+
+async def _records_forget(batch: list[tuple[UsageData, Admission | None]], settled: list[str]) -> None:
+    """The rows are committed (or spooled): their settled in-flight records have nothing left to keep. The
+    database store deleted them with the rows; Redis's go now. If Redis does not answer, they stay until
+    this process is gone, and the sweep then finds their rows written (or spooled) and only removes them."""
+    if not settled:
+        return
+    try:
+        await admission_records_forget(batch)
+    except redis.RedisError as exc:
+        logger.warning("forgetting %d settled in-flight records failed (%s); the sweep will", len(settled), exc)
 
 
 def ledger_begin_shutdown() -> None:
@@ -327,140 +306,10 @@ async def ledger_flush(wait_seconds: float = 30.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def _write_rows(rows: list[UsageData]) -> None:
-    """Insert rows in one transaction; rows whose request id is already in the ledger are skipped.
-
-    A row can refer to a user, key, provider or model deleted after its request ran (an admin removed
-    a model mid-stream, or the row waited in the spool). Its insert would break a foreign key and take
-    the whole batch with it, again at every retry and replay, so then the batch is written once more
-    with those references cleared: the row keeps the provider and model names and its cost, and the
-    ledger keeps every request, as ``on_delete=SET_NULL`` would have left it."""
+def _write_rows(rows: list[UsageData], settled: Collection[str] = ()) -> None:
+    """In a worker thread: ``usage_rows_write`` on a usable connection."""
     close_old_connections()
-    rows = _keys_resolved(rows)
-    try:
-        _insert(rows)
-    except IntegrityError:
-        kept = _without_dangling_references(rows)
-        if kept == rows:
-            raise
-        logger.warning("ledger rows refer to deleted users, keys, providers or models; written without them")
-        _insert(kept)
-    for api_key_id in {data.api_key_id for data in rows}:
-        _touch_key(api_key_id)
-
-
-def _keys_resolved(rows: list[UsageData]) -> list[UsageData]:
-    """Rows recorded under a key's hash get the key and its owner; a hash of no unrevoked key gets no row
-    at all, as the 401 that key would have had with the database up."""
-    hashes = {data.key_hash for data in rows if data.key_hash}
-    if not hashes:
-        return rows
-    # A rotated key's previous secret is the key too, until its grace ended (then it had a 401: no row).
-    keys = ApiKey.objects.filter(
-        Q(secret_hash__in=hashes) | Q(previous_secret_hash__in=hashes), revoked_at__isnull=True
-    ).values_list("secret_hash", "previous_secret_hash", "previous_secret_expires_at", "pk", "user_id")
-    found: dict[str, tuple[int, int, datetime | None]] = {}
-    for current, previous, grace_end, key_id, user_id in keys:
-        found[current] = (key_id, user_id, None)
-        if previous:
-            found.setdefault(previous, (key_id, user_id, grace_end))
-    resolved = []
-    for data in rows:
-        if not data.key_hash:
-            resolved.append(data)
-            continue
-        key = found.get(data.key_hash)
-        if key is not None and (key[2] is None or data.created_at < key[2]):
-            resolved.append(replace(data, api_key_id=key[0], user_id=key[1], key_hash=""))
-    return resolved
-
-
-# The ledger's columns a ``UsageData`` fills (``key_hash`` is resolved before the insert).
-_INSERTED = [item.name for item in fields(UsageData) if item.name != "key_hash"]
-
-
-def _insert(rows: list[UsageData]) -> None:
-    if connection.vendor == "postgresql":
-        _insert_arrays(rows)
-        return
-    if connection.vendor == "sqlite":
-        _insert_many(rows)
-        return
-    records = [UsageRecord(**{name: getattr(data, name) for name in _INSERTED}) for data in rows]
-    with transaction.atomic():
-        UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
-
-
-@functools.cache
-def _insert_statement() -> tuple[str, tuple[Any, ...]]:
-    """SQLite's ``INSERT OR IGNORE`` of one row, and the model fields of its columns, built once."""
-    by_name = {model_field.attname: model_field for model_field in UsageRecord._meta.concrete_fields}
-    columns = tuple(by_name[name] for name in _INSERTED)
-    names = ", ".join(column.column for column in columns)
-    marks = ", ".join(["%s"] * len(columns))
-    # Identifiers from the model's own metadata; every value is a parameter.
-    return f"INSERT OR IGNORE INTO {UsageRecord._meta.db_table} ({names}) VALUES ({marks})", columns  # noqa: S608
-
-
-def _insert_many(rows: list[UsageData]) -> None:
-    """SQLite: one prepared ``INSERT OR IGNORE`` run for every row of the batch (``executemany``), each value
-    prepared by its model field as ``bulk_create`` would. ``bulk_create`` built a model instance and compiled
-    the statement again for every batch: 0.84 ms of CPU for a batch of one, in a worker thread holding the
-    GIL while the next request ran (docs/performance.md). Same semantics: ids already in the ledger are
-    skipped, and a reference to a deleted row fails the batch (``_write_rows``)."""
-    sql, columns = _insert_statement()
-    params = [
-        [column.get_db_prep_save(getattr(data, column.attname), connection) for column in columns] for data in rows
-    ]
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.executemany(sql, params)
-
-
-def _insert_arrays(rows: list[UsageData]) -> None:
-    """PostgreSQL: the batch as one array per column, in one ``INSERT ... SELECT FROM unnest(...)``.
-
-    ``bulk_create`` prepares each of the 30 values of each row in Python (and ``asdict`` deep-copied them
-    before that): most of the writer's time, capping it at about 1,000 rows/s on a loaded machine, where
-    this statement leaves the work to the server (docs/ledger.md). Same semantics: ids already in the
-    ledger are skipped, and a reference to a deleted row fails the batch at commit (``_write_rows``)."""
-    by_name = {model_field.attname: model_field for model_field in UsageRecord._meta.concrete_fields}
-    columns = [by_name[name] for name in _INSERTED]
-    arrays = ", ".join(f"%s::{column.db_type(connection)}[]" for column in columns)
-    # Identifiers from the model's own metadata; every value is a parameter.
-    names = ", ".join(column.column for column in columns)
-    sql = f"INSERT INTO {UsageRecord._meta.db_table} ({names}) SELECT * FROM unnest({arrays}) ON CONFLICT (request_id) DO NOTHING"  # noqa: E501, S608
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(sql, [[getattr(data, name) for data in rows] for name in _INSERTED])
-
-
-def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
-    targets = {
-        "user_id": get_user_model(),
-        "api_key_id": ApiKey,
-        "provider_id": Provider,
-        "model_id": CatalogModel,
-        "deployment_id": Deployment,
-    }
-    existing: dict[str, set[int]] = {}
-    for name, target in targets.items():
-        ids = {getattr(data, name) for data in rows} - {None}
-        existing[name] = set(target.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
-    kept = []
-    for data in rows:
-        values = {name: getattr(data, name) for name in targets}
-        gone = {name: None for name, value in values.items() if value is not None and value not in existing[name]}
-        kept.append(replace(data, **gone) if gone else data)
-    return kept
-
-
-def _touch_key(api_key_id: int | None) -> None:
-    if api_key_id is None:
-        return
-    now = time.monotonic()
-    if now - _last_used_written.get(api_key_id, 0.0) < LAST_USED_RESOLUTION:
-        return
-    _last_used_written[api_key_id] = now
-    ApiKey.objects.filter(pk=api_key_id).update(last_used_at=timezone.now())
+    usage_rows_write(rows, settled=settled)
 
 
 def _spool(*rows: UsageData) -> None:
@@ -472,25 +321,12 @@ def _spool_entries(entries: Iterable[tuple[UsageData, Admission | None]]) -> Non
     """One JSON line a row: its fields, and under ``admission`` what settling its reservation needs."""
     lines = []
     for data, admission in entries:
-        raw: dict[str, Any] = asdict(data)
+        raw = usage_data_dump(data)
         held = admission_dump(admission)
         if held is not None:
             raw["admission"] = held
-        lines.append(json.dumps(raw, default=str))
+        lines.append(json.dumps(raw))
     spool_append(lines)
-
-
-def usage_data_from_spool(raw: dict[str, Any]) -> UsageData:
-    fields = {name: value for name, value in raw.items() if name != "admission"}
-    user_key_cost = raw.get("user_key_cost")
-    return UsageData(
-        **{
-            **fields,
-            "cost": Decimal(raw["cost"]),
-            "user_key_cost": None if user_key_cost is None else Decimal(user_key_cost),
-            "created_at": datetime.fromisoformat(raw["created_at"]),
-        }
-    )
 
 
 def ledger_replay_spool() -> int:
@@ -509,7 +345,9 @@ def ledger_replay_spool() -> int:
             for start in range(0, len(lines), BATCH_SIZE):
                 chunk = _settled_spooled(lines[start : start + BATCH_SIZE], leftovers)
                 try:
-                    _write_rows([data for _, data in chunk])
+                    # A row's record may have been left settled by its process (the database store: it was
+                    # down when the row was spooled): it goes with the row.
+                    _write_rows([data for _, data in chunk], [data.request_id for _, data in chunk])
                     replayed += len(chunk)
                 except DatabaseError:
                     logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(chunk))

@@ -22,7 +22,8 @@ from ..models import BillingSource, Operation, UsageStatus
 from ..pricing import cost_for
 from ..tokens import prompt_tokens, text_tokens
 from .admission import Admission
-from .ledger import UsageData, usage_record_submit
+from .ledger import usage_record_submit
+from .ledger_rows import UsageData
 
 REQUESTED_MODEL_LENGTH = 128  # UsageRecord.requested_model
 

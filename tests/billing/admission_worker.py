@@ -22,7 +22,8 @@ django.setup()
 from billing.exceptions import QuotaExceededError, RateLimitExceededError  # noqa: E402
 from billing.pricing import cost_for  # noqa: E402
 from billing.services.admission import admission_acquire  # noqa: E402
-from billing.services.ledger import UsageData, ledger_flush, usage_record_submit  # noqa: E402
+from billing.services.ledger import ledger_flush, usage_record_submit  # noqa: E402
+from billing.services.ledger_rows import UsageData  # noqa: E402
 from providers.selectors import model_resolve  # noqa: E402
 
 

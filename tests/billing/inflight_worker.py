@@ -24,7 +24,8 @@ from django.conf import settings  # noqa: E402
 
 from billing.pricing import cost_for  # noqa: E402
 from billing.services.admission import admission_acquire  # noqa: E402
-from billing.services.ledger import UsageData, _spool  # noqa: E402
+from billing.services.ledger import _spool  # noqa: E402
+from billing.services.ledger_rows import UsageData  # noqa: E402
 from providers.selectors import model_resolve  # noqa: E402
 
 

@@ -164,6 +164,23 @@ async def until(condition, what: str, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def records(redis_url: str) -> dict[str, bool]:
+    """Every in-flight record, of any process, in the store in use: request id → whether it is settled."""
+    if not redis_url:
+        return {
+            rid: row is not None for rid, row in RequestReservation.objects.values_list("request_id", "settled_row")
+        }
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return {
+            rid: "settled_row" in json.loads(raw)
+            for instance in client.smembers(INSTANCES_KEY)
+            for rid, raw in client.hgetall(INFLIGHT_PREFIX + instance).items()
+        }
+    finally:
+        client.close()
+
+
 def wait_for_rows(api_key, rows: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while UsageRecord.objects.filter(api_key=api_key).count() < rows:
@@ -263,20 +280,11 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
             assert warm.status_code == 200, warm.text
             held = [asyncio.create_task(post(client, doomed.url, secret, body(latency_ms=60_000))) for _ in range(2)]
             await until(lambda: fake_upstream.stats["requests"] == 3, "two requests upstream from the doomed server")
-            assert await sync_to_async(records_held)() == 2  # the records of the two requests in flight
+            assert len(await sync_to_async(records)(redis_url)) == 2  # the records of the two requests in flight
             doomed.process.send_signal(signal.SIGKILL)
             doomed.process.wait(timeout=10)
             results = await asyncio.gather(*held, return_exceptions=True)
             assert all(isinstance(r, httpx.HTTPError) for r in results), results
-
-    def records_held() -> int:
-        if store_kind == "database":
-            return RequestReservation.objects.count()
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
-        try:
-            return sum(client.hlen(INFLIGHT_PREFIX + instance) for instance in client.smembers(INSTANCES_KEY))
-        finally:
-            client.close()
 
     asyncio.run(scenario())
 
@@ -290,7 +298,7 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
     assert all(row.usage_estimated and row.cost == RESERVATION for row in lost)
     assert all(row.completion_tokens == MAX_TOKENS and row.model_name == "flat-model" for row in lost)
     assert all(row.endpoint == "rest" and row.user_id == budget_key["user"].pk for row in lost)
-    assert records_held() == 0
+    assert records(redis_url) == {}
     # Held amounts became spend, once: the counter is on the ledger's figure and holds nothing.
     ref = key_ref(budget_key["key"])
     assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
@@ -308,6 +316,165 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
             return [(await post(client, survivor.url, secret, body())).status_code for _ in range(2)]
 
     assert asyncio.run(two_more()) == [200, 429]
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_rows_settled_but_not_committed_when_their_process_is_killed_are_written_by_the_sweep(
+    request, store_kind, servers, budget_key, fake_upstream, settings
+):
+    """The doomed server answered two requests and settled them, and their rows waited in its ledger
+    writer's batch (lingering ten minutes here, for milliseconds in production) when it was killed. The
+    counters had the spend; the rows would have been lost. Each request's in-flight record was kept, settled
+    with its row, until the commit: the survivor's sweep writes those very rows, once, and moves no counter."""
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    secret = budget_key["secret"]
+    (doomed,) = servers(redis_url, 1, LLMHUB_LEDGER_LINGER_MS="600000")
+    (survivor,) = servers(redis_url, 1, LLMHUB_INFLIGHT_SWEEP_INTERVAL="0.2")
+    ref = key_ref(budget_key["key"])
+
+    async def answered() -> list[str]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            warm = await post(client, survivor.url, secret, body())  # which starts its sweeping thread
+            assert warm.status_code == 200, warm.text
+            responses = [await post(client, doomed.url, secret, body()) for _ in range(2)]
+        assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+        return [r.headers["x-request-id"] for r in responses]
+
+    request_ids = asyncio.run(answered())
+    deadline = time.monotonic() + 30
+    while counter_state(ref) != (3 * RESERVATION, Decimal(0)):
+        assert time.monotonic() < deadline, f"never settled: {counter_state(ref)}"
+        time.sleep(0.05)
+    assert records(redis_url) == dict.fromkeys(request_ids, True)  # settled, their rows on the way
+    assert not UsageRecord.objects.filter(request_id__in=request_ids).exists()
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+
+    wait_for_rows(budget_key["key"], 3)
+    rows = list(UsageRecord.objects.filter(api_key=budget_key["key"], request_id__in=request_ids))
+    assert sorted(row.request_id for row in rows) == sorted(request_ids)
+    assert {(row.status, row.cost, row.usage_estimated, row.completion_tokens) for row in rows} == {
+        (UsageStatus.OK, RESERVATION, False, MAX_TOKENS)
+    }
+    deadline = time.monotonic() + 10
+    while records(redis_url):
+        assert time.monotonic() < deadline, f"records left: {records(redis_url)}"
+        time.sleep(0.05)
+    # The counters moved at the settle, and not again.
+    assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+    for _ in range(2):
+        budget_counters_reconcile()
+        assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
+        assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+
+    async def two_more() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return [(await post(client, survivor.url, secret, body())).status_code for _ in range(2)]
+
+    assert asyncio.run(two_more()) == [200, 429]
+
+
+async def admitted_row(budget_key, request_id: str):
+    """A request admitted in this process, and the ledger row it ends with (costing its reservation)."""
+    from billing.services.admission import admission_acquire
+    from billing.services.ledger_rows import UsageData
+    from providers.selectors import model_resolve
+
+    model = await model_resolve("flat-model")
+    admission = await admission_acquire(
+        user_id=budget_key["user"].pk,
+        api_key_id=budget_key["key"].pk,
+        key_allowed_model_ids=None,
+        model=model,
+        body=body(),
+        request_id=request_id,
+        prompt_tokens_upper=0,
+    )
+    row = UsageData(
+        request_id=request_id,
+        endpoint="rest",
+        stream=False,
+        status=UsageStatus.OK,
+        user_id=budget_key["user"].pk,
+        api_key_id=budget_key["key"].pk,
+        model_id=model.id,
+        provider_id=model.provider.id,
+        model_name=model.name,
+        provider_name=model.provider.name,
+        completion_tokens=MAX_TOKENS,
+        cost=RESERVATION,
+    )
+    return row, admission
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+async def test_a_live_process_keeps_its_settled_records_until_their_rows_are_written(
+    request, store_kind, budget_key, settings
+):
+    """A row lingering in the writer's batch is settled, and its record is kept, settled; the process keeps
+    beating for it, so the sweep neither writes it nor moves a counter. The commit removes the record."""
+    from billing.services.counters import inflight_lost_settle
+    from billing.services.ledger import ledger_flush, usage_record_submit
+
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    await ledger_flush()
+    row, admission = await admitted_row(budget_key, "lingering")
+    ref = key_ref(budget_key["key"])
+    usage_record_submit(row, admission=admission)
+    deadline = time.monotonic() + 10
+    while await sync_to_async(counter_state)(ref) != (RESERVATION, Decimal(0)):
+        assert time.monotonic() < deadline, "never settled"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
+
+    assert await sync_to_async(inflight_lost_settle)() == 0
+    assert await sync_to_async(records)(redis_url) == {"lingering": True}
+    assert not await UsageRecord.objects.aexists()
+
+    await ledger_flush()
+    assert [r async for r in UsageRecord.objects.values_list("request_id", "status", "cost")] == [
+        ("lingering", UsageStatus.OK, RESERVATION)
+    ]
+    assert await sync_to_async(records)(redis_url) == {}
+    assert await sync_to_async(counter_state)(ref) == (RESERVATION, Decimal(0))
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+async def test_a_settled_row_spooled_by_a_failing_database_is_replayed_without_a_second_settle(
+    request, store_kind, budget_key, settings, monkeypatch, tmp_path
+):
+    """The writer settled the row, then the database refused it until it was spooled. The replay writes the
+    row, settles nothing again (the record says settled, or is gone), and leaves no record behind."""
+    from django.db import OperationalError
+
+    from billing.services import ledger
+    from billing.services.ledger import ledger_flush, ledger_replay_spool, usage_record_submit
+
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 3600  # this test replays, not the spool's watcher
+    await ledger_flush()
+
+    def refused(rows, settled=()):
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(ledger, "_write_rows", refused)
+    row, admission = await admitted_row(budget_key, "spooled")
+    usage_record_submit(row, admission=admission)
+    await ledger_flush()
+    assert "spooled" in settings.LLMHUB_LEDGER_SPOOL.read_text()
+    ref = key_ref(budget_key["key"])
+    assert await sync_to_async(counter_state)(ref) == (RESERVATION, Decimal(0))
+    monkeypatch.undo()
+
+    assert await sync_to_async(ledger_replay_spool)() == 1
+    assert await sync_to_async(counter_state)(ref) == (RESERVATION, Decimal(0))  # settled once
+    assert await UsageRecord.objects.filter(request_id="spooled", cost=RESERVATION).acount() == 1
+    assert await sync_to_async(records)(redis_url) == {}
 
 
 @pytest.mark.parametrize("store_kind", ["redis", "database"])

@@ -11,7 +11,7 @@ import time_machine
 
 from billing.models import UsageStatus
 from billing.services.keys import api_key_create, api_key_rotate, hash_key
-from billing.services.ledger import UsageData, _keys_resolved
+from billing.services.ledger_rows import UsageData, _keys_resolved
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db

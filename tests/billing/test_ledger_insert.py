@@ -12,7 +12,8 @@ import pytest
 
 from billing.models import UsageRecord
 from billing.services.keys import api_key_create
-from billing.services.ledger import BATCH_SIZE, UsageData, ledger_flush, usage_record_submit
+from billing.services.ledger import BATCH_SIZE, ledger_flush, usage_record_submit
+from billing.services.ledger_rows import UsageData
 from providers.models import CatalogModel, Deployment, Provider
 from tests.factories import UserFactory
 

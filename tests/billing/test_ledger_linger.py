@@ -11,7 +11,8 @@ import pytest
 
 from billing.models import UsageRecord
 from billing.services import ledger
-from billing.services.ledger import UsageData, ledger_flush, usage_record_submit
+from billing.services.ledger import ledger_flush, usage_record_submit
+from billing.services.ledger_rows import UsageData
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -28,9 +29,9 @@ def batches(monkeypatch):
     steps: list[tuple[str, int]] = []
     write_rows, settle_batch = ledger._write_rows, ledger._settle_batch
 
-    def write_spy(rows):
+    def write_spy(rows, settled=()):
         steps.append(("write", len(rows)))
-        return write_rows(rows)
+        return write_rows(rows, settled)
 
     async def settle_spy(batch):
         steps.append(("settle", len(batch)))

@@ -25,7 +25,8 @@ from billing.services.admission import admission_acquire
 from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import counter_state
 from billing.services.keys import api_key_create
-from billing.services.ledger import UsageData, usage_record_submit
+from billing.services.ledger import usage_record_submit
+from billing.services.ledger_rows import UsageData
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
 from tests.conftest import free_port, redis_start

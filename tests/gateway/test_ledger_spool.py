@@ -11,7 +11,8 @@ from asgiref.sync import sync_to_async
 
 from billing.models import UsageRecord
 from billing.services import ledger
-from billing.services.ledger import UsageData, ledger_flush, ledger_replay_spool, usage_record_submit
+from billing.services.ledger import ledger_flush, ledger_replay_spool, usage_record_submit
+from billing.services.ledger_rows import UsageData
 from billing.tasks import ledger_spool_replay
 
 pytestmark = pytest.mark.django_db(transaction=True)

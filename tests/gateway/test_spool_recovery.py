@@ -32,7 +32,7 @@ from billing.services.admission import admission_acquire, admission_settle
 from billing.services.budgets import SETTLED_MEMORY, CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
-from billing.services.ledger import UsageData
+from billing.services.ledger_rows import UsageData
 from llmhub.testing.postgres import PostgresCluster
 from providers.selectors import resolved_model
 from tests.conftest import free_port, own_postgres, wait_for_port

@@ -1,0 +1,244 @@
+"""A ledger row (``UsageData``) and its one way into the ledger: ``usage_rows_write``.
+
+Used by the ledger's writer (``ledger.py``), by the replay of its spool, and by the lost-request sweep
+(``counters.py``), which writes the row a killed process had settled but not committed from that request's
+in-flight record (docs/reliability.md, "A killed process"). In the database store of admission that record
+is deleted in the very transaction that inserts its row.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from providers.models import CatalogModel, Deployment, Provider
+
+from ..models import ApiKey, RequestReservation, UsageRecord
+
+logger = logging.getLogger("llmhub.ledger")
+
+_last_used_written: dict[int, float] = {}
+LAST_USED_RESOLUTION = 60.0  # seconds: a key's last_used_at is written at most this often per process
+
+
+@dataclass
+class UsageData:
+    request_id: str
+    endpoint: str
+    stream: bool
+    status: str
+    operation: str = "chat"  # ``Operation``: what was asked (chat, messages, embeddings), whatever the transport
+    user_id: int | None = None
+    api_key_id: int | None = None
+    provider_id: int | None = None
+    model_id: int | None = None
+    deployment_id: int | None = None
+    provider_name: str = ""
+    model_name: str = ""
+    deployment_name: str = ""
+    requested_model: str = ""  # the name the client sent, when another model answered (alias, fallback)
+    attempts: int = 0  # upstream calls made, retries and fallbacks included
+    resumed: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: Decimal = Decimal("0")
+    usage_estimated: bool = False
+    upstream_latency_ms: int | None = None
+    ttft_ms: int | None = None
+    duration_ms: int = 0
+    error_type: str = ""
+    billing_source: str = "platform"  # ``BillingSource``: whose provider key paid
+    user_key_cost: Decimal | None = None  # the price of a request on the user's own key (``cost`` is then
+    # what counts against the platform's budgets)
+    moderation: str = ""  # what moderation found (flagged, or served although the moderation service failed)
+    experiment_id: int | None = None  # the A/B experiment the request was assigned in, and its variant
+    experiment_variant_id: int | None = None
+    created_at: datetime = field(default_factory=timezone.now)
+    # Instead of user_id and api_key_id when the key could not be looked up (the database was down): the
+    # key's SHA-256, as the database keeps it. The row is attributed when written (``_keys_resolved``).
+    key_hash: str = ""
+
+
+_FIELDS = tuple(item.name for item in fields(UsageData))
+
+
+def usage_data_dump(data: UsageData) -> dict[str, Any]:
+    """The row as JSON values, as the spool and a settled in-flight record keep it (``usage_data_from_spool``
+    reads it back)."""
+    raw = {name: getattr(data, name) for name in _FIELDS}
+    raw["cost"] = str(data.cost)
+    raw["user_key_cost"] = None if data.user_key_cost is None else str(data.user_key_cost)
+    raw["created_at"] = data.created_at.isoformat()
+    return raw
+
+
+def usage_data_from_spool(raw: dict[str, Any]) -> UsageData:
+    fields = {name: value for name, value in raw.items() if name != "admission"}
+    user_key_cost = raw.get("user_key_cost")
+    return UsageData(
+        **{
+            **fields,
+            "cost": Decimal(raw["cost"]),
+            "user_key_cost": None if user_key_cost is None else Decimal(user_key_cost),
+            "created_at": datetime.fromisoformat(raw["created_at"]),
+        }
+    )
+
+
+def usage_rows_write(rows: list[UsageData], *, settled: Collection[str] = ()) -> None:
+    """Insert rows in one transaction; rows whose request id is already in the ledger are skipped.
+
+    A row can refer to a user, key, provider or model deleted after its request ran (an admin removed
+    a model mid-stream, or the row waited in the spool). Its insert would break a foreign key and take
+    the whole batch with it, again at every retry and replay, so then the batch is written once more
+    with those references cleared: the row keeps the provider and model names and its cost, and the
+    ledger keeps every request, as ``on_delete=SET_NULL`` would have left it.
+
+    ``settled``: request ids whose in-flight records were settled with these rows (in the database store of
+    admission they are deleted in the same transaction; Redis's are forgotten by the caller once this
+    returns)."""
+    rows = _keys_resolved(rows)
+    try:
+        _commit(rows, settled)
+    except IntegrityError:
+        kept = _without_dangling_references(rows)
+        if kept == rows:
+            raise
+        logger.warning("ledger rows refer to deleted users, keys, providers or models; written without them")
+        _commit(kept, settled)
+    for api_key_id in {data.api_key_id for data in rows}:
+        _touch_key(api_key_id)
+
+
+def _commit(rows: list[UsageData], settled: Collection[str]) -> None:
+    with transaction.atomic():
+        _insert(rows)
+        if settled and not settings.REDIS_URL:
+            RequestReservation.objects.filter(request_id__in=settled, settled_row__isnull=False).delete()
+
+
+def _keys_resolved(rows: list[UsageData]) -> list[UsageData]:
+    """Rows recorded under a key's hash get the key and its owner; a hash of no unrevoked key gets no row
+    at all, as the 401 that key would have had with the database up."""
+    hashes = {data.key_hash for data in rows if data.key_hash}
+    if not hashes:
+        return rows
+    # A rotated key's previous secret is the key too, until its grace ended (then it had a 401: no row).
+    keys = ApiKey.objects.filter(
+        Q(secret_hash__in=hashes) | Q(previous_secret_hash__in=hashes), revoked_at__isnull=True
+    ).values_list("secret_hash", "previous_secret_hash", "previous_secret_expires_at", "pk", "user_id")
+    found: dict[str, tuple[int, int, datetime | None]] = {}
+    for current, previous, grace_end, key_id, user_id in keys:
+        found[current] = (key_id, user_id, None)
+        if previous:
+            found.setdefault(previous, (key_id, user_id, grace_end))
+    resolved = []
+    for data in rows:
+        if not data.key_hash:
+            resolved.append(data)
+            continue
+        key = found.get(data.key_hash)
+        if key is not None and (key[2] is None or data.created_at < key[2]):
+            resolved.append(replace(data, api_key_id=key[0], user_id=key[1], key_hash=""))
+    return resolved
+
+
+# The ledger's columns a ``UsageData`` fills (``key_hash`` is resolved before the insert).
+_INSERTED = [item.name for item in fields(UsageData) if item.name != "key_hash"]
+
+
+def _insert(rows: list[UsageData]) -> None:
+    """In the caller's transaction."""
+    if connection.vendor == "postgresql":
+        _insert_arrays(rows)
+        return
+    if connection.vendor == "sqlite":
+        _insert_many(rows)
+        return
+    records = [UsageRecord(**{name: getattr(data, name) for name in _INSERTED}) for data in rows]
+    UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
+
+
+@functools.cache
+def _insert_statement() -> tuple[str, tuple[Any, ...]]:
+    """SQLite's ``INSERT OR IGNORE`` of one row, and the model fields of its columns, built once."""
+    by_name = {model_field.attname: model_field for model_field in UsageRecord._meta.concrete_fields}
+    columns = tuple(by_name[name] for name in _INSERTED)
+    names = ", ".join(column.column for column in columns)
+    marks = ", ".join(["%s"] * len(columns))
+    # Identifiers from the model's own metadata; every value is a parameter.
+    return f"INSERT OR IGNORE INTO {UsageRecord._meta.db_table} ({names}) VALUES ({marks})", columns  # noqa: S608
+
+
+def _insert_many(rows: list[UsageData]) -> None:
+    """SQLite: one prepared ``INSERT OR IGNORE`` run for every row of the batch (``executemany``), each value
+    prepared by its model field as ``bulk_create`` would. ``bulk_create`` built a model instance and compiled
+    the statement again for every batch: 0.84 ms of CPU for a batch of one, in a worker thread holding the
+    GIL while the next request ran (docs/performance.md). Same semantics: ids already in the ledger are
+    skipped, and a reference to a deleted row fails the batch (``_write_rows``)."""
+    sql, columns = _insert_statement()
+    params = [
+        [column.get_db_prep_save(getattr(data, column.attname), connection) for column in columns] for data in rows
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
+def _insert_arrays(rows: list[UsageData]) -> None:
+    """PostgreSQL: the batch as one array per column, in one ``INSERT ... SELECT FROM unnest(...)``.
+
+    ``bulk_create`` prepares each of the 30 values of each row in Python (and ``asdict`` deep-copied them
+    before that): most of the writer's time, capping it at about 1,000 rows/s on a loaded machine, where
+    this statement leaves the work to the server (docs/ledger.md). Same semantics: ids already in the
+    ledger are skipped, and a reference to a deleted row fails the batch at commit (``_write_rows``)."""
+    by_name = {model_field.attname: model_field for model_field in UsageRecord._meta.concrete_fields}
+    columns = [by_name[name] for name in _INSERTED]
+    arrays = ", ".join(f"%s::{column.db_type(connection)}[]" for column in columns)
+    # Identifiers from the model's own metadata; every value is a parameter.
+    names = ", ".join(column.column for column in columns)
+    sql = f"INSERT INTO {UsageRecord._meta.db_table} ({names}) SELECT * FROM unnest({arrays}) ON CONFLICT (request_id) DO NOTHING"  # noqa: E501, S608
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [[getattr(data, name) for data in rows] for name in _INSERTED])
+
+
+def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
+    targets = {
+        "user_id": get_user_model(),
+        "api_key_id": ApiKey,
+        "provider_id": Provider,
+        "model_id": CatalogModel,
+        "deployment_id": Deployment,
+    }
+    existing: dict[str, set[int]] = {}
+    for name, target in targets.items():
+        ids = {getattr(data, name) for data in rows} - {None}
+        existing[name] = set(target.objects.filter(pk__in=ids).values_list("pk", flat=True)) if ids else set()
+    kept = []
+    for data in rows:
+        values = {name: getattr(data, name) for name in targets}
+        gone = {name: None for name, value in values.items() if value is not None and value not in existing[name]}
+        kept.append(replace(data, **gone) if gone else data)
+    return kept
+
+
+def _touch_key(api_key_id: int | None) -> None:
+    if api_key_id is None:
+        return
+    now = time.monotonic()
+    if now - _last_used_written.get(api_key_id, 0.0) < LAST_USED_RESOLUTION:
+        return
+    _last_used_written[api_key_id] = now
+    ApiKey.objects.filter(pk=api_key_id).update(last_used_at=timezone.now())
