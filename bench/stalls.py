@@ -14,7 +14,8 @@ what the ledger's insert costs the other requests), ``no-linger`` (the writer's 
 wake-up, as before ``LLMHUB_LEDGER_LINGER_MS``), ``no-wal-autocheckpoint`` (SQLite's WAL checkpoint, with its
 fsync, no longer run by the committing connection every 1000 pages); ``census`` also counts the objects the
 garbage collector tracks, by type, before and after the run (what grows), and ``garbage`` what the run left
-in reference cycles (what only the garbage collector frees). Prints JSON.
+in reference cycles (what only the garbage collector frees). ``--budgeted`` sends every request on a key
+with a budget, so that admission reserves and the writer settles. Prints JSON.
 """
 
 from __future__ import annotations
@@ -99,11 +100,11 @@ def child(requests: int, key: str, what_if: set[str]) -> dict[str, Any]:
     writes: list[tuple[float, float, str]] = []  # (start, end, thread)
     original = ledger._write_rows
 
-    def timed_write_rows(rows: list[Any]) -> None:
+    def timed_write_rows(rows: list[Any], settled: Any = ()) -> None:
         started = time.perf_counter()
         try:
             if "no-ledger-write" not in what_if:
-                original(rows)
+                original(rows, settled)
         finally:
             writes.append((started, time.perf_counter(), threading.current_thread().name))
 
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--what-if", action="append", default=[], help="a variant (comma-separated what-ifs)")
     parser.add_argument("--rounds", type=int, default=2, help="each variant this many times, in turns")
+    parser.add_argument(
+        "--budgeted", action="store_true", help="on a key with a budget: admission reserves, the writer settles"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--key", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-stalls-"))
     run.WORK = work  # bench_environment puts the ledger spool there
-    processes = run.Processes()
+    processes = run.Processes(work=work)  # its logs beside the run's files
     results = []
     try:
         with contextlib.ExitStack() as stack, run.stopped_on_signals(processes):
@@ -222,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = args.what_if or [""]
             for round_number in range(args.rounds):
                 for variant in variants[round_number % len(variants) :] + variants[: round_number % len(variants)]:
-                    argv_child = [sys.executable, "bench/stalls.py", "--child", "-n", str(args.n), "--key", keys["key"]]
+                    key = keys["budgeted_key" if args.budgeted else "key"]
+                    argv_child = [sys.executable, "bench/stalls.py", "--child", "-n", str(args.n), "--key", key]
                     if variant:
                         argv_child += ["--what-if", variant]
                     done = subprocess.run(argv_child, cwd=run.ROOT, env=env, capture_output=True, text=True)
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(done.stdout + done.stderr)
                     result = json.loads(done.stdout.strip().splitlines()[-1])
                     result.update(round=round_number, database=args.database, load=os.getloadavg()[0])
+                    result.update(budgeted=args.budgeted)
                     results.append(result)
                     print(json.dumps(result), file=sys.stderr)
     finally:
