@@ -181,6 +181,23 @@ def records(redis_url: str) -> dict[str, bool]:
         client.close()
 
 
+def three_spent_and_one_more_admitted(budget_key, server: Server) -> None:
+    """The key's ledger has three rows and its counter their cost, holding nothing, however often
+    reconciliation (the Celery task's work) runs; what the budget still pays for is admitted: one more
+    request, and not two."""
+    ref = key_ref(budget_key["key"])
+    for _ in range(3):
+        assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
+        assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+        budget_counters_reconcile()
+
+    async def two_more() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return [(await post(client, server.url, budget_key["secret"], body())).status_code for _ in range(2)]
+
+    assert asyncio.run(two_more()) == [200, 429]
+
+
 def wait_for_rows(api_key, rows: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while UsageRecord.objects.filter(api_key=api_key).count() < rows:
@@ -304,18 +321,7 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
     assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
     assert ledger_sum(budget_key["key"]) == 3 * RESERVATION
 
-    # Reconcile (the Celery task's work) finds nothing more to do, however often it runs.
-    for _ in range(2):
-        budget_counters_reconcile()
-        assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
-        assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
-
-    # What the budget still pays for is admitted: one more request, and not two.
-    async def two_more() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return [(await post(client, survivor.url, secret, body())).status_code for _ in range(2)]
-
-    assert asyncio.run(two_more()) == [200, 429]
+    three_spent_and_one_more_admitted(budget_key, survivor)
 
 
 @pytest.mark.parametrize("store_kind", ["redis", "database"])
@@ -362,17 +368,7 @@ def test_rows_settled_but_not_committed_when_their_process_is_killed_are_written
         assert time.monotonic() < deadline, f"records left: {records(redis_url)}"
         time.sleep(0.05)
     # The counters moved at the settle, and not again.
-    assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
-    for _ in range(2):
-        budget_counters_reconcile()
-        assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
-        assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
-
-    async def two_more() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as client:
-            return [(await post(client, survivor.url, secret, body())).status_code for _ in range(2)]
-
-    assert asyncio.run(two_more()) == [200, 429]
+    three_spent_and_one_more_admitted(budget_key, survivor)
 
 
 async def admitted_row(budget_key, request_id: str):
