@@ -248,21 +248,10 @@ async def test_a_rebuilt_counter_counts_reservations_held_and_settles_not_yet_in
     settles before the counter is rebuilt, its ledger row not written yet. The rebuilt counter has its
     spend and the other two reservations: one more request fits, not two."""
     from billing.exceptions import QuotaExceededError
-    from billing.services.admission import admission_acquire, admission_settle
-    from providers.selectors import model_resolve
+    from billing.services.admission import admission_settle
 
-    model = await model_resolve("flat-model")
-
-    async def acquire(request_id: str):
-        return await admission_acquire(
-            user_id=budget_key["user"].pk,
-            api_key_id=budget_key["key"].pk,
-            key_allowed_model_ids=None,
-            model=model,
-            body=body(),
-            request_id=request_id,
-            prompt_tokens_upper=0,
-        )
+    def acquire(request_id: str):
+        return admitted(budget_key, request_id)
 
     held = [await acquire(f"held-{n}") for n in range(3)]
     own_redis.kill()
@@ -371,22 +360,29 @@ def test_rows_settled_but_not_committed_when_their_process_is_killed_are_written
     three_spent_and_one_more_admitted(budget_key, survivor)
 
 
-async def admitted_row(budget_key, request_id: str):
-    """A request admitted in this process, and the ledger row it ends with (costing its reservation)."""
+async def admitted(budget_key, request_id: str):
+    """``request_id`` admitted in this process on the budget key, for a request like ``body()``."""
     from billing.services.admission import admission_acquire
-    from billing.services.ledger_rows import UsageData
     from providers.selectors import model_resolve
 
-    model = await model_resolve("flat-model")
-    admission = await admission_acquire(
+    return await admission_acquire(
         user_id=budget_key["user"].pk,
         api_key_id=budget_key["key"].pk,
         key_allowed_model_ids=None,
-        model=model,
+        model=await model_resolve("flat-model"),
         body=body(),
         request_id=request_id,
         prompt_tokens_upper=0,
     )
+
+
+async def admitted_row(budget_key, request_id: str):
+    """A request admitted in this process, and the ledger row it ends with (costing its reservation)."""
+    from billing.services.ledger_rows import UsageData
+    from providers.selectors import model_resolve
+
+    model = await model_resolve("flat-model")
+    admission = await admitted(budget_key, request_id)
     row = UsageData(
         request_id=request_id,
         endpoint="rest",
@@ -476,25 +472,15 @@ async def test_a_settled_row_spooled_by_a_failing_database_is_replayed_without_a
 @pytest.mark.parametrize("store_kind", ["redis", "database"])
 async def test_a_request_settled_by_its_process_is_never_written_as_lost(request, store_kind, budget_key, settings):
     """The sweep leaves alone what live processes hold, and the records of settled requests are gone."""
-    from billing.services.admission import admission_acquire, admission_settle
-    from providers.selectors import model_resolve
+    from billing.services.admission import admission_settle
 
     if store_kind == "redis":
         request.getfixturevalue("use_redis")
     else:
         settings.REDIS_URL = ""
-    model = await model_resolve("flat-model")
 
-    async def acquire(request_id: str):
-        return await admission_acquire(
-            user_id=budget_key["user"].pk,
-            api_key_id=budget_key["key"].pk,
-            key_allowed_model_ids=None,
-            model=model,
-            body=body(),
-            request_id=request_id,
-            prompt_tokens_upper=0,
-        )
+    def acquire(request_id: str):
+        return admitted(budget_key, request_id)
 
     settled, open_ = await acquire("settled"), await acquire("open")
     await admission_settle(admission=settled, cost=RESERVATION, prompt_tokens=0, completion_tokens=MAX_TOKENS, ok=True)
