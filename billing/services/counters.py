@@ -419,7 +419,14 @@ def redis_counter_state(url: str, ref: CounterRef) -> tuple[Decimal, Decimal] | 
     return ref.from_units(spent), ref.from_units(reserved or 0)
 
 
+FORGET_EVERY = timedelta(minutes=1)
+FORGET_REMEMBERED = 10_000
+
+
 class DatabaseCounterStore:
+    def __init__(self) -> None:
+        self._forgotten_at: dict[int, datetime] = {}  # counter pk → when its old settled reservations went
+
     async def acquire(
         self,
         *,
@@ -495,11 +502,14 @@ class DatabaseCounterStore:
         return AcquireOutcome(reserved, rate_states)
 
     def _lock(self, counters: Sequence[CounterSpec], now: datetime) -> list[BudgetCounter]:
-        # Always in key order, so two admissions sharing counters cannot deadlock.
-        rows = {}
-        for spec in sorted(counters, key=attrgetter("key")):
-            rows[spec.key] = self._counter_for_update(spec.ref)
-        self._expire(list(rows.values()), now)
+        # Always in key order, so two admissions sharing counters cannot deadlock: one statement locks
+        # them all (ORDER BY before FOR UPDATE); at a counter's first use in a period, one at a time.
+        keys = sorted({spec.key for spec in counters})
+        rows = {row.key: row for row in BudgetCounter.objects.select_for_update().filter(key__in=keys).order_by("key")}
+        if len(rows) < len(keys):
+            rows = {spec.key: self._counter_for_update(spec.ref) for spec in sorted(counters, key=attrgetter("key"))}
+        if any(row.reserved for row in rows.values()):  # with nothing held, nothing can have expired
+            self._expire(list(rows.values()), now)
         return [rows[spec.key] for spec in counters]
 
     def _counter_for_update(self, ref: CounterRef) -> BudgetCounter:
@@ -578,58 +588,83 @@ class DatabaseCounterStore:
         row: dict | None = None,
     ) -> list[Moved]:
         """``row``: keep the request's record, settled with its ledger row, until the row is written."""
-        moved = []
-        reservations = RequestReservation.objects.filter(request_id=request_id)
+        moved: list[Moved] = []
+        record = RequestReservation.objects.filter(request_id=request_id)
         if row is None:
-            reservations.delete()
+            record.delete()
         else:
-            reservations.update(settled_row=row)
+            record.update(settled_row=row)
         ordered = sorted(counters, key=attrgetter("key"))
         # One statement locks them all, in key order as admission does (ORDER BY before FOR UPDATE).
-        rows = {
-            row.key: row
-            for row in BudgetCounter.objects.select_for_update()
+        locked = {
+            counter.key: counter
+            for counter in BudgetCounter.objects.select_for_update()
             .filter(key__in=[spec.key for spec in ordered])
             .order_by("key")
         }
-        if not rows:
+        if not locked:
             return moved
         held = {
             reservation.counter_id: reservation
-            for reservation in BudgetReservation.objects.filter(counter__in=list(rows.values()), request_id=request_id)
+            for reservation in BudgetReservation.objects.filter(
+                counter__in=list(locked.values()), request_id=request_id
+            )
         }
-        settled_now, expired_meanwhile, changed = [], [], []
+        settled_now: dict[Decimal, list[int]] = {}  # reservations settled now, by the amount they settle at
+        expired_meanwhile, changed = [], []
         for spec in ordered:
-            row = rows.get(spec.key)
-            if row is None:
+            counter = locked.get(spec.key)
+            if counter is None:
                 continue
-            reservation = held.get(row.pk)
+            reservation = held.get(counter.pk)
             if reservation is not None and reservation.settled_at is not None:
                 continue  # settled already
+            actual = cost if spec.metric == BudgetMetric.COST else Decimal(tokens)
             if reservation is None:
                 # Expired and given back before the request finished: it still spent what it spent.
-                reservation = BudgetReservation(counter=row, request_id=request_id, amount=Decimal(0))
-                expired_meanwhile.append(reservation)
+                expired_meanwhile.append(
+                    BudgetReservation(
+                        counter=counter,
+                        request_id=request_id,
+                        amount=Decimal(0),
+                        expires_at=now,
+                        settled_at=now,
+                        settled_amount=actual,
+                    )
+                )
             else:
-                row.reserved -= reservation.amount
-                settled_now.append(reservation)
-            actual = cost if spec.metric == BudgetMetric.COST else Decimal(tokens)
-            # Kept a while, settled, so that reconciliation can tell it from a request that never ran.
-            reservation.expires_at = reservation.settled_at = now
-            reservation.settled_amount = actual
-            before = row.spent
-            row.spent += actual
-            changed.append(row)
-            moved.append((spec, before, row.spent))
-        if settled_now:
-            BudgetReservation.objects.bulk_update(settled_now, ["expires_at", "settled_at", "settled_amount"])
+                counter.reserved -= reservation.amount
+                settled_now.setdefault(actual, []).append(reservation.pk)
+            before = counter.spent
+            counter.spent += actual
+            changed.append(counter)
+            moved.append((spec, before, counter.spent))
+        # Kept a while, settled, so that reconciliation can tell it from a request that never ran. One plain
+        # UPDATE per amount (a request's counters settle at its cost or its tokens): bulk_update's CASE
+        # statement cost more to build than the rest of the settle.
+        for actual, pks in settled_now.items():
+            BudgetReservation.objects.filter(pk__in=pks).update(expires_at=now, settled_at=now, settled_amount=actual)
         if expired_meanwhile:
             BudgetReservation.objects.bulk_create(expired_meanwhile)
-        for row in changed:
-            row.save(update_fields=["spent", "reserved", "updated_at"])
-        if changed:
-            BudgetReservation.objects.filter(counter__in=changed, settled_at__lt=now - SETTLED_MEMORY).delete()
+        for counter in changed:
+            counter.save(update_fields=["spent", "reserved", "updated_at"])
+        self._forget_settled(changed, now)
         return moved
+
+    def _forget_settled(self, counters: Sequence[BudgetCounter], now: datetime) -> None:
+        """Delete the counters' reservations settled longer than ``SETTLED_MEMORY`` ago: at most once a
+        minute per counter in this process (reconciliation deletes them too before it reads them, and
+        nothing else reads settled reservations that old)."""
+        due = [
+            c for c in counters if not (now - FORGET_EVERY < self._forgotten_at.get(c.pk, now - FORGET_EVERY) <= now)
+        ]
+        if not due:
+            return
+        BudgetReservation.objects.filter(counter__in=due, settled_at__lt=now - SETTLED_MEMORY).delete()
+        if len(self._forgotten_at) > FORGET_REMEMBERED:  # counters of past periods: start afresh
+            self._forgotten_at.clear()
+        for counter in due:
+            self._forgotten_at[counter.pk] = now
 
     def reconcile(self, now: datetime) -> int:
         """Bring every counter back to the ledger's figure, each under its row lock and in one transaction
@@ -695,7 +730,9 @@ def reservation_settle_if_held(
     url = settings.REDIS_URL
     if not url:
         with transaction.atomic():
-            held = RequestReservation.objects.select_for_update().filter(request_id=request_id, settled_row__isnull=True)
+            held = RequestReservation.objects.select_for_update().filter(
+                request_id=request_id, settled_row__isnull=True
+            )
             if held.first() is None:
                 return None
             return database_store._settle(request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now)
