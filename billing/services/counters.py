@@ -32,7 +32,7 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Value
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -419,6 +419,29 @@ def redis_counter_state(url: str, ref: CounterRef) -> tuple[Decimal, Decimal] | 
     return ref.from_units(spent), ref.from_units(reserved or 0)
 
 
+def _counters_write(counters: Sequence[BudgetCounter], now: datetime) -> None:
+    """Write the locked ``counters``' spent and reserved: one prepared UPDATE run for them all, each value
+    prepared by its model field as ``save`` would. Twice per budgeted request, where ``save`` cost more
+    to build than to run (docs/performance.md)."""
+    if not counters:
+        return
+    meta = BudgetCounter._meta
+    spent, reserved, updated_at = (meta.get_field(name) for name in ("spent", "reserved", "updated_at"))
+    sql = (
+        f"UPDATE {meta.db_table} SET {spent.column} = %s, {reserved.column} = %s, {updated_at.column} = %s "  # noqa: S608
+        f"WHERE {meta.pk.column} = %s"
+    )
+    at = updated_at.get_db_prep_save(now, connection)
+    params = [
+        (spent.get_db_prep_save(c.spent, connection), reserved.get_db_prep_save(c.reserved, connection), at, c.pk)
+        for c in counters
+    ]
+    for counter in counters:
+        counter.updated_at = now
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, params)
+
+
 FORGET_EVERY = timedelta(minutes=1)
 FORGET_REMEMBERED = 10_000
 
@@ -486,8 +509,7 @@ class DatabaseCounterStore:
                     )
                     row.reserved += amount
                 BudgetReservation.objects.bulk_create(holds)
-                for row in rows:
-                    row.save(update_fields=["reserved", "updated_at"])
+                _counters_write(rows, now)
                 RequestReservation.objects.create(
                     **record,
                     instance=instance_id(),
@@ -646,8 +668,7 @@ class DatabaseCounterStore:
             BudgetReservation.objects.filter(pk__in=pks).update(expires_at=now, settled_at=now, settled_amount=actual)
         if expired_meanwhile:
             BudgetReservation.objects.bulk_create(expired_meanwhile)
-        for counter in changed:
-            counter.save(update_fields=["spent", "reserved", "updated_at"])
+        _counters_write(changed, now)
         self._forget_settled(changed, now)
         return moved
 
