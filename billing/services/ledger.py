@@ -325,7 +325,7 @@ def _spool_entries(entries: Iterable[tuple[UsageData, Admission | None]]) -> Non
         held = admission_dump(admission)
         if held is not None:
             raw["admission"] = held
-        lines.append(json.dumps(raw))
+        lines.append(json.dumps(raw, default=str))  # a value JSON cannot hold must not lose the row
     spool_append(lines)
 
 
