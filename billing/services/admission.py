@@ -34,7 +34,7 @@ from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
 from .alerts import Crossing, budget_alerts_raise, budget_crossings
 from .budgets import CounterRef, CounterSpec, charge_for, counter_specs
 from .counters import Moved, admission_store, reservation_settle_if_held
-from .inflight import instance_id
+from .inflight import held_written, instance_id
 from .keys import MAX_KEY_DEPTH
 from .ratelimits import RateSpec, rate_specs, ratelimit_headers
 
@@ -210,24 +210,36 @@ async def admission_settle(
         await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=admission.user_id)
 
 
+def admission_keeps_record(admission: Admission | None) -> bool:
+    """Whether ``admission`` left an in-flight record, which its settle can keep, settled, with its row."""
+    return (
+        admission is not None
+        and isinstance(admission.handle, _Held)
+        and admission_store().keeps_record(admission.handle)
+    )
+
+
 def admission_records_held(entries: Iterable[tuple[Any, Admission | None]]) -> list[str]:
     """The request ids of ``entries`` (rows with their admissions) that left an in-flight record, which
     their settle kept, settled, until the rows are written."""
-    store = admission_store()
-    return [
-        admission.request_id
-        for _, admission in entries
-        if admission is not None and isinstance(admission.handle, _Held) and store.keeps_record(admission.handle)
-    ]
+    return [admission.request_id for _, admission in entries if admission_keeps_record(admission)]
 
 
 async def admission_records_forget(entries: Iterable[tuple[Any, Admission | None]]) -> None:
     """The rows of ``entries`` are committed or spooled: their settled in-flight records go."""
     by_instance: dict[str, list[str]] = {}
     for _, admission in entries:
-        if admission is not None and isinstance(admission.handle, _Held):
+        if admission_keeps_record(admission):
             by_instance.setdefault(admission.handle.instance, []).append(admission.request_id)
-    await admission_store().records_forget(by_instance)
+    if by_instance:
+        await admission_store().records_forget(by_instance)
+
+
+def admission_records_unmark(entries: Iterable[tuple[Any, Admission | None]]) -> None:
+    """The rows of ``entries`` are spooled by a writer whose loop is gone, so that their settled records
+    cannot be removed now: this process stops beating for them, and once it is gone the lost-request sweep
+    removes them (writing rows the spool's replay writes too, which the ledger's unique id makes one)."""
+    held_written(admission_records_held(entries))
 
 
 def _crossings(moved: list[Moved]) -> list[Crossing]:

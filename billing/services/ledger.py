@@ -40,9 +40,11 @@ from core.request_context import outside_request
 from .admission import (
     Admission,
     admission_dump,
+    admission_keeps_record,
     admission_load,
     admission_records_forget,
     admission_records_held,
+    admission_records_unmark,
     admission_settle,
     admission_settle_spooled,
 )
@@ -127,7 +129,6 @@ async def _writer_run(writer: _Writer) -> None:
             if writer.due is not None:
                 writer.due.cancel()  # when hurried or full before it was due
             await _write_batch(writer.in_flight)
-            _forget(data for data, _ in writer.in_flight)
             writer.in_flight = []
         writer.hurried = False
 
@@ -179,6 +180,7 @@ def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
     writer.in_flight, writer.queue = [], []
     _spool_entries(entries)
     _forget(data for data, _ in entries)
+    admission_records_unmark(entries)
 
 
 def _forget(rows: Iterable[UsageData]) -> None:
@@ -197,7 +199,7 @@ def _settle(data: UsageData, admission: Admission, *, row: bool = True) -> Corou
         prompt_tokens=data.prompt_tokens,
         completion_tokens=data.completion_tokens,
         ok=data.status == "ok",
-        row=usage_data_dump(data) if row else None,
+        row=usage_data_dump(data) if row and admission_keeps_record(admission) else None,
     )
 
 
@@ -232,8 +234,13 @@ async def _settle_until_landed(data: UsageData, admission: Admission) -> None:
         await asyncio.sleep(delay)
         try:
             # Once the row is committed or spooled, its record has nothing left to keep: the settle removes it.
-            await _settle(data, admission, row=usage_unwritten(data.request_id) is not None)
+            kept = usage_unwritten(data.request_id) is not None
+            await _settle(data, admission, row=kept)
             logger.warning("the settle of %s landed", data.request_id)
+            if kept and usage_unwritten(data.request_id) is None:
+                # Its batch was written while the settle was on its way, and the batch's forget may have come
+                # before the settled record did: it goes now (twice is harmless).
+                await _records_forget([(data, admission)], [data.request_id])
             return
         except (redis.RedisError, DatabaseError):
             delay = min(delay * 2, SETTLE_RETRY_MAX_DELAY)
@@ -258,6 +265,9 @@ async def _write_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
                 break
             await asyncio.sleep(delay)
             delay *= 2
+    # No longer unwritten before the records go: a settle retried meanwhile (``_settle_until_landed``) that
+    # lands after the records' forget then sees its row written, and forgets its record itself.
+    _forget(rows)
     await _records_forget(batch, settled)
 
 

@@ -582,3 +582,87 @@ def test_a_dead_process_whose_row_waits_in_the_spool_gets_that_row_not_a_lost_on
     assert ledger_sum(budget_key["key"]) == spent
     budget_counters_reconcile()
     assert counter_state(key_ref(budget_key["key"])) == (spent, Decimal(0))
+
+
+async def test_a_retried_settle_landing_after_its_row_was_written_leaves_no_record(
+    use_redis, budget_key, settings, monkeypatch
+):
+    """The batch's settle failed (Redis restarting) and is retried; the retry leaves while the row is still
+    on its way, so it keeps the record, settled, but lands after the row was committed and the batch's
+    records forgotten. The retry then forgets its record itself: none is left behind for the sweep."""
+    import threading
+
+    from billing.services import ledger
+    from billing.services.ledger import ledger_flush, usage_record_submit, usage_unwritten
+
+    settings.LLMHUB_LEDGER_LINGER_MS = 0
+    await ledger_flush()
+    real_settle, real_write = ledger.admission_settle, ledger._write_rows
+    retry_left = threading.Event()
+    kept_rows: list[bool] = []
+
+    async def settle(**kwargs):
+        kept_rows.append(kwargs["row"] is not None)
+        if len(kept_rows) == 1:
+            raise redis.ConnectionError("Redis is restarting")
+        retry_left.set()
+        await until(lambda: usage_unwritten("raced") is None, "the row written", timeout=10)
+        await asyncio.sleep(0.2)  # and the batch's records forgotten
+        return await real_settle(**kwargs)
+
+    def write(rows, settled=()):
+        assert retry_left.wait(10), "the settle was never retried"
+        real_write(rows, settled)
+
+    monkeypatch.setattr(ledger, "admission_settle", settle)
+    monkeypatch.setattr(ledger, "_write_rows", write)
+    row, admission = await admitted_row(budget_key, "raced")
+    usage_record_submit(row, admission=admission)
+    await until(lambda: len(kept_rows) == 2 and not ledger._settles_retrying, "the retried settle landed")
+
+    assert kept_rows == [True, True]
+    assert await UsageRecord.objects.filter(request_id="raced", cost=RESERVATION).acount() == 1
+    assert await sync_to_async(records)(use_redis) == {}
+    assert await sync_to_async(counter_state)(key_ref(budget_key["key"])) == (RESERVATION, Decimal(0))
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_rows_spooled_when_their_writer_ends_stop_the_beat_and_are_written_once(
+    request, store_kind, budget_key, settings, tmp_path
+):
+    """The event loop ends under its writer's lingering, settled row: the row is spooled, and the process
+    stops beating for its settled record (it cannot remove it without a loop). The sweep then writes that
+    row and removes the record; the spool's replay finds it written. One row, one settle."""
+    from billing.services import inflight
+    from billing.services.counters import inflight_lost_settle
+    from billing.services.ledger import ledger_replay_spool, usage_record_submit
+
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 3600  # this test replays, not the spool's watcher
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    ref = key_ref(budget_key["key"])
+
+    async def settled_then_loop_ends() -> None:
+        row, admission = await admitted_row(budget_key, "orphaned")
+        usage_record_submit(row, admission=admission)
+        # Settled, its row not written: the process beats for it.
+        await until(lambda: inflight.held_count() == 1 and "orphaned" not in inflight._held, "settled", timeout=10)
+
+    asyncio.run(settled_then_loop_ends())  # which cancels the writer
+
+    assert "orphaned" in settings.LLMHUB_LEDGER_SPOOL.read_text()
+    assert counter_state(ref) == (RESERVATION, Decimal(0))
+    assert inflight.held_count() == 0
+    assert records(redis_url) == {"orphaned": True}
+    assert not UsageRecord.objects.exists()
+
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
+    assert inflight_lost_settle() == 1
+    assert records(redis_url) == {}
+    assert ledger_replay_spool() in (0, 1)
+    assert list(UsageRecord.objects.values_list("request_id", "status", "cost")) == [
+        ("orphaned", UsageStatus.OK, RESERVATION)
+    ]
+    assert counter_state(ref) == (RESERVATION, Decimal(0))
