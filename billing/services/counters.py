@@ -75,6 +75,7 @@ from .inflight import (
     INSTANCES_KEY,
     SWEEP_LOCK_KEY,
     Held,
+    Settled,
     heartbeat_key,
     heartbeat_ttl_ms,
     held_add,
@@ -86,6 +87,7 @@ from .inflight import (
     inflight_key,
     instance_id,
     restart_grace_ms,
+    settled_snapshot_locked,
 )
 from .ledger_rows import usage_data_from_spool, usage_rows_write
 from .ratelimits import WINDOW_MS, RateSpec, RateState, WindowState, local_rate_limiter, rate_limit_error
@@ -294,8 +296,13 @@ class RedisCounterStore:
             request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance_id()
         )
         if row is not None:
-            args.append(json.dumps({SETTLED_ROW: row}))
-            held_settled(request_id)
+            record = json.dumps({SETTLED_ROW: row})
+            args.append(record)
+            spent = tuple(
+                (spec.key, int(cost / COST_QUANTUM) if spec.metric == BudgetMetric.COST else tokens)
+                for spec in counters
+            )
+            held_settled(request_id, Settled(record=record, counters=spent))
         else:
             held_remove(request_id)
         return _settle_moved(counters, await self._settle(keys=keys, args=args))
@@ -832,6 +839,7 @@ def redis_heartbeat(client: redis.Redis, instance: str, *, known_epoch: str | No
 
 def redis_reassert(client: redis.Redis, instance: str) -> int:
     reassert = client.register_script(_script("inflight_reassert"))
+    reassert_settled = client.register_script(_script("inflight_reassert_settled"))
     now = timezone.now()
     count = 0
     # Under the lock, so that a settle cannot slip between reading what is held and writing it back.
@@ -844,6 +852,15 @@ def redis_reassert(client: redis.Redis, instance: str) -> int:
                 keys += _counter_keys(key)[:2]
                 args += [amount, _ms_of(CounterRef.from_key(key).retention(now))]
             count += reassert(keys=keys, args=args)
+        # Settled, their rows on the way to the ledger: the settled record, and the spend on each counter
+        # that Redis lost with it, which the counter's rebuild then counts (as the settle had remembered it).
+        for request_id, settled in settled_snapshot_locked():
+            keys = [inflight_key(instance)]
+            args = [request_id, settled.record, _ms(now), len(settled.counters)]
+            for key, spent in settled.counters:
+                keys += _counter_keys(key)[::2]  # its hash and its settled zset
+                args += [spent, _ms_of(CounterRef.from_key(key).retention(now))]
+            count += reassert_settled(keys=keys, args=args)
     return count
 
 

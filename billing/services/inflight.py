@@ -14,8 +14,9 @@ holds. The heartbeat runs in a daemon thread, not a task of some event loop, so 
 uvicorn, daphne, a test's live server and a worker script, and whatever loop a request ran on.
 
 Redis can also lose the records (a restart without persistence). Every process keeps its own records in
-memory too (``_held``); when its heartbeat finds a new Redis epoch (``llmhub:epoch``, which a restarted
-Redis no longer has) it re-asserts them, and admission does not rebuild a counter until every live
+memory too (``_held``, and ``_settled`` for those settled whose rows are not written yet); when its
+heartbeat finds a new Redis epoch (``llmhub:epoch``, which a restarted Redis no longer has) it re-asserts
+them, and admission does not rebuild a counter until every live
 process has had the time to (docs/reliability.md, "Reservations and in-flight requests").
 """
 
@@ -83,6 +84,17 @@ class Held:
     counters: tuple[tuple[str, int], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A request this process settled in Redis whose ledger row is not written yet, as it would re-assert it
+    after Redis lost it: the settled record (JSON, with the row) and, per budget counter, the key and what
+    the request spent in the counter's units (remembered on the counter as ``s:<request id>``, which a
+    rebuilt counter counts until the row is in the ledger)."""
+
+    record: str
+    counters: tuple[tuple[str, int], ...]
+
+
 # Longer than any request may run: what a process still holds after this was leaked by a caller that
 # never settled, and its reservation has expired everywhere else already.
 HELD_AT_MOST = RESERVATION_TTL.total_seconds()
@@ -91,8 +103,9 @@ HELD_AT_MOST = RESERVATION_TTL.total_seconds()
 # Request id → (monotonic time admitted, what this process holds for it; None for the database store,
 # where only the count matters: a process with nothing in flight need not beat).
 _held: dict[str, tuple[float, Held | None]] = {}
-# Request id → monotonic time settled, for requests settled whose ledger rows are not written yet.
-_settled: dict[str, float] = {}
+# Request id → (monotonic time settled, what to re-assert in Redis; None for the database store), for
+# requests settled whose ledger rows are not written yet.
+_settled: dict[str, tuple[float, Settled | None]] = {}
 _held_lock = threading.Lock()
 
 
@@ -109,13 +122,13 @@ def held_remove(request_id: str) -> None:
         _held.pop(request_id, None)
 
 
-def held_settled(request_id: str) -> None:
+def held_settled(request_id: str, settled: Settled | None = None) -> None:
     """As ``held_remove``, but the request's record stays, settled, until its ledger row is written
     (``held_written``): the process keeps beating for it meanwhile, so that the sweep does not write a row
-    that is on its way."""
+    that is on its way, and re-asserts ``settled`` if Redis loses it."""
     with _held_lock:
         _held.pop(request_id, None)
-        _settled[request_id] = time.monotonic()
+        _settled[request_id] = (time.monotonic(), settled)
     _beat_start()
 
 
@@ -132,7 +145,7 @@ def held_count() -> int:
     with _held_lock:
         for request_id in [rid for rid, (since, _) in _held.items() if since < oldest]:
             del _held[request_id]
-        for request_id in [rid for rid, since in _settled.items() if since < oldest]:
+        for request_id in [rid for rid, (since, _) in _settled.items() if since < oldest]:
             del _settled[request_id]
         return len(_held) + len(_settled)
 
@@ -206,6 +219,11 @@ def _beat_start() -> None:
 def held_snapshot_locked() -> list[tuple[str, Held]]:
     """The Redis reservations held; call with ``_held_lock`` held (``held_lock``)."""
     return [(rid, held) for rid, (_, held) in _held.items() if held is not None]
+
+
+def settled_snapshot_locked() -> list[tuple[str, Settled]]:
+    """The Redis records settled whose rows are not written yet; call with ``_held_lock`` held."""
+    return [(rid, settled) for rid, (_, settled) in _settled.items() if settled is not None]
 
 
 def held_lock() -> threading.Lock:

@@ -266,6 +266,36 @@ async def test_a_rebuilt_counter_counts_reservations_held_and_settles_not_yet_in
     assert state == (RESERVATION, 3 * RESERVATION)  # held-0 spent; held-1, held-2 and after reserved
 
 
+async def test_a_settled_row_not_written_when_redis_restarts_is_reasserted_and_counted(own_redis, budget_key, settings):
+    """A request settled and lingering in the writer's batch when Redis restarts empty, beside one still
+    held: the heartbeat re-asserts both, the settled one as settled, with its row (for the sweep, should the
+    process die before the commit) and its spend, which the rebuilt counter counts: of the budget's four,
+    two more requests fit, not three. The commit then removes the record."""
+    from billing.exceptions import QuotaExceededError
+    from billing.services.ledger import ledger_flush, usage_record_submit
+
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    await ledger_flush()
+    row, admission = await admitted_row(budget_key, "settled-0")
+    usage_record_submit(row, admission=admission)
+    await until(lambda: records(own_redis.url) == {"settled-0": True}, "settled, its row lingering", timeout=10)
+    await admitted(budget_key, "held-1")
+    own_redis.kill()
+    own_redis.start()
+
+    await until(lambda: records(own_redis.url) == {"settled-0": True, "held-1": False}, "both re-asserted", timeout=10)
+    await admitted(budget_key, "after-2")
+    await admitted(budget_key, "after-3")
+    with pytest.raises(QuotaExceededError):
+        await admitted(budget_key, "one-too-many")
+    ref = key_ref(budget_key["key"])
+    assert await sync_to_async(counter_state)(ref) == (RESERVATION, 3 * RESERVATION)
+
+    await ledger_flush()
+    assert await UsageRecord.objects.filter(request_id="settled-0", cost=RESERVATION).acount() == 1
+    assert await sync_to_async(records)(own_redis.url) == {"held-1": False, "after-2": False, "after-3": False}
+
+
 # POINT 5: A KILLED PROCESS LOSES NOTHING THAT WAS RESERVED
 
 
