@@ -53,7 +53,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize, stats
+
+
+def _stats():
+    """scipy.stats, imported at first use: importing it takes about a second, which every process that
+    loads the URLconf (each server, worker and management command) paid at start-up for a results page."""
+    from scipy import stats
+
+    return stats
+
+
+def _optimize():
+    from scipy import optimize
+
+    return optimize
+
 
 DESIGN_SAMPLES = 1_000  # per arm: where the default mixture makes the boundary tightest
 SAMPLES_NEEDED_CAP = 10_000_000  # per arm: beyond this, "not estimable" (the effect is ~0)
@@ -94,7 +108,7 @@ def summary_of_rate(successes: int, n: int) -> Summary:
 
 
 def _z(confidence: float) -> float:
-    return float(stats.norm.ppf(0.5 + confidence / 2))
+    return float(_stats().norm.ppf(0.5 + confidence / 2))
 
 
 def _wilson(successes: np.ndarray, n: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +137,7 @@ def mean_interval(s: Summary, confidence: float = 0.95) -> tuple[float, float]:
     """The Student t interval for a mean; (nan, nan) when ``n < 2`` (no variance to go on)."""
     if s.n < 2:
         return (math.nan, math.nan)
-    half = float(stats.t.ppf(0.5 + confidence / 2, df=s.n - 1)) * math.sqrt(s.variance / s.n)
+    half = float(_stats().t.ppf(0.5 + confidence / 2, df=s.n - 1)) * math.sqrt(s.variance / s.n)
     return (s.mean - half, s.mean + half)
 
 
@@ -137,8 +151,8 @@ def quantile_ranks(n: int, q: float, confidence: float = 0.95) -> tuple[int, int
         raise ValueError("quantile_ranks needs at least one value")
     alpha = 1 - confidence
     rank = max(1, math.ceil(q * n))
-    low = int(max(1, stats.binom.ppf(alpha / 2, n, q)))
-    high = int(min(n, stats.binom.ppf(1 - alpha / 2, n, q) + 1))
+    low = int(max(1, _stats().binom.ppf(alpha / 2, n, q)))
+    high = int(min(n, _stats().binom.ppf(1 - alpha / 2, n, q) + 1))
     return rank, low, high
 
 
@@ -170,7 +184,7 @@ def mixture_scale(alpha: float, design_samples: int = DESIGN_SAMPLES) -> float:
     tightest after ``design_samples`` per arm. The boundary in z units is ``(1 + nc)/(nc) · (2 log(1/alpha)
     + log(1 + nc))``; its minimum over ``x = nc`` is where ``x = 2 log(1/alpha) + log(1 + x)``."""
     a = 2 * math.log(1 / alpha)
-    x = optimize.brentq(lambda x: x - a - math.log1p(x), a, 10 * a + 10)
+    x = _optimize().brentq(lambda x: x - a - math.log1p(x), a, 10 * a + 10)
     return x / design_samples
 
 
@@ -303,7 +317,7 @@ def samples_needed(difference: float, per_observation: float, tau2: float, level
         return None
     if excess(start) >= 0:
         return 1
-    target = optimize.brentq(excess, start, SAMPLES_NEEDED_CAP, xtol=0.5)
+    target = _optimize().brentq(excess, start, SAMPLES_NEEDED_CAP, xtol=0.5)
     return max(1, math.ceil(target) - n_now)
 
 
