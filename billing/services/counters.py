@@ -311,12 +311,12 @@ class RedisCounterStore:
         return True  # the acquire script records every request it admits
 
     async def records_forget(self, by_instance: Mapping[str, Sequence[str]]) -> None:
-        """Remove the settled records of requests whose rows are committed or spooled."""
-        try:
-            for instance, request_ids in by_instance.items():
-                await self.client.hdel(inflight_key(instance), *request_ids)
-        finally:
-            held_written(rid for request_ids in by_instance.values() for rid in request_ids)
+        """Remove the settled records of requests whose rows are committed or spooled. This process stops
+        holding them first: a re-assert after a Redis restart (which holds the same lock) then either ran
+        before, and the HDEL removes what it wrote, or runs after and no longer sees them."""
+        held_written(rid for request_ids in by_instance.values() for rid in request_ids)
+        for instance, request_ids in by_instance.items():
+            await self.client.hdel(inflight_key(instance), *request_ids)
 
 
 def _settle_call(
