@@ -20,7 +20,7 @@ help:
 	@echo "make test-postgres  the money tests (or ARGS) on a throw-away PostgreSQL"
 	@echo "make lint     ruff check and ruff format --check"
 	@echo "make format   ruff format and ruff check --fix"
-	@echo "make bench    run the gateway benchmark (bench/run.py)"
+	@echo "make bench    every benchmark, each figure beside its target (bench/all.py; ARGS=--quick: a few minutes)"
 	@echo "make migrate  apply database migrations"
 	@echo "make clean    remove .venv, caches and test artefacts (keeps db.sqlite3 and .local/)"
 
@@ -75,7 +75,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) bench/run.py $(ARGS)
+	$(PY) bench/all.py $(ARGS)
 
 migrate: $(STAMP)
 	$(PY) manage.py migrate --noinput

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -240,11 +241,18 @@ def _insert_throughput(
     return rows / seconds, (time.process_time() - cpu) * 1000 / rows, server_used * 1000 / rows
 
 
+# What ``--output`` writes: every figure this run printed, for ``bench/all.py``'s summary (``make bench``).
+FIGURES: dict[str, Any] = {}
+
+
 def _line(name: str, median: float, worst: float, target: float, unit: str = "ms") -> bool:
-    ok = median <= target
+    FIGURES.setdefault("queries", []).append(
+        {"name": name, "median_ms": round(median, 1), "worst_ms": round(worst, 1), "limit_ms": target}
+    )
+    ok = median < target  # the issue: "under 200 ms"
     verdict = "ok" if ok else "MISSED"
     print(
-        f"  {name:<58} {median:8.1f} {unit} median  {worst:8.1f} {unit} worst   target ≤ {target:g} {unit}  {verdict}"
+        f"  {name:<58} {median:8.1f} {unit} median  {worst:8.1f} {unit} worst   target < {target:g} {unit}  {verdict}"
     )
     return ok
 
@@ -258,6 +266,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent, experiment_usage_fold
 
     version = connection.cursor().connection.info.server_version
+    FIGURES.update(rows=rows, days=DAYS, postgres=version, load_average_start=round(os.getloadavg()[0], 2))
     print(f"PostgreSQL {version}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
     today = datetime.now(UTC).date()
     if queries_only:
@@ -305,6 +314,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     ok = True
     print("\ninsert throughput, through the ledger writer (usage_record_submit, batches of 500, one transaction each)")
     rate, cpu_ms, server_ms = _insert_throughput(rows=insert_rows, user_id=user_ids[1], key_id=key_ids[2])
+    FIGURES["insert"] = {"rows": insert_rows, "rows_per_s": round(rate), "limit_rows_per_s": INSERT_TARGET}
     ok &= rate >= INSERT_TARGET
     verdict = "ok" if rate >= INSERT_TARGET else "MISSED"
     print(f"  {insert_rows:,} rows into {rows:,}: {rate:8,.0f} rows/s   target ≥ {INSERT_TARGET:,} rows/s  {verdict}")
@@ -334,6 +344,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     deleted = usage_records_purge(before=cutoff.date())
     seconds = time.perf_counter() - began
     print(f"  {deleted:,} rows in {seconds:.1f} s ({deleted / seconds:,.0f} rows/s)")
+    FIGURES["retention"] = {"days": 5, "rows_deleted": deleted, "seconds": round(seconds, 1)}
     return 0 if ok else 1
 
 
@@ -402,6 +413,7 @@ def main(argv: list[str]) -> int:
         default=DAYS,
         help="days the rows span: fewer days with fewer rows keep a day (what the dashboards read raw) as full",
     )
+    parser.add_argument("--output", help="also write the figures as JSON here (bench/all.py reads them)")
     parser.add_argument(
         "--queries-only",
         action="store_true",
@@ -418,7 +430,13 @@ def main(argv: list[str]) -> int:
             url = stack.enter_context(throwaway_postgres(database="ledger_scale"))
             createdb(url)
         _setup(url)
-        return measure(args.rows, args.insert_rows, queries_only=args.queries_only)
+        status = measure(args.rows, args.insert_rows, queries_only=args.queries_only)
+    if args.output:
+        FIGURES["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        with open(args.output, "w") as output:
+            json.dump(FIGURES, output, indent=2)
+            output.write("\n")
+    return status
 
 
 if __name__ == "__main__":

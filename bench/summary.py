@@ -1,0 +1,247 @@
+"""Every target of issue 14 beside its figure, from the parts `make bench` runs (``bench/all.py``).
+
+The parts write their own JSON: the served hot path (``bench/run.py``, once on PostgreSQL and once on
+SQLite), the streams at scale (``bench/streams.py``) and the ledger at millions of rows
+(``bench/ledger_scale.py``). This module only reads them: ``rows`` turns them into one list of
+(part, figure, target, measured, verdict) rows, a part that did not run saying why, and ``markdown``
+prints that list. A figure the issue asks to be *reported* (memory per open stream, CPU per chunk) has
+the target "reported" and no verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench import report
+
+MET, MISSED, NOT_RUN = "met", "MISSED", "not run"
+# Streams: the issue's limits on what llmhub adds to the time to first token.
+STEADY_P50_MS, STEADY_P99_MS, BURST_P50_MS = 20.0, 200.0, 150.0
+RSS_DRIFT_PCT = 10.0
+DATABASES = ("postgres", "sqlite")
+DATABASE_NAMES = {"postgres": "PostgreSQL", "sqlite": "SQLite"}
+
+
+@dataclass(frozen=True)
+class Row:
+    part: str
+    figure: str
+    target: str
+    measured: str
+    verdict: str  # met, MISSED, "" (reported only), or "not run" / "failed" with the reason in measured
+
+
+def _at_most(value: float | None, limit: float) -> str:
+    return "" if value is None else (MET if value <= limit else MISSED)
+
+
+def _served(database: str, results: dict[str, Any]) -> list[Row]:
+    """The served targets, uvicorn with one worker (two for the workers' figure), as ``report.derive`` judged them."""
+    part = f"served, {DATABASE_NAMES[database]}"
+    server = results.get("servers", {}).get("uvicorn")
+    if server is None:
+        return [Row(part, "uvicorn", "", "uvicorn was not among the servers measured", NOT_RUN)]
+    rows = []
+    targets = server.get("targets", {})
+    for name, (label, target, _limit) in report.TARGETS.items():
+        judged = targets.get(name)
+        if judged is None or judged.get("figure") is None:
+            rows.append(Row(part, label, target, "not measured in this run", NOT_RUN))
+            continue
+        figure = judged["figure"]
+        if name == "share_of_bare_c32":
+            measured = f"{figure * 100:.0f} %"
+        elif name == "workers_2_over_1_c64":
+            measured = f"{figure:.2f}×"
+        else:
+            measured = f"{figure:+.2f} ms"
+        rows.append(Row(part, label, target, measured, MET if judged["met"] else MISSED))
+    # "Report both" ceilings: the bare view forwarding with httpx and with aiohttp, at concurrency 32.
+    for stream, kind in ((False, "json"), (True, "stream")):
+        bare = {name: report.find_point(server.get("wrk", []), name, stream, 32) for name in ("bare", "bare-aiohttp")}
+        ours = report.find_point(server.get("wrk", []), "llmhub", stream, 32)
+        if all(bare.values()) and ours:
+            measured = (
+                f"llmhub {ours['rps']:.0f}, bare httpx {bare['bare']['rps']:.0f},"
+                f" bare aiohttp {bare['bare-aiohttp']['rps']:.0f}"
+            )
+            rows.append(
+                Row(part, f"req/s at concurrency 32, {kind}: llmhub and both ceilings", "reported", measured, "")
+            )
+    return rows
+
+
+def _streams(results: dict[str, Any]) -> list[Row]:
+    part = "streams"
+    rows = []
+    one_worker_open: list[tuple[int, float | None, float | None]] = []
+    for server in results.get("servers", []):
+        workers = server["workers"]
+        label = f"{workers} worker{'s' if workers > 1 else ''}"
+        for point in server.get("steady", []):
+            n, p50, p99 = point["open_target"], point["added_ttft_p50_ms"], point["added_ttft_p99_ms"]
+            if workers == 1:
+                one_worker_open.append((n, p50, p99))
+            rows.append(Row(part, f"{label}, {n} open: added TTFT p50", "≤ 20 ms", f"{p50} ms", _at_most(p50, 20)))
+            rows.append(Row(part, f"{label}, {n} open: added TTFT p99", "≤ 200 ms", f"{p99} ms", _at_most(p99, 200)))
+            errors = point["llmhub"]["errors"]
+            rows.append(Row(part, f"{label}, {n} open: failed streams", "0", str(errors), _at_most(errors, 0)))
+            rows.append(
+                Row(
+                    part,
+                    f"{label}, {n} open: memory per open stream",
+                    "reported",
+                    f"{point['rss_per_stream_kib']} KiB",
+                    "",
+                )
+            )
+        burst = server.get("burst")
+        if burst:
+            added = burst["added_ttft_p50_ms"]
+            rows.append(
+                Row(
+                    part,
+                    f"{label}, burst of {burst['streams']} stream starts: added TTFT p50",
+                    "≤ 150 ms",
+                    f"{added} ms",
+                    _at_most(added, BURST_P50_MS),
+                )
+            )
+        cpu = server.get("cpu")
+        if cpu:
+            rows.append(Row(part, f"{label}: CPU per relayed chunk", "reported", f"{cpu['cpu_per_chunk_us']} µs", ""))
+            if "cpu_per_paced_chunk_us" in cpu:
+                rows.append(
+                    Row(part, f"{label}: CPU per paced chunk", "reported", f"{cpu['cpu_per_paced_chunk_us']} µs", "")
+                )
+            rows.append(Row(part, f"{label}: CPU per stream start", "reported", f"{cpu['cpu_per_start_us']} µs", ""))
+        ws = server.get("ws")
+        if ws:
+            rows.append(
+                Row(
+                    part,
+                    f"{label}, {ws['chats']} concurrent WebSocket chats: errors",
+                    "0",
+                    str(ws["errors"]),
+                    _at_most(ws["errors"], 0),
+                )
+            )
+        rss = server.get("rss")
+        if rss:
+            drift = rss["drift_pct"]
+            rows.append(
+                Row(
+                    part,
+                    f"{label}, RSS over {rss['requests']:,} requests after warm-up",
+                    "within 10 %",
+                    f"{rss['rss_after_warmup_mib']} → {rss['rss_end_mib']} MiB ({drift:+} %)",
+                    _at_most(abs(drift), RSS_DRIFT_PCT),
+                )
+            )
+    two = next((s for s in results.get("servers", []) if s["workers"] == 2), None)
+    if two is not None and one_worker_open:
+        # "Two workers carry twice the streams at the same figures": each of the two-worker points against the
+        # one-worker point of half its streams, under the same limits.
+        met = all(
+            p["added_ttft_p50_ms"] is not None
+            and p["added_ttft_p50_ms"] <= STEADY_P50_MS
+            and p["added_ttft_p99_ms"] is not None
+            and p["added_ttft_p99_ms"] <= STEADY_P99_MS
+            and p["llmhub"]["errors"] == 0
+            for p in two.get("steady", [])
+        )
+        opened = ", ".join(str(p["open_target"]) for p in two.get("steady", []))
+        rows.append(
+            Row(
+                part,
+                "two workers carry twice the streams at the same figures",
+                f"{opened} open within the limits above",
+                "see the two-worker rows",
+                MET if met else MISSED,
+            )
+        )
+    ledger = results.get("ledger")
+    if ledger:
+        written = ledger["rows"] + ledger["spooled"]
+        rows.append(
+            Row(
+                part,
+                "ledger rows (+ spooled) for the requests sent",
+                "every one",
+                f"{written:,} of {ledger['sent']:,}",
+                MET if written == ledger["sent"] else MISSED,
+            )
+        )
+    return rows
+
+
+def _ledger(results: dict[str, Any]) -> list[Row]:
+    part = f"ledger, {results.get('rows', 0):,} rows, PostgreSQL"
+    rows = []
+    insert = results.get("insert")
+    if insert:
+        rate = insert["rows_per_s"]
+        rows.append(
+            Row(
+                part,
+                "insert throughput through the ledger writer (batched)",
+                f"≥ {insert['limit_rows_per_s']:,} rows/s",
+                f"{rate:,} rows/s",
+                MET if rate >= insert["limit_rows_per_s"] else MISSED,
+            )
+        )
+    for query in results.get("queries", []):
+        rows.append(
+            Row(
+                part,
+                query["name"],
+                f"< {query['limit_ms']:g} ms",  # the issue: "under 200 ms"
+                f"{query['median_ms']} ms (worst {query['worst_ms']})",
+                MET if query["median_ms"] < query["limit_ms"] else MISSED,
+            )
+        )
+    retention = results.get("retention")
+    if retention:
+        deleted, seconds = retention["rows_deleted"], retention["seconds"]
+        rows.append(
+            Row(
+                part,
+                f"retention: raw rows older than the oldest {retention['days']} days' rollups deleted",
+                "reported",
+                f"{deleted:,} rows in {seconds} s ({deleted / (seconds or 0.001):,.0f} rows/s)",
+                "",
+            )
+        )
+    return rows
+
+
+def rows(parts: dict[str, dict[str, Any]]) -> list[Row]:
+    """``parts`` maps a part (``postgres``, ``sqlite``, ``streams``, ``ledger``) to its results, or to
+    ``{"not_run": why}`` / ``{"failed": why}``."""
+    found: list[Row] = []
+    builders = {
+        "postgres": lambda r: _served("postgres", r),
+        "sqlite": lambda r: _served("sqlite", r),
+        "streams": _streams,
+        "ledger": _ledger,
+    }
+    labels = {"postgres": "served, PostgreSQL", "sqlite": "served, SQLite", "streams": "streams", "ledger": "ledger"}
+    for name, build in builders.items():
+        results = parts.get(name) or {"not_run": "not asked for (--parts)"}
+        if "not_run" in results:
+            found.append(Row(labels[name], "every figure of this part", "", results["not_run"], NOT_RUN))
+        elif "failed" in results:
+            found.append(Row(labels[name], "every figure of this part", "", results["failed"], "failed"))
+        else:
+            found.extend(build(results))
+    return found
+
+
+def markdown(found: list[Row], *, heading: str) -> str:
+    lines = [heading, "", "| part | figure | target | measured | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {r.part} | {r.figure} | {r.target} | {r.measured} | {r.verdict} |" for r in found]
+    missed = [r for r in found if r.verdict == MISSED]
+    judged = [r for r in found if r.verdict in (MET, MISSED)]
+    lines += ["", f"{len(judged) - len(missed)} of {len(judged)} judged targets met; {len(missed)} missed."]
+    return "\n".join(lines) + "\n"
