@@ -148,15 +148,7 @@ async def _more_rows_came(writer: _Writer) -> bool:
 def _hurry_writers(loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Every writer of this process (or ``loop``'s) writes what it holds now, without lingering. Thread-safe:
     a flush may run on another loop than the writer's, while the writers' loops add to ``_writers``."""
-    for _attempt in range(3):
-        try:
-            writers = list(_writers.values())
-            break
-        except RuntimeError:  # changed size while copied (another thread's loop started its writer)
-            continue
-    else:
-        writers = []
-    for writer in writers:
+    for writer in _writers_now():
         if loop is not None and writer.loop is not loop:
             continue
         try:
@@ -165,7 +157,23 @@ def _hurry_writers(loop: asyncio.AbstractEventLoop | None = None) -> None:
             continue
 
 
+def _writers_now() -> list[_Writer]:
+    """The writers of this process, from any thread (another thread's loop may be adding its own)."""
+    for _attempt in range(3):
+        try:
+            return list(_writers.values())
+        except RuntimeError:  # changed size while copied (another thread's loop started its writer)
+            continue
+    return []
+
+
 def _hurry(writer: _Writer) -> None:
+    """On the writer's loop. A hurry is for the rows the writer holds when it arrives: to an idle writer it
+    says nothing. It must not stay set for rows submitted after it: a flush from another loop reaches a loop
+    that is not running (a test's, between two tests) only once that loop runs again, and there it would
+    make the next rows skip their linger, long after the flush that sent it has returned."""
+    if not writer.queue and not writer.in_flight:
+        return
     writer.hurried = True
     writer.wakeup.set()
 
@@ -302,18 +310,30 @@ def _spool_unfinished() -> None:
 
 
 async def ledger_flush(wait_seconds: float = 30.0) -> None:
-    """Wait until every submitted row (from any event loop of this process) is committed or spooled; the
-    writers write at once what they hold, without lingering."""
+    """Wait until every submitted row (from any event loop of this process) is committed or spooled, and the
+    writers are done with their batches; the writers write at once what they hold, without lingering.
+
+    A batch's rows leave ``_unwritten`` when they are committed, before the batch's settled in-flight
+    records are forgotten (``_write_batch``): the flush waits for that too, so that a drain at shutdown
+    leaves no record for the sweep, and a writer is idle again, no longer hurried, when the flush returns."""
     _hurry_writers()
     deadline = time.monotonic() + wait_seconds
     while True:
         with _unwritten_lock:
-            if not _unwritten:
-                return
+            unwritten = bool(_unwritten)
+        if not unwritten and not any(_writer_busy(writer) for writer in _writers_now()):
+            return
         if time.monotonic() > deadline:
             logger.error("ledger flush timed out with %d rows unwritten", len(_unwritten))
             return
         await asyncio.sleep(0.005)
+
+
+def _writer_busy(writer: _Writer) -> bool:
+    """Whether ``writer`` holds rows or is finishing a batch (its rows committed, its records being forgotten).
+    Only a writer whose loop runs can finish: one whose loop is stopped (a test's, between two tests) or
+    closed is not waited for, and rows it holds that are not committed are still in ``_unwritten``."""
+    return bool(writer.queue or writer.in_flight) and writer.loop.is_running()
 
 
 def _write_rows(rows: list[UsageData], settled: Collection[str] = ()) -> None:

@@ -464,6 +464,37 @@ async def test_a_live_process_keeps_its_settled_records_until_their_rows_are_wri
     assert await sync_to_async(counter_state)(ref) == (RESERVATION, Decimal(0))
 
 
+async def test_a_flush_returns_once_its_batch_is_done_and_leaves_the_writer_idle(
+    use_redis, budget_key, settings, monkeypatch
+):
+    """The batch's rows are committed before its settled records are forgotten (a Redis round trip, slow
+    here): a flush, the lifespan's drain at shutdown, waits for that too. It leaves no record for the sweep,
+    and no hurry behind: a row submitted after it lingers again."""
+    from billing.services import ledger
+    from billing.services.ledger import ledger_flush, usage_record_submit
+
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    await ledger_flush()
+    forget = ledger.admission_records_forget
+
+    async def slow_forget(entries):
+        await asyncio.sleep(0.3)
+        await forget(entries)
+
+    monkeypatch.setattr(ledger, "admission_records_forget", slow_forget)
+    row, admission = await admitted_row(budget_key, "drained")
+    usage_record_submit(row, admission=admission)
+    await until(lambda: records(use_redis) == {"drained": True}, "settled, its row lingering", timeout=10)
+    await ledger_flush()
+    assert await sync_to_async(records)(use_redis) == {}
+
+    row, admission = await admitted_row(budget_key, "later")
+    usage_record_submit(row, admission=admission)
+    await asyncio.sleep(0.6)  # longer than the forget the flush waited for
+    assert [r async for r in UsageRecord.objects.values_list("request_id", flat=True)] == ["drained"]
+    await ledger_flush()
+
+
 @pytest.mark.parametrize("store_kind", ["redis", "database"])
 async def test_a_settled_row_spooled_by_a_failing_database_is_replayed_without_a_second_settle(
     request, store_kind, budget_key, settings, monkeypatch, tmp_path

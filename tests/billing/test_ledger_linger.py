@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
 import pytest
 
@@ -76,6 +77,26 @@ async def test_a_flush_writes_a_lingering_batch_at_once(settings, batches):
     await asyncio.wait_for(ledger_flush(), timeout=20)
     assert await UsageRecord.objects.filter(request_id__startswith="linger-").acount() == 3
     assert batches[-1] == ("write", 3)
+
+
+async def test_a_flush_from_another_loop_leaves_no_hurry_for_the_rows_after_it(settings, batches):
+    """A flush from another event loop (a live server's lifespan shutdown, a synchronous caller's
+    ``async_to_sync``) that finds this loop's writer idle reaches it only when this loop runs again: after
+    the flush has returned, as between two tests. The rows submitted then still linger together."""
+    settings.LLMHUB_LEDGER_LINGER_MS = 1500
+    usage_record_submit(row())
+    await asyncio.wait_for(ledger_flush(), timeout=20)  # this loop's writer exists, and is idle
+    batches.clear()
+    elsewhere = threading.Thread(target=asyncio.run, args=(ledger_flush(),))
+    elsewhere.start()
+    elsewhere.join()  # this loop does not run meanwhile
+    await asyncio.sleep(0)  # it runs again: what the other loop's flush sent it comes first
+    for _ in range(2):
+        usage_record_submit(row())
+        await asyncio.sleep(0.02)
+    assert batches == [("settle", 1)] * 2
+    assert await written(3) == 3
+    assert batches == [("settle", 1)] * 2 + [("write", 2)]
 
 
 async def test_a_shutdown_writes_a_lingering_batch_at_once(settings, batches):
