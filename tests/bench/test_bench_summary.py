@@ -31,6 +31,10 @@ def served(p50: float, workers: float) -> dict:
         for stream in (False, True)
         for target, rps in (("llmhub", 500), ("bare", 400), ("bare-aiohttp", 2000))
     ]
+    wrk += [
+        {"target": target, "stream": False, "concurrency": 1, "rps": 1000 / p50_c1, "p50_ms": p50_c1}
+        for target, p50_c1 in (("llmhub", p50 + 0.3), ("bare", 1.1), ("bare-aiohttp", 0.7))
+    ]
     return {"servers": {"uvicorn": {"targets": targets, "wrk": wrk}}}
 
 
@@ -84,6 +88,10 @@ def test_every_target_of_the_issue_has_its_figure_and_verdict():
     assert found[("served, PostgreSQL", report.TARGETS["added_p50_c1"][0])].verdict == "MISSED"
     assert found[("served, SQLite", report.TARGETS["added_p50_c1"][0])].verdict == "met"
     assert found[("served, SQLite", report.TARGETS["workers_2_over_1_c64"][0])].measured == "1.60×"
+    # The title's reading: llmhub's p50 over the fastest bare view's (aiohttp's 0.7 ms here), within 1 ms.
+    title = "llmhub over the fastest bare view (bare-aiohttp), concurrency 1, p50 (the issue's title)"
+    assert found[("served, PostgreSQL", title)].measured == "+0.76 ms"
+    assert found[("served, PostgreSQL", title)].verdict == "met"
     # "Report both" ceilings.
     both = found[("served, SQLite", "req/s at concurrency 32, json: llmhub and both ceilings")]
     assert both.measured == "llmhub 500, bare httpx 400, bare aiohttp 2000"
