@@ -59,16 +59,19 @@ def _part_command(part: str, output: Path, *, quick: bool, run_args: list[str]) 
     return [py, "-m", "bench.ledger_scale", "--output", str(output), *(LEDGER_QUICK if quick else LEDGER_ROWS)]
 
 
-def _output(results: Path, part: str, quick: bool) -> Path:
-    name = {"postgres": "served-postgres", "sqlite": "served-sqlite", "streams": "streams", "ledger": "ledger-scale"}
-    return results / f"{name[part]}{'-quick' if quick else ''}.json"
+_OUTPUT_NAMES = {
+    "postgres": "served-postgres",
+    "sqlite": "served-sqlite",
+    "streams": "streams",
+    "ledger": "ledger-scale",
+}
 
 
-def run_part(part: str, *, quick: bool, run_args: list[str], results: Path = RESULTS) -> dict[str, Any]:
+def run_part(part: str, *, quick: bool, run_args: list[str], directory: Path = RESULTS) -> dict[str, Any]:
     """The part's results, or ``{"not_run": why}`` / ``{"failed": why}``."""
     if part in NEEDS_POSTGRES and postgres.server_bin() is None:
         return {"not_run": "no PostgreSQL server installed here (apt-get install postgresql)"}
-    output = _output(results, part, quick)
+    output = directory / f"{_OUTPUT_NAMES[part]}{'-quick' if quick else ''}.json"
     output.unlink(missing_ok=True)  # a file of an earlier run must not pass for this one's
     argv = _part_command(part, output, quick=quick, run_args=run_args)
     print(f"\n== make bench, part {part}: {' '.join(argv[1:])}", flush=True)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     load = os.getloadavg()[0]
-    results = {part: run_part(part, quick=args.quick, run_args=run_args, results=args.results) for part in parts}
+    results = {part: run_part(part, quick=args.quick, run_args=run_args, directory=args.results) for part in parts}
     found = summary.rows(results)
     suffix = "-quick" if args.quick else ""
     heading = (

@@ -324,7 +324,8 @@ async def ledger_flush(wait_seconds: float = 30.0) -> None:
         if not unwritten and not any(_writer_busy(writer) for writer in _writers_now()):
             return
         if time.monotonic() > deadline:
-            logger.error("ledger flush timed out with %d rows unwritten", len(_unwritten))
+            busy = sum(_writer_busy(writer) for writer in _writers_now())
+            logger.error("ledger flush timed out with %d rows unwritten, %d writers busy", len(_unwritten), busy)
             return
         await asyncio.sleep(0.005)
 
