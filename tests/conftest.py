@@ -225,6 +225,17 @@ def _fresh_lookup_caches():
     held_clear()  # a test's unsettled admissions must not be re-asserted into the next test's Redis
 
 
+@pytest.fixture(scope="session", autouse=True)
+async def _provider_clients_closed_at_the_end():
+    """The provider clients pooled on the session's event loop are closed when the session ends, as the
+    server's lifespan closes its own at shutdown (``adapters_close_all``). Left open, each aiohttp session
+    logged "Unclosed client session" with a traceback at the worker's exit."""
+    yield
+    from providers.adapters.registry import adapters_close_all
+
+    await adapters_close_all()
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
