@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.db import models
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
@@ -11,6 +12,8 @@ from .models import OpsAlertIncident, OpsAlertRule
 
 @admin.register(OpsAlertRule)
 class OpsAlertRuleAdmin(admin.ModelAdmin):
+    # A webhook typed without a scheme is an https one (Django 6's default, set before it, as the providers').
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
     list_display = ["name", "kind", "enabled", "threshold", "window_minutes", "minimum_requests", "model_name", "open"]
     list_editable = ["enabled", "threshold", "window_minutes", "minimum_requests"]
     list_filter = ["kind", "enabled"]
