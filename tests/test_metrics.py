@@ -449,10 +449,16 @@ def test_a_dead_workers_in_flight_requests_are_not_summed_for_ever(llmhub_server
         "os._exit(0)"
     )
     env = {**server_env(directory), "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=120)
-    assert any(directory.glob("gauge_livesum_*.db"))
+    # The live server runs in this test process, whose own gauge may still count requests of an earlier test
+    # winding down on a loaded machine: the dead worker's file is what is judged, and the sum against before.
+    before = value(scrape(llmhub_server.url), "llmhub_requests_in_flight")
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
+    assert worker.wait(timeout=120) == 0
+    dead_file = directory / f"gauge_livesum_{worker.pid}.db"
+    assert dead_file.exists()
     text = scrape(llmhub_server.url)
-    assert value(text, "llmhub_requests_in_flight") == 0
+    assert not dead_file.exists()
+    assert value(text, "llmhub_requests_in_flight") <= before
 
 
 def test_a_worker_killed_while_creating_its_file_does_not_fail_the_scrape(llmhub_server, scraping):

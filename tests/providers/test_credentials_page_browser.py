@@ -7,6 +7,7 @@ the test's thread, where the Django ORM then refuses to run.
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import httpx
@@ -92,6 +93,29 @@ async def stored(user) -> ProviderCredential | None:
 async def save_key(page: Page, key: str, *, button: str = "Save key") -> None:
     await page.get_by_label("API key").fill(key)
     await page.get_by_role("button", name=button, exact=True).click()
+
+
+async def test_no_key_can_be_sent_before_the_providers_have_loaded(live_site, browser, provider, upstream, user):
+    """Until the list of providers is in, the form has no provider to name: Save stays disabled (a click
+    in that moment sent a key with none, and got "provider: This field may not be blank")."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 760})
+    await sign_in_to_provider_keys(page, live_site)
+    held: list = []
+    asked = asyncio.Event()
+
+    async def hold(route) -> None:
+        held.append(route)
+        asked.set()
+
+    await page.route("**/api/provider-keys/providers/", hold)
+    await page.reload()
+    await asyncio.wait_for(asked.wait(), timeout=30)
+    await page.get_by_label("API key").fill(FIRST_KEY)
+    await expect(page.get_by_role("button", name="Save key", exact=True)).to_be_disabled()
+    await held[0].continue_()
+    await expect(page.get_by_role("button", name="Save key", exact=True)).to_be_enabled(timeout=30_000)
+    await expect(page.locator("#key-provider")).to_have_value("byo-openai")
+    await page.close()
 
 
 async def test_add_replace_refuse_and_delete_a_key(live_site, browser, provider, upstream, user, artifacts_dir):

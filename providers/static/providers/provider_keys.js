@@ -228,7 +228,7 @@
       secretInput.focus();
     } finally {
       request.api_key = "";
-      saveButton.disabled = false;
+      saveButton.disabled = providers.size === 0; // never a form to send without a provider to send it to
     }
     await loadKeys();
   });
