@@ -586,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ttft-requests", type=int, help="streams timed to their first line (default 200, 30 with --quick)"
     )
+    parser.add_argument("--route-rounds", type=int, help="rounds of the routing scenarios (default 20, 4 with --quick)")
     parser.add_argument(
         "--database",
         choices=("postgres", "sqlite"),
@@ -612,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, duration=args.duration)
     if args.ttft_requests:
         plan = replace(plan, ttft_requests=args.ttft_requests)
+    if args.route_rounds:
+        plan = replace(plan, route_rounds=args.route_rounds)
     servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     for name in servers:
         server_argv(name, "", 0)

@@ -89,8 +89,19 @@ def test_the_quick_bench_runs_end_to_end(tmp_path):
     """``make bench ARGS=--quick`` (shortened further) on SQLite, uvicorn only: every figure of the targets is
     there, with its target."""
     output = tmp_path / "quick.json"
-    # One-second points and ten timed streams: this checks that every figure is reported, not its value.
-    argv = [sys.executable, "bench/run.py", "--quick", "--duration", "1", "--ttft-requests", "10"]
+    # One-second points, ten timed streams, one round of the routing scenarios: this checks that every figure
+    # is reported, not its value.
+    argv = [
+        sys.executable,
+        "bench/run.py",
+        "--quick",
+        "--duration",
+        "1",
+        "--ttft-requests",
+        "10",
+        "--route-rounds",
+        "1",
+    ]
     argv += ["--servers", "uvicorn", "--database", "sqlite"]
     process = subprocess.Popen(
         [*argv, "--output", str(output)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
