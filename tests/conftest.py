@@ -236,6 +236,27 @@ async def _provider_clients_closed_at_the_end():
     await adapters_close_all()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _test_database_released_at_the_end(django_db_setup, django_db_blocker):
+    """Before pytest-django drops a PostgreSQL test database, the sessions still open on it are ended: the
+    ledger's writer thread and the live servers' threads of this process keep their connections for their
+    lifetime (as in production), and PostgreSQL refuses to drop a database in use ("Error when trying to
+    teardown test databases ... being accessed by other users")."""
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        for alias in connections:
+            connection = connections[alias]
+            if connection.vendor != "postgresql":
+                continue
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
