@@ -79,6 +79,7 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
     if writer is None:
         writer = _writers[loop] = _Writer(loop)
     writer.queue.append((data, admission))
+    writer.submitted += 1
     writer.wakeup.set()
     if writer.task is None or writer.task.done():
         writer.task = loop.create_task(_writer_run(writer), context=outside_request())
@@ -103,6 +104,10 @@ class _Writer:
         self.write_by = 0.0  # the loop's time by which the lingering batch is written
         self.due: asyncio.TimerHandle | None = None  # wakes the writer then
         self.hurried = False  # a flush or a shutdown waits: no lingering until the writer is idle
+        # Rows submitted to this writer, and of them those whose batch is written or spooled: rows go in order,
+        # so a hurry sent when ``submitted`` was n is for rows still held only while ``finished`` < n.
+        self.submitted = 0
+        self.finished = 0
 
 
 _writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
@@ -129,6 +134,7 @@ async def _writer_run(writer: _Writer) -> None:
             if writer.due is not None:
                 writer.due.cancel()  # when hurried or full before it was due
             await _write_batch(writer.in_flight)
+            writer.finished += len(writer.in_flight)
             writer.in_flight = []
         writer.hurried = False
 
@@ -152,7 +158,7 @@ def _hurry_writers(loop: asyncio.AbstractEventLoop | None = None) -> None:
         if loop is not None and writer.loop is not loop:
             continue
         try:
-            writer.loop.call_soon_threadsafe(_hurry, writer)
+            writer.loop.call_soon_threadsafe(_hurry, writer, writer.submitted)
         except RuntimeError:  # its loop is closed: its rows were spooled when its writer ended
             continue
 
@@ -167,12 +173,13 @@ def _writers_now() -> list[_Writer]:
     return []
 
 
-def _hurry(writer: _Writer) -> None:
-    """On the writer's loop. A hurry is for the rows the writer holds when it arrives: to an idle writer it
-    says nothing. It must not stay set for rows submitted after it: a flush from another loop reaches a loop
-    that is not running (a test's, between two tests) only once that loop runs again, and there it would
-    make the next rows skip their linger, long after the flush that sent it has returned."""
-    if not writer.queue and not writer.in_flight:
+def _hurry(writer: _Writer, upto: int) -> None:
+    """On the writer's loop. A hurry is for the rows submitted before it was sent (the first ``upto``): if
+    they are all written it says nothing, not even to rows submitted since. A flush from another loop
+    reaches a loop that is not running (a test's, between two tests) only once that loop runs again, maybe
+    after new rows were submitted on it; were those hurried, they would skip their linger long after the
+    flush that sent it has returned."""
+    if writer.finished >= upto:
         return
     writer.hurried = True
     writer.wakeup.set()
@@ -186,6 +193,7 @@ def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
         logger.error("the ledger writer failed; its rows are spooled", exc_info=task.exception())
     entries = [*writer.in_flight, *writer.queue]
     writer.in_flight, writer.queue = [], []
+    writer.finished = writer.submitted
     _spool_entries(entries)
     _forget(data for data, _ in entries)
     admission_records_unmark(entries)

@@ -99,6 +99,37 @@ async def test_a_flush_from_another_loop_leaves_no_hurry_for_the_rows_after_it(s
     assert batches == [("settle", 1)] * 2 + [("write", 2)]
 
 
+async def test_a_flush_from_another_loop_hurries_none_of_the_rows_submitted_after_it(settings, batches):
+    """As above, but the next rows are submitted before this loop runs again (a test's first statement, after
+    an earlier test's server flushed from its own thread): the hurry, run after them, is for the rows
+    submitted before it was sent, all written already, so these still linger together."""
+    settings.LLMHUB_LEDGER_LINGER_MS = 1500
+    usage_record_submit(row())
+    await asyncio.wait_for(ledger_flush(), timeout=20)
+    batches.clear()
+    elsewhere = threading.Thread(target=asyncio.run, args=(ledger_flush(),))
+    elsewhere.start()
+    elsewhere.join()
+    for _ in range(3):
+        usage_record_submit(row())  # the first before the hurry runs, the others after it
+        await asyncio.sleep(0.02)
+    assert batches == [("settle", 1)] * 3
+    assert await written(4) == 4
+    assert batches == [("settle", 1)] * 3 + [("write", 3)]
+
+
+async def test_a_flush_from_another_loop_hurries_the_rows_submitted_before_it(settings, batches):
+    settings.LLMHUB_LEDGER_LINGER_MS = 600_000
+    usage_record_submit(row())
+    await asyncio.sleep(0.02)
+    assert batches == [("settle", 1)]  # lingering
+    elsewhere = threading.Thread(target=asyncio.run, args=(ledger_flush(wait_seconds=0),))
+    elsewhere.start()
+    elsewhere.join()
+    assert await written(1) == 1
+    assert batches == [("settle", 1), ("write", 1)]
+
+
 async def test_a_shutdown_writes_a_lingering_batch_at_once(settings, batches):
     settings.LLMHUB_LEDGER_LINGER_MS = 600_000
     usage_record_submit(row())
