@@ -1,16 +1,23 @@
-"""The lean ASGI handler of /v1 (llmhub/handlers.py): no middleware, no request_started hop, and the
-rest of Django's request cycle kept (request_finished, the disconnect watch)."""
+"""The lean ASGI handler of /v1 (llmhub/handlers.py): no middleware, no request_started hop, the hop of
+request_finished only when a connection has something to be checked for (core/db_use.py), and the rest of
+Django's request cycle kept (the response's closers, the disconnect watch)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import secrets
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
 from django.core import signals
+from django.core.cache import close_caches
 from django.core.handlers.asgi import ASGIHandler
-from django.db import close_old_connections, reset_queries
+from django.core.handlers.base import reset_urlconf
+from django.db import close_old_connections, connection, reset_queries
+from django.http import HttpRequest
 
 from llmhub.asgi import application
 from llmhub.handlers import MiddlewareFreeASGIHandler
@@ -25,6 +32,7 @@ async def call(
     body: bytes = b"",
     disconnect: asyncio.Event | None = None,
     disconnect_after_response: bool = False,
+    api_key: str = "",
 ):
     """One request through llmhub's ASGI application, in-process; returns (status, headers, body).
     ``disconnect_after_response``: ``receive`` answers ``http.disconnect`` once the response has ended, as
@@ -39,7 +47,11 @@ async def call(
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            *([(b"authorization", f"Bearer {api_key}".encode())] if api_key else []),
+        ],
         "client": ("127.0.0.1", 40000),
         "server": ("testserver", 80),
     }
@@ -89,8 +101,8 @@ def request_signals():
     signals.request_finished.disconnect(finished)
 
 
-async def test_v1_skips_the_middleware_and_request_started_but_sends_request_finished(request_signals):
-    started, finished = request_signals
+async def test_v1_skips_the_middleware_and_request_started(request_signals):
+    started, _ = request_signals
     status, headers, body = await call("/v1/models")
     assert status == 401 and b'"code":"missing_api_key"' in body
     assert "x-frame-options" not in headers  # no middleware ran
@@ -98,7 +110,71 @@ async def test_v1_skips_the_middleware_and_request_started_but_sends_request_fin
     assert headers["referrer-policy"] == "same-origin" and headers["x-content-type-options"] == "nosniff"
     assert headers["x-request-id"].startswith("req_")
     assert started.calls == []
-    assert finished.calls == [MiddlewareFreeASGIHandler]
+
+
+# The connection of the thread the ORM's calls from /v1 views run on, and the handler's check with them
+# (``sync_to_async``'s thread-sensitive thread). The tests' CONN_MAX_AGE is 0: a check closes a connection.
+thread_connection_open = sync_to_async(lambda: connection.connection is not None)
+
+
+# The scenarios below run on an event loop of their own (``asyncio.run`` from a sync test): the session's
+# loop, where earlier tests may have left background tasks that use the database, does not run meanwhile.
+
+
+def test_a_v1_request_that_used_the_database_has_its_connections_checked(request_signals):
+    _, finished = request_signals
+
+    async def scenario() -> None:
+        await call("/v1/models")  # whatever that thread did before is checked now
+        finished.calls.clear()
+        status, _, body = await call("/v1/models", api_key=f"sk-llmhub-{secrets.token_hex(20)}")
+        assert status == 401 and b"invalid_api_key" in body  # looked up in the database, not found
+        assert finished.calls == [MiddlewareFreeASGIHandler]  # request_finished sent, on that thread
+        assert not await thread_connection_open()  # and its connection checked: closed
+
+    asyncio.run(scenario())
+
+
+def test_a_v1_request_that_used_no_database_is_closed_without_a_hop(request_signals, monkeypatch):
+    _, finished = request_signals
+    closed_requests: list[HttpRequest] = []
+    close = HttpRequest.close
+
+    def recorded_close(self: HttpRequest) -> None:
+        closed_requests.append(self)
+        close(self)
+
+    monkeypatch.setattr(HttpRequest, "close", recorded_close)
+
+    async def scenario() -> None:
+        await call("/v1/models")
+        finished.calls.clear()
+        closed_requests.clear()
+        for _ in range(3):
+            status, _, body = await call("/v1/models")
+            assert status == 401 and b'"code":"missing_api_key"' in body
+        assert finished.calls == []  # no hop: nothing to check
+        assert len(closed_requests) == 3  # the response's closers ran all the same
+
+    asyncio.run(scenario())
+
+
+def test_a_use_of_the_checking_thread_outside_any_request_is_checked_after_the_next_request(request_signals):
+    """A task that is not a request (a flusher, a cache loader) queries on the thread the check runs on:
+    the next request's end checks that connection, although the request itself used no database."""
+    _, finished = request_signals
+
+    async def scenario() -> None:
+        await call("/v1/models")
+        await sync_to_async(get_user_model().objects.exists)()  # outside any request
+        assert await thread_connection_open()
+        finished.calls.clear()
+        status, _, _ = await call("/v1/models")
+        assert status == 401
+        assert finished.calls == [MiddlewareFreeASGIHandler]
+        assert not await thread_connection_open()
+
+    asyncio.run(scenario())
 
 
 async def test_other_paths_keep_the_full_django_stack(request_signals):
@@ -116,8 +192,11 @@ def test_request_started_has_only_djangos_connection_receivers():
     sync_receivers, async_receivers = signals.request_started._live_receivers(ASGIHandler)
     assert set(sync_receivers) == {reset_queries, close_old_connections}
     assert async_receivers == []
-    finished_sync, _ = signals.request_finished._live_receivers(MiddlewareFreeASGIHandler)
-    assert close_old_connections in finished_sync
+    # When nothing is there to be checked, the lean handler runs request_finished's other receivers itself,
+    # without the hop (``llmhub.handlers._response_close``): a receiver added to it must be added there too.
+    finished_sync, finished_async = signals.request_finished._live_receivers(MiddlewareFreeASGIHandler)
+    assert set(finished_sync) == {close_old_connections, close_caches, reset_urlconf}
+    assert finished_async == []
 
 
 async def test_a_client_that_goes_away_cancels_the_view(monkeypatch):
