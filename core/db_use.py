@@ -4,7 +4,8 @@ Django checks a thread's database connections when a request ends (``close_old_c
 of ``request_finished``: a connection past ``CONN_MAX_AGE``, or left unusable by an error, is closed). Under
 ASGI it must run on the thread whose connections it checks, the thread the request's ORM calls ran on: a
 hop to that thread and back for every request, which on the lean /v1 handler (``llmhub/handlers.py``) was
-half of the handler's own CPU (about 180 of 330 µs a request on a loaded machine, in-process). Most /v1
+most of the handler's own CPU (a view that does nothing, in-process on a loaded machine: 313–389 µs a
+request with the hop, 83–125 µs without; docs/performance.md). Most /v1
 requests use no connection on that thread: keys, the catalog and plans come from in-process caches,
 admission from Redis, and the ledger writes from threads of its own, which check their connections
 themselves (``billing.services.ledger._write_rows``).
