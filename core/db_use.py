@@ -5,10 +5,9 @@ of ``request_finished``: a connection past ``CONN_MAX_AGE``, or left unusable by
 ASGI it must run on the thread whose connections it checks, the thread the request's ORM calls ran on: a
 hop to that thread and back for every request, which on the lean /v1 handler (``llmhub/handlers.py``) was
 most of the handler's own CPU (a view that does nothing, in-process on a loaded machine: 313–389 µs a
-request with the hop, 83–125 µs without; docs/performance.md). Most /v1
-requests use no connection on that thread: keys, the catalog and plans come from in-process caches,
-admission from Redis, and the ledger writes from threads of its own, which check their connections
-themselves (``billing.services.ledger._write_rows``).
+request with the hop, 83–125 µs without; docs/performance.md). Most /v1 requests use no connection on that
+thread: keys, the catalog and plans come from in-process caches, admission from Redis, and the ledger writes
+from threads of its own, which check their connections themselves (``billing.services.ledger._write_rows``).
 
 So every connection notes the thread and the request (a context variable the handler sets) of each
 connect and each query (``execute_wrappers``), and the handler makes its hop only when the thread it lands on
