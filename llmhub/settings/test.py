@@ -9,6 +9,15 @@ from cryptography.fernet import Fernet
 # A fixed test key so that nothing is written to .local/ by the test-suite.
 os.environ.setdefault("FIELD_ENCRYPTION_KEYS", Fernet.generate_key().decode())
 
+# pytest-xdist: the controller loaded these settings before starting its workers, and its metrics directory
+# (named for its pid) is in their environment; each worker takes one of its own, so that a scrape in one test
+# sums only the gauges of its own process and the servers it starts, not the other workers' requests in flight.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("LLMHUB_TEST_METRICS_OWNER") != os.environ.get(
+    "PYTEST_XDIST_WORKER"
+):
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    os.environ["LLMHUB_TEST_METRICS_OWNER"] = os.environ["PYTEST_XDIST_WORKER"]
+
 from .base import *  # noqa: F403
 from .base import BASE_DIR, env
 
