@@ -710,6 +710,12 @@ def test_rows_spooled_when_their_writer_ends_stop_the_beat_and_are_written_once(
         usage_record_submit(row, admission=admission)
         # Settled, its row not written: the process beats for it.
         await until(lambda: inflight.held_count() == 1 and "orphaned" not in inflight._held, "settled", timeout=10)
+        # The process counts it settled before the settle is sent; the loop must not end before the store has
+        # it (in the database, a transaction in a thread that the loop's end does not wait for).
+        deadline = time.monotonic() + 10
+        while await sync_to_async(records)(redis_url) != {"orphaned": True}:
+            assert time.monotonic() < deadline, "never: the settle in the store"
+            await asyncio.sleep(0.05)
 
     asyncio.run(settled_then_loop_ends())  # which cancels the writer
 
