@@ -114,8 +114,15 @@ class UsageRecord(models.Model):
     """The ledger: one row per request, the source of truth for spend."""
 
     request_id = models.CharField(max_length=64, unique=True)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
-    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    # No index of their own: ``(user, created_at)`` and ``(api_key, created_at)`` below serve every lookup by
+    # either alone (the leftmost column), the SET NULL of a deleted user or key, and PostgreSQL's foreign-key
+    # checks. Two fewer btrees written by every insert: a quarter less CPU a row on SQLite (docs/ledger.md).
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+", db_index=False
+    )
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage", db_index=False
+    )
     provider = models.ForeignKey("providers.Provider", null=True, on_delete=models.SET_NULL, related_name="+")
     model = models.ForeignKey("providers.CatalogModel", null=True, on_delete=models.SET_NULL, related_name="+")
     deployment = models.ForeignKey("providers.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
