@@ -4,7 +4,7 @@ ledger, and keeps a batch whole. On SQLite and on PostgreSQL (Makefile ``POSTGRE
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -82,3 +82,47 @@ async def test_every_field_of_every_row_is_written_once(ids):
         assert {item.name: row[item.name] for item in fields(UsageData) if item.name != "key_hash"} == {
             item.name: getattr(data, item.name) for item in fields(UsageData) if item.name != "key_hash"
         }
+
+
+def test_sqlites_insert_stores_what_bulk_create_stores(ids):
+    """``_insert_many`` hands SQLite most values as they are, without their fields' preparation: the stored
+    columns are the same as ``bulk_create``'s, for every field, for enum members, Decimals with more places
+    than the column keeps, None, and a datetime in another time zone than UTC."""
+    from datetime import timedelta, timezone
+
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's insert (PostgreSQL's is one INSERT ... SELECT FROM unnest)")
+    from billing.models import Endpoint, UsageStatus
+    from billing.services.ledger_rows import _INSERTED, _insert_many
+
+    variants = [
+        every_field("plain", **ids),
+        replace(
+            every_field("enums", **ids),
+            endpoint=Endpoint.REST,
+            status=UsageStatus.UPSTREAM_ERROR,
+            cost=Decimal("0.12345678901234"),
+            user_key_cost=None,
+            ttft_ms=None,
+            experiment_id=None,
+            user_id=None,
+            created_at=datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=-5))),
+        ),
+        replace(every_field("zero", **ids), cost=Decimal(0), attempts=0, stream=False, resumed=False),
+    ]
+    _insert_many(variants)
+    UsageRecord.objects.bulk_create(
+        [
+            UsageRecord(**{**{name: getattr(data, name) for name in _INSERTED}, "request_id": "orm-" + data.request_id})
+            for data in variants
+        ]
+    )
+    columns = [field.column for field in UsageRecord._meta.concrete_fields if field.name not in ("id", "request_id")]
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT request_id, {', '.join(columns)} FROM billing_usagerecord")
+        stored = {row[0]: row[1:] for row in cursor.fetchall()}
+    assert len(stored) == 2 * len(variants)
+    for data in variants:
+        assert stored[data.request_id] == stored["orm-" + data.request_id], data.request_id
