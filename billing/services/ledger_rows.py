@@ -172,42 +172,48 @@ def _insert(rows: list[UsageData]) -> None:
     UsageRecord.objects.bulk_create(records, ignore_conflicts=True)
 
 
-# Field classes whose preparation, for a value of a type in ``_AS_IS``, hands SQLite the value itself: text
-# and integer columns (``to_python`` is ``str`` or ``int`` of it), booleans, integer foreign keys, and
-# decimals (kept as ``Decimal``, which Django's SQLite adapter writes as its string). A datetime is not among
-# them: it is made naive UTC and formatted by its field.
-_PLAIN_FIELDS = (
-    models.CharField,
-    models.IntegerField,  # and every positive, small and big variant
-    models.BooleanField,
-    models.DecimalField,
-    models.ForeignKey,
+# The value types a column's preparation hands SQLite unchanged, by field class (the first that matches):
+# ``str`` for text, ``int`` (and ``bool``) for integers and integer foreign keys, a finite ``Decimal`` for
+# decimals (which Django's SQLite adapter writes as its string), ``None`` for all. A value of another type
+# (a str in an integer column, an enum member) goes through its field, which converts it or refuses it as
+# ``bulk_create`` would; so does every datetime (made naive UTC and formatted by its field).
+_AS_IS_BY_FIELD: tuple[tuple[type, frozenset[type]], ...] = (
+    (models.BooleanField, frozenset({bool, type(None)})),
+    (models.CharField, frozenset({str, type(None)})),
+    (models.IntegerField, frozenset({int, bool, type(None)})),  # and every positive, small and big variant
+    (models.DecimalField, frozenset({Decimal, type(None)})),
 )
-_AS_IS = frozenset({str, int, bool, type(None)})
+
+
+def _as_is_types(column: Any) -> frozenset[type]:
+    if isinstance(column, models.ForeignKey):
+        column = column.target_field
+        if not isinstance(column, models.IntegerField):
+            return frozenset()
+    for field_class, types in _AS_IS_BY_FIELD:
+        if isinstance(column, field_class):
+            return types
+    return frozenset()
 
 
 @functools.cache
-def _insert_statement() -> tuple[str, tuple[Any, ...], tuple[bool, ...]]:
-    """SQLite's ``INSERT OR IGNORE`` of one row, the model fields of its columns, and for each whether a
-    plain value can go to SQLite as it is (``_insert_many``), built once."""
+def _insert_statement() -> tuple[str, tuple[Any, ...], tuple[frozenset[type], ...]]:
+    """SQLite's ``INSERT OR IGNORE`` of one row, the model fields of its columns, and for each the value types
+    that go to SQLite as they are (``_insert_many``), built once."""
     by_name = {model_field.attname: model_field for model_field in UsageRecord._meta.concrete_fields}
     columns = tuple(by_name[name] for name in _INSERTED)
-    plain = tuple(
-        isinstance(column, _PLAIN_FIELDS)
-        and (not isinstance(column, models.ForeignKey) or isinstance(column.target_field, models.IntegerField))
-        for column in columns
-    )
     names = ", ".join(column.column for column in columns)
     marks = ", ".join(["%s"] * len(columns))
     # Identifiers from the model's own metadata; every value is a parameter.
     sql = f"INSERT OR IGNORE INTO {UsageRecord._meta.db_table} ({names}) VALUES ({marks})"  # noqa: S608
-    return sql, columns, plain
+    return sql, columns, tuple(_as_is_types(column) for column in columns)
 
 
-def _sqlite_value(column: Any, plain: bool, value: Any) -> Any:
+def _sqlite_value(column: Any, as_is: frozenset[type], value: Any) -> Any:
     """What ``column.get_db_prep_save`` gives SQLite for ``value``, without running it where it would hand
-    back the value itself: a plain column holding a str, int, bool, None or finite Decimal."""
-    if plain and (type(value) in _AS_IS or (type(value) is Decimal and value.is_finite())):
+    back the value itself."""
+    kind = type(value)
+    if kind in as_is and (kind is not Decimal or value.is_finite()):
         return value
     return column.get_db_prep_save(value, connection)
 
@@ -222,11 +228,9 @@ def _insert_many(rows: list[UsageData]) -> None:
     ``tests/billing/test_ledger_insert.py`` compares the stored columns with ``bulk_create``'s). Same
     semantics: ids already in the ledger are skipped, and a reference to a deleted row fails the batch
     (``_write_rows``)."""
-    sql, columns, plain = _insert_statement()
-    pairs = tuple(zip(columns, plain, strict=True))
-    params = [
-        [_sqlite_value(column, is_plain, getattr(data, column.attname)) for column, is_plain in pairs] for data in rows
-    ]
+    sql, columns, as_is = _insert_statement()
+    pairs = tuple(zip(columns, as_is, strict=True))
+    params = [[_sqlite_value(column, types, getattr(data, column.attname)) for column, types in pairs] for data in rows]
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
 

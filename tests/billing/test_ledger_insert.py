@@ -126,3 +126,22 @@ def test_sqlites_insert_stores_what_bulk_create_stores(ids):
     assert len(stored) == 2 * len(variants)
     for data in variants:
         assert stored[data.request_id] == stored["orm-" + data.request_id], data.request_id
+
+
+def test_sqlites_insert_converts_or_refuses_a_value_of_another_type_as_its_field_does(ids):
+    """A value whose type its column does not take as it is goes through the field: a numeric string in an
+    integer column is stored as the number, and one that is not a number fails the batch, as with
+    ``bulk_create``, instead of being stored as text."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's insert (PostgreSQL's is one INSERT ... SELECT FROM unnest)")
+    from billing.services.ledger_rows import _insert_many
+
+    _insert_many([replace(every_field("numeric", **ids), prompt_tokens="12")])
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT prompt_tokens, typeof(prompt_tokens) FROM billing_usagerecord")
+        assert cursor.fetchall() == [(12, "integer")]
+    with pytest.raises(ValueError, match="expected a number"):
+        _insert_many([replace(every_field("words", **ids), prompt_tokens="twelve")])
+    assert not UsageRecord.objects.filter(request_id="words").exists()
