@@ -19,13 +19,15 @@ def _single_column_indexes(schema_editor, table: str) -> dict[str, str]:
     connection = schema_editor.connection
     with connection.cursor() as cursor:
         constraints = connection.introspection.get_constraints(cursor, table)
-    found = {}
-    for name, info in constraints.items():
-        columns = info.get("columns") or []
-        if info.get("index") and not info.get("unique") and not info.get("primary_key") and len(columns) == 1:
-            if columns[0] in COLUMNS:
-                found[columns[0]] = name
-    return found
+    return {
+        info["columns"][0]: name
+        for name, info in constraints.items()
+        if info.get("index")
+        and not info.get("unique")
+        and not info.get("primary_key")
+        and len(info.get("columns") or ()) == 1
+        and info["columns"][0] in COLUMNS
+    }
 
 
 def drop_indexes(apps, schema_editor):
@@ -39,7 +41,7 @@ def create_indexes(apps, schema_editor):
     present = _single_column_indexes(schema_editor, table)
     for column in COLUMNS:
         if column not in present:
-            name = schema_editor.quote_name(f"billing_usagerecord_{column}_single")
+            name = schema_editor.quote_name(f"{table}_{column}_single")
             column_sql = schema_editor.quote_name(column)
             schema_editor.execute(f"CREATE INDEX {name} ON {schema_editor.quote_name(table)} ({column_sql})")
 

@@ -197,16 +197,16 @@ def _as_is_types(column: Any) -> frozenset[type]:
 
 
 @functools.cache
-def _insert_statement() -> tuple[str, tuple[Any, ...], tuple[frozenset[type], ...]]:
-    """SQLite's ``INSERT OR IGNORE`` of one row, the model fields of its columns, and for each the value types
-    that go to SQLite as they are (``_insert_many``), built once."""
+def _insert_statement() -> tuple[str, tuple[tuple[Any, frozenset[type]], ...]]:
+    """SQLite's ``INSERT OR IGNORE`` of one row, and for each of its columns the model field and the value
+    types that go to SQLite as they are (``_sqlite_value``), built once."""
     by_name = {model_field.attname: model_field for model_field in UsageRecord._meta.concrete_fields}
     columns = tuple(by_name[name] for name in _INSERTED)
     names = ", ".join(column.column for column in columns)
     marks = ", ".join(["%s"] * len(columns))
     # Identifiers from the model's own metadata; every value is a parameter.
     sql = f"INSERT OR IGNORE INTO {UsageRecord._meta.db_table} ({names}) VALUES ({marks})"  # noqa: S608
-    return sql, columns, tuple(_as_is_types(column) for column in columns)
+    return sql, tuple((column, _as_is_types(column)) for column in columns)
 
 
 def _sqlite_value(column: Any, as_is: frozenset[type], value: Any) -> Any:
@@ -228,9 +228,10 @@ def _insert_many(rows: list[UsageData]) -> None:
     ``tests/billing/test_ledger_insert.py`` compares the stored columns with ``bulk_create``'s). Same
     semantics: ids already in the ledger are skipped, and a reference to a deleted row fails the batch
     (``_write_rows``)."""
-    sql, columns, as_is = _insert_statement()
-    pairs = tuple(zip(columns, as_is, strict=True))
-    params = [[_sqlite_value(column, types, getattr(data, column.attname)) for column, types in pairs] for data in rows]
+    sql, columns = _insert_statement()
+    params = [
+        [_sqlite_value(column, types, getattr(data, column.attname)) for column, types in columns] for data in rows
+    ]
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
 
