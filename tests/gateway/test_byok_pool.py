@@ -7,11 +7,9 @@ Real calls against the fake upstream; the connections are counted where the kern
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import os
-import socket
 
 import pytest
 
@@ -20,37 +18,14 @@ from providers.adapters.registry import adapters_close_all, adapters_open
 from providers.fields import Secret
 from providers.models import ByokMode
 from providers.selectors import provider_config
+from tests.connections import established_connections
 from tests.factories import ProviderFactory
 
 pytestmark = pytest.mark.django_db
 
 BOUND = 8
 USERS = 1000
-TCP_ESTABLISHED = 1  # include/net/tcp_states.h
 BODY = {"model": "fake-gpt-4o-mini", "messages": [{"role": "user", "content": "hi [[words=2]]"}]}
-
-
-def established(inodes: set[str]) -> int:
-    """How many of the sockets ``inodes`` names are still open in this process and ESTABLISHED, asked of each
-    socket itself (its ``TCP_INFO`` state). Only the sockets the test's own clients opened are asked about:
-    other code of this process (a server thread or client left by an earlier test on the same worker) may
-    hold connections to the shared fake upstream too.
-
-    Not read from ``/proc/net/tcp``: the kernel writes that table out a page at a time, and while other
-    connections open and close (the fake upstream's, the other tests' on the machine) a read lists some
-    sockets more than once. Under a whole-suite run it counted 56 connections where 9 were open, and a
-    thread opening and closing connections beside 9 open ones made one read list 2,703 lines too many."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{fd}").removeprefix("socket:[").removesuffix("]") not in inodes:
-                continue
-            with socket.socket(fileno=os.dup(int(fd))) as sock:  # a duplicate: closing it leaves the client's
-                if str(os.fstat(sock.fileno()).st_ino) not in inodes:  # the fd was closed and reused meanwhile
-                    continue
-                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-            count += state == TCP_ESTABLISHED
-    return count
 
 
 def sockets_of(adapter) -> set[str]:
@@ -117,7 +92,7 @@ async def test_a_thousand_users_keys_in_a_row_keep_open_clients_and_connections_
             most_open = max(most_open, adapters_open())
             if n % 10 == 0:  # reading the kernel's tables costs more than the call itself
                 await retirements_done()
-                most_connections = max(most_connections, established(opened))
+                most_connections = max(most_connections, established_connections(inodes=opened))
         # The provider's own client was never evicted, however many users came after it.
         assert adapter_for(base_config) is platform
     finally:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from llmhub.testing.fake_upstream import FakeUpstream
+from tests.connections import established_connections
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +30,8 @@ async def open_connections_once_closed(port: int) -> int:
 
 
 def open_connections_to(port: int) -> int:
-    """Established TCP connections to ``port`` on this machine, as the kernel lists them."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as handle:
-            next(handle)
-            for line in handle:
-                fields = line.split()
-                if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
-                    count += 1
-    return count
+    """This process's established TCP connections to ``port`` (its clients' ends)."""
+    return established_connections(peer_port=port)
 
 
 async def two_content_chunks(stream: AsyncIterator[dict[str, Any]]) -> None:
