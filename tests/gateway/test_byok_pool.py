@@ -2,7 +2,7 @@
 ``LLMHUB_ADAPTER_POOL_SIZE`` and evicted least-recently-used, so that many users' keys never open as many
 connection pools; an evicted client finishes the stream running on it before it closes.
 
-Real calls against the fake upstream; the connections are counted where the kernel keeps them."""
+Real calls against the fake upstream; the connections are counted by asking each socket its TCP state."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ async def test_a_thousand_users_keys_in_a_row_keep_open_clients_and_connections_
             sent = fake_upstream.requests[-1]["key_sha256"]
             assert sent == hashlib.sha256(config.api_key.reveal().encode()).hexdigest()  # the user's own key
             most_open = max(most_open, adapters_open())
-            if n % 10 == 0:  # reading the kernel's tables costs more than the call itself
+            if n % 10 == 0:  # asking every socket of the process costs more than the call itself
                 await retirements_done()
                 most_connections = max(most_connections, established_connections(inodes=opened))
         # The provider's own client was never evicted, however many users came after it.
