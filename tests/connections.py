@@ -20,17 +20,32 @@ def established_connections(*, peer_port: int | None = None, inodes: set[str] | 
     of a connection to a server on that port), among the sockets whose inodes ``inodes`` names if given."""
     count = 0
     for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # an fd closed meanwhile, or not a TCP socket
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
             link = os.readlink(f"/proc/self/fd/{fd}")
-            inode = link.removeprefix("socket:[").removesuffix("]")
-            if inode == link or (inodes is not None and inode not in inodes):
+            if not link.startswith("socket:["):
                 continue
-            with socket.socket(fileno=os.dup(int(fd))) as sock:  # a duplicate: closing it leaves the socket open
-                if str(os.fstat(sock.fileno()).st_ino) != inode:  # the fd was closed and reused meanwhile
-                    continue
-                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
-                    continue
-                if peer_port is not None and sock.getpeername()[1] != peer_port:
-                    continue
-                count += sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED
+            inode = link[len("socket:[") : -1]
+            if inodes is not None and inode not in inodes:
+                continue
+            if _established(int(fd), inode, peer_port):
+                count += 1
     return count
+
+
+def _established(fd: int, inode: str, peer_port: int | None) -> bool:
+    """Whether the TCP socket at ``fd`` (still the one ``inode`` names) is ESTABLISHED, to ``peer_port`` if
+    given. Asked of a duplicate of the fd, which is closed again whatever happens: the socket stays open."""
+    duplicate = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)
+        raise
+    with sock:
+        if str(os.fstat(sock.fileno()).st_ino) != inode:  # the fd was closed and reused meanwhile
+            return False
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        if peer_port is not None and sock.getpeername()[1] != peer_port:
+            return False
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED
