@@ -73,6 +73,23 @@ class GuardedResolver(AbstractResolver):
         return None
 
 
+class _IdleBoundedConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, keeping at most ``max_idle`` released connections per host for reuse, as httpx2's
+    ``Limits.max_keepalive_connections`` says (aiohttp itself keeps every one): a burst of 500 streams to
+    one provider would otherwise leave 500 idle connections open to it for the keep-alive time. A
+    connection released beyond that is closed. aiohttp is pinned (pyproject.toml), and
+    ``tests/providers/test_provider_http_client.py`` holds this override to the version's ``_release``."""
+
+    def __init__(self, *, max_idle: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._max_idle = max_idle
+
+    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        if self._max_idle is not None and len(self._conns.get(key, ())) >= self._max_idle:
+            should_close = True
+        super()._release(key, protocol, should_close=should_close)
+
+
 class GuardedAiohttpTransport(AiohttpTransport):
     """``AiohttpTransport`` bound to one origin, over a session whose connector resolves through the guard."""
 
@@ -83,7 +100,8 @@ class GuardedAiohttpTransport(AiohttpTransport):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _guarded_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = _IdleBoundedConnector(
+            max_idle=self.limits.max_keepalive_connections,
             limit=self.limits.max_connections or 0,
             limit_per_host=0,
             keepalive_timeout=self.limits.keepalive_expiry,

@@ -9,14 +9,16 @@ import asyncio
 import ipaddress
 import socket
 
+import httpx2
 import pytest
 
 from providers import outbound
-from providers.adapters.aiohttp_client import GuardedAiohttpTransport
+from providers.adapters.aiohttp_client import GuardedAiohttpTransport, aiohttp_outbound_client
 from providers.adapters.openai import OpenAIAdapter
 from providers.exceptions import ProviderError
 from providers.fields import Secret
 from providers.types import ProviderConfig
+from tests.connections import established_connections
 
 CLIENTS = ("aiohttp", "httpx")
 BODY = {"model": "fake-gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -135,3 +137,29 @@ async def test_aiohttp_reports_a_busy_connection_while_a_stream_is_read(settings
         await adapter.aclose()
     assert len(busy) == 1 and not busy[0].is_idle()
     assert idle == []
+
+
+@pytest.mark.parametrize("name", CLIENTS)
+async def test_no_more_idle_connections_are_kept_than_the_limits_say(name, settings, private_upstream):
+    """After a burst, a client keeps ``max_keepalive_connections`` of its connections for reuse and closes the
+    rest: aiohttp alone would keep every one (``aiohttp_client._IdleBoundedConnector``)."""
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = name
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
+    limits = httpx2.Limits(max_connections=64, max_keepalive_connections=3, keepalive_expiry=30.0)
+    base_url = private_upstream.base_url + "/v1"
+    factory = aiohttp_outbound_client if name == "aiohttp" else outbound.outbound_client
+    client = factory(url=base_url, timeout=10.0, limits=limits)
+    slow = {**BODY, "messages": [{"role": "user", "content": "[[words=5]] [[tps=20]] hi"}]}  # a quarter second
+    try:
+        responses = await asyncio.gather(*(client.post(base_url + "/chat/completions", json=slow) for _ in range(10)))
+        assert all(response.status_code == 200 for response in responses)
+        during = established_connections(peer_port=private_upstream.port)
+        for _ in range(5):  # the closes asked for run on the loop's next turns
+            await asyncio.sleep(0)
+        kept = established_connections(peer_port=private_upstream.port)
+        again = await client.post(base_url + "/chat/completions", json=BODY)  # a kept one is still used
+        assert again.status_code == 200
+    finally:
+        await client.aclose()
+    assert during <= 10
+    assert kept == 3
