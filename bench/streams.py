@@ -82,6 +82,9 @@ class Plan:
     words: int = 300  # per stream, at TOKENS_PER_SECOND
     parts: frozenset[str] = PARTS
     profile: str = ""  # where py-spy's collapsed stacks of the CPU part go ("": not sampled)
+    # Every steady point and burst also through the bench's bare aiohttp view on the same server: the
+    # fastest bare Django proxy's own added TTFT, the ceiling of what any gateway on this stack adds.
+    bare: bool = True
 
     @property
     def stream_seconds(self) -> float:
@@ -408,6 +411,7 @@ def bench_workers(
     ).encode()
     ours = _request(port, PATH, body, key)
     direct = _request(fake_port, "/v1/chat/completions", body.replace(MODEL.encode(), b"fake-gpt-4o-mini"), "")
+    bare = _request(port, BARE_PATH, body, "")
 
     async def warm() -> None:
         await asyncio.gather(
@@ -444,6 +448,11 @@ def bench_workers(
         point["added_ttft_p99_ms"] = _minus(ours_series["ttft_p99_ms"], straight["ttft_p99_ms"])
         open_p50 = ours_series["open_p50"] or 1
         point["rss_per_stream_kib"] = round((sampled[0] - idle_rss) / open_p50, 1) if sampled else None
+        if plan.bare:
+            ceiling = asyncio.run(steady(port, bare, target, plan.window, plan.stream_seconds))
+            point["bare"] = ceiling
+            point["bare_added_ttft_p50_ms"] = _minus(ceiling["ttft_p50_ms"], straight["ttft_p50_ms"])
+            point["bare_added_ttft_p99_ms"] = _minus(ceiling["ttft_p99_ms"], straight["ttft_p99_ms"])
         point["load_average"] = load_average()
         result["steady"].append(point)
         say(
@@ -452,6 +461,11 @@ def bench_workers(
             f" {straight['ttft_p50_ms']}/{straight['ttft_p99_ms']}); errors {ours_series['errors']}"
             f" {ours_series['error_kinds']}; {point['rss_per_stream_kib']} KiB per open stream; load {load_average()}"
         )
+        if "bare" in point:
+            say(
+                f"  {target} open, bare aiohttp view: added TTFT p50 {point['bare_added_ttft_p50_ms']} ms, p99"
+                f" {point['bare_added_ttft_p99_ms']} ms; errors {point['bare']['errors']}"
+            )
     if "burst" in plan.parts:
         count = plan.burst * workers
         burst_profile = Path(plan.profile).with_name("py-spy-burst.txt") if plan.profile else None
@@ -473,6 +487,14 @@ def bench_workers(
             f"  burst of {count}: added TTFT p50 {result['burst']['added_ttft_p50_ms']} ms (llmhub"
             f" {ours_burst['ttft_p50_ms']}, direct {direct_burst['ttft_p50_ms']}); errors {ours_burst['errors']}"
         )
+        if plan.bare:
+            bare_burst = asyncio.run(burst(port, bare, count))
+            result["burst"]["bare"] = bare_burst
+            result["burst"]["bare_added_ttft_p50_ms"] = _minus(bare_burst["ttft_p50_ms"], direct_burst["ttft_p50_ms"])
+            say(
+                f"  burst of {count}, bare aiohttp view: added TTFT p50 {result['burst']['bare_added_ttft_p50_ms']}"
+                f" ms; errors {bare_burst['errors']}"
+            )
     if workers == 1 and "cpu" in plan.parts:
         profile = Path(plan.profile) if plan.profile else None
         result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams, profile))
@@ -565,6 +587,9 @@ def markdown(results: dict[str, Any]) -> str:
             errors = point["llmhub"]["errors"]
             row(f"{label}, {n} open: failed streams", errors, "0", "ok" if errors == 0 else "MISSED")
             row(f"{label}, {n} open: memory per open stream", f"{point['rss_per_stream_kib']} KiB", "reported", "")
+            if "bare" in point:
+                both = f"{point['bare_added_ttft_p50_ms']} / {point['bare_added_ttft_p99_ms']} ms"
+                row(f"{label}, {n} open: the bare aiohttp view's added TTFT p50 / p99", both, "the ceiling", "")
         added = server["burst"]["added_ttft_p50_ms"] if "burst" in server else None
         if "burst" in server:
             row(
@@ -573,6 +598,14 @@ def markdown(results: dict[str, Any]) -> str:
                 "≤ 150 ms",
                 _verdict(added, 150),
             )
+            if "bare" in server["burst"]:
+                bare_added = f"{server['burst']['bare_added_ttft_p50_ms']} ms"
+                row(
+                    f"{label}, burst of {server['burst']['streams']}: the bare aiohttp view's",
+                    bare_added,
+                    "the ceiling",
+                    "",
+                )
         if "cpu" in server:
             row("CPU per relayed chunk", f"{server['cpu']['cpu_per_chunk_us']} µs", "reported (cut)", "")
             if "cpu_per_paced_chunk_us" in server["cpu"]:
@@ -629,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         "--settings", default="bench.settings", help="the server's settings (a what-if: bench.settings_gclog, ...)"
     )
     parser.add_argument(
+        "--no-bare", action="store_true", help="skip the bare aiohttp view's run of every steady point and burst"
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="sample the server with py-spy during an extra round of the CPU part"
     )
     args = parser.parse_args(argv)
@@ -641,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "steady": tuple(int(n) for n in args.open.split(","))})
     if args.cost_streams is not None:
         plan = Plan(**{**plan.__dict__, "cost_streams": args.cost_streams})
+    if args.no_bare:
+        plan = Plan(**{**plan.__dict__, "bare": False})
     if args.profile:
         plan = Plan(**{**plan.__dict__, "profile": str(WORK / "py-spy-streams.txt")})
     if args.only:

@@ -109,6 +109,14 @@ def _streams(results: dict[str, Any]) -> list[Row]:
             errors = point["llmhub"]["errors"]
             add(f"{label}, {n} open: failed streams", "0", str(errors), _at_most(errors, 0))
             add(f"{label}, {n} open: memory per open stream", "reported", f"{point['rss_per_stream_kib']} KiB", "")
+            if "bare" in point:
+                # The ceiling: the bench's bare aiohttp view, same server, same schedule (bench/streams.py).
+                add(
+                    f"{label}, {n} open: the bare aiohttp view's added TTFT p50 / p99",
+                    "the ceiling",
+                    f"{point['bare_added_ttft_p50_ms']} / {point['bare_added_ttft_p99_ms']} ms",
+                    "",
+                )
         burst = server.get("burst")
         if burst:
             added = burst["added_ttft_p50_ms"]
@@ -118,6 +126,13 @@ def _streams(results: dict[str, Any]) -> list[Row]:
                 f"{added} ms",
                 _at_most(added, BURST_P50_MS),
             )
+            if "bare" in burst:
+                add(
+                    f"{label}, burst of {burst['streams']}: the bare aiohttp view's added TTFT p50",
+                    "the ceiling",
+                    f"{burst['bare_added_ttft_p50_ms']} ms",
+                    "",
+                )
         cpu = server.get("cpu")
         if cpu:
             add(f"{label}: CPU per relayed chunk", "reported", f"{cpu['cpu_per_chunk_us']} µs", "")

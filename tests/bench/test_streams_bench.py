@@ -33,7 +33,10 @@ def test_the_quick_streams_benchmark_reports_every_figure_and_loses_no_ledger_ro
         assert point["llmhub"]["errors"] == 0 and point["direct"]["errors"] == 0, point
         assert point["llmhub"]["timed"] > 0 and point["added_ttft_p50_ms"] is not None
         assert point["rss_per_stream_kib"] is not None
-    assert server["burst"]["llmhub"]["errors"] == 0
+        # The ceiling beside it: the same schedule through the bare aiohttp view.
+        assert point["bare"]["errors"] == 0 and point["bare"]["timed"] > 0, point
+        assert point["bare_added_ttft_p50_ms"] is not None
+    assert server["burst"]["llmhub"]["errors"] == 0 and server["burst"]["bare"]["errors"] == 0
     assert server["ws"]["errors"] == 0 and server["ws"]["completed"] == server["ws"]["chats"]
     assert server["cpu"]["errors"] == 0 and server["cpu"]["long_chunks"] > server["cpu"]["short_chunks"]
     assert server["rss"]["failures"] == 0
@@ -41,4 +44,5 @@ def test_the_quick_streams_benchmark_reports_every_figure_and_loses_no_ledger_ro
     assert ledger["rows"] + ledger["spooled"] == ledger["sent"], ledger
     for figure in ("added TTFT p50", "added TTFT p99", "burst of", "CPU per relayed chunk", "CPU per stream start"):
         assert figure in completed.stdout
+    assert "the bare aiohttp view's added TTFT" in completed.stdout
     assert "≤ 20 ms" in completed.stdout and "within 10 %" in completed.stdout
