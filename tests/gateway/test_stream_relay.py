@@ -5,6 +5,9 @@ that goes away mid-stream is recorded as gone, not as an upstream stall."""
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import time
 from decimal import Decimal
 from types import SimpleNamespace
@@ -65,3 +68,34 @@ def test_a_client_gone_mid_stream_is_recorded_as_gone_not_as_a_stall(llmhub_serv
     assert record.status == "client_disconnected", (record.status, record.error_type)
     time.sleep(0.5)  # past the idle timeout: no second row, no late stall
     assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+
+
+def test_a_client_slow_to_read_is_not_taken_for_a_stalled_upstream(llmhub_server, client, fake_upstream):
+    """The idle timeout counts the waits for the upstream only. A client that stops reading for longer than
+    it (its receive buffer kept small, so that the server's sends soon wait for it) still gets the whole
+    stream: while the relay waits on the client, the watchdog must not take that for a stall."""
+    provider = ProviderFactory(name="fast", base_url=fake_upstream.base_url + "/v1")
+    single("fast", provider, "fake-gpt-4o-mini", CHEAP, stream_idle_timeout_seconds=Decimal("0.3"))
+    # About 9 MB of events: more than the server's socket send buffer can take (4 MB at most here).
+    words = 40_000
+    body = json.dumps(
+        {"model": "fast", "stream": True, "messages": [{"role": "user", "content": f"on [[words={words}]]"}]}
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {client.key.secret}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # set before connecting: no autotuning
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", llmhub_server.port))
+        sock.sendall(head + body)
+        time.sleep(1.5)  # five idle timeouts without reading
+        received = bytearray()
+        while piece := sock.recv(1 << 16):
+            received += piece
+    request_id = re.search(rb"x-request-id: (\S+)", bytes(received), re.IGNORECASE).group(1).decode()
+    assert b"data: [DONE]" in received[-200:], bytes(received[-300:])
+    assert b"upstream_stream_interrupted" not in received
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.completion_tokens == words, (record.status, record.error_type)
