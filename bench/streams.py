@@ -601,7 +601,7 @@ def markdown(results: dict[str, Any]) -> str:
             if "bare" in server["burst"]:
                 bare_added = f"{server['burst']['bare_added_ttft_p50_ms']} ms"
                 row(
-                    f"{label}, burst of {server['burst']['streams']}: the bare aiohttp view's",
+                    f"{label}, burst of {server['burst']['streams']}: the bare aiohttp view's added TTFT p50",
                     bare_added,
                     "the ceiling",
                     "",
