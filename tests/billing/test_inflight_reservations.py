@@ -164,6 +164,15 @@ async def until(condition, what: str, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def until_no_records(redis_url: str, what: str, timeout: float = 10.0) -> None:
+    """Until no in-flight record is left in the store: a request answered keeps its record, settled, until
+    the ledger writer commits its row, a few milliseconds after the response."""
+    deadline = time.monotonic() + timeout
+    while left := await sync_to_async(records)(redis_url):
+        assert time.monotonic() < deadline, f"never: {what} ({left})"
+        await asyncio.sleep(0.05)
+
+
 def records(redis_url: str) -> dict[str, bool]:
     """Every in-flight record, of any process, in the store in use: request id → whether it is settled."""
     if not redis_url:
@@ -314,6 +323,7 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
         async with httpx.AsyncClient(timeout=60) as client:
             warm = await post(client, survivor.url, secret, body())
             assert warm.status_code == 200, warm.text
+            await until_no_records(redis_url, "the warm request's row committed")
             held = [asyncio.create_task(post(client, doomed.url, secret, body(latency_ms=60_000))) for _ in range(2)]
             await until(lambda: fake_upstream.stats["requests"] == 3, "two requests upstream from the doomed server")
             assert len(await sync_to_async(records)(redis_url)) == 2  # the records of the two requests in flight
@@ -362,6 +372,7 @@ def test_rows_settled_but_not_committed_when_their_process_is_killed_are_written
         async with httpx.AsyncClient(timeout=60) as client:
             warm = await post(client, survivor.url, secret, body())  # which starts its sweeping thread
             assert warm.status_code == 200, warm.text
+            await until_no_records(redis_url, "the warm request's row committed")
             responses = [await post(client, doomed.url, secret, body()) for _ in range(2)]
         assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
         return [r.headers["x-request-id"] for r in responses]
