@@ -6,9 +6,10 @@ this adapter does not interpret — tools, response_format, images, logprobs, se
 than the SDK — pass through untouched. It is posted with the SDK's generic ``post`` rather than
 ``chat.completions.create``, whose keyword signature would refuse unknown fields, and with
 ``cast_to=object`` so that a response comes back as the upstream's JSON decoded to a dict, without
-building and dumping a pydantic model. A stream is read raw (``sse.sse_events``) and each chunk keeps
+building and dumping a pydantic model. A stream is read raw (``sse.SSEParser``) and each chunk keeps
 the upstream's bytes (``WireChunk``), so that the relay forwards what it did not change instead of
-encoding it again. Authentication, retries and the exception classes are still the SDK's.
+encoding it again; a chunk that only carries the next piece of text is not decoded at all
+(``text_chunks``). Authentication, retries and the exception classes are still the SDK's.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .common import (
 )
 from .openai_shape import StreamShape, completion_conform
 from .sse import ServerSentEvent, SSEParser, response_body
+from .text_chunks import TextChunks
 
 _CHAT_PATH = "/chat/completions"
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
@@ -51,11 +53,12 @@ _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
 
 
 class _StreamState:
-    __slots__ = ("done", "finished")
+    __slots__ = ("done", "finished", "texts")
 
     def __init__(self) -> None:
         self.done = False  # `[DONE]` came: what follows is read and dropped
         self.finished = False  # a choice carried its finish_reason
+        self.texts = TextChunks()  # text chunks read without a decode
 
 
 class OpenAIAdapter(BaseAdapter):
@@ -139,10 +142,14 @@ class OpenAIAdapter(BaseAdapter):
         the connection goes back to the pool)."""
         if state.done:
             return None
-        if event.data.startswith(b"[DONE]"):
+        data = event.data
+        plain = state.texts.read(data)
+        if plain is not None:
+            return plain  # a text chunk like the last one learned: nothing else in it to look at
+        if data.startswith(b"[DONE]"):
             state.done = True
             return None
-        chunk = json.loads(event.data)
+        chunk = json.loads(data)
         if not isinstance(chunk, dict):
             raise ValueError("not a chunk object")
         if chunk.get("error"):
@@ -157,9 +164,11 @@ class OpenAIAdapter(BaseAdapter):
                     state.finished = True
         # An event spread over several `data:` lines holds line breaks: relayed as it came, it would break
         # the client's SSE framing, so that one is encoded again.
-        raw = event.data if b"\n" not in event.data and b"\r" not in event.data else None
+        raw = data if b"\n" not in data and b"\r" not in data else None
         if not shape.conform(chunk):
             raw = None  # filled in where the upstream left out what OpenAI's schema requires
+        elif raw is not None:
+            state.texts.learn(chunk, raw)
         return WireChunk(chunk, raw)
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,264 @@
+"""Text chunks read without a JSON decode (``providers.adapters.text_chunks``), through the OpenAI adapter's
+chunk reader: whatever the upstream sends, each chunk is the dict ``json.loads`` would give, with the
+upstream's bytes, and the reader falls back to the decode for anything but the next piece of plain text."""
+
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from providers.adapters import openai as openai_adapter
+from providers.adapters.openai import OpenAIAdapter, _StreamState
+from providers.adapters.openai_shape import StreamShape
+from providers.adapters.sse import ServerSentEvent
+from providers.exceptions import ProviderError
+from providers.fields import Secret
+from providers.types import ProviderConfig
+from tests.providers.test_adapter_openai import make_config, user
+
+HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764800000,"model":"up-1",'
+
+
+def text_chunk(
+    text: str,
+    *,
+    head: str = HEAD,
+    tail: str = ',"logprobs":null,"finish_reason":null}]}',
+    ascii_only: bool = True,
+) -> bytes:
+    """A text chunk as an OpenAI-compatible server sends it (``json.dumps`` of the text: escapes and all)."""
+    encoded = json.dumps(text, ensure_ascii=ascii_only)
+    return f'{head}"choices":[{{"index":0,"delta":{{"content":{encoded}}}{tail}'.encode()
+
+
+def unescaped_chunk(text: str) -> bytes:
+    """The text put between the quotes as it stands: JSON or not, depending on the text."""
+    before, after = text_chunk("\x00").split(b'"\\u0000"')
+    return before + b'"' + text.encode() + b'"' + after
+
+
+class Reader:
+    """The adapter's chunk reader over one stream's events, counting the decodes it makes."""
+
+    def __init__(self) -> None:
+        config = ProviderConfig(
+            id=1, name="up", kind="openai_compatible", base_url="http://127.0.0.1:9/v1", api_key=Secret("")
+        )
+        self.adapter = OpenAIAdapter(config)
+        self.state = _StreamState()
+        self.shape = StreamShape("up-1")
+        self.decodes = 0
+
+    def read(self, data: bytes):
+        real = json.loads
+
+        def counting(*args, **kwargs):
+            self.decodes += 1
+            return real(*args, **kwargs)
+
+        with mock.patch.object(openai_adapter.json, "loads", counting):
+            return self.adapter._chunk(ServerSentEvent(None, data), self.state, self.shape)
+
+
+def test_text_chunks_after_the_first_are_read_without_a_decode():
+    reader = Reader()
+    words = [" one", " two", " three", " four", " café", " 🙂", "line\nbreak", ' a "quoted" word', "\\", "tab\t"]
+    chunks = [reader.read(text_chunk(word)) for word in words]
+
+    assert reader.decodes == 1  # the first, which the rest are read against
+    for word, chunk in zip(words, chunks, strict=True):
+        assert chunk == json.loads(text_chunk(word))
+        assert chunk.raw == text_chunk(word)  # relayed byte for byte
+        assert list(chunk) == list(json.loads(text_chunk(word)))  # in the upstream's order
+        assert list(chunk["choices"][0]) == ["index", "delta", "logprobs", "finish_reason"]
+    for word in words:  # as a server that does not escape what JSON lets through sends them
+        data = text_chunk(word, ascii_only=False)
+        assert reader.read(data) == json.loads(data)
+    assert reader.decodes == 1
+
+
+def test_a_chunk_shares_nothing_with_the_next():
+    """Each chunk is the relay's to change: neither the one learned nor one read from it is the template."""
+    reader = Reader()
+    for change in (reader.read(text_chunk(" a")), reader.read(text_chunk(" b"))):
+        change["choices"][0]["delta"]["content"] = "changed"
+        change["choices"][0]["finish_reason"] = "changed"
+        change["choices"][0]["index"] = 7
+        change["id"] = "changed"
+    assert reader.read(text_chunk(" c")) == json.loads(text_chunk(" c"))
+
+
+def test_a_chunk_with_a_nested_value_is_not_learned():
+    """Chunks read from a template would share its nested values: such a chunk is decoded each time."""
+    reader = Reader()
+    head = HEAD + '"extra":{"a":1},'
+    reader.read(text_chunk(" a", head=head))
+    second = reader.read(text_chunk(" b", head=head))
+    second["extra"]["a"] = 2
+    assert reader.read(text_chunk(" c", head=head)) == json.loads(text_chunk(" c", head=head))
+
+
+def test_only_the_text_of_the_delta_is_taken_for_the_text():
+    """A "content" key beside the choices, and the delta's own spelled with an escape: the bytes cannot tell
+    which is the text, so nothing is learned (else the next chunk would be read with the wrong one)."""
+    reader = Reader()
+    head = HEAD + '"content":"x",'
+    first = text_chunk("x", head=head).replace(b'"delta":{"content"', b'"delta":{"con\\u0074ent"')
+    following = text_chunk("x", head=HEAD + '"content":"y",').replace(
+        b'"delta":{"content"', b'"delta":{"con\\u0074ent"'
+    )
+    assert json.loads(first)["choices"][0]["delta"] == {"content": "x"}
+    reader.read(first)
+    assert reader.read(following) == json.loads(following)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764800000,"model":"up-1","choices":[{"index":0,'
+        b'"delta":{"content":"a","tool_calls":[{"index":0,"function":{"arguments":"{}"}}],"x":"b"},"logprobs":null,'
+        b'"finish_reason":null}]}',  # the text's quotes close it early: other keys follow in the delta
+        text_chunk("end", tail=',"logprobs":null,"finish_reason":"stop"}]}'),
+        text_chunk("other id", head=HEAD.replace("chatcmpl-1", "chatcmpl-2")),
+        text_chunk(
+            "usage",
+            tail=',"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":1,'
+            '"completion_tokens":2,"total_tokens":3}}',
+        ),
+    ],
+)
+def test_anything_but_the_next_plain_text_is_decoded(data):
+    reader = Reader()
+    reader.read(text_chunk(" learned"))
+    reader.decodes = 0
+
+    chunk = reader.read(data)
+
+    assert reader.decodes >= 1
+    assert chunk == json.loads(data)
+
+
+def test_a_text_that_closes_its_string_early_is_decoded_as_the_json_it_is():
+    """Raw bytes between the template's prefix and suffix that hold a closing quote: the chunk is not the
+    template's shape (here the delta has a second key), and the decode says so."""
+    reader = Reader()
+    reader.read(text_chunk(" learned"))
+    data = text_chunk("a").replace(b'"content":"a"', b'"content":"a","refusal":"no"')
+    assert data.startswith(HEAD.encode())
+
+    chunk = reader.read(data)
+
+    assert chunk["choices"][0]["delta"] == {"content": "a", "refusal": "no"}
+
+
+def test_a_control_character_or_bad_utf8_fails_as_the_decode_would():
+    for bad in (text_chunk("ok").replace(b"ok", b"o\x01k"), text_chunk("ok").replace(b"ok", b"o\xffk")):
+        reader = Reader()
+        reader.read(text_chunk(" learned"))
+        with pytest.raises(ValueError):
+            json.loads(bad)
+        with pytest.raises(ValueError):
+            reader.read(bad)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        text_chunk("x", head=HEAD + '"content":"top",'),  # another "content" key: which one is the text?
+        text_chunk("x", head=HEAD + '"extra":{"a":1},'),  # a nested value the chunks would share
+        text_chunk("x").replace(b'"content"', b'"con\\u0074ent"'),  # the key spelled with an escape
+        text_chunk("line\nbreak"),  # learned all the same: the template is its bytes around the text
+    ],
+)
+def test_what_cannot_be_a_template_is_decoded_every_time_and_still_right(first):
+    reader = Reader()
+    reader.read(first)
+    following = first.replace(b'"x"', b'"y"')
+    assert reader.read(following) == json.loads(following)
+
+
+def test_blank_after_the_colon_and_a_template_made_of_a_text_with_escapes():
+    head = HEAD.replace(",", ", ").replace('":', '": ')
+    reader = Reader()
+    reader.read(text_chunk("first\nline", head=head).replace(b'"content":', b'"content": '))
+    reader.decodes = 0
+    data = text_chunk("plain", head=head).replace(b'"content":', b'"content": ')
+
+    assert reader.read(data) == json.loads(data)
+    assert reader.decodes == 0
+
+
+def test_an_upstream_whose_chunks_always_differ_stops_building_templates():
+    reader = Reader()
+    for n in range(10):
+        data = text_chunk(f" w{n}", head=HEAD.replace("chatcmpl-1", f"chatcmpl-{n}"))
+        assert reader.read(data) == json.loads(data)
+    assert reader.decodes == 10
+    # Four templates were built and none was used: the tenth chunk's layout is not learned, so a chunk that
+    # repeats it with another text is decoded too.
+    again = text_chunk(" again", head=HEAD.replace("chatcmpl-1", "chatcmpl-9"))
+    assert reader.read(again) == json.loads(again)
+    assert reader.decodes == 11
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.text(), min_size=1, max_size=8))
+def test_any_text_reads_as_the_decode_reads_it(texts):
+    reader = Reader()
+    reader.read(text_chunk(" learned"))
+    for text in texts:
+        for data in (text_chunk(text), text_chunk(text, ascii_only=False), unescaped_chunk(text)):
+            try:
+                expected = json.loads(data)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    reader.read(data)
+                continue
+            chunk = reader.read(data)
+            assert chunk == expected
+            assert chunk.raw == data
+
+
+REPLY = 'a "quoted" word, a\\ slash, and words after it: café 🙂 one two three four five six seven eight nine'
+
+
+async def test_a_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
+    """Through the SDK and the real fake upstream: a reply of some thirty chunks, its text exactly, each
+    chunk's bytes as sent, and a decode for the first chunks, the finish and the usage only."""
+    adapter = OpenAIAdapter(make_config(fake_upstream))
+    decodes = 0
+    real = json.loads
+
+    def counting(*args, **kwargs):
+        nonlocal decodes
+        decodes += 1
+        return real(*args, **kwargs)
+
+    try:
+        with mock.patch.object(openai_adapter.json, "loads", counting):
+            chunks = [chunk async for chunk in adapter.stream(user(f"[[reply={REPLY}]]"))]
+    finally:
+        await adapter.aclose()
+
+    assert len(chunks) > 15
+    assert decodes <= 8, decodes
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == REPLY
+    for chunk in chunks:
+        assert chunk.raw is not None and real(chunk.raw) == chunk
+
+
+@pytest.mark.parametrize("fault", ["error-event", "cut-6"])
+async def test_a_failure_after_text_chunks_still_ends_the_stream(fake_upstream, fault):
+    adapter = OpenAIAdapter(make_config(fake_upstream))
+    texts = []
+    try:
+        with pytest.raises(ProviderError):
+            async for chunk in adapter.stream(user(f"[[words=30]] [[fault={fault}]]")):
+                texts.extend(c["delta"].get("content") for c in chunk["choices"])
+    finally:
+        await adapter.aclose()
+    assert len([text for text in texts if text]) in (2, 6)
