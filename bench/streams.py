@@ -49,7 +49,7 @@ from typing import Any
 # Run as a script (`python bench/streams.py`): its siblings are imported as the package they are.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import profiling
+from bench import profiling, summary
 from bench.load import _process_cpu, children_of, percentile
 from bench.run import (
     PY,
@@ -564,83 +564,11 @@ def _minus(a: float | None, b: float | None) -> float | None:
 # --- the report --------------------------------------------------------------------------------------------
 
 
-def _verdict(value: float | None, limit: float) -> str:
-    if value is None:
-        return "n/a"
-    return "ok" if value <= limit else "MISSED"
-
-
 def markdown(results: dict[str, Any]) -> str:
+    """The figures beside their targets: the rows of ``make bench``'s summary for this part
+    (``bench.summary.streams_rows``), so that the two tables cannot say different things."""
     rows = ["| figure | measured | target | |", "|---|---|---|---|"]
-
-    def row(name: str, value: Any, target: str, verdict: str) -> None:
-        rows.append(f"| {name} | {value} | {target} | {verdict} |")
-
-    for server in results["servers"]:
-        workers = server["workers"]
-        label = f"{workers} worker{'s' if workers > 1 else ''}"
-        for point in server["steady"]:
-            n = point["open_target"]
-            p50, p99 = point["added_ttft_p50_ms"], point["added_ttft_p99_ms"]
-            row(f"{label}, {n} open: added TTFT p50", f"{p50} ms", "≤ 20 ms", _verdict(p50, 20))
-            row(f"{label}, {n} open: added TTFT p99", f"{p99} ms", "≤ 200 ms", _verdict(p99, 200))
-            errors = point["llmhub"]["errors"]
-            row(f"{label}, {n} open: failed streams", errors, "0", "ok" if errors == 0 else "MISSED")
-            row(f"{label}, {n} open: memory per open stream", f"{point['rss_per_stream_kib']} KiB", "reported", "")
-            if "bare" in point:
-                both = f"{point['bare_added_ttft_p50_ms']} / {point['bare_added_ttft_p99_ms']} ms"
-                row(f"{label}, {n} open: the bare aiohttp view's added TTFT p50 / p99", both, "the ceiling", "")
-        added = server["burst"]["added_ttft_p50_ms"] if "burst" in server else None
-        if "burst" in server:
-            row(
-                f"{label}, burst of {server['burst']['streams']}: added TTFT p50",
-                f"{added} ms",
-                "≤ 150 ms",
-                _verdict(added, 150),
-            )
-            if "bare" in server["burst"]:
-                bare_added = f"{server['burst']['bare_added_ttft_p50_ms']} ms"
-                row(
-                    f"{label}, burst of {server['burst']['streams']}: the bare aiohttp view's added TTFT p50",
-                    bare_added,
-                    "the ceiling",
-                    "",
-                )
-        if "cpu" in server:
-            row("CPU per relayed chunk", f"{server['cpu']['cpu_per_chunk_us']} µs", "reported (cut)", "")
-            if "cpu_per_paced_chunk_us" in server["cpu"]:
-                paced = f"{server['cpu']['cpu_per_paced_chunk_us']} µs"
-                row(f"CPU per relayed chunk, paced at {TOKENS_PER_SECOND}/s", paced, "reported (cut)", "")
-            if "bare_cpu_per_paced_chunk_all_in_us" in server["cpu"]:
-                both = (
-                    f"{server['cpu']['cpu_per_paced_chunk_all_in_us']} µs (bare aiohttp view:"
-                    f" {server['cpu']['bare_cpu_per_paced_chunk_all_in_us']} µs)"
-                )
-                row("CPU per paced chunk, stream start included", both, "reported", "")
-            row("CPU per stream start", f"{server['cpu']['cpu_per_start_us']} µs", "reported (cut)", "")
-        if "ws" in server:
-            ws = server["ws"]
-            row(
-                f"{ws['chats']} concurrent WebSocket chats: errors",
-                ws["errors"],
-                "0",
-                "ok" if ws["errors"] == 0 else "MISSED",
-            )
-        if "rss" in server:
-            rss = server["rss"]
-            row(
-                f"RSS over {rss['requests']:,} requests",
-                f"{rss['rss_after_warmup_mib']} → {rss['rss_end_mib']} MiB ({rss['drift_pct']:+} %)",
-                "within 10 %",
-                "ok" if abs(rss["drift_pct"]) <= 10 else "MISSED",
-            )
-    ledger = results["ledger"]
-    row(
-        "ledger rows (+ spooled) for requests sent",
-        f"{ledger['rows'] + ledger['spooled']} of {ledger['sent']}",
-        "all",
-        "ok" if ledger["rows"] + ledger["spooled"] == ledger["sent"] else "MISSED",
-    )
+    rows += [f"| {r.figure} | {r.measured} | {r.target} | {r.verdict} |" for r in summary.streams_rows(results)]
     head = (
         f"Streams at scale, {results['when']} on commit {results['commit']};"
         f" load average {results['load_average_start']}"

@@ -62,7 +62,13 @@ STREAMS = {
                 },
             ],
             "burst": {"streams": 100, "added_ttft_p50_ms": 110.0, "bare": {}, "bare_added_ttft_p50_ms": 61.0},
-            "cpu": {"cpu_per_chunk_us": 31.9, "cpu_per_paced_chunk_us": 95.1, "cpu_per_start_us": 4172.2},
+            "cpu": {
+                "cpu_per_chunk_us": 31.9,
+                "cpu_per_paced_chunk_us": 95.1,
+                "cpu_per_start_us": 4172.2,
+                "cpu_per_paced_chunk_all_in_us": 108.9,
+                "bare_cpu_per_paced_chunk_all_in_us": 60.6,
+            },
             "ws": {"chats": 500, "errors": 0},
             "rss": {"requests": 100000, "rss_after_warmup_mib": 337.5, "rss_end_mib": 344.7, "drift_pct": 2.15},
         },
@@ -118,6 +124,8 @@ def test_every_target_of_the_issue_has_its_figure_and_verdict():
     assert found[("streams", "1 worker, RSS over 100,000 requests after warm-up")].verdict == "met"
     assert found[("streams", "1 worker: CPU per relayed chunk")].measured == "31.9 µs"
     assert found[("streams", "1 worker: CPU per stream start")].measured == "4172.2 µs"
+    with_start = found[("streams", "1 worker: CPU per paced chunk, stream start included")]
+    assert with_start.measured == "108.9 µs (bare aiohttp view: 60.6 µs)"
     assert found[("streams", "two workers carry twice the streams at the same figures")].verdict == "MISSED"
     assert found[("streams", "ledger rows (+ spooled) for the requests sent")].verdict == "met"
 
@@ -189,3 +197,17 @@ def test_the_ledger_part_runs_end_to_end_on_a_throwaway_postgres(tmp_path):
     assert len(ledger_rows) == 13  # the insert, 11 queries, the retention
     assert all(row["verdict"] in ("met", "MISSED") for row in ledger_rows[:-1])
     assert "every target of issue 14" in (tmp_path / "summary-quick.md").read_text()
+
+
+def test_the_streams_script_prints_the_summarys_rows():
+    """One home for the streams part's rows: ``bench/streams.py``'s own table is the summary's."""
+    from bench import streams
+
+    text = streams.markdown(
+        {**STREAMS, "when": "now", "commit": "abc", "load_average_start": "0", "load_average_end": "0", "cores": 2}
+    )
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    expected = summary.streams_rows(STREAMS)
+    assert len(table) == len(expected)
+    for line, row in zip(table, expected, strict=True):
+        assert line == f"| {row.figure} | {row.measured} | {row.target} | {row.verdict} |"
