@@ -31,9 +31,12 @@ from .common import (
     upstream_deadline,
 )
 from .sse import ServerSentEvent, SSEParser, response_body
+from .text_chunks import TextChunks
 from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message
 
 _MESSAGES_PATH = "/v1/messages"
+# Where a text delta's text is (``text_chunks``).
+_TEXT_PATH = ("delta", "text")
 # Given when the row has no key, so that the SDK never falls back to the gateway's own environment
 # (ANTHROPIC_API_KEY, profiles on disk): the provider then answers 401, which is the truth.
 _PLACEHOLDER_KEY = "not-configured"
@@ -135,14 +138,19 @@ class AnthropicAdapter(BaseAdapter):
             raise self.map_error(exc) from None
         finished = False
         parser = SSEParser()
+        texts = TextChunks(_TEXT_PATH, WireEvent)  # text deltas read without a decode
         try:
             async for piece in response_body(upstream):
                 for sse in parser.feed(piece):
-                    event = self._event(sse)
+                    event = texts.read(sse.data)
+                    if event is None:
+                        event = self._event(sse, texts)
                     finished = finished or event.get("type") == "message_stop"
                     yield event
             for sse in parser.end():
-                event = self._event(sse)
+                event = texts.read(sse.data)
+                if event is None:
+                    event = self._event(sse, texts)
                 finished = finished or event.get("type") == "message_stop"
                 yield event
         except _FAILURES as exc:
@@ -152,15 +160,20 @@ class AnthropicAdapter(BaseAdapter):
         if not finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
-    def _event(self, sse: ServerSentEvent) -> WireEvent:
+    def _event(self, sse: ServerSentEvent, texts: TextChunks) -> WireEvent:
         event = json.loads(sse.data)
         if not isinstance(event, dict):
             raise ValueError("not an event object")
-        if event.get("type") == "error":
+        kind = event.get("type")
+        if kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
             reason = scrub(str(error.get("message") or "no details given"), self.config)
             raise stream_interrupted(self.config, f"the provider reported an error: {reason}")
         raw = sse.data if b"\n" not in sse.data and b"\r" not in sse.data else None
+        delta = event.get("delta")
+        text_delta = kind == "content_block_delta" and type(delta) is dict and delta.get("type") == "text_delta"
+        if raw is not None and text_delta:
+            texts.learn(event, raw)  # the block's next text delta is read from its bytes (``text_chunks``)
         return WireEvent(event, raw)
 
     async def list_models(self) -> list[UpstreamModel]:

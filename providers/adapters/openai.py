@@ -42,6 +42,8 @@ from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
 
 _CHAT_PATH = "/chat/completions"
+# Where a chunk's text is (``text_chunks``).
+_TEXT_PATH = ("choices", 0, "delta", "content")
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
 _PLACEHOLDER_KEY = "not-needed"
 _RAW_STREAM = {openai._constants.RAW_RESPONSE_HEADER: "stream"}
@@ -58,7 +60,7 @@ class _StreamState:
     def __init__(self) -> None:
         self.done = False  # `[DONE]` came: what follows is read and dropped
         self.finished = False  # a choice carried its finish_reason
-        self.texts = TextChunks()  # text chunks read without a decode
+        self.texts = TextChunks(_TEXT_PATH)  # text chunks read without a decode
 
 
 class OpenAIAdapter(BaseAdapter):
@@ -167,7 +169,7 @@ class OpenAIAdapter(BaseAdapter):
         raw = data if b"\n" not in data and b"\r" not in data else None
         if not shape.conform(chunk):
             raw = None  # filled in where the upstream left out what OpenAI's schema requires
-        elif raw is not None:
+        elif raw is not None and not state.finished:
             state.texts.learn(chunk, raw)
         return WireChunk(chunk, raw)
 

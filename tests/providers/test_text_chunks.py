@@ -1,23 +1,32 @@
 """Text chunks read without a JSON decode (``providers.adapters.text_chunks``), through the OpenAI adapter's
-chunk reader: whatever the upstream sends, each chunk is the dict ``json.loads`` would give, with the
-upstream's bytes, and the reader falls back to the decode for anything but the next piece of plain text."""
+chunk reader and the Anthropic adapter's event reader: whatever the upstream sends, each chunk is the dict
+``json.loads`` would give, with the upstream's bytes, and the reader falls back to the decode for anything
+but the next piece of plain text."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from decimal import Decimal
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from providers.adapters import anthropic as anthropic_adapter
 from providers.adapters import openai as openai_adapter
+from providers.adapters.anthropic import AnthropicAdapter
+from providers.adapters.base import WireEvent
 from providers.adapters.openai import OpenAIAdapter, _StreamState
 from providers.adapters.openai_shape import StreamShape
 from providers.adapters.sse import ServerSentEvent
+from providers.adapters.text_chunks import TextChunks
 from providers.exceptions import ProviderError
 from providers.fields import Secret
-from providers.types import ProviderConfig
+from providers.types import ProviderConfig, ResolvedModel
+from tests.providers.test_adapter_anthropic import make_config as make_anthropic_config
 from tests.providers.test_adapter_openai import make_config, user
 
 HEAD = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1764800000,"model":"up-1",'
@@ -41,6 +50,23 @@ def unescaped_chunk(text: str) -> bytes:
     return before + b'"' + text.encode() + b'"' + after
 
 
+class Decodes:
+    count = 0
+
+
+@contextlib.contextmanager
+def decodes_counted(module):
+    """``json.loads`` as ``module`` calls it, counted (only there: the in-process fake upstream decodes too)."""
+    decodes = Decodes()
+
+    def loads(*args, **kwargs):
+        decodes.count += 1
+        return json.loads(*args, **kwargs)
+
+    with mock.patch.object(module, "json", SimpleNamespace(**{**vars(json), "loads": loads})):
+        yield decodes
+
+
 class Reader:
     """The adapter's chunk reader over one stream's events, counting the decodes it makes."""
 
@@ -54,14 +80,10 @@ class Reader:
         self.decodes = 0
 
     def read(self, data: bytes):
-        real = json.loads
-
-        def counting(*args, **kwargs):
-            self.decodes += 1
-            return real(*args, **kwargs)
-
-        with mock.patch.object(openai_adapter.json, "loads", counting):
-            return self.adapter._chunk(ServerSentEvent(None, data), self.state, self.shape)
+        with decodes_counted(openai_adapter) as decodes:
+            chunk = self.adapter._chunk(ServerSentEvent(None, data), self.state, self.shape)
+        self.decodes += decodes.count
+        return chunk
 
 
 def test_text_chunks_after_the_first_are_read_without_a_decode():
@@ -100,6 +122,36 @@ def test_a_chunk_with_a_nested_value_is_not_learned():
     second = reader.read(text_chunk(" b", head=head))
     second["extra"]["a"] = 2
     assert reader.read(text_chunk(" c", head=head)) == json.loads(text_chunk(" c", head=head))
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ('"delta":{"content":"X"}', '"delta":{"content":"X","tool_calls":[{"index":0,"type":"function"}]}'),
+        (
+            '"finish_reason":null}]',
+            '"finish_reason":null},{"index":1,"delta":{},"logprobs":null,"finish_reason":null}]',
+        ),
+    ],
+    ids=["a nested value beside the text", "a second choice"],
+)
+def test_a_chunk_with_more_than_its_text_to_copy_is_not_learned(before, after):
+    """A list or dict beside the text (a tool call in the delta, a second choice) would be shared by every
+    chunk read from the template: such chunks are decoded each time, and one changed leaves the next alone."""
+
+    def chunk(text: str) -> bytes:
+        data = text_chunk("X").replace(before.encode(), after.encode()).replace(b'"X"', json.dumps(text).encode())
+        assert after.encode() in data.replace(json.dumps(text).encode(), b'"X"')
+        return data
+
+    reader = Reader()
+    reader.read(chunk(" a"))
+    second = reader.read(chunk(" b"))
+    for choice in second["choices"]:
+        choice["index"] = 9
+        for call in choice["delta"].get("tool_calls", ()):
+            call["index"] = 9
+    assert reader.read(chunk(" c")) == json.loads(chunk(" c"))
 
 
 def test_only_the_text_of_the_delta_is_taken_for_the_text():
@@ -230,25 +282,18 @@ async def test_a_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstr
     """Through the SDK and the real fake upstream: a reply of some thirty chunks, its text exactly, each
     chunk's bytes as sent, and a decode for the first chunks, the finish and the usage only."""
     adapter = OpenAIAdapter(make_config(fake_upstream))
-    decodes = 0
-    real = json.loads
-
-    def counting(*args, **kwargs):
-        nonlocal decodes
-        decodes += 1
-        return real(*args, **kwargs)
-
     try:
-        with mock.patch.object(openai_adapter.json, "loads", counting):
+        with decodes_counted(openai_adapter) as decodes:
             chunks = [chunk async for chunk in adapter.stream(user(f"[[reply={REPLY}]]"))]
     finally:
         await adapter.aclose()
 
     assert len(chunks) > 15
-    assert decodes <= 8, decodes
+    # The role chunk, the first text chunk, the finish and the usage chunk ([DONE] is not JSON).
+    assert decodes.count == 4, decodes.count
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == REPLY
     for chunk in chunks:
-        assert chunk.raw is not None and real(chunk.raw) == chunk
+        assert chunk.raw is not None and json.loads(chunk.raw) == chunk
 
 
 @pytest.mark.parametrize("fault", ["error-event", "cut-6"])
@@ -262,3 +307,59 @@ async def test_a_failure_after_text_chunks_still_ends_the_stream(fake_upstream, 
     finally:
         await adapter.aclose()
     assert len([text for text in texts if text]) in (2, 6)
+
+
+# Anthropic's text deltas (/v1/messages relayed from an Anthropic provider) ----------------------------------
+
+
+def text_delta(text: str, index: int = 0) -> bytes:
+    return json.dumps(
+        {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}},
+        separators=(",", ":"),
+    ).encode()
+
+
+def test_anthropic_text_deltas_after_the_first_are_read_without_a_decode():
+    texts = TextChunks(("delta", "text"), WireEvent)
+    first = json.loads(text_delta(" one"))
+    texts.learn(first, text_delta(" one"))
+    for word in (" two", ' "three"', "line\nbreak", " café"):
+        event = texts.read(text_delta(word))
+        assert isinstance(event, WireEvent)
+        assert event == json.loads(text_delta(word)) and event.raw == text_delta(word)
+        assert event.sse() == b"event: content_block_delta\ndata: " + text_delta(word) + b"\n\n"
+    assert texts.read(text_delta("next block", index=1)) is None  # another block: decoded, and learned then
+    assert (
+        texts.read(b'{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{"}}')
+        is None
+    )
+
+
+async def test_a_messages_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
+    """Through the anthropic SDK and the real fake upstream: each event as json.loads reads its bytes, the text
+    exact, and a decode for the events around the text deltas and the first of them only."""
+    adapter = AnthropicAdapter(make_anthropic_config(fake_upstream))
+    model = ResolvedModel(
+        id=1,
+        name="claude",
+        upstream_id="fake-claude-haiku",
+        provider=adapter.config,
+        input_per_mtok=Decimal(1),
+        output_per_mtok=Decimal(1),
+        cached_input_per_mtok=None,
+        context_window=200_000,
+        max_output_tokens=None,
+    )
+    request = {"model": "claude", "max_tokens": 200, "messages": [{"role": "user", "content": f"[[reply={REPLY}]]"}]}
+    try:
+        with decodes_counted(anthropic_adapter) as decodes:
+            events = [event async for event in adapter.messages_stream(request, model)]
+    finally:
+        await adapter.aclose()
+
+    deltas = [e for e in events if e["type"] == "content_block_delta"]
+    assert len(deltas) > 15
+    assert decodes.count == len(events) - len(deltas) + 1, decodes.count  # the events around them, the first delta
+    assert "".join(e["delta"]["text"] for e in deltas) == REPLY
+    for event in events:
+        assert event.raw is not None and json.loads(event.raw) == event
