@@ -96,7 +96,7 @@ class TextChunks:
             if type(node) is list:
                 if len(node) != 1 or step != 0:
                     return
-            elif type(node) is not dict or text_key in node or not _scalars_but(node, step):
+            elif type(node) is not dict or step not in node or text_key in node or not _scalars_but(node, step):
                 return
             nodes.append(node)
             node = node[step]

@@ -363,3 +363,10 @@ async def test_a_messages_stream_from_the_upstream_is_decoded_a_few_times_only(f
     assert "".join(e["delta"]["text"] for e in deltas) == REPLY
     for event in events:
         assert event.raw is not None and json.loads(event.raw) == event
+
+
+def test_a_chunk_without_the_path_to_a_text_is_not_learned():
+    texts = TextChunks(("delta", "text"), WireEvent)
+    for event in ({"type": "ping"}, {"type": "content_block_delta", "delta": []}, {"delta": {"type": "text_delta"}}):
+        texts.learn(event, json.dumps(event).encode())
+    assert texts.read(text_delta("x")) is None
