@@ -142,15 +142,11 @@ class AnthropicAdapter(BaseAdapter):
         try:
             async for piece in response_body(upstream):
                 for sse in parser.feed(piece):
-                    event = texts.read(sse.data)
-                    if event is None:
-                        event = self._event(sse, texts)
+                    event = self._event(sse, texts)
                     finished = finished or event.get("type") == "message_stop"
                     yield event
             for sse in parser.end():
-                event = texts.read(sse.data)
-                if event is None:
-                    event = self._event(sse, texts)
+                event = self._event(sse, texts)
                 finished = finished or event.get("type") == "message_stop"
                 yield event
         except _FAILURES as exc:
@@ -161,6 +157,11 @@ class AnthropicAdapter(BaseAdapter):
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
     def _event(self, sse: ServerSentEvent, texts: TextChunks) -> WireEvent:
+        """The event ``sse`` carries: a text delta like the last one learned is built from it (``texts``),
+        anything else decoded."""
+        plain = texts.read(sse.data)
+        if plain is not None:
+            return plain  # type: ignore[return-value]  (built as a WireEvent: ``TextChunks``'s kind)
         event = json.loads(sse.data)
         if not isinstance(event, dict):
             raise ValueError("not an event object")

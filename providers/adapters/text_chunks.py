@@ -91,7 +91,7 @@ class TextChunks:
             return
         nodes: list[Any] = []
         node: Any = chunk
-        text_key = self._path[-1]
+        text_key = self._text_key
         for step in self._path[:-1]:
             if type(node) is list:
                 if len(node) != 1 or step != 0:
