@@ -1302,9 +1302,10 @@ class CompletionRun:
         upstream_ms = None
         if self._upstream_started is not None:
             upstream_ms = _ms((self._upstream_done or now) - self._upstream_started)
-        ttft_ms = None
+        ttft = ttft_ms = None
         if self._first_token_at is not None and self._upstream_started is not None:
-            ttft_ms = _ms(self._first_token_at - self.started)
+            ttft = self._first_token_at - self.started
+            ttft_ms = _ms(ttft)
         served = self.answered_by
         settled = request_settle(
             request_id=self.request_id,
@@ -1352,7 +1353,8 @@ class CompletionRun:
                 error_type=error_type,
                 stream=bool(self.body.get("stream")),
                 duration=duration,
-                ttft=ttft_ms / 1000 if ttft_ms is not None else None,
+                # Unrounded, as the duration is: the ledger's whole milliseconds could put it past the duration.
+                ttft=ttft,
                 overhead=self.overhead_ms(now) / 1000,
                 prompt_tokens=settled.prompt_tokens,
                 completion_tokens=settled.completion_tokens,

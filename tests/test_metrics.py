@@ -193,6 +193,33 @@ def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
             assert record.request_id not in labels.values()
 
 
+def test_a_streams_time_to_first_token_is_observed_unrounded_and_within_its_duration(
+    llmhub_server, fake_upstream, key, monkeypatch
+):
+    # The ledger keeps whole milliseconds; the observation (metrics and the span) must not take its time to
+    # first token from them: 7.5 ms rounded to 8 once came out longer than a 7.9 ms request.
+    catalog_model(fake_upstream, "first-token")
+    observed: list[RequestObservation] = []
+    monkeypatch.setattr(core_metrics, "request_metrics_record", observed.append)
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key.secret}"},
+        json={"model": "first-token", "messages": MESSAGES, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        streamed_id = response.headers["x-request-id"]
+        list(response.iter_lines())
+    record = wait_for_record(streamed_id)
+
+    [observation] = [o for o in observed if o.request_id == streamed_id]
+    assert 0 < observation.ttft <= observation.duration
+    milliseconds = observation.ttft * 1000
+    assert abs(milliseconds - round(milliseconds)) > 1e-6  # not the ledger's whole milliseconds
+    assert record.ttft_ms == round(milliseconds)
+
+
 def test_rate_limit_and_budget_rejections_are_counted_by_reason(llmhub_server, fake_upstream, key, scraping):
     catalog_model(fake_upstream, "metrics-limited")
     client = client_for(llmhub_server, key)
