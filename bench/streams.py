@@ -572,7 +572,9 @@ def markdown(results: dict[str, Any]) -> str:
     head = (
         f"Streams at scale, {results['when']} on commit {results['commit']};"
         f" load average {results['load_average_start']}"
-        f" at the start, {results['load_average_end']} at the end; {results['cores']} cores.\n\n"
+        f" at the start, {results['load_average_end']} at the end; {results['cores']} cores"
+        + ("; chunks padded as OpenAI's (`--obfuscation`)" if results.get("obfuscation") else "")
+        + ".\n\n"
     )
     return head + "\n".join(rows) + "\n"
 
@@ -594,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile", action="store_true", help="sample the server with py-spy during an extra round of the CPU part"
+    )
+    parser.add_argument(
+        "--obfuscation",
+        action="store_true",
+        help="the fake provider pads every chunk with a random `obfuscation` string, as OpenAI's streams come",
     )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
@@ -623,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "load_average_start": load_average(),
         "quick": args.quick,
+        "obfuscation": args.obfuscation,
         "servers": [],
     }
     say(f"streams: load average {results['load_average_start']}; plan {plan}")
@@ -632,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     env["LLMHUB_LEDGER_SPOOL"] = str(WORK / "ledger-spool.jsonl")
     env["DJANGO_SETTINGS_MODULE"] = args.settings
     try:
+        padding = ["--obfuscation"] if args.obfuscation else []
         fake = processes.start(
-            "fake-upstream", [PY, "-m", "llmhub.testing.fake_upstream", "--port", str(fake_port)], env
+            "fake-upstream", [PY, "-m", "llmhub.testing.fake_upstream", "--port", str(fake_port), *padding], env
         )
         wait_for_http(fake_port, fake, "fake-upstream")
         django_command(env, "manage.py", "migrate", "--noinput", "-v", "0")

@@ -3,7 +3,7 @@
 Run it standalone::
 
     python -m llmhub.testing.fake_upstream --port 18080 [--host 127.0.0.1] [--latency-ms 0] [--ttft-ms 0] [--tps 0]
-        [--api-key KEY] [--demo]
+        [--api-key KEY] [--demo] [--obfuscation]
     python -m llmhub.testing.fake_upstream --upstream east=18080 --upstream west=18082,latency_ms=50,fault=status=503
 
 or in-process (tests; the ``fake_upstreams`` fixture starts several)::
@@ -80,6 +80,10 @@ Replies
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
     ``refusal`` (each message or delta), ``tool_calls.type``, ``tool_calls.index``, ``usage.total_tokens``.
+    ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
+    1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
+    (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
+    ``stream_options.include_obfuscation: false`` turns it off, as it does OpenAI's.
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); ``stop`` / ``stop_sequences`` cut the reply before the first occurrence
@@ -150,6 +154,8 @@ import json
 import logging
 import math
 import re
+import secrets
+import string
 import sys
 import threading
 import time
@@ -354,6 +360,9 @@ def split_tokens(text: str) -> list[str]:
         tail = text[sum(len(token) for token in tokens) :]
         tokens[-1] += tail
     return tokens
+
+
+_OBFUSCATION_CHARACTERS = string.ascii_letters + string.digits
 
 
 def _new_id(prefix: str, length: int = 24) -> str:
@@ -947,6 +956,7 @@ class _App:
         self.latency_ms = latency_ms
         self.ttft_ms = ttft_ms
         self.tps = tps
+        self.obfuscation = False  # OpenAI's padding in every stream's chunks (``--obfuscation``)
         self.api_key = api_key
         # Keys accepted besides ``api_key`` (users' own keys in tests): set with /__control {"accept_keys": [...]}.
         self.accept_keys: frozenset[str] = frozenset()
@@ -1379,8 +1389,21 @@ class _App:
         if stream:
             stream_options = body.get("stream_options")
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+            obfuscation = conv.directives.get("obfuscation", "on" if self.obfuscation else "off") == "on" and not (
+                isinstance(stream_options, dict) and stream_options.get("include_obfuscation") is False
+            )
             return await self._openai_stream(
-                request, body, reply, n, usage if include_usage else None, logprobs, top, timing, fault, omit
+                request,
+                body,
+                reply,
+                n,
+                usage if include_usage else None,
+                logprobs,
+                top,
+                timing,
+                fault,
+                omit,
+                obfuscation=obfuscation,
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
         return web.json_response(
@@ -1447,6 +1470,8 @@ class _App:
         timing: _Timing,
         fault: str | None,
         omit: frozenset[str] = frozenset(),
+        *,
+        obfuscation: bool = False,
     ) -> web.StreamResponse:
         base = {
             "id": _new_id("chatcmpl-", 29),
@@ -1466,9 +1491,14 @@ class _App:
         response = await self._start_sse(request, {"x-request-id": _new_id("req_")})
 
         async def send(data: dict[str, Any] | str) -> None:
-            payload = (
-                data if isinstance(data, str) else json.dumps(_omitted(data, omit, chunk=True), separators=(",", ":"))
-            )
+            if isinstance(data, str):
+                payload = data
+            else:
+                data = _omitted(data, omit, chunk=True)
+                if obfuscation and "error" not in data:
+                    length = 1 + secrets.randbelow(16)
+                    data["obfuscation"] = "".join(secrets.choice(_OBFUSCATION_CHARACTERS) for _ in range(length))
+                payload = json.dumps(data, separators=(",", ":"))
             await response.write(f"data: {payload}\n\n".encode())
 
         content_limit = _content_limit(fault)
@@ -2055,6 +2085,7 @@ class UpstreamSpec:
     fault: str | None = None
     api_key: str | None = None
     demo: bool = False
+    obfuscation: bool = False
 
 
 class _Listener:
@@ -2067,6 +2098,7 @@ class _Listener:
         self.peers = peers
         self.app = _App(latency_ms=spec.latency_ms, tps=spec.tps, api_key=spec.api_key, demo=spec.demo, name=spec.name)
         self.app.ttft_ms = spec.ttft_ms
+        self.app.obfuscation = spec.obfuscation
         self.app.listener = self
         self.spec = spec
         self._initial_fault = fault_canonical(spec.fault) if spec.fault else None
@@ -2427,6 +2459,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--demo", action="store_true", help="answer with canned Markdown replies instead of the echo (make run)"
     )
+    parser.add_argument(
+        "--obfuscation", action="store_true", help="pad every streamed OpenAI chunk as OpenAI does (obfuscation)"
+    )
     args = parser.parse_args(argv)
     defaults = UpstreamSpec(
         port=args.port,
@@ -2435,6 +2470,7 @@ def main(argv: list[str] | None = None) -> None:
         tps=args.tps,
         api_key=args.api_key,
         demo=args.demo,
+        obfuscation=args.obfuscation,
     )
     try:
         specs = [parse_upstream(text, defaults) for text in args.upstream] or [defaults]

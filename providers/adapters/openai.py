@@ -60,7 +60,7 @@ class _StreamState:
     def __init__(self) -> None:
         self.done = False  # `[DONE]` came: what follows is read and dropped
         self.finished = False  # a choice carried its finish_reason
-        self.texts = TextChunks(_TEXT_PATH)  # text chunks read without a decode
+        self.texts = TextChunks(_TEXT_PATH, padding="obfuscation")  # text chunks read without a decode
 
 
 class OpenAIAdapter(BaseAdapter):

@@ -10,10 +10,14 @@ the decoded one with only that string scanned (escapes and all), not the whole c
 most of what a relayed chunk cost the adapter. It needs no schema check, and no finish reason, error or
 usage looked for: the chunk it was learned from had none.
 
+OpenAI itself pads every chunk with a top-level ``obfuscation`` string of random characters and length (it
+evens out the chunks' sizes; ``stream_options.include_obfuscation: false`` turns it off), so no two of its
+chunks are alike but for their text. That key is the ``padding``: a second string the template leaves a
+place for, scanned as the text is.
+
 Anything else (a finish reason, a usage report, a tool call, a text whose quote closes the string early,
-an upstream whose chunks vary in more than their text, such as OpenAI's own ``obfuscation`` padding) is
-decoded as before, and becomes the template if it is a text chunk. What the relay sends is the upstream's
-bytes either way (``WireChunk.raw``).
+an upstream whose chunks vary in more than their text and padding) is decoded as before, and becomes the
+template if it is a text chunk. What the relay sends is the upstream's bytes either way (``WireChunk.raw``).
 """
 
 from __future__ import annotations
@@ -39,22 +43,48 @@ _MAX_BUILDS = 4
 
 class TextChunks:
     """The text chunks of one stream (see the module's docstring), their text at ``path`` (keys and list
-    positions from the chunk down to the text), each built as a ``kind``. ``learn`` offers it a chunk the
-    adapter decoded and judged a plain text chunk; ``read`` returns a later chunk built from the last one
-    learned, or None: decode it."""
+    positions from the chunk down to the text), each built as a ``kind``, with a ``padding`` string at the
+    chunk's top level that may change from chunk to chunk. ``learn`` offers it a chunk the adapter decoded
+    and judged a plain text chunk; ``read`` returns a later chunk built from the last one learned, or None:
+    decode it."""
 
-    __slots__ = ("_builds", "_key", "_kind", "_lp", "_ls", "_path", "_prefix", "_steps", "_suffix", "_text_key", "_top")
+    __slots__ = (
+        "_builds",
+        "_key",
+        "_kind",
+        "_lp",
+        "_ls",
+        "_middle",
+        "_pad",
+        "_pad_first",
+        "_pad_key",
+        "_path",
+        "_prefix",
+        "_steps",
+        "_suffix",
+        "_text_key",
+        "_top",
+    )
 
-    def __init__(self, path: tuple[str | int, ...], kind: type[WireChunk] = WireChunk) -> None:
+    def __init__(
+        self, path: tuple[str | int, ...], kind: type[WireChunk] = WireChunk, *, padding: str | None = None
+    ) -> None:
+        if padding is not None and padding == path[-1]:
+            raise ValueError("the padding cannot have the text's name")
         self._path = path
         self._text_key = path[-1]
         self._kind = kind
-        # The text's key and the quote that opens its value, with the blank JSON allows after the colon.
-        self._key = re.compile(re.escape(json.dumps(path[-1]).encode()) + rb":[ \t]*" + b'"')
+        self._key = _value_start(path[-1])
+        self._pad = padding
+        self._pad_key = _value_start(padding) if padding is not None else None
         self._builds = 0
         self._prefix: bytes | None = None
         self._suffix = b""
         self._lp = self._ls = 0
+        # With a padding string in the template: the bytes between the first string's end and the second's
+        # start (None without), and whether the padding comes first.
+        self._middle: bytes | None = None
+        self._pad_first = False
         # The template: the chunk, and each step down with the container it leads to, to the text's.
         self._top: dict[str, Any] = {}
         self._steps: tuple[tuple[str | int, Any], ...] = ()
@@ -64,20 +94,32 @@ class TextChunks:
         if prefix is None or not (data.startswith(prefix) and data.endswith(self._suffix)):
             return None
         end = len(data) - self._ls
-        if end < self._lp:
+        start = self._lp
+        if end < start:
             return None
         try:
-            text = body = data[self._lp : end].decode()
-            if _NOT_PLAIN.search(body) is not None:
-                # Escapes to decode: the string alone, which must end where the suffix begins (a quote of
-                # its own would close it early, and the chunk would have another shape).
-                text, stop = scanstring(body + '"', 0)
-                if stop != len(body) + 1:
+            middle = self._middle
+            if middle is None:
+                text = _string(data[start:end])
+                padding = None
+            else:
+                # Two strings: the first ends at its closing quote, where the bytes between them must follow.
+                stop = _string_end(data, start)
+                if stop < 0 or not data.startswith(middle, stop):
                     return None
+                second = stop + len(middle)
+                if end < second:
+                    return None
+                first, last = _string(data[start:stop]), _string(data[second:end])
+                text, padding = (last, first) if self._pad_first else (first, last)
         except ValueError:  # not UTF-8, a bad escape, a control character: decoded the long way, which says so
             return None
-        # A copy of each container on the way down (the rest are scalars, shared safely), the text put in.
+        if text is None or (middle is not None and padding is None):
+            return None
+        # A copy of each container on the way down (the rest are scalars, shared safely), the strings put in.
         chunk = node = self._kind(self._top, data)
+        if padding is not None:
+            chunk[self._pad] = padding  # type: ignore[index]  (set only with a padding key)
         for step, template in self._steps:
             node[step] = node = template.copy()
         node[self._text_key] = text
@@ -86,7 +128,8 @@ class TextChunks:
     def learn(self, chunk: dict[str, Any], raw: bytes) -> None:
         """Take ``chunk`` (decoded from ``raw``) as the template, if its text at ``path`` is a string and
         nothing else in it could be taken for the text or change under it: on the way down, a list holds
-        only the step taken, a dict nothing but scalars beside it, and no other key is the text's."""
+        only the step taken, a dict nothing but scalars beside it, and no other key is the text's (or, when
+        the chunk has a padding string, the padding's)."""
         if self._builds >= _MAX_BUILDS:
             return
         nodes: list[Any] = []
@@ -106,18 +149,65 @@ class TextChunks:
         self._builds += 1
         # With no other key of the text's name, the one match is the text's: a string value cannot hold the
         # pattern (its quotes would be escaped). None when the key is spelled with escapes.
-        keys = list(self._key.finditer(raw))
-        if len(keys) != 1:
+        text = _span(self._key, raw, node[text_key])
+        if text is None:
             return
-        start = keys[0].end()
-        end = _STRING_BODY.match(raw, start).end()  # type: ignore[union-attr]  (it matches the empty string)
-        if raw[end : end + 1] != b'"' or scanstring(raw[start:end].decode() + '"', 0)[0] != node[text_key]:
-            return
-        self._prefix, self._suffix = raw[:start], raw[end:]
-        self._lp, self._ls = start, len(raw) - end
+        spans = [text]
+        padding = chunk.get(self._pad) if self._pad is not None else None
+        if type(padding) is str:
+            # A padding string elsewhere than at the top (where only scalars sit beside the path) would be a
+            # second match of its key: not learned.
+            pad = _span(self._pad_key, raw, padding)  # type: ignore[arg-type]  (a key when there is a padding)
+            if pad is None:
+                return
+            spans.append(pad)
+        spans.sort()
+        self._prefix, self._suffix = raw[: spans[0][0]], raw[spans[-1][1] :]
+        self._lp, self._ls = spans[0][0], len(raw) - spans[-1][1]
+        self._middle = raw[spans[0][1] : spans[1][0]] if len(spans) == 2 else None
+        self._pad_first = len(spans) == 2 and spans[0] is not text
         # Copies: the chunk's own containers go on to the relay, and the template must not change with them.
         copies = [item.copy() for item in nodes]
         self._top, self._steps = copies[0], tuple(zip(self._path[:-1], copies[1:], strict=True))
+
+
+def _value_start(key: str | int) -> re.Pattern[bytes]:
+    """A key and the quote that opens its string value, with the blank JSON allows after the colon."""
+    return re.compile(re.escape(json.dumps(key).encode()) + rb":[ \t]*" + b'"')
+
+
+def _span(key: re.Pattern[bytes], raw: bytes, value: str) -> tuple[int, int] | None:
+    """Where in ``raw`` the body of the one string ``key`` opens starts and ends (its closing quote), if the
+    key is there once and that string decodes to ``value``; else None."""
+    keys = list(key.finditer(raw))
+    if len(keys) != 1:
+        return None
+    start = keys[0].end()
+    end = _STRING_BODY.match(raw, start).end()  # type: ignore[union-attr]  (it matches the empty string)
+    if raw[end : end + 1] != b'"' or scanstring(raw[start:end].decode() + '"', 0)[0] != value:
+        return None
+    return start, end
+
+
+def _string_end(data: bytes, start: int) -> int:
+    """The closing quote of the JSON string whose body starts at ``start``, or -1."""
+    quote = data.find(b'"', start)
+    if quote < 0 or data.find(b"\\", start, quote) < 0:
+        return quote
+    return _STRING_BODY.match(data, start).end()  # type: ignore[union-attr]  (it matches the empty string)
+
+
+def _string(body: bytes) -> str | None:
+    """The string whose body (between its quotes) is ``body``; None when a quote of its own would close it
+    early (the chunk has another shape). ValueError when it is not a string's body: not UTF-8, a bad
+    escape, a control character."""
+    text = decoded = body.decode()
+    if _NOT_PLAIN.search(decoded) is not None:
+        # Escapes to decode: the string alone, which must end where its body does.
+        text, stop = scanstring(decoded + '"', 0)
+        if stop != len(decoded) + 1:
+            return None
+    return text
 
 
 def _scalars_but(node: dict[str, Any], step: str | int) -> bool:

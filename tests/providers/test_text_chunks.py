@@ -309,6 +309,151 @@ async def test_a_failure_after_text_chunks_still_ends_the_stream(fake_upstream, 
     assert len([text for text in texts if text]) in (2, 6)
 
 
+# OpenAI's own padding: a top-level "obfuscation" string of random length in every chunk ------------------
+
+
+def padded(data: bytes, padding: str, *, first: bool = False, raw: bool = False) -> bytes:
+    """``data`` with OpenAI's ``obfuscation`` padding, last in the chunk as OpenAI sends it (``first``: first);
+    ``raw``: put between the quotes as it stands, JSON or not."""
+    encoded = b'"' + padding.encode() + b'"' if raw else json.dumps(padding).encode()
+    if first:
+        return b'{"obfuscation":' + encoded + b"," + data[1:]
+    return data[:-1] + b',"obfuscation":' + encoded + b"}"
+
+
+PADDINGS = ["ZGF", "lRK2aBv", "kJ", "0wmdEAC", "", "x" * 40]
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["padding last, as OpenAI sends it", "padding first"])
+def test_text_chunks_that_differ_in_their_padding_too_are_read_without_a_decode(first):
+    reader = Reader()
+    words = [" one", " two", ' a "quoted" word', "\\", " café", "line\nbreak", "", " 🙂"]
+    datas = [padded(text_chunk(word), pad, first=first) for word, pad in zip(words, PADDINGS * 2, strict=False)]
+    # Paddings with escapes in them (OpenAI's are letters and digits, but the reader does not count on it).
+    datas += [padded(text_chunk(" esc"), pad, first=first) for pad in ('a"b', "\\", '\\"', "é", "\n")]
+    chunks = [reader.read(data) for data in datas]
+
+    assert reader.decodes == 1
+    for data, chunk in zip(datas, chunks, strict=True):
+        assert chunk == json.loads(data)
+        assert list(chunk) == list(json.loads(data))  # in the upstream's order
+        assert chunk.raw == data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        text_chunk(" unpadded"),
+        text_chunk(" null").replace(b"]}", b'],"obfuscation":null}'),
+        padded(text_chunk(" first"), "abc", first=True),
+        padded(text_chunk(" two"), "abc")[:-1] + b',"x":"y"}',
+        padded(text_chunk(" stop", tail=',"logprobs":null,"finish_reason":"stop"}]}'), "abc"),
+        padded(text_chunk(" same length", tail=',"logprobs":true,"finish_reason":null}]}'), "abc"),
+        padded(text_chunk(" three"), 'a","x":"b', raw=True),  # the padding's quote closes it early
+        padded(unescaped_chunk('a"},"x":{"content":"b'), "abc"),  # and the text's
+    ],
+    ids=[
+        "no padding",
+        "a null padding",
+        "the padding first",
+        "a key after it",
+        "a finish",
+        "a change between the strings",
+        "quote",
+        "text quote",
+    ],
+)
+def test_a_chunk_without_its_padding_or_with_another_shape_of_it_is_decoded(data):
+    reader = Reader()
+    reader.read(padded(text_chunk(" learned"), "abc"))
+    reader.decodes = 0
+    assert reader.read(data) == json.loads(data)
+    assert reader.decodes == 1
+
+
+def test_a_chunk_cut_inside_its_padding_fails_as_the_decode_would():
+    """Its bytes between the text and the padding run into the suffix (the padding's opening quote is the
+    suffix's): not JSON, and not read as an empty padding."""
+    reader = Reader()
+    reader.read(padded(text_chunk(" learned"), "abc"))
+    data = text_chunk(" cut")[:-1] + b',"obfuscation":"}'
+    with pytest.raises(ValueError):
+        json.loads(data)
+    with pytest.raises(ValueError):
+        reader.read(data)
+
+
+def test_a_padding_key_beside_the_text_too_is_not_learned():
+    """Two "obfuscation" keys: the bytes cannot tell which is the padding the chunks vary in."""
+    reader = Reader()
+
+    def chunk(text: str, pad: str) -> bytes:
+        data = padded(text_chunk(text), pad)
+        return data.replace(b'"delta":{', b'"delta":{"obfuscation":' + json.dumps(pad).encode() + b",")
+
+    reader.read(chunk(" a", "pad"))
+    following = chunk(" b", "other")
+    assert reader.read(following) == json.loads(following)
+    assert reader.decodes == 2
+
+
+def test_a_padding_that_is_not_a_string_stays_in_the_template():
+    reader = Reader()
+    reader.read(text_chunk(" a").replace(b"]}", b'],"obfuscation":null}'))
+    reader.decodes = 0
+    same = text_chunk(" b").replace(b"]}", b'],"obfuscation":null}')
+    assert reader.read(same) == json.loads(same)
+    assert reader.decodes == 0
+
+
+def test_the_padding_cannot_be_the_texts_key():
+    with pytest.raises(ValueError):
+        TextChunks(("delta", "text"), padding="text")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.tuples(st.text(), st.text(), st.booleans()), min_size=1, max_size=6),
+    first=st.booleans(),
+)
+def test_any_text_and_padding_read_as_the_decode_reads_them(pieces, first):
+    reader = Reader()
+    reader.read(padded(text_chunk(" learned"), "pad", first=first))
+    for text, padding, raw in pieces:
+        for data in (
+            padded(text_chunk(text), padding, first=first, raw=raw),
+            padded(unescaped_chunk(text), padding, first=first, raw=raw),
+        ):
+            try:
+                expected = json.loads(data)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    reader.read(data)
+                continue
+            chunk = reader.read(data)
+            assert chunk == expected
+            assert chunk.raw == data
+
+
+async def test_a_padded_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
+    """OpenAI's padding, as the fake upstream sends it on ``[[obfuscation=on]]``: every chunk differs in more
+    than its text, and still only the first chunks, the finish and the usage are decoded."""
+    adapter = OpenAIAdapter(make_config(fake_upstream))
+    try:
+        with decodes_counted(openai_adapter) as decodes:
+            chunks = [chunk async for chunk in adapter.stream(user(f"[[reply={REPLY}]] [[obfuscation=on]]"))]
+    finally:
+        await adapter.aclose()
+
+    assert len(chunks) > 15
+    assert all(isinstance(chunk.get("obfuscation"), str) for chunk in chunks)
+    assert len({chunk["obfuscation"] for chunk in chunks}) > 1
+    assert decodes.count == 4, decodes.count
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == REPLY
+    for chunk in chunks:
+        assert chunk.raw is not None and json.loads(chunk.raw) == chunk
+
+
 # Anthropic's text deltas (/v1/messages relayed from an Anthropic provider) ----------------------------------
 
 

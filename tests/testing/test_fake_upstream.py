@@ -22,7 +22,7 @@ import jsonschema
 import openai
 import pytest
 
-from llmhub.testing.fake_upstream import FakeUpstream, split_tokens
+from llmhub.testing.fake_upstream import FakeUpstream, FakeUpstreams, UpstreamSpec, parse_upstream, split_tokens
 from llmhub.testing.openapi import validate_openai_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -178,6 +178,53 @@ def test_openai_stream_chunks_match_schema(upstream: FakeUpstream) -> None:
     chunks = openai_sse(raw)[:-1]
     assert all("usage" not in chunk for chunk in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openai_stream_obfuscation_pads_every_chunk_on_request(upstream: FakeUpstream) -> None:
+    body = {
+        "model": "fake-gpt-4o",
+        "messages": user("one two three four five six [[obfuscation=on]]"),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    chunks = openai_sse(raw)[:-1]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+        assert list(chunk)[-1] == "obfuscation"  # last, as OpenAI sends it
+        assert re.fullmatch(r"[A-Za-z0-9]{1,16}", chunk["obfuscation"])
+    assert len({chunk["obfuscation"] for chunk in chunks}) > 1
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == (
+        "Echo: one two three four five six"
+    )
+
+    # Off unless asked for, and off again when the client says include_obfuscation: false, as OpenAI's is.
+    turned_off = {**body, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    for request in (turned_off, {**body, "messages": user("one two three")}):
+        _, _, raw = http(upstream, "POST", "/v1/chat/completions", request)
+        chunks = openai_sse(raw)[:-1]
+        assert chunks and all("obfuscation" not in chunk for chunk in chunks)
+
+
+def test_an_upstream_started_with_obfuscation_pads_every_stream_unless_told_otherwise() -> None:
+    """``--obfuscation``: every stream padded, as OpenAI's own are; ``[[obfuscation=off]]`` or the client's
+    ``include_obfuscation: false`` turn it off."""
+    spec = parse_upstream("padded=0", UpstreamSpec(obfuscation=True))
+    body = {"model": "fake-gpt-4o", "messages": user("one two three"), "stream": True}
+    with FakeUpstreams([spec]) as upstreams:
+        padded = upstreams["padded"]
+
+        def chunks(request: dict[str, Any]) -> list[dict[str, Any]]:
+            status, _, raw = http(padded, "POST", "/v1/chat/completions", request)
+            assert status == 200
+            return openai_sse(raw)[:-1]
+
+        assert all(isinstance(chunk["obfuscation"], str) for chunk in chunks(body))
+        for off in (
+            {**body, "messages": user("one two three [[obfuscation=off]]")},
+            {**body, "stream_options": {"include_obfuscation": False}},
+        ):
+            assert all("obfuscation" not in chunk for chunk in chunks(off))
 
 
 def test_openai_sdk_stream_with_usage(oai: openai.OpenAI) -> None:
