@@ -94,6 +94,20 @@ def client_for(server, key) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key.secret, max_retries=0, timeout=30)
 
 
+def stream_to_end(server, key, model: str, **body) -> str:
+    """Stream a chat reply from ``model`` to its end; its request id."""
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key.secret}"},
+        json={"model": model, "messages": MESSAGES, "stream": True, **body},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200
+        list(response.iter_lines())
+        return response.headers["x-request-id"]
+
+
 # ACCESS
 
 
@@ -151,17 +165,7 @@ def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
 
     raw = client.chat.completions.with_raw_response.create(model="metered", messages=MESSAGES)
     record = wait_for_record(raw.headers["x-request-id"])
-    with httpx.stream(
-        "POST",
-        llmhub_server.url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key.secret}"},
-        json={"model": "metered", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}},
-        timeout=30,
-    ) as response:
-        assert response.status_code == 200
-        streamed_id = response.headers["x-request-id"]
-        list(response.iter_lines())
-    streamed = wait_for_record(streamed_id)
+    streamed = wait_for_record(stream_to_end(llmhub_server, key, "metered", stream_options={"include_usage": True}))
 
     text = scrape(llmhub_server.url)
     ok = {**where, "operation": "chat", "transport": "rest", "status": "ok"}
@@ -201,16 +205,7 @@ def test_a_streams_time_to_first_token_is_observed_unrounded_and_within_its_dura
     catalog_model(fake_upstream, "first-token")
     observed: list[RequestObservation] = []
     monkeypatch.setattr(core_metrics, "request_metrics_record", observed.append)
-    with httpx.stream(
-        "POST",
-        llmhub_server.url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key.secret}"},
-        json={"model": "first-token", "messages": MESSAGES, "stream": True},
-        timeout=30,
-    ) as response:
-        assert response.status_code == 200
-        streamed_id = response.headers["x-request-id"]
-        list(response.iter_lines())
+    streamed_id = stream_to_end(llmhub_server, key, "first-token")
     record = wait_for_record(streamed_id)
 
     [observation] = [o for o in observed if o.request_id == streamed_id]
@@ -571,14 +566,7 @@ def test_the_grafana_dashboard_reads_only_metrics_we_export(llmhub_server, fake_
     client = client_for(llmhub_server, key)
     raw = client.chat.completions.with_raw_response.create(model="flaky", messages=MESSAGES)
     wait_for_record(raw.headers["x-request-id"])
-    with httpx.stream(
-        "POST",
-        llmhub_server.url + "/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key.secret}"},
-        json={"model": "charted", "messages": MESSAGES, "stream": True},
-        timeout=30,
-    ) as response:
-        list(response.iter_lines())
+    stream_to_end(llmhub_server, key, "charted")
     api_key_limits_set(api_key=key.api_key, budget_usd=Decimal("0"))
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="charted", messages=MESSAGES)

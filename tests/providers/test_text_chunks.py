@@ -86,6 +86,19 @@ class Reader:
         return chunk
 
 
+def assert_read_as_decoded(reader: Reader, data: bytes) -> None:
+    """``reader`` gives for ``data`` what ``json.loads`` gives, with its bytes, or fails as the decode does."""
+    try:
+        expected = json.loads(data)
+    except ValueError:
+        with pytest.raises(ValueError):
+            reader.read(data)
+        return
+    chunk = reader.read(data)
+    assert chunk == expected
+    assert chunk.raw == data
+
+
 def test_text_chunks_after_the_first_are_read_without_a_decode():
     reader = Reader()
     words = [" one", " two", " three", " four", " café", " 🙂", "line\nbreak", ' a "quoted" word', "\\", "tab\t"]
@@ -264,15 +277,7 @@ def test_any_text_reads_as_the_decode_reads_it(texts):
     reader.read(text_chunk(" learned"))
     for text in texts:
         for data in (text_chunk(text), text_chunk(text, ascii_only=False), unescaped_chunk(text)):
-            try:
-                expected = json.loads(data)
-            except ValueError:
-                with pytest.raises(ValueError):
-                    reader.read(data)
-                continue
-            chunk = reader.read(data)
-            assert chunk == expected
-            assert chunk.raw == data
+            assert_read_as_decoded(reader, data)
 
 
 REPLY = 'a "quoted" word, a\\ slash, and words after it: café 🙂 one two three four five six seven eight nine'
@@ -424,15 +429,7 @@ def test_any_text_and_padding_read_as_the_decode_reads_them(pieces, first):
             padded(text_chunk(text), padding, first=first, raw=raw),
             padded(unescaped_chunk(text), padding, first=first, raw=raw),
         ):
-            try:
-                expected = json.loads(data)
-            except ValueError:
-                with pytest.raises(ValueError):
-                    reader.read(data)
-                continue
-            chunk = reader.read(data)
-            assert chunk == expected
-            assert chunk.raw == data
+            assert_read_as_decoded(reader, data)
 
 
 async def test_a_padded_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
