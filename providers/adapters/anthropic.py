@@ -37,6 +37,7 @@ from .translate_anthropic import StreamTranslator, anthropic_request, completion
 _MESSAGES_PATH = "/v1/messages"
 # Where a text delta's text is (``text_chunks``).
 _TEXT_PATH = ("delta", "text")
+_JSON_PATH = ("delta", "partial_json")  # a tool call's input, streamed a piece of JSON at a time
 # Given when the row has no key, so that the SDK never falls back to the gateway's own environment
 # (ANTHROPIC_API_KEY, profiles on disk): the provider then answers 401, which is the truth.
 _PLACEHOLDER_KEY = "not-configured"
@@ -138,7 +139,8 @@ class AnthropicAdapter(BaseAdapter):
             raise self.map_error(exc) from None
         finished = False
         parser = SSEParser()
-        texts = TextChunks(_TEXT_PATH, WireEvent)  # text deltas read without a decode
+        # Text deltas, and a tool call's input deltas, read without a decode.
+        texts = (TextChunks(_TEXT_PATH, WireEvent), TextChunks(_JSON_PATH, WireEvent))
         try:
             async for piece in response_body(upstream):
                 for sse in parser.feed(piece):
@@ -156,10 +158,13 @@ class AnthropicAdapter(BaseAdapter):
         if not finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
 
-    def _event(self, sse: ServerSentEvent, texts: TextChunks) -> WireEvent:
-        """The event ``sse`` carries: a text delta like the last one learned is built from it (``texts``),
-        anything else decoded."""
-        plain = texts.read(sse.data)
+    def _event(self, sse: ServerSentEvent, texts: tuple[TextChunks, TextChunks]) -> WireEvent:
+        """The event ``sse`` carries: a text or input JSON delta like the last one learned is built from it
+        (``texts``: the text deltas', the input deltas'), anything else decoded."""
+        text_deltas, json_deltas = texts
+        plain = text_deltas.read(sse.data)
+        if plain is None:
+            plain = json_deltas.read(sse.data)
         if plain is not None:
             return plain  # type: ignore[return-value]  (built as a WireEvent: ``TextChunks``'s kind)
         event = json.loads(sse.data)
@@ -172,9 +177,12 @@ class AnthropicAdapter(BaseAdapter):
             raise stream_interrupted(self.config, f"the provider reported an error: {reason}")
         raw = sse.data if b"\n" not in sse.data and b"\r" not in sse.data else None
         delta = event.get("delta")
-        text_delta = kind == "content_block_delta" and type(delta) is dict and delta.get("type") == "text_delta"
-        if raw is not None and text_delta:
-            texts.learn(event, raw)  # the block's next text delta is read from its bytes (``text_chunks``)
+        if raw is not None and kind == "content_block_delta" and type(delta) is dict:
+            # The block's next delta of the same kind is read from its bytes (``text_chunks``).
+            if delta.get("type") == "text_delta":
+                text_deltas.learn(event, raw)
+            elif delta.get("type") == "input_json_delta":
+                json_deltas.learn(event, raw)
         return WireEvent(event, raw)
 
     async def list_models(self) -> list[UpstreamModel]:

@@ -42,8 +42,9 @@ from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
 
 _CHAT_PATH = "/chat/completions"
-# Where a chunk's text is (``text_chunks``).
+# Where a chunk's text is, and a streamed tool call's next piece of arguments (``text_chunks``).
 _TEXT_PATH = ("choices", 0, "delta", "content")
+_ARGUMENTS_PATH = ("choices", 0, "delta", "tool_calls", 0, "function", "arguments")
 # Self-hosted servers (Ollama, vLLM) take no key, but the SDK insists on one.
 _PLACEHOLDER_KEY = "not-needed"
 _RAW_STREAM = {openai._constants.RAW_RESPONSE_HEADER: "stream"}
@@ -55,12 +56,14 @@ _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
 
 
 class _StreamState:
-    __slots__ = ("done", "finished", "texts")
+    __slots__ = ("arguments", "done", "finished", "texts")
 
     def __init__(self) -> None:
         self.done = False  # `[DONE]` came: what follows is read and dropped
         self.finished = False  # a choice carried its finish_reason
-        self.texts = TextChunks(_TEXT_PATH, padding="obfuscation")  # text chunks read without a decode
+        # Text chunks, and a tool call's argument chunks, read without a decode.
+        self.texts = TextChunks(_TEXT_PATH, padding="obfuscation")
+        self.arguments = TextChunks(_ARGUMENTS_PATH, padding="obfuscation")
 
 
 class OpenAIAdapter(BaseAdapter):
@@ -146,8 +149,10 @@ class OpenAIAdapter(BaseAdapter):
             return None
         data = event.data
         plain = state.texts.read(data)
+        if plain is None:
+            plain = state.arguments.read(data)
         if plain is not None:
-            return plain  # a text chunk like the last one learned: nothing else in it to look at
+            return plain  # a text or argument chunk like the last one learned: nothing else in it to look at
         if data.startswith(b"[DONE]"):
             state.done = True
             return None
@@ -171,6 +176,7 @@ class OpenAIAdapter(BaseAdapter):
             raw = None  # filled in where the upstream left out what OpenAI's schema requires
         elif raw is not None and not state.finished:
             state.texts.learn(chunk, raw)
+            state.arguments.learn(chunk, raw)
         return WireChunk(chunk, raw)
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:

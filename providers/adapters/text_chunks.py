@@ -2,7 +2,8 @@
 
 Most chunks of a stream differ from the one before only in their text: an OpenAI-compatible server sends
 the same ``id``, ``created``, ``model`` and field layout in each chat chunk around a new
-``choices[0].delta.content``, and Anthropic the same ``content_block_delta`` around a new ``delta.text``.
+``choices[0].delta.content`` (or, while a tool call streams, the same chunk around its next piece of
+``function.arguments``), and Anthropic the same ``content_block_delta`` around a new ``delta.text``.
 ``TextChunks`` keeps the bytes before and after the text of such a chunk, once the adapter has decoded it
 (and found it valid, and a plain text chunk of its protocol); a later chunk that starts and ends with the
 same bytes, and has between them one JSON string, is that chunk with another text. Its dict is built from

@@ -451,6 +451,86 @@ async def test_a_padded_stream_from_the_upstream_is_decoded_a_few_times_only(fak
         assert chunk.raw is not None and json.loads(chunk.raw) == chunk
 
 
+# A streamed tool call: its arguments come a piece a chunk, read as the text is ------------------------------
+
+
+def arguments_chunk(piece: str, *, index: int = 0) -> bytes:
+    """A tool call's next piece of arguments, as OpenAI streams it (after the chunk that names the call)."""
+    call = {"index": index, "function": {"arguments": piece}}
+    choice = {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+    return (HEAD + json.dumps({"choices": [choice]}, separators=(",", ":"))[1:]).encode()
+
+
+def test_a_tool_calls_argument_chunks_after_the_first_are_read_without_a_decode():
+    reader = Reader()
+    pieces = ['{"', "city", '":"', "Par", "is", ' \\"centre\\"', '"}', "é"]
+    datas = [arguments_chunk(piece) for piece in pieces]
+    datas += [padded(arguments_chunk(piece), pad) for piece, pad in zip(pieces, PADDINGS, strict=False)]
+    chunks = [reader.read(data) for data in datas]
+
+    assert reader.decodes == 2  # the first of each layout, unpadded and padded
+    for data, chunk in zip(datas, chunks, strict=True):
+        assert chunk == json.loads(data) and chunk.raw == data
+    arguments = "".join(c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for c in chunks[:8])
+    assert arguments == "".join(pieces)
+
+
+def test_text_and_argument_chunks_each_keep_their_own_template():
+    """A reply that says something, then calls a tool: each kind is read from its own template, and a second
+    call's pieces (another index) are decoded first, then read."""
+    reader = Reader()
+    datas = [
+        text_chunk(" Let"),
+        text_chunk(" me"),
+        text_chunk(" check."),
+        arguments_chunk('{"a":'),
+        arguments_chunk("1}"),
+        arguments_chunk('{"b":', index=1),
+        arguments_chunk("2}", index=1),
+        arguments_chunk("", index=1),
+    ]
+    for data in datas:
+        assert_read_as_decoded(reader, data)
+    assert reader.decodes == 3  # the first text, the first piece of each call
+
+
+async def test_a_streamed_tool_call_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
+    """Through the SDK and the real fake upstream (which sends the arguments in three pieces): the chunk that
+    names the call and the first piece are decoded, the next pieces read from it."""
+    adapter = OpenAIAdapter(make_config(fake_upstream))
+    request = {
+        **user("Weather in Paris, please, and in some detail"),
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
+    }
+    try:
+        with decodes_counted(openai_adapter) as decodes:
+            chunks = [chunk async for chunk in adapter.stream(request)]
+    finally:
+        await adapter.aclose()
+
+    calls = [
+        c["choices"][0]["delta"]["tool_calls"][0]
+        for c in chunks
+        if c["choices"] and "tool_calls" in c["choices"][0]["delta"]
+    ]
+    assert len(calls) == 4  # the call named, then its arguments in three pieces
+    assert json.loads("".join(call["function"]["arguments"] for call in calls)) == {
+        "city": "Weather in Paris, please, and in some detail"
+    }
+    # The named call, its first piece, the finish and the usage: the other two pieces were read.
+    assert decodes.count == len(chunks) - 2, (decodes.count, len(chunks))
+    for chunk in chunks:
+        assert chunk.raw is not None and json.loads(chunk.raw) == chunk
+
+
 # Anthropic's text deltas (/v1/messages relayed from an Anthropic provider) ----------------------------------
 
 
@@ -477,9 +557,9 @@ def test_anthropic_text_deltas_after_the_first_are_read_without_a_decode():
     )
 
 
-async def test_a_messages_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
-    """Through the anthropic SDK and the real fake upstream: each event as json.loads reads its bytes, the text
-    exact, and a decode for the events around the text deltas and the first of them only."""
+async def anthropic_events(fake_upstream, request: dict) -> tuple[list[WireEvent], Decodes]:
+    """The events of a /v1/messages stream through the anthropic SDK and the real fake upstream, and the
+    decodes the adapter made."""
     adapter = AnthropicAdapter(make_anthropic_config(fake_upstream))
     model = ResolvedModel(
         id=1,
@@ -492,12 +572,21 @@ async def test_a_messages_stream_from_the_upstream_is_decoded_a_few_times_only(f
         context_window=200_000,
         max_output_tokens=None,
     )
-    request = {"model": "claude", "max_tokens": 200, "messages": [{"role": "user", "content": f"[[reply={REPLY}]]"}]}
     try:
         with decodes_counted(anthropic_adapter) as decodes:
             events = [event async for event in adapter.messages_stream(request, model)]
     finally:
         await adapter.aclose()
+    for event in events:
+        assert event.raw is not None and json.loads(event.raw) == event
+    return events, decodes
+
+
+async def test_a_messages_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
+    """Through the anthropic SDK and the real fake upstream: each event as json.loads reads its bytes, the text
+    exact, and a decode for the events around the text deltas and the first of them only."""
+    request = {"model": "claude", "max_tokens": 200, "messages": [{"role": "user", "content": f"[[reply={REPLY}]]"}]}
+    events, decodes = await anthropic_events(fake_upstream, request)
 
     deltas = [e for e in events if e["type"] == "content_block_delta"]
     assert len(deltas) > 15
@@ -512,3 +601,20 @@ def test_a_chunk_without_the_path_to_a_text_is_not_learned():
     for event in ({"type": "ping"}, {"type": "content_block_delta", "delta": []}, {"delta": {"type": "text_delta"}}):
         texts.learn(event, json.dumps(event).encode())
     assert texts.read(text_delta("x")) is None
+
+
+async def test_a_tool_calls_input_deltas_from_the_upstream_are_read_after_the_first(fake_upstream):
+    """Anthropic streams a tool call's input as ``input_json_delta`` events (three pieces from the fake
+    upstream): the first is decoded, the others read from it, and the input is exact."""
+    request = {
+        "model": "claude",
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Weather in Paris, please, and in some detail"}],
+        "tools": [{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+    }
+    events, decodes = await anthropic_events(fake_upstream, request)
+
+    pieces = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
+    assert len(pieces) == 3
+    assert json.loads("".join(pieces)) == {"city": "Weather in Paris, please, and in some detail"}
+    assert decodes.count == len(events) - 2, (decodes.count, len(events))
