@@ -16,9 +16,10 @@ evens out the chunks' sizes; ``stream_options.include_obfuscation: false`` turns
 chunks are alike but for their text. That key is the ``padding``: a second string the template leaves a
 place for, scanned as the text is.
 
-Anything else (a finish reason, a usage report, a tool call, a text whose quote closes the string early,
-an upstream whose chunks vary in more than their text and padding) is decoded as before, and becomes the
-template if it is a text chunk. What the relay sends is the upstream's bytes either way (``WireChunk.raw``).
+Anything else (a finish reason, a usage report, the chunk that opens a tool call, a text whose quote closes
+the string early, an upstream whose chunks vary in more than their text and padding) is decoded as before,
+and becomes the template if it is a text chunk. What the relay sends is the upstream's bytes either way
+(``WireChunk.raw``).
 """
 
 from __future__ import annotations
