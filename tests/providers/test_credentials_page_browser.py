@@ -100,6 +100,9 @@ async def test_no_key_can_be_sent_before_the_providers_have_loaded(live_site, br
     in that moment sent a key with none, and got "provider: This field may not be blank")."""
     page = await browser.new_page(viewport={"width": 1280, "height": 760})
     await sign_in_to_provider_keys(page, live_site)
+    # The first load's own request for the providers must be answered before the route is set: otherwise, on a
+    # slow machine, it is the one held, and the reloaded page's request waits behind a route nobody continues.
+    await expect(page.get_by_role("button", name="Save key", exact=True)).to_be_enabled(timeout=30_000)
     held: list = []
     asked = asyncio.Event()
 
