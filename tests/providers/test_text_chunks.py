@@ -286,19 +286,26 @@ REPLY = 'a "quoted" word, a\\ slash, and words after it: café 🙂 one two thre
 async def test_a_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
     """Through the SDK and the real fake upstream: a reply of some thirty chunks, its text exactly, each
     chunk's bytes as sent, and a decode for the first chunks, the finish and the usage only."""
+    await assert_streamed_with_four_decodes(fake_upstream, f"[[reply={REPLY}]]")
+
+
+async def assert_streamed_with_four_decodes(fake_upstream, content: str) -> list:
+    """``content`` streamed through the adapter from the fake upstream: REPLY exactly, each chunk's bytes as
+    sent, and four decodes (the role chunk, the first text chunk, the finish and the usage chunk; [DONE] is
+    not JSON)."""
     adapter = OpenAIAdapter(make_config(fake_upstream))
     try:
         with decodes_counted(openai_adapter) as decodes:
-            chunks = [chunk async for chunk in adapter.stream(user(f"[[reply={REPLY}]]"))]
+            chunks = [chunk async for chunk in adapter.stream(user(content))]
     finally:
         await adapter.aclose()
 
     assert len(chunks) > 15
-    # The role chunk, the first text chunk, the finish and the usage chunk ([DONE] is not JSON).
     assert decodes.count == 4, decodes.count
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == REPLY
     for chunk in chunks:
         assert chunk.raw is not None and json.loads(chunk.raw) == chunk
+    return chunks
 
 
 @pytest.mark.parametrize("fault", ["error-event", "cut-6"])
@@ -435,20 +442,9 @@ def test_any_text_and_padding_read_as_the_decode_reads_them(pieces, first):
 async def test_a_padded_stream_from_the_upstream_is_decoded_a_few_times_only(fake_upstream):
     """OpenAI's padding, as the fake upstream sends it on ``[[obfuscation=on]]``: every chunk differs in more
     than its text, and still only the first chunks, the finish and the usage are decoded."""
-    adapter = OpenAIAdapter(make_config(fake_upstream))
-    try:
-        with decodes_counted(openai_adapter) as decodes:
-            chunks = [chunk async for chunk in adapter.stream(user(f"[[reply={REPLY}]] [[obfuscation=on]]"))]
-    finally:
-        await adapter.aclose()
-
-    assert len(chunks) > 15
+    chunks = await assert_streamed_with_four_decodes(fake_upstream, f"[[reply={REPLY}]] [[obfuscation=on]]")
     assert all(isinstance(chunk.get("obfuscation"), str) for chunk in chunks)
     assert len({chunk["obfuscation"] for chunk in chunks}) > 1
-    assert decodes.count == 4, decodes.count
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == REPLY
-    for chunk in chunks:
-        assert chunk.raw is not None and json.loads(chunk.raw) == chunk
 
 
 # A streamed tool call: its arguments come a piece a chunk, read as the text is ------------------------------

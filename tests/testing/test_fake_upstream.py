@@ -151,13 +151,18 @@ def test_openai_non_stream_matches_schema_and_counts_tokens(upstream: FakeUpstre
     assert completion.usage is not None and completion.usage.completion_tokens == 12
 
 
-def test_openai_stream_chunks_match_schema(upstream: FakeUpstream) -> None:
-    body = {
+def stream_body(content: str) -> dict:
+    """A streamed chat completion's request for ``content``, usage asked for."""
+    return {
         "model": "fake-gpt-4o",
-        "messages": user("one two three"),
+        "messages": user(content),
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def test_openai_stream_chunks_match_schema(upstream: FakeUpstream) -> None:
+    body = stream_body("one two three")
     status, headers, raw = http(upstream, "POST", "/v1/chat/completions", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     events = openai_sse(raw)
@@ -181,12 +186,7 @@ def test_openai_stream_chunks_match_schema(upstream: FakeUpstream) -> None:
 
 
 def test_openai_stream_obfuscation_pads_every_chunk_on_request(upstream: FakeUpstream) -> None:
-    body = {
-        "model": "fake-gpt-4o",
-        "messages": user("one two three four five six [[obfuscation=on]]"),
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = stream_body("one two three four five six [[obfuscation=on]]")
     _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
     chunks = openai_sse(raw)[:-1]
     for chunk in chunks:
