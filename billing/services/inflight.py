@@ -166,17 +166,25 @@ class _Beat(threading.Thread):
         self.last_error = float("-inf")
         self.redis_client = None
         self.redis_url = ""
+        self.interval = settings.LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL
 
     def run(self) -> None:
         while True:
-            try:
-                self.tick()
-            except Exception as exc:
-                # Once a minute at most: the database or Redis being down is reported where requests fail.
-                if time.monotonic() - self.last_error >= 60:
-                    self.last_error = time.monotonic()
-                    logger.warning("in-flight heartbeat failed (%s: %s); trying again", type(exc).__name__, exc)
-            time.sleep(settings.LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL)
+            time.sleep(self.step())
+
+    def step(self) -> float:
+        """One beat, and the seconds to the next. Nothing in it ends the thread: not the database or Redis
+        down, nor a read of the settings that fails (Django's ``override_settings`` in another thread leaves
+        the settings empty for an instant, which killed this thread in a test run of 4 December)."""
+        try:
+            self.tick()
+            self.interval = settings.LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL
+        except Exception as exc:
+            # Once a minute at most: the database or Redis being down is reported where requests fail.
+            if time.monotonic() - self.last_error >= 60:
+                self.last_error = time.monotonic()
+                logger.warning("in-flight heartbeat failed (%s: %s); trying again", type(exc).__name__, exc)
+        return self.interval
 
     def tick(self) -> None:
         from . import counters
