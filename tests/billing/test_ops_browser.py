@@ -17,10 +17,10 @@ from django.test import Client
 from playwright.async_api import Page, expect
 
 from accounts.roles import Role, role_set
-from billing.models import UsageRecord
+from billing.models import UsageRecord, UsageStatus
 from billing.services.keys import api_key_create
 from providers.models import CatalogModel, Deployment
-from tests.factories import ProviderFactory, UserFactory
+from tests.factories import ProviderFactory, UsageRecordFactory, UserFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -64,6 +64,14 @@ async def ledger_rows(expected: int) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"expected {expected} ledger rows")
+
+
+def refused_by_rate_limit() -> None:
+    """A request the gateway refused, as the pipeline writes its row (the rate limit itself is
+    tests/billing's; here only the dashboard's reading of the row matters)."""
+    UsageRecordFactory(
+        model_name="chat", status=UsageStatus.REJECTED, error_type="rate_limit_exceeded", cost=Decimal(0)
+    )
 
 
 async def charts_drawn(page: Page) -> None:
@@ -110,6 +118,9 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
         }"""
     )
     assert drawn == {"labels": ["⚠ chat / west", "chat / east"], "data": [100, 0], "danger": [True, False]}
+    # Nothing refused yet: the table says so, and no empty chart stands above it.
+    await expect(page.locator("#rejections-body")).to_have_text("No request refused in the last hour.")
+    await expect(page.locator("#rejections-figure")).to_be_hidden()
     await page.screenshot(path=str(artifacts_dir / "ops-fault.png"), full_page=True)
 
     # Nothing from elsewhere: every request the page made went to the gateway itself.
@@ -120,9 +131,16 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     upstreams["west"].set_fault(None)
     assert await send(live_site, setup["secret"], 3) == [200] * 3
     await ledger_rows(15)
+    await sync_to_async(refused_by_rate_limit)()
     await page.clock.run_for(15_500)
     await expect(page.locator("#main")).to_have_attribute("data-refreshes", "1")
     await expect(page.locator("#total-requests")).to_have_text("15")
+    # A refusal came: its chart appears, drawn with it, and the table lists it.
+    await expect(page.locator("#rejections-figure")).to_be_visible()
+    assert await page.locator("#chart-rejections").evaluate(
+        "canvas => [Chart.getChart(canvas).data.labels, Chart.getChart(canvas).data.datasets[0].data]"
+    ) == [["Rate limit"], [1]]
+    await expect(page.locator("#rejections-body tr")).to_have_text(["Rate limitrate_limit_exceeded1"])
     await expect(east.locator("td.num").first).to_have_text("10")
     await expect(page.locator("#chart-rpm")).to_have_attribute("data-drawn", "2")
     assert await page.evaluate("window.sameDocument") is True

@@ -106,12 +106,14 @@
       options: horizontal({}),
     });
 
+    // No refusals, no chart: an empty axis says nothing the table's "No request refused" does not.
     const rejections = figures.rejections;
+    document.getElementById("rejections-figure").hidden = rejections.length === 0;
     chart("chart-rejections", {
       type: "bar",
       data: {
-        labels: rejections.length ? rejections.map((r) => r.label) : ["None"],
-        datasets: [{ label: "Requests refused", data: rejections.length ? rejections.map((r) => r.count) : [0], backgroundColor: cssVar("--warn", "#b7791f") }],
+        labels: rejections.map((r) => r.label),
+        datasets: [{ label: "Requests refused", data: rejections.map((r) => r.count), backgroundColor: cssVar("--warn", "#b7791f") }],
       },
       options: horizontal({ x: { ticks: { precision: 0 } } }),
     });
