@@ -125,6 +125,23 @@ def _top(profile: cProfile.Profile, sort: str, limit: int) -> list[str]:
     return [line for line in lines[start:] if line.strip()]
 
 
+QUESTION = [{"role": "user", "content": "Say hello."}]
+TURN = (
+    "A sentence of an earlier turn of the conversation, with some punctuation, numbers like 3.14 and 42, "
+    'a quoted "word", an accented café and a line break.\n'
+)
+
+
+def history(size: int) -> list[dict[str, str]]:
+    """Earlier turns, user and assistant in turn, about ``size`` bytes of JSON in all (none for 0)."""
+    turns: list[dict[str, str]] = []
+    while size > 0:
+        content = TURN * 8
+        turns.append({"role": ("user", "assistant")[len(turns) % 2], "content": content})
+        size -= len(json.dumps(turns[-1]))
+    return turns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=("llmhub", "bare"), default="llmhub")
@@ -137,13 +154,19 @@ def main() -> None:
         default="",
         help="comma-separated: no-request-signals, short-switch-interval",
     )
+    parser.add_argument(
+        "--history-kb",
+        type=int,
+        default=0,
+        help="send a conversation of about this many KiB (earlier turns before the question), as chat clients do",
+    )
     parser.add_argument("--cprofile", action="store_true", help="also list the top functions (slows the run)")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
     what_if = {name.strip() for name in args.what_if.split(",") if name.strip()}
     application = _setup(what_if)
     path = "/v1/chat/completions" if args.target == "llmhub" else "/bare/v1/chat/completions"
-    payload: dict[str, Any] = {"model": args.model, "messages": [{"role": "user", "content": "Say hello."}]}
+    payload: dict[str, Any] = {"model": args.model, "messages": [*history(args.history_kb * 1024), *QUESTION]}
     if args.stream:
         payload.update(stream=True, stream_options={"include_usage": True})
     body = json.dumps(payload).encode()
@@ -160,6 +183,7 @@ def main() -> None:
             "target": args.target,
             "model": args.model,
             "stream": args.stream,
+            "body_bytes": len(body),
             "what_if": sorted(what_if),
             "requests": args.n,
             "cpu_ms_per_request": round(cpu * 1000 / args.n, 3),
