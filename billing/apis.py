@@ -14,7 +14,6 @@ subtree (itself and the keys created under it), and a key it creates never has m
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -30,6 +29,7 @@ from accounts.permissions import CanManageOwnKeys, CanViewOwnUsage
 from accounts.roles import Capability, role_can
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.serializer_fields import DateOrDateTimeField
+from core.text import has_lone_surrogate
 from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.models import CatalogModel
 
@@ -45,7 +45,6 @@ from .selectors import (
 )
 from .services.keys import CreatedKey, KeyPrincipal, api_key_create, api_key_revoke
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _KEYS_TAG = ["API keys"]
 _USAGE_TAG = ["Usage"]
 _COST_TAG = ["Cost"]
@@ -58,7 +57,7 @@ class ModelNameField(serializers.SlugRelatedField):
     surrogate) names no model: it is refused as such here, instead of failing in the database's lookup."""
 
     def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, str) and ("\x00" in data or _SURROGATE.search(data)):
+        if isinstance(data, str) and ("\x00" in data or has_lone_surrogate(data)):
             self.fail("does_not_exist", slug_name=self.slug_field, value=data.encode("utf-8", "replace").decode())
         return super().to_internal_value(data)
 

@@ -20,13 +20,14 @@ from django.http import HttpRequest, HttpResponse
 from billing.authentication import key_from_headers
 from core.errors import json_response, openai_error_response
 from core.exceptions import ApplicationError
+from core.text import has_lone_surrogate
 from experiments.models import Feedback, FeedbackMetric, FeedbackSource
 from experiments.services_feedback import feedback_set, request_is_users
 
 from .api_openai import method_not_allowed, openai_endpoint, parse_body, response_stamp
 from .callers import caller_from_api_key
 from .pipeline import new_request_id
-from .validation import InvalidRequestError, has_lone_surrogate
+from .validation import InvalidRequestError
 
 COMMENT_MAX_LENGTH = 2000  # as the chat page's thumbs take
 REQUEST_ID_MAX_LENGTH = 64

@@ -67,6 +67,7 @@ from accounts.exceptions import JwtRefused, RoleForbidden
 from audit.context import request_ip
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
 from core.exceptions import ApplicationError, DatabaseUnavailableError
+from core.text import has_lone_surrogate
 
 from .pipeline import Caller, caller_from_api_key, caller_from_user, shutdown_began
 from .services_turn import (
@@ -79,7 +80,7 @@ from .services_turn import (
     TurnStarted,
     TurnUsage,
 )
-from .validation import InvalidRequestError, has_lone_surrogate, json_parse
+from .validation import InvalidRequestError, json_parse
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from core.exceptions import ApplicationError
+from core.text import has_lone_surrogate
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
@@ -23,9 +23,6 @@ MAX_JSON_DEPTH = 64
 MAX_TOKENS_LIMIT = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOOL_CHOICE_MODES = ("none", "auto", "required")
-# A lone UTF-16 surrogate: JSON's \ud800 escape decodes to one, and UTF-8 cannot encode it, so it would
-# fail when the request is forwarded or written to the ledger.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. The OpenAI API expects a JSON payload.)"
@@ -73,13 +70,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def has_lone_surrogate(text: str) -> bool:
-    return not text.isascii() and _SURROGATE.search(text) is not None
-
-
 def _check_scalar(value: Any, param: str) -> None:
     if type(value) is str:
-        if not value.isascii() and _SURROGATE.search(value):
+        if has_lone_surrogate(value):
             _fail(f"Invalid '{param}': the text contains a lone UTF-16 surrogate (not valid Unicode).", param)
     elif value is None or type(value) is bool:
         return

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values, has_lone_surrogate
+from core.text import has_lone_surrogate
+
+from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values
 
 ROLES = ("user", "assistant")
 TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")

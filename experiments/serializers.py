@@ -7,7 +7,6 @@ another public model's name, ``prompt_version`` a prompt template version's id."
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +14,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
+from core.text import has_lone_surrogate
 from prompts.models import PromptVersion
 from providers.models import CatalogModel, Deployment
 
@@ -22,11 +22,9 @@ from .models import AllocationStep, Experiment, Metric, Variant
 from .overrides import OVERRIDABLE, overrides_validate
 from .services import HUNDRED, allocation_percent
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
 
 def _printable(value: str) -> str:
-    if "\x00" in value or _SURROGATE.search(value):
+    if "\x00" in value or has_lone_surrogate(value):
         raise serializers.ValidationError("Text with NUL or lone surrogate code points cannot be stored.")
     return value
 

@@ -8,7 +8,6 @@ write-only: answers show its hint (``sk-…abcd``), never the key. Errors use Op
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from django.utils.decorators import method_decorator
@@ -22,6 +21,7 @@ from rest_framework.views import APIView
 
 from accounts.permissions import CanManageOwnKeys
 from core.openapi import ErrorResponseSerializer, error_responses
+from core.text import has_lone_surrogate
 
 from .models import ByokMode, CredentialStatus, Provider, ProviderCredential
 from .services.credentials import (
@@ -33,13 +33,11 @@ from .services.credentials import (
 )
 
 _TAG = ["Provider keys"]
-# Text no column can hold (PostgreSQL refuses NUL, which DRF's CharField already refuses; UTF-8 cannot
-# encode a lone surrogate).
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _no_surrogates(value: str) -> str:
-    if _SURROGATE.search(value):
+    # Text no column can hold (NUL, which DRF's CharField already refuses, or a lone surrogate).
+    if has_lone_surrogate(value):
         raise serializers.ValidationError("Text with lone surrogate code points cannot be stored.")
     return value
 
