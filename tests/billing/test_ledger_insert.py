@@ -1,19 +1,23 @@
-"""The ledger writer's batched insert (on PostgreSQL one ``INSERT ... SELECT FROM unnest(...)`` per batch,
-elsewhere ``bulk_create``) writes every field of every row as submitted, skips request ids already in the
-ledger, and keeps a batch whole. On SQLite and on PostgreSQL (Makefile ``POSTGRES_TESTS``)."""
+"""The ledger writer's batched insert (on PostgreSQL one ``INSERT ... SELECT FROM unnest(...)`` per batch, on
+SQLite a few multi-row ``INSERT OR IGNORE`` statements) writes every field of every row as submitted, skips
+request ids already in the ledger, and keeps a batch whole. On SQLite and on PostgreSQL (Makefile
+``POSTGRES_TESTS``)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from billing.models import UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.ledger import BATCH_SIZE, ledger_flush, usage_record_submit
-from billing.services.ledger_rows import UsageData
+from billing.services.ledger_rows import UsageData, statement_sizes
 from providers.models import CatalogModel, Deployment, Provider
 from tests.factories import UserFactory
 
@@ -145,3 +149,64 @@ def test_sqlites_insert_converts_or_refuses_a_value_of_another_type_as_its_field
     with pytest.raises(ValueError, match="expected a number"):
         _insert_many([replace(every_field("words", **ids), prompt_tokens="twelve")])
     assert not UsageRecord.objects.filter(request_id="words").exists()
+
+
+@contextmanager
+def sqlite_statements():
+    """The statements SQLite itself runs on the test's connection (its trace callback: once for each row of an
+    ``executemany``, once for a multi-row statement), as their first words."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's insert (PostgreSQL's is one INSERT ... SELECT FROM unnest)")
+    connection.ensure_connection()
+    ran: list[str] = []
+    connection.connection.set_trace_callback(lambda sql: ran.append(sql[:40]))
+    try:
+        yield ran
+    finally:
+        connection.connection.set_trace_callback(None)
+
+
+def test_sqlites_insert_writes_a_batch_in_a_few_statements(ids):
+    """Each statement is one hand-over of the GIL between the writer's thread and the event loop's, so a batch
+    of 500 goes in six, not 500 (``_insert_many``'s docstring says what 500 cost the server). A request id
+    twice in the batch is written once, as the one-row statement run for each row did."""
+    from billing.services.ledger_rows import _insert_many
+
+    rows = [every_field(f"req-{n}", **ids) for n in range(BATCH_SIZE)]
+    with sqlite_statements() as ran:
+        _insert_many([*rows, every_field("req-7", **ids)])
+    inserts = [sql for sql in ran if sql.startswith("INSERT OR IGNORE")]
+    assert len(inserts) == len(statement_sizes(BATCH_SIZE + 1, 256)) == 7  # 256, 128, 64, 32, 16, 4, 1
+    assert set(UsageRecord.objects.values_list("request_id", flat=True)) == {data.request_id for data in rows}
+
+
+def test_sqlites_insert_keeps_under_the_builds_limit_of_variables(ids):
+    """A SQLite built with the old limit of 999 variables a statement (32 rows of these 31 columns) still takes
+    the whole batch: smaller statements, not "too many SQL variables"."""
+    import sqlite3
+
+    from billing.services.ledger_rows import _insert_many
+
+    rows = [every_field(f"req-{n}", **ids) for n in range(100)]
+    with sqlite_statements() as ran:
+        from django.db import connection
+
+        before = connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        try:
+            _insert_many(rows)
+        finally:
+            connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
+    assert len([sql for sql in ran if sql.startswith("INSERT OR IGNORE")]) == 4  # 32, 32, 32, 4
+    assert UsageRecord.objects.count() == len(rows)
+
+
+@given(rows=st.integers(min_value=0, max_value=5000), power=st.integers(min_value=0, max_value=10))
+def test_statement_sizes_add_up_to_the_batch_in_sizes_sqlite_keeps_compiled(rows, power):
+    most = 1 << power
+    sizes = statement_sizes(rows, most)
+    assert sum(sizes) == rows
+    assert all(size <= most and size & (size - 1) == 0 for size in sizes)  # powers of two, at most ``most``
+    assert len(sizes) <= rows // most + power  # the full ones, then one a binary digit of the rest
+    assert sizes == sorted(sizes, reverse=True)
