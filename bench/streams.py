@@ -624,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     for stale in ("bench.sqlite3", "bench.sqlite3-wal", "bench.sqlite3-shm", "ledger-spool.jsonl"):
         (WORK / stale).unlink(missing_ok=True)
+    for stale in WORK.glob("ledger-spool.jsonl.replaying-*"):  # a spool a stopped run was replaying
+        stale.unlink()
     results: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": code_version(),

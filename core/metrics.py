@@ -235,6 +235,13 @@ class _Metrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+        self.ledger_spilled = Counter(
+            "llmhub_ledger_spilled_rows",
+            "Ledger rows sent to the spool because the queue passed LLMHUB_LEDGER_QUEUE_MAX (the database wrote "
+            "slower than requests came); the replay writes them.",
+            [],
+            registry=None,
+        )
 
     def write(self, batch: list[RequestObservation]) -> None:
         """Add ``batch`` to the metrics: summed per label tuple first, then one write per series and bucket (a
@@ -424,6 +431,16 @@ def ledger_queue_gauge() -> Any | None:
     """The ledger-queue gauge of this process (None when metrics are off), for the sampler that sets it."""
     metrics = _current()
     return None if metrics is None else metrics.ledger_queue
+
+
+def ledger_spilled_add(rows: int) -> None:
+    """Count ledger rows spilled from a full queue to the spool. Never raises (the rows are spooled already)."""
+    try:
+        metrics = _current()
+        if metrics is not None:
+            metrics.ledger_spilled.inc(rows)
+    except Exception:
+        logger.exception("metrics: %d spilled ledger rows could not be counted", rows)
 
 
 def sampler_register(sampler: Callable[[], None]) -> None:

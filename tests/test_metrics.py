@@ -298,6 +298,36 @@ def test_breaker_state_spool_and_ledger_queue_are_read_at_scrape_time(llmhub_ser
     assert "llmhub_ledger_queue_rows" in text
 
 
+def test_ledger_rows_spilled_from_a_full_queue_are_counted(llmhub_server, scraping, settings, tmp_path, monkeypatch):
+    """The database writes slower than requests come: the rows past the queue's bound go to the spool, and
+    the operator sees why the spool grows (``llmhub_ledger_spilled_rows``), not only that it does."""
+    from asgiref.sync import async_to_sync
+
+    from billing.services import ledger
+    from billing.services.ledger_rows import UsageData
+
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    settings.LLMHUB_LEDGER_QUEUE_MAX = 4
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 60  # no replay during the test
+    monkeypatch.setattr(ledger, "_write_rows", lambda rows, settled=(): time.sleep(0.5))  # a slow database
+    before = value(scrape(llmhub_server.url), "llmhub_ledger_spilled_rows_total")
+
+    async def submit() -> int:
+        for n in range(5):
+            ledger.usage_record_submit(UsageData(request_id=f"spilled-{n}", endpoint="rest", stream=False, status="ok"))
+        writer = ledger._writers[asyncio.get_running_loop()]
+        spilled = 5 - len(writer.queue) - len(writer.in_flight)
+        await writer.spill
+        return spilled
+
+    spilled = async_to_sync(submit)()
+    assert spilled == 3  # past 4 rows, the newest beyond 2 went
+    core_metrics.metrics_flush()
+    text = scrape_until(llmhub_server.url, "llmhub_ledger_spilled_rows_total", before + spilled)
+    assert value(text, "llmhub_ledger_spilled_rows_total") == before + spilled
+    assert value(text, "llmhub_ledger_spooled_rows") == 5  # and the 2 the writer held, spooled as its loop ended
+
+
 # SEVERAL WORKERS, ONE ANSWER
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import itertools
 import json
 import logging
 import threading
@@ -35,6 +36,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
+from core.metrics import ledger_spilled_add
 from core.request_context import outside_request
 
 from .admission import (
@@ -80,10 +82,60 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
         writer = _writers[loop] = _Writer(loop)
     writer.queue.append((data, admission))
     writer.submitted += 1
+    if len(writer.queue) > settings.LLMHUB_LEDGER_QUEUE_MAX and writer.spill is None:
+        _spill_start(writer)
+    _writer_wake(writer)
+
+
+def _writer_wake(writer: _Writer) -> None:
     writer.wakeup.set()
     if writer.task is None or writer.task.done():
-        writer.task = loop.create_task(_writer_run(writer), context=outside_request())
+        writer.task = writer.loop.create_task(_writer_run(writer), context=outside_request())
         writer.task.add_done_callback(functools.partial(_writer_ended, writer=writer))
+
+
+def _spill_start(writer: _Writer) -> None:
+    """The queue has passed ``LLMHUB_LEDGER_QUEUE_MAX`` rows: the database writes slower than requests
+    come, for longer than a moment. The newest rows beyond half the bound go to the spool (in a thread:
+    one append and one fsync for them all), unsettled, with their admissions, as a shutdown spools the
+    rows of the streams it cuts: the replay settles and writes them, from this process as soon as its
+    spool watcher sees the database answer (it does: it is only slow), or from any other. So the memory
+    the ledger holds has a bound, no row is lost, and ``/readyz`` reports the spool growing, which takes
+    the worker out of rotation until it has caught up. Until the append has returned, the rows stay in
+    ``_unwritten`` (a flush waits for them, and an exit spools them)."""
+    keep = settings.LLMHUB_LEDGER_QUEUE_MAX // 2
+    entries = writer.queue[keep:]
+    del writer.queue[keep:]
+    # The rows that stay go through the writer in order: a hurry counts in those (``_hurry``).
+    writer.submitted -= len(entries)
+    writer.spill = writer.loop.create_task(_spill(writer, entries), context=outside_request())
+
+
+async def _spill(writer: _Writer, entries: list[tuple[UsageData, Admission | None]]) -> None:
+    try:
+        await asyncio.to_thread(_spill_write, entries)
+    except Exception:
+        # The disk refused them too: they wait in memory, for the writer, rather than be lost.
+        logger.exception("spilling %d ledger rows to the spool failed; they stay queued", len(entries))
+        writer.queue += entries
+        writer.submitted += len(entries)
+        writer.spill = None
+        _writer_wake(writer)
+        return
+    writer.spill = None
+    logger.warning(
+        "the ledger queue passed %d rows (the database writes slower than requests come): %d rows spooled",
+        settings.LLMHUB_LEDGER_QUEUE_MAX,
+        len(entries),
+    )
+    ledger_spool_watch()
+
+
+def _spill_write(entries: list[tuple[UsageData, Admission | None]]) -> None:
+    """In a thread: spool, then forget (so that however the loop ends meanwhile, no row is only in memory)."""
+    _spool_entries(entries)
+    _forget(data for data, _ in entries)
+    ledger_spilled_add(len(entries))
 
 
 def usage_unwritten(request_id: str) -> UsageData | None:
@@ -108,6 +160,7 @@ class _Writer:
         # so a hurry sent when ``submitted`` was n is for rows still held only while ``finished`` < n.
         self.submitted = 0
         self.finished = 0
+        self.spill: asyncio.Task[None] | None = None  # rows past the queue's bound on their way to the spool
 
 
 _writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
@@ -357,15 +410,17 @@ def _spool(*rows: UsageData) -> None:
 
 
 def _spool_entries(entries: Iterable[tuple[UsageData, Admission | None]]) -> None:
-    """One JSON line a row: its fields, and under ``admission`` what settling its reservation needs."""
-    lines = []
-    for data, admission in entries:
-        raw = usage_data_dump(data)
-        held = admission_dump(admission)
-        if held is not None:
-            raw["admission"] = held
-        lines.append(json.dumps(raw, default=str))  # a value JSON cannot hold must not lose the row
-    spool_append(lines)
+    """One JSON line a row: its fields, and under ``admission`` what settling its reservation needs. The
+    lines are made as they are written, not all first (``spool_append``)."""
+    spool_append(_spool_line(data, admission) for data, admission in entries)
+
+
+def _spool_line(data: UsageData, admission: Admission | None) -> str:
+    raw = usage_data_dump(data)
+    held = admission_dump(admission)
+    if held is not None:
+        raw["admission"] = held
+    return json.dumps(raw, default=str)  # a value JSON cannot hold must not lose the row
 
 
 def ledger_replay_spool() -> int:
@@ -379,27 +434,35 @@ def ledger_replay_spool() -> int:
     replayed = 0
     with spool_claim() as files:
         for claimed in files:
-            lines = [line for line in claimed.read().splitlines() if line.strip()]
             leftovers: list[str] = []
-            for start in range(0, len(lines), BATCH_SIZE):
-                chunk = _settled_spooled(lines[start : start + BATCH_SIZE], leftovers)
+            # A batch at a time from the file, not the whole file first: a spool can hold an outage's rows.
+            unread = (line.rstrip("\n") for line in claimed if line.strip())
+            while lines := list(itertools.islice(unread, BATCH_SIZE)):
+                chunk, refused = _settled_spooled(lines, leftovers)
                 try:
                     # A row's record may have been left settled by its process (the database store: it was
                     # down when the row was spooled): it goes with the row.
-                    _write_rows([data for _, data in chunk], [data.request_id for _, data in chunk])
+                    if chunk:
+                        _write_rows([data for _, data in chunk], [data.request_id for _, data in chunk])
                     replayed += len(chunk)
                 except DatabaseError:
                     logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(chunk))
                     leftovers.extend(line for line, _ in chunk)
-            spool_append(leftovers)
+                    refused = True
+                if refused:
+                    # The database or the counters' store refused: the rest waits for the next replay, not
+                    # tried batch after batch now (each attempt on a locked SQLite waits its busy timeout).
+                    break
+            spool_append(itertools.chain(leftovers, unread))
     return replayed
 
 
-def _settled_spooled(lines: list[str], leftovers: list[str]) -> list[tuple[str, UsageData]]:
-    """Settle what the spooled rows' admissions still hold; return the rows to write now. A row whose
-    settle finds the counters' store down goes to ``leftovers``, to be settled and written together later."""
+def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple[str, UsageData]], bool]:
+    """Settle what the spooled rows' admissions still hold; return the rows to write now, and whether the
+    counters' store refused. From a row whose settle finds the store down, that row and the ones after it
+    go to ``leftovers``, to be settled and written together later."""
     ready = []
-    for line in lines:
+    for index, line in enumerate(lines):
         raw = json.loads(line)
         data = usage_data_from_spool(raw)
         if raw.get("admission"):
@@ -411,15 +474,20 @@ def _settled_spooled(lines: list[str], leftovers: list[str]) -> list[tuple[str, 
                     completion_tokens=data.completion_tokens,
                 )
             except (redis.RedisError, DatabaseError) as exc:
-                logger.warning("settling spooled %s failed (%s); it stays spooled", data.request_id, exc)
-                leftovers.append(line)
-                continue
+                logger.warning(
+                    "settling spooled %s failed (%s); it and %d more stay spooled",
+                    data.request_id,
+                    exc,
+                    len(lines) - index - 1,
+                )
+                leftovers.extend(lines[index:])
+                return ready, True
             except Exception:
                 # Not a store that is down: the row is written all the same; its hold is released when it
                 # expires, and reconciliation puts the counters back on the ledger's figure.
                 logger.exception("settling the reservation of spooled %s failed", data.request_id)
         ready.append((line, data))
-    return ready
+    return ready, False
 
 
 _spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()

@@ -336,6 +336,11 @@ LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = env.float("LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
 # low load a row per transaction cost about 0.85 ms of CPU on SQLite, in batches of ten 0.2 ms a row
 # (docs/performance.md). 0: every wake-up writes at once.
 LLMHUB_LEDGER_LINGER_MS = env.float("LLMHUB_LEDGER_LINGER_MS", default=20.0)
+# The most ledger rows a server process's writer holds waiting for the database. When a
+# database writes slower than requests come for longer than a moment, the newest rows beyond half this go
+# to the spool (settled and written by its replay, docs/ledger.md) instead of growing the process's memory;
+# /readyz then reports the spool growing. A queued row takes about 2 KB (20 MB at the default).
+LLMHUB_LEDGER_QUEUE_MAX = env.int("LLMHUB_LEDGER_QUEUE_MAX", default=10_000)
 # Raw ledger rows older than this many days are deleted once their day is rolled up (billing.tasks.
 # ledger_retention, daily; docs/ledger.md): the usage dashboards read those days from DailyUsage. Never
 # the current UTC month's rows (monthly budgets sum them) nor those of keys with a lifetime budget.

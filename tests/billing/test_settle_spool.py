@@ -13,15 +13,18 @@ its shutdown marks that loop only.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 import time_machine
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 
 from billing.models import BudgetPeriod, Endpoint, Operation, UsageRecord, UsageStatus
+from billing.services import ledger
 from billing.services.admission import Admission, admission_acquire
 from billing.services.budgets import RESERVATION_TTL, SETTLED_MEMORY, CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import counter_state
@@ -35,6 +38,7 @@ from billing.services.ledger import (
     ledger_replay_spool,
 )
 from billing.services.settlement import Settlement, request_settle
+from billing.services.spool import spool_rows
 from billing.tokens import prompt_tokens
 from providers.selectors import resolved_model
 from tests.billing.conftest import FLAT_TOKEN, spend_settled
@@ -208,3 +212,47 @@ def test_a_reservation_that_expired_while_its_row_waited_is_charged_once(account
     assert ledger_replay_spool() == 1
 
     assert counter_state(account["ref"]) == (CUT_COST + 3 * FLAT_TOKEN, Decimal(0))
+
+
+def test_rows_spilled_from_a_full_queue_release_their_holds_once_when_replayed(account, spool, settings, monkeypatch):
+    """A database slower than the requests: the writer's queue passes its bound (``LLMHUB_LEDGER_QUEUE_MAX``),
+    and the newest rows go to the spool unsettled, their holds still held, with their admissions. The spool
+    watcher's replay settles each of them once and writes it; the rows the writer kept it settles itself."""
+    settings.LLMHUB_LEDGER_QUEUE_MAX = 2
+    settings.LLMHUB_LEDGER_LINGER_MS = 0
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 0.05
+    slow = threading.Event()  # every ledger write waits for it: the slow database
+    writing = threading.Event()
+    write_rows = ledger._write_rows
+
+    def gated(rows, settled=()):
+        writing.set()
+        slow.wait(timeout=30)
+        return write_rows(rows, settled)
+
+    monkeypatch.setattr(ledger, "_write_rows", gated)
+    request_ids = [f"req_{n}" for n in range(8)]
+
+    async def serve() -> None:
+        for request_id in request_ids:
+            _settle(account, request_id, await _admit(account, request_id))
+            await asyncio.to_thread(writing.wait, 10)  # the writer's first batch is on its way, and waits
+            writer = ledger._writers[asyncio.get_running_loop()]
+            if writer.spill is not None:
+                await writer.spill
+        spooled = await sync_to_async(spool_rows)()  # the spool, or the file the watcher is replaying
+        assert spooled and all(line["admission"]["request_id"] == line["request_id"] for line in spooled)
+        _, reserved = await sync_to_async(counter_state)(account["ref"])
+        assert reserved >= len(spooled) * RESERVED  # the spilled rows' holds wait for the replay
+        slow.set()
+        await ledger_flush()
+        for _ in range(1000):
+            if await UsageRecord.objects.filter(request_id__in=request_ids).acount() == len(request_ids):
+                break
+            await asyncio.sleep(0.01)
+
+    async_to_sync(serve)()
+    written = UsageRecord.objects.filter(request_id__in=request_ids).values_list("request_id", flat=True)
+    assert sorted(written) == sorted(request_ids)
+    assert counter_state(account["ref"]) == (len(request_ids) * CUT_COST, Decimal(0))
+    assert ledger_replay_spool() == 0  # nothing left in the spool
