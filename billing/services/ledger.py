@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -490,30 +491,39 @@ def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple
     return ready, False
 
 
-_spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+# Each loop's watcher, and the event that wakes it.
+_spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Task[None], asyncio.Event]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def ledger_spool_watch() -> None:
     """Replay the spool from this event loop as soon as the database answers again: called when this
     process spools rows, and at start-up when a replay could not empty the spool. One watcher per loop;
-    it ends when the spool is empty."""
+    it ends when the spool is empty. A watcher already running is woken: it probes now, and from then on at
+    the pace the settings give now, not the one it started with (it may be backing off since long before)."""
     loop = asyncio.get_running_loop()
     if loop in _closing_loops:
         return
-    task = _spool_watchers.get(loop)
-    if task is None or task.done():
-        _spool_watchers[loop] = loop.create_task(_spool_watch())
+    watcher = _spool_watchers.get(loop)
+    if watcher is not None and not watcher[0].done():
+        watcher[1].set()
+        return
+    wake = asyncio.Event()
+    _spool_watchers[loop] = (loop.create_task(_spool_watch(wake)), wake)
 
 
-async def _spool_watch() -> None:
+async def _spool_watch(wake: asyncio.Event) -> None:
     """Probe the database every ``LLMHUB_LEDGER_SPOOL_PROBE_SECONDS`` (backing off to four times that while
-    it stays down) and replay once it answers. A cheap ``SELECT 1`` first, so that a database still down
-    costs one failed connection per probe, not a rewrite of the spool."""
-    base = settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
-    delay = base
+    it stays down), or when woken, and replay once it answers. A cheap ``SELECT 1`` first, so that a database
+    still down costs one failed connection per probe, not a rewrite of the spool."""
+    delay = settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
     while await sync_to_async(spool_pending, thread_sensitive=False)():
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, base * 4)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), delay)
+        base = settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
+        delay = base if wake.is_set() else min(delay * 2, base * 4)
+        wake.clear()
         try:
             if not await sync_to_async(_database_answers, thread_sensitive=False)():
                 continue

@@ -173,3 +173,24 @@ def test_a_replay_the_database_refuses_stops_at_the_first_batch_and_keeps_every_
     assert sorted(
         UsageRecord.objects.filter(request_id__in=[d.request_id for d in rows]).values_list("request_id", flat=True)
     ) == sorted(d.request_id for d in rows)
+
+
+async def test_rows_spooled_while_the_watcher_backs_off_wake_it(settings, tmp_path):
+    """A watcher started long ago may be asleep for its longest back-off (here an hour, as a test that replays
+    by hand sets it, on the event loop tests share): rows spooled since wake it, and it replays them now."""
+    from billing.services.ledger import _spool, ledger_spool_watch
+
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 3600
+    _spool(row())
+    ledger_spool_watch()  # its first probe in an hour
+    await asyncio.sleep(0.1)
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 0.05
+    _spool(row())
+    ledger_spool_watch()  # as a spill, or a batch the database refused, calls it
+    assert await rows_written("bound-", 2) == 2
+    for _ in range(500):
+        if not spool_pending():
+            break
+        await asyncio.sleep(0.01)
+    assert not spool_pending()
