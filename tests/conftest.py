@@ -101,6 +101,12 @@ def pytest_runtest_teardown(item, nextitem) -> None:
     for loop, writer in list(ledger._writers.items()):
         if (writer.queue or writer.in_flight) and not loop.is_running() and not loop.is_closed():
             loop.run_until_complete(ledger.ledger_flush(wait_seconds=10))
+    # Nor does a spool watcher a test started outlive it: tests share their event loop, and a watcher left
+    # running would replay the next test's spool at its own pace (or, woken, at once) behind its back.
+    for loop, (task, _) in list(ledger._spool_watchers.items()):
+        if not task.done() and not loop.is_running() and not loop.is_closed():
+            task.cancel()
+            loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
 
 
 # What the flush after a transactional test leaves in place: Django's own flush deletes them too, then

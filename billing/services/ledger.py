@@ -500,8 +500,8 @@ _spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyn
 def ledger_spool_watch() -> None:
     """Replay the spool from this event loop as soon as the database answers again: called when this
     process spools rows, and at start-up when a replay could not empty the spool. One watcher per loop;
-    it ends when the spool is empty. A watcher already running is woken: it probes now, and from then on at
-    the pace the settings give now, not the one it started with (it may be backing off since long before)."""
+    it ends when the spool is empty. A watcher already running is woken: it probes within the pace the
+    settings give now, if that is sooner than its back-off (which may have begun long before) had it due."""
     loop = asyncio.get_running_loop()
     if loop in _closing_loops:
         return
@@ -515,15 +515,21 @@ def ledger_spool_watch() -> None:
 
 async def _spool_watch(wake: asyncio.Event) -> None:
     """Probe the database every ``LLMHUB_LEDGER_SPOOL_PROBE_SECONDS`` (backing off to four times that while
-    it stays down), or when woken, and replay once it answers. A cheap ``SELECT 1`` first, so that a database
-    still down costs one failed connection per probe, not a rewrite of the spool."""
+    it stays down) and replay once it answers. Woken (rows spooled since), it probes within that many seconds
+    as the settings give them now, never later than it was due. A cheap ``SELECT 1`` first, so that a
+    database still down costs one failed connection per probe, not a rewrite of the spool."""
+    loop = asyncio.get_running_loop()
     delay = settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
     while await sync_to_async(spool_pending, thread_sensitive=False)():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), delay)
+        due = loop.time() + delay
+        while (left := due - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), left)
+            if wake.is_set():
+                wake.clear()
+                due = min(due, loop.time() + settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS)
         base = settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS
-        delay = base if wake.is_set() else min(delay * 2, base * 4)
-        wake.clear()
+        delay = min(delay * 2, base * 4)
         try:
             if not await sync_to_async(_database_answers, thread_sensitive=False)():
                 continue

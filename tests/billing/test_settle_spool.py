@@ -220,7 +220,7 @@ def test_rows_spilled_from_a_full_queue_release_their_holds_once_when_replayed(a
     watcher's replay settles each of them once and writes it; the rows the writer kept it settles itself."""
     settings.LLMHUB_LEDGER_QUEUE_MAX = 2
     settings.LLMHUB_LEDGER_LINGER_MS = 0
-    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 0.05
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 3600  # the watcher replays (and settles) once woken below
     slow = threading.Event()  # every ledger write waits for it: the slow database
     writing = threading.Event()
     write_rows = ledger._write_rows
@@ -246,6 +246,8 @@ def test_rows_spilled_from_a_full_queue_release_their_holds_once_when_replayed(a
         assert reserved >= len(spooled) * RESERVED  # the spilled rows' holds wait for the replay
         slow.set()
         await ledger_flush()
+        settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 0.05
+        ledger.ledger_spool_watch()  # as the next spill would: the watcher probes now
         for _ in range(1000):
             if await UsageRecord.objects.filter(request_id__in=request_ids).acount() == len(request_ids):
                 break
