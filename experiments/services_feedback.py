@@ -3,9 +3,10 @@ request and metric, which results join to the ledger by ``request_id``.
 
 Only the caller who made a request may rate it (``request_is_users``). Its ledger row is the proof, and the
 ledger is written in the background (``billing.services.ledger``): a client that rates its reply the moment
-it ends may come before the row. So the row is looked for among this process's unwritten rows first, then in
-the ledger, and, when it is in neither, the ledger is watched for ``LEDGER_WAIT_SECONDS`` (another server
-process may hold the row until its batch commits) before the request is taken for unknown."""
+it ends may come before the row. So the row is looked for among this process's unwritten rows first (queued
+for the writer, or spooled while the database is slow or down), then in the ledger, and, when it is in
+neither, the ledger is watched for ``LEDGER_WAIT_SECONDS`` (another server process may hold the row until its
+batch commits) before the request is taken for unknown."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from asgiref.sync import sync_to_async
 from django.db import transaction
 
 from billing.models import UsageRecord
-from billing.services.ledger import usage_unwritten
+from billing.services.ledger import usage_unwritten_user
 
 from .models import Feedback, FeedbackMetric, FeedbackSource
 
@@ -42,12 +43,12 @@ def _ledger_owned(*, request_id: str, user_id: int) -> bool | None:
 
 
 def _unwritten_owned(*, request_id: str, user_id: int) -> bool | None:
-    data = usage_unwritten(request_id)
-    if data is None or data.user_id is None:
-        # A row kept under its key's hash (the database was down when it was made) is attributed when it
-        # is written: until then it proves nothing.
+    owner = usage_unwritten_user(request_id)
+    if owner is None:
+        # Not this process's, or a row kept under its key's hash (the database was down when it was made),
+        # attributed when it is written: until then it proves nothing.
         return None
-    return data.user_id == user_id
+    return owner == user_id
 
 
 async def request_is_users(*, request_id: str, user_id: int) -> bool:

@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Collection, Coroutine, Iterable
 from typing import Any
 
@@ -59,6 +60,11 @@ logger = logging.getLogger("llmhub.ledger")
 # Rows submitted and not yet committed, with their admissions, by request id, from every loop of this process.
 _unwritten: dict[str, tuple[UsageData, Admission | None]] = {}
 _unwritten_lock = threading.Lock()
+# Who made the rows this process spooled (request id: user id), the newest ``LLMHUB_LEDGER_QUEUE_MAX`` of them,
+# until this process's replay writes them: a client that rates its request while the row waits in the spool
+# (the queue passed its bound, or the database refused the batch) still made it (``usage_unwritten_user``).
+# An id and a user, not the row: the point of spilling is that the rows' memory has a bound.
+_spooled_users: OrderedDict[str, int | None] = OrderedDict()
 BATCH_SIZE = 500
 # Loops of servers that have begun to shut down: rows settled on them from then on (streams cut by the
 # shutdown) are spooled at once, since such a loop may not live long enough to run another task.
@@ -120,16 +126,16 @@ async def _spill(writer: _Writer, entries: list[tuple[UsageData, Admission | Non
         logger.exception("spilling %d ledger rows to the spool failed; they stay queued", len(entries))
         writer.queue += entries
         writer.submitted += len(entries)
-        writer.spill = None
         _writer_wake(writer)
-        return
-    writer.spill = None
-    logger.warning(
-        "the ledger queue passed %d rows (the database writes slower than requests come): %d rows spooled",
-        settings.LLMHUB_LEDGER_QUEUE_MAX,
-        len(entries),
-    )
-    ledger_spool_watch()
+    else:
+        logger.warning(
+            "the ledger queue passed %d rows (the database writes slower than requests come): %d rows spooled",
+            settings.LLMHUB_LEDGER_QUEUE_MAX,
+            len(entries),
+        )
+        ledger_spool_watch()
+    finally:
+        writer.spill = None
 
 
 def _spill_write(entries: list[tuple[UsageData, Admission | None]]) -> None:
@@ -140,11 +146,22 @@ def _spill_write(entries: list[tuple[UsageData, Admission | None]]) -> None:
 
 
 def usage_unwritten(request_id: str) -> UsageData | None:
-    """The row of ``request_id`` if this process submitted it and its batch has not committed yet: a client
-    may ask about its request (to rate it) the moment its reply ends, before the row is in the ledger."""
+    """The row of ``request_id`` if this process submitted it and its batch has not committed yet."""
     with _unwritten_lock:
         entry = _unwritten.get(request_id)
     return None if entry is None else entry[0]
+
+
+def usage_unwritten_user(request_id: str) -> int | None:
+    """The user of ``request_id``'s row if this process made the row and it is not in the ledger yet: queued
+    for the writer, or spooled by this process and not replayed by it (``_spooled_users``). None when it is
+    neither, or its row names no user yet (kept under its key's hash: attributed when it is written). A client
+    may ask about its request (to rate it) the moment its reply ends, before the row is in the ledger."""
+    with _unwritten_lock:
+        entry = _unwritten.get(request_id)
+        if entry is None:
+            return _spooled_users.get(request_id)
+    return entry[0].user_id
 
 
 class _Writer:
@@ -410,10 +427,17 @@ def _spool(*rows: UsageData) -> None:
     _spool_entries([(data, None) for data in rows])
 
 
-def _spool_entries(entries: Iterable[tuple[UsageData, Admission | None]]) -> None:
+def _spool_entries(entries: Collection[tuple[UsageData, Admission | None]]) -> None:
     """One JSON line a row: its fields, and under ``admission`` what settling its reservation needs. The
-    lines are made as they are written, not all first (``spool_append``)."""
+    lines are made as they are written, not all first (``spool_append``). Once they are on disk, their users
+    are remembered (``usage_unwritten_user``), before the rows leave ``_unwritten``."""
     spool_append(_spool_line(data, admission) for data, admission in entries)
+    bound = settings.LLMHUB_LEDGER_QUEUE_MAX
+    with _unwritten_lock:
+        for data, _ in entries:
+            _spooled_users[data.request_id] = data.user_id
+        while len(_spooled_users) > bound:
+            _spooled_users.popitem(last=False)
 
 
 def _spool_line(data: UsageData, admission: Admission | None) -> str:
@@ -445,6 +469,7 @@ def ledger_replay_spool() -> int:
                     # down when the row was spooled): it goes with the row.
                     if chunk:
                         _write_rows([data for _, data in chunk], [data.request_id for _, data in chunk])
+                        _spooled_forget(data.request_id for _, data in chunk)
                     replayed += len(chunk)
                 except DatabaseError:
                     logger.exception("replaying %d spooled ledger rows failed; they stay spooled", len(chunk))
@@ -456,6 +481,12 @@ def ledger_replay_spool() -> int:
                     break
             spool_append(itertools.chain(leftovers, unread))
     return replayed
+
+
+def _spooled_forget(request_ids: Iterable[str]) -> None:
+    with _unwritten_lock:
+        for request_id in request_ids:
+            _spooled_users.pop(request_id, None)
 
 
 def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple[str, UsageData]], bool]:

@@ -101,6 +101,44 @@ async def test_a_slow_database_spools_what_passes_the_bound_and_every_row_is_wri
     assert not ledger._unwritten
 
 
+async def test_the_users_of_spilled_rows_are_known_until_the_replay_writes_them(settings, slow_database):
+    """A client may rate its request while its row waits in the spool: who made the row is still known
+    (``usage_unwritten_user``), for the newest ``LLMHUB_LEDGER_QUEUE_MAX`` rows spooled, and forgotten once the
+    replay has written them."""
+    from asgiref.sync import sync_to_async
+
+    from tests.factories import UserFactory
+
+    user = await sync_to_async(UserFactory)()
+    submitted = [
+        UsageData(request_id=f"bound-{next(_ids)}", endpoint="rest", stream=False, status="ok", user_id=user.pk)
+        for _ in range(2 * BOUND)
+    ]
+    writer = None
+    for data in submitted:
+        usage_record_submit(data)
+        writer = ledger._writers[asyncio.get_running_loop()]
+        if writer.spill is not None:
+            await writer.spill
+    spooled = set(spooled_ids())
+    newest = [data.request_id for data in submitted if data.request_id in spooled][-BOUND:]
+    assert newest and not any(ledger.usage_unwritten(request_id) for request_id in newest)
+    assert all(ledger.usage_unwritten_user(request_id) == user.pk for request_id in newest)
+    held = [data.request_id for data, _ in [*writer.in_flight, *writer.queue]]
+    assert all(ledger.usage_unwritten_user(request_id) == user.pk for request_id in held)
+    assert len(ledger._spooled_users) <= BOUND
+
+    slow_database.set()
+    await asyncio.wait_for(ledger_flush(), timeout=30)
+    assert await rows_written("bound-", len(submitted)) >= len(submitted)
+    for _ in range(500):
+        if not spool_pending():
+            break
+        await asyncio.sleep(0.01)
+    assert not spool_pending()
+    assert not any(ledger.usage_unwritten_user(data.request_id) for data in submitted)
+
+
 async def test_a_flush_waits_for_a_spill_on_its_way_to_the_spool(settings, slow_database, monkeypatch):
     """Rows on their way to the spool are in no queue, but not on disk yet: a flush (a graceful stop) waits
     for them as it waits for a batch being written."""

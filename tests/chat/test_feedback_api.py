@@ -26,6 +26,7 @@ from referencing.jsonschema import DRAFT202012
 from billing.models import UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush, usage_unwritten
+from billing.services.spool import spool_rows
 from experiments.models import Feedback
 from experiments.services_feedback import LEDGER_WAIT_SECONDS, feedback_set
 from tests.factories import UsageRecordFactory, UserFactory
@@ -327,6 +328,37 @@ def test_a_rating_right_after_the_reply_finds_the_row_not_yet_written(site, alic
     assert Feedback.objects.get().user_id == alice.pk
     async_to_sync(ledger_flush)()
     assert UsageRecord.objects.get(request_id=request_id).user_id == alice.pk
+
+
+def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice_key, settings, tmp_path):
+    """The database writes slower than requests come: past the writer's bound (``LLMHUB_LEDGER_QUEUE_MAX``) the
+    newest rows wait in the spool, not in memory, until it catches up. Their requests can be rated meanwhile,
+    and not only within the ledger wait (``LEDGER_WAIT_SECONDS``) of a row on its way."""
+    settings.LLMHUB_LEDGER_SPOOL = tmp_path / "ledger-spool.jsonl"
+    settings.LLMHUB_LEDGER_QUEUE_MAX = 2
+    settings.LLMHUB_LEDGER_LINGER_MS = 0
+    with ledger_inserts_held() as release:
+        request_ids = [site.completion(alice_key) for _ in range(6)]
+        spooled = {row["request_id"] for row in spool_rows()}
+        rated = [request_id for request_id in request_ids if request_id in spooled][-1]
+        assert usage_unwritten(rated) is None  # out of the writer's memory
+        assert not UsageRecord.objects.filter(request_id=rated).exists()
+
+        thread, result = in_background(lambda: site.feedback(alice_key, {"request_id": rated, "thumbs": "up"}))
+        # Longer than the ledger wait: the answer does not come from the row landing meanwhile.
+        thread.join(timeout=LEDGER_WAIT_SECONDS + 1.0)
+        assert UsageRecord.objects.filter(request_id=rated).count() == 0
+        release.set()
+        thread.join(timeout=30)
+
+    assert result["response"].status_code == 201, result["response"].text
+    assert Feedback.objects.get(request_id=rated).user_id == alice.pk
+    async_to_sync(ledger_flush)()
+    for _ in range(300):
+        if UsageRecord.objects.filter(request_id=rated).exists():
+            break
+        time.sleep(0.05)
+    assert UsageRecord.objects.get(request_id=rated).user_id == alice.pk
 
 
 def test_a_rating_waits_briefly_for_a_row_another_process_is_writing(site, alice, alice_key):
