@@ -19,6 +19,7 @@ import httpx2
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..outbound import OutboundRefused
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
+from . import sdk_requests
 from .base import BaseAdapter, WireChunk, WireEvent
 from .common import (
     error_for_failure,
@@ -52,7 +53,7 @@ class AnthropicAdapter(BaseAdapter):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         timeout = http_timeout(config)
-        self._client = anthropic.AsyncAnthropic(
+        self._client = sdk_requests.AsyncAnthropic(
             api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
             base_url=config.base_url,
             timeout=timeout,

@@ -26,6 +26,7 @@ import openai
 from ..exceptions import ProviderError
 from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
+from . import sdk_requests
 from .base import BaseAdapter, WireChunk
 from .common import (
     error_for_failure,
@@ -76,8 +77,9 @@ class OpenAIAdapter(BaseAdapter):
         self._client.project = None
 
     def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
-        """The SDK client every call goes through; Azure OpenAI's adapter builds the SDK's Azure client instead."""
-        return openai.AsyncOpenAI(
+        """The SDK client every call goes through (building its requests from templates: ``sdk_requests``);
+        Azure OpenAI's adapter builds the SDK's Azure client instead."""
+        return sdk_requests.AsyncOpenAI(
             api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,
             organization=config.organization or None,
             base_url=config.base_url,

@@ -1,0 +1,137 @@
+"""The SDK clients the adapters call, building each request from the one the SDK built before it.
+
+Both official SDKs build every request from scratch: ``FinalRequestOptions`` merged into a dict of a dozen
+headers, normalised into ``httpx2.Headers`` twice (the SDK's, then the HTTP client's merge), the path
+joined onto ``base_url`` and the result parsed again, twice. For the calls the adapters make (a JSON body
+or none, to a path under the provider's ``base_url``, with the client's own timeout) all of that depends
+on nothing but the client and the call's method, path and extra headers, and it was most of what the SDK
+call cost llmhub beyond the HTTP exchange (docs/performance.md, "The SDK's request building").
+
+``TemplatedRequests._build_request`` asks the SDK's own ``_build_request`` once per (method, path, extra
+headers, retry count): that request, without its body, its length and its cookies, is the template. Each
+call then copies the template's URL, headers and extensions and adds the body, encoded by the SDK's own
+``openapi_dumps``, and the cookies the HTTP client holds now, exactly as the SDK would. Any call of
+another shape (files, a query, ``extra_body``, a per-call timeout, a header to omit) goes to the SDK's
+``_build_request`` as before. Everything else stays the SDK's: authentication (the template carries its
+headers), retries, the response's handling and its error classes. ``tests/providers/test_sdk_requests.py``
+checks, for both SDKs, that each templated request is the one the SDK builds itself.
+
+A client's configuration (key, organization, headers, base URL, timeout) must not change after its first
+request: the adapters build one client per provider configuration and never change it (a changed
+configuration builds a new adapter). Azure OpenAI's client is not templated: with Entra ID its token is
+added per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+from anthropic._utils._json import openapi_dumps as _anthropic_dumps
+from openai._utils._json import openapi_dumps as _openai_dumps
+
+# The templates a client keeps: one per (method, path, extra headers, retry count) of the calls it makes,
+# which are a handful. Past it, calls are built by the SDK (a client called in ways nobody foresaw).
+_TEMPLATES_MAX = 32
+# The headers each request has of its own, left out of a template.
+_OWN_HEADERS = (b"content-length", b"cookie")
+
+
+class TemplatedRequests:
+    """Mixin for an SDK client class (before it in the bases): ``_build_request`` from a template."""
+
+    _dumps: Callable[[Any], bytes]
+
+    def _build_request(self, options: Any, *, retries_taken: int = 0) -> httpx2.Request:
+        key = _template_key(options, retries_taken)
+        if key is None:
+            return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
+        templates: dict[Any, httpx2.Request] = self.__dict__.setdefault("_request_templates", {})
+        template = templates.get(key)
+        if template is None:
+            if len(templates) >= _TEMPLATES_MAX:
+                return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
+            template = self._request_template(options, retries_taken)
+            if template is None:
+                return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
+            templates[key] = template
+        body = options.json_data
+        cookies = self._client.cookies  # type: ignore[attr-defined]
+        return httpx2.Request(
+            template.method,
+            template.url,
+            headers=template.headers,
+            content=None if body is None else self._dumps(body),
+            cookies=cookies or None,
+            extensions=template.extensions,
+        )
+
+    def _request_template(self, options: Any, retries_taken: int) -> httpx2.Request | None:
+        """The SDK's own request for ``options`` without a body; None when this client's requests cannot be
+        templated (a default query, an auth scheme of its own)."""
+        if (
+            self.default_query  # type: ignore[attr-defined]
+            or self._idempotency_header  # type: ignore[attr-defined]
+            or getattr(self, "custom_auth", None) is not None
+        ):
+            return None
+        bodiless = options.model_copy(update={"json_data": None})
+        built: httpx2.Request = super()._build_request(bodiless, retries_taken=retries_taken)  # type: ignore[misc]
+        if built.url.query:
+            return None
+        raw = built.headers.raw
+        headers = httpx2.Headers([(name, value) for name, value in raw if name.lower() not in _OWN_HEADERS])
+        # Request() copies a Headers object as it is (no normalising again), and so it keeps the template's.
+        return httpx2.Request(built.method, built.url, headers=headers, extensions=built.extensions, stream=_NO_BODY)
+
+
+def _template_key(options: Any, retries_taken: int) -> tuple[Any, ...] | None:
+    """What the request of ``options`` depends on besides the client and its body; None when it depends on
+    more (the call is built by the SDK)."""
+    if (
+        options.files is not None
+        or options.content is not None
+        or options.extra_json is not None
+        or options.params
+        or not isinstance(options.timeout, (openai.NotGiven, anthropic.NotGiven))
+        or (options.json_data is not None and not isinstance(options.json_data, dict))
+    ):
+        return None
+    # Which of the client's credentials the call authenticates with (the openai SDK's ``security``).
+    security = getattr(options, "security", None)
+    if security is not None:
+        if not isinstance(security, dict):
+            return None
+        security = tuple(sorted(security.items()))
+    headers = options.headers
+    if headers:
+        if not all(isinstance(value, str) for value in headers.values()):
+            return None  # an Omit, or a value the SDK would refuse
+        headers = tuple(headers.items())
+    return (options.method, options.url, headers or (), security, retries_taken)
+
+
+class _NoBody(httpx2.AsyncByteStream):
+    """The template's stream: a template is never sent."""
+
+    async def __aiter__(self):  # pragma: no cover - never sent
+        raise RuntimeError("a request template is not sent")
+        yield b""
+
+
+_NO_BODY = _NoBody()
+
+
+class AsyncOpenAI(TemplatedRequests, openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI``, building its requests from templates."""
+
+    _dumps = staticmethod(_openai_dumps)
+
+
+class AsyncAnthropic(TemplatedRequests, anthropic.AsyncAnthropic):
+    """``anthropic.AsyncAnthropic``, building its requests from templates."""
+
+    _dumps = staticmethod(_anthropic_dumps)
