@@ -8,7 +8,7 @@ that client with the same guarantees as ``providers.outbound.OutboundTransport``
 * **addresses judged at connect time**: the session's connector resolves every host name through
   ``GuardedResolver`` (``outbound.resolver``, then ``outbound.check_addresses``) and connects to the very
   addresses it judged; its DNS cache is off, so every new connection is judged again. aiohttp never asks
-  a resolver about an IP literal, so the transport judges a literal host itself before each request.
+  a resolver about an IP literal, so the connector judges a literal host itself before each new connection.
 * **no redirect off the origin**: the transport refuses any request to another origin than the one it
   was built for, before anything is sent (the httpx2 client follows redirects; aiohttp's own following is
   off in the transport);
@@ -84,6 +84,14 @@ class _IdleBoundedConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         self._max_idle = max_idle
 
+    async def _resolve_host(self, host: str, port: int, traces: Any = None) -> list[ResolveResult]:
+        # aiohttp connects to an IP literal without asking the resolver: the guard judges it here, for every
+        # new connection, as ``GuardedResolver`` judges a name (not for every request: a pooled connection
+        # was judged when it was opened, as with httpx2's guarded backend).
+        if outbound.literal_address(host) is not None:
+            outbound._literal_or_blocked(host)
+        return await super()._resolve_host(host, port, traces=traces)
+
     def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
         if self._max_idle is not None and len(self._conns.get(key, ())) >= self._max_idle:
             should_close = True
@@ -122,8 +130,6 @@ class GuardedAiohttpTransport(AiohttpTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         outbound._refuse_other_origin(self.origin, request.url)
-        # aiohttp connects to an IP literal without asking the resolver: judge it here, before anything is sent.
-        outbound._literal_or_blocked(request.url.host)
         if isinstance(self.client, aiohttp.ClientSession) and self._loop is not asyncio.get_running_loop():
             # A session belongs to the loop it was made in; a client used from another loop gets its own.
             self.client = self._guarded_session

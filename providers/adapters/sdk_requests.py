@@ -30,7 +30,9 @@ from typing import Any
 import anthropic
 import httpx2
 import openai
+from anthropic._models import FinalRequestOptions as AnthropicOptions
 from anthropic._utils._json import openapi_dumps as _anthropic_dumps
+from openai._models import FinalRequestOptions as OpenAIOptions
 from openai._utils._json import openapi_dumps as _openai_dumps
 
 # The templates a client keeps: one per (method, path, extra headers, retry count) of the calls it makes,
@@ -41,9 +43,55 @@ _OWN_HEADERS = (b"content-length", b"cookie")
 
 
 class TemplatedRequests:
-    """Mixin for an SDK client class (before it in the bases): ``_build_request`` from a template."""
+    """Mixin for an SDK client class (before it in the bases): ``post``'s options and ``_build_request``'s
+    request, each from a template."""
 
     _dumps: Callable[[Any], bytes]
+    _options_class: Any
+
+    async def post(
+        self,
+        path: str,
+        *,
+        cast_to: Any,
+        body: Any = None,
+        content: Any = None,
+        files: Any = None,
+        options: Any = None,
+        stream: bool = False,
+        stream_cls: Any = None,
+    ) -> Any:
+        """The SDK's ``post``, with its ``FinalRequestOptions`` copied from a template of the call's path and
+        options rather than constructed (pydantic's ``construct`` deep-copies eleven defaults a call). The
+        options are then the SDK's own: ``request`` sends them as it sends any."""
+        options = {} if options is None else options
+        key = _options_key(path, options) if content is None and files is None and isinstance(body, dict) else None
+        templates: dict[Any, Any] = self.__dict__.setdefault("_options_templates", {})
+        template = None if key is None else templates.get(key)
+        if template is None and key is not None and len(templates) < _TEMPLATES_MAX:
+            template = templates[key] = self._options_class.construct(
+                method="post", url=path, json_data=None, content=None, files=None, **options
+            )
+        if template is None:
+            return await super().post(  # type: ignore[misc]
+                path,
+                cast_to=cast_to,
+                body=body,
+                content=content,
+                files=files,
+                options=options,
+                stream=stream,
+                stream_cls=stream_cls,
+            )
+        # Its mutable defaults (``params``, ``security``) are the call's own, as a constructed one's are; the
+        # fields set are the template's (``json_data`` among them), as the SDK's construction sets them.
+        options = template.model_copy()
+        fresh = options.__dict__
+        for name, value in fresh.items():
+            if type(value) in (dict, list):
+                fresh[name] = type(value)(value)
+        fresh["json_data"] = body
+        return await self.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
 
     def _build_request(self, options: Any, *, retries_taken: int = 0) -> httpx2.Request:
         key = _template_key(options, retries_taken)
@@ -88,6 +136,17 @@ class TemplatedRequests:
         return httpx2.Request(built.method, built.url, headers=headers, extensions=built.extensions, stream=_NO_BODY)
 
 
+def _options_key(path: str, options: Any) -> tuple[Any, ...] | None:
+    """What ``post``'s options depend on besides the body: its path and extra headers; None for any other
+    option (the SDK constructs those)."""
+    if not isinstance(options, dict) or options.keys() - {"headers"}:
+        return None
+    headers = options.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(value, str) for value in headers.values()):
+        return None
+    return (path, tuple(headers.items()))
+
+
 def _template_key(options: Any, retries_taken: int) -> tuple[Any, ...] | None:
     """What the request of ``options`` depends on besides the client and its body; None when it depends on
     more (the call is built by the SDK)."""
@@ -129,9 +188,11 @@ class AsyncOpenAI(TemplatedRequests, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI``, building its requests from templates."""
 
     _dumps = staticmethod(_openai_dumps)
+    _options_class = OpenAIOptions
 
 
 class AsyncAnthropic(TemplatedRequests, anthropic.AsyncAnthropic):
     """``anthropic.AsyncAnthropic``, building its requests from templates."""
 
     _dumps = staticmethod(_anthropic_dumps)
+    _options_class = AnthropicOptions

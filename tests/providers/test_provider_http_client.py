@@ -117,6 +117,27 @@ async def test_a_name_is_judged_at_connect_time_for_every_new_connection(
     assert fake_upstream.stats["requests"] == 1
 
 
+async def test_an_ip_literal_is_judged_for_every_new_connection_with_aiohttp(settings, production_rules, fake_upstream):
+    """aiohttp asks no resolver about an IP literal: its connector judges it when it opens a connection. Allowed
+    at the first connection; once the rules refuse it, the pooled connection is not reused past its own
+    judgement by a new client, whose first connection is refused."""
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = "aiohttp"
+    settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    adapter = adapter_at(fake_upstream.base_url + "/v1")
+    try:
+        assert (await adapter.complete(BODY))["choices"]
+        assert (await adapter.complete(BODY))["choices"]  # the pooled connection: judged when it was opened
+        await adapter.aclose()
+        settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = []
+        adapter = adapter_at(fake_upstream.base_url + "/v1")
+        with pytest.raises(ProviderError) as excinfo:
+            await adapter.complete(BODY)
+    finally:
+        await adapter.aclose()
+    assert excinfo.value.code == "upstream_destination_refused"
+    assert fake_upstream.stats["requests"] == 2
+
+
 async def test_aiohttp_reports_a_busy_connection_while_a_stream_is_read(settings, fake_upstream):
     """What the registry asks before closing a retired client (``registry._busy``)."""
     settings.LLMHUB_PROVIDER_HTTP_CLIENT = "aiohttp"

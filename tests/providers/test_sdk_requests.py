@@ -123,3 +123,40 @@ def test_a_client_called_in_too_many_ways_stops_making_templates():
         ours = client._build_request(options(options_class, call, n))
         assert described(ours) == described(sdk_class._build_request(client, options(options_class, call, n)))
     assert len(client.__dict__["_request_templates"]) == sdk_requests._TEMPLATES_MAX
+
+
+def fields(options: Any) -> dict[str, Any]:
+    """An options object's fields, a "not given" as such (each is its own instance)."""
+    return {
+        name: "NOT_GIVEN" if isinstance(value, (openai.NotGiven, anthropic.NotGiven)) else value
+        for name, value in options.__dict__.items()
+    }
+
+
+@pytest.mark.parametrize("make", [openai_client, anthropic_client], ids=["openai", "anthropic"])
+async def test_posted_options_are_the_ones_the_sdk_constructs(make, monkeypatch):
+    client, sdk_class, _ = make()
+    sent: list[Any] = []
+
+    async def request(cast_to, options, *, stream=False, stream_cls=None):
+        sent.append((cast_to, options, stream, stream_cls))
+
+    monkeypatch.setattr(client, "request", request)
+    calls = [
+        {"options": {}},
+        {"options": {"headers": {"X-Stainless-Raw-Response": "stream"}}, "stream": True},
+        {"options": {"headers": {"anthropic-beta": "a"}}},
+        {"options": {"timeout": 3.0}},  # not templated
+    ]
+    for n in range(1, 4):  # the first call makes the template, the next ones use it
+        for call in calls:
+            for post in (client.post, lambda *args, **kwargs: sdk_class.post(client, *args, **kwargs)):
+                await post("/chat/completions", cast_to=object, body=body(n), **call)
+            (_, ours, *rest), (_, theirs, *their_rest) = sent[-2:]
+            assert fields(ours) == fields(theirs) and rest == their_rest, call
+            assert ours.model_fields_set == theirs.model_fields_set
+            # Nothing mutable is shared between two calls' options.
+            for name, value in ours.__dict__.items():
+                if isinstance(value, (dict, list)) and name != "json_data":
+                    assert all(value is not other.__dict__[name] for _, other, *_ in sent[:-2]), name
+    assert len(client.__dict__["_options_templates"]) == 3
