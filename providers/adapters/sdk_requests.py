@@ -16,6 +16,11 @@ another shape (files, a query, ``extra_body``, a per-call timeout, a header to o
 headers), retries, the response's handling and its error classes. ``tests/providers/test_sdk_requests.py``
 checks, for both SDKs, that each templated request is the one the SDK builds itself.
 
+``TemplatedRequests.post`` does the same for the ``FinalRequestOptions`` the SDK's ``post`` constructs (pydantic's
+``construct`` deep-copies eleven defaults a call): a template per (path, extra headers), copied with the
+call's body and mutable fields of its own, handed to the SDK's ``request``; other options go to the SDK's
+``post``. The same test checks those options equal the SDK's, field by field.
+
 A client's configuration (key, organization, headers, base URL, timeout) must not change after its first
 request: the adapters build one client per provider configuration and never change it (a changed
 configuration builds a new adapter). Azure OpenAI's client is not templated: with Entra ID its token is
