@@ -99,18 +99,9 @@ class TemplatedRequests:
         return await self.request(cast_to, options, stream=stream, stream_cls=stream_cls)  # type: ignore[attr-defined]
 
     def _build_request(self, options: Any, *, retries_taken: int = 0) -> httpx2.Request:
-        key = _template_key(options, retries_taken)
-        if key is None:
-            return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
-        templates: dict[Any, httpx2.Request] = self.__dict__.setdefault("_request_templates", {})
-        template = templates.get(key)
+        template = self._template(options, retries_taken)
         if template is None:
-            if len(templates) >= _TEMPLATES_MAX:
-                return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
-            template = self._request_template(options, retries_taken)
-            if template is None:
-                return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
-            templates[key] = template
+            return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
         body = options.json_data
         cookies = self._client.cookies  # type: ignore[attr-defined]
         return httpx2.Request(
@@ -121,6 +112,18 @@ class TemplatedRequests:
             cookies=cookies or None,
             extensions=template.extensions,
         )
+
+    def _template(self, options: Any, retries_taken: int) -> httpx2.Request | None:
+        """The template for ``options``, made on first use; None when the call is the SDK's to build."""
+        key = _template_key(options, retries_taken)
+        if key is None:
+            return None
+        templates: dict[Any, httpx2.Request | None] = self.__dict__.setdefault("_request_templates", {})
+        if key not in templates:
+            if len(templates) >= _TEMPLATES_MAX:
+                return None
+            templates[key] = self._request_template(options, retries_taken)
+        return templates[key]
 
     def _request_template(self, options: Any, retries_taken: int) -> httpx2.Request | None:
         """The SDK's own request for ``options`` without a body; None when this client's requests cannot be
