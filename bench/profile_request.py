@@ -144,7 +144,7 @@ def history(size: int) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=("llmhub", "bare"), default="llmhub")
+    parser.add_argument("--target", choices=("llmhub", "bare", "bare-aiohttp"), default="llmhub")
     parser.add_argument("--model", default="bench-json")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("-n", type=int, default=1000, help="requests measured (after 50 of warm-up)")
@@ -165,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     what_if = {name.strip() for name in args.what_if.split(",") if name.strip()}
     application = _setup(what_if)
-    path = "/v1/chat/completions" if args.target == "llmhub" else "/bare/v1/chat/completions"
+    path = "/v1/chat/completions" if args.target == "llmhub" else f"/{args.target}/v1/chat/completions"
     payload: dict[str, Any] = {"model": args.model, "messages": [*history(args.history_kb * 1024), *QUESTION]}
     if args.stream:
         payload.update(stream=True, stream_options={"include_usage": True})

@@ -104,14 +104,29 @@ class TemplatedRequests:
             return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
         body = options.json_data
         cookies = self._client.cookies  # type: ignore[attr-defined]
-        return httpx2.Request(
+        if body is None:
+            return httpx2.Request(
+                template.method,
+                template.url,
+                headers=template.headers,
+                cookies=cookies or None,
+                extensions=template.extensions,
+            )
+        # The body as a ready stream, as ``Request(content=...)`` would make it, without that path's encoding
+        # dispatch and header merge (about 14 µs of CPU a call, 17 against 3): Cookie, then Content-Length, are added
+        # in the order the SDK's request has them; ``read()`` keeps the bytes as the request's content.
+        content = self._dumps(body)
+        request = httpx2.Request(
             template.method,
             template.url,
             headers=template.headers,
-            content=None if body is None else self._dumps(body),
             cookies=cookies or None,
+            stream=httpx2.ByteStream(content),
             extensions=template.extensions,
         )
+        request.headers["Content-Length"] = str(len(content))
+        request.read()
+        return request
 
     def _template(self, options: Any, retries_taken: int) -> httpx2.Request | None:
         """The template for ``options``, made on first use; None when the call is the SDK's to build."""
