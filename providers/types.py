@@ -114,8 +114,15 @@ class ResolvedModel:
     moderation_policy_id: int | None = None  # ``ModerationPolicy`` checking this model's input and output
 
     def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
-        """This model as served by ``deployment``: its provider, upstream id and prices."""
-        return replace(
+        """This model as served by ``deployment``: its provider, upstream id and prices. The same snapshot
+        bound to the same deployment gives the same object (``_bound``): building it (``replace`` through
+        the 26 fields' ``__init__``) was a per-request cost, and both are immutable."""
+        key = (id(self), id(deployment))
+        held = _bound.get(key)
+        # The entry holds both objects, so neither id can be reused by another object while it is kept.
+        if held is not None and held[0] is self and held[1] is deployment:
+            return held[2]
+        bound = replace(
             self,
             upstream_id=deployment.upstream_id,
             provider=deployment.provider,
@@ -124,6 +131,17 @@ class ResolvedModel:
             cached_input_per_mtok=deployment.cached_input_per_mtok,
             deployment=deployment,
         )
+        if len(_bound) >= _BOUND_MAX:
+            _bound.clear()  # snapshots the catalog replaced are let go with the rest; the live ones come back
+        _bound[key] = (self, deployment, bound)
+        return bound
+
+
+# ``ResolvedModel.on``'s results: (id of the snapshot, id of the deployment) -> (snapshot, deployment, bound).
+# A catalog holds a few hundred (model, deployment) pairs at most; a reload makes new snapshots, and the old
+# ones' entries go at the next clear.
+_BOUND_MAX = 4096
+_bound: dict[tuple[int, int], tuple[ResolvedModel, ResolvedDeployment, ResolvedModel]] = {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -295,3 +295,17 @@ def test_when_caps_leave_nothing_the_list_is_empty_with_the_wait_until_the_next_
     assert route_candidates(shut) == []
     assert caps_retry_after(shut) is None  # open breakers: not a rate limit
     assert caps_retry_after(model(deployment("fine"))) is None
+
+
+def test_a_model_bound_to_a_deployment_is_built_once_and_carries_that_deployment():
+    cheap = deployment("cheap", input_per_mtok=Decimal("1"), output_per_mtok=Decimal("2"))
+    dear = deployment("dear", input_per_mtok=Decimal("5"), output_per_mtok=Decimal("9"))
+    routed = model(cheap, dear)
+    on_cheap, on_dear = routed.on(cheap), routed.on(dear)
+    assert routed.on(cheap) is on_cheap  # the same snapshot and deployment: the same bound object
+    assert (on_cheap.deployment, on_cheap.upstream_id, on_cheap.input_per_mtok) == (cheap, "up-cheap", Decimal("1"))
+    assert (on_dear.deployment, on_dear.output_per_mtok, on_dear.provider) == (dear, Decimal("9"), dear.provider)
+    # An equal snapshot made later (a catalog reload) gets its own bound object, never another snapshot's.
+    reloaded = model(cheap, dear)
+    assert reloaded.on(cheap) is not on_cheap
+    assert reloaded.on(cheap).deployment is cheap
