@@ -23,6 +23,7 @@ Which client the adapters use is ``LLMHUB_PROVIDER_HTTP_CLIENT`` ("httpx" or "ai
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import aiohttp
 import httpx2
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_proto import ResponseHandler
 
 # The transport both SDKs' DefaultAioHttpClient uses (openai and anthropic vendor the same file).
 from openai._vendor.httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport, map_aiohttp_exceptions
@@ -83,6 +85,7 @@ class _IdleBoundedConnector(aiohttp.TCPConnector):
     def __init__(self, *, max_idle: int | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._max_idle = max_idle
+        self._factory = functools.partial(_QuietTimerProtocol, loop=self._loop)
 
     async def _resolve_host(self, host: str, port: int, traces: Any = None) -> list[ResolveResult]:
         # aiohttp connects to an IP literal without asking the resolver: the guard judges it here, for every
@@ -96,6 +99,41 @@ class _IdleBoundedConnector(aiohttp.TCPConnector):
         if self._max_idle is not None and len(self._conns.get(key, ())) >= self._max_idle:
             should_close = True
         super()._release(key, protocol, should_close=should_close)
+
+
+class _QuietTimerProtocol(ResponseHandler):
+    """aiohttp's connection protocol with its read timeout (``sock_read``: no byte from the upstream for that
+    long) kept as one timer per quiet spell, as the relay's idle watch is (``chat.pipeline._IdleWatch``).
+    aiohttp cancels its timer and starts another on every read, 2.1 µs of CPU each (uvloop): a stream's every
+    chunk paid it, 4 % of a paced chunk's cost. Here a read only notes when the spell ends (``_read_due``);
+    the timer, when it fires, finds the spell moved on and waits for its new end, or reports the timeout as
+    aiohttp does. A start with a shorter timeout than the armed timer's re-arms it. aiohttp is pinned
+    (pyproject.toml); ``tests/providers/test_provider_http_client.py`` holds this to its timeout's meaning."""
+
+    _read_due = 0.0
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        due = self._loop.time() + timeout
+        self._read_due = due
+        handle = self._read_timeout_handle
+        if handle is None or handle.when() > due:
+            if handle is not None:
+                handle.cancel()
+            self._read_timeout_handle = self._loop.call_at(due, self._read_timeout_check)
+
+    def _read_timeout_check(self) -> None:
+        due = self._read_due
+        now = self._loop.time()
+        if now < due:
+            # Not a spin when the loop's clock ticks a little early: at least a millisecond later.
+            self._read_timeout_handle = self._loop.call_at(max(due, now + 0.001), self._read_timeout_check)
+            return
+        self._read_timeout_handle = None
+        self._on_read_timeout()
 
 
 class GuardedAiohttpTransport(AiohttpTransport):

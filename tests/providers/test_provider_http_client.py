@@ -183,3 +183,45 @@ async def test_no_more_idle_connections_are_kept_than_the_limits_say(name, setti
         await client.aclose()
     assert during <= 10
     assert kept == 3
+
+
+async def test_aiohttp_keeps_one_read_timer_through_a_stream_and_still_times_out_a_silence(settings, fake_upstream):
+    """``sock_read`` with aiohttp: a stream's reads move the end of the quiet spell instead of starting a timer
+    each (``aiohttp_client._QuietTimerProtocol``); chunks that come more often than the timeout never trip
+    it, and a silence as long as the timeout still ends the stream as a read timeout."""
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = "aiohttp"
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
+    adapter = OpenAIAdapter(
+        ProviderConfig(
+            id=1,
+            name="client-test",
+            kind="openai_compatible",
+            base_url=fake_upstream.base_url + "/v1",
+            api_key=Secret("sk-x"),
+            timeout=0.6,
+        )
+    )
+    transport = transport_of(adapter)
+    try:
+        # 16 chunks at 10 a second: 1.6 s of reads, each gap a sixth of the timeout.
+        steady = [{"role": "user", "content": "[[words=15]] [[tps=10]] hi"}]
+        stream = adapter.stream({**BODY, "messages": steady, "stream": True})
+        await anext(stream)
+        (protocol,) = transport.client.connector._acquired
+        timers = [protocol._read_timeout_handle]  # held, so that no two timers seen share an id
+        chunks = 1
+        async for _ in stream:
+            chunks += 1
+            if protocol._read_timeout_handle is not None:
+                timers.append(protocol._read_timeout_handle)
+        assert chunks >= 15
+        # aiohttp's own protocol makes a timer per read, one per chunk here; this one a timer per 0.6 s at most.
+        assert len({id(timer) for timer in timers}) <= 5
+        # A token a second: the gap after the first chunks is longer than the timeout.
+        silent = [{"role": "user", "content": "[[words=5]] [[tps=1]] hi"}]
+        with pytest.raises(ProviderError) as caught:
+            async for _ in adapter.stream({**BODY, "messages": silent, "stream": True}):
+                pass
+    finally:
+        await adapter.aclose()
+    assert "in time" in caught.value.message
