@@ -21,7 +21,10 @@ database, key auth and the ledger on. The figures, each printed beside its targe
   tenth and at the end: it must stay within 10 %;
 * **CPU per relayed chunk and per stream start**, in microseconds of the server process's CPU time (user +
   system from ``/proc``): unpaced streams of 300 words and of 1 word, 200 each; the difference per
-  chunk is the chunk's cost, what is left of the short streams per start is the start's.
+  chunk is the chunk's cost, what is left of the short streams per start is the start's. Then 200 streams
+  paced at 30 tokens/s, through llmhub and through the bare aiohttp view, in three pairs (one with
+  ``--quick``): the CPU per paced chunk, each side's the median, and llmhub's over the bare view's the
+  median of the pairs' differences (the machine drifts between runs; a pair sees the same machine).
 
 The streams are read by a minimal asyncio HTTP/1.1 client (``Connection: close``, the body scanned as bytes)
 so that on a 2-core machine the load generator takes as little CPU as it can from the server it measures.
@@ -39,6 +42,7 @@ import contextlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -80,6 +84,7 @@ class Plan:
     cost_streams: int  # streams of each kind for the CPU per chunk and per start
     workers: tuple[int, ...]
     words: int = 300  # per stream, at TOKENS_PER_SECOND
+    paced_rounds: int = 3  # pairs of paced runs (ours, the bare view's) for the CPU per paced chunk
     parts: frozenset[str] = PARTS
     profile: str = ""  # where py-spy's collapsed stacks of the CPU part go ("": not sampled)
     # Every steady point and burst also through the bench's bare aiohttp view on the same server: the
@@ -97,7 +102,17 @@ class Plan:
 
 FULL = Plan(steady=(300, 500), window=10.0, burst=100, ws_chats=500, requests=100_000, cost_streams=200, workers=(1, 2))
 # Streams of 1 s: the whole run takes about a minute.
-QUICK = Plan(steady=(20,), window=1.0, burst=10, ws_chats=10, requests=200, cost_streams=10, workers=(1,), words=30)
+QUICK = Plan(
+    steady=(20,),
+    window=1.0,
+    burst=10,
+    ws_chats=10,
+    requests=200,
+    cost_streams=10,
+    paced_rounds=1,
+    workers=(1,),
+    words=30,
+)
 
 
 def say(message: str) -> None:
@@ -341,7 +356,9 @@ async def ws_chats(port: int, key: str, count: int, content: str) -> dict[str, A
     }
 
 
-async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | None = None) -> dict[str, Any]:
+async def cpu_costs(
+    port: int, key: str, pid: int, count: int, profile: Path | None = None, rounds_of_paced: int = 1
+) -> dict[str, Any]:
     """Server CPU over ``count`` unpaced streams of 300 words, then of 1 word, 10 at a time; then ``count``
     streams of 300 words at 30 tokens/s, all open at once. Unpaced, the upstream's chunks reach the server
     several to a read; paced, as in the steady points, every chunk is a wake-up of its own (a read, the relay,
@@ -368,11 +385,25 @@ async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | N
     per_chunk = (long_cpu - short_cpu) / max(1, long_chunks - short_chunks)
     per_start = (short_cpu - short_chunks * per_chunk) / count
     paced = f"[[words=300]] [[tps={TOKENS_PER_SECOND}]] Paced."
-    paced_cpu, paced_chunks, paced_errors = await run(paced, at_once=count)
-    per_paced_chunk = (paced_cpu - count * per_start) / max(1, paced_chunks)
     # The floor: the bench's bare Django view relaying the same paced streams with aiohttp (same server,
     # same lean handler, no key, no SDK, no ledger), all its CPU per chunk, start included, as ours beside it.
-    bare_cpu, bare_chunks, bare_errors = await run(paced, at_once=count, path=BARE_PATH)
+    # In ``rounds_of_paced`` pairs (the plan's ``paced_rounds``), ours then the bare view's: this shared
+    # machine's speed drifts by a fifth within the hour, and a pair sees the same machine; the figures are
+    # the medians, the gap the median pair's.
+    rounds: list[dict[str, float]] = []
+    paced_errors = bare_errors = 0
+    for _ in range(rounds_of_paced):
+        paced_cpu, paced_chunks, errors = await run(paced, at_once=count)
+        paced_errors += errors
+        bare_cpu, bare_chunks, errors = await run(paced, at_once=count, path=BARE_PATH)
+        bare_errors += errors
+        rounds.append(
+            {
+                "ours_all_in_us": round(paced_cpu / max(1, paced_chunks) * 1e6, 1),
+                "ours_us": round((paced_cpu - count * per_start) / max(1, paced_chunks) * 1e6, 1),
+                "bare_all_in_us": round(bare_cpu / max(1, bare_chunks) * 1e6, 1),
+            }
+        )
     if profile is not None and (sampler := profiling.py_spy_start(pid, profile)) is not None:
         await run(paced, at_once=count)
         profiling.py_spy_stop(sampler)
@@ -383,9 +414,13 @@ async def cpu_costs(port: int, key: str, pid: int, count: int, profile: Path | N
         "cpu_per_chunk_us": round(per_chunk * 1e6, 1),
         "cpu_per_start_us": round(per_start * 1e6, 1),
         "cpu_per_long_stream_ms": round(long_cpu / count * 1000, 2),
-        "cpu_per_paced_chunk_us": round(per_paced_chunk * 1e6, 1),
-        "cpu_per_paced_chunk_all_in_us": round(paced_cpu / max(1, paced_chunks) * 1e6, 1),
-        "bare_cpu_per_paced_chunk_all_in_us": round(bare_cpu / max(1, bare_chunks) * 1e6, 1),
+        "cpu_per_paced_chunk_us": statistics.median(r["ours_us"] for r in rounds),
+        "cpu_per_paced_chunk_all_in_us": statistics.median(r["ours_all_in_us"] for r in rounds),
+        "bare_cpu_per_paced_chunk_all_in_us": statistics.median(r["bare_all_in_us"] for r in rounds),
+        "cpu_per_paced_chunk_over_bare_us": round(
+            statistics.median(r["ours_all_in_us"] - r["bare_all_in_us"] for r in rounds), 1
+        ),
+        "paced_rounds": rounds,
         "errors": long_errors + short_errors + paced_errors + bare_errors,
     }
 
@@ -497,15 +532,18 @@ def bench_workers(
             )
     if workers == 1 and "cpu" in plan.parts:
         profile = Path(plan.profile) if plan.profile else None
-        result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams, profile))
+        result["cpu"] = asyncio.run(cpu_costs(port, key, process.pid, plan.cost_streams, profile, plan.paced_rounds))
         if profile is not None and profile.exists():
             result["cpu"]["profile"] = profiling.summarize_collapsed(profile)
-        sent += (5 if profile else 4) * plan.cost_streams
+        # llmhub's streams (the bare view's make no ledger row): warm-up, long, short, each paced round, profile.
+        sent += (3 + plan.paced_rounds + (1 if profile else 0)) * plan.cost_streams
         cpu = result["cpu"]
         say(
             f"  CPU: {cpu['cpu_per_chunk_us']} µs per relayed chunk ({cpu['cpu_per_paced_chunk_us']} µs paced at"
             f" {TOKENS_PER_SECOND}/s; all in {cpu['cpu_per_paced_chunk_all_in_us']} µs, bare aiohttp view"
-            f" {cpu['bare_cpu_per_paced_chunk_all_in_us']} µs), {cpu['cpu_per_start_us']} µs per stream start"
+            f" {cpu['bare_cpu_per_paced_chunk_all_in_us']} µs, {cpu['cpu_per_paced_chunk_over_bare_us']} µs over it"
+            f" in the median of {len(cpu['paced_rounds'])} paired rounds), {cpu['cpu_per_start_us']} µs per stream"
+            " start"
             f" ({cpu['cpu_per_long_stream_ms']} ms per 300-word stream)"
         )
         if "profile" in cpu:

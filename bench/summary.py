@@ -147,6 +147,13 @@ def streams_rows(results: dict[str, Any]) -> list[Row]:
                     f" {cpu['bare_cpu_per_paced_chunk_all_in_us']} µs)",
                     "",
                 )
+            if "cpu_per_paced_chunk_over_bare_us" in cpu:
+                add(
+                    f"{label}: CPU per paced chunk over the bare aiohttp view's (median of paired rounds)",
+                    "reported",
+                    f"{cpu['cpu_per_paced_chunk_over_bare_us']} µs ({len(cpu['paced_rounds'])} rounds)",
+                    "",
+                )
             add(f"{label}: CPU per stream start", "reported", f"{cpu['cpu_per_start_us']} µs", "")
         ws = server.get("ws")
         if ws:
