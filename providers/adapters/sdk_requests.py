@@ -103,27 +103,18 @@ class TemplatedRequests:
         if template is None:
             return super()._build_request(options, retries_taken=retries_taken)  # type: ignore[misc]
         body = options.json_data
-        cookies = self._client.cookies  # type: ignore[attr-defined]
+        shared = {
+            "headers": template.headers,
+            "cookies": self._client.cookies or None,  # type: ignore[attr-defined]
+            "extensions": template.extensions,
+        }
         if body is None:
-            return httpx2.Request(
-                template.method,
-                template.url,
-                headers=template.headers,
-                cookies=cookies or None,
-                extensions=template.extensions,
-            )
+            return httpx2.Request(template.method, template.url, **shared)
         # The body as a ready stream, as ``Request(content=...)`` would make it, without that path's encoding
-        # dispatch and header merge (about 14 µs of CPU a call, 17 against 3): Cookie, then Content-Length, are added
-        # in the order the SDK's request has them; ``read()`` keeps the bytes as the request's content.
+        # dispatch and header merge (about 14 µs of CPU a call, 17 against 3): Cookie, then Content-Length, are
+        # added in the order the SDK's request has them; ``read()`` keeps the bytes as the request's content.
         content = self._dumps(body)
-        request = httpx2.Request(
-            template.method,
-            template.url,
-            headers=template.headers,
-            cookies=cookies or None,
-            stream=httpx2.ByteStream(content),
-            extensions=template.extensions,
-        )
+        request = httpx2.Request(template.method, template.url, stream=httpx2.ByteStream(content), **shared)
         request.headers["Content-Length"] = str(len(content))
         request.read()
         return request

@@ -19,29 +19,26 @@ BASE_URL = "http://upstream.test:8080/v1"
 HEADERS = {"X-Extra": "from the provider row", "HTTP-Referer": "https://llmhub.example"}
 
 
+def _client_options() -> dict[str, Any]:
+    """What both SDKs' clients are given here, as the adapters give it (``providers.adapters.openai``,
+    ``providers.adapters.anthropic``)."""
+    return {
+        "base_url": BASE_URL,
+        "timeout": httpx2.Timeout(30.0, connect=10.0),
+        "max_retries": 0,
+        "default_headers": HEADERS,
+        "http_client": httpx2.AsyncClient(),
+    }
+
+
 def openai_client() -> tuple[Any, type, type]:
-    client = sdk_requests.AsyncOpenAI(
-        api_key="sk-template-test",
-        organization="org-1",
-        base_url=BASE_URL,
-        timeout=httpx2.Timeout(30.0, connect=10.0),
-        max_retries=0,
-        default_headers=HEADERS,
-        http_client=httpx2.AsyncClient(),
-    )
+    client = sdk_requests.AsyncOpenAI(api_key="sk-template-test", organization="org-1", **_client_options())
     client.project = None
     return client, openai.AsyncOpenAI, OpenAIOptions
 
 
 def anthropic_client() -> tuple[Any, type, type]:
-    client = sdk_requests.AsyncAnthropic(
-        api_key="sk-ant-template-test",
-        base_url=BASE_URL,
-        timeout=httpx2.Timeout(30.0, connect=10.0),
-        max_retries=0,
-        default_headers=HEADERS,
-        http_client=httpx2.AsyncClient(),
-    )
+    client = sdk_requests.AsyncAnthropic(api_key="sk-ant-template-test", **_client_options())
     return client, anthropic.AsyncAnthropic, AnthropicOptions
 
 
