@@ -21,10 +21,13 @@ database, key auth and the ledger on. The figures, each printed beside its targe
   tenth and at the end: it must stay within 10 %;
 * **CPU per relayed chunk and per stream start**, in microseconds of the server process's CPU time (user +
   system from ``/proc``): unpaced streams of 300 words and of 1 word, 200 each; the difference per
-  chunk is the chunk's cost, what is left of the short streams per start is the start's. Then 200 streams
+  chunk is the chunk's cost, what is left of the short streams per start is the start's; the same two
+  through the bare aiohttp view, beside them. Then 200 streams
   paced at 30 tokens/s, through llmhub and through the bare aiohttp view, in three pairs (one with
   ``--quick``): the CPU per paced chunk, each side's the median, and llmhub's over the bare view's the
-  median of the pairs' differences (the machine drifts between runs; a pair sees the same machine).
+  median of the pairs' differences (the machine drifts between runs; a pair sees the same machine). That gap
+  is split in two: llmhub's extra cost per stream start (over the bare view's), spread over a stream's
+  chunks, and what is left, the chunk's own (and the rounds' noise).
 
 The streams are read by a minimal asyncio HTTP/1.1 client (``Connection: close``, the body scanned as bytes)
 so that on a 2-core machine the load generator takes as little CPU as it can from the server it measures.
@@ -379,11 +382,21 @@ async def cpu_costs(
         await asyncio.sleep(0.5)  # the settlements after the last byte
         return cpu_seconds(pid) - before, sum(s.chunks for s in streams), sum(1 for s in streams if s.error)
 
+    def split(long: tuple[float, int, int], short: tuple[float, int, int]) -> tuple[float, float]:
+        """CPU per chunk and per stream start, from the long streams and the short ones."""
+        per_chunk = (long[0] - short[0]) / max(1, long[1] - short[1])
+        return per_chunk, (short[0] - short[1] * per_chunk) / count
+
     await run("[[words=300]] warm-up")
     long_cpu, long_chunks, long_errors = await run("[[words=300]] A long one.")
     short_cpu, short_chunks, short_errors = await run("[[words=1]] A short one.")
-    per_chunk = (long_cpu - short_cpu) / max(1, long_chunks - short_chunks)
-    per_start = (short_cpu - short_chunks * per_chunk) / count
+    per_chunk, per_start = split((long_cpu, long_chunks, long_errors), (short_cpu, short_chunks, short_errors))
+    # The same two through the bare aiohttp view: what a chunk and a start cost with nothing of llmhub's in
+    # them, so that the paced gap below splits into its two parts (the start's, spread over a stream's chunks,
+    # and the chunk's own).
+    bare_long = await run("[[words=300]] A long one.", path=BARE_PATH)
+    bare_short = await run("[[words=1]] A short one.", path=BARE_PATH)
+    bare_per_chunk, bare_per_start = split(bare_long, bare_short)
     paced = f"[[words=300]] [[tps={TOKENS_PER_SECOND}]] Paced."
     # The floor: the bench's bare Django view relaying the same paced streams with aiohttp (same server,
     # same lean handler, no key, no SDK, no ledger), all its CPU per chunk, start included, as ours beside it.
@@ -407,6 +420,10 @@ async def cpu_costs(
     if profile is not None and (sampler := profiling.py_spy_start(pid, profile)) is not None:
         await run(paced, at_once=count)
         profiling.py_spy_stop(sampler)
+    over_bare = statistics.median(r["ours_all_in_us"] - r["bare_all_in_us"] for r in rounds)
+    # A paced stream's chunks (300 words, the role's and the finish's): its start's extra cost is spread over them.
+    chunks_per_stream = long_chunks / max(1, count)
+    gap_of_start = (per_start - bare_per_start) / max(1.0, chunks_per_stream) * 1e6
     return {
         "streams": count,
         "long_chunks": long_chunks,
@@ -417,11 +434,15 @@ async def cpu_costs(
         "cpu_per_paced_chunk_us": statistics.median(r["ours_us"] for r in rounds),
         "cpu_per_paced_chunk_all_in_us": statistics.median(r["ours_all_in_us"] for r in rounds),
         "bare_cpu_per_paced_chunk_all_in_us": statistics.median(r["bare_all_in_us"] for r in rounds),
-        "cpu_per_paced_chunk_over_bare_us": round(
-            statistics.median(r["ours_all_in_us"] - r["bare_all_in_us"] for r in rounds), 1
-        ),
+        "cpu_per_paced_chunk_over_bare_us": round(over_bare, 1),
+        "bare_cpu_per_chunk_us": round(bare_per_chunk * 1e6, 1),
+        "bare_cpu_per_start_us": round(bare_per_start * 1e6, 1),
+        # The paced gap in its two parts: llmhub's extra start cost per chunk of a stream, and the rest (the
+        # chunk's own extra cost, and the noise of the paired rounds).
+        "paced_gap_of_start_us": round(gap_of_start, 1),
+        "paced_gap_of_chunk_us": round(over_bare - gap_of_start, 1),
         "paced_rounds": rounds,
-        "errors": long_errors + short_errors + paced_errors + bare_errors,
+        "errors": long_errors + short_errors + paced_errors + bare_errors + bare_long[2] + bare_short[2],
     }
 
 

@@ -41,6 +41,12 @@ def _adder(rows: list[Row], part: str):
     return add
 
 
+def _bare(cpu: dict[str, Any], what: str) -> str:
+    """The bare aiohttp view's figure beside llmhub's, when the run measured it (``bare_cpu_per_<what>_us``)."""
+    figure = cpu.get(f"bare_cpu_per_{what}_us")
+    return "" if figure is None else f" (bare aiohttp view: {figure} µs)"
+
+
 def _at_most(value: float | None, limit: float) -> str:
     return "" if value is None else (MET if value <= limit else MISSED)
 
@@ -136,7 +142,7 @@ def streams_rows(results: dict[str, Any]) -> list[Row]:
                 )
         cpu = server.get("cpu")
         if cpu:
-            add(f"{label}: CPU per relayed chunk", "reported", f"{cpu['cpu_per_chunk_us']} µs", "")
+            add(f"{label}: CPU per relayed chunk", "reported", f"{cpu['cpu_per_chunk_us']} µs" + _bare(cpu, "chunk"), "")
             if "cpu_per_paced_chunk_us" in cpu:
                 add(f"{label}: CPU per paced chunk", "reported", f"{cpu['cpu_per_paced_chunk_us']} µs", "")
             if "bare_cpu_per_paced_chunk_all_in_us" in cpu:
@@ -154,7 +160,14 @@ def streams_rows(results: dict[str, Any]) -> list[Row]:
                     f"{cpu['cpu_per_paced_chunk_over_bare_us']} µs ({len(cpu['paced_rounds'])} rounds)",
                     "",
                 )
-            add(f"{label}: CPU per stream start", "reported", f"{cpu['cpu_per_start_us']} µs", "")
+            if "paced_gap_of_start_us" in cpu:
+                add(
+                    f"{label}: … of which the stream start's extra cost, spread over its chunks, and the chunk's own",
+                    "reported",
+                    f"{cpu['paced_gap_of_start_us']} µs and {cpu['paced_gap_of_chunk_us']} µs",
+                    "",
+                )
+            add(f"{label}: CPU per stream start", "reported", f"{cpu['cpu_per_start_us']} µs" + _bare(cpu, "start"), "")
         ws = server.get("ws")
         if ws:
             add(
