@@ -24,6 +24,7 @@ and becomes the template if it is a text chunk. What the relay sends is the upst
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from json.decoder import scanstring
@@ -173,8 +174,11 @@ class TextChunks:
         self._top, self._steps = copies[0], tuple(zip(self._path[:-1], copies[1:], strict=True))
 
 
+@functools.lru_cache(maxsize=64)
 def _value_start(key: str | int) -> re.Pattern[bytes]:
-    """A key and the quote that opens its string value, with the blank JSON allows after the colon."""
+    """A key and the quote that opens its string value, with the blank JSON allows after the colon. The same
+    few keys for every stream (its text's and its padding's): built once, not twice per ``TextChunks`` (a
+    stream made two, at 7 µs of ``json.dumps``, ``re.escape`` and the pattern cache's lookup; now 1 µs)."""
     return re.compile(re.escape(json.dumps(key).encode()) + rb":[ \t]*" + b'"')
 
 
