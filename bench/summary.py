@@ -142,7 +142,9 @@ def streams_rows(results: dict[str, Any]) -> list[Row]:
                 )
         cpu = server.get("cpu")
         if cpu:
-            add(f"{label}: CPU per relayed chunk", "reported", f"{cpu['cpu_per_chunk_us']} µs" + _bare(cpu, "chunk"), "")
+            add(
+                f"{label}: CPU per relayed chunk", "reported", f"{cpu['cpu_per_chunk_us']} µs" + _bare(cpu, "chunk"), ""
+            )
             if "cpu_per_paced_chunk_us" in cpu:
                 add(f"{label}: CPU per paced chunk", "reported", f"{cpu['cpu_per_paced_chunk_us']} µs", "")
             if "bare_cpu_per_paced_chunk_all_in_us" in cpu:
