@@ -388,9 +388,10 @@ async def cpu_costs(
         return per_chunk, (short[0] - short[1] * per_chunk) / count
 
     await run("[[words=300]] warm-up")
-    long_cpu, long_chunks, long_errors = await run("[[words=300]] A long one.")
-    short_cpu, short_chunks, short_errors = await run("[[words=1]] A short one.")
-    per_chunk, per_start = split((long_cpu, long_chunks, long_errors), (short_cpu, short_chunks, short_errors))
+    long = await run("[[words=300]] A long one.")
+    short = await run("[[words=1]] A short one.")
+    (long_cpu, long_chunks, long_errors), (_, short_chunks, short_errors) = long, short
+    per_chunk, per_start = split(long, short)
     # The same two through the bare aiohttp view: what a chunk and a start cost with nothing of llmhub's in
     # them, so that the paced gap below splits into its two parts (the start's, spread over a stream's chunks,
     # and the chunk's own).
