@@ -34,6 +34,10 @@ def install_default_rules(apps, schema_editor):
 
 def remove_default_rules(apps, schema_editor):
     apps.get_model("billing", "OpsAlertRule").objects.filter(name__in=[rule[0] for rule in DEFAULT_RULES]).delete()
+    if schema_editor.connection.vendor == "postgresql":
+        # The delete queued the checks of the incidents' deferred foreign key; the tables are dropped next
+        # in this transaction, which PostgreSQL refuses while checks are pending ("pending trigger events").
+        schema_editor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 class Migration(migrations.Migration):
