@@ -83,6 +83,13 @@ def _fill(*, rows: int, first_user: int, first_key: int, experiment: tuple[int, 
     step_us = DAYS * 86_400 * 1_000_000 // rows
     began = time.perf_counter()
     chunk = 1_000_000
+    with connection.cursor() as cursor:
+        # The bench's server commits asynchronously (llmhub.testing.postgres). A VACUUM cannot mark a page
+        # all-visible until the commit of its rows is flushed, and the build's VACUUM comes right after the
+        # last insert: it marked none of the table, and the experiment's results then read the heap for
+        # every row (610-660 ms at 10 million rows instead of 70-110) until autovacuum came by. The
+        # build's commits wait for their flush, as on a server with the default ``synchronous_commit``.
+        cursor.execute("SET synchronous_commit = on")
     for low in range(1, rows + 1, chunk):
         high = min(rows, low + chunk - 1)
         with connection.cursor() as cursor:
@@ -131,7 +138,29 @@ def _fill(*, rows: int, first_user: int, first_key: int, experiment: tuple[int, 
             "SELECT setval(pg_get_serial_sequence('billing_usagerecord', 'id'), max(id)) FROM billing_usagerecord"
         )
         cursor.execute("VACUUM ANALYZE billing_usagerecord")
+        cursor.execute("RESET synchronous_commit")
     return time.perf_counter() - began
+
+
+def _visible_pages() -> tuple[int, int] | None:
+    """The ledger's heap pages the visibility map marks all-visible, and all its pages (``pg_visibility``;
+    None where that extension is not installed). An index-only scan reads the heap page of every row on an
+    unmarked page: the experiment's results took 610-660 ms at 10 million rows with none marked, 70-110 ms
+    with all (docs/ledger.md)."""
+    from django.db import DatabaseError, connection, transaction
+
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_visibility")
+            cursor.execute(
+                "SELECT all_visible, pg_relation_size(%s) / current_setting('block_size')::int"
+                " FROM pg_visibility_map_summary(%s)",
+                ["billing_usagerecord", "billing_usagerecord"],
+            )
+            visible, pages = cursor.fetchone()
+    except DatabaseError:
+        return None
+    return int(visible), int(pages)
 
 
 def _experiment() -> Any:
@@ -334,6 +363,13 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     )
     print(f"; then {since:,} rows written after it (10 minutes of traffic), which the pages read raw")
 
+    visible = _visible_pages()
+    if visible:
+        FIGURES["visible_pages"] = {"all_visible": visible[0], "pages": visible[1]}
+        print(
+            f"\nthe visibility map marks {visible[0]:,} of the ledger's {visible[1]:,} heap pages all-visible "
+            f"({visible[0] / visible[1]:.1%}; those written since the build's VACUUM wait for autovacuum's next pass)"
+        )
     ok &= _queries(user_id=user_ids[3], experiment=experiment, today=today, rows=rows) == 0
 
     from billing.services.retention import usage_records_purge
