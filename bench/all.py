@@ -88,6 +88,20 @@ def run_part(part: str, *, quick: bool, run_args: list[str], directory: Path = R
     return results
 
 
+def earlier_part(part: str, *, quick: bool, directory: Path = RESULTS) -> dict[str, Any]:
+    """A part not asked for this time: the results its last run left in ``directory``, marked ``_earlier``
+    with when (or on which code) that run was, so that rerunning one part keeps the others' figures in the
+    summary, said as older; ``{"not_run": why}`` if there are none."""
+    output = directory / f"{_OUTPUT_NAMES[part]}{'-quick' if quick else ''}.json"
+    try:
+        results = json.loads(output.read_text())
+    except (OSError, ValueError):
+        return {"not_run": "not asked for (--parts), and no earlier results"}
+    when = results.get("when") or (f"code {results['code']}" if results.get("code") else "date not recorded")
+    results["_earlier"] = when
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every part with small numbers (a few minutes)")
@@ -110,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load = os.getloadavg()[0]
     results = {part: run_part(part, quick=args.quick, run_args=run_args, directory=args.results) for part in parts}
+    for part in PARTS:
+        if part not in results:
+            results[part] = earlier_part(part, quick=args.quick, directory=args.results)
     found = summary.rows(results)
     suffix = "-quick" if args.quick else ""
     heading = (

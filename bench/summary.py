@@ -10,7 +10,7 @@ the target "reported" and no verdict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bench import report
@@ -19,6 +19,7 @@ MET, MISSED, NOT_RUN = "met", "MISSED", "not run"
 # Streams: the limits on what llmhub adds to the time to first token.
 STEADY_P50_MS, STEADY_P99_MS, BURST_P50_MS = 20.0, 200.0, 150.0
 RSS_DRIFT_PCT = 10.0
+EARLIER = "earlier run"  # a part's label when its figures are from its last run, not this one
 DATABASES = ("postgres", "sqlite")
 DATABASE_NAMES = {"postgres": "PostgreSQL", "sqlite": "SQLite"}
 
@@ -269,6 +270,9 @@ def rows(parts: dict[str, dict[str, Any]]) -> list[Row]:
             found.append(Row(labels[name], "every figure of this part", "", results["not_run"], NOT_RUN))
         elif "failed" in results:
             found.append(Row(labels[name], "every figure of this part", "", results["failed"], "failed"))
+        elif "_earlier" in results:  # not run this time: its last run's figures (bench/all.py), said as such
+            label = f"({EARLIER}: {results['_earlier']})"
+            found.extend(replace(row, part=f"{row.part} {label}") for row in build(results))
         else:
             found.extend(build(results))
     return found
@@ -279,5 +283,9 @@ def markdown(found: list[Row], *, heading: str) -> str:
     lines += [f"| {r.part} | {r.figure} | {r.target} | {r.measured} | {r.verdict} |" for r in found]
     missed = [r for r in found if r.verdict == MISSED]
     judged = [r for r in found if r.verdict in (MET, MISSED)]
-    lines += ["", f"{len(judged) - len(missed)} of {len(judged)} judged targets met; {len(missed)} missed."]
+    earlier = [r for r in judged if EARLIER in r.part]
+    said = f"{len(judged) - len(missed)} of {len(judged)} judged targets met; {len(missed)} missed."
+    if earlier:
+        said += f" {len(earlier)} of the judged rows are from earlier runs of their parts (see the part)."
+    lines += ["", said]
     return "\n".join(lines) + "\n"

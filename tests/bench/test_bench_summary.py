@@ -232,3 +232,28 @@ def test_the_streams_script_prints_the_summarys_rows():
     assert len(table) == len(expected)
     for line, row in zip(table, expected, strict=True):
         assert line == f"| {row.figure} | {row.measured} | {row.target} | {row.verdict} |"
+
+
+def test_a_part_not_asked_for_keeps_its_last_runs_figures_said_as_earlier(tmp_path):
+    """``make bench ARGS="--parts ledger"`` rewrites the summary: the other parts' rows come from the files
+    their last runs left, labelled with when that was, rather than turning into 'not run'."""
+    from bench import all as bench_all
+
+    (tmp_path / "streams.json").write_text(json.dumps({**STREAMS, "when": "2026-12-04 23:19 UTC"}))
+    (tmp_path / "served-sqlite.json").write_text("{not json")
+    streams = bench_all.earlier_part("streams", quick=False, directory=tmp_path)
+    assert streams["_earlier"] == "2026-12-04 23:19 UTC"
+    assert bench_all.earlier_part("sqlite", quick=False, directory=tmp_path) == {
+        "not_run": "not asked for (--parts), and no earlier results"
+    }
+    assert "not_run" in bench_all.earlier_part("streams", quick=True, directory=tmp_path)  # no -quick file
+
+    found = summary.rows({"streams": streams})
+    ours = [row for row in found if row.part.startswith("streams")]
+    assert ours and all(row.part == "streams (earlier run: 2026-12-04 23:19 UTC)" for row in ours)
+    assert [row.verdict for row in ours] == [
+        row.verdict for row in summary.rows({"streams": STREAMS}) if row.part == "streams"
+    ]
+    text = summary.markdown(found, heading="# h")
+    judged = [row for row in ours if row.verdict in ("met", "MISSED")]
+    assert f"{len(judged)} of the judged rows are from earlier runs of their parts" in text
