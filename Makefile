@@ -41,7 +41,7 @@ run: $(STAMP)
 # The PostgreSQL phase runs even when the SQLite phase failed, so one red test does not hide the other
 # half's result; make fails if either did. scripts/system_deps.sh first checks (as root: installs)
 # redis-server, chromium, fonts-liberation and PostgreSQL.
-POSTGRES_TESTS := tests/billing tests/experiments/test_results.py tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py tests/providers/test_catalog_migration.py
+POSTGRES_TESTS := tests/billing tests/experiments/test_results.py tests/gateway/test_ledger.py tests/gateway/test_ledger_spool.py tests/gateway/test_shutdown.py tests/gateway/test_spool_recovery.py tests/providers/test_catalog_migration.py tests/chat/test_feedback_api.py
 # The SQLite phase runs on four pytest-xdist workers on this 2-core machine: a test spends much of its time
 # waiting on the servers, upstreams and browsers it starts, so two workers kept 1.1 cores busy (14.5
 # minutes) and four keep 1.7 (10 minutes); serial, the suite took about 31 minutes. The PostgreSQL phase

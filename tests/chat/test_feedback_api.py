@@ -339,6 +339,13 @@ def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice
     settings.LLMHUB_LEDGER_LINGER_MS = 0
     with ledger_inserts_held() as release:
         request_ids = [site.completion(alice_key) for _ in range(6)]
+        # One row in flight, one kept queued, and two spills of two (the rows past half the bound), each
+        # appended in a thread of its own: wait for both. Read before the second had landed, the newest
+        # spooled row was one the second spill then pushed out of the writer's memory of spooled rows
+        # (the newest LLMHUB_LEDGER_QUEUE_MAX of them), and the rating was refused (seen on PostgreSQL).
+        deadline = time.monotonic() + 20
+        while len(spool_rows()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         spooled = {row["request_id"] for row in spool_rows()}
         rated = [request_id for request_id in request_ids if request_id in spooled][-1]
         assert usage_unwritten(rated) is None  # out of the writer's memory
