@@ -690,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         server_env = {**env, "DJANGO_SETTINGS_MODULE": args.settings}
         results: dict[str, Any] = {
             "mode": "quick" if args.quick else "full",
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),  # the run's start (bench/all.py reads it)
             "settings": args.settings,
             "code": code_version(),
             "plan": asdict(plan),
