@@ -67,11 +67,16 @@ _OUTPUT_NAMES = {
 }
 
 
+def _output(part: str, *, quick: bool, directory: Path) -> Path:
+    """Where the part writes its results (and a later summary finds them)."""
+    return directory / f"{_OUTPUT_NAMES[part]}{'-quick' if quick else ''}.json"
+
+
 def run_part(part: str, *, quick: bool, run_args: list[str], directory: Path = RESULTS) -> dict[str, Any]:
     """The part's results, or ``{"not_run": why}`` / ``{"failed": why}``."""
     if part in NEEDS_POSTGRES and postgres.server_bin() is None:
         return {"not_run": "no PostgreSQL server installed here (apt-get install postgresql)"}
-    output = directory / f"{_OUTPUT_NAMES[part]}{'-quick' if quick else ''}.json"
+    output = _output(part, quick=quick, directory=directory)
     output.unlink(missing_ok=True)  # a file of an earlier run must not pass for this one's
     argv = _part_command(part, output, quick=quick, run_args=run_args)
     print(f"\n== make bench, part {part}: {' '.join(argv[1:])}", flush=True)
@@ -92,7 +97,7 @@ def earlier_part(part: str, *, quick: bool, directory: Path = RESULTS) -> dict[s
     """A part not asked for this time: the results its last run left in ``directory``, marked ``_earlier``
     with when (or on which code) that run was, so that rerunning one part keeps the others' figures in the
     summary, said as older; ``{"not_run": why}`` if there are none."""
-    output = directory / f"{_OUTPUT_NAMES[part]}{'-quick' if quick else ''}.json"
+    output = _output(part, quick=quick, directory=directory)
     try:
         results = json.loads(output.read_text())
     except (OSError, ValueError):

@@ -11,9 +11,8 @@ and 70-110 ms with it set.
 
 A vacuum after that many inserts reads only the pages changed since the last one (the map tells it
 which) and, with no dead rows, skips the indexes: 0.8 s for 50,771 rows added to a 10-million-row ledger
-with 2.4 GB of indexes. The settings are
-the table's own storage parameters, so ``postgresql.conf`` is left alone. SQLite has no such thing, and
-nothing is done there."""
+with 2.4 GB of indexes. The settings are the table's own storage parameters, so ``postgresql.conf`` is
+left alone. SQLite has no such thing, and nothing is done there."""
 
 from django.db import migrations
 
@@ -23,19 +22,22 @@ SETTINGS = {
 }
 
 
-def tune(apps, schema_editor):
+def _ledger(apps, schema_editor) -> str | None:
+    """The ledger's quoted table name on PostgreSQL; None elsewhere."""
     if schema_editor.connection.vendor != "postgresql":
-        return
-    table = schema_editor.quote_name(apps.get_model("billing", "UsageRecord")._meta.db_table)
-    values = ", ".join(f"{name} = {value}" for name, value in SETTINGS.items())
-    schema_editor.execute(f"ALTER TABLE {table} SET ({values})")
+        return None
+    return schema_editor.quote_name(apps.get_model("billing", "UsageRecord")._meta.db_table)
+
+
+def tune(apps, schema_editor):
+    if table := _ledger(apps, schema_editor):
+        values = ", ".join(f"{name} = {value}" for name, value in SETTINGS.items())
+        schema_editor.execute(f"ALTER TABLE {table} SET ({values})")
 
 
 def untune(apps, schema_editor):
-    if schema_editor.connection.vendor != "postgresql":
-        return
-    table = schema_editor.quote_name(apps.get_model("billing", "UsageRecord")._meta.db_table)
-    schema_editor.execute(f"ALTER TABLE {table} RESET ({', '.join(SETTINGS)})")
+    if table := _ledger(apps, schema_editor):
+        schema_editor.execute(f"ALTER TABLE {table} RESET ({', '.join(SETTINGS)})")
 
 
 class Migration(migrations.Migration):
