@@ -31,6 +31,7 @@ from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
 from tests.conftest import free_port, redis_start
 from tests.factories import UserFactory
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -118,13 +119,6 @@ def key_ref(api_key) -> CounterRef:
 
 def ledger_sum(api_key) -> Decimal:
     return sum(UsageRecord.objects.filter(api_key=api_key).values_list("cost", flat=True), Decimal(0))
-
-
-def wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.1)
 
 
 async def post_all(url: str, secret: str, count: int) -> list[httpx.Response]:

@@ -31,6 +31,7 @@ from experiments.models import Feedback
 from experiments.services_feedback import LEDGER_WAIT_SECONDS, feedback_set
 from tests.factories import UsageRecordFactory, UserFactory
 from tests.gateway.conftest import make_catalog
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -343,9 +344,7 @@ def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice
         # appended in a thread of its own: wait for both. Read before the second had landed, the newest
         # spooled row was one the second spill then pushed out of the writer's memory of spooled rows
         # (the newest LLMHUB_LEDGER_QUEUE_MAX of them), and the rating was refused (seen on PostgreSQL).
-        deadline = time.monotonic() + 20
-        while len(spool_rows()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(spool_rows()) >= 4, "both spills in the spool", timeout=20)
         spooled = {row["request_id"] for row in spool_rows()}
         rated = [request_id for request_id in request_ids if request_id in spooled][-1]
         assert usage_unwritten(rated) is None  # out of the writer's memory

@@ -3,8 +3,6 @@ on two fake upstreams, the first of which stops accepting connections, and comes
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 import redis
@@ -15,6 +13,7 @@ from providers.routing.breaker_machine import CLOSED, OPEN
 from providers.routing.breakers import breaker_is_open, breaker_state
 from providers.selectors import resolved_deployment
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UserFactory
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,13 +50,6 @@ def served(http: httpx.Client, n: int) -> list[tuple[str, str]]:
         assert response.status_code == 200, response.text
         answers.append((response.headers["x-llmhub-deployment"], response.headers["x-llmhub-attempts"]))
     return answers
-
-
-def wait_until(predicate, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
 
 
 def test_a_failing_deployment_is_left_out_until_a_probe_finds_it_back(site):
