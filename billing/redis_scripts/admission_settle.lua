@@ -10,7 +10,8 @@
 --       [tokens zset, token amounts hash]; then the in-flight hash of the process that admitted it
 -- ARGV: request_id, now_ms, n_counters, n_rate_scopes, cost, tokens, settled_memory_ms,
 --       then per counter: metric, key_ttl_ms; then, optionally, the settled record
--- Returns {'ok', per counter: spent before, spent after ('-1' when the counter is gone)} or {'duplicate'}.
+-- Returns 'ok', then per counter ' <spent before> <spent after>' ('-1' when the counter is gone), one string;
+-- or {'duplicate'}.
 local rid = ARGV[1]
 local now = tonumber(ARGV[2])
 local nb = tonumber(ARGV[3])
@@ -82,4 +83,5 @@ for j = 1, nr do
     redis.call('HSET', th, rid, tokens)
   end
 end
-return result
+-- One string, as admission_acquire.lua's answer, for the same reason.
+return table.concat(result, ' ')

@@ -11,7 +11,7 @@ the one the database path runs; ``redis_scripts/admission_acquire.lua`` runs the
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
@@ -50,10 +50,11 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
 
 
 def _period_label(period: str, start: datetime) -> str:
+    # Not strftime: a budgeted request names its counters on the hot path, and this is a fifth of the cost.
     if period == BudgetPeriod.DAILY:
-        return f"d{start:%Y%m%d}"
+        return f"d{start.year:04d}{start.month:02d}{start.day:02d}"
     if period == BudgetPeriod.MONTHLY:
-        return f"m{start:%Y%m}"
+        return f"m{start.year:04d}{start.month:02d}"
     return "total"
 
 
@@ -66,11 +67,12 @@ class CounterRef:
     metric: str
     period: str
     period_start: datetime
+    # Named once: a request reads its counters' keys about ten times between admission and settle.
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
+    def __post_init__(self) -> None:
         label = _period_label(self.period, self.period_start)
-        return f"{KEY_PREFIX}{self.scope_kind}:{self.scope_id}:{self.metric}:{label}"
+        object.__setattr__(self, "key", f"{KEY_PREFIX}{self.scope_kind}:{self.scope_id}:{self.metric}:{label}")
 
     @property
     def period_end(self) -> datetime | None:

@@ -194,6 +194,7 @@ class RedisCounterStore:
             waited_until = time.monotonic() + restart_grace_ms() / 1000 + 5
             while True:
                 reply = await self._acquire(keys=[*keys, marker], args=args)
+                reply = _script_reply(reply)
                 if reply[0] == "wait" and time.monotonic() < waited_until:
                     # Redis lost its data a moment ago: live processes are re-asserting what they hold.
                     await asyncio.sleep(int(reply[1]) / 1000)
@@ -305,7 +306,7 @@ class RedisCounterStore:
             held_settled(request_id, Settled(record=record, counters=spent))
         else:
             held_remove(request_id)
-        return _settle_moved(counters, await self._settle(keys=keys, args=args))
+        return _settle_moved(counters, _script_reply(await self._settle(keys=keys, args=args)))
 
     def keeps_record(self, held: Any) -> bool:
         return True  # the acquire script records every request it admits
@@ -347,6 +348,12 @@ def _settle_call(
         keys += list(rate.keys[1:])
     keys.append(inflight_key(instance))
     return keys, args
+
+
+def _script_reply(reply: str | list) -> list:
+    """An admission's or a settle's answer as a list: the usual one comes as one space-separated string, which
+    redis-py reads much faster than an array of the same values (``admission_acquire.lua``)."""
+    return reply.split(" ") if isinstance(reply, str) else reply
 
 
 def _settle_moved(counters: Sequence[CounterSpec], reply: list) -> list[Moved]:
@@ -769,7 +776,7 @@ def reservation_settle_if_held(
     if record is None or SETTLED_ROW in json.loads(record):
         return None
     keys, args = _settle_call(request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance)
-    reply = client.register_script(_script("admission_settle"))(keys=keys, args=args)
+    reply = _script_reply(client.register_script(_script("admission_settle"))(keys=keys, args=args))
     return None if reply[0] == "duplicate" else _settle_moved(counters, reply)
 
 
