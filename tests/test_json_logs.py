@@ -22,7 +22,7 @@ from billing.services.keys import api_key_create
 from llmhub.logging import JsonFormatter, RequestIdFilter, logging_settings
 from providers.models import CatalogModel, Deployment
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 ROOT = Path(__file__).resolve().parent.parent
 # The loggers a /v1 request's handling writes to: ours, Django's request log, the provider SDK's.

@@ -28,7 +28,7 @@ from providers.models import CatalogModel, Deployment
 from providers.routing.breakers import breaker_force
 from tests.conftest import free_port, wait_for_port
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "llmhub-dashboard.json"

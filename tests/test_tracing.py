@@ -28,8 +28,8 @@ from core import tracing
 from providers.models import CatalogModel, Deployment, ProviderKind
 from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
 from tests.loopback_http import LoopbackHTTPServer, QuietHandler
+from tests.waiting import wait_for_record
 
 ROOT = Path(__file__).resolve().parent.parent
 OTEL_VARIABLES = [name for name in os.environ if name.startswith("OTEL_")]

@@ -23,7 +23,7 @@ from billing.selectors import usage_breakdown
 from billing.services.keys import api_key_create
 from billing.services.rollups import daily_usage_rebuild
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
 TODAY = NOW.date()

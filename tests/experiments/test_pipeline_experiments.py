@@ -4,20 +4,20 @@ untouched share, callers left out, rejected requests."""
 
 from __future__ import annotations
 
-import time
 from decimal import Decimal
 
 import openai
 import pytest
 from asgiref.sync import sync_to_async
 
-from billing.models import Plan, UsageRecord, UsageStatus
+from billing.models import Plan, UsageStatus
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from experiments.assignment import assignment_unit
 from experiments.layout import bucket_of, layout_owner
 from tests.chat.conftest import ends, events_until, open_socket
 from tests.factories import UserFactory
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,16 +44,6 @@ def end_user_in(ab, api_key, variant: str | None) -> str:
     raise AssertionError(f"no end user in {variant}")
 
 
-def wait_for_record(request_id: str, timeout: float = 15.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = UsageRecord.objects.filter(request_id=request_id).first()
-        if record is not None:
-            return record
-        time.sleep(0.05)
-    raise AssertionError(f"no ledger row for {request_id}")
-
-
 def upstream_bodies(fake_upstream) -> list[dict]:
     return [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
 
@@ -78,7 +68,7 @@ def test_rest_replies_say_their_variant_which_its_deployment_answers_with_its_ov
         assert body["model"] == f"fake-{variant}"
         # The treatment's override replaces the client's temperature; the control leaves it alone.
         assert body["temperature"] == (0.25 if variant == "treatment" else 0.9)
-        record = wait_for_record(raw.headers["x-request-id"])
+        record = wait_for_record(raw.headers["x-request-id"], timeout=15)
         assert record.status == UsageStatus.OK
         assert record.experiment_id == ab.experiment.pk
         assert record.experiment_variant_id == getattr(ab, variant).pk
@@ -92,7 +82,7 @@ def test_rest_replies_say_their_variant_which_its_deployment_answers_with_its_ov
         assert text
         (body,) = upstream_bodies(fake_upstream)
         assert body["model"] == f"fake-{variant}" and body["stream"] is True
-        record = wait_for_record(raw.headers["x-request-id"])
+        record = wait_for_record(raw.headers["x-request-id"], timeout=15)
         assert record.stream is True
         assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, getattr(ab, variant).pk)
 
@@ -108,7 +98,7 @@ def test_the_untouched_share_has_no_header_and_no_experiment_on_its_row(llmhub_s
     assert "x-llmhub-experiment" not in raw.headers
     (body,) = upstream_bodies(fake_upstream)
     assert "temperature" not in body
-    record = wait_for_record(raw.headers["x-request-id"])
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.experiment_id, record.experiment_variant_id) == (None, None)
 
 
@@ -123,7 +113,7 @@ def test_a_model_variant_is_answered_by_the_other_model(llmhub_server, fake_upst
     assert raw.headers["x-llmhub-model"] == "ab-model-other"
     (body,) = upstream_bodies(fake_upstream)
     assert body["model"] == "fake-other"
-    record = wait_for_record(raw.headers["x-request-id"])
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
 
 
@@ -149,7 +139,7 @@ def test_a_caller_whose_plan_or_key_does_not_allow_the_model_variant_is_left_out
     assert raw.headers["x-llmhub-model"] == "ab-model"
     (body,) = upstream_bodies(fake_upstream)
     assert body["model"] in ("fake-control", "fake-treatment")
-    record = wait_for_record(raw.headers["x-request-id"])
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.experiment_id, record.experiment_variant_id) == (None, None)
 
 
@@ -164,7 +154,7 @@ def test_a_request_refused_after_assignment_records_its_variant(llmhub_server, f
             model="ab-model", messages=HELLO, user=end_user
         )
     assert upstream_bodies(fake_upstream) == []
-    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    record = wait_for_record(refused.value.response.headers["x-request-id"], timeout=15)
     assert record.status == UsageStatus.REJECTED
     assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
 
@@ -221,5 +211,5 @@ def test_an_anthropic_messages_request_gets_the_overrides_that_api_has(llmhub_se
     assert body["stop"] == ["ZZZ"]
     assert body.get("max_tokens", body.get("max_completion_tokens")) == 40
     assert "seed" not in body
-    record = wait_for_record(raw.headers["x-request-id"])
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)

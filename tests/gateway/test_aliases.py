@@ -9,7 +9,7 @@ import pytest
 from billing.services.keys import api_key_create
 from providers.models import CatalogModel
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -20,7 +20,8 @@ from billing.services.budgets import api_key_limits_set
 from providers.models import CatalogModel
 from providers.selectors import resolved_model
 from tests.factories import UsageRecordFactory, UserFactory
-from tests.gateway.test_ledger import settle_quietly, wait_for_record
+from tests.gateway.test_ledger import settle_quietly
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -39,7 +39,7 @@ from providers.models import (
 from providers.selectors import model_resolve_sync
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

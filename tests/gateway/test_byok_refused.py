@@ -29,7 +29,7 @@ from providers.models import ByokMode, CredentialStatus, ProviderCredential
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
 from tests.gateway.test_byok import PLATFORM_KEY, model_on
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

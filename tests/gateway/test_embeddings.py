@@ -7,7 +7,6 @@ import base64
 import json
 import math
 import struct
-import time
 from decimal import Decimal
 
 import httpx
@@ -26,6 +25,7 @@ from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ModelMode, Provider
 from tests.chat.conftest import ends, events_until, open_socket
 from tests.factories import ModelFactory
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -62,16 +62,6 @@ def store(request, settings):
     yield request.param
     client.flushdb()
     client.close()
-
-
-def wait_for_record(request_id: str, timeout: float = 10.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = UsageRecord.objects.filter(request_id=request_id).first()
-        if record is not None:
-            return record
-        time.sleep(0.02)
-    raise AssertionError(f"no ledger row for {request_id}")
 
 
 def assert_priced_row(request_id: str, prompt_tokens: int, *, estimated: bool = False) -> UsageRecord:

@@ -4,7 +4,6 @@ the adapter Gemini (to the fake upstream's Gemini routes), and the ledger prices
 from __future__ import annotations
 
 import json
-import time
 from decimal import Decimal
 
 import pytest
@@ -13,6 +12,7 @@ from billing.models import UsageRecord
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,16 +32,6 @@ def gemini(gateway):
         cached_input_per_mtok=CACHED,
     )
     return gateway
-
-
-def wait_for_record(request_id: str, timeout: float = 10.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = UsageRecord.objects.filter(request_id=request_id).first()
-        if record is not None:
-            return record
-        time.sleep(0.02)
-    raise AssertionError(f"no ledger row for {request_id}")
 
 
 def assert_priced(record: UsageRecord, prompt: int, cached: int, completion: int, *, stream: bool) -> None:

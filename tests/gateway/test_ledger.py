@@ -10,20 +10,11 @@ import openai
 import pytest
 
 from billing.models import UsageRecord
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MILLION = Decimal(1_000_000)
-
-
-def wait_for_record(request_id: str, timeout: float = 10.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = UsageRecord.objects.filter(request_id=request_id).first()
-        if record is not None:
-            return record
-        time.sleep(0.02)
-    raise AssertionError(f"no ledger row for {request_id}")
 
 
 def settle_quietly(seconds: float = 0.3) -> None:

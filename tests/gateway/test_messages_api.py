@@ -15,7 +15,8 @@ from pydantic import TypeAdapter
 
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
-from tests.gateway.test_ledger import settle_quietly, wait_for_record
+from tests.gateway.test_ledger import settle_quietly
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

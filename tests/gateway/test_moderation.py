@@ -19,7 +19,7 @@ from billing.tokens import text_tokens
 from llmhub.testing.fake_upstream import split_tokens
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import policy_cache
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

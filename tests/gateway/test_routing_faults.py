@@ -25,7 +25,7 @@ from providers.models import CatalogModel, Deployment
 from providers.selectors import model_resolve_sync
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

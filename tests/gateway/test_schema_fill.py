@@ -14,7 +14,7 @@ from jsonschema import ValidationError
 
 from llmhub.testing.openapi import validate_openai_schema
 from tests.gateway.test_chat_completions import WEATHER_TOOL
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

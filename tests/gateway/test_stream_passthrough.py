@@ -19,7 +19,7 @@ from billing.services.keys import api_key_create
 from llmhub.testing.openapi import validate_openai_schema
 from tests.conftest import free_port, wait_for_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

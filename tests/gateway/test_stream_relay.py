@@ -18,8 +18,8 @@ import pytest
 from billing.models import UsageRecord
 from billing.services.keys import api_key_create
 from tests.factories import ProviderFactory, UserFactory
-from tests.gateway.test_ledger import wait_for_record
 from tests.gateway.test_routing_faults import CHEAP, single, sse_lines
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
