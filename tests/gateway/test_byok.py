@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -39,7 +38,7 @@ from providers.models import (
 from providers.selectors import model_resolve_sync
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -118,14 +117,9 @@ def world(llmhub_server, fake_upstreams) -> World:
 
 def only_row_of(user, timeout: float = 10.0) -> UsageRecord:
     """The one ledger row of ``user``, once the background writer has written it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = list(UsageRecord.objects.filter(user=user))
-        if rows:
-            assert len(rows) == 1
-            return rows[0]
-        time.sleep(0.02)
-    raise AssertionError(f"no ledger row for {user}")
+    rows = wait_until(lambda: list(UsageRecord.objects.filter(user=user)), f"a ledger row for {user}", timeout=timeout)
+    assert len(rows) == 1
+    return rows[0]
 
 
 def assert_row(raw, *, source: str, model: str, counted: bool = False) -> UsageRecord:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import httpx
 import openai
@@ -29,7 +28,7 @@ from providers.models import ByokMode, CredentialStatus, ProviderCredential
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
 from tests.gateway.test_byok import PLATFORM_KEY, model_on
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,13 +107,12 @@ def _ask_socket(setup, model: str) -> tuple[int | None, str]:
 
 
 def wait_for_status(row: ProviderCredential, status: str, timeout: float = 10.0) -> ProviderCredential:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> bool:
         row.refresh_from_db()
-        if row.status == status:
-            return row
-        time.sleep(0.05)
-    raise AssertionError(f"the key stayed {row.status}")
+        return row.status == status
+
+    wait_until(reached, lambda: f"the key turns {status} (it stayed {row.status})", timeout=timeout, interval=0.05)
+    return row
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

@@ -4,7 +4,6 @@ a tool round trip) and embeddings each leave one priced ledger row, whatever pro
 from __future__ import annotations
 
 import json
-import time
 from decimal import Decimal
 
 import openai
@@ -14,6 +13,7 @@ from billing.models import UsageRecord
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ModelMode, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,14 +52,13 @@ def cohere_gateway(gateway):
 
 
 def ledger_row(request_id: str, timeout: float = 10.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = list(UsageRecord.objects.filter(request_id=request_id))
-        if rows:
-            assert len(rows) == 1
-            return rows[0]
-        time.sleep(0.02)
-    raise AssertionError(f"no ledger row for {request_id}")
+    rows = wait_until(
+        lambda: list(UsageRecord.objects.filter(request_id=request_id)),
+        f"a ledger row for {request_id}",
+        timeout=timeout,
+    )
+    assert len(rows) == 1
+    return rows[0]
 
 
 def assert_chat_row(row: UsageRecord, *, stream: bool, completion_tokens: int) -> None:

@@ -5,7 +5,6 @@ replies, the OpenAI checker, failing services, the Messages API's error shape, t
 from __future__ import annotations
 
 import json
-import time
 from decimal import Decimal
 
 import anthropic
@@ -19,7 +18,7 @@ from billing.tokens import text_tokens
 from llmhub.testing.fake_upstream import split_tokens
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import policy_cache
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,13 +54,12 @@ def policy_on(model_name: str, **fields) -> ModerationPolicy:
 
 def audit_events(request_id: str, timeout: float = 10.0) -> list[AuditEvent]:
     """The ``moderation.flag`` events of a request, once the background write has landed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = list(AuditEvent.objects.filter(action="moderation.flag", target_id=request_id))
-        if events:
-            return events
-        time.sleep(0.05)
-    raise AssertionError(f"no moderation.flag event for {request_id}")
+    return wait_until(
+        lambda: list(AuditEvent.objects.filter(action="moderation.flag", target_id=request_id)),
+        f"a moderation.flag event for {request_id}",
+        timeout=timeout,
+        interval=0.05,
+    )
 
 
 def sse_stream(gateway, body: dict) -> tuple[list[dict | str], str]:
@@ -432,9 +430,10 @@ def test_a_streamed_message_crossing_the_block_list_ends_with_an_error_event(gat
     assert "content policy" in str(cut.value)
     delivered = "".join(text)
     assert delivered and " ".join(LOREM.split()[:30]).startswith(delivered) and "elit" not in delivered
-    record = UsageRecord.objects.none()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not record:
-        record = list(UsageRecord.objects.filter(model_name="claude-test"))
-        time.sleep(0.05)
+    record = wait_until(
+        lambda: list(UsageRecord.objects.filter(model_name="claude-test")),
+        "a ledger row for claude-test",
+        timeout=10,
+        interval=0.05,
+    )
     assert record[0].error_type == "content_policy_violation" and record[0].cost > 0
