@@ -32,6 +32,7 @@ from billing.services import ledger
 from billing.services.keys import api_key_create
 from llmhub.testing.postgres import PostgresCluster
 from tests.conftest import free_port, own_postgres, redis_server, wait_for_port
+from tests.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,22 +74,45 @@ def close_connection_of_this_thread() -> None:
 
 def wait_until_spooled(timeout: float = 30.0) -> None:
     """Until the ledger writer has given every row it holds to the spool (it retries a while first)."""
-    deadline = time.monotonic() + timeout
-    while ledger._unwritten and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not ledger._unwritten
+    wait_until(
+        lambda: not ledger._unwritten,
+        "the ledger writer gave every row it held to the spool",
+        timeout=timeout,
+        interval=0.05,
+    )
 
 
 def rows_for(request_ids: list[str], timeout: float = 30.0) -> dict[str, UsageRecord]:
     """The ledger rows of these requests once all are there: replayed by the server's own replay when the
     database answers again, or by this replay (either may run first; a row is never written twice)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    rows: dict[str, UsageRecord] = {}
+
+    def all_there() -> bool:
         ledger.ledger_replay_spool()
-        rows = {row.request_id: row for row in UsageRecord.objects.filter(request_id__in=request_ids)}
-        if len(rows) == len(set(request_ids)) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+        rows.clear()
+        rows.update((row.request_id, row) for row in UsageRecord.objects.filter(request_id__in=request_ids))
+        return len(rows) == len(set(request_ids))
+
+    wait_until(
+        all_there,
+        lambda: f"ledger rows for {sorted(set(request_ids))} (there are for {sorted(rows)})",
+        timeout=timeout,
+        interval=0.2,
+    )
+    return rows
+
+
+async def replayed_until_there(rows, what: str, *, interval: float) -> None:
+    """Until ``rows`` (a queryset) has a row, replaying the spool between looks (the server's own replay, once
+    the database answers again, may come first)."""
+
+    async def there() -> bool:
+        if await rows.aexists():
+            return True
+        await sync_to_async(ledger.ledger_replay_spool)()
+        return False
+
+    await wait_until_async(there, what, timeout=30, interval=interval)
 
 
 @pytest.fixture
@@ -195,9 +219,7 @@ async def test_websocket_send_gets_an_error_event_and_keeps_the_socket(gateway, 
     assert (auth_error["type"], auth_error["code"]) == ("error", "database_unavailable")
     # The socket's request ids are the client's; its ledger rows have ids of their own.
     refused = UsageRecord.objects.filter(endpoint="websocket", status="rejected", error_type="database_unavailable")
-    deadline = time.monotonic() + 30
-    while not await refused.aexists() and time.monotonic() < deadline:
-        await sync_to_async(ledger.ledger_replay_spool)()
+    await replayed_until_there(refused, "the refused request's row, replayed from the spool", interval=0.02)
     row = await refused.select_related("api_key").aget()
     assert row.api_key_id == gateway.api_key.pk and row.model_name == "gpt-test"
 
@@ -228,11 +250,7 @@ async def test_websocket_reply_streaming_when_the_database_goes_down_runs_to_its
     assert len(events) > 20
     # Its ledger row, spooled meanwhile, bills the whole reply.
     billed = UsageRecord.objects.filter(endpoint="websocket", status="ok", completion_tokens__gte=40)
-    deadline = time.monotonic() + 30
-    while not await billed.aexists():
-        assert time.monotonic() < deadline
-        await sync_to_async(ledger.ledger_replay_spool)()
-        await asyncio.sleep(0.2)
+    await replayed_until_there(billed, "the whole reply's row, replayed from the spool", interval=0.2)
 
 
 # ACROSS PROCESSES: A POSTGRESQL OF THEIR OWN, STOPPED UNDER LOAD
@@ -430,8 +448,12 @@ def test_postgres_stopped_under_load_answers_503_and_keeps_every_row(
             for name in ("redis-budgeted", "redis-free", "rowlock-budgeted", "rowlock-free")
         ]
         with Load(targets) as load:
-            while min(load.count(kind) for kind, _, _ in targets) < 3:  # every caller is in its server's caches
-                time.sleep(0.05)
+            wait_until(  # every caller is in its server's caches
+                lambda: min(load.count(kind) for kind, _, _ in targets) >= 3,
+                "three answers for every caller before the outage",
+                timeout=30,
+                interval=0.05,
+            )
             outage_postgres.stop()
             stopped = time.monotonic()
             # A key neither server has seen: both must look it up, and cannot.
@@ -441,17 +463,30 @@ def test_postgres_stopped_under_load_answers_503_and_keeps_every_row(
             outage_postgres.start()
             back = time.monotonic()
             during = load.count()
-            while load.count() < during + 100:
-                time.sleep(0.05)
+            wait_until(
+                lambda: load.count() >= during + 100,
+                "100 more answers after the restart",
+                timeout=60,
+                interval=0.05,
+            )
         outcomes = list(load.outcomes)
         # Every answer's x-request-id has its one ledger row, written by the servers themselves while they
         # run on (no Celery worker, no restart), the refused ones as `rejected` under the key that sent them.
         expected = {o.headers["x-request-id"]: o for o in outcomes}
         assert len(expected) == len(outcomes)
-        deadline = time.monotonic() + 90
-        while len(rows := ledger_rows(outage_postgres.url, list(expected))) < len(expected):
-            assert time.monotonic() < deadline, f"{len(expected) - len(rows)} of {len(expected)} rows never arrived"
-            time.sleep(0.5)
+        rows: dict[str, tuple[str, str, int | None]] = {}
+
+        def every_row() -> bool:
+            rows.clear()
+            rows.update(ledger_rows(outage_postgres.url, list(expected)))
+            return len(rows) >= len(expected)
+
+        wait_until(
+            every_row,
+            lambda: f"every row arrived ({len(expected) - len(rows)} of {len(expected)} did not)",
+            timeout=90,
+            interval=0.5,
+        )
 
     assert {o.status for o in outcomes} <= {200, 503}, sorted({(o.kind, o.status) for o in outcomes})
     for outcome in outcomes:
