@@ -20,6 +20,7 @@ from providers.models import ByokMode
 from providers.selectors import provider_config
 from tests.connections import established_connections
 from tests.factories import ProviderFactory
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db
 
@@ -145,10 +146,8 @@ async def test_an_evicted_client_finishes_its_stream_before_it_closes(settings, 
         rest = [chunk async for chunk in chunks]
 
         assert first is not None and len(rest) > 10  # the whole reply came through the evicted client
-        for _ in range(100):  # then it is closed, within a few idle checks
-            if streaming._client.is_closed():
-                break
-            await asyncio.sleep(0.1)
+        # Then it is closed, within a few idle checks.
+        await wait_until_async(streaming._client.is_closed, "the evicted client closed", timeout=10, interval=0.1)
         assert streaming._client.is_closed()
     finally:
         await adapters_close_all()

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -29,6 +28,7 @@ from billing.models import UsageRecord
 from billing.services.ledger import ledger_replay_spool
 from tests.conftest import database_url_for_subprocesses, free_port, own_postgres, wait_for_port
 from tests.gateway.conftest import make_catalog
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,11 +152,12 @@ def completion(port: int, key: str, content: str) -> httpx.Response:
 
 def upstream_received(upstream, count: int) -> None:
     """Wait until the fake upstream has received ``count`` completion requests (each is in flight)."""
-    for _ in range(3000):
-        if sum(r["path"].endswith("/chat/completions") for r in upstream.requests) >= count:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the upstream never received {count} requests")
+    wait_until(
+        lambda: sum(r["path"].endswith("/chat/completions") for r in upstream.requests) >= count,
+        f"the upstream received {count} requests",
+        timeout=30,
+        interval=0.01,
+    )
 
 
 def replay(spool: Path) -> None:

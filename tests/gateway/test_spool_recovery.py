@@ -37,6 +37,7 @@ from llmhub.testing.postgres import PostgresCluster
 from providers.selectors import resolved_model
 from tests.conftest import free_port, own_postgres, wait_for_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = Decimal("0.0001")  # one completion token of the flat model (input is free)
@@ -168,8 +169,8 @@ def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_o
     try:
         wait_for_port(port, timeout=30, process=server)
         with Load(f"http://127.0.0.1:{port}", secret) as load:
-            while load.count() < 20:  # the caller's key, limits and model are in the server's caches
-                time.sleep(0.05)
+            # The caller's key, limits and model are in the server's caches.
+            wait_until(lambda: load.count() >= 20, "20 answers before the outage", timeout=30, interval=0.05)
             postgres.stop()
             during = load.count()
             time.sleep(6)
@@ -185,10 +186,19 @@ def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_o
         assert len(served) > during + 20  # callers already cached were served through the outage
 
         # No Celery worker runs, and the server is not restarted: the server replays its spool itself.
-        deadline = time.monotonic() + 60
-        while missing := set(answered) - ledger_ids(postgres.url):
-            assert time.monotonic() < deadline, f"{len(missing)} of {len(answered)} rows never reached the ledger"
-            time.sleep(0.5)
+        missing = set(answered)
+
+        def all_in_the_ledger() -> bool:
+            missing.clear()
+            missing.update(set(answered) - ledger_ids(postgres.url))
+            return not missing
+
+        wait_until(
+            all_in_the_ledger,
+            lambda: f"every row reached the ledger ({len(missing)} of {len(answered)} did not)",
+            timeout=60,
+            interval=0.5,
+        )
         spools = list((ROOT / "var").glob(f"test-ledger-spool-{server.pid}.jsonl*"))
         assert not [p for p in spools if not p.name.endswith(".lock") and p.stat().st_size], spools
 
