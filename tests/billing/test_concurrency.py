@@ -32,6 +32,7 @@ from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
 from tests.conftest import database_url_for_subprocesses, free_port, python_argv, wait_for_port
 from tests.factories import UserFactory
+from tests.waiting import wait_for_ledger_rows
 
 # Every process of a test (this one, the workers, the servers) has its clock pinned at the same instant, so
 # that they agree on the month the budget is in, at the instants where it is easiest to disagree.
@@ -138,17 +139,6 @@ async def post_all(urls: list[str], secret: str, count: int) -> list[httpx.Respo
         )
 
 
-def wait_for_ledger(api_key, rows: int, timeout: float = 60.0) -> None:
-    """Ledger rows are written after the response; every request (refused ones too) gets one. The bound is
-    for liveness, not speed: with the database store on SQLite, two servers and four xdist workers on two
-    cores, a batch can wait out SQLite's 20 s busy timeout, be spooled and be replayed (fresh-clone CI on
-    ea971b1 ran past 30 s once; alone the test waits about a second)."""
-    deadline = time.monotonic() + timeout
-    while UsageRecord.objects.filter(api_key=api_key).count() < rows:
-        assert time.monotonic() < deadline, "the ledger never caught up"
-        time.sleep(0.1)
-
-
 def assert_budget_held(budget_key, responses, fake_upstream) -> None:
     statuses = sorted(r.status_code for r in responses)
     ok = [r for r in responses if r.status_code == 200]
@@ -159,7 +149,11 @@ def assert_budget_held(budget_key, responses, fake_upstream) -> None:
     assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
     assert fake_upstream.stats["requests"] == 10  # refused requests never went upstream
 
-    wait_for_ledger(budget_key["key"], len(responses))
+    # Ledger rows are written after the response; every request (refused ones too) gets one. The bound is
+    # for liveness, not speed: with the database store on SQLite, two servers and four xdist workers on two
+    # cores, a batch can wait out SQLite's 20 s busy timeout, be spooled and be replayed (fresh-clone CI on
+    # ea971b1 ran past 30 s once; alone the test waits about a second).
+    wait_for_ledger_rows(len(responses), api_key=budget_key["key"], timeout=60, interval=0.1)
     spent, reserved = counter_state(key_ref(budget_key["key"]))
     budget = 10 * RESERVATION
     assert spent <= budget + RESERVATION

@@ -32,6 +32,7 @@ from billing.services.plans import plan_assign
 from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
 from tests.conftest import free_port, python_argv, redis_start, wait_for_port
 from tests.factories import UserFactory
+from tests.waiting import wait_for_ledger_rows, wait_until, wait_until_async
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants(only=["last-second-of-month"])]
 
@@ -157,20 +158,17 @@ async def post_through_billing_outage(client: httpx.AsyncClient, url: str, secre
     return response
 
 
-async def until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never: {what}"
-        await asyncio.sleep(0.05)
-
-
 async def until_no_records(redis_url: str, what: str, timeout: float = 10.0) -> None:
     """Until no in-flight record is left in the store: a request answered keeps its record, settled, until
     the ledger writer commits its row, a few milliseconds after the response."""
-    deadline = time.monotonic() + timeout
-    while left := await sync_to_async(records)(redis_url):
-        assert time.monotonic() < deadline, f"never: {what} ({left})"
-        await asyncio.sleep(0.05)
+    left: dict[str, bool] = {}
+
+    async def none_left() -> bool:
+        left.clear()
+        left.update(await sync_to_async(records)(redis_url))
+        return not left
+
+    await wait_until_async(none_left, lambda: f"{what} ({left})", timeout=timeout, interval=0.05)
 
 
 def records(redis_url: str) -> dict[str, bool]:
@@ -207,13 +205,6 @@ def three_spent_and_one_more_admitted(budget_key, server: Server) -> None:
     assert asyncio.run(two_more()) == [200, 429]
 
 
-def wait_for_rows(api_key, rows: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while UsageRecord.objects.filter(api_key=api_key).count() < rows:
-        assert time.monotonic() < deadline, "the ledger never caught up"
-        time.sleep(0.1)
-
-
 # POINT 1: A REDIS RESTART LETS NO KEY OVERSPEND
 
 
@@ -232,7 +223,7 @@ def test_a_redis_restart_with_requests_in_flight_admits_nothing_the_budget_would
                 asyncio.create_task(post(client, server.url, secret, body(latency_ms=6000)))
                 for server in (first, second, first)
             ]
-            await until(lambda: fake_upstream.stats["requests"] == 3, "three requests upstream")
+            await wait_until_async(lambda: fake_upstream.stats["requests"] == 3, "three requests upstream")
             own_redis.kill()
             own_redis.start()
             quick = [await post_through_billing_outage(client, server.url, secret) for server in (first, second, first)]
@@ -246,7 +237,7 @@ def test_a_redis_restart_with_requests_in_flight_admits_nothing_the_budget_would
     refused = [r for r in quick if r.status_code == 429]
     assert all(r.json()["error"]["code"] == "insufficient_quota" for r in refused)
     assert fake_upstream.stats["requests"] == 4  # the refused ones never went upstream
-    wait_for_rows(budget_key["key"], 6)
+    wait_for_ledger_rows(6, api_key=budget_key["key"], timeout=30, interval=0.1)
     assert ledger_sum(budget_key["key"]) == 4 * RESERVATION  # the budget, to the last token
 
 
@@ -287,12 +278,16 @@ async def test_a_settled_row_not_written_when_redis_restarts_is_reasserted_and_c
     await ledger_flush()
     row, admission = await admitted_row(budget_key, "settled-0")
     usage_record_submit(row, admission=admission)
-    await until(lambda: records(own_redis.url) == {"settled-0": True}, "settled, its row lingering", timeout=10)
+    await wait_until_async(
+        lambda: records(own_redis.url) == {"settled-0": True}, "settled, its row lingering", timeout=10
+    )
     await admitted(budget_key, "held-1")
     own_redis.kill()
     own_redis.start()
 
-    await until(lambda: records(own_redis.url) == {"settled-0": True, "held-1": False}, "both re-asserted", timeout=10)
+    await wait_until_async(
+        lambda: records(own_redis.url) == {"settled-0": True, "held-1": False}, "both re-asserted", timeout=10
+    )
     await admitted(budget_key, "after-2")
     await admitted(budget_key, "after-3")
     with pytest.raises(QuotaExceededError):
@@ -325,7 +320,9 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
             assert warm.status_code == 200, warm.text
             await until_no_records(redis_url, "the warm request's row committed")
             held = [asyncio.create_task(post(client, doomed.url, secret, body(latency_ms=60_000))) for _ in range(2)]
-            await until(lambda: fake_upstream.stats["requests"] == 3, "two requests upstream from the doomed server")
+            await wait_until_async(
+                lambda: fake_upstream.stats["requests"] == 3, "two requests upstream from the doomed server"
+            )
             assert len(await sync_to_async(records)(redis_url)) == 2  # the records of the two requests in flight
             doomed.process.send_signal(signal.SIGKILL)
             doomed.process.wait(timeout=10)
@@ -335,10 +332,7 @@ def test_requests_of_a_killed_process_get_one_lost_row_each_and_release_their_ho
     asyncio.run(scenario())
 
     # The survivor writes them as lost on its own once the doomed process's heartbeat has expired.
-    deadline = time.monotonic() + 30
-    while UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.LOST).count() < 2:
-        assert time.monotonic() < deadline, "the requests of the killed process never got their rows"
-        time.sleep(0.1)
+    wait_for_ledger_rows(2, api_key=budget_key["key"], status=UsageStatus.LOST, timeout=30, interval=0.1)
     lost = list(UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.LOST))
     assert len(lost) == 2
     assert all(row.usage_estimated and row.cost == RESERVATION for row in lost)
@@ -378,25 +372,26 @@ def test_rows_settled_but_not_committed_when_their_process_is_killed_are_written
         return [r.headers["x-request-id"] for r in responses]
 
     request_ids = asyncio.run(answered())
-    deadline = time.monotonic() + 30
-    while counter_state(ref) != (3 * RESERVATION, Decimal(0)):
-        assert time.monotonic() < deadline, f"never settled: {counter_state(ref)}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: counter_state(ref) == (3 * RESERVATION, Decimal(0)),
+        lambda: f"settled ({counter_state(ref)})",
+        timeout=30,
+        interval=0.05,
+    )
     assert records(redis_url) == dict.fromkeys(request_ids, True)  # settled, their rows on the way
     assert not UsageRecord.objects.filter(request_id__in=request_ids).exists()
     doomed.process.send_signal(signal.SIGKILL)
     doomed.process.wait(timeout=10)
 
-    wait_for_rows(budget_key["key"], 3)
+    wait_for_ledger_rows(3, api_key=budget_key["key"], timeout=30, interval=0.1)
     rows = list(UsageRecord.objects.filter(api_key=budget_key["key"], request_id__in=request_ids))
     assert sorted(row.request_id for row in rows) == sorted(request_ids)
     assert {(row.status, row.cost, row.usage_estimated, row.completion_tokens) for row in rows} == {
         (UsageStatus.OK, RESERVATION, False, MAX_TOKENS)
     }
-    deadline = time.monotonic() + 10
-    while records(redis_url):
-        assert time.monotonic() < deadline, f"records left: {records(redis_url)}"
-        time.sleep(0.05)
+    wait_until(
+        lambda: not records(redis_url), lambda: f"no records left ({records(redis_url)})", timeout=10, interval=0.05
+    )
     # The counters moved at the settle, and not again.
     three_spent_and_one_more_admitted(budget_key, survivor)
 
@@ -457,10 +452,11 @@ async def test_a_live_process_keeps_its_settled_records_until_their_rows_are_wri
     row, admission = await admitted_row(budget_key, "lingering")
     ref = key_ref(budget_key["key"])
     usage_record_submit(row, admission=admission)
-    deadline = time.monotonic() + 10
-    while await sync_to_async(counter_state)(ref) != (RESERVATION, Decimal(0)):
-        assert time.monotonic() < deadline, "never settled"
-        await asyncio.sleep(0.02)
+
+    async def settled() -> bool:
+        return await sync_to_async(counter_state)(ref) == (RESERVATION, Decimal(0))
+
+    await wait_until_async(settled, "settled", timeout=10)
     await asyncio.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # longer than a dead process's heartbeat lasts
 
     assert await sync_to_async(inflight_lost_settle)() == 0
@@ -495,7 +491,7 @@ async def test_a_flush_returns_once_its_batch_is_done_and_leaves_the_writer_idle
     monkeypatch.setattr(ledger, "admission_records_forget", slow_forget)
     row, admission = await admitted_row(budget_key, "drained")
     usage_record_submit(row, admission=admission)
-    await until(lambda: records(use_redis) == {"drained": True}, "settled, its row lingering", timeout=10)
+    await wait_until_async(lambda: records(use_redis) == {"drained": True}, "settled, its row lingering", timeout=10)
     await ledger_flush()
     assert await sync_to_async(records)(use_redis) == {}
 
@@ -678,7 +674,7 @@ async def test_a_retried_settle_landing_after_its_row_was_written_leaves_no_reco
         if len(kept_rows) == 1:
             raise redis.ConnectionError("Redis is restarting")
         retry_left.set()
-        await until(lambda: usage_unwritten("raced") is None, "the row written", timeout=10)
+        await wait_until_async(lambda: usage_unwritten("raced") is None, "the row written", timeout=10)
         await asyncio.sleep(0.2)  # and the batch's records forgotten
         return await real_settle(**kwargs)
 
@@ -690,7 +686,7 @@ async def test_a_retried_settle_landing_after_its_row_was_written_leaves_no_reco
     monkeypatch.setattr(ledger, "_write_rows", write)
     row, admission = await admitted_row(budget_key, "raced")
     usage_record_submit(row, admission=admission)
-    await until(lambda: len(kept_rows) == 2 and not ledger._settles_retrying, "the retried settle landed")
+    await wait_until_async(lambda: len(kept_rows) == 2 and not ledger._settles_retrying, "the retried settle landed")
 
     assert kept_rows == [True, True]
     assert await UsageRecord.objects.filter(request_id="raced", cost=RESERVATION).acount() == 1
@@ -720,13 +716,16 @@ def test_rows_spooled_when_their_writer_ends_stop_the_beat_and_are_written_once(
         row, admission = await admitted_row(budget_key, "orphaned")
         usage_record_submit(row, admission=admission)
         # Settled, its row not written: the process beats for it.
-        await until(lambda: inflight.held_count() == 1 and "orphaned" not in inflight._held, "settled", timeout=10)
+        await wait_until_async(
+            lambda: inflight.held_count() == 1 and "orphaned" not in inflight._held, "settled", timeout=10
+        )
+
         # The process counts it settled before the settle is sent; the loop must not end before the store has
         # it (in the database, a transaction in a thread that the loop's end does not wait for).
-        deadline = time.monotonic() + 10
-        while await sync_to_async(records)(redis_url) != {"orphaned": True}:
-            assert time.monotonic() < deadline, "never: the settle in the store"
-            await asyncio.sleep(0.05)
+        async def in_the_store() -> bool:
+            return await sync_to_async(records)(redis_url) == {"orphaned": True}
+
+        await wait_until_async(in_the_store, "the settle in the store", timeout=10, interval=0.05)
 
     asyncio.run(settled_then_loop_ends())  # which cancels the writer
 

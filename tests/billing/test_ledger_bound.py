@@ -19,6 +19,7 @@ from billing.services import ledger
 from billing.services.ledger import ledger_flush, usage_record_submit
 from billing.services.ledger_rows import UsageData
 from billing.services.spool import spool_pending, spool_rows
+from tests.waiting import wait_for_ledger_rows_async, wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -56,11 +57,7 @@ def spooled_ids() -> list[str]:
 
 
 async def rows_written(prefix: str, count: int) -> int:
-    for _ in range(1000):
-        if await UsageRecord.objects.filter(request_id__startswith=prefix).acount() >= count:
-            break
-        await asyncio.sleep(0.01)
-    return await UsageRecord.objects.filter(request_id__startswith=prefix).acount()
+    return await wait_for_ledger_rows_async(count, timeout=10, interval=0.01, request_id__startswith=prefix)
 
 
 async def written_ids(rows: list[UsageData]) -> list[str]:
@@ -93,10 +90,7 @@ async def test_a_slow_database_spools_what_passes_the_bound_and_every_row_is_wri
     await asyncio.wait_for(ledger_flush(), timeout=30)
     assert await rows_written("bound-", 1000) == 1000
     assert sorted(await written_ids(submitted)) == sorted(data.request_id for data in submitted)
-    for _ in range(500):
-        if not spool_pending():
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: not spool_pending(), "the spool replayed", timeout=5, interval=0.01)
     assert not spool_pending()
     assert not ledger._unwritten
 
@@ -131,10 +125,7 @@ async def test_the_users_of_spilled_rows_are_known_until_the_replay_writes_them(
     slow_database.set()
     await asyncio.wait_for(ledger_flush(), timeout=30)
     assert await rows_written("bound-", len(submitted)) >= len(submitted)
-    for _ in range(500):
-        if not spool_pending():
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: not spool_pending(), "the spool replayed", timeout=5, interval=0.01)
     assert not spool_pending()
     assert not any(ledger.usage_unwritten_user(data.request_id) for data in submitted)
 
@@ -227,8 +218,5 @@ async def test_rows_spooled_while_the_watcher_backs_off_wake_it(settings, tmp_pa
     _spool(row())
     ledger_spool_watch()  # as a spill, or a batch the database refused, calls it
     assert await rows_written("bound-", 2) == 2
-    for _ in range(500):
-        if not spool_pending():
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: not spool_pending(), "the spool replayed", timeout=5, interval=0.01)
     assert not spool_pending()

@@ -14,6 +14,7 @@ from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.ledger import ledger_flush, usage_record_submit
 from billing.services.ledger_rows import UsageData
+from tests.waiting import wait_for_ledger_rows_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,11 +45,7 @@ def batches(monkeypatch):
 
 
 async def written(count: int) -> int:
-    for _ in range(500):
-        if await UsageRecord.objects.filter(request_id__startswith="linger-").acount() >= count:
-            break
-        await asyncio.sleep(0.01)
-    return await UsageRecord.objects.filter(request_id__startswith="linger-").acount()
+    return await wait_for_ledger_rows_async(count, timeout=5, interval=0.01, request_id__startswith="linger-")
 
 
 async def test_rows_submitted_apart_share_one_transaction_and_are_settled_as_they_come(settings, batches):

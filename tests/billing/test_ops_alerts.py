@@ -34,6 +34,7 @@ from providers.models import Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_state
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
+from tests.waiting import wait_for_ledger_rows
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -89,21 +90,6 @@ def gateway(llmhub_server, fake_upstream, settings, redis_url, webhook) -> Itera
     client.close()
 
 
-def ledger_rows(count: int) -> None:
-    """Wait until the ledger holds ``count`` rows: the server writes them after each reply has gone."""
-    deadline = time.monotonic() + 30
-    while UsageRecord.objects.count() < count:
-        assert time.monotonic() < deadline, f"the ledger never reached {count} rows"
-        time.sleep(0.02)
-
-
-def wait_until(predicate, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
-
-
 def evaluate_at(instant: datetime, times: int = 3) -> None:
     """The evaluator, run ``times`` over at a frozen ``instant`` (as a beat scheduling it each minute may
     run it twice): what it sends must not depend on how often it runs."""
@@ -145,7 +131,7 @@ def test_a_model_failing_upstream_alerts_once_then_clears_once(gateway, webhook,
         assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
         gateway.fault("503")
         assert all(gateway.chat().status_code >= 500 for _ in range(4))
-        ledger_rows(6)
+        wait_for_ledger_rows(6)
     assert UsageRecord.objects.filter(status=UsageStatus.UPSTREAM_ERROR).count() == 4
 
     evaluate_at(T0 + timedelta(minutes=1))
@@ -163,7 +149,7 @@ def test_a_model_failing_upstream_alerts_once_then_clears_once(gateway, webhook,
     gateway.fault(None)
     with time_machine.travel(T0 + timedelta(minutes=6), tick=True):
         assert {gateway.chat().status_code for _ in range(4)} == {200}
-        ledger_rows(10)
+        wait_for_ledger_rows(10)
     evaluate_at(T0 + timedelta(minutes=6, seconds=30))
     evaluate_at(T0 + timedelta(minutes=7))
 
@@ -178,7 +164,7 @@ def test_slow_replies_alert_on_the_p95_latency_once_then_clear_once(gateway, web
     rule(OpsAlertKind.LATENCY_P95, threshold=Decimal("1000"), minimum_requests=3)
     with time_machine.travel(T0, tick=True):
         assert {gateway.chat("[[latency=1500]] hi").status_code for _ in range(3)} == {200}
-        ledger_rows(3)
+        wait_for_ledger_rows(3)
     evaluate_at(T0 + timedelta(minutes=1))
     evaluate_at(T0 + timedelta(minutes=2))
 
@@ -189,7 +175,7 @@ def test_slow_replies_alert_on_the_p95_latency_once_then_clear_once(gateway, web
 
     with time_machine.travel(T0 + timedelta(minutes=6), tick=True):
         assert {gateway.chat().status_code for _ in range(3)} == {200}
-        ledger_rows(6)
+        wait_for_ledger_rows(6)
     evaluate_at(T0 + timedelta(minutes=6, seconds=30))
     evaluate_at(T0 + timedelta(minutes=7))
 
@@ -214,7 +200,7 @@ def test_a_user_using_up_the_daily_token_quota_alerts_once_and_clears_when_it_is
         while 429 not in statuses:
             assert len(statuses) < 20, "the quota never refused a request"
             statuses.append(gateway.chat().status_code)
-        ledger_rows(len(statuses))
+        wait_for_ledger_rows(len(statuses))
     refused = UsageRecord.objects.get(status=UsageStatus.REJECTED)
     assert refused.error_type == "insufficient_quota"
 
@@ -235,7 +221,7 @@ def test_a_user_using_up_the_daily_token_quota_alerts_once_and_clears_when_it_is
     time.sleep(django_settings.LLMHUB_LOOKUP_CACHE_TTL + 0.5)
     with time_machine.travel(T0 + timedelta(minutes=4), tick=True):
         assert gateway.chat().status_code == 200
-        ledger_rows(len(statuses) + 1)
+        wait_for_ledger_rows(len(statuses) + 1)
     evaluate_at(T0 + timedelta(minutes=5))
     evaluate_at(T0 + timedelta(minutes=6))
     incident.refresh_from_db()
@@ -264,7 +250,7 @@ def test_a_burst_of_spend_alerts_once_against_the_usual_hour_then_clears_once(ga
     webhook.fail_next = 2  # the webhook fails twice first: the alert is retried, not lost, nor sent twice
     with time_machine.travel(T0, tick=True):
         assert {gateway.chat("[[words=5]]").status_code for _ in range(3)} == {200}
-        ledger_rows(3)
+        wait_for_ledger_rows(3)
     burst = sum(UsageRecord.objects.values_list("cost", flat=True))
     assert burst > 0
     # The week before: one row an hour, the usual hour costing a tenth of the burst.

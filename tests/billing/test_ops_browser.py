@@ -6,7 +6,6 @@ reloading, and fit a phone. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 
 import httpx
@@ -17,10 +16,11 @@ from django.test import Client
 from playwright.async_api import Page, expect
 
 from accounts.roles import Role, role_set
-from billing.models import UsageRecord, UsageStatus
+from billing.models import UsageStatus
 from billing.services.keys import api_key_create
 from providers.models import CatalogModel, Deployment
 from tests.factories import ProviderFactory, UsageRecordFactory, UserFactory
+from tests.waiting import wait_for_ledger_rows_async
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -57,15 +57,6 @@ async def send(site, secret: str, count: int) -> list[int]:
         return statuses
 
 
-async def ledger_rows(expected: int) -> None:
-    """The ledger is written after the replies: wait until every request has its row."""
-    for _ in range(500):
-        if await sync_to_async(UsageRecord.objects.count)() >= expected:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"expected {expected} ledger rows")
-
-
 def refused_by_rate_limit() -> None:
     """A request the gateway refused, as the pipeline writes its row (the rate limit itself is
     tests/billing's; here only the dashboard's reading of the row matters)."""
@@ -87,7 +78,7 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     statuses = await send(live_site, setup["secret"], 12)
     # west fails until its breaker opens (5 consecutive failures), then east answers everything.
     assert statuses[:5] == [503] * 5 and statuses[5:] == [200] * 7, statuses
-    await ledger_rows(12)
+    await wait_for_ledger_rows_async(12, timeout=10)  # the ledger is written after the replies
 
     context = await browser.new_context(viewport={"width": 1280, "height": 900})
     await context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": setup["cookie"], "url": live_site.url}])
@@ -130,7 +121,7 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     await page.evaluate("window.sameDocument = true")
     upstreams["west"].set_fault(None)
     assert await send(live_site, setup["secret"], 3) == [200] * 3
-    await ledger_rows(15)
+    await wait_for_ledger_rows_async(15, timeout=10)  # the ledger is written after the replies
     await sync_to_async(refused_by_rate_limit)()
     await page.clock.run_for(15_500)
     await expect(page.locator("#main")).to_have_attribute("data-refreshes", "1")

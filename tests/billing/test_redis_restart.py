@@ -31,7 +31,7 @@ from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
 from tests.conftest import free_port, redis_start
 from tests.factories import UserFactory
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -210,18 +210,19 @@ async def test_a_settle_that_meets_redis_down_is_retried_until_it_lands(restarta
         admission=admission,
     )
     # The row does not wait for the settle.
-    for _ in range(300):
-        if await UsageRecord.objects.filter(request_id="req_settle_later").aexists():
-            break
-        await asyncio.sleep(0.1)
+    await wait_until_async(
+        UsageRecord.objects.filter(request_id="req_settle_later").aexists,
+        "the row written before the settle",
+        timeout=30,
+        interval=0.1,
+    )
     assert await UsageRecord.objects.filter(request_id="req_settle_later").aexists()
     await asyncio.sleep(1)  # the settle has failed by now, more than once
     restartable_redis.start()
 
-    state = None
-    for _ in range(300):
-        state = await sync_to_async(counter_state)(ref)
-        if state == (3 * TOKEN, Decimal(0)):
-            break
-        await asyncio.sleep(0.1)
+    async def settled() -> bool:
+        return await sync_to_async(counter_state)(ref) == (3 * TOKEN, Decimal(0))
+
+    await wait_until_async(settled, "the settle landed once Redis was back", timeout=30, interval=0.1)
+    state = await sync_to_async(counter_state)(ref)
     assert state == (3 * TOKEN, Decimal(0))

@@ -43,6 +43,7 @@ from billing.tokens import prompt_tokens
 from providers.selectors import resolved_model
 from tests.billing.conftest import FLAT_TOKEN, spend_settled
 from tests.factories import UserFactory
+from tests.waiting import wait_for_ledger_rows_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -248,10 +249,7 @@ def test_rows_spilled_from_a_full_queue_release_their_holds_once_when_replayed(a
         await ledger_flush()
         settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 0.05
         ledger.ledger_spool_watch()  # as the next spill would: the watcher probes now
-        for _ in range(1000):
-            if await UsageRecord.objects.filter(request_id__in=request_ids).acount() == len(request_ids):
-                break
-            await asyncio.sleep(0.01)
+        await wait_for_ledger_rows_async(len(request_ids), timeout=10, interval=0.01, request_id__in=request_ids)
 
     async_to_sync(serve)()
     written = UsageRecord.objects.filter(request_id__in=request_ids).values_list("request_id", flat=True)
