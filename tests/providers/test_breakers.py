@@ -6,6 +6,7 @@ The clock is pinned (time_machine) wherever a cooldown matters."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from providers.routing.breakers import (
 )
 from providers.types import ProviderConfig, ResolvedDeployment
 from tests.conftest import free_port
+from tests.waiting import wait_until_async
 
 START = datetime(2026, 12, 1, 9, 0, 0, tzinfo=UTC)
 # Every test its own deployments: the view of a process outlives a test.
@@ -71,13 +73,8 @@ def clock():
         yield traveller
 
 
-async def eventually(predicate, what: str, timeout: float = 10.0) -> None:
-    """Poll until ``predicate()`` holds (a liveness deadline, not a speed requirement)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.005)
+# Poll until ``predicate()`` holds (a liveness deadline, not a speed requirement).
+eventually = functools.partial(wait_until_async, timeout=10.0, interval=0.005)
 
 
 async def fail(d: ResolvedDeployment, times: int) -> None:

@@ -5,7 +5,6 @@ implementations must give the same answers and leave the same fields at every st
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import pytest
@@ -13,6 +12,7 @@ import redis
 
 from providers.routing import breakers
 from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN, BreakerConfig, BreakerView, Machine
+from tests.waiting import wait_until
 
 T0 = 1_800_000_000_000  # ms since the epoch: the clock is an argument of every transition
 CFG = BreakerConfig(
@@ -231,11 +231,14 @@ def test_a_change_is_published_and_versioned(redis_client):
     _, _, opened, _ = lua.step("trip", T0 + 1)
     _, _, closed, _ = lua.step("reset", T0 + 2)
     messages = []
-    deadline = time.monotonic() + 10
-    while len(messages) < 2 and time.monotonic() < deadline:
+
+    def both_published() -> bool:
         message = pubsub.get_message(timeout=0.1)
         if message is not None:
             messages.append(message["data"])
+        return len(messages) >= 2
+
+    wait_until(both_published, lambda: f"both changes published (got {messages})", timeout=10, interval=0)
     assert pubsub.get_message(timeout=0.2) is None  # and nothing else
     pubsub.close()
     assert [BreakerView.parse(m.split()[1:]) for m in messages] == [opened, closed]

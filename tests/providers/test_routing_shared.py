@@ -77,9 +77,9 @@ def shared(settings, redis_url):
 async def exchanged() -> None:
     """One exchange with Redis made by this test (the background one may be under way: wait for it)."""
     from providers.routing.stats import stats_flush
+    from tests.waiting import wait_until_async
 
-    while not await stats_flush():
-        await asyncio.sleep(0.01)
+    await wait_until_async(stats_flush, "an exchange with Redis", interval=0.01)
 
 
 async def start_other(other_processes, redis_url: str, plan: dict) -> OtherProcess:
@@ -118,16 +118,21 @@ async def test_least_busy_counts_the_requests_another_process_has_in_flight(shar
 async def test_a_process_that_dies_stops_counting_its_requests_in_flight(shared, redis_url, other_processes):
     from providers.routing.stats import BUSY_TTL_MS, in_flight
     from tests.providers.test_routing import deployment
+    from tests.waiting import wait_until_async
 
     d = deployment("east")
     other = await start_other(other_processes, redis_url, {"hold": {d.id: 2}})
     await exchanged()
     assert in_flight(d.id) == 2
     other.kill()
-    deadline = time.monotonic() + BUSY_TTL_MS / 1000 + 10
-    while in_flight(d.id) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+
+    async def none_in_flight() -> bool:
         await exchanged()
+        return not in_flight(d.id)
+
+    await wait_until_async(
+        none_in_flight, "the dead process's requests no longer in flight", timeout=BUSY_TTL_MS / 1000 + 10, interval=0.1
+    )
     assert in_flight(d.id) == 0
 
 
@@ -176,18 +181,28 @@ async def test_the_background_exchange_sends_without_being_asked(shared, redis_u
     from providers.routing import Outcome, call_finished, call_started
     from providers.routing.stats import KEY_PREFIX, instance_id
     from tests.providers.test_routing import deployment
+    from tests.waiting import wait_until_async
 
     d = deployment("east")
     ticket = call_started(d.id)
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
+        # One 10 s deadline for both: the call started, then finished.
         deadline = time.monotonic() + 10
-        while client.hget(f"{KEY_PREFIX}busy:{instance_id()}", str(d.id)) != "1" and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_async(
+            lambda: client.hget(f"{KEY_PREFIX}busy:{instance_id()}", str(d.id)) == "1",
+            "the call in flight sent",
+            timeout=deadline - time.monotonic(),
+            interval=0.05,
+        )
         assert client.hget(f"{KEY_PREFIX}busy:{instance_id()}", str(d.id)) == "1"
         call_finished(ticket, outcome=Outcome.OK)
-        while client.hget(f"{KEY_PREFIX}busy:{instance_id()}", str(d.id)) is not None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until_async(
+            lambda: client.hget(f"{KEY_PREFIX}busy:{instance_id()}", str(d.id)) is None,
+            "the finished call sent",
+            timeout=deadline - time.monotonic(),
+            interval=0.05,
+        )
         assert client.hget(f"{KEY_PREFIX}busy:{instance_id()}", str(d.id)) is None
     finally:
         client.close()
