@@ -5,7 +5,6 @@ with a gateway key, a JWT or the web session, ``GET /api/prompts/``, and ``/v1/c
 from __future__ import annotations
 
 import json
-import time
 from decimal import Decimal
 
 import httpx
@@ -29,6 +28,7 @@ from tests.chat.test_prompt_runs import (
     versions_experiment,
 )
 from tests.test_openapi_schema import validator_for
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -51,12 +51,15 @@ def sdk(server, key: str) -> openai.OpenAI:
 
 
 def wait_for_rows(request_ids: list[str], timeout: float = 10.0) -> dict[str, UsageRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = {row.request_id: row for row in UsageRecord.objects.filter(request_id__in=request_ids)}
-        if len(rows) == len(request_ids) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.02)
+    rows: dict[str, UsageRecord] = {}
+
+    def all_there() -> bool:
+        rows.clear()
+        rows.update((row.request_id, row) for row in UsageRecord.objects.filter(request_id__in=request_ids))
+        return len(rows) == len(request_ids)
+
+    wait_until(all_there, lambda: f"ledger rows for {request_ids} (there are for {sorted(rows)})", timeout=timeout)
+    return rows
 
 
 def upstream_chats(fake_upstream) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -22,6 +21,7 @@ from chat.models import Conversation, Message, MessageStatus, Role
 from experiments.models import Feedback
 from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -298,15 +298,6 @@ async def test_api_keys_page(site, browser, user, artifacts_dir):
     await page.close()
 
 
-async def wait_until(condition: Callable[[], bool], what: str, *, timeout: float = 30.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"still waiting after {timeout:.0f} s for {what}")
-
-
 async def pause_clock(page: Page) -> None:
     """Stop the page's fake clock about where it is: no timer fires until ``page.clock.resume()``."""
     for _ in range(3):
@@ -345,7 +336,9 @@ async def test_chat_reconnects_after_the_connection_drops(site, browser, user):
 
         # While the server is out of reach the page keeps trying, and keeps saying so.
         opened = len(sockets)
-        await wait_until(lambda: len(sockets) >= opened + 2 and relay.refused >= 2, "two failed reconnect attempts")
+        await wait_until_async(
+            lambda: len(sockets) >= opened + 2 and relay.refused >= 2, "two failed reconnect attempts", interval=0.05
+        )
         await expect(status).to_have_attribute("data-state", "closed")
         await expect(status).to_have_text(re.compile(r"Reconnecting in \d+ s"))
 
@@ -441,10 +434,12 @@ async def test_a_streamed_code_block_ends_highlighted(site, browser, user, artif
 
 async def ledger_row(request_id: str) -> UsageRecord:
     """The reply's ledger row, written in the background a moment after the reply ends."""
-    async with asyncio.timeout(15):
-        while (record := await UsageRecord.objects.filter(request_id=request_id).afirst()) is None:
-            await asyncio.sleep(0.05)
-    return record
+    return await wait_until_async(
+        UsageRecord.objects.filter(request_id=request_id).afirst,
+        f"a ledger row for {request_id}",
+        timeout=15,
+        interval=0.05,
+    )
 
 
 def usage_text(record: UsageRecord) -> re.Pattern[str]:

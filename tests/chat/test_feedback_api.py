@@ -31,7 +31,7 @@ from experiments.models import Feedback
 from experiments.services_feedback import LEDGER_WAIT_SECONDS, feedback_set
 from tests.factories import UsageRecordFactory, UserFactory
 from tests.gateway.conftest import make_catalog
-from tests.waiting import wait_until
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -360,10 +360,7 @@ def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice
     assert result["response"].status_code == 201, result["response"].text
     assert Feedback.objects.get(request_id=rated).user_id == alice.pk
     async_to_sync(ledger_flush)()
-    for _ in range(300):
-        if UsageRecord.objects.filter(request_id=rated).exists():
-            break
-        time.sleep(0.05)
+    wait_for_record(rated, timeout=15)
     assert UsageRecord.objects.get(request_id=rated).user_id == alice.pk
 
 
