@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from playwright.async_api import Browser, Page, Route, expect
 
 from tests.conftest import LiveServer, free_port
 from tests.test_project import ROOT, manage, production_env
+from tests.waiting import wait_until
 
 # Paths a reader must find listed: an OpenAI-compatible route (added to the document by a postprocessing
 # hook) and one of the management API's.
@@ -108,15 +108,17 @@ def test_production_serves_the_docs_assets_itself(tmp_path):
             return response.status, response.read()
 
     try:
-        deadline = time.monotonic() + 20
-        while True:
+        pages: dict[str, tuple[int, bytes]] = {}
+
+        def served() -> bool:
             try:
-                pages = {path: get(site + path) for path in ("/api/docs/", "/api/redoc/")}
-                break
+                pages.update({path: get(site + path) for path in ("/api/docs/", "/api/redoc/")})
+                return True
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
+                assert server.poll() is None, f"the server ended with status {server.returncode}"
+                return False
+
+        wait_until(served, "the server serves both documentation pages", timeout=20, interval=0.2)
         assets = set()
         for path, (status, html) in pages.items():
             assert status == 200, path

@@ -44,6 +44,7 @@ from providers.models import ByokMode, ProviderCredential, ProviderKind
 from providers.tasks_credentials import provider_credentials_revalidate_all
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 from tests.loopback_http import LoopbackHTTPServer, QuietHandler
+from tests.waiting import wait_until
 
 PLATFORM_KEY = f"sk-platform-canary-{secrets.token_hex(16)}"
 CANARY = f"sk-canary-{secrets.token_hex(16)}"
@@ -169,9 +170,7 @@ def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_em
     # The key turns invalid (the refused call marks it in the background; else the daily re-validation
     # finds it), its owner is emailed once, and the re-check on demand says so too.
     provider_credentials_revalidate_all()
-    deadline = time.monotonic() + 15
-    while not mail.outbox and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: mail.outbox, "its owner emailed", timeout=15, interval=0.05)
     assert [message.to for message in mail.outbox] == [["alice@example.com"]]
     rechecked = send("POST", f"/api/provider-keys/{credential_id}/validate/")
     assert rechecked.json()["status"] == "invalid"
@@ -357,10 +356,12 @@ def test_gateway_keys_jwts_echoed_keys_and_admin_key_changes_reach_no_log_line(
     platform.refresh_from_db()
     assert platform.api_key.reveal() == ADMIN_KEY
     upstream.accept_keys(ADMIN_KEY)
-    deadline = time.monotonic() + 15
-    while post("/v1/chat/completions", bearer(gateway_key.secret)).status_code != 200:
-        assert time.monotonic() < deadline, "the edited key never reached the server"  # its lookup cache's TTL
-        time.sleep(0.2)
+    wait_until(  # within its lookup cache's TTL
+        lambda: post("/v1/chat/completions", bearer(gateway_key.secret)).status_code == 200,
+        "the edited key reached the server",
+        timeout=15,
+        interval=0.2,
+    )
     assert upstream.requests[-1]["key_sha256"] == key_digest(ADMIN_KEY)
 
     rotated_page = browser.post(

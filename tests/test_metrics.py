@@ -28,7 +28,7 @@ from providers.models import CatalogModel, Deployment
 from providers.routing.breakers import breaker_force
 from tests.conftest import free_port, wait_for_port
 from tests.factories import ProviderFactory, UserFactory
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until, wait_until_async
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "llmhub-dashboard.json"
@@ -58,12 +58,20 @@ def value(text: str, name: str, **labels: str) -> float:
 def scrape_until(url: str, name: str, expected: float, **labels: str) -> str:
     """Scrape until ``name`` reaches ``expected``: the workers that did not answer the scrape write what they
     counted every second (core.metrics.FLUSH_SECONDS)."""
-    deadline = time.monotonic() + 30
-    while True:
+    text = ""
+
+    def reached() -> bool:
+        nonlocal text
         text = scrape(url)
-        if value(text, name, **labels) == expected or time.monotonic() > deadline:
-            return text
-        time.sleep(0.2)
+        return value(text, name, **labels) == expected
+
+    wait_until(
+        reached,
+        lambda: f"{name} {labels} reaches {expected} (it is {value(text, name, **labels)})",
+        timeout=30,
+        interval=0.2,
+    )
+    return text
 
 
 def scrape(url: str, token: str = TOKEN) -> str:
@@ -677,11 +685,14 @@ async def test_a_websocket_chat_is_counted_as_websocket(fake_upstream):
     finally:
         await ws.disconnect()
     where = {"model": "socketed", "deployment": "socketed-dep", "transport": "websocket"}
-    for _ in range(100):  # the run settles (and is observed) just after its last event
+    text = ""
+
+    async def observed() -> bool:  # the run settles (and is observed) just after its last event
+        nonlocal text
         text = (await sync_to_async(_exposition)(""))[0].decode()
-        if value(text, "llmhub_requests_total", **where, status="ok") == 1:
-            break
-        await asyncio.sleep(0.1)
+        return value(text, "llmhub_requests_total", **where, status="ok") == 1
+
+    await wait_until_async(observed, "the socket's request counted", timeout=10, interval=0.1)
     assert value(text, "llmhub_requests_total", **where, operation="chat", status="ok") == 1
     assert value(text, "llmhub_time_to_first_token_seconds_count", **where) == 1
     assert value(text, "llmhub_requests_total", model="socketed", transport="rest") == 0

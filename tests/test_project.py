@@ -20,7 +20,6 @@ import string
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from llmhub.testing.ports import free_port
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -242,13 +242,13 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = [pid for pid in pids if alive(pid)]
-        if not left:
-            return []
-        time.sleep(0.1)
-    return [pid for pid in pids if alive(pid)]
+    """Until none of ``pids`` runs; those still running (none)."""
+
+    def left() -> list[int]:
+        return [pid for pid in pids if alive(pid)]
+
+    wait_until(lambda: not left(), lambda: f"every process gone ({left()} still run)", timeout=timeout, interval=0.1)
+    return left()
 
 
 # A leader that ignores SIGTERM and has a child of its own: only a group kill ends both.
@@ -348,10 +348,12 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
         )
     children: list[int] = []
     try:
-        deadline = time.monotonic() + 90
-        while "Ctrl-C stops everything" not in log_path.read_text() and process.poll() is None:
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+        wait_until(
+            lambda: "Ctrl-C stops everything" in log_path.read_text() or process.poll() is not None,
+            lambda: f"make run says it serves; its log:\n{log_path.read_text()}",
+            timeout=90,
+            interval=0.2,
+        )
         assert process.poll() is None, log_path.read_text()
         children = [int(pid) for pid in re.findall(r"started \w+ \(pid (\d+)\)", log_path.read_text())]
         assert len(children) == 3
@@ -484,16 +486,17 @@ def test_production_serves_collected_static_files_itself(tmp_path):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
+
+        def served() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=2) as r:
                     assert r.status == 200 and b"body" in r.read()
-                    break
+                    return True
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.2)
+                assert server.poll() is None, f"the server ended with status {server.returncode}"
+                return False
+
+        wait_until(served, "the server serves the admin's base.css", timeout=20, interval=0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/chat/app.css", timeout=2) as r:
             assert r.status == 200
     finally:

@@ -24,6 +24,7 @@ import pytest
 
 from llmhub.testing.fake_upstream import FakeUpstream, FakeUpstreams, UpstreamSpec, parse_upstream, split_tokens
 from llmhub.testing.openapi import validate_openai_schema
+from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -610,9 +611,7 @@ def test_hang_does_not_block_stop() -> None:
 
     caller = threading.Thread(target=call)
     caller.start()
-    deadline = time.monotonic() + 5
-    while server.stats["requests"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: server.stats["requests"] > 0, "the hanging request reached the server", timeout=5, interval=0.01)
     server.stop()
     caller.join(timeout=5)
     assert isinstance(outcome[0], openai.APIConnectionError)
