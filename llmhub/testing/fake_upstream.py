@@ -940,6 +940,11 @@ class _Timing:
         return self.ttft + pieces * self.token_delay
 
 
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)
+
+
 class _Aborted(Exception):
     """The connection is (to be) dropped without a proper response: a fault, or the server stopping."""
 
@@ -976,6 +981,15 @@ class _App:
         self._by_model: Counter[str] = Counter()
         self._log: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG_SIZE)
         self.stopping: asyncio.Event | None = None
+        # The pauses of paced replies in progress (``_pause``), which ``halt`` ends at once.
+        self._pausing: set[asyncio.Future[None]] = set()
+
+    def halt(self) -> None:
+        """The server is stopping: every pause ends now, and every reply in progress is dropped."""
+        if self.stopping is not None:
+            self.stopping.set()
+        for woken in self._pausing:
+            _wake(woken)
 
     # -- bookkeeping (read from other threads, hence the lock) --
 
@@ -1120,9 +1134,21 @@ class _App:
         if self.stopping is None:
             await asyncio.sleep(seconds)
             return
-        # Woken early by stop() so that shutdown does not wait out slow streams or long latencies.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+        if self.stopping.is_set():
+            raise _Aborted
+        # Woken early by halt() so that shutdown does not wait out slow streams or long latencies. A timer and
+        # a future, as asyncio.sleep is: waiting on the stopping event with asyncio.wait_for cost a task and
+        # its cancellation per streamed piece, a quarter of this server's CPU at hundreds of paced streams,
+        # which the benchmark's gateway shares the machine with (docs/streams.md).
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake, woken)
+        self._pausing.add(woken)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            self._pausing.discard(woken)
         if self.stopping.is_set():
             raise _Aborted
 
@@ -2178,8 +2204,7 @@ class _Listener:
     async def stop(self) -> None:
         if self._runner is None:
             return
-        if self.app.stopping is not None:
-            self.app.stopping.set()
+        self.app.halt()
         await self._runner.cleanup()
         self._runner = self._site = None
 

@@ -617,6 +617,45 @@ def test_hang_does_not_block_stop() -> None:
     assert isinstance(outcome[0], openai.APIConnectionError)
 
 
+def test_stop_ends_paced_streams_and_long_latencies_at_once() -> None:
+    """A stop does not wait out a reply's pauses: a stream paced at one token a second and a reply held back a
+    minute both end at once, as dropped connections."""
+    server = FakeUpstream().start()
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=30)
+    outcome: dict[str, BaseException | None] = {}
+    streamed: list[str] = []
+
+    def paced() -> None:
+        try:
+            stream = client.chat.completions.create(model="m", messages=user("[[words=100]] [[tps=1]]"), stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    streamed.append(chunk.choices[0].delta.content)
+            outcome["paced"] = None
+        except BaseException as exc:
+            outcome["paced"] = exc
+
+    def held() -> None:
+        try:
+            client.chat.completions.create(model="m", messages=user("[[latency=60000]] x"))
+            outcome["held"] = None
+        except BaseException as exc:
+            outcome["held"] = exc
+
+    callers = [threading.Thread(target=paced), threading.Thread(target=held)]
+    for caller in callers:
+        caller.start()
+    wait_until(lambda: server.stats["requests"] == 2 and streamed, "both requests reached the server", timeout=10)
+    started = time.monotonic()
+    server.stop()
+    for caller in callers:
+        caller.join(timeout=10)
+    assert time.monotonic() - started < 5
+    assert len(streamed) < 100
+    assert isinstance(outcome["paced"], openai.APIConnectionError)
+    assert isinstance(outcome["held"], openai.APIConnectionError)
+
+
 def test_cut_faults(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
     received: list[str] = []
     stream = oai.chat.completions.create(
