@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -654,6 +655,27 @@ def test_stop_ends_paced_streams_and_long_latencies_at_once() -> None:
     assert len(streamed) < 100
     assert isinstance(outcome["paced"], openai.APIConnectionError)
     assert isinstance(outcome["held"], openai.APIConnectionError)
+
+
+def test_halt_ends_a_pause_in_progress_at_once() -> None:
+    """The server's stop (``_App.halt``) ends a paced reply's pause rather than letting it run out: a pause of a
+    minute raises at once, and a pause begun after the stop raises without waiting at all."""
+    from llmhub.testing import fake_upstream
+
+    async def scenario() -> None:
+        app = fake_upstream._App(latency_ms=0, tps=0, api_key=None)
+        await app._on_startup(None)
+        pausing = asyncio.create_task(app._pause(60))
+        await asyncio.sleep(0.05)
+        assert not pausing.done()
+        app.halt()
+        with pytest.raises(fake_upstream._Aborted):
+            await asyncio.wait_for(pausing, 5)
+        with pytest.raises(fake_upstream._Aborted):
+            await asyncio.wait_for(app._pause(60), 5)
+        assert not app._pausing
+
+    asyncio.run(scenario())
 
 
 def test_cut_faults(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
