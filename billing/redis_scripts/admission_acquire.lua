@@ -14,8 +14,9 @@
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
 --       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
 --       then: record (JSON, without its amounts), restart_grace_ms, heartbeat_ttl_ms, instance id
--- Returns 'ok max_tokens cost tokens', then per scope: ' rpm rpm_remaining rpm_reset_ms tpm tpm_remaining
--- tpm_reset_ms' (one string, space-separated), or {'seed', {counter indexes}}, {'wait', ms}, {'quota', i, spent, reserved, needed} or
+-- Returns 'ok max_tokens cost tokens', then per scope ' rpm rpm_remaining rpm_reset_ms tpm tpm_remaining
+-- tpm_reset_ms' (one space-separated string); or {'seed', {counter indexes}}, {'wait', ms},
+-- {'quota', i, spent, reserved, needed} or
 -- {'rate', j, 'requests' | 'tokens', limit, used, requested, retry_after_ms (-1: never fits)}.
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]

@@ -50,7 +50,7 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
 
 
 def _period_label(period: str, start: datetime) -> str:
-    # Not strftime: a budgeted request names its counters on the hot path, and this is a fifth of the cost.
+    # Not strftime, which was most of the cost of naming a budgeted request's counters on the hot path.
     if period == BudgetPeriod.DAILY:
         return f"d{start.year:04d}{start.month:02d}{start.day:02d}"
     if period == BudgetPeriod.MONTHLY:

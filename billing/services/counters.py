@@ -193,8 +193,7 @@ class RedisCounterStore:
             seeds = 0
             waited_until = time.monotonic() + restart_grace_ms() / 1000 + 5
             while True:
-                reply = await self._acquire(keys=[*keys, marker], args=args)
-                reply = _script_reply(reply)
+                reply = _script_reply(await self._acquire(keys=[*keys, marker], args=args))
                 if reply[0] == "wait" and time.monotonic() < waited_until:
                     # Redis lost its data a moment ago: live processes are re-asserting what they hold.
                     await asyncio.sleep(int(reply[1]) / 1000)
