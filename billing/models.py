@@ -3,6 +3,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models.functions import Now
@@ -581,6 +582,31 @@ class OpsAlertRule(models.Model):
         # Early and friendly, for the admin; every delivery is judged again when it connects.
         if self.webhook_url:
             validate_provider_url(self.webhook_url, field="webhook_url")
+        errors = {}
+        # In clean(), not a field validator: the admin's form and its list's editable columns both run it.
+        if self.window_minutes is not None and self.window_minutes < 1:
+            errors["window_minutes"] = "A window of at least one minute: an empty one holds no request."
+        problem = self._threshold_problem()
+        if problem:
+            errors["threshold"] = problem
+        if errors:
+            raise ValidationError(errors)
+
+    def _threshold_problem(self) -> str:
+        """Why ``threshold`` can never mean an incident for this kind (never reached, or always), or "". The
+        measures compare: error rate ``>``, p95 latency ``>``, token quota ``>=``, spend spike ``>``."""
+        threshold = self.threshold
+        if threshold is None:
+            return ""
+        if self.kind == OpsAlertKind.ERROR_RATE and not Decimal(0) <= threshold < 100:
+            return "A percent of requests failed, from 0 to below 100: the rate must go above it."
+        if self.kind == OpsAlertKind.TOKEN_QUOTA and not Decimal(0) < threshold <= 100:
+            return "A percent of the daily quota used, above 0 and at most 100."
+        if self.kind == OpsAlertKind.LATENCY_P95 and threshold <= 0:
+            return "Milliseconds, above 0: every request takes longer than 0 ms."
+        if self.kind == OpsAlertKind.SPEND_SPIKE and threshold <= 1:
+            return "Times the usual hour, above 1: an hour costing no more than the usual one is no spike."
+        return ""
 
 
 class OpsAlertIncident(models.Model):

@@ -398,6 +398,77 @@ def test_the_default_rules_are_installed_and_editable_in_the_admin(admin_client)
     assert admin_client.get("/admin/billing/opsalertincident/").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    [
+        (OpsAlertKind.ERROR_RATE, "window_minutes", "0"),  # an empty window: it could never fire
+        (OpsAlertKind.LATENCY_P95, "window_minutes", "0"),
+        (OpsAlertKind.TOKEN_QUOTA, "window_minutes", "0"),
+        (OpsAlertKind.ERROR_RATE, "threshold", "-5"),
+        (OpsAlertKind.ERROR_RATE, "threshold", "100"),  # "above 100 %" of requests failed: never
+        (OpsAlertKind.ERROR_RATE, "threshold", "150"),
+        (OpsAlertKind.TOKEN_QUOTA, "threshold", "0"),  # 0 % used: every user with a quota, always
+        (OpsAlertKind.TOKEN_QUOTA, "threshold", "120"),
+        (OpsAlertKind.LATENCY_P95, "threshold", "0"),  # above 0 ms: every request
+        (OpsAlertKind.SPEND_SPIKE, "threshold", "0.5"),  # half the usual hour is no spike
+        (OpsAlertKind.SPEND_SPIKE, "threshold", "1"),
+    ],
+)
+def test_the_admin_refuses_a_threshold_or_window_that_cannot_mean_an_incident(admin_client, kind, field, value):
+    """A window of 0 minutes never holds a request, a percent above 100 is never reached and one of 0 is always
+    reached: the rule would never fire, or fire for everything. The form says which field is wrong, on the
+    change page and in the list's editable columns alike, and the rule keeps its values."""
+    watched = rule(kind, threshold=Decimal("10") if kind != OpsAlertKind.SPEND_SPIKE else Decimal("3"))
+    form = {
+        "name": watched.name,
+        "kind": kind,
+        "enabled": "on",
+        "threshold": str(watched.threshold),
+        "window_minutes": "5",
+        "minimum_requests": "20",
+        "minimum_baseline_usd": "1",
+        "model_name": "",
+        "email_recipients": "",
+        "webhook_url": "",
+        field: value,
+    }
+    response = admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/change/", form)
+    assert response.status_code == 200  # the form again, not a redirect
+    assert field in response.context["adminform"].form.errors
+
+    listed = {
+        "form-TOTAL_FORMS": "1",
+        "form-INITIAL_FORMS": "1",
+        "form-0-id": str(watched.pk),
+        "form-0-enabled": "on",
+        "form-0-threshold": str(watched.threshold),
+        "form-0-window_minutes": "5",
+        "form-0-minimum_requests": "20",
+        f"form-0-{field}": value,
+        "_save": "Save",
+    }
+    response = admin_client.post("/admin/billing/opsalertrule/", listed)
+    assert response.status_code == 200
+    assert response.context["cl"].formset.errors[0].get(field)
+    refreshed = OpsAlertRule.objects.get(pk=watched.pk)
+    assert (refreshed.threshold, refreshed.window_minutes) == (watched.threshold, 5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "threshold"),
+    [
+        (OpsAlertKind.ERROR_RATE, "0"),  # any failure at all
+        (OpsAlertKind.ERROR_RATE, "99.9"),
+        (OpsAlertKind.TOKEN_QUOTA, "100"),
+        (OpsAlertKind.LATENCY_P95, "1"),
+        (OpsAlertKind.SPEND_SPIKE, "1.5"),
+        (OpsAlertKind.DEPLOYMENT_DOWN, "0"),  # unused
+    ],
+)
+def test_thresholds_that_mean_an_incident_are_accepted(kind, threshold):
+    OpsAlertRule(name="r", kind=kind, threshold=Decimal(threshold), window_minutes=1).full_clean()
+
+
 def test_nearest_rank_percentile():
     assert percentile([100] * 19 + [5000], 0.95) == 100
     assert percentile([100] * 18 + [5000] * 2, 0.95) == 5000
