@@ -597,17 +597,21 @@ def exported_names(text: str) -> set[str]:
     return names
 
 
-def test_the_grafana_dashboard_reads_only_metrics_we_export(llmhub_server, fake_upstream, key, scraping):
-    # Traffic that leaves a sample in every family: a retry and a fallback, a stream, a rejection.
+def traffic_in_every_family(server, fake_upstream, key) -> None:
+    """Traffic that leaves a sample in every family: a retry and a fallback, a stream, a rejection."""
     catalog_model(fake_upstream, "charted")
     catalog_model(fake_upstream, "flaky", upstream="fault-500", fallbacks=["charted"])
-    client = client_for(llmhub_server, key)
+    client = client_for(server, key)
     raw = client.chat.completions.with_raw_response.create(model="flaky", messages=MESSAGES)
     wait_for_record(raw.headers["x-request-id"])
-    stream_to_end(llmhub_server, key, "charted")
+    stream_to_end(server, key, "charted")
     api_key_limits_set(api_key=key.api_key, budget_usd=Decimal("0"))
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="charted", messages=MESSAGES)
+
+
+def test_the_grafana_dashboard_reads_only_metrics_we_export(llmhub_server, fake_upstream, key, scraping):
+    traffic_in_every_family(llmhub_server, fake_upstream, key)
     exported = exported_names(scrape(llmhub_server.url))
 
     dashboard = json.loads(DASHBOARD.read_text())
@@ -632,6 +636,24 @@ def test_the_grafana_dashboard_reads_only_metrics_we_export(llmhub_server, fake_
     }
     uncharted = {name for name, sample_names in families.items() if not sample_names & used}
     assert not uncharted, f"no panel for {uncharted}"
+
+
+def test_the_docs_list_every_metric_we_export_with_its_labels(llmhub_server, fake_upstream, key, scraping):
+    """docs/metrics.md is the operator's list of what /metrics says: each family we export has its row there,
+    with its name as scraped (a counter's ``_total``) and its labels."""
+    traffic_in_every_family(llmhub_server, fake_upstream, key)
+    rows = {}
+    for line in (ROOT / "docs" / "metrics.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`llmhub_[a-z_]+`", cells[0]):
+            rows[cells[0].strip("`")] = set(re.findall(r"\b[a-z_]+\b", re.sub(r"\([^)]*\)", "", cells[2])))
+    for family in text_string_to_metric_families(scrape(llmhub_server.url)):
+        if not family.name.startswith("llmhub_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert name in rows, f"{name} is exported but not in docs/metrics.md"
+        labels = {label for sample in family.samples for label in sample.labels} - {"le"}
+        assert labels == rows[name] - {"none"}, f"{name}: exported with {labels}, documented with {rows[name]}"
 
 
 def test_compose_gives_the_web_server_a_fresh_metrics_directory_at_every_start():
