@@ -77,6 +77,12 @@ def test_production_access_log_drops_the_query_string(tmp_path):
     messages = [json.loads(line)["message"] for line in text.splitlines()]
     lines = [found for message in messages for found in re.findall(r'"GET (\S+) HTTP/1\.1" (\d{3})', message)]
     assert lines == [("/v1/models?[redacted]", "401"), ("/v1/models?[redacted]", "403")], text
+    # The access line of a /v1 request carries the id its answer gave the client: uvicorn writes it when the
+    # application starts the response, in the request's own context (docs/observability.md). The plain-HTTP
+    # refusal comes before the view, which is where a request gets its id: it has none, on the line or the answer.
+    access = [json.loads(line) for line in text.splitlines() if '"logger": "uvicorn.access"' in line]
+    assert [line["request_id"] for line in access] == [behind_proxy.headers["x-request-id"], None], text
+    assert "x-request-id" not in plain.headers
 
 
 def test_the_filter_leaves_other_arguments_and_plain_paths_alone():
