@@ -14,7 +14,8 @@ What a scrape returns (``docs/metrics.md`` lists every metric):
   in every worker (``core.metrics.sampler_register``) so that the scrape sums the live workers.
 
 Protected: a scrape needs ``Authorization: Bearer <LLMHUB_METRICS_TOKEN>`` or a client address within
-``LLMHUB_METRICS_ALLOWED_IPS``. A missing or wrong token is 401 (with ``WWW-Authenticate: Bearer``); an
+``LLMHUB_METRICS_ALLOWED_IPS`` (the client's, not that of a proxy uvicorn does not trust:
+``_client_address``). A missing or wrong token is 401 (with ``WWW-Authenticate: Bearer``); an
 address not allowed, 403; with neither setting, every scrape is 403. Served by the
 lean handler (``LLMHUB_MIDDLEWARE_FREE_PREFIXES``): no session or CSRF, and no Host check, since Prometheus
 scrapes a worker's own address.
@@ -65,6 +66,22 @@ def _networks(allowed: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddre
     return tuple(networks)
 
 
+def _client_address(request: HttpRequest) -> str:
+    """The address the allow-list judges: the connection's, which uvicorn's ``--proxy-headers`` has already
+    replaced with the client a trusted proxy names (``--forwarded-allow-ips``). Empty when the request came
+    through a proxy uvicorn does not trust: the connection is then the proxy's own, on the private network an
+    operator allow-lists for Prometheus, and every client of that proxy would pass as it. Told by the proxy's
+    headers: ``X-Forwarded-For`` whose last hop is not the address uvicorn kept (a trusted proxy's hop is), or
+    ``Forwarded``, which uvicorn does not read."""
+    address = request.META.get("REMOTE_ADDR", "")
+    forwarded_for = request.headers.get("X-Forwarded-For")
+    if forwarded_for is not None:
+        return address if forwarded_for.rsplit(",", 1)[-1].strip() == address else ""
+    if "Forwarded" in request.headers:
+        return ""
+    return address
+
+
 def _address_allowed(address: str) -> bool:
     allowed = tuple(settings.LLMHUB_METRICS_ALLOWED_IPS)
     if not allowed or not address:
@@ -87,7 +104,7 @@ def _refusal(request: HttpRequest) -> HttpResponse | None:
         if token and scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode()):
             return None
         return _refused(401, "The metrics token is wrong.")
-    if _address_allowed(request.META.get("REMOTE_ADDR", "")):
+    if _address_allowed(_client_address(request)):
         return None
     if token:
         return _refused(401, "Scraping the metrics needs `Authorization: Bearer <LLMHUB_METRICS_TOKEN>`.")

@@ -146,6 +146,41 @@ def test_a_scrape_needs_the_token_or_an_allowed_address(llmhub_server, settings_
         assert response.headers["www-authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize(
+    ("trusted_proxies", "forwarded", "status"),
+    [
+        # Through a proxy uvicorn does not trust, on an allowed network: the connection is the proxy's, and whoever
+        # is behind it (the internet, through the TLS proxy) is not the allowed address.
+        ("10.9.9.9", {"X-Forwarded-For": "203.0.113.9"}, 403),
+        ("10.9.9.9", {"X-Forwarded-For": "10.1.2.3, 203.0.113.9"}, 403),
+        ("10.9.9.9", {"Forwarded": "for=203.0.113.9"}, 403),
+        # A proxy uvicorn trusts (--forwarded-allow-ips): the client it names is the address judged.
+        ("127.0.0.1", {"X-Forwarded-For": "10.1.2.3"}, 200),
+        ("127.0.0.1", {"X-Forwarded-For": "203.0.113.9"}, 403),
+        # No proxy: the connection's own address.
+        ("10.9.9.9", {}, 200),
+    ],
+)
+def test_the_allow_list_judges_the_client_not_an_untrusted_proxy_in_front_of_it(
+    trusted_proxies, forwarded, status, tmp_path
+):
+    """uvicorn --proxy-headers (the Dockerfile's) takes the client's address from X-Forwarded-For only when the
+    connecting proxy is trusted. Otherwise REMOTE_ADDR is the proxy's own address, which sits on the network an
+    operator allow-lists for Prometheus (docker-compose.yml's example): every client of the proxy would scrape."""
+    env = server_env(tmp_path / "metrics")
+    env.update(LLMHUB_METRICS_TOKEN="", LLMHUB_METRICS_ALLOWED_IPS="127.0.0.0/8,10.0.0.0/8")
+    process, url = start_server(
+        tmp_path / "server.log", env, "--proxy-headers", "--forwarded-allow-ips", trusted_proxies
+    )
+    try:
+        response = httpx.get(url + "/metrics", headers=forwarded, timeout=30)
+    finally:
+        stop(process)
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert "llmhub_" not in response.text
+
+
 def test_metrics_switched_off_record_nothing_and_are_not_served(llmhub_server, fake_upstream, key, scraping):
     catalog_model(fake_upstream, "unmetered")
     client = client_for(llmhub_server, key)
