@@ -63,7 +63,7 @@ class OpenFilter(admin.SimpleListFilter):
 class OpsAlertIncidentAdmin(admin.ModelAdmin):
     """Opened and cleared by the evaluator only: an admin reads them (and may delete old ones)."""
 
-    list_display = ["rule", "subject", "opened_at", "cleared_at", "value_at_open", "peak", "delivered"]
+    list_display = ["rule", "subject", "opened_at", "cleared_at", "value_at_open", "peak", "delivered", "delivery"]
     list_filter = [OpenFilter, "rule__kind", "rule"]
     search_fields = ["subject", "detail"]
     list_select_related = ["rule"]

@@ -118,6 +118,7 @@ class BudgetAlertAdmin(_ReadOnlyAdmin):
         "limit",
         "sent_at",
         "channels",
+        "delivery",  # what is not delivered yet: being sent, failed (with the error), queued again by the sweep
     )
     list_filter = ("threshold", "metric", "scope_kind", "period")
     list_select_related = ("user",)

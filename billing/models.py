@@ -416,6 +416,11 @@ class BudgetAlert(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True, help_text="When the email went out.")
     channels = models.JSONField(default=list, blank=True, help_text="Channels that delivered it.")
+    delivery = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
+    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -624,6 +629,11 @@ class OpsAlertIncident(models.Model):
     detail = models.CharField(max_length=300, blank=True, help_text="What was measured, in words, at opening.")
     delivered = models.JSONField(
         default=list, blank=True, help_text='Deliveries made: "open:email", "open:webhook", "clear:email", …'
+    )
+    delivery = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
     )
 
     class Meta:

@@ -7,11 +7,19 @@ import smtplib
 from celery import shared_task
 from django.conf import settings
 
+from core.outbox import delivery_claim, delivery_failed
+
 from .models import BudgetAlert, OpsAlertIncident
+from .services.alert_sweep import alerts_undelivered_requeue
 from .services.alerts import WebhookDeliveryError, budget_alert_email_send, budget_alert_webhook_send
 from .services.counters import budget_counters_reconcile, inflight_lost_settle
 from .services.ledger import ledger_replay_spool
-from .services.ops_alerts import ops_alert_email_send, ops_alert_webhook_send, ops_alerts_evaluate
+from .services.ops_alerts import (
+    ops_alert_email_send,
+    ops_alert_webhook_send,
+    ops_alert_webhook_url,
+    ops_alerts_evaluate,
+)
 from .services.retention import ledger_retention_apply
 from .services.rollups import daily_usage_rebuild_recent
 
@@ -54,14 +62,20 @@ def ledger_spool_replay() -> int:
     return ledger_replay_spool()
 
 
+# The alerts' deliveries: each claims its delivery on the alert's row before sending (``core.outbox``), so a
+# copy queued by the sweep (``alerts_undelivered_send``) sends nothing twice, and records a failure for the
+# admin and the sweep before retrying.
+
+
 @shared_task(bind=True, max_retries=5, default_retry_delay=60)
 def budget_alert_email(self, alert_id: int) -> bool:
     alert = BudgetAlert.objects.select_related("user").filter(pk=alert_id).first()
-    if alert is None or "email" in alert.channels:
+    if alert is None or not delivery_claim(BudgetAlert, alert_id, "email", delivered_field="channels"):
         return False
     try:
         return budget_alert_email_send(alert=alert)
     except (smtplib.SMTPException, OSError) as exc:
+        delivery_failed(self, BudgetAlert, alert_id, "email", exc)
         raise self.retry(exc=exc) from None
 
 
@@ -69,14 +83,23 @@ def budget_alert_email(self, alert_id: int) -> bool:
 def budget_alert_webhook(self, alert_id: int) -> bool:
     url = settings.LLMHUB_ALERT_WEBHOOK_URL
     alert = BudgetAlert.objects.select_related("user").filter(pk=alert_id).first()
-    if not url or alert is None or "webhook" in alert.channels:
+    if not url or alert is None or not delivery_claim(BudgetAlert, alert_id, "webhook", delivered_field="channels"):
         return False
     try:
         budget_alert_webhook_send(alert=alert, url=url)
     except WebhookDeliveryError as exc:
+        delivery_failed(self, BudgetAlert, alert_id, "webhook", exc)
         # 10 s, 20 s, 40 s … up to 10 minutes between attempts.
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
     return True
+
+
+@shared_task
+def alerts_undelivered_send() -> int:
+    """Every minute: the deliveries of budget alerts and of both kinds of incident that no task made (the broker
+    could not take it, a task was lost, its retries ran out) queued again, within the sweep's window
+    (``services.alert_sweep``); returns how many. Concurrent runs are safe: each queues a delivery once."""
+    return alerts_undelivered_requeue()
 
 
 @shared_task
@@ -89,22 +112,30 @@ def ops_alerts_evaluate_task() -> int:
 
 @shared_task(bind=True, max_retries=5, default_retry_delay=60)
 def ops_alert_email(self, incident_id: int, event: str) -> bool:
+    mark = f"{event}:email"
     incident = OpsAlertIncident.objects.select_related("rule").filter(pk=incident_id).first()
-    if incident is None:
+    if incident is None or not delivery_claim(OpsAlertIncident, incident_id, mark, delivered_field="delivered"):
         return False
     try:
         return ops_alert_email_send(incident=incident, event=event)
     except (smtplib.SMTPException, OSError) as exc:
+        delivery_failed(self, OpsAlertIncident, incident_id, mark, exc)
         raise self.retry(exc=exc) from None
 
 
 @shared_task(bind=True, max_retries=8)
 def ops_alert_webhook(self, incident_id: int, event: str) -> bool:
+    mark = f"{event}:webhook"
     incident = OpsAlertIncident.objects.select_related("rule").filter(pk=incident_id).first()
-    if incident is None:
+    if (
+        incident is None
+        or not ops_alert_webhook_url(incident.rule)
+        or not delivery_claim(OpsAlertIncident, incident_id, mark, delivered_field="delivered")
+    ):
         return False
     try:
         return ops_alert_webhook_send(incident=incident, event=event)
     except WebhookDeliveryError as exc:
+        delivery_failed(self, OpsAlertIncident, incident_id, mark, exc)
         # 10 s, 20 s, 40 s … up to 10 minutes between attempts, as the budget alerts' webhook.
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None

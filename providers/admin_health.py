@@ -35,7 +35,7 @@ class IncidentAdmin(admin.ModelAdmin):
     ordering = (F("ended_at").desc(nulls_first=True), "-started_at")
     date_hierarchy = "started_at"
     search_fields = ("deployment__name", "deployment__model__name", "deployment__provider__name", "reason")
-    fields = ("deployment", "started_at", "ended_at", "duration", "reason")
+    fields = ("deployment", "started_at", "ended_at", "duration", "reason", "delivered", "delivery")
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Incident]:

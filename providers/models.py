@@ -359,6 +359,14 @@ class Incident(models.Model):
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
     reason = models.CharField(max_length=500, blank=True)
+    delivered = models.JSONField(
+        default=list, blank=True, help_text='Deliveries made: "down:email", "down:webhook", "recovered:email", …'
+    )
+    delivery = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
+    )
 
     class Meta:
         ordering = ["-started_at"]

@@ -9,6 +9,8 @@ from celery import Task, shared_task
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from core.outbox import delivery_claim, delivery_failed
+
 from .models import Incident, Provider
 from .services.encryption import provider_rotate_encryption
 from .services.health import health_check_round, provider_health_check
@@ -83,26 +85,30 @@ def _incident(incident_id: int) -> Incident | None:
 @shared_task(bind=True, max_retries=8)
 def incident_alert_email(self: Task, incident_id: int, event: str) -> bool:
     """Email an incident's alert (``event``: down or recovered) to the admins; retried while the mail server
-    fails."""
+    fails. Claimed first: a copy queued by the alert sweep sends nothing twice."""
+    mark = f"{event}:email"
     incident = _incident(incident_id)
-    if incident is None:
-        return False  # its deployment was deleted since
+    if incident is None or not delivery_claim(Incident, incident_id, mark, delivered_field="delivered"):
+        return False  # its deployment was deleted since, or it is sent (or being sent) already
     try:
         return incident_alert_email_send(incident=incident, event=event)
     except (smtplib.SMTPException, OSError) as exc:
+        delivery_failed(self, Incident, incident_id, mark, exc)
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
 
 
 @shared_task(bind=True, max_retries=8)
 def incident_alert_webhook(self: Task, incident_id: int, event: str) -> bool:
     """POST an incident's alert to ``LLMHUB_ALERT_WEBHOOK_URL``; retried while it fails."""
+    mark = f"{event}:webhook"
     url = settings.LLMHUB_ALERT_WEBHOOK_URL
     incident = _incident(incident_id)
-    if not url or incident is None:
+    if not url or incident is None or not delivery_claim(Incident, incident_id, mark, delivered_field="delivered"):
         return False
     try:
         incident_alert_webhook_send(incident=incident, event=event, url=url)
     except WebhookDeliveryError as exc:
+        delivery_failed(self, Incident, incident_id, mark, exc)
         # 10 s, 20 s, 40 s … up to 10 minutes between attempts.
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
     return True

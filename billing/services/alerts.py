@@ -4,11 +4,15 @@ The ``BudgetAlert`` row is the "once": its unique constraint lets exactly one se
 process, record a crossing. Reconciliation raises the alerts a settlement missed (a lost settle whose
 spend only the ledger shows) through the same rows, so a threshold that fired never fires again.
 Delivery happens after commit in Celery tasks (email to the user, or the key's owner; the
-Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries.
+Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries. Raising an alert never
+fails its caller (a settlement, a reconciliation): a broker that cannot take the tasks is logged, and the
+alert sweep (``alert_sweep``) queues the deliveries the row does not record as made. Each task claims its
+delivery on the row before sending (``core.outbox``), so the sweep's copy and the normal one send once.
 
 The channels themselves (``alert_email_send``, ``alert_webhook_send``) are shared by every alert: these,
-the operations alerts (``ops_alerts``) and, through the same webhook poster, the deployment incidents of
-``providers.services.incidents``, so an email or a webhook call is made, refused and retried one way.
+the operations alerts (``ops_alerts``) and the deployment incidents of ``providers.services.incidents``
+(where both live, as the lowest app that sends alerts), so an email or a webhook call is made, refused and
+retried one way.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from decimal import Decimal
 from functools import partial
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from providers.services.incidents import WebhookDeliveryError, alert_webhook_post
+from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
+from providers.services.incidents import WebhookDeliveryError, alert_email_send, alert_webhook_post
 
 from ..models import ApiKey, BudgetAlert, BudgetMetric, ScopeKind
 from ..selectors import UNRESTRICTED, KeyLimits, user_limits_sync
@@ -32,16 +36,7 @@ from .budgets import THRESHOLDS, CounterRef, CounterSpec, counter_specs, usd
 __all__ = ["WebhookDeliveryError", "alert_email_send", "alert_webhook_send"]
 
 
-# CHANNELS: every alert's email and webhook go out through these two.
-
-
-def alert_email_send(*, subject: str, body: str, recipients: Sequence[str]) -> bool:
-    """Email ``body`` to ``recipients``; False when there is nobody to send it to. SMTP failures raise (the
-    Celery task that called retries)."""
-    if not recipients:
-        return False
-    send_mail(subject=subject, message=body, from_email=None, recipient_list=list(recipients))
-    return True
+# CHANNELS: every alert's email and webhook go out through these two (``alert_email_send`` is providers').
 
 
 def alert_webhook_send(*, url: str, text: str) -> None:
@@ -87,7 +82,9 @@ def budget_alerts_raise(*, crossings: Sequence[Crossing], user_id: int) -> list[
         except IntegrityError:
             continue  # fired already in this period
         created.append(alert)
-        transaction.on_commit(partial(_deliver, alert.pk))
+        # Robust on top of ``task_queue`` (which never raises for a broker that is down): whatever else goes
+        # wrong queueing one alert neither fails the settlement nor stops the next crossing being recorded.
+        transaction.on_commit(partial(_deliver, alert.pk), robust=True)
     return created
 
 
@@ -127,9 +124,9 @@ def _counter_spec_now(ref: CounterRef) -> tuple[CounterSpec, int] | None:
 def _deliver(alert_id: int) -> None:
     from ..tasks import budget_alert_email, budget_alert_webhook
 
-    budget_alert_email.delay(alert_id)
+    task_queue(budget_alert_email, alert_id, what=f"budget alert {alert_id}'s email")
     if settings.LLMHUB_ALERT_WEBHOOK_URL:
-        budget_alert_webhook.delay(alert_id)
+        task_queue(budget_alert_webhook, alert_id, what=f"budget alert {alert_id}'s webhook")
 
 
 def _amount(metric: str, value: Decimal) -> str:
@@ -157,13 +154,8 @@ def alert_text(alert: BudgetAlert) -> str:
 
 
 def _mark_delivered(alert_id: int, channel: str) -> None:
-    with transaction.atomic():
-        alert = BudgetAlert.objects.select_for_update().get(pk=alert_id)
-        if channel not in alert.channels:
-            alert.channels = [*alert.channels, channel]
-        if channel == "email":
-            alert.sent_at = timezone.now()
-        alert.save(update_fields=["channels", "sent_at"])
+    also = {"sent_at": timezone.now()} if channel == "email" else {}
+    delivery_done(BudgetAlert, alert_id, channel, delivered_field="channels", **also)
 
 
 def budget_alert_email_send(*, alert: BudgetAlert) -> bool:
@@ -174,6 +166,7 @@ def budget_alert_email_send(*, alert: BudgetAlert) -> bool:
         body += "\n\nRequests are refused until the period ends or the limit is raised."
     subject = f"[llmhub] {alert_subject(alert)} is at {alert.threshold}%"
     if not alert_email_send(subject=subject, body=body, recipients=[recipient] if recipient else []):
+        delivery_release(BudgetAlert, alert.pk, "email", state=DeliveryState.NOBODY)
         return False
     _mark_delivered(alert.pk, "email")
     return True

@@ -9,7 +9,9 @@ when an incident opens, one when it clears, however often the evaluator runs, an
 (a unique constraint allows one open incident per rule and subject; clearing locks the row). Deliveries go
 out after commit through Celery tasks with retries, on the channels every alert shares
 (``alerts.alert_email_send`` / ``alerts.alert_webhook_send``), to the rule's recipients or, without any, to
-``ADMINS`` (the superusers without them) and ``LLMHUB_ALERT_WEBHOOK_URL``.
+``ADMINS`` (the superusers without them) and ``LLMHUB_ALERT_WEBHOOK_URL``. The incident records each delivery
+made (``delivered``) and claims it before sending (``core.outbox``): a broker that cannot take the tasks when
+the incident opens or clears is logged, and the alert sweep (``alert_sweep``) queues them again, once.
 
 A deployment down is not measured again here: ``providers.models.Incident`` already is that incident, opened
 by failing health checks and with its own down / back-up alerts. The evaluator adds what health checks miss
@@ -37,6 +39,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.timesince import timesince
 
+from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
 from providers.models import Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
@@ -354,14 +357,14 @@ def deployments_down_follow(*, now: datetime, evaluation: Evaluation) -> None:
 
 
 def _deliver(incident_id: int, event: str) -> None:
-    # Queued after commit, robustly: a broker that cannot take the tasks is logged by Django and does not undo
-    # the incident (its row stays, for the admin; the rows not delivered show it).
+    # Queued after commit. A broker that cannot take the tasks is logged (``task_queue``) and does not undo the
+    # incident: the alert sweep queues what its row does not record as delivered.
     from ..tasks import ops_alert_email, ops_alert_webhook
 
     incident = OpsAlertIncident.objects.select_related("rule").get(pk=incident_id)
-    ops_alert_email.delay(incident_id, event)
+    task_queue(ops_alert_email, incident_id, event, what=f"ops incident {incident_id}'s {event} email")
     if ops_alert_webhook_url(incident.rule):
-        ops_alert_webhook.delay(incident_id, event)
+        task_queue(ops_alert_webhook, incident_id, event, what=f"ops incident {incident_id}'s {event} webhook")
 
 
 def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:
@@ -389,11 +392,7 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
 
 
 def _delivered(incident_id: int, mark: str) -> None:
-    with transaction.atomic():
-        incident = OpsAlertIncident.objects.select_for_update().get(pk=incident_id)
-        if mark not in incident.delivered:
-            incident.delivered = [*incident.delivered, mark]
-            incident.save(update_fields=["delivered"])
+    delivery_done(OpsAlertIncident, incident_id, mark, delivered_field="delivered")
 
 
 def ops_alert_email_send(*, incident: OpsAlertIncident, event: str) -> bool:
@@ -409,6 +408,8 @@ def ops_alert_email_send(*, incident: OpsAlertIncident, event: str) -> bool:
     )
     if sent:
         _delivered(incident.pk, mark)
+    else:
+        delivery_release(OpsAlertIncident, incident.pk, mark, state=DeliveryState.NOBODY)
     return sent
 
 

@@ -391,8 +391,14 @@ LLMHUB_DEFAULT_PLAN = env("LLMHUB_DEFAULT_PLAN", default="Free")
 # A request without max_tokens under a budget or token quota is sent upstream with max_tokens = the
 # least of this, the model's output limit and what the budget still pays for (that much is reserved).
 LLMHUB_BUDGET_MAX_TOKENS_CAP = env.int("LLMHUB_BUDGET_MAX_TOKENS_CAP", default=4096)
-# Budget alerts also go to this Slack-compatible webhook ({"text": ...}) when set.
+# Every alert (budget alerts, incidents, operations alerts) also goes to this Slack-compatible webhook
+# ({"text": ...}) when set.
 LLMHUB_ALERT_WEBHOOK_URL = env("LLMHUB_ALERT_WEBHOOK_URL", default="")
+# The alert sweep (docs/alerts.md, "Delivery"; billing.tasks.alerts_undelivered_send, every minute) queues
+# again the deliveries of alerts at least GRACE seconds old (the normal path has had its chance) and less
+# than MAX_AGE hours old (an older backlog, after a long outage, is left in the admin rather than sent).
+LLMHUB_ALERT_SWEEP_GRACE_SECONDS = env.int("LLMHUB_ALERT_SWEEP_GRACE_SECONDS", default=120)
+LLMHUB_ALERT_SWEEP_MAX_AGE_HOURS = env.int("LLMHUB_ALERT_SWEEP_MAX_AGE_HOURS", default=24)
 # Requests in flight (docs/reliability.md, "Reservations and in-flight requests"): a process holding any
 # beats every INTERVAL seconds; one silent for TTL seconds is dead, and the sweep (every SWEEP_INTERVAL
 # seconds in each server process, 0: only from the reconcile task) writes its requests as `lost` and

@@ -6,10 +6,20 @@ and exactly one closes it and has the recovery sent. Alerts go out after commit 
 with retries (``providers.tasks``): an email to the admins (``settings.ADMINS``; without any, the active
 superusers with an address) and the Slack-compatible webhook (``LLMHUB_ALERT_WEBHOOK_URL``) the budget
 alerts use. The reason stored and sent is a health check's error, already scrubbed of secrets.
+
+The incident records the deliveries made (``delivered``: ``down:email``, ``recovered:webhook``, …) and, while
+one is on its way, its claim or failure (``delivery``, ``core.outbox``): a task claims a delivery before it
+sends, so the alert sweep (``billing.services.alert_sweep``) can queue again what a broker that was down
+never took, without sending anything twice.
+
+The two channels every alert goes out on live here (``alert_email_send``, ``alert_webhook_post``), the
+lowest app that sends alerts: ``billing.services.alerts`` re-exports them for the budget and operations
+alerts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from functools import partial
 
@@ -20,6 +30,8 @@ from django.core.mail import send_mail
 from django.db import transaction
 from django.utils import timezone
 from django.utils.timesince import timesince
+
+from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
 
 from ..models import Incident
 from ..outbound import OutboundRefused, outbound_sync_client
@@ -66,13 +78,13 @@ def incident_close(*, deployment_id: int, at: datetime) -> Incident | None:
 
 
 def _deliver(incident_id: int, event: str) -> None:
-    # Queued after commit, robustly: a broker that cannot take the tasks is logged by Django and does not
-    # break the round of health checks that found the incident (the incident row stays, for the admin).
+    # Queued after commit. A broker that cannot take the tasks is logged (``task_queue``) and breaks neither
+    # the round of health checks that found the incident nor its row: the alert sweep queues them again.
     from ..tasks import incident_alert_email, incident_alert_webhook
 
-    incident_alert_email.delay(incident_id, event)
+    task_queue(incident_alert_email, incident_id, event, what=f"incident {incident_id}'s {event} email")
     if settings.LLMHUB_ALERT_WEBHOOK_URL:
-        incident_alert_webhook.delay(incident_id, event)
+        task_queue(incident_alert_webhook, incident_id, event, what=f"incident {incident_id}'s {event} webhook")
 
 
 def incident_duration(incident: Incident, *, now: datetime | None = None) -> str:
@@ -107,19 +119,29 @@ def incident_alert_recipients() -> list[str]:
     return sorted(set(superusers.values_list("email", flat=True)))
 
 
-def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
-    """Email the alert to the admins; False when there is nobody to send it to."""
-    recipients = incident_alert_recipients()
+def alert_email_send(*, subject: str, body: str, recipients: Sequence[str]) -> bool:
+    """Email ``body`` to ``recipients``, the one way every alert emails; False when there is nobody to send it
+    to. SMTP failures raise (the Celery task that called retries)."""
     if not recipients:
         return False
-    state = "is back up" if event == IncidentEvent.RECOVERED else "is down"
-    send_mail(
-        subject=f"[llmhub] {incident_subject(incident)} {state}",
-        message=incident_alert_text(incident, event),
-        from_email=None,
-        recipient_list=recipients,
-    )
+    send_mail(subject=subject, message=body, from_email=None, recipient_list=list(recipients))
     return True
+
+
+def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
+    """Email the alert to the admins and record it delivered; False when there is nobody to send it to."""
+    state = "is back up" if event == IncidentEvent.RECOVERED else "is down"
+    mark = f"{event}:email"
+    sent = alert_email_send(
+        subject=f"[llmhub] {incident_subject(incident)} {state}",
+        body=incident_alert_text(incident, event),
+        recipients=incident_alert_recipients(),
+    )
+    if sent:
+        delivery_done(Incident, incident.pk, mark, delivered_field="delivered")
+    else:
+        delivery_release(Incident, incident.pk, mark, state=DeliveryState.NOBODY)
+    return sent
 
 
 def alert_webhook_post(*, url: str, text: str) -> None:
@@ -141,3 +163,4 @@ def alert_webhook_post(*, url: str, text: str) -> None:
 
 def incident_alert_webhook_send(*, incident: Incident, event: str, url: str) -> None:
     alert_webhook_post(url=url, text=incident_alert_text(incident, event))
+    delivery_done(Incident, incident.pk, f"{event}:webhook", delivered_field="delivered")

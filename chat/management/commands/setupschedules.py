@@ -29,6 +29,7 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
     ("billing: replay the ledger spool", "billing.tasks.ledger_spool_replay", timedelta(minutes=1)),
     ("billing: delete ledger rows past retention", "billing.tasks.ledger_retention", crontab(minute=23, hour=2)),
     ("billing: evaluate the operations alerts", "billing.tasks.ops_alerts_evaluate_task", timedelta(minutes=1)),
+    ("billing: send alerts not yet delivered", "billing.tasks.alerts_undelivered_send", timedelta(minutes=1)),
     (
         "chat: close replies a stopped server left streaming",
         "chat.tasks.messages_close_abandoned_task",

@@ -1,0 +1,162 @@
+"""Deliveries recorded on the row that must be told, so that none is lost to a broker that is down
+(docs/alerts.md, "Delivery").
+
+An alert's row (a budget alert, an operations incident, a deployment's incident) is committed first; its
+deliveries (``"email"``, ``"open:webhook"``, …) go out through Celery tasks. Each row keeps the deliveries
+made in a list (``delivered_field``) and, in its ``delivery`` dict, what became of the others: a task
+*claims* a delivery under the row's lock before it sends (so that of two tasks, the normal one and the
+sweep's, or two sweeps', one sends), records it delivered after, and records a failure (retrying, or its
+retries exhausted) otherwise. The sweep (``billing.services.alert_sweep``) queues again what is due.
+
+The guarantee is at least once, not exactly once: a process that dies between sending and recording (or
+whose claim outlives ``CLAIM_LEASE``) has the delivery sent again by the sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import models, transaction
+from django.utils import timezone
+
+logger = logging.getLogger("llmhub.alerts")
+
+# A claim older than this is a sender that died: the sweep may queue its delivery again. Longer than a send
+# can take (the webhook's timeout is 10 s; an SMTP server that hangs longer than this is sent to twice).
+CLAIM_LEASE = timedelta(minutes=5)
+# A delivery that failed, or that the sweep queued, is left to its task this long before the sweep queues it
+# again: longer than the longest wait between a task's retries (10 minutes), so a retry still pending is not
+# doubled.
+REQUEUE_AFTER = timedelta(minutes=15)
+# The sweep queues one delivery at most this many times (each time with the task's own retries).
+SWEEP_ROUNDS = 3
+
+
+class DeliveryState:
+    CLAIMED = "claimed"  # a task is sending it
+    RETRYING = "retrying"  # it failed; the task's retry is pending
+    EXHAUSTED = "exhausted"  # it failed, the task's retries are spent
+    QUEUED = "queued"  # the sweep queued it
+    NOBODY = "nobody"  # there was nobody to send it to (no address): nothing more to do
+
+
+def task_queue(task: Any, *args: Any, what: str) -> bool:
+    """``task.delay(*args)``; False, logged, when the broker cannot take it. Never raises: the row that needs
+    the delivery is committed, and the sweep queues it again once the broker answers."""
+    try:
+        task.delay(*args)
+    except Exception as exc:  # kombu's OperationalError, or whatever else the publish met: the sweep covers it
+        logger.warning(
+            "%s could not be queued (%s: %s); the alert sweep will queue it again", what, type(exc).__name__, exc
+        )
+        return False
+    return True
+
+
+def _at(state: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(state["at"])
+
+
+def delivery_claim(model: type[models.Model], pk: int, mark: str, *, delivered_field: str) -> bool:
+    """Take the right to send ``mark`` of row ``pk``: False when it was delivered already, another task holds
+    it (a claim younger than ``CLAIM_LEASE``), or the row is gone."""
+    now = timezone.now()
+    with transaction.atomic():
+        row = model.objects.select_for_update().filter(pk=pk).first()
+        if row is None or mark in getattr(row, delivered_field):
+            return False
+        state = row.delivery.get(mark) or {}
+        if state.get("state") == DeliveryState.CLAIMED and _at(state) > now - CLAIM_LEASE:
+            return False
+        row.delivery = {**row.delivery, mark: {**state, "state": DeliveryState.CLAIMED, "at": now.isoformat()}}
+        row.save(update_fields=["delivery"])
+    return True
+
+
+def delivery_done(model: type[models.Model], pk: int, mark: str, *, delivered_field: str, **fields: Any) -> None:
+    """Record ``mark`` delivered (and ``fields`` set), its claim released."""
+    with transaction.atomic():
+        row = model.objects.select_for_update().filter(pk=pk).first()
+        if row is None:
+            return
+        delivered = getattr(row, delivered_field)
+        if mark not in delivered:
+            setattr(row, delivered_field, [*delivered, mark])
+        row.delivery = {key: value for key, value in row.delivery.items() if key != mark}
+        for name, value in fields.items():
+            setattr(row, name, value)
+        row.save(update_fields=[delivered_field, "delivery", *fields])
+
+
+def delivery_release(model: type[models.Model], pk: int, mark: str, *, state: str, error: str = "") -> None:
+    """Release the claim on ``mark``, recording why it was not delivered (``DeliveryState``)."""
+    with transaction.atomic():
+        row = model.objects.select_for_update().filter(pk=pk).first()
+        if row is None:
+            return
+        kept = {key: value for key, value in (row.delivery.get(mark) or {}).items() if key == "rounds"}
+        entry = {**kept, "state": state, "at": timezone.now().isoformat()}
+        if error:
+            entry["error"] = error[:300]
+        row.delivery = {**row.delivery, mark: entry}
+        row.save(update_fields=["delivery"])
+
+
+def delivery_due(row: models.Model, mark: str, *, delivered_field: str, now: datetime) -> bool:
+    """Whether the sweep should queue ``mark`` of ``row`` again: not
+    delivered, and either never taken by a task (the broker could not take it, or the task was lost), or a
+    claim past its lease, or a failure or a queueing left alone for ``REQUEUE_AFTER``, fewer than
+    ``SWEEP_ROUNDS`` times. The caller keeps to the sweep's window (grace period, cut-off)."""
+    if mark in getattr(row, delivered_field):
+        return False
+    state = row.delivery.get(mark)
+    if not state:
+        return True
+    if state["state"] == DeliveryState.NOBODY or state.get("rounds", 0) >= SWEEP_ROUNDS:
+        return False
+    if state["state"] == DeliveryState.CLAIMED:
+        return _at(state) <= now - CLAIM_LEASE
+    return _at(state) <= now - REQUEUE_AFTER
+
+
+def delivery_requeue(
+    model: type[models.Model], pk: int, mark: str, *, delivered_field: str, now: datetime
+) -> dict[str, Any] | None:
+    """Record ``mark`` queued by the sweep, if it is still due (under the row's lock: of two sweeps, one
+    queues it). Returns the state it replaced (``{}`` for none), for ``delivery_unqueue``; None when not due."""
+    with transaction.atomic():
+        row = model.objects.select_for_update().filter(pk=pk).first()
+        if row is None or not delivery_due(row, mark, delivered_field=delivered_field, now=now):
+            return None
+        before = row.delivery.get(mark) or {}
+        rounds = before.get("rounds", 0) + 1
+        row.delivery = {**row.delivery, mark: {"state": DeliveryState.QUEUED, "at": now.isoformat(), "rounds": rounds}}
+        row.save(update_fields=["delivery"])
+    return before
+
+
+def delivery_unqueue(model: type[models.Model], pk: int, mark: str, *, before: dict[str, Any], now: datetime) -> None:
+    """The broker refused what ``delivery_requeue`` recorded as queued: put back the state it replaced, so the
+    next sweep tries again (and the refusal does not count as a round)."""
+    with transaction.atomic():
+        row = model.objects.select_for_update().filter(pk=pk).first()
+        if row is None:
+            return
+        state = row.delivery.get(mark) or {}
+        if state.get("state") != DeliveryState.QUEUED or state.get("at") != now.isoformat():
+            return  # a task took it since (an eager run, or a worker quicker than this)
+        delivery = {key: value for key, value in row.delivery.items() if key != mark}
+        if before:
+            delivery[mark] = before
+        row.delivery = delivery
+        row.save(update_fields=["delivery"])
+
+
+def delivery_failed(task: Any, model: type[models.Model], pk: int, mark: str, exc: BaseException) -> None:
+    """A delivery task's attempt failed with ``exc``: its claim released, the error recorded for the admin, and
+    whether ``task`` (bound) retries it or has spent its retries (the sweep takes it up again, within bounds)."""
+    exhausted = task.request.retries >= task.max_retries
+    state = DeliveryState.EXHAUSTED if exhausted else DeliveryState.RETRYING
+    delivery_release(model, pk, mark, state=state, error=f"{type(exc).__name__}: {exc}")
