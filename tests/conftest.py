@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["free_port"]  # the tests' servers take their ports from llmhub.testing.ports
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-pytest_plugins = ["tests.fixtures_upstreams", "tests.fixtures_webhook"]
+pytest_plugins = ["tests.fixtures_upstreams", "tests.fixtures_webhook", "tests.fixtures_broker"]
 
 
 def pytest_configure(config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,7 @@ class Webhook:
     url: str
     received: list[dict] = field(default_factory=list)
     fail_next: int = 0  # answer 500 to this many requests first
+    delay: float = 0.0  # seconds each request waits before it is answered (and counted)
 
 
 @pytest.fixture
@@ -31,6 +33,7 @@ def webhook(settings) -> Iterator[Webhook]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(hook.delay)
             with lock:
                 failing = hook.fail_next > 0
                 if failing:

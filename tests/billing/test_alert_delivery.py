@@ -1,0 +1,269 @@
+"""Alerts are never lost to a broker that is down (docs/alerts.md, "Delivery"): raising one commits its row and
+never fails the caller; the sweep (``alerts_undelivered_send``) queues what no task delivered, after a grace
+period and within a cut-off, and a delivery is claimed on the row before it is sent, so the normal path, the
+sweep and concurrent runs of either send each alert once. Real email (Django's test outbox), a real webhook
+server, a broker on a port nothing listens on."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import time_machine
+from asgiref.sync import sync_to_async
+from celery._state import _set_task_join_will_block
+from django.core import mail
+from django.db import connection
+
+from billing.models import BudgetAlert, BudgetPeriod, OpsAlertKind, OpsAlertRule, UsageRecord
+from billing.services.admission import admission_acquire
+from billing.services.alerts import Crossing, budget_alerts_raise
+from billing.services.budgets import CounterRef, CounterSpec, api_key_limits_set
+from billing.services.keys import api_key_create
+from billing.services.ledger import ledger_flush, usage_record_submit
+from billing.services.ledger_rows import UsageData
+from billing.services.ops_alerts import Measure, ops_incident_clear, ops_incident_open
+from billing.services.plans import plan_assign
+from billing.tasks import alerts_undelivered_send, budget_alert_webhook
+from providers.models import Incident
+from providers.selectors import resolved_model
+from providers.services.incidents import incident_close, incident_open
+from tests.billing.conftest import FLAT_TOKEN
+from tests.factories import ModelFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+GRACE = timedelta(seconds=120)  # LLMHUB_ALERT_SWEEP_GRACE_SECONDS's default
+
+
+@pytest.fixture(autouse=True)
+def _eager_joins_allowed_after():
+    """Celery's eager ``delay`` sets a process-wide "a join would block" flag and puts back the value it found:
+    two threads doing it at once can leave it set, and every later ``.get()`` in this process refuses."""
+    yield
+    _set_task_join_will_block(False)
+
+
+@pytest.fixture
+def account(plans, catalog, settings):
+    """Alice's key has a $0.01 monthly budget (100 tokens of the flat model); counters in the database."""
+    settings.REDIS_URL = ""
+    user = UserFactory(username="alice", email="alice@example.com")
+    plan_assign(user=user, plan=plans["Enterprise"])
+    api_key = api_key_create(user=user, name="ci").api_key
+    api_key_limits_set(api_key=api_key, budget_usd=100 * FLAT_TOKEN, budget_period=BudgetPeriod.MONTHLY)
+    return {"user": user, "key": api_key, "flat": resolved_model(catalog["flat"])}
+
+
+def alerts() -> list[tuple[int, list[str]]]:
+    return list(BudgetAlert.objects.order_by("threshold").values_list("threshold", "channels"))
+
+
+def sweep() -> int:
+    return alerts_undelivered_send()
+
+
+def crossing(user, threshold: int) -> Crossing:
+    ref = CounterRef("user", user.pk, "cost", BudgetPeriod.MONTHLY, datetime(2026, 12, 1, tzinfo=UTC))
+    return Crossing(CounterSpec(ref, Decimal("10"), "the monthly budget"), threshold, Decimal("5"))
+
+
+async def test_a_settlement_while_the_broker_is_down_succeeds_and_the_sweep_delivers_its_alerts_once(
+    account, webhook, broker, caplog
+):
+    with time_machine.travel(T0, tick=False) as clock:
+        broker.down()
+        admission = await admission_acquire(
+            user_id=account["user"].pk,
+            api_key_id=account["key"].pk,
+            key_allowed_model_ids=None,
+            model=account["flat"],
+            body={"model": "flat-model", "messages": [], "max_tokens": 90},
+            request_id="req_broker_down",
+            prompt_tokens_upper=0,
+        )
+        with caplog.at_level(logging.WARNING):
+            # Through the ledger's writer, as a request settles: 90 % crosses 50 % and 80 % at once.
+            usage_record_submit(
+                UsageData(
+                    request_id="req_broker_down",
+                    endpoint="rest",
+                    stream=False,
+                    status="ok",
+                    user_id=account["user"].pk,
+                    api_key_id=account["key"].pk,
+                    model_name="flat-model",
+                    completion_tokens=90,
+                    cost=90 * FLAT_TOKEN,
+                ),
+                admission=admission,
+            )
+            await ledger_flush()
+        assert await UsageRecord.objects.filter(request_id="req_broker_down").aexists()
+        # Both crossings recorded (the first one's failed queueing used to stop the second), nothing sent,
+        # and no error logged: the settlement did not fail.
+        assert await sync_to_async(alerts)() == [(50, []), (80, [])]
+        assert mail.outbox == [] and webhook.received == []
+        assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+        assert "could not be queued" in caplog.text
+
+        broker.up()
+        assert await sync_to_async(sweep)() == 0  # still in the grace period
+        clock.shift(GRACE + timedelta(seconds=1))
+        assert await sync_to_async(sweep)() == 4
+        assert sorted(message.subject[-9:] for message in mail.outbox) == ["is at 50%", "is at 80%"]
+        assert len(webhook.received) == 2
+        assert await sync_to_async(alerts)() == [(50, ["email", "webhook"]), (80, ["email", "webhook"])]
+
+        clock.shift(timedelta(hours=1))
+        assert await sync_to_async(sweep)() == 0
+        assert len(mail.outbox) == 2 and len(webhook.received) == 2
+
+
+def test_incidents_opened_and_cleared_while_the_broker_is_down_are_delivered_once_by_the_sweep(
+    webhook, broker, settings
+):
+    settings.ADMINS = [("Ops", "ops@example.com")]
+    deployment = ModelFactory(name="gpt-4o-mini").deployments.get()
+    rule = OpsAlertRule.objects.create(name="test error rate", kind=OpsAlertKind.ERROR_RATE)
+    measure = Measure(Decimal(50), True, "error rate of model gpt-4o-mini is 50 %")
+    with time_machine.travel(T0, tick=False) as clock:
+        broker.down()
+        assert incident_open(deployment_id=deployment.pk, reason="503 from upstream", at=T0) is not None
+        ops = ops_incident_open(rule=rule, subject="model:gpt-4o-mini", measure=measure, now=T0)
+        clock.shift(timedelta(minutes=1))
+        assert incident_close(deployment_id=deployment.pk, at=T0 + timedelta(minutes=1)) is not None
+        assert ops_incident_clear(incident=ops, measure=None, now=T0 + timedelta(minutes=1)) is not None
+        assert mail.outbox == [] and webhook.received == []
+
+        broker.up()
+        clock.shift(GRACE - timedelta(seconds=30))  # the openings are past the grace period, the clearings not yet
+        assert sweep() == 4
+        clock.shift(timedelta(minutes=1))
+        assert sweep() == 4
+        clock.shift(timedelta(minutes=10))
+        assert sweep() == 0
+
+    assert sorted(message.subject for message in mail.outbox) == [
+        "[llmhub] cleared: test error rate (model:gpt-4o-mini)",
+        f"[llmhub] deployment {deployment.name} of model gpt-4o-mini is back up",
+        f"[llmhub] deployment {deployment.name} of model gpt-4o-mini is down",
+        "[llmhub] firing: test error rate (model:gpt-4o-mini)",
+    ]
+    assert len(webhook.received) == 4
+    assert Incident.objects.get().delivered == ["down:email", "down:webhook", "recovered:email", "recovered:webhook"]
+    ops.refresh_from_db()
+    assert ops.delivered == ["open:email", "open:webhook", "clear:email", "clear:webhook"]
+
+
+def test_the_sweep_sends_nothing_the_normal_path_delivered(webhook):
+    user = UserFactory(username="bob", email="bob@example.com")
+    with time_machine.travel(T0, tick=False) as clock:
+        webhook.fail_next = 2  # retried by its task: delivered, late
+        budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+        assert len(mail.outbox) == 1 and len(webhook.received) == 1
+        for _ in range(3):
+            clock.shift(timedelta(minutes=20))
+            assert sweep() == 0
+    assert len(mail.outbox) == 1 and len(webhook.received) == 1
+    assert alerts() == [(50, ["email", "webhook"])]
+
+
+def test_the_sweep_leaves_alerts_in_their_grace_period_and_past_the_cut_off(webhook, broker):
+    user = UserFactory(username="carol", email="carol@example.com")
+    with time_machine.travel(T0, tick=False) as clock:
+        broker.down()
+        budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+        clock.shift(timedelta(hours=24))
+        budget_alerts_raise(crossings=[crossing(user, 80)], user_id=user.pk)
+        broker.up()
+
+        clock.shift(GRACE - timedelta(seconds=1))
+        assert sweep() == 0  # the 80 % alert is in its grace period; the 50 % one too old
+        clock.shift(timedelta(minutes=2))
+        assert sweep() == 2  # the 80 % alert's email and webhook; the 50 % one is past 24 hours
+    assert [message.subject[-9:] for message in mail.outbox] == ["is at 80%"]
+    assert len(webhook.received) == 1
+    assert alerts() == [(50, []), (80, ["email", "webhook"])]
+
+
+def test_two_tasks_sending_one_alert_at_once_send_it_once(webhook, broker):
+    """The normal path's task and the sweep's copy (or a task redelivered) running together: one claims it."""
+    user = UserFactory(username="dave", email="dave@example.com")
+    broker.down()
+    (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+    broker.up()
+    webhook.delay = 0.5
+    barrier = threading.Barrier(2)
+
+    def send() -> None:
+        barrier.wait()
+        budget_alert_webhook.delay(alert.pk)
+        connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(webhook.received) == 1
+    assert alerts() == [(50, ["webhook"])]
+
+
+def test_two_sweeps_at_once_deliver_once(webhook, broker):
+    user = UserFactory(username="erin", email="erin@example.com")
+    with time_machine.travel(T0, tick=False) as clock:
+        broker.down()
+        budget_alerts_raise(crossings=[crossing(user, 100)], user_id=user.pk)
+        broker.up()
+        clock.shift(GRACE + timedelta(seconds=1))
+        webhook.delay = 0.5
+        barrier = threading.Barrier(2)
+        queued: list[int] = []
+
+        def run() -> None:
+            barrier.wait()
+            queued.append(sweep())
+            connection.close()
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sum(queued) == 2  # the email and the webhook, each queued by one of the two
+    assert len(mail.outbox) == 1 and len(webhook.received) == 1
+    assert alerts() == [(100, ["email", "webhook"])]
+
+
+def test_a_delivery_whose_retries_ran_out_stays_visible_and_the_sweep_tries_it_again_a_few_times(webhook):
+    user = UserFactory(username="frank", email="frank@example.com")
+    with time_machine.travel(T0, tick=False) as clock:
+        webhook.fail_next = 1000
+        (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+        alert.refresh_from_db()
+        assert alert.channels == ["email"]
+        assert alert.delivery["webhook"]["state"] == "exhausted"
+        assert alert.delivery["webhook"]["error"] == "WebhookDeliveryError: the alert webhook answered HTTP 500"
+
+        clock.shift(timedelta(minutes=5))
+        assert sweep() == 0  # left to rest a while: the webhook has just failed 9 times
+        for _ in range(3):  # three more rounds, each with the task's retries
+            clock.shift(timedelta(minutes=16))
+            assert sweep() == 1
+        clock.shift(timedelta(minutes=16))
+        assert sweep() == 0
+        alert.refresh_from_db()
+        assert alert.channels == ["email"] and alert.delivery["webhook"]["state"] == "exhausted"
+        assert alert.delivery["webhook"]["rounds"] == 3
+
+    webhook.fail_next = 0
+    with time_machine.travel(T0 + timedelta(hours=2), tick=False):
+        alert.delivery = {"webhook": {**alert.delivery["webhook"], "rounds": 0}}  # as an admin would reset it
+        alert.save(update_fields=["delivery"])
+        assert sweep() == 1
+    assert len(webhook.received) == 1 and alerts() == [(50, ["email", "webhook"])]

@@ -1,0 +1,39 @@
+"""A Celery broker that cannot take a task: the tests run tasks eagerly (``settings/test.py``); this turns that
+off and points the broker at a port nothing listens on, as a Redis broker down looks to the publisher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from llmhub.celery import app
+from tests.conftest import free_port
+
+
+class Broker:
+    def __init__(self) -> None:
+        self._saved = (app.conf.task_always_eager, app.conf.broker_url)
+
+    def down(self) -> None:
+        app.conf.task_always_eager = False
+        app.conf.broker_url = f"redis://127.0.0.1:{free_port()}/0"
+        self._forget_connections()
+
+    def up(self) -> None:
+        """Back to the tests' broker: tasks run eagerly again, as a worker would take them."""
+        app.conf.task_always_eager, app.conf.broker_url = self._saved
+        self._forget_connections()
+
+    @staticmethod
+    def _forget_connections() -> None:
+        # The app keeps a connection pool made from the broker URL it first saw (as after a fork, it must
+        # make one from the URL set now).
+        app._after_fork()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    handle = Broker()
+    yield handle
+    handle.up()
