@@ -424,6 +424,8 @@ class BudgetAlert(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # The alert sweep reads the last day's alerts every minute (``services.alert_sweep``).
+        indexes = [models.Index(fields=["created_at"], name="billing_alert_created")]
         constraints = [
             models.UniqueConstraint(
                 fields=["scope_kind", "scope_id", "metric", "period_start", "threshold"],
@@ -638,6 +640,11 @@ class OpsAlertIncident(models.Model):
 
     class Meta:
         ordering = ["-opened_at"]
+        # The alert sweep reads the incidents opened or cleared in the last day every minute.
+        indexes = [
+            models.Index(fields=["opened_at"], name="billing_ops_incident_opened"),
+            models.Index(fields=["cleared_at"], name="billing_ops_incident_cleared"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["rule", "subject"],

@@ -370,6 +370,11 @@ class Incident(models.Model):
 
     class Meta:
         ordering = ["-started_at"]
+        # The alert sweep (billing) reads the incidents begun or ended in the last day every minute.
+        indexes = [
+            models.Index(fields=["started_at"], name="providers_incident_started"),
+            models.Index(fields=["ended_at"], name="providers_incident_ended"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["deployment"],
