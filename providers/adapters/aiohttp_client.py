@@ -34,7 +34,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_proto import ResponseHandler
 
 # The transport both SDKs' DefaultAioHttpClient uses (openai and anthropic vendor the same file).
-from openai._vendor.httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport, map_aiohttp_exceptions
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport, map_aiohttp_exceptions
 
 from .. import outbound
 
@@ -196,7 +196,10 @@ def _remapped(exc: httpx2.TimeoutException) -> httpx2.TransportError:
 class _GuardedStream(httpx2.AsyncByteStream):
     """The vendored ``AiohttpResponseStream`` with its errors mapped right (``_remapped``) in the same frame:
     the body's pieces come straight from aiohttp's reader, through one generator rather than two (every
-    frame between the socket and the client is resumed for every chunk of a stream)."""
+    frame between the socket and the client is resumed for every chunk of a stream). Read with ``iter_any``
+    (what has arrived, at once) rather than the vendored ``iter_chunked(16 KiB)``, which hands out the same
+    pieces (it too returns what is there, up to 16 KiB) through ``read(n)``'s longer path and a lambda a
+    piece; the reader's buffer limits are the session's ``read_bufsize`` (256 KiB) either way."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -204,7 +207,7 @@ class _GuardedStream(httpx2.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             with map_aiohttp_exceptions():
-                async for piece in self._response.content.iter_chunked(AiohttpResponseStream.CHUNK_SIZE):
+                async for piece in self._response.content.iter_any():
                     yield piece
         except httpx2.TimeoutException as exc:
             raise _remapped(exc) from exc.__cause__

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 import httpx2
+from httpx2._client import BoundAsyncStream
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,5 +88,10 @@ def response_body(response: httpx2.Response) -> AsyncIterable[bytes]:
     transport's stream is read directly. Closing is the response's ``aclose``, as before."""
     encoding = response.headers.get("content-encoding")
     if encoding is None or encoding.strip().lower() in ("", "identity"):
-        return response.stream  # type: ignore[return-value]
+        stream = response.stream
+        # httpx2's client wraps the transport's stream in one that only passes each piece on (and times the
+        # response when it is closed, which ``aclose`` still does): read beneath it, one frame fewer a piece.
+        if type(stream) is BoundAsyncStream:
+            return stream._stream  # type: ignore[return-value]
+        return stream  # type: ignore[return-value]
     return response.aiter_bytes()

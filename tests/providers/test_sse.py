@@ -138,3 +138,38 @@ def test_response_body_reads_the_transport_unless_there_is_something_to_decode()
     packed = httpx2.Response(200, headers={"content-encoding": "gzip"}, stream=Body(gzip.compress(STREAM)))
     assert response_body(packed) is not packed.stream
     assert asyncio.run(read(packed)) == STREAM
+
+
+def test_response_body_reads_beneath_the_clients_timing_wrapper_and_closing_still_times_the_response():
+    """A client's response stream is httpx2's ``BoundAsyncStream`` around the transport's: the body is read
+    from the transport's stream (one frame fewer a piece), and closing the response still goes through the
+    wrapper, which closes the transport's stream and sets ``elapsed``."""
+    import httpx2
+
+    from providers.adapters.sse import response_body
+
+    closed = []
+
+    class Body(httpx2.AsyncByteStream):
+        async def __aiter__(self):
+            yield STREAM[:9]
+            yield STREAM[9:]
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    transport = httpx2.MockTransport(
+        lambda request: httpx2.Response(200, headers={"content-type": "text/event-stream"}, stream=Body())
+    )
+
+    async def scenario() -> None:
+        async with httpx2.AsyncClient(transport=transport) as client:
+            async with client.stream("POST", "http://upstream.test/v1/chat/completions") as response:
+                body = response_body(response)
+                assert type(body) is Body  # beneath the wrapper
+                assert b"".join([piece async for piece in body]) == STREAM
+                assert not closed
+            assert closed == [True]
+            assert response.elapsed is not None
+
+    asyncio.run(scenario())
