@@ -33,13 +33,13 @@ from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUn
 from providers.adapters.base import WireEvent
 from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.exceptions import ProviderError
-from providers.selectors import model_resolve
 
 from .api_openai import parse_body, response_stamp, run_open, shutdown_response
 from .pipeline import (
     CompletionRun,
     caller_from_api_key,
     completion_reject,
+    model_for_estimate,
     new_request_id,
 )
 from .validation import InvalidRequestError
@@ -143,10 +143,10 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return _answer(await method_not_allowed(request, request_id), request_id, started)
     try:
-        await caller_from_api_key(key_from_headers(request.headers))
+        caller = await caller_from_api_key(key_from_headers(request.headers))
         body = parse_body(request)
         validate_count_tokens_request(body)
-        await model_resolve(body["model"])
+        await model_for_estimate(caller=caller, name=body["model"], operation=Operation.MESSAGES)
     except ApplicationError as exc:
         return _answer(anthropic_error_response(exc), request_id, started)
     return _answer(json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
-from billing.services.admission import Admission, admission_acquire, models_permitted
+from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
@@ -569,6 +569,18 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         cached_input_per_mtok=max(cached(m) for m in every),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
+
+
+async def model_for_estimate(*, caller: Caller, name: Any, operation: str) -> ResolvedModel:
+    """The model an endpoint that runs nothing names (``/v1/messages/count_tokens``), refused as a run of
+    ``operation`` would refuse it: unknown (404), of the wrong mode (400), or excluded by the caller's plan
+    or key (403). An estimate for a model the caller may not use would tell them what the catalog holds."""
+    model = await model_resolve(name)
+    _check_mode(model, operation)
+    await model_permission_check(
+        user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, model=model
+    )
+    return model
 
 
 def _check_mode(model: ResolvedModel, operation: str) -> None:

@@ -320,6 +320,14 @@ async def models_allowed(
     ]
 
 
+async def model_permission_check(
+    *, user_id: int, key_allowed_model_ids: frozenset[int] | None, model: ResolvedModel
+) -> None:
+    """``ModelNotAllowedError`` (403) when the plan's or the key's allow-list excludes ``model``, in the words
+    admission uses, for an endpoint that answers about a model without running a request (an estimate)."""
+    _check_models(limits=await user_limits(user_id), key_allowed_model_ids=key_allowed_model_ids, model=model)
+
+
 async def models_permitted(
     *, user_id: int, key_allowed_model_ids: frozenset[int] | None, models: list[ResolvedModel]
 ) -> list[ResolvedModel]:

@@ -245,6 +245,48 @@ def test_count_tokens_answers_an_estimate(gateway):
     assert gateway.upstream.stats["requests"] == 0
 
 
+def test_count_tokens_refuses_a_model_the_key_may_not_use(gateway):
+    from billing.services.keys import api_key_create
+    from providers.models import CatalogModel
+
+    created = api_key_create(
+        user=gateway.user, name="narrow", allowed_models=[CatalogModel.objects.get(name="gpt-test")]
+    )
+    with pytest.raises(anthropic.PermissionDeniedError) as failed:
+        client(gateway, api_key=created.secret).messages.count_tokens(
+            model="claude-test", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert failed.value.body["error"]["type"] == "permission_error"
+    assert "claude-test" in failed.value.body["error"]["message"]
+
+
+def test_count_tokens_refuses_a_model_the_plan_does_not_include(gateway):
+    from billing.models import Plan
+    from billing.services.plans import plan_assign
+
+    # Output at most $1 a million tokens, as the Free plan: gpt-test, not claude-test.
+    plan_assign(user=gateway.user, plan=Plan.objects.create(name="Cheap", max_output_price_per_mtok=Decimal(1)))
+    with pytest.raises(anthropic.PermissionDeniedError) as failed:
+        client(gateway).messages.count_tokens(model="claude-test", messages=[{"role": "user", "content": "hi"}])
+    assert "Your plan (Cheap) does not include the model `claude-test`" in failed.value.body["error"]["message"]
+    assert client(gateway).messages.count_tokens(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_count_tokens_refuses_an_embedding_model(gateway):
+    from providers.models import ModelMode, Provider
+    from tests.factories import ModelFactory
+
+    ModelFactory(
+        name="embed-test",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fake-embedding-small",
+        mode=ModelMode.EMBEDDING,
+    )
+    with pytest.raises(anthropic.BadRequestError) as failed:
+        client(gateway).messages.count_tokens(model="embed-test", messages=[{"role": "user", "content": "hi"}])
+    assert "embedding model" in failed.value.body["error"]["message"]
+
+
 def test_wrong_key_is_the_sdks_authentication_error(gateway):
     with pytest.raises(anthropic.AuthenticationError) as failed:
         client(gateway, api_key="sk-llmhub-aaaaaaaa-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").messages.create(
