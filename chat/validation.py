@@ -25,7 +25,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOOL_CHOICE_MODES = ("none", "auto", "required")
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-    "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+    "HTTP library correctly. This API expects a JSON payload.)"
 )
 
 

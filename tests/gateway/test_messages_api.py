@@ -287,6 +287,19 @@ def test_count_tokens_refuses_an_embedding_model(gateway):
     assert "embedding model" in failed.value.body["error"]["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_a_body_that_is_not_json_is_refused_in_anthropics_words(gateway, path):
+    response = httpx.post(
+        gateway.url + path,
+        content=b'{"model": "gpt-test", ',
+        headers={"x-api-key": gateway.key, "anthropic-version": "2023-06-01", "content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
+    assert "OpenAI" not in error["message"]  # this is Anthropic's API, whatever the model speaks upstream
+
+
 def test_wrong_key_is_the_sdks_authentication_error(gateway):
     with pytest.raises(anthropic.AuthenticationError) as failed:
         client(gateway, api_key="sk-llmhub-aaaaaaaa-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb").messages.create(
