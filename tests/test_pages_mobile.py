@@ -365,3 +365,39 @@ async def test_the_top_bar_keeps_each_link_on_one_line_between_phone_and_desktop
         assert single_line, (width, heights)
         assert await scroll_width(page) <= width
     await context.close()
+
+
+# Each stat tile's figure, and whether its text stays inside its tile and the tile inside the screen.
+TILE_FIGURES_JS = """() => [...document.querySelectorAll(".stat")].map((tile) => {
+  const value = tile.querySelector(".stat-value");
+  const text = document.createRange();
+  text.selectNodeContents(value);
+  const box = tile.getBoundingClientRect();
+  return [
+    value.textContent.trim(),
+    text.getBoundingClientRect().right <= box.right && box.right <= document.documentElement.clientWidth,
+  ];
+})"""
+
+
+@pytest.mark.parametrize("path", ["/ops/", "/usage/", "/usage/admin/"])
+async def test_a_small_amount_with_many_decimals_stays_inside_its_tile(path, live_site, browser, ada):
+    """Amounts under a dollar are shown with as many decimals as they need ($0.0493221751): on the
+    operations dashboard's five tiles a row such a figure ran past its tile's edge, and on a phone's two
+    tiles a row it pushed the tiles past the screen's."""
+
+    def spend() -> None:
+        UsageRecordFactory(user=ada, cost=Decimal("0.0493221751"), created_at=timezone.now() - timedelta(minutes=5))
+
+    await sync_to_async(spend)()
+    context = await signed_in(browser, live_site, ada)
+    page = await context.new_page()
+    try:
+        await page.goto(live_site.url + path)
+        for viewport in (DESKTOP, PHONE):
+            await page.set_viewport_size(viewport)
+            tiles = await page.evaluate(TILE_FIGURES_JS)
+            assert any(figure == "$0.0493221751" for figure, _ in tiles), tiles
+            assert all(inside for _, inside in tiles), (viewport, tiles)
+    finally:
+        await context.close()
