@@ -37,7 +37,7 @@ Endpoints
     or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below), ``POST /v1/moderations`` (OpenAI, see
     Moderation below), ``GET /v1/models`` and
     ``GET /v1/models/{id}`` (Anthropic shape when the request carries an ``anthropic-version`` header,
-    OpenAI shape otherwise). Azure OpenAI's routes answer as OpenAI's: ``POST
+    OpenAI shape otherwise, which also lists ``fake-embedding-small``). Azure OpenAI's routes answer as OpenAI's: ``POST
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
     (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Google Gemini's (v1beta):
@@ -170,6 +170,7 @@ from typing import Any, Literal, NoReturn, Self
 from aiohttp import web
 
 __all__ = [
+    "EMBEDDING_MODELS",
     "MODELS",
     "MODERATION_CATEGORIES",
     "FakeUpstream",
@@ -192,6 +193,10 @@ MODELS: tuple[tuple[str, str], ...] = (
     ("fake-claude-haiku", "Fake Claude Haiku"),
     ("fake-claude-sonnet", "Fake Claude Sonnet"),
 )
+# Listed by OpenAI's model list as well (which names embedding models, Anthropic's has none), so that a
+# health check of an embedding deployment finds its upstream id: the demo's demo-embedding-small.
+# /v1/embeddings itself answers for any model name.
+EMBEDDING_MODELS: tuple[tuple[str, str], ...] = (("fake-embedding-small", "Fake embedding small"),)
 _MODELS_CREATED = 1735689600  # 2025-01-01T00:00:00Z; fixed so listings are byte-for-byte stable
 _MODELS_CREATED_RFC3339 = "2025-01-01T00:00:00Z"
 
@@ -1329,15 +1334,16 @@ class _App:
                 {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]},
                 headers={"request-id": _new_id("req_")},
             )
-        return web.json_response({"object": "list", "data": [self._openai_model(model_id) for model_id, _ in MODELS]})
+        listed = MODELS + EMBEDDING_MODELS
+        return web.json_response({"object": "list", "data": [self._openai_model(model_id) for model_id, _ in listed]})
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         early = await self._models_fault(request)
         if early is not None:
             return early
         model_id = request.match_info["model_id"]
-        names = dict(MODELS)
         anthropic = "anthropic-version" in request.headers
+        names = dict(MODELS if anthropic else MODELS + EMBEDDING_MODELS)
         if model_id not in names:
             if anthropic:
                 return _anthropic_error(404, "not_found_error", f"model: {model_id}")

@@ -27,6 +27,7 @@ from experiments.models import Experiment, ExperimentStatus, Feedback
 from prompts.models import BrandProfile, PromptTemplate
 from providers.models import CatalogModel, Deployment, ModelMode, Provider
 from providers.services.catalog_file import providers_dump
+from tests.providers.health_probes import breakers_closed_after  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.django_db
 
@@ -118,6 +119,23 @@ def test_the_demo_file_loaded_by_hand_is_what_demo_setup_writes(monkeypatch):
 
     assert out.getvalue().splitlines()[-1] == "0 created, 0 updated, 12 unchanged.", out.getvalue()
     assert providers_dump() == catalog
+
+
+@pytest.mark.usefixtures("breakers_closed_after")
+def test_every_demo_deployment_passes_its_health_check(fake_upstream):
+    """Beat probes every deployment every 5 minutes from the start of ``make run``: each provider's model
+    list must name each of its deployments' upstream ids, or the demo opens an incident on its own (it did
+    for ``demo-embedding-small``, and the operations dashboard showed a failing deployment)."""
+    from providers.models import HealthCheck
+    from providers.tasks import providers_health_check_all
+
+    demo_setup(upstream_url=fake_upstream.base_url, west_upstream_url=fake_upstream.base_url)
+
+    providers_health_check_all.delay().get()
+
+    results = {(c.deployment.model.name, c.deployment.name): (c.ok, c.error) for c in HealthCheck.objects.all()}
+    assert len(results) == Deployment.objects.count() == 5
+    assert all(ok for ok, _ in results.values()), results
 
 
 def test_demo_setup_follows_the_upstream_it_is_given():

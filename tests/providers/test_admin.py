@@ -9,7 +9,7 @@ import pytest
 from django.contrib import messages
 from django.urls import reverse
 
-from llmhub.testing.fake_upstream import MODELS, FakeUpstream
+from llmhub.testing.fake_upstream import EMBEDDING_MODELS, MODELS, FakeUpstream
 from providers.models import CatalogModel, Deployment, HealthStatus, Provider, ProviderKind
 from tests.conftest import free_port
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, provider_admin_form
@@ -286,7 +286,7 @@ def test_test_connection_success(admin_client, fake_upstream):
 
     [(level, text)] = shown
     assert level == messages.SUCCESS and text.startswith(f"{provider.name}: OK in ")
-    assert f"{len(MODELS)} models listed" in text
+    assert f"{len(MODELS + EMBEDDING_MODELS)} models listed" in text
     provider.refresh_from_db()
     assert provider.last_health_status == HealthStatus.OK and provider.last_health_at is not None
     assert KEY not in response.content.decode()
@@ -326,14 +326,14 @@ def test_import_models_action(admin_client, fake_upstream):
     _, shown = run_action(admin_client, "import_models", provider)
 
     [(level, text)] = shown
-    assert level == messages.SUCCESS and f"{len(MODELS)} model(s) added" in text
+    assert level == messages.SUCCESS and f"{len(MODELS + EMBEDDING_MODELS)} model(s) added" in text
     assert sorted(Deployment.objects.filter(provider=provider).values_list("upstream_id", flat=True)) == sorted(
-        model_id for model_id, _ in MODELS
+        model_id for model_id, _ in MODELS + EMBEDDING_MODELS
     )
     assert not CatalogModel.objects.filter(enabled=True).exists()
 
     _, shown = run_action(admin_client, "import_models", provider)
-    assert f"0 model(s) added; {len(MODELS)} already in the catalog" in shown[0][1]
+    assert f"0 model(s) added; {len(MODELS + EMBEDDING_MODELS)} already in the catalog" in shown[0][1]
 
 
 def test_import_models_action_reports_a_refusal(admin_client, locked_upstream):

@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from llmhub.testing.fake_upstream import MODELS, FakeUpstream
+from llmhub.testing.fake_upstream import EMBEDDING_MODELS, MODELS, FakeUpstream
 from providers.adapters.registry import adapters_close_all
 from providers.exceptions import ProviderAuthenticationError
 from providers.models import CatalogModel, Deployment, HealthStatus, Provider, ProviderKind
@@ -26,7 +26,8 @@ from tests.conftest import free_port
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
 
 WRONG_KEY = "sk-wrong-key-for-the-fake-0000000000000"
-UPSTREAM_IDS = sorted(model_id for model_id, _ in MODELS)
+# What an OpenAI-compatible provider's model list names (Anthropic's: MODELS only).
+UPSTREAM_IDS = sorted(model_id for model_id, _ in MODELS + EMBEDDING_MODELS)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_health_check_ok_is_stored(fake_upstream):
 
     result = provider_health_check(provider=provider)
 
-    assert result.ok and result.models_seen == len(MODELS) and result.error == ""
+    assert result.ok and result.models_seen == len(UPSTREAM_IDS) and result.error == ""
     provider.refresh_from_db()
     assert provider.last_health_status == HealthStatus.OK
     assert provider.last_health_latency_ms == result.latency_ms
@@ -242,7 +243,7 @@ def test_import_from_an_anthropic_provider(fake_upstream):
 
     result = provider_import_models(provider=provider)
 
-    assert sorted(result.created) == UPSTREAM_IDS
+    assert sorted(result.created) == sorted(model_id for model_id, _ in MODELS)
 
 
 @pytest.mark.django_db

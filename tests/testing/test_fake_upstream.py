@@ -773,7 +773,8 @@ EXPECTED_MODELS = ["fake-gpt-4o-mini", "fake-gpt-4o", "fake-o3-mini", "fake-clau
 
 def test_models_list_in_both_shapes(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
     listed = oai.models.list()
-    assert [model.id for model in listed.data] == EXPECTED_MODELS
+    assert [model.id for model in listed.data] == [*EXPECTED_MODELS, "fake-embedding-small"]
+    assert oai.models.retrieve("fake-embedding-small").id == "fake-embedding-small"
     assert {model.owned_by for model in listed.data} == {"fake"}
     assert oai.models.retrieve("fake-o3-mini").id == "fake-o3-mini"
     with pytest.raises(openai.NotFoundError):
