@@ -157,6 +157,8 @@ def test_a_budget_that_cannot_pay_the_input_is_refused_before_the_upstream(store
     with pytest.raises(openai.RateLimitError) as refused:
         client.embeddings.create(model="embed-test", input="word " * 4000, encoding_format="float")
     assert refused.value.code == "insufficient_quota"
+    # No Retry-After, as OpenAI's: waiting seconds refills no budget (the README says so).
+    assert "retry-after" not in refused.value.response.headers
     assert "/v1/embeddings" not in embedder.upstream.stats["by_path"]
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert (record.operation, record.status, record.cost) == ("embeddings", "rejected", 0)
