@@ -244,6 +244,8 @@ def test_the_demo_user_chats_through_the_demo_experiment(llmhub_server, fake_ups
     )
 
     assert raw.parse().choices[0].message.content == "hello from the demo"
+    # What the README says the Free plan allows among the demo models: the one chat model, and the embedding one.
+    assert sorted(model.id for model in client.models.list()) == ["demo-embedding-small", "demo-gpt-4o-mini"]
     experiment = Experiment.objects.get(name=EXPERIMENT_NAME)
     assigned = async_to_sync(experiment_assign)(
         model_id=experiment.model_id, unit=assignment_unit(user_id=demo.pk, api_key_id=None)
