@@ -274,7 +274,8 @@ def usd(value: Decimal) -> str:
 
 def quota_error(spec: CounterSpec, *, spent: Decimal, reserved: Decimal, needed: Decimal) -> QuotaExceededError:
     metric = spec.metric
-    held = f", {_amount(metric, reserved)} is held by requests in progress" if reserved > 0 else ""
+    # "… used", "… held": no verb to agree with "$0.50" and with "675 tokens" alike.
+    held = f", {_amount(metric, reserved)} held by requests in progress" if reserved > 0 else ""
     advice = (
         "Raise the key's budget or wait for its next period."
         if spec.ref.scope_kind == ScopeKind.KEY
@@ -282,7 +283,7 @@ def quota_error(spec: CounterSpec, *, spent: Decimal, reserved: Decimal, needed:
     )
     return QuotaExceededError(
         f"You exceeded your current quota: {spec.title} is {_amount(metric, spec.limit)}; "
-        f"{_amount(metric, spent)} is used{held}, and this request could need up to {_amount(metric, needed)}. "
+        f"{_amount(metric, spent)} used so far{held}, and this request could need up to {_amount(metric, needed)}. "
         f"{advice}"
     )
 

@@ -75,7 +75,7 @@ async def test_reserves_max_tokens_and_refuses_what_the_budget_cannot_pay(store,
         await acquire(account, "r5", max_tokens=10)
     assert refused.value.status_code == 429 and refused.value.code == "insufficient_quota"
     assert "this API key's monthly budget is $0.005" in refused.value.message
-    assert "$0.005 is held by requests in progress" in refused.value.message
+    assert "$0.005 held by requests in progress" in refused.value.message
 
     # Settling at the real cost (8 tokens each) frees the difference: 40 spent, 10 left.
     for admission in admitted:
@@ -139,6 +139,7 @@ async def test_daily_token_quota_counts_prompt_and_completion(store, quota_user,
     with pytest.raises(QuotaExceededError) as refused:
         await go("q0", max_tokens=71)
     assert "the daily token quota of your plan (Pro) is 100 tokens" in refused.value.message
+    assert "0 tokens used so far, and this request could need up to 101 tokens" in refused.value.message
     admission = await go("q1")
     assert admission.max_tokens == 70
     assert admission.reserved_cost == 0  # a token quota, no USD budget
