@@ -58,7 +58,7 @@ def json_parse(raw: bytes | str) -> Any:
         raise InvalidRequestError(INVALID_JSON_MESSAGE, param=None, code="invalid_json") from None
 
 
-def _fail(message: str, param: str, code: str = "invalid_value") -> None:
+def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
     raise InvalidRequestError(message, param=param, code=code)
 
 
@@ -251,7 +251,7 @@ def check_body_and_model(body: Any) -> None:
     """What every OpenAI-shaped request body is checked for first (chat completions, embeddings): a JSON
     object naming a usable model, whose values are all ones llmhub can store and forward."""
     if not isinstance(body, dict):
-        _fail("The request body must be a JSON object.", "", "invalid_type")
+        _fail("The request body must be a JSON object.", None, "invalid_type")
     model = body.get("model")
     if model is None:
         _fail("Missing required parameter: 'model'.", "model", "missing_required_parameter")

@@ -17,7 +17,7 @@ ROLES = ("user", "assistant")
 TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
 
 
-def _fail(message: str, param: str, code: str = "invalid_value") -> None:
+def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
     raise InvalidRequestError(f"{param}: {message}" if param else message, param=param or None, code=code)
 
 
@@ -67,7 +67,7 @@ def _check_source(source: Any, param: str) -> None:
 def validate_messages_request(body: Any) -> None:
     """Raise ``InvalidRequestError`` (400) naming the first offending field."""
     if not isinstance(body, dict):
-        _fail("The request body must be a JSON object.", "", "invalid_type")
+        _fail("The request body must be a JSON object.", None, "invalid_type")
     model = body.get("model")
     if model is None:
         _fail("Field required", "model", "missing_required_parameter")

@@ -119,6 +119,15 @@ def test_non_finite_numbers_are_a_400(gateway, literal):
     assert_openai_error(response, 400)
 
 
+@pytest.mark.parametrize("body", ["[]", "3", '"text"', "null", ""])
+def test_a_body_that_is_not_an_object_is_a_400_that_names_no_parameter(gateway, body):
+    """The body as a whole is not one of the request's parameters: ``param`` is null, as for bad JSON."""
+    response = post(gateway, body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] is None and error["type"] == "invalid_request_error"
+
+
 def test_unparsable_json_with_a_valid_key_is_a_400_with_its_ledger_row(gateway):
     response = post(gateway, '{"model": "gpt-test", "messages": [')
     assert_openai_error(response, 400, code="invalid_json")
