@@ -207,9 +207,19 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 if REDIS_URL:
     CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
-    # kombu reconnects by itself; these find a dead connection sooner.
+    # kombu reconnects by itself; these find a dead connection sooner. Without a socket timeout (kombu's
+    # default is none) a publish to a broker that went silent without closing the connection (a failover, a
+    # NAT or firewall dropping it, a paused server) waits forever: an alert raised in the ledger's writer
+    # would hold it, and the alert sweep never ran. With it, the publish fails after its retries and the
+    # sweep queues the alert later (core/outbox.py). Above kombu's 1 s BRPOP wait, so an idle worker's
+    # poll is never cut short.
     # https://docs.celeryq.dev/en/stable/userguide/configuration.html#broker-transport-options
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"health_check_interval": REDIS_HEALTH_CHECK_INTERVAL, "socket_keepalive": True}
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,  # as the app's own Redis clients (core/redis.py)
+        "socket_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=5.0),
+    }
 else:
     # kombu's filesystem transport needs no server: good enough for one machine in development.
     _broker_dir = LOCAL_DIR / "celery-broker"

@@ -267,3 +267,64 @@ def test_a_delivery_whose_retries_ran_out_stays_visible_and_the_sweep_tries_it_a
         alert.save(update_fields=["delivery"])
         assert sweep() == 1
     assert len(webhook.received) == 1 and alerts() == [(50, ["email", "webhook"])]
+
+
+# A broker that went silent -------------------------------------------------------------------------------
+
+PUBLISH_ONCE = """
+import django
+django.setup()
+from llmhub.celery import app
+from billing.tasks import alerts_undelivered_send
+from core.outbox import task_queue
+app.conf.task_always_eager = False
+app.conf.broker_url = __import__("os").environ["REDIS_URL"]
+app._after_fork()
+print("queued" if task_queue(alerts_undelivered_send, what="the probe") else "not queued", flush=True)
+"""
+
+
+def test_a_broker_that_accepts_connections_and_never_answers_fails_a_publish_instead_of_holding_it():
+    """A Redis broker gone silent without closing its connections (a failover, a firewall dropping them, a
+    paused server): with kombu's default of no socket timeout a publish waited forever, and an alert raised
+    in the ledger's writer held it. The settings' broker options (the Redis branch, as production runs it)
+    bound it: ``task_queue`` logs and returns, and the sweep queues the alert later. Run in a process of its
+    own, since the settings are read at start-up."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def hold() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "llmhub.settings.test",
+        "PYTHONPATH": str(root),
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "CELERY_BROKER_SOCKET_TIMEOUT": "1",
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PUBLISH_ONCE], env=env, cwd=root, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        listener.close()
+        for held in accepted:
+            held.close()
+    assert accepted, "the publisher never connected to the silent broker"
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "not queued"
+    assert "could not be queued" in done.stderr and "the alert sweep will queue it again" in done.stderr
