@@ -7,7 +7,10 @@ from django.db import models
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
+from core.outbox import deliveries_send_again, send_again_report
+
 from .models import OpsAlertIncident, OpsAlertRule
+from .services.alert_sweep import ops_incident_deliveries, ops_incident_events
 
 
 @admin.register(OpsAlertRule)
@@ -69,6 +72,17 @@ class OpsAlertIncidentAdmin(admin.ModelAdmin):
     list_select_related = ["rule"]
     date_hierarchy = "opened_at"
     readonly_fields = [field.name for field in OpsAlertIncident._meta.fields]
+    actions = ["send_again"]
+
+    @admin.action(description="Send their undelivered email and webhook again")
+    def send_again(self, request: HttpRequest, queryset: QuerySet[OpsAlertIncident]) -> None:
+        """For a delivery whose retries ran out, or older than the sweep's cut-off: queued now, afresh."""
+        deliveries = (
+            delivery
+            for incident in queryset.select_related("rule")
+            for delivery in ops_incident_deliveries(incident, ops_incident_events(incident))
+        )
+        self.message_user(request, *send_again_report(*deliveries_send_again(deliveries)))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

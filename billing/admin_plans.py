@@ -10,7 +10,10 @@ from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
+from core.outbox import deliveries_send_again, send_again_report
+
 from .models import BudgetAlert, BudgetCounter, DailyUsage, Plan, UserPlan
+from .services.alert_sweep import budget_alert_deliveries
 from .services.counters import budget_counters_reconcile
 from .services.plans import plan_assign
 from .services.rollups import daily_usage_rebuild
@@ -124,6 +127,14 @@ class BudgetAlertAdmin(_ReadOnlyAdmin):
     list_select_related = ("user",)
     search_fields = ("user__username", "user__email")
     date_hierarchy = "created_at"
+    actions = ("send_again",)
+
+    @admin.action(description="Send their undelivered email and webhook again")
+    def send_again(self, request: HttpRequest, queryset: QuerySet[BudgetAlert]) -> None:
+        """For a delivery whose retries ran out (the mail server or the webhook was down for hours), or older
+        than the sweep's cut-off: queued now, with its rounds counted afresh."""
+        deliveries = (d for alert in queryset for d in budget_alert_deliveries(alert))
+        self.message_user(request, *send_again_report(*deliveries_send_again(deliveries)))
 
 
 @admin.register(DailyUsage)

@@ -15,6 +15,8 @@ whose claim outlives ``CLAIM_LEASE``) has the delivery sent again by the sweep.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,6 +42,19 @@ class DeliveryState:
     EXHAUSTED = "exhausted"  # it failed, the task's retries are spent
     QUEUED = "queued"  # the sweep queued it
     NOBODY = "nobody"  # there was nobody to send it to (no address): nothing more to do
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery an alert calls for: the row, its mark, where it records deliveries made, the task that
+    sends it and the task's arguments, and what it is in words (for the log)."""
+
+    row: models.Model
+    mark: str
+    delivered_field: str
+    task: Any
+    args: tuple[Any, ...]
+    what: str
 
 
 def task_queue(task: Any, *args: Any, what: str) -> bool:
@@ -160,3 +175,43 @@ def delivery_failed(task: Any, model: type[models.Model], pk: int, mark: str, ex
     exhausted = task.request.retries >= task.max_retries
     state = DeliveryState.EXHAUSTED if exhausted else DeliveryState.RETRYING
     delivery_release(model, pk, mark, state=state, error=f"{type(exc).__name__}: {exc}")
+
+
+def deliveries_send_again(deliveries: Iterable[Delivery]) -> tuple[int, bool]:
+    """An admin's "send again": every delivery of ``deliveries`` not made yet queued now, whatever its age, its
+    rounds or why it stopped (retries spent, nobody to send it to then), with its rounds counted from 0 again.
+    One a task is sending (a live claim) is left to it. Returns how many were queued, and whether the broker
+    refused one (the rest are then left as they were: it is down)."""
+    queued = 0
+    for delivery in deliveries:
+        model, pk, mark = type(delivery.row), delivery.row.pk, delivery.mark
+        now = timezone.now()
+        with transaction.atomic():
+            row = model.objects.select_for_update().filter(pk=pk).first()
+            if row is None or mark in getattr(row, delivery.delivered_field):
+                continue
+            before = row.delivery.get(mark) or {}
+            if before.get("state") == DeliveryState.CLAIMED and _at(before) > now - CLAIM_LEASE:
+                continue
+            row.delivery = {**row.delivery, mark: {"state": DeliveryState.QUEUED, "at": now.isoformat(), "rounds": 0}}
+            row.save(update_fields=["delivery"])
+        if not task_queue(delivery.task, *delivery.args, what=delivery.what):
+            delivery_unqueue(model, pk, mark, before=before, now=now)
+            return queued, True
+        queued += 1
+    return queued, False
+
+
+def send_again_report(queued: int, refused: bool) -> tuple[str, int]:
+    """What an admin's "send again" says, and at which ``django.contrib.messages`` level."""
+    from django.contrib import messages
+
+    if refused:
+        return (
+            f"Queued {queued} delivery(ies); then the task queue refused one (is the broker down?): the rest are "
+            "left as they were, and the alert sweep sends those raised in its window once it is back.",
+            messages.WARNING,
+        )
+    if not queued:
+        return "Nothing to send again: every delivery of these alerts was made, or is being made.", messages.INFO
+    return f"Queued {queued} undelivered delivery(ies) again.", messages.SUCCESS

@@ -7,8 +7,10 @@ from django.contrib import admin
 from django.db.models import F, QuerySet
 from django.http import HttpRequest
 
+from core.outbox import deliveries_send_again, send_again_report
+
 from .models import Incident
-from .services.incidents import incident_duration
+from .services.incidents import incident_deliveries, incident_duration, incident_events
 
 
 class IncidentStateFilter(admin.SimpleListFilter):
@@ -37,6 +39,13 @@ class IncidentAdmin(admin.ModelAdmin):
     search_fields = ("deployment__name", "deployment__model__name", "deployment__provider__name", "reason")
     fields = ("deployment", "started_at", "ended_at", "duration", "reason", "delivered", "delivery")
     readonly_fields = fields
+    actions = ("send_again",)
+
+    @admin.action(description="Send their undelivered email and webhook again")
+    def send_again(self, request: HttpRequest, queryset: QuerySet[Incident]) -> None:
+        """For a delivery whose retries ran out, or older than the alert sweep's cut-off: queued now, afresh."""
+        deliveries = (d for incident in queryset for d in incident_deliveries(incident, incident_events(incident)))
+        self.message_user(request, *send_again_report(*deliveries_send_again(deliveries)))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Incident]:
         # The provider's name is all this page shows of it: its secrets are not even decrypted.

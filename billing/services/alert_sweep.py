@@ -19,33 +19,19 @@ Of two sweeps at once, one queues each delivery: it is recorded queued under the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.conf import settings
-from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from core.outbox import delivery_due, delivery_requeue, delivery_unqueue, logger, task_queue
+from core.outbox import Delivery, delivery_due, delivery_requeue, delivery_unqueue, logger, task_queue
 from providers.models import Incident
+from providers.services.incidents import incident_deliveries
 
 from ..models import BudgetAlert, OpsAlertIncident
 from .ops_alerts import OpsAlertEvent, ops_alert_webhook_url
-
-
-@dataclass(frozen=True, slots=True)
-class Due:
-    """One delivery to queue again: the row, its mark, where it records deliveries, the task and its arguments."""
-
-    row: models.Model
-    mark: str
-    delivered_field: str
-    task: Any
-    args: tuple[Any, ...]
-    what: str
 
 
 def alerts_undelivered_requeue(*, now: datetime | None = None) -> int:
@@ -55,15 +41,16 @@ def alerts_undelivered_requeue(*, now: datetime | None = None) -> int:
     newest = now - timedelta(seconds=settings.LLMHUB_ALERT_SWEEP_GRACE_SECONDS)
     oldest = now - timedelta(hours=settings.LLMHUB_ALERT_SWEEP_MAX_AGE_HOURS)
     queued = 0
-    for due in _deliveries(oldest=oldest, newest=newest):
-        if not delivery_due(due.row, due.mark, delivered_field=due.delivered_field, now=now):
+    for delivery in _deliveries(oldest=oldest, newest=newest):
+        row, mark, delivered_field = delivery.row, delivery.mark, delivery.delivered_field
+        if not delivery_due(row, mark, delivered_field=delivered_field, now=now):
             continue
-        model = type(due.row)
-        before = delivery_requeue(model, due.row.pk, due.mark, delivered_field=due.delivered_field, now=now)
+        model = type(row)
+        before = delivery_requeue(model, row.pk, mark, delivered_field=delivered_field, now=now)
         if before is None:
             continue  # another sweep queued it, or a task made it, since it was read
-        if not task_queue(due.task, *due.args, what=due.what):
-            delivery_unqueue(model, due.row.pk, due.mark, before=before, now=now)
+        if not task_queue(delivery.task, *delivery.args, what=delivery.what):
+            delivery_unqueue(model, row.pk, mark, before=before, now=now)
             break
         queued += 1
     if queued:
@@ -71,19 +58,10 @@ def alerts_undelivered_requeue(*, now: datetime | None = None) -> int:
     return queued
 
 
-def _deliveries(*, oldest: datetime, newest: datetime) -> Iterator[Due]:
+def _deliveries(*, oldest: datetime, newest: datetime) -> Iterator[Delivery]:
     """Every delivery each alert raised between ``oldest`` and ``newest`` calls for, made or not."""
-    from providers.tasks import incident_alert_email, incident_alert_webhook
-
-    from ..tasks import budget_alert_email, budget_alert_webhook, ops_alert_email, ops_alert_webhook
-
-    webhook = bool(settings.LLMHUB_ALERT_WEBHOOK_URL)
-
     for alert in BudgetAlert.objects.filter(created_at__gte=oldest, created_at__lte=newest):
-        yield Due(alert, "email", "channels", budget_alert_email, (alert.pk,), f"budget alert {alert.pk}'s email")
-        if webhook:
-            what = f"budget alert {alert.pk}'s webhook"
-            yield Due(alert, "webhook", "channels", budget_alert_webhook, (alert.pk,), what)
+        yield from budget_alert_deliveries(alert)
 
     opened = Q(opened_at__gte=oldest, opened_at__lte=newest)
     cleared = Q(cleared_at__gte=oldest, cleared_at__lte=newest)
@@ -93,12 +71,7 @@ def _deliveries(*, oldest: datetime, newest: datetime) -> Iterator[Due]:
             events.append(OpsAlertEvent.OPEN)
         if incident.cleared_at is not None and oldest <= incident.cleared_at <= newest:
             events.append(OpsAlertEvent.CLEAR)
-        for event in events:
-            what = f"ops incident {incident.pk}'s {event}"
-            args = (incident.pk, event)
-            yield Due(incident, f"{event}:email", "delivered", ops_alert_email, args, f"{what} email")
-            if ops_alert_webhook_url(incident.rule):
-                yield Due(incident, f"{event}:webhook", "delivered", ops_alert_webhook, args, f"{what} webhook")
+        yield from ops_incident_deliveries(incident, events)
 
     started = Q(started_at__gte=oldest, started_at__lte=newest)
     ended = Q(ended_at__gte=oldest, ended_at__lte=newest)
@@ -109,9 +82,31 @@ def _deliveries(*, oldest: datetime, newest: datetime) -> Iterator[Due]:
             events.append("down")
         if incident.ended_at is not None and oldest <= incident.ended_at <= newest:
             events.append("recovered")
-        for event in events:
-            what = f"incident {incident.pk}'s {event}"
-            args = (incident.pk, event)
-            yield Due(incident, f"{event}:email", "delivered", incident_alert_email, args, f"{what} email")
-            if webhook:
-                yield Due(incident, f"{event}:webhook", "delivered", incident_alert_webhook, args, f"{what} webhook")
+        yield from incident_deliveries(incident, events)
+
+
+def budget_alert_deliveries(alert: BudgetAlert) -> Iterator[Delivery]:
+    """The deliveries a budget alert calls for: its email, and the webhook when one is configured."""
+    from ..tasks import budget_alert_email, budget_alert_webhook
+
+    yield Delivery(alert, "email", "channels", budget_alert_email, (alert.pk,), f"budget alert {alert.pk}'s email")
+    if settings.LLMHUB_ALERT_WEBHOOK_URL:
+        what = f"budget alert {alert.pk}'s webhook"
+        yield Delivery(alert, "webhook", "channels", budget_alert_webhook, (alert.pk,), what)
+
+
+def ops_incident_deliveries(incident: OpsAlertIncident, events: Iterable[str]) -> Iterator[Delivery]:
+    """The deliveries of an operations incident's ``events`` (open, clear): the email, and the rule's webhook."""
+    from ..tasks import ops_alert_email, ops_alert_webhook
+
+    for event in events:
+        what = f"ops incident {incident.pk}'s {event}"
+        args = (incident.pk, event)
+        yield Delivery(incident, f"{event}:email", "delivered", ops_alert_email, args, f"{what} email")
+        if ops_alert_webhook_url(incident.rule):
+            yield Delivery(incident, f"{event}:webhook", "delivered", ops_alert_webhook, args, f"{what} webhook")
+
+
+def ops_incident_events(incident: OpsAlertIncident) -> list[str]:
+    """What an operations incident has had to tell: its opening, and its clearing once it cleared."""
+    return [OpsAlertEvent.OPEN] + ([OpsAlertEvent.CLEAR] if incident.cleared_at is not None else [])

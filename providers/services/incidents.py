@@ -19,7 +19,7 @@ alerts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
 
@@ -31,7 +31,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.timesince import timesince
 
-from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
+from core.outbox import Delivery, DeliveryState, delivery_done, delivery_release, task_queue
 
 from ..models import Incident
 from ..outbound import OutboundRefused, outbound_sync_client
@@ -85,6 +85,24 @@ def _deliver(incident_id: int, event: str) -> None:
     task_queue(incident_alert_email, incident_id, event, what=f"incident {incident_id}'s {event} email")
     if settings.LLMHUB_ALERT_WEBHOOK_URL:
         task_queue(incident_alert_webhook, incident_id, event, what=f"incident {incident_id}'s {event} webhook")
+
+
+def incident_deliveries(incident: Incident, events: Iterable[str]) -> Iterator[Delivery]:
+    """The deliveries of an incident's ``events`` (down, recovered): the email, and the webhook when one is
+    configured (for the alert sweep and the admin's "send again")."""
+    from ..tasks import incident_alert_email, incident_alert_webhook
+
+    for event in events:
+        what = f"incident {incident.pk}'s {event}"
+        args = (incident.pk, event)
+        yield Delivery(incident, f"{event}:email", "delivered", incident_alert_email, args, f"{what} email")
+        if settings.LLMHUB_ALERT_WEBHOOK_URL:
+            yield Delivery(incident, f"{event}:webhook", "delivered", incident_alert_webhook, args, f"{what} webhook")
+
+
+def incident_events(incident: Incident) -> list[str]:
+    """What an incident has had to tell: that the deployment went down, and that it recovered once it did."""
+    return [IncidentEvent.DOWN] + ([IncidentEvent.RECOVERED] if incident.ended_at is not None else [])
 
 
 def incident_duration(incident: Incident, *, now: datetime | None = None) -> str:

@@ -269,6 +269,59 @@ def test_a_delivery_whose_retries_ran_out_stays_visible_and_the_sweep_tries_it_a
     assert len(webhook.received) == 1 and alerts() == [(50, ["email", "webhook"])]
 
 
+# An admin's "send again" ----------------------------------------------------------------------------------
+
+
+def test_an_admin_sends_again_the_deliveries_whose_retries_ran_out_of_every_kind_of_alert(
+    webhook, settings, admin_client
+):
+    """The webhook was down for hours: every alert's webhook delivery spent its task's retries (and, for the
+    budget alert, the sweep's rounds too). Once it is back, an admin selects the alerts and sends them again:
+    each undelivered delivery goes out once, the ones made are not repeated, and a second run finds nothing."""
+    settings.ADMINS = [("Ops", "ops@example.com")]
+    user = UserFactory(username="grace", email="grace@example.com")
+    deployment = ModelFactory(name="gpt-4o-mini").deployments.get()
+    rule = OpsAlertRule.objects.create(name="test error rate", kind=OpsAlertKind.ERROR_RATE)
+    measure = Measure(Decimal(50), True, "error rate of model gpt-4o-mini is 50 %")
+    webhook.fail_next = 1000
+    with time_machine.travel(T0, tick=False):
+        (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+        incident = incident_open(deployment_id=deployment.pk, reason="503 from upstream", at=T0)
+        ops = ops_incident_open(rule=rule, subject="model:gpt-4o-mini", measure=measure, now=T0)
+    alert.delivery = {"webhook": {**BudgetAlert.objects.get().delivery["webhook"], "rounds": 3}}
+    alert.save(update_fields=["delivery"])
+    for row in (alert, incident, ops):
+        row.refresh_from_db()
+        (state,) = [entry["state"] for mark, entry in row.delivery.items() if mark.endswith("webhook")]
+        assert state == "exhausted"
+    emails = len(mail.outbox)
+    assert emails == 3 and webhook.received == []
+
+    webhook.fail_next = 0
+    pages = {
+        "/admin/billing/budgetalert/": alert,
+        "/admin/providers/incident/": incident,
+        "/admin/billing/opsalertincident/": ops,
+    }
+    for page, row in pages.items():
+        response = admin_client.post(page, {"action": "send_again", "_selected_action": [row.pk]}, follow=True)
+        assert response.status_code == 200
+        assert "Queued 1 undelivered delivery(ies) again." in response.content.decode(), page
+    assert len(webhook.received) == 3 and len(mail.outbox) == emails  # the emails were made: not again
+    alert.refresh_from_db()
+    incident.refresh_from_db()
+    ops.refresh_from_db()
+    assert alert.channels == ["email", "webhook"] and alert.delivery == {}
+    assert incident.delivered == ["down:email", "down:webhook"] and incident.delivery == {}
+    assert ops.delivered == ["open:email", "open:webhook"] and ops.delivery == {}
+
+    response = admin_client.post(
+        "/admin/billing/budgetalert/", {"action": "send_again", "_selected_action": [alert.pk]}, follow=True
+    )
+    assert "Nothing to send again" in response.content.decode()
+    assert len(webhook.received) == 3
+
+
 # A broker that went silent -------------------------------------------------------------------------------
 
 PUBLISH_ONCE = """
