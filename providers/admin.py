@@ -171,11 +171,20 @@ class DeploymentFormSet(BaseInlineFormSet):
             )
 
 
+# The deployments inline has a column for every setting, so that a new model is added with its deployments in
+# one go. "enabled" comes up beside the deployment's identity: the switch an operator flips most stays in view
+# without scrolling the table sideways (its stylesheet makes it scroll inside its fieldset, not the page).
+_INLINE_FIRST = ("name", "provider", "upstream_id", "enabled")
+
+
 class DeploymentInline(admin.TabularInline):
     model = Deployment
     form = DeploymentInlineForm
     formset = DeploymentFormSet
-    fields = ("name", *Deployment.SETTINGS)
+    fields = (*_INLINE_FIRST, *(name for name in Deployment.SETTINGS if name not in _INLINE_FIRST))
+
+    class Media:
+        css = {"all": ("providers/admin_deployments_inline.css",)}
 
     def get_extra(self, request: HttpRequest, obj: CatalogModel | None = None, **kwargs: Any) -> int:
         return 1 if obj is None else 0  # a new model starts with one deployment row to fill in
