@@ -1,7 +1,8 @@
 /* The usage pages' charts (/usage/, /usage/admin/), drawn by Chart.js (vendor/chartjs) from the figures each
    chart's template embeds with json_script (canvas[data-chart] names it; billing/charts.py builds it): spend
    per day as columns, today's darker, and spend per model, provider or user as horizontal bars. Each bar
-   carries its amount as text (the valueLabels plugin below), as the server-drawn charts did. */
+   carries its amount as text (the valueLabels plugin below), as the server-drawn charts did: a column's where
+   it fits beside its neighbours', the others in the tooltip. */
 (function () {
   "use strict";
 
@@ -37,8 +38,56 @@
     return label.length <= length ? label : label.slice(0, length - 1) + "…";
   }
 
-  // Each bar's amount as text: above a column (every other one a line higher when both neighbours have
-  // one, so that they do not overlap), after a horizontal bar.
+  const overlap = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+
+  // The columns' amounts, each centred above its column where it fits: just above it, or else one line
+  // higher; a label that would touch another label or a neighbouring column in both places is left out (the
+  // column's tooltip, and the canvas's list for screen readers, still give its amount). Placed from today
+  // backwards: the days the chart first shows (it starts scrolled to its right end) come first.
+  const LINE = 14; // one line higher: the labels' size (11.5 px) and a little space
+  const GAP = 3; // at least this much room between two labels
+
+  function columnLabels(chart, ctx, labels) {
+    const bars = chart.getDatasetMeta(0).data;
+    const obstacles = bars
+      .filter((bar) => Number.isFinite(bar.y) && Number.isFinite(bar.base))
+      .map((bar) => ({
+        bar,
+        left: bar.x - bar.width / 2,
+        right: bar.x + bar.width / 2,
+        top: Math.min(bar.y, bar.base),
+        bottom: Math.max(bar.y, bar.base),
+      }));
+    ctx.textAlign = "center";
+    ctx.textBaseline = "bottom";
+    for (let index = bars.length - 1; index >= 0; index--) {
+      const text = labels[index], bar = bars[index];
+      if (!text || !bar || !Number.isFinite(bar.y)) continue;
+      const metrics = ctx.measureText(text);
+      const half = metrics.width / 2 + GAP, height = metrics.actualBoundingBoxAscent + GAP;
+      for (const lift of [0, LINE]) {
+        const baseline = bar.y - 4 - lift;
+        // Around another label, room to tell them apart; over a neighbouring column, the text itself.
+        const box = { left: bar.x - half, right: bar.x + half, top: baseline - height, bottom: baseline + GAP };
+        const ink = {
+          left: bar.x - metrics.actualBoundingBoxLeft,
+          right: bar.x + metrics.actualBoundingBoxRight,
+          top: box.top + GAP,
+          bottom: baseline + 1,
+        };
+        if (box.top < 0) break;
+        const free = obstacles.every((other) =>
+          other.bar ? other.bar === bar || !overlap(ink, other) : !overlap(box, other)
+        );
+        if (!free) continue;
+        ctx.fillText(text, bar.x, baseline);
+        obstacles.push(box);
+        break;
+      }
+    }
+  }
+
+  // Each bar's amount as text: above a column (columnLabels), after a horizontal bar.
   const valueLabels = {
     id: "valueLabels",
     afterDatasetsDraw(chart) {
@@ -50,20 +99,15 @@
       ctx.save();
       ctx.fillStyle = TEXT;
       ctx.font = `650 ${horizontal ? 13 : 11.5}px ${FONT}`;
-      chart.getDatasetMeta(0).data.forEach((bar, index) => {
-        const text = labels[index];
-        if (!text) return;
-        if (horizontal) {
-          ctx.textAlign = "left";
-          ctx.textBaseline = "middle";
-          ctx.fillText(text, bar.x + 8, bar.y);
-        } else {
-          const lift = index % 2 && labels[index - 1] ? 14 : 0;
-          ctx.textAlign = "center";
-          ctx.textBaseline = "bottom";
-          ctx.fillText(text, bar.x, bar.y - 4 - lift);
-        }
-      });
+      if (horizontal) {
+        ctx.textAlign = "left";
+        ctx.textBaseline = "middle";
+        chart.getDatasetMeta(0).data.forEach((bar, index) => {
+          if (labels[index]) ctx.fillText(labels[index], bar.x + 8, bar.y);
+        });
+      } else {
+        columnLabels(chart, ctx, labels);
+      }
       ctx.restore();
     },
   };
@@ -84,7 +128,7 @@
             borderRadius: 3,
             minBarLength: 2,
             categoryPercentage: 0.8,
-            barPercentage: 0.85,
+            barPercentage: 0.8, // room between the columns for their labels (columnLabels)
           },
         ],
       },
