@@ -256,8 +256,8 @@ class BreakerOverride(models.TextChoices):
 class Deployment(models.Model):
     """One place a public model is served: a provider, the provider's model id, and its prices."""
 
-    # What an admin sets on a deployment besides its name: the admin's inline columns and the catalog
-    # file's deployment keys (where ``upstream_id`` is spelled ``upstream``) are this list.
+    # What an admin sets on a deployment besides its name: the admin's inline columns (in their own order:
+    # the most used first) and the catalog file's deployment keys (``upstream_id`` spelled ``upstream``).
     SETTINGS = (
         "provider",
         "upstream_id",
