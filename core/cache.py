@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -33,6 +34,15 @@ from .exceptions import DATABASE_OUTAGE_ERRORS, DatabaseUnavailableError
 
 V = TypeVar("V")
 _MISSING = object()
+# Every cache made, for ``lookup_caches_invalidate``.
+_CACHES: weakref.WeakSet[TTLCache] = weakref.WeakSet()
+
+
+def lookup_caches_invalidate() -> None:
+    """Empty every lookup cache of this process: for the tests, whose rows (and their ids, reused once the
+    database is emptied) do not outlive a test while cached copies would."""
+    for cache in list(_CACHES):
+        cache.invalidate()
 
 
 def _replace_broken_connections() -> None:
@@ -57,6 +67,7 @@ class TTLCache(Generic[V]):
         # Loads in flight: key -> (the loop it runs in, its task, the invalidations seen when it began).
         self._loading: dict[Hashable, tuple[asyncio.AbstractEventLoop, asyncio.Task[V], int]] = {}
         self._invalidations = 0
+        _CACHES.add(self)
 
     def get(self, key: Hashable) -> V | object:
         entry = self._data.get(key)

@@ -205,29 +205,19 @@ def _no_request_bound():
 
 @pytest.fixture(autouse=True)
 def _fresh_lookup_caches():
-    """In-process lookup caches outlive a test's database rows; start every test without them."""
-    from accounts.jwt import token_cache
-    from accounts.roles import role_cache
+    """In-process lookup caches outlive a test's database rows, whose ids are reused once the database is
+    emptied (a user's plan limits cached for the last test's user of that id answered for this one's):
+    start every test without them, every ``TTLCache`` alike."""
     from billing.services.inflight import held_clear
-    from billing.services.keys import key_cache
-    from prompts.selectors import brand_cache, prompt_cache
-    from providers.byok import credentials_cache
+    from core.cache import lookup_caches_invalidate
     from providers.routing.breakers import breakers_forget_local
     from providers.routing.stats import stats_forget_local
-    from providers.selectors import catalog_cache
 
-    catalog_cache.invalidate()
-    key_cache.invalidate()
-    credentials_cache.invalidate()  # users' own keys, by user id
-    role_cache.invalidate()  # user ids are reused once the database is emptied
-    token_cache.invalidate()
+    lookup_caches_invalidate()
     breakers_forget_local()  # deployment ids are reused once the database is emptied
     stats_forget_local()  # so are their latencies, in-flight and per-minute counts
-    prompt_cache.invalidate()  # template slugs and version ids are reused once the database is emptied
-    brand_cache.invalidate()
     yield
-    catalog_cache.invalidate()
-    key_cache.invalidate()
+    lookup_caches_invalidate()
     held_clear()  # a test's unsettled admissions must not be re-asserted into the next test's Redis
 
 

@@ -147,3 +147,19 @@ def test_a_connection_the_database_dropped_is_replaced_and_the_lookup_served(mon
     assert asyncio.run(cache.get_or_load("k", load)) == 42
     assert events == ["load", "replaced", "load"]
     assert cache.get("k") == 42
+
+
+def test_lookup_caches_invalidate_empties_every_cache_of_the_process_the_billing_limits_too():
+    """The tests' fresh start (``conftest._fresh_lookup_caches``): a user's plan limits cached for the last
+    test's user of that id answered for the next test's user, whose id the emptied database gave again."""
+    from billing.selectors import limits_cache
+    from core.cache import lookup_caches_invalidate
+    from experiments.assignment import assignment_cache
+    from providers.selectors import catalog_cache
+
+    own = TTLCache("a test's own")
+    for cache in (own, limits_cache, assignment_cache, catalog_cache):
+        cache.set(("user", 2), "cached")
+    lookup_caches_invalidate()
+    for cache in (own, limits_cache, assignment_cache, catalog_cache):
+        assert cache.get(("user", 2)) != "cached", cache.name
