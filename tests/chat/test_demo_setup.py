@@ -27,6 +27,7 @@ from experiments.models import Experiment, ExperimentStatus, Feedback
 from prompts.models import BrandProfile, PromptTemplate
 from providers.models import CatalogModel, Deployment, ModelMode, Provider
 from providers.services.catalog_file import providers_dump
+from tests.billing.conftest import plans  # noqa: F401  (a fixture)
 from tests.providers.health_probes import breakers_closed_after  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.django_db
@@ -230,9 +231,12 @@ def test_reset_demo_experiment_seeds_it_afresh():
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("plans")
 def test_the_demo_user_chats_through_the_demo_experiment(llmhub_server, fake_upstream):
     """After demo_setup the Free plan's demo user is in the demo experiment (its variant in the response's
-    header, the one assignment gives them) and its seeded history blocks nothing of theirs."""
+    header, the one assignment gives them) and its seeded history blocks nothing of theirs. The plans are
+    the data migration's (``plans``): an earlier transactional test's flush removes them, and without the
+    Free plan demo_setup leaves the demo user on the default, every model."""
     demo_setup(upstream_url=fake_upstream.base_url, west_upstream_url=fake_upstream.base_url)
     demo = get_user_model().objects.get(username="demo")
     client = openai.OpenAI(
