@@ -137,19 +137,46 @@ def delivery_due(row: models.Model, mark: str, *, delivered_field: str, now: dat
 
 
 def delivery_requeue(
-    model: type[models.Model], pk: int, mark: str, *, delivered_field: str, now: datetime
+    model: type[models.Model], pk: int, mark: str, *, delivered_field: str, now: datetime, again: bool = False
 ) -> dict[str, Any] | None:
-    """Record ``mark`` queued by the sweep, if it is still due (under the row's lock: of two sweeps, one
-    queues it). Returns the state it replaced (``{}`` for none), for ``delivery_unqueue``; None when not due."""
+    """Record ``mark`` queued, under the row's lock (of two runs at once, one queues it), if it is to go: for
+    the sweep, when ``delivery_due`` (its rounds counted); for an admin's send again (``again``), when it is
+    not made and no task is sending it (its rounds from 0). Returns the state it replaced (``{}`` for none),
+    for ``delivery_unqueue``; None when it is not to go."""
     with transaction.atomic():
         row = model.objects.select_for_update().filter(pk=pk).first()
-        if row is None or not delivery_due(row, mark, delivered_field=delivered_field, now=now):
+        if row is None:
             return None
         before = row.delivery.get(mark) or {}
-        rounds = before.get("rounds", 0) + 1
+        if again:
+            sending = before.get("state") == DeliveryState.CLAIMED and _at(before) > now - CLAIM_LEASE
+            if mark in getattr(row, delivered_field) or sending:
+                return None
+            rounds = 0
+        elif delivery_due(row, mark, delivered_field=delivered_field, now=now):
+            rounds = before.get("rounds", 0) + 1
+        else:
+            return None
         row.delivery = {**row.delivery, mark: {"state": DeliveryState.QUEUED, "at": now.isoformat(), "rounds": rounds}}
         row.save(update_fields=["delivery"])
     return before
+
+
+def deliveries_queue(deliveries: Iterable[Delivery], *, now: datetime, again: bool = False) -> tuple[int, bool]:
+    """Queue each of ``deliveries`` that is to go (``delivery_requeue``: the sweep's, or with ``again`` an
+    admin's send again). Returns how many were queued, and whether the broker refused one: that one is put
+    back as it was, and the rest are left for the next run (the broker is down)."""
+    queued = 0
+    for delivery in deliveries:
+        model, pk, mark = type(delivery.row), delivery.row.pk, delivery.mark
+        before = delivery_requeue(model, pk, mark, delivered_field=delivery.delivered_field, now=now, again=again)
+        if before is None:
+            continue  # not to go: made, being sent, or (for the sweep) not due or queued by another run since
+        if not task_queue(delivery.task, *delivery.args, what=delivery.what):
+            delivery_unqueue(model, pk, mark, before=before, now=now)
+            return queued, True
+        queued += 1
+    return queued, False
 
 
 def delivery_unqueue(model: type[models.Model], pk: int, mark: str, *, before: dict[str, Any], now: datetime) -> None:
@@ -180,26 +207,8 @@ def delivery_failed(task: Any, model: type[models.Model], pk: int, mark: str, ex
 def deliveries_send_again(deliveries: Iterable[Delivery]) -> tuple[int, bool]:
     """An admin's "send again": every delivery of ``deliveries`` not made yet queued now, whatever its age, its
     rounds or why it stopped (retries spent, nobody to send it to then), with its rounds counted from 0 again.
-    One a task is sending (a live claim) is left to it. Returns how many were queued, and whether the broker
-    refused one (the rest are then left as they were: it is down)."""
-    queued = 0
-    for delivery in deliveries:
-        model, pk, mark = type(delivery.row), delivery.row.pk, delivery.mark
-        now = timezone.now()
-        with transaction.atomic():
-            row = model.objects.select_for_update().filter(pk=pk).first()
-            if row is None or mark in getattr(row, delivery.delivered_field):
-                continue
-            before = row.delivery.get(mark) or {}
-            if before.get("state") == DeliveryState.CLAIMED and _at(before) > now - CLAIM_LEASE:
-                continue
-            row.delivery = {**row.delivery, mark: {"state": DeliveryState.QUEUED, "at": now.isoformat(), "rounds": 0}}
-            row.save(update_fields=["delivery"])
-        if not task_queue(delivery.task, *delivery.args, what=delivery.what):
-            delivery_unqueue(model, pk, mark, before=before, now=now)
-            return queued, True
-        queued += 1
-    return queued, False
+    One a task is sending (a live claim) is left to it. Returns what ``deliveries_queue`` does."""
+    return deliveries_queue(deliveries, now=timezone.now(), again=True)
 
 
 def send_again_report(queued: int, refused: bool) -> tuple[str, int]:

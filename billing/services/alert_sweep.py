@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from core.outbox import Delivery, delivery_due, delivery_requeue, delivery_unqueue, logger, task_queue
+from core.outbox import Delivery, deliveries_queue, delivery_due, logger
 from providers.models import Incident
 from providers.services.incidents import incident_deliveries
 
@@ -40,19 +40,13 @@ def alerts_undelivered_requeue(*, now: datetime | None = None) -> int:
     now = now or timezone.now()
     newest = now - timedelta(seconds=settings.LLMHUB_ALERT_SWEEP_GRACE_SECONDS)
     oldest = now - timedelta(hours=settings.LLMHUB_ALERT_SWEEP_MAX_AGE_HOURS)
-    queued = 0
-    for delivery in _deliveries(oldest=oldest, newest=newest):
-        row, mark, delivered_field = delivery.row, delivery.mark, delivery.delivered_field
-        if not delivery_due(row, mark, delivered_field=delivered_field, now=now):
-            continue
-        model = type(row)
-        before = delivery_requeue(model, row.pk, mark, delivered_field=delivered_field, now=now)
-        if before is None:
-            continue  # another sweep queued it, or a task made it, since it was read
-        if not task_queue(delivery.task, *delivery.args, what=delivery.what):
-            delivery_unqueue(model, row.pk, mark, before=before, now=now)
-            break
-        queued += 1
+    # A first look without the lock passes over what is not due (most of the window, most minutes).
+    due = (
+        delivery
+        for delivery in _deliveries(oldest=oldest, newest=newest)
+        if delivery_due(delivery.row, delivery.mark, delivered_field=delivery.delivered_field, now=now)
+    )
+    queued, _refused = deliveries_queue(due, now=now)
     if queued:
         logger.info("the alert sweep queued %d undelivered alert(s) again", queued)
     return queued
