@@ -38,6 +38,7 @@ from core.telemetry import (
     request_observed,
     request_started,
 )
+from core.tracing import TraceStart, trace_attempt_begin, trace_attempt_end, trace_begin
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_for
@@ -250,6 +251,7 @@ def completion_reject(
     operation: str = Operation.CHAT,
     moderation: str = "",
     assignment: Assignment | None = None,
+    trace: TraceStart | None = None,
 ) -> None:
     """The ``rejected`` ledger row of a request refused before any upstream call: for its input, its
     model, its budget, or before its body could be read at all (too large, not JSON, wrong method).
@@ -294,6 +296,7 @@ def completion_reject(
             started_ns=now_ns - int(duration * 1e9),
             ended_ns=now_ns,
             experiment=assignment.header if assignment is not None else "",
+            trace=trace if trace is not None else trace_begin(),
         )
     )
 
@@ -356,6 +359,7 @@ async def completion_start(
     request_id = request_id or new_request_id()
     request_id_bind(request_id)  # also an id the caller made (a prompt run's): its log lines carry it
     started = time.perf_counter()
+    trace = trace_begin()
     model: ResolvedModel | None = None
     moderation: Moderation | None = None
     assignment: Assignment | None = None
@@ -418,6 +422,7 @@ async def completion_start(
             operation=operation,
             moderation=moderation.summary if moderation is not None else "",
             assignment=assignment,
+            trace=trace,
         )
         raise error from exc
     except ApplicationError as exc:
@@ -432,6 +437,7 @@ async def completion_start(
             operation=operation,
             moderation=moderation.summary if moderation is not None else "",
             assignment=assignment,
+            trace=trace,
         )
         raise
     return CompletionRun(
@@ -450,6 +456,7 @@ async def completion_start(
         moderation=moderation,
         assignment=assignment,
         prompt=rendered,
+        trace=trace,
     )
 
 
@@ -666,8 +673,10 @@ class CompletionRun:
         moderation: Moderation | None = None,
         assignment: Assignment | None = None,
         prompt: RenderedPrompt | None = None,
+        trace: TraceStart | None = None,
     ) -> None:
         self.caller = caller
+        self.trace = trace  # its place in a trace while tracing is on (``core.tracing``); None: not traced
         self.assignment = assignment  # the experiment's variant this request was assigned to; None: none
         self.prompt = prompt  # the prompt template version a templated request ran (chat.prompt_runs); None: none
         self.credentials = credentials  # the caller's own provider keys; None: no model here can use one
@@ -697,7 +706,7 @@ class CompletionRun:
         self._upstream_done: float | None = None
         # Every upstream call made, for the operator's metrics and traces (``core.telemetry``).
         self.attempt_log: list[AttemptObservation] = []
-        self._attempt_started: tuple[float, int] | None = None
+        self._attempt_started: tuple[float, int, int] | None = None  # perf_counter, time_ns, its span's id
         request_started()
 
     @property
@@ -826,6 +835,8 @@ class CompletionRun:
                     ended_ns=time.time_ns(),
                     outcome=outcome,
                     error_type=error_type,
+                    span_id=opened[2],
+                    base_url=served.provider.base_url,
                 )
             )
             if outcome == Outcome.FAILURE:
@@ -894,10 +905,17 @@ class CompletionRun:
                 self.served = target
                 self.attempts += 1
                 self._ticket = call_started(deployment.id)
-                self._attempt_started = (time.perf_counter(), time.time_ns())
+                self._attempt_started = (
+                    time.perf_counter(),
+                    time.time_ns(),
+                    trace_attempt_begin(self.trace, target.provider.kind),
+                )
                 try:
                     async with asyncio.timeout_at(deadline):
-                        result = await once(target)
+                        try:
+                            result = await once(target)
+                        finally:
+                            trace_attempt_end()
                 except TimeoutError:
                     self._ticket_close(Outcome.FAILURE, error_type="timeout")
                     raise ProviderTimeoutError(
@@ -1375,6 +1393,8 @@ class CompletionRun:
                 ended_ns=now_ns,
                 attempts=tuple(self.attempt_log),
                 experiment=self.assignment.header if self.assignment is not None else "",
+                finish_reason=finish_reason or "",
+                trace=self.trace,
             )
         )
         request_ended()

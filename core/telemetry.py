@@ -11,6 +11,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tracing import TraceStart
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ class AttemptObservation:
     ended_ns: int
     outcome: str
     error_type: str = ""
+    span_id: int = 0  # the id promised to its span when tracing is on (its requests' ``traceparent``)
+    base_url: str = ""  # the provider's, for the span's ``server.address`` and ``server.port``
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,8 @@ class RequestObservation:
     ended_ns: int = 0
     attempts: tuple[AttemptObservation, ...] = field(default=())
     experiment: str = ""  # ``name:variant`` when the request was in an A/B experiment
+    finish_reason: str = ""  # why the answer ended (``stop``, ``length``, …), as the client was told
+    trace: TraceStart | None = None  # its place in a trace (``core.tracing.trace_begin``); None: not traced
 
     @property
     def retries(self) -> int:

@@ -66,6 +66,7 @@ from core.db_use import (
 )
 from core.errors import anthropic_error_body, json_response, openai_error_body
 from core.event_stream import EventStreamResponse
+from core.tracing import trace_incoming_bind, tracing_active
 
 logger = logging.getLogger("llmhub.handlers")
 
@@ -174,6 +175,8 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         """Django 5.2's ``ASGIHandler.handle`` without ``request_started`` (see the module's docstring), and
         with no reference cycle left behind (``_disconnect``); the disconnect watch and what a disconnect
         cancels are Django's own."""
+        if tracing_active():
+            trace_incoming_bind(scope["headers"])  # a caller's traceparent: the request's span joins its trace
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:

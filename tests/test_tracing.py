@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,14 @@ class Collector(LoopbackHTTPServer):
 
 
 def _attributes(pairs: Any) -> dict[str, Any]:
-    return {pair.key: getattr(pair.value, pair.value.WhichOneof("value")) for pair in pairs}
+    return {pair.key: _value(pair.value) for pair in pairs}
+
+
+def _value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(item) for item in value.array_value.values]
+    return getattr(value, kind)
 
 
 @pytest.fixture
@@ -109,6 +117,41 @@ def collector() -> Iterator[Collector]:
     receiver = Collector().start()
     yield receiver
     receiver.stop()
+
+
+@contextmanager
+def traced_server(collector: Collector, tmp_path: Path, **settings: str) -> Iterator[str]:
+    """A live llmhub (uvicorn in a subprocess) exporting its traces to ``collector``, configured only by the
+    standard ``OTEL_*`` variables (and ``settings``); its URL. Its spans reach the collector when it stops,
+    through the flush at its shutdown, which must end cleanly."""
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", *OTEL_VARIABLES)}
+    environment.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        OTEL_SERVICE_NAME="llmhub-under-test",
+        # Nothing is exported on a timer during the test: the spans reach the collector when the server
+        # stops, through the flush at its shutdown.
+        OTEL_BSP_SCHEDULE_DELAY="600000",
+        PYTHONUNBUFFERED="1",
+        **settings,
+    )
+    command = [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--lifespan", "on", "--log-level", "warning"]
+    log = tmp_path / "server.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
+        try:
+            wait_for_port(port, timeout=60, process=server)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    # uvicorn re-raises the signal once its shutdown (and the lifespan's) is done.
+    assert server.returncode in (0, -signal.SIGTERM), log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 # Values of Span.Kind and Status.StatusCode in the OTLP protobuf.
@@ -128,46 +171,19 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
     )
     key = api_key_create(user=UserFactory(username="traced"), name="traces").secret
 
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", *OTEL_VARIABLES)}
-    environment.update(
-        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
-        TEST_DATABASE_URL=database_url_for_subprocesses(),
-        LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
-        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
-        OTEL_SERVICE_NAME="llmhub-under-test",
-        # Nothing is exported on a timer during the test: the spans reach the collector when the server
-        # stops, through the flush at its shutdown.
-        OTEL_BSP_SCHEDULE_DELAY="600000",
-        PYTHONUNBUFFERED="1",
-    )
-    command = [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--lifespan", "on", "--log-level", "warning"]
-    log = tmp_path / "server.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
-        try:
-            wait_for_port(port, timeout=60, process=server)
-            with httpx.Client(
-                base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {key}"}, timeout=30
-            ) as client:
-                body = {"model": "routed", "messages": [{"role": "user", "content": "hello [[words=5]]"}]}
-                retried = client.post("/v1/chat/completions", json=body)
-                refused = client.post("/v1/chat/completions", json={**body, "model": "no-such-model"})
-                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
-                    assert streamed.status_code == 200
-                    assert any(line == "data: [DONE]" for line in streamed.iter_lines())
-            assert retried.status_code == 200, retried.text
-            assert retried.headers["x-llmhub-attempts"] == "2"
-            assert refused.status_code == 404, refused.text
-            record = wait_for_record(retried.headers["x-request-id"])
-            assert collector.spans == []  # nothing yet: the batch waits for the shutdown
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
-    # uvicorn re-raises the signal once its shutdown (and the lifespan's) is done.
-    assert server.returncode in (0, -signal.SIGTERM), log.read_text()
-    assert "Traceback" not in log.read_text()
+    with traced_server(collector, tmp_path) as url:
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
+            body = {"model": "routed", "messages": [{"role": "user", "content": "hello [[words=5]]"}]}
+            retried = client.post("/v1/chat/completions", json=body)
+            refused = client.post("/v1/chat/completions", json={**body, "model": "no-such-model"})
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+                assert streamed.status_code == 200
+                assert any(line == "data: [DONE]" for line in streamed.iter_lines())
+        assert retried.status_code == 200, retried.text
+        assert retried.headers["x-llmhub-attempts"] == "2"
+        assert refused.status_code == 404, refused.text
+        record = wait_for_record(retried.headers["x-request-id"])
+        assert collector.spans == []  # nothing yet: the batch waits for the shutdown
 
     assert set(collector.paths) == {"/v1/traces"}
     span = collector.of_request(retried.headers["x-request-id"])
@@ -184,6 +200,7 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
         "gen_ai.response.model": "fake-gpt-4o-mini",
         "gen_ai.usage.input_tokens": usage["prompt_tokens"],
         "gen_ai.usage.output_tokens": usage["completion_tokens"],
+        "gen_ai.response.finish_reasons": ["stop"],
         "llmhub.request_id": retried.headers["x-request-id"],
         "llmhub.transport": "rest",
         "llmhub.status": "ok",
@@ -209,6 +226,12 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
     assert failed["attributes"]["llmhub.provider"] == "first"
     assert failed["attributes"]["gen_ai.provider.name"] == "openai"
     assert failed["attributes"]["gen_ai.request.model"] == "fault-503"
+    port = int(fake_upstream.base_url.rsplit(":", 1)[1])
+    for attempt in attempts:
+        assert attempt["attributes"]["server.address"] == "127.0.0.1"
+        assert attempt["attributes"]["server.port"] == port
+    # OpenAI's own API is not a kind the trace context is sent to by default.
+    assert fake_upstream.requests and all("traceparent" not in seen["headers"] for seen in fake_upstream.requests)
     assert answered["attributes"]["llmhub.outcome"] == "ok" and answered["status"] == STATUS_UNSET
     assert "error.type" not in answered["attributes"]
     assert span["start"] <= failed["start"] <= failed["end"] <= answered["start"] <= answered["end"] <= span["end"]
@@ -232,6 +255,74 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
     assert "hello" not in exported and key not in exported
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_callers_trace_context_is_joined_and_each_attempt_passes_its_own_span_on(collector, fake_upstream, tmp_path):
+    """caller → llmhub → each attempt → the provider, one trace: the request's span is the caller's span's
+    child, and each upstream request names its own attempt's span as its parent (not the caller's, and not
+    the request's), with the caller's tracestate and baggage. A caller's decision not to sample holds."""
+    vllm = ProviderFactory(name="vllm", kind=ProviderKind.VLLM, base_url=fake_upstream.base_url + "/v1")
+    catalog = CatalogModel.objects.create(name="self-hosted", strategy="priority")
+    prices = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+    Deployment.objects.create(model=catalog, name="flaky", provider=vllm, upstream_id="fault-503", **prices)
+    Deployment.objects.create(
+        model=catalog, name="steady", provider=vllm, upstream_id="fake-gpt-4o-mini", priority=1, **prices
+    )
+    key = api_key_create(user=UserFactory(username="traced-caller"), name="traces").secret
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    unsampled_trace = "0af7651916cd43dd8448eb211c80319c"
+    body = {"model": "self-hosted", "messages": [{"role": "user", "content": "hello [[words=3]]"}]}
+
+    with traced_server(collector, tmp_path) as url:
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
+            joined = client.post(
+                "/v1/chat/completions",
+                json=body,
+                headers={
+                    "traceparent": f"00-{caller_trace}-{caller_span}-01",
+                    "tracestate": "vendor=opaque",
+                    "baggage": "tenant=acme",
+                },
+            )
+            sent_sampled = fake_upstream.requests
+            fake_upstream.reset()
+            unsampled = client.post(
+                "/v1/chat/completions",
+                json={**body, "stream": True},
+                headers={"traceparent": f"00-{unsampled_trace}-{caller_span}-00"},
+            )
+            sent_unsampled = fake_upstream.requests
+            fake_upstream.reset()
+            garbled = client.post("/v1/chat/completions", json=body, headers={"traceparent": "00-not-a-trace-01"})
+            sent_garbled = fake_upstream.requests
+        for answer in (joined, unsampled, garbled):
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-llmhub-attempts"] == "2"
+
+    span = collector.of_request(joined.headers["x-request-id"])
+    assert span["trace_id"] == caller_trace and span["parent_span_id"] == caller_span
+    assert span["attributes"]["gen_ai.response.finish_reasons"] == ["stop"]
+    attempts = collector.children(span)
+    assert [attempt["attributes"]["llmhub.deployment"] for attempt in attempts] == ["flaky", "steady"]
+    assert [seen["body"]["model"] for seen in sent_sampled] == ["fault-503", "fake-gpt-4o-mini"]
+    for attempt, seen in zip(attempts, sent_sampled, strict=True):
+        assert seen["headers"]["traceparent"] == f"00-{caller_trace}-{attempt['span_id']}-01"
+        assert seen["headers"]["tracestate"] == "vendor=opaque"
+        assert seen["headers"]["baggage"] == "tenant=acme"
+
+    # Not sampled by the caller: no span of it is exported, and the providers are told so.
+    assert not [exported for exported in collector.spans if exported["trace_id"] == unsampled_trace]
+    assert len(sent_unsampled) == 2
+    for seen in sent_unsampled:
+        version, trace_id, parent, flags = seen["headers"]["traceparent"].split("-")
+        assert (version, trace_id, flags) == ("00", unsampled_trace, "00") and parent != caller_span
+
+    # A traceparent that is not one starts a new trace, as a request without any does.
+    fresh = collector.of_request(garbled.headers["x-request-id"])
+    assert fresh["parent_span_id"] == "" and fresh["trace_id"] not in (caller_trace, unsampled_trace)
+    for attempt, seen in zip(collector.children(fresh), sent_garbled, strict=True):
+        assert seen["headers"]["traceparent"] == f"00-{fresh['trace_id']}-{attempt['span_id']}-01"
+
+
 @pytest.fixture
 def fresh_tracing(monkeypatch) -> Iterator[None]:
     """core.tracing as a new process has it (nothing configured), with no OTEL_* variable."""
@@ -250,18 +341,27 @@ def test_with_no_otel_variable_no_tracer_provider_or_exporter_is_built(fresh_tra
 
     from tests.factories import ModelFactory
 
-    ModelFactory(name="plain", provider=ProviderFactory(base_url=fake_upstream.base_url + "/v1"))
+    # A self-hosted kind, which is sent the trace context while tracing is on.
+    provider = ProviderFactory(kind=ProviderKind.VLLM, base_url=fake_upstream.base_url + "/v1")
+    ModelFactory(name="plain", provider=provider)
     key = api_key_create(user=UserFactory(username="untraced"), name="k").secret
     answer = httpx.post(
         llmhub_server.url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {key}"},
+        headers={
+            "authorization": f"Bearer {key}",
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        },
         json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
         timeout=30,
     )
     assert answer.status_code == 200, answer.text
     wait_for_record(answer.headers["x-request-id"])
+    # Off, nothing is added to an upstream request, and a caller's header is not passed on.
+    [sent] = fake_upstream.requests
+    assert not {"traceparent", "tracestate", "baggage"} & sent["headers"].keys()
 
     assert tracing._configured  # decided once (at start-up, or when a request ended): off
+    assert tracing.trace_begin() is None
     assert tracing.tracer_provider() is None
     assert tracing.tracing_configure() is None
     # OpenTelemetry's global provider is untouched: still the API's no-op proxy.

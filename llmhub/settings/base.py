@@ -390,6 +390,11 @@ LLMHUB_METRICS_ENABLED = env.bool("LLMHUB_METRICS_ENABLED", default=True)
 LLMHUB_METRICS_TOKEN = env("LLMHUB_METRICS_TOKEN", default="")
 LLMHUB_METRICS_ALLOWED_IPS = env.list("LLMHUB_METRICS_ALLOWED_IPS", default=[])
 LLMHUB_METRICS_DIR = metrics_directory_choose(BASE_DIR / "var" / "metrics") if LLMHUB_METRICS_ENABLED else ""
+# Traces (docs/observability.md, core/tracing.py; on when an OTEL_* variable names an exporter): the provider
+# kinds whose requests carry the attempt's W3C trace context (`traceparent`, and the caller's `tracestate` and
+# baggage), so that the provider's own spans join the trace. The self-hosted kinds by default, which an
+# operator can instrument; "*" for every provider, "" for none.
+LLMHUB_TRACE_UPSTREAM_KINDS = env.list("LLMHUB_TRACE_UPSTREAM_KINDS", default=["ollama", "vllm", "openai_compatible"])
 # Outbound provider URLs: private and loopback hosts are refused unless allowed here (the demo and
 # self-hosted servers such as Ollama or vLLM on the same machine need it).
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=True)

@@ -33,6 +33,7 @@ from .common import (
     POOL_LIMITS,
     error_for_failure,
     error_for_status,
+    http_request_hooks,
     scrub,
     stream_interrupted,
     upstream_deadline,
@@ -63,7 +64,11 @@ class CohereAdapter(BaseAdapter):
             keepalive_expiry=POOL_LIMITS.keepalive_expiry,
         )
         self._http = plain_outbound_client(
-            url=config.base_url, timeout=timeout, limits=limits, headers=dict(config.extra_headers)
+            url=config.base_url,
+            timeout=timeout,
+            limits=limits,
+            headers=dict(config.extra_headers),
+            event_hooks={"request": http_request_hooks()},
         )
         self._client = cohere.AsyncClientV2(
             api_key=config.api_key.reveal() or _PLACEHOLDER_KEY,

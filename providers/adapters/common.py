@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import httpx2
 from django.conf import settings
+
+from core.tracing import trace_headers_add, tracing_active
 
 from ..exceptions import (
     ProviderAuthenticationError,
@@ -64,21 +67,21 @@ def provider_http_client(config: ProviderConfig) -> httpx2.AsyncClient:
     It sends through aiohttp (the SDKs' ``DefaultAioHttpClient``, guarded alike:
     ``providers.adapters.aiohttp_client``; measured faster, docs/performance.md), or through httpx2's own
     pool when ``LLMHUB_PROVIDER_HTTP_CLIENT`` is "httpx"."""
+    hooks = {"request": http_request_hooks(), "response": [_no_retry_past_deadline]}
     if getattr(settings, "LLMHUB_PROVIDER_HTTP_CLIENT", "aiohttp") == "aiohttp":
         from .aiohttp_client import aiohttp_outbound_client
 
         return aiohttp_outbound_client(
-            url=config.base_url,
-            timeout=http_timeout(config),
-            limits=POOL_LIMITS,
-            event_hooks={"response": [_no_retry_past_deadline]},
+            url=config.base_url, timeout=http_timeout(config), limits=POOL_LIMITS, event_hooks=hooks
         )
-    return outbound_client(
-        url=config.base_url,
-        timeout=http_timeout(config),
-        limits=POOL_LIMITS,
-        event_hooks={"response": [_no_retry_past_deadline]},
-    )
+    return outbound_client(url=config.base_url, timeout=http_timeout(config), limits=POOL_LIMITS, event_hooks=hooks)
+
+
+def http_request_hooks() -> list[Callable[[Any], Awaitable[None]]]:
+    """What every request to a provider passes through before it is sent: while tracing is on, the trace
+    context of the attempt it belongs to (``core.tracing.trace_headers_add``); nothing otherwise, so that an
+    untraced request pays for no hook."""
+    return [trace_headers_add] if tracing_active() else []
 
 
 async def _no_retry_past_deadline(response: httpx2.Response) -> None:
