@@ -34,7 +34,7 @@ import functools
 import ipaddress
 import socket
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -392,11 +392,18 @@ class SyncOutboundTransport(httpx2.HTTPTransport):
 
 
 def outbound_client(
-    *, url: str, timeout: httpx2.Timeout | float, limits: httpx2.Limits | None = None, **kwargs: Any
+    *,
+    url: str,
+    timeout: httpx2.Timeout | float,
+    limits: httpx2.Limits | None = None,
+    transport_class: Callable[..., httpx2.AsyncBaseTransport] = OutboundTransport,
+    **kwargs: Any,
 ) -> httpx2.AsyncClient:
-    """An ``httpx2.AsyncClient`` for requests to the origin of ``url`` only, under the outbound policy."""
+    """An ``httpx2.AsyncClient`` for requests to the origin of ``url`` only, under the outbound policy.
+    ``transport_class`` is built with ``origin`` and ``limits``: ``OutboundTransport``, or one keeping the
+    same guarantees over another connection pool (``adapters.aiohttp_client.GuardedAiohttpTransport``)."""
     return httpx2.AsyncClient(
-        transport=OutboundTransport(origin=url, limits=limits or httpx2.Limits()),
+        transport=transport_class(origin=url, limits=limits or httpx2.Limits()),
         timeout=timeout,
         follow_redirects=True,
         trust_env=False,

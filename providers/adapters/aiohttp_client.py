@@ -2,8 +2,9 @@
 
 Both official SDKs can send through aiohttp instead of httpx2's own connection pool: their
 ``DefaultAioHttpClient`` is an ``httpx2.AsyncClient`` whose transport (``AiohttpTransport``, vendored by
-the SDKs from httpx-aiohttp 0.2.0) hands each request to an ``aiohttp.ClientSession``. This module builds
-that client with the same guarantees as ``providers.outbound.OutboundTransport`` (docs/outbound.md):
+the SDKs from httpx-aiohttp 0.2.0) hands each request to an ``aiohttp.ClientSession``. This module gives
+that transport (``outbound.outbound_client`` builds the client on it) the guarantees of
+``providers.outbound.OutboundTransport`` (docs/outbound.md):
 
 * **addresses judged at connect time**: the session's connector resolves every host name through
   ``GuardedResolver`` (``outbound.resolver``, then ``outbound.check_addresses``) and connects to the very
@@ -225,16 +226,3 @@ class _Busy:
 
     def is_closed(self) -> bool:
         return False
-
-
-def aiohttp_outbound_client(
-    *, url: str, timeout: httpx2.Timeout | float, limits: httpx2.Limits | None = None, **kwargs: Any
-) -> httpx2.AsyncClient:
-    """``outbound.outbound_client``, sending through aiohttp (what the SDKs' ``DefaultAioHttpClient`` does)."""
-    return httpx2.AsyncClient(
-        transport=GuardedAiohttpTransport(origin=url, limits=limits or httpx2.Limits()),
-        timeout=timeout,
-        follow_redirects=True,
-        trust_env=False,
-        **kwargs,
-    )

@@ -41,7 +41,7 @@ from ..exceptions import (
     ProviderUnavailableError,
 )
 from ..fields import Secret
-from ..outbound import OutboundRefused, outbound_client
+from ..outbound import OutboundRefused, OutboundTransport, outbound_client
 from ..types import ProviderConfig
 
 # Enough connections for well over the 128 concurrent streams a busy gateway holds open to one
@@ -68,13 +68,18 @@ def provider_http_client(config: ProviderConfig) -> httpx2.AsyncClient:
     ``providers.adapters.aiohttp_client``; measured faster, docs/performance.md), or through httpx2's own
     pool when ``LLMHUB_PROVIDER_HTTP_CLIENT`` is "httpx"."""
     hooks = {"request": http_request_hooks(), "response": [_no_retry_past_deadline]}
+    transport_class: Callable[..., httpx2.AsyncBaseTransport] = OutboundTransport
     if getattr(settings, "LLMHUB_PROVIDER_HTTP_CLIENT", "aiohttp") == "aiohttp":
-        from .aiohttp_client import aiohttp_outbound_client
+        from .aiohttp_client import GuardedAiohttpTransport
 
-        return aiohttp_outbound_client(
-            url=config.base_url, timeout=http_timeout(config), limits=POOL_LIMITS, event_hooks=hooks
-        )
-    return outbound_client(url=config.base_url, timeout=http_timeout(config), limits=POOL_LIMITS, event_hooks=hooks)
+        transport_class = GuardedAiohttpTransport
+    return outbound_client(
+        url=config.base_url,
+        timeout=http_timeout(config),
+        limits=POOL_LIMITS,
+        transport_class=transport_class,
+        event_hooks=hooks,
+    )
 
 
 def http_request_hooks() -> list[Callable[[Any], Awaitable[None]]]:

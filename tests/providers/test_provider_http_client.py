@@ -13,7 +13,7 @@ import httpx2
 import pytest
 
 from providers import outbound
-from providers.adapters.aiohttp_client import GuardedAiohttpTransport, aiohttp_outbound_client
+from providers.adapters.aiohttp_client import GuardedAiohttpTransport
 from providers.adapters.openai import OpenAIAdapter
 from providers.exceptions import ProviderError
 from providers.fields import Secret
@@ -167,8 +167,8 @@ async def test_no_more_idle_connections_are_kept_than_the_limits_say(name, setti
     settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
     limits = httpx2.Limits(max_connections=64, max_keepalive_connections=3, keepalive_expiry=30.0)
     base_url = private_upstream.base_url + "/v1"
-    factory = aiohttp_outbound_client if name == "aiohttp" else outbound.outbound_client
-    client = factory(url=base_url, timeout=10.0, limits=limits)
+    transport_class = GuardedAiohttpTransport if name == "aiohttp" else outbound.OutboundTransport
+    client = outbound.outbound_client(url=base_url, timeout=10.0, limits=limits, transport_class=transport_class)
     slow = {**BODY, "messages": [{"role": "user", "content": "[[words=5]] [[tps=20]] hi"}]}  # a quarter second
     try:
         responses = await asyncio.gather(*(client.post(base_url + "/chat/completions", json=slow) for _ in range(10)))
