@@ -27,7 +27,7 @@ from experiments.services_feedback import feedback_set, request_is_users
 from .api_openai import method_not_allowed, openai_endpoint, parse_body, response_stamp
 from .callers import caller_from_api_key
 from .pipeline import new_request_id
-from .validation import InvalidRequestError
+from .validation import _fail, _is_number
 
 COMMENT_MAX_LENGTH = 2000  # as the chat page's thumbs take
 REQUEST_ID_MAX_LENGTH = 64
@@ -49,10 +49,6 @@ class FeedbackInput:
     metric: str
     value: float
     comment: str
-
-
-def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
-    raise InvalidRequestError(message, param=param, code=code)
 
 
 def _text(value: Any, param: str) -> str:
@@ -105,7 +101,7 @@ def feedback_input(body: Any) -> FeedbackInput:
             "missing_required_parameter",
         )
     score = body["score"]
-    if not isinstance(score, int | float) or isinstance(score, bool):
+    if not _is_number(score):
         _fail("Invalid type for 'score': expected a number.", "score", "invalid_type")
     try:
         score = float(score)

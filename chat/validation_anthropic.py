@@ -11,7 +11,7 @@ from typing import Any
 
 from core.text import has_lone_surrogate
 
-from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values
+from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values, _is_int, _is_number
 
 ROLES = ("user", "assistant")
 TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
@@ -19,14 +19,6 @@ TOOL_CHOICE_TYPES = ("auto", "any", "tool", "none")
 
 def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
     raise InvalidRequestError(f"{param}: {message}" if param else message, param=param or None, code=code)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_blocks(content: Any, param: str) -> None:

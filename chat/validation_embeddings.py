@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .validation import MAX_TOKENS_LIMIT, _fail, check_body_and_model
+from .validation import MAX_TOKENS_LIMIT, _fail, _is_int, check_body_and_model
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs (strings or token arrays) in one request
 ENCODING_FORMATS = ("float", "base64")
 # Token ids are 32-bit in every tokenizer's vocabulary; a bound also keeps a token array's size finite.
 MAX_TOKEN_ID = 2**31 - 1
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_tokens(tokens: list[Any], param: str) -> None:
