@@ -69,12 +69,7 @@ class AnthropicAdapter(BaseAdapter):
                 message = await self._client.post(_MESSAGES_PATH, body=request, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        if not isinstance(message, dict) or message.get("type") != "message":
-            raise ProviderError(
-                f"The provider {self.config.name!r} answered with something other than a message.",
-                provider=self.config.name,
-            )
-        return completion_from_message(message)
+        return completion_from_message(self._message(message))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         request = self._translate(body)
@@ -116,12 +111,7 @@ class AnthropicAdapter(BaseAdapter):
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        if not isinstance(message, dict) or message.get("type") != "message":
-            raise ProviderError(
-                f"The provider {self.config.name!r} answered with something other than a message.",
-                provider=self.config.name,
-            )
-        return message
+        return self._message(message)
 
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
@@ -215,6 +205,15 @@ class AnthropicAdapter(BaseAdapter):
 
     async def aclose(self) -> None:
         await self._client.close()
+
+    def _message(self, answer: object) -> dict[str, Any]:
+        """The upstream's answer to a request that is not streamed, if it is a message."""
+        if not isinstance(answer, dict) or answer.get("type") != "message":
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than a message.",
+                provider=self.config.name,
+            )
+        return answer
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
