@@ -34,6 +34,7 @@ from core.event_stream import EventStreamResponse
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import chunk_json
 from providers.exceptions import ProviderError
+from providers.types import ResolvedModel
 
 from .pipeline import (
     Caller,
@@ -250,10 +251,7 @@ async def models_list(request: HttpRequest) -> HttpResponse:
         models = await models_for_caller(caller, mode=None)  # embedding models too, unlike the chat picker
     except ApplicationError as exc:
         return response_stamp(openai_error_response(exc), request_id, started)
-    payload = {
-        "object": "list",
-        "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider.name} for m in models],
-    }
+    payload = {"object": "list", "data": [_model_object(model) for model in models]}
     return response_stamp(json_response(payload), request_id, started)
 
 
@@ -267,8 +265,7 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         for candidate in await models_for_caller(caller, mode=None):
             if candidate.name == model:
-                payload = {"id": candidate.name, "object": "model", "created": 0, "owned_by": candidate.provider.name}
-                return response_stamp(json_response(payload), request_id, started)
+                return response_stamp(json_response(_model_object(candidate)), request_id, started)
         raise ApplicationError(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",
@@ -277,6 +274,11 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         )
     except ApplicationError as exc:
         return response_stamp(openai_error_response(exc), request_id, started)
+
+
+def _model_object(model: ResolvedModel) -> dict[str, Any]:
+    """A public model as OpenAI's model object, the same in the list and on its own."""
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": model.provider.name}
 
 
 async def method_not_allowed(request: HttpRequest, allowed: str, request_id: str) -> HttpResponse:
