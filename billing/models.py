@@ -9,6 +9,7 @@ from django.db import models
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from core.outbox import delivery_field
 from providers.validators import validate_provider_url
 
 
@@ -416,11 +417,7 @@ class BudgetAlert(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True, help_text="When the email went out.")
     channels = models.JSONField(default=list, blank=True, help_text="Channels that delivered it.")
-    delivery = models.JSONField(
-        default=dict,
-        blank=True,
-        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
-    )
+    delivery = delivery_field()
 
     class Meta:
         ordering = ["-created_at"]
@@ -632,11 +629,7 @@ class OpsAlertIncident(models.Model):
     delivered = models.JSONField(
         default=list, blank=True, help_text='Deliveries made: "open:email", "open:webhook", "clear:email", …'
     )
-    delivery = models.JSONField(
-        default=dict,
-        blank=True,
-        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
-    )
+    delivery = delivery_field()
 
     class Meta:
         ordering = ["-opened_at"]

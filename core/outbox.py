@@ -44,6 +44,16 @@ class DeliveryState:
     NOBODY = "nobody"  # there was nobody to send it to (no address): nothing more to do
 
 
+def delivery_field() -> models.JSONField:
+    """The ``delivery`` dict of a row whose deliveries go out through here, under the name the functions
+    below write."""
+    return models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One delivery an alert calls for: the row, its mark, where it records deliveries made, the task that

@@ -8,6 +8,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
 
+from core.outbox import delivery_field
+
 from .fields import EncryptedMappingField, EncryptedTextField, Secret
 
 
@@ -362,11 +364,7 @@ class Incident(models.Model):
     delivered = models.JSONField(
         default=list, blank=True, help_text='Deliveries made: "down:email", "down:webhook", "recovered:email", …'
     )
-    delivery = models.JSONField(
-        default=dict,
-        blank=True,
-        help_text="Deliveries not made yet: being sent, failed (the error), queued again (core/outbox.py).",
-    )
+    delivery = delivery_field()
 
     class Meta:
         ordering = ["-started_at"]
