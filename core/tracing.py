@@ -82,6 +82,8 @@ _incoming: ContextVar[Any] = ContextVar("llmhub_trace_incoming", default=None)
 # The trace headers the upstream attempt being made sends (``trace_attempt_begin``), read by the HTTP
 # clients' request hook (``trace_headers_add``).
 _upstream: ContextVar[dict[str, str] | None] = ContextVar("llmhub_trace_upstream", default=None)
+# The trace of the request being served, for its log lines (``trace_log_ids``).
+_current: ContextVar[TraceStart | None] = ContextVar("llmhub_trace_current", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +218,18 @@ def trace_begin() -> TraceStart | None:
             trace_id = context.trace_id
     trace_id = trace_id or random.getrandbits(128) or 1
     sampled = provider.sampler.should_sample(parent, trace_id, "", trace.SpanKind.SERVER).decision.is_sampled()
-    return TraceStart(parent=parent, trace_id=trace_id, span_id=random.getrandbits(64) or 1, sampled=sampled)
+    start = TraceStart(parent=parent, trace_id=trace_id, span_id=random.getrandbits(64) or 1, sampled=sampled)
+    _current.set(start)
+    return start
+
+
+def trace_log_ids() -> tuple[str, str] | None:
+    """The trace id and span id (hex, as OTLP backends show them) of the request being served, for its log
+    lines; None outside a request, while tracing is off, or when its trace is not sampled (no span to find)."""
+    start = _current.get()
+    if start is None or not start.sampled:
+        return None
+    return f"{start.trace_id:032x}", f"{start.span_id:016x}"
 
 
 def trace_upstream_wanted(kind: str) -> bool:

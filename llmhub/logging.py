@@ -2,10 +2,12 @@
 was written for, and no secret in any of them.
 
 JSON lines (``JsonFormatter``, ``LLMHUB_LOG_FORMAT=json``, production's default): ``time`` (UTC, ISO 8601,
-milliseconds), ``level``, ``logger``, ``message``, ``request_id`` (null outside a request) and, when there
-is one, ``exception`` (the traceback as text). The request id comes from ``core.request_context``, set
-where a request gets its id, through ``RequestIdFilter`` on the handler: every line a request's handling
-writes carries it, from any logger. Plain text (the default in development) carries it too.
+milliseconds), ``level``, ``logger``, ``message``, ``request_id`` (null outside a request), ``trace_id`` and
+``span_id`` when the request's trace is exported (``core.tracing.trace_log_ids``: a log line leads to its
+request's span) and, when there is one, ``exception`` (the traceback as text). The request id comes from
+``core.request_context``, set where a request gets its id, through ``RequestIdFilter`` on the handler: every
+line a request's handling writes carries it, from any logger. Plain text (the default in development)
+carries it too.
 
 Keeping secrets out of the server's own log lines.
 
@@ -24,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from core.request_context import request_id_current
+from core.tracing import trace_log_ids
 
 # No space: log parsers split the request line on spaces.
 QUERY_REDACTED = "?[redacted]"
@@ -61,6 +64,8 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_current()
+        if getattr(record, "trace_ids", None) is None:
+            record.trace_ids = trace_log_ids()
         return True
 
 
@@ -76,6 +81,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", None) or request_id_current(),
         }
+        trace_ids = getattr(record, "trace_ids", None)
+        if trace_ids:
+            line["trace_id"], line["span_id"] = trace_ids
         if record.exc_info:
             if not record.exc_text:
                 record.exc_text = self.formatException(record.exc_info)

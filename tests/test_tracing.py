@@ -7,6 +7,7 @@ stops flushed at its shutdown. With no ``OTEL_*`` variable, no tracer provider o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -272,7 +273,7 @@ def test_a_callers_trace_context_is_joined_and_each_attempt_passes_its_own_span_
     unsampled_trace = "0af7651916cd43dd8448eb211c80319c"
     body = {"model": "self-hosted", "messages": [{"role": "user", "content": "hello [[words=3]]"}]}
 
-    with traced_server(collector, tmp_path) as url:
+    with traced_server(collector, tmp_path, LLMHUB_LOG_FORMAT="json") as url:
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
             joined = client.post(
                 "/v1/chat/completions",
@@ -308,6 +309,19 @@ def test_a_callers_trace_context_is_joined_and_each_attempt_passes_its_own_span_
         assert seen["headers"]["traceparent"] == f"00-{caller_trace}-{attempt['span_id']}-01"
         assert seen["headers"]["tracestate"] == "vendor=opaque"
         assert seen["headers"]["baggage"] == "tenant=acme"
+
+    # The request's log lines lead to its span: the failed attempt's warning carries the trace and span ids.
+    lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("{")]
+    [warning] = [
+        line
+        for line in lines
+        if line["logger"] == "chat.pipeline" and line["request_id"] == joined.headers["x-request-id"]
+    ]
+    assert "upstream attempt 1" in warning["message"]
+    assert (warning["trace_id"], warning["span_id"]) == (caller_trace, span["span_id"])
+    # Lines of a request whose trace is not exported carry no ids, which would lead nowhere.
+    unsampled_lines = [line for line in lines if line["request_id"] == unsampled.headers["x-request-id"]]
+    assert unsampled_lines and not any("trace_id" in line for line in unsampled_lines)
 
     # Not sampled by the caller: no span of it is exported, and the providers are told so.
     assert not [exported for exported in collector.spans if exported["trace_id"] == unsampled_trace]
