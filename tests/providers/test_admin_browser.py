@@ -15,12 +15,19 @@ from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, Us
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 DESKTOP = {"width": 1280, "height": 860}
+# A deployment name as operators write them: region, model and role, longer than the column's 13em.
+LONG_NAME = "azure-sweden-central-gpt-4o-mini-backup"
 
 
 def seed() -> tuple[int, str]:
     provider = ProviderFactory(name="azure-openai-sweden-central")
     model = ModelFactory(name="gpt-4o-mini-2024-07-18", provider=provider)
-    DeploymentFactory(model=model, name="backup", provider=ProviderFactory(name="openai"), upstream_id="gpt-4o-mini")
+    DeploymentFactory(
+        model=model,
+        name=LONG_NAME,
+        provider=ProviderFactory(name="openai"),
+        upstream_id="anthropic.claude-3-5-sonnet-20241022-v2:0",
+    )
     root = UserFactory(username="root", is_staff=True, is_superuser=True)
     client = Client()
     client.force_login(root)
@@ -64,6 +71,12 @@ async def test_the_model_change_page_fits_a_desktop_window(live_site, browser, a
             }"""
         )
         assert shown == [True, True]
+        # A name or an upstream id longer than the column shows whole, not cut off inside its input.
+        cut = await box.evaluate(
+            """node => [...node.querySelectorAll("tr.has_original td input.vTextField")]
+              .filter((input) => input.scrollWidth > input.clientWidth).map((input) => input.value)"""
+        )
+        assert cut == []
         assert failed == []
     finally:
         await context.close()
