@@ -667,3 +667,26 @@ class DailyUsageSeal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} through #{self.through_id}"
+
+
+class TaskRun(models.Model):
+    """The latest run of one Celery task, as the worker that ran it finished it: one row per task name, updated
+    in place at every run (``services/task_runs.py``, from the worker's ``task_postrun`` signal), so that the
+    operations dashboard and ``/metrics`` can tell a background job that stopped or keeps failing. Only an
+    exception's class is kept, never its message: a message may carry a secret (a URL with credentials, a
+    provider's key in an error body)."""
+
+    task = models.CharField(max_length=200, unique=True, help_text="The task's dotted name.")
+    finished_at = models.DateTimeField()
+    succeeded = models.BooleanField()
+    duration_seconds = models.FloatField()
+    error_class = models.CharField(max_length=200, blank=True, help_text="The exception's class of a failed run.")
+    failures_in_a_row = models.PositiveIntegerField(default=0)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["task"]
+
+    def __str__(self) -> str:
+        outcome = "ok" if self.succeeded else f"failed: {self.error_class}"
+        return f"{self.task} at {self.finished_at:%Y-%m-%d %H:%M:%S} ({outcome})"

@@ -1,5 +1,6 @@
 """A Celery broker that cannot take a task: the tests run tasks eagerly (``settings/test.py``); this turns that
-off and points the broker at a port nothing listens on, as a Redis broker down looks to the publisher."""
+off and points the broker at a port nothing listens on, as a Redis broker down looks to the publisher. Or at a
+real one (``serve``), for a test that runs a worker process."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ class Broker:
     def down(self) -> None:
         app.conf.task_always_eager = False
         app.conf.broker_url = f"redis://127.0.0.1:{free_port()}/0"
+        self._forget_connections()
+
+    def serve(self, url: str) -> None:
+        """Tasks go to the broker at ``url``, for a worker to take, instead of running eagerly."""
+        app.conf.task_always_eager = False
+        app.conf.broker_url = url
         self._forget_connections()
 
     def up(self) -> None:

@@ -1,0 +1,100 @@
+"""Each run of a Celery task is recorded as the worker finishes it (``llmhub/celery.py`` →
+``billing.services.task_runs``): a real worker process on a real Redis broker runs a task that succeeds and
+one that fails with a canary in its message; the failure is kept by its class only, and the canary is
+nowhere in the row. And a record the database refuses never fails the task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from billing.models import TaskRun, UsageRecord
+from billing.tasks import usage_rollup
+from llmhub.celery import app
+from tests.billing.task_worker import CANARY, FAILING_TASK
+from tests.conftest import database_url_for_subprocesses
+from tests.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def worker(broker, redis_url, tmp_path):
+    """``celery worker`` in its own process, as ``docker-compose.yml`` runs it, on a queue of its own on the
+    real Redis server; this process publishes to it instead of running tasks eagerly."""
+    broker_url = redis_url.rsplit("/", 1)[0] + "/9"
+    queue = f"task-runs-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL")}
+    env.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.test",
+        TEST_DATABASE_URL=database_url_for_subprocesses(),
+        PYTHONPATH=str(ROOT),
+    )
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", "tests.billing.task_worker", "-b", broker_url, "worker"),
+                *("--pool=solo", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning"),
+                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    broker.serve(broker_url)
+    try:
+        yield queue, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_records_a_success_and_a_failure_by_its_class_only(worker):
+    queue, log_path = worker
+    app.send_task("billing.tasks.usage_rollup", queue=queue)
+    app.send_task(FAILING_TASK, queue=queue)
+
+    def both_recorded() -> bool:
+        return TaskRun.objects.filter(task__in=["billing.tasks.usage_rollup", FAILING_TASK]).count() == 2
+
+    wait_until(both_recorded, lambda: f"the worker records both runs; its log:\n{log_path.read_text()}", timeout=90)
+    ok = TaskRun.objects.get(task="billing.tasks.usage_rollup")
+    assert ok.succeeded and ok.error_class == "" and ok.last_success_at == ok.finished_at
+    assert ok.duration_seconds >= 0 and ok.failures_in_a_row == 0
+    failed = TaskRun.objects.get(task=FAILING_TASK)
+    assert not failed.succeeded and failed.error_class == "PermissionError" and failed.last_success_at is None
+    assert failed.failures_in_a_row == 1
+    assert CANARY not in repr(list(TaskRun.objects.values()))
+
+    assert "could not record" not in log_path.read_text()
+
+
+@pytest.mark.django_db
+def test_a_record_the_database_refuses_does_not_fail_the_task(caplog):
+    """The run's record fails (its table is gone); the task still succeeds, the caller's transaction is still
+    usable (the write had a savepoint of its own: on PostgreSQL a failed statement spoils the transaction), the
+    failure is logged by its class only, and the next run is recorded again."""
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE billing_taskrun RENAME TO billing_taskrun_away")
+    with caplog.at_level(logging.WARNING, logger="llmhub.tasks"):
+        result = usage_rollup.apply()
+    assert result.successful() and result.get() == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "llmhub.tasks"]
+    assert warning.startswith("could not record the run of task billing.tasks.usage_rollup: ")
+    assert "billing_taskrun" not in warning  # the error's class, not its message
+    assert UsageRecord.objects.count() == 0  # the transaction is still usable
+
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE billing_taskrun_away RENAME TO billing_taskrun")
+    assert usage_rollup.apply().successful()
+    assert TaskRun.objects.get(task="billing.tasks.usage_rollup").succeeded
