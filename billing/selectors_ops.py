@@ -1,6 +1,7 @@
 """The operations dashboard's figures (``/ops/``): every provider and deployment with its health, its
 breaker and its last hour from the ledger (requests, error rate, p50/p95 latency, requests per minute),
-the spend per hour of the last 24 hours, and the requests refused in the last hour by reason.
+the spend per hour of the last 24 hours, the requests refused in the last hour by reason, and the background
+tasks celery beat schedules, with when a worker last finished each and how (``ops_periodic_tasks``).
 
 Everything is aggregated in the database over a time range of ``UsageRecord.created_at`` (indexed), so the
 cost of a read grows with the traffic of the window read, not with the size of the ledger. The percentiles
@@ -16,15 +17,18 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from celery.schedules import crontab as celery_crontab
+from celery.utils.time import ffwd
 from django.db import connection
 from django.db.models import Count, ExpressionWrapper, F, IntegerField, OuterRef, Q, Subquery, Sum, Window
 from django.db.models.functions import RowNumber, TruncHour
+from django_celery_beat.models import PeriodicTask
 
 from providers.models import BreakerOverride, Deployment, HealthCheck, HealthStatus, Incident, Provider
 from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN
 from providers.routing.breakers import breaker_states
 
-from .models import UsageRecord, UsageStatus
+from .models import TaskRun, UsageRecord, UsageStatus
 
 WINDOW = timedelta(hours=1)
 SPEND_HOURS = 24
@@ -109,6 +113,35 @@ class Rejection:
     count: int
 
 
+class TaskState:
+    """A periodic task's state on the dashboard (``ops_periodic_tasks``)."""
+
+    OK = "ok"
+    OVERDUE = "overdue"
+    FAILING = "failing"
+    NEVER_RUN = "never_run"
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodicTaskOps:
+    name: str  # the schedule's name (the admin's)
+    task: str  # the dotted task path
+    schedule: str  # in words
+    sent_at: datetime | None  # when beat last sent it (PeriodicTask.last_run_at)
+    finished_at: datetime | None  # when a worker last finished it, whatever the outcome
+    succeeded: bool | None  # how that run ended; None: never run
+    error_class: str  # the exception's class of a failed run, never its message
+    failures_in_a_row: int
+    duration_seconds: float | None
+    last_success_at: datetime | None
+    overdue: bool  # no success within its allowance (``_overdue``)
+    state: str  # TaskState
+
+    @property
+    def attention(self) -> bool:
+        return self.state in (TaskState.OVERDUE, TaskState.FAILING)
+
+
 @dataclass(frozen=True, slots=True)
 class OpsSnapshot:
     now: datetime
@@ -116,6 +149,7 @@ class OpsSnapshot:
     deployments: list[DeploymentOps]
     spend_per_hour: list[HourSpend]
     rejections: list[Rejection]
+    periodic_tasks: list[PeriodicTaskOps]
     totals: dict[str, int] = field(default_factory=dict)
 
 
@@ -298,19 +332,122 @@ def ops_rejections(*, now: datetime) -> list[Rejection]:
     ]
 
 
+# A task is overdue when no run of it has succeeded for twice its interval and this grace (a worker busy with
+# a long task, a beat restart): a missed run alone is not yet an alarm, two are. A crontab task, when none
+# succeeded since its last due time, this grace after it (a nightly job takes minutes).
+OVERDUE_GRACE = timedelta(minutes=5)
+# How far back a crontab's last due time is looked for: a yearly schedule's is at most a year (and a leap day).
+_CRONTAB_LOOKBACK = timedelta(days=2 * 366)
+
+
+def _crontab_last_due(schedule: celery_crontab, at: datetime) -> datetime | None:
+    """The latest time before ``at`` when ``schedule`` was due, or None (none in the lookback). Walks its
+    due times forward from windows that double back in time, so that a minutely schedule costs a few steps
+    and a yearly one a few dozen."""
+    window = timedelta(hours=1)
+    while window <= _CRONTAB_LOOKBACK:
+        found = None
+        moment = at - window
+        while True:
+            start, delta, _ = schedule.remaining_delta(moment, ffwd=ffwd)
+            after, moment = moment, start + delta  # its next due time strictly after ``moment``
+            if moment <= after:
+                raise ValueError("the schedule does not move forward")
+            if moment >= at:
+                break
+            found = moment
+        if found is not None:
+            return found
+        window *= 2
+    return None
+
+
+def _overdue(periodic: PeriodicTask, run: TaskRun | None, *, now: datetime) -> bool:
+    """No success within its allowance: for ``2 × interval + OVERDUE_GRACE`` for an interval; since its last
+    due time more than ``OVERDUE_GRACE`` ago for a crontab. A task that never ran is not overdue (nothing
+    says it was expected yet: a fresh install, or a nightly task not yet due since the upgrade that began
+    recording); one that ran and never succeeded is. Clocked and solar schedules have no rule."""
+    if run is None:
+        return False
+    last_success = run.last_success_at
+    if periodic.interval is not None:
+        allowance = 2 * periodic.interval.schedule.run_every + OVERDUE_GRACE
+        return last_success is None or now - last_success > allowance
+    if periodic.crontab is not None:
+        try:
+            due = _crontab_last_due(periodic.crontab.schedule, now - OVERDUE_GRACE)
+        except Exception:  # a schedule celery cannot walk (a 30th of February): no rule rather than no page
+            return False
+        return due is not None and (last_success is None or last_success < due)
+    return False
+
+
+def _schedule_text(periodic: PeriodicTask) -> str:
+    if periodic.interval is not None:
+        return str(periodic.interval)
+    if periodic.crontab is not None:
+        return periodic.crontab.human_readable
+    if periodic.clocked is not None:
+        return f"once, at {periodic.clocked}"
+    if periodic.solar is not None:
+        return str(periodic.solar)
+    return "—"
+
+
+def ops_periodic_tasks(*, now: datetime) -> list[PeriodicTaskOps]:
+    """Every enabled schedule of celery beat, with the latest run a worker recorded of its task and a state:
+    failing (that run failed), overdue (``_overdue``), never run (no run recorded), else ok. Two queries."""
+    periodic_tasks = list(
+        PeriodicTask.objects.filter(enabled=True)
+        .select_related("interval", "crontab", "clocked", "solar")
+        .order_by("name")
+    )
+    runs = {run.task: run for run in TaskRun.objects.filter(task__in={p.task for p in periodic_tasks})}
+    listed = []
+    for periodic in periodic_tasks:
+        run = runs.get(periodic.task)
+        overdue = _overdue(periodic, run, now=now)
+        if run is None:
+            state = TaskState.NEVER_RUN
+        elif not run.succeeded:
+            state = TaskState.FAILING
+        else:
+            state = TaskState.OVERDUE if overdue else TaskState.OK
+        listed.append(
+            PeriodicTaskOps(
+                name=periodic.name,
+                task=periodic.task,
+                schedule=_schedule_text(periodic),
+                sent_at=periodic.last_run_at,
+                finished_at=run.finished_at if run else None,
+                succeeded=run.succeeded if run else None,
+                error_class=run.error_class if run else "",
+                failures_in_a_row=run.failures_in_a_row if run else 0,
+                duration_seconds=run.duration_seconds if run else None,
+                last_success_at=run.last_success_at if run else None,
+                overdue=overdue,
+                state=state,
+            )
+        )
+    return listed
+
+
 def ops_snapshot(*, now: datetime) -> OpsSnapshot:
     deployments = ops_deployments(now=now)
     rejections = ops_rejections(now=now)
+    periodic_tasks = ops_periodic_tasks(now=now)
     return OpsSnapshot(
         now=now,
         providers=ops_providers(deployments),
         deployments=deployments,
         spend_per_hour=ops_spend_per_hour(now=now),
         rejections=rejections,
+        periodic_tasks=periodic_tasks,
         totals={
             "requests": sum(d.requests for d in deployments),
             "errors": sum(d.errors for d in deployments),
             "failing": sum(d.failing for d in deployments),
             "rejected": sum(r.count for r in rejections),
+            "tasks_attention": sum(t.attention for t in periodic_tasks),
         },
     )

@@ -19,12 +19,27 @@ from django.views.decorators.cache import never_cache
 
 from accounts.roles import Capability, role_can
 
-from .selectors_ops import FAILING_ERROR_RATE, WINDOW, DeploymentOps, OpsSnapshot, ops_snapshot
+from .selectors_ops import (
+    FAILING_ERROR_RATE,
+    OVERDUE_GRACE,
+    WINDOW,
+    DeploymentOps,
+    OpsSnapshot,
+    PeriodicTaskOps,
+    TaskState,
+    ops_snapshot,
+)
 from .services.budgets import usd
 
 REFRESH_SECONDS = 15
 HEALTH_LABELS = {"ok": "OK", "failing": "Failing", "unknown": "Not checked"}
 BREAKER_LABELS = {"closed": "Closed", "half_open": "Half-open", "open": "Open"}
+TASK_STATE_LABELS = {
+    TaskState.OK: "OK",
+    TaskState.OVERDUE: "Overdue",
+    TaskState.FAILING: "Failing",
+    TaskState.NEVER_RUN: "Never run",
+}
 
 
 def _iso(instant: datetime | None) -> str | None:
@@ -50,6 +65,32 @@ def _health_text(deployment: DeploymentOps) -> str:
     return text
 
 
+def _when(instant: datetime | None, now: datetime) -> str:
+    """A time of today (UTC) as its time; of another day with its date."""
+    if instant is None:
+        return "never"
+    return f"{instant:%H:%M:%S} UTC" if instant.date() == now.date() else f"{instant:%Y-%m-%d %H:%M} UTC"
+
+
+def _task_status(task: PeriodicTaskOps, now: datetime) -> str:
+    """Its state and why: the failure's class (never its message), since when no run succeeded."""
+    text = TASK_STATE_LABELS[task.state]
+    if task.state == TaskState.FAILING:
+        text += f": {task.error_class}"
+        text += f", {task.failures_in_a_row} runs in a row" if task.failures_in_a_row > 1 else ""
+    if task.overdue:
+        since = f"no success since {_when(task.last_success_at, now)}" if task.last_success_at else "never succeeded"
+        text += f"; {since}" if task.state == TaskState.FAILING else f": {since}"
+    return text
+
+
+def _task_finished(task: PeriodicTaskOps, now: datetime) -> str:
+    if task.finished_at is None:
+        return "never"
+    outcome = "ok" if task.succeeded else f"failed: {task.error_class}"
+    return f"{_when(task.finished_at, now)}, {outcome} ({task.duration_seconds:.1f} s)"
+
+
 def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
     """The snapshot as the page's script and its tables read it: raw numbers for the charts, and the text
     of every cell, so that the script fills the tables with exactly what the server renders."""
@@ -58,6 +99,7 @@ def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
         "refresh_seconds": REFRESH_SECONDS,
         "window_minutes": int(WINDOW.total_seconds() // 60),
         "failing_error_rate": FAILING_ERROR_RATE,
+        "task_grace_minutes": int(OVERDUE_GRACE.total_seconds() // 60),
         "totals": {
             **snapshot.totals,
             "error_rate": _percent(snapshot.totals["errors"] / snapshot.totals["requests"])
@@ -119,6 +161,26 @@ def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
             for h in snapshot.spend_per_hour
         ],
         "rejections": [{"code": r.code, "label": r.label, "count": r.count} for r in snapshot.rejections],
+        "tasks": [
+            {
+                "name": t.name,
+                "task": t.task,
+                "schedule": t.schedule,
+                "state": t.state,
+                "attention": t.attention,
+                "overdue": t.overdue,
+                "status": _task_status(t, snapshot.now),
+                "sent_at": _iso(t.sent_at),
+                "sent_text": _when(t.sent_at, snapshot.now),
+                "finished_at": _iso(t.finished_at),
+                "finished_text": _task_finished(t, snapshot.now),
+                "succeeded": t.succeeded,
+                "error_class": t.error_class,
+                "duration_seconds": t.duration_seconds,
+                "last_success_at": _iso(t.last_success_at),
+            }
+            for t in snapshot.periodic_tasks
+        ],
     }
 
 

@@ -2,7 +2,8 @@
 ``chat`` has two deployments, ``west`` (tried first) on a fake upstream answering 503 and ``east`` on a
 healthy one. Requests through the gateway fail on ``west`` until its breaker opens, then ``east`` answers;
 the dashboard must mark ``west`` failing (colour, sign and words), redraw itself on its timer without
-reloading, and fit a phone. Screenshots go to test-artifacts/."""
+reloading (a background task that begins to fail in between included), and fit a phone. Screenshots go to
+test-artifacts/."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import Client
+from django.utils import timezone
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from playwright.async_api import Page, expect
 
 from accounts.roles import Role, role_set
 from billing.models import UsageStatus
 from billing.services.keys import api_key_create
+from billing.services.task_runs import task_run_record
 from providers.models import CatalogModel, Deployment
 from tests.factories import ProviderFactory, UsageRecordFactory, UserFactory
 from tests.waiting import wait_for_ledger_rows_async
@@ -37,6 +41,9 @@ def build(upstreams) -> dict:
     Deployment.objects.create(
         model=chat, name="east", provider=east_cloud, upstream_id="fake-gpt-4o-mini", priority=1, **prices
     )
+    every_minute = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.MINUTES)
+    PeriodicTask.objects.create(name="alerts", task="billing.tasks.ops_alerts_evaluate_task", interval=every_minute)
+    alerts_ran(None)
     caller = UserFactory(username="caller")
     operator = UserFactory(username="operator")
     role_set(operator, Role.OPERATOR)
@@ -46,6 +53,12 @@ def build(upstreams) -> dict:
         "secret": api_key_create(user=caller, name="load").secret,
         "cookie": client.cookies[settings.SESSION_COOKIE_NAME].value,
     }
+
+
+def alerts_ran(error: BaseException | None) -> None:
+    task_run_record(
+        task="billing.tasks.ops_alerts_evaluate_task", finished_at=timezone.now(), duration_seconds=0.5, error=error
+    )
 
 
 async def send(site, secret: str, count: int) -> list[int]:
@@ -99,6 +112,10 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     await expect(east).not_to_have_class("is-failing")
     await expect(east.locator(".state")).to_have_text("✓ OK")
     await expect(page.locator("#total-failing")).to_have_text("1")
+    alerts = page.locator('tr[data-task="alerts"]')
+    await expect(alerts).not_to_have_class("is-failing")
+    await expect(alerts.locator(".state")).to_have_text("✓ OK")
+    await expect(page.locator("#total-tasks-attention")).to_have_text("0")
     # On the charts: west's bars in the danger colour, and its name with the warning sign (not colour alone).
     drawn = await page.locator("#chart-errors").evaluate(
         """canvas => {
@@ -123,6 +140,7 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     assert await send(live_site, setup["secret"], 3) == [200] * 3
     await wait_for_ledger_rows_async(15, timeout=10)  # the ledger is written after the replies
     await sync_to_async(refused_by_rate_limit)()
+    await sync_to_async(alerts_ran)(TimeoutError("the SMTP server did not answer"))
     await page.clock.run_for(15_500)
     await expect(page.locator("#main")).to_have_attribute("data-refreshes", "1")
     await expect(page.locator("#total-requests")).to_have_text("15")
@@ -134,6 +152,10 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     await expect(page.locator("#rejections-body tr")).to_have_text(["Rate limitrate_limit_exceeded1"])
     await expect(east.locator("td.num").first).to_have_text("10")
     await expect(page.locator("#chart-rpm")).to_have_attribute("data-drawn", "2")
+    await expect(alerts).to_have_class("is-failing")
+    await expect(alerts.locator(".state")).to_have_text("⚠ Failing: TimeoutError")
+    await expect(page.locator("#total-tasks-attention")).to_have_text("1")
+    await expect(page.locator("#total-tasks-attention")).to_have_class("stat-value stat-danger")
     assert await page.evaluate("window.sameDocument") is True
     assert sum("/ops/data.json" in url for url in fetched) == 1
 

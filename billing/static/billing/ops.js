@@ -1,7 +1,8 @@
 /* The operations dashboard: charts drawn by Chart.js (vendor/chartjs) from the figures the page embeds
    (#ops-figures), then every refresh_seconds fetched again from /ops/data.json (the <main>'s data-source)
    and redrawn in place, charts and tables alike: no page reload. A failing deployment is drawn in the
-   danger colour and named with a warning sign on the charts' axis, and its table row says why. */
+   danger colour and named with a warning sign on the charts' axis, and its table row says why; so is a
+   background task that is overdue or failing, in its own table. */
 (function () {
   "use strict";
 
@@ -191,6 +192,25 @@
       11,
     );
     fill(
+      "tasks-body",
+      figures.tasks.map((t) => {
+        const tr = document.createElement("tr");
+        tr.dataset.task = t.name;
+        tr.className = t.attention ? "is-failing" : t.state === "never_run" ? "is-disabled" : "";
+        const status = document.createElement("td");
+        status.className = "state-cell";
+        status.append(state(t.attention, t.state === "ok", t.status));
+        const path = cell("td", "", "wrap-cell");
+        const code = document.createElement("code");
+        code.textContent = t.task;
+        path.append(code);
+        tr.append(cell("th", t.name), status, path, cell("td", t.schedule, "wrap-cell"), cell("td", t.sent_text), cell("td", t.finished_text, "wrap-cell"));
+        return tr;
+      }),
+      "No periodic task is enabled: run manage.py setupschedules.",
+      6,
+    );
+    fill(
       "rejections-body",
       figures.rejections.map((r) => {
         const tr = document.createElement("tr");
@@ -239,6 +259,8 @@
     set("total-error-rate", totals.error_rate);
     set("total-failing", String(totals.failing));
     document.getElementById("total-failing")?.classList.toggle("stat-danger", totals.failing > 0);
+    set("total-tasks-attention", String(totals.tasks_attention));
+    document.getElementById("total-tasks-attention")?.classList.toggle("stat-danger", totals.tasks_attention > 0);
     set("total-rejected", String(totals.rejected));
     set("total-spend", totals.spend_24h);
   }
