@@ -10,6 +10,8 @@ What a scrape returns (``docs/metrics.md`` lists every metric):
   ``REDIS_URL`` as every process shares it (one pipelined round trip), else as this process decided it; an
   admin's override (``Deployment.breaker_override``) wins, as it does for routing;
 - the ledger spool: rows waiting to be replayed and their bytes (one file shared by every process);
+- the background tasks celery beat schedules: when a worker last finished each with success, and whether it
+  is overdue (``billing.selectors_ops.ops_periodic_tasks``: the database every process shares);
 - the ledger's queue (rows submitted, not yet committed): a per-process value, set each second by a sampler
   in every worker (``core.metrics.sampler_register``) so that the scrape sums the live workers.
 
@@ -38,8 +40,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
 from django.views.decorators.http import require_safe
 
+from billing.selectors_ops import ops_periodic_tasks
 from billing.services import ledger
 from billing.services.spool import CLAIMED_INFIX, spool_path
 from core import metrics as core_metrics
@@ -223,6 +227,40 @@ class AppStateCollector:
             value=rows,
         )
         yield GaugeMetricFamily("llmhub_ledger_spool_bytes", "Bytes of the ledger spool.", value=size)
+
+        last_success = GaugeMetricFamily(
+            "llmhub_periodic_task_last_success_timestamp_seconds",
+            "When a worker last finished each scheduled task with success (Unix time); absent: never.",
+            labels=["task"],
+        )
+        overdue = GaugeMetricFamily(
+            "llmhub_periodic_task_overdue",
+            "1 when no run of a scheduled task succeeded within twice its interval and a grace (a crontab task: "
+            "since its last due time), else 0.",
+            labels=["task"],
+        )
+        try:
+            for task, (succeeded_at, late) in _periodic_task_values().items():
+                if succeeded_at is not None:
+                    last_success.add_metric([task], succeeded_at)
+                overdue.add_metric([task], late)
+        except Exception:
+            logger.exception("metrics: could not read the periodic tasks")
+        yield last_success
+        yield overdue
+
+
+def _periodic_task_values() -> dict[str, tuple[float | None, float]]:
+    """Per task path (two schedules may run the same task, a label set must appear once): the latest success
+    and 1 if any of its schedules finds it overdue."""
+    values: dict[str, tuple[float | None, float]] = {}
+    for row in ops_periodic_tasks(now=timezone.now()):
+        succeeded_at = row.last_success_at.timestamp() if row.last_success_at is not None else None
+        previous_at, previous_late = values.get(row.task, (None, 0.0))
+        if previous_at is not None and (succeeded_at is None or previous_at > succeeded_at):
+            succeeded_at = previous_at
+        values[row.task] = (succeeded_at, max(previous_late, float(row.overdue)))
+    return values
 
 
 def _breaker_values() -> list[tuple[list[str], float]]:

@@ -10,18 +10,23 @@ import re
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import time_machine
 from django.test import override_settings
+from django.utils import timezone
+from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
 from billing.services.spool import spool_append
+from billing.services.task_runs import task_run_record
 from core import metrics as core_metrics
 from core.telemetry import AttemptObservation, RequestObservation
 from providers.models import CatalogModel, Deployment
@@ -341,6 +346,49 @@ def test_breaker_state_spool_and_ledger_queue_are_read_at_scrape_time(llmhub_ser
     assert "llmhub_ledger_queue_rows" in text
 
 
+def test_the_background_tasks_last_success_and_overdue_are_read_at_scrape_time(llmhub_server, scraping):
+    """Per task path of an enabled schedule (two schedules of one task are one series): the latest success,
+    absent for a task never successful, and overdue 0 or 1 (the rules are billing/test_ops_tasks')."""
+    now = datetime(2026, 6, 15, 12, 30, tzinfo=UTC)
+    five = IntervalSchedule.objects.create(every=5, period=IntervalSchedule.MINUTES)
+    nightly = CrontabSchedule.objects.create(minute="17", hour="3", timezone="UTC")
+    schedules = [
+        ("rollup", "billing.tasks.usage_rollup", {"interval": five}),
+        ("rollup, nightly too", "billing.tasks.usage_rollup", {"crontab": nightly}),
+        ("health", "providers.tasks.providers_health_check_all", {"interval": five}),
+        ("alerts", "billing.tasks.ops_alerts_evaluate_task", {"interval": five}),
+        ("new", "experiments.tasks.rollout_steps_apply_due_task", {"interval": five}),
+        ("off", "billing.tasks.ledger_spool_replay", {"interval": five, "enabled": False}),
+    ]
+    for name, task, when in schedules:
+        PeriodicTask.objects.create(name=name, task=task, **when)
+    runs = [
+        ("billing.tasks.usage_rollup", now - timedelta(minutes=2), None),
+        ("providers.tasks.providers_health_check_all", now - timedelta(hours=2), None),
+        ("billing.tasks.ops_alerts_evaluate_task", now - timedelta(minutes=1), ConnectionError("sk-canary-metrics")),
+        ("billing.tasks.ledger_spool_replay", now - timedelta(days=3), None),
+    ]
+    for task, at, error in runs:
+        task_run_record(task=task, finished_at=at, duration_seconds=1.0, error=error)
+
+    with time_machine.travel(now, tick=True):
+        text = scrape(llmhub_server.url)
+    found = {(name, labels["task"]): v for name, labels, v in samples(text) if name.startswith("llmhub_periodic_task_")}
+    assert found == {
+        ("llmhub_periodic_task_last_success_timestamp_seconds", "billing.tasks.usage_rollup"): (
+            now - timedelta(minutes=2)
+        ).timestamp(),
+        ("llmhub_periodic_task_overdue", "billing.tasks.usage_rollup"): 0,
+        ("llmhub_periodic_task_last_success_timestamp_seconds", "providers.tasks.providers_health_check_all"): (
+            now - timedelta(hours=2)
+        ).timestamp(),
+        ("llmhub_periodic_task_overdue", "providers.tasks.providers_health_check_all"): 1,
+        ("llmhub_periodic_task_overdue", "billing.tasks.ops_alerts_evaluate_task"): 1,  # never succeeded
+        ("llmhub_periodic_task_overdue", "experiments.tasks.rollout_steps_apply_due_task"): 0,  # never ran
+    }
+    assert "sk-canary-metrics" not in text
+
+
 def test_ledger_rows_spilled_from_a_full_queue_are_counted(llmhub_server, scraping, settings, tmp_path, monkeypatch):
     """The database writes slower than requests come: the rows past the queue's bound go to the spool, and
     the operator sees why the spool grows (``llmhub_ledger_spilled_rows``), not only that it does."""
@@ -633,7 +681,11 @@ def exported_names(text: str) -> set[str]:
 
 
 def traffic_in_every_family(server, fake_upstream, key) -> None:
-    """Traffic that leaves a sample in every family: a retry and a fallback, a stream, a rejection."""
+    """Traffic that leaves a sample in every family: a retry and a fallback, a stream, a rejection, a scheduled
+    task that ran."""
+    every_minute = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.MINUTES)
+    PeriodicTask.objects.create(name="rollup", task="billing.tasks.usage_rollup", interval=every_minute)
+    task_run_record(task="billing.tasks.usage_rollup", finished_at=timezone.now(), duration_seconds=1.0, error=None)
     catalog_model(fake_upstream, "charted")
     catalog_model(fake_upstream, "flaky", upstream="fault-500", fallbacks=["charted"])
     client = client_for(server, key)

@@ -1,7 +1,8 @@
 """Each run of a Celery task is recorded as the worker finishes it (``llmhub/celery.py`` →
 ``billing.services.task_runs``): a real worker process on a real Redis broker runs a task that succeeds and
 one that fails with a canary in its message; the failure is kept by its class only, and the canary is
-nowhere in the row. And a record the database refuses never fails the task."""
+nowhere: not in the row, the operations dashboard, its JSON or ``/metrics``. And a record the database
+refuses never fails the task."""
 
 from __future__ import annotations
 
@@ -14,15 +15,20 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.test import Client, override_settings
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
+from accounts.roles import Role, role_set
 from billing.models import TaskRun, UsageRecord
 from billing.tasks import usage_rollup
 from llmhub.celery import app
 from tests.billing.task_worker import CANARY, FAILING_TASK
 from tests.conftest import database_url_for_subprocesses
+from tests.factories import UserFactory
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "scrape-token-task-runs"
 
 
 @pytest.fixture
@@ -58,6 +64,14 @@ def worker(broker, redis_url, tmp_path):
         process.wait(timeout=30)
 
 
+def operator_client() -> Client:
+    user = UserFactory(username="night-shift")
+    role_set(user, Role.OPERATOR)
+    client = Client()
+    client.force_login(user)
+    return client
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_records_a_success_and_a_failure_by_its_class_only(worker):
     queue, log_path = worker
@@ -76,6 +90,20 @@ def test_a_worker_records_a_success_and_a_failure_by_its_class_only(worker):
     assert failed.failures_in_a_row == 1
     assert CANARY not in repr(list(TaskRun.objects.values()))
 
+    # What an operator reads of them: the dashboard, its JSON, the metrics.
+    every_minute = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.MINUTES)
+    PeriodicTask.objects.create(name="rollup", task="billing.tasks.usage_rollup", interval=every_minute)
+    PeriodicTask.objects.create(name="refused", task=FAILING_TASK, interval=every_minute)
+    client = operator_client()
+    html = client.get("/ops/").content.decode()
+    figures = client.get("/ops/data.json").content.decode()
+    with override_settings(LLMHUB_METRICS_TOKEN=TOKEN):
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).content.decode()
+    assert "Failing: PermissionError" in html and "Failing: PermissionError" in figures
+    assert f'llmhub_periodic_task_overdue{{task="{FAILING_TASK}"}} 1.0' in metrics
+    assert 'llmhub_periodic_task_last_success_timestamp_seconds{task="billing.tasks.usage_rollup"}' in metrics
+    for shown in (html, figures, metrics):
+        assert CANARY not in shown
     assert "could not record" not in log_path.read_text()
 
 
