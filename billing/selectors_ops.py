@@ -363,8 +363,8 @@ def _crontab_last_due(schedule: celery_crontab, at: datetime) -> datetime | None
 
 
 def _overdue(periodic: PeriodicTask, run: TaskRun | None, *, now: datetime) -> bool:
-    """No success within its allowance: for ``2 × interval + OVERDUE_GRACE`` for an interval; since its last
-    due time more than ``OVERDUE_GRACE`` ago for a crontab. A task that never ran is not overdue (nothing
+    """No success within its allowance: an interval task, none for ``2 × interval + OVERDUE_GRACE``; a crontab
+    task, none since its last due time more than ``OVERDUE_GRACE`` ago. A task that never ran is not overdue (nothing
     says it was expected yet: a fresh install, or a nightly task not yet due since the upgrade that began
     recording); one that ran and never succeeded is. Clocked and solar schedules have no rule."""
     if run is None:
