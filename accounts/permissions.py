@@ -49,9 +49,31 @@ CanViewOwnUsage = role_permission(Capability.VIEW_OWN_USAGE)
 CanViewAllUsage = role_permission(Capability.VIEW_ALL_USAGE)
 CanManageExperiments = role_permission(Capability.MANAGE_EXPERIMENTS)
 
+# The scope a gateway key needs to manage keys (``billing.models.KeyScope.KEYS_MANAGE``), spelled out here
+# because accounts sits below billing.
+KEYS_MANAGE_SCOPE = "keys:manage"
+
+
+class CanManageKeys(permissions.BasePermission):
+    """A person (web session, JWT) may manage their keys, gateway and provider keys alike; a gateway key only
+    if it holds the ``keys:manage`` scope: a key that may only call models must not read, replace or delete
+    its owner's keys. A gateway key is the principal with ``scopes`` (``billing``'s ``KeyPrincipal``)."""
+
+    message = (
+        "This API key may not manage keys: only a key created with the keys:manage scope may, "
+        "or the account owner from the web session."
+    )
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        scopes = getattr(request.auth, "scopes", None)
+        return scopes is None or KEYS_MANAGE_SCOPE in scopes
+
+
 __all__ = [
+    "KEYS_MANAGE_SCOPE",
     "CanChat",
     "CanManageExperiments",
+    "CanManageKeys",
     "CanManageOwnKeys",
     "CanViewAllUsage",
     "CanViewOwnUsage",

@@ -25,7 +25,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.permissions import CanManageOwnKeys, CanViewOwnUsage
+from accounts.permissions import CanManageKeys, CanManageOwnKeys, CanViewOwnUsage
 from accounts.roles import Capability, role_can
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.serializer_fields import DateOrDateTimeField
@@ -116,19 +116,6 @@ class ApiKeyCreatedOutputSerializer(ApiKeyOutputSerializer):
 
     def to_representation(self, instance: CreatedKey) -> dict[str, Any]:
         return {**ApiKeyOutputSerializer(instance.api_key).data, "secret": instance.secret}
-
-
-class CanManageKeys(permissions.BasePermission):
-    """A session may manage its user's keys; a gateway key only if it holds the ``keys:manage`` scope."""
-
-    message = (
-        "This API key may not manage keys: only a key created with the keys:manage scope may, "
-        "or the account owner from the web session."
-    )
-
-    def has_permission(self, request: Request, view: APIView) -> bool:
-        principal = request.auth
-        return not isinstance(principal, KeyPrincipal) or KeyScope.KEYS_MANAGE in principal.scopes
 
 
 def _managing_key_id(request: Request) -> int | None:

@@ -19,7 +19,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.permissions import CanManageOwnKeys
+from accounts.permissions import CanManageKeys, CanManageOwnKeys
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.text import has_lone_surrogate
 
@@ -77,8 +77,15 @@ def _own_credential_or_404(request: Request, credential_id: int) -> ProviderCred
     return credential
 
 
-# A viewer (accounts.roles) may not manage keys of its own.
-_OWN_KEYS = [permissions.IsAuthenticated, CanManageOwnKeys]
+# A viewer (accounts.roles) may not manage keys of its own, nor a gateway key without the keys:manage scope
+# (one that may only call models): as on /api/keys/.
+_OWN_KEYS = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys]
+_NOT_ALLOWED = {
+    403: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description="The API key lacks the `keys:manage` scope, or the user's role (viewer) may not manage keys.",
+    )
+}
 
 
 # A debug error page shows a form POST's fields and each frame's variables: neither may show the key.
@@ -107,7 +114,7 @@ class ProviderCredentialListCreateApi(APIView):
         operation_id="provider_keys_list",
         summary="List your own provider keys",
         description="One key a provider at most. Shows each key's hint and status, never the key.",
-        responses={200: ProviderCredentialOutputSerializer(many=True), **error_responses(401)},
+        responses={200: ProviderCredentialOutputSerializer(many=True), **error_responses(401), **_NOT_ALLOWED},
     )
     def get(self, request: Request) -> Response:
         rows = ProviderCredential.objects.select_related("provider").filter(owner=request.user)
@@ -129,6 +136,7 @@ class ProviderCredentialListCreateApi(APIView):
             201: ProviderCredentialOutputSerializer,
             200: ProviderCredentialOutputSerializer,
             **error_responses(400, 401),
+            **_NOT_ALLOWED,
         },
     )
     @method_decorator(sensitive_variables("serializer"))
@@ -155,7 +163,7 @@ class ProviderCredentialDetailApi(APIView):
         tags=_TAG,
         operation_id="provider_keys_retrieve",
         summary="Retrieve one of your provider keys",
-        responses={200: ProviderCredentialOutputSerializer, **error_responses(401, 404)},
+        responses={200: ProviderCredentialOutputSerializer, **error_responses(401, 404), **_NOT_ALLOWED},
     )
     def get(self, request: Request, credential_id: int) -> Response:
         return Response(ProviderCredentialOutputSerializer(_own_credential_or_404(request, credential_id)).data)
@@ -166,7 +174,7 @@ class ProviderCredentialDetailApi(APIView):
         summary="Rename one of your provider keys",
         description="Only the label changes here; to change the key, POST a new one for the provider.",
         request=InputSerializer,
-        responses={200: ProviderCredentialOutputSerializer, **error_responses(400, 401, 404)},
+        responses={200: ProviderCredentialOutputSerializer, **error_responses(400, 401, 404), **_NOT_ALLOWED},
     )
     def patch(self, request: Request, credential_id: int) -> Response:
         credential = _own_credential_or_404(request, credential_id)
@@ -183,7 +191,7 @@ class ProviderCredentialDetailApi(APIView):
             "Your requests to the provider go back to the platform's key where the provider allows it "
             "(`optional`), and are refused where it requires your own (`required`)."
         ),
-        responses={204: None, **error_responses(401, 404)},
+        responses={204: None, **error_responses(401, 404), **_NOT_ALLOWED},
     )
     def delete(self, request: Request, credential_id: int) -> Response:
         provider_credential_delete(credential=_own_credential_or_404(request, credential_id))
@@ -206,6 +214,7 @@ class ProviderCredentialValidateApi(APIView):
         responses={
             200: ProviderCredentialOutputSerializer,
             **error_responses(401, 404),
+            **_NOT_ALLOWED,
             502: OpenApiResponse(response=ErrorResponseSerializer, description="The provider could not be asked."),
         },
     )
@@ -216,11 +225,13 @@ class ProviderCredentialValidateApi(APIView):
 
 
 class ProviderAcceptingKeysListApi(APIView):
+    permission_classes = _OWN_KEYS
+
     @extend_schema(
         tags=_TAG,
         operation_id="provider_keys_providers",
         summary="List the providers that accept your own key",
-        responses={200: ProviderOutputSerializer(many=True), **error_responses(401)},
+        responses={200: ProviderOutputSerializer(many=True), **error_responses(401), **_NOT_ALLOWED},
     )
     def get(self, request: Request) -> Response:
         rows: Any = Provider.objects.filter(enabled=True).exclude(byok=ByokMode.DISABLED).order_by("name")

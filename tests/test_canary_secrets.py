@@ -128,7 +128,7 @@ def test_a_users_own_key_shows_in_plaintext_in_no_column_log_response_page_or_em
     )
     ModelFactory(name="gpt-own", provider=provider, upstream_id="fake-gpt-4o-mini")
     alice = UserFactory(username="alice", email="alice@example.com", is_staff=True, is_superuser=True)
-    gateway_key = api_key_create(user=alice, name="canary").secret
+    gateway_key = api_key_create(user=alice, name="canary", scopes=["keys:manage"]).secret
     api = httpx.Client(base_url=llmhub_server.url, headers={"Authorization": f"Bearer {gateway_key}"}, timeout=30)
     answers: list[httpx.Response] = []
 

@@ -409,3 +409,56 @@ def test_the_daily_check_is_scheduled():
     from chat.management.commands.setupschedules import SCHEDULES
 
     assert "providers.tasks_credentials.provider_credentials_revalidate_all" in {path for _, path, _ in SCHEDULES}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("get", "/api/provider-keys/", None),
+        ("post", "/api/provider-keys/", "replacement"),
+        ("get", "/api/provider-keys/providers/", None),
+        ("get", "/api/provider-keys/{id}/", None),
+        ("patch", "/api/provider-keys/{id}/", {"label": "taken over"}),
+        ("delete", "/api/provider-keys/{id}/", None),
+        ("post", "/api/provider-keys/{id}/validate/", None),
+    ],
+)
+def test_a_gateway_key_without_the_manage_scope_cannot_touch_its_owners_provider_keys(
+    provider, upstream, alice, method, path, body
+):
+    """A key that may only call models (no scope; say one restricted to a model, handed to an app) must not
+    read, replace or delete its owner's provider keys: a replacement would send the owner's requests out on
+    someone else's provider account. As on /api/keys/, only the session or a ``keys:manage`` key may."""
+    from billing.services.keys import api_key_create
+
+    mine, theirs = new_key(), new_key()
+    accept_keys(upstream, mine, theirs)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=mine, label="mine")
+    plain = api_key_create(user=alice, name="app").secret
+    caller = APIClient()
+    caller.credentials(HTTP_AUTHORIZATION=f"Bearer {plain}")
+    data = {"provider": "openai-byok", "api_key": theirs} if body == "replacement" else body
+
+    response = getattr(caller, method)(path.format(id=credential.pk), data, format="json")
+
+    error = error_of(response, 403)
+    assert "keys:manage" in error["message"]
+    credential.refresh_from_db()
+    assert credential.api_key.reveal() == mine and credential.label == "mine"
+    assert ProviderCredential.objects.filter(owner=alice).count() == 1
+
+
+def test_a_gateway_key_with_the_manage_scope_manages_its_owners_provider_keys(provider, upstream, alice):
+    from billing.services.keys import api_key_create
+
+    key = new_key()
+    accept_keys(upstream, key)
+    managing = api_key_create(user=alice, name="ops", scopes=["keys:manage"]).secret
+    caller = APIClient()
+    caller.credentials(HTTP_AUTHORIZATION=f"Bearer {managing}")
+
+    added = caller.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json")
+
+    assert added.status_code == 201, added.content
+    assert caller.get("/api/provider-keys/").json()[0]["id"] == added.json()["id"]
+    assert caller.delete(f"/api/provider-keys/{added.json()['id']}/").status_code == 204

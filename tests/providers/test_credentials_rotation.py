@@ -41,7 +41,7 @@ def test_a_stream_running_on_the_old_key_finishes_on_it_and_the_next_request_use
     )
     ModelFactory(name="gpt-own", provider=provider, upstream_id="fake-gpt-4o-mini")
     alice = UserFactory(username="alice")
-    gateway_key = api_key_create(user=alice, name="rotation").secret
+    gateway_key = api_key_create(user=alice, name="rotation", scopes=["keys:manage"]).secret
     old, new = f"sk-old-{secrets.token_hex(12)}", f"sk-new-{secrets.token_hex(12)}"
     upstream.accept_keys(old, new)
     provider_credential_save(owner=alice, provider=provider, api_key=old)
