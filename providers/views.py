@@ -10,6 +10,8 @@ from django.shortcuts import render
 
 from accounts.roles import CAPABILITIES, Capability, request_role
 
+from .services.credentials import KEY_MAX_LENGTH
+
 
 @login_required
 async def provider_keys_page(request: HttpRequest) -> HttpResponse:
@@ -19,4 +21,6 @@ async def provider_keys_page(request: HttpRequest) -> HttpResponse:
     # As the API it talks to: a role without keys of its own (viewer) would get a page whose every call fails.
     if Capability.MANAGE_OWN_KEYS not in CAPABILITIES[await request_role(request, user)]:
         raise PermissionDenied
-    return render(request, "providers/provider_keys.html", {"user": user, "page": "provider-keys"})
+    # The key field's maxlength is the server's: a browser cuts a longer paste silently.
+    context = {"user": user, "page": "provider-keys", "key_max_length": KEY_MAX_LENGTH}
+    return render(request, "providers/provider_keys.html", context)

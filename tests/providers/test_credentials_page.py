@@ -9,6 +9,7 @@ from django.urls import reverse
 
 from accounts.roles import Role, role_set
 from providers.models import ByokMode, ProviderCredential
+from providers.services.credentials import KEY_MAX_LENGTH
 from tests.factories import ProviderFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -56,3 +57,14 @@ def test_a_role_without_keys_of_its_own_is_refused_as_by_the_api(client):
 
     assert client.get("/provider-keys/").status_code == 403
     assert client.get("/api/provider-keys/").status_code == 403
+
+
+def test_the_key_field_takes_every_key_length_the_server_accepts(client):
+    """A browser cuts a pasted value at the field's maxlength without a word: a key longer than the field but
+    within the server's limit would arrive cut short and be refused as a wrong key."""
+    client.force_login(UserFactory(username="ada"))
+
+    page = client.get("/provider-keys/").content.decode()
+
+    field = re.search(r'<input type="password" id="key-secret"[^>]*>', page).group(0)
+    assert re.search(r'maxlength="(\d+)"', field).group(1) == str(KEY_MAX_LENGTH)
