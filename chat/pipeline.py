@@ -51,6 +51,7 @@ from providers.byok import (
     byok_missing,
     byok_only,
     byok_refused,
+    byok_refused_hints,
     byok_servable,
     user_credentials,
 )
@@ -512,9 +513,18 @@ async def _credentials_for(caller: Caller, models: list[ResolvedModel]) -> dict[
     credentials = dict(await user_credentials(caller.user_id))
     missing = byok_missing(models[0], credentials)
     if missing and not any(byok_servable(d, credentials) for m in models for d in m.deployments):
+        refused = await byok_refused_hints(caller.user_id, missing)
+        if refused:
+            # They have a key, which the provider refused: "add one" would send them looking for it.
+            keys = ", ".join(f"{hint} for {name}" for name, hint in sorted(refused.items()))
+            todo = (
+                f"your own API key {keys} was refused by the provider: replace it under your provider keys "
+                "(POST /api/provider-keys/)."
+            )
+        else:
+            todo = "add one under your provider keys (POST /api/provider-keys/)."
         raise OwnKeyRequiredError(
-            f"The model `{models[0].name}` is served only on your own API key for {', '.join(missing)}: "
-            "add one under your provider keys (POST /api/provider-keys/).",
+            f"The model `{models[0].name}` is served only on your own API key for {', '.join(missing)}: {todo}",
             param="model",
         )
     return credentials

@@ -229,6 +229,15 @@ def byok_missing(model: ResolvedModel, credentials: Mapping[int, UserCredential]
     )
 
 
+async def byok_refused_hints(user_id: int, provider_names: Iterable[str]) -> dict[str, str]:
+    """The hints of the user's keys for these providers (by name) that are marked invalid: those the cache of
+    usable keys leaves out. Read only to word a refusal: "replace yours", not "add one"."""
+    rows = ProviderCredential.objects.filter(
+        owner_id=user_id, provider__name__in=list(provider_names), status=CredentialStatus.INVALID
+    ).values_list("provider__name", "hint")
+    return {name: hint async for name, hint in rows}
+
+
 def byok_in_use(model: ResolvedModel) -> bool:
     """Whether any deployment of ``model`` may run on a user's key: else no lookup is needed."""
     return any(d.provider.byok != ByokMode.DISABLED for d in model.deployments)

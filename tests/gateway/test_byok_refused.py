@@ -155,6 +155,23 @@ def test_a_refused_own_key_on_a_provider_that_requires_one_refuses_the_next_requ
     assert setup["upstream"].requests_served() == served_before  # nothing more went upstream
 
 
+def test_the_up_front_refusal_of_a_user_whose_own_key_was_refused_says_to_replace_that_key(setup):
+    """The user has a key for the provider, marked invalid: "add one" would send them looking for a key they
+    already have. The refusal names theirs by its hint and says it was refused."""
+    row = credential(setup["alice"], setup["required"])
+    row.status, row.status_detail = CredentialStatus.INVALID, "required-openai refused the key (HTTP 401)."
+    row.save()
+
+    status, text = ask(setup, "chat", "req-model")
+
+    assert status == 403
+    error = json.loads(text)["error"]
+    assert error["code"] == "own_key_required"
+    assert row.hint in error["message"] and "refused" in error["message"] and "replace" in error["message"]
+    assert "add one" not in error["message"]
+    assert REFUSED_KEY not in text
+
+
 def test_a_key_replaced_since_the_refusal_is_not_marked_invalid(setup):
     """The mark compares the key: a refusal of the old key cannot mark the new one (here, the row is changed
     before the refused request is even answered: the mark finds another key and leaves it)."""
