@@ -106,7 +106,11 @@ class ProviderCredentialListCreateApi(APIView):
         def validate_provider(self, value: str) -> Provider:
             provider = Provider.objects.filter(name=value, enabled=True).first()
             if provider is None:
-                raise serializers.ValidationError(f"No provider named {value!r}.")
+                # The value is not repeated: a key pasted into the wrong field must not come back in the answer.
+                raise serializers.ValidationError(
+                    "No enabled provider has this name; GET /api/provider-keys/providers/ lists those that take "
+                    "your own keys."
+                )
             return provider
 
     @extend_schema(

@@ -115,15 +115,17 @@ def key_format_check(*, provider: Provider, api_key: Secret) -> None:
     if not prefix:
         return
     label = ProviderKind(provider.kind).label
+    article = "an" if label[:1] in "AEIOU" else "a"
     if not plaintext.startswith(prefix) or len(plaintext) <= len(prefix):
         raise ProviderKeyInvalidError(
-            f"This is not a {label} API key: {label} keys start with {prefix!r} (provider {name!r}).",
+            f"This is not {article} {label} API key: {label} keys start with {prefix!r} (provider {name!r}).",
             param="api_key",
         )
     for foreign, what in _FOREIGN_PREFIXES:
         if foreign != prefix and foreign.startswith(prefix) and plaintext.startswith(foreign):
             raise ProviderKeyInvalidError(
-                f"This looks like {what}, not a {label} API key (provider {name!r}, keys starting with {prefix!r}).",
+                f"This looks like {what}, not {article} {label} API key (provider {name!r}, keys starting with "
+                f"{prefix!r}).",
                 param="api_key",
             )
 

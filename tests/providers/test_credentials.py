@@ -189,8 +189,8 @@ def test_a_refused_replacement_leaves_the_working_key_in_place(client, provider,
 @pytest.mark.parametrize(
     ("kind", "key", "words"),
     [
-        (ProviderKind.OPENAI, "pk-0123456789abcdef", "start with 'sk-'"),
-        (ProviderKind.OPENAI, "sk-ant-0123456789abcdef", "an Anthropic key"),
+        (ProviderKind.OPENAI, "pk-0123456789abcdef", "not an OpenAI API key: OpenAI keys start with 'sk-'"),
+        (ProviderKind.OPENAI, "sk-ant-0123456789abcdef", "an Anthropic key, not an OpenAI API key"),
         (ProviderKind.ANTHROPIC, "sk-0123456789abcdef", "start with 'sk-ant-'"),
         (ProviderKind.OPENROUTER, "sk-ant-0123456789abcdef", "start with 'sk-or-'"),
         (ProviderKind.OPENAI_COMPATIBLE, "abc def 0123456789", "no spaces"),
@@ -284,6 +284,10 @@ def test_a_provider_that_takes_no_user_keys_refuses_them(client, upstream):
         client.post("/api/provider-keys/", {"provider": "nope", "api_key": new_key()}, format="json"), 400
     )
     assert unknown["param"] == "provider"
+    # A key pasted into the provider field does not come back in the answer.
+    pasted = new_key()
+    misplaced = client.post("/api/provider-keys/", {"provider": pasted[:64], "api_key": new_key()}, format="json")
+    assert error_of(misplaced, 400)["param"] == "provider" and pasted[:64] not in misplaced.content.decode()
 
 
 def test_the_providers_that_take_user_keys_are_listed_with_their_key_prefix(client, provider):
