@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer
@@ -17,6 +18,7 @@ from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
 from accounts.permissions import CanManageKeys, CanManageOwnKeys
@@ -88,10 +90,34 @@ _NOT_ALLOWED = {
 }
 
 
+class ProviderKeyChecksThrottle(UserRateThrottle):
+    """A user's key checks (``LLMHUB_PROVIDER_KEY_CHECKS_RATE``, 20 an hour by default): adding or replacing a
+    key and checking one again each ask the provider with it, so that unbounded, the hub would be a free way
+    to test keys found elsewhere. Counted per user in Django's cache (Redis when ``REDIS_URL`` is set: every
+    worker shares the count). Over it: 429 with ``Retry-After``. Listing, renaming and deleting are not counted."""
+
+    scope = "provider_key_checks"
+
+    def get_rate(self) -> str:
+        return settings.LLMHUB_PROVIDER_KEY_CHECKS_RATE
+
+    def allow_request(self, request: Request, view: APIView) -> bool:
+        return request.method != "POST" or super().allow_request(request, view)
+
+
+_CHECKS_LIMITED = {
+    429: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description="Too many key checks for this user (`LLMHUB_PROVIDER_KEY_CHECKS_RATE`); see `Retry-After`.",
+    )
+}
+
+
 # A debug error page shows a form POST's fields and each frame's variables: neither may show the key.
 @method_decorator(sensitive_post_parameters("api_key"), name="dispatch")
 class ProviderCredentialListCreateApi(APIView):
     permission_classes = _OWN_KEYS
+    throttle_classes = [ProviderKeyChecksThrottle]
 
     @extend_schema_serializer(component_name="ProviderKeyCreate")
     class InputSerializer(serializers.Serializer):
@@ -141,6 +167,7 @@ class ProviderCredentialListCreateApi(APIView):
             200: ProviderCredentialOutputSerializer,
             **error_responses(400, 401),
             **_NOT_ALLOWED,
+            **_CHECKS_LIMITED,
         },
     )
     @method_decorator(sensitive_variables("serializer"))
@@ -204,6 +231,7 @@ class ProviderCredentialDetailApi(APIView):
 
 class ProviderCredentialValidateApi(APIView):
     permission_classes = _OWN_KEYS
+    throttle_classes = [ProviderKeyChecksThrottle]
 
     @extend_schema(
         tags=_TAG,
@@ -219,6 +247,7 @@ class ProviderCredentialValidateApi(APIView):
             200: ProviderCredentialOutputSerializer,
             **error_responses(401, 404),
             **_NOT_ALLOWED,
+            **_CHECKS_LIMITED,
             502: OpenApiResponse(response=ErrorResponseSerializer, description="The provider could not be asked."),
         },
     )

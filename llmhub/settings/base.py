@@ -250,6 +250,10 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "core.exception_handlers.drf_exception_handler",
 }
+# A user's own provider keys checked against the provider (added, replaced or checked again), per user: each is
+# a live call to the provider, so without a bound the hub would test keys for anyone who signs up. DRF's rate
+# syntax ("20/hour", "5/minute").
+LLMHUB_PROVIDER_KEY_CHECKS_RATE = env("LLMHUB_PROVIDER_KEY_CHECKS_RATE", default="20/hour")
 
 # DRF-SPECTACULAR
 # https://drf-spectacular.readthedocs.io/en/latest/settings.html

@@ -38,6 +38,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # them) is checked before its first use in a request.
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 LLMHUB_LOOKUP_CACHE_TTL = 5.0
+# Tests add and check many keys as users whose ids the next test reuses, in a cache that outlives a test: the
+# bound is tested on its own (tests/providers/test_credentials.py) with a rate of its own.
+LLMHUB_PROVIDER_KEY_CHECKS_RATE = "100000/hour"
 # A spool of this run's own: a live server the tests start replays the spool at start-up, and must not
 # write rows that an earlier run (or `make run`) left there into this run's database. A test that stops a
 # server and starts another on the same spool (a restart) names it in the environment.

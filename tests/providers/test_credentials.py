@@ -466,3 +466,37 @@ def test_a_gateway_key_with_the_manage_scope_manages_its_owners_provider_keys(pr
     assert added.status_code == 201, added.content
     assert caller.get("/api/provider-keys/").json()[0]["id"] == added.json()["id"]
     assert caller.delete(f"/api/provider-keys/{added.json()['id']}/").status_code == 204
+
+
+def test_key_checks_are_bounded_per_user_and_answer_429_with_retry_after(client, upstream, provider, settings):
+    """Each key added, replaced or checked again asks the provider with it: bounded per user, so that the hub is
+    no free way to test keys found elsewhere. Listing is not counted, and another user has a count of their own."""
+    from django.core.cache import cache
+
+    cache.clear()
+    settings.LLMHUB_PROVIDER_KEY_CHECKS_RATE = "3/hour"
+    first, second, third, bobs = (new_key() for _ in range(4))
+    accept_keys(upstream, first, second, third, bobs)
+
+    def add(client: APIClient, key: str):
+        return client.post("/api/provider-keys/", {"provider": provider.name, "api_key": key}, format="json")
+
+    added = add(client, first)
+    assert added.status_code == 201, added.content
+    assert all(client.get("/api/provider-keys/").status_code == 200 for _ in range(5))  # not counted
+    assert client.post(f"/api/provider-keys/{added.json()['id']}/validate/").status_code == 200
+    assert add(client, second).status_code == 200  # replaced: the third check
+    checks = len([r for r in upstream.requests if r["path"] == "/v1/models"])
+
+    refused = add(client, third)
+
+    error = error_of(refused, 429)
+    assert error["type"] == "rate_limit_error"
+    assert 0 < int(refused["Retry-After"]) <= 3600
+    assert third not in refused.content.decode()
+    assert len([r for r in upstream.requests if r["path"] == "/v1/models"]) == checks  # the provider not asked
+    assert ProviderCredential.objects.get().api_key.reveal() == second
+    # Someone else is not held back by this user's checks.
+    bob = APIClient()
+    bob.force_login(UserFactory(username="bob"))
+    assert add(bob, bobs).status_code == 201
