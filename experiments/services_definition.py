@@ -99,6 +99,16 @@ def _variant_changes(variant: Variant, data: Mapping[str, Any], where: str, star
                 )
             changes[field] = [_text(old), _text(new)]
             setattr(variant, field, new)
+    if variant.deployment_id is not None and variant.target_model_id is not None:
+        # What the request left out stays: a new target model next to the deployment it had (or the reverse).
+        given = "target_model" if "target_model" in data else "deployment"
+        other = "deployment" if given == "target_model" else "target_model"
+        raise ValidationError(
+            {
+                f"{where}.{given}": f"{variant.name} would be served by a deployment and by another model: "
+                f"a variant has one or the other, so set {other} to null in the same change."
+            }
+        )
     return changes
 
 

@@ -377,6 +377,26 @@ def test_a_draft_may_be_retargeted_and_gain_variants_and_steps(client, operator,
     assert AllocationStep.objects.filter(experiment_id=created["id"]).count() == 1
 
 
+def test_retargeting_a_drafts_variant_to_a_model_while_it_keeps_its_deployment_is_a_400(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+    client.raise_request_exception = False
+    response = client.patch(
+        detail, {"variants": [{"name": "green", "target_model": "other-model"}]}, content_type="application/json"
+    )
+    assert response.status_code == 400, response.content[:200]
+    assert response.json()["error"]["param"] == "variants.0.target_model"
+    assert "deployment" in response.json()["error"]["message"]
+    green = Experiment.objects.get(pk=created["id"]).variants.get(name="green")
+    assert green.deployment.name == "green" and green.target_model_id is None
+    response = client.patch(
+        detail,
+        {"variants": [{"name": "control", "deployment": "green", "target_model": None}]},
+        content_type="application/json",
+    )
+    assert response.status_code == 200, response.json()
+
+
 def test_delete_only_a_draft_or_concluded_experiment(client, operator, model):
     created = create(client)
     detail = f"{URL}{created['id']}/"
