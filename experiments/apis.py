@@ -205,8 +205,9 @@ ExperimentStartApi = _transition_api(
     summary="Start or resume an experiment (staff)",
     description=(
         "It assigns from now on. 400 naming the problem when it has fewer than two variants, not exactly one "
-        "control, a variant its model cannot serve, allocations over 100 %, or another experiment already "
-        "runs on the model. A paused experiment resumes with every user in the variant they had."
+        "control, a variant its model cannot serve, an `ends_at` that has passed, allocations over 100 %, or "
+        "another experiment already runs on the model. A paused experiment resumes with every user in the "
+        "variant they had."
     ),
 )
 ExperimentPauseApi = _transition_api(

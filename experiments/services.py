@@ -142,6 +142,11 @@ def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str
                 problems[v.name] = f"Its target model {target} is not a chat model."
             elif not target.enabled:
                 problems[v.name] = f"Its target model {target} is disabled."
+    if experiment.ends_at is not None and experiment.ends_at <= timezone.now():
+        # Running past its end it would assign nobody, and the every-minute task would conclude it.
+        problems["ends_at"] = (
+            f"{experiment.name} ended at {experiment.ends_at.isoformat()}: move ends_at later or clear it."
+        )
     total = sum((v.allocation for v in variants), Decimal(0))
     if total > HUNDRED:
         problems["allocation"] = f"The variants' allocations add up to {total} %, more than 100 %."
@@ -152,10 +157,11 @@ def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str
 def experiment_start(*, experiment: Experiment, actor: Any = ...) -> Experiment:
     """Start a draft (or resume a paused) experiment: it assigns from now on. Checks that it has at least two
     variants and exactly one control, that deployment variants are deployments of the experiment's model
-    (enabled), that target models are other enabled chat models, that the allocations add up to at most
-    100 %, and that no other experiment runs on the model (one running experiment per model: a request is
-    in at most one). Builds the layout from the allocations (a resumed experiment keeps its users where they
-    were); sets ``starts_at`` to now when empty. Recorded as ``experiment.start``."""
+    (enabled), that target models are other enabled chat models, that its ``ends_at`` has not passed, that
+    the allocations add up to at most 100 %, and that no other experiment runs on the model (one running
+    experiment per model: a request is in at most one). Builds the layout from the allocations (a resumed
+    experiment keeps its users where they were); sets ``starts_at`` to now when empty. Recorded as
+    ``experiment.start``."""
     locked, variants = _locked(experiment)
     if locked.status == ExperimentStatus.RUNNING:
         raise ValidationError({"status": f"{locked.name} is already running."})

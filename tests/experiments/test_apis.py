@@ -274,6 +274,14 @@ def test_the_lifecycle_start_advance_pause_resume_conclude(client, operator, mod
     ]
 
 
+def test_starting_an_experiment_whose_end_has_passed_is_a_400(client, operator, model):
+    created = create(client, ends_at="2020-01-01T00:00:00Z")
+    response = post(client, f"{URL}{created['id']}/start/")
+    assert response.status_code == 400, response.json()
+    assert response.json()["error"]["param"] == "ends_at"
+    assert Experiment.objects.get(pk=created["id"]).status == ExperimentStatus.DRAFT
+
+
 def test_starting_a_second_experiment_on_a_model_is_a_400(client, operator, model):
     first = create(client)
     second = create(client, name="second")
