@@ -291,5 +291,14 @@ def experiment_promote_page(request: HttpRequest, pk: int) -> HttpResponse:
         text = " ".join(exc.messages) if isinstance(exc, ValidationError) else exc.message
         messages.error(request, f"{variant.name} was not promoted: {text}")
     else:
-        messages.success(request, f"{variant.name} promoted: it now serves 100 % of {experiment.model.name}'s traffic.")
+        experiment.refresh_from_db(fields=["status"])
+        share = f"100 % of {experiment.model.name}'s traffic"
+        if experiment.status == ExperimentStatus.PAUSED:  # a paused experiment assigns nobody
+            messages.success(
+                request,
+                f"{variant.name} promoted: it serves {share} once the experiment is resumed or concluded "
+                "(it is paused, so nobody is assigned now).",
+            )
+        else:
+            messages.success(request, f"{variant.name} promoted: it now serves {share}.")
     return redirect("experiment-results-page", pk=experiment.pk)

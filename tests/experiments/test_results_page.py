@@ -19,7 +19,7 @@ from django.utils.html import escape
 from accounts.roles import Role, role_set
 from audit.models import AuditEvent
 from billing.models import UsageStatus
-from experiments.models import Feedback, FeedbackMetric, Metric
+from experiments.models import ExperimentStatus, Feedback, FeedbackMetric, Metric
 from experiments.results import experiment_results
 from experiments.views import charts_data, difference, figure, interval
 from tests.factories import UsageRecordFactory, UserFactory
@@ -330,6 +330,21 @@ def test_promote_from_the_page(seeded):
     assert event.actor_repr == "olga" and event.target_id == str(seeded.experiment.pk)
     # Another name than a variant's is a 404, and nothing changes.
     assert client.post(f"/experiments/{seeded.experiment.pk}/promote/", {"variant": "nope"}).status_code == 404
+
+
+def test_promoting_in_a_paused_experiment_says_it_serves_once_resumed_not_now(seeded):
+    seeded.experiment.status = ExperimentStatus.PAUSED
+    seeded.experiment.save()
+
+    response = operator_client().post(
+        f"/experiments/{seeded.experiment.pk}/promote/", {"variant": "treatment"}, follow=True
+    )
+
+    page = response.content.decode()
+    assert "it now serves" not in page  # a paused experiment assigns nobody
+    assert "treatment promoted: it serves 100 % of ab-model&#x27;s traffic once the experiment is resumed" in page
+    seeded.refresh()
+    assert seeded.experiment.promoted_variant == seeded.treatment
 
 
 def test_promote_needs_the_csrf_token(seeded):
