@@ -287,9 +287,37 @@ class ExperimentUpdateSerializer(ExperimentFieldsSerializer):
             raise serializers.ValidationError(f"An experiment named {value!r} exists already.")
         return value
 
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """A field PATCH does not change is a 400, not a 200 that silently kept the old value; the answer's
+        read-only fields may come back as they were (a client that PATCHes what it read)."""
+        experiment = self.instance
+        current = {
+            "model": experiment.model.name,
+            "status": experiment.status,
+            "promoted_variant": experiment.promoted_variant.name if experiment.promoted_variant_id else None,
+        }
+        how = {
+            "model": "an experiment's model is settled when it is created: create a new experiment on the other model.",
+            "status": "the status changes through POST /api/experiments/{id}/start/, pause/ and conclude/.",
+            "promoted_variant": 'a variant is promoted through POST /api/experiments/{id}/promote/ {"variant": …}.',
+        }
+        for name in self.initial_data if isinstance(self.initial_data, dict) else ():
+            if name in self.fields:
+                continue
+            if name in how:
+                if self.initial_data[name] != current[name]:
+                    raise serializers.ValidationError({name: f"PATCH does not change it: {how[name]}"})
+            elif name not in ExperimentOutputSerializer.READ_ONLY:
+                known = ", ".join(sorted(self.fields))
+                raise serializers.ValidationError({name: f"Unknown field {name!r}: PATCH changes {known}."})
+        return super().validate(attrs)
+
 
 @extend_schema_serializer(component_name="Experiment")
 class ExperimentOutputSerializer(serializers.Serializer):
+    # What an answer holds that no request sets.
+    READ_ONLY = frozenset({"id", "untouched", "results_url", "created_at", "updated_at"})
+
     id = serializers.IntegerField()
     name = serializers.CharField()
     description = serializers.CharField()

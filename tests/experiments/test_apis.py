@@ -405,6 +405,30 @@ def test_retargeting_a_drafts_variant_to_a_model_while_it_keeps_its_deployment_i
     assert response.status_code == 200, response.json()
 
 
+@pytest.mark.parametrize(
+    ("change", "param", "hint"),
+    [
+        ({"model": "other-model"}, "model", "new experiment"),
+        ({"status": "running"}, "status", "/start/"),
+        ({"promoted_variant": "green"}, "promoted_variant", "/promote/"),
+        ({"descripton": "typo"}, "descripton", "description"),
+    ],
+)
+def test_a_field_patch_cannot_change_is_a_400_not_silently_ignored(client, operator, model, change, param, hint):
+    created = create(client)
+
+    response = client.patch(f"{URL}{created['id']}/", change, content_type="application/json")
+
+    assert response.status_code == 400, response.json()
+    assert response.json()["error"]["param"] == param
+    assert hint in response.json()["error"]["message"]
+    experiment = Experiment.objects.get(pk=created["id"])
+    assert experiment.model.name == "ab-model" and experiment.status == ExperimentStatus.DRAFT
+    # What a GET answered may be sent back as it was.
+    read = client.get(f"{URL}{created['id']}/").json()
+    assert client.patch(f"{URL}{created['id']}/", read, content_type="application/json").status_code == 200
+
+
 def test_delete_only_a_draft_or_concluded_experiment(client, operator, model):
     created = create(client)
     detail = f"{URL}{created['id']}/"
