@@ -17,7 +17,8 @@ named by its ``experiment_variant_id``; ``experiments.models.Feedback`` rows are
 - ``cost``: the request's price (``user_key_cost`` on a user's own key, else ``cost``) over every row
   but ``rejected`` ones; ``cost_per_positive``: the total price of those rows over the number of
   positive answers.
-- ``positive_rate``: thumbs feedback with ``value > 0`` over the rated requests; ``mean_score``: the mean
+- ``positive_rate``: thumbs feedback with ``value > 0`` over the rated requests (a ``rejected`` one's rating
+  left out: the variant never answered it); ``mean_score``: the mean
   of ``score`` feedback (a score sent without a name); named scores (``"metric": "helpfulness"``) are
   reported per variant under ``scores``, with an interval but no verdict.
 
@@ -401,6 +402,8 @@ def _feedback_aggregates(experiment_id: int) -> _Feedback:
     value = F("value")
     grouped = (
         Feedback.objects.filter(usage__experiment_id=experiment_id)
+        # A refused request got no answer from its variant: its rating is no verdict on it (as for errors).
+        .exclude(usage__status__in=UNSERVED_STATUSES)
         .values("usage__experiment_variant_id", "metric", day=TruncDate("usage__created_at", tzinfo=dt.UTC))
         .annotate(
             n=Count("id"),

@@ -407,3 +407,22 @@ def test_feedback_on_another_experiments_request_or_on_no_row_counts_nowhere():
     assert positive["v1"]["n"] == 0
     assert results["series"]["variants"][0]["rated"] == [1]
     assert results["series"]["variants"][1]["rated"] == [0]
+
+
+def test_ratings_of_rejected_requests_are_no_verdict_on_the_variant():
+    # A request the gateway refused (budget, rate limit, moderation) got no answer from the variant: like the
+    # error rate, the feedback figures leave it out.
+    experiment, (control, treatment) = make_experiment()
+    rated_rows(experiment, control, n=10, positives=5)
+    rated_rows(experiment, treatment, n=10, positives=5)
+    rejected = [row(experiment, treatment, status=UsageStatus.REJECTED, cost=Decimal(0)) for _ in range(10)]
+    UsageRecord.objects.bulk_create(rejected)
+    Feedback.objects.bulk_create(Feedback(request_id=r.request_id, metric="thumbs", value=-1) for r in rejected)
+    Feedback.objects.bulk_create(Feedback(request_id=r.request_id, metric="score", value=0) for r in rejected)
+
+    results = experiment_results(experiment, now=NOW)
+
+    figures = results["variants"][1]["metrics"]
+    assert figures["positive_rate"]["n"] == 10 and figures["positive_rate"]["value"] == pytest.approx(0.5)
+    assert figures["mean_score"]["n"] == 0
+    assert results["variants"][1]["requests"] == 20
