@@ -2,16 +2,21 @@
 Jinja2 template run in one sandbox, and a brand profile carried into the system message.
 
 The sandbox (``jinja2.sandbox``) refuses attribute access to internals (``{{ ''.__class__ }}``), and this one
-is immutable (a template cannot ``append`` to a list it was given) and caps ``*`` and ``**``, so a typo in a
-template cannot fill the process's memory. The context holds only the caller's variables and plain dicts
-(never a model instance, whose methods a template could call), so an error message has nothing secret to
-quote. Every failure is an ``ApplicationError`` 400, never a 500."""
+is immutable (a template cannot ``append`` to a list it was given) and bounds every way a short template
+can build a huge string (``_PromptSandbox``): ``*`` and ``**``, the widths and precisions of ``%`` and
+``str.format`` (and the ``format`` filter), ``center``/``ljust``/``rjust``/``zfill``/``expandtabs``,
+``replace``, the ``center`` and ``indent`` filters and ``lipsum``. So neither a typo in a template nor a
+caller's variable that a template passes on as a width can fill the process's memory. The context holds
+only the caller's variables and plain dicts (never a model instance, whose methods a template could call), so
+an error message has nothing secret to quote. Every failure is an ``ApplicationError`` 400, never a 500."""
 
 from __future__ import annotations
 
 import copy
 import json
 import operator
+import re
+import string
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -32,10 +37,77 @@ RESERVED_NAMES = frozenset({"brand", "output_schema", "field_limits"})
 MAX_PRODUCT = 100_000
 
 
+# Widths and precisions in a format string (``%`` and ``str.format``): a number, or a ``*`` that takes one
+# from the arguments (refused: its value is not in the template's text).
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_NUMBERS = re.compile(r"\d+")
+# String methods whose integer arguments are the length of what they build.
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_LIPSUM_MAX_PARAGRAPHS = 20
+_LIPSUM_MAX_WORDS = 200
+
+
+def _width_check(value: Any, what: str) -> None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_PRODUCT:
+        raise SecurityError(f"{what} wider than {MAX_PRODUCT} characters")
+
+
+def _percent_check(template: Any) -> None:
+    """The widths and precisions of an old-style format string, before ``%`` builds it."""
+    if not isinstance(template, str):
+        return
+    for width, precision in _PERCENT_SPEC.findall(template):
+        for number in (width, precision):
+            if number == "*":
+                raise SecurityError("a width or precision taken from the arguments ('*') in a format string")
+            if number:
+                _width_check(int(number), "a format string's field")
+
+
+def _format_check(template: str) -> None:
+    """The format specs of a new-style format string (``str.format``), before it is built."""
+    for _, _, spec, _ in string.Formatter().parse(template):
+        if not spec:
+            continue
+        if "{" in spec:
+            raise SecurityError("a format spec taken from the arguments ('{:{width}}') in a format string")
+        for number in _NUMBERS.findall(spec):
+            _width_check(int(number), "a format string's field")
+
+
 class _PromptSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        center, indent, format_filter = (self.filters[name] for name in ("center", "indent", "format"))
+
+        def bounded_center(value: Any, width: int = 80) -> str:
+            _width_check(width, "center")
+            return center(value, width)
+
+        def bounded_indent(value: Any, width: Any = 4, *args: Any, **kwargs: Any) -> str:
+            _width_check(width, "indent")
+            return indent(value, width, *args, **kwargs)
+
+        def bounded_format(value: Any, *args: Any, **kwargs: Any) -> str:
+            _percent_check(str(value))
+            return format_filter(value, *args, **kwargs)
+
+        self.filters.update(center=bounded_center, indent=bounded_indent, format=bounded_format)
+        lipsum = self.globals["lipsum"]
+
+        def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
+            if n > _LIPSUM_MAX_PARAGRAPHS or max > _LIPSUM_MAX_WORDS:
+                raise SecurityError(f"lipsum beyond {_LIPSUM_MAX_PARAGRAPHS} paragraphs of {_LIPSUM_MAX_WORDS} words")
+            return lipsum(n=n, html=html, min=min, max=max)
+
+        self.globals["lipsum"] = bounded_lipsum
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "%":
+            _percent_check(left)
+            return operator.mod(left, right)
         if operator_name == "**":
             if isinstance(right, int | float) and abs(right) > 100:
                 raise SecurityError("the exponent is too large for a prompt template")
@@ -46,6 +118,36 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
             if isinstance(times, int) and len(base) * times > MAX_PRODUCT:
                 raise SecurityError(f"a repeated string or list longer than {MAX_PRODUCT} items")
         return operator.mul(left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            name = getattr(__obj, "__name__", "")
+            if name in _WIDTH_METHODS:
+                for value in (*args, *kwargs.values()):
+                    _width_check(value, name)
+            elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+                old, new = args[0], args[1]
+                count = args[2] if len(args) > 2 and isinstance(args[2], int) else -1
+                found = owner.count(old) if old else len(owner) + 1
+                if count >= 0:
+                    found = min(found, count)
+                if len(owner) + found * max(0, len(new) - len(old)) > MAX_PRODUCT:
+                    raise SecurityError(f"a replace building a string longer than {MAX_PRODUCT} characters")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        """``str.format`` and ``format_map`` as Jinja's sandbox wraps them, their specs checked first."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        template = value.__self__
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _format_check(str(template))
+            return wrapped(*args, **kwargs)
+
+        return checked
 
 
 # Autoescape off: the output is a chat message, not HTML. StrictUndefined: a misspelt name is an error, not

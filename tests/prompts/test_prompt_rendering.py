@@ -156,6 +156,26 @@ def test_without_a_brand_the_messages_are_only_the_template():
         "{{ cycler.__init__.__globals__.os }}",
         "{{ tags.append('x') }}",
         "{{ 'a' * 100000000 }}",
+        # Every other way a short template builds a huge string (100-200 MB each before they were bounded).
+        "{{ 'a'|center(200000000) }}",
+        "{{ 'a'|indent(200000000) }}",
+        "{{ '%200000000s' % 'a' }}",
+        "{{ '%.200000000f' % 1 }}",
+        "{{ '%*s' % (200000000, 'a') }}",
+        "{{ '%200000000s'|format('a') }}",
+        "{{ '{:>200000000}'.format('a') }}",
+        "{{ '{:{w}}'.format('a', w=200000000) }}",
+        "{{ '{0:>200000000}'.format_map({}) }}",
+        "{{ 'a'.ljust(200000000) }}",
+        "{{ 'a'.rjust(200000000) }}",
+        "{{ 'a'.center(200000000) }}",
+        "{{ 'a'.zfill(200000000) }}",
+        "{{ '\t'.expandtabs(200000000) }}",
+        "{{ ('a' * 100000).replace('a', 'b' * 100000) }}",
+        "{{ ('a' * 100000).replace('', 'bb') }}",
+        "{{ lipsum(20000) }}",
+        # A caller's variable passed on as a width.
+        "{{ 'a'|center(topic|int) }}",
     ],
 )
 def test_the_sandbox_refuses_internals_with_a_400(source):
@@ -163,9 +183,27 @@ def test_the_sandbox_refuses_internals_with_a_400(source):
         [{"role": "user", "content": source}], [{"name": "topic", "type": "string"}, {"name": "tags", "type": "array"}]
     )
     with pytest.raises(PromptTemplateError) as caught:
-        render_messages(v, {"topic": "x", "tags": []}, None)
+        render_messages(v, {"topic": "200000000", "tags": []}, None)
     assert isinstance(caught.value, ApplicationError)
     assert caught.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("source", "rendered"),
+    [
+        ("{{ '%5.2f' % 3.14159 }}", " 3.14"),
+        ("{{ '%(n)03d' % {'n': 7} }}", "007"),
+        ("{{ '%s and %s'|format('a', 'b') }}", "a and b"),
+        ("{{ '{:>6}|{:,.1f}'.format('ab', 1234.5) }}", "    ab|1,234.5"),
+        ("{{ 'ab'|center(6) }}|{{ 'x'.ljust(3) }}|{{ '7'.zfill(3) }}", "  ab  |x  |007"),
+        ("{{ 'a b'|replace(' ', '-') }}", "a-b"),
+        ("{{ 'line\nnext'|indent(2) }}", "line\n  next"),
+        ("{{ lipsum(2, html=False)|wordcount > 20 }}", "True"),
+    ],
+)
+def test_the_sandbox_still_formats_within_its_bounds(source, rendered):
+    v = version([{"role": "user", "content": source}])
+    assert render_messages(v, {}, None)[0]["content"] == rendered
 
 
 @pytest.mark.parametrize(
