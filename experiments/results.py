@@ -15,8 +15,9 @@ named by its ``experiment_variant_id``; ``experiments.models.Feedback`` rows are
   process stopped or died).
 - ``latency_ms`` (``duration_ms``) and ``ttft_ms`` (time to first token, streams only): ``ok`` rows.
 - ``cost``: the request's price (``user_key_cost`` on a user's own key, else ``cost``) over every row
-  but ``rejected`` ones; ``cost_per_positive``: the total price of those rows over the number of
-  positive answers.
+  but ``rejected`` ones; ``cost_per_positive``: that mean price over the positive rate (``_cost_per_positive``:
+  the total price over the positive answers when every request is rated, without counting unrated ones as
+  negative when not).
 - ``positive_rate``: thumbs feedback with ``value > 0`` over the rated requests (a ``rejected`` one's rating
   left out: the variant never answered it); ``mean_score``: the mean
   of ``score`` feedback (a score sent without a name); named scores (``"metric": "helpfulness"``) are
