@@ -1,4 +1,4 @@
-"""Text that no column can hold and no wire can carry.
+"""Text that no column can hold and no wire can carry, and a client's text as an error message repeats it.
 
 A Python ``str`` decoded from JSON can hold a lone UTF-16 surrogate (U+D800–U+DFFF, from a ``\\ud800``
 escape), which UTF-8 cannot encode: PostgreSQL refuses it, and so does any upstream. Every entry point asks
@@ -19,3 +19,10 @@ def has_lone_surrogate(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def text_quoted(value: object, limit: int = 80) -> str:
+    """A client's value as an error message repeats it: at most ``limit`` characters, the rest elided, so that
+    a 100,000-character name does not come back 100,000 characters long."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -9,6 +9,7 @@ from django.db.models import QuerySet
 
 from core.cache import TTLCache
 from core.exceptions import ApplicationError
+from core.text import text_quoted
 
 from .exceptions import BrandNotFoundError, PromptNotFoundError
 from .models import BrandProfile, PromptLabel, PromptTemplate, PromptVersion
@@ -64,11 +65,12 @@ def _checked_args(slug: object, version: object, label: object) -> tuple[str, in
 
 
 def _not_found(slug: str, version: int | None, label: str | None) -> PromptNotFoundError:
+    named = f"The prompt template `{text_quoted(slug)}`"
     if version is not None:
-        return PromptNotFoundError(f"The prompt template `{slug}` has no version {version}.", param="prompt.version")
+        return PromptNotFoundError(f"{named} has no version {version}.", param="prompt.version")
     if label is not None:
-        return PromptNotFoundError(f"The prompt template `{slug}` has no label `{label}`.", param="prompt.label")
-    return PromptNotFoundError(f"The prompt template `{slug}` does not exist or has no version yet.")
+        return PromptNotFoundError(f"{named} has no label `{text_quoted(label)}`.", param="prompt.label")
+    return PromptNotFoundError(f"{named} does not exist or has no version yet.")
 
 
 async def prompt_version_get(slug: str, *, version: int | None = None, label: str | None = None) -> PromptVersion:
@@ -108,12 +110,12 @@ async def brand_get(slug: str) -> BrandProfile:
         raise ApplicationError("Name a brand by its slug.", param="brand")
     found = await brand_cache.get_or_load(slug, lambda: BrandProfile.objects.filter(slug=slug).afirst())
     if found is None:
-        raise BrandNotFoundError(f"The brand `{slug}` does not exist.")
+        raise BrandNotFoundError(f"The brand `{text_quoted(slug)}` does not exist.")
     return found
 
 
 def brand_get_sync(slug: str) -> BrandProfile:
     found = BrandProfile.objects.filter(slug=slug).first() if isinstance(slug, str) and slug else None
     if found is None:
-        raise BrandNotFoundError(f"The brand `{slug}` does not exist.")
+        raise BrandNotFoundError(f"The brand `{text_quoted(slug)}` does not exist.")
     return found

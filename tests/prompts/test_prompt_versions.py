@@ -121,6 +121,17 @@ def test_an_unknown_template_version_or_label_is_a_404(template, slug, kwargs, p
     assert (caught.value.status_code, caught.value.param) == (404, param)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"label": "x" * 100_000}])
+def test_an_unknown_name_comes_back_in_the_404_cut_short(template, kwargs):
+    make(template)
+    with pytest.raises(PromptNotFoundError) as caught:
+        async_to_sync(prompt_version_get)("s" * 100_000 if not kwargs else "post", **kwargs)
+    assert caught.value.status_code == 404 and len(caught.value.message) < 200
+    with pytest.raises(BrandNotFoundError) as brand:
+        async_to_sync(brand_get)("b" * 100_000)
+    assert len(brand.value.message) < 200
+
+
 def test_brands_are_found_by_slug_and_an_unknown_one_is_a_404():
     BrandProfile.objects.create(name="Acme", slug="acme", tone="warm")
     assert async_to_sync(brand_get)("acme").tone == "warm"
