@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 from django.db.models import Prefetch
@@ -159,8 +160,11 @@ class ExperimentDetailApi(APIView):
         if variants is not None:
             variants = variants_resolve(experiment.model, variants)
         if steps is not None:
-            names = [v.name for v in experiment.variants.all()] + [v.get("name") for v in variants or []]
-            steps_check(steps, names)
+            start = {v.name: v.allocation for v in experiment.variants.all()}
+            start.update({v["name"]: v["allocation"] for v in variants or [] if v.get("allocation") is not None})
+            for v in variants or []:
+                start.setdefault(v.get("name"), Decimal(0))
+            steps_check(steps, start)
         experiment = experiment_update(
             experiment=experiment, fields=data, variants=variants, steps=steps, actor=request.user
         )

@@ -252,22 +252,34 @@ class ExperimentCreateSerializer(ExperimentFieldsSerializer):
             )
         _allocation_total_check({v["name"]: v["allocation"] for v in variants}, "variants")
         attrs["variants"] = variants_resolve(attrs["model"], variants)
-        steps_check(attrs.get("steps") or [], names)
+        steps_check(attrs.get("steps") or [], {v["name"]: v["allocation"] for v in variants})
         return attrs
 
 
-def steps_check(steps: list[dict[str, Any]], names: list[str], field: str = "steps") -> None:
-    """Each step names only known variants; its allocations (with the others at their previous step's, or
-    as created) stay within 100 % is for ``experiment_allocation_set`` to refuse when it applies."""
+def steps_check(steps: list[dict[str, Any]], start: dict[str, Decimal], field: str = "steps") -> None:
+    """Each step names only known variants (``start``'s: every variant with its allocation before the first
+    step), and stays within 100 % once applied in order: a step sets the variants it names and leaves the
+    others at the previous step's (or ``start``'s) allocation. Refused when saved rather than when it comes
+    to apply (a timed step would fail unseen, an advance with a 400 days later). An admin's edit of a running
+    experiment's allocations in between is still checked when the step applies (``experiment_allocation_set``)."""
+    current = dict(start)
     for index, step in enumerate(steps):
-        unknown = sorted(set(step["allocations"]) - set(names))
+        where = f"{field}.{index}.allocations"
+        unknown = sorted(set(step["allocations"]) - set(start))
         if unknown:
-            raise serializers.ValidationError(
-                {f"{field}.{index}.allocations": f"No variant named {', '.join(unknown)}."}
-            )
+            raise serializers.ValidationError({where: f"No variant named {', '.join(unknown)}."})
         if not step["allocations"]:
-            raise serializers.ValidationError({f"{field}.{index}.allocations": "A step sets at least one variant."})
-        _allocation_total_check(step["allocations"], f"{field}.{index}.allocations")
+            raise serializers.ValidationError({where: "A step sets at least one variant."})
+        _allocation_total_check(step["allocations"], where)
+        current.update(step["allocations"])
+        total = sum(current.values(), Decimal(0))
+        if total > HUNDRED:
+            raise serializers.ValidationError(
+                {
+                    where: f"With the variants this step leaves as they were, the allocations would add up to "
+                    f"{total} %, more than 100 %."
+                }
+            )
 
 
 class ExperimentUpdateSerializer(ExperimentFieldsSerializer):

@@ -218,6 +218,9 @@ def test_create_makes_a_draft_with_its_variants_steps_and_layout(client, operato
         ),
         ({"steps": [{"allocations": {"purple": "5"}}]}, "steps.0.allocations"),
         ({"steps": [{"allocations": {"green": "101"}}]}, "steps.0.allocations.green"),
+        # Each step within 100 % alone, not with the control left at its 10 %: refused when saved, not weeks
+        # later when the step comes to apply.
+        ({"steps": [{"allocations": {"green": "50"}}, {"allocations": {"green": "95"}}]}, "steps.1.allocations"),
     ],
 )
 def test_an_invalid_experiment_is_a_400_naming_the_field(client, operator, model, overrides, param):
@@ -383,6 +386,29 @@ def test_a_draft_may_be_retargeted_and_gain_variants_and_steps(client, operator,
     assert variants["third"]["allocation"] == "5.00" and variants["third"]["deployment"] == "green"
     assert [s["allocations"] for s in response.json()["steps"]] == [{"third": "15.00"}]
     assert AllocationStep.objects.filter(experiment_id=created["id"]).count() == 1
+
+
+def test_steps_a_patch_sets_are_checked_against_the_allocations_they_start_from(client, operator, model):
+    created = create(client)
+    detail = f"{URL}{created['id']}/"
+    # control 10 % + green 10 %, and a new variant at 5 %: a step taking green to 90 % would make 105 %.
+    response = client.patch(
+        detail,
+        {
+            "variants": [{"name": "third", "deployment": "green", "allocation": "5"}],
+            "steps": [{"allocations": {"green": "90"}}],
+        },
+        content_type="application/json",
+    )
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert error["param"] == "steps.0.allocations" and "105" in error["message"]
+    assert not Experiment.objects.get(pk=created["id"]).variants.filter(name="third").exists()
+    # The same step with the control taken down in it fits.
+    fitting = client.patch(
+        detail, {"steps": [{"allocations": {"green": "85", "control": "5"}}]}, content_type="application/json"
+    )
+    assert fitting.status_code == 200, fitting.json()
 
 
 def test_retargeting_a_drafts_variant_to_a_model_while_it_keeps_its_deployment_is_a_400(client, operator, model):
