@@ -23,6 +23,7 @@ class DateOrDateTimeField(serializers.Field):
 
     default_error_messages = {
         "invalid": "Give an ISO 8601 date (2025-01-31) or date-time (2025-01-31T12:00:00Z).",
+        "out_of_range": "This date-time is out of range once in UTC: give one between 0001-01-02 and 9999-12-30.",
     }
 
     def to_internal_value(self, data: Any) -> date | datetime:
@@ -35,8 +36,15 @@ class DateOrDateTimeField(serializers.Field):
             self.fail("invalid")
         if parsed is None:
             self.fail("invalid")
-        if isinstance(parsed, datetime) and timezone.is_naive(parsed):
-            parsed = timezone.make_aware(parsed, UTC)
+        if isinstance(parsed, datetime):
+            if timezone.is_naive(parsed):
+                parsed = timezone.make_aware(parsed, UTC)
+            try:
+                # The database compares in UTC: an offset that takes the instant past year 1 or 9999 would
+                # overflow there, as a 500.
+                parsed.astimezone(UTC)
+            except OverflowError:
+                self.fail("out_of_range")
         return parsed
 
     def to_representation(self, value: date | datetime) -> str:

@@ -213,6 +213,10 @@ def test_filter_by_key_id_or_prefix(client, ledger):
         ({"key": "sk llmhub!"}, "key"),
         ({"key": "9" * 40}, "key"),
         ({"model": "m" * 129}, "model"),
+        # Written in range, but not as an instant in UTC (the database's): a 500 before.
+        ({"start": "0001-01-01T00:00:00+14:00"}, "start"),
+        ({"end": "0001-01-01T05:00:00+06:00"}, "end"),
+        ({"start": "9999-12-31T23:00:00-14:00"}, "start"),
     ],
 )
 @pytest.mark.parametrize("path", ["/api/usage/", "/api/usage/summary/"])
