@@ -112,9 +112,17 @@ def ratelimit_headers(states: Sequence[RateState]) -> dict[str, str]:
 def rate_limit_error(
     spec: RateSpec, *, dimension: str, limit: int, used: int, requested: int, retry_after_ms: int
 ) -> RateLimitExceededError:
-    """``retry_after_ms`` < 0: the request alone is more than the limit and can never be admitted."""
+    """``retry_after_ms`` < 0: the request alone is more than the limit and can never be admitted. A refusal
+    that no wait can lift (that, or a limit of 0) carries no ``Retry-After``, as an exhausted budget's does:
+    the SDKs would otherwise wait a minute before each of their retries of it."""
     name = "requests" if dimension == "requests" else "tokens"
-    if retry_after_ms < 0:
+    retry_after: int | None = None
+    if limit <= 0:
+        owner = "the key's owner or an administrator" if spec.scope_kind == ScopeKind.KEY else "an administrator"
+        where = spec.where[0].upper() + spec.where[1:]
+        message = f"{where} admits no {name}: its limit is 0 {name} per minute. Ask {owner} to raise it."
+        retry_ms = WINDOW_MS
+    elif retry_after_ms < 0:
         message = (
             f"Request too large for {spec.where}: it may use {requested:,} tokens (prompt plus max_tokens) and the "
             f"limit is {limit:,} tokens per minute. Lower max_tokens or shorten the messages."
@@ -125,12 +133,13 @@ def rate_limit_error(
         # entry stamped a moment after its own `now` (another process admitted later but ran the script
         # first): the wait then computes a few milliseconds past the window, which it can never be.
         retry_ms = min(retry_after_ms, WINDOW_MS)
+        retry_after = math.ceil(retry_ms / 1000)
         message = (
             f"Rate limit reached for {name} per minute on {spec.where}: limit {limit:,}, used {used:,}, "
             f"requested {requested:,}. Please try again in {format_reset(retry_ms)}."
         )
     headers = _headers_for(name, WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms))
-    return RateLimitExceededError(message, retry_after=math.ceil(retry_ms / 1000), headers=headers)
+    return RateLimitExceededError(message, retry_after=retry_after, headers=headers)
 
 
 @dataclass

@@ -127,6 +127,7 @@ async def test_a_request_larger_than_the_token_limit_can_never_pass(store, accou
     with pytest.raises(RateLimitExceededError) as refused:
         await acquire(account, "big", prompt_upper=30, max_tokens=500)
     assert refused.value.message.startswith("Request too large for this API key")
+    assert refused.value.retry_after is None  # no wait lets it through: no Retry-After, as for a spent budget
 
 
 async def test_the_tighter_of_user_and_key_limits_is_reported(store, account, plans):
@@ -213,3 +214,17 @@ def test_retry_after_never_exceeds_the_window():
     assert error.retry_after == 60
     assert error.extra["headers"]["x-ratelimit-reset-requests"] == "1m0s"
     assert error.message.endswith("Please try again in 1m0s.")
+
+
+@pytest.mark.parametrize("limit", ["rpm", "tpm"])
+async def test_a_limit_of_zero_says_no_request_passes_rather_than_when_to_try_again(store, account, limit):
+    """A limit of 0 admits nothing, ever: "try again in 1m0s" or "lower max_tokens" would be a wait or a change
+    that cannot help."""
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, **{limit: 0})
+    with pytest.raises(RateLimitExceededError) as refused:
+        await acquire(account, "blocked", max_tokens=1)
+    message = refused.value.message
+    dimension = "requests" if limit == "rpm" else "tokens"
+    assert message.startswith(f"This API key admits no {dimension}: its limit is 0 {dimension} per minute."), message
+    assert "try again" not in message and "Lower max_tokens" not in message
+    assert refused.value.retry_after is None  # no Retry-After: the SDK would wait a minute before each retry
