@@ -173,11 +173,15 @@ class Charge:
 
 
 def requested_max_tokens(body: Mapping[str, object]) -> int | None:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    """The client's output limit; of ``max_completion_tokens`` and ``max_tokens`` both given, the larger: which
+    one a deployment honours is its own (a parameter rule may rename one onto the other, a provider may know only
+    ``max_tokens``), so the reservation must pay for either."""
+    values = [
+        value
+        for value in (body.get("max_completion_tokens"), body.get("max_tokens"))
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    ]
+    return max(values) if values else None
 
 
 def charge_for(
