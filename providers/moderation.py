@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import re._constants as sre_constants  # the parsed form of a pattern: what ``blocklist_problems`` inspects
+import re._parser as sre_parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,7 +43,6 @@ PATTERN_OVERLAP_CHARS = 256
 # is far larger, but the cost of a check grows with it).
 OPENAI_INPUT_CHARS = 32_000
 
-_QUANTIFIED_GROUP = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*]|\{\d*,\})(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
 _ADJACENT_UNBOUNDED = re.compile(r"(?:\.|\\[wWsSdD]|\[[^\]]*\])[+*]\??(?:\.|\\[wWsSdD]|\[[^\]]*\])[+*]")
 _BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
 
@@ -149,14 +150,99 @@ def blocklist_problems(text: str) -> list[str]:
             continue
         if compiled.match(""):
             problems.append(f"Line {line}: the pattern matches empty text, so it would match everything.")
-        elif _QUANTIFIED_GROUP.search(value) or _ADJACENT_UNBOUNDED.search(value):
-            problems.append(
-                f"Line {line}: nested or adjacent unbounded repetition (like (a+)+ or .*.*) can take exponential "
-                "time on some texts; rewrite it without."
-            )
         elif _BACKREFERENCE.search(value):
             problems.append(f"Line {line}: back-references are not allowed (they can take exponential time).")
+        elif problem := _backtracking_problem(value):
+            problems.append(f"Line {line}: {problem}")
     return problems
+
+
+_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
+
+
+def _backtracking_problem(value: str) -> str | None:
+    """Why the (compiling) pattern ``value`` could backtrack for a very long time, or None. Read from its
+    parsed form, so that an extra group or a factored alternation does not hide a repetition:
+
+    - a repetition inside a repetition, either unbounded (``(a+)+``, ``((a+))+``, ``(x(?:a+)y?)*``);
+    - an unbounded repetition of an alternation (``(a|aa)+``: the alternatives can split a text many ways);
+    - adjacent unbounded repetitions (``.*.*``), or more than one unbounded repetition of anything but
+      whitespace (``a.*b.*c``: polynomial, minutes on a few thousand characters)."""
+    if _ADJACENT_UNBOUNDED.search(value):
+        return _NESTED
+    unbounded = 0
+
+    def walk(items: Any, inside_repeat: bool, inside_unbounded: bool) -> str | None:
+        nonlocal unbounded
+        for op, av in items:
+            if op in _REPEATS:
+                _low, high, body = av
+                is_unbounded = high == sre_constants.MAXREPEAT
+                repeats = high > 1
+                if repeats and (inside_unbounded or (inside_repeat and is_unbounded)):
+                    return _NESTED
+                if is_unbounded:
+                    if _has_branch(body):
+                        return (
+                            "an unbounded repeated alternation (like (a|aa)+) can take exponential time on some "
+                            "texts; rewrite it without."
+                        )
+                    if not _is_whitespace(body):
+                        unbounded += 1
+                found = walk(body, inside_repeat or repeats, inside_unbounded or (repeats and is_unbounded))
+            else:
+                found = None
+                for child in _children(op, av):
+                    found = found or walk(child, inside_repeat, inside_unbounded)
+            if found:
+                return found
+        return None
+
+    found = walk(sre_parse.parse(value), False, False)
+    if found:
+        return found
+    if unbounded > 1:
+        return (
+            "more than one unbounded repetition (like a.*b.*c) can take polynomial time on a long text; keep one, "
+            "or bound the others (.{0,40})."
+        )
+    return None
+
+
+_NESTED = (
+    "nested or adjacent unbounded repetition (like (a+)+ or .*.*) can take exponential time on some texts; "
+    "rewrite it without."
+)
+
+
+def _children(op: Any, av: Any) -> list[Any]:
+    """The sub-patterns under one parsed node (groups, alternatives, look-arounds, conditionals)."""
+    if op is sre_constants.SUBPATTERN:
+        return [av[3]]
+    if op is sre_constants.BRANCH:
+        return list(av[1])
+    if op is sre_constants.ATOMIC_GROUP:
+        return [av]
+    if op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+        return [av[1]]
+    if op is sre_constants.GROUPREF_EXISTS:
+        return [branch for branch in av[1:] if branch is not None]
+    return []
+
+
+def _has_branch(items: Any) -> bool:
+    for op, av in items:
+        if op is sre_constants.BRANCH:
+            return True
+        children = [av[2]] if op in _REPEATS else _children(op, av)
+        if any(_has_branch(child) for child in children):
+            return True
+    return False
+
+
+def _is_whitespace(items: Any) -> bool:
+    """``\\s`` alone: it cannot overlap the words around it, so ``credit\\s+card\\s+number`` stays linear."""
+    return list(items) == [(sre_constants.IN, [(sre_constants.CATEGORY, sre_constants.CATEGORY_SPACE)])]
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,14 @@ def test_a_stream_scan_waits_for_the_next_piece_before_counting_a_word_at_the_ve
         ("re:(a+)+$", "nested or adjacent"),
         ("re:(\\w*)*x", "nested or adjacent"),
         ("re:.*.*=", "nested or adjacent"),
+        # Exponential behind an extra group or in an alternation, polynomial with two broad repetitions:
+        # each of these took seconds to minutes on a few dozen (or thousand) characters.
+        ("re:((a+))+b", "nested or adjacent"),
+        ("re:(?:x(?:a+)y?)*b", "nested or adjacent"),
+        ("re:(a|aa)+b", "repeated alternation"),
+        ("re:(a|a)+b", "repeated alternation"),
+        ("re:a.*b.*c", "more than one unbounded repetition"),
+        ("re:x\\w+y[^z]*z", "more than one unbounded repetition"),
         ("re:(x|y", "not a regular expression"),
         ("re:(a)\\1", "back-references"),
         ("re:a*", "matches empty text"),
@@ -59,6 +67,7 @@ def test_patterns_that_could_backtrack_for_ever_or_do_not_compile_are_refused(en
 
 def test_sound_patterns_are_accepted():
     assert blocklist_problems("word\nre:\\bcredit\\s+card\\b\nre:\\d{3,4}-\\d+\nre:(?:foo|bar)baz") == []
+    assert blocklist_problems("re:foo\\s+bar\\s+baz\nre:(?:ab)+c\nre:(?:cat|dog)s?\nre:[a-z]{2,40}@x") == []
 
 
 # THE REPLY GUARD
