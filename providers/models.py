@@ -241,6 +241,16 @@ class CatalogModel(models.Model):
                 raise ValidationError({"alias_of": "A model cannot be an alias of itself."})
             if self.alias_of is not None and self.alias_of.alias_of_id is not None:
                 raise ValidationError({"alias_of": "Point the alias at a model, not at another alias."})
+            if self.pk is not None:
+                # Its own aliases would become aliases of an alias, which nothing serves.
+                names = list(CatalogModel.objects.filter(alias_of=self.pk).values_list("name", flat=True)[:5])
+                if names:
+                    raise ValidationError(
+                        {
+                            "alias_of": f"Other aliases name this model ({', '.join(names)}): point them at "
+                            "another model first, or they would be aliases of an alias, which nothing serves."
+                        }
+                    )
         for field in ("fallbacks", "context_window_fallbacks"):
             value = getattr(self, field)
             if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):

@@ -513,3 +513,24 @@ def test_a_deployment_row_can_be_deleted_from_the_change_page(admin_client):
 
     assert response.status_code == 302, response.content.decode()[:3000]
     assert list(model.deployments.values_list("pk", flat=True)) == [first.pk]
+
+
+def test_a_model_that_aliases_name_cannot_become_an_alias_itself(admin_client):
+    """Else its aliases would be aliases of an alias: no longer served (404) and gone from /v1/models."""
+    target = ModelFactory(name="gpt-4o")
+    model = ModelFactory(name="gpt-4o-mini")
+    ModelFactory(name="chat-default", alias_of=model)
+    rows = [
+        {"id": d.pk, "model": model.pk, "provider": d.provider_id, "upstream_id": d.upstream_id, "DELETE": "on"}
+        for d in model.deployments.all()
+    ]
+
+    response = admin_client.post(
+        reverse("admin:providers_catalogmodel_change", args=[model.pk]),
+        model_form("gpt-4o-mini", rows, alias_of=target.pk),
+    )
+
+    assert response.status_code == 200
+    assert "Other aliases name this model (chat-default)" in response.content.decode()
+    model.refresh_from_db()
+    assert model.alias_of is None and model.deployments.exists()
