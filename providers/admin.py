@@ -19,7 +19,7 @@ from django.utils.timesince import timesince
 
 from core.exceptions import ApplicationError
 
-from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
+from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallback_referrers
 from .fields import Secret
 from .forms import ModelNamesField
 from .models import ByokMode, CatalogModel, Deployment, HealthStatus, Provider
@@ -214,6 +214,15 @@ class CatalogModelAdminForm(forms.ModelForm):
         name = cleaned.get("name") or self.instance.name
         alias_of = cleaned.get("alias_of")
         known = set(CatalogModel.objects.values_list("name", flat=True)) | {name}
+        if self.instance.pk is not None and name != self.instance.name:
+            # Fallback lists hold names: renamed, this model would silently drop out of them.
+            referrers = fallback_referrers(self.instance.name)
+            if referrers:
+                self.add_error(
+                    "name",
+                    f"Other models fall back to this name ({', '.join(referrers)}): take it out of their "
+                    "fallbacks first, then rename it and add the new name back.",
+                )
         for field in FALLBACK_FIELDS:
             names = cleaned.get(field)
             if not names:

@@ -27,6 +27,12 @@ def fallback_graph(*, field: str, exclude: Iterable[str] = ()) -> tuple[dict[str
     return edges, aliases
 
 
+def fallback_referrers(name: str) -> list[str]:
+    """The models whose fallback lists (either field) name ``name``, sorted."""
+    rows = CatalogModel.objects.exclude(name=name).values_list("name", *FALLBACK_FIELDS)
+    return sorted(model for model, *lists in rows if any(name in (names or []) for names in lists))
+
+
 def fallback_problem(
     *,
     name: str,

@@ -534,3 +534,25 @@ def test_a_model_that_aliases_name_cannot_become_an_alias_itself(admin_client):
     assert "Other aliases name this model (chat-default)" in response.content.decode()
     model.refresh_from_db()
     assert model.alias_of is None and model.deployments.exists()
+
+
+def test_renaming_a_model_that_others_fall_back_to_is_refused(admin_client):
+    """The fallback lists hold names: renamed, the others' fallbacks would silently stop working."""
+    provider = ProviderFactory()
+    haiku = ModelFactory(name="claude-haiku", provider=provider)
+    ModelFactory(name="gpt-4o-mini", provider=provider, fallbacks=["claude-haiku"])
+    ModelFactory(name="gpt-4o", provider=provider, context_window_fallbacks=["claude-haiku"])
+    rows = [
+        {"id": d.pk, "model": haiku.pk, "provider": d.provider_id, "upstream_id": d.upstream_id}
+        for d in haiku.deployments.all()
+    ]
+    url = reverse("admin:providers_catalogmodel_change", args=[haiku.pk])
+
+    response = admin_client.post(url, model_form("claude-3-haiku", rows))
+
+    assert response.status_code == 200
+    assert "Other models fall back to this name (gpt-4o, gpt-4o-mini)" in response.content.decode()
+    haiku.refresh_from_db()
+    assert haiku.name == "claude-haiku"
+    response = admin_client.post(url, model_form("claude-haiku", rows, label="Haiku"))
+    assert response.status_code == 302, response.content.decode()[:3000]
