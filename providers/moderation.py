@@ -2,23 +2,25 @@
 OpenAI checker. ``chat.moderation`` decides what a finding does to a request (refuse, cut, record).
 
 The block-list is compiled once per policy version (the snapshot is rebuilt when the row is saved): words
-and phrases become one case-insensitive alternation matched as whole words, ``re:`` entries are compiled
-one by one. Python's ``re`` has no time limit, so a pattern is vetted when it is saved
-(``blocklist_problems``: no nested or adjacent unbounded quantifiers, no back-references, a length cap) and
-the text it runs over is capped (``SCAN_LIMIT_CHARS``), which together keep a scan linear in practice.
+and phrases become one case-insensitive alternation of literals matched as whole words (Python's ``re``: an
+alternation of escaped literals cannot backtrack), and ``re:`` entries are compiled one by one with RE2
+(``google-re2``, Google's bindings), whose matching time is linear in the text whatever the pattern. Python's
+``re`` has no time limit, and a vet of a pattern's shape cannot make it linear: ``a.*c`` took about a minute
+on 200,000 characters, with the event loop stalled the while. RE2 has no look-arounds or back-references, so a
+pattern that needs them is refused when saved (``blocklist_problems``), with one that matches empty text or is
+too long. The text one scan reads is still capped (``SCAN_LIMIT_CHARS``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import re._constants as sre_constants  # the parsed form of a pattern: what ``blocklist_problems`` inspects
-import re._parser as sre_parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+import re2
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
@@ -43,9 +45,6 @@ PATTERN_OVERLAP_CHARS = 256
 # is far larger, but the cost of a check grows with it).
 OPENAI_INPUT_CHARS = 32_000
 
-_ADJACENT_UNBOUNDED = re.compile(r"(?:\.|\\[wWsSdD]|\[[^\]]*\])[+*]\??(?:\.|\\[wWsSdD]|\[[^\]]*\])[+*]")
-_BACKREFERENCE = re.compile(r"\\[1-9]|\(\?P=")
-
 
 class ModerationServiceError(Exception):
     """The moderation service could not give an answer (down, refused, too slow, nonsense)."""
@@ -69,7 +68,7 @@ class Blocklist:
     def __init__(self, text: str) -> None:
         entries = list(blocklist_entries(text))
         words = [(line, value) for line, value, is_pattern in entries if not is_pattern]
-        self._patterns = [(line, re.compile(value, re.IGNORECASE)) for line, value, is_pattern in entries if is_pattern]
+        self._patterns = [(line, _re2_compile(value)) for line, value, is_pattern in entries if is_pattern]
         self._line_of_word = {_folded(value): line for line, value in words}
         # Longest first, so that a phrase wins over a word it begins with.
         alternatives = "|".join(_word_pattern(value) for _, value in sorted(words, key=lambda w: -len(w[1])))
@@ -100,7 +99,7 @@ class Blocklist:
             return None
         return Hit(("blocklist",), f"entry {found[1]} at character {found[0]}")
 
-    def _matchers(self) -> Iterator[tuple[int | None, re.Pattern[str]]]:
+    def _matchers(self) -> Iterator[tuple[int | None, Any]]:
         if self._words is not None:
             yield None, self._words
         yield from self._patterns
@@ -126,10 +125,24 @@ def blocklist_entries(text: str) -> Iterator[tuple[int, str, bool]]:
             yield number, entry, False
 
 
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # a refused pattern is the admin's form error, not a line on stderr
+    return options
+
+
+_RE2_OPTIONS = _re2_options()
+
+
+def _re2_compile(value: str) -> Any:
+    """A ``re:`` entry as RE2 matches it: case-insensitive, linear in the text."""
+    return re2.compile(value, _RE2_OPTIONS)
+
+
 def blocklist_problems(text: str) -> list[str]:
-    """Why a block-list cannot be saved (an empty list: it can): a pattern that does not compile, matches
-    the empty string, or risks catastrophic backtracking (nested or adjacent unbounded quantifiers,
-    back-references), or one too long; too many entries."""
+    """Why a block-list cannot be saved (an empty list: it can): a pattern RE2 does not take (look-arounds and
+    back-references among them), one that matches the empty string, or one too long; too many entries."""
     problems: list[str] = []
     entries = list(blocklist_entries(text))
     if len(entries) > MAX_ENTRIES:
@@ -144,105 +157,18 @@ def blocklist_problems(text: str) -> list[str]:
             problems.append(f"Line {line}: a pattern of at most {MAX_PATTERN_CHARS} characters.")
             continue
         try:
-            compiled = re.compile(value, re.IGNORECASE)
-        except re.error as exc:
-            problems.append(f"Line {line}: not a regular expression ({exc}).")
+            compiled = _re2_compile(value)
+        except re2.error as exc:
+            reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            problems.append(
+                f"Line {line}: not a regular expression the matcher takes ({reason}). It is RE2's syntax, "
+                "linear in time: no look-arounds and no back-references; \\w, \\d and \\b are ASCII (\\pL is "
+                "any letter)."
+            )
             continue
         if compiled.match(""):
             problems.append(f"Line {line}: the pattern matches empty text, so it would match everything.")
-        elif _BACKREFERENCE.search(value):
-            problems.append(f"Line {line}: back-references are not allowed (they can take exponential time).")
-        elif problem := _backtracking_problem(value):
-            problems.append(f"Line {line}: {problem}")
     return problems
-
-
-_REPEATS = (sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT, sre_constants.POSSESSIVE_REPEAT)
-
-
-def _backtracking_problem(value: str) -> str | None:
-    """Why the (compiling) pattern ``value`` could backtrack for a very long time, or None. Read from its
-    parsed form, so that an extra group or a factored alternation does not hide a repetition:
-
-    - a repetition inside a repetition, either unbounded (``(a+)+``, ``((a+))+``, ``(x(?:a+)y?)*``);
-    - an unbounded repetition of an alternation (``(a|aa)+``: the alternatives can split a text many ways);
-    - adjacent unbounded repetitions (``.*.*``), or more than one unbounded repetition of anything but
-      whitespace (``a.*b.*c``: polynomial, minutes on a few thousand characters)."""
-    if _ADJACENT_UNBOUNDED.search(value):
-        return _NESTED
-    unbounded = 0
-
-    def walk(items: Any, inside_repeat: bool, inside_unbounded: bool) -> str | None:
-        nonlocal unbounded
-        for op, av in items:
-            if op in _REPEATS:
-                _low, high, body = av
-                is_unbounded = high == sre_constants.MAXREPEAT
-                repeats = high > 1
-                if repeats and (inside_unbounded or (inside_repeat and is_unbounded)):
-                    return _NESTED
-                if is_unbounded:
-                    if _has_branch(body):
-                        return (
-                            "an unbounded repeated alternation (like (a|aa)+) can take exponential time on some "
-                            "texts; rewrite it without."
-                        )
-                    if not _is_whitespace(body):
-                        unbounded += 1
-                found = walk(body, inside_repeat or repeats, inside_unbounded or (repeats and is_unbounded))
-            else:
-                found = None
-                for child in _children(op, av):
-                    found = found or walk(child, inside_repeat, inside_unbounded)
-            if found:
-                return found
-        return None
-
-    found = walk(sre_parse.parse(value), False, False)
-    if found:
-        return found
-    if unbounded > 1:
-        return (
-            "more than one unbounded repetition (like a.*b.*c) can take polynomial time on a long text; keep one, "
-            "or bound the others (.{0,40})."
-        )
-    return None
-
-
-_NESTED = (
-    "nested or adjacent unbounded repetition (like (a+)+ or .*.*) can take exponential time on some texts; "
-    "rewrite it without."
-)
-
-
-def _children(op: Any, av: Any) -> list[Any]:
-    """The sub-patterns under one parsed node (groups, alternatives, look-arounds, conditionals)."""
-    if op is sre_constants.SUBPATTERN:
-        return [av[3]]
-    if op is sre_constants.BRANCH:
-        return list(av[1])
-    if op is sre_constants.ATOMIC_GROUP:
-        return [av]
-    if op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
-        return [av[1]]
-    if op is sre_constants.GROUPREF_EXISTS:
-        return [branch for branch in av[1:] if branch is not None]
-    return []
-
-
-def _has_branch(items: Any) -> bool:
-    for op, av in items:
-        if op is sre_constants.BRANCH:
-            return True
-        children = [av[2]] if op in _REPEATS else _children(op, av)
-        if any(_has_branch(child) for child in children):
-            return True
-    return False
-
-
-def _is_whitespace(items: Any) -> bool:
-    """``\\s`` alone: it cannot overlap the words around it, so ``credit\\s+card\\s+number`` stays linear."""
-    return list(items) == [(sre_constants.IN, [(sre_constants.CATEGORY, sre_constants.CATEGORY_SPACE)])]
 
 
 @dataclass(frozen=True, slots=True)
