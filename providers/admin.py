@@ -248,6 +248,19 @@ def _price_span(low: Decimal | None, high: Decimal | None) -> str:
 @admin.register(CatalogModel)
 class CatalogModelAdmin(admin.ModelAdmin):
     form = CatalogModelAdminForm
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple[Any, Any, Any, list[str]]:
+        """Django's, with a model that other models fall back to (by name, in either list) shown as protected:
+        deleted, their fallbacks would silently stop working, as a rename would (``CatalogModelAdminForm``).
+        The delete page (and the bulk action) then refuses it, naming them."""
+        deleted, counts, permissions_needed, protected = super().get_deleted_objects(objs, request)
+        going = {obj.name for obj in objs}
+        for obj in objs:
+            referrers = [name for name in fallback_referrers(obj.name) if name not in going]
+            if referrers:
+                protected = [*protected, f"{obj.name}: the fallbacks of {', '.join(referrers)} name it"]
+        return deleted, counts, permissions_needed, protected
+
     inlines = (DeploymentInline,)
     list_display = ("name", "alias_of", "mode", "strategy", "deployments_count", "price_range", "enabled")
     list_editable = ("enabled",)

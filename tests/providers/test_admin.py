@@ -556,3 +556,24 @@ def test_renaming_a_model_that_others_fall_back_to_is_refused(admin_client):
     assert haiku.name == "claude-haiku"
     response = admin_client.post(url, model_form("claude-haiku", rows, label="Haiku"))
     assert response.status_code == 302, response.content.decode()[:3000]
+
+
+def test_deleting_a_model_that_others_fall_back_to_is_refused(admin_client):
+    """As a rename: deleted, the names in the others' fallback lists would lead nowhere."""
+    provider = ProviderFactory()
+    haiku = ModelFactory(name="claude-haiku", provider=provider)
+    ModelFactory(name="gpt-4o-mini", provider=provider, fallbacks=["claude-haiku"])
+    alone = ModelFactory(name="lonely", provider=provider)
+    url = reverse("admin:providers_catalogmodel_delete", args=[haiku.pk])
+
+    page = admin_client.get(url).content.decode()
+    refused = admin_client.post(url, {"post": "yes"})
+
+    assert "claude-haiku: the fallbacks of gpt-4o-mini name it" in page
+    assert refused.status_code == 200 and CatalogModel.objects.filter(pk=haiku.pk).exists()
+    # The bulk action refuses it too; a model nobody names is deleted as before.
+    changelist = reverse("admin:providers_catalogmodel_changelist")
+    admin_client.post(changelist, {"action": "delete_selected", "_selected_action": [haiku.pk], "post": "yes"})
+    assert CatalogModel.objects.filter(pk=haiku.pk).exists()
+    done = admin_client.post(reverse("admin:providers_catalogmodel_delete", args=[alone.pk]), {"post": "yes"})
+    assert done.status_code == 302 and not CatalogModel.objects.filter(pk=alone.pk).exists()
