@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import OpenApiResponse
 from rest_framework import permissions
+
+from core.openapi import ErrorResponseSerializer
 
 from .roles import Capability, Role, role_can, role_of
 
@@ -69,8 +72,21 @@ class CanManageKeys(permissions.BasePermission):
         return scopes is None or KEYS_MANAGE_SCOPE in scopes
 
 
+# Who may manage keys (gateway keys on /api/keys/, provider keys on /api/provider-keys/), and the 403 the API
+# schema names for the refusal.
+KEY_MANAGEMENT = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys]
+KEY_MANAGEMENT_FORBIDDEN = {
+    403: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description="The API key lacks the `keys:manage` scope, or the user's role (viewer) may not manage keys.",
+    )
+}
+
+
 __all__ = [
     "KEYS_MANAGE_SCOPE",
+    "KEY_MANAGEMENT",
+    "KEY_MANAGEMENT_FORBIDDEN",
     "CanChat",
     "CanManageExperiments",
     "CanManageKeys",

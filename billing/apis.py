@@ -25,7 +25,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.permissions import CanManageKeys, CanManageOwnKeys, CanViewOwnUsage
+from accounts.permissions import KEY_MANAGEMENT, KEY_MANAGEMENT_FORBIDDEN, CanViewOwnUsage
 from accounts.roles import Capability, role_can
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.serializer_fields import DateOrDateTimeField
@@ -130,18 +130,9 @@ def _own_key_or_404(request: Request, key_id: int) -> ApiKey:
     return api_key
 
 
-_KEY_PERMISSIONS = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys]
-_NO_MANAGE_SCOPE = {
-    403: OpenApiResponse(
-        response=ErrorResponseSerializer,
-        description="The API key lacks the `keys:manage` scope, or the user's role (viewer) may not manage keys.",
-    )
-}
-
-
 class ApiKeyListCreateApi(APIView):
     pagination_class = BoundedPagination
-    permission_classes = _KEY_PERMISSIONS
+    permission_classes = KEY_MANAGEMENT
 
     @extend_schema_serializer(component_name="ApiKeyCreate")
     class InputSerializer(serializers.Serializer):
@@ -179,7 +170,7 @@ class ApiKeyListCreateApi(APIView):
             "Newest first. Shows each key's prefix, never the secret or its hash. A key with the `keys:manage` "
             "scope sees itself and the keys created under it."
         ),
-        responses={200: ApiKeyOutputSerializer(many=True), **error_responses(401), **_NO_MANAGE_SCOPE},
+        responses={200: ApiKeyOutputSerializer(many=True), **error_responses(401), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def get(self, request: Request) -> Response:
         return _paginated_response(
@@ -200,7 +191,7 @@ class ApiKeyListCreateApi(APIView):
             "(400 names the field), and the child's spend and requests count against the parent's too."
         ),
         request=InputSerializer,
-        responses={201: ApiKeyCreatedOutputSerializer, **error_responses(400, 401), **_NO_MANAGE_SCOPE},
+        responses={201: ApiKeyCreatedOutputSerializer, **error_responses(400, 401), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def post(self, request: Request) -> Response:
         serializer = self.InputSerializer(data=request.data)
@@ -216,13 +207,13 @@ class ApiKeyListCreateApi(APIView):
 
 
 class ApiKeyDetailApi(APIView):
-    permission_classes = _KEY_PERMISSIONS
+    permission_classes = KEY_MANAGEMENT
 
     @extend_schema(
         tags=_KEYS_TAG,
         operation_id="api_keys_retrieve",
         summary="Retrieve one of your API keys",
-        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **_NO_MANAGE_SCOPE},
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def get(self, request: Request, key_id: int) -> Response:
         return Response(ApiKeyOutputSerializer(_own_key_or_404(request, key_id)).data)
@@ -236,7 +227,7 @@ class ApiKeyDetailApi(APIView):
             "it; it stays listed as revoked so that the usage ledger still says which key spent what. Revoking "
             "twice is harmless."
         ),
-        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **_NO_MANAGE_SCOPE},
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def delete(self, request: Request, key_id: int) -> Response:
         api_key = api_key_revoke(api_key=_own_key_or_404(request, key_id))
@@ -244,7 +235,7 @@ class ApiKeyDetailApi(APIView):
 
 
 class ApiKeyRevokeApi(APIView):
-    permission_classes = _KEY_PERMISSIONS
+    permission_classes = KEY_MANAGEMENT
 
     @extend_schema(
         tags=_KEYS_TAG,
@@ -255,7 +246,7 @@ class ApiKeyRevokeApi(APIView):
             "and keeps the first `revoked_at`."
         ),
         request=None,
-        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **_NO_MANAGE_SCOPE},
+        responses={200: ApiKeyOutputSerializer, **error_responses(401, 404), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def post(self, request: Request, key_id: int) -> Response:
         api_key = api_key_revoke(api_key=_own_key_or_404(request, key_id))

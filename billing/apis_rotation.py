@@ -14,9 +14,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import KEY_MANAGEMENT, KEY_MANAGEMENT_FORBIDDEN
 from core.openapi import error_responses
 
-from .apis import _KEY_PERMISSIONS, _KEYS_TAG, _NO_MANAGE_SCOPE, ApiKeyCreatedOutputSerializer, _own_key_or_404
+from .apis import _KEYS_TAG, ApiKeyCreatedOutputSerializer, _own_key_or_404
 from .services.keys import MAX_ROTATION_GRACE_SECONDS, CreatedKey, api_key_rotate
 
 
@@ -41,7 +42,7 @@ class ApiKeyRotatedOutputSerializer(ApiKeyCreatedOutputSerializer):
 
 
 class ApiKeyRotateApi(APIView):
-    permission_classes = _KEY_PERMISSIONS
+    permission_classes = KEY_MANAGEMENT
 
     @extend_schema_serializer(component_name="ApiKeyRotate")
     class InputSerializer(serializers.Serializer):
@@ -64,7 +65,7 @@ class ApiKeyRotateApi(APIView):
             "earlier rotation stops at once. Revoking the key stops both."
         ),
         request=InputSerializer,
-        responses={200: ApiKeyRotatedOutputSerializer, **error_responses(400, 401, 404), **_NO_MANAGE_SCOPE},
+        responses={200: ApiKeyRotatedOutputSerializer, **error_responses(400, 401, 404), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def post(self, request: Request, key_id: int) -> Response:
         serializer = self.InputSerializer(data=request.data)

@@ -14,14 +14,14 @@ from django.conf import settings
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_serializer
-from rest_framework import permissions, serializers, status
+from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import UserRateThrottle
 from rest_framework.views import APIView
 
-from accounts.permissions import CanManageKeys, CanManageOwnKeys
+from accounts.permissions import KEY_MANAGEMENT, KEY_MANAGEMENT_FORBIDDEN
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.text import has_lone_surrogate
 
@@ -81,13 +81,8 @@ def _own_credential_or_404(request: Request, credential_id: int) -> ProviderCred
 
 # A viewer (accounts.roles) may not manage keys of its own, nor a gateway key without the keys:manage scope
 # (one that may only call models): as on /api/keys/.
-_OWN_KEYS = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys]
-_NOT_ALLOWED = {
-    403: OpenApiResponse(
-        response=ErrorResponseSerializer,
-        description="The API key lacks the `keys:manage` scope, or the user's role (viewer) may not manage keys.",
-    )
-}
+_OWN_KEYS = KEY_MANAGEMENT
+_NOT_ALLOWED = KEY_MANAGEMENT_FORBIDDEN
 
 
 class ProviderKeyChecksThrottle(UserRateThrottle):

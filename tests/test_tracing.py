@@ -155,6 +155,18 @@ def traced_server(collector: Collector, tmp_path: Path, **settings: str) -> Iter
     assert "Traceback" not in log.read_text()
 
 
+def failing_then_answering(name: str, failing: tuple[str, Any], answering: tuple[str, Any]) -> CatalogModel:
+    """A model whose first deployment (by priority) answers 503 and whose second answers: two attempts."""
+    catalog = CatalogModel.objects.create(name=name, strategy="priority")
+    prices = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
+    (first, first_provider), (second, second_provider) = failing, answering
+    Deployment.objects.create(model=catalog, name=first, provider=first_provider, upstream_id="fault-503", **prices)
+    Deployment.objects.create(
+        model=catalog, name=second, provider=second_provider, upstream_id="fake-gpt-4o-mini", priority=1, **prices
+    )
+    return catalog
+
+
 # Values of Span.Kind and Status.StatusCode in the OTLP protobuf.
 SERVER, CLIENT = 2, 3
 STATUS_UNSET, STATUS_ERROR = 0, 2
@@ -164,12 +176,7 @@ STATUS_UNSET, STATUS_ERROR = 0, 2
 def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_attempt(collector, fake_upstream, tmp_path):
     first = ProviderFactory(name="first", kind=ProviderKind.OPENAI, base_url=fake_upstream.base_url + "/v1")
     second = ProviderFactory(name="second", kind=ProviderKind.OPENAI, base_url=fake_upstream.base_url + "/v1")
-    catalog = CatalogModel.objects.create(name="routed", strategy="priority")
-    prices = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
-    Deployment.objects.create(model=catalog, name="first", provider=first, upstream_id="fault-503", **prices)
-    Deployment.objects.create(
-        model=catalog, name="second", provider=second, upstream_id="fake-gpt-4o-mini", priority=1, **prices
-    )
+    failing_then_answering("routed", ("first", first), ("second", second))
     key = api_key_create(user=UserFactory(username="traced"), name="traces").secret
 
     with traced_server(collector, tmp_path) as url:
@@ -262,12 +269,7 @@ def test_a_callers_trace_context_is_joined_and_each_attempt_passes_its_own_span_
     child, and each upstream request names its own attempt's span as its parent (not the caller's, and not
     the request's), with the caller's tracestate and baggage. A caller's decision not to sample holds."""
     vllm = ProviderFactory(name="vllm", kind=ProviderKind.VLLM, base_url=fake_upstream.base_url + "/v1")
-    catalog = CatalogModel.objects.create(name="self-hosted", strategy="priority")
-    prices = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
-    Deployment.objects.create(model=catalog, name="flaky", provider=vllm, upstream_id="fault-503", **prices)
-    Deployment.objects.create(
-        model=catalog, name="steady", provider=vllm, upstream_id="fake-gpt-4o-mini", priority=1, **prices
-    )
+    failing_then_answering("self-hosted", ("flaky", vllm), ("steady", vllm))
     key = api_key_create(user=UserFactory(username="traced-caller"), name="traces").secret
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     unsampled_trace = "0af7651916cd43dd8448eb211c80319c"
