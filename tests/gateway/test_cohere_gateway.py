@@ -132,3 +132,17 @@ def test_an_upstream_fault_is_the_clients_error_with_its_row(cohere_gateway):
         client.chat.completions.create(model="command-test", messages=[{"role": "user", "content": "[[fault=429]]"}])
     row = ledger_row(caught.value.response.headers["x-request-id"])
     assert row.status != "ok" and row.provider_name == "fake-cohere"
+
+
+def test_n_above_one_is_refused_rather_than_answered_with_one_choice(cohere_gateway):
+    # Cohere's chat API has no `n`: answering one choice to a request for two would break a client that
+    # indexes choices[1]; the request is refused, as for Anthropic.
+    client = cohere_gateway.client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="command-test", messages=[{"role": "user", "content": "hi"}], n=2)
+    error = caught.value.body
+    assert (error["param"], error["code"]) == ("n", "unsupported_value")
+    assert cohere_gateway.upstream.requests == []
+    # n=1 is what Cohere does anyway.
+    completion = client.chat.completions.create(model="command-test", messages=[{"role": "user", "content": "hi"}], n=1)
+    assert len(completion.choices) == 1
