@@ -1,5 +1,5 @@
 """Cohere's v2 wire format for the fake upstream: ``POST /cohere/v2/chat`` (JSON, or SSE with Cohere's
-event types), ``POST /cohere/v2/embed`` and ``GET /cohere/v1/models``.
+event types), ``POST /cohere/v2/embed`` (honouring ``output_dimension``) and ``GET /cohere/v1/models``.
 
 Cohere's model list lives at ``/v1/models`` like OpenAI's, with another shape, so the fake serves Cohere
 under ``/cohere``: a test provider's base URL is ``http://127.0.0.1:<port>/cohere``. Replies, tool calls,
@@ -232,7 +232,8 @@ async def embed(app: _App, request: web.Request) -> web.StreamResponse:
         return cohere_error(400, "invalid request: texts must be a non-empty list of strings.")
     if not body.get("input_type"):
         return cohere_error(400, "invalid request: input_type is required for embed models v3 and higher.")
-    vectors = [fake._embedding_vector(text, fake._EMBEDDING_DIMENSIONS).tolist() for text in texts]
+    dimensions = body.get("output_dimension") or fake._EMBEDDING_DIMENSIONS  # embed-v4's, as Cohere takes it
+    vectors = [fake._embedding_vector(text, dimensions).tolist() for text in texts]
     return web.json_response(
         {
             "id": fake._new_id("", 32),

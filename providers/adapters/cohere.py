@@ -126,10 +126,16 @@ class CohereAdapter(BaseAdapter):
                 provider=self.config.name,
                 param="input",
             )
+        # embed-v4's output_dimension is OpenAI's `dimensions` (Cohere answers a 400 for a size it lacks).
+        extra = {"output_dimension": body["dimensions"]} if body.get("dimensions") else {}
         try:
             async with upstream_deadline(self.config):
                 response = await self._client.embed(
-                    texts=texts, model=body["model"], input_type="search_document", embedding_types=["float"]
+                    texts=texts,
+                    model=body["model"],
+                    input_type="search_document",
+                    embedding_types=["float"],
+                    **extra,
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None

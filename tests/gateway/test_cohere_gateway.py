@@ -146,3 +146,13 @@ def test_n_above_one_is_refused_rather_than_answered_with_one_choice(cohere_gate
     # n=1 is what Cohere does anyway.
     completion = client.chat.completions.create(model="command-test", messages=[{"role": "user", "content": "hi"}], n=1)
     assert len(completion.choices) == 1
+
+
+def test_embeddings_honour_dimensions(cohere_gateway):
+    # embed-v4.0 takes `output_dimension`; without it a client asking for 256 numbers got Cohere's default.
+    client = cohere_gateway.client()
+    response = client.embeddings.create(
+        model="cohere-embed-test", input=["one two", "three"], dimensions=64, encoding_format="float"
+    )
+    assert [len(item.embedding) for item in response.data] == [64, 64]
+    assert cohere_gateway.upstream.requests[-1]["body"]["output_dimension"] == 64
