@@ -44,7 +44,8 @@ Endpoints
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last), ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no
     usage, as Gemini reports none), ``GET /v1beta/models``; the key in ``x-goog-api-key`` or ``?key=``,
-    errors as ``{"error": {"code", "message", "status"}}``; ``[[safety=response]]`` answers a SAFETY finish
+    errors as ``{"error": {"code", "message", "status"}}`` (a 429's delay not in a ``Retry-After`` header but,
+    as Google sends it, in a ``RetryInfo`` detail's ``retryDelay``); ``[[safety=response]]`` answers a SAFETY finish
     with no content, ``[[safety=prompt]]`` a ``promptFeedback.blockReason``. Control endpoints, which
     are neither counted nor logged: ``GET /_fake/stats``, ``POST /_fake/reset``, ``GET /_fake/requests``.
 
@@ -835,7 +836,12 @@ _ANTHROPIC_FAULT_MESSAGES: dict[int, str] = {
 
 def _status_fault(provider: Provider, status: int, retry_after: str = "2") -> web.Response:
     if provider == "gemini":
-        response = _gemini_error(status, _GEMINI_FAULT_MESSAGES.get(status, f"Injected fault {status}"))
+        message = _GEMINI_FAULT_MESSAGES.get(status, f"Injected fault {status}")
+        if status == 429:
+            # Google sends no Retry-After header: the delay is a RetryInfo detail of the error body.
+            retry_info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}
+            return _gemini_error(status, message, details=[retry_info])
+        response = _gemini_error(status, message)
     elif provider == "anthropic":
         message = _ANTHROPIC_FAULT_MESSAGES.get(status, f"Injected fault {status}")
         response = _anthropic_error(status, _anthropic_error_type(status), message)
@@ -2015,10 +2021,13 @@ _GEMINI_FAULT_MESSAGES: dict[int, str] = {
 }
 
 
-def _gemini_error(status: int, message: str) -> web.Response:
-    """Google's error shape: ``{"error": {"code", "message", "status"}}``."""
+def _gemini_error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:
+    """Google's error shape: ``{"error": {"code", "message", "status"[, "details"]}}``."""
     status_name = _GEMINI_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
-    return web.json_response({"error": {"code": status, "message": message, "status": status_name}}, status=status)
+    error: dict[str, Any] = {"code": status, "message": message, "status": status_name}
+    if details:
+        error["details"] = details
+    return web.json_response({"error": error}, status=status)
 
 
 def _parse_gemini(body: dict[str, Any]) -> _Conversation:

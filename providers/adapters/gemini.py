@@ -185,7 +185,7 @@ class GeminiAdapter(BaseAdapter):
             config = self.config
             message = scrub(str(exc.message or exc.status or f"HTTP {exc.code}").strip(), config)
             headers = getattr(getattr(exc, "response", None), "headers", None)
-            return error_for_status(
+            error = error_for_status(
                 config,
                 int(exc.code or 500),
                 message,
@@ -193,6 +193,9 @@ class GeminiAdapter(BaseAdapter):
                 # Gemini's wording: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
                 context_exceeded="input token count" in message.lower(),
             )
+            if error.retry_after is None:
+                error.retry_after = _retry_delay(exc.details)
+            return error
         if isinstance(exc, ValidationError):  # the SDK could not read the body as a response
             return ProviderError(
                 f"The provider {self.config.name!r} answered in an unknown shape.", provider=self.config.name
@@ -208,6 +211,21 @@ class GeminiAdapter(BaseAdapter):
         if isinstance(exc, ValueError | ValidationError):
             return "the provider sent a malformed chunk."
         return interruption_reason(exc)
+
+
+def _retry_delay(body: Any) -> float | None:
+    """Seconds from a Google error's ``RetryInfo`` detail (``"retryDelay": "37s"``): Google sends its 429s'
+    delay there, with no ``Retry-After`` header."""
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else ():
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            delay = detail.get("retryDelay")
+            try:
+                return max(float(str(delay).removesuffix("s")), 0.0)
+            except ValueError:
+                return None
+    return None
 
 
 async def _close(upstream: AsyncIterator[Any] | None, opened: list[httpx2.Response]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import openai
 import pytest
 
 from billing.models import UsageRecord
@@ -85,3 +86,13 @@ def test_a_stream_through_gemini_relays_chunks_and_is_priced(gemini):
 
     record = wait_for_record(request_id)
     assert_priced(record, usage["prompt_tokens"], 0, 9, stream=True)
+
+
+def test_a_gemini_rate_limit_tells_the_client_when_to_retry(gemini):
+    # Gemini says how long to wait in its error body (RetryInfo.retryDelay), not in a Retry-After header.
+    with pytest.raises(openai.RateLimitError) as caught:
+        gemini.client().chat.completions.create(
+            model="gemini-test", messages=[{"role": "user", "content": "hi [[fault=status=429,retry_after=7]]"}]
+        )
+    assert caught.value.response.headers["retry-after"] == "7"
+    assert caught.value.body["code"] == "upstream_rate_limited"
