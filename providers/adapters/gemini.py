@@ -13,6 +13,7 @@ provider's field) defaults to ``v1beta``, where the Gemini API serves everything
 from __future__ import annotations
 
 import base64
+import math
 import struct
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -222,9 +223,10 @@ def _retry_delay(body: Any) -> float | None:
         if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
             delay = detail.get("retryDelay")
             try:
-                return max(float(str(delay).removesuffix("s")), 0.0)
+                seconds = float(str(delay).removesuffix("s"))
             except ValueError:
                 return None
+            return max(seconds, 0.0) if math.isfinite(seconds) else None  # never "inf" in a header
     return None
 
 
