@@ -504,3 +504,35 @@ async def test_a_reply_names_the_deployment_that_answered(site, browser, user, f
     await expect(badge).to_have_text("up-browser")
     await expect(badge).to_have_attribute("title", "deployment second")
     await page.close()
+
+
+async def test_a_reply_waiting_for_its_first_words_is_still_shown_after_switching_back(site, browser, user):
+    """Leaving a conversation while its reply waits for the model's first token, and coming back, shows
+    the reply streaming and then whole: not "This reply did not finish", with its words lost."""
+    page = await browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    await send(page, "first [[reply=Hello there]]")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete")
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+
+    await send(page, "second [[latency=2500]] [[words=12]]")
+    # The messages are written when the reply is admitted, before its first token.
+    await wait_until_async(
+        lambda: Message.objects.filter(conversation_id=conversation_id, status=MessageStatus.STREAMING).aexists(),
+        "the reply's row, streaming",
+    )
+    await page.get_by_role("button", name="New chat").click()
+    await expect(page.locator(".message")).to_have_count(0)
+    await page.locator(f'.conv-item[data-conversation-id="{conversation_id}"] .conv-link').click()
+    await expect(page.locator(".message")).to_have_count(4)
+
+    reply = page.locator(".message.assistant").last
+    await expect(reply).not_to_contain_text("did not finish")
+    await expect(reply).to_have_attribute("aria-busy", "true")
+    await expect(page.locator("#stop")).to_be_visible()
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    assert len((await reply.locator(".message-body").inner_text()).split()) == 12
+    assert errors == []
+    await page.close()

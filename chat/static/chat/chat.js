@@ -327,6 +327,8 @@
       messageId: null,
       text: "",
       userText: text,
+      model,
+      provider,
       view,
       frame: 0, // the pending repaint's requestAnimationFrame id
     });
@@ -606,13 +608,20 @@
     if (token !== state.loadToken) return;
     document.title = `${data.title || "Chat"} · llmhub`;
     selectModel(data.model);
+    // A reply of this socket still waiting for its first token has no message id yet (chat.started brings
+    // it): when the conversation's newest message is a streaming reply, that is the one; when the turn is
+    // not written yet, it is shown after the history, as it was when sent.
+    const pending = [...state.streams.values()].find((s) => s.conversationId === id && s.messageId === null);
+    const newest = data.messages[data.messages.length - 1];
+    const pendingRow = pending && newest && newest.role === "assistant" && newest.status === "streaming" ? newest : null;
     for (const message of data.messages) {
       const view = createMessageView(message);
       if (message.role === "user") {
         paintUser(view, message.content);
         continue;
       }
-      const live = [...state.streams.values()].find((s) => s.messageId === message.id);
+      const live =
+        message === pendingRow ? pending : [...state.streams.values()].find((s) => s.messageId === message.id);
       if (live) {
         live.view = view;
         paintAssistant(view, live.text, false);
@@ -626,6 +635,12 @@
           usage: message.usage, // from the reply's ledger row; null until that is written
         });
       }
+    }
+    if (pending && !pendingRow) {
+      paintUser(createMessageView({ role: "user" }), pending.userText);
+      pending.view = createMessageView({ role: "assistant", model: pending.model, provider: pending.provider });
+      paintAssistant(pending.view, pending.text, false);
+      settleView(pending.view, { status: "streaming" });
     }
     scrollToBottom();
   }
