@@ -310,6 +310,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise SocketError("'content' must be a non-empty string.")
         if len(text) > MAX_CONTENT_CHARS:
             raise SocketError(f"'content' is longer than {MAX_CONTENT_CHARS} characters.")
+        if "\x00" in text:
+            # The message is stored, and PostgreSQL's text cannot hold U+0000 (as the conversation API refuses it).
+            raise SocketError("'content' contains a null character (U+0000), which cannot be stored.")
         if conversation_id is not None and conversation_id in self.busy_conversations:
             raise SocketError("A reply is already streaming in this conversation.", code="conversation_busy")
         assert self.caller is not None

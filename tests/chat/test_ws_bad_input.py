@@ -146,3 +146,16 @@ async def test_over_a_real_socket_deep_nesting_gets_an_error_event_not_a_dropped
         assert reply["type"] == "error" and reply["code"] == "invalid_json"
         await ws.send(json.dumps({"type": "ping"}))
         assert json.loads(await ws.recv()) == {"type": "pong"}
+
+
+async def test_a_nul_character_in_content_gets_an_error_event_and_writes_nothing(alice, chat_model, socket_for):
+    """PostgreSQL cannot store U+0000 in text: a message with one (pasted from a binary file, say) is refused
+    in words, like the conversation API's titles, rather than failing as "could not be started" once the
+    reply was admitted (on SQLite: stored, then sent to the model)."""
+    ws = await socket_for(alice)
+    reply = await error_for(
+        ws, event={"type": "chat.send", "model": chat_model.name, "content": "hi\x00there", "request_id": "r1"}
+    )
+    assert reply["request_id"] == "r1" and reply["code"] == "invalid_request"
+    assert "null character" in reply["message"].lower()
+    assert await Message.objects.acount() == 0
