@@ -76,9 +76,14 @@ def chat_turn_begin(
     return TurnRows(conversation, user_message, assistant_message, created)
 
 
+def _storable(text: str) -> str:
+    """A model's text as it can be stored: PostgreSQL's text cannot hold U+0000, which a model may emit."""
+    return text.replace("\x00", "")
+
+
 def message_content_save(*, message_id: int, content: str) -> None:
     """Checkpoint a reply while it streams, so a reload (or a crash) shows what was written so far."""
-    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=content)
+    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=_storable(content))
 
 
 def message_finish(
@@ -92,7 +97,11 @@ def message_finish(
 ) -> None:
     """The reply's final text and status. ``model_name`` / ``provider_name``: who answered, when routing chose
     another provider (a deployment) or model (a fallback) than the reply was begun with."""
-    fields: dict[str, object] = {"content": content, "status": status, "error_message": error_message[:500]}
+    fields: dict[str, object] = {
+        "content": _storable(content),
+        "status": status,
+        "error_message": _storable(error_message)[:500],
+    }
     if model_name is not None:
         fields["model_name"] = model_name
     if provider_name is not None:

@@ -428,3 +428,25 @@ async def test_a_turn_that_fails_over_names_the_deployment_that_answered(alice, 
     reply = await Message.objects.aget(pk=started["message"])
     assert (reply.provider_name, reply.status) == (served_by.provider.name, MessageStatus.COMPLETE)
     assert (await usage_row(reply.request_id)).status == "ok"
+
+
+async def test_a_reply_with_a_nul_character_is_saved_without_it(alice, chat_model, socket_for, monkeypatch):
+    """A model may emit U+0000, which PostgreSQL's text cannot hold: the reply is saved (complete, and
+    what a reload shows) without it, instead of the save failing and the reply staying "streaming"."""
+    from llmhub.testing import fake_upstream as fake
+
+    build = fake._build_reply
+
+    def with_nul(conv, *args, **kwargs):
+        if "reply" in conv.directives:
+            conv.directives["reply"] = conv.directives["reply"].replace("NUL", "\x00")
+        return build(conv, *args, **kwargs)
+
+    monkeypatch.setattr(fake, "_build_reply", with_nul)
+    ws = await socket_for(alice)
+    await send(ws, content="[[reply=one NUL two]]", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+    assert events[-1]["type"] == "chat.completed", events[-1]
+    assert deltas(events, "r1") == "one \x00 two"
+    reply = await Message.objects.aget(pk=events[-1]["message"])
+    assert (reply.status, reply.content) == (MessageStatus.COMPLETE, "one  two")
