@@ -536,3 +536,23 @@ async def test_a_reply_waiting_for_its_first_words_is_still_shown_after_switchin
     assert len((await reply.locator(".message-body").inner_text()).split()) == 12
     assert errors == []
     await page.close()
+
+
+async def test_deleting_a_conversation_stops_its_streaming_reply(site, browser, user):
+    """A reply nobody can see any more is not generated, and billed, to its end."""
+    page = await browser.new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    await sign_in(page, site)
+    await send(page, "A long one [[words=400]] [[tps=20]]")
+    reply = page.locator(".message.assistant").last
+    await expect(reply.locator(".message-body")).to_contain_text("lorem")
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    message = await Message.objects.aget(conversation_id=conversation_id, role=Role.ASSISTANT)
+
+    item = page.locator(f'.conv-item[data-conversation-id="{conversation_id}"]')
+    await item.get_by_role("button", name=re.compile("^Delete")).click()
+    await expect(item).to_have_count(0)
+    record = await ledger_row(message.request_id)
+    assert record.status == "cancelled" and record.completion_tokens < 400, (record.status, record.completion_tokens)
+    assert await Conversation.objects.filter(pk=conversation_id).aexists() is False
+    await page.close()

@@ -563,6 +563,12 @@
         return;
       }
     }
+    // A reply still streaming into it would otherwise be generated, and billed, to its end for no one.
+    for (const stream of state.streams.values()) {
+      if (stream.conversationId === conversation.id && state.socketOpen) {
+        state.socket.send(JSON.stringify({ type: "chat.cancel", request_id: stream.requestId }));
+      }
+    }
     state.conversations.delete(conversation.id);
     if (state.currentId === conversation.id) newChat({ push: true });
     renderSidebar();
