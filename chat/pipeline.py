@@ -38,6 +38,7 @@ from core.telemetry import (
     request_observed,
     request_started,
 )
+from core.text import text_storable
 from core.tracing import TraceStart, trace_attempt_begin, trace_attempt_end, trace_begin
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from experiments.overrides import overrides_for_messages
@@ -271,7 +272,7 @@ def completion_reject(
             provider_id=model.provider.id if model else None,
             model_id=model.id if model else None,
             provider_name=model.provider.name if model else "",
-            model_name=model.name if model else _storable(requested, 128) if requested is not None else "",
+            model_name=model.name if model else text_storable(requested, 128) if requested is not None else "",
             duration_ms=_ms(time.perf_counter() - started) if started is not None else 0,
             error_type=error.code or type(error).__name__,
             moderation=moderation[:200],
@@ -323,17 +324,12 @@ def completion_reject_unverified(
             operation=operation,
             stream=bool(body.get("stream")) if isinstance(body, dict) else False,
             status=UsageStatus.REJECTED,
-            model_name=_storable(requested, 128) if requested is not None else "",
+            model_name=text_storable(requested, 128) if requested is not None else "",
             duration_ms=_ms(time.perf_counter() - started),
             error_type=error.code or type(error).__name__,
             key_hash=hash_key(raw_key),
         )
     )
-
-
-def _storable(value: Any, length: int) -> str:
-    """A client's value as text any database can store: no NUL, no lone surrogate, at most ``length``."""
-    return str(value)[:length].replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
 async def completion_start(
@@ -1459,7 +1455,7 @@ def _role_only(chunk: WireChunk) -> bool:
 def _requested_name(body: dict[str, Any], served: ResolvedModel) -> str:
     """The name the client sent, when another public model answered (an alias's target, a fallback)."""
     requested = body.get("model")
-    return _storable(requested, 128) if isinstance(requested, str) and requested != served.name else ""
+    return text_storable(requested, 128) if isinstance(requested, str) and requested != served.name else ""
 
 
 async def _opened(items: AsyncIterator[T]) -> AsyncIterator[T]:

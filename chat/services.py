@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from billing.models import UsageRecord
 from core.exceptions import ApplicationError
+from core.text import text_storable
 from experiments.models import FeedbackMetric, FeedbackSource
 from experiments.services_feedback import feedback_clear, feedback_set
 
@@ -76,14 +77,9 @@ def chat_turn_begin(
     return TurnRows(conversation, user_message, assistant_message, created)
 
 
-def _storable(text: str) -> str:
-    """A model's text as it can be stored: PostgreSQL's text cannot hold U+0000, which a model may emit."""
-    return text.replace("\x00", "")
-
-
 def message_content_save(*, message_id: int, content: str) -> None:
     """Checkpoint a reply while it streams, so a reload (or a crash) shows what was written so far."""
-    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=_storable(content))
+    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=text_storable(content))
 
 
 def message_finish(
@@ -98,9 +94,9 @@ def message_finish(
     """The reply's final text and status. ``model_name`` / ``provider_name``: who answered, when routing chose
     another provider (a deployment) or model (a fallback) than the reply was begun with."""
     fields: dict[str, object] = {
-        "content": _storable(content),
+        "content": text_storable(content),
         "status": status,
-        "error_message": _storable(error_message)[:500],
+        "error_message": text_storable(error_message, 500),
     }
     if model_name is not None:
         fields["model_name"] = model_name

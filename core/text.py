@@ -26,3 +26,13 @@ def text_quoted(value: object, limit: int = 80) -> str:
     a 100,000-character name does not come back 100,000 characters long."""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def text_storable(value: object, length: int | None = None) -> str:
+    """``value`` as text any database can store: no NUL (PostgreSQL's text cannot hold U+0000), no lone
+    surrogate (UTF-8 cannot encode one: replaced), at most ``length`` characters. For text a client or a
+    model made that is stored as it came (a requested model name, a reply)."""
+    text = str(value) if length is None else str(value)[:length]
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text.encode("utf-8", "replace").decode("utf-8") if has_lone_surrogate(text) else text

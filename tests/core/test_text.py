@@ -29,3 +29,14 @@ def test_what_json_decodes():
     assert not has_lone_surrogate("plain ascii, and \\ud800 as text")
     assert not has_lone_surrogate("café 🙂 中文 \U0010ffff")
     assert not has_lone_surrogate("")
+
+
+def test_text_storable_drops_nul_replaces_lone_surrogates_and_cuts_to_length():
+    from core.text import text_storable
+
+    assert text_storable("a\x00b") == "ab"
+    assert text_storable("x\ud800y") == "x?y"
+    assert text_storable("héllo wörld", 5) == "héllo"
+    assert text_storable(42) == "42"
+    plain = "nothing to change"
+    assert text_storable(plain) is plain  # the common case copies nothing
