@@ -69,7 +69,7 @@ from providers.exceptions import (
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
-from providers.models import ModelMode
+from providers.models import ModelMode, ProviderKind
 from providers.routing import (
     Outcome,
     breaker_allows,
@@ -1113,7 +1113,8 @@ class CompletionRun:
                 adapter = adapter_for(target.provider)
                 body = self._upstream_body()
                 if prefill is not None:
-                    body["messages"] = [*body["messages"], {"role": "assistant", "content": prefill}]
+                    given = _prefill_for(target, prefill)
+                    body["messages"] = [*body["messages"], {"role": "assistant", "content": given}]
                     # The reply's token limit (the reservation's too) covers both parts: the rest only.
                     for limit in ("max_tokens", "max_completion_tokens"):
                         if isinstance(body.get(limit), int):
@@ -1237,53 +1238,106 @@ class CompletionRun:
         """``stream`` for an Anthropic Messages request: relay the events as they arrive (an unchanged
         event keeps the upstream's bytes; ``message_start`` gets the public model name). Usage is read
         from ``message_start`` and ``message_delta``; a stream cut before ``message_delta`` is charged
-        for what was relayed, as a cut chat stream is."""
+        for what was relayed, as a cut chat stream is. A model that opted into ``resume_on_failure`` has
+        a stream cut midway continued by the next deployment, as ``stream`` does (``_MessagesSplice``)."""
         usage: dict[str, Any] = {}
         final = False
         delivered: list[str] = []
         stop_reason: str | None = None
+        # Output tokens of the parts delivered by attempts that failed midway, before a resume.
+        earlier_tokens = 0
+        splice = _MessagesSplice()
 
-        async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireEvent]]:
-            return await self._first(adapter_for(target.provider).messages_stream(self.body, target, headers=headers))
+        def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
+            async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireEvent]]:
+                body = self.body
+                if prefill is not None:
+                    given = _prefill_for(target, prefill)
+                    body = {**body, "messages": [*body["messages"], {"role": "assistant", "content": given}]}
+                    # The reply's token limit (the reservation's too) covers both parts: the rest only.
+                    if isinstance(body.get("max_tokens"), int):
+                        body["max_tokens"] = max(1, body["max_tokens"] - text_tokens(prefill))
+                adapter = adapter_for(target.provider)
+                return await self._first(adapter.messages_stream(body, target, headers=headers))
+
+            return once
 
         def settle(call: _Call) -> None:
+            reported = openai_usage(usage) if final else {}
+            if reported and earlier_tokens:
+                completion = int(reported.get("completion_tokens") or 0) + earlier_tokens
+                reported = {**reported, "completion_tokens": completion}
             self._settle(
                 status=call.status,
-                usage=openai_usage(usage) if final else {},
+                usage=reported,
                 delivered_text="".join(delivered),
                 finish_reason=stop_reason,
                 error_type=call.error_type,
+                usage_partly_estimated=bool(earlier_tokens),
             )
 
         upstream: AsyncIterator[WireEvent] | None = None
         guard = self._reply_guard()
         async with self._upstream_call(settle):
             try:
-                first, upstream = await self._call(once)
+                first, upstream = await self._call(once_with(None))
                 public_name = self.answered_by.name
-                async for event in self._relay(first, upstream):
-                    kind = event.get("type")
-                    if kind == "content_block_delta":
-                        if self._first_token_at is None:
-                            self._first_token_at = time.perf_counter()
-                        delta = event.get("delta") or {}
+                failed: set[int] = set()
+                while True:
+                    events = self._relay(first, upstream)
+                    try:
+                        async for event in splice.continued(events) if failed else events:
+                            kind = event.get("type")
+                            if kind == "content_block_delta":
+                                if self._first_token_at is None:
+                                    self._first_token_at = time.perf_counter()
+                                delta = event.get("delta") or {}
+                                if guard is not None:
+                                    await guard.feed(delta.get("text") or "")
+                                delivered.append(
+                                    delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
+                                )
+                            elif kind == "message_start":
+                                usage = dict((event.get("message") or {}).get("usage") or {})
+                                if failed:
+                                    continue  # a resumed attempt's: the client's message began long ago
+                                event.set_model(public_name)
+                            elif kind == "content_block_start" or kind == "content_block_stop":
+                                splice.block(event)
+                            elif kind == "message_delta":
+                                final = True
+                                usage.update(
+                                    (name, value)
+                                    for name, value in (event.get("usage") or {}).items()
+                                    if value is not None
+                                )
+                                stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                            elif kind == "message_stop" and guard is not None:
+                                await guard.finish()  # before the stream's last event says it ended cleanly
+                            yield event
                         if guard is not None:
-                            await guard.feed(delta.get("text") or "")
-                        delivered.append(delta.get("text") or delta.get("partial_json") or delta.get("thinking") or "")
-                    elif kind == "message_start":
-                        event.set_model(public_name)
-                        usage = dict((event.get("message") or {}).get("usage") or {})
-                    elif kind == "message_delta":
-                        final = True
-                        usage.update(
-                            (name, value) for name, value in (event.get("usage") or {}).items() if value is not None
-                        )
-                        stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
-                    elif kind == "message_stop" and guard is not None:
-                        await guard.finish()  # before the stream's last event says it ended cleanly
-                    yield event
-                if guard is not None:
-                    await guard.finish()
+                            await guard.finish()
+                        break
+                    except ProviderError as exc:
+                        served = self.answered_by
+                        if not (
+                            served.resume_on_failure
+                            and _retryable(exc)
+                            and splice.resumable(delivered)
+                            and not final
+                            and served.deployment is not None
+                            and len(failed) < max(1, served.retries)
+                        ):
+                            raise
+                        # Resume: the next deployment continues the message from the text the client has.
+                        failed.add(served.deployment.id)
+                        self._ticket_close(Outcome.FAILURE)
+                        await upstream.aclose()  # type: ignore[attr-defined]
+                        upstream = None
+                        earlier_tokens = text_tokens("".join(delivered))
+                        usage = {}
+                        self.resumed = True
+                        first, upstream = await self._call(once_with("".join(delivered)), exclude=failed)
             finally:
                 if guard is not None:
                     guard.close()
@@ -1440,6 +1494,66 @@ def _message_text(message: dict[str, Any]) -> str:
         for block in message.get("content") or ()
         if isinstance(block, dict) and isinstance(block.get("text"), str)
     )
+
+
+def _prefill_for(target: ResolvedModel, text: str) -> str:
+    """The text a resumed attempt is given as its assistant prefill. Anthropic refuses a final assistant
+    message that ends in whitespace (a 400), so a reply cut after a space or a newline is given to an
+    Anthropic deployment without it; the continuation then begins with it."""
+    return text.rstrip() if target.provider.kind == ProviderKind.ANTHROPIC else text
+
+
+class _MessagesSplice:
+    """What the client of a ``/v1/messages`` stream has been sent of the message's content blocks, so
+    that a resumed attempt's events continue that message (``continued``): the next deployment is given
+    the text so far as an assistant prefill and begins a message of its own, whose ``message_start`` is
+    dropped, whose first text block continues the text block the client has open, and whose blocks are
+    renumbered after the client's. Only a message of text blocks is resumed: a tool call or a thinking
+    block (signed by the model that wrote it) cannot be continued by another. The relay tells it of
+    ``content_block_start`` and ``_stop`` alone, so that a delta costs nothing more."""
+
+    __slots__ = ("blocks", "open_text", "other")
+
+    def __init__(self) -> None:
+        self.blocks = 0  # content blocks the client has seen begin
+        self.open_text: int | None = None  # the index of the text block the client has open
+        self.other = False  # a block that is not text was sent
+
+    def block(self, event: WireEvent) -> None:
+        if event.get("type") == "content_block_stop":
+            self.open_text = None
+            return
+        self.blocks += 1
+        if (event.get("content_block") or {}).get("type") == "text":
+            self.open_text = event.get("index")
+        else:
+            self.other = True
+
+    def resumable(self, delivered: list[str]) -> bool:
+        """Text and nothing else was sent (``delivered``, then, is the text): a prefill can continue it."""
+        return not self.other and bool("".join(delivered).strip())
+
+    async def continued(self, events: AsyncIterator[WireEvent]) -> AsyncIterator[WireEvent]:
+        """A resumed attempt's events as the client's message goes on: its first text block joined to the
+        client's open one, the other blocks numbered after the client's (re-encoded only then)."""
+        join = isinstance(self.open_text, int)
+        offset = self.open_text if join else self.blocks
+        async for event in events:
+            index = event.get("index")
+            if isinstance(index, int) and event.get("type") in _BLOCK_EVENTS:
+                if join and index == 0 and event.get("type") == "content_block_start":
+                    if (event.get("content_block") or {}).get("type") == "text":
+                        continue  # the client's open text block goes on
+                    # Not text after all: the client's block is closed and this one is numbered after it.
+                    yield WireEvent({"type": "content_block_stop", "index": offset}, None)
+                    join, offset = False, offset + 1
+                if offset:
+                    event["index"] = index + offset
+                    event.raw = None
+            yield event
+
+
+_BLOCK_EVENTS = frozenset({"content_block_start", "content_block_delta", "content_block_stop"})
 
 
 def _role_only(chunk: WireChunk) -> bool:

@@ -88,7 +88,9 @@ Replies
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); ``stop`` / ``stop_sequences`` cut the reply before the first occurrence
-    (finish reason ``stop`` / ``stop_sequence``) when that comes no later than the length cut.
+    (finish reason ``stop`` / ``stop_sequence``) when that comes no later than the length cut. An
+    Anthropic request whose last message is an assistant prefill ending in whitespace is a 400, as it is
+    Anthropic's.
 
 Token counting (exact rule)
     A "token" is a whitespace-separated word together with the whitespace before it, so the streamed
@@ -1732,6 +1734,16 @@ class _App:
             return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return _anthropic_error(400, "invalid_request_error", "max_tokens: Input should be greater than 0")
+        last = body["messages"][-1] if body["messages"] else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            content = last.get("content")
+            if isinstance(content, list) and content and isinstance(content[-1], dict):
+                content = content[-1].get("text")
+            if isinstance(content, str) and content != content.rstrip():
+                # As Anthropic's API does: a prefill may not end in whitespace.
+                return _anthropic_error(
+                    400, "invalid_request_error", "final assistant content cannot end with trailing whitespace"
+                )
         return None
 
     async def _anthropic_stream(

@@ -409,6 +409,20 @@ def test_anthropic_non_stream(ant: anthropic.Anthropic) -> None:
     assert string_system.usage.input_tokens == message.usage.input_tokens
 
 
+def test_anthropic_refuses_a_prefill_ending_in_whitespace_as_anthropic_does(ant: anthropic.Anthropic) -> None:
+    for content in ("Hello there\n", [{"type": "text", "text": "Hello there "}]):
+        with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+            ant.messages.create(
+                model="fake-claude-sonnet",
+                max_tokens=20,
+                messages=[*user("hi"), {"role": "assistant", "content": content}],
+            )
+    prefilled = ant.messages.create(
+        model="fake-claude-sonnet", max_tokens=20, messages=[*user("hi"), {"role": "assistant", "content": "Hello"}]
+    )
+    assert prefilled.content[0].text
+
+
 def test_anthropic_stream_event_sequence(upstream: FakeUpstream) -> None:
     body = {"model": "fake-claude-haiku", "max_tokens": 100, "messages": user("one two"), "stream": True}
     status, headers, raw = http(upstream, "POST", "/v1/messages", body, {"anthropic-version": "2023-06-01"})
