@@ -13,8 +13,13 @@ Which experiment a model's requests meet:
   each user their variant back (the layout is kept);
 - a **concluded** one assigns nobody, unless a variant was promoted: then its layout (the winner at 100 %)
   keeps serving the model, with the header and the ledger's experiment columns, until another experiment
-  runs on that model. Promoting and then concluding must not snap the traffic back to the old route
+  starts on that model. Promoting and then concluding must not snap the traffic back to the old route
   behind the admin's back; to return to it, change the allocation or start another experiment.
+
+When none runs, the newest decision about the model holds: the experiment last started, resumed, paused,
+promoted or concluded (``Experiment.decided_at``). A winner's reign ends when another experiment starts;
+pausing that one, or concluding it without a winner, leaves the model as routed (that experiment's usual
+control and untouched share), never the older winner back behind the admin's back.
 
 The plan of each model is cached in-process (``assignment_cache``; a model without one is cached too),
 cleared by ``experiments.signals`` on any change in this process, other processes within
@@ -25,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db.models import F
 from django.utils import timezone
 
 from core.cache import TTLCache
@@ -118,17 +124,20 @@ def experiment_plan_build(experiment: Experiment) -> ExperimentPlan:
 
 
 async def _load_plan(model_id: int) -> ExperimentPlan | None:
-    """The model's running experiment, else the latest concluded one with a promoted winner, else None."""
+    """The model's running experiment; else, when the experiment decided last (``decided_at``) is a
+    concluded one with a promoted winner, that one; else None (the model as routed)."""
     experiments = Experiment.objects.filter(model_id=model_id).prefetch_related("variants__target_model")
     experiment = await experiments.filter(status=ExperimentStatus.RUNNING).afirst()
     if experiment is None:
         experiment = await (
-            experiments.filter(status=ExperimentStatus.CONCLUDED, promoted_variant__isnull=False)
-            .order_by("-ends_at", "-id")
+            experiments.exclude(status=ExperimentStatus.DRAFT)
+            .order_by(F("decided_at").desc(nulls_last=True), "-id")
             .afirst()
         )
-    if experiment is None:
-        return None
+        if experiment is None or experiment.status != ExperimentStatus.CONCLUDED:
+            return None
+        if experiment.promoted_variant_id is None:
+            return None
     return experiment_plan_build(experiment)
 
 

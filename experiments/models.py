@@ -84,6 +84,9 @@ class Experiment(models.Model):
     promoted_variant = models.ForeignKey(
         "Variant", null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
     )
+    # When it last changed what serves its model: started, resumed, paused, promoted or concluded. Of a model's
+    # experiments none of which runs, the one decided last says what serves it (``experiments.assignment``).
+    decided_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -177,11 +177,13 @@ def experiment_start(*, experiment: Experiment, actor: Any = ...) -> Experiment:
     previous = locked.status
     locked.layout = _layout_of(locked, variants)
     locked.status = ExperimentStatus.RUNNING
+    now = timezone.now()
     if locked.starts_at is None:
-        locked.starts_at = timezone.now()
+        locked.starts_at = now
+    locked.decided_at = now
     try:
         with transaction.atomic():
-            locked.save(update_fields=["layout", "status", "starts_at", "updated_at"])
+            locked.save(update_fields=["layout", "status", "starts_at", "decided_at", "updated_at"])
     except IntegrityError:  # another start on the same model committed between the check and the save
         raise ValidationError(
             {"model": f"Another experiment already runs on {locked.model}: pause or conclude it first."}
@@ -206,7 +208,8 @@ def experiment_pause(*, experiment: Experiment, actor: Any = ...) -> Experiment:
     if locked.status != ExperimentStatus.RUNNING:
         raise ValidationError({"status": f"{locked.name} is {locked.status}, not running."})
     locked.status = ExperimentStatus.PAUSED
-    locked.save(update_fields=["status", "updated_at"])
+    locked.decided_at = timezone.now()
+    locked.save(update_fields=["status", "decided_at", "updated_at"])
     audit_record("experiment.pause", target=locked, changes={"status": ["running", "paused"]}, actor=actor)
     return locked
 
@@ -224,7 +227,8 @@ def experiment_conclude(*, experiment: Experiment, actor: Any = ..., now: dateti
     locked.status = ExperimentStatus.CONCLUDED
     if locked.ends_at is None or locked.ends_at > now:
         locked.ends_at = now
-    locked.save(update_fields=["status", "ends_at", "updated_at"])
+    locked.decided_at = timezone.now()
+    locked.save(update_fields=["status", "ends_at", "decided_at", "updated_at"])
     audit_record(
         "experiment.conclude",
         target=locked,
@@ -334,7 +338,8 @@ def experiment_promote(*, experiment: Experiment, variant: Variant, actor: Any =
     before, after = _allocations_apply(locked, variants, allocations)
     previous = locked.promoted_variant.name if locked.promoted_variant_id is not None else None
     locked.promoted_variant = next(v for v in variants if v.pk == variant.pk)
-    locked.save(update_fields=["promoted_variant", "updated_at"])
+    locked.decided_at = timezone.now()
+    locked.save(update_fields=["promoted_variant", "decided_at", "updated_at"])
     audit_record(
         "experiment.promote",
         target=locked,

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import openai
@@ -269,3 +269,73 @@ def test_requests_get_the_same_variant_from_two_server_processes_and_after_a_res
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def pinned_clock():
+    """The clock pinned at noon on 2026-12-01; ``shift`` moves it on (each decision at its own instant)."""
+    with time_machine.travel(datetime(2026, 12, 1, 12, 0, tzinfo=UTC), tick=False) as clock:
+        yield clock
+
+
+def _successor(ab, name: str = "successor") -> Experiment:
+    """A second experiment on ``ab``'s model, a draft: control = the model as routed, b = the treatment's."""
+    successor = Experiment.objects.create(name=name, model=ab.model)
+    Variant.objects.create(experiment=successor, name="a", is_control=True, allocation=50)
+    Variant.objects.create(experiment=successor, name="b", deployment=ab.treatment_deployment, allocation=50)
+    return successor
+
+
+def _headers(model_id: int) -> set[str | None]:
+    return {header_of(model_id, f"user:{n}") for n in range(300)}
+
+
+def test_a_newer_experiment_paused_or_concluded_unpromoted_does_not_bring_back_an_older_promoted_winner(
+    ab_experiment, pinned_clock
+):
+    """The newest decision about a model holds: a winner serves until another experiment starts on the
+    model; pausing that one, or concluding it without a winner, leaves the model as routed (that
+    experiment's control and its untouched share), not the older winner back."""
+    clock = pinned_clock
+    ab = ab_experiment(name="old", control=50, treatment=50)
+    experiment_promote(experiment=ab.experiment, variant=ab.treatment, actor=None)
+    experiment_conclude(experiment=ab.experiment, actor=None)
+    assert _headers(ab.model.pk) == {"old:treatment"}
+
+    clock.shift(timedelta(days=1))
+    successor = _successor(ab)
+    experiment_start(experiment=successor, actor=None)
+    assert _headers(ab.model.pk) == {"successor:a", "successor:b"}
+    clock.shift(timedelta(hours=1))
+    experiment_pause(experiment=successor, actor=None)
+    assert _headers(ab.model.pk) == {None}
+    clock.shift(timedelta(hours=1))
+    experiment_start(experiment=successor, actor=None)
+    clock.shift(timedelta(hours=1))
+    experiment_conclude(experiment=successor, actor=None)
+    assert _headers(ab.model.pk) == {None}
+
+
+def test_a_winner_promoted_after_another_experiment_was_paused_serves_until_that_one_resumes(
+    ab_experiment, pinned_clock
+):
+    clock = pinned_clock
+    ab = ab_experiment(name="old", control=50, treatment=50, status=ExperimentStatus.DRAFT)
+    successor = _successor(ab, "paused-first")
+    experiment_start(experiment=successor, actor=None)
+    clock.shift(timedelta(hours=1))
+    experiment_pause(experiment=successor, actor=None)
+    # Then the other experiment runs on the model, has a winner and concludes: the newest decision.
+    clock.shift(timedelta(hours=1))
+    experiment_start(experiment=ab.experiment, actor=None)
+    experiment_promote(experiment=ab.experiment, variant=ab.treatment, actor=None)
+    clock.shift(timedelta(hours=1))
+    experiment_conclude(experiment=ab.experiment, actor=None)
+    assert _headers(ab.model.pk) == {"old:treatment"}
+    # Resuming the paused one ends that winner's reign, and pausing it again does not bring it back.
+    clock.shift(timedelta(hours=1))
+    experiment_start(experiment=successor, actor=None)
+    assert _headers(ab.model.pk) == {"paused-first:a", "paused-first:b"}
+    clock.shift(timedelta(hours=1))
+    experiment_pause(experiment=successor, actor=None)
+    assert _headers(ab.model.pk) == {None}
