@@ -102,7 +102,11 @@ class VariantInline(admin.TabularInline):
 
 
 class AllocationStepFormSet(BaseInlineFormSet):
-    """A step already applied is history: it may not be changed or removed."""
+    """A step already applied is history: it may not be changed or removed. The steps still to apply must be
+    able to (``services.rollout_steps_check``, as the REST API checks them), counted from the allocations
+    the same form gives the variants (``variant_formset``, set by ``ExperimentAdmin``), else the saved ones."""
+
+    variant_formset: VariantFormSet | None = None
 
     def clean(self) -> None:
         super().clean()
@@ -114,6 +118,45 @@ class AllocationStepFormSet(BaseInlineFormSet):
                 raise ValidationError(
                     f"Step {step.position} was applied on {step.applied_at:%Y-%m-%d %H:%M} UTC: it stays."
                 )
+        if any(self.errors):
+            return
+        start = self._allocations_before_steps()
+        if start is None:
+            return  # the variants' rows are refused: their errors say why
+        pending = sorted(
+            (
+                (form.cleaned_data.get("position", form.instance.position), index, form)
+                for index, form in enumerate(self.forms)
+                if getattr(form, "cleaned_data", None)
+                and not form.cleaned_data.get("DELETE")
+                and form.instance.applied_at is None
+                and "allocations" in form.cleaned_data
+            ),
+            key=lambda item: item[:2],
+        )
+        forms = [form for _, _, form in pending]
+        try:
+            services.rollout_steps_check(steps=[form.cleaned_data for form in forms], start=start)
+        except ValidationError as exc:
+            where, problems = next(iter(exc.message_dict.items()))
+            form = forms[int(where.split(".")[1])]
+            form.add_error("allocations", problems)
+
+    def _allocations_before_steps(self) -> dict[str, Decimal] | None:
+        """Every variant with its allocation as this form saves it (a started experiment's steps already
+        applied are in it), or None when the variants' rows are invalid."""
+        variants = self.variant_formset
+        if variants is None:
+            return {v.name: v.allocation for v in Variant.objects.filter(experiment=self.instance)}
+        if not variants.is_valid():
+            return None
+        return {
+            form.cleaned_data.get("name", form.instance.name): form.cleaned_data.get(
+                "allocation", form.instance.allocation
+            )
+            for form in variants.forms
+            if getattr(form, "cleaned_data", None) and not form.cleaned_data.get("DELETE")
+        }
 
 
 class AllocationStepInline(admin.TabularInline):
@@ -164,6 +207,16 @@ class ExperimentAdmin(admin.ModelAdmin):
         if _started(obj):
             return (*always, *EXPERIMENT_FIXED_ONCE_STARTED)
         return always
+
+    def _create_formsets(self, request: HttpRequest, obj: Experiment, change: bool) -> tuple[list, list]:
+        # The rollout steps are checked against the allocations the variants' rows of the same form give
+        # (a draft's variants change with its steps): the steps' formset is handed the variants'.
+        formsets, inline_instances = super()._create_formsets(request, obj, change)
+        variants = next((f for f in formsets if f.model is Variant), None)
+        for formset in formsets:
+            if isinstance(formset, AllocationStepFormSet):
+                formset.variant_formset = variants
+        return formsets, inline_instances
 
     # Allocations of a started experiment: through the service, never saved raw into the rows.
 

@@ -20,7 +20,7 @@ from providers.models import CatalogModel, Deployment
 
 from .models import AllocationStep, Experiment, Metric, Variant
 from .overrides import OVERRIDABLE, overrides_validate
-from .services import HUNDRED, allocation_percent
+from .services import HUNDRED, allocation_percent, rollout_steps_check
 
 
 def _printable(value: str) -> str:
@@ -257,29 +257,11 @@ class ExperimentCreateSerializer(ExperimentFieldsSerializer):
 
 
 def steps_check(steps: list[dict[str, Any]], start: dict[str, Decimal], field: str = "steps") -> None:
-    """Each step names only known variants (``start``'s: every variant with its allocation before the first
-    step), and stays within 100 % once applied in order: a step sets the variants it names and leaves the
-    others at the previous step's (or ``start``'s) allocation. Refused when saved rather than when it comes
-    to apply (a timed step would fail unseen, an advance with a 400 days later). An admin's edit of a running
-    experiment's allocations in between is still checked when the step applies (``experiment_allocation_set``)."""
-    current = dict(start)
-    for index, step in enumerate(steps):
-        where = f"{field}.{index}.allocations"
-        unknown = sorted(set(step["allocations"]) - set(start))
-        if unknown:
-            raise serializers.ValidationError({where: f"No variant named {', '.join(unknown)}."})
-        if not step["allocations"]:
-            raise serializers.ValidationError({where: "A step sets at least one variant."})
-        _allocation_total_check(step["allocations"], where)
-        current.update(step["allocations"])
-        total = sum(current.values(), Decimal(0))
-        if total > HUNDRED:
-            raise serializers.ValidationError(
-                {
-                    where: f"With the variants this step leaves as they were, the allocations would add up to "
-                    f"{total} %, more than 100 %."
-                }
-            )
+    """``rollout_steps_check`` (the rule's home, which the admin uses too) as a 400 naming the step."""
+    try:
+        rollout_steps_check(steps=steps, start=start, field=field)
+    except DjangoValidationError as exc:
+        raise serializers.ValidationError(exc.message_dict) from None
 
 
 class ExperimentUpdateSerializer(ExperimentFieldsSerializer):

@@ -17,7 +17,7 @@ serving the model's traffic until another experiment starts on that model (see `
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -49,6 +49,47 @@ def allocation_percent(value: Any, *, name: str = "allocation") -> Decimal:
     if percent != percent.quantize(CENT):
         raise ValidationError({name: f"{value}: at most two decimals (1 % is 100 buckets)."})
     return percent.quantize(CENT)
+
+
+def rollout_steps_check(
+    *, steps: Sequence[Mapping[str, Any]], start: Mapping[str, Decimal], field: str = "steps"
+) -> None:
+    """Rollout steps that can apply: each a non-empty ``{variant name: percent}`` naming only ``start``'s
+    variants (every variant with its allocation before the first step), within 100 % alone and once applied
+    in order: a step sets the variants it names and leaves the others at the previous step's (or ``start``'s)
+    allocation. The REST API and the admin check steps with this when they are saved, rather than when they
+    come to apply (a timed step would fail unseen, an advance with an error days later); an edit of a
+    running experiment's allocations in between is still checked when the step applies
+    (``experiment_allocation_set``). Raises ``ValidationError`` keyed ``<field>.<index>.allocations``."""
+    current = dict(start)
+    for index, step in enumerate(steps):
+        where = f"{field}.{index}.allocations"
+        allocations = step.get("allocations")
+        if not isinstance(allocations, Mapping):
+            raise ValidationError({where: 'A step is {"variant-name": percent, ...}.'})
+        unknown = sorted(set(allocations) - set(start))
+        if unknown:
+            raise ValidationError({where: f"No variant named {', '.join(unknown)}."})
+        if not allocations:
+            raise ValidationError({where: "A step sets at least one variant."})
+        wanted: dict[str, Decimal] = {}
+        for name, value in allocations.items():
+            try:
+                wanted[name] = allocation_percent(value, name=name)
+            except ValidationError as exc:
+                raise ValidationError({f"{where}.{name}": exc.message_dict[name]}) from None
+        total = sum(wanted.values(), Decimal(0))
+        if total > HUNDRED:
+            raise ValidationError({where: f"The allocations add up to {total} %, more than 100 %."})
+        current.update(wanted)
+        total = sum(current.values(), Decimal(0))
+        if total > HUNDRED:
+            raise ValidationError(
+                {
+                    where: "With the variants this step leaves as they were, the allocations would add up to "
+                    f"{total} %, more than 100 %."
+                }
+            )
 
 
 def _basis_points(percent: Decimal) -> int:

@@ -319,3 +319,69 @@ def test_a_variant_override_the_pipeline_must_not_take_is_refused_in_the_admin(o
     post_change(operator_client, ab.experiment, **{f"{prefix}-overrides": '{"temperature": 0.2}'})
     ab.refresh()
     assert ab.treatment.overrides == {"temperature": 0.2}
+
+
+def with_new_steps(data: dict[str, Any], *steps: str) -> dict[str, Any]:
+    """``data`` with rollout-step rows added to the steps inline, as its "Add another" would post them."""
+    prefix = "steps"
+    total = int(data[f"{prefix}-TOTAL_FORMS"])
+    for index, allocations in enumerate(steps, start=total):
+        data.update(
+            {
+                f"{prefix}-{index}-position": str(index + 1),
+                f"{prefix}-{index}-allocations": allocations,
+                f"{prefix}-{index}-at_0": "",
+                f"{prefix}-{index}-at_1": "",
+            }
+        )
+    data[f"{prefix}-TOTAL_FORMS"] = str(total + len(steps))
+    return data
+
+
+def test_rollout_steps_passing_100_percent_in_order_are_refused_in_the_admin_against_the_forms_variants(
+    operator_client, ab_experiment
+):
+    """The API's rule, applied to the admin's inline: each step within 100 % alone, not with the variants it
+    leaves as they were; counted from the allocations the same form gives the variants."""
+    ab = ab_experiment(status=ExperimentStatus.DRAFT, control=10, treatment=10)
+    page = operator_client.get(change_url(ab.experiment))
+    data = with_new_steps(form_data(page), '{"treatment": "50"}', '{"treatment": "95"}')
+
+    response = operator_client.post(change_url(ab.experiment), data, follow=True)
+
+    assert "would add up to 105.00 %, more than 100 %" in response.content.decode()
+    assert not AllocationStep.objects.exists()
+
+    # 75 % fits beside the control's 10 %, not beside the 30 % this same form gives it.
+    data = with_new_steps(form_data(page), '{"treatment": "75"}')
+    data[f"{variant_prefix(page, 'control')}-allocation"] = "30"
+    response = operator_client.post(change_url(ab.experiment), data, follow=True)
+    assert "would add up to 105.00 %, more than 100 %" in response.content.decode()
+    assert not AllocationStep.objects.exists()
+    ab.refresh()
+    assert ab.control.allocation == Decimal("10")
+
+    data = with_new_steps(form_data(page), '{"treatment": "50"}', '{"treatment": "85", "control": "5"}')
+    operator_client.post(change_url(ab.experiment), data, follow=True)
+    assert [s.allocations for s in AllocationStep.objects.order_by("position")] == [
+        {"treatment": "50"},
+        {"treatment": "85", "control": "5"},
+    ]
+
+
+def test_a_running_experiments_new_rollout_step_is_checked_from_its_allocations_now(operator_client, ab_experiment):
+    ab = ab_experiment(control=5, treatment=5)
+    AllocationStep.objects.create(experiment=ab.experiment, position=1, allocations={"treatment": "40"})
+    run_action(operator_client, "advance_rollout", ab.experiment)  # treatment 40 %, control 5 %
+    page = operator_client.get(change_url(ab.experiment))
+
+    for allocations, shown in [
+        ('{"treatment": "96"}', "would add up to 101.00 %, more than 100 %"),
+        ('{"purple": "5"}', "No variant named purple"),
+        ('{"treatment": "12.345"}', "at most two decimals"),
+        ('["treatment", 5]', "variant-name"),
+    ]:
+        data = with_new_steps(form_data(page), allocations)
+        response = operator_client.post(change_url(ab.experiment), data, follow=True)
+        assert shown in response.content.decode(), allocations
+        assert AllocationStep.objects.count() == 1
