@@ -265,6 +265,14 @@ class BreakerOverride(models.TextChoices):
     CLOSED = "closed", "Forced closed (always a candidate)"
 
 
+# An rpm or tpm cap of 0 would mean "never route here" where an admin typing 0 likely meant "no cap": neither
+# is what the field is for, so each has its own way, said in the refusal.
+CAP_AT_LEAST_ONE = MinValueValidator(
+    1,
+    message="0 would send this deployment nothing: leave it empty for no cap, or untick enabled to stop routing to it.",
+)
+
+
 class Deployment(models.Model):
     """One place a public model is served: a provider, the provider's model id, and its prices."""
 
@@ -302,10 +310,16 @@ class Deployment(models.Model):
     weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")
     rpm_limit = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Requests per minute this deployment takes; at the cap it is skipped."
+        null=True,
+        blank=True,
+        validators=[CAP_AT_LEAST_ONE],
+        help_text="Requests per minute this deployment takes; at the cap it is skipped. Empty: no cap.",
     )
     tpm_limit = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Tokens per minute this deployment takes; at the cap it is skipped."
+        null=True,
+        blank=True,
+        validators=[CAP_AT_LEAST_ONE],
+        help_text="Tokens per minute this deployment takes; at the cap it is skipped. Empty: no cap.",
     )
     quality = models.DecimalField(
         max_digits=6,
@@ -325,7 +339,18 @@ class Deployment(models.Model):
 
     class Meta:
         ordering = ["model", "priority", "pk"]
-        constraints = [models.UniqueConstraint(fields=["model", "name"], name="deployment_name_unique_in_model")]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "name"], name="deployment_name_unique_in_model"),
+            # A cap of 0 would send the deployment nothing (CAP_AT_LEAST_ONE says so to the admin).
+            models.CheckConstraint(
+                condition=models.Q(rpm_limit__isnull=True) | models.Q(rpm_limit__gte=1),
+                name="deployment_rpm_limit_empty_or_positive",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(tpm_limit__isnull=True) | models.Q(tpm_limit__gte=1),
+                name="deployment_tpm_limit_empty_or_positive",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.model.name}/{self.name}" if self.model_id else self.name

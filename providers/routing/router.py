@@ -118,8 +118,8 @@ def _strategy_for(model: ResolvedModel, hint: str | None) -> Strategy:
 
 def _at_cap(deployment: ResolvedDeployment, minute: int) -> bool:
     entry = stats.stats_of(deployment.id)
-    if entry is None:
-        return deployment.rpm_limit == 0 or deployment.tpm_limit == 0
+    if entry is None:  # nothing counted yet; a cap is at least 1 (``Deployment``'s constraints)
+        return False
     if deployment.rpm_limit is not None and entry.requests_in(minute) >= deployment.rpm_limit:
         return True
     return deployment.tpm_limit is not None and entry.tokens_in(minute) >= deployment.tpm_limit

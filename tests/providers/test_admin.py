@@ -577,3 +577,55 @@ def test_deleting_a_model_that_others_fall_back_to_is_refused(admin_client):
     assert CatalogModel.objects.filter(pk=haiku.pk).exists()
     done = admin_client.post(reverse("admin:providers_catalogmodel_delete", args=[alone.pk]), {"post": "yes"})
     assert done.status_code == 302 and not CatalogModel.objects.filter(pk=alone.pk).exists()
+
+
+ZERO_CAP = "would send this deployment nothing: leave it empty for no cap, or untick enabled to stop routing to it"
+
+
+@pytest.mark.parametrize("cap", ["rpm_limit", "tpm_limit"])
+def test_a_cap_of_0_is_refused_saying_empty_means_no_cap_and_enabled_stops_traffic(admin_client, cap):
+    """A 0 an admin typed for "no cap" would silently send the deployment nothing; refused, in the model's
+    deployments inline and on the deployment's own page, with what to do instead."""
+    east = ProviderFactory(name="east")
+    response = admin_client.post(
+        reverse("admin:providers_catalogmodel_add"),
+        model_form("capped", [{"provider": east.pk, "upstream_id": "m", cap: "0"}]),
+    )
+    assert response.status_code == 200
+    assert ZERO_CAP in response.content.decode()
+    assert not CatalogModel.objects.filter(name="capped").exists()
+
+    deployment = DeploymentFactory(rpm_limit=600, tpm_limit=90_000)
+    data = {
+        "model": deployment.model_id,
+        "name": deployment.name,
+        "provider": deployment.provider_id,
+        "upstream_id": deployment.upstream_id,
+        "enabled": "on",
+        "input_per_mtok": "0",
+        "output_per_mtok": "0",
+        "cached_input_per_mtok": "",
+        "weight": "1",
+        "priority": "0",
+        "rpm_limit": "600",
+        "tpm_limit": "90000",
+        "quality": "",
+        "breaker_override": "",
+        "health_checks-TOTAL_FORMS": "0",
+        "health_checks-INITIAL_FORMS": "0",
+        "health_checks-MIN_NUM_FORMS": "0",
+        "health_checks-MAX_NUM_FORMS": "1000",
+        cap: "0",
+    }
+    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
+    response = admin_client.post(url, data)
+    assert response.status_code == 200
+    assert ZERO_CAP in response.content.decode()
+    deployment.refresh_from_db()
+    assert (deployment.rpm_limit, deployment.tpm_limit) == (600, 90_000)
+
+    # Empty is no cap.
+    response = admin_client.post(url, {**data, cap: ""})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert getattr(deployment, cap) is None

@@ -576,6 +576,9 @@ def test_a_deployment_the_file_no_longer_lists_is_removed_and_others_are_kept(ro
             "model gpt-4o-mini: fallbacks: This makes a cycle: gpt-4o-mini → claude-haiku → gpt-4o-mini.",
         ),
         ("strategy: weighted ", "strategy: fastest ", "model gpt-4o-mini: strategy: Value 'fastest'"),
+        # A cap of 0 would send the deployment nothing: refused, saying how to mean "no cap" or "no traffic".
+        ("rpm_limit: 600", "rpm_limit: 0", "rpm_limit: 0 would send this deployment nothing"),
+        ("tpm_limit: 90000", "tpm_limit: 0", "tpm_limit: 0 would send this deployment nothing"),
         (
             "provider: west, upstream: gpt-4o-long",
             "provider: north, upstream: gpt-4o-long",
