@@ -102,7 +102,9 @@ def _allocations_text(variants: Mapping[str, Decimal]) -> dict[str, str]:
 
 def _locked(experiment: Experiment) -> tuple[Experiment, list[Variant]]:
     locked = Experiment.objects.select_for_update().get(pk=experiment.pk)
-    return locked, list(Variant.objects.filter(experiment=locked).select_related("deployment", "target_model"))
+    return locked, list(
+        Variant.objects.filter(experiment=locked).select_related("deployment__provider", "target_model__alias_of")
+    )
 
 
 def _layout_of(experiment: Experiment, variants: list[Variant]) -> list[list[int]]:
@@ -175,6 +177,9 @@ def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str
                 problems[v.name] = f"Its deployment {v.deployment} is not a deployment of {experiment.model}."
             elif not v.deployment.enabled:
                 problems[v.name] = f"Its deployment {v.deployment} is disabled."
+            elif not v.deployment.provider.enabled:
+                provider = v.deployment.provider
+                problems[v.name] = f"Its deployment {v.deployment} is on provider {provider}, which is disabled."
         if v.target_model_id is not None:
             target = v.target_model
             if target.pk == experiment.model_id:
@@ -183,6 +188,12 @@ def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str
                 problems[v.name] = f"Its target model {target} is not a chat model."
             elif not target.enabled:
                 problems[v.name] = f"Its target model {target} is disabled."
+            elif not (target.alias_of or target).deployments.filter(enabled=True, provider__enabled=True).exists():
+                # The pipeline could not resolve it: every user of the variant would be served as usual.
+                problems[v.name] = (
+                    f"Its target model {target} has no enabled deployment on an enabled provider: "
+                    "nobody could be served by it."
+                )
     if experiment.ends_at is not None and experiment.ends_at <= timezone.now():
         # Running past its end it would assign nobody, and the every-minute task would conclude it.
         problems["ends_at"] = (
@@ -198,10 +209,11 @@ def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str
 def experiment_start(*, experiment: Experiment, actor: Any = ...) -> Experiment:
     """Start a draft (or resume a paused) experiment: it assigns from now on. Checks that it has at least two
     variants and exactly one control, that deployment variants are deployments of the experiment's model
-    (enabled), that target models are other enabled chat models, that its ``ends_at`` has not passed, that
-    the allocations add up to at most 100 %, and that no other experiment runs on the model (one running
-    experiment per model: a request is in at most one). Builds the layout from the allocations (a resumed
-    experiment keeps its users where they were); sets ``starts_at`` to now when empty. Recorded as
+    (enabled, on an enabled provider), that target models are other enabled chat models with an enabled
+    deployment (a variant nobody could reach would serve everyone as usual, unrecorded), that its ``ends_at``
+    has not passed, that the allocations add up to at most 100 %, and that no other experiment runs on the model
+    (one running experiment per model: a request is in at most one). Builds the layout from the allocations (a
+    resumed experiment keeps its users where they were); sets ``starts_at`` to now when empty. Recorded as
     ``experiment.start``."""
     locked, variants = _locked(experiment)
     if locked.status == ExperimentStatus.RUNNING:

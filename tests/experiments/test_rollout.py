@@ -270,3 +270,23 @@ def test_two_admins_starting_two_experiments_on_one_model_at_once_get_one_starte
         "started",
     ], outcomes
     assert Experiment.objects.filter(model=ab.model, status=ExperimentStatus.RUNNING).count() == 1
+
+
+def test_start_refuses_a_variant_no_request_could_reach(ab_experiment):
+    """A variant whose deployment is on a disabled provider, or whose target model has no enabled deployment,
+    would serve nobody: every user of it served as usual, unrecorded, and the experiment run for nothing.
+    Start refuses it, as it refuses a disabled deployment."""
+    ab = ab_experiment(status=ExperimentStatus.DRAFT, treatment_model=True)
+    provider = ab.control_deployment.provider
+    provider.enabled = False
+    provider.save()
+    with pytest.raises(ValidationError, match=f"on provider {provider.name}, which is disabled"):
+        experiment_start(experiment=ab.experiment, actor=None)
+    provider.enabled = True
+    provider.save()
+
+    ab.target_model.deployments.update(enabled=False)
+    with pytest.raises(ValidationError, match="has no enabled deployment"):
+        experiment_start(experiment=ab.experiment, actor=None)
+    ab.target_model.deployments.update(enabled=True)
+    assert experiment_start(experiment=ab.experiment, actor=None).status == ExperimentStatus.RUNNING
