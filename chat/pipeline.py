@@ -641,11 +641,22 @@ class DeploymentsAtCapacityError(ProviderRateLimitError):
 
 def _retryable(exc: ProviderError) -> bool:
     """Whether another attempt (the next deployment, a fallback) may succeed where this one failed: rate
-    limits, overload, 5xx, timeouts, refused or cut connections. A 400, 401, 403 or 404 never is, nor a
-    moderation verdict (another deployment's reply would be checked by the same policy)."""
-    if isinstance(exc, (ProviderBadRequestError, ProviderAuthenticationError, ProviderNotFoundError, ModerationError)):
+    limits, overload, 5xx, timeouts, refused or cut connections, and the failures of one deployment's own
+    set-up (``_misconfigured``). A 400 never is, nor a moderation verdict (another deployment's reply would
+    be checked by the same policy)."""
+    if isinstance(exc, (ProviderBadRequestError, ModerationError)):
         return False
+    if isinstance(exc, (ProviderAuthenticationError, ProviderNotFoundError)):
+        return True
     return exc.upstream_status is None or exc.upstream_status in (408, 429, 500, 502, 503, 504, 529)
+
+
+def _misconfigured(exc: ProviderError) -> bool:
+    """A failure of the deployment's own set-up, not of the request: its provider refused the credentials
+    (401, 403: a key revoked, rotated or without access to the model) or does not know the model id the
+    catalog maps to (404). Another deployment, with its own key and id, may answer, so the request moves on
+    to it at once; this deployment is not tried again for it (no wait makes the same key good)."""
+    return isinstance(exc, (ProviderAuthenticationError, ProviderNotFoundError))
 
 
 def _outcome(exc: ProviderError) -> str:
@@ -898,7 +909,7 @@ class CompletionRun:
                     skipped += 1
                     continue
                 skipped = 0
-                if last is not None:
+                if last is not None and not _misconfigured(last):
                     try:
                         await self._backoff(failures, last, same=deployment == last_deployment, deadline=deadline)
                     except BaseException:
@@ -948,6 +959,10 @@ class CompletionRun:
                         raise refused from exc
                     if not _retryable(exc):
                         raise
+                    if _misconfigured(exc):
+                        # Not this deployment again for this request; the next one moves into its place.
+                        candidates = [c for c in candidates if c is not deployment]
+                        position -= 1
                     last, last_deployment = exc, deployment
                     failures += 1
                     continue

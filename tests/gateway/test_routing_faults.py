@@ -173,18 +173,56 @@ def test_a_fallback_outside_the_callers_plan_is_not_tried(client, fake_upstream)
     assert record.attempts == 1 and record.model_name == "routed"
 
 
-@pytest.mark.parametrize(("fault", "status"), [("fault-400", 400), ("fault-401", 502)])
-def test_a_400_or_401_from_upstream_is_not_retried(client, fake_upstream, fault, status):
-    routed(fake_upstream, fault)
+def test_a_400_from_upstream_is_not_retried(client, fake_upstream):
+    """The request itself is wrong: every deployment would say so."""
+    routed(fake_upstream, "fault-400")
 
     with pytest.raises(openai.APIStatusError) as excinfo:
         client.chat.completions.create(model="routed", messages=MESSAGES)
 
-    assert excinfo.value.status_code == status
+    assert excinfo.value.status_code == 400
     headers = excinfo.value.response.headers
     assert headers["x-llmhub-attempts"] == "1" and headers["x-llmhub-deployment"] == "first"
     record = wait_for_record(headers["x-request-id"])
     assert record.attempts == 1 and record.status == "upstream_error" and record.cost == 0
+
+
+@pytest.mark.parametrize("fault", ["fault-401", "fault-403", "fault-404"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_deployment_whose_key_or_model_id_the_provider_refuses_falls_over_to_the_next(
+    client, fake_upstream, fault, stream
+):
+    """A key revoked or rotated at the provider (401), one without access to the model (403), or a model id
+    the provider does not know (404) is that deployment's set-up, not the request: the next deployment, with
+    its own key and id, answers, at once (no backoff is waited for)."""
+    routed(fake_upstream, fault)
+
+    if not stream:
+        raw = client.chat.completions.with_raw_response.create(model="routed", messages=MESSAGES)
+        assert_answered_by(raw, deployment="second", attempts=2)
+        return
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=MESSAGES, stream=True
+    ) as response:
+        assert "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+        assert response.headers["x-llmhub-deployment"] == "second"
+        request_id = response.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.deployment_name == "second" and record.attempts == 2
+
+
+def test_a_refused_key_is_not_tried_again_on_the_same_deployment(client, fake_upstream):
+    """A single deployment with retries: a 401 is the answer after one attempt (no wait makes the key good),
+    a 502 that says the gateway's credentials were refused."""
+    provider = ProviderFactory(name="revoked", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fault-401", CHEAP, retries=3)
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=MESSAGES)
+
+    assert excinfo.value.status_code == 502 and excinfo.value.code == "upstream_authentication_failed"
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert sum(1 for entry in fake_upstream.requests if entry["body"].get("model") == "fault-401") == 1
 
 
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
