@@ -42,7 +42,9 @@ Endpoints
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
     (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Google Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
-    ``data:`` event, usage on the last), ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no
+    ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
+    to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``),
+    ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no
     usage, as Gemini reports none), ``GET /v1beta/models``; the key in ``x-goog-api-key`` or ``?key=``,
     errors as ``{"error": {"code", "message", "status"}}`` (a 429's delay not in a ``Retry-After`` header but,
     as Google sends it, in a ``RetryInfo`` detail's ``retryDelay``); ``[[safety=response]]`` answers a SAFETY finish
@@ -1840,15 +1842,23 @@ class _App:
         if not body.get("contents"):
             return _gemini_error(400, "* GenerateContentRequest.contents: contents is not specified")
         config = body.get("generationConfig") or {}
+        candidates = config.get("candidateCount", 1)
+        if type(candidates) is not int or not 1 <= candidates <= _GEMINI_MAX_CANDIDATES:
+            return _gemini_error(
+                400,
+                "* GenerateContentRequest.generation_config.candidate_count: "
+                f"must be between 1 and {_GEMINI_MAX_CANDIDATES}.",
+            )
         stop = config.get("stopSequences") or []
         reply = _build_reply(
             conv, _gemini_tool(body), _int_or_none(config.get("maxOutputTokens")), list(stop), "", self.demo
         )
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
+        completion_tokens = reply.completion_tokens * candidates  # Google counts every candidate's tokens
         usage = {
             "promptTokenCount": conv.prompt_tokens,
-            "candidatesTokenCount": reply.completion_tokens,
-            "totalTokenCount": conv.prompt_tokens + reply.completion_tokens,
+            "candidatesTokenCount": completion_tokens,
+            "totalTokenCount": conv.prompt_tokens + completion_tokens,
         }
         if cached:
             usage["cachedContentTokenCount"] = cached
@@ -1879,16 +1889,21 @@ class _App:
             parts = [[{"text": reply.text}]]
         chunks = []
         for index, chunk_parts in enumerate(parts):
-            candidate: dict[str, Any] = {"content": {"role": "model", "parts": chunk_parts}, "index": 0}
-            if not chunk_parts:
-                del candidate["content"]
-            chunk: dict[str, Any] = {"candidates": [candidate], "modelVersion": model, "responseId": response_id}
+            # Each candidate (``candidateCount``) has its own ``index``; a streamed chunk carries the next
+            # piece of every one, the last its finish.
+            chunk: dict[str, Any] = {"candidates": [], "modelVersion": model, "responseId": response_id}
+            for number in range(candidates):
+                candidate: dict[str, Any] = {"index": number}
+                if chunk_parts:
+                    candidate["content"] = {"role": "model", "parts": copy.deepcopy(chunk_parts)}
+                if index == len(parts) - 1:
+                    candidate["finishReason"] = finish
+                    if finish == "SAFETY":
+                        candidate["safetyRatings"] = [
+                            {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+                        ]
+                chunk["candidates"].append(candidate)
             if index == len(parts) - 1:
-                candidate["finishReason"] = finish
-                if finish == "SAFETY":
-                    candidate["safetyRatings"] = [
-                        {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
-                    ]
                 chunk["usageMetadata"] = usage
             chunks.append(chunk)
         if not stream:
@@ -2011,6 +2026,7 @@ def _content_limit(fault: str | None) -> int | None:
 # Google Gemini's wire format (``POST /v1beta/models/{model}:generateContent`` and friends)
 
 _GEMINI_CONTEXT_WINDOW = 1_048_576
+_GEMINI_MAX_CANDIDATES = 8  # generationConfig.candidateCount, as the Gemini 2.x models take it
 _GEMINI_FINISH: dict[str, str] = {"stop": "STOP", "stop_sequence": "STOP", "length": "MAX_TOKENS", "tool": "STOP"}
 _GEMINI_STATUS: dict[int, str] = {
     400: "INVALID_ARGUMENT",

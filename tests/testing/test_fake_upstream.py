@@ -1282,3 +1282,31 @@ def test_gemini_key_in_the_query_string_is_accepted_when_a_key_is_required() -> 
         assert status == 200 and json.loads(body)["models"]
         status, _, _ = http(server, "GET", "/v1beta/models", headers={"x-goog-api-key": "AIza-required"})
         assert status == 200
+
+
+def test_gemini_answers_candidate_count_candidates_streamed_or_not(genai_client, upstream: FakeUpstream) -> None:
+    from google.genai import errors
+
+    response = genai_client.models.generate_content(
+        model="gemini-2.5-flash", contents="[[words=3]]", config={"candidate_count": 2}
+    )
+    assert [candidate.index for candidate in response.candidates] == [0, 1]
+    assert [candidate.content.parts[0].text for candidate in response.candidates] == ["lorem ipsum dolor"] * 2
+    assert [candidate.finish_reason.value for candidate in response.candidates] == ["STOP", "STOP"]
+    assert response.usage_metadata.candidates_token_count == 6  # both candidates' tokens
+
+    chunks = list(
+        genai_client.models.generate_content_stream(
+            model="gemini-2.5-flash", contents="[[words=3]]", config={"candidate_count": 2}
+        )
+    )
+    assert len(chunks) == 3
+    for number in (0, 1):
+        pieces = [c.content.parts[0].text for chunk in chunks for c in chunk.candidates if c.index == number]
+        assert "".join(pieces).split() == ["lorem", "ipsum", "dolor"]
+    assert [c.finish_reason.value for c in chunks[-1].candidates] == ["STOP", "STOP"]
+    assert chunks[-1].usage_metadata.candidates_token_count == 6
+
+    with pytest.raises(errors.ClientError) as caught:
+        genai_client.models.generate_content(model="m", contents="x", config={"candidate_count": 9})
+    assert (caught.value.code, caught.value.status) == (400, "INVALID_ARGUMENT")
