@@ -326,7 +326,8 @@ class StreamTranslator:
         self.usage: dict[str, Any] | None = None
         self.finished = False
         self._started: set[int] = set()
-        self._calls = 0
+        # Tool calls so far, per candidate: OpenAI numbers a streamed call within its choice.
+        self._calls: dict[int, int] = {}
 
     def feed(self, response: dict[str, Any]) -> dict[str, Any] | None:
         if self.id is None:
@@ -343,7 +344,9 @@ class StreamTranslator:
         key = self.id.removeprefix("chatcmpl-")
         for position, candidate in enumerate(response.get("candidates") or []):
             index = candidate.get("index") or position
-            text, calls, finish = _candidate(candidate, key, self._calls)
+            made = self._calls.get(index, 0)
+            # Call ids as complete's: the second candidate's on, with their index in them.
+            text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key, made)
             delta: dict[str, Any] = {}
             if index not in self._started:
                 self._started.add(index)
@@ -351,11 +354,9 @@ class StreamTranslator:
             if text is not None:
                 delta["content"] = text
             if calls:
-                delta["tool_calls"] = []
-                for call in calls:
-                    delta["tool_calls"].append({"index": self._calls, **call})
-                    self._calls += 1
-            if finish == "stop" and self._calls:
+                delta["tool_calls"] = [{"index": made + number, **call} for number, call in enumerate(calls)]
+                self._calls[index] = made = made + len(calls)
+            if finish == "stop" and made:
                 finish = "tool_calls"  # the calls came in an earlier chunk than the finish
             choices.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
         if any(choice["finish_reason"] for choice in choices):

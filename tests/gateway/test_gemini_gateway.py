@@ -96,3 +96,76 @@ def test_a_gemini_rate_limit_tells_the_client_when_to_retry(gemini):
         )
     assert caught.value.response.headers["retry-after"] == "7"
     assert caught.value.body["code"] == "upstream_rate_limited"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_n_candidates_through_gemini_come_back_as_n_choices_and_are_priced(gemini):
+    raw = gemini.client().chat.completions.with_raw_response.create(
+        model="gemini-test", messages=[{"role": "user", "content": "[[words=4]]"}], n=2
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateChatCompletionResponse")
+    completion = raw.parse()
+    assert [choice.index for choice in completion.choices] == [0, 1]
+    assert [choice.message.content for choice in completion.choices] == ["lorem ipsum dolor sit"] * 2
+    assert completion.usage.completion_tokens == 8
+    assert gemini.upstream.requests[-1]["body"]["generationConfig"]["candidateCount"] == 2
+
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert_priced(record, completion.usage.prompt_tokens, 0, 8, stream=False)
+
+
+def test_n_candidates_streamed_through_gemini_keep_their_choice_index(gemini):
+    with gemini.client().chat.completions.with_streaming_response.create(
+        model="gemini-test",
+        messages=[{"role": "user", "content": "[[words=4]]"}],
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    for index in (0, 1):
+        choices = [c for chunk in chunks for c in chunk["choices"] if c["index"] == index]
+        assert "".join(c["delta"].get("content") or "" for c in choices) == "lorem ipsum dolor sit"
+        assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["stop"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+
+    record = wait_for_record(request_id)
+    assert_priced(record, chunks[-1]["usage"]["prompt_tokens"], 0, 8, stream=True)
+
+
+def test_n_tool_calls_streamed_through_gemini_are_each_their_choices_first(gemini):
+    # OpenAI numbers a streamed tool call within its choice: each choice's first call is index 0, which is
+    # how the SDK's stream helper puts the pieces of a call back together.
+    with gemini.client().chat.completions.stream(
+        model="gemini-test",
+        messages=[{"role": "user", "content": "Paris"}],
+        tools=[WEATHER_TOOL],
+        n=2,
+    ) as stream:
+        chunks = [event.chunk for event in stream if event.type == "chunk"]
+        completion = stream.get_final_completion()
+    indexes = [
+        (choice.index, call.index)
+        for chunk in chunks
+        for choice in chunk.choices
+        for call in choice.delta.tool_calls or ()
+    ]
+    assert indexes == [(0, 0), (1, 0)]
+    for choice in completion.choices:
+        assert choice.finish_reason == "tool_calls"
+        [call] = choice.message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert completion.choices[0].message.tool_calls[0].id != completion.choices[1].message.tool_calls[0].id

@@ -214,6 +214,36 @@ def test_tool_call_ids_are_deterministic_and_a_stream_numbers_its_calls():
     assert two["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_a_stream_of_several_candidates_numbers_each_ones_calls_and_finishes_each_by_its_own():
+    translator = StreamTranslator("m")
+    call = {"content": {"parts": [{"function_call": {"name": "f", "args": {}}}]}}
+    text = {"content": {"parts": [{"text": "hi"}]}}
+    first = translator.feed({"response_id": "abc", "candidates": [{**call, "index": 0}, {**call, "index": 1}]})
+    last = translator.feed(
+        {
+            "response_id": "abc",
+            "candidates": [
+                {**text, "index": 0, "finish_reason": "STOP"},
+                {**text, "index": 1, "finish_reason": "STOP"},
+            ],
+        }
+    )
+    calls = [choice["delta"]["tool_calls"][0] for choice in first["choices"]]
+    assert [call["index"] for call in calls] == [0, 0]
+    assert calls[0]["id"] != calls[1]["id"]
+    assert [choice["finish_reason"] for choice in last["choices"]] == ["tool_calls", "tool_calls"]
+
+    mixed = StreamTranslator("m")
+    mixed.feed({"response_id": "abc", "candidates": [{**call, "index": 0}, {**text, "index": 1}]})
+    ends = mixed.feed(
+        {
+            "response_id": "abc",
+            "candidates": [{"index": 0, "finish_reason": "STOP"}, {"index": 1, "finish_reason": "STOP"}],
+        }
+    )
+    assert [choice["finish_reason"] for choice in ends["choices"]] == ["tool_calls", "stop"]
+
+
 # Over HTTP ------------------------------------------------------------------------------------------
 
 
