@@ -324,8 +324,8 @@ class StreamTranslator:
         self.id: str | None = None
         self.created = int(time.time())
         self.usage: dict[str, Any] | None = None
-        self.finished = False
         self._started: set[int] = set()
+        self._ended: set[int] = set()  # the candidates that carried their finish
         # Tool calls so far, per candidate: OpenAI numbers a streamed call within its choice.
         self._calls: dict[int, int] = {}
 
@@ -359,11 +359,17 @@ class StreamTranslator:
             if finish == "stop" and made:
                 finish = "tool_calls"  # the calls came in an earlier chunk than the finish
             choices.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
-        if any(choice["finish_reason"] for choice in choices):
-            self.finished = True
+        self._started.update(choice["index"] for choice in choices)
+        self._ended.update(choice["index"] for choice in choices if choice["finish_reason"])
         if not choices:
             return None
         return self._chunk(choices)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every candidate begun has finished: with ``n`` > 1 they end in chunks of their own, and a
+        stream cut between their finishes has not finished."""
+        return bool(self._started) and self._started <= self._ended
 
     def usage_chunk(self) -> dict[str, Any] | None:
         if self.usage is None or self.id is None:

@@ -244,6 +244,18 @@ def test_a_stream_of_several_candidates_numbers_each_ones_calls_and_finishes_eac
     assert [choice["finish_reason"] for choice in ends["choices"]] == ["tool_calls", "stop"]
 
 
+def test_a_stream_of_several_candidates_is_finished_only_once_every_one_has_finished():
+    # Candidates of different lengths end in different chunks: a stream cut after the first one's finish has
+    # not finished the others, and must end as interrupted rather than as a complete answer.
+    translator = StreamTranslator("m")
+    text = {"content": {"parts": [{"text": "hi"}]}}
+    translator.feed({"response_id": "abc", "candidates": [{**text, "index": 0}, {**text, "index": 1}]})
+    translator.feed({"response_id": "abc", "candidates": [{**text, "index": 0, "finish_reason": "STOP"}]})
+    assert not translator.finished
+    translator.feed({"response_id": "abc", "candidates": [{**text, "index": 1, "finish_reason": "MAX_TOKENS"}]})
+    assert translator.finished
+
+
 # Over HTTP ------------------------------------------------------------------------------------------
 
 
