@@ -40,7 +40,13 @@ Endpoints
     OpenAI shape otherwise, which also lists ``fake-embedding-small``). Azure OpenAI's routes answer as OpenAI's: ``POST
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
-    (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Google Gemini's (v1beta):
+    (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Mistral's, under ``/mistral``
+    (``base_url`` ``…/mistral/v1``): ``POST /mistral/v1/chat/completions``, ``…/embeddings``, ``GET
+    /mistral/v1/models``, answered as OpenAI's but strict as Mistral is: a field Mistral does not take
+    (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, embeddings'
+    ``dimensions``, …) is a 422 in Mistral's shape (``{"object": "error", "message": {"detail": [{"type":
+    "extra_forbidden", "loc": ["body", NAME], …}]}, …}``), Mistral's own names are taken (``random_seed``,
+    ``output_dimension``), and a stream always reports its usage, on its last chunk. Google Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
     to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``),
@@ -318,6 +324,8 @@ _DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
 _MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("fake_body")
+# Set on a request whose stream reports its usage on its last chunk, unasked (Mistral's).
+_USAGE_ON_FINISH_KEY: web.RequestKey[bool] = web.RequestKey("fake_usage_on_finish")
 
 Provider = Literal["openai", "anthropic", "gemini"]
 Finish = Literal["stop", "stop_sequence", "length", "tool"]
@@ -778,6 +786,57 @@ def _build_reply(
 # Errors
 
 
+# The request fields Mistral's API takes (its OpenAPI document); any other is refused with a 422.
+_MISTRAL_CHAT_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stream",
+        "stop",
+        "random_seed",
+        "metadata",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "presence_penalty",
+        "frequency_penalty",
+        "n",
+        "prediction",
+        "parallel_tool_calls",
+        "prompt_mode",
+        "safe_prompt",
+    }
+)
+_MISTRAL_EMBEDDING_FIELDS = frozenset(
+    {"model", "input", "metadata", "output_dimension", "output_dtype", "encoding_format"}
+)
+
+
+def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | None:
+    """Mistral's 422 for fields it does not take, in its own shape (a pydantic ``extra_forbidden`` list under
+    ``message.detail``: no OpenAI-style ``error`` object)."""
+    if not isinstance(body, dict):
+        return None
+    extra = [name for name in body if name not in allowed]
+    if not extra:
+        return None
+    detail = [
+        {"type": "extra_forbidden", "loc": ["body", name], "msg": "Extra inputs are not permitted", "input": body[name]}
+        for name in extra
+    ]
+    answer = {
+        "object": "error",
+        "message": {"detail": detail},
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    return web.json_response(answer, status=422)
+
+
 def _openai_error(
     status: int, message: str, kind: str, code: str | None = None, param: str | None = None
 ) -> web.Response:
@@ -1073,6 +1132,9 @@ class _App:
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure(self.chat_completions))
         app.router.add_post("/openai/deployments/{deployment}/embeddings", self.azure(self.embeddings))
         app.router.add_get("/openai/models", self.azure(self.models))
+        app.router.add_post("/mistral/v1/chat/completions", self.mistral_chat_completions)
+        app.router.add_post("/mistral/v1/embeddings", self.mistral_embeddings)
+        app.router.add_get("/mistral/v1/models", self.models)
         app.router.add_get("/_fake/stats", self.control_stats)
         app.router.add_post("/_fake/reset", self.control_reset)
         app.router.add_get("/_fake/requests", self.control_requests)
@@ -1332,6 +1394,32 @@ class _App:
 
         return azure_handler
 
+    # -- Mistral (OpenAI's protocol, with Mistral's own field names, and nothing else) --
+
+    async def mistral_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """Mistral's chat completions: OpenAI's answer, but a field Mistral does not take (``stream_options``,
+        ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, …) is a 422, and a stream reports its usage
+        on its last chunk, unasked."""
+        body = request[_BODY_KEY]
+        refused = _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS)
+        if refused is not None:
+            return refused
+        request[_USAGE_ON_FINISH_KEY] = True
+        if "random_seed" in body:
+            request[_BODY_KEY] = {key: value for key, value in body.items() if key != "random_seed"}
+        return await self.chat_completions(request)
+
+    async def mistral_embeddings(self, request: web.Request) -> web.StreamResponse:
+        """Mistral's embeddings: OpenAI's, with the size asked as ``output_dimension`` (``dimensions`` is a 422)."""
+        body = request[_BODY_KEY]
+        refused = _mistral_extra_fields(body, _MISTRAL_EMBEDDING_FIELDS)
+        if refused is not None:
+            return refused
+        if "output_dimension" in body:
+            body = {key: value for key, value in body.items() if key != "output_dimension"}
+            request[_BODY_KEY] = {**body, "dimensions": request[_BODY_KEY]["output_dimension"]}
+        return await self.embeddings(request)
+
     # -- models --
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -1434,6 +1522,7 @@ class _App:
         if stream:
             stream_options = body.get("stream_options")
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+            usage_on_finish = request.get(_USAGE_ON_FINISH_KEY, False)
             obfuscation = conv.directives.get("obfuscation", "on" if self.obfuscation else "off") == "on" and not (
                 isinstance(stream_options, dict) and stream_options.get("include_obfuscation") is False
             )
@@ -1442,13 +1531,14 @@ class _App:
                 body,
                 reply,
                 n,
-                usage if include_usage else None,
+                usage if include_usage or usage_on_finish else None,
                 logprobs,
                 top,
                 timing,
                 fault,
                 omit,
                 obfuscation=obfuscation,
+                usage_on_finish=usage_on_finish,
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
         return web.json_response(
@@ -1517,7 +1607,10 @@ class _App:
         omit: frozenset[str] = frozenset(),
         *,
         obfuscation: bool = False,
+        usage_on_finish: bool = False,
     ) -> web.StreamResponse:
+        """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
+        ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's)."""
         base = {
             "id": _new_id("chatcmpl-", 29),
             "object": "chat.completion.chunk",
@@ -1529,7 +1622,7 @@ class _App:
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
             data = {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
-            if usage is not None:
+            if usage is not None and not usage_on_finish:
                 data["usage"] = None
             return data
 
@@ -1583,8 +1676,11 @@ class _App:
             return response
 
         for index in range(n):
-            await send(chunk(index, {}, _OPENAI_FINISH[reply.finish]))
-        if usage is not None:
+            finish = chunk(index, {}, _OPENAI_FINISH[reply.finish])
+            if usage_on_finish and index == n - 1:
+                finish["usage"] = usage
+            await send(finish)
+        if usage is not None and not usage_on_finish:
             await send({**base, "choices": [], "usage": usage})
         await send("[DONE]")
         await response.write_eof()

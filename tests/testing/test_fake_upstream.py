@@ -1310,3 +1310,40 @@ def test_gemini_answers_candidate_count_candidates_streamed_or_not(genai_client,
     with pytest.raises(errors.ClientError) as caught:
         genai_client.models.generate_content(model="m", contents="x", config={"candidate_count": 9})
     assert (caught.value.code, caught.value.status) == (400, "INVALID_ARGUMENT")
+
+
+# -- Mistral's routes: OpenAI's protocol, strict about its fields ----------------------------------------------
+
+
+def test_mistral_refuses_the_fields_it_does_not_take_with_its_422(upstream: FakeUpstream) -> None:
+    mistral = openai.OpenAI(base_url=upstream.base_url + "/mistral/v1", api_key="mistral-key", max_retries=0)
+    messages = [{"role": "user", "content": "[[words=3]]"}]
+    for extra in (
+        {"stream_options": {"include_usage": True}, "stream": True},
+        {"max_completion_tokens": 5},
+        {"seed": 7},
+        {"logprobs": True},
+    ):
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            mistral.chat.completions.create(model="mistral-small-latest", messages=messages, **extra)
+        body = caught.value.response.json()
+        assert body["object"] == "error" and body["type"] == "invalid_request_error"
+        [detail] = [item for item in body["message"]["detail"] if item["loc"][1] != "stream"]
+        assert (detail["type"], detail["msg"]) == ("extra_forbidden", "Extra inputs are not permitted")
+
+    completion = mistral.chat.completions.create(
+        model="mistral-small-latest", messages=messages, max_tokens=2, extra_body={"random_seed": 7}
+    )
+    assert completion.choices[0].message.content == "lorem ipsum"
+
+    chunks = list(mistral.chat.completions.create(model="mistral-small-latest", messages=messages, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop"  # usage on the last chunk, unasked
+    assert chunks[-1].usage.completion_tokens == 3
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+    with pytest.raises(openai.UnprocessableEntityError):
+        mistral.embeddings.create(model="mistral-embed", input="one two", dimensions=8)
+    vector = mistral.embeddings.create(
+        model="mistral-embed", input="one two", encoding_format="float", extra_body={"output_dimension": 8}
+    )
+    assert len(vector.data[0].embedding) == 8
