@@ -313,8 +313,8 @@ LLMHUB_ADAPTERS = {
     "ollama": "providers.adapters.openai.OpenAIAdapter",
     "vllm": "providers.adapters.openai.OpenAIAdapter",
     "openai_compatible": "providers.adapters.openai.OpenAIAdapter",
-    # Mistral's API is OpenAI's chat and embeddings API (plus fields it passes through).
-    "mistral": "providers.adapters.openai.OpenAIAdapter",
+    # Mistral's API is OpenAI's chat and embeddings API, strict about its fields (mistral.py).
+    "mistral": "providers.adapters.mistral.MistralAdapter",
     "azure_openai": "providers.adapters.azure.AzureOpenAIAdapter",
     "anthropic": "providers.adapters.anthropic.AnthropicAdapter",
     "gemini": "providers.adapters.gemini.GeminiAdapter",

@@ -89,9 +89,25 @@ class OpenAIAdapter(BaseAdapter):
             http_client=provider_http_client(config),
         )
 
+    def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+        """The chat request sent upstream for ``body``. A stream always asks for usage, whatever the client
+        said, so that billing has real counts. Overridden by providers that spell the request otherwise
+        (Mistral: ``mistral.py``)."""
+        if not stream:
+            if "stream" in body or "stream_options" in body:
+                body = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+            return body
+        options = body.get("stream_options")
+        return {
+            **body,
+            "stream": True,
+            "stream_options": {**options, "include_usage": True}
+            if isinstance(options, dict)
+            else {"include_usage": True},
+        }
+
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        if "stream" in body or "stream_options" in body:
-            body = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+        body = self._chat_body(body, stream=False)
         try:
             async with upstream_deadline(self.config):
                 completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
@@ -105,15 +121,7 @@ class OpenAIAdapter(BaseAdapter):
         return completion_conform(completion, model=str(body.get("model") or ""))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
-        # Usage is always asked for, whatever the client said, so that billing has real counts.
-        options = body.get("stream_options")
-        request = {
-            **body,
-            "stream": True,
-            "stream_options": {**options, "include_usage": True}
-            if isinstance(options, dict)
-            else {"include_usage": True},
-        }
+        request = self._chat_body(body, stream=True)
         try:
             # The raw response, still through the SDK (auth, retries, error classes for a non-2xx
             # answer): the header is the SDK's own way to ask for it, as `with_streaming_response` does.

@@ -90,8 +90,9 @@ class ContractAdapter:
 # Append an entry here to put a new adapter under the contract.
 CONTRACT_ADAPTERS: list[ContractAdapter] = [
     ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1"),
-    # Mistral speaks OpenAI's chat and embeddings API: the OpenAI adapter against the same routes.
-    ContractAdapter(kind="mistral", base_url=lambda url: url + "/v1"),
+    # Mistral speaks OpenAI's chat and embeddings API, refusing the fields it does not take: the fake serves
+    # it, as strict, under /mistral.
+    ContractAdapter(kind="mistral", base_url=lambda url: url + "/mistral/v1"),
     # The model is the Azure deployment's name; the SDK puts it in the path, the fake answers as that model.
     ContractAdapter(kind="azure_openai", base_url=lambda url: url, config={"api_version": "2024-10-21"}),
     ContractAdapter(

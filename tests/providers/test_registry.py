@@ -16,10 +16,11 @@ from providers.selectors import provider_config
 from providers.types import ProviderConfig
 from tests.factories import ProviderFactory
 
-# Every kind not named here speaks OpenAI's protocol (Mistral included).
+# Every kind not named here speaks OpenAI's protocol through the OpenAI adapter itself.
 _TRANSLATING_ADAPTERS = {
     ProviderKind.ANTHROPIC: "AnthropicAdapter",
     ProviderKind.AZURE_OPENAI: "AzureOpenAIAdapter",
+    ProviderKind.MISTRAL: "MistralAdapter",
     ProviderKind.GEMINI: "GeminiAdapter",
     ProviderKind.COHERE: "CohereAdapter",
 }

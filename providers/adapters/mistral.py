@@ -1,0 +1,63 @@
+"""Adapter for Mistral's API (La Plateforme, ``https://api.mistral.ai/v1``): OpenAI's chat-completions and
+embeddings protocol, but strict about its fields.
+
+Mistral answers a field it does not take with a 422 (``extra_forbidden``) rather than ignoring it, and names
+some of OpenAI's parameters its own way. Everything but the request's spelling is the OpenAI adapter's; this
+one renames what Mistral has under another name (``max_completion_tokens`` → ``max_tokens``, ``seed`` →
+``random_seed``, embeddings' ``dimensions`` → ``output_dimension``) and never sends ``stream_options``:
+Mistral refuses it, and reports a stream's usage on its last chunk unasked (moved here to a chunk of its own,
+where OpenAI sends it). A field Mistral has no
+counterpart for (``logprobs``, ``user``, …) still goes up, and its 422 reaches the client as a 400 naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .base import WireChunk
+from .openai import OpenAIAdapter
+
+# OpenAI's name → Mistral's, for the same meaning. The client's own spelling of Mistral's name wins.
+_CHAT_RENAMES = {"max_completion_tokens": "max_tokens", "seed": "random_seed"}
+_EMBEDDING_RENAMES = {"dimensions": "output_dimension"}
+
+
+def _renamed(body: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    out = dict(body)
+    for ours, theirs in renames.items():
+        if ours in out:
+            value = out.pop(ours)
+            if value is not None:
+                out[theirs] = value  # max_completion_tokens over a max_tokens given too: the newer name wins
+    return out
+
+
+class MistralAdapter(OpenAIAdapter):
+    def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+        request = _renamed(
+            {key: value for key, value in body.items() if key not in ("stream", "stream_options")}, _CHAT_RENAMES
+        )
+        if stream:
+            request["stream"] = True
+        return request
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        """The OpenAI adapter's stream, with the usage Mistral puts on its last chunk moved to a chunk of its
+        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too."""
+        upstream = super().stream(body)
+        try:
+            async for chunk in upstream:
+                usage = chunk.get("usage")
+                if not usage or not chunk.get("choices"):
+                    yield chunk
+                    continue
+                chunk.drop_usage()
+                yield chunk
+                head = {key: chunk[key] for key in ("id", "object", "created", "model") if key in chunk}
+                yield WireChunk({**head, "choices": [], "usage": usage}, None)
+        finally:
+            await upstream.aclose()  # type: ignore[attr-defined]  # also on aclose(): the upstream stops at once
+
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await super().embed(_renamed(body, _EMBEDDING_RENAMES))

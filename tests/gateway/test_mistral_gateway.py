@@ -1,0 +1,114 @@
+"""A Mistral provider behind a live llmhub, used with the official openai SDK. Mistral speaks OpenAI's protocol
+but refuses (422) every field it does not take, and names some of its own: the fake's /mistral routes are as
+strict, so what passes here reaches Mistral in a shape it accepts."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from billing.models import UsageRecord
+from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ModelMode, ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MILLION = Decimal(1_000_000)
+INPUT, OUTPUT = Decimal("0.10"), Decimal("0.30")
+
+
+@pytest.fixture
+def mistral(gateway):
+    provider = ProviderFactory(
+        name="fake-mistral", kind=ProviderKind.MISTRAL, base_url=gateway.upstream.base_url + "/mistral/v1"
+    )
+    ModelFactory(
+        name="mistral-test",
+        provider=provider,
+        upstream_id="mistral-small-latest",
+        input_per_mtok=INPUT,
+        output_per_mtok=OUTPUT,
+    )
+    ModelFactory(
+        name="mistral-embed-test",
+        provider=provider,
+        upstream_id="mistral-embed",
+        mode=ModelMode.EMBEDDING,
+        input_per_mtok=Decimal("0.10"),
+        output_per_mtok=Decimal(0),
+    )
+    return gateway
+
+
+def assert_priced(record: UsageRecord, prompt: int, completion: int, *, stream: bool) -> None:
+    assert (record.model_name, record.provider_name, record.status, record.stream) == (
+        "mistral-test",
+        "fake-mistral",
+        "ok",
+        stream,
+    )
+    assert (record.prompt_tokens, record.completion_tokens) == (prompt, completion)
+    assert not record.usage_estimated
+    assert record.cost == (prompt * INPUT + completion * OUTPUT) / MILLION
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_a_stream_through_mistral_relays_chunks_and_is_priced(mistral, include_usage):
+    # The gateway asks every OpenAI-protocol upstream for usage with stream_options, which Mistral refuses:
+    # Mistral reports usage on its last chunk unasked.
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    with mistral.client().chat.completions.with_streaming_response.create(
+        model="mistral-test", messages=[{"role": "user", "content": "stream me [[words=5]]"}], stream=True, **extra
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "lorem ipsum dolor sit amet"
+    usages = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+    assert len(usages) == (1 if include_usage else 0)
+    if include_usage:  # where OpenAI reports it: a last chunk of its own, with no choices
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usages[0]
+    assert "stream_options" not in mistral.upstream.requests[-1]["body"]
+
+    record = wait_for_record(request_id)
+    assert record.completion_tokens == 5
+    assert_priced(record, record.prompt_tokens, 5, stream=True)
+    if include_usage:
+        assert usages[0]["completion_tokens"] == 5 and usages[0]["prompt_tokens"] == record.prompt_tokens
+
+
+def test_openai_names_reach_mistral_as_its_own(mistral):
+    raw = mistral.client().chat.completions.with_raw_response.create(
+        model="mistral-test",
+        messages=[{"role": "user", "content": "[[words=5]]"}],
+        max_completion_tokens=2,
+        seed=7,
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateChatCompletionResponse")
+    completion = raw.parse()
+    assert (completion.choices[0].message.content, completion.choices[0].finish_reason) == ("lorem ipsum", "length")
+    sent = mistral.upstream.requests[-1]["body"]
+    assert (sent["max_tokens"], sent["random_seed"]) == (2, 7)
+    assert_priced(wait_for_record(raw.headers["x-request-id"]), completion.usage.prompt_tokens, 2, stream=False)
+
+
+def test_mistral_embeddings_take_dimensions_as_output_dimension(mistral):
+    client = mistral.client()
+    raw = client.embeddings.with_raw_response.create(
+        model="mistral-embed-test", input=["one two", "three"], dimensions=8, encoding_format="float"
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateEmbeddingResponse")
+    floats = raw.parse()
+    assert [len(item.embedding) for item in floats.data] == [8, 8]
+    assert mistral.upstream.requests[-1]["body"]["output_dimension"] == 8
+    # The SDK's default: base64, which it decodes to the same floats.
+    decoded = client.embeddings.create(model="mistral-embed-test", input=["one two", "three"], dimensions=8)
+    assert [item.embedding for item in decoded.data] == [item.embedding for item in floats.data]
