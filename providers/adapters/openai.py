@@ -260,9 +260,19 @@ class OpenAIAdapter(BaseAdapter):
     def map_error(self, exc: BaseException) -> ProviderError:
         config = self.config
         if isinstance(exc, openai.APIStatusError):
-            message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
+            message = self._upstream_message(exc.body)
+            param = exc.param
+            invalid = _invalid_fields(exc.body)
+            if not message and invalid:
+                message = scrub("; ".join(f"{field}: {problem}" for field, problem in invalid), config)
+                param = param or invalid[0][0]
             return error_for_status(
-                config, exc.status_code, message, headers=exc.response.headers, param=exc.param, code=exc.code
+                config,
+                exc.status_code,
+                message or f"HTTP {exc.status_code}",
+                headers=exc.response.headers,
+                param=param,
+                code=exc.code,
             )
         if isinstance(exc, openai.APIError) and not isinstance(exc, openai.APIConnectionError):
             message = self._upstream_message(exc.body) or "no details given"
@@ -292,6 +302,26 @@ class OpenAIAdapter(BaseAdapter):
         if not isinstance(message, str):
             return ""
         return scrub(message.strip(), self.config)
+
+
+def _invalid_fields(body: object) -> list[tuple[str, str]]:
+    """The fields a request validation error names, each with its problem: the list of pydantic errors that
+    Mistral answers as ``message.detail`` and FastAPI-based servers as ``detail`` (``{"loc": ["body",
+    "logprobs"], "msg": "Extra inputs are not permitted"}``), as ``("logprobs", "Extra inputs …")``. The
+    ``input`` each error quotes is left out."""
+    if not isinstance(body, dict):
+        return []
+    message = body.get("message")
+    detail = message.get("detail") if isinstance(message, dict) else body.get("detail")
+    found = []
+    for error in detail if isinstance(detail, list) else ():
+        if not isinstance(error, dict) or not isinstance(error.get("msg"), str):
+            continue
+        loc = error.get("loc")
+        path = [part for part in loc if part != "body"] if isinstance(loc, list) else []
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+        found.append((field or "body", error["msg"]))
+    return found
 
 
 def _upstream_model(item: dict[str, Any]) -> UpstreamModel:

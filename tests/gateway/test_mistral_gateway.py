@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import openai
 import pytest
 
 from billing.models import UsageRecord
@@ -112,3 +113,13 @@ def test_mistral_embeddings_take_dimensions_as_output_dimension(mistral):
     # The SDK's default: base64, which it decodes to the same floats.
     decoded = client.embeddings.create(model="mistral-embed-test", input=["one two", "three"], dimensions=8)
     assert [item.embedding for item in decoded.data] == [item.embedding for item in floats.data]
+
+
+def test_a_field_mistral_does_not_take_is_a_400_naming_it(mistral):
+    with pytest.raises(openai.BadRequestError) as caught:
+        mistral.client().chat.completions.create(
+            model="mistral-test", messages=[{"role": "user", "content": "hi"}], logprobs=True
+        )
+    error = caught.value.body
+    assert error["param"] == "logprobs"
+    assert "logprobs" in error["message"] and "Extra inputs are not permitted" in error["message"]
