@@ -46,7 +46,9 @@ Endpoints
     (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, embeddings'
     ``dimensions``, …) is a 422 in Mistral's shape (``{"object": "error", "message": {"detail": [{"type":
     "extra_forbidden", "loc": ["body", NAME], …}]}, …}``), Mistral's own names are taken (``random_seed``,
-    ``output_dimension``), and a stream always reports its usage, on its last chunk. Google Gemini's (v1beta):
+    ``output_dimension``), and a stream always reports its usage, on its last chunk. Ollama's, under ``/ollama``
+    (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
+    choice whatever ``n`` asked (a field it does not read is ignored). Google Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
     to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``),
@@ -1135,6 +1137,9 @@ class _App:
         app.router.add_post("/mistral/v1/chat/completions", self.mistral_chat_completions)
         app.router.add_post("/mistral/v1/embeddings", self.mistral_embeddings)
         app.router.add_get("/mistral/v1/models", self.models)
+        app.router.add_post("/ollama/v1/chat/completions", self.ollama_chat_completions)
+        app.router.add_post("/ollama/v1/embeddings", self.embeddings)
+        app.router.add_get("/ollama/v1/models", self.models)
         app.router.add_get("/_fake/stats", self.control_stats)
         app.router.add_post("/_fake/reset", self.control_reset)
         app.router.add_get("/_fake/requests", self.control_requests)
@@ -1419,6 +1424,16 @@ class _App:
             body = {key: value for key, value in body.items() if key != "output_dimension"}
             request[_BODY_KEY] = {**body, "dimensions": request[_BODY_KEY]["output_dimension"]}
         return await self.embeddings(request)
+
+    # -- Ollama (a subset of OpenAI's protocol; what it does not take, it ignores) --
+
+    async def ollama_chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's OpenAI-compatible chat: ``n`` is not among the fields it reads, so it answers one choice
+        whatever ``n`` asked."""
+        body = request[_BODY_KEY]
+        if isinstance(body, dict) and "n" in body:
+            request[_BODY_KEY] = {key: value for key, value in body.items() if key != "n"}
+        return await self.chat_completions(request)
 
     # -- models --
 

@@ -1347,3 +1347,12 @@ def test_mistral_refuses_the_fields_it_does_not_take_with_its_422(upstream: Fake
         model="mistral-embed", input="one two", encoding_format="float", extra_body={"output_dimension": 8}
     )
     assert len(vector.data[0].embedding) == 8
+
+
+def test_ollama_answers_one_choice_whatever_n_asked(upstream: FakeUpstream) -> None:
+    ollama = openai.OpenAI(base_url=upstream.base_url + "/ollama/v1", api_key="ollama", max_retries=0)
+    messages = [{"role": "user", "content": "[[words=3]]"}]
+    completion = ollama.chat.completions.create(model="llama3.2", messages=messages, n=3)
+    assert len(completion.choices) == 1 and completion.usage.completion_tokens == 3
+    chunks = list(ollama.chat.completions.create(model="llama3.2", messages=messages, n=3, stream=True))
+    assert {choice.index for chunk in chunks for choice in chunk.choices} == {0}
