@@ -310,7 +310,7 @@ if not FIELD_ENCRYPTION_KEYS:
 LLMHUB_ADAPTERS = {
     "openai": "providers.adapters.openai.OpenAIAdapter",
     "openrouter": "providers.adapters.openai.OpenAIAdapter",
-    "ollama": "providers.adapters.openai.OpenAIAdapter",
+    "ollama": "providers.adapters.ollama.OllamaAdapter",  # answers one choice whatever n says (ollama.py)
     "vllm": "providers.adapters.openai.OpenAIAdapter",
     "openai_compatible": "providers.adapters.openai.OpenAIAdapter",
     # Mistral's API is OpenAI's chat and embeddings API, strict about its fields (mistral.py).

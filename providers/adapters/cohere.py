@@ -34,6 +34,7 @@ from .common import (
     error_for_failure,
     error_for_status,
     http_request_hooks,
+    one_choice_only,
     scrub,
     stream_interrupted,
     upstream_deadline,
@@ -268,11 +269,7 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
 
 def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``AsyncClientV2.chat`` / ``chat_stream`` for an OpenAI chat body."""
-    if body.get("n") not in (None, 1):
-        # Cohere's chat has no `n`: one choice where several were asked for would be a silent short answer.
-        raise ProviderBadRequestError(
-            "This model returns one choice per request: `n` must be 1.", param="n", code="unsupported_value"
-        )
+    one_choice_only(body)  # Cohere's chat has no `n`
     request: dict[str, Any] = {
         "model": body["model"],
         "messages": [_message(message) for message in body.get("messages") or []],

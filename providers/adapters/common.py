@@ -156,6 +156,15 @@ def scrub(text: str, config: ProviderConfig) -> str:
     return text[:_MAX_UPSTREAM_MESSAGE]
 
 
+def one_choice_only(body: dict[str, Any]) -> None:
+    """Refuse a request for several choices (``n`` > 1) to a provider that answers one whatever ``n`` says
+    (Cohere, Ollama): one choice where several were asked for would be a silent short answer."""
+    if body.get("n") not in (None, 1):
+        raise ProviderBadRequestError(
+            "This model returns one choice per request: `n` must be 1.", param="n", code="unsupported_value"
+        )
+
+
 def error_for_status(
     config: ProviderConfig,
     status: int,

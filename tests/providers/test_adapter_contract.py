@@ -93,6 +93,8 @@ CONTRACT_ADAPTERS: list[ContractAdapter] = [
     # Mistral speaks OpenAI's chat and embeddings API, refusing the fields it does not take: the fake serves
     # it, as strict, under /mistral.
     ContractAdapter(kind="mistral", base_url=lambda url: url + "/mistral/v1"),
+    # Ollama's OpenAI compatibility, which ignores what it does not read (n): served under /ollama.
+    ContractAdapter(kind="ollama", base_url=lambda url: url + "/ollama/v1"),
     # The model is the Azure deployment's name; the SDK puts it in the path, the fake answers as that model.
     ContractAdapter(kind="azure_openai", base_url=lambda url: url, config={"api_version": "2024-10-21"}),
     ContractAdapter(

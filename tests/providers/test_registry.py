@@ -21,6 +21,7 @@ _TRANSLATING_ADAPTERS = {
     ProviderKind.ANTHROPIC: "AnthropicAdapter",
     ProviderKind.AZURE_OPENAI: "AzureOpenAIAdapter",
     ProviderKind.MISTRAL: "MistralAdapter",
+    ProviderKind.OLLAMA: "OllamaAdapter",
     ProviderKind.GEMINI: "GeminiAdapter",
     ProviderKind.COHERE: "CohereAdapter",
 }

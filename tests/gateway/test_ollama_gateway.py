@@ -1,0 +1,64 @@
+"""An Ollama provider behind a live llmhub, used with the official openai SDK. Ollama serves a subset of
+OpenAI's protocol and ignores the fields it does not read; the fake's /ollama routes do the same."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import openai
+import pytest
+
+from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def ollama(gateway):
+    provider = ProviderFactory(
+        name="fake-ollama", kind=ProviderKind.OLLAMA, base_url=gateway.upstream.base_url + "/ollama/v1"
+    )
+    ModelFactory(
+        name="llama-test",
+        provider=provider,
+        upstream_id="llama3.2",
+        input_per_mtok=Decimal(0),
+        output_per_mtok=Decimal(0),
+    )
+    return gateway
+
+
+def test_a_completion_and_a_stream_through_ollama(ollama):
+    raw = ollama.client().chat.completions.with_raw_response.create(
+        model="llama-test", messages=[{"role": "user", "content": "[[words=3]]"}]
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateChatCompletionResponse")
+    assert raw.parse().choices[0].message.content == "lorem ipsum dolor"
+    assert wait_for_record(raw.headers["x-request-id"]).completion_tokens == 3
+
+    chunks = list(
+        ollama.client().chat.completions.create(
+            model="llama-test",
+            messages=[{"role": "user", "content": "[[words=3]]"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "lorem ipsum dolor"
+    assert chunks[-1].usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_above_1_is_refused_rather_than_answered_with_one_choice(ollama, stream):
+    # Ollama reads no `n`: it would answer one choice where the client asked for three, silently.
+    with pytest.raises(openai.BadRequestError) as caught:
+        response = ollama.client().chat.completions.create(
+            model="llama-test", messages=[{"role": "user", "content": "hi"}], n=3, stream=stream
+        )
+        list(response) if stream else None
+    assert (caught.value.body["param"], caught.value.body["code"]) == ("n", "unsupported_value")
+    assert ollama.upstream.requests_served("/ollama/v1/chat/completions") == 0
