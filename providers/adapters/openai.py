@@ -57,14 +57,31 @@ _FAILURES = (openai.OpenAIError, httpx2.HTTPError, ValueError, OutboundRefused)
 
 
 class _StreamState:
-    __slots__ = ("arguments", "done", "finished", "texts")
+    __slots__ = ("arguments", "choices", "done", "ended", "finished", "texts")
 
     def __init__(self) -> None:
         self.done = False  # `[DONE]` came: what follows is read and dropped
-        self.finished = False  # a choice carried its finish_reason
+        # The choices seen (n > 1: several), those that carried their finish_reason, and whether every one
+        # seen has: with several, one choice's finish is not the stream's.
+        self.choices: set[int] = set()
+        self.ended: set[int] = set()
+        self.finished = False
         # Text chunks, and a tool call's argument chunks, read without a decode.
         self.texts = TextChunks(_TEXT_PATH, padding="obfuscation")
         self.arguments = TextChunks(_ARGUMENTS_PATH, padding="obfuscation")
+
+    def see(self, choices: Any) -> None:
+        """Note the choices of a decoded chunk (a text chunk read without a decode belongs to a choice whose
+        earlier chunks were decoded)."""
+        for position, choice in enumerate(choices if isinstance(choices, list) else ()):
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index")
+            index = index if type(index) is int else position
+            self.choices.add(index)
+            if choice.get("finish_reason"):
+                self.ended.add(index)
+        self.finished = bool(self.choices) and self.choices <= self.ended
 
 
 class OpenAIAdapter(BaseAdapter):
@@ -176,9 +193,7 @@ class OpenAIAdapter(BaseAdapter):
                 f"the provider reported an error: {self._upstream_message(chunk['error']) or 'no details'}",
             ) from None
         if not state.finished:
-            for choice in chunk.get("choices") or ():
-                if choice.get("finish_reason"):
-                    state.finished = True
+            state.see(chunk.get("choices"))
         # An event spread over several `data:` lines holds line breaks: relayed as it came, it would break
         # the client's SSE framing, so that one is encoded again.
         raw = data if b"\n" not in data and b"\r" not in data else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from decimal import Decimal
 
@@ -17,6 +18,7 @@ from providers.exceptions import (
 )
 from providers.fields import Secret
 from providers.types import ProviderConfig, ResolvedModel
+from tests.loopback_http import LoopbackHTTPServer, QuietHandler
 from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
 
 API_KEY = "sk-openai-adapter-test-key-0123456789abcdef"
@@ -39,7 +41,7 @@ def make_config(upstream, **overrides) -> ProviderConfig:
         "id": 9101,
         "name": "fake-openai",
         "kind": "openai_compatible",
-        "base_url": upstream.base_url + "/v1",
+        "base_url": upstream.base_url + "/v1" if upstream is not None else "",
         "api_key": Secret(API_KEY),
         "timeout": 5.0,
     }
@@ -261,3 +263,44 @@ async def test_cancelling_the_consuming_task_closes_the_upstream_response(privat
         assert open_connections_to(private_upstream.port) == 0
     finally:
         await adapter.aclose()
+
+
+class _OneChoiceFinishedThenCut(LoopbackHTTPServer):
+    """Streams two choices (n=2), the first to its finish, then closes the connection: the second never ends."""
+
+    def start(self) -> None:
+        def chunk(index: int, delta: dict, finish: str | None = None) -> bytes:
+            data = {
+                "id": "chatcmpl-cut",
+                "object": "chat.completion.chunk",
+                "created": 1735689600,
+                "model": "m",
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        class Handler(QuietHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for index in (0, 1):
+                    self.wfile.write(chunk(index, {"role": "assistant", "content": "Hi"}))
+                self.wfile.write(chunk(0, {}, "stop"))
+                self.wfile.flush()
+
+        self.serve(Handler)
+
+
+async def test_a_stream_of_several_choices_cut_before_the_last_finishes_is_interrupted():
+    server = _OneChoiceFinishedThenCut()
+    server.start()
+    adapter = OpenAIAdapter(make_config(None, base_url=server.origin + "/v1"))
+    try:
+        with pytest.raises(ProviderStreamInterruptedError):
+            await collect(adapter.stream({**user("hi"), "n": 2}))
+    finally:
+        await adapter.aclose()
+        server.stop()
