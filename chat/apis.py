@@ -90,7 +90,7 @@ class ConversationListApi(APIView):
         tags=_TAGS,
         operation_id="conversations_list",
         summary="List your conversations",
-        description="Not archived, most recently active first.",
+        description="Not archived, most recently active first. Sending into an archived conversation unarchives it.",
         responses={200: OutputSerializer(many=True), **error_responses(401)},
     )
     def get(self, request: Request) -> Response:

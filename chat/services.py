@@ -51,7 +51,8 @@ def chat_turn_begin(
     """The user's message and an empty reply in ``streaming`` state, written together.
 
     ``conversation_id=None`` starts a conversation titled after ``content``. The reply points at the
-    ledger row the pipeline will write under ``request_id``.
+    ledger row the pipeline will write under ``request_id``. An archived conversation sent into is in use
+    again: it is unarchived, and back in the owner's list.
     """
     created = conversation_id is None
     if created:
@@ -63,7 +64,8 @@ def chat_turn_begin(
         if conversation is None:
             raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
         conversation.model_name = model_name
-        conversation.save(update_fields=["model_name", "updated_at"])
+        conversation.archived = False
+        conversation.save(update_fields=["model_name", "archived", "updated_at"])
     user_message = Message.objects.create(conversation=conversation, role=Role.USER, content=content)
     assistant_message = Message.objects.create(
         conversation=conversation,

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from billing.models import UsageRecord
 from billing.services.ledger import ledger_flush
+from chat import selectors
 from chat.models import Conversation, Message, MessageStatus, Role
 from chat.pipeline import Caller
 from chat.services_turn import (
@@ -161,3 +163,23 @@ async def test_another_users_conversation_is_not_found(alice, bob, chat_model):
     await ledger_flush()
     record = await UsageRecord.objects.aget()
     assert (record.status, record.user_id, record.error_type) == ("rejected", bob.pk, "not_found")
+
+
+async def test_a_turn_in_an_archived_conversation_brings_it_back_to_the_list(alice, chat_model):
+    """Sending into an archived conversation is using it again: it comes back to the sidebar, as in ChatGPT.
+    A send the pipeline refuses is not a use, and leaves it archived."""
+    conversation = await Conversation.objects.acreate(owner=alice, title="old thread", archived=True)
+
+    refused = turn_for(alice, "no-such-model", "hello?", conversation_id=conversation.pk)
+    await refused.run()
+    assert isinstance(refused.report.events[-1], TurnFailed)
+    await conversation.arefresh_from_db()
+    assert conversation.archived is True
+
+    turn = turn_for(alice, chat_model.name, "picking this up again", conversation_id=conversation.pk)
+    await turn.run()
+    assert isinstance(turn.report.events[-1], TurnCompleted), turn.report.events[-1]
+    await conversation.arefresh_from_db()
+    assert conversation.archived is False
+    listed = await sync_to_async(lambda: [c.pk for c in selectors.conversation_list(user_id=alice.pk)])()
+    assert listed == [conversation.pk]
