@@ -41,11 +41,13 @@ A/B experiment, as REST's ``x-llmhub-experiment``, else null); a reply that fail
 ``chat.started`` with ``deployment`` null, then its ``error``. An ``error`` after ``chat.started`` ends the
 reply and keeps what was written (status ``error``). A ``chat.send`` refused by the pipeline (unknown model, one outside
 the plan or the key's models, bad input, no budget, rate limited) gets an ``error`` and, as on REST, a
-``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type, a busy
-conversation) gets an ``error`` only.
+``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type) or because its
+conversation is busy gets an ``error`` only.
 
 Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
-conversation streams one reply at a time (per socket: a second send on it answers ``conversation_busy``).
+conversation streams one reply at a time, whichever socket, tab or server process sends: a send into a
+conversation with a reply streaming answers ``conversation_busy`` (the check is the database's,
+``chat.selectors.conversation_busy_check``; a reply a dead server left streaming does not hold it).
 The turn itself (history, messages, checkpoints, cancel, final status) is ``chat.services_turn.ChatTurn``:
 this consumer parses and checks events, authenticates, keeps track of its streams, and turns what each
 turn reports into events.
@@ -112,7 +114,6 @@ class _Stream:
     """One reply in flight on this socket: the turn making it, and the task running the turn."""
 
     request_id: str
-    conversation_id: int | None
     turn: ChatTurn
     task: asyncio.Task[None] | None = None
 
@@ -123,7 +124,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.key_digest: str | None = None  # set when a key authenticated the socket, to check it again
         self.closing = False
         self.streams: dict[str, _Stream] = {}
-        self.busy_conversations: dict[int, str] = {}
         self.auth_deadline: asyncio.Task[None] | None = None
         self.shutdown_watch: asyncio.Task[None] | None = None
         user = self.scope.get("user")
@@ -313,8 +313,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if "\x00" in text:
             # The message is stored, and PostgreSQL's text cannot hold U+0000 (as the conversation API refuses it).
             raise SocketError("'content' contains a null character (U+0000), which cannot be stored.")
-        if conversation_id is not None and conversation_id in self.busy_conversations:
-            raise SocketError("A reply is already streaming in this conversation.", code="conversation_busy")
         assert self.caller is not None
         turn = ChatTurn(
             caller=self.caller,
@@ -323,10 +321,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             content=text,
             report=lambda turn_event: self._turn_event(stream, turn_event),
         )
-        stream = _Stream(request_id=request_id, conversation_id=conversation_id, turn=turn)
+        stream = _Stream(request_id=request_id, turn=turn)
         self.streams[request_id] = stream
-        if conversation_id is not None:
-            self.busy_conversations[conversation_id] = request_id
         stream.task = asyncio.create_task(self._run_turn(stream))
 
     async def _chat_cancel(self, event: dict[str, Any]) -> None:
@@ -351,9 +347,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """What the turn reports, as this socket's events."""
         request_id = stream.request_id
         if isinstance(event, TurnStarted):
-            if stream.conversation_id is None:
-                stream.conversation_id = event.conversation_id
-                self.busy_conversations[event.conversation_id] = request_id
             await self._send(
                 {
                     "type": "chat.started",
@@ -396,11 +389,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.request_id, None)
-        if (
-            stream.conversation_id is not None
-            and self.busy_conversations.get(stream.conversation_id) == stream.request_id
-        ):
-            del self.busy_conversations[stream.conversation_id]
 
     # Outgoing ---------------------------------------------------------------------------------------
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
+from django.utils import timezone
 
+from billing.models import UsageRecord
 from core.exceptions import ApplicationError
 
 from .history import Turn
@@ -18,6 +21,45 @@ class NotFoundError(ApplicationError):
     status_code = 404
     error_type = "invalid_request_error"
     code = "not_found"
+
+
+class ConversationBusyError(ApplicationError):
+    """A reply is streaming in the conversation (from any socket, tab or server process): one at a time, so
+    that two replies do not interleave their turns."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conversation_busy"
+
+    def __init__(self, message: str = "A reply is already streaming in this conversation.") -> None:
+        super().__init__(message, param="conversation")
+
+
+# A reply still marked streaming this long after it began belongs to a server that stopped mid-stream.
+ABANDONED_AFTER = timedelta(hours=1)
+# Sooner when the ledger already holds its row: the run has ended, only the message was not finished.
+ABANDONED_SETTLED_AFTER = timedelta(minutes=5)
+
+
+def messages_abandoned(*, now: datetime) -> QuerySet[Message]:
+    """Replies left ``streaming`` by a server that stopped (crashed, was killed) while they streamed: the
+    one rule for when a streaming reply is dead, for the sweep that closes them and for the busy check."""
+    settled = UsageRecord.objects.values("request_id")
+    return Message.objects.filter(status=MessageStatus.STREAMING).filter(
+        Q(created_at__lt=now - ABANDONED_AFTER)
+        | Q(created_at__lt=now - ABANDONED_SETTLED_AFTER, request_id__in=settled)
+    )
+
+
+def conversation_busy_check(*, conversation_id: int, now: datetime | None = None) -> None:
+    """Raise ``ConversationBusyError`` while a reply streams in the conversation; one a dead server left
+    streaming (``messages_abandoned``) does not count."""
+    now = now or timezone.now()
+    streaming = Message.objects.filter(
+        conversation_id=conversation_id, role=Role.ASSISTANT, status=MessageStatus.STREAMING
+    ).exclude(pk__in=messages_abandoned(now=now).filter(conversation_id=conversation_id).values("pk"))
+    if streaming.exists():
+        raise ConversationBusyError()
 
 
 def conversation_list(*, user_id: int) -> QuerySet[Conversation]:
@@ -61,10 +103,13 @@ class TurnContext:
 
 
 def turn_context(*, user_id: int, conversation_id: int | None) -> TurnContext:
-    """The context of a new turn: empty for a new conversation (``conversation_id=None``)."""
+    """The context of a new turn: empty for a new conversation (``conversation_id=None``). A conversation
+    with a reply streaming is busy (``ConversationBusyError``): checked here, before the turn is admitted,
+    and again where its messages are written (``chat.services.chat_turn_begin``)."""
     if conversation_id is None:
         return TurnContext()
     conversation = conversation_get(user_id=user_id, conversation_id=conversation_id)
+    conversation_busy_check(conversation_id=conversation.pk)
     return TurnContext(conversation.system_prompt, tuple(conversation_turns(conversation=conversation)))
 
 

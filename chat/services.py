@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
-from billing.models import UsageRecord
 from core.exceptions import ApplicationError
 from core.text import text_storable
 from experiments.models import FeedbackMetric, FeedbackSource
 from experiments.services_feedback import feedback_clear, feedback_set
 
 from .models import TITLE_MAX_LENGTH, Conversation, Message, MessageStatus, Role
-from .selectors import NotFoundError
+from .selectors import NotFoundError, conversation_busy_check, messages_abandoned
 
 
 def conversation_title_from(content: str) -> str:
@@ -53,6 +51,10 @@ def chat_turn_begin(
     ``conversation_id=None`` starts a conversation titled after ``content``. The reply points at the
     ledger row the pipeline will write under ``request_id``. An archived conversation sent into is in use
     again: it is unarchived, and back in the owner's list.
+
+    One reply streams in a conversation at a time, whichever socket or process sends: under the
+    conversation's row lock (SQLite: the transaction's write lock), a reply still streaming there refuses
+    the turn with ``ConversationBusyError``, and one a dead server left streaming is closed first.
     """
     created = conversation_id is None
     if created:
@@ -63,6 +65,9 @@ def chat_turn_begin(
         conversation = Conversation.objects.select_for_update().filter(owner_id=user_id, pk=conversation_id).first()
         if conversation is None:
             raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
+        now = timezone.now()
+        messages_close_abandoned(now=now, conversation_id=conversation.pk)
+        conversation_busy_check(conversation_id=conversation.pk, now=now)
         conversation.model_name = model_name
         conversation.archived = False
         conversation.save(update_fields=["model_name", "archived", "updated_at"])
@@ -160,20 +165,12 @@ def message_feedback_set(*, message: Message, value: int | None, comment: str = 
     return message
 
 
-# A reply still marked streaming this long after it began belongs to a server that stopped mid-stream.
-ABANDONED_AFTER = timedelta(hours=1)
-# Sooner when the ledger already holds its row: the run has ended, only the message was not finished.
-ABANDONED_SETTLED_AFTER = timedelta(minutes=5)
-
-
-def messages_close_abandoned(*, now: datetime | None = None) -> int:
-    """Mark replies left ``streaming`` by a crashed server as cancelled, keeping the text they had."""
-    now = now or timezone.now()
-    settled = UsageRecord.objects.values("request_id")
-    abandoned = Message.objects.filter(status=MessageStatus.STREAMING).filter(
-        Q(created_at__lt=now - ABANDONED_AFTER)
-        | Q(created_at__lt=now - ABANDONED_SETTLED_AFTER, request_id__in=settled)
-    )
+def messages_close_abandoned(*, now: datetime | None = None, conversation_id: int | None = None) -> int:
+    """Mark replies left ``streaming`` by a crashed server as cancelled, keeping the text they had (in one
+    conversation, with ``conversation_id``)."""
+    abandoned = messages_abandoned(now=now or timezone.now())
+    if conversation_id is not None:
+        abandoned = abandoned.filter(conversation_id=conversation_id)
     return abandoned.update(
         status=MessageStatus.CANCELLED, error_message="The reply did not finish: the server stopped while it streamed."
     )

@@ -193,6 +193,9 @@ class ChatTurn:
             context = await database_sync_to_async(selectors.turn_context)(
                 user_id=self.caller.user_id, conversation_id=self.conversation_id
             )
+        except selectors.ConversationBusyError:
+            # Refused before it became a request (as a socket's own checks refuse): no ledger row.
+            raise
         except (ApplicationError, *DATABASE_OUTAGE_ERRORS) as failure:
             # Refused before the pipeline saw it (a conversation not found, the database down): still a
             # request of this caller, with its rejected row like one the pipeline refuses.

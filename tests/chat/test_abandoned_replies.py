@@ -8,6 +8,8 @@ import pytest
 from django.utils import timezone
 
 from chat.models import Conversation, Message, MessageStatus, Role
+from chat.selectors import ConversationBusyError
+from chat.services import chat_turn_begin
 from chat.tasks import messages_close_abandoned_task
 from tests.factories import UsageRecordFactory, UserFactory
 
@@ -39,3 +41,44 @@ def test_only_abandoned_streaming_replies_are_closed():
     assert statuses[live.pk] == statuses[fresh.pk] == MessageStatus.STREAMING
     assert statuses[done.pk] == MessageStatus.COMPLETE
     assert Message.objects.get(pk=ancient.pk).content == "partial"
+
+
+def begin(conversation, content: str = "next"):
+    return chat_turn_begin(
+        user_id=conversation.owner_id,
+        conversation_id=conversation.pk,
+        model_name="m",
+        provider_name="p",
+        content=content,
+        request_id="req_" + content,
+    )
+
+
+@pytest.mark.period_instants
+def test_a_streaming_reply_keeps_its_conversation_busy_until_it_is_judged_abandoned():
+    """The busy check reads the database (another process's reply counts too), and a reply a crashed server
+    left streaming holds its conversation only until ``messages_close_abandoned`` would close it."""
+    conversation = Conversation.objects.create(owner=UserFactory(), title="t", model_name="m")
+    live = reply(conversation, age=timedelta(minutes=10), request_id="req_live")  # no ledger row: still running
+
+    with pytest.raises(ConversationBusyError) as refused:
+        begin(conversation, "refused")
+    assert (refused.value.code, refused.value.status_code) == ("conversation_busy", 409)
+    assert Message.objects.count() == 1
+
+    UsageRecordFactory(request_id="req_live")  # its run has ended: the server died before finishing the message
+    rows = begin(conversation, "accepted")
+    live.refresh_from_db()
+    assert live.status == MessageStatus.CANCELLED and live.content == "partial"
+    assert rows.assistant_message.status == MessageStatus.STREAMING
+    with pytest.raises(ConversationBusyError):
+        begin(conversation, "refused again")  # the new reply is streaming now
+
+
+@pytest.mark.period_instants
+def test_a_reply_streaming_for_hours_without_a_ledger_row_does_not_lock_its_conversation():
+    conversation = Conversation.objects.create(owner=UserFactory(), title="t", model_name="m")
+    ancient = reply(conversation, age=timedelta(hours=2), request_id="req_ancient")
+    begin(conversation)
+    ancient.refresh_from_db()
+    assert ancient.status == MessageStatus.CANCELLED

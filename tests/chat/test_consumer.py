@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from decimal import Decimal
 
@@ -450,3 +451,55 @@ async def test_a_reply_with_a_nul_character_is_saved_without_it(alice, chat_mode
     assert deltas(events, "r1") == "one \x00 two"
     reply = await Message.objects.aget(pk=events[-1]["message"])
     assert (reply.status, reply.content) == (MessageStatus.COMPLETE, "one  two")
+
+
+async def test_two_tabs_cannot_stream_into_one_conversation_at_once(alice, chat_model, socket_for):
+    """The busy check is the conversation's, not the socket's: a second tab (or a socket on another server
+    process) sending while a reply streams is refused, and its send writes and bills nothing."""
+    tab1, tab2 = await socket_for(alice), await socket_for(alice)
+    await send(tab1, content="hi", model=chat_model)
+    conversation_id = (await events_until(tab1, ends("r1")))[0]["conversation"]
+    await send(tab1, content=LONG_REPLY, model=chat_model, conversation=conversation_id, request_id="r2")
+    await receive_deltas(tab1, "r2", 1)
+
+    await send(tab2, content="me too", model=chat_model, conversation=conversation_id, request_id="r3")
+    busy = await events_until(tab2, ends("r3"))
+    assert [(e["type"], e.get("code")) for e in busy] == [("error", "conversation_busy")], busy
+    assert busy[0]["message"] == "A reply is already streaming in this conversation."
+
+    await tab1.send_json_to({"type": "chat.cancel", "request_id": "r2"})
+    assert (await events_until(tab1, ends("r2")))[-1]["type"] == "chat.cancelled"
+    assert await Message.objects.filter(conversation_id=conversation_id, content="me too").aexists() is False
+    await ledger_flush()
+    replies = [m.request_id async for m in Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)]
+    assert sorted([r.request_id async for r in UsageRecord.objects.all()]) == sorted(replies)
+
+    # Once the reply has ended, the other tab may go on.
+    await send(tab2, content="me too", model=chat_model, conversation=conversation_id, request_id="r4")
+    assert (await events_until(tab2, ends("r4")))[-1]["type"] == "chat.completed"
+
+
+async def test_two_tabs_sending_at_the_same_moment_get_one_reply(alice, chat_model, socket_for):
+    """Both sends may pass the early check before either reply is written: the write itself decides, under
+    the conversation's lock, and the loser is refused with nothing written and nothing billed."""
+    tab1, tab2 = await socket_for(alice), await socket_for(alice)
+    await send(tab1, content="hi", model=chat_model)
+    conversation_id = (await events_until(tab1, ends("r1")))[0]["conversation"]
+
+    await asyncio.gather(
+        send(tab1, content="from tab one", model=chat_model, conversation=conversation_id, request_id="a"),
+        send(tab2, content="from tab two", model=chat_model, conversation=conversation_id, request_id="b"),
+    )
+    endings = [(await events_until(tab, ends(rid)))[-1] for tab, rid in ((tab1, "a"), (tab2, "b"))]
+    assert sorted((e["type"], e.get("code")) for e in endings) == [
+        ("chat.completed", None),
+        ("error", "conversation_busy"),
+    ], endings
+    winner = "from tab one" if endings[0]["type"] == "chat.completed" else "from tab two"
+    users = [m.content async for m in Message.objects.filter(conversation_id=conversation_id, role=Role.USER)]
+    assert users == ["hi", winner]
+    await ledger_flush()
+    replies = {m.request_id async for m in Message.objects.filter(conversation_id=conversation_id, role=Role.ASSISTANT)}
+    extra = [r async for r in UsageRecord.objects.exclude(request_id__in=replies)]
+    # Refused before admission: no row; refused after (the race): its reservation released, at no cost.
+    assert all((r.status, r.cost, r.error_type) == ("rejected", 0, "conversation_busy") for r in extra), extra
