@@ -556,3 +556,27 @@ async def test_deleting_a_conversation_stops_its_streaming_reply(site, browser, 
     assert record.status == "cancelled" and record.completion_tokens < 400, (record.status, record.completion_tokens)
     assert await Conversation.objects.filter(pk=conversation_id).aexists() is False
     await page.close()
+
+
+async def test_sending_into_an_archived_conversation_brings_it_back_to_the_sidebar(site, browser, user):
+    conversation = await sync_to_async(seed_conversations)(user)
+    await Conversation.objects.filter(pk=conversation.pk).aupdate(archived=True)
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+    item = page.locator(f'.conv-item[data-conversation-id="{conversation.pk}"]')
+    await expect(page.locator(".conv-item")).to_have_count(3)
+    await expect(item).to_have_count(0)
+
+    # Opened from a bookmark: the thread is there, and a message sent into it puts it back in the list.
+    await page.goto(f"{site.url}/c/{conversation.pk}/")
+    await expect(page.locator(".message")).to_have_count(2)
+    await send(page, "One more question [[words=4]]")
+    await expect(page.locator(".message.assistant").nth(1)).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(item).to_have_count(1)
+    await expect(item).to_have_attribute("aria-current", "true")
+
+    # Also for the server: after a reload (or in another tab) it is listed, first as the most recent.
+    await page.reload()
+    await expect(page.locator(".conv-item").first).to_have_attribute("data-conversation-id", str(conversation.pk))
+    await expect(page.locator(".conv-item")).to_have_count(4)
+    await page.close()
