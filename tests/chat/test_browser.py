@@ -580,3 +580,34 @@ async def test_sending_into_an_archived_conversation_brings_it_back_to_the_sideb
     await expect(page.locator(".conv-item").first).to_have_attribute("data-conversation-id", str(conversation.pk))
     await expect(page.locator(".conv-item")).to_have_count(4)
     await page.close()
+
+
+async def test_a_reply_streaming_in_another_tab_is_shown_as_such_and_holds_the_conversation(site, browser, user):
+    """A second tab does not call a reply the first tab is still receiving unfinished, and its own send into
+    that conversation is refused (one reply at a time), its text left in the box to send again."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    first = await context.new_page()
+    await sign_in(first, site)
+    await send(first, "A long one [[words=400]] [[tps=20]]")
+    await expect(first.locator(".message.assistant .message-body")).to_contain_text("lorem")
+    conversation_id = int(first.url.rstrip("/").rsplit("/", 1)[1])
+
+    second = await context.new_page()
+    await second.goto(f"{site.url}/c/{conversation_id}/")
+    await expect(second.locator("#connection-status")).to_have_attribute("data-state", "open")
+    elsewhere = second.locator(".message.assistant").first
+    await expect(elsewhere.locator(".message-status")).to_have_text(
+        "Still being written in another tab or window; reload to see it."
+    )
+    await expect(elsewhere).not_to_contain_text("did not finish")
+
+    await send(second, "Me too")
+    await expect(second.locator(".message-error")).to_have_text("A reply is already streaming in this conversation.")
+    await expect(second.locator("#prompt")).to_have_value("Me too")
+
+    await first.get_by_role("button", name="Stop generating").click()
+    await expect(first.locator(".message.assistant").first).to_have_attribute("data-status", "cancelled")
+    await second.reload()
+    await expect(second.locator(".message.assistant").first).to_have_attribute("data-status", "cancelled")
+    await expect(second.locator(".message.assistant").first.locator(".message-status")).to_have_text("Stopped.")
+    await context.close()

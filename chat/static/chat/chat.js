@@ -172,15 +172,18 @@
     view.root.removeAttribute("aria-busy");
     view.root.dataset.status = status;
     for (const old of view.root.querySelectorAll(".message-status, .message-error, .message-footer")) old.remove();
+    if (status === "streaming" || status === "cancelled") {
+      const note = status === "cancelled" ? error || "Stopped." : error;
+      if (note) {
+        const p = document.createElement("p");
+        p.className = "message-status";
+        p.textContent = note;
+        view.root.append(p);
+      }
+    }
     if (status === "streaming") {
       view.root.setAttribute("aria-busy", "true");
       return;
-    }
-    if (status === "cancelled") {
-      const note = document.createElement("p");
-      note.className = "message-status";
-      note.textContent = error || "Stopped.";
-      view.root.append(note);
     }
     if (status === "error") {
       const box = document.createElement("p");
@@ -632,12 +635,19 @@
         live.view = view;
         paintAssistant(view, live.text, false);
         settleView(view, { status: "streaming" });
+      } else if (message.status === "streaming") {
+        // Not this tab's: another tab or window is receiving it, and the server refuses a second reply in
+        // the conversation meanwhile. One a stopped server left is closed by the server, with its reason.
+        paintAssistant(view, message.content, false);
+        settleView(view, {
+          status: "streaming",
+          error: "Still being written in another tab or window; reload to see it.",
+        });
       } else {
         paintAssistant(view, message.content, true);
-        const unfinished = message.status === "streaming" ? "This reply did not finish." : "";
         settleView(view, {
-          status: message.status === "streaming" ? "cancelled" : message.status,
-          error: message.error_message || unfinished,
+          status: message.status,
+          error: message.error_message,
           usage: message.usage, // from the reply's ledger row; null until that is written
         });
       }
