@@ -18,6 +18,7 @@ from billing.services.ledger import ledger_flush
 from chat.models import Message, MessageStatus
 from tests.chat.conftest import session_cookie
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.waiting import wait_until_async
 
 
 @dataclass
@@ -125,3 +126,58 @@ async def test_cross_site_origin_is_refused_at_the_handshake(live):
         async with connect(live.ws_url, origin="https://evil.example", additional_headers={"Cookie": live.cookie}):
             pass
     assert refused.value.response.status_code == 403
+
+
+@pytest.fixture
+def two_servers(tmp_path):
+    """Two llmhub processes on the test database, as two servers behind a load balancer."""
+    from tests.billing.test_concurrency import ServerProcess
+    from tests.conftest import wait_for_port
+
+    servers = [ServerProcess(None, tmp_path / f"server-{n}.log", None) for n in range(2)]
+    try:
+        for server in servers:
+            wait_for_port(server.port, timeout=30, process=server.process)
+        yield [server.url.replace("http://", "ws://") + "/ws/chat/" for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def chat_send(request_id: str, content: str, model: str, conversation: int | None) -> str:
+    event = {"type": "chat.send", "conversation": conversation, "model": model, "content": content}
+    return json.dumps({**event, "request_id": request_id})
+
+
+async def test_one_reply_at_a_time_in_a_conversation_across_server_processes(live, two_servers):
+    """Two sockets on two server processes: the second is refused while the first one's reply streams,
+    with nothing written and nothing billed, and goes on once it has ended."""
+    async with connect(two_servers[0]) as first, connect(two_servers[1]) as second:
+        for ws in (first, second):
+            await ws.send(json.dumps({"type": "auth", "api_key": live.api_key}))
+            assert await next_event(ws) == {"type": "auth.ok"}
+        await first.send(chat_send("a", "Hi", live.model, None))
+        conversation = (await until_end(first, "a"))[0]["conversation"]
+        await first.send(chat_send("b", "More [[words=300]] [[tps=25]]", live.model, conversation))
+        while (await next_event(first))["type"] != "chat.delta":
+            pass
+
+        await second.send(chat_send("c", "me too", live.model, conversation))
+        [busy] = await until_end(second, "c")
+        assert (busy["type"], busy["code"]) == ("error", "conversation_busy")
+
+        await first.send(json.dumps({"type": "chat.cancel", "request_id": "b"}))
+        assert (await until_end(first, "b"))[-1]["type"] == "chat.cancelled"
+        await second.send(chat_send("d", "me too", live.model, conversation))
+        assert (await until_end(second, "d"))[-1]["type"] == "chat.completed"
+
+    users = [m.content async for m in Message.objects.filter(conversation_id=conversation, role="user")]
+    assert users == ["Hi", "More [[words=300]] [[tps=25]]", "me too"]
+    replies = Message.objects.filter(conversation_id=conversation, role="assistant")
+    replied = sorted([m.request_id async for m in replies])
+
+    async def one_row_per_reply() -> bool:
+        return sorted([r.request_id async for r in UsageRecord.objects.all()]) == replied
+
+    # The servers write their rows after each reply: one per reply, none for the refused send.
+    await wait_until_async(one_row_per_reply, "the ledger holds a row for each reply and no other")
