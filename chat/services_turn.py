@@ -6,12 +6,15 @@ the same way, with its own ``report`` callback.
 A turn, in order:
 
 1. reads the conversation's system prompt and history (another user's conversation is not found: a
-   ``rejected`` ledger row, as for any refused request);
+   ``rejected`` ledger row, as for any refused request; one with a reply streaming, from any socket or
+   process, is busy: ``conversation_busy``, refused before it is a request, with no row);
 2. starts the run through the pipeline (``completion_start``), which resolves the model and calls back
    ``shape`` to trim the history to that model's context window (``chat.history``): a request refused
    there (unknown model, not in the plan, bad input, no budget) gets its ``rejected`` ledger row, as a
    REST one does;
-3. writes the user's message and an empty reply in ``streaming`` state;
+3. writes the user's message and an empty reply in ``streaming`` state, checking again under the
+   conversation's lock that no reply streams there (two sends at once: the loser's run is released at no
+   cost, with its ``rejected`` row);
 4. relays the reply, saving what was written every ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows
    it), and reports ``TurnStarted`` with the first chunk, once routing knows which deployment answers;
 5. writes the reply's final status: ``complete``; ``cancelled`` when stopped (what was written is kept);
