@@ -402,7 +402,8 @@ class ProcessHeartbeat(models.Model):
 
 
 class BudgetAlert(models.Model):
-    """A budget threshold crossed; the unique constraint is what makes each one fire once per period."""
+    """A budget threshold crossed; the unique constraint is what makes each one fire once per period and limit
+    (a budget raised after it fired sets a new limit, whose thresholds the spend has not reached fire again)."""
 
     scope_kind = models.CharField(max_length=8, choices=ScopeKind.choices)
     scope_id = models.BigIntegerField()
@@ -425,8 +426,8 @@ class BudgetAlert(models.Model):
         indexes = [models.Index(fields=["created_at"], name="billing_alert_created")]
         constraints = [
             models.UniqueConstraint(
-                fields=["scope_kind", "scope_id", "metric", "period_start", "threshold"],
-                name="billing_alert_once_per_threshold_and_period",
+                fields=["scope_kind", "scope_id", "metric", "period_start", "threshold", "limit"],
+                name="billing_alert_once_per_threshold_limit_and_period",
             )
         ]
 

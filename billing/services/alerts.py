@@ -1,8 +1,11 @@
-"""Budget alerts: at 50 %, 80 % and 100 % of a budget or token quota, once per threshold and period.
+"""Budget alerts: at 50 %, 80 % and 100 % of a budget or token quota, once per threshold, limit and period.
 
 The ``BudgetAlert`` row is the "once": its unique constraint lets exactly one settlement, in whatever
-process, record a crossing. Reconciliation raises the alerts a settlement missed (a lost settle whose
-spend only the ledger shows) through the same rows, so a threshold that fired never fires again.
+process, record a crossing. The limit is part of it: a budget raised after its alerts fired has thresholds
+of its own, and those the spend has not reached yet fire when it does, in the same period (those it is
+already past are never crossed, so they stay quiet). Reconciliation raises the alerts a settlement missed
+(a lost settle whose spend only the ledger shows) through the same rows, so a threshold that fired never
+fires again.
 Delivery happens after commit in Celery tasks (email to the user, or the key's owner; the
 Slack-compatible webhook when ``LLMHUB_ALERT_WEBHOOK_URL`` is set), with retries. Raising an alert never
 fails its caller (a settlement, a reconciliation): a broker that cannot take the tasks is logged, and the
@@ -61,7 +64,8 @@ def budget_crossings(*, spec: CounterSpec, before: Decimal, after: Decimal) -> l
 
 
 def budget_alerts_raise(*, crossings: Sequence[Crossing], user_id: int) -> list[BudgetAlert]:
-    """Record each crossing unless this threshold already fired in this period; deliver the new ones."""
+    """Record each crossing unless this threshold of this limit already fired in this period; deliver the new
+    ones."""
     created = []
     for crossing in crossings:
         ref = crossing.spec.ref

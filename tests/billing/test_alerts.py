@@ -68,6 +68,29 @@ async def test_each_threshold_alerts_once_per_period_by_email_and_webhook(store,
     assert alert.sent_at is not None and alert.spent == 100 * TOKEN and alert.limit == 100 * TOKEN
 
 
+async def test_raising_a_budget_after_its_100_percent_alert_re_arms_the_thresholds_now_ahead(store, account, webhook):
+    """The user raises the budget they reached: the thresholds of the new budget that the spend has not reached
+    alert again when it does, in the same period; those it is already past stay quiet."""
+    await spend_settled(account, "a", 100)  # 100 %: crosses 50, 80 and 100 at once
+    assert len(mail.outbox) == 3
+
+    await sync_to_async(api_key_limits_set)(
+        api_key=account["key"], budget_usd=200 * TOKEN, budget_period=BudgetPeriod.MONTHLY
+    )
+    await spend_settled(account, "b", 10)  # 55 % of the new budget: its 50 % was passed when it was raised
+    assert len(mail.outbox) == 3
+    await spend_settled(account, "c", 50)  # 80 % of the new budget
+    assert len(mail.outbox) == 4 and mail.outbox[3].subject.endswith("is at 80%")
+    assert "$0.016 of $0.02 used" in mail.outbox[3].body
+    await spend_settled(account, "d", 40)  # 100 % of the new budget
+    assert len(mail.outbox) == 5 and mail.outbox[4].subject.endswith("is at 100%")
+    assert "$0.02 of $0.02 used" in mail.outbox[4].body
+    assert len(webhook.received) == 5
+
+    rows = await sync_to_async(list)(BudgetAlert.objects.order_by("pk").values_list("threshold", "limit"))
+    assert rows == [(50, 100 * TOKEN), (80, 100 * TOKEN), (100, 100 * TOKEN), (80, 200 * TOKEN), (100, 200 * TOKEN)]
+
+
 async def test_a_failing_webhook_is_retried(store, account, webhook):
     webhook.fail_next = 2
     await spend_settled(account, "big", 50)
