@@ -12,6 +12,7 @@ from accounts.jwt import jwt_authenticate, jwt_bearer
 from accounts.roles import CAPABILITIES, Capability, Role, role_for_user_id
 from billing.services.admission import models_allowed
 from billing.services.keys import api_key_authenticate
+from providers.byok import byok_callable, byok_required_in, user_credentials
 from providers.models import ModelMode
 from providers.types import ResolvedModel
 
@@ -63,5 +64,11 @@ async def caller_from_api_key(raw: str | None, *, ip_address: str | None = None)
 
 
 async def models_for_caller(caller: Caller, *, mode: str | None = ModelMode.CHAT) -> list[ResolvedModel]:
-    """The models ``caller`` may use, of one ``mode`` (chat: the picker's), or of every mode (None)."""
-    return await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, mode=mode)
+    """The models ``caller`` may use and can be served on, of one ``mode`` (chat: the picker's), or of every
+    mode (None): one whose deployments all need the caller's own provider key, which they lack (or have had
+    refused), is left out. Their keys are looked up (cached, ``user_credentials``) only when some model needs
+    one."""
+    models = await models_allowed(user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, mode=mode)
+    if not any(byok_required_in(m) for m in models):
+        return models
+    return byok_callable(models, await user_credentials(caller.user_id))

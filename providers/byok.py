@@ -238,6 +238,27 @@ async def byok_refused_hints(user_id: int, provider_names: Iterable[str]) -> dic
     return {name: hint async for name, hint in rows}
 
 
+def byok_required_in(model: ResolvedModel) -> bool:
+    """Whether some deployment of ``model`` runs only on a user's own key: else every user can be served."""
+    return any(d.provider.byok == ByokMode.REQUIRED for d in model.deployments)
+
+
+def byok_callable(models: list[ResolvedModel], credentials: Mapping[int, UserCredential]) -> list[ResolvedModel]:
+    """Those of ``models`` (the ones a user may use) that a request of theirs can be served on: some deployment
+    of the model, or of one of its fallbacks among ``models`` of the same mode, that their own keys let serve
+    them (``byok_servable``). The others would only ever answer 403 ``own_key_required``."""
+    by_name = {m.name: m for m in models}
+
+    def servable(model: ResolvedModel) -> bool:
+        return any(byok_servable(d, credentials) for d in model.deployments)
+
+    def served_by_fallback(model: ResolvedModel) -> bool:
+        fallbacks = (by_name.get(name) for name in model.fallbacks)
+        return any(f is not None and f.mode == model.mode and servable(f) for f in fallbacks)
+
+    return [m for m in models if servable(m) or served_by_fallback(m)]
+
+
 def byok_in_use(model: ResolvedModel) -> bool:
     """Whether any deployment of ``model`` may run on a user's key: else no lookup is needed."""
     return any(d.provider.byok != ByokMode.DISABLED for d in model.deployments)

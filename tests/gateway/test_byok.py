@@ -24,6 +24,7 @@ from billing.pricing import cost_for
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
+from core.cache import lookup_caches_invalidate
 from llmhub.testing.fake_upstream import UpstreamSpec, key_digest
 from providers.fields import Secret
 from providers.models import (
@@ -227,6 +228,38 @@ def test_a_deleted_key_sends_the_user_back_to_the_providers_key_at_once(world):
 
     assert world.keys_seen() == [key_digest(ALICE_KEY), key_digest(PLATFORM_KEY)]
     assert_row(raw, source=BillingSource.PLATFORM, model="opt-model")
+
+
+def test_v1_models_lists_a_model_that_requires_an_own_key_only_to_a_user_who_has_a_usable_one(world):
+    listed = {model.id for model in world.client(world.bob_key).models.list()}
+    assert listed == {"opt-model", "platform-model"}  # req-model would always answer 403 own_key_required
+    with pytest.raises(openai.NotFoundError):
+        world.client(world.bob_key).models.retrieve("req-model")
+
+    assert {model.id for model in world.client(world.alice_key).models.list()} == {
+        "opt-model",
+        "req-model",
+        "platform-model",
+    }
+    assert world.client(world.alice_key).models.retrieve("req-model").owned_by == "required-openai"
+
+    # A key the provider refused is no usable key: the model goes, as her requests would be refused up front.
+    ProviderCredential.objects.filter(owner=world.alice, provider__name="required-openai").update(
+        status=CredentialStatus.INVALID
+    )
+    lookup_caches_invalidate()
+    assert "req-model" not in {model.id for model in world.client(world.alice_key).models.list()}
+    assert world.keys_seen() == []  # listing asks no provider
+
+
+def test_v1_models_lists_a_model_on_an_own_key_provider_when_its_fallback_serves_a_user_without_one(world):
+    fallback_to = CatalogModel.objects.get(name="req-model")
+    fallback_to.fallbacks = ["platform-model"]
+    fallback_to.save()
+
+    assert "req-model" in {model.id for model in world.client(world.bob_key).models.list()}
+    reply = world.client(world.bob_key).chat.completions.create(model="req-model", messages=MESSAGES)
+    assert reply.model == "platform-model"
 
 
 def test_a_plan_that_counts_own_key_spend_charges_it_to_the_platform_budget_too(world):
