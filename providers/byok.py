@@ -19,6 +19,7 @@ from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
+from core.broadcast import broadcast_listen
 from core.cache import TTLCache
 
 from .exceptions import (
@@ -45,13 +46,15 @@ class UserCredential:
 
 
 # user id -> their usable keys by provider id. Invalidated per user by ``signals`` when a key is saved or
-# deleted in this process; other processes see the change within ``LLMHUB_LOOKUP_CACHE_TTL``. A user with
+# deleted in this process, and in the others through ``core.broadcast`` (with Redis; else within
+# ``LLMHUB_LOOKUP_CACHE_TTL``). A user with
 # no key is cached too (an empty mapping), so a model that allows own keys costs one query per TTL per user.
 credentials_cache: TTLCache[Mapping[int, UserCredential]] = TTLCache("user_credentials")
 
 
 async def user_credentials(user_id: int) -> Mapping[int, UserCredential]:
     """The user's own keys by provider id: those not known to be refused (valid or unchecked)."""
+    broadcast_listen()  # a key deleted in another process is dropped here at once (``providers.signals``)
     return await credentials_cache.get_or_load(user_id, lambda: _credentials_load(user_id))
 
 

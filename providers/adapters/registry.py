@@ -9,8 +9,9 @@ Users' own keys (bring your own key) each need a client of their own (``Provider
 provider and credential), and thousands of users must not open thousands of connection pools: those
 clients are bounded by ``LLMHUB_ADAPTER_POOL_SIZE`` per loop and evicted least-recently-used. The
 providers' own clients are kept apart and never evicted: there is one per provider, start-up warms them,
-and every platform request needs its provider's. An evicted or replaced client is closed once the calls
-on it (a stream may run for minutes) have finished.
+and every platform request needs its provider's. A user's key that is deleted, replaced or refused has its
+clients retired at once (``adapters_forget``, from ``providers.signals``). An evicted or replaced client is
+closed once the calls on it (a stream may run for minutes) have finished.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -48,8 +50,10 @@ class _Pool:
     retiring: set[BaseAdapter] = field(default_factory=set)  # evicted or replaced, closed once idle
 
 
-# Entries vanish with their loop.
+# Entries vanish with their loop. Added to under ``_pools_lock``, which ``adapters_forget`` (called from any
+# thread) holds to list them.
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
+_pools_lock = threading.Lock()
 _retired: set[asyncio.Task[None]] = set()
 # How often a retired client is checked for calls still running on it (soon at first, since most calls are
 # short, then every second at most), and the longest it is kept for them.
@@ -81,7 +85,8 @@ def adapter_for(config: ProviderConfig) -> BaseAdapter:
         return adapter_class_for_kind(config.kind)(config)
     pool = _pools.get(loop)
     if pool is None:
-        pool = _pools[loop] = _Pool()
+        with _pools_lock:
+            pool = _pools[loop] = _Pool()
     if config.credential_id is None:
         return _platform_adapter(pool, config, loop)
     return _user_adapter(pool, config, loop)
@@ -113,6 +118,31 @@ def _user_adapter(pool: _Pool, config: ProviderConfig, loop: asyncio.AbstractEve
         _, evicted = pool.users.popitem(last=False)
         _retire(pool, evicted, loop)
     return fresh
+
+
+def adapters_forget(credential_id: int) -> None:
+    """Retire the pooled clients of a user's key that was deleted, replaced or refused, in every event loop of
+    this process (callable from any thread): nothing is to keep the key, nor its connections, until the pool
+    happens to evict them. A call running on one finishes first (``_retire``)."""
+    with _pools_lock:
+        pools = list(_pools.items())
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, pool in pools:
+        if loop is running:
+            _forget(pool, credential_id, loop)
+            continue
+        try:
+            loop.call_soon_threadsafe(_forget, pool, credential_id, loop)
+        except RuntimeError:  # the loop closed meanwhile, and its clients with it
+            pass
+
+
+def _forget(pool: _Pool, credential_id: int, loop: asyncio.AbstractEventLoop) -> None:
+    for key in [key for key in pool.users if key[1] == credential_id]:
+        _retire(pool, pool.users.pop(key), loop)
 
 
 def _retire(pool: _Pool, adapter: BaseAdapter, loop: asyncio.AbstractEventLoop) -> None:

@@ -12,20 +12,23 @@ import hashlib
 import os
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from providers.adapters import adapter_for, registry
 from providers.adapters.registry import adapters_close_all, adapters_open
 from providers.fields import Secret
-from providers.models import ByokMode
+from providers.models import ByokMode, CredentialStatus, Provider, ProviderCredential
 from providers.selectors import provider_config
+from providers.services.credentials import provider_credential_delete, provider_credential_save
 from tests.connections import established_connections
-from tests.factories import ProviderFactory
+from tests.factories import ProviderFactory, UserFactory
 from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db
 
 BOUND = 8
 USERS = 1000
+ALICE_KEY = "sk-alice-own-key-7f3a9c1e5b2d4a68"
 BODY = {"model": "fake-gpt-4o-mini", "messages": [{"role": "user", "content": "hi [[words=2]]"}]}
 
 
@@ -149,5 +152,61 @@ async def test_an_evicted_client_finishes_its_stream_before_it_closes(settings, 
         # Then it is closed, within a few idle checks.
         await wait_until_async(streaming._client.is_closed, "the evicted client closed", timeout=10, interval=0.1)
         assert streaming._client.is_closed()
+    finally:
+        await adapters_close_all()
+
+
+@pytest.fixture
+def alices_key(base_config):
+    alice = UserFactory(username="alice")
+    provider = Provider.objects.get(pk=base_config.id)
+    credential = ProviderCredential.objects.create(
+        owner=alice, provider=provider, api_key=ALICE_KEY, hint=Secret(ALICE_KEY).hint, status=CredentialStatus.VALID
+    )
+    return credential
+
+
+def on_key(base, credential: ProviderCredential):
+    return dataclasses.replace(
+        base, api_key=Secret(credential.api_key.reveal()), credential_id=credential.pk, credential_hint=credential.hint
+    )
+
+
+async def client_used(config):
+    """The pooled adapter for ``config``, after a real call on it (its connection open and kept alive)."""
+    adapter = adapter_for(config)
+    await adapter.complete(BODY)
+    assert not adapter._client.is_closed()
+    return adapter
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_deleting_an_own_key_closes_its_pooled_client_at_once(base_config, alices_key):
+    await adapters_close_all()
+    try:
+        used = await client_used(on_key(base_config, alices_key))
+
+        await sync_to_async(provider_credential_delete)(credential=alices_key)
+
+        # Nothing holds the deleted key any more: its client (and the connection it kept) is closed, though
+        # no other key pushed it out of the pool.
+        await wait_until_async(used._client.is_closed, "the deleted key's client closed", timeout=5, interval=0.05)
+        assert adapters_open() == 0
+    finally:
+        await adapters_close_all()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_replacing_an_own_key_closes_the_old_keys_pooled_client_at_once(base_config, alices_key):
+    await adapters_close_all()
+    try:
+        used = await client_used(on_key(base_config, alices_key))
+
+        replaced = await sync_to_async(provider_credential_save)(
+            owner=alices_key.owner, provider=alices_key.provider, api_key="sk-alice-new-key-0000000000000001"
+        )
+
+        await wait_until_async(used._client.is_closed, "the replaced key's client closed", timeout=5, interval=0.05)
+        assert adapter_for(on_key(base_config, replaced)) is not used
     finally:
         await adapters_close_all()

@@ -4,17 +4,25 @@ against a fake provider that accepts only the keys it is told to and refuses mar
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from asgiref.sync import async_to_sync
 from django.core import mail
+from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from audit.models import AuditEvent
 from llmhub.testing.fake_upstream import FakeUpstream, key_digest
+from providers.byok import user_credentials
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
-from providers.services.credentials import provider_credential_save, provider_credential_validate
+from providers.services.credentials import (
+    provider_credential_delete,
+    provider_credential_save,
+    provider_credential_validate,
+)
 from providers.tasks_credentials import provider_credentials_revalidate_all
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
@@ -500,3 +508,30 @@ def test_key_checks_are_bounded_per_user_and_answer_429_with_retry_after(client,
     bob = APIClient()
     bob.force_login(UserFactory(username="bob"))
     assert add(bob, bobs).status_code == 201
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_that_reads_a_key_while_its_delete_commits_does_not_keep_it_for_the_next(provider, alice):
+    """The delete drops the user's cached keys before it commits; a request of theirs that reads them in
+    between still finds the key (not deleted yet, for every other connection) and must not keep that copy:
+    the requests after the delete answered would go out on the deleted key for the cache's TTL."""
+    key = new_key()
+    credential = ProviderCredential.objects.create(
+        owner=alice, provider=provider, api_key=key, hint="sk-…", status=CredentialStatus.VALID
+    )
+    read_meanwhile: list[dict] = []
+
+    def a_request_reads_the_keys() -> None:  # another thread, another connection: committed data only
+        try:
+            read_meanwhile.append(dict(async_to_sync(user_credentials)(alice.pk)))
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        provider_credential_delete(credential=credential)
+        reader = threading.Thread(target=a_request_reads_the_keys)
+        reader.start()
+        reader.join(timeout=10)
+    assert list(read_meanwhile[0]) == [provider.pk]  # the delete was not committed yet
+
+    assert async_to_sync(user_credentials)(alice.pk) == {}
