@@ -1173,9 +1173,11 @@ class _App:
         self._record(request, body)
         provider = self._provider_for(request)
         if not self._authorized(request):
-            return _status_fault(provider, 401)
+            return _gemini_key_invalid() if provider == "gemini" else _status_fault(provider, 401)
         refusal = _key_refusal(_presented_key(request))
         if refusal is not None:
+            if provider == "gemini" and refusal[0] == 401:
+                return _gemini_key_invalid()
             return _error(provider, *refusal)
         try:
             return await handler(request)
@@ -2167,6 +2169,18 @@ def _gemini_error(status: int, message: str, details: list[dict[str, Any]] | Non
     if details:
         error["details"] = details
     return web.json_response({"error": error}, status=status)
+
+
+def _gemini_key_invalid() -> web.Response:
+    """Google's answer to an API key it does not know: not a 401 but a 400 INVALID_ARGUMENT, the key's
+    refusal said only by the ``API_KEY_INVALID`` reason of its ErrorInfo detail."""
+    info = {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
+    return _gemini_error(400, "API key not valid. Please pass a valid API key.", details=[info])
 
 
 def _parse_gemini(body: dict[str, Any]) -> _Conversation:

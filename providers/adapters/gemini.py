@@ -186,9 +186,14 @@ class GeminiAdapter(BaseAdapter):
             config = self.config
             message = scrub(str(exc.message or exc.status or f"HTTP {exc.code}").strip(), config)
             headers = getattr(getattr(exc, "response", None), "headers", None)
+            status = int(exc.code or 500)
+            if status == 400 and _error_reason(exc.details) == "API_KEY_INVALID":
+                # Google refuses an unknown key with 400 INVALID_ARGUMENT where other providers say 401: the
+                # same refusal (a user's own key turns invalid, the provider's key is the admin's to fix).
+                status = 401
             error = error_for_status(
                 config,
-                int(exc.code or 500),
+                status,
                 message,
                 headers=headers,
                 # Gemini's wording: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
@@ -212,6 +217,16 @@ class GeminiAdapter(BaseAdapter):
         if isinstance(exc, ValueError | ValidationError):
             return "the provider sent a malformed chunk."
         return interruption_reason(exc)
+
+
+def _error_reason(body: Any) -> str:
+    """The ``reason`` of a Google error's ``ErrorInfo`` detail (``API_KEY_INVALID``), or ""."""
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else ():
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("google.rpc.ErrorInfo"):
+            return str(detail.get("reason") or "")
+    return ""
 
 
 def _retry_delay(body: Any) -> float | None:

@@ -9,10 +9,11 @@ import struct
 
 import pytest
 
+from llmhub.testing.fake_upstream import UpstreamSpec
 from llmhub.testing.openapi import validate_openai_schema
 from providers.adapters.gemini import GeminiAdapter
 from providers.adapters.translate_gemini import StreamTranslator, completion_from_response, gemini_request
-from providers.exceptions import ProviderBadRequestError, ProviderError
+from providers.exceptions import ProviderAuthenticationError, ProviderBadRequestError, ProviderError
 from providers.fields import Secret
 from providers.types import ProviderConfig
 from tests.providers.conftest import open_connections_once_closed, open_connections_to, two_content_chunks
@@ -398,3 +399,21 @@ async def test_cancelling_the_consuming_task_closes_the_upstream_response(privat
         assert open_connections_to(private_upstream.port) == 0
     finally:
         await adapter.aclose()
+
+
+async def test_a_key_google_does_not_know_is_a_refused_key_not_a_bad_request(fake_upstreams):
+    """Google answers an unknown API key with 400 INVALID_ARGUMENT, reason API_KEY_INVALID: the same refusal
+    as another provider's 401, so that a user's own key is marked invalid and a provider's key is the admin's
+    502, not the client's "bad request"."""
+    upstream = fake_upstreams(UpstreamSpec(name="google", api_key="AIza-the-only-key-google-knows-0000"))["google"]
+    adapter = GeminiAdapter(make_config(upstream.base_url, api_key=Secret("AIza-a-revoked-key-0000000000000")))
+    try:
+        with pytest.raises(ProviderAuthenticationError) as refused:
+            await adapter.complete(chat("hi"))
+        with pytest.raises(ProviderAuthenticationError):
+            await adapter.list_models()
+    finally:
+        await adapter.aclose()
+
+    assert refused.value.upstream_status == 401
+    assert "AIza-a-revoked" not in str(refused.value)

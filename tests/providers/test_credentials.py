@@ -264,6 +264,23 @@ def test_an_anthropic_key_is_checked_with_anthropics_model_list(client, upstream
     assert key not in response.content.decode()
 
 
+@pytest.mark.parametrize(("marker", "status", "words"), [("", 201, None), ("-refused", 400, "not a valid API key")])
+def test_a_gemini_key_google_does_not_know_is_refused_as_not_valid_not_as_uncheckable(
+    client, upstream, marker, status, words
+):
+    """Google answers an unknown key with 400 INVALID_ARGUMENT (reason API_KEY_INVALID), not 401."""
+    ProviderFactory(name="gemini-own", kind=ProviderKind.GEMINI, base_url=upstream.base_url, byok=ByokMode.OPTIONAL)
+    key = new_key(prefix="AIza", marker=marker)
+    accept_keys(upstream, key)
+
+    response = client.post("/api/provider-keys/", {"provider": "gemini-own", "api_key": key}, format="json")
+
+    assert response.status_code == status, response.content
+    if words:
+        message = response.json()["error"]["message"]
+        assert words in message and "could not be checked" not in message
+
+
 def test_the_live_check_obeys_the_outbound_policy(client):
     ProviderFactory(
         name="metadata", kind=ProviderKind.OPENAI, base_url="http://169.254.169.254/v1", byok=ByokMode.OPTIONAL

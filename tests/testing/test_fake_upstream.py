@@ -1276,8 +1276,12 @@ def test_gemini_models_and_embeddings(genai_client, upstream: FakeUpstream) -> N
 
 def test_gemini_key_in_the_query_string_is_accepted_when_a_key_is_required() -> None:
     with FakeUpstream(api_key="AIza-required") as server:
-        status, _, _ = http(server, "GET", "/v1beta/models")
-        assert status == 401
+        # Google refuses a key it does not know with 400 INVALID_ARGUMENT, reason API_KEY_INVALID (not 401).
+        for query in ("", "?key=AIza-unknown"):
+            status, _, body = http(server, "GET", "/v1beta/models" + query)
+            error = json.loads(body)["error"]
+            assert (status, error["status"]) == (400, "INVALID_ARGUMENT")
+            assert error["details"][0]["reason"] == "API_KEY_INVALID"
         status, _, body = http(server, "GET", "/v1beta/models?key=AIza-required")
         assert status == 200 and json.loads(body)["models"]
         status, _, _ = http(server, "GET", "/v1beta/models", headers={"x-goog-api-key": "AIza-required"})
