@@ -428,6 +428,12 @@ _KEY_REFUSALS: tuple[tuple[str, tuple[int, str, str | None, str | None]], ...] =
 )
 
 
+_ANTHROPIC_NO_CREDIT = (
+    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or "
+    "purchase credits."
+)
+
+
 def _key_refusal(key: str) -> tuple[int, str, str | None, str | None] | None:
     for marker, refusal in _KEY_REFUSALS:
         if marker in key:
@@ -1178,6 +1184,9 @@ class _App:
         if refusal is not None:
             if provider == "gemini" and refusal[0] == 401:
                 return _gemini_key_invalid()
+            if provider == "anthropic" and refusal[3] == "insufficient_quota":
+                # Anthropic says an empty account in a 400, in words only.
+                return _anthropic_error(400, "invalid_request_error", _ANTHROPIC_NO_CREDIT)
             return _error(provider, *refusal)
         try:
             return await handler(request)

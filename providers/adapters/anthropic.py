@@ -198,7 +198,13 @@ class AnthropicAdapter(BaseAdapter):
             if exc.status_code < 400:
                 # An error event inside a stream that had begun with a 200.
                 return ProviderError(f"The provider {config.name!r} reported an error: {message}", provider=config.name)
-            return error_for_status(config, exc.status_code, message, headers=exc.response.headers)
+            status, code = exc.status_code, None
+            if status == 402 or (status == 400 and "credit balance is too low" in message.lower()):
+                # Anthropic says an empty account as a 400 in words ("Your credit balance is too low ...") or a
+                # 402 billing_error, where OpenAI says 429 insufficient_quota: the account's quota, not the
+                # request, is at fault (a user's own key: their 429; the provider's: an administrator's to fix).
+                status, code = 429, "insufficient_quota"
+            return error_for_status(config, status, message, headers=exc.response.headers, code=code)
         return error_for_failure(
             config, exc, timeouts=(anthropic.APITimeoutError,), connection_errors=(anthropic.APIConnectionError,)
         )

@@ -24,7 +24,7 @@ from billing.models import BillingSource
 from billing.services.keys import api_key_create
 from llmhub.testing.fake_upstream import UpstreamSpec, key_digest
 from providers.fields import Secret
-from providers.models import ByokMode, CredentialStatus, ProviderCredential
+from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
 from tests.gateway.test_byok import PLATFORM_KEY, model_on
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 REFUSED_KEY = "sk-alice-refused-canary-51c0ffee9d"
 NO_ACCESS_KEY = "sk-alice-noaccess-canary-7e11a2b3"
 NO_QUOTA_KEY = "sk-alice-noquota-canary-3d4e5f60"
+ANTHROPIC_NO_CREDIT_KEY = "sk-ant-alice-noquota-canary-8a9b0c1d"
 MESSAGES = [{"role": "user", "content": "hello [[words=5]]"}]
 ENTRY_POINTS = ["chat", "chat-stream", "messages", "websocket"]
 
@@ -43,7 +44,7 @@ ENTRY_POINTS = ["chat", "chat-stream", "messages", "websocket"]
 def setup(llmhub_server, fake_upstreams, caplog):
     caplog.set_level(logging.DEBUG)
     upstream = fake_upstreams(UpstreamSpec(name="byok", api_key=PLATFORM_KEY))["byok"]
-    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY, NO_QUOTA_KEY]}
+    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY, NO_QUOTA_KEY, ANTHROPIC_NO_CREDIT_KEY]}
     httpx.post(upstream.base_url + "/__control", json=accepted, timeout=5).raise_for_status()
     base_url = upstream.base_url + "/v1"
     optional = ProviderFactory(name="optional-openai", base_url=base_url, byok=ByokMode.OPTIONAL)
@@ -223,5 +224,27 @@ def test_an_own_key_out_of_quota_is_the_users_429_and_the_platform_does_not_pay_
     assert NO_QUOTA_KEY not in text
     calls = [r for r in setup["upstream"].requests if r["path"] == "/v1/chat/completions"]
     assert [r["key_sha256"] for r in calls] == [key_digest(NO_QUOTA_KEY)]
+    row.refresh_from_db()
+    assert row.status == CredentialStatus.VALID
+
+
+def test_an_own_anthropic_key_without_credit_is_the_users_429_not_a_bad_request(setup):
+    """Anthropic says an empty account as a 400 invalid_request_error ("Your credit balance is too low ..."),
+    not OpenAI's 429 insufficient_quota: it is the same exhausted quota of the user's own key, not a fault of
+    the request."""
+    anthropic = ProviderFactory(
+        name="anthropic-own", kind=ProviderKind.ANTHROPIC, base_url=setup["upstream"].base_url, byok=ByokMode.OPTIONAL
+    )
+    model_on("claude-own", anthropic, upstream_ids=["fake-claude-haiku"])
+    row = credential(setup["alice"], anthropic, ANTHROPIC_NO_CREDIT_KEY)
+
+    status, text = ask(setup, "chat", "claude-own")
+
+    assert status == 429, text
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("insufficient_quota", "user_key_quota_exhausted")
+    assert "your own API key" in error["message"] and row.hint in error["message"]
+    calls = [r for r in setup["upstream"].requests if r["path"] == "/v1/messages"]
+    assert [r["key_sha256"] for r in calls] == [key_digest(ANTHROPIC_NO_CREDIT_KEY)]  # the platform did not pay
     row.refresh_from_db()
     assert row.status == CredentialStatus.VALID
