@@ -515,6 +515,19 @@ class DailyExperimentUsage(models.Model):
         return f"{self.day} experiment {self.experiment_id}/{self.experiment_variant_id} {self.status}: {self.requests}"
 
 
+class DailyUsageScanMark(models.Model):
+    """How far the rollup task has looked for late ledger rows: rows of a day older than the days it
+    rebuilds (a spool replayed after an outage of days, the lost-request sweep, both of which write a row
+    with the time it was made). One row (``pk=1``); each run rolls up again the days that got rows above
+    it and moves it to its own high water (``services.rollups.daily_usage_rebuild_recent``)."""
+
+    through_id = models.BigIntegerField(help_text="The last ledger row the rollup task has looked at.")
+    scanned_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"late rows looked for through #{self.through_id}"
+
+
 class ExperimentUsageMark(models.Model):
     """How far ``DailyExperimentUsage`` goes: it holds every experiment's ledger rows up to ``through_id``
     and none above. One row (``pk=1``), moved forward by each fold in the fold's transaction; the results

@@ -9,6 +9,9 @@ the rollup plus the day's raw rows above it is the whole day, with nothing count
 read today that way (``billing.selectors``). The mark is the ledger's high water (``ledger_high_water``),
 below which no insert is still in flight; a bare ``MAX(id)`` would not do, since PostgreSQL hands out
 ids before commit and a row with a smaller id may still commit after the rollup has summed.
+
+A row written late onto a day the task no longer rebuilds (a spool replayed after an outage of days)
+makes the task's next run roll that day up again (``DailyUsageScanMark``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..models import (
     DailyExperimentUsage,
     DailyUsage,
     DailyUsageMark,
+    DailyUsageScanMark,
     DailyUsageSeal,
     ExperimentUsageMark,
     UsageRecord,
@@ -99,14 +103,44 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
 
 
 def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> int:
-    """Today and the ``days - 1`` days before it (late rows land on yesterday around midnight), and the
-    experiments' rollup up to the same mark."""
+    """Today and the ``days - 1`` days before it (late rows land on yesterday around midnight), any older
+    day that got ledger rows since the last run (``_late_days_rebuild``), and the experiments' rollup, all
+    up to the same mark."""
     today = today or timezone.now().astimezone(UTC).date()
     through_id = ledger_high_water()  # one instant with the ledger closed, for every day
     rebuilt = sum(
         daily_usage_rebuild(day=today - timedelta(days=offset), through_id=through_id) for offset in range(days)
     )
+    rebuilt += _late_days_rebuild(before=today - timedelta(days=days - 1), through_id=through_id)
     experiment_usage_fold(through_id=through_id)
+    return rebuilt
+
+
+def _late_days_rebuild(*, before: date, through_id: int) -> int:
+    """Roll up again each day before ``before`` that has ledger rows above ``DailyUsageScanMark`` (written
+    since the last run looked) and at or below ``through_id``, then move the mark there.
+
+    Such rows were written late, with the time they were made: a spool replayed after an outage of days,
+    the lost-request sweep. The days they land on are no longer rebuilt by the task, and the usage pages read
+    past days from the rollup only, so without this they would never count. Only the rows written since the
+    last run are read (by id, a few minutes of the ledger), not the old days. The mark moves after the
+    days are rebuilt: a run that dies between the two leaves them to the next run, which rebuilds them
+    again to the same figures. A first run starts from the newest day's mark (the last run's high water)."""
+    since = DailyUsageScanMark.objects.filter(pk=1).values_list("through_id", flat=True).first()
+    if since is None:
+        newest = DailyUsageMark.objects.order_by("-day").values_list("through_id", flat=True).first()
+        since = min(newest, through_id) if newest is not None else through_id
+        DailyUsageScanMark.objects.get_or_create(pk=1, defaults={"through_id": since})
+    start = datetime.combine(before, time(), UTC)
+    late_days = sorted(
+        UsageRecord.objects.filter(pk__gt=since, pk__lte=through_id, created_at__lt=start)
+        .annotate(day=TruncDate("created_at", tzinfo=UTC))
+        .values_list("day", flat=True)
+        .order_by()
+        .distinct()
+    )
+    rebuilt = sum(daily_usage_rebuild(day=day, through_id=through_id) for day in late_days)
+    DailyUsageScanMark.objects.filter(pk=1, through_id__lt=through_id).update(through_id=through_id)
     return rebuilt
 
 

@@ -8,8 +8,9 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import time_machine
 
-from billing.models import DailyUsage, UsageRecord
+from billing.models import DailyUsage, DailyUsageMark, UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent
 from billing.tasks import usage_rollup
@@ -165,3 +166,41 @@ def test_the_beat_task_rolls_up_today_and_yesterday(ledger, settings):
         ((now - timedelta(days=1)).date(), Decimal("0.5")),
         (now.date(), Decimal("0.75")),
     ]
+
+
+def test_a_late_row_of_a_day_the_task_no_longer_rebuilds_is_counted_on_the_next_run(ledger):
+    """A spool replayed after an outage of days, or the lost-request sweep, writes rows with the time they
+    were made: such a row lands on a day the task stopped rebuilding. The next run rolls that day up again,
+    so the usage pages (which read past days from the rollup) count it."""
+    from billing.selectors import usage_daily
+
+    three_days_ago = TODAY - timedelta(days=3)
+    UsageRecordFactory(user=ledger["bob"], created_at=at(three_days_ago, 9), cost=Decimal("4"))
+    with time_machine.travel(at(three_days_ago, 23), tick=False):
+        usage_rollup.delay()
+    with time_machine.travel(at(TODAY, 6), tick=False):
+        usage_rollup.delay()
+        UsageRecordFactory(user=ledger["bob"], created_at=at(three_days_ago, 10), cost=Decimal("0.0000000001"))
+    with time_machine.travel(at(TODAY, 6) + timedelta(minutes=10), tick=False):
+        usage_rollup.delay()
+        spent = {day.day: day.cost for day in usage_daily(days=30, today=TODAY, user_id=ledger["bob"].pk)}
+
+    assert rollup_totals() == ledger_totals({TODAY, ledger["yesterday"], three_days_ago})
+    assert spent[three_days_ago] == Decimal("4.0000000001")
+    # Nothing else was rolled up meanwhile: the days the task never saw rows of stay as they were.
+    assert set(DailyUsage.objects.values_list("day", flat=True)) == {TODAY, ledger["yesterday"], three_days_ago}
+
+
+def test_the_days_a_late_row_reopens_are_found_once(ledger):
+    """The run after the one that rolled a late row's day up again does not roll that day up again."""
+    three_days_ago = TODAY - timedelta(days=3)
+    with time_machine.travel(at(TODAY, 6), tick=False):
+        usage_rollup.delay()
+        UsageRecordFactory(user=ledger["bob"], created_at=at(three_days_ago, 10), cost=Decimal("1"))
+        usage_rollup.delay()
+    first = DailyUsageMark.objects.get(day=three_days_ago).rebuilt_at
+    with time_machine.travel(at(TODAY, 6) + timedelta(minutes=10), tick=False):
+        usage_rollup.delay()
+
+    assert DailyUsageMark.objects.get(day=three_days_ago).rebuilt_at == first
+    assert DailyUsage.objects.get(day=three_days_ago).cost == Decimal("1")
