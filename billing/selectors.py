@@ -265,9 +265,11 @@ def user_limits_sync(user_id: int) -> UserLimits:
 
 
 # USAGE DASHBOARDS
-# Days before today come from the DailyUsage rollup. Today is its rollup (rebuilt every 10 minutes) plus
-# the raw ledger rows above the rollup's mark (DailyUsageMark): minutes of raw rows rather than the whole
-# day, which is what keeps the staff pages fast at millions of requests a day (docs/ledger.md).
+# Days before yesterday come from the DailyUsage rollup. Yesterday and today, the days the rollup task still
+# rebuilds (every 10 minutes), are their rollup plus the raw ledger rows above the rollup's mark
+# (DailyUsageMark): minutes of raw rows rather than whole days, which is what keeps the staff pages fast at
+# millions of requests a day (docs/ledger.md), and yesterday stays whole between midnight and the task's next
+# run (or while the task is down).
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,32 +295,47 @@ _T = TypeVar("_T")
 _M = TypeVar("_M")
 
 
-def _today_mark(today: date) -> int | None:
-    return DailyUsageMark.objects.filter(day=today).values_list("through_id", flat=True).first()
+def _recent_marks(today: date) -> tuple[int | None, int | None]:
+    """The marks of yesterday and today (None: that day is not rolled up)."""
+    yesterday = today - timedelta(1)
+    found = dict(DailyUsageMark.objects.filter(day__in=(yesterday, today)).values_list("day", "through_id"))
+    return found.get(yesterday), found.get(today)
 
 
 def _usage_window(*, days: int, today: date, user_id: int | None, read: Callable[[QuerySet, QuerySet], _T]) -> _T:
     """``read(rolled, live)`` over the ``days`` days up to today: ``rolled`` the rollup's rows, ``live``
-    the raw ledger rows the rollup does not hold (today's above its mark; all of today's before today's
-    first rollup). Both are the ledger's figures exactly, with nothing counted twice.
+    the raw ledger rows the rollup does not hold (yesterday's and today's above their marks; all of a
+    day's when it has no rollup yet). Both are the ledger's figures exactly, with nothing counted twice.
 
-    Read at a steady mark (``_at_a_steady_mark``)."""
+    Read at steady marks (``_at_a_steady_mark``)."""
     first = today - timedelta(days=days - 1)
-    start, end = _day_start(today), _day_start(today + timedelta(1))
+    recent = (today - timedelta(1), today)
 
-    def window(mark: int | None) -> _T:
-        rolled = DailyUsage.objects.filter(day__gte=first, day__lte=today if mark is not None else today - timedelta(1))
-        live = UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
-        if mark is not None:
-            live = live.filter(pk__gt=mark)
+    def window(marks: tuple[int | None, int | None]) -> _T:
+        held = [(day, mark) for day, mark in zip(recent, marks, strict=True) if day >= first]
+        rolled = DailyUsage.objects.filter(day__gte=first, day__lte=today)
+        unrolled = Q(pk__in=[])
+        for day, mark in held:
+            rows = Q(created_at__gte=_day_start(day), created_at__lt=_day_start(day + timedelta(1)))
+            if mark is None:
+                rolled = rolled.exclude(day=day)
+                unrolled |= rows
+            else:
+                unrolled |= rows & Q(pk__gt=mark)
+        live = UsageRecord.objects.filter(unrolled)
+        if all(mark is not None for _, mark in held):  # the same rows, with a bound the planner takes to the pk
+            live = live.filter(pk__gt=min(mark for _, mark in held))
         if user_id is not None:
             rolled, live = rolled.filter(user_id=user_id), live.filter(user_id=user_id)
         return read(rolled, live)
 
-    # Without a mark (today not rolled up yet, or in the end) today is read raw whole, which no rollup
-    # committing meanwhile can change: the rollup's rows of today are not read.
+    # Without marks (neither day rolled up yet, or in the end) both days are read raw whole, which no rollup
+    # committing meanwhile can change: the rollup's rows of those days are not read.
     return _at_a_steady_mark(
-        lambda: _today_mark(today), window, steady=lambda mark: mark is None, settle=lambda: window(None)
+        lambda: _recent_marks(today),
+        window,
+        steady=lambda marks: marks == (None, None),
+        settle=lambda: window((None, None)),
     )
 
 
@@ -351,10 +368,11 @@ def usage_daily(*, days: int, today: date, user_id: int | None = None) -> list[D
         found: dict[date, list] = {}
         for row in rolled.values("day").annotate(cost=Sum("cost"), requests=Sum("requests")).order_by():
             found[row["day"]] = [row["cost"], row["requests"]]
-        live_totals = live.aggregate(cost=Coalesce(Sum("cost"), Decimal(0)), requests=Count("pk"))
-        entry = found.setdefault(today, [Decimal(0), 0])
-        entry[0] += live_totals["cost"]
-        entry[1] += live_totals["requests"]
+        live_days = live.annotate(day=TruncDate("created_at", tzinfo=UTC)).values("day")
+        for row in live_days.annotate(cost=Sum("cost"), requests=Count("pk")).order_by():
+            entry = found.setdefault(row["day"], [Decimal(0), 0])
+            entry[0] += row["cost"]
+            entry[1] += row["requests"]
         return found
 
     found = _usage_window(days=days, today=today, user_id=user_id, read=read)

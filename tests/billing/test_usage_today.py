@@ -110,7 +110,7 @@ def test_a_rollup_committing_between_the_reads_is_not_counted_twice(ada_and_bob,
     _, bob = ada_and_bob
     daily_usage_rebuild(day=TODAY)
     spend(bob, "0.25", hours_ago=0.5)
-    real = selectors._today_mark
+    real = selectors._recent_marks
     calls = []
 
     def mark_then_rollup(today):
@@ -120,7 +120,7 @@ def test_a_rollup_committing_between_the_reads_is_not_counted_twice(ada_and_bob,
             daily_usage_rebuild(day=TODAY)
         return mark
 
-    monkeypatch.setattr(selectors, "_today_mark", mark_then_rollup)
+    monkeypatch.setattr(selectors, "_recent_marks", mark_then_rollup)
 
     assert usage_daily(days=30, today=TODAY)[-1].cost == Decimal("3.7500000001")
     assert calls[0] != calls[1]  # it saw the mark move and read again
@@ -129,7 +129,7 @@ def test_a_rollup_committing_between_the_reads_is_not_counted_twice(ada_and_bob,
 def test_a_mark_that_keeps_moving_falls_back_to_todays_raw_rows(ada_and_bob, monkeypatch):
     daily_usage_rebuild(day=TODAY)
     marks = iter(range(10**6, 10**6 + 10))
-    monkeypatch.setattr(selectors, "_today_mark", lambda today: next(marks))
+    monkeypatch.setattr(selectors, "_recent_marks", lambda today: (None, next(marks)))
 
     assert usage_daily(days=30, today=TODAY)[-1].cost == Decimal("3.5000000001")
 
@@ -213,3 +213,41 @@ def test_the_high_water_gives_up_rather_than_hold_the_writers_behind_a_long_lock
         release.set()
         thread.join(10)
     assert ledger_high_water() == UsageRecord.objects.latest("pk").pk  # and works again once it is over
+
+
+def test_just_after_midnight_yesterday_still_counts_the_rows_its_last_rollup_missed(db):
+    """At 23:55 the task rolled up the day; a row came at 23:58; at 00:05 the next run has not come yet.
+    A minute before midnight the pages showed that row under today; after it, yesterday must still have it
+    (and if the task is down for hours, all of yesterday's rows after its last run)."""
+    ada = UserFactory(username="ada")
+    yesterday = TODAY
+    with time_machine.travel(NOW.replace(hour=12), tick=False):
+        spend(ada, "1", hours_ago=0)
+    with time_machine.travel(NOW.replace(hour=23, minute=55), tick=False):
+        daily_usage_rebuild_recent(days=2)
+    with time_machine.travel(NOW.replace(hour=23, minute=58), tick=False):
+        spend(ada, "0.0000000002", hours_ago=0)
+    with time_machine.travel(NOW.replace(hour=23, minute=59), tick=False):
+        before_midnight = usage_daily(days=2, today=yesterday)[-1]
+    assert (before_midnight.cost, before_midnight.requests) == (Decimal("1.0000000002"), 2)
+
+    with time_machine.travel(NOW.replace(hour=0, minute=5) + timedelta(days=1), tick=False):
+        today = yesterday + timedelta(days=1)
+        days = usage_daily(days=30, today=today)
+        shares = usage_breakdown(by="user", days=30, today=today)
+        mine = usage_daily(days=30, today=today, user_id=ada.pk)
+
+    assert (days[-2].day, days[-2].cost, days[-2].requests) == (yesterday, Decimal("1.0000000002"), 2)
+    assert [(s.label, s.requests, s.cost) for s in shares] == [("ada", 2, Decimal("1.0000000002"))]
+    assert mine[-2].cost == Decimal("1.0000000002")
+
+
+def test_yesterday_without_any_rollup_is_read_from_the_ledger(db):
+    """The task did not run at all yesterday (beat down): the pages show yesterday's spend, not $0."""
+    ada = UserFactory(username="ada")
+    with time_machine.travel(NOW, tick=False):
+        spend(ada, "3")
+    with time_machine.travel(NOW + timedelta(days=1), tick=False):
+        days = usage_daily(days=30, today=TODAY + timedelta(days=1))
+
+    assert (days[-2].day, days[-2].cost, days[-2].requests) == (TODAY, Decimal("3"), 1)
