@@ -16,7 +16,7 @@ from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, b
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
 from .services.budgets import api_key_limits_set
-from .services.keys import api_key_create, api_key_delete, api_key_revoke, api_key_rotate
+from .services.keys import api_key_change, api_key_create, api_key_delete, api_key_revoke, api_key_rotate
 
 # API KEYS
 
@@ -128,8 +128,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return () if obj is None else self.readonly_fields
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
-        if change:
-            super().save_model(request, obj, form, change)
+        if change:  # through the service, which records what changed (key.change)
+            api_key_change(api_key=obj, allowed_models=form.cleaned_data["allowed_models"])
             return
         created = api_key_create(
             user=form.cleaned_data["user"],
@@ -155,9 +155,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         )
 
     def save_related(self, request: HttpRequest, form: forms.ModelForm, formsets: Any, change: bool) -> None:
-        # On add, api_key_create has already set the allowed models.
-        if change:
-            super().save_related(request, form, formsets, change)
+        # The key services (api_key_create, api_key_change) have already set the allowed models; the admin
+        # has no inlines.
+        return
 
     @admin.action(description="Revoke selected keys")
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:

@@ -9,7 +9,7 @@ is computed on every request. The lookup is by hash; the final comparison is con
 Rotation gives a key a new secret (and a new prefix) while the key keeps its id, owner, limits, children
 and ledger; the secret before it keeps working for a grace period (``previous_secret_hash`` until
 ``previous_secret_expires_at``). Every change here is written to the audit log (``key.create``,
-``key.rotate``, ``key.revoke``, ``key.delete``) with the prefix, never a secret or its hash.
+``key.change``, ``key.rotate``, ``key.revoke``, ``key.delete``) with the prefix, never a secret or its hash.
 """
 
 from __future__ import annotations
@@ -167,6 +167,41 @@ def api_key_create(
         },
     )
     return CreatedKey(api_key=api_key, secret=secret)
+
+
+# What a person may change on a key after its creation (the admin's change form); its owner, secret and
+# place under another key never change.
+KEY_CHANGEABLE_FIELDS = ("name", "expires_at", "scopes", "budget_usd", "budget_period", "rpm", "tpm")
+
+
+def _recorded(value: object) -> object:
+    if isinstance(value, datetime):
+        return _iso(value)
+    return str(value) if isinstance(value, Decimal) else value
+
+
+@transaction.atomic
+def api_key_change(*, api_key: ApiKey, allowed_models: Iterable[CatalogModel] | None = None) -> ApiKey:
+    """Save the changeable fields a caller has set on ``api_key`` and, if given, its list of models, and
+    record one ``key.change`` event with what changed (nothing when nothing did): a key's budget, expiry,
+    scopes and models are what an auditor looks for, whoever changed them."""
+    before = ApiKey.objects.select_for_update().filter(pk=api_key.pk).values(*KEY_CHANGEABLE_FIELDS).get()
+    api_key.scopes = sorted({str(scope) for scope in api_key.scopes or ()})
+    api_key.save(update_fields=KEY_CHANGEABLE_FIELDS)
+    changes = {
+        name: [_recorded(before[name]), _recorded(getattr(api_key, name))]
+        for name in KEY_CHANGEABLE_FIELDS
+        if before[name] != getattr(api_key, name)
+    }
+    if allowed_models is not None:
+        old_models = sorted(api_key.allowed_models.values_list("name", flat=True))
+        api_key.allowed_models.set(allowed_models)
+        new_models = sorted(api_key.allowed_models.values_list("name", flat=True))
+        if new_models != old_models:
+            changes["allowed_models"] = [old_models, new_models]
+    if changes:
+        audit_record("key.change", target=api_key, changes=changes)
+    return api_key
 
 
 def _new_secret() -> tuple[str, str]:

@@ -314,3 +314,50 @@ def test_no_secret_appears_in_any_event(admin_client, django_capture_on_commit_c
         assert secret not in recorded
     # Nor its hash: Django's hasher output starts with the algorithm's name.
     assert "md5$" not in recorded and "pbkdf2" not in recorded
+
+
+def test_changing_a_gateway_key_in_the_admin_is_recorded(admin_client, root, django_capture_on_commit_callbacks):
+    """Raising a key's budget, lifting its expiry, giving it the keys:manage scope or more models are acts an
+    auditor must see, like the key services' own events (key.create, key.revoke)."""
+    from billing.models import KeyScope
+    from billing.services.keys import api_key_create
+
+    alice = UserFactory(username="alice")
+    kept, added = ModelFactory(name="model-kept"), ModelFactory(name="model-added")
+    key = api_key_create(user=alice, name="ci", allowed_models=[kept]).api_key
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(
+            admin_client,
+            change_url(key),
+            name="ci-main",
+            budget_usd="250",
+            rpm="600",
+            scopes=KeyScope.KEYS_MANAGE.value,
+            allowed_models=[str(kept.pk), str(added.pk)],
+        )
+
+    event = last_event("key.change")
+    key.refresh_from_db()
+    assert (event.target_type, event.target_id, event.target_repr) == ("billing.apikey", str(key.pk), str(key))
+    old_budget, new_budget = event.changes.pop("budget_usd")
+    assert (old_budget, Decimal(new_budget)) == (None, Decimal("250"))
+    assert event.changes == {
+        "name": ["ci", "ci-main"],
+        "rpm": [None, 600],
+        "scopes": [[], ["keys:manage"]],
+        "allowed_models": [["model-kept"], ["model-added", "model-kept"]],
+    }
+    assert_by_root(event, root)
+    assert audit_verify() is None
+
+
+def test_saving_a_gateway_key_unchanged_in_the_admin_records_nothing(admin_client):
+    from billing.services.keys import api_key_create
+
+    key = api_key_create(user=UserFactory(username="alice"), name="ci").api_key
+    before = AuditEvent.objects.count()
+
+    admin_submit(admin_client, change_url(key))
+
+    assert AuditEvent.objects.count() == before
