@@ -1,5 +1,5 @@
 """Import of a provider's model list into the catalog, as disabled models (one deployment each on that
-provider) until an admin prices them.
+provider) until an admin prices them; recorded in the audit log as ``provider.import_models``.
 
 Adapter calls are async (the SDK clients are). The sync entry points (admin actions, Celery tasks,
 management commands) run them with ``async_to_sync`` on a one-shot adapter that is closed afterwards:
@@ -14,6 +14,8 @@ from decimal import Decimal
 
 from asgiref.sync import async_to_sync
 from django.db import transaction
+
+from audit.services import audit_record
 
 from ..adapters import adapter_class_for_kind
 from ..models import CatalogModel, Deployment, Provider
@@ -90,6 +92,12 @@ def provider_import_models(*, provider: Provider) -> ImportResult:
             )
             for model, upstream_id in new_rows
         )
+        if new_rows:  # bulk_create sends no save signals: the catalog's audit trail is written here
+            audit_record(
+                "provider.import_models",
+                target=provider,
+                changes={"models": [[], sorted(model.name for model, _ in new_rows)]},
+            )
     return ImportResult(
         created=tuple(model.name for model, _ in new_rows),
         already_known=len(known.intersection(upstream_ids)),

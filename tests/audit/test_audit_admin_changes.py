@@ -361,3 +361,36 @@ def test_saving_a_gateway_key_unchanged_in_the_admin_records_nothing(admin_clien
     admin_submit(admin_client, change_url(key))
 
     assert AuditEvent.objects.count() == before
+
+
+def test_importing_a_providers_models_in_the_admin_is_recorded(admin_client, root, fake_upstream):
+    """The import adds catalog models and deployments in bulk (no save signals): it records them itself."""
+    from llmhub.testing.fake_upstream import EMBEDDING_MODELS, MODELS
+
+    provider = ProviderFactory(name="acme", base_url=fake_upstream.base_url + "/v1")
+    imported = sorted(model_id for model_id, _ in MODELS + EMBEDDING_MODELS)
+
+    response = admin_client.post(
+        reverse("admin:providers_provider_changelist"),
+        {"action": "import_models", "_selected_action": [str(provider.pk)]},
+    )
+
+    assert response.status_code == 302
+    assert sorted(CatalogModel.objects.values_list("name", flat=True)) == imported
+    event = last_event("provider.import_models")
+    assert (event.target_type, event.target_id, event.target_repr) == ("providers.provider", str(provider.pk), "acme")
+    assert event.changes == {"models": [[], imported]}
+    assert_by_root(event, root)
+    assert audit_verify() is None
+
+
+def test_an_import_that_adds_nothing_records_nothing(admin_client, fake_upstream):
+    from providers.services.model_import import provider_import_models
+
+    provider = ProviderFactory(name="acme", base_url=fake_upstream.base_url + "/v1")
+    provider_import_models(provider=provider)
+    before = AuditEvent.objects.count()
+
+    provider_import_models(provider=provider)
+
+    assert AuditEvent.objects.count() == before
