@@ -188,9 +188,16 @@ class ChainProblem:
 
 def audit_verify(*, batch_size: int = 2000) -> ChainProblem | None:
     """Walk the chain from the first row; the first row that does not hold (edited, missing predecessor,
-    out of order, or a head that does not match the newest row) is returned, else None."""
+    out of order, or a head that does not match its row) is returned, else None.
+
+    The head is read before the walk: on a live system events keep being appended, and one appended after
+    the walk read the last row would otherwise look like rows removed from the end. Rows appended after the
+    head was read are walked too (their links checked); the head of this moment vouches for the rows up to
+    its own."""
+    head = AuditChainHead.objects.filter(pk=1).values_list("last_seq", "last_hash").first()
     prev_hash, expected_seq = GENESIS_HASH, 1
     last_seq = 0
+    hash_at_head = GENESIS_HASH if head is not None and head[0] == 0 else None
     queryset = AuditEvent.objects.in_chain_order()
     while True:
         rows = list(queryset.filter(seq__gt=last_seq)[:batch_size])
@@ -208,11 +215,17 @@ def audit_verify(*, batch_size: int = 2000) -> ChainProblem | None:
                     event.seq, "its fields do not match its hash (edited after it was written)", event.action
                 )
             prev_hash, expected_seq, last_seq = event.hash, expected_seq + 1, event.seq
-    head = AuditChainHead.objects.filter(pk=1).first()
+            if head is not None and event.seq == head[0]:
+                hash_at_head = event.hash
     if head is None:
-        return ChainProblem(None, "the chain head row is missing") if last_seq else None
-    if head.last_seq > last_seq:
-        return ChainProblem(last_seq + 1, f"rows #{last_seq + 1} to #{head.last_seq} were removed from the end")
-    if head.last_seq != last_seq or head.last_hash != prev_hash:
-        return ChainProblem(None, f"it does not match the newest row #{last_seq} (edited after it was written)")
+        # No head when the walk began: rows there may only be those appended since (the very first events).
+        head = AuditChainHead.objects.filter(pk=1).values_list("last_seq", "last_hash").first()
+        if head is None:
+            return ChainProblem(None, "the chain head row is missing") if last_seq else None
+        hash_at_head = prev_hash if head[0] == last_seq else None
+    head_seq, head_hash = head
+    if head_seq > last_seq:
+        return ChainProblem(last_seq + 1, f"rows #{last_seq + 1} to #{head_seq} were removed from the end")
+    if hash_at_head != head_hash:
+        return ChainProblem(None, f"it does not match row #{head_seq} (edited after it was written)")
     return None

@@ -181,3 +181,22 @@ def test_two_processes_appending_at_once_keep_one_chain():
     tags = {target_id[0] for target_id in AuditEvent.objects.values_list("target_id", flat=True)}
     assert tags == {"a", "b"}
     assert AuditChainHead.objects.get().last_seq == 2 * count
+
+
+@pytest.mark.parametrize("appended", [1, 3])
+def test_events_recorded_while_the_chain_is_checked_are_no_tampering(monkeypatch, appended):
+    """auditverify runs against a live system: a sign-in recorded after it has walked the rows but before it
+    reads the chain head is a new row, not rows removed from the end."""
+    record_five()
+    real_filter = AuditChainHead.objects.filter
+
+    def filter_after_appends(*args, **kwargs):
+        for n in range(appended):
+            audit_record(f"test.live{n}", actor=None)
+        monkeypatch.setattr(AuditChainHead.objects, "filter", real_filter)
+        return real_filter(*args, **kwargs)
+
+    monkeypatch.setattr(AuditChainHead.objects, "filter", filter_after_appends)
+
+    assert audit_verify() is None
+    assert AuditEvent.objects.count() == 5 + appended
