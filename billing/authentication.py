@@ -26,7 +26,10 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
             principal = api_key_authenticate_sync(raw)
         except AuthenticationFailed as exc:
             raise exceptions.AuthenticationFailed(exc.message) from None
-        return user_for_principal(principal), principal
+        user = user_for_principal(principal)
+        if user is None:
+            raise exceptions.AuthenticationFailed(f"Incorrect API key provided: {principal.prefix}…")
+        return user, principal
 
     def authenticate_header(self, request: Any) -> str:
         return 'Bearer realm="llmhub"'

@@ -464,4 +464,6 @@ def api_key_authenticate_sync(raw: str | None) -> KeyPrincipal:
 
 
 def user_for_principal(principal: KeyPrincipal):
-    return get_user_model().objects.get(pk=principal.user_id)
+    """The key's owner, or None when they were deleted or deactivated since the key's lookup was cached (by
+    another process, for up to LLMHUB_LOOKUP_CACHE_TTL): such a key no longer works."""
+    return get_user_model().objects.filter(pk=principal.user_id, is_active=True).first()

@@ -150,3 +150,26 @@ def test_the_database_holds_only_the_sha256_of_the_secret(created):
     assert not any(random_part in value for value in stored)
     assert created.secret not in repr(created.api_key) and created.secret not in str(created.api_key)
     assert random_part not in repr(created)
+
+
+def test_a_key_whose_owner_was_deleted_meanwhile_is_a_401_not_a_500(created):
+    """Another process still holds the key in its lookup cache (for LLMHUB_LOOKUP_CACHE_TTL) after the owner
+    and their keys were deleted: the management API answers 401, as for any key that no longer works."""
+    from billing.services.keys import hash_key, key_cache
+
+    digest = hash_key(created.secret)
+    principal = api_key_authenticate_sync(created.secret)
+    created.api_key.user.delete()
+    key_cache.set(digest, principal)  # what another process's cache still holds
+
+    error = assert_401(APIClient().get("/api/usage/", HTTP_AUTHORIZATION=f"Bearer {created.secret}"))
+    assert created.secret not in error["message"]
+
+
+def test_a_key_whose_owner_was_deactivated_by_another_process_stops_on_the_management_api(created):
+    """Deactivation reached this process's database but not its key cache (no signal here): the management
+    API checks the owner at each request, as it does for a JWT's user."""
+    assert get_keys(HTTP_AUTHORIZATION=f"Bearer {created.secret}").status_code == 200
+    type(created.api_key.user).objects.filter(pk=created.api_key.user_id).update(is_active=False)
+
+    assert_401(get_keys(HTTP_AUTHORIZATION=f"Bearer {created.secret}"))
