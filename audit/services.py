@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
@@ -24,12 +25,15 @@ from .models import GENESIS_HASH, ActorType, AuditChainHead, AuditEvent
 
 SECRET_MASK = "[secret]"
 # Field names whose values are never written to the log, whatever the model (masked in ``changes``).
-SECRET_FIELD_HINTS = ("secret", "password", "api_key", "token", "extra_headers", "key_hash")
+SECRET_FIELD_HINTS = ("secret", "password", "api_key", "extra_headers", "key_hash")
+# "token" says credential only as the name's last word (``token``, ``access_token``) or a token's hash: in
+# ``daily_token_quota`` or ``max_output_tokens`` it counts tokens, a figure an auditor must be able to read.
+_TOKEN_CREDENTIAL = re.compile(r"(^|_)token(_hash)?$")
 
 
 def is_secret_field(name: str) -> bool:
     lowered = name.lower()
-    return any(hint in lowered for hint in SECRET_FIELD_HINTS)
+    return any(hint in lowered for hint in SECRET_FIELD_HINTS) or _TOKEN_CREDENTIAL.search(lowered) is not None
 
 
 def _text(value: Any, length: int) -> str:

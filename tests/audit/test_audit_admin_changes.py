@@ -394,3 +394,46 @@ def test_an_import_that_adds_nothing_records_nothing(admin_client, fake_upstream
     provider_import_models(provider=provider)
 
     assert AuditEvent.objects.count() == before
+
+
+def test_a_token_quota_or_limit_is_recorded_as_a_number_not_as_a_secret(admin_client, root):
+    """A plan's daily token quota, a user's own quota and a model's output limit are what an auditor checks
+    after a bill: only credentials (a password, an API key, an access token) are masked."""
+    plan = Plan.objects.create(name="Quota plan", daily_token_quota=10_000)
+    model = ModelFactory(name="model-limited")
+    alice = UserFactory(username="alice")
+
+    admin_submit(admin_client, change_url(plan), daily_token_quota="10000000")
+    add_user_plan = reverse("admin:billing_userplan_add")
+    admin_submit(admin_client, add_user_plan, user=str(alice.pk), plan=str(plan.pk), daily_token_quota="5")
+    model.max_output_tokens = 4096
+    model.save()
+
+    assert last_event("billing.plan.change").changes == {"daily_token_quota": [10_000, 10_000_000]}
+    assert last_event("billing.userplan.create").changes["daily_token_quota"] == [None, 5]
+    assert last_event("providers.catalogmodel.change").changes["max_output_tokens"][1] == 4096
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("password", True),
+        ("api_key", True),
+        ("secret_hash", True),
+        ("previous_secret_hash", True),
+        ("extra_headers", True),
+        ("key_hash", True),
+        ("token", True),
+        ("access_token", True),
+        ("refresh_token", True),
+        ("token_hash", True),
+        ("daily_token_quota", False),
+        ("max_output_tokens", False),
+        ("prompt_tokens", False),
+        ("name", False),
+    ],
+)
+def test_which_field_names_say_secret(name, secret):
+    from audit.services import is_secret_field
+
+    assert is_secret_field(name) is secret
