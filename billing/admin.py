@@ -15,7 +15,6 @@ from django.utils.safestring import SafeString
 from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
-from .services.budgets import api_key_limits_set
 from .services.keys import api_key_change, api_key_create, api_key_delete, api_key_revoke, api_key_rotate
 
 # API KEYS
@@ -74,6 +73,19 @@ class ApiKeyAddForm(ApiKeyChangeForm):
         if expires_at is not None and expires_at <= timezone.now():
             raise forms.ValidationError("Give a moment in the future, or leave empty for a key that never expires.")
         return expires_at
+
+    # As api_key_create (and the API) require: a limit of 0 would be a key that can make no request.
+    def clean_rpm(self) -> Any:
+        return _at_least_one(self.cleaned_data.get("rpm"))
+
+    def clean_tpm(self) -> Any:
+        return _at_least_one(self.cleaned_data.get("tpm"))
+
+
+def _at_least_one(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise forms.ValidationError("A rate limit must be at least 1, or empty for none.")
+    return value
 
 
 @admin.register(ApiKey)
@@ -137,9 +149,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
             expires_at=form.cleaned_data["expires_at"],
             allowed_models=form.cleaned_data["allowed_models"],
             scopes=form.cleaned_data["scopes"],
-        )
-        api_key_limits_set(
-            api_key=created.api_key,
             budget_usd=form.cleaned_data["budget_usd"],
             budget_period=form.cleaned_data["budget_period"],
             rpm=form.cleaned_data["rpm"],

@@ -164,6 +164,10 @@ def api_key_create(
             "expires_at": [None, _iso(expires_at)],
             "scopes": [None, scopes],
             "allowed_models": [None, sorted(model.name for model in allowed_models)],
+            "budget_usd": [None, _recorded(budget_usd)],
+            "budget_period": [None, budget_period],
+            "rpm": [None, rpm],
+            "tpm": [None, tpm],
         },
     )
     return CreatedKey(api_key=api_key, secret=secret)

@@ -437,3 +437,38 @@ def test_which_field_names_say_secret(name, secret):
     from audit.services import is_secret_field
 
     assert is_secret_field(name) is secret
+
+
+def test_a_gateway_keys_limits_are_recorded_when_it_is_created(admin_client, root):
+    """A key made with a $5,000 budget and no rate limit is not the same act as one made with $5: key.create
+    says which, in the admin and over the API alike."""
+    from rest_framework.test import APIClient
+
+    from billing.models import KeyScope
+    from billing.services.keys import api_key_create
+
+    alice = UserFactory(username="alice")
+    admin_submit(
+        admin_client,
+        reverse("admin:billing_apikey_add"),
+        user=str(alice.pk),
+        name="from-admin",
+        budget_usd="5000",
+        budget_period="daily",
+        rpm="60",
+        tpm="",
+    )
+    manager = api_key_create(user=alice, name="manager", scopes=[KeyScope.KEYS_MANAGE])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {manager.secret}")
+    response = client.post("/api/keys/", {"name": "from-api", "budget_usd": "5", "tpm": 1000}, format="json")
+    assert response.status_code == 201, response.content
+
+    by_name = {event.changes["name"][1]: event.changes for event in events("key.create")}
+    admin_made, api_made = by_name["from-admin"], by_name["from-api"]
+    assert Decimal(admin_made["budget_usd"][1]) == Decimal("5000")
+    limits = ("budget_period", "rpm", "tpm")
+    assert [admin_made[name] for name in limits] == [[None, "daily"], [None, 60], [None, None]]
+    assert Decimal(api_made["budget_usd"][1]) == Decimal("5")
+    assert [api_made[name] for name in limits] == [[None, "monthly"], [None, None], [None, 1000]]
+    assert_by_root(events("key.create")[0], root)

@@ -75,6 +75,18 @@ def test_add_creates_a_key_and_shows_the_secret_once(admin_client):
         assert row.prefix in content
 
 
+def test_add_refuses_a_rate_limit_of_zero_in_the_form(admin_client):
+    """As the API and the key service do: the form says so, nothing is created."""
+    alice = UserFactory(username="alice")
+    data = {"user": alice.pk, "name": "zero", "expires_at_0": "", "expires_at_1": "", "budget_period": "monthly"}
+
+    response = admin_client.post(reverse("admin:billing_apikey_add"), {**data, "rpm": "0"})
+
+    assert response.status_code == 200
+    assert "A rate limit must be at least 1" in response.content.decode()
+    assert not ApiKey.objects.filter(name="zero").exists()
+
+
 def test_add_refuses_a_past_expiry(admin_client):
     alice = UserFactory(username="alice")
 

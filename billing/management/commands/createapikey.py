@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import BudgetPeriod, KeyScope
-from billing.services.budgets import api_key_limits_set, usd
+from billing.services.budgets import usd
 from billing.services.keys import CreatedKey, api_key_create
 
 
@@ -74,15 +74,16 @@ class Command(BaseCommand):
         days = options["expires_days"]
         expires_at = timezone.now() + timedelta(days=days) if days else None
         scopes = [KeyScope.KEYS_MANAGE] if options["manage_keys"] else []
-        created = api_key_create(user=user, name=options["name"], expires_at=expires_at, scopes=scopes)
-        api_key_limits_set(
-            api_key=created.api_key,
+        return api_key_create(
+            user=user,
+            name=options["name"],
+            expires_at=expires_at,
+            scopes=scopes,
             budget_usd=options["budget"],
             budget_period=options["period"],
             rpm=options["rpm"],
             tpm=options["tpm"],
         )
-        return created
 
     def _describe(self, created: CreatedKey) -> list[str]:
         api_key = created.api_key
