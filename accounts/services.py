@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from typing import Any
@@ -14,7 +13,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.context import AuditOrigin, origin_current
-from audit.services import audit_record
+from audit.services import audit_failure_admitted, audit_record
 
 from .exceptions import JwtRefused
 from .jwt import JwtPrincipal
@@ -22,8 +21,6 @@ from .models import ExternalIdentity
 from .roles import Role, role_parse, role_set, role_strongest
 
 _USERNAME_UNSAFE = re.compile(r"[^\w.@+-]", re.ASCII)
-# At most this many auth.jwt_failed events a minute in all, and one a minute per (reason, address).
-JWT_FAILED_EVENTS_PER_MINUTE = 30
 
 
 def claim_get(claims: dict[str, Any], path: str) -> Any:
@@ -118,18 +115,11 @@ def _login_record(*, user: Any, principal: JwtPrincipal, jti: Any) -> None:
 
 
 def jwt_failure_record(*, reason: str, ip_address: str | None = None) -> None:
-    """``auth.jwt_failed`` for a refused token, at most once a minute per (reason, address) and
-    ``JWT_FAILED_EVENTS_PER_MINUTE`` a minute in all, so a flood of bad tokens cannot fill the log."""
+    """``auth.jwt_failed`` for a refused token, at most once a minute per (reason, address) and 30 a minute in
+    all (``audit.services.audit_failure_admitted``), so a flood of bad tokens cannot fill the log."""
     origin = origin_current()
     ip_address = ip_address or (origin.ip_address if origin else None)
-    minute = int(time.time() // 60)
-    if not cache.add(
-        f"llmhub:jwt-failed:{minute}:{ip_address}:{hashlib.sha256(reason.encode()).hexdigest()[:16]}", 1, timeout=120
-    ):
-        return
-    total_key = f"llmhub:jwt-failed:{minute}"
-    cache.add(total_key, 0, timeout=120)
-    if cache.incr(total_key) > JWT_FAILED_EVENTS_PER_MINUTE:
+    if not audit_failure_admitted(kind="jwt", what=reason, ip_address=ip_address):
         return
     audit_record(
         "auth.jwt_failed",

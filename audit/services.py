@@ -11,11 +11,13 @@ import hashlib
 import ipaddress
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
+from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
@@ -177,6 +179,23 @@ def audit_record(
         head.last_hash, head.last_seq = event.hash, event.seq
         head.save(update_fields=["last_hash", "last_seq"])
     return event
+
+
+# Events an anonymous caller can cause (a refused sign-in, a refused token): at most one a minute per (kind,
+# what failed, client address), and this many a minute of a kind in all. The log is append-only and nothing
+# deletes from it, so a flood of them must not be able to fill it.
+FAILURES_PER_MINUTE = 30
+
+
+def audit_failure_admitted(*, kind: str, what: str, ip_address: str | None) -> bool:
+    """Whether a failure event of ``kind`` (``what`` failed, from ``ip_address``) is to be recorded now."""
+    minute = int(time.time() // 60)
+    digest = hashlib.sha256(what.encode()).hexdigest()[:16]
+    if not cache.add(f"llmhub:audit-failed:{kind}:{minute}:{ip_address}:{digest}", 1, timeout=120):
+        return False
+    total_key = f"llmhub:audit-failed:{kind}:{minute}"
+    cache.add(total_key, 0, timeout=120)
+    return cache.incr(total_key) <= FAILURES_PER_MINUTE
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from django.db.models.signals import m2m_changed, post_delete, post_save, pre_sa
 from .context import AuditOrigin, origin_current
 from .middleware import origin_for_request
 from .models import ActorType
-from .services import Actor, audit_record, is_secret_field
+from .services import Actor, audit_failure_admitted, audit_record, is_secret_field
 
 DEFAULT_AUDITED_MODELS = (
     "providers.Provider",
@@ -240,6 +240,9 @@ def _login_failed(sender: Any, credentials: dict[str, Any], request: Any = None,
     username_field = get_user_model().USERNAME_FIELD
     attempted = credentials.get(username_field) or credentials.get("username") or ""
     origin = origin_for_request(request, None) if request is not None else None
+    ip_address = origin.ip_address if origin else None
+    if not audit_failure_admitted(kind="login", what=str(attempted), ip_address=ip_address):
+        return
     audit_record(
         "auth.login_failed",
         target_type=get_user_model()._meta.label_lower,

@@ -5,8 +5,11 @@ with a gateway key is by that key, not by an anonymous visitor."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
+import time_machine
+from django.core.cache import cache
 from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
@@ -90,3 +93,25 @@ def test_a_change_over_the_api_in_a_session_is_by_the_user(admin_client, root, a
     assert response.status_code == 201, response.content
     event = last_event("billing.apikey.create")
     assert (event.actor_type, event.actor_repr) == ("user", "root")
+
+
+@time_machine.travel(datetime(2026, 12, 5, 10, 0, 30, tzinfo=UTC), tick=False)
+def test_a_flood_of_failed_sign_ins_cannot_fill_the_log(root):
+    """The log is append-only and nothing deletes from it: an anonymous visitor posting wrong passwords must
+    not be able to grow it without bound. As for refused tokens: one event a minute per (name tried, address),
+    30 a minute in all."""
+    cache.clear()
+    same = Client(REMOTE_ADDR="203.0.113.9")
+    for _ in range(20):
+        same.post(reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD})
+    assert len(events("auth.login_failed")) == 1
+
+    for n in range(40):  # a spray: other names, other addresses
+        Client(REMOTE_ADDR=f"198.51.100.{n}").post(
+            reverse("admin:login"), {"username": f"user{n}", "password": WRONG_PASSWORD}
+        )
+    assert len(events("auth.login_failed")) == 30
+
+    with time_machine.travel(datetime(2026, 12, 5, 10, 1, 5, tzinfo=UTC), tick=False):
+        same.post(reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD})
+    assert len(events("auth.login_failed")) == 31  # the next minute, the same attempt is recorded again
