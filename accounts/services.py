@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -12,7 +13,8 @@ from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from audit.context import AuditOrigin, origin_current
+from audit.context import AuditOrigin, audit_origin, origin_current
+from audit.models import ActorType
 from audit.services import audit_failure_admitted, audit_record
 
 from .exceptions import JwtRefused
@@ -65,25 +67,50 @@ def username_for_claims(claims: dict[str, Any]) -> str:
 def _user_create(*, issuer: str, subject: str, claims: dict[str, Any]) -> Any:
     User = get_user_model()
     email = claims.get("email") if isinstance(claims.get("email"), str) and "@" in claims["email"] else ""
+    username = username_for_claims(claims)
     try:
-        with transaction.atomic():
-            user = User.objects.create_user(username=username_for_claims(claims), email=email[:254])
+        with transaction.atomic(), audit_origin(_token_user_origin(username=username)):
+            user = User.objects.create_user(username=username, email=email[:254])
             ExternalIdentity.objects.create(issuer=issuer, subject=subject, user=user)
     except IntegrityError:  # the same subject's first two requests at once: the other one created it
         return ExternalIdentity.objects.select_related("user").get(issuer=issuer, subject=subject).user
     return user
 
 
+def _token_user_origin(*, username: str, user: Any = None) -> Callable[[], AuditOrigin]:
+    """Who acts when a token signs its user in (creates their account, sets their role): that user, as their
+    identity provider vouches, from the request's address; not an anonymous visitor, which is what the
+    request's own origin says before it is authenticated. Worked out when an event is recorded, so that an
+    account being created has its id by then."""
+    request = origin_current()
+
+    def origin() -> AuditOrigin:
+        if user is not None:
+            pk = user.pk
+        else:
+            pk = get_user_model().objects.filter(username=username).values_list("pk", flat=True).first()
+        return AuditOrigin(
+            actor_type=ActorType.USER,
+            actor_id=str(pk or ""),
+            actor_repr=username,
+            ip_address=request.ip_address if request else None,
+            user_agent=request.user_agent if request else "",
+        )
+
+    return origin
+
+
 def identity_sign_in(*, issuer: str, claims: dict[str, Any]) -> JwtPrincipal:
     """The user of a verified token's (issuer, sub), created at the first token; their role is set from the
-    token's claim at each sign-in (a change shows in the audit log as ``role.change``)."""
+    token's claim at each sign-in (a change shows in the audit log as ``role.change``, by that user)."""
     subject = str(claims["sub"])[:255]
     identity = ExternalIdentity.objects.select_related("user").filter(issuer=issuer, subject=subject).first()
     user = identity.user if identity is not None else _user_create(issuer=issuer, subject=subject, claims=claims)
     if not user.is_active:
         raise JwtRefused("This account is disabled.")
     role = role_from_claims(claims)
-    role_set(user, role)
+    with audit_origin(_token_user_origin(username=user.get_username(), user=user)):
+        role_set(user, role)
     ExternalIdentity.objects.filter(issuer=issuer, subject=subject).update(last_seen_at=timezone.now())
     principal = JwtPrincipal(
         user_id=user.pk,

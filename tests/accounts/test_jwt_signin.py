@@ -278,3 +278,22 @@ def test_the_issuer_and_audience_must_be_configured(client, idp, settings):
 
     with pytest.raises(ImproperlyConfigured):
         usage(client, idp.token("HS256", aud=AUDIENCE))
+
+
+def test_a_role_and_a_user_set_by_a_token_are_recorded_as_done_by_the_tokens_user(
+    client, jwt_on, django_capture_on_commit_callbacks
+):
+    """Nobody anonymous made ada an operator: her identity provider said so in her token. The audit log names
+    her (the token's user) as the actor of her account's creation and of each role change her tokens bring,
+    with the address the token came from."""
+    with django_capture_on_commit_callbacks(execute=True):
+        assert usage(client, jwt_on.token(sub="s-ada", preferred_username="ada", role="member")).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        assert usage(client, jwt_on.token(sub="s-ada", preferred_username="ada", role="operator")).status_code == 200
+
+    ada = get_user_model().objects.get(username="ada")
+    acts = AuditEvent.objects.filter(action__in=["auth.user.create", "role.change"]).order_by("seq")
+    assert [event.changes.get("groups", [None, None])[1] for event in acts] == [None, ["member"], ["operator"]]
+    for event in acts:
+        assert (event.actor_type, event.actor_id, event.actor_repr) == ("user", str(ada.pk), "ada"), event
+        assert event.ip_address == "127.0.0.1"
