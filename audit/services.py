@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
+import redis
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
@@ -24,6 +26,8 @@ from django.utils.ipv6 import clean_ipv6_address
 
 from .context import AuditOrigin, origin_current
 from .models import GENESIS_HASH, ActorType, AuditChainHead, AuditEvent
+
+logger = logging.getLogger("llmhub.audit")
 
 SECRET_MASK = "[secret]"
 # Field names whose values are never written to the log, whatever the model (masked in ``changes``).
@@ -188,14 +192,21 @@ FAILURES_PER_MINUTE = 30
 
 
 def audit_failure_admitted(*, kind: str, what: str, ip_address: str | None) -> bool:
-    """Whether a failure event of ``kind`` (``what`` failed, from ``ip_address``) is to be recorded now."""
+    """Whether a failure event of ``kind`` (``what`` failed, from ``ip_address``) is to be recorded now.
+
+    The counts live in the cache (Redis in production). When it does not answer, every failure is recorded:
+    a refused sign-in must stay a refusal, not become a 500, and the log keeps the attempts."""
     minute = int(time.time() // 60)
     digest = hashlib.sha256(what.encode()).hexdigest()[:16]
-    if not cache.add(f"llmhub:audit-failed:{kind}:{minute}:{ip_address}:{digest}", 1, timeout=120):
-        return False
-    total_key = f"llmhub:audit-failed:{kind}:{minute}"
-    cache.add(total_key, 0, timeout=120)
-    return cache.incr(total_key) <= FAILURES_PER_MINUTE
+    try:
+        if not cache.add(f"llmhub:audit-failed:{kind}:{minute}:{ip_address}:{digest}", 1, timeout=120):
+            return False
+        total_key = f"llmhub:audit-failed:{kind}:{minute}"
+        cache.add(total_key, 0, timeout=120)
+        return cache.incr(total_key) <= FAILURES_PER_MINUTE
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("audit: the cache did not answer (%s); failure recorded unthrottled", type(exc).__name__)
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -297,3 +297,22 @@ def test_a_role_and_a_user_set_by_a_token_are_recorded_as_done_by_the_tokens_use
     for event in acts:
         assert (event.actor_type, event.actor_id, event.actor_repr) == ("user", str(ada.pk), "ada"), event
         assert event.ip_address == "127.0.0.1"
+
+
+def test_a_refused_token_while_the_cache_is_down_is_still_a_401(client, jwt_on, monkeypatch):
+    """The refusals' audit throttle lives in the cache (Redis in production): when it does not answer, a bad
+    token still gets its 401 saying why, not a 500, and the refusal is recorded."""
+    import redis
+
+    from audit import services
+
+    def down(*args, **kwargs):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(services.cache, "add", down)
+
+    response = usage(client, jwt_on.token(aud="another-service"))
+
+    assert response.status_code == 401
+    assert "audience" in error_message(response)
+    assert AuditEvent.objects.filter(action="auth.jwt_failed").count() == 1

@@ -115,3 +115,23 @@ def test_a_flood_of_failed_sign_ins_cannot_fill_the_log(root):
     with time_machine.travel(datetime(2026, 12, 5, 10, 1, 5, tzinfo=UTC), tick=False):
         same.post(reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD})
     assert len(events("auth.login_failed")) == 31  # the next minute, the same attempt is recorded again
+
+
+def test_a_failed_sign_in_while_the_cache_is_down_is_still_a_failed_sign_in(root, monkeypatch):
+    """The throttle lives in the cache (Redis in production): when it does not answer, a wrong password still
+    gets the form's error, not a 500, and the failure is recorded (unthrottled while the cache is away)."""
+    import redis
+
+    from audit import services
+
+    def down(*args, **kwargs):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(services.cache, "add", down)
+
+    response = Client(REMOTE_ADDR="203.0.113.10").post(
+        reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD}
+    )
+
+    assert response.status_code == 200
+    assert last_event("auth.login_failed").ip_address == "203.0.113.10"
