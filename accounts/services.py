@@ -9,13 +9,12 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.context import AuditOrigin, audit_origin, origin_current
 from audit.models import ActorType
-from audit.services import audit_failure_admitted, audit_record
+from audit.services import audit_failure_admitted, audit_once, audit_record
 
 from .exceptions import JwtRefused
 from .jwt import JwtPrincipal
@@ -128,11 +127,11 @@ def _login_record(*, user: Any, principal: JwtPrincipal, jti: Any) -> None:
     """``auth.jwt_login`` once per token (by ``jti``) or, for tokens without one, once per user per hour:
     not at every request, nor at every re-verification of the same token."""
     if isinstance(jti, str) and jti:
-        key = f"llmhub:jwt-login:{user.pk}:{jti[:128]}"
+        key = f"jwt-login:{user.pk}:{jti[:128]}"
         timeout = max(1, min(int(principal.expires_at - time.time()) + 60, 86_400))
     else:
-        key, timeout = f"llmhub:jwt-login:{user.pk}:h{int(time.time() // 3600)}", 3600
-    if cache.add(key, 1, timeout=timeout):
+        key, timeout = f"jwt-login:{user.pk}:h{int(time.time() // 3600)}", 3600
+    if audit_once(key, timeout=timeout):
         audit_record(
             "auth.jwt_login",
             target=user,

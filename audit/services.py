@@ -191,6 +191,17 @@ def audit_record(
 FAILURES_PER_MINUTE = 30
 
 
+def audit_once(key: str, *, timeout: float) -> bool:
+    """Whether an event deduplicated by ``key`` is to be recorded: the first time ``key`` is seen within
+    ``timeout`` seconds (kept in the cache). When the cache does not answer, yes: an event recorded twice
+    is better than a sign-in that fails, or a record lost."""
+    try:
+        return bool(cache.add(f"llmhub:audit-once:{key}", 1, timeout=timeout))
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("audit: the cache did not answer (%s); event recorded without deduplication", type(exc).__name__)
+        return True
+
+
 def audit_failure_admitted(*, kind: str, what: str, ip_address: str | None) -> bool:
     """Whether a failure event of ``kind`` (``what`` failed, from ``ip_address``) is to be recorded now.
 

@@ -316,3 +316,18 @@ def test_a_refused_token_while_the_cache_is_down_is_still_a_401(client, jwt_on, 
     assert response.status_code == 401
     assert "audience" in error_message(response)
     assert AuditEvent.objects.filter(action="auth.jwt_failed").count() == 1
+
+
+def test_a_valid_token_signs_in_while_the_cache_is_down(client, jwt_on, monkeypatch):
+    """The once-per-token sign-in event is deduplicated in the cache (Redis in production): when it does not
+    answer, the token still signs its user in (the event is written, perhaps more than once)."""
+    import redis
+    from django.core.cache import cache
+
+    def down(*args, **kwargs):
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(cache, "add", down)
+
+    assert usage(client, jwt_on.token(jti="while-down")).status_code == 200
+    assert AuditEvent.objects.filter(action="auth.jwt_login").count() == 1
