@@ -1194,30 +1194,40 @@ class CompletionRun:
                             await guard.finish()  # before the stream may end cleanly
                         break
                     except ProviderError as exc:
-                        served = self.answered_by
-                        if not (
-                            served.resume_on_failure
-                            and _retryable(exc)
-                            and text
-                            and not calls_streamed
-                            and served.deployment is not None
-                            and len(failed) < max(1, served.retries)
-                        ):
+                        if not self._may_resume(exc, failed, bool(text) and not calls_streamed):
                             raise
                         # Resume: the next deployment continues the reply from what the client already has.
-                        failed.add(served.deployment.id)
-                        self._ticket_close(Outcome.FAILURE)
-                        await upstream.aclose()  # type: ignore[attr-defined]
+                        await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(delivered))
                         usage = {}
-                        self.resumed = True
                         first, upstream = await self._call(once_with("".join(text)), exclude=failed)
             finally:
                 if guard is not None:
                     guard.close()
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
+
+    def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool) -> bool:
+        """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
+        the model opted in, the failure is one another deployment may not share, what was sent can be
+        continued (``continuable``: text, no tool call) and the model's attempts are not spent."""
+        served = self.answered_by
+        return (
+            served.resume_on_failure
+            and _retryable(exc)
+            and continuable
+            and served.deployment is not None
+            and len(failed) < max(1, served.retries)
+        )
+
+    async def _attempt_abandon(self, upstream: AsyncIterator[Any], failed: set[int]) -> None:
+        """Give up the attempt that failed midway, before a resume: its deployment is not tried again for
+        this request, routing hears of the failure, its stream is closed and the run is marked resumed."""
+        failed.add(self.answered_by.deployment.id)  # type: ignore[union-attr]  (checked by _may_resume)
+        self._ticket_close(Outcome.FAILURE)
+        await upstream.aclose()  # type: ignore[attr-defined]
+        self.resumed = True
 
     async def messages_complete(self, *, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """``complete`` for an Anthropic Messages request: the adapter answers with a ``message`` (passed
@@ -1334,24 +1344,13 @@ class CompletionRun:
                             await guard.finish()
                         break
                     except ProviderError as exc:
-                        served = self.answered_by
-                        if not (
-                            served.resume_on_failure
-                            and _retryable(exc)
-                            and splice.resumable(delivered)
-                            and not final
-                            and served.deployment is not None
-                            and len(failed) < max(1, served.retries)
-                        ):
+                        if not self._may_resume(exc, failed, splice.resumable(delivered) and not final):
                             raise
                         # Resume: the next deployment continues the message from the text the client has.
-                        failed.add(served.deployment.id)
-                        self._ticket_close(Outcome.FAILURE)
-                        await upstream.aclose()  # type: ignore[attr-defined]
+                        await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(delivered))
                         usage = {}
-                        self.resumed = True
                         first, upstream = await self._call(once_with("".join(delivered)), exclude=failed)
             finally:
                 if guard is not None:
