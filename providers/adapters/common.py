@@ -156,6 +156,20 @@ def scrub(text: str, config: ProviderConfig) -> str:
     return text[:_MAX_UPSTREAM_MESSAGE]
 
 
+def fields_renamed(body: dict[str, Any], renames: Mapping[str, str]) -> dict[str, Any]:
+    """``body`` with OpenAI's name of each field in ``renames`` replaced by the provider's (Mistral's
+    ``random_seed``, Ollama's ``max_tokens``), for a provider that reads only its own. A value under OpenAI's
+    name wins over one the client gave under the provider's too: of ``max_completion_tokens`` and
+    ``max_tokens`` both given, OpenAI acts on the newer. A None is dropped, as absent."""
+    out = dict(body)
+    for ours, theirs in renames.items():
+        if ours in out:
+            value = out.pop(ours)
+            if value is not None:
+                out[theirs] = value
+    return out
+
+
 def one_choice_only(body: dict[str, Any]) -> None:
     """Refuse a request for several choices (``n`` > 1) to a provider that answers one whatever ``n`` says
     (Cohere, Ollama): one choice where several were asked for would be a silent short answer."""

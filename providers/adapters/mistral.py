@@ -16,26 +16,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .base import WireChunk
+from .common import fields_renamed
 from .openai import OpenAIAdapter
 
-# OpenAI's name → Mistral's, for the same meaning. The client's own spelling of Mistral's name wins.
+# OpenAI's name → Mistral's, for the same meaning; given under both, OpenAI's wins (``fields_renamed``).
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens", "seed": "random_seed"}
 _EMBEDDING_RENAMES = {"dimensions": "output_dimension"}
 
 
-def _renamed(body: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
-    out = dict(body)
-    for ours, theirs in renames.items():
-        if ours in out:
-            value = out.pop(ours)
-            if value is not None:
-                out[theirs] = value  # max_completion_tokens over a max_tokens given too: the newer name wins
-    return out
-
-
 class MistralAdapter(OpenAIAdapter):
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
-        request = _renamed(
+        request = fields_renamed(
             {key: value for key, value in body.items() if key not in ("stream", "stream_options")}, _CHAT_RENAMES
         )
         if stream:
@@ -60,4 +51,4 @@ class MistralAdapter(OpenAIAdapter):
             await upstream.aclose()  # type: ignore[attr-defined]  # also on aclose(): the upstream stops at once
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await super().embed(_renamed(body, _EMBEDDING_RENAMES))
+        return await super().embed(fields_renamed(body, _EMBEDDING_RENAMES))

@@ -62,3 +62,24 @@ def test_n_above_1_is_refused_rather_than_answered_with_one_choice(ollama, strea
         list(response) if stream else None
     assert (caught.value.body["param"], caught.value.body["code"]) == ("n", "unsupported_value")
     assert ollama.upstream.requests_served("/ollama/v1/chat/completions") == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_limits_an_ollama_reply(ollama, stream):
+    # Ollama reads `max_tokens` only (its `num_predict`) and ignores `max_completion_tokens`: sent as the client
+    # spelt it, the reply would run on past the limit the key's budget was reserved for.
+    response = ollama.client().chat.completions.with_raw_response.create(
+        model="llama-test",
+        messages=[{"role": "user", "content": "[[words=12]]"}],
+        max_completion_tokens=3,
+        stream=stream,
+    )
+    if stream:
+        chunks = list(response.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    else:
+        choice = response.parse().choices[0]
+        text, finish = choice.message.content, choice.finish_reason
+    assert (text, finish) == ("lorem ipsum dolor", "length")
+    assert wait_for_record(response.headers["x-request-id"]).completion_tokens == 3

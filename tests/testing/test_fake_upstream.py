@@ -1360,3 +1360,13 @@ def test_ollama_answers_one_choice_whatever_n_asked(upstream: FakeUpstream) -> N
     assert len(completion.choices) == 1 and completion.usage.completion_tokens == 3
     chunks = list(ollama.chat.completions.create(model="llama3.2", messages=messages, n=3, stream=True))
     assert {choice.index for chunk in chunks for choice in chunk.choices} == {0}
+
+
+def test_ollama_limits_a_reply_by_max_tokens_only(upstream: FakeUpstream) -> None:
+    # Ollama's ChatCompletionRequest has no max_completion_tokens: the field is ignored, max_tokens honoured.
+    ollama = openai.OpenAI(base_url=upstream.base_url + "/ollama/v1", api_key="ollama", max_retries=0)
+    messages = [{"role": "user", "content": "[[words=6]]"}]
+    unlimited = ollama.chat.completions.create(model="llama3.2", messages=messages, max_completion_tokens=2)
+    assert (unlimited.usage.completion_tokens, unlimited.choices[0].finish_reason) == (6, "stop")
+    limited = ollama.chat.completions.create(model="llama3.2", messages=messages, max_tokens=2)
+    assert (limited.usage.completion_tokens, limited.choices[0].finish_reason) == (2, "length")
