@@ -52,7 +52,9 @@ Endpoints
     among them, is ignored). Google Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
-    to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``),
+    to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``;
+    ``responseLogprobs: true`` gives each candidate a ``logprobsResult`` for its tokens in that response or chunk,
+    ``chosenCandidates`` and, for ``logprobs: N``, N ``topCandidates`` a step, with OpenAI's values),
     ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no
     usage, as Gemini reports none), ``GET /v1beta/models``; the key in ``x-goog-api-key`` or ``?key=``,
     errors as ``{"error": {"code", "message", "status"}}`` (a 429's delay not in a ``Retry-After`` header but,
@@ -464,6 +466,30 @@ def _logprob_entry(token: str, top: int) -> dict[str, Any]:
         "bytes": list(token.encode()),
         "top_logprobs": alternatives[:top],
     }
+
+
+def _gemini_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
+    """A candidate's ``logprobsResult``, as Gemini answers ``responseLogprobs``: the token chosen at each step
+    and, when ``logprobs`` asked for ``top`` of them, the most likely ones there (the chosen first), with the
+    same values as OpenAI's (``_logprob_entry``)."""
+
+    def candidate(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "tokenId": zlib.crc32(token.encode()) % 256_000, "logProbability": logprob}
+
+    result: dict[str, Any] = {
+        "chosenCandidates": [candidate(token, _logprob(token)) for token in tokens],
+        "logProbabilitySum": round(sum(_logprob(token) for token in tokens), 3),
+    }
+    if top:
+        result["topCandidates"] = [
+            {
+                "candidates": [
+                    candidate(entry["token"], entry["logprob"]) for entry in _logprob_entry(token, top)["top_logprobs"]
+                ]
+            }
+            for token in tokens
+        ]
+    return result
 
 
 def _split_pieces(text: str, pieces: int = 3) -> list[str]:
@@ -2015,6 +2041,10 @@ class _App:
             parts = [[{"text": piece}] for piece in reply.tokens] or [[{"text": ""}]]
         else:
             parts = [[{"text": reply.text}]]
+        # responseLogprobs: each candidate's chosen tokens, with ``logprobs`` alternatives at each step.
+        logprobs = None
+        if config.get("responseLogprobs") is True:
+            logprobs = _int_or_none(config.get("logprobs")) or 0
         chunks = []
         for index, chunk_parts in enumerate(parts):
             # Each candidate (``candidateCount``) has its own ``index``; a streamed chunk carries the next
@@ -2024,6 +2054,9 @@ class _App:
                 candidate: dict[str, Any] = {"index": number}
                 if chunk_parts:
                     candidate["content"] = {"role": "model", "parts": copy.deepcopy(chunk_parts)}
+                    tokens = [part["text"] for part in chunk_parts if "text" in part] if stream else reply.tokens
+                    if logprobs is not None and tokens and reply.tool_name is None:
+                        candidate["logprobsResult"] = _gemini_logprobs(tokens, logprobs)
                 if index == len(parts) - 1:
                     candidate["finishReason"] = finish
                     if finish == "SAFETY":

@@ -6,13 +6,15 @@ in the SDK's snake_case spelling, which its pydantic types accept): system and d
 calls ``function_call`` parts, a tool message a ``function_response`` part named after the call it
 answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
-``Schema`` subset); ``tool_choice`` a ``function_calling_config``. A data URL image is sent inline; an
-http(s) image URL is refused with a 400 (Gemini's ``file_data`` takes only files it hosts, and the
-gateway does not fetch URLs for the provider).
+``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
+``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400). A data URL image is
+sent inline; an http(s) image URL is refused with a 400 (Gemini's ``file_data`` takes only files it hosts,
+and the gateway does not fetch URLs for the provider).
 
 The response side turns a ``GenerateContentResponse`` (as a dict, ``model_dump``'d) into a
 ``chat.completion`` or a ``chat.completion.chunk``; a safety verdict, on the prompt
-(``prompt_feedback.block_reason``) or on the answer, is ``finish_reason: content_filter``.
+(``prompt_feedback.block_reason``) or on the answer, is ``finish_reason: content_filter``; a candidate's
+``logprobs_result`` is the choice's ``logprobs``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
     ):
         if body.get(ours) is not None:
             config[theirs] = body[ours]
+    if body.get("logprobs") is True:
+        config["response_logprobs"] = True
+        if body.get("top_logprobs"):
+            config["logprobs"] = body["top_logprobs"]  # Gemini's name for how many alternatives a step
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         config["max_output_tokens"] = max_tokens
@@ -257,6 +263,30 @@ def _candidate(
     return ("".join(texts) if texts else None), calls, finish
 
 
+def _choice_logprobs(candidate: dict[str, Any]) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` in OpenAI's shape from the candidate's ``logprobs_result`` (what Gemini answers
+    ``response_logprobs``): each token chosen, with the step's most likely tokens when ``logprobs`` asked for
+    them; None when the candidate has none (not asked for, or nothing generated in this chunk)."""
+    result = candidate.get("logprobs_result")
+    if not isinstance(result, dict) or not result.get("chosen_candidates"):
+        return None
+    steps = result.get("top_candidates") or []
+    content = []
+    for step, chosen in enumerate(result["chosen_candidates"]):
+        top = steps[step] if step < len(steps) and isinstance(steps[step], dict) else {}
+        content.append(
+            {**_token_logprob(chosen), "top_logprobs": [_token_logprob(each) for each in top.get("candidates") or []]}
+        )
+    return {"content": content, "refusal": None}
+
+
+def _token_logprob(candidate: Any) -> dict[str, Any]:
+    candidate = candidate if isinstance(candidate, dict) else {}
+    token = str(candidate.get("token") or "")
+    # Gemini leaves a zero out (proto3 JSON): a certain token's log probability is 0.
+    return {"token": token, "logprob": candidate.get("log_probability") or 0.0, "bytes": list(token.encode())}
+
+
 def openai_usage(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     if not metadata:
         return None
@@ -297,7 +327,7 @@ def completion_from_response(response: dict[str, Any], model: str) -> dict[str, 
             {
                 "index": candidate.get("index") or index,
                 "message": message,
-                "logprobs": None,
+                "logprobs": _choice_logprobs(candidate),
                 "finish_reason": finish or "stop",
             }
         )
@@ -358,7 +388,9 @@ class StreamTranslator:
                 self._calls[index] = made = made + len(calls)
             if finish == "stop" and made:
                 finish = "tool_calls"  # the calls came in an earlier chunk than the finish
-            choices.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
+            choices.append(
+                {"index": index, "delta": delta, "logprobs": _choice_logprobs(candidate), "finish_reason": finish}
+            )
         self._started.update(choice["index"] for choice in choices)
         self._ended.update(choice["index"] for choice in choices if choice["finish_reason"])
         if not choices:

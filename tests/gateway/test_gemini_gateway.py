@@ -169,3 +169,30 @@ def test_n_tool_calls_streamed_through_gemini_are_each_their_choices_first(gemin
         [call] = choice.message.tool_calls
         assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
     assert completion.choices[0].message.tool_calls[0].id != completion.choices[1].message.tool_calls[0].id
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_through_gemini_come_back_as_openai_logprobs(gemini, stream):
+    # Gemini gives them when generationConfig asks (responseLogprobs, and logprobs for the alternatives): left
+    # out of the request, the client that asked for logprobs got null, as if the model had none.
+    response = gemini.client().chat.completions.with_raw_response.create(
+        model="gemini-test",
+        messages=[{"role": "user", "content": "[[words=3]]"}],
+        logprobs=True,
+        top_logprobs=2,
+        stream=stream,
+    )
+    if stream:
+        chunks = list(response.parse())
+        for chunk in chunks:
+            wire = chunk.model_dump(mode="json", exclude_unset=True)
+            validate_openai_schema(wire, "CreateChatCompletionStreamResponse")
+        logprobs = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+        entries = [entry for each in logprobs for entry in each.content]
+    else:
+        validate_openai_schema(json.loads(response.http_response.text), "CreateChatCompletionResponse")
+        entries = response.parse().choices[0].logprobs.content
+    assert [entry.token for entry in entries] == ["lorem", " ipsum", " dolor"]
+    for entry in entries:
+        assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token

@@ -172,6 +172,31 @@ def test_finish_reasons(reason, finish):
     assert completion_from_response(response, "m")["choices"][0]["finish_reason"] == finish
 
 
+def test_logprobs_are_asked_for_and_a_token_without_a_log_probability_is_certain():
+    config = gemini_request(chat("hi", logprobs=True, top_logprobs=3))["config"]
+    assert (config["response_logprobs"], config["logprobs"]) == (True, 3)
+    assert "response_logprobs" not in gemini_request(chat("hi", logprobs=False))["config"]
+    # Gemini's JSON leaves a zero out: a token chosen with certainty has no logProbability.
+    chosen = [{"token": "Hi", "token_id": 7}, {"token": " there", "log_probability": -0.25}]
+    response = {
+        "response_id": "abc",
+        "candidates": [
+            {
+                "index": 0,
+                "content": {"role": "model", "parts": [{"text": "Hi there"}]},
+                "finish_reason": "STOP",
+                "logprobs_result": {"chosen_candidates": chosen},
+            }
+        ],
+    }
+    completion = completion_from_response(response, "gemini-2.5-flash")
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    assert completion["choices"][0]["logprobs"]["content"] == [
+        {"token": "Hi", "logprob": 0.0, "bytes": [72, 105], "top_logprobs": []},
+        {"token": " there", "logprob": -0.25, "bytes": list(b" there"), "top_logprobs": []},
+    ]
+
+
 def test_usage_counts_cached_and_thought_tokens():
     response = {
         "response_id": "r1",
