@@ -7,7 +7,8 @@ calls ``function_call`` parts, a tool message a ``function_response`` part named
 answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
 ``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
-``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400). A data URL image is
+``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
+a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped). A data URL image is
 sent inline; an http(s) image URL is refused with a 400 (Gemini's ``file_data`` takes only files it hosts,
 and the gateway does not fetch URLs for the provider).
 
@@ -40,6 +41,10 @@ _FINISH: dict[str, str] = {
     "IMAGE_SAFETY": "content_filter",
     "LANGUAGE": "content_filter",
 }
+# OpenAI's reasoning_effort → Gemini's thinking budget in tokens: the values Google's own OpenAI compatibility
+# gives Gemini 2.5 (``none`` turns thinking off). Gemini 3 models take a budget too, for backwards compatibility;
+# a model that cannot honour one (turning off a Pro model's thinking) answers Google's 400.
+_THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -71,6 +76,17 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
     ):
         if body.get(ours) is not None:
             config[theirs] = body[ours]
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in _THINKING_BUDGETS:
+            raise _invalid(
+                f"Gemini has no thinking budget for reasoning_effort {effort!r}: use one of "
+                + ", ".join(repr(name) for name in _THINKING_BUDGETS)
+                + ".",
+                "reasoning_effort",
+                "unsupported_value",
+            )
+        config["thinking_config"] = {"thinking_budget": _THINKING_BUDGETS[effort]}
     if body.get("logprobs") is True:
         config["response_logprobs"] = True
         if body.get("top_logprobs"):

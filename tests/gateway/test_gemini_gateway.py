@@ -196,3 +196,27 @@ def test_logprobs_through_gemini_come_back_as_openai_logprobs(gemini, stream):
     for entry in entries:
         assert entry.logprob <= 0 and entry.bytes == list(entry.token.encode())
         assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token
+
+
+@pytest.mark.parametrize(("effort", "budget"), [("none", 0), ("minimal", 1024), ("low", 1024), ("high", 24576)])
+def test_reasoning_effort_reaches_gemini_as_a_thinking_budget(gemini, effort, budget):
+    # Gemini 2.5 thinks by default, and its thinking is billed as output: a client that asked for no reasoning
+    # must not pay for it because the setting was dropped on the way.
+    completion = gemini.client().chat.completions.create(
+        model="gemini-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort=effort
+    )
+    assert completion.choices[0].message.content == "Echo: hi"
+    thinking = gemini.upstream.requests[-1]["body"]["generationConfig"]["thinkingConfig"]
+    # google-genai sends this object's fields in the proto's own spelling, which Google's JSON reads as well.
+    assert thinking in ({"thinkingBudget": budget}, {"thinking_budget": budget})
+
+
+def test_a_reasoning_effort_gemini_has_no_budget_for_is_a_400_naming_it(gemini):
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        gemini.client().chat.completions.create(
+            model="gemini-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort="xhigh"
+        )
+    assert (caught.value.body["param"], caught.value.body["code"]) == ("reasoning_effort", "unsupported_value")
+    assert "xhigh" in caught.value.body["message"]
+    assert gemini.upstream.requests_served() == served
