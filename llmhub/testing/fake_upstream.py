@@ -48,8 +48,9 @@ Endpoints
     "extra_forbidden", "loc": ["body", NAME], …}]}, …}``), Mistral's own names are taken (``random_seed``,
     ``output_dimension``), and a stream always reports its usage, on its last chunk. Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
-    choice whatever ``n`` asked and no limit but ``max_tokens`` (a field it does not read, ``max_completion_tokens``
-    among them, is ignored). Google Gemini's (v1beta):
+    choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
+    says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
+    Gemini's (v1beta):
     ``POST /v1beta/models/{model}:generateContent``, ``…:streamGenerateContent?alt=sse`` (one token per
     ``data:`` event, usage on the last; ``generationConfig.candidateCount`` answers that many candidates, 1
     to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``;
@@ -823,7 +824,7 @@ def _build_reply(
 
 # Request fields that Ollama's OpenAI compatibility does not read (its ``ChatCompletionRequest`` has no such
 # field) and so ignores, where OpenAI would act on them.
-_OLLAMA_IGNORED = frozenset({"n", "max_completion_tokens"})
+_OLLAMA_IGNORED = frozenset({"n", "max_completion_tokens", "tool_choice"})
 
 # The request fields Mistral's API takes (its OpenAPI document); any other is refused with a 422.
 _MISTRAL_CHAT_FIELDS = frozenset(
@@ -1470,9 +1471,10 @@ class _App:
     # -- Ollama (a subset of OpenAI's protocol; what it does not take, it ignores) --
 
     async def ollama_chat_completions(self, request: web.Request) -> web.StreamResponse:
-        """Ollama's OpenAI-compatible chat: ``n`` and ``max_completion_tokens`` are not among the fields it reads
-        (its ``ChatCompletionRequest``, ``openai/openai.go``), so it answers one choice whatever ``n`` asked, and
-        only ``max_tokens`` limits a reply."""
+        """Ollama's OpenAI-compatible chat: ``n``, ``max_completion_tokens`` and ``tool_choice`` are not among the
+        fields it reads (its ``ChatCompletionRequest``, ``openai/openai.go``), so it answers one choice whatever
+        ``n`` asked, only ``max_tokens`` limits a reply, and the model may call a tool it was given whatever
+        ``tool_choice`` said."""
         body = request[_BODY_KEY]
         if isinstance(body, dict) and _OLLAMA_IGNORED.intersection(body):
             request[_BODY_KEY] = {key: value for key, value in body.items() if key not in _OLLAMA_IGNORED}

@@ -83,3 +83,30 @@ def test_max_completion_tokens_limits_an_ollama_reply(ollama, stream):
         text, finish = choice.message.content, choice.finish_reason
     assert (text, finish) == ("lorem ipsum dolor", "length")
     assert wait_for_record(response.headers["x-request-id"]).completion_tokens == 3
+
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def test_tool_choice_none_through_ollama_gets_an_answer_not_a_tool_call(ollama):
+    # Ollama reads no tool_choice: given the tools, the model may call one whatever the client said.
+    completion = ollama.client().chat.completions.create(
+        model="llama-test", messages=[{"role": "user", "content": "Paris?"}], tools=[WEATHER], tool_choice="none"
+    )
+    choice = completion.choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("Echo: Paris?", None, "stop")
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}], ids=["required", "named"]
+)
+def test_a_tool_choice_ollama_cannot_enforce_is_refused(ollama, tool_choice):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ollama.client().chat.completions.create(
+            model="llama-test", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice=tool_choice
+        )
+    assert (caught.value.body["param"], caught.value.body["code"]) == ("tool_choice", "unsupported_value")
+    assert ollama.upstream.requests_served("/ollama/v1/chat/completions") == 0
