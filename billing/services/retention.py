@@ -143,15 +143,23 @@ def _fold(day: date, rows: list[dict]) -> None:
         for index, name in enumerate(_FIGURES, start=1):
             entry[index] += row[name]
     for group, (requests, prompt, completion, cached, cost) in sums.items():
-        found = DailyUsage.objects.filter(day=day, **dict(zip(_GROUP, group, strict=True)))
-        updated = found.update(
-            requests=F("requests") + requests,
-            prompt_tokens=F("prompt_tokens") + prompt,
-            completion_tokens=F("completion_tokens") + completion,
-            cached_tokens=F("cached_tokens") + cached,
-            cost=F("cost") + cost,
+        # One row of the group, not each: deleting users (or keys) sets their rollup rows' user (key) to NULL,
+        # so a day can hold several rows of one (day, no user, provider, model) group.
+        found = (
+            DailyUsage.objects.filter(day=day, **dict(zip(_GROUP, group, strict=True)))
+            .order_by("pk")
+            .values_list("pk", flat=True)
+            .first()
         )
-        if not updated:
+        if found is not None:
+            DailyUsage.objects.filter(pk=found).update(
+                requests=F("requests") + requests,
+                prompt_tokens=F("prompt_tokens") + prompt,
+                completion_tokens=F("completion_tokens") + completion,
+                cached_tokens=F("cached_tokens") + cached,
+                cost=F("cost") + cost,
+            )
+        else:
             DailyUsage.objects.create(
                 day=day,
                 **dict(zip(_GROUP, group, strict=True)),

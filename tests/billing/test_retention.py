@@ -18,7 +18,7 @@ from billing.services.budgets import CounterRef, ledger_spend, period_bounds
 from billing.services.keys import api_key_create
 from billing.services.retention import usage_records_purge
 from billing.services.rollups import daily_usage_rebuild
-from billing.tasks import ledger_retention
+from billing.tasks import ledger_retention, usage_rollup
 from chat.management.commands.setupschedules import SCHEDULES
 from tests.factories import UsageRecordFactory, UserFactory
 
@@ -218,3 +218,33 @@ def test_a_big_day_goes_in_several_short_deletes(ledger):
 
 def test_the_pass_is_scheduled_daily():
     assert [entry for entry in SCHEDULES if entry[1] == "billing.tasks.ledger_retention"]
+
+
+@pytest.mark.parametrize("adds", ["retention"])
+def test_a_late_row_folded_after_users_were_deleted_is_added_once(ledger, settings, adds):
+    """Deleting users sets their rollup rows' user to NULL, so a sealed day can hold several rows of one
+    (day, no user, no key, provider, model) group: a late row of that group is added to one of them, once. The
+    staff's totals do not move when the users go."""
+    settings.LLMHUB_LEDGER_RETENTION_DAYS = 30
+    bob = ledger["users"][1]
+    carol = UserFactory(username="carol")
+    UsageRecordFactory(user=carol, created_at=at(OLD, 14), provider_name="fake-anthropic", cost=Decimal("0.5"))
+    rebuild_every_day()
+    ledger_retention()
+    before = usage_daily(days=60, today=TODAY)
+    by_user_before = {share.label: share for share in usage_breakdown(by="user", days=60, today=TODAY)}
+
+    bob.delete()
+    carol.delete()
+
+    assert usage_daily(days=60, today=TODAY) == before
+    by_user = {share.label: share for share in usage_breakdown(by="user", days=60, today=TODAY)}
+    assert sum(share.cost for share in by_user.values()) == sum(share.cost for share in by_user_before.values())
+    assert DailyUsage.objects.filter(day=OLD, user=None, api_key=None, provider_name="fake-anthropic").count() == 2
+    UsageRecordFactory(user=None, created_at=at(OLD, 15), provider_name="fake-anthropic", cost=Decimal("0.125"))
+
+    {"rollup": usage_rollup, "retention": ledger_retention}[adds].delay()
+
+    after = {entry.day: entry for entry in usage_daily(days=60, today=TODAY)}
+    old_before = {entry.day: entry for entry in before}[OLD]
+    assert (after[OLD].requests, after[OLD].cost) == (old_before.requests + 1, old_before.cost + Decimal("0.125"))
