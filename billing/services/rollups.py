@@ -108,15 +108,28 @@ def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> i
     up to the same mark."""
     today = today or timezone.now().astimezone(UTC).date()
     through_id = ledger_high_water()  # one instant with the ledger closed, for every day
+    since = _late_scan_start(through_id=through_id)  # before the rebuilds below move the days' marks
     rebuilt = sum(
         daily_usage_rebuild(day=today - timedelta(days=offset), through_id=through_id) for offset in range(days)
     )
-    rebuilt += _late_days_rebuild(before=today - timedelta(days=days - 1), through_id=through_id)
+    rebuilt += _late_days_rebuild(before=today - timedelta(days=days - 1), since=since, through_id=through_id)
     experiment_usage_fold(through_id=through_id)
     return rebuilt
 
 
-def _late_days_rebuild(*, before: date, through_id: int) -> int:
+def _late_scan_start(*, through_id: int) -> int:
+    """``DailyUsageScanMark.through_id``, created at the first run from the newest day's mark (the last run's
+    high water, read before this run rebuilds any day: after, it would be this run's own, and the rows written
+    late since the last run would go unseen)."""
+    since = DailyUsageScanMark.objects.filter(pk=1).values_list("through_id", flat=True).first()
+    if since is None:
+        newest = DailyUsageMark.objects.order_by("-day").values_list("through_id", flat=True).first()
+        since = min(newest, through_id) if newest is not None else through_id
+        DailyUsageScanMark.objects.get_or_create(pk=1, defaults={"through_id": since})
+    return since
+
+
+def _late_days_rebuild(*, before: date, since: int, through_id: int) -> int:
     """Roll up again each day before ``before`` that has ledger rows above ``DailyUsageScanMark`` (written
     since the last run looked) and at or below ``through_id``, then move the mark there.
 
@@ -125,12 +138,7 @@ def _late_days_rebuild(*, before: date, through_id: int) -> int:
     past days from the rollup only, so without this they would never count. Only the rows written since the
     last run are read (by id, a few minutes of the ledger), not the old days. The mark moves after the
     days are rebuilt: a run that dies between the two leaves them to the next run, which rebuilds them
-    again to the same figures. A first run starts from the newest day's mark (the last run's high water)."""
-    since = DailyUsageScanMark.objects.filter(pk=1).values_list("through_id", flat=True).first()
-    if since is None:
-        newest = DailyUsageMark.objects.order_by("-day").values_list("through_id", flat=True).first()
-        since = min(newest, through_id) if newest is not None else through_id
-        DailyUsageScanMark.objects.get_or_create(pk=1, defaults={"through_id": since})
+    again to the same figures. ``since`` is the mark (``_late_scan_start``)."""
     start = datetime.combine(before, time(), UTC)
     late_days = sorted(
         UsageRecord.objects.filter(pk__gt=since, pk__lte=through_id, created_at__lt=start)

@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 import time_machine
 
-from billing.models import DailyUsage, DailyUsageMark, UsageRecord
+from billing.models import DailyUsage, DailyUsageMark, DailyUsageScanMark, UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent
 from billing.tasks import usage_rollup
@@ -204,3 +204,19 @@ def test_the_days_a_late_row_reopens_are_found_once(ledger):
 
     assert DailyUsageMark.objects.get(day=three_days_ago).rebuilt_at == first
     assert DailyUsage.objects.get(day=three_days_ago).cost == Decimal("1")
+
+
+def test_a_late_row_written_before_the_first_look_for_late_rows_is_counted(ledger):
+    """The first run that looks for late rows (no ``DailyUsageScanMark`` yet: the first after migration 0024)
+    looks from the previous run's high water, not from the marks it has just moved itself by rebuilding today."""
+    three_days_ago = TODAY - timedelta(days=3)
+    with time_machine.travel(at(TODAY, 6), tick=False):
+        usage_rollup.delay()
+    DailyUsageScanMark.objects.all().delete()  # as the task left things before it looked for late rows
+    UsageRecordFactory(user=ledger["bob"], created_at=at(three_days_ago, 10), cost=Decimal("0.0000000001"))
+
+    with time_machine.travel(at(TODAY, 6) + timedelta(minutes=10), tick=False):
+        usage_rollup.delay()
+
+    assert rollup_totals() == ledger_totals({TODAY, ledger["yesterday"], three_days_ago})
+    assert DailyUsage.objects.get(day=three_days_ago).cost == Decimal("0.0000000001")
