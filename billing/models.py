@@ -670,7 +670,9 @@ class DailyUsageSeal(models.Model):
     Sealing rebuilds the day's ``DailyUsage`` one last time with the ledger closed to writes, so that it
     holds every row of that day up to ``through_id``; those rows can then go. From then on the day's
     rollup is never rebuilt from the ledger (the rows it sums are gone): a row of that day written later
-    (a spool replayed after a long outage) is added to it by the pass that deletes it."""
+    (a spool replayed after a long outage) is added to it by the rollup task's next run, which moves
+    ``through_id`` past it, or by the retention pass that deletes it if that comes first
+    (``services.rollups._sealed_day_catch_up``)."""
 
     day = models.DateField(unique=True)
     through_id = models.BigIntegerField(help_text="The last ledger row of the day the sealed rollup holds.")

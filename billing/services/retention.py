@@ -16,7 +16,9 @@ kept. No rollup written earlier is trusted: on PostgreSQL ids are taken before c
 cannot say which rows it saw; the seal can, because nothing was being written while it summed. Then the
 day's rows are deleted in batches of ``batch_size``, each in its own short transaction, so that writers
 wait at most one batch. A row of a sealed day above its ``through_id`` arrived later (a spool replayed
-after a long outage): the batch that deletes it adds its figures to the rollup in the same transaction.
+after a long outage): the rollup task's next run adds it to the rollup and moves ``through_id`` past it
+(``rollups._sealed_day_catch_up``), or, if this pass comes first, the batch that deletes it adds it in the
+same transaction; both read ``through_id`` under the day's lock.
 Rows are never deleted before their figures are in the rollup, and never counted twice. The same holds for
 the experiments' rollup (``DailyExperimentUsage``): a row in an experiment is deleted only once it is folded
 in (at or below ``ExperimentUsageMark.through_id``), so an experiment's results outlive its raw rows.
@@ -24,22 +26,26 @@ in (at or below ``ExperimentUsageMark.through_id``), so an experiment's results 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Min
+from django.db.models import Min
 from django.utils import timezone
 
-from ..models import ApiKey, BudgetPeriod, DailyUsage, DailyUsageSeal, ExperimentUsageMark, UsageRecord
+from ..models import ApiKey, BudgetPeriod, DailyUsageSeal, ExperimentUsageMark, UsageRecord
 from ..selectors import api_key_subtree_ids
-from .rollups import daily_usage_rebuild, experiment_usage_fold, ledger_high_water, lock_day
+from .rollups import (
+    DAILY_USAGE_FIGURES,
+    DAILY_USAGE_GROUP,
+    daily_usage_fold,
+    daily_usage_rebuild,
+    experiment_usage_fold,
+    ledger_high_water,
+    lock_day,
+)
 
 BATCH_SIZE = 5000
-_GROUP = ("user_id", "api_key_id", "provider_name", "model_name")
-_FIGURES = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost")
 
 
 def retention_cutoff(*, today: date, days: int) -> date:
@@ -97,11 +103,14 @@ def _day_purge(day: date, *, batch_size: int) -> int:
     rows = _purgeable(_day_rows(day))
     if not rows.exists():
         return 0
-    through_id = _seal(day)
+    _seal(day)
     deleted = 0
     while True:
         with transaction.atomic():
             lock_day(day)
+            # Read under the day's lock at each batch: the rollup task moves it when it adds the day's late
+            # rows itself (``rollups._sealed_day_catch_up``), and each row is added by one or the other.
+            through_id = DailyUsageSeal.objects.filter(day=day).values_list("through_id", flat=True).get()
             # An experiment's row the experiments' rollup does not hold yet (written after the last fold)
             # stays until a later pass: the mark's row lock keeps a fold from moving it meanwhile.
             folded = ExperimentUsageMark.objects.select_for_update().filter(pk=1).values_list("through_id", flat=True)
@@ -114,7 +123,8 @@ def _day_purge(day: date, *, batch_size: int) -> int:
                 return deleted
             late = [pk for pk in batch if pk > through_id]
             if late:
-                _fold(day, list(UsageRecord.objects.filter(pk__in=late).values(*_GROUP, *_FIGURES)))
+                rows_late = UsageRecord.objects.filter(pk__in=late).values(*DAILY_USAGE_GROUP, *DAILY_USAGE_FIGURES)
+                daily_usage_fold(day, list(rows_late))
             UsageRecord.objects.filter(pk__in=batch).delete()
             deleted += len(batch)
 
@@ -132,40 +142,3 @@ def _seal(day: date) -> int:
     daily_usage_rebuild(day=day, through_id=through_id)
     DailyUsageSeal.objects.create(day=day, through_id=through_id)
     return through_id
-
-
-def _fold(day: date, rows: list[dict]) -> None:
-    """Add rows the sealed rollup does not hold to it."""
-    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
-    for row in rows:
-        entry = sums[tuple(row[name] for name in _GROUP)]
-        entry[0] += 1
-        for index, name in enumerate(_FIGURES, start=1):
-            entry[index] += row[name]
-    for group, (requests, prompt, completion, cached, cost) in sums.items():
-        # One row of the group, not each: deleting users (or keys) sets their rollup rows' user (key) to NULL,
-        # so a day can hold several rows of one (day, no user, provider, model) group.
-        found = (
-            DailyUsage.objects.filter(day=day, **dict(zip(_GROUP, group, strict=True)))
-            .order_by("pk")
-            .values_list("pk", flat=True)
-            .first()
-        )
-        if found is not None:
-            DailyUsage.objects.filter(pk=found).update(
-                requests=F("requests") + requests,
-                prompt_tokens=F("prompt_tokens") + prompt,
-                completion_tokens=F("completion_tokens") + completion,
-                cached_tokens=F("cached_tokens") + cached,
-                cost=F("cost") + cost,
-            )
-        else:
-            DailyUsage.objects.create(
-                day=day,
-                **dict(zip(_GROUP, group, strict=True)),
-                requests=requests,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cached_tokens=cached,
-                cost=cost,
-            )

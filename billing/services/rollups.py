@@ -11,16 +11,19 @@ below which no insert is still in flight; a bare ``MAX(id)`` would not do, since
 ids before commit and a row with a smaller id may still commit after the rollup has summed.
 
 A row written late onto a day the task no longer rebuilds (a spool replayed after an outage of days)
-makes the task's next run roll that day up again (``DailyUsageScanMark``).
+makes the task's next run roll that day up again (``DailyUsageScanMark``), or, on a day retention has
+sealed, add the row to its rollup.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 
 from django.db import connection, transaction
-from django.db.models import Count, Max, Sum
+from django.db.models import Count, F, Max, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
@@ -71,14 +74,17 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
     """Replace ``day``'s rollup with the ledger's figures up to ``through_id`` (default: the high water)
     and mark it so; returns how many rows it now has.
 
-    A day sealed by retention (``DailyUsageSeal``) is left as it is: its raw rows are gone, and a rebuild
-    from what remains would lose them. Two rebuilds of a day run one after the other (``lock_day``); the
-    last to commit stands with its own mark, which always agrees with its rows."""
+    A day sealed by retention (``DailyUsageSeal``) is not rebuilt: its raw rows are gone, and a rebuild from
+    what remains would lose them. Its rows written since the seal's mark are added to it instead
+    (``_sealed_day_catch_up``). Two rebuilds of a day run one after the other (``lock_day``); the last to
+    commit stands with its own mark, which always agrees with its rows."""
     if through_id is None:
         through_id = ledger_high_water()
     with transaction.atomic():
         lock_day(day)
-        if DailyUsageSeal.objects.filter(day=day).exists():
+        seal = DailyUsageSeal.objects.filter(day=day).first()
+        if seal is not None:
+            _sealed_day_catch_up(seal, through_id=through_id)
             return DailyUsage.objects.filter(day=day).count()
         start = datetime.combine(day, time(), UTC)
         groups = (
@@ -100,6 +106,71 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
         DailyUsage.objects.bulk_create(rows)
         DailyUsageMark.objects.update_or_create(day=day, defaults={"through_id": through_id})
         return len(rows)
+
+
+def _sealed_day_catch_up(seal: DailyUsageSeal, *, through_id: int) -> None:
+    """Add to a sealed day's rollup the day's rows above the seal's mark and at or below ``through_id`` (a spool
+    replayed after an outage, the lost-request sweep: rows written with the time they were made), and move
+    the mark there. In the caller's transaction, under ``lock_day``.
+
+    The seal's ``through_id`` says how far the sealed rollup goes: it holds every row of the day at or below
+    it, and none above. Retention's batches read it under the same lock and add only the rows above it that
+    they delete, so a row is added once whichever comes first; a row retention never deletes (a lifetime
+    budget's) is added here, by the rollup task's next run."""
+    if through_id <= seal.through_id:
+        return
+    start = datetime.combine(seal.day, time(), UTC)
+    rows = UsageRecord.objects.filter(
+        created_at__gte=start,
+        created_at__lt=start + timedelta(days=1),
+        pk__gt=seal.through_id,
+        pk__lte=through_id,
+    )
+    daily_usage_fold(seal.day, list(rows.values(*DAILY_USAGE_GROUP, *DAILY_USAGE_FIGURES)))
+    DailyUsageSeal.objects.filter(pk=seal.pk).update(through_id=through_id)
+    DailyUsageMark.objects.update_or_create(day=seal.day, defaults={"through_id": through_id})
+
+
+DAILY_USAGE_GROUP = ("user_id", "api_key_id", "provider_name", "model_name")
+DAILY_USAGE_FIGURES = ("prompt_tokens", "completion_tokens", "cached_tokens", "cost")
+
+
+def daily_usage_fold(day: date, rows: list[dict]) -> None:
+    """Add ledger rows (``DAILY_USAGE_GROUP`` and ``DAILY_USAGE_FIGURES`` of each) that ``day``'s rollup does
+    not hold to it: a sealed day's, whose rollup can no longer be rebuilt from the ledger."""
+    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
+    for row in rows:
+        entry = sums[tuple(row[name] for name in DAILY_USAGE_GROUP)]
+        entry[0] += 1
+        for index, name in enumerate(DAILY_USAGE_FIGURES, start=1):
+            entry[index] += row[name]
+    for group, (requests, prompt, completion, cached, cost) in sums.items():
+        # One row of the group, not each: deleting users (or keys) sets their rollup rows' user (key) to NULL,
+        # so a day can hold several rows of one (day, no user, provider, model) group.
+        found = (
+            DailyUsage.objects.filter(day=day, **dict(zip(DAILY_USAGE_GROUP, group, strict=True)))
+            .order_by("pk")
+            .values_list("pk", flat=True)
+            .first()
+        )
+        if found is not None:
+            DailyUsage.objects.filter(pk=found).update(
+                requests=F("requests") + requests,
+                prompt_tokens=F("prompt_tokens") + prompt,
+                completion_tokens=F("completion_tokens") + completion,
+                cached_tokens=F("cached_tokens") + cached,
+                cost=F("cost") + cost,
+            )
+        else:
+            DailyUsage.objects.create(
+                day=day,
+                **dict(zip(DAILY_USAGE_GROUP, group, strict=True)),
+                requests=requests,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                cost=cost,
+            )
 
 
 def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> int:
@@ -135,7 +206,8 @@ def _late_days_rebuild(*, before: date, since: int, through_id: int) -> int:
 
     Such rows were written late, with the time they were made: a spool replayed after an outage of days,
     the lost-request sweep. The days they land on are no longer rebuilt by the task, and the usage pages read
-    past days from the rollup only, so without this they would never count. Only the rows written since the
+    past days from the rollup only, so without this they would never count. A day sealed by retention gets
+    them added to its rollup (``_sealed_day_catch_up``). Only the rows written since the
     last run are read (by id, a few minutes of the ledger), not the old days. The mark moves after the
     days are rebuilt: a run that dies between the two leaves them to the next run, which rebuilds them
     again to the same figures. ``since`` is the mark (``_late_scan_start``)."""

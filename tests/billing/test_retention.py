@@ -179,7 +179,8 @@ def test_rows_under_a_lifetime_budget_are_kept(ledger, settings):
 
 def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(ledger, settings):
     """A spool replayed after a long outage writes a row on a day already emptied: a rebuild of that day (the
-    admin's action) keeps the sealed figures, and the next pass adds the row to them, once."""
+    admin's action, or the rollup task's) keeps the sealed figures and adds the row to them, and the next pass
+    deletes the row without adding it again."""
     settings.LLMHUB_LEDGER_RETENTION_DAYS = 30
     rebuild_every_day()
     ledger_retention()
@@ -189,12 +190,15 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
     late = UsageRecordFactory(user=alice, api_key=work, created_at=at(OLD, 5), cost=Decimal("0.25"), prompt_tokens=7)
 
     daily_usage_rebuild(day=OLD)
-    assert rollup() == sealed
+    rebuilt = rollup()
+    daily_usage_rebuild(day=OLD)
+    assert rollup() == rebuilt
 
     assert ledger_retention() == 1
     assert ledger_retention() == 0
 
     assert not UsageRecord.objects.filter(pk=late.pk).exists()
+    assert rollup() == rebuilt
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     group = (OLD, alice.pk, work.pk, late.provider_name, late.model_name)
     requests, prompt, completion, cached, cost = sealed[group]
@@ -220,7 +224,75 @@ def test_the_pass_is_scheduled_daily():
     assert [entry for entry in SCHEDULES if entry[1] == "billing.tasks.ledger_retention"]
 
 
-@pytest.mark.parametrize("adds", ["retention"])
+def late_row_steps(steps: str, *, key, user) -> UsageRecord:
+    """Run ``steps`` in order ("late": the late row of OLD written, "rollup": the rollup task's run, "retention":
+    the retention pass). The rollup of the past days (those the task does not rebuild every run) never holds the
+    late row twice, and holds it once from the first rollup run after it was written on."""
+
+    def past() -> dict:
+        return {key: value for key, value in rollup().items() if key[0] < TODAY - timedelta(days=1)}
+
+    base = past()
+    late = expected = None
+    rolled_up = False
+    for step in steps.split():
+        if step == "late":
+            late = UsageRecordFactory(
+                user=user, api_key=key, created_at=at(OLD, 5), cost=Decimal("0.0000000007"), prompt_tokens=7
+            )
+            group = (OLD, user.pk, key.pk, late.provider_name, late.model_name)
+            requests, prompt, completion, cached, cost = base.get(group, (0, 0, 0, 0, Decimal(0)))
+            expected = dict(base)
+            expected[group] = (requests + 1, prompt + 7, completion + late.completion_tokens, cached, cost + late.cost)
+            continue
+        {"rollup": usage_rollup, "retention": ledger_retention}[step].delay()
+        if late is None:
+            continue
+        rolled_up = rolled_up or step == "rollup"
+        assert past() in ([expected] if rolled_up else [base, expected]), f"after {step} in {steps!r}"
+    assert past() == expected
+    return late
+
+
+ORDERS = [
+    "retention late rollup retention rollup",
+    "retention late retention rollup retention",
+    "late retention rollup retention",
+    "rollup late rollup retention rollup",
+]
+
+
+@pytest.mark.parametrize("steps", ORDERS)
+def test_a_late_row_of_a_sealed_day_counts_once_from_the_next_rollup_run_in_any_order(ledger, settings, steps):
+    """A spool replayed after a long outage writes a row on a day retention sealed: the rollup task's next run (10
+    minutes) counts it, not the next retention pass (a day later), and neither counts it again."""
+    settings.LLMHUB_LEDGER_RETENTION_DAYS = 30
+    rebuild_every_day()
+
+    late = late_row_steps(steps, key=ledger["key"], user=ledger["users"][0])
+
+    old_day = {entry.day: entry for entry in usage_daily(days=60, today=TODAY)}[OLD]
+    assert old_day.requests == 5
+    assert not UsageRecord.objects.filter(pk=late.pk).exists()
+
+
+@pytest.mark.parametrize("steps", ORDERS)
+def test_a_late_row_under_a_lifetime_budget_on_a_sealed_day_counts_once(ledger, settings, steps):
+    """Retention never deletes a row a lifetime budget sums, so it never added such a row written late on a day
+    it had sealed: the usage pages left it out for good. The rollup task counts it, once."""
+    settings.LLMHUB_LEDGER_RETENTION_DAYS = 30
+    alice = ledger["users"][0]
+    capped = api_key_create(user=alice, name="capped", budget_usd=Decimal(50), budget_period=BudgetPeriod.TOTAL).api_key
+    rebuild_every_day()
+
+    late = late_row_steps(steps, key=capped, user=alice)
+
+    assert UsageRecord.objects.filter(pk=late.pk).exists()
+    old_day = {entry.day: entry for entry in usage_daily(days=60, today=TODAY)}[OLD]
+    assert (old_day.requests, old_day.cost) == (5, Decimal("2.0015045001") + late.cost)
+
+
+@pytest.mark.parametrize("adds", ["retention", "rollup"])
 def test_a_late_row_folded_after_users_were_deleted_is_added_once(ledger, settings, adds):
     """Deleting users sets their rollup rows' user to NULL, so a sealed day can hold several rows of one
     (day, no user, no key, provider, model) group: a late row of that group is added to one of them, once. The
