@@ -31,7 +31,8 @@ logger = logging.getLogger("llmhub.audit")
 
 SECRET_MASK = "[secret]"
 # Field names whose values are never written to the log, whatever the model (masked in ``changes``).
-SECRET_FIELD_HINTS = ("secret", "password", "api_key", "extra_headers", "key_hash")
+# A webhook's URL is its own credential (a Slack-style URL lets anyone who has it post).
+SECRET_FIELD_HINTS = ("secret", "password", "api_key", "extra_headers", "key_hash", "webhook_url")
 # "token" says credential only as the name's last word (``token``, ``access_token``) or a token's hash: in
 # ``daily_token_quota`` or ``max_output_tokens`` it counts tokens, a figure an auditor must be able to read.
 _TOKEN_CREDENTIAL = re.compile(r"(^|_)token(_hash)?$")

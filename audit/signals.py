@@ -37,6 +37,7 @@ DEFAULT_AUDITED_MODELS = (
     "providers.ModerationPolicy",
     "billing.Plan",
     "billing.UserPlan",
+    "billing.OpsAlertRule",
     "auth.User",
     "auth.Group",
 )

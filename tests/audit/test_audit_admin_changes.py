@@ -430,6 +430,8 @@ def test_a_token_quota_or_limit_is_recorded_as_a_number_not_as_a_secret(admin_cl
         ("daily_token_quota", False),
         ("max_output_tokens", False),
         ("prompt_tokens", False),
+        ("webhook_url", True),
+        ("email_recipients", False),
         ("name", False),
     ],
 )
@@ -472,3 +474,31 @@ def test_a_gateway_keys_limits_are_recorded_when_it_is_created(admin_client, roo
     assert Decimal(api_made["budget_usd"][1]) == Decimal("5")
     assert [api_made[name] for name in limits] == [[None, "monthly"], [None, None], [None, 1000]]
     assert_by_root(events("key.create")[0], root)
+
+
+WEBHOOK_CANARY = "https://hooks.example.com/services/T0/B0/canary-webhook-7c1e"
+
+
+def test_disabling_an_operations_alert_rule_is_recorded(admin_client, root):
+    """An operator who switches an alert rule off (or raises its threshold) silences the pages meant to catch an
+    outage: the log says who did it. Its webhook (a Slack-style URL is its own credential) is masked."""
+    from billing.models import OpsAlertKind, OpsAlertRule
+
+    rule = OpsAlertRule.objects.create(name="errors", kind=OpsAlertKind.ERROR_RATE, threshold=Decimal("5"))
+    created = last_event("billing.opsalertrule.create")
+    assert created.changes["threshold"] == [None, "5"]
+
+    admin_submit(admin_client, change_url(rule), enabled=None, threshold="50", webhook_url=WEBHOOK_CANARY)
+
+    event = last_event("billing.opsalertrule.change")
+    assert (event.target_type, event.target_id, event.target_repr) == ("billing.opsalertrule", str(rule.pk), str(rule))
+    assert event.changes == {
+        "enabled": [True, False],
+        "threshold": ["5.0000", "50"],
+        "webhook_url": ["", SECRET_MASK],
+    }
+    assert_by_root(event, root)
+    assert "canary-webhook" not in json.dumps(list(AuditEvent.objects.values()), default=str)
+
+    admin_client.post(reverse("admin:billing_opsalertrule_delete", args=[rule.pk]), {"post": "yes"})
+    assert last_event("billing.opsalertrule.delete").target_id == str(rule.pk)
