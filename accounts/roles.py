@@ -171,12 +171,13 @@ def role_set(user: Any, role: Role) -> bool:
 
 def role_staff_sync(user: Any) -> None:
     """After a user's groups changed outside ``role_set`` (the admin's user form): staff if and only if
-    their role is admin or operator, so that putting someone in a role group is all it takes."""
+    their role is admin or operator, so that putting someone in a role group is all it takes. Saved (only
+    ``is_staff``), not updated in bulk, so that the audit log records the flip as ``auth.user.change``."""
     user.__dict__.pop("_llmhub_role", None)
     is_staff = role_of(user) in STAFF_ROLES or user.is_superuser
     if user.is_staff != is_staff:
-        type(user).objects.filter(pk=user.pk).update(is_staff=is_staff)
         user.is_staff = is_staff
+        user.save(update_fields=["is_staff"])
     user.__dict__.pop("_llmhub_role", None)
     role_cache.invalidate(user.pk)
 

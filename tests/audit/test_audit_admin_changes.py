@@ -220,7 +220,8 @@ def test_a_role_change_names_the_groups_old_and_new(admin_client, root, django_c
     assert event.changes == {"groups": [["member"], ["admin"]]}
     assert_by_root(event, root)
     # (The admin's form also drops date_joined's microseconds, a change it records too.)
-    assert last_event("auth.user.change").changes["email"] == ["bob@example.com", "bob@new.example"]
+    edit = [event for event in events("auth.user.change") if "email" in event.changes][-1]
+    assert edit.changes["email"] == ["bob@example.com", "bob@new.example"]
 
 
 def test_a_role_given_from_the_groups_side_is_a_role_change(django_capture_on_commit_callbacks):
@@ -502,3 +503,29 @@ def test_disabling_an_operations_alert_rule_is_recorded(admin_client, root):
 
     admin_client.post(reverse("admin:billing_opsalertrule_delete", args=[rule.pk]), {"post": "yes"})
     assert last_event("billing.opsalertrule.delete").target_id == str(rule.pk)
+
+
+def test_the_staff_flag_a_role_group_gives_is_recorded(admin_client, root, django_capture_on_commit_callbacks):
+    """Putting a user in the operator group from the admin's user form makes them staff (``role_staff_sync``):
+    that flip, which opens the admin and the staff pages to them, is in the log beside the role.change."""
+    operator = Group.objects.get_or_create(name="operator")[0]
+    hana = UserFactory(username="hana")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, change_url(hana), groups=[str(operator.pk)])
+
+    hana.refresh_from_db()
+    assert hana.is_staff
+    flips = [event for event in events("auth.user.change") if "is_staff" in event.changes]
+    assert [(event.target_id, event.changes["is_staff"]) for event in flips] == [(str(hana.pk), [False, True])]
+    assert_by_root(flips[0], root)
+    assert last_event("role.change").changes == {"groups": [[], ["operator"]]}
+
+    member = Group.objects.get_or_create(name="member")[0]
+    with django_capture_on_commit_callbacks(execute=True):
+        hana.groups.set([member])
+
+    hana.refresh_from_db()
+    assert not hana.is_staff
+    event = last_event("auth.user.change")
+    assert (event.changes, event.actor_type) == ({"is_staff": [True, False]}, "system")
