@@ -320,3 +320,64 @@ def test_a_late_row_folded_after_users_were_deleted_is_added_once(ledger, settin
     after = {entry.day: entry for entry in usage_daily(days=60, today=TODAY)}
     old_before = {entry.day: entry for entry in before}[OLD]
     assert (after[OLD].requests, after[OLD].cost) == (old_before.requests + 1, old_before.cost + Decimal("0.125"))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("first", ["retention", "rollup"])
+def test_a_late_row_added_by_retention_and_the_rollup_at_once_counts_once(ledger, settings, monkeypatch, first):
+    """The retention batch that deletes a late row of a sealed day and the rollup run that adds it to the sealed
+    rollup run one after the other (the day's lock): the second finds it added (the row gone, or the seal's mark
+    past it) and adds nothing."""
+    import threading
+
+    from django.db import connection
+
+    from billing.services import retention, rollups
+    from billing.services.rollups import ledger_high_water
+
+    settings.LLMHUB_LEDGER_RETENTION_DAYS = 30
+    rebuild_every_day()
+    usage_records_purge(before=RECENT)
+    sealed = rollup()
+    alice, work = ledger["users"][0], ledger["key"]
+    UsageRecordFactory(user=alice, api_key=work, created_at=at(OLD, 5), cost=Decimal("0.25"))
+    high_water = ledger_high_water()
+    added, release = threading.Event(), threading.Event()
+    module = {"retention": retention, "rollup": rollups}[first]
+    fold = module.daily_usage_fold
+
+    def fold_then_wait(day, rows):
+        fold(day, rows)
+        added.set()
+        release.wait(10)
+
+    monkeypatch.setattr(module, "daily_usage_fold", fold_then_wait)
+
+    def run(which):
+        try:
+            if which == "retention":
+                usage_records_purge(before=RECENT)
+            else:
+                daily_usage_rebuild(day=OLD, through_id=high_water)
+        finally:
+            connection.close()
+
+    one = threading.Thread(target=run, args=[first])
+    one.start()
+    assert added.wait(10)
+    monkeypatch.undo()
+    two = threading.Thread(target=run, args=[{"retention": "rollup", "rollup": "retention"}[first]])
+    two.start()
+    two.join(0.5)
+    if connection.vendor == "postgresql":  # SQLite: the second waits on the database's write lock instead
+        assert two.is_alive(), "the second did not wait for the first"
+    release.set()
+    one.join(10)
+    two.join(10)
+
+    group = (OLD, alice.pk, work.pk, "fake-openai", "gpt-test")
+    changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
+    assert list(changed) == [group]
+    assert changed[group][0] == sealed[group][0] + 1
+    assert changed[group][4] == sealed[group][4] + Decimal("0.25")
+    assert not UsageRecord.objects.filter(created_at__lt=at(RECENT, 0)).exists()
