@@ -246,6 +246,30 @@ def test_rotate_endpoint_follows_the_key_access_rules(session, alice):
     assert ApiKey.objects.get(pk=sibling.api_key.pk).rotated_at is None
 
 
+def test_a_replaced_secret_may_not_mint_new_secrets_during_its_grace(clock, alice):
+    """A leaked managing key is rotated by its owner; the leaked secret, in its grace period, must not undo
+    that: neither rotate the key again (which would end the owner's new secret and hand the holder one that
+    never expires) nor create a child key (which would outlive the grace). It still works for what clients
+    do while they switch: calling models, reading."""
+    manager = api_key_create(user=alice, name="manager", scopes=[KeyScope.KEYS_MANAGE])
+    owners = api_key_rotate(api_key=manager.api_key, grace_seconds=3600)
+    leaked = key_client(manager.secret)
+
+    response = leaked.post(f"/api/keys/{manager.api_key.pk}/rotate/", {"grace_seconds": 0}, format="json")
+    assert response.status_code == 403, response.content
+    assert "replaced" in response.json()["error"]["message"]
+    assert manager.secret not in response.content.decode()
+    response = leaked.post("/api/keys/", {"name": "persist"}, format="json")
+    assert response.status_code == 403, response.content
+    assert not ApiKey.objects.filter(name="persist").exists()
+
+    assert works(owners.secret)  # the owner's rotation stands
+    assert ApiKey.objects.get(pk=manager.api_key.pk).secret_hash == hash_key(owners.secret)
+    assert leaked.get("/api/keys/").status_code == 200 and works(manager.secret)
+    # The new secret mints as before.
+    assert key_client(owners.secret).post("/api/keys/", {"name": "child"}, format="json").status_code == 201
+
+
 # ADMIN
 
 
