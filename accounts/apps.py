@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from django.apps import AppConfig, apps
-from django.db.models.signals import m2m_changed, post_migrate, post_save
+from django.contrib.auth.signals import user_logged_out
+from django.db.models.signals import m2m_changed, post_delete, post_migrate, post_save
 
 
 def _roles_after_migrate(sender, using="default", plan=None, **kwargs) -> None:
@@ -44,3 +45,9 @@ class AccountsConfig(AppConfig):
         post_migrate.connect(_roles_after_migrate, dispatch_uid="accounts.roles_ensure")
         m2m_changed.connect(_role_forget, sender=user_model.groups.through, dispatch_uid="accounts.role_forget_m2m")
         post_save.connect(_role_forget, sender=user_model, dispatch_uid="accounts.role_forget_save")
+        # An open chat socket's session is asked again at its next send (accounts.sessions).
+        from .sessions import sessions_forget
+
+        post_save.connect(sessions_forget, sender=user_model, dispatch_uid="accounts.sessions_forget_save")
+        post_delete.connect(sessions_forget, sender=user_model, dispatch_uid="accounts.sessions_forget_delete")
+        user_logged_out.connect(sessions_forget, dispatch_uid="accounts.sessions_forget_logout")

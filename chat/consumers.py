@@ -14,7 +14,10 @@ Revocation. A key can be revoked or expire while its socket is open: it is check
 ``chat.send``, through the same cache as every request (this process's revocations are seen at once,
 another process's within ``LLMHUB_LOOKUP_CACHE_TTL``). A key that no longer works gets an ``error``
 (``key_revoked`` or ``key_expired``) and the socket is closed with code 4410 (revoked: the key, a key above
-it, or its owner) or 4440 (expired); replies still streaming on it are stopped and saved as cancelled.
+it, or its owner) or 4440 (expired); replies still streaming on it are stopped and saved as cancelled. A
+socket opened with a browser session checks the session likewise (``accounts.sessions``): once it has ended
+(signed out, expired, the password changed, the user deactivated) the send gets ``session_ended`` and the
+socket is closed with 4401, as one that never signed in.
 
 Protocol (JSON both ways)::
 
@@ -66,6 +69,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from accounts.exceptions import JwtRefused, RoleForbidden
+from accounts.sessions import session_user_id
 from audit.context import request_ip
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
 from core.exceptions import ApplicationError, DatabaseUnavailableError
@@ -122,6 +126,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.caller: Caller | None = None
         self.key_digest: str | None = None  # set when a key authenticated the socket, to check it again
+        self.session_key: str | None = None  # set when the browser session did, likewise
         self.closing = False
         self.streams: dict[str, _Stream] = {}
         self.auth_deadline: asyncio.Task[None] | None = None
@@ -131,6 +136,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if user is not None and user.is_authenticated:
             try:
                 self.caller = await caller_from_user(user)
+                self.session_key = getattr(self.scope.get("session"), "session_key", None)
             except RoleForbidden as exc:
                 refused = exc
             except DatabaseUnavailableError:
@@ -236,6 +242,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 request_id=_client_request_id(event),
             )
             return False
+        if self.session_key is not None:
+            return await self._session_still_works(event)
         if self.key_digest is None:
             return True
         status = await api_key_status(self.key_digest)
@@ -257,6 +265,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 close_code=CLOSE_KEY_REVOKED,
                 request_id=_client_request_id(event),
             )
+        return False
+
+    async def _session_still_works(self, event: dict[str, Any]) -> bool:
+        assert self.caller is not None and self.session_key is not None
+        if await session_user_id(self.session_key) == self.caller.user_id:
+            return True
+        for stream in list(self.streams.values()):
+            self._stop(stream, by_user=False)
+        await self._refuse(
+            "Your session has ended (signed out, expired, password changed or account deactivated); sign in again.",
+            "session_ended",
+            request_id=_client_request_id(event),
+        )
         return False
 
     async def _close_if_not_authenticated(self) -> None:

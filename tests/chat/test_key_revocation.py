@@ -11,12 +11,14 @@ from datetime import timedelta
 import pytest
 import time_machine
 from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.contrib.sessions.models import Session
 from django.utils import timezone
 
 from billing.models import ApiKey, KeyScope, UsageRecord
 from billing.services.keys import api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
-from chat.consumers import CLOSE_KEY_EXPIRED, CLOSE_KEY_REVOKED
+from chat.consumers import CLOSE_KEY_EXPIRED, CLOSE_KEY_REVOKED, CLOSE_UNAUTHENTICATED
 from chat.models import Message, MessageStatus
 from tests.chat.conftest import deltas, ends, events_until
 
@@ -126,6 +128,51 @@ async def test_a_reply_streaming_when_the_key_is_caught_revoked_is_stopped_and_k
     assert record.completion_tokens < 300  # stopped, not streamed to the end
     message = await Message.objects.aget(pk=started["message"])
     assert message.status == MessageStatus.CANCELLED and message.content
+
+
+async def refused_and_closed(ws, request_id: str) -> None:
+    error = await ws.receive_json_from(timeout=5)
+    assert (error["type"], error["code"], error["request_id"]) == ("error", "session_ended", request_id), error
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": CLOSE_UNAUTHENTICATED}
+    await ledger_flush()
+    assert not await UsageRecord.objects.filter(request_id=request_id).aexists()
+
+
+async def test_a_deactivated_users_session_socket_is_closed(alice, chat_model, socket_for):
+    """An administrator deactivates a user (someone who left, an account taken over): the chat page they
+    still have open must stop answering, as their keys do, not chat on at the company's expense."""
+    ws = await socket_for(alice)
+    await stream_once(ws, chat_model)
+
+    alice.is_active = False
+    await alice.asave(update_fields=["is_active"])
+    await send(ws, chat_model, "after")
+
+    await refused_and_closed(ws, "after")
+
+
+async def test_a_session_socket_ends_with_its_session(alice, chat_model, socket_for, settings):
+    """A changed password ends the user's other sessions (Django's session hash), and signing out ends this
+    one: a socket opened with a stolen cookie must not outlive either. Another process's change is seen
+    within the lookup cache's TTL."""
+    settings.LLMHUB_LOOKUP_CACHE_TTL = 0.3
+    ws = await socket_for(alice)
+    await stream_once(ws, chat_model)
+
+    alice.set_password("a-new-password-after-the-theft")
+    await get_user_model().objects.filter(pk=alice.pk).aupdate(password=alice.password)  # no signal: elsewhere
+    await asyncio.sleep(0.4)
+    await send(ws, chat_model, "after")
+
+    await refused_and_closed(ws, "after")
+
+    other = await socket_for(alice)
+    await stream_once(other, chat_model)
+    await sync_to_async(Session.objects.all().delete)()  # signed out (or the session expired and was cleared)
+    await asyncio.sleep(0.4)
+    await send(other, chat_model, "gone")
+
+    await refused_and_closed(other, "gone")
 
 
 async def test_a_session_socket_is_not_affected(alice, chat_model, socket_for):
