@@ -4,7 +4,7 @@ may use. A caller whose role may not chat (a viewer) is refused here, on every e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from accounts.exceptions import RoleForbidden
@@ -34,6 +34,13 @@ def _may_chat(role: Role) -> Role:
             "Ask an administrator for the member role."
         )
     return role
+
+
+async def caller_role_recheck(caller: Caller) -> Caller:
+    """``caller`` with its role as it is now (the roles' lookup cache), for a WebSocket that outlives the
+    moment it signed in; RoleForbidden once the role may no longer chat (a member made a viewer)."""
+    role = _may_chat(await role_for_user_id(caller.user_id))
+    return caller if role == caller.role else replace(caller, role=role)
 
 
 async def caller_from_user(user: Any) -> Caller:

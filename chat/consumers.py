@@ -17,7 +17,9 @@ another process's within ``LLMHUB_LOOKUP_CACHE_TTL``). A key that no longer work
 it, or its owner) or 4440 (expired); replies still streaming on it are stopped and saved as cancelled. A
 socket opened with a browser session checks the session likewise (``accounts.sessions``): once it has ended
 (signed out, expired, the password changed, the user deactivated) the send gets ``session_ended`` and the
-socket is closed with 4401, as one that never signed in.
+socket is closed with 4401, as one that never signed in. The caller's role is read again at every send too
+(``accounts.roles``' lookup cache): a user made a viewer since the socket opened gets ``permission_denied``
+and 4403.
 
 Protocol (JSON both ways)::
 
@@ -75,6 +77,7 @@ from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
 from core.exceptions import ApplicationError, DatabaseUnavailableError
 from core.text import has_lone_surrogate
 
+from .callers import caller_role_recheck
 from .pipeline import Caller, caller_from_api_key, caller_from_user, shutdown_began
 from .services_turn import (
     ChatTurn,
@@ -189,7 +192,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._authenticate(content if event_type == "auth" else None)
             return
         try:
-            if event_type == "chat.send" and not await self._key_still_works(content):
+            if event_type == "chat.send" and not (
+                await self._key_still_works(content) and await self._role_still_chats(content)
+            ):
                 return
         except DatabaseUnavailableError as exc:
             await self._send_error(exc.message, code=exc.code, request_id=_client_request_id(content), exc=exc)
@@ -266,6 +271,23 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 request_id=_client_request_id(event),
             )
         return False
+
+    async def _role_still_chats(self, event: dict[str, Any]) -> bool:
+        """A role changed while the socket is open (a member made a viewer) applies from the next send."""
+        assert self.caller is not None
+        try:
+            self.caller = await caller_role_recheck(self.caller)
+        except RoleForbidden as exc:
+            for stream in list(self.streams.values()):
+                self._stop(stream, by_user=False)
+            await self._refuse(
+                exc.message,
+                exc.code or "permission_denied",
+                close_code=CLOSE_FORBIDDEN,
+                request_id=_client_request_id(event),
+            )
+            return False
+        return True
 
     async def _session_still_works(self, event: dict[str, Any]) -> bool:
         assert self.caller is not None and self.session_key is not None

@@ -15,10 +15,11 @@ from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.utils import timezone
 
+from accounts.roles import Role, role_set
 from billing.models import ApiKey, KeyScope, UsageRecord
 from billing.services.keys import api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
-from chat.consumers import CLOSE_KEY_EXPIRED, CLOSE_KEY_REVOKED, CLOSE_UNAUTHENTICATED
+from chat.consumers import CLOSE_FORBIDDEN, CLOSE_KEY_EXPIRED, CLOSE_KEY_REVOKED, CLOSE_UNAUTHENTICATED
 from chat.models import Message, MessageStatus
 from tests.chat.conftest import deltas, ends, events_until
 
@@ -173,6 +174,28 @@ async def test_a_session_socket_ends_with_its_session(alice, chat_model, socket_
     await send(other, chat_model, "gone")
 
     await refused_and_closed(other, "gone")
+
+
+@pytest.mark.parametrize("credential", ["session", "key"])
+async def test_a_user_made_a_viewer_can_no_longer_send_on_an_open_socket(credential, alice, chat_model, socket_for):
+    """docs/auth.md: a role change reaches the WebSocket within the lookup cache's TTL (at once in the process
+    that made it). A member demoted to viewer, who may not chat, must not chat on through a socket opened
+    before."""
+    if credential == "session":
+        ws = await socket_for(alice)
+    else:
+        ws = await key_socket(socket_for, await sync_to_async(api_key_create)(user=alice, name="ci"))
+    await stream_once(ws, chat_model)
+
+    await sync_to_async(role_set)(alice, Role.VIEWER)
+    await send(ws, chat_model, "after")
+
+    error = await ws.receive_json_from(timeout=5)
+    assert (error["type"], error["code"], error["request_id"]) == ("error", "permission_denied", "after"), error
+    assert "viewer" in error["message"]
+    assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": CLOSE_FORBIDDEN}
+    await ledger_flush()
+    assert not await UsageRecord.objects.filter(request_id="after").aexists()
 
 
 async def test_a_session_socket_is_not_affected(alice, chat_model, socket_for):
