@@ -5,10 +5,11 @@ accepted but can do nothing until its first message is ``{"type": "auth", "api_k
 (or, with JWT sign-in on, a JWT in ``api_key`` or ``token``); a wrong key or token, any other message first,
 or no ``auth`` within ``AUTH_TIMEOUT`` seconds closes it with code 4401. A user whose role may not chat (a
 viewer) gets ``permission_denied`` and code 4403; a socket signed in with a JWT is closed with 4440 at the
-first ``chat.send`` after the token's expiry. Accepting first (rather than refusing the handshake) is what
-lets programs without cookies send a key, and a key is never read from the URL, where it would end up in
-access logs. A handshake that carries an ``Origin`` header (every browser's does) must name one of
-``ALLOWED_HOSTS``; programs may omit the header (``chat.security``).
+first ``chat.send`` after the token's expiry, and with 4410 at the first one its verification again (as on
+/v1, cached ``LLMHUB_JWT_CACHE_SECONDS``) refuses, its user deactivated since. Accepting first (rather than
+refusing the handshake) is what lets programs without cookies send a key, and a key is never read from the
+URL, where it would end up in access logs. A handshake that carries an ``Origin`` header (every browser's
+does) must name one of ``ALLOWED_HOSTS``; programs may omit the header (``chat.security``).
 
 Revocation. A key can be revoked or expire while its socket is open: it is checked again before every
 ``chat.send``, through the same cache as every request (this process's revocations are seen at once,
@@ -71,10 +72,11 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from accounts.exceptions import JwtRefused, RoleForbidden
+from accounts.jwt import jwt_authenticate
 from accounts.sessions import session_user_id
 from audit.context import request_ip
 from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
-from core.exceptions import ApplicationError, DatabaseUnavailableError
+from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from core.text import has_lone_surrogate
 
 from .callers import caller_role_recheck
@@ -130,6 +132,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.caller: Caller | None = None
         self.key_digest: str | None = None  # set when a key authenticated the socket, to check it again
         self.session_key: str | None = None  # set when the browser session did, likewise
+        self.token: str | None = None  # set when a JWT did: verified again (cached a minute) at each send
         self.closing = False
         self.streams: dict[str, _Stream] = {}
         self.auth_deadline: asyncio.Task[None] | None = None
@@ -231,6 +234,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         if self.caller.api_key_id is not None:
             self.key_digest = hash_key(raw)
+        elif self.caller.token_expires_at is not None:
+            self.token = raw
         if self.auth_deadline is not None:
             self.auth_deadline.cancel()
         await self.send_json({"type": "auth.ok"})
@@ -249,6 +254,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return False
         if self.session_key is not None:
             return await self._session_still_works(event)
+        if self.token is not None:
+            return await self._token_still_works(event)
         if self.key_digest is None:
             return True
         status = await api_key_status(self.key_digest)
@@ -284,6 +291,26 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 exc.message,
                 exc.code or "permission_denied",
                 close_code=CLOSE_FORBIDDEN,
+                request_id=_client_request_id(event),
+            )
+            return False
+        return True
+
+    async def _token_still_works(self, event: dict[str, Any]) -> bool:
+        """The token verified again as on /v1 (``jwt_authenticate``: from its cache for up to
+        ``LLMHUB_JWT_CACHE_SECONDS``): a user deactivated since is refused, like a revoked key's owner."""
+        assert self.token is not None
+        try:
+            await jwt_authenticate(self.token, ip_address=request_ip(self.scope))
+        except DATABASE_OUTAGE_ERRORS as exc:  # the sign-in reads the user: told so, the socket stays
+            raise DatabaseUnavailableError() from exc
+        except JwtRefused as exc:
+            for stream in list(self.streams.values()):
+                self._stop(stream, by_user=False)
+            await self._refuse(
+                exc.message,
+                exc.code or "invalid_token",
+                close_code=CLOSE_KEY_REVOKED,
                 request_id=_client_request_id(event),
             )
             return False

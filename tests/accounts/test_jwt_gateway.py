@@ -165,3 +165,33 @@ async def test_a_token_socket_closes_at_the_first_send_after_the_token_expired(j
             assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4440}
     finally:
         await ws.disconnect()
+
+
+async def test_a_token_socket_closes_once_its_user_is_deactivated(jwt_on, socket_model, settings):
+    """A deactivated user's tokens are refused (docs/auth.md), on /v1 within the verified-token cache's
+    minute: a socket signed in with one before must not chat on until the token expires hours later."""
+    from django.contrib.auth import get_user_model
+
+    from accounts.models import ExternalIdentity
+
+    settings.LLMHUB_JWT_CACHE_SECONDS = 0.3
+    ws, connected, _ = await open_socket(origin=None)
+    assert connected
+    try:
+        await ws.send_json_to({"type": "auth", "token": jwt_on.token("ES256")})
+        assert await ws.receive_json_from(timeout=10) == {"type": "auth.ok"}
+        send = {"type": "chat.send", "conversation": None, "model": "ws-model", "content": "Hi"}
+        await ws.send_json_to(send)
+        events = await events_until(ws, lambda e: e["type"] in ("chat.completed", "error"))
+        assert events[-1]["type"] == "chat.completed", events[-1]
+
+        identity = await ExternalIdentity.objects.aget()
+        await get_user_model().objects.filter(pk=identity.user_id).aupdate(is_active=False)
+        time.sleep(0.4)
+        await ws.send_json_to({**send, "request_id": "after"})
+        error = await ws.receive_json_from(timeout=10)
+        assert (error["type"], error["code"], error["request_id"]) == ("error", "invalid_token", "after"), error
+        assert "disabled" in error["message"]
+        assert await ws.receive_output(timeout=5) == {"type": "websocket.close", "code": 4410}
+    finally:
+        await ws.disconnect()
