@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from accounts.signin_throttle import AdminSignInForm, SignInForm
 from llmhub.metrics import metrics_view
 from llmhub.probes import healthz, readyz
 
@@ -15,6 +17,8 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("v1/", include("chat.urls_openai")),
     path("admin/", admin.site.urls),
+    # The sign-in forms hold back password guessing (accounts.signin_throttle); the rest is Django's.
+    path("accounts/login/", LoginView.as_view(authentication_form=SignInForm), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
@@ -33,6 +37,8 @@ urlpatterns = [
     path("experiments/", include("experiments.urls_pages")),
     path("", include("chat.urls")),
 ]
+
+admin.site.login_form = AdminSignInForm
 
 # /api/ paths that match no route answer JSON like the rest of the API.
 handler400 = "core.exception_handlers.bad_request"

@@ -471,6 +471,10 @@ LLMHUB_JWT_JWKS_REFRESH_MIN_SECONDS = env.float("LLMHUB_JWT_JWKS_REFRESH_MIN_SEC
 LLMHUB_JWT_JWKS_TIMEOUT_SECONDS = env.float("LLMHUB_JWT_JWKS_TIMEOUT_SECONDS", default=3.0)
 # A verified token is trusted this long (never past its exp) before its signature is checked again.
 LLMHUB_JWT_CACHE_SECONDS = env.float("LLMHUB_JWT_CACHE_SECONDS", default=60.0)
+# Password guessing on the sign-in forms (accounts.signin_throttle, docs/auth.md): failures a (name, address) and an
+# address may have in 15 minutes before the form checks no more passwords from there until the window ends.
+LLMHUB_SIGNIN_FAILURES_PER_NAME = env.int("LLMHUB_SIGNIN_FAILURES_PER_NAME", default=10)
+LLMHUB_SIGNIN_FAILURES_PER_ADDRESS = env.int("LLMHUB_SIGNIN_FAILURES_PER_ADDRESS", default=100)
 
 # LOGGING
 # https://docs.djangoproject.com/en/5.2/topics/logging/ — JSON lines with LLMHUB_LOG_FORMAT=json (production's
