@@ -16,6 +16,7 @@ Revocation. A key can be revoked or expire while its socket is open: it is check
 another process's within ``LLMHUB_LOOKUP_CACHE_TTL``). A key that no longer works gets an ``error``
 (``key_revoked`` or ``key_expired``) and the socket is closed with code 4410 (revoked: the key, a key above
 it, or its owner) or 4440 (expired); replies still streaming on it are stopped and saved as cancelled. A
+key still working brings its models as they are now (an administrator may have narrowed them). A
 socket opened with a browser session checks the session likewise (``accounts.sessions``): once it has ended
 (signed out, expired, the password changed, the user deactivated) the send gets ``session_ended`` and the
 socket is closed with 4401, as one that never signed in. The caller's role is read again at every send too
@@ -65,7 +66,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -75,7 +76,7 @@ from accounts.exceptions import JwtRefused, RoleForbidden
 from accounts.jwt import jwt_authenticate
 from accounts.sessions import session_user_id
 from audit.context import request_ip
-from billing.services.keys import AuthenticationFailed, api_key_status, hash_key
+from billing.services.keys import AuthenticationFailed, api_key_recheck, hash_key
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from core.text import has_lone_surrogate
 
@@ -258,8 +259,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return await self._token_still_works(event)
         if self.key_digest is None:
             return True
-        status = await api_key_status(self.key_digest)
+        status, principal = await api_key_recheck(self.key_digest)
         if status == "active":
+            assert principal is not None and self.caller is not None
+            if principal.allowed_model_ids != self.caller.key_allowed_model_ids:
+                # The key's models changed since its auth message (an administrator narrowed them).
+                self.caller = replace(self.caller, key_allowed_model_ids=principal.allowed_model_ids)
             return True
         for stream in list(self.streams.values()):
             self._stop(stream, by_user=False)

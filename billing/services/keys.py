@@ -451,14 +451,19 @@ async def api_key_status(digest: str) -> KeyStatus:
     a WebSocket that keeps a key for its whole life. Revoked covers a deleted key, a deactivated owner
     and a revoked key above it; expired, an expiry of the key or of a key above it, and the end of the
     grace period of a secret a rotation replaced."""
+    return (await api_key_recheck(digest))[0]
+
+
+async def api_key_recheck(digest: str) -> tuple[KeyStatus, KeyPrincipal | None]:
+    """``api_key_status`` and the key as it is now (its models may have changed since it authenticated)."""
     principal = await key_cache.get_or_load(digest, lambda: _load_principal(digest))
     if principal is None:
-        return "revoked"
+        return "revoked", None
     if principal.rotated_out(timezone.now()):
-        return "expired"
+        return "expired", principal
     if principal.expires_at is not None and principal.expires_at <= timezone.now():
-        return "expired"
-    return "active"
+        return "expired", principal
+    return "active", principal
 
 
 def api_key_authenticate_sync(raw: str | None) -> KeyPrincipal:

@@ -21,6 +21,7 @@ from billing.services.keys import api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
 from chat.consumers import CLOSE_FORBIDDEN, CLOSE_KEY_EXPIRED, CLOSE_KEY_REVOKED, CLOSE_UNAUTHENTICATED
 from chat.models import Message, MessageStatus
+from providers.models import Provider
 from tests.chat.conftest import deltas, ends, events_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -204,3 +205,23 @@ async def test_a_session_socket_is_not_affected(alice, chat_model, socket_for):
     ws = await socket_for(alice)
     await stream_once(ws, chat_model)
     await stream_once(ws, chat_model, request_id="second")
+
+
+async def test_a_keys_narrowed_models_reach_its_open_socket(alice, chat_model, socket_for):
+    """An administrator narrows a key's models: a socket opened before with the key must not keep the models
+    it had at its auth message (the send is refused as on REST, with a rejected ledger row)."""
+    from tests.factories import ModelFactory
+
+    other = await sync_to_async(ModelFactory)(provider=await Provider.objects.aget(deployments__model=chat_model))
+    created = await sync_to_async(api_key_create)(user=alice, name="narrowed", allowed_models=[chat_model, other])
+    ws = await key_socket(socket_for, created)
+    await stream_once(ws, chat_model)
+
+    await sync_to_async(created.api_key.allowed_models.set)([other])
+    await send(ws, chat_model, "after")
+
+    events = await events_until(ws, ends("after"))
+    assert (events[-1]["type"], events[-1]["code"]) == ("error", "model_not_allowed"), events[-1]
+    assert await ws.receive_nothing(timeout=0.2)  # refused, not closed: the key still works for its models
+    await send(ws, chat_model, "again")
+    assert (await events_until(ws, ends("again")))[-1]["type"] == "error"
