@@ -27,7 +27,7 @@ from billing.services.admission import Admission, admission_acquire, model_permi
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
-from billing.services.settlement import request_settle
+from billing.services.settlement import request_settle, settlement_tokens
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from core.request_context import request_id_bind
@@ -1072,10 +1072,12 @@ class CompletionRun:
 
         def settle(call: _Call) -> None:
             choices = (response or {}).get("choices")
+            usage = _mapping((response or {}).get("usage"))
             self._settle(
                 status=call.status,
-                usage=_mapping((response or {}).get("usage")),
-                delivered_text="",
+                usage=usage,
+                # Counted when the upstream reported no usage: the reply is what was delivered.
+                delivered_text="" if usage or response is None else _completion_text(response, calls=True),
                 finish_reason=choices[0].get("finish_reason") if choices else None,
                 error_type=call.error_type,
             )
@@ -1084,6 +1086,14 @@ class CompletionRun:
             response = await self._call(once)
             await self._reply_check(_completion_text(response))
         response["model"] = self.answered_by.name
+        if "usage" not in response and self.result is not None and self.result.usage_estimated:
+            # What the request was charged, which OpenAI's clients read (the upstream reported none).
+            prompt, completion = self.result.prompt_tokens, self.result.completion_tokens
+            response["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
         return response
 
     def _reply_guard(self) -> ReplyGuard | None:
@@ -1155,6 +1165,7 @@ class CompletionRun:
             )
 
         upstream: AsyncIterator[WireChunk] | None = None
+        opening: WireChunk | None = None  # the stream's first chunk: its id and time, for a usage chunk owed
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once_with(None))
@@ -1165,6 +1176,7 @@ class CompletionRun:
                         async for chunk in self._relay(first, upstream):
                             if self._first_token_at is None:
                                 self._first_token_at = time.perf_counter()
+                                opening = chunk
                             if failed and _role_only(chunk):
                                 continue  # a resumed attempt's opening chunk: the client's stream began long ago
                             chunk.set_model(public_name)
@@ -1192,6 +1204,8 @@ class CompletionRun:
                             yield chunk
                         if guard is not None:
                             await guard.finish()  # before the stream may end cleanly
+                        if wants_usage and not usage and opening is not None:
+                            yield self._usage_estimated(opening, public_name, "".join(delivered))
                         break
                     except ProviderError as exc:
                         if not self._may_resume(exc, failed, bool(text) and not calls_streamed):
@@ -1207,6 +1221,17 @@ class CompletionRun:
                     guard.close()
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
+
+    def _usage_estimated(self, opening: WireChunk, name: str, delivered_text: str) -> WireChunk:
+        """The usage chunk owed to a client that asked for one (``stream_options.include_usage``) when the
+        upstream sent none (servers that ignore the option): the estimate the request is charged, counted as
+        the settle step counts it (``settlement_tokens``, from the same body and relayed text)."""
+        prompt, completion, _, _ = settlement_tokens(
+            operation=self.operation, body=self.body, status=UsageStatus.OK, usage=None, delivered_text=delivered_text
+        )
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        data = {"id": opening.get("id"), "object": "chat.completion.chunk", "created": opening.get("created")}
+        return WireChunk({**data, "model": name, "choices": [], "usage": usage}, None)
 
     def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool) -> bool:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
@@ -1494,12 +1519,20 @@ def _chunk_text(chunk: WireChunk) -> str:
     return "".join((choice.get("delta") or {}).get("content") or "" for choice in chunk.get("choices") or ())
 
 
-def _completion_text(response: dict[str, Any]) -> str:
-    return "\n".join(
-        content
-        for choice in response.get("choices") or ()
-        if isinstance(content := (choice.get("message") or {}).get("content"), str)
-    )
+def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
+    """The text of a completion's choices; with ``calls``, their tool calls' arguments too (what the model
+    wrote, for counting it)."""
+    parts: list[str] = []
+    for choice in response.get("choices") or ():
+        message = choice.get("message") or {}
+        if isinstance(content := message.get("content"), str):
+            parts.append(content)
+        if calls:
+            for call in message.get("tool_calls") or ():
+                arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                if isinstance(arguments, str):
+                    parts.append(arguments)
+    return "\n".join(parts)
 
 
 def _message_text(message: dict[str, Any]) -> str:

@@ -95,6 +95,8 @@ Replies
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
     ``refusal`` (each message or delta), ``tool_calls.type``, ``tool_calls.index``, ``usage.total_tokens``.
+    ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
+    ``stream_options`` asked, as some OpenAI-compatible servers do.
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
@@ -1586,12 +1588,13 @@ class _App:
             obfuscation = conv.directives.get("obfuscation", "on" if self.obfuscation else "off") == "on" and not (
                 isinstance(stream_options, dict) and stream_options.get("include_obfuscation") is False
             )
+            reported = include_usage or usage_on_finish
             return await self._openai_stream(
                 request,
                 body,
                 reply,
                 n,
-                usage if include_usage or usage_on_finish else None,
+                usage if reported and conv.directives.get("usage") != "none" else None,
                 logprobs,
                 top,
                 timing,
@@ -1601,22 +1604,19 @@ class _App:
                 usage_on_finish=usage_on_finish,
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
-        return web.json_response(
-            _omitted(
-                {
-                    "id": _new_id("chatcmpl-", 29),
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body["model"],
-                    "choices": [self._openai_choice(i, reply, logprobs, top) for i in range(n)],
-                    "usage": usage,
-                    "service_tier": "default",
-                    "system_fingerprint": "fp_fake",
-                },
-                omit,
-            ),
-            headers={"x-request-id": _new_id("req_")},
-        )
+        answer = {
+            "id": _new_id("chatcmpl-", 29),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [self._openai_choice(i, reply, logprobs, top) for i in range(n)],
+            "usage": usage,
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+        if conv.directives.get("usage") == "none":
+            del answer["usage"]
+        return web.json_response(_omitted(answer, omit), headers={"x-request-id": _new_id("req_")})
 
     @staticmethod
     def _validate_openai(body: dict[str, Any]) -> web.Response | None:

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from llmhub.testing.openapi import validate_openai_schema
+from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,6 +56,51 @@ def test_streaming_relays_every_chunk_and_usage_when_asked(gateway):
     assert len(text.split()) == 12
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
     assert any(c["choices"] and c["choices"][0]["finish_reason"] == "stop" for c in chunks)
+
+
+def test_an_upstream_that_reports_no_usage_is_charged_an_estimate_and_the_client_reads_it(gateway):
+    """Some OpenAI-compatible servers report no usage: the request is still charged (counted from the prompt
+    and the reply, the row flagged as an estimate), and the response carries that count, as OpenAI's does."""
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "count me [[words=10]] [[usage=none]]"}]
+    )
+    body = json.loads(raw.http_response.text)
+    validate_openai_schema(body, "CreateChatCompletionResponse")
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.usage_estimated and record.prompt_tokens > 0 and record.completion_tokens > 0 and record.cost > 0
+    assert body["usage"] == {
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "total_tokens": record.prompt_tokens + record.completion_tokens,
+    }
+
+
+def test_a_stream_whose_upstream_sends_no_usage_still_ends_with_the_usage_chunk_asked_for(gateway):
+    """``stream_options.include_usage`` promises a last chunk with usage: when the upstream ignored the option,
+    it is the estimate the request is charged."""
+    client = gateway.client()
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "stream me [[words=12]] [[usage=none]]"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+        request_id = response.headers["x-request-id"]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    last = chunks[-1]
+    assert last["choices"] == [] and last["id"] == chunks[0]["id"] and last["model"] == "gpt-test"
+    record = wait_for_record(request_id)
+    assert record.usage_estimated and record.completion_tokens > 0
+    assert last["usage"] == {
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "total_tokens": record.prompt_tokens + record.completion_tokens,
+    }
+    assert sum(1 for chunk in chunks if chunk.get("usage")) == 1
 
 
 def test_streaming_without_include_usage_sends_no_usage(gateway):
