@@ -16,8 +16,9 @@ from django.db.models import Count, DecimalField, ExpressionWrapper, F, FloatFie
 from django.db.models.functions import Cast, Coalesce, TruncDate
 
 from core.cache import TTLCache
+from providers.byok import byok_callable, byok_required_in, user_credentials_sync
 from providers.exceptions import ModelNotFoundError
-from providers.models import ModelMode
+from providers.models import ByokMode, ModelMode
 from providers.selectors import model_resolve_sync, models_enabled_sync
 from providers.types import ResolvedModel
 
@@ -607,33 +608,46 @@ class PriceRange:
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
     """A public model with what a picker shows: its providers, capabilities and the span of its deployments'
-    prices; ``locked`` when the caller's plan or key does not include it (shown, but not usable)."""
+    prices; ``locked`` when the caller's plan or key does not include it, or when only their own provider key
+    could serve it and they have none (shown, but not usable)."""
 
     model: ResolvedModel  # an alias under its own name, with its target's deployments
     providers: tuple[str, ...]  # distinct provider names of its deployments, in priority order
     input_per_mtok: PriceRange
     output_per_mtok: PriceRange
     locked: bool
-    locked_reason: str  # "plan", "key" or "" (not locked)
+    locked_reason: str  # "plan", "key", "own_key" or "" (not locked)
+    # With "own_key": the providers a key of the caller's own would unlock it on, in priority order.
+    own_key_providers: tuple[str, ...] = ()
 
 
 def models_catalog_for(*, user_id: int, key_allowed_model_ids: frozenset[int] | None) -> list[CatalogEntry]:
     """Every chat model of the catalog (aliases included, under their own name), each marked ``locked``
     when the caller's plan or key does not include it, instead of being left out: the picker shows what an
-    upgrade would bring. Admission checks the same rules (``UserLimits.allows`` and the key's list)."""
+    upgrade would bring. Admission checks the same rules (``UserLimits.allows`` and the key's list). A model
+    they may use but that only their own provider key could serve, which they lack (or have had refused),
+    is locked as ``own_key``: the rule /v1/models leaves it out by (``byok_callable``)."""
     limits = user_limits_sync(user_id)
-    entries = []
-    for model in models_enabled_sync():
-        if model.mode != ModelMode.CHAT:
-            continue
+    models = [model for model in models_enabled_sync() if model.mode == ModelMode.CHAT]
+    reasons: dict[str, str] = {}
+    for model in models:
         if not limits.allows(model):
-            reason = "plan"
+            reasons[model.name] = "plan"
         elif key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:
-            reason = "key"
-        else:
-            reason = ""
+            reasons[model.name] = "key"
+    allowed = [model for model in models if model.name not in reasons]
+    credentials = user_credentials_sync(user_id) if any(byok_required_in(m) for m in allowed) else {}
+    callable_names = {model.name for model in byok_callable(allowed, credentials)}
+    entries = []
+    for model in models:
+        reason = reasons.get(model.name) or ("" if model.name in callable_names else "own_key")
         inputs = [deployment.input_per_mtok for deployment in model.deployments]
         outputs = [deployment.output_per_mtok for deployment in model.deployments]
+        own_key_providers = ()
+        if reason == "own_key":
+            own_key_providers = tuple(
+                dict.fromkeys(d.provider.name for d in model.deployments if d.provider.byok == ByokMode.REQUIRED)
+            )
         entries.append(
             CatalogEntry(
                 model=model,
@@ -642,6 +656,7 @@ def models_catalog_for(*, user_id: int, key_allowed_model_ids: frozenset[int] | 
                 output_per_mtok=PriceRange(min(outputs), max(outputs)),
                 locked=bool(reason),
                 locked_reason=reason,
+                own_key_providers=own_key_providers,
             )
         )
     return entries

@@ -214,9 +214,18 @@ class ModelListApi(APIView):
         max_output_tokens = serializers.IntegerField(source="model.max_output_tokens", allow_null=True)
         input_per_mtok = PriceRangeSerializer()
         output_per_mtok = PriceRangeSerializer()
-        locked = serializers.BooleanField(help_text="Your plan (or this key) does not include it.")
+        locked = serializers.BooleanField(
+            help_text="Your plan (or this key) does not include it, or only your own provider key could serve it."
+        )
         locked_reason = serializers.ChoiceField(
-            choices=["plan", "key"], allow_null=True, help_text="What excludes it; null when it is not locked."
+            choices=["plan", "key", "own_key"],
+            allow_null=True,
+            help_text="What excludes it (`own_key`: it needs your own key for one of `own_key_providers`, which "
+            "you add at /provider-keys/); null when it is not locked.",
+        )
+        own_key_providers = serializers.ListField(
+            child=serializers.CharField(),
+            help_text="With `locked_reason: own_key`, the providers a key of your own would unlock it on.",
         )
 
         def to_representation(self, entry: CatalogEntry) -> dict:
@@ -229,7 +238,8 @@ class ModelListApi(APIView):
         operation_id="catalog_models_list",
         summary="The chat models of the catalog, with prices and what your plan includes",
         description="Every chat model (aliases under their own name). Models your plan or API key does not "
-        "include are listed with `locked: true` rather than left out; a request for one is refused with 403.",
+        "include, or that only your own provider key could serve while you have none, are listed with "
+        "`locked: true` rather than left out; a request for one is refused with 403.",
         responses={200: OutputSerializer(many=True), **error_responses(401)},
     )
     def get(self, request: Request) -> Response:

@@ -22,7 +22,8 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
     if Capability.CHAT not in CAPABILITIES[await request_role(request, user)]:
         # A viewer may not chat (accounts.roles): their page is their usage.
         return HttpResponseRedirect("/usage/")
-    # Models the plan does not include are offered too, disabled, as an upsell: the same list as /api/models/.
+    # Models the plan does not include are offered too, disabled, as an upsell, and those that need the user's
+    # own provider key, with a link to add one: the same list as /api/models/.
     entries = await sync_to_async(models_catalog_for)(user_id=user.pk, key_allowed_model_ids=None)
     picker = [
         {
@@ -31,6 +32,9 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
             "provider": " · ".join(entry.providers),
             "context_window": entry.model.context_window,
             "locked": entry.locked,
+            "locked_reason": entry.locked_reason,
+            # "Anthropic" or "Anthropic or Bedrock": whose key of their own would unlock it.
+            "own_key_provider": " or ".join(entry.own_key_providers),
         }
         for entry in entries
     ]
@@ -40,6 +44,8 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
         "models": picker,
         "usable": first_usable is not None,
         "locked": any(model["locked"] for model in picker),
+        "locked_by_plan": any(model["locked_reason"] in ("plan", "key") for model in picker),
+        "locked_by_own_key": any(model["locked_reason"] == "own_key" for model in picker),
         "badge": first_usable["provider"] if first_usable else "",
         "conversation_id": conversation_id,
         "page": "chat",

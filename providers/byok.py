@@ -58,12 +58,22 @@ async def user_credentials(user_id: int) -> Mapping[int, UserCredential]:
     return await credentials_cache.get_or_load(user_id, lambda: _credentials_load(user_id))
 
 
+def _credentials_rows(user_id: int):
+    return ProviderCredential.objects.filter(owner_id=user_id).exclude(status=CredentialStatus.INVALID)
+
+
+def _credential(row: ProviderCredential) -> UserCredential:
+    return UserCredential(id=row.pk, provider_id=row.provider_id, api_key=row.api_key, hint=row.hint)
+
+
 async def _credentials_load(user_id: int) -> Mapping[int, UserCredential]:
-    rows = ProviderCredential.objects.filter(owner_id=user_id).exclude(status=CredentialStatus.INVALID)
-    return {
-        row.provider_id: UserCredential(id=row.pk, provider_id=row.provider_id, api_key=row.api_key, hint=row.hint)
-        async for row in rows
-    }
+    return {row.provider_id: _credential(row) async for row in _credentials_rows(user_id)}
+
+
+def user_credentials_sync(user_id: int) -> Mapping[int, UserCredential]:
+    """For pages (the chat picker): the same keys as ``user_credentials``, uncached, so that a key just added
+    in another process unlocks its models at the next page load."""
+    return {row.provider_id: _credential(row) for row in _credentials_rows(user_id)}
 
 
 def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) -> ResolvedModel | None:

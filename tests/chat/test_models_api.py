@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 from billing.models import Plan
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
-from providers.models import CatalogModel, ModelMode
+from providers.models import ByokMode, CatalogModel, CredentialStatus, ModelMode, ProviderCredential
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UserFactory
 from tests.test_openapi_schema import validator_for
 
@@ -108,6 +108,30 @@ def test_an_api_keys_own_list_locks_models_for_that_key(catalog, user):
     assert models["gpt-4o"]["locked"] is False
     assert models["gpt-4o-mini"]["locked"] is True and models["gpt-4o-mini"]["locked_reason"] == "key"
     assert models["chat-default"]["locked"] is True
+
+
+def test_a_model_only_the_users_own_key_could_serve_is_locked_until_they_have_a_usable_one(catalog, user):
+    own_only = ProviderFactory(name="Anthropic", byok=ByokMode.REQUIRED)
+    ModelFactory(name="claude-own", provider=own_only)
+    # Served on the user's key where they have one, else on the platform's: never locked for them.
+    both = ModelFactory(name="claude-either", provider=own_only)
+    DeploymentFactory(model=both, provider=catalog["big"].deployments.get().provider)
+    client = APIClient()
+    client.force_authenticate(user)
+
+    models = listed(client.get(URL))
+    assert models["claude-own"]["locked"] is True and models["claude-own"]["locked_reason"] == "own_key"
+    assert models["claude-own"]["own_key_providers"] == ["Anthropic"]
+    assert models["claude-either"]["locked"] is False and models["claude-either"]["own_key_providers"] == []
+
+    # A key the provider refused does not unlock it (as /v1/models); one not known to be refused does.
+    credential = ProviderCredential.objects.create(
+        owner=user, provider=own_only, api_key="sk-ant-own-0001", status=CredentialStatus.INVALID
+    )
+    assert listed(client.get(URL))["claude-own"]["locked_reason"] == "own_key"
+    credential.status = CredentialStatus.VALID
+    credential.save()
+    assert listed(client.get(URL))["claude-own"]["locked"] is False
 
 
 def test_sessions_and_keys_only(catalog, user):
