@@ -70,6 +70,10 @@ class Message(models.Model):
     feedback = models.SmallIntegerField(choices=Feedback.choices, null=True, blank=True)
     feedback_comment = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # A reply's liveness while it is ``streaming``: the process streaming it stamps this every
+    # LLMHUB_CHAT_HEARTBEAT_INTERVAL seconds, so a reply whose process died is known dead within seconds
+    # (``chat.selectors.messages_abandoned``). Null on rows from before it existed.
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["created_at", "id"]

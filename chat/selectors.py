@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -35,19 +36,31 @@ class ConversationBusyError(ApplicationError):
         super().__init__(message, param="conversation")
 
 
-# A reply still marked streaming this long after it began belongs to a server that stopped mid-stream.
+# The process streaming a reply stamps its ``heartbeat_at`` every LLMHUB_CHAT_HEARTBEAT_INTERVAL seconds
+# (``chat.services_turn``), from its first write to its last, also while it waits for the first token: a
+# reply silent for this many intervals belongs to a process that died (killed, OOM, a lost host). Several, so
+# that a beat delayed by a slow database (or one skipped while it was down) is not taken for a death.
+HEARTBEATS_MISSED = 4
+# Rows from before the heartbeat (null ``heartbeat_at``) keep the old rule: dead an hour after they began,
+# or 5 minutes after when the ledger already holds their row (the run ended, only the message was not).
 ABANDONED_AFTER = timedelta(hours=1)
-# Sooner when the ledger already holds its row: the run has ended, only the message was not finished.
 ABANDONED_SETTLED_AFTER = timedelta(minutes=5)
+
+
+def reply_silent_after() -> timedelta:
+    """How long a streaming reply may go without a heartbeat before it counts as dead."""
+    return timedelta(seconds=HEARTBEATS_MISSED * settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL)
 
 
 def messages_abandoned(*, now: datetime) -> QuerySet[Message]:
     """Replies left ``streaming`` by a server that stopped (crashed, was killed) while they streamed: the
     one rule for when a streaming reply is dead, for the sweep that closes them and for the busy check."""
     settled = UsageRecord.objects.values("request_id")
+    old = Q(created_at__lt=now - ABANDONED_AFTER)
+    old_and_settled = Q(created_at__lt=now - ABANDONED_SETTLED_AFTER, request_id__in=settled)
+    unstamped = Q(heartbeat_at__isnull=True) & (old | old_and_settled)
     return Message.objects.filter(status=MessageStatus.STREAMING).filter(
-        Q(created_at__lt=now - ABANDONED_AFTER)
-        | Q(created_at__lt=now - ABANDONED_SETTLED_AFTER, request_id__in=settled)
+        Q(heartbeat_at__lt=now - reply_silent_after()) | unstamped
     )
 
 

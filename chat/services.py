@@ -54,9 +54,11 @@ def chat_turn_begin(
 
     One reply streams in a conversation at a time, whichever socket or process sends: under the
     conversation's row lock (SQLite: the transaction's write lock), a reply still streaming there refuses
-    the turn with ``ConversationBusyError``, and one a dead server left streaming is closed first.
+    the turn with ``ConversationBusyError``, and one a dead server left streaming is closed first. The reply
+    begins with its heartbeat, which the turn streaming it keeps stamping (``message_heartbeat``).
     """
     created = conversation_id is None
+    now = timezone.now()
     if created:
         conversation = Conversation.objects.create(
             owner_id=user_id, title=conversation_title_from(content), model_name=model_name
@@ -65,7 +67,6 @@ def chat_turn_begin(
         conversation = Conversation.objects.select_for_update().filter(owner_id=user_id, pk=conversation_id).first()
         if conversation is None:
             raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
-        now = timezone.now()
         messages_close_abandoned(now=now, conversation_id=conversation.pk)
         conversation_busy_check(conversation_id=conversation.pk, now=now)
         conversation.model_name = model_name
@@ -80,6 +81,7 @@ def chat_turn_begin(
         request_id=request_id,
         usage_record_id=request_id,
         status=MessageStatus.STREAMING,
+        heartbeat_at=now,
     )
     return TurnRows(conversation, user_message, assistant_message, created)
 
@@ -87,6 +89,12 @@ def chat_turn_begin(
 def message_content_save(*, message_id: int, content: str) -> None:
     """Checkpoint a reply while it streams, so a reload (or a crash) shows what was written so far."""
     Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=text_storable(content))
+
+
+def message_heartbeat(*, message_id: int) -> None:
+    """Say that the reply is still streaming, alive in the process that streams it (``messages_abandoned``);
+    a reply already finished (or closed as abandoned) is left as it is."""
+    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(heartbeat_at=timezone.now())
 
 
 def message_finish(

@@ -17,6 +17,9 @@ A turn, in order:
    cost, with its ``rejected`` row);
 4. relays the reply, saving what was written every ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows
    it), and reports ``TurnStarted`` with the first chunk, once routing knows which deployment answers;
+   meanwhile, from the first wait for a token to the final write, it stamps the reply's heartbeat every
+   ``LLMHUB_CHAT_HEARTBEAT_INTERVAL`` seconds, which tells the other processes it is alive (a reply whose
+   process died stops beating, and soon no longer holds its conversation: ``selectors.messages_abandoned``);
 5. writes the reply's final status: ``complete``; ``cancelled`` when stopped (what was written is kept);
    ``error`` when the upstream failed, before or during the reply, or the server's shutdown ended it (the
    partial reply is kept).
@@ -38,6 +41,7 @@ from decimal import Decimal
 from typing import Any
 
 from channels.db import database_sync_to_async
+from django.conf import settings
 
 from billing.models import Endpoint, UsageStatus
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
@@ -184,7 +188,11 @@ class ChatTurn:
                     TurnFailed(ApplicationError("The reply could not be started.", code="internal_error"))
                 )
                 return
-            await self._relay(run, rows)
+            beating = asyncio.create_task(self._beat(rows.assistant_message.pk))
+            try:
+                await self._relay(run, rows)
+            finally:
+                beating.cancel()
         finally:
             if run is not None:
                 # A no-op when the stream settled; otherwise (stopped before relaying) the one ledger row.
@@ -340,6 +348,17 @@ class ChatTurn:
                 experiment=run.assignment.header if run.assignment is not None else None,
             )
         )
+
+    async def _beat(self, message_id: int) -> None:
+        """Stamp the reply's heartbeat until cancelled (once the reply's final status is written): one small
+        write per interval, however many chunks arrive, and also while none does."""
+        while True:
+            await asyncio.sleep(settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL)
+            try:
+                await database_sync_to_async(services.message_heartbeat)(message_id=message_id)
+            except DATABASE_OUTAGE_ERRORS:
+                # A missed beat or two is allowed for (``selectors.HEARTBEATS_MISSED``); the next one may land.
+                logger.warning("a heartbeat of the reply %s was skipped: the database is unavailable", message_id)
 
     async def _checkpoint(self, message_id: int) -> None:
         try:

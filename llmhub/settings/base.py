@@ -425,6 +425,9 @@ LLMHUB_ALERT_SWEEP_MAX_AGE_HOURS = env.int("LLMHUB_ALERT_SWEEP_MAX_AGE_HOURS", d
 LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_INTERVAL", default=2.0)
 LLMHUB_INFLIGHT_HEARTBEAT_TTL = env.float("LLMHUB_INFLIGHT_HEARTBEAT_TTL", default=20.0)
 LLMHUB_INFLIGHT_SWEEP_INTERVAL = env.float("LLMHUB_INFLIGHT_SWEEP_INTERVAL", default=20.0)
+# Chat replies (docs/reliability.md, "A server killed mid-reply"): the process streaming a reply stamps it
+# every INTERVAL seconds; one silent for 4 × INTERVAL is dead, and no longer holds its conversation.
+LLMHUB_CHAT_HEARTBEAT_INTERVAL = env.float("LLMHUB_CHAT_HEARTBEAT_INTERVAL", default=10.0)
 # Circuit breakers per deployment (docs/routing.md, "Circuit breakers"): a breaker opens after FAILURES
 # consecutive failures, or when more than ERROR_RATE % of at least MIN_VOLUME calls in the last WINDOW
 # seconds failed; it stays open COOLDOWN seconds, doubled after each failed half-open probe up to

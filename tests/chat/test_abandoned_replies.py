@@ -1,10 +1,12 @@
-"""Replies a stopped server left streaming are closed by the beat task, and only those."""
+"""Replies a stopped server left streaming are closed by the beat task, and only those: a reply whose process
+stopped stamping its heartbeat, or one from before the heartbeat that is old enough."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from chat.models import Conversation, Message, MessageStatus, Role
@@ -82,3 +84,46 @@ def test_a_reply_streaming_for_hours_without_a_ledger_row_does_not_lock_its_conv
     begin(conversation)
     ancient.refresh_from_db()
     assert ancient.status == MessageStatus.CANCELLED
+
+
+def beating_reply(conversation, *, begun: timedelta, last_beat: timedelta, request_id: str) -> Message:
+    """A streaming reply begun ``begun`` ago whose process last stamped its heartbeat ``last_beat`` ago."""
+    message = reply(conversation, age=begun, request_id=request_id)
+    Message.objects.filter(pk=message.pk).update(heartbeat_at=timezone.now() - last_beat)
+    return message
+
+
+@pytest.mark.period_instants
+@override_settings(LLMHUB_CHAT_HEARTBEAT_INTERVAL=10)
+def test_a_reply_whose_process_stopped_beating_frees_its_conversation_within_seconds():
+    """A server killed mid-reply leaves its reply ``streaming`` with no ledger row (nobody settled it): it
+    held the conversation for an hour. Now it is dead once its heartbeat is 4 intervals old (40 s here)."""
+    conversation = Conversation.objects.create(owner=UserFactory(), title="t", model_name="m")
+    silent = beating_reply(conversation, begun=timedelta(seconds=50), last_beat=timedelta(seconds=39), request_id="r1")
+
+    with pytest.raises(ConversationBusyError):
+        begin(conversation, "refused")  # 39 s without a beat: maybe a slow database, still alive
+
+    Message.objects.filter(pk=silent.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=41))
+    rows = begin(conversation, "accepted")
+    silent.refresh_from_db()
+    assert silent.status == MessageStatus.CANCELLED and silent.content == "partial"
+    assert rows.assistant_message.status == MessageStatus.STREAMING
+    assert rows.assistant_message.heartbeat_at == timezone.now()  # beating from its first write
+
+
+@pytest.mark.period_instants
+@override_settings(LLMHUB_CHAT_HEARTBEAT_INTERVAL=10)
+def test_the_sweep_closes_silent_replies_and_leaves_beating_ones_however_long_they_run():
+    conversation = Conversation.objects.create(owner=UserFactory(), title="t", model_name="m")
+    silent = beating_reply(conversation, begun=timedelta(minutes=2), last_beat=timedelta(minutes=1), request_id="r1")
+    # Two hours long and still beating (a slow model, a long reply): alive, with or without its ledger row.
+    long = beating_reply(conversation, begun=timedelta(hours=2), last_beat=timedelta(seconds=3), request_id="r2")
+    settled = beating_reply(conversation, begun=timedelta(hours=2), last_beat=timedelta(seconds=3), request_id="r3")
+    UsageRecordFactory(request_id="r3")
+
+    assert messages_close_abandoned_task() == 1
+
+    statuses = {m.pk: m.status for m in Message.objects.all()}
+    assert statuses[silent.pk] == MessageStatus.CANCELLED
+    assert statuses[long.pk] == statuses[settled.pk] == MessageStatus.STREAMING

@@ -4,6 +4,7 @@ says, against the real pipeline, the fake upstream and the database."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -22,6 +23,7 @@ from chat.services_turn import (
     TurnFailed,
     TurnStarted,
 )
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -183,3 +185,34 @@ async def test_a_turn_in_an_archived_conversation_brings_it_back_to_the_list(ali
     assert conversation.archived is False
     listed = await sync_to_async(lambda: [c.pk for c in selectors.conversation_list(user_id=alice.pk)])()
     assert listed == [conversation.pk]
+
+
+@pytest.mark.period_instants(tick=True, only=["last-second-of-month"])
+async def test_a_turn_stamps_its_replys_heartbeat_also_while_it_waits_for_the_first_token(alice, chat_model, settings):
+    """The heartbeat is what tells other processes the reply is alive (``selectors.messages_abandoned``): it
+    beats from the reply's first write, and through a long wait for the first token, when no chunk (and no
+    checkpoint) arrives."""
+    settings.LLMHUB_CHAT_HEARTBEAT_INTERVAL = 0.2
+    turn = turn_for(alice, chat_model.name, "Think first [[ttft=2500]]")
+    running = asyncio.create_task(turn.run())
+    try:
+        reply = await wait_until_async(
+            lambda: Message.objects.filter(role=Role.ASSISTANT, conversation__owner=alice).afirst(), "the reply begins"
+        )
+        begun = reply.heartbeat_at
+        assert begun is not None
+
+        async def beat_since() -> bool:
+            await reply.arefresh_from_db()
+            return reply.heartbeat_at > begun + timedelta(seconds=1)
+
+        await wait_until_async(beat_since, "the reply's heartbeat is stamped again", timeout=10)
+        assert turn.report.of(TurnDelta) == [] and reply.status == MessageStatus.STREAMING  # no token yet
+    finally:
+        await running
+    assert isinstance(turn.report.events[-1], TurnCompleted)
+    await reply.arefresh_from_db()
+    last = reply.heartbeat_at
+    await asyncio.sleep(0.6)  # the turn is over: nothing beats any more
+    await reply.arefresh_from_db()
+    assert reply.heartbeat_at == last and reply.status == MessageStatus.COMPLETE

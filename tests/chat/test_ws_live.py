@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -181,3 +183,63 @@ async def test_one_reply_at_a_time_in_a_conversation_across_server_processes(liv
 
     # The servers write their rows after each reply: one per reply, none for the refused send.
     await wait_until_async(one_row_per_reply, "the ledger holds a row for each reply and no other")
+
+
+@pytest.fixture
+def two_beating_servers(tmp_path, monkeypatch):
+    """Two llmhub processes whose replies beat every second (LLMHUB_CHAT_HEARTBEAT_INTERVAL): dead 4 s after
+    their last beat. The test may kill the first (``processes[0]``)."""
+    from tests.billing.test_concurrency import ServerProcess
+    from tests.conftest import wait_for_port
+
+    monkeypatch.setenv("LLMHUB_CHAT_HEARTBEAT_INTERVAL", "1")
+    servers = [ServerProcess(None, tmp_path / f"server-{n}.log", None) for n in range(2)]
+    try:
+        for server in servers:
+            wait_for_port(server.port, timeout=30, process=server.process)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def test_a_server_killed_mid_reply_frees_its_conversation_within_seconds(live, two_beating_servers):
+    """A server process SIGKILLed while a reply streams leaves that reply ``streaming``: it held the
+    conversation (``conversation_busy``) for an hour. Its heartbeat stops with the process, and a send from
+    another server goes through seconds later, the dead reply closed with what it had written."""
+    doomed, survivor = two_beating_servers
+    async with connect(survivor.url.replace("http://", "ws://") + "/ws/chat/") as second:
+        await second.send(json.dumps({"type": "auth", "api_key": live.api_key}))
+        assert await next_event(second) == {"type": "auth.ok"}
+        async with connect(doomed.url.replace("http://", "ws://") + "/ws/chat/") as first:
+            await first.send(json.dumps({"type": "auth", "api_key": live.api_key}))
+            assert await next_event(first) == {"type": "auth.ok"}
+            await first.send(chat_send("a", "Hi", live.model, None))
+            conversation = (await until_end(first, "a"))[0]["conversation"]
+            await first.send(chat_send("b", "Long [[words=400]] [[tps=10]]", live.model, conversation))
+            await second.send(chat_send("c", "me too", live.model, conversation))
+            [busy] = await until_end(second, "c")
+            assert (busy["type"], busy["code"]) == ("error", "conversation_busy")
+            deltas = 0
+            while deltas < 25:  # 2.5 s: a checkpoint has saved some of it
+                deltas += (await next_event(first))["type"] == "chat.delta"
+
+            doomed.process.kill()
+            doomed.process.wait(timeout=10)
+
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            await second.send(chat_send(f"d{attempt}", "me too", live.model, conversation))
+            events = await until_end(second, f"d{attempt}")
+            if events[-1]["type"] != "error":
+                break
+            assert events[-1]["code"] == "conversation_busy"
+            assert time.monotonic() - started < 30, "the killed server's reply still holds the conversation"
+            await asyncio.sleep(0.5)
+        assert events[-1]["type"] == "chat.completed"
+
+    dead = await Message.objects.aget(conversation_id=conversation, role="assistant", status="cancelled")
+    assert dead.content  # what the last checkpoint saved before the kill
+    assert dead.error_message == "The reply did not finish: the server stopped while it streamed."
