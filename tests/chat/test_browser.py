@@ -582,9 +582,13 @@ async def test_sending_into_an_archived_conversation_brings_it_back_to_the_sideb
     await page.close()
 
 
+ELSEWHERE = re.compile(r"^Still being written in another tab or window\b")
+
+
 async def test_a_reply_streaming_in_another_tab_is_shown_as_such_and_holds_the_conversation(site, browser, user):
     """A second tab does not call a reply the first tab is still receiving unfinished, and its own send into
-    that conversation is refused (one reply at a time), its text left in the box to send again."""
+    that conversation is refused (one reply at a time), its text left in the box to send again. When the
+    first tab stops it, the second shows it stopped, without a reload."""
     context = await browser.new_context(viewport={"width": 1280, "height": 860})
     first = await context.new_page()
     await sign_in(first, site)
@@ -596,9 +600,7 @@ async def test_a_reply_streaming_in_another_tab_is_shown_as_such_and_holds_the_c
     await second.goto(f"{site.url}/c/{conversation_id}/")
     await expect(second.locator("#connection-status")).to_have_attribute("data-state", "open")
     elsewhere = second.locator(".message.assistant").first
-    await expect(elsewhere.locator(".message-status")).to_have_text(
-        "Still being written in another tab or window; reload to see it."
-    )
+    await expect(elsewhere.locator(".message-status")).to_have_text(ELSEWHERE)
     await expect(elsewhere).not_to_contain_text("did not finish")
 
     await send(second, "Me too")
@@ -607,7 +609,38 @@ async def test_a_reply_streaming_in_another_tab_is_shown_as_such_and_holds_the_c
 
     await first.get_by_role("button", name="Stop generating").click()
     await expect(first.locator(".message.assistant").first).to_have_attribute("data-status", "cancelled")
-    await second.reload()
-    await expect(second.locator(".message.assistant").first).to_have_attribute("data-status", "cancelled")
-    await expect(second.locator(".message.assistant").first.locator(".message-status")).to_have_text("Stopped.")
+    await expect(elsewhere).to_have_attribute("data-status", "cancelled", timeout=15_000)
+    await expect(elsewhere.locator(".message-status")).to_have_text("Stopped.")
+    kept = await first.locator(".message.assistant .message-body").first.inner_text()
+    await expect(elsewhere.locator(".message-body")).to_have_text(kept)
+    await context.close()
+
+
+async def test_a_reply_another_tab_receives_appears_finished_without_a_reload(site, browser, user):
+    """The second tab follows the first tab's reply (the text written so far, from the server's checkpoints)
+    and, once it has ended, shows it as any finished reply: whole, with its copy and feedback buttons."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    first = await context.new_page()
+    await sign_in(first, site)
+    await send(first, "A long one [[words=120]] [[tps=20]]")
+    await expect(first.locator(".message.assistant .message-body")).to_contain_text("lorem")
+    conversation_id = int(first.url.rstrip("/").rsplit("/", 1)[1])
+
+    second = await context.new_page()
+    await second.goto(f"{site.url}/c/{conversation_id}/")
+    elsewhere = second.locator(".message.assistant").first
+    await expect(elsewhere.locator(".message-status")).to_have_text(ELSEWHERE)
+    shown = len((await elsewhere.locator(".message-body").inner_text()).split())
+
+    async def more_words() -> bool:
+        return len((await elsewhere.locator(".message-body").inner_text()).split()) > shown
+
+    await wait_until_async(more_words, "the second tab shows more of the reply as it is written", timeout=15)
+
+    await expect(first.locator(".message.assistant").first).to_have_attribute("data-status", "complete", timeout=20_000)
+    await expect(elsewhere).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(elsewhere.locator(".message-status")).to_have_count(0)
+    await expect(elsewhere.get_by_role("button", name="Good reply")).to_be_visible()
+    final = await first.locator(".message.assistant .message-body").first.inner_text()
+    await expect(elsewhere.locator(".message-body")).to_have_text(final)
     await context.close()

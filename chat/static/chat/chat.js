@@ -623,6 +623,7 @@
     const pending = [...state.streams.values()].find((s) => s.conversationId === id && s.messageId === null);
     const newest = data.messages[data.messages.length - 1];
     const pendingRow = pending && newest && newest.role === "assistant" && newest.status === "streaming" ? newest : null;
+    const elsewhere = new Map(); // message id -> view, of replies another tab or window is receiving
     for (const message of data.messages) {
       const view = createMessageView(message);
       if (message.role === "user") {
@@ -639,19 +640,13 @@
         // Not this tab's: another tab or window is receiving it, and the server refuses a second reply in
         // the conversation meanwhile. One a stopped server left is closed by the server, with its reason.
         paintAssistant(view, message.content, false);
-        settleView(view, {
-          status: "streaming",
-          error: "Still being written in another tab or window; reload to see it.",
-        });
+        settleView(view, { status: "streaming", error: ELSEWHERE_NOTE });
+        elsewhere.set(message.id, view);
       } else {
-        paintAssistant(view, message.content, true);
-        settleView(view, {
-          status: message.status,
-          error: message.error_message,
-          usage: message.usage, // from the reply's ledger row; null until that is written
-        });
+        paintFinished(view, message);
       }
     }
+    if (elsewhere.size) followElsewhere(id, token, elsewhere);
     if (pending && !pendingRow) {
       paintUser(createMessageView({ role: "user" }), pending.userText);
       pending.view = createMessageView({ role: "assistant", model: pending.model, provider: pending.provider });
@@ -659,6 +654,51 @@
       settleView(pending.view, { status: "streaming" });
     }
     scrollToBottom();
+  }
+
+  function paintFinished(view, message) {
+    paintAssistant(view, message.content, true);
+    settleView(view, {
+      status: message.status,
+      error: message.error_message,
+      usage: message.usage, // from the reply's ledger row; null until that is written
+    });
+  }
+
+  /* Replies another tab or window is receiving reach this one through no socket: while one is on screen,
+     the conversation is read again every few seconds (only while the page is visible), its text brought up
+     to date from the server's checkpoints, and the reply settled once it has ended. Opening another
+     conversation (a new loadToken) ends the polling. */
+  const ELSEWHERE_NOTE = "Still being written in another tab or window.";
+  const ELSEWHERE_POLL_MS = 2500;
+
+  function followElsewhere(id, token, views) {
+    setTimeout(async () => {
+      if (token !== state.loadToken) return;
+      if (document.hidden) {
+        followElsewhere(id, token, views);
+        return;
+      }
+      let data = null;
+      try {
+        data = await api(`/api/conversations/${id}/`);
+      } catch (error) {
+        if (error.status === 404) return; // deleted meanwhile
+        // Otherwise offline, or the server restarting: try again at the next tick.
+      }
+      if (token !== state.loadToken) return;
+      for (const message of data ? data.messages : []) {
+        const view = views.get(message.id);
+        if (!view) continue;
+        if (message.status === "streaming") {
+          if (message.content !== view.text) paintAssistant(view, message.content, false);
+          continue;
+        }
+        paintFinished(view, message);
+        views.delete(message.id);
+      }
+      if (views.size) followElsewhere(id, token, views);
+    }, ELSEWHERE_POLL_MS);
   }
 
   function newChat({ push }) {
