@@ -248,6 +248,46 @@ async def test_markdown_code_and_phone_layout(site, browser, user, artifacts_dir
     await context.close()
 
 
+async def focused(page: Page) -> str:
+    """The focused control, as a keyboard user would hear it named (its aria-label, else its text)."""
+    return await page.evaluate(
+        "() => { const a = document.activeElement; return a.getAttribute('aria-label') || a.textContent.trim(); }"
+    )
+
+
+async def test_on_a_phone_the_keyboard_skips_the_closed_sidebar_and_comes_back_from_it(site, browser, user):
+    """The closed sidebar sits off-screen on a phone: Tab walked through its every control (New chat, each
+    conversation with its Rename and Delete) with the focus out of sight. Closed, it is out of the tab order;
+    opened from the keyboard, it is reached next, and Escape brings the focus back to its button."""
+    await sync_to_async(seed_conversations)(user)
+    page = await browser.new_page(viewport={"width": 390, "height": 844})
+    await sign_in(page, site)
+    await expect(page.locator(".conv-item")).to_have_count(4)
+    toggle = page.get_by_role("button", name="Show conversations")
+
+    await toggle.focus()
+    for _ in range(2):  # the logo, the menu
+        await page.keyboard.press("Tab")
+    await expect(page.locator("#menu-toggle")).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(page.locator("#model-picker")).to_be_focused()
+
+    await toggle.focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#sidebar")).to_be_in_viewport()
+    for _ in range(3):  # the logo, the menu, then the sidebar
+        await page.keyboard.press("Tab")
+    await expect(page.get_by_role("button", name="New chat")).to_be_focused()
+    await page.keyboard.press("Tab")
+    assert await focused(page) == "SQL window functions"
+    await expect(page.locator(".conv-link").first).to_be_in_viewport()
+
+    await page.keyboard.press("Escape")
+    await expect(page.locator("#sidebar")).not_to_be_in_viewport()
+    await expect(page.locator("#sidebar-toggle")).to_be_focused()
+    await page.close()
+
+
 async def test_sidebar_rename_and_delete(site, browser, user):
     conversation = await sync_to_async(seed_conversations)(user)
     page = await browser.new_page()

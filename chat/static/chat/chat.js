@@ -779,7 +779,12 @@
   });
   el.scrim.addEventListener("click", closeSidebar);
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && el.sidebar.classList.contains("open")) closeSidebar();
+    if (event.key === "Escape" && el.sidebar.classList.contains("open")) {
+      // Focus in the sidebar would be lost as it hides: back to the button that opened it, as the menu does.
+      const inside = el.sidebar.contains(document.activeElement);
+      closeSidebar();
+      if (inside) el.sidebarToggle.focus();
+    }
   });
 
   selectModel(localStorage.getItem(MODEL_STORAGE_KEY));
