@@ -288,6 +288,29 @@ async def test_on_a_phone_the_keyboard_skips_the_closed_sidebar_and_comes_back_f
     await page.close()
 
 
+async def test_on_a_phone_a_conversation_opened_from_the_keyboard_keeps_the_focus_in_sight(site, browser, user):
+    """Opening a conversation from the phone's sidebar closes it: the focus, on the link just followed, went
+    with it to the page's body, and the next Tab started over from the top. It is on the sidebar's button."""
+    conversation = await sync_to_async(seed_conversations)(user)
+    page = await browser.new_page(viewport={"width": 390, "height": 844})
+    await sign_in(page, site)
+    await expect(page.locator(".conv-item")).to_have_count(4)
+    await page.locator("#sidebar-toggle").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#sidebar")).to_be_in_viewport()
+    link = page.locator(".conv-link", has_text="Reverse a string in Python")
+    await link.focus()
+    await page.keyboard.press("Enter")
+
+    await expect(page).to_have_url(f"{site.url}/c/{conversation.pk}/")
+    await expect(page.locator("#sidebar")).to_be_hidden()  # slid out
+    await expect(page.get_by_role("button", name="Show conversations")).to_be_focused()
+    for _ in range(3):  # the logo, the menu, the model picker: the conversation's own controls, in sight
+        await page.keyboard.press("Tab")
+    await expect(page.locator("#model-picker")).to_be_focused()
+    await page.close()
+
+
 async def test_sidebar_rename_and_delete(site, browser, user):
     conversation = await sync_to_async(seed_conversations)(user)
     page = await browser.new_page()

@@ -748,10 +748,14 @@
   }
 
   function closeSidebar() {
+    // Focus in the sidebar (Escape, a conversation just opened from it) would be lost as it hides: back to
+    // the button that opened it, as the menu does. Only from the phone's sliding sidebar, never on a desktop.
+    const hadFocus = el.sidebar.classList.contains("open") && el.sidebar.contains(document.activeElement);
     el.sidebar.classList.remove("open");
     el.scrim.hidden = true;
     el.sidebarToggle.setAttribute("aria-expanded", "false");
     el.sidebarToggle.setAttribute("aria-label", "Show conversations");
+    if (hadFocus) el.sidebarToggle.focus();
   }
 
   el.composer.addEventListener("submit", (event) => {
@@ -779,12 +783,7 @@
   });
   el.scrim.addEventListener("click", closeSidebar);
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && el.sidebar.classList.contains("open")) {
-      // Focus in the sidebar would be lost as it hides: back to the button that opened it, as the menu does.
-      const inside = el.sidebar.contains(document.activeElement);
-      closeSidebar();
-      if (inside) el.sidebarToggle.focus();
-    }
+    if (event.key === "Escape" && el.sidebar.classList.contains("open")) closeSidebar();
   });
 
   selectModel(localStorage.getItem(MODEL_STORAGE_KEY));
