@@ -311,6 +311,37 @@ async def test_on_a_phone_a_conversation_opened_from_the_keyboard_keeps_the_focu
     await page.close()
 
 
+async def test_the_keyboard_focus_stays_in_the_sidebar_when_its_list_is_redrawn(site, browser, user):
+    """The conversation list is redrawn whenever a conversation is opened, renamed, deleted or gets a reply:
+    the focused link or button was thrown away with it, and a keyboard user's next Tab started over from the
+    top of the page. The focus now stays on the same control of the redrawn list (the Rename button once a
+    title is edited, the next conversation's link when its own was deleted)."""
+    conversation = await sync_to_async(seed_conversations)(user)
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+    await expect(page.locator(".conv-item")).to_have_count(4)
+
+    await page.locator(".conv-link", has_text="Reverse a string in Python").focus()
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(f"{site.url}/c/{conversation.pk}/")
+    await expect(page.locator(".conv-link", has_text="Reverse a string in Python")).to_be_focused()
+    await page.keyboard.press("Tab")
+    await expect(page.get_by_role("button", name="Rename “Reverse a string in Python”")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_label("New title")).to_be_focused()
+    await page.keyboard.press("End")
+    await page.keyboard.type(" (slicing)")
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("button", name="Rename “Reverse a string in Python (slicing)”")).to_be_focused()
+
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.get_by_role("button", name="Delete “Trip to Lisbon”").focus()
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".conv-item")).to_have_count(3)
+    await expect(page.locator(".conv-link", has_text="Reverse a string in Python (slicing)")).to_be_focused()
+    await page.close()
+
+
 async def test_sidebar_rename_and_delete(site, browser, user):
     conversation = await sync_to_async(seed_conversations)(user)
     page = await browser.new_page()

@@ -484,6 +484,7 @@
     '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h16M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3"/></svg>';
 
   function renderSidebar() {
+    const keep = focusInList();
     const busy = new Set([...state.streams.values()].map((s) => s.conversationId));
     const items = [...state.conversations.values()].sort((a, b) =>
       String(b.updated_at || "").localeCompare(String(a.updated_at || "")),
@@ -498,6 +499,7 @@
         const link = document.createElement("a");
         link.className = "conv-link";
         link.href = `/c/${conversation.id}/`;
+        link.dataset.part = "link";
         link.textContent = conversation.title || "New conversation";
         link.title = conversation.updated_at ? formatDate(conversation.updated_at) : "";
         link.addEventListener("click", (event) => {
@@ -509,7 +511,9 @@
         actions.className = "conv-actions";
         const rename = svgButton("icon-btn", `Rename “${conversation.title}”`, EDIT_ICON);
         rename.addEventListener("click", () => startRename(item, link, conversation));
+        rename.dataset.part = "rename";
         const remove = svgButton("icon-btn", `Delete “${conversation.title}”`, TRASH_ICON);
+        remove.dataset.part = "delete";
         remove.addEventListener("click", () => deleteConversation(conversation));
         actions.append(rename, remove);
         item.append(link, actions);
@@ -517,6 +521,26 @@
       }),
     );
     el.convEmpty.hidden = items.length > 0;
+    if (keep) keep();
+  }
+
+  /* The list is redrawn whole (a conversation opened, renamed, deleted, or given a reply): the control a
+     keyboard user had focused in it would go with it, and their next Tab start over from the top. This
+     notes which one it was, and returns what puts the focus on the same control of the new list (on the
+     next conversation's link when its own is gone, else on "New chat"). */
+  function focusInList() {
+    const focused = document.activeElement;
+    if (!focused || !focused.dataset.part || !el.convList.contains(focused)) return null;
+    const items = [...el.convList.children];
+    const index = items.indexOf(focused.closest(".conv-item"));
+    const id = items[index].dataset.conversationId;
+    const part = focused.dataset.part;
+    return () => {
+      const same = el.convList.querySelector(`.conv-item[data-conversation-id="${id}"] [data-part="${part}"]`);
+      const after = el.convList.children[Math.min(index, el.convList.children.length - 1)];
+      const target = same || (after && after.querySelector('[data-part="link"]')) || el.newChat;
+      if (target !== document.activeElement) target.focus();
+    };
   }
 
   function startRename(item, link, conversation) {
@@ -526,6 +550,7 @@
     input.value = conversation.title;
     input.maxLength = 200;
     input.setAttribute("aria-label", "New title");
+    input.dataset.part = "rename"; // once done, the focus goes back to the Rename button (focusInList)
     let done = false;
     const finish = async (save) => {
       if (done) return;
