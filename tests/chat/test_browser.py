@@ -342,6 +342,26 @@ async def test_the_keyboard_focus_stays_in_the_sidebar_when_its_list_is_redrawn(
     await page.close()
 
 
+async def test_on_a_touch_screen_each_conversation_shows_its_rename_and_delete_buttons(site, browser, user):
+    """The buttons appeared on hover (or focus, or for the open conversation): a finger does not hover, so on a
+    phone they were invisible, tappable only by chance. Without hover they are always shown."""
+    await sync_to_async(seed_conversations)(user)
+    context = await browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    page = await context.new_page()
+    await sign_in(page, site)
+    await page.get_by_role("button", name="Show conversations").tap()
+    await expect(page.locator("#sidebar")).to_be_in_viewport()
+
+    # Shown or not by their row's opacity (not the buttons' own).
+    actions = page.locator(".conv-item", has_text="Trip to Lisbon").locator(".conv-actions")
+    await expect(actions).to_have_css("opacity", "1")
+    remove = actions.get_by_role("button", name="Delete “Trip to Lisbon”")
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await remove.tap()
+    await expect(page.locator(".conv-item")).to_have_count(3)
+    await context.close()
+
+
 async def test_sidebar_rename_and_delete(site, browser, user):
     conversation = await sync_to_async(seed_conversations)(user)
     page = await browser.new_page()
