@@ -362,6 +362,40 @@ async def test_on_a_touch_screen_each_conversation_shows_its_rename_and_delete_b
     await context.close()
 
 
+async def test_on_a_phone_enter_adds_a_line_and_the_button_sends(site, browser, user):
+    """Enter sent the message and Shift+Enter added a line: a phone's keyboard has no Shift+Enter, so a
+    message of several lines could not be written there. On a touch screen Enter adds a line, the send
+    button sends, and the hints say so."""
+    context = await browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    page = await context.new_page()
+    await sign_in(page, site)
+    hint = page.locator("#empty-state")
+    await expect(hint).to_contain_text("The arrow button sends, Enter adds a line.", use_inner_text=True)
+    await expect(hint).not_to_contain_text("Shift", use_inner_text=True)
+
+    await page.locator("#prompt").tap()
+    await page.keyboard.type("First line")
+    await page.keyboard.press("Enter")
+    await page.keyboard.type("second line")
+    await expect(page.locator("#prompt")).to_have_value("First line\nsecond line")
+    await expect(page.locator(".message")).to_have_count(0)
+
+    await page.get_by_role("button", name="Send message").tap()
+    await expect(page.locator(".message.user")).to_have_text("First line\nsecond line")
+    await expect(page.locator(".message.assistant")).to_have_attribute("data-status", "complete", timeout=15_000)
+    await context.close()
+
+    # With a mouse and a keyboard, Enter still sends.
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+    hint = page.locator("#empty-state")
+    await expect(hint).to_contain_text("Enter sends, Shift+Enter adds a line.", use_inner_text=True)
+    await expect(hint).not_to_contain_text("arrow button", use_inner_text=True)
+    await send(page, "At once")
+    await expect(page.locator(".message.user")).to_have_text("At once")
+    await page.close()
+
+
 async def test_sidebar_rename_and_delete(site, browser, user):
     conversation = await sync_to_async(seed_conversations)(user)
     page = await browser.new_page()

@@ -783,12 +783,15 @@
     if (hadFocus) el.sidebarToggle.focus();
   }
 
+  // A touch screen's keyboard has no Shift+Enter: there, Enter adds a line and the send button sends (the
+  // hints say which, by the same media query in app.css).
+  const ENTER_ADDS_LINE = window.matchMedia("(hover: none) and (pointer: coarse)");
   el.composer.addEventListener("submit", (event) => {
     event.preventDefault();
     sendMessage();
   });
   el.prompt.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !ENTER_ADDS_LINE.matches) {
       event.preventDefault();
       sendMessage();
     } else if (event.key === "Escape" && streamOnScreen()) {
