@@ -396,6 +396,25 @@ async def test_on_a_phone_enter_adds_a_line_and_the_button_sends(site, browser, 
     await page.close()
 
 
+async def test_the_send_and_stop_buttons_hand_the_keyboard_focus_to_each_other(site, browser, user):
+    """Send and Stop share one place in the composer, one hidden while the other shows: a keyboard user who
+    sent with the Send button lost the focus when it hid (and again when Stop hid at the reply's end). The
+    focus goes to the button that takes its place."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+    await page.locator("#prompt").fill("A long one [[words=400]] [[tps=20]]")
+    await page.keyboard.press("Tab")
+    await expect(page.locator("#send")).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#stop")).to_be_visible()
+    await expect(page.locator("#stop")).to_be_focused()
+
+    await page.keyboard.press("Enter")  # stop
+    await expect(page.locator(".message.assistant")).to_have_attribute("data-status", "cancelled")
+    await expect(page.locator("#send")).to_be_focused()
+    await page.close()
+
+
 async def test_sidebar_rename_and_delete(site, browser, user):
     conversation = await sync_to_async(seed_conversations)(user)
     page = await browser.new_page()

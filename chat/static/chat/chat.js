@@ -750,8 +750,11 @@
 
   function updateComposer() {
     const active = streamOnScreen();
+    // Send and Stop take turns in one place: the focus on the one hiding passes to the other, not to the page.
+    const handOver = document.activeElement === (active ? el.send : el.stop);
     el.send.hidden = Boolean(active);
     el.stop.hidden = !active;
+    if (handOver) (active ? el.stop : el.send).focus();
     el.send.disabled = !state.socketOpen || !MODELS.some((model) => !model.locked);
   }
 
