@@ -46,6 +46,8 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
         "locked": any(model["locked"] for model in picker),
         "locked_by_plan": any(model["locked_reason"] in ("plan", "key") for model in picker),
         "locked_by_own_key": any(model["locked_reason"] == "own_key" for model in picker),
+        # For a page with no usable model: whose key of their own would give them one.
+        "own_key_providers": " or ".join(dict.fromkeys(p for entry in entries for p in entry.own_key_providers)),
         "badge": first_usable["provider"] if first_usable else "",
         "conversation_id": conversation_id,
         "page": "chat",

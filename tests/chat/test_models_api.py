@@ -171,3 +171,16 @@ def test_the_chat_page_offers_locked_models_disabled_with_a_hint(catalog, user):
     assert "disabled" in locked and "not in your plan" in locked
     usable = next(line for line in page.splitlines() if 'value="gpt-4o-mini"' in line)
     assert "disabled" not in usable and "GPT-4o mini" in usable
+
+
+def test_a_page_whose_every_model_needs_the_users_own_key_says_to_add_one(user):
+    own_only = ProviderFactory(name="Anthropic", byok=ByokMode.REQUIRED)
+    ModelFactory(name="claude-own", provider=own_only)
+    client = Client()
+    client.force_login(user)
+
+    page = client.get("/").content.decode()
+
+    assert "No model is available to you yet" not in page
+    assert "Add your own Anthropic key on the" in page
+    assert '<a href="/provider-keys/">Provider keys</a> page' in page
