@@ -22,16 +22,34 @@ def _role_forget(sender, instance, **kwargs) -> None:
     """A user's groups or superuser flag changed (the admin, role_set): this process's copy of their role
     goes at once (other processes' within LLMHUB_LOOKUP_CACHE_TTL), and a user put in or out of a role
     group from the admin becomes staff or not as ``role_set`` would have made them."""
-    from .roles import role_cache, role_staff_sync
-
     pk = getattr(instance, "pk", None)
-    if kwargs.get("reverse") or pk is None or not hasattr(instance, "get_username"):
+    if pk is None:
+        return
+    from .roles import role_cache
+
+    if kwargs.get("reverse"):
         role_cache.invalidate()  # a group's members changed from the group's side: any of them
         return
     role_cache.invalidate(pk)
     instance.__dict__.pop("_llmhub_role", None)
-    if kwargs.get("action") in ("post_add", "post_remove", "post_clear"):
-        role_staff_sync(instance)
+    if hasattr(instance, "get_username") and "action" in kwargs:
+        _role_groups_changed(instance, **kwargs)
+
+
+def _role_groups_changed(user, *, action: str, pk_set, **kwargs) -> None:
+    from django.contrib.auth.models import Group
+
+    from .roles import STAFF_ROLES, role_staff_sync
+
+    staff_groups = Group.objects.filter(name__in=[r.value for r in STAFF_ROLES])
+    if action == "pre_clear":  # which groups go is known only before they have gone
+        user.__dict__["_llmhub_staff_groups_cleared"] = user.groups.filter(pk__in=staff_groups).exists()
+    elif action == "post_clear":
+        role_staff_sync(user, staff_role_dropped=user.__dict__.pop("_llmhub_staff_groups_cleared", False))
+    elif action == "post_remove":
+        role_staff_sync(user, staff_role_dropped=staff_groups.filter(pk__in=pk_set or ()).exists())
+    elif action == "post_add":
+        role_staff_sync(user)
 
 
 class AccountsConfig(AppConfig):

@@ -169,12 +169,20 @@ def role_set(user: Any, role: Role) -> bool:
     return changed
 
 
-def role_staff_sync(user: Any) -> None:
-    """After a user's groups changed outside ``role_set`` (the admin's user form): staff if and only if
-    their role is admin or operator, so that putting someone in a role group is all it takes. Saved (only
-    ``is_staff``), not updated in bulk, so that the audit log records the flip as ``auth.user.change``."""
+def role_staff_sync(user: Any, *, staff_role_dropped: bool = False) -> None:
+    """After a user's groups changed outside ``role_set`` (the admin's user form, a group's ``user_set``):
+    staff if and only if their role is admin or operator, so that putting someone in a role group is all it
+    takes. ``staff_role_dropped``: the change took them out of the admin or operator group; left in no role
+    group they are then a member, not an operator by the fallback for staff from before roles (which would
+    keep the role the admin just took away). Saved (only ``is_staff``), not updated in bulk, so that the
+    audit log records the flip as ``auth.user.change``."""
     user.__dict__.pop("_llmhub_role", None)
-    is_staff = role_of(user) in STAFF_ROLES or user.is_superuser
+    if staff_role_dropped:
+        names = user.groups.filter(name__in=[r.value for r in Role]).values_list("name", flat=True)
+        role = role_from_groups(names, is_superuser=user.is_superuser, is_staff=False)
+    else:
+        role = role_of(user)
+    is_staff = role in STAFF_ROLES or user.is_superuser
     if user.is_staff != is_staff:
         user.is_staff = is_staff
         user.save(update_fields=["is_staff"])

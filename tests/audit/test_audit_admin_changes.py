@@ -529,3 +529,41 @@ def test_the_staff_flag_a_role_group_gives_is_recorded(admin_client, root, djang
     assert not hana.is_staff
     event = last_event("auth.user.change")
     assert (event.changes, event.actor_type) == ({"is_staff": [True, False]}, "system")
+
+
+def test_taking_a_user_out_of_the_operator_group_in_the_admin_takes_the_operator_role_away(
+    admin_client, root, django_capture_on_commit_callbacks
+):
+    """Unticking the operator group on the admin's user form (the staff box still ticked, as the form shows it)
+    demotes the user: they are no longer staff, so neither an operator by the no-role-group fallback."""
+    from accounts.roles import Role, role_of
+
+    operator = Group.objects.get_or_create(name="operator")[0]
+    hana = UserFactory(username="hana")
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, change_url(hana), groups=[str(operator.pk)])
+    hana = get_user_model().objects.get(pk=hana.pk)
+    assert (hana.is_staff, role_of(hana)) == (True, Role.OPERATOR)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_submit(admin_client, change_url(hana), groups=None)
+
+    hana = get_user_model().objects.get(pk=hana.pk)
+    assert list(hana.groups.all()) == []
+    assert (hana.is_staff, role_of(hana)) == (False, Role.MEMBER)
+    assert last_event("role.change").changes == {"groups": [["operator"], []]}
+    flips = [event.changes["is_staff"] for event in events("auth.user.change") if "is_staff" in event.changes]
+    assert flips == [[False, True], [True, False]]
+
+
+def test_a_staff_user_in_no_role_group_stays_an_operator_when_the_admin_saves_them(admin_client, root):
+    """The fallback for staff accounts from before roles stays: saving such a user's form untouched (no group
+    removed) leaves them staff and operator."""
+    from accounts.roles import Role, role_of
+
+    legacy = UserFactory(username="legacy-ops", is_staff=True)
+
+    admin_submit(admin_client, change_url(legacy), first_name="Lee")
+
+    legacy = get_user_model().objects.get(pk=legacy.pk)
+    assert (legacy.is_staff, role_of(legacy)) == (True, Role.OPERATOR)
