@@ -21,15 +21,16 @@ def _roles_after_migrate(sender, using="default", plan=None, **kwargs) -> None:
 def _role_forget(sender, instance, **kwargs) -> None:
     """A user's groups or superuser flag changed (the admin, role_set): this process's copy of their role
     goes at once (other processes' within LLMHUB_LOOKUP_CACHE_TTL), and a user put in or out of a role
-    group from the admin becomes staff or not as ``role_set`` would have made them."""
+    group, from the user's side (the admin's user form) or the group's (``group.user_set``), becomes staff
+    or not as ``role_set`` would have made them."""
     pk = getattr(instance, "pk", None)
     if pk is None:
         return
+    if kwargs.get("reverse"):
+        _role_group_members_changed(instance, **kwargs)
+        return
     from .roles import role_cache
 
-    if kwargs.get("reverse"):
-        role_cache.invalidate()  # a group's members changed from the group's side: any of them
-        return
     role_cache.invalidate(pk)
     instance.__dict__.pop("_llmhub_role", None)
     if hasattr(instance, "get_username") and "action" in kwargs:
@@ -50,6 +51,28 @@ def _role_groups_changed(user, *, action: str, pk_set, **kwargs) -> None:
         role_staff_sync(user, staff_role_dropped=staff_groups.filter(pk__in=pk_set or ()).exists())
     elif action == "post_add":
         role_staff_sync(user)
+
+
+def _role_group_members_changed(group, *, action: str, pk_set, model, **kwargs) -> None:
+    """``group.user_set.add/remove/clear``: each user it touched, as if changed from their side."""
+    from .roles import STAFF_ROLES, role_cache, role_parse, role_staff_sync
+
+    role_cache.invalidate()  # any of the group's members
+    role = role_parse(getattr(group, "name", None))
+    if role is None or role.value != group.name:
+        return  # not a role group: no one's role changed
+    if action == "pre_clear":
+        group.__dict__["_llmhub_members_cleared"] = list(model._default_manager.filter(groups=group))
+        return
+    if action == "post_clear":
+        users = group.__dict__.pop("_llmhub_members_cleared", [])
+    elif action in ("post_add", "post_remove"):
+        users = list(model._default_manager.filter(pk__in=pk_set or ()))
+    else:
+        return
+    dropped = action != "post_add" and role in STAFF_ROLES
+    for user in users:
+        role_staff_sync(user, staff_role_dropped=dropped)
 
 
 class AccountsConfig(AppConfig):

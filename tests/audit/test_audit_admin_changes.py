@@ -567,3 +567,46 @@ def test_a_staff_user_in_no_role_group_stays_an_operator_when_the_admin_saves_th
 
     legacy = get_user_model().objects.get(pk=legacy.pk)
     assert (legacy.is_staff, role_of(legacy)) == (True, Role.OPERATOR)
+
+
+def test_adding_and_removing_users_from_the_groups_side_syncs_their_staff_flag(
+    root, django_capture_on_commit_callbacks
+):
+    """``group.user_set.add(...)`` (the reverse side, as code or a group page would) makes the users staff, and
+    removing or clearing them takes it away, each flip in the log like a change from the user's side."""
+    from asgiref.sync import async_to_sync
+
+    from accounts.roles import Role, role_for_user_id, role_of
+
+    operator = Group.objects.get_or_create(name="operator")[0]
+    admin = Group.objects.get_or_create(name="admin")[0]
+    ana, ben = UserFactory(username="ana"), UserFactory(username="ben")
+    assert async_to_sync(role_for_user_id)(ana.pk) == Role.MEMBER
+
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.user_set.add(ana, ben)
+
+    ana, ben = (get_user_model().objects.get(pk=u.pk) for u in (ana, ben))
+    assert (ana.is_staff, ben.is_staff) == (True, True)
+    assert (role_of(ana), async_to_sync(role_for_user_id)(ana.pk)) == (Role.OPERATOR, Role.OPERATOR)
+    flips = {(event.target_id, tuple(event.changes["is_staff"])) for event in events("auth.user.change")}
+    assert flips == {(str(ana.pk), (False, True)), (str(ben.pk), (False, True))}
+    assert {event.target_id for event in events("role.change")} == {str(ana.pk), str(ben.pk)}
+
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.user_set.remove(ana)
+        admin.user_set.add(ben)
+        operator.user_set.clear()
+
+    ana, ben = (get_user_model().objects.get(pk=u.pk) for u in (ana, ben))
+    assert (ana.is_staff, role_of(ana)) == (False, Role.MEMBER)
+    assert (ben.is_staff, role_of(ben)) == (True, Role.ADMIN)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin.user_set.clear()
+    ben = get_user_model().objects.get(pk=ben.pk)
+    assert (ben.is_staff, role_of(ben)) == (False, Role.MEMBER)
+    assert [event.changes["is_staff"] for event in events("auth.user.change") if event.target_id == str(ben.pk)] == [
+        [False, True],
+        [True, False],
+    ]
