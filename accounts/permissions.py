@@ -72,13 +72,35 @@ class CanManageKeys(permissions.BasePermission):
         return scopes is None or KEYS_MANAGE_SCOPE in scopes
 
 
+class NotAReplacedSecret(permissions.BasePermission):
+    """A gateway key's secret that a rotation replaced keeps working for its grace period so that clients can
+    switch (calling models, reading), but may change no key, gateway or provider: minting one (a child key, the
+    key's next secret) would outlive the grace period, and revoking, rotating or replacing one would let
+    whoever holds a leaked secret undo or punish the rotation made because of the leak (a rotation by the old
+    secret also ends the owner's new one at once). ``rotated_out_at`` is set on such a principal
+    (``billing``'s ``KeyPrincipal``)."""
+
+    message = (
+        "This API key's secret was replaced by a rotation: until its grace period ends it may call models "
+        "and read, but not create, rotate, revoke or change keys. Use the key's new secret."
+    )
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        if request.method in permissions.SAFE_METHODS:
+            return True
+        return getattr(request.auth, "rotated_out_at", None) is None
+
+
 # Who may manage keys (gateway keys on /api/keys/, provider keys on /api/provider-keys/), and the 403 the API
 # schema names for the refusal.
-KEY_MANAGEMENT = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys]
+KEY_MANAGEMENT = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys, NotAReplacedSecret]
 KEY_MANAGEMENT_FORBIDDEN = {
     403: OpenApiResponse(
         response=ErrorResponseSerializer,
-        description="The API key lacks the `keys:manage` scope, or the user's role (viewer) may not manage keys.",
+        description=(
+            "The API key lacks the `keys:manage` scope, or its secret was replaced by a rotation (it may only "
+            "read keys until its grace period ends), or the user's role (viewer) may not manage keys."
+        ),
     )
 }
 
@@ -93,6 +115,7 @@ __all__ = [
     "CanManageOwnKeys",
     "CanViewAllUsage",
     "CanViewOwnUsage",
+    "NotAReplacedSecret",
     "Role",
     "RolePermission",
 ]

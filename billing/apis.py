@@ -123,18 +123,6 @@ def _managing_key_id(request: Request) -> int | None:
     return request.auth.key_id if isinstance(request.auth, KeyPrincipal) else None
 
 
-def refuse_replaced_secret(request: Request) -> None:
-    """403 for a request made with a secret that a rotation replaced. It keeps working for its grace period so
-    that clients can switch (calling models, reading), but may not mint a secret (a new key, or the key's next
-    secret): that would outlive the grace period, and a rotation made because the secret leaked would be
-    undone by whoever holds it (a rotation by the old secret also ends the owner's new one at once)."""
-    if isinstance(request.auth, KeyPrincipal) and request.auth.rotated_out_at is not None:
-        raise PermissionDenied(
-            "This API key's secret was replaced by a rotation: until its grace period ends it may call models "
-            "and read, but not create or rotate keys. Use the key's new secret."
-        )
-
-
 def _own_key_or_404(request: Request, key_id: int) -> ApiKey:
     api_key = api_key_get(user=request.user, key_id=key_id, root_key_id=_managing_key_id(request))
     if api_key is None:
@@ -206,7 +194,6 @@ class ApiKeyListCreateApi(APIView):
         responses={201: ApiKeyCreatedOutputSerializer, **error_responses(400, 401), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def post(self, request: Request) -> Response:
-        refuse_replaced_secret(request)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         managing_key_id = _managing_key_id(request)

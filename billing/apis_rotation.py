@@ -2,7 +2,7 @@
 
 Same access rules as the other key endpoints (``billing.apis``): a person through the web session rotates
 any of their keys, a key with the ``keys:manage`` scope only itself and the keys created under it, and not with
-a secret that a rotation already replaced (``billing.apis.refuse_replaced_secret``).
+a secret that a rotation already replaced (``accounts.permissions.NotAReplacedSecret``, in ``KEY_MANAGEMENT``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rest_framework.views import APIView
 from accounts.permissions import KEY_MANAGEMENT, KEY_MANAGEMENT_FORBIDDEN
 from core.openapi import error_responses
 
-from .apis import _KEYS_TAG, ApiKeyCreatedOutputSerializer, _own_key_or_404, refuse_replaced_secret
+from .apis import _KEYS_TAG, ApiKeyCreatedOutputSerializer, _own_key_or_404
 from .services.keys import MAX_ROTATION_GRACE_SECONDS, CreatedKey, api_key_rotate
 
 
@@ -69,7 +69,6 @@ class ApiKeyRotateApi(APIView):
         responses={200: ApiKeyRotatedOutputSerializer, **error_responses(400, 401, 404), **KEY_MANAGEMENT_FORBIDDEN},
     )
     def post(self, request: Request, key_id: int) -> Response:
-        refuse_replaced_secret(request)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         rotated = api_key_rotate(

@@ -270,6 +270,48 @@ def test_a_replaced_secret_may_not_mint_new_secrets_during_its_grace(clock, alic
     assert key_client(owners.secret).post("/api/keys/", {"name": "child"}, format="json").status_code == 201
 
 
+def test_a_replaced_secret_may_not_revoke_keys_nor_touch_the_owners_provider_keys_during_its_grace(clock, alice):
+    """The rule above holds for every key-management endpoint, not only those that mint: the leaked secret may
+    not revoke the owner's keys (its own, rotated because of the leak, or a child) nor add, replace, rename,
+    delete or re-check the owner's provider keys. Reading them still works while clients switch."""
+    from providers.models import Provider, ProviderCredential
+
+    manager = api_key_create(user=alice, name="manager", scopes=[KeyScope.KEYS_MANAGE])
+    child = api_key_create(user=alice, name="child", parent=manager.api_key)
+    provider = Provider.objects.create(name="byok", kind="openai", base_url="http://127.0.0.1:9/v1")
+    credential = ProviderCredential.objects.create(owner=alice, provider=provider, label="mine")
+    owners = api_key_rotate(api_key=manager.api_key, grace_seconds=3600)
+    leaked = key_client(manager.secret)
+
+    refused = [
+        leaked.delete(f"/api/keys/{manager.api_key.pk}/"),
+        leaked.post(f"/api/keys/{manager.api_key.pk}/revoke/"),
+        leaked.post(f"/api/keys/{child.api_key.pk}/revoke/"),
+        leaked.post("/api/provider-keys/", {"provider": "byok", "api_key": "sk-" + "x" * 40}, format="json"),
+        leaked.patch(f"/api/provider-keys/{credential.pk}/", {"label": "gone"}, format="json"),
+        leaked.delete(f"/api/provider-keys/{credential.pk}/"),
+        leaked.post(f"/api/provider-keys/{credential.pk}/validate/"),
+    ]
+    for response in refused:
+        assert response.status_code == 403, (response.request["PATH_INFO"], response.content)
+        assert "replaced" in response.json()["error"]["message"]
+        assert manager.secret not in response.content.decode()
+
+    assert ApiKey.objects.filter(revoked_at__isnull=False).count() == 0
+    assert ProviderCredential.objects.get(pk=credential.pk).label == "mine"
+    assert works(owners.secret) and works(child.secret) and works(manager.secret)
+    assert leaked.get("/api/keys/").status_code == 200
+    assert leaked.get(f"/api/provider-keys/{credential.pk}/").status_code == 200
+    # The new secret manages as before.
+    assert key_client(owners.secret).post(f"/api/keys/{child.api_key.pk}/revoke/").status_code == 200
+    assert (
+        key_client(owners.secret)
+        .patch(f"/api/provider-keys/{credential.pk}/", {"label": "renamed"}, format="json")
+        .status_code
+        == 200
+    )
+
+
 # ADMIN
 
 
