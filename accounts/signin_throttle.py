@@ -36,19 +36,47 @@ SIGNIN_WINDOW_SECONDS = 15 * 60
 _CACHE_ERRORS = (redis.RedisError, OSError)
 
 
-def _keys(username: str, address: str) -> tuple[str, str]:
-    window = int(time.time() // SIGNIN_WINDOW_SECONDS)
-    name = hashlib.sha256(username.strip().lower().encode()).hexdigest()[:24]
-    return f"llmhub:signin-failed:{window}:{address}:{name}", f"llmhub:signin-failed:{window}:{address}"
+# The counting, shared with other forms that hold back floods (``accounts.reset_throttle``): counts per key
+# per fixed window, in the cache, a name (or email) stored only as a hash.
 
 
-def _address(request: HttpRequest | None) -> str:
+def window_key(kind: str, window_seconds: int, *parts: str) -> str:
+    window = int(time.time() // window_seconds)
+    return ":".join((f"llmhub:{kind}", str(window), *parts))
+
+
+def name_digest(name: str) -> str:
+    return hashlib.sha256(name.strip().lower().encode()).hexdigest()[:24]
+
+
+def window_seconds_left(window_seconds: int) -> int:
+    return math.ceil(window_seconds - time.time() % window_seconds)
+
+
+def window_count_add(key: str, *, window_seconds: int) -> int | None:
+    """Add one to ``key``'s count for its window; the new count, or None when the cache does not answer."""
+    try:
+        cache.add(key, 0, timeout=window_seconds + 60)
+        return cache.incr(key)
+    except ValueError:  # expired between the two calls
+        return None
+    except _CACHE_ERRORS as exc:
+        logger.warning("%s: the cache did not answer (%s); not counted", key.split(":")[1], type(exc).__name__)
+        return None
+
+
+def client_address(request: HttpRequest | None) -> str:
     return (request.META.get("REMOTE_ADDR") if request is not None else None) or "unknown"
+
+
+def _keys(username: str, address: str) -> tuple[str, str]:
+    by_address = window_key("signin-failed", SIGNIN_WINDOW_SECONDS, address)
+    return f"{by_address}:{name_digest(username)}", by_address
 
 
 def signin_wait_seconds(*, username: str, request: HttpRequest | None) -> int:
     """Seconds until ``username`` may be tried again from the request's address; 0: now."""
-    by_name, by_address = _keys(username, _address(request))
+    by_name, by_address = _keys(username, client_address(request))
     try:
         counts = cache.get_many([by_name, by_address])
     except _CACHE_ERRORS as exc:
@@ -59,24 +87,17 @@ def signin_wait_seconds(*, username: str, request: HttpRequest | None) -> int:
         and counts.get(by_address, 0) < settings.LLMHUB_SIGNIN_FAILURES_PER_ADDRESS
     ):
         return 0
-    return math.ceil(SIGNIN_WINDOW_SECONDS - time.time() % SIGNIN_WINDOW_SECONDS)
+    return window_seconds_left(SIGNIN_WINDOW_SECONDS)
 
 
 def signin_failed(*, username: str, request: HttpRequest | None) -> None:
-    for key in _keys(username, _address(request)):
-        try:
-            cache.add(key, 0, timeout=SIGNIN_WINDOW_SECONDS + 60)
-            cache.incr(key)
-        except ValueError:  # expired between the two calls
-            pass
-        except _CACHE_ERRORS as exc:
-            logger.warning("sign-in throttle: the cache did not answer (%s); failure not counted", type(exc).__name__)
-            return
+    for key in _keys(username, client_address(request)):
+        window_count_add(key, window_seconds=SIGNIN_WINDOW_SECONDS)
 
 
 def signin_succeeded(*, username: str, request: HttpRequest | None) -> None:
     try:
-        cache.delete(_keys(username, _address(request))[0])
+        cache.delete(_keys(username, client_address(request))[0])
     except _CACHE_ERRORS as exc:
         logger.warning("sign-in throttle: the cache did not answer (%s)", type(exc).__name__)
 

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.contrib.auth.views import LoginView
+from django.contrib.auth.views import LoginView, PasswordResetView
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from accounts.reset_throttle import ThrottledPasswordResetForm
 from accounts.signin_throttle import AdminSignInForm, SignInForm
 from llmhub.metrics import metrics_view
 from llmhub.probes import healthz, readyz
@@ -17,8 +18,14 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("v1/", include("chat.urls_openai")),
     path("admin/", admin.site.urls),
-    # The sign-in forms hold back password guessing (accounts.signin_throttle); the rest is Django's.
+    # The sign-in forms hold back password guessing (accounts.signin_throttle), the password reset form
+    # mailbox flooding (accounts.reset_throttle); the rest is Django's.
     path("accounts/login/", LoginView.as_view(authentication_form=SignInForm), name="login"),
+    path(
+        "accounts/password_reset/",
+        PasswordResetView.as_view(form_class=ThrottledPasswordResetForm),
+        name="password_reset",
+    ),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

@@ -478,6 +478,10 @@ LLMHUB_JWT_CACHE_SECONDS = env.float("LLMHUB_JWT_CACHE_SECONDS", default=60.0)
 # address may have in 15 minutes before the form checks no more passwords from there until the window ends.
 LLMHUB_SIGNIN_FAILURES_PER_NAME = env.int("LLMHUB_SIGNIN_FAILURES_PER_NAME", default=10)
 LLMHUB_SIGNIN_FAILURES_PER_ADDRESS = env.int("LLMHUB_SIGNIN_FAILURES_PER_ADDRESS", default=100)
+# Mailbox flooding through the password reset form (accounts.reset_throttle, docs/auth.md): reset emails one email
+# may be sent, and asks one address may make, in an hour; past either, the form sends nothing (and says the same).
+LLMHUB_PASSWORD_RESETS_PER_EMAIL = env.int("LLMHUB_PASSWORD_RESETS_PER_EMAIL", default=3)
+LLMHUB_PASSWORD_RESETS_PER_ADDRESS = env.int("LLMHUB_PASSWORD_RESETS_PER_ADDRESS", default=20)
 
 # LOGGING
 # https://docs.djangoproject.com/en/5.2/topics/logging/ — JSON lines with LLMHUB_LOG_FORMAT=json (production's
