@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +97,21 @@ def _printable(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "?", str(value))[:32]
 
 
+# How the JWKS is fetched: under the outbound policy every outbound call uses (``providers.outbound``: each
+# address judged when the connection opens, no redirect off the URL's origin, no environment proxy). That
+# module sits above accounts in the chain of imports, so it is plugged in from there (``ProvidersConfig.ready``
+# calls ``jwks_outbound_use``); until it is, no JWKS is fetched at all.
+JwksClientFactory = Callable[..., httpx.AsyncClient]
+_outbound: tuple[JwksClientFactory, tuple[type[Exception], ...]] | None = None
+
+
+def jwks_outbound_use(client_for: JwksClientFactory, *, refused: type[Exception]) -> None:
+    """Fetch the JWKS with ``client_for(url=..., timeout=...)`` (an ``httpx.AsyncClient`` bound to the URL's
+    origin); ``refused`` is the exception it raises for a destination the policy refuses."""
+    global _outbound
+    _outbound = (client_for, (refused,))
+
+
 class JwksCache:
     """The identity provider's public keys by ``kid``, fetched with an async client and a short timeout.
 
@@ -147,13 +163,21 @@ class JwksCache:
 
     async def _fetch(self, url: str) -> None:
         self.fetches += 1
+        if _outbound is None:  # no outbound policy plugged in (see jwks_outbound_use): never a bare client
+            logger.error("could not fetch the JWKS from %s: no outbound policy is installed", url)
+            if not self._keys:
+                raise JwtRefused("The identity provider's signing keys could not be fetched; try again.")
+            return
+        client_for, refused = _outbound
         try:
-            async with httpx.AsyncClient(timeout=settings.LLMHUB_JWT_JWKS_TIMEOUT_SECONDS) as client:
+            async with client_for(url=url, timeout=settings.LLMHUB_JWT_JWKS_TIMEOUT_SECONDS) as client:
                 response = await client.get(url, headers={"Accept": "application/json"})
                 response.raise_for_status()
                 keys = jwt.PyJWKSet.from_dict(response.json()).keys
-        except (httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
-            logger.warning("could not fetch the JWKS from %s: %s", url, type(exc).__name__)
+        except (httpx.HTTPError, ValueError, jwt.PyJWKSetError, jwt.InvalidKeyError, *refused) as exc:
+            # A refusal by the policy says which host and address (never a credential): the operator's clue.
+            detail = str(exc) if isinstance(exc, refused) else ""
+            logger.warning("could not fetch the JWKS from %s: %s %s", url, type(exc).__name__, detail)
             if not self._keys:
                 raise JwtRefused("The identity provider's signing keys could not be fetched; try again.") from None
             return

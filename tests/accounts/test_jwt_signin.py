@@ -331,3 +331,65 @@ def test_a_valid_token_signs_in_while_the_cache_is_down(client, jwt_on, monkeypa
 
     assert usage(client, jwt_on.token(jti="while-down")).status_code == 200
     assert AuditEvent.objects.filter(action="auth.jwt_login").count() == 1
+
+
+class _Resolver:
+    """DNS the test controls (``providers.outbound.resolver``): each name's addresses."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers, self.asked = answers, []
+
+    async def resolve(self, host: str, port: int) -> list:
+        import ipaddress
+
+        self.asked.append(host)
+        if host not in self.answers:
+            raise OSError(f"{host} does not resolve")
+        return [ipaddress.ip_address(address) for address in self.answers[host]]
+
+
+def test_the_jwks_is_fetched_under_the_outbound_policy_like_every_outbound_call(client, jwt_on, settings):
+    """Production's rules (no private addresses): the identity provider on 127.0.0.1 is not contacted, the
+    token is refused with 401 (no 500) saying the keys could not be fetched; allowed by
+    LLMHUB_OUTBOUND_ALLOWED_NETWORKS, as a provider would be, it is."""
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = False
+    settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = []
+
+    response = usage(client, jwt_on.token())
+
+    assert response.status_code == 401, response.content
+    assert "signing keys could not be fetched" in error_message(response)
+    assert jwt_on.fetches == 0
+
+    from accounts.jwt import jwks_cache
+
+    jwks_cache.clear()
+    settings.LLMHUB_OUTBOUND_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    assert usage(client, jwt_on.token()).status_code == 200
+    assert jwt_on.fetches == 1
+
+
+def test_a_jwks_host_resolving_to_a_metadata_address_is_refused_at_connect_time(
+    client, jwt_on, settings, monkeypatch, caplog
+):
+    """The JWKS host's name is resolved and judged when the connection is opened: the same name answering a
+    loopback address (private addresses allowed, as in development) is fetched from; answering the cloud
+    metadata address, it is refused whatever the settings, and nothing is sent there."""
+    from accounts.jwt import jwks_cache
+    from providers import outbound
+
+    resolver = _Resolver({"idp.test": ["127.0.0.1"]})
+    monkeypatch.setattr(outbound, "resolver", resolver)
+    settings.LLMHUB_JWT_JWKS_URL = jwt_on.jwks_url.replace("127.0.0.1", "idp.test")
+    settings.LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = True
+    assert usage(client, jwt_on.token()).status_code == 200
+    assert (jwt_on.fetches, resolver.asked) == (1, ["idp.test"])
+
+    jwks_cache.clear()
+    resolver.answers["idp.test"] = ["169.254.169.254"]
+    response = usage(client, jwt_on.token())
+
+    assert response.status_code == 401, response.content
+    assert "signing keys could not be fetched" in error_message(response)
+    assert jwt_on.fetches == 1
+    assert "169.254.169.254" in caplog.text
