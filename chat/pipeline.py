@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -1233,6 +1234,14 @@ class CompletionRun:
         data = {"id": opening.get("id"), "object": "chat.completion.chunk", "created": opening.get("created")}
         return WireChunk({**data, "model": name, "choices": [], "usage": usage}, None)
 
+    def _messages_usage_estimated(self, written: str) -> dict[str, int]:
+        """Anthropic's usage for a message whose upstream reported none: the estimate it is charged
+        (``settlement_tokens``, from the same body and text as the settle step)."""
+        prompt, completion, _, _ = settlement_tokens(
+            operation=self.operation, body=self.body, status=UsageStatus.OK, usage=None, delivered_text=written
+        )
+        return {"input_tokens": prompt, "output_tokens": completion}
+
     def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool) -> bool:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
         the model opted in, the failure is one another deployment may not share, what was sent can be
@@ -1266,10 +1275,12 @@ class CompletionRun:
 
         def settle(call: _Call) -> None:
             usage = (message or {}).get("usage")
+            written = _message_written(message) if message is not None else ""
+            reported = _reported_usage(usage if isinstance(usage, dict) else {}, written)
             self._settle(
                 status=call.status,
-                usage=openai_usage(usage) if isinstance(usage, dict) else {},
-                delivered_text="",
+                usage=reported,
+                delivered_text="" if reported else written,
                 finish_reason=(message or {}).get("stop_reason"),
                 error_type=call.error_type,
             )
@@ -1278,6 +1289,10 @@ class CompletionRun:
             message = await self._call(once)
             await self._reply_check(_message_text(message))
         message["model"] = self.answered_by.name
+        if self.result is not None and self.result.usage_estimated:
+            # The upstream (translated) reported no usage: the client reads what the request was charged.
+            counted = {"input_tokens": self.result.prompt_tokens, "output_tokens": self.result.completion_tokens}
+            message["usage"] = {**(message.get("usage") or {}), **counted}
         return message
 
     async def messages_stream_open(self, *, headers: dict[str, str] | None = None) -> AsyncIterator[WireEvent]:
@@ -1313,7 +1328,7 @@ class CompletionRun:
             return once
 
         def settle(call: _Call) -> None:
-            reported = openai_usage(usage) if final else {}
+            reported = openai_usage(usage) if final and usage else {}
             if reported and earlier_tokens:
                 completion = int(reported.get("completion_tokens") or 0) + earlier_tokens
                 reported = {**reported, "completion_tokens": completion}
@@ -1362,6 +1377,13 @@ class CompletionRun:
                                     if value is not None
                                 )
                                 stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
+                                written = "".join(delivered)
+                                if not _reported_usage(usage, written):
+                                    # No count from the upstream (translated): the client reads the estimate
+                                    # the request is charged, which the settle step counts the same way.
+                                    usage = {}
+                                    event["usage"] = self._messages_usage_estimated(written)
+                                    event.raw = None
                             elif kind == "message_stop" and guard is not None:
                                 await guard.finish()  # before the stream's last event says it ended cleanly
                             yield event
@@ -1533,6 +1555,30 @@ def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
                 if isinstance(arguments, str):
                     parts.append(arguments)
     return "\n".join(parts)
+
+
+def _reported_usage(usage: dict[str, Any], written: str) -> dict[str, Any]:
+    """Anthropic-shaped ``usage`` as OpenAI's, for the settle step; or nothing (the request is then counted)
+    when it cannot be the provider's count: a message that wrote something reported at 0 output tokens is
+    one translated from an upstream that reported no usage."""
+    reported = openai_usage(usage)
+    if written and not reported.get("completion_tokens"):
+        return {}
+    return reported
+
+
+def _message_written(message: dict[str, Any]) -> str:
+    """What a message's blocks wrote (text, thinking, tool calls' input), for counting it."""
+    parts: list[str] = []
+    for block in message.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        for name in ("text", "thinking"):
+            if isinstance(block.get(name), str):
+                parts.append(block[name])
+        if block.get("type") == "tool_use" and block.get("input"):
+            parts.append(json.dumps(block["input"]))
+    return "".join(parts)
 
 
 def _message_text(message: dict[str, Any]) -> str:

@@ -535,3 +535,26 @@ async def test_async_client_gets_the_sdks_error_classes(gateway):
             await stream.get_final_message()
     await sdk.close()
     await bad_key.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_translated_model_whose_upstream_reports_no_usage_is_charged_an_estimate(gateway, stream):
+    """An OpenAI-compatible server that reports no usage, behind /v1/messages: the translated message said 0
+    output tokens and the request was free. It is now counted (the row flagged as an estimate), and the
+    client reads what it was charged."""
+    sdk = client(gateway)
+    messages = [{"role": "user", "content": "count me [[words=10]] [[usage=none]]"}]
+    if stream:
+        with sdk.messages.stream(model="gpt-test", max_tokens=50, messages=messages) as events:
+            assert "".join(events.text_stream)
+            final = events.get_final_message()
+            request_id = events.response.headers["x-request-id"]
+    else:
+        raw = sdk.messages.with_raw_response.create(model="gpt-test", max_tokens=50, messages=messages)
+        final, request_id = raw.parse(), raw.headers["x-request-id"]
+
+    record = wait_for_record(request_id)
+    assert record.usage_estimated and record.prompt_tokens > 0 and record.completion_tokens > 0 and record.cost > 0
+    assert final.usage.output_tokens == record.completion_tokens
+    if not stream:
+        assert final.usage.input_tokens == record.prompt_tokens
