@@ -3,10 +3,11 @@ from __future__ import annotations
 from django.contrib import admin
 from django.contrib.auth.views import LoginView, PasswordResetView
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 from accounts.reset_throttle import ThrottledPasswordResetForm
 from accounts.signin_throttle import AdminSignInForm, SignInForm
+from core.csp import csp_extend
 from llmhub.metrics import metrics_view
 from llmhub.probes import healthz, readyz
 
@@ -28,10 +29,22 @@ urlpatterns = [
     ),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    # Our template: drf-spectacular's without the Google Fonts stylesheet, which offline delays the page.
+    # The split view serves the page's script at ?script instead of inline, which the CSP would refuse (core/csp.py).
     path(
-        "api/redoc/", SpectacularRedocView.as_view(url_name="schema", template_name="api_docs/redoc.html"), name="redoc"
+        "api/docs/",
+        SpectacularSwaggerSplitView.as_view(url_name="schema", template_name="api_docs/swagger_ui.html"),
+        name="swagger-ui",
+    ),
+    # Our template: drf-spectacular's without the Google Fonts stylesheet, which offline delays the page. ReDoc
+    # styles itself with <style> elements it writes at run time (styled-components), runs its search in a worker
+    # made from a blob: URL and shows Redocly's logo from its CDN: allowed on this page only, which shows the
+    # API's schema and nothing of a user's.
+    path(
+        "api/redoc/",
+        csp_extend(style_src=["'unsafe-inline'"], worker_src=["blob:"], img_src=["https://cdn.redoc.ly"])(
+            SpectacularRedocView.as_view(url_name="schema", template_name="api_docs/redoc.html")
+        ),
+        name="redoc",
     ),
     path("api/provider-keys/", include("providers.urls_credentials")),
     path("api/audit/", include("audit.urls")),

@@ -19,7 +19,9 @@ from .routing.breakers import breaker_state, breaker_states
 from .services.breakers import deployment_breaker_override_set
 
 HEALTH_CHECKS_SHOWN = 20
-_COLOURS = {CLOSED: "#2e7d32", HALF_OPEN: "#ef6c00", OPEN: "#c62828"}
+# A state's colour, as a class of providers/static/providers/admin_breakers.css (the Content-Security-Policy
+# allows no style attribute, core/csp.py).
+_COLOURS = {CLOSED: "breaker-closed", HALF_OPEN: "breaker-half-open", OPEN: "breaker-open"}
 
 
 class _LatestHealthChecks(BaseInlineFormSet):
@@ -53,7 +55,7 @@ class HealthCheckInline(admin.TabularInline):
 def _breaker_html(state: BreakerState, override: str) -> SafeString:
     if override:
         return format_html(
-            '<strong style="color:{}">forced {}</strong> <span title="the breaker underneath">({})</span>',
+            '<strong class="{}">forced {}</strong> <span title="the breaker underneath">({})</span>',
             _COLOURS[override],
             override,
             state.state.replace("_", "-"),
@@ -68,7 +70,7 @@ def _breaker_html(state: BreakerState, override: str) -> SafeString:
         detail = f"{detail}; " if detail else ""
         detail += f"{state.window_failures}/{state.window_calls} failed lately"
     return format_html(
-        '<strong style="color:{}">{}</strong>{}{}',
+        '<strong class="{}">{}</strong>{}{}',
         _COLOURS[state.state],
         state.state.replace("_", "-"),
         " · " if detail else "",
@@ -95,6 +97,10 @@ class DeploymentAdmin(admin.ModelAdmin):
     search_fields = ("name", "upstream_id", "model__name", "provider__name")
     actions = ("force_breaker_open", "force_breaker_closed", "clear_breaker_override")
     inlines = (HealthCheckInline,)
+
+    class Media:
+        css = {"all": ("providers/admin_breakers.css",)}
+
     readonly_fields = ("breaker_now", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("model", "name", "provider", "upstream_id", "enabled")}),
@@ -143,7 +149,7 @@ class DeploymentAdmin(admin.ModelAdmin):
             return "never checked"
         latency = "" if obj.last_check_latency_ms is None else f", {obj.last_check_latency_ms} ms"
         return format_html(
-            '<span style="color:{}">{}</span>{}, {} ago',
+            '<span class="{}">{}</span>{}, {} ago',
             _COLOURS[CLOSED if obj.last_check_ok else OPEN],
             "ok" if obj.last_check_ok else "failing",
             latency,

@@ -445,9 +445,45 @@ CHROMIUM_ARGS = [
 ]
 
 
+class CspWatchedBrowser:
+    """A Playwright ``Browser`` whose every page reports what the Content-Security-Policy refused (Chromium
+    writes each refusal to the console as an error): ``csp_violations``, which the autouse fixture
+    ``_no_csp_violations`` requires empty after each test. A test that expects a refusal takes it with
+    ``take_csp_violations()``."""
+
+    def __init__(self, browser) -> None:
+        self._browser = browser
+        self.csp_violations: list[str] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._browser, name)
+
+    def watch(self, page) -> None:
+        def seen(message) -> None:
+            if message.type == "error" and "Content Security Policy" in message.text:
+                self.csp_violations.append(f"{page.url}: {message.text}")
+
+        page.on("console", seen)
+
+    async def new_context(self, **kwargs):
+        context = await self._browser.new_context(**kwargs)
+        context.on("page", self.watch)
+        return context
+
+    async def new_page(self, **kwargs):
+        page = await self._browser.new_page(**kwargs)
+        self.watch(page)
+        return page
+
+    def take_csp_violations(self) -> list[str]:
+        taken, self.csp_violations = self.csp_violations, []
+        return taken
+
+
 @pytest.fixture(scope="module")
 async def browser():
-    """Debian's Chromium driven by Playwright (never a browser build Playwright would download)."""
+    """Debian's Chromium driven by Playwright (never a browser build Playwright would download), its pages
+    watched for Content-Security-Policy refusals (CspWatchedBrowser)."""
     from playwright.async_api import async_playwright
 
     if not Path(CHROMIUM).exists():
@@ -456,8 +492,22 @@ async def browser():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
+        yield CspWatchedBrowser(launched)
         await launched.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_csp_violations(request) -> Iterator[None]:
+    """A browser test fails when a page it opened broke the Content-Security-Policy (core/csp.py): an
+    inline script or style, or a request to another origin, that the pages must not need."""
+    if "browser" not in request.fixturenames:
+        yield
+        return
+    watched = request.getfixturevalue("browser")
+    watched.take_csp_violations()  # a previous test's, in the same module, are that test's failure
+    yield
+    violations = watched.take_csp_violations()
+    assert not violations, "Content-Security-Policy violations:\n" + "\n".join(violations)
 
 
 @contextlib.contextmanager

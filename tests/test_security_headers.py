@@ -1,5 +1,6 @@
 """/v1 under production's transport settings: plain HTTP refused, HTTPS answers with HSTS and the other
-headers SecurityMiddleware gives the full stack; and ``check --deploy`` clean with production settings."""
+headers SecurityMiddleware gives the full stack; ``check --deploy`` clean with production settings; and the
+Content-Security-Policy of every kind of page (core/csp.py), none on /v1."""
 
 from __future__ import annotations
 
@@ -179,3 +180,70 @@ def test_check_deploy_is_clean_with_production_settings():
 
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues (0 silenced)." in result.stdout
+
+
+# Content-Security-Policy (core/csp.py, docs/security.md)
+
+STRICT_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self' ws://testserver; object-src 'none'; base-uri 'self'; frame-ancestors 'none'; "
+    "form-action 'self'"
+)
+SIGNED_IN_PAGES = ["/", "/keys/", "/usage/", "/usage/admin/", "/ops/", "/experiments/", "/provider-keys/"]
+SIGNED_IN_PAGES += ["/admin/", "/admin/providers/deployment/", "/api/docs/"]
+
+
+@pytest.mark.parametrize("path", SIGNED_IN_PAGES)
+def test_every_page_carries_the_strict_policy(admin_client, path):
+    response = admin_client.get(path)
+
+    assert response.status_code == 200, path
+    assert response["Content-Type"].startswith("text/html")
+    assert response["Content-Security-Policy"] == STRICT_POLICY
+
+
+@pytest.mark.parametrize("path", ["/accounts/login/", "/admin/login/"])
+def test_the_sign_in_pages_carry_the_strict_policy(client, path):
+    response = client.get(path)
+
+    assert response.status_code == 200
+    assert response["Content-Security-Policy"] == STRICT_POLICY
+
+
+def test_swagger_ui_loads_its_script_from_a_url_not_inline(admin_client):
+    page = admin_client.get("/api/docs/").content.decode()
+    assert "<script>" not in page and "<style>" not in page
+
+    script = admin_client.get("/api/docs/?script=")
+    assert script.status_code == 200 and script["Content-Type"].startswith("application/javascript")
+    assert "SwaggerUIBundle(" in script.content.decode()
+
+
+def test_redoc_alone_may_style_inline_and_run_its_search_worker(admin_client):
+    policy = dict(
+        directive.split(" ", 1) for directive in admin_client.get("/api/redoc/")["Content-Security-Policy"].split("; ")
+    )
+
+    assert policy["script-src"] == "'self'"
+    assert policy["style-src"] == "'self' 'unsafe-inline'"
+    assert policy["worker-src"] == "'self' blob:"
+    assert policy["img-src"] == "'self' data: https://cdn.redoc.ly"
+
+
+async def test_the_websocket_source_follows_the_scheme_and_v1_gets_no_policy(production):
+    with override_settings(**production):
+        _, page, _ = await call("/accounts/login/", scheme="https")
+        _, v1, _ = await call("/v1/models", scheme="https")
+
+    assert "connect-src 'self' wss://testserver;" in page["content-security-policy"]
+    assert "content-security-policy" not in v1  # the lean handler adds nothing to the hot path
+
+
+async def test_developments_error_pages_keep_their_inline_styles():
+    """DEBUG's technical 404 page styles and scripts itself inline: it is left without a policy; pages are not."""
+    with override_settings(DEBUG=True):
+        missing_status, missing, _ = await call("/no-such-page/")
+        _, login, _ = await call("/accounts/login/")
+
+    assert missing_status == 404 and "content-security-policy" not in missing
+    assert login["content-security-policy"] == STRICT_POLICY

@@ -69,6 +69,8 @@ INSTALLED_APPS = [
 # so the hot path (/v1/) is served without them: see LLMHUB_MIDDLEWARE_FREE_PREFIXES and llmhub/handlers.py.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Content-Security-Policy on every page (core/csp.py, LLMHUB_CSP below); async-native: no thread hop.
+    "core.csp.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -78,6 +80,25 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+
+# The Content-Security-Policy of the full stack's answers (core/csp.py, docs/security.md): scripts, styles,
+# fonts and images from llmhub's own origin only, nothing inline. Images also as data: URLs (Swagger UI's and
+# the admin's icons); a model's Markdown image is shown as a link by chat.js and could not load from another
+# host anyway, so a reply cannot send the conversation to a third party in an image URL. connect-src also gets
+# the page's own host under ws:/wss: for the chat's WebSocket (core.csp.csp_directives). Views that need more
+# say so with core.csp.csp_extend (ReDoc at /api/redoc/).
+LLMHUB_CSP = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:"],
+    "font-src": ["'self'"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'self'"],
+    "frame-ancestors": ["'none'"],
+    "form-action": ["'self'"],
+}
 
 TEMPLATES = [
     {

@@ -199,6 +199,13 @@ async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
     await expect(page.locator(".meter-figures").first).to_contain_text(
         f"{spent_this_month()} of $10.00 used this month"
     )
+    # The meter's fill and the bar chart's height are sized by usage.js (the CSP allows no style attribute).
+    meter = page.locator(".meter").first
+    fill, track = await meter.locator(".meter-fill").bounding_box(), await meter.locator(".meter-track").bounding_box()
+    percent = int(await meter.locator(".meter-fill").get_attribute("data-percent"))
+    assert abs(fill["width"] - max(track["width"] * min(percent, 100) / 100, 2)) < 2, (fill, track, percent)
+    bars = await page.locator(".chart-canvas-bars").first.bounding_box()
+    assert bars["height"] == 2 * 34 + 16  # two rows (billing/charts.py, BAR_ROW_PX)
     await page.screenshot(path=str(artifacts_dir / "dashboard.png"), full_page=True)
 
     await context.add_cookies([{**cookie, "value": await sync_to_async(session_cookie)(staff)}])

@@ -24,7 +24,7 @@ from billing.services.keys import api_key_create
 from billing.services.task_runs import task_run_record
 from providers.models import CatalogModel, Deployment
 from tests.factories import ProviderFactory, UsageRecordFactory, UserFactory
-from tests.waiting import wait_for_ledger_rows_async
+from tests.waiting import wait_for_ledger_rows_async, wait_until_async
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -162,7 +162,10 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     # On a phone: nothing wider than the screen; the tables scroll in their own boxes.
     await page.set_viewport_size(PHONE)
     # Chart.js redraws its canvases at the new width on its resize observer's next turn: wait for it.
-    await page.wait_for_function(f"document.querySelector('#main').scrollWidth <= {PHONE['width']}")
+    # Polled with evaluate, not wait_for_function, whose predicate is a string eval that the CSP refuses.
+    await wait_until_async(
+        lambda: page.evaluate(f"document.querySelector('#main').scrollWidth <= {PHONE['width']}"), "page fits a phone"
+    )
     width = await page.evaluate("document.documentElement.scrollWidth")
     await page.screenshot(path=str(artifacts_dir / "ops-fault-phone.png"), full_page=True)
     assert width <= PHONE["width"]

@@ -16,6 +16,7 @@ from playwright.async_api import expect
 
 from billing.services.rollups import daily_usage_rebuild
 from tests.factories import UsageRecordFactory, UserFactory
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -91,9 +92,13 @@ async def test_the_daily_spend_labels_never_overlap(live_site, browser, artifact
         # wide, and about one in three fits. Every amount is in its column's tooltip too.
         for name, viewport, fewest in (("desktop", DESKTOP, 20), ("phone", PHONE, 8)):
             await page.set_viewport_size(viewport)
-            await page.wait_for_function(
-                "Math.abs(Chart.getChart(document.getElementById('chart-daily')).width"
-                " - document.getElementById('chart-daily').parentElement.clientWidth) < 2"
+            # Polled with evaluate, not wait_for_function, whose predicate is a string eval the CSP refuses.
+            await wait_until_async(
+                lambda: page.evaluate(
+                    "Math.abs(Chart.getChart(document.getElementById('chart-daily')).width"
+                    " - document.getElementById('chart-daily').parentElement.clientWidth) < 2"
+                ),
+                "chart redrawn at the new width",
             )
             card = page.locator(".card", has=page.locator("#chart-daily"))
             await card.screenshot(path=str(artifacts_dir / f"usage-admin-daily-{name}.png"))

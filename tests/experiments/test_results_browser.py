@@ -19,6 +19,7 @@ from experiments.assignment import assignment_cache
 from experiments.demo import experiments_demo_install
 from experiments.models import Experiment
 from tests.factories import UserFactory
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -104,7 +105,10 @@ async def test_the_demo_experiments_results_page_draws_its_charts(live_site, bro
     # On a phone the page fits its width: the wide tables scroll inside their own boxes, the charts shrink.
     await page.set_viewport_size(PHONE)
     # Chart.js redraws its canvases at the new width on its resize observer's next turn: wait for it.
-    await page.wait_for_function(f"document.querySelector('#main').scrollWidth <= {PHONE['width']}")
+    # Polled with evaluate, not wait_for_function, whose predicate is a string eval that the CSP refuses.
+    await wait_until_async(
+        lambda: page.evaluate(f"document.querySelector('#main').scrollWidth <= {PHONE['width']}"), "page fits a phone"
+    )
     assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     await page.screenshot(path=str(artifacts_dir / "experiment-results-phone.png"), full_page=True)
     await page.set_viewport_size(DESKTOP)
