@@ -44,6 +44,8 @@ class ProviderAdminForm(forms.ModelForm):
     """No Meta: ``ProviderAdmin`` builds the form for its fieldsets (with its ``formfield_overrides``)."""
 
     clear_api_key = forms.BooleanField(required=False, label="Clear stored key", help_text="Remove the stored API key.")
+    # Who saves the form (set by ``ProviderAdmin.get_form``): whether they may move a provider's keys.
+    may_change_address = False
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
@@ -53,7 +55,42 @@ class ProviderAdminForm(forms.ModelForm):
             else:
                 # An empty Secret, not None: None is the key field's "keep what is stored".
                 cleaned["api_key"] = Secret("")
+        self._address_change_check(cleaned)
         return cleaned
+
+    def _address_change_check(self, cleaned: dict[str, Any]) -> None:
+        """A provider's stored key, and its users' own keys, go wherever its base URL points: whoever may edit
+        a provider but not see its keys could otherwise point it at a server of their own and read them off
+        the requests. Moving a provider that holds keys takes the ``move_provider`` permission
+        (admins); without it, its own key must be given again (or cleared) in the same save, and a provider
+        holding users' own keys stays where the users gave them."""
+        provider = self.instance
+        moved = [name for name in ("base_url", "kind") if name in self.changed_data]
+        if provider.pk is None or not moved or self.may_change_address:
+            return
+        field = moved[0]
+        if provider.credentials.exists():
+            self.add_error(
+                field,
+                "Users have given their own keys for this provider at its current address: only an admin may "
+                "change where it sends them.",
+            )
+            return
+        if provider.api_key and not cleaned.get("api_key") and not cleaned.get("clear_api_key"):
+            self.add_error(
+                field,
+                "Changing where this provider sends requests would send its stored key there: enter the key "
+                "again (or tick “Clear stored key”) in the same save.",
+            )
+        stored = provider.extra_headers if isinstance(provider.extra_headers, dict) else {}
+        given = cleaned.get("extra_headers") if isinstance(cleaned.get("extra_headers"), dict) else {}
+        kept = sorted(name for name, value in given.items() if name in stored and value == stored[name])
+        if kept:
+            self.add_error(
+                field,
+                f"Changing where this provider sends requests would send its stored header values there "
+                f"({', '.join(kept)}): type them again in the same save.",
+            )
 
 
 @admin.register(Provider)
@@ -79,6 +116,11 @@ class ProviderAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
         return super().get_queryset(request).annotate(deployments_total=Count("deployments"))
+
+    def get_form(self, request: HttpRequest, obj: Provider | None = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.may_change_address = request.user.has_perm("providers.move_provider")
+        return form
 
     @admin.display(description="users' own keys", ordering="byok")
     def own_keys(self, obj: Provider) -> str:

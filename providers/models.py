@@ -97,6 +97,12 @@ class Provider(models.Model):
 
     class Meta:
         ordering = ["name"]
+        permissions = [
+            (
+                "move_provider",
+                "Can move a provider holding keys (change its base URL or kind)",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name

@@ -629,3 +629,87 @@ def test_a_cap_of_0_is_refused_saying_empty_means_no_cap_and_enabled_stops_traff
     assert response.status_code == 302, response.content.decode()[:2000]
     deployment.refresh_from_db()
     assert getattr(deployment, cap) is None
+
+
+# Moving a provider that holds keys -----------------------------------------------------------------
+
+ELSEWHERE = "https://collector.example.com/v1"
+
+
+def _operator_client():
+    from django.test import Client
+
+    from accounts.roles import Role, role_set
+    from tests.factories import UserFactory
+
+    user = UserFactory(username="an-operator")
+    role_set(user, Role.OPERATOR)
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_an_operator_cannot_point_a_provider_at_another_server_and_have_its_stored_key_sent_there():
+    """The key is never shown to an operator, but it goes wherever the base URL points: moving the provider
+    takes the key typed again, which an operator who could not see it cannot do."""
+    provider = ProviderFactory(api_key=KEY, base_url="https://api.openai.com/v1")
+    client = _operator_client()
+
+    moved = client.post(change_url(provider), provider_admin_form(provider, base_url=ELSEWHERE))
+
+    assert moved.status_code == 200 and "enter the key again" in moved.content.decode()
+    provider.refresh_from_db()
+    assert provider.base_url == "https://api.openai.com/v1" and provider.api_key.reveal() == KEY
+
+    with_key = client.post(change_url(provider), provider_admin_form(provider, base_url=ELSEWHERE, api_key=WRONG_KEY))
+    assert with_key.status_code == 302, "their own key, typed in the same save, may go there"
+    provider.refresh_from_db()
+    assert provider.base_url == ELSEWHERE and provider.api_key.reveal() == WRONG_KEY
+
+
+def test_stored_header_values_must_be_typed_again_to_move_a_provider():
+    provider = ProviderFactory(base_url="https://api.openai.com/v1", extra_headers={"X-Upstream-Token": HEADER_TOKEN})
+    client = _operator_client()
+    shown = client.get(change_url(provider)).context["adminform"].form["extra_headers"].value()
+
+    moved = client.post(change_url(provider), provider_admin_form(provider, base_url=ELSEWHERE, extra_headers=shown))
+
+    assert moved.status_code == 200 and "X-Upstream-Token" in moved.content.decode()
+    assert HEADER_TOKEN not in moved.content.decode()
+    provider.refresh_from_db()
+    assert provider.base_url == "https://api.openai.com/v1"
+
+
+def test_a_provider_holding_users_own_keys_is_moved_by_an_admin_only(admin_client):
+    """Users gave their keys for the provider at its address: an operator may not send them elsewhere, even
+    typing the provider's own key again."""
+    from providers.fields import Secret
+    from providers.models import ProviderCredential
+    from tests.factories import UserFactory
+
+    provider = ProviderFactory(api_key=KEY, base_url="https://api.openai.com/v1", byok="optional")
+    ProviderCredential.objects.create(
+        owner=UserFactory(username="keyholder"), provider=provider, api_key=Secret("sk-users-own-0123456789abcd")
+    )
+
+    refused = _operator_client().post(
+        change_url(provider), provider_admin_form(provider, base_url=ELSEWHERE, api_key=WRONG_KEY)
+    )
+    assert refused.status_code == 200 and "only an admin may" in refused.content.decode()
+    provider.refresh_from_db()
+    assert provider.base_url == "https://api.openai.com/v1" and provider.api_key.reveal() == KEY
+
+    moved = admin_client.post(change_url(provider), provider_admin_form(provider, base_url=ELSEWHERE))
+    assert moved.status_code == 302
+
+
+def test_an_operator_may_still_edit_the_rest_and_an_admin_may_move_it(admin_client):
+    provider = ProviderFactory(api_key=KEY, base_url="https://api.openai.com/v1")
+
+    renamed = _operator_client().post(change_url(provider), provider_admin_form(provider, organization="org-9"))
+    assert renamed.status_code == 302
+
+    moved = admin_client.post(change_url(provider), provider_admin_form(provider, base_url=ELSEWHERE))
+    assert moved.status_code == 302
+    provider.refresh_from_db()
+    assert provider.base_url == ELSEWHERE and provider.api_key.reveal() == KEY
