@@ -771,8 +771,9 @@ async def test_a_reply_streaming_in_another_tab_is_shown_as_such_and_holds_the_c
     await expect(elsewhere).not_to_contain_text("did not finish")
 
     await send(second, "Me too")
-    await expect(second.locator(".message-error")).to_have_text("A reply is already streaming in this conversation.")
     await expect(second.locator("#prompt")).to_have_value("Me too")
+    await expect(second.locator(".message")).to_have_count(2)  # the refused message is not shown as sent
+    await expect(second.locator("#composer-error")).to_have_text("A reply is already streaming in this conversation.")
 
     await first.get_by_role("button", name="Stop generating").click()
     await expect(first.locator(".message.assistant").first).to_have_attribute("data-status", "cancelled")
@@ -811,3 +812,38 @@ async def test_a_reply_another_tab_receives_appears_finished_without_a_reload(si
     final = await first.locator(".message.assistant .message-body").first.inner_text()
     await expect(elsewhere.locator(".message-body")).to_have_text(final)
     await context.close()
+
+
+async def test_a_refused_send_is_taken_back_and_its_text_put_back_in_the_box(site, browser, user):
+    """A send the server refuses before the reply begins saved nothing: the page showed the message as sent
+    (until a reload took it away) under a failed reply. It now takes it back out of the transcript, puts
+    its text back in the box to send again, and says why under the box; the next send goes through."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    # A model the server does not know (one removed since the page was loaded): a refusal before any turn.
+    await page.evaluate(
+        """() => {
+            const picker = document.getElementById("model-picker");
+            picker.append(new Option("gone-model", "gone-model"));
+            picker.value = "gone-model";
+        }"""
+    )
+    await send(page, "Hello there [[words=3]]")
+    await expect(page.locator("#prompt")).to_have_value("Hello there [[words=3]]")
+    await expect(page.locator(".message")).to_have_count(0)
+    await expect(page.locator("#empty-state")).to_be_visible()
+    await expect(page.locator("#composer-error")).to_contain_text("gone-model")
+    await expect(page.locator("#composer-error")).to_be_visible()
+    await expect(page.locator("#send")).to_be_visible()
+    assert await Conversation.objects.filter(owner=user).acount() == 0
+
+    await page.locator("#model-picker").select_option("gpt-browser")
+    await page.locator("#prompt").press("Enter")
+    await expect(page.locator("#composer-error")).to_be_hidden()
+    await expect(page.locator(".message.assistant")).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(page.locator(".message.user")).to_have_text("Hello there [[words=3]]")
+    await expect(page.locator("#prompt")).to_have_value("")
+    assert errors == []
+    await page.close()

@@ -30,6 +30,7 @@
     emptyState: $("empty-state"),
     composer: $("composer"),
     prompt: $("prompt"),
+    composerError: $("composer-error"),
     send: $("send"),
     stop: $("stop"),
   };
@@ -44,7 +45,7 @@
     conversations: new Map(), // id -> {id, title, model, updated_at}
     currentId: null, // the conversation on screen; null for a new chat
     newChatRequest: null, // request_id of a new chat's first reply, until the server gives it an id
-    streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, view, ...}
+    streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, userView, view, ...}
     loadToken: 0,
   };
 
@@ -304,6 +305,34 @@
     updateComposer();
   }
 
+  /* A send refused before its turn began (no chat.started: busy, a model not allowed, no budget...) saved
+     nothing. Its message is taken back out of the transcript and its text put back in the box, to send
+     again once the reason (shown under the box) is dealt with; a reload shows the same. */
+  function refuseSend(stream, message) {
+    cancelAnimationFrame(stream.frame);
+    state.streams.delete(stream.requestId);
+    if (state.newChatRequest === stream.requestId) state.newChatRequest = null;
+    if (stream.view) {
+      if (stream.userView) stream.userView.root.remove();
+      stream.view.root.remove();
+      if (!el.messages.querySelector(".message")) el.emptyState.hidden = false;
+      const typed = el.prompt.value;
+      // Whatever was typed meanwhile is kept, after the refused text.
+      if (typed !== stream.userText) el.prompt.value = typed.trim() ? `${stream.userText}\n\n${typed}` : stream.userText;
+      autosize();
+      showComposerError(message);
+    } else {
+      toast(message); // the user has gone to another conversation meanwhile
+    }
+    renderSidebar();
+    updateComposer();
+  }
+
+  function showComposerError(message) {
+    el.composerError.textContent = message;
+    el.composerError.hidden = !message;
+  }
+
   function newRequestId() {
     if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
     return Date.now().toString(36) + Math.random().toString(36).slice(2);
@@ -320,7 +349,9 @@
     const option = el.picker.selectedOptions[0];
     const provider = option ? option.dataset.provider : "";
     const requestId = newRequestId();
-    paintUser(createMessageView({ role: "user" }), text);
+    showComposerError("");
+    const userView = createMessageView({ role: "user" });
+    paintUser(userView, text);
     const view = createMessageView({ role: "assistant", model, provider });
     paintAssistant(view, "", false);
     settleView(view, { status: "streaming" });
@@ -330,6 +361,7 @@
       messageId: null,
       text: "",
       userText: text,
+      userView, // taken back out of the transcript if the server refuses the send (refuseSend)
       model,
       provider,
       view,
@@ -392,12 +424,9 @@
         if (stream) finishStream(stream, "cancelled", { usage: event.usage });
         break;
       case "error":
-        if (stream) {
-          if (stream.messageId === null && !el.prompt.value) el.prompt.value = stream.userText; // to retry
-          finishStream(stream, "error", { error: event.message });
-        } else {
-          toast(event.message);
-        }
+        if (!stream) toast(event.message);
+        else if (stream.messageId === null) refuseSend(stream, event.message);
+        else finishStream(stream, "error", { error: event.message });
         break;
       default:
         break; // pong, auth.ok
@@ -603,7 +632,11 @@
   }
 
   function detachStreams() {
-    for (const stream of state.streams.values()) stream.view = null;
+    showComposerError("");
+    for (const stream of state.streams.values()) {
+      stream.view = null;
+      stream.userView = null;
+    }
   }
 
   function selectModel(name) {
@@ -673,7 +706,8 @@
     }
     if (elsewhere.size) followElsewhere(id, token, elsewhere);
     if (pending && !pendingRow) {
-      paintUser(createMessageView({ role: "user" }), pending.userText);
+      pending.userView = createMessageView({ role: "user" });
+      paintUser(pending.userView, pending.userText);
       pending.view = createMessageView({ role: "assistant", model: pending.model, provider: pending.provider });
       paintAssistant(pending.view, pending.text, false);
       settleView(pending.view, { status: "streaming" });
