@@ -847,3 +847,35 @@ async def test_a_refused_send_is_taken_back_and_its_text_put_back_in_the_box(sit
     await expect(page.locator("#prompt")).to_have_value("")
     assert errors == []
     await page.close()
+
+
+async def test_a_title_being_typed_survives_a_reply_ending_in_another_conversation(site, browser, user):
+    """A reply ending (or starting) redraws the conversation list: a rename being typed in it was thrown away
+    with what was typed. The list now waits for the rename, and is brought up to date once it is saved."""
+    conversation = await sync_to_async(seed_conversations)(user)
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    await sign_in(page, site)
+    await expect(page.locator(".conv-item")).to_have_count(4)
+    await send(page, "A short one [[words=30]] [[tps=15]]")
+    reply = page.locator(".message.assistant").last
+    await expect(reply.locator(".message-body")).to_contain_text("lorem")
+    await expect(page.locator(".conv-item")).to_have_count(5)
+
+    item = page.locator(f'.conv-item[data-conversation-id="{conversation.pk}"]')
+    await item.get_by_role("button", name="Rename “Reverse a string in Python”").click()
+    title = page.get_by_label("New title")
+    await title.press("End")
+    await title.type(" with slicing")
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    await page.wait_for_timeout(300)  # past the redraw the reply's end asks for
+    await expect(title).to_be_focused()
+    await expect(title).to_have_value("Reverse a string in Python with slicing")
+    await title.type(", step -1")
+    await title.press("Enter")
+    await expect(item.locator(".conv-link")).to_have_text("Reverse a string in Python with slicing, step -1")
+    await conversation.arefresh_from_db()
+    assert conversation.title == "Reverse a string in Python with slicing, step -1"
+    # The redraw it waited for was done: the finished reply's conversation is first, no longer streaming.
+    await expect(page.locator(".conv-item").first).not_to_have_class(re.compile(r"conv-streaming"))
+    await expect(page.locator(".conv-streaming")).to_have_count(0)
+    await page.close()

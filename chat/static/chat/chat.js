@@ -47,6 +47,8 @@
     newChatRequest: null, // request_id of a new chat's first reply, until the server gives it an id
     streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, userView, view, ...}
     loadToken: 0,
+    renaming: false, // a title being typed in the list: redraws wait for it (renderSidebar)
+    sidebarStale: false, // a redraw is owed once the rename is done
   };
 
   /* Markdown ----------------------------------------------------------------------------------- */
@@ -513,6 +515,13 @@
     '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h16M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3"/></svg>';
 
   function renderSidebar() {
+    // Redrawing would throw away a title being typed (a reply ending elsewhere redraws the list): the
+    // redraw waits until the rename is saved or given up, and is done then.
+    if (state.renaming) {
+      state.sidebarStale = true;
+      return;
+    }
+    state.sidebarStale = false;
     const keep = focusInList();
     const busy = new Set([...state.streams.values()].map((s) => s.conversationId));
     const items = [...state.conversations.values()].sort((a, b) =>
@@ -593,6 +602,7 @@
           toast(error.message);
         }
       }
+      state.renaming = false;
       renderSidebar();
     };
     input.addEventListener("keydown", (event) => {
@@ -605,6 +615,7 @@
     });
     input.addEventListener("blur", () => finish(true));
     link.replaceWith(input);
+    state.renaming = true;
     item.querySelector(".conv-actions").hidden = true;
     input.focus();
     input.select();
