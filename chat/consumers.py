@@ -244,9 +244,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _key_still_works(self, event: dict[str, Any]) -> bool:
         expires_at = self.caller.token_expires_at if self.caller is not None else None
         if expires_at is not None and time.time() > expires_at + settings.LLMHUB_JWT_LEEWAY_SECONDS:
-            for stream in list(self.streams.values()):
-                self._stop(stream, by_user=False)
-            await self._refuse(
+            await self._end(
                 "This token has expired; open a new socket with a fresh one.",
                 "token_expired",
                 close_code=CLOSE_KEY_EXPIRED,
@@ -266,17 +264,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 # The key's models changed since its auth message (an administrator narrowed them).
                 self.caller = replace(self.caller, key_allowed_model_ids=principal.allowed_model_ids)
             return True
-        for stream in list(self.streams.values()):
-            self._stop(stream, by_user=False)
         if status == "expired":
-            await self._refuse(
+            await self._end(
                 "This API key has expired.",
                 "key_expired",
                 close_code=CLOSE_KEY_EXPIRED,
                 request_id=_client_request_id(event),
             )
         else:
-            await self._refuse(
+            await self._end(
                 "This API key has been revoked.",
                 "key_revoked",
                 close_code=CLOSE_KEY_REVOKED,
@@ -290,9 +286,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         try:
             self.caller = await caller_role_recheck(self.caller)
         except RoleForbidden as exc:
-            for stream in list(self.streams.values()):
-                self._stop(stream, by_user=False)
-            await self._refuse(
+            await self._end(
                 exc.message,
                 exc.code or "permission_denied",
                 close_code=CLOSE_FORBIDDEN,
@@ -310,9 +304,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except DATABASE_OUTAGE_ERRORS as exc:  # the sign-in reads the user: told so, the socket stays
             raise DatabaseUnavailableError() from exc
         except JwtRefused as exc:
-            for stream in list(self.streams.values()):
-                self._stop(stream, by_user=False)
-            await self._refuse(
+            await self._end(
                 exc.message,
                 exc.code or "invalid_token",
                 close_code=CLOSE_KEY_REVOKED,
@@ -325,9 +317,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         assert self.caller is not None and self.session_key is not None
         if await session_user_id(self.session_key) == self.caller.user_id:
             return True
-        for stream in list(self.streams.values()):
-            self._stop(stream, by_user=False)
-        await self._refuse(
+        await self._end(
             "Your session has ended (signed out, expired, password changed or account deactivated); sign in again.",
             "session_ended",
             request_id=_client_request_id(event),
@@ -338,6 +328,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await asyncio.sleep(AUTH_TIMEOUT)
         if self.caller is None and not self.closing:
             await self._refuse(f"No auth message within {AUTH_TIMEOUT:g} seconds.", "auth_timeout")
+
+    async def _end(
+        self, message: str, code: str, *, close_code: int = CLOSE_UNAUTHENTICATED, request_id: str | None = None
+    ) -> None:
+        """The socket's caller may chat no more (a key revoked or expired, a token refused, a session ended, a
+        role that may not chat): its replies are stopped (what they wrote is kept) and the socket refused."""
+        for stream in list(self.streams.values()):
+            self._stop(stream, by_user=False)
+        await self._refuse(message, code, close_code=close_code, request_id=request_id)
 
     async def _refuse(
         self, message: str, code: str, *, close_code: int = CLOSE_UNAUTHENTICATED, request_id: str | None = None
