@@ -2,21 +2,63 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django import forms
 from django.contrib import admin
-from django.db import models
 from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest
 
 from core.outbox import deliveries_send_again, send_again_report
+from providers.fields import Secret
 
 from .models import OpsAlertIncident, OpsAlertRule
 from .services.alert_sweep import ops_incident_deliveries, ops_incident_events
 
 
+class OpsAlertRuleForm(forms.ModelForm):
+    """The webhook's URL is its credential: shown as its host only, kept when left empty, removed only when
+    asked (an empty field cannot say "remove" when it also says "keep")."""
+
+    webhook_url_remove = forms.BooleanField(
+        required=False, label="Remove the webhook", help_text="Alerts then go to LLMHUB_ALERT_WEBHOOK_URL, if set."
+    )
+
+    class Meta:
+        model = OpsAlertRule
+        fields = [
+            "name",
+            "kind",
+            "enabled",
+            "threshold",
+            "window_minutes",
+            "minimum_requests",
+            "minimum_baseline_usd",
+            "model_name",
+            "email_recipients",
+            "webhook_url",
+        ]
+
+    def clean_webhook_url(self) -> Secret | None:
+        typed = self.cleaned_data.get("webhook_url")
+        # Typed without a scheme, a webhook is an https one (Django 6's URLField default, as the providers').
+        if typed and "://" not in typed.reveal():
+            return Secret("https://" + typed.reveal())
+        return typed
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if cleaned.get("webhook_url_remove"):
+            if cleaned.get("webhook_url"):
+                self.add_error("webhook_url_remove", "Either type a new webhook or remove it, not both.")
+            else:
+                cleaned["webhook_url"] = Secret("")
+        return cleaned
+
+
 @admin.register(OpsAlertRule)
 class OpsAlertRuleAdmin(admin.ModelAdmin):
-    # A webhook typed without a scheme is an https one (Django 6's default, set before it, as the providers').
-    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
+    form = OpsAlertRuleForm
     list_display = ["name", "kind", "enabled", "threshold", "window_minutes", "minimum_requests", "model_name", "open"]
     list_editable = ["enabled", "threshold", "window_minutes", "minimum_requests"]
     list_filter = ["kind", "enabled"]
@@ -28,7 +70,7 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
         (
             "Who is told",
             {
-                "fields": ["email_recipients", "webhook_url"],
+                "fields": ["email_recipients", "webhook_url", "webhook_url_remove"],
                 "description": "Empty: ADMINS (or the superusers) and LLMHUB_ALERT_WEBHOOK_URL. A webhook is "
                 "called under the outbound policy of provider calls.",
             },

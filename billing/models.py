@@ -10,6 +10,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from core.outbox import delivery_field
+from providers.fields import EncryptedUrlField
 from providers.validators import validate_provider_url
 
 
@@ -540,6 +541,9 @@ class ExperimentUsageMark(models.Model):
         return f"experiments through #{self.through_id}"
 
 
+WEBHOOK_URL_MAX_LENGTH = 500
+
+
 class OpsAlertKind(models.TextChoices):
     DEPLOYMENT_DOWN = "deployment_down", "Deployment down"
     ERROR_RATE = "error_rate", "Error rate per model"
@@ -584,8 +588,12 @@ class OpsAlertRule(models.Model):
     email_recipients = models.TextField(
         blank=True, help_text="Addresses, comma- or line-separated; empty: ADMINS (or the superusers)."
     )
-    webhook_url = models.URLField(
-        max_length=500, blank=True, help_text="A Slack-compatible webhook; empty: LLMHUB_ALERT_WEBHOOK_URL."
+    # Encrypted: a Slack-style webhook's URL is its credential (whoever reads it can post to the channel).
+    webhook_url = EncryptedUrlField(
+        blank=True,
+        default="",
+        help_text="A Slack-compatible webhook; empty: LLMHUB_ALERT_WEBHOOK_URL. Encrypted at rest; only its host "
+        "is shown back.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -599,7 +607,10 @@ class OpsAlertRule(models.Model):
     def clean(self) -> None:
         # Early and friendly, for the admin; every delivery is judged again when it connects.
         if self.webhook_url:
-            validate_provider_url(self.webhook_url, field="webhook_url")
+            url = self.webhook_url.reveal()
+            if len(url) > WEBHOOK_URL_MAX_LENGTH:
+                raise ValidationError({"webhook_url": f"At most {WEBHOOK_URL_MAX_LENGTH} characters."})
+            validate_provider_url(url, field="webhook_url")
         errors = {}
         # In clean(), not a field validator: the admin's form and its list's editable columns both run it.
         if self.window_minutes is not None and self.window_minutes < 1:

@@ -16,6 +16,7 @@ import functools
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
@@ -190,6 +191,41 @@ class EncryptedTextField(EncryptedField):
         # which would render the stored value (and resubmit its hint as the new key).
         kwargs["widget"] = SecretInput
         return super().formfield(**kwargs)
+
+
+class SecretUrl(Secret):
+    """A URL whose path or query is its secret (a Slack-style webhook): its hint names the host, which an
+    operator needs to tell one webhook from another, and the last four characters."""
+
+    __slots__ = ()
+
+    @property
+    def hint(self) -> str:
+        value = self._value
+        if not value:
+            return ""
+        try:
+            parts = urlsplit(value)
+            host = parts.hostname
+        except ValueError:
+            host = None
+        if not host or not parts.scheme:
+            return super().hint
+        return f"{parts.scheme}://{host}/…{value[-4:]}"
+
+
+class EncryptedUrlField(EncryptedTextField):
+    """One URL holding a secret (a webhook), encrypted at rest; its Python value is a :class:`SecretUrl`."""
+
+    description = "A URL encrypted at rest with Fernet"
+
+    def to_python(self, value: Any) -> SecretUrl | None:
+        if value is None or isinstance(value, SecretUrl):
+            return value
+        return SecretUrl(value.reveal() if isinstance(value, Secret) else str(value))
+
+    def from_plaintext(self, plaintext: str) -> SecretUrl:
+        return SecretUrl(plaintext)
 
 
 class EncryptedMappingField(EncryptedField):

@@ -374,7 +374,8 @@ def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:
 
 
 def ops_alert_webhook_url(rule: OpsAlertRule) -> str:
-    return rule.webhook_url or settings.LLMHUB_ALERT_WEBHOOK_URL
+    """The rule's own webhook (its secret plaintext, for the delivery only), else the global one."""
+    return rule.webhook_url.reveal() if rule.webhook_url else settings.LLMHUB_ALERT_WEBHOOK_URL
 
 
 def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
