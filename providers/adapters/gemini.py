@@ -39,7 +39,7 @@ from .common import (
     stream_interrupted,
     upstream_deadline,
 )
-from .translate_gemini import StreamTranslator, completion_from_response, gemini_request
+from .translate_gemini import StreamTranslator, completion_from_response, gemini_request, max_tool_calls
 
 DEFAULT_API_VERSION = "v1beta"
 _PLACEHOLDER_KEY = "not-configured"
@@ -82,7 +82,7 @@ class GeminiAdapter(BaseAdapter):
                 response = await self._client.aio.models.generate_content(**request)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        return completion_from_response(_dump(response), request["model"])
+        return completion_from_response(_dump(response), request["model"], max_calls=max_tool_calls(body))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         request = gemini_request(body)
@@ -105,7 +105,7 @@ class GeminiAdapter(BaseAdapter):
             raise self.map_error(exc) from None
         finally:
             _stream_responses.reset(tracking)  # before the first yield: the caller's context stays its own
-        translator = StreamTranslator(request["model"])
+        translator = StreamTranslator(request["model"], max_calls=max_tool_calls(body))
         try:
             response = first
             while response is not None:

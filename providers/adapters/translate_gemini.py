@@ -8,9 +8,13 @@ answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
 ``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
 ``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
-a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped). A data URL image is
-sent inline; an http(s) image URL is refused with a 400 (Gemini's ``file_data`` takes only files it hosts,
-and the gateway does not fetch URLs for the provider).
+a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped). Gemini has no
+logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied; and no way to ask
+for one tool call a turn, so ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first
+call only (the model asks for the next once it has the first's result). ``verbosity`` (a hint to GPT-5 models)
+has no Gemini counterpart and is not sent. A data URL image is sent inline; an http(s) image URL is refused
+with a 400 (Gemini's ``file_data`` takes only files it hosts, and the gateway does not fetch URLs for the
+provider).
 
 The response side turns a ``GenerateContentResponse`` (as a dict, ``model_dump``'d) into a
 ``chat.completion`` or a ``chat.completion.chunk``; a safety verdict, on the prompt
@@ -63,6 +67,12 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
     system, contents = _contents(messages)
     if not contents:
         raise _invalid("Gemini needs at least one user or assistant message besides the system prompt.", "messages")
+    if body.get("logit_bias"):
+        raise _invalid(
+            "Gemini has no logit bias: `logit_bias` cannot be applied to this model; remove it.",
+            "logit_bias",
+            "unsupported_parameter",
+        )
     config: dict[str, Any] = {}
     if system:
         config["system_instruction"] = "\n\n".join(system)
@@ -257,11 +267,17 @@ def _tool_call(call: dict[str, Any], response_key: str, number: int) -> dict[str
     }
 
 
+def max_tool_calls(body: dict[str, Any]) -> int | None:
+    """How many tool calls a choice may carry: one when the client asked for no parallel calls, which Gemini
+    cannot be told (``_candidate`` keeps the first), else any number."""
+    return 1 if body.get("parallel_tool_calls") is False else None
+
+
 def _candidate(
-    candidate: dict[str, Any], response_key: str, first_call: int = 0
+    candidate: dict[str, Any], response_key: str, first_call: int = 0, max_calls: int | None = None
 ) -> tuple[str | None, list[dict[str, Any]], str | None]:
-    """Text, tool calls (numbered from ``first_call``) and OpenAI finish reason (None while a stream goes
-    on) of one candidate."""
+    """Text, tool calls (numbered from ``first_call``; no more than ``max_calls`` in all, counting those
+    before ``first_call``) and OpenAI finish reason (None while a stream goes on) of one candidate."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for part in (candidate.get("content") or {}).get("parts") or []:
@@ -270,6 +286,8 @@ def _candidate(
         if isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif isinstance(part.get("function_call"), dict):
+            if max_calls is not None and first_call + len(calls) >= max_calls:
+                continue
             calls.append(_tool_call(part["function_call"], response_key, first_call + len(calls)))
     reason = candidate.get("finish_reason")
     reason = getattr(reason, "value", reason)
@@ -318,8 +336,9 @@ def openai_usage(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def completion_from_response(response: dict[str, Any], model: str) -> dict[str, Any]:
-    """A ``chat.completion`` from a ``GenerateContentResponse`` (``model_dump()``)."""
+def completion_from_response(response: dict[str, Any], model: str, *, max_calls: int | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` from a ``GenerateContentResponse`` (``model_dump()``), each choice with at most
+    ``max_calls`` tool calls (``max_tool_calls``)."""
     cid = completion_id(response)
     key = cid.removeprefix("chatcmpl-")
     choices = []
@@ -333,7 +352,7 @@ def completion_from_response(response: dict[str, Any], model: str) -> dict[str, 
             }
         )
     for index, candidate in enumerate(response.get("candidates") or []):
-        text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key)
+        text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key, max_calls=max_calls)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         if calls:
             message["tool_calls"] = calls
@@ -365,8 +384,9 @@ class StreamTranslator:
     the role); the usage, which Gemini repeats (cumulatively) on its chunks, comes once at the end in a chunk
     of its own (``usage_chunk``), as OpenAI sends it."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, max_calls: int | None = None) -> None:
         self.model = model
+        self.max_calls = max_calls  # tool calls a choice may carry in all (``max_tool_calls``)
         self.id: str | None = None
         self.created = int(time.time())
         self.usage: dict[str, Any] | None = None
@@ -392,7 +412,7 @@ class StreamTranslator:
             index = candidate.get("index") or position
             made = self._calls.get(index, 0)
             # Call ids as complete's: the second candidate's on, with their index in them.
-            text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key, made)
+            text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key, made, self.max_calls)
             delta: dict[str, Any] = {}
             if index not in self._started:
                 self._started.add(index)

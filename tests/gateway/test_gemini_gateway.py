@@ -220,3 +220,14 @@ def test_a_reasoning_effort_gemini_has_no_budget_for_is_a_400_naming_it(gemini):
     assert (caught.value.body["param"], caught.value.body["code"]) == ("reasoning_effort", "unsupported_value")
     assert "xhigh" in caught.value.body["message"]
     assert gemini.upstream.requests_served() == served
+
+
+def test_a_logit_bias_gemini_cannot_apply_is_a_400_naming_it(gemini):
+    """Gemini has no logit bias: a bias that bans a token would otherwise be dropped and the token written."""
+    served = gemini.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as caught:
+        gemini.client().chat.completions.create(
+            model="gemini-test", messages=[{"role": "user", "content": "hi"}], logit_bias={"50256": -100}
+        )
+    assert (caught.value.body["param"], caught.value.body["code"]) == ("logit_bias", "unsupported_parameter")
+    assert gemini.upstream.requests_served() == served

@@ -442,3 +442,55 @@ async def test_a_key_google_does_not_know_is_a_refused_key_not_a_bad_request(fak
 
     assert refused.value.upstream_status == 401
     assert "AIza-a-revoked" not in str(refused.value)
+
+
+def test_no_parallel_tool_calls_keeps_the_first_call_of_each_choice():
+    """Gemini cannot be told to call one tool a turn, and often asks for several at once; a client that sent
+    ``parallel_tool_calls: false`` runs one call a turn and would be handed more. The answer keeps each
+    choice's first call, streamed or not; without the flag every call is kept."""
+    two_calls = {
+        "content": {
+            "parts": [
+                {"function_call": {"name": "get_weather", "args": {"city": "Paris"}}},
+                {"function_call": {"name": "get_weather", "args": {"city": "Oslo"}}},
+            ]
+        },
+        "finish_reason": "STOP",
+    }
+    response = {"response_id": "abc", "candidates": [two_calls, {**two_calls, "index": 1}]}
+    limited = completion_from_response(response, "m", max_calls=1)
+    validate_openai_schema(limited, "CreateChatCompletionResponse")
+    for choice in limited["choices"]:
+        assert [call["function"]["arguments"] for call in choice["message"]["tool_calls"]] == ['{"city": "Paris"}']
+        assert choice["finish_reason"] == "tool_calls"
+    assert len(completion_from_response(response, "m")["choices"][0]["message"]["tool_calls"]) == 2
+
+    translator = StreamTranslator("m", max_calls=1)
+    first_part = {"content": {"parts": two_calls["content"]["parts"][:1]}}
+    second_part = {"content": {"parts": two_calls["content"]["parts"][1:]}, "finish_reason": "STOP"}
+    one = translator.feed({"response_id": "abc", "candidates": [first_part]})
+    two = translator.feed({"response_id": "abc", "candidates": [second_part]})
+    assert [call["index"] for call in one["choices"][0]["delta"]["tool_calls"]] == [0]
+    assert "tool_calls" not in two["choices"][0]["delta"]
+    assert two["choices"][0]["finish_reason"] == "tool_calls"
+    assert translator.finished
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(False, 1), (True, None), (None, None)])
+def test_max_tool_calls_reads_the_clients_flag(flag, expected):
+    from providers.adapters.translate_gemini import max_tool_calls
+
+    body = chat("hi") if flag is None else chat("hi", parallel_tool_calls=flag)
+    assert max_tool_calls(body) == expected
+
+
+async def test_a_logit_bias_gemini_cannot_apply_is_a_400_before_any_call(adapter, fake_upstream):
+    before = len(fake_upstream.requests)
+    with pytest.raises(ProviderBadRequestError) as refused:
+        await adapter.complete(chat("hi", logit_bias={"50256": -100}))
+    assert refused.value.param == "logit_bias"
+    with pytest.raises(ProviderBadRequestError):
+        await anext(aiter(adapter.stream(chat("hi", logit_bias={"50256": -100}))))
+    assert len(fake_upstream.requests) == before
+    completion = await adapter.complete(chat("hi", logit_bias={}))  # nothing to apply: nothing refused
+    assert completion["choices"][0]["message"]["content"]
