@@ -80,7 +80,9 @@ Replies
     * if ``tools`` are given (and ``tool_choice`` is not ``none``) and the last message is a user message,
       the reply is a call to the first tool (or the one ``tool_choice`` names) whose arguments come from
       its JSON-schema properties: ``enum`` -> first value, string -> last user text, number/integer -> 42,
-      boolean -> true, array -> [], object -> {};
+      boolean -> true, array -> [], object -> {}; ``[[tool_calls=N]]`` (OpenAI and Gemini routes, N from 1 to 8)
+      makes it N calls of that tool at once (ids distinct, arguments the same), as models that call tools in
+      parallel do, whatever ``parallel_tool_calls`` asked (as Ollama and Gemini do);
     * otherwise the echo; or, in demo mode (``--demo``, ``FakeUpstream(demo=True)``, what `make run`
       starts), one of a few canned answers in Markdown (bold or a heading, a list, a fenced code block
       with a language tag) that show what a chat page can render: the first whose keywords the prompt
@@ -530,15 +532,20 @@ class _Reply:
     tool_name: str | None = None
     tool_arguments: dict[str, Any] | None = None
     tool_id: str = ""
+    tool_count: int = 1  # ``[[tool_calls=N]]``: the same call N times, each with its own id
 
     @property
     def arguments_json(self) -> str:
         return json.dumps(self.tool_arguments or {})
 
     @property
+    def tool_ids(self) -> list[str]:
+        return [self.tool_id] + [f"{self.tool_id}_{number}" for number in range(1, self.tool_count)]
+
+    @property
     def completion_tokens(self) -> int:
         if self.tool_name is not None:
-            return count_words(f"{self.tool_name} {self.arguments_json}")
+            return count_words(f"{self.tool_name} {self.arguments_json}") * self.tool_count
         return len(self.tokens)
 
 
@@ -769,6 +776,11 @@ def _tool_arguments(schema: dict[str, Any], user_text: str) -> dict[str, Any]:
     return arguments
 
 
+def _tool_count(directives: dict[str, str]) -> int:
+    wanted = directives.get("tool_calls", "1")
+    return min(int(wanted), 8) if wanted.isdigit() and int(wanted) >= 1 else 1
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -797,6 +809,7 @@ def _build_reply(
             tool_name=tool.name,
             tool_arguments=_tool_arguments(tool.schema, conv.user_text),
             tool_id=_new_id(tool_id_prefix),
+            tool_count=_tool_count(directives),
         )
     elif demo:
         text = demo_answer(conv.user_text)
@@ -1633,17 +1646,20 @@ class _App:
         return None
 
     @staticmethod
-    def _openai_tool_call(reply: _Reply) -> dict[str, Any]:
-        return {
-            "id": reply.tool_id,
-            "type": "function",
-            "function": {"name": reply.tool_name, "arguments": reply.arguments_json},
-        }
+    def _openai_tool_calls(reply: _Reply) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": tool_id,
+                "type": "function",
+                "function": {"name": reply.tool_name, "arguments": reply.arguments_json},
+            }
+            for tool_id in reply.tool_ids
+        ]
 
     def _openai_choice(self, index: int, reply: _Reply, logprobs: bool, top: int) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None, "annotations": []}
         if reply.tool_name is not None:
-            message["tool_calls"] = [self._openai_tool_call(reply)]
+            message["tool_calls"] = self._openai_tool_calls(reply)
         return {
             "index": index,
             "message": message,
@@ -1703,20 +1719,25 @@ class _App:
         content_limit = _content_limit(fault)
         for index in range(n):
             if reply.tool_name is not None:
-                call = {**self._openai_tool_call(reply), "index": 0}
+                call = {**self._openai_tool_calls(reply)[0], "index": 0}
                 call["function"] = {"name": reply.tool_name, "arguments": ""}
                 await send(chunk(index, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}))
             else:
                 await send(chunk(index, {"role": "assistant", "content": "", "refusal": None}))
 
-        pieces = (
-            [
-                {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
-                for piece in _split_pieces(reply.arguments_json)
-            ]
-            if reply.tool_name is not None
-            else [{"content": token} for token in reply.tokens]
-        )
+        pieces: list[dict[str, Any]] = []
+        if reply.tool_name is not None:
+            # Each call's arguments in pieces; the calls after the first each open with their id and name.
+            for number, tool_id in enumerate(reply.tool_ids):
+                if number:
+                    opening = {"index": number, "id": tool_id, "type": "function"}
+                    pieces.append({"tool_calls": [{**opening, "function": {"name": reply.tool_name, "arguments": ""}}]})
+                pieces.extend(
+                    {"tool_calls": [{"index": number, "function": {"arguments": piece}}]}
+                    for piece in _split_pieces(reply.arguments_json)
+                )
+        else:
+            pieces = [{"content": token} for token in reply.tokens]
         for position, delta in enumerate(pieces):
             if content_limit is not None and position >= content_limit:
                 break
@@ -2035,7 +2056,7 @@ class _App:
         finish = "SAFETY" if safety == "response" else _GEMINI_FINISH[reply.finish]
         if reply.tool_name is not None:
             parts: list[list[dict[str, Any]]] = [
-                [{"functionCall": {"name": reply.tool_name, "args": reply.tool_arguments}}]
+                [{"functionCall": {"name": reply.tool_name, "args": reply.tool_arguments}}] * reply.tool_count
             ]
         elif reply.text is None:
             parts = [[]]

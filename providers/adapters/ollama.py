@@ -11,14 +11,19 @@ ignores the rest. Most of those the answer shows for itself, but three would not
   past the output the key's budget reserved for it;
 - ``tool_choice``: the model may call any tool it is given, or none. ``"none"`` is kept by not sending the
   tools; ``"auto"`` is what Ollama does anyway; a choice that forces a call (``"required"``, a named tool,
-  ``allowed_tools``) cannot be kept and is refused with a 400, rather than answered as if it had been.
+  ``allowed_tools``) cannot be kept and is refused with a 400, rather than answered as if it had been;
+- ``parallel_tool_calls: false``: a model may still ask for several calls at once, and a client that sent it
+  runs one call a turn. It is kept on the answer instead: each choice carries its first call only, streamed
+  or not (the model asks for the next once it has the first's result).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
+from .base import WireChunk
 from .common import fields_renamed, one_choice_only
 from .openai import OpenAIAdapter
 
@@ -29,6 +34,54 @@ class OllamaAdapter(OpenAIAdapter):
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         one_choice_only(body)
         return super()._chat_body(fields_renamed(_tool_choice_kept(body), _CHAT_RENAMES), stream=stream)
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        completion = await super().complete(body)
+        if body.get("parallel_tool_calls") is False:
+            for choice in completion.get("choices") or ():
+                message = choice.get("message") if isinstance(choice, dict) else None
+                if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+                    message["tool_calls"] = message["tool_calls"][:1]
+        return completion
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        if body.get("parallel_tool_calls") is not False:
+            async for chunk in super().stream(body):
+                yield chunk
+            return
+        first_calls: dict[Any, Any] = {}  # per choice, the index of the call it keeps
+        async for chunk in super().stream(body):
+            if _later_calls_dropped(chunk, first_calls):
+                yield chunk
+
+
+def _later_calls_dropped(chunk: WireChunk, first_calls: dict[Any, Any]) -> bool:
+    """Drop from ``chunk`` the deltas of every call but each choice's first; False when nothing is left of it."""
+    changed = False
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+        if not isinstance(calls, list):
+            continue
+        kept = []
+        for position, call in enumerate(calls):
+            number = call.get("index", position) if isinstance(call, dict) else position
+            if first_calls.setdefault(choice.get("index"), number) == number:
+                kept.append(call)
+        if len(kept) != len(calls):
+            changed = True
+            if kept:
+                delta["tool_calls"] = kept
+            else:
+                del delta["tool_calls"]
+    if not changed:
+        return True
+    chunk.raw = None  # changed: the relay encodes the dict
+    return any(
+        choice.get("delta") or choice.get("finish_reason") or choice.get("logprobs")
+        for choice in chunk.get("choices") or ()
+        if isinstance(choice, dict)
+    ) or bool(chunk.get("usage"))
 
 
 def _tool_choice_kept(body: dict[str, Any]) -> dict[str, Any]:

@@ -231,3 +231,28 @@ def test_a_logit_bias_gemini_cannot_apply_is_a_400_naming_it(gemini):
         )
     assert (caught.value.body["param"], caught.value.body["code"]) == ("logit_bias", "unsupported_parameter")
     assert gemini.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_parallel_tool_calls_through_gemini_gets_one_call_a_turn(gemini, stream):
+    """Gemini asks for several calls at once (here three, ``[[tool_calls=3]]``) and cannot be told not to: a
+    client that sent ``parallel_tool_calls: false`` gets the first; one that did not gets them all."""
+
+    def calls(**extra):
+        request = {
+            "model": "gemini-test",
+            "messages": [{"role": "user", "content": "Paris [[tool_calls=3]]"}],
+            "tools": [WEATHER_TOOL],
+            **extra,
+        }
+        if not stream:
+            completion = gemini.client().chat.completions.create(**request)
+        else:
+            with gemini.client().chat.completions.stream(**request) as events:
+                completion = events.get_final_completion()
+        assert completion.choices[0].finish_reason == "tool_calls"
+        return completion.choices[0].message.tool_calls
+
+    [call] = calls(parallel_tool_calls=False)
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert len({call.id for call in calls()}) == 3

@@ -110,3 +110,38 @@ def test_a_tool_choice_ollama_cannot_enforce_is_refused(ollama, tool_choice):
         )
     assert (caught.value.body["param"], caught.value.body["code"]) == ("tool_choice", "unsupported_value")
     assert ollama.upstream.requests_served("/ollama/v1/chat/completions") == 0
+
+
+def _calls(client, *, parallel: bool | None, stream: bool) -> list:
+    """The tool calls of a reply that asks for three at once (``[[tool_calls=3]]``), with the SDK's stream
+    helper putting a stream's pieces back together as a client's does."""
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    request = {
+        "model": "llama-test",
+        "messages": [{"role": "user", "content": "Paris [[tool_calls=3]]"}],
+        "tools": [WEATHER],
+        **extra,
+    }
+    if not stream:
+        completion = client.chat.completions.create(**request)
+        validate_openai_schema(completion.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+    else:
+        with client.chat.completions.stream(**request) as events:
+            for event in events:
+                if event.type == "chunk":
+                    validate_openai_schema(
+                        event.chunk.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse"
+                    )
+            completion = events.get_final_completion()
+    assert completion.choices[0].finish_reason == "tool_calls"
+    return completion.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_parallel_tool_calls_through_ollama_gets_one_call_a_turn(ollama, stream):
+    # Ollama reads no parallel_tool_calls: a model may ask for several calls at once, and a client that said
+    # false runs one a turn. It gets the first; without the flag, or with true, every call comes back.
+    [call] = _calls(ollama.client(), parallel=False, stream=stream)
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert len(_calls(ollama.client(), parallel=None, stream=stream)) == 3
+    assert len({c.id for c in _calls(ollama.client(), parallel=True, stream=stream)}) == 3
