@@ -159,7 +159,9 @@ class ApiKeyListCreateApi(APIView):
         scopes = serializers.ListField(
             child=serializers.ChoiceField(choices=KeyScope.choices),
             required=False,
-            help_text="`keys:manage` lets the key create keys (never with more than it has) and revoke them.",
+            help_text="`keys:manage` lets the key create keys (never with more than it has) and revoke them; "
+            "`conversations:manage` lets it read and manage all of its owner's conversations (without it, only the "
+            "ones it started).",
         )
 
     @extend_schema(

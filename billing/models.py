@@ -24,6 +24,8 @@ class KeyScope(models.TextChoices):
     """Rights a key holds beyond calling models. None by default."""
 
     KEYS_MANAGE = "keys:manage", "Manage keys (create child keys, list and revoke its own subtree)"
+    # Without it a key reaches only the conversations it started itself (``chat.selectors.ConversationReach``).
+    CONVERSATIONS = "conversations:manage", "Read and manage all of the owner's conversations"
 
 
 class ApiKey(models.Model):

@@ -19,43 +19,17 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.jwt import JwtPrincipal
 from accounts.permissions import CanChat
-from accounts.roles import role_of
 from billing.models import Endpoint
-from billing.services.keys import KeyPrincipal
 from core.exceptions import ApplicationError
 from core.openapi import ErrorResponseSerializer, error_responses
 from prompts.models import PromptKind, PromptTemplate
 
-from .callers import Caller
+from .callers import caller_for_request
 from .prompt_runs import prompt_run
 
 _TAGS = ["Prompt templates"]
 _CHAT_PERMISSIONS = [permissions.IsAuthenticated, CanChat]
-
-
-def caller_for_request(request: Request) -> Caller:
-    """The pipeline's caller for a DRF request, from what authenticated it: a gateway key carries its model
-    restrictions (and its id, for its budget and the ledger), a JWT its role, the session the user's."""
-    principal = request.auth
-    user = request.user
-    if isinstance(principal, KeyPrincipal):
-        return Caller(
-            user_id=principal.user_id,
-            username=principal.username,
-            api_key_id=principal.key_id,
-            key_allowed_model_ids=principal.allowed_model_ids,
-            role=role_of(user),
-        )
-    if isinstance(principal, JwtPrincipal):
-        return Caller(
-            user_id=principal.user_id,
-            username=principal.username,
-            role=principal.role,
-            token_expires_at=principal.expires_at,
-        )
-    return Caller(user_id=user.pk, username=user.get_username(), role=role_of(user))
 
 
 # LIST

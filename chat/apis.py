@@ -1,8 +1,10 @@
 """REST for the chat page: the user's conversations, feedback on replies and the model catalog.
 
-Every view reads through ``chat.selectors`` with the requesting user's id, so another user's
-conversation or message answers 404 exactly like a missing one. Every view needs a role that may chat:
-a viewer (accounts.roles) gets 403.
+Every view reads through ``chat.selectors`` with what the caller reaches (``ConversationReach``): a
+person all of their conversations, a gateway key only the ones it started unless it holds the
+``conversations:manage`` scope. Another user's conversation or message, or one out of the key's reach,
+answers 404 exactly like a missing one. Every view needs a role that may chat: a viewer (accounts.roles)
+gets 403.
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ from billing.services.keys import KeyPrincipal
 from core.openapi import error_responses
 
 from . import selectors, services
+from .callers import caller_for_request
 from .models import Feedback, Message
 
 _TAGS = ["Conversations"]
+# What the schema says of a gateway key on these endpoints.
+_KEY_REACH = (
+    " A gateway key reaches only the conversations it started (over the WebSocket), unless it holds the "
+    "`conversations:manage` scope; any other answers 404, like a missing one."
+)
 # A viewer (accounts.roles) may not chat, so neither read conversations nor the picker's catalog.
 _CHAT_PERMISSIONS = [permissions.IsAuthenticated, CanChat]
+
+
+def _reach(request: Request) -> selectors.ConversationReach:
+    return selectors.conversation_reach(caller_for_request(request))
 
 
 @extend_schema_serializer(component_name="MessageUsage")
@@ -90,11 +102,12 @@ class ConversationListApi(APIView):
         tags=_TAGS,
         operation_id="conversations_list",
         summary="List your conversations",
-        description="Not archived, most recently active first. Sending into an archived conversation unarchives it.",
+        description="Not archived, most recently active first. Sending into an archived conversation unarchives it."
+        + _KEY_REACH,
         responses={200: OutputSerializer(many=True), **error_responses(401)},
     )
     def get(self, request: Request) -> Response:
-        conversations = selectors.conversation_list(user_id=request.user.pk)
+        conversations = selectors.conversation_list(reach=_reach(request))
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(conversations, request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
@@ -123,23 +136,25 @@ class ConversationDetailApi(APIView):
         tags=_TAGS,
         operation_id="conversations_retrieve",
         summary="A conversation with its messages",
+        description=_KEY_REACH.strip(),
         responses={200: OutputSerializer, **error_responses(401, 404)},
     )
     def get(self, request: Request, pk: int) -> Response:
-        conversation = selectors.conversation_get(user_id=request.user.pk, conversation_id=pk)
+        conversation = selectors.conversation_get(reach=_reach(request), conversation_id=pk)
         return Response(self.OutputSerializer(conversation).data)
 
     @extend_schema(
         tags=_TAGS,
         operation_id="conversations_update",
         summary="Rename a conversation, set its system prompt or archive it",
+        description=_KEY_REACH.strip(),
         request=InputSerializer,
         responses={200: OutputSerializer, **error_responses(400, 401, 404)},
     )
     def patch(self, request: Request, pk: int) -> Response:
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        conversation = selectors.conversation_get(user_id=request.user.pk, conversation_id=pk)
+        conversation = selectors.conversation_get(reach=_reach(request), conversation_id=pk)
         conversation = services.conversation_update(conversation=conversation, **serializer.validated_data)
         return Response(self.OutputSerializer(conversation).data)
 
@@ -147,11 +162,11 @@ class ConversationDetailApi(APIView):
         tags=_TAGS,
         operation_id="conversations_destroy",
         summary="Delete a conversation and its messages",
-        description="The usage ledger keeps its rows: spend does not disappear with the conversation.",
+        description="The usage ledger keeps its rows: spend does not disappear with the conversation." + _KEY_REACH,
         responses={204: None, **error_responses(401, 404)},
     )
     def delete(self, request: Request, pk: int) -> Response:
-        conversation = selectors.conversation_get(user_id=request.user.pk, conversation_id=pk)
+        conversation = selectors.conversation_get(reach=_reach(request), conversation_id=pk)
         services.conversation_delete(conversation=conversation)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -170,13 +185,14 @@ class MessageFeedbackApi(APIView):
         tags=_TAGS,
         operation_id="messages_feedback",
         summary="Thumbs up or down on a reply",
+        description=_KEY_REACH.strip(),
         request=InputSerializer,
         responses={200: OutputSerializer, **error_responses(400, 401, 404)},
     )
     def post(self, request: Request, pk: int) -> Response:
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        message = selectors.message_get(user_id=request.user.pk, message_id=pk)
+        message = selectors.message_get(reach=_reach(request), message_id=pk)
         message = services.message_feedback_set(message=message, **serializer.validated_data)
         return Response(self.OutputSerializer(message).data)
 

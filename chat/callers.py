@@ -8,10 +8,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from accounts.exceptions import RoleForbidden
-from accounts.jwt import jwt_authenticate, jwt_bearer
-from accounts.roles import CAPABILITIES, Capability, Role, role_for_user_id
+from accounts.jwt import JwtPrincipal, jwt_authenticate, jwt_bearer
+from accounts.roles import CAPABILITIES, Capability, Role, role_for_user_id, role_of
 from billing.services.admission import models_allowed
-from billing.services.keys import api_key_authenticate
+from billing.services.keys import KeyPrincipal, api_key_authenticate
 from providers.byok import byok_callable, byok_required_in, user_credentials
 from providers.models import ModelMode
 from providers.types import ResolvedModel
@@ -23,6 +23,7 @@ class Caller:
     username: str
     api_key_id: int | None = None
     key_allowed_model_ids: frozenset[int] | None = None
+    key_scopes: frozenset[str] = frozenset()  # the gateway key's rights beyond calling models
     role: Role = Role.MEMBER
     token_expires_at: float | None = None  # a JWT's exp (epoch seconds): a socket signed in with it ends then
 
@@ -66,8 +67,33 @@ async def caller_from_api_key(raw: str | None, *, ip_address: str | None = None)
         username=principal.username,
         api_key_id=principal.key_id,
         key_allowed_model_ids=principal.allowed_model_ids,
+        key_scopes=principal.scopes,
         role=_may_chat(await role_for_user_id(principal.user_id)),
     )
+
+
+def caller_for_request(request: Any) -> Caller:
+    """The pipeline's caller for a DRF request, from what authenticated it: a gateway key carries its model
+    restrictions (and its id, for its budget and the ledger), a JWT its role, the session the user's."""
+    principal = request.auth
+    user = request.user
+    if isinstance(principal, KeyPrincipal):
+        return Caller(
+            user_id=principal.user_id,
+            username=principal.username,
+            api_key_id=principal.key_id,
+            key_allowed_model_ids=principal.allowed_model_ids,
+            key_scopes=principal.scopes,
+            role=role_of(user),
+        )
+    if isinstance(principal, JwtPrincipal):
+        return Caller(
+            user_id=principal.user_id,
+            username=principal.username,
+            role=principal.role,
+            token_expires_at=principal.expires_at,
+        )
+    return Caller(user_id=user.pk, username=user.get_username(), role=role_of(user))
 
 
 async def models_for_caller(caller: Caller, *, mode: str | None = ModelMode.CHAT) -> list[ResolvedModel]:

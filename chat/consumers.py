@@ -16,7 +16,7 @@ Revocation. A key can be revoked or expire while its socket is open: it is check
 another process's within ``LLMHUB_LOOKUP_CACHE_TTL``). A key that no longer works gets an ``error``
 (``key_revoked`` or ``key_expired``) and the socket is closed with code 4410 (revoked: the key, a key above
 it, or its owner) or 4440 (expired); replies still streaming on it are stopped and saved as cancelled. A
-key still working brings its models as they are now (an administrator may have narrowed them). A
+key still working brings its models and scopes as they are now (an administrator may have narrowed them). A
 socket opened with a browser session checks the session likewise (``accounts.sessions``): once it has ended
 (signed out, expired, the password changed, the user deactivated) the send gets ``session_ended`` and the
 socket is closed with 4401, as one that never signed in. The caller's role is read again at every send too
@@ -50,6 +50,10 @@ reply and keeps what was written (status ``error``). A ``chat.send`` refused by 
 the plan or the key's models, bad input, no budget, rate limited) gets an ``error`` and, as on REST, a
 ``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type) or because its
 conversation is busy gets an ``error`` only.
+
+A key reaches only the conversations it started itself, unless it holds the ``conversations:manage`` scope
+(``chat.selectors.ConversationReach``, as on REST): a ``chat.send`` into any other answers ``not_found``,
+as into a missing one; a person (session, JWT) reaches all of theirs. A conversation a key starts records it.
 
 Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
 conversation streams one reply at a time, whichever socket, tab or server process sends: a send into a
@@ -260,9 +264,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         status, principal = await api_key_recheck(self.key_digest)
         if status == "active":
             assert principal is not None and self.caller is not None
-            if principal.allowed_model_ids != self.caller.key_allowed_model_ids:
-                # The key's models changed since its auth message (an administrator narrowed them).
-                self.caller = replace(self.caller, key_allowed_model_ids=principal.allowed_model_ids)
+            if (principal.allowed_model_ids, principal.scopes) != (
+                self.caller.key_allowed_model_ids,
+                self.caller.key_scopes,
+            ):
+                # The key's models or scopes changed since its auth message (an administrator narrowed them).
+                self.caller = replace(
+                    self.caller, key_allowed_model_ids=principal.allowed_model_ids, key_scopes=principal.scopes
+                )
             return True
         if status == "expired":
             await self._end(

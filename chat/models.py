@@ -10,6 +10,18 @@ class Conversation(models.Model):
     """A chat thread on the web page or over the WebSocket; its messages are the model's context."""
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
+    # The gateway key that started it (over the WebSocket); null when a person did. A key without the
+    # ``conversations:manage`` scope reaches only these (``chat.selectors.ConversationReach``). SET_NULL: a
+    # deleted key reaches nothing, and its conversations stay their owner's, as its ledger rows do.
+    api_key = models.ForeignKey(
+        "billing.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+        help_text="The gateway key that started it; empty when its owner did.",
+    )
     title = models.CharField(max_length=200, blank=True, help_text="Taken from the first message; renamable.")
     # The public name, not a FK: the catalog may rename or drop a model and the thread must stay readable.
     model_name = models.CharField(max_length=128, blank=True)

@@ -1,19 +1,24 @@
-"""Reads of conversations, always scoped to the user asking: another user's row is as absent as a missing one."""
+"""Reads of conversations, always scoped to who is asking (``ConversationReach``): another user's row, or a
+conversation a gateway key may not reach, is as absent as a missing one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from billing.models import UsageRecord
+from billing.models import KeyScope, UsageRecord
 from core.exceptions import ApplicationError
 
 from .history import Turn
 from .models import Conversation, Message, MessageStatus, Role
+
+if TYPE_CHECKING:
+    from .callers import Caller
 
 
 class NotFoundError(ApplicationError):
@@ -75,12 +80,40 @@ def conversation_busy_check(*, conversation_id: int, now: datetime | None = None
         raise ConversationBusyError()
 
 
-def conversation_list(*, user_id: int) -> QuerySet[Conversation]:
-    return Conversation.objects.filter(owner_id=user_id, archived=False).order_by("-updated_at", "-id")
+@dataclass(frozen=True, slots=True)
+class ConversationReach:
+    """Which of a user's conversations a caller reaches, on REST and the WebSocket alike.
+
+    A person (web session, JWT) reaches all of theirs, and so does a gateway key holding the
+    ``conversations:manage`` scope; any other gateway key only the ones it started itself: a key handed to an
+    app (perhaps limited to one model) must not read, rename or delete every private conversation of its
+    owner. ``key_id`` is the gateway key calling, recorded on the conversations it starts."""
+
+    user_id: int
+    key_id: int | None = None
+    whole_history: bool = True
+
+    def conversations(self, prefix: str = "") -> Q:
+        """The filter of the conversations reached (``prefix``: the path to them, ``"conversation__"``)."""
+        reached = Q(**{f"{prefix}owner_id": self.user_id})
+        if not self.whole_history:
+            reached &= Q(**{f"{prefix}api_key_id": self.key_id})
+        return reached
 
 
-def conversation_get(*, user_id: int, conversation_id: int) -> Conversation:
-    conversation = Conversation.objects.filter(owner_id=user_id, pk=conversation_id).first()
+def conversation_reach(caller: Caller) -> ConversationReach:
+    """What ``caller`` reaches: a person (no ``api_key_id``) or the gateway key with its scopes."""
+    key_id = caller.api_key_id
+    whole_history = key_id is None or KeyScope.CONVERSATIONS in caller.key_scopes
+    return ConversationReach(user_id=caller.user_id, key_id=key_id, whole_history=whole_history)
+
+
+def conversation_list(*, reach: ConversationReach) -> QuerySet[Conversation]:
+    return Conversation.objects.filter(reach.conversations(), archived=False).order_by("-updated_at", "-id")
+
+
+def conversation_get(*, reach: ConversationReach, conversation_id: int) -> Conversation:
+    conversation = Conversation.objects.filter(reach.conversations(), pk=conversation_id).first()
     if conversation is None:
         raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
     return conversation
@@ -115,21 +148,21 @@ class TurnContext:
     turns: tuple[Turn, ...] = ()
 
 
-def turn_context(*, user_id: int, conversation_id: int | None) -> TurnContext:
+def turn_context(*, reach: ConversationReach, conversation_id: int | None) -> TurnContext:
     """The context of a new turn: empty for a new conversation (``conversation_id=None``). A conversation
     with a reply streaming is busy (``ConversationBusyError``): checked here, before the turn is admitted,
     and again where its messages are written (``chat.services.chat_turn_begin``)."""
     if conversation_id is None:
         return TurnContext()
-    conversation = conversation_get(user_id=user_id, conversation_id=conversation_id)
+    conversation = conversation_get(reach=reach, conversation_id=conversation_id)
     conversation_busy_check(conversation_id=conversation.pk)
     return TurnContext(conversation.system_prompt, tuple(conversation_turns(conversation=conversation)))
 
 
-def message_get(*, user_id: int, message_id: int) -> Message:
+def message_get(*, reach: ConversationReach, message_id: int) -> Message:
     message = (
         Message.objects.select_related("conversation", "usage_record")
-        .filter(pk=message_id, conversation__owner_id=user_id)
+        .filter(reach.conversations("conversation__"), pk=message_id)
         .first()
     )
     if message is None:

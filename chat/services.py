@@ -14,7 +14,7 @@ from experiments.models import FeedbackMetric, FeedbackSource
 from experiments.services_feedback import feedback_clear, feedback_set
 
 from .models import TITLE_MAX_LENGTH, Conversation, Message, MessageStatus, Role
-from .selectors import NotFoundError, conversation_busy_check, messages_abandoned
+from .selectors import ConversationReach, NotFoundError, conversation_busy_check, messages_abandoned
 
 
 def conversation_title_from(content: str) -> str:
@@ -39,7 +39,7 @@ class TurnRows:
 @transaction.atomic
 def chat_turn_begin(
     *,
-    user_id: int,
+    reach: ConversationReach,
     conversation_id: int | None,
     model_name: str,
     provider_name: str,
@@ -48,7 +48,8 @@ def chat_turn_begin(
 ) -> TurnRows:
     """The user's message and an empty reply in ``streaming`` state, written together.
 
-    ``conversation_id=None`` starts a conversation titled after ``content``. The reply points at the
+    ``conversation_id=None`` starts a conversation titled after ``content``, recorded as started by the
+    gateway key calling, if one is (``reach.key_id``); else it must be one ``reach`` reaches. The reply points at the
     ledger row the pipeline will write under ``request_id``. An archived conversation sent into is in use
     again: it is unarchived, and back in the owner's list.
 
@@ -61,10 +62,15 @@ def chat_turn_begin(
     now = timezone.now()
     if created:
         conversation = Conversation.objects.create(
-            owner_id=user_id, title=conversation_title_from(content), model_name=model_name
+            owner_id=reach.user_id,
+            api_key_id=reach.key_id,
+            title=conversation_title_from(content),
+            model_name=model_name,
         )
     else:
-        conversation = Conversation.objects.select_for_update().filter(owner_id=user_id, pk=conversation_id).first()
+        conversation = (
+            Conversation.objects.select_for_update().filter(reach.conversations(), pk=conversation_id).first()
+        )
         if conversation is None:
             raise NotFoundError(f"No conversation {conversation_id}.", param="conversation")
         messages_close_abandoned(now=now, conversation_id=conversation.pk)

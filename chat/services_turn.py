@@ -5,7 +5,8 @@ the same way, with its own ``report`` callback.
 
 A turn, in order:
 
-1. reads the conversation's system prompt and history (another user's conversation is not found: a
+1. reads the conversation's system prompt and history (another user's conversation, or one the caller's
+   gateway key does not reach, ``selectors.ConversationReach``, is not found: a
    ``rejected`` ledger row, as for any refused request; one with a reply streaming, from any socket or
    process, is busy: ``conversation_busy``, refused before it is a request, with no row);
 2. starts the run through the pipeline (``completion_start``), which resolves the model and calls back
@@ -202,7 +203,7 @@ class ChatTurn:
         body: dict[str, Any] = {"model": self.model_name, "stream": True}
         try:
             context = await database_sync_to_async(selectors.turn_context)(
-                user_id=self.caller.user_id, conversation_id=self.conversation_id
+                reach=selectors.conversation_reach(self.caller), conversation_id=self.conversation_id
             )
         except selectors.ConversationBusyError:
             # Refused before it became a request (as a socket's own checks refuse): no ledger row.
@@ -244,7 +245,7 @@ class ChatTurn:
 
     async def _begin(self, run: CompletionRun) -> services.TurnRows:
         rows = await database_sync_to_async(services.chat_turn_begin)(
-            user_id=self.caller.user_id,
+            reach=selectors.conversation_reach(self.caller),
             conversation_id=self.conversation_id,
             model_name=run.model.name,
             provider_name=run.model.provider.name,

@@ -10,7 +10,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from chat.models import Conversation, Message, MessageStatus, Role
-from chat.selectors import ConversationBusyError
+from chat.selectors import ConversationBusyError, ConversationReach
 from chat.services import chat_turn_begin
 from chat.tasks import messages_close_abandoned_task
 from tests.factories import UsageRecordFactory, UserFactory
@@ -47,7 +47,7 @@ def test_only_abandoned_streaming_replies_are_closed():
 
 def begin(conversation, content: str = "next"):
     return chat_turn_begin(
-        user_id=conversation.owner_id,
+        reach=ConversationReach(user_id=conversation.owner_id),
         conversation_id=conversation.pk,
         model_name="m",
         provider_name="p",

@@ -7,7 +7,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from billing.models import UsageStatus
+from billing.models import KeyScope, UsageStatus
 from billing.services.keys import api_key_create
 from chat.models import Conversation, Message, MessageStatus, Role
 from experiments.models import Feedback
@@ -220,9 +220,10 @@ def test_anonymous_requests_are_refused():
     assert response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_an_api_key_reads_its_owners_conversations(alice):
+def test_an_api_key_with_the_conversations_scope_reads_its_owners_conversations(alice):
+    """Without the scope a key reaches only the conversations it started (test_conversation_reach.py)."""
     conversation_with_reply(alice, "from a script")
-    created = api_key_create(user=alice, name="script")
+    created = api_key_create(user=alice, name="script", scopes=[KeyScope.CONVERSATIONS])
     response = Client().get("/api/conversations/", HTTP_AUTHORIZATION=f"Bearer {created.secret}")
     assert response.status_code == 200
     assert [c["title"] for c in response.json()["results"]] == ["from a script"]

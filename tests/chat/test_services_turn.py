@@ -183,7 +183,8 @@ async def test_a_turn_in_an_archived_conversation_brings_it_back_to_the_list(ali
     assert isinstance(turn.report.events[-1], TurnCompleted), turn.report.events[-1]
     await conversation.arefresh_from_db()
     assert conversation.archived is False
-    listed = await sync_to_async(lambda: [c.pk for c in selectors.conversation_list(user_id=alice.pk)])()
+    reach = selectors.ConversationReach(user_id=alice.pk)
+    listed = await sync_to_async(lambda: [c.pk for c in selectors.conversation_list(reach=reach)])()
     assert listed == [conversation.pk]
 
 
