@@ -376,8 +376,9 @@ def _is_well_formed(raw: str) -> bool:
 
 
 async def _load_principal(digest: str) -> KeyPrincipal | None:
-    """The key and every key above it must be unrevoked (and the owner active); the earliest expiry and
-    the narrowest model list of the chain apply."""
+    """The key and every key above it must be unrevoked (and the owner active); the earliest expiry, the
+    narrowest model list and the scopes every key of the chain holds apply (a scope taken from a key after it
+    created keys is taken from them too: a child never has more than its parent)."""
     row = await (
         ApiKey.objects.select_related("user")
         .filter(Q(secret_hash=digest) | Q(previous_secret_hash=digest), revoked_at__isnull=True, user__is_active=True)
@@ -391,17 +392,21 @@ async def _load_principal(digest: str) -> KeyPrincipal | None:
         if rotated_out_at is None:
             return None
     expires_at = row.expires_at
+    scopes = frozenset(row.scopes)
     allowed = frozenset([pk async for pk in row.allowed_models.values_list("pk", flat=True)]) or None
     parent_id, depth = row.parent_id, 0
     while parent_id is not None:
         depth += 1
         if depth > MAX_KEY_DEPTH:
             return None
-        parent = await ApiKey.objects.filter(pk=parent_id).values("parent_id", "revoked_at", "expires_at").afirst()
+        parent = (
+            await ApiKey.objects.filter(pk=parent_id).values("parent_id", "revoked_at", "expires_at", "scopes").afirst()
+        )
         if parent is None or parent["revoked_at"] is not None:
             return None
         if parent["expires_at"] is not None and (expires_at is None or parent["expires_at"] < expires_at):
             expires_at = parent["expires_at"]
+        scopes &= frozenset(parent["scopes"] or ())
         through = ApiKey.allowed_models.through.objects.filter(apikey_id=parent_id)
         theirs = frozenset([pk async for pk in through.values_list("catalogmodel_id", flat=True)])
         if theirs:
@@ -415,7 +420,7 @@ async def _load_principal(digest: str) -> KeyPrincipal | None:
         secret_hash=digest,
         expires_at=expires_at,
         allowed_model_ids=allowed,
-        scopes=frozenset(row.scopes),
+        scopes=scopes,
         rotated_out_at=rotated_out_at,
     )
 

@@ -26,7 +26,7 @@ from billing.models import ApiKey, BudgetPeriod, KeyScope, UsageRecord
 from billing.services.admission import admission_acquire, admission_settle
 from billing.services.budgets import CounterRef, period_bounds
 from billing.services.counters import budget_counters_reconcile, counter_state
-from billing.services.keys import api_key_create, api_key_revoke
+from billing.services.keys import api_key_change, api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
 from billing.services.plans import plan_assign
 from core.exceptions import ApplicationError
@@ -233,6 +233,22 @@ def test_a_child_cannot_be_given_a_scope_its_parent_lacks(alice):
     with pytest.raises(ApplicationError) as refused:
         api_key_create(user=alice, name="grandchild", parent=child.api_key, scopes=MANAGE)
     assert refused.value.param == "scopes"
+
+
+@pytest.mark.django_db
+def test_a_scope_taken_from_a_parent_is_taken_from_the_keys_it_created(alice):
+    """An administrator takes keys:manage from a key that already passed it on: its children lose it too."""
+    parent = api_key_create(user=alice, name="parent", scopes=MANAGE)
+    child = key_client(parent.secret).post("/api/keys/", {"name": "child", "scopes": MANAGE}, format="json").json()
+    as_child = key_client(child["secret"])
+    assert as_child.get("/api/keys/").status_code == 200  # cached now
+
+    parent.api_key.scopes = []
+    api_key_change(api_key=parent.api_key)
+
+    error = assert_error(as_child.get("/api/keys/"), 403)
+    assert "keys:manage" in error["message"]
+    assert_error(as_child.post("/api/keys/", {"name": "grandchild"}, format="json"), 403)
 
 
 @pytest.mark.django_db

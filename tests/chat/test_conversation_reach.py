@@ -156,6 +156,20 @@ def test_a_child_key_gets_the_scope_only_from_a_parent_that_holds_it(alice):
 
 
 @pytest.mark.django_db
+def test_the_scope_taken_from_a_parent_is_taken_from_its_children(alice):
+    parent = api_key_create(user=alice, name="parent", scopes=[KeyScope.KEYS_MANAGE, CONVERSATIONS])
+    conversation_with_reply(alice, "personal")
+    child = key_client(parent.secret).post("/api/keys/", {"name": "child", "scopes": [CONVERSATIONS]}, format="json")
+    as_child = key_client(child.json()["secret"])
+    assert listed(as_child) == ["personal"]
+
+    parent.api_key.scopes = [KeyScope.KEYS_MANAGE.value]
+    api_key_change(api_key=parent.api_key)
+
+    assert listed(as_child) == []
+
+
+@pytest.mark.django_db
 def test_the_scope_is_offered_and_given_on_the_keys_api(alice):
     client = Client()
     client.force_login(alice)
