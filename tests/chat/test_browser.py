@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
+from collections.abc import Callable
 
 import pytest
 from asgiref.sync import sync_to_async
 from playwright.async_api import Error as PlaywrightError
-from playwright.async_api import Page, WebSocket, expect
+from playwright.async_api import Page, WebSocket, WebSocketRoute, expect
 
 from billing.models import ApiKey, UsageRecord
 from billing.services.keys import api_key_authenticate
@@ -878,4 +880,68 @@ async def test_a_title_being_typed_survives_a_reply_ending_in_another_conversati
     # The redraw it waited for was done: the finished reply's conversation is first, no longer streaming.
     await expect(page.locator(".conv-item").first).not_to_have_class(re.compile(r"conv-streaming"))
     await expect(page.locator(".conv-streaming")).to_have_count(0)
+    await page.close()
+
+
+def hold_refusals(held: list[tuple[WebSocketRoute, str]]) -> Callable[[WebSocketRoute], None]:
+    """A route for the chat socket that passes everything through but the server's ``error`` events, which
+    it keeps in ``held`` (to be sent on to the page later): a refusal that takes its time."""
+
+    def route(page_side: WebSocketRoute) -> None:
+        server = page_side.connect_to_server()
+
+        def from_server(message: str | bytes) -> None:
+            if isinstance(message, str) and json.loads(message).get("type") == "error":
+                held.append((page_side, message))
+            else:
+                page_side.send(message)
+
+        server.on_message(from_server)
+
+    return route
+
+
+async def test_a_send_refused_after_its_conversation_was_left_is_given_back_there(site, browser, user):
+    """A refusal arriving once the user had opened another conversation was only a toast: the text they sent
+    was lost. Back in its conversation, the text is in the box again, with the reason under it; the
+    conversation they were in meanwhile keeps its box as it was."""
+    first = await sync_to_async(seed_conversations)(user)
+    lisbon = await Conversation.objects.aget(owner=user, title="Trip to Lisbon")
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    held: list[tuple[WebSocketRoute, str]] = []
+    await page.route_web_socket(re.compile(r"/ws/chat/"), hold_refusals(held))
+    await sign_in(page, site)
+    await page.locator(f'.conv-item[data-conversation-id="{first.pk}"] .conv-link').click()
+    await expect(page.locator(".message")).to_have_count(2)
+    await page.evaluate(
+        """() => {
+            const picker = document.getElementById("model-picker");
+            picker.append(new Option("gone-model", "gone-model"));
+            picker.value = "gone-model";
+        }"""
+    )
+    await send(page, "Hello there [[words=3]]")
+    await wait_until_async(lambda: held, "the refusal, held back")
+    await expect(page.locator(".message")).to_have_count(4)
+
+    await page.locator(f'.conv-item[data-conversation-id="{lisbon.pk}"] .conv-link').click()
+    await expect(page).to_have_url(re.compile(rf"/c/{lisbon.pk}/$"))
+    await page.locator("#prompt").fill("About Lisbon")
+    for page_side, message in held:
+        page_side.send(message)
+    await expect(page.locator(".toast")).to_contain_text("gone-model")
+    await expect(page.locator("#prompt")).to_have_value("About Lisbon")
+    await expect(page.locator("#composer-error")).to_be_hidden()
+    await page.locator("#prompt").fill("")
+
+    await page.locator(f'.conv-item[data-conversation-id="{first.pk}"] .conv-link').click()
+    await expect(page.locator(".message")).to_have_count(2)
+    await expect(page.locator(".message.user")).to_have_text(["How do I reverse a string in Python?"])
+    await expect(page.locator("#prompt")).to_have_value("Hello there [[words=3]]")
+    await expect(page.locator("#composer-error")).to_contain_text("gone-model")
+    await expect(page.locator("#composer-error")).to_be_visible()
+    assert await Message.objects.filter(conversation=first).acount() == 2
+    assert errors == []
     await page.close()

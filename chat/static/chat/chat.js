@@ -47,6 +47,7 @@
     newChatRequest: null, // request_id of a new chat's first reply, until the server gives it an id
     streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, userView, view, ...}
     loadToken: 0,
+    refused: new Map(), // conversation id (null: a new chat) -> {text, message} of a send refused while away
     renaming: false, // a title being typed in the list: redraws wait for it (renderSidebar)
     sidebarStale: false, // a redraw is owed once the rename is done
   };
@@ -309,7 +310,8 @@
 
   /* A send refused before its turn began (no chat.started: busy, a model not allowed, no budget...) saved
      nothing. Its message is taken back out of the transcript and its text put back in the box, to send
-     again once the reason (shown under the box) is dealt with; a reload shows the same. */
+     again once the reason (shown under the box) is dealt with; a reload shows the same. Refused once the
+     user has gone to another conversation, it waits for them there (giveBackRefused), and a toast says so. */
   function refuseSend(stream, message) {
     cancelAnimationFrame(stream.frame);
     state.streams.delete(stream.requestId);
@@ -318,16 +320,30 @@
       if (stream.userView) stream.userView.root.remove();
       stream.view.root.remove();
       if (!el.messages.querySelector(".message")) el.emptyState.hidden = false;
-      const typed = el.prompt.value;
-      // Whatever was typed meanwhile is kept, after the refused text.
-      if (typed !== stream.userText) el.prompt.value = typed.trim() ? `${stream.userText}\n\n${typed}` : stream.userText;
-      autosize();
-      showComposerError(message);
+      putBack(stream.userText, message);
     } else {
-      toast(message); // the user has gone to another conversation meanwhile
+      const where = stream.conversationId === null ? null : state.conversations.get(stream.conversationId);
+      state.refused.set(stream.conversationId, { text: stream.userText, message });
+      toast(`Not sent to “${where ? where.title : "New chat"}”: ${message} Your message waits there.`);
     }
     renderSidebar();
     updateComposer();
+  }
+
+  /* The refused text back in the box, and why under it; whatever was typed meanwhile is kept, after it. */
+  function putBack(text, message) {
+    const typed = el.prompt.value;
+    if (typed !== text) el.prompt.value = typed.trim() ? `${text}\n\n${typed}` : text;
+    autosize();
+    showComposerError(message);
+  }
+
+  /* On opening a conversation (null: a new chat) whose send was refused while the user was elsewhere. */
+  function giveBackRefused(id) {
+    const refused = state.refused.get(id);
+    if (!refused) return;
+    state.refused.delete(id);
+    putBack(refused.text, refused.message);
   }
 
   function showComposerError(message) {
@@ -663,6 +679,7 @@
     state.newChatRequest = null;
     detachStreams();
     clearMessages();
+    giveBackRefused(id);
     el.emptyState.hidden = true;
     if (push) history.pushState({ conversation: id }, "", `/c/${id}/`);
     closeSidebar();
@@ -777,6 +794,7 @@
     state.newChatRequest = null;
     detachStreams();
     clearMessages();
+    giveBackRefused(null);
     document.title = "Chat · llmhub";
     if (push) history.pushState({ conversation: null }, "", "/");
     closeSidebar();
