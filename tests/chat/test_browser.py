@@ -945,3 +945,38 @@ async def test_a_send_refused_after_its_conversation_was_left_is_given_back_ther
     assert await Message.objects.filter(conversation=first).acount() == 2
     assert errors == []
     await page.close()
+
+
+async def test_a_send_whose_connection_drops_before_the_reply_begins_can_be_sent_again(site, browser, user):
+    """The connection dropped after the message was sent but before its reply began: the page showed the
+    message under a failed reply, and its text was gone, with no way to send it again but typing it anew.
+    The text is now back in the box, with the reason under it, and goes once the page has reconnected."""
+    relay = await CuttableRelay(site).start()
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        await sign_in(page, relay)
+        await send(page, "Are you there? [[latency=5000]] [[words=4]]")
+        await wait_until_async(
+            lambda: Message.objects.filter(role=Role.ASSISTANT, status=MessageStatus.STREAMING).aexists(),
+            "the reply's row, waiting for its first token",
+        )
+        relay.cut()
+        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "closed")
+        await expect(page.locator("#prompt")).to_have_value("Are you there? [[latency=5000]] [[words=4]]")
+        await expect(page.locator("#composer-error")).to_contain_text("connection dropped")
+        await expect(page.locator("#composer-error")).to_be_visible()
+
+        relay.restore()
+        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open", timeout=30_000)
+        await page.locator("#prompt").press("Enter")
+        await expect(page.locator("#composer-error")).to_be_hidden()
+        reply = page.locator(".message.assistant").last
+        await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+        assert len((await reply.locator(".message-body").inner_text()).split()) == 4
+        await expect(page.locator("#prompt")).to_have_value("")
+        assert errors == []
+    finally:
+        await page.close()
+        await relay.close()

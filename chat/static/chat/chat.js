@@ -320,14 +320,22 @@
       if (stream.userView) stream.userView.root.remove();
       stream.view.root.remove();
       if (!el.messages.querySelector(".message")) el.emptyState.hidden = false;
-      putBack(stream.userText, message);
-    } else {
-      const where = stream.conversationId === null ? null : state.conversations.get(stream.conversationId);
-      state.refused.set(stream.conversationId, { text: stream.userText, message });
-      toast(`Not sent to “${where ? where.title : "New chat"}”: ${message} Your message waits there.`);
     }
+    giveBack(stream, message);
     renderSidebar();
     updateComposer();
+  }
+
+  /* The text of a send that got no reply, to send again: in the box when its conversation is on screen,
+     else kept for when the user goes back to it (giveBackRefused), which a toast says. */
+  function giveBack(stream, message) {
+    if (stream.view) {
+      putBack(stream.userText, message);
+      return;
+    }
+    const where = stream.conversationId === null ? null : state.conversations.get(stream.conversationId);
+    state.refused.set(stream.conversationId, { text: stream.userText, message });
+    toast(`In “${where ? where.title : "New chat"}”: ${message} Your message is back in its box there.`);
   }
 
   /* The refused text back in the box, and why under it; whatever was typed meanwhile is kept, after it. */
@@ -482,11 +490,16 @@
       state.socketOpen = false;
       clearInterval(state.pingTimer);
       clearTimeout(state.stableTimer);
-      // The server keeps what was written of an interrupted reply; show it as stopped.
+      // The server keeps what was written of an interrupted reply; show it as stopped. A reply that had not
+      // begun has nothing to show: its message goes back in the box too, to send again once reconnected
+      // (the server may have kept the message, under an empty stopped reply, as a reload shows).
       for (const stream of [...state.streams.values()]) {
-        finishStream(stream, stream.messageId ? "cancelled" : "error", {
-          error: "The connection dropped; the reply was stopped.",
-        });
+        if (stream.messageId) {
+          finishStream(stream, "cancelled", { error: "The connection dropped; the reply was stopped." });
+        } else {
+          finishStream(stream, "error", { error: "The connection dropped before the reply began." });
+          giveBack(stream, "The connection dropped before the reply began: send your message again once reconnected.");
+        }
       }
       if (closed.code === 4401) {
         setConnection("closed", "Signed out");
