@@ -467,6 +467,25 @@ async def test_api_keys_page(site, browser, user, artifacts_dir):
     await page.close()
 
 
+async def test_the_keys_page_gives_a_key_all_conversations_only_when_asked(site, browser, user):
+    """A key reaches only the conversations it started; the page can create one that reaches them all."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 760})
+    await sign_in(page, site)
+    await page.goto(site.url + "/keys/")
+    await page.get_by_label("Name").fill("app")
+    await page.get_by_role("button", name="Create key").click()
+    await expect(page.locator("#keys-body tr", has_text="app")).to_be_visible()
+    await page.get_by_label("Name").fill("assistant")
+    await page.get_by_label("Can read all conversations").check()
+    await page.get_by_role("button", name="Create key").click()
+    row = page.locator("#keys-body tr", has_text="assistant")
+    await expect(row).to_contain_text("reads all conversations")
+    await expect(page.get_by_label("Can read all conversations")).not_to_be_checked()
+    scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
+    assert scopes == {"app": [], "assistant": ["conversations:manage"]}
+    await page.close()
+
+
 async def pause_clock(page: Page) -> None:
     """Stop the page's fake clock about where it is: no timer fires until ``page.clock.resume()``."""
     for _ in range(3):

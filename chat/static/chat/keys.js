@@ -8,6 +8,7 @@
   const form = $("create-key");
   const nameInput = $("key-name");
   const manageInput = $("key-manage");
+  const conversationsInput = $("key-conversations");
   const createButton = $("create-key-button");
   const createError = $("create-error");
   const secretBox = $("new-secret");
@@ -33,6 +34,7 @@
     const td = cell(key.name);
     const notes = [];
     if ((key.scopes || []).includes("keys:manage")) notes.push("manages keys");
+    if ((key.scopes || []).includes("conversations:manage")) notes.push("reads all conversations");
     if (key.parent) notes.push("created by a key");
     if (notes.length) {
       const note = document.createElement("small");
@@ -118,13 +120,16 @@
     createButton.disabled = true;
     try {
       const request = { name: nameInput.value.trim() };
-      if (manageInput.checked) request.scopes = ["keys:manage"];
+      request.scopes = [];
+      if (manageInput.checked) request.scopes.push("keys:manage");
+      if (conversationsInput.checked) request.scopes.push("conversations:manage");
       const created = await api("/api/keys/", { method: "POST", body: request });
       secretValue.textContent = created.secret;
       secretBox.hidden = false;
       secretValue.focus();
       nameInput.value = "";
       manageInput.checked = false;
+      conversationsInput.checked = false;
       await loadKeys();
     } catch (error) {
       createError.textContent = error.message;
