@@ -14,13 +14,25 @@ from typing import Any
 
 from celery import Celery, states
 from celery.exceptions import Retry
-from celery.signals import task_postrun, task_prerun
+from celery.signals import setup_logging, task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 
 app = Celery("llmhub")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@setup_logging.connect
+def _logging_from_settings(**_: Any) -> None:
+    """The worker and beat log as the web server does: Django's ``LOGGING`` (llmhub/logging.py; JSON lines in
+    production), not Celery's own text lines on a root logger it takes over. Connecting here is what tells
+    Celery to leave logging alone; ``LOG_LEVEL`` sets the level, as for the web server (``-l`` is not read)."""
+    from django.conf import settings
+    from django.utils.log import configure_logging
+
+    configure_logging(settings.LOGGING_CONFIG, settings.LOGGING)
+
 
 # When each run this process is running began (monotonic), by task id; a run takes its entry out as it ends.
 _started: dict[str, float] = {}

@@ -22,7 +22,7 @@ from billing.services.keys import api_key_create
 from llmhub.logging import JsonFormatter, RequestIdFilter, logging_settings
 from providers.models import CatalogModel, Deployment
 from tests.factories import ProviderFactory, UserFactory
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # The loggers a /v1 request's handling writes to: ours, Django's request log, the provider SDK's.
@@ -245,3 +245,76 @@ async def test_a_background_writer_a_request_starts_does_not_log_under_its_id(js
     assert await UsageRecord.objects.filter(request_id="req_starts_the_writer", user_id=None).aexists()
     [warning] = [line for line in json_lines.objects() if "deleted users" in line["message"]]
     assert warning["request_id"] is None
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("program", "ready"),
+    [
+        (["worker", "-l", "info", "--concurrency", "1", "--without-gossip", "--without-mingle"], "ready."),
+        (["beat", "-l", "info", "--scheduler", "celery.beat:PersistentScheduler"], "beat: Starting..."),
+    ],
+    ids=["worker", "beat"],
+)
+def test_celery_worker_and_beat_log_json_lines_under_production_settings(program, ready, tmp_path, redis_url):
+    """`celery -A llmhub worker` and `beat` as docker-compose.yml runs them, under the production settings: their
+    records (Celery's own and a task's) are JSON lines like the web server's, not Celery's text format."""
+    from cryptography.fernet import Fernet
+
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT)}
+    environment.update(
+        DJANGO_SETTINGS_MODULE="llmhub.settings.production",
+        SECRET_KEY="production-like-secret-" + "x7Qp2Lm9Zr4Tb8Wn" * 3,
+        FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        ALLOWED_HOSTS="llmhub.example.com",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        REDIS_URL=redis_url.rsplit("/", 1)[0] + "/12",
+        LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+    )
+    if os.geteuid() == 0:
+        # The image runs as a user of its own; as root the worker warns so before logging is set up, in text.
+        environment["PYTHONWARNINGS"] = "ignore:You're running the worker with superuser privileges"
+    if program[0] == "beat":
+        program = [*program, "--schedule", str(tmp_path / "beat-schedule")]
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "llmhub", *program],
+            cwd=tmp_path,
+            env=environment,
+            stdout=subprocess.DEVNULL,  # the worker's start-up banner, not a log record
+            stderr=stderr,
+        )
+    try:
+        wait_until(
+            lambda: ready in stderr_path.read_text() or process.poll() is not None,
+            lambda: f"celery {program[0]} starts; its stderr:\n{stderr_path.read_text()}",
+            timeout=60,
+            interval=0.2,
+        )
+        assert process.poll() is None, stderr_path.read_text()
+        if program[0] == "worker":
+            from celery import Celery
+
+            Celery(broker=environment["REDIS_URL"]).send_task("billing.tasks.ledger_spool_replay")
+            wait_until(
+                lambda: "succeeded" in stderr_path.read_text(),
+                lambda: f"the worker runs a task; its stderr:\n{stderr_path.read_text()}",
+                timeout=30,
+                interval=0.2,
+            )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    lines = [line for line in stderr_path.read_text().splitlines() if line.strip()]
+    not_json = []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            not_json.append(line)
+    assert not not_json, "lines that are not JSON:\n" + "\n".join(not_json)
+    assert any(ready in record["message"] for record in records), records
+    assert all({"time", "level", "logger", "message", "request_id"} <= set(record) for record in records)
