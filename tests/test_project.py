@@ -142,6 +142,42 @@ def test_development_generates_a_private_encryption_key_once(tmp_path):
     assert key_file.read_text().strip() == key, "a second start must reuse the key, or stored secrets are lost"
 
 
+# Environment variables ----------------------------------------------------------------------------
+
+# env("NAME"), env.bool("NAME", ...) and the like in the settings; production.py reads its secrets with os.environ.
+SETTINGS_READS = re.compile(r'(?:\benv(?:\.\w+)?|os\.environ\.get)\(\s*"([A-Z][A-Z0-9_]*)"')
+APP_SOURCES = ("llmhub", "core", "audit", "accounts", "providers", "billing", "prompts", "experiments", "chat")
+
+
+def documentation() -> str:
+    return "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+
+
+def named(variable: str, text: str) -> bool:
+    return re.search(rf"(?<![A-Z0-9_]){variable}(?![A-Z0-9_])", text) is not None
+
+
+def test_every_environment_variable_the_settings_read_is_documented():
+    read = set()
+    for module in ("base.py", "production.py"):
+        read |= set(SETTINGS_READS.findall((ROOT / "llmhub" / "settings" / module).read_text()))
+    assert {"SECRET_KEY", "FIELD_ENCRYPTION_KEYS", "ALLOWED_HOSTS", "SECURE_HSTS_SECONDS"} <= read  # the pattern works
+    text = documentation()
+    undocumented = sorted(variable for variable in read if not named(variable, text))
+    assert not undocumented, f"read by the settings, named nowhere in README.md or docs/: {undocumented}"
+
+
+def test_every_variable_the_configuration_table_and_compose_name_is_read():
+    section = ROOT.joinpath("README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    documented = {name for cell in first_cells for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)}
+    environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-llmhub-environment"]
+    sources = [path for source in (*APP_SOURCES, "scripts") for path in (ROOT / source).rglob("*.py")]
+    code = "\n".join(path.read_text() for path in sources if "migrations" not in path.parts)
+    unread = sorted(name for name in documented | set(environment) if not named(name, code))
+    assert not unread, f"documented or set by docker-compose.yml, read by nothing: {unread}"
+
+
 # docker-compose -----------------------------------------------------------------------------------
 
 APP_SERVICES = ("migrate", "web", "worker", "beat")
