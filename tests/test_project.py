@@ -226,6 +226,19 @@ def test_compose_starts_services_only_once_their_dependencies_are_ready(compose)
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
+def test_compose_lets_the_operator_name_the_proxy_uvicorn_trusts(compose):
+    """Behind the TLS proxy, uvicorn takes a client's address from X-Forwarded-For only when the proxy's address is
+    in FORWARDED_ALLOW_IPS (127.0.0.1 unless set): compose passes the operator's value to web, the README says to
+    set it, and web keeps the environment every app service shares."""
+    web = compose["services"]["web"]
+    assert "--proxy-headers" in web["command"]
+    assert web["environment"]["FORWARDED_ALLOW_IPS"] == "${FORWARDED_ALLOW_IPS:-127.0.0.1}"
+    shared = compose["x-llmhub-environment"]
+    assert {name: web["environment"][name] for name in shared} == shared
+    deploying = (ROOT / "README.md").read_text().split("## Deploying with Docker Compose", 1)[1].split("\n## ", 1)[0]
+    assert "FORWARDED_ALLOW_IPS" in deploying
+
+
 def test_docker_build_context_leaves_developer_secrets_out():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".local", ".env", ".venv", ".git", "db.sqlite3"} <= ignored
