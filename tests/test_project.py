@@ -126,6 +126,23 @@ def test_production_refuses_to_start_without_its_secrets(overrides, variable):
             assert value not in result.stderr
 
 
+def test_production_reads_its_secrets_from_the_env_file_too(tmp_path):
+    """README: settings come from the environment or a `.env` file next to manage.py; production's refusal to start
+    without its secrets looks at both (the environment wins)."""
+    project = copy_project(tmp_path / "project")
+    secrets_in_file = production_env()
+    names = ("SECRET_KEY", "FIELD_ENCRYPTION_KEYS", "ALLOWED_HOSTS")
+    (project / ".env").write_text("".join(f"{name}={secrets_in_file[name]}\n" for name in names))
+    env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.production")
+    result = manage("check", "--deploy", "--fail-level", "WARNING", cwd=project, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (project / ".local").exists(), "production must never make a development key"
+
+    env["SECRET_KEY"] = "short-and-weak"
+    refused = manage("check", cwd=project, env=env)
+    assert refused.returncode != 0 and "SECRET_KEY is too weak" in refused.stderr
+
+
 def test_development_generates_a_private_encryption_key_once(tmp_path):
     project = copy_project(tmp_path / "project")
     env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base")

@@ -15,13 +15,13 @@ import environ
 
 from core.metrics import metrics_directory_choose
 from llmhub.logging import logging_settings
+from llmhub.settings import env_file_read
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 LOCAL_DIR = BASE_DIR / ".local"
 
 env = environ.Env()
-if (BASE_DIR / ".env").exists():
-    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+env_file_read()
 
 logger = logging.getLogger("llmhub.settings")
 

@@ -1,7 +1,8 @@
 """Production settings: no default for a secret, HTTPS assumed, refuse to start when misconfigured.
 
 A missing or malformed secret stops the process with a single line on stderr instead of a
-traceback, so the reason is the first thing an operator reads in the container log.
+traceback, so the reason is the first thing an operator reads in the container log. The secrets may be
+in the environment or in the ``.env`` file next to ``manage.py``, read first (the environment wins).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import base64
 import binascii
 import os
 import sys
+
+from llmhub.settings import env_file_read
 
 
 def _refuse(reason: str) -> None:
@@ -36,6 +39,7 @@ def _check_secrets() -> None:
             _refuse(f"FIELD_ENCRYPTION_KEYS key #{position} is not a valid Fernet key (32 url-safe base64 bytes).")
 
 
+env_file_read()
 _check_secrets()
 
 from llmhub.logging import logging_settings  # noqa: E402
