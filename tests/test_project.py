@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import socketserver
 import stat
 import string
 import subprocess
@@ -141,6 +142,73 @@ def test_production_reads_its_secrets_from_the_env_file_too(tmp_path):
     env["SECRET_KEY"] = "short-and-weak"
     refused = manage("check", cwd=project, env=env)
     assert refused.returncode != 0 and "SECRET_KEY is too weak" in refused.stderr
+
+
+class SmtpSink(socketserver.ThreadingTCPServer):
+    """Just enough of an SMTP server to take mail: each message's envelope sender and its text."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str]] = []
+        super().__init__(("127.0.0.1", 0), _SmtpSession)
+
+
+class _SmtpSession(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        def say(line: str) -> None:
+            self.wfile.write(line.encode() + b"\r\n")
+
+        say("220 sink")
+        sender, data, lines = "", False, []
+        while line := self.rfile.readline():
+            if data:
+                if line == b".\r\n":
+                    self.server.messages.append((sender, b"".join(lines).decode()))
+                    data, lines = False, []
+                    say("250 queued")
+                else:
+                    lines.append(line)
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                say("250 sink")
+            elif verb == b"MAIL":
+                sender = line.decode().split(":", 1)[1].strip().strip("<>")
+                say("250 ok")
+            elif verb == b"DATA":
+                data = True
+                say("354 go ahead")
+            elif verb == b"QUIT":
+                say("221 bye")
+                return
+            else:
+                say("250 ok")
+
+
+def test_production_sends_mail_through_the_smtp_server_the_environment_names(tmp_path):
+    """Alerts and password resets go out by SMTP in production: the server, its login and the sender's address
+    come from the EMAIL_* variables (docs/alerts.md), not Django's localhost:25 and webmaster@localhost."""
+    sink = SmtpSink()
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    try:
+        env = production_env(
+            DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            EMAIL_HOST="127.0.0.1",
+            EMAIL_PORT=str(sink.server_address[1]),
+            EMAIL_HOST_USER="",
+            EMAIL_TIMEOUT="10",
+            DEFAULT_FROM_EMAIL="llmhub@example.com",
+        )
+        result = manage("sendtestemail", "ops@example.com", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        ((sender, text),) = sink.messages
+        assert sender == "llmhub@example.com"
+        assert "To: ops@example.com" in text
+    finally:
+        sink.shutdown()
+        sink.server_close()
 
 
 def test_development_generates_a_private_encryption_key_once(tmp_path):

@@ -473,6 +473,17 @@ ADMINS = [("", address) for address in env.list("ADMINS", default=[])]
 # Development prints alert mails in the worker's output (`make run` has no mail server: Django's SMTP
 # default made every alert mail fail and retry); production.py sends through SMTP unless told otherwise.
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+# The SMTP server mails go through (production's backend; alerts, password resets) and the sender's address:
+# Django's settings of the same names, from the environment. https://docs.djangoproject.com/en/5.2/ref/settings/#email-host
+EMAIL_HOST = env("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=25)
+EMAIL_HOST_USER = env("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
+EMAIL_USE_SSL = env.bool("EMAIL_USE_SSL", default=False)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=30)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="webmaster@localhost")
+SERVER_EMAIL = env("SERVER_EMAIL", default=DEFAULT_FROM_EMAIL)
 
 # JWT SIGN-IN (docs/auth.md): `Authorization: Bearer <JWT>` on /v1/*, /api/* and the WebSocket. Off unless a
 # JWKS URL (RS256/ES256) or a shared secret (HS256) is set; issuer and audience are then required.
