@@ -7,6 +7,7 @@ so that the test settings this process runs under do not hide a problem.
 
 from __future__ import annotations
 
+import fnmatch
 import http.cookiejar
 import importlib.util
 import io
@@ -322,6 +323,20 @@ def test_compose_lets_the_operator_name_the_proxy_uvicorn_trusts(compose):
     assert {name: web["environment"][name] for name in shared} == shared
     deploying = (ROOT / "README.md").read_text().split("## Deploying with Docker Compose", 1)[1].split("\n## ", 1)[0]
     assert "FORWARDED_ALLOW_IPS" in deploying
+
+
+def test_compose_hands_every_other_setting_to_every_app_service_from_a_private_file(compose):
+    """Compose passes a container only the variables it names: the rest of the configuration table reaches web,
+    worker, beat and migrate alike from .env.llmhub, optional, which neither git nor the image takes in."""
+    for name in APP_SERVICES:
+        assert compose["services"][name]["env_file"] == [{"path": ".env.llmhub", "required": False}], name
+    ignored_by_docker = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert any(fnmatch.fnmatch(".env.llmhub", pattern) for pattern in ignored_by_docker if pattern)
+    for secrets_file in (".env.llmhub", ".env"):
+        check = subprocess.run(["git", "check-ignore", "-q", secrets_file], cwd=ROOT, check=False)
+        assert check.returncode == 0, f"git would take in the operator's secrets in {secrets_file}"
+    deploying = (ROOT / "README.md").read_text().split("## Deploying with Docker Compose", 1)[1].split("\n## ", 1)[0]
+    assert ".env.llmhub" in deploying
 
 
 def test_docker_build_context_leaves_developer_secrets_out():
