@@ -618,6 +618,68 @@ def test_make_run_twice_keeps_one_admin_one_demo_user_and_one_catalog(tmp_path):
     assert "user 'demo' (Pro plan)" in third.stdout, third.stdout
 
 
+def test_a_plain_http_trial_of_production_can_sign_in_to_the_admin(tmp_path):
+    """README: SECURE_SSL_REDIRECT=false with SESSION_COOKIE_SECURE and CSRF_COOKIE_SECURE false serves plain HTTP
+    for a trial. A browser keeps no Secure cookie from a plain-HTTP site (localhost aside), and neither does
+    http.cookiejar: without its CSRF cookie the sign-in form is refused with 403."""
+    env = production_env(
+        SECURE_SSL_REDIRECT="false",
+        SESSION_COOKIE_SECURE="false",
+        CSRF_COOKIE_SECURE="false",
+        ALLOWED_HOSTS="127.0.0.1",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+    )
+    assert manage("migrate", "--noinput", env=env).returncode == 0
+    password = secrets.token_urlsafe(16)
+    created = manage(
+        "createsuperuser",
+        "--noinput",
+        "--username",
+        "first",
+        "--email",
+        "first@example.com",
+        env={**env, "DJANGO_SUPERUSER_PASSWORD": password},
+    )
+    assert created.returncode == 0, created.stderr
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "off"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+        def login_page() -> str | None:
+            try:
+                with browser.open(f"{base}/admin/login/", timeout=2) as response:
+                    return response.read().decode()
+            except OSError:
+                assert server.poll() is None, f"the server ended with status {server.returncode}"
+                return None
+
+        page = wait_until(login_page, "the server serves the admin's sign-in page", timeout=30, interval=0.2)
+        # A Secure cookie is kept but never sent back over plain HTTP: the form would be refused (403).
+        assert [(cookie.name, cookie.secure) for cookie in jar] == [("csrftoken", False)]
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+        form = urllib.parse.urlencode({"username": "first", "password": password, "csrfmiddlewaretoken": token})
+        request = urllib.request.Request(
+            f"{base}/admin/login/?next=/admin/", data=form.encode(), headers={"Origin": base}
+        )
+        with browser.open(request, timeout=10) as response:
+            assert response.status == 200 and response.url == f"{base}/admin/"
+            assert "Site administration" in response.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_production_serves_collected_static_files_itself(tmp_path):
     """With DEBUG off, the admin's and the chat page's assets come from STATIC_ROOT through ServeStatic."""
     env = production_env(

@@ -59,8 +59,10 @@ SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 # The orchestrator probes the container over plain HTTP (llmhub/probes.py), and Prometheus scrapes it so
 # (llmhub/metrics.py: a token or an allowed address; over plain HTTP, prefer the allow-list to a token).
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
-SESSION_COOKIE_SECURE = True
-CSRF_COOKIE_SECURE = True
+# Cookies only over HTTPS. A trial over plain HTTP (SECURE_SSL_REDIRECT=false) needs both off as well: a browser
+# keeps no Secure cookie from a plain-HTTP site (localhost aside), so no sign-in form would pass its CSRF check.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=True)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=True)
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 30)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=True)
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=True)
