@@ -22,6 +22,8 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from core.exceptions import ApplicationError
+from prompts.models import PromptVersion
+from providers.models import Deployment
 
 from . import services
 from .models import AllocationStep, Experiment, ExperimentStatus, Feedback, Metric, Variant
@@ -86,6 +88,15 @@ class VariantInline(admin.TabularInline):
 
     def get_extra(self, request: HttpRequest, obj: Experiment | None = None, **kwargs: Any) -> int:
         return 2 if obj is None else 0  # a new experiment starts with a control and a treatment to fill in
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        # An option's label names the deployment's model ("model/name") and the version's template ("slug vN"):
+        # read with the choices, or each option of each row's select costs a query.
+        if db_field.name == "deployment":
+            kwargs["queryset"] = Deployment.objects.select_related("model")
+        elif db_field.name == "prompt_version":
+            kwargs["queryset"] = PromptVersion.objects.select_related("template")
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Experiment | None = None) -> tuple[str, ...]:
         if _concluded(obj):

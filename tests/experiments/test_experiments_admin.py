@@ -11,14 +11,18 @@ from typing import Any
 import pytest
 from django.contrib import messages
 from django.contrib.admin.widgets import AdminSplitDateTime
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from accounts.roles import Role, role_set
 from audit.models import AuditEvent
 from experiments.layout import bucket_of, layout_owner
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback, Variant
-from tests.factories import UserFactory
+from prompts.models import PromptTemplate
+from prompts.services import prompt_version_create
+from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -385,3 +389,27 @@ def test_a_running_experiments_new_rollout_step_is_checked_from_its_allocations_
         response = operator_client.post(change_url(ab.experiment), data, follow=True)
         assert shown in response.content.decode(), allocations
         assert AllocationStep.objects.count() == 1
+
+
+def test_a_drafts_change_page_costs_the_same_queries_however_big_the_catalog(operator_client, ab_experiment):
+    """The variants' selects list every deployment ("model/name") and every prompt version ("slug vN"): their
+    labels are read with the choices, not one query an option."""
+    ab = ab_experiment(status=ExperimentStatus.DRAFT)
+
+    def queries() -> tuple[int, str]:
+        with CaptureQueriesContext(connection) as captured:
+            response = operator_client.get(change_url(ab.experiment))
+        assert response.status_code == 200
+        return len(captured), response.content.decode()
+
+    template = PromptTemplate.objects.create(slug="ad-copy")
+    prompt_version_create(template=template, messages=[{"role": "user", "content": "hi"}])
+    few, _ = queries()
+    for n in range(8):
+        DeploymentFactory(model=ModelFactory(name=f"other-{n}"), name=f"east-{n}")
+        prompt_version_create(template=template, messages=[{"role": "user", "content": f"hi {n}"}])
+    many, page = queries()
+
+    assert many == few
+    assert ">other-7/east-7</option>" in page
+    assert ">ad-copy v9</option>" in page
