@@ -225,7 +225,17 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "error_type",
         "usage_estimated",
     )
-    list_filter = ("status", "endpoint", "model_name", "provider_name", "stream", "usage_estimated")
+    # The model and provider are offered from the catalog and filtered on their keys (indexed in the ledger):
+    # the names' own filters read the distinct names of the whole ledger at every page view (docs/ledger.md,
+    # "The admin at scale"). A row whose model or provider is gone since is found under "-" (empty).
+    list_filter = (
+        "status",
+        "endpoint",
+        ("model", admin.RelatedFieldListFilter),
+        ("provider", admin.RelatedFieldListFilter),
+        "stream",
+        "usage_estimated",
+    )
     list_select_related = ("user",)
     search_fields = ("request_id", "user__username", "model_name")
     date_hierarchy = "created_at"
