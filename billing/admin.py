@@ -227,8 +227,11 @@ class UsageRecordAdmin(admin.ModelAdmin):
     )
     # The model and provider are offered from the catalog and filtered on their keys (indexed in the ledger):
     # the names' own filters read the distinct names of the whole ledger at every page view (docs/ledger.md,
-    # "The admin at scale"). A row whose model or provider is gone since is found under "-" (empty).
+    # "The admin at scale"). A row whose model or provider is gone since is found under "-" (empty). Dates by
+    # the date filter's ranges (on the created_at index), not a date hierarchy, whose levels read the distinct
+    # months of the whole ledger, or days of a month, at every view.
     list_filter = (
+        ("created_at", admin.DateFieldListFilter),
         "status",
         "endpoint",
         ("model", admin.RelatedFieldListFilter),
@@ -238,7 +241,6 @@ class UsageRecordAdmin(admin.ModelAdmin):
     )
     list_select_related = ("user",)
     search_fields = ("request_id", "user__username", "model_name")
-    date_hierarchy = "created_at"
     ordering = ("-created_at",)
     show_full_result_count = False
     readonly_fields = ("cost_breakdown",)

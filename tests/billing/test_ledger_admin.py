@@ -3,7 +3,10 @@ each rule are in docs/ledger.md ("The admin at scale"); here each is pinned by w
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+import time_machine
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -43,3 +46,32 @@ def test_the_model_and_provider_filters_list_the_catalog_and_filter_on_its_keys(
     assert ledger_page(admin_client, model__id__exact=str(served.pk))[0] == [mine]
     assert ledger_page(admin_client, model__id__exact=str(idle.pk))[0] == []
     assert ledger_page(admin_client, provider__id__exact=str(east.pk))[0] == [mine]
+
+
+def test_the_list_is_narrowed_by_date_without_reading_the_ledgers_dates(admin_client):
+    """No date hierarchy: its first level reads the distinct months of the whole ledger, its second the distinct
+    days of a month. The date filter's ranges (today, the past 7 days, this month, this year) need no query."""
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+    today = UsageRecordFactory(created_at=now - timedelta(hours=1))
+    last_week = UsageRecordFactory(created_at=now - timedelta(days=5))
+    last_month = UsageRecordFactory(created_at=now - timedelta(days=20))
+    UsageRecordFactory(created_at=now - timedelta(days=400))
+
+    with time_machine.travel(now, tick=False):
+        shown, reads = ledger_page(admin_client)
+        page = admin_client.get(CHANGELIST).content.decode()
+        assert len(shown) == 4
+        assert not [sql for sql in reads if "DISTINCT" in sql], reads
+        assert "Past 7 days" in page
+
+        def since(days: int) -> list:
+            start = (now - timedelta(days=days)).date()
+            tomorrow = (now + timedelta(days=1)).date()
+            return ledger_page(
+                admin_client, created_at__gte=f"{start} 00:00:00+00:00", created_at__lt=f"{tomorrow} 00:00:00+00:00"
+            )[0]
+
+        assert since(0) == [today]
+        assert since(7) == [today, last_week]
+        assert ledger_page(admin_client, created_at__gte="2026-03-01 00:00:00+00:00")[0] == [today, last_week]
+        assert last_month in ledger_page(admin_client, created_at__gte="2026-01-01 00:00:00+00:00")[0]
