@@ -12,7 +12,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory
+from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -75,3 +75,25 @@ def test_the_list_is_narrowed_by_date_without_reading_the_ledgers_dates(admin_cl
         assert since(7) == [today, last_week]
         assert ledger_page(admin_client, created_at__gte="2026-03-01 00:00:00+00:00")[0] == [today, last_week]
         assert last_month in ledger_page(admin_client, created_at__gte="2026-01-01 00:00:00+00:00")[0]
+
+
+def test_the_search_finds_a_request_id_or_a_users_rows_through_the_indexes(admin_client):
+    """A search looks a request id up in its unique index, and a user (username or email, any case) in the users'
+    table, then their rows in the (user, created_at) index; a ``LIKE '%…%'`` on the ledger (joined to the users)
+    read every row of it."""
+    ana = UserFactory(username="ana", email="ana@example.com")
+    hers = [UsageRecordFactory(user=ana, request_id=f"req-ana-{n}") for n in range(2)]
+    other = UsageRecordFactory(request_id="req-other-1", model_name="ana-model")
+
+    def search(term: str) -> set[str]:
+        shown, reads = ledger_page(admin_client, q=term)
+        assert not [sql for sql in reads if "LIKE" in sql], reads
+        return {row.request_id for row in shown}
+
+    assert search("req-other-1") == {other.request_id}
+    assert search("  req-other-1 ") == {other.request_id}
+    assert search("ANA") == {row.request_id for row in hers}
+    assert search("Ana@Example.com") == {row.request_id for row in hers}
+    assert search("req-ana") == set()  # a part of an id is not looked up: it would read the whole ledger
+    assert search("nobody") == set()
+    assert "exactly" in admin_client.get(CHANGELIST).content.decode()  # the search box says so
