@@ -15,6 +15,7 @@ from django.utils.html import format_html
 
 from .exports import audit_csv_response
 from .models import AuditEvent
+from .selectors import audit_search_q
 
 
 class IndexedValuesFilter(admin.SimpleListFilter):
@@ -60,7 +61,11 @@ class AuditEventAdmin(admin.ModelAdmin):
     # Dates by the date filter's ranges: a date hierarchy reads the distinct months of the whole log, or the days
     # of a month, at every view.
     list_filter = (ActionFilter, "actor_type", TargetTypeFilter, "created_at")
-    search_fields = ("action", "actor_repr", "actor_id", "target_type", "target_id", "target_repr", "ip_address")
+    search_fields = ("action", "actor_repr", "target_id", "target_repr", "ip_address")  # see get_search_results
+    search_help_text = (
+        "An actor (a username, a key prefix, system, or type:id such as user:42), an action, a target's id or "
+        "name, or an IP address, written out exactly."
+    )
     ordering = ("-seq",)
     show_full_result_count = False
     actions = ("export_csv",)
@@ -82,6 +87,12 @@ class AuditEventAdmin(admin.ModelAdmin):
     )
     readonly_fields = fields
     change_list_template = "admin/audit/auditevent/change_list.html"
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[AuditEvent], search_term: str
+    ) -> tuple[QuerySet[AuditEvent], bool]:
+        term = search_term.strip()
+        return (queryset.filter(audit_search_q(term)) if term else queryset), False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -46,7 +46,16 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-seq"]
-        indexes = [models.Index(fields=["target_type", "target_id"])]
+        indexes = [
+            models.Index(fields=["target_type", "target_id"]),
+            # What the admin's search looks up, whole (audit.selectors.audit_search_q; the API's actor filter too):
+            # without them, each search read the whole log (docs/ledger.md, "The admin at scale").
+            models.Index(fields=["actor_repr"], name="audit_actor_repr_idx"),
+            models.Index(fields=["actor_type", "actor_id"], name="audit_actor_idx"),
+            models.Index(fields=["target_id"], name="audit_target_id_idx"),
+            models.Index(fields=["target_repr"], name="audit_target_repr_idx"),
+            models.Index(fields=["ip_address"], name="audit_ip_address_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} {self.target_type}:{self.target_id} by {self.actor_repr or self.actor_type}"
