@@ -231,6 +231,18 @@ class DeploymentInline(admin.TabularInline):
     def get_extra(self, request: HttpRequest, obj: CatalogModel | None = None, **kwargs: Any) -> int:
         return 1 if obj is None else 0  # a new model starts with one deployment row to fill in
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Deployment]:
+        # A row names itself after its model ("model/name"): read with the rows, not one query a row.
+        return super().get_queryset(request).select_related("model")
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if db_field.name == "provider" and field is not None:
+            # The providers are read once for the page: each row's select copies the field, and a copy with
+            # a queryset for its choices reads it again (one query a deployment).
+            field.choices = list(field.choices)
+        return field
+
 
 class CatalogModelAdminForm(forms.ModelForm):
     """No Meta: ``CatalogModelAdmin`` builds the form for its fieldsets."""
