@@ -6,7 +6,6 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -16,6 +15,7 @@ from django.utils.safestring import SafeString
 from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
+from .selectors import user_ids_named
 from .services.keys import api_key_change, api_key_create, api_key_delete, api_key_revoke, api_key_rotate
 
 # API KEYS
@@ -208,8 +208,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 # USAGE LEDGER
 
-SEARCH_USERS_AT_MOST = 20  # users sharing one email: their rows are looked up in one go
-
 
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
@@ -294,9 +292,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        users = get_user_model().objects.filter(Q(username__iexact=term) | Q(email__iexact=term))
-        user_ids = list(users.values_list("pk", flat=True)[:SEARCH_USERS_AT_MOST])
-        return queryset.filter(Q(request_id=term) | Q(user_id__in=user_ids)), False
+        return queryset.filter(Q(request_id=term) | Q(user_id__in=user_ids_named(term))), False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

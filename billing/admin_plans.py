@@ -11,8 +11,10 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
 from core.outbox import deliveries_send_again, send_again_report
+from providers.admin_filters import CatalogModelNameFilter, ProviderNameFilter
 
 from .models import BudgetAlert, BudgetCounter, DailyUsage, Plan, UserPlan
+from .selectors import user_ids_named
 from .services.alert_sweep import budget_alert_deliveries
 from .services.counters import budget_counters_reconcile
 from .services.plans import plan_assign
@@ -150,11 +152,21 @@ class DailyUsageAdmin(_ReadOnlyAdmin):
         "completion_tokens",
         "cost",
     )
-    list_filter = ("provider_name", "model_name")
+    # Thousands of rows a day (docs/ledger.md, "The admin at scale"): the provider and model offered from the
+    # catalog, days by the date filter's ranges (not a date hierarchy: distinct months of every row), one count,
+    # and a user looked up whole (their rows in the (user, day) index) rather than LIKE on the joined username.
+    list_filter = (("day", admin.DateFieldListFilter), ProviderNameFilter, CatalogModelNameFilter)
     list_select_related = ("user", "api_key")
-    search_fields = ("user__username", "model_name")
-    date_hierarchy = "day"
+    show_full_result_count = False
+    search_fields = ("user__username", "user__email")  # see get_search_results
+    search_help_text = "A user's username or email, written out exactly (any case)."
     actions = ("rebuild",)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[DailyUsage], search_term: str
+    ) -> tuple[QuerySet[DailyUsage], bool]:
+        term = search_term.strip()
+        return (queryset.filter(user_id__in=user_ids_named(term)) if term else queryset), False
 
     @admin.action(description="Rebuild the selected days from the ledger")
     def rebuild(self, request: HttpRequest, queryset: QuerySet[DailyUsage]) -> None:

@@ -3,7 +3,7 @@ each rule are in docs/ledger.md ("The admin at scale"); here each is pinned by w
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import time_machine
@@ -12,6 +12,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from billing.models import DailyUsage
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -97,3 +98,34 @@ def test_the_search_finds_a_request_id_or_a_users_rows_through_the_indexes(admin
     assert search("req-ana") == set()  # a part of an id is not looked up: it would read the whole ledger
     assert search("nobody") == set()
     assert "exactly" in admin_client.get(CHANGELIST).content.decode()  # the search box says so
+
+
+def test_the_daily_rollups_list_reads_no_distinct_values_counts_once_and_searches_users_by_index(admin_client):
+    """The rollup grows by thousands of rows a day: the same rules as the ledger's list."""
+    ProviderFactory(name="east")
+    ModelFactory(name="served")
+    ana = UserFactory(username="ana")
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+    hers = DailyUsage.objects.create(day=now.date(), user=ana, provider_name="east", model_name="served")
+    old = DailyUsage.objects.create(day=date(2025, 6, 1), user=UserFactory(), provider_name="gone", model_name="old")
+    url = reverse("admin:billing_dailyusage_changelist")
+
+    def rollups(**params: str) -> tuple[list, list[str], str]:
+        with CaptureQueriesContext(connection) as captured:
+            response = admin_client.get(url, params)
+        assert response.status_code == 200
+        reads = [query["sql"] for query in captured if '"billing_dailyusage"' in query["sql"]]
+        return list(response.context["cl"].result_list), reads, response.content.decode()
+
+    with time_machine.travel(now, tick=False):
+        shown, reads, page = rollups()
+        assert shown == [hers, old]
+        assert not [sql for sql in reads if "DISTINCT" in sql or "LIKE" in sql], reads
+        assert len([sql for sql in reads if "COUNT(" in sql]) == 1
+        assert 'href="?model_name=served"' in page and 'href="?provider_name=east"' in page
+        assert rollups(model_name="old")[0] == [old]
+        assert rollups(provider_name="east")[0] == [hers]
+        assert rollups(day__gte="2026-03-01")[0] == [hers]
+        shown, reads, _ = rollups(q="ANA")
+        assert shown == [hers]
+        assert not [sql for sql in reads if "LIKE" in sql], reads
