@@ -13,6 +13,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import path
 from django.utils.html import format_html
 
+from core.paginators import EstimatedCountPaginator
+
 from .exports import audit_csv_response
 from .models import AuditEvent
 from .selectors import audit_search_q
@@ -68,6 +70,7 @@ class AuditEventAdmin(admin.ModelAdmin):
     )
     ordering = ("-seq",)
     show_full_result_count = False
+    paginator = EstimatedCountPaginator
     actions = ("export_csv",)
     fields = (
         "seq",

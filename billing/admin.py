@@ -12,6 +12,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from core.paginators import EstimatedCountPaginator
+
 from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
@@ -245,6 +247,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
     search_help_text = "A request id, or a user's username or email, written out exactly (any case for a user)."
     ordering = ("-created_at",)
     show_full_result_count = False
+    paginator = EstimatedCountPaginator
     readonly_fields = ("cost_breakdown",)
 
     @admin.display(description="cost breakdown (current prices)")

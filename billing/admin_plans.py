@@ -11,6 +11,7 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
 from core.outbox import deliveries_send_again, send_again_report
+from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter, ProviderNameFilter
 
 from .models import BudgetAlert, BudgetCounter, DailyUsage, Plan, UserPlan
@@ -158,6 +159,7 @@ class DailyUsageAdmin(_ReadOnlyAdmin):
     list_filter = (("day", admin.DateFieldListFilter), ProviderNameFilter, CatalogModelNameFilter)
     list_select_related = ("user", "api_key")
     show_full_result_count = False
+    paginator = EstimatedCountPaginator
     search_fields = ("user__username", "user__email")  # see get_search_results
     search_help_text = "A user's username or email, written out exactly (any case)."
     actions = ("rebuild",)

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter
 
 from .models import Conversation, Message
@@ -42,6 +43,7 @@ class MessageAdmin(admin.ModelAdmin):
     # model's own order, by an unindexed created_at, sorted every row), one count, a search through an index.
     ordering = ["-id"]
     show_full_result_count = False
+    paginator = EstimatedCountPaginator
     search_fields = ["request_id"]  # see get_search_results
     search_help_text = "A reply's request id, written out exactly (the ledger's request id)."
     list_select_related = ["conversation"]

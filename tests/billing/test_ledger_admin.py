@@ -13,6 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from billing.models import DailyUsage
+from core.paginators import EstimatedCountPaginator
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -129,3 +130,27 @@ def test_the_daily_rollups_list_reads_no_distinct_values_counts_once_and_searche
         shown, reads, _ = rollups(q="ANA")
         assert shown == [hers]
         assert not [sql for sql in reads if "LIKE" in sql], reads
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's statistics")
+def test_on_postgresql_the_unfiltered_list_of_a_large_ledger_is_counted_from_the_planners_estimate(
+    admin_client, monkeypatch
+):
+    """``count(*)`` read the whole ledger at every view of the list; a filtered list is still counted exactly."""
+    monkeypatch.setattr(EstimatedCountPaginator, "estimate_from", 10)  # "large": 30 rows, not 100,000
+    for _ in range(30):
+        UsageRecordFactory()
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE billing_usagerecord")
+    for _ in range(5):
+        UsageRecordFactory(status="rejected")  # written since the statistics were taken
+
+    def counted(**params: str) -> tuple[int, list[str]]:
+        with CaptureQueriesContext(connection) as captured:
+            response = admin_client.get(CHANGELIST, params)
+        counts = [q["sql"] for q in captured if "COUNT(" in q["sql"] and '"billing_usagerecord"' in q["sql"]]
+        return response.context["cl"].result_count, counts
+
+    assert counted() == (30, [])
+    assert counted(status="rejected")[0] == 5
+    assert len(counted(status="rejected")[1]) == 1
