@@ -1,9 +1,14 @@
 from __future__ import annotations
 
-from django.contrib import admin
-from django.db.models import QuerySet
-from django.http import HttpRequest
+from typing import Any
 
+from django.contrib import admin
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from billing.selectors import user_ids_named
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter
 
@@ -11,12 +16,16 @@ from .models import Conversation, Message
 
 
 class MessageInline(admin.TabularInline):
+    """A conversation's latest messages (``ConversationAdmin.get_formset_kwargs``): a long one has thousands,
+    and its page would render every one."""
+
     model = Message
     extra = 0
     can_delete = False
     fields = ["role", "content", "model_name", "provider_name", "status", "request_id", "feedback", "created_at"]
     readonly_fields = fields
     show_change_link = True
+    shown = 50
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -25,12 +34,50 @@ class MessageInline(admin.TabularInline):
 @admin.register(Conversation)
 class ConversationAdmin(admin.ModelAdmin):
     list_display = ["title", "owner", "model_name", "archived", "updated_at"]
-    list_filter = ["archived", "model_name"]
-    search_fields = ["title", "owner__username"]
+    list_filter = ["archived", CatalogModelNameFilter]
+    # As the messages' list (docs/ledger.md, "The admin at scale"): newest first off the primary key (the
+    # model's own order, by updated_at, has an index only per owner), one count, a search through indexes.
+    ordering = ["-id"]
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    search_fields = ["title"]  # see get_search_results
+    search_help_text = "A user's username or email, or a conversation's id, written out exactly."
     list_select_related = ["owner"]
     raw_id_fields = ["owner"]
-    readonly_fields = ["created_at", "updated_at"]
+    readonly_fields = ["created_at", "updated_at", "api_key", "all_messages"]
     inlines = [MessageInline]
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Conversation], search_term: str
+    ) -> tuple[QuerySet[Conversation], bool]:
+        # Whole values: the owners through the users' table, then their rows in the sidebar's (owner, …) index;
+        # LIKE '%term%' on the titles and the joined usernames read every conversation.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        named = Q(owner_id__in=user_ids_named(term))
+        if term.isdigit():
+            named |= Q(pk=int(term))
+        return queryset.filter(named), False
+
+    def get_formset_kwargs(
+        self, request: HttpRequest, obj: Conversation, inline: admin.options.InlineModelAdmin, prefix: str
+    ) -> dict[str, Any]:
+        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
+        if isinstance(inline, MessageInline) and obj.pk is not None:
+            latest = Message.objects.filter(conversation=obj).order_by("-created_at", "-id")[: inline.shown]
+            # Ids, not the slice itself: the inline's formset filters what it is given by conversation.
+            kwargs["queryset"] = Message.objects.filter(pk__in=list(latest.values_list("pk", flat=True)))
+        return kwargs
+
+    @admin.display(description="messages")
+    def all_messages(self, conversation: Conversation) -> str:
+        if conversation.pk is None:
+            return "-"
+        count = conversation.messages.count()
+        url = reverse("admin:chat_message_changelist") + f"?conversation__id__exact={conversation.pk}"
+        shown = f"the latest {MessageInline.shown} are below" if count > MessageInline.shown else "all are below"
+        return format_html('{} ({}); <a href="{}">list them all</a>', count, shown, url)
 
 
 @admin.register(Message)
