@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -244,6 +244,23 @@ def admission_records_unmark(entries: Iterable[tuple[Any, Admission | None]]) ->
 
 def _crossings(moved: list[Moved]) -> list[Crossing]:
     return [c for spec, before, after in moved for c in budget_crossings(spec=spec, before=before, after=after)]
+
+
+def admission_row_instant(admission: Admission | None, now: datetime) -> datetime:
+    """The instant a settled request's ledger row is dated: ``now``, its settle, but never past the end of a
+    period whose counter it was charged to. A request admitted in a day's (or a month's) last seconds holds
+    its reservation on that period's counters and settles into them (``CounterRef.retention`` keeps them);
+    dated in the next period, its row would be counted there by whatever reads the ledger: reconciliation
+    would take the cost off the counter that paid it and the next period's budget would pay it again. It is
+    dated instead at the last microsecond of the period it was admitted in, where every counter that held
+    it is (a UTC day lies in one month)."""
+    held = admission.handle if admission is not None else None
+    if not isinstance(held, _Held):
+        return now
+    ends = [spec.ref.period_end for spec in held.counters if spec.ref.period_end is not None]
+    if not ends or now < min(ends):
+        return now
+    return min(ends) - timedelta(microseconds=1)
 
 
 def admission_dump(admission: Admission | None) -> dict[str, Any] | None:

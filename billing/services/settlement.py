@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from django.utils import timezone
+
 from providers.types import ResolvedModel
 
 from ..models import BillingSource, Operation, UsageStatus
 from ..pricing import cost_for
 from ..tokens import prompt_tokens, text_tokens
-from .admission import Admission
+from .admission import Admission, admission_row_instant
 from .ledger import usage_record_submit
 from .ledger_rows import UsageData
 
@@ -165,6 +167,7 @@ def request_settle(
             moderation=moderation[:200],
             experiment_id=experiment_id,
             experiment_variant_id=experiment_variant_id,
+            created_at=admission_row_instant(admission, timezone.now()),
         ),
         admission=admission,
     )

@@ -6,15 +6,18 @@ real admission on both counters' stores, and read back from the ledger and the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import time_machine
 from asgiref.sync import async_to_sync
 
 from billing.models import BudgetPeriod, Endpoint, Operation, UsageRecord, UsageStatus
 from billing.services.admission import admission_acquire
-from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
-from billing.services.counters import counter_state
+from billing.services.budgets import CounterRef, api_key_limits_set, ledger_spend, period_bounds
+from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush
 from billing.services.settlement import Settlement, request_settle, settlement_tokens
@@ -89,7 +92,8 @@ def account(store, fake_upstream, transactional_db):
     return {"user": user, "key": created.api_key, "model": resolved_model(row)}
 
 
-def settle_on(account: dict, deployment_name: str, **call) -> Settlement:
+def settle_on(account: dict, deployment_name: str, *, between: Callable[[], None] | None = None, **call) -> Settlement:
+    """``between``: run after the admission, before the settle (to move the clock on)."""
     model = account["model"]
     body = {**CHAT, "model": "story-alias", "max_tokens": 100}
 
@@ -103,6 +107,8 @@ def settle_on(account: dict, deployment_name: str, **call) -> Settlement:
             request_id="req_settled",
             prompt_tokens_upper=prompt_tokens(body, operation=Operation.CHAT, upper_bound=True),
         )
+        if between is not None:
+            between()
         [deployment] = [d for d in model.deployments if d.name == deployment_name]
         settlement = request_settle(
             request_id="req_settled",
@@ -171,3 +177,38 @@ def test_a_failed_request_releases_its_whole_reservation(account):
     )
     assert row.requested_model == ""
     assert counter(account) == (Decimal(0), Decimal(0))
+
+
+def test_a_request_admitted_in_the_years_last_second_counts_in_that_month_only_even_after_reconciliation(account):
+    """Admitted at 23:59:59 on 31 December, its reservation held on December's counter, and finished 20 s
+    into the new year: its row was dated at the settle, in January, so the next reconciliation took its
+    cost off December's counter and the ledger charged it to January's budget. The row is now dated in the
+    day it was admitted (its last microsecond), where every counter that paid for it is."""
+    last_second = datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC)
+    december = CounterRef("key", account["key"].pk, "cost", BudgetPeriod.MONTHLY, datetime(2026, 12, 1, tzinfo=UTC))
+    january = CounterRef("key", account["key"].pk, "cost", BudgetPeriod.MONTHLY, datetime(2027, 1, 1, tzinfo=UTC))
+
+    with time_machine.travel(last_second, tick=False) as clock:
+        settlement = settle_on(
+            account,
+            "dear",
+            between=lambda: clock.shift(timedelta(seconds=20)),
+            status=UsageStatus.OK,
+            usage={"prompt_tokens": 1000, "completion_tokens": 500},
+        )
+        clock.move_to(last_second + timedelta(minutes=5))
+        budget_counters_reconcile()
+
+        row = UsageRecord.objects.get()
+        assert row.created_at == datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        assert counter_state(december) == (settlement.cost, Decimal(0))
+        assert (ledger_spend(december), ledger_spend(january)) == (settlement.cost, Decimal(0))
+
+
+@pytest.mark.period_instants(only=["first-second-of-month"])
+def test_a_request_that_ends_in_the_period_it_began_is_dated_when_it_ends(account):
+    """Only a request that outlived its period is held back: the others keep the instant they settled."""
+    with time_machine.travel(datetime.now(UTC), tick=False) as clock:
+        started = datetime.now(UTC)
+        settle_on(account, "dear", between=lambda: clock.shift(timedelta(seconds=20)), status=UsageStatus.OK)
+    assert UsageRecord.objects.get().created_at == started + timedelta(seconds=20)
