@@ -68,6 +68,9 @@ from .budgets import CounterRef, ledger_spend, period_bounds, usd
 BREAKER_REASON = "Its circuit breaker is open: requests to it are failing."
 # The spend spike compares the last hour with the mean hour of the 7 days before it.
 SPEND_BASELINE = timedelta(days=7)
+# The least history a usual hour is taken from: a gateway (or its ledger, after retention) younger than this
+# has no usual hour yet, and no spend spike.
+SPEND_BASELINE_MIN = timedelta(days=1)
 # Requests that reached no provider say nothing of a model's health.
 _NOT_ANSWERED = (UsageStatus.REJECTED, UsageStatus.LOST)
 
@@ -237,27 +240,42 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     """The spend of the last hour against the mean hourly spend of the 7 days before it (every hour of the
     week, not only the same hour of each day: seven samples of one hour are too few to trust). A breach when
     the last hour costs more than ``threshold`` times that mean, and only when the mean reaches
-    ``minimum_baseline_usd``: a quiet gateway's first busy hour is no spike."""
+    ``minimum_baseline_usd``: a quiet gateway's first busy hour is no spike.
+
+    The mean is over the hours the ledger covers, from its first row: a gateway two days old spread over a week
+    would have a usual hour of a third of its real one, and its every hour a spike; under a day of history,
+    nothing is measured."""
     hour_ago = now - timedelta(hours=1)
+    # The ledger's first row, off the created_at index: how long the gateway has kept its spend (retention
+    # keeps at least the current month and the last N days, so a short retention also shortens the week).
+    since = UsageRecord.objects.order_by("created_at").values_list("created_at", flat=True).first()
+    if since is None or hour_ago - since < SPEND_BASELINE_MIN:
+        return {}
+    span = min(SPEND_BASELINE, hour_ago - since)
     rows = _model_scoped(UsageRecord.objects.all(), rule) if rule.model_name else UsageRecord.objects.all()
-    week = Q(created_at__gt=hour_ago - SPEND_BASELINE, created_at__lte=hour_ago)
+    week = Q(created_at__gt=hour_ago - span, created_at__lte=hour_ago)
     sums = rows.aggregate(
         last=Coalesce(Sum("cost", filter=Q(created_at__gt=hour_ago, created_at__lte=now)), Decimal(0)),
         week=Coalesce(Sum("cost", filter=week), Decimal(0)),
         first=Min("created_at", filter=week),
     )
-    baseline = sums["week"] / Decimal(SPEND_BASELINE / timedelta(hours=1))
+    hours = Decimal(round(span.total_seconds())) / 3600
     if sums["first"] is None:
         return {}
+    baseline = sums["week"] / hours
     ratio = (sums["last"] / baseline) if baseline > 0 else Decimal(0)
     what = f"spend on model {rule.model_name}" if rule.model_name else "spend"
     detail = (
         f"{what} in the last hour is {usd(sums['last'])}, {ratio.quantize(Decimal('0.1'))} times the usual hour "
-        f"({usd(baseline.quantize(Decimal('0.0001')))}, the mean hour of the 7 days before)"
+        f"({usd(baseline.quantize(Decimal('0.0001')))}, the mean hour of the {_span_text(span)} before)"
     )
     breached = baseline >= rule.minimum_baseline_usd and baseline > 0 and ratio > rule.threshold
     subject = f"model:{rule.model_name}" if rule.model_name else "all"
     return {subject: Measure(ratio, breached, detail)}
+
+
+def _span_text(span: timedelta) -> str:
+    return "7 days" if span >= SPEND_BASELINE else f"{span // timedelta(hours=1)} hours"
 
 
 MEASURES: dict[str, Callable[[OpsAlertRule, datetime], dict[str, Measure]]] = {

@@ -496,3 +496,29 @@ def test_a_rules_own_webhook_is_called_under_the_outbound_policy(webhook, settin
     UsageRecord.objects.all().delete()
     evaluate_at(T0 + timedelta(minutes=1))
     assert [entry["text"][:24] for entry in webhook.received] == ["llmhub: cleared: test er"]
+
+
+def test_a_young_gateways_usual_hour_is_the_mean_of_the_hours_it_has_run():
+    """A gateway two days old, spending the same every hour: spread over a week its usual hour would be two
+    sevenths of the real one and every hour 3.5 times it, a spike for days. Its usual hour is the mean of the
+    hours its ledger covers; under a day of ledger there is none yet."""
+    rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"))
+    for hour in range(0, 48):
+        UsageRecordFactory(cost=Decimal("10"), created_at=T0 - timedelta(hours=hour, minutes=30))
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.count() == 0 and alert_mail() == []
+
+    UsageRecordFactory(cost=Decimal("50"), created_at=T0 - timedelta(minutes=10))  # six times the usual hour
+    evaluate_at(T0)
+    incident = OpsAlertIncident.objects.get()
+    assert Decimal("5.5") < incident.value_at_open < Decimal("6.5")
+    assert "the mean hour of the 46 hours before" in incident.detail  # its first row to an hour ago
+
+
+def test_a_gateway_younger_than_a_day_has_no_usual_hour_yet():
+    rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"))
+    for hour in range(0, 20):
+        UsageRecordFactory(cost=Decimal("10"), created_at=T0 - timedelta(hours=hour, minutes=30))
+    UsageRecordFactory(cost=Decimal("500"), created_at=T0 - timedelta(minutes=10))
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.count() == 0 and alert_mail() == []
