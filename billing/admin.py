@@ -12,13 +12,21 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from core.exceptions import ApplicationError
 from core.paginators import EstimatedCountPaginator
 
 from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cost_breakdown
 from .selectors import user_ids_named
-from .services.keys import api_key_change, api_key_create, api_key_delete, api_key_revoke, api_key_rotate
+from .services.keys import (
+    api_key_change,
+    api_key_create,
+    api_key_delete,
+    api_key_revoke,
+    api_key_rotate,
+    api_key_within_parent_check,
+)
 
 # API KEYS
 
@@ -54,6 +62,30 @@ class ApiKeyChangeForm(forms.ModelForm):
     class Meta:
         model = ApiKey
         fields = ("name", "expires_at", "allowed_models", "scopes", "budget_usd", "budget_period", "rpm", "tpm")
+
+    def clean(self) -> dict[str, Any]:
+        """A key created by another key never has more than its parent (``api_key_within_parent_check``, as
+        when it was created): what a request may do is bounded by every key above it anyway, but the change
+        page must not show a child rights or limits it does not have."""
+        cleaned = super().clean()
+        parent = self.instance.parent if self.instance.pk is not None else None
+        if parent is None or self.errors:
+            return cleaned
+        try:
+            api_key_within_parent_check(
+                parent,
+                expires_at=cleaned.get("expires_at"),
+                allowed_models=list(cleaned.get("allowed_models") or ()),
+                budget_usd=cleaned.get("budget_usd"),
+                budget_period=cleaned.get("budget_period") or "",
+                rpm=cleaned.get("rpm"),
+                tpm=cleaned.get("tpm"),
+                scopes=sorted(cleaned.get("scopes") or ()),
+            )
+        except ApplicationError as exc:
+            message = f"The key that created this one ({parent}) limits it. {exc.message}"
+            self.add_error(exc.param if exc.param in self.fields else None, message)
+        return cleaned
 
 
 class ApiKeyAddForm(ApiKeyChangeForm):

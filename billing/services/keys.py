@@ -106,7 +106,7 @@ def api_key_create(
     """``allowed_models`` empty: the key may use every model its owner's plan allows.
 
     ``parent``: the key creating this one. The new key belongs to the parent's owner and may not exceed
-    the parent in anything (``_check_within_parent``); an ``ApplicationError`` names the field that does."""
+    the parent in anything (``api_key_within_parent_check``); an ``ApplicationError`` names the field that does."""
     allowed_models = list(allowed_models)
     scopes = sorted({str(scope) for scope in scopes})
     if expires_at is not None and expires_at <= timezone.now():
@@ -128,7 +128,7 @@ def api_key_create(
             raise _invalid("parent", "A revoked or expired key cannot create keys.")
         if len(api_key_ancestor_ids(parent.pk)) >= MAX_KEY_DEPTH:
             raise _invalid("parent", f"Keys may be created at most {MAX_KEY_DEPTH} levels below a person's key.")
-        _check_within_parent(
+        api_key_within_parent_check(
             parent,
             expires_at=expires_at,
             allowed_models=allowed_models,
@@ -269,7 +269,7 @@ def _invalid(param: str, message: str) -> ApplicationError:
     return ApplicationError(message, param=param, code="invalid_value")
 
 
-def _check_within_parent(
+def api_key_within_parent_check(
     parent: ApiKey,
     *,
     expires_at: datetime | None,

@@ -161,3 +161,38 @@ def test_the_ledger_is_read_only(admin_client):
     assert admin_client.post(change_url, {"cost": "0"}).status_code == 403
     assert admin_client.post(reverse("admin:billing_usagerecord_delete", args=[record.pk])).status_code == 403
     assert UsageRecord.objects.get(pk=record.pk).cost == Decimal("0.1234567891")
+
+
+def test_a_child_key_cannot_be_given_more_than_its_parent_in_the_admin(admin_client):
+    """What a child may do is bounded by its parent whatever its row says; the change page must not store a
+    scope, a budget or a rate its parent does not have, as the API refuses to create them."""
+    owner = UserFactory(username="alice")
+    parent = api_key_create(
+        user=owner, name="app", budget_usd=Decimal("5"), budget_period="daily", rpm=10, scopes=["keys:manage"]
+    ).api_key
+    child = api_key_create(
+        user=owner, name="tool", budget_usd=Decimal("2"), budget_period="daily", rpm=5, parent=parent
+    ).api_key
+    url = reverse("admin:billing_apikey_change", args=[child.pk])
+    form = {"name": "tool", "budget_usd": "2", "budget_period": "daily", "rpm": "5"}
+
+    for change, field in (
+        ({"scopes": ["conversations:manage"]}, "scopes"),
+        ({"budget_usd": "9"}, "budget_usd"),
+        ({"rpm": ""}, "rpm"),  # "no limit" is more than the parent's 10
+    ):
+        response = admin_client.post(url, {**form, **change})
+        assert response.status_code == 200, change
+        errors = response.context["adminform"].form.errors
+        assert field in errors and "limits it" in str(errors[field]), errors
+    child.refresh_from_db()
+    assert (child.scopes, child.budget_usd, child.rpm) == ([], Decimal("2"), 5)
+
+    response = admin_client.post(url, {**form, "name": "renamed", "scopes": ["keys:manage"], "rpm": "10"})
+    assert response.status_code == 302
+    child.refresh_from_db()
+    assert (child.name, child.scopes, child.rpm) == ("renamed", ["keys:manage"], 10)
+
+    top = reverse("admin:billing_apikey_change", args=[parent.pk])  # a person's own key: no parent to bound it
+    response = admin_client.post(top, {"name": "app", "budget_period": "daily", "scopes": ["conversations:manage"]})
+    assert response.status_code == 302
