@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 
@@ -33,6 +33,7 @@ logger = logging.getLogger("llmhub.moderation")
 
 # The operations whose text is moderated (embeddings are not: nothing is said back).
 MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES})
+T = TypeVar("T")
 # Audit writes in flight, kept referenced until done (the event loop keeps only weak references).
 _background: set[asyncio.Task[Any]] = set()
 
@@ -206,9 +207,12 @@ class ReplyGuard:
 
     Block-list policies scan, every ``stream_interval_chars`` characters, only the text added since their
     last scan plus an overlap as long as their longest entry, before the piece that crossed the mark is
-    relayed. OpenAI policies are asked at the same marks in a background task, so the relay does not wait
-    for them: a verdict is read at the next piece (a block cuts the stream there), and ``finish`` waits for
-    the last one and checks the whole reply once more before the stream may end cleanly."""
+    relayed. When a blocking entry matches up to the very end of the text so far (the next piece decides
+    whether it is a whole word), ``feed`` says the piece must be held back, and the next piece is scanned
+    whatever the mark: relaying it would hand the client the very words the policy blocks (``relay`` does
+    the holding). OpenAI policies are asked at the same marks in a background task, so the relay does not
+    wait for them: a verdict is read at the next piece (a block cuts the stream there), and ``finish`` waits
+    for the last one and checks the whole reply once more before the stream may end cleanly."""
 
     def __init__(self, moderation: Moderation, policies: list[PolicySnapshot]) -> None:
         self.moderation = moderation
@@ -220,6 +224,7 @@ class ReplyGuard:
         self._asked: dict[int, asyncio.Task[Hit | None]] = {}  # service: the question in flight
         self._seen: dict[int, int] = {}  # service: the length of the reply it was last asked about
         self._done: set[int] = set()  # flag policies that found something: nothing more to do
+        self._holding: set[int] = set()  # blocking block-lists whose text so far may end in a hit
         self._finished = -1  # the length of the reply ``finish`` last passed
 
     def _text(self) -> str:
@@ -227,10 +232,17 @@ class ReplyGuard:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
-    async def feed(self, piece: str) -> None:
-        """Take ``piece`` (not yet relayed) into the reply; raise when the reply must stop before it."""
+    @property
+    def holding(self) -> bool:
+        """Whether the reply so far may end in a blocked entry: what is not relayed yet must wait."""
+        return bool(self._holding)
+
+    async def feed(self, piece: str) -> bool:
+        """Take ``piece`` (not yet relayed) into the reply; raise when the reply must stop before it. False:
+        the reply so far may end in a blocked entry, so ``piece`` (and whatever follows) is held back until a
+        later ``feed`` returns True or ``finish`` passes."""
         if not piece:
-            return
+            return not self._holding
         self._parts.append(piece)
         self._length += len(piece)
         for policy in self.policies:
@@ -238,12 +250,14 @@ class ReplyGuard:
                 continue
             if not policy.is_blocklist:
                 await self._collect(policy, wait=False)
-            if self._length - self._marked[policy.id] >= policy.stream_interval_chars:
+            due = self._length - self._marked[policy.id] >= policy.stream_interval_chars
+            if due or policy.id in self._holding:
                 self._marked[policy.id] = self._length
                 if policy.is_blocklist:
                     self._scan(policy, final=False)
                 elif policy.id not in self._asked:
                     self._ask(policy)
+        return not self._holding
 
     async def finish(self) -> None:
         """The end of the reply: every policy has the last word on all of it."""
@@ -260,6 +274,35 @@ class ReplyGuard:
                 self._ask(policy)
                 await self._collect(policy, wait=True)
         self._finished = self._length
+
+    async def relay(
+        self,
+        items: AsyncIterator[T],
+        text_of: Callable[[T], str],
+        *,
+        last: Callable[[T], bool] = lambda item: False,
+        arrived: Callable[[T], None] = lambda item: None,
+    ) -> AsyncIterator[T]:
+        """``items`` (a stream's chunks or events) as the check lets them go: the text of each is fed before
+        it is relayed; while the text so far may end in a blocked entry, items are held back, in order, until
+        a later piece clears it or the final check does. ``finish`` runs before the ``last`` item (the event
+        that says the stream ended cleanly), or at the end of ``items``. ``arrived`` sees each item as it comes
+        (the upstream's usage counts what was generated, even if the reply is cut before it is relayed)."""
+        held: list[T] = []
+        async for item in items:
+            arrived(item)
+            if last(item):
+                await self.finish()
+            elif not await self.feed(text_of(item)):
+                held.append(item)
+                continue
+            for ready in held:
+                yield ready
+            held.clear()
+            yield item
+        await self.finish()
+        for ready in held:
+            yield ready
 
     async def check(self, text: str) -> None:
         """A whole reply (not streamed)."""
@@ -280,8 +323,12 @@ class ReplyGuard:
             return
         text = self._text()
         start = max(0, self._scanned[policy.id] - blocklist.overlap)
-        hit = blocklist.scan(text, start=start, final=final)
+        hit, open_at_end = blocklist.scan_open(text, start=start, final=final)
         self._scanned[policy.id] = len(text)
+        if open_at_end and policy.blocks:
+            self._holding.add(policy.id)
+        else:
+            self._holding.discard(policy.id)
         if hit is not None:
             self._found(policy, hit)
 

@@ -1165,6 +1165,11 @@ class CompletionRun:
                 usage_partly_estimated=bool(earlier_tokens),
             )
 
+        def usage_arrived(chunk: WireChunk) -> None:
+            nonlocal usage
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+
         upstream: AsyncIterator[WireChunk] | None = None
         opening: WireChunk | None = None  # the stream's first chunk: its id and time, for a usage chunk owed
         async with self._upstream_call(settle):
@@ -1173,8 +1178,13 @@ class CompletionRun:
                 public_name = self.answered_by.name  # the name the stream began with, kept if it is resumed
                 failed: set[int] = set()
                 while True:
+                    chunks = self._relay(first, upstream)
+                    if guard is not None:
+                        # The output check: each chunk's text is checked before it is relayed (held back
+                        # while the text so far may end in a blocked word), and the whole reply at its end.
+                        chunks = guard.relay(chunks, _chunk_text, arrived=usage_arrived)
                     try:
-                        async for chunk in self._relay(first, upstream):
+                        async for chunk in chunks:
                             if self._first_token_at is None:
                                 self._first_token_at = time.perf_counter()
                                 opening = chunk
@@ -1184,8 +1194,6 @@ class CompletionRun:
                             chunk_usage = chunk.get("usage")
                             if chunk_usage:
                                 usage = chunk_usage
-                            if guard is not None:
-                                await guard.feed(_chunk_text(chunk))
                             for choice in chunk.get("choices") or ():
                                 delta = choice.get("delta") or {}
                                 if delta.get("content"):
@@ -1203,8 +1211,6 @@ class CompletionRun:
                                     continue
                                 chunk.drop_usage()
                             yield chunk
-                        if guard is not None:
-                            await guard.finish()  # before the stream may end cleanly
                         if wants_usage and not usage and opening is not None:
                             yield self._usage_estimated(opening, public_name, "".join(delivered))
                         break
@@ -1350,6 +1356,9 @@ class CompletionRun:
                 failed: set[int] = set()
                 while True:
                     events = self._relay(first, upstream)
+                    if guard is not None:
+                        # The output check, as for chat streams; the last check before ``message_stop``.
+                        events = guard.relay(events, _event_text, last=_is_message_stop)
                     try:
                         async for event in splice.continued(events) if failed else events:
                             kind = event.get("type")
@@ -1357,8 +1366,6 @@ class CompletionRun:
                                 if self._first_token_at is None:
                                     self._first_token_at = time.perf_counter()
                                 delta = event.get("delta") or {}
-                                if guard is not None:
-                                    await guard.feed(delta.get("text") or "")
                                 delivered.append(
                                     delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
                                 )
@@ -1384,11 +1391,7 @@ class CompletionRun:
                                     usage = {}
                                     event["usage"] = self._messages_usage_estimated(written)
                                     event.raw = None
-                            elif kind == "message_stop" and guard is not None:
-                                await guard.finish()  # before the stream's last event says it ended cleanly
                             yield event
-                        if guard is not None:
-                            await guard.finish()
                         break
                     except ProviderError as exc:
                         if not self._may_resume(exc, failed, splice.resumable(delivered) and not final):
@@ -1534,6 +1537,15 @@ class CompletionRun:
 def _mapping(value: Any) -> dict[str, Any] | None:
     """An upstream's ``usage`` if it is an object at all (what it holds, billing checks)."""
     return value if isinstance(value, dict) and value else None
+
+
+def _event_text(event: WireEvent) -> str:
+    """The reply's text in a Messages API event, what the output check reads."""
+    return (event.get("delta") or {}).get("text") or "" if event.get("type") == "content_block_delta" else ""
+
+
+def _is_message_stop(event: WireEvent) -> bool:
+    return event.get("type") == "message_stop"
 
 
 def _chunk_text(chunk: WireChunk) -> str:

@@ -83,12 +83,19 @@ class Blocklist:
         """The first entry found in ``text`` from ``start``. Not ``final`` (a stream's text so far), a match
         that reaches the end of ``text`` is not counted yet: the next word may still make it part of a longer
         one; the next scan re-reads it (its overlap covers the longest word)."""
+        return self.scan_open(text, start=start, final=final)[0]
+
+    def scan_open(self, text: str, *, start: int = 0, final: bool = True) -> tuple[Hit | None, bool]:
+        """``scan``, and whether a match reaching the end of ``text`` was left for the next scan (not
+        ``final``): the text so far may end in a hit, so a stream must not relay it yet."""
         if len(text) - start > SCAN_LIMIT_CHARS:
             start = len(text) - SCAN_LIMIT_CHARS
         found: tuple[int, int] | None = None  # (offset, entry line)
+        open_at_end = False
         for line, regex in self._matchers():
             for match in regex.finditer(text, start):
                 if not final and match.end() >= len(text):
+                    open_at_end = True
                     continue
                 if line is None:
                     line = self._line_of_word.get(_folded(match.group()), 0)
@@ -96,8 +103,8 @@ class Blocklist:
                     found = (match.start(), line)
                 break
         if found is None:
-            return None
-        return Hit(("blocklist",), f"entry {found[1]} at character {found[0]}")
+            return None, open_at_end
+        return Hit(("blocklist",), f"entry {found[1]} at character {found[0]}"), open_at_end
 
     def _matchers(self) -> Iterator[tuple[int | None, Any]]:
         if self._words is not None:

@@ -107,6 +107,18 @@ async def test_a_term_split_over_two_pieces_is_found():
     assert blocked.value.moderation == "blocked output: blocklist (entry 1 at character 6)"
 
 
+async def test_a_piece_ending_in_a_blocked_word_is_held_back_until_the_next_shows_it_whole():
+    _, guard = guard_for(policy(stream_interval_chars=5))
+
+    assert await guard.feed("lorem adipi") is True
+    assert await guard.feed("scing") is False  # "adipiscing" so far: it may yet be "adipiscingly"
+    assert await guard.feed("") is False
+    assert await guard.feed("ly") is True  # scanned although under the mark: not the word
+    assert await guard.feed(" adipiscing") is False
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.feed(" elit")
+
+
 async def test_between_marks_nothing_is_scanned_and_the_end_scans_the_rest():
     _, guard = guard_for(policy(stream_interval_chars=1000))
 

@@ -204,7 +204,7 @@ def test_a_streamed_reply_crossing_the_block_list_is_cut_in_band_and_its_deliver
     assert error["code"] == "content_policy_violation"
     text = delivered_text(events)
     assert text and full.startswith(text) and len(text) < len(full)
-    assert "elit" not in text, "the stream goes on past the blocked word"
+    assert "adipiscing" not in text, "the client got the blocked word"
     record = wait_for_record(request_id)
     assert record.error_type == "content_policy_violation"
     assert record.moderation.startswith("blocked output: blocklist (entry 1 at character ")
@@ -236,8 +236,37 @@ def test_a_term_at_the_very_end_of_a_stream_is_found_by_the_final_check(gateway)
     )
 
     assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
-    assert delivered_text(events) == "ut labore"
+    assert delivered_text(events) == "ut labore"  # under the mark: relayed unchecked
     assert wait_for_record(request_id).completion_tokens == len(split_tokens("ut labore"))
+
+
+def test_a_blocked_word_ending_the_text_so_far_is_held_back_and_never_relayed(gateway):
+    policy_on("gpt-test", blocklist="labore", check_input=False, stream_interval_chars=1)
+
+    events, request_id = sse_stream(
+        gateway,
+        {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "[[reply=ut labore]]"}]},
+    )
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    assert delivered_text(events) == "ut"
+    # The provider's usage had arrived: the generated tokens are billed, the withheld word included.
+    record = wait_for_record(request_id)
+    assert record.completion_tokens == len(split_tokens("ut labore")) and not record.usage_estimated
+
+
+def test_a_pattern_spanning_two_chunks_is_cut_before_its_end_is_relayed(gateway):
+    policy_on("gpt-test", blocklist="re:secret\\s+plan", check_input=False, stream_interval_chars=1)
+    pieces: list[str] = []
+
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in gateway.client().chat.completions.create(
+            model="gpt-test", stream=True, messages=[{"role": "user", "content": "[[reply=our secret plan is set]]"}]
+        ):
+            pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert "content policy" in cut.value.message
+    assert "".join(pieces) == "our secret"
 
 
 def test_a_clean_stream_under_a_policy_ends_normally(gateway):
@@ -429,7 +458,7 @@ def test_a_streamed_message_crossing_the_block_list_ends_with_an_error_event(gat
 
     assert "content policy" in str(cut.value)
     delivered = "".join(text)
-    assert delivered and " ".join(LOREM.split()[:30]).startswith(delivered) and "elit" not in delivered
+    assert delivered and " ".join(LOREM.split()[:30]).startswith(delivered) and "adipiscing" not in delivered
     record = wait_until(
         lambda: list(UsageRecord.objects.filter(model_name="claude-test")),
         "a ledger row for claude-test",
