@@ -372,13 +372,23 @@ def input_text(body: dict[str, Any], operation: str) -> str:
 
 
 def _texts(content: Any) -> Iterable[str]:
+    """The text of a message's content: its text parts, and the text the Messages API's blocks carry (a tool's
+    result, a document given as text or as text blocks, a search result, with their titles and context)."""
     if isinstance(content, str):
         yield content
     elif isinstance(content, list):
         for part in content:
             if not isinstance(part, dict):
                 continue
+            kind = part.get("type")
             if isinstance(part.get("text"), str):
                 yield part["text"]
-            elif part.get("type") == "tool_result":
+            elif kind in ("tool_result", "search_result"):
                 yield from _texts(part.get("content"))
+            elif kind == "document" and isinstance(source := part.get("source"), dict):
+                if source.get("type") == "text" and isinstance(source.get("data"), str):
+                    yield source["data"]
+                elif source.get("type") == "content":
+                    yield from _texts(source.get("content"))
+            if kind in ("document", "search_result"):
+                yield from (part[name] for name in ("title", "context") if isinstance(part.get(name), str))

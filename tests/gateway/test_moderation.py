@@ -445,6 +445,37 @@ def test_a_blocked_input_on_the_messages_api_answers_in_anthropics_shape(gateway
     assert record.status == "rejected" and record.error_type == "content_policy_violation"
 
 
+@pytest.mark.parametrize(
+    "block",
+    [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "the forbidden plan"}},
+        {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "forbidden"}]}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}, "title": "Forbidden"},
+        {
+            "type": "search_result",
+            "source": "https://example.com",
+            "title": "t",
+            "content": [{"type": "text", "text": "a forbidden result"}],
+        },
+    ],
+    ids=["text-document", "content-document", "document-title", "search-result"],
+)
+def test_text_a_document_or_search_result_block_carries_is_checked_as_input(gateway, block):
+    policy_on("claude-test", blocklist="forbidden", check_output=False)
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(gateway).messages.create(
+            model="claude-test",
+            max_tokens=100,
+            messages=[{"role": "user", "content": [block, {"type": "text", "text": "Summarise it."}]}],
+        )
+
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.error_type == "content_policy_violation"
+
+
 def test_a_streamed_message_crossing_the_block_list_ends_with_an_error_event(gateway):
     policy_on("claude-test", blocklist="adipiscing", stream_interval_chars=1)
     text: list[str] = []
