@@ -361,12 +361,14 @@ class ReplyGuard:
 
 def input_text(body: dict[str, Any], operation: str) -> str:
     """The text of what the client sends the model, the model's own earlier replies left out (they were
-    checked as output, and a conversation's history must not refuse every later turn)."""
+    checked as output, and a conversation's history must not refuse every later turn). An assistant message
+    that ends the list is no reply but a prefill, the client's words the model is to continue: it counts."""
     parts: list[str] = []
     if operation == Operation.MESSAGES:
         parts.extend(_texts(body.get("system")))
-    for message in body.get("messages") or ():
-        if isinstance(message, dict) and message.get("role") != "assistant":
+    messages = [message for message in body.get("messages") or () if isinstance(message, dict)]
+    for index, message in enumerate(messages):
+        if message.get("role") != "assistant" or index == len(messages) - 1:
             parts.extend(_texts(message.get("content")))
     return "\n".join(part for part in parts if part)
 

@@ -138,6 +138,22 @@ def test_the_models_earlier_replies_are_not_checked_as_input(gateway):
     assert reply.choices[0].message.content == "Echo: go on"
 
 
+def test_an_assistant_prefill_is_the_clients_text_and_is_checked_as_input(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+    policy_on("claude-test", blocklist="forbidden", check_output=False, name="claude-policy")
+    prefilled = [{"role": "user", "content": "go on"}, {"role": "assistant", "content": "The forbidden"}]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=prefilled)
+    with pytest.raises(anthropic.BadRequestError) as refused_messages:
+        anthropic_client(gateway).messages.create(model="claude-test", max_tokens=50, messages=prefilled)
+
+    assert refused.value.code == "content_policy_violation"
+    assert refused_messages.value.body["error"]["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served(CHAT) == 0
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+
+
 def test_a_flagged_input_is_served_and_recorded_on_the_ledger_and_in_the_audit_log(gateway):
     policy_on("gpt-test", blocklist="forbidden", action=ModerationAction.FLAG, check_output=False)
 
