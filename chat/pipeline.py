@@ -1085,7 +1085,7 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             response = await self._call(once)
-            await self._reply_check(_completion_text(response))
+            await self._reply_check(_completion_text(response, calls=True))
         response["model"] = self.answered_by.name
         if "usage" not in response and self.result is not None and self.result.usage_estimated:
             # What the request was charged, which OpenAI's clients read (the upstream reported none).
@@ -1540,8 +1540,11 @@ def _mapping(value: Any) -> dict[str, Any] | None:
 
 
 def _event_text(event: WireEvent) -> str:
-    """The reply's text in a Messages API event, what the output check reads."""
-    return (event.get("delta") or {}).get("text") or "" if event.get("type") == "content_block_delta" else ""
+    """The reply's text in a Messages API event, a tool call's input included: what the output check reads."""
+    if event.get("type") != "content_block_delta":
+        return ""
+    delta = event.get("delta") or {}
+    return delta.get("text") or delta.get("partial_json") or ""
 
 
 def _is_message_stop(event: WireEvent) -> bool:
@@ -1549,8 +1552,16 @@ def _is_message_stop(event: WireEvent) -> bool:
 
 
 def _chunk_text(chunk: WireChunk) -> str:
-    """The reply's text in a chunk (each choice's), what the output check reads."""
-    return "".join((choice.get("delta") or {}).get("content") or "" for choice in chunk.get("choices") or ())
+    """The reply's text in a chunk (each choice's), tool calls' arguments included: what the output check
+    reads (the arguments are the model's words as much as its text, and a client acts on them)."""
+    parts: list[str] = []
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        parts.append(delta.get("content") or "")
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str):
+                parts.append(arguments)
+    return "".join(parts)
 
 
 def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
@@ -1594,11 +1605,16 @@ def _message_written(message: dict[str, Any]) -> str:
 
 
 def _message_text(message: dict[str, Any]) -> str:
-    return "\n".join(
-        block["text"]
-        for block in message.get("content") or ()
-        if isinstance(block, dict) and isinstance(block.get("text"), str)
-    )
+    """A message's text and its tool calls' input (as JSON), what the output check reads."""
+    parts: list[str] = []
+    for block in message.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif block.get("type") == "tool_use" and block.get("input"):
+            parts.append(json.dumps(block["input"], ensure_ascii=False))
+    return "\n".join(parts)
 
 
 def _prefill_for(target: ResolvedModel, text: str) -> str:

@@ -434,6 +434,58 @@ def test_a_failing_service_serves_the_request_and_says_so_when_the_policy_fails_
     assert any("served unchecked" in r.getMessage() for r in caplog.records if r.name == "llmhub.moderation")
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "search", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}},
+    }
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_a_tool_calls_arguments_are_checked_as_output(gateway, stream):
+    # The fake upstream calls the first tool with the user's text as its string argument.
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    arguments: list[str] = []
+
+    with pytest.raises(openai.APIError) as stopped:
+        reply = gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "forbidden"}], tools=TOOLS, stream=stream
+        )
+        for chunk in reply if stream else ():
+            arguments.extend(call.function.arguments or "" for call in chunk.choices[0].delta.tool_calls or ())
+
+    assert "content policy" in stopped.value.message
+    assert "forbidden" not in "".join(arguments)
+    (record,) = wait_until(
+        lambda: list(UsageRecord.objects.filter(model_name="gpt-test")), "a ledger row", timeout=10, interval=0.05
+    )
+    assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_a_tool_uses_input_is_checked_as_output_on_the_messages_api(gateway, stream):
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    tools = [{"name": "search", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]
+    request = {
+        "model": "claude-test",
+        "max_tokens": 50,
+        "tools": tools,
+        "messages": [{"role": "user", "content": "forbidden"}],
+    }
+    partial: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as stopped:
+        if stream:
+            with anthropic_client(gateway).messages.stream(**request) as events:
+                partial.extend(event.partial_json for event in events if event.type == "input_json")
+        else:
+            anthropic_client(gateway).messages.create(**request)
+
+    assert "content policy" in str(stopped.value)
+    assert "forbidden" not in "".join(partial)
+
+
 # THE MESSAGES API
 
 
