@@ -205,6 +205,9 @@ async def moderation_for(caller: Caller, model: ResolvedModel, operation: str, *
 class ReplyGuard:
     """The output check of one reply. ``feed`` each piece before it is relayed; ``finish`` at the end.
 
+    Each choice of the reply (``n`` > 1) is checked as a text of its own: a stream interleaves their pieces,
+    and read as one text, the words of one choice would run into another's and escape the block-list.
+
     Block-list policies scan, every ``stream_interval_chars`` characters, only the text added since their
     last scan plus an overlap as long as their longest entry, before the piece that crossed the mark is
     relayed. When a blocking entry matches up to the very end of the text so far (the next piece decides
@@ -217,85 +220,55 @@ class ReplyGuard:
     def __init__(self, moderation: Moderation, policies: list[PolicySnapshot]) -> None:
         self.moderation = moderation
         self.policies = policies
-        self._parts: list[str] = []
-        self._length = 0
-        self._scanned: dict[int, int] = {p.id: 0 for p in policies}  # block-list: scanned up to
-        self._marked: dict[int, int] = {p.id: 0 for p in policies}  # length at the last check
-        self._asked: dict[int, asyncio.Task[Hit | None]] = {}  # service: the question in flight
-        self._seen: dict[int, int] = {}  # service: the length of the reply it was last asked about
         self._done: set[int] = set()  # flag policies that found something: nothing more to do
-        self._holding: set[int] = set()  # blocking block-lists whose text so far may end in a hit
-        self._finished = -1  # the length of the reply ``finish`` last passed
-
-    def _text(self) -> str:
-        if len(self._parts) > 1:
-            self._parts = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
+        self._choices: dict[int, _ChoiceGuard] = {}
 
     @property
     def holding(self) -> bool:
         """Whether the reply so far may end in a blocked entry: what is not relayed yet must wait."""
-        return bool(self._holding)
+        return any(choice.holding for choice in self._choices.values())
 
-    async def feed(self, piece: str) -> bool:
-        """Take ``piece`` (not yet relayed) into the reply; raise when the reply must stop before it. False:
-        the reply so far may end in a blocked entry, so ``piece`` (and whatever follows) is held back until a
-        later ``feed`` returns True or ``finish`` passes."""
-        if not piece:
-            return not self._holding
-        self._parts.append(piece)
-        self._length += len(piece)
-        for policy in self.policies:
-            if policy.id in self._done:
-                continue
-            if not policy.is_blocklist:
-                await self._collect(policy, wait=False)
-            due = self._length - self._marked[policy.id] >= policy.stream_interval_chars
-            if due or policy.id in self._holding:
-                self._marked[policy.id] = self._length
-                if policy.is_blocklist:
-                    self._scan(policy, final=False)
-                elif policy.id not in self._asked:
-                    self._ask(policy)
-        return not self._holding
+    async def feed(self, piece: str, choice: int = 0) -> bool:
+        """Take ``piece`` of ``choice`` (not yet relayed) into the reply; raise when the reply must stop
+        before it. False: the reply so far may end in a blocked entry, so ``piece`` (and whatever follows) is
+        held back until a later ``feed`` returns True or ``finish`` passes."""
+        if piece:
+            guard = self._choices.get(choice)
+            if guard is None:
+                guard = self._choices[choice] = _ChoiceGuard(self.moderation, self.policies, self._done)
+            await guard.feed(piece)
+        return not self.holding
 
     async def finish(self) -> None:
         """The end of the reply: every policy has the last word on all of it."""
-        if self._finished == self._length:
-            return
-        for policy in self.policies:
-            if policy.id in self._done:
-                continue
-            if policy.is_blocklist:
-                self._scan(policy, final=True)
-                continue
-            await self._collect(policy, wait=True)
-            if policy.id not in self._done and self._seen.get(policy.id) != self._length:
-                self._ask(policy)
-                await self._collect(policy, wait=True)
-        self._finished = self._length
+        for guard in list(self._choices.values()):
+            await guard.finish()
 
     async def relay(
         self,
         items: AsyncIterator[T],
-        text_of: Callable[[T], str],
+        pieces_of: Callable[[T], Iterable[tuple[int, str]]],
         *,
         last: Callable[[T], bool] = lambda item: False,
         arrived: Callable[[T], None] = lambda item: None,
     ) -> AsyncIterator[T]:
-        """``items`` (a stream's chunks or events) as the check lets them go: the text of each is fed before
-        it is relayed; while the text so far may end in a blocked entry, items are held back, in order, until
-        a later piece clears it or the final check does. ``finish`` runs before the ``last`` item (the event
-        that says the stream ended cleanly), or at the end of ``items``. ``arrived`` sees each item as it comes
-        (the upstream's usage counts what was generated, even if the reply is cut before it is relayed)."""
+        """``items`` (a stream's chunks or events) as the check lets them go: the text of each (``pieces_of``:
+        choice and text) is fed before it is relayed; while the text so far may end in a blocked entry, items
+        are held back, in order, until a later piece clears it or the final check does. ``finish`` runs before
+        the ``last`` item (the event that says the stream ended cleanly), or at the end of ``items``.
+        ``arrived`` sees each item as it comes (the upstream's usage counts what was generated, even if the
+        reply is cut before it is relayed)."""
         held: list[T] = []
         async for item in items:
             arrived(item)
             if last(item):
                 await self.finish()
-            elif not await self.feed(text_of(item)):
-                held.append(item)
-                continue
+            else:
+                for choice, piece in pieces_of(item):
+                    await self.feed(piece, choice)
+                if self.holding:
+                    held.append(item)
+                    continue
             for ready in held:
                 yield ready
             held.clear()
@@ -311,6 +284,67 @@ class ReplyGuard:
 
     def close(self) -> None:
         """The reply ended another way: stop asking."""
+        for guard in self._choices.values():
+            guard.close()
+
+
+class _ChoiceGuard:
+    """The output check of one choice's text (``ReplyGuard``)."""
+
+    def __init__(self, moderation: Moderation, policies: list[PolicySnapshot], done: set[int]) -> None:
+        self.moderation = moderation
+        self.policies = policies
+        self._parts: list[str] = []
+        self._length = 0
+        self._scanned: dict[int, int] = {p.id: 0 for p in policies}  # block-list: scanned up to
+        self._marked: dict[int, int] = {p.id: 0 for p in policies}  # length at the last check
+        self._asked: dict[int, asyncio.Task[Hit | None]] = {}  # service: the question in flight
+        self._seen: dict[int, int] = {}  # service: the length of the reply it was last asked about
+        self._done = done  # the reply's: a flag is recorded once whichever choice it is found in
+        self._holding: set[int] = set()  # blocking block-lists whose text so far may end in a hit
+        self._finished = -1  # the length of the reply ``finish`` last passed
+
+    def _text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._holding)
+
+    async def feed(self, piece: str) -> None:
+        self._parts.append(piece)
+        self._length += len(piece)
+        for policy in self.policies:
+            if policy.id in self._done:
+                continue
+            if not policy.is_blocklist:
+                await self._collect(policy, wait=False)
+            due = self._length - self._marked[policy.id] >= policy.stream_interval_chars
+            if due or policy.id in self._holding:
+                self._marked[policy.id] = self._length
+                if policy.is_blocklist:
+                    self._scan(policy, final=False)
+                elif policy.id not in self._asked:
+                    self._ask(policy)
+
+    async def finish(self) -> None:
+        if self._finished == self._length:
+            return
+        for policy in self.policies:
+            if policy.id in self._done:
+                continue
+            if policy.is_blocklist:
+                self._scan(policy, final=True)
+                continue
+            await self._collect(policy, wait=True)
+            if policy.id not in self._done and self._seen.get(policy.id) != self._length:
+                self._ask(policy)
+                await self._collect(policy, wait=True)
+        self._finished = self._length
+
+    def close(self) -> None:
         for task in self._asked.values():
             if task.done() and not task.cancelled():
                 task.exception()  # a verdict nobody reads any more: retrieved, so that asyncio does not log it

@@ -1182,7 +1182,7 @@ class CompletionRun:
                     if guard is not None:
                         # The output check: each chunk's text is checked before it is relayed (held back
                         # while the text so far may end in a blocked word), and the whole reply at its end.
-                        chunks = guard.relay(chunks, _chunk_text, arrived=usage_arrived)
+                        chunks = guard.relay(chunks, _chunk_pieces, arrived=usage_arrived)
                     try:
                         async for chunk in chunks:
                             if self._first_token_at is None:
@@ -1358,7 +1358,7 @@ class CompletionRun:
                     events = self._relay(first, upstream)
                     if guard is not None:
                         # The output check, as for chat streams; the last check before ``message_stop``.
-                        events = guard.relay(events, _event_text, last=_is_message_stop)
+                        events = guard.relay(events, _event_pieces, last=_is_message_stop)
                     try:
                         async for event in splice.continued(events) if failed else events:
                             kind = event.get("type")
@@ -1539,29 +1539,32 @@ def _mapping(value: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
-def _event_text(event: WireEvent) -> str:
-    """The reply's text in a Messages API event, a tool call's input included: what the output check reads."""
+def _event_pieces(event: WireEvent) -> list[tuple[int, str]]:
+    """The reply's text in a Messages API event, a tool call's input included: what the output check reads
+    (one text: a message has no choices)."""
     if event.get("type") != "content_block_delta":
-        return ""
+        return []
     delta = event.get("delta") or {}
-    return delta.get("text") or delta.get("partial_json") or ""
+    return [(0, delta.get("text") or delta.get("partial_json") or "")]
 
 
 def _is_message_stop(event: WireEvent) -> bool:
     return event.get("type") == "message_stop"
 
 
-def _chunk_text(chunk: WireChunk) -> str:
-    """The reply's text in a chunk (each choice's), tool calls' arguments included: what the output check
-    reads (the arguments are the model's words as much as its text, and a client acts on them)."""
-    parts: list[str] = []
+def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str]]:
+    """The reply's text in a chunk, each choice's (index, text), tool calls' arguments included: what the
+    output check reads (the arguments are the model's words as much as its text, and a client acts on them)."""
+    pieces: list[tuple[int, str]] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
-        parts.append(delta.get("content") or "")
+        index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+        parts = [delta.get("content") or ""]
         for call in delta.get("tool_calls") or ():
             if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str):
                 parts.append(arguments)
-    return "".join(parts)
+        pieces.append((index, "".join(parts)))
+    return pieces
 
 
 def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:

@@ -285,6 +285,26 @@ def test_a_pattern_spanning_two_chunks_is_cut_before_its_end_is_relayed(gateway)
     assert "".join(pieces) == "our secret"
 
 
+def test_each_choice_of_a_stream_is_checked_as_its_own_text(gateway):
+    # The choices' pieces come interleaved ("lorem", "lorem", " ipsum", " ipsum"...): read as one text, the
+    # first word of one choice runs into the other's ("loremlorem") and is no whole word.
+    policy_on("gpt-test", blocklist="lorem", check_input=False, stream_interval_chars=1)
+
+    events, request_id = sse_stream(
+        gateway,
+        {
+            "model": "gpt-test",
+            "stream": True,
+            "n": 2,
+            "messages": [{"role": "user", "content": "[[reply=lorem ipsum dolor]]"}],
+        },
+    )
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    assert "lorem" not in delivered_text(events)
+    assert wait_for_record(request_id).moderation.startswith("blocked output: blocklist (entry 1 at character 0)")
+
+
 def test_a_clean_stream_under_a_policy_ends_normally(gateway):
     policy_on("gpt-test", blocklist="forbidden", stream_interval_chars=5)
 
