@@ -69,6 +69,7 @@ class Blocklist:
         entries = list(blocklist_entries(text))
         words = [(line, value) for line, value, is_pattern in entries if not is_pattern]
         self._patterns = [(line, _re2_compile(value)) for line, value, is_pattern in entries if is_pattern]
+        self._words_by_line = words
         self._line_of_word = {_folded(value): line for line, value in words}
         # Longest first, so that a phrase wins over a word it begins with.
         alternatives = "|".join(_word_pattern(value) for _, value in sorted(words, key=lambda w: -len(w[1])))
@@ -98,13 +99,21 @@ class Blocklist:
                     open_at_end = True
                     continue
                 if line is None:
-                    line = self._line_of_word.get(_folded(match.group()), 0)
+                    line = self._line_of_word.get(_folded(match.group())) or self._line_matching(match.group())
                 if found is None or match.start() < found[0]:
                     found = (match.start(), line)
                 break
         if found is None:
             return None, open_at_end
         return Hit(("blocklist",), f"entry {found[1]} at character {found[0]}"), open_at_end
+
+    def _line_matching(self, found: str) -> int:
+        """The entry of a word found whose folded form is not the entry's: ``re.IGNORECASE`` matches "İ" (dotted
+        capital I) to "i", whose case folds differ. Rare, and only on a hit: each entry is tried in turn."""
+        for line, value in self._words_by_line:
+            if re.fullmatch(_word_pattern(value), found, re.IGNORECASE):
+                return line
+        return 0
 
     def _matchers(self) -> Iterator[tuple[int | None, Any]]:
         if self._words is not None:

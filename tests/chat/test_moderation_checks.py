@@ -23,6 +23,13 @@ def test_words_and_phrases_match_as_whole_words_in_any_case():
     assert blocklist.scan("killer skills, badphrase") is None
 
 
+def test_a_word_matched_in_another_case_names_its_entry():
+    blocklist = Blocklist("# house rules\nstraße\nkill")
+
+    assert blocklist.scan("KİLL").where == "entry 3 at character 0"  # İ matches i, though their case folds differ
+    assert blocklist.scan("STRAẞE").where == "entry 2 at character 0"
+
+
 def test_patterns_and_the_first_hit_in_the_text():
     blocklist = Blocklist("zebra\nre:\\d{3}-\\d{4}")
 
