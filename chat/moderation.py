@@ -107,17 +107,16 @@ class Moderation:
             self.found(policy, direction, hit)
 
     def found(self, policy: PolicySnapshot, direction: str, hit: Hit) -> None:
-        what = f"{direction}: {hit.describe()}"
+        # Which policy: a request may be under two (its model's and its plan's), each with an "entry 2".
+        what = f'{direction}: {hit.describe()}, policy "{policy.name}"'
         if policy.blocks:
             note = f"blocked {what}"
             self.notes.append(note)
+            named = f'the content policy "{policy.name}" ({", ".join(hit.categories)})'
             if direction == "input":
-                message = f"Your request was refused by the content policy ({', '.join(hit.categories)})."
+                message = f"Your request was refused by {named}."
             else:
-                message = (
-                    f"The reply was stopped by the content policy ({', '.join(hit.categories)}); "
-                    "the tokens generated so far are billed."
-                )
+                message = f"The reply was stopped by {named}; the tokens generated so far are billed."
             raise ContentPolicyViolationError(message, moderation=self.summary)
         if (policy.id, direction) in self._flagged:
             return

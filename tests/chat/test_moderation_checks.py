@@ -111,7 +111,7 @@ async def test_a_term_split_over_two_pieces_is_found():
         await guard.feed("iscing elit")
 
     assert blocked.value.code == "content_policy_violation"
-    assert blocked.value.moderation == "blocked output: blocklist (entry 1 at character 6)"
+    assert blocked.value.moderation == 'blocked output: blocklist (entry 1 at character 6), policy "p"'
 
 
 async def test_a_piece_ending_in_a_blocked_word_is_held_back_until_the_next_shows_it_whole():
@@ -143,7 +143,7 @@ async def test_a_flag_is_recorded_once_however_often_the_term_comes_back():
     await guard.finish()
     await moderation_drain()
 
-    assert moderation.summary == "flagged output: blocklist (entry 1 at character 0)"
+    assert moderation.summary == 'flagged output: blocklist (entry 1 at character 0), policy "p"'
     events = [event async for event in AuditEvent.objects.filter(action="moderation.flag")]
     assert [(e.actor_type, e.actor_id, e.target_id) for e in events] == [("user", "1", "req_1")]
 

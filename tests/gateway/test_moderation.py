@@ -165,7 +165,7 @@ def test_a_flagged_input_is_served_and_recorded_on_the_ledger_and_in_the_audit_l
     request_id = raw.headers["x-request-id"]
     record = wait_for_record(request_id)
     assert record.status == "ok" and record.cost > 0
-    assert record.moderation == "flagged input: blocklist (entry 1 at character 8)"
+    assert record.moderation == 'flagged input: blocklist (entry 1 at character 8), policy "policy-gpt-test"'
     (event,) = audit_events(request_id)
     assert (event.actor_type, event.actor_id) == ("key", str(gateway.api_key.pk))
     assert event.changes["flagged"][1] == {
@@ -189,6 +189,22 @@ def test_the_plans_policy_applies_to_every_model_of_the_plan(gateway):
 
     assert refused.value.code == "content_policy_violation"
     assert gateway.upstream.requests_served(CHAT) == 0
+
+
+def test_a_refusal_says_which_policy_refused_it_when_the_model_and_the_plan_each_have_one(gateway):
+    policy_on("gpt-test", blocklist="harmless\nunkind", name="model rules")
+    policy = ModerationPolicy.objects.create(name="plan rules", blocklist="# house words\nforbidden")
+    plan = Plan.objects.create(name="moderated", allow_all_models=True, moderation_policy=policy)
+    UserPlan.objects.create(user=gateway.user, plan=plan)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "a forbidden plan"}]
+        )
+
+    assert refused.value.body["message"] == 'Your request was refused by the content policy "plan rules" (blocklist).'
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.moderation == 'blocked input: blocklist (entry 2 at character 2), policy "plan rules"'
 
 
 def test_a_policy_saved_in_the_admin_applies_to_the_next_request(gateway):
@@ -332,7 +348,7 @@ def test_a_whole_reply_with_a_blocked_word_is_withheld_with_an_error_and_billed(
     record = wait_for_record(withheld.value.response.headers["x-request-id"])
     assert record.completion_tokens == 3 and not record.usage_estimated
     assert record.cost == (record.prompt_tokens * Decimal("0.15") + 3 * Decimal("0.60")) / Decimal(1_000_000)
-    assert record.moderation == "blocked output: blocklist (entry 1 at character 2)"
+    assert record.moderation == 'blocked output: blocklist (entry 1 at character 2), policy "policy-gpt-test"'
 
 
 # THE OPENAI CHECKER
@@ -352,7 +368,7 @@ def test_the_openai_checker_blocks_a_flagged_input_before_the_call(gateway):
     moderated = [r for r in gateway.upstream.requests if r["path"] == MODERATIONS]
     assert moderated[0]["body"] == {"input": "hello [flag:violence]", "model": MODERATION_MODEL}
     record = wait_for_record(refused.value.response.headers["x-request-id"])
-    assert record.moderation == "blocked input: violence"
+    assert record.moderation == 'blocked input: violence, policy "policy-gpt-test"'
 
 
 def test_the_openai_checker_lets_a_clean_input_through_and_counts_only_its_categories(gateway):
@@ -382,7 +398,7 @@ def test_the_openai_checker_flags_a_streamed_reply_which_is_served_whole(gateway
     assert events[-1] == "[DONE]"
     assert delivered_text(events) == "one two [flag:hate] three four five six"
     record = wait_for_record(request_id)
-    assert record.status == "ok" and record.moderation == "flagged output: hate"
+    assert record.status == "ok" and record.moderation == 'flagged output: hate, policy "policy-gpt-test"'
     (event,) = audit_events(request_id)
     assert event.changes["flagged"][1]["direction"] == "output"
 
@@ -400,7 +416,7 @@ def test_the_openai_checker_cuts_a_streamed_reply(gateway):
     assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
     text = delivered_text(events)
     record = wait_for_record(request_id)
-    assert record.moderation == "blocked output: violence"
+    assert record.moderation == 'blocked output: violence, policy "policy-gpt-test"'
     # What was relayed is billed: counted by the provider when its usage came before the cut, else estimated.
     assert record.completion_tokens == (len(split_tokens(text)) if not record.usage_estimated else text_tokens(text))
     assert record.cost > 0
