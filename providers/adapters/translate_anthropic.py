@@ -424,9 +424,10 @@ class StreamTranslator:
 # For clients of ``/v1/messages`` whose model speaks the OpenAI protocol. The request keeps ``system``,
 # text, images (base64 → data URL, url → URL), ``tool_use`` blocks (assistant ``tool_calls``) and
 # ``tool_result`` blocks (``tool`` messages, placed before the rest of their user turn, as OpenAI wants them
-# right after the call), ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and
-# ``max_tokens``. ``metadata``, ``top_k``, ``thinking`` and ``cache_control`` have no OpenAI equivalent and
-# are dropped; a block type with no equivalent (``document``, server tools) is refused.
+# right after the call; their images, which a tool message cannot hold, open that user turn),
+# ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and ``max_tokens``. ``metadata``,
+# ``top_k``, ``thinking`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block type with no
+# equivalent (``document``, server tools, also inside a ``tool_result``) is refused.
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -502,11 +503,12 @@ def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
     if role == "assistant":
         return [_assistant_message(content, where)]
     results: list[dict[str, Any]] = []
+    tool_images: list[dict[str, Any]] = []  # a tool message holds text only: its images open the user turn
     parts: list[dict[str, Any]] = []
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "tool_result":
-            results.append(_tool_message(block, f"{where}.content[{j}]"))
+            results.append(_tool_message(block, f"{where}.content[{j}]", tool_images))
         elif kind == "text":
             parts.append({"type": "text", "text": block.get("text") or ""})
         elif kind == "image":
@@ -517,8 +519,8 @@ def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
                 f"{where}.content[{j}].type",
                 "unsupported_value",
             )
-    if parts:
-        results.append({"role": "user", "content": parts})
+    if tool_images or parts:
+        results.append({"role": "user", "content": [*tool_images, *parts]})
     return results
 
 
@@ -551,12 +553,24 @@ def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
     return message
 
 
-def _tool_message(block: dict[str, Any], where: str) -> dict[str, Any]:
+def _tool_message(block: dict[str, Any], where: str, images: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``tool`` message of a ``tool_result`` block: its text; its images are added to ``images``."""
     content = block.get("content")
     if isinstance(content, list):
-        text = "".join(
-            part.get("text") or "" for part in content if isinstance(part, dict) and part.get("type") == "text"
-        )
+        texts = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(part.get("text") or "")
+            elif kind == "image":
+                images.append({"type": "image_url", "image_url": {"url": _image_url(part, f"{where}.content[{k}]")}})
+            else:
+                raise _invalid(
+                    f"Content blocks of type {kind!r} in a tool_result are not supported by this model.",
+                    f"{where}.content[{k}].type",
+                    "unsupported_value",
+                )
+        text = "".join(texts)
     else:
         text = content if isinstance(content, str) else ""
     if block.get("is_error"):

@@ -558,3 +558,37 @@ def test_a_translated_model_whose_upstream_reports_no_usage_is_charged_an_estima
     assert final.usage.output_tokens == record.completion_tokens
     if not stream:
         assert final.usage.input_tokens == record.prompt_tokens
+
+
+def test_a_tool_results_images_reach_a_translated_model(gateway):
+    """A tool_result whose content is text and an image (a screenshot tool, a chart): the translated model was
+    sent the text alone. The image now follows the tool message, in the user turn."""
+    chart = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    chart_url = "image/png;base64,iVBORw0KGgo="
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    answer = client(gateway).messages.create(
+        model="gpt-test",
+        max_tokens=50,
+        tools=[WEATHER],
+        messages=[
+            {"role": "user", "content": "Paris"},
+            {"role": "assistant", "content": [call]},
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "is_error": True,
+                        "content": [{"type": "text", "text": "no data, see the map"}, chart],
+                    }
+                ],
+            },
+        ],
+    )
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert sent["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "Error: no data, see the map"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:" + chart_url}}]},
+    ]
+    assert answer.type == "message" and answer.content

@@ -460,6 +460,54 @@ def test_messages_request_becomes_a_chat_request():
     validate_openai_schema(body, "CreateChatCompletionRequest")
 
 
+def test_images_in_a_tool_result_reach_the_model_in_the_user_turn_that_follows():
+    """An OpenAI tool message holds text only: a tool result's images (a screenshot, a chart) were dropped
+    without a word, and the model answered without them. They now open the user turn that follows the tool
+    messages, before the turn's own text."""
+    chart = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA="}}
+    body = chat_request(
+        {
+            "model": "m",
+            "max_tokens": 64,
+            "messages": [
+                {"role": "user", "content": "Plot it."},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "plot", "input": {}}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "toolu_1",
+                            "is_error": False,
+                            "content": [{"type": "text", "text": "Plotted."}, chart],
+                        },
+                        {"type": "text", "text": "What does it show?"},
+                    ],
+                },
+            ],
+        }
+    )
+    assert body["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "Plotted."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA="}},
+                {"type": "text", "text": "What does it show?"},
+            ],
+        },
+    ]
+    validate_openai_schema(body, "CreateChatCompletionRequest")
+
+
+def test_a_tool_result_block_without_an_openai_equivalent_is_refused():
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [document]}
+    with pytest.raises(ProviderBadRequestError) as refused:
+        chat_request({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [result]}]})
+    assert "document" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
