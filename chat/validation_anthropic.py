@@ -1,8 +1,10 @@
 """Validation of Anthropic Messages requests (``/v1/messages``), in Anthropic's wording (``field: problem``).
 
 As for chat completions (``chat.validation``), only what can be judged without the provider is checked:
-structure, types and documented ranges; unknown fields and block types pass (an Anthropic-protocol
-provider may know them, and the translation for other providers refuses what it cannot express).
+structure, types, documented ranges and Anthropic's rules on empty content (a message without content, but a
+final assistant prefill, and a message's empty text block are refused, whatever protocol the model speaks); unknown
+fields and block types pass (an Anthropic-protocol provider may know them, and the translation for other
+providers refuses what it cannot express).
 """
 
 from __future__ import annotations
@@ -86,7 +88,13 @@ def validate_messages_request(body: Any) -> None:
             _fail("Input should be 'user' or 'assistant'", f"{where}.role")
         if "content" not in message:
             _fail("Field required", f"{where}.content", "missing_required_parameter")
-        _check_blocks(message["content"], f"{where}.content")
+        content = message["content"]
+        _check_blocks(content, f"{where}.content")
+        if content in ("", []) and not (index == len(messages) - 1 and message["role"] == "assistant"):
+            _fail("all messages must have non-empty content except for the optional final assistant message", where)
+        for position, block in enumerate(content if isinstance(content, list) else ()):
+            if block["type"] == "text" and not block["text"]:
+                _fail("text content blocks must be non-empty", f"{where}.content.{position}.text")
     system = body.get("system")
     if system is not None:
         _check_blocks(system, "system")

@@ -592,3 +592,33 @@ def test_a_tool_results_images_reach_a_translated_model(gateway):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:" + chart_url}}]},
     ]
     assert answer.type == "message" and answer.content
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [("", "messages.1"), ([], "messages.1"), ([{"type": "text", "text": ""}], "messages.1.content.0.text")],
+)
+def test_empty_content_is_refused_before_any_upstream_call(gateway, model, content, where):
+    """Anthropic refuses a message without content (but a final assistant prefill) and an empty text block. A
+    translated model was sent the empty turn (answered and charged), or, for an empty list, refused in OpenAI's
+    words about an array the client never sent; a native one was sent it to be refused upstream."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": "again"},
+    ]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client(gateway).messages.create(model=model, max_tokens=5, messages=messages)
+    error = refused.value.body["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(f"{where}: ")
+    assert "empty" in error["message"]
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(refused.value.response.headers["request-id"])
+    assert record.status == "rejected" and record.operation == "messages"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_empty_final_assistant_message_is_accepted(gateway, model):
+    messages = [{"role": "user", "content": "[[reply=fine]]"}, {"role": "assistant", "content": ""}]
+    assert client(gateway).messages.create(model=model, max_tokens=5, messages=messages).type == "message"
