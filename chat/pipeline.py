@@ -458,6 +458,15 @@ async def completion_start(
     )
 
 
+def _end_user(body: dict[str, Any], operation: str) -> Any:
+    """The end user a request names, where its protocol puts it: OpenAI's ``user``; on ``/v1/messages``,
+    which has no such field, Anthropic's ``metadata.user_id``."""
+    if operation == Operation.MESSAGES:
+        metadata = body.get("metadata")
+        return metadata.get("user_id") if isinstance(metadata, dict) else None
+    return body.get("user")
+
+
 async def _experiment_enter(
     caller: Caller, model: ResolvedModel, body: dict[str, Any], operation: str
 ) -> tuple[ResolvedModel, Assignment | None]:
@@ -468,7 +477,7 @@ async def _experiment_enter(
     in it); a variant whose deployment is gone or disabled is left out the same way."""
     if operation == Operation.EMBEDDINGS:
         return model, None
-    unit = assignment_unit(user_id=caller.user_id, api_key_id=caller.api_key_id, end_user=body.get("user"))
+    unit = assignment_unit(user_id=caller.user_id, api_key_id=caller.api_key_id, end_user=_end_user(body, operation))
     assignment = await experiment_assign(model_id=model.id, unit=unit)
     if assignment is None:
         return model, None

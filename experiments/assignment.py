@@ -84,8 +84,9 @@ assignment_cache: TTLCache[ExperimentPlan | None] = TTLCache("experiments")
 
 
 def assignment_unit(*, user_id: int | None, api_key_id: int | None, end_user: Any = None) -> str | None:
-    """What assignment hashes: the request's ``user`` field on a gateway key (an app serving its own end
-    users through one key), else the user, else the key; None when there is none of them."""
+    """What assignment hashes: the end user a request on a gateway key names (``user``; ``metadata.user_id``
+    on /v1/messages: an app serving its own end users through one key), else the user, else the key; None
+    when there is none of them."""
     if api_key_id is not None and isinstance(end_user, str) and end_user:
         return f"key:{api_key_id}:user:{end_user}"
     if user_id is not None:

@@ -213,3 +213,22 @@ def test_an_anthropic_messages_request_gets_the_overrides_that_api_has(llmhub_se
     assert "seed" not in body
     record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
+
+
+def test_an_anthropic_clients_end_users_are_assigned_by_metadata_user_id(llmhub_server, fake_upstream, ab_experiment):
+    """Anthropic's Messages API names the end user in ``metadata.user_id`` (it has no ``user`` field): an app
+    serving its users through one key had them all put in the key's one variant; each is now its own unit."""
+    import anthropic
+
+    ab = ab_experiment(control=50, treatment=50)
+    created = api_key_create(user=UserFactory(username="claude-app"), name="app")
+    client = anthropic.Anthropic(base_url=llmhub_server.url, api_key=created.secret, max_retries=0, timeout=30)
+
+    for variant in ("control", "treatment"):
+        raw = client.messages.with_raw_response.create(
+            model="ab-model",
+            max_tokens=20,
+            metadata={"user_id": end_user_in(ab, created.api_key, variant)},
+            messages=[{"role": "user", "content": "hello there"}],
+        )
+        assert raw.headers["x-llmhub-experiment"] == f"ab-test:{variant}"
