@@ -118,6 +118,14 @@ def validate_messages_request(body: Any) -> None:
         for index, tool in enumerate(tools):
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
                 _fail("Field required", f"tools.{index}.name", "missing_required_parameter")
+            if "input_schema" in tool and not isinstance(tool["input_schema"], dict):
+                _fail("Input should be a valid dictionary", f"tools.{index}.input_schema", "invalid_type")
+    for name in ("metadata", "thinking"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            _fail("Input should be a valid dictionary", name, "invalid_type")
+    user_id = (body.get("metadata") or {}).get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        _fail("Input should be a valid string", "metadata.user_id", "invalid_type")
     choice = body.get("tool_choice")
     if choice is not None:
         if not isinstance(choice, dict) or choice.get("type") not in TOOL_CHOICE_TYPES:

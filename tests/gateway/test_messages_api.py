@@ -465,6 +465,10 @@ def test_beta_header_reaches_an_anthropic_provider(gateway, stream):
         {"max_tokens": "5"},
         {"tool_choice": {"type": "tool"}},
         {"tools": [{"description": "no name"}]},
+        {"tools": [{"name": "lookup", "input_schema": "an object"}]},
+        {"metadata": "u-1"},
+        {"metadata": {"user_id": 7}},
+        {"thinking": "on"},
         {"stream": "yes"},
     ],
 )
@@ -473,6 +477,7 @@ def test_malformed_bodies_are_400s_in_anthropics_shape(gateway, model, change):
     response = httpx.post(gateway.url + "/v1/messages", json=body, headers={"x-api-key": gateway.key})
     assert response.status_code == 400, response.text
     assert response.json()["type"] == "error" and response.json()["error"]["type"] == "invalid_request_error"
+    assert gateway.upstream.stats["requests"] == 0
 
 
 @pytest.mark.parametrize("payload", [b"[]", b"not json", b'"text"', b"{}"])
