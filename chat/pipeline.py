@@ -1318,8 +1318,10 @@ class CompletionRun:
         """``stream`` for an Anthropic Messages request: relay the events as they arrive (an unchanged
         event keeps the upstream's bytes; ``message_start`` gets the public model name). Usage is read
         from ``message_start`` and ``message_delta``; a stream cut before ``message_delta`` is charged
-        for what was relayed, as a cut chat stream is. A model that opted into ``resume_on_failure`` has
-        a stream cut midway continued by the next deployment, as ``stream`` does (``_MessagesSplice``)."""
+        the prompt ``message_start`` counted and an estimate of what was relayed (a translated stream's
+        ``message_start`` holds an estimate of the prompt: the row is an estimate either way). A model that
+        opted into ``resume_on_failure`` has a stream cut midway continued by the next deployment, as
+        ``stream`` does (``_MessagesSplice``)."""
         usage: dict[str, Any] = {}
         final = False
         delivered: list[str] = []
@@ -1343,17 +1345,24 @@ class CompletionRun:
             return once
 
         def settle(call: _Call) -> None:
+            written = "".join(delivered)
             reported = openai_usage(usage) if final and usage else {}
+            partly_estimated = bool(earlier_tokens)
             if reported and earlier_tokens:
                 completion = int(reported.get("completion_tokens") or 0) + earlier_tokens
                 reported = {**reported, "completion_tokens": completion}
+            elif not final and written and usage.get("input_tokens") is not None:
+                # Cut after ``message_start``, which counted the prompt (the cached part apart, to be priced at
+                # its own rate): that count, and an estimate of everything relayed, the row flagged so.
+                reported = {**openai_usage(usage), "completion_tokens": text_tokens(written)}
+                partly_estimated = True
             self._settle(
                 status=call.status,
                 usage=reported,
-                delivered_text="".join(delivered),
+                delivered_text=written,
                 finish_reason=stop_reason,
                 error_type=call.error_type,
-                usage_partly_estimated=bool(earlier_tokens),
+                usage_partly_estimated=partly_estimated,
             )
 
         upstream: AsyncIterator[WireEvent] | None = None

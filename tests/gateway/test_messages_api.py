@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
+from billing.tokens import text_tokens
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -627,3 +628,32 @@ def test_empty_content_is_refused_before_any_upstream_call(gateway, model, conte
 def test_an_empty_final_assistant_message_is_accepted(gateway, model):
     messages = [{"role": "user", "content": "[[reply=fine]]"}, {"role": "assistant", "content": ""}]
     assert client(gateway).messages.create(model=model, max_tokens=5, messages=messages).type == "message"
+
+
+def test_a_native_stream_cut_midway_is_charged_the_prompt_the_provider_counted(gateway):
+    """Anthropic counts the prompt in ``message_start`` (the tokens read from its cache apart). A stream cut
+    after it was charged an estimate of the whole prompt at the input price, the cached part too; it is now
+    charged the provider's count, its cached tokens at the cached price, and an estimate of what was relayed."""
+    from providers.models import Deployment
+
+    Deployment.objects.filter(model__name="claude-test").update(cached_input_per_mtok=Decimal("0.08"))
+    words = " ".join(f"w{n}" for n in range(200))
+    body = {
+        "model": "claude-test",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": f"{words} [[words=9]] [[cache=150]] [[fault=cut-3]]"}],
+    }
+    reply, events = raw_events(gateway, body)
+    assert events[-1][0] == "error"
+    [opened] = [json.loads(data)["message"]["usage"] for name, data in events if name == "message_start"]
+    relayed = "".join(json.loads(data)["delta"]["text"] for name, data in events if name == "content_block_delta")
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.usage_estimated
+    assert (record.prompt_tokens, record.cached_tokens) == (opened["input_tokens"] + 150, 150)
+    assert record.completion_tokens == text_tokens(relayed)
+    expected = (
+        Decimal(opened["input_tokens"]) * Decimal("0.80")
+        + 150 * Decimal("0.08")
+        + Decimal(record.completion_tokens) * Decimal("4.00")
+    ) / MILLION
+    assert record.cost == expected.quantize(Decimal("0.0000000001"))
