@@ -65,7 +65,8 @@ def anthropic_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable
         try:
             request.get_host()
         except DisallowedHost:
-            return json_response(anthropic_error_body("Invalid Host header.", status=400), status=400)
+            body = anthropic_error_body("Invalid Host header.", status=400)
+            return _answer(json_response(body, status=400), new_request_id(), time.perf_counter())
         try:
             return await view(request, *args, **kwargs)
         except DATABASE_OUTAGE_ERRORS:

@@ -657,3 +657,18 @@ def test_a_native_stream_cut_midway_is_charged_the_prompt_the_provider_counted(g
         + Decimal(record.completion_tokens) * Decimal("4.00")
     ) / MILLION
     assert record.cost == expected.quantize(Decimal("0.0000000001"))
+
+
+def test_a_host_outside_allowed_hosts_is_refused_in_anthropics_shape_with_a_request_id(gateway):
+    response = httpx.post(
+        gateway.url + "/v1/messages",
+        json={"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-api-key": gateway.key, "Host": "evil.example"},
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "Invalid Host header."},
+    }
+    assert response.headers["request-id"].startswith("req_")
+    assert gateway.upstream.stats["requests"] == 0
