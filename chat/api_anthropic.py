@@ -6,9 +6,10 @@ Anthropic-protocol model gets the request untranslated and its events relayed as
 model is reached through the chat-completions translation of ``providers.adapters.translate_anthropic``
 (the adapters decide, ``BaseAdapter.messages``). Errors use Anthropic's shape and status codes, so that
 its SDK raises its own classes (``AuthenticationError``, ``NotFoundError``, ``RateLimitError``, …);
-``x-api-key`` or ``Authorization: Bearer`` carry the gateway key; ``anthropic-version`` is accepted
-whatever it says (the request is relayed in the version the client wrote it in), and ``anthropic-beta``
-is passed on to an Anthropic-protocol provider.
+``x-api-key`` or ``Authorization: Bearer`` carry the gateway key (both sent: the Bearer one); ``anthropic-version``
+is accepted whatever it says and not passed on (the provider is called with the anthropic SDK's own,
+``2023-06-01``, the one version Anthropic has published; the body is relayed as the client wrote it), and
+``anthropic-beta`` is passed on to an Anthropic-protocol provider.
 """
 
 from __future__ import annotations
