@@ -207,9 +207,9 @@ class ReplyGuard:
     Each choice of the reply (``n`` > 1) is checked as a text of its own: a stream interleaves their pieces,
     and read as one text, the words of one choice would run into another's and escape the block-list.
 
-    Block-list policies scan, every ``stream_interval_chars`` characters, only the text added since their
-    last scan plus an overlap as long as their longest entry, before the piece that crossed the mark is
-    relayed. When a blocking entry matches up to the very end of the text so far (the next piece decides
+    Block-list policies scan only the text added since their last scan plus an overlap as long as their
+    longest entry: a blocking one before each piece is relayed, a flagging one every ``stream_interval_chars``
+    characters. When a blocking entry matches up to the very end of the text so far (the next piece decides
     whether it is a whole word), ``feed`` says the piece must be held back, and the next piece is scanned
     whatever the mark: relaying it would hand the client the very words the policy blocks (``relay`` does
     the holding). OpenAI policies are asked at the same marks in a background task, so the relay does not
@@ -320,7 +320,12 @@ class _ChoiceGuard:
                 continue
             if not policy.is_blocklist:
                 await self._collect(policy, wait=False)
-            due = self._length - self._marked[policy.id] >= policy.stream_interval_chars
+            # A blocking block-list scans every piece (a scan reads only what is new, plus its overlap): between
+            # two marks a blocked word would reach the client. The interval spaces the questions to a moderation
+            # service, and a flagging block-list's scans.
+            due = (policy.is_blocklist and policy.blocks) or (
+                self._length - self._marked[policy.id] >= policy.stream_interval_chars
+            )
             if due or policy.id in self._holding:
                 self._marked[policy.id] = self._length
                 if policy.is_blocklist:

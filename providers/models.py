@@ -494,7 +494,9 @@ class ModerationPolicy(models.Model):
     check_output = models.BooleanField(default=True)
     action = models.CharField(max_length=8, choices=ModerationAction.choices, default=ModerationAction.BLOCK)
     stream_interval_chars = models.PositiveIntegerField(
-        default=200, help_text="On streams, the reply so far is checked every this many characters and at the end."
+        default=200,
+        help_text="On streams, the reply so far is checked every this many characters and at the end (a "
+        "blocking block-list checks every piece).",
     )
     fail_open = models.BooleanField(
         default=False,

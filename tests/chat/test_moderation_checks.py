@@ -126,12 +126,22 @@ async def test_a_piece_ending_in_a_blocked_word_is_held_back_until_the_next_show
         await guard.feed(" elit")
 
 
-async def test_between_marks_nothing_is_scanned_and_the_end_scans_the_rest():
+async def test_a_blocking_blocklist_scans_every_piece_whatever_its_interval():
     _, guard = guard_for(policy(stream_interval_chars=1000))
 
-    await guard.feed("lorem adipiscing elit")  # under the mark: relayed unchecked
     with pytest.raises(ContentPolicyViolationError):
-        await guard.finish()
+        await guard.feed("lorem adipiscing elit")  # under the mark, and still not relayed
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_flagging_blocklist_scans_at_its_marks_and_the_end_scans_the_rest():
+    moderation, guard = guard_for(policy(stream_interval_chars=1000, action=ModerationAction.FLAG))
+
+    await guard.feed("lorem adipiscing elit")  # under the mark: not scanned yet
+    assert moderation.summary == ""
+    await guard.finish()
+    await moderation_drain()
+    assert moderation.summary.startswith("flagged output: blocklist")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -268,8 +268,35 @@ def test_a_term_at_the_very_end_of_a_stream_is_found_by_the_final_check(gateway)
     )
 
     assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
-    assert delivered_text(events) == "ut labore"  # under the mark: relayed unchecked
+    # A blocking block-list scans every piece whatever the interval: the word waits for the final check.
+    assert delivered_text(events) == "ut"
     assert wait_for_record(request_id).completion_tokens == len(split_tokens("ut labore"))
+
+
+def test_a_blocking_blocklist_relays_no_blocked_word_at_its_default_interval(gateway):
+    """The interval (200 characters by default) spaces a moderation service's questions; a block-list that
+    blocks scans each piece, so a blocked word early in a reply never reaches the client."""
+    policy_on("gpt-test", blocklist="dolor", check_input=False)
+    pieces: list[str] = []
+
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in gateway.client().chat.completions.create(
+            model="gpt-test", stream=True, messages=[{"role": "user", "content": "[[words=60]]"}]
+        ):
+            pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert "content policy" in cut.value.message
+    assert "".join(pieces) == "lorem ipsum"
+
+
+def test_a_flagging_blocklist_keeps_its_interval(gateway):
+    policy_on("gpt-test", blocklist="dolor", check_input=False, action=ModerationAction.FLAG)
+    events, request_id = sse_stream(
+        gateway,
+        {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "[[words=8]]"}]},
+    )
+    assert "[DONE]" in events and delivered_text(events).startswith("lorem ipsum dolor")
+    assert "flagged output" in wait_for_record(request_id).moderation
 
 
 def test_a_blocked_word_ending_the_text_so_far_is_held_back_and_never_relayed(gateway):
