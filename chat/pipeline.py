@@ -1432,7 +1432,13 @@ class CompletionRun:
         response: dict[str, Any] | None = None
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
-            return await adapter_for(target.provider).embed({**self.body, "model": target.upstream_id})
+            try:
+                return await adapter_for(target.provider).embed({**self.body, "model": target.upstream_id})
+            except ProviderContextLengthError as exc:
+                # A provider that names no field (or chat's) was told of no `messages`: the input is too long.
+                if exc.param in (None, "messages"):
+                    exc.param = "input"
+                raise
 
         def settle(call: _Call) -> None:
             self._settle(

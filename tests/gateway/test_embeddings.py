@@ -22,9 +22,9 @@ from billing.services.budgets import CounterRef, api_key_limits_set, period_boun
 from billing.services.counters import counter_state
 from billing.services.ledger import ledger_flush
 from llmhub.testing.openapi import validate_openai_schema
-from providers.models import ModelMode, Provider
+from providers.models import ModelMode, Provider, ProviderKind
 from tests.chat.conftest import ends, events_until, open_socket
-from tests.factories import ModelFactory
+from tests.factories import ModelFactory, ProviderFactory
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,6 +46,25 @@ def embedder(gateway):
         context_window=8192,
     )
     return gateway
+
+
+@pytest.fixture
+def other_kinds(embedder):
+    """``gemini-embed`` and ``cohere-embed``: embedding models on providers with their own protocols, whose
+    errors name no parameter of OpenAI's."""
+    for name, kind, suffix, upstream_id in (
+        ("gemini-embed", ProviderKind.GEMINI, "", "gemini-embedding-001"),
+        ("cohere-embed", ProviderKind.COHERE, "/cohere", "embed-v4.0"),
+    ):
+        ModelFactory(
+            name=name,
+            provider=ProviderFactory(name=f"fake-{name}", kind=kind, base_url=embedder.upstream.base_url + suffix),
+            upstream_id=upstream_id,
+            mode=ModelMode.EMBEDDING,
+            input_per_mtok=INPUT_PRICE,
+            output_per_mtok=Decimal(0),
+        )
+    return embedder
 
 
 @pytest.fixture(params=["database", "redis"])
@@ -222,6 +241,18 @@ def test_bad_input_is_a_400_naming_the_parameter(embedder, body, param):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
     assert embedder.upstream.stats["requests"] == 0
+
+
+@pytest.mark.parametrize("model", ["embed-test", "gemini-embed", "cohere-embed"])
+def test_an_input_too_long_for_the_model_is_a_400_naming_input(other_kinds, model):
+    # An embeddings request has no `messages`: what the provider found too long is its `input`.
+    with pytest.raises(openai.BadRequestError) as refused:
+        other_kinds.client().embeddings.create(
+            model=model, input=["fine", "far too long [[fault=context_length]]"], encoding_format="float"
+        )
+    assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "input")
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
 
 
 def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_its_row(embedder):
