@@ -1,5 +1,6 @@
 """Cohere's v2 wire format for the fake upstream: ``POST /cohere/v2/chat`` (JSON, or SSE with Cohere's
-event types), ``POST /cohere/v2/embed`` (honouring ``output_dimension``) and ``GET /cohere/v1/models``.
+event types), ``POST /cohere/v2/embed`` (honouring ``output_dimension``; at most 96 texts a call, more a 400 as Cohere
+answers) and ``GET /cohere/v1/models``.
 
 Cohere's model list lives at ``/v1/models`` like OpenAI's, with another shape, so the fake serves Cohere
 under ``/cohere``: a test provider's base URL is ``http://127.0.0.1:<port>/cohere``. Replies, tool calls,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 PREFIX = "/cohere"
 CONTEXT_WINDOW = 128_000
+EMBED_BATCH_LIMIT = 96  # texts in one v2/embed call
 MODELS = (
     ("command-a-03-2025", ["chat"]),
     ("command-r-plus-08-2024", ["chat"]),
@@ -230,6 +232,10 @@ async def embed(app: _App, request: web.Request) -> web.StreamResponse:
             return early
     if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
         return cohere_error(400, "invalid request: texts must be a non-empty list of strings.")
+    if len(texts) > EMBED_BATCH_LIMIT:
+        return cohere_error(
+            400, f"invalid request: total number of texts must be at most {EMBED_BATCH_LIMIT} - received {len(texts)}"
+        )
     if not body.get("input_type"):
         return cohere_error(400, "invalid request: input_type is required for embed models v3 and higher.")
     dimensions = body.get("output_dimension") or fake._EMBEDDING_DIMENSIONS  # embed-v4's, as Cohere takes it

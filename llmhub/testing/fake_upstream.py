@@ -56,8 +56,9 @@ Endpoints
     to 8, each with its ``index``, in every chunk, their tokens summed in ``candidatesTokenCount``;
     ``responseLogprobs: true`` gives each candidate a ``logprobsResult`` for its tokens in that response or chunk,
     ``chosenCandidates`` and, for ``logprobs: N``, N ``topCandidates`` a step, with OpenAI's values),
-    ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no
-    usage, as Gemini reports none), ``GET /v1beta/models``; the key in ``x-goog-api-key`` or ``?key=``,
+    ``…:batchEmbedContents`` (the same vectors as /v1/embeddings; no usage, as Gemini reports none; at
+    most 100 requests a batch, more a 400 as Google answers), ``GET /v1beta/models``; the key in
+    ``x-goog-api-key`` or ``?key=``,
     errors as ``{"error": {"code", "message", "status"}}`` (a 429's delay not in a ``Retry-After`` header but,
     as Google sends it, in a ``RetryInfo`` detail's ``retryDelay``); ``[[safety=response]]`` answers a SAFETY finish
     with no content, ``[[safety=prompt]]`` a ``promptFeedback.blockReason``. Control endpoints, which
@@ -233,6 +234,7 @@ _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
 _EMBEDDING_DIMENSIONS = 256
+GEMINI_EMBED_BATCH_LIMIT = 100  # batchEmbedContents refuses more requests in one batch
 
 # Demo mode's answers: short enough for a few turns on the Free plan's 1,000 tokens a day, and each
 # with something for the chat page to render (emphasis, a list, a highlighted code block).
@@ -2133,6 +2135,10 @@ class _App:
                 return early
         if not texts or not all(texts):
             return _gemini_error(400, "* BatchEmbedContentsRequest.requests: content is not specified")
+        if len(texts) > GEMINI_EMBED_BATCH_LIMIT:
+            limit = GEMINI_EMBED_BATCH_LIMIT
+            message = f"* BatchEmbedContentsRequest.requests: at most {limit} requests can be in one batch"
+            return _gemini_error(400, message)
         embeddings = []
         for item, text in zip(requests, texts, strict=True):
             dimensions = item.get("outputDimensionality") or _EMBEDDING_DIMENSIONS

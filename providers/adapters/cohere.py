@@ -34,6 +34,7 @@ from .common import (
     error_for_failure,
     error_for_status,
     http_request_hooks,
+    in_batches,
     one_choice_only,
     scrub,
     stream_interrupted,
@@ -43,6 +44,7 @@ from .common import (
 # Given when the row has no key, so that the SDK never falls back to CO_API_KEY from the gateway's
 # environment: the provider then answers 401, which is the truth.
 _PLACEHOLDER_KEY = "not-configured"
+EMBED_BATCH_LIMIT = 96  # texts in one v2/embed call
 _FAILURES = (ApiError, httpx.HTTPError, ValueError, OutboundRefused)
 
 FINISH_REASONS = {
@@ -129,18 +131,24 @@ class CohereAdapter(BaseAdapter):
             )
         # embed-v4's output_dimension is OpenAI's `dimensions` (Cohere answers a 400 for a size it lacks).
         extra = {"output_dimension": body["dimensions"]} if body.get("dimensions") else {}
-        try:
-            async with upstream_deadline(self.config):
-                response = await self._client.embed(
-                    texts=texts,
-                    model=body["model"],
-                    input_type="search_document",
-                    embedding_types=["float"],
-                    **extra,
-                )
-        except _FAILURES as exc:
-            raise self.map_error(exc) from None
-        return embeddings_from_cohere(response.dict(), model=body["model"], encoding=body.get("encoding_format"))
+
+        async def embed_batch(batch: list[str]) -> dict[str, Any]:
+            try:
+                async with upstream_deadline(self.config):
+                    response = await self._client.embed(
+                        texts=batch,
+                        model=body["model"],
+                        input_type="search_document",
+                        embedding_types=["float"],
+                        **extra,
+                    )
+            except _FAILURES as exc:
+                raise self.map_error(exc) from None
+            return response.dict()
+
+        # Cohere embeds at most 96 texts a call: more go in several, answered and billed as one.
+        responses = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch)
+        return embeddings_from_cohere(responses, model=body["model"], encoding=body.get("encoding_format"))
 
     async def list_models(self) -> list[UpstreamModel]:
         try:
@@ -450,14 +458,16 @@ class StreamTranslator:
 # Embeddings
 
 
-def embeddings_from_cohere(response: dict[str, Any], *, model: str, encoding: str | None) -> dict[str, Any]:
-    vectors = (response.get("embeddings") or {}).get("float") or []
+def embeddings_from_cohere(responses: list[dict[str, Any]], *, model: str, encoding: str | None) -> dict[str, Any]:
+    """The answers to one request's calls (in their order), as one OpenAI list with their billed units summed."""
+    vectors = [vector for response in responses for vector in (response.get("embeddings") or {}).get("float") or []]
     data = []
     for index, vector in enumerate(vectors):
         embedding: Any = vector
         if encoding == "base64":
             embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": embedding})
-    billed = ((response.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0
-    tokens = int(billed)
+    tokens = sum(
+        int(((response.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0) for response in responses
+    )
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

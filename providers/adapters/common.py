@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 from django.conf import settings
@@ -168,6 +168,34 @@ def fields_renamed(body: dict[str, Any], renames: Mapping[str, str]) -> dict[str
             if value is not None:
                 out[theirs] = value
     return out
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+# How many of one request's batch calls run at once: a large request is answered sooner than one call after
+# another, and the provider's rate limit sees a few calls at a time, not dozens.
+BATCH_CALLS_AT_ONCE = 4
+
+
+async def in_batches(items: Sequence[T], size: int, call: Callable[[list[T]], Awaitable[R]]) -> list[R]:
+    """``call`` on consecutive slices of at most ``size`` of ``items`` (for a provider that embeds fewer
+    inputs a call than the 2048 OpenAI's API takes), the results in the slices' order. The first failure
+    cancels the calls still running and is raised as it came, so routing judges it as a single call's."""
+    slices = [list(items[start : start + size]) for start in range(0, len(items), size)]
+    if len(slices) == 1:
+        return [await call(slices[0])]
+    gate = asyncio.Semaphore(BATCH_CALLS_AT_ONCE)
+
+    async def gated(part: list[T]) -> R:
+        async with gate:
+            return await call(part)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(gated(part)) for part in slices]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def one_choice_only(body: dict[str, Any]) -> None:

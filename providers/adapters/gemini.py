@@ -33,6 +33,7 @@ from .common import (
     error_for_failure,
     error_for_status,
     http_timeout,
+    in_batches,
     interruption_reason,
     provider_http_client,
     scrub,
@@ -44,6 +45,7 @@ from .translate_gemini import StreamTranslator, completion_from_response, gemini
 DEFAULT_API_VERSION = "v1beta"
 _PLACEHOLDER_KEY = "not-configured"
 _MODELS_PREFIX = "models/"
+EMBED_BATCH_LIMIT = 100  # batchEmbedContents refuses more requests in one batch
 _FAILURES = (genai_errors.APIError, httpx2.HTTPError, ValueError, ValidationError, OutboundRefused)
 # The HTTP responses a stream's opening request received. The SDK reads a stream through several nested
 # generators; closing the outer one leaves the inner ones (and the response) open until they are garbage
@@ -127,7 +129,7 @@ class GeminiAdapter(BaseAdapter):
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
         """``models.embed_content`` (``batchEmbedContents``), answered in OpenAI's shape. The Gemini API
         reports no token usage for embeddings: the response has none, and the pipeline estimates it (and
-        flags the ledger row as estimated)."""
+        flags the ledger row as estimated). A batch takes at most 100 texts: more go in several calls."""
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
@@ -138,14 +140,19 @@ class GeminiAdapter(BaseAdapter):
                 code="invalid_value",
             )
         config = {"output_dimensionality": body["dimensions"]} if body.get("dimensions") else None
-        try:
-            async with upstream_deadline(self.config):
-                response = await self._client.aio.models.embed_content(
-                    model=str(body.get("model") or ""), contents=texts, config=config
-                )
-        except _FAILURES as exc:
-            raise self.map_error(exc) from None
-        embeddings = response.embeddings or []
+
+        async def embed_batch(batch: list[str]) -> list[Any]:
+            try:
+                async with upstream_deadline(self.config):
+                    response = await self._client.aio.models.embed_content(
+                        model=str(body.get("model") or ""), contents=batch, config=config
+                    )
+            except _FAILURES as exc:
+                raise self.map_error(exc) from None
+            return list(response.embeddings or [])
+
+        batches = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch)
+        embeddings = [embedding for batch in batches for embedding in batch]
         if len(embeddings) != len(texts):
             raise ProviderError(
                 f"The provider {self.config.name!r} answered {len(embeddings)} embeddings for {len(texts)} inputs.",

@@ -255,6 +255,43 @@ def test_an_input_too_long_for_the_model_is_a_400_naming_input(other_kinds, mode
     assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
 
 
+@pytest.mark.parametrize(
+    ("model", "path"),
+    [
+        ("gemini-embed", "/v1beta/models/gemini-embedding-001:batchEmbedContents"),
+        ("cohere-embed", "/cohere/v2/embed"),
+    ],
+)
+def test_a_batch_larger_than_the_providers_limit_is_split_in_order_and_billed_once(other_kinds, model, path):
+    # Gemini embeds at most 100 texts a call, Cohere 96: a RAG pipeline's 250 chunks take three calls.
+    texts = [f"chunk number {i}" for i in range(250)]
+    client = other_kinds.client()
+    raw = client.embeddings.with_raw_response.create(model=model, input=texts, encoding_format="float")
+    body = json.loads(raw.http_response.text)
+    validate_openai_schema(body, "CreateEmbeddingResponse")
+    assert [item["index"] for item in body["data"]] == list(range(250))
+    assert other_kinds.upstream.stats["by_path"][path] == 3
+    alone = client.embeddings.create(model=model, input=texts[137], encoding_format="float")
+    assert body["data"][137]["embedding"] == alone.data[0].embedding
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
+    assert (record.status, record.prompt_tokens) == ("ok", body["usage"]["prompt_tokens"])
+    if model == "cohere-embed":  # Cohere's billed units of the three calls, summed
+        assert (record.prompt_tokens, record.usage_estimated) == (750, False)
+    assert record.cost == Decimal(record.prompt_tokens) * INPUT_PRICE / MILLION
+
+
+@pytest.mark.parametrize("model", ["gemini-embed", "cohere-embed"])
+def test_a_refused_batch_among_several_is_the_requests_error_with_one_row(other_kinds, model):
+    texts = [f"chunk number {i}" for i in range(250)]
+    texts[150] += " [[fault=400]]"  # the second call's
+    with pytest.raises(openai.BadRequestError) as refused:
+        other_kinds.client().embeddings.create(model=model, input=texts, encoding_format="float")
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
+    assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
+
+
 def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_its_row(embedder):
     ModelFactory(
         name="claude-embed",

@@ -212,8 +212,8 @@ def test_a_message_end_with_error_fails_the_stream():
 def test_embeddings_as_floats_or_base64():
     response = {"embeddings": {"float": [[0.5, -1.0]]}, "meta": {"billed_units": {"input_tokens": 3}}}
 
-    floats = embeddings_from_cohere(response, model="embed-v4.0", encoding=None)
-    encoded = embeddings_from_cohere(response, model="embed-v4.0", encoding="base64")
+    floats = embeddings_from_cohere([response], model="embed-v4.0", encoding=None)
+    encoded = embeddings_from_cohere([response], model="embed-v4.0", encoding="base64")
 
     assert floats["data"][0]["embedding"] == [0.5, -1.0]
     assert struct.unpack("<2f", base64.b64decode(encoded["data"][0]["embedding"])) == (0.5, -1.0)

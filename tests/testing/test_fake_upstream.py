@@ -1098,6 +1098,12 @@ def test_cohere_chat_tool_round_trip_and_embed_through_the_sdk(upstream: FakeUps
         texts=["one two", "three"], model="embed-v4.0", input_type="search_document", embedding_types=["float"]
     )
     assert [len(vector) for vector in embedded.embeddings.float_] == [256, 256]
+    import cohere
+
+    co.embed(texts=["x"] * 96, model="embed-v4.0", input_type="search_document", embedding_types=["float"])
+    with pytest.raises(cohere.errors.BadRequestError) as caught:  # Cohere's batch limit
+        co.embed(texts=["x"] * 97, model="embed-v4.0", input_type="search_document", embedding_types=["float"])
+    assert "at most 96" in caught.value.body["message"]
     assert embedded.meta.billed_units.input_tokens == 3
     assert "command-a-03-2025" in {model.name for model in co.models.list().models}
     assert upstream.stats["by_path"]["/cohere/v2/chat"] == 3
@@ -1272,6 +1278,12 @@ def test_gemini_models_and_embeddings(genai_client, upstream: FakeUpstream) -> N
         model="fake-gemini-embedding", contents=["one two"], config={"output_dimensionality": 8}
     )
     assert again.embeddings[0].values == vectors[0]  # deterministic
+    from google.genai import errors
+
+    genai_client.models.embed_content(model="fake-gemini-embedding", contents=["x"] * 100)
+    with pytest.raises(errors.ClientError) as caught:  # Google's batch limit
+        genai_client.models.embed_content(model="fake-gemini-embedding", contents=["x"] * 101)
+    assert caught.value.code == 400 and "at most 100 requests" in caught.value.message
 
 
 def test_gemini_key_in_the_query_string_is_accepted_when_a_key_is_required() -> None:
