@@ -135,7 +135,9 @@ Embeddings
     does. ``usage.prompt_tokens`` (= ``total_tokens``) is the sum of ``words(text)`` of the strings and
     the lengths of the token arrays. Directives are read from the string inputs: ``[[fault=NAME]]`` and
     ``[[latency=MS]]`` as for chat, ``[[usage=none]]`` leaves ``usage`` out, ``[[encoding=float]]``
-    answers floats whatever ``encoding_format`` asked (as servers that ignore the field do).
+    answers floats whatever ``encoding_format`` asked (as servers that ignore the field do),
+    ``[[order=reversed]]`` lists the embeddings last input first, each with its own ``index`` (as servers
+    that embed a batch in parallel may), and ``[[omit=index]]`` leaves every ``index`` out (in input order).
 
 Moderation
     ``POST /v1/moderations`` answers OpenAI's shape, ``{"id", "model", "results": [{"flagged",
@@ -1813,6 +1815,10 @@ class _App:
             vector = _embedding_vector(item if isinstance(item, str) else " ".join(map(str, item)), dimensions)
             encoded: Any = base64.b64encode(vector.tobytes()).decode() if base64_wanted else vector.tolist()
             data.append({"object": "embedding", "index": index, "embedding": encoded})
+            if "index" in directives.get("omit", "").split(","):
+                del data[-1]["index"]
+        if directives.get("order") == "reversed":
+            data.reverse()
         answer: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
         if directives.get("usage") != "none":
             answer["usage"] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}

@@ -227,6 +227,13 @@ class OpenAIAdapter(BaseAdapter):
                 f"The provider {self.config.name!r} answered with something other than a list of embeddings.",
                 provider=self.config.name,
             )
+        # Each item's index names its input; a server that embeds a batch in parallel may list them in another
+        # order, and a client reads data[i] as input i. One that leaves the indexes out lists them in order.
+        for position, item in enumerate(data):
+            index = item.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                item["index"] = position
+        data.sort(key=lambda item: item["index"])
         if encoding == "base64":
             for item in data:
                 vector = item.get("embedding")

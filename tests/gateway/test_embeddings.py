@@ -159,6 +159,22 @@ def test_floats_from_an_upstream_that_ignores_base64_are_encoded(embedder):
     assert decoded(asked.data[0].embedding) == other.data[0].embedding != floats.data[0].embedding
 
 
+def test_embeddings_an_upstream_lists_out_of_order_or_without_index_come_in_input_order(embedder):
+    client = embedder.client()
+    texts = ["first", "second [[order=reversed]]", "third"]
+    alone = [client.embeddings.create(model="embed-test", input=text).data[0].embedding for text in texts]
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input=texts, encoding_format="float")
+    body = json.loads(raw.http_response.text)
+    assert [item["index"] for item in body["data"]] == [0, 1, 2]
+    assert [item["embedding"] for item in body["data"]] == alone  # the SDK's user reads data[i] for input i
+
+    texts = ["first", "third [[omit=index]]"]
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input=texts, encoding_format="float")
+    body = json.loads(raw.http_response.text)
+    validate_openai_schema(body, "CreateEmbeddingResponse")
+    assert [item["index"] for item in body["data"]] == [0, 1]
+
+
 def test_an_upstream_without_usage_is_charged_an_estimate_and_the_row_says_so(embedder):
     text = "no usage here [[usage=none]]"
     raw = embedder.client().embeddings.with_raw_response.create(model="embed-test", input=text, encoding_format="float")

@@ -1045,6 +1045,12 @@ def test_embeddings_directives_and_faults(oai: openai.OpenAI, upstream: FakeUpst
         {"model": "m", "input": "hi [[encoding=float]]", "encoding_format": "base64"},
     )
     assert isinstance(json.loads(body)["data"][0]["embedding"], list)
+    texts = ["a", "b [[order=reversed]]", "c"]
+    alone = [oai.embeddings.create(model="m", input=text, encoding_format="float").data[0].embedding for text in texts]
+    reversed_ = oai.embeddings.create(model="m", input=texts, encoding_format="float").data
+    assert [(item.index, item.embedding) for item in reversed_] == [(2, alone[2]), (1, alone[1]), (0, alone[0])]
+    status, _, body = http(upstream, "POST", "/v1/embeddings", {"model": "m", "input": ["a", "c [[omit=index]]"]})
+    assert [set(item) for item in json.loads(body)["data"]] == [{"object", "embedding"}] * 2
     with pytest.raises(openai.RateLimitError):
         oai.embeddings.create(model="m", input="hi [[fault=429]]", encoding_format="float")
     with pytest.raises(openai.InternalServerError):
@@ -1057,7 +1063,7 @@ def test_embeddings_directives_and_faults(oai: openai.OpenAI, upstream: FakeUpst
     ):
         status, _, body = http(upstream, "POST", "/v1/embeddings", bad)
         assert status == 400 and "error" in json.loads(body), bad
-    assert upstream.stats["by_path"]["/v1/embeddings"] == 8
+    assert upstream.stats["by_path"]["/v1/embeddings"] == 13
 
 
 # -- Cohere v2 (under /cohere) ---------------------------------------------------------------------------
