@@ -46,7 +46,8 @@ Endpoints
     (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, embeddings'
     ``dimensions``, …) is a 422 in Mistral's shape (``{"object": "error", "message": {"detail": [{"type":
     "extra_forbidden", "loc": ["body", NAME], …}]}, …}``), Mistral's own names are taken (``random_seed``,
-    ``output_dimension``), and a stream always reports its usage, on its last chunk. Ollama's, under ``/ollama``
+    ``output_dimension``), a stream always reports its usage, on its last chunk, and embeddings take at most
+    512 inputs a request (more: Mistral's 400 ``Too many inputs in request``). Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
     says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
@@ -872,6 +873,7 @@ _MISTRAL_CHAT_FIELDS = frozenset(
 _MISTRAL_EMBEDDING_FIELDS = frozenset(
     {"model", "input", "metadata", "output_dimension", "output_dtype", "encoding_format"}
 )
+MISTRAL_EMBED_BATCH_LIMIT = 512  # inputs in one embeddings request
 
 
 def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | None:
@@ -1482,6 +1484,10 @@ class _App:
         refused = _mistral_extra_fields(body, _MISTRAL_EMBEDDING_FIELDS)
         if refused is not None:
             return refused
+        items = _embedding_inputs(body.get("input"))
+        if items is not None and len(items) > MISTRAL_EMBED_BATCH_LIMIT:
+            message = "Too many inputs in request, split into more batches."
+            return _openai_error(400, message, "invalid_request_error", "3210")
         if "output_dimension" in body:
             body = {key: value for key, value in body.items() if key != "output_dimension"}
             request[_BODY_KEY] = {**body, "dimensions": request[_BODY_KEY]["output_dimension"]}

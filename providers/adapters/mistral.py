@@ -25,6 +25,8 @@ _EMBEDDING_RENAMES = {"dimensions": "output_dimension"}
 
 
 class MistralAdapter(OpenAIAdapter):
+    embed_batch_limit = 512  # Mistral refuses more inputs in one request ("Too many inputs in request")
+
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         request = fields_renamed(
             {key: value for key, value in body.items() if key not in ("stream", "stream_options")}, _CHAT_RENAMES

@@ -32,6 +32,7 @@ from .common import (
     error_for_failure,
     error_for_status,
     http_timeout,
+    in_batches,
     interruption_reason,
     provider_http_client,
     scrub,
@@ -85,6 +86,9 @@ class _StreamState:
 
 
 class OpenAIAdapter(BaseAdapter):
+    # The most inputs the provider embeds in one request (more go in several); None: the 2048 of OpenAI's API.
+    embed_batch_limit: int | None = None
+
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._client = self._sdk_client(config)
@@ -205,6 +209,30 @@ class OpenAIAdapter(BaseAdapter):
         return WireChunk(chunk, raw)
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One request, or several of at most ``embed_batch_limit`` inputs answered as one list, in input
+        order, their usage summed (left out, for the pipeline to estimate, if any call did not count it)."""
+        inputs = body.get("input")
+        limit = self.embed_batch_limit
+        # A list of texts or of token arrays; one token array (a list of numbers) is one input.
+        several = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], str | list)
+        if limit is None or not several or len(inputs) <= limit:
+            return await self._embed_once(body)
+        responses = await in_batches(inputs, limit, lambda batch: self._embed_once({**body, "input": batch}))
+        data = [
+            {**item, "index": number * limit + item["index"]}
+            for number, response in enumerate(responses)
+            for item in response["data"]
+        ]
+        merged = {**responses[0], "data": data}
+        counts = [usage.get("prompt_tokens") if isinstance(usage := r.get("usage"), dict) else None for r in responses]
+        if all(isinstance(count, int) for count in counts):
+            tokens = sum(counts)
+            merged["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        else:
+            merged.pop("usage", None)
+        return merged
+
+    async def _embed_once(self, body: dict[str, Any]) -> dict[str, Any]:
         """Through the SDK's ``embeddings.create``, read raw so that the upstream's JSON is relayed as it
         came rather than rebuilt from the SDK's model. ``encoding_format`` is always sent: left out, the SDK
         would ask for base64 and decode it itself, which only its ``parse()`` does. An upstream that

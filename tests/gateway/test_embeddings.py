@@ -50,11 +50,12 @@ def embedder(gateway):
 
 @pytest.fixture
 def other_kinds(embedder):
-    """``gemini-embed`` and ``cohere-embed``: embedding models on providers with their own protocols, whose
-    errors name no parameter of OpenAI's."""
+    """``gemini-embed``, ``cohere-embed`` and ``mistral-embed``: embedding models on providers with their own
+    protocols or limits."""
     for name, kind, suffix, upstream_id in (
         ("gemini-embed", ProviderKind.GEMINI, "", "gemini-embedding-001"),
         ("cohere-embed", ProviderKind.COHERE, "/cohere", "embed-v4.0"),
+        ("mistral-embed", ProviderKind.MISTRAL, "/mistral/v1", "mistral-embed"),
     ):
         ModelFactory(
             name=name,
@@ -272,35 +273,48 @@ def test_an_input_too_long_for_the_model_is_a_400_naming_input(other_kinds, mode
 
 
 @pytest.mark.parametrize(
-    ("model", "path"),
+    ("model", "path", "size"),
     [
-        ("gemini-embed", "/v1beta/models/gemini-embedding-001:batchEmbedContents"),
-        ("cohere-embed", "/cohere/v2/embed"),
+        ("gemini-embed", "/v1beta/models/gemini-embedding-001:batchEmbedContents", 250),
+        ("cohere-embed", "/cohere/v2/embed", 250),
+        ("mistral-embed", "/mistral/v1/embeddings", 1100),
     ],
 )
-def test_a_batch_larger_than_the_providers_limit_is_split_in_order_and_billed_once(other_kinds, model, path):
-    # Gemini embeds at most 100 texts a call, Cohere 96: a RAG pipeline's 250 chunks take three calls.
-    texts = [f"chunk number {i}" for i in range(250)]
+def test_a_batch_larger_than_the_providers_limit_is_split_in_order_and_billed_once(other_kinds, model, path, size):
+    # Gemini embeds at most 100 texts a call, Cohere 96, Mistral 512: a RAG pipeline's chunks take three calls.
+    texts = [f"chunk number {i}" for i in range(size)]
     client = other_kinds.client()
     raw = client.embeddings.with_raw_response.create(model=model, input=texts, encoding_format="float")
     body = json.loads(raw.http_response.text)
     validate_openai_schema(body, "CreateEmbeddingResponse")
-    assert [item["index"] for item in body["data"]] == list(range(250))
+    assert [item["index"] for item in body["data"]] == list(range(size))
     assert other_kinds.upstream.stats["by_path"][path] == 3
     alone = client.embeddings.create(model=model, input=texts[137], encoding_format="float")
     assert body["data"][137]["embedding"] == alone.data[0].embedding
     record = wait_for_record(raw.headers["x-request-id"])
     assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
     assert (record.status, record.prompt_tokens) == ("ok", body["usage"]["prompt_tokens"])
-    if model == "cohere-embed":  # Cohere's billed units of the three calls, summed
-        assert (record.prompt_tokens, record.usage_estimated) == (750, False)
+    if model != "gemini-embed":  # the provider's counts of the three calls, summed (Gemini reports none)
+        assert (record.prompt_tokens, record.usage_estimated) == (3 * size, False)
     assert record.cost == Decimal(record.prompt_tokens) * INPUT_PRICE / MILLION
 
 
-@pytest.mark.parametrize("model", ["gemini-embed", "cohere-embed"])
+def test_a_split_request_one_of_whose_calls_reports_no_usage_is_charged_an_estimate(other_kinds):
+    texts = [f"chunk number {i}" for i in range(600)]
+    texts[550] += " [[usage=none]]"  # the second call's
+    raw = other_kinds.client().embeddings.with_raw_response.create(
+        model="mistral-embed", input=texts, encoding_format="float"
+    )
+    body = json.loads(raw.http_response.text)
+    validate_openai_schema(body, "CreateEmbeddingResponse")
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.usage_estimated and record.prompt_tokens == body["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("model", ["gemini-embed", "cohere-embed", "mistral-embed"])
 def test_a_refused_batch_among_several_is_the_requests_error_with_one_row(other_kinds, model):
-    texts = [f"chunk number {i}" for i in range(250)]
-    texts[150] += " [[fault=400]]"  # the second call's
+    texts = [f"chunk number {i}" for i in range(600)]
+    texts[550] += " [[fault=400]]"  # a later call's
     with pytest.raises(openai.BadRequestError) as refused:
         other_kinds.client().embeddings.create(model=model, input=texts, encoding_format="float")
     record = wait_for_record(refused.value.response.headers["x-request-id"])

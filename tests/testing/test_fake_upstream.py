@@ -1369,6 +1369,10 @@ def test_mistral_refuses_the_fields_it_does_not_take_with_its_422(upstream: Fake
         model="mistral-embed", input="one two", encoding_format="float", extra_body={"output_dimension": 8}
     )
     assert len(vector.data[0].embedding) == 8
+    assert len(mistral.embeddings.create(model="mistral-embed", input=["x"] * 512, encoding_format="float").data) == 512
+    with pytest.raises(openai.BadRequestError) as caught:  # Mistral's limit of inputs a request
+        mistral.embeddings.create(model="mistral-embed", input=["x"] * 513, encoding_format="float")
+    assert "Too many inputs" in caught.value.message
 
 
 def test_ollama_answers_one_choice_whatever_n_asked(upstream: FakeUpstream) -> None:
