@@ -138,7 +138,8 @@ Embeddings
     ``[[latency=MS]]`` as for chat, ``[[usage=none]]`` leaves ``usage`` out, ``[[encoding=float]]``
     answers floats whatever ``encoding_format`` asked (as servers that ignore the field do),
     ``[[order=reversed]]`` lists the embeddings last input first, each with its own ``index`` (as servers
-    that embed a batch in parallel may), and ``[[omit=index]]`` leaves every ``index`` out (in input order).
+    that embed a batch in parallel may), ``[[omit=index]]`` leaves every ``index`` out (in input order), and
+    ``[[vectors=N]]`` answers the first N inputs' embeddings only (as a server that drops inputs it cannot embed).
 
 Moderation
     ``POST /v1/moderations`` answers OpenAI's shape, ``{"id", "model", "results": [{"flagged",
@@ -1823,6 +1824,9 @@ class _App:
             data.append({"object": "embedding", "index": index, "embedding": encoded})
             if "index" in directives.get("omit", "").split(","):
                 del data[-1]["index"]
+        kept = _directive_int(directives, "vectors")
+        if kept is not None:
+            del data[kept:]
         if directives.get("order") == "reversed":
             data.reverse()
         answer: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}

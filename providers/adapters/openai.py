@@ -85,6 +85,12 @@ class _StreamState:
         self.finished = bool(self.choices) and self.choices <= self.ended
 
 
+def _inputs_count(value: Any) -> int:
+    """How many embeddings an ``input`` asks for: one per item of a list of texts or of token arrays, else one
+    (a text, or a token array)."""
+    return len(value) if isinstance(value, list) and value and isinstance(value[0], str | list) else 1
+
+
 class OpenAIAdapter(BaseAdapter):
     # The most inputs the provider embeds in one request (more go in several); None: the 2048 of OpenAI's API.
     embed_batch_limit: int | None = None
@@ -213,9 +219,7 @@ class OpenAIAdapter(BaseAdapter):
         order, their usage summed (left out, for the pipeline to estimate, if any call did not count it)."""
         inputs = body.get("input")
         limit = self.embed_batch_limit
-        # A list of texts or of token arrays; one token array (a list of numbers) is one input.
-        several = isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], str | list)
-        if limit is None or not several or len(inputs) <= limit:
+        if limit is None or _inputs_count(inputs) <= limit:
             return await self._embed_once(body)
         responses = await in_batches(inputs, limit, lambda batch: self._embed_once({**body, "input": batch}))
         data = [
@@ -262,6 +266,14 @@ class OpenAIAdapter(BaseAdapter):
             if not isinstance(index, int) or isinstance(index, bool):
                 item["index"] = position
         data.sort(key=lambda item: item["index"])
+        expected = _inputs_count(body.get("input"))
+        if [item["index"] for item in data] != list(range(expected)):
+            # A short (or doubled) list would pair the client's texts with the wrong vectors, or none.
+            raise ProviderError(
+                f"The provider {self.config.name!r} did not answer one embedding for each of the {expected} "
+                f"inputs ({len(data)} came).",
+                provider=self.config.name,
+            )
         if encoding == "base64":
             for item in data:
                 vector = item.get("embedding")

@@ -1051,6 +1051,8 @@ def test_embeddings_directives_and_faults(oai: openai.OpenAI, upstream: FakeUpst
     assert [(item.index, item.embedding) for item in reversed_] == [(2, alone[2]), (1, alone[1]), (0, alone[0])]
     status, _, body = http(upstream, "POST", "/v1/embeddings", {"model": "m", "input": ["a", "c [[omit=index]]"]})
     assert [set(item) for item in json.loads(body)["data"]] == [{"object", "embedding"}] * 2
+    fewer = oai.embeddings.create(model="m", input=["a", "b", "c [[vectors=2]]"], encoding_format="float").data
+    assert [item.index for item in fewer] == [0, 1]
     with pytest.raises(openai.RateLimitError):
         oai.embeddings.create(model="m", input="hi [[fault=429]]", encoding_format="float")
     with pytest.raises(openai.InternalServerError):
@@ -1063,7 +1065,7 @@ def test_embeddings_directives_and_faults(oai: openai.OpenAI, upstream: FakeUpst
     ):
         status, _, body = http(upstream, "POST", "/v1/embeddings", bad)
         assert status == 400 and "error" in json.loads(body), bad
-    assert upstream.stats["by_path"]["/v1/embeddings"] == 13
+    assert upstream.stats["by_path"]["/v1/embeddings"] == 14
 
 
 # -- Cohere v2 (under /cohere) ---------------------------------------------------------------------------
