@@ -6,7 +6,7 @@ Cohere's model list lives at ``/v1/models`` like OpenAI's, with another shape, s
 under ``/cohere``: a test provider's base URL is ``http://127.0.0.1:<port>/cohere``. Replies, tool calls,
 usage and the fault menu are the fake upstream's own (the same steering markers); errors are Cohere's
 ``{"message": ...}`` with the HTTP status. A stream's ``error-event`` fault ends the stream with a
-``message-end`` whose finish reason is ``ERROR``.
+``message-end`` whose finish reason is ``ERROR``. An embed's ``[[vectors=N]]`` answers the first N texts' only.
 """
 
 from __future__ import annotations
@@ -240,6 +240,9 @@ async def embed(app: _App, request: web.Request) -> web.StreamResponse:
         return cohere_error(400, "invalid request: input_type is required for embed models v3 and higher.")
     dimensions = body.get("output_dimension") or fake._EMBEDDING_DIMENSIONS  # embed-v4's, as Cohere takes it
     vectors = [fake._embedding_vector(text, dimensions).tolist() for text in texts]
+    kept = fake._directive_int(directives, "vectors")
+    if kept is not None:
+        del vectors[kept:]
     return web.json_response(
         {
             "id": fake._new_id("", 32),

@@ -144,7 +144,15 @@ class CohereAdapter(BaseAdapter):
                     )
             except _FAILURES as exc:
                 raise self.map_error(exc) from None
-            return response.dict()
+            answer = response.dict()
+            came = len((answer.get("embeddings") or {}).get("float") or [])
+            if came != len(batch):  # a short list would pair the client's texts with the wrong vectors
+                raise ProviderError(
+                    f"The provider {self.config.name!r} did not answer one embedding for each of the {len(batch)} "
+                    f"inputs ({came} came).",
+                    provider=self.config.name,
+                )
+            return answer
 
         # Cohere embeds at most 96 texts a call: more go in several, answered and billed as one.
         responses = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch)

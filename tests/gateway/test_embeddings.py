@@ -176,13 +176,12 @@ def test_embeddings_an_upstream_lists_out_of_order_or_without_index_come_in_inpu
     assert [item["index"] for item in body["data"]] == [0, 1]
 
 
-def test_an_upstream_that_answers_fewer_embeddings_than_inputs_is_an_error_not_a_short_list(embedder):
-    # A client pairs data[i] with input i: a list one short would leave its last text without a vector, or
-    # (zipped) pair nothing wrongly only by luck.
+@pytest.mark.parametrize("model", ["embed-test", "cohere-embed"])
+def test_an_upstream_that_answers_fewer_embeddings_than_inputs_is_an_error_not_a_short_list(other_kinds, model):
+    # A client pairs data[i] with input i: a list one short would leave its last text without a vector.
+    embedder = other_kinds
     with pytest.raises(openai.APIStatusError) as failed:
-        embedder.client().embeddings.create(
-            model="embed-test", input=["a", "b", "c [[vectors=2]]"], encoding_format="float"
-        )
+        embedder.client().embeddings.create(model=model, input=["a", "b", "c [[vectors=2]]"], encoding_format="float")
     assert failed.value.status_code == 502
     record = wait_for_record(failed.value.response.headers["x-request-id"])
     assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)

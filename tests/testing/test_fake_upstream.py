@@ -1109,6 +1109,8 @@ def test_cohere_chat_tool_round_trip_and_embed_through_the_sdk(upstream: FakeUps
     import cohere
 
     co.embed(texts=["x"] * 96, model="embed-v4.0", input_type="search_document", embedding_types=["float"])
+    fewer = co.embed(texts=["a", "b [[vectors=1]]"], model="embed-v4.0", input_type="search_document")
+    assert len(fewer.embeddings.float_) == 1
     with pytest.raises(cohere.errors.BadRequestError) as caught:  # Cohere's batch limit
         co.embed(texts=["x"] * 97, model="embed-v4.0", input_type="search_document", embedding_types=["float"])
     assert "at most 96" in caught.value.body["message"]
