@@ -124,8 +124,8 @@ def rate_limit_error(
         retry_ms = WINDOW_MS
     elif retry_after_ms < 0:
         message = (
-            f"Request too large for {spec.where}: it may use {requested:,} tokens (prompt plus max_tokens) and the "
-            f"limit is {limit:,} tokens per minute. Lower max_tokens or shorten the messages."
+            f"Request too large for {spec.where}: it may use {requested:,} tokens (its input, plus max_tokens for "
+            f"a reply) and the limit is {limit:,} tokens per minute. Shorten the input or lower max_tokens."
         )
         retry_ms = WINDOW_MS
     else:

@@ -127,6 +127,8 @@ async def test_a_request_larger_than_the_token_limit_can_never_pass(store, accou
     with pytest.raises(RateLimitExceededError) as refused:
         await acquire(account, "big", prompt_upper=30, max_tokens=500)
     assert refused.value.message.startswith("Request too large for this API key")
+    # Said for embeddings as for chat: an embeddings request has no messages, and its input is what to shorten.
+    assert refused.value.message.endswith("Shorten the input or lower max_tokens.")
     assert refused.value.retry_after is None  # no wait lets it through: no Retry-After, as for a spent budget
 
 
