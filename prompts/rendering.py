@@ -379,6 +379,19 @@ def places_brand(version: PromptVersion) -> bool:
     return any("brand" in template_names(source) for message in version.messages or [] for source in _sources(message))
 
 
+def names_undeclared(version: PromptVersion) -> list[tuple[int, str]]:
+    """(message index, name) for each name a message reads that is neither a declared variable nor one the
+    renderer gives (Jinja's own globals, ``range`` and the like, are not reads). A render with sample values
+    cannot see such a name when it sits in a branch those values do not take; this finds it by reading."""
+    declared = {spec.get("name") for spec in version.variables or [] if isinstance(spec, dict)} | RESERVED_NAMES
+    return [
+        (index, name)
+        for index, message in enumerate(version.messages or [])
+        for source in _sources(message)
+        for name in sorted(template_names(source) - declared)
+    ]
+
+
 def render_context(version: PromptVersion, variables: dict[str, Any], brand: BrandProfile | None) -> dict[str, Any]:
     return {
         **variables,

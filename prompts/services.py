@@ -14,7 +14,7 @@ from audit.services import audit_record
 from .exceptions import PromptTemplateError, PromptVersionInvalidError
 from .models import BrandProfile, PromptLabel, PromptTemplate, PromptVersion
 from .output import schema_problem
-from .rendering import RESERVED_NAMES, VARIABLE_TYPES, render_messages, type_ok, variables_resolve
+from .rendering import RESERVED_NAMES, VARIABLE_TYPES, names_undeclared, render_messages, type_ok, variables_resolve
 
 ROLES = ("system", "developer", "user", "assistant")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -126,14 +126,23 @@ def _sample_variables(variables: list[dict[str, Any]]) -> dict[str, Any]:
 
 def version_draft_check(version: PromptVersion) -> None:
     """Every message renders with the declared variables (their defaults, examples or a placeholder of their
-    type), with and without a brand: a syntax error, an undeclared name or a sandbox refusal is refused now,
-    not on the first run."""
+    type), with and without a brand, and reads no name that is not declared (also in a branch those values do
+    not take): a syntax error, an undeclared name or a sandbox refusal is refused now, not on the first run
+    that takes the branch, where the caller would get the 400 for the author's typo."""
     variables = variables_resolve(version, _sample_variables(version.variables))
     for brand in (None, _SAMPLE_BRAND):
         try:
             render_messages(version, variables, brand)
         except PromptTemplateError as exc:
             raise _invalid(exc.message, "messages") from None
+    undeclared = names_undeclared(version)
+    if undeclared:
+        index, name = undeclared[0]
+        raise _invalid(
+            f"The prompt template's message {index + 1} reads `{name}`, which is not a declared variable: "
+            "declare it, or correct its spelling.",
+            "messages",
+        )
 
 
 def version_fields_checked(

@@ -105,6 +105,9 @@ def test_a_version_that_does_not_render_is_refused_on_the_form(admin_client, tem
     response = admin_client.post(change_url(template), data)
     assert response.status_code == 200
     assert "sandbox refuses" in response.content.decode()
+    data["messages"] = "### user\nAbout {{ topic }}.{% if platform == 'LinkedIn' %} For {{ audiance }}.{% endif %}"
+    refused = admin_client.post(change_url(template), data).content.decode()
+    assert "reads `audiance`, which is not a declared variable" in refused
     data["messages"] = "no heading"
     assert "Start each message with a heading line" in admin_client.post(change_url(template), data).content.decode()
     assert template.versions.count() == 1

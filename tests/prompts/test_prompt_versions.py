@@ -63,6 +63,12 @@ def test_versions_are_numbered_in_turn_and_recorded(template):
         ({"messages": [{"role": "user", "content": "{{ topic }"}]}, "messages", "does not compile"),
         ({"messages": [{"role": "user", "content": "{{ colour }}"}]}, "messages", "'colour' is undefined"),
         ({"messages": [{"role": "user", "content": "{{ brand.nmae }}"}]}, "messages", "nmae"),
+        # Misspelt in a branch the sample values do not take: caught by name, not left to the run that takes it.
+        (
+            {"messages": [{"role": "user", "content": "{{ topic }}{% if topic == 'sea' %}: {{ harbur }}{% endif %}"}]},
+            "messages",
+            "message 1 reads `harbur`",
+        ),
         ({"messages": [{"role": "user", "content": "{{ ''.__class__ }}"}]}, "messages", "sandbox refuses"),
         ({"variables": [{"name": "brand", "type": "string"}]}, "variables", "given to every template"),
         ({"variables": [{"name": "n", "type": "decimal"}]}, "variables", "has type `decimal`"),
