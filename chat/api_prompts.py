@@ -154,6 +154,18 @@ class PromptRunApi(APIView):
             help_text="Stream from the provider (time to first token is measured); the answer is whole either way.",
         )
 
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            # A misspelt `label` or `brand` would run `production` without the brand, unnoticed: a 400, as a
+            # misspelt field inside /v1's `prompt` is.
+            given = self.initial_data if isinstance(self.initial_data, dict) else {}
+            unknown = [name for name in given if name not in self.fields]
+            if unknown:
+                raise serializers.ValidationError(
+                    {unknown[0]: f"Unknown parameter: a run takes {', '.join(self.fields)}."},
+                    code="unknown_parameter",
+                )
+            return attrs
+
     @extend_schema_serializer(component_name="PromptRunResult")
     class OutputSerializer(serializers.Serializer):
         output = serializers.JSONField(

@@ -202,6 +202,24 @@ def test_errors_are_clear_json_and_nothing_goes_upstream(
         assert param == "variables" and not UsageRecord.objects.exists()
 
 
+@pytest.mark.parametrize("typo", ["lable", "brnad", "varaibles", "temperature"])
+def test_a_field_the_run_does_not_take_is_a_400_not_silently_ignored(
+    llmhub_server, fake_upstream, chat_model, key, typo
+):
+    # A misspelt label or brand would otherwise run `production` without the brand, and the caller would
+    # never know; the /v1 extension refuses the same typo inside `prompt`.
+    ad_template()
+    brand_lighthouse()
+    payload = {"model": chat_model.name, "variables": {"product": "rye", "notes": reply(GOOD_AD)}, typo: "staging"}
+
+    response = api(llmhub_server, key).post("/api/prompts/search-ad/run", json=payload)
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == typo and typo in error["message"] and "label" in error["message"]
+    assert upstream_chats(fake_upstream) == []
+
+
 def test_a_viewer_may_not_run_a_template_and_no_key_is_a_401(llmhub_server, fake_upstream, chat_model, key, alice):
     ad_template()
     payload = {"model": chat_model.name, "variables": {"product": "rye"}}
