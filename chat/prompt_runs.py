@@ -234,15 +234,16 @@ def _judge(rendered: RenderedPrompt, raw: str) -> _Attempt:
     return _Attempt(raw=raw, output=raw, report=None)
 
 
-async def _attempt(
+async def _attempt_start(
     *, caller: Caller, body: dict[str, Any], endpoint: str, request_id: str, stream: bool
-) -> tuple[CompletionRun, str]:
+) -> CompletionRun:
+    """The request admitted (nothing sent yet); its reply is read by ``_reply_text``, apart, so that a run
+    whose reading fails after tokens were billed is still at hand for the result's usage and cost."""
     from .pipeline import completion_start  # the pipeline imports this module for the /v1 extension
 
     if stream:
         body["stream"] = True  # what the ledger row says, and the pipeline's check that the model can stream
-    run = await completion_start(caller=caller, body=body, endpoint=endpoint, request_id=request_id)
-    return run, await _reply_text(run, stream=stream)
+    return await completion_start(caller=caller, body=body, endpoint=endpoint, request_id=request_id)
 
 
 async def prompt_run(
@@ -270,20 +271,22 @@ async def prompt_run(
             spec[name] = value
     request_ids = [new_request_id()]
     try:
-        run, raw = await _attempt(
+        run = await _attempt_start(
             caller=caller,
             body={"model": model, "prompt": spec},
             endpoint=endpoint,
             request_id=request_ids[0],
             stream=stream,
         )
+        raw = await _reply_text(run, stream=stream)
     except ApplicationError as exc:
         # The refusal names its request, whose ledger row (rejected, or the upstream's error) says the rest.
         exc.extra["headers"] = {**(exc.extra.get("headers") or {}), "x-request-id": request_ids[0]}
         raise
     rendered = run.prompt
     assert rendered is not None  # a templated request always renders before it is admitted
-    last = run
+    runs = [run]
+    answered = run  # the run whose reply is reported
     attempt = _judge(rendered, raw)
     repair_failure: ApplicationError | None = None
     if not attempt.passed and rendered.version.output_schema:
@@ -295,29 +298,36 @@ async def prompt_run(
         ]
         request_ids.append(new_request_id())
         try:
-            last, repaired_raw = await _attempt(
+            repair = await _attempt_start(
                 caller=caller,
                 body={"model": model, "messages": conversation},
                 endpoint=endpoint,
                 request_id=request_ids[1],
                 stream=stream,
             )
+            runs.append(repair)
+            repaired_raw = await _reply_text(repair, stream=stream)
         except ApplicationError as exc:
-            # Refused (a budget spent by the first reply) or failed upstream: its ledger row says so, and the
-            # first reply, paid for, is still worth reporting.
+            # Refused (a budget spent by the first reply) or failed upstream, perhaps after tokens it is billed
+            # for (its run, if admitted, counts in the usage and cost): its ledger row says so, and the first
+            # reply, paid for, is still worth reporting.
             repair_failure = exc
         else:
+            answered = repair
             attempt = _judge(rendered, repaired_raw)
-    return _result(rendered, [run, last] if last is not run else [run], request_ids, attempt, repair_failure)
+    return _result(rendered, runs, answered, request_ids, attempt, repair_failure)
 
 
 def _result(
     rendered: RenderedPrompt,
     runs: list[CompletionRun],
+    answered: CompletionRun,
     request_ids: list[str],
     attempt: _Attempt,
     repair_failure: ApplicationError | None,
 ) -> PromptRunResult:
+    """``runs``: every request admitted, each counted in the usage and cost as its ledger row is;
+    ``answered``: the one whose reply is reported (the repair's, when it answered)."""
     report = attempt.report
     errors: list[str] = []
     if attempt.parse_error is not None:
@@ -334,7 +344,6 @@ def _result(
             usage["completion_tokens"] += run.result.completion_tokens
             cost += run.result.cost
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    last = runs[-1]
     return PromptRunResult(
         output=attempt.output,
         raw=attempt.raw,
@@ -342,14 +351,14 @@ def _result(
         ok=attempt.passed,
         errors=errors,
         checks=report.as_dict()["checks"] if report is not None else [],
-        repaired=len(runs) > 1,
+        repaired=answered is not runs[0],
         attempts=len(request_ids),
         request_ids=request_ids,
         template=rendered.slug,
         version=rendered.version.number,
-        model=last.answered_by.name,
+        model=answered.answered_by.name,
         usage=usage,
         cost=cost,
-        experiment=last.assignment.header if last.assignment is not None else None,
-        headers=last.response_headers,
+        experiment=answered.assignment.header if answered.assignment is not None else None,
+        headers=answered.response_headers,
     )

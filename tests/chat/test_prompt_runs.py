@@ -21,6 +21,7 @@ from core.exceptions import ApplicationError
 from experiments.layout import bucket_of
 from experiments.models import Experiment, ExperimentStatus, Variant
 from prompts.models import BrandProfile, PromptKind, PromptLabel, PromptTemplate, PromptVersion
+from providers.models import ModerationChecker, ModerationPolicy
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -223,6 +224,49 @@ async def test_a_repair_that_is_invalid_too_is_reported_invalid_after_exactly_tw
     assert result.errors and "JSON" in result.errors[0]
     rows = await ledger_rows(result.request_ids)
     assert len(rows) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_repair_stopped_after_its_tokens_were_billed_is_in_the_runs_cost(
+    chat_model, fake_upstream, alice_caller, stream
+):
+    # The repair's reply is stopped by the model's output policy: its tokens are billed (its ledger row), so
+    # the run's usage and cost, "both requests together", must count them, while the output stays the first's.
+    await sync_to_async(ad_template)()
+
+    def output_policy() -> None:
+        chat_model.moderation_policy = ModerationPolicy.objects.create(
+            name="output-only",
+            checker=ModerationChecker.BLOCKLIST,
+            blocklist="adipiscing",
+            check_input=False,
+            stream_interval_chars=1,
+        )
+        chat_model.save()
+
+    await sync_to_async(output_policy)()
+
+    result = await prompt_run(
+        caller=alice_caller,
+        slug="search-ad",
+        variables={"product": "rye", "notes": reply("no JSON here") + then("lorem ipsum dolor adipiscing elit sed")},
+        model=chat_model.name,
+        stream=stream,
+    )
+
+    assert (result.output, result.raw, result.valid, result.repaired, result.attempts) == (
+        None,
+        "no JSON here",
+        False,
+        False,
+        2,
+    )
+    assert "The repair request failed" in result.errors[-1]
+    rows = await ledger_rows(result.request_ids)
+    assert rows[result.request_ids[1]].cost > 0
+    assert result.cost == sum(row.cost for row in rows.values())
+    assert result.usage["completion_tokens"] == sum(row.completion_tokens for row in rows.values())
+    assert result.usage["prompt_tokens"] == sum(row.prompt_tokens for row in rows.values())
 
 
 async def test_a_headline_over_its_limit_is_reported_per_field(chat_model, fake_upstream, alice_caller):
