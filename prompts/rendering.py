@@ -35,6 +35,9 @@ VARIABLE_TYPES = ("string", "integer", "number", "boolean", "array", "object")
 RESERVED_NAMES = frozenset({"brand", "output_schema", "field_limits"})
 # The longest string or list a template's ``*`` or ``**`` may build.
 MAX_PRODUCT = 100_000
+# The longest a rendered message may grow (about 2 million tokens, past any model's context window): a loop
+# or a join over a caller's values multiplies them, which no bound on a single operation catches.
+MAX_RENDERED = 8_000_000
 
 
 # Widths and precisions in a format string (``%`` and ``str.format``): a number, or a ``*`` that takes one
@@ -62,6 +65,11 @@ def _percent_check(template: Any) -> None:
                 raise SecurityError("a width or precision taken from the arguments ('*') in a format string")
             if number:
                 _width_check(int(number), "a format string's field")
+
+
+def _rendered_check(length: int) -> None:
+    if length > MAX_RENDERED:
+        raise SecurityError(f"it renders to more than {MAX_RENDERED:,} characters")
 
 
 def _format_check(template: str) -> None:
@@ -94,7 +102,15 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
             _percent_check(str(value))
             return format_filter(value, *args, **kwargs)
 
-        self.filters.update(center=bounded_center, indent=bounded_indent, format=bounded_format)
+        join_filter = self.filters["join"]
+
+        @jinja2.pass_eval_context
+        def bounded_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+            items = list(value)
+            _rendered_check(len(str(d)) * max(len(items) - 1, 0))
+            return join_filter(eval_ctx, items, d, attribute)
+
+        self.filters.update(center=bounded_center, indent=bounded_indent, format=bounded_format, join=bounded_join)
         lipsum = self.globals["lipsum"]
 
         def bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
@@ -126,6 +142,9 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
             if name in _WIDTH_METHODS:
                 for value in (*args, *kwargs.values()):
                     _width_check(value, name)
+            elif name == "join" and len(args) == 1 and not kwargs:
+                args = (list(args[0]),)
+                _rendered_check(len(owner) * max(len(args[0]) - 1, 0))
             elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
                 old, new = args[0], args[1]
                 count = args[2] if len(args) > 2 and isinstance(args[2], int) else -1
@@ -188,10 +207,21 @@ def template_names(source: str) -> frozenset[str]:
     return _names(source)
 
 
+def _bounded_render(template: jinja2.Template, context: dict[str, Any]) -> str:
+    """``template.render``, piece by piece, stopped once the text passes ``MAX_RENDERED``."""
+    pieces: list[str] = []
+    length = 0
+    for piece in template.generate(context):
+        length += len(piece)
+        _rendered_check(length)
+        pieces.append(piece)
+    return "".join(pieces)
+
+
 def template_render(source: str, context: dict[str, Any], *, index: int | None = None) -> str:
     template = template_compile(source, index=index)
     try:
-        return template.render(context)
+        return _bounded_render(template, context)
     except SecurityError as exc:
         raise PromptTemplateError(
             f"The prompt template does something the sandbox refuses: {_where(index)}{_short(exc)}", param="prompt"

@@ -189,6 +189,41 @@ def test_the_sandbox_refuses_internals_with_a_400(source):
 
 
 @pytest.mark.parametrize(
+    ("source", "given"),
+    [
+        # Each a plausible template whose output a caller's values multiply: 10-16 million characters here, and
+        # as many gigabytes as a 2.5 MB body can ask for (count 100,000; a topic of a megabyte).
+        ("{% for i in range(count) %}{{ topic }}{% endfor %}", {"count": 1_000}),
+        ("{% for a in tags %}{% for b in tags %}{{ topic }}{% endfor %}{% endfor %}", {"tags": ["a"] * 40}),
+        ("{{ tags|join(topic) }}", {"tags": ["a"] * 1_001}),
+        ("{{ topic.join(tags) }}", {"tags": ["a"] * 1_001}),
+    ],
+)
+def test_a_callers_values_cannot_grow_a_message_past_its_bound(source, given):
+    v = version(
+        [{"role": "user", "content": source}],
+        [
+            {"name": "topic", "type": "string"},
+            {"name": "count", "type": "integer", "default": 1},
+            {"name": "tags", "type": "array", "default": []},
+        ],
+    )
+    with pytest.raises(PromptTemplateError) as caught:
+        render_messages(v, variables_resolve(v, {"topic": "x" * 10_000, **given}), None)
+    assert caught.value.status_code == 400
+    assert "more than 8,000,000 characters" in caught.value.message
+
+
+def test_a_loop_within_the_bound_renders():
+    v = version(
+        [{"role": "user", "content": "{% for t in tags %}- {{ t }}\n{% endfor %}{{ tags|join(', ') }}"}],
+        [{"name": "tags", "type": "array"}],
+    )
+    rendered = render_messages(v, {"tags": ["a", "b"]}, None)[0]["content"]
+    assert rendered == "- a\n- b\na, b"
+
+
+@pytest.mark.parametrize(
     ("source", "rendered"),
     [
         ("{{ '%5.2f' % 3.14159 }}", " 3.14"),
