@@ -87,7 +87,7 @@ from providers.types import ResolvedDeployment, ResolvedModel
 from .callers import Caller, caller_from_api_key, caller_from_user, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
-from .validation import InvalidRequestError, validate_chat_request
+from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
 
@@ -371,6 +371,8 @@ async def completion_start(
         if shape is not None or templated:
             # The messages depend on the model (its context window) or on the experiment's variant (a
             # template version): resolved and assigned first.
+            if templated:
+                check_body_and_model(body)  # a missing or malformed name: the 400 a request with messages gets
             model, assignment = await _experiment_enter(caller, await model_resolve(body.get("model")), body, operation)
             if templated:
                 version_id = assignment.variant.prompt_version_id if assignment is not None else None

@@ -355,6 +355,26 @@ def test_the_prompt_extensions_errors_name_the_field_and_get_a_rejected_row(
     assert row.status == UsageStatus.REJECTED
 
 
+@pytest.mark.parametrize(("model", "code"), [(None, "missing_required_parameter"), (7, "invalid_type")])
+def test_a_template_request_without_a_model_name_is_the_400_a_plain_one_gets(
+    llmhub_server, fake_upstream, chat_model, key, model, code
+):
+    ad_template()
+    client = api(llmhub_server, key)
+    model_field = {} if model is None else {"model": model}
+    plain = client.post("/v1/chat/completions", json={**model_field, "messages": [{"role": "user", "content": "hi"}]})
+
+    templated = client.post(
+        "/v1/chat/completions",
+        json={**model_field, "prompt": {"slug": "search-ad", "variables": {"product": "rye"}}},
+    )
+
+    assert plain.status_code == 400 and error_of(plain)["code"] == code
+    assert templated.status_code == 400, templated.text
+    assert error_of(templated) == error_of(plain)
+    assert upstream_chats(fake_upstream) == []
+
+
 def test_template_versions_as_variants_serve_each_end_user_their_version(
     llmhub_server, fake_upstream, chat_model, key, alice
 ):
