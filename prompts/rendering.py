@@ -169,10 +169,16 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
         return checked
 
 
+def _printed(value: Any) -> Any:
+    """What ``{{ value }}`` prints: nothing for none (an optional variable left out, no brand), never the
+    word "None" in the middle of a prompt."""
+    return "" if value is None else value
+
+
 # Autoescape off: the output is a chat message, not HTML. StrictUndefined: a misspelt name is an error, not
 # an empty string the model silently never sees. No loader: a template cannot include a file.
 environment = _PromptSandbox(
-    autoescape=False, undefined=jinja2.StrictUndefined, loader=None, keep_trailing_newline=True
+    autoescape=False, undefined=jinja2.StrictUndefined, loader=None, keep_trailing_newline=True, finalize=_printed
 )
 
 

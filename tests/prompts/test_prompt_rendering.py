@@ -59,6 +59,16 @@ def test_variables_get_their_defaults_and_keep_the_given_values():
     }
 
 
+def test_an_optional_variable_left_out_prints_nothing_not_none():
+    # The model would otherwise read "Topic: boots. Aside: None." for a variable the caller did not give.
+    v = version(
+        [{"role": "user", "content": "Topic: {{ topic }}. Aside: {{ aside }}.{% if aside %} Yes{% endif %}"}], VARIABLES
+    )
+    assert render_messages(v, variables_resolve(v, {"topic": "boots"}), None)[0]["content"] == "Topic: boots. Aside: ."
+    given = variables_resolve(v, {"topic": "boots", "aside": "maps"})
+    assert render_messages(v, given, None)[0]["content"] == "Topic: boots. Aside: maps. Yes"
+
+
 def test_a_default_is_a_copy_so_a_render_cannot_change_the_version():
     v = version([{"role": "user", "content": "{{ topic }}"}], VARIABLES)
     variables_resolve(v, {"topic": "x"})["tags"].append("changed")
