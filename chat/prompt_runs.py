@@ -85,6 +85,13 @@ def _prompt_spec(body: dict[str, Any]) -> dict[str, Any]:
     slug = spec.get("slug")
     if not isinstance(slug, str) or not slug:
         raise _invalid("Missing required parameter: 'prompt.slug'.", "prompt.slug", "missing_required_parameter")
+    for name in ("slug", "label", "brand"):
+        # No name holds a NUL, and PostgreSQL refuses one in a query (a 500): a 400 before the lookup.
+        if isinstance(spec.get(name), str) and "\x00" in spec[name]:
+            raise _invalid(
+                f"Invalid 'prompt.{name}': it contains a NUL character, which no name has.",
+                f"prompt.{name}",
+            )
     version, label = spec.get("version"), spec.get("label")
     if version is not None and label is not None:
         raise _invalid("Give 'prompt.version' or 'prompt.label', not both.", "prompt.label")

@@ -326,6 +326,10 @@ def test_a_streamed_template_request_renders_too(llmhub_server, fake_upstream, c
         ({"prompt": {"slug": "search-ad", "variables": {"product": "rye"}, "brand": "nobody"}}, 404, "prompt.brand"),
         ({"prompt": {"slug": "search-ad", "variables": {"product": "rye"}, "lable": "x"}}, 400, "prompt.lable"),
         ({"prompt": {"variables": {"product": "rye"}}}, 400, "prompt.slug"),
+        # A NUL no name can hold (PostgreSQL refused the lookup: a 500).
+        ({"prompt": {"slug": "search\x00-ad", "variables": {"product": "rye"}}}, 400, "prompt.slug"),
+        ({"prompt": {"slug": "search-ad", "label": "prod\x00", "variables": {"product": "rye"}}}, 400, "prompt.label"),
+        ({"prompt": {"slug": "search-ad", "brand": "\x00", "variables": {"product": "rye"}}}, 400, "prompt.brand"),
         ({"prompt": "search-ad"}, 400, "prompt"),
         (
             {
