@@ -367,5 +367,6 @@ def _result(
         usage=usage,
         cost=cost,
         experiment=answered.assignment.header if answered.assignment is not None else None,
-        headers=answered.response_headers,
+        # A repair is sent as plain messages, so its own headers name no template: the run's does.
+        headers={**answered.response_headers, "x-llmhub-prompt": rendered.header},
     )

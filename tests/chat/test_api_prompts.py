@@ -127,6 +127,8 @@ def test_a_repaired_run_reports_both_requests_each_with_its_ledger_row(llmhub_se
     body = response.json()
     assert response.status_code == 200, body
     assert (body["output"], body["repaired"], body["attempts"], body["valid"]) == (GOOD_AD, True, 2, True)
+    assert response.headers["x-llmhub-prompt"] == "search-ad:v1"  # the repair ran that version's conversation
+    assert response.headers["x-request-id"] == body["request_ids"][1]
     assert len(upstream_chats(fake_upstream)) == 2
     rows = wait_for_rows(body["request_ids"])
     assert set(rows) == set(body["request_ids"]) and len(rows) == 2
