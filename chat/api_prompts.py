@@ -14,12 +14,12 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
 from rest_framework import permissions, serializers
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.permissions import CanChat
+from billing.apis import BoundedPagination
 from billing.models import Endpoint
 from core.exceptions import ApplicationError
 from core.openapi import ErrorResponseSerializer, error_responses
@@ -72,7 +72,7 @@ class PromptVersionSummarySerializer(serializers.Serializer):
 
 class PromptTemplateListApi(APIView):
     permission_classes = _CHAT_PERMISSIONS
-    pagination_class = LimitOffsetPagination
+    pagination_class = BoundedPagination  # a limit past what SQLite can take was a 500
 
     @extend_schema_serializer(component_name="PromptTemplateSummary")
     class OutputSerializer(serializers.Serializer):

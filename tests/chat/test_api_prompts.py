@@ -270,6 +270,18 @@ def test_the_list_says_kinds_labels_latest_version_and_variables(llmhub_server, 
         documented(llmhub_server, "PromptTemplateSummary", item)
 
 
+@pytest.mark.parametrize("query", ["limit=100000000000000000000", "offset=100000000000000000000", "limit=1001"])
+def test_the_list_takes_any_limit_and_offset_without_a_500(llmhub_server, chat_model, key, query):
+    ad_template()
+
+    response = api(llmhub_server, key).get(f"/api/prompts/?{query}")
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] == 1
+    assert [item["slug"] for item in body["results"]] == ([] if query.startswith("offset") else ["search-ad"])
+
+
 # /v1/chat/completions WITH THE prompt EXTENSION
 
 
