@@ -24,6 +24,7 @@ from billing.models import Endpoint
 from core.exceptions import ApplicationError
 from core.openapi import ErrorResponseSerializer, error_responses
 from prompts.models import PromptKind, PromptTemplate
+from prompts.selectors import prompt_template_list
 
 from .callers import caller_for_request
 from .prompt_runs import prompt_run
@@ -89,8 +90,7 @@ class PromptTemplateListApi(APIView):
 
         @extend_schema_field(PromptVersionSummarySerializer(allow_null=True))
         def get_latest_version(self, template: PromptTemplate) -> dict[str, Any] | None:
-            versions = list(template.versions.all())
-            latest = max(versions, key=lambda v: v.number) if versions else None
+            latest = template.latest_versions[0] if template.latest_versions else None
             return PromptVersionSummarySerializer(latest).data if latest is not None else None
 
     @extend_schema(
@@ -103,7 +103,7 @@ class PromptTemplateListApi(APIView):
         responses={200: OutputSerializer(many=True), **error_responses(401, 403)},
     )
     def get(self, request: Request) -> Response:
-        templates = PromptTemplate.objects.prefetch_related("versions", "labels__version").order_by("slug")
+        templates = prompt_template_list()
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(templates, request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)

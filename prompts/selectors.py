@@ -5,7 +5,7 @@ the change within ``LLMHUB_LOOKUP_CACHE_TTL``). A version never changes, so only
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 
 from core.cache import TTLCache
 from core.exceptions import ApplicationError
@@ -98,6 +98,18 @@ async def prompt_version_by_id(version_id: int) -> PromptVersion:
     if found is None:
         raise PromptNotFoundError(f"The prompt version {version_id} does not exist.")
     return found
+
+
+def prompt_template_list() -> QuerySet[PromptTemplate]:
+    """The templates by slug, each with ``latest_versions`` (its newest version, or none: a list of at most
+    one) and its labels with their versions' numbers: one version's content read per template, not every
+    version's (a template edited 30 times holds 30)."""
+    newest = PromptVersion.objects.filter(template_id=OuterRef("template_id")).order_by("-number").values("pk")[:1]
+    labels = PromptLabel.objects.select_related("version").only("name", "template", "version__number")
+    return PromptTemplate.objects.prefetch_related(
+        Prefetch("versions", queryset=PromptVersion.objects.filter(pk=Subquery(newest)), to_attr="latest_versions"),
+        Prefetch("labels", queryset=labels),
+    ).order_by("slug")
 
 
 def template_latest_version(template: PromptTemplate) -> PromptVersion | None:

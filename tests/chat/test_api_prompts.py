@@ -11,12 +11,15 @@ import httpx
 import openai
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from accounts.roles import Role, role_set
 from billing.models import ApiKey, UsageRecord, UsageStatus
 from billing.services.keys import api_key_create
 from experiments.layout import bucket_of
-from prompts.models import PromptTemplate, PromptVersion
+from prompts.models import PromptLabel, PromptTemplate, PromptVersion
 from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
 from tests.chat.conftest import session_cookie
 from tests.chat.test_prompt_runs import (
@@ -280,6 +283,32 @@ def test_the_list_takes_any_limit_and_offset_without_a_500(llmhub_server, chat_m
     body = response.json()
     assert body["count"] == 1
     assert [item["slug"] for item in body["results"]] == ([] if query.startswith("offset") else ["search-ad"])
+
+
+def test_the_list_reads_each_templates_latest_version_only(alice):
+    # A template edited 30 times holds 30 versions; the list shows the latest, and read all 30 (every one's
+    # messages, 60 KB each here) for each template of the page, and every labelled version's too.
+    version = ad_template()
+    big = [{"role": "system", "content": "Rules.\n" + "Keep it short. " * 4_000}, *version.messages[1:]]
+    for number in range(2, 31):
+        PromptVersion.objects.create(
+            template=version.template, number=number, messages=big, variables=version.variables, note=f"v{number}"
+        )
+    PromptLabel.objects.create(template=version.template, name="staging", version=PromptVersion.objects.get(number=7))
+    client = Client()
+    client.force_login(alice)
+
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get("/api/prompts/")
+
+    assert response.status_code == 200
+    (item,) = response.json()["results"]
+    assert item["latest_version"]["note"] == "v30"
+    assert item["labels"] == {"production": 1, "staging": 7}
+    read = [q["sql"] for q in queries.captured_queries if '"messages"' in q["sql"]]
+    with connection.cursor() as cursor:
+        rows = sum(len(cursor.execute(sql).fetchall()) for sql in read)
+    assert rows == 1  # the latest version's content, once
 
 
 # /v1/chat/completions WITH THE prompt EXTENSION
