@@ -17,7 +17,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
@@ -183,6 +183,10 @@ class VersionInline(admin.TabularInline):
     ordering = ("-number",)
     verbose_name_plural = "Versions (read-only: saving the content above makes a new one)"
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[PromptVersion]:
+        # Listed by number, note and labels: not each version's content, which the form above shows the newest of.
+        return super().get_queryset(request).defer(*VERSION_FIELDS).prefetch_related("labels")
+
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -254,7 +258,10 @@ class LabelInline(admin.TabularInline):
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.name == "version":
             object_id = request.resolver_match.kwargs.get("object_id") if request.resolver_match else None
-            kwargs["queryset"] = PromptVersion.objects.filter(template_id=object_id).select_related("template")
+            # Each label's choice of version shows its name ("slug vN"), not its content.
+            kwargs["queryset"] = (
+                PromptVersion.objects.filter(template_id=object_id).select_related("template").defer(*VERSION_FIELDS)
+            )
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
 
@@ -274,12 +281,20 @@ class PromptTemplateAdmin(admin.ModelAdmin):
     )
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PromptTemplate]:
-        return super().get_queryset(request).prefetch_related("versions", "labels__version")
+        # The newest version's number and the labels' numbers, not the versions themselves: a template edited
+        # 30 times holds 30, each with its whole content.
+        newest = PromptVersion.objects.filter(template=OuterRef("pk")).order_by("-number").values("number")[:1]
+        labels = PromptLabel.objects.select_related("version").only("name", "template", "version__number")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(newest_number=Subquery(newest))
+            .prefetch_related(Prefetch("labels", queryset=labels))
+        )
 
-    @admin.display(description="newest version")
+    @admin.display(description="newest version", ordering="newest_number")
     def newest_version(self, template: PromptTemplate) -> str:
-        numbers = [version.number for version in template.versions.all()]
-        return f"v{max(numbers)}" if numbers else "—"
+        return f"v{template.newest_number}" if template.newest_number else "—"
 
     @admin.display(description="labels")
     def label_list(self, template: PromptTemplate) -> str:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from accounts.roles import Role, role_set
@@ -179,6 +181,34 @@ def test_the_diff_view_shows_what_changed_between_two_versions(admin_client, tem
     assert '<span class="diff-add">+Write about {{ topic }} &lt;b&gt;today&lt;/b&gt;.</span>' in unified
     assert '<span class="diff-del">-  &quot;text&quot;: 280</span>' in unified
     assert '<span class="diff-add">+  &quot;text&quot;: 250</span>' in unified
+
+
+def test_the_template_pages_read_no_more_versions_content_than_they_show(admin_client, template):
+    # It shows each template's newest version number and its labels, and read every version of every
+    # template of the page (100 a page), content and all, and each labelled version again.
+    big = [{"role": "system", "content": "Keep it short. " * 4_000}, {"role": "user", "content": "{{ topic }}"}]
+    for _ in range(10):
+        prompt_version_create(template=template, messages=big, variables=VARIABLES)
+    prompt_label_set(template=template, name="staging", version=template.versions.get(number=4))
+
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(reverse("admin:prompts_prompttemplate_changelist")).content.decode()
+
+    assert "v11" in page and "production → v1, staging → v4" in page
+    assert content_rows_read(queries) == 0
+
+    # Its page shows the newest version's content and lists the versions: one version's content read.
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(change_url(template)).content.decode()
+    assert "compare v10 with v11" in page
+    assert content_rows_read(queries) == 1
+
+
+def content_rows_read(queries: CaptureQueriesContext) -> int:
+    """How many rows the captured queries read with a version's messages (run again to count them)."""
+    read = [q["sql"] for q in queries.captured_queries if '"messages"' in q["sql"]]
+    with connection.cursor() as cursor:
+        return sum(len(cursor.execute(sql).fetchall()) for sql in read)
 
 
 def test_a_large_rewrite_is_compared_unified_not_side_by_side(admin_client, template):
