@@ -438,6 +438,13 @@ class PromptVersionAdmin(admin.ModelAdmin):
     )
     readonly_fields = fields
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[PromptVersion]:
+        queryset = super().get_queryset(request)
+        if request.resolver_match is not None and request.resolver_match.url_name.endswith("_changelist"):
+            # The list shows names, numbers and notes; a version's own page shows its content.
+            return queryset.defer(*VERSION_FIELDS)
+        return queryset
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 

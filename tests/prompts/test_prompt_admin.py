@@ -197,6 +197,12 @@ def test_the_template_pages_read_no_more_versions_content_than_they_show(admin_c
     assert "v11" in page and "production → v1, staging → v4" in page
     assert content_rows_read(queries) == 0
 
+    # The versions' list shows their names, numbers and notes: no content.
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(reverse("admin:prompts_promptversion_changelist")).content.decode()
+    assert "post v11" in page and "post v1<" in page
+    assert content_rows_read(queries) == 0
+
     # Its page shows the newest version's content and lists the versions: one version's content read.
     with CaptureQueriesContext(connection) as queries:
         page = admin_client.get(change_url(template)).content.decode()
