@@ -1,8 +1,8 @@
 """The one place a request's cost is computed: tokens × the catalog's prices per million tokens.
 
-``_exact_parts`` is the formula; ``cost_for`` (the ledger, reservations) is the sum of its parts, and
-``cost_breakdown`` the parts themselves, for the cost calculator (``/api/cost/estimate``) and the ledger's
-admin."""
+``_exact_parts`` is the formula; ``cost_for`` (the ledger) is the sum of its parts, ``prompt_cost_ceiling``
+(reservations) the most a prompt may cost before its usage is known, and ``cost_breakdown`` the parts
+themselves, for the cost calculator (``/api/cost/estimate``) and the ledger's admin."""
 
 from __future__ import annotations
 
@@ -28,61 +28,91 @@ class Prices(Protocol):
     def output_per_mtok(self) -> Decimal: ...
     @property
     def cached_input_per_mtok(self) -> Decimal | None: ...
+    @property
+    def cache_write_per_mtok(self) -> Decimal | None: ...
+
+
+def cache_write_price(model: Prices) -> Decimal:
+    """What a prompt token written to the provider's cache costs per million: the catalog's cache-write price,
+    or the input price when it has none."""
+    return model.input_per_mtok if model.cache_write_per_mtok is None else model.cache_write_per_mtok
 
 
 @dataclass(frozen=True, slots=True)
 class CostBreakdown:
-    """A request's cost in its parts. ``input_tokens`` includes the cached ones (OpenAI's convention, as
-    the ledger's ``prompt_tokens``); ``input_cost`` prices the others. Each part and the total are rounded
-    to the ledger's 10 decimal places separately, so the parts may differ from the total in the last place."""
+    """A request's cost in its parts. ``input_tokens`` includes the cached ones and those written to the cache
+    (OpenAI's convention, as the ledger's ``prompt_tokens``); ``input_cost`` prices the others. Each part and
+    the total are rounded to the ledger's 10 decimal places separately, so the parts may differ from the total
+    in the last place."""
 
     input_tokens: int
     cached_input_tokens: int
+    cache_write_tokens: int
     output_tokens: int
     input_cost: Decimal
     cached_input_cost: Decimal
+    cache_write_cost: Decimal
     output_cost: Decimal
     total_cost: Decimal
 
 
 def _exact_parts(
-    model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int
-) -> tuple[int, Decimal, Decimal, Decimal]:
-    """The formula: (cached tokens, input, cached input, output cost), unrounded; call inside ``_COST_CONTEXT``.
-    Cached prompt tokens are part of ``prompt_tokens`` and priced at the cached rate when the catalog has
-    one (else at the input rate)."""
+    model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int, cache_write_tokens: int
+) -> tuple[int, int, Decimal, Decimal, Decimal, Decimal]:
+    """The formula: (cached tokens, cache-write tokens, input, cached input, cache write, output cost), unrounded;
+    call inside ``_COST_CONTEXT``. Cached prompt tokens and those written to the cache are part of
+    ``prompt_tokens``, each priced at its own rate when the catalog has one (else at the input rate)."""
     cached = min(max(cached_tokens, 0), prompt_tokens)
+    written = min(max(cache_write_tokens, 0), prompt_tokens - cached)
     cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
     return (
         cached,
-        Decimal(prompt_tokens - cached) * model.input_per_mtok / MILLION,
+        written,
+        Decimal(prompt_tokens - cached - written) * model.input_per_mtok / MILLION,
         Decimal(cached) * cached_price / MILLION,
+        Decimal(written) * cache_write_price(model) / MILLION,
         Decimal(completion_tokens) * model.output_per_mtok / MILLION,
     )
 
 
-def cost_for(*, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Decimal:
+def cost_for(
+    *, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0
+) -> Decimal:
     """The cost the ledger records and reservations hold: the sum of the parts, rounded once. On every
     request, so it builds no ``CostBreakdown``."""
     with localcontext(_COST_CONTEXT):
-        _, input_cost, cached_cost, output_cost = _exact_parts(model, prompt_tokens, completion_tokens, cached_tokens)
-        return (input_cost + cached_cost + output_cost).quantize(COST_QUANTUM)
+        _, _, input_cost, cached_cost, write_cost, output_cost = _exact_parts(
+            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens
+        )
+        return (input_cost + cached_cost + write_cost + output_cost).quantize(COST_QUANTUM)
+
+
+def prompt_cost_ceiling(*, model: Prices, prompt_tokens: int, completion_tokens: int) -> Decimal:
+    """What a request of ``prompt_tokens`` may cost at most, before its usage says which of them the provider
+    read from or wrote to its cache: every prompt token at the dearer of the input and cache-write prices (a
+    reservation that holds this keeps a budget whatever the cache does)."""
+    written = prompt_tokens if cache_write_price(model) > model.input_per_mtok else 0
+    return cost_for(
+        model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cache_write_tokens=written
+    )
 
 
 def cost_breakdown(
-    *, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    *, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0
 ) -> CostBreakdown:
     """The same cost in its parts; ``total_cost`` is exactly what ``cost_for`` answers."""
     with localcontext(_COST_CONTEXT):
-        cached, input_cost, cached_cost, output_cost = _exact_parts(
-            model, prompt_tokens, completion_tokens, cached_tokens
+        cached, written, input_cost, cached_cost, write_cost, output_cost = _exact_parts(
+            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens
         )
         return CostBreakdown(
             input_tokens=prompt_tokens,
             cached_input_tokens=cached,
+            cache_write_tokens=written,
             output_tokens=completion_tokens,
             input_cost=input_cost.quantize(COST_QUANTUM),
             cached_input_cost=cached_cost.quantize(COST_QUANTUM),
+            cache_write_cost=write_cost.quantize(COST_QUANTUM),
             output_cost=output_cost.quantize(COST_QUANTUM),
-            total_cost=(input_cost + cached_cost + output_cost).quantize(COST_QUANTUM),
+            total_cost=(input_cost + cached_cost + write_cost + output_cost).quantize(COST_QUANTUM),
         )

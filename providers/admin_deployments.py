@@ -104,7 +104,10 @@ class DeploymentAdmin(admin.ModelAdmin):
     readonly_fields = ("breaker_now", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("model", "name", "provider", "upstream_id", "enabled")}),
-        ("Prices ($ per million tokens)", {"fields": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")}),
+        (
+            "Prices ($ per million tokens)",
+            {"fields": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok")},
+        ),
         ("Routing", {"fields": ("weight", "priority", "rpm_limit", "tpm_limit", "quality")}),
         ("Circuit breaker", {"fields": ("breaker_now", "breaker_override", "paid_health_probe")}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),

@@ -290,6 +290,7 @@ class Deployment(models.Model):
         "input_per_mtok",
         "output_per_mtok",
         "cached_input_per_mtok",
+        "cache_write_per_mtok",
         "weight",
         "priority",
         "rpm_limit",
@@ -312,6 +313,13 @@ class Deployment(models.Model):
     output_per_mtok = _price_field("output $/Mtok", default=Decimal("0"))
     cached_input_per_mtok = _price_field(
         "cached input $/Mtok", null=True, blank=True, help_text="Empty: cached input tokens are priced as input tokens."
+    )
+    cache_write_per_mtok = _price_field(
+        "cache write $/Mtok",
+        null=True,
+        blank=True,
+        help_text="Input tokens written to the provider's prompt cache (Anthropic: 1.25× input for the 5-minute "
+        "cache, 2× for the 1-hour one). Empty: priced as input tokens.",
     )
     weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")

@@ -45,6 +45,9 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         cached_input_per_mtok=None
         if deployment.cached_input_per_mtok is None
         else Decimal(deployment.cached_input_per_mtok),
+        cache_write_per_mtok=None
+        if deployment.cache_write_per_mtok is None
+        else Decimal(deployment.cache_write_per_mtok),
         weight=deployment.weight,
         priority=deployment.priority,
         rpm_limit=deployment.rpm_limit,
@@ -72,6 +75,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         return None
     first = usable[0]
     cached = [d.cached_input_per_mtok if d.cached_input_per_mtok is not None else d.input_per_mtok for d in usable]
+    writes = [d.cache_write_per_mtok if d.cache_write_per_mtok is not None else d.input_per_mtok for d in usable]
     return ResolvedModel(
         id=model.pk,
         name=model.name,
@@ -81,6 +85,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         input_per_mtok=max(d.input_per_mtok for d in usable),
         output_per_mtok=max(d.output_per_mtok for d in usable),
         cached_input_per_mtok=None if all(d.cached_input_per_mtok is None for d in usable) else _ceiling(cached),  # type: ignore[arg-type]
+        cache_write_per_mtok=None if all(d.cache_write_per_mtok is None for d in usable) else _ceiling(writes),  # type: ignore[arg-type]
         context_window=model.context_window,
         max_output_tokens=model.max_output_tokens,
         mode=model.mode,

@@ -70,6 +70,7 @@ class ResolvedDeployment:
     input_per_mtok: Decimal
     output_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
+    cache_write_per_mtok: Decimal | None = None
     weight: int = 1
     priority: int = 0
     rpm_limit: int | None = None
@@ -112,6 +113,7 @@ class ResolvedModel:
     resume_on_failure: bool = False
     stream_idle_timeout: float | None = None  # seconds without a chunk that end a stream; None: the setting
     moderation_policy_id: int | None = None  # ``ModerationPolicy`` checking this model's input and output
+    cache_write_per_mtok: Decimal | None = None  # prompt-cache writes; None: priced as input
 
     def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
         """This model as served by ``deployment``: its provider, upstream id and prices. The same snapshot
@@ -129,6 +131,7 @@ class ResolvedModel:
             input_per_mtok=deployment.input_per_mtok,
             output_per_mtok=deployment.output_per_mtok,
             cached_input_per_mtok=deployment.cached_input_per_mtok,
+            cache_write_per_mtok=deployment.cache_write_per_mtok,
             deployment=deployment,
         )
         if len(_bound) >= _BOUND_MAX:

@@ -34,7 +34,14 @@ class ProviderFactory(factory.django.DjangoModelFactory):
     timeout_seconds = Decimal("10.0")
 
 
-_DEPLOYMENT_FIELDS = ("provider", "upstream_id", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok")
+_DEPLOYMENT_FIELDS = (
+    "provider",
+    "upstream_id",
+    "input_per_mtok",
+    "output_per_mtok",
+    "cached_input_per_mtok",
+    "cache_write_per_mtok",
+)
 
 
 class ModelFactory(factory.django.DjangoModelFactory):

@@ -631,6 +631,57 @@ def test_a_cap_of_0_is_refused_saying_empty_means_no_cap_and_enabled_stops_traff
     assert getattr(deployment, cap) is None
 
 
+def test_a_cache_write_price_is_set_inline_and_on_the_deployment_page_and_empty_means_the_input_price(admin_client):
+    """An admin prices prompt-cache writes where the other prices are: in the model's deployments inline and on
+    the deployment's own page, under its prices; left empty, the deployment has none (priced as input)."""
+    east = ProviderFactory(name="east")
+    add_url = reverse("admin:providers_catalogmodel_add")
+    assert 'name="deployments-0-cache_write_per_mtok"' in admin_client.get(add_url).content.decode()
+    response = admin_client.post(
+        add_url,
+        model_form(
+            "claude-sonnet",
+            [
+                {
+                    "provider": east.pk,
+                    "upstream_id": "claude-sonnet-4-5",
+                    "input_per_mtok": "3",
+                    "cache_write_per_mtok": "3.75",
+                }
+            ],
+        ),
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment = Deployment.objects.get(model__name="claude-sonnet")
+    assert deployment.cache_write_per_mtok == Decimal("3.75")
+
+    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
+    page = admin_client.get(url).content.decode()
+    assert 'name="cache_write_per_mtok"' in page and 'value="3.750000"' in page
+    data = {
+        "model": deployment.model_id,
+        "name": deployment.name,
+        "provider": east.pk,
+        "upstream_id": deployment.upstream_id,
+        "enabled": "on",
+        "input_per_mtok": "3",
+        "output_per_mtok": "15",
+        "cached_input_per_mtok": "0.30",
+        "cache_write_per_mtok": "",
+        "weight": "1",
+        "priority": "0",
+        "health_checks-TOTAL_FORMS": "0",
+        "health_checks-INITIAL_FORMS": "0",
+        "health_checks-MIN_NUM_FORMS": "0",
+        "health_checks-MAX_NUM_FORMS": "1000",
+    }
+    assert admin_client.post(url, {**data, "cache_write_per_mtok": "-1"}).status_code == 200  # refused
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert deployment.cache_write_per_mtok is None
+
+
 # Moving a provider that holds keys -----------------------------------------------------------------
 
 ELSEWHERE = "https://collector.example.com/v1"

@@ -57,6 +57,7 @@ providers:
         upstream: claude-3-5-haiku-latest
         input_per_mtok: "0.8"
         output_per_mtok: "4"
+        cache_write_per_mtok: "1.00"
         capabilities: {vision: true}
 """
 
@@ -513,6 +514,12 @@ def test_the_old_format_dumps_in_the_new_one_and_loads_back_the_same(catalog, tm
 
     assert dump() == first
     assert deployment_of("gpt-4o-mini").cached_input_per_mtok == Decimal("0.075")
+    # A cache-write price goes out and comes back; a deployment without one dumps none (the input price).
+    assert deployment_of("claude-haiku").cache_write_per_mtok == Decimal("1.00")
+    by_name = {entry["name"]: entry for entry in yaml.safe_load(first)["models"]}
+    assert by_name["claude-haiku"]["deployments"][0]["cache_write_per_mtok"] == "1"
+    assert "cache_write_per_mtok" not in by_name["gpt-4o-mini"]["deployments"][0]
+    assert deployment_of("gpt-4o-mini").cache_write_per_mtok is None
 
 
 def test_max_retries_on_a_provider_is_ignored_with_a_warning(tmp_path):

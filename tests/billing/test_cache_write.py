@@ -1,0 +1,71 @@
+"""Prompt-cache writes (Anthropic's ``cache_creation_input_tokens``) priced as providers bill them: at the
+catalog's cache-write price, part of the prompt like cached reads, the input price when the catalog has none."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from billing.pricing import cost_breakdown, cost_for
+from providers.models import CatalogModel
+from providers.selectors import resolved_model
+from tests.factories import DeploymentFactory, ModelFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _sonnet(**prices: str) -> CatalogModel:
+    defaults = {"input_per_mtok": "3", "output_per_mtok": "15", "cached_input_per_mtok": "0.30"}
+    return ModelFactory(
+        name="claude-sonnet", **{name: Decimal(value) for name, value in {**defaults, **prices}.items()}
+    )
+
+
+def test_cache_writes_are_priced_at_the_cache_write_price_and_the_rest_of_the_prompt_as_before():
+    model = resolved_model(_sonnet(cache_write_per_mtok="3.75"))
+    assert model is not None
+    # 1,000 prompt tokens: 300 read from the cache, 600 written to it, 100 neither; 50 output.
+    cost = cost_for(model=model, prompt_tokens=1000, completion_tokens=50, cached_tokens=300, cache_write_tokens=600)
+    expected = (100 * Decimal("3") + 300 * Decimal("0.30") + 600 * Decimal("3.75") + 50 * Decimal("15")) / 10**6
+    assert cost == expected == Decimal("0.00339")
+
+    parts = cost_breakdown(
+        model=model, prompt_tokens=1000, completion_tokens=50, cached_tokens=300, cache_write_tokens=600
+    )
+    assert (parts.input_tokens, parts.cached_input_tokens, parts.cache_write_tokens) == (1000, 300, 600)
+    assert (parts.input_cost, parts.cached_input_cost, parts.cache_write_cost, parts.output_cost) == (
+        Decimal("0.0003000000"),
+        Decimal("0.0000900000"),
+        Decimal("0.0022500000"),
+        Decimal("0.0007500000"),
+    )
+    assert parts.total_cost == cost
+
+
+def test_without_a_cache_write_price_writes_cost_the_input_price_as_they_did():
+    model = resolved_model(_sonnet())
+    assert model is not None and model.cache_write_per_mtok is None
+    written = cost_for(model=model, prompt_tokens=1000, completion_tokens=0, cache_write_tokens=600)
+    assert written == cost_for(model=model, prompt_tokens=1000, completion_tokens=0) == Decimal("0.003")
+
+
+def test_more_writes_than_the_prompt_holds_beyond_its_cached_part_are_no_more_than_that():
+    """Counts that cannot both be right (a provider's odd usage) never charge a token twice."""
+    model = resolved_model(_sonnet(cache_write_per_mtok="6"))
+    assert model is not None
+    cost = cost_for(model=model, prompt_tokens=100, completion_tokens=0, cached_tokens=40, cache_write_tokens=500)
+    assert cost == (40 * Decimal("0.30") + 60 * Decimal("6")) / 10**6
+
+
+def test_an_unbound_model_holds_the_dearest_cache_write_price_of_its_deployments():
+    """What a reservation prices before routing picks one: the dearest, a deployment without its own counted at
+    its input price."""
+    catalog = _sonnet(cache_write_per_mtok="3.75")
+    DeploymentFactory(model=catalog, name="bedrock", input_per_mtok=Decimal("4"), output_per_mtok=Decimal("15"))
+    model = resolved_model(catalog)
+    assert model is not None
+    assert model.cache_write_per_mtok == Decimal("4")
+    assert sorted(d.cache_write_per_mtok or 0 for d in model.deployments) == [0, Decimal("3.75")]
+    bound = model.on(next(d for d in model.deployments if d.cache_write_per_mtok is not None))
+    assert bound.cache_write_per_mtok == Decimal("3.75")
