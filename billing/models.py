@@ -150,6 +150,13 @@ class UsageRecord(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
+    # db_default too: a writer that names its columns without this one (the previous release's, during a
+    # rolling deploy; bench/ledger_scale.py) still inserts.
+    cache_write_tokens = models.PositiveIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Prompt tokens written to the provider's prompt cache (part of prompt_tokens).",
+    )
     cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
     usage_estimated = models.BooleanField(default=False, help_text="The provider sent no usage; tokens were counted.")
     upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)

@@ -1247,7 +1247,7 @@ class CompletionRun:
         """The usage chunk owed to a client that asked for one (``stream_options.include_usage``) when the
         upstream sent none (servers that ignore the option): the estimate the request is charged, counted as
         the settle step counts it (``settlement_tokens``, from the same body and relayed text)."""
-        prompt, completion, _, _ = settlement_tokens(
+        prompt, completion, _, _, _ = settlement_tokens(
             operation=self.operation, body=self.body, status=UsageStatus.OK, usage=None, delivered_text=delivered_text
         )
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -1257,7 +1257,7 @@ class CompletionRun:
     def _messages_usage_estimated(self, written: str) -> dict[str, int]:
         """Anthropic's usage for a message whose upstream reported none: the estimate it is charged
         (``settlement_tokens``, from the same body and text as the settle step)."""
-        prompt, completion, _, _ = settlement_tokens(
+        prompt, completion, _, _, _ = settlement_tokens(
             operation=self.operation, body=self.body, status=UsageStatus.OK, usage=None, delivered_text=written
         )
         return {"input_tokens": prompt, "output_tokens": completion}

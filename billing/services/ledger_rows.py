@@ -55,6 +55,7 @@ class UsageData:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens written to the provider's cache (part of prompt_tokens)
     cost: Decimal = Decimal("0")
     usage_estimated: bool = False
     upstream_latency_ms: int | None = None

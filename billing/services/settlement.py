@@ -37,6 +37,7 @@ class Settlement:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    cache_write_tokens: int
     cost: Decimal
     usage_estimated: bool
 
@@ -48,8 +49,9 @@ def settlement_tokens(
     status: str,
     usage: Mapping[str, Any] | None,
     delivered_text: str,
-) -> tuple[int, int, int, bool]:
-    """(prompt, completion, cached tokens, estimated) of a finished request.
+) -> tuple[int, int, int, int, bool]:
+    """(prompt, completion, cached, cache-write tokens, estimated) of a finished request. The cached tokens (read
+    from the provider's prompt cache) and the cache-write ones (written to it) are both part of the prompt.
 
     The provider's usage when it reported one. Otherwise an estimate, flagged: the text relayed to the client
     and, since the provider got as far as producing it, the prompt; an embeddings request that succeeded
@@ -60,17 +62,19 @@ def settlement_tokens(
         return (*reported, False)
     if operation == Operation.EMBEDDINGS:
         if status == UsageStatus.OK:
-            return prompt_tokens(body, operation=operation), 0, 0, True
-        return 0, 0, 0, False
+            return prompt_tokens(body, operation=operation), 0, 0, 0, True
+        return 0, 0, 0, 0, False
     if delivered_text:
-        return prompt_tokens(body, operation=operation), text_tokens(delivered_text), 0, True
-    return 0, 0, 0, False
+        return prompt_tokens(body, operation=operation), text_tokens(delivered_text), 0, 0, True
+    return 0, 0, 0, 0, False
 
 
-def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int, int] | None:
-    """OpenAI-shaped usage (``prompt_tokens``, ``completion_tokens``, ``prompt_tokens_details.cached_tokens``),
-    or None when it counts nothing usable: an embeddings usage must count the input, a chat usage the prompt
-    or the completion. A count that is not a non-negative integer is no count."""
+def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int, int, int] | None:
+    """OpenAI-shaped usage (``prompt_tokens``, ``completion_tokens``, ``prompt_tokens_details.cached_tokens``
+    and ``.cache_write_tokens``, both counted in ``prompt_tokens``: what ``openai_usage`` makes of Anthropic's
+    ``cache_read_input_tokens`` and ``cache_creation_input_tokens``), or None when it counts nothing usable: an
+    embeddings usage must count the input, a chat usage the prompt or the completion. A count that is not a
+    non-negative integer is no count."""
     if not usage:
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -78,8 +82,11 @@ def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int
     if prompt is None and (operation == Operation.EMBEDDINGS or completion is None):
         return None
     details = usage.get("prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) if isinstance(details, Mapping) else None
-    return prompt or 0, completion or 0, cached or 0
+    if not isinstance(details, Mapping):
+        details = {}
+    cached = _count(details.get("cached_tokens"))
+    written = _count(details.get("cache_write_tokens"))
+    return prompt or 0, completion or 0, cached or 0, written or 0
 
 
 def _count(value: Any) -> int | None:
@@ -124,11 +131,17 @@ def request_settle(
     part): the row is flagged as an estimate. ``billing_source``: whose provider key paid; on the user's own
     key the row's ``cost`` counts against budgets only when the user's plan says so (``user_key_cost`` keeps
     the price either way). ``moderation``: what moderation found, for the row."""
-    prompt, completion, cached, estimated = settlement_tokens(
+    prompt, completion, cached, written, estimated = settlement_tokens(
         operation=operation, body=body, status=status, usage=usage, delivered_text=delivered_text
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
-    cost = cost_for(model=model, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+    cost = cost_for(
+        model=model,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        cache_write_tokens=written,
+    )
     user_key_cost = None
     if billing_source == BillingSource.USER_KEY:
         user_key_cost = cost
@@ -156,6 +169,7 @@ def request_settle(
             prompt_tokens=prompt,
             completion_tokens=completion,
             cached_tokens=cached,
+            cache_write_tokens=written,
             cost=cost,
             usage_estimated=estimated,
             upstream_latency_ms=upstream_latency_ms,
@@ -172,5 +186,10 @@ def request_settle(
         admission=admission,
     )
     return Settlement(
-        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached, cost=cost, usage_estimated=estimated
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        cache_write_tokens=written,
+        cost=cost,
+        usage_estimated=estimated,
     )

@@ -94,7 +94,8 @@ Replies
     Other directives: ``[[tps=N]]`` tokens per second (also paces non-streamed replies: the response is
     held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
     ``--latency-ms``), ``[[ttft=MS]]`` time to first token (overrides ``--ttft-ms``), ``[[cache=N]]`` N cached
-    prompt tokens, ``[[fault=NAME]]`` see below.
+    prompt tokens, ``[[cache_write=N]]`` (Anthropic only) N prompt tokens written to the cache,
+    ``[[fault=NAME]]`` see below.
     ``[[omit=NAME,...]]`` (OpenAI only) leaves fields out of the response and of every chunk, as some
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
@@ -125,8 +126,11 @@ Token counting (exact rule)
       for a tool call (``arguments_json`` is ``json.dumps(arguments)``), times ``n`` for OpenAI.
     * ``[[cache=N]]`` reports ``c = min(N, prompt tokens)`` cached tokens. As with the real APIs, OpenAI's
       ``prompt_tokens`` includes them (``prompt_tokens_details.cached_tokens = c``) whereas Anthropic's
-      ``input_tokens`` excludes them (``input_tokens = prompt - c``, ``cache_read_input_tokens = c``,
-      ``cache_creation_input_tokens = 0``).
+      ``input_tokens`` excludes them (``input_tokens = prompt - c - w``, ``cache_read_input_tokens = c``,
+      ``cache_creation_input_tokens = w``).
+    * ``[[cache_write=N]]`` (Anthropic only) reports ``w = min(N, prompt tokens - c)`` tokens written to the
+      cache, in ``message_start`` when streamed, as Anthropic does: ``cache_creation_input_tokens = w``, which
+      ``input_tokens`` excludes as it excludes cached reads.
 
 Embeddings
     One vector per input (a string, a list of strings, a token array or a list of token arrays), derived
@@ -1892,10 +1896,11 @@ class _App:
         stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
         reply = _build_reply(conv, _anthropic_tool(body), body["max_tokens"], stops, "toolu_", self.demo)
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
+        written = min(_directive_int(conv.directives, "cache_write") or 0, conv.prompt_tokens - cached)
         usage = {
-            "input_tokens": conv.prompt_tokens - cached,
+            "input_tokens": conv.prompt_tokens - cached - written,
             "output_tokens": reply.completion_tokens,
-            "cache_creation_input_tokens": 0,
+            "cache_creation_input_tokens": written,
             "cache_read_input_tokens": cached,
         }
         message = {

@@ -41,6 +41,7 @@ def every_field(request_id: str, **ids) -> UsageData:
         prompt_tokens=1234,
         completion_tokens=567,
         cached_tokens=89,
+        cache_write_tokens=144,
         cost=Decimal("0.0123456789"),
         usage_estimated=True,
         upstream_latency_ms=321,
@@ -183,8 +184,8 @@ def test_sqlites_insert_writes_a_batch_in_a_few_statements(ids):
 
 
 def test_sqlites_insert_keeps_under_the_builds_limit_of_variables(ids):
-    """A SQLite built with the old limit of 999 variables a statement (32 rows of these 31 columns) still takes
-    the whole batch: smaller statements, not "too many SQL variables"."""
+    """A SQLite built with the old limit of 999 variables a statement (16 rows of these 32 columns: the largest
+    power of two under 31) still takes the whole batch: smaller statements, not "too many SQL variables"."""
     import sqlite3
 
     from billing.services.ledger_rows import _insert_many
@@ -198,7 +199,7 @@ def test_sqlites_insert_keeps_under_the_builds_limit_of_variables(ids):
             _insert_many(rows)
         finally:
             connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
-    assert len([sql for sql in ran if sql.startswith("INSERT OR IGNORE")]) == 4  # 32, 32, 32, 4
+    assert len([sql for sql in ran if sql.startswith("INSERT OR IGNORE")]) == 7  # 16 × 6, 4
     assert UsageRecord.objects.count() == len(rows)
 
 
@@ -210,3 +211,20 @@ def test_statement_sizes_add_up_to_the_batch_in_sizes_sqlite_keeps_compiled(rows
     assert all(size <= most and size & (size - 1) == 0 for size in sizes)  # powers of two, at most ``most``
     assert len(sizes) <= rows // most + power  # the full ones, then one a binary digit of the rest
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_a_writer_that_names_the_columns_of_the_previous_release_still_inserts(ids):
+    """During a rolling deploy the previous release's writers insert rows without ``cache_write_tokens`` once
+    its migration has run: the database fills in 0 rather than refuse the row."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO billing_usagerecord (request_id, endpoint, operation, stream, prompt_tokens, "
+            "completion_tokens, cached_tokens, cost, usage_estimated, duration_ms, status, error_type, "
+            "requested_model, provider_name, model_name, deployment_name, attempts, resumed, billing_source, "
+            "moderation, created_at) VALUES ('req-previous', 'rest', 'chat', false, 10, 5, 0, 0.01, false, 0, "
+            "'ok', '', '', '', 'm', '', 1, false, 'platform', '', %s)",
+            [datetime(2026, 3, 4, tzinfo=UTC)],
+        )
+    assert UsageRecord.objects.get(request_id="req-previous").cache_write_tokens == 0

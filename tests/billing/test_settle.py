@@ -38,12 +38,19 @@ def tokens(operation=Operation.CHAT, body=CHAT, status=UsageStatus.OK, usage=Non
 
 def test_the_providers_usage_is_charged_as_reported():
     usage = {"prompt_tokens": 120, "completion_tokens": 30, "prompt_tokens_details": {"cached_tokens": 100}}
-    assert tokens(usage=usage, delivered="ignored when there is usage") == (120, 30, 100, False)
+    assert tokens(usage=usage, delivered="ignored when there is usage") == (120, 30, 100, 0, False)
+
+
+def test_cache_writes_are_read_apart_from_the_rest_of_the_prompt_that_counts_them():
+    """As ``openai_usage`` translates Anthropic's usage: ``prompt_tokens`` counts cached reads and cache writes."""
+    details = {"cached_tokens": 100, "cache_write_tokens": 15}
+    usage = {"prompt_tokens": 120, "completion_tokens": 30, "prompt_tokens_details": details}
+    assert tokens(usage=usage) == (120, 30, 100, 15, False)
 
 
 def test_without_usage_the_relayed_text_and_the_prompt_are_estimated_and_flagged():
     delivered = "Once upon a time, on a rock at sea, "
-    expected = (prompt_tokens(CHAT, operation=Operation.CHAT), text_tokens(delivered), 0, True)
+    expected = (prompt_tokens(CHAT, operation=Operation.CHAT), text_tokens(delivered), 0, 0, True)
     assert tokens(status=UsageStatus.CLIENT_DISCONNECTED, delivered=delivered) == expected
 
 
@@ -59,19 +66,19 @@ def test_without_usage_the_relayed_text_and_the_prompt_are_estimated_and_flagged
 def test_a_usage_that_counts_nothing_usable_is_no_usage(usage):
     """Before, any non-empty usage was taken at face value: a usage without counts charged nothing for
     the text relayed, and a negative count made a row the ledger's constraints refuse at every retry."""
-    assert tokens(usage=usage, delivered="abcdefgh")[1:] == (2, 0, True)
+    assert tokens(usage=usage, delivered="abcdefgh")[1:] == (2, 0, 0, True)
 
 
 def test_a_request_that_produced_nothing_costs_nothing_and_is_no_estimate():
     for status in (UsageStatus.OK, UsageStatus.UPSTREAM_ERROR, UsageStatus.CANCELLED):
-        assert tokens(status=status) == (0, 0, 0, False)
+        assert tokens(status=status) == (0, 0, 0, 0, False)
 
 
 def test_embeddings_are_charged_their_input_estimated_only_when_the_upstream_counted_none():
-    assert tokens(Operation.EMBEDDINGS, EMBED, usage={"prompt_tokens": 7, "total_tokens": 7}) == (7, 0, 0, False)
+    assert tokens(Operation.EMBEDDINGS, EMBED, usage={"prompt_tokens": 7, "total_tokens": 7}) == (7, 0, 0, 0, False)
     estimate = prompt_tokens(EMBED, operation=Operation.EMBEDDINGS)
-    assert tokens(Operation.EMBEDDINGS, EMBED, usage={"total_tokens": 7}) == (estimate, 0, 0, True)
-    assert tokens(Operation.EMBEDDINGS, EMBED, status=UsageStatus.UPSTREAM_ERROR) == (0, 0, 0, False)
+    assert tokens(Operation.EMBEDDINGS, EMBED, usage={"total_tokens": 7}) == (estimate, 0, 0, 0, True)
+    assert tokens(Operation.EMBEDDINGS, EMBED, status=UsageStatus.UPSTREAM_ERROR) == (0, 0, 0, 0, False)
 
 
 # THE ROW AND THE RESERVATION
@@ -146,7 +153,7 @@ def test_a_request_is_priced_at_the_deployment_that_answered_and_its_row_says_ho
         duration_ms=55,
     )
     cost = Decimal(1000) * 10 / 1_000_000 + Decimal(500) * 20 / 1_000_000
-    assert settlement == Settlement(1000, 500, 0, cost, False)
+    assert settlement == Settlement(1000, 500, 0, 0, cost, False)
 
     row = UsageRecord.objects.get()
     dear = next(d for d in account["model"].deployments if d.name == "dear")
@@ -167,7 +174,7 @@ def test_a_failed_request_releases_its_whole_reservation(account):
     settlement = settle_on(
         account, first.name, status=UsageStatus.UPSTREAM_ERROR, error_type="upstream_timeout", requested_model=""
     )
-    assert settlement == Settlement(0, 0, 0, Decimal(0), False)
+    assert settlement == Settlement(0, 0, 0, 0, Decimal(0), False)
     row = UsageRecord.objects.get()
     assert (row.status, row.error_type, row.cost, row.deployment_id) == (
         "upstream_error",

@@ -135,3 +135,23 @@ def test_how_a_request_was_served_survives_the_spool_and_a_deleted_deployment(sp
     assert [getattr(rows["req_served"], name) for name in fields] == [kept.pk, "kept", "routed-alias", 3, True]
     assert [getattr(rows["req_gone"], name) for name in fields] == [None, "gone", "routed-alias", 3, True]
     assert rows["req_gone"].model_id == model.pk
+
+
+def test_a_line_spooled_before_rows_counted_cache_writes_replays_with_none(spool):
+    """A spool written by the previous release has no ``cache_write_tokens``: it replays, the count 0 (it was
+    priced in ``cost`` already); a line of this release keeps its count."""
+    import json
+    from dataclasses import replace
+
+    ledger._spool(data("req_old_release"))
+    ledger._spool(replace(data("req_this_release"), cached_tokens=2, cache_write_tokens=3))
+    lines = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert all("cache_write_tokens" in line for line in lines)  # the field is spooled...
+    del lines[0]["cache_write_tokens"]  # ...but was not by the previous release
+    spool.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    assert ledger_spool_replay() == 2
+    old = UsageRecord.objects.get(request_id="req_old_release")
+    assert (old.cache_write_tokens, old.cost) == (0, Decimal("0.0000123456"))
+    new = UsageRecord.objects.get(request_id="req_this_release")
+    assert (new.cached_tokens, new.cache_write_tokens) == (2, 3)

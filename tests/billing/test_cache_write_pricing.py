@@ -69,3 +69,31 @@ def test_an_unbound_model_holds_the_dearest_cache_write_price_of_its_deployments
     assert sorted(d.cache_write_per_mtok or 0 for d in model.deployments) == [0, Decimal("3.75")]
     bound = model.on(next(d for d in model.deployments if d.cache_write_per_mtok is not None))
     assert bound.cache_write_per_mtok == Decimal("3.75")
+
+
+def test_the_ledger_admin_breaks_a_rows_cost_down_with_its_cache_writes():
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.factories import UsageRecordFactory
+
+    catalog = _sonnet(cache_write_per_mtok="3.75")
+    record = UsageRecordFactory(
+        model=catalog,
+        model_name="claude-sonnet",
+        prompt_tokens=1000,
+        cached_tokens=300,
+        cache_write_tokens=600,
+        completion_tokens=50,
+        cost=Decimal("0.0033900000"),
+    )
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw-for-tests-123"))
+
+    text = client.get(reverse("admin:billing_usagerecord_change", args=[record.pk])).content.decode()
+
+    assert "input $0.0003000000 (100 tokens at $3.000000/M)" in text
+    assert "cached input $0.0000900000 (300 tokens at $0.300000/M)" in text
+    assert "cache write $0.0022500000 (600 tokens at $3.750000/M)" in text
+    assert "output $0.0007500000 (50 tokens at $15.000000/M) = $0.0033900000" in text
