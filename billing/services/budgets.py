@@ -24,7 +24,7 @@ from providers.types import ResolvedModel
 
 from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
-from ..pricing import COST_QUANTUM, cost_for
+from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
 from .spool import spool_pending, spool_rows
 
@@ -188,7 +188,9 @@ def charge_for(
     *, model: ResolvedModel, body: Mapping[str, object], prompt_tokens_upper: int, cap: int, budgeted: bool
 ) -> Charge:
     """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it.
-    An embedding model produces no output tokens: its charge is the input alone, whatever the body says."""
+    An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
+    prompt is priced at the dearer of the input and cache-write prices (``prompt_cost_ceiling``): which of its
+    tokens the provider writes to its cache is known only from the usage."""
     choices = body.get("n")
     choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
     prompt_tokens = max(prompt_tokens_upper, 0)
@@ -206,11 +208,11 @@ def charge_for(
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
         max_tokens = 0
     if max_tokens is not None:
-        fixed = cost_for(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
+        fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
         return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices)
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
-    fixed = cost_for(model=model, prompt_tokens=prompt_tokens, completion_tokens=0)
+    fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0)
     return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices)
 
 

@@ -339,3 +339,31 @@ async def test_large_budgets_stay_exact(store, account):
     await settle(again, 3)
     spent, reserved = await sync_to_async(counter_state)(key_ref(account["key"]))
     assert (spent, reserved) == (Decimal("0.0003000001"), Decimal(0))
+
+
+@pytest.mark.parametrize(
+    ("cache_write", "reserved", "clamped"),
+    [
+        # A prompt the provider may write to its cache whole: 10 tokens at $50/M, not at the input's $40/M.
+        (Decimal(50), 15 * TOKEN, 45),
+        # A cache-write price below input (a provider that bills writes at a discount): the input price holds.
+        (Decimal(30), 14 * TOKEN, 46),
+    ],
+)
+async def test_the_prompt_is_reserved_at_the_dearer_of_the_input_and_cache_write_prices(
+    store, account, cache_write, reserved, clamped
+):
+    """Before, the prompt was reserved at the input price, though a request that writes the cache is charged
+    more for it: a key could then spend past its budget."""
+    from providers.models import Deployment
+
+    flat = account["catalog"]["flat"]
+    await Deployment.objects.filter(model=flat).aupdate(input_per_mtok=Decimal(40), cache_write_per_mtok=cache_write)
+    account["flat"] = await sync_to_async(resolved_model)(flat)
+
+    admission = await acquire(account, "written", max_tokens=10, prompt_upper=10)
+    assert admission.reserved_cost == reserved  # the prompt, and 10 completion tokens at TOKEN
+
+    await admission_settle(admission=admission, cost=Decimal(0), prompt_tokens=0, completion_tokens=0, ok=False)
+    # Without max_tokens, what is left after the prompt buys the completion.
+    assert (await acquire(account, "clamped", prompt_upper=10)).max_tokens == clamped
