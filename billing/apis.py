@@ -433,6 +433,9 @@ class _CostDeploymentSerializer(serializers.Serializer):
     upstream = serializers.CharField(help_text="The model's id at that provider.")
     input_tokens = serializers.IntegerField(source="cost.input_tokens", help_text="Cached ones included.")
     cached_input_tokens = serializers.IntegerField(source="cost.cached_input_tokens")
+    cache_write_input_tokens = serializers.IntegerField(
+        source="cost.cache_write_tokens", help_text="Input tokens written to the provider's prompt cache."
+    )
     output_tokens = serializers.IntegerField(source="cost.output_tokens")
     input_per_mtok = serializers.DecimalField(
         source="model.input_per_mtok", **_COST, help_text="US dollars per million input tokens."
@@ -443,13 +446,20 @@ class _CostDeploymentSerializer(serializers.Serializer):
         allow_null=True,
         help_text="US dollars per million cached input tokens; null: charged as input.",
     )
+    cache_write_per_mtok = serializers.DecimalField(
+        source="model.cache_write_per_mtok",
+        **_COST,
+        allow_null=True,
+        help_text="US dollars per million input tokens written to the provider's prompt cache; null: charged as input.",
+    )
     output_per_mtok = serializers.DecimalField(
         source="model.output_per_mtok", **_COST, help_text="US dollars per million output tokens."
     )
     input_cost = serializers.DecimalField(
-        source="cost.input_cost", **_COST, help_text="The input tokens that were not cached."
+        source="cost.input_cost", **_COST, help_text="The input tokens neither read from nor written to the cache."
     )
     cached_input_cost = serializers.DecimalField(source="cost.cached_input_cost", **_COST)
+    cache_write_cost = serializers.DecimalField(source="cost.cache_write_cost", **_COST)
     output_cost = serializers.DecimalField(source="cost.output_cost", **_COST)
     total_cost = serializers.DecimalField(
         source="cost.total_cost", **_COST, help_text="What the ledger would record for such a request."
@@ -468,12 +478,25 @@ class CostEstimateApi(APIView):
         cached_input_tokens = serializers.IntegerField(
             min_value=0, max_value=_MAX_TOKENS, default=0, help_text="How many of the input tokens are cached."
         )
+        cache_write_input_tokens = serializers.IntegerField(
+            min_value=0,
+            max_value=_MAX_TOKENS,
+            default=0,
+            help_text="How many of the input tokens are written to the provider's prompt cache.",
+        )
         output_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, default=0)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             if attrs["cached_input_tokens"] > attrs["input_tokens"]:
                 raise serializers.ValidationError(
                     {"cached_input_tokens": "cached_input_tokens counts part of input_tokens: it cannot be larger."}
+                )
+            if attrs["cached_input_tokens"] + attrs["cache_write_input_tokens"] > attrs["input_tokens"]:
+                raise serializers.ValidationError(
+                    {
+                        "cache_write_input_tokens": "cache_write_input_tokens counts part of input_tokens, apart "
+                        "from the cached ones: with them it cannot be larger."
+                    }
                 )
             return attrs
 
@@ -518,7 +541,8 @@ class CostEstimateApi(APIView):
         summary="Estimate a request's cost from token counts",
         description=(
             "Prices the given token counts with the catalog's current prices, per deployment of the model, "
-            "with the same function that prices the ledger: input (not cached), cached input and output, and "
+            "with the same function that prices the ledger: input (neither read from nor written to the cache), "
+            "cached input, cache writes and output, and "
             "the total, as decimal strings of US dollars. The model must be one your plan and key may use."
         ),
         parameters=[InputSerializer],
@@ -533,6 +557,7 @@ class CostEstimateApi(APIView):
             model_name=data["model"],
             prompt_tokens=data["input_tokens"],
             cached_tokens=data["cached_input_tokens"],
+            cache_write_tokens=data["cache_write_input_tokens"],
             completion_tokens=data["output_tokens"],
         )
 
@@ -558,11 +583,19 @@ class CostEstimateApi(APIView):
             model_name=data["model"],
             prompt_tokens=estimate_input_tokens(data),
             cached_tokens=0,
+            cache_write_tokens=0,
             completion_tokens=data["max_tokens"],
         )
 
     def _answer(
-        self, request: Request, *, model_name: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+        self,
+        request: Request,
+        *,
+        model_name: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        cache_write_tokens: int,
+        completion_tokens: int,
     ) -> Response:
         principal = request.auth
         estimate: CostEstimate = cost_estimate(
@@ -572,5 +605,6 @@ class CostEstimateApi(APIView):
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
+            cache_write_tokens=cache_write_tokens,
         )
         return Response(self.OutputSerializer(estimate).data)

@@ -71,12 +71,15 @@ def test_token_counts_are_priced_exactly_with_their_breakdown(client, models):
                 "upstream": "gpt-4o-mini-2024-07-18",
                 "input_tokens": 1_200_000,
                 "cached_input_tokens": 200_000,
+                "cache_write_input_tokens": 0,
                 "output_tokens": 30_000,
                 "input_per_mtok": "0.1500000000",
                 "cached_input_per_mtok": "0.0750000000",
+                "cache_write_per_mtok": None,
                 "output_per_mtok": "0.6000000000",
                 "input_cost": "0.1500000000",
                 "cached_input_cost": "0.0150000000",
+                "cache_write_cost": "0.0000000000",
                 "output_cost": "0.0180000000",
                 "total_cost": "0.1830000000",
             }
@@ -111,6 +114,31 @@ def test_without_a_cached_price_cached_tokens_cost_the_input_price(client, model
         "0.0000000000",
     )
     assert deployment["output_tokens"] == 0
+
+
+def test_cache_writes_are_priced_at_the_cache_write_price(client, models):
+    """An Anthropic-style deployment: writes at 1.25× input, shown with the price the ledger charges."""
+    ModelFactory(
+        name="claude-sonnet",
+        provider=ProviderFactory(name="anthropic-main"),
+        input_per_mtok=Decimal("3"),
+        output_per_mtok=Decimal("15"),
+        cached_input_per_mtok=Decimal("0.30"),
+        cache_write_per_mtok=Decimal("3.75"),
+    )
+    params = {"input_tokens": 10_000, "cached_input_tokens": 2_000, "cache_write_input_tokens": 6_000}
+    response = client.get(URL, {"model": "claude-sonnet", **params, "output_tokens": 500})
+
+    assert response.status_code == 200, response.content
+    deployment = response.json()["deployments"][0]
+    assert (deployment["cache_write_input_tokens"], deployment["cache_write_per_mtok"]) == (6_000, "3.7500000000")
+    # 2,000 × $3/M + 2,000 × $0.30/M + 6,000 × $3.75/M + 500 × $15/M
+    assert (deployment["input_cost"], deployment["cached_input_cost"], deployment["cache_write_cost"]) == (
+        "0.0060000000",
+        "0.0006000000",
+        "0.0225000000",
+    )
+    assert deployment["total_cost"] == "0.0366000000"
 
 
 def test_messages_are_counted_with_the_estimator_and_max_tokens_is_the_output(client, models):
@@ -150,6 +178,11 @@ def test_images_in_messages_count(client, models):
         ({"model": "gpt-mini", "input_tokens": -1}, "input_tokens"),
         ({"model": "gpt-mini", "input_tokens": 10, "output_tokens": 1.5}, "output_tokens"),
         ({"model": "gpt-mini", "input_tokens": 10, "cached_input_tokens": 11}, "cached_input_tokens"),
+        (
+            {"model": "gpt-mini", "input_tokens": 10, "cached_input_tokens": 4, "cache_write_input_tokens": 7},
+            "cache_write_input_tokens",
+        ),
+        ({"model": "gpt-mini", "input_tokens": 10, "cache_write_input_tokens": -1}, "cache_write_input_tokens"),
         ({"model": "gpt-mini", "input_tokens": 10**13}, "input_tokens"),
     ],
 )
