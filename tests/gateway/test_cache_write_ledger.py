@@ -5,6 +5,7 @@ keeps the tokens written to the cache and prices them at the deployment's cache-
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import anthropic
@@ -93,3 +94,25 @@ def test_a_chat_completion_translated_from_anthropic_is_charged_the_same(priced,
         request_id, usage = raw.headers["x-request-id"], raw.parse().usage
     assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (13, 3)
     assert_row(request_id)
+
+
+def test_a_stream_cut_after_message_start_is_charged_the_writes_message_start_counted(priced):
+    """The upstream fails midway: the row is an estimate of what was relayed, but the prompt is message_start's
+    count, its cache writes at their price."""
+    from tests.gateway.test_messages_api import raw_events
+
+    words = " ".join(f"w{n}" for n in range(200))
+    content = f"{words} [[words=9]] [[cache=50]] [[cache_write=100]] [[fault=cut-3]]"
+    body = {"model": "claude-test", "max_tokens": 50, "messages": [{"role": "user", "content": content}]}
+    reply, events = raw_events(priced, body)
+    assert events[-1][0] == "error"
+    [opened] = [json.loads(data)["message"]["usage"] for name, data in events if name == "message_start"]
+    assert (opened["input_tokens"], opened["cache_creation_input_tokens"]) == (57, 100)  # 207 - 50 - 100
+
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.usage_estimated
+    assert (record.prompt_tokens, record.cached_tokens, record.cache_write_tokens) == (207, 50, 100)
+    expected = (
+        57 * Decimal("0.80") + 50 * Decimal("0.08") + 100 * Decimal("1.00") + record.completion_tokens * Decimal("4")
+    ) / 1_000_000
+    assert record.completion_tokens > 0 and record.cost == expected.quantize(Decimal("0.0000000001"))
