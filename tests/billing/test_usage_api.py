@@ -24,6 +24,7 @@ RECORD_FIELDS = {
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
+    "cache_write_tokens",
     "cost",
     "usage_estimated",
     "status",
@@ -97,6 +98,7 @@ def ledger(alice):
             prompt_tokens=50_000,
             completion_tokens=60_000,
             cached_tokens=10_000,
+            cache_write_tokens=4_000,
             usage_estimated=True,
         ),
         "e": UsageRecordFactory(
@@ -145,6 +147,7 @@ def test_lists_own_records_newest_first_with_every_field(client, ledger):
         "prompt_tokens": 50_000,
         "completion_tokens": 60_000,
         "cached_tokens": 10_000,
+        "cache_write_tokens": 4_000,
         "cost": "1.2345678901",
         "usage_estimated": True,
         "status": "ok",
