@@ -116,3 +116,29 @@ def test_a_stream_cut_after_message_start_is_charged_the_writes_message_start_co
         57 * Decimal("0.80") + 50 * Decimal("0.08") + 100 * Decimal("1.00") + record.completion_tokens * Decimal("4")
     ) / 1_000_000
     assert record.completion_tokens > 0 and record.cost == expected.quantize(Decimal("0.0000000001"))
+
+
+def test_a_request_that_may_end_on_a_fallback_is_reserved_at_the_fallbacks_cache_write_price(gateway):
+    """The reservation covers every model a request may end on (the dearest prices of them all): a fallback
+    whose cache writes cost $0.50 a token makes a key with $1 left refuse a request of a few prompt tokens, which
+    its own model's prices would have let through to spend past the budget."""
+    from billing.services.budgets import api_key_limits_set
+    from providers.models import CatalogModel, Provider
+
+    provider = Provider.objects.get(name="fake-anthropic")
+    cheap = {"input_per_mtok": Decimal(1), "output_per_mtok": Decimal(1)}
+    for name, model in (("written", {}), ("primary", {"fallbacks": ["written"]})):
+        catalog = CatalogModel.objects.create(name=name, **model)
+        Deployment.objects.create(model=catalog, provider=provider, upstream_id="fake-claude-haiku", **cheap)
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal(1))
+    client = anthropic_client(gateway)
+    body = {"max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]}
+
+    assert client.messages.create(model="primary", **body).content  # within the budget at these prices
+    written = Deployment.objects.get(model__name="written")
+    written.cache_write_per_mtok = Decimal(500_000)
+    written.save()  # as the admin saves it: the catalog's caches hear of it
+
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        client.messages.create(model="primary", **body)
+    assert "this request could need up to" in refused.value.message
