@@ -8,7 +8,8 @@ alternation of escaped literals cannot backtrack), and ``re:`` entries are compi
 ``re`` has no time limit, and a vet of a pattern's shape cannot make it linear: ``a.*c`` took about a minute
 on 200,000 characters, with the event loop stalled the while. RE2 has no look-arounds or back-references, so a
 pattern that needs them is refused when saved (``blocklist_problems``), with one that matches empty text or is
-too long. The text one scan reads is still capped (``SCAN_LIMIT_CHARS``).
+too long. The text one scan reads is still capped (``SCAN_LIMIT_CHARS``): a whole input is read a window at a
+time (``Blocklist.scan_whole``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,21 @@ class Blocklist:
         that reaches the end of ``text`` is not counted yet: the next word may still make it part of a longer
         one; the next scan re-reads it (its overlap covers the longest word)."""
         return self.scan_open(text, start=start, final=final)[0]
+
+    async def scan_whole(self, text: str) -> Hit | None:
+        """The first entry found anywhere in ``text`` (a request's input, up to the body limit), read a window
+        of ``SCAN_LIMIT_CHARS`` at a time: each window re-reads the last ``overlap`` characters of the one
+        before, so a word across their seam is found, and the event loop is given back between windows, so a
+        long input delays other requests by one window's scan at most. A single scan of the tail let a
+        blocked word through ahead of 200,000 characters of padding."""
+        start = 0
+        while True:
+            end = min(len(text), start + SCAN_LIMIT_CHARS)
+            hit = self.scan(text[:end] if end < len(text) else text, start=start, final=end == len(text))
+            if hit is not None or end == len(text):
+                return hit
+            start = end - self.overlap
+            await asyncio.sleep(0)
 
     def scan_open(self, text: str, *, start: int = 0, final: bool = True) -> tuple[Hit | None, bool]:
         """``scan``, and whether a match reaching the end of ``text`` was left for the next scan (not
@@ -216,7 +232,7 @@ class PolicySnapshot:
     async def check(self, text: str) -> Hit | None:
         """The policy's verdict on ``text``; ``ModerationServiceError`` when the service gives none."""
         if self.is_blocklist:
-            return self.blocklist.scan(text) if self.blocklist else None
+            return await self.blocklist.scan_whole(text) if self.blocklist else None
         return await self.ask_service(text)
 
     async def ask_service(self, text: str) -> Hit | None:

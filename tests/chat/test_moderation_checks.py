@@ -10,7 +10,7 @@ from audit.models import AuditEvent
 from chat.callers import Caller
 from chat.moderation import ContentPolicyViolationError, Moderation, ReplyGuard, moderation_drain
 from providers.models import ModerationAction, ModerationChecker, ModerationPolicy
-from providers.moderation import Blocklist, blocklist_problems, policy_snapshot
+from providers.moderation import SCAN_LIMIT_CHARS, Blocklist, blocklist_problems, policy_snapshot
 
 # THE BLOCK-LIST
 
@@ -44,6 +44,23 @@ def test_a_stream_scan_waits_for_the_next_piece_before_counting_a_word_at_the_ve
     assert blocklist.scan("we killer", final=False) is None
     assert blocklist.scan("we kill it", final=False) is not None
     assert blocklist.scan("we kill", final=True) is not None
+
+
+@pytest.mark.parametrize("where", ["first", "seam", "last"])
+async def test_a_whole_input_is_scanned_however_long(where):
+    """A request's input is read whole, a window at a time: a blocked word ahead of 200,000 characters of
+    padding (the scan of one window) was let through, and one across two windows' seam is found too."""
+    blocklist = Blocklist("forbidden\nre:secret\\s+plan")
+    padding = "lorem ipsum " * 40_000  # 480,000 characters: three windows
+    seam = SCAN_LIMIT_CHARS - SCAN_LIMIT_CHARS % 12  # after a space, less than a word before the first window ends
+    text = {
+        "first": "forbidden " + padding,
+        "seam": padding[:seam] + "forbidden " + padding,
+        "last": padding + " secret  plan",
+    }[where]
+    hit = await blocklist.scan_whole(text)
+    assert hit is not None and hit.categories == ("blocklist",)
+    assert await blocklist.scan_whole(padding + " forbiddenly") is None  # still whole words only
 
 
 @pytest.mark.parametrize(

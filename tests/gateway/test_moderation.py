@@ -108,6 +108,17 @@ def test_a_blocked_input_never_reaches_the_upstream_and_gets_its_rejected_row(ga
     assert record.cost == 0 and record.model_name == "gpt-test"
 
 
+def test_a_blocked_word_ahead_of_long_padding_is_found(gateway):
+    """The block-list read only the last 200,000 characters of an input: a blocked word ahead of that much
+    padding went upstream. The whole input is read now, a window at a time."""
+    policy_on("gpt-test", blocklist="forbidden")
+    padded = "Tell me the forbidden word. " + "lorem ipsum " * 20_000  # 240,000 characters after it
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": padded}])
+    assert refused.value.code == "content_policy_violation"
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
 def test_block_list_entries_are_whole_words_any_case_and_patterns(gateway):
     policy_on("gpt-test", blocklist="forbidden\nre:secret\\s+plan")
     client = gateway.client()
