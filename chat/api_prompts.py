@@ -36,12 +36,25 @@ _CHAT_PERMISSIONS = [permissions.IsAuthenticated, CanChat]
 # LIST
 
 
+@extend_schema_field({"type": ["object", "array", "string", "number", "boolean", "null"]})
+class _AnyJsonField(serializers.JSONField):
+    """Any JSON value, null included, documented so: drf-spectacular's rendering of a nullable JSONField,
+    ``oneOf: [{}, {type: null}]``, is matched twice by null, which ``oneOf`` refuses."""
+
+
+@extend_schema_field({"type": ["object", "null"]})
+class _JsonSchemaOrNullField(serializers.JSONField):
+    """A JSON schema (an object) or null, documented so: drf-spectacular's rendering of a nullable JSONField,
+    ``oneOf: [{}, {type: null}]``, is matched twice by null, so a client validating an answer against the
+    document refused every version without a schema."""
+
+
 @extend_schema_serializer(component_name="PromptVariable")
 class PromptVariableSerializer(serializers.Serializer):
     name = serializers.CharField()
     type = serializers.CharField(default="string", help_text="string, integer, number, boolean, array or object.")
     required = serializers.BooleanField(help_text="Required unless it has a default or says otherwise.")
-    default = serializers.JSONField(required=False, allow_null=True)
+    default = _AnyJsonField(required=False, allow_null=True)
     description = serializers.CharField(required=False, allow_blank=True)
 
     def to_representation(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +74,7 @@ class PromptVariableSerializer(serializers.Serializer):
 class PromptVersionSummarySerializer(serializers.Serializer):
     number = serializers.IntegerField()
     variables = PromptVariableSerializer(many=True, help_text="What to send as `variables`.")
-    output_schema = serializers.JSONField(
+    output_schema = _JsonSchemaOrNullField(
         allow_null=True, help_text="The JSON schema the output is held to; null: free text."
     )
     field_limits = serializers.DictField(
@@ -83,6 +96,10 @@ class PromptTemplateListApi(APIView):
         description = serializers.CharField()
         labels = serializers.SerializerMethodField(help_text="Each label and the version number it points at.")
         latest_version = serializers.SerializerMethodField()
+        default_version = serializers.SerializerMethodField(
+            help_text="The version a run that names no version or label runs: the `production` label's, else the "
+            "latest. Its `variables` are what such a run takes."
+        )
 
         @extend_schema_field(serializers.DictField(child=serializers.IntegerField()))
         def get_labels(self, template: PromptTemplate) -> dict[str, int]:
@@ -93,13 +110,19 @@ class PromptTemplateListApi(APIView):
             latest = template.latest_versions[0] if template.latest_versions else None
             return PromptVersionSummarySerializer(latest).data if latest is not None else None
 
+        @extend_schema_field(PromptVersionSummarySerializer(allow_null=True))
+        def get_default_version(self, template: PromptTemplate) -> dict[str, Any] | None:
+            chosen = (template.default_versions or template.latest_versions or [None])[0]
+            return PromptVersionSummarySerializer(chosen).data if chosen is not None else None
+
     @extend_schema(
         tags=_TAGS,
         operation_id="prompts_list",
         summary="The prompt templates you can run",
-        description="Each template with its kind, its labels (`production`, `staging`...) and its latest version's "
-        "declared variables, output schema and limits: what to send to `POST /api/prompts/{slug}/run` or as "
-        '`{"prompt": {...}}` to `/v1/chat/completions`.',
+        description="Each template with its kind, its labels (`production`, `staging`...), its latest version and "
+        "the version a run naming none runs (`default_version`: the `production` label's, else the latest), each "
+        "with its declared variables, output schema and limits: what to send to `POST /api/prompts/{slug}/run` or "
+        'as `{"prompt": {...}}` to `/v1/chat/completions`.',
         responses={200: OutputSerializer(many=True), **error_responses(401, 403)},
     )
     def get(self, request: Request) -> Response:
@@ -168,7 +191,7 @@ class PromptRunApi(APIView):
 
     @extend_schema_serializer(component_name="PromptRunResult")
     class OutputSerializer(serializers.Serializer):
-        output = serializers.JSONField(
+        output = _AnyJsonField(
             allow_null=True, help_text="The parsed JSON (a template with an output schema), else the reply's text."
         )
         raw = serializers.CharField(allow_blank=True, help_text="The reply's text as the model wrote it.")

@@ -102,12 +102,15 @@ async def prompt_version_by_id(version_id: int) -> PromptVersion:
 
 def prompt_template_list() -> QuerySet[PromptTemplate]:
     """The templates by slug, each with ``latest_versions`` (its newest version, or none: a list of at most
-    one) and its labels with their versions' numbers: one version's content read per template, not every
-    version's (a template edited 30 times holds 30)."""
+    one), ``default_versions`` (the version its ``DEFAULT_LABEL`` points at, without its messages, or none) and
+    its labels with their versions' numbers: one version's content read per template, not every version's (a
+    template edited 30 times holds 30)."""
     newest = PromptVersion.objects.filter(template_id=OuterRef("template_id")).order_by("-number").values("pk")[:1]
     labels = PromptLabel.objects.select_related("version").only("name", "template", "version__number")
+    default = PromptVersion.objects.filter(labels__name=DEFAULT_LABEL).defer("messages")
     return PromptTemplate.objects.prefetch_related(
         Prefetch("versions", queryset=PromptVersion.objects.filter(pk=Subquery(newest)), to_attr="latest_versions"),
+        Prefetch("versions", queryset=default, to_attr="default_versions"),
         Prefetch("labels", queryset=labels),
     ).order_by("slug")
 

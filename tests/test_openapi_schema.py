@@ -81,6 +81,27 @@ def test_the_document_is_valid_openapi_3_1(schema):
     validate_schema(schema)  # the official OpenAPI 3.1 JSON Schema, shipped with drf-spectacular
 
 
+def test_no_value_matches_two_branches_of_a_oneof_for_null(schema):
+    """drf-spectacular documents a nullable JSONField as ``oneOf: [{}, {type: null}]``: null matches both
+    branches, which ``oneOf`` refuses, so a client validating answers against the document refused every null
+    (a prompt version without an output schema). Such fields are documented as ``{}`` or a nullable type."""
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            branches = node.get("oneOf")
+            if isinstance(branches, list) and {"type": "null"} in branches and any(not b for b in branches):
+                found.append(path)
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}[{index}]")
+
+    walk(schema, "")
+    assert not found, found
+
+
 def test_every_reference_resolves(schema):
     refs: set[str] = set()
 

@@ -252,6 +252,8 @@ def test_the_list_says_kinds_labels_latest_version_and_variables(llmhub_server, 
         note="A tone to ask for",
     )
     PromptTemplate.objects.create(slug="empty-template")
+    unlabelled = PromptTemplate.objects.create(slug="draft-only")
+    PromptVersion.objects.create(template=unlabelled, number=1, messages=version.messages, note="draft")
 
     response = api(llmhub_server, key).get("/api/prompts/")
 
@@ -269,6 +271,11 @@ def test_the_list_says_kinds_labels_latest_version_and_variables(llmhub_server, 
     assert latest["field_limits"] == {"headline": 30, "description": 90}
     assert latest["output_schema"]["required"] == ["headline", "description"]
     assert listed["empty-template"]["latest_version"] is None
+    # A run naming no version runs production's (v1, without `tone`): the variables to send for it.
+    default = ad["default_version"]
+    assert default["number"] == 1 and [v["name"] for v in default["variables"]] == ["product", "notes"]
+    assert listed["empty-template"]["default_version"] is None
+    assert listed["draft-only"]["default_version"]["note"] == "draft"  # no production label: the latest
     for item in listed.values():
         documented(llmhub_server, "PromptTemplateSummary", item)
 
@@ -304,6 +311,7 @@ def test_the_list_reads_each_templates_latest_version_only(alice):
     assert response.status_code == 200
     (item,) = response.json()["results"]
     assert item["latest_version"]["note"] == "v30"
+    assert item["default_version"]["number"] == 1  # production's, read without its messages
     assert item["labels"] == {"production": 1, "staging": 7}
     read = [q["sql"] for q in queries.captured_queries if '"messages"' in q["sql"]]
     with connection.cursor() as cursor:
