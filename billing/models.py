@@ -269,7 +269,7 @@ class Plan(models.Model):
         "providers.ModerationPolicy",
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.PROTECT,  # deleting a policy in use would silently unprotect its users
         related_name="+",
         help_text="Checks on the input and output of this plan's users' requests (besides the model's policy).",
     )

@@ -222,7 +222,7 @@ class CatalogModel(models.Model):
         "ModerationPolicy",
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.PROTECT,  # deleting a policy in use would silently unprotect its users
         related_name="+",
         help_text="Checks on this model's input and output (besides the user's plan's policy).",
     )

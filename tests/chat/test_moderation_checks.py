@@ -231,3 +231,29 @@ def test_the_openai_checker_needs_a_provider_in_the_admin(admin_client):
     assert response.status_code == 200
     assert "/v1/moderations" in response.content.decode()
     assert not ModerationPolicy.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_policy_in_use_cannot_be_deleted_until_nothing_names_it(admin_client):
+    """Deleting a policy attached to a plan or a model left them unprotected, and the admin's delete page did not
+    say so (the link was simply emptied). The page now names what uses it and refuses; once detached it goes."""
+    from billing.models import Plan
+    from tests.factories import ModelFactory
+
+    used = ModerationPolicy.objects.create(name="house rules", blocklist="forbidden")
+    plan = Plan.objects.create(name="Team", moderation_policy=used)
+    model = ModelFactory(name="gpt-guarded", moderation_policy=used)
+    url = reverse("admin:providers_moderationpolicy_delete", args=[used.pk])
+
+    page = admin_client.get(url).content.decode()
+    assert "Team" in page and "gpt-guarded" in page
+    response = admin_client.post(url, {"post": "yes"})
+    assert response.status_code == 200  # the page again: nothing deleted
+    assert ModerationPolicy.objects.filter(pk=used.pk).exists()
+
+    plan.moderation_policy = None
+    plan.save()
+    model.moderation_policy = None
+    model.save()
+    assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    assert not ModerationPolicy.objects.filter(pk=used.pk).exists()
