@@ -103,6 +103,11 @@ class UsageStatus(models.TextChoices):
     CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
     CANCELLED = "cancelled", "Cancelled"
     UPSTREAM_ERROR = "upstream_error", "Upstream error"
+    # Failed after admission through the request's own fault, not the provider's: refused as invalid by the
+    # provider (a 400), by a translation before any call, or by moderation of the reply, or the user's own
+    # provider key refused or out of quota. Not held against the provider (the error-rate alert, the ops
+    # dashboard, its breaker); still an error of an experiment's variant.
+    INVALID = "invalid", "Refused as invalid (by the provider, a translation or moderation)"
     REJECTED = "rejected", "Rejected"
     # The server stopped (graceful shutdown) while the reply was streaming; the client got an in-band error.
     SERVER_SHUTDOWN = "server_shutdown", "Server shut down"

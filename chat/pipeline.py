@@ -70,6 +70,8 @@ from providers.exceptions import (
     ProviderStreamInterruptedError,
     ProviderTimeoutError,
     ProviderUnavailableError,
+    UserKeyQuotaExhaustedError,
+    UserKeyRefusedError,
 )
 from providers.models import ModelMode, ProviderKind
 from providers.routing import (
@@ -674,11 +676,19 @@ def _misconfigured(exc: ProviderError) -> bool:
     return isinstance(exc, (ProviderAuthenticationError, ProviderNotFoundError))
 
 
+def _request_at_fault(exc: ProviderError) -> bool:
+    """Whether a failure is the request's own doing and says nothing of the provider: a request found wrong
+    (the provider's 400, context length, a translation refusing a field before any call, moderation
+    blocking the reply) or the user's own provider key refused or out of quota. Its ledger row is
+    ``invalid``, not ``upstream_error``, and the deployment's breaker does not count it."""
+    return isinstance(exc, (ProviderBadRequestError, UserKeyRefusedError, UserKeyQuotaExhaustedError))
+
+
 def _outcome(exc: ProviderError) -> str:
-    """What a failed attempt says about the deployment, for its breaker: a request the upstream found wrong
-    (400, context length) says nothing, nor does moderation; anything else, bad credentials included, counts
-    against it."""
-    if isinstance(exc, (ProviderBadRequestError, ModerationError)):
+    """What a failed attempt says about the deployment, for its breaker: a failure that is the request's
+    fault (``_request_at_fault``) says nothing, nor does moderation (its own service unavailable included);
+    anything else, the platform's bad credentials included, counts against it."""
+    if _request_at_fault(exc) or isinstance(exc, ModerationError):
         return Outcome.NEUTRAL
     return Outcome.FAILURE
 
@@ -835,6 +845,8 @@ class CompletionRun:
             call.status = UsageStatus.OK
         except ProviderError as exc:
             call.error_type = exc.code or type(exc).__name__
+            if _request_at_fault(exc):
+                call.status = UsageStatus.INVALID
             self._ticket_close(_outcome(exc))
             raise
         except (asyncio.CancelledError, GeneratorExit):

@@ -69,7 +69,7 @@ GEN_AI_PROVIDER_NAMES = {
 GEN_AI_OPERATIONS = {"chat": "chat", "messages": "chat", "embeddings": "embeddings"}
 # Ledger statuses that are not a failure of the service: the client's own doing, or a refusal by policy
 # (whose code still goes in ``error.type``).
-NOT_FAILED = frozenset({"ok", "rejected", "client_disconnected", "cancelled"})
+NOT_FAILED = frozenset({"ok", "rejected", "invalid", "client_disconnected", "cancelled"})
 
 _lock = threading.Lock()
 _configured = False

@@ -8,8 +8,9 @@ named by its ``experiment_variant_id``; ``experiments.models.Feedback`` rows are
 
 - ``requests``: every row (``statuses`` splits them by ledger status); ``users``: distinct users, plus
   distinct gateway keys among rows without a user.
-- ``error_rate``: ``upstream_error`` rows (the provider failed or timed out: the variant's doing) over
-  ``ok`` + ``upstream_error`` rows. Rows that are nobody's verdict on the variant are left out of both:
+- ``error_rate``: ``upstream_error`` and ``invalid`` rows (the provider failed or timed out, or refused
+  the request as invalid, moderation blocked the reply: the variant's doing) over ``ok`` + those rows.
+  Rows that are nobody's verdict on the variant are left out of both:
   ``rejected`` (the gateway refused before calling: budget, rate limit, moderation, validation),
   ``client_disconnected`` and ``cancelled`` (the client left), ``server_shutdown`` and ``lost`` (our
   process stopped or died).
@@ -115,9 +116,11 @@ from billing.selectors import experiment_usage_sums, experiment_usage_window
 from . import stats
 from .models import HIGHER_IS_BETTER, Experiment, Feedback, FeedbackMetric, Metric, Variant
 
-# Statuses that are a verdict on the variant: served, or failed upstream (errors, timeouts included).
+# Statuses that are a verdict on the variant: served, or failed upstream (errors, timeouts included), or
+# refused as invalid after admission (the provider's 400s, moderation blocking replies: a variant whose
+# prompt earns them is worse, though the provider is not to blame).
 OK_STATUSES = (UsageStatus.OK,)
-ERROR_STATUSES = (UsageStatus.UPSTREAM_ERROR,)
+ERROR_STATUSES = (UsageStatus.UPSTREAM_ERROR, UsageStatus.INVALID)
 # Every row but these counts towards cost: the gateway refused them before any upstream call.
 UNSERVED_STATUSES = (UsageStatus.REJECTED,)
 

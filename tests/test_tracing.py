@@ -184,12 +184,15 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
             body = {"model": "routed", "messages": [{"role": "user", "content": "hello [[words=5]]"}]}
             retried = client.post("/v1/chat/completions", json=body)
             refused = client.post("/v1/chat/completions", json={**body, "model": "no-such-model"})
+            bad = {**body, "messages": [{"role": "user", "content": "hello [[fault=400]]"}]}
+            invalid = client.post("/v1/chat/completions", json=bad)
             with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
                 assert streamed.status_code == 200
                 assert any(line == "data: [DONE]" for line in streamed.iter_lines())
         assert retried.status_code == 200, retried.text
         assert retried.headers["x-llmhub-attempts"] == "2"
         assert refused.status_code == 404, refused.text
+        assert invalid.status_code == 400, invalid.text
         record = wait_for_record(retried.headers["x-request-id"])
         assert collector.spans == []  # nothing yet: the batch waits for the shutdown
 
@@ -257,6 +260,11 @@ def test_a_request_through_a_live_server_exports_its_span_and_one_child_per_atte
     assert refusal["attributes"]["error.type"] == refused.json()["error"]["code"]
     assert refusal["attributes"]["llmhub.status"] == "rejected"
     assert collector.children(refusal) == []
+
+    # A request the provider refused as invalid is the client's doing, not a failure of the service.
+    bad_request = collector.of_request(invalid.headers["x-request-id"])
+    assert bad_request["attributes"]["llmhub.status"] == "invalid" and bad_request["status"] == STATUS_UNSET
+    assert [a["attributes"]["llmhub.outcome"] for a in collector.children(bad_request)] == ["neutral"]
 
     # Never a message's content nor a key in a span.
     exported = repr(collector.spans)

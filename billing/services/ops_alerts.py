@@ -73,6 +73,9 @@ SPEND_BASELINE = timedelta(days=7)
 SPEND_BASELINE_MIN = timedelta(days=1)
 # Requests that reached no provider say nothing of a model's health.
 _NOT_ANSWERED = (UsageStatus.REJECTED, UsageStatus.LOST)
+# Nor do those refused through the request's own fault (``invalid``: a 400, moderation, a user's own key):
+# counted as requests, a client's burst of them would dilute a provider's real failures.
+_NOT_JUDGED = (*_NOT_ANSWERED, UsageStatus.INVALID)
 
 
 class OpsAlertEvent:
@@ -109,10 +112,11 @@ def _percent(value: Decimal) -> str:
 
 def error_rate_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]:
     """Per model, the share of ``upstream_error`` rows among the requests that reached a provider in the
-    window; a breach only from ``minimum_requests`` requests on (one failure out of two is no incident)."""
+    window, those refused as ``invalid`` (the request's fault) left out of both; a breach only from
+    ``minimum_requests`` requests on (one failure out of two is no incident)."""
     rows = UsageRecord.objects.filter(
         created_at__gt=now - timedelta(minutes=rule.window_minutes), created_at__lte=now
-    ).exclude(status__in=_NOT_ANSWERED)
+    ).exclude(status__in=_NOT_JUDGED)
     counts = (
         _model_scoped(rows, rule)
         .values("model_name")

@@ -26,11 +26,12 @@ from django.core import mail
 from django.core.exceptions import ValidationError
 
 from billing.models import OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
+from billing.selectors_ops import ops_deployments
 from billing.services.keys import api_key_create
 from billing.services.ops_alerts import BREAKER_REASON, ops_alerts_evaluate, percentile
 from billing.services.plans import plan_assign
 from billing.tasks import ops_alerts_evaluate_task
-from providers.models import Deployment, Incident
+from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_state
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
@@ -158,6 +159,42 @@ def test_a_model_failing_upstream_alerts_once_then_clears_once(gateway, webhook,
     assert sent()[1:] == [(["oncall@example.com"], "[llmhub] cleared: test error_rate (model:watched)")]
     assert len(webhook.received) == 2 and webhook.received[1]["text"].startswith("llmhub: cleared: test error_rate")
     assert sorted(incident.delivered) == ["clear:email", "clear:webhook", "open:email", "open:webhook"]
+
+
+def test_requests_refused_as_invalid_are_no_provider_failure_for_the_alert_nor_the_dashboard(gateway, settings):
+    # A client sending requests the provider refuses (its 400s) and replies moderation blocks: the request's
+    # fault, so no page about the model, no errors on the dashboard; the provider's 5xx still are both.
+    settings.LLMHUB_BREAKER_FAILURES = 1000
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("20"), minimum_requests=4)
+    model = CatalogModel.objects.get(name=gateway.model)
+    model.moderation_policy = ModerationPolicy.objects.create(name="house", blocklist="forbidden", check_input=False)
+    model.save()
+    with time_machine.travel(T0, tick=True):
+        assert [gateway.chat().status_code for _ in range(2)] == [200, 200]
+        assert {gateway.chat("hi [[fault=400]]").status_code for _ in range(4)} == {400}
+        blocked = [gateway.chat("[[reply=a forbidden answer]]") for _ in range(4)]
+        assert {(r.status_code, r.json()["error"]["code"]) for r in blocked} == {(400, "content_policy_violation")}
+        wait_for_ledger_rows(10)
+    invalid = UsageRecord.objects.filter(status=UsageStatus.INVALID)
+    assert sorted(invalid.values_list("error_type", flat=True)) == 4 * ["content_policy_violation"] + 4 * [
+        "upstream_bad_request"
+    ]
+    assert UsageRecord.objects.filter(status=UsageStatus.UPSTREAM_ERROR).count() == 0
+
+    evaluate_at(T0 + timedelta(minutes=1))
+    assert not OpsAlertIncident.objects.exists() and alert_mail() == []
+    (row,) = ops_deployments(now=T0 + timedelta(minutes=1))
+    assert (row.requests, row.errors, row.problems) == (10, 0, ())
+
+    gateway.fault("503")
+    with time_machine.travel(T0 + timedelta(minutes=2), tick=True):
+        assert all(gateway.chat().status_code >= 500 for _ in range(4))
+        wait_for_ledger_rows(14)
+    evaluate_at(T0 + timedelta(minutes=3))
+    incident = OpsAlertIncident.objects.get()
+    assert incident.value_at_open.quantize(Decimal("0.1")) == Decimal("66.7")  # 4 of the 6 it could judge
+    (row,) = ops_deployments(now=T0 + timedelta(minutes=3))
+    assert (row.requests, row.errors, row.problems) == (14, 4, ("29 % errors",))
 
 
 def test_slow_replies_alert_on_the_p95_latency_once_then_clear_once(gateway, webhook):

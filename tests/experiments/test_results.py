@@ -125,7 +125,8 @@ def test_every_figure_agrees_with_the_ledger_and_feedback_rows(folded):
             )
         )
     rows.append(row(experiment, control, user=alice, status=UsageStatus.UPSTREAM_ERROR, duration=30000))
-    rows.append(row(experiment, control, api_key=key_only, status=UsageStatus.UPSTREAM_ERROR, duration=10))
+    # Refused as invalid (a 400, moderation): not the provider's fault, still an error of the variant.
+    rows.append(row(experiment, control, api_key=key_only, status=UsageStatus.INVALID, duration=10))
     rows.append(row(experiment, control, user=bob, status=UsageStatus.REJECTED, cost=Decimal("0")))
     rows.append(row(experiment, control, user=bob, status=UsageStatus.CLIENT_DISCONNECTED, cost=Decimal("0.0005")))
     # a user's own key: cost counts nothing against the platform, user_key_cost is the price
@@ -169,7 +170,7 @@ def test_every_figure_agrees_with_the_ledger_and_feedback_rows(folded):
     c, t = results["variants"]
 
     assert c["requests"] == 15
-    assert c["statuses"] == {"ok": 11, "upstream_error": 2, "rejected": 1, "client_disconnected": 1}
+    assert c["statuses"] == {"ok": 11, "upstream_error": 1, "invalid": 1, "rejected": 1, "client_disconnected": 1}
     assert c["users"] == 4  # alice, bob, carol, and the key of a row without a user
     assert t["requests"] == 7 and t["users"] == 1
 

@@ -20,7 +20,7 @@ from django.conf import settings
 from websockets.asyncio.client import connect
 
 from audit.models import AuditEvent
-from billing.models import BillingSource
+from billing.models import BillingSource, UsageStatus
 from billing.services.keys import api_key_create
 from llmhub.testing.fake_upstream import UpstreamSpec, key_digest
 from providers.fields import Secret
@@ -28,7 +28,7 @@ from providers.models import ByokMode, CredentialStatus, ProviderCredential, Pro
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
 from tests.gateway.test_byok import PLATFORM_KEY, model_on
-from tests.waiting import wait_for_record, wait_until
+from tests.waiting import wait_for_ledger_rows, wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -226,6 +226,8 @@ def test_an_own_key_out_of_quota_is_the_users_429_and_the_platform_does_not_pay_
     assert [r["key_sha256"] for r in calls] == [key_digest(NO_QUOTA_KEY)]
     row.refresh_from_db()
     assert row.status == CredentialStatus.VALID
+    # Theirs to fix, not the provider's failure: the row says so, and the error-rate alert does not count it.
+    assert wait_for_ledger_rows(1, error_type="user_key_quota_exhausted", status=UsageStatus.INVALID) == 1
 
 
 def test_an_own_anthropic_key_without_credit_is_the_users_429_not_a_bad_request(setup):

@@ -280,7 +280,7 @@ def test_an_input_too_long_for_the_model_is_a_400_naming_input(other_kinds, mode
         )
     assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "input")
     record = wait_for_record(refused.value.response.headers["x-request-id"])
-    assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
+    assert (record.operation, record.status, record.cost) == ("embeddings", "invalid", 0)
 
 
 @pytest.mark.parametrize(
@@ -330,7 +330,7 @@ def test_a_refused_batch_among_several_is_the_requests_error_with_one_row(other_
         other_kinds.client().embeddings.create(model=model, input=texts, encoding_format="float")
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
-    assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
+    assert (record.operation, record.status, record.cost) == ("embeddings", "invalid", 0)
 
 
 def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_its_row(embedder):
@@ -344,7 +344,7 @@ def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_it
         embedder.client().embeddings.create(model="claude-embed", input="hello", encoding_format="float")
     assert refused.value.code == "embeddings_not_supported"
     record = wait_for_record(refused.value.response.headers["x-request-id"])
-    assert (record.operation, record.status, record.cost) == ("embeddings", "upstream_error", 0)
+    assert (record.operation, record.status, record.cost) == ("embeddings", "invalid", 0)
 
 
 def test_v1_models_lists_embedding_models_and_the_chat_picker_does_not(embedder):

@@ -231,6 +231,8 @@ def test_a_logit_bias_gemini_cannot_apply_is_a_400_naming_it(gemini):
         )
     assert (caught.value.body["param"], caught.value.body["code"]) == ("logit_bias", "unsupported_parameter")
     assert gemini.upstream.requests_served() == served
+    record = wait_for_record(caught.value.response.headers["x-request-id"])
+    assert (record.status, record.error_type) == ("invalid", "unsupported_parameter")  # not the provider's failure
 
 
 @pytest.mark.parametrize("stream", [False, True])

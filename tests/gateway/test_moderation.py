@@ -384,6 +384,7 @@ def test_a_whole_reply_with_a_blocked_word_is_withheld_with_an_error_and_billed(
     assert "forbidden" not in withheld.value.message
     assert gateway.upstream.requests_served(CHAT) == 1
     record = wait_for_record(withheld.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.error_type == "content_policy_violation"
     assert record.completion_tokens == 3 and not record.usage_estimated
     assert record.cost == (record.prompt_tokens * Decimal("0.15") + 3 * Decimal("0.60")) / Decimal(1_000_000)
     assert record.moderation == 'blocked output: blocklist (entry 1 at character 2), policy "policy-gpt-test"'

@@ -184,7 +184,7 @@ def test_a_400_from_upstream_is_not_retried(client, fake_upstream):
     headers = excinfo.value.response.headers
     assert headers["x-llmhub-attempts"] == "1" and headers["x-llmhub-deployment"] == "first"
     record = wait_for_record(headers["x-request-id"])
-    assert record.attempts == 1 and record.status == "upstream_error" and record.cost == 0
+    assert record.attempts == 1 and record.status == "invalid" and record.cost == 0
 
 
 @pytest.mark.parametrize("fault", ["fault-401", "fault-403", "fault-404"])
