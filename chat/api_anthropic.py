@@ -34,6 +34,8 @@ from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUn
 from providers.adapters.base import WireEvent
 from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.exceptions import ProviderError
+from providers.models import ModelMode
+from providers.types import ResolvedModel
 
 from .api_openai import parse_body, response_stamp, run_open, shutdown_response
 from .pipeline import (
@@ -41,6 +43,7 @@ from .pipeline import (
     caller_from_api_key,
     completion_reject,
     model_for_estimate,
+    models_for_caller,
     new_request_id,
 )
 from .validation import InvalidRequestError
@@ -49,6 +52,7 @@ from .validation_anthropic import validate_count_tokens_request
 logger = logging.getLogger("llmhub.api")
 
 _ENDPOINT = "rest"
+_MAX_PAGE = 1000
 
 
 def _answer(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
@@ -154,9 +158,9 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
     return _answer(json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)
 
 
-async def method_not_allowed(request: HttpRequest, request_id: str) -> HttpResponse:
+async def method_not_allowed(request: HttpRequest, request_id: str, allowed: str = "POST") -> HttpResponse:
     """405, and the ``rejected`` ledger row a request from a valid key gets however it was refused."""
-    error = InvalidRequestError("Method not allowed; use POST.", code="method_not_allowed", status_code=405)
+    error = InvalidRequestError(f"Method not allowed; use {allowed}.", code="method_not_allowed", status_code=405)
     raw_key = key_from_headers(request.headers)
     if raw_key:
         with contextlib.suppress(ApplicationError):
@@ -165,8 +169,100 @@ async def method_not_allowed(request: HttpRequest, request_id: str) -> HttpRespo
                 caller=caller, endpoint=_ENDPOINT, request_id=request_id, error=error, operation=Operation.MESSAGES
             )
     response = anthropic_error_response(error)
-    response["Allow"] = "POST"
+    response["Allow"] = allowed
     return response
+
+
+@anthropic_endpoint
+async def models_list(request: HttpRequest) -> HttpResponse:
+    """``GET /v1/models`` as Anthropic answers it: the models the caller may send to ``/v1/messages`` (chat
+    models; embedding models are listed to OpenAI's clients only) as ``ModelInfo`` objects, a page at a time
+    (``limit``, 1–1000, 20 by default; ``after_id`` or ``before_id``, a listed model's id), in the order
+    ``/v1/models`` lists them to OpenAI's clients."""
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "GET":
+        return _answer(await method_not_allowed(request, request_id, allowed="GET"), request_id, started)
+    try:
+        caller = await caller_from_api_key(key_from_headers(request.headers))
+        limit, after_id, before_id = _page_parameters(request)
+        models = await models_for_caller(caller, mode=ModelMode.CHAT)
+        names = [model.name for model in models]
+        start, end = 0, len(models)
+        if after_id is not None:
+            start = _cursor(names, after_id, "after_id") + 1
+            end = min(end, start + limit)
+        elif before_id is not None:
+            end = _cursor(names, before_id, "before_id")
+            start = max(0, end - limit)
+        else:
+            end = min(end, limit)
+    except ApplicationError as exc:
+        return _answer(anthropic_error_response(exc), request_id, started)
+    page = [_model_info(model) for model in models[start:end]]
+    more = start > 0 if before_id is not None else end < len(models)
+    payload = {
+        "data": page,
+        "has_more": more,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+    }
+    return _answer(json_response(payload), request_id, started)
+
+
+@anthropic_endpoint
+async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "GET":
+        return _answer(await method_not_allowed(request, request_id, allowed="GET"), request_id, started)
+    try:
+        caller = await caller_from_api_key(key_from_headers(request.headers))
+        for candidate in await models_for_caller(caller, mode=ModelMode.CHAT):
+            if candidate.name == model:
+                return _answer(json_response(_model_info(candidate)), request_id, started)
+        raise ApplicationError(
+            f"model: {model} does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+            status_code=404,
+        )
+    except ApplicationError as exc:
+        return _answer(anthropic_error_response(exc), request_id, started)
+
+
+def _page_parameters(request: HttpRequest) -> tuple[int, str | None, str | None]:
+    query = request.GET
+    raw_limit = query.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_PAGE:
+        raise InvalidRequestError(f"limit: must be an integer from 1 to {_MAX_PAGE}.", param="limit")
+    after_id, before_id = query.get("after_id"), query.get("before_id")
+    if after_id is not None and before_id is not None:
+        raise InvalidRequestError("Give after_id or before_id, not both.", param="after_id")
+    return int(raw_limit), after_id, before_id
+
+
+def _cursor(names: list[str], model_id: str, param: str) -> int:
+    try:
+        return names.index(model_id)
+    except ValueError:
+        raise InvalidRequestError(f"{param}: no listed model has the id {model_id!r}.", param=param) from None
+
+
+def _model_info(model: ResolvedModel) -> dict[str, Any]:
+    """A public model as Anthropic's ``ModelInfo``: the catalog keeps no release date, so ``created_at`` is the
+    epoch, as Anthropic's own documentation allows for an unknown one."""
+    info: dict[str, Any] = {
+        "type": "model",
+        "id": model.name,
+        "display_name": model.label or model.name,
+        "created_at": "1970-01-01T00:00:00Z",
+        "lifecycle": "active",
+        "max_input_tokens": model.context_window,
+    }
+    if model.max_output_tokens:
+        info["max_tokens"] = model.max_output_tokens
+    return info
 
 
 @anthropic_endpoint

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
-from . import api_anthropic, api_feedback, api_openai
+from . import api_anthropic, api_feedback, api_models, api_openai
 
 urlpatterns = [
     path("chat/completions", api_openai.chat_completions, name="v1-chat-completions"),
@@ -13,7 +13,7 @@ urlpatterns = [
     path("messages/count_tokens", api_anthropic.count_tokens, name="v1-messages-count-tokens"),
     re_path(r"^messages/(?P<path>.*)$", api_anthropic.not_found),
     path("feedback", api_feedback.feedback_create, name="v1-feedback"),
-    path("models", api_openai.models_list, name="v1-models"),
-    path("models/<path:model>", api_openai.model_retrieve, name="v1-model"),
+    path("models", api_models.models_list, name="v1-models"),
+    path("models/<path:model>", api_models.model_retrieve, name="v1-model"),
     re_path(r"^(?P<path>.*)$", api_openai.not_found),
 ]

@@ -89,6 +89,17 @@ _ANTHROPIC_TYPES = {
 _ANTHROPIC_OVERLOADED = frozenset({"upstream_overloaded"})
 
 
+# The paths of Anthropic's Messages API: their errors are in Anthropic's shape whoever asks.
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+def speaks_anthropic(path: str, headers: Any) -> bool:
+    """Whether a ``/v1`` request expects Anthropic's shapes: the Messages API's paths always, and the paths both
+    protocols share (``/v1/models``) when the client sent ``anthropic-version``, as the anthropic SDK does on
+    every request."""
+    return path.startswith(ANTHROPIC_PATHS) or (path.startswith("/v1/models") and "anthropic-version" in headers)
+
+
 def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:
     error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": error_type, "message": message}}

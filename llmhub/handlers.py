@@ -64,14 +64,11 @@ from core.db_use import (
     db_use_request_end,
     db_use_unchecked,
 )
-from core.errors import anthropic_error_body, json_response, openai_error_body
+from core.errors import anthropic_error_body, json_response, openai_error_body, speaks_anthropic
 from core.event_stream import EventStreamResponse
 from core.tracing import trace_incoming_bind, tracing_active
 
 logger = logging.getLogger("llmhub.handlers")
-
-# The paths of Anthropic's Messages API: their errors are in Anthropic's shape (``chat.api_anthropic``).
-ANTHROPIC_PATHS = ("/v1/messages",)
 
 
 class TransportSecurity:
@@ -107,12 +104,12 @@ class TransportSecurity:
         return self.https_only and not any(pattern.search(request.path.lstrip("/")) for pattern in self.exempt)
 
     @staticmethod
-    def refusal(path: str = "") -> HttpResponse:
+    def refusal(path: str = "", headers: Any = ()) -> HttpResponse:
         message = (
             "This API is served over HTTPS only. The request was sent over plain HTTP: use an https:// base "
             "URL, and replace any API key sent this way, as it may have been read on the way."
         )
-        if path.startswith(ANTHROPIC_PATHS):
+        if speaks_anthropic(path, headers):
             body = anthropic_error_body(message, status=403)  # Anthropic's clients read Anthropic's shape
         else:
             body = openai_error_body(message, error_type="invalid_request_error", code="https_required")
@@ -122,7 +119,7 @@ class TransportSecurity:
         async def secured(request: HttpRequest) -> HttpResponse:
             secure = request.is_secure()
             if not secure and self.refuses(request):
-                response = self.refusal(request.path)
+                response = self.refusal(request.path, request.headers)
             else:
                 response = await get_response(request)
             for name, value in self.secure_headers if secure else self.headers:
