@@ -72,6 +72,13 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
         return [_SECURITY_SCHEMES[BEARER_SCHEME], _SECURITY_SCHEMES[HEADER_SCHEME]]
 
 
+_ANTHROPIC_MODELS_NOTE = (
+    "OpenAI's shape, below. A request carrying `anthropic-version` (the anthropic SDK sends it on every request) "
+    "is answered in Anthropic's instead: chat models only, as `ModelInfo` objects in cursor pages (`limit` 1-1000, "
+    "`after_id`, `before_id`), with Anthropic's error shape."
+)
+
+
 @functools.cache
 def openai_schemas() -> dict[str, Any]:
     with OPENAI_SCHEMAS_PATH.open(encoding="utf-8") as handle:
@@ -199,6 +206,7 @@ def _openai_compatible_paths() -> dict[str, Any]:
             "get": {
                 "operationId": "listModels",
                 "summary": "List the models this key may use",
+                "description": _ANTHROPIC_MODELS_NOTE,
                 "tags": [_TAG],
                 "security": security,
                 "responses": {
@@ -215,6 +223,7 @@ def _openai_compatible_paths() -> dict[str, Any]:
             "get": {
                 "operationId": "retrieveModel",
                 "summary": "Retrieve a model this key may use",
+                "description": _ANTHROPIC_MODELS_NOTE,
                 "tags": [_TAG],
                 "security": security,
                 "parameters": [
