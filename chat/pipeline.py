@@ -548,8 +548,10 @@ async def _fallbacks_for(
     """The model's ``fallbacks`` and ``context_window_fallbacks`` that this caller may use for this request:
     known and enabled, in the caller's plan and key allow-lists, of the right mode, streaming if asked. One
     level: a fallback's own fallbacks are not followed. Others are left out silently (the ledger row says
-    which model answered)."""
-    if not model.fallbacks and not model.context_window_fallbacks:
+    which model answered). An embedding request follows none: another model's vectors are in another space,
+    which the client's index cannot compare with the ones it holds (the catalog refuses such fallbacks; this
+    covers rows saved before it did)."""
+    if operation == Operation.EMBEDDINGS or (not model.fallbacks and not model.context_window_fallbacks):
         return [], []
     known: dict[str, ResolvedModel] = {}
     for name in {*model.fallbacks, *model.context_window_fallbacks}:

@@ -263,6 +263,15 @@ class CatalogModel(models.Model):
                 raise ValidationError({field: "Give a list of public model names."})
             if self.name in value:
                 raise ValidationError({field: "A model cannot fall back to itself."})
+            if value and self.mode == ModelMode.EMBEDDING:
+                # The router follows no embedding model's fallbacks (``chat.pipeline._fallbacks_for``).
+                raise ValidationError(
+                    {
+                        field: "An embedding model cannot fall back to another model: another model's vectors are "
+                        "in another space (often of another size), which the client's index cannot compare with "
+                        "this one's. Add a deployment of this model on another provider instead."
+                    }
+                )
 
 
 class BreakerOverride(models.TextChoices):

@@ -22,7 +22,7 @@ from billing.services.budgets import CounterRef, api_key_limits_set, period_boun
 from billing.services.counters import counter_state
 from billing.services.ledger import ledger_flush
 from llmhub.testing.openapi import validate_openai_schema
-from providers.models import ModelMode, Provider, ProviderKind
+from providers.models import CatalogModel, ModelMode, Provider, ProviderKind
 from tests.chat.conftest import ends, events_until, open_socket
 from tests.factories import ModelFactory, ProviderFactory
 from tests.waiting import wait_for_record
@@ -374,3 +374,36 @@ async def test_an_embedding_model_on_the_chat_socket_is_refused(embedder):
         await ledger_flush()
     assert events[-1]["type"] == "error"
     assert (events[-1]["code"], events[-1]["param"]) == ("model_not_supported", "model")
+
+
+def test_an_embedding_model_never_falls_back_to_another_model(embedder):
+    # Another model's vectors live in another space (often of another size): a client's index could neither
+    # compare nor store them, and a fallback would hand them over as if they were the model's own.
+    failing = ModelFactory(
+        name="embed-failing",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fault-500",
+        mode=ModelMode.EMBEDDING,
+        input_per_mtok=INPUT_PRICE,
+        output_per_mtok=Decimal(0),
+    )
+    failing.fallbacks = ["embed-test"]  # saved as a catalog written before the admin refused it would hold it
+    failing.save()
+    with pytest.raises(openai.InternalServerError) as failed:
+        embedder.client().embeddings.create(model="embed-failing", input="hello", encoding_format="float")
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert (record.model_name, record.status, record.cost) == ("embed-failing", "upstream_error", 0)
+    assert all(r["body"].get("model") != "fake-embedding-small" for r in embedder.upstream.requests)
+
+
+def test_the_catalog_refuses_fallbacks_on_an_embedding_model(embedder):
+    from django.core.exceptions import ValidationError
+
+    model = CatalogModel.objects.get(name="embed-test")
+    for field in ("fallbacks", "context_window_fallbacks"):
+        setattr(model, field, ["gpt-test"])
+        with pytest.raises(ValidationError) as refused:
+            model.full_clean()
+        assert "another model's" in str(refused.value.message_dict[field])
+        setattr(model, field, [])
+    model.full_clean()
