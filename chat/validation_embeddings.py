@@ -2,8 +2,8 @@
 
 As for chat completions (``chat.validation``), only what can be judged without the provider is checked:
 the input's shape (a string, a list of strings, a token array or a list of token arrays, none of them
-empty), OpenAI's limit of 2048 inputs a request, and the types of ``encoding_format``, ``dimensions`` and
-``user``. Fields we do not know pass through untouched.
+empty), OpenAI's limit of 2048 inputs a request, and the types of ``encoding_format``, ``dimensions``,
+``input_type`` and ``user``. Fields we do not know pass through untouched.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def validate_embeddings_request(body: Any) -> None:
     dimensions = body.get("dimensions")
     if dimensions is not None and (not _is_int(dimensions) or not 1 <= dimensions <= MAX_TOKENS_LIMIT):
         _fail("Invalid 'dimensions': expected a positive integer.", "dimensions")
+    input_type = body.get("input_type")  # Cohere's and Gemini's query/document switch (the adapters read it)
+    if input_type is not None and not isinstance(input_type, str):
+        _fail("Invalid type for 'input_type': expected a string, such as 'search_query'.", "input_type", "invalid_type")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         _fail("Invalid type for 'user': expected a string.", "user", "invalid_type")

@@ -239,7 +239,10 @@ async def embed(app: _App, request: web.Request) -> web.StreamResponse:
     if not body.get("input_type"):
         return cohere_error(400, "invalid request: input_type is required for embed models v3 and higher.")
     dimensions = body.get("output_dimension") or fake._EMBEDDING_DIMENSIONS  # embed-v4's, as Cohere takes it
-    vectors = [fake._embedding_vector(text, dimensions).tolist() for text in texts]
+    # A query is embedded apart from the documents it should find, as Cohere does: another input type, another
+    # vector (search_document's are the OpenAI-protocol route's, as before).
+    kind = "" if body["input_type"] == "search_document" else "\0" + str(body["input_type"])
+    vectors = [fake._embedding_vector(text + kind, dimensions).tolist() for text in texts]
     kept = fake._directive_int(directives, "vectors")
     if kept is not None:
         del vectors[kept:]

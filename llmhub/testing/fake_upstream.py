@@ -144,6 +144,9 @@ Embeddings
     ``[[order=reversed]]`` lists the embeddings last input first, each with its own ``index`` (as servers
     that embed a batch in parallel may), ``[[omit=index]]`` leaves every ``index`` out (in input order), and
     ``[[vectors=N]]`` answers the first N inputs' embeddings only (as a server that drops inputs it cannot embed).
+    Gemini's ``batchEmbedContents`` gives a request naming a ``taskType`` another vector (SHA-256 of the text,
+    NUL, the task type), and Cohere's ``embed`` an ``input_type`` other than ``search_document`` the same way:
+    a query is embedded apart from the documents, as these providers do.
 
 Moderation
     ``POST /v1/moderations`` answers OpenAI's shape, ``{"id", "model", "results": [{"flagged",
@@ -2163,7 +2166,9 @@ class _App:
         embeddings = []
         for item, text in zip(requests, texts, strict=True):
             dimensions = item.get("outputDimensionality") or _EMBEDDING_DIMENSIONS
-            embeddings.append({"values": _embedding_vector(text, int(dimensions)).tolist()})
+            # Another task type, another vector, as Gemini's (none named: the OpenAI route's vector).
+            kind = "\0" + str(item["taskType"]) if item.get("taskType") else ""
+            embeddings.append({"values": _embedding_vector(text + kind, int(dimensions)).tolist()})
         return web.json_response({"embeddings": embeddings})
 
 

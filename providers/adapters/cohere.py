@@ -31,6 +31,7 @@ from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
+    embedding_input_type,
     error_for_failure,
     error_for_status,
     http_request_hooks,
@@ -131,6 +132,8 @@ class CohereAdapter(BaseAdapter):
             )
         # embed-v4's output_dimension is OpenAI's `dimensions` (Cohere answers a 400 for a size it lacks).
         extra = {"output_dimension": body["dimensions"]} if body.get("dimensions") else {}
+        # Cohere requires an input type: documents unless the client says otherwise (a query, say).
+        input_type = embedding_input_type(body, provider=self.config.name) or "search_document"
 
         async def embed_batch(batch: list[str]) -> dict[str, Any]:
             try:
@@ -138,7 +141,7 @@ class CohereAdapter(BaseAdapter):
                     response = await self._client.embed(
                         texts=batch,
                         model=body["model"],
-                        input_type="search_document",
+                        input_type=input_type,
                         embedding_types=["float"],
                         **extra,
                     )

@@ -177,6 +177,30 @@ R = TypeVar("R")
 BATCH_CALLS_AT_ONCE = 4
 
 
+# What an embeddings request may name as ``input_type`` (Cohere's words; LiteLLM's and LangChain's too), and
+# Gemini's ``taskType`` for each. A retrieval app embeds its documents as one and each question as the other.
+EMBEDDING_INPUT_TYPES = {
+    "search_document": "RETRIEVAL_DOCUMENT",
+    "search_query": "RETRIEVAL_QUERY",
+    "classification": "CLASSIFICATION",
+    "clustering": "CLUSTERING",
+}
+
+
+def embedding_input_type(body: dict[str, Any], *, provider: str) -> str | None:
+    """The request's ``input_type``, checked against ``EMBEDDING_INPUT_TYPES``; None when it names none."""
+    value = body.get("input_type")
+    if value is None:
+        return None
+    if value not in EMBEDDING_INPUT_TYPES:
+        raise ProviderBadRequestError(
+            f"Invalid value for 'input_type': {value!r}. Expected one of {', '.join(EMBEDDING_INPUT_TYPES)}.",
+            provider=provider,
+            param="input_type",
+        )
+    return value
+
+
 async def in_batches(items: Sequence[T], size: int, call: Callable[[list[T]], Awaitable[R]]) -> list[R]:
     """``call`` on consecutive slices of at most ``size`` of ``items`` (for a provider that embeds fewer
     inputs a call than the 2048 OpenAI's API takes), the results in the slices' order. The first failure

@@ -30,6 +30,8 @@ from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
+    EMBEDDING_INPUT_TYPES,
+    embedding_input_type,
     error_for_failure,
     error_for_status,
     http_timeout,
@@ -139,13 +141,16 @@ class GeminiAdapter(BaseAdapter):
                 param="input",
                 code="invalid_value",
             )
-        config = {"output_dimensionality": body["dimensions"]} if body.get("dimensions") else None
+        config: dict[str, Any] = {"output_dimensionality": body["dimensions"]} if body.get("dimensions") else {}
+        input_type = embedding_input_type(body, provider=self.config.name)
+        if input_type is not None:  # none named: Gemini's own default, as before
+            config["task_type"] = EMBEDDING_INPUT_TYPES[input_type]
 
         async def embed_batch(batch: list[str]) -> list[Any]:
             try:
                 async with upstream_deadline(self.config):
                     response = await self._client.aio.models.embed_content(
-                        model=str(body.get("model") or ""), contents=batch, config=config
+                        model=str(body.get("model") or ""), contents=batch, config=config or None
                     )
             except _FAILURES as exc:
                 raise self.map_error(exc) from None

@@ -407,3 +407,43 @@ def test_the_catalog_refuses_fallbacks_on_an_embedding_model(embedder):
         assert "another model's" in str(refused.value.message_dict[field])
         setattr(model, field, [])
     model.full_clean()
+
+
+@pytest.mark.parametrize("model", ["cohere-embed", "gemini-embed"])
+def test_a_search_query_is_embedded_as_a_query(other_kinds, model):
+    # Cohere and Gemini embed a query apart from the documents it should find (input_type / taskType): a
+    # retrieval app embeds its documents one way and each question the other, and the two are compared.
+    client = other_kinds.client()
+
+    def vector(**extra):
+        return client.embeddings.create(model=model, input="where is the cat", encoding_format="float", **extra)
+
+    document = vector(extra_body={"input_type": "search_document"}).data[0].embedding
+    unnamed = vector().data[0].embedding
+    # Cohere needs a type and gets documents' when none is named; Gemini keeps its own default (its vectors
+    # for a request naming none are what an index built before input_type holds).
+    assert (unnamed == document) is (model == "cohere-embed")
+    query = vector(extra_body={"input_type": "search_query"}).data[0].embedding
+    assert query != document and query != unnamed
+    assert vector(extra_body={"input_type": "search_query"}).data[0].embedding == query  # the same each time
+    assert vector(extra_body={"input_type": "clustering"}).data[0].embedding not in (query, document)
+
+
+@pytest.mark.parametrize("model", ["cohere-embed", "gemini-embed"])
+@pytest.mark.parametrize("value", ["question", 7, ""])
+def test_an_unknown_input_type_is_a_400_naming_the_choices(other_kinds, model, value):
+    with pytest.raises(openai.BadRequestError) as refused:
+        other_kinds.client().embeddings.create(model=model, input="x", extra_body={"input_type": value})
+    error = refused.value.body
+    assert error["param"] == "input_type" and "search_query" in error["message"]
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.cost == 0 and record.status in ("rejected", "invalid")
+
+
+def test_an_input_type_that_is_not_a_string_is_a_400_on_any_model(embedder):
+    # An OpenAI-compatible server may take its own values (NVIDIA's "query"/"passage"), so only the type is
+    # judged before it: a string goes through untouched.
+    with pytest.raises(openai.BadRequestError) as refused:
+        embedder.client().embeddings.create(model="embed-test", input="x", extra_body={"input_type": ["query"]})
+    assert refused.value.body["param"] == "input_type"
+    assert embedder.upstream.requests == []
