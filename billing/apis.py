@@ -7,6 +7,10 @@ Errors use OpenAI's shape (``core.exception_handlers``).
 Roles (accounts.roles): a viewer may read only its own usage (no keys); operators and admins may read
 anyone's usage with ``?user=<id or username>``.
 
+A gateway key reads the usage of its own subtree only (itself and the keys created under it, the subtree a
+``keys:manage`` key manages), unless it holds the ``usage:read`` scope, which reads all of its owner's usage
+as the owner does (and, for an operator's or admin's key, ``?user=``).
+
 Keys are managed by a person (the session) or by a key holding the ``keys:manage`` scope; any other key
 gets 403 on every /api/keys/ endpoint. A managing key sees, creates and revokes only the keys in its own
 subtree (itself and the keys created under it), and a key it creates never has more than it has.
@@ -39,6 +43,7 @@ from .selectors import (
     UsageFilters,
     api_key_get,
     api_key_list,
+    api_key_subtree_ids,
     cost_estimate,
     usage_record_list,
     usage_summary,
@@ -161,7 +166,8 @@ class ApiKeyListCreateApi(APIView):
             required=False,
             help_text="`keys:manage` lets the key create keys (never with more than it has) and revoke them; "
             "`conversations:manage` lets it read and manage all of its owner's conversations (without it, only the "
-            "ones it started).",
+            "ones it started); `usage:read` lets it read all of its owner's usage "
+            "(without it, only its own and that of the keys created under it).",
         )
 
     @extend_schema(
@@ -295,12 +301,28 @@ class UsageSummaryFilterSerializer(UsageFilterSerializer):
         return attrs
 
 
-def _usage_owner(request: Request, wanted: str | None) -> Any:
-    """Whose usage a request reads: the caller's own, or with ``?user=`` (operators and admins) another's."""
+def _usage_key_ids(request: Request) -> list[int] | None:
+    """The keys whose ledger rows a gateway key reads: its own subtree (the one ``keys:manage`` manages), unless
+    it holds ``usage:read``; None (every row of the owner) for a person and for a key holding the scope. A key
+    handed to an app must not read every other app's requests (models, tokens, costs, key prefixes)."""
+    principal = request.auth
+    if not isinstance(principal, KeyPrincipal) or KeyScope.USAGE_READ in principal.scopes:
+        return None
+    return api_key_subtree_ids(principal.key_id)
+
+
+def _usage_owner(request: Request, wanted: str | None, *, key_ids: list[int] | None) -> Any:
+    """Whose usage a request reads: the caller's own, or with ``?user=`` (operators and admins, by session,
+    JWT or a key holding ``usage:read``) another's."""
     if wanted is None:
         return request.user
     if not role_can(request.user, Capability.VIEW_ALL_USAGE):
         raise PermissionDenied("Only operators and admins may read another user's usage (?user=).")
+    if key_ids is not None:
+        raise PermissionDenied(
+            "This API key reads only its own usage and that of the keys created under it: another user's "
+            "(?user=) needs a key with the usage:read scope, or the web session."
+        )
     users = get_user_model().objects.filter(username=wanted)
     owner = users.first() or (get_user_model().objects.filter(pk=int(wanted)).first() if wanted.isdigit() else None)
     if owner is None:
@@ -309,10 +331,18 @@ def _usage_owner(request: Request, wanted: str | None) -> Any:
 
 
 _USAGE_PERMISSIONS = [permissions.IsAuthenticated, CanViewOwnUsage]
+# What the schema says of a gateway key on the usage endpoints.
+_USAGE_KEY_REACH = (
+    " An API key reads only its own requests and those of the keys created under it (filter `key` included), "
+    "unless it holds the `usage:read` scope, which reads all of its owner's usage as the owner does."
+)
 _USAGE_FORBIDDEN = {
     403: OpenApiResponse(
         response=ErrorResponseSerializer,
-        description="`user` given by a caller who is neither an operator nor an admin.",
+        description=(
+            "`user` given by a caller who is neither an operator nor an admin, or with an API key lacking the "
+            "`usage:read` scope."
+        ),
     )
 }
 
@@ -345,15 +375,16 @@ class UsageListApi(APIView):
         tags=_USAGE_TAG,
         operation_id="usage_list",
         summary="List your requests from the usage ledger",
-        description="Newest first.",
+        description="Newest first." + _USAGE_KEY_REACH,
         parameters=[UsageFilterSerializer],
         responses={200: OutputSerializer(many=True), **error_responses(400, 401, 404), **_USAGE_FORBIDDEN},
     )
     def get(self, request: Request) -> Response:
         filters = UsageFilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        owner = _usage_owner(request, filters.validated_data.pop("user", None))
-        records = usage_record_list(user=owner, filters=UsageFilters(**filters.validated_data))
+        key_ids = _usage_key_ids(request)
+        owner = _usage_owner(request, filters.validated_data.pop("user", None), key_ids=key_ids)
+        records = usage_record_list(user=owner, filters=UsageFilters(**filters.validated_data), key_ids=key_ids)
         return _paginated_response(request=request, view=self, queryset=records, serializer_class=self.OutputSerializer)
 
 
@@ -392,7 +423,7 @@ class UsageSummaryApi(APIView):
             "Takes the same filters as the list; `start` and `end`, when both given, are at most 366 days "
             "apart. Costs are exact decimal sums, as strings. `by_model` lists models of the catalog only: a "
             "request refused because its model name matched none (mistyped, disabled) counts in `total` and "
-            "`by_day`; the list shows it with `status=rejected`."
+            "`by_day`; the list shows it with `status=rejected`." + _USAGE_KEY_REACH
         ),
         parameters=[UsageFilterSerializer],
         responses={200: OutputSerializer, **error_responses(400, 401, 404), **_USAGE_FORBIDDEN},
@@ -400,8 +431,9 @@ class UsageSummaryApi(APIView):
     def get(self, request: Request) -> Response:
         filters = UsageSummaryFilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        owner = _usage_owner(request, filters.validated_data.pop("user", None))
-        summary = usage_summary(user=owner, filters=UsageFilters(**filters.validated_data))
+        key_ids = _usage_key_ids(request)
+        owner = _usage_owner(request, filters.validated_data.pop("user", None), key_ids=key_ids)
+        summary = usage_summary(user=owner, filters=UsageFilters(**filters.validated_data), key_ids=key_ids)
         return Response(self.OutputSerializer(summary).data)
 
 

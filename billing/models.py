@@ -26,6 +26,8 @@ class KeyScope(models.TextChoices):
     KEYS_MANAGE = "keys:manage", "Manage keys (create child keys, list and revoke its own subtree)"
     # Without it a key reaches only the conversations it started itself (``chat.selectors.ConversationReach``).
     CONVERSATIONS = "conversations:manage", "Read and manage all of the owner's conversations"
+    # Without it a key reads only its own subtree's ledger rows (``billing.apis``, ``usage_record_list``).
+    USAGE_READ = "usage:read", "Read all of the owner's usage"
 
 
 class ApiKey(models.Model):

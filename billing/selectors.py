@@ -3,7 +3,7 @@ request (cached in-process), and the usage dashboards' figures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -104,9 +104,14 @@ class UsageFilters:
         return since, until
 
 
-def usage_record_list(*, user: Any, filters: UsageFilters) -> QuerySet[UsageRecord]:
-    """The user's own ledger rows, newest first, with ``key_prefix`` of the key used (None without one)."""
+def usage_record_list(
+    *, user: Any, filters: UsageFilters, key_ids: Collection[int] | None = None
+) -> QuerySet[UsageRecord]:
+    """The user's own ledger rows, newest first, with ``key_prefix`` of the key used (None without one);
+    with ``key_ids``, only the rows of those keys (a gateway key's subtree, ``api_key_subtree_ids``)."""
     rows = UsageRecord.objects.filter(user=user)
+    if key_ids is not None:
+        rows = rows.filter(api_key_id__in=key_ids)
     since, until = filters.created_range()
     if since is not None:
         rows = rows.filter(created_at__gte=since)
@@ -139,10 +144,10 @@ _TOTALS = {
 }
 
 
-def usage_summary(*, user: Any, filters: UsageFilters) -> dict[str, Any]:
+def usage_summary(*, user: Any, filters: UsageFilters, key_ids: Collection[int] | None = None) -> dict[str, Any]:
     """Totals, per UTC day and per model, of the rows ``usage_record_list`` would return; requests that
     named no model of the catalog are in the total and the days but under no model."""
-    rows = usage_record_list(user=user, filters=filters).order_by()
+    rows = usage_record_list(user=user, filters=filters, key_ids=key_ids).order_by()
     by_day = rows.annotate(day=TruncDate("created_at", tzinfo=UTC)).values("day").annotate(**_TOTALS).order_by("day")
     by_model = rows.exclude(NAMED_NO_MODEL).values("model_name").annotate(**_TOTALS).order_by("model_name")
     return {

@@ -170,7 +170,8 @@ def test_never_shows_another_users_records(client, ledger):
 
 
 def test_works_with_an_api_key_too(ledger, alice):
-    secret = api_key_create(user=alice, name="reader").secret
+    """A key reads its own rows, or all of its owner's with the usage:read scope (test_usage_reach.py)."""
+    secret = api_key_create(user=alice, name="reader", scopes=["usage:read"]).secret
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
 

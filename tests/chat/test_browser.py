@@ -486,6 +486,25 @@ async def test_the_keys_page_gives_a_key_all_conversations_only_when_asked(site,
     await page.close()
 
 
+async def test_the_keys_page_gives_a_key_all_usage_only_when_asked(site, browser, user):
+    """A key reads only its own subtree's usage; the page can create one that reads all of it."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 760})
+    await sign_in(page, site)
+    await page.goto(site.url + "/keys/")
+    await page.get_by_label("Name").fill("app")
+    await page.get_by_role("button", name="Create key").click()
+    await expect(page.locator("#keys-body tr", has_text="app")).to_be_visible()
+    await page.get_by_label("Name").fill("accounting")
+    await page.get_by_label("Can read all usage").check()
+    await page.get_by_role("button", name="Create key").click()
+    row = page.locator("#keys-body tr", has_text="accounting")
+    await expect(row).to_contain_text("reads all usage")
+    await expect(page.get_by_label("Can read all usage")).not_to_be_checked()
+    scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
+    assert scopes == {"app": [], "accounting": ["usage:read"]}
+    await page.close()
+
+
 async def pause_clock(page: Page) -> None:
     """Stop the page's fake clock about where it is: no timer fires until ``page.clock.resume()``."""
     for _ in range(3):

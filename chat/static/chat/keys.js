@@ -9,6 +9,7 @@
   const nameInput = $("key-name");
   const manageInput = $("key-manage");
   const conversationsInput = $("key-conversations");
+  const usageInput = $("key-usage");
   const createButton = $("create-key-button");
   const createError = $("create-error");
   const secretBox = $("new-secret");
@@ -35,6 +36,7 @@
     const notes = [];
     if ((key.scopes || []).includes("keys:manage")) notes.push("manages keys");
     if ((key.scopes || []).includes("conversations:manage")) notes.push("reads all conversations");
+    if ((key.scopes || []).includes("usage:read")) notes.push("reads all usage");
     if (key.parent) notes.push("created by a key");
     if (notes.length) {
       const note = document.createElement("small");
@@ -123,6 +125,7 @@
       request.scopes = [];
       if (manageInput.checked) request.scopes.push("keys:manage");
       if (conversationsInput.checked) request.scopes.push("conversations:manage");
+      if (usageInput.checked) request.scopes.push("usage:read");
       const created = await api("/api/keys/", { method: "POST", body: request });
       secretValue.textContent = created.secret;
       secretBox.hidden = false;
@@ -130,6 +133,7 @@
       nameInput.value = "";
       manageInput.checked = false;
       conversationsInput.checked = false;
+      usageInput.checked = false;
       await loadKeys();
     } catch (error) {
       createError.textContent = error.message;
