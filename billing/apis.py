@@ -166,7 +166,7 @@ class ApiKeyListCreateApi(APIView):
             required=False,
             help_text="`keys:manage` lets the key create keys (never with more than it has) and revoke them; "
             "`conversations:manage` lets it read and manage all of its owner's conversations (without it, only the "
-            "ones it started); `usage:read` lets it read all of its owner's usage "
+            "ones it and the keys created under it started); `usage:read` lets it read all of its owner's usage "
             "(without it, only its own and that of the keys created under it).",
         )
 

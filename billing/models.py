@@ -24,7 +24,8 @@ class KeyScope(models.TextChoices):
     """Rights a key holds beyond calling models. None by default."""
 
     KEYS_MANAGE = "keys:manage", "Manage keys (create child keys, list and revoke its own subtree)"
-    # Without it a key reaches only the conversations it started itself (``chat.selectors.ConversationReach``).
+    # Without it a key reaches only the conversations started by itself or by the keys created under it
+    # (``chat.selectors.ConversationReach``).
     CONVERSATIONS = "conversations:manage", "Read and manage all of the owner's conversations"
     # Without it a key reads only its own subtree's ledger rows (``billing.apis``, ``usage_record_list``).
     USAGE_READ = "usage:read", "Read all of the owner's usage"

@@ -1,10 +1,10 @@
 """REST for the chat page: the user's conversations, feedback on replies and the model catalog.
 
 Every view reads through ``chat.selectors`` with what the caller reaches (``ConversationReach``): a
-person all of their conversations, a gateway key only the ones it started unless it holds the
-``conversations:manage`` scope. Another user's conversation or message, or one out of the key's reach,
-answers 404 exactly like a missing one. Every view needs a role that may chat: a viewer (accounts.roles)
-gets 403.
+person all of their conversations, a gateway key only the ones it or a key created under it started,
+unless it holds the ``conversations:manage`` scope. Another user's conversation or message, or one out of
+the key's reach, answers 404 exactly like a missing one. Every view needs a role that may chat: a viewer
+(accounts.roles) gets 403.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from .models import Feedback, Message
 _TAGS = ["Conversations"]
 # What the schema says of a gateway key on these endpoints.
 _KEY_REACH = (
-    " A gateway key reaches only the conversations it started (over the WebSocket), unless it holds the "
-    "`conversations:manage` scope; any other answers 404, like a missing one."
+    " A gateway key reaches only the conversations started (over the WebSocket) by itself or by the keys created "
+    "under it, unless it holds the `conversations:manage` scope; any other answers 404, like a missing one."
 )
 # A viewer (accounts.roles) may not chat, so neither read conversations nor the picker's catalog.
 _CHAT_PERMISSIONS = [permissions.IsAuthenticated, CanChat]

@@ -51,9 +51,10 @@ the plan or the key's models, bad input, no budget, rate limited) gets an ``erro
 ``rejected`` ledger row; one refused by this socket's own checks (a field of the wrong type) or because its
 conversation is busy gets an ``error`` only.
 
-A key reaches only the conversations it started itself, unless it holds the ``conversations:manage`` scope
-(``chat.selectors.ConversationReach``, as on REST): a ``chat.send`` into any other answers ``not_found``,
-as into a missing one; a person (session, JWT) reaches all of theirs. A conversation a key starts records it.
+A key reaches only the conversations started by itself or by the keys created under it, unless it holds the
+``conversations:manage`` scope (``chat.selectors.ConversationReach``, as on REST): a ``chat.send`` into any
+other answers ``not_found``, as into a missing one; a person (session, JWT) reaches all of theirs. A
+conversation a key starts records it.
 
 Each ``chat.send`` runs in its own task, so several conversations stream at once on one socket; one
 conversation streams one reply at a time, whichever socket, tab or server process sends: a send into a

@@ -11,7 +11,7 @@ class Conversation(models.Model):
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations")
     # The gateway key that started it (over the WebSocket); null when a person did. A key without the
-    # ``conversations:manage`` scope reaches only these (``chat.selectors.ConversationReach``). SET_NULL: a
+    # ``conversations:manage`` scope reaches only those it or its subtree started (``ConversationReach``). SET_NULL: a
     # deleted key reaches nothing, and its conversations stay their owner's, as its ledger rows do.
     api_key = models.ForeignKey(
         "billing.ApiKey",

@@ -12,6 +12,7 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from billing.models import KeyScope, UsageRecord
+from billing.selectors import api_key_subtree_ids
 from core.exceptions import ApplicationError
 
 from .history import Turn
@@ -85,7 +86,8 @@ class ConversationReach:
     """Which of a user's conversations a caller reaches, on REST and the WebSocket alike.
 
     A person (web session, JWT) reaches all of theirs, and so does a gateway key holding the
-    ``conversations:manage`` scope; any other gateway key only the ones it started itself: a key handed to an
+    ``conversations:manage`` scope; any other gateway key only the ones started by itself or by a key in its
+    subtree (the keys created under it, at any depth: the subtree ``keys:manage`` manages): a key handed to an
     app (perhaps limited to one model) must not read, rename or delete every private conversation of its
     owner. ``key_id`` is the gateway key calling, recorded on the conversations it starts."""
 
@@ -94,10 +96,13 @@ class ConversationReach:
     whole_history: bool = True
 
     def conversations(self, prefix: str = "") -> Q:
-        """The filter of the conversations reached (``prefix``: the path to them, ``"conversation__"``)."""
+        """The filter of the conversations reached (``prefix``: the path to them, ``"conversation__"``). A key's
+        subtree is read here, where the caller reads the database, not when the reach is made (on the socket's
+        event loop)."""
         reached = Q(**{f"{prefix}owner_id": self.user_id})
         if not self.whole_history:
-            reached &= Q(**{f"{prefix}api_key_id": self.key_id})
+            key_ids = api_key_subtree_ids(self.key_id) if self.key_id is not None else []
+            reached &= Q(**{f"{prefix}api_key_id__in": key_ids})
         return reached
 
 

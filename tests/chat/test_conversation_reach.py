@@ -93,6 +93,32 @@ def test_a_key_without_the_scope_reaches_only_the_conversations_it_started(alice
 
 
 @pytest.mark.django_db
+def test_a_key_reaches_the_conversations_of_the_keys_created_under_it(alice):
+    """Without the scope, a key reaches what it and its subtree (the keys created under it, at any depth,
+    the subtree ``keys:manage`` manages) started; a child does not reach its parent's, nor a sibling's."""
+    parent = api_key_create(user=alice, name="parent", scopes=[KeyScope.KEYS_MANAGE])
+    created = key_client(parent.secret).post("/api/keys/", {"name": "child", "scopes": ["keys:manage"]}, format="json")
+    assert created.status_code == 201, created.content
+    child_secret = created.json()["secret"]
+    created = key_client(child_secret).post("/api/keys/", {"name": "grandchild"}, format="json")
+    assert created.status_code == 201, created.content
+    child, grandchild = ApiKey.objects.get(name="child"), ApiKey.objects.get(name="grandchild")
+    other = api_key_create(user=alice, name="other app")
+    conversation_with_reply(alice, "the parent's", api_key=parent.api_key)
+    childs, childs_reply = conversation_with_reply(alice, "the child's", api_key=child)
+    conversation_with_reply(alice, "the grandchild's", api_key=grandchild)
+    conversation_with_reply(alice, "other app's", api_key=other.api_key)
+    conversation_with_reply(alice, "personal")
+
+    assert listed(key_client(parent.secret)) == ["the child's", "the grandchild's", "the parent's"]
+    assert listed(key_client(child_secret)) == ["the child's", "the grandchild's"]
+    assert listed(key_client(created.json()["secret"])) == ["the grandchild's"]
+    reached = attempts(key_client(parent.secret), childs, childs_reply)
+    assert [r.status_code for r in reached] == [200, 200, 200, 204], [r.content for r in reached]
+    assert reached[0].json()["messages"][1]["content"] == "A private answer"
+
+
+@pytest.mark.django_db
 def test_a_key_with_the_scope_reaches_all_of_its_owners_conversations(alice):
     reader = api_key_create(user=alice, name="assistant", scopes=[CONVERSATIONS])
     other = api_key_create(user=alice, name="other app")
@@ -239,6 +265,26 @@ async def test_a_key_socket_continues_only_the_conversations_it_started(alice, c
     await ledger_flush()
     rejected = await UsageRecord.objects.aget(api_key=app.api_key, status="rejected")
     assert rejected.error_type == "not_found"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_parents_socket_continues_what_its_child_started_and_not_the_reverse(alice, chat_model, socket_for):
+    parent = await sync_to_async(api_key_create)(user=alice, name="parent", scopes=[KeyScope.KEYS_MANAGE])
+    child = await sync_to_async(api_key_create)(user=alice, name="child", parent=parent.api_key)
+    as_child = await key_socket(socket_for, child.secret)
+    started = await send(as_child, chat_model, "by-child", None)
+    assert started[-1]["type"] == "chat.completed", started[-1]
+    childs = started[0]["conversation"]
+    as_parent = await key_socket(socket_for, parent.secret)
+    started = await send(as_parent, chat_model, "by-parent", None)
+    parents = started[0]["conversation"]
+
+    continued = await send(as_parent, chat_model, "into-childs", childs, content="From the parent")
+    assert continued[-1]["type"] == "chat.completed", continued[-1]
+    assert deltas(continued, "into-childs") == "Echo: From the parent"
+    refused = await send(as_child, chat_model, "into-parents", parents)
+    assert [(e["type"], e["code"]) for e in refused] == [("error", "not_found")]
+    assert [c.api_key_id async for c in Conversation.objects.order_by("pk")] == [child.api_key.pk, parent.api_key.pk]
 
 
 @pytest.mark.django_db(transaction=True)
