@@ -22,10 +22,11 @@ USER llmhub
 # The ledger spool's volume (docker-compose.yml) takes this directory's owner when first mounted.
 RUN mkdir -p /app/var/spool
 
-# Production settings refuse to load without secrets; collectstatic gets throwaway ones that exist only
-# for this command and are never stored in the image.
+# Production settings refuse to load without secrets and ALLOWED_HOSTS; collectstatic gets throwaway ones that
+# exist only for this command and are never stored in the image.
 RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')" \
     FIELD_ENCRYPTION_KEYS="$(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')" \
+    ALLOWED_HOSTS=collectstatic.invalid \
     python manage.py collectstatic --noinput
 
 EXPOSE 8000

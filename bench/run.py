@@ -541,6 +541,8 @@ def bench_environment(upstreams: dict[str, str], redis_url: str, database_url: s
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
         SECRET_KEY=base64.urlsafe_b64encode(secrets.token_bytes(48)).decode(),
         FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
+        # Production settings refuse to start without it; bench/settings.py then names 127.0.0.1 itself.
+        ALLOWED_HOSTS="127.0.0.1",
         DATABASE_URL=database_url,
         LLMHUB_LEDGER_SPOOL=str(WORK / "ledger-spool.jsonl"),
         BENCH_BARE_UPSTREAMS=json.dumps(upstreams),

@@ -1,8 +1,8 @@
 """Settings for `make bench`: llmhub's production settings, bent only where one machine requires it.
 
-``bench/run.py`` generates ``SECRET_KEY`` and ``FIELD_ENCRYPTION_KEYS`` and points ``DATABASE_URL`` at a
-throw-away database (PostgreSQL, or SQLite) before anything imports this module; the production module refuses to start
-without them, which is the point: the benchmark measures what a deployment runs.
+``bench/run.py`` generates ``SECRET_KEY`` and ``FIELD_ENCRYPTION_KEYS``, sets ``ALLOWED_HOSTS`` and points
+``DATABASE_URL`` at a throw-away database (PostgreSQL, or SQLite) before anything imports this module; the production
+module refuses to start without them, which is the point: the benchmark measures what a deployment runs.
 """
 
 from __future__ import annotations

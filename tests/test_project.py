@@ -112,8 +112,18 @@ def test_models_and_migrations_agree():
         ({"SECRET_KEY": "short-and-weak"}, "SECRET_KEY"),
         ({"FIELD_ENCRYPTION_KEYS": None}, "FIELD_ENCRYPTION_KEYS"),
         ({"FIELD_ENCRYPTION_KEYS": "not-a-fernet-key"}, "FIELD_ENCRYPTION_KEYS"),
+        # Without a host to answer to, every page and /v1 request would be answered 400 Bad Request.
+        ({"ALLOWED_HOSTS": None}, "ALLOWED_HOSTS"),
+        ({"ALLOWED_HOSTS": " , "}, "ALLOWED_HOSTS"),
     ],
-    ids=["secret-key-missing", "secret-key-weak", "encryption-keys-missing", "encryption-key-malformed"],
+    ids=[
+        "secret-key-missing",
+        "secret-key-weak",
+        "encryption-keys-missing",
+        "encryption-key-malformed",
+        "allowed-hosts-missing",
+        "allowed-hosts-empty",
+    ],
 )
 def test_production_refuses_to_start_without_its_secrets(overrides, variable):
     env = production_env(**overrides)
@@ -124,8 +134,21 @@ def test_production_refuses_to_start_without_its_secrets(overrides, variable):
     assert variable in lines[0]
     # The refusal names the variable, never its (wrong) value.
     for value in overrides.values():
-        if value:
+        if value and value.strip(" ,"):
             assert value not in result.stderr
+
+
+def test_only_production_requires_allowed_hosts():
+    """Development (`make run`) and the test settings answer their own defaults when ALLOWED_HOSTS is unset;
+    production with it set to a host starts (test_deploy_check_is_clean_with_production_settings)."""
+    show = ["shell", "-c", "from django.conf import settings; print(settings.ALLOWED_HOSTS)"]
+    key = Fernet.generate_key().decode()
+    development = manage(*show, env=clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base", FIELD_ENCRYPTION_KEYS=key))
+    assert development.returncode == 0, development.stderr
+    assert "127.0.0.1" in development.stdout and "localhost" in development.stdout
+    testing = manage(*show, env=clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.test"))
+    assert testing.returncode == 0, testing.stderr
+    assert "testserver" in testing.stdout
 
 
 def test_production_reads_its_secrets_from_the_env_file_too(tmp_path):
@@ -294,9 +317,9 @@ def test_compose_configures_every_app_service_alike(compose):
         assert environment["DJANGO_SETTINGS_MODULE"] == "llmhub.settings.production", name
         assert environment["DATABASE_URL"].startswith("postgres://"), name
         assert environment["REDIS_URL"] == "redis://redis:6379/0", name
-        assert "ALLOWED_HOSTS" in environment, name
-        for secret in REQUIRED_SECRETS:
-            # ${VAR:?message}: compose refuses to start rather than run with an empty secret.
+        for secret in (*REQUIRED_SECRETS, "ALLOWED_HOSTS"):
+            # ${VAR:?message}: compose refuses to start rather than run with an empty secret, or with no host
+            # to answer to (every request 400).
             assert environment[secret].startswith("${" + secret + ":?"), (name, secret)
 
 
@@ -357,14 +380,16 @@ def test_docker_compose_accepts_the_file_and_refuses_missing_secrets():
         SECRET_KEY=secrets.token_urlsafe(50),
         FIELD_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
         POSTGRES_PASSWORD=secrets.token_urlsafe(16),
+        ALLOWED_HOSTS="llmhub.example.com",
     )
     command = ["docker", "compose", "-f", "docker-compose.yml", "config", "--quiet"]
     ok = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
-    del env["SECRET_KEY"]
-    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-    assert refused.returncode != 0
-    assert "SECRET_KEY" in refused.stderr
+    for variable in ("SECRET_KEY", "ALLOWED_HOSTS"):
+        without = {name: value for name, value in env.items() if name != variable}
+        refused = subprocess.run(command, cwd=ROOT, env=without, capture_output=True, text=True, check=False)
+        assert refused.returncode != 0
+        assert variable in refused.stderr
 
 
 # make run's supervisor ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Production settings: no default for a secret, HTTPS assumed, refuse to start when misconfigured.
 
-A missing or malformed secret stops the process with a single line on stderr instead of a
-traceback, so the reason is the first thing an operator reads in the container log. The secrets may be
+A missing or malformed secret, or no ``ALLOWED_HOSTS``, stops the process with a single line on stderr
+instead of a traceback, so the reason is the first thing an operator reads in the container log. They may be
 in the environment or in the ``.env`` file next to ``manage.py``, read first (the environment wins).
 """
 
@@ -39,8 +39,16 @@ def _check_secrets() -> None:
             _refuse(f"FIELD_ENCRYPTION_KEYS key #{position} is not a valid Fernet key (32 url-safe base64 bytes).")
 
 
+def _check_allowed_hosts() -> None:
+    # Without one, Django would start and answer every request (pages, /v1, the WebSocket) 400 Bad Request.
+    hosts = [host.strip() for host in os.environ.get("ALLOWED_HOSTS", "").split(",") if host.strip()]
+    if not hosts:
+        _refuse("ALLOWED_HOSTS is not set (comma-separated host names llmhub answers to, e.g. llmhub.example.com).")
+
+
 env_file_read()
 _check_secrets()
+_check_allowed_hosts()
 
 from llmhub.logging import logging_settings  # noqa: E402
 
@@ -50,7 +58,7 @@ from .base import env  # noqa: E402
 DEBUG = False
 # LOGGING: JSON lines, one object per line with its request id, for a log collector (docs/observability.md).
 LOGGING = logging_settings(log_format=env("LLMHUB_LOG_FORMAT", default="json"), level=env("LOG_LEVEL", default="INFO"))
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=[])
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")  # set: _check_allowed_hosts
 
 # SECURITY
 # https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/
