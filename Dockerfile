@@ -7,20 +7,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/app \
     DJANGO_SETTINGS_MODULE=llmhub.settings.production \
-    PROMETHEUS_MULTIPROC_DIR=/tmp/llmhub-metrics
+    PROMETHEUS_MULTIPROC_DIR=/tmp/llmhub-metrics \
+    LLMHUB_LEDGER_SPOOL=/app/var/spool/ledger-spool.jsonl
 
+# The app runs as llmhub, which can read the code, the installed packages and the collected static files but
+# not change them: all are root's, built as root. It writes only in the directory of its own made below (the
+# ledger spool) and in /tmp (PROMETHEUS_MULTIPROC_DIR; web's is a tmpfs). tests/test_project.py holds this.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin llmhub
 WORKDIR /app
-RUN chown llmhub:llmhub /app
 
 # Dependencies first, from pyproject.toml alone, so that a code change does not reinstall them.
 COPY pyproject.toml ./
 RUN pip install . && rm -rf build *.egg-info
 
-COPY --chown=llmhub:llmhub . .
-USER llmhub
-# The ledger spool's volume (docker-compose.yml) takes this directory's owner when first mounted.
-RUN mkdir -p /app/var/spool
+COPY . .
+# Readable by llmhub whatever modes the build context had (a checkout made under umask 077 has 600 files),
+# writable by root alone.
+RUN chmod -R a+rX,go-w /app
 
 # Production settings refuse to load without secrets and ALLOWED_HOSTS; collectstatic gets throwaway ones that
 # exist only for this command and are never stored in the image.
@@ -29,6 +32,11 @@ RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
     ALLOWED_HOSTS=collectstatic.invalid \
     python manage.py collectstatic --noinput
 
+# The ledger spool (LLMHUB_LEDGER_SPOOL): the app's only directory here. docker-compose.yml's volume takes this
+# directory's owner when first mounted.
+RUN mkdir -p /app/var/spool && chown llmhub:llmhub /app/var/spool
+
+USER llmhub
 EXPOSE 8000
 # The access log (uvicorn's, to stderr) shows request paths without their query strings: llmhub/logging.py,
 # installed by llmhub.asgi, so it holds for any uvicorn command line. tests/test_access_log.py runs this CMD.

@@ -11,9 +11,11 @@ import fnmatch
 import http.cookiejar
 import importlib.util
 import io
+import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socketserver
@@ -24,7 +26,7 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import openai
 import pytest
@@ -360,6 +362,116 @@ def test_compose_hands_every_other_setting_to_every_app_service_from_a_private_f
         assert check.returncode == 0, f"git would take in the operator's secrets in {secrets_file}"
     deploying = (ROOT / "README.md").read_text().split("## Deploying with Docker Compose", 1)[1].split("\n## ", 1)[0]
     assert ".env.llmhub" in deploying
+
+
+# The image -----------------------------------------------------------------------------------------
+
+APP_USER = "llmhub"
+IMAGE_ROOT = PurePosixPath("/app")
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments): continuation lines joined, comments dropped."""
+    instructions, current = [], ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("#") or (not line and not current):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        keyword, _, arguments = (current + line).partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        current = ""
+    return instructions
+
+
+def image_environment() -> dict[str, str]:
+    """What the Dockerfile's ENV instructions set."""
+    environment = {}
+    for keyword, arguments in dockerfile():
+        if keyword == "ENV":
+            environment.update(pair.split("=", 1) for pair in shlex.split(arguments))
+    return environment
+
+
+def image_writable_directories() -> set[PurePosixPath]:
+    """The directories the Dockerfile hands to the app's user (``chown``), the only ones besides /tmp it may write."""
+    writable = set()
+    for keyword, arguments in dockerfile():
+        if keyword == "RUN":
+            for command in re.findall(r"\bchown\s[^&;|]+", arguments):
+                owner, *paths = [word for word in shlex.split(command)[1:] if not word.startswith("-")]
+                assert owner == f"{APP_USER}:{APP_USER}", command
+                writable |= {PurePosixPath(path) for path in paths}
+    return writable
+
+
+def test_the_image_runs_as_a_user_who_cannot_change_its_code():
+    """A compromised app process must not rewrite llmhub's code or its packages: the image builds everything as
+    root (COPY without --chown, pip install, collectstatic) and only then switches to the app's user, who gets
+    nothing but the directories it writes, each named (never /app or a parent of it)."""
+    instructions = dockerfile()
+    users = [index for index, (keyword, _) in enumerate(instructions) if keyword == "USER"]
+    assert users, "the image runs as root"
+    assert instructions[users[-1]][1] == APP_USER
+    after = [keyword for keyword, _ in instructions[users[-1] :] if keyword in {"COPY", "ADD", "RUN"}]
+    assert after == [], f"built as the app's user, so owned by it: {after}"
+    for keyword, arguments in instructions:
+        if keyword in {"COPY", "ADD"}:
+            assert "--chown" not in arguments and "--chmod" not in arguments, arguments
+        if keyword == "RUN":
+            # A chmod may make files readable (a build context's modes are the checkout's), never writable.
+            for command in re.findall(r"\bchmod\s[^&;|]+", arguments):
+                mode = next(word for word in shlex.split(command)[1:] if not word.startswith("-"))
+                assert not re.search(r"\d", mode) and "w" not in re.sub(r"[ugoa]*-[rwxX]+", "", mode), command
+    writable = image_writable_directories()
+    assert writable, "the app's user has nowhere to write its ledger spool"
+    for directory in writable:
+        assert directory.is_relative_to(IMAGE_ROOT / "var") and directory != IMAGE_ROOT / "var", directory
+        assert directory.name != "static", "collectstatic's output is code: root's"
+
+
+@pytest.mark.parametrize("with_compose", [False, True], ids=["image", "compose"])
+def test_every_path_the_app_writes_at_runtime_is_writable_in_the_image(compose, with_compose):
+    """The settings as the image (and compose's environment on top of it) gives them: the ledger spool and the
+    metrics directory are where the app's user may write; the compose volume mounts the spool's directory."""
+    environment = {**clean_env(), **image_environment(), "PYTHONPATH": str(ROOT)}
+    given = production_env()
+    if with_compose:
+
+        def value(text: str) -> str:
+            # ${NAME:?message} and ${NAME:-default}, as compose fills them in (the operator's values from `given`).
+            def fill(match: re.Match) -> str:
+                name, form, default = match.groups()
+                return given.get(name, default if form == "-" else "set-by-the-operator")
+
+            return re.sub(r"\$\{(\w+):([?-])([^}]*)\}", fill, text)
+
+        environment.update({name: value(str(text)) for name, text in compose["x-llmhub-environment"].items()})
+    else:
+        environment.update({name: given[name] for name in ("SECRET_KEY", "FIELD_ENCRYPTION_KEYS", "ALLOWED_HOSTS")})
+    show = (
+        "import json, os, django; django.setup(); from django.conf import settings; print(json.dumps({"
+        "'spool': str(settings.LLMHUB_LEDGER_SPOOL), 'metrics': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
+        " 'static': str(settings.STATIC_ROOT)}))"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", show], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    paths = {name: PurePosixPath(path) for name, path in json.loads(result.stdout).items()}
+    # The project's files are at /app in the image.
+    paths = {
+        name: IMAGE_ROOT / path.relative_to(ROOT) if path.is_relative_to(ROOT) else path for name, path in paths.items()
+    }
+    writable = image_writable_directories()
+    assert paths["spool"].parent in writable, paths["spool"]
+    assert paths["metrics"].is_relative_to("/tmp"), paths["metrics"]  # a tmpfs in web, /tmp elsewhere
+    assert not any(paths["static"].is_relative_to(directory) for directory in writable), paths["static"]
+    if with_compose:
+        for name in APP_SERVICES:
+            assert f"ledger-spool:{paths['spool'].parent}" in compose["services"][name]["volumes"], name
 
 
 def test_docker_build_context_leaves_developer_secrets_out():
