@@ -31,7 +31,9 @@ if settings.DEBUG:
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 elif Path(settings.STATIC_ROOT).is_dir():
     # Production: the files `collectstatic` gathered, served by ServeStatic (WhiteNoise's ASGI-native
-    # fork) in front of Django, so no sync middleware joins the request path and no proxy is required.
+    # fork) in front of Django, so no sync middleware joins the request path and no proxy is required. Its
+    # default test takes a name with a 12-hex-digit hash (production's ManifestStaticFilesStorage) as immutable:
+    # cached for ever; a name without one (a page cached before an upgrade still asks for it) for 60 seconds.
     from servestatic import ServeStaticASGI
 
     django_asgi_app = ServeStaticASGI(django_asgi_app, root=settings.STATIC_ROOT, prefix=settings.STATIC_URL)

@@ -26,6 +26,7 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
+from email.message import Message
 from pathlib import Path, PurePosixPath
 
 import openai
@@ -767,8 +768,10 @@ def test_a_plain_http_trial_of_production_can_sign_in_to_the_admin(tmp_path):
         DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
         LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+        STATIC_ROOT=str(tmp_path / "static"),
     )
     assert manage("migrate", "--noinput", env=env).returncode == 0
+    assert manage("collectstatic", "--noinput", env=env).returncode == 0  # as the image's build does
     password = secrets.token_urlsafe(16)
     created = manage(
         "createsuperuser",
@@ -817,14 +820,21 @@ def test_a_plain_http_trial_of_production_can_sign_in_to_the_admin(tmp_path):
         server.wait(timeout=10)
 
 
+HASHED = r"\.[0-9a-f]{12}\."  # the content hash ManifestStaticFilesStorage puts in a collected file's name
+FOREVER = "max-age=315360000, public, immutable"
+
+
 def test_production_serves_collected_static_files_itself(tmp_path):
-    """With DEBUG off, the admin's and the chat page's assets come from STATIC_ROOT through ServeStatic."""
+    """With DEBUG off, pages name their assets by hashed names (app.<hash>.css), which change with their content, so
+    that a browser never keeps an old script or stylesheet after an upgrade; ServeStatic serves them from STATIC_ROOT
+    with far-future cache headers, and the names without a hash (a page cached from before an upgrade) for a minute."""
     env = production_env(
         STATIC_ROOT=str(tmp_path / "static"),
         SECURE_SSL_REDIRECT="false",
         DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
     )
-    assert manage("collectstatic", "--noinput", env=env).returncode == 0
+    collected = manage("collectstatic", "--noinput", env=env)
+    assert collected.returncode == 0, collected.stderr
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "off"],
@@ -833,23 +843,67 @@ def test_production_serves_collected_static_files_itself(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    site = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> tuple[int, Message, bytes]:
+        request = urllib.request.Request(site + path, headers={"Host": "llmhub.example.com"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers, response.read()
+
     try:
 
-        def served() -> bool:
+        def page() -> bytes | None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/admin/css/base.css", timeout=2) as r:
-                    assert r.status == 200 and b"body" in r.read()
-                    return True
+                return get("/accounts/login/")[2]
             except OSError:
                 assert server.poll() is None, f"the server ended with status {server.returncode}"
-                return False
+                return None
 
-        wait_until(served, "the server serves the admin's base.css", timeout=20, interval=0.2)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/chat/app.css", timeout=2) as r:
-            assert r.status == 200
+        html = wait_until(page, "the server serves the sign-in page", timeout=20, interval=0.2).decode()
+        assets = re.findall(r'<(?:script[^>]*\ssrc|link[^>]*\shref)="(/static/[^"]+)"', html)
+        assert any(asset.startswith("/static/chat/app.") for asset in assets), assets
+        for asset in assets:
+            assert re.search(HASHED, asset), f"{asset}: no content hash in its name"
+            status, headers, body = get(asset)
+            assert status == 200 and body, asset
+            assert headers["Cache-Control"] == FOREVER, asset
+        status, headers, body = get("/static/admin/css/base.css")
+        assert status == 200 and b"body" in body
+        assert headers["Cache-Control"] == "max-age=60, public"
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_every_page_names_its_static_files_through_the_manifest(tmp_path):
+    """collectstatic succeeds with production's storage (a file naming another that is missing, such as a source map,
+    fails it), every ``{% static %}`` of every template is in the manifest (else the page fails under production), and
+    no template, script or stylesheet of ours names a /static/ path directly (it would miss the hash)."""
+    env = production_env(STATIC_ROOT=str(tmp_path / "static"))
+    collected = manage("collectstatic", "--noinput", env=env)
+    assert collected.returncode == 0, collected.stderr
+    manifest = json.loads((tmp_path / "static" / "staticfiles.json").read_text())["paths"]
+    templates = [path for path in ROOT.rglob("templates/**/*.html") if not ({".venv", "var", ".git"} & set(path.parts))]
+    assert len(templates) > 15
+    named = set()
+    for template in templates:
+        text = template.read_text()
+        named |= set(re.findall(r"""{%\s*static\s+["']([^"']+)["']""", text))
+        assert not re.search(r"""["'(]/?static/""", text), f"{template}: a static path without {{% static %}}"
+    assert {"chat/app.css", "chat/chat.js", "vendor/chartjs/chart.umd.min.js"} <= named
+    assert sorted(name for name in named if name not in manifest) == []
+    for name in named:
+        assert re.search(HASHED, manifest[name]), name
+    ours = [
+        path
+        for source in APP_SOURCES
+        for pattern in ("static/**/*.js", "static/**/*.css")
+        for path in (ROOT / source).glob(pattern)
+        if "vendor" not in path.parts
+    ]
+    assert ours
+    for path in ours:
+        assert not re.search(r"""["'(]/static/""", path.read_text()), path
 
 
 def test_no_two_test_modules_share_a_name():

@@ -80,6 +80,15 @@ X_FRAME_OPTIONS = "DENY"
 CONN_MAX_AGE = env.int("CONN_MAX_AGE", default=60)
 DATABASES["default"]["CONN_MAX_AGE"] = CONN_MAX_AGE  # noqa: F405
 
+# Static files under names carrying a hash of their content (chat/app.<hash>.css, from the manifest collectstatic
+# writes): an upgrade's changed files get new URLs, so a browser never keeps an old script or stylesheet, and
+# ServeStatic (llmhub/asgi.py) lets browsers cache hashed names for ever. Pages name their files with {% static %}
+# only, and render only after a collectstatic (the image's build runs it).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"},
+}
+
 # Providers on private addresses must be allowed explicitly in production.
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=False)
 
