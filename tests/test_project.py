@@ -141,6 +141,26 @@ def test_production_refuses_to_start_without_its_secrets(overrides, variable):
             assert value not in result.stderr
 
 
+def test_production_answers_every_host_allowed_hosts_names(tmp_path):
+    """ALLOWED_HOSTS is a comma-separated list: a space after a comma is no part of the next name, which would
+    otherwise never match a Host header (every request to that name answered 400 Bad Request)."""
+    env = production_env(
+        ALLOWED_HOSTS="llmhub.example.com, api.example.com ,",
+        SECURE_SSL_REDIRECT="false",
+        STATIC_ROOT=str(tmp_path / "static"),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    )
+    assert manage("collectstatic", "--noinput", env=env).returncode == 0
+    ask = (
+        "from django.test import Client; client = Client(raise_request_exception=False); "
+        "print([client.get('/no-such-page/', HTTP_HOST=host).status_code "
+        "for host in ('llmhub.example.com', 'api.example.com', 'elsewhere.example.com')])"
+    )
+    result = manage("shell", "-c", ask, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[404, 404, 400]", result.stdout
+
+
 def test_only_production_requires_allowed_hosts():
     """Development (`make run`) and the test settings answer their own defaults when ALLOWED_HOSTS is unset;
     production with it set to a host starts (test_deploy_check_is_clean_with_production_settings)."""

@@ -39,16 +39,18 @@ def _check_secrets() -> None:
             _refuse(f"FIELD_ENCRYPTION_KEYS key #{position} is not a valid Fernet key (32 url-safe base64 bytes).")
 
 
-def _check_allowed_hosts() -> None:
-    # Without one, Django would start and answer every request (pages, /v1, the WebSocket) 400 Bad Request.
+def _allowed_hosts() -> list[str]:
+    """The host names of ALLOWED_HOSTS, each without the spaces around it (" api.example.com" would match no Host
+    header). Without one, Django would start and answer every request (pages, /v1, the WebSocket) 400."""
     hosts = [host.strip() for host in os.environ.get("ALLOWED_HOSTS", "").split(",") if host.strip()]
     if not hosts:
         _refuse("ALLOWED_HOSTS is not set (comma-separated host names llmhub answers to, e.g. llmhub.example.com).")
+    return hosts
 
 
 env_file_read()
 _check_secrets()
-_check_allowed_hosts()
+_hosts = _allowed_hosts()
 
 from llmhub.logging import logging_settings  # noqa: E402
 
@@ -58,7 +60,7 @@ from .base import env  # noqa: E402
 DEBUG = False
 # LOGGING: JSON lines, one object per line with its request id, for a log collector (docs/observability.md).
 LOGGING = logging_settings(log_format=env("LLMHUB_LOG_FORMAT", default="json"), level=env("LOG_LEVEL", default="INFO"))
-ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")  # set: _check_allowed_hosts
+ALLOWED_HOSTS = _hosts
 
 # SECURITY
 # https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/
