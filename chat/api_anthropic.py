@@ -43,6 +43,7 @@ from .pipeline import (
     caller_from_api_key,
     completion_reject,
     model_for_estimate,
+    model_listed_for_caller,
     models_for_caller,
     new_request_id,
 )
@@ -218,9 +219,9 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         return _answer(await method_not_allowed(request, request_id, allowed="GET"), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
-        for candidate in await models_for_caller(caller, mode=ModelMode.CHAT):
-            if candidate.name == model:
-                return _answer(json_response(_model_info(candidate)), request_id, started)
+        listed = await model_listed_for_caller(caller, model, mode=ModelMode.CHAT)
+        if listed is not None:
+            return _answer(json_response(_model_info(listed)), request_id, started)
         raise ApplicationError(
             f"model: {model} does not exist or you do not have access to it.",
             param="model",

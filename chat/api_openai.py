@@ -43,6 +43,7 @@ from .pipeline import (
     completion_reject,
     completion_reject_unverified,
     completion_start,
+    model_listed_for_caller,
     models_for_caller,
     new_request_id,
 )
@@ -263,9 +264,9 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         return response_stamp(await method_not_allowed(request, "GET", request_id), request_id, started)
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
-        for candidate in await models_for_caller(caller, mode=None):
-            if candidate.name == model:
-                return response_stamp(json_response(_model_object(candidate)), request_id, started)
+        listed = await model_listed_for_caller(caller, model, mode=None)
+        if listed is not None:
+            return response_stamp(json_response(_model_object(listed)), request_id, started)
         raise ApplicationError(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",

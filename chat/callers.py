@@ -105,3 +105,9 @@ async def models_for_caller(caller: Caller, *, mode: str | None = ModelMode.CHAT
     if not any(byok_required_in(m) for m in models):
         return models
     return byok_callable(models, await user_credentials(caller.user_id))
+
+
+async def model_listed_for_caller(caller: Caller, name: str, *, mode: str | None) -> ResolvedModel | None:
+    """The model ``name`` as ``models_for_caller`` lists it to ``caller`` (``GET /v1/models/{model}`` in either
+    protocol's shape), or None when it lists no such model."""
+    return next((model for model in await models_for_caller(caller, mode=mode) if model.name == name), None)

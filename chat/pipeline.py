@@ -87,7 +87,7 @@ from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
 from providers.types import ResolvedDeployment, ResolvedModel
 
-from .callers import Caller, caller_from_api_key, caller_from_user, models_for_caller
+from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
@@ -1845,6 +1845,7 @@ __all__ = [
     "completion_reject",
     "completion_reject_unverified",
     "completion_start",
+    "model_listed_for_caller",
     "models_for_caller",
     "new_request_id",
     "runs_cancel_all",
