@@ -42,6 +42,7 @@ def rollup() -> dict:
             row["prompt_tokens"],
             row["completion_tokens"],
             row["cached_tokens"],
+            row["cache_write_tokens"],
             row["cost"],
         )
         for row in DailyUsage.objects.values()
@@ -81,7 +82,13 @@ def ledger(clock):
         rows += [
             UsageRecordFactory(user=alice, api_key=work, created_at=at(day, 1), cost=Decimal("0.0015000001")),
             UsageRecordFactory(user=alice, api_key=work, created_at=at(day, 23), model_name="gpt-other"),
-            UsageRecordFactory(user=bob, created_at=at(day, 12), provider_name="fake-anthropic", cost=Decimal("2")),
+            UsageRecordFactory(
+                user=bob,
+                created_at=at(day, 12),
+                provider_name="fake-anthropic",
+                cost=Decimal("2"),
+                cache_write_tokens=5,
+            ),
             UsageRecordFactory(user=bob, created_at=at(day, 13), provider_name="", model_name="typo", cost=0),
         ]
     return {"users": [alice, bob], "key": work, "rows": rows}
@@ -118,14 +125,15 @@ def test_a_day_never_rolled_up_is_rolled_up_before_its_rows_go(ledger, settings)
     assert not DailyUsage.objects.filter(day=OLD).exists()
     expected = {}
     for row in UsageRecord.objects.filter(created_at__date=OLD):
-        requests, prompt, completion, cached, cost = expected.get(
-            (row.user_id, row.api_key_id, row.provider_name, row.model_name), (0, 0, 0, 0, Decimal(0))
+        requests, prompt, completion, cached, written, cost = expected.get(
+            (row.user_id, row.api_key_id, row.provider_name, row.model_name), (0, 0, 0, 0, 0, Decimal(0))
         )
         expected[(row.user_id, row.api_key_id, row.provider_name, row.model_name)] = (
             requests + 1,
             prompt + row.prompt_tokens,
             completion + row.completion_tokens,
             cached + row.cached_tokens,
+            written + row.cache_write_tokens,
             cost + row.cost,
         )
 
@@ -187,7 +195,9 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
     sealed = rollup()
     dashboards_sealed = dashboards(ledger["users"])
     alice, work = ledger["users"][0], ledger["key"]
-    late = UsageRecordFactory(user=alice, api_key=work, created_at=at(OLD, 5), cost=Decimal("0.25"), prompt_tokens=7)
+    late = UsageRecordFactory(
+        user=alice, api_key=work, created_at=at(OLD, 5), cost=Decimal("0.25"), prompt_tokens=7, cache_write_tokens=3
+    )
 
     daily_usage_rebuild(day=OLD)
     rebuilt = rollup()
@@ -201,9 +211,16 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
     assert rollup() == rebuilt
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     group = (OLD, alice.pk, work.pk, late.provider_name, late.model_name)
-    requests, prompt, completion, cached, cost = sealed[group]
+    requests, prompt, completion, cached, written, cost = sealed[group]
     assert changed == {
-        group: (requests + 1, prompt + 7, completion + late.completion_tokens, cached, cost + Decimal("0.25"))
+        group: (
+            requests + 1,
+            prompt + 7,
+            completion + late.completion_tokens,
+            cached,
+            written + 3,
+            cost + Decimal("0.25"),
+        )
     }
     old_day = {entry.day: entry for entry in dashboards(ledger["users"])["daily"]}[OLD]
     before = {entry.day: entry for entry in dashboards_sealed["daily"]}[OLD]
@@ -238,12 +255,24 @@ def late_row_steps(steps: str, *, key, user) -> UsageRecord:
     for step in steps.split():
         if step == "late":
             late = UsageRecordFactory(
-                user=user, api_key=key, created_at=at(OLD, 5), cost=Decimal("0.0000000007"), prompt_tokens=7
+                user=user,
+                api_key=key,
+                created_at=at(OLD, 5),
+                cost=Decimal("0.0000000007"),
+                prompt_tokens=7,
+                cache_write_tokens=2,
             )
             group = (OLD, user.pk, key.pk, late.provider_name, late.model_name)
-            requests, prompt, completion, cached, cost = base.get(group, (0, 0, 0, 0, Decimal(0)))
+            requests, prompt, completion, cached, written, cost = base.get(group, (0, 0, 0, 0, 0, Decimal(0)))
             expected = dict(base)
-            expected[group] = (requests + 1, prompt + 7, completion + late.completion_tokens, cached, cost + late.cost)
+            expected[group] = (
+                requests + 1,
+                prompt + 7,
+                completion + late.completion_tokens,
+                cached,
+                written + 2,
+                cost + late.cost,
+            )
             continue
         {"rollup": usage_rollup, "retention": ledger_retention}[step].delay()
         if late is None:
@@ -379,5 +408,5 @@ def test_a_late_row_added_by_retention_and_the_rollup_at_once_counts_once(ledger
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     assert list(changed) == [group]
     assert changed[group][0] == sealed[group][0] + 1
-    assert changed[group][4] == sealed[group][4] + Decimal("0.25")
+    assert changed[group][5] == sealed[group][5] + Decimal("0.25")
     assert not UsageRecord.objects.filter(created_at__lt=at(RECENT, 0)).exists()

@@ -26,11 +26,11 @@ def at(day: date, hour: int) -> datetime:
 
 
 def totals(rows) -> dict:
-    """(day, user, key, provider, model) → [requests, prompt, completion, cached, cost]."""
-    out: dict = defaultdict(lambda: [0, 0, 0, 0, Decimal(0)])
-    for day, user, key, provider, model, requests, prompt, completion, cached, cost in rows:
+    """(day, user, key, provider, model) → [requests, prompt, completion, cached, cache-write, cost]."""
+    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, Decimal(0)])
+    for day, user, key, provider, model, requests, prompt, completion, cached, written, cost in rows:
         entry = out[(day, user, key, provider, model)]
-        for index, value in enumerate((requests, prompt, completion, cached, cost)):
+        for index, value in enumerate((requests, prompt, completion, cached, written, cost)):
             entry[index] += value
     return dict(out)
 
@@ -47,6 +47,7 @@ def ledger_totals(days) -> dict:
             r.prompt_tokens,
             r.completion_tokens,
             r.cached_tokens,
+            r.cache_write_tokens,
             r.cost,
         )
         for r in UsageRecord.objects.all()
@@ -66,6 +67,7 @@ def rollup_totals() -> dict:
             "prompt_tokens",
             "completion_tokens",
             "cached_tokens",
+            "cache_write_tokens",
             "cost",
         )
     )
@@ -89,6 +91,7 @@ def ledger():
             provider_name="fake-anthropic",
             cost=Decimal("1.1"),
             cached_tokens=4,
+            cache_write_tokens=6,
         ),
         dict(user=alice, api_key=work, created_at=at(TODAY, 1), model_name="gpt-test", cost=Decimal("0.0000000003")),
         dict(
@@ -220,3 +223,36 @@ def test_a_late_row_written_before_the_first_look_for_late_rows_is_counted(ledge
 
     assert rollup_totals() == ledger_totals({TODAY, ledger["yesterday"], three_days_ago})
     assert DailyUsage.objects.get(day=three_days_ago).cost == Decimal("0.0000000001")
+
+
+def test_the_rollup_keeps_each_days_prompt_cache_writes_and_the_admin_shows_them(ledger, admin_client):
+    """The ledger's rows say how many prompt tokens each request wrote to the provider's cache, which its cost
+    prices apart; the day's rollup (all that is left of a day once retention has deleted its rows) sums them per
+    model as it does the cached reads, and the rollup's page in the admin shows them."""
+    from django.urls import reverse
+
+    UsageRecordFactory(
+        user=ledger["alice"],
+        created_at=at(TODAY, 5),
+        model_name="claude-test",
+        provider_name="fake-anthropic",
+        prompt_tokens=3000,
+        cached_tokens=1000,
+        cache_write_tokens=1500,
+    )
+    UsageRecordFactory(
+        user=ledger["alice"],
+        created_at=at(TODAY, 6),
+        model_name="claude-test",
+        provider_name="fake-anthropic",
+        prompt_tokens=2500,
+        cache_write_tokens=2048,
+    )
+    with time_machine.travel(at(TODAY, 7), tick=False):
+        usage_rollup.delay()
+
+    today = DailyUsage.objects.get(day=TODAY, model_name="claude-test")
+    assert (today.requests, today.prompt_tokens, today.cached_tokens, today.cache_write_tokens) == (2, 5500, 1000, 3548)
+    assert DailyUsage.objects.get(day=ledger["yesterday"], model_name="claude-test").cache_write_tokens == 6
+    page = admin_client.get(reverse("admin:billing_dailyusage_change", args=[today.pk])).content.decode()
+    assert "Cache write tokens" in page and "3548" in page
