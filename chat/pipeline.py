@@ -29,7 +29,7 @@ from billing.services.admission import Admission, admission_acquire, model_permi
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
-from billing.services.settlement import request_settle, settlement_tokens
+from billing.services.settlement import answered_calls_usage, request_settle, settlement_tokens
 from billing.tokens import prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from core.request_context import request_id_bind
@@ -59,6 +59,7 @@ from providers.byok import (
     user_credentials,
 )
 from providers.exceptions import (
+    AnsweredCalls,
     ModelNotFoundError,
     OwnKeyRequiredError,
     ProviderAuthenticationError,
@@ -1447,25 +1448,34 @@ class CompletionRun:
 
     async def embed(self) -> dict[str, Any]:
         """The call and settle steps of an embeddings request, priced on input tokens only. They come from
-        the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the ledger row says so)."""
+        the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the ledger row says so).
+        A request that failed is charged what its attempts had answered of it (a request split into several
+        calls pays for those the provider answered before one failed), at the last attempt's prices."""
         response: dict[str, Any] | None = None
+        answered: list[AnsweredCalls] = []
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
             try:
                 return await adapter_for(target.provider).embed({**self.body, "model": target.upstream_id})
-            except ProviderContextLengthError as exc:
+            except ProviderError as exc:
                 # A provider that names no field (or chat's) was told of no `messages`: the input is too long.
-                if exc.param in (None, "messages"):
+                if isinstance(exc, ProviderContextLengthError) and exc.param in (None, "messages"):
                     exc.param = "input"
+                if exc.answered is not None:
+                    answered.append(exc.answered)
                 raise
 
         def settle(call: _Call) -> None:
+            usage, partly_estimated = _mapping((response or {}).get("usage")), False
+            if response is None and answered:
+                usage, partly_estimated = answered_calls_usage(answered)
             self._settle(
                 status=call.status,
-                usage=_mapping((response or {}).get("usage")),
+                usage=usage,
                 delivered_text="",
                 finish_reason=None,
                 error_type=call.error_type,
+                usage_partly_estimated=partly_estimated,
             )
 
         async with self._upstream_call(settle):

@@ -7,6 +7,9 @@ error ``type``/``code`` our own API answers with; messages never contain a crede
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from core.exceptions import ApplicationError
 
 
@@ -16,12 +19,24 @@ class ModelNotFoundError(ApplicationError):
     code = "model_not_found"
 
 
+@dataclass(frozen=True, slots=True)
+class AnsweredCalls:
+    """The calls of a request split into several (embeddings above a provider's batch limit) that the provider
+    answered before another of them failed: each was paid for upstream, whatever became of the request.
+    ``inputs`` are the inputs they took; ``tokens`` the provider's count of them, None when one went uncounted."""
+
+    inputs: tuple[Any, ...]
+    tokens: int | None
+
+
 class ProviderError(ApplicationError):
-    """The upstream provider failed; ``retry_after`` is in seconds when the provider said so."""
+    """The upstream provider failed; ``retry_after`` is in seconds when the provider said so. ``answered``: what
+    the provider answered (and billed) of the request before this failure, when it was split into calls."""
 
     status_code = 502
     error_type = "api_error"
     code = "upstream_error"
+    answered: AnsweredCalls | None = None
 
     def __init__(
         self,

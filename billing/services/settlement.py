@@ -11,13 +11,14 @@ or spools both, so that the replay settles the reservation with the row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from django.utils import timezone
 
+from providers.exceptions import AnsweredCalls
 from providers.types import ResolvedModel
 
 from ..models import BillingSource, Operation, UsageStatus
@@ -67,6 +68,17 @@ def settlement_tokens(
     if delivered_text:
         return prompt_tokens(body, operation=operation), text_tokens(delivered_text), 0, 0, True
     return 0, 0, 0, 0, False
+
+
+def answered_calls_usage(answered: Sequence[AnsweredCalls]) -> tuple[dict[str, int], bool]:
+    """(OpenAI-shaped usage, partly estimated) of the calls a failed embeddings request had answered, which the
+    provider billed (``ProviderError.answered``): their counted tokens, and an estimate of the inputs of those
+    it did not count (Gemini counts none)."""
+    counted = sum(calls.tokens for calls in answered if calls.tokens is not None)
+    uncounted = [item for calls in answered if calls.tokens is None for item in calls.inputs]
+    estimated = prompt_tokens({"input": uncounted}, operation=Operation.EMBEDDINGS) if uncounted else 0
+    tokens = counted + estimated
+    return {"prompt_tokens": tokens, "total_tokens": tokens}, bool(uncounted)
 
 
 def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int, int, int] | None:

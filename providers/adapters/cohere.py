@@ -158,7 +158,7 @@ class CohereAdapter(BaseAdapter):
             return answer
 
         # Cohere embeds at most 96 texts a call: more go in several, answered and billed as one.
-        responses = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch)
+        responses = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch, counted=_billed_input_tokens)
         return embeddings_from_cohere(responses, model=body["model"], encoding=body.get("encoding_format"))
 
     async def list_models(self) -> list[UpstreamModel]:
@@ -478,7 +478,10 @@ def embeddings_from_cohere(responses: list[dict[str, Any]], *, model: str, encod
         if encoding == "base64":
             embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"object": "embedding", "index": index, "embedding": embedding})
-    tokens = sum(
-        int(((response.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0) for response in responses
-    )
+    tokens = sum(_billed_input_tokens(response) for response in responses)
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _billed_input_tokens(response: dict[str, Any]) -> int:
+    """One embed call's billed input tokens (a float in Cohere's SDK)."""
+    return int(((response.get("meta") or {}).get("billed_units") or {}).get("input_tokens") or 0)

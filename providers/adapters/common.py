@@ -28,6 +28,7 @@ from django.conf import settings
 from core.tracing import trace_headers_add, tracing_active
 
 from ..exceptions import (
+    AnsweredCalls,
     ProviderAuthenticationError,
     ProviderBadRequestError,
     ProviderContextLengthError,
@@ -201,10 +202,14 @@ def embedding_input_type(body: dict[str, Any], *, provider: str) -> str | None:
     return value
 
 
-async def in_batches(items: Sequence[T], size: int, call: Callable[[list[T]], Awaitable[R]]) -> list[R]:
+async def in_batches(
+    items: Sequence[T], size: int, call: Callable[[list[T]], Awaitable[R]], *, counted: Callable[[R], Any]
+) -> list[R]:
     """``call`` on consecutive slices of at most ``size`` of ``items`` (for a provider that embeds fewer
     inputs a call than the 2048 OpenAI's API takes), the results in the slices' order. The first failure
-    cancels the calls still running and is raised as it came, so routing judges it as a single call's."""
+    cancels the calls still running and is raised as it came, so routing judges it as a single call's; a
+    ``ProviderError`` carries the calls answered before it (``answered``: the provider billed them), their
+    tokens as ``counted`` reads them from a result (None, or anything but a count: not counted)."""
     slices = [list(items[start : start + size]) for start in range(0, len(items), size)]
     if len(slices) == 1:
         return [await call(slices[0])]
@@ -218,7 +223,19 @@ async def in_batches(items: Sequence[T], size: int, call: Callable[[list[T]], Aw
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(gated(part)) for part in slices]
     except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+        error = failed.exceptions[0]
+        answered = [
+            (part, task.result())
+            for part, task in zip(slices, tasks, strict=True)
+            if task.done() and not task.cancelled() and task.exception() is None
+        ]
+        if answered and isinstance(error, ProviderError):
+            counts = [counted(result) for _, result in answered]
+            whole = all(isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts)
+            error.answered = AnsweredCalls(
+                inputs=tuple(item for part, _ in answered for item in part), tokens=sum(counts) if whole else None
+            )
+        raise error from None
     return [task.result() for task in tasks]
 
 

@@ -156,7 +156,7 @@ class GeminiAdapter(BaseAdapter):
                 raise self.map_error(exc) from None
             return list(response.embeddings or [])
 
-        batches = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch)
+        batches = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch, counted=lambda _: None)  # counts none
         embeddings = [embedding for batch in batches for embedding in batch]
         if len(embeddings) != len(texts):
             raise ProviderError(

@@ -91,6 +91,12 @@ def _inputs_count(value: Any) -> int:
     return len(value) if isinstance(value, list) and value and isinstance(value[0], str | list) else 1
 
 
+def _embed_prompt_tokens(response: dict[str, Any]) -> Any:
+    """An embeddings response's ``usage.prompt_tokens`` as it came (None without usage)."""
+    usage = response.get("usage")
+    return usage.get("prompt_tokens") if isinstance(usage, dict) else None
+
+
 class OpenAIAdapter(BaseAdapter):
     # The most inputs the provider embeds in one request (more go in several); None: the 2048 of OpenAI's API.
     embed_batch_limit: int | None = None
@@ -221,14 +227,16 @@ class OpenAIAdapter(BaseAdapter):
         limit = self.embed_batch_limit
         if limit is None or _inputs_count(inputs) <= limit:
             return await self._embed_once(body)
-        responses = await in_batches(inputs, limit, lambda batch: self._embed_once({**body, "input": batch}))
+        responses = await in_batches(
+            inputs, limit, lambda batch: self._embed_once({**body, "input": batch}), counted=_embed_prompt_tokens
+        )
         data = [
             {**item, "index": number * limit + item["index"]}
             for number, response in enumerate(responses)
             for item in response["data"]
         ]
         merged = {**responses[0], "data": data}
-        counts = [usage.get("prompt_tokens") if isinstance(usage := r.get("usage"), dict) else None for r in responses]
+        counts = [_embed_prompt_tokens(response) for response in responses]
         if all(isinstance(count, int) for count in counts):
             tokens = sum(counts)
             merged["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}

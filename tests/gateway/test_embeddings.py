@@ -21,6 +21,7 @@ from billing.services.admission import models_allowed
 from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import counter_state
 from billing.services.ledger import ledger_flush
+from billing.tokens import prompt_tokens
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ModelMode, Provider, ProviderKind
 from tests.chat.conftest import ends, events_until, open_socket
@@ -330,7 +331,54 @@ def test_a_refused_batch_among_several_is_the_requests_error_with_one_row(other_
         other_kinds.client().embeddings.create(model=model, input=texts, encoding_format="float")
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
-    assert (record.operation, record.status, record.cost) == ("embeddings", "invalid", 0)
+    assert (record.operation, record.status) == ("embeddings", "invalid")
+    # The calls answered before the refusal were paid (which ones depends on timing: see the test below).
+    assert record.cost == Decimal(record.prompt_tokens) * INPUT_PRICE / MILLION
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "paid"),
+    [("gemini-embed", 250, 200), ("cohere-embed", 250, 192), ("mistral-embed", 600, 512)],
+)
+def test_a_split_request_whose_last_call_fails_is_charged_the_calls_the_provider_answered(
+    store, other_kinds, model, size, paid
+):
+    """Gemini embeds 100 texts a call, Cohere 96, Mistral 512: the calls before the one that fails were answered
+    (and billed by the provider), so the request's one row carries their tokens and cost, still as a failure,
+    and the key's budget is charged that cost."""
+    api_key_limits_set(api_key=other_kinds.api_key, budget_usd=Decimal(1))
+    texts = [f"chunk number {i}" for i in range(size)]
+    texts[-1] += " [[latency=1500]] [[fault=400]]"  # the last call's, answered after the others
+    with pytest.raises(openai.BadRequestError) as refused:
+        other_kinds.client().embeddings.create(model=model, input=texts, encoding_format="float")
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
+    assert (record.operation, record.status, record.model_name) == ("embeddings", "invalid", model)
+    if model == "gemini-embed":  # Gemini counts no tokens: the answered texts, estimated
+        tokens = prompt_tokens({"input": texts[:paid]}, operation="embeddings")
+        assert (record.prompt_tokens, record.usage_estimated) == (tokens, True)
+    else:  # the provider's counts of the answered calls: three words a text
+        assert (record.prompt_tokens, record.usage_estimated) == (3 * paid, False)
+    assert record.cost == Decimal(record.prompt_tokens) * INPUT_PRICE / MILLION > 0
+    start = period_bounds(BudgetPeriod.MONTHLY, record.created_at)[0]
+    ref = CounterRef("key", other_kinds.api_key.pk, "cost", BudgetPeriod.MONTHLY, start)
+    assert counter_state(ref) == (record.cost, Decimal(0))  # charged what was paid, nothing left held
+
+
+def test_a_split_request_retried_after_a_later_call_failed_is_charged_the_calls_each_attempt_had_answered(
+    other_kinds,
+):
+    """A retryable failure of the second call is tried again (the model's one retry): each attempt's first call
+    was answered and paid, and the request, failed in the end, is charged both."""
+    CatalogModel.objects.filter(name="mistral-embed").update(retries=1)
+    texts = [f"chunk number {i}" for i in range(600)]
+    texts[-1] += " [[latency=1000]] [[fault=500]]"  # the second call's, answered after the first
+    with pytest.raises(openai.InternalServerError) as failed:
+        other_kinds.client().embeddings.create(model="mistral-embed", input=texts, encoding_format="float")
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert (record.status, record.attempts, record.usage_estimated) == ("upstream_error", 2, False)
+    assert record.prompt_tokens == 2 * 3 * 512
+    assert record.cost == Decimal(record.prompt_tokens) * INPUT_PRICE / MILLION
 
 
 def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_its_row(embedder):
