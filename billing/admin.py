@@ -17,7 +17,7 @@ from core.paginators import EstimatedCountPaginator
 
 from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
-from .pricing import cache_write_price, cost_breakdown
+from .pricing import cache_write_1h_price, cache_write_price, cost_breakdown
 from .selectors import user_ids_named
 from .services.keys import (
     api_key_change,
@@ -300,11 +300,17 @@ class UsageRecordAdmin(admin.ModelAdmin):
             completion_tokens=obj.completion_tokens,
             cached_tokens=obj.cached_tokens,
             cache_write_tokens=obj.cache_write_tokens,
+            cache_write_1h_tokens=obj.cache_write_1h_tokens,
         )
         cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
+        one_hour = ""
+        if parts.cache_write_1h_tokens:
+            one_hour = format_html(
+                " and {} to the 1-hour cache at ${}/M", parts.cache_write_1h_tokens, cache_write_1h_price(model)
+            )
         return format_html(
             "input ${} ({} tokens at ${}/M) · cached input ${} ({} tokens at ${}/M) · cache write ${} ({} tokens at "
-            "${}/M) · output ${} ({} tokens at ${}/M) = ${}.<br>Computed now from this row's tokens and the "
+            "${}/M{}) · output ${} ({} tokens at ${}/M) = ${}.<br>Computed now from this row's tokens and the "
             "catalog's current prices, which may have changed since the request; the recorded cost, ${}, is what "
             "was charged.",
             parts.input_cost,
@@ -314,8 +320,9 @@ class UsageRecordAdmin(admin.ModelAdmin):
             parts.cached_input_tokens,
             cached_price,
             parts.cache_write_cost,
-            parts.cache_write_tokens,
+            parts.cache_write_tokens - parts.cache_write_1h_tokens,
             cache_write_price(model),
+            one_hour,
             parts.output_cost,
             parts.output_tokens,
             model.output_per_mtok,

@@ -363,6 +363,9 @@ class UsageListApi(APIView):
         completion_tokens = serializers.IntegerField()
         cached_tokens = serializers.IntegerField(help_text="Prompt tokens read from the provider's prompt cache.")
         cache_write_tokens = serializers.IntegerField(help_text="Prompt tokens written to the provider's prompt cache.")
+        cache_write_1h_tokens = serializers.IntegerField(
+            help_text="Of the cache writes, those to Anthropic's 1-hour cache (priced apart)."
+        )
         cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
         usage_estimated = serializers.BooleanField(help_text="The provider sent no usage; tokens were counted.")
         status = serializers.CharField()
@@ -469,6 +472,9 @@ class _CostDeploymentSerializer(serializers.Serializer):
     cache_write_input_tokens = serializers.IntegerField(
         source="cost.cache_write_tokens", help_text="Input tokens written to the provider's prompt cache."
     )
+    cache_write_1h_input_tokens = serializers.IntegerField(
+        source="cost.cache_write_1h_tokens", help_text="Of the cache writes, those to Anthropic's 1-hour cache."
+    )
     output_tokens = serializers.IntegerField(source="cost.output_tokens")
     input_per_mtok = serializers.DecimalField(
         source="model.input_per_mtok", **_COST, help_text="US dollars per million input tokens."
@@ -485,6 +491,13 @@ class _CostDeploymentSerializer(serializers.Serializer):
         allow_null=True,
         help_text="US dollars per million input tokens written to the provider's prompt cache; null: charged as input.",
     )
+    cache_write_1h_per_mtok = serializers.DecimalField(
+        source="model.cache_write_1h_per_mtok",
+        **_COST,
+        allow_null=True,
+        help_text="US dollars per million input tokens written to Anthropic's 1-hour cache; null: charged as the "
+        "other cache writes.",
+    )
     output_per_mtok = serializers.DecimalField(
         source="model.output_per_mtok", **_COST, help_text="US dollars per million output tokens."
     )
@@ -492,7 +505,12 @@ class _CostDeploymentSerializer(serializers.Serializer):
         source="cost.input_cost", **_COST, help_text="The input tokens neither read from nor written to the cache."
     )
     cached_input_cost = serializers.DecimalField(source="cost.cached_input_cost", **_COST)
-    cache_write_cost = serializers.DecimalField(source="cost.cache_write_cost", **_COST)
+    cache_write_cost = serializers.DecimalField(
+        source="cost.cache_write_cost", **_COST, help_text="Every cache write, the 1-hour cache's included."
+    )
+    cache_write_1h_cost = serializers.DecimalField(
+        source="cost.cache_write_1h_cost", **_COST, help_text="The 1-hour cache's writes: part of cache_write_cost."
+    )
     output_cost = serializers.DecimalField(source="cost.output_cost", **_COST)
     total_cost = serializers.DecimalField(
         source="cost.total_cost", **_COST, help_text="What the ledger would record for such a request."
@@ -517,6 +535,12 @@ class CostEstimateApi(APIView):
             default=0,
             help_text="How many of the input tokens are written to the provider's prompt cache.",
         )
+        cache_write_1h_input_tokens = serializers.IntegerField(
+            min_value=0,
+            max_value=_MAX_TOKENS,
+            default=0,
+            help_text="How many of the cache writes go to Anthropic's 1-hour cache (priced apart).",
+        )
         output_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, default=0)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -529,6 +553,13 @@ class CostEstimateApi(APIView):
                     {
                         "cache_write_input_tokens": "cache_write_input_tokens counts part of input_tokens, apart "
                         "from the cached ones: with them it cannot be larger."
+                    }
+                )
+            if attrs["cache_write_1h_input_tokens"] > attrs["cache_write_input_tokens"]:
+                raise serializers.ValidationError(
+                    {
+                        "cache_write_1h_input_tokens": "cache_write_1h_input_tokens counts part of "
+                        "cache_write_input_tokens: it cannot be larger."
                     }
                 )
             return attrs
@@ -591,6 +622,7 @@ class CostEstimateApi(APIView):
             prompt_tokens=data["input_tokens"],
             cached_tokens=data["cached_input_tokens"],
             cache_write_tokens=data["cache_write_input_tokens"],
+            cache_write_1h_tokens=data["cache_write_1h_input_tokens"],
             completion_tokens=data["output_tokens"],
         )
 
@@ -617,6 +649,7 @@ class CostEstimateApi(APIView):
             prompt_tokens=estimate_input_tokens(data),
             cached_tokens=0,
             cache_write_tokens=0,
+            cache_write_1h_tokens=0,
             completion_tokens=data["max_tokens"],
         )
 
@@ -628,6 +661,7 @@ class CostEstimateApi(APIView):
         prompt_tokens: int,
         cached_tokens: int,
         cache_write_tokens: int,
+        cache_write_1h_tokens: int,
         completion_tokens: int,
     ) -> Response:
         principal = request.auth
@@ -639,5 +673,6 @@ class CostEstimateApi(APIView):
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
             cache_write_tokens=cache_write_tokens,
+            cache_write_1h_tokens=cache_write_1h_tokens,
         )
         return Response(self.OutputSerializer(estimate).data)

@@ -165,6 +165,11 @@ class UsageRecord(models.Model):
         db_default=0,
         help_text="Prompt tokens written to the provider's prompt cache (part of prompt_tokens).",
     )
+    cache_write_1h_tokens = models.PositiveIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Of the cache writes, those to Anthropic's 1-hour cache (part of cache_write_tokens).",
+    )
     cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
     usage_estimated = models.BooleanField(default=False, help_text="The provider sent no usage; tokens were counted.")
     upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)

@@ -30,6 +30,8 @@ class Prices(Protocol):
     def cached_input_per_mtok(self) -> Decimal | None: ...
     @property
     def cache_write_per_mtok(self) -> Decimal | None: ...
+    @property
+    def cache_write_1h_per_mtok(self) -> Decimal | None: ...
 
 
 def cache_write_price(model: Prices) -> Decimal:
@@ -38,12 +40,19 @@ def cache_write_price(model: Prices) -> Decimal:
     return model.input_per_mtok if model.cache_write_per_mtok is None else model.cache_write_per_mtok
 
 
+def cache_write_1h_price(model: Prices) -> Decimal:
+    """What a prompt token written to Anthropic's 1-hour cache costs per million: the catalog's 1-hour price, or
+    the other cache writes' (``cache_write_price``) when it has none."""
+    return cache_write_price(model) if model.cache_write_1h_per_mtok is None else model.cache_write_1h_per_mtok
+
+
 @dataclass(frozen=True, slots=True)
 class CostBreakdown:
     """A request's cost in its parts. ``input_tokens`` includes the cached ones and those written to the cache
-    (OpenAI's convention, as the ledger's ``prompt_tokens``); ``input_cost`` prices the others. Each part and
-    the total are rounded to the ledger's 10 decimal places separately, so the parts may differ from the total
-    in the last place."""
+    (OpenAI's convention, as the ledger's ``prompt_tokens``); ``input_cost`` prices the others.
+    ``cache_write_tokens`` includes those written to the 1-hour cache, and ``cache_write_cost`` prices them all;
+    ``cache_write_1h_cost`` is the 1-hour writes' share of it. Each part and the total are rounded to the
+    ledger's 10 decimal places separately, so the parts may differ from the total in the last place."""
 
     input_tokens: int
     cached_input_tokens: int
@@ -54,56 +63,86 @@ class CostBreakdown:
     cache_write_cost: Decimal
     output_cost: Decimal
     total_cost: Decimal
+    cache_write_1h_tokens: int = 0
+    cache_write_1h_cost: Decimal = Decimal(0)
 
 
 def _exact_parts(
-    model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int, cache_write_tokens: int
-) -> tuple[int, int, Decimal, Decimal, Decimal, Decimal]:
-    """The formula: (cached tokens, cache-write tokens, input, cached input, cache write, output cost), unrounded;
-    call inside ``_COST_CONTEXT``. Cached prompt tokens and those written to the cache are part of
-    ``prompt_tokens``, each priced at its own rate when the catalog has one (else at the input rate)."""
+    model: Prices,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    cache_write_tokens: int,
+    cache_write_1h_tokens: int,
+) -> tuple[int, int, int, Decimal, Decimal, Decimal, Decimal, Decimal]:
+    """The formula: (cached, cache-write and 1-hour cache-write tokens, input, cached input, cache write (both
+    durations), its 1-hour share, output cost), unrounded; call inside ``_COST_CONTEXT``. Cached prompt tokens
+    and those written to the cache are part of ``prompt_tokens``, each priced at its own rate when the catalog
+    has one (else at the input rate); the 1-hour writes are part of the writes, at their own rate if any."""
     cached = min(max(cached_tokens, 0), prompt_tokens)
     written = min(max(cache_write_tokens, 0), prompt_tokens - cached)
+    written_1h = min(max(cache_write_1h_tokens, 0), written)
     cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
+    write_1h_cost = Decimal(written_1h) * cache_write_1h_price(model) / MILLION
     return (
         cached,
         written,
+        written_1h,
         Decimal(prompt_tokens - cached - written) * model.input_per_mtok / MILLION,
         Decimal(cached) * cached_price / MILLION,
-        Decimal(written) * cache_write_price(model) / MILLION,
+        Decimal(written - written_1h) * cache_write_price(model) / MILLION + write_1h_cost,
+        write_1h_cost,
         Decimal(completion_tokens) * model.output_per_mtok / MILLION,
     )
 
 
 def cost_for(
-    *, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0
+    *,
+    model: Prices,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> Decimal:
     """The cost the ledger records and reservations hold: the sum of the parts, rounded once. On every
     request, so it builds no ``CostBreakdown``."""
     with localcontext(_COST_CONTEXT):
-        _, _, input_cost, cached_cost, write_cost, output_cost = _exact_parts(
-            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens
+        _, _, _, input_cost, cached_cost, write_cost, _, output_cost = _exact_parts(
+            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens
         )
         return (input_cost + cached_cost + write_cost + output_cost).quantize(COST_QUANTUM)
 
 
 def prompt_cost_ceiling(*, model: Prices, prompt_tokens: int, completion_tokens: int) -> Decimal:
     """What a request of ``prompt_tokens`` may cost at most, before its usage says which of them the provider
-    read from or wrote to its cache: every prompt token at the dearer of the input and cache-write prices (a
-    reservation that holds this keeps a budget whatever the cache does)."""
-    written = prompt_tokens if cache_write_price(model) > model.input_per_mtok else 0
+    read from or wrote to its cache: every prompt token at the dearest of the input, cache-write and 1-hour
+    cache-write prices (a reservation that holds this keeps a budget whatever the cache does)."""
+    dearest = max(model.input_per_mtok, cache_write_price(model), cache_write_1h_price(model))
+    written = prompt_tokens if dearest > model.input_per_mtok else 0
+    written_1h = written if cache_write_1h_price(model) == dearest else 0
     return cost_for(
-        model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cache_write_tokens=written
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cache_write_tokens=written,
+        cache_write_1h_tokens=written_1h,
     )
 
 
 def cost_breakdown(
-    *, model: Prices, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, cache_write_tokens: int = 0
+    *,
+    model: Prices,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> CostBreakdown:
     """The same cost in its parts; ``total_cost`` is exactly what ``cost_for`` answers."""
     with localcontext(_COST_CONTEXT):
-        cached, written, input_cost, cached_cost, write_cost, output_cost = _exact_parts(
-            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens
+        cached, written, written_1h, input_cost, cached_cost, write_cost, write_1h_cost, output_cost = _exact_parts(
+            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens
         )
         return CostBreakdown(
             input_tokens=prompt_tokens,
@@ -115,4 +154,6 @@ def cost_breakdown(
             cache_write_cost=write_cost.quantize(COST_QUANTUM),
             output_cost=output_cost.quantize(COST_QUANTUM),
             total_cost=(input_cost + cached_cost + write_cost + output_cost).quantize(COST_QUANTUM),
+            cache_write_1h_tokens=written_1h,
+            cache_write_1h_cost=write_1h_cost.quantize(COST_QUANTUM),
         )

@@ -567,6 +567,7 @@ def cost_estimate(
     completion_tokens: int,
     cached_tokens: int = 0,
     cache_write_tokens: int = 0,
+    cache_write_1h_tokens: int = 0,
 ) -> CostEstimate:
     """What a request of these token counts would cost on each deployment of ``model_name`` that the
     caller may use, priced by the ledger's own function (``pricing.cost_breakdown``). An unknown or
@@ -605,6 +606,7 @@ def cost_estimate(
                     completion_tokens=completion_tokens,
                     cached_tokens=cached_tokens,
                     cache_write_tokens=cache_write_tokens,
+                    cache_write_1h_tokens=cache_write_1h_tokens,
                 ),
             )
             for deployment in deployments

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
-from billing.pricing import cache_write_price
+from billing.pricing import cache_write_1h_price, cache_write_price
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
@@ -512,6 +512,7 @@ async def _experiment_enter(
             output_per_mtok=chosen.output_per_mtok,
             cached_input_per_mtok=chosen.cached_input_per_mtok,
             cache_write_per_mtok=chosen.cache_write_per_mtok,
+            cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
         )
         return narrowed, assignment
     return model, assignment
@@ -600,6 +601,7 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         output_per_mtok=max(m.output_per_mtok for m in every),
         cached_input_per_mtok=max(cached(m) for m in every),
         cache_write_per_mtok=max(cache_write_price(m) for m in every),
+        cache_write_1h_per_mtok=max(cache_write_1h_price(m) for m in every),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
 

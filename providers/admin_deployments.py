@@ -106,7 +106,15 @@ class DeploymentAdmin(admin.ModelAdmin):
         (None, {"fields": ("model", "name", "provider", "upstream_id", "enabled")}),
         (
             "Prices ($ per million tokens)",
-            {"fields": ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok")},
+            {
+                "fields": (
+                    "input_per_mtok",
+                    "output_per_mtok",
+                    "cached_input_per_mtok",
+                    "cache_write_per_mtok",
+                    "cache_write_1h_per_mtok",
+                )
+            },
         ),
         ("Routing", {"fields": ("weight", "priority", "rpm_limit", "tpm_limit", "quality")}),
         ("Circuit breaker", {"fields": ("breaker_now", "breaker_override", "paid_health_probe")}),

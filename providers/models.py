@@ -300,6 +300,7 @@ class Deployment(models.Model):
         "output_per_mtok",
         "cached_input_per_mtok",
         "cache_write_per_mtok",
+        "cache_write_1h_per_mtok",
         "weight",
         "priority",
         "rpm_limit",
@@ -329,6 +330,13 @@ class Deployment(models.Model):
         blank=True,
         help_text="Input tokens written to the provider's prompt cache (Anthropic: 1.25× input for the 5-minute "
         "cache, 2× for the 1-hour one). Empty: priced as input tokens.",
+    )
+    cache_write_1h_per_mtok = _price_field(
+        "1-hour cache write $/Mtok",
+        null=True,
+        blank=True,
+        help_text="Input tokens written to Anthropic's 1-hour prompt cache (2× input), which its usage counts apart "
+        "from the 5-minute cache's. Empty: priced as the cache writes above.",
     )
     weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")

@@ -48,6 +48,9 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         cache_write_per_mtok=None
         if deployment.cache_write_per_mtok is None
         else Decimal(deployment.cache_write_per_mtok),
+        cache_write_1h_per_mtok=None
+        if deployment.cache_write_1h_per_mtok is None
+        else Decimal(deployment.cache_write_1h_per_mtok),
         weight=deployment.weight,
         priority=deployment.priority,
         rpm_limit=deployment.rpm_limit,
@@ -76,6 +79,11 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
     first = usable[0]
     cached = [d.cached_input_per_mtok if d.cached_input_per_mtok is not None else d.input_per_mtok for d in usable]
     writes = [d.cache_write_per_mtok if d.cache_write_per_mtok is not None else d.input_per_mtok for d in usable]
+    # A deployment without a 1-hour price charges those writes as its other cache writes (then as input).
+    writes_1h = [
+        d.cache_write_1h_per_mtok if d.cache_write_1h_per_mtok is not None else write
+        for d, write in zip(usable, writes, strict=True)
+    ]
     return ResolvedModel(
         id=model.pk,
         name=model.name,
@@ -86,6 +94,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         output_per_mtok=max(d.output_per_mtok for d in usable),
         cached_input_per_mtok=None if all(d.cached_input_per_mtok is None for d in usable) else _ceiling(cached),  # type: ignore[arg-type]
         cache_write_per_mtok=None if all(d.cache_write_per_mtok is None for d in usable) else _ceiling(writes),  # type: ignore[arg-type]
+        cache_write_1h_per_mtok=None if all(d.cache_write_1h_per_mtok is None for d in usable) else _ceiling(writes_1h),  # type: ignore[arg-type]
         context_window=model.context_window,
         max_output_tokens=model.max_output_tokens,
         mode=model.mode,

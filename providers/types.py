@@ -71,6 +71,7 @@ class ResolvedDeployment:
     output_per_mtok: Decimal
     cached_input_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
+    cache_write_1h_per_mtok: Decimal | None = None
     weight: int = 1
     priority: int = 0
     rpm_limit: int | None = None
@@ -114,6 +115,7 @@ class ResolvedModel:
     stream_idle_timeout: float | None = None  # seconds without a chunk that end a stream; None: the setting
     moderation_policy_id: int | None = None  # ``ModerationPolicy`` checking this model's input and output
     cache_write_per_mtok: Decimal | None = None  # prompt-cache writes; None: priced as input
+    cache_write_1h_per_mtok: Decimal | None = None  # Anthropic's 1-hour cache writes; None: as the other writes
 
     def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
         """This model as served by ``deployment``: its provider, upstream id and prices. The same snapshot
@@ -132,6 +134,7 @@ class ResolvedModel:
             output_per_mtok=deployment.output_per_mtok,
             cached_input_per_mtok=deployment.cached_input_per_mtok,
             cache_write_per_mtok=deployment.cache_write_per_mtok,
+            cache_write_1h_per_mtok=deployment.cache_write_1h_per_mtok,
             deployment=deployment,
         )
         if len(_bound) >= _BOUND_MAX:

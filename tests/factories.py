@@ -41,6 +41,7 @@ _DEPLOYMENT_FIELDS = (
     "output_per_mtok",
     "cached_input_per_mtok",
     "cache_write_per_mtok",
+    "cache_write_1h_per_mtok",
 )
 
 

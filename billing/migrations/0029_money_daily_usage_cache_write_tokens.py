@@ -1,18 +1,6 @@
 from django.db import migrations, models
-from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 
-
-class AddColumnInPlace(migrations.AddField):
-    """``AddField`` as one ``ALTER TABLE ... ADD COLUMN`` on every database. Django copies the whole table on
-    SQLite to add a column with a default; SQLite adds a column with a constant default to its schema alone,
-    as PostgreSQL (11 and later) does, so the rollup's table of thousands of rows a day is not rewritten."""
-
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor != "sqlite":
-            return super().database_forwards(app_label, schema_editor, from_state, to_state)
-        model = to_state.apps.get_model(app_label, self.model_name)
-        if self.allow_migrate_model(schema_editor.connection.alias, model):
-            BaseDatabaseSchemaEditor.add_field(schema_editor, model, model._meta.get_field(self.name))
+from core.migration_operations import AddColumnInPlace
 
 
 class Migration(migrations.Migration):

@@ -189,8 +189,8 @@ def charge_for(
 ) -> Charge:
     """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it.
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
-    prompt is priced at the dearer of the input and cache-write prices (``prompt_cost_ceiling``): which of its
-    tokens the provider writes to its cache is known only from the usage."""
+    prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
+    (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage."""
     choices = body.get("n")
     choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
     prompt_tokens = max(prompt_tokens_upper, 0)

@@ -101,6 +101,16 @@ def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int
     return prompt or 0, completion or 0, cached or 0, written or 0
 
 
+def _written_1h(usage: Mapping[str, Any] | None, written: int) -> int:
+    """Of ``written`` cache-write tokens the provider reported, those to Anthropic's 1-hour cache
+    (``prompt_tokens_details.cache_write_1h_tokens``, which ``openai_usage`` makes of its usage's
+    ``cache_creation.ephemeral_1h_input_tokens``); none when the usage says nothing of them."""
+    details = usage.get("prompt_tokens_details") if usage else None
+    if not written or not isinstance(details, Mapping):
+        return 0
+    return min(_count(details.get("cache_write_1h_tokens")) or 0, written)
+
+
 def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -147,12 +157,14 @@ def request_settle(
         operation=operation, body=body, status=status, usage=usage, delivered_text=delivered_text
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
+    written_1h = _written_1h(usage, written)
     cost = cost_for(
         model=model,
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=cached,
         cache_write_tokens=written,
+        cache_write_1h_tokens=written_1h,
     )
     user_key_cost = None
     if billing_source == BillingSource.USER_KEY:
@@ -182,6 +194,7 @@ def request_settle(
             completion_tokens=completion,
             cached_tokens=cached,
             cache_write_tokens=written,
+            cache_write_1h_tokens=written_1h,
             cost=cost,
             usage_estimated=estimated,
             upstream_latency_ms=upstream_latency_ms,

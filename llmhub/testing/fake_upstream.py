@@ -95,7 +95,7 @@ Replies
     held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
     ``--latency-ms``), ``[[ttft=MS]]`` time to first token (overrides ``--ttft-ms``), ``[[cache=N]]`` N cached
     prompt tokens, ``[[cache_write=N]]`` (Anthropic only) N prompt tokens written to the cache,
-    ``[[fault=NAME]]`` see below.
+    ``[[cache_write_1h=N]]`` (Anthropic only) N of those written to the 1-hour cache, ``[[fault=NAME]]`` see below.
     ``[[omit=NAME,...]]`` (OpenAI only) leaves fields out of the response and of every chunk, as some
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
@@ -130,7 +130,9 @@ Token counting (exact rule)
       ``cache_creation_input_tokens = w``).
     * ``[[cache_write=N]]`` (Anthropic only) reports ``w = min(N, prompt tokens - c)`` tokens written to the
       cache, in ``message_start`` when streamed, as Anthropic does: ``cache_creation_input_tokens = w``, which
-      ``input_tokens`` excludes as it excludes cached reads.
+      ``input_tokens`` excludes as it excludes cached reads. With ``w > 0`` the usage also says which cache
+      they went to: ``cache_creation = {ephemeral_5m_input_tokens: w - h, ephemeral_1h_input_tokens: h}``,
+      where ``[[cache_write_1h=N]]`` gives ``h = min(N, w)`` (0 without it).
 
 Embeddings
     One vector per input (a string, a list of strings, a token array or a list of token arrays), derived
@@ -343,7 +345,7 @@ MODERATION_CATEGORIES: tuple[str, ...] = (
     "violence/graphic",
 )
 _FLAG_RE = re.compile(r"\[flag:([a-z/-]+)\]")
-_DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z_]+)=(.*?)\]\]")
+_DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z][a-z0-9_]*)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
 _MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("fake_body")
@@ -1900,12 +1902,18 @@ class _App:
         reply = _build_reply(conv, _anthropic_tool(body), body["max_tokens"], stops, "toolu_", self.demo)
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         written = min(_directive_int(conv.directives, "cache_write") or 0, conv.prompt_tokens - cached)
-        usage = {
+        written_1h = min(_directive_int(conv.directives, "cache_write_1h") or 0, written)
+        usage: dict[str, Any] = {
             "input_tokens": conv.prompt_tokens - cached - written,
             "output_tokens": reply.completion_tokens,
             "cache_creation_input_tokens": written,
             "cache_read_input_tokens": cached,
         }
+        if written:  # which cache the writes went to, as Anthropic's usage says beside their sum
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": written - written_1h,
+                "ephemeral_1h_input_tokens": written_1h,
+            }
         message = {
             "id": _new_id("msg_"),
             "type": "message",

@@ -288,16 +288,24 @@ def finish_reason(stop_reason: str | None) -> str:
 
 
 def openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage counts cached prompt tokens inside ``prompt_tokens``; Anthropic's ``input_tokens`` does not."""
+    """OpenAI's usage counts cached prompt tokens inside ``prompt_tokens``; Anthropic's ``input_tokens`` does not.
+    The writes to the 1-hour cache (``cache_creation.ephemeral_1h_input_tokens``, part of
+    ``cache_creation_input_tokens``), which Anthropic bills dearer than the 5-minute cache's, are
+    ``cache_write_1h_tokens`` when there are any."""
     cache_read = usage.get("cache_read_input_tokens") or 0
     cache_write = usage.get("cache_creation_input_tokens") or 0
     prompt = (usage.get("input_tokens") or 0) + cache_read + cache_write
     completion = usage.get("output_tokens") or 0
+    details = {"cached_tokens": cache_read, "cache_write_tokens": cache_write}
+    creation = usage.get("cache_creation")
+    written_1h = creation.get("ephemeral_1h_input_tokens") if isinstance(creation, dict) else None
+    if isinstance(written_1h, int) and not isinstance(written_1h, bool) and written_1h > 0:
+        details["cache_write_1h_tokens"] = min(written_1h, cache_write)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write},
+        "prompt_tokens_details": details,
     }
 
 

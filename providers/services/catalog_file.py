@@ -57,6 +57,7 @@ _LEGACY_DEPLOYMENT_KEYS = (
     "output_per_mtok",
     "cached_input_per_mtok",
     "cache_write_per_mtok",
+    "cache_write_1h_per_mtok",
 )
 _COMMON_MODEL_KEYS = frozenset(
     {"name", "mode", "context_window", "max_output_tokens", "capabilities", "parameter_rules", "enabled"}
@@ -444,6 +445,7 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     deployment.output_per_mtok = entry.decimal("output_per_mtok", None, required=True)
     deployment.cached_input_per_mtok = entry.decimal("cached_input_per_mtok", None)
     deployment.cache_write_per_mtok = entry.decimal("cache_write_per_mtok", None)
+    deployment.cache_write_1h_per_mtok = entry.decimal("cache_write_1h_per_mtok", None)
     deployment.weight = entry.integer("weight", _field_default(Deployment, "weight"))
     deployment.priority = entry.integer("priority", _field_default(Deployment, "priority"))
     deployment.rpm_limit = entry.integer("rpm_limit", None)
@@ -612,6 +614,8 @@ def _deployment_dump(deployment: Deployment) -> dict[str, Any]:
         entry["cached_input_per_mtok"] = _plain_decimal(deployment.cached_input_per_mtok)
     if deployment.cache_write_per_mtok is not None:
         entry["cache_write_per_mtok"] = _plain_decimal(deployment.cache_write_per_mtok)
+    if deployment.cache_write_1h_per_mtok is not None:
+        entry["cache_write_1h_per_mtok"] = _plain_decimal(deployment.cache_write_1h_per_mtok)
     entry.update(weight=deployment.weight, priority=deployment.priority)
     for key in ("rpm_limit", "tpm_limit"):
         if getattr(deployment, key) is not None:

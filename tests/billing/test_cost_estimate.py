@@ -72,14 +72,17 @@ def test_token_counts_are_priced_exactly_with_their_breakdown(client, models):
                 "input_tokens": 1_200_000,
                 "cached_input_tokens": 200_000,
                 "cache_write_input_tokens": 0,
+                "cache_write_1h_input_tokens": 0,
                 "output_tokens": 30_000,
                 "input_per_mtok": "0.1500000000",
                 "cached_input_per_mtok": "0.0750000000",
                 "cache_write_per_mtok": None,
+                "cache_write_1h_per_mtok": None,
                 "output_per_mtok": "0.6000000000",
                 "input_cost": "0.1500000000",
                 "cached_input_cost": "0.0150000000",
                 "cache_write_cost": "0.0000000000",
+                "cache_write_1h_cost": "0.0000000000",
                 "output_cost": "0.0180000000",
                 "total_cost": "0.1830000000",
             }
@@ -141,6 +144,33 @@ def test_cache_writes_are_priced_at_the_cache_write_price(client, models):
     assert deployment["total_cost"] == "0.0366000000"
 
 
+def test_writes_to_the_1_hour_cache_are_priced_at_their_own_price(client, models):
+    """Anthropic bills writes to its 1-hour cache at 2× input, those to the 5-minute cache at 1.25×: of 6,000
+    written, 4,000 to the 1-hour cache are priced apart, as the ledger prices them."""
+    ModelFactory(
+        name="claude-sonnet",
+        provider=ProviderFactory(name="anthropic-main"),
+        input_per_mtok=Decimal("3"),
+        output_per_mtok=Decimal("15"),
+        cached_input_per_mtok=Decimal("0.30"),
+        cache_write_per_mtok=Decimal("3.75"),
+        cache_write_1h_per_mtok=Decimal("6"),
+    )
+    params = {"input_tokens": 10_000, "cache_write_input_tokens": 6_000, "cache_write_1h_input_tokens": 4_000}
+    response = client.get(URL, {"model": "claude-sonnet", **params})
+
+    assert response.status_code == 200, response.content
+    deployment = response.json()["deployments"][0]
+    assert (deployment["cache_write_1h_input_tokens"], deployment["cache_write_1h_per_mtok"]) == (4_000, "6.0000000000")
+    # 4,000 × $3/M + 2,000 × $3.75/M + 4,000 × $6/M
+    assert (deployment["input_cost"], deployment["cache_write_cost"], deployment["cache_write_1h_cost"]) == (
+        "0.0120000000",
+        "0.0315000000",
+        "0.0240000000",
+    )
+    assert deployment["total_cost"] == "0.0435000000"
+
+
 def test_messages_are_counted_with_the_estimator_and_max_tokens_is_the_output(client, models):
     text = "How much does a question of about this many characters cost?"
     body = {"model": "gpt-big", "messages": [{"role": "user", "content": text}], "max_tokens": 500}
@@ -183,6 +213,10 @@ def test_images_in_messages_count(client, models):
             "cache_write_input_tokens",
         ),
         ({"model": "gpt-mini", "input_tokens": 10, "cache_write_input_tokens": -1}, "cache_write_input_tokens"),
+        (
+            {"model": "gpt-mini", "input_tokens": 10, "cache_write_input_tokens": 4, "cache_write_1h_input_tokens": 5},
+            "cache_write_1h_input_tokens",
+        ),
         ({"model": "gpt-mini", "input_tokens": 10**13}, "input_tokens"),
     ],
 )

@@ -42,6 +42,7 @@ def every_field(request_id: str, **ids) -> UsageData:
         completion_tokens=567,
         cached_tokens=89,
         cache_write_tokens=144,
+        cache_write_1h_tokens=55,
         cost=Decimal("0.0123456789"),
         usage_estimated=True,
         upstream_latency_ms=321,

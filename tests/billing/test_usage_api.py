@@ -25,6 +25,7 @@ RECORD_FIELDS = {
     "completion_tokens",
     "cached_tokens",
     "cache_write_tokens",
+    "cache_write_1h_tokens",
     "cost",
     "usage_estimated",
     "status",
@@ -99,6 +100,7 @@ def ledger(alice):
             completion_tokens=60_000,
             cached_tokens=10_000,
             cache_write_tokens=4_000,
+            cache_write_1h_tokens=1_500,
             usage_estimated=True,
         ),
         "e": UsageRecordFactory(
@@ -148,6 +150,7 @@ def test_lists_own_records_newest_first_with_every_field(client, ledger):
         "completion_tokens": 60_000,
         "cached_tokens": 10_000,
         "cache_write_tokens": 4_000,
+        "cache_write_1h_tokens": 1_500,
         "cost": "1.2345678901",
         "usage_estimated": True,
         "status": "ok",

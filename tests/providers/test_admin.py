@@ -682,6 +682,53 @@ def test_a_cache_write_price_is_set_inline_and_on_the_deployment_page_and_empty_
     assert deployment.cache_write_per_mtok is None
 
 
+def test_a_1_hour_cache_write_price_is_set_inline_and_on_the_deployment_page_and_empty_means_the_other_writes(
+    admin_client,
+):
+    """Anthropic's 1-hour cache writes (2× input) have their own price beside the 5-minute ones' (1.25×), in the
+    inline and on the deployment's page; left empty, they are priced as the other cache writes."""
+    east = ProviderFactory(name="east")
+    add_url = reverse("admin:providers_catalogmodel_add")
+    assert 'name="deployments-0-cache_write_1h_per_mtok"' in admin_client.get(add_url).content.decode()
+    deployment_form = {
+        "provider": east.pk,
+        "upstream_id": "claude-sonnet-4-5",
+        "input_per_mtok": "3",
+        "cache_write_per_mtok": "3.75",
+        "cache_write_1h_per_mtok": "6",
+    }
+    response = admin_client.post(add_url, model_form("claude-sonnet", [deployment_form]))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment = Deployment.objects.get(model__name="claude-sonnet")
+    assert (deployment.cache_write_per_mtok, deployment.cache_write_1h_per_mtok) == (Decimal("3.75"), Decimal(6))
+
+    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
+    page = admin_client.get(url).content.decode()
+    assert 'name="cache_write_1h_per_mtok"' in page and 'value="6.000000"' in page
+    data = {
+        "model": deployment.model_id,
+        "name": deployment.name,
+        "provider": east.pk,
+        "upstream_id": deployment.upstream_id,
+        "enabled": "on",
+        "input_per_mtok": "3",
+        "output_per_mtok": "15",
+        "cache_write_per_mtok": "3.75",
+        "cache_write_1h_per_mtok": "",
+        "weight": "1",
+        "priority": "0",
+        "health_checks-TOTAL_FORMS": "0",
+        "health_checks-INITIAL_FORMS": "0",
+        "health_checks-MIN_NUM_FORMS": "0",
+        "health_checks-MAX_NUM_FORMS": "1000",
+    }
+    assert admin_client.post(url, {**data, "cache_write_1h_per_mtok": "-1"}).status_code == 200  # refused
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert deployment.cache_write_1h_per_mtok is None
+
+
 # Moving a provider that holds keys -----------------------------------------------------------------
 
 ELSEWHERE = "https://collector.example.com/v1"

@@ -58,6 +58,7 @@ providers:
         input_per_mtok: "0.8"
         output_per_mtok: "4"
         cache_write_per_mtok: "1.00"
+        cache_write_1h_per_mtok: "1.60"
         capabilities: {vision: true}
 """
 
@@ -520,6 +521,11 @@ def test_the_old_format_dumps_in_the_new_one_and_loads_back_the_same(catalog, tm
     assert by_name["claude-haiku"]["deployments"][0]["cache_write_per_mtok"] == "1"
     assert "cache_write_per_mtok" not in by_name["gpt-4o-mini"]["deployments"][0]
     assert deployment_of("gpt-4o-mini").cache_write_per_mtok is None
+    # The 1-hour cache's price likewise.
+    assert deployment_of("claude-haiku").cache_write_1h_per_mtok == Decimal("1.60")
+    assert by_name["claude-haiku"]["deployments"][0]["cache_write_1h_per_mtok"] == "1.6"
+    assert "cache_write_1h_per_mtok" not in by_name["gpt-4o-mini"]["deployments"][0]
+    assert deployment_of("gpt-4o-mini").cache_write_1h_per_mtok is None
 
 
 def test_max_retries_on_a_provider_is_ignored_with_a_warning(tmp_path):
