@@ -24,7 +24,7 @@ from audit.services import Actor, audit_record
 from billing.models import Operation
 from billing.selectors import user_limits
 from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
-from providers.moderation import Hit, ModerationServiceError, PolicySnapshot, moderation_policies
+from providers.moderation import Hit, ModerationServiceError, PlainText, PolicySnapshot, moderation_policies
 from providers.types import ResolvedModel
 
 from .callers import Caller
@@ -295,7 +295,9 @@ class _ChoiceGuard:
         self.policies = policies
         self._parts: list[str] = []
         self._length = 0
-        self._scanned: dict[int, int] = {p.id: 0 for p in policies}  # block-list: scanned up to
+        # What block-lists read: the reply's plain form, built as it comes (each piece is looked at once).
+        self._plain = PlainText(whole=False) if any(p.is_blocklist for p in policies) else None
+        self._scanned: dict[int, int] = {p.id: 0 for p in policies}  # block-list: plain characters scanned
         self._marked: dict[int, int] = {p.id: 0 for p in policies}  # length at the last check
         self._asked: dict[int, asyncio.Task[Hit | None]] = {}  # service: the question in flight
         self._seen: dict[int, int] = {}  # service: the length of the reply it was last asked about
@@ -314,7 +316,11 @@ class _ChoiceGuard:
 
     async def feed(self, piece: str) -> None:
         self._parts.append(piece)
+        if len(self._parts) > 64:  # a block-list reads the plain form: the text as sent is joined only now and then
+            self._parts = ["".join(self._parts)]
         self._length += len(piece)
+        if self._plain is not None:
+            self._plain.add(piece)
         for policy in self.policies:
             if policy.id in self._done:
                 continue
@@ -336,6 +342,8 @@ class _ChoiceGuard:
     async def finish(self) -> None:
         if self._finished == self._length:
             return
+        if self._plain is not None:
+            self._plain.close()
         for policy in self.policies:
             if policy.id in self._done:
                 continue
@@ -357,12 +365,13 @@ class _ChoiceGuard:
 
     def _scan(self, policy: PolicySnapshot, *, final: bool) -> None:
         blocklist = policy.blocklist
-        if not blocklist:
+        if not blocklist or self._plain is None:
             return
-        text = self._text()
         start = max(0, self._scanned[policy.id] - blocklist.overlap)
-        hit, open_at_end = blocklist.scan_open(text, start=start, final=final)
-        self._scanned[policy.id] = len(text)
+        hit, open_at_end = blocklist.scan_open(self._plain, start=start, final=final)
+        # Up to what no later piece can change (a mark may still join the last character): the overlap re-reads
+        # from there, in plain characters, however many invisible ones the reply put between a word's letters.
+        self._scanned[policy.id] = self._plain.settled
         if open_at_end and policy.blocks:
             self._holding.add(policy.id)
         else:

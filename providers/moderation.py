@@ -10,12 +10,21 @@ on 200,000 characters, with the event loop stalled the while. RE2 has no look-ar
 pattern that needs them is refused when saved (``blocklist_problems``), with one that matches empty text or is
 too long. The text one scan reads is still capped (``SCAN_LIMIT_CHARS``): a whole input is read a window at a
 time (``Blocklist.scan_whole``).
+
+Entries and text are matched in their plain form (``PlainText``): compatibility forms mapped (NFKC: full-width
+letters, ligatures, mathematical and circled letters) and invisible characters dropped (format characters and the
+other default-ignorable code points: zero-width spaces and joiners, soft hyphens, bidi controls, variation
+selectors, tag characters). Read as it came, ``ｆｏｒｂｉｄｄｅｎ`` or ``for\u200bbidden`` passed a list naming
+"forbidden".
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+import unicodedata
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -62,13 +71,240 @@ class Hit:
         return ", ".join(self.categories) + (f" ({self.where})" if self.where else "")
 
 
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt) beyond the format characters (category Cf),
+# which are all dropped too: a reader does not see them, so a word written with them between its letters is the
+# word. (Python's ``unicodedata`` does not expose the property.)
+_IGNORABLE_RANGES = (
+    (0x034F, 0x034F),  # combining grapheme joiner
+    (0x115F, 0x1160),  # Hangul fillers
+    (0x17B4, 0x17B5),  # Khmer inherent vowels
+    (0x180B, 0x180F),  # Mongolian variation selectors and vowel separator
+    (0x2065, 0x2065),
+    (0x3164, 0x3164),  # Hangul filler
+    (0xFE00, 0xFE0F),  # variation selectors
+    (0xFFA0, 0xFFA0),  # half-width Hangul filler
+    (0xFFF0, 0xFFF8),
+    (0xE0000, 0xE0FFF),  # tag characters, variation selectors 17-256 and their reserved neighbours
+)
+# A text's last character waits for the next piece (a combining mark may still attach to it), with at most this
+# many marks after it: a longer run is taken as it stands, so a stream of marks cannot make each piece re-read it.
+_TAIL_CHARS = 32
+
+
+def _character_class(code_points: list[int]) -> str:
+    ranges: list[str] = []
+    run_start = previous = -2
+    for code_point in [*sorted(code_points), -1]:
+        if code_point != previous + 1:
+            if run_start >= 0:
+                ranges.append(f"\\U{run_start:08x}" + (f"-\\U{previous:08x}" if previous != run_start else ""))
+            run_start = code_point
+        previous = code_point
+    return "".join(ranges)
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainForm:
+    ignorable: re.Pattern[str]
+    # Runs of characters the plain form may change, or that may join the one before them (ASCII spaces between
+    # them do not end a run: a full-width sentence is one run). All else is kept as it is, at the speed of a copy.
+    changing: re.Pattern[str]
+    joins: frozenset[str]  # characters that may combine with the one before them
+
+
+@functools.cache
+def _plain_form() -> _PlainForm:
+    """The character classes of the plain form, computed once a process from Python's Unicode database (about
+    a tenth of a second, the first time a text that is not ASCII is read)."""
+    ignorable = {cp for low, high in _IGNORABLE_RANGES for cp in range(low, high + 1)}
+    changes: set[int] = set()
+    joins: set[int] = set(range(0x1160, 0x1200)) | set(range(0xD7B0, 0xD800))  # Hangul vowels and finals
+    for code_point in range(0x80, 0x110000):
+        character = chr(code_point)
+        if unicodedata.category(character) == "Cf":
+            ignorable.add(code_point)
+        if unicodedata.combining(character):
+            joins.add(code_point)
+        decomposition = unicodedata.decomposition(character)
+        if decomposition:  # only a character with a decomposition may change alone ("é" is NFKC already)
+            if unicodedata.normalize("NFKC", character) != character:
+                changes.add(code_point)
+            parts = decomposition.split()
+            if not parts[0].startswith("<") and len(parts) == 2:
+                joins.add(int(parts[1], 16))  # the second of a composition pair (a few vowel signs are no marks)
+    joining = {chr(cp) for cp in joins}
+    joins |= {cp for cp in changes if unicodedata.normalize("NFKC", chr(cp))[:1] in joining}  # compatibility jamo
+    joins |= ignorable  # an invisible character between a letter and its mark must not keep them apart
+    # Every character beyond the BMP counts as changing: ``re`` tests a class's BMP part as one table, and its
+    # other ranges one by one, for every character of the text.
+    changing = _character_class([cp for cp in changes | joins if cp < 0x10000]) + "\\U00010000-\\U0010ffff"
+    return _PlainForm(
+        ignorable=re.compile(f"[{_character_class(sorted(ignorable))}]+"),
+        changing=re.compile(f"[{changing}][{changing} ]*"),
+        joins=frozenset(chr(cp) for cp in joins),
+    )
+
+
+def _plain(text: str) -> str:
+    """NFKC without the invisible characters (dropped before, so that a mark they separate from its letter
+    still composes with it, and after, as NFKC maps a few characters to invisible ones)."""
+    if text.isascii():
+        return text
+    ignorable = _plain_form().ignorable
+    return ignorable.sub("", unicodedata.normalize("NFKC", ignorable.sub("", text)))
+
+
+_plain_group = functools.lru_cache(maxsize=4096)(_plain)  # a character and its marks, or a short run
+
+
+class PlainText:
+    """A text as a block-list reads it, built piece by piece (a stream's) or at once: its plain form (``text``),
+    and where each of its characters was in the text as sent (``original``), so that a hit names the client's
+    own character. The form is NFKC without the invisible characters, taken a character and its marks at a
+    time: the last character waits in ``_tail`` until the next piece shows whether a mark follows it.
+
+    A run of characters the form keeps as they are costs one regular-expression step: plain ASCII, or text
+    already in NFKC without invisible characters, is copied, and only what changes is looked at a character
+    (with its marks) at a time."""
+
+    def __init__(self, text: str = "", *, whole: bool = True) -> None:
+        self._parts: list[str] = []
+        self._length = 0  # plain characters settled
+        self._taken = 0  # original characters settled
+        self._tail = ""  # original characters not settled yet: the last character and its marks
+        # Where the offset between original and plain positions changes: from plain position _at[i] on, the
+        # original position is the plain one plus _shift[i] (inside a character that grew, its first).
+        self._at = [0]
+        self._shift = [0]
+        # The runs whose plain form is of another length, by where they begin in ``text``: (where they end, where
+        # they began in the text as sent, the run as sent), read again only to place a hit inside one.
+        self._runs_at: list[int] = []
+        self._runs: list[tuple[int, int, str]] = []
+        self._view: str | None = None  # ``text``, until the next piece
+        if text:
+            self.add(text)
+        if whole:
+            self.close()
+
+    @property
+    def text(self) -> str:
+        """The plain form so far, the unsettled tail's included."""
+        if self._view is None:
+            # One copy of the text a call (a stream's scan after each piece), the tail's plain form joined with
+            # the rest; the settled parts are joined into one only now and then.
+            if len(self._parts) > 64:
+                self._parts = ["".join(self._parts)]
+            self._view = "".join([*self._parts, _plain_group(self._tail)] if self._tail else self._parts)
+        return self._view
+
+    @property
+    def settled(self) -> int:
+        """How much of ``text`` no later piece can change: a scan resumes from here (less its overlap)."""
+        return self._length
+
+    def add(self, piece: str) -> None:
+        self._view = None
+        text = self._tail + piece
+        if text.isascii():
+            self._settle(text[:-1], plain=True)
+            self._tail = text[-1:]
+            return
+        joins = _plain_form().joins
+        cut = len(text)
+        while cut > 0 and len(text) - cut <= _TAIL_CHARS and text[cut - 1] in joins:
+            cut -= 1
+        if cut > 0 and len(text) - cut <= _TAIL_CHARS:
+            cut -= 1  # the last character itself
+        elif cut > 0:
+            cut = len(text)  # a long run of marks: taken as it stands
+        self._settle(text[:cut], plain=False)
+        self._tail = text[cut:]
+
+    def close(self) -> None:
+        """The end of the text: its last character is settled too."""
+        self._view = None
+        tail, self._tail = self._tail, ""
+        self._settle(tail, plain=tail.isascii())
+
+    def original(self, position: int) -> int:
+        """Where the character at ``position`` of ``text`` is in the text as sent."""
+        if position >= self._length:
+            return self._taken + min(position - self._length, len(self._tail))
+        run = bisect_right(self._runs_at, position) - 1
+        if run >= 0 and position < self._runs[run][0]:
+            _, begin, text = self._runs[run]
+            return begin + _original_in(text, position - self._runs_at[run])
+        return position + self._shift[bisect_right(self._at, position) - 1]
+
+    def _settle(self, text: str, *, plain: bool) -> None:
+        if not text:
+            return
+        if plain:
+            self._keep(text)
+            return
+        form = _plain_form()
+        kept = 0
+        for match in form.changing.finditer(text):
+            begin, end = match.span()
+            if begin > kept and text[begin] in form.joins:
+                begin -= 1  # the character its mark belongs to
+            self._keep(text[kept:begin])
+            run = text[begin:end]
+            plain = _plain_group(run) if len(run) < 64 else _plain(run)
+            if len(plain) == len(run):  # each character one (full-width letters): no position moves
+                self._keep(plain)
+            else:
+                self._change(run, plain)
+            kept = end
+        self._keep(text[kept:])
+
+    def _keep(self, text: str) -> None:
+        self._parts.append(text)
+        self._length += len(text)
+        self._taken += len(text)
+
+    def _change(self, run: str, plain: str) -> None:
+        self._runs_at.append(self._length)
+        self._runs.append((self._length + len(plain), self._taken, run))
+        self._parts.append(plain)
+        self._length += len(plain)
+        self._taken += len(run)
+        shift = self._taken - self._length
+        if self._at[-1] == self._length:
+            self._shift[-1] = shift
+        elif self._shift[-1] != shift:
+            self._at.append(self._length)
+            self._shift.append(shift)
+
+
+def _original_in(run: str, position: int) -> int:
+    """Where in ``run`` (as sent) the character at ``position`` of its plain form comes from: the character,
+    with its marks, whose plain form holds it."""
+    joins = _plain_form().joins
+    begin = plain = 0
+    for end in range(1, len(run) + 1):
+        if end == len(run) or run[end] not in joins:
+            plain += len(_plain_group(run[begin:end]))
+            if position < plain:
+                return begin
+            begin = end
+    return len(run) - 1
+
+
+def plain_form(text: str) -> str:
+    """``text`` as a block-list reads it (``PlainText``)."""
+    return text if text.isascii() else PlainText(text).text
+
+
 class Blocklist:
-    """The compiled entries of one policy. ``scan`` returns the first hit in ``text[start:]``: its entry's
-    line number and its character offset, never the matched words."""
+    """The compiled entries of one policy. ``scan`` returns the first hit in a text: its entry's line number and
+    its character offset, never the matched words. Words and phrases are compiled in their plain form, and every
+    text is read in it (``PlainText``)."""
 
     def __init__(self, text: str) -> None:
         entries = list(blocklist_entries(text))
-        words = [(line, value) for line, value, is_pattern in entries if not is_pattern]
+        words = [(line, _plain_entry(value)) for line, value, is_pattern in entries if not is_pattern]
+        words = [(line, value) for line, value in words if value]  # nothing visible left: it would match anywhere
         self._patterns = [(line, _re2_compile(value)) for line, value, is_pattern in entries if is_pattern]
         self._words_by_line = words
         self._line_of_word = {_folded(value): line for line, value in words}
@@ -81,37 +317,55 @@ class Blocklist:
     def __bool__(self) -> bool:
         return self._words is not None or bool(self._patterns)
 
-    def scan(self, text: str, *, start: int = 0, final: bool = True) -> Hit | None:
-        """The first entry found in ``text`` from ``start``. Not ``final`` (a stream's text so far), a match
-        that reaches the end of ``text`` is not counted yet: the next word may still make it part of a longer
-        one; the next scan re-reads it (its overlap covers the longest word)."""
-        return self.scan_open(text, start=start, final=final)[0]
+    def scan(self, text: str, *, final: bool = True) -> Hit | None:
+        """The first entry found in ``text``. Not ``final`` (a stream's text so far), a match that reaches the end
+        of ``text`` is not counted yet: the next word may still make it part of a longer one."""
+        return self.scan_open(PlainText(text, whole=final), final=final)[0]
 
     async def scan_whole(self, text: str) -> Hit | None:
         """The first entry found anywhere in ``text`` (a request's input, up to the body limit), read a window
         of ``SCAN_LIMIT_CHARS`` at a time: each window re-reads the last ``overlap`` characters of the one
         before, so a word across their seam is found, and the event loop is given back between windows, so a
         long input delays other requests by one window's scan at most. A single scan of the tail let a
-        blocked word through ahead of 200,000 characters of padding."""
-        start = 0
-        while True:
-            end = min(len(text), start + SCAN_LIMIT_CHARS)
-            hit = self.scan(text[:end] if end < len(text) else text, start=start, final=end == len(text))
-            if hit is not None or end == len(text):
-                return hit
-            start = end - self.overlap
-            await asyncio.sleep(0)
+        blocked word through ahead of 200,000 characters of padding. The windows are of the plain form, which
+        is itself taken a window of the text at a time: a character that grows in it (U+FDFA is 18 characters)
+        cannot push a word out of a window, nor invisible characters stretch one beyond the overlap."""
+        plain = PlainText(whole=False)
+        scanned = 0  # plain characters read
+        for begin in range(0, len(text), SCAN_LIMIT_CHARS):
+            plain.add(text[begin : begin + SCAN_LIMIT_CHARS])
+            whole = begin + SCAN_LIMIT_CHARS >= len(text)
+            if whole:
+                plain.close()
+            length = len(plain.text)
+            while True:
+                start = max(0, scanned - self.overlap)
+                end = min(length, start + SCAN_LIMIT_CHARS)
+                last = whole and end == length
+                hit, _ = self.scan_open(plain, start=start, end=end, final=last)
+                if hit is not None or last:
+                    return hit
+                scanned = min(end, plain.settled)
+                await asyncio.sleep(0)
+                if end == length:
+                    break
+        return None
 
-    def scan_open(self, text: str, *, start: int = 0, final: bool = True) -> tuple[Hit | None, bool]:
-        """``scan``, and whether a match reaching the end of ``text`` was left for the next scan (not
-        ``final``): the text so far may end in a hit, so a stream must not relay it yet."""
-        if len(text) - start > SCAN_LIMIT_CHARS:
-            start = len(text) - SCAN_LIMIT_CHARS
+    def scan_open(
+        self, plain: PlainText, *, start: int = 0, end: int | None = None, final: bool = True
+    ) -> tuple[Hit | None, bool]:
+        """The first entry found in ``plain.text[start:end]`` (a hit names its character in the text as sent), and
+        whether a match reaching ``end`` was left for the next scan (not ``final``): the text so far may end in a
+        hit, so a stream must not relay it yet. The next scan re-reads it (its overlap covers the longest word)."""
+        text = plain.text
+        end = len(text) if end is None else min(end, len(text))  # read as if the text ended there (no copy)
+        if end - start > SCAN_LIMIT_CHARS:
+            start = end - SCAN_LIMIT_CHARS
         found: tuple[int, int] | None = None  # (offset, entry line)
         open_at_end = False
         for line, regex in self._matchers():
-            for match in regex.finditer(text, start):
-                if not final and match.end() >= len(text):
+            for match in regex.finditer(text, start, end):
+                if not final and match.end() >= end:
                     open_at_end = True
                     continue
                 if line is None:
@@ -121,7 +375,8 @@ class Blocklist:
                 break
         if found is None:
             return None, open_at_end
-        return Hit(("blocklist",), f"entry {found[1]} at character {found[0]}"), open_at_end
+        where = f"entry {found[1]} at character {plain.original(found[0])}"
+        return Hit(("blocklist",), where), open_at_end
 
     def _line_matching(self, found: str) -> int:
         """The entry of a word found whose folded form is not the entry's: ``re.IGNORECASE`` matches "İ" (dotted
@@ -135,6 +390,11 @@ class Blocklist:
         if self._words is not None:
             yield None, self._words
         yield from self._patterns
+
+
+def _plain_entry(value: str) -> str:
+    """A word or phrase in its plain form, its words one space apart; empty when nothing visible is left."""
+    return " ".join(plain_form(value).split())
 
 
 def _folded(value: str) -> str:
@@ -181,9 +441,18 @@ def blocklist_problems(text: str) -> list[str]:
         problems.append(f"At most {MAX_ENTRIES} entries (this list has {len(entries)}).")
     for line, value, is_pattern in entries:
         if not is_pattern:
+            if not _plain_entry(value):
+                problems.append(f"Line {line}: only invisible characters, which the block-list ignores in a text.")
             continue
         if not value:
             problems.append(f"Line {line}: an empty pattern.")
+            continue
+        if plain_form(value) != value:
+            problems.append(
+                f"Line {line}: a pattern is matched against the plain form of a text (full-width letters, ligatures "
+                f"and other compatibility forms mapped to their plain letters, invisible characters left out): "
+                f"write it in that form (re:{plain_form(value)})."
+            )
             continue
         if len(value) > MAX_PATTERN_CHARS:
             problems.append(f"Line {line}: a pattern of at most {MAX_PATTERN_CHARS} characters.")

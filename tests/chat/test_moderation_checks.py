@@ -63,6 +63,97 @@ async def test_a_whole_input_is_scanned_however_long(where):
     assert await blocklist.scan_whole(padding + " forbiddenly") is None  # still whole words only
 
 
+# Unicode: what the block-list matches through. Each text shows the word "forbidden" to a reader.
+DISGUISED = {
+    "full-width": "say ｆｏｒｂｉｄｄｅｎ now",
+    "full-width capitals": "say ＦＯＲＢＩＤＤＥＮ now",
+    "zero-width space": "say for\u200bbidden now",
+    "zero-width joiners": "say f\u200do\u200cr\u2060bidden now",
+    "soft hyphen": "say for\u00adbid\u00adden now",
+    "bidi controls and a BOM": "say for\u202ebid\u202cden\ufeff now",
+    "variation selectors": "say f\ufe0fo\ufe0erbidden now",
+    "tag characters": "say forbid\U000e0041den now",
+    "mathematical bold": "say 𝐟𝐨𝐫𝐛𝐢𝐝𝐝𝐞𝐧 now",
+    "circled letters": "say ⓕⓞⓡⓑⓘⓓⓓⓔⓝ now",
+    "half full-width, half invisible": "say ｆｏｒ\u200b\u200bbidden now",
+}
+
+
+@pytest.mark.parametrize("text", DISGUISED.values(), ids=DISGUISED.keys())
+def test_a_blocked_word_is_found_through_width_compatibility_forms_and_invisible_characters(text):
+    """Full-width letters, compatibility forms and invisible characters (zero-width, soft hyphen, bidi
+    controls...) let a blocked word past the block-list, which read the text as it came."""
+    assert Blocklist("forbidden").scan(text).where == "entry 1 at character 4"
+
+
+def test_a_ligature_or_compatibility_form_in_the_text_or_the_list_is_matched():
+    assert Blocklist("filthy\nrule 1").scan("a ﬁlthy word").where == "entry 1 at character 2"
+    assert Blocklist("filthy\nrule 1").scan("see RULE ①").where == "entry 2 at character 4"
+    assert Blocklist("ｆｉｌ\u200bthy").scan("a filthy word").where == "entry 1 at character 2"
+
+
+def test_the_character_named_is_the_clients_after_characters_that_change_length():
+    # "① ﬁ" reads "1 fi" (one character longer) and each zero-width space is nothing: the hit is still named
+    # at its place in the text the client sent.
+    assert Blocklist("bad").scan("① ﬁ bad").where == "entry 1 at character 4"
+    assert Blocklist("bad").scan("\u200b\u200b\u200bﬁ bad").where == "entry 1 at character 5"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "for bidden",
+        "for-bidden",
+        "for.bidden",
+        "for\u00a0bidden",
+        "un\u200bforbidden",  # reads "unforbidden": not the word
+        "forbidden\u200bness",
+        "ｆｏｒｂｉｄｄｅｎｎｅｓｓ",
+        "fοrbidden",  # a Greek omicron: another script, not matched (docs/moderation.md)
+    ],
+)
+def test_what_is_not_the_word_is_still_not_matched(text):
+    assert Blocklist("forbidden").scan(text) is None
+
+
+def test_an_entry_that_is_only_invisible_characters_matches_nothing_and_is_refused():
+    blocklist = Blocklist("\u200b\u200d\nforbidden")
+
+    assert blocklist.scan("any text at all") is None
+    assert blocklist.scan("the forbidden word").where == "entry 2 at character 4"
+    (problem,) = blocklist_problems("\u200b\u200d\nforbidden")
+    assert problem.startswith("Line 1:") and "invisible" in problem
+
+
+def test_a_pattern_is_matched_against_the_plain_form_and_one_that_is_not_written_in_it_is_refused():
+    blocklist = Blocklist("re:secret\\s+plan")
+
+    assert blocklist.scan("our ＳＥＣＲＥＴ  p\u200blan").where == "entry 1 at character 4"
+    (problem,) = blocklist_problems("re:ｓｅｃｒｅｔ")
+    assert problem.startswith("Line 1:") and "re:secret" in problem
+
+
+@pytest.mark.parametrize("where", ["first", "seam", "last"])
+async def test_a_whole_input_is_scanned_in_its_plain_form_however_long(where):
+    """The windows are read in the plain form: a character that grows 18-fold (U+FDFA) cannot push a word out
+    of a window, and a word stretched by invisible characters across two windows' seam is found."""
+    blocklist = Blocklist("forbidden")
+    padding = "\ufdfa " * 60_000  # 120,000 characters, 1,140,000 in the plain form
+    stretched = "for" + "\u200b" * 5_000 + "bidden"
+    seam = SCAN_LIMIT_CHARS - 2_000
+    text = {
+        "first": "ｆｏｒｂｉｄｄｅｎ " + padding,
+        "seam": "lorem " * (seam // 6) + stretched + " " + "lorem " * 40_000,
+        "last": padding + " ｆｏｒｂｉｄｄｅｎ",
+    }[where]
+
+    hit = await blocklist.scan_whole(text)
+
+    at = {"first": 0, "seam": text.find("for"), "last": len(padding) + 1}[where]
+    assert hit is not None and hit.where == f"entry 1 at character {at}"
+    assert await blocklist.scan_whole(padding + " ｆｏｒｂｉｄｄｅｎｌｙ") is None
+
+
 @pytest.mark.parametrize(
     ("entry", "problem"),
     [
@@ -141,6 +232,49 @@ async def test_a_piece_ending_in_a_blocked_word_is_held_back_until_the_next_show
     assert await guard.feed(" adipiscing") is False
     with pytest.raises(ContentPolicyViolationError):
         await guard.feed(" elit")
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["lorem for", "\u200b", "bidden elit"],
+        ["lorem ｆｏｒ", "ｂｉｄ", "ｄｅｎ elit"],
+        ["lorem for\u00ad", "bid\u00ad", "den elit"],
+        ["lorem for", *["\u200b" * 100] * 50, "bidden elit"],  # 5,000 invisible characters between
+        ["lorem f\u200bo\u200br\u200bb", "i\u200bd\u200bd\u200be\u200bn", " elit"],
+    ],
+    ids=["zero-width", "full-width", "soft-hyphens", "long-invisible-run", "each-letter"],
+)
+async def test_a_disguised_term_split_over_pieces_is_found_and_never_relayed(pieces):
+    _, guard = guard_for(policy(blocklist="forbidden"))
+
+    relayed = []
+    with pytest.raises(ContentPolicyViolationError) as blocked:
+        for piece in pieces:
+            if await guard.feed(piece):
+                relayed.append(piece)
+        await guard.finish()
+
+    assert blocked.value.moderation == 'blocked output: blocklist (entry 1 at character 6), policy "p"'
+    assert Blocklist("forbidden").scan("".join(relayed), final=False) is None, "a relayed piece completed the word"
+
+
+async def test_a_disguised_blocked_word_ending_the_text_so_far_is_held_back():
+    _, guard = guard_for(policy(blocklist="forbidden"))
+
+    assert await guard.feed("lorem ｆｏｒｂｉｄｄｅｎ") is False
+    assert await guard.feed("\u200b") is False  # still "forbidden" so far: it may yet be "forbiddenly"
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.feed(" elit")
+
+
+async def test_a_disguised_word_at_the_end_of_a_reply_is_found_by_the_final_check():
+    _, guard = guard_for(policy(blocklist="forbidden"))
+
+    assert await guard.feed("lorem for\u200b") is True
+    assert await guard.feed("bidden\u200b") is False
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.finish()
 
 
 async def test_a_blocking_blocklist_scans_every_piece_whatever_its_interval():

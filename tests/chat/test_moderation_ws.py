@@ -72,3 +72,17 @@ async def test_a_reply_cut_by_the_block_list_is_kept_as_delivered_and_marked(ali
     record = await UsageRecord.objects.aget(user_id=alice.pk)
     assert record.completion_tokens == text_tokens(delivered) and record.cost > 0
     assert record.moderation.startswith("blocked output: blocklist")
+
+
+async def test_a_blocked_word_in_disguise_is_an_error_event_and_never_reaches_the_upstream(
+    alice, chat_model, socket_for, fake_upstream
+):
+    """Full-width letters and invisible characters took a blocked word past the block-list."""
+    await moderate(chat_model, blocklist="forbidden")
+    ws = await socket_for(alice)
+
+    await send(ws, chat_model, "a ｆｏｒ\u200bｂｉｄ\u00adｄｅｎ question")
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "content_policy_violation"
+    assert fake_upstream.requests_served("/v1/chat/completions") == 0

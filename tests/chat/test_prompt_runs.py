@@ -340,6 +340,30 @@ async def test_a_refused_run_gets_its_rejected_ledger_row(chat_model, fake_upstr
     assert fake_upstream.stats["requests"] == 0
 
 
+async def test_a_variable_with_a_blocked_word_in_disguise_is_refused_before_the_upstream(
+    chat_model, fake_upstream, alice_caller
+):
+    """Full-width letters and a zero-width space took a blocked word past the block-list (docs/moderation.md)."""
+    await sync_to_async(ad_template)()
+
+    def input_policy() -> None:
+        chat_model.moderation_policy = ModerationPolicy.objects.create(name="house", blocklist="forbidden")
+        chat_model.save()
+
+    await sync_to_async(input_policy)()
+
+    with pytest.raises(ApplicationError) as refused:
+        await prompt_run(
+            caller=alice_caller,
+            slug="search-ad",
+            variables={"product": "ｆｏｒ\u200bｂｉｄｄｅｎ rye"},
+            model=chat_model.name,
+        )
+
+    assert refused.value.status_code == 400 and refused.value.code == "content_policy_violation"
+    assert fake_upstream.stats["requests"] == 0
+
+
 # TEMPLATE VERSIONS AS AN EXPERIMENT'S VARIANTS
 
 

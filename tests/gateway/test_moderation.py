@@ -134,6 +134,40 @@ def test_block_list_entries_are_whole_words_any_case_and_patterns(gateway):
     assert gateway.upstream.requests_served(CHAT) == 1
 
 
+# Each reads "forbidden": full-width capitals, a zero-width space, soft hyphens, mathematical bold with a joiner.
+DISGUISED = ["ＦＯＲＢＩＤＤＥＮ", "for\u200bbidden", "for\u00adbid\u00adden", "𝐟𝐨𝐫\u2060𝐛𝐢𝐝𝐝𝐞𝐧"]
+
+
+@pytest.mark.parametrize("word", DISGUISED, ids=["full-width", "zero-width", "soft-hyphen", "math-bold"])
+def test_a_blocked_word_in_disguise_is_refused_on_both_apis(gateway, word):
+    """Full-width letters, compatibility forms and invisible characters took a blocked word past the block-list
+    and upstream; it is read in its plain form now."""
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+    policy_on("claude-test", blocklist="forbidden", check_output=False, name="claude-policy")
+    message = [{"role": "user", "content": f"Tell me the {word} word"}]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=message)
+    with pytest.raises(anthropic.BadRequestError) as refused_messages:
+        anthropic_client(gateway).messages.create(model="claude-test", max_tokens=50, messages=message)
+
+    assert refused.value.code == "content_policy_violation"
+    assert refused_messages.value.body["error"]["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served(CHAT) == 0
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.moderation == 'blocked input: blocklist (entry 1 at character 12), policy "policy-gpt-test"'
+
+
+def test_words_that_only_look_alike_after_normalising_are_not_refused(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+    client = gateway.client()
+
+    for text in ("un\u200bforbidden", "for bidden", "for-bidden", "ｆｏｒｂｉｄｄｅｎｎｅｓｓ"):
+        reply = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": text}])
+        assert reply.choices[0].message.content == f"Echo: {text}"
+
+
 def test_the_models_earlier_replies_are_not_checked_as_input(gateway):
     policy_on("gpt-test", blocklist="forbidden", check_output=False)
 
@@ -323,6 +357,21 @@ def test_a_blocked_word_ending_the_text_so_far_is_held_back_and_never_relayed(ga
     # The provider's usage had arrived: the generated tokens are billed, the withheld word included.
     record = wait_for_record(request_id)
     assert record.completion_tokens == len(split_tokens("ut labore")) and not record.usage_estimated
+
+
+@pytest.mark.parametrize("word", DISGUISED, ids=["full-width", "zero-width", "soft-hyphen", "math-bold"])
+def test_a_streamed_reply_with_a_blocked_word_in_disguise_is_cut_before_it(gateway, word):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    pieces: list[str] = []
+
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in gateway.client().chat.completions.create(
+            model="gpt-test", stream=True, messages=[{"role": "user", "content": f"[[reply=ut {word} elit]]"}]
+        ):
+            pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert "content policy" in cut.value.message
+    assert "".join(pieces) == "ut"
 
 
 def test_a_pattern_spanning_two_chunks_is_cut_before_its_end_is_relayed(gateway):
