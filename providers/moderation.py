@@ -52,8 +52,11 @@ SCAN_LIMIT_CHARS = 200_000
 # known): a pattern match longer than this that spans two checks is found only by the final check.
 PATTERN_OVERLAP_CHARS = 256
 # The OpenAI checker sees at most the last this many characters of a reply (its API's own input limit
-# is far larger, but the cost of a check grows with it).
+# is far larger, but the cost of a check grows with it: a stream asks again at each mark). A request's input
+# is sent whole, as several inputs of this many characters in one call, each re-reading the end of the one
+# before (``OPENAI_SEAM_CHARS``), so that a passage across their seam is read whole by one of them.
 OPENAI_INPUT_CHARS = 32_000
+OPENAI_SEAM_CHARS = 1_000
 
 
 class ModerationServiceError(Exception):
@@ -502,14 +505,21 @@ class PolicySnapshot:
         """The policy's verdict on ``text``; ``ModerationServiceError`` when the service gives none."""
         if self.is_blocklist:
             return await self.blocklist.scan_whole(text) if self.blocklist else None
-        return await self.ask_service(text)
+        return await self.ask_service(text, whole=True)
 
-    async def ask_service(self, text: str) -> Hit | None:
+    async def ask_service(self, text: str, *, whole: bool = False) -> Hit | None:
+        """The moderation service's verdict on the last ``OPENAI_INPUT_CHARS`` of ``text`` (a reply so far), or
+        on all of it (``whole``: a request's input, which read only the last ones let a passage ahead of them
+        through unchecked), in pieces of that size sent together."""
         if self.provider is None:
             raise ModerationServiceError(f"the policy {self.name!r} names no moderation provider")
+        inputs: str | list[str] = text[-OPENAI_INPUT_CHARS:]
+        if whole and len(text) > OPENAI_INPUT_CHARS:
+            step = OPENAI_INPUT_CHARS - OPENAI_SEAM_CHARS
+            inputs = [text[at : at + OPENAI_INPUT_CHARS] for at in range(0, len(text) - OPENAI_SEAM_CHARS, step)]
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                results = await adapter_for(self.provider).moderate(text[-OPENAI_INPUT_CHARS:], model=self.model)
+                results = await adapter_for(self.provider).moderate(inputs, model=self.model)
         except TimeoutError:
             raise ModerationServiceError(f"no answer within {self.timeout_seconds:g} seconds") from None
         except ProviderError as exc:

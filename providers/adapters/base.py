@@ -101,10 +101,10 @@ class BaseAdapter(ABC):
             code="embeddings_not_supported",
         )
 
-    async def moderate(self, text: str, *, model: str) -> list[dict[str, Any]]:
-        """Classify ``text`` with the provider's moderation model: OpenAI's ``results`` (each with
-        ``flagged``, ``categories`` and ``category_scores``). Default: not served; ``OpenAIAdapter``
-        overrides it (``/v1/moderations``)."""
+    async def moderate(self, text: str | list[str], *, model: str) -> list[dict[str, Any]]:
+        """Classify ``text`` (or each of several texts, in one call) with the provider's moderation model:
+        OpenAI's ``results``, one per text (each with ``flagged``, ``categories`` and ``category_scores``).
+        Default: not served; ``OpenAIAdapter`` overrides it (``/v1/moderations``)."""
         raise ProviderBadRequestError(
             f"The provider {self.config.name!r} ({self.config.kind}) does not serve moderation.",
             provider=self.config.name,

@@ -296,7 +296,7 @@ class OpenAIAdapter(BaseAdapter):
                     item["embedding"] = base64.b64encode(packed).decode()
         return response
 
-    async def moderate(self, text: str, *, model: str) -> list[dict[str, Any]]:
+    async def moderate(self, text: str | list[str], *, model: str) -> list[dict[str, Any]]:
         """Through the SDK's ``moderations.create``, read raw: the categories keep their wire names
         (``self-harm``, ``hate/threatening``) without a round trip through the SDK's model."""
         try:

@@ -459,6 +459,25 @@ def test_the_openai_checker_blocks_a_flagged_input_before_the_call(gateway):
     assert record.moderation == 'blocked input: violence, policy "policy-gpt-test"'
 
 
+def test_the_openai_checker_is_asked_about_the_whole_input_in_one_call(gateway):
+    """It was asked about the last 32,000 characters only: a flagged passage ahead of that much text went
+    upstream. The whole input goes now, as several inputs of at most 32,000 characters in the one call."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
+    text = "hello [flag:violence] " + "lorem ipsum " * 6_000  # 72,022 characters
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": text}])
+
+    assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
+    assert gateway.upstream.requests_served(CHAT) == 0
+    (moderated,) = [r["body"]["input"] for r in gateway.upstream.requests if r["path"] == MODERATIONS]
+    assert len(moderated) == 3 and all(len(part) <= 32_000 for part in moderated)
+    assert moderated[0].startswith("hello [flag:violence]") and moderated[-1].endswith(text[-1_000:])
+    clean = "hello" + " lorem ipsum" * 6_000
+    reply = gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": clean}])
+    assert reply.choices[0].message.content == f"Echo: {clean}"
+
+
 def test_the_openai_checker_lets_a_clean_input_through_and_counts_only_its_categories(gateway):
     policy_on("gpt-test", checker=ModerationChecker.OPENAI, categories=["self-harm"], check_output=False)
     client = gateway.client()
