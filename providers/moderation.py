@@ -118,7 +118,7 @@ class _PlainForm:
 @functools.cache
 def _plain_form() -> _PlainForm:
     """The character classes of the plain form, computed once a process from Python's Unicode database (about
-    a tenth of a second, the first time a text that is not ASCII is read)."""
+    0.2 s: the server's warm-up does it, ``llmhub.lifespan``)."""
     ignorable = {cp for low, high in _IGNORABLE_RANGES for cp in range(low, high + 1)}
     changes: set[int] = set()
     joins: set[int] = set(range(0x1160, 0x1200)) | set(range(0xD7B0, 0xD800))  # Hangul vowels and finals

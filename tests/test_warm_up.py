@@ -1,5 +1,6 @@
 """The lifespan's warm-up imports the URLconf before the first request (llmhub/lifespan.py): Django would
-otherwise import it, and every view module with it (SciPy among them), while the first requests wait."""
+otherwise import it, and every view module with it (SciPy among them), while the first requests wait. It builds
+the block-list's character tables too (docs/moderation.md), which the first text that is not ASCII waited for."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ asyncio.run(_warm_up())
 resolver = get_resolver()
 assert "url_patterns" in vars(resolver), "the URLconf was not imported"
 assert "chat.api_openai" in sys.modules and "experiments.apis" in sys.modules
+from providers.moderation import _plain_form
+assert _plain_form.cache_info().currsize == 1, "the block-list's character tables were not built"
 print("warm")
 """
 
 
-def test_the_warm_up_imports_the_urlconf_and_every_view(tmp_path):
+def test_the_warm_up_imports_the_urlconf_and_every_view_and_builds_the_blocklist_tables(tmp_path):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "llmhub.settings.test",
