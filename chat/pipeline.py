@@ -51,6 +51,7 @@ from providers.byok import (
     UserCredential,
     byok_bind,
     byok_in_use,
+    byok_key_failure,
     byok_missing,
     byok_only,
     byok_refused,
@@ -982,9 +983,9 @@ class CompletionRun:
                     break
                 except ProviderError as exc:
                     refused = byok_refused(target, exc)
-                    # A user's own key refused says nothing of the deployment: its breaker does not count it.
+                    # A failure of a user's own key says nothing of the deployment: its breaker does not count it.
                     self._ticket_close(
-                        _outcome(exc) if refused is exc else Outcome.NEUTRAL,
+                        Outcome.NEUTRAL if byok_key_failure(target, exc) else _outcome(exc),
                         error_type=exc.code or type(exc).__name__,
                     )
                     if refused is not exc:

@@ -25,7 +25,9 @@ from core.cache import TTLCache
 from .exceptions import (
     ProviderAuthenticationError,
     ProviderError,
+    ProviderNotFoundError,
     ProviderQuotaExhaustedError,
+    ProviderRateLimitError,
     UserKeyQuotaExhaustedError,
     UserKeyRefusedError,
 )
@@ -147,6 +149,19 @@ def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
         what + ". Replace it in your provider keys, or delete it to use the platform's key where allowed.",
         provider=provider.name,
         upstream_status=exc.upstream_status,
+    )
+
+
+def byok_key_failure(target: ResolvedModel, exc: ProviderError) -> bool:
+    """Whether ``exc``, met on ``target``, speaks of the user's own key rather than of the deployment: the key
+    refused (401, 403), its account's rate limit or quota (429: a provider limits an account, not the
+    deployment), or its account's access to the model (404: OpenAI's "does not exist or you do not have access
+    to it"). Such a failure does not count against the deployment's breaker, which serves everyone else on
+    the provider's key. A 5xx, a timeout or a cut connection says the same of the deployment on any key."""
+    if target.provider.credential_id is None:
+        return False
+    return isinstance(
+        exc, (ProviderAuthenticationError, ProviderRateLimitError, ProviderNotFoundError, UserKeyQuotaExhaustedError)
     )
 
 

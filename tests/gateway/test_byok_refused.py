@@ -209,6 +209,39 @@ def test_one_users_refused_key_does_not_open_the_breaker_for_everyone(setup):
     assert ProviderCredential.objects.get(owner=setup["alice"]).status == CredentialStatus.VALID
 
 
+@pytest.mark.parametrize("entry", ["chat", "chat-stream"])
+@pytest.mark.parametrize(
+    "fault",
+    ["status=429,retry_after=0", "404"],
+    ids=["own-key-rate-limited", "own-key-without-the-model"],
+)
+def test_one_users_rate_limited_or_model_less_own_key_does_not_open_the_breaker_for_everyone(setup, entry, fault):
+    """A 429 on a user's own key is their provider account's rate limit, and a 404 (OpenAI's "does not exist
+    or you do not have access to it") their account's access to the model: neither says anything of the
+    deployment, which serves everyone else on the platform's key. More of them than the breaker's failure
+    threshold, and another user is still served there."""
+    own = "sk-alice-own-limited-canary-0f1e2d3c"
+    httpx.post(setup["upstream"].base_url + "/__control", json={"accept_keys": [own]}, timeout=5).raise_for_status()
+    credential(setup["alice"], setup["optional"], key=own)
+    url, headers = setup["server"].url, {"Authorization": f"Bearer {setup['secret']}"}
+    body = {
+        "model": "opt-model",
+        "messages": [{"role": "user", "content": f"hello [[fault={fault}]]"}],
+        "stream": entry == "chat-stream",
+    }
+    for _ in range(settings.LLMHUB_BREAKER_FAILURES + 2):
+        response = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert response.status_code in (429, 502), response.text  # hers: her key's rate limit, its access
+        assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(own)
+
+    bob = UserFactory(username="bob")
+    client = openai.OpenAI(base_url=url + "/v1", api_key=api_key_create(user=bob, name="bob").secret, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="opt-model", messages=MESSAGES)
+
+    assert raw.parse().choices[0].message.content
+    assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(PLATFORM_KEY)
+
+
 def test_an_own_key_out_of_quota_is_the_users_429_and_the_platform_does_not_pay_instead(setup):
     """OpenAI's 429 insufficient_quota on the user's key: their account is empty. Not retried (no wait helps
     that key) and not moved to the provider's key (the platform would pay for what their account could not);
