@@ -88,7 +88,7 @@ def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) 
     credential = credentials.get(provider.id)
     if credential is None:
         return None if provider.byok == ByokMode.REQUIRED else target
-    bound = replace(provider, api_key=credential.api_key, credential_id=credential.id, credential_hint=credential.hint)
+    bound = provider.on_user_key(credential.api_key, credential_id=credential.id, hint=credential.hint)
     return replace(target, provider=bound)
 
 

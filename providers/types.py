@@ -29,6 +29,12 @@ class ProviderConfig:
     credential_id: int | None = None
     credential_hint: str = ""
 
+    def on_user_key(self, api_key: Secret, *, credential_id: int | None, hint: str) -> ProviderConfig:
+        """This provider with a user's own key in place of its own (bring your own key), and without its
+        ``organization``: that is the platform's account, which OpenAI refuses a key of another account with
+        (401 ``mismatched_organization``)."""
+        return replace(self, api_key=api_key, organization="", credential_id=credential_id, credential_hint=hint)
+
     @property
     def pool_key(self) -> tuple[int, int | None]:
         """One pooled client per provider and per user credential (``adapters.registry``)."""

@@ -169,10 +169,7 @@ def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | 
     """List the provider's models with ``api_key`` (free), on a one-off client that is closed afterwards:
     not the shared pool, whose clients a candidate key must never become."""
     config = replace(
-        provider_config(provider),
-        api_key=api_key,
-        credential_id=credential_id,
-        credential_hint=api_key.hint,
+        provider_config(provider).on_user_key(api_key, credential_id=credential_id, hint=api_key.hint),
         timeout=validation_timeout(),
     )
     try:

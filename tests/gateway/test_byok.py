@@ -191,6 +191,24 @@ def test_a_user_without_a_key_is_served_on_the_providers_key_when_own_keys_are_o
     assert_row(raw, source=BillingSource.PLATFORM, model="opt-model")
 
 
+def test_the_users_own_key_goes_out_without_the_platforms_openai_organization(world):
+    """The provider's ``organization`` is the platform's OpenAI organization: OpenAI refuses a key of another
+    account sent with it (401 ``mismatched_organization``), which would mark every user's key invalid. The
+    user's key goes out alone; the provider's key, still with it."""
+    provider = Provider.objects.get(name="optional-openai")
+    provider.organization = "org-platform0123456789"
+    provider.save()
+    chats = lambda: [r for r in world.upstream.requests if r["path"].endswith("/chat/completions")]  # noqa: E731
+
+    world.client(world.alice_key).chat.completions.create(model="opt-model", messages=MESSAGES)
+    world.client(world.bob_key).chat.completions.create(model="opt-model", messages=MESSAGES)
+
+    alices, bobs = chats()
+    assert alices["key_sha256"] == key_digest(ALICE_KEY) and "openai-organization" not in alices["headers"]
+    assert bobs["key_sha256"] == key_digest(PLATFORM_KEY)
+    assert bobs["headers"]["openai-organization"] == "org-platform0123456789"
+
+
 def test_a_provider_that_takes_no_own_keys_uses_its_own_key_even_for_a_user_who_has_one(world):
     own_key(world.alice, Provider.objects.get(name="platform-openai"))
 

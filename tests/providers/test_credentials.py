@@ -128,6 +128,21 @@ def test_a_key_is_checked_live_with_the_free_model_list_then_stored_encrypted_an
     assert key not in listed.content.decode()
 
 
+def test_a_key_is_checked_without_the_platforms_openai_organization(client, provider, upstream):
+    """OpenAI refuses a key sent with an organization it is not in (401 ``mismatched_organization``): checked
+    with the provider's, the platform's, every user's key would be refused as not valid."""
+    provider.organization = "org-platform0123456789"
+    provider.save()
+    key = new_key()
+    accept_keys(upstream, key)
+
+    response = client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json")
+
+    assert response.status_code == 201, response.content
+    (check,) = [r for r in upstream.requests if r["path"] == "/v1/models"]
+    assert check["key_sha256"] == key_digest(key) and "openai-organization" not in check["headers"]
+
+
 def test_replacing_a_key_checks_the_new_one_first_and_keeps_the_row(client, provider, upstream, alice):
     old, new = new_key(), new_key()
     accept_keys(upstream, old, new)
