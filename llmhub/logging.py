@@ -16,6 +16,12 @@ the WebSocket handshakes (``uvicorn.error``). llmhub refuses an API key sent in 
 client that sends one has put it in the URL all the same, and a log line is read by more people, and
 kept longer, than the request. The filter sits on those loggers themselves, not on a handler or a
 formatter, so it holds whatever log configuration the server was started with.
+
+The providers' SDKs log at DEBUG. The anthropic SDK writes every response's headers (``HTTP Response: …
+Headers({…})``): a provider or a proxy that echoes the key it was sent in a header (a user's own key, or
+the platform's) would have it written to the log. ``SdkResponseHeaderNames`` keeps only those headers'
+names; it sits on the SDKs' loggers (``SDK_LOGGERS``) through ``logging_settings``, so every process that
+configures Django's logging (the servers, the Celery workers that re-check users' keys) has it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
+
+import httpx2
 
 from core.request_context import request_id_current
 from core.tracing import trace_log_ids
@@ -55,6 +63,23 @@ def drop_query_strings_from_server_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, DropQueryStrings) for existing in logger.filters):
             logger.addFilter(DropQueryStrings())
+
+
+# The official SDKs' loggers of the requests they send and the responses they get (the openai one writes no
+# headers today; it is built by the same generator, so it gets the same filter).
+SDK_LOGGERS = ("anthropic._base_client", "openai._base_client")
+
+
+class SdkResponseHeaderNames(logging.Filter):
+    """Replaces a record's headers argument (the SDK's ``response.headers``) by their names only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(arg, httpx2.Headers) for arg in args):
+            record.args = tuple(
+                f"(headers: {', '.join(arg.keys())})" if isinstance(arg, httpx2.Headers) else arg for arg in args
+            )
+        return True
 
 
 class RequestIdFilter(logging.Filter):
@@ -119,7 +144,10 @@ def logging_settings(*, log_format: str, level: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": "llmhub.logging.RequestIdFilter"}},
+        "filters": {
+            "request_id": {"()": "llmhub.logging.RequestIdFilter"},
+            "sdk_header_names": {"()": "llmhub.logging.SdkResponseHeaderNames"},
+        },
         "formatters": {
             "text": {"()": "llmhub.logging.TextFormatter"},
             "json": {"()": "llmhub.logging.JsonFormatter"},
@@ -130,6 +158,7 @@ def logging_settings(*, log_format: str, level: str) -> dict[str, Any]:
             "django.db.backends": {"level": "WARNING"},
             "httpx": {"level": "WARNING"},
             "httpx2": {"level": "WARNING"},
+            **{name: {"filters": ["sdk_header_names"]} for name in SDK_LOGGERS},
         },
     }
     if log_format == "json":

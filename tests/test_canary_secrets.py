@@ -262,6 +262,85 @@ def echoing_upstream() -> Iterator[EchoingUpstream]:
     server.stop()
 
 
+class FailingEchoingUpstream(LoopbackHTTPServer):
+    """A provider (OpenAI's or Anthropic's protocol) that answers every call, the model list included, with
+    ``status`` and echoes the key it came with in its error's message and in a response header."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    def start(self) -> FailingEchoingUpstream:
+        status = self.status
+
+        class Handler(QuietHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = (self.headers.get("Authorization") or "").removeprefix("Bearer ") or self.headers.get(
+                    "x-api-key", ""
+                )
+                error = {"message": f"Something failed for the key {key}.", "type": "api_error", "param": None}
+                body = json.dumps({"type": "error", "error": error}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Retry-After", "0")
+                self.send_header("x-echo-key", key)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST
+
+        self.serve(Handler)
+        return self
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("status", [400, 429, 500])
+@pytest.mark.parametrize("kind", [ProviderKind.OPENAI, ProviderKind.ANTHROPIC])
+def test_a_users_own_key_a_failing_upstream_echoes_reaches_no_response_or_log_line(
+    llmhub_server, debug_logs, kind, status
+):
+    """Through either SDK (the anthropic one logs every response's headers at DEBUG), on every entry point and
+    when the key is checked: the key the upstream echoes back in its error and a header is in no answer and
+    no log line."""
+    prefix = "sk-ant-" if kind == ProviderKind.ANTHROPIC else "sk-"
+    own, candidate = (f"{prefix}echoed-canary-{secrets.token_hex(16)}" for _ in range(2))
+    server = FailingEchoingUpstream(status).start()
+    try:
+        base_url = server.origin + ("/v1" if kind == ProviderKind.OPENAI else "")
+        provider = ProviderFactory(name="echoing", kind=kind, base_url=base_url, byok=ByokMode.OPTIONAL)
+        ModelFactory(name="gpt-echoing", provider=provider, upstream_id="fake-gpt-4o-mini")
+        alice = UserFactory(username="alice")
+        credential = ProviderCredential.objects.create(owner=alice, provider=provider, api_key=own, hint="sk-…")
+        secret = api_key_create(user=alice, name="alice").secret
+        chat = {"model": "gpt-echoing", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+        answers = [
+            httpx.post(llmhub_server.url + path, json=body, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+            for path, body in (
+                ("/v1/chat/completions", chat),
+                ("/v1/chat/completions", {**chat, "stream": True}),
+                ("/v1/messages", chat),
+            )
+        ]
+        browser = Client()
+        browser.force_login(alice)
+        answers.append(
+            browser.post(
+                "/api/provider-keys/", {"provider": "echoing", "api_key": candidate}, content_type="application/json"
+            )
+        )
+        answers.append(browser.post(f"/api/provider-keys/{credential.pk}/validate/"))
+    finally:
+        server.stop()
+
+    assert all(answer.status_code >= 400 or b"error" in answer.content for answer in answers)
+    for answer in answers:
+        text = answer.content.decode() + str(answer.headers)
+        assert own not in text and candidate not in text
+    assert [line[:300] for line in debug_logs.lines if own in line or candidate in line] == []
+    assert any(line for line in debug_logs.lines if "HTTP Response" in line)  # the SDK's log was captured
+
+
 JWT_SECRET = f"jwt-signing-canary-{secrets.token_hex(24)}"
 ADMIN_KEY = f"sk-admin-canary-{secrets.token_hex(16)}"
 ECHOED_KEY = f"sk-echoed-canary-{secrets.token_hex(16)}"
