@@ -682,19 +682,22 @@ def _misconfigured(exc: ProviderError) -> bool:
     return isinstance(exc, (ProviderAuthenticationError, ProviderNotFoundError))
 
 
-def _request_at_fault(exc: ProviderError) -> bool:
+def _request_at_fault(exc: ProviderError, served: ResolvedModel | None = None) -> bool:
     """Whether a failure is the request's own doing and says nothing of the provider: a request found wrong
     (the provider's 400, context length, a translation refusing a field before any call, moderation
-    blocking the reply) or the user's own provider key refused or out of quota. Its ledger row is
+    blocking the reply) or, met on ``served`` (the attempt's target), a failure of the user's own provider
+    key (``byok_key_failure``: refused, out of quota, rate limited, without the model). Its ledger row is
     ``invalid``, not ``upstream_error``, and the deployment's breaker does not count it."""
-    return isinstance(exc, (ProviderBadRequestError, UserKeyRefusedError, UserKeyQuotaExhaustedError))
+    if isinstance(exc, (ProviderBadRequestError, UserKeyRefusedError, UserKeyQuotaExhaustedError)):
+        return True
+    return served is not None and byok_key_failure(served, exc)
 
 
-def _outcome(exc: ProviderError) -> str:
-    """What a failed attempt says about the deployment, for its breaker: a failure that is the request's
-    fault (``_request_at_fault``) says nothing, nor does moderation (its own service unavailable included);
-    anything else, the platform's bad credentials included, counts against it."""
-    if _request_at_fault(exc) or isinstance(exc, ModerationError):
+def _outcome(exc: ProviderError, served: ResolvedModel | None = None) -> str:
+    """What a failed attempt (on ``served``) says about the deployment, for its breaker: a failure that is
+    the request's fault (``_request_at_fault``) says nothing, nor does moderation (its own service
+    unavailable included); anything else, the platform's bad credentials included, counts against it."""
+    if _request_at_fault(exc, served) or isinstance(exc, ModerationError):
         return Outcome.NEUTRAL
     return Outcome.FAILURE
 
@@ -851,9 +854,9 @@ class CompletionRun:
             call.status = UsageStatus.OK
         except ProviderError as exc:
             call.error_type = exc.code or type(exc).__name__
-            if _request_at_fault(exc):
+            if _request_at_fault(exc, self.served):
                 call.status = UsageStatus.INVALID
-            self._ticket_close(_outcome(exc))
+            self._ticket_close(_outcome(exc, self.served))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             call.status = self._interrupted_status()
@@ -984,10 +987,7 @@ class CompletionRun:
                 except ProviderError as exc:
                     refused = byok_refused(target, exc)
                     # A failure of a user's own key says nothing of the deployment: its breaker does not count it.
-                    self._ticket_close(
-                        Outcome.NEUTRAL if byok_key_failure(target, exc) else _outcome(exc),
-                        error_type=exc.code or type(exc).__name__,
-                    )
+                    self._ticket_close(_outcome(exc, target), error_type=exc.code or type(exc).__name__)
                     if refused is not exc:
                         raise refused from exc
                     if not _retryable(exc):

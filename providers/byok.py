@@ -157,8 +157,9 @@ def byok_key_failure(target: ResolvedModel, exc: ProviderError) -> bool:
     refused (401, 403), its account's rate limit or quota (429: a provider limits an account, not the
     deployment), or its account's access to the model (404: OpenAI's "does not exist or you do not have access
     to it"). Such a failure does not count against the deployment's breaker, which serves everyone else on
-    the provider's key. A 5xx, a timeout or a cut connection says the same of the deployment on any key."""
-    if target.provider.credential_id is None:
+    the provider's key. A 5xx, a timeout or a cut connection says the same of the deployment on any key; an
+    error the provider did not answer (no ``upstream_status``: the deployments' own caps) is not the key's."""
+    if target.provider.credential_id is None or exc.upstream_status is None:
         return False
     return isinstance(
         exc, (ProviderAuthenticationError, ProviderRateLimitError, ProviderNotFoundError, UserKeyQuotaExhaustedError)

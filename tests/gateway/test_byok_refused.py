@@ -240,6 +240,9 @@ def test_one_users_rate_limited_or_model_less_own_key_does_not_open_the_breaker_
 
     assert raw.parse().choices[0].message.content
     assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(PLATFORM_KEY)
+    # Judged as the breaker judges them: hers, not the provider's failures; the error-rate alert counts none.
+    failed = settings.LLMHUB_BREAKER_FAILURES + 2
+    assert wait_for_ledger_rows(failed, user=setup["alice"], status=UsageStatus.INVALID) == failed
 
 
 def test_an_own_key_out_of_quota_is_the_users_429_and_the_platform_does_not_pay_instead(setup):
