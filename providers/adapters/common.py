@@ -280,8 +280,12 @@ def error_for_status(
             **kwargs,
         )
     if status == 429:
+        # On a user's own key (bring your own key), the limit is that key's account's, not the gateway's.
+        limited = "the gateway"
+        if config.credential_id is not None:
+            limited = f"your own API key {config.credential_hint}".strip()
         return ProviderRateLimitError(
-            f"The provider {name!r} is rate limiting the gateway: {message}",
+            f"The provider {name!r} is rate limiting {limited}: {message}",
             retry_after=retry_after_seconds(headers),
             **kwargs,
         )

@@ -245,6 +245,28 @@ def test_one_users_rate_limited_or_model_less_own_key_does_not_open_the_breaker_
     assert wait_for_ledger_rows(failed, user=setup["alice"], status=UsageStatus.INVALID) == failed
 
 
+@pytest.mark.parametrize("entry", ["chat", "chat-stream", "messages"])
+def test_an_own_key_rate_limited_is_said_to_be_the_users_key_not_the_gateway(setup, entry):
+    """The provider limits the account behind the user's own key: the 429 names that key by its hint, rather
+    than telling them the gateway is rate limited (which would send them to the platform's operators)."""
+    own = "sk-alice-own-limited-canary-5a6b7c8d"
+    httpx.post(setup["upstream"].base_url + "/__control", json={"accept_keys": [own]}, timeout=5).raise_for_status()
+    row = credential(setup["alice"], setup["optional"], key=own)
+    url, headers = setup["server"].url, {"Authorization": f"Bearer {setup['secret']}"}
+    content = "hello [[fault=status=429,retry_after=0]]"
+    if entry == "messages":
+        body = {"model": "opt-model", "max_tokens": 50, "messages": [{"role": "user", "content": content}]}
+        response = httpx.post(url + "/v1/messages", json=body, headers=headers, timeout=30)
+    else:
+        body = {"model": "opt-model", "messages": [{"role": "user", "content": content}], "stream": entry != "chat"}
+        response = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+    assert response.status_code == 429, response.text
+    message = response.json()["error"]["message"]
+    assert f"rate limiting your own API key {row.hint}" in message and "the gateway" not in message
+    assert own not in response.text
+
+
 def test_an_own_key_out_of_quota_is_the_users_429_and_the_platform_does_not_pay_instead(setup):
     """OpenAI's 429 insufficient_quota on the user's key: their account is empty. Not retried (no wait helps
     that key) and not moved to the provider's key (the platform would pay for what their account could not);
