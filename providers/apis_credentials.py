@@ -235,12 +235,13 @@ class ProviderCredentialValidateApi(APIView):
         description=(
             "Asks the provider for its model list with the key (free) and records the outcome in `status`, "
             "`status_detail` and `last_validated_at`. 502 `provider_key_unchecked` when the provider could not "
-            "be asked; the status is then left as it was."
+            "be asked; the status is then left as it was. 400 `provider_key_not_accepted`, with nothing sent, when "
+            "the provider is disabled or no longer takes users' keys."
         ),
         request=None,
         responses={
             200: ProviderCredentialOutputSerializer,
-            **error_responses(401, 404),
+            **error_responses(400, 401, 404),
             **_NOT_ALLOWED,
             **_CHECKS_LIMITED,
             502: OpenApiResponse(response=ErrorResponseSerializer, description="The provider could not be asked."),

@@ -181,6 +181,12 @@ def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | 
 
 
 def _not_accepted_check(provider: Provider) -> None:
+    """A provider switched off, or taking no users' keys, is sent none: neither to use nor to check."""
+    if not provider.enabled:
+        raise ProviderKeyNotAcceptedError(
+            f"The provider {provider.name!r} is disabled: its users' API keys are neither used nor checked.",
+            param="provider",
+        )
     if provider.byok == ByokMode.DISABLED:
         raise ProviderKeyNotAcceptedError(
             f"The provider {provider.name!r} does not accept users' own API keys.", param="provider"
@@ -285,7 +291,8 @@ def provider_credential_validate(*, credential: ProviderCredential) -> bool:
     """Re-check a stored key live and record the outcome (status, status_detail, last_validated_at).
     Returns whether the provider accepts it. Raises ``ProviderKeyUncheckedError`` when the provider could
     not be asked (unreachable, timing out, answering something else): the stored status is then left as it
-    is, since one failed call says nothing about the key."""
+    is, since one failed call says nothing about the key. Raises ``ProviderKeyNotAcceptedError`` (nothing
+    sent) when the provider is disabled or takes no users' keys."""
     return provider_credential_revalidate(credential=credential).valid
 
 
@@ -293,6 +300,7 @@ def provider_credential_revalidate(*, credential: ProviderCredential) -> Revalid
     """``provider_credential_validate``, also saying whether this check is the one that turned the key
     invalid (whose owner is then to be told)."""
     provider = credential.provider
+    _not_accepted_check(provider)
     checked_key = credential.api_key
     check = key_live_check(provider=provider, api_key=checked_key, credential_id=credential.pk)
     if not check.ok and not check.refused:

@@ -390,6 +390,27 @@ def test_revalidation_marks_a_key_the_provider_now_refuses_invalid_and_says_why(
     assert actions() == ["provider_key.add", "provider_key.validation_failed"]
 
 
+@pytest.mark.parametrize("closed", [{"enabled": False}, {"byok": ByokMode.DISABLED}], ids=["disabled", "no-own-keys"])
+def test_a_key_of_a_provider_closed_to_it_is_not_sent_there_to_be_checked(client, provider, upstream, alice, closed):
+    """The admin disabled the provider, or stopped it taking users' keys: the key can be used nowhere, and the
+    provider may no longer be one to send it to. Checking it again answers why (as adding one would) and
+    sends nothing; the daily check leaves such keys alone too."""
+    key = new_key()
+    accept_keys(upstream, key)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=key)
+    for field, value in closed.items():
+        setattr(provider, field, value)
+    provider.save()
+    accept_keys(upstream, key)  # and the request counts to zero
+
+    error = error_of(client.post(f"/api/provider-keys/{credential.pk}/validate/"), 400)
+
+    assert error["code"] == "provider_key_not_accepted" and error["param"] == "provider"
+    assert upstream.requests == []
+    credential.refresh_from_db()
+    assert credential.status == CredentialStatus.VALID
+
+
 def test_revalidation_of_an_unreachable_provider_leaves_the_status_as_it_was(client, provider, upstream, alice):
     key = new_key()
     accept_keys(upstream, key)
