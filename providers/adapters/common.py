@@ -178,7 +178,7 @@ R = TypeVar("R")
 BATCH_CALLS_AT_ONCE = 4
 
 
-# What an embeddings request may name as ``input_type`` (Cohere's words; LiteLLM's and LangChain's too), and
+# What an embeddings request may name as ``input_type`` (Cohere's field and words, which LiteLLM takes too), and
 # Gemini's ``taskType`` for each. A retrieval app embeds its documents as one and each question as the other.
 EMBEDDING_INPUT_TYPES = {
     "search_document": "RETRIEVAL_DOCUMENT",
