@@ -396,6 +396,8 @@ class _UsageTotalsSerializer(serializers.Serializer):
     requests = serializers.IntegerField()
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
+    cached_tokens = serializers.IntegerField(help_text="Prompt tokens read from the provider's prompt cache.")
+    cache_write_tokens = serializers.IntegerField(help_text="Prompt tokens written to the provider's prompt cache.")
     cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
 
 

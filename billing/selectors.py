@@ -140,6 +140,8 @@ _TOTALS = {
     "requests": Count("pk"),
     "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
     "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+    "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
+    "cache_write_tokens": Coalesce(Sum("cache_write_tokens"), 0),
     "cost": Coalesce(Sum("cost"), Decimal(0)),
 }
 

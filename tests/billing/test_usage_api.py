@@ -255,27 +255,57 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
         "requests": len(rows),
         "prompt_tokens": sum(row["prompt_tokens"] for row in rows),
         "completion_tokens": sum(row["completion_tokens"] for row in rows),
+        "cached_tokens": sum(row["cached_tokens"] for row in rows),
+        "cache_write_tokens": sum(row["cache_write_tokens"] for row in rows),
         "cost": str(sum(Decimal(row["cost"]) for row in rows)),
     }
     assert summary["total"]["cost"] == "1.2380678909"
     assert summary["by_day"] == [
-        {"day": "2025-03-01", "requests": 2, "prompt_tokens": 1300, "completion_tokens": 2400, "cost": "0.0035000001"},
-        {"day": "2025-03-02", "requests": 1, "prompt_tokens": 7, "completion_tokens": 0, "cost": "0.0000000007"},
+        {
+            "day": "2025-03-01",
+            "requests": 2,
+            "prompt_tokens": 1300,
+            "completion_tokens": 2400,
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "cost": "0.0035000001",
+        },
+        {
+            "day": "2025-03-02",
+            "requests": 1,
+            "prompt_tokens": 7,
+            "completion_tokens": 0,
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "cost": "0.0000000007",
+        },
         {
             "day": "2025-03-03",
             "requests": 2,
             "prompt_tokens": 50_000,
             "completion_tokens": 60_000,
+            "cached_tokens": 10_000,
+            "cache_write_tokens": 4_000,
             "cost": "1.2345678901",
         },
     ]
     assert summary["by_model"] == [
-        {"model": "claude-test", "requests": 2, "prompt_tokens": 300, "completion_tokens": 400, "cost": "0.0020000001"},
+        {
+            "model": "claude-test",
+            "requests": 2,
+            "prompt_tokens": 300,
+            "completion_tokens": 400,
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "cost": "0.0020000001",
+        },
         {
             "model": "gpt-test",
             "requests": 3,
             "prompt_tokens": 51_007,
             "completion_tokens": 62_000,
+            "cached_tokens": 10_000,
+            "cache_write_tokens": 4_000,
             "cost": "1.2360678908",
         },
     ]
@@ -287,7 +317,14 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
 def test_summary_takes_the_same_filters(client, ledger):
     summary = client.get("/api/usage/summary/", {"key": ledger["work"].prefix, "model": "gpt-test"}).json()
 
-    assert summary["total"] == {"requests": 1, "prompt_tokens": 1000, "completion_tokens": 2000, "cost": "0.0015000000"}
+    assert summary["total"] == {
+        "requests": 1,
+        "prompt_tokens": 1000,
+        "completion_tokens": 2000,
+        "cached_tokens": 0,
+        "cache_write_tokens": 0,
+        "cost": "0.0015000000",
+    }
     assert [entry["day"] for entry in summary["by_day"]] == ["2025-03-01"]
     assert [entry["model"] for entry in summary["by_model"]] == ["gpt-test"]
 
@@ -307,7 +344,14 @@ def test_summary_of_nothing_is_zero(client, ledger):
     summary = client.get("/api/usage/summary/", {"start": "2030-01-01"}).json()
 
     assert summary == {
-        "total": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": "0.0000000000"},
+        "total": {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "cost": "0.0000000000",
+        },
         "by_day": [],
         "by_model": [],
     }
@@ -318,3 +362,25 @@ def test_anonymous_callers_get_401():
         response = APIClient().get(path)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_summary_sums_prompt_cache_reads_and_writes(client, alice):
+    # A user tuning prompt caching reads how much of their prompts came from the cache and how much was
+    # written to it (priced apart from the rest), per day and model, as each row gives them.
+    UsageRecordFactory(user=alice, created_at=at(5), model_name="claude-test", prompt_tokens=900, cached_tokens=600)
+    UsageRecordFactory(
+        user=alice, created_at=at(5), model_name="claude-test", prompt_tokens=1200, cache_write_tokens=1000
+    )
+    UsageRecordFactory(user=alice, created_at=at(6), model_name="gpt-test", prompt_tokens=50, cached_tokens=32)
+
+    summary = client.get("/api/usage/summary/").json()
+
+    assert (summary["total"]["cached_tokens"], summary["total"]["cache_write_tokens"]) == (632, 1000)
+    assert [(d["day"], d["cached_tokens"], d["cache_write_tokens"]) for d in summary["by_day"]] == [
+        ("2025-03-05", 600, 1000),
+        ("2025-03-06", 32, 0),
+    ]
+    assert [(m["model"], m["cached_tokens"], m["cache_write_tokens"]) for m in summary["by_model"]] == [
+        ("claude-test", 600, 1000),
+        ("gpt-test", 32, 0),
+    ]
