@@ -1,7 +1,9 @@
 """``/api/audit/``: the audit log for staff (``is_staff``), newest first, filtered, as JSON pages or CSV.
 
-Authentication is whatever the other ``/api/`` endpoints take (a gateway key of a staff user, a JWT, the web
-session); anyone else gets 403. Reading the log is not itself recorded.
+Authentication is whatever the other ``/api/`` endpoints take (the web session, a JWT, a gateway key); anyone
+else gets 403. A gateway key reads it only if it holds the ``audit:read`` scope and its owner is staff: a key
+handed to an app, perhaps limited to one model, must not read who did what across the whole installation
+because its owner happens to be staff. Reading the log is not itself recorded.
 """
 
 from __future__ import annotations
@@ -24,7 +26,31 @@ from .models import ActorType
 from .selectors import AuditFilters, audit_event_list
 
 _TAG = ["Audit log"]
-_STAFF_ONLY = {403: OpenApiResponse(response=ErrorResponseSerializer, description="Only staff may read the audit log.")}
+_STAFF_ONLY = {
+    403: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description="Only staff may read the audit log; with an API key, only one holding the `audit:read` scope.",
+    )
+}
+# What the schema says of a gateway key on these endpoints.
+_KEY_NEEDS_SCOPE = " An API key needs the `audit:read` scope (and its owner must be staff)."
+# The scope a gateway key needs (``billing.models.KeyScope.AUDIT_READ``), spelled out here because audit sits
+# below billing.
+AUDIT_READ_SCOPE = "audit:read"
+
+
+class CanReadAuditLog(permissions.BasePermission):
+    """Staff may read the log by session or JWT; a gateway key (the principal with ``scopes``, ``billing``'s
+    ``KeyPrincipal``) only with ``audit:read``, its owner still staff (checked by ``IsAdminUser`` beside it)."""
+
+    message = (
+        "This API key may not read the audit log: only a key created with the audit:read scope may (its owner "
+        "must be staff), or a staff member from the web session."
+    )
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        scopes = getattr(request.auth, "scopes", None)
+        return scopes is None or AUDIT_READ_SCOPE in scopes
 
 
 class AuditPagination(LimitOffsetPagination):
@@ -90,7 +116,7 @@ def _wants_csv(request: Request) -> bool:
 
 
 class _AuditApi(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = [permissions.IsAdminUser, CanReadAuditLog]
     renderer_classes = [renderers.JSONRenderer]
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
@@ -111,7 +137,7 @@ class AuditEventListApi(_AuditApi):
         description=(
             "Newest first. Who did what to which object, from which address, with `changes` as field: "
             "[old, new] (secrets masked). `?format=csv` answers every matching event as CSV, as "
-            "`/api/audit/export.csv` does."
+            "`/api/audit/export.csv` does." + _KEY_NEEDS_SCOPE
         ),
         parameters=[AuditFilterSerializer],
         responses={200: AuditEventOutputSerializer(many=True), **error_responses(400, 401), **_STAFF_ONLY},
@@ -132,6 +158,7 @@ class AuditEventExportApi(_AuditApi):
         summary="Export audit events as CSV (staff)",
         description=(
             "Every matching event, newest first, one row each: the columns of the JSON list, `changes` as JSON."
+            + _KEY_NEEDS_SCOPE
         ),
         parameters=[AuditFilterSerializer],
         responses={

@@ -167,7 +167,8 @@ class ApiKeyListCreateApi(APIView):
             help_text="`keys:manage` lets the key create keys (never with more than it has) and revoke them; "
             "`conversations:manage` lets it read and manage all of its owner's conversations (without it, only the "
             "ones it and the keys created under it started); `usage:read` lets it read all of its owner's usage "
-            "(without it, only its own and that of the keys created under it).",
+            "(without it, only its own and that of the keys created under it); `audit:read` lets it read the audit log "
+            "while its owner is staff (without it, no key does).",
         )
 
     @extend_schema(

@@ -29,6 +29,9 @@ class KeyScope(models.TextChoices):
     CONVERSATIONS = "conversations:manage", "Read and manage all of the owner's conversations"
     # Without it a key reads only its own subtree's ledger rows (``billing.apis``, ``usage_record_list``).
     USAGE_READ = "usage:read", "Read all of the owner's usage"
+    # Without it no key reads the audit log, whoever owns it; with it, only while its owner is staff
+    # (``audit.apis``).
+    AUDIT_READ = "audit:read", "Read the audit log"
 
 
 class ApiKey(models.Model):

@@ -19,8 +19,10 @@ from audit.context import AuditOrigin, audit_origin
 from audit.exports import CSV_COLUMNS
 from audit.models import AuditChainHead, AuditEvent
 from audit.services import audit_record, audit_verify
+from billing.models import KeyScope
 from billing.services.keys import api_key_create
-from tests.factories import UserFactory
+from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
+from tests.factories import ModelFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -251,10 +253,59 @@ def test_the_api_is_for_staff_only(recorded):
     assert APIClient().get("/api/audit/").status_code == 401
 
 
-def test_a_staff_users_gateway_key_reads_the_log(recorded):
-    staffer = UserFactory(username="ops", is_staff=True)
-    key = api_key_create(user=staffer, name="ops")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key.secret}")
+AUDIT_URLS = ("/api/audit/", "/api/audit/?format=csv", "/api/audit/export.csv")
 
-    assert client.get("/api/audit/", {"action": "provider_key.add"}).json()["count"] == 1
+
+def key_client(secret: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    return client
+
+
+def test_a_staff_users_gateway_key_reads_the_log_only_with_the_audit_read_scope(recorded):
+    """A key handed to an app (here limited to one model) must not read the whole audit log because its owner
+    is staff: it needs ``audit:read``, and its owner must still be staff."""
+    staffer = UserFactory(username="ops", is_staff=True)
+    model = ModelFactory(name="only-model")
+    plain = api_key_create(user=staffer, name="app", allowed_models=[model])
+    reader = api_key_create(user=staffer, name="auditor", scopes=[KeyScope.AUDIT_READ])
+
+    for url in AUDIT_URLS:
+        refused = key_client(plain.secret).get(url)
+        assert refused.status_code == 403, url
+        assert refused["Content-Type"].startswith("application/json")
+        assert "audit:read" in refused.json()["error"]["message"]
+    assert key_client(reader.secret).get("/api/audit/", {"action": "provider_key.add"}).json()["count"] == 1
+    mine = {"until": "2026-11-04"}  # the recorded three, not the events of making the keys
+    assert [row["seq"] for row in rows(key_client(reader.secret).get("/api/audit/export.csv", mine))] == ["3", "2", "1"]
+    as_csv = key_client(reader.secret).get("/api/audit/", {"format": "csv", **mine})
+    assert [row["seq"] for row in rows(as_csv)] == ["3", "2", "1"]
+
+    staffer.is_staff = False
+    staffer.save()
+    for url in AUDIT_URLS:
+        assert key_client(reader.secret).get(url).status_code == 403, url
+
+
+def test_a_staff_person_reads_the_log_with_a_session_or_a_jwt(staff_client, recorded, jwt_on):  # noqa: F811
+    assert staff_client.get("/api/audit/").json()["count"] == 3
+    token = jwt_on.token(sub="admin-1", preferred_username="root", role="admin")
+    response = APIClient().get("/api/audit/", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 200, response.content
+    assert response.json()["count"] >= 3
+
+
+def test_the_scope_is_offered_and_documented(admin_client):
+    page = admin_client.get("/admin/billing/apikey/add/").content.decode()
+    assert 'value="audit:read"' in page and "Read the audit log" in page
+    schema = admin_client.get("/api/schema/", {"format": "json"}).json()
+    assert "audit:read" in schema["components"]["schemas"]["ScopesEnum"]["enum"]
+    for path in ("/api/audit/", "/api/audit/export.csv"):
+        assert "audit:read" in schema["paths"][path]["get"]["description"]
+
+
+def test_the_keys_page_offers_the_scope_to_staff_only(staff_client):
+    assert 'id="key-audit"' in staff_client.get("/keys/").content.decode()
+    member = Client()
+    member.force_login(UserFactory(username="member"))
+    assert 'id="key-audit"' not in member.get("/keys/").content.decode()

@@ -505,6 +505,27 @@ async def test_the_keys_page_gives_a_key_all_usage_only_when_asked(site, browser
     await page.close()
 
 
+async def test_the_keys_page_gives_a_staff_users_key_the_audit_log_only_when_asked(site, browser, user):
+    """No key reads the audit log without ``audit:read``; the page offers it to staff."""
+    user.is_staff = True
+    await user.asave(update_fields=["is_staff"])
+    page = await browser.new_page(viewport={"width": 1280, "height": 760})
+    await sign_in(page, site)
+    await page.goto(site.url + "/keys/")
+    await page.get_by_label("Name").fill("app")
+    await page.get_by_role("button", name="Create key").click()
+    await expect(page.locator("#keys-body tr", has_text="app")).to_be_visible()
+    await page.get_by_label("Name").fill("auditor")
+    await page.get_by_label("Can read the audit log").check()
+    await page.get_by_role("button", name="Create key").click()
+    row = page.locator("#keys-body tr", has_text="auditor")
+    await expect(row).to_contain_text("reads the audit log")
+    await expect(page.get_by_label("Can read the audit log")).not_to_be_checked()
+    scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
+    assert scopes == {"app": [], "auditor": ["audit:read"]}
+    await page.close()
+
+
 async def pause_clock(page: Page) -> None:
     """Stop the page's fake clock about where it is: no timer fires until ``page.clock.resume()``."""
     for _ in range(3):

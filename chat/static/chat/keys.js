@@ -10,6 +10,8 @@
   const manageInput = $("key-manage");
   const conversationsInput = $("key-conversations");
   const usageInput = $("key-usage");
+  // Offered to staff only (the page leaves it out for others).
+  const auditInput = $("key-audit");
   const createButton = $("create-key-button");
   const createError = $("create-error");
   const secretBox = $("new-secret");
@@ -37,6 +39,7 @@
     if ((key.scopes || []).includes("keys:manage")) notes.push("manages keys");
     if ((key.scopes || []).includes("conversations:manage")) notes.push("reads all conversations");
     if ((key.scopes || []).includes("usage:read")) notes.push("reads all usage");
+    if ((key.scopes || []).includes("audit:read")) notes.push("reads the audit log");
     if (key.parent) notes.push("created by a key");
     if (notes.length) {
       const note = document.createElement("small");
@@ -126,6 +129,7 @@
       if (manageInput.checked) request.scopes.push("keys:manage");
       if (conversationsInput.checked) request.scopes.push("conversations:manage");
       if (usageInput.checked) request.scopes.push("usage:read");
+      if (auditInput && auditInput.checked) request.scopes.push("audit:read");
       const created = await api("/api/keys/", { method: "POST", body: request });
       secretValue.textContent = created.secret;
       secretBox.hidden = false;
@@ -134,6 +138,7 @@
       manageInput.checked = false;
       conversationsInput.checked = false;
       usageInput.checked = false;
+      if (auditInput) auditInput.checked = false;
       await loadKeys();
     } catch (error) {
       createError.textContent = error.message;
