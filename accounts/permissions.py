@@ -52,24 +52,44 @@ CanViewOwnUsage = role_permission(Capability.VIEW_OWN_USAGE)
 CanViewAllUsage = role_permission(Capability.VIEW_ALL_USAGE)
 CanManageExperiments = role_permission(Capability.MANAGE_EXPERIMENTS)
 
-# The scope a gateway key needs to manage keys (``billing.models.KeyScope.KEYS_MANAGE``), spelled out here
-# because accounts sits below billing.
+# The scopes a gateway key needs (``billing.models.KeyScope``), spelled out here because accounts sits below
+# billing.
 KEYS_MANAGE_SCOPE = "keys:manage"
+EXPERIMENTS_MANAGE_SCOPE = "experiments:manage"
 
 
-class CanManageKeys(permissions.BasePermission):
-    """A person (web session, JWT) may manage their keys, gateway and provider keys alike; a gateway key only
-    if it holds the ``keys:manage`` scope: a key that may only call models must not read, replace or delete
-    its owner's keys. A gateway key is the principal with ``scopes`` (``billing``'s ``KeyPrincipal``)."""
+class KeyScopePermission(permissions.BasePermission):
+    """Lets a person (web session, JWT) through, and a gateway key only if it holds ``scope``: a key handed to
+    an app must not do what its owner may unless it was given the right. A gateway key is the principal with
+    ``scopes`` (``billing``'s ``KeyPrincipal``). The owner's role is checked by a ``RolePermission`` beside it."""
 
+    scope: str = ""
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        scopes = getattr(request.auth, "scopes", None)
+        return scopes is None or self.scope in scopes
+
+
+class CanManageKeys(KeyScopePermission):
+    """A person may manage their keys, gateway and provider keys alike; a gateway key only with ``keys:manage``:
+    a key that may only call models must not read, replace or delete its owner's keys."""
+
+    scope = KEYS_MANAGE_SCOPE
     message = (
         "This API key may not manage keys: only a key created with the keys:manage scope may, "
         "or the account owner from the web session."
     )
 
-    def has_permission(self, request: Any, view: Any) -> bool:
-        scopes = getattr(request.auth, "scopes", None)
-        return scopes is None or KEYS_MANAGE_SCOPE in scopes
+
+class KeyMayManageExperiments(KeyScopePermission):
+    """An operator's or admin's key only with ``experiments:manage``: experiments steer every user's traffic on
+    a model, and their results sum every user's ledger rows."""
+
+    scope = EXPERIMENTS_MANAGE_SCOPE
+    message = (
+        "This API key may not manage experiments: only a key created with the experiments:manage scope may "
+        "(its owner an operator or admin), or the operator from the web session."
+    )
 
 
 class NotAReplacedSecret(permissions.BasePermission):
@@ -91,6 +111,18 @@ class NotAReplacedSecret(permissions.BasePermission):
         return getattr(request.auth, "rotated_out_at", None) is None
 
 
+# Who may manage experiments (/api/experiments/), and the 403 the API schema names for the refusal.
+EXPERIMENT_MANAGEMENT = [permissions.IsAuthenticated, CanManageExperiments, KeyMayManageExperiments]
+EXPERIMENT_MANAGEMENT_FORBIDDEN = {
+    403: OpenApiResponse(
+        response=ErrorResponseSerializer,
+        description=(
+            "Your role may not manage experiments (operators and admins), or the API key lacks the "
+            "`experiments:manage` scope."
+        ),
+    )
+}
+
 # Who may manage keys (gateway keys on /api/keys/, provider keys on /api/provider-keys/), and the 403 the API
 # schema names for the refusal.
 KEY_MANAGEMENT = [permissions.IsAuthenticated, CanManageOwnKeys, CanManageKeys, NotAReplacedSecret]
@@ -106,6 +138,9 @@ KEY_MANAGEMENT_FORBIDDEN = {
 
 
 __all__ = [
+    "EXPERIMENTS_MANAGE_SCOPE",
+    "EXPERIMENT_MANAGEMENT",
+    "EXPERIMENT_MANAGEMENT_FORBIDDEN",
     "KEYS_MANAGE_SCOPE",
     "KEY_MANAGEMENT",
     "KEY_MANAGEMENT_FORBIDDEN",
@@ -115,6 +150,8 @@ __all__ = [
     "CanManageOwnKeys",
     "CanViewAllUsage",
     "CanViewOwnUsage",
+    "KeyMayManageExperiments",
+    "KeyScopePermission",
     "NotAReplacedSecret",
     "Role",
     "RolePermission",

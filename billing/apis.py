@@ -168,7 +168,8 @@ class ApiKeyListCreateApi(APIView):
             "`conversations:manage` lets it read and manage all of its owner's conversations (without it, only the "
             "ones it and the keys created under it started); `usage:read` lets it read all of its owner's usage "
             "(without it, only its own and that of the keys created under it); `audit:read` lets it read the audit log "
-            "while its owner is staff (without it, no key does).",
+            "while its owner is staff (without it, no key does); `experiments:manage` lets it manage experiments and "
+            "read their results while its owner's role may (without it, no key does).",
         )
 
     @extend_schema(

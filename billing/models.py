@@ -32,6 +32,9 @@ class KeyScope(models.TextChoices):
     # Without it no key reads the audit log, whoever owns it; with it, only while its owner is staff
     # (``audit.apis``).
     AUDIT_READ = "audit:read", "Read the audit log"
+    # Without it no key manages experiments or reads their results, whoever owns it; with it, only while its
+    # owner's role may (``accounts.permissions.EXPERIMENT_MANAGEMENT``).
+    EXPERIMENTS_MANAGE = "experiments:manage", "Manage experiments and read their results"
 
 
 class ApiKey(models.Model):

@@ -1,9 +1,11 @@
 """``/api/experiments/``: A/B experiments for staff (operators and admins: ``Capability.MANAGE_EXPERIMENTS``).
 
-Authenticated like every /api/ endpoint (web session, a staff user's gateway key, or a JWT); a signed-in
-user whose role may not manage experiments gets 403, anonymous callers 401/403 as elsewhere. Errors use
-the project's JSON shape (``core.exception_handlers``), a 400 naming the field at fault in ``error.param``
-(``variants.1.deployment``). Every change is recorded in the audit log by the service that makes it.
+Authenticated like every /api/ endpoint (web session, a JWT, or a staff user's gateway key holding the
+``experiments:manage`` scope: automation may run experiments, but not every key of an operator); a signed-in
+user whose role may not manage experiments, or a key without the scope, gets 403, anonymous callers 401/403
+as elsewhere. Errors use the project's JSON shape (``core.exception_handlers``), a 400 naming the field at
+fault in ``error.param`` (``variants.1.deployment``). Every change is recorded in the audit log by the service
+that makes it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_serializer
-from rest_framework import permissions, renderers, serializers, status
+from rest_framework import renderers, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.permissions import CanManageExperiments
+from accounts.permissions import EXPERIMENT_MANAGEMENT, EXPERIMENT_MANAGEMENT_FORBIDDEN
 from billing.apis import BoundedPagination
-from core.openapi import ErrorResponseSerializer, error_responses
+from core.openapi import error_responses
 
 from .models import AllocationStep, Experiment, ExperimentStatus, Variant
 from .results import experiment_results
@@ -47,12 +49,8 @@ from .services import (
 from .services_definition import experiment_create, experiment_delete, experiment_update
 
 _TAG = ["Experiments"]
-_STAFF_ONLY = {
-    403: OpenApiResponse(
-        response=ErrorResponseSerializer, description="Your role may not manage experiments (operators and admins)."
-    )
-}
-_PERMISSIONS = [permissions.IsAuthenticated, CanManageExperiments]
+# What the schema says of a gateway key on every operation.
+_KEY_NEEDS_SCOPE = " An API key needs the `experiments:manage` scope (and its owner an operator's or admin's role)."
 
 
 def _experiments() -> Any:
@@ -78,16 +76,20 @@ class ExperimentFilterSerializer(serializers.Serializer):
 
 
 class ExperimentListCreateApi(APIView):
-    permission_classes = _PERMISSIONS
+    permission_classes = EXPERIMENT_MANAGEMENT
     pagination_class = BoundedPagination
 
     @extend_schema(
         tags=_TAG,
         operation_id="experiments_list",
         summary="List experiments (staff)",
-        description="Newest first, with their variants and rollout steps.",
+        description="Newest first, with their variants and rollout steps." + _KEY_NEEDS_SCOPE,
         parameters=[ExperimentFilterSerializer],
-        responses={200: ExperimentOutputSerializer(many=True), **error_responses(401), **_STAFF_ONLY},
+        responses={
+            200: ExperimentOutputSerializer(many=True),
+            **error_responses(401),
+            **EXPERIMENT_MANAGEMENT_FORBIDDEN,
+        },
     )
     def get(self, request: Request) -> Response:
         filters = ExperimentFilterSerializer(data=request.query_params)
@@ -111,10 +113,10 @@ class ExperimentListCreateApi(APIView):
             "model as routed (neither), optionally with a prompt version and parameter overrides, and an "
             "allocation in percent (together at most 100; the rest is the untouched share). `steps` is an "
             "optional gradual rollout: allocations applied at `at`, or when advanced by hand. Start it with "
-            "`POST /api/experiments/{id}/start/`."
+            "`POST /api/experiments/{id}/start/`." + _KEY_NEEDS_SCOPE
         ),
         request=ExperimentCreateSerializer,
-        responses={201: ExperimentOutputSerializer, **error_responses(400, 401), **_STAFF_ONLY},
+        responses={201: ExperimentOutputSerializer, **error_responses(400, 401), **EXPERIMENT_MANAGEMENT_FORBIDDEN},
     )
     def post(self, request: Request) -> Response:
         serializer = ExperimentCreateSerializer(data=request.data)
@@ -124,13 +126,14 @@ class ExperimentListCreateApi(APIView):
 
 
 class ExperimentDetailApi(APIView):
-    permission_classes = _PERMISSIONS
+    permission_classes = EXPERIMENT_MANAGEMENT
 
     @extend_schema(
         tags=_TAG,
         operation_id="experiments_retrieve",
         summary="Retrieve an experiment (staff)",
-        responses={200: ExperimentOutputSerializer, **error_responses(401, 404), **_STAFF_ONLY},
+        description=_KEY_NEEDS_SCOPE.strip(),
+        responses={200: ExperimentOutputSerializer, **error_responses(401, 404), **EXPERIMENT_MANAGEMENT_FORBIDDEN},
     )
     def get(self, request: Request, experiment_id: int) -> Response:
         return Response(ExperimentOutputSerializer(_experiment_or_404(experiment_id)).data)
@@ -145,10 +148,14 @@ class ExperimentDetailApi(APIView):
             "cannot be retargeted (its deployment, target model, "
             "prompt version, overrides and control flag stay: 400), only its `allocation` changes, which moves "
             "as few users as possible and is recorded in the audit log. `steps` replaces the rollout steps not "
-            "yet applied."
+            "yet applied." + _KEY_NEEDS_SCOPE
         ),
         request=ExperimentUpdateSerializer,
-        responses={200: ExperimentOutputSerializer, **error_responses(400, 401, 404), **_STAFF_ONLY},
+        responses={
+            200: ExperimentOutputSerializer,
+            **error_responses(400, 401, 404),
+            **EXPERIMENT_MANAGEMENT_FORBIDDEN,
+        },
     )
     def patch(self, request: Request, experiment_id: int) -> Response:
         experiment = _experiment_or_404(experiment_id)
@@ -174,8 +181,9 @@ class ExperimentDetailApi(APIView):
         tags=_TAG,
         operation_id="experiments_destroy",
         summary="Delete an experiment (staff)",
-        description="A draft or concluded one only (400 otherwise). Its ledger rows keep the experiment's id.",
-        responses={204: None, **error_responses(400, 401, 404), **_STAFF_ONLY},
+        description="A draft or concluded one only (400 otherwise). Its ledger rows keep the experiment's id."
+        + _KEY_NEEDS_SCOPE,
+        responses={204: None, **error_responses(400, 401, 404), **EXPERIMENT_MANAGEMENT_FORBIDDEN},
     )
     def delete(self, request: Request, experiment_id: int) -> Response:
         experiment_delete(experiment=_experiment_or_404(experiment_id), actor=request.user)
@@ -184,15 +192,19 @@ class ExperimentDetailApi(APIView):
 
 def _transition_api(service: Any, *, action: str, summary: str, description: str) -> type[APIView]:
     class TransitionApi(APIView):
-        permission_classes = _PERMISSIONS
+        permission_classes = EXPERIMENT_MANAGEMENT
 
         @extend_schema(
             tags=_TAG,
             operation_id=f"experiments_{action}",
             summary=summary,
-            description=description,
+            description=description + _KEY_NEEDS_SCOPE,
             request=None,
-            responses={200: ExperimentOutputSerializer, **error_responses(400, 401, 404), **_STAFF_ONLY},
+            responses={
+                200: ExperimentOutputSerializer,
+                **error_responses(400, 401, 404),
+                **EXPERIMENT_MANAGEMENT_FORBIDDEN,
+            },
         )
         def post(self, request: Request, experiment_id: int) -> Response:
             experiment = _experiment_or_404(experiment_id)
@@ -235,7 +247,7 @@ ExperimentAdvanceApi = _transition_api(
 
 
 class ExperimentPromoteApi(APIView):
-    permission_classes = _PERMISSIONS
+    permission_classes = EXPERIMENT_MANAGEMENT
 
     @extend_schema_serializer(component_name="ExperimentPromote")
     class InputSerializer(serializers.Serializer):
@@ -248,9 +260,14 @@ class ExperimentPromoteApi(APIView):
         description=(
             "Its allocation becomes 100 % and every other variant's 0 %, so every user of the model gets it; "
             "the rollout's remaining steps no longer apply. Recorded in the audit log as `experiment.promote`."
+            + _KEY_NEEDS_SCOPE
         ),
         request=InputSerializer,
-        responses={200: ExperimentOutputSerializer, **error_responses(400, 401, 404), **_STAFF_ONLY},
+        responses={
+            200: ExperimentOutputSerializer,
+            **error_responses(400, 401, 404),
+            **EXPERIMENT_MANAGEMENT_FORBIDDEN,
+        },
     )
     def post(self, request: Request, experiment_id: int) -> Response:
         experiment = _experiment_or_404(experiment_id)
@@ -359,7 +376,7 @@ class ResultsOutputSerializer(serializers.Serializer):
 
 
 class ExperimentResultsApi(APIView):
-    permission_classes = _PERMISSIONS
+    permission_classes = EXPERIMENT_MANAGEMENT
     renderer_classes = [renderers.JSONRenderer]
 
     def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
@@ -377,14 +394,14 @@ class ExperimentResultsApi(APIView):
             "error rate, latency p50/p95 and mean, time to first token, mean cost and cost per positive answer, "
             "each with an interval, and against the control a verdict per metric (`better`, `worse`, `unknown` "
             "with `samples_needed`) by an anytime-valid test, so it may be looked at as often as wanted; the "
-            "`winner`; a per-day series. `?format=csv`: one row per variant and metric."
+            "`winner`; a per-day series. `?format=csv`: one row per variant and metric." + _KEY_NEEDS_SCOPE
         ),
         parameters=[OpenApiParameter("format", str, enum=["json", "csv"], description="`csv` for a CSV file.")],
         responses={
             200: ResultsOutputSerializer,
             (200, "text/csv"): OpenApiResponse(response=OpenApiTypes.STR, description="CSV with a header row."),
             **error_responses(401, 404),
-            **_STAFF_ONLY,
+            **EXPERIMENT_MANAGEMENT_FORBIDDEN,
         },
     )
     def get(self, request: Request, experiment_id: int) -> Any:

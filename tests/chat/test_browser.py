@@ -505,8 +505,9 @@ async def test_the_keys_page_gives_a_key_all_usage_only_when_asked(site, browser
     await page.close()
 
 
-async def test_the_keys_page_gives_a_staff_users_key_the_audit_log_only_when_asked(site, browser, user):
-    """No key reads the audit log without ``audit:read``; the page offers it to staff."""
+async def test_the_keys_page_gives_a_staff_users_key_the_staff_apis_only_when_asked(site, browser, user):
+    """No key reads the audit log without ``audit:read``, nor manages experiments without
+    ``experiments:manage``; the page offers them to staff (an operator)."""
     user.is_staff = True
     await user.asave(update_fields=["is_staff"])
     page = await browser.new_page(viewport={"width": 1280, "height": 760})
@@ -521,8 +522,12 @@ async def test_the_keys_page_gives_a_staff_users_key_the_audit_log_only_when_ask
     row = page.locator("#keys-body tr", has_text="auditor")
     await expect(row).to_contain_text("reads the audit log")
     await expect(page.get_by_label("Can read the audit log")).not_to_be_checked()
+    await page.get_by_label("Name").fill("automation")
+    await page.get_by_label("Can manage experiments").check()
+    await page.get_by_role("button", name="Create key").click()
+    await expect(page.locator("#keys-body tr", has_text="automation")).to_contain_text("manages experiments")
     scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
-    assert scopes == {"app": [], "auditor": ["audit:read"]}
+    assert scopes == {"app": [], "auditor": ["audit:read"], "automation": ["experiments:manage"]}
     await page.close()
 
 

@@ -14,7 +14,8 @@ from django.test import Client
 
 from accounts.roles import Role, role_set
 from audit.models import AuditEvent
-from billing.models import UsageRecord
+from billing.models import KeyScope, UsageRecord
+from billing.services.keys import api_key_create
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback
 from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
@@ -73,6 +74,20 @@ def post(client, path, data=None):
     return client.post(path, data or {}, content_type="application/json")
 
 
+ENDPOINTS = [
+    ("get", "", None),
+    ("patch", "", {"description": "x"}),
+    ("delete", "", None),
+    ("post", "start/", {}),
+    ("post", "pause/", {}),
+    ("post", "conclude/", {}),
+    ("post", "advance/", {}),
+    ("post", "promote/", {"variant": "green"}),
+    ("get", "results/", None),
+    ("get", "results/?format=csv", None),
+]
+
+
 def test_a_member_gets_403_and_an_anonymous_caller_is_refused(client, model):
     assert client.get(URL).status_code in (401, 403)
     signed_in(client, Role.MEMBER)
@@ -84,21 +99,7 @@ def test_a_member_gets_403_and_an_anonymous_caller_is_refused(client, model):
 
 
 @pytest.mark.parametrize("role", [Role.MEMBER, Role.VIEWER])
-@pytest.mark.parametrize(
-    ("method", "suffix", "data"),
-    [
-        ("get", "", None),
-        ("patch", "", {"description": "x"}),
-        ("delete", "", None),
-        ("post", "start/", {}),
-        ("post", "pause/", {}),
-        ("post", "conclude/", {}),
-        ("post", "advance/", {}),
-        ("post", "promote/", {"variant": "green"}),
-        ("get", "results/", None),
-        ("get", "results/?format=csv", None),
-    ],
-)
+@pytest.mark.parametrize(("method", "suffix", "data"), ENDPOINTS)
 def test_every_endpoint_refuses_members_and_viewers(client, model, role, method, suffix, data):
     signed_in(client, Role.OPERATOR)
     created = create(client)
@@ -124,6 +125,82 @@ def test_an_operator_with_a_jwt_may_and_a_member_with_one_may_not(client, model,
     assert response.status_code == 200
     member_token = jwt_on.token(sub="m-1", preferred_username="mem", role="member")
     assert client.get(URL, HTTP_AUTHORIZATION=f"Bearer {member_token}").status_code == 403
+
+
+def as_key(client, secret: str, method: str, path: str, data=None):
+    return getattr(client, method)(path, data, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {secret}")
+
+
+@pytest.mark.parametrize(("method", "suffix", "data"), ENDPOINTS)
+def test_an_operators_key_without_experiments_manage_gets_403_everywhere(client, model, method, suffix, data):
+    """A key handed to an app must not run experiments on everyone's traffic, nor read results that sum every
+    user's ledger rows, because its owner is an operator: it needs the ``experiments:manage`` scope."""
+    operator = signed_in(client, Role.OPERATOR)
+    created = create(client)
+    client.logout()
+    plain = api_key_create(user=operator, name="app", allowed_models=[model]).secret
+
+    response = as_key(client, plain, method, f"{URL}{created['id']}/{suffix}", data)
+
+    assert response.status_code == 403
+    assert "experiments:manage" in response.json()["error"]["message"]
+    experiment = Experiment.objects.get(pk=created["id"])
+    assert experiment.status == "draft" and experiment.promoted_variant_id is None and experiment.description == ""
+    for method_, path in (("get", URL), ("post", URL)):
+        refused = as_key(client, plain, method_, path, body(name="other") if method_ == "post" else None)
+        assert refused.status_code == 403
+    assert Experiment.objects.count() == 1
+
+
+def test_an_operators_key_with_experiments_manage_runs_the_whole_lifecycle(client, model):
+    operator = UserFactory(username="ops")
+    role_set(operator, Role.OPERATOR)
+    secret = api_key_create(user=operator, name="automation", scopes=[KeyScope.EXPERIMENTS_MANAGE]).secret
+
+    created = as_key(client, secret, "post", URL, body())
+    assert created.status_code == 201, created.json()
+    path = f"{URL}{created.json()['id']}/"
+    assert as_key(client, secret, "get", URL).json()["count"] == 1
+    assert as_key(client, secret, "post", path + "start/").json()["status"] == "running"
+    assert as_key(client, secret, "post", path + "promote/", {"variant": "green"}).status_code == 200
+    assert as_key(client, secret, "get", path + "results/").status_code == 200
+    assert as_key(client, secret, "post", path + "conclude/").json()["status"] == "concluded"
+    assert AuditEvent.objects.filter(action="experiment.promote").exists()
+
+
+def test_the_scope_gives_a_member_nothing(client, model):
+    member = UserFactory(username="member")
+    role_set(member, Role.MEMBER)
+    secret = api_key_create(user=member, name="automation", scopes=[KeyScope.EXPERIMENTS_MANAGE]).secret
+
+    response = as_key(client, secret, "get", URL)
+
+    assert response.status_code == 403
+    assert "operators" in response.json()["error"]["message"]
+
+
+def test_the_scope_is_offered_and_documented(admin_client):
+    page = admin_client.get("/admin/billing/apikey/add/").content.decode()
+    assert 'value="experiments:manage"' in page and "Manage experiments" in page
+    schema = admin_client.get("/api/schema/", {"format": "json"}).json()
+    assert "experiments:manage" in schema["components"]["schemas"]["ScopesEnum"]["enum"]
+    operations = [
+        operation
+        for path, item in schema["paths"].items()
+        if path.startswith(URL)
+        for operation in item.values()
+        if isinstance(operation, dict) and "operationId" in operation
+    ]
+    assert len(operations) == 11
+    assert all("experiments:manage" in operation["description"] for operation in operations)
+
+
+def test_the_keys_page_offers_the_scope_to_those_who_may_manage_experiments(client):
+    signed_in(client, Role.OPERATOR)
+    assert 'id="key-experiments"' in client.get("/keys/").content.decode()
+    client.logout()
+    signed_in(client, Role.MEMBER)
+    assert 'id="key-experiments"' not in client.get("/keys/").content.decode()
 
 
 def test_the_list_filters_by_status_and_model_and_refuses_a_bad_filter(client, operator, model):
@@ -543,12 +620,11 @@ def test_fuzzed_requests_by_an_operator_get_no_server_error_and_match_the_schema
     import schemathesis
     from schemathesis import GenerationMode
 
-    from billing.services.keys import api_key_create
     from tests.test_fuzz import CHECKS, operation_failures
 
     user = UserFactory(username="fuzz-operator")
     role_set(user, Role.OPERATOR)
-    key = api_key_create(user=user, name="fuzz").secret
+    key = api_key_create(user=user, name="fuzz", scopes=[KeyScope.EXPERIMENTS_MANAGE]).secret
     client = Client()
     client.force_login(user)
     create(client)

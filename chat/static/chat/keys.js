@@ -10,8 +10,9 @@
   const manageInput = $("key-manage");
   const conversationsInput = $("key-conversations");
   const usageInput = $("key-usage");
-  // Offered to staff only (the page leaves it out for others).
+  // Offered only to those whose role may use them (the page leaves them out for others).
   const auditInput = $("key-audit");
+  const experimentsInput = $("key-experiments");
   const createButton = $("create-key-button");
   const createError = $("create-error");
   const secretBox = $("new-secret");
@@ -40,6 +41,7 @@
     if ((key.scopes || []).includes("conversations:manage")) notes.push("reads all conversations");
     if ((key.scopes || []).includes("usage:read")) notes.push("reads all usage");
     if ((key.scopes || []).includes("audit:read")) notes.push("reads the audit log");
+    if ((key.scopes || []).includes("experiments:manage")) notes.push("manages experiments");
     if (key.parent) notes.push("created by a key");
     if (notes.length) {
       const note = document.createElement("small");
@@ -130,6 +132,7 @@
       if (conversationsInput.checked) request.scopes.push("conversations:manage");
       if (usageInput.checked) request.scopes.push("usage:read");
       if (auditInput && auditInput.checked) request.scopes.push("audit:read");
+      if (experimentsInput && experimentsInput.checked) request.scopes.push("experiments:manage");
       const created = await api("/api/keys/", { method: "POST", body: request });
       secretValue.textContent = created.secret;
       secretBox.hidden = false;
@@ -139,6 +142,7 @@
       conversationsInput.checked = false;
       usageInput.checked = false;
       if (auditInput) auditInput.checked = false;
+      if (experimentsInput) experimentsInput.checked = false;
       await loadKeys();
     } catch (error) {
       createError.textContent = error.message;
