@@ -2,9 +2,11 @@
 ``x-request-id``: thumbs up or down, or a score (``"metric"`` names one of several), with a comment.
 
 A plain async view on the lean handler like the rest of /v1 (``chat.api_openai``): a gateway key or a JWT,
-OpenAI's error shape. A request id that is not the caller's, another user's or one that does not exist,
-answers the same 404. The rating makes no model call, so like ``/v1/models`` it gets no ledger row: the
-ledger holds priced calls, and a row per rating would count as requests in every usage figure."""
+OpenAI's error shape. A person (JWT) rates any of their requests; a gateway key only those made by itself or
+by a key created under it (``experiments.services_feedback.request_is_users``). A request id out of the
+caller's reach, another user's, another key's or one that does not exist, answers the same 404. The rating
+makes no model call, so like ``/v1/models`` it gets no ledger row: the ledger holds priced calls, and a row per
+rating would count as requests in every usage figure."""
 
 from __future__ import annotations
 
@@ -146,7 +148,9 @@ async def feedback_create(request: HttpRequest) -> HttpResponse:
     try:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         given = feedback_input(parse_body(request))
-        if not await request_is_users(request_id=given.request_id, user_id=caller.user_id):
+        if not await request_is_users(
+            request_id=given.request_id, user_id=caller.user_id, api_key_id=caller.api_key_id
+        ):
             raise RequestNotFoundError(
                 f"No request '{given.request_id}' of yours was found (one that has just ended may take a "
                 "moment to be recorded: retry shortly).",

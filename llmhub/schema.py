@@ -181,8 +181,10 @@ def _openai_compatible_paths() -> dict[str, Any]:
                 "description": (
                     "Thumbs up or down, or a score (optionally named by `metric`), on a request of the caller's "
                     "own, named by the `x-request-id` its answer carried; with an optional comment. One "
-                    "rating per request and metric: a second one replaces it (200; 201 when new). A request "
-                    "id that is not the caller's, another user's or an unknown one, answers 404. Not billed."
+                    "rating per request and metric: a second one replaces it (200; 201 when new). A person "
+                    "(JWT) rates any of their requests; an API key only those made by itself or by the keys "
+                    "created under it. A request id out of the caller's reach (another user's, another key's) "
+                    "or an unknown one answers the same 404. Not billed."
                 ),
                 "tags": [_TAG],
                 "security": security,

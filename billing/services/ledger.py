@@ -60,11 +60,11 @@ logger = logging.getLogger("llmhub.ledger")
 # Rows submitted and not yet committed, with their admissions, by request id, from every loop of this process.
 _unwritten: dict[str, tuple[UsageData, Admission | None]] = {}
 _unwritten_lock = threading.Lock()
-# Who made the rows this process spooled (request id: user id), the newest ``LLMHUB_LEDGER_QUEUE_MAX`` of them,
-# until this process's replay writes them: a client that rates its request while the row waits in the spool
-# (the queue passed its bound, or the database refused the batch) still made it (``usage_unwritten_user``).
-# An id and a user, not the row: the point of spilling is that the rows' memory has a bound.
-_spooled_users: OrderedDict[str, int | None] = OrderedDict()
+# Who made the rows this process spooled (request id: (user id, key id)), the newest ``LLMHUB_LEDGER_QUEUE_MAX``
+# of them, until this process's replay writes them: a client that rates its request while the row waits in the
+# spool (the queue passed its bound, or the database refused the batch) still made it (``usage_unwritten_maker``).
+# An id and its makers, not the row: the point of spilling is that the rows' memory has a bound.
+_spooled_makers: OrderedDict[str, tuple[int | None, int | None]] = OrderedDict()
 BATCH_SIZE = 500
 # Loops of servers that have begun to shut down: rows settled on them from then on (streams cut by the
 # shutdown) are spooled at once, since such a loop may not live long enough to run another task.
@@ -152,16 +152,18 @@ def usage_unwritten(request_id: str) -> UsageData | None:
     return None if entry is None else entry[0]
 
 
-def usage_unwritten_user(request_id: str) -> int | None:
-    """The user of ``request_id``'s row if this process made the row and it is not in the ledger yet: queued
-    for the writer, or spooled by this process and not replayed by it (``_spooled_users``). None when it is
-    neither, or its row names no user yet (kept under its key's hash: attributed when it is written). A client
-    may ask about its request (to rate it) the moment its reply ends, before the row is in the ledger."""
+def usage_unwritten_maker(request_id: str) -> tuple[int, int | None] | None:
+    """The user and the gateway key (None: a person's request) of ``request_id``'s row if this process made the
+    row and it is not in the ledger yet: queued for the writer, or spooled by this process and not replayed by
+    it (``_spooled_makers``). None when it is neither, or its row names no user yet (kept under its key's hash:
+    attributed when it is written). A client may ask about its request (to rate it) the moment its reply ends,
+    before the row is in the ledger."""
     with _unwritten_lock:
         entry = _unwritten.get(request_id)
-        if entry is None:
-            return _spooled_users.get(request_id)
-    return entry[0].user_id
+        maker = _spooled_makers.get(request_id) if entry is None else (entry[0].user_id, entry[0].api_key_id)
+    if maker is None or maker[0] is None:
+        return None
+    return maker[0], maker[1]
 
 
 class _Writer:
@@ -430,14 +432,14 @@ def _spool(*rows: UsageData) -> None:
 def _spool_entries(entries: Collection[tuple[UsageData, Admission | None]]) -> None:
     """One JSON line a row: its fields, and under ``admission`` what settling its reservation needs. The
     lines are made as they are written, not all first (``spool_append``). Once they are on disk, their users
-    are remembered (``usage_unwritten_user``), before the rows leave ``_unwritten``."""
+    and keys are remembered (``usage_unwritten_maker``), before the rows leave ``_unwritten``."""
     spool_append(_spool_line(data, admission) for data, admission in entries)
     bound = settings.LLMHUB_LEDGER_QUEUE_MAX
     with _unwritten_lock:
         for data, _ in entries:
-            _spooled_users[data.request_id] = data.user_id
-        while len(_spooled_users) > bound:
-            _spooled_users.popitem(last=False)
+            _spooled_makers[data.request_id] = (data.user_id, data.api_key_id)
+        while len(_spooled_makers) > bound:
+            _spooled_makers.popitem(last=False)
 
 
 def _spool_line(data: UsageData, admission: Admission | None) -> str:
@@ -486,7 +488,7 @@ def ledger_replay_spool() -> int:
 def _spooled_forget(request_ids: Iterable[str]) -> None:
     with _unwritten_lock:
         for request_id in request_ids:
-            _spooled_users.pop(request_id, None)
+            _spooled_makers.pop(request_id, None)
 
 
 def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple[str, UsageData]], bool]:

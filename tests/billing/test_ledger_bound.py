@@ -95,17 +95,26 @@ async def test_a_slow_database_spools_what_passes_the_bound_and_every_row_is_wri
     assert not ledger._unwritten
 
 
-async def test_the_users_of_spilled_rows_are_known_until_the_replay_writes_them(settings, slow_database):
-    """A client may rate its request while its row waits in the spool: who made the row is still known
-    (``usage_unwritten_user``), for the newest ``LLMHUB_LEDGER_QUEUE_MAX`` rows spooled, and forgotten once the
-    replay has written them."""
+async def test_the_makers_of_spilled_rows_are_known_until_the_replay_writes_them(settings, slow_database):
+    """A client may rate its request while its row waits in the spool: who made the row, the user and the key
+    (a key rates only its own subtree's requests), is still known (``usage_unwritten_maker``), for the newest
+    ``LLMHUB_LEDGER_QUEUE_MAX`` rows spooled, and forgotten once the replay has written them."""
     from asgiref.sync import sync_to_async
 
+    from billing.services.keys import api_key_create
     from tests.factories import UserFactory
 
     user = await sync_to_async(UserFactory)()
+    key = (await sync_to_async(api_key_create)(user=user, name="app")).api_key
     submitted = [
-        UsageData(request_id=f"bound-{next(_ids)}", endpoint="rest", stream=False, status="ok", user_id=user.pk)
+        UsageData(
+            request_id=f"bound-{next(_ids)}",
+            endpoint="rest",
+            stream=False,
+            status="ok",
+            user_id=user.pk,
+            api_key_id=key.pk,
+        )
         for _ in range(2 * BOUND)
     ]
     writer = None
@@ -117,17 +126,17 @@ async def test_the_users_of_spilled_rows_are_known_until_the_replay_writes_them(
     spooled = set(spooled_ids())
     newest = [data.request_id for data in submitted if data.request_id in spooled][-BOUND:]
     assert newest and not any(ledger.usage_unwritten(request_id) for request_id in newest)
-    assert all(ledger.usage_unwritten_user(request_id) == user.pk for request_id in newest)
+    assert all(ledger.usage_unwritten_maker(request_id) == (user.pk, key.pk) for request_id in newest)
     held = [data.request_id for data, _ in [*writer.in_flight, *writer.queue]]
-    assert all(ledger.usage_unwritten_user(request_id) == user.pk for request_id in held)
-    assert len(ledger._spooled_users) <= BOUND
+    assert all(ledger.usage_unwritten_maker(request_id) == (user.pk, key.pk) for request_id in held)
+    assert len(ledger._spooled_makers) <= BOUND
 
     slow_database.set()
     await asyncio.wait_for(ledger_flush(), timeout=30)
     assert await rows_written("bound-", len(submitted)) >= len(submitted)
     await wait_until_async(lambda: not spool_pending(), "the spool replayed", timeout=5, interval=0.01)
     assert not spool_pending()
-    assert not any(ledger.usage_unwritten_user(data.request_id) for data in submitted)
+    assert not any(ledger.usage_unwritten_maker(data.request_id) for data in submitted)
 
 
 async def test_a_flush_waits_for_a_spill_on_its_way_to_the_spool(settings, slow_database, monkeypatch):

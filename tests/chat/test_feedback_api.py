@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from billing.models import UsageRecord
+from billing.models import ApiKey, UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush, usage_unwritten
 from billing.services.spool import spool_rows
@@ -168,15 +168,13 @@ def test_the_rating_itself_is_not_a_ledger_row(site, alice_key):
     assert list(UsageRecord.objects.values_list("request_id", flat=True)) == [request_id]
 
 
-def test_any_key_of_the_owner_may_rate_and_nobody_else(site, alice, alice_key, bob_key):
+def test_another_users_request_is_refused_like_an_unknown_one(site, alice_key, bob_key):
     request_id = site.completion(alice_key)
-    other_key_of_alice = api_key_create(user=alice, name="alice's second").secret
 
     unknown_id = "req_" + uuid.uuid4().hex
     by_bob, by_bob_took = timed(lambda: site.feedback(bob_key, {"request_id": request_id, "thumbs": "down"}))
     unknown, unknown_took = timed(lambda: site.feedback(bob_key, {"request_id": unknown_id, "thumbs": "down"}))
     made_up = site.feedback(bob_key, {"request_id": "not-an-id-of-ours", "thumbs": "down"})
-    by_alice = site.feedback(other_key_of_alice, {"request_id": request_id, "thumbs": "up"})
 
     for refused in (by_bob, unknown, made_up):
         assert_openai_error(refused, 404, "request_id", "not_found")
@@ -187,8 +185,71 @@ def test_any_key_of_the_owner_may_rate_and_nobody_else(site, alice, alice_key, b
     # Nor how long the answer took: an unknown id is waited for (its row may be on its way), and so is
     # another user's.
     assert by_bob_took >= LEDGER_WAIT_SECONDS and unknown_took >= LEDGER_WAIT_SECONDS
-    assert by_alice.status_code == 201
-    assert Feedback.objects.get().value == 1.0
+    assert not Feedback.objects.exists()
+
+
+def test_a_key_rates_only_the_requests_of_its_own_subtree(site, alice):
+    """A key handed to an app must not rate, or replace the rating of, another app's requests or its owner's
+    web-chat replies: it rates the requests made by itself and by the keys created under it. A refused id
+    answers exactly like an unknown one (status, body, time), so ids cannot be probed."""
+    parent = api_key_create(user=alice, name="parent", scopes=["keys:manage"]).secret
+    created = httpx.post(
+        site.url + "/api/keys/", json={"name": "child"}, headers={"authorization": f"Bearer {parent}"}, timeout=20
+    )
+    assert created.status_code == 201, created.text
+    child = created.json()["secret"]
+    sibling = api_key_create(user=alice, name="sibling").secret
+    made = {
+        name: site.completion(secret) for name, secret in (("parent", parent), ("child", child), ("sibling", sibling))
+    }
+    web_chat = UsageRecordFactory(user=alice, endpoint="websocket", request_id="ws_" + uuid.uuid4().hex).request_id
+    for request_id in made.values():
+        wait_for_record(request_id)
+    assert site.feedback(sibling, {"request_id": made["sibling"], "thumbs": "up"}).status_code == 201
+    assert site.feedback(parent, {"request_id": made["parent"], "thumbs": "up"}).status_code == 201
+
+    unknown_id = "req_" + uuid.uuid4().hex
+    unknown = site.feedback(sibling, {"request_id": unknown_id, "thumbs": "down"})
+    for key, request_id in (
+        (sibling, made["parent"]),  # another app's request, and an attempt to replace its rating
+        (child, made["parent"]),  # the key above it
+        (child, made["sibling"]),
+        (parent, web_chat),  # the owner's web chat
+    ):
+        refused, took = timed(
+            lambda key=key, request_id=request_id: site.feedback(key, {"request_id": request_id, "thumbs": "down"})
+        )
+        assert_openai_error(refused, 404, "request_id", "not_found")
+        assert refused.json() == {
+            "error": {
+                **unknown.json()["error"],
+                "message": unknown.json()["error"]["message"].replace(unknown_id, request_id),
+            }
+        }
+        assert took >= LEDGER_WAIT_SECONDS
+
+    assert site.feedback(parent, {"request_id": made["child"], "thumbs": "down"}).status_code == 201
+    replaced = site.feedback(child, {"request_id": made["child"], "thumbs": "up"})
+    assert replaced.status_code == 200, replaced.text
+    ratings = dict(Feedback.objects.values_list("request_id", "value"))
+    assert ratings == {made["sibling"]: 1.0, made["parent"]: 1.0, made["child"]: 1.0}
+
+
+def test_a_key_rates_its_own_request_before_its_row_is_written_and_no_other_key_does(site, alice):
+    app = api_key_create(user=alice, name="app").secret
+    other = api_key_create(user=alice, name="other").secret
+    site.completion(other)  # the key is known to the server from here on
+    with ledger_inserts_held() as release:
+        request_id = site.completion(app)
+        assert usage_unwritten(request_id) is not None
+
+        thread, result = in_background(lambda: site.feedback(other, {"request_id": request_id, "thumbs": "up"}))
+        thread.join(timeout=LEDGER_WAIT_SECONDS + 1.0)
+        release.set()
+        thread.join(timeout=30)
+
+    assert_openai_error(result["response"], 404, "request_id", "not_found")
+    assert site.feedback(app, {"request_id": request_id, "thumbs": "up"}).status_code == 201
 
 
 def test_a_jwt_user_rates_their_own_requests(site, settings, alice_key):
@@ -221,6 +282,14 @@ def test_a_jwt_user_rates_their_own_requests(site, settings, alice_key):
     assert Feedback.objects.get().user.username == "ada"
     assert_openai_error(not_own, 404, "request_id", "not_found")
     assert_openai_error(across, 404, "request_id", "not_found")
+
+    # A person rates all of their requests, whichever key made them, and their web-chat replies.
+    ada = Feedback.objects.get().user
+    by_her_key = site.completion(api_key_create(user=ada, name="app").secret)
+    web_chat = UsageRecordFactory(user=ada, endpoint="websocket", request_id="ws_" + uuid.uuid4().hex).request_id
+    for request_id in (by_her_key, web_chat):
+        rated = site.feedback(token, {"request_id": request_id, "thumbs": "up"})
+        assert rated.status_code == 201, rated.text
 
 
 BAD_INPUTS = [
@@ -373,7 +442,7 @@ def test_a_rating_waits_briefly_for_a_row_another_process_is_writing(site, alice
     thread, result = in_background(lambda: site.feedback(alice_key, {"request_id": request_id, "score": 5}))
     # Well inside the server's wait (LEDGER_WAIT_SECONDS), and long after the rating arrived.
     time.sleep(1.0)
-    UsageRecordFactory(request_id=request_id, user=alice)
+    UsageRecordFactory(request_id=request_id, user=alice, api_key=ApiKey.objects.get(user=alice, name="alice"))
     thread.join(timeout=30)
 
     assert result["response"].status_code == 201, result["response"].text
@@ -415,6 +484,7 @@ def test_the_schema_documents_the_endpoint_and_a_real_answer_matches_it(site, al
     schema = Client().get("/api/schema/", {"format": "json"}).json()
     operation = schema["paths"]["/v1/feedback"]["post"]
     assert {"200", "201", "400", "401", "404"} <= set(operation["responses"])
+    assert "created under it" in operation["description"]  # what a key may rate
     resource = Resource.from_contents({"components": schema["components"]}, default_specification=DRAFT202012)
     registry = Registry().with_resource("urn:llmhub:schema", resource)
 
