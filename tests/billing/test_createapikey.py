@@ -8,8 +8,9 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
+from rest_framework.test import APIClient
 
-from billing.models import ApiKey
+from billing.models import ApiKey, KeyScope
 from billing.services.keys import api_key_authenticate_sync
 from tests.factories import UserFactory
 
@@ -69,4 +70,40 @@ def test_bad_expiry_is_an_error(days):
 
     with pytest.raises(CommandError, match="expires-days"):
         run("alice", "--expires-days", days)
+    assert not ApiKey.objects.exists()
+
+
+def test_scope_grants_any_scope_and_repeats():
+    """An operator scripting a key for automation gives it the scopes it needs, not only keys:manage."""
+    UserFactory(username="ops", is_staff=True)
+
+    lines = run("ops", "--name", "auditor", "--scope", "audit:read", "--scope", "usage:read")
+
+    row = ApiKey.objects.get(pk=api_key_authenticate_sync(lines[-1]).key_id)
+    assert row.scopes == ["audit:read", "usage:read"]
+    assert "Scopes: audit:read, usage:read." in lines[0]
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {lines[-1]}")
+    assert client.get("/api/audit/").status_code == 200
+
+
+def test_manage_keys_still_works_beside_scope():
+    UserFactory(username="alice")
+
+    both = run("alice", "--manage-keys", "--scope", "usage:read")[-1]
+    twice = run("alice", "--manage-keys", "--scope", "keys:manage")[-1]
+
+    assert ApiKey.objects.get(pk=api_key_authenticate_sync(both).key_id).scopes == ["keys:manage", "usage:read"]
+    assert ApiKey.objects.get(pk=api_key_authenticate_sync(twice).key_id).scopes == ["keys:manage"]
+
+
+def test_an_unknown_scope_is_refused_naming_the_valid_ones():
+    UserFactory(username="alice")
+
+    with pytest.raises(CommandError) as refused:
+        run("alice", "--scope", "everything")
+
+    message = str(refused.value)
+    assert "--scope" in message and "everything" in message
+    assert all(scope in message for scope in KeyScope.values)
     assert not ApiKey.objects.exists()

@@ -44,7 +44,18 @@ class Command(BaseCommand):
             "--manage-keys",
             action="store_true",
             help="Let the key manage keys over /api/keys/: create keys under it (never with more than it has) "
-            "and list or revoke them (default: it may not).",
+            "and list or revoke them (default: it may not). The same as --scope keys:manage.",
+        )
+        key.add_argument(
+            "--scope",
+            action="append",
+            default=[],
+            choices=KeyScope.values,
+            metavar="NAME",
+            dest="scopes",
+            help="A right beyond calling models; repeat for several (default: none). "
+            + "; ".join(f"{scope.value}: {scope.label}" for scope in KeyScope)
+            + ".",
         )
         limits = parser.add_argument_group("limits of the key (on top of its owner's plan)")
         limits.add_argument("--budget", type=_usd, metavar="USD", help="Spend cap of the key (default: none).")
@@ -73,7 +84,7 @@ class Command(BaseCommand):
     def _create_key(self, user: Any, options: dict[str, Any]) -> CreatedKey:
         days = options["expires_days"]
         expires_at = timezone.now() + timedelta(days=days) if days else None
-        scopes = [KeyScope.KEYS_MANAGE] if options["manage_keys"] else []
+        scopes = [*options["scopes"], *([KeyScope.KEYS_MANAGE] if options["manage_keys"] else [])]
         return api_key_create(
             user=user,
             name=options["name"],
