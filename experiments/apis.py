@@ -5,7 +5,8 @@ Authenticated like every /api/ endpoint (web session, a JWT, or a staff user's g
 user whose role may not manage experiments, or a key without the scope, gets 403, anonymous callers 401/403
 as elsewhere. Errors use the project's JSON shape (``core.exception_handlers``), a 400 naming the field at
 fault in ``error.param`` (``variants.1.deployment``). Every change is recorded in the audit log by the service
-that makes it.
+that makes it, as the request's acting principal (``audit.context``): the key a change was made with, else the
+person.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class ExperimentListCreateApi(APIView):
     def post(self, request: Request) -> Response:
         serializer = ExperimentCreateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        experiment = experiment_create(**serializer.validated_data, actor=request.user)
+        experiment = experiment_create(**serializer.validated_data)
         return _answer(experiment, status.HTTP_201_CREATED)
 
 
@@ -172,9 +173,7 @@ class ExperimentDetailApi(APIView):
             for v in variants or []:
                 start.setdefault(v.get("name"), Decimal(0))
             steps_check(steps, start)
-        experiment = experiment_update(
-            experiment=experiment, fields=data, variants=variants, steps=steps, actor=request.user
-        )
+        experiment = experiment_update(experiment=experiment, fields=data, variants=variants, steps=steps)
         return _answer(experiment)
 
     @extend_schema(
@@ -186,7 +185,7 @@ class ExperimentDetailApi(APIView):
         responses={204: None, **error_responses(400, 401, 404), **EXPERIMENT_MANAGEMENT_FORBIDDEN},
     )
     def delete(self, request: Request, experiment_id: int) -> Response:
-        experiment_delete(experiment=_experiment_or_404(experiment_id), actor=request.user)
+        experiment_delete(experiment=_experiment_or_404(experiment_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -208,7 +207,7 @@ def _transition_api(service: Any, *, action: str, summary: str, description: str
         )
         def post(self, request: Request, experiment_id: int) -> Response:
             experiment = _experiment_or_404(experiment_id)
-            service(experiment=experiment, actor=request.user)
+            service(experiment=experiment)
             return _answer(experiment)
 
     TransitionApi.__name__ = TransitionApi.__qualname__ = f"Experiment{action.title()}Api"
@@ -277,7 +276,7 @@ class ExperimentPromoteApi(APIView):
         variant = next((v for v in experiment.variants.all() if v.name == name), None)
         if variant is None:
             raise serializers.ValidationError({"variant": f"{experiment.name} has no variant named {name!r}."})
-        experiment_promote(experiment=experiment, variant=variant, actor=request.user)
+        experiment_promote(experiment=experiment, variant=variant)
         return _answer(experiment)
 
 

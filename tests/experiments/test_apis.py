@@ -168,6 +168,32 @@ def test_an_operators_key_with_experiments_manage_runs_the_whole_lifecycle(clien
     assert AuditEvent.objects.filter(action="experiment.promote").exists()
 
 
+def test_a_change_made_with_a_key_is_recorded_as_that_key(client, model):
+    """The audit log says which key (which automation) changed an experiment, as for every request made with a
+    key (docs/audit.md, "Who and where"); a person's change is recorded as the person."""
+    operator = UserFactory(username="ops")
+    role_set(operator, Role.OPERATOR)
+    created_key = api_key_create(user=operator, name="automation", scopes=[KeyScope.EXPERIMENTS_MANAGE])
+    created = as_key(client, created_key.secret, "post", URL, body()).json()
+    path = f"{URL}{created['id']}/"
+    as_key(client, created_key.secret, "patch", path, {"description": "by the key"})
+    as_key(client, created_key.secret, "post", path + "start/")
+    as_key(client, created_key.secret, "post", path + "promote/", {"variant": "green"})
+    client.force_login(operator)
+    post(client, path + "conclude/")
+
+    recorded = {
+        event.action: (event.actor_type, event.actor_repr)
+        for event in AuditEvent.objects.filter(action__startswith="experiment.")
+    }
+    by_key = ("key", created_key.api_key.prefix)
+    assert recorded["experiment.create"] == by_key
+    assert recorded["experiment.change"] == by_key
+    assert recorded["experiment.start"] == by_key
+    assert recorded["experiment.promote"] == by_key
+    assert recorded["experiment.conclude"] == ("user", "ops")
+
+
 def test_the_scope_gives_a_member_nothing(client, model):
     member = UserFactory(username="member")
     role_set(member, Role.MEMBER)
