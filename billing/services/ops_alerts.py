@@ -6,7 +6,8 @@ daily token quota used up, spend in the last hour far above the usual hour.
 opens an ``OpsAlertIncident`` for each subject in breach that has none open, and clears each open incident
 whose subject is no longer in breach. The open/clear transitions are the only thing that sends: one alert
 when an incident opens, one when it clears, however often the evaluator runs, and however many run at once
-(a unique constraint allows one open incident per rule and subject; clearing locks the row). Deliveries go
+(a unique constraint allows one open incident per rule and subject; opening and clearing take the rule's
+lock in turn, and a run whose measure is older than another's writes nothing over it). Deliveries go
 out after commit through Celery tasks with retries, on the channels every alert shares
 (``alerts.alert_email_send`` / ``alerts.alert_webhook_send``), to the rule's recipients or, without any, to
 ``ADMINS`` (the superusers without them) and ``LLMHUB_ALERT_WEBHOOK_URL``. The incident records each delivery
@@ -316,11 +317,20 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
     return evaluation
 
 
+def _rule_lock(rule_id: int) -> None:
+    # Opening and clearing a rule's incidents take turns, so that what one checks the other has not half done.
+    OpsAlertRule.objects.select_for_update().filter(pk=rule_id).values_list("pk", flat=True).first()
+
+
 def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now: datetime) -> OpsAlertIncident | None:
     """Open the rule's incident for ``subject`` unless one is open; its alert goes out after commit. None when
-    another evaluator opened it first."""
+    another evaluator opened it first, or when one measuring later than ``now`` cleared it already (a slow run
+    overlapping the next: its breach is over)."""
     try:
         with transaction.atomic():
+            _rule_lock(rule.pk)
+            if OpsAlertIncident.objects.filter(rule=rule, subject=subject, cleared_at__gt=now).exists():
+                return None
             incident = OpsAlertIncident.objects.create(
                 rule=rule,
                 subject=subject,
@@ -338,12 +348,14 @@ def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now
 def ops_incident_clear(
     *, incident: OpsAlertIncident, measure: Measure | None, now: datetime
 ) -> OpsAlertIncident | None:
-    """Clear ``incident`` unless another evaluator did; its alert goes out after commit."""
+    """Clear ``incident`` unless another evaluator did, or one measuring later than ``now`` opened it (a slow run
+    overlapping the next: its measure is older than the breach); its alert goes out after commit."""
     with transaction.atomic():
+        _rule_lock(incident.rule_id)
         locked = OpsAlertIncident.objects.select_for_update().filter(pk=incident.pk, cleared_at__isnull=True).first()
-        if locked is None:
+        if locked is None or locked.opened_at > now:
             return None
-        locked.cleared_at = max(now, locked.opened_at)
+        locked.cleared_at = now
         locked.value_at_clear = measure.value if measure is not None else None
         locked.save(update_fields=["cleared_at", "value_at_clear"])
         transaction.on_commit(partial(_deliver, locked.pk, OpsAlertEvent.CLEAR), robust=True)

@@ -402,6 +402,41 @@ def test_concurrent_evaluators_open_one_incident_and_send_one_alert():
     assert len(alert_mail()) == 1
 
 
+def test_a_slow_evaluation_does_not_open_again_an_incident_a_later_one_cleared():
+    """Beat sends the evaluator every minute whether or not the last run finished: a run that measured at T0+1
+    (the failures still in its window) and writes only after the run of T0+2 cleared the incident must not
+    open a second one: the operator would be paged again, for a breach already over, dated before its clear."""
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(
+            model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=3, seconds=30)
+        )
+    evaluate_at(T0, times=1)
+    evaluate_at(T0 + timedelta(minutes=2), times=1)  # the failures are out of the 5-minute window: cleared
+    assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(minutes=2)
+
+    ops_alerts_evaluate(now=T0 + timedelta(minutes=1))  # the slow run, its measure older than that clear
+    assert OpsAlertIncident.objects.count() == 1
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test error_rate (model:m)",
+        "[llmhub] cleared: test error_rate (model:m)",
+    ]
+
+
+def test_a_slow_evaluation_does_not_clear_an_incident_a_later_one_opened():
+    """The other way round: a run that measured at T0+1, before the failures, and writes after the run of T0+2
+    opened the incident, must not clear it (firing and cleared at once, then firing again a minute later)."""
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(
+            model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 + timedelta(minutes=1, seconds=30)
+        )
+    evaluate_at(T0 + timedelta(minutes=2), times=1)
+    ops_alerts_evaluate(now=T0 + timedelta(minutes=1))  # the slow run: nothing had failed when it measured
+    assert OpsAlertIncident.objects.get().cleared_at is None
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m)"]
+
+
 def test_the_task_evaluates_and_a_disabled_rule_is_silent():
     watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, enabled=False)
     for _ in range(2):
