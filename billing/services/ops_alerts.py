@@ -44,7 +44,7 @@ from core.outbox import DeliveryState, delivery_done, delivery_release, task_que
 from providers.models import Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
-from providers.services.incidents import incident_alert_recipients, incident_close, incident_open
+from providers.services.incidents import BREAKER_REASON, incident_alert_recipients, incident_close, incident_open
 
 from ..exceptions import QuotaExceededError
 from ..models import (
@@ -64,9 +64,6 @@ from ..selectors import UserLimits, user_limits_sync
 from .alerts import alert_email_send, alert_webhook_send
 from .budgets import CounterRef, ledger_spend, period_bounds, usd
 
-# The reason written on a deployment's incident opened from its breaker: how the evaluator knows it is its own
-# to close (health checks close theirs when a probe passes).
-BREAKER_REASON = "Its circuit breaker is open: requests to it are failing."
 # The spend spike compares the last hour with the mean hour of the 7 days before it.
 SPEND_BASELINE = timedelta(days=7)
 # The least history a usual hour is taken from: a gateway (or its ledger, after retention) younger than this
@@ -372,19 +369,36 @@ def deployments_down_follow(*, now: datetime, evaluation: Evaluation) -> None:
     if not deployments:
         return
     states = breaker_states(deployments)
-    open_incidents = dict(
-        Incident.objects.filter(deployment_id__in=deployments, ended_at__isnull=True).values_list(
-            "deployment_id", "reason"
-        )
-    )
+    open_incidents = {
+        deployment_id: (reason, started_at)
+        for deployment_id, reason, started_at in Incident.objects.filter(
+            deployment_id__in=deployments, ended_at__isnull=True
+        ).values_list("deployment_id", "reason", "started_at")
+    }
     for deployment_id, name in deployments.items():
         state = states[deployment_id].state
-        if state != CLOSED and deployment_id not in open_incidents:
+        reason, started_at = open_incidents.get(deployment_id, (None, None))
+        if state != CLOSED and reason is None:
             if incident_open(deployment_id=deployment_id, reason=BREAKER_REASON, at=now) is not None:
                 evaluation.opened.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
-        elif state == CLOSED and open_incidents.get(deployment_id) == BREAKER_REASON:
+        elif state == CLOSED and reason == BREAKER_REASON and _answering_again(deployment_id, started_at, now):
             if incident_close(deployment_id=deployment_id, at=now) is not None:
                 evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
+
+
+def _answering_again(deployment_id: int, since: datetime, now: datetime) -> bool:
+    """Whether the latest request the deployment was judged on since its incident began succeeded. A closed
+    breaker alone is no recovery: a passing health check closes it too (the model list answers) while the
+    completions still fail, and the next failures open it again; the incident would clear and open again
+    every round of health checks."""
+    latest = (
+        UsageRecord.objects.filter(deployment_id=deployment_id, created_at__gte=since, created_at__lte=now)
+        .exclude(status__in=_NOT_JUDGED)
+        .order_by("-created_at", "-pk")
+        .values_list("status", flat=True)
+        .first()
+    )
+    return latest == UsageStatus.OK
 
 
 # DELIVERY

@@ -314,7 +314,8 @@ def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
 
 def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = None) -> HealthCheck:
     """Keep ``probe`` and act on it: a failing probe opens the deployment's breaker at once, and its incident
-    once ``incident_after_failures()`` probes in a row have failed; a passing probe closes both."""
+    once ``incident_after_failures()`` probes in a row have failed; a passing probe closes both, except an
+    incident the breaker opened (failing completions), which only a paid probe (a completion) closes here."""
     at = at or timezone.now()
     check = HealthCheck.objects.create(
         deployment_id=probe.deployment_id,
@@ -326,7 +327,7 @@ def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = Non
     )
     _breaker_follow(probe)
     if probe.ok:
-        incident_close(deployment_id=probe.deployment_id, at=at)
+        incident_close(deployment_id=probe.deployment_id, at=at, spare_breaker_incident=not probe.paid)
     elif _failing_in_a_row(probe.deployment_id, incident_after_failures()):
         incident_open(deployment_id=probe.deployment_id, reason=check.error, at=at)
     return check

@@ -44,6 +44,12 @@ class IncidentEvent:
     RECOVERED = "recovered"
 
 
+# The reason written on a deployment's incident that the operations alerts' evaluator opened from its circuit
+# breaker (``billing.services.ops_alerts``): it sees completions failing, which a free health check (the model
+# list) cannot, so only the evaluator, or a paid probe (a completion), closes it.
+BREAKER_REASON = "Its circuit breaker is open: requests to it are failing."
+
+
 class WebhookDeliveryError(Exception):
     """The webhook refused or could not be reached. The message never holds the URL (it is a secret)."""
 
@@ -63,13 +69,15 @@ def incident_open(*, deployment_id: int, reason: str, at: datetime) -> Incident 
     return incident
 
 
-def incident_close(*, deployment_id: int, at: datetime) -> Incident | None:
+def incident_close(*, deployment_id: int, at: datetime, spare_breaker_incident: bool = False) -> Incident | None:
     """Close the deployment's open incident, if any; its recovery alert is sent after commit. Returns the
-    incident this call closed, None when none was open."""
+    incident this call closed, None when none was open. With ``spare_breaker_incident`` (a free health check
+    passing: the model list answers), one opened from the breaker (``BREAKER_REASON``) is left open: the model
+    list answering says nothing of the completions that failed."""
     with transaction.atomic():
         # Locked: a second worker waits here, then no longer finds the row open.
         incident = Incident.objects.select_for_update().filter(deployment_id=deployment_id, ended_at=None).first()
-        if incident is None:
+        if incident is None or (spare_breaker_incident and incident.reason == BREAKER_REASON):
             return None
         incident.ended_at = max(at, incident.started_at)
         incident.save(update_fields=["ended_at"])

@@ -33,7 +33,8 @@ from billing.services.plans import plan_assign
 from billing.tasks import ops_alerts_evaluate_task
 from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
 from providers.routing.breaker_machine import CLOSED
-from providers.routing.breakers import breaker_state
+from providers.routing.breakers import breaker_record, breaker_reset, breaker_state
+from providers.services.health import DeploymentProbe, deployment_probe_record
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 from tests.waiting import wait_for_ledger_rows
 
@@ -370,6 +371,53 @@ def test_an_incident_health_checks_opened_is_left_to_them(fake_upstream):
     evaluate_at(T0 + timedelta(minutes=1))  # its breaker is closed (nothing failed since it was reset)
     assert Incident.objects.get().ended_at is None
     assert alert_mail() == []
+
+
+def test_completions_failing_while_the_model_list_answers_are_one_incident_not_one_every_health_check(settings):
+    """What the breaker is there for: a provider whose model list answers while its completions fail. Each
+    health check passes and closes the breaker, the requests fail again and open it again: the operator must
+    get one "down" and, once completions work again, one "back up", not a pair every round of health checks."""
+    settings.REDIS_URL = ""
+    settings.LLMHUB_BREAKER_FAILURES = 3
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    deployment = ModelFactory(name="watched").deployments.get()
+
+    def requests_at(instant: datetime, status: str) -> None:
+        # What the live path does per request: its outcome to the breaker, its row to the ledger.
+        for _ in range(3):
+            breaker_record(deployment.pk, ok=status == UsageStatus.OK)
+            UsageRecordFactory(model_name="watched", deployment=deployment, status=status, created_at=instant)
+
+    requests_at(T0, UsageStatus.UPSTREAM_ERROR)
+    assert breaker_state(deployment.pk).state != CLOSED
+    evaluate_at(T0 + timedelta(minutes=1))
+    for minutes in (5, 10, 15):  # a round of health checks every 5 minutes: the model list answers
+        deployment_probe_record(
+            probe=DeploymentProbe(deployment.pk, ok=True, latency_ms=20), at=T0 + timedelta(minutes=minutes)
+        )
+        requests_at(T0 + timedelta(minutes=minutes, seconds=30), UsageStatus.UPSTREAM_ERROR)
+        evaluate_at(T0 + timedelta(minutes=minutes + 1))
+    assert Incident.objects.count() == 1 and Incident.objects.get().ended_at is None
+    down = f"[llmhub] deployment {deployment.name} of model watched is down"
+    assert [message.subject for message in alert_mail()] == [down]
+
+    breaker_reset(deployment.pk)  # completions answer again: the half-open probe succeeded
+    requests_at(T0 + timedelta(minutes=20), UsageStatus.OK)
+    evaluate_at(T0 + timedelta(minutes=21))
+    assert Incident.objects.get().ended_at == T0 + timedelta(minutes=21)
+    assert [message.subject for message in alert_mail()] == [down, down.replace("is down", "is back up")]
+
+
+def test_a_paid_health_probe_passing_closes_the_incident_the_breaker_opened():
+    """A paid probe is a completion: it sees what the breaker saw, and its passing closes the incident."""
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    deployment = ModelFactory(name="watched").deployments.get()
+    Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
+    deployment_probe_record(probe=DeploymentProbe(deployment.pk, ok=True, latency_ms=20), at=T0 + timedelta(minutes=5))
+    assert Incident.objects.get().ended_at is None
+    probe = DeploymentProbe(deployment.pk, ok=True, latency_ms=20, paid=True)
+    deployment_probe_record(probe=probe, at=T0 + timedelta(minutes=10))
+    assert Incident.objects.get().ended_at == T0 + timedelta(minutes=10)
 
 
 def test_one_failure_in_two_requests_is_no_incident():
