@@ -426,18 +426,44 @@ def ops_alert_webhook_url(rule: OpsAlertRule) -> str:
     return rule.webhook_url.reveal() if rule.webhook_url else settings.LLMHUB_ALERT_WEBHOOK_URL
 
 
+def _in_rule_unit(rule: OpsAlertRule, value: Decimal, *, exact: bool = False) -> str:
+    """``value`` as the rule's kind reads it: "87.5 %", "12000 ms", "4.2 times the usual hour". A threshold
+    (``exact``) is shown as it was typed, a measure to a tenth (milliseconds whole)."""
+    if exact:
+        number = f"{value.normalize():f}"
+    elif rule.kind == OpsAlertKind.LATENCY_P95:
+        number = f"{value.quantize(Decimal('1'))}"
+    else:
+        number = f"{value.quantize(Decimal('0.1'))}"
+    unit = {OpsAlertKind.LATENCY_P95: " ms", OpsAlertKind.SPEND_SPIKE: " times the usual hour"}.get(rule.kind, " %")
+    return number + unit
+
+
+def _threshold_text(rule: OpsAlertRule) -> str:
+    """The rule the measure went past, in words, to follow it: whether the rule or the subject needs looking at."""
+    threshold = _in_rule_unit(rule, rule.threshold, exact=True)
+    if rule.kind == OpsAlertKind.TOKEN_QUOTA:
+        return f"; the rule alerts at {threshold} of the quota used, or when the quota refuses the user"
+    if rule.kind == OpsAlertKind.SPEND_SPIKE:
+        return f", above the rule's {threshold} (from a usual hour of {usd(rule.minimum_baseline_usd)})"
+    return f", above the rule's {threshold} (from {rule.minimum_requests} requests)"
+
+
 def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
+    """The alert in words: what, where, how bad, since when, against which threshold; once cleared, how long it
+    lasted and how bad it got."""
     rule = incident.rule
     since = f"{incident.opened_at:%Y-%m-%d %H:%M} UTC"
     if event == OpsAlertEvent.CLEAR:
         lasted = "less than a minute"
         if incident.cleared_at and (incident.cleared_at - incident.opened_at) >= timedelta(minutes=1):
             lasted = timesince(incident.opened_at, incident.cleared_at)
+        worst, threshold = _in_rule_unit(rule, incident.peak), _in_rule_unit(rule, rule.threshold, exact=True)
         return (
-            f"llmhub: cleared: {rule.name} ({incident.subject}), after {lasted} (since {since}). "
-            f"It began as: {incident.detail}."
+            f"llmhub: cleared: {rule.name} ({incident.subject}), after {lasted} (since {since}); at worst {worst}, "
+            f"the rule's threshold {threshold}. It began as: {incident.detail}."
         )
-    return f"llmhub: {rule.name}: {incident.detail} (since {since})."
+    return f"llmhub: {rule.name}: {incident.detail}{_threshold_text(rule)} (since {since})."
 
 
 def _delivered(incident_id: int, mark: str) -> None:

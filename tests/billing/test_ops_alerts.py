@@ -28,7 +28,7 @@ from django.core.exceptions import ValidationError
 from billing.models import OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
 from billing.selectors_ops import ops_deployments
 from billing.services.keys import api_key_create
-from billing.services.ops_alerts import BREAKER_REASON, ops_alerts_evaluate, percentile
+from billing.services.ops_alerts import BREAKER_REASON, ops_alert_text, ops_alerts_evaluate, percentile
 from billing.services.plans import plan_assign
 from billing.tasks import ops_alerts_evaluate_task
 from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
@@ -587,6 +587,44 @@ def test_the_admin_refuses_a_threshold_or_window_that_cannot_mean_an_incident(ad
 )
 def test_thresholds_that_mean_an_incident_are_accepted(kind, threshold):
     OpsAlertRule(name="r", kind=kind, threshold=Decimal(threshold), window_minutes=1).full_clean()
+
+
+def test_the_alert_says_what_where_how_bad_since_when_and_against_which_threshold(webhook):
+    """Paged, an operator must know from the message alone whether the rule is too touchy or the model is on
+    fire: the threshold it went past, and when it clears, how bad it got."""
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("20"), minimum_requests=4)
+    for status in 3 * [UsageStatus.UPSTREAM_ERROR] + [UsageStatus.OK]:
+        UsageRecordFactory(model_name="m", status=status, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    for _ in range(4):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))  # worse: 7 of 8
+    evaluate_at(T0 + timedelta(minutes=10))  # nothing in the window: cleared
+    firing, cleared = (entry["text"] for entry in webhook.received)
+    assert firing == (
+        "llmhub: test error_rate: error rate of model m is 75.0 % over the last 5 minutes (3 of 4 requests failed "
+        "upstream), above the rule's 20 % (from 4 requests) (since 2026-11-24 12:00 UTC)."
+    )
+    assert cleared == (
+        "llmhub: cleared: test error_rate (model:m), after 10\xa0minutes (since 2026-11-24 12:00 UTC); at worst "
+        "87.5 %, the rule's threshold 20 %. It began as: error rate of model m is 75.0 % over the last 5 minutes "
+        "(3 of 4 requests failed upstream)."
+    )
+    assert [message.body for message in alert_mail()] == [firing, cleared]
+
+
+@pytest.mark.parametrize(
+    ("kind", "threshold", "words"),
+    [
+        (OpsAlertKind.LATENCY_P95, "10000", "above the rule's 10000 ms (from 20 requests)"),
+        (OpsAlertKind.TOKEN_QUOTA, "90", "the rule alerts at 90 % of the quota used, or when the quota refuses"),
+        (OpsAlertKind.SPEND_SPIKE, "3.5", "above the rule's 3.5 times the usual hour (from a usual hour of $1.00)"),
+    ],
+)
+def test_each_kind_of_alert_names_its_threshold(kind, threshold, words):
+    watched = rule(kind, threshold=Decimal(threshold), minimum_baseline_usd=Decimal("1"))
+    incident = OpsAlertIncident(rule=watched, subject="all", opened_at=T0, value_at_open=1, peak=1, detail="x")
+    assert words in ops_alert_text(incident, "open")
 
 
 def test_nearest_rank_percentile():
