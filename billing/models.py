@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MinValueValidator, validate_email
 from django.db import models
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -636,14 +636,28 @@ class OpsAlertRule(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def recipients(self) -> list[str]:
+        """The addresses of ``email_recipients``, comma- or line-separated."""
+        return [part.strip() for part in self.email_recipients.replace("\n", ",").split(",") if part.strip()]
+
     def clean(self) -> None:
+        errors = {}
+        # An address the mail server would refuse loses every alert of the rule, long after it was saved.
+        for entry in self.recipients:
+            try:
+                validate_email(entry)
+            except ValidationError:
+                errors["email_recipients"] = (
+                    f"Not an email address: {entry[:100]}. Separate addresses with commas or new lines."
+                )
+                break
         # Early and friendly, for the admin; every delivery is judged again when it connects.
         if self.webhook_url:
             url = self.webhook_url.reveal()
             if len(url) > WEBHOOK_URL_MAX_LENGTH:
                 raise ValidationError({"webhook_url": f"At most {WEBHOOK_URL_MAX_LENGTH} characters."})
             validate_provider_url(url, field="webhook_url")
-        errors = {}
         # In clean(), not a field validator: the admin's form and its list's editable columns both run it.
         if self.window_minutes is not None and self.window_minutes < 1:
             errors["window_minutes"] = "A window of at least one minute: an empty one holds no request."

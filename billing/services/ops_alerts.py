@@ -417,8 +417,7 @@ def _deliver(incident_id: int, event: str) -> None:
 
 def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:
     """The rule's addresses; without any, the admins' (as the deployment incidents' alerts go)."""
-    listed = [part.strip() for part in rule.email_recipients.replace("\n", ",").split(",") if part.strip()]
-    return listed or incident_alert_recipients()
+    return rule.recipients or incident_alert_recipients()
 
 
 def ops_alert_webhook_url(rule: OpsAlertRule) -> str:

@@ -575,6 +575,40 @@ def test_the_admin_refuses_a_threshold_or_window_that_cannot_mean_an_incident(ad
 
 
 @pytest.mark.parametrize(
+    "recipients",
+    [
+        "oncall@example.com; lead@example.com",  # Outlook's separator: the SMTP backend raises on the whole line
+        "oncall",  # no domain: the mail server refuses it, and every alert ends exhausted
+        "oncall@example.com, lead@",
+    ],
+)
+def test_the_admin_refuses_recipients_that_are_not_addresses(admin_client, recipients):
+    """The alerts would be refused at delivery, each one, long after the operator saved the rule: the form says
+    which entry is wrong instead."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), email_recipients="oncall@example.com")
+    form = {
+        "name": watched.name,
+        "kind": watched.kind,
+        "enabled": "on",
+        "threshold": "10",
+        "window_minutes": "5",
+        "minimum_requests": "20",
+        "minimum_baseline_usd": "1",
+        "model_name": "",
+        "email_recipients": recipients,
+        "webhook_url": "",
+    }
+    response = admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/change/", form)
+    assert response.status_code == 200
+    (error,) = response.context["adminform"].form.errors["email_recipients"]
+    assert "comma" in error
+    assert OpsAlertRule.objects.get(pk=watched.pk).email_recipients == "oncall@example.com"
+
+    form["email_recipients"] = "oncall@example.com,\nlead@example.com"
+    assert admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/change/", form).status_code == 302
+
+
+@pytest.mark.parametrize(
     ("kind", "threshold"),
     [
         (OpsAlertKind.ERROR_RATE, "0"),  # any failure at all
