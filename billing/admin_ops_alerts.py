@@ -77,6 +77,11 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
         ),
     ]
 
+    def get_readonly_fields(self, request: HttpRequest, obj: OpsAlertRule | None = None) -> list[str]:
+        # The kind is what the rule's incidents mean: changed under an open one, it would be judged (and cleared,
+        # "at worst 60 ms") as another kind. Another kind is another rule.
+        return [*super().get_readonly_fields(request, obj), *(["kind"] if obj is not None else [])]
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[OpsAlertRule]:
         return (
             super()

@@ -574,6 +574,36 @@ def test_the_admin_refuses_a_threshold_or_window_that_cannot_mean_an_incident(ad
     assert (refreshed.threshold, refreshed.window_minutes) == (watched.threshold, 5)
 
 
+def test_a_rules_kind_cannot_be_changed_under_its_open_incidents(admin_client, webhook):
+    """An incident of an error-rate rule judged as a p95 latency would clear "at worst 60 ms": a rule's kind is
+    what its incidents mean, so it is set when the rule is added and shown read-only after."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("50"), minimum_requests=2)
+    for status in 3 * [UsageStatus.UPSTREAM_ERROR] + 2 * [UsageStatus.OK]:
+        UsageRecordFactory(model_name="m", status=status, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    form = {
+        "name": watched.name,
+        "kind": OpsAlertKind.LATENCY_P95,
+        "enabled": "on",
+        "threshold": "55",
+        "window_minutes": "5",
+        "minimum_requests": "2",
+        "minimum_baseline_usd": "1",
+        "model_name": "",
+        "email_recipients": "",
+        "webhook_url": "",
+    }
+    response = admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/change/", form)
+    assert response.status_code == 302
+    watched.refresh_from_db()
+    assert (watched.kind, watched.threshold) == (OpsAlertKind.ERROR_RATE, Decimal("55"))
+    page = admin_client.get(f"/admin/billing/opsalertrule/{watched.pk}/change/")
+    assert "kind" not in page.context["adminform"].form.fields and "Error rate per model" in page.content.decode()
+    evaluate_at(T0 + timedelta(seconds=30))  # still 60 % failed, above 55 %: still open, nothing sent
+    assert OpsAlertIncident.objects.get().cleared_at is None and len(webhook.received) == 1
+    assert admin_client.get("/admin/billing/opsalertrule/add/").context["adminform"].form.fields["kind"]
+
+
 @pytest.mark.parametrize(
     "recipients",
     [
