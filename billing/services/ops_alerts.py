@@ -51,6 +51,7 @@ from ..models import (
     ApiKey,
     BudgetMetric,
     BudgetPeriod,
+    DailyUsage,
     OpsAlertIncident,
     OpsAlertKind,
     OpsAlertRule,
@@ -244,26 +245,33 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     the last hour costs more than ``threshold`` times that mean, and only when the mean reaches
     ``minimum_baseline_usd``: a quiet gateway's first busy hour is no spike.
 
-    The mean is over the hours the ledger covers, from its first row: a gateway two days old spread over a week
-    would have a usual hour of a third of its real one, and its every hour a spike; under a day of history,
-    nothing is measured."""
+    The mean is over the hours the ledger covers, from its first row (the watched model's, for a rule watching
+    one that was first used within the week): a gateway or a model two days old spread over a week would have
+    a usual hour of two sevenths of its real one, and its every hour a spike; under a day of history, nothing
+    is measured."""
     hour_ago = now - timedelta(hours=1)
+    week_start = hour_ago - SPEND_BASELINE
     # The ledger's first row, off the created_at index: how long the gateway has kept its spend (retention
     # keeps at least the current month and the last N days, so a short retention also shortens the week).
     since = UsageRecord.objects.order_by("created_at").values_list("created_at", flat=True).first()
-    if since is None or hour_ago - since < SPEND_BASELINE_MIN:
+    if since is None:
         return {}
-    span = min(SPEND_BASELINE, hour_ago - since)
     rows = _model_scoped(UsageRecord.objects.all(), rule) if rule.model_name else UsageRecord.objects.all()
-    week = Q(created_at__gt=hour_ago - span, created_at__lte=hour_ago)
+    # Over the whole week: no row is older than the history it is divided by, so only the hours differ.
+    week = Q(created_at__gt=week_start, created_at__lte=hour_ago)
     sums = rows.aggregate(
         last=Coalesce(Sum("cost", filter=Q(created_at__gt=hour_ago, created_at__lte=now)), Decimal(0)),
         week=Coalesce(Sum("cost", filter=week), Decimal(0)),
         first=Min("created_at", filter=week),
     )
-    hours = Decimal(round(span.total_seconds())) / 3600
     if sums["first"] is None:
         return {}
+    if rule.model_name and not _used_before(rule.model_name, week_start):
+        since = max(since, sums["first"])
+    if hour_ago - since < SPEND_BASELINE_MIN:
+        return {}
+    span = min(SPEND_BASELINE, hour_ago - since)
+    hours = Decimal(round(span.total_seconds())) / 3600
     baseline = sums["week"] / hours
     ratio = (sums["last"] / baseline) if baseline > 0 else Decimal(0)
     what = f"spend on model {rule.model_name}" if rule.model_name else "spend"
@@ -274,6 +282,13 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     breached = baseline >= rule.minimum_baseline_usd and baseline > 0 and ratio > rule.threshold
     subject = f"model:{rule.model_name}" if rule.model_name else "all"
     return {subject: Measure(ratio, breached, detail)}
+
+
+def _used_before(model_name: str, instant: datetime) -> bool:
+    """Whether ``model_name`` was used on a day before ``instant``'s, as the daily rollups show (a few rows a
+    day: cheaper than looking for the model's first row among the ledger's millions, which no index orders
+    by model)."""
+    return DailyUsage.objects.filter(model_name=model_name, day__lt=instant.date()).exists()
 
 
 def _span_text(span: timedelta) -> str:

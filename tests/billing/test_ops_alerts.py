@@ -25,10 +25,16 @@ from django.conf import settings as django_settings
 from django.core import mail
 from django.core.exceptions import ValidationError
 
-from billing.models import OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
+from billing.models import DailyUsage, OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
 from billing.selectors_ops import ops_deployments
 from billing.services.keys import api_key_create
-from billing.services.ops_alerts import BREAKER_REASON, ops_alert_text, ops_alerts_evaluate, percentile
+from billing.services.ops_alerts import (
+    BREAKER_REASON,
+    ops_alert_text,
+    ops_alerts_evaluate,
+    percentile,
+    spend_spike_measures,
+)
 from billing.services.plans import plan_assign
 from billing.tasks import ops_alerts_evaluate_task
 from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
@@ -735,6 +741,33 @@ def test_a_young_gateways_usual_hour_is_the_mean_of_the_hours_it_has_run():
     incident = OpsAlertIncident.objects.get()
     assert Decimal("5.5") < incident.value_at_open < Decimal("6.5")
     assert "the mean hour of the 46 hours before" in incident.detail  # its first row to an hour ago
+
+
+def test_a_model_added_this_week_is_measured_against_its_own_usual_hour():
+    """A gateway a month old, a model added two days ago spending the same every hour, a rule watching that
+    model: spread over the week, its usual hour would be two sevenths of the real one, and every hour of its
+    first days 3.5 times it, a spike. Its usual hour is the mean of the hours it has been used, as a young
+    gateway's is; a model used before the week (its days in the rollups) keeps the whole week."""
+    watched = rule(
+        OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model_name="new"
+    )
+    UsageRecordFactory(model_name="old", cost=Decimal("1"), created_at=T0 - timedelta(days=30))
+    for hour in range(0, 48):
+        UsageRecordFactory(model_name="new", cost=Decimal("10"), created_at=T0 - timedelta(hours=hour, minutes=30))
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.count() == 0 and alert_mail() == []
+
+    UsageRecordFactory(model_name="new", cost=Decimal("50"), created_at=T0 - timedelta(minutes=10))
+    evaluate_at(T0)
+    incident = OpsAlertIncident.objects.get()
+    assert Decimal("5.5") < incident.value_at_open < Decimal("6.5")
+    assert "spend on model new in the last hour" in incident.detail
+    assert "the mean hour of the 46 hours before" in incident.detail
+
+    # Used before the week too (a day in the rollups): 48 hours of spend in a week is its usual, 3.5 times it a spike.
+    DailyUsage.objects.create(day=(T0 - timedelta(days=20)).date(), model_name="new", cost=Decimal("1"))
+    (measure,) = spend_spike_measures(watched, T0).values()
+    assert "the mean hour of the 7 days before" in measure.detail
 
 
 def test_a_gateway_younger_than_a_day_has_no_usual_hour_yet():
