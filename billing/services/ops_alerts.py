@@ -90,6 +90,13 @@ class Measure:
     value: Decimal
     breached: bool
     detail: str
+    # Whether an incident already open stays open, when that is not ``breached``: a minimum of requests keeps a
+    # few from opening one, but traffic falling under it during an outage (clients backing off) is no recovery.
+    holds: bool | None = None
+
+    @property
+    def keeps_open(self) -> bool:
+        return self.breached if self.holds is None else self.holds
 
 
 @dataclass(slots=True)
@@ -128,8 +135,10 @@ def error_rate_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]
             f"error rate of model {row['model_name']} is {_percent(rate)} over the last {rule.window_minutes} minutes "
             f"({row['failed']} of {row['total']} requests failed upstream)"
         )
-        breached = row["total"] >= rule.minimum_requests and rate > rule.threshold
-        measures[f"model:{row['model_name']}"] = Measure(rate, breached, detail)
+        above = rate > rule.threshold
+        measures[f"model:{row['model_name']}"] = Measure(
+            rate, above and row["total"] >= rule.minimum_requests, detail, holds=above
+        )
     return measures
 
 
@@ -157,8 +166,10 @@ def latency_p95_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
             f"p95 latency of model {model_name} is {p95} ms over the last {rule.window_minutes} minutes "
             f"({len(values)} requests)"
         )
-        breached = len(values) >= rule.minimum_requests and p95 > rule.threshold
-        measures[f"model:{model_name}"] = Measure(Decimal(p95), breached, detail)
+        above = p95 > rule.threshold
+        measures[f"model:{model_name}"] = Measure(
+            Decimal(p95), above and len(values) >= rule.minimum_requests, detail, holds=above
+        )
     return measures
 
 
@@ -316,14 +327,14 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
         open_incidents = {incident.subject: incident for incident in rule.incidents.filter(cleared_at__isnull=True)}
         for subject, measure in measures.items():
             incident = open_incidents.get(subject)
-            if measure.breached and incident is None:
-                if ops_incident_open(rule=rule, subject=subject, measure=measure, now=now) is not None:
+            if incident is None:
+                if measure.breached and ops_incident_open(rule=rule, subject=subject, measure=measure, now=now):
                     evaluation.opened.append(f"{rule.kind} {subject}")
-            elif measure.breached and measure.value > incident.peak:
+            elif measure.keeps_open and measure.value > incident.peak:
                 OpsAlertIncident.objects.filter(pk=incident.pk, peak__lt=measure.value).update(peak=measure.value)
         for subject, incident in open_incidents.items():
             measure = measures.get(subject)
-            if measure is None or not measure.breached:
+            if measure is None or not measure.keeps_open:
                 if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
                     evaluation.cleared.append(f"{rule.kind} {subject}")
     return evaluation

@@ -434,6 +434,29 @@ def test_one_failure_in_two_requests_is_no_incident():
     assert OpsAlertIncident.objects.count() == 0
 
 
+@pytest.mark.parametrize("kind", [OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95])
+def test_an_incident_does_not_clear_because_the_traffic_fell_under_the_minimum_while_it_still_fails(kind):
+    """The minimum of requests keeps one slow or failed request out of two from opening an incident. In an
+    outage, clients back off and the traffic falls under it: every request still fails, and "cleared" then
+    would tell the operator it is over. It clears when the requests are back under the threshold, or there
+    are none left to judge."""
+    rule(kind, threshold=Decimal("10") if kind == OpsAlertKind.ERROR_RATE else Decimal("1000"), minimum_requests=4)
+    bad = (
+        {"status": UsageStatus.UPSTREAM_ERROR}
+        if kind == OpsAlertKind.ERROR_RATE
+        else {"duration_ms": 5000, "stream": False}
+    )
+    for _ in range(4):
+        UsageRecordFactory(model_name="m", created_at=T0 - timedelta(minutes=1), **bad)
+    evaluate_at(T0)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", created_at=T0 + timedelta(minutes=3), **bad)
+    evaluate_at(T0 + timedelta(minutes=5))  # 2 requests in the window, every one bad
+    assert OpsAlertIncident.objects.get().cleared_at is None and len(alert_mail()) == 1
+    evaluate_at(T0 + timedelta(minutes=9))  # none left in the window
+    assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(minutes=9) and len(alert_mail()) == 2
+
+
 def test_concurrent_evaluators_open_one_incident_and_send_one_alert():
     rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
     for _ in range(3):
