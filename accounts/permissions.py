@@ -94,15 +94,15 @@ class KeyMayManageExperiments(KeyScopePermission):
 
 class NotAReplacedSecret(permissions.BasePermission):
     """A gateway key's secret that a rotation replaced keeps working for its grace period so that clients can
-    switch (calling models, reading), but may change no key, gateway or provider: minting one (a child key, the
-    key's next secret) would outlive the grace period, and revoking, rotating or replacing one would let
-    whoever holds a leaked secret undo or punish the rotation made because of the leak (a rotation by the old
-    secret also ends the owner's new one at once). ``rotated_out_at`` is set on such a principal
-    (``billing``'s ``KeyPrincipal``)."""
+    switch (calling models, reading), but may change no key, gateway or provider, nor an experiment (which steers
+    every user's traffic on a model): minting a key (a child key, the key's next secret) would outlive the grace
+    period, and revoking, rotating or replacing one would let whoever holds a leaked secret undo or punish the
+    rotation made because of the leak (a rotation by the old secret also ends the owner's new one at once).
+    ``rotated_out_at`` is set on such a principal (``billing``'s ``KeyPrincipal``)."""
 
     message = (
         "This API key's secret was replaced by a rotation: until its grace period ends it may call models "
-        "and read, but not create, rotate, revoke or change keys. Use the key's new secret."
+        "and read, but not create, rotate, revoke or change keys, nor change experiments. Use the key's new secret."
     )
 
     def has_permission(self, request: Any, view: Any) -> bool:
@@ -112,7 +112,12 @@ class NotAReplacedSecret(permissions.BasePermission):
 
 
 # Who may manage experiments (/api/experiments/), and the 403 the API schema names for the refusal.
-EXPERIMENT_MANAGEMENT = [permissions.IsAuthenticated, CanManageExperiments, KeyMayManageExperiments]
+EXPERIMENT_MANAGEMENT = [
+    permissions.IsAuthenticated,
+    CanManageExperiments,
+    KeyMayManageExperiments,
+    NotAReplacedSecret,
+]
 EXPERIMENT_MANAGEMENT_FORBIDDEN = {
     403: OpenApiResponse(
         response=ErrorResponseSerializer,

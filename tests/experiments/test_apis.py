@@ -168,6 +168,35 @@ def test_an_operators_key_with_experiments_manage_runs_the_whole_lifecycle(clien
     assert AuditEvent.objects.filter(action="experiment.promote").exists()
 
 
+def test_a_secret_replaced_by_a_rotation_may_read_but_not_change_experiments_during_its_grace(client, model):
+    """A leaked automation key is rotated by its operator; the leaked secret, in its grace period, goes on
+    reading (clients switch over) but may not start, promote, conclude, delete or create experiments, which
+    steer every user's traffic: the rule key management already follows (``NotAReplacedSecret``)."""
+    from billing.services.keys import api_key_rotate
+
+    operator = UserFactory(username="ops")
+    role_set(operator, Role.OPERATOR)
+    created_key = api_key_create(user=operator, name="automation", scopes=[KeyScope.EXPERIMENTS_MANAGE])
+    created = as_key(client, created_key.secret, "post", URL, body()).json()
+    owners = api_key_rotate(api_key=created_key.api_key, grace_seconds=3600)
+    path = f"{URL}{created['id']}/"
+
+    for method, suffix, data in (
+        ("post", "start/", None),
+        ("patch", "", {"description": "taken"}),
+        ("delete", "", None),
+    ):
+        refused = as_key(client, created_key.secret, method, path + suffix, data)
+        assert refused.status_code == 403, refused.content
+        assert "replaced" in refused.json()["error"]["message"]
+    assert as_key(client, created_key.secret, "post", URL, body(name="other")).status_code == 403
+    experiment = Experiment.objects.get(pk=created["id"])
+    assert (experiment.status, experiment.description, Experiment.objects.count()) == ("draft", "", 1)
+
+    assert as_key(client, created_key.secret, "get", path).status_code == 200
+    assert as_key(client, owners.secret, "post", path + "start/").json()["status"] == "running"
+
+
 def test_a_change_made_with_a_key_is_recorded_as_that_key(client, model):
     """The audit log says which key (which automation) changed an experiment, as for every request made with a
     key (docs/audit.md, "Who and where"); a person's change is recorded as the person."""
