@@ -116,12 +116,14 @@ def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCre
 def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
     """The error to give the client when a call on ``target`` failed with ``exc``: a refusal of the user's
     own key becomes ``UserKeyRefusedError`` naming the key by its hint, its account's exhausted quota
-    ``UserKeyQuotaExhaustedError``; anything else is unchanged.
+    ``UserKeyQuotaExhaustedError``, and the key's account without access to the model (403, or OpenAI's 404
+    "does not exist or you do not have access to it") ``UserKeyRefusedError`` naming the model; anything
+    else is unchanged.
 
     A key refused as invalid (401) is also marked invalid, in the background (``byok_key_refused_record``),
     so that the user's next request uses the provider's key (``optional``) or is refused up front as needing
-    their own (``required``) instead of meeting the same refusal. A 403 (no access to this model) leaves the
-    key as it is: it may serve the provider's other models."""
+    their own (``required``) instead of meeting the same refusal. A 403 or 404 (no access to this model) leaves
+    the key as it is: it may serve the provider's other models."""
     provider = target.provider
     if provider.credential_id is None:
         return exc
@@ -134,10 +136,14 @@ def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
             provider=provider.name,
             upstream_status=exc.upstream_status,
         )
-    if not isinstance(exc, ProviderAuthenticationError) or isinstance(exc, UserKeyRefusedError):
+    if isinstance(exc, ProviderNotFoundError) and exc.upstream_status == 404:
+        # OpenAI's answer to an account without access to the model: the key's, as a 403 is. Not moved on to
+        # another deployment, which may be on the platform's key and would pay for what the user's key may not.
+        what = f"{provider.name} refused your own API key{hint}: {_no_access(target, 404)}"
+    elif not isinstance(exc, ProviderAuthenticationError) or isinstance(exc, UserKeyRefusedError):
         return exc
-    if exc.upstream_status == 403:
-        what = f"{provider.name} refused your own API key{hint}: it has no access to this model (HTTP 403)"
+    elif exc.upstream_status == 403:
+        what = f"{provider.name} refused your own API key{hint}: {_no_access(target, 403)}"
     else:
         what = f"{provider.name} refused your own API key{hint} as invalid (HTTP {exc.upstream_status or 401})"
         byok_key_refused_record(
@@ -150,6 +156,10 @@ def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
         provider=provider.name,
         upstream_status=exc.upstream_status,
     )
+
+
+def _no_access(target: ResolvedModel, status: int) -> str:
+    return f"it has no access to the model {target.upstream_id!r} (HTTP {status})"
 
 
 def byok_key_failure(target: ResolvedModel, exc: ProviderError) -> bool:

@@ -29,8 +29,9 @@ Several upstreams
     HTTP). ``GET /__stats`` (``?upstream=NAME`` for another) answers a listener's settings and the requests
     it served (in all, by path, by model); control requests and refused connections are not counted.
     Each recorded request (``requests``) keeps the SHA-256 of the key it came with (``key_sha256``), never
-    the key. A key containing ``-refused``, ``-noaccess`` or ``-noquota`` is answered as a provider answers
-    such a key: 401 invalid_api_key, 403 no access, 429 insufficient_quota.
+    the key. A key containing ``-refused``, ``-noaccess``, ``-nomodel`` or ``-noquota`` is answered as a provider
+    answers such a key: 401 invalid_api_key, 403 no access, 404 model_not_found (OpenAI's "does not exist or you
+    do not have access to it", to an account without the model), 429 insufficient_quota.
 
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
@@ -439,6 +440,10 @@ def key_digest(key: str) -> str:
 _KEY_REFUSALS: tuple[tuple[str, tuple[int, str, str | None, str | None]], ...] = (
     ("-refused", (401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")),
     ("-noaccess", (403, "You do not have access to this model or project.", "permission_error", "model_not_found")),
+    (
+        "-nomodel",
+        (404, "The model does not exist or you do not have access to it.", "invalid_request_error", "model_not_found"),
+    ),
     (
         "-noquota",
         (

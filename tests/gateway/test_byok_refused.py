@@ -5,7 +5,8 @@ background, so that the next request uses the provider's key (``optional``) or i
 appears in no response and no log line.
 
 The fake upstream answers a key containing ``-refused`` with 401 invalid_api_key and one containing
-``-noaccess`` with 403, as a provider does."""
+``-noaccess`` with 403 and one containing ``-nomodel`` with 404 (OpenAI's "does not exist or you do not have
+access to it"), as a provider does."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 REFUSED_KEY = "sk-alice-refused-canary-51c0ffee9d"
 NO_ACCESS_KEY = "sk-alice-noaccess-canary-7e11a2b3"
+NO_MODEL_KEY = "sk-alice-nomodel-canary-2f3a4b5c"
 NO_QUOTA_KEY = "sk-alice-noquota-canary-3d4e5f60"
 ANTHROPIC_NO_CREDIT_KEY = "sk-ant-alice-noquota-canary-8a9b0c1d"
 MESSAGES = [{"role": "user", "content": "hello [[words=5]]"}]
@@ -44,7 +46,7 @@ ENTRY_POINTS = ["chat", "chat-stream", "messages", "websocket"]
 def setup(llmhub_server, fake_upstreams, caplog):
     caplog.set_level(logging.DEBUG)
     upstream = fake_upstreams(UpstreamSpec(name="byok", api_key=PLATFORM_KEY))["byok"]
-    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY, NO_QUOTA_KEY, ANTHROPIC_NO_CREDIT_KEY]}
+    accepted = {"accept_keys": [REFUSED_KEY, NO_ACCESS_KEY, NO_MODEL_KEY, NO_QUOTA_KEY, ANTHROPIC_NO_CREDIT_KEY]}
     httpx.post(upstream.base_url + "/__control", json=accepted, timeout=5).raise_for_status()
     base_url = upstream.base_url + "/v1"
     optional = ProviderFactory(name="optional-openai", base_url=base_url, byok=ByokMode.OPTIONAL)
@@ -173,6 +175,29 @@ def test_the_up_front_refusal_of_a_user_whose_own_key_was_refused_says_to_replac
     assert REFUSED_KEY not in text
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_an_own_key_without_the_model_ends_the_request_with_the_users_error_not_on_the_platforms_key(setup, entry):
+    """A 404 on the user's own key (OpenAI's answer to an account without access to the model) is about their
+    key, like a 403: the request ends with their 401 naming the key by its hint and the model, and does not
+    move on to the next deployment, on the platform's key, which would pay for it. The key stays valid (it may
+    serve the provider's other models), and the ledger row is ``invalid``, not the provider failing."""
+    platform = ProviderFactory(name="platform-openai", base_url=setup["upstream"].base_url + "/v1")
+    model_on("mixed-model", setup["optional"], platform)  # her key first, then the platform's
+    row = credential(setup["alice"], setup["optional"], key=NO_MODEL_KEY)
+
+    status, text = ask(setup, entry, "mixed-model")
+
+    assert status == (None if entry == "websocket" else 401), text
+    assert ("authentication_error" if entry == "messages" else "user_key_refused") in text
+    assert f"refused your own API key {row.hint}: it has no access to the model 'fake-gpt-4o-mini' (HTTP 404)" in text
+    assert NO_MODEL_KEY not in text
+    calls = [r for r in setup["upstream"].requests if r["path"] in ("/v1/chat/completions", "/v1/messages")]
+    assert [r["key_sha256"] for r in calls] == [key_digest(NO_MODEL_KEY)]  # the platform's key was not tried
+    assert wait_for_ledger_rows(1, user=setup["alice"], status=UsageStatus.INVALID) == 1
+    row.refresh_from_db()
+    assert row.status == CredentialStatus.VALID
+
+
 def test_a_key_replaced_since_the_refusal_is_not_marked_invalid(setup):
     """The mark compares the key: a refusal of the old key cannot mark the new one (here, the row is changed
     before the refused request is even answered: the mark finds another key and leaves it)."""
@@ -195,7 +220,7 @@ def test_one_users_refused_key_does_not_open_the_breaker_for_everyone(setup):
     credential(setup["alice"], setup["optional"], key=NO_ACCESS_KEY)
     for _ in range(settings.LLMHUB_BREAKER_FAILURES + 2):
         status, text = ask(setup, "chat", "opt-model")
-        assert status == 401 and "has no access to this model" in text
+        assert status == 401 and "has no access to the model 'fake-gpt-4o-mini' (HTTP 403)" in text
 
     bob = UserFactory(username="bob")
     client = openai.OpenAI(
@@ -231,7 +256,7 @@ def test_one_users_rate_limited_or_model_less_own_key_does_not_open_the_breaker_
     }
     for _ in range(settings.LLMHUB_BREAKER_FAILURES + 2):
         response = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
-        assert response.status_code in (429, 502), response.text  # hers: her key's rate limit, its access
+        assert response.status_code in (401, 429), response.text  # hers: her key's rate limit, its access
         assert setup["upstream"].requests[-1]["key_sha256"] == key_digest(own)
 
     bob = UserFactory(username="bob")
