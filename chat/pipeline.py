@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -53,6 +54,7 @@ from providers.byok import (
     byok_in_use,
     byok_key_failure,
     byok_missing,
+    byok_on_own_key,
     byok_only,
     byok_refused,
     byok_refused_hints,
@@ -929,10 +931,13 @@ class CompletionRun:
         last_deployment: ResolvedDeployment | None = None
         failures = 0
         index = 0
+        # The deployments' rpm/tpm caps stand for the platform's account: an attempt on the user's own key is
+        # neither held to them nor counted toward them.
+        own_key = functools.partial(byok_on_own_key, credentials=self.credentials) if self.credentials else None
         while index < len(plan):
             model = plan[index]
             index += 1
-            candidates = [d for d in route_candidates(model, hint=self.route) if d.id not in exclude]
+            candidates = [d for d in route_candidates(model, hint=self.route, own_key=own_key) if d.id not in exclude]
             if self.credentials is not None:  # a provider that requires the caller's own key they lack: skipped
                 candidates = [d for d in candidates if byok_servable(d, self.credentials)]
             budget = 1 + model.retries
@@ -957,7 +962,7 @@ class CompletionRun:
                     target = byok_bind(target, self.credentials) or target
                 self.served = target
                 self.attempts += 1
-                self._ticket = call_started(deployment.id)
+                self._ticket = call_started(deployment.id, own_key=target.provider.credential_id is not None)
                 self._attempt_started = (
                     time.perf_counter(),
                     time.time_ns(),
@@ -1005,7 +1010,7 @@ class CompletionRun:
                 return result
         if last is not None:
             raise last
-        waits = [wait for wait in map(caps_retry_after, plan) if wait is not None]
+        waits = [wait for wait in (caps_retry_after(m, own_key=own_key) for m in plan) if wait is not None]
         if waits:
             error = DeploymentsAtCapacityError(
                 f"Every deployment of the model `{self.model.name}` is at its rate limit for this minute; "

@@ -98,7 +98,8 @@ def byok_servable(deployment: ResolvedDeployment, credentials: Mapping[int, User
     return deployment.provider.byok != ByokMode.REQUIRED or deployment.provider.id in credentials
 
 
-def _on_user_key(deployment: ResolvedDeployment, credentials: Mapping[int, UserCredential]) -> bool:
+def byok_on_own_key(deployment: ResolvedDeployment, credentials: Mapping[int, UserCredential]) -> bool:
+    """Whether ``deployment`` would serve the user on their own key (``byok_bind`` would bind it to one)."""
     return deployment.provider.byok != ByokMode.DISABLED and deployment.provider.id in credentials
 
 
@@ -110,7 +111,7 @@ def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCre
     if not credentials:
         return False
     servable = [d for m in models for d in m.deployments if byok_servable(d, credentials)]
-    return bool(servable) and all(_on_user_key(d, credentials) for d in servable)
+    return bool(servable) and all(byok_on_own_key(d, credentials) for d in servable)
 
 
 def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:

@@ -28,9 +28,10 @@ class Outcome:
     NEUTRAL = "neutral"  # says nothing about the deployment (a 400 for the client's input, a client gone)
 
 
-def call_started(deployment_id: int) -> CallTicket:
-    """An attempt on ``deployment_id`` begins: counted in flight (least_busy) and against its rpm cap."""
-    return stats_call_started(deployment_id)
+def call_started(deployment_id: int, *, own_key: bool = False) -> CallTicket:
+    """An attempt on ``deployment_id`` begins: counted in flight (least_busy) and, unless it goes out on a
+    user's own key (``own_key``), against its rpm cap (and its tokens, when it ends, against its tpm cap)."""
+    return stats_call_started(deployment_id, capped=not own_key)
 
 
 def call_finished(ticket: CallTicket, *, outcome: str, ttft_s: float | None = None, tokens: int = 0) -> None:

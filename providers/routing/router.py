@@ -125,15 +125,22 @@ def _at_cap(deployment: ResolvedDeployment, minute: int) -> bool:
     return deployment.tpm_limit is not None and entry.tokens_in(minute) >= deployment.tpm_limit
 
 
-def _usable(deployments: Sequence[ResolvedDeployment]) -> tuple[list[ResolvedDeployment], bool]:
-    """The deployments neither open nor at their cap, and whether any was left out for its cap only."""
+OwnKey = Callable[[ResolvedDeployment], bool]
+
+
+def _usable(deployments: Sequence[ResolvedDeployment], own_key: OwnKey | None) -> tuple[list[ResolvedDeployment], bool]:
+    """The deployments neither open nor at their cap, and whether any was left out for its cap only. A
+    deployment the request would call on the user's own key (``own_key``) is not held to the caps: they stand
+    for the platform's account with the provider, not the user's."""
     usable: list[ResolvedDeployment] = []
     capped = False
     minute = -1
     for deployment in deployments:
         if breaker_is_open(deployment):
             continue
-        if deployment.rpm_limit is not None or deployment.tpm_limit is not None:
+        if (deployment.rpm_limit is not None or deployment.tpm_limit is not None) and not (
+            own_key is not None and own_key(deployment)
+        ):
             if minute < 0:
                 minute = stats.current_minute()
             if _at_cap(deployment, minute):
@@ -143,23 +150,26 @@ def _usable(deployments: Sequence[ResolvedDeployment]) -> tuple[list[ResolvedDep
     return usable, capped
 
 
-def route_candidates(model: ResolvedModel, *, hint: str | None = None) -> list[ResolvedDeployment]:
+def route_candidates(
+    model: ResolvedModel, *, hint: str | None = None, own_key: OwnKey | None = None
+) -> list[ResolvedDeployment]:
     """The deployments of ``model`` to try, best first, without those whose breaker is open or that reached
     their rpm/tpm cap this minute. Empty when none is left: the pipeline moves on to the model's fallbacks,
     or answers 429 when the caps left everything out (``caps_retry_after``) and 503 when the breakers did.
     Capped deployments are never returned "to let the upstream say no": a 429 from upstream would count
-    as a failure against their breakers."""
-    usable, _ = _usable(model.deployments)
+    as a failure against their breakers. ``own_key`` says which deployments the request would call on the
+    user's own key: those are not held to the caps."""
+    usable, _ = _usable(model.deployments, own_key)
     if len(usable) < 2:
         return usable
     return _strategy_for(model, hint)(usable)
 
 
-def caps_retry_after(model: ResolvedModel) -> float | None:
+def caps_retry_after(model: ResolvedModel, *, own_key: OwnKey | None = None) -> float | None:
     """When ``route_candidates`` came back empty: the seconds until the caps' minute rolls over if some
     deployment was left out for its cap (a 429 with that Retry-After), None if only open breakers
     left them out (a 503)."""
-    usable, capped = _usable(model.deployments)
+    usable, capped = _usable(model.deployments, own_key)
     if usable or not capped:
         return None
     return 60.0 - time.time() % 60

@@ -59,6 +59,8 @@ SCRIPTS_DIR = Path(__file__).resolve().parent.parent / "redis_scripts"
 class CallTicket:
     deployment_id: int
     started: float = field(default_factory=time.perf_counter)
+    # Whether the attempt counts toward the deployment's rpm/tpm caps: not on a user's own key (their account).
+    capped: bool = True
 
 
 class DeploymentStats:
@@ -140,8 +142,9 @@ def _entry(deployment_id: int) -> DeploymentStats:
     return entry
 
 
-def stats_call_started(deployment_id: int) -> CallTicket:
-    """An attempt begins: one more in flight, one more request this minute."""
+def stats_call_started(deployment_id: int, *, capped: bool = True) -> CallTicket:
+    """An attempt begins: one more in flight, and one more request this minute unless it is not ``capped``
+    (on a user's own key: the caps stand for the platform's account with the provider)."""
     global _last_activity
     now = time.time()
     minute = int(now // 60)
@@ -151,13 +154,14 @@ def stats_call_started(deployment_id: int) -> CallTicket:
             entry.in_flight += 1
             if entry.minute != minute:
                 entry.minute, entry.requests, entry.tokens = minute, 0, 0
-            entry.requests += 1
+            if capped:
+                entry.requests += 1
         if settings.REDIS_URL:
             _last_activity = now
             _ensure_flusher()
     except Exception:  # pragma: no cover - bookkeeping must never fail a request
         logger.exception("routing statistics: could not count a call's start")
-    return CallTicket(deployment_id)
+    return CallTicket(deployment_id, capped=capped)
 
 
 def stats_call_finished(ticket: CallTicket, *, ok: bool, ttft_s: float | None, tokens: int) -> None:
@@ -172,7 +176,7 @@ def stats_call_finished(ticket: CallTicket, *, ok: bool, ttft_s: float | None, t
             entry = _stats.get(ticket.deployment_id) or _entry(ticket.deployment_id)
             if entry.in_flight > 0:
                 entry.in_flight -= 1
-            if tokens > 0:
+            if tokens > 0 and ticket.capped:
                 minute = int(time.time() // 60)
                 if entry.minute != minute:
                     entry.minute, entry.requests, entry.tokens = minute, 0, 0

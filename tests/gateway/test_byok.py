@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
 import openai
 import pytest
+import time_machine
 from django.conf import settings
 from websockets.asyncio.client import connect
 
@@ -36,6 +38,7 @@ from providers.models import (
     ProviderCredential,
     ProviderKind,
 )
+from providers.routing.stats import stats_clear
 from providers.selectors import model_resolve_sync
 from tests.chat.conftest import session_cookie
 from tests.factories import ProviderFactory, UserFactory
@@ -367,6 +370,29 @@ def test_rate_limits_apply_on_the_users_own_key_too(world):
 
     assert refused.value.code != "insufficient_quota"
     assert world.keys_seen() == [key_digest(ALICE_KEY)]
+
+
+@pytest.mark.parametrize(("cap", "platform_served"), [({"rpm_limit": 2}, 2), ({"tpm_limit": 1}, 1)], ids=["rpm", "tpm"])
+def test_requests_on_users_own_keys_neither_count_toward_nor_are_refused_by_a_deployments_caps(
+    world, cap, platform_served
+):
+    """A deployment's rpm/tpm caps stand for the platform's account with the provider: one user's traffic on
+    their own key (their account) neither uses them up for everyone on the platform's key nor is refused by
+    them. The platform's key traffic still meets them."""
+    Deployment.objects.filter(model__name="opt-model").update(**cap)
+    stats_clear()
+    alice, bob = world.client(world.alice_key), world.client(world.bob_key)
+    with time_machine.travel(datetime(2026, 12, 1, 12, 0, 5, tzinfo=UTC), tick=True):
+        for _ in range(4):  # past the cap, on her own key
+            alice.chat.completions.create(model="opt-model", messages=MESSAGES)
+        for _ in range(platform_served):
+            bob.chat.completions.create(model="opt-model", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError) as capped:
+            bob.chat.completions.create(model="opt-model", messages=MESSAGES)
+    stats_clear()
+
+    assert capped.value.code == "deployments_at_capacity"
+    assert world.keys_seen() == [key_digest(ALICE_KEY)] * 4 + [key_digest(PLATFORM_KEY)] * platform_served
 
 
 async def test_the_websocket_chat_uses_the_users_own_key(world):
