@@ -347,6 +347,10 @@ LLMHUB_ADAPTER_POOL_SIZE = env.int("LLMHUB_ADAPTER_POOL_SIZE", default=256)
 # Seconds a user's own provider key may take to be checked live (its model list) when it is saved or
 # re-checked; past it the key is not stored (docs/byok.md).
 LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS = env.float("LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS", default=10.0)
+# The daily re-check of users' own keys: how many keys are checked at once, and how long a run may start new
+# checks; the keys it did not reach are checked first by the next run (docs/byok.md, "Daily re-validation").
+LLMHUB_BYOK_REVALIDATION_CONCURRENCY = env.int("LLMHUB_BYOK_REVALIDATION_CONCURRENCY", default=8)
+LLMHUB_BYOK_REVALIDATION_MAX_SECONDS = env.float("LLMHUB_BYOK_REVALIDATION_MAX_SECONDS", default=3600.0)
 # Seconds an in-process cache of a per-request lookup (API key, model, provider) may be stale in
 # another process; the process that made the change invalidates its own copy at once.
 LLMHUB_LOOKUP_CACHE_TTL = env.float("LLMHUB_LOOKUP_CACHE_TTL", default=5.0)

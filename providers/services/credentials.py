@@ -17,13 +17,16 @@ path's cache of a user's keys hears of it through the model signals.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -165,7 +168,7 @@ async def _list_models_once(config: ProviderConfig) -> None:
         await adapter.aclose()
 
 
-def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | None = None) -> KeyCheck:
+async def key_live_acheck(*, provider: Provider, api_key: Secret, credential_id: int | None = None) -> KeyCheck:
     """List the provider's models with ``api_key`` (free), on a one-off client that is closed afterwards:
     not the shared pool, whose clients a candidate key must never become."""
     config = replace(
@@ -173,11 +176,16 @@ def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | 
         timeout=validation_timeout(),
     )
     try:
-        async_to_sync(_list_models_once)(config)
+        await _list_models_once(config)
     except ProviderError as exc:
         # The adapters' messages are scrubbed of the key (``adapters.common.scrub``); the reason is ours anyway.
         return _refusal_reason(provider, api_key.hint, exc)
     return KeyCheck(True)
+
+
+def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | None = None) -> KeyCheck:
+    """``key_live_acheck`` for synchronous callers."""
+    return async_to_sync(key_live_acheck)(provider=provider, api_key=api_key, credential_id=credential_id)
 
 
 def _not_accepted_check(provider: Provider) -> None:
@@ -303,6 +311,12 @@ def provider_credential_revalidate(*, credential: ProviderCredential) -> Revalid
     _not_accepted_check(provider)
     checked_key = credential.api_key
     check = key_live_check(provider=provider, api_key=checked_key, credential_id=credential.pk)
+    return _revalidation_record(credential=credential, checked_key=checked_key, check=check)
+
+
+def _revalidation_record(*, credential: ProviderCredential, checked_key: Secret, check: KeyCheck) -> Revalidation:
+    """Store the outcome of a live re-check of ``checked_key`` on ``credential``; ``ProviderKeyUncheckedError``
+    when the provider could not be asked (nothing stored)."""
     if not check.ok and not check.refused:
         raise ProviderKeyUncheckedError(check.reason)
     with transaction.atomic():
@@ -348,3 +362,102 @@ def provider_credential_invalid_notify(*, credential: ProviderCredential) -> boo
         recipient_list=[owner.email],
     )
     return True
+
+
+def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float) -> dict[str, int]:
+    """The daily re-check of every stored key of an enabled provider that takes users' keys, those checked
+    longest ago (or never) first: ``concurrency`` checks at a time, and none started after ``max_seconds``
+    (those running then end within their own timeout), so that a run over thousands of keys at a slow
+    provider still ends the same day. What it did not reach is counted ``left``: checked longest ago, it comes
+    first in the next run. A provider holding more checks than another waits for it, so that one slow
+    provider cannot take every slot from the others. A key the provider now refuses turns invalid and its owner
+    is emailed, once; a provider that cannot be asked leaves its keys as they were. Returns counts."""
+    due = (
+        ProviderCredential.objects.filter(provider__enabled=True)
+        .exclude(provider__byok=ByokMode.DISABLED)
+        .order_by(F("last_validated_at").asc(nulls_first=True), "pk")
+        .values_list("pk", "provider_id")
+    )
+    queues: dict[int, deque[int]] = {}
+    place: dict[int, int] = {}
+    for position, (credential_id, provider_id) in enumerate(due):
+        queues.setdefault(provider_id, deque()).append(credential_id)
+        place[credential_id] = position
+    counts = {"valid": 0, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
+    async_to_sync(_revalidate_queued)(queues, place, counts, concurrency=max(1, concurrency), max_seconds=max_seconds)
+    counts["left"] = sum(len(queue) for queue in queues.values())
+    return counts
+
+
+async def _revalidate_queued(
+    queues: dict[int, deque[int]],
+    place: dict[int, int],
+    counts: dict[str, int],
+    *,
+    concurrency: int,
+    max_seconds: float,
+) -> None:
+    """Check the keys of ``queues`` (by provider id, oldest checked first) with ``concurrency`` workers until
+    they are empty or ``max_seconds`` have passed; what is not taken stays in ``queues``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_seconds
+    in_flight: Counter[int] = Counter()
+
+    def take() -> tuple[int, int] | None:
+        # The provider with the fewest checks running, then the key checked longest ago: a provider whose
+        # checks wait out their timeout holds no more slots than the others while they have keys to check.
+        waiting = [provider_id for provider_id, queue in queues.items() if queue]
+        if not waiting:
+            return None
+        provider_id = min(waiting, key=lambda p: (in_flight[p], place[queues[p][0]]))
+        in_flight[provider_id] += 1
+        return provider_id, queues[provider_id].popleft()
+
+    async def worker() -> None:
+        while loop.time() < deadline and (taken := take()) is not None:
+            provider_id, credential_id = taken
+            try:
+                for outcome in await _revalidate_one(credential_id):
+                    counts[outcome] += 1
+            finally:
+                in_flight[provider_id] -= 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def _credential_for_check(credential_id: int) -> ProviderCredential | None:
+    """The key as it is now; None when it was deleted, or its provider closed to users' keys, since the run
+    began (such a key is sent nowhere)."""
+    credential = ProviderCredential.objects.select_related("provider", "owner").filter(pk=credential_id).first()
+    if credential is None or not credential.provider.enabled or credential.provider.byok == ByokMode.DISABLED:
+        return None
+    return credential
+
+
+async def _revalidate_one(credential_id: int) -> tuple[str, ...]:
+    """Re-check one key: the counts it adds to. The database is reached through ``sync_to_async``: the
+    caller's thread, one query at a time, while the live checks run side by side."""
+    try:
+        credential = await sync_to_async(_credential_for_check)(credential_id)
+    except Exception:
+        logger.exception("provider key %s could not be loaded for its daily check", credential_id)
+        return ("unchecked",)
+    if credential is None:
+        return ()
+    checked_key = credential.api_key
+    try:
+        check = await key_live_acheck(provider=credential.provider, api_key=checked_key, credential_id=credential_id)
+        checked = await sync_to_async(_revalidation_record)(credential=credential, checked_key=checked_key, check=check)
+    except ProviderKeyUncheckedError as exc:
+        logger.warning("provider key %s (%s) not checked: %s", credential_id, credential.hint, exc.message)
+        return ("unchecked",)
+    except Exception:
+        logger.exception("provider key %s (%s) could not be checked", credential_id, credential.hint)
+        return ("unchecked",)
+    if not checked.turned_invalid:
+        return ("valid",) if checked.valid else ("invalid",)
+    try:
+        await sync_to_async(provider_credential_invalid_notify)(credential=credential)
+    except Exception:
+        logger.exception("the owner of provider key %s could not be emailed", credential_id)
+    return ("invalid", "turned_invalid")

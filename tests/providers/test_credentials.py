@@ -6,17 +6,20 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx
 import pytest
 from asgiref.sync import async_to_sync
 from django.core import mail
 from django.db import connection, transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from audit.models import AuditEvent
 from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.byok import user_credentials
+from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
 from providers.services.credentials import (
     provider_credential_delete,
@@ -450,7 +453,7 @@ def test_the_daily_check_emails_an_owner_once_when_their_key_turns_invalid(provi
 
     first = provider_credentials_revalidate_all()
 
-    assert first == {"valid": 1, "invalid": 1, "turned_invalid": 1, "unchecked": 0}
+    assert first == {"valid": 1, "invalid": 1, "turned_invalid": 1, "unchecked": 0, "left": 0}
     assert [m.to for m in mail.outbox] == [["alice@example.com"]]
     message = mail.outbox[0]
     assert "alice@example.com" not in message.subject and "sk-…" + alice_key[-4:] in message.subject
@@ -468,6 +471,97 @@ def test_the_daily_check_emails_an_owner_once_when_their_key_turns_invalid(provi
     accept_keys(upstream, alice_key, bob_key)  # alice topped up her account
     assert provider_credentials_revalidate_all()["valid"] == 2
     assert ProviderCredential.objects.get(owner=alice, provider=provider).status == CredentialStatus.VALID
+
+
+def stored_key(owner, provider, key: str, checked_days_ago: int | None) -> ProviderCredential:
+    """A key as the daily check finds it: last checked that many days ago (None: never)."""
+    checked = None if checked_days_ago is None else timezone.now() - timedelta(days=checked_days_ago)
+    return ProviderCredential.objects.create(
+        owner=owner,
+        provider=provider,
+        api_key=key,
+        hint=Secret(key).hint,
+        status=CredentialStatus.VALID,
+        last_validated_at=checked,
+    )
+
+
+def models_asked_with(server: FakeUpstream) -> list[str]:
+    """The digests of the keys the provider's model list was asked with, in order."""
+    return [r["key_sha256"] for r in server.requests if r["path"] == "/v1/models"]
+
+
+@pytest.fixture
+def slow_provider() -> Iterator[tuple[FakeUpstream, object]]:
+    """A provider whose model list answers long after the key check's timeout."""
+    server = FakeUpstream(api_key=PLATFORM_KEY, latency_ms=60_000).start()
+    provider = ProviderFactory(
+        name="slow-byok", kind=ProviderKind.OPENAI, base_url=server.base_url + "/v1", byok=ByokMode.OPTIONAL
+    )
+    yield server, provider
+    server.stop()
+
+
+def test_the_daily_check_is_bounded_and_leaves_what_it_did_not_reach_for_the_next_run_oldest_checked_first(
+    slow_provider, settings
+):
+    """Thousands of keys at a provider that does not answer would keep a run of one check after another, each
+    waiting out the timeout, going for days. Checks run side by side (``…_CONCURRENCY``) and no new one starts
+    once the run's time is up (``…_MAX_SECONDS``): here the first two, never checked and checked longest ago,
+    are waiting out their timeout when the time is up, and the other three are left for the next run, which
+    starts with the keys checked longest ago."""
+    server, provider = slow_provider
+    settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 2
+    settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS = 1.0
+    settings.LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS = 3.0  # longer than the run: nothing new starts after it
+    owners = [UserFactory(username=f"owner{n}") for n in range(5)]
+    ages = [3, None, 1, 5, 2]  # days since each key was last checked
+    keys = [new_key() for _ in ages]
+    accept_keys(server, *keys)
+    for owner, key, age in zip(owners, keys, ages, strict=True):
+        stored_key(owner, provider, key, age)
+    oldest_first = [keys[1], keys[3], keys[0], keys[4], keys[2]]
+
+    counts = provider_credentials_revalidate_all()
+
+    assert counts == {"valid": 0, "invalid": 0, "turned_invalid": 0, "unchecked": 2, "left": 3}
+    assert sorted(models_asked_with(server)) == sorted(key_digest(k) for k in oldest_first[:2])
+    assert ProviderCredential.objects.filter(status=CredentialStatus.VALID).count() == 5  # unchecked: as they were
+
+    # The provider answers again; the next run, one key at a time, starts with those checked longest ago.
+    httpx.post(server.base_url + "/__control", json={"latency_ms": 0, "reset": True}).raise_for_status()
+    settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 1
+    settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS = 3600.0
+
+    counts = provider_credentials_revalidate_all()
+
+    assert counts == {"valid": 5, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
+    assert models_asked_with(server) == [key_digest(k) for k in oldest_first]
+
+
+def test_a_provider_that_does_not_answer_does_not_hold_up_the_daily_check_of_the_others(
+    slow_provider, provider, upstream, settings
+):
+    """The slow provider's keys were checked longest ago, so they come first; checked one after another, or
+    side by side in that order, they would take every slot until the run's time is up and the other provider's
+    keys would never be checked. A provider gets a slot before another that holds more: the other provider's
+    keys are checked while the slow one's first check waits out its timeout."""
+    slow, slow_byok = slow_provider
+    settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 2
+    settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS = 2.0
+    settings.LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS = 5.0
+    slow_keys, fast_keys = [new_key() for _ in range(3)], [new_key() for _ in range(3)]
+    accept_keys(slow, *slow_keys)
+    accept_keys(upstream, *fast_keys)
+    for n, key in enumerate(slow_keys):
+        stored_key(UserFactory(username=f"slow{n}"), slow_byok, key, checked_days_ago=10 + n)
+    for n, key in enumerate(fast_keys):
+        stored_key(UserFactory(username=f"fast{n}"), provider, key, checked_days_ago=1)
+
+    counts = provider_credentials_revalidate_all()
+
+    assert models_asked_with(upstream) == [key_digest(k) for k in fast_keys]
+    assert counts["valid"] == 3 and counts["left"] >= 1  # the slow provider's last key at least waits
 
 
 def test_the_daily_check_is_scheduled():
