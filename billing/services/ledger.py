@@ -53,7 +53,7 @@ from .admission import (
     admission_settle_spooled,
 )
 from .ledger_rows import UsageData, usage_data_dump, usage_data_from_spool, usage_rows_write
-from .spool import spool_append, spool_claim, spool_pending
+from .spool import spool_append, spool_claim, spool_line_row, spool_pending, spool_set_aside
 
 logger = logging.getLogger("llmhub.ledger")
 
@@ -497,8 +497,19 @@ def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple
     go to ``leftovers``, to be settled and written together later."""
     ready = []
     for index, line in enumerate(lines):
-        raw = json.loads(line)
-        data = usage_data_from_spool(raw)
+        raw = spool_line_row(line)
+        try:
+            data = usage_data_from_spool(raw) if raw is not None else None
+        except (KeyError, TypeError, ValueError, ArithmeticError):
+            data = None
+        if data is None:
+            # A write torn by a crash (which the next append ran on from), or a line this release cannot
+            # read: it would stop every replay here, and every row spooled after it, for good.
+            logger.error(
+                "a spooled ledger line holds no row this release can write; set aside in %s for a person to look at",
+                spool_set_aside(line),
+            )
+            continue
         if raw.get("admission"):
             try:
                 admission_settle_spooled(

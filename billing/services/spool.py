@@ -14,6 +14,10 @@ so it cannot carry the lock):
   spend that is on its way to the ledger. A claimed file is unlinked only after its rows are committed
   (or appended back to the spool), so a row is always in the ledger, in a file, or both; readers drop
   rows whose request id the ledger already has.
+
+A line that holds no row (a write torn by a crash or a full disk, which the next append then runs on
+from) is set aside by the replay in ``<spool>.unreadable`` for a person to look at (``spool_set_aside``), and
+skipped by readers: the rows around it are replayed and counted as any others, not held back behind it.
 """
 
 from __future__ import annotations
@@ -30,10 +34,32 @@ from typing import IO, Any
 from django.conf import settings
 
 CLAIMED_INFIX = ".replaying-"
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 def spool_path() -> Path:
     return Path(settings.LLMHUB_LEDGER_SPOOL)
+
+
+def spool_line_row(line: str) -> dict[str, Any] | None:
+    """The row a spooled line holds, or None for a line that holds none (torn, or not a JSON object)."""
+    try:
+        raw = json.loads(line)
+    except ValueError:
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def spool_set_aside(line: str) -> Path:
+    """Keep a line no replay can write in ``<spool>.unreadable`` (on disk before this returns), out of the
+    spool's way; returns that file's path."""
+    path = spool_path()
+    aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+    with _locked(path, fcntl.LOCK_EX), open(aside, "a", encoding="utf-8") as kept:
+        kept.write(line + "\n")
+        kept.flush()
+        os.fsync(kept.fileno())
+    return aside
 
 
 @contextlib.contextmanager
@@ -138,7 +164,8 @@ def spool_claim() -> Iterator[list[IO[str]]]:
 
 def spool_rows() -> list[dict[str, Any]]:
     """Every row waiting in the spool or in a claimed file (a row may appear twice: replay skips known
-    ids, and so must a reader that sums them)."""
+    ids, and so must a reader that sums them); a line that holds no row is skipped (the replay sets it
+    aside)."""
     path = spool_path()
     lines: list[str] = []
     with _locked(path, fcntl.LOCK_SH):
@@ -147,4 +174,5 @@ def spool_rows() -> list[dict[str, Any]]:
                 lines += name.read_text(encoding="utf-8").splitlines()
             except FileNotFoundError:
                 continue
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = (spool_line_row(line) for line in lines if line.strip())
+    return [row for row in rows if row is not None]

@@ -155,3 +155,30 @@ def test_a_line_spooled_before_rows_counted_cache_writes_replays_with_none(spool
     assert (old.cache_write_tokens, old.cost) == (0, Decimal("0.0000123456"))
     new = UsageRecord.objects.get(request_id="req_this_release")
     assert (new.cached_tokens, new.cache_write_tokens) == (2, 3)
+
+
+def test_a_line_torn_by_a_crash_is_set_aside_and_holds_back_no_row(spool, caplog):
+    """A process killed in the middle of an append leaves half a line, which the next append runs on from.
+    Every replay stopped at it, for good: the rows before and after it, and every row spooled since (a claimed
+    file is replayed again first), never reached the ledger, and reconciliation could not read the spool.
+    The line is set aside for a person now, and the rows around it are written once."""
+    from billing.services.spool import spool_rows
+
+    ledger._spool(data("req_before"))
+    with open(spool, "a", encoding="utf-8") as torn:
+        torn.write('{"request_id": "req_torn", "endpo')  # killed here: no newline
+    ledger._spool(data("req_glued"))  # runs on from the torn half: one unreadable line
+    ledger._spool(data("req_after"))
+    assert [row["request_id"] for row in spool_rows()] == ["req_before", "req_after"]
+
+    assert ledger_spool_replay() == 2
+    assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == ["req_after", "req_before"]
+    aside = spool.with_name(spool.name + ".unreadable")
+    assert aside.read_text().startswith('{"request_id": "req_torn", "endpo{"request_id": "req_glued"')
+    assert any(record.levelname == "ERROR" and str(aside) in record.getMessage() for record in caplog.records)
+
+    ledger._spool(data("req_later"))
+    assert ledger_spool_replay() == 1
+    assert UsageRecord.objects.filter(request_id__in=["req_before", "req_after", "req_later"]).count() == 3
+    assert ledger_spool_replay() == 0
+    assert [path.name for path in spool.parent.glob("ledger-spool.jsonl*") if path.suffix != ".lock"] == [aside.name]
