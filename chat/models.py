@@ -89,7 +89,14 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
-        indexes = [models.Index(fields=["conversation", "created_at"], name="chat_msg_conv_created_idx")]
+        indexes = [
+            models.Index(fields=["conversation", "created_at"], name="chat_msg_conv_created_idx"),
+            # The replies streaming now, a handful in a table of every message ever sent: the beat's sweep of
+            # abandoned replies (``chat.selectors.messages_abandoned``) reads them here, not the whole table.
+            models.Index(
+                fields=["heartbeat_at"], condition=models.Q(status="streaming"), name="chat_msg_streaming_idx"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"

@@ -127,3 +127,32 @@ def test_the_sweep_closes_silent_replies_and_leaves_beating_ones_however_long_th
     statuses = {m.pk: m.status for m in Message.objects.all()}
     assert statuses[silent.pk] == MessageStatus.CANCELLED
     assert statuses[long.pk] == statuses[settled.pk] == MessageStatus.STREAMING
+
+
+def test_the_sweep_reads_the_streaming_replies_from_their_index_not_every_message():
+    """The beat runs the sweep every 5 minutes, and the messages table holds every message ever sent (10 M and
+    more, nothing deletes them): it read the whole table each time to find the few replies streaming now. Every
+    query it runs on the messages finds them in their partial index (``chat_msg_streaming_idx``); on SQLite and
+    on PostgreSQL, told not to read a table whole, as a small table would be."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    conversation = Conversation.objects.create(owner=UserFactory(), title="t", model_name="m")
+    Message.objects.bulk_create(
+        Message(conversation=conversation, role=Role.USER, content=f"question {n}") for n in range(300)
+    )
+    reply(conversation, age=timedelta(hours=2), request_id="req_old")
+    with CaptureQueriesContext(connection) as captured:
+        assert messages_close_abandoned_task() == 1
+    sweeps = [q["sql"] for q in captured.captured_queries if '"chat_message"' in q["sql"]]
+    assert sweeps
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL enable_seqscan = off")
+            explain = "EXPLAIN"
+        else:
+            explain = "EXPLAIN QUERY PLAN"
+        for sql in sweeps:
+            cursor.execute(f"{explain} {sql}")
+            plan = "\n".join(str(row[-1]) for row in cursor.fetchall())
+            assert "chat_msg_streaming_idx" in plan, f"{sql}\n{plan}"
