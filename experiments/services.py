@@ -340,8 +340,9 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
     admin; the other experiments go on). Steps apply in order: a step without a time waits for an admin
     (``experiment_rollout_advance``) and holds back the timed steps after it, so a rollout can be gated
     ("5 % now, 25 % once I looked, then 50 % and 100 % a day apart"). Several due steps apply one after
-    the other, each recorded. Run every minute by ``experiments.tasks.rollout_steps_apply_due_task``, which
-    also concludes running experiments whose ``ends_at`` has passed. Returns the steps applied."""
+    the other, each recorded; a step due after the experiment's ``ends_at`` never applies. Run every minute by
+    ``experiments.tasks.rollout_steps_apply_due_task``, which also concludes running experiments whose
+    ``ends_at`` has passed. Returns the steps applied."""
     now = now or timezone.now()
     due = (
         AllocationStep.objects.filter(
@@ -360,7 +361,10 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
                 locked, variants = _locked(Experiment(pk=experiment_id))
                 if locked.status != ExperimentStatus.RUNNING or locked.promoted_variant_id is not None:
                     continue
-                while (step := _next_step(locked)) is not None and step.at is not None and step.at <= now:
+                # Not past the experiment's end: after a beat outage across it, the steps due after it stay
+                # unapplied, as they would have had the task concluded the experiment on time.
+                until = now if locked.ends_at is None else min(now, locked.ends_at)
+                while (step := _next_step(locked)) is not None and step.at is not None and step.at <= until:
                     _step_apply(locked, variants, step, None, f"rollout step due at {step.at.isoformat()}")
                     applied.append(step)
         except ValidationError as exc:

@@ -290,3 +290,29 @@ def test_start_refuses_a_variant_no_request_could_reach(ab_experiment):
         experiment_start(experiment=ab.experiment, actor=None)
     ab.target_model.deployments.update(enabled=True)
     assert experiment_start(experiment=ab.experiment, actor=None).status == ExperimentStatus.RUNNING
+
+
+def test_after_a_beat_outage_a_step_due_after_the_experiments_end_is_not_applied(ab_experiment):
+    """Beat down for hours across an experiment's end: its next run applied every step due by then, those due
+    after the end too, and only then concluded the experiment. With beat up, the experiment would have been
+    concluded at its end with those steps never applied: its final allocations and audit log now end the same
+    way whenever the task runs."""
+    with time_machine.travel(T0, tick=False):
+        ab = ab_experiment(control=5, treatment=5)
+    Experiment.objects.filter(pk=ab.experiment.pk).update(ends_at=T0 + timedelta(hours=2))
+    for position, (hours, control, treatment) in enumerate([(1, 25, 25), (2, 30, 30), (3, 10, 90)], start=1):
+        AllocationStep.objects.create(
+            experiment=ab.experiment,
+            position=position,
+            at=T0 + timedelta(hours=hours),
+            allocations={"control": str(control), "treatment": str(treatment)},
+        )
+
+    with time_machine.travel(T0 + timedelta(hours=5), tick=False):  # the first run since T0
+        assert rollout_steps_apply_due_task() == 2
+
+    ab.experiment.refresh_from_db()
+    assert ab.experiment.status == ExperimentStatus.CONCLUDED and ab.experiment.ends_at == T0 + timedelta(hours=2)
+    assert allocations(ab) == {"control": Decimal("30.00"), "treatment": Decimal("30.00")}
+    assert [e.changes["rollout_step"][1] for e in events("experiment.allocation")] == [1, 2]
+    assert AllocationStep.objects.get(experiment=ab.experiment, position=3).applied_at is None
