@@ -12,6 +12,7 @@ no plaintext is handled, and a token rotated twice is still the same secret.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable
 
 from cryptography.fernet import InvalidToken
@@ -24,6 +25,8 @@ from django.utils import timezone
 
 from ..fields import EncryptedField, rotate
 from ..models import EncryptionRotation
+
+logger = logging.getLogger(__name__)
 
 AfterBatch = Callable[[EncryptionRotation], None]
 
@@ -81,7 +84,7 @@ def _column_rotate(
     try:
         while True:
             with transaction.atomic():
-                done = _batch_rotate(model, attname, progress_pk=progress.pk, size=size)
+                done = _batch_rotate(model, attname, progress_pk=progress.pk, key_id=key_id, size=size)
             if done is None:
                 return rewritten
             progress, count = done
@@ -117,12 +120,19 @@ def _column_start(model: type[models.Model], attname: str, *, key_id: str, resta
 
 
 def _batch_rotate(
-    model: type[models.Model], attname: str, *, progress_pk: int, size: int
+    model: type[models.Model], attname: str, *, progress_pk: int, key_id: str, size: int
 ) -> tuple[EncryptionRotation, int] | None:
-    """The next batch of the column, in the caller's transaction; None once the column is finished. The
-    progress row is locked first, so two runs at once take turns batch by batch instead of both doing one."""
+    """The next batch of the column, in the caller's transaction; None once the column is finished, or taken
+    over by a run under another first key. The progress row is locked first, so two runs at once take turns
+    batch by batch instead of both doing one."""
     progress = EncryptionRotation.objects.select_for_update().get(pk=progress_pk)
     if progress.finished_at is not None:
+        return None
+    if progress.key_id != key_id:
+        # A process with other FIELD_ENCRYPTION_KEYS (a rolling restart after a new key was put first) started
+        # the column over under its key: the rows this run moved from here would be counted done under that key
+        # while encrypted under this one's, and stay so once the column showed finished.
+        logger.warning("%s: a rotation under another first key took the column over; left to it", progress.column)
         return None
     rows = model._base_manager.order_by("pk")
     if progress.last_pk:

@@ -222,3 +222,30 @@ def test_the_admin_shows_progress_per_column_and_allows_no_edits(secrets_under_o
     assert queued.status_code == 200
     assert "finished" in client.get(reverse("admin:providers_encryptionrotation_changelist")).content.decode()
     assert all(progress(column).finished_at is not None for column in COLUMNS)
+
+
+def test_a_run_under_an_older_key_stops_a_column_a_run_under_a_newer_key_took_over(secrets_under_old_key):
+    """A rolling restart after a new key was put first: a worker still on the old settings is rotating (to NEW)
+    when one on the new settings starts the column over (to NEWER). The old run went on under the progress
+    row the new one had relabelled: the rows it moved were counted done for NEWER while under NEW, the column
+    showed finished, and the next run under NEWER skipped it. Dropping NEW, as the admin then allowed, lost
+    those providers' keys. The old run now stops the column, and the next run moves every row to NEWER."""
+    takeover = []
+
+    def newer_worker_meanwhile(progress: EncryptionRotation) -> None:
+        if not takeover:  # after the old run's first batch, a new worker does one batch, then is stopped
+            takeover.append(progress.column)
+            with override_settings(FIELD_ENCRYPTION_KEYS=[NEWER, NEW, OLD]), pytest.raises(Crash):
+                provider_rotate_encryption(batch_size=2, after_batch=crash_after(1))
+
+    with override_settings(FIELD_ENCRYPTION_KEYS=[NEW, OLD]):
+        provider_rotate_encryption(batch_size=2, after_batch=newer_worker_meanwhile)
+    assert takeover == ["providers.Provider.api_key"]
+
+    with override_settings(FIELD_ENCRYPTION_KEYS=[NEWER, NEW, OLD]):
+        provider_rotate_encryption(batch_size=2)  # the next run, on the new settings only
+        newer_key_id = encryption_key_id()
+    for column in COLUMNS:
+        row = progress(column)
+        assert row.finished_at is not None and row.key_id == newer_key_id
+    assert_every_value_reads_under(NEWER)
