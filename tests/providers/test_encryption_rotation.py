@@ -7,6 +7,8 @@ headers, and users' own provider keys."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from cryptography.fernet import Fernet, InvalidToken
 from django.contrib.auth import get_user_model
@@ -196,10 +198,10 @@ def test_the_task_resumes_a_killed_run(secrets_under_old_key):
 def test_the_admin_shows_progress_per_column_and_allows_no_edits(secrets_under_old_key):
     client = Client()
     client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw-for-tests-123"))
-    with override_settings(FIELD_ENCRYPTION_KEYS=[NEW, OLD]), pytest.raises(Crash):
-        provider_rotate_encryption(batch_size=2, after_batch=crash_after(2))
-
-    page = client.get(reverse("admin:providers_encryptionrotation_changelist"))
+    with override_settings(FIELD_ENCRYPTION_KEYS=[NEW, OLD]):
+        with pytest.raises(Crash):
+            provider_rotate_encryption(batch_size=2, after_batch=crash_after(2))
+        page = client.get(reverse("admin:providers_encryptionrotation_changelist"))
 
     assert page.status_code == 200
     content = page.content.decode()
@@ -248,4 +250,29 @@ def test_a_run_under_an_older_key_stops_a_column_a_run_under_a_newer_key_took_ov
     for column in COLUMNS:
         row = progress(column)
         assert row.finished_at is not None and row.key_id == newer_key_id
+    assert_every_value_reads_under(NEWER)
+
+
+def test_after_a_new_first_key_the_admin_shows_no_column_finished_until_it_is_moved_to_it(secrets_under_old_key):
+    """Step 1 of a rotation puts a new key first; until the task has run, every column still said "finished"
+    (its rotation to the key before), and the documented rule is to drop the old key once every column shows
+    finished: doing so then lost every stored secret. A column's state is "finished" only for the current
+    first key."""
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw-for-tests-123"))
+    url = reverse("admin:providers_encryptionrotation_changelist")
+
+    def states() -> list[str]:
+        content = client.get(url).content.decode()
+        return re.findall(r'<td class="field-state">([^<]*)</td>', content)
+
+    with override_settings(FIELD_ENCRYPTION_KEYS=[NEW, OLD]):
+        provider_rotate_encryption()
+        columns = EncryptionRotation.objects.count()
+        assert columns >= len(COLUMNS) and states() == ["finished"] * columns
+
+    with override_settings(FIELD_ENCRYPTION_KEYS=[NEWER, NEW]):  # restarted with a new first key, not run yet
+        assert states() == ["to do: FIELD_ENCRYPTION_KEYS has a new first key"] * columns
+        provider_rotate_encryption()
+        assert states() == ["finished"] * columns
     assert_every_value_reads_under(NEWER)
