@@ -24,7 +24,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
 from ..adapters import adapter_class_for_kind, adapter_for
@@ -312,19 +312,28 @@ def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
     return rounds
 
 
-def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = None) -> HealthCheck:
+def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = None) -> HealthCheck | None:
     """Keep ``probe`` and act on it: a failing probe opens the deployment's breaker at once, and its incident
     once ``incident_after_failures()`` probes in a row have failed; a passing probe closes both, except an
-    incident the breaker opened (failing completions), which only a paid probe (a completion) closes here."""
+    incident the breaker opened (failing completions), which only a paid probe (a completion) closes here.
+    None when the deployment was deleted since the round read it (an admin's delete while the providers
+    answered)."""
     at = at or timezone.now()
-    check = HealthCheck.objects.create(
-        deployment_id=probe.deployment_id,
-        checked_at=at,
-        ok=probe.ok,
-        latency_ms=probe.latency_ms,
-        error=probe.error[:500],
-        paid=probe.paid,
-    )
+    try:
+        # Committed on its own (the task runs in autocommit): the foreign key, checked at commit, fails here.
+        with transaction.atomic():
+            check = HealthCheck.objects.create(
+                deployment_id=probe.deployment_id,
+                checked_at=at,
+                ok=probe.ok,
+                latency_ms=probe.latency_ms,
+                error=probe.error[:500],
+                paid=probe.paid,
+            )
+    except IntegrityError:
+        if Deployment.objects.filter(pk=probe.deployment_id).exists():
+            raise
+        return None
     _breaker_follow(probe)
     if probe.ok:
         incident_close(deployment_id=probe.deployment_id, at=at, spare_breaker_incident=not probe.paid)

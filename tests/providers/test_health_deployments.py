@@ -277,3 +277,49 @@ def test_a_round_goes_on_past_a_provider_that_cannot_be_checked(fake_upstream):
     assert rounds[0].result.ok and len(rounds[0].deployments) == 1
     assert isinstance(rounds[1].result, Exception) and rounds[1].deployments == []
     assert not unchecked.health_checks.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deployment_deleted_while_the_round_runs_leaves_the_other_providers_checked(fake_upstream):
+    """An admin deletes a deployment while the round waits for the providers' answers (a round lasts as long as
+    the slowest provider's timeout). Its probe's row broke its foreign key, and the round stopped there: the
+    providers after it got no health check, no breaker or incident moved, nothing was pruned and the task
+    failed. The deleted deployment's probe is dropped, and the round goes on."""
+    from django.db import connection
+
+    doomed: dict[str, int] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            try:
+                Deployment.objects.filter(pk=doomed["pk"]).delete()  # the admin, while this provider answers
+            finally:
+                connection.close()
+            body = json.dumps({"object": "list", "data": [{"id": "doomed-model", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port = free_port()
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        first = ProviderFactory(name="a-first", base_url=f"http://127.0.0.1:{port}/v1")
+        second = ProviderFactory(name="b-second", base_url=fake_upstream.base_url + "/v1")
+        doomed["pk"] = ModelFactory(provider=first, upstream_id="doomed-model").deployments.get().pk
+        kept = ModelFactory(provider=second, upstream_id="fake-gpt-4o").deployments.get()
+
+        assert providers_health_check_all() == {"a-first": True, "b-second": True}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert not Deployment.objects.filter(pk=doomed["pk"]).exists()
+    assert checks(kept) == [(True, "")]
+    second.refresh_from_db()
+    assert second.last_health_status == HealthStatus.OK
