@@ -3,14 +3,26 @@ refuses a block-list that could not be matched safely."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from audit.models import AuditEvent
 from chat.callers import Caller
 from chat.moderation import ContentPolicyViolationError, Moderation, ReplyGuard, moderation_drain
 from providers.models import ModerationAction, ModerationChecker, ModerationPolicy
-from providers.moderation import SCAN_LIMIT_CHARS, Blocklist, blocklist_problems, policy_snapshot
+from providers.moderation import (
+    SCAN_LIMIT_CHARS,
+    Blocklist,
+    PlainText,
+    _word_pattern,
+    _words_regex,
+    blocklist_problems,
+    policy_snapshot,
+)
 
 # THE BLOCK-LIST
 
@@ -189,6 +201,103 @@ def test_patterns_that_backtrack_under_pythons_re_are_taken_and_matched_by_re2()
 def test_sound_patterns_are_accepted():
     assert blocklist_problems("word\nre:\\bcredit\\s+card\\b\nre:\\d{3,4}-\\d+\nre:(?:foo|bar)baz") == []
     assert blocklist_problems("re:foo\\s+bar\\s+baz\nre:(?:ab)+c\nre:(?:cat|dog)s?\nre:[a-z]{2,40}@x") == []
+
+
+# THE WORDS' TRIE: the words and phrases are one regular expression laid out as a trie, which costs about the same
+# whatever the number of entries. It must find exactly what the flat alternation sorted longest first found (the
+# matcher until 5 December, kept here as the oracle): the same place, the same (longest) match, the same entry.
+
+
+def flat_alternation(values: list[str]) -> re.Pattern[str]:
+    alternatives = "|".join(_word_pattern(value) for value in sorted(values, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+
+def with_flat_alternation(blocklist: Blocklist) -> Blocklist:
+    blocklist._words = flat_alternation([value for _, value in blocklist._words_by_line])
+    return blocklist
+
+
+# Letters whose cases ``re`` matches across scripts and forms (İ and ı are i, ſ is s, the Kelvin sign is k, ς is
+# σ), others that NFKC changes (ǅ, ﬁ, full-width), non-ASCII letters, a combining mark (not a word character),
+# digits, punctuation, and the whitespace a phrase's words may be apart by (and a zero-width space, which is not).
+LETTERS = "abAB iIİı sSſ kKK ßẞ σςΣ µμ ǅǆǄ ﬁｆ éÉ жЖ \u0301 _1² -.+'".replace(" ", "")
+SPACES = " \t\n\u00a0\u2003\u200b"
+WORD = st.text(LETTERS, min_size=1, max_size=4)
+ENTRIES = st.lists(st.lists(WORD, min_size=1, max_size=3).map(" ".join), min_size=1, max_size=8)
+
+
+@st.composite
+def written(draw, value: str) -> str:
+    """An entry as a text may hold it: in another case, its words any whitespace apart."""
+    words = value.split()
+    spaces = [draw(st.sampled_from(SPACES)) for _ in words[1:]]
+    text = "".join(word + space for word, space in zip(words, [*spaces, ""], strict=True))
+    return draw(st.sampled_from([text, text.upper(), text.lower(), text.swapcase()]))
+
+
+@st.composite
+def entries_and_text(draw) -> tuple[list[str], str]:
+    """Entries, some of them others made longer (a word or phrase and the phrase it begins), and a text made of
+    them between letters and whitespace, so that words are found, found inside longer ones, overlap and are
+    prefixes of one another."""
+    values = draw(ENTRIES)
+    longer = draw(st.lists(st.tuples(st.sampled_from(values), st.sampled_from(["", " "]), WORD), max_size=6))
+    values = [*values, *(value + between + word for value, between, word in longer)]
+    entry = st.sampled_from(values).flatmap(written)
+    pieces = draw(st.lists(st.one_of(entry, entry, st.text(LETTERS + SPACES, max_size=3)), max_size=12))
+    apart = draw(st.lists(st.sampled_from(["", "", " ", "\n"]), min_size=len(pieces), max_size=len(pieces)))
+    return values, "".join(piece + space for piece, space in zip(pieces, apart, strict=True))
+
+
+PROPERTY = settings(
+    max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+
+
+@PROPERTY
+@given(entries_and_text(), st.data())
+@example((["sx", "ſx y"], "SX\t y"), None)
+@example((["kill", "KILL THE", "kill the killers"], "kill the killer kill the killers"), None)
+@example((["i", "İx", "ıx y"], "IX Y ix"), None)
+@example((["ab", "a", "abc d"], "abc abc d ab"), None)
+def test_the_trie_finds_what_the_alternation_longest_first_found(case, data):
+    values, text = case
+    trie, oracle = _words_regex(tuple(values)), flat_alternation(values)
+    start = data.draw(st.integers(0, len(text)), "start") if data else 0
+    end = data.draw(st.integers(start, len(text)), "end") if data else len(text)
+
+    assert [m.span() for m in trie.finditer(text, start, end)] == [m.span() for m in oracle.finditer(text, start, end)]
+
+
+@PROPERTY
+@given(entries_and_text(), st.booleans(), st.data())
+def test_a_blocklist_names_the_same_entry_at_the_same_character_as_with_the_alternation(case, final, data):
+    """The whole matcher: the plain form, the entry a hit names (its line) and where, and whether a stream's scan
+    leaves a match at the end of the text so far for the next piece."""
+    values, text = case
+    source = "\n".join(["# house rules", *values, *values[:2]])  # an entry twice: the line named is the same
+    blocklist, oracle = Blocklist(source), with_flat_alternation(Blocklist(source))
+    plain = PlainText(text, whole=final)
+    start = data.draw(st.integers(0, len(plain.text)), "start")
+
+    assert blocklist.scan(text, final=final) == oracle.scan(text, final=final)
+    assert blocklist.scan_open(plain, start=start, final=final) == oracle.scan_open(plain, start=start, final=final)
+
+
+def test_entries_nested_deeper_than_the_trie_and_long_phrases_are_matched_longest_first():
+    """The trie is nested groups only so deep (``re`` parses them recursively: a few hundred levels raised
+    RecursionError), then an alternation of what is left of each entry, longest first."""
+    words = [("w" + "o" * n) for n in range(600)]
+    phrase = " ".join(["lorem ipsum"] * 300)
+    blocklist = Blocklist("\n".join([*words, phrase, phrase + " dolor", "lorem"]))
+
+    assert blocklist.scan("say w" + "o" * 250 + " now").where == "entry 251 at character 4"
+    assert blocklist.scan("say w" + "o" * 250 + "w now") is None
+    assert blocklist.scan("w" + "o" * 550 + "!").where == "entry 551 at character 0"
+    assert blocklist.scan(f"a {phrase}\t dolor").where == "entry 602 at character 2"
+    assert blocklist.scan(f"a {phrase} dolorem").where == "entry 601 at character 2"
+    assert blocklist.scan(f"a {phrase[:-1]}").where == "entry 603 at character 2"
 
 
 # THE REPLY GUARD
