@@ -133,6 +133,12 @@ end
 local completion = max_tokens * choices
 local cost = fixed + math.ceil(completion * price)
 local tokens = prompt + completion
+-- The tokens-per-minute windows count the client's own max_tokens, or the prompt alone when it set none (the
+-- max_tokens picked above pays for the budgets, not for the windows): the rest is counted when it settles.
+local window_tokens = tokens
+if requested < 0 then
+  window_tokens = prompt
+end
 
 local scopes = {}
 for j = 1, nr do
@@ -168,10 +174,10 @@ for j = 1, nr do
       redis.call('ZREMRANGEBYSCORE', tk, '-inf', cutoff)
     end
     s.used_tokens = tonumber(redis.call('HGET', th, 'sum') or '0')
-    if s.used_tokens + tokens > s.tpm then
+    if s.used_tokens + window_tokens > s.tpm then
       local retry = -1
-      if tokens <= s.tpm then
-        local excess = s.used_tokens + tokens - s.tpm
+      if window_tokens <= s.tpm then
+        local excess = s.used_tokens + window_tokens - s.tpm
         local entries = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
         local freed = 0
         for e = 1, #entries, 2 do
@@ -182,7 +188,7 @@ for j = 1, nr do
           end
         end
       end
-      return {'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(tokens), int(retry)}
+      return {'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(window_tokens), int(retry)}
     end
   end
   scopes[j] = s
@@ -235,13 +241,13 @@ for _, s in ipairs(scopes) do
   end
   if s.tpm >= 0 then
     redis.call('ZADD', s.tk, int(now), rid)
-    redis.call('HSET', s.th, rid, int(tokens))
-    redis.call('HINCRBY', s.th, 'sum', int(tokens))
+    redis.call('HSET', s.th, rid, int(window_tokens))
+    redis.call('HINCRBY', s.th, 'sum', int(window_tokens))
     redis.call('PEXPIRE', s.tk, int(window + 1000))
     redis.call('PEXPIRE', s.th, int(window + 1000))
     local oldest = redis.call('ZRANGE', s.tk, 0, 0, 'WITHSCORES')
     result[#result + 1] = int(s.tpm)
-    result[#result + 1] = int(s.tpm - s.used_tokens - tokens)
+    result[#result + 1] = int(s.tpm - s.used_tokens - window_tokens)
     result[#result + 1] = int(tonumber(oldest[2]) + window - now)
   else
     result[#result + 1] = '-1'

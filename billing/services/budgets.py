@@ -226,6 +226,14 @@ class Reserved:
         return self.cost if spec.metric == BudgetMetric.COST else Decimal(self.tokens)
 
 
+def window_tokens(charge: Charge, reserved: Reserved) -> int:
+    """The tokens a request counts in the tokens-per-minute windows when admitted: its prompt plus the client's
+    own max_tokens, or its prompt alone when the client set none (the max_tokens picked for a budget pays for
+    the budget, and a window refusing a request for it would refuse a limit the client never asked for); the
+    rest is counted when it settles, as for a request under no budget."""
+    return reserved.tokens if charge.requested_max_tokens is not None else charge.prompt_tokens
+
+
 def charge_clamp(charge: Charge, counters: Sequence[tuple[CounterSpec, Decimal, Decimal]]) -> Reserved:
     """Pick max_tokens (the client's, or the most every counter still pays for) and the amounts to reserve.
     ``counters``: (spec, spent, reserved). Raises ``QuotaExceededError`` if not even one token is paid for."""

@@ -69,6 +69,7 @@ from .budgets import (
     expected_spend,
     period_bounds,
     quota_error,
+    window_tokens,
 )
 from .inflight import (
     EPOCH_KEY,
@@ -477,7 +478,7 @@ class DatabaseCounterStore:
             # Only this process's rate windows: nothing held that another process would have to release.
             reserved = charge_clamp(charge, ())
             states = local_rate_limiter.acquire(
-                request_id=request_id, specs=rates, tokens=reserved.tokens, now_ms=_ms(now)
+                request_id=request_id, specs=rates, tokens=window_tokens(charge, reserved), now_ms=_ms(now)
             )
             return AcquireOutcome(reserved, states)
         outcome = await sync_to_async(self._acquire)(
@@ -508,7 +509,7 @@ class DatabaseCounterStore:
                 states = [(spec, row.spent, row.reserved) for spec, row in zip(counters, rows, strict=True)]
                 reserved = charge_clamp(charge, states)
                 rate_states = local_rate_limiter.acquire(
-                    request_id=request_id, specs=rates, tokens=reserved.tokens, now_ms=_ms(now)
+                    request_id=request_id, specs=rates, tokens=window_tokens(charge, reserved), now_ms=_ms(now)
                 )
                 recorded = True
                 charge_check(reserved, states)

@@ -6,9 +6,10 @@ in any minute however the requests bunch up. With Redis the windows live in Redi
 the same script as the budgets (``redis_scripts/admission_acquire.lua``); without Redis,
 ``LocalRateLimiter`` keeps them in this process, which is exact for a single process only.
 
-Tokens are counted as the prompt's upper bound plus max_tokens when admitted, then corrected to what
-the request really used when it settles. The x-ratelimit-* headers follow OpenAI's names and duration
-format; ``reset`` is the time until the window's oldest entry leaves it, i.e. until ``remaining`` rises.
+Tokens are counted as the prompt's upper bound plus the client's max_tokens when admitted (the prompt alone
+when it set none: ``budgets.window_tokens``), then corrected to what the request really used when it
+settles. The x-ratelimit-* headers follow OpenAI's names and duration format; ``reset`` is the time until
+the window's oldest entry leaves it, i.e. until ``remaining`` rises.
 """
 
 from __future__ import annotations

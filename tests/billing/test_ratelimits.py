@@ -122,6 +122,21 @@ async def test_tokens_per_minute_count_the_estimate_then_the_real_use(store, acc
     assert third.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
+async def test_a_request_without_max_tokens_under_a_budget_is_not_too_large_for_the_token_limit(store, account):
+    """The budget picks max_tokens (up to 4,096) for a request that set none; the tokens-per-minute window must not
+    refuse that pick, forever, as a request "too large" whose client should "lower max_tokens" it never sent. The
+    window counts the prompt now and the rest when the request settles, as it does under no budget."""
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=Decimal("5"), tpm=3000)
+
+    admitted = await acquire(account, "no-max", prompt_upper=20)
+
+    assert admitted.max_tokens == 4096  # what the budget pays for, sent upstream
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == "2980"
+    await admission_settle(admission=admitted, cost=Decimal(0), prompt_tokens=20, completion_tokens=1000, ok=True)
+    after = await acquire(account, "no-max-2", prompt_upper=20)
+    assert after.headers["x-ratelimit-remaining-tokens"] == "1960"  # 3000 - 1020 settled - 20
+
+
 async def test_a_request_larger_than_the_token_limit_can_never_pass(store, account):
     await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, tpm=100)
     with pytest.raises(RateLimitExceededError) as refused:
