@@ -15,6 +15,7 @@ stream reports a failure with once its headers are gone.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from django.http import HttpResponse
@@ -31,12 +32,12 @@ def json_response(payload: Any, *, status: int = 200) -> HttpResponse:
 
 def error_headers(exc: ApplicationError) -> dict[str, str]:
     """The headers an answer refusing with ``exc`` carries, whatever its protocol: ``Retry-After`` (whole
-    seconds, at least 1) when the error knows when to come back, and those it brought in ``extra``
-    (``x-ratelimit-*``)."""
+    seconds, rounded up, at least 1: a client retrying after it must not come back before the time) when the
+    error knows when to come back, and those it brought in ``extra`` (``x-ratelimit-*``)."""
     headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     headers.update(exc.extra.get("headers") or {})
     return headers
 

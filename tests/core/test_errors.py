@@ -45,7 +45,7 @@ def test_openai_response_is_compact_utf8_with_the_error_headers():
             '"code":"rate_limit_exceeded"}}'
         ).encode()
     )
-    assert response["Retry-After"] == "1"
+    assert response["Retry-After"] == "2"  # 1.4 s, rounded up: after 1 s the limit would still refuse
     assert response["x-ratelimit-remaining-requests"] == "0"
     assert "WWW-Authenticate" not in response
 

@@ -77,3 +77,20 @@ def test_a_deployment_at_its_rpm_cap_is_skipped_until_the_next_minute(site):
         assert served_by(client, 4) == ["east", "east", "west", "west"]
         clock.move_to(datetime(2026, 12, 1, 12, 1, 1, tzinfo=UTC))
         assert served_by(client, 1) == ["east"]
+
+
+def test_a_client_retrying_after_the_caps_retry_after_is_served(site):
+    """Every deployment at its cap: the 429's Retry-After is the time until the minute rolls over, in whole
+    seconds rounded up. Rounded down (12.4 s said as 12), a client retrying after it, as the SDKs do, came back
+    before the rollover and got the same 429 again."""
+    client, routed = site
+    Deployment.objects.filter(model=routed).update(rpm_limit=1)
+    with time_machine.travel(datetime(2026, 12, 1, 12, 0, 47, 600_000, tzinfo=UTC), tick=False) as clock:
+        assert sorted(served_by(client, 2)) == ["east", "west"]
+        body = {"model": "routed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        capped = client.post("/v1/chat/completions", json=body)
+        assert (capped.status_code, capped.json()["error"]["code"]) == (429, "deployments_at_capacity")
+        assert capped.headers["retry-after"] == "13"  # 12.4 s until 12:01:00
+
+        clock.shift(int(capped.headers["retry-after"]))
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
