@@ -140,7 +140,19 @@ if requested < 0 then
   window_tokens = prompt
 end
 
+-- Every window is checked: refused, the answer is one that no wait lets through (the request is larger than
+-- the limit, or the limit is 0), else the one that frees last, so that a client coming back after its wait
+-- does not find another window still full.
 local scopes = {}
+local refusal = nil
+local function refuse(answer, retry, limit)
+  if retry < 0 or limit <= 0 then
+    retry = math.huge
+  end
+  if refusal == nil or retry > refusal.retry then
+    refusal = {answer = answer, retry = retry}
+  end
+end
 for j = 1, nr do
   local k = 3 * nb + 3 * (j - 1)
   local rq, tk, th = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
@@ -158,7 +170,7 @@ for j = 1, nr do
       if entry[2] then
         retry = tonumber(entry[2]) + window - now
       end
-      return {'rate', j, 'requests', s.rpm, s.used_requests, 1, int(retry)}
+      refuse({'rate', j, 'requests', s.rpm, s.used_requests, 1, int(retry)}, retry, s.rpm)
     end
   end
   if s.tpm >= 0 then
@@ -188,10 +200,13 @@ for j = 1, nr do
           end
         end
       end
-      return {'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(window_tokens), int(retry)}
+      refuse({'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(window_tokens), int(retry)}, retry, s.tpm)
     end
   end
   scopes[j] = s
+end
+if refusal then
+  return refusal.answer
 end
 
 for i, c in ipairs(counters) do

@@ -143,6 +143,17 @@ def rate_limit_error(
     return RateLimitExceededError(message, retry_after=retry_after, headers=headers)
 
 
+def refusal_latest(refusals: Sequence[dict]) -> dict:
+    """Of the windows refusing a request (``rate_limit_error``'s arguments), the one to report: one that no wait
+    lets through (the request is larger than its limit, or the limit is 0), else the one that frees last. A
+    client coming back after an earlier one's wait would find the others still full."""
+
+    def wait(refusal: dict) -> float:
+        return math.inf if refusal["retry_after_ms"] < 0 or refusal["limit"] <= 0 else refusal["retry_after_ms"]
+
+    return max(refusals, key=wait)
+
+
 @dataclass
 class _Window:
     entries: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)  # request id -> (ms, amount)
@@ -181,20 +192,24 @@ class LocalRateLimiter:
         return self._windows.setdefault((spec.scope_kind, spec.scope_id, name), _Window())
 
     def acquire(self, *, request_id: str, specs: Sequence[RateSpec], tokens: int, now_ms: int) -> list[RateState]:
-        """Check every window, then record the request in all of them, or in none."""
+        """Check every window, then record the request in all of them, or in none. Refused, the refusal is
+        the window's that frees last (``refusal_latest``)."""
         with self._lock:
+            refusals: list[dict] = []
             for spec in specs:
                 if spec.rpm is not None:
                     window = self._window(spec, "requests")
                     window.expire(now_ms)
                     if window.total + 1 > spec.rpm:
-                        raise rate_limit_error(
-                            spec,
-                            dimension="requests",
-                            limit=spec.rpm,
-                            used=window.total,
-                            requested=1,
-                            retry_after_ms=window.retry_after_ms(now_ms, window.total + 1 - spec.rpm),
+                        refusals.append(
+                            dict(
+                                spec=spec,
+                                dimension="requests",
+                                limit=spec.rpm,
+                                used=window.total,
+                                requested=1,
+                                retry_after_ms=window.retry_after_ms(now_ms, window.total + 1 - spec.rpm),
+                            )
                         )
                 if spec.tpm is not None:
                     window = self._window(spec, "tokens")
@@ -203,14 +218,19 @@ class LocalRateLimiter:
                         retry = (
                             -1 if tokens > spec.tpm else window.retry_after_ms(now_ms, window.total + tokens - spec.tpm)
                         )
-                        raise rate_limit_error(
-                            spec,
-                            dimension="tokens",
-                            limit=spec.tpm,
-                            used=window.total,
-                            requested=tokens,
-                            retry_after_ms=retry,
+                        refusals.append(
+                            dict(
+                                spec=spec,
+                                dimension="tokens",
+                                limit=spec.tpm,
+                                used=window.total,
+                                requested=tokens,
+                                retry_after_ms=retry,
+                            )
                         )
+            if refusals:
+                refusal = refusal_latest(refusals)
+                raise rate_limit_error(refusal.pop("spec"), **refusal)
             states = []
             for spec in specs:
                 requests = tokens_state = None

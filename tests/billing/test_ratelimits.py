@@ -103,6 +103,33 @@ async def test_the_window_slides(store, account):
     assert later.rate_states[0].requests.reset_ms == 29_500  # until w1 leaves it
 
 
+async def test_retry_after_waits_for_every_scope_that_refuses(store, account):
+    """The key's one request a minute and the account's 100 tokens a minute both refuse: Retry-After is the later
+    of their waits. The key's alone (20 s) sent the client back while the account's window was still full."""
+    key = RateSpec("key", account["key"].pk, rpm=1, tpm=None)
+    user = RateSpec("user", account["user"].pk, rpm=None, tpm=100)
+    now = timezone.now()
+
+    async def at(seconds: float, request_id: str, rates: tuple[RateSpec, ...], tokens: int):
+        return await admission_store().acquire(
+            request_id=request_id,
+            counters=(),
+            rates=rates,
+            charge=Charge(Decimal(0), Decimal(0), tokens, tokens, 0, 1),
+            now=now + timedelta(seconds=seconds),
+        )
+
+    await at(0, "a", (key, user), 10)
+    await at(30, "b", (user,), 90)  # another key of the account
+    with pytest.raises(RateLimitExceededError) as refused:
+        await at(40, "c", (key, user), 20)
+    assert refused.value.retry_after == 50  # b leaves the account's window at 90 s; a the key's at 60 s
+    assert "tokens per minute on your account" in refused.value.message
+
+    admitted = await at(40 + refused.value.retry_after, "c", (key, user), 20)
+    assert admitted.rate_states[1].tokens.remaining == 80
+
+
 async def test_tokens_per_minute_count_the_estimate_then_the_real_use(store, account):
     await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, tpm=100)
 
