@@ -14,6 +14,7 @@ from providers.fields import Secret
 
 from .models import OpsAlertIncident, OpsAlertRule
 from .services.alert_sweep import ops_incident_deliveries, ops_incident_events
+from .services.ops_alerts import ops_rule_incidents_close
 
 
 class OpsAlertRuleForm(forms.ModelForm):
@@ -81,6 +82,13 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
         # The kind is what the rule's incidents mean: changed under an open one, it would be judged (and cleared,
         # "at worst 60 ms") as another kind. Another kind is another rule.
         return [*super().get_readonly_fields(request, obj), *(["kind"] if obj is not None else [])]
+
+    def save_model(self, request: HttpRequest, obj: OpsAlertRule, form: forms.ModelForm, change: bool) -> None:
+        # The change form and the list's editable column alike: a disabled rule is evaluated no more, so its open
+        # incidents are closed now, and told as such, rather than left as pages that never resolve.
+        super().save_model(request, obj, form, change)
+        if change and "enabled" in form.changed_data and not obj.enabled:
+            ops_rule_incidents_close(rule=obj, because=f"the rule was disabled by {request.user.get_username()}")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OpsAlertRule]:
         return (

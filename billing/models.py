@@ -697,6 +697,11 @@ class OpsAlertIncident(models.Model):
     peak = models.DecimalField(max_digits=24, decimal_places=6)
     value_at_clear = models.DecimalField(max_digits=24, decimal_places=6, null=True, blank=True)
     detail = models.CharField(max_length=300, blank=True, help_text="What was measured, in words, at opening.")
+    closed_because = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text='Why it was closed when that was no recovery: "the rule was disabled by alice". Empty: it cleared.',
+    )
     delivered = models.JSONField(
         default=list, blank=True, help_text='Deliveries made: "open:email", "open:webhook", "clear:email", …'
     )

@@ -427,6 +427,12 @@ class Incident(models.Model):
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
     reason = models.CharField(max_length=500, blank=True)
+    ended_because = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Why it ended when that was no recovery (an admin took the deployment out of service). Empty: it "
+        "recovered.",
+    )
     delivered = models.JSONField(
         default=list, blank=True, help_text='Deliveries made: "down:email", "down:webhook", "recovered:email", …'
     )

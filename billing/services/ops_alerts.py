@@ -41,7 +41,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
-from providers.models import Deployment, Incident
+from providers.models import BreakerOverride, Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
 from providers.services.incidents import BREAKER_REASON, incident_alert_recipients, incident_close, incident_open
@@ -340,9 +340,11 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
     return evaluation
 
 
-def _rule_lock(rule_id: int) -> None:
-    # Opening and clearing a rule's incidents take turns, so that what one checks the other has not half done.
-    OpsAlertRule.objects.select_for_update().filter(pk=rule_id).values_list("pk", flat=True).first()
+def _rule_lock(rule_id: int) -> bool:
+    """Lock the rule; whether it is still enabled. Opening and clearing a rule's incidents take turns, so that
+    what one checks the other has not half done, and an evaluator that read the rule before an admin disabled
+    it opens nothing after (the admin's close told the operator it is no longer watched)."""
+    return bool(OpsAlertRule.objects.select_for_update().filter(pk=rule_id).values_list("enabled", flat=True).first())
 
 
 def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now: datetime) -> OpsAlertIncident | None:
@@ -351,7 +353,8 @@ def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now
     overlapping the next: its breach is over)."""
     try:
         with transaction.atomic():
-            _rule_lock(rule.pk)
+            if not _rule_lock(rule.pk):
+                return None
             if OpsAlertIncident.objects.filter(rule=rule, subject=subject, cleared_at__gt=now).exists():
                 return None
             incident = OpsAlertIncident.objects.create(
@@ -385,10 +388,63 @@ def ops_incident_clear(
     return locked
 
 
+def ops_rule_incidents_close(*, rule: OpsAlertRule, because: str, now: datetime | None = None) -> int:
+    """Close the open incidents of a rule an admin disabled (``because``: "the rule was disabled by alice"):
+    nothing evaluates it any more, and an incident left open would be a page that never resolves. Each is
+    told once, on its usual channels, as closed for that reason, not recovered. For the deployment-down rule,
+    the deployments' incidents its evaluator opened from their breakers. Returns how many it closed."""
+    now = now or timezone.now()
+    if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
+        open_ids = Incident.objects.filter(ended_at__isnull=True, reason=BREAKER_REASON).values_list(
+            "deployment_id", flat=True
+        )
+        return sum(
+            incident_close(deployment_id=deployment_id, at=now, because=because) is not None
+            for deployment_id in list(open_ids)
+        )
+    closed = 0
+    with transaction.atomic():
+        _rule_lock(rule.pk)
+        for incident in OpsAlertIncident.objects.select_for_update().filter(rule=rule, cleared_at__isnull=True):
+            incident.cleared_at = max(now, incident.opened_at)
+            incident.closed_because = because[:200]
+            incident.save(update_fields=["cleared_at", "closed_because"])
+            transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.CLEAR), robust=True)
+            closed += 1
+    return closed
+
+
+# Why the evaluator closes a deployment's breaker incident that is no recovery: an admin took it out of service.
+_OUT_OF_SERVICE = {
+    "enabled": "the deployment was disabled by an admin",
+    "model__enabled": "its model was disabled by an admin",
+    "breaker_override": "its breaker was forced open by an admin",
+}
+
+
+def _out_of_service_close(*, now: datetime, evaluation: Evaluation) -> None:
+    """Close the breaker incidents of deployments an admin took out of service (disabled, their model disabled,
+    their breaker forced open): no request reaches them, so nothing would ever close the incident, and its
+    page would never resolve. Told as closed by an admin, not as back up."""
+    out = Incident.objects.filter(ended_at__isnull=True, reason=BREAKER_REASON).filter(
+        Q(deployment__enabled=False)
+        | Q(deployment__model__enabled=False)
+        | Q(deployment__breaker_override=BreakerOverride.OPEN)
+    )
+    for deployment_id, name, enabled, model_enabled in out.values_list(
+        "deployment_id", "deployment__name", "deployment__enabled", "deployment__model__enabled"
+    ):
+        why = "enabled" if not enabled else "model__enabled" if not model_enabled else "breaker_override"
+        if incident_close(deployment_id=deployment_id, at=now, because=_OUT_OF_SERVICE[why]) is not None:
+            evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
+
+
 def deployments_down_follow(*, now: datetime, evaluation: Evaluation) -> None:
     """Open a deployment's ``Incident`` when its breaker is open (or half-open: still not trusted) and none is
     open; close the ones opened this way once the breaker has closed. Deployments an admin forced open or
-    closed (``breaker_override``) are left alone: that is a decision, not an outage."""
+    closed (``breaker_override``) are left alone: that is a decision, not an outage; the incident of one taken
+    out of service (disabled, forced open) is closed as such (``_out_of_service_close``)."""
+    _out_of_service_close(now=now, evaluation=evaluation)
     deployments = dict(
         Deployment.objects.filter(enabled=True, model__enabled=True, breaker_override="").values_list("pk", "name")
     )
@@ -484,6 +540,12 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
         if incident.cleared_at and (incident.cleared_at - incident.opened_at) >= timedelta(minutes=1):
             lasted = timesince(incident.opened_at, incident.cleared_at)
         worst, threshold = _in_rule_unit(rule, incident.peak), _in_rule_unit(rule, rule.threshold, exact=True)
+        if incident.closed_because:
+            return (
+                f"llmhub: closed, not recovered: {rule.name} ({incident.subject}): {incident.closed_because}, so "
+                f"nothing watches it now; after {lasted} (since {since}), at worst {worst}, the rule's threshold "
+                f"{threshold}. It began as: {incident.detail}."
+            )
         return (
             f"llmhub: cleared: {rule.name} ({incident.subject}), after {lasted} (since {since}); at worst {worst}, "
             f"the rule's threshold {threshold}. It began as: {incident.detail}."
@@ -500,7 +562,9 @@ def ops_alert_email_send(*, incident: OpsAlertIncident, event: str) -> bool:
     mark = f"{event}:email"
     if mark in incident.delivered:
         return False
-    state = "cleared" if event == OpsAlertEvent.CLEAR else "firing"
+    state = "firing"
+    if event == OpsAlertEvent.CLEAR:
+        state = "closed, not recovered" if incident.closed_because else "cleared"
     sent = alert_email_send(
         subject=f"[llmhub] {state}: {incident.rule.name} ({incident.subject})",
         body=ops_alert_text(incident, event),

@@ -69,18 +69,22 @@ def incident_open(*, deployment_id: int, reason: str, at: datetime) -> Incident 
     return incident
 
 
-def incident_close(*, deployment_id: int, at: datetime, spare_breaker_incident: bool = False) -> Incident | None:
+def incident_close(
+    *, deployment_id: int, at: datetime, spare_breaker_incident: bool = False, because: str = ""
+) -> Incident | None:
     """Close the deployment's open incident, if any; its recovery alert is sent after commit. Returns the
     incident this call closed, None when none was open. With ``spare_breaker_incident`` (a free health check
     passing: the model list answers), one opened from the breaker (``BREAKER_REASON``) is left open: the model
-    list answering says nothing of the completions that failed."""
+    list answering says nothing of the completions that failed. ``because`` says why it ends when that is no
+    recovery (an admin took the deployment out of service): its alert says so instead of "back up"."""
     with transaction.atomic():
         # Locked: a second worker waits here, then no longer finds the row open.
         incident = Incident.objects.select_for_update().filter(deployment_id=deployment_id, ended_at=None).first()
         if incident is None or (spare_breaker_incident and incident.reason == BREAKER_REASON):
             return None
         incident.ended_at = max(at, incident.started_at)
-        incident.save(update_fields=["ended_at"])
+        incident.ended_because = because[:200]
+        incident.save(update_fields=["ended_at", "ended_because"])
         transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.RECOVERED), robust=True)
     return incident
 
@@ -130,6 +134,11 @@ def incident_alert_text(incident: Incident, event: str) -> str:
     deployment = incident.deployment
     where = f"{incident_subject(incident)} (provider {deployment.provider.name}, upstream {deployment.upstream_id})"
     since = f"{incident.started_at:%Y-%m-%d %H:%M:%S} UTC"
+    if event == IncidentEvent.RECOVERED and incident.ended_because:
+        return (
+            f"llmhub: {where}: its incident is closed, not recovered: {incident.ended_because}, after "
+            f"{incident_duration(incident)} down (since {since}). Nothing watches it now."
+        )
     if event == IncidentEvent.RECOVERED:
         return f"llmhub: {where} is back up after {incident_duration(incident)} down (since {since})."
     reason = f": {incident.reason}" if incident.reason else ""
@@ -156,7 +165,9 @@ def alert_email_send(*, subject: str, body: str, recipients: Sequence[str]) -> b
 
 def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
     """Email the alert to the admins and record it delivered; False when there is nobody to send it to."""
-    state = "is back up" if event == IncidentEvent.RECOVERED else "is down"
+    state = "is down"
+    if event == IncidentEvent.RECOVERED:
+        state = "is no longer watched (not a recovery)" if incident.ended_because else "is back up"
     mark = f"{event}:email"
     sent = alert_email_send(
         subject=f"[llmhub] {incident_subject(incident)} {state}",

@@ -800,3 +800,126 @@ def test_a_gateway_younger_than_a_day_has_no_usual_hour_yet():
     UsageRecordFactory(cost=Decimal("500"), created_at=T0 - timedelta(minutes=10))
     evaluate_at(T0)
     assert OpsAlertIncident.objects.count() == 0 and alert_mail() == []
+
+
+# Taken out of evaluation by an admin ---------------------------------------------------------------------
+
+
+def _rule_disable_in_admin(admin_client, watched: OpsAlertRule, where: str) -> None:
+    if where == "form":
+        form = {
+            "name": watched.name,
+            "threshold": str(watched.threshold),
+            "window_minutes": str(watched.window_minutes),
+            "minimum_requests": str(watched.minimum_requests),
+            "minimum_baseline_usd": "1",
+            "model_name": "",
+            "email_recipients": "",
+            "webhook_url": "",
+        }
+        response = admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/change/", form)
+    else:
+        listed = {
+            "form-TOTAL_FORMS": "1",
+            "form-INITIAL_FORMS": "1",
+            "form-0-id": str(watched.pk),
+            "form-0-threshold": str(watched.threshold),
+            "form-0-window_minutes": str(watched.window_minutes),
+            "form-0-minimum_requests": str(watched.minimum_requests),
+            "_save": "Save",
+        }
+        response = admin_client.post("/admin/billing/opsalertrule/", listed)
+    assert response.status_code == 302, response.content
+
+
+@pytest.mark.parametrize("where", ["form", "list"])
+def test_disabling_a_rule_closes_its_open_incident_once_saying_who_and_enabling_it_starts_afresh(
+    admin_client, admin_user, webhook, where
+):
+    """A disabled rule is evaluated no more: its open incident used to stay open, a page that never resolved
+    (and "cleared after 3 weeks" once the rule was enabled again). It is closed when the rule is disabled, and
+    told once, on the same channels, as closed by that admin, not as a recovery."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+        _rule_disable_in_admin(admin_client, watched, where)
+    incident = OpsAlertIncident.objects.get()
+    assert incident.cleared_at == T0 + timedelta(minutes=1)
+    assert incident.closed_because == f"the rule was disabled by {admin_user.username}"
+    closed = "[llmhub] closed, not recovered: test error_rate (model:m)"
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m)", closed]
+    assert len(webhook.received) == 2
+    assert webhook.received[1]["text"].startswith(
+        f"llmhub: closed, not recovered: test error_rate (model:m): the rule was disabled by {admin_user.username}"
+    )
+    evaluate_at(T0 + timedelta(minutes=2))  # disabled: nothing more
+    assert len(alert_mail()) == 2 and len(webhook.received) == 2
+
+    OpsAlertRule.objects.filter(pk=watched.pk).update(enabled=True)  # still failing: a new incident, a new page
+    evaluate_at(T0 + timedelta(minutes=3))
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 1
+    assert OpsAlertIncident.objects.count() == 2 and len(alert_mail()) == 3 and len(webhook.received) == 3
+
+
+def test_an_evaluation_that_read_a_rule_before_it_was_disabled_opens_nothing_after():
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    from billing.services.ops_alerts import error_rate_measures, ops_incident_open
+
+    (measure,) = error_rate_measures(watched, T0).values()
+    OpsAlertRule.objects.filter(pk=watched.pk).update(enabled=False)
+    assert ops_incident_open(rule=watched, subject="model:m", measure=measure, now=T0) is None
+    assert not OpsAlertIncident.objects.exists() and alert_mail() == []
+
+
+@pytest.mark.parametrize(
+    ("change", "because"),
+    [
+        ({"enabled": False}, "the deployment was disabled by an admin"),
+        ({"breaker_override": "open"}, "its breaker was forced open by an admin"),
+        ({"model_enabled": False}, "its model was disabled by an admin"),
+    ],
+)
+def test_a_deployment_taken_out_of_service_closes_its_breaker_incident_once_as_no_recovery(
+    webhook, settings, change, because
+):
+    """No request reaches a deployment an admin disabled or forced open: its breaker incident used to stay open
+    for good (the evaluator leaves such deployments alone). It is closed, and told as taken out of service by
+    an admin, not as back up."""
+    settings.REDIS_URL = ""
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    deployment = ModelFactory(name="watched").deployments.get()
+    Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
+    if change.pop("model_enabled", True) is False:
+        CatalogModel.objects.filter(pk=deployment.model_id).update(enabled=False)
+    Deployment.objects.filter(pk=deployment.pk).update(**change)
+    evaluate_at(T0 + timedelta(minutes=10))
+    evaluate_at(T0 + timedelta(minutes=11))
+    incident = Incident.objects.get()
+    assert incident.ended_at == T0 + timedelta(minutes=10) and incident.ended_because == because
+    assert [message.subject for message in alert_mail()] == [
+        f"[llmhub] deployment {deployment.name} of model watched is no longer watched (not a recovery)"
+    ]
+    (hook,) = webhook.received
+    assert f"its incident is closed, not recovered: {because}, after 10" in hook["text"]
+    assert "back up" not in hook["text"]
+
+
+def test_disabling_the_deployment_down_rule_closes_the_incidents_it_opened(admin_client, admin_user, settings):
+    settings.REDIS_URL = ""
+    watched = rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    deployment = ModelFactory(name="watched").deployments.get()
+    Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
+    other = ModelFactory(name="other").deployments.get()
+    Incident.objects.create(deployment=other, started_at=T0, reason="the model list failed")  # health checks'
+    _rule_disable_in_admin(admin_client, watched, "list")
+    assert Incident.objects.get(deployment=deployment).ended_because == (
+        f"the rule was disabled by {admin_user.username}"
+    )
+    assert Incident.objects.get(deployment=other).ended_at is None
+    assert [message.subject for message in alert_mail()] == [
+        f"[llmhub] deployment {deployment.name} of model watched is no longer watched (not a recovery)"
+    ]
