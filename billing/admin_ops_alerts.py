@@ -35,6 +35,7 @@ class OpsAlertRuleForm(forms.ModelForm):
             "window_minutes",
             "minimum_requests",
             "minimum_baseline_usd",
+            "clear_after_minutes",
             "model_name",
             "email_recipients",
             "webhook_url",
@@ -67,6 +68,7 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "kind", "enabled"]}),
         ("When it fires", {"fields": ["threshold", "window_minutes", "minimum_requests", "minimum_baseline_usd"]}),
+        ("When it clears", {"fields": ["clear_after_minutes"]}),
         ("What it watches", {"fields": ["model_name"]}),
         (
             "Who is told",

@@ -614,6 +614,12 @@ class OpsAlertRule(models.Model):
         validators=[MinValueValidator(Decimal("0"))],
         help_text="Spend spike: the usual hour must cost at least this much for a spike to count.",
     )
+    clear_after_minutes = models.PositiveIntegerField(
+        default=5,
+        db_default=5,
+        help_text="An open incident clears once the measure has stayed at or under the threshold this long (a "
+        "value hovering around it does not open and clear every minute); 0: as soon as it is under.",
+    )
     model_name = models.CharField(
         max_length=128, blank=True, help_text="Only this public model (error rate, latency, spend); empty: all."
     )
@@ -696,6 +702,12 @@ class OpsAlertIncident(models.Model):
     value_at_open = models.DecimalField(max_digits=24, decimal_places=6)
     peak = models.DecimalField(max_digits=24, decimal_places=6)
     value_at_clear = models.DecimalField(max_digits=24, decimal_places=6, null=True, blank=True)
+    under_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Open: since when the measure has read at or under the threshold (it clears after the rule's "
+        "clear_after_minutes); empty while it is above.",
+    )
     detail = models.CharField(max_length=300, blank=True, help_text="What was measured, in words, at opening.")
     closed_because = models.CharField(
         max_length=200,

@@ -330,14 +330,34 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
             if incident is None:
                 if measure.breached and ops_incident_open(rule=rule, subject=subject, measure=measure, now=now):
                     evaluation.opened.append(f"{rule.kind} {subject}")
-            elif measure.keeps_open and measure.value > incident.peak:
-                OpsAlertIncident.objects.filter(pk=incident.pk, peak__lt=measure.value).update(peak=measure.value)
+            elif measure.keeps_open:
+                if measure.value > incident.peak:
+                    OpsAlertIncident.objects.filter(pk=incident.pk, peak__lt=measure.value).update(peak=measure.value)
+                if incident.under_since is not None:
+                    # Above again: the wait for a steady recovery starts over (unless a run measuring later than
+                    # this one, overlapping it, already read it under).
+                    OpsAlertIncident.objects.filter(pk=incident.pk, under_since__lte=now).update(under_since=None)
         for subject, incident in open_incidents.items():
             measure = measures.get(subject)
             if measure is None or not measure.keeps_open:
+                if not _steadily_under(rule, incident, now):
+                    continue
                 if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
                     evaluation.cleared.append(f"{rule.kind} {subject}")
     return evaluation
+
+
+def _steadily_under(rule: OpsAlertRule, incident: OpsAlertIncident, now: datetime) -> bool:
+    """Whether an open incident whose measure now reads at or under the threshold (or is gone) has read so for
+    the rule's ``clear_after_minutes``, across evaluator runs: a rate hovering around the threshold (9 %, 11 %,
+    9 %) would otherwise open and clear every minute. The first reading under is stored on the incident; a
+    reading above clears it again (``ops_alerts_evaluate``)."""
+    if not rule.clear_after_minutes:
+        return True
+    if incident.under_since is None:
+        OpsAlertIncident.objects.filter(pk=incident.pk, under_since__isnull=True).update(under_since=now)
+        return False
+    return now - incident.under_since >= timedelta(minutes=rule.clear_after_minutes)
 
 
 def _rule_lock(rule_id: int) -> bool:

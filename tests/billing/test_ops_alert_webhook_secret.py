@@ -44,6 +44,7 @@ def form(rule: OpsAlertRule, **changes: str) -> dict[str, str]:
         "window_minutes": str(rule.window_minutes),
         "minimum_requests": str(rule.minimum_requests),
         "minimum_baseline_usd": str(rule.minimum_baseline_usd),
+        "clear_after_minutes": str(rule.clear_after_minutes),
         "model_name": "",
         "email_recipients": "",
         "webhook_url": "",
@@ -146,7 +147,9 @@ def test_the_migration_encrypts_webhooks_already_stored_and_back():
                 [URL],
             )
         MigrationExecutor(connection).migrate(after)
-        old, none = OpsAlertRule.objects.get(name="old"), OpsAlertRule.objects.get(name="none")
+        # Only the columns of that migration's state: later ones add fields the table does not have yet there.
+        rules = OpsAlertRule.objects.only("name", "webhook_url")
+        old, none = rules.get(name="old"), rules.get(name="none")
         assert stored(old).startswith("fernet:") and old.webhook_url.reveal() == URL
         assert stored(none) == "" and not none.webhook_url
 

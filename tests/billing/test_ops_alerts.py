@@ -107,7 +107,9 @@ def evaluate_at(instant: datetime, times: int = 3) -> None:
 
 
 def rule(kind: str, **fields: object) -> OpsAlertRule:
-    return OpsAlertRule.objects.create(name=f"test {kind}", kind=kind, **fields)
+    """A rule whose incidents clear at the first reading under the threshold, unless a test says otherwise: the
+    damping (``clear_after_minutes``, 5 by default) has tests of its own."""
+    return OpsAlertRule.objects.create(name=f"test {kind}", kind=kind, **{"clear_after_minutes": 0, **fields})
 
 
 def alert_mail() -> list:
@@ -535,7 +537,15 @@ def test_the_default_rules_are_installed_and_editable_in_the_admin(admin_client)
     assert page.status_code == 200
     form = {
         field: getattr(error_rate, field)
-        for field in ("name", "kind", "window_minutes", "minimum_requests", "minimum_baseline_usd", "model_name")
+        for field in (
+            "name",
+            "kind",
+            "window_minutes",
+            "minimum_requests",
+            "minimum_baseline_usd",
+            "clear_after_minutes",
+            "model_name",
+        )
     }
     response = admin_client.post(
         f"/admin/billing/opsalertrule/{error_rate.pk}/change/",
@@ -576,6 +586,7 @@ def test_the_admin_refuses_a_threshold_or_window_that_cannot_mean_an_incident(ad
         "window_minutes": "5",
         "minimum_requests": "20",
         "minimum_baseline_usd": "1",
+        "clear_after_minutes": "0",
         "model_name": "",
         "email_recipients": "",
         "webhook_url": "",
@@ -618,6 +629,7 @@ def test_a_rules_kind_cannot_be_changed_under_its_open_incidents(admin_client, w
         "window_minutes": "5",
         "minimum_requests": "2",
         "minimum_baseline_usd": "1",
+        "clear_after_minutes": "0",
         "model_name": "",
         "email_recipients": "",
         "webhook_url": "",
@@ -653,6 +665,7 @@ def test_the_admin_refuses_recipients_that_are_not_addresses(admin_client, recip
         "window_minutes": "5",
         "minimum_requests": "20",
         "minimum_baseline_usd": "1",
+        "clear_after_minutes": "0",
         "model_name": "",
         "email_recipients": recipients,
         "webhook_url": "",
@@ -813,6 +826,7 @@ def _rule_disable_in_admin(admin_client, watched: OpsAlertRule, where: str) -> N
             "window_minutes": str(watched.window_minutes),
             "minimum_requests": str(watched.minimum_requests),
             "minimum_baseline_usd": "1",
+            "clear_after_minutes": "0",
             "model_name": "",
             "email_recipients": "",
             "webhook_url": "",
@@ -923,3 +937,66 @@ def test_disabling_the_deployment_down_rule_closes_the_incidents_it_opened(admin
     assert [message.subject for message in alert_mail()] == [
         f"[llmhub] deployment {deployment.name} of model watched is no longer watched (not a recovery)"
     ]
+
+
+# Damping: a value hovering around the threshold -------------------------------------------------------------
+
+
+def test_an_incident_clears_only_once_the_measure_stayed_under_the_threshold_for_the_rules_clear_after():
+    """A rate swinging 9 % / 11 % around a 10 % threshold opened and cleared every minute, a page each time. An
+    open incident now clears once the measure has read at or under the threshold for ``clear_after_minutes``,
+    over evaluator runs; a reading above starts the wait over. Opening is unchanged."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, clear_after_minutes=5)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)  # 100 %: opened
+    for _ in range(30):
+        UsageRecordFactory(model_name="m", created_at=T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))  # 2 of 32: 6.3 %, under
+    assert OpsAlertIncident.objects.get().under_since == T0 + timedelta(minutes=2)
+    for _ in range(3):
+        UsageRecordFactory(
+            model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 + timedelta(minutes=2, seconds=30)
+        )
+    evaluate_at(T0 + timedelta(minutes=3))  # 5 of 35: 14.3 %, above again: the wait starts over
+    assert OpsAlertIncident.objects.get().under_since is None
+    evaluate_at(T0 + timedelta(minutes=4))  # the first two out of the window: 3 of 33, 9.1 %
+    evaluate_at(T0 + timedelta(minutes=8))  # no request left in the window: under too, 4 minutes so far
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.cleared_at, incident.under_since) == (None, T0 + timedelta(minutes=4))
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m)"]
+
+    evaluate_at(T0 + timedelta(minutes=9))  # 5 minutes at or under: cleared, once
+    evaluate_at(T0 + timedelta(minutes=10))
+    assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(minutes=9)
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test error_rate (model:m)",
+        "[llmhub] cleared: test error_rate (model:m)",
+    ]
+    assert watched.clear_after_minutes == 5 == OpsAlertRule._meta.get_field("clear_after_minutes").default
+
+
+def test_the_wait_before_clearing_is_set_in_the_admin_and_cannot_be_negative(admin_client):
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"))
+    form = {
+        "name": watched.name,
+        "enabled": "on",
+        "threshold": "10",
+        "window_minutes": "5",
+        "minimum_requests": "20",
+        "minimum_baseline_usd": "1",
+        "model_name": "",
+        "email_recipients": "",
+        "webhook_url": "",
+    }
+    page = admin_client.get(f"/admin/billing/opsalertrule/{watched.pk}/change/")
+    assert "clear_after_minutes" in page.context["adminform"].form.fields
+    response = admin_client.post(
+        f"/admin/billing/opsalertrule/{watched.pk}/change/", {**form, "clear_after_minutes": "-1"}
+    )
+    assert response.status_code == 200 and "clear_after_minutes" in response.context["adminform"].form.errors
+    response = admin_client.post(
+        f"/admin/billing/opsalertrule/{watched.pk}/change/", {**form, "clear_after_minutes": "10"}
+    )
+    assert response.status_code == 302
+    assert OpsAlertRule.objects.get(pk=watched.pk).clear_after_minutes == 10
