@@ -26,7 +26,8 @@ from django.utils import timezone
 logger = logging.getLogger("llmhub.alerts")
 
 # A claim older than this is a sender that died: the sweep may queue its delivery again. Longer than a send
-# can take (the webhook's timeout is 10 s; an SMTP server that hangs longer than this is sent to twice).
+# can take (a webhook call ends within LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS, 15 s; an SMTP server that hangs
+# longer than this is sent to twice).
 CLAIM_LEASE = timedelta(minutes=5)
 # A delivery that failed, or that the sweep queued, is left to its task this long before the sweep queues it
 # again: longer than the longest wait between a task's retries (10 minutes), so a retry still pending is not

@@ -34,6 +34,7 @@ import functools
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -287,11 +288,47 @@ class PlainGuardedNetworkBackend(_AsyncGuard, httpcore.AsyncNetworkBackend):
     _core = httpcore
 
 
-class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
-    """The same guard for synchronous clients (Celery tasks)."""
+class _DeadlineStream(httpcore2.NetworkStream):
+    """A connection whose every operation ends by ``deadline`` (``time.monotonic()``): httpx's timeouts bound each
+    step (the connect, each write, each read), so a server sending a byte now and then holds a request as long
+    as it likes; this bounds the whole exchange. Past the deadline an operation fails as its own timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: httpcore2.NetworkStream, deadline: float) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def _left(self, timeout: float | None, expired: type[Exception]) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise expired("the request's deadline passed")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._left(timeout, httpcore2.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._left(timeout, httpcore2.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore2.NetworkStream:
+        left = self._left(timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, left), self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
+    """The same guard for synchronous clients (Celery tasks); with a ``deadline`` (``time.monotonic()``), every
+    connection it opens ends by then (``_DeadlineStream``). The name's resolution is not bounded by it."""
+
+    def __init__(self, *, deadline: float | None = None) -> None:
         self._backend = httpcore2.SyncBackend()
+        self._deadline = deadline
 
     def connect_tcp(
         self,
@@ -310,8 +347,13 @@ class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
             addresses = check_addresses(host, found)
         last: Exception = httpcore2.ConnectError(f"{host} has no address")
         for address in addresses:
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise httpcore2.ConnectTimeout("the request's deadline passed")
+                timeout = left if timeout is None else min(timeout, left)
             try:
-                return self._backend.connect_tcp(
+                stream = self._backend.connect_tcp(
                     _connect_target(address),
                     port,
                     timeout=timeout,
@@ -320,6 +362,8 @@ class GuardedSyncNetworkBackend(httpcore2.NetworkBackend):
                 )
             except httpcore2.ConnectError as exc:
                 last = exc
+                continue
+            return stream if self._deadline is None else _DeadlineStream(stream, self._deadline)
         raise last
 
     def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
@@ -381,10 +425,11 @@ class OutboundTransport(httpx2.AsyncHTTPTransport):
 class SyncOutboundTransport(httpx2.HTTPTransport):
     """``OutboundTransport`` for synchronous clients."""
 
-    def __init__(self, *, origin: str, limits: httpx2.Limits) -> None:
+    def __init__(self, *, origin: str, limits: httpx2.Limits, deadline: float | None = None) -> None:
         super().__init__(verify=_ssl_context(), limits=limits, trust_env=False)
         self.origin = origin_of(origin)
-        self._pool = httpcore2.ConnectionPool(**_pool_options(limits), network_backend=GuardedSyncNetworkBackend())
+        backend = GuardedSyncNetworkBackend(deadline=deadline)
+        self._pool = httpcore2.ConnectionPool(**_pool_options(limits), network_backend=backend)
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         _refuse_other_origin(self.origin, request.url)
@@ -412,11 +457,18 @@ def outbound_client(
 
 
 def outbound_sync_client(
-    *, url: str, timeout: httpx2.Timeout | float, follow_redirects: bool = True, **kwargs: Any
+    *,
+    url: str,
+    timeout: httpx2.Timeout | float,
+    follow_redirects: bool = True,
+    deadline: float | None = None,
+    **kwargs: Any,
 ) -> httpx2.Client:
-    """``outbound_client`` for synchronous code."""
+    """``outbound_client`` for synchronous code. ``timeout`` bounds each step (connect, write, read);
+    ``deadline`` (a ``time.monotonic()`` instant) all of them together: past it, whatever the client is doing
+    fails as a timeout."""
     return httpx2.Client(
-        transport=SyncOutboundTransport(origin=url, limits=httpx2.Limits()),
+        transport=SyncOutboundTransport(origin=url, limits=httpx2.Limits(), deadline=deadline),
         timeout=timeout,
         follow_redirects=follow_redirects,
         trust_env=False,

@@ -438,6 +438,9 @@ LLMHUB_BUDGET_MAX_TOKENS_CAP = env.int("LLMHUB_BUDGET_MAX_TOKENS_CAP", default=4
 # Every alert (budget alerts, incidents, operations alerts) also goes to this Slack-compatible webhook
 # ({"text": ...}) when set.
 LLMHUB_ALERT_WEBHOOK_URL = env("LLMHUB_ALERT_WEBHOOK_URL", default="")
+# Seconds one call of an alert webhook may take in all (connect, send, read; each step also has 10 s): a
+# receiver trickling its answer is cut there, and the attempt fails and is retried (docs/alerts.md).
+LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS = env.float("LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS", default=15.0)
 # The alert sweep (docs/alerts.md, "Delivery"; billing.tasks.alerts_undelivered_send, every minute) queues
 # again the deliveries of alerts at least GRACE seconds old (the normal path has had its chance) and less
 # than MAX_AGE hours old (an older backlog, after a long outage, is left in the admin rather than sent).

@@ -19,6 +19,7 @@ alerts.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
@@ -184,13 +185,26 @@ def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
 def alert_webhook_post(*, url: str, text: str) -> None:
     """POST ``{"text": text}`` to a Slack-compatible webhook, under the outbound policy every provider call
     obeys (the URL is set by an operator, but the address its name resolves to is not); a redirect is a
-    failure. Raises ``WebhookDeliveryError``, whose message never holds the URL."""
+    failure. Raises ``WebhookDeliveryError``, whose message never holds the URL.
+
+    Each step (connect, write, read) has 10 s, and the whole exchange ``LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS``:
+    a receiver trickling its answer a byte at a time would otherwise hold the worker as long as it liked, and,
+    past the delivery's claim, have the sweep send a second copy. Past the deadline it is a failed attempt,
+    retried as any other."""
+    allowed = settings.LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS
+    deadline = time.monotonic() + allowed
     try:
-        with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False) as client:
+        with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False, deadline=deadline) as client:
             response = client.post(url, json={"text": text})
     except OutboundRefused:
         raise WebhookDeliveryError(
             "the alert webhook's address is refused by the outbound policy (see LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS)"
+        ) from None
+    except httpx2.TimeoutException as exc:
+        if time.monotonic() < deadline:
+            raise WebhookDeliveryError(f"the alert webhook could not be reached ({type(exc).__name__})") from None
+        raise WebhookDeliveryError(
+            f"the alert webhook did not answer within {allowed:g} s (LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS)"
         ) from None
     except httpx2.HTTPError as exc:
         raise WebhookDeliveryError(f"the alert webhook could not be reached ({type(exc).__name__})") from None
