@@ -14,7 +14,7 @@ from providers.fields import Secret
 
 from .models import OpsAlertIncident, OpsAlertRule
 from .services.alert_sweep import ops_incident_deliveries, ops_incident_events
-from .services.ops_alerts import ops_rule_incidents_close
+from .services.ops_alerts import ops_rule_incidents_close, ops_rules_delete
 
 
 class OpsAlertRuleForm(forms.ModelForm):
@@ -91,6 +91,13 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         if change and "enabled" in form.changed_data and not obj.enabled:
             ops_rule_incidents_close(rule=obj, because=f"the rule was disabled by {request.user.get_username()}")
+
+    # The delete page and the bulk action alike: the open incidents are closed and told, not deleted silently.
+    def delete_model(self, request: HttpRequest, obj: OpsAlertRule) -> None:
+        ops_rules_delete(rules=[obj], by=request.user.get_username())
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[OpsAlertRule]) -> None:
+        ops_rules_delete(rules=list(queryset), by=request.user.get_username())
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[OpsAlertRule]:
         return (

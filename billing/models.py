@@ -695,7 +695,12 @@ class OpsAlertIncident(models.Model):
     the one that found it over: one alert when it opens, one when it clears. At most one is open per rule and
     subject (a unique constraint), so evaluators running at once cannot open two."""
 
-    rule = models.ForeignKey(OpsAlertRule, on_delete=models.CASCADE, related_name="incidents")
+    # Kept when its rule is deleted: the open one is closed then, and its notice still has to go out (with what
+    # the rule said of who is told, kept below).
+    rule = models.ForeignKey(OpsAlertRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="incidents")
+    rule_name = models.CharField(max_length=100, blank=True, help_text="The rule's name, once the rule is deleted.")
+    kept_recipients = models.TextField(blank=True, help_text="The deleted rule's email recipients.")
+    kept_webhook_url = EncryptedUrlField(blank=True, default="", help_text="The deleted rule's own webhook.")
     subject = models.CharField(max_length=200, help_text='What it is about: "model:gpt-4o", "user:12", "all".')
     opened_at = models.DateTimeField()
     cleared_at = models.DateTimeField(null=True, blank=True)
@@ -735,7 +740,7 @@ class OpsAlertIncident(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.rule} {self.subject} since {self.opened_at:%Y-%m-%d %H:%M}"
+        return f"{self.rule or self.rule_name} {self.subject} since {self.opened_at:%Y-%m-%d %H:%M}"
 
 
 class DailyUsageSeal(models.Model):

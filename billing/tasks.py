@@ -17,8 +17,8 @@ from .services.ledger import ledger_replay_spool
 from .services.ops_alerts import (
     ops_alert_email_send,
     ops_alert_webhook_send,
-    ops_alert_webhook_url,
     ops_alerts_evaluate,
+    ops_incident_webhook_url,
 )
 from .services.retention import ledger_retention_apply
 from .services.rollups import daily_usage_rebuild_recent
@@ -129,7 +129,7 @@ def ops_alert_webhook(self, incident_id: int, event: str) -> bool:
     incident = OpsAlertIncident.objects.select_related("rule").filter(pk=incident_id).first()
     if (
         incident is None
-        or not ops_alert_webhook_url(incident.rule)
+        or not ops_incident_webhook_url(incident)
         or not delivery_claim(OpsAlertIncident, incident_id, mark, delivered_field="delivered")
     ):
         return False

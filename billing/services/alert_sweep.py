@@ -31,7 +31,7 @@ from providers.models import Incident
 from providers.services.incidents import incident_deliveries
 
 from ..models import BudgetAlert, OpsAlertIncident
-from .ops_alerts import OpsAlertEvent, ops_alert_webhook_url
+from .ops_alerts import OpsAlertEvent, ops_incident_webhook_url
 
 
 def alerts_undelivered_requeue(*, now: datetime | None = None) -> int:
@@ -97,7 +97,7 @@ def ops_incident_deliveries(incident: OpsAlertIncident, events: Iterable[str]) -
         what = f"ops incident {incident.pk}'s {event}"
         args = (incident.pk, event)
         yield Delivery(incident, f"{event}:email", "delivered", ops_alert_email, args, f"{what} email")
-        if ops_alert_webhook_url(incident.rule):
+        if ops_incident_webhook_url(incident):
             yield Delivery(incident, f"{event}:webhook", "delivered", ops_alert_webhook, args, f"{what} webhook")
 
 

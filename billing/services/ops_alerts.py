@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -408,6 +408,19 @@ def ops_incident_clear(
     return locked
 
 
+def ops_rules_delete(*, rules: Iterable[OpsAlertRule], by: str) -> None:
+    """Delete ``rules``, each open incident of theirs closed first and told once as closed by ``by``'s deletion,
+    not recovered (``ops_rule_incidents_close``). The incidents outlive their rule, keeping its name, recipients
+    and webhook (still encrypted) for that notice, and for any other delivery of theirs not made yet."""
+    with transaction.atomic():
+        for rule in rules:
+            ops_rule_incidents_close(rule=rule, because=f"the rule was deleted by {by}")
+            rule.incidents.update(
+                rule_name=rule.name, kept_recipients=rule.email_recipients, kept_webhook_url=rule.webhook_url
+            )
+            rule.delete()
+
+
 def ops_rule_incidents_close(*, rule: OpsAlertRule, because: str, now: datetime | None = None) -> int:
     """Close the open incidents of a rule an admin disabled (``because``: "the rule was disabled by alice"):
     nothing evaluates it any more, and an incident left open would be a page that never resolves. Each is
@@ -513,7 +526,7 @@ def _deliver(incident_id: int, event: str) -> None:
 
     incident = OpsAlertIncident.objects.select_related("rule").get(pk=incident_id)
     task_queue(ops_alert_email, incident_id, event, what=f"ops incident {incident_id}'s {event} email")
-    if ops_alert_webhook_url(incident.rule):
+    if ops_incident_webhook_url(incident):
         task_queue(ops_alert_webhook, incident_id, event, what=f"ops incident {incident_id}'s {event} webhook")
 
 
@@ -525,6 +538,25 @@ def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:
 def ops_alert_webhook_url(rule: OpsAlertRule) -> str:
     """The rule's own webhook (its secret plaintext, for the delivery only), else the global one."""
     return rule.webhook_url.reveal() if rule.webhook_url else settings.LLMHUB_ALERT_WEBHOOK_URL
+
+
+def ops_incident_rule_name(incident: OpsAlertIncident) -> str:
+    return incident.rule.name if incident.rule else incident.rule_name
+
+
+def ops_incident_recipients(incident: OpsAlertIncident) -> list[str]:
+    """Its rule's addresses (those the rule had, once it is deleted); without any, the admins'."""
+    if incident.rule:
+        return ops_alert_recipients(incident.rule)
+    kept = OpsAlertRule(email_recipients=incident.kept_recipients)
+    return ops_alert_recipients(kept)
+
+
+def ops_incident_webhook_url(incident: OpsAlertIncident) -> str:
+    """Its rule's webhook (the one the rule had, once it is deleted), else the global one."""
+    if incident.rule:
+        return ops_alert_webhook_url(incident.rule)
+    return incident.kept_webhook_url.reveal() if incident.kept_webhook_url else settings.LLMHUB_ALERT_WEBHOOK_URL
 
 
 def _in_rule_unit(rule: OpsAlertRule, value: Decimal, *, exact: bool = False) -> str:
@@ -559,6 +591,12 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
         lasted = "less than a minute"
         if incident.cleared_at and (incident.cleared_at - incident.opened_at) >= timedelta(minutes=1):
             lasted = timesince(incident.opened_at, incident.cleared_at)
+        if rule is None:  # deleted: its kind and threshold went with it
+            return (
+                f"llmhub: closed, not recovered: {incident.rule_name} ({incident.subject}): "
+                f"{incident.closed_because or 'the rule was deleted'}, so nothing watches it now; after {lasted} "
+                f"(since {since}). It began as: {incident.detail}."
+            )
         worst, threshold = _in_rule_unit(rule, incident.peak), _in_rule_unit(rule, rule.threshold, exact=True)
         if incident.closed_because:
             return (
@@ -570,6 +608,8 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
             f"llmhub: cleared: {rule.name} ({incident.subject}), after {lasted} (since {since}); at worst {worst}, "
             f"the rule's threshold {threshold}. It began as: {incident.detail}."
         )
+    if rule is None:  # deleted since: its threshold went with it
+        return f"llmhub: {incident.rule_name}: {incident.detail} (since {since})."
     return f"llmhub: {rule.name}: {incident.detail}{_threshold_text(rule)} (since {since})."
 
 
@@ -586,9 +626,9 @@ def ops_alert_email_send(*, incident: OpsAlertIncident, event: str) -> bool:
     if event == OpsAlertEvent.CLEAR:
         state = "closed, not recovered" if incident.closed_because else "cleared"
     sent = alert_email_send(
-        subject=f"[llmhub] {state}: {incident.rule.name} ({incident.subject})",
+        subject=f"[llmhub] {state}: {ops_incident_rule_name(incident)} ({incident.subject})",
         body=ops_alert_text(incident, event),
-        recipients=ops_alert_recipients(incident.rule),
+        recipients=ops_incident_recipients(incident),
     )
     if sent:
         _delivered(incident.pk, mark)
@@ -601,7 +641,7 @@ def ops_alert_webhook_send(*, incident: OpsAlertIncident, event: str) -> bool:
     """POST one of the incident's two alerts to the webhook; raises ``WebhookDeliveryError`` (retried by the
     task); False when it went already or no webhook is set."""
     mark = f"{event}:webhook"
-    url = ops_alert_webhook_url(incident.rule)
+    url = ops_incident_webhook_url(incident)
     if mark in incident.delivered or not url:
         return False
     alert_webhook_send(url=url, text=ops_alert_text(incident, event))

@@ -36,7 +36,7 @@ from billing.services.ops_alerts import (
     spend_spike_measures,
 )
 from billing.services.plans import plan_assign
-from billing.tasks import ops_alerts_evaluate_task
+from billing.tasks import alerts_undelivered_send, ops_alerts_evaluate_task
 from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_record, breaker_reset, breaker_state
@@ -1000,3 +1000,75 @@ def test_the_wait_before_clearing_is_set_in_the_admin_and_cannot_be_negative(adm
     )
     assert response.status_code == 302
     assert OpsAlertRule.objects.get(pk=watched.pk).clear_after_minutes == 10
+
+
+@pytest.mark.parametrize("how", ["delete page", "bulk action"])
+def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_saying_who(
+    admin_client, admin_user, webhook, settings, how
+):
+    """Deleting a rule deleted its incidents with it, silently: on-call kept a page that never resolved. The
+    open incident is closed and told once, to the rule's own recipients and webhook, as closed because the rule
+    was deleted; the incident stays listed, its rule gone (and the webhook it kept for that notice unshown)."""
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""  # the rule's own webhook only
+    watched = rule(
+        OpsAlertKind.ERROR_RATE,
+        threshold=Decimal("10"),
+        minimum_requests=2,
+        email_recipients="oncall@example.com",
+        webhook_url=webhook.url,
+    )
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    with time_machine.travel(T0 + timedelta(minutes=2), tick=False):
+        if how == "delete page":
+            response = admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/delete/", {"post": "yes"})
+        else:
+            response = admin_client.post(
+                "/admin/billing/opsalertrule/",
+                {"action": "delete_selected", "_selected_action": [watched.pk], "post": "yes"},
+            )
+    assert response.status_code == 302
+    assert not OpsAlertRule.objects.exists()
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.rule, incident.cleared_at) == (None, T0 + timedelta(minutes=2))
+    assert incident.closed_because == f"the rule was deleted by {admin_user.username}"
+    assert sent() == [
+        (["oncall@example.com"], "[llmhub] firing: test error_rate (model:m)"),
+        (["oncall@example.com"], "[llmhub] closed, not recovered: test error_rate (model:m)"),
+    ]
+    assert len(webhook.received) == 2
+    assert webhook.received[1]["text"].startswith(
+        f"llmhub: closed, not recovered: test error_rate (model:m): the rule was deleted by {admin_user.username}"
+    )
+    evaluate_at(T0 + timedelta(minutes=3))
+    with time_machine.travel(T0 + timedelta(minutes=10), tick=False):
+        alerts_undelivered_send()
+    assert len(alert_mail()) == 2 and len(webhook.received) == 2
+    for page in ("/admin/billing/opsalertincident/", f"/admin/billing/opsalertincident/{incident.pk}/change/"):
+        response = admin_client.get(page)
+        assert response.status_code == 200 and "secret-path" not in response.content.decode(), page
+
+
+def test_a_deleted_rules_incidents_undelivered_alerts_still_go_where_the_rules_went(admin_client, webhook, settings):
+    """The webhook was down when the incident opened and when its rule was deleted: an admin's "send again"
+    later sends both, to the rule's own webhook, though the rule is gone."""
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, webhook_url=webhook.url)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    webhook.fail_next = 1000
+    evaluate_at(T0)
+    admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/delete/", {"post": "yes"})
+    incident = OpsAlertIncident.objects.get()
+    assert incident.rule is None and incident.delivered == ["open:email", "clear:email"]
+
+    webhook.fail_next = 0
+    response = admin_client.post(
+        "/admin/billing/opsalertincident/", {"action": "send_again", "_selected_action": [incident.pk]}, follow=True
+    )
+    assert response.status_code == 200
+    assert [entry["text"][:40] for entry in webhook.received] == [
+        "llmhub: test error_rate: error rate of m",
+        "llmhub: closed, not recovered: test erro",
+    ]
