@@ -698,9 +698,15 @@ class OpsAlertIncident(models.Model):
     # Kept when its rule is deleted: the open one is closed then, and its notice still has to go out (with what
     # the rule said of who is told, kept below).
     rule = models.ForeignKey(OpsAlertRule, null=True, blank=True, on_delete=models.SET_NULL, related_name="incidents")
-    rule_name = models.CharField(max_length=100, blank=True, help_text="The rule's name, once the rule is deleted.")
-    kept_recipients = models.TextField(blank=True, help_text="The deleted rule's email recipients.")
-    kept_webhook_url = EncryptedUrlField(blank=True, default="", help_text="The deleted rule's own webhook.")
+    # db_default on the columns added since incidents were first written: the previous release's code, still
+    # running during a rolling deploy, inserts incidents without naming them.
+    rule_name = models.CharField(
+        max_length=100, blank=True, db_default="", help_text="The rule's name, once the rule is deleted."
+    )
+    kept_recipients = models.TextField(blank=True, db_default="", help_text="The deleted rule's email recipients.")
+    kept_webhook_url = EncryptedUrlField(
+        blank=True, default="", db_default="", help_text="The deleted rule's own webhook."
+    )
     subject = models.CharField(max_length=200, help_text='What it is about: "model:gpt-4o", "user:12", "all".')
     opened_at = models.DateTimeField()
     cleared_at = models.DateTimeField(null=True, blank=True)
@@ -717,6 +723,7 @@ class OpsAlertIncident(models.Model):
     closed_because = models.CharField(
         max_length=200,
         blank=True,
+        db_default="",  # the previous release's code, during a rolling deploy, inserts without naming it
         help_text='Why it was closed when that was no recovery: "the rule was disabled by alice". Empty: it cleared.',
     )
     delivered = models.JSONField(

@@ -430,6 +430,7 @@ class Incident(models.Model):
     ended_because = models.CharField(
         max_length=200,
         blank=True,
+        db_default="",  # the previous release's code, during a rolling deploy, inserts without naming it
         help_text="Why it ended when that was no recovery (an admin took the deployment out of service). Empty: it "
         "recovered.",
     )
