@@ -15,12 +15,22 @@ class ModelNotAllowedError(ApplicationError):
     code = "model_not_allowed"
 
 
+# A 429 that no wait of an SDK's lifts says so: both official SDKs retry a 429 twice with back-off unless the
+# answer carries ``x-should-retry: false`` (seconds of delay and a rejected ledger row each, for the same refusal).
+NO_RETRY = {"x-should-retry": "false"}
+
+
 class QuotaExceededError(ApplicationError):
-    """A budget or token quota cannot pay for the request; nothing was sent upstream."""
+    """A budget or token quota cannot pay for the request; nothing was sent upstream. It lasts until the
+    period's end or a raise, so the SDKs are told not to retry it."""
 
     status_code = 429
     error_type = "insufficient_quota"
     code = "insufficient_quota"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.extra.setdefault("headers", {}).update(NO_RETRY)
 
 
 class RateLimitExceededError(ApplicationError):

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..exceptions import RateLimitExceededError
+from ..exceptions import NO_RETRY, RateLimitExceededError
 from ..models import ScopeKind
 
 WINDOW_MS = 60_000
@@ -115,7 +115,8 @@ def rate_limit_error(
 ) -> RateLimitExceededError:
     """``retry_after_ms`` < 0: the request alone is more than the limit and can never be admitted. A refusal
     that no wait can lift (that, or a limit of 0) carries no ``Retry-After``, as an exhausted budget's does:
-    the SDKs would otherwise wait a minute before each of their retries of it."""
+    the SDKs would otherwise wait a minute before each of their retries of it; it carries ``x-should-retry: false``
+    instead, which they obey."""
     name = "requests" if dimension == "requests" else "tokens"
     retry_after: int | None = None
     if limit <= 0:
@@ -140,6 +141,8 @@ def rate_limit_error(
             f"requested {requested:,}. Please try again in {format_reset(retry_ms)}."
         )
     headers = _headers_for(name, WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms))
+    if retry_after is None:
+        headers.update(NO_RETRY)  # no wait lifts it: the SDKs would send it again twice for the same answer
     return RateLimitExceededError(message, retry_after=retry_after, headers=headers)
 
 
