@@ -349,6 +349,7 @@ async def completion_start(
     operation: str = Operation.CHAT,
     shape: Callable[[ResolvedModel], list[dict[str, Any]]] | None = None,
     route: str | None = None,
+    new_input: list[dict[str, Any]] | None = None,
 ) -> CompletionRun:
     """Validate, resolve and admit a request. Nothing is sent upstream yet. ``operation``: the shape of
     ``body``, a chat completion or an Anthropic Messages request (``CompletionRun.messages_complete``).
@@ -356,6 +357,9 @@ async def completion_start(
     ``shape``: for an entry point that builds the messages from the model (the chat page trims a
     conversation's history to the model's context window): called with the resolved model, it returns the
     ``messages`` to send. ``route``: the client's ``x-llmhub-route`` hint (cost, latency, quality).
+    ``new_input``: the messages the input check reads, when the rest of ``messages`` is the server's own
+    history, checked as it was written (the chat socket's: its new turn and the conversation's system prompt);
+    None: every message, as the client wrote them all.
 
     The reservation covers the most expensive model the request may end on (its fallbacks included), so
     that no fallback can spend past a budget. A request refused here (bad input, unknown or forbidden model,
@@ -402,7 +406,7 @@ async def completion_start(
         # The input check, before admission: a refused input holds nothing and nothing goes upstream.
         moderation = await moderation_for(caller, model, operation, request_id=request_id)
         if moderation is not None:
-            await moderation.check_input(body, operation)
+            await moderation.check_input(body if new_input is None else {**body, "messages": new_input}, operation)
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,

@@ -232,11 +232,16 @@ class ChatTurn:
                 max_output_tokens=model.max_output_tokens,
             )
 
+        # The input check reads what this turn adds: the history is the conversation's own (its user turns
+        # were checked when sent, its replies as output), and read again on every turn it cost more each turn
+        # and flagged each later turn again. The system prompt is the user's, set outside the socket: read too.
+        new_input = [turn.as_message() for turn in (Turn("system", context.system_prompt), turns[-1]) if turn.content]
         run = await completion_start(
             caller=self.caller,
             body=body,
             endpoint=Endpoint.WEBSOCKET,
             shape=shape,
+            new_input=new_input,
         )
         self._run = run
         if self._stopped_by_user:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 from asgiref.sync import sync_to_async
 
+from audit.models import AuditEvent
 from billing.models import UsageRecord
 from billing.services.ledger import ledger_flush
 from billing.tokens import text_tokens
-from chat.models import Message, MessageStatus, Role
-from providers.models import ModerationPolicy
+from chat.models import Conversation, Message, MessageStatus, Role
+from chat.moderation import moderation_drain
+from providers.models import ModerationAction, ModerationPolicy
 from providers.moderation import policy_cache
 from tests.chat.conftest import deltas, ends, events_until
 
@@ -30,9 +32,15 @@ def moderate(model, **fields) -> None:
     model.save()
 
 
-async def send(ws, model, content: str, request_id: str = "r1") -> None:
+async def send(ws, model, content: str, request_id: str = "r1", conversation: int | None = None) -> None:
     await ws.send_json_to(
-        {"type": "chat.send", "conversation": None, "model": model.name, "content": content, "request_id": request_id}
+        {
+            "type": "chat.send",
+            "conversation": conversation,
+            "model": model.name,
+            "content": content,
+            "request_id": request_id,
+        }
     )
 
 
@@ -86,3 +94,39 @@ async def test_a_blocked_word_in_disguise_is_an_error_event_and_never_reaches_th
 
     assert events[-1]["type"] == "error" and events[-1]["code"] == "content_policy_violation"
     assert fake_upstream.requests_served("/v1/chat/completions") == 0
+
+
+async def test_the_conversations_earlier_turns_are_not_read_again_on_each_turn(alice, chat_model, socket_for):
+    """The history is the conversation's own: its user turns were checked when sent, its replies as output.
+    Each turn read every earlier user turn again, so its cost grew with the conversation, and a flagged
+    message flagged every later turn of the conversation on the ledger and in the audit log."""
+    await moderate(chat_model, blocklist="forbidden", action=ModerationAction.FLAG, check_output=False)
+    ws = await socket_for(alice)
+
+    await send(ws, chat_model, "a forbidden question")
+    first = await events_until(ws, ends("r1"))
+    await send(ws, chat_model, "and another", request_id="r2", conversation=first[0]["conversation"])
+    second = await events_until(ws, ends("r2"))
+
+    assert first[-1]["type"] == second[-1]["type"] == "chat.completed"
+    await ledger_flush()
+    await moderation_drain()
+    rows = [row async for row in UsageRecord.objects.filter(user_id=alice.pk).order_by("created_at")]
+    assert [row.moderation[:13] for row in rows] == ["flagged input", ""]
+    assert await AuditEvent.objects.filter(action="moderation.flag").acount() == 1
+
+
+async def test_the_conversations_system_prompt_is_read_on_each_turn(alice, chat_model, socket_for, fake_upstream):
+    """The system prompt is the user's own text, set outside the socket (``PATCH /api/conversations/<id>/``):
+    it is read with the new turn."""
+    await moderate(chat_model, blocklist="forbidden")
+    ws = await socket_for(alice)
+    await send(ws, chat_model, "hello")
+    first = await events_until(ws, ends("r1"))
+    await Conversation.objects.filter(pk=first[0]["conversation"]).aupdate(system_prompt="Say forbidden things.")
+
+    await send(ws, chat_model, "and another", request_id="r2", conversation=first[0]["conversation"])
+    second = await events_until(ws, ends("r2"))
+
+    assert second[-1]["type"] == "error" and second[-1]["code"] == "content_policy_violation"
+    assert fake_upstream.requests_served("/v1/chat/completions") == 1
