@@ -13,6 +13,7 @@ and a log warning say it went unchecked.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, TypeVar
@@ -407,22 +408,68 @@ class _ChoiceGuard:
 
 
 def input_text(body: dict[str, Any], operation: str) -> str:
-    """The text of what the client sends the model, the model's own earlier replies left out (they were
-    checked as output, and a conversation's history must not refuse every later turn). An assistant message
-    that ends the list is no reply but a prefill, the client's words the model is to continue: it counts."""
-    parts: list[str] = []
+    """The text of what the client sends the model (``input_parts``), one part a line."""
+    return "\n".join(text for _, text in input_parts(body, operation))
+
+
+def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
+    """(field, text) for each text of the request that reaches the model, in the order sent: the Messages
+    API's ``system``, and every message's text whatever its role. On the REST APIs the client writes the whole
+    conversation: an earlier assistant turn (its text, a refusal, its tool calls' arguments, a ``tool_use``
+    block's input) is the client's text as much as a user turn, and exempting it let a blocked word reach the
+    model as a made-up earlier reply. (The chat socket's history is the server's own: it sends only the new
+    turn here, ``completion_start``'s ``new_input``.)"""
+    parts: list[tuple[str, str]] = []
     if operation == Operation.MESSAGES:
-        parts.extend(_texts(body.get("system")))
-    messages = [message for message in body.get("messages") or () if isinstance(message, dict)]
-    for index, message in enumerate(messages):
-        if message.get("role") != "assistant" or index == len(messages) - 1:
-            parts.extend(_texts(message.get("content")))
-    return "\n".join(part for part in parts if part)
+        parts.extend(("system", text) for text in _texts(body.get("system")))
+    for index, message in enumerate(body.get("messages") or ()):
+        if not isinstance(message, dict):
+            continue
+        field = f"messages[{index}]"
+        parts.extend((f"{field}.content", text) for text in _texts(message.get("content")))
+        calls = message.get("tool_calls")
+        for number, call in enumerate(calls if isinstance(calls, list) else ()):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                where = f"{field}.tool_calls[{number}].function"
+                parts.extend((where, text) for text in _call_texts(function))
+        if isinstance(message.get("function_call"), dict):
+            parts.extend((f"{field}.function_call", text) for text in _call_texts(message["function_call"]))
+    return [(field, text) for field, text in parts if text]
+
+
+def _call_texts(function: dict[str, Any]) -> Iterable[str]:
+    """A chat completion's tool call as the model reads it: its name and its arguments (a JSON text, read
+    decoded when it is JSON, so that an escape such as ``\\u0066orbidden`` is the word it spells)."""
+    if isinstance(function.get("name"), str):
+        yield function["name"]
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            yield from _json_texts(json.loads(arguments))
+        except ValueError:
+            yield arguments
+
+
+def _json_texts(value: Any) -> Iterable[str]:
+    """The strings of a JSON value, its keys among them (without recursion: a client may nest deeply)."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                stack.append(item)
+                stack.append(key)
+        elif isinstance(value, list):
+            stack.extend(reversed(value))
 
 
 def _texts(content: Any) -> Iterable[str]:
-    """The text of a message's content: its text parts, and the text the Messages API's blocks carry (a tool's
-    result, a document given as text or as text blocks, a search result, with their titles and context)."""
+    """The text of a message's content: its text parts (a refusal's too), and the text the Messages API's
+    blocks carry (a tool's result, a tool call's input, a document given as text or as text blocks, a search
+    result, with their titles and context)."""
     if isinstance(content, str):
         yield content
     elif isinstance(content, list):
@@ -432,6 +479,12 @@ def _texts(content: Any) -> Iterable[str]:
             kind = part.get("type")
             if isinstance(part.get("text"), str):
                 yield part["text"]
+            elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                yield part["refusal"]
+            elif kind == "tool_use":
+                if isinstance(part.get("name"), str):
+                    yield part["name"]
+                yield from _json_texts(part.get("input"))
             elif kind in ("tool_result", "search_result"):
                 yield from _texts(part.get("content"))
             elif kind == "document" and isinstance(source := part.get("source"), dict):

@@ -242,7 +242,13 @@ def _judge(rendered: RenderedPrompt, raw: str) -> _Attempt:
 
 
 async def _attempt_start(
-    *, caller: Caller, body: dict[str, Any], endpoint: str, request_id: str, stream: bool
+    *,
+    caller: Caller,
+    body: dict[str, Any],
+    endpoint: str,
+    request_id: str,
+    stream: bool,
+    new_input: list[dict[str, Any]] | None = None,
 ) -> CompletionRun:
     """The request admitted (nothing sent yet); its reply is read by ``_reply_text``, apart, so that a run
     whose reading fails after tokens were billed is still at hand for the result's usage and cost."""
@@ -250,7 +256,9 @@ async def _attempt_start(
 
     if stream:
         body["stream"] = True  # what the ledger row says, and the pipeline's check that the model can stream
-    return await completion_start(caller=caller, body=body, endpoint=endpoint, request_id=request_id)
+    return await completion_start(
+        caller=caller, body=body, endpoint=endpoint, request_id=request_id, new_input=new_input
+    )
 
 
 async def prompt_run(
@@ -311,6 +319,9 @@ async def prompt_run(
                 endpoint=endpoint,
                 request_id=request_ids[1],
                 stream=stream,
+                # Nothing here is the client's new text, for the input check: the rendered messages were read by
+                # the first request's, the reply is the model's own, and the repair prompt is ours (it quotes it).
+                new_input=[],
             )
             runs.append(repair)
             repaired_raw = await _reply_text(repair, stream=stream)

@@ -364,6 +364,63 @@ async def test_a_variable_with_a_blocked_word_in_disguise_is_refused_before_the_
     assert fake_upstream.stats["requests"] == 0
 
 
+async def test_a_variable_rendered_into_a_templates_assistant_turn_is_checked_as_input(
+    chat_model, fake_upstream, alice_caller
+):
+    """A template's example reply (an assistant turn) with a variable in it: the client's value was exempt from the
+    input check as an earlier reply of the model, and went upstream."""
+
+    def few_shot() -> None:
+        template = PromptTemplate.objects.create(slug="few-shot")
+        PromptVersion.objects.create(
+            template=template,
+            number=1,
+            messages=[
+                {"role": "user", "content": "Give me an example."},
+                {"role": "assistant", "content": "For example: {{ example }}"},
+                {"role": "user", "content": "Another one."},
+            ],
+            variables=[{"name": "example", "type": "string"}],
+        )
+        chat_model.moderation_policy = ModerationPolicy.objects.create(name="house", blocklist="forbidden")
+        chat_model.save()
+
+    await sync_to_async(few_shot)()
+
+    with pytest.raises(ApplicationError) as refused:
+        await prompt_run(
+            caller=alice_caller, slug="few-shot", variables={"example": "the forbidden word"}, model=chat_model.name
+        )
+
+    assert refused.value.status_code == 400 and refused.value.code == "content_policy_violation"
+    assert fake_upstream.stats["requests"] == 0
+
+
+async def test_a_repair_does_not_read_the_models_first_reply_as_input(chat_model, fake_upstream, alice_caller):
+    """The repair sends the model's first reply back as an assistant turn: the server's own, not the client's
+    text (the rendered messages were read by the first request's check). It is not read as input."""
+    await sync_to_async(ad_template)()
+
+    def input_policy() -> None:
+        chat_model.moderation_policy = ModerationPolicy.objects.create(
+            name="house", blocklist="adipiscing", check_output=False
+        )
+        chat_model.save()
+
+    await sync_to_async(input_policy)()
+
+    result = await prompt_run(
+        caller=alice_caller,
+        slug="search-ad",
+        variables={"product": "rye", "notes": "[[words=10]] " + then(GOOD_AD)},
+        model=chat_model.name,
+    )
+
+    assert (result.output, result.repaired, result.attempts, result.errors) == (GOOD_AD, True, 2, [])
+    chats = [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
+    assert "adipiscing" in chats[1]["messages"][-2]["content"]
+
+
 # TEMPLATE VERSIONS AS AN EXPERIMENT'S VARIANTS
 
 

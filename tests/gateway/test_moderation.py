@@ -168,19 +168,116 @@ def test_words_that_only_look_alike_after_normalising_are_not_refused(gateway):
         assert reply.choices[0].message.content == f"Echo: {text}"
 
 
-def test_the_models_earlier_replies_are_not_checked_as_input(gateway):
-    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+def _called(arguments: str) -> dict:
+    return {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": arguments}}
 
-    reply = gateway.client().chat.completions.create(
-        model="gpt-test",
-        messages=[
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "a forbidden word"},
-            {"role": "user", "content": "go on"},
+
+SEARCH = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {}}}}
+# Earlier assistant turns a client writes into a chat completion's history (each says "forbidden").
+EARLIER_REPLIES = {
+    "text": {"messages": [{"role": "assistant", "content": "a forbidden word"}]},
+    "text-part": {"messages": [{"role": "assistant", "content": [{"type": "text", "text": "a forbidden word"}]}]},
+    "refusal-part": {"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "forbidden"}]}]},
+    "tool-call-arguments": {
+        "messages": [
+            {"role": "assistant", "content": None, "tool_calls": [_called('{"q": "the forbidden word"}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "nothing found"},
         ],
-    )
+        "tools": [SEARCH],
+    },
+    "escaped-arguments": {
+        "messages": [
+            {"role": "assistant", "content": None, "tool_calls": [_called('{"q": "\\u0066orbidden"}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "nothing found"},
+        ],
+        "tools": [SEARCH],
+    },
+}
 
-    assert reply.choices[0].message.content == "Echo: go on"
+
+@pytest.mark.parametrize("kind", list(EARLIER_REPLIES))
+def test_an_earlier_assistant_turn_the_client_wrote_is_checked_as_input(gateway, kind):
+    """On the REST APIs the client writes the whole conversation: an earlier "assistant" turn was exempt from
+    the input check, so a blocked word went upstream as a made-up earlier reply (or its tool call)."""
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+    history = EARLIER_REPLIES[kind]
+    messages = [{"role": "user", "content": "hi"}, *history["messages"], {"role": "user", "content": "go on"}]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=messages, **({"tools": history["tools"]} if "tools" in history else {})
+        )
+
+    assert refused.value.code == "content_policy_violation"
+    assert gateway.upstream.requests_served(CHAT) == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.moderation.startswith("blocked input: blocklist (entry 1")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "a forbidden word",
+        [{"type": "text", "text": "a forbidden word"}],
+        [{"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": ["the forbidden word"]}}],
+    ],
+    ids=["text", "text-block", "tool-use-input"],
+)
+def test_an_earlier_assistant_turn_is_checked_as_input_on_the_messages_api(gateway, content):
+    policy_on("claude-test", blocklist="forbidden", check_output=False)
+    answer = (
+        [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "nothing found"}]
+        if isinstance(content, list) and content[0]["type"] == "tool_use"
+        else "go on"
+    )
+    tools = [{"name": "search", "input_schema": {"type": "object", "properties": {}}}]
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(gateway).messages.create(
+            model="claude-test",
+            max_tokens=50,
+            tools=tools,
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": content},
+                {"role": "user", "content": answer},
+            ],
+        )
+
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert "content policy" in refused.value.body["error"]["message"]
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+
+
+def test_the_openai_checker_reads_an_earlier_assistant_turn(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "sure [flag:violence]"},
+        {"role": "user", "content": "go on"},
+    ]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=messages)
+
+    assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
+def test_a_clean_conversation_with_earlier_turns_and_tool_calls_is_served(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [_called('{"q": "unforbidden"}')]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "nothing found"},
+        {"role": "assistant", "content": "Nothing found."},
+        {"role": "user", "content": "go on"},
+    ]
+
+    reply = gateway.client().chat.completions.create(model="gpt-test", messages=messages, tools=[SEARCH])
+
+    assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
+    assert gateway.upstream.requests_served(CHAT) == 1
 
 
 def test_an_assistant_prefill_is_the_clients_text_and_is_checked_as_input(gateway):
