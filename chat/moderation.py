@@ -413,8 +413,8 @@ def input_text(body: dict[str, Any], operation: str) -> str:
 
 
 def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
-    """(field, text) for each text of the request that reaches the model, in the order sent: the Messages
-    API's ``system``, and every message's text whatever its role. On the REST APIs the client writes the whole
+    """(field, text) for each text of the request that reaches the model: the Messages API's ``system``, every
+    message's text whatever its role, and the tools' definitions. On the REST APIs the client writes the whole
     conversation: an earlier assistant turn (its text, a refusal, its tool calls' arguments, a ``tool_use``
     block's input) is the client's text as much as a user turn, and exempting it let a blocked word reach the
     model as a made-up earlier reply. (The chat socket's history is the server's own: it sends only the new
@@ -435,6 +435,15 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
                 parts.extend((where, text) for text in _call_texts(function))
         if isinstance(message.get("function_call"), dict):
             parts.extend((f"{field}.function_call", text) for text in _call_texts(message["function_call"]))
+    # The definitions the model is given beside the messages: each tool's name, description and schema (its
+    # descriptions, property names and enum values are read by the model as much as a message), a chat
+    # completion's legacy ``functions`` and the JSON schema of its ``response_format``. Every string in them.
+    for name in ("tools", "functions"):
+        definitions = body.get(name)
+        for index, definition in enumerate(definitions if isinstance(definitions, list) else ()):
+            parts.extend((f"{name}[{index}]", text) for text in _json_texts(definition))
+    if operation == Operation.CHAT and isinstance(body.get("response_format"), dict):
+        parts.extend(("response_format", text) for text in _json_texts(body["response_format"].get("json_schema")))
     return [(field, text) for field, text in parts if text]
 
 

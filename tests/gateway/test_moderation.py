@@ -264,6 +264,93 @@ def test_the_openai_checker_reads_an_earlier_assistant_turn(gateway):
     assert gateway.upstream.requests_served(CHAT) == 0
 
 
+def _search_tool(description: str = "Search the web.", name: str = "search", about_q: str = "what to find") -> dict:
+    parameters = {"type": "object", "properties": {"q": {"type": "string", "description": about_q}}}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+
+
+# What a client defines beside the messages, each saying "forbidden" somewhere the model reads it.
+DEFINITIONS = {
+    "tool-name": {"tools": [_search_tool(name="forbidden")]},
+    "tool-description": {"tools": [_search_tool(description="Finds the forbidden word.")]},
+    "parameter-description": {"tools": [_search_tool(about_q="a forbidden word")]},
+    "parameter-enum": {
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "pick",
+                    "parameters": {"type": "object", "properties": {"w": {"type": "string", "enum": ["forbidden"]}}},
+                },
+            }
+        ]
+    },
+    "legacy-function": {"functions": [{"name": "search", "description": "Finds the forbidden word."}]},
+    "response-format-schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "schema": {"type": "object", "properties": {"a": {"type": "string", "description": "forbidden"}}},
+            },
+        }
+    },
+}
+
+
+@pytest.mark.parametrize("kind", list(DEFINITIONS))
+def test_a_tool_or_schema_the_client_defines_is_checked_as_input(gateway, kind):
+    """A tool's name, description and parameter schema (and a response format's schema) reach the model as
+    much as a message does: a blocked word in them went upstream unread."""
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], **DEFINITIONS[kind]
+        )
+
+    assert refused.value.code == "content_policy_violation"
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        {"name": "forbidden", "input_schema": {"type": "object"}},
+        {"name": "search", "description": "Finds the forbidden word.", "input_schema": {"type": "object"}},
+        {
+            "name": "search",
+            "input_schema": {"type": "object", "properties": {"q": {"type": "string", "description": "forbidden"}}},
+        },
+    ],
+    ids=["name", "description", "parameter-description"],
+)
+def test_a_tool_the_client_defines_is_checked_as_input_on_the_messages_api(gateway, tool):
+    policy_on("claude-test", blocklist="forbidden", check_output=False)
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(gateway).messages.create(
+            model="claude-test", max_tokens=50, tools=[tool], messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+
+
+def test_the_openai_checker_reads_a_tools_description(gateway):
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[_search_tool(description="Use it [flag:violence]")],
+        )
+
+    assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
 def test_a_clean_conversation_with_earlier_turns_and_tool_calls_is_served(gateway):
     policy_on("gpt-test", blocklist="forbidden", check_output=False)
     messages = [
@@ -274,7 +361,7 @@ def test_a_clean_conversation_with_earlier_turns_and_tool_calls_is_served(gatewa
         {"role": "user", "content": "go on"},
     ]
 
-    reply = gateway.client().chat.completions.create(model="gpt-test", messages=messages, tools=[SEARCH])
+    reply = gateway.client().chat.completions.create(model="gpt-test", messages=messages, tools=[_search_tool()])
 
     assert reply.choices[0].message.content or reply.choices[0].message.tool_calls
     assert gateway.upstream.requests_served(CHAT) == 1
