@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -51,8 +53,8 @@ class ContentPolicyViolationError(ModerationError, ProviderBadRequestError):
     error_type = "invalid_request_error"
     code = "content_policy_violation"
 
-    def __init__(self, message: str, *, moderation: str) -> None:
-        super().__init__(message, code=self.code)
+    def __init__(self, message: str, *, moderation: str, param: str | None = None) -> None:
+        super().__init__(message, code=self.code, param=param)
         self.moderation = moderation  # for the ledger row: what was found, not the text
 
 
@@ -82,28 +84,49 @@ class Moderation:
     def summary(self) -> str:
         return "; ".join(self.notes)
 
-    async def check_input(self, body: dict[str, Any], operation: str) -> None:
-        """Before admission: raise on a ``block`` hit or a failed service that fails closed."""
+    async def check_input(self, body: dict[str, Any], operation: str, *, fields: bool = True) -> None:
+        """Before admission: raise on a ``block`` hit or a failed service that fails closed. The input is one
+        text, scanned once; a block-list's hit names the field it is in (``messages[2].content``, ``system``,
+        ``tools[0]``) and the character there, unless ``fields`` is off (the messages are not the client's
+        list: the chat socket's new turn)."""
         policies = [p for p in self.policies if p.check_input]
         if not policies:
             return
-        text = input_text(body, operation)
+        parts = input_parts(body, operation)
+        text = "\n".join(part for _, part in parts)
         if not text:
             return
+        starts: list[int] = []
+        at = 0
+        for _, part in parts:
+            starts.append(at)
+            at += len(part) + 1
+
+        def placed(hit: Hit | None) -> Hit | None:
+            if hit is None or hit.at is None or not fields:
+                return hit
+            index = bisect_right(starts, hit.at) - 1
+            field = parts[index][0]
+            where = f"entry {hit.entry} at character {hit.at - starts[index]} of {field}"
+            return replace(hit, where=where, field=field)
+
         for policy in policies:
-            await self._judge(policy, "input", lambda p=policy: p.check(text))
+            await self._judge(policy, "input", lambda p=policy: p.check(text), placed)
 
     def output(self) -> ReplyGuard | None:
         """The guard of the reply, when a policy checks output."""
         policies = [p for p in self.policies if p.check_output]
         return ReplyGuard(self, policies) if policies else None
 
-    async def _judge(self, policy: PolicySnapshot, direction: str, check: Any) -> None:
+    async def _judge(
+        self, policy: PolicySnapshot, direction: str, check: Any, placed: Callable[[Hit | None], Hit | None]
+    ) -> None:
         try:
             hit = await check()
         except Exception as exc:  # whatever failed, the text went unchecked: the policy decides
             self.unavailable(policy, direction, _reason(exc))
             return
+        hit = placed(hit)
         if hit is not None:
             self.found(policy, direction, hit)
 
@@ -115,10 +138,10 @@ class Moderation:
             self.notes.append(note)
             named = f'the content policy "{policy.name}" ({", ".join(hit.categories)})'
             if direction == "input":
-                message = f"Your request was refused by {named}."
+                message = f"Your request was refused by {named}" + (f" in `{hit.field}`." if hit.field else ".")
             else:
                 message = f"The reply was stopped by {named}; the tokens generated so far are billed."
-            raise ContentPolicyViolationError(message, moderation=self.summary)
+            raise ContentPolicyViolationError(message, moderation=self.summary, param=hit.field)
         if (policy.id, direction) in self._flagged:
             return
         self._flagged.add((policy.id, direction))
@@ -405,11 +428,6 @@ class _ChoiceGuard:
         if not policy.blocks:
             self._done.add(policy.id)
         self.moderation.found(policy, "output", hit)
-
-
-def input_text(body: dict[str, Any], operation: str) -> str:
-    """The text of what the client sends the model (``input_parts``), one part a line."""
-    return "\n".join(text for _, text in input_parts(body, operation))
 
 
 def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:

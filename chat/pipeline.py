@@ -406,7 +406,10 @@ async def completion_start(
         # The input check, before admission: a refused input holds nothing and nothing goes upstream.
         moderation = await moderation_for(caller, model, operation, request_id=request_id)
         if moderation is not None:
-            await moderation.check_input(body if new_input is None else {**body, "messages": new_input}, operation)
+            if new_input is None:
+                await moderation.check_input(body, operation)
+            else:
+                await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,

@@ -75,6 +75,10 @@ class Hit:
 
     categories: tuple[str, ...]
     where: str = ""
+    # A block-list's: the entry's line and the character the match begins at in the text as sent.
+    entry: int | None = None
+    at: int | None = None
+    field: str | None = None  # where in the request (``messages[2].content``), when the caller places it
 
     def describe(self) -> str:
         return ", ".join(self.categories) + (f" ({self.where})" if self.where else "")
@@ -382,8 +386,8 @@ class Blocklist:
                 break
         if found is None:
             return None, open_at_end
-        where = f"entry {found[1]} at character {plain.original(found[0])}"
-        return Hit(("blocklist",), where), open_at_end
+        at = plain.original(found[0])
+        return Hit(("blocklist",), f"entry {found[1]} at character {at}", entry=found[1], at=at), open_at_end
 
     def _line_matching(self, found: str) -> int:
         """The entry of a word found whose folded form is not the entry's: ``re.IGNORECASE`` matches "İ" (dotted

@@ -156,7 +156,9 @@ def test_a_blocked_word_in_disguise_is_refused_on_both_apis(gateway, word):
     assert gateway.upstream.requests_served(CHAT) == 0
     assert gateway.upstream.requests_served("/v1/messages") == 0
     record = wait_for_record(refused.value.response.headers["x-request-id"])
-    assert record.moderation == 'blocked input: blocklist (entry 1 at character 12), policy "policy-gpt-test"'
+    assert record.moderation == (
+        'blocked input: blocklist (entry 1 at character 12 of messages[0].content), policy "policy-gpt-test"'
+    )
 
 
 def test_words_that_only_look_alike_after_normalising_are_not_refused(gateway):
@@ -351,6 +353,71 @@ def test_the_openai_checker_reads_a_tools_description(gateway):
     assert gateway.upstream.requests_served(CHAT) == 0
 
 
+@pytest.mark.parametrize(
+    ("request_fields", "field", "character"),
+    [
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a forbidden"}]},
+            "messages[1].content",
+            2,
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [_search_tool(about_q="the forbidden one")]},
+            "tools[0]",
+            4,
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": None, "tool_calls": [_called('{"q": "forbidden"}')]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "none"},
+                    {"role": "user", "content": "go on"},
+                ],
+                "tools": [SEARCH],
+            },
+            "messages[0].tool_calls[0].function",
+            0,
+        ),
+    ],
+    ids=["earlier-reply", "tool", "tool-call"],
+)
+def test_a_refused_input_names_the_field_the_blocked_word_is_in(gateway, request_fields, field, character):
+    """The whole input is one text, scanned once: the hit's character named a place in that text, which the
+    client never sent. It names the field and the character in it now, as the error's ``param`` too."""
+    policy_on("gpt-test", blocklist="forbidden", check_output=False, name="house rules")
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", **request_fields)
+
+    assert refused.value.param == field
+    assert refused.value.body["message"] == (
+        f'Your request was refused by the content policy "house rules" (blocklist) in `{field}`.'
+    )
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (
+        record.moderation
+        == f'blocked input: blocklist (entry 1 at character {character} of {field}), policy "house rules"'
+    )
+
+
+def test_a_refused_input_names_the_field_on_the_messages_api(gateway):
+    policy_on("claude-test", blocklist="forbidden", check_output=False, name="house rules")
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(gateway).messages.create(
+            model="claude-test",
+            max_tokens=50,
+            system=[{"type": "text", "text": "Be kind."}, {"type": "text", "text": "Never say forbidden."}],
+            messages=[{"role": "user", "content": "hi"}],
+        )
+
+    assert refused.value.body["error"]["message"] == (
+        'Your request was refused by the content policy "house rules" (blocklist) in `system`.'
+    )
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.moderation == 'blocked input: blocklist (entry 1 at character 10 of system), policy "house rules"'
+
+
 def test_a_clean_conversation_with_earlier_turns_and_tool_calls_is_served(gateway):
     policy_on("gpt-test", blocklist="forbidden", check_output=False)
     messages = [
@@ -394,14 +461,16 @@ def test_a_flagged_input_is_served_and_recorded_on_the_ledger_and_in_the_audit_l
     request_id = raw.headers["x-request-id"]
     record = wait_for_record(request_id)
     assert record.status == "ok" and record.cost > 0
-    assert record.moderation == 'flagged input: blocklist (entry 1 at character 8), policy "policy-gpt-test"'
+    assert record.moderation == (
+        'flagged input: blocklist (entry 1 at character 8 of messages[0].content), policy "policy-gpt-test"'
+    )
     (event,) = audit_events(request_id)
     assert (event.actor_type, event.actor_id) == ("key", str(gateway.api_key.pk))
     assert event.changes["flagged"][1] == {
         "direction": "input",
         "categories": ["blocklist"],
         "policy": "policy-gpt-test",
-        "where": "entry 1 at character 8",
+        "where": "entry 1 at character 8 of messages[0].content",
     }
     assert "forbidden" not in json.dumps(event.changes) + event.target_repr
 
@@ -431,9 +500,13 @@ def test_a_refusal_says_which_policy_refused_it_when_the_model_and_the_plan_each
             model="gpt-test", messages=[{"role": "user", "content": "a forbidden plan"}]
         )
 
-    assert refused.value.body["message"] == 'Your request was refused by the content policy "plan rules" (blocklist).'
+    assert refused.value.body["message"] == (
+        'Your request was refused by the content policy "plan rules" (blocklist) in `messages[0].content`.'
+    )
     record = wait_for_record(refused.value.response.headers["x-request-id"])
-    assert record.moderation == 'blocked input: blocklist (entry 2 at character 2), policy "plan rules"'
+    assert record.moderation == (
+        'blocked input: blocklist (entry 2 at character 2 of messages[0].content), policy "plan rules"'
+    )
 
 
 def test_a_policy_saved_in_the_admin_applies_to_the_next_request(gateway):
