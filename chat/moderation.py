@@ -444,6 +444,8 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
         if not isinstance(message, dict):
             continue
         field = f"messages[{index}]"
+        if isinstance(message.get("name"), str):  # a participant's name, which the model reads with the turn
+            parts.append((f"{field}.name", message["name"]))
         parts.extend((f"{field}.content", text) for text in _texts(message.get("content")))
         calls = message.get("tool_calls")
         for number, call in enumerate(calls if isinstance(calls, list) else ()):

@@ -353,6 +353,19 @@ def test_the_openai_checker_reads_a_tools_description(gateway):
     assert gateway.upstream.requests_served(CHAT) == 0
 
 
+def test_a_messages_participant_name_is_checked_as_input(gateway):
+    """A message's ``name`` (a participant's) reaches the model with its turn: it was not read."""
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "name": "forbidden", "content": "hi"}]
+        )
+
+    assert refused.value.code == "content_policy_violation" and refused.value.param == "messages[0].name"
+    assert gateway.upstream.requests_served(CHAT) == 0
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field", "character"),
     [
