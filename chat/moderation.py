@@ -497,8 +497,8 @@ def _json_texts(value: Any) -> Iterable[str]:
 
 def _texts(content: Any) -> Iterable[str]:
     """The text of a message's content: its text parts (a refusal's too), and the text the Messages API's
-    blocks carry (a tool's result, a tool call's input, a document given as text or as text blocks, a search
-    result, with their titles and context)."""
+    blocks carry (a tool's result, a tool call's input, a server or MCP tool's call and an MCP tool's result,
+    a document given as text or as text blocks, a search result, with their titles and context)."""
     if isinstance(content, str):
         yield content
     elif isinstance(content, list):
@@ -510,11 +510,11 @@ def _texts(content: Any) -> Iterable[str]:
                 yield part["text"]
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
                 yield part["refusal"]
-            elif kind == "tool_use":
+            elif kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
                 if isinstance(part.get("name"), str):
                     yield part["name"]
                 yield from _json_texts(part.get("input"))
-            elif kind in ("tool_result", "search_result"):
+            elif kind in ("tool_result", "search_result", "mcp_tool_result"):
                 yield from _texts(part.get("content"))
             elif kind == "document" and isinstance(source := part.get("source"), dict):
                 if source.get("type") == "text" and isinstance(source.get("data"), str):

@@ -251,6 +251,51 @@ def test_an_earlier_assistant_turn_is_checked_as_input_on_the_messages_api(gatew
     assert gateway.upstream.requests_served("/v1/messages") == 0
 
 
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        [
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "forbidden"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+        ],
+        [
+            {
+                "type": "mcp_tool_use",
+                "id": "mcptoolu_1",
+                "name": "find",
+                "server_name": "s",
+                "input": {"q": "forbidden"},
+            },
+            {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "content": [{"type": "text", "text": "none"}]},
+        ],
+        [
+            {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "find", "server_name": "s", "input": {"q": "x"}},
+            {
+                "type": "mcp_tool_result",
+                "tool_use_id": "mcptoolu_1",
+                "content": [{"type": "text", "text": "forbidden"}],
+            },
+        ],
+    ],
+    ids=["server-tool-use", "mcp-tool-use", "mcp-tool-result"],
+)
+def test_a_server_or_mcp_tool_call_in_an_earlier_turn_is_checked_as_input(gateway, blocks):
+    """The Messages API passes block types it does not check to an Anthropic provider: a server tool's or an MCP
+    tool's call and an MCP tool's result in an earlier turn reach the model, and were not read."""
+    policy_on("claude-test", blocklist="forbidden", check_output=False)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": blocks},
+        {"role": "user", "content": "go on"},
+    ]
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        anthropic_client(gateway).messages.create(model="claude-test", max_tokens=50, messages=messages)
+
+    assert "content policy" in refused.value.body["error"]["message"]
+    assert gateway.upstream.requests_served("/v1/messages") == 0
+
+
 def test_the_openai_checker_reads_an_earlier_assistant_turn(gateway):
     policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
     messages = [
