@@ -475,9 +475,11 @@ def _call_texts(function: dict[str, Any]) -> Iterable[str]:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            yield from _json_texts(json.loads(arguments))
-        except ValueError:
+            decoded = json.loads(arguments)
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes: read as it is
             yield arguments
+        else:
+            yield from _json_texts(decoded)
 
 
 def _json_texts(value: Any) -> Iterable[str]:

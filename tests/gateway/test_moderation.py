@@ -296,6 +296,23 @@ def test_a_server_or_mcp_tool_call_in_an_earlier_turn_is_checked_as_input(gatewa
     assert gateway.upstream.requests_served("/v1/messages") == 0
 
 
+def test_tool_call_arguments_nested_too_deep_to_decode_are_read_as_they_are(gateway):
+    """Arguments are read decoded when they are JSON: nested deeper than Python's parser goes, they answered 500."""
+    policy_on("gpt-test", blocklist="forbidden", check_output=False)
+    deep = "[" * 10_000 + '"forbidden"' + "]" * 10_000
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [_called(deep)]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "none"},
+        {"role": "user", "content": "go on"},
+    ]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=messages, tools=[SEARCH])
+
+    assert refused.value.code == "content_policy_violation"
+    assert refused.value.param == "messages[0].tool_calls[0].function"
+
+
 def test_the_openai_checker_reads_an_earlier_assistant_turn(gateway):
     policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
     messages = [
