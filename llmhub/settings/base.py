@@ -226,6 +226,25 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+# With acks_late a task's message is acknowledged when the task ends, and the Redis broker hands a message
+# unacknowledged for visibility_timeout (kombu's default: one hour) to another worker: a task still running
+# then runs twice. So every task is cut (its hard time limit) well before the broker's timeout: the long
+# jobs below after 3 hours, any other after 30 minutes; the soft limit (SoftTimeLimitExceeded) comes a
+# minute earlier. A longer timeout only delays the redelivery of a task whose whole worker died (a child's
+# death is redelivered at once: reject_on_worker_lost). docs/reliability.md, "Celery: time limits".
+CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=4 * 3600)
+CELERY_TASK_TIME_LIMIT = 30 * 60
+CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60
+LLMHUB_LONG_TASK_TIME_LIMIT = 3 * 3600
+CELERY_TASK_ANNOTATIONS = {
+    task: {"time_limit": LLMHUB_LONG_TASK_TIME_LIMIT, "soft_time_limit": LLMHUB_LONG_TASK_TIME_LIMIT - 60}
+    for task in (
+        "billing.tasks.ledger_retention",
+        "billing.tasks.usage_rollup",
+        "providers.tasks.providers_rotate_encryption_task",
+        "providers.tasks_credentials.provider_credentials_revalidate_all",
+    )
+}
 if REDIS_URL:
     CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL)
     # kombu reconnects by itself; these find a dead connection sooner. Without a socket timeout (kombu's
@@ -240,6 +259,7 @@ if REDIS_URL:
         "socket_keepalive": True,
         "socket_connect_timeout": 5,  # as the app's own Redis clients (core/redis.py)
         "socket_timeout": env.float("CELERY_BROKER_SOCKET_TIMEOUT", default=5.0),
+        "visibility_timeout": CELERY_BROKER_VISIBILITY_TIMEOUT,
     }
 else:
     # kombu's filesystem transport needs no server: good enough for one machine in development.
