@@ -373,10 +373,30 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
 
 
 def experiments_conclude_due(*, now: datetime | None = None) -> list[Experiment]:
-    """Conclude the running experiments whose ``ends_at`` has passed (they already assign nobody)."""
+    """Conclude the running experiments whose ``ends_at`` has passed (they already assign nobody).
+
+    Each on its own: one an admin (or another run) concluded since the query is skipped, and one that fails
+    is logged and tried again at the next run, while the others are concluded now."""
     now = now or timezone.now()
-    over = Experiment.objects.filter(status=ExperimentStatus.RUNNING, ends_at__lte=now)
-    return [experiment_conclude(experiment=e, actor=None, now=now) for e in over]
+    due = Experiment.objects.filter(status=ExperimentStatus.RUNNING, ends_at__lte=now)
+    concluded = []
+    for pk, name in due.order_by("ends_at", "pk").values_list("pk", "name"):
+        try:
+            experiment = _experiment_conclude_if_due(pk=pk, now=now)
+        except Exception:
+            logger.exception("could not conclude the experiment %s (id %s) past its end", name, pk)
+            continue
+        if experiment is not None:
+            concluded.append(experiment)
+    return concluded
+
+
+@transaction.atomic
+def _experiment_conclude_if_due(*, pk: int, now: datetime) -> Experiment | None:
+    locked = Experiment.objects.select_for_update().filter(pk=pk).first()
+    if locked is None or locked.status != ExperimentStatus.RUNNING or locked.ends_at is None or locked.ends_at > now:
+        return None  # deleted, concluded, paused or given a later end since the query
+    return experiment_conclude(experiment=locked, actor=None, now=now)
 
 
 @transaction.atomic

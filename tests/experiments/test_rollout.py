@@ -10,6 +10,8 @@ from decimal import Decimal
 import pytest
 import time_machine
 from django.core.exceptions import ValidationError
+from django.db import DatabaseError
+from django.db.models.signals import post_save, pre_save
 
 from audit.models import AuditEvent
 from experiments.layout import layout_counts, layout_owners
@@ -235,6 +237,69 @@ def test_an_experiment_past_its_end_is_concluded_by_the_task(ab_experiment):
     ab.experiment.refresh_from_db()
     assert ab.experiment.status == ExperimentStatus.CONCLUDED and ab.experiment.ends_at == T0
     assert len(events("experiment.conclude")) == 1
+
+
+def three_ended(ab_experiment) -> list[Experiment]:
+    ended = [ab_experiment(name=f"ended-{n}", model_name=f"model-{n}").experiment for n in range(3)]
+    Experiment.objects.filter(pk__in=[e.pk for e in ended]).update(ends_at=T0)
+    return ended
+
+
+def test_an_experiment_an_admin_concludes_while_the_task_runs_is_skipped_and_the_others_concluded(ab_experiment):
+    """The task's query finds three experiments past their end; once it has concluded the first, an admin
+    concludes one it has not reached yet (the state the race between its query and its lock leaves). That
+    one is left as the admin concluded it, and the task goes on to the next."""
+    ended = three_ended(ab_experiment)
+    admin = UserFactory(username="admin", is_staff=True)
+    raced: list[str] = []
+
+    def admin_concludes_another(sender, instance, **kwargs):
+        if raced or instance.status != ExperimentStatus.CONCLUDED:
+            return
+        other = Experiment.objects.filter(status=ExperimentStatus.RUNNING).order_by("pk").first()
+        raced.append(other.name)
+        experiment_conclude(experiment=other, actor=admin)
+
+    post_save.connect(admin_concludes_another, sender=Experiment)
+    try:
+        with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+            rollout_steps_apply_due_task()
+    finally:
+        post_save.disconnect(admin_concludes_another, sender=Experiment)
+
+    assert raced
+    assert set(Experiment.objects.filter(pk__in=[e.pk for e in ended]).values_list("status", flat=True)) == {
+        ExperimentStatus.CONCLUDED
+    }
+    by = {e.target_id: e.actor_id for e in events("experiment.conclude")}
+    assert len(by) == len(events("experiment.conclude")) == 3  # one conclusion each
+    assert by[str(Experiment.objects.get(name=raced[0]).pk)] == str(admin.pk)
+
+
+def test_an_experiment_that_cannot_be_concluded_is_logged_and_the_others_are_concluded(ab_experiment, caplog):
+    ended = three_ended(ab_experiment)
+    broken = ended[1]
+
+    def database_refuses(sender, instance, **kwargs):
+        if instance.pk == broken.pk and instance.status == ExperimentStatus.CONCLUDED:
+            raise DatabaseError("the database refused the row")
+
+    pre_save.connect(database_refuses, sender=Experiment)
+    try:
+        with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+            rollout_steps_apply_due_task()
+    finally:
+        pre_save.disconnect(database_refuses, sender=Experiment)
+
+    statuses = dict(Experiment.objects.filter(pk__in=[e.pk for e in ended]).values_list("name", "status"))
+    assert statuses == {
+        "ended-0": ExperimentStatus.CONCLUDED,
+        "ended-1": ExperimentStatus.RUNNING,  # concluded at the next run
+        "ended-2": ExperimentStatus.CONCLUDED,
+    }
+    [failure] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "ended-1" in failure.getMessage() and failure.exc_info is not None
+    assert len(events("experiment.conclude")) == 2
 
 
 @pytest.mark.django_db(transaction=True)
