@@ -13,33 +13,47 @@ from core.outbox import delivery_claim, delivery_failed
 
 from .models import Incident, Provider
 from .services.encryption import provider_rotate_encryption
-from .services.health import health_check_round, provider_health_check
+from .services.health import health_check_round, provider_health_check, provider_health_unchecked
 from .services.incidents import WebhookDeliveryError, incident_alert_email_send, incident_alert_webhook_send
 from .types import HealthResult
 
 logger = logging.getLogger(__name__)
 
 
+class ProvidersNotCheckedError(Exception):
+    """A health-check run that could not check every provider (each is logged and shown on its row)."""
+
+
 @shared_task
 def providers_health_check_all() -> dict[str, bool]:
     """Every 5 minutes (``setupschedules``): check every enabled provider and the deployments it serves
     (``health_check_round``: breakers, incidents and their alerts follow), then drop old ``HealthCheck``
-    rows. A provider that cannot be checked is logged and does not stop the others. Returns whether each
+    rows. A provider that cannot be loaded or checked does not stop the others: it is logged, its row shows
+    the failure (``provider_health_unchecked``), and the run ends with ``ProvidersNotCheckedError`` once
+    the others are checked, so that the operations dashboard shows the task failing. Returns whether each
     provider answered."""
     providers: list[Provider] = []
+    unchecked: list[str] = []
     for provider_id in Provider.objects.filter(enabled=True).values_list("pk", flat=True):
         # One row at a time: a row that cannot be loaded (its key lost with an old encryption key) is
         # reported on its own instead of failing the query for every provider.
         try:
             providers.append(Provider.objects.get(pk=provider_id))
-        except Exception:
+        except Exception as exc:
             logger.exception("provider %s could not be loaded for its health check", provider_id)
+            provider_health_unchecked(
+                provider_id=provider_id, why=f"its row could not be loaded ({type(exc).__name__})"
+            )
+            unchecked.append(f"id {provider_id}")
     healthy: dict[str, bool] = {}
     for checked in health_check_round(providers=providers):
         if isinstance(checked.result, HealthResult):
             healthy[checked.provider.name] = checked.result.ok
         else:
             logger.error("health check of provider %s could not run", checked.provider.name, exc_info=checked.result)
+            unchecked.append(checked.provider.name)
+    if unchecked:
+        raise ProvidersNotCheckedError(f"providers not checked: {', '.join(unchecked)}; the others were")
     return healthy
 
 

@@ -97,6 +97,18 @@ def _health_store(*, provider: Provider, result: HealthResult) -> None:
         setattr(provider, name, value)
 
 
+def provider_health_unchecked(*, provider_id: int, why: str) -> None:
+    """Show on the provider's row that llmhub could not check it (its row could not be loaded, its check
+    raised), in the fields a failed check writes: its old "OK" would say it was fine. ``why`` is in llmhub's
+    own words (an exception's class, never its message, which may quote a key or a host)."""
+    Provider.objects.filter(pk=provider_id).update(
+        last_health_status=HealthStatus.FAILING,
+        last_health_latency_ms=None,
+        last_health_error=f"llmhub could not check this provider: {why} (see the worker's log)"[:500],
+        last_health_at=timezone.now(),
+    )
+
+
 async def aprovider_health_check(*, provider: Provider) -> HealthResult:
     """Probe ``provider`` with the running loop's pooled adapter and record the outcome on its row.
 
@@ -293,12 +305,14 @@ def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
     admin's "Test connection" does); each of its deployments gets a ``HealthCheck`` row (from that list,
     or from a one-token completion when ``paid_health_probe`` is set), its breaker is opened or closed,
     and its incident opened or closed. A provider that cannot be checked (its adapter raised something
-    that is not an upstream failure) has the exception in its ``result``; its rows are left as they were."""
+    that is not an upstream failure) has the exception in its ``result`` and its row shows it as failing
+    (``provider_health_unchecked``); its deployments' rows are left as they were."""
     work = [(provider_config(provider), _targets(provider)) for provider in providers]
     outcomes = async_to_sync(_round)(work)
     rounds: list[ProviderRound] = []
     for provider, outcome in zip(providers, outcomes, strict=True):
         if isinstance(outcome, Exception):
+            provider_health_unchecked(provider_id=provider.pk, why=f"its check raised {type(outcome).__name__}")
             rounds.append(ProviderRound(provider, outcome))
             continue
         if isinstance(outcome, BaseException):

@@ -323,3 +323,46 @@ def test_a_deployment_deleted_while_the_round_runs_leaves_the_other_providers_ch
     assert checks(kept) == [(True, "")]
     second.refresh_from_db()
     assert second.last_health_status == HealthStatus.OK
+
+
+def test_a_provider_that_cannot_be_loaded_or_checked_shows_failing_and_fails_the_run(fake_upstream):
+    """One provider's key was written under an encryption key since dropped (its row cannot be loaded), another's
+    adapter raises: both were only logged, their rows kept their old "OK" and the run was recorded a success.
+    Now each row shows the failure as a failed check would, the run is recorded as failed, and the other
+    provider is checked all the same."""
+    from django.db import connection
+
+    from billing.models import TaskRun
+
+    good = ProviderFactory(name="a-good", base_url=fake_upstream.base_url + "/v1")
+    unloadable = ProviderFactory(name="b-unloadable", base_url=fake_upstream.base_url + "/v1", api_key=KEY)
+    broken = ProviderFactory(name="c-broken", kind=ProviderKind.VLLM, base_url=fake_upstream.base_url + "/v1")
+    for provider in (good, unloadable, broken):
+        ModelFactory(provider=provider)
+    earlier = datetime(2026, 1, 1, tzinfo=UTC)
+    Provider.objects.update(last_health_status=HealthStatus.OK, last_health_at=earlier, last_health_latency_ms=5)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE providers_provider SET api_key = %s WHERE id = %s", ["gAAAAABnot-a-token", unloadable.pk]
+        )
+
+    with override_settings(LLMHUB_ADAPTERS={"openai_compatible": "providers.adapters.openai.OpenAIAdapter"}):
+        run = providers_health_check_all.apply()
+
+    assert run.failed()
+    task_run = TaskRun.objects.get(task="providers.tasks.providers_health_check_all")
+    assert not task_run.succeeded and task_run.error_class == "ProvidersNotCheckedError"
+    rows = {
+        name: (status, error, at > earlier, latency)
+        for name, status, error, at, latency in Provider.objects.values_list(
+            "name", "last_health_status", "last_health_error", "last_health_at", "last_health_latency_ms"
+        )
+    }
+    assert rows["a-good"][0] == HealthStatus.OK and rows["a-good"][2]
+    for name in ("b-unloadable", "c-broken"):
+        status, error, stamped, latency = rows[name]
+        assert (status, stamped, latency) == (HealthStatus.FAILING, True, None), name
+        assert error.startswith("llmhub could not check this provider"), error
+        assert KEY not in error
+    assert "could not be loaded" in rows["b-unloadable"][1]
+    assert HealthCheck.objects.filter(deployment__provider=good).count() == 1
