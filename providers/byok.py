@@ -235,8 +235,9 @@ def byok_credential_refused(*, credential_id: int, api_key: Secret, reason: str)
         current.status = CredentialStatus.INVALID
         current.status_detail = reason[:300]
         current.last_validated_at = timezone.now()
+        current.invalid_notice_due = True  # until an email is sent (provider_credential_invalid_notify)
         # ``save`` (not a queryset update): the signal drops the owner's cached keys in this process.
-        current.save(update_fields=["status", "status_detail", "last_validated_at", "updated_at"])
+        current.save(update_fields=["status", "status_detail", "last_validated_at", "invalid_notice_due", "updated_at"])
         audit_record(
             "provider_key.validation_failed",
             target=current,
@@ -254,7 +255,8 @@ def _owner_notify(credential_id: int) -> None:
     try:
         provider_credential_invalid_notify(credential=credential)
     except Exception:
-        # The key is marked invalid either way (the page and the API show it); only the email is lost.
+        # The key is marked invalid either way (the page and the API show it), and its notice stays due: the
+        # next daily check sends it.
         logger.exception("the owner of provider key %s could not be emailed about its refusal", credential_id)
 
 

@@ -476,6 +476,12 @@ class ProviderCredential(models.Model):
     status = models.CharField(max_length=16, choices=CredentialStatus.choices, default=CredentialStatus.UNCHECKED)
     status_detail = models.CharField(max_length=300, blank=True, help_text="Why the provider refused the key.")
     last_validated_at = models.DateTimeField(null=True, blank=True)
+    invalid_notice_due = models.BooleanField(
+        default=False,
+        db_default=False,  # the previous release's code, during a rolling deploy, adds keys without naming it
+        help_text="The owner is still to be emailed that the provider refuses this key (an email that failed is "
+        "sent again by the next daily check).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     rotated_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -258,6 +258,7 @@ def _credential_store(*, owner, provider: Provider, secret: Secret, label: str) 
         credential.label = label
     credential.status = CredentialStatus.VALID
     credential.status_detail = ""
+    credential.invalid_notice_due = False  # about the key replaced
     credential.last_validated_at = now
     credential.rotated_at = now
     credential.save()
@@ -328,23 +329,30 @@ def _revalidation_record(*, credential: ProviderCredential, checked_key: Secret,
         current.status = CredentialStatus.VALID if check.ok else CredentialStatus.INVALID
         current.status_detail = "" if check.ok else check.reason[:300]
         current.last_validated_at = timezone.now()
-        current.save(update_fields=["status", "status_detail", "last_validated_at", "updated_at"])
         turned_invalid = not check.ok and old_status != CredentialStatus.INVALID
+        # The owner is to be told, until an email is sent (provider_credential_invalid_notify).
+        current.invalid_notice_due = turned_invalid or (current.invalid_notice_due and not check.ok)
+        fields = ["status", "status_detail", "last_validated_at", "invalid_notice_due", "updated_at"]
+        current.save(update_fields=fields)
         if turned_invalid:
             audit_record(
                 "provider_key.validation_failed",
                 target=current,
                 changes={"status": [old_status, current.status], "status_detail": [None, current.status_detail]},
             )
-    for field in ("status", "status_detail", "last_validated_at", "updated_at"):
+    for field in fields:
         setattr(credential, field, getattr(current, field))
     return Revalidation(check.ok, turned_invalid)
 
 
 def provider_credential_invalid_notify(*, credential: ProviderCredential) -> bool:
-    """Tell the key's owner by email that the provider now refuses it; False when they have no address."""
+    """Tell the key's owner by email that the provider now refuses it; False when they have no address.
+    The key's ``invalid_notice_due`` (set when it turned invalid) is cleared once the email is sent, or once
+    there is nobody to send it to; an email that raises leaves it set, for the next daily check to send
+    (``provider_credentials_invalid_notices_send``)."""
     owner = credential.owner
     if not owner.email:
+        ProviderCredential.objects.filter(pk=credential.pk).update(invalid_notice_due=False)
         return False
     provider = credential.provider.name
     label = f" ({credential.label})" if credential.label else ""
@@ -361,7 +369,21 @@ def provider_credential_invalid_notify(*, credential: ProviderCredential) -> boo
         from_email=None,
         recipient_list=[owner.email],
     )
+    ProviderCredential.objects.filter(pk=credential.pk).update(invalid_notice_due=False)
     return True
+
+
+def provider_credentials_invalid_notices_send() -> int:
+    """Email the owners of invalid keys whose notice is still due (its email failed when the key turned
+    invalid, in a daily check or on a refused request), each on its own. Returns how many were sent."""
+    due = ProviderCredential.objects.filter(invalid_notice_due=True, status=CredentialStatus.INVALID)
+    sent = 0
+    for credential in due.select_related("provider", "owner").order_by("pk"):
+        try:
+            sent += provider_credential_invalid_notify(credential=credential)
+        except Exception:
+            logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential.pk)
+    return sent
 
 
 def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float) -> dict[str, int]:
@@ -371,7 +393,8 @@ def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float)
     provider still ends the same day. What it did not reach is counted ``left``: checked longest ago, it comes
     first in the next run. A provider holding more checks than another waits for it, so that one slow
     provider cannot take every slot from the others. A key the provider now refuses turns invalid and its owner
-    is emailed, once; a provider that cannot be asked leaves its keys as they were. Returns counts."""
+    is emailed, once (an email that fails is sent again at the next run); a provider that cannot be asked leaves
+    its keys as they were. Returns counts."""
     due = (
         ProviderCredential.objects.filter(provider__enabled=True)
         .exclude(provider__byok=ByokMode.DISABLED)
@@ -383,6 +406,8 @@ def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float)
     for position, (credential_id, provider_id) in enumerate(due):
         queues.setdefault(provider_id, deque()).append(credential_id)
         place[credential_id] = position
+    # Notices whose email failed before, first: a key already invalid does not turn invalid again.
+    provider_credentials_invalid_notices_send()
     counts = {"valid": 0, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
     async_to_sync(_revalidate_queued)(queues, place, counts, concurrency=max(1, concurrency), max_seconds=max_seconds)
     counts["left"] = sum(len(queue) for queue in queues.values())
@@ -459,5 +484,5 @@ async def _revalidate_one(credential_id: int) -> tuple[str, ...]:
     try:
         await sync_to_async(provider_credential_invalid_notify)(credential=credential)
     except Exception:
-        logger.exception("the owner of provider key %s could not be emailed", credential_id)
+        logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential_id)
     return ("invalid", "turned_invalid")

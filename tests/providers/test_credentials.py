@@ -4,6 +4,7 @@ against a fake provider that accepts only the keys it is told to and refuses mar
 from __future__ import annotations
 
 import secrets
+import smtplib
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,13 +13,14 @@ import httpx
 import pytest
 from asgiref.sync import async_to_sync
 from django.core import mail
+from django.core.mail.backends import locmem
 from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from audit.models import AuditEvent
 from llmhub.testing.fake_upstream import FakeUpstream, key_digest
-from providers.byok import user_credentials
+from providers.byok import byok_credential_refused, user_credentials
 from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
 from providers.services.credentials import (
@@ -682,3 +684,61 @@ def test_a_request_that_reads_a_key_while_its_delete_commits_does_not_keep_it_fo
     assert list(read_meanwhile[0]) == [provider.pk]  # the delete was not committed yet
 
     assert async_to_sync(user_credentials)(alice.pk) == {}
+
+
+class MailFailingOnce(locmem.EmailBackend):
+    """Django's test backend behind an SMTP server that refuses the first message sent to it."""
+
+    failed = False
+
+    def send_messages(self, messages):
+        if not MailFailingOnce.failed:
+            MailFailingOnce.failed = True
+            raise smtplib.SMTPServerDisconnected("the mail server went away")
+        return super().send_messages(messages)
+
+
+@pytest.fixture
+def mail_fails_once(settings):
+    MailFailingOnce.failed = False
+    settings.EMAIL_BACKEND = f"{__name__}.MailFailingOnce"
+    yield
+    assert MailFailingOnce.failed
+
+
+def test_an_owner_whose_email_failed_when_their_key_turned_invalid_is_told_at_the_next_run(
+    provider, upstream, alice, mail_fails_once
+):
+    """The key was marked invalid, then the email failed: it was never sent, since the next runs saw a key
+    invalid already. Now the notice waits on the key until an email is sent."""
+    alice_key = new_key()
+    accept_keys(upstream, alice_key)
+    provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
+    accept_keys(upstream)  # revoked
+
+    assert provider_credentials_revalidate_all()["turned_invalid"] == 1
+    assert mail.outbox == []  # the mail server refused it
+
+    assert provider_credentials_revalidate_all()["turned_invalid"] == 0
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+    assert "sk-…" + alice_key[-4:] in mail.outbox[0].subject
+
+    provider_credentials_revalidate_all()
+    assert len(mail.outbox) == 1  # told once
+
+
+def test_an_owner_whose_email_failed_when_a_request_found_their_key_refused_is_told_at_the_next_run(
+    provider, upstream, alice, mail_fails_once
+):
+    alice_key = new_key()
+    accept_keys(upstream, alice_key)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
+
+    assert byok_credential_refused(credential_id=credential.pk, api_key=Secret(alice_key), reason="wrong key")
+    assert mail.outbox == []
+
+    accept_keys(upstream)  # still refused at the daily check
+    provider_credentials_revalidate_all()
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+    provider_credentials_revalidate_all()
+    assert len(mail.outbox) == 1
