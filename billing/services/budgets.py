@@ -26,7 +26,7 @@ from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
 from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
-from .spool import spool_pending, spool_rows
+from .spool import SpoolIndex
 
 THRESHOLDS = (50, 80, 100)
 # Longer than any request may run: an unsettled reservation older than this belonged to a dead process.
@@ -333,7 +333,12 @@ def ledger_spend(ref: CounterRef) -> Decimal:
 
 
 def expected_spend(
-    *, ref: CounterRef, at: datetime | None, open_ids: Collection[str], settled: Mapping[str, Decimal]
+    *,
+    ref: CounterRef,
+    at: datetime | None,
+    open_ids: Collection[str],
+    settled: Mapping[str, Decimal],
+    spooled: SpoolIndex | None = None,
 ) -> Decimal:
     """What the counter should hold at the instant ``at`` of a snapshot (None: now), from the ledger.
 
@@ -342,8 +347,9 @@ def expected_spend(
     yet), and add the settles the ledger does not show yet (their rows are on their way), and the rows
     waiting in the ledger spool (the database was down) however long ago they settled.
 
-    The spool is read before the ledger: a row replayed in between is then in both, and counted once."""
-    spooled = spooled_spend(ref, until=at)
+    The spool is read before the ledger: a row replayed in between is then in both, and counted once.
+    ``spooled``: the run's ``SpoolIndex``, for a caller that reads many counters (reconciliation)."""
+    spooled = spooled_spend(ref, until=at, spooled=spooled)
     rows = _ledger_rows(ref, until=at)
     total = _metric_sum(rows, ref.metric)
     if open_ids:
@@ -358,28 +364,27 @@ def expected_spend(
     return total
 
 
-def spooled_spend(ref: CounterRef, *, until: datetime | None = None) -> dict[str, Decimal]:
+def spooled_spend(
+    ref: CounterRef, *, until: datetime | None = None, spooled: SpoolIndex | None = None
+) -> dict[str, Decimal]:
     """Spend (USD) or tokens of the counter's scope in its period in the rows waiting in the ledger spool,
-    by request id (some may be in the ledger already: a replay is under way)."""
-    if not spool_pending():
-        return {}
+    by request id (some may be in the ledger already: a replay is under way). ``spooled``: the caller's
+    run's ``SpoolIndex`` (without it, the spool is read for this counter alone)."""
+    spooled = spooled or SpoolIndex()
     if ref.scope_kind == ScopeKind.KEY:
-        keys, user_id = set(api_key_subtree_ids(ref.scope_id)), None
+        rows = spooled.of_keys(set(api_key_subtree_ids(ref.scope_id)))
     else:
-        keys, user_id = None, ref.scope_id
+        rows = spooled.of_user(ref.scope_id)
     spent: dict[str, Decimal] = {}
-    for raw in spool_rows():
-        if (raw.get("api_key_id") not in keys) if keys is not None else (raw.get("user_id") != user_id):
+    for row in rows:
+        if row.created_at < ref.period_start or (ref.period_end is not None and row.created_at >= ref.period_end):
             continue
-        created_at = datetime.fromisoformat(raw["created_at"])
-        if created_at < ref.period_start or (ref.period_end is not None and created_at >= ref.period_end):
-            continue
-        if until is not None and created_at > until:
+        if until is not None and row.created_at > until:
             continue
         if ref.metric == BudgetMetric.COST:
-            spent[raw["request_id"]] = Decimal(raw["cost"])
+            spent[row.request_id] = row.cost
         else:
-            spent[raw["request_id"]] = Decimal(int(raw["prompt_tokens"]) + int(raw["completion_tokens"]))
+            spent[row.request_id] = Decimal(row.prompt_tokens + row.completion_tokens)
     return spent
 
 

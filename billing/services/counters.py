@@ -92,7 +92,7 @@ from .inflight import (
 )
 from .ledger_rows import usage_data_from_spool, usage_rows_write
 from .ratelimits import WINDOW_MS, RateSpec, RateState, WindowState, local_rate_limiter, rate_limit_error
-from .spool import spool_pending, spool_rows
+from .spool import SpoolIndex
 
 logger = logging.getLogger("llmhub.counters")
 
@@ -390,9 +390,10 @@ def redis_store(url: str) -> RedisCounterStore:
     return store
 
 
-def redis_reconcile(url: str, now: datetime) -> int:
+def redis_reconcile(url: str, now: datetime, *, spooled: SpoolIndex | None = None) -> int:
     """Bring every Redis counter back to the ledger's figure, alerting for the thresholds a correction up
-    crosses; returns how many were off."""
+    crosses; returns how many were off. ``spooled``: the run's ``SpoolIndex`` (the spool is read once)."""
+    spooled = spooled or SpoolIndex()
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
         snapshot = client.register_script(_script("budget_snapshot"))
@@ -406,7 +407,7 @@ def redis_reconcile(url: str, now: datetime) -> int:
             ref = CounterRef.from_key(key)
             _, spent, _reserved, open_ids, settled_ids, amounts = reply
             settled = {rid: ref.from_units(amount) for rid, amount in zip(settled_ids, amounts, strict=True)}
-            expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled)
+            expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled, spooled=spooled)
             delta = ref.to_units(expected) - int(spent)
             if delta:
                 spent_now = adjust(keys=[key], args=[delta])
@@ -701,7 +702,7 @@ class DatabaseCounterStore:
         for counter in due:
             self._forgotten_at[counter.pk] = now
 
-    def reconcile(self, now: datetime) -> int:
+    def reconcile(self, now: datetime, *, spooled: SpoolIndex | None = None) -> int:
         """Bring every counter back to the ledger's figure, each under its row lock and in one transaction
         with the alerts for the thresholds a correction up crosses; returns how many were off. Counters of
         periods that ended more than a day ago are dropped (they are rebuilt from the ledger if needed):
@@ -712,6 +713,7 @@ class DatabaseCounterStore:
         BudgetCounter.objects.filter(period=BudgetPeriod.DAILY, period_start__lt=daily_start).delete()
         BudgetCounter.objects.filter(period=BudgetPeriod.MONTHLY, period_start__lt=monthly_start).delete()
         adjusted = 0
+        spooled = spooled or SpoolIndex()  # read once for every counter (and again only if the spool changed)
         for pk in BudgetCounter.objects.values_list("pk", flat=True):
             with transaction.atomic():
                 row = BudgetCounter.objects.select_for_update().filter(pk=pk).first()
@@ -725,7 +727,7 @@ class DatabaseCounterStore:
                     reservations.filter(settled_at__isnull=False).values_list("request_id", "settled_amount")
                 )
                 ref = CounterRef(row.scope_kind, row.scope_id, row.metric, row.period, row.period_start)
-                expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled)
+                expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled, spooled=spooled)
                 if expected != row.spent:
                     before, row.spent = row.spent, expected
                     row.save(update_fields=["spent", "updated_at"])
@@ -806,10 +808,11 @@ def budget_counters_reconcile(*, now: datetime | None = None) -> int:
     alert: a correction up raises the alerts for the thresholds it crosses that have not fired in the
     period yet. Running it again finds nothing off and fires nothing."""
     now = now or timezone.now()
-    inflight_lost_settle(now=now)
+    spooled = SpoolIndex()  # one read of the spool for the sweep and every counter
+    inflight_lost_settle(now=now, spooled=spooled)
     if settings.REDIS_URL:
-        return redis_reconcile(settings.REDIS_URL, now)
-    return database_store.reconcile(now)
+        return redis_reconcile(settings.REDIS_URL, now, spooled=spooled)
+    return database_store.reconcile(now, spooled=spooled)
 
 
 # IN-FLIGHT RECORDS: heartbeats, re-assertion after Redis lost them, and the requests of dead processes.
@@ -883,23 +886,29 @@ def database_heartbeat(instance: str) -> None:
             ProcessHeartbeat.objects.filter(instance=instance).update(expires_at=expires)
 
 
-def inflight_lost_settle(*, now: datetime | None = None, sweeper: bool = False) -> int:
+def inflight_lost_settle(
+    *, now: datetime | None = None, sweeper: bool = False, spooled: SpoolIndex | None = None
+) -> int:
     """Requests whose process died before settling them: each gets one ledger row (status ``lost``, at the
     amount reserved, flagged estimated; or the row it has already, if its process wrote or spooled one),
     and its holds are swapped for that amount. Safe to run in several processes at once, and again.
-    ``sweeper``: a server process's own periodic run, skipped when another process is at it."""
+    ``sweeper``: a server process's own periodic run, skipped when another process is at it. The spool is
+    read once for the run (``spooled``, or a ``SpoolIndex`` of its own), and only if a request needs it."""
     now = now or timezone.now()
+    spooled = spooled or SpoolIndex()
     if settings.REDIS_URL:
-        return _redis_lost_settle(settings.REDIS_URL, now, sweeper=sweeper)
-    return _database_lost_settle(now)
+        return _redis_lost_settle(settings.REDIS_URL, now, sweeper=sweeper, spooled=spooled)
+    return _database_lost_settle(now, spooled)
 
 
-def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int]:
-    """The request's ledger row: the one it has, or a ``lost`` one now. Returns its (cost, tokens)."""
+def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) -> tuple[Decimal, int]:
+    """The request's ledger row: the one it has (in the ledger, or waiting in the spool: its process spooled
+    it, e.g. a stream cut at shutdown, and died before settling, and the replay writes it), or a ``lost``
+    one now. Returns its (cost, tokens)."""
     existing = UsageRecord.objects.filter(request_id=record["request_id"])
     row = existing.values_list("cost", "prompt_tokens", "completion_tokens").first()
-    if row is None:
-        row = _spooled_row(record["request_id"])
+    if row is None and (waiting := spooled.row(record["request_id"])) is not None:
+        row = waiting.cost, waiting.prompt_tokens, waiting.completion_tokens
     if row is None:
         prompt = int(record.get("prompt_tokens") or 0)
         # Its user, key, provider or model may have been deleted since: the row keeps the names and the cost.
@@ -939,18 +948,7 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int) -> tuple[Decimal, int
     return row[0], row[1] + row[2]
 
 
-def _spooled_row(request_id: str) -> tuple[Decimal, int, int] | None:
-    """The request's row waiting in the ledger spool (its process spooled it, e.g. a stream cut at shutdown,
-    and died before settling): that row is the request's, and its replay writes it."""
-    if not spool_pending():
-        return None
-    for raw in spool_rows():
-        if raw.get("request_id") == request_id:
-            return Decimal(raw["cost"]), int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0)
-    return None
-
-
-def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool) -> int:
+def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool, spooled: SpoolIndex) -> int:
     client = redis_sync_client(url)
     try:
         if sweeper and not client.set(SWEEP_LOCK_KEY, instance_id(), nx=True, px=heartbeat_ttl_ms()):
@@ -967,7 +965,7 @@ def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool) -> int:
                 continue
             for request_id, raw in sorted(records.items()):
                 try:
-                    settled += _redis_lost_settle_one(client, settle, instance, request_id, raw, now)
+                    settled += _redis_lost_settle_one(client, settle, instance, request_id, raw, now, spooled)
                 except Exception:
                     # The others still get theirs; this one is tried again at the next sweep.
                     logger.exception("could not settle the lost request %s", request_id)
@@ -977,7 +975,7 @@ def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool) -> int:
 
 
 def _redis_lost_settle_one(
-    client: redis.Redis, settle: Script, instance: str, request_id: str, raw: str, now: datetime
+    client: redis.Redis, settle: Script, instance: str, request_id: str, raw: str, now: datetime, spooled: SpoolIndex
 ) -> int:
     record = json.loads(raw)
     if SETTLED_ROW in record:
@@ -987,7 +985,8 @@ def _redis_lost_settle_one(
         client.hdel(inflight_key(instance), request_id)
         return 1
     record["admitted_at"] = datetime.fromisoformat(record["admitted_at"])
-    cost, tokens = _lost_row(record, cost=Decimal(int(record["cost"])) * COST_QUANTUM, tokens=int(record["tokens"]))
+    reserved = Decimal(int(record["cost"])) * COST_QUANTUM
+    cost, tokens = _lost_row(record, cost=reserved, tokens=int(record["tokens"]), spooled=spooled)
     counter_keys = record.get("counters") or []  # an empty list comes back from Lua as {}
     keys: list[str] = []
     args: list[str | int] = [request_id, _ms(now), len(counter_keys), 0, int(cost / COST_QUANTUM), tokens]
@@ -1001,7 +1000,7 @@ def _redis_lost_settle_one(
     return 1
 
 
-def _database_lost_settle(now: datetime) -> int:
+def _database_lost_settle(now: datetime, spooled: SpoolIndex) -> int:
     ttl = Value(timedelta(seconds=settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL), output_field=DurationField())
     alive = ProcessHeartbeat.objects.filter(expires_at__gt=Now()).values("instance")
     # A record younger than a heartbeat's TTL is never judged: its process may not have beaten yet.
@@ -1017,14 +1016,14 @@ def _database_lost_settle(now: datetime) -> int:
     settled = 0
     for pk in list(dead):
         try:
-            settled += _database_lost_settle_one(pk, now)
+            settled += _database_lost_settle_one(pk, now, spooled)
         except Exception:
             # The others still get theirs; this one is tried again at the next sweep.
             logger.exception("could not settle the lost request of reservation %s", pk)
     return settled
 
 
-def _database_lost_settle_one(pk: int, now: datetime) -> int:
+def _database_lost_settle_one(pk: int, now: datetime, spooled: SpoolIndex) -> int:
     fields = ("request_id", "user_id", "api_key_id", "provider_id", "model_id", "provider_name", "model_name")
     fields += ("endpoint", "stream", "prompt_tokens", "admitted_at")
     settled = RequestReservation.objects.filter(pk=pk).values_list("request_id", "settled_row").first()
@@ -1038,7 +1037,9 @@ def _database_lost_settle_one(pk: int, now: datetime) -> int:
         if reservation is None:
             return 0  # settled meanwhile, by its process or another sweep
         record = {field: getattr(reservation, field) for field in fields}
-        cost, tokens = _lost_row(record, cost=reservation.reserved_cost, tokens=reservation.reserved_tokens)
+        cost, tokens = _lost_row(
+            record, cost=reservation.reserved_cost, tokens=reservation.reserved_tokens, spooled=spooled
+        )
         specs = [CounterSpec(CounterRef.from_key(key), Decimal(0), "") for key in reservation.counters]
         database_store._settle(request_id=reservation.request_id, counters=specs, cost=cost, tokens=tokens, now=now)
     return 1

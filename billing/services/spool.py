@@ -10,10 +10,11 @@ so it cannot carry the lock):
 - claim (``spool_claim``): under the lock, the spool is renamed to a claimed file that only the claimer
   replays, holding a lock of its own on it for as long as it does. A claimed file no process holds any
   more (its replayer died) is claimed again by the next replayer.
-- read (``spool_rows``): under the lock, the spool and every claimed file, for reconciliation to count
-  spend that is on its way to the ledger. A claimed file is unlinked only after its rows are committed
-  (or appended back to the spool), so a row is always in the ledger, in a file, or both; readers drop
-  rows whose request id the ledger already has.
+- read (``spool_rows``, ``spool_rows_each``; ``SpoolIndex`` once per sweep or reconciliation run): under
+  the lock, the spool and every claimed file, for reconciliation to count spend that is on its way to the
+  ledger, and for the lost-request sweep to find a dead process's rows. A claimed file is unlinked only
+  after its rows are committed (or appended back to the spool), so a row is always in the ledger, in a
+  file, or both; readers drop rows whose request id the ledger already has.
 
 A line that holds no row (a write torn by a crash or a full disk, which the next append then runs on
 from) is set aside by the replay in ``<spool>.unreadable`` for a person to look at (``spool_set_aside``), and
@@ -28,6 +29,9 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -166,13 +170,106 @@ def spool_rows() -> list[dict[str, Any]]:
     """Every row waiting in the spool or in a claimed file (a row may appear twice: replay skips known
     ids, and so must a reader that sums them); a line that holds no row is skipped (the replay sets it
     aside)."""
+    return list(spool_rows_each())
+
+
+def spool_rows_each() -> Iterator[dict[str, Any]]:
+    """``spool_rows`` a row at a time, the files read a line at a time (never one of them whole in memory).
+    The shared lock is held until the iteration ends: consume it at once."""
     path = spool_path()
-    lines: list[str] = []
     with _locked(path, fcntl.LOCK_SH):
-        for name in [path, *_claimed_files(path)]:
-            try:
-                lines += name.read_text(encoding="utf-8").splitlines()
-            except FileNotFoundError:
-                continue
-    rows = (spool_line_row(line) for line in lines if line.strip())
-    return [row for row in rows if row is not None]
+        yield from _rows_read(path)
+
+
+def _rows_read(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of the spool and of the claimed files, under the caller's lock."""
+    for name in [path, *_claimed_files(path)]:
+        try:
+            handle = open(name, encoding="utf-8")
+        except FileNotFoundError:
+            continue
+        with handle:
+            for line in handle:
+                if line.strip() and (row := spool_line_row(line)) is not None:
+                    yield row
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledRow:
+    """What the lost-request sweep and reconciliation read of a spooled row."""
+
+    request_id: str
+    user_id: int | None
+    api_key_id: int | None
+    created_at: datetime
+    cost: Decimal
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class SpoolIndex:
+    """The spooled rows for one run of the lost-request sweep or of reconciliation: read once, rather than
+    once per lost request or per counter (after a long outage that was lost requests, or counters, times
+    the spool's lines), and kept small (``SpooledRow``). Read again only when the files changed on disk since
+    (an append, a claim, a replay's end: a file's name, inode, size or modification time differs), so that
+    what a caller sees is what a fresh read would give it; nothing is read while the spool is empty."""
+
+    def __init__(self) -> None:
+        self._signature: tuple[tuple[str, int, int, int], ...] | None = None
+        self._by_request: dict[str, SpooledRow] = {}
+        self._by_key: dict[int, list[SpooledRow]] = {}
+        self._by_user: dict[int, list[SpooledRow]] = {}
+
+    def row(self, request_id: str) -> SpooledRow | None:
+        """The request's row (the first, if it was spooled twice)."""
+        self._refresh()
+        return self._by_request.get(request_id)
+
+    def of_keys(self, key_ids: Iterable[int]) -> list[SpooledRow]:
+        """The rows of these keys, each key's in file order."""
+        self._refresh()
+        return [row for key_id in key_ids for row in self._by_key.get(key_id, ())]
+
+    def of_user(self, user_id: int) -> list[SpooledRow]:
+        self._refresh()
+        return self._by_user.get(user_id, [])
+
+    def _refresh(self) -> None:
+        path = spool_path()
+        if self._signature is not None and _files_signature(path) == self._signature:
+            return
+        by_request: dict[str, SpooledRow] = {}
+        by_key: dict[int, list[SpooledRow]] = {}
+        by_user: dict[int, list[SpooledRow]] = {}
+        with _locked(path, fcntl.LOCK_SH):
+            signature = _files_signature(path)
+            for raw in _rows_read(path) if signature else ():
+                try:
+                    row = SpooledRow(
+                        request_id=raw.get("request_id"),
+                        user_id=raw.get("user_id"),
+                        api_key_id=raw.get("api_key_id"),
+                        created_at=datetime.fromisoformat(raw["created_at"]),
+                        cost=Decimal(raw["cost"]),
+                        prompt_tokens=int(raw.get("prompt_tokens") or 0),
+                        completion_tokens=int(raw.get("completion_tokens") or 0),
+                    )
+                except (KeyError, TypeError, ValueError, ArithmeticError):
+                    continue  # a JSON object that is no ledger row: one bad line must not stop every reader
+                by_request.setdefault(row.request_id, row)
+                by_key.setdefault(row.api_key_id, []).append(row)
+                by_user.setdefault(row.user_id, []).append(row)
+        self._signature, self._by_request, self._by_key, self._by_user = signature, by_request, by_key, by_user
+
+
+def _files_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """The spool's and the claimed files' names, inodes, sizes and modification times (empty files left out)."""
+    signature = []
+    for name in [path, *_claimed_files(path)]:
+        try:
+            stat = name.stat()
+        except FileNotFoundError:
+            continue
+        if stat.st_size:
+            signature.append((name.name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(signature)
