@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from bisect import bisect_right
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
@@ -245,50 +246,63 @@ class ReplyGuard:
         self.policies = policies
         self._done: set[int] = set()  # flag policies that found something: nothing more to do
         self._choices: dict[int, _ChoiceGuard] = {}
+        self._calls: dict[tuple[int, int], JsonStrings] = {}  # each tool call's arguments, decoded as they come
 
     @property
     def holding(self) -> bool:
         """Whether the reply so far may end in a blocked entry: what is not relayed yet must wait."""
         return any(choice.holding for choice in self._choices.values())
 
-    async def feed(self, piece: str, choice: int = 0) -> bool:
+    async def feed(self, piece: str, choice: int = 0, *, call: int | None = None) -> bool:
         """Take ``piece`` of ``choice`` (not yet relayed) into the reply; raise when the reply must stop
         before it. False: the reply so far may end in a blocked entry, so ``piece`` (and whatever follows) is
-        held back until a later ``feed`` returns True or ``finish`` passes."""
+        held back until a later ``feed`` returns True or ``finish`` passes. With ``call``, ``piece`` is a part
+        of that tool call's arguments (a JSON text), read decoded: the strings the tool will be given."""
+        if call is not None and piece:
+            decoder = self._calls.get((choice, call))
+            if decoder is None:
+                decoder = self._calls[(choice, call)] = JsonStrings()
+            piece = decoder.feed(piece)
         if piece:
-            guard = self._choices.get(choice)
-            if guard is None:
-                guard = self._choices[choice] = _ChoiceGuard(self.moderation, self.policies, self._done)
-            await guard.feed(piece)
+            await self._choice(choice).feed(piece)
         return not self.holding
+
+    def _choice(self, choice: int) -> _ChoiceGuard:
+        guard = self._choices.get(choice)
+        if guard is None:
+            guard = self._choices[choice] = _ChoiceGuard(self.moderation, self.policies, self._done)
+        return guard
 
     async def finish(self) -> None:
         """The end of the reply: every policy has the last word on all of it."""
+        for (choice, _), decoder in self._calls.items():
+            if rest := decoder.flush():  # arguments cut inside an escape: what is left, as it came
+                await self._choice(choice).feed(rest)
         for guard in list(self._choices.values()):
             await guard.finish()
 
     async def relay(
         self,
         items: AsyncIterator[T],
-        pieces_of: Callable[[T], Iterable[tuple[int, str]]],
+        pieces_of: Callable[[T], Iterable[tuple[int, str, int | None]]],
         *,
         last: Callable[[T], bool] = lambda item: False,
         arrived: Callable[[T], None] = lambda item: None,
     ) -> AsyncIterator[T]:
         """``items`` (a stream's chunks or events) as the check lets them go: the text of each (``pieces_of``:
-        choice and text) is fed before it is relayed; while the text so far may end in a blocked entry, items
-        are held back, in order, until a later piece clears it or the final check does. ``finish`` runs before
-        the ``last`` item (the event that says the stream ended cleanly), or at the end of ``items``.
-        ``arrived`` sees each item as it comes (the upstream's usage counts what was generated, even if the
-        reply is cut before it is relayed)."""
+        choice, text, and the tool call whose arguments it is a part of, or None) is fed before it is relayed;
+        while the text so far may end in a blocked entry, items are held back, in order, until a later piece
+        clears it or the final check does. ``finish`` runs before the ``last`` item (the event that says the
+        stream ended cleanly), or at the end of ``items``. ``arrived`` sees each item as it comes (the
+        upstream's usage counts what was generated, even if the reply is cut before it is relayed)."""
         held: list[T] = []
         async for item in items:
             arrived(item)
             if last(item):
                 await self.finish()
             else:
-                for choice, piece in pieces_of(item):
-                    await self.feed(piece, choice)
+                for choice, piece, call in pieces_of(item):
+                    await self.feed(piece, choice, call=call)
                 if self.holding:
                     held.append(item)
                     continue
@@ -300,15 +314,125 @@ class ReplyGuard:
         for ready in held:
             yield ready
 
-    async def check(self, text: str) -> None:
-        """A whole reply (not streamed)."""
-        await self.feed(text)
+    async def check(self, text: str, *, arguments: Iterable[str] = ()) -> None:
+        """A whole reply (not streamed): its text, and its tool calls' ``arguments`` (JSON texts, read decoded,
+        or as they are when they are not JSON)."""
+        await self.feed("\n".join(part for part in (text, *map(json_decoded, arguments)) if part))
         await self.finish()
 
     def close(self) -> None:
         """The reply ended another way: stop asking."""
         for guard in self._choices.values():
             guard.close()
+
+
+# What a JSON string's escapes stand for (``\uXXXX`` apart).
+_ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+_STRING_STOP = re.compile(r'["\\]')
+
+
+class JsonStrings:
+    """A JSON text (a tool call's arguments) as its reader gets it, decoded piece by piece as a stream brings
+    it: each string's escapes (``\\u0066``, a surrogate pair, ``\\n``, ``\\/``) are the characters they stand
+    for, and everything else is kept as it came (the quotes and structure, numbers, and text that is not JSON,
+    so that a word cannot run into the next string's). The state across pieces: inside a string or not, an
+    escape begun (its backslash and what of it came), a high surrogate waiting for its low half. A lone
+    surrogate reads U+FFFD; an escape JSON does not know is kept as it came. Per piece: a search for the next
+    quote or backslash, and a few steps per escape."""
+
+    __slots__ = ("_escape", "_high", "_in_string")
+
+    def __init__(self) -> None:
+        self._in_string = False
+        self._escape = ""  # an escape begun: its backslash and what of it came so far
+        self._high = ""  # a high surrogate, until the next escape shows whether its low half follows
+
+    def feed(self, piece: str) -> str:
+        """The decoded text of ``piece``: what the pieces so far spell and the last did not."""
+        out: list[str] = []
+        at, end = 0, len(piece)
+        while at < end:
+            if self._escape:
+                at = self._escaping(piece, at, out)
+            elif self._high and piece[at] != "\\":
+                out.append("\ufffd")
+                self._high = ""
+            elif not self._in_string:
+                quote = piece.find('"', at)
+                if quote < 0:
+                    out.append(piece[at:])
+                    break
+                out.append(piece[at : quote + 1])
+                self._in_string, at = True, quote + 1
+            else:
+                stop = _STRING_STOP.search(piece, at)
+                if stop is None:
+                    out.append(piece[at:])
+                    break
+                out.append(piece[at : stop.start()])
+                at = stop.end()
+                if stop.group() == '"':
+                    out.append('"')
+                    self._in_string = False
+                else:
+                    self._escape = "\\"
+        return "".join(out)
+
+    def flush(self) -> str:
+        """The end of the text: an escape it was cut inside, as it came; a high surrogate left alone."""
+        rest = ("\ufffd" if self._high else "") + self._escape
+        self._high = self._escape = ""
+        return rest
+
+    def _escaping(self, piece: str, at: int, out: list[str]) -> int:
+        """Go on with the escape begun at ``piece[at]``; where to go on from."""
+        escape = self._escape
+        if len(escape) == 1:  # the backslash alone so far
+            kind = piece[at]
+            if kind != "u":
+                if self._high:
+                    out.append("\ufffd")
+                    self._high = ""
+                out.append(_ESCAPED.get(kind, escape + kind))  # one JSON does not know: as it came
+                self._escape = ""
+                return at + 1
+            self._escape, at = "\\u", at + 1
+        while at < len(piece) and len(self._escape) < 6:
+            if piece[at] not in _HEX:  # not an escape: as it came, and the character read on its own
+                out.append(self._escape)
+                self._escape = ""
+                return at
+            self._escape += piece[at]
+            at += 1
+        if len(self._escape) == 6:
+            code = int(self._escape[2:], 16)
+            self._escape = ""
+            if 0xDC00 <= code < 0xE000 and self._high:
+                out.append(chr(0x10000 + ((ord(self._high) - 0xD800) << 10) + code - 0xDC00))
+                self._high = ""
+            else:
+                if self._high:
+                    out.append("\ufffd")
+                    self._high = ""
+                if 0xD800 <= code < 0xDC00:
+                    self._high = chr(code)
+                else:
+                    out.append("\ufffd" if 0xDC00 <= code < 0xE000 else chr(code))
+        return at
+
+
+def json_decoded(text: str) -> str:
+    """A whole tool call's arguments as its reader gets them (``JsonStrings``) when they are JSON; as they are
+    when they are not."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return text
+    except RecursionError:  # JSON nested deeper than Python's parser goes: the decoder does not recurse
+        pass
+    decoder = JsonStrings()
+    return decoder.feed(text) + decoder.flush()
 
 
 class _ChoiceGuard:

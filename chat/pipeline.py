@@ -1129,7 +1129,7 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             response = await self._call(once)
-            await self._reply_check(_completion_text(response, calls=True))
+            await self._reply_check(_completion_text(response), _completion_arguments(response))
         response["model"] = self.answered_by.name
         if "usage" not in response and self.result is not None and self.result.usage_estimated:
             # What the request was charged, which OpenAI's clients read (the upstream reported none).
@@ -1144,14 +1144,15 @@ class CompletionRun:
     def _reply_guard(self) -> ReplyGuard | None:
         return self.moderation.output() if self.moderation is not None else None
 
-    async def _reply_check(self, text: str) -> None:
-        """The output check of a whole reply, once it has come (and been paid for): a ``block`` hit answers
-        ``content_policy_violation`` instead of the reply, which is billed all the same."""
+    async def _reply_check(self, text: str, arguments: list[str]) -> None:
+        """The output check of a whole reply, once it has come (and been paid for): its text and its tool calls'
+        ``arguments`` (JSON, read decoded). A ``block`` hit answers ``content_policy_violation`` instead of the
+        reply, which is billed all the same."""
         guard = self._reply_guard()
         if guard is None:
             return
         try:
-            await guard.check(text)
+            await guard.check(text, arguments=arguments)
         finally:
             guard.close()
 
@@ -1337,7 +1338,7 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             message = await self._call(once)
-            await self._reply_check(_message_text(message))
+            await self._reply_check(_message_text(message), _message_arguments(message))
         message["model"] = self.answered_by.name
         if self.result is not None and self.result.usage_estimated:
             # The upstream (translated) reported no usage: the client reads what the request was charged.
@@ -1607,31 +1608,34 @@ def _mapping(value: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
-def _event_pieces(event: WireEvent) -> list[tuple[int, str]]:
-    """The reply's text in a Messages API event, a tool call's input included: what the output check reads
-    (one text: a message has no choices)."""
+def _event_pieces(event: WireEvent) -> list[tuple[int, str, int | None]]:
+    """The reply's text in a Messages API event, a tool call's input included (a part of its JSON, with the
+    index of its block): what the output check reads (one text: a message has no choices)."""
     if event.get("type") != "content_block_delta":
         return []
     delta = event.get("delta") or {}
-    return [(0, delta.get("text") or delta.get("partial_json") or "")]
+    if isinstance(delta.get("partial_json"), str):
+        index = event.get("index")
+        return [(0, delta["partial_json"], index if isinstance(index, int) else 0)]
+    return [(0, delta.get("text") or "", None)]
 
 
 def _is_message_stop(event: WireEvent) -> bool:
     return event.get("type") == "message_stop"
 
 
-def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str]]:
-    """The reply's text in a chunk, each choice's (index, text), tool calls' arguments included: what the
-    output check reads (the arguments are the model's words as much as its text, and a client acts on them)."""
-    pieces: list[tuple[int, str]] = []
+def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str, int | None]]:
+    """The reply's text in a chunk, each choice's (index, text, None), and its tool calls' arguments (index, a
+    part of the call's JSON, the call's index): what the output check reads (the arguments are the model's
+    words as much as its text, and a client acts on them)."""
+    pieces: list[tuple[int, str, int | None]] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         index = choice.get("index") if isinstance(choice.get("index"), int) else 0
-        parts = [delta.get("content") or ""]
-        for call in delta.get("tool_calls") or ():
+        pieces.append((index, delta.get("content") or "", None))
+        for number, call in enumerate(delta.get("tool_calls") or ()):
             if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str):
-                parts.append(arguments)
-        pieces.append((index, "".join(parts)))
+                pieces.append((index, arguments, call["index"] if isinstance(call.get("index"), int) else number))
     return pieces
 
 
@@ -1649,6 +1653,16 @@ def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
                 if isinstance(arguments, str):
                     parts.append(arguments)
     return "\n".join(parts)
+
+
+def _completion_arguments(response: dict[str, Any]) -> list[str]:
+    """The arguments of a completion's tool calls (JSON texts), each choice's in turn."""
+    return [
+        arguments
+        for choice in response.get("choices") or ()
+        for call in (choice.get("message") or {}).get("tool_calls") or ()
+        if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str)
+    ]
 
 
 def _reported_usage(usage: dict[str, Any], written: str) -> dict[str, Any]:
@@ -1676,16 +1690,19 @@ def _message_written(message: dict[str, Any]) -> str:
 
 
 def _message_text(message: dict[str, Any]) -> str:
-    """A message's text and its tool calls' input (as JSON), what the output check reads."""
-    parts: list[str] = []
-    for block in message.get("content") or ():
-        if not isinstance(block, dict):
-            continue
-        if isinstance(block.get("text"), str):
-            parts.append(block["text"])
-        elif block.get("type") == "tool_use" and block.get("input"):
-            parts.append(json.dumps(block["input"], ensure_ascii=False))
-    return "\n".join(parts)
+    """A message's text, what the output check reads with its tool calls' input (``_message_arguments``)."""
+    blocks = message.get("content") or ()
+    texts = [block["text"] for block in blocks if isinstance(block, dict) and isinstance(block.get("text"), str)]
+    return "\n".join(texts)
+
+
+def _message_arguments(message: dict[str, Any]) -> list[str]:
+    """A message's tool calls' input, as JSON texts (which the output check reads decoded)."""
+    return [
+        json.dumps(block["input"], ensure_ascii=False)
+        for block in message.get("content") or ()
+        if isinstance(block, dict) and block.get("type") == "tool_use" and block.get("input")
+    ]
 
 
 def _prefill_for(target: ResolvedModel, text: str) -> str:

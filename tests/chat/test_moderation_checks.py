@@ -3,6 +3,7 @@ refuses a block-list that could not be matched safely."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from audit.models import AuditEvent
 from chat.callers import Caller
-from chat.moderation import ContentPolicyViolationError, Moderation, ReplyGuard, moderation_drain
+from chat.moderation import ContentPolicyViolationError, JsonStrings, Moderation, ReplyGuard, moderation_drain
 from providers.models import ModerationAction, ModerationChecker, ModerationPolicy
 from providers.moderation import (
     SCAN_LIMIT_CHARS,
@@ -402,6 +403,111 @@ async def test_a_flagging_blocklist_scans_at_its_marks_and_the_end_scans_the_res
     await guard.finish()
     await moderation_drain()
     assert moderation.summary.startswith("flagged output: blocklist")
+
+
+# A tool call's arguments: a JSON text, read decoded (a tool is given the strings it spells).
+ARGUMENT_PIECES = {
+    "escapes": ['{"q": "\\u0066orbi\\u0064den"}'],
+    "escape-split": ['{"q": "\\u00', '66orbidden"}'],
+    "backslash-split": ['{"q": "\\', 'u0066orbidden"}'],
+    "each-escape-split": ['{"q": "\\', "u", "0", "0", "6", "6", "orbidden", '"}'],
+    "surrogate-pair-split": ['{"q": "\\ud835', '\\udc1forbidden"}'],  # 𝐟 (mathematical bold f)
+    "line-break": ['{"q": "see\\nforbidden"}'],
+    "in-a-key": ['{"\\u0066orbidden": 1}'],
+    "solidus": ['{"cmd": "rm -rf \\/"}'],  # "rm -rf /"
+}
+
+
+@pytest.mark.parametrize("pieces", ARGUMENT_PIECES.values(), ids=ARGUMENT_PIECES.keys())
+async def test_a_blocked_word_spelt_with_json_escapes_in_a_tool_calls_arguments_is_found(pieces):
+    _, guard = guard_for(policy(blocklist="forbidden\nre:rm -rf /"))
+
+    relayed = []
+    with pytest.raises(ContentPolicyViolationError):
+        for piece in pieces:
+            if await guard.feed(piece, call=0):
+                relayed.append(piece)
+        await guard.finish()
+
+    assert Blocklist("forbidden").scan(decoded("".join(relayed))) is None, "a relayed piece completed the word"
+
+
+def decoded(text: str) -> str:
+    decoder = JsonStrings()
+    return decoder.feed(text) + decoder.flush()
+
+
+def rendered(value) -> str:
+    """``value`` as ``json.dumps`` writes it, its strings as they are (what the decoder makes of that text)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{key}": {rendered(item)}' for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(rendered(item) for item in value) + "]"
+    return f'"{value}"' if isinstance(value, str) else json.dumps(value)
+
+
+async def test_a_tool_calls_arguments_ending_in_a_blocked_word_are_held_back():
+    _, guard = guard_for(policy(blocklist="forbidden"))
+
+    assert await guard.feed('{"q": "forbidde', call=0) is True
+    assert await guard.feed("\\u006", call=0) is True  # not a letter yet
+    assert await guard.feed("e", call=0) is False  # "forbidden" so far: it may yet be "forbiddenly"
+    assert await guard.feed("ly", call=0) is True
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.feed(' \\u0066orbidden"}', call=0)
+
+
+async def test_each_tool_calls_arguments_are_decoded_on_their_own_and_the_text_as_it_is():
+    _, guard = guard_for(policy(blocklist="forbidden\nre:\\\\u0066"))
+
+    assert await guard.feed('{"q": "\\u00', call=0) is True
+    assert await guard.feed('{"q": "x"}', call=1) is True  # another call's, between: the escape waits
+    with pytest.raises(ContentPolicyViolationError) as blocked:
+        await guard.feed('66orbidden"}', call=0)
+    assert "entry 1" in blocked.value.moderation
+
+    _, guard = guard_for(policy(blocklist="forbidden\nre:\\\\u0066"))
+    assert await guard.feed('{"q": "\\u0066"}', call=0) is True  # the tool is given "f"
+    with pytest.raises(ContentPolicyViolationError) as blocked:
+        await guard.feed(" say \\u0066 plainly")  # the reply's text is read as it is
+    assert "entry 2" in blocked.value.moderation
+
+
+@pytest.mark.parametrize(
+    ("arguments", "blocked"),
+    [
+        ('{"q": "\\u0066orbidden"}', True),
+        ('{"q": "\\u0066orbidden"', False),  # not JSON (cut short): read as it is, as before
+        ("forbidden", True),
+        ('{"q": ["a", {"\\u0062": "\\ud835\\udc1forbidden"}]}', True),
+        ('{"q": "\\\\u0066orbidden"}', False),  # an escaped backslash: the tool reads "\u0066orbidden"
+    ],
+)
+async def test_a_whole_replys_tool_call_arguments_are_read_decoded_when_they_are_json(arguments, blocked):
+    _, guard = guard_for(policy(blocklist="forbidden"))
+
+    if blocked:
+        with pytest.raises(ContentPolicyViolationError):
+            await guard.check("clean text", arguments=[arguments])
+    else:
+        await guard.check("clean text", arguments=[arguments])
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=8,
+)
+
+
+@given(JSON_VALUES, st.data())
+@settings(max_examples=300, deadline=None)
+def test_the_stream_decoder_reads_the_strings_json_loads_reads_however_the_text_is_split(value, data):
+    text = json.dumps(value)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=6)))
+    decoder = JsonStrings()
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert "".join(decoder.feed(piece) for piece in pieces) + decoder.flush() == rendered(value)
 
 
 @pytest.mark.django_db(transaction=True)

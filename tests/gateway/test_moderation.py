@@ -961,6 +961,76 @@ def test_a_tool_uses_input_is_checked_as_output_on_the_messages_api(gateway, str
     assert "forbidden" not in "".join(partial)
 
 
+# What the tool is given, which the fake upstream writes with ``json.dumps`` (non-ASCII characters as ``\uXXXX``,
+# beyond the BMP as a surrogate pair, a line break as ``\n``): read as the raw JSON text, each was no word at all.
+ESCAPED = {
+    "full-width": "ｆｏｒｂｉｄｄｅｎ",  # \uff46\uff4f...: the stream splits inside an escape
+    "math-bold": "𝐟𝐨𝐫𝐛𝐢𝐝𝐝𝐞𝐧",  # \ud835\udc1f...: surrogate pairs, split over pieces
+    "line-break": "see\nforbidden",  # "see\nforbidden" reads "nforbidden" undecoded
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("word", ESCAPED.values(), ids=ESCAPED.keys())
+def test_a_blocked_word_in_a_tool_calls_arguments_is_read_through_json_escapes(gateway, stream, word):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    arguments: list[str] = []
+
+    with pytest.raises(openai.APIError) as stopped:
+        reply = gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": word}], tools=TOOLS, stream=stream
+        )
+        for chunk in reply if stream else ():
+            arguments.extend(call.function.arguments or "" for call in chunk.choices[0].delta.tool_calls or ())
+
+    assert "content policy" in stopped.value.message
+    whole = json.dumps({"q": word})  # the word ends the arguments' one string: its last letter is never relayed
+    relayed = "".join(arguments)
+    assert whole.startswith(relayed) and len(relayed) < len(whole) - len('"}')
+    (record,) = wait_until(
+        lambda: list(UsageRecord.objects.filter(model_name="gpt-test")), "a ledger row", timeout=10, interval=0.05
+    )
+    assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("word", ESCAPED.values(), ids=ESCAPED.keys())
+def test_a_blocked_word_in_a_tool_uses_input_is_read_through_json_escapes(gateway, stream, word):
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    tools = [{"name": "search", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]
+    messages = [{"role": "user", "content": word}]
+    request = {"model": "claude-test", "max_tokens": 50, "tools": tools, "messages": messages}
+    partial: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as stopped:
+        if stream:
+            with anthropic_client(gateway).messages.stream(**request) as events:
+                partial.extend(event.partial_json for event in events if event.type == "input_json")
+        else:
+            anthropic_client(gateway).messages.create(**request)
+
+    assert "content policy" in str(stopped.value)
+    whole = json.dumps({"q": word})
+    relayed = "".join(partial)
+    assert whole.startswith(relayed) and len(relayed) < len(whole) - len('"}')
+
+
+def test_a_clean_tool_call_under_a_policy_relays_the_models_arguments_as_they_came(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    word = "ｆｏｒｂｉｄ 𝐝𝐞𝐧\nok"  # escaped on the wire, and no blocked word once decoded
+
+    arguments = "".join(
+        call.function.arguments or ""
+        for chunk in gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": word}], tools=TOOLS, stream=True
+        )
+        for choice in chunk.choices
+        for call in choice.delta.tool_calls or ()
+    )
+
+    assert arguments == json.dumps({"q": word})
+
+
 # THE MESSAGES API
 
 
