@@ -56,6 +56,7 @@ from providers.byok import (
     byok_missing,
     byok_on_own_key,
     byok_only,
+    byok_paused,
     byok_refused,
     byok_refused_hints,
     byok_servable,
@@ -77,7 +78,7 @@ from providers.exceptions import (
     UserKeyQuotaExhaustedError,
     UserKeyRefusedError,
 )
-from providers.models import ModelMode, ProviderKind
+from providers.models import ModelMode, ProviderKind, url_origin
 from providers.routing import (
     Outcome,
     breaker_allows,
@@ -537,8 +538,21 @@ async def _credentials_for(caller: Caller, models: list[ResolvedModel]) -> dict[
     credentials = dict(await user_credentials(caller.user_id))
     missing = byok_missing(models[0], credentials)
     if missing and not any(byok_servable(d, credentials) for m in models for d in m.deployments):
+        paused = {name: key for name, key in byok_paused(models[0], credentials).items() if name in missing}
         refused = await byok_refused_hints(caller.user_id, missing)
-        if refused:
+        if paused:
+            # They have a key, agreed for the host the provider was moved from: not sent to the new one unasked.
+            now_at = {d.provider.name: url_origin(d.provider.base_url) for d in models[0].deployments}
+            moved = "; ".join(
+                f"{key.hint} for {name}, given for {key.origin or 'its former host'}, now sent to {now_at[name]}"
+                for name, key in sorted(paused.items())
+            )
+            todo = (
+                f"your own API key is paused because the administrator moved the provider to another host ({moved}): "
+                "confirm the new host under your provider keys (POST /api/provider-keys/{id}/confirm-host/) to use "
+                "it there."
+            )
+        elif refused:
             # They have a key, which the provider refused: "add one" would send them looking for it.
             keys = ", ".join(f"{hint} for {name}" for name, hint in sorted(refused.items()))
             todo = (

@@ -23,6 +23,7 @@ from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallba
 from .fields import Secret
 from .forms import ModelNamesField
 from .models import ByokMode, CatalogModel, Deployment, HealthStatus, Provider
+from .services.credentials import provider_host_change_record
 from .services.health import providers_health_check
 from .services.model_import import provider_import_models
 from .types import HealthResult
@@ -120,7 +121,32 @@ class ProviderAdmin(admin.ModelAdmin):
     def get_form(self, request: HttpRequest, obj: Provider | None = None, change: bool = False, **kwargs: Any) -> Any:
         form = super().get_form(request, obj, change=change, **kwargs)
         form.may_change_address = request.user.has_perm("providers.move_provider")
+        if obj is not None and "base_url" in form.base_fields:
+            agreed = obj.credentials.filter(confirmed_origin=obj.origin).count()
+            if agreed:
+                # Said before saving: a move to another host pauses every one of these keys.
+                field = form.base_fields["base_url"]
+                field.help_text = (
+                    f"{field.help_text} Warning: {agreed} user(s) gave their own key for {obj.origin}. Moving the "
+                    "provider to another host (scheme, host or port; a path is fine) pauses those keys until each "
+                    "user confirms the new host; they are emailed."
+                )
         return form
+
+    def save_model(self, request: HttpRequest, obj: Provider, form: Any, change: bool) -> None:
+        old_origin = Provider.objects.get(pk=obj.pk).origin if change else ""
+        super().save_model(request, obj, form, change)
+        if not change or obj.origin == old_origin:
+            return
+        moved = provider_host_change_record(provider=obj, old_origin=old_origin)
+        if moved.paused or moved.resumed:
+            self.message_user(
+                request,
+                f"{obj.name} moved from {old_origin} to {obj.origin}: {moved.paused} user(s)' own key(s) paused "
+                f"until their owners confirm the new host (they are emailed); {moved.resumed} key(s) given for "
+                f"{obj.origin} are used again.",
+                messages.WARNING,
+            )
 
     @admin.display(description="users' own keys", ordering="byok")
     def own_keys(self, obj: Provider) -> str:

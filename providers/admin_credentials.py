@@ -31,6 +31,7 @@ _SHOWN_FIELDS = (
     "created_at",
     "rotated_at",
     "updated_at",
+    "confirmed_origin",
 )
 
 
@@ -64,8 +65,9 @@ class ProviderCredentialAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_shown(self, obj: ProviderCredential) -> str:
-        """The status, with the provider's reason for refusing the key as its tooltip."""
-        return format_html('<span title="{}">{}</span>', obj.status_detail, CredentialStatus(obj.status).label)
+        """The status, with the provider's reason for refusing the key (or why it is paused) as its tooltip."""
+        label = "Paused" if obj.host_paused else CredentialStatus(obj.status).label
+        return format_html('<span title="{}">{}</span>', obj.shown_status_detail, label)
 
     @admin.action(description="Check selected keys again with their providers", permissions=["change"])
     def revalidate(self, request: HttpRequest, queryset: QuerySet[ProviderCredential]) -> None:

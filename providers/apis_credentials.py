@@ -25,10 +25,11 @@ from accounts.permissions import KEY_MANAGEMENT, KEY_MANAGEMENT_FORBIDDEN
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.text import has_lone_surrogate
 
-from .models import ByokMode, CredentialStatus, Provider, ProviderCredential
+from .models import CREDENTIAL_PAUSED, ByokMode, CredentialStatus, Provider, ProviderCredential
 from .services.credentials import (
     key_prefix,
     provider_credential_delete,
+    provider_credential_host_confirm,
     provider_credential_label_set,
     provider_credential_save,
     provider_credential_validate,
@@ -50,8 +51,21 @@ class ProviderCredentialOutputSerializer(serializers.Serializer):
     provider = serializers.CharField(source="provider.name", help_text="The provider's name.")
     label = serializers.CharField()
     hint = serializers.CharField(help_text="The visible start and end of the key (`sk-…abcd`); the key is never shown.")
-    status = serializers.ChoiceField(choices=CredentialStatus.choices)
-    status_detail = serializers.CharField(help_text="Why the provider refused the key, when it did.")
+    status = serializers.ChoiceField(
+        source="shown_status",
+        choices=[*CredentialStatus.choices, (CREDENTIAL_PAUSED, "Paused")],
+        help_text="`paused`: the administrator moved the provider to another host than the one you gave the key "
+        "for; it is not used until you confirm (`POST /api/provider-keys/{id}/confirm-host/`).",
+    )
+    status_detail = serializers.CharField(
+        source="shown_status_detail", help_text="Why the provider refused the key, or why it is paused."
+    )
+    confirmed_host = serializers.CharField(
+        source="confirmed_origin", help_text="The host (`scheme://host[:port]`) you agreed to send the key to."
+    )
+    provider_host = serializers.CharField(
+        source="provider.origin", help_text="The host the provider sends requests to now."
+    )
     last_validated_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     rotated_at = serializers.DateTimeField(allow_null=True, help_text="When the key was last replaced.")
@@ -250,6 +264,28 @@ class ProviderCredentialValidateApi(APIView):
     def post(self, request: Request, credential_id: int) -> Response:
         credential = _own_credential_or_404(request, credential_id)
         provider_credential_validate(credential=credential)
+        return Response(ProviderCredentialOutputSerializer(credential).data)
+
+
+class ProviderCredentialHostConfirmApi(APIView):
+    permission_classes = _OWN_KEYS
+
+    @extend_schema(
+        tags=_TAG,
+        operation_id="provider_keys_confirm_host",
+        summary="Let one of your provider keys go to the provider's new host",
+        description=(
+            "When the administrator moves a provider to another host, your key for it is paused (`status: "
+            "paused`): nothing is sent there. This confirms that the key may go to the host the provider uses now "
+            "(`provider_host`), which becomes its `confirmed_host`; the key is used again at once. Nothing is sent "
+            "to check it. A key not paused is answered as it is."
+        ),
+        request=None,
+        responses={200: ProviderCredentialOutputSerializer, **error_responses(401, 404), **_NOT_ALLOWED},
+    )
+    def post(self, request: Request, credential_id: int) -> Response:
+        credential = _own_credential_or_404(request, credential_id)
+        credential = provider_credential_host_confirm(credential=credential)
         return Response(ProviderCredentialOutputSerializer(credential).data)
 
 

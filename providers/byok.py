@@ -32,9 +32,9 @@ from .exceptions import (
     UserKeyRefusedError,
 )
 from .fields import Secret
-from .models import ByokMode, CredentialStatus, ProviderCredential
+from .models import ByokMode, CredentialStatus, ProviderCredential, url_origin
 from .services.credentials import provider_credential_invalid_notify
-from .types import ResolvedDeployment, ResolvedModel
+from .types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class UserCredential:
     provider_id: int
     api_key: Secret = field(repr=False)
     hint: str = ""
+    # The host its owner agreed to send it to (``ProviderCredential.confirmed_origin``): a provider moved
+    # elsewhere does not get it (``usable_credential``).
+    origin: str = ""
 
 
 # user id -> their usable keys by provider id. Invalidated per user by ``signals`` when a key is saved or
@@ -65,7 +68,9 @@ def _credentials_rows(user_id: int):
 
 
 def _credential(row: ProviderCredential) -> UserCredential:
-    return UserCredential(id=row.pk, provider_id=row.provider_id, api_key=row.api_key, hint=row.hint)
+    return UserCredential(
+        id=row.pk, provider_id=row.provider_id, api_key=row.api_key, hint=row.hint, origin=row.confirmed_origin
+    )
 
 
 async def _credentials_load(user_id: int) -> Mapping[int, UserCredential]:
@@ -78,6 +83,27 @@ def user_credentials_sync(user_id: int) -> Mapping[int, UserCredential]:
     return {row.provider_id: _credential(row) for row in _credentials_rows(user_id)}
 
 
+def usable_credential(provider: ProviderConfig, credentials: Mapping[int, UserCredential]) -> UserCredential | None:
+    """The user's key for ``provider`` when it may go where ``provider`` (this snapshot) sends requests: None
+    when they have none, or when the provider was moved to another host than the one they agreed to (the key
+    is paused until they confirm the new host). Compared with the very snapshot the request goes out on, so no
+    cache can send a key to a host its owner has not agreed to."""
+    credential = credentials.get(provider.id)
+    if credential is None or credential.origin != url_origin(provider.base_url):
+        return None
+    return credential
+
+
+def byok_paused(model: ResolvedModel, credentials: Mapping[int, UserCredential]) -> dict[str, UserCredential]:
+    """By provider name: the user's keys for ``model``'s providers that are paused (the provider moved to a host
+    they have not agreed to). Read only to word a refusal: "confirm yours", not "add one"."""
+    return {
+        d.provider.name: credentials[d.provider.id]
+        for d in model.deployments
+        if d.provider.id in credentials and usable_credential(d.provider, credentials) is None
+    }
+
+
 def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) -> ResolvedModel | None:
     """``target`` (bound to a deployment) on the user's own key when its provider allows one and the user
     has one; unchanged on the provider's key otherwise; None when the provider requires the user's own key
@@ -85,7 +111,7 @@ def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) 
     provider = target.provider
     if provider.byok == ByokMode.DISABLED:
         return target
-    credential = credentials.get(provider.id)
+    credential = usable_credential(provider, credentials)
     if credential is None:
         return None if provider.byok == ByokMode.REQUIRED else target
     bound = provider.on_user_key(credential.api_key, credential_id=credential.id, hint=credential.hint)
@@ -95,12 +121,14 @@ def byok_bind(target: ResolvedModel, credentials: Mapping[int, UserCredential]) 
 def byok_servable(deployment: ResolvedDeployment, credentials: Mapping[int, UserCredential]) -> bool:
     """Whether ``deployment`` can serve the user: its provider does not require their own key, or they have
     one (``byok_bind`` would not answer None); without building the bound snapshot."""
-    return deployment.provider.byok != ByokMode.REQUIRED or deployment.provider.id in credentials
+    provider = deployment.provider
+    return provider.byok != ByokMode.REQUIRED or usable_credential(provider, credentials) is not None
 
 
 def byok_on_own_key(deployment: ResolvedDeployment, credentials: Mapping[int, UserCredential]) -> bool:
     """Whether ``deployment`` would serve the user on their own key (``byok_bind`` would bind it to one)."""
-    return deployment.provider.byok != ByokMode.DISABLED and deployment.provider.id in credentials
+    provider = deployment.provider
+    return provider.byok != ByokMode.DISABLED and usable_credential(provider, credentials) is not None
 
 
 def byok_only(models: Iterable[ResolvedModel], credentials: Mapping[int, UserCredential] | None) -> bool:
@@ -266,7 +294,7 @@ def byok_missing(model: ResolvedModel, credentials: Mapping[int, UserCredential]
         {
             d.provider.name
             for d in model.deployments
-            if d.provider.byok == ByokMode.REQUIRED and d.provider.id not in credentials
+            if d.provider.byok == ByokMode.REQUIRED and usable_credential(d.provider, credentials) is None
         }
     )
 

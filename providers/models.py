@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -24,6 +25,25 @@ class ProviderKind(models.TextChoices):
     MISTRAL = "mistral", "Mistral"
     GEMINI = "gemini", "Google Gemini"
     COHERE = "cohere", "Cohere"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_origin(url: str) -> str:
+    """The host a URL sends to, ``scheme://host[:port]`` (lower case, the scheme's default port left out):
+    what a user agrees to send their own key to. A path on the same host is the same origin."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if not scheme or not host:
+        return ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{scheme}://{host}" + (f":{port}" if port and port != _DEFAULT_PORTS.get(scheme) else "")
 
 
 # Where each kind lives when the admin leaves the base URL empty.
@@ -110,6 +130,11 @@ class Provider(models.Model):
     @property
     def effective_base_url(self) -> str:
         return self.base_url or DEFAULT_BASE_URLS.get(self.kind, "")
+
+    @property
+    def origin(self) -> str:
+        """The host its requests go to (``url_origin``): users' own keys go only where their owners agreed."""
+        return url_origin(self.effective_base_url)
 
     def clean(self) -> None:
         from .validators import validate_provider_url
@@ -464,6 +489,10 @@ class CredentialStatus(models.TextChoices):
     INVALID = "invalid", "Invalid"
 
 
+# Shown (never stored) instead of the status while the provider points elsewhere than the key's owner agreed.
+CREDENTIAL_PAUSED = "paused"
+
+
 class ProviderCredential(models.Model):
     """A user's own API key for a provider (bring your own key): used instead of the provider's key for that
     user's requests to the provider's deployments, when the provider allows it (``Provider.byok``)."""
@@ -485,6 +514,16 @@ class ProviderCredential(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     rotated_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+    confirmed_origin = models.CharField(
+        max_length=300,
+        blank=True,
+        # The previous release's code, during a rolling deploy, adds keys without naming it: such a key agreed to
+        # no host yet, so it stays paused until its owner confirms one.
+        db_default="",
+        default="",  # new code fills it in save() from the provider
+        help_text="The host (scheme://host:port) its owner agreed to send it to: the provider's when the key was "
+        "saved, or the one they confirmed. While the provider points elsewhere, the key is paused (not used).",
+    )
 
     class Meta:
         ordering = ["owner_id", "provider__name"]
@@ -494,6 +533,37 @@ class ProviderCredential(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider.name} key {self.hint or '…'} of user {self.owner_id}"
+
+    def save(self, *args, **kwargs) -> None:
+        # A key saved without a host agreed (a new row) is agreed for the provider's host of now.
+        if not self.confirmed_origin and self.provider_id is not None:
+            self.confirmed_origin = self.provider.origin
+            if kwargs.get("update_fields") is not None:
+                kwargs["update_fields"] = {*kwargs["update_fields"], "confirmed_origin"}
+        super().save(*args, **kwargs)
+
+    @property
+    def host_paused(self) -> bool:
+        """Whether the provider now sends elsewhere than its owner agreed: the key is then not used."""
+        return self.confirmed_origin != self.provider.origin
+
+    @property
+    def shown_status(self) -> str:
+        return CREDENTIAL_PAUSED if self.host_paused else self.status
+
+    @property
+    def shown_status_detail(self) -> str:
+        if self.host_paused:
+            return host_moved_detail(self.provider.name, self.confirmed_origin, self.provider.origin)
+        return self.status_detail
+
+
+def host_moved_detail(provider: str, agreed: str, now: str) -> str:
+    """Why a key is paused, in the words its owner sees on the page, the API, the email and a 403."""
+    return (
+        f"The administrator moved the provider {provider} from {agreed or 'its former host'} to {now}: your key is "
+        f"not used until you confirm it may be sent to {now}."
+    )
 
 
 class ModerationChecker(models.TextChoices):

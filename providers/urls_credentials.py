@@ -13,4 +13,9 @@ urlpatterns = [
     path(
         "<int:credential_id>/validate/", apis.ProviderCredentialValidateApi.as_view(), name="api-provider-key-validate"
     ),
+    path(
+        "<int:credential_id>/confirm-host/",
+        apis.ProviderCredentialHostConfirmApi.as_view(),
+        name="api-provider-key-confirm-host",
+    ),
 ]

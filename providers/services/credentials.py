@@ -41,7 +41,7 @@ from ..exceptions import (
     ProviderRateLimitError,
 )
 from ..fields import Secret
-from ..models import ByokMode, CredentialStatus, Provider, ProviderCredential, ProviderKind
+from ..models import ByokMode, CredentialStatus, Provider, ProviderCredential, ProviderKind, host_moved_detail
 from ..selectors import provider_config
 from ..types import ProviderConfig
 
@@ -71,6 +71,14 @@ class ProviderKeyNotAcceptedError(ApplicationError):
 
     status_code = 400
     code = "provider_key_not_accepted"
+
+
+class ProviderKeyPausedError(ApplicationError):
+    """The key's provider was moved to a host its owner has not agreed to: nothing is sent there until they do."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "provider_key_paused"
 
 
 class ProviderKeyUncheckedError(ApplicationError):
@@ -243,6 +251,7 @@ def _credential_store(*, owner, provider: Provider, secret: Secret, label: str) 
             hint=secret.hint,
             status=CredentialStatus.VALID,
             last_validated_at=now,
+            confirmed_origin=provider.origin,  # the host it was just checked at, and given for
         )
         credential.save(force_insert=True)
         audit_record(
@@ -261,6 +270,7 @@ def _credential_store(*, owner, provider: Provider, secret: Secret, label: str) 
     credential.invalid_notice_due = False  # about the key replaced
     credential.last_validated_at = now
     credential.rotated_at = now
+    credential.confirmed_origin = provider.origin  # a key given again is given for where the provider is now
     credential.save()
     changes = {"api_key": [True, True]}
     changes.update(
@@ -310,6 +320,8 @@ def provider_credential_revalidate(*, credential: ProviderCredential) -> Revalid
     invalid (whose owner is then to be told)."""
     provider = credential.provider
     _not_accepted_check(provider)
+    if credential.host_paused:
+        raise ProviderKeyPausedError(credential.shown_status_detail)
     checked_key = credential.api_key
     check = key_live_check(provider=provider, api_key=checked_key, credential_id=credential.pk)
     return _revalidation_record(credential=credential, checked_key=checked_key, check=check)
@@ -343,6 +355,83 @@ def _revalidation_record(*, credential: ProviderCredential, checked_key: Secret,
     for field in fields:
         setattr(credential, field, getattr(current, field))
     return Revalidation(check.ok, turned_invalid)
+
+
+@transaction.atomic
+def provider_credential_host_confirm(*, credential: ProviderCredential) -> ProviderCredential:
+    """The owner agrees that their key may go where its provider sends requests now: a key paused by the
+    provider's move to another host is used again (audited as ``provider_key.host_confirm``)."""
+    current = ProviderCredential.objects.select_for_update().select_related("provider").get(pk=credential.pk)
+    origin = current.provider.origin
+    if current.confirmed_origin != origin:
+        audit_record(
+            "provider_key.host_confirm",
+            target=current,
+            changes={"confirmed_host": [current.confirmed_origin, origin]},
+        )
+        current.confirmed_origin = origin
+        # ``save``: the signal drops the owner's cached keys (everywhere, through the broadcast).
+        current.save(update_fields=["confirmed_origin", "updated_at"])
+    return current
+
+
+@dataclass(frozen=True, slots=True)
+class HostChange:
+    paused: int  # keys agreed for the former host: not used until their owners confirm the new one
+    resumed: int  # keys agreed for the new host already (it was moved back): used again, unasked
+
+
+def provider_host_change_record(*, provider: Provider, old_origin: str) -> HostChange:
+    """After ``provider`` was moved from ``old_origin`` to another host: count the users' keys this pauses and
+    resumes, audit it (``provider.host_change``), and tell each owner whose key it pauses by email, once (at
+    this move). The keys themselves need no write: a key is used only where its ``confirmed_origin`` is the
+    provider's host (``providers.byok.usable_credential``)."""
+    new_origin = provider.origin
+    if new_origin == old_origin:
+        return HostChange(0, 0)
+    keys = ProviderCredential.objects.filter(provider=provider)
+    paused = list(keys.filter(confirmed_origin=old_origin).select_related("owner", "provider"))
+    resumed = keys.filter(confirmed_origin=new_origin).count()
+    audit_record(
+        "provider.host_change",
+        target=provider,
+        changes={"host": [old_origin, new_origin], "keys_paused": [None, len(paused)], "keys_resumed": [None, resumed]},
+    )
+    for credential in paused:
+        transaction.on_commit(lambda c=credential: _host_moved_notify_logged(c, old_origin, new_origin))
+    return HostChange(len(paused), resumed)
+
+
+def _host_moved_notify_logged(credential: ProviderCredential, old_origin: str, new_origin: str) -> None:
+    try:
+        provider_credential_host_moved_notify(credential=credential, old_origin=old_origin, new_origin=new_origin)
+    except Exception:
+        # The key is paused either way (the page and the API show it); only the email is lost.
+        logger.exception("the owner of provider key %s could not be emailed about its pause", credential.pk)
+
+
+def provider_credential_host_moved_notify(*, credential: ProviderCredential, old_origin: str, new_origin: str) -> bool:
+    """Tell the key's owner by email that their key is paused: its provider now sends requests to another host
+    than the one they gave it for. False when they have no address."""
+    owner = credential.owner
+    if not owner.email:
+        return False
+    provider = credential.provider.name
+    label = f" ({credential.label})" if credential.label else ""
+    send_mail(
+        subject=f"[llmhub] Your {provider} API key {credential.hint} is paused: the provider moved",
+        message=(
+            f"Hello {owner.get_username()},\n\n"
+            f"Your own API key {credential.hint}{label} for the provider {provider} is paused.\n"
+            f"{host_moved_detail(provider, old_origin, new_origin)}\n\n"
+            "Until you confirm, your requests to this provider use the platform's key where it allows that, and "
+            "are refused where it requires your own key. Confirm the new host, or delete the key, on the Provider "
+            "keys page (/provider-keys/) or with POST /api/provider-keys/{id}/confirm-host/.\n"
+        ),
+        from_email=None,
+        recipient_list=[owner.email],
+    )
+    return True
 
 
 def provider_credential_invalid_notify(*, credential: ProviderCredential) -> bool:
@@ -455,6 +544,8 @@ def _credential_for_check(credential_id: int) -> ProviderCredential | None:
     began (such a key is sent nowhere)."""
     credential = ProviderCredential.objects.select_related("provider", "owner").filter(pk=credential_id).first()
     if credential is None or not credential.provider.enabled or credential.provider.byok == ByokMode.DISABLED:
+        return None
+    if credential.host_paused:  # the provider was moved to a host its owner has not agreed to
         return None
     return credential
 

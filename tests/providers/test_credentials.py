@@ -25,6 +25,7 @@ from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
 from providers.services.credentials import (
     provider_credential_delete,
+    provider_credential_host_confirm,
     provider_credential_save,
     provider_credential_validate,
 )
@@ -45,6 +46,8 @@ OUTPUT_FIELDS = {
     "last_validated_at",
     "created_at",
     "rotated_at",
+    "confirmed_host",
+    "provider_host",
 }
 
 
@@ -422,6 +425,7 @@ def test_revalidation_of_an_unreachable_provider_leaves_the_status_as_it_was(cli
     credential = provider_credential_save(owner=alice, provider=provider, api_key=key)
     provider.base_url = f"http://127.0.0.1:{free_port()}/v1"
     provider.save()
+    provider_credential_host_confirm(credential=credential)  # else paused there, and not sent (test_byok_host.py)
 
     error = error_of(client.post(f"/api/provider-keys/{credential.pk}/validate/"), 502)
 

@@ -18,7 +18,7 @@ from playwright.async_api import Page, expect
 from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.fields import Secret
 from providers.models import ByokMode, CredentialStatus, ProviderCredential, ProviderKind
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, free_port
 from tests.factories import ProviderFactory, UserFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -218,4 +218,33 @@ async def test_with_no_provider_taking_own_keys_the_page_says_so(live_site, brow
 
     await expect(page.locator("#no-providers")).to_be_visible()
     await expect(page.get_by_role("button", name="Save key", exact=True)).to_be_disabled()
+    await page.close()
+
+
+async def test_a_key_paused_by_the_providers_move_is_shown_and_confirmed_with_its_button(
+    live_site, browser, provider, upstream, user
+):
+    page = await browser.new_page(viewport={"width": 1280, "height": 760})
+    page.on("dialog", lambda dialog: dialog.accept())
+    await sign_in_to_provider_keys(page, live_site)
+    await save_key(page, FIRST_KEY)
+    row = page.locator("#keys-body tr", has_text="byo-openai")
+    await expect(row.locator(".status")).to_have_text("Valid", timeout=30_000)
+
+    # The administrator points the provider at another host (another port).
+    moved = f"http://127.0.0.1:{free_port()}"
+    provider.base_url = moved + "/v1"
+    await sync_to_async(provider.save)()
+    await page.reload()
+
+    await expect(row.locator(".status")).to_have_text("Paused", timeout=30_000)
+    await expect(row.locator(".status-detail")).to_contain_text(
+        f"moved the provider byo-openai from {upstream.base_url}"
+    )
+    await row.get_by_role("button", name=f"Confirm that your byo-openai key may be sent to {moved}").click()
+
+    await expect(row.locator(".status")).to_have_text("Valid", timeout=30_000)
+    await expect(row.get_by_role("button", name=re.compile("Confirm that"))).to_have_count(0)
+    assert (await stored(user)).confirmed_origin == moved
+    await assert_no_key_in_page(page, FIRST_KEY)
     await page.close()

@@ -18,7 +18,7 @@
   const listError = $("keys-error");
   const noProviders = $("no-providers");
 
-  const STATUS_LABELS = { valid: "Valid", invalid: "Invalid", unchecked: "Unchecked" };
+  const STATUS_LABELS = { valid: "Valid", invalid: "Invalid", unchecked: "Unchecked", paused: "Paused" };
   const MODE_NOTES = {
     optional: "Your key is used for your requests to this provider when you have one; the platform's otherwise.",
     required: "Only users with their own key may use this provider's models.",
@@ -97,6 +97,17 @@
     const actions = document.createElement("td");
     const group = document.createElement("div");
     group.className = "key-actions";
+    if (key.status === "paused") {
+      // The provider was moved to another host: the key goes there only once its owner says so.
+      group.append(
+        button(
+          `Use at ${key.provider_host}`,
+          `Confirm that your ${key.provider} key may be sent to ${key.provider_host}`,
+          "btn-primary",
+          (element) => confirmHost(key, element),
+        ),
+      );
+    }
     group.append(
       button("Replace", `Replace your ${key.provider} key`, "", () => startReplace(key)),
       button("Check again", `Check your ${key.provider} key again`, "", (element) => validateKey(key, element)),
@@ -187,6 +198,20 @@
       problem = error.message;
     }
     await loadKeys(); // redraws the row with its new status (and its button enabled again)
+    if (problem) showListError(problem);
+  }
+
+  async function confirmHost(key, element) {
+    const question = `Send your ${key.provider} key ${key.hint} to ${key.provider_host} from now on? You gave it for ${key.confirmed_host || "the provider's former host"}.`;
+    if (!window.confirm(question)) return;
+    element.disabled = true;
+    let problem = "";
+    try {
+      await api(`/api/provider-keys/${key.id}/confirm-host/`, { method: "POST" });
+    } catch (error) {
+      problem = error.message;
+    }
+    await loadKeys();
     if (problem) showListError(problem);
   }
 
