@@ -42,10 +42,17 @@ class RateLimitExceededError(ApplicationError):
     code = "rate_limit_exceeded"
 
     def __init__(
-        self, message: str, *, retry_after: float | None = None, headers: dict[str, str] | None = None, **kwargs: Any
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        retry_after_ms: int | None = None,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
         self.extra["headers"] = headers or {}
 
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -1039,6 +1040,7 @@ class CompletionRun:
                 provider="",
             )
             error.retry_after = max(1.0, min(waits))
+            error.retry_after_ms = math.ceil(round(min(waits) * 1000, 3))  # exactly, under a second too
             raise error
         raise NoDeploymentAvailableError(
             f"No deployment of the model `{self.model.name}` is available right now (every one is failing and "

@@ -32,12 +32,16 @@ def json_response(payload: Any, *, status: int = 200) -> HttpResponse:
 
 def error_headers(exc: ApplicationError) -> dict[str, str]:
     """The headers an answer refusing with ``exc`` carries, whatever its protocol: ``Retry-After`` (whole
-    seconds, rounded up, at least 1: a client retrying after it must not come back before the time) when the
-    error knows when to come back, and those it brought in ``extra`` (``x-ratelimit-*``)."""
+    seconds, rounded up, at least 1: a client retrying after it must not come back before the time) and
+    ``retry-after-ms`` (the exact wait, ``exc.retry_after_ms`` or ``retry_after`` in milliseconds, which the
+    openai and anthropic SDKs prefer) when the error knows when to come back, and those it brought in
+    ``extra`` (``x-ratelimit-*``)."""
     headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        exact_ms = getattr(exc, "retry_after_ms", None)
+        headers["retry-after-ms"] = str(exact_ms if exact_ms is not None else math.ceil(round(retry_after * 1000, 3)))
     headers.update(exc.extra.get("headers") or {})
     return headers
 

@@ -18,12 +18,14 @@ class ApplicationError(Exception):
     """A failure of ours that a client should see as a clear message (HackSoft's ApplicationError).
 
     ``status_code``, ``error_type`` and ``code`` are what OpenAI's error shape says; a subclass that knows
-    when to come back sets ``retry_after`` (seconds, the ``Retry-After`` header), and headers the answer
-    must carry go in ``extra["headers"]``."""
+    when to come back sets ``retry_after`` (seconds, the ``Retry-After`` header; ``retry_after_ms`` when it knows
+    the wait more exactly than in whole seconds, the ``retry-after-ms`` header), and headers the answer must
+    carry go in ``extra["headers"]``."""
 
     status_code = 400
     error_type = "invalid_request_error"
     code: str | None = None
+    retry_after_ms: int | None = None
 
     def __init__(
         self,

@@ -95,7 +95,11 @@ def _errors(*status_codes: int) -> dict[str, Any]:
         responses[str(status)] = {"description": ERROR_DESCRIPTIONS[status], "content": _json("ErrorResponse")}
     if 429 in status_codes:
         responses["429"]["headers"] = {
-            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}},
+            "retry-after-ms": {
+                "description": "The same wait, exactly, in milliseconds (the openai and anthropic SDKs prefer it).",
+                "schema": {"type": "integer"},
+            },
         }
     return responses
 

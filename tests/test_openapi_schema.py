@@ -206,6 +206,7 @@ def test_chat_completions_uses_openais_schemas(schema):
     assert ok["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/CreateChatCompletionStreamResponse"}
     assert {"400", "401", "403", "404", "413", "429", "502", "503", "504"} <= set(operation["responses"])
     assert "Retry-After" in operation["responses"]["429"]["headers"]
+    assert "retry-after-ms" in operation["responses"]["429"]["headers"]
     assert {"bearerAuth": []} in operation["security"]
     assert schema["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http",

@@ -143,7 +143,9 @@ def rate_limit_error(
     headers = _headers_for(name, WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms))
     if retry_after is None:
         headers.update(NO_RETRY)  # no wait lifts it: the SDKs would send it again twice for the same answer
-    return RateLimitExceededError(message, retry_after=retry_after, headers=headers)
+    return RateLimitExceededError(
+        message, retry_after=retry_after, retry_after_ms=retry_ms if retry_after else None, headers=headers
+    )
 
 
 def refusal_latest(refusals: Sequence[dict]) -> dict:

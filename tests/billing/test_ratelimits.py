@@ -272,3 +272,37 @@ async def test_a_limit_of_zero_says_no_request_passes_rather_than_when_to_try_ag
     assert message.startswith(f"This API key admits no {dimension}: its limit is 0 {dimension} per minute."), message
     assert "try again" not in message and "Lower max_tokens" not in message
     assert refused.value.retry_after is None  # no Retry-After: the SDK would wait a minute before each retry
+
+
+async def test_a_429_carries_the_exact_wait_in_retry_after_ms(store, account):
+    """The openai and anthropic SDKs wait ``retry-after-ms`` when it is there; ``Retry-After`` alone, in whole
+    seconds rounded up, made them wait up to a second longer than the window needed."""
+    from core.errors import error_headers
+
+    rates = (RateSpec("key", account["key"].pk, rpm=1, tpm=None),)
+    charge = Charge(Decimal(0), Decimal(0), 1, 1, 0, 1)
+    now = timezone.now()
+    await admission_store().acquire(request_id="e0", counters=(), rates=rates, charge=charge, now=now)
+    with pytest.raises(RateLimitExceededError) as refused:
+        await admission_store().acquire(
+            request_id="e1", counters=(), rates=rates, charge=charge, now=now + timedelta(seconds=59.75)
+        )
+    headers = error_headers(refused.value)
+    assert (headers["Retry-After"], headers["retry-after-ms"]) == ("1", "250")
+    assert headers["x-ratelimit-reset-requests"] == "250ms"
+
+
+def test_every_answer_with_retry_after_carries_retry_after_ms():
+    """An upstream's own wait passed on, a server shutting down, the database down: the same wait in ms."""
+    from chat.pipeline import ServerShuttingDownError
+    from core.errors import error_headers
+    from core.exceptions import DatabaseUnavailableError
+    from providers.exceptions import ProviderRateLimitError
+
+    upstream = ProviderRateLimitError("slow down", provider="fake", retry_after=1.5)
+    assert error_headers(upstream)["Retry-After"] == "2"
+    assert error_headers(upstream)["retry-after-ms"] == "1500"
+    shutdown = error_headers(ServerShuttingDownError())
+    assert (shutdown["Retry-After"], shutdown["retry-after-ms"]) == ("5", "5000")
+    database = error_headers(DatabaseUnavailableError())
+    assert database["retry-after-ms"] == str(round(float(django_settings.LLMHUB_DATABASE_RETRY_AFTER) * 1000))

@@ -94,3 +94,18 @@ def test_a_client_retrying_after_the_caps_retry_after_is_served(site):
 
         clock.shift(int(capped.headers["retry-after"]))
         assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_the_caps_429_says_a_wait_under_a_second_exactly_in_retry_after_ms(site):
+    """Retry-After cannot say less than a second; retry-after-ms, which the SDKs wait instead, says 400 ms."""
+    client, routed = site
+    Deployment.objects.filter(model=routed).update(rpm_limit=1)
+    with time_machine.travel(datetime(2026, 12, 1, 12, 0, 59, 600_000, tzinfo=UTC), tick=False) as clock:
+        assert sorted(served_by(client, 2)) == ["east", "west"]
+        body = {"model": "routed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+        capped = client.post("/v1/chat/completions", json=body)
+        assert capped.status_code == 429
+        assert (capped.headers["retry-after"], capped.headers["retry-after-ms"]) == ("1", "400")
+
+        clock.shift(int(capped.headers["retry-after-ms"]) / 1000)
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
