@@ -59,6 +59,9 @@ _MAX_PAGE = 1000
 def _answer(response: HttpResponse, request_id: str, started: float, run: CompletionRun | None = None) -> HttpResponse:
     # Anthropic's SDK reads the request id from `request-id`; ours also goes out as `x-request-id`.
     response["request-id"] = request_id
+    if run is not None:  # the rate limits it was admitted under, in Anthropic's names besides OpenAI's
+        for name, value in run.admission.anthropic_headers.items():
+            response[name] = value
     return response_stamp(response, request_id, started, run)
 
 

@@ -118,8 +118,11 @@ def anthropic_error_for(exc: ApplicationError) -> tuple[int, dict[str, Any]]:
 
 
 def anthropic_error_response(exc: ApplicationError) -> HttpResponse:
+    """Besides ``error_headers``, a refusal that brought Anthropic's own names for them
+    (``extra["anthropic_headers"]``: ``anthropic-ratelimit-*``) carries those too."""
     status, body = anthropic_error_for(exc)
-    return _with_headers(json_response(body, status=status), error_headers(exc))
+    headers = {**error_headers(exc), **(exc.extra.get("anthropic_headers") or {})}
+    return _with_headers(json_response(body, status=status), headers)
 
 
 def anthropic_error_event(exc: ApplicationError) -> bytes:

@@ -33,10 +33,10 @@ from ..models import BudgetMetric, ScopeKind
 from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
 from .alerts import Crossing, budget_alerts_raise, budget_crossings
 from .budgets import CounterRef, CounterSpec, charge_for, counter_specs
-from .counters import Moved, admission_store, reservation_settle_if_held
+from .counters import Moved, _ms, admission_store, reservation_settle_if_held
 from .inflight import held_written, instance_id
 from .keys import MAX_KEY_DEPTH
-from .ratelimits import RateSpec, rate_specs, ratelimit_headers
+from .ratelimits import RateSpec, anthropic_ratelimit_headers, rate_specs, ratelimit_headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,7 @@ class Admission:
     reserved_cost: Decimal = Decimal("0")  # reserved against USD budgets; 0 when none applies
     max_tokens: int | None = None  # the clamp to send upstream when the request set none and a budget applies
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* for the client
+    anthropic_headers: dict[str, str] = field(default_factory=dict)  # anthropic-ratelimit-*, on /v1/messages
     handle: Any = None  # _Held, or None when nothing was held
     byok_counts_against_budget: bool = False  # the plan counts spend on the user's own provider keys
 
@@ -160,6 +161,7 @@ async def admission_acquire(
     if charge.requested_max_tokens is None:
         admission.max_tokens = outcome.reserved.max_tokens
     admission.headers = ratelimit_headers(outcome.rate_states)
+    admission.anthropic_headers = anthropic_ratelimit_headers(outcome.rate_states, now_ms=_ms(now))
     admission.handle = _Held(counters=counters, rates=rates, instance=instance_id())
     return admission
 

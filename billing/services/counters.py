@@ -227,6 +227,7 @@ class RedisCounterStore:
                 used=int(reply[4]),
                 requested=int(reply[5]),
                 retry_after_ms=int(reply[6]),
+                now_ms=_ms(now),
             )
         values = [int(v) for v in reply[1:]]
         reserved = Reserved(max_tokens=values[0], cost=Decimal(values[1]) * COST_QUANTUM, tokens=values[2])

@@ -9,7 +9,10 @@ the same script as the budgets (``redis_scripts/admission_acquire.lua``); withou
 Tokens are counted as the prompt's upper bound plus the client's max_tokens when admitted (the prompt alone
 when it set none: ``budgets.window_tokens``), then corrected to what the request really used when it
 settles. The x-ratelimit-* headers follow OpenAI's names and duration format; ``reset`` is the time until
-the window's oldest entry leaves it, i.e. until ``remaining`` rises.
+the window's oldest entry leaves it, i.e. until ``remaining`` rises. The Messages API's answers also carry
+Anthropic's names (``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``), whose ``reset`` is that
+moment as an RFC 3339 time. The tokens window counts input and output together: there are no
+``input-tokens``/``output-tokens`` headers, as no limit of ours splits them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from ..exceptions import NO_RETRY, RateLimitExceededError
 from ..models import ScopeKind
@@ -100,18 +104,46 @@ def _headers_for(name: str, state: WindowState) -> dict[str, str]:
     }
 
 
+def format_reset_at(epoch_ms: int) -> str:
+    """Anthropic's reset format: an RFC 3339 time in UTC, to the millisecond ("2026-12-05T12:01:00.250Z")."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _anthropic_headers_for(name: str, state: WindowState, now_ms: int) -> dict[str, str]:
+    return {
+        f"anthropic-ratelimit-{name}-limit": str(state.limit),
+        f"anthropic-ratelimit-{name}-remaining": str(max(state.remaining, 0)),
+        f"anthropic-ratelimit-{name}-reset": format_reset_at(now_ms + max(state.reset_ms, 0)),
+    }
+
+
+def _tightest(states: Sequence[RateState], name: str) -> WindowState | None:
+    """Of one dimension's windows, the scope with the least room left: the one the client must respect."""
+    windows = [getattr(state, name) for state in states if getattr(state, name) is not None]
+    return min(windows, key=lambda w: (w.remaining, -w.reset_ms)) if windows else None
+
+
 def ratelimit_headers(states: Sequence[RateState]) -> dict[str, str]:
-    """Per dimension, the scope with the least room left is the one the client must respect."""
+    """OpenAI's x-ratelimit-* headers, per dimension for the scope with the least room left."""
     headers: dict[str, str] = {}
     for name in ("requests", "tokens"):
-        windows = [getattr(state, name) for state in states if getattr(state, name) is not None]
-        if windows:
-            headers.update(_headers_for(name, min(windows, key=lambda w: (w.remaining, -w.reset_ms))))
+        if (window := _tightest(states, name)) is not None:
+            headers.update(_headers_for(name, window))
+    return headers
+
+
+def anthropic_ratelimit_headers(states: Sequence[RateState], *, now_ms: int) -> dict[str, str]:
+    """Anthropic's anthropic-ratelimit-* headers for the same windows, admitted at ``now_ms``."""
+    headers: dict[str, str] = {}
+    for name in ("requests", "tokens"):
+        if (window := _tightest(states, name)) is not None:
+            headers.update(_anthropic_headers_for(name, window, now_ms))
     return headers
 
 
 def rate_limit_error(
-    spec: RateSpec, *, dimension: str, limit: int, used: int, requested: int, retry_after_ms: int
+    spec: RateSpec, *, dimension: str, limit: int, used: int, requested: int, retry_after_ms: int, now_ms: int
 ) -> RateLimitExceededError:
     """``retry_after_ms`` < 0: the request alone is more than the limit and can never be admitted. A refusal
     that no wait can lift (that, or a limit of 0) carries no ``Retry-After``, as an exhausted budget's does:
@@ -140,12 +172,15 @@ def rate_limit_error(
             f"Rate limit reached for {name} per minute on {spec.where}: limit {limit:,}, used {used:,}, "
             f"requested {requested:,}. Please try again in {format_reset(retry_ms)}."
         )
-    headers = _headers_for(name, WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms))
+    window = WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms)
+    headers = _headers_for(name, window)
     if retry_after is None:
         headers.update(NO_RETRY)  # no wait lifts it: the SDKs would send it again twice for the same answer
-    return RateLimitExceededError(
+    error = RateLimitExceededError(
         message, retry_after=retry_after, retry_after_ms=retry_ms if retry_after else None, headers=headers
     )
+    error.extra["anthropic_headers"] = _anthropic_headers_for(name, window, now_ms)
+    return error
 
 
 def refusal_latest(refusals: Sequence[dict]) -> dict:
@@ -235,7 +270,7 @@ class LocalRateLimiter:
                         )
             if refusals:
                 refusal = refusal_latest(refusals)
-                raise rate_limit_error(refusal.pop("spec"), **refusal)
+                raise rate_limit_error(refusal.pop("spec"), **refusal, now_ms=now_ms)
             states = []
             for spec in specs:
                 requests = tokens_state = None

@@ -254,6 +254,7 @@ def test_retry_after_never_exceeds_the_window():
         used=30,
         requested=1,
         retry_after_ms=60_004,
+        now_ms=0,
     )
     assert error.retry_after == 60
     assert error.extra["headers"]["x-ratelimit-reset-requests"] == "1m0s"
@@ -306,3 +307,41 @@ def test_every_answer_with_retry_after_carries_retry_after_ms():
     assert (shutdown["Retry-After"], shutdown["retry-after-ms"]) == ("5", "5000")
     database = error_headers(DatabaseUnavailableError())
     assert database["retry-after-ms"] == str(round(float(django_settings.LLMHUB_DATABASE_RETRY_AFTER) * 1000))
+
+
+async def test_anthropics_reset_is_the_moment_the_next_request_is_admitted(store, account, period_clock):
+    """``anthropic-ratelimit-*-reset`` is an RFC 3339 time: the moment the window lets the next request in. A
+    request a millisecond before it is refused (and told the same moment), one at it is admitted."""
+    import time_machine
+
+    from billing.services.ratelimits import format_reset_at
+
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, rpm=2, tpm=1000)
+    first = await acquire(account, "a0", prompt_upper=30, max_tokens=20)
+    reset_at = format_reset_at(int(period_clock.timestamp() * 1000) + 60_000)
+    assert first.anthropic_headers == {
+        "anthropic-ratelimit-requests-limit": "2",
+        "anthropic-ratelimit-requests-remaining": "1",
+        "anthropic-ratelimit-requests-reset": reset_at,
+        "anthropic-ratelimit-tokens-limit": "1000",
+        "anthropic-ratelimit-tokens-remaining": "950",
+        "anthropic-ratelimit-tokens-reset": reset_at,
+    }
+    assert reset_at == (period_clock + timedelta(minutes=1)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    with time_machine.travel(period_clock + timedelta(seconds=20), tick=False):
+        second = await acquire(account, "a1", prompt_upper=30, max_tokens=20)
+    assert second.anthropic_headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert second.anthropic_headers["anthropic-ratelimit-requests-reset"] == reset_at  # when a0 leaves the window
+    assert "anthropic-ratelimit-requests-limit" not in second.headers  # OpenAI's names stay OpenAI's alone
+
+    with time_machine.travel(period_clock + timedelta(seconds=59.999), tick=False):
+        with pytest.raises(RateLimitExceededError) as refused:
+            await acquire(account, "a2", prompt_upper=30, max_tokens=20)
+    assert refused.value.extra["anthropic_headers"] == {
+        "anthropic-ratelimit-requests-limit": "2",
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": reset_at,
+    }
+    with time_machine.travel(period_clock + timedelta(seconds=60), tick=False):
+        third = await acquire(account, "a3", prompt_upper=30, max_tokens=20)
+    assert third.anthropic_headers["anthropic-ratelimit-requests-remaining"] == "0"  # a1 and a3 in the window

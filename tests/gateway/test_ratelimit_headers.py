@@ -1,11 +1,13 @@
 """The rate-limit headers the official SDKs and dashboards read, over the live server: ``retry-after-ms``,
-which both SDKs wait rather than ``Retry-After``'s whole seconds."""
+which both SDKs wait rather than ``Retry-After``'s whole seconds, and Anthropic's ``anthropic-ratelimit-*`` on
+the Messages API."""
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -45,3 +47,43 @@ def test_the_openai_sdk_waits_the_exact_retry_after_ms_of_a_requests_per_minute_
     assert refused["x-ratelimit-reset-requests"] == f"{wait_ms}ms"
     # The SDK's own decision: it waited the milliseconds, not Retry-After's whole second.
     assert f"Retrying request in {wait_ms / 1000:f} seconds" in caplog.text
+
+
+def test_the_messages_api_answers_carry_anthropics_rate_limit_headers(gateway):
+    """A 200, a stream and a 429 on /v1/messages, as the anthropic SDK's raw responses show them."""
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=2, tpm=10_000)
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    reset_at = "2026-12-05T12:01:00.000Z"  # a minute after the first request, when its slot frees
+    with time_machine.travel(datetime(2026, 12, 5, 12, 0, tzinfo=UTC), tick=False):
+        answered = client.messages.with_raw_response.create(model="claude-test", max_tokens=5, messages=HELLO)
+        with client.messages.stream(model="claude-test", max_tokens=5, messages=HELLO) as stream:
+            stream.until_done()
+            streamed = stream.response.headers
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            client.messages.create(model="claude-test", max_tokens=5, messages=HELLO)
+
+    headers = answered.headers
+    assert headers["anthropic-ratelimit-requests-limit"] == "2"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "1"
+    assert headers["anthropic-ratelimit-requests-reset"] == reset_at
+    assert headers["anthropic-ratelimit-tokens-limit"] == "10000"
+    assert int(headers["anthropic-ratelimit-tokens-remaining"]) < 10_000
+    assert headers["anthropic-ratelimit-tokens-reset"] == reset_at
+    assert headers["x-ratelimit-remaining-requests"] == "1"  # OpenAI's names as well
+    # Our tokens-per-minute limit counts input and output together: no input/output split is invented.
+    assert not [
+        name for name in headers if name.startswith(("anthropic-ratelimit-input", "anthropic-ratelimit-output"))
+    ]
+    assert streamed["anthropic-ratelimit-requests-remaining"] == "0"
+    assert streamed["anthropic-ratelimit-requests-reset"] == reset_at
+    limited = refused.value.response.headers
+    assert limited["anthropic-ratelimit-requests-remaining"] == "0"
+    assert limited["anthropic-ratelimit-requests-reset"] == reset_at
+    assert limited["retry-after-ms"] == "60000"
+
+
+def test_chat_completions_keep_openais_names_alone(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=2)
+    answered = gateway.client().chat.completions.with_raw_response.create(model="gpt-test", messages=HELLO)
+    assert answered.headers["x-ratelimit-remaining-requests"] == "1"
+    assert not [name for name in answered.headers if name.startswith("anthropic-ratelimit")]
