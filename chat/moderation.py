@@ -554,6 +554,11 @@ class _ChoiceGuard:
         self.moderation.found(policy, "output", hit)
 
 
+# The Messages API's blocks that call a tool, whose ``input`` the model wrote: the client's tool, a server tool
+# Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
+TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
 def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
     """(field, text) for each text of the request that reaches the model: the Messages API's ``system``, every
     message's text whatever its role, and the tools' definitions. On the REST APIs the client writes the whole
@@ -636,7 +641,7 @@ def _texts(content: Any) -> Iterable[str]:
                 yield part["text"]
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
                 yield part["refusal"]
-            elif kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
+            elif kind in TOOL_CALL_BLOCKS:
                 if isinstance(part.get("name"), str):
                     yield part["name"]
                 yield from _json_texts(part.get("input"))

@@ -94,7 +94,7 @@ from providers.selectors import model_resolve
 from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
-from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
+from .moderation import TOOL_CALL_BLOCKS, Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
@@ -1713,11 +1713,12 @@ def _message_text(message: dict[str, Any]) -> str:
 
 
 def _message_arguments(message: dict[str, Any]) -> list[str]:
-    """A message's tool calls' input, as JSON texts (which the output check reads decoded)."""
+    """A message's tool calls' input (a ``tool_use``'s, a server tool's and an MCP tool's), as JSON texts (which
+    the output check reads decoded)."""
     return [
         json.dumps(block["input"], ensure_ascii=False)
         for block in message.get("content") or ()
-        if isinstance(block, dict) and block.get("type") == "tool_use" and block.get("input")
+        if isinstance(block, dict) and block.get("type") in TOOL_CALL_BLOCKS and block.get("input")
     ]
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from audit.models import AuditEvent
 from chat.callers import Caller
 from chat.moderation import ContentPolicyViolationError, JsonStrings, Moderation, ReplyGuard, moderation_drain
+from chat.pipeline import _message_arguments, _message_text
 from providers.models import ModerationAction, ModerationChecker, ModerationPolicy
 from providers.moderation import (
     SCAN_LIMIT_CHARS,
@@ -491,6 +492,47 @@ async def test_a_whole_replys_tool_call_arguments_are_read_decoded_when_they_are
             await guard.check("clean text", arguments=[arguments])
     else:
         await guard.check("clean text", arguments=[arguments])
+
+
+# A message from an Anthropic deployment that called a server tool (web search) and an MCP server's tool, as
+# Anthropic answers one: the calls' input is the model's words, which the client's tool or MCP server is given.
+def anthropic_message(*calls: dict) -> dict:
+    return {
+        "id": "msg_01",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [{"type": "text", "text": "Let me look that up."}, *calls],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 30, "server_tool_use": {"web_search_requests": 1}},
+    }
+
+
+SERVER_AND_MCP_CALLS = {
+    "server_tool_use": {
+        "type": "server_tool_use",
+        "id": "srvtoolu_01",
+        "name": "web_search",
+        "input": {"query": "\uff46orbidden"},
+    },
+    "mcp_tool_use": {
+        "type": "mcp_tool_use",
+        "id": "mcptoolu_01",
+        "name": "run",
+        "server_name": "shell",
+        "input": {"cmd": "forbidden"},
+    },
+}
+
+
+@pytest.mark.parametrize("call", SERVER_AND_MCP_CALLS.values(), ids=SERVER_AND_MCP_CALLS.keys())
+async def test_a_whole_messages_server_or_mcp_tool_calls_input_is_read_as_a_tool_uses(call):
+    _, guard = guard_for(policy(blocklist="forbidden"))
+    message = anthropic_message(call)
+
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.check(_message_text(message), arguments=_message_arguments(message))
 
 
 JSON_VALUES = st.recursive(
