@@ -1640,10 +1640,14 @@ def _is_message_stop(event: WireEvent) -> bool:
     return event.get("type") == "message_stop"
 
 
+# The call a legacy ``function_call``'s arguments are fed as (tool calls are numbered from 0).
+_FUNCTION_CALL = -1
+
+
 def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str, int | None]]:
     """The reply's text in a chunk, each choice's (index, text, None), and its tool calls' arguments (index, a
-    part of the call's JSON, the call's index): what the output check reads (the arguments are the model's
-    words as much as its text, and a client acts on them)."""
+    part of the call's JSON, the call's index; a legacy ``function_call``'s, ``_FUNCTION_CALL``): what the output
+    check reads (the arguments are the model's words as much as its text, and a client acts on them)."""
     pieces: list[tuple[int, str, int | None]] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
@@ -1652,6 +1656,8 @@ def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str, int | None]]:
         for number, call in enumerate(delta.get("tool_calls") or ()):
             if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str):
                 pieces.append((index, arguments, call["index"] if isinstance(call.get("index"), int) else number))
+        if isinstance(function := delta.get("function_call"), dict) and isinstance(function.get("arguments"), str):
+            pieces.append((index, function["arguments"], _FUNCTION_CALL))
     return pieces
 
 
@@ -1672,13 +1678,19 @@ def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
 
 
 def _completion_arguments(response: dict[str, Any]) -> list[str]:
-    """The arguments of a completion's tool calls (JSON texts), each choice's in turn."""
-    return [
-        arguments
-        for choice in response.get("choices") or ()
-        for call in (choice.get("message") or {}).get("tool_calls") or ()
-        if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str)
-    ]
+    """The arguments of a completion's tool calls and legacy ``function_call`` (JSON texts), each choice's in
+    turn."""
+    arguments: list[str] = []
+    for choice in response.get("choices") or ():
+        message = choice.get("message") or {}
+        functions = [call.get("function") for call in message.get("tool_calls") or () if isinstance(call, dict)]
+        functions.append(message.get("function_call"))
+        arguments.extend(
+            function["arguments"]
+            for function in functions
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str)
+        )
+    return arguments
 
 
 def _reported_usage(usage: dict[str, Any], written: str) -> dict[str, Any]:

@@ -85,7 +85,10 @@ Replies
       its JSON-schema properties: ``enum`` -> first value, string -> last user text, number/integer -> 42,
       boolean -> true, array -> [], object -> {}; ``[[tool_calls=N]]`` (OpenAI and Gemini routes, N from 1 to 8)
       makes it N calls of that tool at once (ids distinct, arguments the same), as models that call tools in
-      parallel do, whatever ``parallel_tool_calls`` asked (as Ollama and Gemini do);
+      parallel do, whatever ``parallel_tool_calls`` asked (as Ollama and Gemini do); the legacy ``functions``
+      (OpenAI routes, without ``tools``; ``function_call`` ``none`` or ``{"name": ...}`` as ``tool_choice``) are
+      answered as OpenAI still answers them: one call, in the message's ``function_call`` (streamed: in
+      ``delta.function_call``, its name first, then its arguments in pieces), finish reason ``function_call``;
     * otherwise the echo; or, in demo mode (``--demo``, ``FakeUpstream(demo=True)``, what `make run`
       starts), one of a few canned answers in Markdown (bold or a heading, a list, a fenced code block
       with a language tag) that show what a chat page can render: the first whose keywords the prompt
@@ -357,6 +360,12 @@ Provider = Literal["openai", "anthropic", "gemini"]
 Finish = Literal["stop", "stop_sequence", "length", "tool"]
 
 _OPENAI_FINISH: dict[str, str] = {"stop": "stop", "stop_sequence": "stop", "length": "length", "tool": "tool_calls"}
+
+
+def _openai_finish(reply: _Reply) -> str:
+    return "function_call" if reply.legacy_function else _OPENAI_FINISH[reply.finish]
+
+
 _ANTHROPIC_FINISH: dict[str, str] = {
     "stop": "end_turn",
     "stop_sequence": "stop_sequence",
@@ -532,6 +541,7 @@ def _split_pieces(text: str, pieces: int = 3) -> list[str]:
 class _ToolSpec:
     name: str
     schema: dict[str, Any]
+    legacy: bool = False  # one of a chat completion's legacy ``functions``: called by a ``function_call``
 
 
 @dataclass
@@ -553,6 +563,7 @@ class _Reply:
     tool_arguments: dict[str, Any] | None = None
     tool_id: str = ""
     tool_count: int = 1  # ``[[tool_calls=N]]``: the same call N times, each with its own id
+    legacy_function: bool = False  # answered as a legacy ``function_call`` (the request gave ``functions``)
 
     @property
     def arguments_json(self) -> str:
@@ -744,6 +755,8 @@ def _parse_anthropic(body: dict[str, Any]) -> _Conversation:
 
 
 def _openai_tool(body: dict[str, Any]) -> _ToolSpec | None:
+    if not body.get("tools") and body.get("functions"):
+        return _openai_function(body)
     choice = body.get("tool_choice")
     if choice == "none":
         return None
@@ -757,6 +770,20 @@ def _openai_tool(body: dict[str, Any]) -> _ToolSpec | None:
     if not tools:
         return None
     return _ToolSpec(tools[0]["name"], tools[0].get("parameters") or {})
+
+
+def _openai_function(body: dict[str, Any]) -> _ToolSpec | None:
+    """The legacy ``functions`` (and ``function_call``: ``none``, ``auto`` or ``{"name": ...}``), which OpenAI
+    still answers with a message's ``function_call`` instead of ``tool_calls``."""
+    choice = body.get("function_call")
+    if choice == "none":
+        return None
+    functions = [f for f in body.get("functions") or [] if isinstance(f, dict) and f.get("name")]
+    if isinstance(choice, dict):
+        functions = [f for f in functions if f["name"] == choice.get("name")] or functions
+    if not functions:
+        return None
+    return _ToolSpec(functions[0]["name"], functions[0].get("parameters") or {}, legacy=True)
 
 
 def _anthropic_tool(body: dict[str, Any]) -> _ToolSpec | None:
@@ -829,7 +856,8 @@ def _build_reply(
             tool_name=tool.name,
             tool_arguments=_tool_arguments(tool.schema, conv.user_text),
             tool_id=_new_id(tool_id_prefix),
-            tool_count=_tool_count(directives),
+            tool_count=1 if tool.legacy else _tool_count(directives),
+            legacy_function=tool.legacy,
         )
     elif demo:
         text = demo_answer(conv.user_text)
@@ -1683,7 +1711,9 @@ class _App:
 
     def _openai_choice(self, index: int, reply: _Reply, logprobs: bool, top: int) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None, "annotations": []}
-        if reply.tool_name is not None:
+        if reply.legacy_function:
+            message["function_call"] = {"name": reply.tool_name, "arguments": reply.arguments_json}
+        elif reply.tool_name is not None:
             message["tool_calls"] = self._openai_tool_calls(reply)
         return {
             "index": index,
@@ -1691,7 +1721,7 @@ class _App:
             "logprobs": {"content": [_logprob_entry(t, top) for t in reply.tokens], "refusal": None}
             if logprobs
             else None,
-            "finish_reason": _OPENAI_FINISH[reply.finish],
+            "finish_reason": _openai_finish(reply),
         }
 
     async def _openai_stream(
@@ -1743,7 +1773,10 @@ class _App:
 
         content_limit = _content_limit(fault)
         for index in range(n):
-            if reply.tool_name is not None:
+            if reply.legacy_function:
+                call = {"name": reply.tool_name, "arguments": ""}
+                await send(chunk(index, {"role": "assistant", "content": None, "function_call": call, "refusal": None}))
+            elif reply.tool_name is not None:
                 call = {**self._openai_tool_calls(reply)[0], "index": 0}
                 call["function"] = {"name": reply.tool_name, "arguments": ""}
                 await send(chunk(index, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}))
@@ -1751,7 +1784,9 @@ class _App:
                 await send(chunk(index, {"role": "assistant", "content": "", "refusal": None}))
 
         pieces: list[dict[str, Any]] = []
-        if reply.tool_name is not None:
+        if reply.legacy_function:
+            pieces = [{"function_call": {"arguments": piece}} for piece in _split_pieces(reply.arguments_json)]
+        elif reply.tool_name is not None:
             # Each call's arguments in pieces; the calls after the first each open with their id and name.
             for number, tool_id in enumerate(reply.tool_ids):
                 if number:
@@ -1782,7 +1817,7 @@ class _App:
             return response
 
         for index in range(n):
-            finish = chunk(index, {}, _OPENAI_FINISH[reply.finish])
+            finish = chunk(index, {}, _openai_finish(reply))
             if usage_on_finish and index == n - 1:
                 finish["usage"] = usage
             await send(finish)

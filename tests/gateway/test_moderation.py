@@ -961,6 +961,33 @@ def test_a_tool_uses_input_is_checked_as_output_on_the_messages_api(gateway, str
     assert "forbidden" not in "".join(partial)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("word", ["forbidden", "ｆｏｒｂｉｄｄｅｎ"], ids=["plain", "escaped"])
+def test_a_legacy_function_calls_arguments_are_checked_as_output(gateway, stream, word):
+    # Given the legacy ``functions``, the fake upstream answers (as OpenAI does) a ``function_call`` with the
+    # user's text as its string argument: ``json.dumps`` writes the full-width word as ``\uXXXX`` escapes.
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    functions = [TOOLS[0]["function"]]
+    arguments: list[str] = []
+
+    with pytest.raises(openai.APIError) as stopped:
+        reply = gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": word}], functions=functions, stream=stream
+        )
+        for chunk in reply if stream else ():
+            calls = [choice.delta.function_call for choice in chunk.choices if choice.delta.function_call]
+            arguments.extend(call.arguments or "" for call in calls)
+
+    assert "content policy" in stopped.value.message
+    whole = json.dumps({"q": word})
+    relayed = "".join(arguments)
+    assert whole.startswith(relayed) and len(relayed) < len(whole) - len('"}')
+    (record,) = wait_until(
+        lambda: list(UsageRecord.objects.filter(model_name="gpt-test")), "a ledger row", timeout=10, interval=0.05
+    )
+    assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
+
+
 # What the tool is given, which the fake upstream writes with ``json.dumps`` (non-ASCII characters as ``\uXXXX``,
 # beyond the BMP as a surrogate pair, a line break as ``\n``): read as the raw JSON text, each was no word at all.
 ESCAPED = {

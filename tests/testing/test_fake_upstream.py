@@ -296,6 +296,34 @@ def test_openai_streamed_tool_call(upstream: FakeUpstream, oai: openai.OpenAI) -
     assert json.loads(final.choices[0].message.tool_calls[0].function.arguments)["city"] == "Rome"
 
 
+def test_openai_legacy_functions_are_answered_with_a_function_call(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
+    functions = [WEATHER_TOOL_OPENAI["function"], {"name": "get_time", "parameters": {"type": "object"}}]
+    completion = oai.chat.completions.create(model="fake-gpt-4o", messages=user("Paris"), functions=functions)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    assert choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments)["city"] == "Paris"
+
+    named = oai.chat.completions.create(
+        model="fake-gpt-4o", messages=user("Paris"), functions=functions, function_call={"name": "get_time"}
+    )
+    assert named.choices[0].message.function_call.name == "get_time"
+    plain = oai.chat.completions.create(
+        model="fake-gpt-4o", messages=user("Paris"), functions=functions, function_call="none"
+    )
+    assert plain.choices[0].message.content == "Echo: Paris" and plain.choices[0].message.function_call is None
+
+    body = {"model": "fake-gpt-4o", "messages": user("Rome"), "functions": functions, "stream": True}
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    chunks = openai_sse(raw)[:-1]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert chunks[0]["choices"][0]["delta"]["function_call"] == {"name": "get_weather", "arguments": ""}
+    fragments = [chunk["choices"][0]["delta"]["function_call"]["arguments"] for chunk in chunks[1:-1]]
+    assert len(fragments) >= 2 and json.loads("".join(fragments))["city"] == "Rome"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
 def test_openai_logprobs(upstream: FakeUpstream) -> None:
     body = {"model": "fake-gpt-4o", "messages": user("log me"), "logprobs": True, "top_logprobs": 2}
     _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
