@@ -319,6 +319,7 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
     Idempotent: running it again with nothing changed opens, clears and sends nothing."""
     now = now or timezone.now()
     evaluation = Evaluation(opened=[], cleared=[])
+    _disabled_rules_close(now=now, evaluation=evaluation)
     for rule in OpsAlertRule.objects.filter(enabled=True):
         if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
             deployments_down_follow(now=now, evaluation=evaluation)
@@ -345,6 +346,22 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
                 if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
                     evaluation.cleared.append(f"{rule.kind} {subject}")
     return evaluation
+
+
+def _disabled_rules_close(*, now: datetime, evaluation: Evaluation) -> None:
+    """Close the open incidents of rules disabled outside the admin (the shell, a bulk ``update``, ``loaddata``):
+    only the admin's save closed them, and nothing evaluates a disabled rule, so each stayed a page that never
+    resolves. Told once, as the admin's close is; one the admin closed already is not open any more. The
+    deployment-down rule's incidents are the deployments' own, opened from their breakers: closed when no
+    deployment-down rule is enabled any more."""
+    still_open = OpsAlertIncident.objects.filter(cleared_at__isnull=True).values("rule_id")
+    disabled = list(OpsAlertRule.objects.filter(enabled=False, pk__in=still_open))
+    down = OpsAlertRule.objects.filter(kind=OpsAlertKind.DEPLOYMENT_DOWN)
+    if not down.filter(enabled=True).exists():
+        disabled += down.filter(enabled=False)[:1]
+    for rule in disabled:
+        for subject in ops_rule_incidents_close(rule=rule, because="the rule was disabled", now=now, if_disabled=True):
+            evaluation.cleared.append(f"{rule.kind} {subject}")
 
 
 def _steadily_under(rule: OpsAlertRule, incident: OpsAlertIncident, now: datetime) -> bool:
@@ -421,29 +438,36 @@ def ops_rules_delete(*, rules: Iterable[OpsAlertRule], by: str) -> None:
             rule.delete()
 
 
-def ops_rule_incidents_close(*, rule: OpsAlertRule, because: str, now: datetime | None = None) -> int:
+def ops_rule_incidents_close(
+    *, rule: OpsAlertRule, because: str, now: datetime | None = None, if_disabled: bool = False
+) -> list[str]:
     """Close the open incidents of a rule an admin disabled (``because``: "the rule was disabled by alice"):
     nothing evaluates it any more, and an incident left open would be a page that never resolves. Each is
     told once, on its usual channels, as closed for that reason, not recovered. For the deployment-down rule,
-    the deployments' incidents its evaluator opened from their breakers. Returns how many it closed."""
+    the deployments' incidents its evaluator opened from their breakers. Returns the subjects it closed.
+
+    ``if_disabled`` (the evaluator's sweep of rules disabled outside the admin): only while the rule, once
+    locked, is still disabled; enabled again meanwhile, its incidents are watched again."""
     now = now or timezone.now()
     if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
         open_ids = Incident.objects.filter(ended_at__isnull=True, reason=BREAKER_REASON).values_list(
             "deployment_id", flat=True
         )
-        return sum(
-            incident_close(deployment_id=deployment_id, at=now, because=because) is not None
+        return [
+            f"deployment:{deployment_id}"
             for deployment_id in list(open_ids)
-        )
-    closed = 0
+            if incident_close(deployment_id=deployment_id, at=now, because=because) is not None
+        ]
+    closed = []
     with transaction.atomic():
-        _rule_lock(rule.pk)
+        if _rule_lock(rule.pk) and if_disabled:
+            return []
         for incident in OpsAlertIncident.objects.select_for_update().filter(rule=rule, cleared_at__isnull=True):
             incident.cleared_at = max(now, incident.opened_at)
             incident.closed_because = because[:200]
             incident.save(update_fields=["cleared_at", "closed_because"])
             transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.CLEAR), robust=True)
-            closed += 1
+            closed.append(incident.subject)
     return closed
 
 

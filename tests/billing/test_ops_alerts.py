@@ -877,6 +877,29 @@ def test_disabling_a_rule_closes_its_open_incident_once_saying_who_and_enabling_
     assert OpsAlertIncident.objects.count() == 2 and len(alert_mail()) == 3 and len(webhook.received) == 3
 
 
+def test_a_rule_disabled_outside_the_admin_has_its_open_incident_closed_by_the_evaluator_once(webhook):
+    """Disabled from the shell, a bulk ``update`` or ``loaddata``, no admin save closed the rule's incident, and
+    nothing evaluates a disabled rule: it stayed open, a page that never resolved. The next evaluator run closes
+    it, told once as closed because the rule was disabled."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    OpsAlertRule.objects.filter(pk=watched.pk).update(enabled=False)
+    with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+        assert ops_alerts_evaluate().cleared == ["error_rate model:m"]
+    incident = OpsAlertIncident.objects.get()
+    assert incident.cleared_at == T0 + timedelta(minutes=1)
+    assert incident.closed_because == "the rule was disabled"
+    closed = "[llmhub] closed, not recovered: test error_rate (model:m)"
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m)", closed]
+    assert webhook.received[1]["text"].startswith(
+        "llmhub: closed, not recovered: test error_rate (model:m): the rule was disabled, so nothing watches it now"
+    )
+    evaluate_at(T0 + timedelta(minutes=2))
+    assert len(alert_mail()) == 2 and len(webhook.received) == 2
+
+
 def test_an_evaluation_that_read_a_rule_before_it_was_disabled_opens_nothing_after():
     watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
     for _ in range(2):
@@ -933,6 +956,28 @@ def test_disabling_the_deployment_down_rule_closes_the_incidents_it_opened(admin
     assert Incident.objects.get(deployment=deployment).ended_because == (
         f"the rule was disabled by {admin_user.username}"
     )
+    assert Incident.objects.get(deployment=other).ended_at is None
+    assert [message.subject for message in alert_mail()] == [
+        f"[llmhub] deployment {deployment.name} of model watched is no longer watched (not a recovery)"
+    ]
+
+
+def test_the_deployment_down_rule_disabled_outside_the_admin_has_its_breaker_incidents_closed_by_the_evaluator(
+    settings,
+):
+    """Only once no deployment-down rule is enabled: another one still enabled keeps following the breakers."""
+    settings.REDIS_URL = ""
+    watched = rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    OpsAlertRule.objects.create(name="second", kind=OpsAlertKind.DEPLOYMENT_DOWN, enabled=False)
+    deployment = ModelFactory(name="watched").deployments.get()
+    Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
+    other = ModelFactory(name="other").deployments.get()
+    Incident.objects.create(deployment=other, started_at=T0, reason="the model list failed")  # health checks'
+    evaluate_at(T0 + timedelta(minutes=1))  # its breaker closed but no request answered since: still down
+    assert Incident.objects.get(deployment=deployment).ended_at is None and alert_mail() == []
+    OpsAlertRule.objects.filter(pk=watched.pk).update(enabled=False)
+    evaluate_at(T0 + timedelta(minutes=2))
+    assert Incident.objects.get(deployment=deployment).ended_because == "the rule was disabled"
     assert Incident.objects.get(deployment=other).ended_at is None
     assert [message.subject for message in alert_mail()] == [
         f"[llmhub] deployment {deployment.name} of model watched is no longer watched (not a recovery)"
