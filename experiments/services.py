@@ -27,6 +27,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from audit.services import audit_record
+from core.time_limits import time_limit_reraise
 from providers.models import ModelMode
 
 from .layout import layout_rebalance
@@ -383,7 +384,8 @@ def experiments_conclude_due(*, now: datetime | None = None) -> list[Experiment]
     for pk, name in due.order_by("ends_at", "pk").values_list("pk", "name"):
         try:
             experiment = _experiment_conclude_if_due(pk=pk, now=now)
-        except Exception:
+        except Exception as exc:
+            time_limit_reraise(exc)
             logger.exception("could not conclude the experiment %s (id %s) past its end", name, pk)
             continue
         if experiment is not None:

@@ -10,6 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from core.outbox import delivery_claim, delivery_failed
+from core.time_limits import time_limit_reraise
 
 from .models import Incident, Provider
 from .services.encryption import provider_rotate_encryption
@@ -40,6 +41,7 @@ def providers_health_check_all() -> dict[str, bool]:
         try:
             providers.append(Provider.objects.get(pk=provider_id))
         except Exception as exc:
+            time_limit_reraise(exc)
             logger.exception("provider %s could not be loaded for its health check", provider_id)
             provider_health_unchecked(
                 provider_id=provider_id, why=f"its row could not be loaded ({type(exc).__name__})"

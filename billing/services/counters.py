@@ -40,6 +40,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 
 from core.redis import redis_async_client
+from core.time_limits import time_limit_reraise
 from providers.models import CatalogModel, Provider
 
 from ..exceptions import BillingUnavailableError
@@ -967,7 +968,8 @@ def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool, spooled: Spool
             for request_id, raw in sorted(records.items()):
                 try:
                     settled += _redis_lost_settle_one(client, settle, instance, request_id, raw, now, spooled)
-                except Exception:
+                except Exception as exc:
+                    time_limit_reraise(exc)
                     # The others still get theirs; this one is tried again at the next sweep.
                     logger.exception("could not settle the lost request %s", request_id)
         return settled
@@ -1018,7 +1020,8 @@ def _database_lost_settle(now: datetime, spooled: SpoolIndex) -> int:
     for pk in list(dead):
         try:
             settled += _database_lost_settle_one(pk, now, spooled)
-        except Exception:
+        except Exception as exc:
+            time_limit_reraise(exc)
             # The others still get theirs; this one is tried again at the next sweep.
             logger.exception("could not settle the lost request of reservation %s", pk)
     return settled

@@ -40,6 +40,7 @@ from django.db import DatabaseError, close_old_connections, connection
 
 from core.metrics import ledger_spilled_add
 from core.request_context import outside_request
+from core.time_limits import time_limit_reraise
 
 from .admission import (
     Admission,
@@ -527,7 +528,8 @@ def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple
                 )
                 leftovers.extend(lines[index:])
                 return ready, True
-            except Exception:
+            except Exception as exc:
+                time_limit_reraise(exc)
                 # Not a store that is down: the row is written all the same; its hold is released when it
                 # expires, and reconciliation puts the counters back on the ledger's figure.
                 logger.exception("settling the reservation of spooled %s failed", data.request_id)

@@ -32,6 +32,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from audit.services import audit_record
 from core.exceptions import ApplicationError
+from core.time_limits import time_limit_reraise
 
 from ..adapters import adapter_class_for_kind
 from ..exceptions import (
@@ -470,7 +471,8 @@ def provider_credentials_invalid_notices_send() -> int:
     for credential in due.select_related("provider", "owner").order_by("pk"):
         try:
             sent += provider_credential_invalid_notify(credential=credential)
-        except Exception:
+        except Exception as exc:
+            time_limit_reraise(exc)
             logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential.pk)
     return sent
 
@@ -555,7 +557,8 @@ async def _revalidate_one(credential_id: int) -> tuple[str, ...]:
     caller's thread, one query at a time, while the live checks run side by side."""
     try:
         credential = await sync_to_async(_credential_for_check)(credential_id)
-    except Exception:
+    except Exception as exc:
+        time_limit_reraise(exc)
         logger.exception("provider key %s could not be loaded for its daily check", credential_id)
         return ("unchecked",)
     if credential is None:

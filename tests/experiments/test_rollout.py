@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from celery.exceptions import SoftTimeLimitExceeded
 from django.core.exceptions import ValidationError
 from django.db import DatabaseError
 from django.db.models.signals import post_save, pre_save
@@ -300,6 +301,31 @@ def test_an_experiment_that_cannot_be_concluded_is_logged_and_the_others_are_con
     [failure] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "ended-1" in failure.getMessage() and failure.exc_info is not None
     assert len(events("experiment.conclude")) == 2
+
+
+def test_the_soft_time_limit_inside_one_experiment_stops_the_task_before_the_next(ab_experiment):
+    """The soft time limit raised while one experiment is concluded used to be logged as that experiment's
+    failure, and the sweep went on until the hard limit killed the worker mid-write. It stops the task there."""
+    ended = three_ended(ab_experiment)
+
+    def time_is_up(sender, instance, **kwargs):
+        if instance.pk == ended[1].pk and instance.status == ExperimentStatus.CONCLUDED:
+            raise SoftTimeLimitExceeded()
+
+    pre_save.connect(time_is_up, sender=Experiment)
+    try:
+        with time_machine.travel(T0 + timedelta(minutes=1), tick=False), pytest.raises(SoftTimeLimitExceeded):
+            rollout_steps_apply_due_task()
+    finally:
+        pre_save.disconnect(time_is_up, sender=Experiment)
+
+    statuses = dict(Experiment.objects.filter(pk__in=[e.pk for e in ended]).values_list("name", "status"))
+    assert statuses == {
+        "ended-0": ExperimentStatus.CONCLUDED,
+        "ended-1": ExperimentStatus.RUNNING,  # its conclusion rolled back: the next run does it
+        "ended-2": ExperimentStatus.RUNNING,  # not reached
+    }
+    assert len(events("experiment.conclude")) == 1
 
 
 @pytest.mark.django_db(transaction=True)
