@@ -1255,16 +1255,14 @@ class CompletionRun:
                             chunk_usage = chunk.get("usage")
                             if chunk_usage:
                                 usage = chunk_usage
+                            # What the model wrote: its text, its tool calls' and its function call's arguments.
+                            delivered.extend(piece for _, piece, _ in _chunk_pieces(chunk) if piece)
                             for choice in chunk.get("choices") or ():
                                 delta = choice.get("delta") or {}
                                 if delta.get("content"):
-                                    delivered.append(delta["content"])
                                     text.append(delta["content"])
-                                for call in delta.get("tool_calls") or ():
+                                if delta.get("tool_calls"):
                                     calls_streamed = True
-                                    arguments = (call.get("function") or {}).get("arguments")
-                                    if arguments:
-                                        delivered.append(arguments)
                                 if choice.get("finish_reason"):
                                     finish_reason = choice["finish_reason"]
                             if not wants_usage and chunk_usage:
@@ -1662,18 +1660,15 @@ def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str, int | None]]:
 
 
 def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
-    """The text of a completion's choices; with ``calls``, their tool calls' arguments too (what the model
-    wrote, for counting it)."""
+    """The text of a completion's choices; with ``calls``, their tool calls' and legacy ``function_call``'s
+    arguments too (what the model wrote, for counting it)."""
     parts: list[str] = []
     for choice in response.get("choices") or ():
         message = choice.get("message") or {}
         if isinstance(content := message.get("content"), str):
             parts.append(content)
-        if calls:
-            for call in message.get("tool_calls") or ():
-                arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
-                if isinstance(arguments, str):
-                    parts.append(arguments)
+    if calls:
+        parts.extend(_completion_arguments(response))
     return "\n".join(parts)
 
 

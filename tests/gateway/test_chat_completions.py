@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import httpx
 import openai
@@ -101,6 +102,43 @@ def test_a_stream_whose_upstream_sends_no_usage_still_ends_with_the_usage_chunk_
         "total_tokens": record.prompt_tokens + record.completion_tokens,
     }
     assert sum(1 for chunk in chunks if chunk.get("usage")) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_reply_that_is_only_a_legacy_function_call_is_estimated_at_its_arguments_as_a_tool_call_is(gateway, stream):
+    """An upstream that reports no usage, answering the legacy ``functions`` with a ``function_call`` and no
+    text: its arguments are what the model wrote, so the estimate counts them, as it counts a tool call's (the
+    same request with ``tools``), rather than charging the reply nothing."""
+    function = WEATHER_TOOL["function"]
+    prompt = "what is the weather in Paris today, please, in detail [[usage=none]]"
+    client = gateway.client()
+
+    def charged(**extra) -> tuple[str, object]:
+        messages = [{"role": "user", "content": prompt}]
+        if not stream:
+            raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=messages, **extra)
+            message = raw.parse().choices[0].message
+            call = message.function_call or message.tool_calls[0].function
+            return call.arguments, wait_for_record(raw.headers["x-request-id"])
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-test", messages=messages, stream=True, **extra
+        ) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+            request_id = response.headers["x-request-id"]
+        arguments = ""
+        for line in lines:
+            for choice in json.loads(line[len("data: ") :])["choices"]:
+                delta = choice["delta"]
+                for part in [delta.get("function_call")] + [c["function"] for c in delta.get("tool_calls") or []]:
+                    arguments += (part or {}).get("arguments") or ""
+        return arguments, wait_for_record(request_id)
+
+    arguments, record = charged(functions=[function])
+    tool_arguments, tool_record = charged(tools=[WEATHER_TOOL])
+    assert arguments == tool_arguments and len(arguments) > 8
+    assert record.usage_estimated and tool_record.usage_estimated
+    assert record.completion_tokens == tool_record.completion_tokens == math.ceil(len(arguments) / 4)
+    assert record.cost > 0
 
 
 def test_streaming_without_include_usage_sends_no_usage(gateway):
