@@ -1699,7 +1699,8 @@ def _reported_usage(usage: dict[str, Any], written: str) -> dict[str, Any]:
 
 
 def _message_written(message: dict[str, Any]) -> str:
-    """What a message's blocks wrote (text, thinking, tool calls' input), for counting it."""
+    """What a message's blocks wrote (text, thinking, tool calls' input: a ``tool_use``'s, a server tool's and an
+    MCP tool's), for counting it."""
     parts: list[str] = []
     for block in message.get("content") or ():
         if not isinstance(block, dict):
@@ -1707,7 +1708,7 @@ def _message_written(message: dict[str, Any]) -> str:
         for name in ("text", "thinking"):
             if isinstance(block.get(name), str):
                 parts.append(block[name])
-        if block.get("type") == "tool_use" and block.get("input"):
+        if block.get("type") in TOOL_CALL_BLOCKS and block.get("input"):
             parts.append(json.dumps(block["input"]))
     return "".join(parts)
 

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
 from billing.tokens import text_tokens
+from chat.pipeline import _message_written, _reported_usage
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -564,6 +565,22 @@ def test_a_translated_model_whose_upstream_reports_no_usage_is_charged_an_estima
     assert final.usage.output_tokens == record.completion_tokens
     if not stream:
         assert final.usage.input_tokens == record.prompt_tokens
+
+
+@pytest.mark.parametrize("kind", ["server_tool_use", "mcp_tool_use"])
+def test_a_message_that_only_calls_a_server_or_mcp_tool_is_estimated_at_its_input_as_a_tool_use_is(kind):
+    """A whole message from an upstream that counted no output (0 output tokens) is counted from what it wrote
+    (``_message_written``): a web search's query or an MCP tool's input is the model's words as a tool_use's
+    input is, so it is counted the same, not taken for an empty message whose 0 is the provider's count. The
+    fake upstream answers no server or MCP tool call, hence the function."""
+    call = {"id": "toolu_01", "name": "web_search", "input": {"query": "weather in Paris this weekend, in detail"}}
+    usage = {"input_tokens": 12, "output_tokens": 0}
+    tool_use = {"role": "assistant", "content": [{"type": "tool_use", **call}]}
+    message = {"role": "assistant", "content": [{"type": kind, **call, "server_name": "s"}]}
+
+    written = _message_written(message)
+    assert written == _message_written(tool_use) == json.dumps(call["input"])
+    assert text_tokens(written) > 0 and _reported_usage(usage, written) == {}  # counted, not the upstream's 0
 
 
 def test_a_tool_results_images_reach_a_translated_model(gateway):
