@@ -81,7 +81,8 @@ def _is_token(value: Any) -> bool:
 
 def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
     """(characters, attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
-    (text or blocks), every message's text, tool calls and results, thinking, and the tools' definitions."""
+    (text or blocks), every message's text, tool calls (a legacy ``function_call`` too) and results, thinking,
+    and the tools' definitions (the legacy ``functions`` too)."""
     counted = _Counted()
     counted.content(body.get("system"))
     messages = body.get("messages")
@@ -90,12 +91,16 @@ def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
         if not isinstance(message, Mapping):
             continue
         counted.content(message.get("content"))
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, Mapping) else None
+        # The tool calls' and a legacy ``function_call``'s arguments.
+        calls = message.get("tool_calls") or ()
+        functions = [call.get("function") if isinstance(call, Mapping) else None for call in calls]
+        functions.append(message.get("function_call"))
+        for function in functions:
             if isinstance(function, Mapping):
                 counted.chars += len(str(function.get("arguments") or ""))
-    for tool in body.get("tools") or ():
-        counted.chars += len(_dumps(tool))
+    for definitions in (body.get("tools"), body.get("functions")):  # the legacy ``functions`` are tools too
+        for tool in definitions or ():
+            counted.chars += len(_dumps(tool))
     return counted.chars, counted.attachments, len(messages)
 
 

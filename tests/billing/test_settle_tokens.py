@@ -3,6 +3,7 @@ charges when the provider counted nothing come from the same walk of the body. P
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,6 +12,8 @@ from billing.models import Operation
 from billing.tokens import IMAGE_TOKENS, prompt_tokens, text_tokens
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+FUNCTION = {"name": "weather", "description": "Weather in a city", "parameters": {"type": "object"}}
+ARGUMENTS = '{"city": "Paris"}'
 RESULT = {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "4"}]}
 
 BODIES = {
@@ -47,6 +50,17 @@ BODIES = {
             ],
         },
     ),
+    "chat with the legacy functions and a function call": (
+        Operation.CHAT,
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "function_call": {"name": "weather", "arguments": ARGUMENTS}},
+                {"role": "function", "name": "weather", "content": "18 degrees and sunny"},
+            ],
+            "functions": [FUNCTION],
+        },
+    ),
     "embeddings text": (Operation.EMBEDDINGS, {"input": ["first document", "a second, longer document"]}),
 }
 
@@ -73,6 +87,16 @@ def test_every_part_of_a_messages_body_counts_once():
     operation, body = BODIES["messages with system blocks, tool use and thinking"]
     chars = len("You are terse.") + len("What is 2 + 2?") + len("Simple arithmetic.") + len('{"expr": "2+2"}') + 1
     assert prompt_tokens(body, operation=operation) == math.ceil(chars / 4) + 3 * 3
+
+
+def test_a_legacy_function_call_and_the_functions_count_as_a_tool_call_and_the_tools_do():
+    """The legacy ``functions`` (the definitions the model is given) and an assistant turn's ``function_call``
+    (its arguments) are prompt as ``tools`` and ``tool_calls`` are: the estimate and the reservation's bound
+    used to leave both out."""
+    operation, body = BODIES["chat with the legacy functions and a function call"]
+    chars = len("Weather in Paris?") + len(ARGUMENTS) + len("18 degrees and sunny") + len(json.dumps(FUNCTION))
+    assert prompt_tokens(body, operation=operation) == math.ceil(chars / 4) + 3 * 3
+    assert prompt_tokens(body, operation=operation, upper_bound=True) == math.ceil(chars / 2) + 8 * 3 + 16
 
 
 def test_an_attachment_is_charged_as_a_mid_sized_image_in_both_modes():

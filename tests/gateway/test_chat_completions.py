@@ -141,6 +141,23 @@ def test_a_reply_that_is_only_a_legacy_function_call_is_estimated_at_its_argumen
     assert record.cost > 0
 
 
+def test_the_legacy_functions_are_part_of_the_prompt_an_upstream_that_reports_no_usage_is_charged(gateway):
+    """The functions' definitions are given to the model as tools' are: the prompt's estimate counts them (about
+    four characters a token), where it used to charge the same as for a request without them."""
+    function = {**WEATHER_TOOL["function"], "description": "The weather in a city, today and for a week. " * 8}
+    messages = [{"role": "user", "content": "hello there [[usage=none]]"}]
+    client = gateway.client()
+
+    def prompt_charged(**extra) -> int:
+        raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=messages, **extra)
+        record = wait_for_record(raw.headers["x-request-id"])
+        assert record.usage_estimated
+        return record.prompt_tokens
+
+    added = prompt_charged(functions=[function]) - prompt_charged()
+    assert abs(added - len(json.dumps(function)) / 4) <= 1
+
+
 def test_streaming_without_include_usage_sends_no_usage(gateway):
     stream = gateway.client().chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "[[words=5]]"}], stream=True
