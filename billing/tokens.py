@@ -35,6 +35,9 @@ MESSAGE_FRAMING = 3  # the role and separators each message adds, as providers c
 UPPER_MESSAGE_FRAMING = 8
 UPPER_OVERHEAD = 16  # the reply's priming, for the bound
 _ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document"})
+# The Messages API's blocks that call a tool, whose ``input`` the model wrote: the client's tool, a server tool
+# Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
+TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
 def text_tokens(text: str) -> int:
@@ -121,9 +124,9 @@ class _Counted:
                 self.chars += len(str(part.get("text") or ""))
             elif kind in _ATTACHMENTS:
                 self.attachments += 1
-            elif kind == "tool_use":
+            elif kind in TOOL_CALL_BLOCKS:
                 self.chars += len(_dumps(part.get("input") or {}))
-            elif kind == "tool_result":
+            elif kind in ("tool_result", "mcp_tool_result"):
                 self.content(part.get("content"))
             elif kind == "thinking":
                 self.chars += len(str(part.get("thinking") or ""))

@@ -27,6 +27,7 @@ from audit.models import ActorType
 from audit.services import Actor, audit_record
 from billing.models import Operation
 from billing.selectors import user_limits
+from billing.tokens import TOOL_CALL_BLOCKS
 from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
 from providers.moderation import Hit, ModerationServiceError, PlainText, PolicySnapshot, moderation_policies
 from providers.types import ResolvedModel
@@ -552,11 +553,6 @@ class _ChoiceGuard:
         if not policy.blocks:
             self._done.add(policy.id)
         self.moderation.found(policy, "output", hit)
-
-
-# The Messages API's blocks that call a tool, whose ``input`` the model wrote: the client's tool, a server tool
-# Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
-TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 
 
 def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:

@@ -99,6 +99,30 @@ def test_a_legacy_function_call_and_the_functions_count_as_a_tool_call_and_the_t
     assert prompt_tokens(body, operation=operation, upper_bound=True) == math.ceil(chars / 2) + 8 * 3 + 16
 
 
+def messages_calling(call: str, result: str) -> dict:
+    """An earlier turn's call of a tool (a ``call`` block) and the turn that gives its result (a ``result``)."""
+    found = {"type": result, "tool_use_id": "t1", "content": [{"type": "text", "text": "18 degrees and sunny"}]}
+    return {
+        "messages": [
+            {"role": "user", "content": "Look it up"},
+            {"role": "assistant", "content": [{"type": call, "id": "t1", "name": "find", "input": {"q": "Paris"}}]},
+            {"role": "user", "content": [found]},
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("call", "result"), [("server_tool_use", "tool_result"), ("mcp_tool_use", "mcp_tool_result")], ids=["server", "mcp"]
+)
+@pytest.mark.parametrize("upper_bound", [False, True], ids=["estimate", "bound"])
+def test_a_server_or_mcp_tool_call_and_its_result_count_as_a_tool_use_and_its_result_do(call, result, upper_bound):
+    """A server tool's call (web search) or an MCP tool's call and result in an earlier turn reach the model as a
+    tool_use and a tool_result do: the estimate and the reservation's bound used to leave them out."""
+    counted = prompt_tokens(messages_calling(call, result), operation=Operation.MESSAGES, upper_bound=upper_bound)
+    expected = messages_calling("tool_use", "tool_result")
+    assert counted == prompt_tokens(expected, operation=Operation.MESSAGES, upper_bound=upper_bound)
+
+
 def test_an_attachment_is_charged_as_a_mid_sized_image_in_both_modes():
     body = {"messages": [{"role": "user", "content": [IMAGE, {"type": "input_audio"}, {"type": "text", "text": ""}]}]}
     assert prompt_tokens(body, operation=Operation.CHAT) == 2 * IMAGE_TOKENS + 3
