@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from celery import shared_task
+import smtplib
+
+from celery import Task, shared_task
 from django.conf import settings
 
-from .services.credentials import provider_credentials_revalidate_due
+from .models import ProviderCredential
+from .services.credentials import provider_credential_host_moved_notify, provider_credentials_revalidate_due
 
-__all__ = ["provider_credentials_revalidate_all"]
+__all__ = [
+    "provider_credential_host_moved_email",
+    "provider_credentials_host_moved_emails",
+    "provider_credentials_revalidate_all",
+]
 
 
 @shared_task
@@ -19,3 +26,26 @@ def provider_credentials_revalidate_all() -> dict[str, int]:
         concurrency=settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY,
         max_seconds=settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS,
     )
+
+
+@shared_task(bind=True, max_retries=8)
+def provider_credential_host_moved_email(self: Task, credential_id: int, old_origin: str, new_origin: str) -> bool:
+    """Tell a key's owner that its provider's move from ``old_origin`` to ``new_origin`` paused it; retried
+    while the mail server fails. Nothing is sent for a key deleted, or no longer paused, since."""
+    credential = ProviderCredential.objects.select_related("owner", "provider").filter(pk=credential_id).first()
+    if credential is None or not credential.host_paused:
+        return False
+    try:
+        return provider_credential_host_moved_notify(
+            credential=credential, old_origin=old_origin, new_origin=new_origin
+        )
+    except (smtplib.SMTPException, OSError) as exc:
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
+
+
+@shared_task
+def provider_credentials_host_moved_emails(credential_ids: list[int], old_origin: str, new_origin: str) -> int:
+    """A provider's move paused these keys: one email task each (``provider_credential_host_moved_email``)."""
+    for credential_id in credential_ids:
+        provider_credential_host_moved_email.delay(credential_id, old_origin, new_origin)
+    return len(credential_ids)

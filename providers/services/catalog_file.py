@@ -23,6 +23,7 @@ from core.exceptions import ApplicationError
 
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from ..models import ByokMode, CatalogModel, Deployment, Provider
+from .credentials import provider_host_change_record
 
 # YAML load and dump -------------------------------------------------------------------------------
 
@@ -318,6 +319,7 @@ def _provider_load(entry: _Entry, warnings: list[str]) -> tuple[Provider, Loaded
         provider = Provider(name=name)
     created = provider.pk is None
     before = _snapshot(provider, _PROVIDER_COMPARED)
+    old_origin = "" if created else provider.origin
 
     provider.kind = entry.text("kind")
     provider.base_url = entry.text("base_url", "")
@@ -342,6 +344,14 @@ def _provider_load(entry: _Entry, warnings: list[str]) -> tuple[Provider, Loaded
         note = "key changed" if provider.api_key != before["api_key"] else "key kept"
 
     action = _checked_save(provider, entry.where, before, _PROVIDER_COMPARED)
+    if not created and provider.origin != old_origin:
+        # The same as the admin's move: users' keys given for the former host are paused; their owners are told.
+        moved = provider_host_change_record(provider=provider, old_origin=old_origin)
+        if moved.paused or moved.resumed:
+            note += (
+                f"; moved from {old_origin} to {provider.origin}: {moved.paused} user(s)' own key(s) paused until "
+                f"their owners confirm the new host (they are emailed), {moved.resumed} used again"
+            )
     return provider, LoadedRow("provider", name, action, note)
 
 

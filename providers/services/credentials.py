@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, replace
+from functools import partial
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
@@ -386,29 +387,34 @@ def provider_host_change_record(*, provider: Provider, old_origin: str) -> HostC
     """After ``provider`` was moved from ``old_origin`` to another host: count the users' keys this pauses and
     resumes, audit it (``provider.host_change``), and tell each owner whose key it pauses by email, once (at
     this move). The keys themselves need no write: a key is used only where its ``confirmed_origin`` is the
-    provider's host (``providers.byok.usable_credential``)."""
+    provider's host (``providers.byok.usable_credential``). Called by each path that moves a provider: the
+    admin's change form and the catalog file (``catalog_file.providers_load``)."""
     new_origin = provider.origin
     if new_origin == old_origin:
         return HostChange(0, 0)
     keys = ProviderCredential.objects.filter(provider=provider)
-    paused = list(keys.filter(confirmed_origin=old_origin).select_related("owner", "provider"))
+    paused = list(keys.filter(confirmed_origin=old_origin).values_list("pk", flat=True))
     resumed = keys.filter(confirmed_origin=new_origin).count()
     audit_record(
         "provider.host_change",
         target=provider,
         changes={"host": [old_origin, new_origin], "keys_paused": [None, len(paused)], "keys_resumed": [None, resumed]},
     )
-    for credential in paused:
-        transaction.on_commit(lambda c=credential: _host_moved_notify_logged(c, old_origin, new_origin))
+    if paused:
+        transaction.on_commit(partial(_host_moved_queue, paused, old_origin, new_origin), robust=True)
     return HostChange(len(paused), resumed)
 
 
-def _host_moved_notify_logged(credential: ProviderCredential, old_origin: str, new_origin: str) -> None:
+def _host_moved_queue(credential_ids: list[int], old_origin: str, new_origin: str) -> None:
+    # After commit, one message for the whole move, which a worker splits into a task per key: a provider
+    # holding thousands of users' keys is not moved by a request (or a load) that sends thousands of emails, or
+    # publishes thousands of messages to a broker that may be slow; each email is retried on its own.
+    from ..tasks_credentials import provider_credentials_host_moved_emails
+
     try:
-        provider_credential_host_moved_notify(credential=credential, old_origin=old_origin, new_origin=new_origin)
-    except Exception:
-        # The key is paused either way (the page and the API show it); only the email is lost.
-        logger.exception("the owner of provider key %s could not be emailed about its pause", credential.pk)
+        provider_credentials_host_moved_emails.delay(credential_ids, old_origin, new_origin)
+    except Exception:  # the broker could not take it: the keys are paused either way (their page and API say so)
+        logger.exception("the owners of %d provider key(s) could not be emailed about their pause", len(credential_ids))
 
 
 def provider_credential_host_moved_notify(*, credential: ProviderCredential, old_origin: str, new_origin: str) -> bool:

@@ -1,4 +1,5 @@
-"""Helpers of the adapter tests: a fake upstream whose connections are all ours to count."""
+"""Helpers of the adapter tests (a fake upstream whose connections are all ours to count) and of the tests of
+emails to users (a mail server that fails once)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from llmhub.testing.fake_upstream import FakeUpstream
 from tests.connections import established_connections
+from tests.mail import MailFailingOnce
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +43,11 @@ async def two_content_chunks(stream: AsyncIterator[dict[str, Any]]) -> None:
             received += 1
             if received == 2:
                 return
+
+
+@pytest.fixture
+def mail_fails_once(settings):
+    MailFailingOnce.failed = False
+    settings.EMAIL_BACKEND = f"{MailFailingOnce.__module__}.MailFailingOnce"
+    yield
+    assert MailFailingOnce.failed

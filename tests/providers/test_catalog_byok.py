@@ -11,8 +11,11 @@ import yaml
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from providers.models import ByokMode, Provider
-from tests.factories import ProviderFactory
+from audit.models import AuditEvent
+from providers.models import ByokMode, Provider, ProviderCredential
+from providers.services.credentials import provider_credential_host_confirm
+from providers.tasks_credentials import provider_credential_host_moved_email
+from tests.factories import ProviderFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -105,3 +108,92 @@ def test_an_invalid_byok_names_the_provider_and_writes_nothing(tmp_path, value):
     assert "byok must be one of disabled, optional, required" in message
     assert "Nothing was written" in message
     assert not Provider.objects.exists()
+
+
+MOVED = """
+providers:
+  - name: own-keys-welcome
+    kind: openai
+    base_url: {base_url}
+    byok: optional
+"""
+
+
+def test_a_file_moving_a_provider_tells_its_keys_owners_once_and_audits_it_once(
+    tmp_path, mailoutbox, django_capture_on_commit_callbacks
+):
+    load(write(tmp_path, MOVED.format(base_url="http://127.0.0.1:18080/v1")))
+    provider = Provider.objects.get(name="own-keys-welcome")
+    for name in ("alice", "bob"):
+        ProviderCredential.objects.create(
+            owner=UserFactory(username=name, email=f"{name}@example.com"),
+            provider=provider,
+            api_key=f"sk-{name}-own-key-0000000000",
+            hint="sk-…0000",
+        )
+    moved = write(tmp_path, MOVED.format(base_url="http://127.0.0.1:18090/v1"), "moved.yaml")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        out = load(moved)
+    with django_capture_on_commit_callbacks(execute=True):
+        load(moved)  # loaded again: nothing moves, nobody is told again
+
+    assert "2 user(s)' own key(s) paused" in out
+    assert sorted(m.to[0] for m in mailoutbox) == ["alice@example.com", "bob@example.com"]
+    assert "is paused" in mailoutbox[0].subject and "http://127.0.0.1:18090" in mailoutbox[0].body
+    [event] = AuditEvent.objects.filter(action="provider.host_change")
+    assert event.changes["host"] == ["http://127.0.0.1:18080", "http://127.0.0.1:18090"]
+    assert event.changes["keys_paused"] == [None, 2]
+
+
+def test_a_file_refused_after_moving_a_provider_tells_nobody(tmp_path, mailoutbox, django_capture_on_commit_callbacks):
+    load(write(tmp_path, MOVED.format(base_url="http://127.0.0.1:18080/v1")))
+    provider = Provider.objects.get(name="own-keys-welcome")
+    ProviderCredential.objects.create(
+        owner=UserFactory(email="alice@example.com"), provider=provider, api_key="sk-alice-own-key-000", hint="sk-…0000"
+    )
+    refused = MOVED.format(base_url="http://127.0.0.1:18090/v1") + "models:\n  - name: broken\n"
+
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(CommandError):
+        load(write(tmp_path, refused, "refused.yaml"))
+
+    assert mailoutbox == [] and not AuditEvent.objects.filter(action="provider.host_change").exists()
+    assert Provider.objects.get(name="own-keys-welcome").origin == "http://127.0.0.1:18080"
+
+
+def test_an_owner_is_told_of_a_move_once_even_when_the_mail_server_fails_once(
+    tmp_path, mailoutbox, mail_fails_once, django_capture_on_commit_callbacks
+):
+    """The notice goes out from a Celery task per key, retried while the mail server fails: it was sent from
+    the move's own transaction hook, and an SMTP failure lost it (logged only)."""
+    load(write(tmp_path, MOVED.format(base_url="http://127.0.0.1:18080/v1")))
+    ProviderCredential.objects.create(
+        owner=UserFactory(email="alice@example.com"),
+        provider=Provider.objects.get(name="own-keys-welcome"),
+        api_key="sk-alice-own-key-000",
+        hint="sk-…0000",
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        load(write(tmp_path, MOVED.format(base_url="http://127.0.0.1:18090/v1"), "moved.yaml"))
+
+    assert [m.to for m in mailoutbox] == [["alice@example.com"]]
+
+
+def test_a_notice_for_a_key_confirmed_or_deleted_before_it_went_out_is_not_sent(db, mailoutbox):
+    provider = ProviderFactory(name="moving", base_url="http://127.0.0.1:18080/v1", byok=ByokMode.OPTIONAL)
+    confirmed, deleted = (
+        ProviderCredential.objects.create(
+            owner=UserFactory(email=f"{name}@example.com"), provider=provider, api_key=f"sk-{name}-key-0", hint="x"
+        )
+        for name in ("carol", "dave")
+    )
+    provider.base_url = "http://127.0.0.1:18090/v1"
+    provider.save()
+    provider_credential_host_confirm(credential=confirmed)
+    deleted.delete()
+
+    for credential in (confirmed, deleted):
+        provider_credential_host_moved_email.delay(credential.pk, "http://127.0.0.1:18080", "http://127.0.0.1:18090")
+
+    assert mailoutbox == []

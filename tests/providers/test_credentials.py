@@ -4,7 +4,6 @@ against a fake provider that accepts only the keys it is told to and refuses mar
 from __future__ import annotations
 
 import secrets
-import smtplib
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -13,7 +12,6 @@ import httpx
 import pytest
 from asgiref.sync import async_to_sync
 from django.core import mail
-from django.core.mail.backends import locmem
 from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -688,26 +686,6 @@ def test_a_request_that_reads_a_key_while_its_delete_commits_does_not_keep_it_fo
     assert list(read_meanwhile[0]) == [provider.pk]  # the delete was not committed yet
 
     assert async_to_sync(user_credentials)(alice.pk) == {}
-
-
-class MailFailingOnce(locmem.EmailBackend):
-    """Django's test backend behind an SMTP server that refuses the first message sent to it."""
-
-    failed = False
-
-    def send_messages(self, messages):
-        if not MailFailingOnce.failed:
-            MailFailingOnce.failed = True
-            raise smtplib.SMTPServerDisconnected("the mail server went away")
-        return super().send_messages(messages)
-
-
-@pytest.fixture
-def mail_fails_once(settings):
-    MailFailingOnce.failed = False
-    settings.EMAIL_BACKEND = f"{__name__}.MailFailingOnce"
-    yield
-    assert MailFailingOnce.failed
 
 
 def test_an_owner_whose_email_failed_when_their_key_turned_invalid_is_told_at_the_next_run(
