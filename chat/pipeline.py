@@ -1622,15 +1622,31 @@ def _mapping(value: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value else None
 
 
+# The "choice" a message's extended thinking is read as: a text of its own beside the reply's (choice 0), so that
+# the thinking's last word and the reply's first do not run into one.
+_THINKING = -1
+
+
 def _event_pieces(event: WireEvent) -> list[tuple[int, str, int | None]]:
     """The reply's text in a Messages API event, a tool call's input included (a part of its JSON, with the
-    index of its block): what the output check reads (one text: a message has no choices)."""
-    if event.get("type") != "content_block_delta":
+    index of its block), and the model's thinking (``thinking_delta``, read as a text of its own, ``_THINKING``;
+    a line break where a thinking block begins and where its ``signature_delta`` ends it, so that two blocks'
+    words stay apart and the last word is settled without waiting for the reply's end): what the output check
+    reads (a message has no choices). ``redacted_thinking`` is encrypted: nothing to read."""
+    kind = event.get("type")
+    if kind == "content_block_start":
+        block = event.get("content_block") or {}
+        return [(_THINKING, "\n", None)] if block.get("type") == "thinking" else []
+    if kind != "content_block_delta":
         return []
     delta = event.get("delta") or {}
     if isinstance(delta.get("partial_json"), str):
         index = event.get("index")
         return [(0, delta["partial_json"], index if isinstance(index, int) else 0)]
+    if delta.get("type") == "thinking_delta":
+        return [(_THINKING, delta.get("thinking") or "", None)]
+    if delta.get("type") == "signature_delta":
+        return [(_THINKING, "\n", None)]
     return [(0, delta.get("text") or "", None)]
 
 
@@ -1714,9 +1730,16 @@ def _message_written(message: dict[str, Any]) -> str:
 
 
 def _message_text(message: dict[str, Any]) -> str:
-    """A message's text, what the output check reads with its tool calls' input (``_message_arguments``)."""
-    blocks = message.get("content") or ()
-    texts = [block["text"] for block in blocks if isinstance(block, dict) and isinstance(block.get("text"), str)]
+    """A message's text and its thinking (``thinking`` blocks; a ``redacted_thinking`` is encrypted), each block
+    on its own line: what the output check reads with its tool calls' input (``_message_arguments``)."""
+    texts: list[str] = []
+    for block in message.get("content") or ():
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif block.get("type") == "thinking" and isinstance(block.get("thinking"), str):
+            texts.append(block["thinking"])
     return "\n".join(texts)
 
 

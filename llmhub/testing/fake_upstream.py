@@ -104,6 +104,10 @@ Replies
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
     ``refusal`` (each message or delta), ``tool_calls.type``, ``tool_calls.index``, ``usage.total_tokens``.
+    ``[[thinking=some text]]`` (Anthropic only, in a request whose ``thinking`` is enabled: ``{"type": "enabled",
+    "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
+    before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
+    ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``.
     ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do.
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
@@ -524,6 +528,18 @@ def _gemini_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
             for token in tokens
         ]
     return result
+
+
+# The signature of a ``thinking`` block (Anthropic's is an opaque, encrypted check of the thinking).
+_THINKING_SIGNATURE = "ZmFrZS10aGlua2luZy1zaWduYXR1cmU="
+
+
+def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str | None:
+    """The text of the ``thinking`` block a ``[[thinking=TEXT]]`` asks for, when the request enables thinking."""
+    setting = body.get("thinking")
+    if not isinstance(setting, dict) or setting.get("type") not in ("enabled", "adaptive"):
+        return None
+    return directives.get("thinking") or None
 
 
 def _split_pieces(text: str, pieces: int = 3) -> list[str]:
@@ -1964,8 +1980,9 @@ class _App:
             "stop_sequence": None,
             "usage": usage,
         }
+        thinking = _anthropic_thinking(body, conv.directives)
         if stream:
-            return await self._anthropic_stream(request, message, reply, timing, fault)
+            return await self._anthropic_stream(request, message, reply, timing, fault, thinking)
         await self._pause(timing.whole_reply(len(reply.tokens)))
         if reply.tool_name is not None:
             content = [
@@ -1973,6 +1990,8 @@ class _App:
             ]
         else:
             content = [{"type": "text", "text": reply.text}]
+        if thinking is not None:
+            content.insert(0, {"type": "thinking", "thinking": thinking, "signature": _THINKING_SIGNATURE})
         message.update(content=content, stop_reason=_ANTHROPIC_FINISH[reply.finish], stop_sequence=reply.stop_sequence)
         return web.json_response(message, headers={"request-id": _new_id("req_")})
 
@@ -2000,7 +2019,13 @@ class _App:
         return None
 
     async def _anthropic_stream(
-        self, request: web.Request, message: dict[str, Any], reply: _Reply, timing: _Timing, fault: str | None
+        self,
+        request: web.Request,
+        message: dict[str, Any],
+        reply: _Reply,
+        timing: _Timing,
+        fault: str | None,
+        thinking: str | None = None,
     ) -> web.StreamResponse:
         response = await self._start_sse(request, {"request-id": _new_id("req_")})
 
@@ -2017,7 +2042,18 @@ class _App:
         else:
             block = {"type": "text", "text": ""}
             deltas = [{"type": "text_delta", "text": token} for token in reply.tokens]
-        await send("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+        index = 0
+        if thinking is not None:  # extended thinking: its block first, then the reply's
+            start = {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}}
+            await send("content_block_start", start)
+            for piece in _split_pieces(thinking):
+                delta = {"type": "thinking_delta", "thinking": piece}
+                await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            delta = {"type": "signature_delta", "signature": _THINKING_SIGNATURE}
+            await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+            index = 1
+        await send("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
         await send("ping", {"type": "ping"})
 
         content_limit = _content_limit(fault)
@@ -2025,7 +2061,7 @@ class _App:
             if content_limit is not None and position >= content_limit:
                 break
             await self._pause(timing.before_piece(position))
-            await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
 
         if fault is not None and fault.startswith("cut-"):
             await self._cut(request)
@@ -2034,7 +2070,7 @@ class _App:
             await response.write_eof()
             return response
 
-        await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+        await send("content_block_stop", {"type": "content_block_stop", "index": index})
         await send(
             "message_delta",
             {

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from audit.models import AuditEvent
 from chat.callers import Caller
 from chat.moderation import ContentPolicyViolationError, JsonStrings, Moderation, ReplyGuard, moderation_drain
-from chat.pipeline import _message_arguments, _message_text
+from chat.pipeline import _event_pieces, _message_arguments, _message_text
+from providers.adapters.translate_anthropic import EventTranslator, message_from_completion
 from providers.models import ModerationAction, ModerationChecker, ModerationPolicy
 from providers.moderation import (
     SCAN_LIMIT_CHARS,
@@ -533,6 +534,31 @@ async def test_a_whole_messages_server_or_mcp_tool_calls_input_is_read_as_a_tool
 
     with pytest.raises(ContentPolicyViolationError):
         await guard.check(_message_text(message), arguments=_message_arguments(message))
+
+
+async def test_reasoning_translated_into_thinking_is_read_as_the_models_thinking():
+    # An OpenAI-protocol model's reasoning reaches a /v1/messages client as ``thinking``: read as thinking is.
+    reply = {"role": "assistant", "reasoning_content": "the forbidden word", "content": "ok"}
+    message = message_from_completion({"choices": [{"index": 0, "message": reply, "finish_reason": "stop"}]})
+    _, guard = guard_for(policy(blocklist="forbidden"))
+    with pytest.raises(ContentPolicyViolationError):
+        await guard.check(_message_text(message), arguments=_message_arguments(message))
+
+    translator = EventTranslator()
+    chunks = [{"choices": [{"index": 0, "delta": {"reasoning_content": piece}}]} for piece in ("the forb", "idden")]
+    chunks.append({"choices": [{"index": 0, "delta": {"content": "ok"}}]})
+    events = [event for chunk in chunks for event in translator.feed(chunk)]
+    relayed: list[str] = []
+
+    async def upstream():
+        for event in events:
+            yield event
+
+    _, guard = guard_for(policy(blocklist="forbidden"))
+    with pytest.raises(ContentPolicyViolationError):
+        async for event in guard.relay(upstream(), _event_pieces):
+            relayed.append((event.get("delta") or {}).get("thinking") or "")
+    assert "idden" not in "".join(relayed)
 
 
 JSON_VALUES = st.recursive(

@@ -1042,6 +1042,55 @@ def test_a_blocked_word_in_a_tool_uses_input_is_read_through_json_escapes(gatewa
     assert whole.startswith(relayed) and len(relayed) < len(whole) - len('"}')
 
 
+# Extended thinking: the fake upstream answers ``[[thinking=TEXT]]`` with a ``thinking`` block (streamed as
+# ``thinking_delta`` events) when the request enables thinking. Clients show it to their users.
+THINKING = {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize(
+    ("thinking", "word"),
+    [("the forbidden word, then more", "forbidden"), ("it ends ｆｏｒｂｉｄｄｅｎ", "ｆｏｒｂｉｄｄｅｎ")],
+    ids=["inside", "at-end"],
+)
+def test_a_blocked_word_in_the_models_thinking_is_checked_as_output(gateway, stream, thinking, word):
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    messages = [{"role": "user", "content": f"[[thinking={thinking}]] hi"}]
+    request = {"model": "claude-test", "max_tokens": 2000, "thinking": THINKING, "messages": messages}
+    thought: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as stopped:
+        if stream:
+            with anthropic_client(gateway).messages.stream(**request) as events:
+                thought.extend(event.thinking for event in events if event.type == "thinking")
+        else:
+            anthropic_client(gateway).messages.create(**request)
+
+    assert "content policy" in str(stopped.value)
+    assert word not in "".join(thought)
+    (record,) = wait_until(
+        lambda: list(UsageRecord.objects.filter(model_name="claude-test")), "a ledger row", timeout=10, interval=0.05
+    )
+    assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_the_models_thinking_and_its_reply_are_read_as_two_texts(gateway, stream):
+    # The thinking ends in "forbid", the reply begins with "den": no word of either is the blocked one.
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    messages = [{"role": "user", "content": "[[thinking=must not forbid]] [[reply=den of lions]]"}]
+    request = {"model": "claude-test", "max_tokens": 2000, "thinking": THINKING, "messages": messages}
+
+    if stream:
+        with anthropic_client(gateway).messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = anthropic_client(gateway).messages.create(**request)
+
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "must not forbid" and message.content[1].text == "den of lions"
+
+
 def test_a_clean_tool_call_under_a_policy_relays_the_models_arguments_as_they_came(gateway):
     policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
     word = "ｆｏｒｂｉｄ 𝐝𝐞𝐧\nok"  # escaped on the wire, and no blocked word once decoded

@@ -495,6 +495,29 @@ def test_anthropic_sdk_stream_helper(ant: anthropic.Anthropic) -> None:
     assert final.stop_reason == "end_turn"
 
 
+def test_anthropic_thinking_marker(ant: anthropic.Anthropic) -> None:
+    """``[[thinking=TEXT]]`` answers a thinking block before the reply, whole and streamed, when the request enables
+    thinking; without ``thinking`` enabled the marker is only left out of the echo."""
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    prompt = user("[[thinking=let me think it over]] hi")
+    message = ant.messages.create(model="fake-claude-haiku", max_tokens=2000, messages=prompt, thinking=thinking)
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "let me think it over" and message.content[0].signature
+    assert message.content[1].text == "Echo: hi"
+    plain = ant.messages.create(model="fake-claude-haiku", max_tokens=100, messages=prompt)
+    assert [block.type for block in plain.content] == ["text"] and plain.content[0].text == "Echo: hi"
+
+    with ant.messages.stream(model="fake-claude-haiku", max_tokens=2000, messages=prompt, thinking=thinking) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    deltas = [event.delta for event in events if event.type == "content_block_delta"]
+    pieces = [delta.thinking for delta in deltas if delta.type == "thinking_delta"]
+    assert len(pieces) > 1 and "".join(pieces) == "let me think it over"
+    assert [delta.type for delta in deltas].index("signature_delta") == len(pieces)
+    assert [block.type for block in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "let me think it over" and final.content[1].text == "Echo: hi"
+
+
 def test_anthropic_tool_round_trip(ant: anthropic.Anthropic) -> None:
     messages: list[dict[str, Any]] = user("Oslo")
     message = ant.messages.create(
