@@ -327,7 +327,7 @@ class ReplyGuard:
             guard.close()
 
 
-# What a JSON string's escapes stand for (``\uXXXX`` apart).
+# What a JSON string's escapes stand for (``\u`` and its four hex digits apart).
 _ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _HEX = frozenset("0123456789abcdefABCDEF")
 _STRING_STOP = re.compile(r'["\\]')

@@ -965,7 +965,7 @@ def test_a_tool_uses_input_is_checked_as_output_on_the_messages_api(gateway, str
 @pytest.mark.parametrize("word", ["forbidden", "ｆｏｒｂｉｄｄｅｎ"], ids=["plain", "escaped"])
 def test_a_legacy_function_calls_arguments_are_checked_as_output(gateway, stream, word):
     # Given the legacy ``functions``, the fake upstream answers (as OpenAI does) a ``function_call`` with the
-    # user's text as its string argument: ``json.dumps`` writes the full-width word as ``\uXXXX`` escapes.
+    # user's text as its string argument: ``json.dumps`` writes the full-width word as ``\u`` escapes.
     policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
     functions = [TOOLS[0]["function"]]
     arguments: list[str] = []
@@ -988,7 +988,7 @@ def test_a_legacy_function_calls_arguments_are_checked_as_output(gateway, stream
     assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
 
 
-# What the tool is given, which the fake upstream writes with ``json.dumps`` (non-ASCII characters as ``\uXXXX``,
+# What the tool is given, which the fake upstream writes with ``json.dumps`` (non-ASCII characters as ``\u`` escapes,
 # beyond the BMP as a surrogate pair, a line break as ``\n``): read as the raw JSON text, each was no word at all.
 ESCAPED = {
     "full-width": "ｆｏｒｂｉｄｄｅｎ",  # \uff46\uff4f...: the stream splits inside an escape
