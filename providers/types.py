@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from .fields import Secret
+
+# Header names that say their value is a credential (``Authorization``, ``api-key``, ``x-goog-api-key``, a gateway's
+# ``cf-aig-authorization``, ``Helicone-Auth``…), and those that name an account (``OpenAI-Organization``,
+# ``OpenAI-Project``).
+_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
+_ACCOUNT_HEADER = re.compile(r"organi[sz]ation|project", re.IGNORECASE)
+
+
+def credential_header(name: str) -> bool:
+    """Whether a header of that name carries a credential: its value is a secret (a catalog dump writes it as a
+    ``${VAR}`` reference)."""
+    return bool(_CREDENTIAL_HEADER.search(name))
+
+
+def platform_header(name: str) -> bool:
+    """Whether a provider's extra header of that name is the platform's own: a credential, or the platform's
+    account or project. Not sent with a user's own key (``ProviderConfig.on_user_key``): it would go where the
+    user's traffic is billed, and could run the user's request on the platform's account."""
+    return credential_header(name) or bool(_ACCOUNT_HEADER.search(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +52,19 @@ class ProviderConfig:
     def on_user_key(self, api_key: Secret, *, credential_id: int | None, hint: str) -> ProviderConfig:
         """This provider with a user's own key in place of its own (bring your own key), and without its
         ``organization``: that is the platform's account, which OpenAI refuses a key of another account with
-        (401 ``mismatched_organization``)."""
-        return replace(self, api_key=api_key, organization="", credential_id=credential_id, credential_hint=hint)
+        (401 ``mismatched_organization``). Nor with its extra headers that are the platform's
+        (``platform_header``): an ``Authorization`` there would replace the user's key. Both a request on the
+        user's key (``byok.byok_bind``) and the key's check (``services.credentials.key_live_acheck``) go
+        through here."""
+        headers = tuple((name, value) for name, value in self.extra_headers if not platform_header(name))
+        return replace(
+            self,
+            api_key=api_key,
+            organization="",
+            extra_headers=headers,
+            credential_id=credential_id,
+            credential_hint=hint,
+        )
 
     @property
     def pool_key(self) -> tuple[int, int | None]:

@@ -23,6 +23,7 @@ from core.exceptions import ApplicationError
 
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from ..models import ByokMode, CatalogModel, Deployment, Provider
+from ..types import credential_header
 from .credentials import provider_host_change_record
 
 # YAML load and dump -------------------------------------------------------------------------------
@@ -33,8 +34,6 @@ _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # the catalog's documentation writes providers) YAML reads its braces as the mapping's own and the file
 # does not parse; quoted, it means what its author meant.
 _BARE_REFERENCE = re.compile(r"(?<=[\s\[,{:])(\$\{[A-Za-z_][A-Za-z0-9_]*\})(?=\s*(?:[,}\]]|$))", re.MULTILINE)
-# Header names whose values are credentials: written to a dump as ${...} references, like the API key.
-_SENSITIVE_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
 _PROVIDER_KEYS = frozenset(
     {
         "name",
@@ -549,7 +548,7 @@ def _plain_number(value: Decimal) -> int | float:
 def _dumped_headers(provider: Provider) -> dict[str, str]:
     return {
         header: "${" + env_name_for(provider.name, "HEADER_" + re.sub(r"[^A-Za-z0-9]+", "_", header).upper()) + "}"
-        if _SENSITIVE_HEADER.search(header)
+        if credential_header(header)  # a credential: written as a ${...} reference, like the API key
         else value.reveal()
         for header, value in sorted((provider.extra_headers or {}).items())
     }

@@ -212,6 +212,67 @@ def test_the_users_own_key_goes_out_without_the_platforms_openai_organization(wo
     assert bobs["headers"]["openai-organization"] == "org-platform0123456789"
 
 
+# An admin's headers on a provider: credentials and account scope of the platform's (which must not go out
+# with a user's own key), and harmless ones (which must).
+PLATFORM_HEADERS = {
+    "Authorization": f"Bearer {PLATFORM_KEY}",
+    "OpenAI-Project": "proj_platform0123456789",
+    "cf-aig-authorization": "Bearer cf-gateway-token-0123456789",
+    "Helicone-Auth": "Bearer sk-helicone-0123456789",
+}
+HARMLESS_HEADERS = {"HTTP-Referer": "https://hub.example.com", "X-Title": "llmhub"}
+
+
+def test_the_users_own_key_goes_out_without_the_providers_credential_and_account_headers(world):
+    """An admin may put the platform's credentials or account scope in a provider's ``extra_headers``. Sent with
+    a user's own key, an ``Authorization`` there replaced the user's key (the request ran, unbilled to the user,
+    on the platform's account) and the others went to wherever the user's traffic is billed. With the user's
+    key they stay home; harmless headers go; the provider's own key still goes out with all of them."""
+    provider = Provider.objects.get(name="optional-openai")
+    provider.extra_headers = {**PLATFORM_HEADERS, **HARMLESS_HEADERS}
+    provider.save()
+    chats = lambda: [r for r in world.upstream.requests if r["path"].endswith("/chat/completions")]  # noqa: E731
+
+    world.client(world.alice_key).chat.completions.create(model="opt-model", messages=MESSAGES)
+    world.client(world.bob_key).chat.completions.create(model="opt-model", messages=MESSAGES)
+
+    alices, bobs = chats()
+    assert alices["key_sha256"] == key_digest(ALICE_KEY)
+    assert not {name.lower() for name in PLATFORM_HEADERS if name != "Authorization"} & set(alices["headers"])
+    assert {alices["headers"][name.lower()] for name in HARMLESS_HEADERS} == set(HARMLESS_HEADERS.values())
+    assert bobs["key_sha256"] == key_digest(PLATFORM_KEY)
+    assert {name.lower() for name in {**PLATFORM_HEADERS, **HARMLESS_HEADERS}} <= set(bobs["headers"])
+
+
+def test_the_users_own_anthropic_key_goes_out_without_the_providers_x_api_key_but_with_its_beta_header(world):
+    anthropic = ProviderFactory(
+        name="anthropic-byok",
+        kind=ProviderKind.ANTHROPIC,
+        base_url=world.upstream.base_url,
+        byok=ByokMode.OPTIONAL,
+        extra_headers={"x-api-key": PLATFORM_KEY, "anthropic-beta": "prompt-caching-2024-07-31"},
+    )
+    model_on("claude-own", anthropic, upstream_ids=["fake-claude-haiku"])
+    own_key(world.alice, anthropic)
+
+    response = httpx.post(
+        world.url + "/v1/messages",
+        json={"model": "claude-own", "max_tokens": 50, "messages": MESSAGES},
+        headers={"x-api-key": world.alice_key, "anthropic-version": "2023-06-01"},
+        timeout=30,
+    )
+
+    assert response.status_code == 200, response.text
+    (sent,) = world.upstream.requests
+    assert sent["key_sha256"] == key_digest(ALICE_KEY)
+    # The fake shows a key header by its last four characters: none of the platform's key went along.
+    keys_sent = [sent["headers"][name] for name in ("authorization", "x-api-key") if name in sent["headers"]]
+    assert keys_sent and all(value.endswith(ALICE_KEY[-4:]) for value in keys_sent)
+    assert sent["headers"]["anthropic-beta"] == "prompt-caching-2024-07-31"
+    record = wait_for_record(response.headers["x-request-id"])
+    assert record.billing_source == BillingSource.USER_KEY
+
+
 def test_a_provider_that_takes_no_own_keys_uses_its_own_key_even_for_a_user_who_has_one(world):
     own_key(world.alice, Provider.objects.get(name="platform-openai"))
 

@@ -172,6 +172,12 @@ def test_masked_header_values_are_kept_typed_ones_replace_and_left_out_names_dro
     assert stored_headers(provider) == {"X-Upstream-Token": HEADER_TOKEN, "X-Team": "platform", "X-New": "added"}
 
 
+def test_the_headers_help_says_which_are_not_sent_with_a_users_own_key(admin_client):
+    help_text = admin_client.get(change_url(ProviderFactory())).context["adminform"].form["extra_headers"].help_text
+
+    assert "With a user's own key" in help_text and "Authorization" in help_text and "HTTP-Referer" in help_text
+
+
 def test_an_unchanged_form_keeps_every_header(admin_client):
     provider = ProviderFactory(extra_headers={"X-Upstream-Token": HEADER_TOKEN})
     shown = admin_client.get(change_url(provider)).context["adminform"].form["extra_headers"].value()

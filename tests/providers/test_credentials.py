@@ -149,6 +149,57 @@ def test_a_key_is_checked_without_the_platforms_openai_organization(client, prov
     assert check["key_sha256"] == key_digest(key) and "openai-organization" not in check["headers"]
 
 
+# Headers an admin may give a provider: the platform's credentials and account scope, and harmless ones.
+PLATFORM_HEADERS = {
+    "Authorization": f"Bearer {PLATFORM_KEY}",
+    "OpenAI-Organization": "org-platform0123456789",
+    "OpenAI-Project": "proj_platform0123456789",
+    "x-goog-api-key": PLATFORM_KEY,
+    "X-Upstream-Token": "platform-token-0123456789",
+}
+HARMLESS_HEADERS = {"HTTP-Referer": "https://hub.example.com", "X-Title": "llmhub"}
+
+
+def _checked_with(check: dict, key: str) -> None:
+    """``check`` (a recorded model list request) went out with ``key`` and the harmless headers only."""
+    assert check["key_sha256"] == key_digest(key)
+    assert not {name.lower() for name in PLATFORM_HEADERS if name != "Authorization"} & set(check["headers"])
+    assert {check["headers"][name.lower()] for name in HARMLESS_HEADERS} == set(HARMLESS_HEADERS.values())
+
+
+@pytest.mark.parametrize("how", ["save", "check-again", "daily"])
+def test_a_key_is_checked_without_the_providers_credential_and_account_headers(client, provider, upstream, alice, how):
+    """With the provider's ``Authorization`` header, the check of a user's key ran on the platform's key: any key
+    at all passed, and a revoked one stayed valid. The provider's credential and account headers are not sent
+    with a user's key, on the check as on a request (``tests/gateway/test_byok.py``); harmless ones are."""
+    provider.extra_headers = {**PLATFORM_HEADERS, **HARMLESS_HEADERS}
+    provider.save()
+    key = new_key()  # one the provider does not know
+    if how == "save":
+        error = error_of(
+            client.post("/api/provider-keys/", {"provider": "openai-byok", "api_key": key}, format="json"), 400
+        )
+        assert "not a valid API key" in error["message"]
+        assert not ProviderCredential.objects.exists()
+    else:
+        credential = ProviderCredential.objects.create(
+            owner=alice,
+            provider=provider,
+            api_key=key,
+            hint=Secret(key).hint,
+            status=CredentialStatus.VALID,
+            confirmed_origin=provider.origin,
+        )
+        if how == "check-again":
+            assert client.post(f"/api/provider-keys/{credential.pk}/validate/").json()["status"] == "invalid"
+        else:
+            assert provider_credentials_revalidate_all()["turned_invalid"] == 1
+        credential.refresh_from_db()
+        assert credential.status == CredentialStatus.INVALID
+    (check,) = [r for r in upstream.requests if r["path"] == "/v1/models"]
+    _checked_with(check, key)
+
+
 def test_replacing_a_key_checks_the_new_one_first_and_keeps_the_row(client, provider, upstream, alice):
     old, new = new_key(), new_key()
     accept_keys(upstream, old, new)
