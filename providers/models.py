@@ -508,6 +508,12 @@ class ProviderCredential(models.Model):
     status = models.CharField(max_length=16, choices=CredentialStatus.choices, default=CredentialStatus.UNCHECKED)
     status_detail = models.CharField(max_length=300, blank=True, help_text="Why the provider refused the key.")
     last_validated_at = models.DateTimeField(null=True, blank=True)
+    unchecked_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the daily check last tried the key and its provider could not be asked (unreachable, 5xx…): "
+        "not checked, good or bad, but tried; with the last check, what puts it behind the others in the next run.",
+    )
     invalid_notice_due = models.BooleanField(
         default=False,
         db_default=False,  # the previous release's code, during a rolling deploy, adds keys without naming it

@@ -27,7 +27,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -41,6 +41,8 @@ from ..exceptions import (
     ProviderError,
     ProviderNotFoundError,
     ProviderRateLimitError,
+    ProviderTimeoutError,
+    ProviderUnavailableError,
 )
 from ..fields import Secret
 from ..models import ByokMode, CredentialStatus, Provider, ProviderCredential, ProviderKind, host_moved_detail
@@ -59,6 +61,8 @@ KEY_PREFIXES: dict[str, str] = {
 _FOREIGN_PREFIXES: tuple[tuple[str, str], ...] = (("sk-ant-", "an Anthropic key"), ("sk-or-", "an OpenRouter key"))
 KEY_MIN_LENGTH = 8
 KEY_MAX_LENGTH = 512
+# Checks in a row a provider did not answer (unreachable, timing out, 5xx) after which the daily run asks it no more.
+PROVIDER_DOWN_AFTER = 3
 
 
 class ProviderKeyInvalidError(ApplicationError):
@@ -93,11 +97,13 @@ class ProviderKeyUncheckedError(ApplicationError):
 
 @dataclass(frozen=True, slots=True)
 class KeyCheck:
-    """The outcome of a live check: ``ok``, or refused by the provider (``refused``), or not checkable."""
+    """The outcome of a live check: ``ok``, or refused by the provider (``refused``), or not checkable; ``down``
+    when that is because the provider did not answer (unreachable, timing out, 5xx): it says nothing of the key."""
 
     ok: bool
     refused: bool = False
     reason: str = ""
+    down: bool = False
 
 
 def key_prefix(kind: str) -> str:
@@ -167,6 +173,7 @@ def _refusal_reason(provider: Provider, hint: str, exc: ProviderError) -> KeyChe
         False,
         f"The key {hint} could not be checked: {name} did not answer as expected ({exc.message}). "
         "It was not stored as valid; try again later.",
+        down=isinstance(exc, ProviderTimeoutError | ProviderUnavailableError),
     )
 
 
@@ -484,18 +491,23 @@ def provider_credentials_invalid_notices_send() -> int:
 
 
 def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float) -> dict[str, int]:
-    """The daily re-check of every stored key of an enabled provider that takes users' keys, those checked
-    longest ago (or never) first: ``concurrency`` checks at a time, and none started after ``max_seconds``
+    """The daily re-check of every stored key of an enabled provider that takes users' keys, those checked (or
+    tried) longest ago, or never, first: ``concurrency`` checks at a time, and none started after ``max_seconds``
     (those running then end within their own timeout), so that a run over thousands of keys at a slow
     provider still ends the same day. What it did not reach is counted ``left``: checked longest ago, it comes
     first in the next run. A provider holding more checks than another waits for it, so that one slow
     provider cannot take every slot from the others. A key the provider now refuses turns invalid and its owner
-    is emailed, once (an email that fails is sent again at the next run); a provider that cannot be asked leaves
-    its keys as they were. Returns counts."""
+    is emailed, once (an email that fails is sent again at the next run). A provider that cannot be asked leaves
+    its keys as they were (not checked, good or bad), but those tried move behind the others (``unchecked_at``),
+    and after ``PROVIDER_DOWN_AFTER`` checks in a row it did not answer, the run asks it no more (its other keys are
+    ``left``): a provider down for days neither has the same keys tried first every run nor takes the run's time
+    from the others. Returns counts."""
+    # The later of the last check and the last try that could not check: the one null when the other is not.
+    touched = Greatest(Coalesce("last_validated_at", "unchecked_at"), Coalesce("unchecked_at", "last_validated_at"))
     due = (
         ProviderCredential.objects.filter(provider__enabled=True)
         .exclude(provider__byok=ByokMode.DISABLED)
-        .order_by(F("last_validated_at").asc(nulls_first=True), "pk")
+        .order_by(touched.asc(nulls_first=True), "pk")
         .values_list("pk", "provider_id")
     )
     queues: dict[int, deque[int]] = {}
@@ -524,11 +536,13 @@ async def _revalidate_queued(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_seconds
     in_flight: Counter[int] = Counter()
+    # By provider: its checks in a row that it did not answer; at ``PROVIDER_DOWN_AFTER``, it is given up.
+    unanswered: Counter[int] = Counter()
 
     def take() -> tuple[int, int] | None:
         # The provider with the fewest checks running, then the key checked longest ago: a provider whose
         # checks wait out their timeout holds no more slots than the others while they have keys to check.
-        waiting = [provider_id for provider_id, queue in queues.items() if queue]
+        waiting = [p for p, queue in queues.items() if queue and unanswered[p] < PROVIDER_DOWN_AFTER]
         if not waiting:
             return None
         provider_id = min(waiting, key=lambda p: (in_flight[p], place[queues[p][0]]))
@@ -539,10 +553,19 @@ async def _revalidate_queued(
         while loop.time() < deadline and (taken := take()) is not None:
             provider_id, credential_id = taken
             try:
-                for outcome in await _revalidate_one(credential_id):
-                    counts[outcome] += 1
+                outcomes, down = await _revalidate_one(credential_id)
             finally:
                 in_flight[provider_id] -= 1
+            for outcome in outcomes:
+                counts[outcome] += 1
+            unanswered[provider_id] = unanswered[provider_id] + 1 if down else 0
+            if down and unanswered[provider_id] == PROVIDER_DOWN_AFTER and queues[provider_id]:
+                logger.warning(
+                    "provider %s did not answer %d key checks in a row: its %d other key(s) are left for the next run",
+                    provider_id,
+                    PROVIDER_DOWN_AFTER,
+                    len(queues[provider_id]),
+                )
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -558,31 +581,40 @@ def _credential_for_check(credential_id: int) -> ProviderCredential | None:
     return credential
 
 
-async def _revalidate_one(credential_id: int) -> tuple[str, ...]:
-    """Re-check one key: the counts it adds to. The database is reached through ``sync_to_async``: the
-    caller's thread, one query at a time, while the live checks run side by side."""
+def _credential_unchecked_record(credential_id: int) -> None:
+    """The daily check tried the key and could not check it: nothing is said of the key (its status and
+    ``last_validated_at`` stay), but it was tried, which puts it behind the others in the next run. A queryset
+    update: no cached state depends on it."""
+    ProviderCredential.objects.filter(pk=credential_id).update(unchecked_at=timezone.now())
+
+
+async def _revalidate_one(credential_id: int) -> tuple[tuple[str, ...], bool]:
+    """Re-check one key: the counts it adds to, and whether its provider did not answer (``KeyCheck.down``).
+    The database is reached through ``sync_to_async``: the caller's thread, one query at a time, while the live
+    checks run side by side."""
     try:
         credential = await sync_to_async(_credential_for_check)(credential_id)
     except Exception as exc:
         time_limit_reraise(exc)
         logger.exception("provider key %s could not be loaded for its daily check", credential_id)
-        return ("unchecked",)
+        return ("unchecked",), False
     if credential is None:
-        return ()
+        return (), False
     checked_key = credential.api_key
     try:
         check = await key_live_acheck(provider=credential.provider, api_key=checked_key, credential_id=credential_id)
+        if not check.ok and not check.refused:
+            logger.warning("provider key %s (%s) not checked: %s", credential_id, credential.hint, check.reason)
+            await sync_to_async(_credential_unchecked_record)(credential_id)
+            return ("unchecked",), check.down
         checked = await sync_to_async(_revalidation_record)(credential=credential, checked_key=checked_key, check=check)
-    except ProviderKeyUncheckedError as exc:
-        logger.warning("provider key %s (%s) not checked: %s", credential_id, credential.hint, exc.message)
-        return ("unchecked",)
     except Exception:
         logger.exception("provider key %s (%s) could not be checked", credential_id, credential.hint)
-        return ("unchecked",)
+        return ("unchecked",), False
     if not checked.turned_invalid:
-        return ("valid",) if checked.valid else ("invalid",)
+        return (("valid",) if checked.valid else ("invalid",)), False
     try:
         await sync_to_async(provider_credential_invalid_notify)(credential=credential)
     except Exception:
         logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential_id)
-    return ("invalid", "turned_invalid")
+    return ("invalid", "turned_invalid"), False

@@ -564,7 +564,7 @@ def test_the_daily_check_is_bounded_and_leaves_what_it_did_not_reach_for_the_nex
     waiting out the timeout, going for days. Checks run side by side (``…_CONCURRENCY``) and no new one starts
     once the run's time is up (``…_MAX_SECONDS``): here the first two, never checked and checked longest ago,
     are waiting out their timeout when the time is up, and the other three are left for the next run, which
-    starts with the keys checked longest ago."""
+    starts with the keys checked longest ago, the two tried (but not checked) last."""
     server, provider = slow_provider
     settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 2
     settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS = 1.0
@@ -591,7 +591,9 @@ def test_the_daily_check_is_bounded_and_leaves_what_it_did_not_reach_for_the_nex
     counts = provider_credentials_revalidate_all()
 
     assert counts == {"valid": 5, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
-    assert models_asked_with(server) == [key_digest(k) for k in oldest_first]
+    asked = models_asked_with(server)
+    assert asked[:3] == [key_digest(k) for k in oldest_first[2:]]
+    assert sorted(asked[3:]) == sorted(key_digest(k) for k in oldest_first[:2])
 
 
 def test_a_provider_that_does_not_answer_does_not_hold_up_the_daily_check_of_the_others(
@@ -775,3 +777,53 @@ def test_an_owner_whose_email_failed_when_a_request_found_their_key_refused_is_t
     assert [m.to for m in mail.outbox] == [["alice@example.com"]]
     provider_credentials_revalidate_all()
     assert len(mail.outbox) == 1
+
+
+@pytest.fixture
+def down_provider() -> Iterator[tuple[FakeUpstream, object]]:
+    """A provider that answers every request with a 503: it is down."""
+    server = FakeUpstream(api_key=PLATFORM_KEY).start()
+    httpx.post(server.base_url + "/__control", json={"fault": "status=503"}).raise_for_status()
+    provider = ProviderFactory(
+        name="down-byok", kind=ProviderKind.OPENAI, base_url=server.base_url + "/v1", byok=ByokMode.OPTIONAL
+    )
+    yield server, provider
+    server.stop()
+
+
+def test_a_provider_that_stays_down_is_given_up_for_the_run_and_its_keys_tried_move_behind_the_others(
+    down_provider, provider, upstream, settings
+):
+    """A check that could not be made (the provider unreachable, or answering 5xx) does not mark the key checked,
+    good or bad. It used to leave it first in the order, so a provider down for days had the same keys tried first
+    every run, and, one after another, they could take the run's time from every other key. Now a run stops asking
+    a provider after three checks in a row it did not answer (its other keys are ``left``), and the keys tried move
+    behind the others: the next run starts with the keys not tried yet."""
+    down, down_byok = down_provider
+    settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 1
+    down_keys, up_keys = [new_key() for _ in range(5)], [new_key() for _ in range(2)]
+    accept_keys(down, *down_keys)  # it would accept them, were it up
+    accept_keys(upstream, *up_keys)
+    for n, key in enumerate(down_keys):
+        stored_key(UserFactory(username=f"down{n}"), down_byok, key, checked_days_ago=10 + (5 - n))
+    for n, key in enumerate(up_keys):
+        stored_key(UserFactory(username=f"up{n}"), provider, key, checked_days_ago=1)
+    before = dict(ProviderCredential.objects.values_list("pk", "last_validated_at"))
+
+    counts = provider_credentials_revalidate_all()
+
+    assert counts == {"valid": 2, "invalid": 0, "turned_invalid": 0, "unchecked": 3, "left": 2}
+    assert models_asked_with(down) == [key_digest(k) for k in down_keys[:3]]
+    assert models_asked_with(upstream) == [key_digest(k) for k in up_keys]
+    unchecked = ProviderCredential.objects.filter(provider=down_byok)
+    assert {c.status for c in unchecked} == {CredentialStatus.VALID}  # as they were: not checked, good or bad
+    assert all(c.last_validated_at == before[c.pk] for c in unchecked)
+
+    accept_keys(down, *down_keys)  # and the counts to zero; still down
+    accept_keys(upstream, *up_keys)
+
+    counts = provider_credentials_revalidate_all()
+
+    # The two keys not tried yet, then the one tried longest ago; still down, so given up again.
+    assert models_asked_with(down) == [key_digest(k) for k in (*down_keys[3:], down_keys[0])]
+    assert counts == {"valid": 2, "invalid": 0, "turned_invalid": 0, "unchecked": 3, "left": 2}
