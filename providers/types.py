@@ -12,9 +12,9 @@ from .fields import Secret
 
 # Header names that say their value is a credential (``Authorization``, ``api-key``, ``x-goog-api-key``, a gateway's
 # ``cf-aig-authorization``, ``Helicone-Auth``…), and those that name an account (``OpenAI-Organization``,
-# ``OpenAI-Project``).
+# ``OpenAI-Project``, an ``X-Account-Id``, a tenant or workspace).
 _CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|password", re.IGNORECASE)
-_ACCOUNT_HEADER = re.compile(r"organi[sz]ation|project", re.IGNORECASE)
+_ACCOUNT_HEADER = re.compile(r"organi[sz]ation|project|account|tenant|workspace", re.IGNORECASE)
 
 
 def credential_header(name: str) -> bool:

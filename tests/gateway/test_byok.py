@@ -219,6 +219,8 @@ PLATFORM_HEADERS = {
     "OpenAI-Project": "proj_platform0123456789",
     "cf-aig-authorization": "Bearer cf-gateway-token-0123456789",
     "Helicone-Auth": "Bearer sk-helicone-0123456789",
+    "X-Account-Id": "acct_platform0123456789",
+    "X-Workspace": "ws_platform0123456789",
 }
 HARMLESS_HEADERS = {"HTTP-Referer": "https://hub.example.com", "X-Title": "llmhub"}
 
