@@ -34,10 +34,10 @@ from accounts.roles import Capability, role_can
 from core.openapi import ErrorResponseSerializer, error_responses
 from core.serializer_fields import DateOrDateTimeField
 from core.text import has_lone_surrogate
-from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.models import CatalogModel
+from providers.tokens import prompt_tokens
 
-from .models import ApiKey, BudgetPeriod, KeyScope, UsageStatus
+from .models import ApiKey, BudgetPeriod, KeyScope, Operation, UsageStatus
 from .selectors import (
     CostEstimate,
     UsageFilters,
@@ -579,6 +579,9 @@ class CostEstimateApi(APIView):
         )
         system = serializers.JSONField(required=False, help_text="An Anthropic-style system prompt, if any.")
         tools = serializers.ListField(child=serializers.DictField(), required=False, max_length=1_000)
+        functions = serializers.ListField(
+            child=serializers.DictField(), required=False, max_length=1_000, help_text="The legacy form of `tools`."
+        )
         max_tokens = serializers.IntegerField(
             min_value=0, max_value=_MAX_TOKENS, help_text="The most output tokens the request may produce."
         )
@@ -635,10 +638,10 @@ class CostEstimateApi(APIView):
         operation_id="cost_estimate_messages",
         summary="Estimate a request's cost from its messages",
         description=(
-            "Counts the input tokens of the messages (and tools) with llmhub's estimator, about four "
-            "characters a token plus a little per message and a flat charge per image (the provider's "
-            "tokenizer will differ somewhat), takes `max_tokens` as the output, and prices both as the GET "
-            "form does."
+            "Counts the input tokens of the messages (their tool calls and results too) and tools with the "
+            "estimate the ledger charges when a provider counts none, about four characters a token plus a "
+            "little per message and a flat charge per image or document (the provider's tokenizer will differ "
+            "somewhat), takes `max_tokens` as the output, and prices both as the GET form does."
         ),
         request=MessagesInputSerializer,
         responses={200: OutputSerializer, **error_responses(400, 401, 403, 404)},
@@ -650,7 +653,7 @@ class CostEstimateApi(APIView):
         return self._answer(
             request,
             model_name=data["model"],
-            prompt_tokens=estimate_input_tokens(data),
+            prompt_tokens=prompt_tokens(data, operation=Operation.CHAT),
             cached_tokens=0,
             cache_write_tokens=0,
             cache_write_1h_tokens=0,

@@ -32,9 +32,9 @@ from core.errors import anthropic_error_body, anthropic_error_event, anthropic_e
 from core.event_stream import EventStreamResponse
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import WireEvent
-from providers.adapters.translate_anthropic import estimate_input_tokens
 from providers.exceptions import ProviderError
 from providers.models import ModelMode
+from providers.tokens import prompt_tokens
 from providers.types import ResolvedModel
 
 from .api_openai import parse_body, response_stamp, run_open, shutdown_response
@@ -145,8 +145,8 @@ async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIte
 
 @anthropic_endpoint
 async def count_tokens(request: HttpRequest) -> HttpResponse:
-    """An estimate of a Messages request's input tokens (about four characters a token, see
-    ``estimate_input_tokens``), for the model the caller names; nothing goes upstream and nothing is
+    """An estimate of a Messages request's input tokens, the one the ledger charges when a provider counts none
+    (``providers.tokens.prompt_tokens``), for the model the caller names; nothing goes upstream and nothing is
     charged, so no ledger row."""
     started = time.perf_counter()
     request_id = new_request_id()
@@ -159,7 +159,8 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
         await model_for_estimate(caller=caller, name=body["model"], operation=Operation.MESSAGES)
     except ApplicationError as exc:
         return _answer(anthropic_error_response(exc), request_id, started)
-    return _answer(json_response({"input_tokens": estimate_input_tokens(body)}), request_id, started)
+    counted = prompt_tokens(body, operation=Operation.MESSAGES)
+    return _answer(json_response({"input_tokens": counted}), request_id, started)
 
 
 async def method_not_allowed(request: HttpRequest, request_id: str, allowed: str = "POST") -> HttpResponse:

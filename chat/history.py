@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from billing.tokens import text_tokens
+from providers.tokens import text_tokens
 
 MESSAGE_OVERHEAD_TOKENS = 4
 DEFAULT_OUTPUT_RESERVE = 4096

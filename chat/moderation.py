@@ -27,9 +27,9 @@ from audit.models import ActorType
 from audit.services import Actor, audit_record
 from billing.models import Operation
 from billing.selectors import user_limits
-from billing.tokens import TOOL_CALL_BLOCKS
 from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
 from providers.moderation import Hit, ModerationServiceError, PlainText, PolicySnapshot, moderation_policies
+from providers.tokens import TOOL_CALL_BLOCKS
 from providers.types import ResolvedModel
 
 from .callers import Caller

@@ -32,7 +32,6 @@ from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
 from billing.services.settlement import answered_calls_usage, request_settle, settlement_tokens
-from billing.tokens import TOOL_CALL_BLOCKS, prompt_tokens, text_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from core.request_context import request_id_bind
 from core.telemetry import (
@@ -91,6 +90,7 @@ from providers.routing import (
 )
 from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
+from providers.tokens import TOOL_CALL_BLOCKS, prompt_tokens, text_tokens
 from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller

@@ -5,7 +5,7 @@
   status, content type and body the schema documents;
 - hypothesis feeds the chat request validator arbitrary JSON and the values that once crashed it: it
   accepts, or refuses with our 400; and what it accepts can be forwarded (encoded as UTF-8 JSON) and
-  priced (``billing.tokens.prompt_tokens``).
+  priced (``providers.tokens.prompt_tokens``).
 
 Both are bounded (examples per operation, no deadline: the 2-core CI machine is shared) and derandomized,
 so a run is reproducible and a failure shows the same example again.
@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 
 from billing.models import ApiKey, KeyScope
 from billing.services.keys import api_key_create
-from billing.tokens import prompt_tokens
 from chat.validation import MAX_JSON_DEPTH, InvalidRequestError, validate_chat_request
+from providers.tokens import prompt_tokens
 from tests.factories import UserFactory
 from tests.gateway.conftest import make_catalog
 

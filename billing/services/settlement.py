@@ -19,11 +19,11 @@ from typing import Any
 from django.utils import timezone
 
 from providers.exceptions import AnsweredCalls
+from providers.tokens import prompt_tokens, text_tokens
 from providers.types import ResolvedModel
 
 from ..models import BillingSource, Operation, UsageStatus
 from ..pricing import cost_for
-from ..tokens import prompt_tokens, text_tokens
 from .admission import Admission, admission_row_instant
 from .ledger import usage_record_submit
 from .ledger_rows import UsageData

@@ -19,8 +19,9 @@ from typing import Any
 
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..rules import apply_parameter_rules
+from ..tokens import prompt_tokens
 from ..types import HealthResult, ProviderConfig, ResolvedModel, UpstreamModel
-from .translate_anthropic import EventTranslator, chat_request, estimate_input_tokens, message_from_completion
+from .translate_anthropic import EventTranslator, chat_request, message_from_completion
 
 
 class BaseAdapter(ABC):
@@ -79,7 +80,7 @@ class BaseAdapter(ABC):
         """Yield the Anthropic stream events answering a Messages request for ``model``. Default: the chat
         stream, translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's
         events."""
-        translator = EventTranslator(input_tokens_estimate=estimate_input_tokens(request))
+        translator = EventTranslator(input_tokens_estimate=prompt_tokens(request, operation="messages"))
         chunks = self.stream({**self.prepare_request(chat_request(request), model), "stream": True})
         try:
             async for chunk in chunks:

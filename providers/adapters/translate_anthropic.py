@@ -33,7 +33,6 @@ usage chunk (``choices: []``) like OpenAI's ``stream_options.include_usage``.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 import uuid
@@ -670,45 +669,6 @@ def _arguments(arguments: Any) -> dict[str, Any]:
     except ValueError:
         parsed = None
     return parsed if isinstance(parsed, dict) else {}
-
-
-def estimate_input_tokens(request: dict[str, Any]) -> int:
-    """An estimate of a Messages request's input tokens, for ``count_tokens`` and a translated stream's
-    ``message_start`` (the real count arrives with the usage at its end): about four characters a
-    token, plus a few tokens of framing per message and a flat charge per image (Anthropic's own
-    estimate for a mid-sized image is about 1,600 tokens). The cost calculator (``/api/cost/estimate``)
-    gives it chat-completion messages too, whose images are ``image_url`` parts."""
-    chars = 0
-    images = 0
-
-    def walk(content: Any) -> None:
-        nonlocal chars, images
-        if isinstance(content, str):
-            chars += len(content)
-            return
-        for block in content if isinstance(content, list) else ():
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "text":
-                chars += len(block.get("text") or "")
-            elif kind in ("image", "image_url"):
-                images += 1
-            elif kind == "tool_use":
-                chars += len(json.dumps(block.get("input") or {}))
-            elif kind == "tool_result":
-                walk(block.get("content"))
-            elif kind == "thinking":
-                chars += len(block.get("thinking") or "")
-
-    walk(request.get("system"))
-    messages = request.get("messages") or ()
-    for message in messages:
-        if isinstance(message, dict):
-            walk(message.get("content"))
-    for tool in request.get("tools") or ():
-        chars += len(json.dumps(tool))
-    return math.ceil(chars / 4) + 3 * len(messages) + 1_600 * images
 
 
 class EventTranslator:

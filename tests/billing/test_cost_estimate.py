@@ -12,11 +12,12 @@ from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from billing.models import UsageRecord
+from billing.models import Operation, UsageRecord
 from billing.pricing import cost_for
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
+from providers.tokens import prompt_tokens
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -183,6 +184,43 @@ def test_messages_are_counted_with_the_estimator_and_max_tokens_is_the_output(cl
     assert (deployment["input_tokens"], deployment["output_tokens"]) == (input_tokens, 500)
     expected = (Decimal(input_tokens) * Decimal("2.50") + 500 * Decimal("10.00")) / 1_000_000
     assert Decimal(response.json()["min_total"]) == expected
+
+
+def test_a_request_with_tools_is_counted_as_the_ledger_counts_it(client, models):
+    """The calculator had a simpler estimate of its own: a chat completion's tool calls (and a legacy function
+    call and functions) counted for nothing, an Anthropic server or MCP tool's call too, and non-ASCII tool input
+    and schemas as escaped JSON. It now counts what the ledger's estimate of the same request does."""
+    weather = {"name": "weather", "description": "Le temps à une ville", "parameters": {"type": "object"}}
+    body = {
+        "model": "gpt-big",
+        "max_tokens": 0,
+        "tools": [{"type": "function", "function": weather}],
+        "functions": [weather],
+        "messages": [
+            {"role": "user", "content": "Quel temps fait-il à Zürich ?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+                "function_call": {"name": "weather", "arguments": '{"city": "Zürich, Schweiz"}'},
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "Sonnig, 21 °C"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Malmö"}},
+                    {"type": "server_tool_use", "id": "s1", "name": "web_search", "input": {"query": "Malmö"}},
+                ],
+            },
+            {"role": "user", "content": [{"type": "mcp_tool_result", "tool_use_id": "s1", "content": "Regn"}]},
+        ],
+    }
+
+    response = client.post(URL, body, format="json")
+
+    assert response.status_code == 200, response.content
+    counted = response.json()["deployments"][0]["input_tokens"]
+    assert counted == prompt_tokens({k: v for k, v in body.items() if k != "model"}, operation=Operation.CHAT)
 
 
 def test_images_in_messages_count(client, models):

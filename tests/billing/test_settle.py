@@ -21,8 +21,8 @@ from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush
 from billing.services.settlement import Settlement, request_settle, settlement_tokens
-from billing.tokens import prompt_tokens, text_tokens
 from providers.selectors import resolved_model
+from providers.tokens import prompt_tokens, text_tokens
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UserFactory
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]}

@@ -39,8 +39,8 @@ from billing.services.ledger import (
 )
 from billing.services.settlement import Settlement, request_settle
 from billing.services.spool import spool_rows
-from billing.tokens import prompt_tokens
 from providers.selectors import resolved_model
+from providers.tokens import prompt_tokens
 from tests.billing.conftest import FLAT_TOKEN, spend_settled
 from tests.factories import UserFactory
 from tests.waiting import wait_for_ledger_rows_async

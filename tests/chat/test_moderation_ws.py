@@ -9,11 +9,11 @@ from asgiref.sync import sync_to_async
 from audit.models import AuditEvent
 from billing.models import UsageRecord
 from billing.services.ledger import ledger_flush
-from billing.tokens import text_tokens
 from chat.models import Conversation, Message, MessageStatus, Role
 from chat.moderation import moderation_drain
 from providers.models import ModerationAction, ModerationPolicy
 from providers.moderation import policy_cache
+from providers.tokens import text_tokens
 from tests.chat.conftest import deltas, ends, events_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -21,9 +21,9 @@ from billing.services.admission import models_allowed
 from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import counter_state
 from billing.services.ledger import ledger_flush
-from billing.tokens import prompt_tokens
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ModelMode, Provider, ProviderKind
+from providers.tokens import prompt_tokens
 from tests.chat.conftest import ends, events_until, open_socket
 from tests.factories import ModelFactory, ProviderFactory
 from tests.waiting import wait_for_record

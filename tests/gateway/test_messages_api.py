@@ -13,10 +13,10 @@ import pytest
 from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from billing.models import UsageRecord
+from billing.models import Operation, UsageRecord
 from billing.services.budgets import api_key_limits_set
-from billing.tokens import text_tokens
 from chat.pipeline import _message_written, _reported_usage
+from providers.tokens import prompt_tokens, text_tokens
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -245,6 +245,65 @@ def test_count_tokens_answers_an_estimate(gateway):
     )
     assert 100 <= counted.input_tokens <= 120
     assert gateway.upstream.stats["requests"] == 0
+
+
+# A request that used tools, in the Messages API's blocks: the tools' schemas, the model's call (its input not
+# ASCII) and its result, a server tool's call and an MCP tool's call and result, and a document.
+TOOLS_ROUND_TRIP = {
+    "system": "Answer in the city's language.",
+    "tools": [{**WEATHER, "description": "Le temps qu'il fait à une ville, en degrés Celsius."}],
+    "messages": [
+        {"role": "user", "content": "Quel temps fait-il à Zürich et à Malmö ?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Je regarde."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Zürich"}},
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "Malmö"}},
+                {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "forecast", "server_name": "s", "input": {}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sonnig, 21 °C, leichter Föhn."},
+                {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "content": [{"type": "text", "text": "Regn"}]},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Notes."}},
+            ],
+        },
+    ],
+}
+
+
+def test_count_tokens_of_a_request_with_tools_is_the_ledgers_estimate_of_it(gateway):
+    """``count_tokens`` had a simpler estimate of its own, which left out server and MCP tool blocks and
+    documents and counted non-ASCII tool input as escaped JSON; it now answers what the ledger charges such a
+    request when its provider counts nothing (``prompt_tokens``)."""
+    counted = client(gateway).messages.count_tokens(model="claude-test", **TOOLS_ROUND_TRIP)
+    assert counted.input_tokens == prompt_tokens(TOOLS_ROUND_TRIP, operation=Operation.MESSAGES)
+
+
+def test_a_translated_stream_cut_midway_is_charged_the_ledgers_estimate_of_its_prompt(gateway):
+    """An OpenAI-protocol model's stream counts its prompt only at its end: ``message_start`` holds an
+    estimate, which a stream cut midway is charged. It was a second estimate's (non-ASCII tool input and
+    schemas counted as escaped JSON); it is now the ledger's own."""
+    body = {
+        **TOOLS_ROUND_TRIP,
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "messages": [
+            {"role": "user", "content": "Quel temps fait-il à Zürich ? [[words=9]] [[fault=cut-3]]"},
+            TOOLS_ROUND_TRIP["messages"][1] | {"content": TOOLS_ROUND_TRIP["messages"][1]["content"][:2]},
+            {"role": "user", "content": TOOLS_ROUND_TRIP["messages"][2]["content"][:1]},
+        ],
+    }
+    reply, events = raw_events(gateway, body)
+    assert events[-1][0] == "error"
+    [opened] = [json.loads(data)["message"]["usage"] for name, data in events if name == "message_start"]
+    record = wait_for_record(reply.headers["x-request-id"])
+    estimate = prompt_tokens(body, operation=Operation.MESSAGES)
+    assert opened["input_tokens"] == record.prompt_tokens == estimate
+    assert record.status == "upstream_error" and record.usage_estimated
 
 
 def test_count_tokens_refuses_a_model_the_key_may_not_use(gateway):

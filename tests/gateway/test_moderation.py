@@ -14,10 +14,10 @@ import pytest
 
 from audit.models import AuditEvent
 from billing.models import Plan, UsageRecord, UserPlan
-from billing.tokens import text_tokens
 from llmhub.testing.fake_upstream import split_tokens
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import policy_cache
+from providers.tokens import text_tokens
 from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

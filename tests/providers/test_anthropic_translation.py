@@ -16,7 +16,6 @@ from providers.adapters.translate_anthropic import (
     anthropic_request,
     chat_request,
     completion_from_message,
-    estimate_input_tokens,
     finish_reason,
     message_from_completion,
     openai_usage,
@@ -648,10 +647,3 @@ def test_chunks_become_anthropics_event_sequence():
     assert events[-2]["usage"]["input_tokens"] == 9 and events[-2]["usage"]["output_tokens"] == 5
 
 
-def test_input_token_estimate_counts_every_kind_of_content():
-    base = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}]}
-    plain = estimate_input_tokens(base)
-    assert plain == 10 + 3
-    assert estimate_input_tokens({**base, "system": "y" * 40}) == plain + 10
-    image = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
-    assert estimate_input_tokens({**base, "messages": [{"role": "user", "content": [image]}]}) == 1_600 + 3

@@ -1,4 +1,4 @@
-"""The one token estimator (``billing.tokens``): what admission reserves for a prompt and what settlement
+"""The one token estimator (``providers.tokens``): what admission reserves for a prompt and what settlement
 charges when the provider counted nothing come from the same walk of the body. Pure functions."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 
 from billing.models import Operation
-from billing.tokens import IMAGE_TOKENS, prompt_tokens, text_tokens
+from providers.tokens import IMAGE_TOKENS, prompt_tokens, text_tokens
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 FUNCTION = {"name": "weather", "description": "Weather in a city", "parameters": {"type": "object"}}

@@ -14,9 +14,9 @@ request), so that what admission reserves and what settlement charges look at th
 
 A token array (embeddings' pre-tokenized input) is counted exactly in both modes.
 
-Billing holds it because admission needs it before the call and settlement after; ``chat`` may import
-billing, ``providers`` may not (``providers.adapters.translate_anthropic.estimate_input_tokens`` keeps its
-own copy for a translated stream's ``message_start``).
+Providers holds it, below billing and chat, so that every side counts a prompt alike: admission before the
+call and settlement after (billing), ``count_tokens`` and the cost calculator (``/api/cost/estimate``), and a
+translated stream's ``message_start`` (``providers.adapters.base``), which a stream cut midway is charged.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import json
 import math
 from collections.abc import Mapping
 from typing import Any
-
-from .models import Operation
 
 CHARS_PER_TOKEN = 4  # an estimate: English averages about four characters a token
 UPPER_CHARS_PER_TOKEN = 2  # a bound: tokenizers rarely fall below two characters a token
@@ -38,6 +36,7 @@ _ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document
 # The Messages API's blocks that call a tool, whose ``input`` the model wrote: the client's tool, a server tool
 # Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
 TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+EMBEDDINGS = "embeddings"  # the operation (``billing.models.Operation``) whose body is an ``input``, not messages
 
 
 def text_tokens(text: str) -> int:
@@ -46,10 +45,10 @@ def text_tokens(text: str) -> int:
 
 
 def prompt_tokens(body: Mapping[str, Any], *, operation: str, upper_bound: bool = False) -> int:
-    """The prompt's tokens in a request ``body`` of ``operation`` (``billing.models.Operation``): an upper
+    """The prompt's tokens in a request ``body`` of ``operation`` (``billing.models.Operation``'s value): an upper
     bound before the call, or the settle-time estimate. The body is one that passed validation; parts of a
     shape the walk does not know count for nothing rather than fail (settlement runs in a ``finally``)."""
-    if operation == Operation.EMBEDDINGS:
+    if operation == EMBEDDINGS:
         return _input_tokens(body.get("input"), upper_bound=upper_bound)
     chars, attachments, messages = _prompt_parts(body)
     if upper_bound:
