@@ -400,6 +400,9 @@ class _UsageTotalsSerializer(serializers.Serializer):
     completion_tokens = serializers.IntegerField()
     cached_tokens = serializers.IntegerField(help_text="Prompt tokens read from the provider's prompt cache.")
     cache_write_tokens = serializers.IntegerField(help_text="Prompt tokens written to the provider's prompt cache.")
+    cache_write_1h_tokens = serializers.IntegerField(
+        help_text="Of the cache writes, those to Anthropic's 1-hour cache (priced apart)."
+    )
     cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
 
 

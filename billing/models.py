@@ -480,6 +480,11 @@ class DailyUsage(models.Model):
     cache_write_tokens = models.PositiveBigIntegerField(
         default=0, db_default=0, help_text="Prompt tokens written to the provider's prompt cache (part of prompt)."
     )
+    cache_write_1h_tokens = models.PositiveBigIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Of the cache writes, those to Anthropic's 1-hour cache (part of cache_write_tokens).",
+    )
     cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
 
     class Meta:

@@ -142,6 +142,7 @@ _TOTALS = {
     "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
     "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
     "cache_write_tokens": Coalesce(Sum("cache_write_tokens"), 0),
+    "cache_write_1h_tokens": Coalesce(Sum("cache_write_1h_tokens"), 0),
     "cost": Coalesce(Sum("cost"), Decimal(0)),
 }
 

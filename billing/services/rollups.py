@@ -98,6 +98,7 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
                 completion_tokens=Sum("completion_tokens"),
                 cached_tokens=Sum("cached_tokens"),
                 cache_write_tokens=Sum("cache_write_tokens"),
+                cache_write_1h_tokens=Sum("cache_write_1h_tokens"),
                 cost=Sum("cost"),
             )
             .order_by()
@@ -133,19 +134,26 @@ def _sealed_day_catch_up(seal: DailyUsageSeal, *, through_id: int) -> None:
 
 
 DAILY_USAGE_GROUP = ("user_id", "api_key_id", "provider_name", "model_name")
-DAILY_USAGE_FIGURES = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cost")
+DAILY_USAGE_FIGURES = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+    "cost",
+)
 
 
 def daily_usage_fold(day: date, rows: list[dict]) -> None:
     """Add ledger rows (``DAILY_USAGE_GROUP`` and ``DAILY_USAGE_FIGURES`` of each) that ``day``'s rollup does
     not hold to it: a sealed day's, whose rollup can no longer be rebuilt from the ledger."""
-    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, 0, Decimal(0)])
+    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, Decimal(0)])
     for row in rows:
         entry = sums[tuple(row[name] for name in DAILY_USAGE_GROUP)]
         entry[0] += 1
         for index, name in enumerate(DAILY_USAGE_FIGURES, start=1):
             entry[index] += row[name]
-    for group, (requests, prompt, completion, cached, written, cost) in sums.items():
+    for group, (requests, prompt, completion, cached, written, written_1h, cost) in sums.items():
         # One row of the group, not each: deleting users (or keys) sets their rollup rows' user (key) to NULL,
         # so a day can hold several rows of one (day, no user, provider, model) group.
         found = (
@@ -161,6 +169,7 @@ def daily_usage_fold(day: date, rows: list[dict]) -> None:
                 completion_tokens=F("completion_tokens") + completion,
                 cached_tokens=F("cached_tokens") + cached,
                 cache_write_tokens=F("cache_write_tokens") + written,
+                cache_write_1h_tokens=F("cache_write_1h_tokens") + written_1h,
                 cost=F("cost") + cost,
             )
         else:
@@ -172,6 +181,7 @@ def daily_usage_fold(day: date, rows: list[dict]) -> None:
                 completion_tokens=completion,
                 cached_tokens=cached,
                 cache_write_tokens=written,
+                cache_write_1h_tokens=written_1h,
                 cost=cost,
             )
 

@@ -43,6 +43,7 @@ def rollup() -> dict:
             row["completion_tokens"],
             row["cached_tokens"],
             row["cache_write_tokens"],
+            row["cache_write_1h_tokens"],
             row["cost"],
         )
         for row in DailyUsage.objects.values()
@@ -88,6 +89,7 @@ def ledger(clock):
                 provider_name="fake-anthropic",
                 cost=Decimal("2"),
                 cache_write_tokens=5,
+                cache_write_1h_tokens=2,
             ),
             UsageRecordFactory(user=bob, created_at=at(day, 13), provider_name="", model_name="typo", cost=0),
         ]
@@ -125,8 +127,8 @@ def test_a_day_never_rolled_up_is_rolled_up_before_its_rows_go(ledger, settings)
     assert not DailyUsage.objects.filter(day=OLD).exists()
     expected = {}
     for row in UsageRecord.objects.filter(created_at__date=OLD):
-        requests, prompt, completion, cached, written, cost = expected.get(
-            (row.user_id, row.api_key_id, row.provider_name, row.model_name), (0, 0, 0, 0, 0, Decimal(0))
+        requests, prompt, completion, cached, written, written_1h, cost = expected.get(
+            (row.user_id, row.api_key_id, row.provider_name, row.model_name), (0, 0, 0, 0, 0, 0, Decimal(0))
         )
         expected[(row.user_id, row.api_key_id, row.provider_name, row.model_name)] = (
             requests + 1,
@@ -134,6 +136,7 @@ def test_a_day_never_rolled_up_is_rolled_up_before_its_rows_go(ledger, settings)
             completion + row.completion_tokens,
             cached + row.cached_tokens,
             written + row.cache_write_tokens,
+            written_1h + row.cache_write_1h_tokens,
             cost + row.cost,
         )
 
@@ -196,7 +199,13 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
     dashboards_sealed = dashboards(ledger["users"])
     alice, work = ledger["users"][0], ledger["key"]
     late = UsageRecordFactory(
-        user=alice, api_key=work, created_at=at(OLD, 5), cost=Decimal("0.25"), prompt_tokens=7, cache_write_tokens=3
+        user=alice,
+        api_key=work,
+        created_at=at(OLD, 5),
+        cost=Decimal("0.25"),
+        prompt_tokens=7,
+        cache_write_tokens=3,
+        cache_write_1h_tokens=1,
     )
 
     daily_usage_rebuild(day=OLD)
@@ -211,7 +220,7 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
     assert rollup() == rebuilt
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     group = (OLD, alice.pk, work.pk, late.provider_name, late.model_name)
-    requests, prompt, completion, cached, written, cost = sealed[group]
+    requests, prompt, completion, cached, written, written_1h, cost = sealed[group]
     assert changed == {
         group: (
             requests + 1,
@@ -219,6 +228,7 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
             completion + late.completion_tokens,
             cached,
             written + 3,
+            written_1h + 1,
             cost + Decimal("0.25"),
         )
     }
@@ -261,9 +271,12 @@ def late_row_steps(steps: str, *, key, user) -> UsageRecord:
                 cost=Decimal("0.0000000007"),
                 prompt_tokens=7,
                 cache_write_tokens=2,
+                cache_write_1h_tokens=2,
             )
             group = (OLD, user.pk, key.pk, late.provider_name, late.model_name)
-            requests, prompt, completion, cached, written, cost = base.get(group, (0, 0, 0, 0, 0, Decimal(0)))
+            requests, prompt, completion, cached, written, written_1h, cost = base.get(
+                group, (0, 0, 0, 0, 0, 0, Decimal(0))
+            )
             expected = dict(base)
             expected[group] = (
                 requests + 1,
@@ -271,6 +284,7 @@ def late_row_steps(steps: str, *, key, user) -> UsageRecord:
                 completion + late.completion_tokens,
                 cached,
                 written + 2,
+                written_1h + 2,
                 cost + late.cost,
             )
             continue
@@ -408,5 +422,5 @@ def test_a_late_row_added_by_retention_and_the_rollup_at_once_counts_once(ledger
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     assert list(changed) == [group]
     assert changed[group][0] == sealed[group][0] + 1
-    assert changed[group][5] == sealed[group][5] + Decimal("0.25")
+    assert changed[group][6] == sealed[group][6] + Decimal("0.25")
     assert not UsageRecord.objects.filter(created_at__lt=at(RECENT, 0)).exists()

@@ -26,11 +26,12 @@ def at(day: date, hour: int) -> datetime:
 
 
 def totals(rows) -> dict:
-    """(day, user, key, provider, model) → [requests, prompt, completion, cached, cache-write, cost]."""
-    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, Decimal(0)])
-    for day, user, key, provider, model, requests, prompt, completion, cached, written, cost in rows:
+    """(day, user, key, provider, model) → [requests, prompt, completion, cached, cache-write, of them to the 1-hour
+    cache, cost]."""
+    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, 0, Decimal(0)])
+    for day, user, key, provider, model, requests, prompt, completion, cached, written, written_1h, cost in rows:
         entry = out[(day, user, key, provider, model)]
-        for index, value in enumerate((requests, prompt, completion, cached, written, cost)):
+        for index, value in enumerate((requests, prompt, completion, cached, written, written_1h, cost)):
             entry[index] += value
     return dict(out)
 
@@ -48,6 +49,7 @@ def ledger_totals(days) -> dict:
             r.completion_tokens,
             r.cached_tokens,
             r.cache_write_tokens,
+            r.cache_write_1h_tokens,
             r.cost,
         )
         for r in UsageRecord.objects.all()
@@ -68,6 +70,7 @@ def rollup_totals() -> dict:
             "completion_tokens",
             "cached_tokens",
             "cache_write_tokens",
+            "cache_write_1h_tokens",
             "cost",
         )
     )
@@ -92,6 +95,7 @@ def ledger():
             cost=Decimal("1.1"),
             cached_tokens=4,
             cache_write_tokens=6,
+            cache_write_1h_tokens=4,
         ),
         dict(user=alice, api_key=work, created_at=at(TODAY, 1), model_name="gpt-test", cost=Decimal("0.0000000003")),
         dict(
@@ -256,3 +260,30 @@ def test_the_rollup_keeps_each_days_prompt_cache_writes_and_the_admin_shows_them
     assert DailyUsage.objects.get(day=ledger["yesterday"], model_name="claude-test").cache_write_tokens == 6
     page = admin_client.get(reverse("admin:billing_dailyusage_change", args=[today.pk])).content.decode()
     assert "Cache write tokens" in page and "3548" in page
+
+
+def test_the_rollup_keeps_each_days_writes_to_the_1_hour_cache_and_shows_them(ledger, admin_client):
+    """Writes to Anthropic's 1-hour cache cost more than the 5-minute cache's: the ledger row keeps how many
+    of its cache writes went there. The day's rollup (all that is left once retention has deleted the rows)
+    summed the cache writes but not that part of them; it now does, and its page in the admin shows it."""
+    from django.urls import reverse
+
+    for hour, written, written_1h in ((5, 1500, 1000), (6, 2048, 48), (7, 300, 0)):
+        UsageRecordFactory(
+            user=ledger["alice"],
+            created_at=at(TODAY, hour),
+            model_name="claude-test",
+            provider_name="fake-anthropic",
+            prompt_tokens=3000,
+            cache_write_tokens=written,
+            cache_write_1h_tokens=written_1h,
+        )
+    with time_machine.travel(at(TODAY, 8), tick=False):
+        usage_rollup.delay()
+        usage_rollup.delay()  # rebuilt, not added to
+
+    today = DailyUsage.objects.get(day=TODAY, model_name="claude-test")
+    assert (today.requests, today.cache_write_tokens, today.cache_write_1h_tokens) == (3, 3848, 1048)
+    assert DailyUsage.objects.get(day=ledger["yesterday"], model_name="claude-test").cache_write_1h_tokens == 4
+    page = admin_client.get(reverse("admin:billing_dailyusage_change", args=[today.pk])).content.decode()
+    assert "Cache write 1h tokens" in page and "1048" in page

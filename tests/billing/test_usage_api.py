@@ -257,6 +257,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
         "completion_tokens": sum(row["completion_tokens"] for row in rows),
         "cached_tokens": sum(row["cached_tokens"] for row in rows),
         "cache_write_tokens": sum(row["cache_write_tokens"] for row in rows),
+        "cache_write_1h_tokens": sum(row["cache_write_1h_tokens"] for row in rows),
         "cost": str(sum(Decimal(row["cost"]) for row in rows)),
     }
     assert summary["total"]["cost"] == "1.2380678909"
@@ -268,6 +269,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "completion_tokens": 2400,
             "cached_tokens": 0,
             "cache_write_tokens": 0,
+            "cache_write_1h_tokens": 0,
             "cost": "0.0035000001",
         },
         {
@@ -277,6 +279,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "completion_tokens": 0,
             "cached_tokens": 0,
             "cache_write_tokens": 0,
+            "cache_write_1h_tokens": 0,
             "cost": "0.0000000007",
         },
         {
@@ -286,6 +289,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "completion_tokens": 60_000,
             "cached_tokens": 10_000,
             "cache_write_tokens": 4_000,
+            "cache_write_1h_tokens": 1_500,
             "cost": "1.2345678901",
         },
     ]
@@ -297,6 +301,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "completion_tokens": 400,
             "cached_tokens": 0,
             "cache_write_tokens": 0,
+            "cache_write_1h_tokens": 0,
             "cost": "0.0020000001",
         },
         {
@@ -306,6 +311,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "completion_tokens": 62_000,
             "cached_tokens": 10_000,
             "cache_write_tokens": 4_000,
+            "cache_write_1h_tokens": 1_500,
             "cost": "1.2360678908",
         },
     ]
@@ -323,6 +329,7 @@ def test_summary_takes_the_same_filters(client, ledger):
         "completion_tokens": 2000,
         "cached_tokens": 0,
         "cache_write_tokens": 0,
+        "cache_write_1h_tokens": 0,
         "cost": "0.0015000000",
     }
     assert [entry["day"] for entry in summary["by_day"]] == ["2025-03-01"]
@@ -350,6 +357,7 @@ def test_summary_of_nothing_is_zero(client, ledger):
             "completion_tokens": 0,
             "cached_tokens": 0,
             "cache_write_tokens": 0,
+            "cache_write_1h_tokens": 0,
             "cost": "0.0000000000",
         },
         "by_day": [],
@@ -383,4 +391,28 @@ def test_summary_sums_prompt_cache_reads_and_writes(client, alice):
     assert [(m["model"], m["cached_tokens"], m["cache_write_tokens"]) for m in summary["by_model"]] == [
         ("claude-test", 600, 1000),
         ("gpt-test", 32, 0),
+    ]
+
+
+def test_summary_sums_writes_to_the_1_hour_cache(client, alice):
+    # Writes to Anthropic's 1-hour cache are priced apart from the 5-minute cache's: the summary says how many
+    # of the cache writes went there, as each row does.
+    UsageRecordFactory(
+        user=alice, created_at=at(5), model_name="claude-test", cache_write_tokens=1000, cache_write_1h_tokens=700
+    )
+    UsageRecordFactory(
+        user=alice, created_at=at(6), model_name="claude-test", cache_write_tokens=500, cache_write_1h_tokens=50
+    )
+    UsageRecordFactory(user=alice, created_at=at(6), model_name="gpt-test", cache_write_tokens=0)
+
+    summary = client.get("/api/usage/summary/").json()
+
+    assert (summary["total"]["cache_write_tokens"], summary["total"]["cache_write_1h_tokens"]) == (1500, 750)
+    assert [(d["day"], d["cache_write_1h_tokens"]) for d in summary["by_day"]] == [
+        ("2025-03-05", 700),
+        ("2025-03-06", 50),
+    ]
+    assert [(m["model"], m["cache_write_1h_tokens"]) for m in summary["by_model"]] == [
+        ("claude-test", 750),
+        ("gpt-test", 0),
     ]
