@@ -17,7 +17,8 @@
 -- Returns 'ok max_tokens cost tokens', then per scope ' rpm rpm_remaining rpm_reset_ms tpm tpm_remaining
 -- tpm_reset_ms' (one space-separated string); or {'seed', {counter indexes}}, {'wait', ms},
 -- {'quota', i, spent, reserved, needed} or
--- {'rate', j, 'requests' | 'tokens', limit, used, requested, retry_after_ms (-1: never fits)}.
+-- {'rate', j, 'requests' | 'tokens', limit, used, requested, retry_after_ms (-1: never fits), then per scope
+-- rpm, rpm_remaining, rpm_reset_ms, tpm, tpm_remaining, tpm_reset_ms as the refusal found them}.
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local resv_ttl = tonumber(ARGV[3])
@@ -205,8 +206,38 @@ for j = 1, nr do
   end
   scopes[j] = s
 end
+-- The time until a window's oldest entry leaves it (0: empty).
+local function reset_of(zset)
+  local oldest = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+  if oldest[2] then
+    return tonumber(oldest[2]) + window - now
+  end
+  return 0
+end
 if refusal then
-  return refusal.answer
+  -- Every scope's windows as they are, the request not counted: a 429 tells both dimensions, as OpenAI's do.
+  local answer = refusal.answer
+  for _, s in ipairs(scopes) do
+    if s.rpm >= 0 then
+      answer[#answer + 1] = int(s.rpm)
+      answer[#answer + 1] = int(s.rpm - s.used_requests)
+      answer[#answer + 1] = int(reset_of(s.rq))
+    else
+      answer[#answer + 1] = '-1'
+      answer[#answer + 1] = '-1'
+      answer[#answer + 1] = '-1'
+    end
+    if s.tpm >= 0 then
+      answer[#answer + 1] = int(s.tpm)
+      answer[#answer + 1] = int(s.tpm - s.used_tokens)
+      answer[#answer + 1] = int(reset_of(s.tk))
+    else
+      answer[#answer + 1] = '-1'
+      answer[#answer + 1] = '-1'
+      answer[#answer + 1] = '-1'
+    end
+  end
+  return answer
 end
 
 for i, c in ipairs(counters) do

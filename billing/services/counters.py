@@ -229,6 +229,7 @@ class RedisCounterStore:
                 requested=int(reply[5]),
                 retry_after_ms=int(reply[6]),
                 now_ms=_ms(now),
+                states=_rate_states([int(v) for v in reply[7:]], len(rates)),
             )
         values = [int(v) for v in reply[1:]]
         reserved = Reserved(max_tokens=values[0], cost=Decimal(values[1]) * COST_QUANTUM, tokens=values[2])
@@ -242,16 +243,7 @@ class RedisCounterStore:
                 ),
             ),
         )
-        states = []
-        for j in range(len(rates)):
-            rpm, rpm_left, rpm_reset, tpm, tpm_left, tpm_reset = values[3 + 6 * j : 9 + 6 * j]
-            states.append(
-                RateState(
-                    requests=WindowState(rpm, rpm_left, rpm_reset) if rpm >= 0 else None,
-                    tokens=WindowState(tpm, tpm_left, tpm_reset) if tpm >= 0 else None,
-                )
-            )
-        return AcquireOutcome(reserved, states)
+        return AcquireOutcome(reserved, _rate_states(values[3:], len(rates)))
 
     async def _seed(self, specs: Sequence[CounterSpec], now: datetime) -> None:
         """Start a counter from the ledger's figure for its period; the first seeder wins.
@@ -350,6 +342,20 @@ def _settle_call(
         keys += list(rate.keys[1:])
     keys.append(inflight_key(instance))
     return keys, args
+
+
+def _rate_states(values: Sequence[int], scopes: int) -> list[RateState]:
+    """The rate scopes' windows in an admission's answer: six values a scope (``admission_acquire.lua``)."""
+    states = []
+    for j in range(scopes):
+        rpm, rpm_left, rpm_reset, tpm, tpm_left, tpm_reset = values[6 * j : 6 * j + 6]
+        states.append(
+            RateState(
+                requests=WindowState(rpm, rpm_left, rpm_reset) if rpm >= 0 else None,
+                tokens=WindowState(tpm, tpm_left, tpm_reset) if tpm >= 0 else None,
+            )
+        )
+    return states
 
 
 def _script_reply(reply: str | list) -> list:

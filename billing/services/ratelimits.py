@@ -11,8 +11,9 @@ when it set none: ``budgets.window_tokens``), then corrected to what the request
 settles. The x-ratelimit-* headers follow OpenAI's names and duration format; ``reset`` is the time until
 the window's oldest entry leaves it, i.e. until ``remaining`` rises. The Messages API's answers also carry
 Anthropic's names (``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``), whose ``reset`` is that
-moment as an RFC 3339 time. The tokens window counts input and output together: there are no
-``input-tokens``/``output-tokens`` headers, as no limit of ours splits them.
+moment as an RFC 3339 time. A 429 carries both dimensions too, as OpenAI's do (``rate_limit_error``). The tokens
+window counts input and output together: there are no ``input-tokens``/``output-tokens`` headers, as no limit
+of ours splits them.
 """
 
 from __future__ import annotations
@@ -143,12 +144,24 @@ def anthropic_ratelimit_headers(states: Sequence[RateState], *, now_ms: int) -> 
 
 
 def rate_limit_error(
-    spec: RateSpec, *, dimension: str, limit: int, used: int, requested: int, retry_after_ms: int, now_ms: int
+    spec: RateSpec,
+    *,
+    dimension: str,
+    limit: int,
+    used: int,
+    requested: int,
+    retry_after_ms: int,
+    now_ms: int,
+    states: Sequence[RateState] = (),
 ) -> RateLimitExceededError:
     """``retry_after_ms`` < 0: the request alone is more than the limit and can never be admitted. A refusal
     that no wait can lift (that, or a limit of 0) carries no ``Retry-After``, as an exhausted budget's does:
     the SDKs would otherwise wait a minute before each of their retries of it; it carries ``x-should-retry: false``
-    instead, which they obey."""
+    instead, which they obey.
+
+    ``states``: every scope's windows as the refusal found them (the request not counted). The answer carries
+    both dimensions' headers, as OpenAI's 429s do: the other dimension's as they are (of the scope with the
+    least room left, as on an admission), the refused one's with ``remaining`` 0 until its ``reset``, the wait."""
     name = "requests" if dimension == "requests" else "tokens"
     retry_after: int | None = None
     if limit <= 0:
@@ -172,14 +185,17 @@ def rate_limit_error(
             f"Rate limit reached for {name} per minute on {spec.where}: limit {limit:,}, used {used:,}, "
             f"requested {requested:,}. Please try again in {format_reset(retry_ms)}."
         )
-    window = WindowState(limit=limit, remaining=limit - used, reset_ms=retry_ms)
-    headers = _headers_for(name, window)
+    window = WindowState(limit=limit, remaining=0, reset_ms=retry_ms)
+    headers = {**ratelimit_headers(states), **_headers_for(name, window)}
     if retry_after is None:
         headers.update(NO_RETRY)  # no wait lifts it: the SDKs would send it again twice for the same answer
     error = RateLimitExceededError(
         message, retry_after=retry_after, retry_after_ms=retry_ms if retry_after else None, headers=headers
     )
-    error.extra["anthropic_headers"] = _anthropic_headers_for(name, window, now_ms)
+    error.extra["anthropic_headers"] = {
+        **anthropic_ratelimit_headers(states, now_ms=now_ms),
+        **_anthropic_headers_for(name, window, now_ms),
+    }
     return error
 
 
@@ -270,7 +286,8 @@ class LocalRateLimiter:
                         )
             if refusals:
                 refusal = refusal_latest(refusals)
-                raise rate_limit_error(refusal.pop("spec"), **refusal, now_ms=now_ms)
+                states = self._states(specs, now_ms)
+                raise rate_limit_error(refusal.pop("spec"), **refusal, now_ms=now_ms, states=states)
             states = []
             for spec in specs:
                 requests = tokens_state = None
@@ -286,6 +303,18 @@ class LocalRateLimiter:
                     tokens_state = WindowState(spec.tpm, spec.tpm - window.total, window.reset_ms(now_ms))
                 states.append(RateState(requests, tokens_state))
             return states
+
+    def _states(self, specs: Sequence[RateSpec], now_ms: int) -> list[RateState]:
+        """Every scope's windows as they stand (expired entries gone), for a refusal's headers."""
+        states = []
+        for spec in specs:
+            found = {}
+            for name, limit in (("requests", spec.rpm), ("tokens", spec.tpm)):
+                if limit is not None:
+                    window = self._window(spec, name)
+                    found[name] = WindowState(limit, limit - window.total, window.reset_ms(now_ms))
+            states.append(RateState(found.get("requests"), found.get("tokens")))
+        return states
 
     def release(self, *, request_id: str, specs: Sequence[RateSpec]) -> None:
         """Take back a request that was recorded but then refused for another reason (its budget)."""

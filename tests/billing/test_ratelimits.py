@@ -341,7 +341,55 @@ async def test_anthropics_reset_is_the_moment_the_next_request_is_admitted(store
         "anthropic-ratelimit-requests-limit": "2",
         "anthropic-ratelimit-requests-remaining": "0",
         "anthropic-ratelimit-requests-reset": reset_at,
+        "anthropic-ratelimit-tokens-limit": "1000",  # the other dimension too, as it is
+        "anthropic-ratelimit-tokens-remaining": "900",
+        "anthropic-ratelimit-tokens-reset": reset_at,
     }
     with time_machine.travel(period_clock + timedelta(seconds=60), tick=False):
         third = await acquire(account, "a3", prompt_upper=30, max_tokens=20)
     assert third.anthropic_headers["anthropic-ratelimit-requests-remaining"] == "0"  # a1 and a3 in the window
+
+
+async def test_a_429_carries_both_dimensions_the_refused_one_at_zero(store, account, period_clock):
+    """OpenAI sends the requests and the tokens headers together on every answer, 429s included, and clients'
+    backoff code reads both: a refusal for one dimension says the other's true state too (``remaining`` as it
+    is, nothing of the refused request counted), and the refused dimension's ``remaining`` is 0 until its
+    ``reset``, the wait. In Anthropic's names as well."""
+    import time_machine
+
+    from billing.services.ratelimits import format_reset_at
+
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, rpm=2, tpm=100)
+    await acquire(account, "b0", prompt_upper=30, max_tokens=20)  # 50 tokens, until 60 s
+    with time_machine.travel(period_clock + timedelta(seconds=20), tick=False):
+        with pytest.raises(RateLimitExceededError) as by_tokens:
+            await acquire(account, "b1", prompt_upper=40, max_tokens=20)  # 60 more: over 100
+    headers = by_tokens.value.extra["headers"]
+    assert {name: value for name, value in headers.items() if name.startswith("x-ratelimit")} == {
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "40s",  # when b0 leaves the window: the wait
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",  # b0 alone: the refused request took no slot
+        "x-ratelimit-reset-requests": "40s",
+    }
+    reset_at = format_reset_at(int(period_clock.timestamp() * 1000) + 60_000)
+    assert by_tokens.value.extra["anthropic_headers"] == {
+        "anthropic-ratelimit-tokens-limit": "100",
+        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-reset": reset_at,
+        "anthropic-ratelimit-requests-limit": "2",
+        "anthropic-ratelimit-requests-remaining": "1",
+        "anthropic-ratelimit-requests-reset": reset_at,
+    }
+
+    with time_machine.travel(period_clock + timedelta(seconds=30), tick=False):
+        await acquire(account, "b2", prompt_upper=10, max_tokens=10)  # 20 tokens: 70 in the window, 2 requests
+        with pytest.raises(RateLimitExceededError) as by_requests:
+            await acquire(account, "b3", prompt_upper=5, max_tokens=5)
+    headers = by_requests.value.extra["headers"]
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-reset-requests"] == "30s"
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("100", "30")
+    assert headers["x-ratelimit-reset-tokens"] == "30s"  # until b0's 50 leave the window
+    assert by_requests.value.extra["anthropic_headers"]["anthropic-ratelimit-tokens-remaining"] == "30"

@@ -80,6 +80,26 @@ def test_the_messages_api_answers_carry_anthropics_rate_limit_headers(gateway):
     assert limited["anthropic-ratelimit-requests-remaining"] == "0"
     assert limited["anthropic-ratelimit-requests-reset"] == reset_at
     assert limited["retry-after-ms"] == "60000"
+    # The 429 tells the tokens window too, as it stands (the refused request not counted), in both names.
+    assert limited["anthropic-ratelimit-tokens-limit"] == limited["x-ratelimit-limit-tokens"] == "10000"
+    assert limited["anthropic-ratelimit-tokens-remaining"] == limited["x-ratelimit-remaining-tokens"]
+    assert int(limited["x-ratelimit-remaining-tokens"]) >= int(streamed["anthropic-ratelimit-tokens-remaining"])
+
+
+def test_a_429_through_the_openai_sdk_carries_the_requests_and_the_tokens_headers(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=1, tpm=10_000)
+    client = gateway.client()
+    with time_machine.travel(datetime(2026, 12, 5, 12, 0, tzinfo=UTC), tick=False):
+        served = client.chat.completions.with_raw_response.create(model="gpt-test", messages=HELLO, max_tokens=5)
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model="gpt-test", messages=HELLO, max_tokens=5)
+    headers = refused.value.response.headers
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("1", "0")
+    assert headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert headers["x-ratelimit-limit-tokens"] == "10000"
+    # What the first request used, once settled, is what the tokens window still holds.
+    assert int(headers["x-ratelimit-remaining-tokens"]) >= int(served.headers["x-ratelimit-remaining-tokens"])
+    assert headers["x-ratelimit-reset-tokens"] == "1m0s"
 
 
 def test_chat_completions_keep_openais_names_alone(gateway):
