@@ -28,6 +28,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from billing.authentication import key_from_headers
 from billing.models import Operation
+from billing.services.admission import admission_count_request
 from core.errors import anthropic_error_body, anthropic_error_event, anthropic_error_response, json_response
 from core.event_stream import EventStreamResponse
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
@@ -147,7 +148,8 @@ async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIte
 async def count_tokens(request: HttpRequest) -> HttpResponse:
     """An estimate of a Messages request's input tokens, the one the ledger charges when a provider counts none
     (``providers.tokens.prompt_tokens``), for the model the caller names; nothing goes upstream and nothing is
-    charged, so no ledger row."""
+    charged, so no ledger row. It counts toward the caller's requests per minute (not tokens), so that it
+    cannot be called without bound; over the limit it gets the 429 /v1/messages would."""
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
@@ -157,10 +159,15 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
         body = parse_body(request)
         validate_count_tokens_request(body)
         await model_for_estimate(caller=caller, name=body["model"], operation=Operation.MESSAGES)
+        admission = await admission_count_request(
+            user_id=caller.user_id, api_key_id=caller.api_key_id, request_id=request_id
+        )
     except ApplicationError as exc:
         return _answer(anthropic_error_response(exc), request_id, started)
-    counted = prompt_tokens(body, operation=Operation.MESSAGES)
-    return _answer(json_response({"input_tokens": counted}), request_id, started)
+    response = json_response({"input_tokens": prompt_tokens(body, operation=Operation.MESSAGES)})
+    for name, value in {**admission.headers, **admission.anthropic_headers}.items():
+        response[name] = value
+    return _answer(response, request_id, started)
 
 
 async def method_not_allowed(request: HttpRequest, request_id: str, allowed: str = "POST") -> HttpResponse:

@@ -384,7 +384,7 @@ def _anthropic_compatible_paths(security: list[dict[str, list[Any]]]) -> dict[st
                 "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
                 "responses": {
                     "200": {
-                        "description": "An estimate; not charged.",
+                        "description": "An estimate; not charged. It counts toward the requests per minute.",
                         "content": {
                             "application/json": {
                                 "schema": {
@@ -395,7 +395,7 @@ def _anthropic_compatible_paths(security: list[dict[str, list[Any]]]) -> dict[st
                             }
                         },
                     },
-                    **_anthropic_errors(400, 401, 404, 413),
+                    **_anthropic_errors(400, 401, 403, 404, 413, 429, 503),
                 },
             }
         },

@@ -13,7 +13,8 @@
 -- ARGV: now_ms, request_id, reservation_ttl_ms, n_counters, n_rate_scopes, fixed_cost, token_price,
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
 --       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
---       then: record (JSON, without its amounts), restart_grace_ms, heartbeat_ttl_ms, instance id
+--       then: record (JSON, without its amounts; '': none, for a request that holds nothing and is never
+--       settled, counted in requests-per-minute windows alone), restart_grace_ms, heartbeat_ttl_ms, instance id
 -- Returns 'ok max_tokens cost tokens', then per scope ' rpm rpm_remaining rpm_reset_ms tpm tpm_remaining
 -- tpm_reset_ms' (one space-separated string); or {'seed', {counter indexes}}, {'wait', ms},
 -- {'quota', i, spent, reserved, needed} or
@@ -263,13 +264,15 @@ for i, c in ipairs(counters) do
   redis.call('PEXPIRE', exp, int(c.ttl))
 end
 
-local record = cjson.decode(ARGV[ax + 1])
-record['cost'] = int(cost)
-record['tokens'] = int(tokens)
-record['max_tokens'] = int(max_tokens)
-redis.call('HSET', inflight, rid, cjson.encode(record))
-redis.call('SET', heartbeat, '1', 'PX', ARGV[ax + 3])
-redis.call('SADD', instances, ARGV[ax + 4])
+if ARGV[ax + 1] ~= '' then
+  local record = cjson.decode(ARGV[ax + 1])
+  record['cost'] = int(cost)
+  record['tokens'] = int(tokens)
+  record['max_tokens'] = int(max_tokens)
+  redis.call('HSET', inflight, rid, cjson.encode(record))
+  redis.call('SET', heartbeat, '1', 'PX', ARGV[ax + 3])
+  redis.call('SADD', instances, ARGV[ax + 4])
+end
 
 local result = {'ok', int(max_tokens), int(cost), int(tokens)}
 for _, s in ipairs(scopes) do

@@ -107,24 +107,7 @@ async def admission_acquire(
     counters = counter_specs(user_id=user_id, api_key_id=api_key_id, user=limits, key=key, now=now, ancestors=ancestors)
     if own_key_only and not limits.byok_counts_against_budget:
         counters = tuple(spec for spec in counters if spec.metric != BudgetMetric.COST)
-    rates = rate_specs(
-        user_id=user_id,
-        api_key_id=api_key_id,
-        user_rpm=limits.rpm,
-        user_tpm=limits.tpm,
-        key_rpm=key.rpm if key else None,
-        key_tpm=key.tpm if key else None,
-    ) + tuple(
-        RateSpec(
-            ScopeKind.KEY,
-            ancestor_id,
-            ancestor.rpm,
-            ancestor.tpm,
-            label=f"the key {ancestor.prefix}… that this key was created under",
-        )
-        for ancestor_id, ancestor in ancestors
-        if ancestor.rpm is not None or ancestor.tpm is not None
-    )
+    rates = _rates(user_id=user_id, api_key_id=api_key_id, limits=limits, key=key, ancestors=ancestors)
     admission = Admission(
         request_id=request_id,
         user_id=user_id,
@@ -164,6 +147,55 @@ async def admission_acquire(
     admission.anthropic_headers = anthropic_ratelimit_headers(outcome.rate_states, now_ms=_ms(now))
     admission.handle = _Held(counters=counters, rates=rates, instance=instance_id())
     return admission
+
+
+async def admission_count_request(*, user_id: int, api_key_id: int | None, request_id: str) -> Admission:
+    """Count a request that runs nothing upstream (``/v1/messages/count_tokens``) in the requests-per-minute
+    windows of its key, the keys above it and its user, as ``admission_acquire`` would, or raise
+    ``RateLimitExceededError``. It uses no tokens and costs nothing: no tokens window, no budget, nothing held
+    and nothing to settle (the windows' entries leave them in a minute)."""
+    limits = await user_limits(user_id)
+    key = await key_limits(api_key_id) if api_key_id is not None else None
+    ancestors = await _ancestors(key)
+    rates = _rates(user_id=user_id, api_key_id=api_key_id, limits=limits, key=key, ancestors=ancestors)
+    rates = tuple(rate for rate in rates if rate.rpm is not None)
+    admission = Admission(request_id=request_id, user_id=user_id, api_key_id=api_key_id)
+    if not rates:
+        return admission
+    now = timezone.now()
+    states = await admission_store().requests_acquire(request_id=request_id, rates=rates, now=now)
+    admission.headers = ratelimit_headers(states)
+    admission.anthropic_headers = anthropic_ratelimit_headers(states, now_ms=_ms(now))
+    return admission
+
+
+def _rates(
+    *,
+    user_id: int,
+    api_key_id: int | None,
+    limits: UserLimits,
+    key: KeyLimits | None,
+    ancestors: list[tuple[int, KeyLimits]],
+) -> tuple[RateSpec, ...]:
+    """The per-minute windows a request counts in: its key's, its user's, and those of the keys above its key."""
+    return rate_specs(
+        user_id=user_id,
+        api_key_id=api_key_id,
+        user_rpm=limits.rpm,
+        user_tpm=limits.tpm,
+        key_rpm=key.rpm if key else None,
+        key_tpm=key.tpm if key else None,
+    ) + tuple(
+        RateSpec(
+            ScopeKind.KEY,
+            ancestor_id,
+            ancestor.rpm,
+            ancestor.tpm,
+            label=f"the key {ancestor.prefix}… that this key was created under",
+        )
+        for ancestor_id, ancestor in ancestors
+        if ancestor.rpm is not None or ancestor.tpm is not None
+    )
 
 
 async def _ancestors(key: KeyLimits | None) -> list[tuple[int, KeyLimits]]:

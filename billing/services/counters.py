@@ -19,7 +19,7 @@ import os
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache
@@ -190,12 +190,53 @@ class RedisCounterStore:
         }
         keys += [inflight_key(instance), EPOCH_KEY, heartbeat_key(instance), INSTANCES_KEY]
         args += [json.dumps(record), restart_grace_ms(), heartbeat_ttl_ms(), instance]
+        reply = await self._admit(keys=[*keys, marker], args=args, counters=counters, rates=rates, now=now)
+        values = [int(v) for v in reply[1:]]
+        reserved = Reserved(max_tokens=values[0], cost=Decimal(values[1]) * COST_QUANTUM, tokens=values[2])
+        record.update(cost=str(values[1]), tokens=str(values[2]), max_tokens=str(values[0]))
+        held_add(
+            request_id,
+            Held(
+                record=record,
+                counters=tuple(
+                    (spec.key, values[1] if spec.metric == BudgetMetric.COST else values[2]) for spec in counters
+                ),
+            ),
+        )
+        return AcquireOutcome(reserved, _rate_states(values[3:], len(rates)))
+
+    async def requests_acquire(self, *, request_id: str, rates: Sequence[RateSpec], now: datetime) -> list[RateState]:
+        """Count a request in the requests-per-minute windows of ``rates`` alone (their tokens limits are not
+        passed): nothing reserved, no in-flight record, as nothing settles it. Raises ``RateLimitExceededError``."""
+        keys: list[str] = []
+        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS]
+        for rate in rates:
+            keys += list(rate.keys)
+            args += [-1 if rate.rpm is None else rate.rpm, -1]
+        instance = instance_id()
+        keys += [inflight_key(instance), EPOCH_KEY, heartbeat_key(instance), INSTANCES_KEY]
+        args += ["", restart_grace_ms(), heartbeat_ttl_ms(), instance]
+        marker = f"{KEY_PREFIX}admitted:{request_id}"
+        reply = await self._admit(keys=[*keys, marker], args=args, counters=(), rates=rates, now=now)
+        return _rate_states([int(v) for v in reply[4:]], len(rates))
+
+    async def _admit(
+        self,
+        *,
+        keys: list[str],
+        args: list[str | int],
+        counters: Sequence[CounterSpec],
+        rates: Sequence[RateSpec],
+        now: datetime,
+    ) -> list:
+        """Run ``admission_acquire.lua``, seeding counters it finds missing; its answer when it admits, else
+        the refusal raised."""
         try:
             # A second round trip only at a counter's first use in a period (or after Redis lost it).
             seeds = 0
             waited_until = time.monotonic() + restart_grace_ms() / 1000 + 5
             while True:
-                reply = _script_reply(await self._acquire(keys=[*keys, marker], args=args))
+                reply = _script_reply(await self._acquire(keys=keys, args=args))
                 if reply[0] == "wait" and time.monotonic() < waited_until:
                     # Redis lost its data a moment ago: live processes are re-asserting what they hold.
                     await asyncio.sleep(int(reply[1]) / 1000)
@@ -231,19 +272,7 @@ class RedisCounterStore:
                 now_ms=_ms(now),
                 states=_rate_states([int(v) for v in reply[7:]], len(rates)),
             )
-        values = [int(v) for v in reply[1:]]
-        reserved = Reserved(max_tokens=values[0], cost=Decimal(values[1]) * COST_QUANTUM, tokens=values[2])
-        record.update(cost=str(values[1]), tokens=str(values[2]), max_tokens=str(values[0]))
-        held_add(
-            request_id,
-            Held(
-                record=record,
-                counters=tuple(
-                    (spec.key, values[1] if spec.metric == BudgetMetric.COST else values[2]) for spec in counters
-                ),
-            ),
-        )
-        return AcquireOutcome(reserved, _rate_states(values[3:], len(rates)))
+        return reply
 
     async def _seed(self, specs: Sequence[CounterSpec], now: datetime) -> None:
         """Start a counter from the ledger's figure for its period; the first seeder wins.
@@ -500,6 +529,11 @@ class DatabaseCounterStore:
         )
         held_add(request_id, None)
         return outcome
+
+    async def requests_acquire(self, *, request_id: str, rates: Sequence[RateSpec], now: datetime) -> list[RateState]:
+        """``RedisCounterStore.requests_acquire``, in this process's windows."""
+        specs = [replace(rate, tpm=None) for rate in rates]
+        return local_rate_limiter.acquire(request_id=request_id, specs=specs, tokens=0, now_ms=_ms(now))
 
     def _acquire(
         self,

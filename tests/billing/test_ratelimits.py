@@ -393,3 +393,34 @@ async def test_a_429_carries_both_dimensions_the_refused_one_at_zero(store, acco
     assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("100", "30")
     assert headers["x-ratelimit-reset-tokens"] == "30s"  # until b0's 50 leave the window
     assert by_requests.value.extra["anthropic_headers"]["anthropic-ratelimit-tokens-remaining"] == "30"
+
+
+async def test_a_request_that_runs_nothing_takes_a_requests_slot_and_holds_nothing(store, account):
+    """``/v1/messages/count_tokens``: a slot of the requests-per-minute windows, shared with real requests, no
+    tokens, and nothing left in flight (no reservation, no record a lost-request sweep would make a row of)."""
+    import redis
+
+    from billing.services.admission import admission_count_request
+    from billing.services.inflight import inflight_key, instance_id
+
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=Decimal("5"), rpm=2, tpm=100)
+    ids = {"user_id": account["user"].pk, "api_key_id": account["key"].pk}
+
+    counted = await admission_count_request(**ids, request_id="c0")
+    assert counted.headers == {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+    }
+    assert counted.handle is None  # nothing to settle
+    admitted = await acquire(account, "c1", prompt_upper=30, max_tokens=20)
+    assert admitted.headers["x-ratelimit-remaining-requests"] == "0"
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == "50"  # the count took none
+    with pytest.raises(RateLimitExceededError) as refused:
+        await admission_count_request(**ids, request_id="c2")
+    assert "Rate limit reached for requests per minute on this API key" in refused.value.message
+    assert refused.value.extra["anthropic_headers"]["anthropic-ratelimit-requests-remaining"] == "0"
+    if store == "redis":
+        client = redis.Redis.from_url(django_settings.REDIS_URL)
+        assert client.hkeys(inflight_key(instance_id())) == [b"c1"]
+        client.close()

@@ -107,3 +107,39 @@ def test_chat_completions_keep_openais_names_alone(gateway):
     answered = gateway.client().chat.completions.with_raw_response.create(model="gpt-test", messages=HELLO)
     assert answered.headers["x-ratelimit-remaining-requests"] == "1"
     assert not [name for name in answered.headers if name.startswith("anthropic-ratelimit")]
+
+
+def test_count_tokens_counts_toward_requests_per_minute_and_not_tokens(gateway):
+    """``/v1/messages/count_tokens`` runs nothing upstream, but a client could call it without bound: it takes a
+    slot of the key's requests per minute (not of its tokens: nothing is used), refused as /v1/messages is when
+    the window is full. ``/v1/models`` stays unlimited."""
+    from billing.models import Operation
+    from billing.tokens import prompt_tokens
+
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=3, tpm=1000)
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    long = [{"role": "user", "content": "x" * 4000}]  # more than the tokens limit, at any estimate's bound
+    with time_machine.travel(datetime(2026, 12, 5, 12, 0, tzinfo=UTC), tick=False):
+        counted = sdk.messages.with_raw_response.count_tokens(model="claude-test", messages=long)
+        sdk.messages.count_tokens(model="claude-test", messages=long)
+        answered = sdk.messages.with_raw_response.create(model="claude-test", max_tokens=5, messages=HELLO)
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            sdk.messages.count_tokens(model="claude-test", messages=long)
+        listed = sdk.models.list()
+
+    assert counted.parse().input_tokens > 0
+    assert counted.headers["anthropic-ratelimit-requests-limit"] == "3"
+    assert counted.headers["anthropic-ratelimit-requests-remaining"] == "2"
+    assert counted.headers["anthropic-ratelimit-requests-reset"] == "2026-12-05T12:01:00.000Z"
+    assert counted.headers["x-ratelimit-remaining-requests"] == "2"
+    assert answered.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    # The two counts took no tokens: the window holds the message's own bound alone.
+    body = {"model": "claude-test", "max_tokens": 5, "messages": HELLO}
+    own = prompt_tokens(body, operation=Operation.MESSAGES, upper_bound=True) + 5
+    assert answered.headers["anthropic-ratelimit-tokens-remaining"] == str(1000 - own)
+    assert refused.value.body["error"]["type"] == "rate_limit_error"
+    limited = refused.value.response.headers
+    assert limited["anthropic-ratelimit-requests-remaining"] == "0"
+    assert limited["retry-after-ms"] == "60000"
+    assert [model.id for model in listed.data]  # not limited
+    assert gateway.upstream.stats["requests"] == 1
