@@ -420,6 +420,7 @@ async def completion_start(
             body=body,
             request_id=request_id,
             prompt_tokens_upper=prompt_tokens(body, operation=operation, upper_bound=True),
+            prompt_tokens_estimate=prompt_tokens(body, operation=operation),
             endpoint=endpoint,
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
         )

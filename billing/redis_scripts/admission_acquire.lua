@@ -12,6 +12,8 @@
 --       then: in-flight hash of the process, epoch key, heartbeat key of the process, instances set
 -- ARGV: now_ms, request_id, reservation_ttl_ms, n_counters, n_rate_scopes, fixed_cost, token_price,
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
+--       likely_prompt_tokens (the prompt's likely size, which alone makes a request too large for a tokens
+--       window; -1: prompt_tokens),
 --       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
 --       then: record (JSON, without its amounts; '': none, for a request that holds nothing and is never
 --       settled, counted in requests-per-minute windows alone), restart_grace_ms, heartbeat_ttl_ms, instance id
@@ -32,8 +34,12 @@ local cap = tonumber(ARGV[9])
 local prompt = tonumber(ARGV[10])
 local choices = tonumber(ARGV[11])
 local window = tonumber(ARGV[12])
+local likely_prompt = tonumber(ARGV[13])
+if likely_prompt < 0 then
+  likely_prompt = prompt
+end
 local kx = 3 * nb + 3 * nr
-local ax = 12 + 3 * nb + 2 * nr
+local ax = 13 + 3 * nb + 2 * nr
 local inflight, epoch_key, heartbeat, instances = KEYS[kx + 1], KEYS[kx + 2], KEYS[kx + 3], KEYS[kx + 4]
 
 -- Lua turns large numbers into "1e+15", which HINCRBY refuses: always pass integers through this.
@@ -76,7 +82,7 @@ end
 local counters = {}
 for i = 1, nb do
   local h, exp = KEYS[3 * i - 2], KEYS[3 * i - 1]
-  local a = 12 + 3 * (i - 1)
+  local a = 13 + 3 * (i - 1)
   -- A reservation whose request never settled (its process died) gives its amount back.
   local stale = redis.call('ZRANGEBYSCORE', exp, '-inf', now)
   for _, r in ipairs(stale) do
@@ -141,6 +147,9 @@ local window_tokens = tokens
 if requested < 0 then
   window_tokens = prompt
 end
+-- Only a request whose likely size is over a limit is too large for it; one whose bound alone is over counts as
+-- the whole limit (billing/services/ratelimits.py, window_amount and too_large), corrected when it settles.
+local likely_tokens = window_tokens - prompt + likely_prompt
 
 -- Every window is checked: refused, the answer is one that no wait lets through (the request is larger than
 -- the limit, or the limit is 0), else the one that frees last, so that a client coming back after its wait
@@ -158,7 +167,7 @@ end
 for j = 1, nr do
   local k = 3 * nb + 3 * (j - 1)
   local rq, tk, th = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local a = 12 + 3 * nb + 2 * (j - 1)
+  local a = 13 + 3 * nb + 2 * (j - 1)
   local s = {rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), rq = rq, tk = tk, th = th}
   local cutoff = now - window
   if s.rpm >= 0 then
@@ -188,21 +197,22 @@ for j = 1, nr do
       redis.call('ZREMRANGEBYSCORE', tk, '-inf', cutoff)
     end
     s.used_tokens = tonumber(redis.call('HGET', th, 'sum') or '0')
-    if s.used_tokens + window_tokens > s.tpm then
+    s.amount = math.min(window_tokens, s.tpm)
+    if likely_tokens > s.tpm or s.tpm <= 0 then
+      refuse({'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(likely_tokens), '-1'}, -1, s.tpm)
+    elseif s.used_tokens + s.amount > s.tpm then
       local retry = -1
-      if window_tokens <= s.tpm then
-        local excess = s.used_tokens + window_tokens - s.tpm
-        local entries = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
-        local freed = 0
-        for e = 1, #entries, 2 do
-          freed = freed + tonumber(redis.call('HGET', th, entries[e]) or '0')
-          if freed >= excess then
-            retry = tonumber(entries[e + 1]) + window - now
-            break
-          end
+      local excess = s.used_tokens + s.amount - s.tpm
+      local entries = redis.call('ZRANGE', tk, 0, -1, 'WITHSCORES')
+      local freed = 0
+      for e = 1, #entries, 2 do
+        freed = freed + tonumber(redis.call('HGET', th, entries[e]) or '0')
+        if freed >= excess then
+          retry = tonumber(entries[e + 1]) + window - now
+          break
         end
       end
-      refuse({'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(window_tokens), int(retry)}, retry, s.tpm)
+      refuse({'rate', j, 'tokens', s.tpm, int(s.used_tokens), int(s.amount), int(retry)}, retry, s.tpm)
     end
   end
   scopes[j] = s
@@ -290,13 +300,13 @@ for _, s in ipairs(scopes) do
   end
   if s.tpm >= 0 then
     redis.call('ZADD', s.tk, int(now), rid)
-    redis.call('HSET', s.th, rid, int(window_tokens))
-    redis.call('HINCRBY', s.th, 'sum', int(window_tokens))
+    redis.call('HSET', s.th, rid, int(s.amount))
+    redis.call('HINCRBY', s.th, 'sum', int(s.amount))
     redis.call('PEXPIRE', s.tk, int(window + 1000))
     redis.call('PEXPIRE', s.th, int(window + 1000))
     local oldest = redis.call('ZRANGE', s.tk, 0, 0, 'WITHSCORES')
     result[#result + 1] = int(s.tpm)
-    result[#result + 1] = int(s.tpm - s.used_tokens - window_tokens)
+    result[#result + 1] = int(s.tpm - s.used_tokens - s.amount)
     result[#result + 1] = int(tonumber(oldest[2]) + window - now)
   else
     result[#result + 1] = '-1'

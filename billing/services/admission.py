@@ -85,6 +85,7 @@ async def admission_acquire(
     body: dict[str, Any],
     request_id: str,
     prompt_tokens_upper: int,
+    prompt_tokens_estimate: int | None = None,
     endpoint: str = "",
     own_key_only: bool = False,
 ) -> Admission:
@@ -94,6 +95,10 @@ async def admission_acquire(
     What it holds, it holds with a record of the request (``services.inflight``): should this process
     die before settling, the record becomes the request's ``lost`` ledger row and its holds are released.
     ``endpoint``: for that row.
+
+    ``prompt_tokens_upper``: the prompt's bound, which everything is reserved at; ``prompt_tokens_estimate``: its
+    likely size (``billing.tokens.prompt_tokens``' estimate), which alone decides whether the request is too large
+    for a tokens-per-minute limit (``budgets.window_tokens_likely``).
 
     ``own_key_only``: every deployment that may serve the request runs on the user's own provider key
     (bring your own key). Unless the plan counts own-key spend, such a request costs the platform nothing
@@ -120,6 +125,7 @@ async def admission_acquire(
         model=model,
         body=body,
         prompt_tokens_upper=prompt_tokens_upper,
+        prompt_tokens_likely=prompt_tokens_estimate,
         cap=settings.LLMHUB_BUDGET_MAX_TOKENS_CAP,
         budgeted=bool(counters),
     )

@@ -170,6 +170,8 @@ class Charge:
     cap: int
     prompt_tokens: int
     choices: int
+    # The prompt's likely size (the ledger's estimate when no usage comes back); None: its bound.
+    likely_prompt_tokens: int | None = None
 
 
 def requested_max_tokens(body: Mapping[str, object]) -> int | None:
@@ -185,15 +187,24 @@ def requested_max_tokens(body: Mapping[str, object]) -> int | None:
 
 
 def charge_for(
-    *, model: ResolvedModel, body: Mapping[str, object], prompt_tokens_upper: int, cap: int, budgeted: bool
+    *,
+    model: ResolvedModel,
+    body: Mapping[str, object],
+    prompt_tokens_upper: int,
+    cap: int,
+    budgeted: bool,
+    prompt_tokens_likely: int | None = None,
 ) -> Charge:
     """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it.
+    ``prompt_tokens_likely``: the prompt's likely size, which alone decides whether a request is too large for a
+    tokens-per-minute limit (``window_tokens_likely``); everything reserved is reserved at the bound.
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage."""
     choices = body.get("n")
     choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
     prompt_tokens = max(prompt_tokens_upper, 0)
+    likely = None if prompt_tokens_likely is None else min(max(prompt_tokens_likely, 0), prompt_tokens)
     if model.mode == ModelMode.EMBEDDING:
         return Charge(
             cost_for(model=model, prompt_tokens=prompt_tokens, completion_tokens=0),
@@ -202,6 +213,7 @@ def charge_for(
             cap,
             prompt_tokens,
             1,
+            likely,
         )
     max_tokens = requested_max_tokens(body)
     if max_tokens is None and not budgeted:
@@ -209,11 +221,11 @@ def charge_for(
         max_tokens = 0
     if max_tokens is not None:
         fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
-        return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices)
+        return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely)
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
     fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0)
-    return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices)
+    return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices, likely)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +244,16 @@ def window_tokens(charge: Charge, reserved: Reserved) -> int:
     the budget, and a window refusing a request for it would refuse a limit the client never asked for); the
     rest is counted when it settles, as for a request under no budget."""
     return reserved.tokens if charge.requested_max_tokens is not None else charge.prompt_tokens
+
+
+def window_tokens_likely(charge: Charge, reserved: Reserved) -> int:
+    """``window_tokens`` with the prompt at its likely size: only a request whose likely count is over a
+    tokens-per-minute limit is too large for it, for ever. One whose bound alone is over the limit is counted in
+    the window as the whole limit (``ratelimits``): admitted when nothing else is in the window, and corrected to
+    what it really used when it settles, as every request is."""
+    if charge.likely_prompt_tokens is None:
+        return window_tokens(charge, reserved)
+    return window_tokens(charge, reserved) - charge.prompt_tokens + charge.likely_prompt_tokens
 
 
 def charge_clamp(charge: Charge, counters: Sequence[tuple[CounterSpec, Decimal, Decimal]]) -> Reserved:

@@ -71,6 +71,7 @@ from .budgets import (
     period_bounds,
     quota_error,
     window_tokens,
+    window_tokens_likely,
 )
 from .inflight import (
     EPOCH_KEY,
@@ -172,6 +173,7 @@ class RedisCounterStore:
             charge.prompt_tokens,
             charge.choices,
             WINDOW_MS,
+            -1 if charge.likely_prompt_tokens is None else charge.likely_prompt_tokens,
         ]
         for spec in counters:
             keys += _counter_keys(spec.key)
@@ -209,7 +211,7 @@ class RedisCounterStore:
         """Count a request in the requests-per-minute windows of ``rates`` alone (their tokens limits are not
         passed): nothing reserved, no in-flight record, as nothing settles it. Raises ``RateLimitExceededError``."""
         keys: list[str] = []
-        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS]
+        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS, -1]
         for rate in rates:
             keys += list(rate.keys)
             args += [-1 if rate.rpm is None else rate.rpm, -1]
@@ -516,7 +518,11 @@ class DatabaseCounterStore:
             # Only this process's rate windows: nothing held that another process would have to release.
             reserved = charge_clamp(charge, ())
             states = local_rate_limiter.acquire(
-                request_id=request_id, specs=rates, tokens=window_tokens(charge, reserved), now_ms=_ms(now)
+                request_id=request_id,
+                specs=rates,
+                tokens=window_tokens(charge, reserved),
+                likely_tokens=window_tokens_likely(charge, reserved),
+                now_ms=_ms(now),
             )
             return AcquireOutcome(reserved, states)
         outcome = await sync_to_async(self._acquire)(
@@ -552,7 +558,11 @@ class DatabaseCounterStore:
                 states = [(spec, row.spent, row.reserved) for spec, row in zip(counters, rows, strict=True)]
                 reserved = charge_clamp(charge, states)
                 rate_states = local_rate_limiter.acquire(
-                    request_id=request_id, specs=rates, tokens=window_tokens(charge, reserved), now_ms=_ms(now)
+                    request_id=request_id,
+                    specs=rates,
+                    tokens=window_tokens(charge, reserved),
+                    likely_tokens=window_tokens_likely(charge, reserved),
+                    now_ms=_ms(now),
                 )
                 recorded = True
                 charge_check(reserved, states)

@@ -7,9 +7,12 @@ the same script as the budgets (``redis_scripts/admission_acquire.lua``); withou
 ``LocalRateLimiter`` keeps them in this process, which is exact for a single process only.
 
 Tokens are counted as the prompt's upper bound plus the client's max_tokens when admitted (the prompt alone
-when it set none: ``budgets.window_tokens``), then corrected to what the request really used when it
-settles. The x-ratelimit-* headers follow OpenAI's names and duration format; ``reset`` is the time until
-the window's oldest entry leaves it, i.e. until ``remaining`` rises. The Messages API's answers also carry
+when it set none: ``budgets.window_tokens``), at most the limit (``window_amount``), then corrected to what the
+request really used when it settles. A request is too large for a limit, never to be admitted, only when its
+likely size (the prompt at the ledger's estimate, ``budgets.window_tokens_likely``) is over it.
+
+The x-ratelimit-* headers follow OpenAI's names and duration format; ``reset`` is the time until the window's
+oldest entry leaves it, i.e. until ``remaining`` rises. The Messages API's answers also carry
 Anthropic's names (``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``), whose ``reset`` is that
 moment as an RFC 3339 time. A 429 carries both dimensions too, as OpenAI's do (``rate_limit_error``). The tokens
 window counts input and output together: there are no ``input-tokens``/``output-tokens`` headers, as no limit
@@ -171,8 +174,9 @@ def rate_limit_error(
         retry_ms = WINDOW_MS
     elif retry_after_ms < 0:
         message = (
-            f"Request too large for {spec.where}: it may use {requested:,} tokens (its input, plus max_tokens for "
-            f"a reply) and the limit is {limit:,} tokens per minute. Shorten the input or lower max_tokens."
+            f"Request too large for {spec.where}: it would use about {requested:,} tokens (its input, estimated, "
+            f"plus max_tokens for a reply) and the limit is {limit:,} tokens per minute. Shorten the input or lower "
+            "max_tokens."
         )
         retry_ms = WINDOW_MS
     else:
@@ -197,6 +201,19 @@ def rate_limit_error(
         **_anthropic_headers_for(name, window, now_ms),
     }
     return error
+
+
+def window_amount(tokens: int, tpm: int) -> int:
+    """What a request counts in a tokens window when admitted: its bound, but no more than the limit. A request
+    whose bound is over the limit and whose likely size is not (``too_large``) then needs the whole window, which
+    keeps the limit as exact as the bound would have; what it really used replaces it when it settles."""
+    return min(tokens, tpm)
+
+
+def too_large(likely_tokens: int, tpm: int) -> bool:
+    """Whether no wait lets a request through a tokens window: its likely size is over the limit (its bound
+    may be, and the request still fit), or the limit is 0."""
+    return likely_tokens > tpm or tpm <= 0
 
 
 def refusal_latest(refusals: Sequence[dict]) -> dict:
@@ -247,9 +264,20 @@ class LocalRateLimiter:
     def _window(self, spec: RateSpec, name: str) -> _Window:
         return self._windows.setdefault((spec.scope_kind, spec.scope_id, name), _Window())
 
-    def acquire(self, *, request_id: str, specs: Sequence[RateSpec], tokens: int, now_ms: int) -> list[RateState]:
+    def acquire(
+        self,
+        *,
+        request_id: str,
+        specs: Sequence[RateSpec],
+        tokens: int,
+        now_ms: int,
+        likely_tokens: int | None = None,
+    ) -> list[RateState]:
         """Check every window, then record the request in all of them, or in none. Refused, the refusal is
-        the window's that frees last (``refusal_latest``)."""
+        the window's that frees last (``refusal_latest``). ``tokens``: its count at the bound, recorded up to
+        each limit (``window_amount``); ``likely_tokens``: its likely count (``budgets.window_tokens_likely``),
+        which alone makes it too large for a limit."""
+        likely = tokens if likely_tokens is None else likely_tokens
         with self._lock:
             refusals: list[dict] = []
             for spec in specs:
@@ -270,18 +298,27 @@ class LocalRateLimiter:
                 if spec.tpm is not None:
                     window = self._window(spec, "tokens")
                     window.expire(now_ms)
-                    if window.total + tokens > spec.tpm:
-                        retry = (
-                            -1 if tokens > spec.tpm else window.retry_after_ms(now_ms, window.total + tokens - spec.tpm)
-                        )
+                    amount = window_amount(tokens, spec.tpm)
+                    if too_large(likely, spec.tpm):
                         refusals.append(
                             dict(
                                 spec=spec,
                                 dimension="tokens",
                                 limit=spec.tpm,
                                 used=window.total,
-                                requested=tokens,
-                                retry_after_ms=retry,
+                                requested=likely,
+                                retry_after_ms=-1,
+                            )
+                        )
+                    elif window.total + amount > spec.tpm:
+                        refusals.append(
+                            dict(
+                                spec=spec,
+                                dimension="tokens",
+                                limit=spec.tpm,
+                                used=window.total,
+                                requested=amount,
+                                retry_after_ms=window.retry_after_ms(now_ms, window.total + amount - spec.tpm),
                             )
                         )
             if refusals:
@@ -298,8 +335,9 @@ class LocalRateLimiter:
                     requests = WindowState(spec.rpm, spec.rpm - window.total, window.reset_ms(now_ms))
                 if spec.tpm is not None:
                     window = self._window(spec, "tokens")
-                    window.entries[request_id] = (now_ms, tokens)
-                    window.total += tokens
+                    amount = window_amount(tokens, spec.tpm)
+                    window.entries[request_id] = (now_ms, amount)
+                    window.total += amount
                     tokens_state = WindowState(spec.tpm, spec.tpm - window.total, window.reset_ms(now_ms))
                 states.append(RateState(requests, tokens_state))
             return states

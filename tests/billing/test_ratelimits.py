@@ -34,7 +34,9 @@ def account(plans, catalog):
     return {"user": user, "key": api_key, "flat": resolved_model(catalog["flat"]), "catalog": catalog}
 
 
-async def acquire(account, request_id: str, *, prompt_upper: int = 0, with_key: bool = True, **body):
+async def acquire(
+    account, request_id: str, *, prompt_upper: int = 0, prompt_likely: int | None = None, with_key: bool = True, **body
+):
     return await admission_acquire(
         user_id=account["user"].pk,
         api_key_id=account["key"].pk if with_key else None,
@@ -43,6 +45,7 @@ async def acquire(account, request_id: str, *, prompt_upper: int = 0, with_key: 
         body={"model": "flat-model", "messages": [], **body},
         request_id=request_id,
         prompt_tokens_upper=prompt_upper,
+        prompt_tokens_estimate=prompt_likely,
     )
 
 
@@ -172,6 +175,32 @@ async def test_a_request_larger_than_the_token_limit_can_never_pass(store, accou
     # Said for embeddings as for chat: an embeddings request has no messages, and its input is what to shorten.
     assert refused.value.message.endswith("Shorten the input or lower max_tokens.")
     assert refused.value.retry_after is None  # no wait lets it through: no Retry-After, as for a spent budget
+
+
+async def test_a_prompt_whose_bound_alone_is_over_the_token_limit_waits_for_the_whole_window(store, account):
+    """Its likely size fits (7,503 of 10,000 tokens), its bound (15,024) does not: it is admitted into an empty
+    window and counts as the whole limit until it settles, so the limit holds as the bound kept it; a request
+    behind it waits for the window rather than being told it can never pass. Only a likely size over the limit
+    is too large."""
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=None, tpm=10_000)
+
+    long = await acquire(account, "long", prompt_upper=15_024, prompt_likely=7_503, max_tokens=100)
+    assert long.headers["x-ratelimit-remaining-tokens"] == "0"
+    with pytest.raises(RateLimitExceededError) as waiting:
+        await acquire(account, "next", prompt_upper=50, prompt_likely=20, max_tokens=10)
+    assert waiting.value.retry_after == 60  # until "long" leaves the window: a wait, not "too large"
+    assert "requested 60" in waiting.value.message
+
+    await admission_settle(admission=long, cost=Decimal(0), prompt_tokens=7_480, completion_tokens=100, ok=True)
+    admitted = await acquire(account, "next", prompt_upper=50, prompt_likely=20, max_tokens=10)
+    assert admitted.headers["x-ratelimit-remaining-tokens"] == str(10_000 - 7_580 - 60)
+
+    with pytest.raises(RateLimitExceededError) as too_large:
+        await acquire(account, "huge", prompt_upper=30_024, prompt_likely=10_003, max_tokens=100)
+    assert too_large.value.message.startswith(
+        "Request too large for this API key: it would use about 10,103 tokens (its input, estimated, plus max_tokens"
+    )
+    assert too_large.value.retry_after is None
 
 
 async def test_the_tighter_of_user_and_key_limits_is_reported(store, account, plans):

@@ -143,3 +143,30 @@ def test_count_tokens_counts_toward_requests_per_minute_and_not_tokens(gateway):
     assert limited["retry-after-ms"] == "60000"
     assert [model.id for model in listed.data]  # not limited
     assert gateway.upstream.stats["requests"] == 1
+
+
+def test_a_long_prompt_that_fits_the_tokens_limit_is_served_not_called_too_large(gateway):
+    """A 30,000-character English prompt is about 7,500 tokens: a key with 10,000 tokens a minute must serve it.
+    Measured at its upper bound (two characters a token, some 15,000) it was told, for ever, that it was too
+    large for the limit. A prompt whose likely size is over the limit still is, and is not retried."""
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, tpm=10_000)
+    client = gateway.client()
+    words = "The quick brown fox jumps over the lazy dog. "
+    fits = (words * (30_000 // len(words) + 1))[:30_000]
+    with time_machine.travel(datetime(2026, 12, 5, 12, 0, tzinfo=UTC), tick=False):
+        served = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": fits}], max_tokens=100
+        )
+        assert served.status_code == 200
+        # It counts as much of the window as the limit allows: nothing else until it settles or leaves.
+        assert served.headers["x-ratelimit-remaining-tokens"] == "0"
+
+    gateway_too_large = gateway.client()
+    with pytest.raises(openai.RateLimitError) as refused:
+        gateway_too_large.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": fits * 2}], max_tokens=100
+        )
+    message = refused.value.body["message"]
+    assert message.startswith("Request too large for this API key"), message
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in refused.value.response.headers
