@@ -90,7 +90,7 @@ from providers.routing import (
 )
 from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
-from providers.tokens import TOOL_CALL_BLOCKS, prompt_tokens, text_tokens
+from providers.tokens import TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
 from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
@@ -412,6 +412,7 @@ async def completion_start(
                 await moderation.check_input(body, operation)
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
+        prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation)
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -419,8 +420,8 @@ async def completion_start(
             model=_price_ceiling(model, [*fallbacks, *context_fallbacks]),
             body=body,
             request_id=request_id,
-            prompt_tokens_upper=prompt_tokens(body, operation=operation, upper_bound=True),
-            prompt_tokens_estimate=prompt_tokens(body, operation=operation),
+            prompt_tokens_upper=prompt_upper,
+            prompt_tokens_estimate=prompt_estimate,
             endpoint=endpoint,
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
         )

@@ -48,17 +48,22 @@ def prompt_tokens(body: Mapping[str, Any], *, operation: str, upper_bound: bool 
     """The prompt's tokens in a request ``body`` of ``operation`` (``billing.models.Operation``'s value): an upper
     bound before the call, or the settle-time estimate. The body is one that passed validation; parts of a
     shape the walk does not know count for nothing rather than fail (settlement runs in a ``finally``)."""
+    upper, estimate = prompt_token_bounds(body, operation=operation)
+    return upper if upper_bound else estimate
+
+
+def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int, int]:
+    """``prompt_tokens``' upper bound and estimate together, from one walk of the body: what admission needs
+    (the bound to reserve, the estimate to judge whether a request can ever fit a tokens-per-minute limit)."""
     if operation == EMBEDDINGS:
-        return _input_tokens(body.get("input"), upper_bound=upper_bound)
+        value = body.get("input")
+        return _input_tokens(value, upper_bound=True), _input_tokens(value, upper_bound=False)
     chars, attachments, messages = _prompt_parts(body)
-    if upper_bound:
-        return (
-            math.ceil(chars / UPPER_CHARS_PER_TOKEN)
-            + UPPER_MESSAGE_FRAMING * messages
-            + IMAGE_TOKENS * attachments
-            + UPPER_OVERHEAD
-        )
-    return math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_FRAMING * messages + IMAGE_TOKENS * attachments
+    attached = IMAGE_TOKENS * attachments
+    return (
+        math.ceil(chars / UPPER_CHARS_PER_TOKEN) + UPPER_MESSAGE_FRAMING * messages + attached + UPPER_OVERHEAD,
+        math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_FRAMING * messages + attached,
+    )
 
 
 def _input_tokens(value: Any, *, upper_bound: bool) -> int:

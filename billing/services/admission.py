@@ -97,7 +97,7 @@ async def admission_acquire(
     ``endpoint``: for that row.
 
     ``prompt_tokens_upper``: the prompt's bound, which everything is reserved at; ``prompt_tokens_estimate``: its
-    likely size (``billing.tokens.prompt_tokens``' estimate), which alone decides whether the request is too large
+    likely size (``providers.tokens.prompt_tokens``' estimate), which alone decides whether the request is too large
     for a tokens-per-minute limit (``budgets.window_tokens_likely``).
 
     ``own_key_only``: every deployment that may serve the request runs on the user's own provider key

@@ -114,7 +114,7 @@ def test_count_tokens_counts_toward_requests_per_minute_and_not_tokens(gateway):
     slot of the key's requests per minute (not of its tokens: nothing is used), refused as /v1/messages is when
     the window is full. ``/v1/models`` stays unlimited."""
     from billing.models import Operation
-    from billing.tokens import prompt_tokens
+    from providers.tokens import prompt_tokens
 
     api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=3, tpm=1000)
     sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
