@@ -86,15 +86,25 @@ class Moderation:
     def summary(self) -> str:
         return "; ".join(self.notes)
 
-    async def check_input(self, body: dict[str, Any], operation: str, *, fields: bool = True) -> None:
+    async def check_input(
+        self, body: dict[str, Any], operation: str, *, fields: bool = True, variables: dict[str, Any] | None = None
+    ) -> None:
         """Before admission: raise on a ``block`` hit or a failed service that fails closed. The input is one
         text, scanned once; a block-list's hit names the field it is in (``messages[2].content``, ``system``,
         ``tools[0]``) and the character there, unless ``fields`` is off (the messages are not the client's
-        list: the chat socket's new turn)."""
+        list: the chat socket's new turn). ``variables``: a prompt template's run, whose messages are the
+        template's text, the admin's, and are not read (an example reply naming a blocked word refused every
+        run); what the caller gave is, each string of each variable (``prompt.variables.<name>``)."""
         policies = [p for p in self.policies if p.check_input]
         if not policies:
             return
-        parts = input_parts(body, operation)
+        if variables is None:
+            parts = input_parts(body, operation)
+        else:
+            given = [
+                (f"prompt.variables.{name}", text) for name, value in variables.items() for text in _json_texts(value)
+            ]
+            parts = [*(part for part in given if part[1]), *input_parts({**body, "messages": []}, operation)]
         text = "\n".join(part for _, part in parts)
         if not text:
             return

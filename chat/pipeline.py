@@ -408,7 +408,9 @@ async def completion_start(
         # The input check, before admission: a refused input holds nothing and nothing goes upstream.
         moderation = await moderation_for(caller, model, operation, request_id=request_id)
         if moderation is not None:
-            if new_input is None:
+            if rendered is not None:
+                await moderation.check_input(body, operation, variables=rendered.variables)
+            elif new_input is None:
                 await moderation.check_input(body, operation)
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)

@@ -39,11 +39,13 @@ PROMPT_FIELDS = ("slug", "version", "label", "variables", "brand")
 
 @dataclass(frozen=True, slots=True)
 class RenderedPrompt:
-    """What a templated request ran: the version (template selected), the brand, and the messages."""
+    """What a templated request ran: the version (template selected), the brand, the messages, and the variables
+    as the caller gave them (what the input check reads: the template's own text is the admin's)."""
 
     version: PromptVersion
     brand: BrandProfile | None
     messages: list[dict[str, Any]]
+    variables: dict[str, Any] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -142,7 +144,7 @@ async def prompt_messages_render(body: dict[str, Any], *, version_id: int | None
         raise
     del body["prompt"]
     body["messages"] = messages
-    return RenderedPrompt(version=version, brand=brand, messages=messages)
+    return RenderedPrompt(version=version, brand=brand, messages=messages, variables=spec.get("variables") or {})
 
 
 # THE REST API'S TEMPLATE RUN

@@ -396,6 +396,53 @@ async def test_a_variable_rendered_into_a_templates_assistant_turn_is_checked_as
     assert fake_upstream.stats["requests"] == 0
 
 
+async def test_a_templates_own_text_is_not_checked_only_what_the_caller_gives(chat_model, fake_upstream, alice_caller):
+    """An admin's few-shot example reply (or system text) holding a blocked word refused every run of the template:
+    the rendered messages were read as the caller's input. The template is the admin's text, trusted; only the
+    variables the caller gives are read (each as a text of its own, the field named ``prompt.variables.<name>``)."""
+
+    def few_shot() -> None:
+        template = PromptTemplate.objects.create(slug="few-shot")
+        PromptVersion.objects.create(
+            template=template,
+            number=1,
+            messages=[
+                {"role": "system", "content": "Never say the forbidden word."},
+                {"role": "user", "content": "Give me an example."},
+                {"role": "assistant", "content": "The forbidden word is not an example."},
+                {"role": "user", "content": "Another one, about {{ topic }}."},
+            ],
+            variables=[{"name": "topic", "type": "string"}, {"name": "tags", "type": "array", "default": []}],
+        )
+        chat_model.moderation_policy = ModerationPolicy.objects.create(
+            name="house", blocklist="forbidden", check_output=False
+        )
+        chat_model.save()
+
+    await sync_to_async(few_shot)()
+
+    result = await prompt_run(
+        caller=alice_caller, slug="few-shot", variables={"topic": "rye [[reply=Rye it is.]]"}, model=chat_model.name
+    )
+    assert (result.output, result.attempts) == ("Rye it is.", 1)
+    assert fake_upstream.stats["requests"] == 1
+
+    with pytest.raises(ApplicationError) as refused:
+        await prompt_run(
+            caller=alice_caller,
+            slug="few-shot",
+            variables={"topic": "rye", "tags": ["bread", "ｆｏｒｂｉｄｄｅｎ"]},
+            model=chat_model.name,
+        )
+    assert refused.value.status_code == 400 and refused.value.code == "content_policy_violation"
+    assert refused.value.param == "prompt.variables.tags"
+    assert fake_upstream.stats["requests"] == 1
+    rows = await ledger_rows([refused.value.extra["headers"]["x-request-id"]])
+    (row,) = rows.values()
+    assert row.status == UsageStatus.REJECTED
+    assert "entry 1 at character 0 of prompt.variables.tags" in row.moderation
+
+
 async def test_a_repair_does_not_read_the_models_first_reply_as_input(chat_model, fake_upstream, alice_caller):
     """The repair sends the model's first reply back as an assistant turn: the server's own, not the client's
     text (the rendered messages were read by the first request's check). It is not read as input."""
