@@ -13,10 +13,10 @@ too long. The text one scan reads is still capped (``SCAN_LIMIT_CHARS``): a whol
 time (``Blocklist.scan_whole``).
 
 Entries and text are matched in their plain form (``PlainText``): compatibility forms mapped (NFKC: full-width
-letters, ligatures, mathematical and circled letters) and invisible characters dropped (format characters and the
+letters, ligatures, mathematical and circled letters), invisible characters dropped (format characters and the
 other default-ignorable code points: zero-width spaces and joiners, soft hyphens, bidi controls, variation
-selectors, tag characters). Read as it came, ``ｆｏｒｂｉｄｄｅｎ`` or ``for\u200bbidden`` passed a list naming
-"forbidden".
+selectors, tag characters) and so are the diacritics added to letters (accents, "zalgo" marks). Read as it came,
+``ｆｏｒｂｉｄｄｅｎ``, ``for\u200bbidden`` or ``fòrbíddén`` passed a list naming "forbidden".
 """
 
 from __future__ import annotations
@@ -99,6 +99,22 @@ _IGNORABLE_RANGES = (
     (0xFFF0, 0xFFF8),
     (0xE0000, 0xE0FFF),  # tag characters, variation selectors 17-256 and their reserved neighbours
 )
+# The combining diacritics, which the plain form drops (with the letter's own: "é" reads "e"): the blocks of marks
+# that any script borrows, which accents and "zalgo" text (a stack of marks on each letter, or one drawn through it)
+# are made of. A mark of another block (a Japanese voiced mark, a Devanagari vowel sign, a Thai tone) is kept: it
+# spells another word (ば is not は), which an entry must not match.
+_DIACRITIC_RANGES = (
+    (0x0300, 0x036F),  # combining diacritical marks
+    (0x0483, 0x0489),  # Cyrillic titlo and the like, and its enclosing marks
+    (0x1AB0, 0x1AFF),  # combining diacritical marks extended
+    (0x1DC0, 0x1DFF),  # combining diacritical marks supplement
+    (0x20D0, 0x20FF),  # combining marks for symbols (enclosing circles, keycaps, overlays)
+    (0xFE20, 0xFE2F),  # combining half marks
+)
+# A run of characters the plain form changes goes on over at most this many others between two of them, and
+# for at most this many of them: a hit inside a run that changed length is placed a character at a time.
+_RUN_GAP = 32
+_RUN_STEPS = 256
 # A text's last character waits for the next piece (a combining mark may still attach to it), with at most this
 # many marks after it: a longer run is taken as it stands, so a stream of marks cannot make each piece re-read it.
 _TAIL_CHARS = 32
@@ -118,9 +134,11 @@ def _character_class(code_points: list[int]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _PlainForm:
-    ignorable: re.Pattern[str]
-    # Runs of characters the plain form may change, or that may join the one before them (ASCII spaces between
-    # them do not end a run: a full-width sentence is one run). All else is kept as it is, at the speed of a copy.
+    dropped: re.Pattern[str]  # the invisible characters and the diacritics
+    # Runs of characters the plain form may change, or that may join the one before them, with what lies between
+    # them when it is short (French words with accents, a full-width sentence, are one run, whose plain form is
+    # taken at once, at the speed of C, where each accent was a step of Python's). All else is kept as it is, at the
+    # speed of a copy.
     changing: re.Pattern[str]
     joins: frozenset[str]  # characters that may combine with the one before them
 
@@ -130,8 +148,15 @@ def _plain_form() -> _PlainForm:
     """The character classes of the plain form, computed once a process from Python's Unicode database (about
     0.2 s: the server's warm-up does it, ``llmhub.lifespan``)."""
     ignorable = {cp for low, high in _IGNORABLE_RANGES for cp in range(low, high + 1)}
-    changes: set[int] = set()
+    marks = {
+        cp
+        for low, high in _DIACRITIC_RANGES
+        for cp in range(low, high + 1)
+        if unicodedata.category(chr(cp)) in ("Mn", "Me")
+    }
+    decomposed: list[str] = []
     joins: set[int] = set(range(0x1160, 0x1200)) | set(range(0xD7B0, 0xD800))  # Hangul vowels and finals
+    joins |= marks  # an enclosing mark combines nothing, but belongs to the character before it all the same
     for code_point in range(0x80, 0x110000):
         character = chr(code_point)
         if unicodedata.category(character) == "Cf":
@@ -139,12 +164,13 @@ def _plain_form() -> _PlainForm:
         if unicodedata.combining(character):
             joins.add(code_point)
         decomposition = unicodedata.decomposition(character)
-        if decomposition:  # only a character with a decomposition may change alone ("é" is NFKC already)
-            if unicodedata.normalize("NFKC", character) != character:
-                changes.add(code_point)
+        if decomposition:  # only a character with a decomposition may change alone (but for the marks dropped)
+            decomposed.append(character)
             parts = decomposition.split()
             if not parts[0].startswith("<") and len(parts) == 2:
                 joins.add(int(parts[1], 16))  # the second of a composition pair (a few vowel signs are no marks)
+    dropped = re.compile(f"[{_character_class(sorted(ignorable | marks))}]+")
+    changes = marks | {ord(c) for c in decomposed if _plain_with(c, dropped) != c}
     joining = {chr(cp) for cp in joins}
     joins |= {cp for cp in changes if unicodedata.normalize("NFKC", chr(cp))[:1] in joining}  # compatibility jamo
     joins |= ignorable  # an invisible character between a letter and its mark must not keep them apart
@@ -152,19 +178,23 @@ def _plain_form() -> _PlainForm:
     # other ranges one by one, for every character of the text.
     changing = _character_class([cp for cp in changes | joins if cp < 0x10000]) + "\\U00010000-\\U0010ffff"
     return _PlainForm(
-        ignorable=re.compile(f"[{_character_class(sorted(ignorable))}]+"),
-        changing=re.compile(f"[{changing}][{changing} ]*"),
+        dropped=dropped,
+        changing=re.compile(f"[{changing}](?:[^{changing}]{{0,{_RUN_GAP}}}[{changing}]){{0,{_RUN_STEPS}}}"),
         joins=frozenset(chr(cp) for cp in joins),
     )
 
 
 def _plain(text: str) -> str:
-    """NFKC without the invisible characters (dropped before, so that a mark they separate from its letter
-    still composes with it, and after, as NFKC maps a few characters to invisible ones)."""
+    """NFKC without the invisible characters and the diacritics: decomposed (compatibility forms mapped, a few of
+    them to invisible characters), the invisible characters and the diacritics dropped, what is left composed again
+    (a mark that an invisible character kept apart from its letter goes with it)."""
     if text.isascii():
         return text
-    ignorable = _plain_form().ignorable
-    return ignorable.sub("", unicodedata.normalize("NFKC", ignorable.sub("", text)))
+    return _plain_with(text, _plain_form().dropped)
+
+
+def _plain_with(text: str, dropped: re.Pattern[str]) -> str:
+    return unicodedata.normalize("NFC", dropped.sub("", unicodedata.normalize("NFKD", text)))
 
 
 _plain_group = functools.lru_cache(maxsize=4096)(_plain)  # a character and its marks, or a short run
@@ -173,12 +203,12 @@ _plain_group = functools.lru_cache(maxsize=4096)(_plain)  # a character and its 
 class PlainText:
     """A text as a block-list reads it, built piece by piece (a stream's) or at once: its plain form (``text``),
     and where each of its characters was in the text as sent (``original``), so that a hit names the client's
-    own character. The form is NFKC without the invisible characters, taken a character and its marks at a
-    time: the last character waits in ``_tail`` until the next piece shows whether a mark follows it.
+    own character. The form is NFKC without the invisible characters and the diacritics (``_plain``): the last
+    character waits in ``_tail`` until the next piece shows whether a mark follows it.
 
     A run of characters the form keeps as they are costs one regular-expression step: plain ASCII, or text
-    already in NFKC without invisible characters, is copied, and only what changes is looked at a character
-    (with its marks) at a time."""
+    already in the plain form, is copied, and only the runs of what changes (with what lies shortly between) are
+    put through ``_plain``."""
 
     def __init__(self, text: str = "", *, whole: bool = True) -> None:
         self._parts: list[str] = []
@@ -264,7 +294,7 @@ class PlainText:
             self._keep(text[kept:begin])
             run = text[begin:end]
             plain = _plain_group(run) if len(run) < 64 else _plain(run)
-            if len(plain) == len(run):  # each character one (full-width letters): no position moves
+            if plain == run:
                 self._keep(plain)
             else:
                 self._change(run, plain)
@@ -529,7 +559,9 @@ def blocklist_problems(text: str) -> list[str]:
     for line, value, is_pattern in entries:
         if not is_pattern:
             if not _plain_entry(value):
-                problems.append(f"Line {line}: only invisible characters, which the block-list ignores in a text.")
+                problems.append(
+                    f"Line {line}: only invisible characters or accents, which the block-list ignores in a text."
+                )
             continue
         if not value:
             problems.append(f"Line {line}: an empty pattern.")
@@ -537,7 +569,8 @@ def blocklist_problems(text: str) -> list[str]:
         if plain_form(value) != value:
             problems.append(
                 f"Line {line}: a pattern is matched against the plain form of a text (full-width letters, ligatures "
-                f"and other compatibility forms mapped to their plain letters, invisible characters left out): "
+                f"and other compatibility forms mapped to their plain letters, accents and other marks added to "
+                f"letters and invisible characters left out): "
                 f"write it in that form (re:{plain_form(value)})."
             )
             continue

@@ -114,6 +114,46 @@ def test_the_character_named_is_the_clients_after_characters_that_change_length(
     assert Blocklist("bad").scan("\u200b\u200b\u200bﬁ bad").where == "entry 1 at character 5"
 
 
+# Each text shows the word "forbidden" with marks added to its letters: accents, or "zalgo" text (a stack of
+# combining marks on each letter, or one drawn through it).
+MARKED = {
+    "accents": "say fòrbíddén now",
+    "accents in capitals": "say FÒRBÍDDÉN now",
+    "accents as combining marks": "say fo\u0300rbi\u0301dde\u0301n now",
+    "strike-through": "say " + "".join(letter + "\u0337" for letter in "forbidden") + " now",
+    "zalgo": "say " + "".join(letter + "\u030d\u0346\u0329\u0489\u035c" for letter in "forbidden") + " now",
+    "marks on full-width letters": "say ｆ\u0308ｏ\u0308ｒｂｉｄｄｅｎ now",
+    "marks apart from their letters by invisible characters": "say fo\u200b\u0301rbidden\u200d\u0301 now",
+}
+
+
+@pytest.mark.parametrize("text", MARKED.values(), ids=MARKED.keys())
+def test_a_blocked_word_is_found_through_accents_and_marks_added_to_its_letters(text):
+    """Accents and other combining marks added to a word's letters took it past the block-list: a mark is not a
+    word character, and "fòrbíddén" is not "forbidden". The plain form now drops the marks."""
+    assert Blocklist("forbidden").scan(text).where == "entry 1 at character 4"
+
+
+def test_an_entry_with_accents_matches_the_word_without_them_and_the_character_named_is_the_clients():
+    blocklist = Blocklist("café noir")
+
+    assert blocklist.scan("un CAFE  noir").where == "entry 1 at character 3"
+    assert blocklist.scan("un cafe\u0301\u0301\u0301 noi\u0308r").where == "entry 1 at character 3"
+    assert Blocklist("bad").scan("e\u0301\u0301\u0301 z\u0337a\u0337 bad").where == "entry 1 at character 10"
+    (problem,) = blocklist_problems("bad\n\u0301\u0337")  # nothing left of it: it would match anywhere
+    assert problem.startswith("Line 2:") and "accents" in problem
+    (problem,) = blocklist_problems("re:caf[eé]")
+    assert "re:caf[ee]" in problem
+
+
+def test_marks_that_spell_another_letter_outside_the_latin_greek_and_cyrillic_accents_are_kept():
+    """Only the combining diacritics are dropped (the marks any script borrows, which accents and zalgo text are
+    made of): a Japanese voiced mark or a Devanagari vowel sign spells another word, which an entry must not match."""
+    assert Blocklist("ばか").scan("はか") is None  # "idiot" is not "grave"
+    assert Blocklist("ばか").scan("ハ ばか").where == "entry 1 at character 2"
+    assert Blocklist("कुल").scan("कल") is None
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -217,7 +257,8 @@ def flat_alternation(values: list[str]) -> re.Pattern[str]:
 
 
 def with_flat_alternation(blocklist: Blocklist) -> Blocklist:
-    blocklist._words = flat_alternation([value for _, value in blocklist._words_by_line])
+    if blocklist._words_by_line:  # none left: an entry of marks only, which is nothing in the plain form
+        blocklist._words = flat_alternation([value for _, value in blocklist._words_by_line])
     return blocklist
 
 
@@ -354,8 +395,20 @@ async def test_a_piece_ending_in_a_blocked_word_is_held_back_until_the_next_show
         ["lorem for\u00ad", "bid\u00ad", "den elit"],
         ["lorem for", *["\u200b" * 100] * 50, "bidden elit"],  # 5,000 invisible characters between
         ["lorem f\u200bo\u200br\u200bb", "i\u200bd\u200bd\u200be\u200bn", " elit"],
+        ["lorem fòrbí", "dde", "\u0301n elit"],
+        ["lorem f\u0337o\u0337r\u0337b", "\u0337i\u0337d\u0337d\u0337e\u0337n", "\u0337", "\u0337 elit"],
+        ["lorem forbidden", *["\u0301"] * 100, " elit"],  # marks after the word, one a piece
     ],
-    ids=["zero-width", "full-width", "soft-hyphens", "long-invisible-run", "each-letter"],
+    ids=[
+        "zero-width",
+        "full-width",
+        "soft-hyphens",
+        "long-invisible-run",
+        "each-letter",
+        "accents",
+        "strike-through",
+        "marks-after",
+    ],
 )
 async def test_a_disguised_term_split_over_pieces_is_found_and_never_relayed(pieces):
     _, guard = guard_for(policy(blocklist="forbidden"))

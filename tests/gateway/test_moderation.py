@@ -134,11 +134,20 @@ def test_block_list_entries_are_whole_words_any_case_and_patterns(gateway):
     assert gateway.upstream.requests_served(CHAT) == 1
 
 
-# Each reads "forbidden": full-width capitals, a zero-width space, soft hyphens, mathematical bold with a joiner.
-DISGUISED = ["ＦＯＲＢＩＤＤＥＮ", "for\u200bbidden", "for\u00adbid\u00adden", "𝐟𝐨𝐫\u2060𝐛𝐢𝐝𝐝𝐞𝐧"]
+# Each reads "forbidden": full-width capitals, a zero-width space, soft hyphens, mathematical bold with a joiner,
+# accents, a combining stroke drawn through each letter ("zalgo").
+DISGUISED = [
+    "ＦＯＲＢＩＤＤＥＮ",
+    "for\u200bbidden",
+    "for\u00adbid\u00adden",
+    "𝐟𝐨𝐫\u2060𝐛𝐢𝐝𝐝𝐞𝐧",
+    "fòrbíddén",
+    "f\u0337o\u0337r\u0337b\u0337i\u0337d\u0337d\u0337e\u0337n\u0337",
+]
+DISGUISED_IDS = ["full-width", "zero-width", "soft-hyphen", "math-bold", "accents", "zalgo"]
 
 
-@pytest.mark.parametrize("word", DISGUISED, ids=["full-width", "zero-width", "soft-hyphen", "math-bold"])
+@pytest.mark.parametrize("word", DISGUISED, ids=DISGUISED_IDS)
 def test_a_blocked_word_in_disguise_is_refused_on_both_apis(gateway, word):
     """Full-width letters, compatibility forms and invisible characters took a blocked word past the block-list
     and upstream; it is read in its plain form now."""
@@ -691,7 +700,7 @@ def test_a_blocked_word_ending_the_text_so_far_is_held_back_and_never_relayed(ga
     assert record.completion_tokens == len(split_tokens("ut labore")) and not record.usage_estimated
 
 
-@pytest.mark.parametrize("word", DISGUISED, ids=["full-width", "zero-width", "soft-hyphen", "math-bold"])
+@pytest.mark.parametrize("word", DISGUISED, ids=DISGUISED_IDS)
 def test_a_streamed_reply_with_a_blocked_word_in_disguise_is_cut_before_it(gateway, word):
     policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
     pieces: list[str] = []
