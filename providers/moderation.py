@@ -15,8 +15,8 @@ time (``Blocklist.scan_whole``).
 Entries and text are matched in their plain form (``PlainText``): compatibility forms mapped (NFKC: full-width
 letters, ligatures, mathematical and circled letters), invisible characters dropped (format characters and the
 other default-ignorable code points: zero-width spaces and joiners, soft hyphens, bidi controls, variation
-selectors, tag characters) and so are the diacritics added to letters (accents, "zalgo" marks). Read as it came,
-``ｆｏｒｂｉｄｄｅｎ``, ``for\u200bbidden`` or ``fòrbíddén`` passed a list naming "forbidden".
+selectors, tag characters) and so are the diacritics added to letters (accents, "zalgo" marks); "ß" is "ss". Read
+as it came, ``ｆｏｒｂｉｄｄｅｎ``, ``for\u200bbidden`` or ``fòrbíddén`` passed a list naming "forbidden".
 """
 
 from __future__ import annotations
@@ -135,6 +135,9 @@ def _character_class(code_points: list[int]) -> str:
 @dataclass(frozen=True, slots=True)
 class _PlainForm:
     dropped: re.Pattern[str]  # the invisible characters and the diacritics
+    # The letters whose full case folding is longer than they are ("ß" is "ss"), which the matcher's simple case
+    # folding does not equate with it, and that folding.
+    folds: tuple[tuple[str, str], ...]
     # Runs of characters the plain form may change, or that may join the one before them, with what lies between
     # them when it is short (French words with accents, a full-width sentence, are one run, whose plain form is
     # taken at once, at the speed of C, where each accent was a step of Python's). All else is kept as it is, at the
@@ -155,12 +158,16 @@ def _plain_form() -> _PlainForm:
         if unicodedata.category(chr(cp)) in ("Mn", "Me")
     }
     decomposed: list[str] = []
+    expanding: list[str] = []  # the letters whose full case folding is longer
     joins: set[int] = set(range(0x1160, 0x1200)) | set(range(0xD7B0, 0xD800))  # Hangul vowels and finals
     joins |= marks  # an enclosing mark combines nothing, but belongs to the character before it all the same
     for code_point in range(0x80, 0x110000):
         character = chr(code_point)
-        if unicodedata.category(character) == "Cf":
+        category = unicodedata.category(character)
+        if category == "Cf":
             ignorable.add(code_point)
+        elif category in ("Ll", "Lu", "Lt") and len(character.casefold()) > 1:
+            expanding.append(character)
         if unicodedata.combining(character):
             joins.add(code_point)
         decomposition = unicodedata.decomposition(character)
@@ -170,7 +177,11 @@ def _plain_form() -> _PlainForm:
             if not parts[0].startswith("<") and len(parts) == 2:
                 joins.add(int(parts[1], 16))  # the second of a composition pair (a few vowel signs are no marks)
     dropped = re.compile(f"[{_character_class(sorted(ignorable | marks))}]+")
-    changes = marks | {ord(c) for c in decomposed if _plain_with(c, dropped) != c}
+    # Most of them are a letter and a mark (İ, ǰ) or a compatibility form (ﬀ), which the rest of the form maps: the
+    # ones left (ß and ẞ) are folded.
+    left = sorted({c for letter in expanding for c in _plain_with(letter, dropped, ()) if len(c.casefold()) > 1})
+    folds = tuple((letter, _plain_with(letter.casefold(), dropped, ())) for letter in left)
+    changes = marks | {ord(c) for c in [*decomposed, *left] if _plain_with(c, dropped, folds) != c}
     joining = {chr(cp) for cp in joins}
     joins |= {cp for cp in changes if unicodedata.normalize("NFKC", chr(cp))[:1] in joining}  # compatibility jamo
     joins |= ignorable  # an invisible character between a letter and its mark must not keep them apart
@@ -179,22 +190,29 @@ def _plain_form() -> _PlainForm:
     changing = _character_class([cp for cp in changes | joins if cp < 0x10000]) + "\\U00010000-\\U0010ffff"
     return _PlainForm(
         dropped=dropped,
+        folds=folds,
         changing=re.compile(f"[{changing}](?:[^{changing}]{{0,{_RUN_GAP}}}[{changing}]){{0,{_RUN_STEPS}}}"),
         joins=frozenset(chr(cp) for cp in joins),
     )
 
 
 def _plain(text: str) -> str:
-    """NFKC without the invisible characters and the diacritics: decomposed (compatibility forms mapped, a few of
-    them to invisible characters), the invisible characters and the diacritics dropped, what is left composed again
-    (a mark that an invisible character kept apart from its letter goes with it)."""
+    """NFKC without the invisible characters and the diacritics, fully case-folded: decomposed (compatibility forms
+    mapped, a few of them to invisible characters), the invisible characters and the diacritics dropped, what is
+    left composed again (a mark that an invisible character kept apart from its letter goes with it), and a
+    letter whose case folding is longer than it folded ("ß" is "ss"; the matcher folds the rest of the case)."""
     if text.isascii():
         return text
-    return _plain_with(text, _plain_form().dropped)
+    form = _plain_form()
+    return _plain_with(text, form.dropped, form.folds)
 
 
-def _plain_with(text: str, dropped: re.Pattern[str]) -> str:
-    return unicodedata.normalize("NFC", dropped.sub("", unicodedata.normalize("NFKD", text)))
+def _plain_with(text: str, dropped: re.Pattern[str], folds: tuple[tuple[str, str], ...]) -> str:
+    text = unicodedata.normalize("NFC", dropped.sub("", unicodedata.normalize("NFKD", text)))
+    for letter, folded in folds:
+        if letter in text:
+            text = text.replace(letter, folded)
+    return text
 
 
 _plain_group = functools.lru_cache(maxsize=4096)(_plain)  # a character and its marks, or a short run

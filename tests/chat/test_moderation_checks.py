@@ -146,6 +146,15 @@ def test_an_entry_with_accents_matches_the_word_without_them_and_the_character_n
     assert "re:caf[ee]" in problem
 
 
+@pytest.mark.parametrize("text", ["die STRASSE hier", "die Strasse hier", "die straße hier", "die STRAẞE hier"])
+def test_sharp_s_and_double_s_are_one_spelling_in_the_entry_and_in_the_text(text):
+    """Full case folding: "ß" is "ss" (its capital too), as German writes it in capitals or where ß is missing; the
+    matcher's case folding is simple, and "strasse" took past a list naming "straße" (and the other way round)."""
+    assert Blocklist("straße").scan(text).where == "entry 1 at character 4"
+    assert Blocklist("STRASSE").scan(text).where == "entry 1 at character 4"
+    assert Blocklist("bad").scan("ßß ẞ bad").where == "entry 1 at character 5"  # each ß one character as sent
+
+
 def test_marks_that_spell_another_letter_outside_the_latin_greek_and_cyrillic_accents_are_kept():
     """Only the combining diacritics are dropped (the marks any script borrows, which accents and zalgo text are
     made of): a Japanese voiced mark or a Devanagari vowel sign spells another word, which an entry must not match."""
