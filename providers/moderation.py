@@ -16,7 +16,9 @@ Entries and text are matched in their plain form (``PlainText``): compatibility 
 letters, ligatures, mathematical and circled letters), invisible characters dropped (format characters and the
 other default-ignorable code points: zero-width spaces and joiners, soft hyphens, bidi controls, variation
 selectors, tag characters) and so are the diacritics added to letters (accents, "zalgo" marks); "ß" is "ss". Read
-as it came, ``ｆｏｒｂｉｄｄｅｎ``, ``for\u200bbidden`` or ``fòrbíddén`` passed a list naming "forbidden".
+as it came, ``ｆｏｒｂｉｄｄｅｎ``, ``for\u200bbidden`` or ``fòrbíddén`` passed a list naming "forbidden". A scan reads
+the Cyrillic and Greek letters drawn as Latin ones as those letters in a word that mixes them with Latin letters
+(``_lookalikes_read``), where ``fоrbidden`` with a Cyrillic "о" passed too.
 """
 
 from __future__ import annotations
@@ -216,6 +218,51 @@ def _plain_with(text: str, dropped: re.Pattern[str], folds: tuple[tuple[str, str
 
 
 _plain_group = functools.lru_cache(maxsize=4096)(_plain)  # a character and its marks, or a short run
+
+# The letters of Cyrillic and Greek drawn as a Latin one (a small table of Unicode TR39's confusables: no library of
+# them is installed), in their plain form. A word that mixes them with Latin letters reads them as those letters:
+# "fоrbidden" with a Cyrillic "о" is "forbidden". A word wholly of one script is left as it is: Russian "сор" is
+# not "cop", nor Greek "χορός" anything English.
+_LOOKALIKES = str.maketrans(
+    {
+        # Cyrillic
+        "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j",
+        "ԁ": "d", "һ": "h", "ӏ": "l", "ԛ": "q", "ԝ": "w", "ү": "y",
+        "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T",
+        "У": "Y", "Х": "X", "Ѕ": "S", "І": "I", "Ј": "J", "Ԛ": "Q", "Ԝ": "W", "Ү": "Y", "Ӏ": "l",
+        # Greek
+        "α": "a", "ι": "i", "ν": "v", "ο": "o", "ρ": "p", "υ": "u", "χ": "x",
+        "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O",
+        "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X",
+    }
+)  # fmt: skip
+_LOOKALIKE = "[" + "".join(map(chr, _LOOKALIKES)) + "]"
+_LATIN = "[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f\u1e00-\u1eff]"
+_HAS_LOOKALIKE = re.compile(_LOOKALIKE)
+# A word holding a Latin letter and a look-alike: each looked for from the word's start, so that the text is read
+# in linear time however long its words.
+_MIXED_WORD = re.compile(rf"(?<!\w)(?=\w*?{_LATIN})(?=\w*?{_LOOKALIKE})\w+")
+
+
+def _lookalikes_read(text: str, start: int, end: int, reach: int) -> tuple[str, int]:
+    """``text[start:end]`` as the matcher reads it, the look-alikes of a word that mixes scripts read as the Latin
+    letters they look like: the text itself when there are none (no copy), else the part of it from the beginning of
+    the word ``start`` is in (at most ``reach`` characters before), and where that begins in ``text``. The mapping
+    keeps every character one, so that positions stay those of the plain form."""
+    if _HAS_LOOKALIKE.search(text, start, end) is None:
+        return text, 0
+    begin = start
+    while begin > 0 and start - begin < reach and (text[begin - 1].isalnum() or text[begin - 1] == "_"):
+        begin -= 1  # a word that is Latin before ``start`` and goes on in look-alikes
+    pieces: list[str] = []
+    kept = begin
+    for word in _MIXED_WORD.finditer(text, begin, end):
+        pieces += (text[kept : word.start()], word.group().translate(_LOOKALIKES))
+        kept = word.end()
+    if not pieces:
+        return text, 0
+    pieces.append(text[kept:end])
+    return "".join(pieces), begin
 
 
 class PlainText:
@@ -420,6 +467,10 @@ class Blocklist:
         end = len(text) if end is None else min(end, len(text))  # read as if the text ended there (no copy)
         if end - start > SCAN_LIMIT_CHARS:
             start = end - SCAN_LIMIT_CHARS
+        # Where ``text`` begins in the plain form: the look-alikes of other scripts in a word that mixes them with
+        # Latin letters are read as those, in a copy of the part read when there are any.
+        text, shift = _lookalikes_read(text, start, end, self.overlap)
+        start, end = start - shift, end - shift
         found: tuple[int, int] | None = None  # (offset, entry line)
         open_at_end = False
         for line, regex in self._matchers():
@@ -434,7 +485,7 @@ class Blocklist:
                 break
         if found is None:
             return None, open_at_end
-        at = plain.original(found[0])
+        at = plain.original(found[0] + shift)
         return Hit(("blocklist",), f"entry {found[1]} at character {at}", entry=found[1], at=at), open_at_end
 
     def _line_matching(self, found: str) -> int:
@@ -452,8 +503,10 @@ class Blocklist:
 
 
 def _plain_entry(value: str) -> str:
-    """A word or phrase in its plain form, its words one space apart; empty when nothing visible is left."""
-    return " ".join(plain_form(value).split())
+    """A word or phrase in its plain form, its words one space apart, read as a text is (its look-alikes of other
+    scripts in a word that mixes them with Latin letters as those letters); empty when nothing visible is left."""
+    value = " ".join(plain_form(value).split())
+    return _lookalikes_read(value, 0, len(value), len(value))[0]
 
 
 def _folded(value: str) -> str:

@@ -146,6 +146,55 @@ def test_an_entry_with_accents_matches_the_word_without_them_and_the_character_n
     assert "re:caf[ee]" in problem
 
 
+# Each text shows the word "forbidden" with some of its letters taken from another script that draws them alike.
+LOOKALIKES = {
+    "a Cyrillic o": "say f\u043erbidden now",
+    "Cyrillic o, e": "say f\u043erbidd\u0435n now",
+    "a Greek omicron and iota": "say f\u03bfrb\u03b9dden now",
+    "Cyrillic capitals": "say FORBIDD\u0415N now",
+    "Cyrillic o, i, e": "say f\u043erb\u0456dd\u0435n now",
+    "a Cyrillic i under an accent": "say forb\u0457dden now",
+}
+
+
+@pytest.mark.parametrize("text", LOOKALIKES.values(), ids=LOOKALIKES.keys())
+def test_a_blocked_word_is_found_through_look_alike_letters_of_other_scripts_in_a_latin_word(text):
+    """A Cyrillic "о" or a Greek "ο" in a Latin word took it past the block-list. In a word that mixes Latin letters
+    with Cyrillic or Greek ones, those drawn as a Latin letter read as it."""
+    assert Blocklist("forbidden").scan(text).where == "entry 1 at character 4"
+
+
+def test_a_word_all_in_cyrillic_or_greek_is_not_read_as_the_latin_word_it_resembles():
+    """Russian "сор" (litter) and "рос" (grew) are drawn like "cop" and "poc": a word wholly of another script is that
+    script's word, so an English entry does not refuse Russian or Greek text by accident."""
+    blocklist = Blocklist("cop\npoc\nxo")
+
+    assert blocklist.scan("на полу был сор, и он рос") is None
+    assert blocklist.scan("СОР") is None
+    assert blocklist.scan("όχι, ο χορός") is None
+    assert blocklist.scan("the с\u043ep said").where == "entry 1 at character 4"  # Cyrillic but for one "o"
+    assert Blocklist("сор").scan("на полу был сор").where == "entry 1 at character 12"
+
+
+async def test_look_alike_letters_are_read_in_a_stream_whichever_piece_makes_the_word_mixed():
+    """The word is read as mixed or not as a whole: its Cyrillic letters may come before its first Latin one."""
+    _, guard = guard_for(policy(blocklist="cope"))
+
+    relayed = []
+    with pytest.raises(ContentPolicyViolationError) as blocked:
+        for piece in ["lorem \u0441\u043e", "\u0440", "e elit"]:
+            if await guard.feed(piece):
+                relayed.append(piece)
+        await guard.finish()
+
+    assert blocked.value.moderation == 'blocked output: blocklist (entry 1 at character 6), policy "p"'
+    assert "".join(relayed) == "lorem \u0441\u043e\u0440"  # "сор" so far: a Russian word, not the entry
+    _, guard = guard_for(policy(blocklist="cop"))
+    for piece in ["на полу ", "был с", "ор", ", и он рос"]:
+        assert await guard.feed(piece) is True
+    await guard.finish()
+
+
 @pytest.mark.parametrize("text", ["die STRASSE hier", "die Strasse hier", "die straße hier", "die STRAẞE hier"])
 def test_sharp_s_and_double_s_are_one_spelling_in_the_entry_and_in_the_text(text):
     """Full case folding: "ß" is "ss" (its capital too), as German writes it in capitals or where ß is missing; the
@@ -173,7 +222,6 @@ def test_marks_that_spell_another_letter_outside_the_latin_greek_and_cyrillic_ac
         "un\u200bforbidden",  # reads "unforbidden": not the word
         "forbidden\u200bness",
         "ｆｏｒｂｉｄｄｅｎｎｅｓｓ",
-        "fοrbidden",  # a Greek omicron: another script, not matched (docs/moderation.md)
     ],
 )
 def test_what_is_not_the_word_is_still_not_matched(text):
@@ -271,10 +319,11 @@ def with_flat_alternation(blocklist: Blocklist) -> Blocklist:
     return blocklist
 
 
-# Letters whose cases ``re`` matches across scripts and forms (İ and ı are i, ſ is s, the Kelvin sign is k, ς is
-# σ), others that NFKC changes (ǅ, ﬁ, full-width), non-ASCII letters, a combining mark (not a word character),
-# digits, punctuation, and the whitespace a phrase's words may be apart by (and a zero-width space, which is not).
-LETTERS = "abAB iIİı sSſ kKK ßẞ σςΣ µμ ǅǆǄ ﬁｆ éÉ жЖ \u0301 _1² -.+'".replace(" ", "")
+# Letters whose cases ``re`` matches across scripts and forms (İ and ı are i, ſ is s, the Kelvin sign is k, ς is σ),
+# others that NFKC changes (ǅ, ﬁ, full-width), non-ASCII letters, Cyrillic and Greek look-alikes of "o" (read as it in
+# a word that mixes them with Latin letters), a combining mark (dropped), digits, punctuation, and the whitespace a
+# phrase's words may be apart by (and a zero-width space, which is not).
+LETTERS = "abAB iIİı sSſ kKK ßẞ σςΣ µμ ǅǆǄ ﬁｆ éÉ жЖ оОο \u0301 _1² -.+'".replace(" ", "")
 SPACES = " \t\n\u00a0\u2003\u200b"
 WORD = st.text(LETTERS, min_size=1, max_size=4)
 ENTRIES = st.lists(st.lists(WORD, min_size=1, max_size=3).map(" ".join), min_size=1, max_size=8)

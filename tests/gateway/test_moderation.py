@@ -135,7 +135,7 @@ def test_block_list_entries_are_whole_words_any_case_and_patterns(gateway):
 
 
 # Each reads "forbidden": full-width capitals, a zero-width space, soft hyphens, mathematical bold with a joiner,
-# accents, a combining stroke drawn through each letter ("zalgo").
+# accents, a combining stroke drawn through each letter ("zalgo"), Cyrillic "о" and "е" in the Latin word.
 DISGUISED = [
     "ＦＯＲＢＩＤＤＥＮ",
     "for\u200bbidden",
@@ -143,8 +143,9 @@ DISGUISED = [
     "𝐟𝐨𝐫\u2060𝐛𝐢𝐝𝐝𝐞𝐧",
     "fòrbíddén",
     "f\u0337o\u0337r\u0337b\u0337i\u0337d\u0337d\u0337e\u0337n\u0337",
+    "f\u043erbidd\u0435n",
 ]
-DISGUISED_IDS = ["full-width", "zero-width", "soft-hyphen", "math-bold", "accents", "zalgo"]
+DISGUISED_IDS = ["full-width", "zero-width", "soft-hyphen", "math-bold", "accents", "zalgo", "cyrillic"]
 
 
 @pytest.mark.parametrize("word", DISGUISED, ids=DISGUISED_IDS)
