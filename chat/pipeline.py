@@ -47,7 +47,7 @@ from experiments.assignment import Assignment, assignment_unit, experiment_assig
 from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
-from providers.adapters.translate_anthropic import openai_usage
+from providers.adapters.translate_anthropic import openai_usage, reasoning_text
 from providers.byok import (
     UserCredential,
     byok_bind,
@@ -1198,6 +1198,11 @@ class CompletionRun:
         # Completion tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
         guard = self._reply_guard()  # the output check: each piece is fed to it before it is relayed
+        # What it reads. The chat socket relays the reply alone, not the model's reasoning: a word there, which
+        # its user never sees, does not cut their reply.
+        checked = _chunk_pieces
+        if self.endpoint == Endpoint.WEBSOCKET:
+            checked = functools.partial(_chunk_pieces, reasoning=False)
 
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
             async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
@@ -1247,7 +1252,7 @@ class CompletionRun:
                     if guard is not None:
                         # The output check: each chunk's text is checked before it is relayed (held back
                         # while the text so far may end in a blocked word), and the whole reply at its end.
-                        chunks = guard.relay(chunks, _chunk_pieces, arrived=usage_arrived)
+                        chunks = guard.relay(chunks, checked, arrived=usage_arrived)
                     try:
                         async for chunk in chunks:
                             if self._first_token_at is None:
@@ -1662,14 +1667,24 @@ def _is_message_stop(event: WireEvent) -> bool:
 _FUNCTION_CALL = -1
 
 
-def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str, int | None]]:
-    """The reply's text in a chunk, each choice's (index, text, None), and its tool calls' arguments (index, a
-    part of the call's JSON, the call's index; a legacy ``function_call``'s, ``_FUNCTION_CALL``): what the output
-    check reads (the arguments are the model's words as much as its text, and a client acts on them)."""
+def _reasoning_of(index: int) -> int:
+    """The "choice" the reasoning of choice ``index`` is read as: a text of its own beside the choice's reply (the
+    choices are numbered from 0), so that the reasoning's last word and the reply's first do not run into one."""
+    return -1 - index
+
+
+def _chunk_pieces(chunk: WireChunk, *, reasoning: bool = True) -> list[tuple[int, str, int | None]]:
+    """The reply's text in a chunk, each choice's (index, text, None), its tool calls' arguments (index, a part
+    of the call's JSON, the call's index; a legacy ``function_call``'s, ``_FUNCTION_CALL``) and, unless told not
+    to, its reasoning (``reasoning_content`` or ``reasoning``, read as a text of its own, ``_reasoning_of``): what
+    the output check reads (the arguments and the reasoning are the model's words as much as its text: a client
+    acts on the one and shows the other) and what the model wrote, for counting it."""
     pieces: list[tuple[int, str, int | None]] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         index = choice.get("index") if isinstance(choice.get("index"), int) else 0
+        if reasoning and (thought := reasoning_text(delta)):
+            pieces.append((_reasoning_of(index), thought, None))
         pieces.append((index, delta.get("content") or "", None))
         for number, call in enumerate(delta.get("tool_calls") or ()):
             if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str):
@@ -1680,11 +1695,14 @@ def _chunk_pieces(chunk: WireChunk) -> list[tuple[int, str, int | None]]:
 
 
 def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
-    """The text of a completion's choices; with ``calls``, their tool calls' and legacy ``function_call``'s
-    arguments too (what the model wrote, for counting it)."""
+    """The text of a completion's choices, each choice's reasoning (``reasoning_content`` or ``reasoning``) on a
+    line of its own before it; with ``calls``, their tool calls' and legacy ``function_call``'s arguments too
+    (what the model wrote, for counting it)."""
     parts: list[str] = []
     for choice in response.get("choices") or ():
         message = choice.get("message") or {}
+        if reasoning := reasoning_text(message):
+            parts.append(reasoning)
         if isinstance(content := message.get("content"), str):
             parts.append(content)
     if calls:

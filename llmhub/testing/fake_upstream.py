@@ -108,6 +108,11 @@ Replies
     "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
     before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
     ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``.
+    ``[[reasoning=some text]]`` (OpenAI only) answers that text as the model's reasoning before its reply, as
+    OpenAI-compatible servers of reasoning models do: in the message's ``reasoning_content`` (DeepSeek, vLLM), or
+    with ``[[reasoning_field=reasoning]]`` in its ``reasoning`` (OpenRouter, Ollama); streamed in that field of the
+    deltas, in pieces, before the reply's first. Its words count in ``completion_tokens`` (and in
+    ``completion_tokens_details.reasoning_tokens``), as those servers bill them.
     ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do.
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
@@ -540,6 +545,28 @@ def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str
     if not isinstance(setting, dict) or setting.get("type") not in ("enabled", "adaptive"):
         return None
     return directives.get("thinking") or None
+
+
+@dataclass(frozen=True)
+class _OpenAILead:
+    """What an OpenAI-shaped answer says before its reply: the model's reasoning (``[[reasoning=TEXT]]``, in the
+    ``field`` ``[[reasoning_field=NAME]]`` names)."""
+
+    reasoning: str | None = None
+    field: str = "reasoning_content"
+
+    @classmethod
+    def of(cls, directives: dict[str, str]) -> _OpenAILead:
+        field = "reasoning" if directives.get("reasoning_field") == "reasoning" else "reasoning_content"
+        return cls(directives.get("reasoning") or None, field)
+
+    @property
+    def present(self) -> bool:
+        return self.reasoning is not None
+
+    @property
+    def tokens(self) -> int:
+        return count_words(self.reasoning or "")
 
 
 def _split_pieces(text: str, pieces: int = 3) -> list[str]:
@@ -1647,14 +1674,15 @@ class _App:
         reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
-        completion = reply.completion_tokens * n
+        lead = _OpenAILead.of(conv.directives)
+        completion = (reply.completion_tokens + lead.tokens) * n
         usage = {
             "prompt_tokens": conv.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": conv.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
             "completion_tokens_details": {
-                "reasoning_tokens": 0,
+                "reasoning_tokens": count_words(lead.reasoning or "") * n,
                 "audio_tokens": 0,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
@@ -1684,6 +1712,7 @@ class _App:
                 omit,
                 obfuscation=obfuscation,
                 usage_on_finish=usage_on_finish,
+                lead=lead,
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
         answer = {
@@ -1691,7 +1720,7 @@ class _App:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [self._openai_choice(i, reply, logprobs, top) for i in range(n)],
+            "choices": [self._openai_choice(i, reply, logprobs, top, lead) for i in range(n)],
             "usage": usage,
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
@@ -1725,8 +1754,12 @@ class _App:
             for tool_id in reply.tool_ids
         ]
 
-    def _openai_choice(self, index: int, reply: _Reply, logprobs: bool, top: int) -> dict[str, Any]:
+    def _openai_choice(
+        self, index: int, reply: _Reply, logprobs: bool, top: int, lead: _OpenAILead | None = None
+    ) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None, "annotations": []}
+        if lead is not None and lead.reasoning is not None:
+            message[lead.field] = lead.reasoning
         if reply.legacy_function:
             message["function_call"] = {"name": reply.tool_name, "arguments": reply.arguments_json}
         elif reply.tool_name is not None:
@@ -1755,9 +1788,12 @@ class _App:
         *,
         obfuscation: bool = False,
         usage_on_finish: bool = False,
+        lead: _OpenAILead | None = None,
     ) -> web.StreamResponse:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
-        ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's)."""
+        ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
+        reasoning streamed before the reply (each choice opens with its role alone, and a call after it)."""
+        leading = lead if lead is not None and lead.present else None
         base = {
             "id": _new_id("chatcmpl-", 29),
             "object": "chat.completion.chunk",
@@ -1788,20 +1824,28 @@ class _App:
             await response.write(f"data: {payload}\n\n".encode())
 
         content_limit = _content_limit(fault)
+        # What opens the call: the first delta of the choice, or the one after the reasoning.
+        function_opening = {"function_call": {"name": reply.tool_name, "arguments": ""}}
+        call = {**self._openai_tool_calls(reply)[0], "index": 0, "function": {"name": reply.tool_name, "arguments": ""}}
+        tool_opening = {"tool_calls": [call]}
         for index in range(n):
-            if reply.legacy_function:
-                call = {"name": reply.tool_name, "arguments": ""}
-                await send(chunk(index, {"role": "assistant", "content": None, "function_call": call, "refusal": None}))
-            elif reply.tool_name is not None:
-                call = {**self._openai_tool_calls(reply)[0], "index": 0}
-                call["function"] = {"name": reply.tool_name, "arguments": ""}
-                await send(chunk(index, {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}))
+            if reply.legacy_function and leading is None:
+                await send(chunk(index, {"role": "assistant", "content": None, **function_opening, "refusal": None}))
+            elif reply.tool_name is not None and leading is None:
+                await send(chunk(index, {"role": "assistant", "content": None, **tool_opening, "refusal": None}))
             else:
                 await send(chunk(index, {"role": "assistant", "content": "", "refusal": None}))
 
         pieces: list[dict[str, Any]] = []
+        if leading is not None:
+            if leading.reasoning is not None:
+                pieces.extend({leading.field: piece} for piece in _split_pieces(leading.reasoning))
+            if reply.legacy_function:
+                pieces.append(function_opening)
+            elif reply.tool_name is not None:
+                pieces.append(tool_opening)
         if reply.legacy_function:
-            pieces = [{"function_call": {"arguments": piece}} for piece in _split_pieces(reply.arguments_json)]
+            pieces.extend({"function_call": {"arguments": piece}} for piece in _split_pieces(reply.arguments_json))
         elif reply.tool_name is not None:
             # Each call's arguments in pieces; the calls after the first each open with their id and name.
             for number, tool_id in enumerate(reply.tool_ids):
@@ -1813,7 +1857,7 @@ class _App:
                     for piece in _split_pieces(reply.arguments_json)
                 )
         else:
-            pieces = [{"content": token} for token in reply.tokens]
+            pieces.extend({"content": token} for token in reply.tokens)
         for position, delta in enumerate(pieces):
             if content_limit is not None and position >= content_limit:
                 break

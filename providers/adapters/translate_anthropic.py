@@ -629,13 +629,20 @@ def message_id(completion_id: Any) -> str:
     )
 
 
+def reasoning_text(part: dict[str, Any]) -> str:
+    """The model's reasoning in a chat completion's message or delta, as OpenAI-compatible servers of reasoning
+    models send it: ``reasoning_content`` (DeepSeek, vLLM) or ``reasoning`` (OpenRouter, Ollama); the first that
+    has text (a server that sends both means one text, not two)."""
+    reasoning = part.get("reasoning_content") or part.get("reasoning")
+    return reasoning if isinstance(reasoning, str) else ""
+
+
 def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
     """An Anthropic ``message`` for a ``chat.completion``."""
     choice = (completion.get("choices") or [{}])[0]
     reply = choice.get("message") or {}
     content: list[dict[str, Any]] = []
-    reasoning = reply.get("reasoning_content") or reply.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
+    if reasoning := reasoning_text(reply):
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     if reply.get("content"):
         content.append({"type": "text", "text": reply["content"]})
@@ -711,8 +718,7 @@ class EventTranslator:
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
+            if reasoning := reasoning_text(delta):
                 self._open("thinking", None, {"type": "thinking", "thinking": "", "signature": ""}, events)
                 events.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
             if delta.get("content"):

@@ -130,3 +130,21 @@ async def test_the_conversations_system_prompt_is_read_on_each_turn(alice, chat_
 
     assert second[-1]["type"] == "error" and second[-1]["code"] == "content_policy_violation"
     assert fake_upstream.requests_served("/v1/chat/completions") == 1
+
+
+async def test_reasoning_the_socket_does_not_relay_is_billed_but_does_not_cut_the_reply(alice, chat_model, socket_for):
+    """The chat page shows a reasoning model's reply, not its reasoning (``reasoning_content``): a blocked word
+    there never reaches the user and does not cut the reply; an upstream that reports no usage is charged for
+    it all the same, as the provider bills it."""
+    await moderate(chat_model, blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    ws = await socket_for(alice)
+    reasoning = "the forbidden word is one I will not say"
+
+    await send(ws, chat_model, f"[[reasoning={reasoning}]] [[reply=Fine.]] [[usage=none]]")
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "chat.completed" and deltas(events, "r1") == "Fine."
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(user_id=alice.pk)
+    assert record.moderation == "" and record.usage_estimated
+    assert record.completion_tokens == text_tokens(reasoning + "Fine.")

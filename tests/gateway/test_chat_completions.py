@@ -158,6 +158,39 @@ def test_the_legacy_functions_are_part_of_the_prompt_an_upstream_that_reports_no
     assert abs(added - len(json.dumps(function)) / 4) <= 1
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_reasoning_models_reply_is_estimated_with_its_reasoning(gateway, stream, field):
+    """A reasoning model behind an OpenAI-compatible server that reports no usage: its reasoning
+    (``reasoning_content`` or ``reasoning``) is output those servers bill, so the estimate counts it with the
+    reply, and the usage the client reads is what the request was charged."""
+    reasoning = "first I weigh the question, then I answer it briefly"
+    marker = f"[[reasoning={reasoning}]]" + (" [[reasoning_field=reasoning]]" if field == "reasoning" else "")
+    messages = [{"role": "user", "content": f"{marker} [[reply=Fine.]] [[usage=none]]"}]
+    client = gateway.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-test", messages=messages, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            chunks = [json.loads(line[len("data: ") :]) for line in response.iter_lines() if line.startswith("data: {")]
+            request_id = response.headers["x-request-id"]
+        for chunk in chunks:
+            validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+        deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+        assert "".join(delta.get(field) or "" for delta in deltas) == reasoning
+        usage = chunks[-1]["usage"]
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=messages)
+        body = json.loads(raw.http_response.text)
+        validate_openai_schema(body, "CreateChatCompletionResponse")
+        assert body["choices"][0]["message"][field] == reasoning
+        request_id, usage = raw.headers["x-request-id"], body["usage"]
+    record = wait_for_record(request_id)
+    assert record.usage_estimated
+    assert record.completion_tokens >= math.ceil(len(reasoning + "Fine.") / 4)
+    assert usage["completion_tokens"] == record.completion_tokens
+
+
 def test_streaming_without_include_usage_sends_no_usage(gateway):
     stream = gateway.client().chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "[[words=5]]"}], stream=True

@@ -15,6 +15,7 @@ import pytest
 from audit.models import AuditEvent
 from billing.models import Plan, UsageRecord, UserPlan
 from llmhub.testing.fake_upstream import split_tokens
+from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import policy_cache
 from providers.tokens import text_tokens
@@ -1099,6 +1100,80 @@ def test_the_models_thinking_and_its_reply_are_read_as_two_texts(gateway, stream
 
     assert [block.type for block in message.content] == ["thinking", "text"]
     assert message.content[0].thinking == "must not forbid" and message.content[1].text == "den of lions"
+
+
+# Reasoning on chat completions: the fake upstream answers ``[[reasoning=TEXT]]`` with that reasoning before the reply,
+# in ``reasoning_content`` (DeepSeek, vLLM) or, with ``[[reasoning_field=reasoning]]``, in ``reasoning`` (OpenRouter,
+# Ollama), streamed in the deltas' field of that name. Clients show it to their users.
+REASONING_FIELDS = {"reasoning_content": "", "reasoning": " [[reasoning_field=reasoning]]"}
+
+
+def relayed(events: list[dict | str], field: str, index: int = 0) -> str:
+    return "".join(
+        (choice.get("delta") or {}).get(field) or ""
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices") or ()
+        if choice.get("index") == index
+    )
+
+
+@pytest.mark.parametrize("field", list(REASONING_FIELDS))
+@pytest.mark.parametrize(
+    ("reasoning", "word"),
+    [("the forbidden word, then more", "forbidden"), ("it ends ｆｏｒｂｉｄｄｅｎ", "ｆｏｒｂｉｄｄｅｎ")],
+    ids=["inside", "at-end"],
+)
+def test_a_blocked_word_in_the_models_reasoning_is_checked_as_output_when_streamed(gateway, field, reasoning, word):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    content = f"[[reasoning={reasoning}]]{REASONING_FIELDS[field]} hi"
+
+    events, request_id = sse_stream(
+        gateway, {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": content}]}
+    )
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    assert word not in relayed(events, field)
+    assert delivered_text(events) == "", "no reply after the refused reasoning"
+    record = wait_for_record(request_id)
+    assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
+
+
+@pytest.mark.parametrize("field", list(REASONING_FIELDS))
+def test_a_blocked_word_in_a_whole_replys_reasoning_is_checked_as_output(gateway, field):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False)
+    content = f"[[reasoning=the forbidden word]]{REASONING_FIELDS[field]} hi"
+
+    with pytest.raises(openai.BadRequestError) as withheld:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": content}])
+
+    assert withheld.value.code == "content_policy_violation"
+    record = wait_for_record(withheld.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.moderation.startswith("blocked output: blocklist (entry 1 at ")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_the_models_reasoning_and_its_reply_are_read_as_two_texts(gateway, stream):
+    # The reasoning ends in "forbid", the reply begins with "den": no word of either is the blocked one.
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    content = "[[reasoning=must not forbid]] [[reply=den of lions]]"
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": content}], "n": 2}
+
+    if stream:
+        events, _ = sse_stream(gateway, {**body, "stream": True})
+        assert events[-1] == "[DONE]"
+        for event in events[:-1]:
+            validate_openai_schema(event, "CreateChatCompletionStreamResponse")
+        for index in (0, 1):
+            assert relayed(events, "reasoning_content", index) == "must not forbid"
+            assert relayed(events, "content", index) == "den of lions"
+    else:
+        response = httpx.post(
+            gateway.url + CHAT, json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+        ).json()
+        validate_openai_schema(response, "CreateChatCompletionResponse")
+        messages = [choice["message"] for choice in response["choices"]]
+        assert [(m["reasoning_content"], m["content"]) for m in messages] == [("must not forbid", "den of lions")] * 2
 
 
 def test_a_clean_tool_call_under_a_policy_relays_the_models_arguments_as_they_came(gateway):

@@ -324,6 +324,33 @@ def test_openai_legacy_functions_are_answered_with_a_function_call(upstream: Fak
     assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_openai_reasoning_marker(upstream: FakeUpstream, field: str) -> None:
+    """``[[reasoning=TEXT]]`` answers that reasoning before the reply, in ``reasoning_content`` (DeepSeek, vLLM) or,
+    with ``[[reasoning_field=reasoning]]``, in ``reasoning`` (OpenRouter, Ollama); billed as output."""
+    marker = "[[reasoning=let me think it over]]" + (" [[reasoning_field=reasoning]]" if field == "reasoning" else "")
+    body = {"model": "fake-gpt-4o", "messages": user(f"{marker} hi")}
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    completion = json.loads(raw)
+    validate_openai_schema(completion, "CreateChatCompletionResponse")
+    message = completion["choices"][0]["message"]
+    assert message[field] == "let me think it over" and message["content"] == "Echo: hi"
+    assert completion["usage"]["completion_tokens"] == 5 + 2
+    assert completion["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
+
+    _, _, raw = http(upstream, "POST", "/v1/chat/completions", {**body, "stream": True, "n": 2})
+    chunks = openai_sse(raw)[:-1]
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    for index in (0, 1):
+        deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"][0]["index"] == index]
+        thought = [delta[field] for delta in deltas if field in delta]
+        assert len(thought) > 1 and "".join(thought) == "let me think it over"
+        texts = [delta["content"] for delta in deltas if delta.get("content")]
+        assert "".join(texts) == "Echo: hi"
+        assert deltas.index({field: thought[-1]}) < deltas.index({"content": texts[0]}), "reasoning first"
+
+
 def test_openai_logprobs(upstream: FakeUpstream) -> None:
     body = {"model": "fake-gpt-4o", "messages": user("log me"), "logprobs": True, "top_logprobs": 2}
     _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
