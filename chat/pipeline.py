@@ -1270,8 +1270,8 @@ class CompletionRun:
                                 delta = choice.get("delta") or {}
                                 if delta.get("content"):
                                     text.append(delta["content"])
-                                if delta.get("tool_calls"):
-                                    calls_streamed = True
+                                if delta.get("tool_calls") or delta.get("function_call"):
+                                    calls_streamed = True  # a call the client holds part of: no prefill ends it
                                 if choice.get("finish_reason"):
                                     finish_reason = choice["finish_reason"]
                             if not wants_usage and chunk_usage:
@@ -1319,7 +1319,8 @@ class CompletionRun:
     def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool) -> bool:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
         the model opted in, the failure is one another deployment may not share, what was sent can be
-        continued (``continuable``: text, no tool call) and the model's attempts are not spent."""
+        continued (``continuable``: text, no tool call nor legacy ``function_call``) and the model's attempts are
+        not spent."""
         served = self.answered_by
         return (
             served.resume_on_failure

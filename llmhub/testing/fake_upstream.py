@@ -113,6 +113,9 @@ Replies
     with ``[[reasoning_field=reasoning]]`` in its ``reasoning`` (OpenRouter, Ollama); streamed in that field of the
     deltas, in pieces, before the reply's first. Its words count in ``completion_tokens`` (and in
     ``completion_tokens_details.reasoning_tokens``), as those servers bill them.
+    ``[[preamble=some text]]`` (OpenAI only) puts that text in the message's ``content`` before a tool call or a
+    legacy ``function_call`` (streamed first, then the call opens), as models that say what they are about to
+    do; its words count as the reply's.
     ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do.
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
@@ -550,23 +553,26 @@ def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str
 @dataclass(frozen=True)
 class _OpenAILead:
     """What an OpenAI-shaped answer says before its reply: the model's reasoning (``[[reasoning=TEXT]]``, in the
-    ``field`` ``[[reasoning_field=NAME]]`` names)."""
+    ``field`` ``[[reasoning_field=NAME]]`` names) and, before a tool or function call, its text
+    (``[[preamble=TEXT]]``)."""
 
     reasoning: str | None = None
     field: str = "reasoning_content"
+    preamble: str | None = None
 
     @classmethod
-    def of(cls, directives: dict[str, str]) -> _OpenAILead:
+    def of(cls, directives: dict[str, str], reply: _Reply) -> _OpenAILead:
         field = "reasoning" if directives.get("reasoning_field") == "reasoning" else "reasoning_content"
-        return cls(directives.get("reasoning") or None, field)
+        preamble = directives.get("preamble") or None if reply.tool_name is not None else None
+        return cls(directives.get("reasoning") or None, field, preamble)
 
     @property
     def present(self) -> bool:
-        return self.reasoning is not None
+        return self.reasoning is not None or self.preamble is not None
 
     @property
     def tokens(self) -> int:
-        return count_words(self.reasoning or "")
+        return count_words(self.reasoning or "") + len(split_tokens(self.preamble or ""))
 
 
 def _split_pieces(text: str, pieces: int = 3) -> list[str]:
@@ -1674,7 +1680,7 @@ class _App:
         reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
-        lead = _OpenAILead.of(conv.directives)
+        lead = _OpenAILead.of(conv.directives, reply)
         completion = (reply.completion_tokens + lead.tokens) * n
         usage = {
             "prompt_tokens": conv.prompt_tokens,
@@ -1757,7 +1763,8 @@ class _App:
     def _openai_choice(
         self, index: int, reply: _Reply, logprobs: bool, top: int, lead: _OpenAILead | None = None
     ) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None, "annotations": []}
+        content = lead.preamble if lead is not None and lead.preamble is not None else reply.text
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
         if lead is not None and lead.reasoning is not None:
             message[lead.field] = lead.reasoning
         if reply.legacy_function:
@@ -1792,7 +1799,8 @@ class _App:
     ) -> web.StreamResponse:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
         ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
-        reasoning streamed before the reply (each choice opens with its role alone, and a call after it)."""
+        reasoning and the preamble streamed before the reply (each choice opens with its role alone, and a
+        call after them)."""
         leading = lead if lead is not None and lead.present else None
         base = {
             "id": _new_id("chatcmpl-", 29),
@@ -1824,7 +1832,7 @@ class _App:
             await response.write(f"data: {payload}\n\n".encode())
 
         content_limit = _content_limit(fault)
-        # What opens the call: the first delta of the choice, or the one after the reasoning.
+        # What opens the call: the first delta of the choice, or the one after the reasoning and preamble.
         function_opening = {"function_call": {"name": reply.tool_name, "arguments": ""}}
         call = {**self._openai_tool_calls(reply)[0], "index": 0, "function": {"name": reply.tool_name, "arguments": ""}}
         tool_opening = {"tool_calls": [call]}
@@ -1840,6 +1848,8 @@ class _App:
         if leading is not None:
             if leading.reasoning is not None:
                 pieces.extend({leading.field: piece} for piece in _split_pieces(leading.reasoning))
+            if leading.preamble is not None:
+                pieces.extend({"content": token} for token in split_tokens(leading.preamble))
             if reply.legacy_function:
                 pieces.append(function_opening)
             elif reply.tool_name is not None:

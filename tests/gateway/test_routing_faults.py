@@ -8,6 +8,7 @@ answered."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -372,6 +373,46 @@ def test_a_resumed_stream_asks_the_next_deployment_only_for_the_rest_of_the_toke
     assert first["max_tokens"] == 40
     assert resumed["messages"][-1]["content"] == delivered
     assert resumed["max_tokens"] == 40 - math.ceil(len(delivered) / 4)
+
+
+CALL_TOOL = {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [{"functions": [CALL_TOOL]}, {"tools": [{"type": "function", "function": CALL_TOOL}]}],
+    ids=["function", "tool"],
+)
+def test_a_stream_cut_inside_a_call_after_some_text_is_not_resumed(llmhub_server, client, fake_upstream, call):
+    """A reply that said something, then began a call (a legacy ``function_call`` as much as ``tool_calls``), and
+    was cut inside its arguments: the next deployment, given the text as a prefill, cannot finish the call the
+    client holds half of. The stream ends with the in-band error, as without ``resume_on_failure``."""
+    # The fake upstream streams the five words of the preamble, opens the call, sends a piece of its arguments: cut.
+    routed(fake_upstream, "fault-cut-7", resume_on_failure=True)
+    body = {
+        "model": "routed",
+        "messages": [{"role": "user", "content": "[[preamble=Let me look it up.]] Paris"}],
+        "stream": True,
+        **call,
+    }
+
+    with httpx.stream(
+        "POST",
+        llmhub_server.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {client.key.secret}"},
+        json=body,
+        timeout=30,
+    ) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        request_id = response.headers["x-request-id"]
+
+    assert lines[-1] != "data: [DONE]" and "upstream_stream_interrupted" in lines[-1], lines[-1]
+    deltas = [choice["delta"] for line in lines[:-1] for choice in json.loads(line[len("data: ") :])["choices"]]
+    assert "".join(delta.get("content") or "" for delta in deltas) == "Let me look it up."
+    assert not any(choice.get("finish_reason") for line in lines[:-1] for choice in json.loads(line[6:])["choices"])
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error" and not record.resumed and record.attempts == 1
+    assert len(fake_upstream.requests) == 1, "no second deployment was asked to continue"
 
 
 def test_messages_and_embeddings_run_the_same_call_loop(llmhub_server, client, fake_upstream):

@@ -351,6 +351,37 @@ def test_openai_reasoning_marker(upstream: FakeUpstream, field: str) -> None:
         assert deltas.index({field: thought[-1]}) < deltas.index({"content": texts[0]}), "reasoning first"
 
 
+def test_openai_preamble_marker_puts_text_before_a_call(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
+    """``[[preamble=TEXT]]`` is the text a model writes before its tool or legacy function call."""
+    prompt = user("[[preamble=Let me look.]] Paris")
+    functions = [WEATHER_TOOL_OPENAI["function"]]
+    completion = oai.chat.completions.create(model="fake-gpt-4o", messages=prompt, functions=functions)
+    message = completion.choices[0].message
+    assert message.content == "Let me look." and message.function_call.name == "get_weather"
+    assert completion.usage.completion_tokens == 3 + len(f"get_weather {message.function_call.arguments}".split())
+    called = oai.chat.completions.create(model="fake-gpt-4o", messages=prompt, tools=[WEATHER_TOOL_OPENAI])
+    assert called.choices[0].message.content == "Let me look." and called.choices[0].message.tool_calls
+    plain = oai.chat.completions.create(model="fake-gpt-4o", messages=prompt)
+    assert plain.choices[0].message.content == "Echo: Paris", "no call: the marker does nothing"
+
+    for request in ({"functions": functions}, {"tools": [WEATHER_TOOL_OPENAI]}):
+        _, _, raw = http(
+            upstream, "POST", "/v1/chat/completions", {"model": "m", "messages": prompt, "stream": True, **request}
+        )
+        chunks = openai_sse(raw)[:-1]
+        for chunk in chunks:
+            validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+        deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+        assert deltas[0] == {"role": "assistant", "content": "", "refusal": None}
+        assert "".join(delta.get("content") or "" for delta in deltas) == "Let me look."
+        opening = next(i for i, delta in enumerate(deltas) if delta.get("function_call") or delta.get("tool_calls"))
+        assert not any(delta.get("content") for delta in deltas[opening:]), "the text, then the call"
+    with oai.chat.completions.stream(model="fake-gpt-4o", messages=prompt, tools=[WEATHER_TOOL_OPENAI]) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "Let me look."
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments)["city"] == "Paris"
+
+
 def test_openai_logprobs(upstream: FakeUpstream) -> None:
     body = {"model": "fake-gpt-4o", "messages": user("log me"), "logprobs": True, "top_logprobs": 2}
     _, _, raw = http(upstream, "POST", "/v1/chat/completions", body)
