@@ -205,6 +205,10 @@ EARLIER_REPLIES = {
         ],
         "tools": [SEARCH],
     },
+    # A reasoning model's reasoning, sent back as its servers take it (DeepSeek's thinking mode with tools asks
+    # for its reasoning_content again; OpenRouter takes reasoning).
+    "reasoning-content": {"messages": [{"role": "assistant", "content": "ok", "reasoning_content": "a forbidden one"}]},
+    "reasoning": {"messages": [{"role": "assistant", "content": "ok", "reasoning": "a forbidden one"}]},
 }
 
 
@@ -464,8 +468,19 @@ def test_a_messages_participant_name_is_checked_as_input(gateway):
             "messages[0].tool_calls[0].function",
             0,
         ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "ok", "reasoning_content": "so: forbidden"},
+                    {"role": "user", "content": "go on"},
+                ]
+            },
+            "messages[1].reasoning_content",
+            4,
+        ),
     ],
-    ids=["earlier-reply", "tool", "tool-call"],
+    ids=["earlier-reply", "tool", "tool-call", "reasoning"],
 )
 def test_a_refused_input_names_the_field_the_blocked_word_is_in(gateway, request_fields, field, character):
     """The whole input is one text, scanned once: the hit's character named a place in that text, which the
