@@ -29,7 +29,7 @@ from billing.models import Operation
 from billing.selectors import user_limits
 from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
 from providers.moderation import Hit, ModerationServiceError, PlainText, PolicySnapshot, moderation_policies
-from providers.tokens import TOOL_CALL_BLOCKS
+from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS
 from providers.types import ResolvedModel
 
 from .callers import Caller
@@ -582,9 +582,10 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
         if isinstance(message.get("name"), str):  # a participant's name, which the model reads with the turn
             parts.append((f"{field}.name", message["name"]))
         parts.extend((f"{field}.content", text) for text in _texts(message.get("content")))
-        # An earlier turn's reasoning, which reasoning models' servers take back (DeepSeek's thinking mode asks for
-        # its reasoning_content again in a tool-call round, OpenRouter takes reasoning): unsigned, the client's text.
-        parts.extend((f"{field}.{name}", message[name]) for name in _REASONING if isinstance(message.get(name), str))
+        # An earlier turn's reasoning, sent back as reasoning models' servers take it: unsigned, the client's text.
+        parts.extend(
+            (f"{field}.{name}", message[name]) for name in REASONING_FIELDS if isinstance(message.get(name), str)
+        )
         calls = message.get("tool_calls")
         for number, call in enumerate(calls if isinstance(calls, list) else ()):
             function = call.get("function") if isinstance(call, dict) else None
@@ -603,11 +604,6 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
     if operation == Operation.CHAT and isinstance(body.get("response_format"), dict):
         parts.extend(("response_format", text) for text in _json_texts(body["response_format"].get("json_schema")))
     return [(field, text) for field, text in parts if text]
-
-
-# Where an assistant turn of a chat completion holds a reasoning model's reasoning (DeepSeek and vLLM, OpenRouter and
-# Ollama).
-_REASONING = ("reasoning_content", "reasoning")
 
 
 def _call_texts(function: dict[str, Any]) -> Iterable[str]:

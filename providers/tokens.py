@@ -37,6 +37,9 @@ _ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document
 # Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
 TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 EMBEDDINGS = "embeddings"  # the operation (``billing.models.Operation``) whose body is an ``input``, not messages
+# Where a chat completion's assistant turn holds a reasoning model's reasoning, which its servers take back
+# (DeepSeek's thinking mode asks for its reasoning_content again in a tool-call round; OpenRouter takes reasoning).
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 def text_tokens(text: str) -> int:
@@ -88,8 +91,8 @@ def _is_token(value: Any) -> bool:
 
 def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
     """(characters, attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
-    (text or blocks), every message's text, tool calls (a legacy ``function_call`` too) and results, thinking,
-    and the tools' definitions (the legacy ``functions`` too)."""
+    (text or blocks), every message's text, tool calls (a legacy ``function_call`` too) and results, thinking (a
+    chat completion's reasoning too), and the tools' definitions (the legacy ``functions`` too)."""
     counted = _Counted()
     counted.content(body.get("system"))
     messages = body.get("messages")
@@ -98,6 +101,9 @@ def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
         if not isinstance(message, Mapping):
             continue
         counted.content(message.get("content"))
+        for name in REASONING_FIELDS:
+            if isinstance(reasoning := message.get(name), str):
+                counted.chars += len(reasoning)
         # The tool calls' and a legacy ``function_call``'s arguments.
         calls = message.get("tool_calls") or ()
         functions = [call.get("function") if isinstance(call, Mapping) else None for call in calls]

@@ -191,6 +191,28 @@ def test_a_reasoning_models_reply_is_estimated_with_its_reasoning(gateway, strea
     assert usage["completion_tokens"] == record.completion_tokens
 
 
+def test_an_earlier_turns_reasoning_is_part_of_the_prompt_an_upstream_that_reports_no_usage_is_charged(gateway):
+    """A reasoning model's reasoning that the client sends back with its earlier turn (``reasoning_content``, as
+    DeepSeek's thinking mode asks for it in a tool-call round) reaches the model: the prompt's estimate counts it
+    (about four characters a token), where it used to charge the same as for a turn without it."""
+    reasoning = "The user asks about the weather, so I look it up and answer briefly. " * 8
+    client = gateway.client()
+
+    def prompt_charged(earlier: dict) -> int:
+        messages = [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "Sunny.", **earlier},
+            {"role": "user", "content": "and tomorrow? [[usage=none]]"},
+        ]
+        raw = client.chat.completions.with_raw_response.create(model="gpt-test", messages=messages)
+        record = wait_for_record(raw.headers["x-request-id"])
+        assert record.usage_estimated
+        return record.prompt_tokens
+
+    added = prompt_charged({"reasoning_content": reasoning}) - prompt_charged({})
+    assert abs(added - len(reasoning) / 4) <= 1
+
+
 def test_streaming_without_include_usage_sends_no_usage(gateway):
     stream = gateway.client().chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "[[words=5]]"}], stream=True

@@ -61,6 +61,16 @@ BODIES = {
             "functions": [FUNCTION],
         },
     ),
+    "chat with a reasoning model's earlier turn": (
+        Operation.CHAT,
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Sunny.", "reasoning_content": "A forecast, then a short answer."},
+                {"role": "user", "content": "And Rome?"},
+            ],
+        },
+    ),
     "embeddings text": (Operation.EMBEDDINGS, {"input": ["first document", "a second, longer document"]}),
 }
 
@@ -121,6 +131,19 @@ def test_a_server_or_mcp_tool_call_and_its_result_count_as_a_tool_use_and_its_re
     counted = prompt_tokens(messages_calling(call, result), operation=Operation.MESSAGES, upper_bound=upper_bound)
     expected = messages_calling("tool_use", "tool_result")
     assert counted == prompt_tokens(expected, operation=Operation.MESSAGES, upper_bound=upper_bound)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_an_earlier_turns_reasoning_sent_back_counts_as_its_text(field):
+    """A reasoning model's reasoning, sent back in an assistant turn (DeepSeek's thinking mode asks for it again in
+    a tool-call round), reaches the model: the estimate and the reservation's bound used to leave it out."""
+    operation, body = BODIES["chat with a reasoning model's earlier turn"]
+    user, reply, follow_up = body["messages"]
+    reply = {"role": "assistant", "content": "Sunny.", field: reply["reasoning_content"]}
+    body = {"messages": [user, reply, follow_up]}
+    chars = len("Weather in Paris?") + len("Sunny.") + len("A forecast, then a short answer.") + len("And Rome?")
+    assert prompt_tokens(body, operation=operation) == math.ceil(chars / 4) + 3 * 3
+    assert prompt_tokens(body, operation=operation, upper_bound=True) == math.ceil(chars / 2) + 8 * 3 + 16
 
 
 def test_an_attachment_is_charged_as_a_mid_sized_image_in_both_modes():
