@@ -1837,13 +1837,16 @@ _BLOCK_EVENTS = frozenset({"content_block_start", "content_block_delta", "conten
 
 
 def _role_only(chunk: WireChunk) -> bool:
-    """A chunk that only opens the assistant's message (its role, no text, no call, no finish)."""
+    """A chunk that only opens the assistant's message (its role, no text, no call, a legacy ``function_call``
+    included, no finish)."""
     choices = chunk.get("choices") or ()
     if len(choices) != 1 or chunk.get("usage"):
         return False
     choice = choices[0]
     delta = choice.get("delta") or {}
-    return not choice.get("finish_reason") and not delta.get("content") and not delta.get("tool_calls")
+    return not (
+        choice.get("finish_reason") or delta.get("content") or delta.get("tool_calls") or delta.get("function_call")
+    )
 
 
 def _requested_name(body: dict[str, Any], served: ResolvedModel) -> str:

@@ -115,7 +115,8 @@ Replies
     ``completion_tokens_details.reasoning_tokens``), as those servers bill them.
     ``[[preamble=some text]]`` (OpenAI only) puts that text in the message's ``content`` before a tool call or a
     legacy ``function_call`` (streamed first, then the call opens), as models that say what they are about to
-    do; its words count as the reply's.
+    do; its words count as the reply's. A request that ends in an assistant message (a prefill) that begins the
+    preamble is answered as a model continues one: the rest of the preamble, then the call.
     ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do.
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
@@ -561,9 +562,13 @@ class _OpenAILead:
     preamble: str | None = None
 
     @classmethod
-    def of(cls, directives: dict[str, str], reply: _Reply) -> _OpenAILead:
+    def of(cls, conv: _Conversation, reply: _Reply) -> _OpenAILead:
+        directives = conv.directives
         field = "reasoning" if directives.get("reasoning_field") == "reasoning" else "reasoning_content"
-        preamble = directives.get("preamble") or None if reply.tool_name is not None else None
+        preamble = None
+        if reply.tool_name is not None:
+            continued = _preamble_continued(conv)
+            preamble = (directives.get("preamble") if continued is None else continued) or None
         return cls(directives.get("reasoning") or None, field, preamble)
 
     @property
@@ -573,6 +578,15 @@ class _OpenAILead:
     @property
     def tokens(self) -> int:
         return count_words(self.reasoning or "") + len(split_tokens(self.preamble or ""))
+
+
+def _preamble_continued(conv: _Conversation) -> str | None:
+    """What is left of the ``[[preamble=TEXT]]`` a request's prefill (its last, assistant message) begins; None
+    when it asks for no such continuation."""
+    preamble = conv.directives.get("preamble")
+    if not preamble or not conv.prefill or not preamble.startswith(conv.prefill):
+        return None
+    return preamble[len(conv.prefill) :]
 
 
 def _split_pieces(text: str, pieces: int = 3) -> list[str]:
@@ -600,6 +614,7 @@ class _Conversation:
     directives: dict[str, str] = field(default_factory=dict)
     tool_result: str | None = None
     last_is_user: bool = False
+    prefill: str | None = None  # the text of a last assistant message (OpenAI): a reply to continue
 
 
 @dataclass
@@ -726,6 +741,8 @@ def _parse_openai(body: dict[str, Any]) -> _Conversation:
     if last.get("role") in ("tool", "function"):
         conv.tool_result = _content_text(last.get("content"), "text", ()) or ""
     conv.last_is_user = last.get("role") == "user"
+    if last.get("role") == "assistant":
+        conv.prefill = _content_text(last.get("content"), "text", ()) or ""
     conv.user_text, conv.directives = _extract_directives(user_text or "")
     _follow_up(
         conv,
@@ -897,7 +914,7 @@ def _build_reply(
         text = " ".join(_LOREM[i % len(_LOREM)] for i in range(count))
     elif conv.tool_result is not None:
         text = "Tool result: " + conv.tool_result
-    elif tool is not None and conv.last_is_user:
+    elif tool is not None and (conv.last_is_user or _preamble_continued(conv) is not None):
         return _Reply(
             text=None,
             tokens=[],
@@ -1680,7 +1697,7 @@ class _App:
         reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
-        lead = _OpenAILead.of(conv.directives, reply)
+        lead = _OpenAILead.of(conv, reply)
         completion = (reply.completion_tokens + lead.tokens) * n
         usage = {
             "prompt_tokens": conv.prompt_tokens,

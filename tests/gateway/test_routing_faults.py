@@ -415,6 +415,32 @@ def test_a_stream_cut_inside_a_call_after_some_text_is_not_resumed(llmhub_server
     assert len(fake_upstream.requests) == 1, "no second deployment was asked to continue"
 
 
+@pytest.mark.parametrize(
+    "call",
+    [{"functions": [CALL_TOOL]}, {"tools": [{"type": "function", "function": CALL_TOOL}]}],
+    ids=["function", "tool"],
+)
+def test_a_call_the_resumed_attempt_makes_reaches_the_client(client, fake_upstream, call):
+    """Cut while it was still writing its text, the reply is resumed; the next deployment finishes the text and
+    then calls the function (or the tool): the client gets the whole call, not only its finish reason."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+    messages = [{"role": "user", "content": "[[preamble=Let me look it up.]] Paris"}]
+
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=messages, stream=True, **call
+    ) as response:
+        deltas = [chunk.choices[0].delta for chunk in response.parse() if chunk.choices]
+        request_id = response.headers["x-request-id"]
+
+    assert "".join(delta.content or "" for delta in deltas) == "Let me look it up."
+    calls = [delta.function_call for delta in deltas if delta.function_call]
+    calls += [call.function for delta in deltas for call in delta.tool_calls or ()]
+    assert [made.name for made in calls if made.name] == ["lookup"]
+    assert json.loads("".join(made.arguments or "" for made in calls)) == {"q": "Paris"}
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed and record.attempts == 2
+
+
 def test_messages_and_embeddings_run_the_same_call_loop(llmhub_server, client, fake_upstream):
     import anthropic
 

@@ -381,6 +381,15 @@ def test_openai_preamble_marker_puts_text_before_a_call(upstream: FakeUpstream, 
     assert final.choices[0].message.content == "Let me look."
     assert json.loads(final.choices[0].message.tool_calls[0].function.arguments)["city"] == "Paris"
 
+    # Given the start of it as a prefill, the model goes on: the rest of the preamble, then the call.
+    continued = [*prompt, {"role": "assistant", "content": "Let me"}]
+    answer = oai.chat.completions.create(model="fake-gpt-4o", messages=continued, functions=functions)
+    assert answer.choices[0].message.content == " look." and answer.choices[0].message.function_call.name
+    other = oai.chat.completions.create(
+        model="fake-gpt-4o", messages=[*prompt, {"role": "assistant", "content": "No"}], functions=functions
+    )
+    assert other.choices[0].message.content == "Echo: Paris", "a prefill that is not the preamble: no call"
+
 
 def test_openai_logprobs(upstream: FakeUpstream) -> None:
     body = {"model": "fake-gpt-4o", "messages": user("log me"), "logprobs": True, "top_logprobs": 2}
