@@ -112,7 +112,9 @@ Replies
     OpenAI-compatible servers of reasoning models do: in the message's ``reasoning_content`` (DeepSeek, vLLM), or
     with ``[[reasoning_field=reasoning]]`` in its ``reasoning`` (OpenRouter, Ollama); streamed in that field of the
     deltas, in pieces, before the reply's first. Its words count in ``completion_tokens`` (and in
-    ``completion_tokens_details.reasoning_tokens``), as those servers bill them.
+    ``completion_tokens_details.reasoning_tokens``), as those servers bill them. Under ``/mistral`` it is spelt
+    as Mistral's reasoning models write it: ``content`` a list of chunks, a ``thinking`` chunk (its text in a list
+    of ``text`` chunks) then the reply's ``text`` chunk; streamed, each delta's ``content`` such a list.
     ``[[preamble=some text]]`` (OpenAI only) puts that text in the message's ``content`` before a tool call or a
     legacy ``function_call`` (streamed first, then the call opens), as models that say what they are about to
     do; its words count as the reply's. A request that ends in an assistant message (a prefill) that begins the
@@ -554,17 +556,19 @@ def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str
 @dataclass(frozen=True)
 class _OpenAILead:
     """What an OpenAI-shaped answer says before its reply: the model's reasoning (``[[reasoning=TEXT]]``, in the
-    ``field`` ``[[reasoning_field=NAME]]`` names) and, before a tool or function call, its text
-    (``[[preamble=TEXT]]``)."""
+    ``field`` ``[[reasoning_field=NAME]]`` names; ``content``: Mistral's ``thinking`` chunks) and, before a tool or
+    function call, its text (``[[preamble=TEXT]]``)."""
 
     reasoning: str | None = None
     field: str = "reasoning_content"
     preamble: str | None = None
 
     @classmethod
-    def of(cls, conv: _Conversation, reply: _Reply) -> _OpenAILead:
+    def of(cls, conv: _Conversation, reply: _Reply, *, mistral: bool = False) -> _OpenAILead:
         directives = conv.directives
         field = "reasoning" if directives.get("reasoning_field") == "reasoning" else "reasoning_content"
+        if mistral:
+            field = "content"
         preamble = None
         if reply.tool_name is not None:
             continued = _preamble_continued(conv)
@@ -578,6 +582,15 @@ class _OpenAILead:
     @property
     def tokens(self) -> int:
         return count_words(self.reasoning or "") + len(split_tokens(self.preamble or ""))
+
+
+def _mistral_chunks(thinking: str, text: str | None) -> list[dict[str, Any]]:
+    """A message's (or a delta's) ``content`` as Mistral's reasoning models write it: a ``thinking`` chunk, then
+    the text's."""
+    chunks: list[dict[str, Any]] = [{"type": "thinking", "thinking": [{"type": "text", "text": thinking}]}]
+    if text is not None:
+        chunks.append({"type": "text", "text": text})
+    return chunks
 
 
 def _preamble_continued(conv: _Conversation) -> str | None:
@@ -1697,7 +1710,7 @@ class _App:
         reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
-        lead = _OpenAILead.of(conv, reply)
+        lead = _OpenAILead.of(conv, reply, mistral=request.get(_USAGE_ON_FINISH_KEY, False))
         completion = (reply.completion_tokens + lead.tokens) * n
         usage = {
             "prompt_tokens": conv.prompt_tokens,
@@ -1782,7 +1795,9 @@ class _App:
     ) -> dict[str, Any]:
         content = lead.preamble if lead is not None and lead.preamble is not None else reply.text
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
-        if lead is not None and lead.reasoning is not None:
+        if lead is not None and lead.reasoning is not None and lead.field == "content":
+            message["content"] = _mistral_chunks(lead.reasoning, message["content"])
+        elif lead is not None and lead.reasoning is not None:
             message[lead.field] = lead.reasoning
         if reply.legacy_function:
             message["function_call"] = {"name": reply.tool_name, "arguments": reply.arguments_json}
@@ -1863,7 +1878,9 @@ class _App:
 
         pieces: list[dict[str, Any]] = []
         if leading is not None:
-            if leading.reasoning is not None:
+            if leading.reasoning is not None and leading.field == "content":
+                pieces.extend({"content": _mistral_chunks(piece, None)} for piece in _split_pieces(leading.reasoning))
+            elif leading.reasoning is not None:
                 pieces.extend({leading.field: piece} for piece in _split_pieces(leading.reasoning))
             if leading.preamble is not None:
                 pieces.extend({"content": token} for token in split_tokens(leading.preamble))
@@ -1883,6 +1900,8 @@ class _App:
                     {"tool_calls": [{"index": number, "function": {"arguments": piece}}]}
                     for piece in _split_pieces(reply.arguments_json)
                 )
+        elif leading is not None and leading.reasoning is not None and leading.field == "content":
+            pieces.extend({"content": [{"type": "text", "text": token}]} for token in reply.tokens)
         else:
             pieces.extend({"content": token} for token in reply.tokens)
         for position, delta in enumerate(pieces):

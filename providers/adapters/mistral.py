@@ -8,6 +8,12 @@ one renames what Mistral has under another name (``max_completion_tokens`` → `
 Mistral refuses it, and reports a stream's usage on its last chunk unasked (moved here to a chunk of its own,
 where OpenAI sends it). A field Mistral has no
 counterpart for (``logprobs``, ``user``, …) still goes up, and its 422 reaches the client as a 400 naming it.
+
+Mistral's reasoning models (Magistral) write a message's ``content``, and each streamed delta's, as a list of
+chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
+the gateway's output check, its estimate of an uncounted reply and the chat page read one: such a ``content`` is
+spelt as other OpenAI-compatible servers of reasoning models spell it, the thinking in ``reasoning_content`` and
+the text in ``content`` (``_content_chunks_spelt``). A list holding any other kind of chunk is left as it came.
 """
 
 from __future__ import annotations
@@ -35,12 +41,24 @@ class MistralAdapter(OpenAIAdapter):
             request["stream"] = True
         return request
 
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        completion = await super().complete(body)
+        for choice in completion["choices"]:
+            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+                _content_chunks_spelt(choice["message"])
+        return completion
+
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         """The OpenAI adapter's stream, with the usage Mistral puts on its last chunk moved to a chunk of its
-        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too."""
+        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too; and
+        a delta's ``content`` chunks spelt as OpenAI's (``_content_chunks_spelt``)."""
         upstream = super().stream(body)
         try:
             async for chunk in upstream:
+                for choice in chunk.get("choices") or ():
+                    if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
+                        if _content_chunks_spelt(choice["delta"]):
+                            chunk.raw = None
                 usage = chunk.get("usage")
                 if not usage or not chunk.get("choices"):
                     yield chunk
@@ -54,3 +72,30 @@ class MistralAdapter(OpenAIAdapter):
 
     async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
         return await super().embed(fields_renamed(body, _EMBEDDING_RENAMES))
+
+
+def _content_chunks_spelt(part: dict[str, Any]) -> bool:
+    """Spell a message's or a delta's ``content`` chunks (``thinking`` and ``text``, as Mistral's reasoning models
+    write them) as OpenAI-compatible servers of reasoning models do, in place: the thinking in
+    ``reasoning_content``, the text in ``content`` (null when there is none, as in a delta that only thinks).
+    True when it changed ``part``."""
+    content = part.get("content")
+    if not isinstance(content, list):
+        return False
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for chunk in content:
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        if kind == "text" and isinstance(chunk.get("text"), str):
+            texts.append(chunk["text"])
+        elif kind == "thinking" and isinstance(chunk.get("thinking"), list):
+            for piece in chunk["thinking"]:
+                if not (isinstance(piece, dict) and piece.get("type") == "text" and isinstance(piece.get("text"), str)):
+                    return False
+                thoughts.append(piece["text"])
+        else:
+            return False  # a chunk of another kind (a reference, an image): not ours to reshape
+    part["content"] = "".join(texts) if texts else None
+    if thoughts:
+        part["reasoning_content"] = "".join(thoughts)
+    return True

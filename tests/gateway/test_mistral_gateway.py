@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import httpx
 import openai
 import pytest
 
@@ -123,3 +124,36 @@ def test_a_field_mistral_does_not_take_is_a_400_naming_it(mistral):
     error = caught.value.body
     assert error["param"] == "logprobs"
     assert "logprobs" in error["message"] and "Extra inputs are not permitted" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_mistral_reasoning_models_thinking_chunks_reach_the_client_as_reasoning_content(mistral, stream):
+    """Mistral's reasoning models (Magistral) write ``content`` as a list of ``thinking`` and ``text`` chunks, which
+    OpenAI's schema does not allow: the client gets the thinking in ``reasoning_content`` and the text in
+    ``content``, as other OpenAI-compatible servers of reasoning models send them, and the request is priced."""
+    body = {
+        "model": "mistral-test",
+        "messages": [{"role": "user", "content": "[[reasoning=let me think it over]] [[reply=Fine then.]]"}],
+    }
+    headers = {"Authorization": f"Bearer {mistral.key}"}
+    url = mistral.url + "/v1/chat/completions"
+    if stream:
+        with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers, timeout=20) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line]
+            request_id = response.headers["x-request-id"]
+        assert lines[-1] == "data: [DONE]"
+        chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+        for chunk in chunks:
+            validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+        deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+        reasoning = "".join(delta.get("reasoning_content") or "" for delta in deltas)
+        text = "".join(delta.get("content") or "" for delta in deltas)
+    else:
+        response = httpx.post(url, json=body, headers=headers, timeout=20)
+        assert response.status_code == 200
+        validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+        message = response.json()["choices"][0]["message"]
+        reasoning, text, request_id = message["reasoning_content"], message["content"], response.headers["x-request-id"]
+    assert (reasoning, text) == ("let me think it over", "Fine then.")
+    assert_priced(wait_for_record(request_id), 3 + 7, 5 + 2, stream=stream)

@@ -351,6 +351,21 @@ def test_openai_reasoning_marker(upstream: FakeUpstream, field: str) -> None:
         assert deltas.index({field: thought[-1]}) < deltas.index({"content": texts[0]}), "reasoning first"
 
 
+def test_mistral_spells_reasoning_as_thinking_chunks(upstream: FakeUpstream) -> None:
+    """Under /mistral, ``[[reasoning=TEXT]]`` is written as Mistral's reasoning models write it: content chunks."""
+    body = {"model": "magistral-small-latest", "messages": user("[[reasoning=let me think]] hi")}
+    _, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "let me think"}]}
+    assert json.loads(raw)["choices"][0]["message"]["content"] == [thinking, {"type": "text", "text": "Echo: hi"}]
+
+    _, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", {**body, "stream": True})
+    contents = [chunk["choices"][0]["delta"].get("content") for chunk in openai_sse(raw)[:-1] if chunk["choices"]]
+    chunks = [part for content in contents if isinstance(content, list) for part in content]
+    thought = "".join(part["thinking"][0]["text"] for part in chunks if part["type"] == "thinking")
+    assert thought == "let me think"
+    assert "".join(part["text"] for part in chunks if part["type"] == "text") == "Echo: hi"
+
+
 def test_openai_preamble_marker_puts_text_before_a_call(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
     """``[[preamble=TEXT]]`` is the text a model writes before its tool or legacy function call."""
     prompt = user("[[preamble=Let me look.]] Paris")
