@@ -94,8 +94,9 @@ class Provider(models.Model):
             "Sent with every upstream request. Values are encrypted at rest and shown masked (…abcd): leave a "
             "masked value as it is to keep it, type a new value to replace it, remove the name to drop it. With a "
             "user's own key (bring your own key), a header whose name says auth, key, token, secret, cookie, "
-            "password, organization, project, account, tenant or workspace (Authorization, OpenAI-Project, Helicone-Auth…) is not sent: it is "
-            "the platform's; the others (HTTP-Referer, X-Title, anthropic-beta…) are."
+            "password, organization, project, account, tenant or workspace (Authorization, OpenAI-Project, "
+            "Helicone-Auth…) is not sent: it is the platform's; the others (HTTP-Referer, X-Title, anthropic-beta…) "
+            "are."
         ),
     )
     timeout_seconds = models.DecimalField(
