@@ -645,5 +645,3 @@ def test_chunks_become_anthropics_event_sequence():
     assert events[0]["message"]["usage"] == {"input_tokens": 12, "output_tokens": 0}
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
     assert events[-2]["usage"]["input_tokens"] == 9 and events[-2]["usage"]["output_tokens"] == 5
-
-
