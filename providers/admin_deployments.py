@@ -3,6 +3,8 @@ latest health checks found. The breaker actions call ``deployment_breaker_overri
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.db.models import OuterRef, QuerySet, Subquery
@@ -78,13 +80,17 @@ def _breaker_html(state: BreakerState, override: str) -> SafeString:
     )
 
 
+def _when(moment: datetime) -> str:
+    return f"{timezone.localtime(moment):%Y-%m-%d %H:%M %Z} ({timesince(moment)} ago)"
+
+
 @admin.register(Deployment)
 class DeploymentAdmin(admin.ModelAdmin):
     list_display = (
         "__str__",
         "model",
         "provider",
-        "upstream_id",
+        "upstream",
         "prices",
         "weight",
         "priority",
@@ -101,9 +107,9 @@ class DeploymentAdmin(admin.ModelAdmin):
     class Media:
         css = {"all": ("providers/admin_breakers.css",)}
 
-    readonly_fields = ("breaker_now", "created_at", "updated_at")
+    readonly_fields = ("upstream_model_missing", "breaker_now", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("model", "name", "provider", "upstream_id", "enabled")}),
+        (None, {"fields": ("model", "name", "provider", "upstream_id", "upstream_model_missing", "enabled")}),
         (
             "Prices ($ per million tokens)",
             {
@@ -140,6 +146,31 @@ class DeploymentAdmin(admin.ModelAdmin):
         for deployment in changelist.result_list:
             deployment.breaker_state = states[deployment.pk]
         return changelist
+
+    @admin.display(description="upstream id", ordering="upstream_id")
+    def upstream(self, obj: Deployment) -> SafeString:
+        missing = obj.upstream_model_missing_since
+        if missing is None:
+            return format_html("{}", obj.upstream_id)
+        return format_html(
+            '{}<br><strong class="{}">upstream model missing since {}</strong>',
+            obj.upstream_id,
+            _COLOURS[OPEN],
+            _when(missing),
+        )
+
+    @admin.display(description="at the provider")
+    def upstream_model_missing(self, obj: Deployment) -> SafeString | str:
+        """What the health round found of the upstream id: a missing one is a catalog mistake that refuses every
+        request (users' own keys included), fixed by correcting the upstream id."""
+        if obj.upstream_model_missing_since is None:
+            return "listed at the last health check (or not checked)"
+        return format_html(
+            '<strong class="{}">upstream model missing since {}</strong>: the provider\'s model list does not name '
+            "this upstream id; correct it (the next health check clears this).",
+            _COLOURS[OPEN],
+            _when(obj.upstream_model_missing_since),
+        )
 
     @admin.display(description="prices in / out ($/Mtok)")
     def prices(self, obj: Deployment) -> str:

@@ -394,6 +394,14 @@ class Deployment(models.Model):
         help_text="Health checks send a one-token completion (billed by the provider) instead of listing models.",
     )
     enabled = models.BooleanField(default=True)
+    # Written by the health round only (``services.health``), never by an admin: not in ``SETTINGS``.
+    upstream_model_missing_since = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="Since when the provider's model list has lacked the upstream id (or a paid probe got a 404 "
+        "for it): a catalog mistake. Empty: found at the last health check, or not checked.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -115,6 +115,9 @@ class ResolvedDeployment:
     tpm_limit: int | None = None
     quality: float | None = None  # set by admins (later fed by experiments): ``x-llmhub-route: quality``
     forced_state: str = ""  # "" (the breaker decides), "open" or "closed": an admin's override
+    # Since when the provider's model list has lacked ``upstream_id`` (the health round): a 404 for it then is
+    # the catalog's mistake, not the account's, whichever key asked (``upstream_model_missing``).
+    upstream_model_missing_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

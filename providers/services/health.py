@@ -30,11 +30,11 @@ from django.utils import timezone
 from ..adapters import adapter_class_for_kind, adapter_for
 from ..adapters.base import BaseAdapter
 from ..adapters.common import scrub
-from ..exceptions import ProviderError
+from ..exceptions import ProviderError, ProviderNotFoundError
 from ..models import Deployment, HealthCheck, HealthStatus, ModelMode, Provider, ProviderKind
 from ..routing.breaker_machine import CLOSED, OPEN
 from ..routing.breakers import breaker_force, breaker_reset, breaker_state
-from ..selectors import provider_config, resolved_deployment, resolved_model
+from ..selectors import catalog_cache, provider_config, resolved_deployment, resolved_model
 from ..types import HealthResult, ProviderConfig, ResolvedModel
 from .incidents import incident_close, incident_open
 
@@ -186,6 +186,11 @@ class DeploymentProbe:
     latency_ms: int | None
     error: str = ""
     paid: bool = False
+    # Whether the provider lacks the deployment's upstream id (``upstream_id``, as the round read it): True when
+    # its model list does not name it or a paid probe got a 404 for it, False when it was found, None when the
+    # probe could not tell (the provider failed, or its list names nothing a deployment calls).
+    model_missing: bool | None = None
+    upstream_id: str = ""
 
 
 @dataclass(slots=True)
@@ -226,10 +231,21 @@ def _listed_outcome(
         return DeploymentProbe(target.deployment_id, ok=False, latency_ms=result.latency_ms, error=result.error)
     # A provider that lists nothing (an empty list, or no list at all) cannot say which models it serves:
     # its answering is all the free probe can tell.
-    if listed and config.kind not in _LIST_DOES_NOT_NAME_DEPLOYMENTS and not _names_match(target.upstream_id, listed):
+    if not listed or config.kind in _LIST_DOES_NOT_NAME_DEPLOYMENTS:
+        return DeploymentProbe(target.deployment_id, ok=True, latency_ms=result.latency_ms)
+    if not _names_match(target.upstream_id, listed):
         error = f"The provider {config.name!r} answers, but its model list does not include {target.upstream_id!r}."
-        return DeploymentProbe(target.deployment_id, ok=False, latency_ms=result.latency_ms, error=error[:500])
-    return DeploymentProbe(target.deployment_id, ok=True, latency_ms=result.latency_ms)
+        return DeploymentProbe(
+            target.deployment_id,
+            ok=False,
+            latency_ms=result.latency_ms,
+            error=error[:500],
+            model_missing=True,
+            upstream_id=target.upstream_id,
+        )
+    return DeploymentProbe(
+        target.deployment_id, ok=True, latency_ms=result.latency_ms, model_missing=False, upstream_id=target.upstream_id
+    )
 
 
 async def _paid_probe(adapter: BaseAdapter, target: _Target) -> DeploymentProbe:
@@ -245,8 +261,24 @@ async def _paid_probe(adapter: BaseAdapter, target: _Target) -> DeploymentProbe:
             await adapter.complete(adapter.prepare_request(body, model))
     except ProviderError as exc:
         error = _scrubbed(exc.message, adapter.config)
-        return DeploymentProbe(target.deployment_id, ok=False, latency_ms=_ms_since(started), error=error, paid=True)
-    return DeploymentProbe(target.deployment_id, ok=True, latency_ms=_ms_since(started), paid=True)
+        missing = True if isinstance(exc, ProviderNotFoundError) and exc.upstream_status == 404 else None
+        return DeploymentProbe(
+            target.deployment_id,
+            ok=False,
+            latency_ms=_ms_since(started),
+            error=error,
+            paid=True,
+            model_missing=missing,
+            upstream_id=target.upstream_id,
+        )
+    return DeploymentProbe(
+        target.deployment_id,
+        ok=True,
+        latency_ms=_ms_since(started),
+        paid=True,
+        model_missing=False,
+        upstream_id=target.upstream_id,
+    )
 
 
 async def _provider_round(
@@ -349,6 +381,7 @@ def deployment_probe_record(*, probe: DeploymentProbe, at: datetime | None = Non
             raise
         return None
     _breaker_follow(probe)
+    _model_missing_follow(probe, at)
     if probe.ok:
         incident_close(deployment_id=probe.deployment_id, at=at, spare_breaker_incident=not probe.paid)
     elif _failing_in_a_row(probe.deployment_id, incident_after_failures()):
@@ -365,6 +398,23 @@ def _breaker_follow(probe: DeploymentProbe) -> None:
         breaker_force(probe.deployment_id, OPEN)
     elif breaker_state(probe.deployment_id).state != CLOSED:
         breaker_reset(probe.deployment_id)
+
+
+def _model_missing_follow(probe: DeploymentProbe, at: datetime) -> None:
+    """Keep on the deployment since when its provider lacks its upstream id, and clear it once found: the request
+    path reads it from the catalog snapshot (a 404 for that id is the catalog's mistake, not a user's key's).
+    Only while the upstream id is the one probed (an admin's fix meanwhile is judged by the next round); an
+    ``update`` (no ``updated_at``, no admin edit overwritten), and this process's catalog copy dropped as any
+    deployment change drops it (the others' within ``LLMHUB_LOOKUP_CACHE_TTL``)."""
+    if probe.model_missing is None:
+        return
+    rows = Deployment.objects.filter(pk=probe.deployment_id, upstream_id=probe.upstream_id)
+    if probe.model_missing:
+        changed = rows.filter(upstream_model_missing_since__isnull=True).update(upstream_model_missing_since=at)
+    else:
+        changed = rows.filter(upstream_model_missing_since__isnull=False).update(upstream_model_missing_since=None)
+    if changed:
+        catalog_cache.invalidate()
 
 
 def _failing_in_a_row(deployment_id: int, count: int) -> bool:

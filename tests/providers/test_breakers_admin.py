@@ -161,3 +161,23 @@ def test_the_change_page_shows_the_latest_twenty_checks_read_only(admin_client, 
     deployment.refresh_from_db()
     assert (deployment.upstream_id, deployment.weight) == ("renamed-upstream", 3)
     assert HealthCheck.objects.filter(deployment=deployment).count() == 25
+
+
+def test_the_admin_shows_since_when_the_upstream_model_is_missing(admin_client, fake_upstream, settings):
+    """A deployment whose upstream id the provider's model list lacks (a catalog mistake, found by the health
+    round) says so on the list and on its page, with since when; a listed one does not."""
+    from providers.services.health import health_check_round
+
+    settings.REDIS_URL = ""
+    provider = ProviderFactory(name="east", base_url=fake_upstream.base_url + "/v1")
+    wrong = ModelFactory(name="gpt-typo", provider=provider, upstream_id="fake-gpt-typo").deployments.get()
+    right = ModelFactory(name="gpt-right", provider=provider, upstream_id="fake-gpt-4o").deployments.get()
+    with time_machine.travel(datetime(2026, 12, 1, 9, 0, tzinfo=UTC), tick=False):
+        health_check_round(providers=[provider])
+        listing = admin_client.get(CHANGELIST).content.decode()
+        wrong_page = admin_client.get(reverse("admin:providers_deployment_change", args=[wrong.pk])).content.decode()
+        right_page = admin_client.get(reverse("admin:providers_deployment_change", args=[right.pk])).content.decode()
+
+    assert listing.count("upstream model missing since 2026-12-01 09:00") == 1
+    assert "upstream model missing since 2026-12-01 09:00" in wrong_page
+    assert "upstream model missing" not in right_page

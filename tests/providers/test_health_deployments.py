@@ -13,13 +13,14 @@ import httpx
 import pytest
 import redis
 import time_machine
+from asgiref.sync import async_to_sync
 from django.test import override_settings
 
 from providers.models import Deployment, HealthCheck, HealthStatus, ModelMode, Provider, ProviderKind
 from providers.routing import route_candidates
 from providers.routing.breaker_machine import CLOSED, HALF_OPEN, OPEN
 from providers.routing.breakers import breaker_record, breaker_state
-from providers.selectors import resolved_model
+from providers.selectors import model_resolve, resolved_model
 from providers.services.health import health_check_round, health_checks_prune
 from providers.tasks import providers_health_check_all
 from tests.conftest import free_port
@@ -366,3 +367,59 @@ def test_a_provider_that_cannot_be_loaded_or_checked_shows_failing_and_fails_the
         assert KEY not in error
     assert "could not be loaded" in rows["b-unloadable"][1]
     assert HealthCheck.objects.filter(deployment__provider=good).count() == 1
+
+
+def test_a_model_missing_from_the_providers_list_is_kept_on_the_deployment_until_it_is_found_again(fake_upstream):
+    """The round keeps since when the provider's model list lacks a deployment's upstream id (a catalog
+    mistake), in the catalog snapshot the request path reads (this process's cached copy dropped at once); a
+    round that cannot tell (the provider failing) leaves it, and one that finds the id again clears it."""
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    model = ModelFactory(provider=provider, upstream_id="fake-gpt-typo")
+    deployment = model.deployments.get()
+    fine = ModelFactory(provider=provider, upstream_id="fake-gpt-4o").deployments.get()
+    before = async_to_sync(model_resolve)(model.name)  # cached, as a request would have it
+    assert before.deployments[0].upstream_model_missing_since is None
+    first = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+    with time_machine.travel(first, tick=False) as clock:
+        health_check_round(providers=[provider])
+        assert async_to_sync(model_resolve)(model.name).deployments[0].upstream_model_missing_since == first
+
+        clock.shift(timedelta(minutes=5))
+        health_check_round(providers=[provider])  # still missing: since the first round that saw it
+        set_fault(provider, "503")
+        clock.shift(timedelta(minutes=5))
+        health_check_round(providers=[provider])  # cannot tell: kept
+
+        deployment.refresh_from_db()
+        assert deployment.upstream_model_missing_since == first
+        assert Deployment.objects.get(pk=fine.pk).upstream_model_missing_since is None
+
+        set_fault(provider, None)
+        Deployment.objects.filter(pk=deployment.pk).update(upstream_id="fake-gpt-4o-mini")  # the admin's fix
+        clock.shift(timedelta(minutes=5))
+        health_check_round(providers=[provider])
+
+    deployment.refresh_from_db()
+    assert deployment.upstream_model_missing_since is None
+    assert async_to_sync(model_resolve)(model.name).deployments[0].upstream_model_missing_since is None
+
+
+def test_a_paid_probe_answered_404_marks_the_model_missing_and_one_answered_clears_it(fake_upstream):
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    deployment = ModelFactory(provider=provider, upstream_id="fake-gpt-typo").deployments.get()
+    Deployment.objects.filter(pk=deployment.pk).update(paid_health_probe=True)
+    fake_upstream.set_fault("404", models=["fake-gpt-typo"])
+    try:
+        health_check_round(providers=[provider])
+    finally:
+        fake_upstream.set_fault(None)
+
+    deployment.refresh_from_db()
+    assert deployment.upstream_model_missing_since is not None
+    assert deployment.health_checks.get().paid
+
+    health_check_round(providers=[provider])
+
+    deployment.refresh_from_db()
+    assert deployment.upstream_model_missing_since is None
