@@ -77,6 +77,7 @@ from providers.exceptions import (
     ProviderUnavailableError,
     UserKeyQuotaExhaustedError,
     UserKeyRefusedError,
+    upstream_model_missing,
 )
 from providers.models import ModelMode, ProviderKind, url_origin
 from providers.routing import (
@@ -1016,18 +1017,20 @@ class CompletionRun:
                     plan, index, last, last_deployment, failures = list(self.context_fallbacks), 0, None, None, 0
                     break
                 except ProviderError as exc:
-                    refused = byok_refused(target, exc)
+                    # A 404 for an upstream id the health round found missing: the catalog's, on any key.
+                    failure = upstream_model_missing(target, exc)
+                    refused = byok_refused(target, failure)
                     # A failure of a user's own key says nothing of the deployment: its breaker does not count it.
-                    self._ticket_close(_outcome(exc, target), error_type=exc.code or type(exc).__name__)
-                    if refused is not exc:
+                    self._ticket_close(_outcome(failure, target), error_type=failure.code or type(failure).__name__)
+                    if refused is not failure:
                         raise refused from exc
-                    if not _retryable(exc):
+                    if not _retryable(failure):  # never one ``upstream_model_missing`` made: a 404 moves on
                         raise
-                    if _misconfigured(exc):
+                    if _misconfigured(failure):
                         # Not this deployment again for this request; the next one moves into its place.
                         candidates = [c for c in candidates if c is not deployment]
                         position -= 1
-                    last, last_deployment = exc, deployment
+                    last, last_deployment = failure, deployment
                     failures += 1
                     continue
                 except BaseException:

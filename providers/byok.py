@@ -28,6 +28,7 @@ from .exceptions import (
     ProviderNotFoundError,
     ProviderQuotaExhaustedError,
     ProviderRateLimitError,
+    UpstreamModelMissingError,
     UserKeyQuotaExhaustedError,
     UserKeyRefusedError,
 )
@@ -152,9 +153,11 @@ def byok_refused(target: ResolvedModel, exc: ProviderError) -> ProviderError:
     A key refused as invalid (401) is also marked invalid, in the background (``byok_key_refused_record``),
     so that the user's next request uses the provider's key (``optional``) or is refused up front as needing
     their own (``required``) instead of meeting the same refusal. A 403 or 404 (no access to this model) leaves
-    the key as it is: it may serve the provider's other models."""
+    the key as it is: it may serve the provider's other models. A 404 for an upstream id the health round found
+    missing (``UpstreamModelMissingError``, from ``exceptions.upstream_model_missing``) is the catalog's, not the
+    key's: unchanged."""
     provider = target.provider
-    if provider.credential_id is None:
+    if provider.credential_id is None or isinstance(exc, UpstreamModelMissingError):
         return exc
     hint = f" {provider.credential_hint}" if provider.credential_hint else ""
     if isinstance(exc, ProviderQuotaExhaustedError):
@@ -197,8 +200,14 @@ def byok_key_failure(target: ResolvedModel, exc: ProviderError) -> bool:
     deployment), or its account's access to the model (404: OpenAI's "does not exist or you do not have access
     to it"). Such a failure does not count against the deployment's breaker, which serves everyone else on
     the provider's key. A 5xx, a timeout or a cut connection says the same of the deployment on any key; an
-    error the provider did not answer (no ``upstream_status``: the deployments' own caps) is not the key's."""
-    if target.provider.credential_id is None or exc.upstream_status is None:
+    error the provider did not answer (no ``upstream_status``: the deployments' own caps) is not the key's, nor a
+    404 for an upstream id the health round found missing (``UpstreamModelMissingError``): the deployment's on
+    any key, which counts against its breaker (a half-open one's probe on a user's key included)."""
+    if (
+        target.provider.credential_id is None
+        or exc.upstream_status is None
+        or isinstance(exc, UpstreamModelMissingError)
+    ):
         return False
     return isinstance(
         exc, (ProviderAuthenticationError, ProviderRateLimitError, ProviderNotFoundError, UserKeyQuotaExhaustedError)

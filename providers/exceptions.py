@@ -7,10 +7,14 @@ error ``type``/``code`` our own API answers with; messages never contain a crede
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.exceptions import ApplicationError
+
+if TYPE_CHECKING:
+    from .types import ResolvedDeployment, ResolvedModel
 
 
 class ModelNotFoundError(ApplicationError):
@@ -110,6 +114,48 @@ class ProviderNotFoundError(ProviderError):
 
     status_code = 502
     code = "upstream_model_not_found"
+
+
+class UpstreamModelMissingError(ProviderNotFoundError):
+    """The provider does not serve the deployment's upstream id, as the health round found
+    (``Deployment.upstream_model_missing_since``): the catalog's mistake, shown to the administrators in the
+    deployments admin, whichever key the request went out with, so never a refusal of a user's own key. The same
+    status and code as any unknown upstream model."""
+
+
+def upstream_model_missing_error(
+    model_name: str, deployments: Sequence[ResolvedDeployment], *, upstream_status: int | None = None
+) -> UpstreamModelMissingError:
+    """The error for ``model_name`` served by ``deployments``, each of which its provider lacks."""
+    where = ", ".join(
+        f"{d.provider.name} does not serve the model id {d.upstream_id!r} (missing from its model list since "
+        f"{d.upstream_model_missing_since:%Y-%m-%d %H:%M} UTC)"
+        for d in deployments
+        if d.upstream_model_missing_since is not None
+    )
+    return UpstreamModelMissingError(
+        f"The model `{model_name}` is unavailable at its provider: {where}. This is a catalog problem the "
+        "administrators have been told of, not your request or your own API key; use another model, or retry once "
+        "it is fixed.",
+        provider=deployments[0].provider.name if deployments else "",
+        upstream_status=upstream_status,
+    )
+
+
+def upstream_model_missing(target: ResolvedModel, exc: ProviderError) -> ProviderError:
+    """``exc``, met on ``target`` (bound to a deployment), as ``UpstreamModelMissingError`` when it is the
+    provider's 404 for an upstream id the health round found missing: on a user's own key too, where a 404 would
+    otherwise be taken for their account's lack of access (``byok.byok_refused``). Anything else unchanged."""
+    deployment = target.deployment
+    if (
+        deployment is None
+        or deployment.upstream_model_missing_since is None
+        or not isinstance(exc, ProviderNotFoundError)
+        or isinstance(exc, UpstreamModelMissingError)
+        or exc.upstream_status != 404
+    ):
+        return exc
+    return upstream_model_missing_error(target.name, [deployment], upstream_status=exc.upstream_status)
 
 
 class ProviderQuotaExhaustedError(ProviderRateLimitError):
