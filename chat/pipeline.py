@@ -78,6 +78,7 @@ from providers.exceptions import (
     UserKeyQuotaExhaustedError,
     UserKeyRefusedError,
     upstream_model_missing,
+    upstream_model_missing_error,
 )
 from providers.models import ModelMode, ProviderKind, url_origin
 from providers.routing import (
@@ -1049,6 +1050,11 @@ class CompletionRun:
             error.retry_after = max(1.0, min(waits))
             error.retry_after_ms = math.ceil(round(min(waits) * 1000, 3))  # exactly, under a second too
             raise error
+        missing = [d for m in plan for d in m.deployments]
+        if missing and all(d.upstream_model_missing_since is not None for d in missing):
+            # Left out by the breakers the health round opened because the provider lacks every one's upstream id:
+            # say what is wrong rather than "retry shortly".
+            raise upstream_model_missing_error(self.model.name, missing)
         raise NoDeploymentAvailableError(
             f"No deployment of the model `{self.model.name}` is available right now (every one is failing and "
             "its circuit breaker is open); retry shortly.",

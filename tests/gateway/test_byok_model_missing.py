@@ -2,7 +2,7 @@
 round has found it missing from the provider's model list, a 404 for it is the catalog's mistake, whichever key
 the request went out with. A user's own key is not blamed for it (no 401 ``user_key_refused``, no mark, no
 email), and the failure counts against the deployment's breaker and moves on like any 404 on the platform's
-key.
+key; while that breaker is open every user is told the model is unavailable at its provider, not a generic 503.
 
 The fake upstream lists fixed model ids (``fake-gpt-typo`` is not one) and answers a request naming
 ``fake-gpt-typo`` with a 404 (a standing fault for that model only), as OpenAI answers an unknown model."""
@@ -132,3 +132,24 @@ def test_a_platform_key_user_meeting_the_404_is_told_the_same(world):
     assert raised.value.status_code == 502 and raised.value.code == "upstream_model_not_found"
     assert UNAVAILABLE in raised.value.message and repr(TYPO) in raised.value.message
     assert world["upstream"].requests[-1]["key_sha256"] == key_digest(PLATFORM_KEY)
+
+
+@pytest.mark.parametrize("entry", ["chat", "messages", "websocket"])
+def test_while_its_breaker_is_open_every_user_is_told_the_model_is_missing_not_a_generic_503(world, entry):
+    """The health round opened the breaker: nothing is sent, and both Alice (her own key) and Bob (the platform's)
+    are told the model is unavailable at its provider, not 503 no_deployment_available ("retry shortly")."""
+    found_missing(world)
+    sent = len(world["upstream"].requests)
+
+    status, text = ask(world, entry, "typo-model")  # Alice, on her own key
+
+    assert_unavailable(status, text, entry)
+    bob = UserFactory(username="bob")  # no key of his own: the platform's
+    client = openai.OpenAI(
+        base_url=world["server"].url + "/v1", api_key=api_key_create(user=bob, name="bob").secret, max_retries=0
+    )
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.chat.completions.create(model="typo-model", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.status_code == 502 and raised.value.code == "upstream_model_not_found"
+    assert UNAVAILABLE in raised.value.message
+    assert len(world["upstream"].requests) == sent  # nothing was sent: the breaker left it out
