@@ -149,7 +149,7 @@ class DeploymentAdmin(admin.ModelAdmin):
 
     @admin.display(description="upstream id", ordering="upstream_id")
     def upstream(self, obj: Deployment) -> SafeString:
-        missing = obj.upstream_model_missing_since
+        missing = obj.upstream_model_missing
         if missing is None:
             return format_html("{}", obj.upstream_id)
         return format_html(
@@ -163,13 +163,13 @@ class DeploymentAdmin(admin.ModelAdmin):
     def upstream_model_missing(self, obj: Deployment) -> SafeString | str:
         """What the health round found of the upstream id: a missing one is a catalog mistake that refuses every
         request (users' own keys included), fixed by correcting the upstream id."""
-        if obj.upstream_model_missing_since is None:
+        if obj.upstream_model_missing is None:
             return "listed at the last health check (or not checked)"
         return format_html(
             '<strong class="{}">upstream model missing since {}</strong>: the provider\'s model list does not name '
             "this upstream id; correct it (the next health check clears this).",
             _COLOURS[OPEN],
-            _when(obj.upstream_model_missing_since),
+            _when(obj.upstream_model_missing),
         )
 
     @admin.display(description="prices in / out ($/Mtok)")

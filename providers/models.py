@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from decimal import Decimal
 from urllib.parse import urlsplit
 
@@ -402,6 +403,9 @@ class Deployment(models.Model):
         help_text="Since when the provider's model list has lacked the upstream id (or a paid probe got a 404 "
         "for it): a catalog mistake. Empty: found at the last health check, or not checked.",
     )
+    # The upstream id found missing: an admin's correction (by any path) ends the claim at once, not at the next
+    # round (``upstream_model_missing``).
+    upstream_model_missing_id = models.CharField(max_length=200, blank=True, default="", db_default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -427,6 +431,14 @@ class Deployment(models.Model):
         if not self.name and self.provider_id is not None:
             self.name = self._free_name()
         super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def upstream_model_missing(self) -> datetime | None:
+        """Since when the provider has lacked this deployment's upstream id, as the health round found; None when
+        it was found, not checked, or the id has been changed since."""
+        if self.upstream_model_missing_id != self.upstream_id:
+            return None
+        return self.upstream_model_missing_since
 
     def _free_name(self) -> str:
         base = self.provider.name[:60]

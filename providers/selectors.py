@@ -57,7 +57,7 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         tpm_limit=deployment.tpm_limit,
         quality=None if deployment.quality is None else float(deployment.quality),
         forced_state=deployment.breaker_override,
-        upstream_model_missing_since=deployment.upstream_model_missing_since,
+        upstream_model_missing_since=deployment.upstream_model_missing,
     )
 
 

@@ -403,16 +403,21 @@ def _breaker_follow(probe: DeploymentProbe) -> None:
 def _model_missing_follow(probe: DeploymentProbe, at: datetime) -> None:
     """Keep on the deployment since when its provider lacks its upstream id, and clear it once found: the request
     path reads it from the catalog snapshot (a 404 for that id is the catalog's mistake, not a user's key's).
-    Only while the upstream id is the one probed (an admin's fix meanwhile is judged by the next round); an
-    ``update`` (no ``updated_at``, no admin edit overwritten), and this process's catalog copy dropped as any
-    deployment change drops it (the others' within ``LLMHUB_LOOKUP_CACHE_TTL``)."""
+    Kept with the id found missing (``Deployment.upstream_model_missing``: an admin's correction ends the claim at
+    once), and only while the upstream id is the one probed (an admin's fix meanwhile is judged by the next
+    round); an ``update`` (no ``updated_at``, no admin edit overwritten), and this process's catalog copy dropped
+    as any deployment change drops it (the others' within ``LLMHUB_LOOKUP_CACHE_TTL``)."""
     if probe.model_missing is None:
         return
     rows = Deployment.objects.filter(pk=probe.deployment_id, upstream_id=probe.upstream_id)
     if probe.model_missing:
-        changed = rows.filter(upstream_model_missing_since__isnull=True).update(upstream_model_missing_since=at)
+        # Since the first round that found this id missing; an earlier claim on another id is replaced.
+        changed = rows.exclude(upstream_model_missing_since__isnull=False, upstream_model_missing_id=probe.upstream_id)
+        changed = changed.update(upstream_model_missing_since=at, upstream_model_missing_id=probe.upstream_id)
     else:
-        changed = rows.filter(upstream_model_missing_since__isnull=False).update(upstream_model_missing_since=None)
+        changed = rows.filter(upstream_model_missing_since__isnull=False).update(
+            upstream_model_missing_since=None, upstream_model_missing_id=""
+        )
     if changed:
         catalog_cache.invalidate()
 

@@ -423,3 +423,20 @@ def test_a_paid_probe_answered_404_marks_the_model_missing_and_one_answered_clea
 
     deployment.refresh_from_db()
     assert deployment.upstream_model_missing_since is None
+
+
+def test_an_upstream_id_corrected_since_the_round_is_not_taken_for_missing(fake_upstream, admin_client):
+    """What the round found missing is that id: once an admin corrects it (any way: the admin, the catalog file,
+    an update), neither the request path nor the admin says the new id is missing, before any round has run."""
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    model = ModelFactory(provider=provider, upstream_id="fake-gpt-typo")
+    deployment = model.deployments.get()
+    health_check_round(providers=[provider])
+    page = f"/admin/providers/deployment/{deployment.pk}/change/"
+    assert "upstream model missing since" in admin_client.get(page).content.decode()
+
+    Deployment.objects.filter(pk=deployment.pk).update(upstream_id="fake-gpt-4o")
+
+    assert async_to_sync(model_resolve)(model.name).deployments[0].upstream_model_missing_since is None
+    assert "upstream model missing since" not in admin_client.get(page).content.decode()
+    assert "upstream model missing" not in admin_client.get("/admin/providers/deployment/").content.decode()
