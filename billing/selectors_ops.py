@@ -187,11 +187,22 @@ def _percentiles(since: datetime) -> dict[int, dict[str, int]]:
 
 
 def _problems(
-    *, enabled: bool, breaker: str, forced: bool, health: str, incident: bool, requests: int, errors: int
+    *,
+    enabled: bool,
+    breaker: str,
+    forced: bool,
+    health: str,
+    incident: bool,
+    requests: int,
+    errors: int,
+    model_missing: datetime | None = None,
 ) -> tuple[str, ...]:
     if not enabled:
         return ()
     problems = []
+    if model_missing is not None:
+        # A catalog mistake (the health round found the provider without the upstream id): the admin's to fix.
+        problems.append(f"upstream model missing since {model_missing.astimezone(UTC):%Y-%m-%d %H:%M} UTC")
     if incident:
         problems.append("open incident")
     if breaker == OPEN:
@@ -263,6 +274,7 @@ def ops_deployments(*, now: datetime) -> list[DeploymentOps]:
                     incident=row.incident_since is not None,
                     requests=seen["requests"],
                     errors=seen["errors"],
+                    model_missing=row.upstream_model_missing,
                 ),
             )
         )

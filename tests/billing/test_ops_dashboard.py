@@ -19,7 +19,7 @@ from django.utils import timezone
 from accounts.roles import Role, role_set
 from billing.models import UsageStatus
 from billing.selectors_ops import ops_deployments
-from providers.models import BreakerOverride, HealthCheck, Incident
+from providers.models import BreakerOverride, Deployment, HealthCheck, Incident
 from providers.routing.breakers import breaker_force, breakers_forget_local
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
@@ -239,3 +239,18 @@ def test_the_page_draws_with_the_projects_chart_js_and_marks_the_failing_row(fle
     # Every figure of the charts is in a table: each deployment's and each hour's.
     for cell in ("500 ms", "1,000 ms", "54.5 %", "0.17", "Rate limit", "$1.20"):
         assert f">{cell}<" in html, cell
+
+
+def test_a_deployment_whose_upstream_model_is_missing_says_since_when(clock):
+    """The health round found the provider's model list without the deployment's upstream id (a catalog mistake):
+    the dashboard names that, not only "health check failing", and forgets it once the id is corrected."""
+    deployment = DeploymentFactory(name="typo", upstream_id="gpt-typo")
+    Deployment.objects.filter(pk=deployment.pk).update(
+        upstream_model_missing_since=NOW - timedelta(hours=2), upstream_model_missing_id="gpt-typo"
+    )
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "typo"]
+    assert row.problems == ("upstream model missing since 2026-06-15 10:30 UTC",) and row.failing
+
+    Deployment.objects.filter(pk=deployment.pk).update(upstream_id="gpt-4o")  # the admin's fix
+    (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "typo"]
+    assert row.problems == ()
