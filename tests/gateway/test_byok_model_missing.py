@@ -20,7 +20,7 @@ from billing.models import UsageStatus
 from billing.services.keys import api_key_create
 from llmhub.testing.fake_upstream import key_digest
 from providers.models import CredentialStatus, Deployment
-from providers.routing.breaker_machine import OPEN
+from providers.routing.breaker_machine import HALF_OPEN, OPEN
 from providers.routing.breakers import breaker_reset, breaker_state
 from providers.services.health import health_check_round
 from tests.factories import ProviderFactory, UserFactory
@@ -28,7 +28,7 @@ from tests.gateway.test_byok import PLATFORM_KEY, model_on
 from tests.gateway.test_byok_refused import ENTRY_POINTS, ask, credential
 from tests.gateway.test_byok_refused import setup as refused_setup  # noqa: F401  (a fixture)
 from tests.providers.health_probes import breakers_closed_after  # noqa: F401  (a fixture)
-from tests.waiting import wait_for_ledger_rows
+from tests.waiting import wait_for_ledger_rows, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("breakers_closed_after")]
 
@@ -153,3 +153,17 @@ def test_while_its_breaker_is_open_every_user_is_told_the_model_is_missing_not_a
     assert raised.value.status_code == 502 and raised.value.code == "upstream_model_not_found"
     assert UNAVAILABLE in raised.value.message
     assert len(world["upstream"].requests) == sent  # nothing was sent: the breaker left it out
+
+
+def test_a_half_open_breakers_probe_on_an_own_key_opens_it_again(world, settings):
+    """The case reported: the round opened the breaker; once half-open, the probe went out on Alice's key, was
+    blamed on her key and given back, so the breaker stayed half-open. Now the probe's 404 opens it again."""
+    settings.LLMHUB_BREAKER_COOLDOWN_SECONDS = 1
+    found_missing(world)
+    wait_until(lambda: breaker_state(world["typo"].pk).state == HALF_OPEN, "the breaker half-opens", timeout=10)
+
+    status, text = ask(world, "chat", "typo-model")
+
+    assert status == 502 and UNAVAILABLE in text, text
+    assert world["upstream"].requests[-1]["key_sha256"] == key_digest(OWN_KEY)  # the probe went out on her key
+    assert breaker_state(world["typo"].pk).state == OPEN
