@@ -105,6 +105,7 @@ class Operation(models.TextChoices):
     CHAT = "chat", "Chat completion"
     MESSAGES = "messages", "Anthropic messages"
     EMBEDDINGS = "embeddings", "Embeddings"
+    RESPONSES = "responses", "OpenAI responses"
 
 
 class UsageStatus(models.TextChoices):

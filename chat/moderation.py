@@ -37,7 +37,7 @@ from .callers import Caller
 logger = logging.getLogger("llmhub.moderation")
 
 # The operations whose text is moderated (embeddings are not: nothing is said back).
-MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES})
+MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES, Operation.RESPONSES})
 T = TypeVar("T")
 # Audit writes in flight, kept referenced until done (the event loop keeps only weak references).
 _background: set[asyncio.Task[Any]] = set()
@@ -601,7 +601,7 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
         definitions = body.get(name)
         for index, definition in enumerate(definitions if isinstance(definitions, list) else ()):
             parts.extend((f"{name}[{index}]", text) for text in _json_texts(definition))
-    if operation == Operation.CHAT and isinstance(body.get("response_format"), dict):
+    if operation in (Operation.CHAT, Operation.RESPONSES) and isinstance(body.get("response_format"), dict):
         parts.extend(("response_format", text) for text in _json_texts(body["response_format"].get("json_schema")))
     return [(field, text) for field, text in parts if text]
 

@@ -98,6 +98,7 @@ from providers.types import ResolvedDeployment, ResolvedModel
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
+from .translate_responses import responses_request_to_chat
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_embeddings import validate_embeddings_request
@@ -109,6 +110,8 @@ _VALIDATORS = {
     Operation.CHAT: validate_chat_request,
     Operation.MESSAGES: validate_messages_request,
     Operation.EMBEDDINGS: validate_embeddings_request,
+    # Checked as the chat completion it is translated into (``completion_start``), once its own checks passed.
+    Operation.RESPONSES: validate_chat_request,
 }
 
 
@@ -356,7 +359,9 @@ async def completion_start(
     new_input: list[dict[str, Any]] | None = None,
 ) -> CompletionRun:
     """Validate, resolve and admit a request. Nothing is sent upstream yet. ``operation``: the shape of
-    ``body``, a chat completion or an Anthropic Messages request (``CompletionRun.messages_complete``).
+    ``body``, a chat completion or an Anthropic Messages request (``CompletionRun.messages_complete``); an
+    OpenAI Responses request is run as the chat completion it translates into (``chat.translate_responses``),
+    the run keeping the client's body as ``client_body``.
 
     ``shape``: for an entry point that builds the messages from the model (the chat page trims a
     conversation's history to the model's context window): called with the resolved model, it returns the
@@ -377,6 +382,7 @@ async def completion_start(
     moderation: Moderation | None = None
     assignment: Assignment | None = None
     rendered: RenderedPrompt | None = None
+    client_body: dict[str, Any] | None = None
     _request_track()
     try:
         shutdown = _shutdowns.get(asyncio.get_running_loop())
@@ -394,6 +400,8 @@ async def completion_start(
                 rendered = await prompt_messages_render(body, version_id=version_id)
             if shape is not None:
                 body["messages"] = shape(model)
+        if operation == Operation.RESPONSES:
+            client_body, body = body, responses_request_to_chat(body)
         _VALIDATORS[operation](body)
         if model is None:
             model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
@@ -479,6 +487,7 @@ async def completion_start(
         assignment=assignment,
         prompt=rendered,
         trace=trace,
+        client_body=client_body,
     )
 
 
@@ -755,8 +764,11 @@ class CompletionRun:
         assignment: Assignment | None = None,
         prompt: RenderedPrompt | None = None,
         trace: TraceStart | None = None,
+        client_body: dict[str, Any] | None = None,
     ) -> None:
         self.caller = caller
+        # The body as the client wrote it, when ``body`` is its translation (``/v1/responses``); None: the same.
+        self.client_body = client_body
         self.trace = trace  # its place in a trace while tracing is on (``core.tracing``); None: not traced
         self.assignment = assignment  # the experiment's variant this request was assigned to; None: none
         self.prompt = prompt  # the prompt template version a templated request ran (chat.prompt_runs); None: none

@@ -1,0 +1,592 @@
+"""OpenAI's Responses API (``POST /v1/responses``) over the chat-completions pipeline, both ways.
+
+llmhub serves the Responses API statelessly: a request is translated into the chat completion it means
+(``responses_request_to_chat``), which the one pipeline runs on any provider, and the chat completion (or its
+chunks) is translated back into a ``Response`` object (``response_from_completion``) or its typed stream events
+(``ResponseEvents``). Nothing is stored, so what needs a stored response or OpenAI's own servers is refused with
+a 400 naming the parameter: ``previous_response_id``, ``conversation``, ``background``, a stored ``prompt``,
+built-in tools (``web_search``, ``file_search``, …), input items that refer to stored ones, and input parts this
+translation has no chat-completions form for.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model
+
+# Parameters that need state or a feature llmhub does not have: refused when set to anything but their
+# default (``None``, or the value beside them).
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "previous_response_id": (None, "llmhub does not store responses; send the whole conversation in `input`."),
+    "conversation": (None, "llmhub does not store conversations; send the whole conversation in `input`."),
+    "background": (False, "background responses need stored state, which llmhub does not keep."),
+    "prompt": (None, "stored prompts are not supported; send the text in `instructions` and `input`."),
+    "top_logprobs": (None, "log probabilities are not returned by /v1/responses here."),
+    "context_management": (None, "server-side context management is not supported."),
+}
+_INCLUDABLE = frozenset({"reasoning.encrypted_content"})  # nothing to add: no reasoning items are returned
+_ROLES = frozenset({"user", "system", "developer", "assistant"})
+_TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
+# Finish reasons that leave a response incomplete, with the reason the Responses API gives.
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
+    raise InvalidRequestError(message, param=param, code=code)
+
+
+def _text_of(content: Any, param: str, kinds: frozenset[str]) -> list[dict[str, Any]] | str:
+    """A message's content as chat completions takes it: a string stays one; parts become ``text`` (and
+    ``image_url``) parts. A part of another type has no translation here: refused, naming it."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        _fail(f"Invalid type for '{param}': expected a string or an array of content parts.", param, "invalid_type")
+    parts: list[dict[str, Any]] = []
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds:
+            _fail(
+                f"Invalid '{where}.type': {kind!r} content is not supported by llmhub's /v1/responses "
+                f"(supported here: {', '.join(sorted(kinds))}).",
+                f"{where}.type",
+                "unsupported_value",
+            )
+        if kind == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                _fail(
+                    f"Invalid '{where}': only an image given by `image_url` is supported (not `file_id`).",
+                    f"{where}.image_url",
+                    "unsupported_value",
+                )
+            image = {"url": url}
+            if part.get("detail") in ("low", "high", "auto"):
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+            continue
+        field = "refusal" if kind == "refusal" else "text"
+        if not isinstance(part.get(field), str):
+            _fail(f"Missing required parameter: '{where}.{field}'.", f"{where}.{field}", "missing_required_parameter")
+        parts.append({"type": "text", "text": part[field]})
+    return parts
+
+
+def _joined(content: list[dict[str, Any]] | str) -> str:
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def _messages_from_input(value: Any) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        _fail("Invalid 'input': expected a string or a non-empty array of input items.", "input", "invalid_type")
+    messages: list[dict[str, Any]] = []
+    for index, item in enumerate(value):
+        where = f"input[{index}]"
+        if not isinstance(item, dict):
+            _fail(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                _fail(
+                    f"Invalid value for '{where}.role': expected one of {', '.join(sorted(_ROLES))}.", f"{where}.role"
+                )
+            if role == "assistant":
+                text = _joined(_text_of(item.get("content"), f"{where}.content", frozenset({"output_text", "refusal"})))
+                messages.append({"role": "assistant", "content": text})
+            else:
+                kinds = frozenset({"input_text", "input_image"} if role == "user" else {"input_text"})
+                content = _text_of(item.get("content"), f"{where}.content", kinds)
+                messages.append({"role": role, "content": content if role == "user" else _joined(content)})
+        elif kind == "function_call":
+            for field in ("call_id", "name", "arguments"):
+                if not isinstance(item.get(field), str):
+                    _fail(
+                        f"Missing required parameter: '{where}.{field}'.",
+                        f"{where}.{field}",
+                        "missing_required_parameter",
+                    )
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                # One assistant turn: its text and every call it made, as chat completions writes it.
+                last.setdefault("tool_calls", []).append(call)
+                if not last["content"]:
+                    last["content"] = None
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                _fail(
+                    f"Missing required parameter: '{where}.call_id'.", f"{where}.call_id", "missing_required_parameter"
+                )
+            output = _text_of(item.get("output"), f"{where}.output", frozenset({"input_text"}))
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _joined(output)})
+        elif kind == "reasoning":
+            continue  # a model's earlier reasoning: chat completions has no place for it, and no model needs it back
+        else:
+            _fail(
+                f"Invalid '{where}.type': {kind!r} input items are not supported by llmhub's /v1/responses "
+                "(supported: message, function_call, function_call_output; nothing is stored to refer to).",
+                f"{where}.type",
+                "unsupported_value",
+            )
+    return messages
+
+
+def _tools(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        _fail("Invalid type for 'tools': expected an array of objects.", "tools", "invalid_type")
+    tools: list[dict[str, Any]] = []
+    for index, tool in enumerate(value):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            _fail(
+                f"Invalid value for 'tools[{index}].type': {kind!r} tools are not supported by llmhub's "
+                "/v1/responses; only `function` tools are (built-in tools run on OpenAI's servers).",
+                f"tools[{index}].type",
+                "unsupported_value",
+            )
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            _fail(
+                f"Missing required parameter: 'tools[{index}].name'.",
+                f"tools[{index}].name",
+                "missing_required_parameter",
+            )
+        function = {"name": tool["name"]}
+        for field in ("description", "parameters", "strict"):
+            if tool.get(field) is not None:
+                function[field] = tool[field]
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _tool_choice(value: Any) -> Any:
+    if isinstance(value, str) and value in _TOOL_CHOICE_MODES:
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        if not isinstance(value.get("name"), str) or not value["name"]:
+            _fail("Missing required parameter: 'tool_choice.name'.", "tool_choice.name", "missing_required_parameter")
+        return {"type": "function", "function": {"name": value["name"]}}
+    _fail(
+        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+        '{"type": "function", "name": ...} (built-in tools are not supported).',
+        "tool_choice",
+    )
+    return None
+
+
+def _response_format(text: Any) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        _fail("Invalid type for 'text': expected an object.", "text", "invalid_type")
+    fmt = text.get("format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not isinstance(fmt.get("schema"), dict):
+            _fail("Missing required parameter: 'text.format.name' or 'text.format.schema'.", "text.format")
+        schema = {key: fmt[key] for key in ("name", "schema", "description", "strict") if fmt.get(key) is not None}
+        return {"type": "json_schema", "json_schema": schema}
+    _fail("Invalid 'text.format': expected type 'text', 'json_object' or 'json_schema'.", "text.format")
+    return None
+
+
+def responses_request_to_chat(body: Any) -> dict[str, Any]:
+    """The chat-completions request a Responses API ``body`` means, for the pipeline to run; raises
+    ``InvalidRequestError`` (400) naming the first parameter it cannot take."""
+    check_body_and_model(body)
+    for name, (default, why) in _UNSUPPORTED.items():
+        if body.get(name, default) not in (None, default):
+            _fail(f"Unsupported parameter: '{name}': {why}", name, "unsupported_parameter")
+    if body.get("truncation") not in (None, "disabled"):
+        _fail("Unsupported value: 'truncation' must be 'disabled' here: llmhub does not truncate input.", "truncation")
+    include = body.get("include")
+    if include is not None:
+        if not isinstance(include, list) or any(item not in _INCLUDABLE for item in include):
+            _fail(f"Unsupported value for 'include': only {', '.join(sorted(_INCLUDABLE))} is accepted.", "include")
+    reasoning = body.get("reasoning")
+    if reasoning is not None and (not isinstance(reasoning, dict) or reasoning.get("summary") not in (None, "auto")):
+        _fail("Unsupported value for 'reasoning': only `effort` is supported (no summaries).", "reasoning")
+    if "input" not in body:
+        _fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
+    messages = _messages_from_input(body["input"])
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            _fail("Invalid type for 'instructions': expected a string.", "instructions", "invalid_type")
+        messages.insert(0, {"role": "system", "content": instructions})
+    metadata = body.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())
+    ):
+        _fail("Invalid 'metadata': expected an object of strings.", "metadata", "invalid_type")
+    limit = body.get("max_output_tokens")
+    if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_TOKENS_LIMIT):
+        _fail(
+            f"Invalid 'max_output_tokens': expected an integer between 1 and {MAX_TOKENS_LIMIT}.", "max_output_tokens"
+        )
+    chat: dict[str, Any] = {"model": body["model"], "messages": messages}
+    renamed = {"max_output_tokens": "max_completion_tokens"}
+    for name in (
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "parallel_tool_calls",
+        "user",
+        "stream",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+    ):
+        if body.get(name) is not None:
+            chat[renamed.get(name, name)] = body[name]
+    if body.get("tools"):
+        chat["tools"] = _tools(body["tools"])
+    elif body.get("tools") is not None:
+        _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        if not chat.get("tools"):
+            if chat["tool_choice"] != "none":
+                _fail(
+                    "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+                    "tool_choice",
+                )
+            del chat["tool_choice"]
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
+    response_format = _response_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
+    verbosity = body["text"].get("verbosity") if isinstance(body.get("text"), dict) else None
+    if verbosity is not None:
+        chat["verbosity"] = verbosity
+    if chat.get("stream") is True:
+        chat["stream_options"] = {"include_usage": True}  # the usage that response.completed reports
+    return chat
+
+
+def response_id(request_id: str) -> str:
+    """The response's id, the request's own (``x-request-id``) in OpenAI's spelling, so that either finds the
+    other in the ledger and the logs."""
+    return "resp_" + request_id.removeprefix("req_")
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A chat completion's usage as the Responses API reports it."""
+    if not usage:
+        return None
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": int(prompt_details.get("cached_tokens") or 0),
+            "cache_write_tokens": int(prompt_details.get("cache_write_tokens") or 0),
+        },
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": int(completion_details.get("reasoning_tokens") or 0)},
+        "total_tokens": int(usage.get("total_tokens") or prompt + completion),
+    }
+
+
+def response_skeleton(body: dict[str, Any], *, response_id: str, model: str, created_at: int) -> dict[str, Any]:
+    """A ``Response`` with no output yet (``in_progress``): what the client asked for, echoed as OpenAI echoes it."""
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None
+    response = {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": "in_progress",
+        "completed_at": None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+        "previous_response_id": None,
+        "reasoning": {"effort": reasoning.get("effort"), "summary": None} if reasoning else None,
+        "store": False,  # accepted, but llmhub keeps nothing: GET /v1/responses/{id} is a 404
+        "temperature": body.get("temperature"),
+        "text": {"format": text.get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice") or "auto",
+        "tools": [_tool_echoed(tool) for tool in body.get("tools") or ()],
+        "top_p": body.get("top_p"),
+        "truncation": "disabled",
+        "metadata": body.get("metadata") or {},
+    }
+    if isinstance(body.get("user"), str):
+        response["user"] = body["user"]
+    return response
+
+
+def _tool_echoed(tool: dict[str, Any]) -> dict[str, Any]:
+    """A function tool as a ``Response`` lists it: ``parameters`` and ``strict`` are always there (null: not given)."""
+    return {**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict")}
+
+
+def _finished(response: dict[str, Any], finish_reason: str | None, usage: dict[str, Any] | None) -> dict[str, Any]:
+    reason = _INCOMPLETE.get(finish_reason or "")
+    response["status"] = "incomplete" if reason else "completed"
+    response["incomplete_details"] = {"reason": reason} if reason else None
+    response["completed_at"] = None if reason else int(time.time())
+    _usage_set(response, usage)
+    return response
+
+
+def _usage_set(response: dict[str, Any], usage: dict[str, Any] | None) -> None:
+    """The response's ``usage``, left out while none is known (the spec has no ``null`` for it)."""
+    reported = response_usage(usage)
+    if reported is not None:
+        response["usage"] = reported
+
+
+def _message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": parts}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def response_from_completion(
+    body: dict[str, Any], completion: dict[str, Any], *, response_id: str, created_at: int
+) -> dict[str, Any]:
+    """The ``Response`` for a chat completion the pipeline answered ``body`` with (the first choice: a Responses
+    request asks for one)."""
+    response = response_skeleton(
+        body, response_id=response_id, model=completion.get("model") or body["model"], created_at=created_at
+    )
+    choices = completion.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    status = "incomplete" if choices[0].get("finish_reason") in _INCOMPLETE else "completed"
+    parts = []
+    if message.get("content"):
+        parts.append(_text_part(message["content"]))
+    if message.get("refusal"):
+        parts.append({"type": "refusal", "refusal": message["refusal"]})
+    if parts:
+        response["output"].append(_message_item(_item_id("msg"), parts, status))
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        response["output"].append(
+            _call_item(
+                _item_id("fc"),
+                call.get("id") or _item_id("call"),
+                function.get("name") or "",
+                function.get("arguments") or "",
+                status,
+            )
+        )
+    return _finished(response, choices[0].get("finish_reason"), completion.get("usage"))
+
+
+class ResponseEvents:
+    """The typed events of a streamed ``Response``, from the chat-completion chunks the pipeline relays: feed
+    each chunk to ``chunk``, then end with ``completed`` (or ``failed`` when the stream broke). Every method
+    returns the events to send, each with its ``sequence_number``."""
+
+    def __init__(self, body: dict[str, Any], *, response_id: str, model: str, created_at: int) -> None:
+        self.response = response_skeleton(body, response_id=response_id, model=model, created_at=created_at)
+        self._sequence = 0
+        self._open: dict[str, Any] | None = None  # the output item being written
+        self._part: dict[str, Any] | None = None  # its content part being written (a message's)
+        self._calls: dict[int, dict[str, Any]] = {}  # tool call index in the chunks -> its item
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return event
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {**self.response, "output": [dict(item) for item in self.response["output"]]}
+
+    def started(self) -> list[dict[str, Any]]:
+        return [
+            self._event("response.created", response=self._snapshot()),
+            self._event("response.in_progress", response=self._snapshot()),
+        ]
+
+    def _add_item(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self.response["output"].append(item)
+        self._open = item
+        return [
+            self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=dict(item))
+        ]
+
+    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+        item = self._open
+        if item is None:
+            return []
+        events: list[dict[str, Any]] = []
+        index = len(self.response["output"]) - 1
+        if item["type"] == "message":
+            events.extend(self._close_part())
+        else:
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
+        item["status"] = status
+        events.append(self._event("response.output_item.done", output_index=index, item=self._item_copy(item)))
+        self._open = None
+        return events
+
+    @staticmethod
+    def _item_copy(item: dict[str, Any]) -> dict[str, Any]:
+        copy = dict(item)
+        if "content" in copy:
+            copy["content"] = [dict(part) for part in copy["content"]]
+        return copy
+
+    def _close_part(self) -> list[dict[str, Any]]:
+        part, item = self._part, self._open
+        if part is None or item is None:
+            return []
+        where = {
+            "item_id": item["id"],
+            "output_index": len(self.response["output"]) - 1,
+            "content_index": len(item["content"]) - 1,
+        }
+        if part["type"] == "output_text":
+            done = self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
+        else:
+            done = self._event("response.refusal.done", **where, refusal=part["refusal"])
+        self._part = None
+        return [done, self._event("response.content_part.done", **where, part=dict(part))]
+
+    def _write(self, kind: str, piece: str) -> list[dict[str, Any]]:
+        """A piece of the reply's text (``output_text``) or of its refusal (``refusal``)."""
+        events: list[dict[str, Any]] = []
+        if self._open is None or self._open["type"] != "message":
+            events.extend(self._close())
+            events.extend(self._add_item(_message_item(_item_id("msg"), [], "in_progress")))
+        item = self._open
+        assert item is not None
+        if self._part is None or self._part["type"] != kind:
+            events.extend(self._close_part())
+            self._part = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+            item["content"].append(self._part)
+            where = {
+                "item_id": item["id"],
+                "output_index": len(self.response["output"]) - 1,
+                "content_index": len(item["content"]) - 1,
+            }
+            empty = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
+            events.append(self._event("response.content_part.added", **where, part=empty))
+        where = {
+            "item_id": item["id"],
+            "output_index": len(self.response["output"]) - 1,
+            "content_index": len(item["content"]) - 1,
+        }
+        if kind == "output_text":
+            self._part["text"] += piece
+            events.append(self._event("response.output_text.delta", **where, delta=piece, logprobs=[]))
+        else:
+            self._part["refusal"] += piece
+            events.append(self._event("response.refusal.delta", **where, delta=piece))
+        return events
+
+    def _call(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        index = delta.get("index", 0)
+        function = delta.get("function") or {}
+        item = self._calls.get(index)
+        if item is None:
+            events.extend(self._close())
+            item = _call_item(
+                _item_id("fc"), delta.get("id") or _item_id("call"), function.get("name") or "", "", "in_progress"
+            )
+            self._calls[index] = item
+            events.extend(self._add_item(item))
+        elif item is not self._open:
+            return events  # a late piece of a call already closed: chat streams write calls one after another
+        arguments = function.get("arguments")
+        if arguments:
+            item["arguments"] += arguments
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=len(self.response["output"]) - 1,
+                    delta=arguments,
+                )
+            )
+        return events
+
+    def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                events.extend(self._write("output_text", delta["content"]))
+            if delta.get("refusal"):
+                events.extend(self._write("refusal", delta["refusal"]))
+            for call in delta.get("tool_calls") or ():
+                events.extend(self._call(call))
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return events
+
+    def completed(self) -> list[dict[str, Any]]:
+        """The end of a stream that ended well: the open item closed, then ``response.completed`` (or
+        ``response.incomplete`` when the reply hit its token limit or a content filter)."""
+        incomplete = self.finish_reason in _INCOMPLETE
+        events = self._close("incomplete" if incomplete else "completed")
+        _finished(self.response, self.finish_reason, self.usage)
+        kind = "response.incomplete" if incomplete else "response.completed"
+        return [*events, self._event(kind, response=self._snapshot())]
+
+    def failed(self, code: str, message: str) -> list[dict[str, Any]]:
+        """The end of a stream that broke after it began: ``response.failed``, with what was written so far, never
+        a ``response.completed``."""
+        if self._open is not None:
+            self._open["status"] = "incomplete"
+        self.response["status"] = "failed"
+        self.response["error"] = {"code": code, "message": message}
+        _usage_set(self.response, self.usage)
+        return [self._event("response.failed", response=self._snapshot())]

@@ -1,0 +1,328 @@
+"""OpenAI's Responses API inbound (``/v1/responses``, stateless): the official ``openai`` SDK against a live llmhub,
+with the fake upstream behind an OpenAI-protocol model (``gpt-test``) and an Anthropic-protocol one
+(``claude-test``), both reached through the chat-completions translation. Objects and events are checked against
+OpenAI's published spec."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from django.test import override_settings
+
+from billing.models import UsageRecord
+from billing.services.budgets import api_key_limits_set
+from llmhub.testing.openapi import validate_openai_schema
+from providers.moderation import policy_cache
+from tests.gateway.test_ledger import settle_quietly
+from tests.gateway.test_moderation import policy_on
+from tests.test_metrics import TOKEN, scrape, scrape_until, value
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MILLION = Decimal(1_000_000)
+PRICES = {"gpt-test": (Decimal("0.15"), Decimal("0.60")), "claude-test": (Decimal("0.80"), Decimal("4.00"))}
+MODELS = ["gpt-test", "claude-test"]
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": False,
+}
+
+
+def expected_cost(model: str, record: UsageRecord) -> Decimal:
+    input_price, output_price = PRICES[model]
+    cost = (Decimal(record.prompt_tokens) * input_price + Decimal(record.completion_tokens) * output_price) / MILLION
+    return cost.quantize(Decimal("0.0000000001"))
+
+
+def raw_events(gateway, body: dict) -> tuple[httpx.Response, list[tuple[str, dict]]]:
+    """The SSE events as they came over the wire: (event name, decoded data)."""
+    events: list[tuple[str, dict]] = []
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    with httpx.stream(
+        "POST", gateway.url + "/v1/responses", json={**body, "stream": True}, headers=headers, timeout=20
+    ) as reply:
+        name = None
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return reply, events
+
+
+# The spec's schema of each event llmhub sends (checked first: a failure of the union says little).
+EVENT_SCHEMAS = {
+    "response.created": "ResponseCreatedEvent",
+    "response.in_progress": "ResponseInProgressEvent",
+    "response.output_item.added": "ResponseOutputItemAddedEvent",
+    "response.content_part.added": "ResponseContentPartAddedEvent",
+    "response.output_text.delta": "ResponseTextDeltaEvent",
+    "response.output_text.done": "ResponseTextDoneEvent",
+    "response.content_part.done": "ResponseContentPartDoneEvent",
+    "response.output_item.done": "ResponseOutputItemDoneEvent",
+    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
+    "response.completed": "ResponseCompletedEvent",
+    "response.incomplete": "ResponseIncompleteEvent",
+    "response.failed": "ResponseFailedEvent",
+}
+
+
+def validate_event(event: dict) -> None:
+    validate_openai_schema(event, EVENT_SCHEMAS[event["type"]])
+    validate_openai_schema(event, "ResponseStreamEvent")
+
+
+def assert_spec_sequence(events: list[dict]) -> None:
+    """Every event is one of the spec's, numbered 0, 1, 2, … in order; a delta belongs to the item opened last."""
+    for event in events:
+        validate_event(event)
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    assert [event["type"] for event in events[:2]] == ["response.created", "response.in_progress"]
+    open_item = None
+    for event in events:
+        if event["type"] == "response.output_item.added":
+            assert open_item is None
+            open_item = event["item"]["id"]
+        elif "item_id" in event:
+            assert event["item_id"] == open_item
+        elif event["type"] == "response.output_item.done":
+            assert event["item"]["id"] == open_item
+            open_item = None
+    assert open_item is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_non_streamed_text_response_and_its_ledger_row(gateway, model):
+    raw = gateway.client().responses.with_raw_response.create(
+        model=model,
+        instructions="Be brief.",
+        input="one two three [[reply=hello there]]",
+        max_output_tokens=100,
+        metadata={"ticket": "42"},
+    )
+    response = raw.parse()
+    validate_openai_schema(raw.http_response.json(), "Response")
+    assert response.id == "resp_" + raw.headers["x-request-id"].removeprefix("req_")
+    assert response.object == "response" and response.status == "completed" and response.model == model
+    assert response.output_text == "hello there"
+    assert [item.type for item in response.output] == ["message"]
+    assert response.instructions == "Be brief." and response.metadata == {"ticket": "42"}
+    assert response.usage.output_tokens == 2 and response.usage.input_tokens > 0
+    assert response.usage.total_tokens == response.usage.input_tokens + 2
+    record = wait_for_record(raw.headers["x-request-id"])
+    settle_quietly()
+    assert UsageRecord.objects.count() == 1
+    assert record.operation == "responses" and record.status == "ok" and record.stream is False
+    assert (record.model_name, record.prompt_tokens, record.completion_tokens) == (
+        model,
+        response.usage.input_tokens,
+        2,
+    )
+    assert record.cost == expected_cost(model, record) and record.cost > 0
+
+
+def test_instructions_and_input_items_reach_the_model_as_a_conversation(gateway):
+    gateway.client().responses.create(
+        model="gpt-test",
+        instructions="Be brief.",
+        input=[
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "user", "content": [{"type": "input_text", "text": "first"}]},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "ok", "annotations": []}],
+            },
+            {"role": "user", "content": "second [[reply=done]]"},
+        ],
+        temperature=0.5,
+        top_p=0.9,
+        user="end-user-7",
+    )
+    sent = gateway.upstream.requests[-1]["body"]
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": "Answer in English."},
+        {"role": "user", "content": [{"type": "text", "text": "first"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second [[reply=done]]"},
+    ]
+    assert (sent["temperature"], sent["top_p"], sent["user"]) == (0.5, 0.9, "end-user-7")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_streamed_text_through_the_sdk(gateway, model):
+    with gateway.client().responses.create(model=model, input="[[words=7]]", stream=True) as stream:
+        events = list(stream)
+    dumped = [event.model_dump(mode="json", exclude_unset=True) for event in events]
+    assert_spec_sequence(dumped)
+    kinds = [event.type for event in events]
+    assert kinds[-1] == "response.completed"
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert len(deltas.split()) == 7
+    done = events[-1].response
+    assert done.status == "completed" and done.output_text == deltas and done.model == model
+    assert done.usage.output_tokens == 7
+    record = wait_for_record(done.id.replace("resp_", "req_", 1))
+    settle_quietly()
+    assert UsageRecord.objects.count() == 1
+    assert record.operation == "responses" and record.stream is True and record.status == "ok"
+    assert (record.prompt_tokens, record.completion_tokens) == (done.usage.input_tokens, 7)
+    assert record.cost == expected_cost(model, record)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_function_call_round_trip(gateway, model):
+    client = gateway.client()
+    # As most clients write it: no `strict`, which the Response lists all the same (null), as the spec has it.
+    loose = {key: value for key, value in WEATHER.items() if key != "strict"}
+    raw = client.responses.with_raw_response.create(model=model, input="Weather in Paris?", tools=[loose])
+    validate_openai_schema(raw.http_response.json(), "Response")
+    first = raw.parse()
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Weather in Paris?"}
+    second = client.responses.create(
+        model=model,
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"},
+        ],
+    )
+    assert second.output_text == "Tool result: sunny, 21 C"
+    assert second.status == "completed"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_streamed_function_call(gateway, model):
+    with gateway.client().responses.create(
+        model=model, input="Weather in Oslo?", tools=[WEATHER], tool_choice="required", stream=True
+    ) as stream:
+        events = list(stream)
+    dumped = [event.model_dump(mode="json", exclude_unset=True) for event in events]
+    assert_spec_sequence(dumped)
+    kinds = [event.type for event in events]
+    assert "response.function_call_arguments.delta" in kinds
+    done = next(event for event in events if event.type == "response.function_call_arguments.done")
+    assert done.name == "get_weather" and json.loads(done.arguments) == {"city": "Weather in Oslo?"}
+    final = events[-1]
+    assert final.type == "response.completed"
+    [call] = [item for item in final.response.output if item.type == "function_call"]
+    assert call.arguments == done.arguments and call.call_id
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"conversation": "conv_123"}, "conversation"),
+        ({"background": True}, "background"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"truncation": "auto"}, "truncation"),
+    ],
+)
+def test_what_is_not_supported_is_a_400_naming_the_parameter(gateway, extra, param):
+    body = {"model": "gpt-test", "input": "hi", **extra}
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(**body)
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == param
+    assert refused.value.body["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses" and record.cost == 0
+
+
+def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
+    reply, events = raw_events(gateway, {"model": "gpt-test", "input": "[[words=9]] [[fault=cut-3]]"})
+    assert reply.status_code == 200
+    for name, event in events:
+        assert name == event["type"]
+        validate_event(event)
+    kinds = [event["type"] for _, event in events]
+    assert kinds[-1] == "response.failed" and "response.completed" not in kinds
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.operation == "responses"
+
+
+def test_a_stored_response_is_not_found(gateway):
+    client = gateway.client()
+    created = client.responses.create(model="gpt-test", input="hi [[reply=ok]]", store=True)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.retrieve(created.id)
+    assert missing.value.body["code"] == "not_found" and created.id in missing.value.body["message"]
+
+
+def test_a_key_not_allowed_the_model_is_refused_as_on_chat_completions(gateway):
+    from billing.services.keys import api_key_create
+    from providers.models import CatalogModel
+
+    created = api_key_create(
+        user=gateway.user, name="narrow", allowed_models=[CatalogModel.objects.get(name="claude-test")]
+    )
+    with pytest.raises(openai.PermissionDeniedError):
+        gateway.client(api_key=created.secret).responses.create(model="gpt-test", input="hi")
+    assert gateway.upstream.requests_served() == 0
+
+
+def test_moderation_refuses_a_blocked_input_and_cuts_a_blocked_stream(gateway):
+    policy_cache.invalidate()
+    policy_on("gpt-test", blocklist="adipiscing", stream_interval_chars=1)
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            gateway.client().responses.create(model="gpt-test", input="say adipiscing")
+        assert refused.value.code == "content_policy_violation"
+        assert gateway.upstream.requests_served() == 0
+
+        reply, events = raw_events(gateway, {"model": "gpt-test", "input": "[[words=30]]"})
+    finally:
+        policy_cache.invalidate()
+    kinds = [event["type"] for _, event in events]
+    assert kinds[-1] == "response.failed" and "response.completed" not in kinds
+    validate_event(events[-1][1])
+    delivered = "".join(event["delta"] for _, event in events if event["type"] == "response.output_text.delta")
+    assert delivered and "adipiscing" not in delivered
+    assert "content policy" in events[-1][1]["response"]["error"]["message"]
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.operation == "responses" and record.error_type == "content_policy_violation"
+
+
+def test_an_exhausted_budget_is_a_429_before_any_upstream_call(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("0.0001"))
+    with pytest.raises(openai.RateLimitError):
+        gateway.client().responses.create(model="claude-test", input="hi", max_output_tokens=4000)
+    assert gateway.upstream.requests_served() == 0
+
+
+def test_metrics_count_responses_under_their_own_operation(gateway):
+    labels = {"model": "gpt-test", "operation": "responses", "status": "ok"}
+    with override_settings(LLMHUB_METRICS_TOKEN=TOKEN, LLMHUB_METRICS_ALLOWED_IPS=[]):
+        before = value(scrape(gateway.url), "llmhub_requests_total", **labels)
+        gateway.client().responses.create(model="gpt-test", input="hi [[reply=ok]]")
+        scrape_until(gateway.url, "llmhub_requests_total", before + 1, **labels)
