@@ -177,6 +177,41 @@ def _openai_compatible_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/responses": {
+            "post": {
+                "operationId": "createResponse",
+                "summary": "Create a response (OpenAI's Responses API, stateless)",
+                "description": (
+                    "OpenAI's Responses API for every chat model, run as the chat completion it translates into "
+                    '(docs/responses.md): a `Response` object, or with `"stream": true` its typed events '
+                    "(`event: response.created` … `response.completed`), a stream that breaks after it began ending "
+                    "with `response.failed`. Nothing is stored: `previous_response_id`, `conversation`, "
+                    "`background`, built-in tools and item references are a 400 naming the parameter, and "
+                    "`GET /v1/responses/{id}` is a 404."
+                ),
+                "tags": [_TAG],
+                "security": security,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "required": ["model", "input"], "additionalProperties": True}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The response, or its event stream when `stream` is true.",
+                        "headers": _request_id_header(),
+                        "content": {
+                            "application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
+                },
+            }
+        },
         **_anthropic_compatible_paths(security),
         "/v1/feedback": {
             "post": {
