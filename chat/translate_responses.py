@@ -11,11 +11,14 @@ translation has no chat-completions form for.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
 from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model
+
+logger = logging.getLogger(__name__)
 
 # Parameters that need state or a feature llmhub does not have: refused when set to anything but their
 # default (``None``, or the value beside them).
@@ -417,14 +420,19 @@ def response_from_completion(
 class ResponseEvents:
     """The typed events of a streamed ``Response``, from the chat-completion chunks the pipeline relays: feed
     each chunk to ``chunk``, then end with ``completed`` (or ``failed`` when the stream broke). Every method
-    returns the events to send, each with its ``sequence_number``."""
+    returns the events to send, each with its ``sequence_number`` and a copy of what it shows (the items go on
+    changing after an event is made)."""
 
     def __init__(self, body: dict[str, Any], *, response_id: str, model: str, created_at: int) -> None:
         self.response = response_skeleton(body, response_id=response_id, model=model, created_at=created_at)
         self._sequence = 0
-        self._open: dict[str, Any] | None = None  # the output item being written
-        self._part: dict[str, Any] | None = None  # its content part being written (a message's)
-        self._calls: dict[int, dict[str, Any]] = {}  # tool call index in the chunks -> its item
+        self._message: dict[str, Any] | None = None  # the message item being written
+        self._part: dict[str, Any] | None = None  # its content part being written
+        # Tool calls by their index in the chunks; those still open. A server may interleave the pieces of
+        # parallel calls, so each stays open until the reply ends (or turns to text).
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._open_calls: dict[int, dict[str, Any]] = {}
+        self._positions: dict[str, int] = {}  # item id -> its output_index
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
 
@@ -433,8 +441,15 @@ class ResponseEvents:
         self._sequence += 1
         return event
 
+    @staticmethod
+    def _item_copy(item: dict[str, Any]) -> dict[str, Any]:
+        copy = dict(item)
+        if "content" in copy:
+            copy["content"] = [dict(part) for part in copy["content"]]
+        return copy
+
     def _snapshot(self) -> dict[str, Any]:
-        return {**self.response, "output": [dict(item) for item in self.response["output"]]}
+        return {**self.response, "output": [self._item_copy(item) for item in self.response["output"]]}
 
     def started(self) -> list[dict[str, Any]]:
         return [
@@ -443,51 +458,32 @@ class ResponseEvents:
         ]
 
     def _add_item(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self._positions[item["id"]] = len(self.response["output"])
         self.response["output"].append(item)
-        self._open = item
         return [
-            self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=dict(item))
+            self._event(
+                "response.output_item.added", output_index=self._positions[item["id"]], item=self._item_copy(item)
+            )
         ]
 
-    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
-        item = self._open
-        if item is None:
-            return []
-        events: list[dict[str, Any]] = []
-        index = len(self.response["output"]) - 1
-        if item["type"] == "message":
-            events.extend(self._close_part())
-        else:
-            events.append(
-                self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    name=item["name"],
-                    arguments=item["arguments"],
-                )
-            )
+    def _item_done(self, item: dict[str, Any], status: str) -> dict[str, Any]:
         item["status"] = status
-        events.append(self._event("response.output_item.done", output_index=index, item=self._item_copy(item)))
-        self._open = None
-        return events
+        return self._event(
+            "response.output_item.done", output_index=self._positions[item["id"]], item=self._item_copy(item)
+        )
 
-    @staticmethod
-    def _item_copy(item: dict[str, Any]) -> dict[str, Any]:
-        copy = dict(item)
-        if "content" in copy:
-            copy["content"] = [dict(part) for part in copy["content"]]
-        return copy
-
-    def _close_part(self) -> list[dict[str, Any]]:
-        part, item = self._part, self._open
-        if part is None or item is None:
-            return []
-        where = {
+    def _where(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {
             "item_id": item["id"],
-            "output_index": len(self.response["output"]) - 1,
+            "output_index": self._positions[item["id"]],
             "content_index": len(item["content"]) - 1,
         }
+
+    def _close_part(self) -> list[dict[str, Any]]:
+        item, part = self._message, self._part
+        if item is None or part is None:
+            return []
+        where = self._where(item)
         if part["type"] == "output_text":
             done = self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
         else:
@@ -495,36 +491,55 @@ class ResponseEvents:
         self._part = None
         return [done, self._event("response.content_part.done", **where, part=dict(part))]
 
+    def _close_message(self, status: str = "completed") -> list[dict[str, Any]]:
+        if self._message is None:
+            return []
+        events = [*self._close_part(), self._item_done(self._message, status)]
+        self._message = None
+        return events
+
+    def _close_calls(self, status: str = "completed") -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        for item in self._open_calls.values():
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=self._positions[item["id"]],
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
+            events.append(self._item_done(item, status))
+        self._open_calls = {}
+        return events
+
+    def _close_all(self, status: str = "completed") -> list[dict[str, Any]]:
+        """Close what is open, in the order of the output."""
+        if self._message is not None and any(
+            self._positions[call["id"]] < self._positions[self._message["id"]] for call in self._open_calls.values()
+        ):
+            return [*self._close_calls(status), *self._close_message(status)]
+        return [*self._close_message(status), *self._close_calls(status)]
+
     def _write(self, kind: str, piece: str) -> list[dict[str, Any]]:
         """A piece of the reply's text (``output_text``) or of its refusal (``refusal``)."""
-        events: list[dict[str, Any]] = []
-        if self._open is None or self._open["type"] != "message":
-            events.extend(self._close())
-            events.extend(self._add_item(_message_item(_item_id("msg"), [], "in_progress")))
-        item = self._open
-        assert item is not None
+        events = self._close_calls()
+        if self._message is None:
+            self._message = _message_item(_item_id("msg"), [], "in_progress")
+            events.extend(self._add_item(self._message))
+        item = self._message
         if self._part is None or self._part["type"] != kind:
             events.extend(self._close_part())
             self._part = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
             item["content"].append(self._part)
-            where = {
-                "item_id": item["id"],
-                "output_index": len(self.response["output"]) - 1,
-                "content_index": len(item["content"]) - 1,
-            }
-            empty = _text_part("") if kind == "output_text" else {"type": "refusal", "refusal": ""}
-            events.append(self._event("response.content_part.added", **where, part=empty))
-        where = {
-            "item_id": item["id"],
-            "output_index": len(self.response["output"]) - 1,
-            "content_index": len(item["content"]) - 1,
-        }
+            events.append(self._event("response.content_part.added", **self._where(item), part=dict(self._part)))
         if kind == "output_text":
             self._part["text"] += piece
-            events.append(self._event("response.output_text.delta", **where, delta=piece, logprobs=[]))
+            events.append(self._event("response.output_text.delta", **self._where(item), delta=piece, logprobs=[]))
         else:
             self._part["refusal"] += piece
-            events.append(self._event("response.refusal.delta", **where, delta=piece))
+            events.append(self._event("response.refusal.delta", **self._where(item), delta=piece))
         return events
 
     def _call(self, delta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -533,14 +548,16 @@ class ResponseEvents:
         function = delta.get("function") or {}
         item = self._calls.get(index)
         if item is None:
-            events.extend(self._close())
+            events.extend(self._close_message())
             item = _call_item(
                 _item_id("fc"), delta.get("id") or _item_id("call"), function.get("name") or "", "", "in_progress"
             )
-            self._calls[index] = item
+            self._calls[index] = self._open_calls[index] = item
             events.extend(self._add_item(item))
-        elif item is not self._open:
-            return events  # a late piece of a call already closed: chat streams write calls one after another
+        elif index not in self._open_calls:
+            # A piece of a call closed when text came after it: no model writes that, and its done event is gone.
+            logger.warning("a tool call's piece after the call was closed was dropped")
+            return events
         arguments = function.get("arguments")
         if arguments:
             item["arguments"] += arguments
@@ -548,7 +565,7 @@ class ResponseEvents:
                 self._event(
                     "response.function_call_arguments.delta",
                     item_id=item["id"],
-                    output_index=len(self.response["output"]) - 1,
+                    output_index=self._positions[item["id"]],
                     delta=arguments,
                 )
             )
@@ -573,10 +590,10 @@ class ResponseEvents:
         return events
 
     def completed(self) -> list[dict[str, Any]]:
-        """The end of a stream that ended well: the open item closed, then ``response.completed`` (or
+        """The end of a stream that ended well: what is open closed, then ``response.completed`` (or
         ``response.incomplete`` when the reply hit its token limit or a content filter)."""
         incomplete = self.finish_reason in _INCOMPLETE
-        events = self._close("incomplete" if incomplete else "completed")
+        events = self._close_all("incomplete" if incomplete else "completed")
         _finished(self.response, self.finish_reason, self.usage)
         kind = "response.incomplete" if incomplete else "response.completed"
         return [*events, self._event(kind, response=self._snapshot())]
@@ -584,8 +601,9 @@ class ResponseEvents:
     def failed(self, code: str, message: str) -> list[dict[str, Any]]:
         """The end of a stream that broke after it began: ``response.failed``, with what was written so far, never
         a ``response.completed``."""
-        if self._open is not None:
-            self._open["status"] = "incomplete"
+        for item in [self._message, *self._open_calls.values()]:
+            if item is not None:
+                item["status"] = "incomplete"
         self.response["status"] = "failed"
         self.response["error"] = {"code": code, "message": message}
         _usage_set(self.response, self.usage)

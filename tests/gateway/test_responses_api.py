@@ -82,22 +82,29 @@ def validate_event(event: dict) -> None:
 
 
 def assert_spec_sequence(events: list[dict]) -> None:
-    """Every event is one of the spec's, numbered 0, 1, 2, … in order; a delta belongs to the item opened last."""
+    """Every event is one of the spec's, numbered 0, 1, 2, … in order; an item is added empty, at the next
+    output_index, and written to only between its added and done events; the final response holds every item as
+    its done event showed it."""
     for event in events:
         validate_event(event)
     assert [event["sequence_number"] for event in events] == list(range(len(events)))
     assert [event["type"] for event in events[:2]] == ["response.created", "response.in_progress"]
-    open_item = None
+    open_items: dict[str, int] = {}
+    done: dict[int, dict] = {}
     for event in events:
         if event["type"] == "response.output_item.added":
-            assert open_item is None
-            open_item = event["item"]["id"]
+            item = event["item"]
+            assert event["output_index"] == len(done) + len(open_items)
+            assert item.get("content", []) == [] and item.get("arguments", "") == "", item
+            open_items[item["id"]] = event["output_index"]
         elif "item_id" in event:
-            assert event["item_id"] == open_item
+            assert open_items[event["item_id"]] == event["output_index"]
         elif event["type"] == "response.output_item.done":
-            assert event["item"]["id"] == open_item
-            open_item = None
-    assert open_item is None
+            assert open_items.pop(event["item"]["id"]) == event["output_index"]
+            done[event["output_index"]] = event["item"]
+    assert not open_items
+    if events[-1]["type"] != "response.failed":
+        assert events[-1]["response"]["output"] == [done[index] for index in range(len(done))]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -326,3 +333,81 @@ def test_metrics_count_responses_under_their_own_operation(gateway):
         before = value(scrape(gateway.url), "llmhub_requests_total", **labels)
         gateway.client().responses.create(model="gpt-test", input="hi [[reply=ok]]")
         scrape_until(gateway.url, "llmhub_requests_total", before + 1, **labels)
+
+
+def test_the_sdks_stream_helper_accumulates_the_final_response(gateway):
+    with gateway.client().responses.stream(model="claude-test", input="[[reply=one two three]]") as stream:
+        texts = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(texts) == "one two three" == final.output_text
+    assert final.status == "completed" and final.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_by_max_output_tokens_is_incomplete(gateway, stream):
+    body = {"model": "gpt-test", "input": "[[words=20]]", "max_output_tokens": 5}
+    if stream:
+        reply, events = raw_events(gateway, body)
+        assert_spec_sequence([event for _, event in events])
+        assert events[-1][0] == "response.incomplete"
+        response = events[-1][1]["response"]
+    else:
+        reply = httpx.post(
+            gateway.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+        )
+        response = reply.json()
+        validate_openai_schema(response, "Response")
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert response["usage"]["output_tokens"] == 5
+    assert [item["status"] for item in response["output"]] == ["incomplete"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failure_before_any_output_is_an_http_error(gateway, stream):
+    with pytest.raises(openai.InternalServerError) as failed:
+        response = gateway.client().responses.create(model="broken", input="hi", stream=stream)
+        list(response) if stream else None
+    assert set(failed.value.body) >= {"message", "type", "param", "code"}  # OpenAI's error shape
+    assert failed.value.body["message"], failed.value.body
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.operation == "responses"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_that_reports_no_usage_is_charged_and_answered_an_estimate(gateway, stream):
+    body = {"model": "gpt-test", "input": "one two three [[reply=four five]] [[usage=none]]"}
+    if stream:
+        reply, events = raw_events(gateway, body)
+        response = events[-1][1]["response"]
+    else:
+        reply = httpx.post(
+            gateway.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+        )
+        response = reply.json()
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.usage_estimated and record.completion_tokens > 0
+    assert (response["usage"]["input_tokens"], response["usage"]["output_tokens"]) == (
+        record.prompt_tokens,
+        record.completion_tokens,
+    )
+    assert record.cost == expected_cost("gpt-test", record)
+
+
+def test_no_key_is_a_401_and_a_get_a_405(gateway):
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(api_key="sk-wrong").responses.create(model="gpt-test", input="hi")
+    reply = httpx.get(gateway.url + "/v1/responses", headers={"Authorization": f"Bearer {gateway.key}"})
+    assert reply.status_code == 405 and reply.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_parallel_function_calls_each_get_their_item(gateway, model):
+    _, events = raw_events(
+        gateway, {"model": model, "input": "Weather? [[tool_calls=2]]", "tools": [WEATHER], "tool_choice": "required"}
+    )
+    assert_spec_sequence([event for _, event in events])
+    final = events[-1][1]["response"]
+    calls = [item for item in final["output"] if item["type"] == "function_call"]
+    assert calls and all(json.loads(call["arguments"]) == {"city": "Weather?"} for call in calls)
+    assert len({call["call_id"] for call in calls}) == len(calls)
