@@ -411,3 +411,44 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
     calls = [item for item in final["output"] if item["type"] == "function_call"]
     assert calls and all(json.loads(call["arguments"]) == {"city": "Weather?"} for call in calls)
     assert len({call["call_id"] for call in calls}) == len(calls)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "gpt-test"}, "input"),
+        ({"model": "gpt-test", "input": 7}, "input"),
+        ({"model": "gpt-test", "input": []}, "input"),
+        ({"model": "gpt-test", "input": ["hi"]}, "input[0]"),
+        ({"model": "gpt-test", "input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+        ({"model": "gpt-test", "input": [{"role": "user", "content": None}]}, "input[0].content"),
+        ({"model": "gpt-test", "input": [{"role": "user", "content": ["x"]}]}, "input[0].content[0].type"),
+        ({"model": "gpt-test", "input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
+        (
+            {"model": "gpt-test", "input": [{"type": "function_call_output", "call_id": "c", "output": 3}]},
+            "input[0].output",
+        ),
+        ({"model": "gpt-test", "input": "hi", "instructions": ["x"]}, "instructions"),
+        ({"model": "gpt-test", "input": "hi", "tools": {"type": "function"}}, "tools"),
+        ({"model": "gpt-test", "input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"model": "gpt-test", "input": "hi", "tool_choice": "auto"}, "tool_choice"),
+        (
+            {"model": "gpt-test", "input": "hi", "tools": [WEATHER], "tool_choice": {"type": "web_search"}},
+            "tool_choice",
+        ),
+        ({"model": "gpt-test", "input": "hi", "metadata": {"a": 1}}, "metadata"),
+        ({"model": "gpt-test", "input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
+        ({"model": "gpt-test", "input": "hi", "reasoning": "high"}, "reasoning"),
+        ({"model": "gpt-test", "input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
+        ({"model": "gpt-test", "input": "hi", "temperature": 3}, "temperature"),
+        ({"model": "gpt-test", "input": "hi", "stream": "yes"}, "stream"),
+        ({"input": "hi"}, "model"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_parameter(gateway, body, param):
+    reply = httpx.post(
+        gateway.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+    assert gateway.upstream.requests_served() == 0
