@@ -16,7 +16,9 @@ from django.test import override_settings
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
 from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ProviderKind
 from providers.moderation import policy_cache
+from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
 from tests.gateway.test_moderation import policy_on
 from tests.test_metrics import TOKEN, scrape, scrape_until, value
@@ -452,3 +454,41 @@ def test_bad_input_is_a_400_naming_the_parameter(gateway, body, param):
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
     assert gateway.upstream.requests_served() == 0
+
+
+def test_a_gemini_model_with_cached_tokens_behind_it(gateway):
+    provider = ProviderFactory(name="fake-gemini", kind=ProviderKind.GEMINI, base_url=gateway.upstream.base_url)
+    ModelFactory(
+        name="gemini-test",
+        provider=provider,
+        upstream_id="gemini-2.5-flash",
+        input_per_mtok=Decimal("0.30"),
+        output_per_mtok=Decimal("2.50"),
+        cached_input_per_mtok=Decimal("0.075"),
+    )
+    raw = gateway.client().responses.with_raw_response.create(
+        model="gemini-test", instructions="be brief", input="hello there [[cache=2]]"
+    )
+    validate_openai_schema(raw.http_response.json(), "Response")
+    response = raw.parse()
+    assert response.output_text == "Echo: hello there" and response.model == "gemini-test"
+    assert response.usage.input_tokens_details.cached_tokens == 2
+    _, events = raw_events(gateway, {"model": "gemini-test", "input": "[[words=5]]"})
+    assert_spec_sequence([event for _, event in events])
+    assert events[-1][0] == "response.completed"
+    record = wait_for_record(raw.headers["x-request-id"])
+    cost = (
+        (record.prompt_tokens - 2) * Decimal("0.30") + 2 * Decimal("0.075") + record.completion_tokens * Decimal("2.50")
+    ) / MILLION
+    assert record.operation == "responses" and record.cached_tokens == 2 and record.cost == cost
+
+
+def test_anthropic_cache_reads_and_writes_are_in_the_usage_details(gateway):
+    raw = gateway.client().responses.with_raw_response.create(
+        model="claude-test", input="one two three four five six [[cache=2]] [[cache_write=3]]"
+    )
+    validate_openai_schema(raw.http_response.json(), "Response")
+    details = raw.parse().usage.input_tokens_details
+    assert (details.cached_tokens, details.cache_write_tokens) == (2, 3)
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.cached_tokens, record.cache_write_tokens) == (2, 3)
