@@ -6,6 +6,8 @@ OpenAI's published spec."""
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from decimal import Decimal
 
 import httpx
@@ -22,7 +24,7 @@ from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
 from tests.gateway.test_moderation import policy_on
 from tests.test_metrics import TOKEN, scrape, scrape_until, value
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -104,8 +106,8 @@ def assert_spec_sequence(events: list[dict]) -> None:
         elif event["type"] == "response.output_item.done":
             assert open_items.pop(event["item"]["id"]) == event["output_index"]
             done[event["output_index"]] = event["item"]
-    assert not open_items
-    if events[-1]["type"] != "response.failed":
+    if events[-1]["type"] != "response.failed":  # a failed one may stop with an item open
+        assert not open_items
         assert events[-1]["response"]["output"] == [done[index] for index in range(len(done))]
 
 
@@ -272,6 +274,7 @@ def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
     for name, event in events:
         assert name == event["type"]
         validate_event(event)
+    assert_spec_sequence([event for _, event in events])
     kinds = [event["type"] for _, event in events]
     assert kinds[-1] == "response.failed" and "response.completed" not in kinds
     failed = events[-1][1]["response"]
@@ -492,3 +495,46 @@ def test_anthropic_cache_reads_and_writes_are_in_the_usage_details(gateway):
     assert (details.cached_tokens, details.cache_write_tokens) == (2, 3)
     record = wait_for_record(raw.headers["x-request-id"])
     assert (record.cached_tokens, record.cache_write_tokens) == (2, 3)
+
+
+def test_a_stream_the_servers_shutdown_cuts_ends_with_response_failed(fake_upstream, tmp_path):
+    from billing.services.keys import api_key_create
+    from tests.factories import UserFactory
+    from tests.gateway.conftest import make_catalog
+    from tests.gateway.test_shutdown import ENDLESS, stopped, upstream_received, uvicorn_server
+
+    make_catalog(fake_upstream)
+    key = api_key_create(user=UserFactory(username="shutdown"), name="t").secret
+    events: list[dict] = []
+    request_ids: list[str] = []
+
+    def read(port: int) -> None:
+        body = {"model": "gpt-test", "stream": True, "input": ENDLESS}
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/v1/responses",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        ) as reply:
+            request_ids.append(reply.headers["x-request-id"])
+            events.extend(json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: "))
+
+    with uvicorn_server(tmp_path, grace_seconds=1) as (server, port, _spool):
+        reader = threading.Thread(target=read, args=(port,), daemon=True)
+        reader.start()
+        upstream_received(fake_upstream, 1)
+        wait_until(lambda: len(events) >= 5, "the response's first words arrived")
+        server.send_signal(signal.SIGTERM)
+        reader.join(timeout=60)
+        stopped(server)
+
+    assert_spec_sequence(events)
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"] == {
+        "code": "server_error",
+        "message": "The server is restarting and ended this reply; retry the request.",
+    }
+    [request_id] = request_ids
+    row = UsageRecord.objects.get(request_id=request_id)
+    assert row.status == "server_shutdown" and row.operation == "responses" and row.cost > 0
