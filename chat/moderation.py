@@ -87,14 +87,22 @@ class Moderation:
         return "; ".join(self.notes)
 
     async def check_input(
-        self, body: dict[str, Any], operation: str, *, fields: bool = True, variables: dict[str, Any] | None = None
+        self,
+        body: dict[str, Any],
+        operation: str,
+        *,
+        fields: bool = True,
+        variables: dict[str, Any] | None = None,
+        field_names: dict[str, str] | None = None,
     ) -> None:
         """Before admission: raise on a ``block`` hit or a failed service that fails closed. The input is one
         text, scanned once; a block-list's hit names the field it is in (``messages[2].content``, ``system``,
         ``tools[0]``) and the character there, unless ``fields`` is off (the messages are not the client's
         list: the chat socket's new turn). ``variables``: a prompt template's run, whose messages are the
         template's text, the admin's, and are not read (an example reply naming a blocked word refused every
-        run); what the caller gave is, each string of each variable (``prompt.variables.<name>``)."""
+        run); what the caller gave is, each string of each variable (``prompt.variables.<name>``).
+        ``field_names``: the names the client gave those fields, when ``body`` is a translation of its request
+        (``/v1/responses``: ``messages[1].content`` was ``input[0].content``)."""
         policies = [p for p in self.policies if p.check_input]
         if not policies:
             return
@@ -119,6 +127,7 @@ class Moderation:
                 return hit
             index = bisect_right(starts, hit.at) - 1
             field = parts[index][0]
+            field = field_names.get(field, field) if field_names else field
             where = f"entry {hit.entry} at character {hit.at - starts[index]} of {field}"
             return replace(hit, where=where, field=field)
 

@@ -383,6 +383,7 @@ async def completion_start(
     assignment: Assignment | None = None
     rendered: RenderedPrompt | None = None
     client_body: dict[str, Any] | None = None
+    field_names: dict[str, str] | None = None  # the client's names of the fields of a translated body
     _request_track()
     try:
         shutdown = _shutdowns.get(asyncio.get_running_loop())
@@ -401,7 +402,7 @@ async def completion_start(
             if shape is not None:
                 body["messages"] = shape(model)
         if operation == Operation.RESPONSES:
-            client_body, body = body, responses_request_to_chat(body)
+            client_body, (body, field_names) = body, responses_request_to_chat(body)
         _VALIDATORS[operation](body)
         if model is None:
             model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
@@ -421,7 +422,7 @@ async def completion_start(
             if rendered is not None:
                 await moderation.check_input(body, operation, variables=rendered.variables)
             elif new_input is None:
-                await moderation.check_input(body, operation)
+                await moderation.check_input(body, operation, field_names=field_names)
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
         prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation)

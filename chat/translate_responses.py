@@ -83,12 +83,15 @@ def _joined(content: list[dict[str, Any]] | str) -> str:
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
 
 
-def _messages_from_input(value: Any) -> list[dict[str, Any]]:
+def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The chat messages ``input`` means, and for each the names its fields had in ``input`` (``content`` ->
+    ``input[3].content``, ``tool_calls[0].function`` -> ``input[4]``)."""
     if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+        return [{"role": "user", "content": value}], [{"content": "input"}]
     if not isinstance(value, list) or not value:
         _fail("Invalid 'input': expected a string or a non-empty array of input items.", "input", "invalid_type")
     messages: list[dict[str, Any]] = []
+    origins: list[dict[str, str]] = []
     for index, item in enumerate(value):
         where = f"input[{index}]"
         if not isinstance(item, dict):
@@ -107,6 +110,7 @@ def _messages_from_input(value: Any) -> list[dict[str, Any]]:
                 kinds = frozenset({"input_text", "input_image"} if role == "user" else {"input_text"})
                 content = _text_of(item.get("content"), f"{where}.content", kinds)
                 messages.append({"role": role, "content": content if role == "user" else _joined(content)})
+            origins.append({"content": f"{where}.content"})
         elif kind == "function_call":
             for field in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(field), str):
@@ -126,8 +130,10 @@ def _messages_from_input(value: Any) -> list[dict[str, Any]]:
                 last.setdefault("tool_calls", []).append(call)
                 if not last["content"]:
                     last["content"] = None
+                origins[-1][f"tool_calls[{len(last['tool_calls']) - 1}].function"] = where
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                origins.append({"tool_calls[0].function": where})
         elif kind == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 _fail(
@@ -135,6 +141,7 @@ def _messages_from_input(value: Any) -> list[dict[str, Any]]:
                 )
             output = _text_of(item.get("output"), f"{where}.output", frozenset({"input_text"}))
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _joined(output)})
+            origins.append({"content": f"{where}.output"})
         elif kind == "reasoning":
             continue  # a model's earlier reasoning: chat completions has no place for it, and no model needs it back
         else:
@@ -144,7 +151,7 @@ def _messages_from_input(value: Any) -> list[dict[str, Any]]:
                 f"{where}.type",
                 "unsupported_value",
             )
-    return messages
+    return messages, origins
 
 
 def _tools(value: Any) -> list[dict[str, Any]]:
@@ -208,9 +215,10 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     return None
 
 
-def responses_request_to_chat(body: Any) -> dict[str, Any]:
-    """The chat-completions request a Responses API ``body`` means, for the pipeline to run; raises
-    ``InvalidRequestError`` (400) naming the first parameter it cannot take."""
+def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The chat-completions request a Responses API ``body`` means, for the pipeline to run, and the names its
+    fields had in ``body`` (``messages[2].content`` -> ``input[1].content``: what a refusal of the input names);
+    raises ``InvalidRequestError`` (400) naming the first parameter it cannot take."""
     check_body_and_model(body)
     for name, (default, why) in _UNSUPPORTED.items():
         if body.get(name, default) not in (None, default):
@@ -226,12 +234,13 @@ def responses_request_to_chat(body: Any) -> dict[str, Any]:
         _fail("Unsupported value for 'reasoning': only `effort` is supported (no summaries).", "reasoning")
     if "input" not in body:
         _fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
-    messages = _messages_from_input(body["input"])
+    messages, origins = _messages_from_input(body["input"])
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
             _fail("Invalid type for 'instructions': expected a string.", "instructions", "invalid_type")
         messages.insert(0, {"role": "system", "content": instructions})
+        origins.insert(0, {"content": "instructions"})
     metadata = body.get("metadata")
     if metadata is not None and (
         not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())
@@ -280,7 +289,11 @@ def responses_request_to_chat(body: Any) -> dict[str, Any]:
         chat["verbosity"] = verbosity
     if chat.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}  # the usage that response.completed reports
-    return chat
+    fields = {
+        f"messages[{index}].{name}": given for index, names in enumerate(origins) for name, given in names.items()
+    }
+    fields["response_format"] = "text.format"
+    return chat, fields
 
 
 def response_id(request_id: str) -> str:

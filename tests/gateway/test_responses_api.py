@@ -538,3 +538,64 @@ def test_a_stream_the_servers_shutdown_cuts_ends_with_response_failed(fake_upstr
     [request_id] = request_ids
     row = UsageRecord.objects.get(request_id=request_id)
     assert row.status == "server_shutdown" and row.operation == "responses" and row.cost > 0
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"instructions": "Never say forbidden.", "input": "hi"}, "instructions"),
+        (
+            {
+                "instructions": "Be kind.",
+                "input": [{"role": "user", "content": "hi"}, {"role": "user", "content": "forbidden"}],
+            },
+            "input[1].content",
+        ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "look it up"},
+                    {
+                        "type": "function_call",
+                        "call_id": "c1",
+                        "name": "get_weather",
+                        "arguments": '{"city": "forbidden"}',
+                    },
+                    {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                ],
+                "tools": [WEATHER],
+            },
+            "input[1]",
+        ),
+        (
+            {
+                "input": [
+                    {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c1", "output": "forbidden"},
+                ],
+                "tools": [WEATHER],
+            },
+            "input[1].output",
+        ),
+        ({"input": "hi", "tools": [{**WEATHER, "description": "forbidden"}]}, "tools[0]"),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"title": "forbidden"}}}},
+            "text.format",
+        ),
+    ],
+    ids=["instructions", "message", "function-call", "function-call-output", "tool", "text-format"],
+)
+def test_a_refused_input_names_the_responses_field_the_blocked_word_is_in(gateway, request_fields, field):
+    policy_cache.invalidate()
+    policy_on("gpt-test", blocklist="forbidden", check_output=False, name="house rules")
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            gateway.client().responses.create(model="gpt-test", **request_fields)
+    finally:
+        policy_cache.invalidate()
+    assert refused.value.code == "content_policy_violation" and refused.value.param == field
+    assert refused.value.body["message"] == (
+        f'Your request was refused by the content policy "house rules" (blocklist) in `{field}`.'
+    )
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert f" of {field}), " in record.moderation
