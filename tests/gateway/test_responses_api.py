@@ -599,3 +599,30 @@ def test_a_refused_input_names_the_responses_field_the_blocked_word_is_in(gatewa
     )
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert f" of {field}), " in record.moderation
+
+
+def test_a_traced_response_is_a_chat_span(fake_upstream, tmp_path):
+    from billing.services.keys import api_key_create
+    from tests.factories import UserFactory
+    from tests.gateway.conftest import make_catalog
+    from tests.test_tracing import Collector, traced_server
+
+    collector = Collector().start()
+    make_catalog(fake_upstream)
+    key = api_key_create(user=UserFactory(username="traced"), name="traces").secret
+    try:
+        with traced_server(collector, tmp_path) as url:
+            reply = httpx.post(
+                url + "/v1/responses",
+                json={"model": "gpt-test", "input": "hello [[words=3]]"},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            assert reply.status_code == 200, reply.text
+            wait_for_record(reply.headers["x-request-id"])
+        span = collector.of_request(reply.headers["x-request-id"])
+    finally:
+        collector.stop()
+    assert span["name"] == "chat gpt-test"
+    assert span["attributes"]["gen_ai.operation.name"] == "chat"
+    assert span["attributes"]["gen_ai.usage.output_tokens"] == reply.json()["usage"]["output_tokens"] == 3
