@@ -95,6 +95,13 @@ async def _sse(run: CompletionRun, events: ResponseEvents, chunks: AsyncIterator
         yield _sse_event(event)
 
 
+# OpenAI's endpoints beside the responses' own ids, which a request for a response by id must not be taken for.
+_NOT_SERVED = {
+    "input_tokens": "there is no token count for the Responses API (a response's `usage` has its input tokens).",
+    "compact": "compaction needs stored state, which llmhub's stateless /v1/responses does not keep.",
+}
+
+
 @openai_endpoint
 async def responses_not_stored(request: HttpRequest, path: str) -> HttpResponse:
     """``/v1/responses/{id}`` and what hangs off it (``input_items``, ``cancel``): llmhub keeps no response, so
@@ -106,6 +113,13 @@ async def responses_not_stored(request: HttpRequest, path: str) -> HttpResponse:
     except ApplicationError as exc:
         return response_stamp(openai_error_response(exc), request_id, started)
     response_name = path.split("/", 1)[0]
+    if response_name in _NOT_SERVED:
+        body = openai_error_body(
+            f"llmhub does not serve {request.method} /v1/responses/{path}: {_NOT_SERVED[response_name]}",
+            error_type="invalid_request_error",
+            code="unknown_url",
+        )
+        return response_stamp(json_response(body, status=404), request_id, started)
     body = openai_error_body(
         f"No response found with id '{response_name}': llmhub's /v1/responses is stateless and stores no "
         "response (`store` is accepted and ignored).",

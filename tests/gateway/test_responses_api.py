@@ -626,3 +626,15 @@ def test_a_traced_response_is_a_chat_span(fake_upstream, tmp_path):
     assert span["name"] == "chat gpt-test"
     assert span["attributes"]["gen_ai.operation.name"] == "chat"
     assert span["attributes"]["gen_ai.usage.output_tokens"] == reply.json()["usage"]["output_tokens"] == 3
+
+
+def test_the_endpoints_beside_responses_are_404s_that_say_they_are_not_served(gateway):
+    client = gateway.client()
+    with pytest.raises(openai.NotFoundError) as counted:
+        client.responses.input_tokens.count(model="gpt-test", input="hi")
+    with pytest.raises(openai.NotFoundError) as compacted:
+        client.responses.compact(model="gpt-test", input="hi")
+    for refused, path in ((counted, "input_tokens"), (compacted, "compact")):
+        assert refused.value.body["code"] == "unknown_url"
+        assert f"POST /v1/responses/{path}" in refused.value.body["message"]
+        assert "No response found" not in refused.value.body["message"]
