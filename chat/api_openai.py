@@ -282,8 +282,11 @@ def _model_object(model: ResolvedModel) -> dict[str, Any]:
     return {"id": model.name, "object": "model", "created": 0, "owned_by": model.provider.name}
 
 
-async def method_not_allowed(request: HttpRequest, allowed: str, request_id: str) -> HttpResponse:
-    """405, and the ``rejected`` ledger row a request from a valid key gets however it was refused."""
+async def method_not_allowed(
+    request: HttpRequest, allowed: str, request_id: str, operation: str = Operation.CHAT
+) -> HttpResponse:
+    """405, and the ``rejected`` ledger row (of ``operation``) a request from a valid key gets however it was
+    refused."""
     error = InvalidRequestError(
         f"Method not allowed; use {allowed}." if allowed else f"Method not allowed ({request.method}).",
         param=None,
@@ -297,7 +300,7 @@ async def method_not_allowed(request: HttpRequest, allowed: str, request_id: str
         except ApplicationError:
             caller = None  # the method is wrong whoever asks; an unknown key changes nothing
         if caller is not None:
-            completion_reject(caller=caller, endpoint="rest", request_id=request_id, error=error)
+            completion_reject(caller=caller, endpoint="rest", request_id=request_id, error=error, operation=operation)
     response = json_response(openai_error_body_for(error), status=405)
     response["Allow"] = allowed
     return response

@@ -34,7 +34,8 @@ async def responses_create(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return response_stamp(await method_not_allowed(request, "POST", request_id), request_id, started)
+        response = await method_not_allowed(request, "POST", request_id, operation=Operation.RESPONSES)
+        return response_stamp(response, request_id, started)
     run: CompletionRun | None = None
     created_at = int(time.time())
     try:

@@ -404,6 +404,8 @@ def test_no_key_is_a_401_and_a_get_a_405(gateway):
         gateway.client(api_key="sk-wrong").responses.create(model="gpt-test", input="hi")
     reply = httpx.get(gateway.url + "/v1/responses", headers={"Authorization": f"Bearer {gateway.key}"})
     assert reply.status_code == 405 and reply.json()["error"]["code"] == "method_not_allowed"
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
 
 
 @pytest.mark.parametrize("model", MODELS)
