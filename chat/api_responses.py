@@ -45,8 +45,9 @@ async def responses_create(request: HttpRequest) -> HttpResponse:
         body = run.client_body or run.body
         if run.body.get("stream"):
             chunks = await run.stream_open()
+            # The model that answered (a fallback, maybe), as the stream's chunks and a whole reply name it.
             events = ResponseEvents(
-                body, response_id=response_id(request_id), model=run.model.name, created_at=created_at
+                body, response_id=response_id(request_id), model=run.answered_by.name, created_at=created_at
             )
             response: HttpResponse = EventStreamResponse(_sse(run, events, chunks))
         else:

@@ -18,7 +18,7 @@ from django.test import override_settings
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
 from llmhub.testing.openapi import validate_openai_schema
-from providers.models import ProviderKind
+from providers.models import CatalogModel, ProviderKind
 from providers.moderation import policy_cache
 from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
@@ -640,3 +640,19 @@ def test_the_endpoints_beside_responses_are_404s_that_say_they_are_not_served(ga
         assert refused.value.body["code"] == "unknown_url"
         assert f"POST /v1/responses/{path}" in refused.value.body["message"]
         assert "No response found" not in refused.value.body["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_fallback_that_answered_is_the_responses_model(gateway, stream):
+    CatalogModel.objects.filter(name="broken").update(fallbacks=["gpt-test"], retries=0)
+    body = {"model": "broken", "input": "hi [[reply=saved]]"}
+    if stream:
+        reply, events = raw_events(gateway, body)
+        models = {event["response"]["model"] for _, event in events if "response" in event}
+    else:
+        reply = httpx.post(
+            gateway.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+        )
+        models = {reply.json()["model"]}
+    assert models == {"gpt-test"} == {reply.headers["x-llmhub-model"]}
+    assert wait_for_record(reply.headers["x-request-id"]).model_name == "gpt-test"
