@@ -257,7 +257,6 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         "max_output_tokens",
         "temperature",
         "top_p",
-        "parallel_tool_calls",
         "user",
         "stream",
         "service_tier",
@@ -268,6 +267,9 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
             chat[renamed.get(name, name)] = body[name]
     if body.get("tools"):
         chat["tools"] = _tools(body["tools"])
+        # Beside the tools only: the Responses API takes it without them, OpenAI's chat completions refuse it.
+        if body.get("parallel_tool_calls") is not None:
+            chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     elif body.get("tools") is not None:
         _tools(body["tools"])
     if body.get("tool_choice") is not None:

@@ -656,3 +656,13 @@ def test_a_fallback_that_answered_is_the_responses_model(gateway, stream):
         models = {reply.json()["model"]}
     assert models == {"gpt-test"} == {reply.headers["x-llmhub-model"]}
     assert wait_for_record(reply.headers["x-request-id"]).model_name == "gpt-test"
+
+
+def test_parallel_tool_calls_goes_upstream_only_with_tools(gateway):
+    """The Responses API takes ``parallel_tool_calls`` (and ``tool_choice: none``) without tools; OpenAI's chat
+    completions refuse them there, so they are sent only beside the tools."""
+    client = gateway.client()
+    client.responses.create(model="gpt-test", input="hi", parallel_tool_calls=False, tool_choice="none")
+    assert not {"parallel_tool_calls", "tool_choice", "tools"} & set(gateway.upstream.requests[-1]["body"])
+    client.responses.create(model="gpt-test", input="hi", parallel_tool_calls=False, tools=[WEATHER])
+    assert gateway.upstream.requests[-1]["body"]["parallel_tool_calls"] is False
