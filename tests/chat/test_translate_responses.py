@@ -65,3 +65,13 @@ def test_text_after_a_call_is_a_message_item_after_it():
     assert [item["type"] for item in output] == ["function_call", "message"]
     assert output[1]["content"][0]["text"] == "and then"
     assert events[-1]["type"] == "response.completed" and "usage" not in events[-1]["response"]
+
+
+def test_a_refusal_is_its_own_content_part_of_the_message():
+    events = run([chunk({"refusal": "I can't "}), chunk({"refusal": "help."}), chunk({"content": "Sorry."}, "stop")])
+    assert_spec_sequence(events)
+    [message] = events[-1]["response"]["output"]
+    assert message["content"] == [
+        {"type": "refusal", "refusal": "I can't help."},
+        {"type": "output_text", "text": "Sorry.", "annotations": [], "logprobs": []},
+    ]

@@ -70,6 +70,8 @@ EVENT_SCHEMAS = {
     "response.content_part.added": "ResponseContentPartAddedEvent",
     "response.output_text.delta": "ResponseTextDeltaEvent",
     "response.output_text.done": "ResponseTextDoneEvent",
+    "response.refusal.delta": "ResponseRefusalDeltaEvent",
+    "response.refusal.done": "ResponseRefusalDoneEvent",
     "response.content_part.done": "ResponseContentPartDoneEvent",
     "response.output_item.done": "ResponseOutputItemDoneEvent",
     "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
