@@ -668,3 +668,18 @@ def test_parallel_tool_calls_goes_upstream_only_with_tools(gateway):
     assert not {"parallel_tool_calls", "tool_choice", "tools"} & set(gateway.upstream.requests[-1]["body"])
     client.responses.create(model="gpt-test", input="hi", parallel_tool_calls=False, tools=[WEATHER])
     assert gateway.upstream.requests[-1]["body"]["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_input_image_reaches_the_model(gateway, model):
+    pixel = (
+        "data:image/png;base64,"
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+    )
+    content = [
+        {"type": "input_text", "text": "what is it"},
+        {"type": "input_image", "image_url": pixel, "detail": "low"},
+    ]
+    with_image = gateway.client().responses.create(model=model, input=[{"role": "user", "content": content}])
+    without = gateway.client().responses.create(model=model, input=[{"role": "user", "content": content[:1]}])
+    assert with_image.usage.input_tokens - without.usage.input_tokens == 85  # the fake upstream's charge an image
