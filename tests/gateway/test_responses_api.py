@@ -683,3 +683,15 @@ def test_an_input_image_reaches_the_model(gateway, model):
     with_image = gateway.client().responses.create(model=model, input=[{"role": "user", "content": content}])
     without = gateway.client().responses.create(model=model, input=[{"role": "user", "content": content[:1]}])
     assert with_image.usage.input_tokens - without.usage.input_tokens == 85  # the fake upstream's charge an image
+
+
+def test_a_rate_limited_key_gets_a_429_with_its_headers(gateway):
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, rpm=1)
+    client = gateway.client()
+    served = client.responses.with_raw_response.create(model="gpt-test", input="hi")
+    assert served.headers["x-ratelimit-limit-requests"] == "1"
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.responses.create(model="gpt-test", input="hi")
+    assert limited.value.response.headers.get("retry-after")
+    assert wait_for_record(limited.value.response.headers["x-request-id"]).status == "rejected"
+    assert gateway.upstream.requests_served() == 1
