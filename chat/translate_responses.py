@@ -275,7 +275,9 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
         if not chat.get("tools"):
-            if chat["tool_choice"] != "none":
+            # Without tools, "none" and the default "auto" ask for nothing (the Responses API takes them; chat
+            # completions refuse a tool_choice without tools); one that forces a call cannot be met.
+            if chat["tool_choice"] not in ("none", "auto"):
                 _fail(
                     "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
                     "tool_choice",

@@ -440,7 +440,7 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
         ({"model": "gpt-test", "input": "hi", "instructions": ["x"]}, "instructions"),
         ({"model": "gpt-test", "input": "hi", "tools": {"type": "function"}}, "tools"),
         ({"model": "gpt-test", "input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
-        ({"model": "gpt-test", "input": "hi", "tool_choice": "auto"}, "tool_choice"),
+        ({"model": "gpt-test", "input": "hi", "tool_choice": "required"}, "tool_choice"),
         (
             {"model": "gpt-test", "input": "hi", "tools": [WEATHER], "tool_choice": {"type": "web_search"}},
             "tool_choice",
@@ -664,8 +664,9 @@ def test_parallel_tool_calls_goes_upstream_only_with_tools(gateway):
     """The Responses API takes ``parallel_tool_calls`` (and ``tool_choice: none``) without tools; OpenAI's chat
     completions refuse them there, so they are sent only beside the tools."""
     client = gateway.client()
-    client.responses.create(model="gpt-test", input="hi", parallel_tool_calls=False, tool_choice="none")
-    assert not {"parallel_tool_calls", "tool_choice", "tools"} & set(gateway.upstream.requests[-1]["body"])
+    for choice in ("none", "auto"):  # the default asks for nothing without tools: taken, as OpenAI takes it
+        client.responses.create(model="gpt-test", input="hi", parallel_tool_calls=False, tool_choice=choice)
+        assert not {"parallel_tool_calls", "tool_choice", "tools"} & set(gateway.upstream.requests[-1]["body"])
     client.responses.create(model="gpt-test", input="hi", parallel_tool_calls=False, tools=[WEATHER])
     assert gateway.upstream.requests[-1]["body"]["parallel_tool_calls"] is False
 
