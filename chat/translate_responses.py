@@ -109,6 +109,8 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             else:
                 kinds = frozenset({"input_text", "input_image"} if role == "user" else {"input_text"})
                 content = _text_of(item.get("content"), f"{where}.content", kinds)
+                if role == "user" and not content and isinstance(content, list):
+                    _fail(f"Invalid '{where}.content': empty array; give at least one part.", f"{where}.content")
                 messages.append({"role": role, "content": content if role == "user" else _joined(content)})
             origins.append({"content": f"{where}.content"})
         elif kind == "function_call":

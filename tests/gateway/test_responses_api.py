@@ -431,6 +431,7 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
         ({"model": "gpt-test", "input": ["hi"]}, "input[0]"),
         ({"model": "gpt-test", "input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
         ({"model": "gpt-test", "input": [{"role": "user", "content": None}]}, "input[0].content"),
+        ({"model": "gpt-test", "input": [{"role": "user", "content": []}]}, "input[0].content"),
         ({"model": "gpt-test", "input": [{"role": "user", "content": ["x"]}]}, "input[0].content[0].type"),
         ({"model": "gpt-test", "input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
         (
