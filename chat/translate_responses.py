@@ -41,6 +41,11 @@ def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
     raise InvalidRequestError(message, param=param, code=code)
 
 
+def _named(value: Any, names: frozenset[str]) -> bool:
+    """Whether ``value`` is one of ``names``; a list or an object (which a set cannot look up) is not."""
+    return isinstance(value, str) and value in names
+
+
 def _text_of(content: Any, param: str, kinds: frozenset[str]) -> list[dict[str, Any]] | str:
     """A message's content as chat completions takes it: a string stays one; parts become ``text`` (and
     ``image_url``) parts. A part of another type has no translation here: refused, naming it."""
@@ -52,7 +57,7 @@ def _text_of(content: Any, param: str, kinds: frozenset[str]) -> list[dict[str, 
     for index, part in enumerate(content):
         where = f"{param}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in kinds:
+        if not _named(kind, kinds):
             _fail(
                 f"Invalid '{where}.type': {kind!r} content is not supported by llmhub's /v1/responses "
                 f"(supported here: {', '.join(sorted(kinds))}).",
@@ -99,7 +104,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            if role not in _ROLES:
+            if not _named(role, _ROLES):
                 _fail(
                     f"Invalid value for '{where}.role': expected one of {', '.join(sorted(_ROLES))}.", f"{where}.role"
                 )
@@ -229,7 +234,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         _fail("Unsupported value: 'truncation' must be 'disabled' here: llmhub does not truncate input.", "truncation")
     include = body.get("include")
     if include is not None:
-        if not isinstance(include, list) or any(item not in _INCLUDABLE for item in include):
+        if not isinstance(include, list) or any(not _named(item, _INCLUDABLE) for item in include):
             _fail(f"Unsupported value for 'include': only {', '.join(sorted(_INCLUDABLE))} is accepted.", "include")
     reasoning = body.get("reasoning")
     if reasoning is not None and (not isinstance(reasoning, dict) or reasoning.get("summary") not in (None, "auto")):

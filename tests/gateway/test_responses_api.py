@@ -453,6 +453,15 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
         ({"model": "gpt-test", "input": "hi", "temperature": 3}, "temperature"),
         ({"model": "gpt-test", "input": "hi", "stream": "yes"}, "stream"),
         ({"input": "hi"}, "model"),
+        # Values that cannot be looked up in a set (a list, an object) where a name is expected.
+        ({"model": "gpt-test", "input": "hi", "include": [{}]}, "include"),
+        ({"model": "gpt-test", "input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),
+        (
+            {"model": "gpt-test", "input": [{"role": "user", "content": [{"type": ["input_text"]}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"model": "gpt-test", "input": [{"type": {"a": 1}}]}, "input[0].type"),
+        ({"model": "gpt-test", "input": "hi", "tools": [{"type": ["function"]}]}, "tools[0].type"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(gateway, body, param):
