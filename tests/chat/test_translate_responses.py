@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import json
 
-from chat.translate_responses import ResponseEvents
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from billing.tokens import prompt_tokens
+from chat.translate_responses import ResponseEvents, response_skeleton, responses_request_to_chat
+from chat.validation import InvalidRequestError, validate_chat_request
 from tests.gateway.test_responses_api import assert_spec_sequence
+from tests.test_fuzz import JSON_VALUES
 
 BODY = {"model": "m", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}
 
@@ -75,3 +81,86 @@ def test_a_refusal_is_its_own_content_part_of_the_message():
         {"type": "refusal", "refusal": "I can't help."},
         {"type": "output_text", "text": "Sorry.", "annotations": [], "logprobs": []},
     ]
+
+
+# Arbitrary Responses API bodies: the translation (and the chat validation after it) accepts, or refuses with a
+# 400; never anything else. What it accepts can be forwarded and priced.
+ITEMS = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference"])
+        | JSON_VALUES,
+        "role": st.sampled_from(["user", "system", "developer", "assistant", "tool"]) | JSON_VALUES,
+        "content": st.text(max_size=12)
+        | st.lists(
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["input_text", "output_text", "input_image", "refusal"]) | JSON_VALUES},
+                optional={"text": JSON_VALUES, "image_url": JSON_VALUES, "refusal": JSON_VALUES},
+            ),
+            max_size=3,
+        )
+        | JSON_VALUES,
+        "call_id": st.text(max_size=6) | JSON_VALUES,
+        "name": st.text(max_size=6) | JSON_VALUES,
+        "arguments": st.text(max_size=6) | JSON_VALUES,
+        "output": st.text(max_size=6) | JSON_VALUES,
+    },
+)
+RESPONSES_BODIES = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": st.just("m") | JSON_VALUES,
+            "input": st.text(max_size=12) | st.lists(ITEMS, max_size=4) | JSON_VALUES,
+            "instructions": st.text(max_size=8) | JSON_VALUES,
+            "tools": st.lists(
+                st.fixed_dictionaries(
+                    {"type": st.just("function") | JSON_VALUES},
+                    optional={"name": st.text(max_size=6) | JSON_VALUES, "parameters": JSON_VALUES},
+                ),
+                max_size=2,
+            )
+            | JSON_VALUES,
+            "tool_choice": st.sampled_from(["none", "auto", "required"])
+            | st.fixed_dictionaries({"type": st.just("function"), "name": JSON_VALUES})
+            | JSON_VALUES,
+            **{
+                name: JSON_VALUES
+                for name in (
+                    "text",
+                    "reasoning",
+                    "include",
+                    "metadata",
+                    "max_output_tokens",
+                    "temperature",
+                    "top_p",
+                    "stream",
+                    "truncation",
+                    "previous_response_id",
+                    "background",
+                    "parallel_tool_calls",
+                )
+            },
+        },
+    )
+    | JSON_VALUES
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(RESPONSES_BODIES)
+# The values that once crashed it (a 500): a list or an object where a name is expected.
+@example({"model": "m", "input": "hi", "include": [{}]})
+@example({"model": "m", "input": [{"role": ["user"], "content": "x"}]})
+@example({"model": "m", "input": [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}]})
+def test_the_translation_accepts_or_answers_400_and_what_it_accepts_can_be_sent(body):
+    try:
+        chat, _ = responses_request_to_chat(body)
+        validate_chat_request(chat)
+    except InvalidRequestError as exc:
+        assert exc.status_code == 400 and exc.error_type == "invalid_request_error"
+        assert exc.param is None or isinstance(exc.param, str)
+        return
+    json.dumps(chat, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    assert prompt_tokens(chat, operation="responses", upper_bound=True) >= 0
+    response_skeleton(body, response_id="resp_1", model="m", created_at=1)
