@@ -10,9 +10,9 @@ import json
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from billing.tokens import prompt_tokens
 from chat.translate_responses import ResponseEvents, response_skeleton, responses_request_to_chat
 from chat.validation import InvalidRequestError, validate_chat_request
+from providers.tokens import prompt_tokens
 from tests.gateway.test_responses_api import assert_spec_sequence
 from tests.test_fuzz import JSON_VALUES
 
