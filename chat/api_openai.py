@@ -198,7 +198,8 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
-        return response_stamp(await method_not_allowed(request, "POST", request_id), request_id, started)
+        refused = await method_not_allowed(request, "POST", request_id, operation=Operation.EMBEDDINGS)
+        return response_stamp(refused, request_id, started)
     run: CompletionRun | None = None
     try:
         run = await run_open(

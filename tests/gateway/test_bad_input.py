@@ -185,11 +185,12 @@ def test_tool_choice_of_a_wrong_shape_is_a_400(gateway, choice):
     assert_openai_error(response, 400, param="tool_choice")
 
 
-def test_get_on_chat_completions_is_a_405_with_its_ledger_row(gateway):
-    response = httpx.get(gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {gateway.key}"})
+@pytest.mark.parametrize(("path", "operation"), [("/v1/chat/completions", "chat"), ("/v1/embeddings", "embeddings")])
+def test_get_on_a_post_endpoint_is_a_405_with_its_ledger_row_of_that_operation(gateway, path, operation):
+    response = httpx.get(gateway.url + path, headers={"Authorization": f"Bearer {gateway.key}"})
     assert_openai_error(response, 405, code="method_not_allowed")
     assert response.headers["allow"] == "POST"
-    assert_rejected_row(gateway, response, "method_not_allowed")
+    assert assert_rejected_row(gateway, response, "method_not_allowed").operation == operation
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/models", "/v1/models/gpt-test", "/v1/nothing-here"])
