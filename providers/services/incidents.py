@@ -182,10 +182,19 @@ def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
     return sent
 
 
+def slack_text_escape(text: str) -> str:
+    """``text`` as Slack's message text shows it as written: ``&``, ``<`` and ``>`` escaped as Slack asks
+    (https://api.slack.com/reference/surfaces/formatting#escaping), and nothing else. Unescaped, a name an admin
+    or a user wrote (``<!channel>``, ``<http://x|click>``) or an upstream's words in a reason would page a channel
+    or render a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def alert_webhook_post(*, url: str, text: str) -> None:
-    """POST ``{"text": text}`` to a Slack-compatible webhook, under the outbound policy every provider call
-    obeys (the URL is set by an operator, but the address its name resolves to is not); a redirect is a
-    failure. Raises ``WebhookDeliveryError``, whose message never holds the URL.
+    """POST ``{"text": text}`` to a Slack-compatible webhook, ``text`` escaped as Slack asks
+    (``slack_text_escape``), under the outbound policy every provider call obeys (the URL is set by an
+    operator, but the address its name resolves to is not); a redirect is a failure. Raises
+    ``WebhookDeliveryError``, whose message never holds the URL.
 
     Each step (connect, write, read) has 10 s, and the whole exchange ``LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS``:
     a receiver trickling its answer a byte at a time would otherwise hold the worker as long as it liked, and,
@@ -195,7 +204,7 @@ def alert_webhook_post(*, url: str, text: str) -> None:
     deadline = time.monotonic() + allowed
     try:
         with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False, deadline=deadline) as client:
-            response = client.post(url, json={"text": text})
+            response = client.post(url, json={"text": slack_text_escape(text)})
     except OutboundRefused:
         raise WebhookDeliveryError(
             "the alert webhook's address is refused by the outbound policy (see LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS)"

@@ -13,6 +13,7 @@ from django.core import mail
 from django.db import connection
 
 from providers.models import Incident
+from providers.services.incidents import incident_open
 from providers.tasks import providers_health_check_all
 from tests.conftest import free_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
@@ -206,3 +207,23 @@ def test_a_mail_server_that_is_down_neither_stops_the_round_nor_the_webhook(fake
     assert providers_health_check_all.delay().get() == {down.name: False, up.name: True}
 
     assert Incident.objects.count() == 1 and len(webhook.received) == 1
+
+
+def test_names_in_a_webhook_alert_are_escaped_as_slack_asks_and_the_email_keeps_them_as_written(webhook, admins):
+    """Slack reads ``<…>`` in a message's text as a mention or a link and ``&`` as the start of an escape: an
+    upstream id ``<!channel>`` (admin-written) paged the whole channel, and a health check's reason (the upstream's
+    words) could render ``<http://x|click here>`` as a link. The webhook's text is escaped as Slack asks (``&amp;``,
+    ``&lt;``, ``&gt;``, nothing else), so it shows what was written; the email is plain text and keeps it as is."""
+    provider = ProviderFactory(name="east & west")
+    deployment = ModelFactory(name="gpt <b>", provider=provider, upstream_id="<!channel>").deployments.get()
+
+    incident_open(deployment_id=deployment.pk, reason="see <http://evil.example|click here> &amp; more", at=START)
+
+    [posted] = webhook.received
+    assert posted["text"] == (
+        "llmhub: deployment east &amp; west of model gpt &lt;b&gt; (provider east &amp; west, upstream "
+        "&lt;!channel&gt;) is down since 2026-12-01 09:00:00 UTC: see &lt;http://evil.example|click here&gt; "
+        "&amp;amp; more"
+    )
+    [sent] = mail.outbox
+    assert "upstream <!channel>" in sent.body and "<http://evil.example|click here> &amp; more" in sent.body
