@@ -34,7 +34,7 @@ from .exceptions import (
 )
 from .fields import Secret
 from .models import ByokMode, CredentialStatus, ProviderCredential, url_origin
-from .services.credentials import provider_credential_invalid_notify
+from .services.credentials import provider_credential_invalid_notice_queue
 from .types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -281,20 +281,10 @@ def byok_credential_refused(*, credential_id: int, api_key: Secret, reason: str)
             changes={"status": [old_status, current.status], "status_detail": [None, current.status_detail]},
             actor=None,
         )
-    _owner_notify(credential_id)
+    # The key is marked invalid either way (the page and the API show it); the email is retried while the mail
+    # server fails, and its notice stays due until it is sent.
+    provider_credential_invalid_notice_queue(credential_id)
     return True
-
-
-def _owner_notify(credential_id: int) -> None:
-    credential = ProviderCredential.objects.select_related("provider", "owner").filter(pk=credential_id).first()
-    if credential is None:
-        return
-    try:
-        provider_credential_invalid_notify(credential=credential)
-    except Exception:
-        # The key is marked invalid either way (the page and the API show it), and its notice stays due: the
-        # next daily check sends it.
-        logger.exception("the owner of provider key %s could not be emailed about its refusal", credential_id)
 
 
 def byok_missing(model: ResolvedModel, credentials: Mapping[int, UserCredential]) -> list[str]:

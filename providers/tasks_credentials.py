@@ -7,11 +7,16 @@ import smtplib
 from celery import Task, shared_task
 from django.conf import settings
 
-from .models import ProviderCredential
-from .services.credentials import provider_credential_host_moved_notify, provider_credentials_revalidate_due
+from .models import CredentialStatus, ProviderCredential
+from .services.credentials import (
+    provider_credential_host_moved_notify,
+    provider_credential_invalid_notify,
+    provider_credentials_revalidate_due,
+)
 
 __all__ = [
     "provider_credential_host_moved_email",
+    "provider_credential_invalid_email",
     "provider_credentials_host_moved_emails",
     "provider_credentials_revalidate_all",
 ]
@@ -39,6 +44,25 @@ def provider_credential_host_moved_email(self: Task, credential_id: int, old_ori
         return provider_credential_host_moved_notify(
             credential=credential, old_origin=old_origin, new_origin=new_origin
         )
+    except (smtplib.SMTPException, OSError) as exc:
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
+
+
+@shared_task(bind=True, max_retries=8)
+def provider_credential_invalid_email(self: Task, credential_id: int) -> bool:
+    """Tell a key's owner that the provider refused their key; retried while the mail server fails (10 s doubling
+    up to 10 minutes, about half an hour in all), and past that the next daily run sends it (the key's
+    ``invalid_notice_due`` stays set until an email is sent). Nothing is sent for a key deleted, replaced or valid
+    again since, or whose notice went out meanwhile."""
+    credential = (
+        ProviderCredential.objects.select_related("owner", "provider")
+        .filter(pk=credential_id, status=CredentialStatus.INVALID, invalid_notice_due=True)
+        .first()
+    )
+    if credential is None:
+        return False
+    try:
+        return provider_credential_invalid_notify(credential=credential)
     except (smtplib.SMTPException, OSError) as exc:
         raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from None
 

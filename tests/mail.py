@@ -17,3 +17,13 @@ class MailFailingOnce(locmem.EmailBackend):
             MailFailingOnce.failed = True
             raise smtplib.SMTPServerDisconnected("the mail server went away")
         return super().send_messages(messages)
+
+
+class MailDown(locmem.EmailBackend):
+    """Django's test backend behind an SMTP server that refuses every message; counts the attempts."""
+
+    attempts = 0
+
+    def send_messages(self, messages):
+        MailDown.attempts += 1
+        raise smtplib.SMTPServerDisconnected("the mail server went away")

@@ -451,7 +451,8 @@ def provider_credential_host_moved_notify(*, credential: ProviderCredential, old
 def provider_credential_invalid_notify(*, credential: ProviderCredential) -> bool:
     """Tell the key's owner by email that the provider now refuses it; False when they have no address.
     The key's ``invalid_notice_due`` (set when it turned invalid) is cleared once the email is sent, or once
-    there is nobody to send it to; an email that raises leaves it set, for the next daily check to send
+    there is nobody to send it to; an email that raises leaves it set, for the task's retry
+    (``provider_credential_invalid_notice_queue``) and past its retries the next daily check
     (``provider_credentials_invalid_notices_send``)."""
     owner = credential.owner
     if not owner.email:
@@ -474,6 +475,19 @@ def provider_credential_invalid_notify(*, credential: ProviderCredential) -> boo
     )
     ProviderCredential.objects.filter(pk=credential.pk).update(invalid_notice_due=False)
     return True
+
+
+def provider_credential_invalid_notice_queue(credential_id: int) -> None:
+    """Have the owner of a key that just turned invalid emailed, from a Celery task retried while the mail server
+    fails (``provider_credential_invalid_email``). A broker that cannot take it is logged: the notice stays due
+    (``invalid_notice_due``) and the next daily run sends it."""
+    from ..tasks_credentials import provider_credential_invalid_email
+
+    try:
+        provider_credential_invalid_email.delay(credential_id)
+    except Exception as exc:
+        time_limit_reraise(exc)
+        logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential_id)
 
 
 def provider_credentials_invalid_notices_send() -> int:
@@ -613,8 +627,5 @@ async def _revalidate_one(credential_id: int) -> tuple[tuple[str, ...], bool]:
         return ("unchecked",), False
     if not checked.turned_invalid:
         return (("valid",) if checked.valid else ("invalid",)), False
-    try:
-        await sync_to_async(provider_credential_invalid_notify)(credential=credential)
-    except Exception:
-        logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential_id)
+    await sync_to_async(provider_credential_invalid_notice_queue)(credential_id)
     return ("invalid", "turned_invalid"), False

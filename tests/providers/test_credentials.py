@@ -27,9 +27,10 @@ from providers.services.credentials import (
     provider_credential_save,
     provider_credential_validate,
 )
-from providers.tasks_credentials import provider_credentials_revalidate_all
+from providers.tasks_credentials import provider_credential_invalid_email, provider_credentials_revalidate_all
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
+from tests.mail import MailDown
 
 pytestmark = pytest.mark.django_db
 
@@ -741,28 +742,25 @@ def test_a_request_that_reads_a_key_while_its_delete_commits_does_not_keep_it_fo
     assert async_to_sync(user_credentials)(alice.pk) == {}
 
 
-def test_an_owner_whose_email_failed_when_their_key_turned_invalid_is_told_at_the_next_run(
+def test_an_owner_whose_email_failed_when_their_key_turned_invalid_is_told_on_the_emails_retry(
     provider, upstream, alice, mail_fails_once
 ):
-    """The key was marked invalid, then the email failed: it was never sent, since the next runs saw a key
-    invalid already. Now the notice waits on the key until an email is sent."""
+    """The notice goes out from a Celery task retried while the mail server fails: a failed email used to wait for
+    the next daily run (a day later) to be sent again."""
     alice_key = new_key()
     accept_keys(upstream, alice_key)
     provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
     accept_keys(upstream)  # revoked
 
     assert provider_credentials_revalidate_all()["turned_invalid"] == 1
-    assert mail.outbox == []  # the mail server refused it
-
-    assert provider_credentials_revalidate_all()["turned_invalid"] == 0
-    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]  # the retry, not the next run
     assert "sk-…" + alice_key[-4:] in mail.outbox[0].subject
 
     provider_credentials_revalidate_all()
     assert len(mail.outbox) == 1  # told once
 
 
-def test_an_owner_whose_email_failed_when_a_request_found_their_key_refused_is_told_at_the_next_run(
+def test_an_owner_whose_email_failed_when_a_request_found_their_key_refused_is_told_on_the_emails_retry(
     provider, upstream, alice, mail_fails_once
 ):
     alice_key = new_key()
@@ -770,13 +768,13 @@ def test_an_owner_whose_email_failed_when_a_request_found_their_key_refused_is_t
     credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
 
     assert byok_credential_refused(credential_id=credential.pk, api_key=Secret(alice_key), reason="wrong key")
-    assert mail.outbox == []
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+    assert "wrong key" in mail.outbox[0].body
 
     accept_keys(upstream)  # still refused at the daily check
     provider_credentials_revalidate_all()
-    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
     provider_credentials_revalidate_all()
-    assert len(mail.outbox) == 1
+    assert len(mail.outbox) == 1  # told once
 
 
 @pytest.fixture
@@ -827,3 +825,22 @@ def test_a_provider_that_stays_down_is_given_up_for_the_run_and_its_keys_tried_m
     # The two keys not tried yet, then the one tried longest ago; still down, so given up again.
     assert models_asked_with(down) == [key_digest(k) for k in (*down_keys[3:], down_keys[0])]
     assert counts == {"valid": 2, "invalid": 0, "turned_invalid": 0, "unchecked": 3, "left": 2}
+
+
+def test_a_notice_whose_retries_all_failed_is_sent_by_the_next_daily_run_once(provider, upstream, alice, settings):
+    """The daily run stays the backstop: a mail server down for longer than the task's retries leaves the notice due."""
+    alice_key = new_key()
+    accept_keys(upstream, alice_key)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
+    MailDown.attempts = 0
+    settings.EMAIL_BACKEND = f"{MailDown.__module__}.MailDown"
+
+    assert byok_credential_refused(credential_id=credential.pk, api_key=Secret(alice_key), reason="wrong key")
+    assert MailDown.attempts == 1 + provider_credential_invalid_email.max_retries
+    assert ProviderCredential.objects.get().invalid_notice_due
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    accept_keys(upstream)
+    provider_credentials_revalidate_all()
+    provider_credentials_revalidate_all()
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
