@@ -9,7 +9,7 @@ sweep's, or two sweeps', one sends), records it delivered after, and records a f
 retries exhausted) otherwise. The sweep (``billing.services.alert_sweep``) queues again what is due.
 
 The guarantee is at least once, not exactly once: a process that dies between sending and recording (or
-whose claim outlives ``CLAIM_LEASE``) has the delivery sent again by the sweep.
+whose claim outlives ``claim_lease()``) has the delivery sent again by the sweep.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
 logger = logging.getLogger("llmhub.alerts")
 
-# A claim older than this is a sender that died: the sweep may queue its delivery again. Longer than a send
-# can take (a webhook call ends within LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS, 15 s; an SMTP server that hangs
-# longer than this is sent to twice).
+# A claim older than its lease is a sender that died: the sweep may queue its delivery again. Longer than a
+# send can take: a webhook call ends within LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS (15 s), an email within
+# LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS (60 s); raised past half of it, they lengthen it (``claim_lease``).
 CLAIM_LEASE = timedelta(minutes=5)
 # A delivery that failed, or that the sweep queued, is left to its task this long before the sweep queues it
 # again: longer than the longest wait between a task's retries (10 minutes), so a retry still pending is not
@@ -81,20 +82,27 @@ def task_queue(task: Any, *args: Any, what: str) -> bool:
     return True
 
 
+def claim_lease() -> timedelta:
+    """How long a claim holds: ``CLAIM_LEASE``, or twice the longer of the alerts' delivery deadlines when that is
+    more, so that a delivery still within its deadline is never taken for one whose sender died."""
+    deadline = max(settings.LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS, settings.LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS)
+    return max(CLAIM_LEASE, timedelta(seconds=2 * deadline))
+
+
 def _at(state: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(state["at"])
 
 
 def delivery_claim(model: type[models.Model], pk: int, mark: str, *, delivered_field: str) -> bool:
     """Take the right to send ``mark`` of row ``pk``: False when it was delivered already, another task holds
-    it (a claim younger than ``CLAIM_LEASE``), or the row is gone."""
+    it (a claim younger than ``claim_lease()``), or the row is gone."""
     now = timezone.now()
     with transaction.atomic():
         row = model.objects.select_for_update().filter(pk=pk).first()
         if row is None or mark in getattr(row, delivered_field):
             return False
         state = row.delivery.get(mark) or {}
-        if state.get("state") == DeliveryState.CLAIMED and _at(state) > now - CLAIM_LEASE:
+        if state.get("state") == DeliveryState.CLAIMED and _at(state) > now - claim_lease():
             return False
         row.delivery = {**row.delivery, mark: {**state, "state": DeliveryState.CLAIMED, "at": now.isoformat()}}
         row.save(update_fields=["delivery"])
@@ -143,7 +151,7 @@ def delivery_due(row: models.Model, mark: str, *, delivered_field: str, now: dat
     if state["state"] == DeliveryState.NOBODY or state.get("rounds", 0) >= SWEEP_ROUNDS:
         return False
     if state["state"] == DeliveryState.CLAIMED:
-        return _at(state) <= now - CLAIM_LEASE
+        return _at(state) <= now - claim_lease()
     return _at(state) <= now - REQUEUE_AFTER
 
 
@@ -160,7 +168,7 @@ def delivery_requeue(
             return None
         before = row.delivery.get(mark) or {}
         if again:
-            sending = before.get("state") == DeliveryState.CLAIMED and _at(before) > now - CLAIM_LEASE
+            sending = before.get("state") == DeliveryState.CLAIMED and _at(before) > now - claim_lease()
             if mark in getattr(row, delivered_field) or sending:
                 return None
             rounds = 0

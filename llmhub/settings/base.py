@@ -461,6 +461,10 @@ LLMHUB_ALERT_WEBHOOK_URL = env("LLMHUB_ALERT_WEBHOOK_URL", default="")
 # Seconds one call of an alert webhook may take in all (connect, send, read; each step also has 10 s): a
 # receiver trickling its answer is cut there, and the attempt fails and is retried (docs/alerts.md).
 LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS = env.float("LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS", default=15.0)
+# Seconds one alert email may take in all (the SMTP session: connect, greeting, commands, message; each step also
+# has EMAIL_TIMEOUT): a mail server trickling its answers is cut there, and the attempt fails and is retried. A
+# delivery's claim lasts at least twice the longer of the two deadlines (core.outbox.claim_lease).
+LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS = env.float("LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS", default=60.0)
 # The alert sweep (docs/alerts.md, "Delivery"; billing.tasks.alerts_undelivered_send, every minute) queues
 # again the deliveries of alerts at least GRACE seconds old (the normal path has had its chance) and less
 # than MAX_AGE hours old (an older backlog, after a long outage, is left in the admin rather than sent).

@@ -27,11 +27,11 @@ from functools import partial
 import httpx2
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.mail import send_mail
 from django.db import transaction
 from django.utils import timezone
 from django.utils.timesince import timesince
 
+from core.mail import mail_send_within
 from core.outbox import Delivery, DeliveryState, delivery_done, delivery_release, task_queue
 
 from ..models import Incident
@@ -157,10 +157,18 @@ def incident_alert_recipients() -> list[str]:
 
 def alert_email_send(*, subject: str, body: str, recipients: Sequence[str]) -> bool:
     """Email ``body`` to ``recipients``, the one way every alert emails; False when there is nobody to send it
-    to. SMTP failures raise (the Celery task that called retries)."""
+    to. SMTP failures raise (the Celery task that called retries). The whole SMTP session is bounded by
+    ``LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS`` (``core.mail.mail_send_within``): a mail server trickling its answers
+    would otherwise hold the worker past the delivery's claim, and the sweep would send a second copy."""
     if not recipients:
         return False
-    send_mail(subject=subject, message=body, from_email=None, recipient_list=list(recipients))
+    mail_send_within(
+        seconds=settings.LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS,
+        setting="LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS",
+        subject=subject,
+        body=body,
+        recipients=recipients,
+    )
     return True
 
 

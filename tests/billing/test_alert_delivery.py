@@ -27,7 +27,8 @@ from billing.services.ledger import ledger_flush, usage_record_submit
 from billing.services.ledger_rows import UsageData
 from billing.services.ops_alerts import Measure, ops_incident_clear, ops_incident_open
 from billing.services.plans import plan_assign
-from billing.tasks import alerts_undelivered_send, budget_alert_webhook
+from billing.tasks import alerts_undelivered_send, budget_alert_email, budget_alert_webhook
+from core.outbox import delivery_claim
 from providers.models import Incident
 from providers.selectors import resolved_model
 from providers.services.incidents import incident_close, incident_open
@@ -454,3 +455,129 @@ def test_a_webhook_that_trickles_its_answer_is_cut_at_the_deadline_and_retried_a
     )
     assert receiver.connections == 1 + budget_alert_webhook.max_retries  # each attempt cut, then retried
     assert receiver.answered == 0
+
+
+# A mail server that trickles its answers --------------------------------------------------------------------
+
+
+class TricklingMailServer:
+    """An SMTP server (a socket server: the test needs no SMTP library) that takes every command and answers each
+    one byte every ``pause`` seconds, so that every read of the client gets a byte well within any per-read timeout
+    (Django's ``EMAIL_TIMEOUT``): only a bound on the whole session cuts it. Counts the sessions, and the messages
+    it accepted (its answer to the end of DATA sent in full)."""
+
+    def __init__(self, pause: float = 0.05) -> None:
+        import socket
+
+        self.pause = pause
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sessions = 0
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sessions += 1
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn, line: bytes) -> None:
+        import time
+
+        for byte in line:
+            time.sleep(self.pause)
+            conn.sendall(bytes([byte]))
+
+    def _session(self, conn) -> None:
+        reader = conn.makefile("rb")
+        try:
+            with conn:
+                self._answer(conn, b"220 trickle.example ESMTP\r\n")
+                in_data = False
+                while line := reader.readline():
+                    if in_data:
+                        if line == b".\r\n":
+                            in_data = False
+                            self._answer(conn, b"250 queued\r\n")
+                            self.accepted += 1
+                        continue
+                    verb = line[:4].upper()
+                    if verb == b"DATA":
+                        in_data = True
+                        self._answer(conn, b"354 go on\r\n")
+                    elif verb == b"QUIT":
+                        self._answer(conn, b"221 bye\r\n")
+                        return
+                    else:
+                        self._answer(conn, b"250 ok\r\n")
+        except OSError:
+            return  # the client hung up
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def trickling_mail_server(settings):
+    server = TricklingMailServer()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", server.port, 10
+    yield server
+    server.close()
+
+
+def test_a_mail_server_that_trickles_its_answers_is_cut_at_the_deadline_and_retried_as_a_failure(
+    trickling_mail_server, settings
+):
+    """An email's only bound was SMTP's per-step timeout (``EMAIL_TIMEOUT``, for each read): a mail server answering
+    a byte now and then held the worker as long as it liked, past the delivery's claim, and the sweep sent a second
+    copy. The whole delivery is now bounded by ``LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS``: past it the session is cut,
+    and the attempt is a failure, recorded and retried as any other, until the retries run out."""
+    settings.LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS = 0.3
+    user = UserFactory(username="ivan", email="ivan@example.com")
+
+    (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+
+    alert.refresh_from_db()
+    assert alert.channels == []
+    assert alert.delivery["email"]["state"] == "exhausted"
+    assert alert.delivery["email"]["error"] == (
+        "MailDeadlineExceeded: the mail server did not finish within 0.3 s (LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS)"
+    )
+    assert trickling_mail_server.sessions == 1 + budget_alert_email.max_retries  # each attempt cut, then retried
+    assert trickling_mail_server.accepted == 0
+
+
+def test_a_mail_server_that_answers_slowly_within_the_deadline_gets_the_email_once(trickling_mail_server, settings):
+    settings.LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS = 60
+    trickling_mail_server.pause = 0.005
+    user = UserFactory(username="judy", email="judy@example.com")
+
+    (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+
+    alert.refresh_from_db()
+    assert alert.channels == ["email"] and alert.delivery == {}
+    assert (trickling_mail_server.sessions, trickling_mail_server.accepted) == (1, 1)
+
+
+def test_a_claim_outlives_the_longest_delivery_the_deadlines_allow(settings, broker):
+    """A claim younger than its lease is a task still sending: the sweep leaves it. A deadline raised past the
+    5-minute lease lengthens it, so that a delivery still within its deadline is not sent a second time."""
+    settings.LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS = 600
+    user = UserFactory(username="kim", email="kim@example.com")
+    with time_machine.travel(T0, tick=False) as clock:
+        broker.down()
+        (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+        broker.up()
+        assert delivery_claim(BudgetAlert, alert.pk, "email", delivered_field="channels")  # a task sends, slowly
+
+        clock.shift(timedelta(minutes=11))  # the deadline (10 minutes) is past, not the lease
+        assert sweep() == 0 and mail.outbox == []
+
+        clock.shift(timedelta(minutes=10))  # the sender died: its claim has run out
+        assert sweep() == 1
+    assert len(mail.outbox) == 1 and alerts() == [(50, ["email"])]
