@@ -8,11 +8,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/app \
     DJANGO_SETTINGS_MODULE=llmhub.settings.production \
     PROMETHEUS_MULTIPROC_DIR=/tmp/llmhub-metrics \
-    LLMHUB_LEDGER_SPOOL=/app/var/spool/ledger-spool.jsonl
+    LLMHUB_LEDGER_SPOOL=/app/var/spool/ledger-spool.jsonl \
+    LLMHUB_DATA_DIR=/app/var/data
 
 # The app runs as llmhub, which can read the code, the installed packages and the collected static files but
-# not change them: all are root's, built as root. It writes only in the directory of its own made below (the
-# ledger spool) and in /tmp (PROMETHEUS_MULTIPROC_DIR; web's is a tmpfs). tests/test_project.py holds this.
+# not change them: all are root's, built as root. It writes only in the directories of its own made below (the
+# ledger spool; LLMHUB_DATA_DIR) and in /tmp (PROMETHEUS_MULTIPROC_DIR; web's is a tmpfs). tests/test_project.py
+# holds this.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin llmhub
 WORKDIR /app
 
@@ -32,9 +34,13 @@ RUN SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
     ALLOWED_HOSTS=collectstatic.invalid \
     python manage.py collectstatic --noinput
 
-# The ledger spool (LLMHUB_LEDGER_SPOOL): the app's only directory here. docker-compose.yml's volume takes this
-# directory's owner when first mounted.
-RUN mkdir -p /app/var/spool && chown llmhub:llmhub /app/var/spool
+# The ledger spool (LLMHUB_LEDGER_SPOOL) and the data directory (LLMHUB_DATA_DIR: the SQLite database and the
+# filesystem broker's folders of an image run alone, without DATABASE_URL and REDIS_URL), the app's only
+# directories here. A volume mounted on either takes its owner when first mounted: docker-compose.yml's on the
+# spool; on the data directory the one VOLUME declares (anonymous unless `docker run -v NAME:/app/var/data`), so
+# that a database written there outlives the container's file system.
+RUN mkdir -p /app/var/spool /app/var/data && chown llmhub:llmhub /app/var/spool /app/var/data
+VOLUME ["/app/var/data"]
 
 USER llmhub
 EXPOSE 8000

@@ -428,6 +428,16 @@ def image_writable_directories() -> set[PurePosixPath]:
     return writable
 
 
+def image_volumes() -> set[PurePosixPath]:
+    """The directories the Dockerfile declares volumes (``VOLUME``, in either of its forms)."""
+    volumes = set()
+    for keyword, arguments in dockerfile():
+        if keyword == "VOLUME":
+            paths = json.loads(arguments) if arguments.startswith("[") else shlex.split(arguments)
+            volumes |= {PurePosixPath(path) for path in paths}
+    return volumes
+
+
 def test_the_image_runs_as_a_user_who_cannot_change_its_code():
     """A compromised app process must not rewrite llmhub's code or its packages: the image builds everything as
     root (COPY without --chown, pip install, collectstatic) and only then switches to the app's user, who gets
@@ -473,15 +483,26 @@ def test_every_path_the_app_writes_at_runtime_is_writable_in_the_image(compose, 
     else:
         environment.update({name: given[name] for name in ("SECRET_KEY", "FIELD_ENCRYPTION_KEYS", "ALLOWED_HOSTS")})
     show = (
-        "import json, os, django; django.setup(); from django.conf import settings; print(json.dumps({"
+        "import json, os, django; django.setup(); from django.conf import settings; db = settings.DATABASES['default'];"
+        " broker = settings.CELERY_BROKER_TRANSPORT_OPTIONS; print(json.dumps({"
         "'spool': str(settings.LLMHUB_LEDGER_SPOOL), 'metrics': os.environ['PROMETHEUS_MULTIPROC_DIR'],"
-        " 'static': str(settings.STATIC_ROOT)}))"
+        " 'static': str(settings.STATIC_ROOT), 'engine': db['ENGINE'], 'database': str(db['NAME']),"
+        " 'broker': settings.CELERY_BROKER_URL, **{f'broker:{name}': str(path) for name, path in broker.items()"
+        " if name.endswith(('_in', '_out', '_folder'))}}))"
     )
     result = subprocess.run(
         [PYTHON, "-c", show], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
-    paths = {name: PurePosixPath(path) for name, path in json.loads(result.stdout).items()}
+    shown = json.loads(result.stdout)
+    engine, broker = shown.pop("engine"), shown.pop("broker")
+    if with_compose:  # PostgreSQL and Redis: nothing of theirs is written in the container
+        assert engine == "django.db.backends.postgresql" and broker.startswith("redis://"), (engine, broker)
+        shown = {name: path for name, path in shown.items() if name in ("spool", "metrics", "static")}
+    else:  # run alone: SQLite and kombu's filesystem broker, whose files must land where the app may write
+        assert engine == "django.db.backends.sqlite3" and broker == "filesystem://", (engine, broker)
+        assert {"broker:data_folder_in", "broker:processed_folder", "broker:control_folder"} <= set(shown), shown
+    paths = {name: PurePosixPath(path) for name, path in shown.items()}
     # The project's files are at /app in the image.
     paths = {
         name: IMAGE_ROOT / path.relative_to(ROOT) if path.is_relative_to(ROOT) else path for name, path in paths.items()
@@ -493,6 +514,12 @@ def test_every_path_the_app_writes_at_runtime_is_writable_in_the_image(compose, 
     if with_compose:
         for name in APP_SERVICES:
             assert f"ledger-spool:{paths['spool'].parent}" in compose["services"][name]["volumes"], name
+    else:
+        # The database and the broker's folders, in a directory the app's user owns and the image declares a
+        # volume (so they outlive the container's file system); before, /app itself, which it cannot write.
+        data = image_volumes()
+        for name in ("database", "broker:data_folder_in", "broker:processed_folder", "broker:control_folder"):
+            assert any(paths[name].is_relative_to(directory) for directory in writable & data), (name, paths[name])
 
 
 def test_docker_build_context_leaves_developer_secrets_out():

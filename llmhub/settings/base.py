@@ -23,6 +23,12 @@ LOCAL_DIR = BASE_DIR / ".local"
 env = environ.Env()
 env_file_read()
 
+# Where llmhub writes what nothing else is configured to hold: the SQLite database (without DATABASE_URL) and the
+# folders of kombu's filesystem broker (without REDIS_URL). Unset (a checkout): the project's own db.sqlite3 and
+# .local/celery-broker/. The image sets /app/var/data, a volume its app user owns (README, "Running the image
+# alone"): its /app is read-only to that user.
+DATA_DIR = Path(env("LLMHUB_DATA_DIR")) if env("LLMHUB_DATA_DIR", default="") else None
+
 logger = logging.getLogger("llmhub.settings")
 
 # GENERAL
@@ -130,7 +136,7 @@ LOGOUT_REDIRECT_URL = "login"
 
 # DATABASES
 # https://django-environ.readthedocs.io/en/latest/types.html#environ-env-db-url
-DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{(DATA_DIR or BASE_DIR) / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # IMMEDIATE transactions take the write lock up front, which is what makes the row-lock budget
     # path safe on SQLite (where SELECT ... FOR UPDATE is a no-op); WAL lets readers run alongside.
@@ -263,7 +269,7 @@ if REDIS_URL:
     }
 else:
     # kombu's filesystem transport needs no server: good enough for one machine in development.
-    _broker_dir = LOCAL_DIR / "celery-broker"
+    _broker_dir = (DATA_DIR or LOCAL_DIR) / "celery-broker"
     CELERY_BROKER_URL = env("CELERY_BROKER_URL", default="filesystem://")
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
