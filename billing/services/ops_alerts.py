@@ -496,12 +496,32 @@ def _out_of_service_close(*, now: datetime, evaluation: Evaluation) -> None:
             evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
 
 
+def _forced_closed_follow(*, now: datetime, evaluation: Evaluation) -> None:
+    """Close the breaker incidents of deployments an admin forced closed once their requests succeed again. Forced
+    closed, a deployment is always a candidate: its requests, not its breaker, say whether it is back (as back up,
+    a recovery). Left alone with the other overrides, such an incident stayed open for good."""
+    forced = Incident.objects.filter(
+        ended_at__isnull=True,
+        reason=BREAKER_REASON,
+        deployment__enabled=True,
+        deployment__model__enabled=True,
+        deployment__breaker_override=BreakerOverride.CLOSED,
+    )
+    for deployment_id, name, started_at in forced.values_list("deployment_id", "deployment__name", "started_at"):
+        if not _answering_again(deployment_id, started_at, now):
+            continue
+        if incident_close(deployment_id=deployment_id, at=now) is not None:
+            evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
+
+
 def deployments_down_follow(*, now: datetime, evaluation: Evaluation) -> None:
     """Open a deployment's ``Incident`` when its breaker is open (or half-open: still not trusted) and none is
     open; close the ones opened this way once the breaker has closed. Deployments an admin forced open or
-    closed (``breaker_override``) are left alone: that is a decision, not an outage; the incident of one taken
-    out of service (disabled, forced open) is closed as such (``_out_of_service_close``)."""
+    closed (``breaker_override``) get none opened: that is a decision, not an outage; the incident of one taken
+    out of service (disabled, forced open) is closed as such (``_out_of_service_close``), that of one forced closed
+    once its requests succeed (``_forced_closed_follow``)."""
     _out_of_service_close(now=now, evaluation=evaluation)
+    _forced_closed_follow(now=now, evaluation=evaluation)
     deployments = dict(
         Deployment.objects.filter(enabled=True, model__enabled=True, breaker_override="").values_list("pk", "name")
     )

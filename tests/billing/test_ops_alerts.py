@@ -945,6 +945,43 @@ def test_a_deployment_taken_out_of_service_closes_its_breaker_incident_once_as_n
     assert "back up" not in hook["text"]
 
 
+def test_a_deployment_whose_breaker_an_admin_forced_closed_has_its_incident_closed_once_its_requests_succeed(
+    settings,
+):
+    """Forced closed, the deployment is always a candidate: requests reach it, and they say whether it is back. The
+    evaluator left every deployment with a ``breaker_override`` alone, and closes only the incidents of those
+    taken out of service (forced open, disabled), so the breaker incident of one forced closed stayed open for good
+    (a free health check passing leaves it open too), a page that never resolved. It now closes, as back up, once
+    the latest request judged since it began succeeded; while they still fail it stays open."""
+    settings.REDIS_URL = ""
+    settings.LLMHUB_BREAKER_FAILURES = 3
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    deployment = ModelFactory(name="watched").deployments.get()
+
+    def requests_at(instant: datetime, status: str) -> None:
+        for _ in range(3):
+            breaker_record(deployment.pk, ok=status == UsageStatus.OK)
+            UsageRecordFactory(model_name="watched", deployment=deployment, status=status, created_at=instant)
+
+    requests_at(T0, UsageStatus.UPSTREAM_ERROR)
+    evaluate_at(T0 + timedelta(minutes=1))
+    assert Incident.objects.get().ended_at is None
+
+    Deployment.objects.filter(pk=deployment.pk).update(breaker_override="closed")  # the admin sends traffic anyway
+    requests_at(T0 + timedelta(minutes=2), UsageStatus.UPSTREAM_ERROR)
+    evaluate_at(T0 + timedelta(minutes=3))
+    assert Incident.objects.get().ended_at is None  # still failing: still down
+
+    requests_at(T0 + timedelta(minutes=4), UsageStatus.OK)
+    evaluate_at(T0 + timedelta(minutes=5))
+    evaluate_at(T0 + timedelta(minutes=6))
+
+    incident = Incident.objects.get()
+    assert (incident.ended_at, incident.ended_because) == (T0 + timedelta(minutes=5), "")
+    down = f"[llmhub] deployment {deployment.name} of model watched is down"
+    assert [message.subject for message in alert_mail()] == [down, down.replace("is down", "is back up")]
+
+
 def test_disabling_the_deployment_down_rule_closes_the_incidents_it_opened(admin_client, admin_user, settings):
     settings.REDIS_URL = ""
     watched = rule(OpsAlertKind.DEPLOYMENT_DOWN)
