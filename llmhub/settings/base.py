@@ -228,6 +228,12 @@ else:
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_ACKS_LATE = True
+# A run whose worker process died (out of memory, SIGKILL) is retried as Task.retry would: counted against the
+# task's max_retries (Celery's default 3) and its default_retry_delay, then failed and acknowledged. Requeued at
+# once instead (reject_on_worker_lost alone), a task that kills its worker every time was delivered for ever. A
+# run lost once (a restart under it) still runs again. reject_on_worker_lost stays as what Celery falls back on
+# when the retry cannot be sent. docs/reliability.md, "Celery: a task that kills its worker".
+CELERY_TASK_RETRY_ON_WORKER_LOST = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
@@ -237,7 +243,7 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 # then runs twice. So every task is cut (its hard time limit) well before the broker's timeout: the long
 # jobs below after 3 hours, any other after 30 minutes; the soft limit (SoftTimeLimitExceeded) comes a
 # minute earlier. A longer timeout only delays the redelivery of a task whose whole worker died (a child's
-# death is redelivered at once: reject_on_worker_lost). docs/reliability.md, "Celery: time limits".
+# death is retried: retry_on_worker_lost, above). docs/reliability.md, "Celery: time limits".
 CELERY_BROKER_VISIBILITY_TIMEOUT = env.int("CELERY_BROKER_VISIBILITY_TIMEOUT", default=4 * 3600)
 CELERY_TASK_TIME_LIMIT = 30 * 60
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 60

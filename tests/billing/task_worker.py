@@ -1,15 +1,27 @@
 """The Celery app a test's worker process runs (``test_task_runs``): llmhub's own (``llmhub.celery``, what
-``celery -A llmhub worker`` loads), with one task more that fails, its message carrying a canary that must
-never be stored or shown (a message may hold a secret).
+``celery -A llmhub worker`` loads), with a few tasks more: one that fails, its message carrying a canary that must
+never be stored or shown (a message may hold a secret); one that kills the process running it on every run, one
+that does so on its first run only, and one that notes its run (``test_task_runs``, a worker lost under a task).
 
 Run as ``python -m celery -A tests.billing.task_worker -b <broker> worker …`` with DJANGO_SETTINGS_MODULE and
 TEST_DATABASE_URL set."""
 
 from __future__ import annotations
 
+from celery.signals import celeryd_init
+
 from llmhub.celery import app
 
 __all__ = ["app"]
+
+
+@celeryd_init.connect
+def _send_for_real(**_: object) -> None:
+    """The tests' settings run tasks eagerly in the process that sends them; a worker sends for real (a retry of a
+    run whose process died is sent from the worker's main process, which must not run it itself). Only in the
+    worker: the test process imports this module too, and keeps running its own tasks eagerly."""
+    app.conf.task_always_eager = False
+
 
 CANARY = "sk-canary-7f3e9a1c0b"
 FAILING_TASK = "tests.billing.task_worker.upstream_refused"
@@ -18,3 +30,44 @@ FAILING_TASK = "tests.billing.task_worker.upstream_refused"
 @app.task(name=FAILING_TASK)
 def upstream_refused() -> None:
     raise PermissionError(f"the upstream refused the key {CANARY}")
+
+
+POISON_TASK = "tests.billing.task_worker.worker_killer"
+LOST_ONCE_TASK = "tests.billing.task_worker.lost_to_a_restart"
+NOTE_TASK = "tests.billing.task_worker.note"
+
+
+def _run_noted(path: str) -> int:
+    """Append a line to ``path`` (one per run, before anything else happens) and say how many runs it holds."""
+    with open(path, "a") as runs:
+        runs.write("run\n")
+    with open(path) as runs:
+        return len(runs.readlines())
+
+
+# A second between a lost run and its retry (llmhub's own tasks keep Celery's 3 minutes, or their own delay), so
+# that the test waits seconds.
+@app.task(name=POISON_TASK, default_retry_delay=1)
+def worker_killer(path: str) -> None:
+    """Kills the process that runs it, every time: a task that runs its worker out of memory."""
+    import os
+    import signal
+
+    _run_noted(path)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task(name=LOST_ONCE_TASK, default_retry_delay=1)
+def lost_to_a_restart(path: str) -> str:
+    """Its first run dies with its process (a worker restarted under it, the OOM killer choosing it once)."""
+    import os
+    import signal
+
+    if _run_noted(path) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "done"
+
+
+@app.task(name=NOTE_TASK)
+def note(path: str) -> None:
+    _run_noted(path)

@@ -22,7 +22,7 @@ from accounts.roles import Role, role_set
 from billing.models import TaskRun, UsageRecord
 from billing.tasks import usage_rollup
 from llmhub.celery import app
-from tests.billing.task_worker import CANARY, FAILING_TASK
+from tests.billing.task_worker import CANARY, FAILING_TASK, LOST_ONCE_TASK, NOTE_TASK, POISON_TASK
 from tests.conftest import database_url_for_subprocesses
 from tests.factories import UserFactory
 from tests.waiting import wait_until
@@ -35,6 +35,17 @@ TOKEN = "scrape-token-task-runs"
 def worker(broker, redis_url, tmp_path):
     """``celery worker`` in its own process, as ``docker-compose.yml`` runs it, on a queue of its own on the
     real Redis server; this process publishes to it instead of running tasks eagerly."""
+    yield from worker_process(broker, redis_url, tmp_path, pool="--pool=solo")
+
+
+@pytest.fixture
+def prefork_worker(broker, redis_url, tmp_path):
+    """The same with the pool docker-compose.yml's worker has (prefork), of one child: a run that kills its process
+    kills the child, which the worker replaces and reports lost (``WorkerLostError``)."""
+    yield from worker_process(broker, redis_url, tmp_path, "--concurrency=1", pool="--pool=prefork")
+
+
+def worker_process(broker, redis_url, tmp_path, *pool_options: str, pool: str):
     broker_url = redis_url.rsplit("/", 1)[0] + "/9"
     queue = f"task-runs-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL")}
@@ -48,7 +59,7 @@ def worker(broker, redis_url, tmp_path):
         process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "celery", "-A", "tests.billing.task_worker", "-b", broker_url, "worker"),
-                *("--pool=solo", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning"),
+                *(pool, *pool_options, "-Q", queue, "-n", f"{queue}@%h", "-l", "warning"),
                 *("--without-gossip", "--without-mingle", "--without-heartbeat"),
             ],
             cwd=ROOT,
@@ -126,3 +137,34 @@ def test_a_record_the_database_refuses_does_not_fail_the_task(caplog):
         cursor.execute("ALTER TABLE billing_taskrun_away RENAME TO billing_taskrun")
     assert usage_rollup.apply().successful()
     assert TaskRun.objects.get(task="billing.tasks.usage_rollup").succeeded
+
+
+def runs_in(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_that_kills_its_worker_is_run_a_bounded_number_of_times_and_one_lost_once_runs_again(
+    prefork_worker, tmp_path
+):
+    """With ``acks_late``, a run whose worker process dies leaves its message unacknowledged, and
+    ``task_reject_on_worker_lost`` put it back in the queue at once: a task that kills its worker every time (out
+    of memory, a segfault) was delivered again and again, for ever, taking the worker down each time. A lost run is
+    now retried as ``Task.retry`` would (``task_retry_on_worker_lost``): counted against ``max_retries`` (Celery's
+    default 3), then failed. A task lost once (a restart under it) still runs again, and completes."""
+    queue, log_path = prefork_worker
+    poison, lost_once, after = tmp_path / "poison.runs", tmp_path / "lost-once.runs", tmp_path / "after.runs"
+    app.send_task(POISON_TASK, args=[str(poison)], queue=queue)
+    app.send_task(LOST_ONCE_TASK, args=[str(lost_once)], queue=queue)
+
+    wait_until(lambda: runs_in(lost_once) == 2, lambda: f"run again once; log:\n{log_path.read_text()}", timeout=90)
+    wait_until(lambda: runs_in(poison) >= 4, lambda: f"the poison's runs; log:\n{log_path.read_text()}", timeout=90)
+    # A task sent now and due after two more runs of the poison would have come (each takes the worker about 5 s to
+    # replace its child, and a retry is due a second later), run by the worker's one child: the poison had every
+    # chance to run again by the time it has run.
+    app.send_task(NOTE_TASK, args=[str(after)], queue=queue, countdown=15)
+    wait_until(lambda: runs_in(after) == 1, lambda: f"the last task; log:\n{log_path.read_text()}", timeout=90)
+
+    assert runs_in(poison) == 1 + 3  # its first run and Celery's default of 3 retries, then no more
+    assert runs_in(lost_once) == 2
+    assert "WorkerLostError" in log_path.read_text()
