@@ -121,6 +121,10 @@ Replies
     preamble is answered as a model continues one: the rest of the preamble, then the call.
     ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do.
+    ``[[raw=BASE64]]`` (OpenAI's chat completions) answers exactly the bytes the URL-safe base64 decodes to,
+    with a 200: a stream's whole body (``text/event-stream``: its ``data:`` and ``event:`` lines as given, no
+    ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
+    send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker).
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
@@ -235,6 +239,7 @@ __all__ = [
     "demo_answer",
     "fault_canonical",
     "main",
+    "raw_directive",
     "split_tokens",
 ]
 
@@ -665,6 +670,11 @@ def demo_answer(prompt: str) -> str:
             return _DEMO_ANSWERS[name]
     answers = list(_DEMO_ANSWERS.values())
     return answers[zlib.crc32(prompt.encode()) % len(answers)]
+
+
+def raw_directive(data: bytes) -> str:
+    """The ``[[raw=...]]`` marker that has a chat completion answered with exactly ``data`` (module docstring)."""
+    return "[[raw=" + base64.urlsafe_b64encode(data).decode().rstrip("=") + "]]"
 
 
 def _extract_directives(text: str) -> tuple[str, dict[str, str]]:
@@ -1702,6 +1712,8 @@ class _App:
         invalid = self._validate_openai(body)
         if invalid is not None:
             return invalid
+        if "raw" in conv.directives:
+            return await self._raw_answer(request, conv.directives["raw"], stream=stream)
         max_tokens = _int_or_none(body.get("max_completion_tokens"))
         if max_tokens is None:
             max_tokens = _int_or_none(body.get("max_tokens"))
@@ -1764,6 +1776,19 @@ class _App:
         if conv.directives.get("usage") == "none":
             del answer["usage"]
         return web.json_response(_omitted(answer, omit), headers={"x-request-id": _new_id("req_")})
+
+    async def _raw_answer(self, request: web.Request, spelt: str, *, stream: bool) -> web.StreamResponse:
+        """``[[raw=BASE64]]``: the given bytes, as they are, for a body."""
+        try:
+            data = base64.urlsafe_b64decode(spelt + "=" * (-len(spelt) % 4))
+        except ValueError:
+            return _openai_error(400, "The raw marker is not URL-safe base64.", "invalid_request_error")
+        if not stream:
+            return web.Response(body=data, content_type="application/json", headers={"x-request-id": _new_id("req_")})
+        response = await self._start_sse(request, {"x-request-id": _new_id("req_")})
+        await response.write(data)
+        await response.write_eof()
+        return response
 
     @staticmethod
     def _validate_openai(body: dict[str, Any]) -> web.Response | None:

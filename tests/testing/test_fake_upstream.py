@@ -23,7 +23,14 @@ import jsonschema
 import openai
 import pytest
 
-from llmhub.testing.fake_upstream import FakeUpstream, FakeUpstreams, UpstreamSpec, parse_upstream, split_tokens
+from llmhub.testing.fake_upstream import (
+    FakeUpstream,
+    FakeUpstreams,
+    UpstreamSpec,
+    parse_upstream,
+    raw_directive,
+    split_tokens,
+)
 from llmhub.testing.openapi import validate_openai_schema
 from tests.waiting import wait_until
 
@@ -364,6 +371,18 @@ def test_mistral_spells_reasoning_as_thinking_chunks(upstream: FakeUpstream) -> 
     thought = "".join(part["thinking"][0]["text"] for part in chunks if part["type"] == "thinking")
     assert thought == "let me think"
     assert "".join(part["text"] for part in chunks if part["type"] == "text") == "Echo: hi"
+
+
+def test_raw_marker_answers_exactly_the_bytes_given(upstream: FakeUpstream) -> None:
+    """``[[raw=...]]`` sends what a test gives it, however odd: a stream's body, or a whole reply's."""
+    body_bytes = b'event: odd\ndata: {"choices": null}\n\ndata: \xff\n\n'
+    body = {"model": "fake-gpt-4o-mini", "messages": user("hi " + raw_directive(body_bytes)), "stream": True}
+    status, headers, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    assert (status, headers["Content-Type"].split(";")[0], raw) == (200, "text/event-stream", body_bytes)
+
+    body = {"model": "fake-gpt-4o-mini", "messages": user(raw_directive(b"[1, 2]"))}
+    status, headers, raw = http(upstream, "POST", "/v1/chat/completions", body)
+    assert (status, headers["Content-Type"].split(";")[0], raw) == (200, "application/json", b"[1, 2]")
 
 
 def test_openai_preamble_marker_puts_text_before_a_call(upstream: FakeUpstream, oai: openai.OpenAI) -> None:
