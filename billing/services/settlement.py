@@ -86,7 +86,7 @@ def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int
     and ``.cache_write_tokens``, both counted in ``prompt_tokens``: what ``openai_usage`` makes of Anthropic's
     ``cache_read_input_tokens`` and ``cache_creation_input_tokens``), or None when it counts nothing usable: an
     embeddings usage must count the input, a chat usage the prompt or the completion. A count that is not a
-    non-negative integer is no count."""
+    non-negative integer a ledger row can hold (``COUNT_MAX``) is no count."""
     if not usage:
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -111,8 +111,15 @@ def _written_1h(usage: Mapping[str, Any] | None, written: int) -> int:
     return min(_count(details.get("cache_write_1h_tokens")) or 0, written)
 
 
+# The most tokens a ledger row's count holds (``PositiveIntegerField``: PostgreSQL's ``integer``). A provider that
+# reports more reports nonsense; taken as it came, the database would refuse the row, and the request go unbilled.
+COUNT_MAX = 2**31 - 1
+
+
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
+        return value
+    return None
 
 
 def request_settle(
