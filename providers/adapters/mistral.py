@@ -13,7 +13,8 @@ Mistral's reasoning models (Magistral) write a message's ``content``, and each s
 chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
 the gateway's output check, its estimate of an uncounted reply and the chat page read one: such a ``content`` is
 spelt as other OpenAI-compatible servers of reasoning models spell it, the thinking in ``reasoning_content`` and
-the text in ``content`` (``_content_chunks_spelt``). A list holding any other kind of chunk is left as it came.
+the text in ``content`` (``_content_spelt``, before the OpenAI adapter checks the reply's shape). A list holding
+any other kind of chunk is a malformed reply, as any content that is not text is from any OpenAI-protocol server.
 """
 
 from __future__ import annotations
@@ -41,24 +42,16 @@ class MistralAdapter(OpenAIAdapter):
             request["stream"] = True
         return request
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        completion = await super().complete(body)
-        for choice in completion["choices"]:
-            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-                _content_chunks_spelt(choice["message"])
-        return completion
+    @staticmethod
+    def _content_spelt(part: dict[str, Any]) -> bool:
+        return _content_chunks_spelt(part)
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         """The OpenAI adapter's stream, with the usage Mistral puts on its last chunk moved to a chunk of its
-        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too; and
-        a delta's ``content`` chunks spelt as OpenAI's (``_content_chunks_spelt``)."""
+        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too."""
         upstream = super().stream(body)
         try:
             async for chunk in upstream:
-                for choice in chunk.get("choices") or ():
-                    if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
-                        if _content_chunks_spelt(choice["delta"]):
-                            chunk.raw = None
                 usage = chunk.get("usage")
                 if not usage or not chunk.get("choices"):
                     yield chunk

@@ -39,7 +39,7 @@ from .common import (
     stream_interrupted,
     upstream_deadline,
 )
-from .openai_shape import StreamShape, completion_conform
+from .openai_shape import MalformedReply, StreamShape, completion_conform, text_parts_joined
 from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
 
@@ -146,12 +146,15 @@ class OpenAIAdapter(BaseAdapter):
                 completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        if not isinstance(completion, dict):
+        try:
+            if not isinstance(completion, dict):
+                raise MalformedReply("not an object")
+            return completion_conform(completion, model=str(body.get("model") or ""), content=self._content_spelt)
+        except MalformedReply as exc:
             raise ProviderError(
-                f"The provider {self.config.name!r} answered with something other than a chat completion.",
+                f"The provider {self.config.name!r} answered with something other than a chat completion ({exc}).",
                 provider=self.config.name,
-            )
-        return completion_conform(completion, model=str(body.get("model") or ""))
+            ) from None
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         request = self._chat_body(body, stream=True)
@@ -164,7 +167,7 @@ class OpenAIAdapter(BaseAdapter):
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        shape = StreamShape(str(body.get("model") or ""))
+        shape = StreamShape(str(body.get("model") or ""), content=self._content_spelt)
         state = _StreamState()
         parser = SSEParser()
         try:
@@ -184,6 +187,13 @@ class OpenAIAdapter(BaseAdapter):
             await upstream.aclose()
         if not state.finished:
             raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    @staticmethod
+    def _content_spelt(part: dict[str, Any]) -> bool:
+        """Spell a message's or a delta's ``content`` that is not a string as OpenAI's string, in place; True when
+        it could (any other is a malformed reply). Default: a list of text parts, as their text. Overridden by
+        providers that write it otherwise (Mistral: ``mistral.py``)."""
+        return text_parts_joined(part)
 
     def _chunk(self, event: ServerSentEvent, state: _StreamState, shape: StreamShape) -> WireChunk | None:
         """The chunk an event carries; None for ``[DONE]`` and whatever follows it (read to the end, so that

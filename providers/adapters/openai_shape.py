@@ -11,19 +11,78 @@ the obvious default) and leave everything else as it came.
 A stream chunk is checked first (``StreamShape.conform``) with a few dictionary lookups on the dict the
 relay has decoded anyway, so that a chunk already valid keeps its upstream bytes; only a chunk that
 needed a fill is encoded again. Values of the wrong type are not second-guessed beyond what a fill
-needs: a field that is present is the upstream's answer.
+needs, but for the ones every reader of a reply takes for OpenAI's types (a choice, its ``content``, its tool
+calls): a ``content`` of text parts is their text, and any other such field of another type makes the chunk or
+reply malformed (``MalformedReply``: a 502, or a stream's in-band error), rather than a failure mid-relay.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["StreamShape", "completion_conform"]
+__all__ = ["MalformedReply", "StreamShape", "completion_conform", "text_parts_joined"]
 
 _COMPLETION = "chat.completion"
 _CHUNK = "chat.completion.chunk"
+
+
+class MalformedReply(ValueError):
+    """A chunk or a reply whose fields are of types no fill can mend (a ``content`` that is a number, a choice
+    that is a string, a tool call's ``function`` that is not an object): relayed, it would break the client, and
+    every reader of the reply (the output check, the estimate, the translations) expects OpenAI's types."""
+
+
+# Spells a message's or a delta's ``content`` that is not a string as one, in place; True when it could.
+ContentSpeller = Callable[[dict[str, Any]], bool]
+
+
+def text_parts_joined(part: dict[str, Any]) -> bool:
+    """A ``content`` that is a list of text parts (``[{"type": "text", "text": …}]``, the shape OpenAI's requests
+    take) as their text, in place; False (unchanged) for anything else."""
+    content = part.get("content")
+    if not isinstance(content, list):
+        return False
+    texts = []
+    for item in content:
+        if not (isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)):
+            return False
+        texts.append(item["text"])
+    part["content"] = "".join(texts)
+    return True
+
+
+def _content_mended(part: dict[str, Any], spell: ContentSpeller) -> None:
+    content = part.get("content")
+    if content is not None and type(content) is not str and not (spell(part) and _is_text(part.get("content"))):
+        raise MalformedReply(f"a content of type {type(content).__name__}")
+
+
+def _is_text(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+def _calls_checked(part: dict[str, Any]) -> None:
+    """Raise ``MalformedReply`` unless ``part``'s tool calls and legacy function call are of OpenAI's types."""
+    calls = part.get("tool_calls")
+    if calls is not None:
+        if type(calls) is not list:
+            raise MalformedReply("tool_calls that are not a list")
+        for call in calls:
+            if type(call) is not dict:
+                raise MalformedReply("a tool call that is not an object")
+            _function_checked(call.get("function"))
+    if "function_call" in part:
+        _function_checked(part["function_call"])
+
+
+def _function_checked(function: Any) -> None:
+    if function is None:
+        return
+    if not _function_valid(function):
+        raise MalformedReply("a function that is not an object with a text name and arguments")
 
 
 def _new_id() -> str:
@@ -61,9 +120,12 @@ def _conform_tool_calls(calls: Any, *, streamed: bool) -> None:
             call.setdefault("type", "function")
 
 
-def completion_conform(completion: dict[str, Any], *, model: str) -> dict[str, Any]:
+def completion_conform(
+    completion: dict[str, Any], *, model: str, content: ContentSpeller = text_parts_joined
+) -> dict[str, Any]:
     """Fill in, in place, what ``CreateChatCompletionResponse`` requires and ``completion`` lacks.
-    ``model`` (the upstream id asked for) stands in for a missing ``model``. Returns ``completion``."""
+    ``model`` (the upstream id asked for) stands in for a missing ``model``; ``content`` spells a message's
+    ``content`` that is not a string. Returns ``completion``; raises ``MalformedReply`` for what cannot be filled."""
     if not isinstance(completion.get("id"), str):
         completion["id"] = _new_id()
     completion["object"] = _COMPLETION
@@ -77,13 +139,15 @@ def completion_conform(completion: dict[str, Any], *, model: str) -> dict[str, A
         completion["choices"] = choices = []
     for position, choice in enumerate(choices):
         if not isinstance(choice, dict):
-            continue
+            raise MalformedReply("a choice that is not an object")
         if not _is_int(choice.get("index")):
             choice["index"] = position
         choice.setdefault("logprobs", None)
         message = choice.get("message")
         if not isinstance(message, dict):
             choice["message"] = message = {}
+        _content_mended(message, content)
+        _calls_checked(message)
         message.setdefault("role", "assistant")
         message.setdefault("content", None)
         message.setdefault("refusal", None)
@@ -99,16 +163,18 @@ class StreamShape:
     """The state one stream needs to fill its chunks in: the ``id`` and ``created`` of its first chunk
     (every chunk of a stream carries the same ones), or made-up ones when the upstream sent none."""
 
-    __slots__ = ("_created", "_id", "_model")
+    __slots__ = ("_content", "_created", "_id", "_model")
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, content: ContentSpeller = text_parts_joined) -> None:
         self._model = model
+        self._content = content
         self._id: str | None = None
         self._created: int | None = None
 
     def conform(self, chunk: dict[str, Any]) -> bool:
         """True when ``chunk`` already has every required field (leave its bytes alone); else fill it in,
-        in place, and return False (its bytes must be encoded again)."""
+        in place, and return False (its bytes must be encoded again). Raises ``MalformedReply`` for what
+        cannot be filled."""
         chunk_id = chunk.get("id")
         created = chunk.get("created")
         choices = chunk.get("choices")
@@ -153,12 +219,14 @@ class StreamShape:
             chunk["choices"] = choices = []
         for position, choice in enumerate(choices):
             if not isinstance(choice, dict):
-                continue
+                raise MalformedReply("a choice that is not an object")
             if not _is_int(choice.get("index")):
                 choice["index"] = position
             delta = choice.get("delta")
             if not isinstance(delta, dict):
                 choice["delta"] = delta = {}
+            _content_mended(delta, self._content)
+            _calls_checked(delta)
             _conform_tool_calls(delta.get("tool_calls"), streamed=True)
             choice.setdefault("finish_reason", None)
         _conform_usage(chunk, nullable=True)
@@ -170,6 +238,12 @@ def _choice_valid(choice: Any) -> bool:
     delta = choice.get("delta")
     if type(delta) is not dict:
         return False
+    content = delta.get("content")
+    if content is not None and type(content) is not str:
+        return False
+    function = delta.get("function_call")
+    if function is not None and not _function_valid(function):
+        return False
     calls = delta.get("tool_calls")
     if calls is None:
         return True
@@ -178,7 +252,14 @@ def _choice_valid(choice: Any) -> bool:
     for call in calls:
         if type(call) is not dict or "index" not in call:
             return False
+        function = call.get("function")
+        if function is not None and not _function_valid(function):
+            return False
     return True
+
+
+def _function_valid(function: Any) -> bool:
+    return type(function) is dict and _is_text(function.get("arguments")) and _is_text(function.get("name"))
 
 
 def _usage_valid(usage: Any) -> bool:

@@ -141,3 +141,84 @@ def test_a_usage_count_too_large_to_be_true_is_estimated_and_the_row_written(gat
     assert_sane_row(record)
     assert record.status == UsageStatus.OK
     assert record.usage_estimated and record.completion_tokens == text_tokens("Hello world")
+
+
+# Fields of types no fill can mend ---------------------------------------------------------------------------------
+
+MALFORMED_DELTAS = {
+    "content an object": {"content": {"text": "x"}},
+    "content a number": {"content": 5},
+    "content a list of other parts": {"content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+    "tool_calls not a list": {"tool_calls": "x"},
+    "a tool call not an object": {"tool_calls": ["x"]},
+    "a tool call's function a string": {"tool_calls": [{"index": 0, "function": "f"}]},
+    "a tool call's arguments an object": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": {}}}]},
+    "function_call a string": {"function_call": "f"},
+}
+
+
+@pytest.mark.parametrize("delta", MALFORMED_DELTAS.values(), ids=MALFORMED_DELTAS)
+def test_a_chunk_of_the_wrong_types_mid_stream_ends_it_in_band_and_is_billed(gateway, delta):
+    """Before: the relay raised a TypeError or an AttributeError on it: the connection dropped with neither an
+    error nor ``[DONE]``, and a content that was not text left the request with no ledger row at all."""
+    events, done, record = streamed(gateway, stream_around(chunk(delta)))
+    assert not done
+    assert_valid_stream(events, done)
+    assert events[-1]["error"]["code"] == "upstream_stream_interrupted"
+    assert "malformed" in events[-1]["error"]["message"]
+    assert_sane_row(record)
+    assert (record.status, record.error_type) == (UsageStatus.UPSTREAM_ERROR, "upstream_stream_interrupted")
+    assert record.usage_estimated and record.completion_tokens == text_tokens("Hello")
+
+
+def test_a_choice_that_is_not_an_object_mid_stream_ends_it_in_band(gateway):
+    events, done, record = streamed(gateway, stream_around({**BASE, "choices": ["x"]}))
+    assert not done
+    assert_valid_stream(events, done)
+    assert_sane_row(record)
+    assert record.error_type == "upstream_stream_interrupted"
+
+
+def test_a_content_of_text_parts_is_relayed_as_its_text(gateway):
+    parts = [{"type": "text", "text": " wide"}, {"type": "text", "text": " world"}]
+    events, done, record = streamed(gateway, stream_around(chunk({"content": parts})))
+    assert done
+    assert_valid_stream(events, done)
+    texts = [event["choices"][0]["delta"].get("content") for event in events if event["choices"]]
+    assert "".join(text for text in texts if text) == "Hello wide world"
+    assert (record.status, record.prompt_tokens, record.completion_tokens) == (UsageStatus.OK, 5, 2)
+
+    response, record = whole(gateway, completion({"role": "assistant", "content": parts}))
+    assert response.status_code == 200
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert response.json()["choices"][0]["message"]["content"] == " wide world"
+
+
+MALFORMED_MESSAGES = {
+    "content an object": {"role": "assistant", "content": {"text": "x"}},
+    "content a number": {"role": "assistant", "content": 5},
+    "tool_calls not a list": {"role": "assistant", "content": None, "tool_calls": "x"},
+    "a tool call not an object": {"role": "assistant", "content": None, "tool_calls": ["x"]},
+    "a tool call's arguments an object": {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+    },
+}
+
+
+@pytest.mark.parametrize("message", MALFORMED_MESSAGES.values(), ids=MALFORMED_MESSAGES)
+def test_a_whole_reply_of_the_wrong_types_is_a_502_and_billed_nothing(gateway, message):
+    """Before: a 200 whose body OpenAI's schema refuses (a choice that was a string: a 500 and no ledger row)."""
+    response, record = whole(gateway, completion(message))
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert_sane_row(record)
+    assert (record.status, record.cost) == (UsageStatus.UPSTREAM_ERROR, 0)
+
+
+def test_a_whole_reply_whose_choice_is_not_an_object_is_a_502(gateway):
+    response, record = whole(gateway, completion(choices=["x"]))
+    assert response.status_code == 502
+    assert_sane_row(record)
+    assert record.status == UsageStatus.UPSTREAM_ERROR
