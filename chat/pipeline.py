@@ -1163,8 +1163,9 @@ class CompletionRun:
             self._settle(
                 status=call.status,
                 usage=usage,
-                # Counted when the upstream reported no usage: the reply is what was delivered.
-                delivered_text="" if usage or response is None else _completion_text(response, calls=True),
+                # Counted when the upstream reported no usage billing can take (none, or none it can read): the
+                # reply is what was delivered.
+                delivered_text="" if response is None else _completion_text(response, calls=True),
                 finish_reason=choices[0].get("finish_reason") if choices else None,
                 error_type=call.error_type,
             )
@@ -1173,8 +1174,8 @@ class CompletionRun:
             response = await self._call(once)
             await self._reply_check(_completion_text(response), _completion_arguments(response))
         response["model"] = self.answered_by.name
-        if "usage" not in response and self.result is not None and self.result.usage_estimated:
-            # What the request was charged, which OpenAI's clients read (the upstream reported none).
+        if self.result is not None and self.result.usage_estimated:
+            # What the request was charged, which OpenAI's clients read (the upstream reported none it could read).
             prompt, completion = self.result.prompt_tokens, self.result.completion_tokens
             response["usage"] = {
                 "prompt_tokens": prompt,

@@ -222,3 +222,25 @@ def test_a_whole_reply_whose_choice_is_not_an_object_is_a_502(gateway):
     assert response.status_code == 502
     assert_sane_row(record)
     assert record.status == UsageStatus.UPSTREAM_ERROR
+
+
+UNUSABLE_USAGES = {
+    "negative": {"prompt_tokens": -5, "completion_tokens": -2, "total_tokens": -7},
+    "strings": {"prompt_tokens": "5", "completion_tokens": "2", "total_tokens": "7"},
+    "floats": {"prompt_tokens": 5.5, "completion_tokens": 2.5, "total_tokens": 8.0},
+    "nulls": {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+    "too large": {"prompt_tokens": 2**63, "completion_tokens": 2**63, "total_tokens": 2**64},
+}
+
+
+@pytest.mark.parametrize("usage", UNUSABLE_USAGES.values(), ids=UNUSABLE_USAGES)
+def test_a_whole_reply_whose_usage_counts_nothing_usable_is_estimated(gateway, usage):
+    """Before: the reply was answered and charged nothing (0 tokens, not flagged as an estimate)."""
+    response, record = whole(gateway, completion(usage=usage))
+    assert response.status_code == 200
+    assert_sane_row(record)
+    assert record.status == UsageStatus.OK
+    assert record.usage_estimated and record.completion_tokens == text_tokens("Hello there")
+    assert record.prompt_tokens > 0 and record.cost > 0
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")  # what it was charged, as OpenAI's
+    assert response.json()["usage"]["completion_tokens"] == record.completion_tokens
