@@ -40,6 +40,9 @@ EMBEDDINGS = "embeddings"  # the operation (``billing.models.Operation``) whose 
 # Where a chat completion's assistant turn holds a reasoning model's reasoning, which its servers take back
 # (DeepSeek's thinking mode asks for its reasoning_content again in a tool-call round; OpenRouter takes reasoning).
 REASONING_FIELDS = ("reasoning_content", "reasoning")
+# The most tokens a provider's count may say and be believed: what a ledger row's count holds
+# (``PositiveIntegerField``, PostgreSQL's ``integer``). More is nonsense, and the database would refuse the row.
+COUNT_MAX = 2**31 - 1
 
 
 def text_tokens(text: str) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from django.utils import timezone
 
 from providers.exceptions import AnsweredCalls
-from providers.tokens import prompt_tokens, text_tokens
+from providers.tokens import COUNT_MAX, prompt_tokens, text_tokens
 from providers.types import ResolvedModel
 
 from ..models import BillingSource, Operation, UsageStatus
@@ -109,11 +109,6 @@ def _written_1h(usage: Mapping[str, Any] | None, written: int) -> int:
     if not written or not isinstance(details, Mapping):
         return 0
     return min(_count(details.get("cache_write_1h_tokens")) or 0, written)
-
-
-# The most tokens a ledger row's count holds (``PositiveIntegerField``: PostgreSQL's ``integer``). A provider that
-# reports more reports nonsense; taken as it came, the database would refuse the row, and the request go unbilled.
-COUNT_MAX = 2**31 - 1
 
 
 def _count(value: Any) -> int | None:

@@ -23,6 +23,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from ..tokens import COUNT_MAX
+
 __all__ = ["MalformedReply", "StreamShape", "completion_conform", "text_parts_joined"]
 
 _COMPLETION = "chat.completion"
@@ -99,7 +101,9 @@ def _conform_usage(holder: dict[str, Any], *, nullable: bool) -> None:
         if "usage" in holder and not nullable:
             del holder["usage"]  # a completion's usage is an object or absent, never null
         return
-    if not isinstance(usage, dict):
+    if not isinstance(usage, dict) or not _usage_counts(usage):
+        # Not a usage at all, or one whose counts are of another type or none: the schema's types could only be
+        # met by making counts up, which billing would take for the provider's. Left out, the request is counted.
         del holder["usage"]
         return
     prompt = usage.setdefault("prompt_tokens", 0)
@@ -264,5 +268,19 @@ def _function_valid(function: Any) -> bool:
 
 def _usage_valid(usage: Any) -> bool:
     return usage is None or (
-        type(usage) is dict and "prompt_tokens" in usage and "completion_tokens" in usage and "total_tokens" in usage
+        type(usage) is dict
+        and "prompt_tokens" in usage
+        and "completion_tokens" in usage
+        and "total_tokens" in usage
+        and _usage_counts(usage)
     )
+
+
+def _usage_counts(usage: dict[str, Any]) -> bool:
+    """Whether ``usage`` counts something, and every count it has is a non-negative integer billing can believe."""
+    counts = [usage[name] for name in ("prompt_tokens", "completion_tokens", "total_tokens") if name in usage]
+    return ("prompt_tokens" in usage or "completion_tokens" in usage) and all(_is_count(count) for count in counts)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= COUNT_MAX

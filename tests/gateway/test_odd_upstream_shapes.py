@@ -244,3 +244,26 @@ def test_a_whole_reply_whose_usage_counts_nothing_usable_is_estimated(gateway, u
     assert record.prompt_tokens > 0 and record.cost > 0
     validate_openai_schema(response.json(), "CreateChatCompletionResponse")  # what it was charged, as OpenAI's
     assert response.json()["usage"]["completion_tokens"] == record.completion_tokens
+
+
+STREAMED_UNUSABLE_USAGES = {**UNUSABLE_USAGES, "empty": {}, "no counts": {"total_tokens": 7}}
+
+
+@pytest.mark.parametrize("usage", STREAMED_UNUSABLE_USAGES.values(), ids=STREAMED_UNUSABLE_USAGES)
+def test_a_streamed_usage_that_counts_nothing_usable_is_replaced_by_the_estimate(gateway, usage):
+    """Before: the client got the upstream's usage chunk as it came, which OpenAI's schema refuses, while the
+    request was charged an estimate; and an empty usage was filled in with zeros and charged as counted: nothing."""
+    events, done, record = streamed(gateway, stream_around(chunk({"content": " world"}), usage=usage))
+    assert done
+    assert_valid_stream(events, done)
+    assert_sane_row(record)
+    assert record.usage_estimated and record.completion_tokens == text_tokens("Hello world")
+    assert record.cost > 0
+    reported = [event["usage"] for event in events if event.get("usage")]
+    assert reported == [
+        {
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "total_tokens": record.prompt_tokens + record.completion_tokens,
+        }
+    ]
