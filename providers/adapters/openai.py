@@ -146,6 +146,12 @@ class OpenAIAdapter(BaseAdapter):
                 completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
+        if isinstance(completion, dict) and completion.get("error"):
+            # Some servers (OpenRouter, vLLM) report a failure in a 200's body, as a stream does in-band.
+            message = self._upstream_message(completion["error"]) or "no details given"
+            raise ProviderError(
+                f"The provider {self.config.name!r} reported an error: {message}", provider=self.config.name
+            )
         try:
             if not isinstance(completion, dict):
                 raise MalformedReply("not an object")

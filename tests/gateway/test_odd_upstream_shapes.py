@@ -267,3 +267,26 @@ def test_a_streamed_usage_that_counts_nothing_usable_is_replaced_by_the_estimate
             "total_tokens": record.prompt_tokens + record.completion_tokens,
         }
     ]
+
+
+# Errors in a 200 ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [{"message": "The model is overloaded", "code": 502}, "The model is overloaded"])
+def test_an_error_in_a_whole_replys_200_is_a_502_that_says_it(gateway, error):
+    """Before: a 200 with an empty reply (no choices), recorded as answered."""
+    response, record = whole(gateway, {"error": error})
+    assert response.status_code == 502
+    body = response.json()["error"]
+    assert body["code"] == "upstream_error" and "The model is overloaded" in body["message"]
+    assert_sane_row(record)
+    assert (record.status, record.cost) == (UsageStatus.UPSTREAM_ERROR, 0)
+
+
+def test_an_error_in_a_streams_200_ends_it_in_band(gateway):
+    """Already right: OpenRouter's and vLLM's in-band error after the stream began."""
+    events, done, record = streamed(gateway, stream_around({"error": {"message": "The model is overloaded"}}))
+    assert not done
+    assert_valid_stream(events, done)
+    assert "The model is overloaded" in events[-1]["error"]["message"]
+    assert (record.status, record.error_type) == (UsageStatus.UPSTREAM_ERROR, "upstream_stream_interrupted")
