@@ -12,8 +12,9 @@ A stream chunk is checked first (``StreamShape.conform``) with a few dictionary 
 relay has decoded anyway, so that a chunk already valid keeps its upstream bytes; only a chunk that
 needed a fill is encoded again. Values of the wrong type are not second-guessed beyond what a fill
 needs, but for the ones every reader of a reply takes for OpenAI's types (a choice, its ``content``, its tool
-calls): a ``content`` of text parts is their text, and any other such field of another type makes the chunk or
-reply malformed (``MalformedReply``: a 502, or a stream's in-band error), rather than a failure mid-relay.
+calls, its ``finish_reason``): a ``content`` of text parts is their text, and any other such field of another
+type makes the chunk or reply malformed (``MalformedReply``: a 502, or a stream's in-band error), rather than a
+failure mid-relay.
 """
 
 from __future__ import annotations
@@ -156,6 +157,8 @@ def completion_conform(
         message.setdefault("content", None)
         message.setdefault("refusal", None)
         _conform_tool_calls(message.get("tool_calls"), streamed=False)
+        if not _is_text(choice.get("finish_reason")):
+            raise MalformedReply("a finish_reason that is not text")
         if choice.get("finish_reason") is None:
             # A finished completion always has a reason; a server that leaves it out stopped normally.
             choice["finish_reason"] = "tool_calls" if message.get("tool_calls") else "stop"
@@ -232,12 +235,15 @@ class StreamShape:
             _content_mended(delta, self._content)
             _calls_checked(delta)
             _conform_tool_calls(delta.get("tool_calls"), streamed=True)
-            choice.setdefault("finish_reason", None)
+            if not _is_text(choice.setdefault("finish_reason", None)):
+                raise MalformedReply("a finish_reason that is not text")
         _conform_usage(chunk, nullable=True)
 
 
 def _choice_valid(choice: Any) -> bool:
     if type(choice) is not dict or type(choice.get("index")) is not int or "finish_reason" not in choice:
+        return False
+    if not _is_text(choice["finish_reason"]):
         return False
     delta = choice.get("delta")
     if type(delta) is not dict:

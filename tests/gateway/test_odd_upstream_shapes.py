@@ -155,6 +155,23 @@ MALFORMED_DELTAS = {
     "a tool call's arguments an object": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": {}}}]},
     "function_call a string": {"function_call": "f"},
 }
+MALFORMED_FINISHES = {"a number": 5, "an object": {"type": "stop"}}
+
+
+@pytest.mark.parametrize("finish", MALFORMED_FINISHES.values(), ids=MALFORMED_FINISHES)
+def test_a_finish_reason_that_is_not_text_is_a_malformed_reply(gateway, finish):
+    """Before: relayed as it came (a chunk and a reply OpenAI's schema refuses), and recorded as answered."""
+    events, done, record = streamed(gateway, stream_around(chunk({}, finish)))
+    assert not done
+    assert_valid_stream(events, done)
+    assert (record.status, record.error_type) == (UsageStatus.UPSTREAM_ERROR, "upstream_stream_interrupted")
+
+    answer = completion()
+    answer["choices"][0]["finish_reason"] = finish
+    response, record = whole(gateway, answer)
+    assert response.status_code == 502
+    assert_sane_row(record)
+    assert record.status == UsageStatus.UPSTREAM_ERROR
 
 
 @pytest.mark.parametrize("delta", MALFORMED_DELTAS.values(), ids=MALFORMED_DELTAS)
