@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import copy
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chat.pipeline import _chunk_pieces, _completion_text
 from llmhub.testing.openapi import validate_openai_schema
-from providers.adapters.openai_shape import StreamShape, completion_conform
+from providers.adapters.base import WireChunk, chunk_json
+from providers.adapters.openai_shape import MalformedReply, StreamShape, completion_conform
+from providers.adapters.translate_anthropic import EventTranslator, message_from_completion
+from providers.tokens import COUNT_MAX
 
 VALID_CHUNK = {
     "id": "chatcmpl-1",
@@ -79,3 +86,108 @@ def test_a_null_usage_in_a_completion_is_dropped():
 
     assert "usage" not in completion
     validate_openai_schema(completion, "CreateChatCompletionResponse")
+
+
+# Whatever an upstream sends: a malformed reply, or one every reader takes as OpenAI's types ------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_TEXT_PARTS = st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)}), max_size=2)
+
+
+def _odd(value: st.SearchStrategy) -> st.SearchStrategy:
+    """``value`` mostly, anything JSON sometimes."""
+    return value | _JSON
+
+
+_FUNCTION = st.fixed_dictionaries(
+    {}, optional={"name": _odd(st.text(max_size=5)), "arguments": _odd(st.text(max_size=5))}
+)
+_CALL = st.fixed_dictionaries(
+    {}, optional={"index": _odd(st.integers(0, 3)), "id": _odd(st.text(max_size=5)), "function": _odd(_FUNCTION)}
+)
+_DELTA = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": _odd(st.just("assistant")),
+        "content": _odd(st.text(max_size=5)) | _TEXT_PARTS,
+        "reasoning_content": _odd(st.text(max_size=5)),
+        "tool_calls": _odd(st.lists(_odd(_CALL), max_size=2)),
+        "function_call": _odd(_FUNCTION),
+    },
+)
+_CHOICE = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": _odd(st.integers(0, 2)),
+        "delta": _odd(_DELTA),
+        "message": _odd(_DELTA),
+        "finish_reason": _odd(st.sampled_from(["stop", "length", "tool_calls"])),
+    },
+)
+_COUNTS = st.fixed_dictionaries(
+    {},
+    optional={name: _odd(st.integers(0, 2**40)) for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+)
+_REPLY = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _odd(st.text(max_size=5)),
+        "created": _odd(st.integers(0, 2**31)),
+        "model": _odd(st.text(max_size=5)),
+        "object": _odd(st.just("chat.completion.chunk")),
+        "choices": _odd(st.lists(_odd(_CHOICE), max_size=2)),
+        "usage": _odd(_COUNTS),
+    },
+)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= COUNT_MAX
+
+
+@settings(max_examples=400, deadline=None)
+@given(chunk=_REPLY)
+def test_any_chunk_is_malformed_or_read_as_openais_types(chunk):
+    """What the relay, the output check, the estimate and the Messages translation read of a chunk the adapter let
+    through is of OpenAI's types: before, a content or a choice of another type raised in the relay (and left a
+    request with no ledger row)."""
+    try:
+        StreamShape("m").conform(chunk)
+    except MalformedReply:
+        return
+    for _, piece, _ in _chunk_pieces(WireChunk(chunk, None)):
+        assert type(piece) is str
+    for choice in chunk["choices"]:
+        assert type(choice["delta"].get("content")) in (str, type(None))
+        assert type(choice["finish_reason"]) in (str, type(None))
+    if chunk.get("usage") is not None:
+        assert _is_count(chunk["usage"]["prompt_tokens"]) and _is_count(chunk["usage"]["completion_tokens"])
+    translator = EventTranslator()
+    translator.feed(chunk)
+    translator.finish()
+    chunk_json(chunk)
+
+
+@settings(max_examples=400, deadline=None)
+@given(reply=_REPLY)
+def test_any_whole_reply_is_malformed_or_read_as_openais_types(reply):
+    reply.pop("object", None)
+    try:
+        completion_conform(reply, model="m")
+    except MalformedReply:
+        return
+    if _finishes_known(reply):
+        validate_openai_schema(reply, "CreateChatCompletionResponse")
+    message_from_completion(reply)
+    assert type(_completion_text(reply, calls=True)) is str
+
+
+def _finishes_known(reply: dict) -> bool:
+    known = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+    return all(choice["finish_reason"] in known for choice in reply["choices"]) and all(
+        type(choice["message"].get("role")) is str for choice in reply["choices"]
+    )
