@@ -207,6 +207,11 @@ class OpenAIAdapter(BaseAdapter):
         if state.done:
             return None
         data = event.data
+        if event.event == "error":
+            # Some servers name an in-band failure by the event's type rather than an `error` key in its data.
+            raise stream_interrupted(
+                self.config, f"the provider reported an error: {self._event_error(data) or 'no details'}"
+            )
         plain = state.texts.read(data)
         if plain is None:
             plain = state.arguments.read(data)
@@ -381,6 +386,17 @@ class OpenAIAdapter(BaseAdapter):
         if isinstance(exc, ValueError):
             return "the provider sent a malformed chunk."
         return interruption_reason(exc)
+
+    def _event_error(self, data: bytes) -> str:
+        """The provider's message in an ``error`` event's data: JSON (``{"error": {"message": …}}``, or the error
+        object itself), or plain text."""
+        try:
+            body: object = json.loads(data)
+        except ValueError:
+            body = data.decode("utf-8", "replace")
+        if isinstance(body, dict) and isinstance(body.get("error"), dict | str):
+            body = body["error"]
+        return self._upstream_message(body)
 
     def _upstream_message(self, body: object) -> str:
         """The provider's own error message (``body`` is the error object, or the text of an error page)."""

@@ -307,3 +307,32 @@ def test_an_error_in_a_streams_200_ends_it_in_band(gateway):
     assert_valid_stream(events, done)
     assert "The model is overloaded" in events[-1]["error"]["message"]
     assert (record.status, record.error_type) == (UsageStatus.UPSTREAM_ERROR, "upstream_stream_interrupted")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b'event: error\ndata: {"message": "The model is overloaded"}\n\n',
+        b'event: error\ndata: {"error": {"message": "The model is overloaded"}}\n\n',
+        b"event: error\ndata: The model is overloaded\n\n",
+    ],
+)
+def test_an_sse_error_event_mid_stream_ends_it_in_band_with_the_providers_message(gateway, event):
+    """Before: the event's data was taken for a chunk (filled in as an empty one and relayed, or a malformed chunk)
+    and the provider's message was lost; where the stream went on, it ended cleanly."""
+    events, done, record = streamed(gateway, stream_around(event))
+    assert not done
+    assert_valid_stream(events, done)
+    assert "The model is overloaded" in events[-1]["error"]["message"]
+    assert [event for event in events if "error" not in event and not event["choices"]] == []
+    assert (record.status, record.error_type) == (UsageStatus.UPSTREAM_ERROR, "upstream_stream_interrupted")
+
+
+def test_an_sse_event_of_another_type_is_read_as_a_chunk(gateway):
+    """Already right: an `event:` line names the event, whose data is still a chunk."""
+    events, done, record = streamed(
+        gateway, stream_around(b"event: message\ndata: " + json.dumps(chunk({"content": "!"})).encode() + b"\n\n")
+    )
+    assert done
+    assert_valid_stream(events, done)
+    assert record.status == UsageStatus.OK
