@@ -204,8 +204,8 @@ def _openai_compatible_paths() -> dict[str, Any]:
                         "description": "The response, or its event stream when `stream` is true.",
                         "headers": _request_id_header(),
                         "content": {
-                            "application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            **_json("Response"),
+                            "text/event-stream": {"schema": {"$ref": _REF + "ResponseStreamEvent"}},
                         },
                     },
                     **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
@@ -402,8 +402,8 @@ def _anthropic_compatible_paths(security: list[dict[str, list[Any]]]) -> dict[st
                         "description": "The message, or its event stream when `stream` is true.",
                         "headers": _request_id_header(),
                         "content": {
-                            "application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            **_json("Response"),
+                            "text/event-stream": {"schema": {"$ref": _REF + "ResponseStreamEvent"}},
                         },
                     },
                     **_anthropic_errors(400, 401, 403, 404, 413, 429, 502, 503, 504, 529),

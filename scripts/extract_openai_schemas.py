@@ -32,6 +32,9 @@ ROOTS = (
     "CreateEmbeddingRequest",
     "CreateEmbeddingResponse",
     "ErrorResponse",
+    # /v1/responses: the answer and every stream event (``ResponseStreamEvent`` names them all).
+    "Response",
+    "ResponseStreamEvent",
 )
 _REF_PREFIX = "#/components/schemas/"
 # Documentation examples for OpenAI's own site: a large share of the file and of no use to our docs.
