@@ -2,10 +2,11 @@
 
 Django's SMTP backend has one timeout, ``EMAIL_TIMEOUT``, and it bounds each step: the connect, each write, each
 read. A mail server that answers a byte now and then keeps every read within it and holds the sender as long as
-it likes; for an alert, past its delivery's claim (``core.outbox``), the sweep then sends a second copy.
-``mail_send_within`` bounds the whole session: when ``seconds`` have passed, its connection is shut down under
-whatever the session is waiting for, and the send fails with ``MailDeadlineExceeded``.
-"""
+it likes: a worker sending a user's notice, a request sending a password reset; for an alert, past its delivery's
+claim (``core.outbox``), the sweep then sends a second copy. ``DeadlineSmtpBackend``, the backend every email goes
+through when Django's SMTP backend is configured (the settings put it in its place), bounds each send: when its
+deadline (``LLMHUB_EMAIL_DEADLINE_SECONDS``; alerts' own, ``mail_send_within``) has passed, its connection is shut
+down under whatever the session is waiting for, and the send fails with ``MailDeadlineExceeded``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
-from django.core.mail import get_connection, send_mail
+from django.core.mail import EmailMessage, get_connection, send_mail
 from django.core.mail.backends import smtp
 from django.utils.module_loading import import_string
 
@@ -28,16 +29,30 @@ class MailDeadlineExceeded(smtplib.SMTPException):
 
 
 class DeadlineSmtpBackend(smtp.EmailBackend):
-    """Django's SMTP backend whose sessions ``cut`` can end at once from another thread: it keeps each SMTP
-    connection it opens (the connection is reachable before ``open`` returns, while the server's greeting is
-    read)."""
+    """Django's SMTP backend with each ``send_messages`` (opening the session when it is not open, each message,
+    closing it) bounded by ``deadline`` seconds (``LLMHUB_EMAIL_DEADLINE_SECONDS`` unless given; ``setting`` is
+    the name a ``MailDeadlineExceeded`` gives for it). Each step keeps ``EMAIL_TIMEOUT``, or the deadline when
+    shorter."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        deadline: float | None = None,
+        setting: str = "LLMHUB_EMAIL_DEADLINE_SECONDS",
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.deadline = settings.LLMHUB_EMAIL_DEADLINE_SECONDS if deadline is None else deadline
+        self.setting = setting
+        if timeout is None:
+            timeout = min(settings.EMAIL_TIMEOUT or self.deadline, self.deadline)
+        super().__init__(*args, timeout=timeout, **kwargs)
         self._sessions: list[tuple[smtplib.SMTP, socket.socket]] = []
 
     @property
     def connection_class(self) -> type[smtplib.SMTP]:
+        # Each SMTP connection is kept as it opens (before ``open`` returns, while the server's greeting is read),
+        # so that ``cut`` reaches it from the timer's thread.
         sessions = self._sessions
 
         class Kept(super().connection_class):  # type: ignore[misc, valid-type]
@@ -47,6 +62,24 @@ class DeadlineSmtpBackend(smtp.EmailBackend):
                 return sock
 
         return Kept
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        if not email_messages:
+            return 0
+        deadline = time.monotonic() + self.deadline
+        cutter = threading.Timer(self.deadline, self.cut)
+        cutter.daemon = True
+        cutter.start()
+        try:
+            return super().send_messages(email_messages)
+        except (smtplib.SMTPException, OSError) as exc:
+            if time.monotonic() < deadline:
+                raise
+            raise MailDeadlineExceeded(
+                f"the mail server did not finish within {self.deadline:g} s ({self.setting})"
+            ) from exc
+        finally:
+            cutter.cancel()
 
     def cut(self) -> None:
         """Shut down every connection this backend opened, so the read or write waiting on it fails now. The
@@ -63,26 +96,17 @@ class DeadlineSmtpBackend(smtp.EmailBackend):
 def mail_send_within(
     *, seconds: float, setting: str, subject: str, body: str, recipients: Sequence[str], from_email: str | None = None
 ) -> None:
-    """``send_mail`` with the whole SMTP session (connect, greeting, each command, the message, QUIT) bounded by
-    ``seconds``; each step also keeps ``EMAIL_TIMEOUT``. Raises ``MailDeadlineExceeded`` (naming ``setting``) when
-    the session was cut, or what the send raised. A backend other than Django's SMTP one (the tests' outbox, the
-    console, a backend of the operator's own) sends as it would."""
-    if import_string(settings.EMAIL_BACKEND) is not smtp.EmailBackend:
+    """``send_mail`` with the whole SMTP session bounded by ``seconds`` rather than ``LLMHUB_EMAIL_DEADLINE_SECONDS``
+    (``DeadlineSmtpBackend``). Raises ``MailDeadlineExceeded`` (naming ``setting``) when the session was cut, or what
+    the send raised. A backend other than the SMTP one (the tests' outbox, the console, a backend of the operator's
+    own) sends as it would."""
+    backend = import_string(settings.EMAIL_BACKEND)
+    if backend is not smtp.EmailBackend and not issubclass(backend, DeadlineSmtpBackend):
         send_mail(subject=subject, message=body, from_email=from_email, recipient_list=list(recipients))
         return
-    step = min(settings.EMAIL_TIMEOUT or seconds, seconds)
-    connection = get_connection(f"{DeadlineSmtpBackend.__module__}.DeadlineSmtpBackend", timeout=step)
-    deadline = time.monotonic() + seconds
-    cutter = threading.Timer(seconds, connection.cut)
-    cutter.daemon = True
-    cutter.start()
-    try:
-        send_mail(
-            subject=subject, message=body, from_email=from_email, recipient_list=list(recipients), connection=connection
-        )
-    except (smtplib.SMTPException, OSError) as exc:
-        if time.monotonic() < deadline:
-            raise
-        raise MailDeadlineExceeded(f"the mail server did not finish within {seconds:g} s ({setting})") from exc
-    finally:
-        cutter.cancel()
+    connection = get_connection(
+        f"{DeadlineSmtpBackend.__module__}.{DeadlineSmtpBackend.__qualname__}", deadline=seconds, setting=setting
+    )
+    send_mail(
+        subject=subject, message=body, from_email=from_email, recipient_list=list(recipients), connection=connection
+    )

@@ -35,6 +35,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from llmhub.testing.ports import free_port
+from tests.mail import TricklingMailServer
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,6 +257,32 @@ def test_production_sends_mail_through_the_smtp_server_the_environment_names(tmp
     finally:
         sink.shutdown()
         sink.server_close()
+
+
+@pytest.mark.parametrize("backend", [None, "django.core.mail.backends.smtp.EmailBackend"])
+def test_production_cuts_a_mail_server_that_trickles_its_answers_at_the_email_deadline(tmp_path, backend):
+    """Every email, not only alerts, is bounded in all by LLMHUB_EMAIL_DEADLINE_SECONDS: production's default
+    backend and Django's SMTP backend named in EMAIL_BACKEND alike (the settings put core.mail.DeadlineSmtpBackend
+    in its place). Before, a mail server answering a byte now and then, each within EMAIL_TIMEOUT, got the email."""
+    server = TricklingMailServer()
+    try:
+        env = production_env(
+            DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            EMAIL_BACKEND=backend,
+            EMAIL_HOST="127.0.0.1",
+            EMAIL_PORT=str(server.port),
+            EMAIL_HOST_USER="",
+            EMAIL_TIMEOUT="10",
+            LLMHUB_EMAIL_DEADLINE_SECONDS="0.3",
+        )
+        result = manage("sendtestemail", "ops@example.com", env=env)
+        assert result.returncode != 0
+        assert "MailDeadlineExceeded: the mail server did not finish within 0.3 s (LLMHUB_EMAIL_DEADLINE_SECONDS)" in (
+            result.stderr
+        )
+        assert server.accepted == 0
+    finally:
+        server.close()
 
 
 def test_development_generates_a_private_encryption_key_once(tmp_path):

@@ -515,7 +515,16 @@ LLMHUB_HEALTH_CHECK_RETENTION_DAYS = env.int("LLMHUB_HEALTH_CHECK_RETENTION_DAYS
 ADMINS = [("", address) for address in env.list("ADMINS", default=[])]
 # Development prints alert mails in the worker's output (`make run` has no mail server: Django's SMTP
 # default made every alert mail fail and retry); production.py sends through SMTP unless told otherwise.
+# Django's SMTP backend is replaced by core.mail.DeadlineSmtpBackend, the same with each send bounded in all.
+SMTP_EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+BOUNDED_SMTP_EMAIL_BACKEND = "core.mail.DeadlineSmtpBackend"
 EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+if EMAIL_BACKEND == SMTP_EMAIL_BACKEND:
+    EMAIL_BACKEND = BOUNDED_SMTP_EMAIL_BACKEND
+# Seconds one email may take in all (the SMTP session: connect, greeting, commands, message, QUIT; each step also
+# has EMAIL_TIMEOUT): a mail server trickling its answers is cut there, and the send fails (a user's notice is
+# retried; a password reset is logged as failed). Alerts have their own, LLMHUB_ALERT_EMAIL_DEADLINE_SECONDS.
+LLMHUB_EMAIL_DEADLINE_SECONDS = env.float("LLMHUB_EMAIL_DEADLINE_SECONDS", default=60.0)
 # The SMTP server mails go through (production's backend; alerts, password resets) and the sender's address:
 # Django's settings of the same names, from the environment. https://docs.djangoproject.com/en/5.2/ref/settings/#email-host
 EMAIL_HOST = env("EMAIL_HOST", default="localhost")

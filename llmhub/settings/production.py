@@ -55,7 +55,7 @@ _hosts = _allowed_hosts()
 from llmhub.logging import logging_settings  # noqa: E402
 
 from .base import *  # noqa: E402,F403
-from .base import env  # noqa: E402
+from .base import BOUNDED_SMTP_EMAIL_BACKEND, SMTP_EMAIL_BACKEND, env  # noqa: E402
 
 DEBUG = False
 # LOGGING: JSON lines, one object per line with its request id, for a log collector (docs/observability.md).
@@ -94,4 +94,6 @@ STORAGES = {
 # Providers on private addresses must be allowed explicitly in production.
 LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS = env.bool("LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS", default=False)
 
-EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.smtp.EmailBackend")
+EMAIL_BACKEND = env("EMAIL_BACKEND", default=BOUNDED_SMTP_EMAIL_BACKEND)
+if EMAIL_BACKEND == SMTP_EMAIL_BACKEND:
+    EMAIL_BACKEND = BOUNDED_SMTP_EMAIL_BACKEND
