@@ -23,6 +23,7 @@ from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallba
 from .fields import Secret
 from .forms import ModelNamesField
 from .models import ByokMode, CatalogModel, Deployment, HealthStatus, Provider
+from .services.breakers import deployment_upstream_changed
 from .services.credentials import provider_host_change_record
 from .services.health import providers_health_check
 from .services.model_import import provider_import_models
@@ -395,6 +396,14 @@ class CatalogModelAdmin(admin.ModelAdmin):
                 output_high=Max("deployments__output_per_mtok"),
             )
         )
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        super().save_formset(request, form, formset, change)
+        if formset.model is Deployment:
+            for deployment_form in formset.initial_forms:
+                deployment = deployment_form.instance
+                previous = deployment_form.initial.get("upstream_id", deployment.upstream_id)
+                deployment_upstream_changed(deployment=deployment, previous_upstream_id=previous)
 
     @admin.display(description="deployments", ordering="deployments_total")
     def deployments_count(self, obj: CatalogModel) -> int | str:

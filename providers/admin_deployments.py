@@ -4,6 +4,7 @@ latest health checks found. The breaker actions call ``deployment_breaker_overri
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
@@ -18,7 +19,7 @@ from django.utils.timesince import timesince
 from .models import BreakerOverride, Deployment, HealthCheck
 from .routing.breaker_machine import CLOSED, HALF_OPEN, OPEN, BreakerState
 from .routing.breakers import breaker_state, breaker_states
-from .services.breakers import deployment_breaker_override_set
+from .services.breakers import deployment_breaker_override_set, deployment_upstream_changed
 
 HEALTH_CHECKS_SHOWN = 20
 # A state's colour, as a class of providers/static/providers/admin_breakers.css (the Content-Security-Policy
@@ -126,6 +127,11 @@ class DeploymentAdmin(admin.ModelAdmin):
         ("Circuit breaker", {"fields": ("breaker_now", "breaker_override", "paid_health_probe")}),
         ("History", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
+
+    def save_model(self, request: HttpRequest, obj: Deployment, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        previous = form.initial.get("upstream_id", obj.upstream_id)
+        deployment_upstream_changed(deployment=obj, previous_upstream_id=previous)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Deployment]:
         latest = HealthCheck.objects.filter(deployment=OuterRef("pk")).order_by("-checked_at")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+from django.db import transaction
+
 from ..models import BreakerOverride, Deployment
 from ..routing.breaker_machine import CLOSED, OPEN
 from ..routing.breakers import breaker_force, breaker_reset
@@ -20,3 +24,15 @@ def deployment_breaker_override_set(*, deployment: Deployment, override: str) ->
         breaker_force(deployment.pk, CLOSED)
     else:
         breaker_reset(deployment.pk)
+
+
+def deployment_upstream_changed(*, deployment: Deployment, previous_upstream_id: str) -> bool:
+    """Once ``deployment`` (saved) is committed under another upstream id than ``previous_upstream_id``, reset its
+    breaker (closed, failures forgotten, the base cooldown) for every process: what it learnt was of the old id,
+    often one the provider lacks (the health round opened it), and the corrected id should not wait out a cooldown
+    of 503s. An admin's override stays as they set it. Every path that changes an upstream id calls this after
+    saving (the deployment admin, the model admin's deployments, ``providers_load``); False when nothing is due."""
+    if deployment.pk is None or deployment.upstream_id == previous_upstream_id or deployment.breaker_override:
+        return False
+    transaction.on_commit(partial(breaker_reset, deployment.pk), robust=True)
+    return True

@@ -24,6 +24,7 @@ from core.exceptions import ApplicationError
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from ..models import ByokMode, CatalogModel, Deployment, Provider
 from ..types import credential_header
+from .breakers import deployment_upstream_changed
 from .credentials import provider_host_change_record
 
 # YAML load and dump -------------------------------------------------------------------------------
@@ -447,6 +448,7 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     if deployment is None:
         deployment = Deployment(model=model, name=name)
     before = _snapshot(deployment, _DEPLOYMENT_COMPARED)
+    previous_upstream_id = deployment.upstream_id
 
     deployment.provider = provider
     deployment.upstream_id = entry.text("upstream")
@@ -464,6 +466,8 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     deployment.paid_health_probe = entry.boolean("paid_health_probe", False)
     deployment.enabled = entry.boolean("enabled", _field_default(Deployment, "enabled"))
     action = _checked_save(deployment, entry.where, before, _DEPLOYMENT_COMPARED)
+    if action == "updated":
+        deployment_upstream_changed(deployment=deployment, previous_upstream_id=previous_upstream_id)
     return name, LoadedRow("deployment", f"{model.name}/{name}", action)
 
 
