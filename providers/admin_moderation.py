@@ -11,9 +11,11 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from .models import CatalogModel, ModerationChecker, ModerationPolicy
-from .moderation import blocklist_problems
+from .moderation import blocklist_problems, blocklist_unmatchable
 
 
 class ModerationPolicyForm(forms.ModelForm):
@@ -67,10 +69,20 @@ class ModerationPolicyForm(forms.ModelForm):
 @admin.register(ModerationPolicy)
 class ModerationPolicyAdmin(admin.ModelAdmin):
     form = ModerationPolicyForm
-    list_display = ("name", "checker", "action", "check_input", "check_output", "fail_open", "models_using", "enabled")
+    list_display = (
+        "name",
+        "checker",
+        "action",
+        "check_input",
+        "check_output",
+        "fail_open",
+        "models_using",
+        "unmatchable_count",
+        "enabled",
+    )
     list_filter = ("checker", "action", "enabled", "fail_open")
     search_fields = ("name",)
-    readonly_fields = ("updated_at",)
+    readonly_fields = ("unmatchable_patterns", "updated_at")
     fieldsets = (
         (None, {"fields": ("name", "enabled", "checker", "action")}),
         ("What is checked", {"fields": ("check_input", "check_output", "stream_interval_chars")}),
@@ -89,6 +101,18 @@ class ModerationPolicyAdmin(admin.ModelAdmin):
         ("History", {"fields": ("updated_at",), "classes": ("collapse",)}),
     )
 
+    def get_fieldsets(self, request: HttpRequest, obj: ModerationPolicy | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or not blocklist_unmatchable(obj.blocklist):
+            return fieldsets
+        # A policy with patterns that cannot match says so under its block-list (and only such a policy).
+        return [
+            (title, {**options, "fields": (*options["fields"], "unmatchable_patterns")})
+            if "blocklist" in options["fields"]
+            else (title, options)
+            for title, options in fieldsets
+        ]
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[ModerationPolicy]:
         # The models' count in the list's one query (the foreign key has no reverse name to annotate through).
         using = (
@@ -103,3 +127,23 @@ class ModerationPolicyAdmin(admin.ModelAdmin):
     @admin.display(description="models", ordering="models_total")
     def models_using(self, obj: ModerationPolicy) -> int:
         return obj.models_total
+
+    @admin.display(description="block-list")
+    def unmatchable_count(self, obj: ModerationPolicy) -> SafeString | str:
+        stale = len(blocklist_unmatchable(obj.blocklist))
+        if not stale:
+            return "—"
+        return format_html("<strong>{} pattern{} cannot match</strong>", stale, "s" * (stale > 1))
+
+    @admin.display(description="patterns that cannot match")
+    def unmatchable_patterns(self, obj: ModerationPolicy) -> SafeString:
+        """Patterns saved before the plain form dropped accents and folded ß: the text they meet has neither."""
+        return format_html(
+            '<ul class="errorlist">{}</ul>The text a pattern meets is in its plain form (without accents and other '
+            "marks added to letters, ß as ss): save the policy with each written in that form.",
+            format_html_join(
+                "",
+                "<li>Line {}: re:{} cannot match; write it in the plain form: re:{}</li>",
+                blocklist_unmatchable(obj.blocklist),
+            ),
+        )

@@ -663,6 +663,18 @@ def blocklist_problems(text: str) -> list[str]:
     return problems
 
 
+def blocklist_unmatchable(text: str) -> list[tuple[int, str, str]]:
+    """The ``re:`` patterns of a saved block-list that are not in the plain form, as (line, pattern, the pattern in
+    the plain form): saved before the plain form dropped accents and folded ``ß`` (5 December), they can never
+    match the letters the plain form took out of the text. ``blocklist_problems`` refuses them on the next save;
+    the admin flags those already saved."""
+    return [
+        (line, value, plain_form(value))
+        for line, value, is_pattern in blocklist_entries(text)
+        if is_pattern and value and plain_form(value) != value
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class PolicySnapshot:
     """A ``ModerationPolicy`` as the request path uses it, with its block-list compiled."""
