@@ -2121,6 +2121,9 @@ class _App:
             return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return _anthropic_error(400, "invalid_request_error", "max_tokens: Input should be greater than 0")
+        thinking = _App._validate_anthropic_thinking(body)
+        if thinking is not None:
+            return _anthropic_error(400, "invalid_request_error", thinking)
         last = body["messages"][-1] if body["messages"] else None
         if isinstance(last, dict) and last.get("role") == "assistant":
             content = last.get("content")
@@ -2130,6 +2133,56 @@ class _App:
                 # As Anthropic's API does: a prefill may not end in whitespace.
                 return _anthropic_error(
                     400, "invalid_request_error", "final assistant content cannot end with trailing whitespace"
+                )
+        return None
+
+    @staticmethod
+    def _validate_anthropic_thinking(body: dict[str, Any]) -> str | None:
+        """What Anthropic refuses about extended thinking: a budget under 1024 or not under ``max_tokens``, a
+        temperature other than 1, ``top_k``, a thinking block sent back with another signature than the one it
+        came with, and (thinking enabled) a tool-use turn answered in this request without its thinking first."""
+        setting = body.get("thinking")
+        enabled = isinstance(setting, dict) and setting.get("type") == "enabled"
+        if enabled:
+            budget = setting.get("budget_tokens")
+            if not isinstance(budget, int) or budget < 1024:
+                return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+            if budget >= body["max_tokens"]:
+                return "`max_tokens` must be greater than `thinking.budget_tokens`"
+            if body.get("temperature") not in (None, 1):
+                return "`temperature` may only be set to 1 when thinking is enabled"
+            if body.get("top_k") is not None:
+                return "`top_k` must be unset when thinking is enabled"
+        messages = body["messages"]
+        for i, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                continue
+            for block in content:
+                if (
+                    isinstance(block, dict)
+                    and block.get("type") == "thinking"
+                    and block.get("signature") != _THINKING_SIGNATURE
+                ):
+                    return f"messages.{i}.content: Invalid `signature` in `thinking` block"
+        answered = messages[-1] if messages else None
+        asked = messages[-2] if len(messages) >= 2 else None
+        if (
+            enabled
+            and isinstance(answered, dict)
+            and isinstance(asked, dict)
+            and asked.get("role") == "assistant"
+            and isinstance(asked.get("content"), list)
+            and any(isinstance(b, dict) and b.get("type") == "tool_use" for b in asked["content"])
+            and isinstance(answered.get("content"), list)
+            and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in answered["content"])
+        ):
+            first = asked["content"][0]
+            if not isinstance(first, dict) or first.get("type") not in ("thinking", "redacted_thinking"):
+                return (
+                    f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, but"
+                    " found `tool_use`. When `thinking` is enabled, a final `assistant` message must start with a"
+                    " thinking block."
                 )
         return None
 

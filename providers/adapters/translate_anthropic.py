@@ -17,17 +17,22 @@ Request (OpenAI → Anthropic):
   by Anthropic: :data:`DEFAULT_MAX_TOKENS` when absent); ``temperature``, ``top_p``; ``stop`` →
   ``stop_sequences``; ``user`` (or ``safety_identifier``) → ``metadata.user_id``;
   ``response_format`` of type ``json_schema`` → ``output_config.format``. Anthropic's own ``top_k``
-  and ``thinking`` pass through for clients that know they talk to Claude.
+  and ``thinking`` pass through for clients that know they talk to Claude; without ``thinking``,
+  ``reasoning_effort`` becomes a thinking budget (``THINKING_BUDGETS``, ``_reasoning_effort``).
+  An assistant message's ``thinking_blocks`` (as the replies give them) go back first in its turn.
 - Everything else is dropped, since the Messages API rejects fields it does not know: among them
   ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``, ``top_logprobs``, ``seed``,
   ``response_format`` ``json_object``/``text``, ``store``, ``metadata``, ``service_tier``,
-  ``reasoning_effort``, ``modalities``, ``audio``, ``prediction``, ``prompt_cache_key``,
+  ``modalities``, ``audio``, ``prediction``, ``prompt_cache_key``,
   ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and the
   legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused.
 
 Response (Anthropic → OpenAI): a ``message`` becomes a ``chat.completion``; a stream of Messages
 events becomes ``chat.completion.chunk`` objects through :class:`StreamTranslator`, ending with a
-usage chunk (``choices: []``) like OpenAI's ``stream_options.include_usage``.
+usage chunk (``choices: []``) like OpenAI's ``stream_options.include_usage``. The ``thinking`` blocks of a
+reply are its ``reasoning_content`` (blocks joined by a line break; streamed: ``delta.reasoning_content`` from
+each ``thinking_delta``), and its ``thinking_blocks``, signed, for the client to send back (streamed: each thinking
+block whole once its signature arrives; a ``redacted_thinking`` block as it starts), as LiteLLM spells them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ _FINISH_REASONS = {
 }
 _DATA_URL = re.compile(r"data:(?P<media_type>[\w.+-]+/[\w.+-]+);base64,(?P<data>.*)", re.DOTALL)
 _PASSTHROUGH = ("temperature", "top_p", "top_k", "thinking")
+# OpenAI's reasoning_effort → Claude's extended-thinking budget in tokens: LiteLLM's budgets (low 1024, medium 2048,
+# high 4096), with ``minimal`` at Anthropic's least budget, 1024 (LiteLLM's 128 is below what Claude takes);
+# ``none`` leaves thinking off.
+THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
+_LEAST_THINKING_BUDGET = 1024
 
 
 def _invalid(message: str, param: str, code: str = "invalid_value") -> ProviderBadRequestError:
@@ -79,6 +89,8 @@ def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
     for name in _PASSTHROUGH:
         if body.get(name) is not None:
             request[name] = body[name]
+    if body.get("thinking") is None:
+        _reasoning_effort(body, request)
     stop = body.get("stop")
     if isinstance(stop, str):
         request["stop_sequences"] = [stop]
@@ -100,10 +112,69 @@ def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _max_tokens(body: dict[str, Any]) -> Any:
+    name = _max_tokens_name(body)
+    return body[name] if name is not None else DEFAULT_MAX_TOKENS
+
+
+def _max_tokens_name(body: dict[str, Any]) -> str | None:
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:
-            return body[name]
-    return DEFAULT_MAX_TOKENS
+            return name
+    return None
+
+
+def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:
+    """``reasoning_effort`` as Claude's extended thinking (``THINKING_BUDGETS``). As on OpenAI's reasoning models,
+    the output limit bounds the thinking and the reply together, and it is a cost ceiling (the client's, or the
+    one llmhub picked for a budget): it is never raised. The budget is lowered to fit under it; a limit too small
+    for Anthropic's least budget is a 400. Without a limit, the default room for the reply is added to the budget.
+    Claude thinks only at temperature 1 and ``top_p`` of 0.95 or more, with no ``top_k``: other values are refused
+    (as OpenAI's reasoning models refuse a temperature), not dropped, since they would silently not apply."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return
+    if effort not in THINKING_BUDGETS:
+        raise _invalid(
+            f"Claude has no thinking budget for reasoning_effort {effort!r}: use one of "
+            + ", ".join(repr(name) for name in THINKING_BUDGETS)
+            + ".",
+            "reasoning_effort",
+            "unsupported_value",
+        )
+    budget = THINKING_BUDGETS[effort]
+    if not budget:
+        return
+    if body.get("temperature") is not None and body["temperature"] != 1:
+        raise _invalid(
+            "Claude thinks at temperature 1 only: with `reasoning_effort`, leave `temperature` out or set it to 1.",
+            "temperature",
+            "unsupported_value",
+        )
+    if body.get("top_p") is not None and body["top_p"] < 0.95:
+        raise _invalid(
+            "Claude thinks with `top_p` of 0.95 or more only: with `reasoning_effort`, leave `top_p` out or raise it.",
+            "top_p",
+            "unsupported_value",
+        )
+    if body.get("top_k") is not None:
+        raise _invalid(
+            "Claude takes no `top_k` while it thinks: with `reasoning_effort`, leave `top_k` out.",
+            "top_k",
+            "unsupported_value",
+        )
+    limit_name = _max_tokens_name(body)
+    if limit_name is None:
+        request["max_tokens"] = budget + DEFAULT_MAX_TOKENS
+    else:
+        limit = request["max_tokens"]
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit <= _LEAST_THINKING_BUDGET:
+            raise _invalid(
+                f"Claude thinks with at least {_LEAST_THINKING_BUDGET} tokens, counted in `{limit_name}`: with"
+                f" `reasoning_effort`, set `{limit_name}` above {_LEAST_THINKING_BUDGET} (or leave it out).",
+                limit_name,
+            )
+        budget = min(budget, limit - 1)
+    request["thinking"] = {"type": "enabled", "budget_tokens": budget}
 
 
 def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -123,7 +194,8 @@ def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]
             if blocks:
                 turns.append({"role": "user", "content": blocks})
         elif role == "assistant":
-            blocks = _content_blocks(content, f"{where}.content") if content is not None else []
+            blocks = _thinking_blocks(message.get("thinking_blocks"), f"{where}.thinking_blocks")
+            blocks.extend(_content_blocks(content, f"{where}.content") if content is not None else [])
             blocks.extend(_tool_use_blocks(message.get("tool_calls"), f"{where}.tool_calls"))
             if blocks:
                 turns.append({"role": "assistant", "content": blocks})
@@ -199,6 +271,30 @@ def _image_source(url: Any, where: str) -> dict[str, Any]:
     if url.startswith(("https://", "http://")):
         return {"type": "url", "url": url}
     raise _invalid("An image URL must be an http(s) URL or a base64 data URL.", where)
+
+
+def _thinking_blocks(blocks: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``thinking_blocks`` (as this gateway and LiteLLM answer them), sent back as they came:
+    Claude checks each block's signature, and wants the thinking before a tool call again in the round that answers
+    it. The message's ``reasoning_content`` alone cannot be: it has no signature."""
+    if blocks is None:
+        return []
+    if not isinstance(blocks, list):
+        raise _invalid("`thinking_blocks` must be an array.", where)
+    translated = []
+    for j, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "thinking" and isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
+            translated.append({"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]})
+        elif kind == "redacted_thinking" and isinstance(block.get("data"), str):
+            translated.append({"type": "redacted_thinking", "data": block["data"]})
+        else:
+            raise _invalid(
+                "Each thinking block must be a `thinking` block with its `thinking` and `signature`, or a"
+                " `redacted_thinking` block with its `data`, as the reply gave them.",
+                f"{where}[{j}]",
+            )
+    return translated
 
 
 def _tool_use_blocks(tool_calls: Any, where: str) -> list[dict[str, Any]]:
@@ -312,10 +408,19 @@ def completion_from_message(message: dict[str, Any]) -> dict[str, Any]:
     """A ``chat.completion`` for an Anthropic ``message``."""
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
+    thoughts: list[str] = []
+    thinking_blocks: list[dict[str, Any]] = []
     for block in message.get("content") or ():
         kind = block.get("type")
         if kind == "text":
             texts.append(block.get("text") or "")
+        elif kind == "thinking":
+            thoughts.append(block.get("thinking") or "")
+            thinking_blocks.append(
+                {"type": "thinking", "thinking": block.get("thinking") or "", "signature": block.get("signature") or ""}
+            )
+        elif kind == "redacted_thinking":
+            thinking_blocks.append({"type": "redacted_thinking", "data": block.get("data") or ""})
         elif kind == "tool_use":
             tool_calls.append(
                 {
@@ -331,6 +436,10 @@ def completion_from_message(message: dict[str, Any]) -> dict[str, Any]:
     }
     if tool_calls:
         reply["tool_calls"] = tool_calls
+    if thinking_blocks:
+        # The thinking as reasoning servers spell it, and its blocks whole for the client to send back.
+        reply["reasoning_content"] = "\n".join(thoughts)
+        reply["thinking_blocks"] = thinking_blocks
     return {
         "id": message.get("id") or "",
         "object": "chat.completion",
@@ -347,11 +456,11 @@ class StreamTranslator:
     """Turns the events of one Anthropic message stream into OpenAI chunks, one event at a time.
 
     ``feed`` returns the chunk an event becomes, or None for events a client need not see (ping,
-    block stops, thinking). ``complete`` tells whether ``message_stop`` arrived: a stream that ends
+    block starts and stops). ``complete`` tells whether ``message_stop`` arrived: a stream that ends
     without it was cut short.
     """
 
-    __slots__ = ("_created", "_id", "_model", "_tool_index", "_usage", "complete")
+    __slots__ = ("_created", "_id", "_model", "_thinking", "_tool_index", "_usage", "complete")
 
     def __init__(self) -> None:
         self._id = ""
@@ -359,6 +468,7 @@ class StreamTranslator:
         self._created = int(time.time())
         self._usage: dict[str, Any] = {}
         self._tool_index: dict[int, int] = {}  # Anthropic content block index -> OpenAI tool call index
+        self._thinking: dict[int, list[str]] = {}  # Anthropic content block index -> its thinking so far
         self.complete = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -377,6 +487,15 @@ class StreamTranslator:
             delta_kind = delta.get("type")
             if delta_kind == "text_delta":
                 return self._chunk({"content": delta.get("text") or ""})
+            if delta_kind == "thinking_delta" and delta.get("thinking"):
+                self._thinking.setdefault(event.get("index", -1), []).append(delta["thinking"])
+                return self._chunk({"reasoning_content": delta["thinking"]})
+            if delta_kind == "signature_delta":
+                # The block's thinking is whole once it is signed: the client gets it with its signature, to send
+                # back in a tool-use round (the reasoning text was streamed already, and was checked as it came).
+                thinking = "".join(self._thinking.pop(event.get("index", -1), ()))
+                block = {"type": "thinking", "thinking": thinking, "signature": delta.get("signature") or ""}
+                return self._chunk({"thinking_blocks": [block]})
             if delta_kind == "input_json_delta" and delta.get("partial_json"):
                 index = self._tool_index.get(event.get("index", -1))
                 if index is not None:
@@ -423,6 +542,8 @@ class StreamTranslator:
             return self._chunk({"tool_calls": [call]})
         if kind == "text" and block.get("text"):
             return self._chunk({"content": block["text"]})
+        if kind == "redacted_thinking":
+            return self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": block.get("data") or ""}]})
         return None
 
 

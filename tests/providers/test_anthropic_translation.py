@@ -201,7 +201,6 @@ def test_other_fields_are_mapped_or_dropped():
         presence_penalty=0.5,
         store=True,
         metadata={"a": "b"},
-        reasoning_effort="low",
         stream_options={"include_usage": True},
         x_unknown=True,
     )
@@ -217,6 +216,80 @@ def test_other_fields_are_mapped_or_dropped():
         "metadata": {"user_id": "hashed-user"},
         "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
     }
+
+
+@pytest.mark.parametrize(("effort", "budget"), [("minimal", 1024), ("low", 1024), ("medium", 2048), ("high", 4096)])
+def test_reasoning_effort_becomes_a_thinking_budget_with_room_for_the_reply(effort, budget):
+    translated = request({"role": "user", "content": "x"}, reasoning_effort=effort)
+
+    assert translated["thinking"] == {"type": "enabled", "budget_tokens": budget}
+    assert translated["max_tokens"] == budget + DEFAULT_MAX_TOKENS
+
+
+def test_reasoning_effort_none_leaves_thinking_off_and_an_explicit_thinking_wins():
+    assert "thinking" not in request({"role": "user", "content": "x"}, reasoning_effort="none")
+    explicit = {"type": "enabled", "budget_tokens": 3000}
+    translated = request({"role": "user", "content": "x"}, reasoning_effort="high", thinking=explicit)
+    assert translated["thinking"] == explicit
+
+
+def test_the_clients_output_limit_is_never_raised_the_budget_fits_under_it():
+    translated = request({"role": "user", "content": "x"}, reasoning_effort="high", max_completion_tokens=3000)
+    assert translated["max_tokens"] == 3000
+    assert translated["thinking"] == {"type": "enabled", "budget_tokens": 2999}
+
+    translated = request({"role": "user", "content": "x"}, reasoning_effort="low", max_tokens=9000, temperature=1)
+    assert translated["max_tokens"] == 9000
+    assert translated["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": 1024}, "max_tokens"),
+        ({"max_completion_tokens": 500}, "max_completion_tokens"),
+        ({"temperature": 0.2}, "temperature"),
+        ({"top_p": 0.5}, "top_p"),
+        ({"top_k": 5}, "top_k"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ],
+)
+def test_what_claude_cannot_think_with_is_a_clear_400(fields, param):
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request({"role": "user", "content": "x"}, **{"reasoning_effort": "medium", **fields})
+    assert caught.value.param == param
+
+
+def test_thinking_blocks_go_back_first_in_their_assistant_turn():
+    blocks = [
+        {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+        {"type": "redacted_thinking", "data": "opaque"},
+    ]
+    call = {"id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+
+    translated = request(
+        {"role": "user", "content": "x"},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "hmm",
+            "thinking_blocks": blocks,
+            "tool_calls": [call],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "found"},
+    )
+
+    assert translated["messages"][1]["content"] == [
+        *blocks,
+        {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}},
+    ]
+
+
+@pytest.mark.parametrize("blocks", [{"type": "thinking"}, [{"type": "thinking", "thinking": "hmm"}], ["x"]])
+def test_malformed_thinking_blocks_are_a_clear_400(blocks):
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request({"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "thinking_blocks": blocks})
+    assert caught.value.param.startswith("messages[1].thinking_blocks")
 
 
 def test_more_than_one_choice_is_refused():
@@ -286,6 +359,8 @@ def test_message_with_text_and_tool_use_becomes_a_completion():
     choice = completion["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] == "Let me check."
+    assert choice["message"]["reasoning_content"] == "hmm"
+    assert choice["message"]["thinking_blocks"] == [{"type": "thinking", "thinking": "hmm", "signature": "sig"}]
     assert choice["message"]["refusal"] is None
     assert choice["message"]["tool_calls"] == [
         {"id": "toolu_1", "type": "function", "function": {"name": "lookup", "arguments": json.dumps({"word": "é"})}}
@@ -356,6 +431,38 @@ def test_a_stream_of_events_becomes_openai_chunks():
     assert chunks[-1]["usage"]["completion_tokens"] == 9
     assert {chunk["id"] for chunk in chunks} == {"msg_9"}
     assert translator.complete
+
+
+def test_a_streamed_thinking_block_becomes_reasoning_deltas_then_the_signed_block():
+    events = [
+        {"type": "message_start", "message": {"id": "msg_t", "model": "claude-x", "usage": {"input_tokens": 5}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Let me "}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "think."}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "opaque"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Done."}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}},
+        {"type": "message_stop"},
+    ]
+    translator = StreamTranslator()
+    chunks = [chunk for event in events if (chunk := translator.feed(event)) is not None]
+
+    for chunk in chunks:
+        validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert deltas == [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "Let me "},
+        {"reasoning_content": "think."},
+        {"thinking_blocks": [{"type": "thinking", "thinking": "Let me think.", "signature": "sig"}]},
+        {"thinking_blocks": [{"type": "redacted_thinking", "data": "opaque"}]},
+        {"content": "Done."},
+        {},
+    ]
 
 
 def test_a_stream_without_message_stop_is_incomplete():

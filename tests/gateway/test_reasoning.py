@@ -1,0 +1,141 @@
+"""Reasoning models of every provider through /v1/chat/completions: asking for reasoning with ``reasoning_effort``,
+getting it back in ``reasoning_content`` (whole and streamed), and what a tool-use round needs sent back.
+
+The fake upstream answers ``[[thinking=TEXT]]`` with a signed ``thinking`` block on the Messages API when the
+request enables thinking, and checks what Anthropic checks (a budget under ``max_tokens``, temperature 1, the
+signature of a thinking block sent back, the thinking first in a tool-use turn answered)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from llmhub.testing.openapi import validate_openai_schema
+from tests.gateway.test_moderation import delivered_text, policy_on, relayed, sse_stream
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up.",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]},
+    },
+}
+
+
+def chunks_of(gateway, body: dict) -> list[dict]:
+    events, _ = sse_stream(gateway, {**body, "stream": True})
+    assert events[-1] == "[DONE]", events[-1]
+    for event in events[:-1]:
+        validate_openai_schema(event, "CreateChatCompletionStreamResponse")
+    return events[:-1]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_claudes_thinking_comes_back_as_reasoning_content_when_reasoning_effort_asks_for_it(gateway, stream):
+    body = {
+        "model": "claude-test",
+        "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": "[[thinking=first I weigh it, then I answer]] hello"}],
+    }
+    if stream:
+        chunks = chunks_of(gateway, body)
+        assert relayed(chunks, "reasoning_content") == "first I weigh it, then I answer"
+        assert delivered_text(chunks) == "Echo: hello"
+        blocks = [
+            block for chunk in chunks for c in chunk["choices"] for block in c["delta"].get("thinking_blocks", [])
+        ]
+        assert [block["thinking"] for block in blocks] == ["first I weigh it, then I answer"]
+        assert blocks[0]["signature"]
+    else:
+        raw = gateway.client().chat.completions.with_raw_response.create(**body)
+        completion = json.loads(raw.http_response.text)
+        validate_openai_schema(completion, "CreateChatCompletionResponse")
+        message = completion["choices"][0]["message"]
+        assert message["reasoning_content"] == "first I weigh it, then I answer"
+        assert message["content"] == "Echo: hello"
+        assert [block["type"] for block in message["thinking_blocks"]] == ["thinking"]
+        assert message["thinking_blocks"][0]["signature"]
+
+
+def test_a_tool_use_round_with_claudes_thinking_sends_the_signed_thinking_back(gateway):
+    """Anthropic wants the thinking before a tool call again, signed, in the request that answers the call: the
+    client sends back the assistant message as it came (its ``thinking_blocks`` with it), as with LiteLLM."""
+    client = gateway.client()
+    messages: list[dict] = [{"role": "user", "content": "[[thinking=I should look it up]] weather"}]
+    first = client.chat.completions.create(
+        model="claude-test", reasoning_effort="medium", tools=[LOOKUP], messages=messages
+    )
+    assistant = first.choices[0].message.model_dump(exclude_none=True)
+    assert assistant["tool_calls"] and assistant["thinking_blocks"][0]["thinking"] == "I should look it up"
+
+    messages += [assistant, {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": "sunny"}]
+    second = client.chat.completions.create(
+        model="claude-test", reasoning_effort="medium", tools=[LOOKUP], tool_choice="none", messages=messages
+    )
+
+    assert second.choices[0].message.content
+
+
+def test_a_temperature_claude_cannot_think_at_is_a_clear_400(gateway):
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="claude-test", reasoning_effort="high", temperature=0.2, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert refused.value.body["param"] == "temperature"
+    assert "temperature" in refused.value.body["message"]
+
+
+def test_a_blocked_word_in_claudes_thinking_on_chat_completions_is_checked_as_output_whole(gateway):
+    policy_on("claude-test", blocklist="forbidden", check_input=False)
+
+    with pytest.raises(openai.BadRequestError) as withheld:
+        gateway.client().chat.completions.create(
+            model="claude-test",
+            reasoning_effort="low",
+            messages=[{"role": "user", "content": "[[thinking=the forbidden word]] hi"}],
+        )
+
+    assert withheld.value.code == "content_policy_violation"
+    record = wait_for_record(withheld.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.moderation.startswith("blocked output")
+
+
+@pytest.mark.parametrize(
+    "thinking", ["the forbidden word, then more", "it ends ｆｏｒｂｉｄｄｅｎ"], ids=["inside", "at-end"]
+)
+def test_a_blocked_word_in_claudes_streamed_thinking_is_checked_and_its_signed_block_withheld(gateway, thinking):
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    body = {
+        "model": "claude-test",
+        "stream": True,
+        "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": f"[[thinking={thinking}]] hi"}],
+    }
+
+    events, request_id = sse_stream(gateway, body)
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    relayed_json = json.dumps(events[:-1], ensure_ascii=False)
+    assert "forbidden" not in relayed_json and "ｆｏｒｂｉｄｄｅｎ" not in relayed_json
+    assert delivered_text(events) == ""
+    record = wait_for_record(request_id)
+    assert record.error_type == "content_policy_violation"
+
+
+def test_without_reasoning_effort_claude_answers_without_thinking(gateway):
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "claude-test", "messages": [{"role": "user", "content": "[[thinking=hmm]] hi"}]},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    ).json()
+
+    assert "reasoning_content" not in response["choices"][0]["message"]
