@@ -107,7 +107,10 @@ Replies
     ``[[thinking=some text]]`` (Anthropic only, in a request whose ``thinking`` is enabled: ``{"type": "enabled",
     "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
     before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
-    ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``.
+    ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``. The
+    Anthropic routes refuse what Anthropic refuses with thinking (``_validate_anthropic_thinking``). On the
+    Gemini routes, unless ``thinkingBudget`` is 0, its words are billed as ``thoughtsTokenCount``, and with
+    ``includeThoughts`` the text comes before the answer as a ``thought`` part (streamed: in pieces of its own).
     ``[[reasoning=some text]]`` (OpenAI only) answers that text as the model's reasoning before its reply, as
     OpenAI-compatible servers of reasoning models do: in the message's ``reasoning_content`` (DeepSeek, vLLM), or
     with ``[[reasoning_field=reasoning]]`` in its ``reasoning`` (OpenRouter, Ollama); streamed in that field of the
@@ -119,8 +122,8 @@ Replies
     legacy ``function_call`` (streamed first, then the call opens), as models that say what they are about to
     do; its words count as the reply's. A request that ends in an assistant message (a prefill) that begins the
     preamble is answered as a model continues one: the rest of the preamble, then the call.
-    ``[[usage=none]]`` (OpenAI only) reports no usage: none in the response, no usage chunk whatever
-    ``stream_options`` asked, as some OpenAI-compatible servers do.
+    ``[[usage=none]]`` (OpenAI and Gemini) reports no usage: none in the response, no usage chunk whatever
+    ``stream_options`` asked, as some OpenAI-compatible servers do (Gemini: no ``usageMetadata``).
     ``[[raw=BASE64]]`` (OpenAI's chat completions) answers exactly the bytes the URL-safe base64 decodes to,
     with a 200: a stream's whole body (``text/event-stream``: its ``data:`` and ``event:`` lines as given, no
     ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
@@ -556,6 +559,22 @@ def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str
     if not isinstance(setting, dict) or setting.get("type") not in ("enabled", "adaptive"):
         return None
     return directives.get("thinking") or None
+
+
+def _gemini_thought(config: dict[str, Any], directives: dict[str, str]) -> str | None:
+    """The thinking a ``[[thinking=TEXT]]`` asks of a Gemini model, unless its ``thinkingBudget`` is 0 (thinking
+    off). Its words are billed as ``thoughtsTokenCount``; the text comes back, as ``thought`` parts, only when
+    ``includeThoughts`` asks for it, as Gemini returns its thought summaries."""
+    thinking = config.get("thinkingConfig") if isinstance(config.get("thinkingConfig"), dict) else {}
+    # google-genai sends these fields in the proto's spelling or the JSON one; Google reads both.
+    if thinking.get("thinkingBudget", thinking.get("thinking_budget")) == 0:
+        return None
+    return directives.get("thinking") or None
+
+
+def _gemini_includes_thoughts(config: dict[str, Any]) -> bool:
+    thinking = config.get("thinkingConfig") if isinstance(config.get("thinkingConfig"), dict) else {}
+    return thinking.get("includeThoughts", thinking.get("include_thoughts")) is True
 
 
 @dataclass(frozen=True)
@@ -2317,6 +2336,10 @@ class _App:
         }
         if cached:
             usage["cachedContentTokenCount"] = cached
+        thought = _gemini_thought(config, conv.directives)
+        if thought is not None:
+            usage["thoughtsTokenCount"] = count_words(thought) * candidates
+            usage["totalTokenCount"] += usage["thoughtsTokenCount"]
         response_id = _new_id("")
         safety = conv.directives.get("safety")
         if safety == "prompt":
@@ -2342,6 +2365,12 @@ class _App:
             parts = [[{"text": piece}] for piece in reply.tokens] or [[{"text": ""}]]
         else:
             parts = [[{"text": reply.text}]]
+        if thought is not None and _gemini_includes_thoughts(config):
+            # The thought summary first: whole, before the answer's parts; streamed, in pieces of its own.
+            if stream:
+                parts[:0] = [[{"text": piece, "thought": True}] for piece in _split_pieces(thought)]
+            else:
+                parts[0].insert(0, {"text": thought, "thought": True})
         # responseLogprobs: each candidate's chosen tokens, with ``logprobs`` alternatives at each step.
         logprobs = None
         if config.get("responseLogprobs") is True:
@@ -2365,7 +2394,7 @@ class _App:
                             {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
                         ]
                 chunk["candidates"].append(candidate)
-            if index == len(parts) - 1:
+            if index == len(parts) - 1 and conv.directives.get("usage") != "none":
                 chunk["usageMetadata"] = usage
             chunks.append(chunk)
         if not stream:

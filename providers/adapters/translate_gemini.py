@@ -8,16 +8,18 @@ answers); tools their ``function_declarations`` with the JSON schema as given
 (``parameters_json_schema``: Gemini takes JSON schema there, so no lossy translation to its older
 ``Schema`` subset); ``tool_choice`` a ``function_calling_config``; ``logprobs`` and ``top_logprobs``
 ``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
-a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped). Gemini has no
-logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied; and no way to ask
-for one tool call a turn, so ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first
+a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped) with
+``include_thoughts``, so that the thought summaries come back as ``reasoning_content`` (``none``: no thinking).
+Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied; and no way
+to ask for one tool call a turn, so ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first
 call only (the model asks for the next once it has the first's result). ``verbosity`` (a hint to GPT-5 models)
 has no Gemini counterpart and is not sent. A data URL image is sent inline; an http(s) image URL is refused
 with a 400 (Gemini's ``file_data`` takes only files it hosts, and the gateway does not fetch URLs for the
 provider).
 
 The response side turns a ``GenerateContentResponse`` (as a dict, ``model_dump``'d) into a
-``chat.completion`` or a ``chat.completion.chunk``; a safety verdict, on the prompt
+``chat.completion`` or a ``chat.completion.chunk`` (the ``thought`` parts the message's or the delta's
+``reasoning_content``); a safety verdict, on the prompt
 (``prompt_feedback.block_reason``) or on the answer, is ``finish_reason: content_filter``; a candidate's
 ``logprobs_result`` is the choice's ``logprobs``.
 """
@@ -96,7 +98,12 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
                 "reasoning_effort",
                 "unsupported_value",
             )
-        config["thinking_config"] = {"thinking_budget": _THINKING_BUDGETS[effort]}
+        budget = _THINKING_BUDGETS[effort]
+        # Asked to reason, the model's thought summaries come back too (``reasoning_content``), as reasoning does
+        # from OpenAI-compatible servers; without ``include_thoughts`` Gemini bills its thinking and shows none.
+        config["thinking_config"] = (
+            {"thinking_budget": budget, "include_thoughts": True} if budget else {"thinking_budget": 0}
+        )
     if body.get("logprobs") is True:
         config["response_logprobs"] = True
         if body.get("top_logprobs"):
@@ -297,6 +304,16 @@ def _candidate(
     return ("".join(texts) if texts else None), calls, finish
 
 
+def _thoughts(candidate: dict[str, Any]) -> str | None:
+    """The model's thought summary in a candidate (its ``thought`` parts, which ``include_thoughts`` asks for)."""
+    thoughts = [
+        part["text"]
+        for part in (candidate.get("content") or {}).get("parts") or []
+        if part.get("thought") and isinstance(part.get("text"), str)
+    ]
+    return "".join(thoughts) if thoughts else None
+
+
 def _choice_logprobs(candidate: dict[str, Any]) -> dict[str, Any] | None:
     """A choice's ``logprobs`` in OpenAI's shape from the candidate's ``logprobs_result`` (what Gemini answers
     ``response_logprobs``): each token chosen, with the step's most likely tokens when ``logprobs`` asked for
@@ -354,6 +371,8 @@ def completion_from_response(response: dict[str, Any], model: str, *, max_calls:
     for index, candidate in enumerate(response.get("candidates") or []):
         text, calls, finish = _candidate(candidate, f"{key}_{index}" if index else key, max_calls=max_calls)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if (thoughts := _thoughts(candidate)) is not None:
+            message["reasoning_content"] = thoughts
         if calls:
             message["tool_calls"] = calls
         elif text is None:
@@ -417,6 +436,8 @@ class StreamTranslator:
             if index not in self._started:
                 self._started.add(index)
                 delta["role"] = "assistant"
+            if (thoughts := _thoughts(candidate)) is not None:
+                delta["reasoning_content"] = thoughts
             if text is not None:
                 delta["content"] = text
             if calls:

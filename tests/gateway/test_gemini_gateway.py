@@ -4,6 +4,7 @@ the adapter Gemini (to the fake upstream's Gemini routes), and the ledger prices
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 
 import openai
@@ -13,6 +14,7 @@ from billing.models import UsageRecord
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
+from tests.gateway.test_moderation import policy_on, sse_stream
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -207,8 +209,65 @@ def test_reasoning_effort_reaches_gemini_as_a_thinking_budget(gemini, effort, bu
     )
     assert completion.choices[0].message.content == "Echo: hi"
     thinking = gemini.upstream.requests[-1]["body"]["generationConfig"]["thinkingConfig"]
-    # google-genai sends this object's fields in the proto's own spelling, which Google's JSON reads as well.
-    assert thinking in ({"thinkingBudget": budget}, {"thinking_budget": budget})
+    # google-genai sends this object's fields in the proto's own spelling, which Google's JSON reads as well;
+    # asked to reason, the model's thoughts are asked for too.
+    expected = {"thinkingBudget": budget, "includeThoughts": True} if budget else {"thinkingBudget": 0}
+    assert thinking in (
+        expected,
+        {"thinking_budget": budget, "include_thoughts": True} if budget else {"thinking_budget": 0},
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_geminis_thoughts_come_back_as_reasoning_content_when_reasoning_effort_asks_for_them(gemini, stream):
+    thought = "first I weigh the question, then I answer it"
+    body = {
+        "model": "gemini-test",
+        "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": f"[[thinking={thought}]] hi"}],
+    }
+    client = gemini.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            chunks = [json.loads(line[len("data: ") :]) for line in response.iter_lines() if line.startswith("data: {")]
+        for chunk in chunks:
+            validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+        deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+        assert "".join(delta.get("reasoning_content") or "" for delta in deltas) == thought
+        assert "".join(delta.get("content") or "" for delta in deltas) == "Echo: hi"
+        usage = chunks[-1]["usage"]
+    else:
+        raw = client.chat.completions.with_raw_response.create(**body)
+        completion = json.loads(raw.http_response.text)
+        validate_openai_schema(completion, "CreateChatCompletionResponse")
+        message = completion["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == (thought, "Echo: hi")
+        usage = completion["usage"]
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == len(thought.split())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_geminis_thoughts_are_charged_when_gemini_reports_no_usage(gemini, stream):
+    thought = ("first I weigh the question at some length, then I answer it briefly " * 4).strip()
+    messages = [{"role": "user", "content": f"[[thinking={thought}]] [[reply=Fine.]] [[usage=none]]"}]
+    client = gemini.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model="gemini-test", messages=messages, reasoning_effort="low", stream=True
+        ) as response:
+            for _ in response.iter_lines():
+                pass
+            request_id = response.headers["x-request-id"]
+    else:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gemini-test", messages=messages, reasoning_effort="low"
+        )
+        request_id = raw.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    assert record.usage_estimated
+    assert record.completion_tokens >= math.ceil(len(thought + "Fine.") / 4)
 
 
 def test_a_reasoning_effort_gemini_has_no_budget_for_is_a_400_naming_it(gemini):
@@ -258,3 +317,24 @@ def test_no_parallel_tool_calls_through_gemini_gets_one_call_a_turn(gemini, stre
     [call] = calls(parallel_tool_calls=False)
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
     assert len({call.id for call in calls()}) == 3
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_blocked_word_in_geminis_thoughts_is_checked_as_output(gemini, stream):
+    policy_on("gemini-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    body = {
+        "model": "gemini-test",
+        "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": "[[thinking=it ends ｆｏｒｂｉｄｄｅｎ]] hi"}],
+    }
+    if stream:
+        events, request_id = sse_stream(gemini, {**body, "stream": True})
+        assert events[-1]["error"]["code"] == "content_policy_violation"
+        assert "ｆｏｒｂｉｄｄｅｎ" not in json.dumps(events, ensure_ascii=False)
+    else:
+        with pytest.raises(openai.BadRequestError) as withheld:
+            gemini.client().chat.completions.create(**body)
+        assert withheld.value.code == "content_policy_violation"
+        request_id = withheld.value.response.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
