@@ -55,6 +55,10 @@ class MessageUsageSerializer(serializers.Serializer):
 class MessageOutputSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model_name")
     provider = serializers.CharField(source="provider_name")
+    reasoning = serializers.CharField(
+        read_only=True,
+        help_text="A reasoning model's reasoning before its reply, as it streamed; empty when there was none.",
+    )
     usage = MessageUsageSerializer(
         source="usage_record",
         allow_null=True,
@@ -69,6 +73,7 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "id",
             "role",
             "content",
+            "reasoning",
             "model",
             "provider",
             "request_id",

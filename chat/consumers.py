@@ -30,6 +30,7 @@ Protocol (JSON both ways)::
     → {"type": "ping"}
     ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment",
        "experiment", "title"}
+    ← {"type": "chat.reasoning", "request_id", "content"}   (a reasoning model's reasoning, before its reply)
     ← {"type": "chat.delta", "request_id", "content"}
     ← {"type": "chat.completed", "request_id", "message", "finish_reason", "usage": {...}}
     ← {"type": "chat.cancelled", "request_id", "message", "usage": {...}|null}
@@ -94,6 +95,7 @@ from .services_turn import (
     TurnDelta,
     TurnEvent,
     TurnFailed,
+    TurnReasoning,
     TurnStarted,
     TurnUsage,
 )
@@ -444,6 +446,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     "title": event.title,
                 }
             )
+        elif isinstance(event, TurnReasoning):
+            await self._send({"type": "chat.reasoning", "request_id": request_id, "content": event.content})
         elif isinstance(event, TurnDelta):
             await self._send({"type": "chat.delta", "request_id": request_id, "content": event.content})
         elif isinstance(event, TurnCompleted):

@@ -63,6 +63,8 @@ class Message(models.Model):
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
+    # A reasoning model's reasoning before its reply, as the chat page shows it (empty: none, or a user's message).
+    reasoning = models.TextField(blank=True, default="", db_default="")
     model_name = models.CharField(max_length=128, blank=True)
     provider_name = models.CharField(max_length=64, blank=True)
     # The ledger row is written in the background after the reply ends, so it may not exist yet when this

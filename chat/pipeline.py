@@ -1221,11 +1221,8 @@ class CompletionRun:
         # Completion tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
         guard = self._reply_guard()  # the output check: each piece is fed to it before it is relayed
-        # What it reads. The chat socket relays the reply alone, not the model's reasoning: a word there, which
-        # its user never sees, does not cut their reply.
+        # What it reads: the reply and the model's reasoning, which every client shows (the chat page too).
         checked = _chunk_pieces
-        if self.endpoint == Endpoint.WEBSOCKET:
-            checked = functools.partial(_chunk_pieces, reasoning=False)
 
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
             async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:

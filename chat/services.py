@@ -92,9 +92,12 @@ def chat_turn_begin(
     return TurnRows(conversation, user_message, assistant_message, created)
 
 
-def message_content_save(*, message_id: int, content: str) -> None:
-    """Checkpoint a reply while it streams, so a reload (or a crash) shows what was written so far."""
-    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(content=text_storable(content))
+def message_content_save(*, message_id: int, content: str, reasoning: str = "") -> None:
+    """Checkpoint a reply (and the model's reasoning before it) while it streams, so a reload (or a crash) shows
+    what was written so far."""
+    Message.objects.filter(pk=message_id, status=MessageStatus.STREAMING).update(
+        content=text_storable(content), reasoning=text_storable(reasoning)
+    )
 
 
 def message_heartbeat(*, message_id: int) -> None:
@@ -111,11 +114,14 @@ def message_finish(
     error_message: str = "",
     model_name: str | None = None,
     provider_name: str | None = None,
+    reasoning: str = "",
 ) -> None:
-    """The reply's final text and status. ``model_name`` / ``provider_name``: who answered, when routing chose
-    another provider (a deployment) or model (a fallback) than the reply was begun with."""
+    """The reply's final text, the model's reasoning before it, and its status. ``model_name`` /
+    ``provider_name``: who answered, when routing chose another provider (a deployment) or model (a fallback)
+    than the reply was begun with."""
     fields: dict[str, object] = {
         "content": text_storable(content),
+        "reasoning": text_storable(reasoning),
         "status": status,
         "error_message": text_storable(error_message, 500),
     }

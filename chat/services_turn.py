@@ -16,8 +16,9 @@ A turn, in order:
 3. writes the user's message and an empty reply in ``streaming`` state, checking again under the
    conversation's lock that no reply streams there (two sends at once: the loser's run is released at no
    cost, with its ``rejected`` row);
-4. relays the reply, saving what was written every ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows
-   it), and reports ``TurnStarted`` with the first chunk, once routing knows which deployment answers;
+4. relays the reply (and the model's reasoning before it, ``TurnReasoning``), saving both every
+   ``CHECKPOINT_SECONDS`` (a reload, or a crash, shows them), and reports ``TurnStarted`` with the first
+   chunk, once routing knows which deployment answers;
    meanwhile, from the first wait for a token to the final write, it stamps the reply's heartbeat every
    ``LLMHUB_CHAT_HEARTBEAT_INTERVAL`` seconds, which tells the other processes it is alive (a reply whose
    process died stops beating, and soon no longer holds its conversation: ``selectors.messages_abandoned``);
@@ -46,6 +47,7 @@ from django.conf import settings
 
 from billing.models import Endpoint, UsageStatus
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+from providers.adapters.translate_anthropic import reasoning_text
 from providers.exceptions import ProviderError
 from providers.types import ResolvedModel
 
@@ -96,6 +98,13 @@ class TurnDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnReasoning:
+    """A piece of the model's reasoning, which comes before its reply (``reasoning_content`` or ``reasoning``)."""
+
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnCompleted:
     message_id: int
     finish_reason: str | None
@@ -120,7 +129,7 @@ class TurnFailed:
     error: ApplicationError
 
 
-TurnEvent = TurnStarted | TurnDelta | TurnCompleted | TurnCancelled | TurnFailed
+TurnEvent = TurnStarted | TurnReasoning | TurnDelta | TurnCompleted | TurnCancelled | TurnFailed
 
 
 class ChatTurn:
@@ -145,6 +154,7 @@ class ChatTurn:
         self._run: CompletionRun | None = None
         self._rows: services.TurnRows | None = None
         self._written: list[str] = []
+        self._reasoning: list[str] = []
         # Until the upstream call starts a stop is only noted: the run, once admitted, must be streamed (or
         # abandoned) for the pipeline to settle it, so the turn stops itself at its next step.
         self._streaming = False
@@ -275,11 +285,15 @@ class ChatTurn:
                     if not self._answered:
                         self._answered = True
                         await self._report_started(run)
-                    piece = _delta_text(chunk)
-                    if not piece:
+                    thought, piece = _delta_texts(chunk)
+                    if not thought and not piece:
                         continue
-                    self._written.append(piece)
-                    await self.report(TurnDelta(piece))
+                    if thought:
+                        self._reasoning.append(thought)
+                        await self.report(TurnReasoning(thought))
+                    if piece:
+                        self._written.append(piece)
+                        await self.report(TurnDelta(piece))
                     if time.monotonic() >= checkpoint_at:
                         await self._checkpoint(message_id)
                         checkpoint_at = time.monotonic() + CHECKPOINT_SECONDS
@@ -369,7 +383,7 @@ class ChatTurn:
     async def _checkpoint(self, message_id: int) -> None:
         try:
             await database_sync_to_async(services.message_content_save)(
-                message_id=message_id, content="".join(self._written)
+                message_id=message_id, content="".join(self._written), reasoning="".join(self._reasoning)
             )
         except DATABASE_OUTAGE_ERRORS:
             # Only a checkpoint: the reply goes on, and the next one (or the finish) saves it.
@@ -389,6 +403,7 @@ class ChatTurn:
                     error_message=error_message,
                     model_name=answered.name if answered is not None else None,
                     provider_name=answered.provider.name if answered is not None else None,
+                    reasoning="".join(self._reasoning),
                 )
             )
         except DATABASE_OUTAGE_ERRORS:
@@ -396,8 +411,10 @@ class ChatTurn:
             logger.warning("the reply %s was not saved: the database is unavailable", message_id)
 
 
-def _delta_text(chunk: dict[str, Any]) -> str:
+def _delta_texts(chunk: dict[str, Any]) -> tuple[str, str]:
+    """The model's reasoning and the reply's text in a chunk."""
     choices = chunk.get("choices") or ()
     if not choices:
-        return ""
-    return (choices[0].get("delta") or {}).get("content") or ""
+        return "", ""
+    delta = choices[0].get("delta") or {}
+    return reasoning_text(delta), delta.get("content") or ""

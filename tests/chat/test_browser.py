@@ -1044,3 +1044,35 @@ async def test_a_send_whose_connection_drops_before_the_reply_begins_can_be_sent
     finally:
         await page.close()
         await relay.close()
+
+
+async def test_a_reasoning_models_reasoning_is_shown_above_its_reply_and_after_a_reload(site, browser, user):
+    """The reasoning streams into an open "Reasoning" block above the reply, which closes once the reply begins
+    (the user may open it again), and is there, closed, when the conversation is opened again."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    reasoning = " ".join(["weighing"] * 30) + " so the answer is short"
+
+    await send(page, f"[[reasoning={reasoning}]] [[reply=Lisbon is lovely.]] [[tps=15]]")
+    reply = page.locator(".message.assistant").last
+    block = reply.locator("details.reasoning")
+    await expect(block).to_have_attribute("open", "")  # open while the model reasons
+    await expect(block.locator("summary")).to_have_text("Reasoning")
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(reply.locator(".message-body")).to_have_text("Lisbon is lovely.")
+    await expect(block).not_to_have_attribute("open", "")  # closed once the reply began
+    assert await block.evaluate("b => b.nextElementSibling.classList.contains('message-body')")
+    await block.locator("summary").click()
+    await expect(block.locator(".reasoning-body")).to_have_text(reasoning)
+
+    await page.reload()
+    await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    reopened = page.locator(".message.assistant").last.locator("details.reasoning")
+    await expect(reopened).not_to_have_attribute("open", "")
+    await reopened.locator("summary").click()
+    await expect(reopened.locator(".reasoning-body")).to_have_text(reasoning)
+    await expect(page.locator(".message.user details.reasoning")).to_have_count(0)
+    assert errors == []
+    await page.close()

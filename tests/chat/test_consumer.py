@@ -88,6 +88,33 @@ async def test_streamed_reply_is_relayed_and_persisted(alice, chat_model, socket
     assert reply.usage_record_id == record.request_id
 
 
+async def test_a_reasoning_models_reasoning_streams_before_its_reply_and_is_kept_with_it(
+    alice, chat_model, socket_for, fake_upstream
+):
+    """The chat page shows a reasoning model's reasoning (``chat.reasoning`` events, before the reply's deltas); it
+    is saved with the reply and read back with the conversation, and not sent to the model again next turn."""
+    ws = await socket_for(alice)
+    reasoning = "first I weigh the question, then I answer it briefly"
+    await send(ws, content=f"[[reasoning={reasoning}]] [[reply=Fine.]]", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "chat.started" and kinds[-1] == "chat.completed"
+    assert kinds.index("chat.delta") > max(i for i, kind in enumerate(kinds) if kind == "chat.reasoning")
+    assert "".join(e["content"] for e in events if e["type"] == "chat.reasoning") == reasoning
+    assert deltas(events, "r1") == "Fine."
+    reply = await Message.objects.aget(pk=events[0]["message"])
+    assert (reply.reasoning, reply.content) == (reasoning, "Fine.")
+    user = await Message.objects.aget(conversation_id=events[0]["conversation"], role=Role.USER)
+    assert user.reasoning == ""
+
+    await send(ws, content="and then?", model=chat_model, conversation=events[0]["conversation"], request_id="r2")
+    await events_until(ws, ends("r2"))
+    sent = fake_upstream.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert all("reasoning" not in key for message in sent for key in message)
+
+
 async def test_next_turn_sends_the_history(alice, chat_model, socket_for, fake_upstream):
     ws = await socket_for(alice)
     await send(ws, content="My name is Ada.", model=chat_model)

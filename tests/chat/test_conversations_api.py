@@ -23,6 +23,7 @@ def conversation_with_reply(owner, title: str = "Trip to Lisbon") -> tuple[Conve
         conversation=conversation,
         role=Role.ASSISTANT,
         content="Day 1: **Alfama**",
+        reasoning="A short trip: the old town first.",
         model_name="gpt-test",
         provider_name="fake-openai",
         request_id="req_1",
@@ -79,6 +80,7 @@ def test_retrieve_has_the_messages(client, alice):
     assert body["messages"][1]["id"] == reply.pk
     assert body["messages"][1]["provider"] == "fake-openai"
     assert body["messages"][1]["status"] == "complete"
+    assert [m["reasoning"] for m in body["messages"]] == ["", "A short trip: the old town first."]
 
 
 def test_rename_and_delete(client, alice):

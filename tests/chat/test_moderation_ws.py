@@ -132,10 +132,10 @@ async def test_the_conversations_system_prompt_is_read_on_each_turn(alice, chat_
     assert fake_upstream.requests_served("/v1/chat/completions") == 1
 
 
-async def test_reasoning_the_socket_does_not_relay_is_billed_but_does_not_cut_the_reply(alice, chat_model, socket_for):
-    """The chat page shows a reasoning model's reply, not its reasoning (``reasoning_content``): a blocked word
-    there never reaches the user and does not cut the reply; an upstream that reports no usage is charged for
-    it all the same, as the provider bills it."""
+async def test_a_blocked_word_in_the_reasoning_the_page_shows_cuts_the_reply(alice, chat_model, socket_for):
+    """The chat page shows a reasoning model's reasoning (``chat.reasoning``) above its reply: a blocked word there
+    reaches the user as much as in the reply, so it is read as output and cuts the reply before it is shown; what
+    was delivered is kept and billed."""
     await moderate(chat_model, blocklist="forbidden", check_input=False, stream_interval_chars=1)
     ws = await socket_for(alice)
     reasoning = "the forbidden word is one I will not say"
@@ -143,8 +143,12 @@ async def test_reasoning_the_socket_does_not_relay_is_billed_but_does_not_cut_th
     await send(ws, chat_model, f"[[reasoning={reasoning}]] [[reply=Fine.]] [[usage=none]]")
     events = await events_until(ws, ends("r1"))
 
-    assert events[-1]["type"] == "chat.completed" and deltas(events, "r1") == "Fine."
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "content_policy_violation"
+    shown = "".join(event["content"] for event in events if event["type"] == "chat.reasoning")
+    assert "forbidden" not in shown and reasoning.startswith(shown)
+    assert deltas(events, "r1") == ""
+    reply = await Message.objects.aget(conversation__owner=alice, role=Role.ASSISTANT)
+    assert reply.reasoning == shown and reply.status == MessageStatus.ERROR
     await ledger_flush()
     record = await UsageRecord.objects.aget(user_id=alice.pk)
-    assert record.moderation == "" and record.usage_estimated
-    assert record.completion_tokens == text_tokens(reasoning + "Fine.")
+    assert record.moderation.startswith("blocked output: blocklist")

@@ -157,6 +157,30 @@
     view.body.textContent = text;
   }
 
+  /* A reasoning model's reasoning, in a collapsible block above its reply: open while the model reasons,
+     closed once the reply starts (the user may open it again). Plain text: it is not rendered as Markdown. */
+  function paintReasoning(view, text, open) {
+    if (!text) return;
+    let block = view.root.querySelector("details.reasoning");
+    if (!block) {
+      block = document.createElement("details");
+      block.className = "reasoning";
+      const summary = document.createElement("summary");
+      summary.textContent = "Reasoning";
+      const body = document.createElement("div");
+      body.className = "reasoning-body";
+      block.append(summary, body);
+      view.body.before(block);
+      block.open = open;
+    }
+    block.querySelector(".reasoning-body").textContent = text;
+  }
+
+  function closeReasoning(view) {
+    const block = view.root.querySelector("details.reasoning");
+    if (block) block.open = false;
+  }
+
   function paintAssistant(view, text, final) {
     view.text = text;
     if (!text && !final) {
@@ -284,6 +308,11 @@
       stream.frame = 0;
       if (!stream.view) return;
       const follow = nearBottom();
+      paintReasoning(stream.view, stream.reasoning, !stream.text);
+      if (stream.text && !stream.reasoningClosed) {
+        stream.reasoningClosed = true;
+        closeReasoning(stream.view);
+      }
       paintAssistant(stream.view, stream.text, false);
       if (follow) scrollToBottom();
     });
@@ -299,6 +328,8 @@
     if (stream.view) {
       const follow = nearBottom();
       stream.view.messageId = stream.messageId;
+      paintReasoning(stream.view, stream.reasoning, !stream.text);
+      if (stream.text) closeReasoning(stream.view);
       paintAssistant(stream.view, stream.text, true);
       settleView(stream.view, { status, error, usage });
       if (follow) scrollToBottom();
@@ -386,6 +417,8 @@
       conversationId: state.currentId,
       messageId: null,
       text: "",
+      reasoning: "", // the model's reasoning so far (chat.reasoning), shown above the reply
+      reasoningClosed: false, // its block was closed when the reply began
       userText: text,
       userView, // taken back out of the transcript if the server refuses the send (refuseSend)
       model,
@@ -437,6 +470,11 @@
         }
         touchConversation(event.conversation);
         renderSidebar();
+        break;
+      case "chat.reasoning":
+        if (!stream) return;
+        stream.reasoning += event.content;
+        schedulePaint(stream);
         break;
       case "chat.delta":
         if (!stream) return;
@@ -733,11 +771,13 @@
         message === pendingRow ? pending : [...state.streams.values()].find((s) => s.messageId === message.id);
       if (live) {
         live.view = view;
+        paintReasoning(view, live.reasoning, !live.text);
         paintAssistant(view, live.text, false);
         settleView(view, { status: "streaming" });
       } else if (message.status === "streaming") {
         // Not this tab's: another tab or window is receiving it, and the server refuses a second reply in
         // the conversation meanwhile. One a stopped server left is closed by the server, with its reason.
+        paintReasoning(view, message.reasoning, !message.content);
         paintAssistant(view, message.content, false);
         settleView(view, { status: "streaming", error: ELSEWHERE_NOTE });
         elsewhere.set(message.id, view);
@@ -750,6 +790,7 @@
       pending.userView = createMessageView({ role: "user" });
       paintUser(pending.userView, pending.userText);
       pending.view = createMessageView({ role: "assistant", model: pending.model, provider: pending.provider });
+      paintReasoning(pending.view, pending.reasoning, !pending.text);
       paintAssistant(pending.view, pending.text, false);
       settleView(pending.view, { status: "streaming" });
     }
@@ -757,6 +798,7 @@
   }
 
   function paintFinished(view, message) {
+    paintReasoning(view, message.reasoning, false);
     paintAssistant(view, message.content, true);
     settleView(view, {
       status: message.status,
@@ -791,6 +833,7 @@
         const view = views.get(message.id);
         if (!view) continue;
         if (message.status === "streaming") {
+          paintReasoning(view, message.reasoning, !message.content);
           if (message.content !== view.text) paintAssistant(view, message.content, false);
           continue;
         }
