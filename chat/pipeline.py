@@ -1215,6 +1215,9 @@ class CompletionRun:
         wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
         usage: dict[str, Any] = {}
         delivered: list[str] = []
+        # Whether the model wrote anything, relayed or not: a stream the output check cuts on its first words
+        # relays nothing, but the provider processed the prompt and billed it.
+        output_arrived = False
         text: list[str] = []  # the reply's text alone: what a resumed attempt is given as its prefill
         finish_reason: str | None = None
         calls_streamed = False
@@ -1250,15 +1253,17 @@ class CompletionRun:
                 status=call.status,
                 usage=reported,
                 delivered_text="".join(delivered),
+                output_arrived=output_arrived or bool(delivered),
                 finish_reason=finish_reason,
                 error_type=call.error_type,
                 usage_partly_estimated=bool(earlier_tokens),
             )
 
-        def usage_arrived(chunk: WireChunk) -> None:
-            nonlocal usage
+        def arrived(chunk: WireChunk) -> None:
+            nonlocal usage, output_arrived
             if chunk.get("usage"):
                 usage = chunk["usage"]
+            output_arrived = output_arrived or any(piece for _, piece, _ in _chunk_pieces(chunk))
 
         upstream: AsyncIterator[WireChunk] | None = None
         opening: WireChunk | None = None  # the stream's first chunk: its id and time, for a usage chunk owed
@@ -1272,7 +1277,7 @@ class CompletionRun:
                     if guard is not None:
                         # The output check: each chunk's text is checked before it is relayed (held back
                         # while the text so far may end in a blocked word), and the whole reply at its end.
-                        chunks = guard.relay(chunks, checked, arrived=usage_arrived)
+                        chunks = guard.relay(chunks, checked, arrived=arrived)
                     try:
                         async for chunk in chunks:
                             if self._first_token_at is None:
@@ -1558,6 +1563,7 @@ class CompletionRun:
         finish_reason: str | None,
         error_type: str,
         usage_partly_estimated: bool = False,
+        output_arrived: bool = False,
     ) -> None:
         """Once per run, whatever happened: billing decides the tokens (the provider's usage, or an estimate
         from what was relayed), the cost at the answering deployment's prices and the reservation's release
@@ -1586,6 +1592,7 @@ class CompletionRun:
             admission=self.admission,
             usage=usage or None,
             delivered_text=delivered_text,
+            output_arrived=output_arrived,
             error_type=error_type,
             requested_model=_requested_name(self.body, served),
             attempts=self.attempts,

@@ -50,14 +50,17 @@ def settlement_tokens(
     status: str,
     usage: Mapping[str, Any] | None,
     delivered_text: str,
+    output_arrived: bool = False,
 ) -> tuple[int, int, int, int, bool]:
     """(prompt, completion, cached, cache-write tokens, estimated) of a finished request. The cached tokens (read
     from the provider's prompt cache) and the cache-write ones (written to it) are both part of the prompt.
 
     The provider's usage when it reported one. Otherwise an estimate, flagged: the text relayed to the client
     and, since the provider got as far as producing it, the prompt; an embeddings request that succeeded
-    without usage is charged its input. A request that produced nothing (refused upstream, cut before its
-    first token) costs nothing and is not an estimate."""
+    without usage is charged its input. ``output_arrived``: the model wrote something nothing of which was
+    relayed (the output check cut the stream on its first words): the prompt is charged, and the completion
+    is what was relayed, none. A request that produced nothing (refused upstream, cut before its first token)
+    costs nothing and is not an estimate."""
     reported = _reported(usage, operation)
     if reported is not None:
         return (*reported, False)
@@ -65,7 +68,7 @@ def settlement_tokens(
         if status == UsageStatus.OK:
             return prompt_tokens(body, operation=operation), 0, 0, 0, True
         return 0, 0, 0, 0, False
-    if delivered_text:
+    if delivered_text or output_arrived:
         return prompt_tokens(body, operation=operation), text_tokens(delivered_text), 0, 0, True
     return 0, 0, 0, 0, False
 
@@ -130,6 +133,7 @@ def request_settle(
     admission: Admission | None,
     usage: Mapping[str, Any] | None = None,
     delivered_text: str = "",
+    output_arrived: bool = False,
     error_type: str = "",
     requested_model: str = "",
     attempts: int = 0,
@@ -149,14 +153,20 @@ def request_settle(
 
     ``model``: bound to the deployment that answered last (``model.on(deployment)``), whose provider and
     prices the row gets; unbound when no call was made. ``usage``: the provider's, OpenAI-shaped, or None.
-    ``delivered_text``: what was relayed to the client, for the estimate when there is no usage.
+    ``delivered_text``: what was relayed to the client, for the estimate when there is no usage;
+    ``output_arrived``: the model wrote something, relayed or not (``settlement_tokens``).
     ``requested_model``: the name the client sent; the row keeps it only when another model answered.
     ``usage_partly_estimated``: ``usage`` adds counted tokens to the provider's (a resumed stream's first
     part): the row is flagged as an estimate. ``billing_source``: whose provider key paid; on the user's own
     key the row's ``cost`` counts against budgets only when the user's plan says so (``user_key_cost`` keeps
     the price either way). ``moderation``: what moderation found, for the row."""
     prompt, completion, cached, written, estimated = settlement_tokens(
-        operation=operation, body=body, status=status, usage=usage, delivered_text=delivered_text
+        operation=operation,
+        body=body,
+        status=status,
+        usage=usage,
+        delivered_text=delivered_text,
+        output_arrived=output_arrived,
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
     written_1h = _written_1h(usage, written)

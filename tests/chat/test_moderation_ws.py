@@ -152,3 +152,4 @@ async def test_a_blocked_word_in_the_reasoning_the_page_shows_cuts_the_reply(ali
     await ledger_flush()
     record = await UsageRecord.objects.aget(user_id=alice.pk)
     assert record.moderation.startswith("blocked output: blocklist")
+    assert record.usage_estimated and record.prompt_tokens > 0 and record.cost > 0

@@ -1154,6 +1154,27 @@ def test_a_blocked_word_in_the_models_reasoning_is_checked_as_output_when_stream
     assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
 
 
+def test_a_stream_cut_on_its_first_words_is_charged_its_prompt(gateway):
+    """The output check withholds the first words (they hold a blocked one) and cuts the stream before anything is
+    relayed, so before the usage the upstream sends at the end. The provider processed the prompt and billed it:
+    the row is an estimate of it (and of the completion relayed, none), where it was a free request (0 tokens,
+    $0) as if the model had written nothing."""
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "messages": [{"role": "user", "content": "[[reply=forbidden words first]]"}],
+    }
+
+    events, request_id = sse_stream(gateway, body)
+
+    assert events[-1]["error"]["code"] == "content_policy_violation"
+    assert delivered_text(events) == ""
+    record = wait_for_record(request_id)
+    assert record.usage_estimated and record.prompt_tokens > 0
+    assert record.completion_tokens == 0 and record.cost > 0
+
+
 @pytest.mark.parametrize("field", list(REASONING_FIELDS))
 def test_a_blocked_word_in_a_whole_replys_reasoning_is_checked_as_output(gateway, field):
     policy_on("gpt-test", blocklist="forbidden", check_input=False)
