@@ -1436,9 +1436,10 @@ class CompletionRun:
             if reported and earlier_tokens:
                 completion = int(reported.get("completion_tokens") or 0) + earlier_tokens
                 reported = {**reported, "completion_tokens": completion}
-            elif not final and written and usage.get("input_tokens") is not None:
+            elif not final and (written or output_arrived) and usage.get("input_tokens") is not None:
                 # Cut after ``message_start``, which counted the prompt (the cached part apart, to be priced at
-                # its own rate): that count, and an estimate of everything relayed, the row flagged so.
+                # its own rate): that count, and an estimate of everything relayed, the row flagged so; also when
+                # the output check cut it on its first words, relayed none of them.
                 reported = {**openai_usage(usage), "completion_tokens": text_tokens(written)}
                 partly_estimated = True
             self._settle(
@@ -1452,6 +1453,12 @@ class CompletionRun:
 
         upstream: AsyncIterator[WireEvent] | None = None
         guard = self._reply_guard()
+        output_arrived = False  # the model wrote something, relayed or not
+
+        def arrived(event: WireEvent) -> None:
+            nonlocal output_arrived
+            output_arrived = output_arrived or any(piece for _, piece, _ in _event_pieces(event))
+
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once_with(None))
@@ -1461,7 +1468,7 @@ class CompletionRun:
                     events = self._relay(first, upstream)
                     if guard is not None:
                         # The output check, as for chat streams; the last check before ``message_stop``.
-                        events = guard.relay(events, _event_pieces, last=_is_message_stop)
+                        events = guard.relay(events, _event_pieces, last=_is_message_stop, arrived=arrived)
                     try:
                         async for event in splice.continued(events) if failed else events:
                             kind = event.get("type")

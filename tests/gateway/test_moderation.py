@@ -1307,3 +1307,21 @@ def test_a_streamed_message_crossing_the_block_list_ends_with_an_error_event(gat
         interval=0.05,
     )
     assert record[0].error_type == "content_policy_violation" and record[0].cost > 0
+
+
+def test_a_messages_stream_cut_on_its_first_words_is_charged_its_prompt(gateway):
+    """As on chat completions: cut before any of its words were relayed, the message is charged the prompt that
+    ``message_start`` counted (it was free: 0 tokens, $0)."""
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    messages = [{"role": "user", "content": "[[reply=forbidden words first]]"}]
+    request = {"model": "claude-test", "max_tokens": 50, "messages": messages}
+    relayed: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as stopped:
+        with anthropic_client(gateway).messages.stream(**request) as events:
+            relayed.extend(event.text for event in events if event.type == "text")
+
+    assert "content policy" in str(stopped.value) and relayed == []
+    record = wait_for_record(stopped.value.response.headers["x-request-id"])
+    assert record.usage_estimated and record.prompt_tokens > 0
+    assert record.completion_tokens == 0 and record.cost > 0
