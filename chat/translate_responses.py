@@ -3,14 +3,16 @@
 llmhub serves the Responses API statelessly: a request is translated into the chat completion it means
 (``responses_request_to_chat``), which the one pipeline runs on any provider, and the chat completion (or its
 chunks) is translated back into a ``Response`` object (``response_from_completion``) or its typed stream events
-(``ResponseEvents``). Nothing is stored, so what needs a stored response or OpenAI's own servers is refused with
-a 400 naming the parameter: ``previous_response_id``, ``conversation``, ``background``, a stored ``prompt``,
-built-in tools (``web_search``, ``file_search``, …), input items that refer to stored ones, and input parts this
-translation has no chat-completions form for.
+(``ResponseEvents``). The tools a client runs itself (Codex's free-form ``custom`` tools, ``local_shell``) become
+functions upstream, and the model's calls of them their own output items again. Nothing is stored, so what needs
+a stored response or OpenAI's own servers is refused with a 400 naming the parameter: ``previous_response_id``,
+``conversation``, ``background``, a stored ``prompt``, built-in tools (``web_search``, ``file_search``, …), input
+items that refer to stored ones, and input parts this translation has no chat-completions form for.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -35,6 +37,37 @@ _ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 # Finish reasons that leave a response incomplete, with the reason the Responses API gives.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+# The tools a client runs itself beside its functions, as Codex and the Agents SDK send them: each becomes a function
+# tool of chat completions, and the model's calls of it its own output item again (``tool_kinds``).
+CUSTOM, LOCAL_SHELL = "custom", "local_shell"
+# A custom tool's free-form input, as the one string argument of its function.
+_CUSTOM_PARAMETERS = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The tool's whole input, as free-form text."}},
+    "required": ["input"],
+    "additionalProperties": False,
+}
+# The local shell's call: the spec's ``LocalShellExecAction`` without its constant ``type``.
+_LOCAL_SHELL_FUNCTION = {
+    "name": LOCAL_SHELL,
+    "description": "Run a command on the user's machine, in a local shell, and get what it printed.",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "command": {"type": "array", "items": {"type": "string"}, "description": "The command and its arguments."},
+            "timeout_ms": {"type": "integer", "description": "How long the command may run, in milliseconds."},
+            "working_directory": {"type": "string", "description": "The directory to run it in."},
+            "env": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "Environment variables to set for it.",
+            },
+            "user": {"type": "string", "description": "The user to run it as."},
+        },
+        "required": ["command"],
+    },
+}
+_GRAMMAR_SYNTAXES = frozenset({"lark", "regex"})
 
 
 def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
@@ -88,6 +121,27 @@ def _joined(content: list[dict[str, Any]] | str) -> str:
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
 
 
+_CALLS = frozenset({"function_call", "custom_tool_call", "local_shell_call"})
+_CALL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output", "local_shell_call_output"})
+
+
+def _call_of(item: dict[str, Any], kind: str, where: str) -> tuple[str, str]:
+    """The function name and the arguments a tool call item given back was, as the model wrote them (``tool_kinds``):
+    a custom tool's input is the ``input`` argument, the local shell's action the arguments."""
+    fields = {"function_call": ("name", "arguments"), "custom_tool_call": ("name", "input"), "local_shell_call": ()}
+    for field in ("call_id", *fields[kind]):
+        if not isinstance(item.get(field), str):
+            _fail(f"Missing required parameter: '{where}.{field}'.", f"{where}.{field}", "missing_required_parameter")
+    if kind == "function_call":
+        return item["name"], item["arguments"]
+    if kind == "custom_tool_call":
+        return item["name"], json.dumps({"input": item["input"]})
+    action = item.get("action")
+    if not isinstance(action, dict) or not isinstance(action.get("command"), list):
+        _fail(f"Invalid '{where}.action': expected an object with a `command` array.", f"{where}.action")
+    return LOCAL_SHELL, json.dumps({name: value for name, value in action.items() if name != "type"})
+
+
 def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """The chat messages ``input`` means, and for each the names its fields had in ``input`` (``content`` ->
     ``input[3].content``, ``tool_calls[0].function`` -> ``input[4]``)."""
@@ -118,19 +172,9 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                     _fail(f"Invalid '{where}.content': empty array; give at least one part.", f"{where}.content")
                 messages.append({"role": role, "content": content if role == "user" else _joined(content)})
             origins.append({"content": f"{where}.content"})
-        elif kind == "function_call":
-            for field in ("call_id", "name", "arguments"):
-                if not isinstance(item.get(field), str):
-                    _fail(
-                        f"Missing required parameter: '{where}.{field}'.",
-                        f"{where}.{field}",
-                        "missing_required_parameter",
-                    )
-            call = {
-                "id": item["call_id"],
-                "type": "function",
-                "function": {"name": item["name"], "arguments": item["arguments"]},
-            }
+        elif _named(kind, _CALLS):
+            name, arguments = _call_of(item, kind, where)
+            call = {"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": arguments}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 # One assistant turn: its text and every call it made, as chat completions writes it.
@@ -141,63 +185,115 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
                 origins.append({"tool_calls[0].function": where})
-        elif kind == "function_call_output":
-            if not isinstance(item.get("call_id"), str):
-                _fail(
-                    f"Missing required parameter: '{where}.call_id'.", f"{where}.call_id", "missing_required_parameter"
-                )
+        elif _named(kind, _CALL_OUTPUTS):
+            # The spec names a local shell call's output by the call's id in `id`; the others in `call_id`.
+            key = "id" if kind == "local_shell_call_output" else "call_id"
+            if not isinstance(item.get(key), str):
+                _fail(f"Missing required parameter: '{where}.{key}'.", f"{where}.{key}", "missing_required_parameter")
             output = _text_of(item.get("output"), f"{where}.output", frozenset({"input_text"}))
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": _joined(output)})
+            messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined(output)})
             origins.append({"content": f"{where}.output"})
         elif kind == "reasoning":
             continue  # a model's earlier reasoning: chat completions has no place for it, and no model needs it back
         else:
             _fail(
                 f"Invalid '{where}.type': {kind!r} input items are not supported by llmhub's /v1/responses "
-                "(supported: message, function_call, function_call_output; nothing is stored to refer to).",
+                f"(supported: message, reasoning, {', '.join(sorted(_CALLS | _CALL_OUTPUTS))}; nothing is stored to "
+                "refer to).",
                 f"{where}.type",
                 "unsupported_value",
             )
     return messages, origins
 
 
+def _custom_function(tool: dict[str, Any], where: str) -> dict[str, Any]:
+    """A custom tool as a function of one string, ``input``: chat completions have no free-form tools, so its
+    grammar (or its plain-text format) is told to the model in the description, which is all a model reads of it."""
+    description = tool.get("description")
+    if description is not None and not isinstance(description, str):
+        _fail(f"Invalid type for '{where}.description': expected a string.", f"{where}.description", "invalid_type")
+    lines = [description] if description else []
+    fmt = tool.get("format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is not None and not _named(kind, frozenset({"text", "grammar"})):
+        _fail(f"Invalid '{where}.format': expected type 'text' or 'grammar'.", f"{where}.format")
+    if kind == "grammar":
+        if not _named(fmt.get("syntax"), _GRAMMAR_SYNTAXES) or not isinstance(fmt.get("definition"), str):
+            _fail(
+                f"Invalid '{where}.format': a grammar needs `syntax` ('lark' or 'regex') and a `definition` string.",
+                f"{where}.format",
+            )
+        lines.append(
+            f"The `input` argument must match this {fmt['syntax']} grammar exactly:\n{fmt['definition']}"
+            if fmt["syntax"] == "lark"
+            else f"The `input` argument must match this regular expression exactly: {fmt['definition']}"
+        )
+    lines.append("Put the tool's whole input, as free-form text, in the `input` argument.")
+    return {"name": tool["name"], "description": "\n\n".join(lines), "parameters": _CUSTOM_PARAMETERS}
+
+
 def _tools(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         _fail("Invalid type for 'tools': expected an array of objects.", "tools", "invalid_type")
     tools: list[dict[str, Any]] = []
+    named: dict[str, int] = {}  # a function's name -> the tool that defines it
     for index, tool in enumerate(value):
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind != "function":
+        where = f"tools[{index}]"
+        if not _named(kind, frozenset({"function", CUSTOM, LOCAL_SHELL})):
             _fail(
-                f"Invalid value for 'tools[{index}].type': {kind!r} tools are not supported by llmhub's "
-                "/v1/responses; only `function` tools are (built-in tools run on OpenAI's servers).",
-                f"tools[{index}].type",
+                f"Invalid value for '{where}.type': {kind!r} tools are not supported by llmhub's /v1/responses; "
+                "only `function`, `custom` and `local_shell` tools are (built-in tools run on OpenAI's servers).",
+                f"{where}.type",
                 "unsupported_value",
             )
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
+        if kind == LOCAL_SHELL:
+            function: dict[str, Any] = dict(_LOCAL_SHELL_FUNCTION)
+        else:
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                _fail(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
+            if kind == CUSTOM:
+                function = _custom_function(tool, where)
+            else:
+                function = {"name": tool["name"]}
+                for field in ("description", "parameters", "strict"):
+                    if tool.get(field) is not None:
+                        function[field] = tool[field]
+        if function["name"] in named:
+            # The model names the tool it calls: two of one name could not be told apart.
             _fail(
-                f"Missing required parameter: 'tools[{index}].name'.",
-                f"tools[{index}].name",
-                "missing_required_parameter",
+                f"Invalid '{where}': a tool named {function['name']!r} is already defined by "
+                f"'tools[{named[function['name']]}]'; give each tool its own name (a `local_shell` tool is the "
+                f"function {LOCAL_SHELL!r}).",
+                f"{where}.name" if kind != LOCAL_SHELL else f"{where}.type",
             )
-        function = {"name": tool["name"]}
-        for field in ("description", "parameters", "strict"):
-            if tool.get(field) is not None:
-                function[field] = tool[field]
+        named[function["name"]] = index
         tools.append({"type": "function", "function": function})
     return tools
+
+
+def tool_kinds(body: dict[str, Any]) -> dict[str, str]:
+    """The functions that stand for a custom or the local shell tool in the chat completion ``body`` (a valid
+    Responses request) became: their name -> ``custom`` or ``local_shell``."""
+    kinds: dict[str, str] = {}
+    for tool in body.get("tools") or ():
+        if tool.get("type") == CUSTOM:
+            kinds[tool["name"]] = CUSTOM
+        elif tool.get("type") == LOCAL_SHELL:
+            kinds[LOCAL_SHELL] = LOCAL_SHELL
+    return kinds
 
 
 def _tool_choice(value: Any) -> Any:
     if isinstance(value, str) and value in _TOOL_CHOICE_MODES:
         return value
-    if isinstance(value, dict) and value.get("type") == "function":
+    if isinstance(value, dict) and _named(value.get("type"), frozenset({"function", CUSTOM})):
         if not isinstance(value.get("name"), str) or not value["name"]:
             _fail("Missing required parameter: 'tool_choice.name'.", "tool_choice.name", "missing_required_parameter")
         return {"type": "function", "function": {"name": value["name"]}}
     _fail(
-        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
-        '{"type": "function", "name": ...} (built-in tools are not supported).',
+        "Invalid value for 'tool_choice': expected 'none', 'auto', 'required', "
+        '{"type": "function", "name": ...} or {"type": "custom", "name": ...} (built-in tools are not supported).',
         "tool_choice",
     )
     return None
@@ -370,7 +466,10 @@ def response_skeleton(body: dict[str, Any], *, response_id: str, model: str, cre
 
 
 def _tool_echoed(tool: dict[str, Any]) -> dict[str, Any]:
-    """A function tool as a ``Response`` lists it: ``parameters`` and ``strict`` are always there (null: not given)."""
+    """A tool as a ``Response`` lists it: a function's ``parameters`` and ``strict`` are always there (null: not
+    given); a custom or the local shell tool as it was given."""
+    if tool.get("type") != "function":
+        return dict(tool)
     return {**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict")}
 
 
@@ -398,15 +497,63 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "type": "function_call",
-        "status": status,
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-    }
+_CALL_ITEMS = {CUSTOM: ("ctc", "custom_tool_call"), LOCAL_SHELL: ("lsh", "local_shell_call")}
+
+
+def _call_item(kind: str | None, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    """The output item of a model's call of the function ``name`` with ``arguments``: a ``function_call``, or for
+    the function of a custom or the local shell tool (``kind``, from ``tool_kinds``) that tool's own item."""
+    prefix, item_type = _CALL_ITEMS.get(kind or "", ("fc", "function_call"))
+    item: dict[str, Any] = {"id": _item_id(prefix), "type": item_type, "status": status, "call_id": call_id}
+    if item_type != "local_shell_call":
+        item["name"] = name
+    return _call_filled(item, arguments)
+
+
+def _call_filled(item: dict[str, Any], arguments: str) -> dict[str, Any]:
+    if item["type"] == "custom_tool_call":
+        item["input"] = _custom_input(arguments)
+    elif item["type"] == "local_shell_call":
+        item["action"] = _shell_action(arguments)
+    else:
+        item["arguments"] = arguments
+    return item
+
+
+def _custom_input(arguments: str) -> str:
+    """A custom tool's input: its function's ``input`` argument; arguments that are not that JSON are taken for
+    the input itself (a model that wrote it bare), so nothing the model wrote is lost."""
+    try:
+        decoded = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return decoded["input"] if isinstance(decoded, dict) and isinstance(decoded.get("input"), str) else arguments
+
+
+def _shell_action(arguments: str) -> dict[str, Any]:
+    """The local shell's action (the spec's ``LocalShellExecAction``) from its function's arguments. Arguments with
+    no command (not JSON, or no array of strings) give an empty command, which the client's shell refuses and the
+    model sees refused, rather than an item the client cannot read."""
+    action: dict[str, Any] = {"type": "exec", "command": [], "env": {}}
+    try:
+        decoded = json.loads(arguments)
+    except ValueError:
+        decoded = None
+    command = decoded.get("command") if isinstance(decoded, dict) else None
+    if not isinstance(command, list) or not all(isinstance(part, str) for part in command):
+        if arguments:
+            logger.warning("a local_shell call without a command array was answered with an empty command")
+        return action
+    action["command"] = command
+    env = decoded.get("env")
+    if isinstance(env, dict) and all(isinstance(value, str) for value in env.values()):
+        action["env"] = env
+    if type(decoded.get("timeout_ms")) is int:
+        action["timeout_ms"] = decoded["timeout_ms"]
+    for field in ("working_directory", "user"):
+        if isinstance(decoded.get(field), str):
+            action[field] = decoded[field]
+    return action
 
 
 def response_from_completion(
@@ -427,17 +574,12 @@ def response_from_completion(
         parts.append({"type": "refusal", "refusal": message["refusal"]})
     if parts:
         response["output"].append(_message_item(_item_id("msg"), parts, status))
+    kinds = tool_kinds(body)
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        response["output"].append(
-            _call_item(
-                _item_id("fc"),
-                call.get("id") or _item_id("call"),
-                function.get("name") or "",
-                function.get("arguments") or "",
-                status,
-            )
-        )
+        name = function.get("name") or ""
+        call_id = call.get("id") or _item_id("call")
+        response["output"].append(_call_item(kinds.get(name), call_id, name, function.get("arguments") or "", status))
     return _finished(response, choices[0].get("finish_reason"), completion.get("usage"))
 
 
@@ -457,6 +599,8 @@ class ResponseEvents:
         self._calls: dict[int, dict[str, Any]] = {}
         self._open_calls: dict[int, dict[str, Any]] = {}
         self._positions: dict[str, int] = {}  # item id -> its output_index
+        self._kinds = tool_kinds(body)
+        self._arguments: dict[str, str] = {}  # a call item's id -> the arguments its function got so far
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
 
@@ -525,15 +669,19 @@ class ResponseEvents:
     def _close_calls(self, status: str = "completed") -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         for item in self._open_calls.values():
-            events.append(
-                self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item["id"],
-                    output_index=self._positions[item["id"]],
-                    name=item["name"],
-                    arguments=item["arguments"],
+            where = {"item_id": item["id"], "output_index": self._positions[item["id"]]}
+            _call_filled(item, self._arguments[item["id"]])
+            if item["type"] == "function_call":
+                events.append(
+                    self._event(
+                        "response.function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"]
+                    )
                 )
-            )
+            elif item["type"] == "custom_tool_call":
+                # The input is known once its function's arguments are whole JSON: it is given in one piece.
+                if item["input"]:
+                    events.append(self._event("response.custom_tool_call_input.delta", **where, delta=item["input"]))
+                events.append(self._event("response.custom_tool_call_input.done", **where, input=item["input"]))
             events.append(self._item_done(item, status))
         self._open_calls = {}
         return events
@@ -573,9 +721,9 @@ class ResponseEvents:
         item = self._calls.get(index)
         if item is None:
             events.extend(self._close_message())
-            item = _call_item(
-                _item_id("fc"), delta.get("id") or _item_id("call"), function.get("name") or "", "", "in_progress"
-            )
+            name = function.get("name") or ""
+            item = _call_item(self._kinds.get(name), delta.get("id") or _item_id("call"), name, "", "in_progress")
+            self._arguments[item["id"]] = ""
             self._calls[index] = self._open_calls[index] = item
             events.extend(self._add_item(item))
         elif index not in self._open_calls:
@@ -584,6 +732,9 @@ class ResponseEvents:
             return events
         arguments = function.get("arguments")
         if arguments:
+            self._arguments[item["id"]] += arguments
+            if item["type"] != "function_call":
+                return events  # a custom or the local shell tool's call: its item is written when it is whole
             item["arguments"] += arguments
             events.append(
                 self._event(

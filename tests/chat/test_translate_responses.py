@@ -10,7 +10,12 @@ import json
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chat.translate_responses import ResponseEvents, response_skeleton, responses_request_to_chat
+from chat.translate_responses import (
+    ResponseEvents,
+    response_from_completion,
+    response_skeleton,
+    responses_request_to_chat,
+)
 from chat.validation import InvalidRequestError, validate_chat_request
 from providers.tokens import prompt_tokens
 from tests.gateway.test_responses_api import assert_spec_sequence
@@ -83,12 +88,63 @@ def test_a_refusal_is_its_own_content_part_of_the_message():
     ]
 
 
+def test_custom_and_local_shell_calls_interleaved_become_their_items_when_whole():
+    body = {"model": "m", "input": "hi", "tools": [{"type": "custom", "name": "patch"}, {"type": "local_shell"}]}
+    events = ResponseEvents(body, response_id="resp_1", model="m", created_at=1)
+    out = events.started()
+    for piece in [
+        chunk({"tool_calls": [{"index": 0, "id": "call_p", "function": {"name": "patch", "arguments": '{"inp'}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_s", "function": {"name": "local_shell", "arguments": "ls"}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ut": "*** Begin\\n"}'}}]}, "tool_calls"),
+    ]:
+        out.extend(events.chunk(piece))
+    out.extend(events.completed())
+    assert_spec_sequence(out)
+    patch, shell = out[-1]["response"]["output"]
+    assert (patch["type"], patch["call_id"], patch["input"]) == ("custom_tool_call", "call_p", "*** Begin\n")
+    # Arguments that are no command: an empty one, which the client's shell refuses, rather than an unreadable item.
+    assert (shell["type"], shell["call_id"], shell["action"]) == (
+        "local_shell_call",
+        "call_s",
+        {"type": "exec", "command": [], "env": {}},
+    )
+    assert [event["delta"] for event in out if event["type"] == "response.custom_tool_call_input.delta"] == [
+        "*** Begin\n"
+    ]
+
+
+def test_a_custom_tools_input_written_bare_is_kept_whole():
+    body = {"model": "m", "input": "hi", "tools": [{"type": "custom", "name": "patch"}]}
+    completion = {
+        "choices": [
+            {
+                "message": {"tool_calls": [{"id": "c", "function": {"name": "patch", "arguments": "not json"}}]},
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    [item] = response_from_completion(body, completion, response_id="resp_1", created_at=1)["output"]
+    assert (item["type"], item["input"]) == ("custom_tool_call", "not json")
+
+
 # Arbitrary Responses API bodies: the translation (and the chat validation after it) accepts, or refuses with a
 # 400; never anything else. What it accepts can be forwarded and priced.
 ITEMS = st.fixed_dictionaries(
     {},
     optional={
-        "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "item_reference"])
+        "type": st.sampled_from(
+            [
+                "message",
+                "function_call",
+                "function_call_output",
+                "reasoning",
+                "item_reference",
+                "custom_tool_call",
+                "custom_tool_call_output",
+                "local_shell_call",
+                "local_shell_call_output",
+            ]
+        )
         | JSON_VALUES,
         "role": st.sampled_from(["user", "system", "developer", "assistant", "tool"]) | JSON_VALUES,
         "content": st.text(max_size=12)
@@ -104,6 +160,10 @@ ITEMS = st.fixed_dictionaries(
         "name": st.text(max_size=6) | JSON_VALUES,
         "arguments": st.text(max_size=6) | JSON_VALUES,
         "output": st.text(max_size=6) | JSON_VALUES,
+        "input": st.text(max_size=6) | JSON_VALUES,
+        "id": st.text(max_size=6) | JSON_VALUES,
+        "action": st.fixed_dictionaries({"command": st.lists(st.text(max_size=4), max_size=2) | JSON_VALUES})
+        | JSON_VALUES,
     },
 )
 RESPONSES_BODIES = (
@@ -115,14 +175,26 @@ RESPONSES_BODIES = (
             "instructions": st.text(max_size=8) | JSON_VALUES,
             "tools": st.lists(
                 st.fixed_dictionaries(
-                    {"type": st.just("function") | JSON_VALUES},
-                    optional={"name": st.text(max_size=6) | JSON_VALUES, "parameters": JSON_VALUES},
+                    {"type": st.sampled_from(["function", "custom", "local_shell"]) | JSON_VALUES},
+                    optional={
+                        "name": st.text(max_size=6) | JSON_VALUES,
+                        "parameters": JSON_VALUES,
+                        "description": st.text(max_size=6) | JSON_VALUES,
+                        "format": st.fixed_dictionaries(
+                            {"type": st.sampled_from(["text", "grammar"]) | JSON_VALUES},
+                            optional={
+                                "syntax": st.sampled_from(["lark", "regex"]) | JSON_VALUES,
+                                "definition": JSON_VALUES,
+                            },
+                        )
+                        | JSON_VALUES,
+                    },
                 ),
                 max_size=2,
             )
             | JSON_VALUES,
             "tool_choice": st.sampled_from(["none", "auto", "required"])
-            | st.fixed_dictionaries({"type": st.just("function"), "name": JSON_VALUES})
+            | st.fixed_dictionaries({"type": st.sampled_from(["function", "custom"]), "name": JSON_VALUES})
             | JSON_VALUES,
             **{
                 name: JSON_VALUES

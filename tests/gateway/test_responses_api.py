@@ -76,6 +76,8 @@ EVENT_SCHEMAS = {
     "response.output_item.done": "ResponseOutputItemDoneEvent",
     "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
     "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
+    "response.custom_tool_call_input.delta": "ResponseCustomToolCallInputDeltaEvent",
+    "response.custom_tool_call_input.done": "ResponseCustomToolCallInputDoneEvent",
     "response.completed": "ResponseCompletedEvent",
     "response.incomplete": "ResponseIncompleteEvent",
     "response.failed": "ResponseFailedEvent",
@@ -249,6 +251,17 @@ def test_streamed_function_call(gateway, model):
         ({"background": True}, "background"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0].type"),
+        ({"tools": [WEATHER, {"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools[1].type"),
+        ({"tools": [{"type": "image_generation"}]}, "tools[0].type"),
+        ({"tools": [{"type": "mcp", "server_label": "x", "server_url": "https://example.com"}]}, "tools[0].type"),
+        (
+            {
+                "tools": [
+                    {"type": "computer_use_preview", "display_width": 8, "display_height": 8, "environment": "linux"}
+                ]
+            },
+            "tools[0].type",
+        ),
         (
             {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
             "input[0].content[0].type",
@@ -706,3 +719,140 @@ def test_a_rate_limited_key_gets_a_429_with_its_headers(gateway):
     assert limited.value.response.headers.get("retry-after")
     assert wait_for_record(limited.value.response.headers["x-request-id"]).status == "rejected"
     assert gateway.upstream.requests_served() == 1
+
+
+PATCH_TOOL = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Apply a patch to the files.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" /(.|\\n)+/'},
+}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_custom_tool_round_trip(gateway, model):
+    """Codex's free-form tools (``apply_patch``): a function of one string ``input`` upstream, whose description
+    carries the grammar; the model's call is a ``custom_tool_call``, and its output goes back as a tool message."""
+    client = gateway.client()
+    raw = client.responses.with_raw_response.create(model=model, input="Fix the bug", tools=[PATCH_TOOL, WEATHER])
+    validate_openai_schema(raw.http_response.json(), "Response")
+    [call] = raw.parse().output
+    assert call.type == "custom_tool_call" and call.name == "apply_patch" and call.input == "Fix the bug"
+    assert raw.parse().tools[0].format.definition == PATCH_TOOL["format"]["definition"]
+    if model == "gpt-test":
+        [sent, _weather] = gateway.upstream.requests[-1]["body"]["tools"]
+        assert sent["function"]["parameters"]["properties"] == {
+            "input": {"type": "string", "description": "The tool's whole input, as free-form text."}
+        }
+        assert sent["function"]["description"].startswith("Apply a patch to the files.\n\n")
+        assert PATCH_TOOL["format"]["definition"] in sent["function"]["description"]
+    second = client.responses.create(
+        model=model,
+        tools=[PATCH_TOOL],
+        input=[
+            {"role": "user", "content": "Fix the bug"},
+            {"type": "custom_tool_call", "call_id": call.call_id, "name": call.name, "input": call.input},
+            {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Done!"},
+        ],
+    )
+    assert second.output_text == "Tool result: Done!"
+    if model == "gpt-test":
+        assistant = gateway.upstream.requests[-1]["body"]["messages"][1]
+        assert assistant["tool_calls"][0]["id"] == call.call_id
+        assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"input": "Fix the bug"}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_local_shell_round_trip(gateway, model):
+    client = gateway.client()
+    raw = client.responses.with_raw_response.create(model=model, input="List files", tools=[{"type": "local_shell"}])
+    validate_openai_schema(raw.http_response.json(), "Response")
+    [call] = raw.parse().output
+    assert call.type == "local_shell_call" and call.status == "completed"
+    # The fake upstream fills a string with the question, a number with 42, an array and an object empty.
+    assert call.action.model_dump(exclude_none=True) == {
+        "type": "exec",
+        "command": [],
+        "env": {},
+        "timeout_ms": 42,
+        "working_directory": "List files",
+        "user": "List files",
+    }
+    second = client.responses.create(
+        model=model,
+        tools=[{"type": "local_shell"}],
+        input=[
+            {"role": "user", "content": "List files"},
+            {
+                "type": "local_shell_call",
+                "id": call.id,
+                "call_id": call.call_id,
+                "status": "completed",
+                "action": {"type": "exec", "command": ["ls", "-a"], "env": {}},
+            },
+            # The spec names the call by its id in the output's `id`.
+            {"type": "local_shell_call_output", "id": call.call_id, "output": "README.md"},
+        ],
+    )
+    assert second.output_text == "Tool result: README.md"
+    if model == "gpt-test":
+        [call_sent] = gateway.upstream.requests[-1]["body"]["messages"][1]["tool_calls"]
+        assert call_sent["id"] == call.call_id and call_sent["function"]["name"] == "local_shell"
+        assert json.loads(call_sent["function"]["arguments"]) == {"command": ["ls", "-a"], "env": {}}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    ("tool", "item_type"), [(PATCH_TOOL, "custom_tool_call"), ({"type": "local_shell"}, "local_shell_call")]
+)
+def test_streamed_custom_and_local_shell_calls(gateway, model, tool, item_type):
+    with gateway.client().responses.create(
+        model=model, input="Go on", tools=[tool], tool_choice="required", stream=True
+    ) as stream:
+        events = list(stream)
+    dumped = [event.model_dump(mode="json", exclude_unset=True) for event in events]
+    assert_spec_sequence(dumped)
+    kinds = [event.type for event in events]
+    assert "response.function_call_arguments.delta" not in kinds
+    [item] = events[-1].response.output
+    assert item.type == item_type and item.call_id and events[-1].type == "response.completed"
+    if item_type == "custom_tool_call":
+        assert item.input == "Go on"
+        done = next(event for event in events if event.type == "response.custom_tool_call_input.done")
+        deltas = "".join(event.delta for event in events if event.type == "response.custom_tool_call_input.delta")
+        assert done.input == deltas == "Go on" and done.item_id == item.id
+    else:
+        assert item.action.working_directory == "Go on"
+
+
+def test_a_tool_choice_that_names_a_custom_tool_forces_its_call(gateway):
+    response = gateway.client().responses.create(
+        model="gpt-test",
+        input="Fix it",
+        tools=[WEATHER, PATCH_TOOL],
+        tool_choice={"type": "custom", "name": "apply_patch"},
+    )
+    assert gateway.upstream.requests[-1]["body"]["tool_choice"] == {
+        "type": "function",
+        "function": {"name": "apply_patch"},
+    }
+    assert [(item.type, item.name) for item in response.output] == [("custom_tool_call", "apply_patch")]
+
+
+@pytest.mark.parametrize(
+    ("tools", "param"),
+    [
+        ([WEATHER, {"type": "custom", "name": "get_weather"}], "tools[1].name"),
+        ([{**WEATHER, "name": "local_shell"}, {"type": "local_shell"}], "tools[1].type"),
+        ([{"type": "custom"}], "tools[0].name"),
+        (
+            [{"type": "custom", "name": "x", "format": {"type": "grammar", "syntax": "ebnf", "definition": ""}}],
+            "tools[0].format",
+        ),
+    ],
+)
+def test_a_tool_name_clash_or_a_bad_custom_tool_is_a_400(gateway, tools, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", tools=tools)
+    assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served() == 0
