@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import Any
 
+from providers.adapters.translate_anthropic import reasoning_text
+
 from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "top_logprobs": (None, "log probabilities are not returned by /v1/responses here."),
     "context_management": (None, "server-side context management is not supported."),
 }
-_INCLUDABLE = frozenset({"reasoning.encrypted_content"})  # nothing to add: no reasoning items are returned
+# Nothing to add: a reasoning item's text is in the clear, in its ``content``, and has no encrypted form.
+_INCLUDABLE = frozenset({"reasoning.encrypted_content"})
 _ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 # Finish reasons that leave a response incomplete, with the reason the Responses API gives.
@@ -151,11 +154,14 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
         _fail("Invalid 'input': expected a string or a non-empty array of input items.", "input", "invalid_type")
     messages: list[dict[str, Any]] = []
     origins: list[dict[str, str]] = []
+    thoughts: list[tuple[str, str]] = []  # reasoning items given back, (text, where), for the next assistant turn
     for index, item in enumerate(value):
         where = f"input[{index}]"
         if not isinstance(item, dict):
             _fail(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
         kind = item.get("type", "message")
+        if kind != "reasoning" and (kind != "message" or item.get("role") != "assistant") and not _named(kind, _CALLS):
+            thoughts = []  # reasoning that no assistant turn follows belongs to none
         if kind == "message":
             role = item.get("role")
             if not _named(role, _ROLES):
@@ -172,6 +178,8 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                     _fail(f"Invalid '{where}.content': empty array; give at least one part.", f"{where}.content")
                 messages.append({"role": role, "content": content if role == "user" else _joined(content)})
             origins.append({"content": f"{where}.content"})
+            if role == "assistant":
+                _reasoning_given_back(messages[-1], origins[-1], thoughts)
         elif _named(kind, _CALLS):
             name, arguments = _call_of(item, kind, where)
             call = {"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": arguments}}
@@ -185,6 +193,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
                 origins.append({"tool_calls[0].function": where})
+            _reasoning_given_back(messages[-1], origins[-1], thoughts)
         elif _named(kind, _CALL_OUTPUTS):
             # The spec names a local shell call's output by the call's id in `id`; the others in `call_id`.
             key = "id" if kind == "local_shell_call_output" else "call_id"
@@ -194,7 +203,12 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined(output)})
             origins.append({"content": f"{where}.output"})
         elif kind == "reasoning":
-            continue  # a model's earlier reasoning: chat completions has no place for it, and no model needs it back
+            # A model's earlier reasoning: its text (``reasoning_text`` parts, as llmhub returns it; a summary or
+            # encrypted content is OpenAI's own, for OpenAI's servers) goes back with the turn it led to.
+            if item.get("content") is not None:
+                text = _joined(_text_of(item["content"], f"{where}.content", frozenset({"reasoning_text"})))
+                if text:
+                    thoughts.append((text, f"{where}.content"))
         else:
             _fail(
                 f"Invalid '{where}.type': {kind!r} input items are not supported by llmhub's /v1/responses "
@@ -204,6 +218,19 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 "unsupported_value",
             )
     return messages, origins
+
+
+def _reasoning_given_back(message: dict[str, Any], origin: dict[str, str], thoughts: list[tuple[str, str]]) -> None:
+    """The reasoning items before an assistant turn, as its ``reasoning_content``: what reasoning models' servers
+    take back (DeepSeek asks for it again in a tool-call round), as ``/v1/chat/completions`` passes it on."""
+    if not thoughts:
+        return
+    texts = [text for text, _ in thoughts]
+    message["reasoning_content"] = "\n\n".join(
+        [message["reasoning_content"], *texts] if "reasoning_content" in message else texts
+    )
+    origin["reasoning_content"] = thoughts[-1][1]
+    thoughts.clear()
 
 
 def _custom_function(tool: dict[str, Any], where: str) -> dict[str, Any]:
@@ -493,6 +520,18 @@ def _message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dic
     return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": parts}
 
 
+def _reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """The model's reasoning (a chat completion's ``reasoning_content`` or ``reasoning``) as the Responses API's
+    ``reasoning`` item: the raw text, so in ``content`` as a ``reasoning_text`` part, where OpenAI's own open-weight
+    models put theirs; ``summary`` is for a summary the model did not write (empty). ``None``: no part yet."""
+    content = [] if text is None else [_reasoning_part(text)]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def _reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -567,6 +606,8 @@ def response_from_completion(
     choices = completion.get("choices") or [{}]
     message = choices[0].get("message") or {}
     status = "incomplete" if choices[0].get("finish_reason") in _INCOMPLETE else "completed"
+    if thought := reasoning_text(message):
+        response["output"].append(_reasoning_item(_item_id("rs"), thought, status))
     parts = []
     if message.get("content"):
         parts.append(_text_part(message["content"]))
@@ -592,6 +633,7 @@ class ResponseEvents:
     def __init__(self, body: dict[str, Any], *, response_id: str, model: str, created_at: int) -> None:
         self.response = response_skeleton(body, response_id=response_id, model=model, created_at=created_at)
         self._sequence = 0
+        self._reasoning: dict[str, Any] | None = None  # the reasoning item being written
         self._message: dict[str, Any] | None = None  # the message item being written
         self._part: dict[str, Any] | None = None  # its content part being written
         # Tool calls by their index in the chunks; those still open. A server may interleave the pieces of
@@ -686,8 +728,40 @@ class ResponseEvents:
         self._open_calls = {}
         return events
 
+    def _close_reasoning(self, status: str = "completed") -> list[dict[str, Any]]:
+        item = self._reasoning
+        if item is None:
+            return []
+        where = self._where(item)
+        part = item["content"][-1]
+        self._reasoning = None
+        return [
+            self._event("response.reasoning_text.done", **where, text=part["text"]),
+            self._event("response.content_part.done", **where, part=dict(part)),
+            self._item_done(item, status),
+        ]
+
+    def _think(self, piece: str) -> list[dict[str, Any]]:
+        """A piece of the model's reasoning: its item (after what came before it, which it closes), one
+        ``reasoning_text`` part written by ``response.reasoning_text.delta`` events."""
+        events: list[dict[str, Any]] = []
+        if self._reasoning is None:
+            events.extend([*self._close_message(), *self._close_calls()])
+            self._reasoning = _reasoning_item(_item_id("rs"), None, "in_progress")
+            events.extend(self._add_item(self._reasoning))
+            self._reasoning["content"].append(_reasoning_part(""))
+            events.append(
+                self._event("response.content_part.added", **self._where(self._reasoning), part=_reasoning_part(""))
+            )
+        item = self._reasoning
+        item["content"][-1]["text"] += piece
+        events.append(self._event("response.reasoning_text.delta", **self._where(item), delta=piece))
+        return events
+
     def _close_all(self, status: str = "completed") -> list[dict[str, Any]]:
-        """Close what is open, in the order of the output."""
+        """Close what is open, in the order of the output (reasoning, open only while nothing came after it, first)."""
+        if self._reasoning is not None:
+            return self._close_reasoning(status)
         if self._message is not None and any(
             self._positions[call["id"]] < self._positions[self._message["id"]] for call in self._open_calls.values()
         ):
@@ -696,7 +770,7 @@ class ResponseEvents:
 
     def _write(self, kind: str, piece: str) -> list[dict[str, Any]]:
         """A piece of the reply's text (``output_text``) or of its refusal (``refusal``)."""
-        events = self._close_calls()
+        events = [*self._close_reasoning(), *self._close_calls()]
         if self._message is None:
             self._message = _message_item(_item_id("msg"), [], "in_progress")
             events.extend(self._add_item(self._message))
@@ -720,7 +794,7 @@ class ResponseEvents:
         function = delta.get("function") or {}
         item = self._calls.get(index)
         if item is None:
-            events.extend(self._close_message())
+            events.extend([*self._close_reasoning(), *self._close_message()])
             name = function.get("name") or ""
             item = _call_item(self._kinds.get(name), delta.get("id") or _item_id("call"), name, "", "in_progress")
             self._arguments[item["id"]] = ""
@@ -754,6 +828,8 @@ class ResponseEvents:
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            if thought := reasoning_text(delta):
+                events.extend(self._think(thought))
             if delta.get("content"):
                 events.extend(self._write("output_text", delta["content"]))
             if delta.get("refusal"):
@@ -776,7 +852,7 @@ class ResponseEvents:
     def failed(self, code: str, message: str) -> list[dict[str, Any]]:
         """The end of a stream that broke after it began: ``response.failed``, with what was written so far, never
         a ``response.completed``."""
-        for item in [self._message, *self._open_calls.values()]:
+        for item in [self._reasoning, self._message, *self._open_calls.values()]:
             if item is not None:
                 item["status"] = "incomplete"
         self.response["status"] = "failed"

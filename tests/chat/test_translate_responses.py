@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -127,6 +128,64 @@ def test_a_custom_tools_input_written_bare_is_kept_whole():
     assert (item["type"], item["input"]) == ("custom_tool_call", "not json")
 
 
+def thought(text: str) -> dict:
+    return {"type": "reasoning", "id": "rs", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def test_reasoning_given_back_goes_with_the_assistant_turn_it_led_to_and_only_with_one():
+    chat, fields = responses_request_to_chat(
+        {
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "q"},
+                thought("first"),
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                thought("second"),
+                {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "r1"},
+                {"type": "function_call_output", "call_id": "c2", "output": "r2"},
+                # OpenAI's own reasoning (a summary, encrypted content): for OpenAI's servers, not sent on.
+                {"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "s"}]},
+                thought("no turn follows this one"),
+                {"role": "user", "content": "next"},
+                thought("third"),
+            ],
+        }
+    )
+    turns = [message.get("reasoning_content") for message in chat["messages"]]
+    assert turns == [None, "first\n\nsecond", None, None, None]
+    assert fields["messages[1].reasoning_content"] == "input[3].content"
+
+
+def test_a_reasoning_item_with_content_that_is_not_reasoning_text_is_a_400():
+    body = {
+        "model": "m",
+        "input": [{"type": "reasoning", "summary": [], "content": [{"type": "input_text", "text": "x"}]}],
+    }
+    with pytest.raises(InvalidRequestError) as refused:
+        responses_request_to_chat(body)
+    assert refused.value.param == "input[0].content[0].type"
+
+
+def test_streamed_reasoning_then_a_call_then_an_interrupted_reasoning_each_get_their_item():
+    events = run(
+        [
+            chunk({"reasoning_content": "think "}),
+            chunk({"reasoning": "more"}),
+            chunk({"tool_calls": [call(0, "{}", call_id="call_a")]}),
+            chunk({"reasoning_content": "after"}),
+            chunk({"content": "done"}, "stop"),
+        ]
+    )
+    assert_spec_sequence(events)
+    output = events[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "function_call", "reasoning", "message"]
+    assert [output[0]["content"], output[2]["content"]] == [
+        [{"type": "reasoning_text", "text": "think more"}],
+        [{"type": "reasoning_text", "text": "after"}],
+    ]
+
+
 # Arbitrary Responses API bodies: the translation (and the chat validation after it) accepts, or refuses with a
 # 400; never anything else. What it accepts can be forwarded and priced.
 ITEMS = st.fixed_dictionaries(
@@ -150,7 +209,10 @@ ITEMS = st.fixed_dictionaries(
         "content": st.text(max_size=12)
         | st.lists(
             st.fixed_dictionaries(
-                {"type": st.sampled_from(["input_text", "output_text", "input_image", "refusal"]) | JSON_VALUES},
+                {
+                    "type": st.sampled_from(["input_text", "output_text", "input_image", "refusal", "reasoning_text"])
+                    | JSON_VALUES
+                },
                 optional={"text": JSON_VALUES, "image_url": JSON_VALUES, "refusal": JSON_VALUES},
             ),
             max_size=3,

@@ -78,6 +78,8 @@ EVENT_SCHEMAS = {
     "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
     "response.custom_tool_call_input.delta": "ResponseCustomToolCallInputDeltaEvent",
     "response.custom_tool_call_input.done": "ResponseCustomToolCallInputDoneEvent",
+    "response.reasoning_text.delta": "ResponseReasoningTextDeltaEvent",
+    "response.reasoning_text.done": "ResponseReasoningTextDoneEvent",
     "response.completed": "ResponseCompletedEvent",
     "response.incomplete": "ResponseIncompleteEvent",
     "response.failed": "ResponseFailedEvent",
@@ -609,8 +611,24 @@ def test_a_stream_the_servers_shutdown_cuts_ends_with_response_failed(fake_upstr
             {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"title": "forbidden"}}}},
             "text.format",
         ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "type": "reasoning",
+                        "id": "rs_1",
+                        "summary": [],
+                        "content": [{"type": "reasoning_text", "text": "a forbidden plan"}],
+                    },
+                    {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "and?"},
+                ]
+            },
+            "input[1].content",
+        ),
     ],
-    ids=["instructions", "message", "function-call", "function-call-output", "tool", "text-format"],
+    ids=["instructions", "message", "function-call", "function-call-output", "tool", "text-format", "reasoning"],
 )
 def test_a_refused_input_names_the_responses_field_the_blocked_word_is_in(gateway, request_fields, field):
     policy_cache.invalidate()
@@ -856,3 +874,86 @@ def test_a_tool_name_clash_or_a_bad_custom_tool_is_a_400(gateway, tools, param):
         gateway.client().responses.create(model="gpt-test", input="hi", tools=tools)
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
     assert gateway.upstream.requests_served() == 0
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_a_reasoning_models_reasoning_is_a_reasoning_item_before_the_message_and_charged(gateway, field):
+    """What an OpenAI-compatible server of a reasoning model answers in ``reasoning_content`` (DeepSeek, vLLM) or
+    ``reasoning`` (OpenRouter, Ollama): a ``reasoning`` item with the text as a ``reasoning_text`` part."""
+    raw = gateway.client().responses.with_raw_response.create(
+        model="gpt-test", input=f"Why? [[reasoning=let me think]] [[reply=because]] [[reasoning_field={field}]]"
+    )
+    validate_openai_schema(raw.http_response.json(), "Response")
+    response = raw.parse()
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    thought = response.output[0]
+    assert [(part.type, part.text) for part in thought.content] == [("reasoning_text", "let me think")]
+    assert thought.summary == [] and thought.status == "completed" and thought.id.startswith("rs_")
+    assert response.output_text == "because"
+    assert response.usage.output_tokens == 4 and response.usage.output_tokens_details.reasoning_tokens == 3
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.completion_tokens == 4 and record.cost == expected_cost("gpt-test", record)
+
+
+def test_streamed_reasoning_comes_first_with_its_events(gateway):
+    with gateway.client().responses.create(
+        model="gpt-test", input="[[reasoning=one two three four five]] [[words=4]]", stream=True
+    ) as stream:
+        events = list(stream)
+    dumped = [event.model_dump(mode="json", exclude_unset=True) for event in events]
+    assert_spec_sequence(dumped)
+    kinds = [event.type for event in events]
+    assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta"]
+    thinking = "".join(event.delta for event in events if event.type == "response.reasoning_text.delta")
+    [done] = [event for event in events if event.type == "response.reasoning_text.done"]
+    assert thinking == done.text == "one two three four five"
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].content[0].text == thinking and len(final.output_text.split()) == 4
+    assert final.usage.output_tokens_details.reasoning_tokens == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_an_upstream_did_not_count_is_charged_as_output(gateway, stream):
+    rows = []
+    for thought in ("", "[[reasoning=" + " ".join(["hmm"] * 40) + "]]"):
+        body = {"model": "gpt-test", "input": f"one two [[reply=four five]] [[usage=none]] {thought}"}
+        if stream:
+            reply, events = raw_events(gateway, body)
+            response = events[-1][1]["response"]
+        else:
+            reply = httpx.post(
+                gateway.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+            )
+            response = reply.json()
+        record = wait_for_record(reply.headers["x-request-id"])
+        assert record.usage_estimated and response["usage"]["output_tokens"] == record.completion_tokens
+        rows.append(record)
+    assert rows[1].completion_tokens > rows[0].completion_tokens
+
+
+def test_reasoning_given_back_reaches_the_model_as_the_turns_reasoning_content(gateway):
+    """DeepSeek-style servers take the reasoning back (in a tool-call round they ask for it): as
+    ``/v1/chat/completions`` passes an assistant turn's ``reasoning_content`` on, a reasoning item given back is
+    that."""
+    client = gateway.client()
+    first = client.responses.create(
+        model="gpt-test", input="Weather in Rome? [[reasoning=I need the tool]]", tools=[WEATHER]
+    )
+    assert [item.type for item in first.output] == ["reasoning", "function_call"]
+    call = first.output[1]
+    second = client.responses.create(
+        model="gpt-test",
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "Weather in Rome?"},
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+    )
+    assert second.output_text == "Tool result: sunny"
+    sent = gateway.upstream.requests[-1]["body"]["messages"]
+    assert sent[1]["role"] == "assistant" and sent[1]["reasoning_content"] == "I need the tool"
+    assert sent[1]["tool_calls"][0]["id"] == call.call_id
+    assert all("reasoning_content" not in message for message in sent[2:])
