@@ -251,6 +251,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "created_at",
         "user",
         "model_name",
+        "operation",
         "endpoint",
         "stream",
         "prompt_tokens",
@@ -268,6 +269,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
     list_filter = (
         ("created_at", admin.DateFieldListFilter),
         "status",
+        "operation",
         "endpoint",
         ("model", admin.RelatedFieldListFilter),
         ("provider", admin.RelatedFieldListFilter),

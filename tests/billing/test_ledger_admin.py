@@ -50,6 +50,22 @@ def test_the_model_and_provider_filters_list_the_catalog_and_filter_on_its_keys(
     assert ledger_page(admin_client, provider__id__exact=str(east.pk))[0] == [mine]
 
 
+def test_the_list_shows_and_filters_what_each_request_asked_for(admin_client):
+    """Chat completions, Anthropic messages, OpenAI responses and embeddings all come over REST: the endpoint
+    cannot tell them apart, the operation can; its choices are fixed, so the filter reads nothing to list them."""
+    chat = UsageRecordFactory(operation="chat")
+    responses = UsageRecordFactory(operation="responses")
+
+    shown, reads = ledger_page(admin_client)
+    page = admin_client.get(CHANGELIST).content.decode()
+
+    assert set(shown) == {chat, responses}
+    assert not [sql for sql in reads if "DISTINCT" in sql], reads
+    assert ">OpenAI responses</a>" in page and ">OpenAI responses</td>" in page
+    assert ledger_page(admin_client, operation__exact="responses")[0] == [responses]
+    assert ledger_page(admin_client, operation__exact="chat")[0] == [chat]
+
+
 def test_the_list_is_narrowed_by_date_without_reading_the_ledgers_dates(admin_client):
     """No date hierarchy: its first level reads the distinct months of the whole ledger, its second the distinct
     days of a month. The date filter's ranges (today, the past 7 days, this month, this year) need no query."""
