@@ -359,7 +359,11 @@ class UsageListApi(APIView):
         created_at = serializers.DateTimeField()
         model = serializers.CharField(source="model_name")
         provider = serializers.CharField(source="provider_name")
-        endpoint = serializers.CharField()
+        operation = serializers.ChoiceField(
+            choices=Operation.choices,
+            help_text="What the request asked for, whatever it came over (`endpoint`).",
+        )
+        endpoint = serializers.CharField(help_text="What it came over: REST or the chat page's WebSocket.")
         stream = serializers.BooleanField()
         prompt_tokens = serializers.IntegerField()
         completion_tokens = serializers.IntegerField()

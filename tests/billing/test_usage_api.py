@@ -19,6 +19,7 @@ RECORD_FIELDS = {
     "created_at",
     "model",
     "provider",
+    "operation",
     "endpoint",
     "stream",
     "prompt_tokens",
@@ -93,6 +94,7 @@ def ledger(alice):
         "d": UsageRecordFactory(
             user=alice,
             api_key=home,
+            operation="responses",
             created_at=at(3, 15),
             model_name="gpt-test",
             cost=Decimal("1.2345678901"),
@@ -144,6 +146,7 @@ def test_lists_own_records_newest_first_with_every_field(client, ledger):
         "created_at": "2025-03-03T15:00:00Z",
         "model": "gpt-test",
         "provider": "fake-openai",
+        "operation": "responses",
         "endpoint": "rest",
         "stream": False,
         "prompt_tokens": 50_000,
