@@ -67,6 +67,31 @@ def _is_text(value: Any) -> bool:
     return value is None or type(value) is str
 
 
+# OpenAI's finish reasons (an enum in its schema), and what other servers' spellings mean: vLLM's and TGI's
+# ``eos``, Mistral's ``model_length``, the Messages API's reasons an Anthropic-minded proxy passes on. A reason
+# nobody spells this way is a model that stopped: ``stop``.
+_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+_FINISH_MEANT = {
+    "eos": "stop",
+    "eos_token": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_length": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def _finish_mended(choice: dict[str, Any]) -> None:
+    """Raise ``MalformedReply`` unless the choice's ``finish_reason`` is text (or null); spell it as OpenAI does."""
+    reason = choice.get("finish_reason")
+    if not _is_text(reason):
+        raise MalformedReply("a finish_reason that is not text")
+    if reason is not None and reason not in _FINISH_REASONS:
+        choice["finish_reason"] = _FINISH_MEANT.get(reason, "stop")
+
+
 def _calls_checked(part: dict[str, Any]) -> None:
     """Raise ``MalformedReply`` unless ``part``'s tool calls and legacy function call are of OpenAI's types."""
     calls = part.get("tool_calls")
@@ -157,8 +182,7 @@ def completion_conform(
         message.setdefault("content", None)
         message.setdefault("refusal", None)
         _conform_tool_calls(message.get("tool_calls"), streamed=False)
-        if not _is_text(choice.get("finish_reason")):
-            raise MalformedReply("a finish_reason that is not text")
+        _finish_mended(choice)
         if choice.get("finish_reason") is None:
             # A finished completion always has a reason; a server that leaves it out stopped normally.
             choice["finish_reason"] = "tool_calls" if message.get("tool_calls") else "stop"
@@ -235,15 +259,16 @@ class StreamShape:
             _content_mended(delta, self._content)
             _calls_checked(delta)
             _conform_tool_calls(delta.get("tool_calls"), streamed=True)
-            if not _is_text(choice.setdefault("finish_reason", None)):
-                raise MalformedReply("a finish_reason that is not text")
+            choice.setdefault("finish_reason", None)
+            _finish_mended(choice)
         _conform_usage(chunk, nullable=True)
 
 
 def _choice_valid(choice: Any) -> bool:
     if type(choice) is not dict or type(choice.get("index")) is not int or "finish_reason" not in choice:
         return False
-    if not _is_text(choice["finish_reason"]):
+    reason = choice["finish_reason"]
+    if reason is not None and (type(reason) is not str or reason not in _FINISH_REASONS):
         return False
     delta = choice.get("delta")
     if type(delta) is not dict:

@@ -174,6 +174,41 @@ def test_a_finish_reason_that_is_not_text_is_a_malformed_reply(gateway, finish):
     assert record.status == UsageStatus.UPSTREAM_ERROR
 
 
+# Finish reasons other servers spell their own way (vLLM and TGI's eos, Mistral's model_length, an Anthropic-minded
+# proxy's end_turn, max_tokens and tool_use), and one nobody spells: each as OpenAI's own reason would be.
+FOREIGN_FINISHES = {
+    "eos": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_length": "length",
+    "tool_use": "tool_calls",
+    "something_new": "stop",
+}
+
+
+@pytest.mark.parametrize(("finish", "meant"), FOREIGN_FINISHES.items(), ids=FOREIGN_FINISHES)
+def test_a_finish_reason_openai_does_not_spell_becomes_the_one_it_means(gateway, finish, meant):
+    """Before: relayed as it came, so every chunk or reply carrying it failed OpenAI's schema (its finish_reason is
+    an enum) and typed clients could not read it."""
+    body = sse(
+        chunk({"role": "assistant", "content": ""}), chunk({"content": "Hello"}), chunk({}, finish), usage_chunk()
+    )
+    events, done, record = streamed(gateway, body + b"data: [DONE]\n\n")
+    assert done
+    assert_valid_stream(events, done)
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == [meant]
+    assert record.status == UsageStatus.OK
+
+    answer = completion()
+    answer["choices"][0]["finish_reason"] = finish
+    response, record = whole(gateway, answer)
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert response.json()["choices"][0]["finish_reason"] == meant
+    assert record.status == UsageStatus.OK
+
+
 @pytest.mark.parametrize("delta", MALFORMED_DELTAS.values(), ids=MALFORMED_DELTAS)
 def test_a_chunk_of_the_wrong_types_mid_stream_ends_it_in_band_and_is_billed(gateway, delta):
     """Before: the relay raised a TypeError or an AttributeError on it: the connection dropped with neither an
