@@ -88,6 +88,8 @@ def _finish_mended(choice: dict[str, Any]) -> None:
     reason = choice.get("finish_reason")
     if not _is_text(reason):
         raise MalformedReply("a finish_reason that is not text")
+    if reason == "error":  # Mistral's: the generation failed, which must not end as a clean stop
+        raise MalformedReply("a finish_reason of error: the provider failed to finish the reply")
     if reason is not None and reason not in _FINISH_REASONS:
         choice["finish_reason"] = _FINISH_MEANT.get(reason, "stop")
 
@@ -148,6 +150,20 @@ def _conform_tool_calls(calls: Any, *, streamed: bool) -> None:
             call.setdefault("index", position)
         else:
             call.setdefault("type", "function")
+            if type(call.get("id")) is not str:
+                call["id"] = "call_" + uuid.uuid4().hex[:24]
+            _whole_function_mended(call.get("function"))
+
+
+def _whole_function_mended(function: Any) -> None:
+    """A whole reply's function (a tool call's, or a legacy ``function_call``) has a name and its arguments: the
+    schema requires both. No name is a call nobody can make; no arguments are empty ones."""
+    if type(function) is not dict:
+        return
+    if type(function.get("name")) is not str:
+        raise MalformedReply("a function call without a name")
+    if function.get("arguments") is None:
+        function["arguments"] = ""
 
 
 def completion_conform(
@@ -182,6 +198,7 @@ def completion_conform(
         message.setdefault("content", None)
         message.setdefault("refusal", None)
         _conform_tool_calls(message.get("tool_calls"), streamed=False)
+        _whole_function_mended(message.get("function_call"))
         _finish_mended(choice)
         if choice.get("finish_reason") is None:
             # A finished completion always has a reason; a server that leaves it out stopped normally.

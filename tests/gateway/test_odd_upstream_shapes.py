@@ -155,7 +155,8 @@ MALFORMED_DELTAS = {
     "a tool call's arguments an object": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": {}}}]},
     "function_call a string": {"function_call": "f"},
 }
-MALFORMED_FINISHES = {"a number": 5, "an object": {"type": "stop"}}
+# A number or an object; and Mistral's "error", a generation that failed, which must not end as a clean stop.
+MALFORMED_FINISHES = {"a number": 5, "an object": {"type": "stop"}, "error": "error"}
 
 
 @pytest.mark.parametrize("finish", MALFORMED_FINISHES.values(), ids=MALFORMED_FINISHES)
