@@ -242,6 +242,13 @@ class _Metrics:
             [],
             registry=None,
         )
+        self.ledger_set_aside = Counter(
+            "llmhub_ledger_set_aside_rows",
+            "Ledger rows the database refused for their own values, even clamped: set aside in the spool's "
+            ".unreadable file for a person, not retried.",
+            [],
+            registry=None,
+        )
 
     def write(self, batch: list[RequestObservation]) -> None:
         """Add ``batch`` to the metrics: summed per label tuple first, then one write per series and bucket (a
@@ -441,6 +448,16 @@ def ledger_spilled_add(rows: int) -> None:
             metrics.ledger_spilled.inc(rows)
     except Exception:
         logger.exception("metrics: %d spilled ledger rows could not be counted", rows)
+
+
+def ledger_set_aside_add(rows: int) -> None:
+    """Count ledger rows set aside for a person (``ledger_rows``). Never raises (the rows are on disk already)."""
+    try:
+        metrics = _current()
+        if metrics is not None:
+            metrics.ledger_set_aside.inc(rows)
+    except Exception:
+        logger.exception("metrics: %d set-aside ledger rows could not be counted", rows)
 
 
 def sampler_register(sampler: Callable[[], None]) -> None:

@@ -9,6 +9,7 @@ is deleted in the very transaction that inserts its row.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sqlite3
 import time
@@ -20,13 +21,16 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, connection, models, transaction
+from django.core.exceptions import ValidationError
+from django.db import DataError, IntegrityError, connection, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from core.metrics import ledger_set_aside_add
 from providers.models import CatalogModel, Deployment, Provider
 
 from ..models import ApiKey, RequestReservation, UsageRecord
+from .spool import spool_set_aside
 
 logger = logging.getLogger("llmhub.ledger")
 
@@ -115,6 +119,26 @@ def usage_rows_write(rows: list[UsageData], *, settled: Collection[str] = ()) ->
     returns)."""
     rows = _keys_resolved(rows)
     try:
+        if not all(map(_money_fits, rows)):
+            # SQLite would keep such a cost (as text), and every read of the row would then fail.
+            raise ValidationError("a cost the ledger cannot hold")
+        _commit_resolving(rows, settled)
+    except ROW_REFUSED:
+        # One row's values (a count past its column's range, a NUL in a text on PostgreSQL, a cost that is no
+        # number) fail the whole batch, and would again at every retry and replay: each row goes on its own.
+        _commit_apart(rows, settled)
+    for api_key_id in {data.api_key_id for data in rows}:
+        _touch_key(api_key_id)
+
+
+# What a row's own values make the database, or the preparation of those values, refuse: writing it again
+# cannot help, unlike a database that is down or locked (``OperationalError``, ``InterfaceError``).
+ROW_REFUSED = (DataError, IntegrityError, ArithmeticError, ValueError, TypeError, ValidationError)
+CLAMPED_FLAG = "ledger_clamped"  # ``error_type`` of a row written with values clamped (``_clamped``)
+
+
+def _commit_resolving(rows: list[UsageData], settled: Collection[str]) -> None:
+    try:
         _commit(rows, settled)
     except IntegrityError:
         kept = _without_dangling_references(rows)
@@ -122,8 +146,102 @@ def usage_rows_write(rows: list[UsageData], *, settled: Collection[str] = ()) ->
             raise
         logger.warning("ledger rows refer to deleted users, keys, providers or models; written without them")
         _commit(kept, settled)
-    for api_key_id in {data.api_key_id for data in rows}:
-        _touch_key(api_key_id)
+
+
+def _commit_apart(rows: list[UsageData], settled: Collection[str]) -> None:
+    """A transaction per row (a batch the database refused for a row's values): the others are written; a
+    refused row is written again with its values clamped and flagged (``_clamped``), or if that is refused
+    too, or its cost is no number the ledger can hold, set aside in the spool's ``.unreadable`` file for a
+    person, with its settled record removed, never retried. A database that goes down meanwhile raises as
+    before: the caller spools the batch, and the rows committed already are skipped by the replay."""
+    settled = set(settled)
+    for data in rows:
+        mine = {data.request_id} & settled
+        try:
+            if not _money_fits(data):
+                raise ValidationError("a cost the ledger cannot hold")
+            _commit_resolving([data], mine)
+            continue
+        except ROW_REFUSED as exc:
+            refused = exc
+        clamped = _clamped(data)
+        if clamped is not None:
+            try:
+                _commit_resolving([clamped], mine)
+            except ROW_REFUSED as exc:
+                refused = exc
+            else:
+                logger.warning(
+                    "ledger row %s refused (%s); written with %s clamped, error_type %r",
+                    data.request_id,
+                    type(refused).__name__,
+                    ", ".join(sorted(_changed(data, clamped) - {"error_type"})),
+                    clamped.error_type,
+                )
+                continue
+        aside = spool_set_aside(json.dumps(usage_data_dump(data), default=str))
+        ledger_set_aside_add(1)
+        logger.error(
+            "ledger row %s refused (%s), even clamped; set aside in %s for a person to look at",
+            data.request_id,
+            type(refused).__name__,
+            aside,
+        )
+        if mine and not settings.REDIS_URL:
+            RequestReservation.objects.filter(request_id__in=mine, settled_row__isnull=False).delete()
+
+
+def _clamped(data: UsageData) -> UsageData | None:
+    """``data`` with each count clamped to its column's range and each text to its column's length, without
+    NUL characters, and ``error_type`` flagged (``CLAMPED_FLAG``); None when nothing changes, or when an amount
+    of money is no finite number within its column (a cost is never made up)."""
+    changes: dict[str, Any] = {}
+    for column, _ in _insert_columns()[1]:
+        value = getattr(data, column.attname)
+        if isinstance(column, models.ForeignKey) or value is None or isinstance(value, bool):
+            continue
+        if isinstance(column, models.DecimalField):
+            if not _amount_fits(column, value):
+                return None
+        elif isinstance(column, models.CharField) and isinstance(value, str):
+            text = value.replace("\x00", "")[: column.max_length]
+            if text != value:
+                changes[column.attname] = text
+        elif isinstance(column, models.IntegerField) and isinstance(value, int):
+            low, high = connection.ops.integer_field_range(column.get_internal_type())
+            number = max(low if low is not None else value, min(value, high if high is not None else value))
+            if number != value:
+                changes[column.attname] = number
+    if not changes:
+        return None
+    error_type = changes.get("error_type", data.error_type)
+    flag = f"{CLAMPED_FLAG}:{error_type}" if error_type else CLAMPED_FLAG
+    changes["error_type"] = flag[: UsageRecord._meta.get_field("error_type").max_length]
+    return replace(data, **changes)
+
+
+_MONEY = ("cost", "user_key_cost")
+
+
+def _money_fits(data: UsageData) -> bool:
+    """Whether the row's amounts are finite numbers within their columns (the check is a few comparisons)."""
+    return all(
+        _amount_fits(UsageRecord._meta.get_field(name), value)
+        for name in _MONEY
+        if (value := getattr(data, name)) is not None
+    )
+
+
+def _amount_fits(column: Any, value: Any) -> bool:
+    try:
+        amount = Decimal(value)
+        return amount.is_finite() and (not amount or amount.adjusted() < column.max_digits - column.decimal_places)
+    except (ArithmeticError, TypeError, ValueError):
+        return False
+
+
+def _changed(before: UsageData, after: UsageData) -> set[str]:
+    return {name for name in _FIELDS if getattr(before, name) != getattr(after, name)}
 
 
 def _commit(rows: list[UsageData], settled: Collection[str]) -> None:
