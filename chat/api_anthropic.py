@@ -140,6 +140,9 @@ async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIte
         if error is None:
             raise
         yield anthropic_error_event(error)
+    except Exception as exc:
+        # A failure of ours after the headers: an `error` event too, never a silent cut.
+        yield anthropic_error_event(run.stream_failed(exc))
     finally:
         await events.aclose()
 

@@ -237,6 +237,10 @@ async def _sse(run: CompletionRun, chunks: AsyncIterator[dict[str, Any]]) -> Asy
             raise
         yield openai_error_event(error)
         return
+    except Exception as exc:
+        # A failure of ours after the headers: in-band as well, and no [DONE], never a silent cut.
+        yield openai_error_event(run.stream_failed(exc))
+        return
     finally:
         await chunks.aclose()
     yield SSE_DONE

@@ -91,6 +91,11 @@ async def _sse(run: CompletionRun, events: ResponseEvents, chunks: AsyncIterator
         for event in events.failed("server_error", error.message):
             yield _sse_event(event)
         return
+    except Exception as exc:
+        # A failure of ours after the headers: response.failed too, never a silent cut.
+        for event in events.failed("server_error", run.stream_failed(exc).message):
+            yield _sse_event(event)
+        return
     finally:
         await chunks.aclose()
     for event in events.completed():

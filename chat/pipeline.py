@@ -126,6 +126,18 @@ _requests_in_flight: set[asyncio.Task[Any]] = set()
 SHUTDOWN_RETRY_AFTER_SECONDS = 5
 
 
+class StreamInternalError(ApplicationError):
+    """A stream failed after its headers for a reason of ours, not the provider's: told in-band, never a
+    connection dropped without an error and without the stream's end (``CompletionRun.stream_failed``)."""
+
+    status_code = 500
+    error_type = "api_error"
+    code = "internal_error"
+
+    def __init__(self, message: str = "The server had an error while processing your request.") -> None:
+        super().__init__(message)
+
+
 class ServerShuttingDownError(ApplicationError):
     """This server process is stopping: a new request is refused, and one it had to cut is told so."""
 
@@ -845,6 +857,18 @@ class CompletionRun:
             task.uncancel()
         return ServerShuttingDownError("The server is restarting and ended this reply; retry the request.")
 
+    def stream_failed(self, exc: Exception) -> StreamInternalError:
+        """For an entry point whose stream raised something other than ``ProviderError`` after its headers:
+        log it with the request id (its traceback, no request body) and return the in-band error to end the
+        stream with. The row was settled already, once, by the call step (``_upstream_call``)."""
+        logger.error(
+            "the stream of %s failed after it began (%s); ended with an in-band internal_error",
+            self.request_id,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        return StreamInternalError()
+
     def _interrupted_status(self) -> str:
         if self._cancelled:
             return UsageStatus.CANCELLED
@@ -892,9 +916,11 @@ class CompletionRun:
         call = _Call()
         self._upstream_started = time.perf_counter()
         self._activate()
+        ended = False
         try:
             yield call
             call.status = UsageStatus.OK
+            ended = True
         except ProviderError as exc:
             call.error_type = exc.code or type(exc).__name__
             if _request_at_fault(exc, self.served):
@@ -908,7 +934,22 @@ class CompletionRun:
         finally:
             _active_runs.pop(self, None)
             self._upstream_done = time.perf_counter()
-            settle(call)
+            try:
+                settle(call)
+            except Exception:
+                # What the call step gathered could not be settled (a piece of the reply that is no text): the
+                # row is written all the same, its tokens estimated without the reply, and a call that had
+                # ended well fails now, for the entry point to report (``stream_failed``).
+                logger.exception("settling %s failed; its row is written without the reply", self.request_id)
+                self._settle(
+                    status=UsageStatus.UPSTREAM_ERROR,
+                    usage=None,
+                    delivered_text="",
+                    finish_reason=None,
+                    error_type=StreamInternalError.code,
+                )
+                if ended:
+                    raise
 
     # The call loop -----------------------------------------------------------------------------------
 
