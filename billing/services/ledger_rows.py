@@ -118,6 +118,8 @@ def usage_rows_write(rows: list[UsageData], *, settled: Collection[str] = ()) ->
     admission they are deleted in the same transaction; Redis's are forgotten by the caller once this
     returns)."""
     rows = _keys_resolved(rows)
+    if connection.vendor == "sqlite":
+        rows = [_checked_for_sqlite(data) for data in rows]
     try:
         if not all(map(_money_fits, rows)):
             # SQLite would keep such a cost (as text), and every read of the row would then fail.
@@ -218,6 +220,37 @@ def _clamped(data: UsageData) -> UsageData | None:
     flag = f"{CLAMPED_FLAG}:{error_type}" if error_type else CLAMPED_FLAG
     changes["error_type"] = flag[: UsageRecord._meta.get_field("error_type").max_length]
     return replace(data, **changes)
+
+
+@functools.cache
+def _count_floors() -> tuple[tuple[str, int], ...]:
+    """The integer columns with a lower bound (the positive ones: 0), and that bound."""
+    floors = []
+    for column, _ in _insert_columns()[1]:
+        if isinstance(column, models.IntegerField) and not isinstance(column, models.ForeignKey):
+            low, _high = connection.ops.integer_field_range(column.get_internal_type())
+            if low is not None and low >= 0:
+                floors.append((column.attname, low))
+    return tuple(floors)
+
+
+def _checked_for_sqlite(data: UsageData) -> UsageData:
+    """SQLite's ``INSERT OR IGNORE`` skips a row that breaks a CHECK constraint (a count below zero in a
+    positive column) as it skips a known request id, without a word: such a row is clamped first."""
+    for name, low in _count_floors():
+        value = getattr(data, name)
+        if isinstance(value, int) and value < low:
+            clamped = _clamped(data)
+            if clamped is None:
+                return data
+            logger.warning(
+                "ledger row %s has counts below their columns' range; written with %s clamped, error_type %r",
+                data.request_id,
+                ", ".join(sorted(_changed(data, clamped) - {"error_type"})),
+                clamped.error_type,
+            )
+            return clamped
+    return data
 
 
 _MONEY = ("cost", "user_key_cost")

@@ -96,3 +96,20 @@ def test_a_spooled_row_no_clamp_can_save_is_set_aside_once_and_the_others_are_re
     ]
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert any("poison" in message and ".unreadable" in message for message in errors)
+
+
+async def test_a_negative_count_is_written_clamped_not_dropped(spool):
+    """SQLite's ``INSERT OR IGNORE`` skips a row that breaks a CHECK constraint (a count below zero in a
+    positive column) as it skips a known request id: the row was lost without a word. PostgreSQL refuses it."""
+    usage_record_submit(row("good"))
+    usage_record_submit(row("negative", completion_tokens=-3, prompt_tokens=5))
+    await ledger_flush()
+
+    values = {
+        request_id: (prompt, completion, error_type)
+        async for request_id, prompt, completion, error_type in UsageRecord.objects.values_list(
+            "request_id", "prompt_tokens", "completion_tokens", "error_type"
+        )
+    }
+    assert values == {"good": (0, 0, ""), "negative": (5, 0, "ledger_clamped")}
+    assert not spool_pending()
