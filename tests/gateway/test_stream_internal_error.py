@@ -2,10 +2,11 @@
 
 Only ``ProviderError`` used to become an in-band error; anything else raised mid-stream dropped the
 connection with no error event and no end (``[DONE]``, ``message_stop``, ``response.completed``), which a
-client cannot tell from a network cut. The real part that fails here: an upstream that misbehaves mid-stream
-(a delta whose ``content`` is a list, not text), which the relay does not expect. Each entry point now ends
-the stream with ``internal_error`` in its protocol's shape, logs it with the request id, and the request's
-ledger row is written once."""
+client cannot tell from a network cut. What first raised so (a delta whose ``content`` was a list) is now read or
+refused as malformed (``test_odd_upstream_shapes.py``), and no input known makes our code raise; so the relay's
+shape check is made to raise here, as a bug of ours would, on a chunk a real upstream sends mid-stream. Each
+entry point ends the stream with ``internal_error`` in its protocol's shape, logs it with the request id, and the
+request's ledger row is written once."""
 
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ import pytest
 from aiohttp import web
 
 from billing.models import UsageRecord
+from providers.adapters.openai_shape import StreamShape
 from tests.factories import ModelFactory, ProviderFactory
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+BOOM = "a chunk our code fails on"
 BASE = {"id": "chatcmpl-odd", "object": "chat.completion.chunk", "created": 1, "model": "odd"}
 CHUNKS = [
     {**BASE, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello"}}]},
-    {**BASE, "choices": [{"index": 0, "delta": {"content": ["not", "text"]}}]},  # the misbehaviour
+    {**BASE, "choices": [{"index": 0, "delta": {"content": BOOM}}]},  # the chunk our code fails on
     {**BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
 ]
 
@@ -68,7 +71,20 @@ def odd_upstream() -> Iterator[str]:
 
 
 @pytest.fixture
-def odd_model(gateway, odd_upstream):
+def bug_of_ours(monkeypatch) -> None:
+    """The relay's shape check raising, as a bug of ours would, on the ``BOOM`` chunk (the server runs in-process)."""
+    conform = StreamShape.conform
+
+    def failing(self: StreamShape, chunk: dict) -> bool:
+        if any(choice.get("delta", {}).get("content") == BOOM for choice in chunk.get("choices") or ()):
+            raise RuntimeError("a bug of ours")
+        return conform(self, chunk)
+
+    monkeypatch.setattr(StreamShape, "conform", failing)
+
+
+@pytest.fixture
+def odd_model(gateway, odd_upstream, bug_of_ours):
     provider = ProviderFactory(name="odd", base_url=odd_upstream)
     return ModelFactory(name="odd-model", provider=provider, upstream_id="odd")
 
