@@ -33,6 +33,19 @@ class MailDown(locmem.EmailBackend):
         raise smtplib.SMTPServerDisconnected("the mail server went away")
 
 
+class MailWhileSending(locmem.EmailBackend):
+    """Django's test backend that, while it sends a message, first runs ``during`` once (another worker's task
+    reaching the same notice at that moment), then sends."""
+
+    during = None
+
+    def send_messages(self, messages):
+        during, MailWhileSending.during = MailWhileSending.during, None
+        if during is not None:
+            during()
+        return super().send_messages(messages)
+
+
 class TricklingMailServer:
     """An SMTP server (a socket server: the test needs no SMTP library) that takes every command and answers each
     one byte every ``pause`` seconds, so that every read of the client gets a byte well within any per-read timeout

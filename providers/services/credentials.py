@@ -450,30 +450,38 @@ def provider_credential_host_moved_notify(*, credential: ProviderCredential, old
 
 def provider_credential_invalid_notify(*, credential: ProviderCredential) -> bool:
     """Tell the key's owner by email that the provider now refuses it; False when they have no address.
-    The key's ``invalid_notice_due`` (set when it turned invalid) is cleared once the email is sent, or once
-    there is nobody to send it to; an email that raises leaves it set, for the task's retry
+    The key's ``invalid_notice_due`` (set when it turned invalid) is cleared as the email is claimed (nothing is
+    sent when it is no longer set), and set again by an email that raises, for the task's retry
     (``provider_credential_invalid_notice_queue``) and past its retries the next daily check
     (``provider_credentials_invalid_notices_send``)."""
     owner = credential.owner
-    if not owner.email:
-        ProviderCredential.objects.filter(pk=credential.pk).update(invalid_notice_due=False)
+    # Claimed before the email goes out: the refused request's task and the daily run's backstop can reach one
+    # notice at the same moment, and each would send it. Whoever clears the flag sends; a failed email sets it
+    # again, for the retry.
+    claimed = ProviderCredential.objects.filter(pk=credential.pk, invalid_notice_due=True).update(
+        invalid_notice_due=False
+    )
+    if not claimed or not owner.email:
         return False
     provider = credential.provider.name
     label = f" ({credential.label})" if credential.label else ""
-    send_mail(
-        subject=f"[llmhub] Your {provider} API key {credential.hint} was refused",
-        message=(
-            f"Hello {owner.get_username()},\n\n"
-            f"Your own API key {credential.hint}{label} for the provider {provider} was checked today and refused:\n"
-            f"{credential.status_detail}\n\n"
-            "Until you replace it, your requests to this provider use the platform's key where it allows that, "
-            "and are refused where it requires your own key. Replace or delete it on the Provider keys page "
-            "(/provider-keys/) or with POST /api/provider-keys/.\n"
-        ),
-        from_email=None,
-        recipient_list=[owner.email],
-    )
-    ProviderCredential.objects.filter(pk=credential.pk).update(invalid_notice_due=False)
+    try:
+        send_mail(
+            subject=f"[llmhub] Your {provider} API key {credential.hint} was refused",
+            message=(
+                f"Hello {owner.get_username()},\n\n"
+                f"Your own API key {credential.hint}{label} for the provider {provider} was checked today and "
+                f"refused:\n{credential.status_detail}\n\n"
+                "Until you replace it, your requests to this provider use the platform's key where it allows that, "
+                "and are refused where it requires your own key. Replace or delete it on the Provider keys page "
+                "(/provider-keys/) or with POST /api/provider-keys/.\n"
+            ),
+            from_email=None,
+            recipient_list=[owner.email],
+        )
+    except BaseException:
+        ProviderCredential.objects.filter(pk=credential.pk).update(invalid_notice_due=True)
+        raise
     return True
 
 

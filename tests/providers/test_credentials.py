@@ -26,11 +26,12 @@ from providers.services.credentials import (
     provider_credential_host_confirm,
     provider_credential_save,
     provider_credential_validate,
+    provider_credentials_invalid_notices_send,
 )
 from providers.tasks_credentials import provider_credential_invalid_email, provider_credentials_revalidate_all
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
-from tests.mail import MailDown
+from tests.mail import MailDown, MailWhileSending
 
 pytestmark = pytest.mark.django_db
 
@@ -825,6 +826,24 @@ def test_a_provider_that_stays_down_is_given_up_for_the_run_and_its_keys_tried_m
     # The two keys not tried yet, then the one tried longest ago; still down, so given up again.
     assert models_asked_with(down) == [key_digest(k) for k in (*down_keys[3:], down_keys[0])]
     assert counts == {"valid": 2, "invalid": 0, "turned_invalid": 0, "unchecked": 3, "left": 2}
+
+
+def test_a_notice_the_daily_run_reaches_while_its_email_is_being_sent_goes_out_once(
+    provider, upstream, alice, settings
+):
+    """The refused request's email task and the daily run's backstop can reach one notice at the same moment (CI
+    saw it: the refused call marks the key in the background while the daily run starts). Both read it due and
+    both sent it; the notice is now claimed before its email goes out, so the second finds nothing due."""
+    alice_key = new_key()
+    accept_keys(upstream, alice_key)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
+    settings.EMAIL_BACKEND = f"{MailWhileSending.__module__}.MailWhileSending"
+    MailWhileSending.during = provider_credentials_invalid_notices_send
+
+    assert byok_credential_refused(credential_id=credential.pk, api_key=Secret(alice_key), reason="wrong key")
+
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
+    assert not ProviderCredential.objects.get().invalid_notice_due
 
 
 def test_a_notice_whose_retries_all_failed_is_sent_by_the_next_daily_run_once(provider, upstream, alice, settings):
