@@ -12,7 +12,7 @@ from billing.selectors import user_ids_named
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter
 
-from .models import Conversation, Message
+from .models import Conversation, Message, StoredResponse
 
 
 class MessageInline(admin.TabularInline):
@@ -103,3 +103,47 @@ class MessageAdmin(admin.ModelAdmin):
         # Whole, in request_id's index: LIKE '%term%' over the messages' text read every message.
         term = search_term.strip()
         return (queryset.filter(request_id=term) if term else queryset), False
+
+
+@admin.register(StoredResponse)
+class StoredResponseAdmin(admin.ModelAdmin):
+    """Read-only, as a conversation's messages are shown: written by ``POST /v1/responses``, read (or deleted) by
+    their owner over ``/v1/responses/{id}``, deleted at the end of their retention. An admin may delete one."""
+
+    list_display = ["response_id", "owner", "model_name", "status", "created_at", "expires_at"]
+    list_filter = ["status", CatalogModelNameFilter]
+    ordering = ["-id"]
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    search_fields = ["response_id"]  # see get_search_results
+    search_help_text = "A response's id (resp_…), or its owner's username or email, written out exactly."
+    list_select_related = ["owner"]
+    fields = readonly_fields = [
+        "response_id",
+        "owner",
+        "api_key",
+        "model_name",
+        "status",
+        "instructions",
+        "input_items",
+        "output_items",
+        "usage",
+        "response",
+        "created_at",
+        "expires_at",
+    ]
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[StoredResponse], search_term: str
+    ) -> tuple[QuerySet[StoredResponse], bool]:
+        # Whole values, through indexes (the unique id, the owner's); never LIKE over the stored conversations.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(response_id=term) | Q(owner_id__in=user_ids_named(term))), False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: StoredResponse | None = None) -> bool:
+        return False

@@ -102,3 +102,42 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"
+
+
+class StoredResponse(models.Model):
+    """A response of ``POST /v1/responses`` made with ``store`` (OpenAI's default), kept for
+    ``LLMHUB_RESPONSES_RETENTION_DAYS``: what ``GET /v1/responses/{id}`` returns, and what a later request's
+    ``previous_response_id`` continues (its input items, then its output items). Users' conversation data, like
+    ``Message``: never logged. Owned as a ``Conversation`` is, and reached by the same rule (``ConversationReach``):
+    gone with its user; its key's deletion leaves it its owner's."""
+
+    response_id = models.CharField(max_length=80, unique=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey(
+        "billing.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        editable=False,
+        help_text="The gateway key that made it; empty when its owner did (a JWT), or once the key is deleted.",
+    )
+    model_name = models.CharField(max_length=128)
+    status = models.CharField(max_length=16)
+    # The whole input the model was given, as the Responses API's items with their ids: a chained response's
+    # begins with its previous response's input and output. ``instructions`` apart, as OpenAI keeps them.
+    input_items = models.JSONField(default=list)
+    output_items = models.JSONField(default=list)
+    # Null: none were given (the Response's ``null``), not the same as an empty string.
+    instructions = models.TextField(null=True, blank=True)  # noqa: DJ001
+    usage = models.JSONField(null=True, blank=True)
+    # The rest of the ``Response`` as it was answered (tools, text format, metadata, sampling parameters, …).
+    response = models.JSONField(default=dict)
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return self.response_id

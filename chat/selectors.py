@@ -16,7 +16,7 @@ from billing.selectors import api_key_subtree_ids
 from core.exceptions import ApplicationError
 
 from .history import Turn
-from .models import Conversation, Message, MessageStatus, Role
+from .models import Conversation, Message, MessageStatus, Role, StoredResponse
 
 if TYPE_CHECKING:
     from .callers import Caller
@@ -173,3 +173,18 @@ def message_get(*, reach: ConversationReach, message_id: int) -> Message:
     if message is None:
         raise NotFoundError(f"No message {message_id}.", param="message")
     return message
+
+
+def stored_responses_reached(*, reach: ConversationReach, now: datetime | None = None) -> QuerySet[StoredResponse]:
+    """The stored responses of ``/v1/responses`` a caller reaches (as it reaches conversations: its own user's, and
+    for a gateway key without ``conversations:manage`` only those it or its subtree made), not yet expired: one
+    past its retention is gone even before the task deletes it."""
+    return StoredResponse.objects.filter(reach.conversations(), expires_at__gt=now or timezone.now())
+
+
+def stored_response_get(*, reach: ConversationReach, response_id: str, now: datetime | None = None) -> StoredResponse:
+    """The stored response ``response_id``; ``NotFoundError`` for one unknown, expired or out of reach alike."""
+    stored = stored_responses_reached(reach=reach, now=now).filter(response_id=response_id).first()
+    if stored is None:
+        raise NotFoundError(f"No response found with id '{response_id}'.", param="response_id")
+    return stored

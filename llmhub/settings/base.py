@@ -492,6 +492,10 @@ LLMHUB_INFLIGHT_SWEEP_INTERVAL = env.float("LLMHUB_INFLIGHT_SWEEP_INTERVAL", def
 # Chat replies (docs/reliability.md, "A server killed mid-reply"): the process streaming a reply stamps it
 # every INTERVAL seconds; one silent for 4 × INTERVAL is dead, and no longer holds its conversation.
 LLMHUB_CHAT_HEARTBEAT_INTERVAL = env.float("LLMHUB_CHAT_HEARTBEAT_INTERVAL", default=10.0)
+# Responses stored by POST /v1/responses (`store`, OpenAI's default: true) are kept this many days, as OpenAI
+# keeps them (docs/responses.md, "Stored responses"): past it one is a 404 at once, and chat.tasks.
+# stored_responses_expire_task (hourly) deletes it.
+LLMHUB_RESPONSES_RETENTION_DAYS = env.int("LLMHUB_RESPONSES_RETENTION_DAYS", default=30)
 # Circuit breakers per deployment (docs/routing.md, "Circuit breakers"): a breaker opens after FAILURES
 # consecutive failures, or when more than ERROR_RATE % of at least MIN_VOLUME calls in the last WINDOW
 # seconds failed; it stays open COOLDOWN seconds, doubled after each failed half-open probe up to

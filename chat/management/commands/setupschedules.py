@@ -35,6 +35,11 @@ SCHEDULES: list[tuple[str, str, timedelta | crontab]] = [
         "chat.tasks.messages_close_abandoned_task",
         timedelta(minutes=5),
     ),
+    (
+        "chat: delete stored responses past retention",
+        "chat.tasks.stored_responses_expire_task",
+        timedelta(hours=1),
+    ),
     ("experiments: apply due rollout steps", "experiments.tasks.rollout_steps_apply_due_task", timedelta(minutes=1)),
 ]
 

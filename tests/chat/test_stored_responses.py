@@ -1,0 +1,80 @@
+"""Stored responses of ``/v1/responses`` in the database: who keeps them when a key or a user is deleted (as their
+conversations), the retention task's batches, and the admin, which shows them read-only."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import time_machine
+from django.urls import reverse
+
+from billing.services.keys import api_key_create
+from chat.models import StoredResponse
+from chat.selectors import ConversationReach, NotFoundError, stored_response_get
+from chat.services_responses import stored_response_save, stored_responses_expire
+from chat.tasks import stored_responses_expire_task
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+def stored(user, key=None, *, number: int = 1, now: datetime = NOW) -> StoredResponse:
+    response = {
+        "id": f"resp_{number}",
+        "object": "response",
+        "created_at": int(now.timestamp()),
+        "status": "completed",
+        "model": "gpt-test",
+        "instructions": None,
+        "output": [],
+        "store": True,
+    }
+    return stored_response_save(
+        user_id=user.pk, api_key_id=key.pk if key else None, response=response, input="private words", now=now
+    )
+
+
+def test_a_deleted_key_leaves_its_responses_to_their_owner_and_a_deleted_user_takes_them(settings):
+    user = UserFactory()
+    key = api_key_create(user=user, name="app").api_key
+    kept = stored(user, key)
+    key.delete()
+    kept.refresh_from_db()
+    assert kept.api_key_id is None
+    with time_machine.travel(NOW, tick=False):
+        assert stored_response_get(reach=ConversationReach(user_id=user.pk), response_id="resp_1") == kept
+        with pytest.raises(NotFoundError):  # no other key reaches what a deleted key made, as for conversations
+            other = api_key_create(user=user, name="other").api_key
+            stored_response_get(
+                reach=ConversationReach(user_id=user.pk, key_id=other.pk, whole_history=False), response_id="resp_1"
+            )
+    user.delete()
+    assert not StoredResponse.objects.exists()
+
+
+def test_the_task_deletes_the_expired_ones_in_batches_and_keeps_the_rest(settings):
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory()
+    for number in range(5):
+        stored(user, number=number, now=NOW - timedelta(days=31))
+    fresh = stored(user, number=9, now=NOW - timedelta(days=29))
+    with time_machine.travel(NOW, tick=False):
+        assert stored_responses_expire(batch_size=2) == 5
+        assert stored_responses_expire_task() == 0
+    assert list(StoredResponse.objects.all()) == [fresh]
+
+
+def test_the_admin_shows_them_read_only_and_finds_one_by_its_id(admin_client):
+    response = stored(UserFactory(username="alice"))
+    changelist = reverse("admin:chat_storedresponse_changelist")
+    found = admin_client.get(changelist, {"q": " resp_1 "})
+    assert found.status_code == 200 and list(found.context["cl"].result_list) == [response]
+    assert list(admin_client.get(changelist, {"q": "alice"}).context["cl"].result_list) == [response]
+    assert list(admin_client.get(changelist, {"q": "private"}).context["cl"].result_list) == []
+    page = admin_client.get(reverse("admin:chat_storedresponse_change", args=[response.pk]))
+    assert page.status_code == 200 and "private words" in page.content.decode()
+    assert 'name="_save"' not in page.content.decode()
+    assert admin_client.get(reverse("admin:chat_storedresponse_add")).status_code == 403
