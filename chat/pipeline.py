@@ -414,7 +414,7 @@ async def completion_start(
             if shape is not None:
                 body["messages"] = shape(model)
         if operation == Operation.RESPONSES:
-            client_body, (body, field_names) = body, responses_request_to_chat(body)
+            client_body, body, field_names = await _responses_translate(caller, body)
         _VALIDATORS[operation](body)
         if model is None:
             model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
@@ -502,6 +502,16 @@ async def completion_start(
         trace=trace,
         client_body=client_body,
     )
+
+
+async def _responses_translate(
+    caller: Caller, body: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """A Responses API request as the chat completion it means (``chat.translate_responses``): the client's body,
+    the chat completion, and the client's names of its fields."""
+    if isinstance(body, dict) and body.get("store") is not None and type(body["store"]) is not bool:
+        raise InvalidRequestError("Invalid type for 'store': expected a boolean.", param="store", code="invalid_type")
+    return body, *responses_request_to_chat(body)
 
 
 def _end_user(body: dict[str, Any], operation: str) -> Any:

@@ -10,7 +10,7 @@ urlpatterns = [
     path("chat/completions", api_openai.chat_completions, name="v1-chat-completions"),
     path("embeddings", api_openai.embeddings, name="v1-embeddings"),
     path("responses", api_responses.responses_create, name="v1-responses"),
-    re_path(r"^responses/(?P<path>.+)$", api_responses.responses_not_stored),
+    re_path(r"^responses/(?P<path>.+)$", api_responses.responses_stored),
     path("messages", api_anthropic.messages, name="v1-messages"),
     path("messages/count_tokens", api_anthropic.count_tokens, name="v1-messages-count-tokens"),
     re_path(r"^messages/(?P<path>.*)$", api_anthropic.not_found),

@@ -250,6 +250,14 @@ class _Metrics:
             registry=None,
         )
 
+        self.responses_not_stored = Counter(
+            "llmhub_responses_not_stored",
+            "Responses of /v1/responses asked to be stored (`store`) that could not be kept (the database refused "
+            "or was down): answered all the same, with `store` false.",
+            [],
+            registry=None,
+        )
+
     def write(self, batch: list[RequestObservation]) -> None:
         """Add ``batch`` to the metrics: summed per label tuple first, then one write per series and bucket (a
         write into the mmap file costs about a microsecond; a second's requests share a few dozen)."""
@@ -458,6 +466,16 @@ def ledger_set_aside_add(rows: int) -> None:
             metrics.ledger_set_aside.inc(rows)
     except Exception:
         logger.exception("metrics: %d set-aside ledger rows could not be counted", rows)
+
+
+def responses_not_stored_add() -> None:
+    """Count a response of /v1/responses that could not be stored (``chat.api_responses``). Never raises."""
+    try:
+        metrics = _current()
+        if metrics is not None:
+            metrics.responses_not_stored.inc()
+    except Exception:
+        logger.exception("metrics: a response not stored could not be counted")
 
 
 def sampler_register(sampler: Callable[[], None]) -> None:

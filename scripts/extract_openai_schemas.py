@@ -35,6 +35,8 @@ ROOTS = (
     # /v1/responses: the answer and every stream event (``ResponseStreamEvent`` names them all).
     "Response",
     "ResponseStreamEvent",
+    # Its stored responses' input items (GET /v1/responses/{id}/input_items).
+    "ResponseItemList",
 )
 _REF_PREFIX = "#/components/schemas/"
 # Documentation examples for OpenAI's own site: a large share of the file and of no use to our docs.

@@ -1,7 +1,7 @@
-"""OpenAI's Responses API inbound (``/v1/responses``, stateless): the official ``openai`` SDK against a live llmhub,
-with the fake upstream behind an OpenAI-protocol model (``gpt-test``) and an Anthropic-protocol one
-(``claude-test``), both reached through the chat-completions translation. Objects and events are checked against
-OpenAI's published spec."""
+"""OpenAI's Responses API inbound (``/v1/responses``; its stored responses in ``test_responses_stored.py``): the
+official ``openai`` SDK against a live llmhub, with the fake upstream behind an OpenAI-protocol model (``gpt-test``)
+and an Anthropic-protocol one (``claude-test``), both reached through the chat-completions translation. Objects and
+events are checked against OpenAI's published spec."""
 
 from __future__ import annotations
 
@@ -298,14 +298,6 @@ def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
     record = wait_for_record(reply.headers["x-request-id"])
     assert record.status == "upstream_error" and record.operation == "responses"
-
-
-def test_a_stored_response_is_not_found(gateway):
-    client = gateway.client()
-    created = client.responses.create(model="gpt-test", input="hi [[reply=ok]]", store=True)
-    with pytest.raises(openai.NotFoundError) as missing:
-        client.responses.retrieve(created.id)
-    assert missing.value.body["code"] == "not_found" and created.id in missing.value.body["message"]
 
 
 def test_a_key_not_allowed_the_model_is_refused_as_on_chat_completions(gateway):

@@ -1,0 +1,205 @@
+"""Stored responses of ``/v1/responses``: ``store`` (OpenAI's default), ``GET``/``DELETE /v1/responses/{id}`` and
+``…/input_items``, through the official ``openai`` SDK against a live llmhub with the fake upstream behind it.
+Objects are checked against OpenAI's published spec."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import openai
+import pytest
+import time_machine
+from django.db import connection
+from django.test import override_settings
+
+from billing.models import KeyScope, UsageRecord
+from billing.services.keys import api_key_create
+from chat.models import StoredResponse
+from chat.services_responses import stored_responses_expire
+from llmhub.testing.openapi import validate_openai_schema
+from tests.factories import UserFactory
+from tests.gateway.test_responses_api import raw_events
+from tests.test_metrics import TOKEN, scrape, scrape_until, value
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _request_id(response_id: str) -> str:
+    return response_id.replace("resp_", "req_", 1)
+
+
+def test_a_response_is_stored_retrieved_listed_and_deleted(gateway):
+    client = gateway.client()
+    first = client.responses.create(model="gpt-test", instructions="Be brief.", input="first [[reply=one]]")
+    assert first.store is True  # stored by default, as OpenAI does
+
+    raw = client.responses.with_raw_response.retrieve(first.id)
+    validate_openai_schema(raw.http_response.json(), "Response")
+    assert raw.parse().model_dump() == first.model_dump()
+
+    listed = client.responses.input_items.with_raw_response.list(first.id)
+    validate_openai_schema(listed.http_response.json(), "ResponseItemList")
+    [item] = listed.parse().data
+    assert item.type == "message" and item.role == "user" and item.content[0].text == "first [[reply=one]]"
+
+    deleted = httpx.delete(f"{gateway.url}/v1/responses/{first.id}", headers={"Authorization": f"Bearer {gateway.key}"})
+    assert deleted.status_code == 200
+    assert deleted.json() == {"id": first.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.responses.retrieve(first.id)
+    assert gone.value.body["code"] == "not_found" and gone.value.body["param"] == "response_id"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(first.id)
+
+
+def test_store_false_keeps_nothing(gateway):
+    client = gateway.client()
+    response = client.responses.create(model="gpt-test", input="hi [[reply=ok]]", store=False)
+    assert response.store is False
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.retrieve(response.id)
+    assert missing.value.body["code"] == "not_found" and response.id in missing.value.body["message"]
+    assert not StoredResponse.objects.exists()
+
+
+def test_another_users_response_is_as_absent_as_an_unknown_one(gateway):
+    client = gateway.client()
+    mine = client.responses.create(model="gpt-test", input="secret [[reply=ok]]")
+    other = gateway.client(api_key=api_key_create(user=UserFactory(username="mallory"), name="m").secret)
+    answers = []
+    for response_id in (mine.id, "resp_" + "0" * 32):
+        with pytest.raises(openai.NotFoundError) as retrieved:
+            other.responses.retrieve(response_id)
+        with pytest.raises(openai.NotFoundError) as listed:
+            other.responses.input_items.list(response_id)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.delete(response_id)
+        answers.append(
+            [
+                {**error.value.body, "message": error.value.body["message"].replace(response_id, "ID")}
+                for error in (retrieved, listed)
+            ]
+        )
+    assert answers[0] == answers[1]
+    assert client.responses.retrieve(mine.id).id == mine.id  # the owner's delete was not done by the other
+
+
+def test_a_key_reaches_the_responses_its_user_made_as_it_reaches_conversations(gateway):
+    """As a conversation: a second key of the same user without ``conversations:manage`` does not reach what
+    another key made; one with the scope does."""
+    made = gateway.client().responses.create(model="gpt-test", input="hi [[reply=ok]]")
+    narrow = gateway.client(api_key=api_key_create(user=gateway.user, name="app").secret)
+    broad = gateway.client(
+        api_key=api_key_create(user=gateway.user, name="admin", scopes=[KeyScope.CONVERSATIONS]).secret
+    )
+    with pytest.raises(openai.NotFoundError):
+        narrow.responses.retrieve(made.id)
+    assert broad.responses.retrieve(made.id).id == made.id
+
+
+def test_an_expired_response_is_gone_at_once_and_the_task_deletes_it(gateway, settings):
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    client = gateway.client()
+    created = client.responses.create(model="gpt-test", input="hi [[reply=ok]]")
+    later = datetime.now(UTC) + timedelta(days=30, minutes=1)
+    with time_machine.travel(later, tick=True):
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(created.id)
+        assert StoredResponse.objects.count() == 1  # the task has not run: gone all the same
+        assert stored_responses_expire(batch_size=1) == 1
+    assert not StoredResponse.objects.exists()
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=29), tick=True):
+        kept = client.responses.create(model="gpt-test", input="hi [[reply=ok]]")
+        assert stored_responses_expire() == 0
+        assert client.responses.retrieve(kept.id).id == kept.id
+
+
+def test_a_streamed_response_is_stored_when_it_completes(gateway):
+    client = gateway.client()
+    with client.responses.create(model="gpt-test", input="[[words=5]]", stream=True) as stream:
+        events = list(stream)
+    final = events[-1].response
+    assert events[-1].type == "response.completed" and final.store is True
+    raw = client.responses.with_raw_response.retrieve(final.id)
+    validate_openai_schema(raw.http_response.json(), "Response")
+    assert raw.parse().output == final.output and raw.parse().usage == final.usage
+
+
+def test_a_stream_that_failed_is_not_stored(gateway):
+    _, events = raw_events(gateway, {"model": "gpt-test", "input": "[[words=9]] [[fault=cut-3]]"})
+    assert events[-1][1]["type"] == "response.failed" and events[-1][1]["response"]["store"] is False
+    with pytest.raises(openai.NotFoundError):
+        gateway.client().responses.retrieve(events[-1][1]["response"]["id"])
+
+
+def test_reads_write_no_ledger_row_and_another_method_is_a_405_with_its_rejected_row(gateway):
+    client = gateway.client()
+    created = client.responses.create(model="gpt-test", input="hi [[reply=ok]]")
+    wait_for_record(_request_id(created.id))
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    got = httpx.get(f"{gateway.url}/v1/responses/{created.id}", headers=headers)
+    put = httpx.put(f"{gateway.url}/v1/responses/{created.id}", headers=headers, json={})
+    assert got.status_code == 200 and put.status_code == 405 and put.headers["Allow"] == "GET, DELETE"
+    record = wait_for_record(put.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+    assert not UsageRecord.objects.filter(request_id=got.headers["x-request-id"]).exists()
+
+
+def test_cancel_and_bad_pagination_are_clear_4xx(gateway):
+    client = gateway.client()
+    created = client.responses.create(model="gpt-test", input="hi [[reply=ok]]")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.cancel(created.id)
+    assert refused.value.body["code"] == "not_cancellable"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_unknown")
+    for query, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_x"}, "after")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.responses.input_items.list(created.id, **query)
+        assert bad.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.create(model="gpt-test", input="hi", store="yes")
+    assert bad.value.body["param"] == "store"
+    # `include` takes the spec's values (none adds anything here); another is named.
+    assert client.responses.retrieve(created.id, include=["reasoning.encrypted_content"]).id == created.id
+    assert client.responses.input_items.list(created.id, include=["message.input_image.image_url"]).data
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.retrieve(created.id, include=["everything"])
+    assert bad.value.body["param"] == "include"
+
+
+def test_input_items_are_paged_as_the_spec_says(gateway):
+    client = gateway.client()
+    created = client.responses.create(
+        model="gpt-test",
+        input=[{"role": "user", "content": f"turn {index}"} for index in range(5)]
+        + [{"role": "user", "content": "[[reply=ok]]"}],
+    )
+    newest = client.responses.input_items.list(created.id, limit=2)
+    assert [item.content[0].text for item in newest.data] == ["[[reply=ok]]", "turn 4"] and newest.has_more
+    every = [item.content[0].text for item in client.responses.input_items.list(created.id, limit=2, order="asc")]
+    assert every == [f"turn {index}" for index in range(5)] + ["[[reply=ok]]"]  # the SDK followed `after`
+
+
+def test_a_response_that_could_not_be_stored_is_answered_all_the_same(gateway, caplog):
+    """The database refuses the row (its table is gone for a moment): the answer, and the ledger row, are not
+    lost; the failure is logged without the conversation, and counted."""
+    client = gateway.client()
+    with override_settings(LLMHUB_METRICS_TOKEN=TOKEN, LLMHUB_METRICS_ALLOWED_IPS=[]):
+        before = value(scrape(gateway.url), "llmhub_responses_not_stored_total")
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE chat_storedresponse RENAME TO chat_storedresponse_away")
+        try:
+            with caplog.at_level(logging.ERROR, logger="chat.api_responses"):
+                response = client.responses.create(model="gpt-test", input="private words [[reply=ok]]")
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("ALTER TABLE chat_storedresponse_away RENAME TO chat_storedresponse")
+        scrape_until(gateway.url, "llmhub_responses_not_stored_total", before + 1)
+    assert response.output_text == "ok" and response.store is False
+    assert wait_for_record(_request_id(response.id)).status == "ok"
+    [line] = [record.getMessage() for record in caplog.records if "could not be stored" in record.getMessage()]
+    assert response.id in line and "private" not in line
