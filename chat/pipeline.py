@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
@@ -98,6 +99,8 @@ from providers.types import ResolvedDeployment, ResolvedModel
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
+from .responses_chain import chain
+from .selectors import NotFoundError, conversation_reach, stored_response_get
 from .translate_responses import responses_request_to_chat
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
@@ -507,11 +510,41 @@ async def completion_start(
 async def _responses_translate(
     caller: Caller, body: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
-    """A Responses API request as the chat completion it means (``chat.translate_responses``): the client's body,
-    the chat completion, and the client's names of its fields."""
+    """A Responses API request as the chat completion it means (``chat.translate_responses``): the client's body
+    (with a ``previous_response_id``, the stored response's input and output items before its ``input``: the
+    whole conversation is the prompt, for moderation, the estimate, budgets and the ledger alike), the chat
+    completion, and the client's names of its fields."""
     if isinstance(body, dict) and body.get("store") is not None and type(body["store"]) is not bool:
         raise InvalidRequestError("Invalid type for 'store': expected a boolean.", param="store", code="invalid_type")
-    return body, *responses_request_to_chat(body)
+    previous = body.get("previous_response_id") if isinstance(body, dict) else None
+    if previous is None:
+        return body, *responses_request_to_chat(body)
+    if not isinstance(previous, str) or not previous:
+        raise InvalidRequestError(
+            "Invalid type for 'previous_response_id': expected a response's id.",
+            param="previous_response_id",
+            code="invalid_type",
+        )
+    try:
+        stored = await sync_to_async(_stored_response_reached)(caller, previous)
+    except NotFoundError:
+        # OpenAI's answer for an id unknown, expired or another's alike (a 400, as the SDKs and Codex expect it).
+        raise InvalidRequestError(
+            f"Previous response with id '{previous}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        ) from None
+    chained = chain(body, input_items=stored.input_items, output_items=stored.output_items)
+    try:
+        chat, fields = responses_request_to_chat(chained.body)
+    except InvalidRequestError as exc:
+        exc.param = chained.field_named(exc.param) if exc.param else exc.param
+        raise
+    return chained.body, chat, chained.fields_named(fields)
+
+
+def _stored_response_reached(caller: Caller, response_id: str) -> Any:
+    return stored_response_get(reach=conversation_reach(caller), response_id=response_id)
 
 
 def _end_user(body: dict[str, Any], operation: str) -> Any:

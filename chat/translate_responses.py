@@ -4,11 +4,11 @@ The translation is stateless: a request is translated into the chat completion i
 (``responses_request_to_chat``), which the one pipeline runs on any provider, and the chat completion (or its
 chunks) is translated back into a ``Response`` object (``response_from_completion``) or its typed stream events
 (``ResponseEvents``). The tools a client runs itself (Codex's free-form ``custom`` tools, ``local_shell``) become
-functions upstream, and the model's calls of them their own output items again (``chat.api_responses`` stores the
-response). What needs OpenAI's own servers or state llmhub does not keep is refused with a 400 naming the
-parameter: ``previous_response_id``, ``conversation``, ``background``, a stored ``prompt``, built-in tools
-(``web_search``, ``file_search``, …), input items that refer to stored ones, and input parts this translation has no
-chat-completions form for.
+functions upstream, and the model's calls of them their own output items again. A ``previous_response_id`` is
+resolved before (``chat.pipeline``, ``chat.responses_chain``): the stored items come first in ``input``. What needs
+OpenAI's own servers or state llmhub does not keep is refused with a 400 naming the parameter: ``conversation``,
+``background``, a stored ``prompt``, built-in tools (``web_search``, ``file_search``, …), input items that refer to
+stored ones, and input parts this translation has no chat-completions form for.
 """
 
 from __future__ import annotations
@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 # Parameters that need state or a feature llmhub does not have: refused when set to anything but their
 # default (``None``, or the value beside them).
 _UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "previous_response_id": (
-        None,
-        "chaining on a stored response is not served yet; send the whole conversation in `input`.",
-    ),
     "conversation": (None, "llmhub does not store conversations; send the whole conversation in `input`."),
     "background": (False, "background responses need stored state, which llmhub does not keep."),
     "prompt": (None, "stored prompts are not supported; send the text in `instructions` and `input`."),
@@ -216,7 +212,8 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
         else:
             _fail(
                 f"Invalid '{where}.type': {kind!r} input items are not supported by llmhub's /v1/responses "
-                f"(supported: message, reasoning, {', '.join(sorted(_CALLS | _CALL_OUTPUTS))}; give the item itself).",
+                f"(supported: message, reasoning, {', '.join(sorted(_CALLS | _CALL_OUTPUTS))}; give the item itself, "
+                "or chain with `previous_response_id`).",
                 f"{where}.type",
                 "unsupported_value",
             )
@@ -479,7 +476,7 @@ def response_skeleton(body: dict[str, Any], *, response_id: str, model: str, cre
         "model": model,
         "output": [],
         "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
-        "previous_response_id": None,
+        "previous_response_id": body.get("previous_response_id"),
         "reasoning": {"effort": reasoning.get("effort"), "summary": None} if reasoning else None,
         # Stored unless asked not to, as OpenAI does (``chat.api_responses``: false again if keeping it failed).
         "store": body.get("store") is not False,

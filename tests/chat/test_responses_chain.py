@@ -1,9 +1,11 @@
 """What is kept of a ``/v1/responses`` request's input (``chat.responses_chain``): the spec's items, which read back
-as the same conversation."""
+as the same conversation when a later request chains on them, and the client's names of a chained request's fields."""
 
 from __future__ import annotations
 
-from chat.responses_chain import input_items
+import pytest
+
+from chat.responses_chain import chain, input_items
 from chat.translate_responses import responses_request_to_chat
 from llmhub.testing.openapi import validate_openai_schema
 
@@ -68,3 +70,30 @@ def test_a_string_input_is_kept_as_one_user_message_and_an_image_without_detail_
     [image] = input_items([{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}])
     validate_openai_schema(image, "ItemResource")  # the spec wants a detail: its default, as OpenAI reads none
     assert image["content"][0]["detail"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("index", "named"), [(0, "previous_response_id"), (1, "previous_response_id"), (2, "input[0].content")]
+)
+def test_a_chained_requests_fields_are_named_as_the_client_sent_them(index, named):
+    stored_input = input_items("first")
+    stored_output = [
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "one", "annotations": []}],
+        }
+    ]
+    chained = chain(
+        {"model": "m", "input": "second", "previous_response_id": "resp_1"},
+        input_items=stored_input,
+        output_items=stored_output,
+    )
+    chat, fields = responses_request_to_chat(chained.body)
+    assert [
+        message["content"] if isinstance(message["content"], str) else message["content"][0]["text"]
+        for message in chat["messages"]
+    ] == ["first", "one", "second"]
+    assert chained.fields_named(fields)[f"messages[{index}].content"] == named

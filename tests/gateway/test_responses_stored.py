@@ -1,6 +1,6 @@
-"""Stored responses of ``/v1/responses``: ``store`` (OpenAI's default), ``GET``/``DELETE /v1/responses/{id}`` and
-``…/input_items``, through the official ``openai`` SDK against a live llmhub with the fake upstream behind it.
-Objects are checked against OpenAI's published spec."""
+"""Stored responses of ``/v1/responses``: ``store`` (OpenAI's default), ``GET``/``DELETE /v1/responses/{id}``,
+``…/input_items`` and ``previous_response_id``, through the official ``openai`` SDK against a live llmhub with the
+fake upstream behind it (which records what it was sent). Objects are checked against OpenAI's published spec."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from billing.services.keys import api_key_create
 from chat.models import StoredResponse
 from chat.services_responses import stored_responses_expire
 from llmhub.testing.openapi import validate_openai_schema
+from providers.moderation import policy_cache
 from tests.factories import UserFactory
-from tests.gateway.test_responses_api import raw_events
+from tests.gateway.test_moderation import policy_on
+from tests.gateway.test_responses_api import WEATHER, raw_events
 from tests.test_metrics import TOKEN, scrape, scrape_until, value
 from tests.waiting import wait_for_record
 
@@ -55,6 +57,54 @@ def test_a_response_is_stored_retrieved_listed_and_deleted(gateway):
         client.responses.delete(first.id)
 
 
+def test_previous_response_id_sends_the_whole_conversation_and_each_response_keeps_it(gateway):
+    client = gateway.client()
+    first = client.responses.create(model="gpt-test", instructions="Be brief.", input="first [[reply=one]]")
+    [item] = client.responses.input_items.list(first.id).data
+    second = client.responses.create(
+        model="claude-test", previous_response_id=first.id, instructions="Be terse.", input="second [[reply=two]]"
+    )
+    assert second.previous_response_id == first.id and second.output_text == "two"
+    # The whole conversation reached the model (another model than the first's); the previous instructions did not
+    # (OpenAI's semantics).
+    sent = gateway.upstream.requests[-1]["body"]
+    assert sent["system"] == "Be terse." or sent["system"][0]["text"] == "Be terse."
+    assert [(message["role"], _text(message["content"])) for message in sent["messages"]] == [
+        ("user", "first [[reply=one]]"),
+        ("assistant", "one"),
+        ("user", "second [[reply=two]]"),
+    ]
+    # It is the prompt: estimated, reserved and charged as one.
+    first_row = wait_for_record(_request_id(first.id))
+    second_row = wait_for_record(_request_id(second.id))
+    assert second_row.prompt_tokens > first_row.prompt_tokens and second_row.operation == "responses"
+
+    items = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.type for item in items] == ["message", "message", "message"]
+    assert items[0].id == item.id  # the chain's items keep their ids
+    assert items[1].id == first.output[0].id  # the previous output, as it was answered
+
+    # A stored response holds its whole input: the one chained on a deleted one still reads and chains.
+    client.responses.delete(first.id)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-test", previous_response_id=first.id, input="again")
+    assert refused.value.body == {
+        "message": f"Previous response with id '{first.id}' not found.",
+        "type": "invalid_request_error",
+        "param": "previous_response_id",
+        "code": "previous_response_not_found",
+    }
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+    assert client.responses.retrieve(second.id).output_text == "two"
+    third = client.responses.create(model="gpt-test", previous_response_id=second.id, input="third [[reply=3]]")
+    assert len(client.responses.input_items.list(third.id).data) == 5
+
+
+def _text(content) -> str:
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
 def test_store_false_keeps_nothing(gateway):
     client = gateway.client()
     response = client.responses.create(model="gpt-test", input="hi [[reply=ok]]", store=False)
@@ -62,6 +112,10 @@ def test_store_false_keeps_nothing(gateway):
     with pytest.raises(openai.NotFoundError) as missing:
         client.responses.retrieve(response.id)
     assert missing.value.body["code"] == "not_found" and response.id in missing.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-test", input="again", previous_response_id=response.id)
+    assert refused.value.body["code"] == "previous_response_not_found"
+    assert refused.value.body["param"] == "previous_response_id"
     assert not StoredResponse.objects.exists()
 
 
@@ -77,10 +131,12 @@ def test_another_users_response_is_as_absent_as_an_unknown_one(gateway):
             other.responses.input_items.list(response_id)
         with pytest.raises(openai.NotFoundError):
             other.responses.delete(response_id)
+        with pytest.raises(openai.BadRequestError) as chained:
+            other.responses.create(model="gpt-test", input="go on", previous_response_id=response_id)
         answers.append(
             [
                 {**error.value.body, "message": error.value.body["message"].replace(response_id, "ID")}
-                for error in (retrieved, listed)
+                for error in (retrieved, listed, chained)
             ]
         )
     assert answers[0] == answers[1]
@@ -98,6 +154,7 @@ def test_a_key_reaches_the_responses_its_user_made_as_it_reaches_conversations(g
     with pytest.raises(openai.NotFoundError):
         narrow.responses.retrieve(made.id)
     assert broad.responses.retrieve(made.id).id == made.id
+    assert broad.responses.create(model="gpt-test", input="on [[reply=k]]", previous_response_id=made.id).output_text
 
 
 def test_an_expired_response_is_gone_at_once_and_the_task_deletes_it(gateway, settings):
@@ -108,6 +165,9 @@ def test_an_expired_response_is_gone_at_once_and_the_task_deletes_it(gateway, se
     with time_machine.travel(later, tick=True):
         with pytest.raises(openai.NotFoundError):
             client.responses.retrieve(created.id)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="gpt-test", input="again", previous_response_id=created.id)
+        assert refused.value.body["code"] == "previous_response_not_found"
         assert StoredResponse.objects.count() == 1  # the task has not run: gone all the same
         assert stored_responses_expire(batch_size=1) == 1
     assert not StoredResponse.objects.exists()
@@ -133,6 +193,43 @@ def test_a_stream_that_failed_is_not_stored(gateway):
     assert events[-1][1]["type"] == "response.failed" and events[-1][1]["response"]["store"] is False
     with pytest.raises(openai.NotFoundError):
         gateway.client().responses.retrieve(events[-1][1]["response"]["id"])
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+def test_a_tool_call_and_reasoning_in_the_previous_output_round_trip(gateway, model):
+    client = gateway.client()
+    first = client.responses.create(
+        model=model, input="Weather in Rome? [[reasoning=I need the tool]]", tools=[WEATHER]
+    )
+    [call] = [item for item in first.output if item.type == "function_call"]
+    second = client.responses.create(
+        model=model,
+        tools=[WEATHER],
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+    assert second.output_text == "Tool result: sunny"
+    if model == "gpt-test":
+        sent = gateway.upstream.requests[-1]["body"]["messages"]
+        assert [message["role"] for message in sent] == ["user", "assistant", "tool"]
+        assert sent[1]["tool_calls"][0]["id"] == call.call_id and sent[2]["tool_call_id"] == call.call_id
+        assert sent[1]["reasoning_content"] == "I need the tool"
+
+
+def test_moderation_reads_the_chained_conversation(gateway):
+    client = gateway.client()
+    first = client.responses.create(model="gpt-test", input="say adipiscing [[reply=ok]]")
+    policy_cache.invalidate()
+    policy_on("gpt-test", blocklist="adipiscing")
+    try:
+        served = gateway.upstream.requests_served()
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="gpt-test", input="and now?", previous_response_id=first.id)
+    finally:
+        policy_cache.invalidate()
+    assert refused.value.code == "content_policy_violation"
+    assert refused.value.body["param"] == "previous_response_id"
+    assert gateway.upstream.requests_served() == served
 
 
 def test_reads_write_no_ledger_row_and_another_method_is_a_405_with_its_rejected_row(gateway):
