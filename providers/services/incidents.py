@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
+from urllib.parse import urlsplit
 
 import httpx2
 from django.conf import settings
@@ -190,6 +191,16 @@ def incident_alert_email_send(*, incident: Incident, event: str) -> bool:
     return sent
 
 
+# The hosts of Slack's incoming webhooks (commercial and GovSlack). How a receiver reads the text is known only
+# from its URL: Slack's are always on these hosts, and no other receiver is, so only these get Slack's escaping.
+SLACK_WEBHOOK_HOSTS = frozenset({"hooks.slack.com", "hooks.slack-gov.com"})
+
+
+def webhook_is_slack(url: str) -> bool:
+    """Whether ``url`` is Slack's incoming webhook, which reads ``&``, ``<`` and ``>`` in the text as markup."""
+    return urlsplit(url).hostname in SLACK_WEBHOOK_HOSTS
+
+
 def slack_text_escape(text: str) -> str:
     """``text`` as Slack's message text shows it as written: ``&``, ``<`` and ``>`` escaped as Slack asks
     (https://api.slack.com/reference/surfaces/formatting#escaping), and nothing else. Unescaped, a name an admin
@@ -200,7 +211,8 @@ def slack_text_escape(text: str) -> str:
 
 def alert_webhook_post(*, url: str, text: str) -> None:
     """POST ``{"text": text}`` to a Slack-compatible webhook, ``text`` escaped as Slack asks
-    (``slack_text_escape``), under the outbound policy every provider call obeys (the URL is set by an
+    (``slack_text_escape``) when the receiver is Slack's (``webhook_is_slack``) and as written to any other
+    (which would show ``&amp;``), under the outbound policy every provider call obeys (the URL is set by an
     operator, but the address its name resolves to is not); a redirect is a failure. Raises
     ``WebhookDeliveryError``, whose message never holds the URL.
 
@@ -212,7 +224,8 @@ def alert_webhook_post(*, url: str, text: str) -> None:
     deadline = time.monotonic() + allowed
     try:
         with outbound_sync_client(url=url, timeout=10.0, follow_redirects=False, deadline=deadline) as client:
-            response = client.post(url, json={"text": slack_text_escape(text)})
+            shown = slack_text_escape(text) if webhook_is_slack(url) else text
+            response = client.post(url, json={"text": shown})
     except OutboundRefused:
         raise WebhookDeliveryError(
             "the alert webhook's address is refused by the outbound policy (see LLMHUB_ALLOW_PRIVATE_PROVIDER_URLS)"

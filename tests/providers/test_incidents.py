@@ -209,17 +209,18 @@ def test_a_mail_server_that_is_down_neither_stops_the_round_nor_the_webhook(fake
     assert Incident.objects.count() == 1 and len(webhook.received) == 1
 
 
-def test_names_in_a_webhook_alert_are_escaped_as_slack_asks_and_the_email_keeps_them_as_written(webhook, admins):
+def test_names_in_a_slack_alert_are_escaped_as_slack_asks_and_the_email_keeps_them_as_written(slack_webhook, admins):
     """Slack reads ``<…>`` in a message's text as a mention or a link and ``&`` as the start of an escape: an
     upstream id ``<!channel>`` (admin-written) paged the whole channel, and a health check's reason (the upstream's
-    words) could render ``<http://x|click here>`` as a link. The webhook's text is escaped as Slack asks (``&amp;``,
-    ``&lt;``, ``&gt;``, nothing else), so it shows what was written; the email is plain text and keeps it as is."""
+    words) could render ``<http://x|click here>`` as a link. Slack's webhook gets its text escaped as Slack asks
+    (``&amp;``, ``&lt;``, ``&gt;``, nothing else), so it shows what was written; the email is plain text and keeps
+    it as is."""
     provider = ProviderFactory(name="east & west")
     deployment = ModelFactory(name="gpt <b>", provider=provider, upstream_id="<!channel>").deployments.get()
 
     incident_open(deployment_id=deployment.pk, reason="see <http://evil.example|click here> &amp; more", at=START)
 
-    [posted] = webhook.received
+    [posted] = slack_webhook.received
     assert posted["text"] == (
         "llmhub: deployment east &amp; west of model gpt &lt;b&gt; (provider east &amp; west, upstream "
         "&lt;!channel&gt;) is down since 2026-12-01 09:00:00 UTC: see &lt;http://evil.example|click here&gt; "
@@ -227,3 +228,19 @@ def test_names_in_a_webhook_alert_are_escaped_as_slack_asks_and_the_email_keeps_
     )
     [sent] = mail.outbox
     assert "upstream <!channel>" in sent.body and "<http://evil.example|click here> &amp; more" in sent.body
+
+
+def test_a_webhook_that_is_not_slack_gets_the_text_as_written(webhook, admins):
+    """Slack's escaping is Slack's markup: a receiver that is not Slack (a JSON endpoint, an incident tool) read
+    ``&amp;`` and ``&lt;`` in the text as written, so ``east & west`` arrived as ``east &amp; west``. Only
+    Slack's own webhook host gets the text escaped; any other receiver gets the same JSON with the text as is."""
+    provider = ProviderFactory(name="east & west")
+    deployment = ModelFactory(name="gpt <b>", provider=provider, upstream_id="<!channel>").deployments.get()
+
+    incident_open(deployment_id=deployment.pk, reason="see <http://evil.example|click here> &amp; more", at=START)
+
+    [posted] = webhook.received
+    assert posted == {
+        "text": "llmhub: deployment east & west of model gpt <b> (provider east & west, upstream <!channel>) is "
+        "down since 2026-12-01 09:00:00 UTC: see <http://evil.example|click here> &amp; more"
+    }
