@@ -35,7 +35,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from llmhub.testing.ports import free_port
-from tests.mail import TricklingMailServer
+from tests.trickling import TricklingMailServer
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from providers.selectors import resolved_model
 from providers.services.incidents import incident_close, incident_open
 from tests.billing.conftest import FLAT_TOKEN
 from tests.factories import ModelFactory, UserFactory
-from tests.mail import TricklingMailServer
+from tests.trickling import TricklingMailServer, TricklingWebhook
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -387,60 +387,13 @@ def test_a_broker_that_accepts_connections_and_never_answers_fails_a_publish_ins
 
 # A receiver that trickles its answer ----------------------------------------------------------------------
 
-TRICKLED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
-
-
-class TricklingReceiver:
-    """A webhook receiver that accepts the POST and answers it one byte every 50 ms (about 3 s in all): every
-    read of the client gets a byte well within any per-read timeout, so only a bound on the whole exchange cuts
-    it. Counts the connections, and the answers it managed to send in full."""
-
-    def __init__(self) -> None:
-        import socket
-
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/services/T000/B000/trickle"
-        self.connections = 0
-        self.answered = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
-
-    def _trickle(self, conn) -> None:
-        import time
-
-        with conn:
-            received = b""
-            while b"\r\n\r\n" not in received:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                received += chunk
-            try:
-                for byte in TRICKLED:
-                    time.sleep(0.05)
-                    conn.sendall(bytes([byte]))
-            except OSError:
-                return  # the client hung up
-            self.answered += 1
-
-    def close(self) -> None:
-        self.listener.close()
-
 
 def test_a_webhook_that_trickles_its_answer_is_cut_at_the_deadline_and_retried_as_a_failure(settings):
     """The webhook's 10 s timeout was per step (connect, each write, each read): a receiver sending a byte now and
     then held a worker as long as it liked, and past the 5-minute claim the sweep sent a second copy. The whole
     delivery is now bounded by ``LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS``: past it the attempt is a failure,
     recorded and retried as any other, until the retries run out."""
-    receiver = TricklingReceiver()
+    receiver = TricklingWebhook()
     settings.LLMHUB_ALERT_WEBHOOK_URL = receiver.url
     settings.LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS = 0.3
     user = UserFactory(username="hank", email="hank@example.com")
@@ -454,8 +407,8 @@ def test_a_webhook_that_trickles_its_answer_is_cut_at_the_deadline_and_retried_a
     assert alert.delivery["webhook"]["error"] == (
         "WebhookDeliveryError: the alert webhook did not answer within 0.3 s (LLMHUB_ALERT_WEBHOOK_DEADLINE_SECONDS)"
     )
-    assert receiver.connections == 1 + budget_alert_webhook.max_retries  # each attempt cut, then retried
-    assert receiver.answered == 0
+    assert receiver.sessions == 1 + budget_alert_webhook.max_retries  # each attempt cut, then retried
+    assert receiver.accepted == 0
 
 
 # A mail server that trickles its answers --------------------------------------------------------------------

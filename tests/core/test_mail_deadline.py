@@ -13,7 +13,7 @@ from providers.fields import Secret
 from providers.models import CredentialStatus, ProviderCredential
 from providers.services.credentials import provider_credential_invalid_notify
 from tests.factories import ProviderFactory, UserFactory
-from tests.mail import TricklingMailServer
+from tests.trickling import TricklingMailServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
