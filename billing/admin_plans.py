@@ -148,6 +148,7 @@ class DailyUsageAdmin(_ReadOnlyAdmin):
         "api_key",
         "provider_name",
         "model_name",
+        "operation",
         "requests",
         "prompt_tokens",
         "completion_tokens",
@@ -156,7 +157,7 @@ class DailyUsageAdmin(_ReadOnlyAdmin):
     # Thousands of rows a day (docs/ledger.md, "The admin at scale"): the provider and model offered from the
     # catalog, days by the date filter's ranges (not a date hierarchy: distinct months of every row), one count,
     # and a user looked up whole (their rows in the (user, day) index) rather than LIKE on the joined username.
-    list_filter = (("day", admin.DateFieldListFilter), ProviderNameFilter, CatalogModelNameFilter)
+    list_filter = (("day", admin.DateFieldListFilter), ProviderNameFilter, CatalogModelNameFilter, "operation")
     list_select_related = ("user", "api_key")
     show_full_result_count = False
     paginator = EstimatedCountPaginator

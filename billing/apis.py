@@ -420,6 +420,15 @@ class _UsageModelSerializer(_UsageTotalsSerializer):
     model = serializers.CharField()
 
 
+@extend_schema_serializer(component_name="UsageOperation")
+class _UsageOperationSerializer(_UsageTotalsSerializer):
+    operation = serializers.ChoiceField(
+        choices=Operation.choices,
+        help_text="What the requests asked for, whatever their transport: `chat` (chat completions), `messages` "
+        "(Anthropic's Messages API), `responses` (OpenAI's Responses API), `embeddings`.",
+    )
+
+
 class UsageSummaryApi(APIView):
     permission_classes = _USAGE_PERMISSIONS
 
@@ -428,16 +437,19 @@ class UsageSummaryApi(APIView):
         total = _UsageTotalsSerializer()
         by_day = _UsageDaySerializer(many=True)
         by_model = _UsageModelSerializer(many=True)
+        by_operation = _UsageOperationSerializer(many=True)
 
     @extend_schema(
         tags=_USAGE_TAG,
         operation_id="usage_summary",
-        summary="Sum your usage, in total, per day and per model",
+        summary="Sum your usage, in total, per day, per model and per operation",
         description=(
             "Takes the same filters as the list; `start` and `end`, when both given, are at most 366 days "
             "apart. Costs are exact decimal sums, as strings. `by_model` lists models of the catalog only: a "
-            "request refused because its model name matched none (mistyped, disabled) counts in `total` and "
-            "`by_day`; the list shows it with `status=rejected`." + _USAGE_KEY_REACH
+            "request refused because its model name matched none (mistyped, disabled) counts in `total`, "
+            "`by_day` and `by_operation`; the list shows it with `status=rejected`. `by_operation` sums per API "
+            "asked for (chat completions, the Messages API, the Responses API, embeddings), only those used."
+            + _USAGE_KEY_REACH
         ),
         parameters=[UsageFilterSerializer],
         responses={200: OutputSerializer, **error_responses(400, 401, 404), **_USAGE_FORBIDDEN},

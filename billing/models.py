@@ -466,13 +466,24 @@ class BudgetAlert(models.Model):
 
 
 class DailyUsage(models.Model):
-    """The ledger summed per day, user, key and model: derived, rebuilt from ``UsageRecord`` at will."""
+    """The ledger summed per day, user, key, provider, model and operation: derived, rebuilt from ``UsageRecord``
+    at will."""
 
     day = models.DateField()
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     provider_name = models.CharField(max_length=64, blank=True)
     model_name = models.CharField(max_length=128, blank=True)
+    # Empty on the rows rolled up before the column existed (db_default: no rewrite of the table): read as
+    # "unknown" until their day is rebuilt from the ledger (docs/ledger.md, "Per operation").
+    operation = models.CharField(
+        max_length=16,
+        choices=Operation.choices,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="What the requests asked for (the ledger's operation); empty: rolled up before it was kept.",
+    )
     requests = models.PositiveIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)

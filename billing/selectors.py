@@ -30,6 +30,7 @@ from .models import (
     DailyUsage,
     DailyUsageMark,
     ExperimentUsageMark,
+    Operation,
     Plan,
     UsageRecord,
     UserPlan,
@@ -148,15 +149,18 @@ _TOTALS = {
 
 
 def usage_summary(*, user: Any, filters: UsageFilters, key_ids: Collection[int] | None = None) -> dict[str, Any]:
-    """Totals, per UTC day and per model, of the rows ``usage_record_list`` would return; requests that
-    named no model of the catalog are in the total and the days but under no model."""
+    """Totals, per UTC day, per model and per operation, of the rows ``usage_record_list`` would return;
+    requests that named no model of the catalog are in the total, the days and their operation but under no
+    model."""
     rows = usage_record_list(user=user, filters=filters, key_ids=key_ids).order_by()
     by_day = rows.annotate(day=TruncDate("created_at", tzinfo=UTC)).values("day").annotate(**_TOTALS).order_by("day")
     by_model = rows.exclude(NAMED_NO_MODEL).values("model_name").annotate(**_TOTALS).order_by("model_name")
+    by_operation = rows.values("operation").annotate(**_TOTALS).order_by("operation")
     return {
         "total": rows.aggregate(**_TOTALS),
         "by_day": list(by_day),
         "by_model": [{"model": entry.pop("model_name"), **entry} for entry in by_model],
+        "by_operation": list(by_operation),
     }
 
 
@@ -398,18 +402,21 @@ def usage_daily(*, days: int, today: date, user_id: int | None = None) -> list[D
     return [DaySpend(day, *found.get(day, (Decimal(0), 0))) for day in (first + timedelta(n) for n in range(days))]
 
 
-_BREAKDOWN_FIELDS = {"model": "model_name", "provider": "provider_name", "user": "user_id"}
+_BREAKDOWN_FIELDS = {"model": "model_name", "provider": "provider_name", "user": "user_id", "operation": "operation"}
+# Rollup rows from before DailyUsage kept the operation have none (their day not rebuilt since).
+OPERATION_UNKNOWN = "(unknown)"
 
 
 def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = None) -> list[SpendShare]:
-    """Spend over the last ``days`` days grouped by ``by`` ("model", "provider" or "user"), largest first.
+    """Spend over the last ``days`` days grouped by ``by`` ("model", "provider", "user" or "operation"), largest
+    first.
 
     By model or provider, requests that named no model of the catalog are left out (see NAMED_NO_MODEL);
-    by user they count, as they do in ``usage_daily``."""
+    by user or operation they count, as they do in ``usage_daily`` (the operation was asked for all the same)."""
     group = _BREAKDOWN_FIELDS[by]  # the same column name in DailyUsage and UsageRecord
 
     def read(rolled: QuerySet, live: QuerySet) -> dict[Any, list]:
-        if by != "user":
+        if by in ("model", "provider"):
             rolled, live = rolled.exclude(NAMED_NO_MODEL), live.exclude(NAMED_NO_MODEL)
         merged: dict[Any, list] = {}
         for rows, requests in ((rolled, Sum("requests")), (live, Count("pk"))):
@@ -431,6 +438,9 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
 
         usernames = dict(get_user_model().objects.filter(pk__in=[k for k in merged if k]).values_list("pk", "username"))
         labels = {key: usernames.get(key, "(deleted user)") for key in merged}
+    elif by == "operation":
+        names = dict(Operation.choices)
+        labels = {key: names.get(key, key) if key else OPERATION_UNKNOWN for key in merged}
     else:
         labels = {key: key or "(unknown)" for key in merged}
     shares = [SpendShare(labels[key], requests, tokens, cost) for key, (requests, tokens, cost) in merged.items()]

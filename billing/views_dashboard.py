@@ -1,5 +1,6 @@
-"""Usage pages: ``/usage/`` for each user (their spend, by day and by model, and what is left of their
-quota and budgets) and ``/usage/admin/`` for operators and admins (spend by provider, model and user).
+"""Usage pages: ``/usage/`` for each user (their spend, by day, by model and by operation, and what is left of
+their quota and budgets) and ``/usage/admin/`` for operators and admins (spend by provider, model, operation
+and user).
 
 Every role may read its own usage page (a viewer too); the page of everyone's is for the roles that may
 read everyone's usage (accounts.roles)."""
@@ -82,6 +83,7 @@ def usage_page(request: HttpRequest) -> HttpResponse:
     today = now.astimezone(UTC).date()
     days = usage_daily(days=DAYS, today=today, user_id=request.user.pk)
     by_model = usage_breakdown(by="model", days=DAYS, today=today, user_id=request.user.pk)
+    by_operation = usage_breakdown(by="operation", days=DAYS, today=today, user_id=request.user.pk)
     limits = user_limits_sync(request.user.pk)
     return render(
         request,
@@ -94,6 +96,8 @@ def usage_page(request: HttpRequest) -> HttpResponse:
             "daily_chart": spend_per_day_chart(days, title=f"Spend per day, last {DAYS} days (UTC)"),
             "model_chart": spend_share_chart(by_model, title=f"Spend by model, last {DAYS} days"),
             "by_model": _rows(by_model),
+            "operation_chart": spend_share_chart(by_operation, title=f"Spend by operation, last {DAYS} days"),
+            "by_operation": _rows(by_operation),
             "meters": [_meter_view(m) for m in usage_meters(user=request.user, now=now)],
         },
     )
@@ -106,6 +110,7 @@ def usage_admin_page(request: HttpRequest) -> HttpResponse:
     today = timezone.now().astimezone(UTC).date()
     days = usage_daily(days=DAYS, today=today)
     by_user = usage_breakdown(by="user", days=DAYS, today=today)
+    by_operation = usage_breakdown(by="operation", days=DAYS, today=today)
     return render(
         request,
         "billing/usage_admin.html",
@@ -119,6 +124,8 @@ def usage_admin_page(request: HttpRequest) -> HttpResponse:
             "model_chart": spend_share_chart(
                 usage_breakdown(by="model", days=DAYS, today=today), title="Spend by model"
             ),
+            "operation_chart": spend_share_chart(by_operation, title="Spend by operation"),
+            "by_operation": _rows(by_operation),
             "user_chart": spend_share_chart(by_user, title="Spend by user"),
             "top_users": _rows(by_user[:10]),
             "active_users": sum(1 for share in by_user if share.requests),

@@ -1,4 +1,4 @@
-"""Cost rollups: the ledger summed per UTC day, user, key, provider and model into ``DailyUsage``.
+"""Cost rollups: the ledger summed per UTC day, user, key, provider, model and operation into ``DailyUsage``.
 
 Each run recomputes whole days from the ledger (delete and insert in one transaction), so running it
 twice, or again after late ledger rows arrived, gives exactly the ledger's totals.
@@ -91,7 +91,7 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
             UsageRecord.objects.filter(
                 created_at__gte=start, created_at__lt=start + timedelta(days=1), pk__lte=through_id
             )
-            .values("user_id", "api_key_id", "provider_name", "model_name")
+            .values(*DAILY_USAGE_GROUP)
             .annotate(
                 requests=Count("pk"),
                 prompt_tokens=Sum("prompt_tokens"),
@@ -133,7 +133,7 @@ def _sealed_day_catch_up(seal: DailyUsageSeal, *, through_id: int) -> None:
     DailyUsageMark.objects.update_or_create(day=seal.day, defaults={"through_id": through_id})
 
 
-DAILY_USAGE_GROUP = ("user_id", "api_key_id", "provider_name", "model_name")
+DAILY_USAGE_GROUP = ("user_id", "api_key_id", "provider_name", "model_name", "operation")
 DAILY_USAGE_FIGURES = (
     "prompt_tokens",
     "completion_tokens",

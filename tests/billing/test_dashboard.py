@@ -1,5 +1,5 @@
-"""The usage pages: each user's spend per day and per model and what is left of their limits, staff's
-view of everyone, and both in a real browser (Debian's Chromium through Playwright), screenshotted."""
+"""The usage pages: each user's spend per day, per model and per operation and what is left of their limits,
+staff's view of everyone, and both in a real browser (Debian's Chromium through Playwright), screenshotted."""
 
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ def days_ago(days: int, hour: int = 12) -> datetime:
     return (now - timedelta(days=days)).replace(hour=hour if days else min(now.hour, 23), minute=0)
 
 
-# Ada's spend: (days ago, model, provider, cost, prompt tokens, completion tokens).
+# Ada's spend: (days ago, model, provider, cost, prompt tokens, completion tokens, operation).
 ADA_SPEND = [
-    (3, "claude-test", "fake-anthropic", Decimal("2.50"), 1200, 800),
-    (10, "gpt-test", "fake-openai", Decimal("0.40"), 300, 200),
-    (0, "gpt-test", "fake-openai", Decimal("1.00"), 150, 50),
-    (0, "gpt-test", "fake-openai", Decimal("0.25"), 100, 50),
+    (3, "claude-test", "fake-anthropic", Decimal("2.50"), 1200, 800, "messages"),
+    (10, "gpt-test", "fake-openai", Decimal("0.40"), 300, 200, "chat"),
+    (0, "gpt-test", "fake-openai", Decimal("1.00"), 150, 50, "responses"),
+    (0, "gpt-test", "fake-openai", Decimal("0.25"), 100, 50, "responses"),
 ]
 
 
@@ -64,11 +64,12 @@ def ada(plans):
     UserPlan.objects.filter(user=user).update(monthly_budget_usd=Decimal("10"))
     key = api_key_create(user=user, name="notebook").api_key
     api_key_limits_set(api_key=key, budget_usd=Decimal("5"), budget_period=BudgetPeriod.TOTAL)
-    for days, model, provider, cost, prompt, completion in ADA_SPEND:
+    for days, model, provider, cost, prompt, completion, operation in ADA_SPEND:
         UsageRecordFactory(
             user=user,
             api_key=key,
             created_at=days_ago(days),
+            operation=operation,
             model_name=model,
             provider_name=provider,
             cost=cost,
@@ -128,6 +129,13 @@ def test_the_usage_page_shows_spend_and_what_is_left(ada):
     assert [label for label in daily["value_labels"] if label] == ["$0.40", "$2.50", "$1.25"]
     assert daily["labels"][-1] == f"{datetime.now(UTC):%b} {datetime.now(UTC).day}"  # today, last
     assert chart_data(html, "models")["labels"] == ["claude-test", "gpt-test"]
+    # Per operation, from the rollup (3 and 10 days ago) and today's ledger rows alike.
+    operations = chart_data(html, "operations")
+    assert (operations["labels"], operations["value_labels"]) == (
+        ["Anthropic messages", "OpenAI responses", "Chat completion"],
+        ["$2.50", "$1.25", "$0.40"],
+    )
+    assert '<tr><td>OpenAI responses</td><td class="num">2</td><td class="num">350</td>' in html
     assert "grace" not in html and "$7.00" not in html
 
 
@@ -145,6 +153,12 @@ def test_the_staff_page_is_for_staff_and_shows_everyone(ada):
     users = chart_data(html, "users")
     assert (users["labels"], users["value_labels"]) == (["grace", "ada"], ["$7.00", "$4.15"])
     assert chart_data(html, "providers")["labels"][:2] == ["fake-openai", "fake-anthropic"]
+    operations = chart_data(html, "operations")  # grace's request was a chat completion
+    assert (operations["labels"], operations["value_labels"]) == (
+        ["Chat completion", "Anthropic messages", "OpenAI responses"],
+        ["$7.40", "$2.50", "$1.25"],
+    )
+    assert '<tr><td>Chat completion</td><td class="num">2</td>' in html
 
 
 # In a real browser
@@ -195,7 +209,11 @@ async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
     box = await daily.bounding_box()
     assert box["width"] > 800 and box["height"] > 200  # drawn at the card's width, not icon-sized
     await expect(page.locator("#spent-30d")).to_have_text("$4.15")
-    assert await drawn_labels(page.locator("canvas.chart-bars")) == ["claude-test", "gpt-test"]
+    assert await drawn_labels(page.locator("#chart-models")) == ["claude-test", "gpt-test"]
+    operations = page.locator("#chart-operations")
+    await expect(operations).to_have_attribute("data-drawn", "true")
+    assert await drawn_labels(operations) == ["Anthropic messages", "OpenAI responses", "Chat completion"]
+    assert await drawn_value_labels(operations) == ["$2.50", "$1.25", "$0.40"]
     await expect(page.locator(".meter-figures").first).to_contain_text(
         f"{spent_this_month()} of $10.00 used this month"
     )
@@ -211,6 +229,9 @@ async def test_dashboard_in_a_browser(site, browser, ada, artifacts_dir):
     await context.add_cookies([{**cookie, "value": await sync_to_async(session_cookie)(staff)}])
     await page.goto(site.url + "/usage/admin/")
     await expect(page.locator("#spent-30d")).to_have_text("$11.15")
+    operations = page.locator("#chart-operations")
+    await expect(operations).to_have_attribute("data-drawn", "true")
+    assert await drawn_labels(operations) == ["Chat completion", "Anthropic messages", "OpenAI responses"]
     users = page.locator("canvas.chart-bars").last
     await expect(users).to_have_attribute("data-drawn", "true")
     assert await drawn_labels(users) == ["grace", "ada"]

@@ -287,3 +287,68 @@ def test_the_rollup_keeps_each_days_writes_to_the_1_hour_cache_and_shows_them(le
     assert DailyUsage.objects.get(day=ledger["yesterday"], model_name="claude-test").cache_write_1h_tokens == 4
     page = admin_client.get(reverse("admin:billing_dailyusage_change", args=[today.pk])).content.decode()
     assert "Cache write 1h tokens" in page and "1048" in page
+
+
+def test_the_rollup_keeps_each_operation_apart_and_equals_the_ledger_per_operation(ledger):
+    """An operator could not tell from the usage pages how much of the spend went to the Responses API, chat
+    completions, embeddings or the Messages API: the rollup summed the operations of a model together. It now
+    keeps one row per operation, each equal to the ledger's rows of it, and a rerun changes nothing."""
+    from billing.selectors import usage_breakdown
+
+    for operation, cost in (("responses", "0.5"), ("responses", "0.0000000002"), ("embeddings", "0.01")):
+        UsageRecordFactory(
+            user=ledger["bob"], created_at=at(TODAY, 5), operation=operation, model_name="gpt-test", cost=Decimal(cost)
+        )
+    UsageRecordFactory(user=ledger["bob"], created_at=at(TODAY, 6), operation="messages", cost=Decimal("0.25"))
+
+    def per_operation(rows) -> dict:
+        out: dict = defaultdict(lambda: [0, Decimal(0)])
+        for day, operation, requests, cost in rows:
+            out[(day, operation)][0] += requests
+            out[(day, operation)][1] += cost
+        return dict(out)
+
+    ledger_rows = [
+        (r.created_at.astimezone(UTC).date(), r.operation, 1, r.cost)
+        for r in UsageRecord.objects.filter(created_at__gte=at(ledger["yesterday"], 0))
+    ]
+    for _run in range(2):
+        daily_usage_rebuild_recent(days=2, today=TODAY)
+        rolled = per_operation(DailyUsage.objects.values_list("day", "operation", "requests", "cost"))
+        assert rolled == per_operation(ledger_rows)
+    assert rolled[(TODAY, "responses")] == [2, Decimal("0.5000000002")]
+    assert rolled[(TODAY, "embeddings")] == [1, Decimal("0.01")]
+    assert rollup_totals() == ledger_totals({TODAY, ledger["yesterday"]})
+
+    UsageRecord.objects.filter(created_at__lt=at(TODAY, 0)).delete()  # yesterday read from its rollup alone
+    with time_machine.travel(at(TODAY, 23), tick=False):
+        shares = {s.label: (s.requests, s.cost) for s in usage_breakdown(by="operation", days=30, today=TODAY)}
+    assert shares == {
+        "Chat completion": (7, Decimal("6.8515000004")),
+        "OpenAI responses": (2, Decimal("0.5000000002")),
+        "Anthropic messages": (1, Decimal("0.25")),
+        "Embeddings": (1, Decimal("0.01")),
+    }
+
+
+def test_rollup_rows_from_before_the_operation_was_kept_read_as_unknown_until_their_day_is_rebuilt(
+    ledger, admin_client
+):
+    """Rows rolled up before ``DailyUsage`` had the column get it empty (the migration's ``db_default``): their
+    figures stay whole under "(unknown)", and a rebuild of the day (the task's for today and yesterday, the
+    admin's for older days whose ledger rows are still there) files them under their operations."""
+    from billing.selectors import usage_breakdown
+
+    UsageRecordFactory(user=ledger["bob"], created_at=at(TODAY, 5), operation="responses", cost=Decimal("1"))
+    daily_usage_rebuild_recent(days=2, today=TODAY)
+    DailyUsage.objects.update(operation="")  # as the migration leaves the rows rolled up before it
+
+    def shares() -> dict:
+        return {s.label: (s.requests, s.cost) for s in usage_breakdown(by="operation", days=30, today=TODAY)}
+
+    assert shares() == {"(unknown)": (8, Decimal("7.8515000004"))}
+    daily_usage_rebuild(day=ledger["yesterday"])
+    daily_usage_rebuild(day=TODAY)
+    assert shares() == {"Chat completion": (7, Decimal("6.8515000004")), "OpenAI responses": (1, Decimal("1"))}
+    listed = admin_client.get("/admin/billing/dailyusage/", {"operation": "responses"}).content.decode()
+    assert "OpenAI responses" in listed and "1 daily usage" in listed.replace("\n", " ")

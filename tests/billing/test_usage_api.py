@@ -339,6 +339,41 @@ def test_summary_takes_the_same_filters(client, ledger):
     assert [entry["model"] for entry in summary["by_model"]] == ["gpt-test"]
 
 
+def test_summary_sums_per_operation_every_row_once(client, alice):
+    """An operator could not tell how much went to the Responses API, chat completions, embeddings or the Messages
+    API: the summary grouped by day and model only. ``by_operation`` sums the same rows per operation, a refused
+    request whose model name matched no model included (it was a request of that API all the same)."""
+    spent = {
+        "chat": ["0.0000000001", "0.25"],
+        "messages": ["1.1"],
+        "embeddings": ["0.0000020000"],
+        "responses": ["0.5", "0.5000000003"],
+    }
+    for operation, costs in spent.items():
+        for cost in costs:
+            UsageRecordFactory(user=alice, created_at=at(4), operation=operation, cost=Decimal(cost))
+    UsageRecordFactory(
+        user=alice, created_at=at(4), operation="responses", provider_name="", model_name="gtp-typo", cost=Decimal(0)
+    )
+
+    summary = client.get("/api/usage/summary/").json()
+
+    by_operation = {entry.pop("operation"): entry for entry in summary["by_operation"]}
+    assert list(by_operation) == ["chat", "embeddings", "messages", "responses"]
+    assert {name: (entry["requests"], entry["cost"]) for name, entry in by_operation.items()} == {
+        "chat": (2, "0.2500000001"),
+        "embeddings": (1, "0.0000020000"),
+        "messages": (1, "1.1000000000"),
+        "responses": (3, "1.0000000003"),
+    }
+    assert by_operation["responses"]["prompt_tokens"] == 30 and by_operation["responses"]["completion_tokens"] == 15
+    assert sum(Decimal(entry["cost"]) for entry in by_operation.values()) == Decimal(summary["total"]["cost"])
+    assert sum(entry["requests"] for entry in by_operation.values()) == summary["total"]["requests"] == 7
+    assert [
+        entry["operation"] for entry in client.get("/api/usage/summary/", {"model": "gtp-typo"}).json()["by_operation"]
+    ] == ["responses"]
+
+
 def test_summary_costs_are_exact_decimals(client, alice):
     for _ in range(3):
         UsageRecordFactory(user=alice, created_at=at(5), cost=Decimal("0.1000000001"))
@@ -365,6 +400,7 @@ def test_summary_of_nothing_is_zero(client, ledger):
         },
         "by_day": [],
         "by_model": [],
+        "by_operation": [],
     }
 
 
