@@ -160,6 +160,16 @@ def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
             }
             for h in snapshot.spend_per_hour
         ],
+        "operations": [
+            {
+                "operation": o.operation,
+                "label": o.label,
+                "cost": float(o.cost),
+                "cost_text": usd(o.cost),
+                "requests": o.requests,
+            }
+            for o in snapshot.spend_per_operation
+        ],
         "rejections": [{"code": r.code, "label": r.label, "count": r.count} for r in snapshot.rejections],
         "tasks": [
             {

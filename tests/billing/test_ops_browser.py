@@ -79,7 +79,7 @@ def refused_by_rate_limit() -> None:
 
 
 async def charts_drawn(page: Page) -> None:
-    for chart in ("errors", "latency", "rpm", "rejections", "spend"):
+    for chart in ("errors", "latency", "rpm", "rejections", "operations", "spend"):
         await expect(page.locator(f"#chart-{chart}")).to_have_attribute("data-drawn", "1")
 
 
@@ -126,6 +126,11 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
         }"""
     )
     assert drawn == {"labels": ["⚠ chat / west", "chat / east"], "data": [100, 0], "danger": [True, False]}
+    # The requests per operation: all chat completions, on the chart and in its table.
+    assert await page.locator("#chart-operations").evaluate("canvas => Chart.getChart(canvas).data.labels") == [
+        "Chat completion"
+    ]
+    await expect(page.locator('#operations-body tr[data-operation="chat"] td').first).to_have_text("12")
     # Nothing refused yet: the table says so, and no empty chart stands above it.
     await expect(page.locator("#rejections-body")).to_have_text("No request refused in the last hour.")
     await expect(page.locator("#rejections-figure")).to_be_hidden()
@@ -151,6 +156,7 @@ async def test_the_dashboard_marks_the_failing_deployment(live_site, browser, fa
     ) == [["Rate limit"], [1]]
     await expect(page.locator("#rejections-body tr")).to_have_text(["Rate limitrate_limit_exceeded1"])
     await expect(east.locator("td.num").first).to_have_text("10")
+    await expect(page.locator('#operations-body tr[data-operation="chat"] td').first).to_have_text("16")
     await expect(page.locator("#chart-rpm")).to_have_attribute("data-drawn", "2")
     await expect(alerts).to_have_class("is-failing")
     await expect(alerts.locator(".state")).to_have_text("⚠ Failing: TimeoutError")

@@ -223,6 +223,27 @@ def test_spend_per_hour_and_rejections(fleet):
     assert data["totals"]["rejected"] == 3
 
 
+def test_spend_and_requests_per_operation_over_the_last_24_hours(fleet):
+    """An operator could not tell how much of the spend went to the Responses API, chat completions, embeddings
+    or the Messages API. The dashboard sums the last 24 hours (the spend chart's hours) per operation, largest
+    spend first, in its figures and its table."""
+    east = fleet["east"]
+    ledger(east, minutes_ago=30, cost="4.00", operation="responses")
+    ledger(east, minutes_ago=23 * 60, cost="0.0000001", operation="embeddings")
+    ledger(east, minutes_ago=24 * 60 + 5, cost="100", operation="messages")  # out of the 24 hours
+
+    data = figures(user_with(Role.OPERATOR, "ops"))
+
+    assert [(o["operation"], o["label"], o["cost_text"], o["requests"]) for o in data["operations"]] == [
+        ("responses", "OpenAI responses", "$4.00", 1),
+        ("chat", "Chat completion", "$3.70", 27),
+        ("embeddings", "Embeddings", "$0.0000001", 1),
+    ]
+    html = client_for(user_with(Role.ADMIN, "boss")).get("/ops/").content.decode()
+    row = re.search(r'<tr data-operation="responses">(.*?)</tr>', html, re.S)[1]
+    assert re.findall(r">([^<>]+)<", row) == ["OpenAI responses", "1", "$4.00"]
+
+
 def test_the_page_draws_with_the_projects_chart_js_and_marks_the_failing_row(fleet):
     html = client_for(user_with(Role.OPERATOR, "ops")).get("/ops/").content.decode()
     scripts = re.findall(r'<script src="([^"]+)"', html)

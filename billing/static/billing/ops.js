@@ -119,6 +119,21 @@
       options: horizontal({ x: { ticks: { precision: 0 } } }),
     });
 
+    // Likewise the operations: no requests in 24 hours, no chart.
+    const operations = figures.operations;
+    document.getElementById("operations-figure").hidden = operations.length === 0;
+    chart("chart-operations", {
+      type: "bar",
+      data: {
+        labels: operations.map((o) => o.label),
+        datasets: [{ label: "Spend (USD)", data: operations.map((o) => o.cost), backgroundColor: ACCENT }],
+      },
+      options: horizontal({
+        x: { ticks: { callback: (v) => "$" + Number(v.toPrecision(3)) } },
+        tooltip: { callbacks: { label: (item) => operations[item.dataIndex].cost_text + ", " + operations[item.dataIndex].requests + " requests" } },
+      }),
+    });
+
     const hours = figures.spend_per_hour;
     chart("chart-spend", {
       type: "bar",
@@ -233,6 +248,17 @@
         return tr;
       }),
       "",
+      3,
+    );
+    fill(
+      "operations-body",
+      figures.operations.map((o) => {
+        const tr = document.createElement("tr");
+        tr.dataset.operation = o.operation;
+        tr.append(cell("th", o.label), cell("td", String(o.requests), "num"), cell("td", o.cost_text, "num"));
+        return tr;
+      }),
+      "No request in the last 24 hours.",
       3,
     );
     fill(
