@@ -193,7 +193,7 @@ class _Metrics:
         self.cost = Counter(
             "llmhub_cost_usd",
             "Cost in USD as the ledger priced it (a float: the ledger is the exact record).",
-            list(where),
+            [*where, "operation"],
             registry=None,
         )
         self.attempts = Counter(
@@ -302,7 +302,7 @@ class _Metrics:
             if o.completion_tokens:
                 tokens[(*where, "output")] += o.completion_tokens
             if o.cost:
-                cost[where] += float(o.cost)
+                cost[(*where, o.operation)] += float(o.cost)
             tried = o.attempts
             for attempt in tried:
                 attempts[

@@ -245,6 +245,28 @@ def test_a_request_and_a_stream_are_counted_timed_and_priced_with_their_labels(
             assert record.request_id not in labels.values()
 
 
+def test_the_spend_is_counted_per_operation(llmhub_server, fake_upstream, key, scraping):
+    """The spend could be charted per model and deployment but not per operation: ``llmhub_cost_usd_total`` had
+    no ``operation`` label, though the requests' counter has one. A chat completion and a Responses API request
+    to one model now add to two series of it."""
+    catalog_model(fake_upstream, "spent")
+    client = client_for(llmhub_server, key)
+    where = {"model": "spent", "deployment": "spent-dep", "provider": "spent-provider"}
+
+    chat = client.chat.completions.with_raw_response.create(model="spent", messages=MESSAGES)
+    responses = client.responses.with_raw_response.create(model="spent", input="hello there [[words=9]]")
+    chat_row = wait_for_record(chat.headers["x-request-id"])
+    responses_row = wait_for_record(responses.headers["x-request-id"])
+    assert (chat_row.operation, responses_row.operation) == ("chat", "responses")
+    assert chat_row.cost and responses_row.cost
+
+    text = scrape(llmhub_server.url)
+    assert value(text, "llmhub_cost_usd_total", **where, operation="chat") == pytest.approx(float(chat_row.cost))
+    assert value(text, "llmhub_cost_usd_total", **where, operation="responses") == pytest.approx(
+        float(responses_row.cost)
+    )
+
+
 def test_a_streams_time_to_first_token_is_observed_unrounded_and_within_its_duration(
     llmhub_server, fake_upstream, key, monkeypatch
 ):
