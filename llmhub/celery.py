@@ -4,21 +4,122 @@ Every process that imports it (the workers: ``celery -A llmhub worker``) records
 when and how it ended and how long it took (``billing.services.task_runs``), so that a background job that
 stopped or keeps failing shows on the operations dashboard and in ``/metrics``. ``task_postrun`` alone says
 both: its ``state`` is the outcome and, on a failure or a retry, ``retval`` the exception (one write per
-run; ``task_failure`` would add a second signal for the same run)."""
+run; ``task_failure`` would add a second signal for the same run).
+
+Every task also counts its starts (``StartCountingTask``): a message whose run never ends because the process
+running it dies (the worker's main process killed, the host lost) is handed out again by the Redis broker after
+its ``visibility_timeout``, with no count of its own, for ever; here it is run at most ``LLMHUB_TASK_MAX_STARTS``
+times (docs/reliability.md, "Celery: a task that kills its worker")."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
 
-from celery import Celery, states
-from celery.exceptions import Retry
+from celery import Celery, Task, states
+from celery.exceptions import Reject, Retry
 from celery.signals import setup_logging, task_postrun, task_prerun
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 
-app = Celery("llmhub")
+logger = logging.getLogger("llmhub.celery")
+
+
+class TaskStartsExhausted(Exception):
+    """A task's message was started ``LLMHUB_TASK_MAX_STARTS`` times and never seen ending: not run again."""
+
+
+class StartCountingTask(Task):
+    """Counts each start of a message, per task id and retry, in the broker's Redis, and clears the count when the
+    run ends (success, failure, retry). A start that finds more starts than ``LLMHUB_TASK_MAX_STARTS`` is of a
+    message whose every run so far died with its process: the broker hands such a message out again after its
+    ``visibility_timeout`` (4 h) for ever, as kombu counts no deliveries (it only marks a message
+    ``redelivered``). It is then rejected (acknowledged without requeue), logged and recorded as a failed run.
+
+    A child of the prefork pool that dies is retried by Celery itself (``task_retry_on_worker_lost``, a new message
+    with the next retry number, counted apart). Without a Redis broker (kombu's filesystem transport) or with Redis
+    unreachable, nothing is counted and the task runs."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        if self.request.is_eager:
+            return  # run here by its caller, not handed out by a broker
+        from django.conf import settings
+
+        starts = _starts_counted(task_id, self.request.retries)
+        if starts is None or starts <= settings.LLMHUB_TASK_MAX_STARTS:
+            return
+        logger.error(
+            "task %s[%s] was started %d times without ever ending (its process died each time): not run again",
+            self.name,
+            task_id,
+            starts - 1,
+        )
+        from django.utils import timezone
+
+        from billing.services.task_runs import task_run_record
+
+        error = TaskStartsExhausted(f"started {starts - 1} times, never ended")
+        task_run_record(task=self.name, finished_at=timezone.now(), duration_seconds=0.0, error=error)
+        raise Reject(error, requeue=False)
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if not self.request.is_eager:
+            _starts_clear(task_id, self.request.retries)
+
+
+# A message is handed out again every visibility_timeout: its count must outlive that many of them.
+_STARTS_TTL_SECONDS = 7 * 86_400
+_starts_client: tuple[int, Any] | None = None
+
+
+def _starts_redis() -> Any:
+    """The broker's Redis, one client per process (a prefork child opens its own); None for another broker."""
+    global _starts_client
+    url = app.conf.broker_url or ""
+    if not url.startswith(("redis://", "rediss://")):
+        return None
+    if _starts_client is None or _starts_client[0] != os.getpid():
+        from core.redis import redis_sync_client
+
+        _starts_client = (os.getpid(), redis_sync_client(url))
+    return _starts_client[1]
+
+
+def _starts_key(task_id: str, retries: int | None) -> str:
+    return f"llmhub:celery:starts:{task_id}:{retries or 0}"
+
+
+def _starts_counted(task_id: str, retries: int | None) -> int | None:
+    """This start, counted: how many starts of the message there have been, this one included."""
+    client = _starts_redis()
+    if client is None:
+        return None
+    try:
+        with client.pipeline() as pipe:
+            starts, _ = (
+                pipe.incr(_starts_key(task_id, retries))
+                .expire(_starts_key(task_id, retries), _STARTS_TTL_SECONDS)
+                .execute()
+            )
+        return int(starts)
+    except Exception as exc:  # a count lost never stops a task
+        logger.warning("could not count the start of task %s: %s", task_id, type(exc).__name__)
+        return None
+
+
+def _starts_clear(task_id: str, retries: int | None) -> None:
+    client = _starts_redis()
+    if client is None:
+        return
+    try:
+        client.delete(_starts_key(task_id, retries))
+    except Exception as exc:
+        logger.warning("could not clear the starts of task %s: %s", task_id, type(exc).__name__)
+
+
+app = Celery("llmhub", task_cls=StartCountingTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 

@@ -235,6 +235,10 @@ CELERY_TASK_ACKS_LATE = True
 # when the retry cannot be sent. docs/reliability.md, "Celery: a task that kills its worker".
 CELERY_TASK_RETRY_ON_WORKER_LOST = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A run whose whole worker process died (SIGKILL of the main process, a lost host) is not seen ending: the Redis
+# broker hands its message out again after visibility_timeout, for ever. Each start of a message is counted
+# (llmhub/celery.py, StartCountingTask), and one started this many times without ending is not run again.
+LLMHUB_TASK_MAX_STARTS = env.int("LLMHUB_TASK_MAX_STARTS", default=3)
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)

@@ -8,6 +8,8 @@ TEST_DATABASE_URL set."""
 
 from __future__ import annotations
 
+import os
+
 from celery.signals import celeryd_init
 
 from llmhub.celery import app
@@ -19,8 +21,13 @@ __all__ = ["app"]
 def _send_for_real(**_: object) -> None:
     """The tests' settings run tasks eagerly in the process that sends them; a worker sends for real (a retry of a
     run whose process died is sent from the worker's main process, which must not run it itself). Only in the
-    worker: the test process imports this module too, and keeps running its own tasks eagerly."""
+    worker: the test process imports this module too, and keeps running its own tasks eagerly.
+
+    ``TEST_VISIBILITY_TIMEOUT`` (seconds), when set, is the Redis broker's ``visibility_timeout``: a message whose
+    worker died is handed out again by the next worker that starts after it, not hours later."""
     app.conf.task_always_eager = False
+    if visibility := os.environ.get("TEST_VISIBILITY_TIMEOUT"):
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": int(visibility)}
 
 
 CANARY = "sk-canary-7f3e9a1c0b"
@@ -49,7 +56,8 @@ def _run_noted(path: str) -> int:
 # that the test waits seconds.
 @app.task(name=POISON_TASK, default_retry_delay=1)
 def worker_killer(path: str) -> None:
-    """Kills the process that runs it, every time: a task that runs its worker out of memory."""
+    """Kills the process that runs it, every time: a task that runs its worker out of memory (under the solo pool,
+    the worker's main process itself)."""
     import os
     import signal
 

@@ -48,18 +48,30 @@ def prefork_worker(broker, redis_url, tmp_path):
 def worker_process(broker, redis_url, tmp_path, *pool_options: str, pool: str):
     broker_url = redis_url.rsplit("/", 1)[0] + "/9"
     queue = f"task-runs-{uuid.uuid4().hex[:8]}"
+    log_path = tmp_path / "worker.log"
+    process = celery_worker(broker_url, queue, log_path, pool, *pool_options)
+    broker.serve(broker_url)
+    try:
+        yield queue, log_path
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def celery_worker(broker_url: str, queue: str, log_path: Path, *options: str, **env_extra: str) -> subprocess.Popen:
+    """``celery worker`` on ``queue`` of ``broker_url``, its output appended to ``log_path``."""
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "CELERY_BROKER_URL")}
     env.update(
         DJANGO_SETTINGS_MODULE="llmhub.settings.test",
         TEST_DATABASE_URL=database_url_for_subprocesses(),
         PYTHONPATH=str(ROOT),
+        **env_extra,
     )
-    log_path = tmp_path / "worker.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
+    with log_path.open("a") as log:
+        return subprocess.Popen(
             [
                 *(sys.executable, "-m", "celery", "-A", "tests.billing.task_worker", "-b", broker_url, "worker"),
-                *(pool, *pool_options, "-Q", queue, "-n", f"{queue}@%h", "-l", "warning"),
+                *(*options, "-Q", queue, "-n", f"{queue}@%h", "-l", "warning"),
                 *("--without-gossip", "--without-mingle", "--without-heartbeat"),
             ],
             cwd=ROOT,
@@ -67,12 +79,6 @@ def worker_process(broker, redis_url, tmp_path, *pool_options: str, pool: str):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    broker.serve(broker_url)
-    try:
-        yield queue, log_path
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def operator_client() -> Client:
@@ -168,3 +174,40 @@ def test_a_task_that_kills_its_worker_is_run_a_bounded_number_of_times_and_one_l
     assert runs_in(poison) == 1 + 3  # its first run and Celery's default of 3 retries, then no more
     assert runs_in(lost_once) == 2
     assert "WorkerLostError" in log_path.read_text()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_that_kills_the_workers_main_process_is_started_a_bounded_number_of_times(broker, redis_url, tmp_path):
+    """A run whose whole worker process dies (SIGKILL of the main process, the OOM killer choosing it, a lost host)
+    is never seen ending: the Redis broker hands its message to a worker again after its ``visibility_timeout``,
+    and kombu counts no deliveries, so a task that brings the main process down came back every 4 hours for ever.
+    Each start is now counted (``llmhub.celery.StartCountingTask``): the worker started after the third death
+    refuses the message (acknowledged, dropped), logs it and records the run as failed, and stays up. Here the
+    solo pool runs the task in the main process, and the visibility timeout is a second, so that each worker
+    started after one died is handed the message at once."""
+    broker_url = redis_url.rsplit("/", 1)[0] + "/9"
+    queue = f"task-starts-{uuid.uuid4().hex[:8]}"
+    log_path, poison = tmp_path / "worker.log", tmp_path / "poison.runs"
+    broker.serve(broker_url)
+    app.send_task(POISON_TASK, args=[str(poison)], queue=queue)
+
+    def start_worker() -> subprocess.Popen:
+        return celery_worker(broker_url, queue, log_path, "--pool=solo", TEST_VISIBILITY_TIMEOUT="1")
+
+    for deaths in (1, 2, 3):
+        worker = start_worker()
+        try:
+            worker.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            pytest.fail(f"the worker did not die a {deaths}. time; log:\n{log_path.read_text()}")
+        assert worker.returncode == -9 and runs_in(poison) == deaths
+    worker = start_worker()
+    try:
+        refused = TaskRun.objects.filter(task=POISON_TASK, error_class="TaskStartsExhausted")
+        wait_until(refused.exists, lambda: f"the refusal; log:\n{log_path.read_text()}", timeout=90)
+        assert runs_in(poison) == 3 and worker.poll() is None
+        assert "was started 3 times without ever ending" in log_path.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
