@@ -2,10 +2,10 @@
 
 On a throw-away PostgreSQL (``llmhub.testing.postgres``; or ``DATABASE_URL`` if it names a PostgreSQL
 database, which is then used and filled), it migrates, builds ``--rows`` ledger rows server-side with
-``generate_series`` (90 days of traffic from 1,000 users and 2,000 keys, each user on 3 of 20 models, in
-time order as the writer appends them; 5 % of the last 14 days in one experiment, a fifth of those rated),
-rolls up every day but today and folds the experiment's rows into the experiments' daily rollup, then
-measures and prints, each with its target:
+``generate_series`` (90 days of traffic from 1,000 users and 2,000 keys, each user on 3 of 20 models, each key
+mixing ``--operations`` of the four operations, in time order as the writer appends them; 5 % of the last 14
+days in one experiment, a fifth of those rated), rolls up every day but today and folds the experiment's rows
+into the experiments' daily rollup, then measures and prints, each with its target:
 
 - insert throughput through the ledger writer's batched path (``usage_record_submit`` on an event loop,
   ``ledger_flush``: the same writer task, batches and transaction per batch as a server), into the full table;
@@ -39,6 +39,10 @@ USERS = 1000
 KEYS_PER_USER = 2
 MODELS = 20
 PROVIDERS = 5
+# How many of the operations (chat, responses, messages, embeddings) each key's traffic mixes (``--operations``):
+# every (user, key, model) of a day then has a rollup row per operation, up to 4 times as many as with 1. The
+# default, 1 (all chat), keeps the figures comparable with the runs before the rollup kept the operation.
+OPERATIONS = 1
 INSERT_TARGET = 5000  # rows/s
 QUERY_TARGET_MS = 200
 EXPERIMENT_DAYS = 14  # the experiment ran over the last two weeks, on 5 % of the traffic
@@ -103,7 +107,9 @@ def _fill(*, rows: int, first_user: int, first_key: int, experiment: tuple[int, 
                 SELECT 'bench-' || i, %(first_user)s + u, %(first_key)s + 2 * u + (i %% 2),
                     'provider-' || ((u * 7 + i %% 3) %% %(models)s %% %(providers)s),
                     'model-' || ((u * 7 + i %% 3) %% %(models)s), 'd1', '',
-                    1, false, CASE WHEN i %% 4 = 0 THEN 'websocket' ELSE 'rest' END, 'chat', i / 4 %% 2 = 0,
+                    1, false, CASE WHEN i %% 4 = 0 THEN 'websocket' ELSE 'rest' END,
+                    (ARRAY['chat', 'responses', 'messages', 'embeddings'])[1 + (i / 7 %% %(operations)s)::int],
+                    i / 4 %% 2 = 0,
                     100 + i %% 900, 50 + i %% 400, 0,
                     (100 + i %% 900) * 0.00000015 + (50 + i %% 400) * 0.0000006, false,
                     200 + i %% 800, 100 + i %% 300, 300 + i %% 1500,
@@ -121,6 +127,7 @@ def _fill(*, rows: int, first_user: int, first_key: int, experiment: tuple[int, 
                     "first_key": first_key,
                     "providers": PROVIDERS,
                     "models": MODELS,
+                    "operations": OPERATIONS,
                     "users": USERS,
                     "experiment": experiment_id,
                     "control": control_id,
@@ -397,6 +404,7 @@ def _queries(*, user_id: int, experiment: Any, today: Any, rows: int) -> int:
         usage_record_list,
         usage_summary,
     )
+    from billing.selectors_ops import ops_spend_per_operation
     from billing.services.plans import plan_assign
     from experiments.results import experiment_results
 
@@ -414,11 +422,17 @@ def _queries(*, user_id: int, experiment: Any, today: Any, rows: int) -> int:
             "dashboard: a user's spend by model",
             lambda: usage_breakdown(by="model", days=30, today=today, user_id=user.pk),
         ),
+        (
+            "dashboard: a user's spend by operation",
+            lambda: usage_breakdown(by="operation", days=30, today=today, user_id=user.pk),
+        ),
         ("dashboard: a user's meters (budget, quota: raw ledger)", lambda: usage_meters(user=user, now=now)),
         ("staff dashboard: everyone's 30 days", lambda: usage_daily(days=30, today=today)),
         ("staff dashboard: by user", lambda: usage_breakdown(by="user", days=30, today=today)),
         ("staff dashboard: by provider", lambda: usage_breakdown(by="provider", days=30, today=today)),
         ("staff dashboard: by model", lambda: usage_breakdown(by="model", days=30, today=today)),
+        ("staff dashboard: by operation", lambda: usage_breakdown(by="operation", days=30, today=today)),
+        ("operations dashboard: spend per operation, 24 hours", lambda: ops_spend_per_operation(now=now)),
         (
             "usage API: a user's ledger, first page of 100",
             lambda: list(usage_record_list(user=user, filters=month)[:100]),
@@ -439,7 +453,7 @@ def _queries(*, user_id: int, experiment: Any, today: Any, rows: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    global DAYS
+    global DAYS, OPERATIONS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--insert-rows", type=int, default=50_000)
@@ -449,6 +463,13 @@ def main(argv: list[str]) -> int:
         default=DAYS,
         help="days the rows span: fewer days with fewer rows keep a day (what the dashboards read raw) as full",
     )
+    parser.add_argument(
+        "--operations",
+        type=int,
+        choices=range(1, 5),
+        default=OPERATIONS,
+        help="operations each key's traffic mixes: 1 is all chat (the rollup as small as before it kept the operation)",
+    )
     parser.add_argument("--output", help="also write the figures as JSON here (bench/all.py reads them)")
     parser.add_argument(
         "--queries-only",
@@ -456,7 +477,7 @@ def main(argv: list[str]) -> int:
         help="DATABASE_URL holds a ledger this script built: time the queries again, change nothing",
     )
     args = parser.parse_args(argv)
-    DAYS = args.days
+    DAYS, OPERATIONS = args.days, args.operations
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     with ExitStack() as stack:
         url = os.environ.get("DATABASE_URL", "")
