@@ -827,3 +827,17 @@ async def test_a_websocket_chat_is_counted_as_websocket(fake_upstream):
     assert value(text, "llmhub_requests_total", **where, operation="chat", status="ok") == 1
     assert value(text, "llmhub_time_to_first_token_seconds_count", **where) == 1
     assert value(text, "llmhub_requests_total", model="socketed", transport="rest") == 0
+
+
+def test_the_grafana_dashboards_panels_have_their_own_ids_and_places():
+    """Panels added side by side must not share an id (Grafana keeps one) or overlap on the grid."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    taken: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = panel["title"]
