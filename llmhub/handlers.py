@@ -55,7 +55,7 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.base import reset_urlconf
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponse
-from django.urls import set_script_prefix
+from django.urls import ResolverMatch, get_resolver, set_script_prefix
 
 from core.db_use import (
     RequestDatabaseUse,
@@ -138,8 +138,14 @@ class FullStackASGIHandler(ASGIHandler):
         await _disconnect(receive)
 
 
+# Paths kept resolved by ``MiddlewareFreeASGIHandler.resolve_request``: the routes without arguments under its
+# prefixes are a dozen; past this (URL configurations swapped, as tests do), the cache starts again.
+_RESOLVED_MAX = 64
+
+
 class MiddlewareFreeASGIHandler(ASGIHandler):
     def load_middleware(self, is_async: bool = False) -> None:
+        self._resolved: dict[tuple[Any, str], ResolverMatch] = {}
         self._view_middleware = []
         self._template_response_middleware = []
         self._exception_middleware = []
@@ -153,6 +159,27 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         await self.handle(scope, receive, send)
+
+    def resolve_request(self, request: HttpRequest) -> ResolverMatch:
+        """Django's, with the match of a path that resolves to a view without arguments (``/v1/chat/completions``,
+        ``/v1/messages``, …) kept per URL resolver: every request to it resolved it again, walking the routes
+        before it one by one (9 µs of CPU for ``/v1/chat/completions`` in a loop, 27 for ``/v1/messages``, and
+        about 60 µs a request in-process: docs/performance.md, 5–6 December). A path with
+        arguments (``/v1/models/<model>``, an unknown path) is the client's to choose, and is resolved each
+        time; so is every path of a request with a URL configuration of its own (``request.urlconf``)."""
+        if hasattr(request, "urlconf"):
+            return super().resolve_request(request)
+        resolver = get_resolver()
+        key = (resolver, request.path_info)
+        match = self._resolved.get(key)
+        if match is None:
+            match = resolver.resolve(request.path_info)
+            if not match.args and not match.kwargs:
+                if len(self._resolved) >= _RESOLVED_MAX:
+                    self._resolved.clear()
+                self._resolved[key] = match
+        request.resolver_match = match
+        return match
 
     async def send_response(self, response: Any, send: Any) -> None:
         """Django's, except for an ``EventStreamResponse``: its parts (framed events, a few hundred bytes

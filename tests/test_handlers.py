@@ -324,3 +324,48 @@ def test_other_streaming_responses_keep_djangos_path():
 
     messages = asyncio.run(serve())
     assert [m.get("body") for m in messages[1:]] == [b"a,b\n", b"1,2\n", None]
+
+
+class ResolveCounter:
+    """``URLResolver.resolve`` of the root URL configuration, counting the paths it is asked for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from django.urls.resolvers import URLResolver
+
+        self.paths: list[str] = []
+        original = URLResolver.resolve
+
+        def resolve(resolver: URLResolver, path: str) -> Any:
+            if resolver.pattern.regex.pattern == "^/":  # the root resolver, not the includes it walks
+                self.paths.append(path)
+            return original(resolver, path)
+
+        monkeypatch.setattr(URLResolver, "resolve", resolve)
+
+
+async def test_a_v1_route_without_arguments_is_resolved_once(monkeypatch):
+    counter = ResolveCounter(monkeypatch)
+    for _ in range(3):
+        status, _, body = await call("/v1/models")
+        assert status == 401 and b'"code":"missing_api_key"' in body
+    assert counter.paths.count("/v1/models") <= 1
+    # A path with arguments is the client's to choose: resolved every time, never kept.
+    for _ in range(2):
+        status, _, body = await call("/v1/models/some-model")
+        assert status == 401
+    assert counter.paths.count("/v1/models/some-model") == 2
+    for _ in range(2):
+        status, _, body = await call("/v1/no-such-route")
+        assert status == 404 and b'"code":"unknown_url"' in body
+    assert counter.paths.count("/v1/no-such-route") == 2
+
+
+async def test_a_changed_url_configuration_is_resolved_again(monkeypatch, settings):
+    counter = ResolveCounter(monkeypatch)
+    await call("/v1/models")
+    before = counter.paths.count("/v1/models")
+    settings.ROOT_URLCONF = "bench.urls"  # another resolver: what the first one resolved is not reused
+    for _ in range(2):
+        status, _, _ = await call("/v1/models")
+        assert status == 401
+    assert counter.paths.count("/v1/models") == before + 1
