@@ -48,6 +48,7 @@ from experiments.assignment import Assignment, assignment_unit, experiment_assig
 from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_for
 from providers.adapters.base import WireChunk, WireEvent
+from providers.adapters.common import BatchesAnswered
 from providers.adapters.translate_anthropic import openai_usage, reasoning_text
 from providers.byok import (
     UserCredential,
@@ -64,7 +65,6 @@ from providers.byok import (
     user_credentials,
 )
 from providers.exceptions import (
-    AnsweredCalls,
     ModelNotFoundError,
     OwnKeyRequiredError,
     ProviderAuthenticationError,
@@ -1128,6 +1128,11 @@ class CompletionRun:
                         # Not this deployment again for this request; the next one moves into its place.
                         candidates = [c for c in candidates if c is not deployment]
                         position -= 1
+                    if exc.answered is not None:
+                        # Part of a split request was answered here, and paid: only this deployment finishes it,
+                        # sending the rest (another would embed every input again, maybe in another space).
+                        candidates = [c for c in candidates if c is deployment]
+                        position, index = 0, len(plan)
                     last, last_deployment = failure, deployment
                     failures += 1
                     continue
@@ -1605,24 +1610,30 @@ class CompletionRun:
     async def embed(self) -> dict[str, Any]:
         """The call and settle steps of an embeddings request, priced on input tokens only. They come from
         the upstream's ``usage.prompt_tokens``, else from the input (estimated, and the ledger row says so).
-        A request that failed is charged what its attempts had answered of it (a request split into several
-        calls pays for those the provider answered before one failed), at the last attempt's prices."""
+
+        Each input is embedded at most once per request, and the request pays for what the upstream embedded. A
+        request split into several calls keeps the calls a deployment answered (``BatchesAnswered``): a retry
+        sends only the others, and only to that deployment (``_call``), so a success pays every call once; a
+        request that failed (or was cancelled) pays the calls answered, at that deployment's prices, never more
+        than its success would have."""
         response: dict[str, Any] | None = None
-        answered: list[AnsweredCalls] = []
+        kept: dict[int, BatchesAnswered] = {}  # by deployment
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
+            batches = kept.setdefault(target.deployment.id, BatchesAnswered())  # type: ignore[union-attr]
             try:
-                return await adapter_for(target.provider).embed({**self.body, "model": target.upstream_id})
+                return await adapter_for(target.provider).embed(
+                    {**self.body, "model": target.upstream_id}, kept=batches
+                )
             except ProviderError as exc:
                 # A provider that names no field (or chat's) was told of no `messages`: the input is too long.
                 if isinstance(exc, ProviderContextLengthError) and exc.param in (None, "messages"):
                     exc.param = "input"
-                if exc.answered is not None:
-                    answered.append(exc.answered)
                 raise
 
         def settle(call: _Call) -> None:
             usage, partly_estimated = _mapping((response or {}).get("usage")), False
+            answered = [calls for calls in (batches.answered() for batches in kept.values()) if calls is not None]
             if response is None and answered:
                 usage, partly_estimated = answered_calls_usage(answered)
             self._settle(

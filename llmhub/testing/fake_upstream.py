@@ -195,6 +195,9 @@ Faults
     connection (non-streamed: aborts without answering); ``error-event`` streams two content chunks and
     then an in-stream error (non-streamed: a 500). Unknown names are a 400. Without any of these, the
     listener's standing fault applies (see Several upstreams, which also lists the other spellings).
+    ``[[fault_times=N]]`` beside a ``[[fault=NAME]]`` marker makes that fault a blip: it hits the first N
+    requests carrying the same directives, and later ones are answered (a retry that succeeds). The count is
+    the listener's, and goes back to zero with its counters (``reset``).
 
 Keys
     With ``api_key`` set, requests must carry ``Authorization: Bearer KEY`` or ``x-api-key: KEY``
@@ -1265,6 +1268,7 @@ class _App:
         self._requests = 0
         self._by_path: Counter[str] = Counter()
         self._by_model: Counter[str] = Counter()
+        self._faults_seen: Counter[tuple[tuple[str, str], ...]] = Counter()  # ``[[fault_times=N]]``
         self._log: deque[dict[str, Any]] = deque(maxlen=_REQUEST_LOG_SIZE)
         self.stopping: asyncio.Event | None = None
         # The pauses of paced replies in progress (``_pause``), which ``halt`` ends at once.
@@ -1302,6 +1306,7 @@ class _App:
             self._requests = 0
             self._by_path.clear()
             self._by_model.clear()
+            self._faults_seen.clear()
             self._log.clear()
 
     def _record(self, request: web.Request, body: Any) -> None:
@@ -1498,7 +1503,7 @@ class _App:
         header = request.headers.get("x-fake-fault")
         if header:
             named = header.strip()
-        elif directives.get("fault"):
+        elif directives.get("fault") and not self._fault_spent(directives):
             named = directives["fault"]
         elif isinstance(model, str) and model.startswith("fault-"):
             named = model[len("fault-") :]
@@ -1510,6 +1515,18 @@ class _App:
             return fault_canonical(named)
         except ValueError:
             return named  # answered as an unknown fault (a 400)
+
+    def _fault_spent(self, directives: dict[str, str]) -> bool:
+        """``[[fault_times=N]]``: whether this request's marker fault has hit its N requests already (counted
+        per set of directives), so that it is answered."""
+        times = _directive_int(directives, "fault_times")
+        if times is None:
+            return False
+        key = tuple(sorted(directives.items()))
+        with self._lock:
+            seen = self._faults_seen[key]
+            self._faults_seen[key] = seen + 1
+        return seen >= times
 
     async def _immediate_fault(
         self, request: web.Request, provider: Provider, fault: str, prompt_tokens: int, stream: bool

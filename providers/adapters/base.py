@@ -15,13 +15,16 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..rules import apply_parameter_rules
 from ..tokens import prompt_tokens
 from ..types import HealthResult, ProviderConfig, ResolvedModel, UpstreamModel
 from .translate_anthropic import EventTranslator, chat_request, message_from_completion
+
+if TYPE_CHECKING:
+    from .common import BatchesAnswered
 
 
 class BaseAdapter(ABC):
@@ -91,10 +94,12 @@ class BaseAdapter(ABC):
         for event in translator.finish():
             yield WireEvent(event, None)
 
-    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         """Answer an OpenAI embeddings request (``body["model"]`` is the provider's model id) with the
-        upstream's ``list`` of embeddings and its usage. Default: not served; ``OpenAIAdapter`` overrides it
-        (Anthropic has no embeddings API)."""
+        upstream's ``list`` of embeddings and its usage. ``kept``: for a request the provider takes in several
+        calls, those this deployment answered in the request's earlier attempts, not sent again
+        (``common.in_batches``). Default: not served; ``OpenAIAdapter`` overrides it (Anthropic has no
+        embeddings API)."""
         raise ProviderBadRequestError(
             f"The provider {self.config.name!r} ({self.config.kind}) does not serve embeddings.",
             provider=self.config.name,

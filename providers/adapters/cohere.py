@@ -31,6 +31,7 @@ from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
+    BatchesAnswered,
     embedding_input_type,
     error_for_failure,
     error_for_status,
@@ -120,7 +121,7 @@ class CohereAdapter(BaseAdapter):
         if not translator.complete:
             raise stream_interrupted(self.config, "the stream ended before the model finished.") from None
 
-    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         texts = body.get("input")
         if isinstance(texts, str):
             texts = [texts]
@@ -158,7 +159,7 @@ class CohereAdapter(BaseAdapter):
             return answer
 
         # Cohere embeds at most 96 texts a call: more go in several, answered and billed as one.
-        responses = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch, counted=_billed_input_tokens)
+        responses = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch, counted=_billed_input_tokens, kept=kept)
         return embeddings_from_cohere(responses, model=body["model"], encoding=body.get("encoding_format"))
 
     async def list_models(self) -> list[UpstreamModel]:

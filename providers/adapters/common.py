@@ -202,39 +202,75 @@ def embedding_input_type(body: dict[str, Any], *, provider: str) -> str | None:
     return value
 
 
+class BatchesAnswered:
+    """The calls of one split request that a deployment has answered, kept across the request's attempts on it
+    (``in_batches``' ``kept``): a retry sends only the calls not answered yet and keeps the vectors it has (the
+    same deployment and upstream model, so one space), so that each input is embedded, and paid, at most once
+    per request. Keyed by the call's first input's position."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[list[Any], Any, Any]] = {}  # start: (inputs, result, counted)
+
+    def get(self, start: int, size: int) -> tuple[bool, Any]:
+        call = self._calls.get(start)
+        if call is None or len(call[0]) != size:
+            return False, None
+        return True, call[1]
+
+    def add(self, start: int, inputs: list[Any], result: Any, count: Any) -> None:
+        self._calls[start] = (inputs, result, count)
+
+    def answered(self) -> AnsweredCalls | None:
+        """Every call answered so far, as ``ProviderError.answered`` says them; None before the first."""
+        if not self._calls:
+            return None
+        calls = [self._calls[start] for start in sorted(self._calls)]
+        counts = [count for _, _, count in calls]
+        whole = all(isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts)
+        return AnsweredCalls(
+            inputs=tuple(item for inputs, _, _ in calls for item in inputs), tokens=sum(counts) if whole else None
+        )
+
+
 async def in_batches(
-    items: Sequence[T], size: int, call: Callable[[list[T]], Awaitable[R]], *, counted: Callable[[R], Any]
+    items: Sequence[T],
+    size: int,
+    call: Callable[[list[T]], Awaitable[R]],
+    *,
+    counted: Callable[[R], Any],
+    kept: BatchesAnswered | None = None,
 ) -> list[R]:
     """``call`` on consecutive slices of at most ``size`` of ``items`` (for a provider that embeds fewer
     inputs a call than the 2048 OpenAI's API takes), the results in the slices' order. The first failure
     cancels the calls still running and is raised as it came, so routing judges it as a single call's; a
     ``ProviderError`` carries the calls answered before it (``answered``: the provider billed them), their
-    tokens as ``counted`` reads them from a result (None, or anything but a count: not counted)."""
-    slices = [list(items[start : start + size]) for start in range(0, len(items), size)]
+    tokens as ``counted`` reads them from a result (None, or anything but a count: not counted).
+
+    ``kept``: the calls this deployment answered in the request's earlier attempts, which are not sent again;
+    each call answered now is added to it as it comes (a failure, a timeout or a cancel later keeps it), and a
+    failure's ``answered`` is then all of them."""
+    slices = [(start, list(items[start : start + size])) for start in range(0, len(items), size)]
     if len(slices) == 1:
-        return [await call(slices[0])]
+        return [await call(slices[0][1])]
+    kept = kept if kept is not None else BatchesAnswered()
     gate = asyncio.Semaphore(BATCH_CALLS_AT_ONCE)
 
-    async def gated(part: list[T]) -> R:
+    async def gated(start: int, part: list[T]) -> R:
+        done, result = kept.get(start, len(part))
+        if done:
+            return result
         async with gate:
-            return await call(part)
+            result = await call(part)
+        kept.add(start, part, result, counted(result))
+        return result
 
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(gated(part)) for part in slices]
+            tasks = [group.create_task(gated(start, part)) for start, part in slices]
     except BaseExceptionGroup as failed:
         error = failed.exceptions[0]
-        answered = [
-            (part, task.result())
-            for part, task in zip(slices, tasks, strict=True)
-            if task.done() and not task.cancelled() and task.exception() is None
-        ]
-        if answered and isinstance(error, ProviderError):
-            counts = [counted(result) for _, result in answered]
-            whole = all(isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts)
-            error.answered = AnsweredCalls(
-                inputs=tuple(item for part, _ in answered for item in part), tokens=sum(counts) if whole else None
-            )
+        if isinstance(error, ProviderError):
+            error.answered = kept.answered()
         raise error from None
     return [task.result() for task in tasks]
 

@@ -31,6 +31,7 @@ from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     EMBEDDING_INPUT_TYPES,
+    BatchesAnswered,
     embedding_input_type,
     error_for_failure,
     error_for_status,
@@ -128,7 +129,7 @@ class GeminiAdapter(BaseAdapter):
         if last is not None:
             yield WireChunk(last, None)
 
-    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         """``models.embed_content`` (``batchEmbedContents``), answered in OpenAI's shape. The Gemini API
         reports no token usage for embeddings: the response has none, and the pipeline estimates it (and
         flags the ledger row as estimated). A batch takes at most 100 texts: more go in several calls."""
@@ -156,7 +157,8 @@ class GeminiAdapter(BaseAdapter):
                 raise self.map_error(exc) from None
             return list(response.embeddings or [])
 
-        batches = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch, counted=lambda _: None)  # counts none
+        # Gemini counts no tokens: none of its calls is counted.
+        batches = await in_batches(texts, EMBED_BATCH_LIMIT, embed_batch, counted=lambda _: None, kept=kept)
         embeddings = [embedding for batch in batches for embedding in batch]
         if len(embeddings) != len(texts):
             raise ProviderError(

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .base import WireChunk
-from .common import fields_renamed
+from .common import BatchesAnswered, fields_renamed
 from .openai import OpenAIAdapter
 
 # OpenAI's name → Mistral's, for the same meaning; given under both, OpenAI's wins (``fields_renamed``).
@@ -63,8 +63,8 @@ class MistralAdapter(OpenAIAdapter):
         finally:
             await upstream.aclose()  # type: ignore[attr-defined]  # also on aclose(): the upstream stops at once
 
-    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await super().embed(fields_renamed(body, _EMBEDDING_RENAMES))
+    async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
+        return await super().embed(fields_renamed(body, _EMBEDDING_RENAMES), kept=kept)
 
 
 def _content_chunks_spelt(part: dict[str, Any]) -> bool:

@@ -29,6 +29,7 @@ from ..types import ProviderConfig, UpstreamModel
 from . import sdk_requests
 from .base import BaseAdapter, WireChunk
 from .common import (
+    BatchesAnswered,
     error_for_failure,
     error_for_status,
     http_timeout,
@@ -241,7 +242,7 @@ class OpenAIAdapter(BaseAdapter):
             state.arguments.learn(chunk, raw)
         return WireChunk(chunk, raw)
 
-    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         """One request, or several of at most ``embed_batch_limit`` inputs answered as one list, in input
         order, their usage summed (left out, for the pipeline to estimate, if any call did not count it)."""
         inputs = body.get("input")
@@ -249,7 +250,11 @@ class OpenAIAdapter(BaseAdapter):
         if limit is None or _inputs_count(inputs) <= limit:
             return await self._embed_once(body)
         responses = await in_batches(
-            inputs, limit, lambda batch: self._embed_once({**body, "input": batch}), counted=_embed_prompt_tokens
+            inputs,
+            limit,
+            lambda batch: self._embed_once({**body, "input": batch}),
+            counted=_embed_prompt_tokens,
+            kept=kept,
         )
         data = [
             {**item, "index": number * limit + item["index"]}

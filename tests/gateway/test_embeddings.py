@@ -7,7 +7,7 @@ import base64
 import json
 import math
 import struct
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 import httpx
 import openai
@@ -22,10 +22,10 @@ from billing.services.budgets import CounterRef, api_key_limits_set, period_boun
 from billing.services.counters import counter_state
 from billing.services.ledger import ledger_flush
 from llmhub.testing.openapi import validate_openai_schema
-from providers.models import CatalogModel, ModelMode, Provider, ProviderKind
-from providers.tokens import prompt_tokens
+from providers.models import CatalogModel, Deployment, ModelMode, Provider, ProviderKind
+from providers.tokens import prompt_token_bounds, prompt_tokens
 from tests.chat.conftest import ends, events_until, open_socket
-from tests.factories import ModelFactory, ProviderFactory
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -365,20 +365,77 @@ def test_a_split_request_whose_last_call_fails_is_charged_the_calls_the_provider
     assert counter_state(ref) == (record.cost, Decimal(0))  # charged what was paid, nothing left held
 
 
-def test_a_split_request_retried_after_a_later_call_failed_is_charged_the_calls_each_attempt_had_answered(
-    other_kinds,
-):
-    """A retryable failure of the second call is tried again (the model's one retry): each attempt's first call
-    was answered and paid, and the request, failed in the end, is charged both."""
-    CatalogModel.objects.filter(name="mistral-embed").update(retries=1)
+def test_a_split_request_failing_on_every_retry_pays_each_answered_call_once_within_its_budget(store, other_kinds):
+    """Each input is embedded at most once per request: a retry sends only the calls not answered yet, so the
+    second call fails four times while the first is sent and paid once. Until 5 December every attempt sent
+    both, and the failed request was charged each attempt's first call: 4 x 1,536 tokens, past the key's budget,
+    which held only what the request's 600 inputs can cost once."""
+    CatalogModel.objects.filter(name="mistral-embed").update(retries=3)
+    price = Decimal(10)  # per million input tokens: a budget's four decimal places can then hold the reservation
+    Deployment.objects.filter(model__name="mistral-embed").update(input_per_mtok=price)
     texts = [f"chunk number {i}" for i in range(600)]
     texts[-1] += " [[latency=1000]] [[fault=500]]"  # the second call's, answered after the first
+    reserved = prompt_token_bounds({"input": texts}, operation="embeddings")[0] * price / MILLION
+    budget = reserved.quantize(Decimal("0.0001"), ROUND_CEILING)  # what admission holds, and no more
+    api_key_limits_set(api_key=other_kinds.api_key, budget_usd=budget)
     with pytest.raises(openai.InternalServerError) as failed:
         other_kinds.client().embeddings.create(model="mistral-embed", input=texts, encoding_format="float")
     record = wait_for_record(failed.value.response.headers["x-request-id"])
-    assert (record.status, record.attempts, record.usage_estimated) == ("upstream_error", 2, False)
-    assert record.prompt_tokens == 2 * 3 * 512
-    assert record.cost == Decimal(record.prompt_tokens) * INPUT_PRICE / MILLION
+    assert UsageRecord.objects.filter(request_id=record.request_id).count() == 1
+    assert (record.status, record.attempts, record.usage_estimated) == ("upstream_error", 4, False)
+    assert other_kinds.upstream.stats["by_path"]["/mistral/v1/embeddings"] == 1 + 4
+    assert record.prompt_tokens == 3 * 512
+    assert record.cost == Decimal(record.prompt_tokens) * price / MILLION
+    start = period_bounds(BudgetPeriod.MONTHLY, record.created_at)[0]
+    ref = CounterRef("key", other_kinds.api_key.pk, "cost", BudgetPeriod.MONTHLY, start)
+    assert counter_state(ref) == (record.cost, Decimal(0))
+    assert record.cost <= budget
+
+
+def test_a_split_request_retried_after_a_blip_sends_only_the_unanswered_call_and_pays_every_input_once(
+    other_kinds,
+):
+    """The first call is answered, the second fails once: the retry sends the second alone and keeps the first's
+    vectors (the same deployment and upstream model: one space). Until 5 December the retry embedded all 600
+    again, and the request paid for one of the two embeddings of the first 512 the provider billed."""
+    CatalogModel.objects.filter(name="mistral-embed").update(retries=1)
+    texts = [f"chunk number {i}" for i in range(600)]
+    texts[-1] += " [[latency=1000]] [[fault=500]] [[fault_times=1]]"
+    client = other_kinds.client()
+    raw = client.embeddings.with_raw_response.create(model="mistral-embed", input=texts, encoding_format="float")
+    body = json.loads(raw.http_response.text)
+    validate_openai_schema(body, "CreateEmbeddingResponse")
+    assert other_kinds.upstream.stats["by_path"]["/mistral/v1/embeddings"] == 1 + 2
+    sent = [len(r["body"]["input"]) for r in other_kinds.upstream.requests if r["path"].endswith("/embeddings")]
+    assert sorted(sent) == [88, 88, 512]  # every input embedded once, the failed call's sent again
+    assert [item["index"] for item in body["data"]] == list(range(600))
+    for index in (0, 511, 512, 599):
+        alone = client.embeddings.create(model="mistral-embed", input=texts[index], encoding_format="float")
+        assert body["data"][index]["embedding"] == alone.data[0].embedding
+    record = wait_for_record(raw.headers["x-request-id"])
+    words = sum(len(text.split()) for text in texts)
+    assert (record.status, record.attempts, record.usage_estimated) == ("ok", 2, False)
+    assert record.prompt_tokens == body["usage"]["prompt_tokens"] == words
+
+
+def test_a_split_request_partly_answered_is_retried_on_the_deployment_that_answered(other_kinds):
+    """Another deployment would embed every input again, and in another space if its upstream model differed:
+    once a deployment has answered part of a request, the retries go to it alone. Until 5 December the retry
+    went to the model's other deployment, which embedded all 600 again."""
+    model = CatalogModel.objects.get(name="mistral-embed")
+    CatalogModel.objects.filter(pk=model.pk).update(retries=1)
+    first = model.deployments.get()
+    DeploymentFactory(
+        model=model, provider=first.provider, name="second", upstream_id=first.upstream_id, input_per_mtok=INPUT_PRICE
+    )
+    texts = [f"chunk number {i}" for i in range(600)]
+    texts[-1] += " [[latency=1000]] [[fault=500]]"
+    with pytest.raises(openai.InternalServerError) as failed:
+        other_kinds.client().embeddings.create(model="mistral-embed", input=texts, encoding_format="float")
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    sent = [len(r["body"]["input"]) for r in other_kinds.upstream.requests if r["path"].endswith("/embeddings")]
+    assert sorted(sent) == [88, 88, 512]
+    assert (record.status, record.attempts, record.prompt_tokens) == ("upstream_error", 2, 3 * 512)
 
 
 def test_an_embedding_model_of_a_provider_without_embeddings_is_an_error_with_its_row(embedder):

@@ -756,6 +756,22 @@ def test_fault_selection_priority(upstream: FakeUpstream, oai: openai.OpenAI) ->
     assert upstream.stats["by_model"] == {"fault-429": 3, "fake-gpt-4o": 1}
 
 
+def test_a_fault_with_times_hits_that_many_requests_then_they_are_answered(
+    upstream: FakeUpstream, oai: openai.OpenAI
+) -> None:
+    # A provider's blip: the requests carrying these markers fail twice, then succeed; other markers count apart.
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            oai.embeddings.create(model="m", input="a [[fault=500]] [[fault_times=2]]", encoding_format="float")
+    assert oai.embeddings.create(model="m", input="b [[fault=500]] [[fault_times=2]]", encoding_format="float").data
+    with pytest.raises(openai.RateLimitError):
+        oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi [[fault=429]] [[fault_times=1]]"))
+    assert oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi [[fault=429]] [[fault_times=1]]"))
+    upstream.reset()  # counted from zero again
+    with pytest.raises(openai.RateLimitError):
+        oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi [[fault=429]] [[fault_times=1]]"))
+
+
 def test_hang_times_out(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
     with pytest.raises(openai.APITimeoutError):
         oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[fault=hang]]"), timeout=0.3)
