@@ -14,7 +14,8 @@ likely size (the prompt at the ledger's estimate, ``budgets.window_tokens_likely
 The x-ratelimit-* headers follow OpenAI's names and duration format; ``reset`` is the time until the window's
 oldest entry leaves it, i.e. until ``remaining`` rises. The Messages API's answers also carry
 Anthropic's names (``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``), whose ``reset`` is that
-moment as an RFC 3339 time. A 429 carries both dimensions too, as OpenAI's do (``rate_limit_error``). The tokens
+moment as an RFC 3339 time. A 429 carries both dimensions too, as OpenAI's do (``rate_limit_error``): the refused
+one's ``remaining`` as it is, its ``reset`` the wait until the request fits (``Retry-After``). The tokens
 window counts input and output together: there are no ``input-tokens``/``output-tokens`` headers, as no limit
 of ours splits them.
 """
@@ -164,7 +165,9 @@ def rate_limit_error(
 
     ``states``: every scope's windows as the refusal found them (the request not counted). The answer carries
     both dimensions' headers, as OpenAI's 429s do: the other dimension's as they are (of the scope with the
-    least room left, as on an admission), the refused one's with ``remaining`` 0 until its ``reset``, the wait."""
+    least room left, as on an admission), the refused one's with the ``remaining`` it has (``limit - used``: a
+    request larger than what is left is refused with room still in the window) and its ``reset`` the wait, when
+    this request fits."""
     name = "requests" if dimension == "requests" else "tokens"
     retry_after: int | None = None
     if limit <= 0:
@@ -189,7 +192,7 @@ def rate_limit_error(
             f"Rate limit reached for {name} per minute on {spec.where}: limit {limit:,}, used {used:,}, "
             f"requested {requested:,}. Please try again in {format_reset(retry_ms)}."
         )
-    window = WindowState(limit=limit, remaining=0, reset_ms=retry_ms)
+    window = WindowState(limit=limit, remaining=max(limit - used, 0), reset_ms=retry_ms)
     headers = {**ratelimit_headers(states), **_headers_for(name, window)}
     if retry_after is None:
         headers.update(NO_RETRY)  # no wait lifts it: the SDKs would send it again twice for the same answer

@@ -379,11 +379,12 @@ async def test_anthropics_reset_is_the_moment_the_next_request_is_admitted(store
     assert third.anthropic_headers["anthropic-ratelimit-requests-remaining"] == "0"  # a1 and a3 in the window
 
 
-async def test_a_429_carries_both_dimensions_the_refused_one_at_zero(store, account, period_clock):
+async def test_a_429_carries_both_dimensions_as_they_stand(store, account, period_clock):
     """OpenAI sends the requests and the tokens headers together on every answer, 429s included, and clients'
     backoff code reads both: a refusal for one dimension says the other's true state too (``remaining`` as it
-    is, nothing of the refused request counted), and the refused dimension's ``remaining`` is 0 until its
-    ``reset``, the wait. In Anthropic's names as well."""
+    is, nothing of the refused request counted), and the refused dimension's ``remaining`` is what it has left
+    (50 tokens, too few for a request of 60: until 5 December it said 0, as if the window were spent), its
+    ``reset`` the wait until the request fits. In Anthropic's names as well."""
     import time_machine
 
     from billing.services.ratelimits import format_reset_at
@@ -396,7 +397,7 @@ async def test_a_429_carries_both_dimensions_the_refused_one_at_zero(store, acco
     headers = by_tokens.value.extra["headers"]
     assert {name: value for name, value in headers.items() if name.startswith("x-ratelimit")} == {
         "x-ratelimit-limit-tokens": "100",
-        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-remaining-tokens": "50",  # b0's 50 of 100
         "x-ratelimit-reset-tokens": "40s",  # when b0 leaves the window: the wait
         "x-ratelimit-limit-requests": "2",
         "x-ratelimit-remaining-requests": "1",  # b0 alone: the refused request took no slot
@@ -405,7 +406,7 @@ async def test_a_429_carries_both_dimensions_the_refused_one_at_zero(store, acco
     reset_at = format_reset_at(int(period_clock.timestamp() * 1000) + 60_000)
     assert by_tokens.value.extra["anthropic_headers"] == {
         "anthropic-ratelimit-tokens-limit": "100",
-        "anthropic-ratelimit-tokens-remaining": "0",
+        "anthropic-ratelimit-tokens-remaining": "50",
         "anthropic-ratelimit-tokens-reset": reset_at,
         "anthropic-ratelimit-requests-limit": "2",
         "anthropic-ratelimit-requests-remaining": "1",

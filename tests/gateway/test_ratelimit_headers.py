@@ -5,6 +5,7 @@ the Messages API."""
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 
 import anthropic
@@ -100,6 +101,36 @@ def test_a_429_through_the_openai_sdk_carries_the_requests_and_the_tokens_header
     # What the first request used, once settled, is what the tokens window still holds.
     assert int(headers["x-ratelimit-remaining-tokens"]) >= int(served.headers["x-ratelimit-remaining-tokens"])
     assert headers["x-ratelimit-reset-tokens"] == "1m0s"
+
+
+def test_a_request_too_large_for_the_tokens_left_is_told_the_real_remaining(gateway):
+    """The first request's 500-word reply leaves some 490 of the key's 1,000 tokens a minute: the next, which asks
+    for 600, is refused, and its 429 says what is left (until 5 December it said 0, as if the window were spent),
+    with the wait until it fits in Retry-After and the reset: the first request's minute. Both SDKs, both names."""
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, tpm=1000)
+    client = gateway.client()
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    with time_machine.travel(datetime(2026, 12, 5, 12, 0, tzinfo=UTC), tick=False):
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "[[words=500]]"}], max_tokens=600
+        )
+        with pytest.raises(openai.RateLimitError) as by_openai:
+            client.chat.completions.create(model="gpt-test", messages=HELLO, max_tokens=600)
+        with pytest.raises(anthropic.RateLimitError) as by_anthropic:
+            sdk.messages.create(model="claude-test", max_tokens=600, messages=HELLO)
+
+    for refused in (by_openai.value, by_anthropic.value):
+        headers = refused.response.headers
+        message = refused.body["error"]["message"] if "error" in refused.body else refused.body["message"]
+        used = int(re.search(r"used ([\d,]+)", message).group(1).replace(",", ""))
+        assert 500 <= used < 1000, message  # the first request's real use, settled
+        assert headers["x-ratelimit-limit-tokens"] == "1000"
+        assert headers["x-ratelimit-remaining-tokens"] == str(1000 - used)
+        assert (headers["retry-after"], headers["retry-after-ms"]) == ("60", "60000")  # when the first leaves
+        assert headers["x-ratelimit-reset-tokens"] == "1m0s"
+    limited = by_anthropic.value.response.headers
+    assert limited["anthropic-ratelimit-tokens-remaining"] == limited["x-ratelimit-remaining-tokens"]
+    assert limited["anthropic-ratelimit-tokens-reset"] == "2026-12-05T12:01:00.000Z"
 
 
 def test_chat_completions_keep_openais_names_alone(gateway):
