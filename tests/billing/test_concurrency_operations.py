@@ -26,7 +26,7 @@ from billing.services.budgets import CounterRef, api_key_limits_set, period_boun
 from billing.services.counters import counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
-from providers.models import CatalogModel, ModelMode, ProviderKind
+from providers.models import BreakerOverride, CatalogModel, Deployment, ModelMode, ProviderKind
 from providers.tokens import prompt_token_bounds
 from tests.billing.test_concurrency import two_servers  # noqa: F401  (the fixture)
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
@@ -73,6 +73,9 @@ def racer(catalog, fake_upstream):
         output_per_mtok=Decimal("0"),
         retries=1,
     )
+    # 24 requests whose first calls all fail are enough to open the breaker, whose 503 is not what this test is
+    # about: the embedder's deployment stays a candidate.
+    Deployment.objects.filter(model__name="embedder").update(breaker_override=BreakerOverride.CLOSED)
     ModelFactory(
         name="splitter",
         provider=ProviderFactory(
