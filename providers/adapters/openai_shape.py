@@ -181,8 +181,9 @@ def completion_conform(
     if not isinstance(completion.get("model"), str):
         completion["model"] = model
     choices = completion.get("choices")
-    if not isinstance(choices, list):
-        completion["choices"] = choices = []
+    if not isinstance(choices, list) or not choices:
+        # Nothing answered: relayed, a 200 with an empty answer, taken by the client (and billed) as the model's.
+        raise MalformedReply("no choices")
     for position, choice in enumerate(choices):
         if not isinstance(choice, dict):
             raise MalformedReply("a choice that is not an object")

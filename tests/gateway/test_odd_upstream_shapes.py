@@ -372,3 +372,24 @@ def test_an_sse_event_of_another_type_is_read_as_a_chunk(gateway):
     assert done
     assert_valid_stream(events, done)
     assert record.status == UsageStatus.OK
+
+
+# Replies with nothing to answer -------------------------------------------------------------------------------------
+
+NO_CHOICES = {"choices empty": [], "choices null": None, "choices an object": {"index": 0}, "choices missing": ...}
+
+
+@pytest.mark.parametrize("choices", NO_CHOICES.values(), ids=NO_CHOICES)
+def test_a_whole_reply_without_choices_is_a_malformed_reply(gateway, choices):
+    """Before: a 200 with an empty answer (``"choices": []``), recorded as answered."""
+    answer = completion()
+    if choices is ...:
+        del answer["choices"]
+    else:
+        answer["choices"] = choices
+    response, record = whole(gateway, answer)
+    assert response.status_code == 502, response.text
+    body = response.json()["error"]
+    assert body["code"] == "upstream_error" and "something other than a chat completion" in body["message"]
+    assert_sane_row(record)
+    assert (record.status, record.cost) == (UsageStatus.UPSTREAM_ERROR, 0)

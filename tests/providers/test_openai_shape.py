@@ -80,7 +80,7 @@ def test_a_bare_completion_is_completed():
 
 
 def test_a_null_usage_in_a_completion_is_dropped():
-    completion = {"id": "x", "choices": [], "usage": None}
+    completion = {"id": "x", "choices": [{"message": {"content": "hi"}}], "usage": None}
 
     completion_conform(completion, model="m")
 
