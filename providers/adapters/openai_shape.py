@@ -152,7 +152,11 @@ def _conform_tool_calls(calls: Any, *, streamed: bool) -> None:
             call.setdefault("type", "function")
             if type(call.get("id")) is not str:
                 call["id"] = "call_" + uuid.uuid4().hex[:24]
-            _whole_function_mended(call.get("function"))
+            if call["type"] == "custom" and type(call.get("custom")) is dict:
+                continue  # a custom tool's call (its text ``input``), which OpenAI answers a custom tool with
+            if call.get("function") is None:
+                raise MalformedReply("a tool call without its function")
+            _whole_function_mended(call["function"])
 
 
 def _whole_function_mended(function: Any) -> None:

@@ -252,6 +252,12 @@ MALFORMED_MESSAGES = {
     "content a number": {"role": "assistant", "content": 5},
     "tool_calls not a list": {"role": "assistant", "content": None, "tool_calls": "x"},
     "a tool call not an object": {"role": "assistant", "content": None, "tool_calls": ["x"]},
+    "a tool call without its function": {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
+    "a tool call's function null": {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c", "type": "function", "function": None}],
+    },
     "a tool call's arguments an object": {
         "role": "assistant",
         "content": None,
@@ -393,3 +399,13 @@ def test_a_whole_reply_without_choices_is_a_malformed_reply(gateway, choices):
     assert body["code"] == "upstream_error" and "something other than a chat completion" in body["message"]
     assert_sane_row(record)
     assert (record.status, record.cost) == (UsageStatus.UPSTREAM_ERROR, 0)
+
+
+def test_a_whole_replys_custom_tool_call_is_relayed(gateway):
+    """Already right, and kept so: a custom tool's call has no ``function``, and is no malformed reply."""
+    call = {"id": "call_1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** Begin Patch"}}
+    response, record = whole(gateway, completion({"role": "assistant", "content": None, "tool_calls": [call]}))
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert response.json()["choices"][0]["message"]["tool_calls"] == [call]
+    assert record.status == UsageStatus.OK
