@@ -138,6 +138,66 @@ def _conform_usage(holder: dict[str, Any], *, nullable: bool) -> None:
     completion = usage.setdefault("completion_tokens", 0)
     if "total_tokens" not in usage:
         usage["total_tokens"] = (prompt if _is_int(prompt) else 0) + (completion if _is_int(completion) else 0)
+    for name in _DETAILS:
+        if name in usage:
+            _details_mended(usage, name)
+
+
+# The breakdowns of a usage, and the counts in them (OpenAI's schema types each an integer; ``cache_write_1h_tokens``
+# is ours: Anthropic's 1-hour cache writes, ``openai_usage``). Any other field of a breakdown is left as it came.
+_DETAILS = ("prompt_tokens_details", "completion_tokens_details")
+_DETAIL_COUNTS = frozenset(
+    {
+        "cached_tokens",
+        "cache_write_tokens",
+        "cache_write_1h_tokens",
+        "audio_tokens",
+        "image_tokens",
+        "text_tokens",
+        "reasoning_tokens",
+        "accepted_prediction_tokens",
+        "rejected_prediction_tokens",
+    }
+)
+
+
+def _details_mended(usage: dict[str, Any], name: str) -> None:
+    """A usage's breakdown as OpenAI's schema has it, in place: a count spelt as an integer's text or an integral
+    float is that integer; one nobody can read as a count (another text, a fraction, a negative, null) is left out,
+    as is a breakdown that is not an object."""
+    details = usage[name]
+    if type(details) is not dict:
+        del usage[name]
+        return
+    for key in [key for key in details if key in _DETAIL_COUNTS]:
+        count = _count_read(details[key])
+        if count is None:
+            del details[key]
+        else:
+            details[key] = count
+
+
+def _count_read(value: Any) -> int | None:
+    """``value`` as a count billing can believe, or None."""
+    if type(value) is str:
+        text = value.strip()
+        value = int(text) if text.isascii() and text.isdigit() else None
+    elif type(value) is float and value.is_integer():
+        value = int(value)
+    return value if _is_count(value) else None
+
+
+def _details_valid(usage: dict[str, Any]) -> bool:
+    for name in _DETAILS:
+        if name not in usage:
+            continue
+        details = usage[name]
+        if type(details) is not dict:
+            return False
+        for key, count in details.items():
+            if key in _DETAIL_COUNTS and not _is_count(count):
+                return False
+    return True
 
 
 def _conform_tool_calls(calls: Any, *, streamed: bool) -> None:
@@ -326,6 +386,7 @@ def _usage_valid(usage: Any) -> bool:
         and "completion_tokens" in usage
         and "total_tokens" in usage
         and _usage_counts(usage)
+        and _details_valid(usage)
     )
 
 

@@ -409,3 +409,44 @@ def test_a_whole_replys_custom_tool_call_is_relayed(gateway):
     validate_openai_schema(response.json(), "CreateChatCompletionResponse")
     assert response.json()["choices"][0]["message"]["tool_calls"] == [call]
     assert record.status == UsageStatus.OK
+
+
+# Usage details ------------------------------------------------------------------------------------------------------
+
+ODD_DETAILS = {
+    "prompt_tokens_details": {"cached_tokens": "3", "audio_tokens": -1, "image_tokens": None, "text_tokens": "x"},
+    "completion_tokens_details": {"reasoning_tokens": 1.5, "audio_tokens": "2.5", "accepted_prediction_tokens": 2.0},
+}
+# What is left of them: the integers a string or a float spelt, the rest dropped.
+READ_DETAILS = {
+    "prompt_tokens_details": {"cached_tokens": 3},
+    "completion_tokens_details": {"accepted_prediction_tokens": 2},
+}
+
+
+@pytest.mark.parametrize(
+    ("details", "read"),
+    [
+        (ODD_DETAILS, READ_DETAILS),
+        ({"prompt_tokens_details": "3", "completion_tokens_details": [1]}, {}),
+        ({"prompt_tokens_details": None, "completion_tokens_details": None}, {}),
+    ],
+    ids=["counts of other types", "details of other types", "details null"],
+)
+def test_usage_details_of_other_types_are_read_as_integers_or_dropped(gateway, details, read):
+    """Before: relayed as they came, which OpenAI's schema refuses (its details' counts are integers), and a cached
+    count spelt as a string was not billed as cached."""
+    usage = {**USAGE, **details}
+    response, record = whole(gateway, completion(usage=usage))
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert response.json()["usage"] == {**USAGE, **read}
+    assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == (5, 2, False)
+    assert record.cached_tokens == read.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    events, done, record = streamed(gateway, stream_around(chunk({"content": " world"}), usage=usage))
+    assert done
+    assert_valid_stream(events, done)
+    assert [event["usage"] for event in events if event.get("usage")] == [{**USAGE, **read}]
+    assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == (5, 2, False)
+    assert record.cached_tokens == read.get("prompt_tokens_details", {}).get("cached_tokens", 0)

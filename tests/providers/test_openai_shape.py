@@ -128,9 +128,16 @@ _CHOICE = st.fixed_dictionaries(
         "finish_reason": _odd(st.sampled_from(["stop", "length", "tool_calls"])),
     },
 )
+_BREAKDOWN = st.fixed_dictionaries(
+    {}, optional={name: _odd(st.integers(0, 2**40)) for name in ("cached_tokens", "reasoning_tokens", "audio_tokens")}
+)
 _COUNTS = st.fixed_dictionaries(
     {},
-    optional={name: _odd(st.integers(0, 2**40)) for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    optional={
+        **{name: _odd(st.integers(0, 2**40)) for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "prompt_tokens_details": _odd(_BREAKDOWN),
+        "completion_tokens_details": _odd(_BREAKDOWN),
+    },
 )
 _REPLY = st.fixed_dictionaries(
     {},
@@ -166,6 +173,10 @@ def test_any_chunk_is_malformed_or_read_as_openais_types(chunk):
         assert type(choice["finish_reason"]) in (str, type(None))
     if chunk.get("usage") is not None:
         assert _is_count(chunk["usage"]["prompt_tokens"]) and _is_count(chunk["usage"]["completion_tokens"])
+        for name in ("prompt_tokens_details", "completion_tokens_details"):
+            details = chunk["usage"].get(name, {})
+            known = ("cached_tokens", "reasoning_tokens", "audio_tokens")
+            assert type(details) is dict and all(_is_count(details[key]) for key in known if key in details)
     translator = EventTranslator()
     translator.feed(chunk)
     translator.finish()
