@@ -1264,9 +1264,11 @@ class CompletionRun:
             await self._reply_check(_completion_text(response), _completion_arguments(response))
         response["model"] = self.answered_by.name
         if self.result is not None and self.result.usage_estimated:
-            # What the request was charged, which OpenAI's clients read (the upstream reported none it could read).
+            # What the request was charged, which OpenAI's clients read (the upstream reported none it could read,
+            # or left one of its counts out: its breakdowns stay).
             prompt, completion = self.result.prompt_tokens, self.result.completion_tokens
             response["usage"] = {
+                **(_mapping(response.get("usage")) or {}),
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "total_tokens": prompt + completion,
@@ -1310,8 +1312,12 @@ class CompletionRun:
         text: list[str] = []  # the reply's text alone: what a resumed attempt is given as its prefill
         finish_reason: str | None = None
         calls_streamed = False
-        # Completion tokens of the parts delivered by attempts that failed midway, before a resume.
+        # Completion tokens of the parts delivered by attempts that failed midway, before a resume; and where in
+        # ``delivered`` the attempt relayed now began.
         earlier_tokens = 0
+        attempt_began = 0
+        # The upstream's usage left one of its counts out, which the client was told as the estimate it is charged.
+        usage_filled = False
         guard = self._reply_guard()  # the output check: each piece is fed to it before it is relayed
         # What it reads: the reply and the model's reasoning, which every client shows (the chat page too).
         checked = _chunk_pieces
@@ -1345,7 +1351,7 @@ class CompletionRun:
                 output_arrived=output_arrived or bool(delivered),
                 finish_reason=finish_reason,
                 error_type=call.error_type,
-                usage_partly_estimated=bool(earlier_tokens),
+                usage_partly_estimated=bool(earlier_tokens) or usage_filled,
             )
 
         def arrived(chunk: WireChunk) -> None:
@@ -1388,6 +1394,9 @@ class CompletionRun:
                                     calls_streamed = True  # a call the client holds part of: no prefill ends it
                                 if choice.get("finish_reason"):
                                     finish_reason = choice["finish_reason"]
+                            if chunk_usage and self._usage_completed(chunk_usage, "".join(delivered[attempt_began:])):
+                                chunk.raw = None
+                                usage_filled = True
                             if not wants_usage and chunk_usage:
                                 if not chunk.get("choices"):
                                     continue
@@ -1403,6 +1412,7 @@ class CompletionRun:
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(delivered))
+                        attempt_began = len(delivered)
                         usage = {}
                         first, upstream = await self._call(once_with("".join(text)), exclude=failed)
             finally:
@@ -1410,6 +1420,20 @@ class CompletionRun:
                     guard.close()
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
+
+    def _usage_completed(self, usage: dict[str, Any], delivered_text: str) -> bool:
+        """Fill in, in place, the count an upstream's usage left out (``prompt_tokens`` or ``completion_tokens``)
+        with the estimate settlement charges for it (``settlement_tokens``, from the same body and the text this
+        attempt relayed), and its total; True when it did. A usage that counts both is left as it came."""
+        if type(usage.get("prompt_tokens")) is int and type(usage.get("completion_tokens")) is int:
+            return False
+        prompt, completion, _, _, estimated = settlement_tokens(
+            operation=self.operation, body=self.body, status=UsageStatus.OK, usage=usage, delivered_text=delivered_text
+        )
+        if not estimated:
+            return False
+        usage.update(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return True
 
     def _usage_estimated(self, opening: WireChunk, name: str, delivered_text: str) -> WireChunk:
         """The usage chunk owed to a client that asked for one (``stream_options.include_usage``) when the

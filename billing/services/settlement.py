@@ -63,7 +63,17 @@ def settlement_tokens(
     costs nothing and is not an estimate."""
     reported = _reported(usage, operation)
     if reported is not None:
-        return (*reported, False)
+        prompt, completion, cached, written = reported
+        if operation == Operation.EMBEDDINGS:
+            return prompt or 0, 0, cached, written, False
+        # A usage that counts one of the two and leaves the other out (or unreadable): that one is estimated, as
+        # a request without usage is, rather than charged as nothing.
+        estimated = prompt is None or completion is None
+        if prompt is None:
+            prompt = prompt_tokens(body, operation=operation)
+        if completion is None:
+            completion = text_tokens(delivered_text)
+        return prompt, completion, cached, written, estimated
     if operation == Operation.EMBEDDINGS:
         if status == UsageStatus.OK:
             return prompt_tokens(body, operation=operation), 0, 0, 0, True
@@ -84,12 +94,13 @@ def answered_calls_usage(answered: Sequence[AnsweredCalls]) -> tuple[dict[str, i
     return {"prompt_tokens": tokens, "total_tokens": tokens}, bool(uncounted)
 
 
-def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int, int, int] | None:
+def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int | None, int | None, int, int] | None:
     """OpenAI-shaped usage (``prompt_tokens``, ``completion_tokens``, ``prompt_tokens_details.cached_tokens``
     and ``.cache_write_tokens``, both counted in ``prompt_tokens``: what ``openai_usage`` makes of Anthropic's
     ``cache_read_input_tokens`` and ``cache_creation_input_tokens``), or None when it counts nothing usable: an
-    embeddings usage must count the input, a chat usage the prompt or the completion. A count that is not a
-    non-negative integer a ledger row can hold (``COUNT_MAX``) is no count."""
+    embeddings usage must count the input, a chat usage the prompt or the completion (the other None when it
+    does not count it). A count that is not a non-negative integer a ledger row can hold (``COUNT_MAX``) is no
+    count."""
     if not usage:
         return None
     prompt = _count(usage.get("prompt_tokens"))
@@ -101,7 +112,7 @@ def _reported(usage: Mapping[str, Any] | None, operation: str) -> tuple[int, int
         details = {}
     cached = _count(details.get("cached_tokens"))
     written = _count(details.get("cache_write_tokens"))
-    return prompt or 0, completion or 0, cached or 0, written or 0
+    return prompt, completion, cached or 0, written or 0
 
 
 def _written_1h(usage: Mapping[str, Any] | None, written: int) -> int:

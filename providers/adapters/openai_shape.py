@@ -129,15 +129,19 @@ def _conform_usage(holder: dict[str, Any], *, nullable: bool) -> None:
         if "usage" in holder and not nullable:
             del holder["usage"]  # a completion's usage is an object or absent, never null
         return
+    if isinstance(usage, dict):
+        for name in _COUNT_NAMES:
+            if name in usage and usage[name] is None:
+                del usage[name]  # a null count is one not given
     if not isinstance(usage, dict) or not _usage_counts(usage):
         # Not a usage at all, or one whose counts are of another type or none: the schema's types could only be
         # met by making counts up, which billing would take for the provider's. Left out, the request is counted.
         del holder["usage"]
         return
-    prompt = usage.setdefault("prompt_tokens", 0)
-    completion = usage.setdefault("completion_tokens", 0)
-    if "total_tokens" not in usage:
-        usage["total_tokens"] = (prompt if _is_int(prompt) else 0) + (completion if _is_int(completion) else 0)
+    if "prompt_tokens" in usage and "completion_tokens" in usage:
+        usage.setdefault("total_tokens", usage["prompt_tokens"] + usage["completion_tokens"])
+    # One of the two counts left out stays so: settlement estimates it (a 0 would bill the prompt or the reply as
+    # nothing), and the pipeline fills in, for the client, what the request was charged.
     for name in _DETAILS:
         if name in usage:
             _details_mended(usage, name)
@@ -390,9 +394,12 @@ def _usage_valid(usage: Any) -> bool:
     )
 
 
+_COUNT_NAMES = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def _usage_counts(usage: dict[str, Any]) -> bool:
     """Whether ``usage`` counts something, and every count it has is a non-negative integer billing can believe."""
-    counts = [usage[name] for name in ("prompt_tokens", "completion_tokens", "total_tokens") if name in usage]
+    counts = [usage[name] for name in _COUNT_NAMES if name in usage]
     return ("prompt_tokens" in usage or "completion_tokens" in usage) and all(_is_count(count) for count in counts)
 
 

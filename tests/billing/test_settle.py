@@ -69,6 +69,24 @@ def test_a_usage_that_counts_nothing_usable_is_no_usage(usage):
     assert tokens(usage=usage, delivered="abcdefgh")[1:] == (2, 0, 0, True)
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 120},
+        {"prompt_tokens": 120, "completion_tokens": None, "total_tokens": 120},
+        {"completion_tokens": 2},
+        {"prompt_tokens": "120", "completion_tokens": 2},
+    ],
+)
+def test_a_usage_that_counts_one_of_the_two_has_the_other_estimated_and_flagged(usage):
+    """Before, the count left out was charged as 0 (a reply billed no completion, or no prompt), not flagged."""
+    delivered = "Once upon a time, on a rock at sea, "
+    given = {name: count for name, count in usage.items() if type(count) is int}
+    prompt = given.get("prompt_tokens", prompt_tokens(CHAT, operation=Operation.CHAT))
+    completion = given.get("completion_tokens", text_tokens(delivered))
+    assert tokens(usage=usage, delivered=delivered) == (prompt, completion, 0, 0, True)
+
+
 def test_a_request_that_produced_nothing_costs_nothing_and_is_no_estimate():
     for status in (UsageStatus.OK, UsageStatus.UPSTREAM_ERROR, UsageStatus.CANCELLED):
         assert tokens(status=status) == (0, 0, 0, 0, False)

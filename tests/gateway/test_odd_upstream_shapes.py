@@ -450,3 +450,43 @@ def test_usage_details_of_other_types_are_read_as_integers_or_dropped(gateway, d
     assert [event["usage"] for event in events if event.get("usage")] == [{**USAGE, **read}]
     assert (record.prompt_tokens, record.completion_tokens, record.usage_estimated) == (5, 2, False)
     assert record.cached_tokens == read.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+
+# Usage with one count missing ---------------------------------------------------------------------------------------
+
+HALF_USAGES = {
+    "completion missing": {"prompt_tokens": 5},
+    "completion missing, total given": {"prompt_tokens": 5, "total_tokens": 5},
+    "prompt missing": {"completion_tokens": 2},
+    "prompt null": {"prompt_tokens": None, "completion_tokens": 2, "total_tokens": 2},
+}
+
+
+def _charged_usage(record: UsageRecord) -> dict[str, int]:
+    prompt, completion = record.prompt_tokens, record.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@pytest.mark.parametrize("usage", HALF_USAGES.values(), ids=HALF_USAGES)
+def test_a_usage_with_one_count_missing_has_it_estimated_and_flagged(gateway, usage):
+    """Before: the missing count was billed 0 (a reply charged no completion, or no prompt) and not flagged as an
+    estimate; the client read that 0 in its usage."""
+    given = {name: count for name, count in usage.items() if type(count) is int and name != "total_tokens"}
+
+    response, record = whole(gateway, completion(usage=dict(usage)))
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert_sane_row(record)
+    assert record.usage_estimated
+    assert record.completion_tokens == given.get("completion_tokens", text_tokens("Hello there"))
+    assert record.prompt_tokens == given.get("prompt_tokens", record.prompt_tokens) and record.prompt_tokens > 0
+    assert response.json()["usage"] == _charged_usage(record)
+
+    events, done, record = streamed(gateway, stream_around(chunk({"content": " world"}), usage=dict(usage)))
+    assert done
+    assert_valid_stream(events, done)
+    assert_sane_row(record)
+    assert record.usage_estimated
+    assert record.completion_tokens == given.get("completion_tokens", text_tokens("Hello world"))
+    assert record.prompt_tokens == given.get("prompt_tokens", record.prompt_tokens) and record.prompt_tokens > 0
+    assert [event["usage"] for event in events if event.get("usage")] == [_charged_usage(record)]

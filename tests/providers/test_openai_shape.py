@@ -35,13 +35,24 @@ def test_a_valid_chunk_is_left_exactly_as_it_came():
 def test_later_chunks_get_the_first_chunks_id_and_timestamp():
     shape = StreamShape("up-model")
     shape.conform(copy.deepcopy(VALID_CHUNK))
-    bare = {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": "{}"}}]}}], "usage": {"prompt_tokens": 3}}
+    bare = {
+        "choices": [{"delta": {"tool_calls": [{"function": {"arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
 
     assert shape.conform(bare) is False
     validate_openai_schema(bare, "CreateChatCompletionStreamResponse")
     assert (bare["id"], bare["created"], bare["model"]) == ("chatcmpl-1", 1700000000, "up-model")
     assert bare["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
-    assert bare["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert bare["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+
+
+def test_a_usage_that_leaves_a_count_out_is_left_so_for_settlement_to_estimate():
+    """Before, the count left out was filled in as 0, and billed so. The pipeline fills in what it charged."""
+    chunk = {**copy.deepcopy(VALID_CHUNK), "usage": {"prompt_tokens": 3, "completion_tokens": None}}
+
+    assert StreamShape("m").conform(chunk) is False
+    assert chunk["usage"] == {"prompt_tokens": 3}
 
 
 def test_a_stream_without_ids_makes_one_up_for_all_its_chunks():
@@ -172,7 +183,9 @@ def test_any_chunk_is_malformed_or_read_as_openais_types(chunk):
         assert type(choice["delta"].get("content")) in (str, type(None))
         assert type(choice["finish_reason"]) in (str, type(None))
     if chunk.get("usage") is not None:
-        assert _is_count(chunk["usage"]["prompt_tokens"]) and _is_count(chunk["usage"]["completion_tokens"])
+        # Both counts, or one (settlement estimates the other): never a count billing cannot believe.
+        counts = [chunk["usage"][name] for name in ("prompt_tokens", "completion_tokens") if name in chunk["usage"]]
+        assert counts and all(_is_count(count) for count in counts)
         for name in ("prompt_tokens_details", "completion_tokens_details"):
             details = chunk["usage"].get(name, {})
             known = ("cached_tokens", "reasoning_tokens", "audio_tokens")
@@ -191,6 +204,11 @@ def test_any_whole_reply_is_malformed_or_read_as_openais_types(reply):
         completion_conform(reply, model="m")
     except MalformedReply:
         return
+    usage = reply.get("usage")
+    if usage is not None and not ("prompt_tokens" in usage and "completion_tokens" in usage):
+        # A count left out is settlement's to estimate, and the pipeline's to fill in (test_odd_upstream_shapes).
+        assert all(_is_count(usage[name]) for name in ("prompt_tokens", "completion_tokens") if name in usage)
+        del reply["usage"]
     if _finishes_known(reply):
         validate_openai_schema(reply, "CreateChatCompletionResponse")
     message_from_completion(reply)
