@@ -777,6 +777,14 @@ def _misconfigured(exc: ProviderError) -> bool:
     return isinstance(exc, (ProviderAuthenticationError, ProviderNotFoundError))
 
 
+def _not_again(exc: ProviderError) -> bool:
+    """Whether the deployment that failed so is left out for the rest of the request, and the next one tried at
+    once, with no backoff: its own set-up (``_misconfigured``), or a reply that is no reply of its protocol
+    (``ProviderError.malformed``: not JSON, no choices, fields of types no fill can mend), which the same
+    deployment asked again at once would answer again."""
+    return _misconfigured(exc) or exc.malformed
+
+
 def _request_at_fault(exc: ProviderError, served: ResolvedModel | None = None) -> bool:
     """Whether a failure is the request's own doing and says nothing of the provider: a request found wrong
     (the provider's 400, context length, a translation refusing a field before any call, moderation
@@ -1075,7 +1083,7 @@ class CompletionRun:
                     skipped += 1
                     continue
                 skipped = 0
-                if last is not None and not _misconfigured(last):
+                if last is not None and not _not_again(last):
                     try:
                         await self._backoff(failures, last, same=deployment == last_deployment, deadline=deadline)
                     except BaseException:
@@ -1124,7 +1132,7 @@ class CompletionRun:
                         raise refused from exc
                     if not _retryable(failure):  # never one ``upstream_model_missing`` made: a 404 moves on
                         raise
-                    if _misconfigured(failure):
+                    if _not_again(failure):
                         # Not this deployment again for this request; the next one moves into its place.
                         candidates = [c for c in candidates if c is not deployment]
                         position -= 1

@@ -41,6 +41,8 @@ class ProviderError(ApplicationError):
     error_type = "api_error"
     code = "upstream_error"
     answered: AnsweredCalls | None = None
+    # The provider answered something that is no reply of its protocol (``ProviderMalformedReplyError``).
+    malformed = False
 
     def __init__(
         self,
@@ -97,6 +99,21 @@ class ProviderStreamInterruptedError(ProviderUnavailableError):
 
     status_code = 502
     code = "upstream_stream_interrupted"
+
+
+class ProviderMalformedReplyError(ProviderError):
+    """The provider answered a 200 that is no reply of its protocol: a body that is not JSON, or a reply of types
+    no fill can mend, or with nothing to answer (``openai_shape.MalformedReply``). The same deployment, asked
+    again at once, answers the same: routing moves on to the next without trying it again (``chat.pipeline``)."""
+
+    malformed = True
+
+
+class ProviderMalformedStreamError(ProviderStreamInterruptedError):
+    """A stream that broke on a chunk that is no chunk of its protocol (not JSON, or of types no fill can mend);
+    before its first chunk, routing judges it as ``ProviderMalformedReplyError``."""
+
+    malformed = True
 
 
 class ProviderBadRequestError(ProviderError):

@@ -33,6 +33,8 @@ from ..exceptions import (
     ProviderBadRequestError,
     ProviderContextLengthError,
     ProviderError,
+    ProviderMalformedReplyError,
+    ProviderMalformedStreamError,
     ProviderNotFoundError,
     ProviderOverloadedError,
     ProviderQuotaExhaustedError,
@@ -361,7 +363,9 @@ def error_for_failure(
     if isinstance(exc, (httpx2.TransportError, *connection_errors)):
         return connection_error(config)
     if isinstance(exc, ValueError):
-        return ProviderError(f"The provider {config.name!r} answered with malformed JSON.", provider=config.name)
+        return ProviderMalformedReplyError(
+            f"The provider {config.name!r} answered with malformed JSON.", provider=config.name
+        )
     return ProviderError(
         f"The provider {config.name!r} failed unexpectedly ({type(exc).__name__}).", provider=config.name
     )
@@ -399,10 +403,12 @@ def connection_error(config: ProviderConfig) -> ProviderUnavailableError:
     return ProviderUnavailableError(f"The gateway could not reach the provider {config.name!r}.", provider=config.name)
 
 
-def stream_interrupted(config: ProviderConfig, reason: str) -> ProviderStreamInterruptedError:
-    return ProviderStreamInterruptedError(
-        f"The stream from the provider {config.name!r} was interrupted: {reason}", provider=config.name
-    )
+def stream_interrupted(
+    config: ProviderConfig, reason: str, *, malformed: bool = False
+) -> ProviderStreamInterruptedError:
+    """``malformed``: it broke on a chunk that is no chunk of its protocol (``ProviderMalformedStreamError``)."""
+    kind = ProviderMalformedStreamError if malformed else ProviderStreamInterruptedError
+    return kind(f"The stream from the provider {config.name!r} was interrupted: {reason}", provider=config.name)
 
 
 def interruption_reason(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx2
 import openai
 
-from ..exceptions import ProviderError
+from ..exceptions import ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from . import sdk_requests
@@ -158,7 +158,7 @@ class OpenAIAdapter(BaseAdapter):
                 raise MalformedReply("not an object")
             return completion_conform(completion, model=str(body.get("model") or ""), content=self._content_spelt)
         except MalformedReply as exc:
-            raise ProviderError(
+            raise ProviderMalformedReplyError(
                 f"The provider {self.config.name!r} answered with something other than a chat completion ({exc}).",
                 provider=self.config.name,
             ) from None
@@ -188,7 +188,9 @@ class OpenAIAdapter(BaseAdapter):
                 if chunk is not None:
                     yield chunk
         except _FAILURES as exc:
-            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+            # A ValueError: a chunk that is not JSON, or of types no fill can mend (``MalformedReply``).
+            reason = self._interruption_reason(exc)
+            raise stream_interrupted(self.config, reason, malformed=isinstance(exc, ValueError)) from None
         finally:
             # Also on aclose() and cancellation: the upstream response stops at once.
             await upstream.aclose()

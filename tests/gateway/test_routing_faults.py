@@ -22,7 +22,8 @@ from billing.models import UsageRecord
 from billing.pricing import cost_for
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
-from providers.models import CatalogModel, Deployment
+from llmhub.testing.fake_upstream import raw_directive
+from providers.models import CatalogModel, Deployment, ProviderKind
 from providers.selectors import model_resolve_sync
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
@@ -224,6 +225,60 @@ def test_a_refused_key_is_not_tried_again_on_the_same_deployment(client, fake_up
     assert excinfo.value.status_code == 502 and excinfo.value.code == "upstream_authentication_failed"
     assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
     assert sum(1 for entry in fake_upstream.requests if entry["body"].get("model") == "fault-401") == 1
+
+
+# What a deployment answered that is no reply of its protocol: no choices, a body that is not JSON; and a stream whose
+# first chunk is not JSON.
+MALFORMED_REPLIES = {"no choices": b'{"choices": []}', "not JSON": b"<html>Bad gateway</html>"}
+
+
+@pytest.mark.parametrize("reply", MALFORMED_REPLIES.values(), ids=MALFORMED_REPLIES)
+def test_a_malformed_reply_is_not_asked_again_of_the_same_deployment(client, fake_upstream, reply):
+    """Before: retried like any 502, up to ``1 + retries`` times on the one deployment (its breaker counting each),
+    though a deployment that answered nonsense answers it again at once; now the next deployment (here the
+    fallback model's, at once) or, with none, the 502 after one attempt."""
+    provider = ProviderFactory(name="odd", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fake-gpt-4o-mini", CHEAP, retries=3)
+    messages = [{"role": "user", "content": "hello " + raw_directive(reply)}]
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=messages)
+
+    assert excinfo.value.status_code == 502 and excinfo.value.code == "upstream_error"
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+    record = wait_for_record(excinfo.value.response.headers["x-request-id"])
+    assert (record.status, record.attempts) == ("upstream_error", 1)
+
+
+@pytest.mark.parametrize("reply", MALFORMED_REPLIES.values(), ids=MALFORMED_REPLIES)
+def test_a_malformed_reply_moves_on_at_once(client, fake_upstream, reply):
+    provider = ProviderFactory(name="odd", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fake-gpt-4o-mini", CHEAP, retries=3, fallbacks=["backup"])
+    # The fallback is another protocol's (the raw marker is OpenAI's chat completions' alone: Anthropic answers).
+    claude = ProviderFactory(name="spare", kind=ProviderKind.ANTHROPIC, base_url=fake_upstream.base_url)
+    single("backup", claude, "fake-claude-haiku", DEAR)
+    messages = [{"role": "user", "content": "hello " + raw_directive(reply)}]
+
+    raw = client.chat.completions.with_raw_response.create(model="lonely", messages=messages)
+
+    assert_answered_by(raw, deployment="spare", attempts=2, model="backup")
+    assert [entry["path"] for entry in fake_upstream.requests] == ["/v1/chat/completions", "/v1/messages"]
+
+
+def test_a_stream_whose_first_chunk_is_malformed_is_not_asked_again_of_the_same_deployment(client, fake_upstream):
+    provider = ProviderFactory(name="odd", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fake-gpt-4o-mini", CHEAP, retries=3)
+    messages = [{"role": "user", "content": "hello " + raw_directive(b"data: {not json}\n\n")}]
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=messages, stream=True)
+
+    assert excinfo.value.status_code == 502 and excinfo.value.code == "upstream_stream_interrupted"
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+    record = wait_for_record(excinfo.value.response.headers["x-request-id"])
+    assert (record.status, record.attempts) == ("upstream_error", 1)
 
 
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
