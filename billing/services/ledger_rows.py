@@ -117,9 +117,7 @@ def usage_rows_write(rows: list[UsageData], *, settled: Collection[str] = ()) ->
     ``settled``: request ids whose in-flight records were settled with these rows (in the database store of
     admission they are deleted in the same transaction; Redis's are forgotten by the caller once this
     returns)."""
-    rows = _keys_resolved(rows)
-    if connection.vendor == "sqlite":
-        rows = [_checked_for_sqlite(data) for data in rows]
+    rows = [_checked(data) for data in _keys_resolved(rows)]
     try:
         if not all(map(_money_fits, rows)):
             # SQLite would keep such a cost (as text), and every read of the row would then fail.
@@ -234,23 +232,45 @@ def _count_floors() -> tuple[tuple[str, int], ...]:
     return tuple(floors)
 
 
-def _checked_for_sqlite(data: UsageData) -> UsageData:
-    """SQLite's ``INSERT OR IGNORE`` skips a row that breaks a CHECK constraint (a count below zero in a
-    positive column) as it skips a known request id, without a word: such a row is clamped first."""
+@functools.cache
+def _text_limits() -> tuple[tuple[str, int], ...]:
+    """The text columns and their lengths."""
+    return tuple(
+        (column.attname, column.max_length)
+        for column, _ in _insert_columns()[1]
+        if isinstance(column, models.CharField) and column.max_length
+    )
+
+
+def _checked(data: UsageData) -> UsageData:
+    """``data``, or clamped first (``_clamped``) when the database would take a value of it without a word but
+    not as it is: SQLite's ``INSERT OR IGNORE`` skips a row that breaks a CHECK constraint (a count below zero in
+    a positive column) as it skips a known request id; PostgreSQL's insert of arrays cast to ``varchar(n)`` cuts a
+    text past its column (a cast does, where an insert would refuse it), and SQLite keeps it whole, longer than
+    its column. A few comparisons a row."""
+    for name, limit in _text_limits():
+        value = getattr(data, name)
+        if isinstance(value, str) and len(value) > limit:
+            return _clamped_logged(data, "texts past their columns' length")
     for name, low in _count_floors():
         value = getattr(data, name)
         if isinstance(value, int) and value < low:
-            clamped = _clamped(data)
-            if clamped is None:
-                return data
-            logger.warning(
-                "ledger row %s has counts below their columns' range; written with %s clamped, error_type %r",
-                data.request_id,
-                ", ".join(sorted(_changed(data, clamped) - {"error_type"})),
-                clamped.error_type,
-            )
-            return clamped
+            return _clamped_logged(data, "counts below their columns' range")
     return data
+
+
+def _clamped_logged(data: UsageData, why: str) -> UsageData:
+    clamped = _clamped(data)
+    if clamped is None:
+        return data
+    logger.warning(
+        "ledger row %s has %s; written with %s clamped, error_type %r",
+        data.request_id,
+        why,
+        ", ".join(sorted(_changed(data, clamped) - {"error_type"})),
+        clamped.error_type,
+    )
+    return clamped
 
 
 _MONEY = ("cost", "user_key_cost")

@@ -113,3 +113,27 @@ async def test_a_negative_count_is_written_clamped_not_dropped(spool):
     }
     assert values == {"good": (0, 0, ""), "negative": (5, 0, "ledger_clamped")}
     assert not spool_pending()
+
+
+async def test_a_row_whose_texts_are_past_their_columns_is_written_clamped_and_flagged(spool, caplog):
+    """Before: PostgreSQL's batched insert (its arrays cast to each column's ``varchar(n)``) cut such a text without
+    a word, and SQLite kept it whole, longer than its column; now both write it cut to its column, flagged
+    ``ledger_clamped`` and logged, like any other value a row's column cannot hold."""
+    caplog.set_level(logging.WARNING, logger="llmhub.ledger")
+    long_model, long_provider = "m" * 300, "p" * 100
+    usage_record_submit(row("good-1", model_name="gpt-test"))
+    usage_record_submit(
+        row("long", model_name=long_model, provider_name=long_provider, error_type="upstream_" + "e" * 100)
+    )
+    usage_record_submit(row("good-2", model_name="x" * 128, error_type="e" * 64))  # exactly as long as they may be
+    await ledger_flush()
+
+    records = {record.request_id: record async for record in UsageRecord.objects.all()}
+    assert sorted(records) == ["good-1", "good-2", "long"]
+    assert (records["good-2"].model_name, records["good-2"].error_type) == ("x" * 128, "e" * 64)
+    long = records["long"]
+    assert (long.model_name, long.provider_name) == (long_model[:128], long_provider[:64])
+    assert long.error_type == ("ledger_clamped:upstream_" + "e" * 100)[:64]
+    assert long.cost == Decimal("0.25")
+    assert "long" in caplog.text and "model_name" in caplog.text and "provider_name" in caplog.text
+    assert not spool_pending()
