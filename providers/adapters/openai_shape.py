@@ -119,6 +119,15 @@ def _new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
+def _timestamp(value: Any) -> int:
+    """A ``created`` that is not an integer as one: a float's seconds (JSON's ``1700000000.5``), or now for
+    anything else (a text; NaN, an infinity or a float out of any clock's range, which Python's JSON reads and
+    ``int()`` refuses)."""
+    if type(value) is float and 0 <= value < 2**53:
+        return int(value)
+    return int(time.time())
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int
 
@@ -245,7 +254,7 @@ def completion_conform(
     completion["object"] = _COMPLETION
     created = completion.get("created")
     if not _is_int(created):
-        completion["created"] = int(created) if isinstance(created, float) else int(time.time())
+        completion["created"] = _timestamp(created)
     if not isinstance(completion.get("model"), str):
         completion["model"] = model
     choices = completion.get("choices")
@@ -324,7 +333,7 @@ class StreamShape:
             if self._created is not None:
                 created = self._created
             else:
-                created = int(created) if isinstance(created, float) else int(time.time())
+                created = _timestamp(created)
             chunk["created"] = created
         if self._id is None:
             self._id, self._created = chunk_id, created

@@ -8,6 +8,7 @@ a client would call it (httpx for the raw stream, the official SDK)."""
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -490,3 +491,35 @@ def test_a_usage_with_one_count_missing_has_it_estimated_and_flagged(gateway, us
     assert record.completion_tokens == given.get("completion_tokens", text_tokens("Hello world"))
     assert record.prompt_tokens == given.get("prompt_tokens", record.prompt_tokens) and record.prompt_tokens > 0
     assert [event["usage"] for event in events if event.get("usage")] == [_charged_usage(record)]
+
+
+# Numbers Python's JSON reads and JSON has not ---------------------------------------------------------------------
+
+ODD_CREATED = {"NaN": b"NaN", "Infinity": b"Infinity", "-Infinity": b"-Infinity", "1e300": b"1e300", "-1.5": b"-1.5"}
+
+
+@pytest.mark.parametrize("created", ODD_CREATED.values(), ids=ODD_CREATED)
+def test_a_created_that_is_no_time_is_the_time_of_the_answer(gateway, created):
+    """Before: NaN or an infinity (which Python's JSON reads) made the whole reply a 500 with no ledger row, and a
+    stream's chunk a malformed one; a float out of range became a made-up integer of 300 digits."""
+    before = int(time.time())
+    answer = json.dumps(completion(created=0)).encode().replace(b'"created": 0', b'"created": ' + created)
+    body = ask("hi " + raw_directive(answer))
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+    )
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert before <= response.json()["created"] <= time.time()
+    record = wait_for_record(response.headers["x-request-id"])
+    assert_sane_row(record)
+    assert record.status == UsageStatus.OK
+
+    # The stream's first chunk, whose time every later chunk repeats.
+    first = json.dumps(chunk({"role": "assistant", "content": ""}, created=0)).encode()
+    first = first.replace(b'"created": 0', b'"created": ' + created)
+    rest = sse(chunk({"content": "Hello"}), chunk({}, "stop"), usage_chunk(), "[DONE]")
+    events, done, record = streamed(gateway, b"data: " + first + b"\n\n" + rest)
+    assert done
+    assert_valid_stream(events, done)
+    assert record.status == UsageStatus.OK
