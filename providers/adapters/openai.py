@@ -40,7 +40,7 @@ from .common import (
     stream_interrupted,
     upstream_deadline,
 )
-from .openai_shape import MalformedReply, StreamShape, completion_conform, text_parts_joined
+from .openai_shape import MalformedReply, StreamShape, completion_conform, json_constant, text_parts_joined
 from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
 
@@ -223,7 +223,7 @@ class OpenAIAdapter(BaseAdapter):
         if data.startswith(b"[DONE]"):
             state.done = True
             return None
-        chunk = json.loads(data)
+        chunk, constants = _decoded(data)
         if not isinstance(chunk, dict):
             raise ValueError("not a chunk object")
         if chunk.get("error"):
@@ -236,7 +236,8 @@ class OpenAIAdapter(BaseAdapter):
             state.see(chunk.get("choices"))
         # An event spread over several `data:` lines holds line breaks: relayed as it came, it would break
         # the client's SSE framing, so that one is encoded again.
-        raw = data if b"\n" not in data and b"\r" not in data else None
+        # So is one that held a number JSON has not (NaN, an infinity), read as another (``json_constant``).
+        raw = data if b"\n" not in data and b"\r" not in data and not constants else None
         if not shape.conform(chunk):
             raw = None  # filled in where the upstream left out what OpenAI's schema requires
         elif raw is not None and not state.finished:
@@ -411,6 +412,20 @@ class OpenAIAdapter(BaseAdapter):
         if not isinstance(message, str):
             return ""
         return scrub(message.strip(), self.config)
+
+
+def _decoded(data: bytes) -> tuple[Any, bool]:
+    """A chunk's JSON decoded, and whether it held a number JSON has not (``NaN``, ``Infinity``, ``-Infinity``),
+    read as ``json_constant`` says; only a chunk whose bytes spell one of those words is watched for them."""
+    if b"NaN" not in data and b"Infinity" not in data:
+        return json.loads(data), False
+    seen: list[str] = []
+
+    def constant(name: str) -> float | None:
+        seen.append(name)
+        return json_constant(name)
+
+    return json.loads(data, parse_constant=constant), bool(seen)
 
 
 def _invalid_fields(body: object) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..tokens import COUNT_MAX
 
-__all__ = ["MalformedReply", "StreamShape", "completion_conform", "text_parts_joined"]
+__all__ = ["MalformedReply", "StreamShape", "completion_conform", "json_constant", "text_parts_joined"]
 
 _COMPLETION = "chat.completion"
 _CHUNK = "chat.completion.chunk"
@@ -117,6 +117,37 @@ def _function_checked(function: Any) -> None:
 
 def _new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
+
+
+# A number JSON has not, which Python's JSON reads (``NaN``, ``Infinity``, ``-Infinity``: vLLM's logprob of a token
+# it could not have chosen) and would write back as it came, which no strict JSON reader (JavaScript's, Go's)
+# takes. -Infinity is OpenAI's own floor for a logprob, -9999.0; the others are null.
+_NOT_FINITE = {"-Infinity": -9999.0, "Infinity": None, "NaN": None}
+
+
+def json_constant(name: str) -> float | None:
+    """``json.loads``' ``parse_constant``: what a chunk's ``NaN``, ``Infinity`` or ``-Infinity`` is read as."""
+    return _NOT_FINITE[name]
+
+
+def _finite(value: Any) -> Any:
+    """``value`` (a decoded reply, or any part of it) with each number JSON has not (``_NOT_FINITE``) replaced,
+    in place; a float's own value is returned."""
+    if type(value) is float:
+        if value != value:
+            return None
+        if value in (float("inf"), float("-inf")):
+            return _NOT_FINITE["Infinity" if value > 0 else "-Infinity"]
+        return value
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(item) in (float, dict, list):
+                value[key] = _finite(item)
+    elif type(value) is list:
+        for position, item in enumerate(value):
+            if type(item) in (float, dict, list):
+                value[position] = _finite(item)
+    return value
 
 
 def _timestamp(value: Any) -> int:
@@ -249,6 +280,7 @@ def completion_conform(
     """Fill in, in place, what ``CreateChatCompletionResponse`` requires and ``completion`` lacks.
     ``model`` (the upstream id asked for) stands in for a missing ``model``; ``content`` spells a message's
     ``content`` that is not a string. Returns ``completion``; raises ``MalformedReply`` for what cannot be filled."""
+    _finite(completion)
     if not isinstance(completion.get("id"), str):
         completion["id"] = _new_id()
     completion["object"] = _COMPLETION

@@ -523,3 +523,56 @@ def test_a_created_that_is_no_time_is_the_time_of_the_answer(gateway, created):
     assert done
     assert_valid_stream(events, done)
     assert record.status == UsageStatus.OK
+
+
+def _strict(text: str | bytes) -> Any:
+    """JSON as a strict reader (JavaScript's, Go's) reads it: no NaN, no infinities."""
+
+    def refused(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refused)
+
+
+def test_a_number_json_has_not_is_relayed_as_one_json_has(gateway):
+    """Before: a logprob of -Infinity or NaN (vLLM's, for a token it could not have chosen) was relayed as it came,
+    which is no JSON: a strict client (JavaScript's JSON.parse, Go's) could not read the reply or the chunk.
+    -Infinity is now OpenAI's own floor for a logprob (-9999.0), NaN and Infinity null."""
+    answer = completion(logprobs=0)
+    answer["choices"][0]["logprobs"] = {
+        "content": [{"token": "Hello", "logprob": 0, "bytes": [72], "top_logprobs": []}],
+        "refusal": None,
+    }
+    spelt = (
+        json.dumps(answer)
+        .encode()
+        .replace(b'"logprob": 0', b'"logprob": -Infinity')
+        .replace(b'"logprobs": 0', b'"x": NaN')
+    )
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=ask("hi " + raw_directive(spelt)),
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    )
+    assert response.status_code == 200, response.text
+    reply = _strict(response.text)
+    assert reply["choices"][0]["logprobs"]["content"][0]["logprob"] == -9999.0 and reply["x"] is None
+    validate_openai_schema(reply, "CreateChatCompletionResponse")
+
+    odd = chunk({"content": " world"})
+    odd["choices"][0]["logprobs"] = {"content": [{"token": " world", "logprob": 0, "bytes": [32], "top_logprobs": []}]}
+    spelt = json.dumps(odd).encode().replace(b'"logprob": 0', b'"logprob": NaN')
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=ask("hi " + raw_directive(stream_around(b"data: " + spelt + b"\n\n")), stream=True),
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    ) as streamed_response:
+        raw = streamed_response.read()
+    events = [_strict(block[6:]) for block in raw.split(b"\n\n") if block.startswith(b"data: {")]
+    assert [e["choices"][0]["logprobs"] for e in events if e["choices"] and "logprobs" in e["choices"][0]] == [
+        {"content": [{"token": " world", "logprob": None, "bytes": [32], "top_logprobs": []}]}
+    ]
+    assert raw.endswith(b"data: [DONE]\n\n")
