@@ -251,7 +251,10 @@ def _conform_tool_calls(calls: Any, *, streamed: bool) -> None:
         if not isinstance(call, dict):
             continue
         if streamed:
-            call.setdefault("index", position)
+            # The index joins a call's pieces: one of another type, nobody can join (the Messages translation
+            # keys its blocks by it).
+            if type(call.setdefault("index", position)) is not int:
+                raise MalformedReply("a tool call's index that is not an integer")
         else:
             call.setdefault("type", "function")
             if type(call.get("id")) is not str:
@@ -412,7 +415,7 @@ def _choice_valid(choice: Any) -> bool:
     if type(calls) is not list:
         return False
     for call in calls:
-        if type(call) is not dict or "index" not in call:
+        if type(call) is not dict or type(call.get("index")) is not int:
             return False
         function = call.get("function")
         if function is not None and not _function_valid(function):

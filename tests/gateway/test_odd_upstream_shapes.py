@@ -155,6 +155,10 @@ MALFORMED_DELTAS = {
     "a tool call's function a string": {"tool_calls": [{"index": 0, "function": "f"}]},
     "a tool call's arguments an object": {"tool_calls": [{"index": 0, "id": "c", "function": {"arguments": {}}}]},
     "function_call a string": {"function_call": "f"},
+    "a tool call's index a list": {
+        "tool_calls": [{"index": [0], "id": "c", "function": {"name": "f", "arguments": ""}}]
+    },
+    "a tool call's index text": {"tool_calls": [{"index": "0", "id": "c", "function": {"name": "f", "arguments": ""}}]},
 }
 # A number or an object; and Mistral's "error", a generation that failed, which must not end as a clean stop.
 MALFORMED_FINISHES = {"a number": 5, "an object": {"type": "stop"}, "error": "error"}
