@@ -61,6 +61,36 @@ def _content_mended(part: dict[str, Any], spell: ContentSpeller) -> None:
     content = part.get("content")
     if content is not None and type(content) is not str and not (spell(part) and _is_text(part.get("content"))):
         raise MalformedReply(f"a content of type {type(content).__name__}")
+    if not _is_text(part.get("refusal")):
+        raise MalformedReply("a refusal that is not text")
+
+
+# What OpenAI's schema allows of the fields nobody of ours reads, whose other values are left out (a server's own
+# ``service_tier``, Groq's ``on_demand``; a ``system_fingerprint`` that is not text; a delta's role of no one) or
+# null (a choice's ``logprobs`` that is not an object), rather than relayed for a typed client to fail on.
+_SERVICE_TIERS = frozenset({"auto", "default", "flex", "scale", "priority", "fast"})
+_DELTA_ROLES = frozenset({"developer", "system", "user", "assistant", "tool"})
+
+
+def _metadata_valid(holder: dict[str, Any]) -> bool:
+    tier = holder.get("service_tier")
+    return (tier is None or (type(tier) is str and tier in _SERVICE_TIERS)) and type(
+        holder.get("system_fingerprint", "")
+    ) is str
+
+
+def _metadata_mended(holder: dict[str, Any]) -> None:
+    tier = holder.get("service_tier")
+    if tier is not None and not (type(tier) is str and tier in _SERVICE_TIERS):
+        del holder["service_tier"]
+    if "system_fingerprint" in holder and type(holder["system_fingerprint"]) is not str:
+        del holder["system_fingerprint"]
+
+
+def _logprobs_mended(choice: dict[str, Any]) -> None:
+    logprobs = choice.get("logprobs")
+    if logprobs is not None and type(logprobs) is not dict:
+        choice["logprobs"] = None
 
 
 def _is_text(value: Any) -> bool:
@@ -301,13 +331,14 @@ def completion_conform(
             raise MalformedReply("a choice that is not an object")
         if not _is_int(choice.get("index")):
             choice["index"] = position
+        _logprobs_mended(choice)
         choice.setdefault("logprobs", None)
         message = choice.get("message")
         if not isinstance(message, dict):
             choice["message"] = message = {}
         _content_mended(message, content)
         _calls_checked(message)
-        message.setdefault("role", "assistant")
+        message["role"] = "assistant"  # the one role a reply's message has (the schema's constant)
         message.setdefault("content", None)
         message.setdefault("refusal", None)
         _conform_tool_calls(message.get("tool_calls"), streamed=False)
@@ -317,6 +348,7 @@ def completion_conform(
             # A finished completion always has a reason; a server that leaves it out stopped normally.
             choice["finish_reason"] = "tool_calls" if message.get("tool_calls") else "stop"
     _conform_usage(completion, nullable=False)
+    _metadata_mended(completion)
     return completion
 
 
@@ -346,6 +378,7 @@ class StreamShape:
             and chunk.get("object") == _CHUNK
             and type(choices) is list
             and _usage_valid(chunk.get("usage"))
+            and _metadata_valid(chunk)
         )
         if valid:
             for choice in choices:  # a loop, not all(<generator>): this runs for every chunk of every stream
@@ -388,10 +421,15 @@ class StreamShape:
                 choice["delta"] = delta = {}
             _content_mended(delta, self._content)
             _calls_checked(delta)
+            _logprobs_mended(choice)
+            role = delta.get("role")
+            if role is not None and not (type(role) is str and role in _DELTA_ROLES):
+                del delta["role"]
             _conform_tool_calls(delta.get("tool_calls"), streamed=True)
             choice.setdefault("finish_reason", None)
             _finish_mended(choice)
         _conform_usage(chunk, nullable=True)
+        _metadata_mended(chunk)
 
 
 def _choice_valid(choice: Any) -> bool:
@@ -405,6 +443,14 @@ def _choice_valid(choice: Any) -> bool:
         return False
     content = delta.get("content")
     if content is not None and type(content) is not str:
+        return False
+    logprobs = choice.get("logprobs")
+    role = delta.get("role")
+    if (logprobs is not None and type(logprobs) is not dict) or (
+        role is not None and (type(role) is not str or role not in _DELTA_ROLES)
+    ):
+        return False
+    if not _is_text(delta.get("refusal")):
         return False
     function = delta.get("function_call")
     if function is not None and not _function_valid(function):

@@ -580,3 +580,73 @@ def test_a_number_json_has_not_is_relayed_as_one_json_has(gateway):
         {"content": [{"token": " world", "logprob": None, "bytes": [32], "top_logprobs": []}]}
     ]
     assert raw.endswith(b"data: [DONE]\n\n")
+
+
+# Fields nobody of ours reads, of values OpenAI's schema does not allow ----------------------------------------------
+
+ODD_METADATA = {
+    "a service tier of the server's own": ({"service_tier": "on_demand"}, {}),
+    "a service tier a number": ({"service_tier": 5}, {}),
+    "a known service tier": ({"service_tier": "flex"}, {"service_tier": "flex"}),
+    "a system fingerprint a number": ({"system_fingerprint": 5}, {}),
+    "a system fingerprint null": ({"system_fingerprint": None}, {}),
+    "a system fingerprint": ({"system_fingerprint": "fp_1"}, {"system_fingerprint": "fp_1"}),
+}
+
+
+@pytest.mark.parametrize(("odd", "kept"), ODD_METADATA.values(), ids=ODD_METADATA)
+def test_metadata_openai_does_not_allow_is_left_out(gateway, odd, kept):
+    """Before: relayed as it came (Groq's service_tier ``on_demand`` among them), a reply and chunks OpenAI's schema
+    refuses, which a typed client may fail to read."""
+    response, record = whole(gateway, completion(**odd))
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    assert {name: response.json()[name] for name in odd if name in response.json()} == kept
+
+    events, done, record = streamed(gateway, stream_around(chunk({"content": " world"}, **odd)))
+    assert done
+    assert_valid_stream(events, done)
+    assert record.status == UsageStatus.OK
+
+
+ODD_CHOICE_FIELDS = {
+    "a message's role another": ({"role": "model", "content": "Hello there"}, None),
+    "a message's role a number": ({"role": 5, "content": "Hello there"}, None),
+    "logprobs a number": ({"role": "assistant", "content": "Hello there"}, 5),
+    "logprobs a list": ({"role": "assistant", "content": "Hello there"}, []),
+}
+
+
+@pytest.mark.parametrize(("message", "logprobs"), ODD_CHOICE_FIELDS.values(), ids=ODD_CHOICE_FIELDS)
+def test_a_choices_role_or_logprobs_openai_does_not_allow_is_its_own(gateway, message, logprobs):
+    """Before: relayed as it came; a reply's message's role is now assistant (the schema's constant), a delta's
+    role of no one is left out, and logprobs that are not an object are null."""
+    answer = completion(message)
+    answer["choices"][0]["logprobs"] = logprobs
+    response, _ = whole(gateway, answer)
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    choice = response.json()["choices"][0]
+    assert (choice["message"]["role"], choice["message"]["content"]) == ("assistant", "Hello there")
+
+    odd = chunk({"role": message["role"], "content": " world"})
+    odd["choices"][0]["logprobs"] = logprobs
+    events, done, _ = streamed(gateway, stream_around(odd))
+    assert done
+    assert_valid_stream(events, done)
+    texts = [event["choices"][0]["delta"].get("content") for event in events if event["choices"]]
+    assert "".join(text for text in texts if text) == "Hello world"
+
+
+@pytest.mark.parametrize("refusal", [5, {"text": "no"}], ids=["a number", "an object"])
+def test_a_refusal_that_is_not_text_is_a_malformed_reply(gateway, refusal):
+    """Before: relayed as it came, a reply OpenAI's schema refuses, shown by no client."""
+    response, record = whole(gateway, completion({"role": "assistant", "content": None, "refusal": refusal}))
+    assert response.status_code == 502
+    assert_sane_row(record)
+    assert record.status == UsageStatus.UPSTREAM_ERROR
+
+    events, done, record = streamed(gateway, stream_around(chunk({"refusal": refusal})))
+    assert not done
+    assert_valid_stream(events, done)
+    assert record.error_type == "upstream_stream_interrupted"

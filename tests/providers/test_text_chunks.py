@@ -360,7 +360,7 @@ def test_text_chunks_that_differ_in_their_padding_too_are_read_without_a_decode(
         padded(text_chunk(" first"), "abc", first=True),
         padded(text_chunk(" two"), "abc")[:-1] + b',"x":"y"}',
         padded(text_chunk(" stop", tail=',"logprobs":null,"finish_reason":"stop"}]}'), "abc"),
-        padded(text_chunk(" same length", tail=',"logprobs":true,"finish_reason":null}]}'), "abc"),
+        padded(text_chunk(" same length", tail=',"logprobz":null,"finish_reason":null}]}'), "abc"),
         padded(text_chunk(" three"), 'a","x":"b', raw=True),  # the padding's quote closes it early
         padded(unescaped_chunk('a"},"x":{"content":"b'), "abc"),  # and the text's
     ],
