@@ -285,8 +285,14 @@ def _conform_tool_calls(calls: Any, *, streamed: bool) -> None:
             # keys its blocks by it).
             if type(call.setdefault("index", position)) is not int:
                 raise MalformedReply("a tool call's index that is not an integer")
+            # An id or a type that is not text says nothing a client can use: left out (the first piece's id
+            # is optional in a chunk).
+            for name in ("id", "type"):
+                if name in call and type(call[name]) is not str:
+                    del call[name]
         else:
-            call.setdefault("type", "function")
+            if call.get("type") not in ("function", "custom"):
+                call["type"] = "function"  # the one type a call with a function has
             if type(call.get("id")) is not str:
                 call["id"] = "call_" + uuid.uuid4().hex[:24]
             if call["type"] == "custom" and type(call.get("custom")) is dict:
@@ -462,6 +468,8 @@ def _choice_valid(choice: Any) -> bool:
         return False
     for call in calls:
         if type(call) is not dict or type(call.get("index")) is not int:
+            return False
+        if type(call.get("id", "")) is not str or type(call.get("type", "")) is not str:
             return False
         function = call.get("function")
         if function is not None and not _function_valid(function):

@@ -650,3 +650,33 @@ def test_a_refusal_that_is_not_text_is_a_malformed_reply(gateway, refusal):
     assert not done
     assert_valid_stream(events, done)
     assert record.error_type == "upstream_stream_interrupted"
+
+
+ODD_CALL_FIELDS = {"an id a number": {"id": 5, "type": "function"}, "a type a number": {"id": "call_1", "type": 5}}
+
+
+@pytest.mark.parametrize("odd", ODD_CALL_FIELDS.values(), ids=ODD_CALL_FIELDS)
+def test_a_tool_calls_id_or_type_that_is_not_text_is_its_own(gateway, odd):
+    """Before: relayed as it came, a reply or chunk OpenAI's schema refuses; a whole reply's call now has an id
+    and the type function, a streamed one leaves the odd field out."""
+    function = {"name": "lookup", "arguments": '{"q": 1}'}
+    answer = completion({"role": "assistant", "content": None, "tool_calls": [{**odd, "function": function}]})
+    answer["choices"][0]["finish_reason"] = "tool_calls"
+    response, _ = whole(gateway, answer)
+    assert response.status_code == 200, response.text
+    validate_openai_schema(response.json(), "CreateChatCompletionResponse")
+    [call] = response.json()["choices"][0]["message"]["tool_calls"]
+    assert (call["type"], call["function"]) == ("function", function) and type(call["id"]) is str
+
+    body = sse(
+        chunk({"role": "assistant", "content": None}),
+        chunk({"tool_calls": [{"index": 0, **odd, "function": {"name": "lookup", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q": 1}'}}]}),
+        chunk({}, "tool_calls"),
+        usage_chunk(),
+        "[DONE]",
+    )
+    events, done, record = streamed(gateway, body)
+    assert done
+    assert_valid_stream(events, done)
+    assert record.status == UsageStatus.OK
