@@ -508,6 +508,38 @@ class DailyUsage(models.Model):
         return f"{self.day} {self.model_name} ${self.cost}"
 
 
+class DailyStaffUsage(models.Model):
+    """``DailyUsage`` without user and key: the ledger summed per day, provider, model and operation (a hundred
+    rows a day, however many users and keys), what the staff pages read for everyone's figures except per user
+    (``selectors.usage_daily``/``usage_breakdown``). Derived from the day's ``DailyUsage`` in the transaction
+    that writes it (``services.rollups.daily_staff_usage_rebuild``), so it holds the same ledger rows, up to
+    the same ``DailyUsageMark``; like ``DailyUsage`` it outlives the raw rows retention deletes."""
+
+    day = models.DateField()
+    provider_name = models.CharField(max_length=64, blank=True)
+    model_name = models.CharField(max_length=128, blank=True)
+    operation = models.CharField(max_length=16, choices=Operation.choices, blank=True, default="")
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_1h_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["-day", "model_name"]
+        verbose_name_plural = "daily staff usage"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["day", "provider_name", "model_name", "operation"], name="billing_daily_staff_usage_group"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model_name} {self.operation} ${self.cost}"
+
+
 class DailyUsageMark(models.Model):
     """How far a day's ``DailyUsage`` goes: it holds that day's ledger rows up to ``through_id``, and none
     above it. Written with the rollup, in its transaction (``services.rollups``). The dashboards read today

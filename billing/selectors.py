@@ -27,6 +27,7 @@ from .exceptions import ModelNotAllowedError
 from .models import (
     ApiKey,
     DailyExperimentUsage,
+    DailyStaffUsage,
     DailyUsage,
     DailyUsageMark,
     ExperimentUsageMark,
@@ -287,11 +288,11 @@ def user_limits_sync(user_id: int) -> UserLimits:
 
 
 # USAGE DASHBOARDS
-# Days before yesterday come from the DailyUsage rollup. Yesterday and today, the days the rollup task still
-# rebuilds (every 10 minutes), are their rollup plus the raw ledger rows above the rollup's mark
-# (DailyUsageMark): minutes of raw rows rather than whole days, which is what keeps the staff pages fast at
-# millions of requests a day (docs/ledger.md), and yesterday stays whole between midnight and the task's next
-# run (or while the task is down).
+# Days before yesterday come from the rollups (DailyUsage; everyone's figures not per user, DailyStaffUsage).
+# Yesterday and today, the days the rollup task still rebuilds (every 10 minutes), are their rollup plus the raw
+# ledger rows above the rollup's mark (DailyUsageMark): minutes of raw rows rather than whole days, which is
+# what keeps the staff pages fast at millions of requests a day (docs/ledger.md), and yesterday stays whole
+# between midnight and the task's next run (or while the task is down).
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,10 +325,16 @@ def _recent_marks(today: date) -> tuple[int | None, int | None]:
     return found.get(yesterday), found.get(today)
 
 
-def _usage_window(*, days: int, today: date, user_id: int | None, read: Callable[[QuerySet, QuerySet], _T]) -> _T:
+def _usage_window(
+    *, days: int, today: date, user_id: int | None, read: Callable[[QuerySet, QuerySet], _T], per_user: bool = False
+) -> _T:
     """``read(rolled, live)`` over the ``days`` days up to today: ``rolled`` the rollup's rows, ``live``
     the raw ledger rows the rollup does not hold (yesterday's and today's above their marks; all of a
     day's when it has no rollup yet). Both are the ledger's figures exactly, with nothing counted twice.
+
+    Everyone's figures (no ``user_id``) that ``read`` does not group by user (``per_user``) come from the staff
+    rollup (``DailyStaffUsage``: per day, provider, model and operation), which holds the same rows up to the
+    same marks in a hundred rows a day; the others from ``DailyUsage``.
 
     Read at steady marks (``_at_a_steady_mark``)."""
     first = today - timedelta(days=days - 1)
@@ -335,7 +342,8 @@ def _usage_window(*, days: int, today: date, user_id: int | None, read: Callable
 
     def window(marks: tuple[int | None, int | None]) -> _T:
         held = [(day, mark) for day, mark in zip(recent, marks, strict=True) if day >= first]
-        rolled = DailyUsage.objects.filter(day__gte=first, day__lte=today)
+        rollup = DailyStaffUsage if user_id is None and not per_user else DailyUsage
+        rolled = rollup.objects.filter(day__gte=first, day__lte=today)
         unrolled = Q(pk__in=[])
         for day, mark in held:
             rows = Q(created_at__gte=_day_start(day), created_at__lt=_day_start(day + timedelta(1)))
@@ -413,7 +421,7 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
 
     By model or provider, requests that named no model of the catalog are left out (see NAMED_NO_MODEL);
     by user or operation they count, as they do in ``usage_daily`` (the operation was asked for all the same)."""
-    group = _BREAKDOWN_FIELDS[by]  # the same column name in DailyUsage and UsageRecord
+    group = _BREAKDOWN_FIELDS[by]  # the same column name in the rollups and UsageRecord
 
     def read(rolled: QuerySet, live: QuerySet) -> dict[Any, list]:
         if by in ("model", "provider"):
@@ -432,7 +440,7 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
                 entry[2] += row["spent"]
         return merged
 
-    merged = _usage_window(days=days, today=today, user_id=user_id, read=read)
+    merged = _usage_window(days=days, today=today, user_id=user_id, read=read, per_user=by == "user")
     if by == "user":
         from django.contrib.auth import get_user_model
 

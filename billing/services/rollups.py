@@ -1,4 +1,6 @@
-"""Cost rollups: the ledger summed per UTC day, user, key, provider, model and operation into ``DailyUsage``.
+"""Cost rollups: the ledger summed per UTC day, user, key, provider, model and operation into ``DailyUsage``,
+and, for the staff pages, per day, provider, model and operation into ``DailyStaffUsage`` (derived from the
+day's ``DailyUsage`` whenever that is written, in the same transaction: ``daily_staff_usage_rebuild``).
 
 Each run recomputes whole days from the ledger (delete and insert in one transaction), so running it
 twice, or again after late ledger rows arrived, gives exactly the ledger's totals.
@@ -29,6 +31,7 @@ from django.utils import timezone
 
 from ..models import (
     DailyExperimentUsage,
+    DailyStaffUsage,
     DailyUsage,
     DailyUsageMark,
     DailyUsageScanMark,
@@ -106,6 +109,7 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
         rows = [DailyUsage(day=day, **group) for group in groups]
         DailyUsage.objects.filter(day=day).delete()
         DailyUsage.objects.bulk_create(rows)
+        daily_staff_usage_rebuild(day)
         DailyUsageMark.objects.update_or_create(day=day, defaults={"through_id": through_id})
         return len(rows)
 
@@ -142,6 +146,25 @@ DAILY_USAGE_FIGURES = (
     "cache_write_1h_tokens",
     "cost",
 )
+
+
+STAFF_USAGE_GROUP = ("provider_name", "model_name", "operation")
+
+
+def daily_staff_usage_rebuild(day: date) -> int:
+    """Replace ``day``'s ``DailyStaffUsage`` with its ``DailyUsage`` summed over users and keys; returns how many
+    rows it now has. Called in the transaction (and under the lock) of every write of the day's ``DailyUsage``
+    (``daily_usage_rebuild``, ``daily_usage_fold``), so that it holds the same rows, up to the same mark."""
+    groups = (
+        DailyUsage.objects.filter(day=day)
+        .values(*STAFF_USAGE_GROUP)
+        .annotate(requests=Sum("requests"), **{name: Sum(name) for name in DAILY_USAGE_FIGURES})
+        .order_by()
+    )
+    rows = [DailyStaffUsage(day=day, **group) for group in groups]
+    DailyStaffUsage.objects.filter(day=day).delete()
+    DailyStaffUsage.objects.bulk_create(rows)
+    return len(rows)
 
 
 def daily_usage_fold(day: date, rows: list[dict]) -> None:
@@ -184,6 +207,8 @@ def daily_usage_fold(day: date, rows: list[dict]) -> None:
                 cache_write_1h_tokens=written_1h,
                 cost=cost,
             )
+    if rows:
+        daily_staff_usage_rebuild(day)
 
 
 def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> int:
