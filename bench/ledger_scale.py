@@ -404,7 +404,7 @@ def _queries(*, user_id: int, experiment: Any, today: Any, rows: int) -> int:
         usage_record_list,
         usage_summary,
     )
-    from billing.selectors_ops import ops_spend_per_operation
+    from billing.selectors_ops import ops_spend
     from billing.services.plans import plan_assign
     from experiments.results import experiment_results
 
@@ -432,7 +432,7 @@ def _queries(*, user_id: int, experiment: Any, today: Any, rows: int) -> int:
         ("staff dashboard: by provider", lambda: usage_breakdown(by="provider", days=30, today=today)),
         ("staff dashboard: by model", lambda: usage_breakdown(by="model", days=30, today=today)),
         ("staff dashboard: by operation", lambda: usage_breakdown(by="operation", days=30, today=today)),
-        ("operations dashboard: spend per operation, 24 hours", lambda: ops_spend_per_operation(now=now)),
+        ("operations dashboard: spend per hour and operation, 24 hours", lambda: ops_spend(now=now)),
         (
             "usage API: a user's ledger, first page of 100",
             lambda: list(usage_record_list(user=user, filters=month)[:100]),

@@ -310,11 +310,14 @@ def ops_providers(deployments: list[DeploymentOps]) -> list[ProviderOps]:
     ]
 
 
-def ops_spend_per_hour(*, now: datetime) -> list[HourSpend]:
-    """The last ``SPEND_HOURS`` UTC hours, the current one (so far) last; hours without spend included."""
+def ops_spend(*, now: datetime) -> tuple[list[HourSpend], list[OperationSpend]]:
+    """The spend and requests of the last ``SPEND_HOURS`` UTC hours (the current one, so far, last; hours without
+    spend included), and of the same range of ``created_at`` per operation (largest spend first; operations
+    without requests left out): one read of the range's raw rows, grouped by hour and operation."""
     current = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     starts = [current - timedelta(hours=SPEND_HOURS - 1 - offset) for offset in range(SPEND_HOURS)]
     rows = UsageRecord.objects.filter(created_at__gte=starts[0], created_at__lte=now)
+    found: list[tuple[datetime, str, Decimal | None, int]] = []  # (hour, operation, cost, requests)
     if connection.vendor == "sqlite":
         # SQLite truncates a date with a Python function called on every row (TruncHour): 24 filtered sums
         # over the one range scan are several times faster there. PostgreSQL's own date_trunc is faster still.
@@ -323,37 +326,31 @@ def ops_spend_per_hour(*, now: datetime) -> list[HourSpend]:
             hour = Q(created_at__gte=start, created_at__lt=start + timedelta(hours=1))
             sums[f"cost_{index}"] = Sum("cost", filter=hour)
             sums[f"requests_{index}"] = Count("pk", filter=hour)
-        row = rows.aggregate(**sums)
-        spent = {start: (row[f"cost_{i}"], row[f"requests_{i}"]) for i, start in enumerate(starts)}
+        for row in rows.values("operation").annotate(**sums).order_by():
+            found += [
+                (start, row["operation"], row[f"cost_{i}"], row[f"requests_{i}"]) for i, start in enumerate(starts)
+            ]
     else:
-        spent = {
-            row["hour"]: (row["cost"], row["requests"])
-            for row in rows.annotate(hour=TruncHour("created_at", tzinfo=UTC))
-            .values("hour")
-            .annotate(cost=Sum("cost"), requests=Count("pk"))
-            .order_by()
-        }
-    return [HourSpend(start, *_spent(spent.get(start))) for start in starts]
-
-
-def ops_spend_per_operation(*, now: datetime) -> list[OperationSpend]:
-    """Spend and requests per operation over the hours ``ops_spend_per_hour`` reads (the same range of
-    ``created_at``), largest spend first; operations without requests left out."""
-    first = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=SPEND_HOURS - 1)
-    rows = (
-        UsageRecord.objects.filter(created_at__gte=first, created_at__lte=now)
-        .values("operation")
-        .annotate(cost=Sum("cost"), requests=Count("pk"))
-        .order_by()
-    )
+        grouped = rows.annotate(hour=TruncHour("created_at", tzinfo=UTC)).values("hour", "operation")
+        for row in grouped.annotate(cost=Sum("cost"), requests=Count("pk")).order_by():
+            found.append((row["hour"], row["operation"], row["cost"], row["requests"]))
+    per_hour: dict[datetime, list] = defaultdict(lambda: [Decimal(0), 0])
+    per_operation: dict[str, list] = defaultdict(lambda: [Decimal(0), 0])
+    for hour, operation, cost, requests in found:
+        if not requests:
+            continue
+        for entry in (per_hour[hour], per_operation[operation]):
+            entry[0] += cost or Decimal(0)
+            entry[1] += requests
     names = dict(Operation.choices)
-    found = [
-        OperationSpend(
-            row["operation"], names.get(row["operation"], row["operation"]), *_spent((row["cost"], row["requests"]))
-        )
-        for row in rows
+    operations = [
+        OperationSpend(operation, names.get(operation, operation), *_spent(spent))
+        for operation, spent in per_operation.items()
     ]
-    return sorted(found, key=lambda spend: (-spend.cost, -spend.requests, spend.label))
+    return (
+        [HourSpend(start, *_spent(per_hour.get(start))) for start in starts],
+        sorted(operations, key=lambda spend: (-spend.cost, -spend.requests, spend.label)),
+    )
 
 
 def _spent(found: tuple[Decimal | None, int] | None) -> tuple[Decimal, int]:
@@ -478,12 +475,13 @@ def ops_snapshot(*, now: datetime) -> OpsSnapshot:
     deployments = ops_deployments(now=now)
     rejections = ops_rejections(now=now)
     periodic_tasks = ops_periodic_tasks(now=now)
+    spend_per_hour, spend_per_operation = ops_spend(now=now)
     return OpsSnapshot(
         now=now,
         providers=ops_providers(deployments),
         deployments=deployments,
-        spend_per_hour=ops_spend_per_hour(now=now),
-        spend_per_operation=ops_spend_per_operation(now=now),
+        spend_per_hour=spend_per_hour,
+        spend_per_operation=spend_per_operation,
         rejections=rejections,
         periodic_tasks=periodic_tasks,
         totals={

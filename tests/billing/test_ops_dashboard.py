@@ -13,12 +13,14 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from accounts.roles import Role, role_set
 from billing.models import UsageStatus
-from billing.selectors_ops import ops_deployments
+from billing.selectors_ops import ops_deployments, ops_snapshot
 from providers.models import BreakerOverride, Deployment, HealthCheck, Incident
 from providers.routing.breakers import breaker_force, breakers_forget_local
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
@@ -242,6 +244,35 @@ def test_spend_and_requests_per_operation_over_the_last_24_hours(fleet):
     html = client_for(user_with(Role.ADMIN, "boss")).get("/ops/").content.decode()
     row = re.search(r'<tr data-operation="responses">(.*?)</tr>', html, re.S)[1]
     assert re.findall(r">([^<>]+)<", row) == ["OpenAI responses", "1", "$4.00"]
+
+
+def test_the_spend_per_hour_and_per_operation_come_from_one_read_of_the_24_hours(fleet):
+    """The dashboard read the last 24 hours of raw rows twice (spend per hour, then per operation), the
+    heaviest of its reads at millions of rows a day; it reads them once, grouped by hour and operation, and
+    both figures add up to the same spend and requests."""
+    east = fleet["east"]
+    ledger(east, minutes_ago=30, cost="4.00", operation="responses")
+    ledger(east, minutes_ago=23 * 60, cost="0.0000001", operation="embeddings")
+    ledger(east, minutes_ago=24 * 60 + 5, cost="100", operation="messages")  # out of the 24 hours
+
+    with CaptureQueriesContext(connection) as queries:
+        snapshot = ops_snapshot(now=timezone.now())
+    first_hour = "2026-06-14"  # the first of the 24 hours starts at 13:00 the day before; nothing else reads it
+    assert len([q for q in queries if "billing_usagerecord" in q["sql"] and first_hour in q["sql"]]) == 1
+
+    hours = {h.hour.strftime("%H"): (h.cost, h.requests) for h in snapshot.spend_per_hour if h.requests}
+    assert hours == {
+        "09": (Decimal("1.2"), 1),
+        "11": (Decimal("0"), 3),
+        "12": (Decimal("6.5"), 24),
+        "13": (Decimal("0.0000001"), 1),
+    }
+    operations = [(o.operation, o.cost, o.requests) for o in snapshot.spend_per_operation]
+    assert operations == [
+        ("responses", Decimal("4"), 1),
+        ("chat", Decimal("3.7"), 27),
+        ("embeddings", Decimal("0.0000001"), 1),
+    ]
 
 
 def test_the_page_draws_with_the_projects_chart_js_and_marks_the_failing_row(fleet):
