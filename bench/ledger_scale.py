@@ -298,7 +298,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     from django.core.management import call_command
     from django.db import connection
 
-    from billing.models import DailyUsage
+    from billing.models import DailyStaffUsage, DailyUsage
     from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent, experiment_usage_fold
 
     version = connection.cursor().connection.info.server_version
@@ -344,8 +344,11 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
         f"built in {fill_seconds:.0f} s ({rows / fill_seconds:,.0f} rows/s); table {table_size}, indexes {index_size}"
     )
     per_day = rollup_seconds / (DAYS - 1) * 1000
-    rollups = DailyUsage.objects.count()
-    print(f"rolled up {DAYS - 1} days in {rollup_seconds:.1f} s ({per_day:.0f} ms a day), {rollups:,} rollup rows")
+    rollups, staff_rollups = DailyUsage.objects.count(), DailyStaffUsage.objects.count()
+    print(
+        f"rolled up {DAYS - 1} days in {rollup_seconds:.1f} s ({per_day:.0f} ms a day), {rollups:,} rollup rows, "
+        f"{staff_rollups:,} in the staff rollup"
+    )
 
     ok = True
     print("\ninsert throughput, through the ledger writer (usage_record_submit, batches of 500, one transaction each)")
