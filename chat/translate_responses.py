@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from core.text import text_quoted
 from providers.adapters.translate_anthropic import reasoning_text
 
 from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model
@@ -155,6 +156,8 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
     messages: list[dict[str, Any]] = []
     origins: list[dict[str, str]] = []
     thoughts: list[tuple[str, str]] = []  # reasoning items given back, (text, where), for the next assistant turn
+    calls: dict[str, str] = {}  # the tool calls given back, by their id, each with its kind, awaiting their output
+    answered: set[str] = set()
     for index, item in enumerate(value):
         where = f"input[{index}]"
         if not isinstance(item, dict):
@@ -182,6 +185,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 _reasoning_given_back(messages[-1], origins[-1], thoughts)
         elif _named(kind, _CALLS):
             name, arguments = _call_of(item, kind, where)
+            calls.setdefault(item["call_id"], kind)
             call = {"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": arguments}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
@@ -200,6 +204,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             if not isinstance(item.get(key), str):
                 _fail(f"Missing required parameter: '{where}.{key}'.", f"{where}.{key}", "missing_required_parameter")
             output = _text_of(item.get("output"), f"{where}.output", frozenset({"input_text"}))
+            answered.add(item[key])
             messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined(output)})
             origins.append({"content": f"{where}.output"})
         elif kind == "reasoning":
@@ -217,6 +222,10 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 f"{where}.type",
                 "unsupported_value",
             )
+    for call_id, kind in calls.items():
+        # As OpenAI answers: every provider refuses a tool call with no result (after a call, and its retries).
+        if call_id not in answered:
+            _fail(f"No tool output found for {kind.replace('_', ' ')} {text_quoted(call_id)}.", "input")
     return messages, origins
 
 

@@ -300,3 +300,34 @@ def test_a_response_that_could_not_be_stored_is_answered_all_the_same(gateway, c
     assert wait_for_record(_request_id(response.id)).status == "ok"
     [line] = [record.getMessage() for record in caplog.records if "could not be stored" in record.getMessage()]
     assert response.id in line and "private" not in line
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+def test_a_previous_tool_call_without_its_output_is_a_400_as_openai_answers(gateway, model):
+    """The Agents SDK chaining on a response that called a tool, with a new message and no ``function_call_output``:
+    OpenAI answers 400 "No tool output found for function call …"; sent on, every provider would refuse the turn
+    (an assistant's tool call with no result) as an upstream error, after a call and its retries."""
+    client = gateway.client()
+    first = client.responses.create(model=model, input="Weather in Rome?", tools=[WEATHER])
+    [call] = [item for item in first.output if item.type == "function_call"]
+    served = gateway.upstream.requests_served()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, tools=[WEATHER], previous_response_id=first.id, input="and now?")
+    assert refused.value.body == {
+        "message": f"No tool output found for function call {call.call_id}.",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "invalid_value",
+    }
+    assert gateway.upstream.requests_served() == served
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+    # The same given directly in `input` (a custom tool's call too); with its output, the round goes through.
+    given = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=model, tools=[WEATHER], input=[{"role": "user", "content": "hi"}, given])
+    assert refused.value.body["message"] == "No tool output found for function call c1."
+    answered = {"type": "function_call_output", "call_id": "c1", "output": "sunny"}
+    assert client.responses.create(model=model, tools=[WEATHER], input=[given, answered]).output_text == (
+        "Tool result: sunny"
+    )
