@@ -9,6 +9,8 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
+from core.text import json_storable, text_storable
+
 from .models import StoredResponse
 from .responses_chain import input_items
 from .selectors import ConversationReach, stored_responses_reached
@@ -21,19 +23,21 @@ _OWN_COLUMNS = frozenset({"id", "model", "status", "instructions", "output", "us
 def stored_response_save(
     *, user_id: int, api_key_id: int | None, response: dict[str, Any], input: Any, now: datetime | None = None
 ) -> StoredResponse:
-    """Keep ``response``, as answered, and the ``input`` it answered (the whole chained input), as items."""
+    """Keep ``response``, as answered, and the ``input`` it answered (the whole chained input), as items; its text
+    as chat messages are kept (``text_storable``: no NUL, which PostgreSQL cannot hold, nor lone surrogate)."""
     now = now or timezone.now()
+    instructions = response.get("instructions")
     return StoredResponse.objects.create(
         response_id=response["id"],
         owner_id=user_id,
         api_key_id=api_key_id,
         model_name=response["model"],
         status=response["status"],
-        input_items=input_items(input),
-        output_items=response["output"],
-        instructions=response.get("instructions"),
+        input_items=json_storable(input_items(input)),
+        output_items=json_storable(response["output"]),
+        instructions=None if instructions is None else text_storable(instructions),
         usage=response.get("usage"),
-        response={name: value for name, value in response.items() if name not in _OWN_COLUMNS},
+        response=json_storable({name: value for name, value in response.items() if name not in _OWN_COLUMNS}),
         created_at=datetime.fromtimestamp(response["created_at"], tz=UTC) if response.get("created_at") else now,
         expires_at=now + timedelta(days=settings.LLMHUB_RESPONSES_RETENTION_DAYS),
     )

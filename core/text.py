@@ -6,6 +6,8 @@ this one function before such text goes further."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def has_lone_surrogate(text: str) -> bool:
     """Whether ``text`` holds a surrogate code point. ASCII text holds none; other text is put to UTF-8's own
@@ -36,3 +38,15 @@ def text_storable(value: object, length: int | None = None) -> str:
     if "\x00" in text:
         text = text.replace("\x00", "")
     return text.encode("utf-8", "replace").decode("utf-8") if has_lone_surrogate(text) else text
+
+
+def json_storable(value: Any) -> Any:
+    """A JSON value (a client's or a model's, kept as it came) with every string in it, keys too, as
+    ``text_storable`` makes it: PostgreSQL's ``jsonb`` cannot hold U+0000 either."""
+    if isinstance(value, str):
+        return text_storable(value)
+    if isinstance(value, dict):
+        return {text_storable(name): json_storable(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [json_storable(item) for item in value]
+    return value

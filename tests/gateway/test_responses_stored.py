@@ -331,3 +331,26 @@ def test_a_previous_tool_call_without_its_output_is_a_400_as_openai_answers(gate
     assert client.responses.create(model=model, tools=[WEATHER], input=[given, answered]).output_text == (
         "Tool result: sunny"
     )
+
+
+def test_a_response_whose_input_holds_nul_characters_is_stored_and_chains(gateway):
+    """A tool's output with a NUL (Codex's shell read a binary file): PostgreSQL cannot hold U+0000 in text or JSON,
+    so the response was not stored (``store: false``) and the next turn's ``previous_response_id`` was not found.
+    Kept as chat messages are (``text_storable``): without the NUL, on every database alike."""
+    client = gateway.client()
+    body = {
+        "model": "gpt-test",
+        "instructions": "Be\x00 brief.",
+        "input": [{"role": "user", "content": "ELF\x00\x00 [[reply=ok]]"}],
+        "metadata": {"note\x00": "x\x00"},
+    }
+    first = client.responses.create(**body)
+    assert first.store is True and first.output_text == "ok"
+    kept = client.responses.retrieve(first.id)
+    assert kept.instructions == "Be brief." and kept.metadata == {"note": "x"}
+    [item] = client.responses.input_items.list(first.id).data
+    assert item.content[0].text == "ELF [[reply=ok]]"
+    second = client.responses.create(model="gpt-test", previous_response_id=first.id, input="more [[reply=two]]")
+    assert second.output_text == "two"
+    sent = gateway.upstream.requests[-1]["body"]["messages"]
+    assert [_text(message["content"]) for message in sent] == ["ELF [[reply=ok]]", "ok", "more [[reply=two]]"]
