@@ -133,6 +133,14 @@ class StoredResponseAdmin(admin.ModelAdmin):
         "expires_at",
     ]
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StoredResponse]:
+        queryset = super().get_queryset(request)
+        if request.resolver_match is not None and request.resolver_match.url_name.endswith("_changelist"):
+            # The list shows ids, owners and dates; a response's own page shows what it holds (megabytes, for a
+            # long chain's every turn or its images as data URLs).
+            return queryset.defer("input_items", "output_items", "instructions", "usage", "response")
+        return queryset
+
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[StoredResponse], search_term: str
     ) -> tuple[QuerySet[StoredResponse], bool]:

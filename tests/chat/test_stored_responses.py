@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from billing.services.keys import api_key_create
@@ -78,3 +80,16 @@ def test_the_admin_shows_them_read_only_and_finds_one_by_its_id(admin_client):
     assert page.status_code == 200 and "private words" in page.content.decode()
     assert 'name="_save"' not in page.content.decode()
     assert admin_client.get(reverse("admin:chat_storedresponse_add")).status_code == 403
+
+
+def test_the_admin_list_reads_no_stored_conversation(admin_client):
+    """The list shows ids, owners, models and dates; it read every column of its 100 rows, each response's whole
+    input with it (a chain's every turn, its images as data URLs: megabytes a row). Its own page shows them."""
+    response = stored(UserFactory(username="alice"))
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(reverse("admin:chat_storedresponse_changelist"))
+    assert page.status_code == 200 and "resp_1" in page.content.decode()
+    read = [query["sql"] for query in queries if 'FROM "chat_storedresponse"' in query["sql"]]
+    assert read and not any(column in sql for sql in read for column in ('"input_items"', '"output_items"'))
+    page = admin_client.get(reverse("admin:chat_storedresponse_change", args=[response.pk]))
+    assert "private words" in page.content.decode()
