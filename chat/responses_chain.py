@@ -52,7 +52,8 @@ def input_item_resource(item: dict[str, Any]) -> dict[str, Any]:
     kind = item.setdefault("type", "message")
     if kind == "local_shell_call_output":
         item.setdefault("call_id", item["id"])  # the spec names the call by its `id`, and requires `call_id` too
-    item.setdefault("id", _item_id(kind))
+    if item.get("id") is None:  # none given, or a null (a client's model dumped whole)
+        item["id"] = _item_id(kind)
     if kind == "message":
         assistant = item.get("role") == "assistant"
         item["content"] = _parts(item.get("content"), "output_text" if assistant else "input_text")

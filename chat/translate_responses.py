@@ -158,11 +158,23 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
     thoughts: list[tuple[str, str]] = []  # reasoning items given back, (text, where), for the next assistant turn
     calls: dict[str, str] = {}  # the tool calls given back, by their id, each with its kind, awaiting their output
     answered: set[str] = set()
+    ids: set[str] = set()  # the items' own ids (a local shell call's output names its call by `id`: not its own)
     for index, item in enumerate(value):
         where = f"input[{index}]"
         if not isinstance(item, dict):
             _fail(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
         kind = item.get("type", "message")
+        if item.get("id") is not None and kind != "local_shell_call_output":
+            if not isinstance(item["id"], str):
+                _fail(f"Invalid type for '{where}.id': expected a string.", f"{where}.id", "invalid_type")
+            if item["id"] in ids:
+                # As OpenAI answers: the model would get the item twice, and a stored list's `after` names one.
+                _fail(
+                    f"Duplicate item found with id {text_quoted(item['id'])}. Remove duplicate items from your input "
+                    "and try again.",
+                    "input",
+                )
+            ids.add(item["id"])
         if kind != "reasoning" and (kind != "message" or item.get("role") != "assistant") and not _named(kind, _CALLS):
             thoughts = []  # reasoning that no assistant turn follows belongs to none
         if kind == "message":

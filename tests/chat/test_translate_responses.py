@@ -6,6 +6,7 @@ stream's."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -129,7 +130,13 @@ def test_a_custom_tools_input_written_bare_is_kept_whole():
 
 
 def thought(text: str) -> dict:
-    return {"type": "reasoning", "id": "rs", "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+    # Each its own id: items of one id are refused, as OpenAI refuses them.
+    return {
+        "type": "reasoning",
+        "id": f"rs_{uuid.uuid4().hex}",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
 
 
 def test_reasoning_given_back_goes_with_the_assistant_turn_it_led_to_and_only_with_one():

@@ -354,3 +354,35 @@ def test_a_response_whose_input_holds_nul_characters_is_stored_and_chains(gatewa
     assert second.output_text == "two"
     sent = gateway.upstream.requests[-1]["body"]["messages"]
     assert [_text(message["content"]) for message in sent] == ["ELF [[reply=ok]]", "ok", "more [[reply=two]]"]
+
+
+def test_an_item_id_given_twice_is_a_400_as_openai_answers(gateway):
+    """Items of one id in the whole input (an output item sent again beside the `previous_response_id` that holds
+    it, as some SDKs do): OpenAI answers 400 "Duplicate item found with id …". Sent on, the model got the turn twice,
+    and the stored items shared an id: the SDK's pager following `after` over them never ended."""
+    client = gateway.client()
+    first = client.responses.create(model="gpt-test", input="hi [[reply=ok]]")
+    served = gateway.upstream.requests_served()
+    again = first.output[0].model_dump(exclude_none=True)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(
+            model="gpt-test", previous_response_id=first.id, input=[again, {"role": "user", "content": "more"}]
+        )
+    assert refused.value.body == {
+        "message": f"Duplicate item found with id {again['id']}. Remove duplicate items from your input and try again.",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "invalid_value",
+    }
+    twice = [{"id": "msg_1", "role": "user", "content": text} for text in ("a", "b [[reply=ok]]")]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-test", input=twice)
+    assert refused.value.body["message"].startswith("Duplicate item found with id msg_1.")
+    assert gateway.upstream.requests_served() == served
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-test", input=[{"id": 7, "role": "user", "content": "hi"}])
+    assert refused.value.body["param"] == "input[0].id"
+    # A null id is none: the item gets one of its own.
+    unnamed = client.responses.create(model="gpt-test", input=[{"id": None, "role": "user", "content": "[[reply=ok]]"}])
+    [item] = client.responses.input_items.list(unnamed.id).data
+    assert item.id.startswith("msg_")
