@@ -42,7 +42,7 @@ from core.telemetry import (
     request_observed,
     request_started,
 )
-from core.text import text_storable
+from core.text import text_quoted, text_storable
 from core.tracing import TraceStart, trace_attempt_begin, trace_attempt_end, trace_begin
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from experiments.overrides import overrides_for_messages
@@ -528,9 +528,10 @@ async def _responses_translate(
     try:
         stored = await sync_to_async(_stored_response_reached)(caller, previous)
     except NotFoundError:
-        # OpenAI's answer for an id unknown, expired or another's alike (a 400, as the SDKs and Codex expect it).
+        # OpenAI's answer for an id unknown, expired or another's alike (a 400, as the SDKs and Codex expect it); the
+        # id quoted as JSON can carry it (a lone surrogate cannot be encoded) and not 100,000 characters long.
         raise InvalidRequestError(
-            f"Previous response with id '{previous}' not found.",
+            f"Previous response with id '{text_storable(text_quoted(previous))}' not found.",
             param="previous_response_id",
             code="previous_response_not_found",
         ) from None

@@ -14,6 +14,7 @@ from django.utils import timezone
 from billing.models import KeyScope, UsageRecord
 from billing.selectors import api_key_subtree_ids
 from core.exceptions import ApplicationError
+from core.text import text_storable
 
 from .history import Turn
 from .models import Conversation, Message, MessageStatus, Role, StoredResponse
@@ -182,9 +183,18 @@ def stored_responses_reached(*, reach: ConversationReach, now: datetime | None =
     return StoredResponse.objects.filter(reach.conversations(), expires_at__gt=now or timezone.now())
 
 
+def stored_response_id_storable(response_id: str) -> bool:
+    """Whether a row could have ``response_id``: one with a NUL (PostgreSQL refuses it in a query) or a lone
+    surrogate (UTF-8 cannot encode it) is no response's, and asking the database for it is a 500."""
+    return text_storable(response_id) == response_id
+
+
 def stored_response_get(*, reach: ConversationReach, response_id: str, now: datetime | None = None) -> StoredResponse:
-    """The stored response ``response_id``; ``NotFoundError`` for one unknown, expired or out of reach alike."""
-    stored = stored_responses_reached(reach=reach, now=now).filter(response_id=response_id).first()
+    """The stored response ``response_id``; ``NotFoundError`` for one unknown, expired or out of reach alike, and
+    for an id no row can hold (``stored_response_id_storable``)."""
+    stored = None
+    if stored_response_id_storable(response_id):
+        stored = stored_responses_reached(reach=reach, now=now).filter(response_id=response_id).first()
     if stored is None:
         raise NotFoundError(f"No response found with id '{response_id}'.", param="response_id")
     return stored

@@ -13,7 +13,7 @@ from core.text import json_storable, text_storable
 
 from .models import StoredResponse
 from .responses_chain import input_items
-from .selectors import ConversationReach, stored_responses_reached
+from .selectors import ConversationReach, stored_response_id_storable, stored_responses_reached
 
 EXPIRE_BATCH_SIZE = 1000
 # What the ``Response`` says apart from what has its own column.
@@ -45,6 +45,8 @@ def stored_response_save(
 
 def stored_response_delete(*, reach: ConversationReach, response_id: str, now: datetime | None = None) -> bool:
     """Delete the stored response ``response_id`` if ``reach`` reaches it; whether one was deleted."""
+    if not stored_response_id_storable(response_id):
+        return False
     deleted, _ = stored_responses_reached(reach=reach, now=now).filter(response_id=response_id).delete()
     return bool(deleted)
 

@@ -4,6 +4,7 @@ fake upstream behind it (which records what it was sent). Objects are checked ag
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -386,3 +387,29 @@ def test_an_item_id_given_twice_is_a_400_as_openai_answers(gateway):
     unnamed = client.responses.create(model="gpt-test", input=[{"id": None, "role": "user", "content": "[[reply=ok]]"}])
     [item] = client.responses.input_items.list(unnamed.id).data
     assert item.id.startswith("msg_")
+
+
+def test_an_id_no_row_can_hold_is_not_found_not_a_500(gateway):
+    """A NUL (PostgreSQL refuses one in a query) or a lone surrogate (UTF-8 cannot encode one) in a response's id:
+    no response has that id, so it is the answer to an unknown id, never a 500."""
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    for method, path in (
+        ("GET", "resp_%00x"),
+        ("DELETE", "resp_%00x"),
+        ("GET", "resp_%00x/input_items"),
+        ("POST", "resp_%00x/cancel"),
+    ):
+        reply = httpx.request(method, f"{gateway.url}/v1/responses/{path}", headers=headers, timeout=20)
+        assert reply.status_code == 404, reply.text
+        assert reply.json()["error"]["code"] == "not_found"
+    for previous in ("resp_\x00x", "resp_\ud800x"):
+        body = json.dumps({"model": "gpt-test", "input": "hi", "previous_response_id": previous})  # escaped, ASCII
+        reply = httpx.post(
+            f"{gateway.url}/v1/responses",
+            content=body,
+            headers={**headers, "Content-Type": "application/json"},
+            timeout=20,
+        )
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["code"] == "previous_response_not_found"
+        assert wait_for_record(reply.headers["x-request-id"]).status == "rejected"
