@@ -785,3 +785,19 @@ def test_a_policy_in_use_cannot_be_deleted_until_nothing_names_it(admin_client):
     model.save()
     assert admin_client.post(url, {"post": "yes"}).status_code == 302
     assert not ModerationPolicy.objects.filter(pk=used.pk).exists()
+
+
+@pytest.mark.django_db
+def test_the_admin_refuses_a_list_of_more_entries_than_it_holds_and_says_how_many(admin_client):
+    """A list holds at most 2,000 entries (docs/moderation.md): one more is the form's error, saying how many it has,
+    not a server error nor a list cut short; comments and blank lines do not count."""
+    url = reverse("admin:providers_moderationpolicy_add")
+    words = [f"word{number}" for number in range(2_001)]
+
+    refused = admin_client.post(url, policy_form(blocklist="\n".join(words)))
+    saved = admin_client.post(url, policy_form(blocklist="# house rules\n\n" + "\n".join(words[:2_000])))
+
+    assert refused.status_code == 200
+    assert "At most 2000 entries (this list has 2001)." in refused.content.decode()
+    assert saved.status_code == 302
+    assert ModerationPolicy.objects.get().blocklist.count("\n") == 2_001
