@@ -137,10 +137,12 @@ class ModerationPolicyAdmin(admin.ModelAdmin):
 
     @admin.display(description="patterns that cannot match")
     def unmatchable_patterns(self, obj: ModerationPolicy) -> SafeString:
-        """Patterns saved before the plain form dropped accents and folded ß: the text they meet has neither."""
+        """Patterns saved before the plain form dropped accents, folded ß and read look-alikes in a Latin word as Latin
+        letters: the text they meet has none of them."""
         return format_html(
             '<ul class="errorlist">{}</ul>The text a pattern meets is in its plain form (without accents and other '
-            "marks added to letters, ß as ss): save the policy with each written in that form.",
+            "marks added to letters, ß as ss, a Cyrillic or Greek letter drawn like a Latin one read as it in a word "
+            "with Latin letters): save the policy with each written in that form.",
             format_html_join(
                 "",
                 "<li>Line {}: re:{} cannot match; write it in the plain form: re:{}</li>",

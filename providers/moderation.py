@@ -509,6 +509,36 @@ def _plain_entry(value: str) -> str:
     return _lookalikes_read(value, 0, len(value), len(value))[0]
 
 
+# In a pattern, what is not a literal run of letters: an escape (``\b``, ``\pL``, ``\x{43e}``) or a character class
+# (``[оo]`` lists a letter of each script on purpose). Blanked before a pattern's look-alikes are looked for.
+_PATTERN_NOT_LITERAL = re.compile(
+    r"\\(?:[pP](?:\{[^}]*\}|.)|x(?:\{[^}]*\}|[0-9A-Fa-f]{0,2})|.)"  # an escape
+    r"|\[\^?\]?(?:\\.|[^\]\\])*\]",  # a character class
+    re.S,
+)
+
+
+def pattern_plain(value: str) -> str:
+    """A ``re:`` pattern as it must be written to match the text a scan reads: in the plain form, and with a
+    Cyrillic or Greek look-alike in a literal run that mixes it with Latin letters (``fоrbid``) written as the Latin
+    letter, since the text's such words are read so (the pattern would never match them). Escapes and character
+    classes are left as they are (``\\bсор\\b`` is a Russian word between boundaries, ``с[оo]р`` either spelling)."""
+    value = plain_form(value)
+    if _HAS_LOOKALIKE.search(value) is None:
+        return value
+    probe = _PATTERN_NOT_LITERAL.sub(lambda match: " " * len(match.group()), value)
+    mixed = [word.span() for word in _MIXED_WORD.finditer(probe)]
+    if not mixed:
+        return value
+    pieces: list[str] = []
+    kept = 0
+    for begin, end in mixed:
+        pieces += (value[kept:begin], value[begin:end].translate(_LOOKALIKES))
+        kept = end
+    pieces.append(value[kept:])
+    return "".join(pieces)
+
+
 def _folded(value: str) -> str:
     return " ".join(value.split()).casefold()
 
@@ -637,12 +667,12 @@ def blocklist_problems(text: str) -> list[str]:
         if not value:
             problems.append(f"Line {line}: an empty pattern.")
             continue
-        if plain_form(value) != value:
+        if pattern_plain(value) != value:
             problems.append(
                 f"Line {line}: a pattern is matched against the plain form of a text (full-width letters, ligatures "
                 f"and other compatibility forms mapped to their plain letters, accents and other marks added to "
-                f"letters and invisible characters left out): "
-                f"write it in that form (re:{plain_form(value)})."
+                f"letters and invisible characters left out, Cyrillic and Greek letters drawn like Latin ones read "
+                f"as those in a word with Latin letters): write it in that form (re:{pattern_plain(value)})."
             )
             continue
         if len(value) > MAX_PATTERN_CHARS:
@@ -665,13 +695,14 @@ def blocklist_problems(text: str) -> list[str]:
 
 def blocklist_unmatchable(text: str) -> list[tuple[int, str, str]]:
     """The ``re:`` patterns of a saved block-list that are not in the plain form, as (line, pattern, the pattern in
-    the plain form): saved before the plain form dropped accents and folded ``ß`` (5 December), they can never
-    match the letters the plain form took out of the text. ``blocklist_problems`` refuses them on the next save;
+    the plain form, ``pattern_plain``): saved before the plain form dropped accents and folded ``ß``, or before a
+    look-alike in a Latin run was refused (5 December), they can never match the letters the plain form took out of
+    the text. ``blocklist_problems`` refuses them on the next save;
     the admin flags those already saved."""
     return [
-        (line, value, plain_form(value))
+        (line, value, pattern_plain(value))
         for line, value, is_pattern in blocklist_entries(text)
-        if is_pattern and value and plain_form(value) != value
+        if is_pattern and value and pattern_plain(value) != value
     ]
 
 

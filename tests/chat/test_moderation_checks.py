@@ -245,6 +245,37 @@ def test_a_pattern_is_matched_against_the_plain_form_and_one_that_is_not_written
     assert problem.startswith("Line 1:") and "re:secret" in problem
 
 
+@pytest.mark.parametrize("text", LOOKALIKES.values(), ids=LOOKALIKES.keys())
+def test_a_pattern_meets_look_alike_letters_read_as_latin_and_one_written_with_them_is_refused(text):
+    """A pattern reads the text a word or phrase does, look-alikes in a Latin word read as Latin letters: ``forbid\\w+``
+    is not passed by "fоrbidden" with a Cyrillic "о". A pattern written with such a letter in a Latin run
+    (``fоrbid\\w+``) could therefore never match, and was saved without a word: the admin refuses it, rewritten."""
+    assert Blocklist("re:forbid\\w+").scan(text).where == "entry 1 at character 4"
+    assert Blocklist("re:\\bforbidden\\b").scan(text).where == "entry 1 at character 4"
+
+    (problem,) = blocklist_problems("re:f\u043erbid\\w+")
+    assert problem.startswith("Line 1:") and "(re:forbid\\w+)" in problem
+    (problem,) = blocklist_problems("re:FORBIDD\u0415N")
+    assert "(re:FORBIDDEN)" in problem
+    # Cyrillic between escapes, a class naming both spellings, a Russian word: patterns that can match, taken.
+    assert blocklist_problems("re:\\bсор\\b\nre:с[оo]р\nre:\\sпривет\\pL*") == []
+    assert Blocklist("re:с[оo]р").scan("на полу был сор").where == "entry 1 at character 12"
+
+
+async def test_a_pattern_meets_look_alikes_read_as_latin_in_a_stream_whichever_piece_makes_the_word_mixed():
+    _, guard = guard_for(policy(blocklist="re:forbid\\w+"))
+
+    relayed = []
+    with pytest.raises(ContentPolicyViolationError) as blocked:
+        for piece in ["say f", "\u043e", "rbidd", "en now"]:
+            if await guard.feed(piece):
+                relayed.append(piece)
+        await guard.finish()
+
+    assert blocked.value.moderation == 'blocked output: blocklist (entry 1 at character 4), policy "p"'
+    assert "forbidd" not in "".join(relayed).replace("\u043e", "o")
+
+
 @pytest.mark.parametrize("where", ["first", "seam", "last"])
 async def test_a_whole_input_is_scanned_in_its_plain_form_however_long(where):
     """The windows are read in the plain form: a character that grows 18-fold (U+FDFA) cannot push a word out

@@ -48,3 +48,16 @@ def test_a_sound_policy_page_flags_nothing(admin_client):
     page = admin_client.get(reverse("admin:providers_moderationpolicy_change", args=[sound.pk])).content.decode()
 
     assert "cannot match" not in page
+
+
+def test_a_saved_pattern_with_a_look_alike_letter_in_a_latin_word_is_flagged_with_its_latin_spelling(admin_client):
+    """A scan reads a Cyrillic "о" in a Latin word as "o", so ``fоrbid\\w+`` written with one can never match; saved
+    before the admin refused it, it was not flagged either. A Russian pattern is."""
+    stale = ModerationPolicy.objects.create(name="old rules", blocklist="re:f\u043erbid\\w+\nre:\\bсор\\b")
+
+    page = admin_client.get(reverse("admin:providers_moderationpolicy_change", args=[stale.pk])).content.decode()
+    listed = admin_client.get(reverse("admin:providers_moderationpolicy_changelist")).content.decode()
+
+    assert "Line 1: re:f\u043erbid\\w+ cannot match" in page and "plain form: re:forbid\\w+" in page
+    assert "Line 2" not in page
+    assert "1 pattern cannot match" in listed
