@@ -443,6 +443,42 @@ async def test_a_templates_own_text_is_not_checked_only_what_the_caller_gives(ch
     assert "entry 1 at character 0 of prompt.variables.tags" in row.moderation
 
 
+async def test_an_openai_policy_is_not_asked_about_a_run_that_gives_no_text_of_its_own(
+    chat_model, fake_upstream, alice_caller
+):
+    """The template's text is the admin's, trusted: a run whose caller gives no variable (nor tools) has no input
+    of the caller's to read, and asks the moderation service nothing, rather than a question about empty text or
+    about the template. A run that gives a variable asks about it alone."""
+
+    def fixed_prompt() -> None:
+        template = PromptTemplate.objects.create(slug="fixed")
+        PromptVersion.objects.create(
+            template=template,
+            number=1,
+            messages=[{"role": "user", "content": "[[reply=Rye it is.]] Suggest a bread. [flag:violence]"}],
+            variables=[{"name": "notes", "type": "string", "default": "[flag:violence]"}],
+        )
+        chat_model.moderation_policy = ModerationPolicy.objects.create(
+            name="safety",
+            checker=ModerationChecker.OPENAI,
+            moderation_provider=chat_model.deployments.get().provider,
+            check_output=False,
+        )
+        chat_model.save()
+
+    await sync_to_async(fixed_prompt)()
+
+    result = await prompt_run(caller=alice_caller, slug="fixed", variables={}, model=chat_model.name)
+    assert result.output == "Rye it is."
+    assert [r["path"] for r in fake_upstream.requests] == ["/v1/chat/completions"]
+    rows = await ledger_rows(result.request_ids)
+    assert [row.moderation for row in rows.values()] == [""]
+
+    await prompt_run(caller=alice_caller, slug="fixed", variables={"notes": "rye"}, model=chat_model.name)
+    asked = [r["body"]["input"] for r in fake_upstream.requests if r["path"] == "/v1/moderations"]
+    assert asked == ["rye"]
+
+
 async def test_a_repair_does_not_read_the_models_first_reply_as_input(chat_model, fake_upstream, alice_caller):
     """The repair sends the model's first reply back as an assistant turn: the server's own, not the client's
     text (the rendered messages were read by the first request's check). It is not read as input."""
