@@ -219,6 +219,26 @@ def _plain_with(text: str, dropped: re.Pattern[str], folds: tuple[tuple[str, str
 
 _plain_group = functools.lru_cache(maxsize=4096)(_plain)  # a character and its marks, or a short run
 
+# The scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, and Chinese and Japanese (kana, the
+# CJK ideographs and their iteration marks). A text's words there are one run of letters, so an entry's edge in one of
+# them is matched without a word boundary. (Python's ``re`` has no script property: the scripts' blocks.)
+_UNSPACED_RANGES = (
+    (0x0E00, 0x0EFF),  # Thai, Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x19E0, 0x19FF),  # Khmer symbols
+    (0x3005, 0x3007),  # 々 〆 〇
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x31F0, 0x31FF),  # Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xA9E0, 0xA9FF),  # Myanmar extended B
+    (0xAA60, 0xAA7F),  # Myanmar extended A
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x323AF),  # CJK extensions B to H, compatibility supplement
+)
+_UNSPACED = re.compile("[" + "".join(f"\\U{low:08x}-\\U{high:08x}" for low, high in _UNSPACED_RANGES) + "]")
+
 # The letters of Cyrillic and Greek drawn as a Latin one (a small table of Unicode TR39's confusables: no library of
 # them is installed), in their plain form. A word that mixes them with Latin letters reads them as those letters:
 # "fоrbidden" with a Cyrillic "о" is "forbidden". A word wholly of one script is left as it is: Russian "сор" is
@@ -416,12 +436,20 @@ class Blocklist:
         self._patterns = [(line, _re2_compile(value)) for line, value, is_pattern in entries if is_pattern]
         self._words_by_line = words
         self._line_of_word = {_folded(value): line for line, value in words}
-        self._words = _words_regex(tuple(value for _, value in words)) if words else None
+        # An entry's edge in a script written without spaces between words (Thai, Chinese...) needs no word boundary
+        # there: the text's words run into one another, so the entry is matched inside a longer run.
+        edges: dict[tuple[bool, bool], list[str]] = {}
+        for _, value in words:
+            edge = (_UNSPACED.match(value[0]) is None, _UNSPACED.match(value[-1]) is None)
+            edges.setdefault(edge, []).append(value)
+        spaced = edges.pop((True, True), None)
+        self._words = _words_regex(tuple(spaced)) if spaced else None
+        self._unspaced = [_words_regex(tuple(values), *edge) for edge, values in sorted(edges.items())]
         longest = max((len(value) for _, value in words), default=0) + 1
         self.overlap = max(longest, PATTERN_OVERLAP_CHARS if self._patterns else 0)
 
     def __bool__(self) -> bool:
-        return self._words is not None or bool(self._patterns)
+        return self._words is not None or bool(self._unspaced) or bool(self._patterns)
 
     def scan(self, text: str, *, final: bool = True) -> Hit | None:
         """The first entry found in ``text``. Not ``final`` (a stream's text so far), a match that reaches the end
@@ -499,6 +527,8 @@ class Blocklist:
     def _matchers(self) -> Iterator[tuple[int | None, Any]]:
         if self._words is not None:
             yield None, self._words
+        for words in self._unspaced:
+            yield None, words
         yield from self._patterns
 
 
@@ -548,7 +578,7 @@ def _word_pattern(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _words_regex(values: tuple[str, ...]) -> re.Pattern[str]:
+def _words_regex(values: tuple[str, ...], left: bool = True, right: bool = True) -> re.Pattern[str]:
     r"""Words and phrases (plain forms, their words one space apart) as one case-insensitive regular expression
     that finds them as whole words, ``(?<!\w)(?:...)(?!\w)``, at each position the longest that is whole (a
     phrase wins over the word it begins with; "kill" is found in "kill the killers").
@@ -559,14 +589,16 @@ def _words_regex(values: tuple[str, ...]) -> re.Pattern[str]:
     character by, so that no two branches match the same character of a text (``k`` and the Kelvin sign ``K``,
     ``s`` and ``ſ`` share one): the first whole match found is then the longest, as it was with the alternation
     sorted longest first. Kept by the values, as ``re`` keeps a compiled pattern: a policy's snapshot is built
-    again whenever its cached copy runs out."""
+    again whenever its cached copy runs out. Without ``left`` (``right``), a match needs no word boundary before (after)
+    it: entries that begin (end) in a script written without spaces."""
     trie: dict[str, Any] = {}
     for value in values:
         node = trie
         for character in value:
             node = node.setdefault(_case_class(character), [character, {}])[1]
         node[""] = value
-    return re.compile(rf"(?<!\w){_trie_pattern(trie, 0)}(?!\w)", re.IGNORECASE)
+    before, after = "(?<!\\w)" if left else "", "(?!\\w)" if right else ""
+    return re.compile(f"{before}{_trie_pattern(trie, 0)}{after}", re.IGNORECASE)
 
 
 @functools.cache

@@ -228,6 +228,37 @@ def test_what_is_not_the_word_is_still_not_matched(text):
     assert Blocklist("forbidden").scan(text) is None
 
 
+# A word of each script written without spaces, in a sentence that runs it into its neighbours (a zero-width space
+# between words, as Thai and Khmer may write, is invisible and dropped).
+UNSPACED = {
+    "Thai": ("ภาษา", "คนพูดภาษาไทย", 5),
+    "Thai, a zero-width space": ("ภาษา", "คนพูด\u200bภาษา\u200bไทย", 6),
+    "Lao": ("ພາສາ", "ເວົ້າພາສາລາວ", 5),
+    "Khmer": ("ភាសា", "និយាយភាសាខ្មែរ", 5),
+    "Myanmar": ("ဘာသာ", "မြန်မာဘာသာစကား", 6),
+    "Chinese": ("杀", "我要杀你", 2),
+    "Japanese": ("ばか", "おまえはばかだ", 4),
+}
+
+
+@pytest.mark.parametrize(("entry", "text", "at"), UNSPACED.values(), ids=UNSPACED.keys())
+def test_an_entry_in_a_script_written_without_spaces_is_found_inside_a_run_of_it(entry, text, at):
+    """Thai, Lao, Khmer, Myanmar, Chinese and Japanese put no space between words, so a word there never stood whole
+    between boundaries and a list naming it was passed by every sentence holding it (an entry needed a pattern)."""
+    assert Blocklist(f"forbidden\n{entry}").scan(text).where == f"entry 2 at character {at}"
+
+
+def test_only_the_edges_of_an_entry_written_without_spaces_go_without_a_word_boundary():
+    blocklist = Blocklist("iPhone手机\nforbidden")
+
+    assert blocklist.scan("买 iPhone手机壳").where == "entry 1 at character 2"  # 手机 runs into 壳
+    assert blocklist.scan("xiPhone手机") is None  # the Latin edge is still a word's
+    assert blocklist.scan("unforbidden 禁止") is None
+    assert blocklist.scan("ภาษ") is None
+    assert Blocklist("ภาษา").scan("คนพูดภาษ", final=False) is None
+    assert Blocklist("ภาษา").scan("คนพูดภาษา", final=False) is None  # a longer entry may yet follow: held back
+
+
 def test_an_entry_that_is_only_invisible_characters_matches_nothing_and_is_refused():
     blocklist = Blocklist("\u200b\u200d\nforbidden")
 
