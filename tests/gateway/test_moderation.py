@@ -181,6 +181,23 @@ def test_words_that_only_look_alike_after_normalising_are_not_refused(gateway):
         assert reply.choices[0].message.content == f"Echo: {text}"
 
 
+def test_an_entry_in_a_script_without_spaces_and_a_pattern_through_look_alikes_are_refused(gateway):
+    """A Thai or Chinese entry inside a sentence of its script (no spaces between the words) went upstream; so did
+    nothing else here, but a pattern meets look-alike letters read as Latin too (a Cyrillic "о")."""
+    policy_on("gpt-test", blocklist="ภาษา\n杀\nre:forbid\\w+", check_output=False)
+    client = gateway.client()
+
+    for text, entry in (("คนพูดภาษาไทย", 1), ("我要杀你", 2), ("the f\u043erbidden word", 3)):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": text}])
+        assert refused.value.code == "content_policy_violation"
+        record = wait_for_record(refused.value.response.headers["x-request-id"])
+        assert record.moderation.startswith(f"blocked input: blocklist (entry {entry} at character")
+    served = client.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "คนพูดไทย"}])
+    assert served.choices[0].message.content == "Echo: คนพูดไทย"
+    assert gateway.upstream.requests_served(CHAT) == 1
+
+
 def _called(arguments: str) -> dict:
     return {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": arguments}}
 
