@@ -252,11 +252,25 @@ def test_only_the_edges_of_an_entry_written_without_spaces_go_without_a_word_bou
     blocklist = Blocklist("iPhone手机\nforbidden")
 
     assert blocklist.scan("买 iPhone手机壳").where == "entry 1 at character 2"  # 手机 runs into 壳
+    assert blocklist.scan("买iPhone手机").where == "entry 1 at character 1"  # 买 is no letter of a Latin word
     assert blocklist.scan("xiPhone手机") is None  # the Latin edge is still a word's
     assert blocklist.scan("unforbidden 禁止") is None
     assert blocklist.scan("ภาษ") is None
     assert Blocklist("ภาษา").scan("คนพูดภาษ", final=False) is None
     assert Blocklist("ภาษา").scan("คนพูดภาษา", final=False) is None  # a longer entry may yet follow: held back
+
+
+@pytest.mark.parametrize(
+    "text", ["我要forbidden的东西", "ภาษาforbiddenไทย", "ことばforbiddenです", "我要ｆｏｒｂｉｄｄｅｎ的"]
+)
+def test_a_latin_word_written_against_a_script_without_spaces_is_a_whole_word(text):
+    """Chinese, Japanese or Thai text runs a Latin word into its own letters with no space: a letter of those
+    scripts counted as the word's, so "我要forbidden的" went past a list naming "forbidden"."""
+    assert Blocklist("forbidden").scan(text) is not None
+    assert Blocklist("forbid").scan(text) is None  # the Latin letters around it still make the word longer
+    # A window (a stream's next scan) that begins with the word reads the letter before it all the same.
+    plain = PlainText(text.split("forbidden")[0] + "forbidden, now")
+    assert Blocklist("forbidden").scan_open(plain, start=plain.text.index("forbidden"))[0] is not None
 
 
 def test_an_entry_that_is_only_invisible_characters_matches_nothing_and_is_refused():
