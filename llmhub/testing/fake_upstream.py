@@ -107,7 +107,9 @@ Replies
     ``[[thinking=some text]]`` (Anthropic only, in a request whose ``thinking`` is enabled: ``{"type": "enabled",
     "budget_tokens": N}`` or ``{"type": "adaptive"}``) puts a ``thinking`` block of that text, with a ``signature``,
     before the reply, as extended thinking does (streamed: ``thinking_delta`` events in pieces, then a
-    ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``. The
+    ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``, but, as
+    Anthropic's, they count against ``max_tokens``: the thinking is cut at ``budget_tokens`` and the reply gets
+    what is left of ``max_tokens`` (a thinking of N words leaves ``max_tokens - N`` to the reply). The
     Anthropic routes refuse what Anthropic refuses with thinking (``_validate_anthropic_thinking``). On the
     Gemini routes, unless ``thinkingBudget`` is 0, its words are billed as ``thoughtsTokenCount``, and with
     ``includeThoughts`` the text comes before the answer as a ``thought`` part (streamed: in pieces of its own).
@@ -557,11 +559,18 @@ _THINKING_SIGNATURE = "ZmFrZS10aGlua2luZy1zaWduYXR1cmU="
 
 
 def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str | None:
-    """The text of the ``thinking`` block a ``[[thinking=TEXT]]`` asks for, when the request enables thinking."""
+    """The text of the ``thinking`` block a ``[[thinking=TEXT]]`` asks for, when the request enables thinking: cut
+    at its ``budget_tokens``, where Claude stops thinking."""
     setting = body.get("thinking")
     if not isinstance(setting, dict) or setting.get("type") not in ("enabled", "adaptive"):
         return None
-    return directives.get("thinking") or None
+    thinking = directives.get("thinking") or None
+    budget = setting.get("budget_tokens")
+    if thinking is not None and isinstance(budget, int) and not isinstance(budget, bool):
+        tokens = split_tokens(thinking)
+        if len(tokens) > budget:
+            thinking = "".join(tokens[:budget])
+    return thinking
 
 
 def _gemini_thought(config: dict[str, Any], directives: dict[str, str]) -> str | None:
@@ -2106,7 +2115,10 @@ class _App:
         if invalid is not None:
             return invalid
         stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
-        reply = _build_reply(conv, _anthropic_tool(body), body["max_tokens"], stops, "toolu_", self.demo)
+        thinking = _anthropic_thinking(body, conv.directives)
+        # As Anthropic's, ``max_tokens`` bounds the thinking and the reply together: the reply has what is left.
+        room = max(0, body["max_tokens"] - (len(split_tokens(thinking)) if thinking is not None else 0))
+        reply = _build_reply(conv, _anthropic_tool(body), room, stops, "toolu_", self.demo)
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         written = min(_directive_int(conv.directives, "cache_write") or 0, conv.prompt_tokens - cached)
         written_1h = min(_directive_int(conv.directives, "cache_write_1h") or 0, written)
@@ -2131,7 +2143,6 @@ class _App:
             "stop_sequence": None,
             "usage": usage,
         }
-        thinking = _anthropic_thinking(body, conv.directives)
         if stream:
             return await self._anthropic_stream(request, message, reply, timing, fault, thinking)
         await self._pause(timing.whole_reply(len(reply.tokens)))

@@ -63,6 +63,9 @@ _PASSTHROUGH = ("temperature", "top_p", "top_k", "thinking")
 # ``none`` leaves thinking off.
 THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
 _LEAST_THINKING_BUDGET = 1024
+# The room a reply keeps under a client's output limit when ``reasoning_effort`` sets the thinking budget: thinking
+# counts in the limit, and a budget of all but one token of it left the reply about one token.
+ANSWER_FLOOR = 1024
 
 
 def _invalid(message: str, param: str, code: str = "invalid_value") -> ProviderBadRequestError:
@@ -126,8 +129,9 @@ def _max_tokens_name(body: dict[str, Any]) -> str | None:
 def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:
     """``reasoning_effort`` as Claude's extended thinking (``THINKING_BUDGETS``). As on OpenAI's reasoning models,
     the output limit bounds the thinking and the reply together, and it is a cost ceiling (the client's, or the
-    one llmhub picked for a budget): it is never raised. The budget is lowered to fit under it; a limit too small
-    for Anthropic's least budget is a 400. Without a limit, the default room for the reply is added to the budget.
+    one llmhub picked for a budget): it is never raised. The budget gives way so that the reply keeps
+    ``ANSWER_FLOOR`` tokens of the limit, down to Anthropic's least budget (then the reply has the rest); a limit
+    too small for that least budget is a 400. Without a limit, the default room for the reply is added to the budget.
     Claude thinks only at temperature 1 and ``top_p`` of 0.95 or more, with no ``top_k``: other values are refused
     (as OpenAI's reasoning models refuse a temperature), not dropped, since they would silently not apply."""
     effort = body.get("reasoning_effort")
@@ -173,7 +177,7 @@ def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:
                 f" `reasoning_effort`, set `{limit_name}` above {_LEAST_THINKING_BUDGET} (or leave it out).",
                 limit_name,
             )
-        budget = min(budget, limit - 1)
+        budget = max(_LEAST_THINKING_BUDGET, min(budget, limit - ANSWER_FLOOR))
     request["thinking"] = {"type": "enabled", "budget_tokens": budget}
 
 

@@ -83,6 +83,32 @@ def test_a_tool_use_round_with_claudes_thinking_sends_the_signed_thinking_back(g
     assert second.choices[0].message.content
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_high_effort_under_a_tight_output_limit_leaves_claudes_reply_room(gateway, stream):
+    """The limit bounds thinking and reply together: a budget of all of it but one token (4095 of 4096) left a
+    model that thinks to its budget one token of reply. The budget now gives way to keep the reply 1024 tokens."""
+    body = {
+        "model": "claude-test",
+        "reasoning_effort": "high",
+        "max_completion_tokens": 4096,
+        "messages": [{"role": "user", "content": "[[thinking=" + "hmm " * 5000 + "]] hello there"}],
+    }
+    if stream:
+        chunks = chunks_of(gateway, body)
+        content = delivered_text(chunks)
+        thought = relayed(chunks, "reasoning_content")
+        finish = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c.get("finish_reason")]
+    else:
+        completion = gateway.client().chat.completions.create(**body)
+        content = completion.choices[0].message.content
+        thought = completion.choices[0].message.model_extra["reasoning_content"]
+        finish = [completion.choices[0].finish_reason]
+
+    assert content == "Echo: hello there" and finish == ["stop"]
+    assert len(thought.split()) == 4096 - 1024
+    assert gateway.upstream.requests[-1]["body"]["max_tokens"] == 4096, "the client's limit is never raised"
+
+
 def test_a_temperature_claude_cannot_think_at_is_a_clear_400(gateway):
     with pytest.raises(openai.BadRequestError) as refused:
         gateway.client().chat.completions.create(

@@ -10,6 +10,7 @@ from pydantic import TypeAdapter
 
 from llmhub.testing.openapi import validate_openai_schema
 from providers.adapters.translate_anthropic import (
+    ANSWER_FLOOR,
     DEFAULT_MAX_TOKENS,
     EventTranslator,
     StreamTranslator,
@@ -233,10 +234,15 @@ def test_reasoning_effort_none_leaves_thinking_off_and_an_explicit_thinking_wins
     assert translated["thinking"] == explicit
 
 
-def test_the_clients_output_limit_is_never_raised_the_budget_fits_under_it():
+def test_the_clients_output_limit_is_never_raised_the_budget_fits_under_it_leaving_the_reply_room():
     translated = request({"role": "user", "content": "x"}, reasoning_effort="high", max_completion_tokens=3000)
     assert translated["max_tokens"] == 3000
-    assert translated["thinking"] == {"type": "enabled", "budget_tokens": 2999}
+    assert translated["thinking"] == {"type": "enabled", "budget_tokens": 3000 - ANSWER_FLOOR}
+
+    # Down to Anthropic's least budget; then the reply has the rest.
+    translated = request({"role": "user", "content": "x"}, reasoning_effort="medium", max_tokens=1500)
+    assert translated["max_tokens"] == 1500
+    assert translated["thinking"] == {"type": "enabled", "budget_tokens": 1024}
 
     translated = request({"role": "user", "content": "x"}, reasoning_effort="low", max_tokens=9000, temperature=1)
     assert translated["max_tokens"] == 9000

@@ -619,6 +619,19 @@ def test_anthropic_thinking_marker(ant: anthropic.Anthropic) -> None:
     assert final.content[0].thinking == "let me think it over" and final.content[1].text == "Echo: hi"
 
 
+def test_anthropic_thinking_counts_against_max_tokens(ant: anthropic.Anthropic) -> None:
+    """As Anthropic's, ``max_tokens`` bounds the thinking and the reply together: the thinking stops at its budget
+    and the reply has what is left."""
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    prompt = user("[[thinking=" + "hmm " * 1500 + "]] hi there")
+    message = ant.messages.create(model="fake-claude-haiku", max_tokens=1026, messages=prompt, thinking=thinking)
+    assert len(message.content[0].thinking.split()) == 1024
+    assert message.content[1].text == "Echo: hi" and message.stop_reason == "max_tokens"
+
+    roomy = ant.messages.create(model="fake-claude-haiku", max_tokens=2000, messages=prompt, thinking=thinking)
+    assert roomy.content[1].text == "Echo: hi there" and roomy.stop_reason == "end_turn"
+
+
 def test_anthropic_tool_round_trip(ant: anthropic.Anthropic) -> None:
     messages: list[dict[str, Any]] = user("Oslo")
     message = ant.messages.create(
