@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.text import has_lone_surrogate
+from providers.adapters.translate_anthropic import FORCED_TOOL_CHOICES, THINKING_ON
 
 from .validation import MAX_MESSAGES, MAX_TOKENS_LIMIT, InvalidRequestError, _check_json_values, _is_int, _is_number
 
@@ -132,6 +133,15 @@ def validate_messages_request(body: Any) -> None:
             _fail("Input should be an object whose type is 'auto', 'any', 'tool' or 'none'", "tool_choice")
         if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
             _fail("Field required", "tool_choice.name", "missing_required_parameter")
+        thinking = body.get("thinking")
+        if choice["type"] in FORCED_TOOL_CHOICES and thinking is not None and thinking.get("type") in THINKING_ON:
+            # Anthropic's own rule, judged for any model so that the Messages API means one thing.
+            _fail(
+                "Thinking may not be enabled when tool_choice forces tool use: with `thinking`, use a tool_choice"
+                " of type 'auto' or 'none'",
+                "tool_choice",
+                "unsupported_value",
+            )
 
 
 def validate_count_tokens_request(body: Any) -> None:

@@ -2186,10 +2186,19 @@ class _App:
     @staticmethod
     def _validate_anthropic_thinking(body: dict[str, Any]) -> str | None:
         """What Anthropic refuses about extended thinking: a budget under 1024 or not under ``max_tokens``, a
-        temperature other than 1, ``top_k``, a thinking block sent back with another signature than the one it
-        came with, and (thinking enabled) a tool-use turn answered in this request without its thinking first."""
+        temperature other than 1, ``top_k``, a ``tool_choice`` that forces a call (``any`` or ``tool``) while thinking
+        is on (enabled or adaptive), a thinking block sent back with another signature than the one it came with, and
+        (thinking enabled) a tool-use turn answered in this request without its thinking first."""
         setting = body.get("thinking")
         enabled = isinstance(setting, dict) and setting.get("type") == "enabled"
+        choice = body.get("tool_choice")
+        if (
+            isinstance(setting, dict)
+            and setting.get("type") in ("enabled", "adaptive")
+            and isinstance(choice, dict)
+            and choice.get("type") in ("any", "tool")
+        ):
+            return "Thinking may not be enabled when tool_choice forces tool use."
         if enabled:
             budget = setting.get("budget_tokens")
             if not isinstance(budget, int) or budget < 1024:

@@ -63,6 +63,10 @@ _PASSTHROUGH = ("temperature", "top_p", "top_k", "thinking")
 # ``none`` leaves thinking off.
 THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
 _LEAST_THINKING_BUDGET = 1024
+# Anthropic's thinking settings that turn it on, and the Messages API's tool choices that force a call, which
+# Anthropic refuses together.
+THINKING_ON = frozenset({"enabled", "adaptive"})
+FORCED_TOOL_CHOICES = frozenset({"any", "tool"})
 # The room a reply keeps under a client's output limit when ``reasoning_effort`` sets the thinking budget: thinking
 # counts in the limit, and a budget of all but one token of it left the reply about one token.
 ANSWER_FLOOR = 1024
@@ -110,8 +114,25 @@ def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
         request["tools"] = _translate_tools(tools)
         tool_choice = _translate_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if tool_choice is not None:
+            _check_thinking_tool_choice(request.get("thinking"), tool_choice)
             request["tool_choice"] = tool_choice
     return request
+
+
+def _check_thinking_tool_choice(thinking: Any, tool_choice: dict[str, Any]) -> None:
+    """Claude thinks with ``tool_choice`` auto or none only (Anthropic refuses one that forces a call): our 400,
+    before any upstream call, rather than Anthropic's after one."""
+    if (
+        isinstance(thinking, dict)
+        and thinking.get("type") in THINKING_ON
+        and tool_choice.get("type") in FORCED_TOOL_CHOICES
+    ):
+        raise _invalid(
+            'Claude thinks only with `tool_choice` "auto" or "none": with `reasoning_effort` (or `thinking`), set'
+            ' `tool_choice` to "auto" or "none" (or leave it out), or ask without reasoning.',
+            "tool_choice",
+            "unsupported_value",
+        )
 
 
 def _max_tokens(body: dict[str, Any]) -> Any:

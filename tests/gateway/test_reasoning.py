@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -107,6 +108,82 @@ def test_high_effort_under_a_tight_output_limit_leaves_claudes_reply_room(gatewa
     assert content == "Echo: hello there" and finish == ["stop"]
     assert len(thought.split()) == 4096 - 1024
     assert gateway.upstream.requests[-1]["body"]["max_tokens"] == 4096, "the client's limit is never raised"
+
+
+@pytest.mark.parametrize(
+    ("fields", "tool_choice"),
+    [
+        ({"reasoning_effort": "low"}, "required"),
+        ({"reasoning_effort": "high"}, {"type": "function", "function": {"name": "lookup"}}),
+        ({"extra_body": {"thinking": {"type": "enabled", "budget_tokens": 1024}}}, "required"),
+    ],
+    ids=["effort-required", "effort-named", "thinking-required"],
+)
+def test_a_forced_tool_choice_with_claudes_thinking_is_our_clear_400_before_any_upstream_call(
+    gateway, fields, tool_choice
+):
+    """Anthropic takes thinking with ``tool_choice`` auto or none only: its own 400 was passed on, after a call."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="claude-test",
+            max_completion_tokens=3000,
+            tools=[LOOKUP],
+            tool_choice=tool_choice,
+            messages=[{"role": "user", "content": "weather"}],
+            **fields,
+        )
+
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == "tool_choice" and refused.value.body["code"] == "unsupported_value"
+    assert "auto" in refused.value.body["message"] and "reasoning_effort" in refused.value.body["message"]
+    assert gateway.upstream.stats["requests"] == 0
+
+
+@pytest.mark.parametrize("model", ["claude-test", "gpt-test"])
+@pytest.mark.parametrize("tool_choice", [{"type": "any"}, {"type": "tool", "name": "lookup"}], ids=["any", "tool"])
+def test_a_forced_tool_choice_with_thinking_on_messages_is_our_clear_400_before_any_upstream_call(
+    gateway, model, tool_choice
+):
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}}}
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        sdk.messages.create(
+            model=model,
+            max_tokens=3000,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            tools=[tool],
+            tool_choice=tool_choice,
+            messages=[{"role": "user", "content": "weather"}],
+        )
+
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert refused.value.body["error"]["message"].startswith("tool_choice: ")
+    assert "auto" in refused.value.body["error"]["message"]
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_thinking_with_tool_choice_auto_or_none_still_goes(gateway):
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}}}
+    for choice in ({"type": "auto"}, {"type": "none"}):
+        message = sdk.messages.create(
+            model="claude-test",
+            max_tokens=3000,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            tools=[tool],
+            tool_choice=choice,
+            messages=[{"role": "user", "content": "[[thinking=hmm]] weather"}],
+        )
+        assert message.content[0].type == "thinking"
+    completion = gateway.client().chat.completions.create(
+        model="claude-test",
+        reasoning_effort="low",
+        tools=[LOOKUP],
+        tool_choice="auto",
+        messages=[{"role": "user", "content": "weather"}],
+    )
+    assert completion.choices[0].message.tool_calls
 
 
 def test_a_temperature_claude_cannot_think_at_is_a_clear_400(gateway):

@@ -266,6 +266,32 @@ def test_what_claude_cannot_think_with_is_a_clear_400(fields, param):
     assert caught.value.param == param
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"reasoning_effort": "low", "tool_choice": "required"},
+        {"reasoning_effort": "low", "tool_choice": {"type": "function", "function": {"name": "lookup"}}},
+        {"thinking": {"type": "adaptive"}, "tool_choice": "required"},
+    ],
+)
+def test_a_tool_choice_that_forces_a_call_while_claude_thinks_is_a_clear_400(fields):
+    with pytest.raises(ProviderBadRequestError) as caught:
+        request({"role": "user", "content": "x"}, tools=[TOOL], **fields)
+    assert caught.value.param == "tool_choice"
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none", None])
+def test_claude_thinks_with_a_tool_choice_of_auto_or_none(tool_choice):
+    translated = request(
+        {"role": "user", "content": "x"}, tools=[TOOL], reasoning_effort="low", tool_choice=tool_choice
+    )
+    assert translated["thinking"]["type"] == "enabled"
+    translated = request(
+        {"role": "user", "content": "x"}, tools=[TOOL], reasoning_effort="none", tool_choice="required"
+    )
+    assert translated["tool_choice"] == {"type": "any"}
+
+
 def test_thinking_blocks_go_back_first_in_their_assistant_turn():
     blocks = [
         {"type": "thinking", "thinking": "hmm", "signature": "sig"},

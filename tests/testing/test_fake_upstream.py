@@ -632,6 +632,19 @@ def test_anthropic_thinking_counts_against_max_tokens(ant: anthropic.Anthropic) 
     assert roomy.content[1].text == "Echo: hi there" and roomy.stop_reason == "end_turn"
 
 
+@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
+def test_anthropic_refuses_a_forced_tool_choice_while_thinking(ant: anthropic.Anthropic, choice) -> None:
+    with pytest.raises(anthropic.BadRequestError, match="tool_choice forces tool use"):
+        ant.messages.create(
+            model="fake-claude-haiku",
+            max_tokens=2000,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            tools=[WEATHER_TOOL_ANTHROPIC],
+            tool_choice=choice,
+            messages=user("Oslo"),
+        )
+
+
 def test_anthropic_tool_round_trip(ant: anthropic.Anthropic) -> None:
     messages: list[dict[str, Any]] = user("Oslo")
     message = ant.messages.create(
