@@ -29,7 +29,7 @@ from billing.models import Operation
 from billing.selectors import user_limits
 from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
 from providers.moderation import Hit, ModerationServiceError, PlainText, PolicySnapshot, moderation_policies
-from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS
+from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, thinking_block_texts
 from providers.types import ResolvedModel
 
 from .callers import Caller
@@ -595,6 +595,8 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
         parts.extend(
             (f"{field}.{name}", message[name]) for name in REASONING_FIELDS if isinstance(message.get(name), str)
         )
+        # Claude's thinking as the replies give it back (signed), which goes back to the model in a tool-use round.
+        parts.extend((f"{field}.thinking_blocks[{number}]", text) for number, text in thinking_block_texts(message))
         calls = message.get("tool_calls")
         for number, call in enumerate(calls if isinstance(calls, list) else ()):
             function = call.get("function") if isinstance(call, dict) else None
@@ -660,6 +662,8 @@ def _texts(content: Any) -> Iterable[str]:
                 yield part["text"]
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
                 yield part["refusal"]
+            elif kind == "thinking" and isinstance(part.get("thinking"), str):  # an earlier turn's, sent back
+                yield part["thinking"]
             elif kind in TOOL_CALL_BLOCKS:
                 if isinstance(part.get("name"), str):
                     yield part["name"]

@@ -45,6 +45,18 @@ REASONING_FIELDS = ("reasoning_content", "reasoning")
 COUNT_MAX = 2**31 - 1
 
 
+def thinking_block_texts(message: Mapping[str, Any]) -> list[tuple[int, str]]:
+    """(position, text) of each ``thinking`` block in a chat completion's assistant turn's ``thinking_blocks``: Claude's
+    thinking as the replies give it and a tool-use round sends it back (a ``redacted_thinking`` block is encrypted:
+    no text)."""
+    blocks = message.get("thinking_blocks")
+    return [
+        (number, block["thinking"])
+        for number, block in enumerate(blocks if isinstance(blocks, list) else ())
+        if isinstance(block, Mapping) and block.get("type") == "thinking" and isinstance(block.get("thinking"), str)
+    ]
+
+
 def text_tokens(text: str) -> int:
     """The estimated tokens of text relayed to a client (a completion the provider did not count)."""
     return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
@@ -95,7 +107,8 @@ def _is_token(value: Any) -> bool:
 def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
     """(characters, attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
     (text or blocks), every message's text, tool calls (a legacy ``function_call`` too) and results, thinking (a
-    chat completion's reasoning too), and the tools' definitions (the legacy ``functions`` too)."""
+    chat completion's reasoning and ``thinking_blocks`` too), and the tools' definitions (the legacy ``functions``
+    too)."""
     counted = _Counted()
     counted.content(body.get("system"))
     messages = body.get("messages")
@@ -104,9 +117,10 @@ def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
         if not isinstance(message, Mapping):
             continue
         counted.content(message.get("content"))
-        for name in REASONING_FIELDS:
-            if isinstance(reasoning := message.get(name), str):
-                counted.chars += len(reasoning)
+        reasoning = sum(len(message[name]) for name in REASONING_FIELDS if isinstance(message.get(name), str))
+        # Claude's signed thinking sent back with the turn repeats its ``reasoning_content``, which Claude is not sent
+        # again (and a server of the other spelling does not read the blocks): one text, counted once.
+        counted.chars += max(reasoning, sum(len(text) for _, text in thinking_block_texts(message)))
         # The tool calls' and a legacy ``function_call``'s arguments.
         calls = message.get("tool_calls") or ()
         functions = [call.get("function") if isinstance(call, Mapping) else None for call in calls]

@@ -555,7 +555,7 @@ def _gemini_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
 
 
 # The signature of a ``thinking`` block (Anthropic's is an opaque, encrypted check of the thinking).
-_THINKING_SIGNATURE = "ZmFrZS10aGlua2luZy1zaWduYXR1cmU="
+THINKING_SIGNATURE = "ZmFrZS10aGlua2luZy1zaWduYXR1cmU="
 
 
 def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str | None:
@@ -2153,7 +2153,7 @@ class _App:
         else:
             content = [{"type": "text", "text": reply.text}]
         if thinking is not None:
-            content.insert(0, {"type": "thinking", "thinking": thinking, "signature": _THINKING_SIGNATURE})
+            content.insert(0, {"type": "thinking", "thinking": thinking, "signature": THINKING_SIGNATURE})
         message.update(content=content, stop_reason=_ANTHROPIC_FINISH[reply.finish], stop_sequence=reply.stop_sequence)
         return web.json_response(message, headers={"request-id": _new_id("req_")})
 
@@ -2218,7 +2218,7 @@ class _App:
                 if (
                     isinstance(block, dict)
                     and block.get("type") == "thinking"
-                    and block.get("signature") != _THINKING_SIGNATURE
+                    and block.get("signature") != THINKING_SIGNATURE
                 ):
                     return f"messages.{i}.content: Invalid `signature` in `thinking` block"
         answered = messages[-1] if messages else None
@@ -2273,7 +2273,7 @@ class _App:
             for piece in _split_pieces(thinking):
                 delta = {"type": "thinking_delta", "thinking": piece}
                 await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
-            delta = {"type": "signature_delta", "signature": _THINKING_SIGNATURE}
+            delta = {"type": "signature_delta", "signature": THINKING_SIGNATURE}
             await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
             await send("content_block_stop", {"type": "content_block_stop", "index": 0})
             index = 1

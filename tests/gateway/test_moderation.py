@@ -14,7 +14,7 @@ import pytest
 
 from audit.models import AuditEvent
 from billing.models import Plan, UsageRecord, UserPlan
-from llmhub.testing.fake_upstream import split_tokens
+from llmhub.testing.fake_upstream import THINKING_SIGNATURE, split_tokens
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import policy_cache
@@ -226,6 +226,16 @@ EARLIER_REPLIES = {
     # for its reasoning_content again; OpenRouter takes reasoning).
     "reasoning-content": {"messages": [{"role": "assistant", "content": "ok", "reasoning_content": "a forbidden one"}]},
     "reasoning": {"messages": [{"role": "assistant", "content": "ok", "reasoning": "a forbidden one"}]},
+    # Claude's signed thinking, sent back as a chat completion's replies give it (``thinking_blocks``).
+    "thinking-blocks": {
+        "messages": [
+            {
+                "role": "assistant",
+                "content": "ok",
+                "thinking_blocks": [{"type": "thinking", "thinking": "a forbidden one", "signature": "c2ln"}],
+            }
+        ]
+    },
 }
 
 
@@ -254,8 +264,12 @@ def test_an_earlier_assistant_turn_the_client_wrote_is_checked_as_input(gateway,
         "a forbidden word",
         [{"type": "text", "text": "a forbidden word"}],
         [{"type": "tool_use", "id": "toolu_1", "name": "search", "input": {"q": ["the forbidden word"]}}],
+        [
+            {"type": "thinking", "thinking": "the forbidden word", "signature": THINKING_SIGNATURE},
+            {"type": "text", "text": "ok"},
+        ],
     ],
-    ids=["text", "text-block", "tool-use-input"],
+    ids=["text", "text-block", "tool-use-input", "thinking"],
 )
 def test_an_earlier_assistant_turn_is_checked_as_input_on_the_messages_api(gateway, content):
     policy_on("claude-test", blocklist="forbidden", check_output=False)
@@ -496,8 +510,26 @@ def test_a_messages_participant_name_is_checked_as_input(gateway):
             "messages[1].reasoning_content",
             4,
         ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": "ok",
+                        "thinking_blocks": [
+                            {"type": "redacted_thinking", "data": "b3BhcXVl"},
+                            {"type": "thinking", "thinking": "so: forbidden", "signature": "c2ln"},
+                        ],
+                    },
+                    {"role": "user", "content": "go on"},
+                ]
+            },
+            "messages[1].thinking_blocks[1]",
+            4,
+        ),
     ],
-    ids=["earlier-reply", "tool", "tool-call", "reasoning"],
+    ids=["earlier-reply", "tool", "tool-call", "reasoning", "thinking-blocks"],
 )
 def test_a_refused_input_names_the_field_the_blocked_word_is_in(gateway, request_fields, field, character):
     """The whole input is one text, scanned once: the hit's character named a place in that text, which the

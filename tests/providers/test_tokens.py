@@ -146,6 +146,26 @@ def test_an_earlier_turns_reasoning_sent_back_counts_as_its_text(field):
     assert prompt_tokens(body, operation=operation, upper_bound=True) == math.ceil(chars / 2) + 8 * 3 + 16
 
 
+def test_claudes_thinking_blocks_sent_back_count_as_their_text_once():
+    """Claude's signed thinking, sent back in an assistant turn's ``thinking_blocks`` (a tool-use round), reaches the
+    model: the estimate and the reservation's bound left it out. Its ``reasoning_content`` beside it is the same
+    text, which Claude is not sent again: counted once."""
+    thought = "A forecast, then a short answer."
+    blocks = [
+        {"type": "thinking", "thinking": thought, "signature": "c2ln"},
+        {"type": "redacted_thinking", "data": "b3BhcXVl"},
+    ]
+    user, follow_up = {"role": "user", "content": "Weather in Paris?"}, {"role": "user", "content": "And Rome?"}
+    chars = len("Weather in Paris?") + len("Sunny.") + len(thought) + len("And Rome?")
+    for reply in (
+        {"role": "assistant", "content": "Sunny.", "thinking_blocks": blocks},
+        {"role": "assistant", "content": "Sunny.", "thinking_blocks": blocks, "reasoning_content": thought},
+    ):
+        body = {"messages": [user, reply, follow_up]}
+        assert prompt_tokens(body, operation=Operation.CHAT) == math.ceil(chars / 4) + 3 * 3
+        assert prompt_tokens(body, operation=Operation.CHAT, upper_bound=True) == math.ceil(chars / 2) + 8 * 3 + 16
+
+
 def test_an_attachment_is_charged_as_a_mid_sized_image_in_both_modes():
     body = {"messages": [{"role": "user", "content": [IMAGE, {"type": "input_audio"}, {"type": "text", "text": ""}]}]}
     assert prompt_tokens(body, operation=Operation.CHAT) == 2 * IMAGE_TOKENS + 3
