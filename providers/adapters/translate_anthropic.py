@@ -578,9 +578,12 @@ class StreamTranslator:
 # text, images (base64 → data URL, url → URL), ``tool_use`` blocks (assistant ``tool_calls``) and
 # ``tool_result`` blocks (``tool`` messages, placed before the rest of their user turn, as OpenAI wants them
 # right after the call; their images, which a tool message cannot hold, open that user turn),
-# ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and ``max_tokens``. ``metadata``,
-# ``top_k``, ``thinking`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block type with no
-# equivalent (``document``, server tools, also inside a ``tool_result``) is refused.
+# ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and ``max_tokens``; ``thinking``
+# becomes ``reasoning_effort`` (``reasoning_effort_for``), and the model's reasoning (``reasoning_content`` or
+# ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no provider signed it, and a client
+# that sends it back to this protocol has it dropped (``_assistant_message``). ``metadata``, ``top_k`` and
+# ``cache_control`` have no OpenAI equivalent and are dropped; a block type with no equivalent (``document``,
+# server tools, also inside a ``tool_result``) is refused.
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -614,6 +617,9 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
             body[name] = request[name]
     if request.get("stop_sequences"):
         body["stop"] = request["stop_sequences"]
+    effort = reasoning_effort_for(request.get("thinking"))
+    if effort is not None:
+        body["reasoning_effort"] = effort
     tools = request.get("tools")
     if tools:
         body["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
@@ -629,6 +635,22 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
     if not tools:
         body.pop("tool_choice", None)
     return body
+
+
+def reasoning_effort_for(thinking: Any) -> str | None:
+    """The ``reasoning_effort`` for a Messages request's ``thinking``: an enabled budget's effort is the highest of
+    ``THINKING_BUDGETS`` it reaches (under 2048 ``low``, under 4096 ``medium``, else ``high``), the inverse of the
+    budgets ``reasoning_effort`` gets on Claude; ``disabled`` and ``adaptive`` (the model decides) ask for none."""
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < _LEAST_THINKING_BUDGET:
+        raise _invalid(
+            f"thinking.budget_tokens: Input should be an integer greater than or equal to {_LEAST_THINKING_BUDGET}",
+            "thinking.budget_tokens",
+        )
+    reached = [effort for effort in ("low", "medium", "high") if THINKING_BUDGETS[effort] <= budget]
+    return reached[-1]
 
 
 def _block_texts(blocks: Any, where: str) -> list[str]:

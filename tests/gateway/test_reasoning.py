@@ -242,3 +242,41 @@ def test_without_reasoning_effort_claude_answers_without_thinking(gateway):
     ).json()
 
     assert "reasoning_content" not in response["choices"][0]["message"]
+
+
+@pytest.mark.parametrize(("budget", "effort"), [(1024, "low"), (3000, "medium"), (8000, "high")])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_thinking_on_messages_reaches_an_openai_protocol_model_as_reasoning_effort_and_comes_back_as_thinking(
+    gateway, budget, effort, stream
+):
+    """``/v1/messages`` to a model that speaks OpenAI's protocol dropped ``thinking``: the model was not asked to
+    reason. Its budget is now a ``reasoning_effort``, and the reasoning comes back as a ``thinking`` block (unsigned:
+    no provider signed it) that the official SDK parses, whole and streamed."""
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 9000,
+        "thinking": {"type": "enabled", "budget_tokens": budget},
+        "messages": [{"role": "user", "content": "[[reasoning=first I weigh it]] hello"}],
+    }
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            kinds = [event.type for event in events]
+            message = events.get_final_message()
+        assert "thinking" in kinds and "signature" in kinds
+    else:
+        message = sdk.messages.create(**request)
+
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.content[0].thinking == "first I weigh it" and message.content[0].signature == ""
+    assert message.content[1].text == "Echo: hello"
+    assert gateway.upstream.requests[-1]["body"]["reasoning_effort"] == effort
+
+
+def test_thinking_disabled_or_adaptive_on_messages_sends_an_openai_protocol_model_no_reasoning_effort(gateway):
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    for thinking in ({"type": "disabled"}, {"type": "adaptive"}):
+        sdk.messages.create(
+            model="gpt-test", max_tokens=50, thinking=thinking, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert "reasoning_effort" not in gateway.upstream.requests[-1]["body"]

@@ -515,6 +515,41 @@ MESSAGES_TOOL = {
 _EVENT = TypeAdapter(RawMessageStreamEvent)
 
 
+@pytest.mark.parametrize(
+    ("thinking", "effort"),
+    [
+        ({"type": "enabled", "budget_tokens": 1024}, "low"),
+        ({"type": "enabled", "budget_tokens": 2047}, "low"),
+        ({"type": "enabled", "budget_tokens": 2048}, "medium"),
+        ({"type": "enabled", "budget_tokens": 4095}, "medium"),
+        ({"type": "enabled", "budget_tokens": 4096}, "high"),
+        ({"type": "enabled", "budget_tokens": 32000}, "high"),
+        ({"type": "disabled"}, None),
+        ({"type": "adaptive"}, None),
+        (None, None),
+    ],
+)
+def test_a_messages_thinking_budget_becomes_the_reasoning_effort_it_reaches(thinking, effort):
+    body = chat_request(
+        {"model": "m", "max_tokens": 40000, "thinking": thinking, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert body.get("reasoning_effort") == effort
+
+
+@pytest.mark.parametrize("budget", [None, 512, "2048", True])
+def test_a_thinking_budget_that_is_not_one_is_a_clear_400(budget):
+    with pytest.raises(ProviderBadRequestError) as caught:
+        chat_request(
+            {
+                "model": "m",
+                "max_tokens": 9000,
+                "thinking": {"type": "enabled", "budget_tokens": budget},
+                "messages": [{"role": "user", "content": "x"}],
+            }
+        )
+    assert caught.value.param == "thinking.budget_tokens"
+
+
 def test_messages_request_becomes_a_chat_request():
     body = chat_request(
         {
