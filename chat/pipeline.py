@@ -93,7 +93,7 @@ from providers.routing import (
 )
 from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
-from providers.tokens import TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
+from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
 from providers.types import ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
@@ -1321,6 +1321,8 @@ class CompletionRun:
         text: list[str] = []  # the reply's text alone: what a resumed attempt is given as its prefill
         finish_reason: str | None = None
         calls_streamed = False
+        # Whether the client has the model's reasoning, and whether a resumed attempt's is to be set apart from it.
+        reasoned = set_apart = False
         # Completion tokens of the parts delivered by attempts that failed midway, before a resume; and where in
         # ``delivered`` the attempt relayed now began.
         earlier_tokens = 0
@@ -1387,7 +1389,7 @@ class CompletionRun:
                             if self._first_token_at is None:
                                 self._first_token_at = time.perf_counter()
                                 opening = chunk
-                            if failed and _role_only(chunk):
+                            if failed and _role_only(chunk) and not _resumed_reasoning(chunk, apart=set_apart):
                                 continue  # a resumed attempt's opening chunk: the client's stream began long ago
                             chunk.set_model(public_name)
                             chunk_usage = chunk.get("usage")
@@ -1397,6 +1399,8 @@ class CompletionRun:
                             delivered.extend(piece for _, piece, _ in _chunk_pieces(chunk) if piece)
                             for choice in chunk.get("choices") or ():
                                 delta = choice.get("delta") or {}
+                                if reasoning_text(delta):
+                                    reasoned, set_apart = True, False
                                 if delta.get("content"):
                                     text.append(delta["content"])
                                 if delta.get("tool_calls") or delta.get("function_call"):
@@ -1423,6 +1427,7 @@ class CompletionRun:
                         earlier_tokens = text_tokens("".join(delivered))
                         attempt_began = len(delivered)
                         usage = {}
+                        set_apart = reasoned
                         first, upstream = await self._call(once_with("".join(text)), exclude=failed)
             finally:
                 if guard is not None:
@@ -2009,6 +2014,22 @@ def _role_only(chunk: WireChunk) -> bool:
     return not (
         choice.get("finish_reason") or delta.get("content") or delta.get("tool_calls") or delta.get("function_call")
     )
+
+
+def _resumed_reasoning(chunk: WireChunk, *, apart: bool) -> bool:
+    """Whether a resumed attempt's chunk that opens no text carries its reasoning, which is relayed: the next
+    deployment reasons again before it goes on (and bills it), and the chat completions protocol lets reasoning
+    follow text. Its role goes (the client's message opened long ago), and the first piece of a new pass is set
+    ``apart`` from the reasoning the client has by a blank line, so the two do not read as one."""
+    delta = (chunk.get("choices") or [{}])[0].get("delta") or {}
+    name = next((name for name in REASONING_FIELDS if isinstance(delta.get(name), str) and delta[name]), None)
+    if name is None:
+        return False
+    delta.pop("role", None)
+    if apart:
+        delta[name] = "\n\n" + delta[name]
+    chunk.raw = None
+    return True
 
 
 def _requested_name(body: dict[str, Any], served: ResolvedModel) -> str:

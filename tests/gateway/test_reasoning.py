@@ -8,6 +8,7 @@ signature of a thinking block sent back, the thinking first in a tool-use turn a
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import anthropic
 import httpx
@@ -15,10 +16,14 @@ import openai
 import pytest
 
 from llmhub.testing.openapi import validate_openai_schema
+from providers.models import CatalogModel, Deployment
+from tests.factories import ProviderFactory
 from tests.gateway.test_moderation import delivered_text, policy_on, relayed, sse_stream
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+PRICES = {"input_per_mtok": Decimal("1.00"), "output_per_mtok": Decimal("2.00")}
 
 LOOKUP = {
     "type": "function",
@@ -280,3 +285,26 @@ def test_thinking_disabled_or_adaptive_on_messages_sends_an_openai_protocol_mode
             model="gpt-test", max_tokens=50, thinking=thinking, messages=[{"role": "user", "content": "hi"}]
         )
         assert "reasoning_effort" not in gateway.upstream.requests[-1]["body"]
+
+
+def test_a_resumed_streams_reasoning_is_relayed_after_a_break(gateway):
+    """A stream cut in its reply goes on from the next deployment (``resume_on_failure``), which reasons again
+    before it goes on: that reasoning, billed in its usage, was dropped; it is relayed now, set off from the
+    reasoning before it by a blank line."""
+    model = CatalogModel.objects.create(name="resumable", strategy="priority", resume_on_failure=True)
+    for priority, upstream_id in enumerate(("fault-cut-5", "fake-gpt-4o-mini")):
+        provider = ProviderFactory(name=f"reasoner-{priority}", base_url=gateway.upstream.base_url + "/v1")
+        Deployment.objects.create(
+            model=model, name=f"d{priority}", provider=provider, upstream_id=upstream_id, priority=priority, **PRICES
+        )
+    body = {"model": "resumable", "messages": [{"role": "user", "content": "[[reasoning=weigh it]] hello [[words=6]]"}]}
+
+    events, request_id = sse_stream(gateway, {**body, "stream": True})
+
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert relayed(chunks, "reasoning_content") == "weigh it\n\nweigh it"
+    roles = [c["delta"]["role"] for chunk in chunks for c in chunk["choices"] if c["delta"].get("role")]
+    assert roles == ["assistant"], "one stream: the resumed attempt's opening is not relayed"
+    record = wait_for_record(request_id)
+    assert record.resumed and record.status == "ok"
