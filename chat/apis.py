@@ -208,6 +208,9 @@ class ModelCapabilitiesSerializer(serializers.Serializer):
     tools = serializers.BooleanField(source="supports_tools")
     vision = serializers.BooleanField(source="supports_vision")
     json_mode = serializers.BooleanField(source="supports_json_mode")
+    reasoning = serializers.BooleanField(
+        source="supports_reasoning", help_text="It reasons when asked with `reasoning_effort`."
+    )
 
 
 @extend_schema_serializer(component_name="PriceRange")

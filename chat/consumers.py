@@ -25,7 +25,8 @@ and 4403.
 
 Protocol (JSON both ways)::
 
-    → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt"}
+    → {"type": "chat.send", "conversation": id|null, "model": "...", "content": "...", "request_id": "opt",
+       "reasoning_effort": "low"|"medium"|"high"|null (opt; a model whose catalog entry says it reasons)}
     → {"type": "chat.cancel", "request_id": "..."}
     → {"type": "ping"}
     ← {"type": "chat.started", "request_id", "conversation", "message", "model", "provider", "deployment",
@@ -118,6 +119,11 @@ MAX_REQUEST_ID_CHARS = 64
 MAX_DATABASE_ID = 2**63 - 1
 # How long a closing socket waits for its replies to be saved before the consumer ends.
 DISCONNECT_GRACE_SECONDS = 5.0
+
+
+# What the page's effort control sends in ``chat.send`` (off: null or left out), for a model whose catalog entry
+# says it reasons (``supports_reasoning``; another is refused by the turn).
+REASONING_EFFORTS = ("low", "medium", "high")
 
 
 class SocketError(ApplicationError):
@@ -399,6 +405,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if "\x00" in text:
             # The message is stored, and PostgreSQL's text cannot hold U+0000 (as the conversation API refuses it).
             raise SocketError("'content' contains a null character (U+0000), which cannot be stored.")
+        effort = event.get("reasoning_effort")
+        if effort is not None and effort not in REASONING_EFFORTS:
+            raise SocketError("'reasoning_effort' must be " + ", ".join(REASONING_EFFORTS) + ", or null (off).")
         assert self.caller is not None
         turn = ChatTurn(
             caller=self.caller,
@@ -406,6 +415,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             model_name=model_name.strip(),
             content=text,
             report=lambda turn_event: self._turn_event(stream, turn_event),
+            reasoning_effort=effort,
         )
         stream = _Stream(request_id=request_id, turn=turn)
         self.streams[request_id] = stream

@@ -144,11 +144,13 @@ class ChatTurn:
         model_name: str,
         content: str,
         report: Callable[[TurnEvent], Awaitable[None]],
+        reasoning_effort: str | None = None,
     ) -> None:
         self.caller = caller
         self.conversation_id = conversation_id  # set once a new conversation is written
         self.model_name = model_name
         self.content = content
+        self.reasoning_effort = reasoning_effort  # the page's effort control; None: not asked to reason
         self.report = report
         self._task: asyncio.Task[Any] | None = None
         self._run: CompletionRun | None = None
@@ -211,6 +213,8 @@ class ChatTurn:
 
     async def _admit(self) -> CompletionRun | None:
         body: dict[str, Any] = {"model": self.model_name, "stream": True}
+        if self.reasoning_effort is not None:
+            body["reasoning_effort"] = self.reasoning_effort
         try:
             context = await database_sync_to_async(selectors.turn_context)(
                 reach=selectors.conversation_reach(self.caller), conversation_id=self.conversation_id
@@ -235,6 +239,13 @@ class ChatTurn:
         turns = [*context.turns, Turn("user", self.content)]
 
         def shape(model: ResolvedModel) -> list[dict[str, Any]]:
+            if self.reasoning_effort is not None and not model.supports_reasoning:
+                # The page offers the control only for models that reason; another's server would refuse it.
+                raise ApplicationError(
+                    f"The model `{model.name}` does not reason: send no `reasoning_effort` with it.",
+                    param="reasoning_effort",
+                    code="unsupported_value",
+                )
             return history_trim(
                 turns=turns,
                 system_prompt=context.system_prompt,

@@ -31,6 +31,7 @@ async def chat_page(request: HttpRequest, conversation_id: int | None = None) ->
             "label": entry.model.label or entry.model.name,
             "provider": " · ".join(entry.providers),
             "context_window": entry.model.context_window,
+            "reasoning": entry.model.supports_reasoning,
             "locked": entry.locked,
             "locked_reason": entry.locked_reason,
             # "Anthropic" or "Anthropic or Bedrock": whose key of their own would unlock it.

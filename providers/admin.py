@@ -354,6 +354,7 @@ class CatalogModelAdmin(admin.ModelAdmin):
         "supports_tools",
         "supports_vision",
         "supports_json_mode",
+        "supports_reasoning",
     )
     list_select_related = ("alias_of",)
     search_fields = ("name", "label", "deployments__upstream_id")
@@ -377,7 +378,15 @@ class CatalogModelAdmin(admin.ModelAdmin):
         ("Limits", {"fields": ("context_window", "max_output_tokens")}),
         (
             "Capabilities",
-            {"fields": ("supports_streaming", "supports_tools", "supports_vision", "supports_json_mode")},
+            {
+                "fields": (
+                    "supports_streaming",
+                    "supports_tools",
+                    "supports_vision",
+                    "supports_json_mode",
+                    "supports_reasoning",
+                )
+            },
         ),
         ("Parameter rules", {"fields": ("parameter_rules",)}),
         ("Moderation", {"fields": ("moderation_policy",)}),

@@ -213,6 +213,11 @@ class CatalogModel(models.Model):
     supports_tools = models.BooleanField(default=True)
     supports_vision = models.BooleanField(default=False)
     supports_json_mode = models.BooleanField(default=True)
+    supports_reasoning = models.BooleanField(
+        default=False,
+        help_text="Reasons when asked with `reasoning_effort` (Claude, Gemini 2.5, OpenAI's reasoning models): the "
+        "chat page offers an effort control for it.",
+    )
     parameter_rules = models.JSONField(
         default=dict,
         blank=True,

@@ -103,6 +103,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         supports_tools=model.supports_tools,
         supports_vision=model.supports_vision,
         supports_json_mode=model.supports_json_mode,
+        supports_reasoning=model.supports_reasoning,
         parameter_rules=model.parameter_rules or {},
         deployments=tuple(usable),
         strategy=model.strategy,

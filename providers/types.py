@@ -143,6 +143,7 @@ class ResolvedModel:
     supports_tools: bool = True
     supports_vision: bool = False
     supports_json_mode: bool = True
+    supports_reasoning: bool = False  # takes ``reasoning_effort``: the chat page offers its effort control
     parameter_rules: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     label: str = ""
     deployments: tuple[ResolvedDeployment, ...] = ()

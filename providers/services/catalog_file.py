@@ -85,6 +85,7 @@ _CAPABILITIES = {
     "tools": "supports_tools",
     "vision": "supports_vision",
     "json_mode": "supports_json_mode",
+    "reasoning": "supports_reasoning",
 }
 _PROVIDER_COMPARED = (
     "kind",

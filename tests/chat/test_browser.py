@@ -1046,6 +1046,44 @@ async def test_a_send_whose_connection_drops_before_the_reply_begins_can_be_sent
         await relay.close()
 
 
+async def test_the_page_asks_a_model_that_reasons_for_its_reasoning_at_the_effort_chosen(
+    site, browser, user, fake_upstream
+):
+    """An effort control (off, low, medium, high) is shown for the models whose catalog entry says they reason, and
+    what it says goes with the message as ``reasoning_effort``: the page could not ask Claude or Gemini to reason."""
+
+    def catalog() -> None:
+        provider = ProviderFactory(name="fake-thinker", base_url=fake_upstream.base_url + "/v1")
+        ModelFactory(name="thinker-browser", provider=provider, supports_reasoning=True)
+
+    await sync_to_async(catalog)()
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    control = page.locator("#reasoning-control")
+    await page.locator("#model-picker").select_option("gpt-browser")
+    await expect(control).to_be_hidden()
+
+    await page.locator("#model-picker").select_option("thinker-browser")
+    await expect(control).to_be_visible()
+    await expect(page.get_by_label("Reasoning", exact=True)).to_have_value("")  # off until asked
+    await page.get_by_label("Reasoning", exact=True).select_option("high")
+    await send(page, "[[reasoning=weigh it first]] [[reply=Done.]]")
+    reply = page.locator(".message.assistant").last
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(reply.locator(".message-body")).to_have_text("Done.")
+    await expect(reply.locator("details.reasoning .reasoning-body")).to_have_text("weigh it first")
+    assert fake_upstream.requests[-1]["body"]["reasoning_effort"] == "high"
+
+    await page.get_by_label("Reasoning", exact=True).select_option("")
+    await send(page, "[[reply=Plain.]]")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+    assert "reasoning_effort" not in fake_upstream.requests[-1]["body"]
+    assert errors == []
+    await page.close()
+
+
 async def test_a_reasoning_models_reasoning_is_shown_above_its_reply_and_after_a_reload(site, browser, user):
     """The reasoning streams into an open "Reasoning" block above the reply, which closes once the reply begins
     (the user may open it again), and is there, closed, when the conversation is opened again."""

@@ -115,6 +115,44 @@ async def test_a_reasoning_models_reasoning_streams_before_its_reply_and_is_kept
     assert all("reasoning" not in key for message in sent for key in message)
 
 
+async def test_the_pages_reasoning_effort_reaches_a_model_that_reasons_and_is_refused_for_one_that_does_not(
+    alice, chat_model, socket_for, fake_upstream
+):
+    """The page's effort control sends ``reasoning_effort``: checked here (one of low, medium, high, or null for
+    off) and, for a model whose catalog entry does not say it reasons, refused with its rejected row."""
+    ws = await socket_for(alice)
+    await ws.send_json_to(
+        {"type": "chat.send", "model": chat_model.name, "content": "hi", "reasoning_effort": "extreme"}
+    )
+    assert (await ws.receive_json_from(timeout=5))["code"] == "invalid_request"
+
+    await ws.send_json_to(
+        {"type": "chat.send", "model": chat_model.name, "content": "hi", "reasoning_effort": "high", "request_id": "r0"}
+    )
+    refused = await events_until(ws, ends("r0"))
+    assert refused[-1]["type"] == "error" and refused[-1]["code"] == "unsupported_value"
+    assert "reasoning_effort" in refused[-1]["message"]
+    assert fake_upstream.stats["requests"] == 0
+    await ledger_flush()
+    assert await UsageRecord.objects.filter(status="rejected", user_id=alice.pk).acount() == 1
+
+    chat_model.supports_reasoning = True
+    await chat_model.asave()
+    for request_id, effort in (("r1", "high"), ("r2", None)):
+        await ws.send_json_to(
+            {
+                "type": "chat.send",
+                "model": chat_model.name,
+                "content": "[[reasoning=weigh it]] hi",
+                "reasoning_effort": effort,
+                "request_id": request_id,
+            }
+        )
+        events = await events_until(ws, ends(request_id))
+        assert events[-1]["type"] == "chat.completed", events[-1]
+        assert fake_upstream.requests[-1]["body"].get("reasoning_effort") == effort
+
+
 async def test_next_turn_sends_the_history(alice, chat_model, socket_for, fake_upstream):
     ws = await socket_for(alice)
     await send(ws, content="My name is Ada.", model=chat_model)

@@ -72,7 +72,13 @@ def test_every_chat_model_with_providers_capabilities_and_price_range(catalog, u
     assert mini["input_per_mtok"] == {"min": "0.150000", "max": "0.300000"}
     assert mini["output_per_mtok"] == {"min": "0.600000", "max": "1.200000"}
     assert mini["context_window"] == 128_000 and mini["max_output_tokens"] == 16_384
-    assert mini["capabilities"] == {"streaming": True, "tools": True, "vision": False, "json_mode": True}
+    assert mini["capabilities"] == {
+        "streaming": True,
+        "tools": True,
+        "vision": False,
+        "json_mode": True,
+        "reasoning": False,
+    }
     assert mini["locked"] is False and mini["locked_reason"] is None
     big = models["gpt-4o"]
     assert big["input_per_mtok"] == {"min": "2.500000", "max": "2.500000"} and big["capabilities"]["vision"]

@@ -25,6 +25,8 @@
     convEmpty: $("conversation-empty"),
     picker: $("model-picker"),
     badge: $("provider-badge"),
+    effortControl: $("reasoning-control"),
+    effort: $("reasoning-effort"),
     conn: $("connection-status"),
     messages: $("messages"),
     emptyState: $("empty-state"),
@@ -427,8 +429,17 @@
       frame: 0, // the pending repaint's requestAnimationFrame id
     });
     if (state.currentId === null) state.newChatRequest = requestId;
+    // The effort control, shown only for a model whose catalog entry says it reasons; "Off" asks for none.
+    const effort = el.effortControl.hidden ? null : el.effort.value || null;
     state.socket.send(
-      JSON.stringify({ type: "chat.send", conversation: state.currentId, model, content: text, request_id: requestId }),
+      JSON.stringify({
+        type: "chat.send",
+        conversation: state.currentId,
+        model,
+        content: text,
+        request_id: requestId,
+        reasoning_effort: effort,
+      }),
     );
     el.prompt.value = "";
     autosize();
@@ -885,6 +896,7 @@
   function updateBadge() {
     const option = el.picker.selectedOptions[0];
     el.badge.textContent = option ? option.dataset.provider || "" : "";
+    el.effortControl.hidden = !(option && option.dataset.reasoning === "true");
   }
 
   function openSidebar() {
