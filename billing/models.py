@@ -106,6 +106,7 @@ class Operation(models.TextChoices):
     MESSAGES = "messages", "Anthropic messages"
     EMBEDDINGS = "embeddings", "Embeddings"
     RESPONSES = "responses", "OpenAI responses"
+    COMPLETIONS = "completions", "Text completions"
 
 
 class UsageStatus(models.TextChoices):

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible REST entry point: ``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/models``.
+"""The OpenAI-compatible REST entry point: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings`` and
+``/v1/models``.
 
 These are plain async Django views rather than DRF views: DRF's ``APIView`` is synchronous, so
 every request would hop to a thread and back, which the hot path cannot afford. They stay thin all
@@ -206,6 +207,35 @@ async def embeddings(request: HttpRequest) -> HttpResponse:
             request, endpoint="rest", request_id=request_id, started=started, operation=Operation.EMBEDDINGS
         )
         response = json_response(await run.embed())
+    except ApplicationError as exc:
+        response = openai_error_response(exc)
+    except asyncio.CancelledError:
+        if (response := shutdown_response(run, openai_error_response)) is None:
+            raise
+    return response_stamp(response, request_id, started, run)
+
+
+@openai_endpoint
+async def completions(request: HttpRequest) -> HttpResponse:
+    """``POST /v1/completions``: OpenAI's legacy text completions (a ``prompt`` continued; with a ``suffix``, the
+    gap between them filled in, as code-completion plugins ask), the same steps as a chat completion (key, model,
+    admission, moderation of the prompt, the suffix and the output, routing, one ledger row with
+    ``operation=completions``), answered as the upstream's ``text_completion``, or its chunks when streamed. Only a
+    model an OpenAI-compatible provider serves can continue a text (``docs/completions.md``)."""
+    started = time.perf_counter()
+    request_id = new_request_id()
+    if request.method != "POST":
+        refused = await method_not_allowed(request, "POST", request_id, operation=Operation.COMPLETIONS)
+        return response_stamp(refused, request_id, started)
+    run: CompletionRun | None = None
+    try:
+        run = await run_open(
+            request, endpoint="rest", request_id=request_id, started=started, operation=Operation.COMPLETIONS
+        )
+        if run.body.get("stream"):
+            response = await _open_stream(run)
+        else:
+            response = json_response(await run.complete())
     except ApplicationError as exc:
         response = openai_error_response(exc)
     except asyncio.CancelledError:

@@ -33,11 +33,12 @@ from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, thinking_block_
 from providers.types import ResolvedModel
 
 from .callers import Caller
+from .validation import InvalidRequestError
 
 logger = logging.getLogger("llmhub.moderation")
 
 # The operations whose text is moderated (embeddings are not: nothing is said back).
-MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES, Operation.RESPONSES})
+MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES, Operation.RESPONSES, Operation.COMPLETIONS})
 T = TypeVar("T")
 # Audit writes in flight, kept referenced until done (the event loop keeps only weak references).
 _background: set[asyncio.Task[Any]] = set()
@@ -106,6 +107,14 @@ class Moderation:
         policies = [p for p in self.policies if p.check_input]
         if not policies:
             return
+        if operation == Operation.COMPLETIONS and _holds_tokens(body.get("prompt")):
+            # Token ids have no text a policy can read: checked as text, the prompt would pass unread.
+            raise InvalidRequestError(
+                "Invalid 'prompt': this model's input is checked by a moderation policy, which reads text; send the "
+                "prompt as text rather than token ids.",
+                param="prompt",
+                code="unsupported_value",
+            )
         if variables is None:
             parts = input_parts(body, operation)
         else:
@@ -574,6 +583,11 @@ class _ChoiceGuard:
         self.moderation.found(policy, "output", hit)
 
 
+def _holds_tokens(prompt: Any) -> bool:
+    """Whether a text completion's ``prompt`` is (or holds) token ids rather than text."""
+    return isinstance(prompt, list) and any(not isinstance(item, str) for item in prompt)
+
+
 def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
     """(field, text) for each text of the request that reaches the model: the Messages API's ``system``, every
     message's text whatever its role, and the tools' definitions. On the REST APIs the client writes the whole
@@ -582,6 +596,17 @@ def input_parts(body: dict[str, Any], operation: str) -> list[tuple[str, str]]:
     model as a made-up earlier reply. (The chat socket's history is the server's own: it sends only the new
     turn here, ``completion_start``'s ``new_input``.)"""
     parts: list[tuple[str, str]] = []
+    if operation == Operation.COMPLETIONS:
+        # A text completion's prompt (a text, or texts) and a fill-in-the-middle request's suffix; a token prompt
+        # has no text to read (``completion_start`` refuses one under a policy).
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            parts.append(("prompt", prompt))
+        elif isinstance(prompt, list):
+            parts.extend((f"prompt[{index}]", text) for index, text in enumerate(prompt) if isinstance(text, str))
+        if isinstance(body.get("suffix"), str):
+            parts.append(("suffix", body["suffix"]))
+        return [(field, text) for field, text in parts if text]
     if operation == Operation.MESSAGES:
         parts.extend(("system", text) for text in _texts(body.get("system")))
     for index, message in enumerate(body.get("messages") or ()):

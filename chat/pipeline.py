@@ -46,7 +46,7 @@ from core.text import text_quoted, text_storable
 from core.tracing import TraceStart, trace_attempt_begin, trace_attempt_end, trace_begin
 from experiments.assignment import Assignment, assignment_unit, experiment_assign
 from experiments.overrides import overrides_for_messages
-from providers.adapters import adapter_for
+from providers.adapters import adapter_class_for_kind, adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.common import BatchesAnswered
 from providers.adapters.translate_anthropic import openai_usage, reasoning_text
@@ -104,6 +104,7 @@ from .selectors import NotFoundError, conversation_reach, stored_response_get
 from .translate_responses import responses_request_to_chat
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
+from .validation_completions import validate_completions_request
 from .validation_embeddings import validate_embeddings_request
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ _VALIDATORS = {
     Operation.EMBEDDINGS: validate_embeddings_request,
     # Checked as the chat completion it is translated into (``completion_start``), once its own checks passed.
     Operation.RESPONSES: validate_chat_request,
+    Operation.COMPLETIONS: validate_completions_request,
 }
 
 
@@ -427,6 +429,8 @@ async def completion_start(
             overrides = assignment.variant.overrides
             body.update(overrides_for_messages(overrides) if operation == Operation.MESSAGES else overrides)
         _check_mode(model, operation)
+        if operation == Operation.COMPLETIONS:
+            model = _completions_served(model)
         if body.get("stream") and not model.supports_streaming:
             raise ApplicationError(f"The model `{model.name}` does not support streaming.", param="stream")
         fallbacks, context_fallbacks = await _fallbacks_for(caller, model, operation=operation, body=body)
@@ -674,6 +678,10 @@ async def _fallbacks_for(
                 or (body.get("stream") and not candidate.supports_streaming)
             ):
                 continue
+            if operation == Operation.COMPLETIONS:
+                candidate = _completions_narrowed(candidate)
+                if candidate is None:
+                    continue  # a chat-only model: it would only refuse the request
             chosen.append(candidate)
         return chosen
 
@@ -731,6 +739,36 @@ def _check_mode(model: ResolvedModel, operation: str) -> None:
             param="model",
             code="model_not_supported",
         )
+
+
+def _completions_narrowed(model: ResolvedModel) -> ResolvedModel | None:
+    """``model`` with only the deployments whose provider serves text completions (``/v1/completions``: an
+    OpenAI-compatible one, ``BaseAdapter.serves_completions``), so that routing never picks one that would refuse
+    the request; None when none does. Its unbound prices stay the dearest of all its deployments: a ceiling."""
+    deployments = model.deployments
+    if not deployments:
+        return model if adapter_class_for_kind(model.provider.kind).serves_completions else None
+    serving = tuple(d for d in deployments if adapter_class_for_kind(d.provider.kind).serves_completions)
+    if not serving:
+        return None
+    return model if len(serving) == len(deployments) else replace(model, deployments=serving)
+
+
+def _completions_served(model: ResolvedModel) -> ResolvedModel:
+    """A text completion's model, narrowed to the deployments that serve one (``_completions_narrowed``); a model
+    only chat-only providers serve (Anthropic, Gemini, Cohere, Azure's chat deployments, Mistral) is refused before
+    admission: a chat model answers a message, it does not continue a text, and a chat reply passed off as the
+    prompt's continuation would not be one (``docs/completions.md``)."""
+    narrowed = _completions_narrowed(model)
+    if narrowed is None:
+        raise InvalidRequestError(
+            f"The model `{model.name}` is a chat model: it answers messages and does not continue a text, so it "
+            "does not serve /v1/completions. Use it with /v1/chat/completions, or pick a model served by an "
+            "OpenAI-compatible provider.",
+            param="model",
+            code="model_not_supported",
+        )
+    return narrowed
 
 
 @dataclass(slots=True)
@@ -1253,6 +1291,8 @@ class CompletionRun:
             body = adapter.prepare_request(self._upstream_body(), target)
             body.pop("stream", None)
             body.pop("stream_options", None)
+            if self.operation == Operation.COMPLETIONS:
+                return await adapter.text_complete(body)
             return await adapter.complete(body)
 
         def settle(call: _Call) -> None:
@@ -1346,6 +1386,8 @@ class CompletionRun:
                             body[limit] = max(1, body[limit] - text_tokens(prefill))
                 body = adapter.prepare_request(body, target)
                 body["stream"] = True
+                if self.operation == Operation.COMPLETIONS:
+                    return await self._first(adapter.text_stream(body))
                 return await self._first(adapter.stream(body))
 
             return once
@@ -1457,7 +1499,8 @@ class CompletionRun:
             operation=self.operation, body=self.body, status=UsageStatus.OK, usage=None, delivered_text=delivered_text
         )
         usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        data = {"id": opening.get("id"), "object": "chat.completion.chunk", "created": opening.get("created")}
+        kind = "text_completion" if self.operation == Operation.COMPLETIONS else "chat.completion.chunk"
+        data = {"id": opening.get("id"), "object": kind, "created": opening.get("created")}
         return WireChunk({**data, "model": name, "choices": [], "usage": usage}, None)
 
     def _messages_usage_estimated(self, written: str) -> dict[str, int]:
@@ -1854,6 +1897,8 @@ def _chunk_pieces(chunk: WireChunk, *, reasoning: bool = True) -> list[tuple[int
         if reasoning and (thought := reasoning_text(delta)):
             pieces.append((_reasoning_of(index), thought, None))
         pieces.append((index, delta.get("content") or "", None))
+        if isinstance(text := choice.get("text"), str):  # a text completion's chunk (``/v1/completions``)
+            pieces.append((index, text, None))
         for number, call in enumerate(delta.get("tool_calls") or ()):
             if isinstance(call, dict) and isinstance(arguments := (call.get("function") or {}).get("arguments"), str):
                 pieces.append((index, arguments, call["index"] if isinstance(call.get("index"), int) else number))
@@ -1873,6 +1918,8 @@ def _completion_text(response: dict[str, Any], *, calls: bool = False) -> str:
             parts.append(reasoning)
         if isinstance(content := message.get("content"), str):
             parts.append(content)
+        if isinstance(text := choice.get("text"), str):  # a text completion's (``/v1/completions``)
+            parts.append(text)
     if calls:
         parts.extend(_completion_arguments(response))
     return "\n".join(parts)

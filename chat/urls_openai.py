@@ -8,6 +8,7 @@ from . import api_anthropic, api_feedback, api_models, api_openai, api_responses
 
 urlpatterns = [
     path("chat/completions", api_openai.chat_completions, name="v1-chat-completions"),
+    path("completions", api_openai.completions, name="v1-completions"),
     path("embeddings", api_openai.embeddings, name="v1-embeddings"),
     path("responses", api_responses.responses_create, name="v1-responses"),
     re_path(r"^responses/(?P<path>.+)$", api_responses.responses_stored),

@@ -67,7 +67,13 @@ GEN_AI_PROVIDER_NAMES = {
 }
 # Our operations as ``gen_ai.operation.name`` spells them: an Anthropic Messages call is a chat, and so is an
 # OpenAI Responses call (served as one).
-GEN_AI_OPERATIONS = {"chat": "chat", "messages": "chat", "responses": "chat", "embeddings": "embeddings"}
+GEN_AI_OPERATIONS = {
+    "chat": "chat",
+    "messages": "chat",
+    "responses": "chat",
+    "embeddings": "embeddings",
+    "completions": "text_completion",
+}
 # Ledger statuses that are not a failure of the service: the client's own doing, or a refusal by policy
 # (whose code still goes in ``error.type``).
 NOT_FAILED = frozenset({"ok", "rejected", "invalid", "client_disconnected", "cancelled"})

@@ -156,6 +156,35 @@ def _openai_compatible_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/completions": {
+            "post": {
+                "operationId": "createCompletion",
+                "summary": "Create a text completion (legacy; fill-in-the-middle with `suffix`)",
+                "description": (
+                    "OpenAI's legacy Completions API, for catalog models an OpenAI-compatible provider serves (OpenAI, "
+                    "OpenRouter, vLLM, Ollama, generic), called on the upstream's own `/completions` "
+                    "(docs/completions.md). A chat-only model (Anthropic, Gemini, Cohere, Azure, Mistral) is a 400 "
+                    '`model_not_supported`: a chat model does not continue a text. With `"stream": true` the answer is '
+                    "`text/event-stream`: one `data: {chunk}` event per chunk (the same object as the reply), then "
+                    '`data: [DONE]`; an upstream failure after the stream has started arrives as a `data: {"error": '
+                    "{...}}` event, without `[DONE]`."
+                ),
+                "tags": [_TAG],
+                "security": security,
+                "requestBody": {"required": True, "content": _json("CreateCompletionRequest")},
+                "responses": {
+                    "200": {
+                        "description": "The completion, or a stream of its chunks when `stream` is true.",
+                        "headers": _request_id_header(),
+                        "content": {
+                            **_json("CreateCompletionResponse"),
+                            "text/event-stream": {"schema": {"$ref": _REF + "CreateCompletionResponse"}},
+                        },
+                    },
+                    **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
+                },
+            }
+        },
         "/v1/embeddings": {
             "post": {
                 "operationId": "createEmbedding",

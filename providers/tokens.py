@@ -37,6 +37,7 @@ _ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document
 # Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
 TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 EMBEDDINGS = "embeddings"  # the operation (``billing.models.Operation``) whose body is an ``input``, not messages
+COMPLETIONS = "completions"  # the operation of a text completion: its body's ``prompt`` and ``suffix``, not messages
 # Where a chat completion's assistant turn holds a reasoning model's reasoning, which its servers take back
 # (DeepSeek's thinking mode asks for its reasoning_content again in a tool-call round; OpenRouter takes reasoning).
 REASONING_FIELDS = ("reasoning_content", "reasoning")
@@ -76,6 +77,11 @@ def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int
     if operation == EMBEDDINGS:
         value = body.get("input")
         return _input_tokens(value, upper_bound=True), _input_tokens(value, upper_bound=False)
+    if operation == COMPLETIONS:
+        # A prompt (a text, texts, tokens) and the text after the gap a fill-in-the-middle request gives.
+        parts = [body.get("prompt"), body.get("suffix")]
+        upper = sum(_input_tokens(part, upper_bound=True) for part in parts)
+        return upper + UPPER_OVERHEAD, sum(_input_tokens(part, upper_bound=False) for part in parts)
     chars, attachments, messages = _prompt_parts(body)
     attached = IMAGE_TOKENS * attachments
     return (

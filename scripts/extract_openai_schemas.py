@@ -37,6 +37,9 @@ ROOTS = (
     "ResponseStreamEvent",
     # Its stored responses' input items (GET /v1/responses/{id}/input_items).
     "ResponseItemList",
+    # /v1/completions (legacy text completions and fill-in-the-middle): a stream's chunks are the same object.
+    "CreateCompletionRequest",
+    "CreateCompletionResponse",
 )
 _REF_PREFIX = "#/components/schemas/"
 # Documentation examples for OpenAI's own site: a large share of the file and of no use to our docs.

@@ -128,9 +128,14 @@ def test_every_api_route_is_documented(schema):
 
     assert {"/api/keys/", "/api/keys/{}/", "/api/keys/{}/revoke/", "/api/usage/", "/api/usage/summary/"} <= expected
     assert expected <= {shape(path) for path in schema["paths"]}
-    assert {"/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/models", "/v1/responses"} <= set(
-        schema["paths"]
-    )
+    assert {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/models",
+        "/v1/responses",
+    } <= set(schema["paths"])
 
 
 @pytest.mark.parametrize("prefix", ["/api/", "/v1/"])

@@ -186,6 +186,18 @@ def requested_max_tokens(body: Mapping[str, object]) -> int | None:
     return max(values) if values else None
 
 
+def _choices(body: Mapping[str, object]) -> int:
+    """How many replies of up to ``max_tokens`` the request may be billed for: ``n``; for a text completion
+    (``/v1/completions``) the larger of ``n`` and ``best_of`` (the provider bills every candidate it generated),
+    for each of its prompts (a list of texts or of token arrays is one request per prompt)."""
+    counts = [body.get("n"), body.get("best_of")]
+    choices = max([count for count in counts if isinstance(count, int) and not isinstance(count, bool)] + [1])
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(item, str | list) for item in prompt):
+        choices *= len(prompt)
+    return choices
+
+
 def charge_for(
     *,
     model: ResolvedModel,
@@ -201,8 +213,7 @@ def charge_for(
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage."""
-    choices = body.get("n")
-    choices = choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 0 else 1
+    choices = _choices(body)
     prompt_tokens = max(prompt_tokens_upper, 0)
     likely = None if prompt_tokens_likely is None else min(max(prompt_tokens_likely, 0), prompt_tokens)
     if model.mode == ModelMode.EMBEDDING:

@@ -34,9 +34,10 @@ Several upstreams
     do not have access to it", to an account without the model), 429 insufficient_quota.
 
 Endpoints
-    ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/messages`` (Anthropic, streaming
-    or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below), ``POST /v1/moderations`` (OpenAI, see
-    Moderation below), ``GET /v1/models`` and
+    ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/completions`` (OpenAI's legacy text
+    completions, streaming or not: see ``text_completions``; Ollama's under ``/ollama/v1``, one string prompt),
+    ``POST /v1/messages`` (Anthropic, streaming or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below),
+    ``POST /v1/moderations`` (OpenAI, see Moderation below), ``GET /v1/models`` and
     ``GET /v1/models/{id}`` (Anthropic shape when the request carries an ``anthropic-version`` header,
     OpenAI shape otherwise, which also lists ``fake-embedding-small``). Azure OpenAI's routes answer as OpenAI's: ``POST
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
@@ -1345,6 +1346,7 @@ class _App:
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024**2)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.text_completions)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/moderations", self.moderations)
@@ -1362,6 +1364,7 @@ class _App:
         app.router.add_post("/mistral/v1/embeddings", self.mistral_embeddings)
         app.router.add_get("/mistral/v1/models", self.models)
         app.router.add_post("/ollama/v1/chat/completions", self.ollama_chat_completions)
+        app.router.add_post("/ollama/v1/completions", self.ollama_text_completions)
         app.router.add_post("/ollama/v1/embeddings", self.embeddings)
         app.router.add_get("/ollama/v1/models", self.models)
         app.router.add_get("/_fake/stats", self.control_stats)
@@ -2003,6 +2006,131 @@ class _App:
         await response.write_eof()
         return response
 
+    # -- OpenAI (legacy) text completions --
+
+    async def ollama_text_completions(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's ``/v1/completions``: a ``prompt`` that is one string only (its ``CompletionRequest``), and one
+        choice whatever ``n`` asked."""
+        body = request[_BODY_KEY]
+        if isinstance(body, dict) and not isinstance(body.get("prompt"), str):
+            return _openai_error(400, "invalid type for 'prompt'", "invalid_request_error", None, "prompt")
+        if isinstance(body, dict) and "n" in body:
+            request[_BODY_KEY] = {key: value for key, value in body.items() if key != "n"}
+        return await self.text_completions(request)
+
+    async def text_completions(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's legacy ``POST /v1/completions``: ``prompt`` (a string, strings, a token array or token arrays,
+        one answer for each, ``n`` times), ``suffix``, ``echo``, ``logprobs`` (0 to 5), ``max_tokens`` (16 unless
+        given, as OpenAI's), ``stop``; streamed as ``text_completion`` chunks. The reply and the markers are
+        chat completions' (``[[reply=…]]``, ``[[words=N]]``, ``[[fault=…]]``, ``[[usage=none]]``, pacing), read
+        from the prompt's last text; the echo is ``"Echo: "`` and that text. Token prompts count one token each."""
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _openai_error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        prompts = _completion_prompts(body.get("prompt"))
+        texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+        conv = _Conversation()
+        conv.user_text, conv.directives = _extract_directives(texts[-1] if texts else "")
+        suffix = body.get("suffix") if isinstance(body.get("suffix"), str) else ""
+        conv.prompt_tokens = count_words(suffix) + sum(
+            count_words(prompt) if isinstance(prompt, str) else len(prompt) for prompt in prompts
+        )
+        timing = self._timing(conv.directives)
+        await self._pause(timing.latency)
+        stream = body.get("stream") is True
+        fault = self._fault_name(request, conv.directives, body.get("model"))
+        if fault is not None:
+            early = await self._immediate_fault(request, "openai", fault, conv.prompt_tokens, stream)
+            if early is not None:
+                return early
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            return _openai_error(400, "you must provide a model parameter", "invalid_request_error")
+        if not prompts:
+            return _openai_error(400, "Invalid 'prompt'.", "invalid_request_error", "invalid_value", "prompt")
+        if body.get("echo") is True and suffix:
+            return _openai_error(
+                400, "Echo is not supported with suffix.", "invalid_request_error", "invalid_value", "echo"
+            )
+        max_tokens = _int_or_none(body.get("max_tokens"))
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+        reply = _build_reply(conv, None, 16 if max_tokens is None else max_tokens, stops, "", self.demo)
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        logprobs = _int_or_none(body.get("logprobs"))
+        echo = body.get("echo") is True
+        completion = reply.completion_tokens * n * len(prompts)
+        usage = {
+            "prompt_tokens": conv.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": conv.prompt_tokens + completion,
+        }
+        if conv.directives.get("usage") == "none":
+            usage = None
+        finish = _OPENAI_FINISH[reply.finish]
+        base = {"id": _new_id("cmpl-", 29), "object": "text_completion", "created": int(time.time())}
+        base["model"] = body["model"]
+        choices = [
+            (index * n + number, prompt if isinstance(prompt, str) else "")
+            for index, prompt in enumerate(prompts)
+            for number in range(n)
+        ]
+        if not stream:
+            await self._pause(timing.whole_reply(len(reply.tokens)))
+            answer: dict[str, Any] = {
+                **base,
+                "choices": [
+                    {
+                        "text": (prompt if echo else "") + (reply.text or ""),
+                        "index": index,
+                        "logprobs": _completion_logprobs(reply.tokens, logprobs),
+                        "finish_reason": finish,
+                    }
+                    for index, prompt in choices
+                ],
+                "system_fingerprint": "fp_fake",
+            }
+            if usage is not None:
+                answer["usage"] = usage
+            return web.json_response(answer, headers={"x-request-id": _new_id("req_")})
+        stream_options = body.get("stream_options")
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        response = await self._start_sse(request, {"x-request-id": _new_id("req_")})
+
+        async def send(data: dict[str, Any] | str) -> None:
+            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            await response.write(f"data: {payload}\n\n".encode())
+
+        def chunk(index: int, text: str, finish_reason: str | None, lp: Any = None) -> dict[str, Any]:
+            data = {**base, "choices": [{"text": text, "index": index, "logprobs": lp, "finish_reason": finish_reason}]}
+            if include_usage:
+                data["usage"] = None
+            return data
+
+        if echo:
+            for index, prompt in choices:
+                await send(chunk(index, prompt, None))
+        content_limit = _content_limit(fault)
+        for position, token in enumerate(reply.tokens):
+            if content_limit is not None and position >= content_limit:
+                break
+            await self._pause(timing.before_piece(position))
+            for index, _ in choices:
+                await send(chunk(index, token, None, _completion_logprobs([token], logprobs)))
+        if fault is not None and fault.startswith("cut-"):
+            await self._cut(request)
+        if fault == "error-event":
+            error = {"message": "The server had an error while processing your request.", "type": "server_error"}
+            await send({"error": {**error, "code": None, "param": None}})
+            await response.write_eof()
+            return response
+        for index, _ in choices:
+            await send(chunk(index, "", finish))
+        if include_usage and usage is not None:
+            await send({**base, "choices": [], "usage": usage})
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
     @staticmethod
     async def _start_sse(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -2536,6 +2664,35 @@ def _embedding_vector(text: str, dimensions: int) -> array.array:
     if sys.byteorder == "big":
         little_endian.byteswap()
     return little_endian
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A text completion's ``prompt`` as the prompts it holds: a string, a token array, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        return []
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in prompt):
+        return [prompt]
+    return [item for item in prompt if isinstance(item, str | list)]
+
+
+def _completion_logprobs(tokens: list[str], top: int | None) -> dict[str, Any] | None:
+    """A text completion choice's ``logprobs`` for ``tokens`` (``logprobs: N``: N alternatives a step), or None."""
+    if top is None:
+        return None
+    offsets, at = [], 0
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": list(tokens),
+        "token_logprobs": [_logprob(token) for token in tokens],
+        "top_logprobs": [
+            {token: _logprob(token), **{f" alt{i}": _logprob(token) - i for i in range(1, top)}} for token in tokens
+        ],
+        "text_offset": offsets,
+    }
 
 
 def _directive_int(directives: dict[str, str], name: str) -> int | None:

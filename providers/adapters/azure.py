@@ -23,6 +23,8 @@ _PLACEHOLDER_KEY = "not-configured"
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
+    serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
+
     def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
         if not config.api_version:
             # Without one the SDK would read OPENAI_API_VERSION from the gateway's environment.

@@ -15,7 +15,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..rules import apply_parameter_rules
@@ -105,6 +105,29 @@ class BaseAdapter(ABC):
             provider=self.config.name,
             param="model",
             code="embeddings_not_supported",
+        )
+
+    # Whether ``text_complete`` and ``text_stream`` are served (``/v1/completions``): a chat-only provider's model
+    # does not continue a text, so the gateway refuses such a request rather than pass a chat answer off as one.
+    serves_completions: ClassVar[bool] = False
+
+    async def text_complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer an OpenAI legacy text completion (``/v1/completions``; ``body["model"]`` is the provider's model
+        id) with a ``text_completion``. Default: not served (``serves_completions``); ``OpenAIAdapter`` serves it."""
+        raise self._completions_refused()
+
+    def text_stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        """Yield the ``text_completion`` chunks of a streamed text completion, usage last whenever the provider
+        reports it. Default: not served."""
+        raise self._completions_refused()
+
+    def _completions_refused(self) -> ProviderBadRequestError:
+        return ProviderBadRequestError(
+            f"The provider {self.config.name!r} ({self.config.kind}) does not serve text completions "
+            "(/v1/completions): use /v1/chat/completions with this model.",
+            provider=self.config.name,
+            param="model",
+            code="completions_not_supported",
         )
 
     async def moderate(self, text: str | list[str], *, model: str) -> list[dict[str, Any]]:

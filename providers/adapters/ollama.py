@@ -35,6 +35,18 @@ class OllamaAdapter(OpenAIAdapter):
         one_choice_only(body)
         return super()._chat_body(fields_renamed(_tool_choice_kept(body), _CHAT_RENAMES), stream=stream)
 
+    def _completion_args(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+        """Ollama's ``/v1/completions`` takes one prompt, as text (its ``CompletionRequest``), and answers one
+        choice: several prompts, token ids or ``n`` > 1 are refused rather than answered short."""
+        one_choice_only(body)
+        if not isinstance(body.get("prompt"), str):
+            raise ProviderBadRequestError(
+                "This model takes one prompt, as text: not a list of prompts, nor token ids.",
+                param="prompt",
+                code="unsupported_value",
+            )
+        return super()._completion_args(body, stream=stream)
+
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         completion = await super().complete(body)
         if body.get("parallel_tool_calls") is False:

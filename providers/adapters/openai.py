@@ -40,11 +40,38 @@ from .common import (
     stream_interrupted,
     upstream_deadline,
 )
-from .openai_shape import MalformedReply, StreamShape, completion_conform, json_constant, text_parts_joined
+from .openai_shape import (
+    MalformedReply,
+    StreamShape,
+    TextCompletionShape,
+    completion_conform,
+    json_constant,
+    text_parts_joined,
+)
 from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
 
 _CHAT_PATH = "/chat/completions"
+# The fields ``completions.create`` takes as keywords; any other field of the request goes as ``extra_body``.
+_COMPLETION_PARAMS = (
+    "model",
+    "prompt",
+    "best_of",
+    "echo",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream_options",
+    "suffix",
+    "temperature",
+    "top_p",
+    "user",
+)
 # Where a chunk's text is, and a streamed tool call's next piece of arguments (``text_chunks``).
 _TEXT_PATH = ("choices", 0, "delta", "content")
 _ARGUMENTS_PATH = ("choices", 0, "delta", "tool_calls", 0, "function", "arguments")
@@ -243,6 +270,110 @@ class OpenAIAdapter(BaseAdapter):
         elif raw is not None and not state.finished:
             state.texts.learn(chunk, raw)
             state.arguments.learn(chunk, raw)
+        return WireChunk(chunk, raw)
+
+    serves_completions = True
+
+    def _completion_args(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+        """``completions.create``'s keywords for ``body``; a stream asks for usage whatever the client said, as a
+        chat stream does (``_chat_body``). Overridden by providers that refuse what OpenAI takes (Ollama)."""
+        request = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+        if stream:
+            options = body.get("stream_options")
+            request["stream_options"] = (
+                {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+            )
+        args = {name: request[name] for name in _COMPLETION_PARAMS if name in request}
+        extra = {name: value for name, value in request.items() if name not in _COMPLETION_PARAMS}
+        return {**args, "extra_body": extra or None}
+
+    async def text_complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Through the SDK's ``completions.create`` (the upstream's own ``/completions``), read raw: the upstream's
+        JSON is relayed as it came, filled in where ``CreateCompletionResponse`` requires what it left out."""
+        if not self.serves_completions:
+            raise self._completions_refused()
+        try:
+            async with upstream_deadline(self.config):
+                raw = await self._client.completions.with_raw_response.create(
+                    **self._completion_args(body, stream=False)
+                )
+            completion = json.loads(raw.content)
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        if isinstance(completion, dict) and completion.get("error"):
+            message = self._upstream_message(completion["error"]) or "no details given"
+            raise ProviderError(
+                f"The provider {self.config.name!r} reported an error: {message}", provider=self.config.name
+            )
+        try:
+            if not isinstance(completion, dict):
+                raise MalformedReply("not an object")
+            TextCompletionShape(str(body.get("model") or "")).conform(completion, whole=True)
+        except MalformedReply as exc:
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered with something other than a text completion ({exc}).",
+                provider=self.config.name,
+            ) from None
+        return completion
+
+    async def text_stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        """Through the SDK's ``completions.create(stream=True)``, its response read raw (``sse.SSEParser``) as a
+        chat stream is: each chunk keeps the upstream's bytes unless it had to be filled in; a failure after the
+        first chunk, or a stream that ends before every choice finished, is ``ProviderStreamInterruptedError``."""
+        if not self.serves_completions:
+            raise self._completions_refused()
+        try:
+            async with upstream_deadline(self.config):
+                response = await self._client.completions.create(
+                    **self._completion_args(body, stream=True), stream=True, extra_headers=_RAW_STREAM
+                )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        upstream = response.http_response
+        shape = TextCompletionShape(str(body.get("model") or ""))
+        state = _StreamState()
+        parser = SSEParser()
+        try:
+            async for piece in response_body(upstream):
+                for event in parser.feed(piece):
+                    chunk = self._text_chunk(event, state, shape)
+                    if chunk is not None:
+                        yield chunk
+            for event in parser.end():
+                chunk = self._text_chunk(event, state, shape)
+                if chunk is not None:
+                    yield chunk
+        except (*_FAILURES, MalformedReply) as exc:
+            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+        finally:
+            await upstream.aclose()
+        if not state.finished:
+            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+
+    def _text_chunk(self, event: ServerSentEvent, state: _StreamState, shape: TextCompletionShape) -> WireChunk | None:
+        if state.done:
+            return None
+        data = event.data
+        if event.event == "error":
+            raise stream_interrupted(
+                self.config, f"the provider reported an error: {self._event_error(data) or 'no details'}"
+            )
+        if data.startswith(b"[DONE]"):
+            state.done = True
+            return None
+        chunk = json.loads(data)
+        if not isinstance(chunk, dict):
+            raise ValueError("not a chunk object")
+        if chunk.get("error"):
+            raise stream_interrupted(
+                self.config,
+                f"the provider reported an error: {self._upstream_message(chunk['error']) or 'no details'}",
+            ) from None
+        raw = data if b"\n" not in data and b"\r" not in data else None
+        if not shape.conform(chunk, whole=False):
+            raw = None
+        if not state.finished:
+            state.see(chunk.get("choices"))
         return WireChunk(chunk, raw)
 
     async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:

@@ -503,3 +503,69 @@ def _usage_counts(usage: dict[str, Any]) -> bool:
 
 def _is_count(value: Any) -> bool:
     return type(value) is int and 0 <= value <= COUNT_MAX
+
+
+_TEXT_COMPLETION = "text_completion"
+# A text completion's finish reasons (``CreateCompletionResponse``): no tool calls here.
+_TEXT_FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
+
+
+class TextCompletionShape:
+    """``CreateCompletionResponse`` (``/v1/completions``), whose stream chunks are the same object: what one reply or
+    one stream needs to fill in what the schema requires and an upstream left out (``id``, ``created`` and ``model``,
+    each choice's ``index``, ``logprobs`` and ``text``), the same ``id`` and ``created`` on every chunk."""
+
+    __slots__ = ("_created", "_id", "_model")
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._id: str | None = None
+        self._created: int | None = None
+
+    def conform(self, data: dict[str, Any], *, whole: bool) -> bool:
+        """Fill ``data`` in, in place; True when it needed nothing (its bytes may be relayed as they came).
+        ``whole``: a reply, not a chunk (its choices all have a reason: one left out stopped normally, and its
+        usage is an object or absent). Raises ``MalformedReply`` for what cannot be filled: a choice that is not
+        an object, a ``text`` that is not text, a finish reason of ``error``."""
+        valid = True
+        if type(data.get("id")) is not str:
+            data["id"], valid = self._id or "cmpl-" + uuid.uuid4().hex, False
+        created = data.get("created")
+        if type(created) is not int:
+            fallback = int(created) if isinstance(created, float) else int(time.time())
+            data["created"], valid = self._created if self._created is not None else fallback, False
+        if self._id is None:
+            self._id, self._created = data["id"], data["created"]
+        if type(data.get("model")) is not str:
+            data["model"], valid = self._model, False
+        if data.get("object") != _TEXT_COMPLETION:
+            data["object"], valid = _TEXT_COMPLETION, False
+        choices = data.get("choices")
+        if type(choices) is not list:
+            data["choices"], choices, valid = [], [], False
+        for position, choice in enumerate(choices):
+            if type(choice) is not dict:
+                raise MalformedReply("a choice that is not an object")
+            if type(choice.get("index")) is not int:
+                choice["index"], valid = position, False
+            text = choice.get("text")
+            if text is None:
+                choice["text"], valid = "", False
+            elif type(text) is not str:
+                raise MalformedReply(f"a text of type {type(text).__name__}")
+            if "logprobs" not in choice:
+                choice["logprobs"], valid = None, False
+            reason = choice.get("finish_reason")
+            if reason is None and whole:
+                choice["finish_reason"], valid = "stop", False
+            elif "finish_reason" not in choice:
+                choice["finish_reason"], valid = None, False
+            elif reason is not None and reason not in _TEXT_FINISH_REASONS:
+                _finish_mended(choice)
+                if choice["finish_reason"] not in _TEXT_FINISH_REASONS:  # a tool call's, say: the model stopped
+                    choice["finish_reason"] = "stop"
+                valid = False
+        if not _usage_valid(data.get("usage")) or (whole and "usage" in data and data["usage"] is None):
+            _conform_usage(data, nullable=not whole)
+            valid = False
+        return valid
