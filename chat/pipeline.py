@@ -756,7 +756,7 @@ def _completions_narrowed(model: ResolvedModel) -> ResolvedModel | None:
 
 def _completions_served(model: ResolvedModel) -> ResolvedModel:
     """A text completion's model, narrowed to the deployments that serve one (``_completions_narrowed``); a model
-    only chat-only providers serve (Anthropic, Gemini, Cohere, Azure's chat deployments, Mistral) is refused before
+    only chat-only providers serve (Anthropic, Gemini, Cohere, Azure's chat deployments) is refused before
     admission: a chat model answers a message, it does not continue a text, and a chat reply passed off as the
     prompt's continuation would not be one (``docs/completions.md``)."""
     narrowed = _completions_narrowed(model)

@@ -162,8 +162,9 @@ def _openai_compatible_paths() -> dict[str, Any]:
                 "summary": "Create a text completion (legacy; fill-in-the-middle with `suffix`)",
                 "description": (
                     "OpenAI's legacy Completions API, for catalog models an OpenAI-compatible provider serves (OpenAI, "
-                    "OpenRouter, vLLM, Ollama, generic), called on the upstream's own `/completions` "
-                    "(docs/completions.md). A chat-only model (Anthropic, Gemini, Cohere, Azure, Mistral) is a 400 "
+                    "OpenRouter, vLLM, Ollama, generic), called on the upstream's own `/completions`, and Mistral's "
+                    "(Codestral's fill-in-the-middle) (docs/completions.md). A chat-only model (Anthropic, Gemini, "
+                    "Cohere, Azure) is a 400 "
                     '`model_not_supported`: a chat model does not continue a text. With `"stream": true` the answer is '
                     "`text/event-stream`: one `data: {chunk}` event per chunk (the same object as the reply), then "
                     '`data: [DONE]`; an upstream failure after the stream has started arrives as a `data: {"error": '

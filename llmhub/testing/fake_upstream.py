@@ -43,7 +43,8 @@ Endpoints
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
     (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Mistral's, under ``/mistral``
-    (``base_url`` ``…/mistral/v1``): ``POST /mistral/v1/chat/completions``, ``…/embeddings``, ``GET
+    (``base_url`` ``…/mistral/v1``): ``POST /mistral/v1/chat/completions``, ``…/embeddings``, ``…/fim/completions``
+    (Codestral's fill-in-the-middle: ``prompt`` and ``suffix``, answered as its chat completions), ``GET
     /mistral/v1/models``, answered as OpenAI's but strict as Mistral is: a field Mistral does not take
     (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, embeddings'
     ``dimensions``, …) is a 422 in Mistral's shape (``{"object": "error", "message": {"detail": [{"type":
@@ -1034,6 +1035,10 @@ _MISTRAL_CHAT_FIELDS = frozenset(
         "safe_prompt",
     }
 )
+# Codestral's fill-in-the-middle request (``FIMCompletionRequest``).
+_MISTRAL_FIM_FIELDS = frozenset(
+    {"model", "prompt", "suffix", "temperature", "top_p", "max_tokens", "min_tokens", "stream", "stop", "random_seed"}
+)
 _MISTRAL_EMBEDDING_FIELDS = frozenset(
     {"model", "input", "metadata", "output_dimension", "output_dtype", "encoding_format"}
 )
@@ -1362,6 +1367,7 @@ class _App:
         app.router.add_get("/openai/models", self.azure(self.models))
         app.router.add_post("/mistral/v1/chat/completions", self.mistral_chat_completions)
         app.router.add_post("/mistral/v1/embeddings", self.mistral_embeddings)
+        app.router.add_post("/mistral/v1/fim/completions", self.mistral_fim_completions)
         app.router.add_get("/mistral/v1/models", self.models)
         app.router.add_post("/ollama/v1/chat/completions", self.ollama_chat_completions)
         app.router.add_post("/ollama/v1/completions", self.ollama_text_completions)
@@ -1656,6 +1662,21 @@ class _App:
         request[_USAGE_ON_FINISH_KEY] = True
         if "random_seed" in body:
             request[_BODY_KEY] = {key: value for key, value in body.items() if key != "random_seed"}
+        return await self.chat_completions(request)
+
+    async def mistral_fim_completions(self, request: web.Request) -> web.StreamResponse:
+        """Codestral's fill-in-the-middle (``/v1/fim/completions``): ``prompt`` (text) and ``suffix``, answered as
+        Mistral's chat completions are (a ``chat.completion``, its usage on the last chunk of a stream), the reply
+        and the markers read from the prompt; a field FIM does not take is a 422."""
+        body = request[_BODY_KEY]
+        refused = _mistral_extra_fields(body, _MISTRAL_FIM_FIELDS)
+        if refused is not None:
+            return refused
+        if not isinstance(body.get("prompt"), str):
+            return _openai_error(422, "Input should be a valid string", "invalid_request_error", None, "prompt")
+        request[_USAGE_ON_FINISH_KEY] = True
+        chat = {key: value for key, value in body.items() if key not in ("prompt", "suffix", "random_seed")}
+        request[_BODY_KEY] = {**chat, "messages": [{"role": "user", "content": body["prompt"]}]}
         return await self.chat_completions(request)
 
     async def mistral_embeddings(self, request: web.Request) -> web.StreamResponse:

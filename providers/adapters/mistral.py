@@ -15,6 +15,10 @@ the gateway's output check, its estimate of an uncounted reply and the chat page
 spelt as other OpenAI-compatible servers of reasoning models spell it, the thinking in ``reasoning_content`` and
 the text in ``content`` (``_content_spelt``, before the OpenAI adapter checks the reply's shape). A list holding
 any other kind of chunk is a malformed reply, as any content that is not text is from any OpenAI-protocol server.
+
+Mistral has no ``/v1/completions``: a text completion (``text_complete``, ``text_stream``) is sent to Codestral's
+fill-in-the-middle, ``/v1/fim/completions`` (``prompt`` and ``suffix``), whose chat-shaped answer is read back as a
+``text_completion``.
 """
 
 from __future__ import annotations
@@ -22,19 +26,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..exceptions import ProviderBadRequestError
 from .base import WireChunk
-from .common import BatchesAnswered, fields_renamed
-from .openai import OpenAIAdapter
+from .common import BatchesAnswered, fields_renamed, one_choice_only
+from .openai import _CHAT_PATH, OpenAIAdapter
 
 # OpenAI's name → Mistral's, for the same meaning; given under both, OpenAI's wins (``fields_renamed``).
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens", "seed": "random_seed"}
 _EMBEDDING_RENAMES = {"dimensions": "output_dimension"}
+_FIM_PATH = "/fim/completions"  # Codestral's fill-in-the-middle, Mistral's text completion
 
 
 class MistralAdapter(OpenAIAdapter):
-    # Mistral has no /v1/completions; its fill-in-the-middle (Codestral's /v1/fim/completions) answers a
-    # differently shaped request and reply, not served yet (docs/completions.md).
-    serves_completions = False
+    # Mistral has no /v1/completions: a text completion goes to Codestral's fill-in-the-middle (``_fim_body``).
+    serves_completions = True
     embed_batch_limit = 512  # Mistral refuses more inputs in one request ("Too many inputs in request")
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
@@ -49,10 +54,10 @@ class MistralAdapter(OpenAIAdapter):
     def _content_spelt(part: dict[str, Any]) -> bool:
         return _content_chunks_spelt(part)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+    async def stream(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> AsyncIterator[WireChunk]:
         """The OpenAI adapter's stream, with the usage Mistral puts on its last chunk moved to a chunk of its
         own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too."""
-        upstream = super().stream(body)
+        upstream = super().stream(body, path=path)
         try:
             async for chunk in upstream:
                 usage = chunk.get("usage")
@@ -68,6 +73,59 @@ class MistralAdapter(OpenAIAdapter):
 
     async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         return await super().embed(fields_renamed(body, _EMBEDDING_RENAMES), kept=kept)
+
+    async def text_complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Codestral's fill-in-the-middle, answered as a chat completion by Mistral: its message's text is the
+        completion's."""
+        return _text_completion(await self.complete(_fim_body(body), path=_FIM_PATH))
+
+    async def text_stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        upstream = self.stream(_fim_body(body), path=_FIM_PATH)
+        try:
+            async for chunk in upstream:
+                yield WireChunk(_text_completion(chunk, streamed=True), None)
+        finally:
+            await upstream.aclose()  # type: ignore[attr-defined]
+
+
+def _fim_body(body: dict[str, Any]) -> dict[str, Any]:
+    """A text completion as Codestral's FIM request (``FIMCompletionRequest``): one prompt, as text, and the
+    ``suffix``; what FIM has no counterpart for (several prompts, token ids, ``n``, ``best_of``, ``echo``,
+    ``logprobs``) is refused with a 400 naming it, rather than sent for a 422 or answered as if it had been kept.
+    Any other field goes up, and Mistral's 422 for one it does not take reaches the client as a 400 naming it."""
+    if not isinstance(body.get("prompt"), str):
+        raise ProviderBadRequestError(
+            "Mistral's fill-in-the-middle takes one prompt, as text: not a list of prompts, nor token ids.",
+            param="prompt",
+            code="unsupported_value",
+        )
+    one_choice_only(body)
+    for name, default in (("best_of", 1), ("echo", False), ("logprobs", None)):
+        if body.get(name) not in (None, default):
+            raise ProviderBadRequestError(
+                f"Mistral's fill-in-the-middle has no `{name}`.", param=name, code="unsupported_value"
+            )
+    return {key: value for key, value in body.items() if key not in ("best_of", "echo", "logprobs", "n")}
+
+
+def _text_completion(completion: dict[str, Any], *, streamed: bool = False) -> dict[str, Any]:
+    """A chat completion (or chunk) from FIM as the ``text_completion`` it answers: each choice's text is its
+    message's (its delta's) content."""
+    answer = {key: completion[key] for key in ("id", "created", "model", "usage") if key in completion}
+    choices = []
+    for choice in completion.get("choices") or ():
+        part = choice.get("delta" if streamed else "message") or {}
+        text = part.get("content") if isinstance(part.get("content"), str) else ""
+        reason = choice.get("finish_reason")
+        choices.append(
+            {
+                "text": text,
+                "index": choice.get("index", 0),
+                "logprobs": None,
+                "finish_reason": "stop" if reason == "tool_calls" else reason,
+            }
+        )
+    return {**answer, "object": "text_completion", "choices": choices}
 
 
 def _content_chunks_spelt(part: dict[str, Any]) -> bool:

@@ -167,11 +167,12 @@ class OpenAIAdapter(BaseAdapter):
             else {"include_usage": True},
         }
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> dict[str, Any]:
+        """``path``: the endpoint under the provider's base URL that answers a chat completion (Mistral's FIM too)."""
         body = self._chat_body(body, stream=False)
         try:
             async with upstream_deadline(self.config):
-                completion = await self._client.post(_CHAT_PATH, body=body, cast_to=object)
+                completion = await self._client.post(path, body=body, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         if isinstance(completion, dict) and completion.get("error"):
@@ -190,14 +191,14 @@ class OpenAIAdapter(BaseAdapter):
                 provider=self.config.name,
             ) from None
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+    async def stream(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> AsyncIterator[WireChunk]:
         request = self._chat_body(body, stream=True)
         try:
             # The raw response, still through the SDK (auth, retries, error classes for a non-2xx
             # answer): the header is the SDK's own way to ask for it, as `with_streaming_response` does.
             async with upstream_deadline(self.config):
                 upstream = await self._client.post(
-                    _CHAT_PATH, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
+                    path, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None

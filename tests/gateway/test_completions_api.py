@@ -320,3 +320,57 @@ def test_metrics_count_completions_under_their_own_operation(gateway):
         before = value(scrape(gateway.url), "llmhub_requests_total", **labels)
         gateway.client().completions.create(model="gpt-test", prompt="hi [[reply=ok]]")
         scrape_until(gateway.url, "llmhub_requests_total", before + 1, **labels)
+
+
+def test_mistral_fills_in_the_middle_through_codestrals_fim_endpoint(gateway):
+    ModelFactory(
+        name="codestral",
+        provider=ProviderFactory(
+            name="fake-mistral", kind=ProviderKind.MISTRAL, base_url=gateway.upstream.base_url + "/mistral/v1"
+        ),
+        upstream_id="codestral-latest",
+        input_per_mtok=INPUT,
+        output_per_mtok=OUTPUT,
+    )
+    client = gateway.client()
+    raw = client.completions.with_raw_response.create(
+        model="codestral", prompt="def add(a, b):\n    [[reply=return a + b]]", suffix="\n", max_tokens=20, seed=7
+    )
+    validate_openai_schema(json.loads(raw.http_response.text), "CreateCompletionResponse")
+    completion = raw.parse()
+    assert (completion.object, completion.model, completion.choices[0].text) == (
+        "text_completion",
+        "codestral",
+        "return a + b",
+    )
+    fim = [r["body"] for r in gateway.upstream.requests if r["path"] == "/mistral/v1/fim/completions"]
+    assert fim[0]["suffix"] == "\n" and fim[0]["random_seed"] == 7 and fim[0]["model"] == "codestral-latest"
+    assert_row(
+        raw.headers["x-request-id"],
+        prompt=completion.usage.prompt_tokens,
+        completion=completion.usage.completion_tokens,
+        model_name="codestral",
+    )
+
+    chunks = list(
+        client.completions.create(
+            model="codestral",
+            prompt="[[reply=x = 1]]",
+            suffix="\n",
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "x = 1"
+    assert {c.object for c in chunks} == {"text_completion"} and chunks[-1].usage.completion_tokens == 3
+
+    for body, param in (
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "a", "n": 2}, "n"),
+        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "logprobs": 1}, "logprobs"),
+        ({"prompt": "a", "presence_penalty": 1}, "presence_penalty"),  # Mistral's own 422, as a 400 naming it
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="codestral", **body)
+        assert refused.value.body["param"] == param
