@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -754,6 +754,18 @@ def _completions_narrowed(model: ResolvedModel) -> ResolvedModel | None:
     return model if len(serving) == len(deployments) else replace(model, deployments=serving)
 
 
+@contextlib.contextmanager
+def _prompt_named() -> Iterator[None]:
+    """A text completion's context-length failure names its ``prompt``: a provider that names no field, or chat's
+    ``messages`` (OpenAI-compatible servers share chat's wording), was told of no messages."""
+    try:
+        yield
+    except ProviderContextLengthError as exc:
+        if exc.param in (None, "messages"):
+            exc.param = "prompt"
+        raise
+
+
 def _completions_served(model: ResolvedModel) -> ResolvedModel:
     """A text completion's model, narrowed to the deployments that serve one (``_completions_narrowed``); a model
     only chat-only providers serve (Anthropic, Gemini, Cohere, Azure's chat deployments) is refused before
@@ -1292,7 +1304,8 @@ class CompletionRun:
             body.pop("stream", None)
             body.pop("stream_options", None)
             if self.operation == Operation.COMPLETIONS:
-                return await adapter.text_complete(body)
+                with _prompt_named():
+                    return await adapter.text_complete(body)
             return await adapter.complete(body)
 
         def settle(call: _Call) -> None:
@@ -1387,7 +1400,8 @@ class CompletionRun:
                 body = adapter.prepare_request(body, target)
                 body["stream"] = True
                 if self.operation == Operation.COMPLETIONS:
-                    return await self._first(adapter.text_stream(body))
+                    with _prompt_named():
+                        return await self._first(adapter.text_stream(body))
                 return await self._first(adapter.stream(body))
 
             return once

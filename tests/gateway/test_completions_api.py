@@ -374,3 +374,17 @@ def test_mistral_fills_in_the_middle_through_codestrals_fim_endpoint(gateway):
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model="codestral", **body)
         assert refused.value.body["param"] == param
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_too_long_for_the_model_is_a_400_naming_the_prompt(gateway, stream):
+    reply = httpx.post(
+        gateway.url + "/v1/completions",
+        json={"model": "gpt-test", "prompt": "long [[fault=context]]", "stream": stream},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    )
+    assert reply.status_code == 400
+    assert (reply.json()["error"]["code"], reply.json()["error"]["param"]) == ("context_length_exceeded", "prompt")
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert (record.operation, record.status) == ("completions", "invalid")
