@@ -2044,7 +2044,8 @@ class _App:
         one answer for each, ``n`` times), ``suffix``, ``echo``, ``logprobs`` (0 to 5), ``max_tokens`` (16 unless
         given, as OpenAI's), ``stop``; streamed as ``text_completion`` chunks. The reply and the markers are
         chat completions' (``[[reply=…]]``, ``[[words=N]]``, ``[[fault=…]]``, ``[[usage=none]]``, pacing), read
-        from the prompt's last text; the echo is ``"Echo: "`` and that text. Token prompts count one token each."""
+        from the prompt's last text (``[[raw=BASE64]]`` too); the echo is ``"Echo: "`` and that text. Token prompts
+        count one token each."""
         body = request[_BODY_KEY]
         if not isinstance(body, dict):
             return _openai_error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
@@ -2066,6 +2067,8 @@ class _App:
                 return early
         if not isinstance(body.get("model"), str) or not body["model"]:
             return _openai_error(400, "you must provide a model parameter", "invalid_request_error")
+        if "raw" in conv.directives:
+            return await self._raw_answer(request, conv.directives["raw"], stream=stream)
         if not prompts:
             return _openai_error(400, "Invalid 'prompt'.", "invalid_request_error", "invalid_value", "prompt")
         if body.get("echo") is True and suffix:

@@ -15,6 +15,7 @@ from django.test import override_settings
 
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
+from llmhub.testing.fake_upstream import raw_directive
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, Deployment, ModelMode, Provider, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
@@ -388,3 +389,34 @@ def test_a_prompt_too_long_for_the_model_is_a_400_naming_the_prompt(gateway, str
     assert (reply.json()["error"]["code"], reply.json()["error"]["param"]) == ("context_length_exceeded", "prompt")
     record = wait_for_record(reply.headers["x-request-id"])
     assert (record.operation, record.status) == ("completions", "invalid")
+
+
+def test_what_a_server_left_out_is_filled_in_and_what_is_not_text_is_a_502(gateway):
+    sparse = json.dumps({"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
+    raw = gateway.client().completions.with_raw_response.create(model="gpt-test", prompt=raw_directive(sparse.encode()))
+    answer = json.loads(raw.http_response.text)
+    validate_openai_schema(answer, "CreateCompletionResponse")
+    assert (answer["object"], answer["model"], answer["choices"][0]["finish_reason"]) == (
+        "text_completion",
+        "gpt-test",
+        "stop",
+    )
+    assert answer["usage"]["total_tokens"] == 3
+
+    chunks = b"".join(
+        b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        for chunk in ({"choices": [{"text": "a"}]}, {"choices": [{"text": " b", "finish_reason": "eos"}]})
+    )
+    _, payloads = sse(gateway, {"model": "gpt-test", "prompt": raw_directive(chunks + b"data: [DONE]\n\n")})
+    assert payloads[-1] == "[DONE]"
+    assert [(c["object"], c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in payloads[:-1]] == [
+        ("text_completion", "a", None),
+        ("text_completion", " b", "stop"),
+    ]
+    assert len({(c["id"], c["created"]) for c in payloads[:-1]}) == 1  # one id for the stream
+
+    broken = json.dumps({"choices": [{"text": 5}]}).encode()
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().completions.create(model="gpt-test", prompt=raw_directive(broken))
+    assert failed.value.status_code == 502
+    assert "text completion" in failed.value.body["message"]
