@@ -568,7 +568,8 @@ async def _experiment_enter(
     model has a running experiment and the caller's unit falls in a variant. A deployment variant narrows
     the model to that deployment; a model variant serves another public model, which the caller's plan
     and key must allow (else the caller is left out of the experiment, served as usual, and not recorded
-    in it); a variant whose deployment is gone or disabled is left out the same way."""
+    in it); a variant whose deployment is gone or disabled is left out the same way, and so is a text completion's
+    caller of a variant only chat-only providers serve (``_completions_narrowed``)."""
     if operation == Operation.EMBEDDINGS:
         return model, None
     unit = assignment_unit(user_id=caller.user_id, api_key_id=caller.api_key_id, end_user=_end_user(body, operation))
@@ -586,10 +587,14 @@ async def _experiment_enter(
         )
         if not permitted or (target.mode == ModelMode.EMBEDDING) != (operation == Operation.EMBEDDINGS):
             return model, None
+        if operation == Operation.COMPLETIONS and _completions_narrowed(target) is None:
+            return model, None  # a chat-only model cannot continue a text: left out, not refused
         return target, assignment
     if variant.deployment_id is not None:
         chosen = next((d for d in model.deployments if d.id == variant.deployment_id), None)
         if chosen is None:
+            return model, None
+        if operation == Operation.COMPLETIONS and not adapter_class_for_kind(chosen.provider.kind).serves_completions:
             return model, None
         narrowed = replace(
             model,

@@ -15,8 +15,9 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from experiments.assignment import assignment_unit
 from experiments.layout import bucket_of, layout_owner
+from providers.models import ProviderKind
 from tests.chat.conftest import ends, events_until, open_socket
-from tests.factories import UserFactory
+from tests.factories import ProviderFactory, UserFactory
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -232,3 +233,28 @@ def test_an_anthropic_clients_end_users_are_assigned_by_metadata_user_id(llmhub_
             messages=[{"role": "user", "content": "hello there"}],
         )
         assert raw.headers["x-llmhub-experiment"] == f"ab-test:{variant}"
+
+
+@pytest.mark.parametrize("treatment_model", [False, True])
+def test_a_text_completion_is_left_out_of_a_variant_that_cannot_complete(
+    llmhub_server, fake_upstream, ab_experiment, treatment_model
+):
+    """A variant served by a chat-only provider (its deployment, or its other model's) cannot continue a text: a
+    ``/v1/completions`` caller it would take is served as usual and left out of the experiment, not refused."""
+    ab = ab_experiment(control=50, treatment=50, treatment_model=treatment_model)
+    chat_only = ProviderFactory(name="chat-only", kind=ProviderKind.ANTHROPIC, base_url=fake_upstream.base_url)
+    if treatment_model:
+        ab.target_model.deployments.update(provider=chat_only)
+    else:
+        ab.treatment_deployment.provider = chat_only
+        ab.treatment_deployment.save()
+    created = api_key_create(user=UserFactory(username="app"), name="app")
+    end_user = end_user_in(ab, created.api_key, "treatment")
+    raw = client_for(llmhub_server, created.secret).completions.with_raw_response.create(
+        model="ab-model", prompt="[[reply=done]]", user=end_user
+    )
+    assert raw.parse().choices[0].text == "done"
+    assert "x-llmhub-experiment" not in raw.headers
+    assert raw.headers["x-llmhub-model"] == "ab-model"
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
+    assert (record.operation, record.experiment_id) == ("completions", None)
