@@ -420,3 +420,15 @@ def test_what_a_server_left_out_is_filled_in_and_what_is_not_text_is_a_502(gatew
         gateway.client().completions.create(model="gpt-test", prompt=raw_directive(broken))
     assert failed.value.status_code == 502
     assert "text completion" in failed.value.body["message"]
+
+
+def test_a_streamed_completion_the_output_check_blocks_ends_in_band(gateway):
+    policy_on("gpt-test", blocklist="forbidden", check_input=False)
+    reply, payloads = sse(gateway, {"model": "gpt-test", "prompt": "[[reply=one two forbidden three]]"})
+    assert reply.status_code == 200
+    assert "[DONE]" not in payloads
+    assert payloads[-1]["error"]["code"] == "content_policy_violation"
+    delivered = "".join(c["choices"][0]["text"] for c in payloads[:-1] if c.get("choices"))
+    assert "forbidden" not in delivered
+    record = wait_for_record(reply.headers["x-request-id"])
+    assert (record.operation, record.error_type) == ("completions", "content_policy_violation")
