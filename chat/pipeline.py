@@ -104,7 +104,7 @@ from .selectors import NotFoundError, conversation_reach, stored_response_get
 from .translate_responses import responses_request_to_chat
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
-from .validation_completions import validate_completions_request
+from .validation_completions import COMPLETIONS_MAX_TOKENS_DEFAULT, validate_completions_request
 from .validation_embeddings import validate_embeddings_request
 
 logger = logging.getLogger(__name__)
@@ -421,6 +421,9 @@ async def completion_start(
         if operation == Operation.RESPONSES:
             client_body, body, field_names = await _responses_translate(caller, body)
         _VALIDATORS[operation](body)
+        if operation == Operation.COMPLETIONS and body.get("max_tokens") is None:
+            # OpenAI's default, spelt out: left to admission, a budget's clamp would lift it (and reserve for it).
+            body["max_tokens"] = COMPLETIONS_MAX_TOKENS_DEFAULT
         if model is None:
             model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
         if assignment is not None and assignment.variant.overrides:

@@ -432,3 +432,15 @@ def test_a_streamed_completion_the_output_check_blocks_ends_in_band(gateway):
     assert "forbidden" not in delivered
     record = wait_for_record(reply.headers["x-request-id"])
     assert (record.operation, record.error_type) == ("completions", "content_policy_violation")
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_without_max_tokens_a_completion_stops_at_openais_default_of_16(gateway, budgeted):
+    """OpenAI's (and vLLM's) default: a budget's clamp, sent when the request names no limit, must not lift it."""
+    if budgeted:
+        api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("10"))
+    raw = gateway.client().completions.with_raw_response.create(model="gpt-test", prompt="[[words=40]]")
+    completion = raw.parse()
+    assert (completion.choices[0].finish_reason, completion.usage.completion_tokens) == ("length", 16)
+    assert sent(gateway)[0]["max_tokens"] == 16
+    assert_row(raw.headers["x-request-id"], prompt=completion.usage.prompt_tokens, completion=16)
