@@ -1381,7 +1381,8 @@ class CompletionRun:
         output_arrived = False
         text: list[str] = []  # the reply's text alone: what a resumed attempt is given as its prefill
         finish_reason: str | None = None
-        calls_streamed = False
+        # The client holds what no prefill continues: part of a call, or Claude's signed thinking.
+        unresumable = False
         # Whether the client has the model's reasoning, and whether a resumed attempt's is to be set apart from it.
         reasoned = set_apart = False
         # Completion tokens of the parts delivered by attempts that failed midway, before a resume; and where in
@@ -1468,7 +1469,11 @@ class CompletionRun:
                                 if delta.get("content"):
                                     text.append(delta["content"])
                                 if delta.get("tool_calls") or delta.get("function_call"):
-                                    calls_streamed = True  # a call the client holds part of: no prefill ends it
+                                    unresumable = True  # a call the client holds part of: no prefill ends it
+                                if delta.get("thinking_blocks"):
+                                    # Claude's thinking, signed by the model that wrote it: with thinking on,
+                                    # Anthropic wants a prefill to begin with it (as on /v1/messages).
+                                    unresumable = True
                                 if choice.get("finish_reason"):
                                     finish_reason = choice["finish_reason"]
                             if chunk_usage and self._usage_completed(chunk_usage, "".join(delivered[attempt_began:])):
@@ -1483,7 +1488,7 @@ class CompletionRun:
                             yield self._usage_estimated(opening, public_name, "".join(delivered))
                         break
                     except ProviderError as exc:
-                        if not self._may_resume(exc, failed, bool(text) and not calls_streamed):
+                        if not self._may_resume(exc, failed, bool(text) and not unresumable):
                             raise
                         # Resume: the next deployment continues the reply from what the client already has.
                         await self._attempt_abandon(upstream, failed)
@@ -1536,8 +1541,8 @@ class CompletionRun:
     def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool) -> bool:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
         the model opted in, the failure is one another deployment may not share, what was sent can be
-        continued (``continuable``: text, no tool call nor legacy ``function_call``) and the model's attempts are
-        not spent."""
+        continued (``continuable``: text, no tool call nor legacy ``function_call``, no thinking block) and the
+        model's attempts are not spent."""
         served = self.answered_by
         return (
             served.resume_on_failure

@@ -2340,7 +2340,8 @@ class _App:
         """What Anthropic refuses about extended thinking: a budget under 1024 or not under ``max_tokens``, a
         temperature other than 1, ``top_k``, a ``tool_choice`` that forces a call (``any`` or ``tool``) while thinking
         is on (enabled or adaptive), a thinking block sent back with another signature than the one it came with, and
-        (thinking enabled) a tool-use turn answered in this request without its thinking first."""
+        (thinking enabled) a final assistant message without its thinking first: a prefill, or a tool-use turn
+        answered in this request."""
         setting = body.get("thinking")
         enabled = isinstance(setting, dict) and setting.get("type") == "enabled"
         choice = body.get("tool_choice")
@@ -2373,26 +2374,40 @@ class _App:
                     and block.get("signature") != THINKING_SIGNATURE
                 ):
                     return f"messages.{i}.content: Invalid `signature` in `thinking` block"
-        answered = messages[-1] if messages else None
-        asked = messages[-2] if len(messages) >= 2 else None
-        if (
-            enabled
+        if enabled:
+            return _App._final_assistant_thinking(messages)
+        return None
+
+    @staticmethod
+    def _final_assistant_thinking(messages: list[Any]) -> str | None:
+        """Anthropic's refusal, thinking enabled, of a final assistant message that does not begin with its
+        thinking: a prefill (the last message), or the tool-use turn the last message answers."""
+        last = len(messages) - 1
+        answered = messages[last] if messages else None
+        if isinstance(answered, dict) and answered.get("role") == "assistant":
+            final = last
+        elif (
+            last >= 1
             and isinstance(answered, dict)
-            and isinstance(asked, dict)
-            and asked.get("role") == "assistant"
-            and isinstance(asked.get("content"), list)
-            and any(isinstance(b, dict) and b.get("type") == "tool_use" for b in asked["content"])
             and isinstance(answered.get("content"), list)
             and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in answered["content"])
+            and isinstance(messages[last - 1], dict)
+            and messages[last - 1].get("role") == "assistant"
+            and isinstance(messages[last - 1].get("content"), list)
+            and any(isinstance(b, dict) and b.get("type") == "tool_use" for b in messages[last - 1]["content"])
         ):
-            first = asked["content"][0]
-            if not isinstance(first, dict) or first.get("type") not in ("thinking", "redacted_thinking"):
-                return (
-                    f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or `redacted_thinking`, but"
-                    " found `tool_use`. When `thinking` is enabled, a final `assistant` message must start with a"
-                    " thinking block."
-                )
-        return None
+            final = last - 1
+        else:
+            return None
+        content = messages[final].get("content")
+        first = content[0] if isinstance(content, list) and content else {"type": "text"}
+        kind = first.get("type") if isinstance(first, dict) else None
+        if kind in ("thinking", "redacted_thinking"):
+            return None
+        return (
+            f"messages.{final}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{kind}`. When"
+            " `thinking` is enabled, a final `assistant` message must start with a thinking block."
+        )
 
     async def _anthropic_stream(
         self,

@@ -3,7 +3,7 @@ getting it back in ``reasoning_content`` (whole and streamed), and what a tool-u
 
 The fake upstream answers ``[[thinking=TEXT]]`` with a signed ``thinking`` block on the Messages API when the
 request enables thinking, and checks what Anthropic checks (a budget under ``max_tokens``, temperature 1, the
-signature of a thinking block sent back, the thinking first in a tool-use turn answered)."""
+signature of a thinking block sent back, the thinking first in a tool-use turn answered and in a prefill)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import httpx
 import openai
 import pytest
 
+from billing.models import UsageRecord
 from llmhub.testing.openapi import validate_openai_schema
-from providers.models import CatalogModel, Deployment
+from providers.models import CatalogModel, Deployment, ProviderKind
+from providers.tokens import text_tokens
 from tests.factories import ProviderFactory
 from tests.gateway.test_moderation import delivered_text, policy_on, relayed, sse_stream
 from tests.waiting import wait_for_record
@@ -308,3 +310,40 @@ def test_a_resumed_streams_reasoning_is_relayed_after_a_break(gateway):
     assert roles == ["assistant"], "one stream: the resumed attempt's opening is not relayed"
     record = wait_for_record(request_id)
     assert record.resumed and record.status == "ok"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"reasoning_effort": "low"}, {"thinking": {"type": "enabled", "budget_tokens": 1024}}],
+    ids=["reasoning_effort", "thinking"],
+)
+def test_a_stream_where_claude_thought_is_not_resumed_as_on_messages(gateway, fields):
+    """Thinking on, Anthropic wants a final assistant message (a resume's prefill) to begin with the thinking,
+    signed by the model that wrote it: a text prefill failed upstream. As on ``/v1/messages``, a stream that sent
+    a thinking block is not resumed: it ends with the in-band error, one row charged what was relayed."""
+    model = CatalogModel.objects.create(name="claude-resumable", strategy="priority", resume_on_failure=True)
+    for priority, upstream_id in enumerate(("fault-cut-3", "fake-claude-haiku")):
+        provider = ProviderFactory(
+            name=f"claude-{priority}", kind=ProviderKind.ANTHROPIC, base_url=gateway.upstream.base_url
+        )
+        Deployment.objects.create(
+            model=model, name=f"d{priority}", provider=provider, upstream_id=upstream_id, priority=priority, **PRICES
+        )
+    body = {
+        "model": "claude-resumable",
+        "stream": True,
+        "messages": [{"role": "user", "content": "[[thinking=weigh it first]] hello there [[words=8]]"}],
+        **fields,
+    }
+
+    events, request_id = sse_stream(gateway, body)
+
+    assert events[-1] != "[DONE]" and events[-1]["error"]["code"] == "upstream_stream_interrupted", events[-1]
+    chunks = events[:-1]
+    thought, text = relayed(chunks, "reasoning_content"), delivered_text(chunks)
+    assert thought == "weigh it first" and text
+    assert len(gateway.upstream.requests) == 1, "no second deployment was asked to continue"
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error" and not record.resumed and record.attempts == 1
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+    assert record.usage_estimated and record.completion_tokens == text_tokens(thought + text)
