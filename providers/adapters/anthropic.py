@@ -33,7 +33,7 @@ from .common import (
 )
 from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
-from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message
+from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message, within_output_limit
 
 _MESSAGES_PATH = "/v1/messages"
 # Where a text delta's text is (``text_chunks``).
@@ -61,6 +61,16 @@ class AnthropicAdapter(BaseAdapter):
             default_headers=dict(config.extra_headers),
             http_client=provider_http_client(config),
         )
+
+    def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """As every adapter's, and the output limit llmhub picks when the client sets none kept under what the
+        model writes at most (``within_output_limit``)."""
+        prepared = super().prepare_request(body, model)
+        try:
+            return within_output_limit(prepared, model.max_output_tokens)
+        except ProviderBadRequestError as exc:
+            exc.provider = self.config.name
+            raise
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         request = self._translate(body)

@@ -14,7 +14,8 @@ Request (OpenAI → Anthropic):
   user turn, as Anthropic expects them) are translated.
 - ``tools`` (functions) and ``tool_choice``; ``parallel_tool_calls: false`` becomes
   ``disable_parallel_tool_use``; ``max_completion_tokens``/``max_tokens`` → ``max_tokens`` (required
-  by Anthropic: :data:`DEFAULT_MAX_TOKENS` when absent); ``temperature``, ``top_p``; ``stop`` →
+  by Anthropic: :data:`DEFAULT_MAX_TOKENS` when absent, up to the model's ``max_output_tokens``,
+  ``within_output_limit``); ``temperature``, ``top_p``; ``stop`` →
   ``stop_sequences``; ``user`` (or ``safety_identifier``) → ``metadata.user_id``;
   ``response_format`` of type ``json_schema`` → ``output_config.format``. Anthropic's own ``top_k``
   and ``thinking`` pass through for clients that know they talk to Claude; without ``thinking``,
@@ -145,6 +146,29 @@ def _max_tokens_name(body: dict[str, Any]) -> str | None:
         if body.get(name) is not None:
             return name
     return None
+
+
+def within_output_limit(body: dict[str, Any], max_output_tokens: int | None) -> dict[str, Any]:
+    """``body`` with the output limit llmhub picks when the client sets none (``DEFAULT_MAX_TOKENS`` for the
+    reply, after the thinking budget of a ``reasoning_effort``) fitted under what the model writes at most (the
+    catalog's ``max_output_tokens``; Anthropic refuses a limit past it). The catalog's limit then bounds the
+    thinking and the reply as a client's does (``_reasoning_effort``): the budget gives way so that the reply keeps
+    ``ANSWER_FLOOR`` tokens; a model that cannot fit Anthropic's least budget and that floor refuses
+    ``reasoning_effort`` (a 400)."""
+    if not max_output_tokens or _max_tokens_name(body) is not None:
+        return body
+    effort = body.get("reasoning_effort")
+    budget = THINKING_BUDGETS.get(effort, 0) if body.get("thinking") is None and isinstance(effort, str) else 0
+    if budget + DEFAULT_MAX_TOKENS <= max_output_tokens:
+        return body
+    if budget and max_output_tokens < _LEAST_THINKING_BUDGET + ANSWER_FLOOR:
+        raise _invalid(
+            f"This model writes at most {max_output_tokens} tokens, too few for Claude to think (at least"
+            f" {_LEAST_THINKING_BUDGET} tokens) and answer ({ANSWER_FLOOR}): ask it without `reasoning_effort`.",
+            "reasoning_effort",
+            "unsupported_value",
+        )
+    return {**body, "max_tokens": max_output_tokens}
 
 
 def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:

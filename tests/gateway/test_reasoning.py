@@ -19,7 +19,7 @@ from billing.models import UsageRecord
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, Deployment, ProviderKind
 from providers.tokens import text_tokens
-from tests.factories import ProviderFactory
+from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_moderation import delivered_text, policy_on, relayed, sse_stream
 from tests.waiting import wait_for_record
 
@@ -191,6 +191,50 @@ def test_thinking_with_tool_choice_auto_or_none_still_goes(gateway):
         messages=[{"role": "user", "content": "weather"}],
     )
     assert completion.choices[0].message.tool_calls
+
+
+def claude_writing_at_most(gateway, tokens: int) -> str:
+    """A Claude model whose catalog entry says it writes at most ``tokens`` (``max_output_tokens``)."""
+    ModelFactory(
+        name="claude-capped",
+        max_output_tokens=tokens,
+        provider=ProviderFactory(name="capped", kind=ProviderKind.ANTHROPIC, base_url=gateway.upstream.base_url),
+        upstream_id="fake-claude-haiku",
+        **PRICES,
+    )
+    return "claude-capped"
+
+
+@pytest.mark.parametrize(("effort", "budget"), [("high", 4096 - 1024), ("low", 1024)])
+def test_without_a_client_limit_claudes_thinking_and_reply_fit_under_the_catalogs_output_limit(gateway, effort, budget):
+    """With no limit of the client's, the budget and the reply's usual 4096 tokens (8192 for high) went upstream
+    past what the model writes at most (Anthropic refuses it): the limit is the catalog's, and the budget gives way
+    so that the reply keeps 1024 tokens of it."""
+    model = claude_writing_at_most(gateway, 4096)
+
+    completion = gateway.client().chat.completions.create(
+        model=model, reasoning_effort=effort, messages=[{"role": "user", "content": "[[thinking=hmm]] hello"}]
+    )
+
+    assert completion.choices[0].message.content == "Echo: hello"
+    sent = gateway.upstream.requests[-1]["body"]
+    assert sent["max_tokens"] == 4096 and sent["thinking"] == {"type": "enabled", "budget_tokens": budget}
+
+
+def test_a_model_that_writes_too_little_to_think_and_answer_refuses_reasoning_effort_with_a_clear_400(gateway):
+    """Anthropic's least budget (1024) and the reply's 1024 do not fit under 2000: no limit was left to give way."""
+    model = claude_writing_at_most(gateway, 2000)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model=model, reasoning_effort="low", messages=[{"role": "user", "content": "hello"}]
+        )
+
+    assert refused.value.body["param"] == "reasoning_effort" and "2000" in refused.value.body["message"]
+    assert gateway.upstream.stats["requests"] == 0
+    answered = gateway.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}])
+    assert answered.choices[0].message.content == "Echo: hello"
+    assert gateway.upstream.requests[-1]["body"]["max_tokens"] == 2000, "nor is a reply without thinking past it"
 
 
 def test_a_temperature_claude_cannot_think_at_is_a_clear_400(gateway):
