@@ -8,6 +8,7 @@ command in-process, against the test database.
 from __future__ import annotations
 
 import io
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from django.core.management.base import CommandError
 
 from billing.models import UsageRecord
 from billing.services.keys import api_key_create
+from chat.management.commands.demo_setup import ADMIN_USERNAME
 from experiments.assignment import assignment_unit, experiment_assign
 from experiments.demo import EXPERIMENT_NAME
 from experiments.models import Experiment, ExperimentStatus, Feedback
@@ -83,6 +85,9 @@ def test_demo_setup_writes_the_demo_catalog():
 
     assert CatalogModel.objects.get(name="demo-gpt-4o").supports_vision
     assert not CatalogModel.objects.get(name="demo-claude-haiku").supports_vision
+    # The fake upstream's Claude thinks when asked (its thinking budget honoured): the chat page offers the control.
+    reasoning = set(CatalogModel.objects.filter(supports_reasoning=True).values_list("name", flat=True))
+    assert reasoning == {"demo-claude-haiku"}
     embedding = CatalogModel.objects.get(name="demo-embedding-small")
     assert (embedding.mode, embedding.context_window) == (ModelMode.EMBEDDING, 8192)
     haiku = deployments("demo-claude-haiku")["demo-fake-anthropic"]
@@ -93,6 +98,19 @@ def test_demo_setup_writes_the_demo_catalog():
         "demo-embedding-small",
         "demo-claude-haiku",
     }
+
+
+def test_the_demo_admins_chat_page_offers_the_reasoning_control_for_the_demo_claude(client):
+    """``make run``'s catalog and admin: the picker marks the model that reasons, for which the page shows its
+    Reasoning control (``chat.js``), and no other."""
+    demo_setup()
+    client.force_login(get_user_model().objects.get(username=ADMIN_USERNAME))
+
+    page = client.get("/").content.decode()
+
+    options = re.findall(r'<option value="([^"]+)"[^>]*?( data-reasoning="true")?>', page)
+    assert {name for name, reasoning in options if reasoning} == {"demo-claude-haiku"}
+    assert "demo-gpt-4o-mini" in {name for name, _ in options}
 
 
 def test_demo_setup_twice_changes_nothing():
