@@ -247,6 +247,7 @@ __all__ = [
     "UpstreamSpec",
     "count_words",
     "demo_answer",
+    "demo_thought",
     "fault_canonical",
     "main",
     "raw_directive",
@@ -560,13 +561,29 @@ def _gemini_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
 THINKING_SIGNATURE = "ZmFrZS10aGlua2luZy1zaWduYXR1cmU="
 
 
-def _anthropic_thinking(body: dict[str, Any], directives: dict[str, str]) -> str | None:
-    """The text of the ``thinking`` block a ``[[thinking=TEXT]]`` asks for, when the request enables thinking: cut
-    at its ``budget_tokens``, where Claude stops thinking."""
+def demo_thought(prompt: str) -> str:
+    """Demo mode's thinking, when a request enables it without a ``[[thinking=TEXT]]``: what the chat page's
+    Reasoning block shows under `make run` (a demo model has no mind to show, so it says what it does)."""
+    asked = " ".join(prompt.split()[:12]) or "nothing"
+    return (
+        f'The user wrote: "{asked}". I am the demo model of llmhub, a fake provider on this machine, so I do not '
+        "really think: I pick the canned answer whose keywords match the message, and stream it a word at a time. "
+        "This thought is what a reasoning model's would look like, shown apart from the answer."
+    )
+
+
+def _anthropic_thinking(
+    body: dict[str, Any], directives: dict[str, str], *, demo_prompt: str | None = None
+) -> str | None:
+    """The text of the ``thinking`` block a ``[[thinking=TEXT]]`` asks for (in demo mode, ``demo_prompt`` given,
+    ``demo_thought``'s without one), when the request enables thinking: cut at its ``budget_tokens``, where Claude
+    stops thinking."""
     setting = body.get("thinking")
     if not isinstance(setting, dict) or setting.get("type") not in ("enabled", "adaptive"):
         return None
     thinking = directives.get("thinking") or None
+    if thinking is None and demo_prompt is not None:
+        thinking = demo_thought(demo_prompt)
     budget = setting.get("budget_tokens")
     if thinking is not None and isinstance(budget, int) and not isinstance(budget, bool):
         tokens = split_tokens(thinking)
@@ -2267,7 +2284,7 @@ class _App:
         if invalid is not None:
             return invalid
         stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
-        thinking = _anthropic_thinking(body, conv.directives)
+        thinking = _anthropic_thinking(body, conv.directives, demo_prompt=conv.user_text if self.demo else None)
         # As Anthropic's, ``max_tokens`` bounds the thinking and the reply together: the reply has what is left.
         room = max(0, body["max_tokens"] - (len(split_tokens(thinking)) if thinking is not None else 0))
         reply = _build_reply(conv, _anthropic_tool(body), room, stops, "toolu_", self.demo)

@@ -1116,6 +1116,34 @@ def test_demo_mode_answers_in_markdown_chosen_from_the_prompt(
     assert oai.chat.completions.create(model="m", messages=user("Hello!")).choices[0].message.content == "Echo: Hello!"
 
 
+def test_demo_mode_thinks_aloud_when_a_request_enables_thinking(demo_ant: anthropic.Anthropic) -> None:
+    """`make run`'s chat page offers a Reasoning control for the demo Claude: asked to think, the demo model
+    shows a thought (about the prompt, within its budget) before its canned answer; not asked, none."""
+    prompt = user("Give me a list of tips")
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    message = demo_ant.messages.create(model="fake-claude-haiku", max_tokens=3000, messages=prompt, thinking=thinking)
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert '"Give me a list of tips"' in message.content[0].thinking and message.content[0].signature
+    assert (
+        message.content[1].text
+        == demo_ant.messages.create(model="fake-claude-haiku", max_tokens=3000, messages=prompt).content[0].text
+    ), "the same answer as without thinking"
+
+    with demo_ant.messages.stream(
+        model="fake-claude-haiku", max_tokens=3000, messages=prompt, thinking=thinking
+    ) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.content[0].thinking == message.content[0].thinking
+
+    plain = demo_ant.messages.create(model="fake-claude-haiku", max_tokens=3000, messages=prompt)
+    assert [block.type for block in plain.content] == ["text"]
+    # A [[thinking=...]] marker still says what the thought is.
+    marked = demo_ant.messages.create(
+        model="fake-claude-haiku", max_tokens=3000, messages=user("Hi [[thinking=just this]]"), thinking=thinking
+    )
+    assert marked.content[0].thinking == "just this"
+
+
 def test_demo_mode_streams_token_by_token_at_the_configured_tps(
     demo_server: FakeUpstream, demo_oai: openai.OpenAI, demo_ant: anthropic.Anthropic
 ) -> None:
