@@ -37,7 +37,7 @@ from .models import StoredResponse
 from .pipeline import CompletionRun, caller_from_api_key, new_request_id
 from .selectors import NotFoundError, conversation_reach, stored_response_get
 from .services_responses import stored_response_delete, stored_response_save
-from .translate_responses import ResponseEvents, response_from_completion, response_id
+from .translate_responses import ResponseEvents, response_from_completion, response_id, response_shown
 from .validation import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -63,14 +63,14 @@ async def responses_create(request: HttpRequest) -> HttpResponse:
             events = ResponseEvents(
                 body, response_id=response_id(request_id), model=run.answered_by.name, created_at=created_at
             )
-            response: HttpResponse = EventStreamResponse(_sse(run, events, chunks))
+            response: HttpResponse = EventStreamResponse(_sse(run, events, chunks, body.get("include")))
         else:
             completion = await run.complete()
             answer = response_from_completion(
                 body, completion, response_id=response_id(request_id), created_at=created_at
             )
             await _store(run, answer)
-            response = json_response(answer)
+            response = json_response(response_shown(answer, body.get("include")))
     except ApplicationError as exc:
         response = openai_error_response(exc)
     except asyncio.CancelledError:
@@ -94,13 +94,15 @@ def _failed(events: ResponseEvents, code: str, message: str) -> list[dict[str, A
     return events.failed(code, message)
 
 
-async def _sse(run: CompletionRun, events: ResponseEvents, chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+async def _sse(
+    run: CompletionRun, events: ResponseEvents, chunks: AsyncIterator[Any], include: Any
+) -> AsyncIterator[bytes]:
     for event in events.started():
         yield _sse_event(event)
     try:
         async for chunk in chunks:
             for event in events.chunk(chunk):
-                yield _sse_event(event)
+                yield _sse_event(response_shown(event, include))
     except ProviderError as exc:
         # Headers are gone: the stream ends with response.failed, never with a response.completed.
         for event in _failed(events, _failure_code(exc), exc.message):
@@ -123,7 +125,7 @@ async def _sse(run: CompletionRun, events: ResponseEvents, chunks: AsyncIterator
     final = events.completed()
     await _store(run, final[-1]["response"])  # before its id reaches the client, which may chain on it at once
     for event in final:
-        yield _sse_event(event)
+        yield _sse_event(response_shown(event, include))
 
 
 async def _store(run: CompletionRun, response: dict[str, Any]) -> None:
@@ -151,8 +153,8 @@ _NOT_SERVED = {
     "input_tokens": "there is no token count for the Responses API (a response's `usage` has its input tokens).",
     "compact": "llmhub does not compact conversations.",
 }
-# What ``include`` may name on a stored response's reads (the spec's ``IncludeEnum``): llmhub keeps nothing more
-# than it returned, so none adds anything.
+# What ``include`` may name on a stored response's reads (the spec's ``IncludeEnum``): only
+# ``reasoning.encrypted_content`` adds something (Claude's signed thinking, kept with the response).
 _INCLUDE_VALUES = frozenset(
     {
         "file_search_call.results",
@@ -219,7 +221,8 @@ async def responses_stored(request: HttpRequest, path: str) -> HttpResponse:
                     "Invalid value for 'stream': llmhub has no background responses to stream; retrieve it whole.",
                     param="stream",
                 )
-            response = json_response(_response_of(await sync_to_async(_reached)(caller, name)))
+            stored = await sync_to_async(_reached)(caller, name)
+            response = json_response(response_shown(_response_of(stored), _included(request)))
     except ApplicationError as exc:
         response = openai_error_response(exc)
     return response_stamp(response, request_id, started)
@@ -253,8 +256,12 @@ def _response_of(stored: StoredResponse) -> dict[str, Any]:
     return response
 
 
+def _included(request: HttpRequest) -> list[str]:
+    return [*request.GET.getlist("include"), *request.GET.getlist("include[]")]
+
+
 def _check_include(request: HttpRequest) -> None:
-    for value in [*request.GET.getlist("include"), *request.GET.getlist("include[]")]:
+    for value in _included(request):
         if value not in _INCLUDE_VALUES:
             raise InvalidRequestError(
                 f"Invalid value for 'include': {value!r} (expected one of {', '.join(sorted(_INCLUDE_VALUES))}).",

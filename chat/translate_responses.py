@@ -13,6 +13,8 @@ stored ones, and input parts this translation has no chat-completions form for.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import time
@@ -35,8 +37,10 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "top_logprobs": (None, "log probabilities are not returned by /v1/responses here."),
     "context_management": (None, "server-side context management is not supported."),
 }
-# Nothing to add: a reasoning item's text is in the clear, in its ``content``, and has no encrypted form.
-_INCLUDABLE = frozenset({"reasoning.encrypted_content"})
+# A reasoning item's text is in the clear, in its ``content``; its ``encrypted_content`` (Claude's signed thinking
+# blocks, ``thinking_content``) is given only when asked for, as OpenAI does.
+ENCRYPTED_CONTENT = "reasoning.encrypted_content"
+_INCLUDABLE = frozenset({ENCRYPTED_CONTENT})
 _ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 # Finish reasons that leave a response incomplete, with the reason the Responses API gives.
@@ -155,7 +159,8 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
         _fail("Invalid 'input': expected a string or a non-empty array of input items.", "input", "invalid_type")
     messages: list[dict[str, Any]] = []
     origins: list[dict[str, str]] = []
-    thoughts: list[tuple[str, str]] = []  # reasoning items given back, (text, where), for the next assistant turn
+    # Reasoning items given back, (text, where, signed thinking blocks), for the next assistant turn.
+    thoughts: list[tuple[str, str, list[dict[str, Any]]]] = []
     calls: dict[str, str] = {}  # the tool calls given back, by their id, each with its kind, awaiting their output
     answered: set[str] = set()
     ids: set[str] = set()  # the items' own ids (a local shell call's output names its call by `id`: not its own)
@@ -220,12 +225,15 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined(output)})
             origins.append({"content": f"{where}.output"})
         elif kind == "reasoning":
-            # A model's earlier reasoning: its text (``reasoning_text`` parts, as llmhub returns it; a summary or
-            # encrypted content is OpenAI's own, for OpenAI's servers) goes back with the turn it led to.
+            # A model's earlier reasoning: its text (``reasoning_text`` parts, as llmhub returns it; a summary is
+            # OpenAI's own) goes back with the turn it led to, and Claude's signed thinking blocks (our
+            # ``encrypted_content``; OpenAI's own is for OpenAI's servers: not sent) with them.
+            text = ""
             if item.get("content") is not None:
                 text = _joined(_text_of(item["content"], f"{where}.content", frozenset({"reasoning_text"})))
-                if text:
-                    thoughts.append((text, f"{where}.content"))
+            blocks = thinking_blocks_of(item.get("encrypted_content"))
+            if text or blocks:
+                thoughts.append((text, f"{where}.content" if text else f"{where}.encrypted_content", blocks))
         else:
             _fail(
                 f"Invalid '{where}.type': {kind!r} input items are not supported by llmhub's /v1/responses "
@@ -241,17 +249,70 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
     return messages, origins
 
 
-def _reasoning_given_back(message: dict[str, Any], origin: dict[str, str], thoughts: list[tuple[str, str]]) -> None:
+def _reasoning_given_back(
+    message: dict[str, Any], origin: dict[str, str], thoughts: list[tuple[str, str, list[dict[str, Any]]]]
+) -> None:
     """The reasoning items before an assistant turn, as its ``reasoning_content``: what reasoning models' servers
-    take back (DeepSeek asks for it again in a tool-call round), as ``/v1/chat/completions`` passes it on."""
+    take back (DeepSeek asks for it again in a tool-call round), as ``/v1/chat/completions`` passes it on; and
+    Claude's signed blocks as its ``thinking_blocks`` (Anthropic wants them first in a tool-use turn answered)."""
     if not thoughts:
         return
-    texts = [text for text, _ in thoughts]
-    message["reasoning_content"] = "\n\n".join(
-        [message["reasoning_content"], *texts] if "reasoning_content" in message else texts
-    )
-    origin["reasoning_content"] = thoughts[-1][1]
+    if texts := [text for text, _, _ in thoughts if text]:
+        message["reasoning_content"] = "\n\n".join(
+            [message["reasoning_content"], *texts] if "reasoning_content" in message else texts
+        )
+        origin["reasoning_content"] = [where for text, where, _ in thoughts if text][-1]
+    for _, where, blocks in thoughts:
+        # Each block by the item that held it: what a refusal of it (moderation, a malformed block) names.
+        given = where.rsplit(".", 1)[0] + ".encrypted_content"
+        for block in blocks:
+            origin[f"thinking_blocks[{len(message.setdefault('thinking_blocks', []))}]"] = given
+            message["thinking_blocks"].append(block)
+        if blocks:
+            origin["thinking_blocks"] = given
     thoughts.clear()
+
+
+def thinking_content(blocks: list[dict[str, Any]]) -> str:
+    """Claude's signed thinking blocks (a reply's ``thinking_blocks``) as a reasoning item's ``encrypted_content``:
+    base64 of their JSON, opaque to the client, which gives it back as it came. Not sealed: Anthropic verifies each
+    block's signature itself, so a block a client forged or changed is refused by Claude, not by us."""
+    return base64.b64encode(json.dumps({"thinking_blocks": blocks}, separators=(",", ":")).encode()).decode()
+
+
+def thinking_blocks_of(encrypted: Any) -> list[dict[str, Any]]:
+    """The thinking blocks an ``encrypted_content`` given back holds (``thinking_content``); none for one that is
+    not ours (OpenAI's own, for OpenAI's servers): it is not sent on, as before. The blocks themselves are checked
+    where they are sent (Claude's adapter: a malformed one is a 400)."""
+    if not isinstance(encrypted, str) or not encrypted:
+        return []
+    try:
+        decoded = json.loads(base64.b64decode(encrypted, validate=True))
+    except (binascii.Error, ValueError):
+        return []
+    blocks = decoded.get("thinking_blocks") if isinstance(decoded, dict) else None
+    return blocks if isinstance(blocks, list) else []
+
+
+def response_shown(value: dict[str, Any], include: Any) -> dict[str, Any]:
+    """A ``Response`` or a stream event as the client gets it: the reasoning items' ``encrypted_content`` (kept with
+    a stored response, for a chain) only when ``include`` asks for ``reasoning.encrypted_content``."""
+    if isinstance(include, list | tuple) and ENCRYPTED_CONTENT in include:
+        return value
+
+    def bare(item: Any) -> Any:
+        if isinstance(item, dict) and "encrypted_content" in item:
+            return {name: field for name, field in item.items() if name != "encrypted_content"}
+        return item
+
+    shown = dict(value)
+    if isinstance(shown.get("item"), dict):
+        shown["item"] = bare(shown["item"])
+    target = shown if shown.get("object") == "response" else shown.get("response")
+    if isinstance(target, dict) and isinstance(target.get("output"), list):
+        target = {**target, "output": [bare(item) for item in target["output"]]}
+        shown = target if shown.get("object") == "response" else {**shown, "response": target}
+    return shown
 
 
 def _custom_function(tool: dict[str, Any], where: str) -> dict[str, Any]:
@@ -628,8 +689,11 @@ def response_from_completion(
     choices = completion.get("choices") or [{}]
     message = choices[0].get("message") or {}
     status = "incomplete" if choices[0].get("finish_reason") in _INCOMPLETE else "completed"
-    if thought := reasoning_text(message):
-        response["output"].append(_reasoning_item(_item_id("rs"), thought, status))
+    thought, blocks = reasoning_text(message), message.get("thinking_blocks")
+    if thought or blocks:
+        response["output"].append(_reasoning_item(_item_id("rs"), thought or None, status))
+        if isinstance(blocks, list) and blocks:
+            response["output"][-1]["encrypted_content"] = thinking_content(blocks)
     parts = []
     if message.get("content"):
         parts.append(_text_part(message["content"]))
@@ -656,6 +720,7 @@ class ResponseEvents:
         self.response = response_skeleton(body, response_id=response_id, model=model, created_at=created_at)
         self._sequence = 0
         self._reasoning: dict[str, Any] | None = None  # the reasoning item being written
+        self._signed: list[dict[str, Any]] = []  # its signed thinking blocks (Claude's), so far
         self._message: dict[str, Any] | None = None  # the message item being written
         self._part: dict[str, Any] | None = None  # its content part being written
         # Tool calls by their index in the chunks; those still open. A server may interleave the pieces of
@@ -766,18 +831,32 @@ class ResponseEvents:
     def _think(self, piece: str) -> list[dict[str, Any]]:
         """A piece of the model's reasoning: its item (after what came before it, which it closes), one
         ``reasoning_text`` part written by ``response.reasoning_text.delta`` events."""
-        events: list[dict[str, Any]] = []
-        if self._reasoning is None:
-            events.extend([*self._close_message(), *self._close_calls()])
-            self._reasoning = _reasoning_item(_item_id("rs"), None, "in_progress")
-            events.extend(self._add_item(self._reasoning))
-            self._reasoning["content"].append(_reasoning_part(""))
-            events.append(
-                self._event("response.content_part.added", **self._where(self._reasoning), part=_reasoning_part(""))
-            )
+        events = self._open_reasoning()
         item = self._reasoning
         item["content"][-1]["text"] += piece
         events.append(self._event("response.reasoning_text.delta", **self._where(item), delta=piece))
+        return events
+
+    def _open_reasoning(self) -> list[dict[str, Any]]:
+        """The reasoning item, opened (after what came before it, which it closes) unless it is."""
+        if self._reasoning is not None:
+            return []
+        events = [*self._close_message(), *self._close_calls()]
+        self._reasoning = _reasoning_item(_item_id("rs"), None, "in_progress")
+        self._signed = []
+        events.extend(self._add_item(self._reasoning))
+        self._reasoning["content"].append(_reasoning_part(""))
+        events.append(
+            self._event("response.content_part.added", **self._where(self._reasoning), part=_reasoning_part(""))
+        )
+        return events
+
+    def _sign(self, blocks: list[Any]) -> list[dict[str, Any]]:
+        """Claude's signed thinking blocks, each whole (once signed; a redacted one as it starts): kept in the
+        reasoning item's ``encrypted_content``, which its done event and the response carry."""
+        events = self._open_reasoning()
+        self._signed.extend(block for block in blocks if isinstance(block, dict))
+        self._reasoning["encrypted_content"] = thinking_content(self._signed)
         return events
 
     def _close_all(self, status: str = "completed") -> list[dict[str, Any]]:
@@ -852,6 +931,8 @@ class ResponseEvents:
             delta = choice.get("delta") or {}
             if thought := reasoning_text(delta):
                 events.extend(self._think(thought))
+            if isinstance(delta.get("thinking_blocks"), list) and delta["thinking_blocks"]:
+                events.extend(self._sign(delta["thinking_blocks"]))
             if delta.get("content"):
                 events.extend(self._write("output_text", delta["content"]))
             if delta.get("refusal"):
