@@ -387,11 +387,16 @@ def _insert_columns() -> tuple[str, tuple[tuple[Any, frozenset[type]], ...]]:
 
 
 @functools.cache
-def _insert_statement(rows: int) -> str:
+def _insert_statement(rows: int, placeholder: str = "?") -> str:
     """The insert of ``rows`` rows in one statement (only powers of two and the largest size are asked for,
-    so SQLite's statement cache keeps every one of them compiled)."""
+    so SQLite's statement cache keeps every one of them compiled).
+
+    In SQLite's own ``?`` placeholders: Django's SQLite cursor rewrites each ``%s`` of a statement into one
+    with a regular expression at every ``execute`` (about 7 µs of CPU per row of 31 values, 1.8 ms for a
+    statement of 256 rows), where a statement without ``%s`` passes unchanged. ``"%s"`` when Django logs the
+    queries (``DEBUG``, ``CaptureQueriesContext``): its log fills the parameters into ``%s`` placeholders."""
     head, columns = _insert_columns()
-    row = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    row = "(" + ", ".join([placeholder] * len(columns)) + ")"
     return head + ", ".join([row] * rows)
 
 
@@ -449,11 +454,12 @@ def _insert_many(rows: list[UsageData]) -> None:
         [_sqlite_value(column, types, getattr(data, column.attname)) for column, types in columns] for data in rows
     ]
     start = 0
+    placeholder = "%s" if connection.queries_logged else "?"
     with connection.cursor() as cursor:
         for size in statement_sizes(len(values), _rows_per_statement(len(columns))):
             part = values[start : start + size]
             start += size
-            cursor.execute(_insert_statement(size), [value for row in part for value in row])
+            cursor.execute(_insert_statement(size, placeholder), [value for row in part for value in row])
 
 
 def _insert_arrays(rows: list[UsageData]) -> None:
