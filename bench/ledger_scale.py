@@ -298,7 +298,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     from django.core.management import call_command
     from django.db import connection
 
-    from billing.models import DailyStaffUsage, DailyUsage
+    from billing.models import DailyStaffUsage, DailyUsage, DailyUserUsage
     from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent, experiment_usage_fold
 
     version = connection.cursor().connection.info.server_version
@@ -347,7 +347,7 @@ def measure(rows: int, insert_rows: int, *, queries_only: bool = False) -> int:
     rollups, staff_rollups = DailyUsage.objects.count(), DailyStaffUsage.objects.count()
     print(
         f"rolled up {DAYS - 1} days in {rollup_seconds:.1f} s ({per_day:.0f} ms a day), {rollups:,} rollup rows, "
-        f"{staff_rollups:,} in the staff rollup"
+        f"{staff_rollups:,} in the staff rollup, {DailyUserUsage.objects.count():,} in the per-user rollup"
     )
 
     ok = True

@@ -513,7 +513,7 @@ class DailyStaffUsage(models.Model):
     """``DailyUsage`` without user and key: the ledger summed per day, provider, model and operation (a hundred
     rows a day, however many users and keys), what the staff pages read for everyone's figures except per user
     (``selectors.usage_daily``/``usage_breakdown``). Derived from the day's ``DailyUsage`` in the transaction
-    that writes it (``services.rollups.daily_staff_usage_rebuild``), so it holds the same ledger rows, up to
+    that writes it (``services.rollups.daily_rollups_derive``), so it holds the same ledger rows, up to
     the same ``DailyUsageMark``; like ``DailyUsage`` it outlives the raw rows retention deletes."""
 
     day = models.DateField()
@@ -539,6 +539,35 @@ class DailyStaffUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.model_name} {self.operation} ${self.cost}"
+
+
+class DailyUserUsage(models.Model):
+    """``DailyUsage`` without key, provider, model and operation: the ledger summed per day and user (one row each
+    a day, however many keys, models and operations the user mixes), what the usage pages read for figures per
+    user that are not split by key, model or operation (``selectors.usage_daily`` for a user, the staff page's
+    spend by user). Derived from the day's ``DailyUsage`` with ``DailyStaffUsage``, in the same transaction
+    (``services.rollups.daily_rollups_derive``), so it holds the same ledger rows, up to the same
+    ``DailyUsageMark``; like ``DailyUsage`` it outlives the raw rows retention deletes. Rows of deleted users
+    are kept under no user."""
+
+    day = models.DateField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_1h_tokens = models.PositiveBigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["-day", "user_id"]
+        verbose_name_plural = "daily user usage"
+        indexes = [models.Index(fields=["user", "day"], name="billing_daily_user_usage_ud")]
+        constraints = [models.UniqueConstraint(fields=["day", "user"], name="billing_daily_user_usage_group")]
+
+    def __str__(self) -> str:
+        return f"{self.day} user {self.user_id} ${self.cost}"
 
 
 class DailyUsageMark(models.Model):

@@ -30,6 +30,7 @@ from .models import (
     DailyStaffUsage,
     DailyUsage,
     DailyUsageMark,
+    DailyUserUsage,
     ExperimentUsageMark,
     Operation,
     Plan,
@@ -288,7 +289,8 @@ def user_limits_sync(user_id: int) -> UserLimits:
 
 
 # USAGE DASHBOARDS
-# Days before yesterday come from the rollups (DailyUsage; everyone's figures not per user, DailyStaffUsage).
+# Days before yesterday come from the rollups (DailyUsage; everyone's figures not per user, DailyStaffUsage;
+# figures per user not by key, provider, model or operation, DailyUserUsage).
 # Yesterday and today, the days the rollup task still rebuilds (every 10 minutes), are their rollup plus the raw
 # ledger rows above the rollup's mark (DailyUsageMark): minutes of raw rows rather than whole days, which is
 # what keeps the staff pages fast at millions of requests a day (docs/ledger.md), and yesterday stays whole
@@ -325,16 +327,38 @@ def _recent_marks(today: date) -> tuple[int | None, int | None]:
     return found.get(yesterday), found.get(today)
 
 
+# What the rollups derived from DailyUsage group by besides the day (services.rollups.rollup_derive writes them).
+STAFF_USAGE_GROUP = ("provider_name", "model_name", "operation")
+USER_USAGE_GROUP = ("user_id",)
+
+
+def _rollup_for(columns: set[str]) -> type[DailyUsage] | type[DailyStaffUsage] | type[DailyUserUsage]:
+    """The smallest rollup that has ``columns`` (besides the day and the sums): the staff rollup (a hundred rows a
+    day), the per-user rollup (a row a day per user), else ``DailyUsage``."""
+    if columns <= set(STAFF_USAGE_GROUP):
+        return DailyStaffUsage
+    if columns <= set(USER_USAGE_GROUP):
+        return DailyUserUsage
+    return DailyUsage
+
+
 def _usage_window(
-    *, days: int, today: date, user_id: int | None, read: Callable[[QuerySet, QuerySet], _T], per_user: bool = False
+    *,
+    days: int,
+    today: date,
+    user_id: int | None,
+    read: Callable[[QuerySet, QuerySet], _T],
+    columns: tuple[str, ...] = (),
 ) -> _T:
     """``read(rolled, live)`` over the ``days`` days up to today: ``rolled`` the rollup's rows, ``live``
     the raw ledger rows the rollup does not hold (yesterday's and today's above their marks; all of a
     day's when it has no rollup yet). Both are the ledger's figures exactly, with nothing counted twice.
 
-    Everyone's figures (no ``user_id``) that ``read`` does not group by user (``per_user``) come from the staff
-    rollup (``DailyStaffUsage``: per day, provider, model and operation), which holds the same rows up to the
-    same marks in a hundred rows a day; the others from ``DailyUsage``.
+    ``rolled`` is the smallest rollup with the columns ``read`` groups or filters by (``columns``, and ``user_id``
+    for one user's figures; ``_rollup_for``): everyone's figures not per user from the staff rollup
+    (``DailyStaffUsage``: per day, provider, model and operation, a hundred rows a day), figures per user not by
+    key, provider, model or operation from the per-user rollup (``DailyUserUsage``: per day and user), the
+    others from ``DailyUsage``. All hold the same rows up to the same marks.
 
     Read at steady marks (``_at_a_steady_mark``)."""
     first = today - timedelta(days=days - 1)
@@ -342,7 +366,7 @@ def _usage_window(
 
     def window(marks: tuple[int | None, int | None]) -> _T:
         held = [(day, mark) for day, mark in zip(recent, marks, strict=True) if day >= first]
-        rollup = DailyStaffUsage if user_id is None and not per_user else DailyUsage
+        rollup = _rollup_for(set(columns) | ({"user_id"} if user_id is not None else set()))
         rolled = rollup.objects.filter(day__gte=first, day__lte=today)
         unrolled = Q(pk__in=[])
         for day, mark in held:
@@ -440,7 +464,8 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
                 entry[2] += row["spent"]
         return merged
 
-    merged = _usage_window(days=days, today=today, user_id=user_id, read=read, per_user=by == "user")
+    columns = (group, "provider_name") if by in ("model", "provider") else (group,)  # NAMED_NO_MODEL reads it
+    merged = _usage_window(days=days, today=today, user_id=user_id, read=read, columns=columns)
     if by == "user":
         from django.contrib.auth import get_user_model
 

@@ -1,6 +1,7 @@
 """Cost rollups: the ledger summed per UTC day, user, key, provider, model and operation into ``DailyUsage``,
-and, for the staff pages, per day, provider, model and operation into ``DailyStaffUsage`` (derived from the
-day's ``DailyUsage`` whenever that is written, in the same transaction: ``daily_staff_usage_rebuild``).
+and, for the usage pages, per day, provider, model and operation into ``DailyStaffUsage`` and per day and user
+into ``DailyUserUsage`` (derived from the day's ``DailyUsage`` whenever that is written, in the same
+transaction: ``daily_rollups_derive``).
 
 Each run recomputes whole days from the ledger (delete and insert in one transaction), so running it
 twice, or again after late ledger rows arrived, gives exactly the ledger's totals.
@@ -23,6 +24,7 @@ import zlib
 from collections import defaultdict
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
 from django.db import connection, transaction
 from django.db.models import Count, F, Max, Sum
@@ -36,10 +38,11 @@ from ..models import (
     DailyUsageMark,
     DailyUsageScanMark,
     DailyUsageSeal,
+    DailyUserUsage,
     ExperimentUsageMark,
     UsageRecord,
 )
-from ..selectors import experiment_usage_sums
+from ..selectors import STAFF_USAGE_GROUP, USER_USAGE_GROUP, experiment_usage_sums
 
 
 def lock_day(day: date) -> None:
@@ -109,7 +112,7 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
         rows = [DailyUsage(day=day, **group) for group in groups]
         DailyUsage.objects.filter(day=day).delete()
         DailyUsage.objects.bulk_create(rows)
-        daily_staff_usage_rebuild(day)
+        daily_rollups_derive(day)
         DailyUsageMark.objects.update_or_create(day=day, defaults={"through_id": through_id})
         return len(rows)
 
@@ -148,23 +151,28 @@ DAILY_USAGE_FIGURES = (
 )
 
 
-STAFF_USAGE_GROUP = ("provider_name", "model_name", "operation")
-
-
-def daily_staff_usage_rebuild(day: date) -> int:
-    """Replace ``day``'s ``DailyStaffUsage`` with its ``DailyUsage`` summed over users and keys; returns how many
-    rows it now has. Called in the transaction (and under the lock) of every write of the day's ``DailyUsage``
-    (``daily_usage_rebuild``, ``daily_usage_fold``), so that it holds the same rows, up to the same mark."""
+def rollup_derive(source: Any, target: Any, group: tuple[str, ...], *, day: date | None = None) -> int:
+    """Replace ``target``'s rows of ``day`` (every day when None) with ``source``'s (``DailyUsage``) summed per day
+    and ``group``; returns how many rows it wrote. The one way the derived rollups are written: by
+    ``daily_rollups_derive`` (the migrations that created and filled them, 0038 and 0040, hold their own copy, as
+    a migration must outlive the code of its day)."""
+    rows = source.objects.all() if day is None else source.objects.filter(day=day)
     groups = (
-        DailyUsage.objects.filter(day=day)
-        .values(*STAFF_USAGE_GROUP)
+        rows.values("day", *group)
         .annotate(requests=Sum("requests"), **{name: Sum(name) for name in DAILY_USAGE_FIGURES})
         .order_by()
     )
-    rows = [DailyStaffUsage(day=day, **group) for group in groups]
-    DailyStaffUsage.objects.filter(day=day).delete()
-    DailyStaffUsage.objects.bulk_create(rows)
-    return len(rows)
+    (target.objects.all() if day is None else target.objects.filter(day=day)).delete()
+    return len(target.objects.bulk_create((target(**row) for row in groups.iterator()), batch_size=1000))
+
+
+def daily_rollups_derive(day: date) -> None:
+    """Replace ``day``'s derived rollups (``DailyStaffUsage``, ``DailyUserUsage``) with its ``DailyUsage`` summed
+    over what each leaves out. Called in the transaction (and under the lock) of every write of the day's
+    ``DailyUsage`` (``daily_usage_rebuild``, ``daily_usage_fold``), so that they hold the same rows, up to the
+    same mark."""
+    for target, group in ((DailyStaffUsage, STAFF_USAGE_GROUP), (DailyUserUsage, USER_USAGE_GROUP)):
+        rollup_derive(DailyUsage, target, group, day=day)
 
 
 def daily_usage_fold(day: date, rows: list[dict]) -> None:
@@ -208,7 +216,7 @@ def daily_usage_fold(day: date, rows: list[dict]) -> None:
                 cost=cost,
             )
     if rows:
-        daily_staff_usage_rebuild(day)
+        daily_rollups_derive(day)
 
 
 def daily_usage_rebuild_recent(*, days: int = 2, today: date | None = None) -> int:

@@ -12,7 +12,7 @@ import time_machine
 
 from billing.models import DailyUsage, DailyUsageMark, DailyUsageScanMark, UsageRecord
 from billing.services.keys import api_key_create
-from billing.services.rollups import daily_staff_usage_rebuild, daily_usage_rebuild, daily_usage_rebuild_recent
+from billing.services.rollups import daily_rollups_derive, daily_usage_rebuild, daily_usage_rebuild_recent
 from billing.tasks import usage_rollup
 from tests.factories import UsageRecordFactory, UserFactory
 
@@ -342,8 +342,8 @@ def test_rollup_rows_from_before_the_operation_was_kept_read_as_unknown_until_th
     UsageRecordFactory(user=ledger["bob"], created_at=at(TODAY, 5), operation="responses", cost=Decimal("1"))
     daily_usage_rebuild_recent(days=2, today=TODAY)
     DailyUsage.objects.update(operation="")  # as the migration leaves the rows rolled up before it
-    for day in (ledger["yesterday"], TODAY):  # and the staff rollup derived from them (migration 0038)
-        daily_staff_usage_rebuild(day)
+    for day in (ledger["yesterday"], TODAY):  # and the rollups derived from them (migrations 0038, 0040)
+        daily_rollups_derive(day)
 
     def shares() -> dict:
         return {s.label: (s.requests, s.cost) for s in usage_breakdown(by="operation", days=30, today=TODAY)}

@@ -151,24 +151,31 @@ def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_a
     assert everyone() == seen
 
 
-def test_the_staff_pages_read_the_staff_rollup_except_per_user_and_a_users_page_reads_daily_usage(ledger):
+def test_the_pages_read_the_smallest_rollup_that_has_what_they_group_by(ledger):
     daily_usage_rebuild_recent(days=2, today=TODAY)
 
     def tables(read) -> set[str]:
         with CaptureQueriesContext(connection) as queries:
             read()
         sql = " ".join(query["sql"] for query in queries)
-        return {table for table in ("billing_dailystaffusage", 'billing_dailyusage"') if table in sql}
+        return {
+            table
+            for table in ("billing_dailystaffusage", "billing_dailyuserusage", 'billing_dailyusage"')
+            if table in sql
+        }
 
     with time_machine.travel(at(TODAY, 23), tick=False):
         for by in ("model", "provider", "operation"):
             assert tables(lambda by=by: usage_breakdown(by=by, days=30, today=TODAY)) == {"billing_dailystaffusage"}
         assert tables(lambda: usage_daily(days=30, today=TODAY)) == {"billing_dailystaffusage"}
-        assert tables(lambda: usage_breakdown(by="user", days=30, today=TODAY)) == {'billing_dailyusage"'}
+        # per user, not by key, provider, model or operation: the per-user rollup (DailyUserUsage)
+        assert tables(lambda: usage_breakdown(by="user", days=30, today=TODAY)) == {"billing_dailyuserusage"}
         alice = ledger["alice"].pk
-        assert tables(lambda: usage_breakdown(by="model", days=30, today=TODAY, user_id=alice)) == {
-            'billing_dailyusage"'
-        }
+        assert tables(lambda: usage_daily(days=30, today=TODAY, user_id=alice)) == {"billing_dailyuserusage"}
+        for by in ("model", "provider", "operation"):  # a user's page by model or operation: DailyUsage
+            assert tables(lambda by=by: usage_breakdown(by=by, days=30, today=TODAY, user_id=alice)) == {
+                'billing_dailyusage"'
+            }
 
 
 def test_retention_keeps_the_staff_rollup_and_a_late_row_of_a_sealed_day_is_added_once(ledger, settings):
