@@ -233,7 +233,8 @@ async def provider_keys_ready(page: Page) -> None:
 
 async def usage_ready(page: Page) -> None:
     await expect(page.locator("canvas.chart-columns")).to_have_attribute("data-drawn", "true")
-    await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
+    # Two models' rows, then the one operation's (chat completions) of the table per operation.
+    await expect(page.locator(".usage-table tbody tr")).to_have_count(3)
     await scrolls_inside(page, ".chart-scroll")
     # The daily chart starts scrolled to its end: today's column (Chart.js's last bar) is in the visible part
     # of its box.
@@ -249,8 +250,9 @@ async def usage_ready(page: Page) -> None:
 
 
 async def usage_admin_ready(page: Page) -> None:
-    await expect(page.locator("canvas.chart-bars[data-drawn]")).to_have_count(3)
-    await expect(page.locator(".usage-table tbody tr")).to_have_count(2)
+    # By provider, by model, by user and by operation; the operations' table (one row) and the top users' (two).
+    await expect(page.locator("canvas.chart-bars[data-drawn]")).to_have_count(4)
+    await expect(page.locator(".usage-table tbody tr")).to_have_count(3)
 
 
 async def ops_ready(page: Page) -> None:
