@@ -142,19 +142,27 @@ async def test_another_process_requests_count_against_the_rpm_cap(shared, redis_
     from providers.types import RoutingStrategy
     from tests.providers.test_routing import deployment, model
 
-    if time.time() % 60 > 50:  # the caps count per calendar minute: start this one with the minute ahead
-        await asyncio.sleep(61 - time.time() % 60)
-    minute = current_minute()
-    capped = deployment("capped", priority=0, rpm_limit=5)
-    spare = deployment("spare", priority=1)
-    routed = model(capped, spare, strategy=RoutingStrategy.PRIORITY)
-    await start_other(other_processes, redis_url, {"requests": {capped.id: 4}})
-    await exchanged()
-    assert route_candidates(routed)[0] == capped  # 4 of 5 used
-    await start_other(other_processes, redis_url, {"requests": {capped.id: 1}})
-    await exchanged()
-    assert current_minute() == minute
-    assert route_candidates(routed) == [spare]
+    # The caps count per calendar minute, and the other processes take seconds to start on a loaded machine: a
+    # round whose minute turned midway counted into two minutes, and proves nothing. It is run again, with new
+    # deployments, in the next minute (each round starts with at least 30 s of its minute ahead).
+    for round_ in range(3):
+        if time.time() % 60 > 30:
+            await asyncio.sleep(61 - time.time() % 60)
+        minute = current_minute()
+        capped = deployment(f"capped-{round_}", priority=0, rpm_limit=5)
+        spare = deployment(f"spare-{round_}", priority=1)
+        routed = model(capped, spare, strategy=RoutingStrategy.PRIORITY)
+        await start_other(other_processes, redis_url, {"requests": {capped.id: 4}})
+        await exchanged()
+        first = route_candidates(routed)[0]
+        await start_other(other_processes, redis_url, {"requests": {capped.id: 1}})
+        await exchanged()
+        if current_minute() != minute:
+            continue
+        assert first == capped  # 4 of 5 used
+        assert route_candidates(routed) == [spare]
+        return
+    pytest.fail("the minute turned in each of three rounds")
 
 
 async def test_latency_averages_are_shared(shared, redis_url, other_processes):
