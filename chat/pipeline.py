@@ -432,6 +432,7 @@ async def completion_start(
             overrides = assignment.variant.overrides
             body.update(overrides_for_messages(overrides) if operation == Operation.MESSAGES else overrides)
         _check_mode(model, operation)
+        _check_output_limit(model, body, field_names)
         if operation == Operation.COMPLETIONS:
             model = _completions_served(model)
         if body.get("stream") and not model.supports_streaming:
@@ -747,6 +748,26 @@ def _check_mode(model: ResolvedModel, operation: str) -> None:
             param="model",
             code="model_not_supported",
         )
+
+
+def _check_output_limit(model: ResolvedModel, body: dict[str, Any], field_names: dict[str, str] | None) -> None:
+    """A client's output limit past what the model writes at most (the catalog's ``max_output_tokens``) is our 400
+    naming it, before any upstream call, whatever protocol the model speaks: the provider would refuse it (Anthropic's
+    ``max_tokens: 100000 > 64000``, OpenAI's ``max_tokens is too large``), after a call, and it is a cost ceiling the
+    client set, which llmhub does not lower behind its back. ``field_names``: the client's names of a translated
+    body's fields (the Responses API's ``max_output_tokens``)."""
+    limit = model.max_output_tokens
+    if not limit:
+        return
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            given = field_names.get(name, name) if field_names else name
+            raise InvalidRequestError(
+                f"Invalid '{given}': {value} is more than the model `{model.name}` writes at most ({limit} tokens):"
+                f" set '{given}' to {limit} or less, or leave it out.",
+                param=given,
+            )
 
 
 def _completions_narrowed(model: ResolvedModel) -> ResolvedModel | None:

@@ -509,6 +509,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         f"messages[{index}].{name}": given for index, names in enumerate(origins) for name, given in names.items()
     }
     fields["response_format"] = "text.format"
+    fields["max_completion_tokens"] = "max_output_tokens"
     return chat, fields
 
 

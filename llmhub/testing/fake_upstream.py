@@ -278,6 +278,8 @@ _IMAGE_TOKENS = 85
 _MESSAGE_OVERHEAD = 3
 _OPENAI_CONTEXT_WINDOW = 128_000
 _ANTHROPIC_CONTEXT_WINDOW = 200_000
+# What every fake Claude writes at most (its model listing's ``max_tokens``): past it, ``max_tokens`` is refused.
+ANTHROPIC_MAX_OUTPUT_TOKENS = 64_000
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
@@ -1776,7 +1778,7 @@ class _App:
             "created_at": _MODELS_CREATED_RFC3339,
             "lifecycle": "active",
             "max_input_tokens": _ANTHROPIC_CONTEXT_WINDOW,
-            "max_tokens": 64_000,
+            "max_tokens": ANTHROPIC_MAX_OUTPUT_TOKENS,
         }
 
     # -- OpenAI chat completions --
@@ -2337,6 +2339,13 @@ class _App:
             return _anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return _anthropic_error(400, "invalid_request_error", "max_tokens: Input should be greater than 0")
+        if max_tokens > ANTHROPIC_MAX_OUTPUT_TOKENS:
+            return _anthropic_error(
+                400,
+                "invalid_request_error",
+                f"max_tokens: {max_tokens} > {ANTHROPIC_MAX_OUTPUT_TOKENS}, which is the maximum allowed number of"
+                f" output tokens for {body['model']}",
+            )
         thinking = _App._validate_anthropic_thinking(body)
         if thinking is not None:
             return _anthropic_error(400, "invalid_request_error", thinking)

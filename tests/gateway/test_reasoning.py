@@ -237,6 +237,63 @@ def test_a_model_that_writes_too_little_to_think_and_answer_refuses_reasoning_ef
     assert gateway.upstream.requests[-1]["body"]["max_tokens"] == 2000, "nor is a reply without thinking past it"
 
 
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("kind", [ProviderKind.ANTHROPIC, ProviderKind.OPENAI])
+def test_a_client_limit_past_what_the_model_writes_is_our_clear_400_before_any_call(gateway, kind, name):
+    """A client limit past the catalog's ``max_output_tokens`` went upstream as it was and the provider's 400 came
+    back (Anthropic's ``max_tokens: 100000 > 64000``): it is our 400 naming the parameter and the model's limit,
+    before any upstream call, with its rejected row; one rule whatever protocol the model speaks."""
+    ModelFactory(
+        name="capped",
+        max_output_tokens=64_000,
+        provider=ProviderFactory(
+            name="capped",
+            kind=kind,
+            base_url=gateway.upstream.base_url + ("" if kind == ProviderKind.ANTHROPIC else "/v1"),
+        ),
+        upstream_id="fake-claude-haiku" if kind == ProviderKind.ANTHROPIC else "fake-gpt-4o",
+        **PRICES,
+    )
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="capped", messages=[{"role": "user", "content": "hello"}], **{name: 100_000}
+        )
+
+    body = refused.value.body
+    assert body["param"] == name and "64000" in body["message"] and "capped" in body["message"], body
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.model_name == "capped"
+    answered = gateway.client().chat.completions.create(
+        model="capped", messages=[{"role": "user", "content": "hello"}], **{name: 64_000}
+    )
+    assert answered.choices[0].message.content == "Echo: hello", "the model's own limit still goes"
+
+
+def test_on_responses_a_max_output_tokens_past_what_claude_writes_is_our_400_naming_it(gateway):
+    model = claude_writing_at_most(gateway, 64_000)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model=model, input="hello", max_output_tokens=100_000)
+
+    assert refused.value.body["param"] == "max_output_tokens" and "64000" in refused.value.body["message"]
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_on_messages_a_max_tokens_past_what_claude_writes_is_our_400_in_anthropics_shape(gateway):
+    model = claude_writing_at_most(gateway, 64_000)
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        sdk.messages.create(model=model, max_tokens=100_000, messages=[{"role": "user", "content": "hello"}])
+
+    assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in refused.value.message and "64000" in refused.value.message
+    assert gateway.upstream.stats["requests"] == 0
+    assert wait_for_record(refused.value.response.headers["x-request-id"]).status == "rejected"
+
+
 def test_a_temperature_claude_cannot_think_at_is_a_clear_400(gateway):
     with pytest.raises(openai.BadRequestError) as refused:
         gateway.client().chat.completions.create(

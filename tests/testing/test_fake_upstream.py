@@ -619,6 +619,14 @@ def test_anthropic_thinking_marker(ant: anthropic.Anthropic) -> None:
     assert final.content[0].thinking == "let me think it over" and final.content[1].text == "Echo: hi"
 
 
+def test_anthropic_refuses_max_tokens_past_what_the_model_writes(ant: anthropic.Anthropic) -> None:
+    """As Anthropic's: a ``max_tokens`` past the model's most (its listing's ``max_tokens``) is a 400."""
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        ant.messages.create(model="fake-claude-haiku", max_tokens=64_001, messages=user("hi"))
+    assert "64001 > 64000" in refused.value.message
+    assert ant.messages.create(model="fake-claude-haiku", max_tokens=64_000, messages=user("hi")).content
+
+
 def test_anthropic_thinking_counts_against_max_tokens(ant: anthropic.Anthropic) -> None:
     """As Anthropic's, ``max_tokens`` bounds the thinking and the reply together: the thinking stops at its budget
     and the reply has what is left."""
