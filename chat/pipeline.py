@@ -49,7 +49,7 @@ from experiments.overrides import overrides_for_messages
 from providers.adapters import adapter_class_for_kind, adapter_for
 from providers.adapters.base import WireChunk, WireEvent
 from providers.adapters.common import BatchesAnswered
-from providers.adapters.translate_anthropic import openai_usage, reasoning_text
+from providers.adapters.translate_anthropic import openai_usage, reasoning_text, thinking_requested
 from providers.byok import (
     UserCredential,
     byok_bind,
@@ -94,7 +94,7 @@ from providers.routing import (
 from providers.routing.stats import CallTicket
 from providers.selectors import model_resolve
 from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
-from providers.types import ResolvedDeployment, ResolvedModel
+from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
@@ -1404,6 +1404,7 @@ class CompletionRun:
         finish_reason: str | None = None
         # The client holds what no prefill continues: part of a call, or Claude's signed thinking.
         unresumable = False
+        thought = False  # the current attempt's upstream request had Claude think: it refuses a text prefill
         # Whether the client has the model's reasoning, and whether a resumed attempt's is to be set apart from it.
         reasoned = set_apart = False
         # Completion tokens of the parts delivered by attempts that failed midway, before a resume; and where in
@@ -1429,6 +1430,8 @@ class CompletionRun:
                             body[limit] = max(1, body[limit] - text_tokens(prefill))
                 body = adapter.prepare_request(body, target)
                 body["stream"] = True
+                nonlocal thought
+                thought = _claude_thinks(target.provider, body)
                 if self.operation == Operation.COMPLETIONS:
                     with _prompt_named():
                         return await self._first(adapter.text_stream(body))
@@ -1509,7 +1512,8 @@ class CompletionRun:
                             yield self._usage_estimated(opening, public_name, "".join(delivered))
                         break
                     except ProviderError as exc:
-                        if not self._may_resume(exc, failed, bool(text) and not unresumable):
+                        continuable = bool(text) and not unresumable and not thought
+                        if not self._may_resume(exc, failed, continuable, self._upstream_body()):
                             raise
                         # Resume: the next deployment continues the reply from what the client already has.
                         await self._attempt_abandon(upstream, failed)
@@ -1559,11 +1563,14 @@ class CompletionRun:
         )
         return {"input_tokens": prompt, "output_tokens": completion}
 
-    def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool) -> bool:
+    def _may_resume(self, exc: ProviderError, failed: set[int], continuable: bool, body: dict[str, Any]) -> bool:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
         the model opted in, the failure is one another deployment may not share, what was sent can be
-        continued (``continuable``: text, no tool call nor legacy ``function_call``, no thinking block) and the
-        model's attempts are not spent."""
+        continued (``continuable``: text, no tool call nor legacy ``function_call``, no thinking block, and the
+        attempt did not have Claude think), the model's attempts are not spent, and no deployment the resume may
+        go to is Claude asked to think by ``body``: with thinking on, Anthropic refuses a prefill that does not
+        begin with the thinking, signed by the model that wrote it, which no other attempt has. (Resumed without
+        the prefill, the model would begin its reply again after the text the client has.)"""
         served = self.answered_by
         return (
             served.resume_on_failure
@@ -1571,6 +1578,12 @@ class CompletionRun:
             and continuable
             and served.deployment is not None
             and len(failed) < max(1, served.retries)
+            and not any(
+                _claude_thinks(deployment.provider, body)
+                for model in self._plan()
+                for deployment in model.deployments
+                if deployment.id not in failed and deployment.id != served.deployment.id
+            )
         )
 
     async def _attempt_abandon(self, upstream: AsyncIterator[Any], failed: set[int]) -> None:
@@ -1632,6 +1645,7 @@ class CompletionRun:
         # Output tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
         splice = _MessagesSplice()
+        thought = False  # the current attempt's upstream request had Claude think: it refuses a text prefill
 
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
             async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireEvent]]:
@@ -1642,6 +1656,8 @@ class CompletionRun:
                     # The reply's token limit (the reservation's too) covers both parts: the rest only.
                     if isinstance(body.get("max_tokens"), int):
                         body["max_tokens"] = max(1, body["max_tokens"] - text_tokens(prefill))
+                nonlocal thought
+                thought = _claude_thinks(target.provider, body)
                 adapter = adapter_for(target.provider)
                 return await self._first(adapter.messages_stream(body, target, headers=headers))
 
@@ -1722,7 +1738,8 @@ class CompletionRun:
                             yield event
                         break
                     except ProviderError as exc:
-                        if not self._may_resume(exc, failed, splice.resumable(delivered) and not final):
+                        continuable = splice.resumable(delivered) and not final and not thought
+                        if not self._may_resume(exc, failed, continuable, self.body):
                             raise
                         # Resume: the next deployment continues the message from the text the client has.
                         await self._attempt_abandon(upstream, failed)
@@ -2036,6 +2053,12 @@ def _message_arguments(message: dict[str, Any]) -> list[str]:
         for block in message.get("content") or ()
         if isinstance(block, dict) and block.get("type") in TOOL_CALL_BLOCKS and block.get("input")
     ]
+
+
+def _claude_thinks(provider: ProviderConfig, body: dict[str, Any]) -> bool:
+    """Whether an upstream request for ``body`` to ``provider`` has Claude think (Anthropic's protocol, thinking
+    on): it then refuses a text prefill."""
+    return provider.kind == ProviderKind.ANTHROPIC and thinking_requested(body)
 
 
 def _prefill_for(target: ResolvedModel, text: str) -> str:

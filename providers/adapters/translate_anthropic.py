@@ -171,6 +171,17 @@ def within_output_limit(body: dict[str, Any], max_output_tokens: int | None) -> 
     return {**body, "max_tokens": max_output_tokens}
 
 
+def thinking_requested(body: dict[str, Any]) -> bool:
+    """Whether Claude thinks when asked with ``body`` (a chat completion, as ``anthropic_request`` translates it, or
+    a Messages request): its own ``thinking`` enabled or adaptive, else a ``reasoning_effort`` with a budget. Then
+    Anthropic refuses a final assistant message (a prefill) that does not begin with the thinking."""
+    thinking = body.get("thinking")
+    if thinking is not None:
+        return isinstance(thinking, dict) and thinking.get("type") in THINKING_ON
+    effort = body.get("reasoning_effort")
+    return isinstance(effort, str) and bool(THINKING_BUDGETS.get(effort))
+
+
 def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:
     """``reasoning_effort`` as Claude's extended thinking (``THINKING_BUDGETS``). As on OpenAI's reasoning models,
     the output limit bounds the thinking and the reply together, and it is a cost ceiling (the client's, or the

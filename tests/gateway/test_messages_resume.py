@@ -88,6 +88,26 @@ def test_without_resume_on_failure_a_cut_message_stream_ends_with_an_error_event
         list(stream.text_stream)
 
 
+def test_a_stream_of_claude_thinking_is_not_resumed_though_no_thinking_block_came(gateway, fake_upstream):
+    """Thinking on, Claude's stream cut in a text that no thinking block preceded (the fake thinks only what a
+    marker asks) was resumed with a text prefill, which Anthropic refuses while thinking is on: the client got
+    that refusal. It is not resumed: the in-band error of the cut, one attempt, one row."""
+    resumable(fake_upstream, ProviderKind.ANTHROPIC)
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+
+    with (
+        pytest.raises(anthropic.APIStatusError) as cut,
+        sdk(gateway).messages.stream(model="resumable", max_tokens=2000, messages=ASK, thinking=thinking) as stream,
+    ):
+        pieces = list(stream.text_stream)
+    request_id = stream.response.headers["x-request-id"]
+
+    assert "thinking" not in str(cut.value), cut.value
+    assert len(fake_upstream.requests) == 1, "no deployment was asked to continue"
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error" and not record.resumed and record.attempts == 1, pieces
+
+
 def _event(data: dict) -> WireEvent:
     return WireEvent(data, json.dumps(data).encode())
 

@@ -448,3 +448,41 @@ def test_a_stream_where_claude_thought_is_not_resumed_as_on_messages(gateway, fi
     assert record.status == "upstream_error" and not record.resumed and record.attempts == 1
     assert UsageRecord.objects.filter(request_id=request_id).count() == 1
     assert record.usage_estimated and record.completion_tokens == text_tokens(thought + text)
+
+
+@pytest.mark.parametrize(
+    ("first", "fields"),
+    [
+        (ProviderKind.ANTHROPIC, {"reasoning_effort": "low"}),
+        (ProviderKind.ANTHROPIC, {"thinking": {"type": "enabled", "budget_tokens": 1024}}),
+        (ProviderKind.OPENAI, {"reasoning_effort": "low"}),
+    ],
+    ids=["claude-reasoning_effort", "claude-thinking", "openai-then-claude"],
+)
+def test_a_stream_is_not_resumed_on_claude_thinking_though_no_thinking_block_came(gateway, first, fields):
+    """A stream cut in a text no thinking block preceded (the cut attempt thought nothing the client saw, or spoke
+    OpenAI's protocol) was resumed on a Claude deployment with thinking on, given a text prefill, which Anthropic
+    refuses: the client got that refusal. It is not resumed: the in-band error of the cut, one attempt."""
+    model = CatalogModel.objects.create(name="claude-resumable", strategy="priority", resume_on_failure=True)
+    for priority, (kind, upstream_id) in enumerate(
+        ((first, "fault-cut-3"), (ProviderKind.ANTHROPIC, "fake-claude-haiku"))
+    ):
+        base_url = gateway.upstream.base_url + ("" if kind == ProviderKind.ANTHROPIC else "/v1")
+        provider = ProviderFactory(name=f"resumable-{priority}", kind=kind, base_url=base_url)
+        Deployment.objects.create(
+            model=model, name=f"d{priority}", provider=provider, upstream_id=upstream_id, priority=priority, **PRICES
+        )
+    body = {
+        "model": "claude-resumable",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hello there [[words=8]]"}],
+        **fields,
+    }
+
+    events, request_id = sse_stream(gateway, body)
+
+    assert events[-1] != "[DONE]" and events[-1]["error"]["code"] == "upstream_stream_interrupted", events[-1]
+    assert delivered_text(events[:-1])
+    assert len(gateway.upstream.requests) == 1, "no Claude was asked to continue with a prefill"
+    record = wait_for_record(request_id)
+    assert record.status == "upstream_error" and not record.resumed and record.attempts == 1
