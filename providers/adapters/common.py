@@ -411,6 +411,15 @@ def stream_interrupted(
     return kind(f"The stream from the provider {config.name!r} was interrupted: {reason}", provider=config.name)
 
 
+def stream_unfinished(config: ProviderConfig, *, began: bool) -> ProviderStreamInterruptedError:
+    """A stream's body that ended before the model finished. ``began``: whether it held a chunk; one that held
+    none (an empty body, only its end, a page or a whole reply for a stream never asked of it) is no stream of
+    its protocol: malformed, so routing does not ask the same deployment again (``ProviderMalformedStreamError``)."""
+    if began:
+        return stream_interrupted(config, "the stream ended before the model finished.")
+    return stream_interrupted(config, "the provider answered no stream (a 200 without a single chunk).", malformed=True)
+
+
 def interruption_reason(exc: BaseException) -> str:
     """Why an open stream broke, in words a client can read (never the exception's own text,
     which for a transport error may quote the request)."""

@@ -38,6 +38,7 @@ from .common import (
     provider_http_client,
     scrub,
     stream_interrupted,
+    stream_unfinished,
     upstream_deadline,
 )
 from .openai_shape import (
@@ -205,15 +206,18 @@ class OpenAIAdapter(BaseAdapter):
         shape = StreamShape(str(body.get("model") or ""), content=self._content_spelt)
         state = _StreamState()
         parser = SSEParser()
+        began = False
         try:
             async for piece in response_body(upstream):
                 for event in parser.feed(piece):
                     chunk = self._chunk(event, state, shape)
                     if chunk is not None:
+                        began = True
                         yield chunk
             for event in parser.end():
                 chunk = self._chunk(event, state, shape)
                 if chunk is not None:
+                    began = True
                     yield chunk
         except _FAILURES as exc:
             # A ValueError: a chunk that is not JSON, or of types no fill can mend (``MalformedReply``).
@@ -223,7 +227,7 @@ class OpenAIAdapter(BaseAdapter):
             # Also on aclose() and cancellation: the upstream response stops at once.
             await upstream.aclose()
         if not state.finished:
-            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+            raise stream_unfinished(self.config, began=began)
 
     @staticmethod
     def _content_spelt(part: dict[str, Any]) -> bool:

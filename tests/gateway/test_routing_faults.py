@@ -281,6 +281,34 @@ def test_a_stream_whose_first_chunk_is_malformed_is_not_asked_again_of_the_same_
     assert (record.status, record.attempts) == ("upstream_error", 1)
 
 
+# A 200 to a stream request that holds no stream: nothing, only its end, a page, a whole reply it was not asked for.
+NOT_STREAMS = {
+    "empty": b"",
+    "only [DONE]": b"data: [DONE]\n\n",
+    "HTML": b"<html><body>Bad gateway</body></html>\n",
+    "a whole reply": b'{"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": []}\n',
+}
+
+
+@pytest.mark.parametrize("body", NOT_STREAMS.values(), ids=NOT_STREAMS)
+def test_a_stream_request_answered_with_no_stream_is_malformed_and_not_asked_again(client, fake_upstream, body):
+    """Before: taken for a stream cut before the model finished and retried ``1 + retries`` times on the one
+    deployment; now malformed: one attempt, then the 502."""
+    provider = ProviderFactory(name="odd", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fake-gpt-4o-mini", CHEAP, retries=3)
+    messages = [{"role": "user", "content": "hello " + raw_directive(body)}]
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=messages, stream=True)
+
+    assert excinfo.value.status_code == 502
+    assert "answered no stream" in excinfo.value.message
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+    record = wait_for_record(excinfo.value.response.headers["x-request-id"])
+    assert (record.status, record.attempts) == ("upstream_error", 1)
+
+
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
     routed(fake_upstream, "fault-503")
 
