@@ -131,7 +131,8 @@ Replies
     ``[[raw=BASE64]]`` (OpenAI's chat completions) answers exactly the bytes the URL-safe base64 decodes to,
     with a 200: a stream's whole body (``text/event-stream``: its ``data:`` and ``event:`` lines as given, no
     ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
-    send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker).
+    send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
+    ``[[raw_encoding=gzip]]`` beside it says the body is so encoded (``Content-Encoding``), whatever it holds.
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
@@ -1801,7 +1802,9 @@ class _App:
         if invalid is not None:
             return invalid
         if "raw" in conv.directives:
-            return await self._raw_answer(request, conv.directives["raw"], stream=stream)
+            return await self._raw_answer(
+                request, conv.directives["raw"], stream=stream, encoding=conv.directives.get("raw_encoding")
+            )
         max_tokens = _int_or_none(body.get("max_completion_tokens"))
         if max_tokens is None:
             max_tokens = _int_or_none(body.get("max_tokens"))
@@ -1865,15 +1868,20 @@ class _App:
             del answer["usage"]
         return web.json_response(_omitted(answer, omit), headers={"x-request-id": _new_id("req_")})
 
-    async def _raw_answer(self, request: web.Request, spelt: str, *, stream: bool) -> web.StreamResponse:
-        """``[[raw=BASE64]]``: the given bytes, as they are, for a body."""
+    async def _raw_answer(
+        self, request: web.Request, spelt: str, *, stream: bool, encoding: str | None = None
+    ) -> web.StreamResponse:
+        """``[[raw=BASE64]]``: the given bytes, as they are, for a body; ``encoding`` its ``Content-Encoding``."""
         try:
             data = base64.urlsafe_b64decode(spelt + "=" * (-len(spelt) % 4))
         except ValueError:
             return _openai_error(400, "The raw marker is not URL-safe base64.", "invalid_request_error")
+        headers = {"x-request-id": _new_id("req_")}
+        if encoding:
+            headers["Content-Encoding"] = encoding
         if not stream:
-            return web.Response(body=data, content_type="application/json", headers={"x-request-id": _new_id("req_")})
-        response = await self._start_sse(request, {"x-request-id": _new_id("req_")})
+            return web.Response(body=data, content_type="application/json", headers=headers)
+        response = await self._start_sse(request, headers)
         await response.write(data)
         await response.write_eof()
         return response

@@ -358,6 +358,11 @@ def error_for_failure(
     refusal = outbound_refusal(exc)
     if refusal is not None:
         return refused_error(config, refusal)
+    if undecodable(exc):
+        return ProviderMalformedReplyError(
+            f"The provider {config.name!r} answered with a malformed body (not the encoding it declared).",
+            provider=config.name,
+        )
     if isinstance(exc, (httpx2.TimeoutException, *timeouts)):
         return timeout_error(config)
     if isinstance(exc, (httpx2.TransportError, *connection_errors)):
@@ -375,6 +380,20 @@ def timeout_error(config: ProviderConfig) -> ProviderTimeoutError:
     return ProviderTimeoutError(
         f"The provider {config.name!r} did not answer within {config.timeout:g} seconds.", provider=config.name
     )
+
+
+def undecodable(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or wraps (the SDKs take it for a connection error), httpx2's failure to decode a body
+    that is not the ``Content-Encoding`` it declares (a corrupt gzip): the provider was reached and answered a
+    malformed reply, which the same deployment would answer again."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, httpx2.DecodingError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def outbound_refusal(exc: BaseException) -> OutboundRefused | None:
@@ -423,6 +442,8 @@ def stream_unfinished(config: ProviderConfig, *, began: bool) -> ProviderStreamI
 def interruption_reason(exc: BaseException) -> str:
     """Why an open stream broke, in words a client can read (never the exception's own text,
     which for a transport error may quote the request)."""
+    if undecodable(exc):
+        return "the provider sent a malformed body (not the encoding it declared)."
     if isinstance(exc, httpx2.TimeoutException):
         return "no data arrived in time."
     if isinstance(exc, httpx2.TransportError):

@@ -39,6 +39,7 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
+    undecodable,
     upstream_deadline,
 )
 from .openai_shape import (
@@ -220,9 +221,11 @@ class OpenAIAdapter(BaseAdapter):
                     began = True
                     yield chunk
         except _FAILURES as exc:
-            # A ValueError: a chunk that is not JSON, or of types no fill can mend (``MalformedReply``).
+            # A ValueError: a chunk that is not JSON, or of types no fill can mend (``MalformedReply``); or a body
+            # that is not the encoding it declared.
             reason = self._interruption_reason(exc)
-            raise stream_interrupted(self.config, reason, malformed=isinstance(exc, ValueError)) from None
+            malformed = isinstance(exc, ValueError) or undecodable(exc)
+            raise stream_interrupted(self.config, reason, malformed=malformed) from None
         finally:
             # Also on aclose() and cancellation: the upstream response stops at once.
             await upstream.aclose()
@@ -521,6 +524,8 @@ class OpenAIAdapter(BaseAdapter):
 
     def _interruption_reason(self, exc: BaseException) -> str:
         # The SDK wraps transport failures met while reading the stream in its own classes.
+        if undecodable(exc):
+            return interruption_reason(exc)
         if isinstance(exc, openai.APITimeoutError):
             return "no data arrived in time."
         if isinstance(exc, openai.APIConnectionError):

@@ -309,6 +309,24 @@ def test_a_stream_request_answered_with_no_stream_is_malformed_and_not_asked_aga
     assert (record.status, record.attempts) == ("upstream_error", 1)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_body_that_is_not_the_gzip_it_says_is_a_malformed_reply(client, fake_upstream, stream):
+    """Before: a 503 saying the gateway could not reach the provider (which answered), retried on the same
+    deployment; now a malformed reply: one attempt, a 502 that says what came."""
+    provider = ProviderFactory(name="odd", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fake-gpt-4o-mini", CHEAP, retries=3)
+    text = "hello " + raw_directive(b"this is not gzip at all") + " [[raw_encoding=gzip]]"
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=[{"role": "user", "content": text}], stream=stream)
+
+    assert excinfo.value.status_code == 502
+    assert "could not reach" not in excinfo.value.message
+    assert "malformed" in excinfo.value.message
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+
+
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
     routed(fake_upstream, "fault-503")
 
