@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 import time_machine
+from django.conf import settings
 
 from billing.models import UsageRecord
 from billing.pricing import cost_for
@@ -24,9 +25,12 @@ from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
 from llmhub.testing.fake_upstream import raw_directive
 from providers.models import CatalogModel, Deployment, ProviderKind
+from providers.routing.breaker_machine import OPEN
+from providers.routing.breakers import breaker_state
 from providers.selectors import model_resolve_sync
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
+from tests.providers.health_probes import breakers_closed_after  # noqa: F401  (a fixture)
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -325,6 +329,41 @@ def test_a_body_that_is_not_the_gzip_it_says_is_a_malformed_reply(client, fake_u
     assert "malformed" in excinfo.value.message
     assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
     assert len(fake_upstream.requests) == 1
+
+
+@pytest.mark.usefixtures("breakers_closed_after")
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_malformed_replies_open_the_deployments_breaker_and_each_fallback_answer_is_one_row(
+    client, fake_upstream, stream
+):
+    """Each malformed reply counts against the deployment's breaker (``LLMHUB_BREAKER_FAILURES`` of them open it)
+    while the fallback answers every request, with one ledger row each; the breaker open, the deployment is no
+    longer asked."""
+    provider = ProviderFactory(name="odd", base_url=fake_upstream.base_url + "/v1")
+    single("lonely", provider, "fake-gpt-4o-mini", CHEAP, retries=3, fallbacks=["backup"])
+    claude = ProviderFactory(name="spare", kind=ProviderKind.ANTHROPIC, base_url=fake_upstream.base_url)
+    single("backup", claude, "fake-claude-haiku", DEAR)
+    odd = Deployment.objects.get(provider=provider)
+    messages = [{"role": "user", "content": "hello " + raw_directive(b"<html>Bad gateway</html>")}]
+
+    for asked in range(1, settings.LLMHUB_BREAKER_FAILURES + 2):
+        raw = client.chat.completions.with_raw_response.create(model="lonely", messages=messages, stream=stream)
+        if stream:
+            assert "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+        else:
+            assert raw.parse().choices[0].message.content
+        assert raw.headers["x-llmhub-deployment"] == "spare"
+        record = wait_for_record(raw.headers["x-request-id"])
+        assert (record.status, record.deployment_name, record.model_name) == ("ok", "spare", "backup")
+        assert record.cost > 0
+        assert UsageRecord.objects.count() == asked, "one ledger row a request, whatever the attempts"
+        if asked == settings.LLMHUB_BREAKER_FAILURES:
+            assert breaker_state(odd.pk).state == OPEN
+
+    paths = [entry["path"] for entry in fake_upstream.requests]
+    # The last request, its breaker open, went to the fallback alone.
+    assert paths.count("/v1/chat/completions") == settings.LLMHUB_BREAKER_FAILURES
+    assert paths[-1] == "/v1/messages" and paths[-2] == "/v1/messages"
 
 
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
