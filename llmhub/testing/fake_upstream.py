@@ -133,6 +133,8 @@ Replies
     ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
     send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
     ``[[raw_encoding=gzip]]`` beside it says the body is so encoded (``Content-Encoding``), whatever it holds.
+    ``[[raw_anthropic=BASE64]]`` does the same on Anthropic's Messages (a marker of its own, so that a request
+    falling over from an OpenAI deployment to a Claude one is answered there as usual).
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
@@ -725,9 +727,10 @@ def demo_answer(prompt: str) -> str:
     return answers[zlib.crc32(prompt.encode()) % len(answers)]
 
 
-def raw_directive(data: bytes) -> str:
-    """The ``[[raw=...]]`` marker that has a chat completion answered with exactly ``data`` (module docstring)."""
-    return "[[raw=" + base64.urlsafe_b64encode(data).decode().rstrip("=") + "]]"
+def raw_directive(data: bytes, *, marker: str = "raw") -> str:
+    """The ``[[raw=...]]`` marker that has a chat completion answered with exactly ``data`` (module docstring);
+    ``marker="raw_anthropic"``: Anthropic's Messages so answered."""
+    return f"[[{marker}=" + base64.urlsafe_b64encode(data).decode().rstrip("=") + "]]"
 
 
 def _extract_directives(text: str) -> tuple[str, dict[str, str]]:
@@ -2293,6 +2296,8 @@ class _App:
         invalid = self._validate_anthropic(body)
         if invalid is not None:
             return invalid
+        if "raw_anthropic" in conv.directives:
+            return await self._raw_answer(request, conv.directives["raw_anthropic"], stream=stream)
         stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)]
         thinking = _anthropic_thinking(body, conv.directives, demo_prompt=conv.user_text if self.demo else None)
         # As Anthropic's, ``max_tokens`` bounds the thinking and the reply together: the reply has what is left.

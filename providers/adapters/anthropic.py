@@ -29,6 +29,8 @@ from .common import (
     provider_http_client,
     scrub,
     stream_interrupted,
+    stream_unfinished,
+    undecodable,
     upstream_deadline,
 )
 from .sse import ServerSentEvent, SSEParser, response_body
@@ -92,20 +94,22 @@ class AnthropicAdapter(BaseAdapter):
         except _FAILURES as exc:
             raise self.map_error(exc) from None
         translator = StreamTranslator()
+        began = False
         try:
             async for event in upstream:
                 if not isinstance(event, dict):
                     raise ValueError("not an event object")
+                began = True
                 chunk = translator.feed(event)
                 if chunk is not None:
                     yield WireChunk(chunk, None)  # translated: no upstream bytes to relay
         except _FAILURES as exc:
-            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+            raise self._stream_broken(exc) from None
         finally:
             # Also on aclose() and cancellation: the upstream response stops at once.
             await upstream.close()
         if not translator.complete:
-            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+            raise stream_unfinished(self.config, began=began)
 
     async def messages(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
@@ -138,7 +142,7 @@ class AnthropicAdapter(BaseAdapter):
                 )
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        finished = False
+        finished = began = False
         parser = SSEParser()
         # Text deltas, and a tool call's input deltas, read without a decode.
         texts = (TextChunks(_TEXT_PATH, WireEvent), TextChunks(_JSON_PATH, WireEvent))
@@ -146,18 +150,26 @@ class AnthropicAdapter(BaseAdapter):
             async for piece in response_body(upstream):
                 for sse in parser.feed(piece):
                     event = self._event(sse, texts)
+                    began = True
                     finished = finished or event.get("type") == "message_stop"
                     yield event
             for sse in parser.end():
                 event = self._event(sse, texts)
+                began = True
                 finished = finished or event.get("type") == "message_stop"
                 yield event
         except _FAILURES as exc:
-            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+            raise self._stream_broken(exc) from None
         finally:
             await upstream.aclose()
         if not finished:
-            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+            raise stream_unfinished(self.config, began=began)
+
+    def _stream_broken(self, exc: BaseException) -> ProviderError:
+        """The interruption for a stream that broke on ``exc``: malformed when it is an event that is not JSON
+        (or not an object), or a body not in the encoding it declared, as the OpenAI adapter judges its chunks."""
+        malformed = isinstance(exc, ValueError) or undecodable(exc)
+        return stream_interrupted(self.config, self._interruption_reason(exc), malformed=malformed)
 
     def _event(self, sse: ServerSentEvent, texts: tuple[TextChunks, TextChunks]) -> WireEvent:
         """The event ``sse`` carries: a text or input JSON delta like the last one learned is built from it

@@ -366,6 +366,43 @@ def test_malformed_replies_open_the_deployments_breaker_and_each_fallback_answer
     assert paths[-1] == "/v1/messages" and paths[-2] == "/v1/messages"
 
 
+# What an Anthropic deployment might stream that is no stream of its protocol: an event that is not JSON, nothing.
+ANTHROPIC_NOT_STREAMS = {
+    "not JSON": b"event: message_start\ndata: {not json}\n\n",
+    "empty": b"",
+    "HTML": b"<html><body>Bad gateway</body></html>\n",
+}
+
+
+@pytest.mark.parametrize("body", ANTHROPIC_NOT_STREAMS.values(), ids=ANTHROPIC_NOT_STREAMS)
+@pytest.mark.parametrize("route", ["chat", "messages"])
+def test_an_anthropic_stream_that_is_malformed_is_not_asked_again(llmhub_server, client, fake_upstream, body, route):
+    """Before: retried ``1 + retries`` times on the one deployment as a plain interruption; now, as on an OpenAI
+    deployment, malformed: one attempt, then the 502 (chat completions' and Messages' own error shapes)."""
+    import anthropic
+
+    claude = ProviderFactory(name="claude", kind=ProviderKind.ANTHROPIC, base_url=fake_upstream.base_url)
+    single("lonely", claude, "fake-claude-haiku", DEAR, retries=3)
+    messages = [{"role": "user", "content": "hello " + raw_directive(body, marker="raw_anthropic")}]
+
+    if route == "chat":
+        with pytest.raises(openai.APIStatusError) as excinfo:
+            client.chat.completions.create(model="lonely", messages=messages, stream=True)
+        response = excinfo.value.response
+    else:
+        sdk = anthropic.Anthropic(base_url=llmhub_server.url, api_key=client.key.secret, max_retries=0, timeout=30)
+        with pytest.raises(anthropic.APIStatusError) as excinfo:
+            with sdk.messages.stream(model="lonely", max_tokens=32, messages=messages) as stream:
+                list(stream.text_stream)
+        response = excinfo.value.response
+
+    assert response.status_code == 502
+    assert response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+    record = wait_for_record(response.headers["x-request-id"])
+    assert (record.status, record.attempts) == ("upstream_error", 1)
+
+
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
     routed(fake_upstream, "fault-503")
 
