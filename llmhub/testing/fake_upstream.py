@@ -133,8 +133,9 @@ Replies
     ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
     send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
     ``[[raw_encoding=gzip]]`` beside it says the body is so encoded (``Content-Encoding``), whatever it holds.
-    ``[[raw_anthropic=BASE64]]`` does the same on Anthropic's Messages (a marker of its own, so that a request
-    falling over from an OpenAI deployment to a Claude one is answered there as usual).
+    ``[[raw_anthropic=BASE64]]`` and ``[[raw_gemini=BASE64]]`` do the same on Anthropic's Messages and Gemini's
+    generateContent (markers of their own, so that a request falling over from an OpenAI deployment to another
+    protocol's is answered there as usual).
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
@@ -729,7 +730,7 @@ def demo_answer(prompt: str) -> str:
 
 def raw_directive(data: bytes, *, marker: str = "raw") -> str:
     """The ``[[raw=...]]`` marker that has a chat completion answered with exactly ``data`` (module docstring);
-    ``marker="raw_anthropic"``: Anthropic's Messages so answered."""
+    ``marker="raw_anthropic"`` / ``"raw_gemini"``: Anthropic's Messages / Gemini's generateContent so answered."""
     return f"[[{marker}=" + base64.urlsafe_b64encode(data).decode().rstrip("=") + "]]"
 
 
@@ -2558,6 +2559,8 @@ class _App:
                 return early
         if not body.get("contents"):
             return _gemini_error(400, "* GenerateContentRequest.contents: contents is not specified")
+        if "raw_gemini" in conv.directives:
+            return await self._raw_answer(request, conv.directives["raw_gemini"], stream=stream)
         config = body.get("generationConfig") or {}
         candidates = config.get("candidateCount", 1)
         if type(candidates) is not int or not 1 <= candidates <= _GEMINI_MAX_CANDIDATES:

@@ -41,6 +41,7 @@ from .common import (
     provider_http_client,
     scrub,
     stream_interrupted,
+    stream_unfinished,
     upstream_deadline,
 )
 from .translate_gemini import StreamTranslator, completion_from_response, gemini_request, max_tool_calls
@@ -124,7 +125,7 @@ class GeminiAdapter(BaseAdapter):
             # Also on aclose() and cancellation: the upstream response stops at once.
             await _close(upstream, opened)
         if not translator.finished:
-            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+            raise stream_unfinished(self.config, began=first is not None)
         last = translator.usage_chunk()
         if last is not None:
             yield WireChunk(last, None)

@@ -403,6 +403,25 @@ def test_an_anthropic_stream_that_is_malformed_is_not_asked_again(llmhub_server,
     assert (record.status, record.attempts) == ("upstream_error", 1)
 
 
+GEMINI_NOT_STREAMS = {"not JSON": b"data: {not json}\n\n", "empty": b""}
+
+
+@pytest.mark.parametrize("body", GEMINI_NOT_STREAMS.values(), ids=GEMINI_NOT_STREAMS)
+def test_a_gemini_stream_that_is_malformed_is_not_asked_again(client, fake_upstream, body):
+    """Before, an empty stream was retried ``1 + retries`` times on the one deployment as a plain interruption;
+    now, as on the other adapters, a stream with no chunk or a first chunk not JSON is malformed: one attempt."""
+    gemini = ProviderFactory(name="gem", kind=ProviderKind.GEMINI, base_url=fake_upstream.base_url)
+    single("lonely", gemini, "gemini-2.0-flash", DEAR, retries=3)
+    messages = [{"role": "user", "content": "hello " + raw_directive(body, marker="raw_gemini")}]
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=messages, stream=True)
+
+    assert excinfo.value.status_code == 502
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+
+
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
     routed(fake_upstream, "fault-503")
 
