@@ -133,9 +133,9 @@ Replies
     ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
     send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
     ``[[raw_encoding=gzip]]`` beside it says the body is so encoded (``Content-Encoding``), whatever it holds.
-    ``[[raw_anthropic=BASE64]]`` and ``[[raw_gemini=BASE64]]`` do the same on Anthropic's Messages and Gemini's
-    generateContent (markers of their own, so that a request falling over from an OpenAI deployment to another
-    protocol's is answered there as usual).
+    ``[[raw_anthropic=BASE64]]``, ``[[raw_gemini=BASE64]]`` and ``[[raw_cohere=BASE64]]`` do the same on
+    Anthropic's Messages, Gemini's generateContent and Cohere's chat (markers of their own, so that a request
+    falling over from an OpenAI deployment to another protocol's is answered there as usual).
     ``[[obfuscation=on]]`` (OpenAI only, streamed) pads every chunk with a top-level ``obfuscation`` string of
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);

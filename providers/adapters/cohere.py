@@ -40,6 +40,7 @@ from .common import (
     one_choice_only,
     scrub,
     stream_interrupted,
+    stream_unfinished,
     upstream_deadline,
 )
 
@@ -119,7 +120,7 @@ class CohereAdapter(BaseAdapter):
         if translator.failed:
             raise stream_interrupted(self.config, "the provider reported an error.") from None
         if not translator.complete:
-            raise stream_interrupted(self.config, "the stream ended before the model finished.") from None
+            raise stream_unfinished(self.config, began=first is not None) from None
 
     async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         texts = body.get("input")

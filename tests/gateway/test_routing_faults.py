@@ -422,6 +422,20 @@ def test_a_gemini_stream_that_is_malformed_is_not_asked_again(client, fake_upstr
     assert len(fake_upstream.requests) == 1
 
 
+def test_a_cohere_stream_with_no_event_is_malformed_and_not_asked_again(client, fake_upstream):
+    """Before: retried ``1 + retries`` times on the one deployment as a plain interruption; now one attempt."""
+    cohere = ProviderFactory(name="co", kind=ProviderKind.COHERE, base_url=fake_upstream.base_url + "/cohere")
+    single("lonely", cohere, "command-r", DEAR, retries=3)
+    messages = [{"role": "user", "content": "hello " + raw_directive(b"", marker="raw_cohere")}]
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=messages, stream=True)
+
+    assert excinfo.value.status_code == 502
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+
+
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
     routed(fake_upstream, "fault-503")
 
