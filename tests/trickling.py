@@ -8,9 +8,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from abc import ABC, abstractmethod
 
 
-class TricklingServer:
+class TricklingServer(ABC):
     """A socket server on 127.0.0.1 (the tests need no protocol library) that runs ``_session`` for each
     connection in a thread of its own and sends its answers one byte every ``pause`` seconds (``_answer``).
     Counts the connections (``sessions``); a subclass counts what it managed to answer in full (``accepted``)."""
@@ -39,8 +40,9 @@ class TricklingServer:
         except OSError:
             return  # the client hung up
 
+    @abstractmethod
     def _session(self, conn: socket.socket) -> None:
-        raise NotImplementedError
+        """Speak the protocol on ``conn`` (each subclass its own), answering through ``_answer``."""
 
     def _answer(self, conn: socket.socket, data: bytes) -> None:
         for byte in data:
