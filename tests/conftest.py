@@ -204,6 +204,23 @@ def _no_request_bound():
 
 
 @pytest.fixture(autouse=True)
+def _celery_app_kept_current():
+    """A test that makes another Celery app (``Celery(...)`` is made current by default) must not leave it
+    current: every ``shared_task`` proxy would then send to that app's broker instead of running eagerly,
+    and a later test of this worker waits on a result that has no backend, or finds no email its task
+    should have sent. The app is put back and the test that left it fails here, not the later one."""
+    from celery import current_app
+
+    from llmhub.celery import app
+
+    yield
+    left = current_app._get_current_object()
+    if left is not app:
+        app.set_current()
+        pytest.fail(f"the test left another Celery app current ({left!r}); make it with set_as_current=False")
+
+
+@pytest.fixture(autouse=True)
 def _fresh_lookup_caches():
     """In-process lookup caches outlive a test's database rows, whose ids are reused once the database is
     emptied (a user's plan limits cached for the last test's user of that id answered for this one's):

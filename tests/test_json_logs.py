@@ -297,7 +297,10 @@ def test_celery_worker_and_beat_log_json_lines_under_production_settings(program
         if program[0] == "worker":
             from celery import Celery
 
-            Celery(broker=environment["REDIS_URL"]).send_task("billing.tasks.ledger_spool_replay")
+            # Not made the current app: the tasks' proxies (``shared_task``) would run on it, not eagerly, in
+            # every later test of this process.
+            with Celery(broker=environment["REDIS_URL"], set_as_current=False) as sender:
+                sender.send_task("billing.tasks.ledger_spool_replay")
             wait_until(
                 lambda: "succeeded" in stderr_path.read_text(),
                 lambda: f"the worker runs a task; its stderr:\n{stderr_path.read_text()}",
