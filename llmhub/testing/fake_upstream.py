@@ -128,10 +128,10 @@ Replies
     preamble is answered as a model continues one: the rest of the preamble, then the call.
     ``[[usage=none]]`` (OpenAI and Gemini) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do (Gemini: no ``usageMetadata``).
-    ``[[raw=BASE64]]`` (OpenAI's chat completions) answers exactly the bytes the URL-safe base64 decodes to,
-    with a 200: a stream's whole body (``text/event-stream``: its ``data:`` and ``event:`` lines as given, no
-    ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a test can
-    send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
+    ``[[raw=BASE64]]`` (OpenAI's chat completions and text completions) answers exactly the bytes the URL-safe
+    base64 decodes to, with a 200: a stream's whole body (``text/event-stream``: its ``data:`` and ``event:`` lines
+    as given, no ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a
+    test can send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
     ``[[raw_encoding=gzip]]`` beside it says the body is so encoded (``Content-Encoding``), whatever it holds.
     ``[[raw_anthropic=BASE64]]``, ``[[raw_gemini=BASE64]]`` and ``[[raw_cohere=BASE64]]`` do the same on
     Anthropic's Messages, Gemini's generateContent and Cohere's chat (markers of their own, so that a request
@@ -2099,7 +2099,9 @@ class _App:
         if not isinstance(body.get("model"), str) or not body["model"]:
             return _openai_error(400, "you must provide a model parameter", "invalid_request_error")
         if "raw" in conv.directives:
-            return await self._raw_answer(request, conv.directives["raw"], stream=stream)
+            return await self._raw_answer(
+                request, conv.directives["raw"], stream=stream, encoding=conv.directives.get("raw_encoding")
+            )
         if not prompts:
             return _openai_error(400, "Invalid 'prompt'.", "invalid_request_error", "invalid_value", "prompt")
         if body.get("echo") is True and suffix:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx2
@@ -193,30 +193,48 @@ class OpenAIAdapter(BaseAdapter):
                 provider=self.config.name,
             ) from None
 
-    async def stream(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> AsyncIterator[WireChunk]:
-        request = self._chat_body(body, stream=True)
-        try:
+    def stream(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> AsyncIterator[WireChunk]:
+        async def opened() -> httpx2.Response:
             # The raw response, still through the SDK (auth, retries, error classes for a non-2xx
             # answer): the header is the SDK's own way to ask for it, as `with_streaming_response` does.
+            request = self._chat_body(body, stream=True)
+            return await self._client.post(
+                path, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
+            )
+
+        return self._relayed(
+            opened, self._chunk, StreamShape(str(body.get("model") or ""), content=self._content_spelt)
+        )
+
+    async def _relayed(
+        self,
+        opened: Callable[[], Awaitable[httpx2.Response]],
+        read: Callable[[ServerSentEvent, _StreamState, Any], WireChunk | None],
+        shape: Any,
+    ) -> AsyncIterator[WireChunk]:
+        """The chunks of the event stream ``opened`` answers (it runs at the first ``anext``, as the request's
+        whole work did when each stream read its own), each ``read`` from its event (chat completions'
+        ``_chunk``, text completions' ``_text_chunk``): one reader for both, so that routing judges them alike. A
+        failure after the first chunk, or a body that ends before every choice finished, is
+        ``ProviderStreamInterruptedError``; malformed (``ProviderMalformedStreamError``) when it broke on a chunk
+        that is no chunk of the protocol, a body not the encoding it declared, or held no chunk at all."""
+        try:
             async with upstream_deadline(self.config):
-                upstream = await self._client.post(
-                    path, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
-                )
+                upstream = await opened()
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        shape = StreamShape(str(body.get("model") or ""), content=self._content_spelt)
         state = _StreamState()
         parser = SSEParser()
         began = False
         try:
             async for piece in response_body(upstream):
                 for event in parser.feed(piece):
-                    chunk = self._chunk(event, state, shape)
+                    chunk = read(event, state, shape)
                     if chunk is not None:
                         began = True
                         yield chunk
             for event in parser.end():
-                chunk = self._chunk(event, state, shape)
+                chunk = read(event, state, shape)
                 if chunk is not None:
                     began = True
                     yield chunk
@@ -324,39 +342,18 @@ class OpenAIAdapter(BaseAdapter):
             ) from None
         return completion
 
-    async def text_stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
-        """Through the SDK's ``completions.create(stream=True)``, its response read raw (``sse.SSEParser``) as a
-        chat stream is: each chunk keeps the upstream's bytes unless it had to be filled in; a failure after the
-        first chunk, or a stream that ends before every choice finished, is ``ProviderStreamInterruptedError``."""
-        if not self.serves_completions:
-            raise self._completions_refused()
-        try:
-            async with upstream_deadline(self.config):
-                response = await self._client.completions.create(
-                    **self._completion_args(body, stream=True), stream=True, extra_headers=_RAW_STREAM
-                )
-        except _FAILURES as exc:
-            raise self.map_error(exc) from None
-        upstream = response.http_response
-        shape = TextCompletionShape(str(body.get("model") or ""))
-        state = _StreamState()
-        parser = SSEParser()
-        try:
-            async for piece in response_body(upstream):
-                for event in parser.feed(piece):
-                    chunk = self._text_chunk(event, state, shape)
-                    if chunk is not None:
-                        yield chunk
-            for event in parser.end():
-                chunk = self._text_chunk(event, state, shape)
-                if chunk is not None:
-                    yield chunk
-        except (*_FAILURES, MalformedReply) as exc:
-            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
-        finally:
-            await upstream.aclose()
-        if not state.finished:
-            raise stream_interrupted(self.config, "the stream ended before the model finished.")
+    def text_stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        """Through the SDK's ``completions.create(stream=True)``, its response read raw as a chat stream is, by the
+        same reader (``_relayed``): each chunk keeps the upstream's bytes unless it had to be filled in."""
+
+        async def opened() -> httpx2.Response:
+            if not self.serves_completions:
+                raise self._completions_refused()
+            args = self._completion_args(body, stream=True)
+            response = await self._client.completions.create(**args, stream=True, extra_headers=_RAW_STREAM)
+            return response.http_response
+
+        return self._relayed(opened, self._text_chunk, TextCompletionShape(str(body.get("model") or "")))
 
     def _text_chunk(self, event: ServerSentEvent, state: _StreamState, shape: TextCompletionShape) -> WireChunk | None:
         if state.done:

@@ -444,3 +444,43 @@ def test_without_max_tokens_a_completion_stops_at_openais_default_of_16(gateway,
     assert (completion.choices[0].finish_reason, completion.usage.completion_tokens) == ("length", 16)
     assert sent(gateway)[0]["max_tokens"] == 16
     assert_row(raw.headers["x-request-id"], prompt=completion.usage.prompt_tokens, completion=16)
+
+
+# A 200 to a stream request that is no stream of the protocol: nothing, only its end, a page, a first chunk not JSON.
+NOT_STREAMS = {
+    "empty": b"",
+    "only [DONE]": b"data: [DONE]\n\n",
+    "HTML": b"<html><body>Bad gateway</body></html>\n",
+    "first chunk not JSON": b"data: {not json}\n\n",
+}
+
+
+def lonely(gateway) -> CatalogModel:
+    """A model of one OpenAI deployment that routing would ask ``1 + 3`` times for a plain failure."""
+    return ModelFactory(name="lonely", provider=Provider.objects.get(name="fake-openai"), retries=3)
+
+
+@pytest.mark.parametrize("body", NOT_STREAMS.values(), ids=NOT_STREAMS)
+def test_a_stream_that_is_no_stream_is_malformed_and_not_asked_again(gateway, body):
+    """Routing's malformed reply rule, as on chat streams: before, a plain interruption retried ``1 + retries``
+    times on the one deployment; now one attempt, then the 502."""
+    lonely(gateway)
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().completions.create(model="lonely", prompt="hi " + raw_directive(body), stream=True)
+    assert failed.value.status_code == 502
+    assert failed.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(sent(gateway)) == 1
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert (record.operation, record.status, record.attempts) == ("completions", "upstream_error", 1)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_body_that_is_not_the_gzip_it_says_is_malformed_not_unreachable(gateway, stream):
+    lonely(gateway)
+    prompt = "hi " + raw_directive(b"this is not gzip at all") + " [[raw_encoding=gzip]]"
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().completions.create(model="lonely", prompt=prompt, stream=stream)
+    assert failed.value.status_code == 502
+    assert "could not reach" not in failed.value.message and "malformed" in failed.value.message
+    assert failed.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(sent(gateway)) == 1
