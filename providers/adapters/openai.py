@@ -336,7 +336,7 @@ class OpenAIAdapter(BaseAdapter):
                 raise MalformedReply("not an object")
             TextCompletionShape(str(body.get("model") or "")).conform(completion, whole=True)
         except MalformedReply as exc:
-            raise ProviderError(
+            raise ProviderMalformedReplyError(
                 f"The provider {self.config.name!r} answered with something other than a text completion ({exc}).",
                 provider=self.config.name,
             ) from None

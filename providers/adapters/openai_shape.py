@@ -525,8 +525,8 @@ class TextCompletionShape:
     def conform(self, data: dict[str, Any], *, whole: bool) -> bool:
         """Fill ``data`` in, in place; True when it needed nothing (its bytes may be relayed as they came).
         ``whole``: a reply, not a chunk (its choices all have a reason: one left out stopped normally, and its
-        usage is an object or absent). Raises ``MalformedReply`` for what cannot be filled: a choice that is not
-        an object, a ``text`` that is not text, a finish reason of ``error``."""
+        usage is an object or absent). Raises ``MalformedReply`` for what cannot be filled: a reply with no choices,
+        a choice that is not an object, a ``text`` that is not text, a finish reason of ``error``."""
         valid = True
         if type(data.get("id")) is not str:
             data["id"], valid = self._id or "cmpl-" + uuid.uuid4().hex, False
@@ -541,6 +541,9 @@ class TextCompletionShape:
         if data.get("object") != _TEXT_COMPLETION:
             data["object"], valid = _TEXT_COMPLETION, False
         choices = data.get("choices")
+        if whole and (type(choices) is not list or not choices):
+            # Nothing answered: relayed, a 200 with an empty answer, taken by the client (and billed) as the model's.
+            raise MalformedReply("no choices")
         if type(choices) is not list:
             data["choices"], choices, valid = [], [], False
         for position, choice in enumerate(choices):

@@ -484,3 +484,26 @@ def test_a_body_that_is_not_the_gzip_it_says_is_malformed_not_unreachable(gatewa
     assert "could not reach" not in failed.value.message and "malformed" in failed.value.message
     assert failed.value.response.headers["x-llmhub-attempts"] == "1"
     assert len(sent(gateway)) == 1
+
+
+# Whole replies that are no text completion: of types no fill can mend, with nothing to answer, not JSON.
+MALFORMED_REPLIES = {
+    "text not text": b'{"choices": [{"text": 5}]}',
+    "no choices": b'{"choices": []}',
+    "choices not a list": b'{"choices": "ok"}',
+    "not JSON": b"<html>Bad gateway</html>",
+}
+
+
+@pytest.mark.parametrize("reply", MALFORMED_REPLIES.values(), ids=MALFORMED_REPLIES)
+def test_a_malformed_whole_reply_is_a_502_after_one_attempt(gateway, reply):
+    """Routing's malformed reply rule, as on chat completions: before, a reply of the wrong types was retried
+    ``1 + retries`` times on the one deployment, and one with no choices answered a 200 with nothing in it."""
+    lonely(gateway)
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().completions.create(model="lonely", prompt="hi " + raw_directive(reply))
+    assert failed.value.status_code == 502
+    assert failed.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(sent(gateway)) == 1
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert (record.operation, record.status, record.attempts) == ("completions", "upstream_error", 1)
