@@ -21,7 +21,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field, extend_schema_serializer
+from drf_spectacular.utils import (
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_serializer,
+)
 from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import AuthenticationFailed, NotFound, PermissionDenied
 from rest_framework.pagination import LimitOffsetPagination
@@ -48,6 +54,7 @@ from .selectors import (
     usage_record_list,
     usage_summary,
 )
+from .services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, replies_billed
 from .services.keys import CreatedKey, KeyPrincipal, api_key_create, api_key_revoke
 
 _KEYS_TAG = ["API keys"]
@@ -486,6 +493,24 @@ def _countable(content: Any, depth: int = 0) -> bool:
     return True
 
 
+def _prompt_countable(prompt: Any) -> bool:
+    """A text completion's ``prompt`` in one of the shapes /v1/completions takes, which the estimator counts: a text,
+    a non-empty list of texts, of token ids, or of non-empty lists of token ids."""
+    if isinstance(prompt, str):
+        return True
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    if all(isinstance(item, str) for item in prompt):
+        return True
+    if all(isinstance(item, list) and item for item in prompt):
+        return all(_token_ids(item) for item in prompt)
+    return _token_ids(prompt)
+
+
+def _token_ids(items: list[Any]) -> bool:
+    return all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in items)
+
+
 @extend_schema_serializer(component_name="CostDeployment")
 class _CostDeploymentSerializer(serializers.Serializer):
     provider = serializers.CharField(help_text="The provider's name in the catalog.")
@@ -615,6 +640,45 @@ class CostEstimateApi(APIView):
                 raise serializers.ValidationError("The system prompt is a string or a list of text blocks.")
             return system
 
+    @extend_schema_serializer(component_name="CostEstimateCompletionRequest")
+    class CompletionInputSerializer(serializers.Serializer):
+        model = serializers.CharField(max_length=128, help_text="A public model name.")
+        prompt = serializers.JSONField(
+            help_text="As /v1/completions takes it: a text, a list of texts, token ids or a list of token id lists."
+        )
+        suffix = serializers.JSONField(required=False, help_text="The text after the gap (fill-in-the-middle).")
+        max_tokens = serializers.IntegerField(
+            min_value=0,
+            max_value=_MAX_TOKENS,
+            default=COMPLETIONS_MAX_TOKENS_DEFAULT,
+            help_text="The most output tokens a reply may produce; OpenAI's default, 16, when left out.",
+        )
+        n = serializers.IntegerField(min_value=1, max_value=128, default=1, help_text="Replies for each prompt.")
+        best_of = serializers.IntegerField(
+            min_value=1,
+            max_value=20,
+            required=False,
+            help_text="Candidates generated for each prompt (each one billed), at least `n`.",
+        )
+
+        def validate_prompt(self, prompt: Any) -> Any:
+            if not _prompt_countable(prompt):
+                raise serializers.ValidationError(
+                    "A prompt is a text, a non-empty list of texts, token ids (integers from 0) or a non-empty "
+                    "list of non-empty token id lists."
+                )
+            return prompt
+
+        def validate_suffix(self, suffix: Any) -> Any:
+            if not isinstance(suffix, str):
+                raise serializers.ValidationError("The suffix is a text.")
+            return suffix
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            if attrs.get("best_of", attrs["n"]) < attrs["n"]:
+                raise serializers.ValidationError({"best_of": "best_of must be at least n."})
+            return attrs
+
     @extend_schema_serializer(component_name="CostEstimate")
     class OutputSerializer(serializers.Serializer):
         model = serializers.CharField()
@@ -655,17 +719,27 @@ class CostEstimateApi(APIView):
     @extend_schema(
         tags=_COST_TAG,
         operation_id="cost_estimate_messages",
-        summary="Estimate a request's cost from its messages",
+        summary="Estimate a request's cost from its messages or its prompt",
         description=(
             "Counts the input tokens of the messages (their tool calls and results too) and tools with the "
             "estimate the ledger charges when a provider counts none, about four characters a token plus a "
             "little per message and a flat charge per image or document (the provider's tokenizer will differ "
-            "somewhat), takes `max_tokens` as the output, and prices both as the GET form does."
+            "somewhat), takes `max_tokens` as the output, and prices both as the GET form does. A body with a "
+            "`prompt` and no `messages` is a text completion's (/v1/completions): its prompts and `suffix` are "
+            "counted alike (token ids one each), and the output is `max_tokens` (16 when left out, as OpenAI's) "
+            "for every reply the request may be billed for, as admission reserves it: `n`, or `best_of` when "
+            "larger, for each prompt."
         ),
-        request=MessagesInputSerializer,
+        request=PolymorphicProxySerializer(
+            component_name="CostEstimateBody",
+            serializers=[MessagesInputSerializer, CompletionInputSerializer],
+            resource_type_field_name=None,
+        ),
         responses={200: OutputSerializer, **error_responses(400, 401, 403, 404)},
     )
     def post(self, request: Request) -> Response:
+        if isinstance(request.data, dict) and "prompt" in request.data and "messages" not in request.data:
+            return self._completion_answer(request)
         serializer = self.MessagesInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -677,6 +751,20 @@ class CostEstimateApi(APIView):
             cache_write_tokens=0,
             cache_write_1h_tokens=0,
             completion_tokens=data["max_tokens"],
+        )
+
+    def _completion_answer(self, request: Request) -> Response:
+        serializer = self.CompletionInputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        return self._answer(
+            request,
+            model_name=data["model"],
+            prompt_tokens=prompt_tokens(data, operation=Operation.COMPLETIONS),
+            cached_tokens=0,
+            cache_write_tokens=0,
+            cache_write_1h_tokens=0,
+            completion_tokens=data["max_tokens"] * replies_billed(data),
         )
 
     def _answer(

@@ -29,6 +29,7 @@ from django.conf import settings
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
 from billing.pricing import cache_write_1h_price, cache_write_price
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
+from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
@@ -104,7 +105,7 @@ from .selectors import NotFoundError, conversation_reach, stored_response_get
 from .translate_responses import responses_request_to_chat
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
-from .validation_completions import COMPLETIONS_MAX_TOKENS_DEFAULT, validate_completions_request
+from .validation_completions import validate_completions_request
 from .validation_embeddings import validate_embeddings_request
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,6 @@ from .validation import MAX_TOKENS_LIMIT, _check_range, _fail, _is_int, check_bo
 from .validation_embeddings import MAX_INPUTS, _check_tokens
 
 MAX_LOGPROBS = 5
-# A reply's limit when the request names none: OpenAI's (``CreateCompletionRequest``) and vLLM's.
-COMPLETIONS_MAX_TOKENS_DEFAULT = 16
 MAX_BEST_OF = 20
 
 

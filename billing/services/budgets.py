@@ -186,7 +186,12 @@ def requested_max_tokens(body: Mapping[str, object]) -> int | None:
     return max(values) if values else None
 
 
-def _choices(body: Mapping[str, object]) -> int:
+# A text completion's reply limit when the request names none: OpenAI's (``CreateCompletionRequest``) and vLLM's. The
+# completions pipeline sends it (a budget's clamp would otherwise lift it) and the cost calculator prices it.
+COMPLETIONS_MAX_TOKENS_DEFAULT = 16
+
+
+def replies_billed(body: Mapping[str, object]) -> int:
     """How many replies of up to ``max_tokens`` the request may be billed for: ``n``; for a text completion
     (``/v1/completions``) the larger of ``n`` and ``best_of`` (the provider bills every candidate it generated),
     for each of its prompts (a list of texts or of token arrays is one request per prompt)."""
@@ -213,7 +218,7 @@ def charge_for(
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage."""
-    choices = _choices(body)
+    choices = replies_billed(body)
     prompt_tokens = max(prompt_tokens_upper, 0)
     likely = None if prompt_tokens_likely is None else min(max(prompt_tokens_likely, 0), prompt_tokens)
     if model.mode == ModelMode.EMBEDDING:

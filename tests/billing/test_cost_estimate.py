@@ -1,5 +1,5 @@
-"""The cost calculator, ``/api/cost/estimate``: token counts (GET) or messages (POST) priced by the ledger's own
-function, per deployment of the model; and the ledger admin's breakdown of a row's cost."""
+"""The cost calculator, ``/api/cost/estimate``: token counts (GET), or messages or a text completion's prompt (POST),
+priced by the ledger's own function, per deployment of the model; and the ledger admin's breakdown of a row's cost."""
 
 from __future__ import annotations
 
@@ -235,6 +235,61 @@ def test_images_in_messages_count(client, models):
         for message in (with_image, plain)
     ]
     assert tokens[0] - tokens[1] == 1_600
+
+
+def test_a_text_completion_is_counted_and_its_output_is_every_reply_it_may_be_billed_for(client, models):
+    """A ``/v1/completions`` body: its prompts and suffix counted by the ledger's estimator, and as output
+    ``max_tokens`` for every reply the completions pipeline reserves: ``best_of`` when larger than ``n``, for each
+    prompt."""
+    body = {
+        "model": "gpt-big",
+        "prompt": ["def add(a, b):", "def sub(a, b):"],
+        "suffix": "\n",
+        "max_tokens": 50,
+        "n": 2,
+        "best_of": 3,
+    }
+
+    response = client.post(URL, body, format="json")
+
+    assert response.status_code == 200, response.content
+    deployment = response.json()["deployments"][0]
+    # Fourteen characters a prompt, four characters a token (rounded up), and one for the suffix.
+    assert (deployment["input_tokens"], deployment["output_tokens"]) == (4 + 4 + 1, 50 * 3 * 2)
+    assert deployment["input_tokens"] == prompt_tokens(body, operation=Operation.COMPLETIONS)
+    assert response.json()["min_total"] == "0.0030225000"  # (9 × $2.50 + 300 × $10.00) / 1,000,000
+
+
+@pytest.mark.parametrize(("extra", "output"), [({}, 16), ({"n": 4}, 64), ({"max_tokens": 0}, 0)])
+def test_a_text_completion_without_max_tokens_is_priced_at_openais_default_of_16(client, models, extra, output):
+    """As the completions pipeline sends it (and reserves for it): 16 tokens a reply unless ``max_tokens`` says."""
+    response = client.post(URL, {"model": "gpt-mini", "prompt": [[1, 2, 3]], **extra}, format="json")
+
+    assert response.status_code == 200, response.content
+    deployment = response.json()["deployments"][0]
+    assert (deployment["input_tokens"], deployment["output_tokens"]) == (3, output)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": {"text": "x"}}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", 1]}, "prompt"),
+        ({"prompt": [[1], "a"]}, "prompt"),
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": "x", "suffix": 3}, "suffix"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "best_of": 21}, "best_of"),
+        ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ],
+)
+def test_a_bad_text_completion_body_is_a_400_naming_the_parameter(client, models, body, param):
+    response = client.post(URL, {"model": "gpt-mini", **body}, format="json")
+
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["param"] == param
 
 
 @pytest.mark.parametrize(
