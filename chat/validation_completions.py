@@ -14,47 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from .validation import MAX_TOKENS_LIMIT, _check_range, _fail, _is_int, check_body_and_model
-from .validation_embeddings import MAX_INPUTS, _check_tokens
+from .validation_inputs import InputShape, check_inputs
 
 MAX_LOGPROBS = 5
 MAX_BEST_OF = 20
-
-
-def _check_prompt(value: Any) -> None:
-    if value is None:
-        _fail("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
-    if isinstance(value, str):
-        return  # "" is OpenAI's default prompt (the start of a document): a completion of nothing is one
-    if not isinstance(value, list):
-        _fail(
-            "Invalid type for 'prompt': expected a string, an array of strings, an array of integers (tokens) "
-            "or an array of arrays of integers.",
-            "prompt",
-            "invalid_type",
-        )
-    if not value:
-        _fail("Invalid 'prompt': empty array. Expected an array with minimum length 1.", "prompt", "empty_array")
-    if len(value) > MAX_INPUTS:
-        _fail(f"Invalid 'prompt': {len(value)} prompts; at most {MAX_INPUTS} are accepted.", "prompt")
-    first = value[0]
-    if _is_int(first):
-        _check_tokens(value, "prompt")
-        return
-    for index, item in enumerate(value):
-        param = f"prompt[{index}]"
-        if isinstance(first, str):
-            if not isinstance(item, str):
-                _fail(f"Invalid type for '{param}': expected a string, like the other prompts.", param, "invalid_type")
-        elif isinstance(first, list):
-            if not isinstance(item, list):
-                _fail(f"Invalid type for '{param}': expected an array of integers (tokens).", param, "invalid_type")
-            _check_tokens(item, param)
-        else:
-            _fail(
-                f"Invalid type for '{param}': expected a string or an array of integers (tokens).",
-                param,
-                "invalid_type",
-            )
+# "" is OpenAI's default prompt (the start of a document): a completion of nothing is one.
+PROMPT = InputShape(
+    param="prompt",
+    items="prompts",
+    empty_text=True,
+    too_many="Invalid 'prompt': {count} prompts; at most {limit} are accepted.",
+    kinds="a string or an array of integers (tokens)",
+)
 
 
 def _check_int(body: dict[str, Any], name: str, low: int, high: int) -> Any:
@@ -67,7 +38,7 @@ def _check_int(body: dict[str, Any], name: str, low: int, high: int) -> Any:
 def validate_completions_request(body: Any) -> None:
     """Raise ``InvalidRequestError`` (400) naming the first offending parameter."""
     check_body_and_model(body)
-    _check_prompt(body.get("prompt"))
+    check_inputs(body.get("prompt"), PROMPT)
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         _fail("Invalid type for 'suffix': expected a string.", "suffix", "invalid_type")

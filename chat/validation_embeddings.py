@@ -11,70 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 from .validation import MAX_TOKENS_LIMIT, _fail, _is_int, check_body_and_model
+from .validation_inputs import InputShape, check_inputs
 
-MAX_INPUTS = 2048  # OpenAI's limit of inputs (strings or token arrays) in one request
 ENCODING_FORMATS = ("float", "base64")
-# Token ids are 32-bit in every tokenizer's vocabulary; a bound also keeps a token array's size finite.
-MAX_TOKEN_ID = 2**31 - 1
-
-
-def _check_tokens(tokens: list[Any], param: str) -> None:
-    if not tokens:
-        _fail(f"Invalid '{param}': empty token array. Expected at least one token.", param, "empty_array")
-    for index, token in enumerate(tokens):
-        if not _is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
-            _fail(
-                f"Invalid '{param}[{index}]': a token must be an integer between 0 and {MAX_TOKEN_ID}.",
-                f"{param}[{index}]",
-                "invalid_type",
-            )
-
-
-def _check_input(value: Any) -> None:
-    if value is None:
-        _fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
-    if isinstance(value, str):
-        if not value:
-            _fail("Invalid 'input': empty string. Expected a non-empty string.", "input", "empty_string")
-        return
-    if not isinstance(value, list):
-        _fail(
-            "Invalid type for 'input': expected a string, an array of strings, an array of integers (tokens) "
-            "or an array of arrays of integers.",
-            "input",
-            "invalid_type",
-        )
-    if not value:
-        _fail("Invalid 'input': empty array. Expected an array with minimum length 1.", "input", "empty_array")
-    if len(value) > MAX_INPUTS:
-        _fail(f"Invalid 'input': {len(value)} items; at most {MAX_INPUTS} inputs are accepted.", "input")
-    first = value[0]
-    if _is_int(first):
-        _check_tokens(value, "input")
-        return
-    for index, item in enumerate(value):
-        param = f"input[{index}]"
-        if isinstance(first, str):
-            if not isinstance(item, str):
-                _fail(f"Invalid type for '{param}': expected a string, like the other inputs.", param, "invalid_type")
-            if not item:
-                _fail(f"Invalid '{param}': empty string. Expected a non-empty string.", param, "empty_string")
-        elif isinstance(first, list):
-            if not isinstance(item, list):
-                _fail(f"Invalid type for '{param}': expected an array of integers (tokens).", param, "invalid_type")
-            _check_tokens(item, param)
-        else:
-            _fail(
-                f"Invalid type for '{param}': expected a string, an integer (token) or an array of integers.",
-                param,
-                "invalid_type",
-            )
+INPUT = InputShape(
+    param="input",
+    items="inputs",
+    empty_text=False,
+    too_many="Invalid 'input': {count} items; at most {limit} inputs are accepted.",
+    kinds="a string, an integer (token) or an array of integers",
+)
 
 
 def validate_embeddings_request(body: Any) -> None:
     """Raise ``InvalidRequestError`` (400) naming the first offending parameter."""
     check_body_and_model(body)
-    _check_input(body.get("input"))
+    check_inputs(body.get("input"), INPUT)
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in ENCODING_FORMATS:
         _fail("Invalid value for 'encoding_format': expected 'float' or 'base64'.", "encoding_format")
