@@ -122,7 +122,9 @@ class StoredResponseStatusFilter(admin.SimpleListFilter):
 @admin.register(StoredResponse)
 class StoredResponseAdmin(admin.ModelAdmin):
     """Read-only, as a conversation's messages are shown: written by ``POST /v1/responses``, read (or deleted) by
-    their owner over ``/v1/responses/{id}``, deleted at the end of their retention. An admin may delete one."""
+    their owner over ``/v1/responses/{id}``, deleted at the end of their retention. A chained one holds its own input
+    items and names the one it continued (``previous``). An admin may delete one that no other continues (Django's
+    page for protected objects names those that do)."""
 
     list_display = ["response_id", "owner", "model_name", "status", "created_at", "expires_at"]
     list_filter = [StoredResponseStatusFilter, CatalogModelNameFilter]
@@ -138,6 +140,8 @@ class StoredResponseAdmin(admin.ModelAdmin):
         "api_key",
         "model_name",
         "status",
+        "previous",
+        "deleted_at",
         "instructions",
         "input_items",
         "output_items",

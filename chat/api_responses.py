@@ -35,7 +35,7 @@ from .api_openai import method_not_allowed, openai_endpoint, response_stamp, run
 from .callers import Caller
 from .models import StoredResponse
 from .pipeline import CompletionRun, caller_from_api_key, new_request_id
-from .selectors import NotFoundError, conversation_reach, stored_response_get
+from .selectors import NotFoundError, conversation_reach, stored_response_get, stored_response_input
 from .services_responses import stored_response_delete, stored_response_save
 from .translate_responses import ResponseEvents, response_from_completion, response_id, response_shown
 from .validation import InvalidRequestError
@@ -130,7 +130,8 @@ async def _sse(
 
 async def _store(run: CompletionRun, response: dict[str, Any]) -> None:
     """Keep ``response`` (completed or incomplete) when the client asked (``store``, true unless set false), with
-    the whole input it answered. A failure to keep it does not fail the request: the answer says ``store: false``,
+    the input it answered (continuing a stored response, the items the client gave and a reference to that one's
+    chain: ``stored_response_save``). A failure to keep it does not fail the request: the answer says ``store: false``,
     and the failure is logged (its kind only: a database's message may quote the row, users' conversation) and
     counted (``llmhub_responses_not_stored_total``)."""
     if not response["store"]:
@@ -138,7 +139,11 @@ async def _store(run: CompletionRun, response: dict[str, Any]) -> None:
     body = run.client_body or run.body
     try:
         await sync_to_async(stored_response_save)(
-            user_id=run.caller.user_id, api_key_id=run.caller.api_key_id, response=response, input=body["input"]
+            user_id=run.caller.user_id,
+            api_key_id=run.caller.api_key_id,
+            response=response,
+            input=body["input"],
+            chained=run.responses_chain,
         )
     except Exception as exc:
         logger.error(
@@ -200,8 +205,8 @@ async def responses_stored(request: HttpRequest, path: str) -> HttpResponse:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         if rest == "input_items":
             page = _items_page(request)
-            stored = await sync_to_async(_reached)(caller, name)
-            response = json_response(page(stored.input_items))
+            items = await sync_to_async(_input_reached)(caller, name)
+            response = json_response(page(items))
         elif rest == "cancel":
             await sync_to_async(_reached)(caller, name)
             raise InvalidRequestError(
@@ -234,6 +239,11 @@ def _not_found(response_id: str) -> NotFoundError:
 
 def _reached(caller: Caller, response_id: str) -> StoredResponse:
     return stored_response_get(reach=conversation_reach(caller), response_id=response_id)
+
+
+def _input_reached(caller: Caller, response_id: str) -> list[dict[str, Any]]:
+    """The whole input the stored response answered (its chain's items, then its own), as it was given."""
+    return stored_response_input(_reached(caller, response_id)).items
 
 
 def _delete(caller: Caller, response_id: str) -> bool:

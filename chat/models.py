@@ -124,8 +124,18 @@ class StoredResponse(models.Model):
     )
     model_name = models.CharField(max_length=128)
     status = models.CharField(max_length=16)
-    # The whole input the model was given, as the Responses API's items with their ids: a chained response's
-    # begins with its previous response's input and output. ``instructions`` apart, as OpenAI keeps them.
+    # The response it continued (``previous_response_id``), by reference: its input items are only those the request
+    # brought, and the whole input it answered is its previous responses' input and output items, then these
+    # (``chat.selectors.stored_response_input``). Null: none, and ``input_items`` is the whole input (a chain's first
+    # response; a chain too long to follow further, kept whole again; and every row from before references, which
+    # kept each its whole input). One that others continue cannot be deleted (they could not be read whole): its
+    # owner's delete hides it (``deleted_at``), and it goes when none refers to it any more; its user's deletion
+    # takes the whole chain.
+    previous = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.RESTRICT, related_name="+", editable=False
+    )
+    # The input items the request brought, as the Responses API's items with their ids (see ``previous``).
+    # ``instructions`` apart, as OpenAI keeps them.
     input_items = models.JSONField(default=list)
     output_items = models.JSONField(default=list)
     # Null: none were given (the Response's ``null``), not the same as an empty string.
@@ -135,9 +145,18 @@ class StoredResponse(models.Model):
     response = models.JSONField(default=dict)
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
+    # When its owner deleted it while later responses continued it: gone for them (a 404, and not to be continued),
+    # its items kept for those responses' chains until none refers to it (``stored_responses_expire``). Null: not.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-id"]
+        indexes = [
+            # The hidden ones, a few among every stored response: the hourly task finds them here.
+            models.Index(
+                fields=["deleted_at"], condition=models.Q(deleted_at__isnull=False), name="chat_resp_deleted_idx"
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.response_id

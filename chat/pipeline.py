@@ -98,10 +98,11 @@ from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bo
 from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
+from .models import StoredResponse
 from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
-from .responses_chain import chain
-from .selectors import NotFoundError, conversation_reach, stored_response_get
+from .responses_chain import Chain, chain
+from .selectors import NotFoundError, StoredInput, conversation_reach, stored_response_get, stored_response_input
 from .translate_responses import responses_request_to_chat
 from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
 from .validation_anthropic import validate_messages_request
@@ -401,6 +402,7 @@ async def completion_start(
     assignment: Assignment | None = None
     rendered: RenderedPrompt | None = None
     client_body: dict[str, Any] | None = None
+    responses_chain: Chain | None = None  # the stored response a /v1/responses request continues
     field_names: dict[str, str] | None = None  # the client's names of the fields of a translated body
     _request_track()
     try:
@@ -420,7 +422,7 @@ async def completion_start(
             if shape is not None:
                 body["messages"] = shape(model)
         if operation == Operation.RESPONSES:
-            client_body, body, field_names = await _responses_translate(caller, body)
+            client_body, body, field_names, responses_chain = await _responses_translate(caller, body)
         _VALIDATORS[operation](body)
         if operation == Operation.COMPLETIONS and body.get("max_tokens") is None:
             # OpenAI's default, spelt out: left to admission, a budget's clamp would lift it (and reserve for it).
@@ -513,21 +515,22 @@ async def completion_start(
         prompt=rendered,
         trace=trace,
         client_body=client_body,
+        responses_chain=responses_chain,
     )
 
 
 async def _responses_translate(
     caller: Caller, body: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], Chain | None]:
     """A Responses API request as the chat completion it means (``chat.translate_responses``): the client's body
     (with a ``previous_response_id``, the stored response's input and output items before its ``input``: the
     whole conversation is the prompt, for moderation, the estimate, budgets and the ledger alike), the chat
-    completion, and the client's names of its fields."""
+    completion, the client's names of its fields, and the stored response it continues (None: none)."""
     if isinstance(body, dict) and body.get("store") is not None and type(body["store"]) is not bool:
         raise InvalidRequestError("Invalid type for 'store': expected a boolean.", param="store", code="invalid_type")
     previous = body.get("previous_response_id") if isinstance(body, dict) else None
     if previous is None:
-        return body, *responses_request_to_chat(body)
+        return body, *responses_request_to_chat(body), None
     if not isinstance(previous, str) or not previous:
         raise InvalidRequestError(
             "Invalid type for 'previous_response_id': expected a response's id.",
@@ -535,7 +538,7 @@ async def _responses_translate(
             code="invalid_type",
         )
     try:
-        stored = await sync_to_async(_stored_response_reached)(caller, previous)
+        stored, stored_input = await sync_to_async(_stored_response_reached)(caller, previous)
     except NotFoundError:
         # OpenAI's answer for an id unknown, expired or another's alike (a 400, as the SDKs and Codex expect it); the
         # id quoted as JSON can carry it (a lone surrogate cannot be encoded) and not 100,000 characters long.
@@ -544,17 +547,24 @@ async def _responses_translate(
             param="previous_response_id",
             code="previous_response_not_found",
         ) from None
-    chained = chain(body, input_items=stored.input_items, output_items=stored.output_items)
+    chained = chain(
+        body,
+        input_items=stored_input.items,
+        output_items=stored.output_items,
+        previous=stored.pk,
+        length=stored_input.length,
+    )
     try:
         chat, fields = responses_request_to_chat(chained.body)
     except InvalidRequestError as exc:
         exc.param = chained.field_named(exc.param) if exc.param else exc.param
         raise
-    return chained.body, chat, chained.fields_named(fields)
+    return chained.body, chat, chained.fields_named(fields), chained
 
 
-def _stored_response_reached(caller: Caller, response_id: str) -> Any:
-    return stored_response_get(reach=conversation_reach(caller), response_id=response_id)
+def _stored_response_reached(caller: Caller, response_id: str) -> tuple[StoredResponse, StoredInput]:
+    stored = stored_response_get(reach=conversation_reach(caller), response_id=response_id)
+    return stored, stored_response_input(stored)
 
 
 def _end_user(body: dict[str, Any], operation: str) -> Any:
@@ -910,10 +920,13 @@ class CompletionRun:
         prompt: RenderedPrompt | None = None,
         trace: TraceStart | None = None,
         client_body: dict[str, Any] | None = None,
+        responses_chain: Chain | None = None,
     ) -> None:
         self.caller = caller
         # The body as the client wrote it, when ``body`` is its translation (``/v1/responses``); None: the same.
         self.client_body = client_body
+        # The stored response a ``/v1/responses`` request continues (``previous_response_id``); None: none.
+        self.responses_chain = responses_chain
         self.trace = trace  # its place in a trace while tracing is on (``core.tracing``); None: not traced
         self.assignment = assignment  # the experiment's variant this request was assigned to; None: none
         self.prompt = prompt  # the prompt template version a templated request ran (chat.prompt_runs); None: none

@@ -5,7 +5,9 @@ Pure functions, no database: ``chat.services_responses`` writes and ``chat.selec
 the spec's ``ItemResource``s (each with an ``id`` and, where the spec wants one, a ``status``), which is what
 ``GET /v1/responses/{id}/input_items`` lists and what ``chat.translate_responses`` reads back when a later request
 chains on it: a stored response's input items, then its output items, come before the new ``input`` (its
-``instructions`` are not carried over, as OpenAI does).
+``instructions`` are not carried over, as OpenAI does). A response is kept with only the items its request gave,
+and a reference to the one it continued (``StoredResponse.previous``): the chain is read back whole by
+``chat.selectors.stored_response_input``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ class Chain:
 
     body: dict[str, Any]
     history: int  # how many of ``body["input"]`` are the stored response's
+    previous: int | None = None  # the stored response's primary key, which the new one refers to when kept
+    length: int = 0  # how many responses the stored one's chain by reference holds, itself included
+
+    @property
+    def given(self) -> list[dict[str, Any]]:
+        """The items the client sent (after the stored ones): what the new response keeps of its own."""
+        return self.body["input"][self.history :]
 
     def field_named(self, given: str) -> str:
         """A field of the chained ``input`` (``input[3].content``) as the client knows it: a stored item is the
@@ -94,13 +103,21 @@ class Chain:
         return {field: self.field_named(given) for field, given in fields.items()}
 
 
-def chain(body: dict[str, Any], *, input_items: list[dict[str, Any]], output_items: list[dict[str, Any]]) -> Chain:
-    """``body`` continuing a stored response whose input and output items are these. An ``input`` that is
-    missing or malformed is left as it is, for the translation to refuse it by its name."""
+def chain(
+    body: dict[str, Any],
+    *,
+    input_items: list[dict[str, Any]],
+    output_items: list[dict[str, Any]],
+    previous: int | None = None,
+    length: int = 0,
+) -> Chain:
+    """``body`` continuing a stored response whose (whole) input and output items are these; ``previous`` its
+    primary key and ``length`` how many responses its chain by reference holds. An ``input`` that is missing or
+    malformed is left as it is, for the translation to refuse it by its name."""
     given = body.get("input")
     if isinstance(given, str):
         given = [{"type": "message", "role": "user", "content": given}]
     if not isinstance(given, list) or not given:
-        return Chain(body=body, history=0)
+        return Chain(body=body, history=0, previous=previous, length=length)
     history = [*input_items, *output_items]
-    return Chain(body={**body, "input": [*history, *given]}, history=len(history))
+    return Chain(body={**body, "input": [*history, *given]}, history=len(history), previous=previous, length=length)

@@ -3,11 +3,13 @@ conversation a gateway key may not reach, is as absent as a missing one."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
@@ -21,6 +23,8 @@ from .models import Conversation, Message, MessageStatus, Role, StoredResponse
 
 if TYPE_CHECKING:
     from .callers import Caller
+
+logger = logging.getLogger(__name__)
 
 
 class NotFoundError(ApplicationError):
@@ -178,9 +182,12 @@ def message_get(*, reach: ConversationReach, message_id: int) -> Message:
 
 def stored_responses_reached(*, reach: ConversationReach, now: datetime | None = None) -> QuerySet[StoredResponse]:
     """The stored responses of ``/v1/responses`` a caller reaches (as it reaches conversations: its own user's, and
-    for a gateway key without ``conversations:manage`` only those it or its subtree made), not yet expired: one
-    past its retention is gone even before the task deletes it."""
-    return StoredResponse.objects.filter(reach.conversations(), expires_at__gt=now or timezone.now())
+    for a gateway key without ``conversations:manage`` only those it or its subtree made), not yet expired nor
+    deleted: one past its retention is gone even before the task deletes it, and one its owner deleted while later
+    responses continue it is gone though its items are kept for their chains."""
+    return StoredResponse.objects.filter(
+        reach.conversations(), expires_at__gt=now or timezone.now(), deleted_at__isnull=True
+    )
 
 
 def stored_response_id_storable(response_id: str) -> bool:
@@ -198,3 +205,64 @@ def stored_response_get(*, reach: ConversationReach, response_id: str, now: date
     if stored is None:
         raise NotFoundError(f"No response found with id '{response_id}'.", param="response_id")
     return stored
+
+
+# The most responses a chain by reference holds (``StoredResponse.previous``), the last included: one continuing a
+# chain this long is kept whole (``chat.services_responses.stored_response_save``), so that a chain is read in a
+# bounded walk, and a loop (a row edited by hand) is found, not followed for ever.
+STORED_CHAIN_MAX_LENGTH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInput:
+    """The whole input a stored response answered, and how many responses its chain by reference holds (itself
+    included: 1 for one kept whole)."""
+
+    items: list[dict[str, Any]]
+    length: int
+
+
+def stored_response_input(stored: StoredResponse) -> StoredInput:
+    """The whole input ``stored`` answered: its previous responses' input and output items, oldest first, then its
+    own (what ``GET …/input_items`` lists, and what ``previous_response_id`` continues). Its ancestors are read
+    whatever their expiry or deletion (they are kept for it): one recursive query for the chain, one for the items.
+    A chain that cannot be followed to its start (a loop, or longer than ``STORED_CHAIN_MAX_LENGTH``: rows edited
+    by hand) is logged and ``NotFoundError``, as an unknown response."""
+    if stored.previous_id is None:
+        return StoredInput(stored.input_items, 1)
+    ancestors = _stored_ancestors(stored.previous_id)
+    if not ancestors:
+        logger.error("stored response %s: its chain could not be followed to its start", stored.response_id)
+        raise NotFoundError(f"No response found with id '{stored.response_id}'.", param="response_id")
+    rows = StoredResponse.objects.filter(pk__in=ancestors).values_list("pk", "input_items", "output_items")
+    held = {pk: (input, output) for pk, input, output in rows}
+    if len(held) != len(ancestors):  # deleted meanwhile (by an admin, with those continuing it): gone
+        raise NotFoundError(f"No response found with id '{stored.response_id}'.", param="response_id")
+    items: list[dict[str, Any]] = []
+    for pk in reversed(ancestors):
+        items += [*held[pk][0], *held[pk][1]]
+    return StoredInput([*items, *stored.input_items], len(ancestors) + 1)
+
+
+def _stored_ancestors(pk: int) -> list[int]:
+    """The primary keys of the response ``pk`` and of those before it, newest first, up to one kept whole; empty
+    when there is none within ``STORED_CHAIN_MAX_LENGTH - 1`` rows, or a row comes twice (a loop)."""
+    table = connection.ops.quote_name(StoredResponse._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH RECURSIVE ancestors(id, previous_id, depth) AS (
+                SELECT id, previous_id, 1 FROM {table} WHERE id = %s
+                UNION ALL
+                SELECT r.id, r.previous_id, a.depth + 1 FROM {table} r JOIN ancestors a ON r.id = a.previous_id
+                WHERE a.depth < %s
+            )
+            SELECT id, previous_id FROM ancestors ORDER BY depth
+            """,  # noqa: S608 (the table's name is ours; the values are parameters)
+            [pk, STORED_CHAIN_MAX_LENGTH - 1],
+        )
+        rows = cursor.fetchall()
+    ids = [row[0] for row in rows]
+    if not rows or rows[-1][1] is not None or len(set(ids)) != len(ids):
+        return []
+    return ids

@@ -1,5 +1,6 @@
 """Writes of stored responses (``StoredResponse``): keeping one that ``POST /v1/responses`` made with ``store``,
-deleting one for its owner, and deleting those past ``LLMHUB_RESPONSES_RETENTION_DAYS``."""
+deleting one for its owner, and deleting those past ``LLMHUB_RESPONSES_RETENTION_DAYS``. A chained response refers
+to the one it continues (``previous``), so one gone for its owner is kept while a live one still continues it."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from core.text import json_storable, text_storable
 
 from .models import StoredResponse
-from .responses_chain import input_items
-from .selectors import ConversationReach, stored_response_id_storable, stored_responses_reached
+from .responses_chain import Chain, input_items
+from .selectors import (
+    STORED_CHAIN_MAX_LENGTH,
+    ConversationReach,
+    stored_response_id_storable,
+    stored_responses_reached,
+)
 
 EXPIRE_BATCH_SIZE = 1000
 # What the ``Response`` says apart from what has its own column.
@@ -21,18 +29,31 @@ _OWN_COLUMNS = frozenset({"id", "model", "status", "instructions", "output", "us
 
 
 def stored_response_save(
-    *, user_id: int, api_key_id: int | None, response: dict[str, Any], input: Any, now: datetime | None = None
+    *,
+    user_id: int,
+    api_key_id: int | None,
+    response: dict[str, Any],
+    input: Any,
+    chained: Chain | None = None,
+    now: datetime | None = None,
 ) -> StoredResponse:
-    """Keep ``response``, as answered, and the ``input`` it answered (the whole chained input), as items; its text
-    as chat messages are kept (``text_storable``: no NUL, which PostgreSQL cannot hold, nor lone surrogate)."""
+    """Keep ``response``, as answered, and the ``input`` it answered, as items; its text as chat messages are kept
+    (``text_storable``: no NUL, which PostgreSQL cannot hold, nor lone surrogate). ``input`` is the whole input;
+    continuing a stored response (``chained``), only the items the client gave are kept, with a reference to that
+    response (whose chain holds the rest): N turns of a chain take space in N, not N². A chain of
+    ``STORED_CHAIN_MAX_LENGTH`` is not lengthened: the response is kept whole, and starts a new one."""
     now = now or timezone.now()
     instructions = response.get("instructions")
+    previous = None
+    if chained is not None and chained.history and chained.length < STORED_CHAIN_MAX_LENGTH:
+        previous, input = chained.previous, chained.given
     return StoredResponse.objects.create(
         response_id=response["id"],
         owner_id=user_id,
         api_key_id=api_key_id,
         model_name=response["model"],
         status=response["status"],
+        previous_id=previous,
         input_items=json_storable(input_items(input)),
         output_items=json_storable(response["output"]),
         instructions=None if instructions is None else text_storable(instructions),
@@ -44,21 +65,56 @@ def stored_response_save(
 
 
 def stored_response_delete(*, reach: ConversationReach, response_id: str, now: datetime | None = None) -> bool:
-    """Delete the stored response ``response_id`` if ``reach`` reaches it; whether one was deleted."""
+    """Delete the stored response ``response_id`` if ``reach`` reaches it; whether one was deleted. One that later
+    responses continue is hidden (``deleted_at``): a 404 from now on, not to be continued, its items kept for their
+    chains until none refers to it; one that none continues goes at once, and so do the hidden or expired ones
+    before it that were kept for it alone."""
     if not stored_response_id_storable(response_id):
         return False
-    deleted, _ = stored_responses_reached(reach=reach, now=now).filter(response_id=response_id).delete()
-    return bool(deleted)
+    now = now or timezone.now()
+    stored = stored_responses_reached(reach=reach, now=now).filter(response_id=response_id).first()
+    if stored is None or not StoredResponse.objects.filter(pk=stored.pk, deleted_at=None).update(deleted_at=now):
+        return False
+    _stored_chain_prune(stored.pk, now=now)
+    return True
+
+
+def _dead(now: datetime) -> Q:
+    """Stored responses gone for their owner: expired, or deleted while others continued them."""
+    return Q(expires_at__lte=now) | Q(deleted_at__isnull=False)
+
+
+def _unreferred() -> Exists:
+    """No stored response refers to this one (``previous``): no chain needs its items."""
+    return ~Exists(StoredResponse.objects.filter(previous=OuterRef("pk")))
+
+
+def _stored_chain_prune(pk: int | None, *, now: datetime) -> None:
+    """Delete the response ``pk`` if it is gone for its owner and no other refers to it, then the same of the one
+    before it, and so on: what was kept for it alone goes with it. Each its own transaction, whose end checks the
+    reference (deferred): one that a response kept meanwhile refers to stays (the database refuses its deletion)."""
+    while pk is not None:
+        found = StoredResponse.objects.filter(_dead(now), _unreferred(), pk=pk).values("previous_id").first()
+        if found is None:
+            return
+        try:
+            with transaction.atomic():
+                StoredResponse.objects.filter(_dead(now), _unreferred(), pk=pk).delete()
+        except IntegrityError:
+            return
+        pk = found["previous_id"]
 
 
 def stored_responses_expire(*, now: datetime | None = None, batch_size: int = EXPIRE_BATCH_SIZE) -> int:
-    """Delete the stored responses past their retention, in batches (each its own short statement, so that a
-    backlog never holds the table long); returns how many went."""
+    """Delete the stored responses past their retention or deleted by their owner that no other refers to (an
+    expired or deleted one that a live one continues is kept for its chain, until that one goes), in batches (each
+    its own short statement, so that a backlog never holds the table long); returns how many went. A chain that went
+    whole goes from its end: each batch frees the one before."""
     now = now or timezone.now()
     deleted = 0
     while True:
-        batch = list(StoredResponse.objects.filter(expires_at__lte=now).values_list("pk", flat=True)[:batch_size])
+        batch = list(StoredResponse.objects.filter(_dead(now), _unreferred()).values_list("pk", flat=True)[:batch_size])
         if not batch:
             return deleted
-        StoredResponse.objects.filter(pk__in=batch).delete()
-        deleted += len(batch)
+        with transaction.atomic():
+            deleted += StoredResponse.objects.filter(_dead(now), _unreferred(), pk__in=batch).delete()[0]

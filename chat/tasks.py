@@ -16,6 +16,6 @@ def messages_close_abandoned_task() -> int:
 
 @shared_task
 def stored_responses_expire_task() -> int:
-    """Hourly: stored responses of /v1/responses past LLMHUB_RESPONSES_RETENTION_DAYS are deleted (they are a 404
-    from the moment they expire, deleted or not)."""
+    """Hourly: stored responses of /v1/responses past LLMHUB_RESPONSES_RETENTION_DAYS, or deleted by their owner,
+    are deleted once no live response continues them (they are a 404 from the moment they expire or are deleted)."""
     return stored_responses_expire()

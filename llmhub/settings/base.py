@@ -498,7 +498,7 @@ LLMHUB_INFLIGHT_SWEEP_INTERVAL = env.float("LLMHUB_INFLIGHT_SWEEP_INTERVAL", def
 LLMHUB_CHAT_HEARTBEAT_INTERVAL = env.float("LLMHUB_CHAT_HEARTBEAT_INTERVAL", default=10.0)
 # Responses stored by POST /v1/responses (`store`, OpenAI's default: true) are kept this many days, as OpenAI
 # keeps them (docs/responses.md, "Stored responses"): past it one is a 404 at once, and chat.tasks.
-# stored_responses_expire_task (hourly) deletes it.
+# stored_responses_expire_task (hourly) deletes it once no live response continues it.
 LLMHUB_RESPONSES_RETENTION_DAYS = env.int("LLMHUB_RESPONSES_RETENTION_DAYS", default=30)
 # Circuit breakers per deployment (docs/routing.md, "Circuit breakers"): a breaker opens after FAILURES
 # consecutive failures, or when more than ERROR_RATE % of at least MIN_VOLUME calls in the last WINDOW

@@ -12,9 +12,11 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from billing.services.keys import api_key_create
+from chat import selectors
 from chat.models import StoredResponse
-from chat.selectors import ConversationReach, NotFoundError, stored_response_get
-from chat.services_responses import stored_response_save, stored_responses_expire
+from chat.responses_chain import chain
+from chat.selectors import ConversationReach, NotFoundError, stored_response_get, stored_response_input
+from chat.services_responses import stored_response_delete, stored_response_save, stored_responses_expire
 from chat.tasks import stored_responses_expire_task
 from tests.factories import UserFactory
 
@@ -23,20 +25,70 @@ pytestmark = pytest.mark.django_db
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 
 
-def stored(user, key=None, *, number: int = 1, now: datetime = NOW) -> StoredResponse:
-    response = {
+def _response(number: int, now: datetime, output: list | None = None) -> dict:
+    return {
         "id": f"resp_{number}",
         "object": "response",
         "created_at": int(now.timestamp()),
         "status": "completed",
         "model": "gpt-test",
         "instructions": None,
-        "output": [],
+        "output": output or [],
         "store": True,
     }
+
+
+def stored(user, key=None, *, number: int = 1, now: datetime = NOW) -> StoredResponse:
     return stored_response_save(
-        user_id=user.pk, api_key_id=key.pk if key else None, response=response, input="private words", now=now
+        user_id=user.pk,
+        api_key_id=key.pk if key else None,
+        response=_response(number, now),
+        input="private words",
+        now=now,
     )
+
+
+def _reply(number: int) -> dict:
+    return {
+        "id": f"msg_out{number}",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": f"reply {number}", "annotations": []}],
+    }
+
+
+def turns(user, count: int, *, start: int = 1, previous: StoredResponse | None = None, now: datetime = NOW):
+    """``count`` responses, each continuing the one before (as ``chat.pipeline`` chains them), a day apart."""
+    made = []
+    for number in range(start, start + count):
+        at = now + timedelta(days=number - start)
+        body = {"model": "gpt-test", "input": f"turn {number}"}
+        chained = None
+        if previous is not None:
+            whole = stored_response_input(previous)
+            chained = chain(
+                body,
+                input_items=whole.items,
+                output_items=previous.output_items,
+                previous=previous.pk,
+                length=whole.length,
+            )
+            body = chained.body
+        previous = stored_response_save(
+            user_id=user.pk,
+            api_key_id=None,
+            response=_response(number, at, [_reply(number)]),
+            input=body["input"],
+            chained=chained,
+            now=at,
+        )
+        made.append(previous)
+    return made
+
+
+def texts(stored: StoredResponse) -> list[str]:
+    return [item["content"][0]["text"] for item in stored_response_input(stored).items]
 
 
 def test_a_deleted_key_leaves_its_responses_to_their_owner_and_a_deleted_user_takes_them(settings):
@@ -53,6 +105,7 @@ def test_a_deleted_key_leaves_its_responses_to_their_owner_and_a_deleted_user_ta
             stored_response_get(
                 reach=ConversationReach(user_id=user.pk, key_id=other.pk, whole_history=False), response_id="resp_1"
             )
+    turns(user, 3, start=2, previous=kept)  # a chain: each refers to the one before
     user.delete()
     assert not StoredResponse.objects.exists()
 
@@ -106,3 +159,83 @@ def test_the_admin_lists_its_status_filter_without_reading_the_table(admin_clien
     assert not [query["sql"] for query in queries if "DISTINCT" in query["sql"]]
     assert list(admin_client.get(changelist, {"status": "completed"}).context["cl"].result_list) == [kept]
     assert list(admin_client.get(changelist, {"status": "incomplete"}).context["cl"].result_list) == []
+
+
+def test_an_expired_response_a_live_one_continues_is_kept_until_its_last_descendant_goes(settings):
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory()
+    reach = ConversationReach(user_id=user.pk)
+    first, second, _ = turns(user, 3)  # a day apart
+    with time_machine.travel(NOW + timedelta(days=31, hours=12), tick=False):  # the first two expired
+        for gone in (first, second):
+            with pytest.raises(NotFoundError):
+                stored_response_get(reach=reach, response_id=gone.response_id)
+        assert stored_responses_expire() == 0  # the third continues them
+        assert texts(stored_response_get(reach=reach, response_id="resp_3")) == [
+            "turn 1",
+            "reply 1",
+            "turn 2",
+            "reply 2",
+            "turn 3",
+        ]
+    with time_machine.travel(NOW + timedelta(days=32, hours=12), tick=False):  # the third expired too
+        assert stored_responses_expire(batch_size=2) == 3
+    assert not StoredResponse.objects.exists()
+
+
+def test_deleting_the_last_response_frees_the_expired_ones_before_it_and_the_task_frees_the_hidden_ones(settings):
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory()
+    reach = ConversationReach(user_id=user.pk)
+    turns(user, 3)  # from NOW, a day apart
+    later = NOW + timedelta(days=31, hours=12)  # the first two expired, kept for the third
+    with time_machine.travel(later, tick=False):
+        other = stored(user, number=9, now=later)  # another chain, untouched
+        assert stored_response_delete(reach=reach, response_id="resp_3")  # none continues it: it goes at once
+        assert list(StoredResponse.objects.all()) == [other]  # and the expired ones kept for it alone
+        fourth, _ = turns(user, 2, start=4, now=later - timedelta(days=2))
+        assert stored_response_delete(reach=reach, response_id="resp_4")  # the fifth continues it: hidden, kept
+        assert not stored_response_delete(reach=reach, response_id="resp_4")  # already gone for its owner
+        assert StoredResponse.objects.get(pk=fourth.pk).deleted_at is not None
+        assert stored_responses_expire() == 0
+    with time_machine.travel(later + timedelta(days=29, hours=1), tick=False):  # the fifth expired: both go
+        assert stored_responses_expire() == 2
+    assert list(StoredResponse.objects.all()) == [other]
+
+
+def test_a_chain_too_long_to_follow_is_kept_whole_again(settings, monkeypatch):
+    """Read back in one recursive query of a bounded depth: a response continuing a chain of the most it may hold is
+    kept whole, and starts a new one (one row of a long chain's whole input, once in that many turns)."""
+    monkeypatch.setattr(selectors, "STORED_CHAIN_MAX_LENGTH", 3)
+    monkeypatch.setattr("chat.services_responses.STORED_CHAIN_MAX_LENGTH", 3)
+    user = UserFactory()
+    made = turns(user, 5)
+    assert [row.previous_id for row in made] == [None, made[0].pk, made[1].pk, None, made[3].pk]
+    assert len(made[3].input_items) == 7  # the whole input: three turns and their replies, and its own
+    assert texts(made[4]) == [text for number in range(1, 5) for text in (f"turn {number}", f"reply {number}")] + [
+        "turn 5"
+    ]
+
+
+def test_a_chain_that_loops_is_not_found_and_logged(caplog):
+    """A loop (rows edited by hand) is found within the bounded walk, never followed for ever, and is not a 500."""
+    user = UserFactory()
+    first, second = turns(user, 2)
+    StoredResponse.objects.filter(pk=first.pk).update(previous=second)
+    second.refresh_from_db()
+    with pytest.raises(NotFoundError), caplog.at_level("ERROR", logger="chat.selectors"):
+        stored_response_input(second)
+    assert any("resp_2" in record.getMessage() for record in caplog.records)
+
+
+def test_the_admin_does_not_delete_a_response_others_continue(admin_client):
+    """Those continuing it could not be read whole: the admin says which (Django's page for protected objects); the
+    last one deletes."""
+    first, second = turns(UserFactory(username="alice"), 2)
+    shown = admin_client.get(reverse("admin:chat_storedresponse_change", args=[second.pk])).content.decode()
+    assert "resp_1" in shown and "turn 2" in shown  # the one it continued, and its own input
+    page = admin_client.post(reverse("admin:chat_storedresponse_delete", args=[first.pk]), {"post": "yes"})
+    assert page.status_code == 200 and "resp_2" in page.content.decode()
+    assert StoredResponse.objects.filter(pk=first.pk).exists()
+    admin_client.post(reverse("admin:chat_storedresponse_delete", args=[second.pk]), {"post": "yes"})
+    assert list(StoredResponse.objects.all()) == [first]

@@ -13,6 +13,8 @@ import openai
 import pytest
 import time_machine
 from django.db import connection
+from django.db.models import Sum, TextField
+from django.db.models.functions import Cast, Length
 from django.test import override_settings
 
 from billing.models import KeyScope, UsageRecord
@@ -85,7 +87,7 @@ def test_previous_response_id_sends_the_whole_conversation_and_each_response_kee
     assert items[0].id == item.id  # the chain's items keep their ids
     assert items[1].id == first.output[0].id  # the previous output, as it was answered
 
-    # A stored response holds its whole input: the one chained on a deleted one still reads and chains.
+    # The one chained on a deleted one still reads and chains (the deleted one's items are kept for its chain).
     client.responses.delete(first.id)
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="gpt-test", previous_response_id=first.id, input="again")
@@ -413,3 +415,105 @@ def test_an_id_no_row_can_hold_is_not_found_not_a_500(gateway):
         assert reply.status_code == 400, reply.text
         assert reply.json()["error"]["code"] == "previous_response_not_found"
         assert wait_for_record(reply.headers["x-request-id"]).status == "rejected"
+
+
+def _stored_bytes() -> int:
+    """What the stored responses' items take in the database: the sum of their rows' item columns, as text."""
+    sizes = StoredResponse.objects.aggregate(
+        input=Sum(Length(Cast("input_items", TextField()))), output=Sum(Length(Cast("output_items", TextField())))
+    )
+    return (sizes["input"] or 0) + (sizes["output"] or 0)
+
+
+def test_a_long_chain_is_stored_in_space_linear_in_its_turns(gateway):
+    """A Codex session: each turn a tool's long output, chained with `previous_response_id`. Each response kept its
+    whole chained input, every earlier turn again: N turns took O(N²) (100 turns of 50 KB outputs, hundreds of MB).
+    Each keeps its own new items and refers to the previous one: every turn adds about what it brought."""
+    client = gateway.client()
+    previous = None
+    added = []
+    for turn in range(12):
+        before = _stored_bytes()
+        ask = {
+            "model": "gpt-test",
+            "previous_response_id": previous,
+            "input": f"turn {turn}: {'x' * 4000} [[reply=ok]]",
+        }
+        if turn % 2:  # streamed and whole alike
+            with client.responses.create(**ask, stream=True) as stream:
+                response = list(stream)[-1].response
+        else:
+            response = client.responses.create(**ask)
+        assert response.store is True and response.output_text == "ok"
+        previous = response.id
+        added.append(_stored_bytes() - before)
+    assert added[-1] < 1.5 * added[0], added  # the 12th turn stores about what the first did, not 12 times it
+    # The whole conversation still reaches the model, and input_items still lists it.
+    assert len(gateway.upstream.requests[-1]["body"]["messages"]) == 2 * 12 - 1
+    assert len(list(client.responses.input_items.list(previous, order="asc"))) == 2 * 12 - 1
+
+
+def test_input_items_of_a_chain_are_what_they_were_when_each_response_kept_its_whole_input(gateway):
+    """Each response keeps its own items and a reference to the one it continued; ``input_items`` lists the whole
+    input it answered all the same (every earlier turn's input and output, then its own), as OpenAI's does, and a
+    row kept whole (every row from before references) reads and chains alike."""
+    client = gateway.client()
+    first = client.responses.create(model="gpt-test", input="first [[reply=one]]")
+    second = client.responses.create(model="gpt-test", previous_response_id=first.id, input="second [[reply=two]]")
+    third = client.responses.create(model="gpt-test", previous_response_id=second.id, input="third [[reply=3]]")
+    raw = client.responses.input_items.with_raw_response.list(third.id, order="asc", limit=100)
+    validate_openai_schema(raw.http_response.json(), "ResponseItemList")
+    listed = [item.model_dump() for item in raw.parse().data]
+    own = {response.id: client.responses.input_items.list(response.id).data[0] for response in (first, second)}
+    assert listed == [
+        own[first.id].model_dump(),
+        first.output[0].model_dump(),
+        own[second.id].model_dump(),
+        second.output[0].model_dump(),
+        listed[-1],
+    ]
+    assert listed[-1]["content"][0]["text"] == "third [[reply=3]]"
+    kept = StoredResponse.objects.get(response_id=third.id)
+    assert [item["id"] for item in kept.input_items] == [listed[-1]["id"]]  # its own only, and a reference
+    assert kept.previous.response_id == second.id
+
+    client.responses.create(model="gpt-test", previous_response_id=third.id, input="fourth [[reply=4]]")
+    sent = gateway.upstream.requests[-1]["body"]
+    # The third kept whole, as before references: the same list, and the same conversation sent on.
+    StoredResponse.objects.filter(pk=kept.pk).update(previous=None, input_items=listed)
+    assert [item.model_dump() for item in client.responses.input_items.list(third.id, order="asc", limit=100)] == (
+        listed
+    )
+    client.responses.create(model="gpt-test", previous_response_id=third.id, input="fourth [[reply=4]]")
+    assert gateway.upstream.requests[-1]["body"] == sent
+
+
+def test_a_deleted_response_others_continue_is_gone_for_its_owner_and_kept_for_their_chain(gateway):
+    """Deleting a response that a later one continues: a 404 for it (GET, DELETE, input_items), not to be continued,
+    but the later one still reads and chains whole; its items go once none refers to them."""
+    client = gateway.client()
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    first = client.responses.create(model="gpt-test", input="first [[reply=one]]")
+    second = client.responses.create(model="gpt-test", previous_response_id=first.id, input="second [[reply=two]]")
+    client.responses.delete(first.id)
+    for method, path in (("GET", ""), ("DELETE", ""), ("GET", "/input_items")):
+        reply = httpx.request(method, f"{gateway.url}/v1/responses/{first.id}{path}", headers=headers, timeout=20)
+        assert reply.status_code == 404 and reply.json()["error"]["code"] == "not_found", (method, path)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="gpt-test", previous_response_id=first.id, input="again")
+    assert refused.value.body["code"] == "previous_response_not_found"
+    assert len(client.responses.input_items.list(second.id).data) == 3
+    assert stored_responses_expire() == 0  # the hourly task keeps it for the second's chain
+    third = client.responses.create(model="gpt-test", previous_response_id=second.id, input="third [[reply=3]]")
+    assert [_text(message["content"]) for message in gateway.upstream.requests[-1]["body"]["messages"]] == [
+        "first [[reply=one]]",
+        "one",
+        "second [[reply=two]]",
+        "two",
+        "third [[reply=3]]",
+    ]
+    # The last one deleted first: it goes at once, and nothing before it is kept for it.
+    client.responses.delete(third.id)
+    assert set(StoredResponse.objects.values_list("response_id", flat=True)) == {first.id, second.id}
+    client.responses.delete(second.id)
+    assert not StoredResponse.objects.exists()  # the hidden first, kept for the second alone, went with it
