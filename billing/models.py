@@ -466,7 +466,31 @@ class BudgetAlert(models.Model):
         return f"{self.scope_kind}:{self.scope_id} {self.metric} {self.threshold}% ({self.period_start:%Y-%m-%d})"
 
 
-class DailyUsage(models.Model):
+class RollupFigures(models.Model):
+    """What every rollup sums per day and group (``DailyUsage``, ``DailyStaffUsage``, ``DailyUserUsage``): the
+    requests, their tokens and their cost. One home, so that the three cannot drift apart (the services sum them
+    by name: ``services.rollups.DAILY_USAGE_FIGURES``)."""
+
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    # db_default: added to DailyUsage's table of thousands of rows a day, the column cost no rewrite on PostgreSQL.
+    cache_write_tokens = models.PositiveBigIntegerField(
+        default=0, db_default=0, help_text="Prompt tokens written to the provider's prompt cache (part of prompt)."
+    )
+    cache_write_1h_tokens = models.PositiveBigIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Of the cache writes, those to Anthropic's 1-hour cache (part of cache_write_tokens).",
+    )
+    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
+
+    class Meta:
+        abstract = True
+
+
+class DailyUsage(RollupFigures):
     """The ledger summed per day, user, key, provider, model and operation: derived, rebuilt from ``UsageRecord``
     at will."""
 
@@ -485,20 +509,6 @@ class DailyUsage(models.Model):
         db_default="",
         help_text="What the requests asked for (the ledger's operation); empty: rolled up before it was kept.",
     )
-    requests = models.PositiveIntegerField(default=0)
-    prompt_tokens = models.PositiveBigIntegerField(default=0)
-    completion_tokens = models.PositiveBigIntegerField(default=0)
-    cached_tokens = models.PositiveBigIntegerField(default=0)
-    # db_default: added to a table of thousands of rows a day, the column costs no rewrite on PostgreSQL.
-    cache_write_tokens = models.PositiveBigIntegerField(
-        default=0, db_default=0, help_text="Prompt tokens written to the provider's prompt cache (part of prompt)."
-    )
-    cache_write_1h_tokens = models.PositiveBigIntegerField(
-        default=0,
-        db_default=0,
-        help_text="Of the cache writes, those to Anthropic's 1-hour cache (part of cache_write_tokens).",
-    )
-    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
 
     class Meta:
         ordering = ["-day", "model_name"]
@@ -509,7 +519,7 @@ class DailyUsage(models.Model):
         return f"{self.day} {self.model_name} ${self.cost}"
 
 
-class DailyStaffUsage(models.Model):
+class DailyStaffUsage(RollupFigures):
     """``DailyUsage`` without user and key: the ledger summed per day, provider, model and operation (a hundred
     rows a day, however many users and keys), what the staff pages read for everyone's figures except per user
     (``selectors.usage_daily``/``usage_breakdown``). Derived from the day's ``DailyUsage`` in the transaction
@@ -520,13 +530,6 @@ class DailyStaffUsage(models.Model):
     provider_name = models.CharField(max_length=64, blank=True)
     model_name = models.CharField(max_length=128, blank=True)
     operation = models.CharField(max_length=16, choices=Operation.choices, blank=True, default="")
-    requests = models.PositiveIntegerField(default=0)
-    prompt_tokens = models.PositiveBigIntegerField(default=0)
-    completion_tokens = models.PositiveBigIntegerField(default=0)
-    cached_tokens = models.PositiveBigIntegerField(default=0)
-    cache_write_tokens = models.PositiveBigIntegerField(default=0)
-    cache_write_1h_tokens = models.PositiveBigIntegerField(default=0)
-    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
 
     class Meta:
         ordering = ["-day", "model_name"]
@@ -541,7 +544,7 @@ class DailyStaffUsage(models.Model):
         return f"{self.day} {self.model_name} {self.operation} ${self.cost}"
 
 
-class DailyUserUsage(models.Model):
+class DailyUserUsage(RollupFigures):
     """``DailyUsage`` without key, provider, model and operation: the ledger summed per day and user (one row each
     a day, however many keys, models and operations the user mixes), what the usage pages read for figures per
     user that are not split by key, model or operation (``selectors.usage_daily`` for a user, the staff page's
@@ -552,13 +555,6 @@ class DailyUserUsage(models.Model):
 
     day = models.DateField()
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
-    requests = models.PositiveIntegerField(default=0)
-    prompt_tokens = models.PositiveBigIntegerField(default=0)
-    completion_tokens = models.PositiveBigIntegerField(default=0)
-    cached_tokens = models.PositiveBigIntegerField(default=0)
-    cache_write_tokens = models.PositiveBigIntegerField(default=0)
-    cache_write_1h_tokens = models.PositiveBigIntegerField(default=0)
-    cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
 
     class Meta:
         ordering = ["-day", "user_id"]
