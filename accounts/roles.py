@@ -62,6 +62,8 @@ ROLE_PERMISSIONS: dict[Role, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
         ("prompts", ALL, ("view", "add", "change", "delete")),
         ("billing", "usagerecord", ("view",)),
         ("billing", "dailyusage", ("view",)),
+        ("billing", "dailystaffusage", ("view",)),
+        ("billing", "dailyuserusage", ("view",)),
         ("billing", "budgetalert", ("view",)),
         ("billing", "plan", ("view",)),
         ("audit", "auditevent", ("view",)),

@@ -1,4 +1,4 @@
-"""Admin for plans, users' plans, budget counters, alerts and the daily rollup. Imported by ``admin.py``.
+"""Admin for plans, users' plans, budget counters, alerts and the daily rollups. Imported by ``admin.py``.
 
 Counters, alerts and rollups are derived from the ledger: they are read-only here, and their actions
 (reconcile, rebuild) call the services that recompute them from the ledger.
@@ -14,7 +14,7 @@ from core.outbox import deliveries_send_again, send_again_report
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter, ProviderNameFilter
 
-from .models import BudgetAlert, BudgetCounter, DailyUsage, Plan, UserPlan
+from .models import BudgetAlert, BudgetCounter, DailyStaffUsage, DailyUsage, DailyUserUsage, Plan, UserPlan
 from .selectors import user_ids_named
 from .services.alert_sweep import budget_alert_deliveries
 from .services.counters import budget_counters_reconcile
@@ -140,8 +140,39 @@ class BudgetAlertAdmin(_ReadOnlyAdmin):
         self.message_user(request, *send_again_report(*deliveries_send_again(deliveries)))
 
 
+class _RollupAdmin(_ReadOnlyAdmin):
+    """The daily rollups' lists: the figures of each row, one count (the estimate past 100,000 rows), and the
+    rebuild action (``daily_usage_rebuild``, which writes a day's ``DailyUsage`` and derives the other two from it).
+    Days by the date filter's ranges, not a date hierarchy, whose levels read the distinct months (or days of a
+    month) of the whole table at every view (docs/ledger.md, "The admin at scale")."""
+
+    figures = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost")
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    actions = ("rebuild",)
+
+    @admin.action(description="Rebuild the selected days from the ledger")
+    def rebuild(self, request: HttpRequest, queryset: QuerySet) -> None:
+        days = sorted(set(queryset.values_list("day", flat=True)))
+        for day in days:
+            daily_usage_rebuild(day=day)
+        self.message_user(request, f"Rebuilt {len(days)} day(s) from the ledger.", messages.SUCCESS)
+
+
+class _UserSearch:
+    """A user looked up whole (``user_ids_named``: username or email, any case), their rows then read through the
+    rollup's (user, day) index, rather than Django's ``LIKE`` on the joined username over every row."""
+
+    search_fields = ("user__username", "user__email")  # see get_search_results
+    search_help_text = "A user's username or email, written out exactly (any case)."
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        term = search_term.strip()
+        return (queryset.filter(user_id__in=user_ids_named(term)) if term else queryset), False
+
+
 @admin.register(DailyUsage)
-class DailyUsageAdmin(_ReadOnlyAdmin):
+class DailyUsageAdmin(_UserSearch, _RollupAdmin):
     list_display = (
         "day",
         "user",
@@ -155,25 +186,24 @@ class DailyUsageAdmin(_ReadOnlyAdmin):
         "cost",
     )
     # Thousands of rows a day (docs/ledger.md, "The admin at scale"): the provider and model offered from the
-    # catalog, days by the date filter's ranges (not a date hierarchy: distinct months of every row), one count,
-    # and a user looked up whole (their rows in the (user, day) index) rather than LIKE on the joined username.
+    # catalog, days by the date filter's ranges, one count, and a user looked up whole.
     list_filter = (("day", admin.DateFieldListFilter), ProviderNameFilter, CatalogModelNameFilter, "operation")
     list_select_related = ("user", "api_key")
-    show_full_result_count = False
-    paginator = EstimatedCountPaginator
-    search_fields = ("user__username", "user__email")  # see get_search_results
-    search_help_text = "A user's username or email, written out exactly (any case)."
-    actions = ("rebuild",)
 
-    def get_search_results(
-        self, request: HttpRequest, queryset: QuerySet[DailyUsage], search_term: str
-    ) -> tuple[QuerySet[DailyUsage], bool]:
-        term = search_term.strip()
-        return (queryset.filter(user_id__in=user_ids_named(term)) if term else queryset), False
 
-    @admin.action(description="Rebuild the selected days from the ledger")
-    def rebuild(self, request: HttpRequest, queryset: QuerySet[DailyUsage]) -> None:
-        days = sorted(set(queryset.values_list("day", flat=True)))
-        for day in days:
-            daily_usage_rebuild(day=day)
-        self.message_user(request, f"Rebuilt {len(days)} day(s) from the ledger.", messages.SUCCESS)
+@admin.register(DailyStaffUsage)
+class DailyStaffUsageAdmin(_RollupAdmin):
+    """Everyone's figures per day, provider, model and operation: what the staff usage page reads."""
+
+    list_display = ("day", "provider_name", "model_name", "operation", *_RollupAdmin.figures)
+    list_filter = (("day", admin.DateFieldListFilter), ProviderNameFilter, CatalogModelNameFilter, "operation")
+
+
+@admin.register(DailyUserUsage)
+class DailyUserUsageAdmin(_UserSearch, _RollupAdmin):
+    """Each user's figures per day: what the staff page's spend by user and a user's own 30 days read."""
+
+    list_display = ("day", "user", *_RollupAdmin.figures)
+    list_filter = (("day", admin.DateFieldListFilter),)
+    list_select_related = ("user",)
+    empty_value_display = "(deleted user)"  # the one column that can be empty: a deleted user's rows are kept
