@@ -9,7 +9,8 @@ run; ``task_failure`` would add a second signal for the same run).
 Every task also counts its starts (``StartCountingTask``): a message whose run never ends because the process
 running it dies (the worker's main process killed, the host lost) is handed out again by the Redis broker after
 its ``visibility_timeout``, with no count of its own, for ever; here it is run at most ``LLMHUB_TASK_MAX_STARTS``
-times (docs/reliability.md, "Celery: a task that kills its worker")."""
+times (docs/reliability.md, "Celery: a task that kills its worker"). A worker told to stop gives back the starts of
+the runs it holds, so that a run cut by the stop (killed at the stop timeout) is not counted against its task."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from celery import Celery, Task, states
 from celery.exceptions import Reject, Retry
-from celery.signals import setup_logging, task_postrun, task_prerun
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 
@@ -117,6 +118,51 @@ def _starts_clear(task_id: str, retries: int | None) -> None:
         client.delete(_starts_key(task_id, retries))
     except Exception as exc:
         logger.warning("could not clear the starts of task %s: %s", task_id, type(exc).__name__)
+
+
+# The start of a run, given back: one less start, the key gone at none. Not below zero, and nothing when the run has
+# ended since (its key deleted), so that a release cannot be counted twice or outlive its run.
+_RELEASE_SCRIPT = """
+local starts = tonumber(redis.call('GET', KEYS[1]) or '0')
+if starts <= 1 then
+    redis.call('DEL', KEYS[1])
+    return 0
+end
+return redis.call('DECR', KEYS[1])
+"""
+# The runs whose start this process has given back already: a worker can be told to stop more than once (SIGTERM
+# again, then SIGQUIT), and each must give a start back once.
+_released: set[tuple[str, int]] = set()
+
+
+def _starts_release_running() -> None:
+    """Give back the start of every run this worker holds: it was asked to stop, so a run it does not see end was cut
+    by the stop (the orchestrator's SIGKILL at its stop timeout, a cold stop cancelling it), not by the task. Handed
+    out again, the message then runs again, as often as stops cut it, and only deaths of the worker's own count.
+
+    Run by the worker's main process as it takes the stop in, inside the signal's handler: with a Redis client of its
+    own, since the signal may have come while this thread was inside the counting client's pool."""
+    from celery.worker import state
+
+    running = {(r.id, r.request_dict.get("retries") or 0) for r in list(state.active_requests)} - _released
+    url = app.conf.broker_url or ""
+    if not running or not url.startswith(("redis://", "rediss://")):
+        return
+    from core.redis import redis_sync_client
+
+    client = redis_sync_client(url, socket_timeout=2.0)
+    for task_id, retries in sorted(running):
+        try:
+            client.eval(_RELEASE_SCRIPT, 1, _starts_key(task_id, retries))
+        except Exception as exc:  # the count stays: a stop under this run then counts as a start, as before
+            logger.warning("could not release the start of task %s: %s", task_id, type(exc).__name__)
+            continue
+        _released.add((task_id, retries))
+
+
+@worker_shutting_down.connect
+def _stop_releases_starts(**_: Any) -> None:
+    _starts_release_running()
 
 
 app = Celery("llmhub", task_cls=StartCountingTask)

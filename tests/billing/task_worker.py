@@ -1,7 +1,8 @@
 """The Celery app a test's worker process runs (``test_task_runs``): llmhub's own (``llmhub.celery``, what
 ``celery -A llmhub worker`` loads), with a few tasks more: one that fails, its message carrying a canary that must
 never be stored or shown (a message may hold a secret); one that kills the process running it on every run, one
-that does so on its first run only, and one that notes its run (``test_task_runs``, a worker lost under a task).
+that does so on its first run only, one that notes its run (``test_task_runs``, a worker lost under a task), and one
+that runs until the test lets it end (a worker stopped under a run).
 
 Run as ``python -m celery -A tests.billing.task_worker -b <broker> worker …`` with DJANGO_SETTINGS_MODULE and
 TEST_DATABASE_URL set."""
@@ -42,6 +43,7 @@ def upstream_refused() -> None:
 POISON_TASK = "tests.billing.task_worker.worker_killer"
 LOST_ONCE_TASK = "tests.billing.task_worker.lost_to_a_restart"
 NOTE_TASK = "tests.billing.task_worker.note"
+LONG_TASK = "tests.billing.task_worker.long_run"
 
 
 def _run_noted(path: str) -> int:
@@ -79,3 +81,16 @@ def lost_to_a_restart(path: str) -> str:
 @app.task(name=NOTE_TASK)
 def note(path: str) -> None:
     _run_noted(path)
+
+
+@app.task(name=LONG_TASK)
+def long_run(path: str, may_end: str) -> str:
+    """Runs until the file ``may_end`` exists (at most two minutes): a run long enough for its worker to be stopped
+    under it, as a deploy stops a worker under a long sweep."""
+    import time
+
+    _run_noted(path)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(may_end) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "done"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -21,8 +22,9 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from accounts.roles import Role, role_set
 from billing.models import TaskRun, UsageRecord
 from billing.tasks import usage_rollup
-from llmhub.celery import app
-from tests.billing.task_worker import CANARY, FAILING_TASK, LOST_ONCE_TASK, NOTE_TASK, POISON_TASK
+from core.redis import redis_sync_client
+from llmhub.celery import _starts_key, app
+from tests.billing.task_worker import CANARY, FAILING_TASK, LONG_TASK, LOST_ONCE_TASK, NOTE_TASK, POISON_TASK
 from tests.conftest import database_url_for_subprocesses
 from tests.factories import UserFactory
 from tests.waiting import wait_until
@@ -208,6 +210,52 @@ def test_a_task_that_kills_the_workers_main_process_is_started_a_bounded_number_
         wait_until(refused.exists, lambda: f"the refusal; log:\n{log_path.read_text()}", timeout=90)
         assert runs_in(poison) == 3 and worker.poll() is None
         assert "was started 3 times without ever ending" in log_path.read_text()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+@pytest.mark.timeout(300)  # four worker processes started one after the other, on a loaded CI
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_stopped_under_a_run_does_not_count_that_start_against_the_task(broker, redis_url, tmp_path):
+    """A deploy stops the worker (SIGTERM: a warm stop, which waits for the run) and, the run outlasting the
+    orchestrator's stop timeout, kills it (SIGKILL). The run never ended, but not because of the task: its message,
+    handed out again, must run again as often as deploys cut it. Each such stop counted as a start that died, so the
+    worker started after the third refused the message for good (``TaskStartsExhausted``) though the task never
+    killed anything. A worker asked to stop now releases the starts of the runs it holds."""
+    broker_url = redis_url.rsplit("/", 1)[0] + "/9"
+    queue = f"task-stops-{uuid.uuid4().hex[:8]}"
+    log_path, runs, may_end = tmp_path / "worker.log", tmp_path / "long.runs", tmp_path / "may-end"
+    broker.serve(broker_url)
+    task_id = str(uuid.uuid4())
+    starts = redis_sync_client(broker_url)
+    app.send_task(LONG_TASK, args=[str(runs), str(may_end)], queue=queue, task_id=task_id)
+
+    def start_worker() -> subprocess.Popen:
+        return celery_worker(broker_url, queue, log_path, "--pool=solo", TEST_VISIBILITY_TIMEOUT="1")
+
+    for stops in (1, 2, 3):
+        worker = start_worker()
+        try:
+            wait_until(lambda n=stops: runs_in(runs) == n, lambda: f"a run; log:\n{log_path.read_text()}", timeout=90)
+            worker.send_signal(signal.SIGTERM)
+            # The stop is taken in (the worker has released the run's start) before the stop timeout runs out.
+            wait_until(
+                lambda: starts.get(_starts_key(task_id, 0)) is None,
+                lambda: f"the stopped worker still counts the run's start; log:\n{log_path.read_text()}",
+                timeout=30,
+            )
+        finally:
+            worker.kill()
+            worker.wait(timeout=30)
+    worker = start_worker()
+    try:
+        wait_until(lambda: runs_in(runs) == 4, lambda: f"the fourth run; log:\n{log_path.read_text()}", timeout=90)
+        may_end.touch()
+        ended = TaskRun.objects.filter(task=LONG_TASK, error_class="")
+        wait_until(ended.exists, lambda: f"the run's end; log:\n{log_path.read_text()}", timeout=90)
+        assert not TaskRun.objects.filter(error_class="TaskStartsExhausted").exists()
+        assert "without ever ending" not in log_path.read_text()
     finally:
         worker.terminate()
         worker.wait(timeout=30)
