@@ -669,7 +669,8 @@ async def _fallbacks_for(
     caller: Caller, model: ResolvedModel, *, operation: str, body: dict[str, Any]
 ) -> tuple[list[ResolvedModel], list[ResolvedModel]]:
     """The model's ``fallbacks`` and ``context_window_fallbacks`` that this caller may use for this request:
-    known and enabled, in the caller's plan and key allow-lists, of the right mode, streaming if asked. One
+    known and enabled, in the caller's plan and key allow-lists, of the right mode, streaming if asked, writing as
+    much as the client's output limit asks (the model's own is checked before: ``_check_output_limit``). One
     level: a fallback's own fallbacks are not followed. Others are left out silently (the ledger row says
     which model answered). An embedding request follows none: another model's vectors are in another space,
     which the client's index cannot compare with the ones it holds (the catalog refuses such fallbacks; this
@@ -696,6 +697,8 @@ async def _fallbacks_for(
                 or any(c.id == candidate.id for c in chosen)
                 or (candidate.mode == ModelMode.EMBEDDING) != (operation == Operation.EMBEDDINGS)
                 or (body.get("stream") and not candidate.supports_streaming)
+                # It would refuse the client's output limit, which is never lowered behind the client's back.
+                or _output_limit_over(candidate, body) is not None
             ):
                 continue
             if operation == Operation.COMPLETIONS:
@@ -767,18 +770,30 @@ def _check_output_limit(model: ResolvedModel, body: dict[str, Any], field_names:
     ``max_tokens: 100000 > 64000``, OpenAI's ``max_tokens is too large``), after a call, and it is a cost ceiling the
     client set, which llmhub does not lower behind its back. ``field_names``: the client's names of a translated
     body's fields (the Responses API's ``max_output_tokens``)."""
+    over = _output_limit_over(model, body)
+    if over is not None:
+        name, value = over
+        limit = model.max_output_tokens
+        given = field_names.get(name, name) if field_names else name
+        raise InvalidRequestError(
+            f"Invalid '{given}': {value} is more than the model `{model.name}` writes at most ({limit} tokens):"
+            f" set '{given}' to {limit} or less, or leave it out.",
+            param=given,
+        )
+
+
+def _output_limit_over(model: ResolvedModel, body: dict[str, Any]) -> tuple[str, int] | None:
+    """The client's output limit (its field and value) that is past what ``model`` writes at most (the catalog's
+    ``max_output_tokens``), or None: the model asked for refuses it (``_check_output_limit``), a fallback that
+    cannot honour it is left out (``_fallbacks_for``)."""
     limit = model.max_output_tokens
     if not limit:
-        return
+        return None
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            given = field_names.get(name, name) if field_names else name
-            raise InvalidRequestError(
-                f"Invalid '{given}': {value} is more than the model `{model.name}` writes at most ({limit} tokens):"
-                f" set '{given}' to {limit} or less, or leave it out.",
-                param=given,
-            )
+            return name, value
+    return None
 
 
 def _completions_narrowed(model: ResolvedModel) -> ResolvedModel | None:
@@ -1043,14 +1058,18 @@ class CompletionRun:
             upstream = (self._upstream_done or now) - self._upstream_started
         return max(0.0, (now - self.started - upstream) * 1000)
 
-    def _upstream_body(self) -> dict[str, Any]:
+    def _upstream_body(self, target: ResolvedModel) -> dict[str, Any]:
+        """The body for an attempt on ``target``, with the output limit admission picked under a budget when the
+        client set none: fitted under what ``target`` writes at most, since it was picked under the largest such
+        limit of the model and its fallbacks (``_price_ceiling``), which a fallback may not reach."""
         adapter_body = dict(self.body)
         if (
             self.admission.max_tokens is not None
             and "max_tokens" not in adapter_body
             and "max_completion_tokens" not in adapter_body
         ):
-            adapter_body["max_tokens"] = self.admission.max_tokens
+            most = target.max_output_tokens
+            adapter_body["max_tokens"] = min(self.admission.max_tokens, most) if most else self.admission.max_tokens
         return adapter_body
 
     @contextlib.asynccontextmanager
@@ -1343,7 +1362,7 @@ class CompletionRun:
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
             adapter = adapter_for(target.provider)
-            body = adapter.prepare_request(self._upstream_body(), target)
+            body = adapter.prepare_request(self._upstream_body(target), target)
             body.pop("stream", None)
             body.pop("stream_options", None)
             if self.operation == Operation.COMPLETIONS:
@@ -1434,7 +1453,7 @@ class CompletionRun:
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
             async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
                 adapter = adapter_for(target.provider)
-                body = self._upstream_body()
+                body = self._upstream_body(target)
                 if prefill is not None:
                     given = _prefill_for(target, prefill)
                     body["messages"] = [*body["messages"], {"role": "assistant", "content": given}]
@@ -1527,7 +1546,7 @@ class CompletionRun:
                         break
                     except ProviderError as exc:
                         continuable = bool(text) and not unresumable and not thought
-                        if not self._may_resume(exc, failed, continuable, self._upstream_body()):
+                        if not self._may_resume(exc, failed, continuable, self.body):
                             raise
                         # Resume: the next deployment continues the reply from what the client already has.
                         await self._attempt_abandon(upstream, failed)

@@ -142,10 +142,12 @@ Replies
     ``stream_options.include_obfuscation: false`` turns it off, as it does OpenAI's.
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
-    ``length`` / ``max_tokens``); ``stop`` / ``stop_sequences`` cut the reply before the first occurrence
-    (finish reason ``stop`` / ``stop_sequence``) when that comes no later than the length cut. An
-    Anthropic request whose last message is an assistant prefill ending in whitespace is a 400, as it is
-    Anthropic's.
+    ``length`` / ``max_tokens``); past what the model writes at most they are refused with the provider's 400
+    (OpenAI's ``max_tokens is too large`` for ``fake-gpt-4o``/``-mini``, 16384, and ``fake-o3-mini``, 100000:
+    ``OPENAI_MAX_OUTPUT_TOKENS``; Anthropic's past 64000 for every Claude); ``stop`` / ``stop_sequences`` cut the
+    reply before the first occurrence (finish reason ``stop`` / ``stop_sequence``) when that comes no later than the
+    length cut. An Anthropic request whose last message is an assistant prefill ending in whitespace is a 400, as
+    it is Anthropic's.
 
 Token counting (exact rule)
     A "token" is a whitespace-separated word together with the whitespace before it, so the streamed
@@ -284,6 +286,9 @@ _OPENAI_CONTEXT_WINDOW = 128_000
 _ANTHROPIC_CONTEXT_WINDOW = 200_000
 # What every fake Claude writes at most (its model listing's ``max_tokens``): past it, ``max_tokens`` is refused.
 ANTHROPIC_MAX_OUTPUT_TOKENS = 64_000
+# What the fake OpenAI models write at most, as their namesakes do (OpenAI's list says nothing of it): past it, a
+# chat completion's ``max_tokens`` or ``max_completion_tokens`` is refused. Other model ids take any limit.
+OPENAI_MAX_OUTPUT_TOKENS = {"fake-gpt-4o-mini": 16_384, "fake-gpt-4o": 16_384, "fake-o3-mini": 100_000}
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
@@ -1902,6 +1907,18 @@ class _App:
         n = body.get("n", 1)
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128):
             return _openai_error(400, "Invalid 'n': must be between 1 and 128.", "invalid_request_error", None, "n")
+        most = OPENAI_MAX_OUTPUT_TOKENS.get(body["model"])
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = body.get(name)
+            if most is not None and isinstance(value, int) and not isinstance(value, bool) and value > most:
+                return _openai_error(
+                    400,
+                    f"{name} is too large: {value}. This model supports at most {most} completion tokens, whereas"
+                    f" you provided {value}.",
+                    "invalid_request_error",
+                    "invalid_value",
+                    name,
+                )
         return None
 
     @staticmethod

@@ -251,7 +251,8 @@ def test_a_client_limit_past_what_the_model_writes_is_our_clear_400_before_any_c
             kind=kind,
             base_url=gateway.upstream.base_url + ("" if kind == ProviderKind.ANTHROPIC else "/v1"),
         ),
-        upstream_id="fake-claude-haiku" if kind == ProviderKind.ANTHROPIC else "fake-gpt-4o",
+        # fake-o3-mini writes at most 100000, as o3-mini does (gpt-4o: 16384, under the catalog limit here).
+        upstream_id="fake-claude-haiku" if kind == ProviderKind.ANTHROPIC else "fake-o3-mini",
         **PRICES,
     )
 

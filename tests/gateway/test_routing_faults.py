@@ -528,6 +528,61 @@ def test_a_budget_holds_when_every_request_ends_on_a_fallback_ten_times_dearer(
     assert spent <= budget, (spent, budget)
 
 
+def test_a_fallback_that_writes_less_than_the_clients_max_tokens_is_skipped(client, fake_upstream):
+    """The client's limit fits the model asked for, not its first fallback (gpt-4o-mini writes at most 16384): that
+    fallback was sent it, refused it with a 400 and the client got that provider error. It is left out, as one that
+    cannot stream is; the next fallback answers, and the limit the client set is never lowered behind its back."""
+    provider = ProviderFactory(name="only", base_url=fake_upstream.base_url + "/v1")
+    single("primary", provider, "fault-503", CHEAP, retries=0, max_output_tokens=100_000, fallbacks=["small", "large"])
+    single("small", provider, "fake-gpt-4o-mini", CHEAP, max_output_tokens=16_384)
+    single("large", provider, "fake-o3-mini", DEAR, max_output_tokens=100_000)
+
+    raw = client.chat.completions.with_raw_response.create(model="primary", messages=MESSAGES, max_tokens=50_000)
+
+    record = assert_answered_by(raw, deployment="only", attempts=2, model="large")
+    assert record.requested_model == "primary"
+    sent = [(request["body"]["model"], request["body"]["max_tokens"]) for request in fake_upstream.requests]
+    assert sent == [("fault-503", 50_000), ("fake-o3-mini", 50_000)]
+
+
+def test_with_no_fallback_that_writes_the_clients_max_tokens_the_models_own_failure_is_the_answer(
+    client, fake_upstream
+):
+    provider = ProviderFactory(name="only", base_url=fake_upstream.base_url + "/v1")
+    single("primary", provider, "fault-503", CHEAP, retries=0, max_output_tokens=100_000, fallbacks=["small"])
+    single("small", provider, "fake-gpt-4o-mini", CHEAP, max_output_tokens=16_384)
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.chat.completions.create(model="primary", messages=MESSAGES, max_completion_tokens=50_000)
+
+    assert failed.value.status_code == 503, failed.value.body
+    assert [request["body"]["model"] for request in fake_upstream.requests] == ["fault-503"]
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.attempts == 1
+    assert UsageRecord.objects.count() == 1
+
+
+def test_the_output_limit_a_budget_picks_is_fitted_to_each_fallback(mid_month, client, fake_upstream, settings):
+    """Under a budget, a request without max_tokens gets the most the budget pays for, up to the largest limit of
+    the model and its fallbacks (the reservation's): that was sent to a fallback that writes less (gpt-4o-mini,
+    16384), which refused it with a 400. Each attempt is sent at most what its model writes; the reservation
+    covers the largest of them."""
+    settings.LLMHUB_BUDGET_MAX_TOKENS_CAP = 50_000
+    provider = ProviderFactory(name="only", base_url=fake_upstream.base_url + "/v1")
+    single("primary", provider, "fault-503", CHEAP, retries=0, max_output_tokens=100_000, fallbacks=["small"])
+    single("small", provider, "fake-gpt-4o-mini", DEAR, max_output_tokens=16_384)
+    spender = api_key_create(user=client.key.api_key.user, name="budgeted")
+    api_key_limits_set(api_key=spender.api_key, budget_usd=Decimal("100"))
+    spending = openai.OpenAI(base_url=str(client.base_url), api_key=spender.secret, max_retries=0, timeout=30)
+
+    raw = spending.chat.completions.with_raw_response.create(model="primary", messages=MESSAGES)
+
+    record = assert_answered_by(raw, deployment="only", attempts=2, model="small")
+    assert record.requested_model == "primary"
+    sent = [(request["body"]["model"], request["body"]["max_tokens"]) for request in fake_upstream.requests]
+    assert sent == [("fault-503", 50_000), ("fake-gpt-4o-mini", 16_384)]
+
+
 def test_a_stream_that_stalls_past_the_models_idle_timeout_ends_with_an_in_band_error(
     llmhub_server, client, fake_upstream
 ):

@@ -1626,3 +1626,14 @@ def test_ollama_limits_a_reply_by_max_tokens_only(upstream: FakeUpstream) -> Non
     assert (unlimited.usage.completion_tokens, unlimited.choices[0].finish_reason) == (6, "stop")
     limited = ollama.chat.completions.create(model="llama3.2", messages=messages, max_tokens=2)
     assert (limited.usage.completion_tokens, limited.choices[0].finish_reason) == (2, "length")
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_openai_refuses_a_limit_past_what_the_model_writes(oai: openai.OpenAI, name: str) -> None:
+    """As OpenAI's: a limit past the model's most (16384 for gpt-4o-mini) is a 400 naming it."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model="fake-gpt-4o-mini", messages=user("hi"), **{name: 16_385})
+    assert refused.value.body["param"] == name and refused.value.code == "invalid_value"
+    assert f"{name} is too large: 16385" in refused.value.message
+    assert oai.chat.completions.create(model="fake-gpt-4o-mini", messages=user("hi"), **{name: 16_384}).choices
+    assert oai.chat.completions.create(model="some-other-model", messages=user("hi"), **{name: 100_000}).choices
