@@ -1555,7 +1555,9 @@ class CompletionRun:
                         attempt_began = len(delivered)
                         usage = {}
                         set_apart = reasoned
-                        first, upstream = await self._call(once_with("".join(text)), exclude=failed)
+                        first, upstream = await self._call(
+                            once_with("".join(text)), exclude=failed | self._prefill_refusers(self.body)
+                        )
             finally:
                 if guard is not None:
                     guard.close()
@@ -1600,24 +1602,31 @@ class CompletionRun:
         """Whether a stream that failed midway is continued on the next deployment (``resume_on_failure``):
         the model opted in, the failure is one another deployment may not share, what was sent can be
         continued (``continuable``: text, no tool call nor legacy ``function_call``, no thinking block, and the
-        attempt did not have Claude think), the model's attempts are not spent, and no deployment the resume may
-        go to is Claude asked to think by ``body``: with thinking on, Anthropic refuses a prefill that does not
-        begin with the thinking, signed by the model that wrote it, which no other attempt has. (Resumed without
-        the prefill, the model would begin its reply again after the text the client has.)"""
+        attempt did not have Claude think), the model's attempts are not spent, and a deployment not tried yet
+        takes the prefill (``_prefill_refusers``)."""
         served = self.answered_by
-        return (
+        if not (
             served.resume_on_failure
             and _retryable(exc)
             and continuable
             and served.deployment is not None
             and len(failed) < max(1, served.retries)
-            and not any(
-                _claude_thinks(deployment.provider, body)
-                for model in self._plan()
-                for deployment in model.deployments
-                if deployment.id not in failed and deployment.id != served.deployment.id
-            )
-        )
+        ):
+            return False
+        passed = failed | self._prefill_refusers(body) | {served.deployment.id}
+        return any(deployment.id not in passed for model in self._plan() for deployment in model.deployments)
+
+    def _prefill_refusers(self, body: dict[str, Any]) -> set[int]:
+        """The deployments (of the model and its fallbacks) a resume leaves out: Claude asked to think by ``body``.
+        With thinking on, Anthropic refuses a prefill that does not begin with the thinking, signed by the model that
+        wrote it, which no other attempt has (and resumed without the prefill, the model would begin its reply
+        again after the text the client has). Any other deployment takes the text so far as a prefill."""
+        return {
+            deployment.id
+            for model in self._plan()
+            for deployment in model.deployments
+            if _claude_thinks(deployment.provider, body)
+        }
 
     async def _attempt_abandon(self, upstream: AsyncIterator[Any], failed: set[int]) -> None:
         """Give up the attempt that failed midway, before a resume: its deployment is not tried again for
@@ -1779,7 +1788,9 @@ class CompletionRun:
                         upstream = None
                         earlier_tokens = text_tokens("".join(delivered))
                         usage = {}
-                        first, upstream = await self._call(once_with("".join(delivered)), exclude=failed)
+                        first, upstream = await self._call(
+                            once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
+                        )
             finally:
                 if guard is not None:
                     guard.close()

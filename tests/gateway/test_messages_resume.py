@@ -108,6 +108,25 @@ def test_a_stream_of_claude_thinking_is_not_resumed_though_no_thinking_block_cam
     assert record.status == "upstream_error" and not record.resumed and record.attempts == 1, pieces
 
 
+def test_a_message_stream_with_thinking_is_resumed_on_openai_though_its_fallback_is_claude(gateway, fake_upstream):
+    """Thinking on, a cut stream was not resumed whenever a deployment the resume might reach was Claude (here, the
+    model's fallback), though the next deployment speaks OpenAI's protocol and takes the prefill. Only Claude asked
+    to think is left out of the resume."""
+    model = resumable(fake_upstream, ProviderKind.OPENAI)
+    model.fallbacks = ["claude-test"]
+    model.save()
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+
+    with sdk(gateway).messages.stream(model="resumable", max_tokens=2000, messages=ASK, thinking=thinking) as stream:
+        pieces = list(stream.text_stream)
+        request_id = stream.response.headers["x-request-id"]
+
+    assert len(pieces) > 3
+    assert [request["body"]["model"] for request in fake_upstream.requests] == ["fault-cut-3", "fake-gpt-4o-mini"]
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed and record.deployment_name == "second"
+
+
 def _event(data: dict) -> WireEvent:
     return WireEvent(data, json.dumps(data).encode())
 

@@ -487,3 +487,43 @@ def test_a_stream_is_not_resumed_on_claude_thinking_though_no_thinking_block_cam
     assert len(gateway.upstream.requests) == 1, "no Claude was asked to continue with a prefill"
     record = wait_for_record(request_id)
     assert record.status == "upstream_error" and not record.resumed and record.attempts == 1
+
+
+@pytest.mark.parametrize("claude", ["deployment", "fallback"])
+def test_a_stream_asked_to_reason_is_resumed_on_a_deployment_that_takes_the_prefill_though_claude_is_reachable(
+    gateway, claude
+):
+    """A cut stream with ``reasoning_effort`` was not resumed whenever any deployment the resume might reach was
+    Claude (one of the model's, or its fallback's), though another of OpenAI's protocol takes the prefill: the
+    client got the in-band error. Only Claude asked to think is left out of the resume; the OpenAI deployment
+    continues the reply, one row."""
+    model = CatalogModel.objects.create(
+        name="mixed",
+        strategy="priority",
+        resume_on_failure=True,
+        fallbacks=["claude-test"] if claude == "fallback" else [],
+    )
+    deployments = [(ProviderKind.OPENAI, "fault-cut-3"), (ProviderKind.OPENAI, "fake-gpt-4o-mini")]
+    if claude == "deployment":
+        deployments.insert(1, (ProviderKind.ANTHROPIC, "fake-claude-haiku"))
+    for priority, (kind, upstream_id) in enumerate(deployments):
+        base_url = gateway.upstream.base_url + ("" if kind == ProviderKind.ANTHROPIC else "/v1")
+        provider = ProviderFactory(name=f"mixed-{priority}", kind=kind, base_url=base_url)
+        Deployment.objects.create(
+            model=model, name=f"d{priority}", provider=provider, upstream_id=upstream_id, priority=priority, **PRICES
+        )
+    body = {
+        "model": "mixed",
+        "stream": True,
+        "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": "hello there [[words=8]]"}],
+    }
+
+    events, request_id = sse_stream(gateway, body)
+
+    assert events[-1] == "[DONE]", events[-1]
+    sent = [request["body"]["model"] for request in gateway.upstream.requests]
+    assert sent == ["fault-cut-3", "fake-gpt-4o-mini"], "no Claude was asked to continue with a prefill"
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed and record.deployment_name == f"d{len(deployments) - 1}"
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
