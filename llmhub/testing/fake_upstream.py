@@ -47,10 +47,12 @@ Endpoints
     (Codestral's fill-in-the-middle: ``prompt`` and ``suffix``, answered as its chat completions), ``GET
     /mistral/v1/models``, answered as OpenAI's but strict as Mistral is: a field Mistral does not take
     (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, embeddings'
-    ``dimensions``, …) is a 422 in Mistral's shape (``{"object": "error", "message": {"detail": [{"type":
-    "extra_forbidden", "loc": ["body", NAME], …}]}, …}``), Mistral's own names are taken (``random_seed``,
-    ``output_dimension``), a stream always reports its usage, on its last chunk, and embeddings take at most
-    512 inputs a request (more: Mistral's 400 ``Too many inputs in request``). Ollama's, under ``/ollama``
+    ``dimensions``, …; an assistant message's field other than ``role``, ``content``, ``tool_calls`` and ``prefix``,
+    such as another provider's ``reasoning_content`` or ``thinking_blocks``) is a 422 in Mistral's shape
+    (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]}, …}``),
+    Mistral's own names are taken (``random_seed``, ``output_dimension``), a stream always reports its usage, on its
+    last chunk, and embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
+    request``). Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
     says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
@@ -1074,17 +1076,30 @@ _MISTRAL_EMBEDDING_FIELDS = frozenset(
 MISTRAL_EMBED_BATCH_LIMIT = 512  # inputs in one embeddings request
 
 
+# The fields of an assistant message Mistral's API takes (its ``AssistantMessage``): any other (another provider's
+# ``reasoning_content``, LiteLLM's ``thinking_blocks``, ...) is refused with a 422, as a field of the request is.
+_MISTRAL_ASSISTANT_FIELDS = frozenset({"role", "content", "tool_calls", "prefix"})
+
+
 def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | None:
     """Mistral's 422 for fields it does not take, in its own shape (a pydantic ``extra_forbidden`` list under
-    ``message.detail``: no OpenAI-style ``error`` object)."""
+    ``message.detail``: no OpenAI-style ``error`` object): of the request, and of its assistant messages."""
     if not isinstance(body, dict):
         return None
-    extra = [name for name in body if name not in allowed]
+    extra: list[tuple[list[Any], Any]] = [(["body", name], body[name]) for name in body if name not in allowed]
+    messages = body.get("messages") if "messages" in allowed else None
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            extra.extend(
+                (["body", "messages", index, "assistant", name], value)
+                for name, value in message.items()
+                if name not in _MISTRAL_ASSISTANT_FIELDS
+            )
     if not extra:
         return None
     detail = [
-        {"type": "extra_forbidden", "loc": ["body", name], "msg": "Extra inputs are not permitted", "input": body[name]}
-        for name in extra
+        {"type": "extra_forbidden", "loc": loc, "msg": "Extra inputs are not permitted", "input": value}
+        for loc, value in extra
     ]
     answer = {
         "object": "error",

@@ -173,6 +173,27 @@ def fields_renamed(body: dict[str, Any], renames: Mapping[str, str]) -> dict[str
     return out
 
 
+def assistant_fields_dropped(body: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """``body`` with the fields ``names`` left out of its assistant messages: what a reply carried that a client
+    sends back as it came and the upstream does not take (Mistral refuses the fields of OpenAI's replies that its
+    messages lack). ``body`` itself when no assistant message has one."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not any(
+        isinstance(message, dict) and message.get("role") == "assistant" and not names.isdisjoint(message)
+        for message in messages
+    ):
+        return body
+    return {
+        **body,
+        "messages": [
+            {key: value for key, value in message.items() if key not in names}
+            if isinstance(message, dict) and message.get("role") == "assistant"
+            else message
+            for message in messages
+        ],
+    }
+
+
 T = TypeVar("T")
 R = TypeVar("R")
 # How many of one request's batch calls run at once: a large request is answered sooner than one call after

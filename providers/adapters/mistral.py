@@ -7,7 +7,10 @@ one renames what Mistral has under another name (``max_completion_tokens`` → `
 ``random_seed``, embeddings' ``dimensions`` → ``output_dimension``) and never sends ``stream_options``:
 Mistral refuses it, and reports a stream's usage on its last chunk unasked (moved here to a chunk of its own,
 where OpenAI sends it). A field Mistral has no
-counterpart for (``logprobs``, ``user``, …) still goes up, and its 422 reaches the client as a 400 naming it.
+counterpart for (``logprobs``, ``user``, …) still goes up, and its 422 reaches the client as a 400 naming it. But
+an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
+(``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
+(``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them.
 
 Mistral's reasoning models (Magistral) write a message's ``content``, and each streamed delta's, as a list of
 chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
@@ -28,13 +31,16 @@ from typing import Any
 
 from ..exceptions import ProviderBadRequestError
 from .base import WireChunk
-from .common import BatchesAnswered, fields_renamed, one_choice_only
+from .common import BatchesAnswered, assistant_fields_dropped, fields_renamed, one_choice_only
 from .openai import _CHAT_PATH, OpenAIAdapter
 
 # OpenAI's name → Mistral's, for the same meaning; given under both, OpenAI's wins (``fields_renamed``).
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens", "seed": "random_seed"}
 _EMBEDDING_RENAMES = {"dimensions": "output_dimension"}
 _FIM_PATH = "/fim/completions"  # Codestral's fill-in-the-middle, Mistral's text completion
+# The fields of a reply's message (OpenAI's, and the reasoning of OpenAI-compatible servers) that Mistral's assistant
+# message lacks (``role``, ``content``, ``tool_calls``, ``prefix``): sent back as they came, Mistral refused them.
+_REPLY_ONLY = frozenset({"refusal", "annotations", "reasoning_content", "reasoning"})
 
 
 class MistralAdapter(OpenAIAdapter):
@@ -46,6 +52,7 @@ class MistralAdapter(OpenAIAdapter):
         request = fields_renamed(
             {key: value for key, value in body.items() if key not in ("stream", "stream_options")}, _CHAT_RENAMES
         )
+        request = assistant_fields_dropped(request, _REPLY_ONLY)
         if stream:
             request["stream"] = True
         return request

@@ -157,3 +157,23 @@ def test_a_mistral_reasoning_models_thinking_chunks_reach_the_client_as_reasonin
         reasoning, text, request_id = message["reasoning_content"], message["content"], response.headers["x-request-id"]
     assert (reasoning, text) == ("let me think it over", "Fine then.")
     assert_priced(wait_for_record(request_id), 3 + 7, 5 + 2, stream=stream)
+
+
+def test_an_assistant_message_sent_back_as_llmhub_answered_it_is_taken_by_mistral(mistral):
+    """The next turn of a conversation sends the reply's message back as it came: with its ``refusal`` (null: OpenAI's
+    schema requires it, and llmhub fills it in), its ``annotations`` and a reasoning model's ``reasoning_content``,
+    which Mistral's assistant message lacks: Mistral refused the request (422, extra inputs are not permitted) and
+    the client got a 400. Those fields are left out; what the message says reaches Mistral."""
+    client = mistral.client()
+    messages: list[dict] = [{"role": "user", "content": "[[reasoning=let me think it over]] [[reply=Fine then.]]"}]
+    raw = client.chat.completions.with_raw_response.create(model="mistral-test", messages=messages)
+    assistant = json.loads(raw.http_response.text)["choices"][0]["message"]
+    assert {"refusal", "annotations", "reasoning_content"} <= assistant.keys(), assistant
+    messages += [assistant, {"role": "user", "content": "and then?"}]
+
+    answered = client.chat.completions.create(model="mistral-test", messages=messages)
+
+    assert answered.choices[0].message.content == "Echo: and then?"
+    sent = mistral.upstream.requests[-1]["body"]["messages"]
+    assert sent[1] == {"role": "assistant", "content": "Fine then."}
+    assert sent[2] == messages[2]
