@@ -9,7 +9,10 @@ than the SDK — pass through untouched. It is posted with the SDK's generic ``p
 building and dumping a pydantic model. A stream is read raw (``sse.SSEParser``) and each chunk keeps
 the upstream's bytes (``WireChunk``), so that the relay forwards what it did not change instead of
 encoding it again; a chunk that only carries the next piece of text is not decoded at all
-(``text_chunks``). Authentication, retries and the exception classes are still the SDK's.
+(``text_chunks``). Authentication, retries and the exception classes are still the SDK's. One thing is
+left out: Claude's signed thinking in an assistant message sent back (its ``thinking_blocks``, which Anthropic
+wants in a tool-use round), no field of this protocol, which strict servers refuse and no other model can use
+(``prepare_request``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import openai
 
 from ..exceptions import ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
-from ..types import ProviderConfig, UpstreamModel
+from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
 from .base import BaseAdapter, WireChunk
 from .common import (
     BatchesAnswered,
+    assistant_fields_dropped,
     error_for_failure,
     error_for_status,
     http_timeout,
@@ -54,6 +58,9 @@ from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
 
 _CHAT_PATH = "/chat/completions"
+# Claude's signed thinking, as a reply gives it (``translate_anthropic``) and a client or a stored Responses chain
+# sends it back: Anthropic's alone.
+_CLAUDE_THINKING = frozenset({"thinking_blocks"})
 # The fields ``completions.create`` takes as keywords; any other field of the request goes as ``extra_body``.
 _COMPLETION_PARAMS = (
     "model",
@@ -151,6 +158,12 @@ class OpenAIAdapter(BaseAdapter):
             default_headers=dict(config.extra_headers),
             http_client=provider_http_client(config),
         )
+
+    def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
+        """As every adapter's, without Claude's signed thinking in the assistant messages (``thinking_blocks``, kept
+        for Anthropic, which wants it back in a tool-use round): no field of OpenAI's protocol, refused by strict
+        servers (Mistral's 422), and signed for Anthropic alone, so of no use to another model."""
+        return assistant_fields_dropped(super().prepare_request(body, model), _CLAUDE_THINKING)
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         """The chat request sent upstream for ``body``. A stream always asks for usage, whatever the client

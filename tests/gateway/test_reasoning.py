@@ -527,3 +527,33 @@ def test_a_stream_asked_to_reason_is_resumed_on_a_deployment_that_takes_the_pref
     record = wait_for_record(request_id)
     assert record.status == "ok" and record.resumed and record.deployment_name == f"d{len(deployments) - 1}"
     assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+
+
+@pytest.mark.parametrize("kind", [ProviderKind.MISTRAL, ProviderKind.OPENAI])
+def test_claudes_signed_thinking_sent_back_to_a_model_of_openais_protocol_is_left_out(gateway, kind):
+    """A tool-use round begun on Claude and answered on another model (the client switched, or a fallback) sends the
+    assistant message back as it came, its ``thinking_blocks`` with it: they went upstream as they were, a field of
+    no OpenAI-compatible server, signed for Anthropic alone, and Mistral (strict, as the fake is) refused the request
+    (422): the client got a 400. They are left out for a model of OpenAI's protocol, kept for Claude."""
+    path = "/mistral/v1" if kind == ProviderKind.MISTRAL else "/v1"
+    upstream_id = "mistral-small-latest" if kind == ProviderKind.MISTRAL else "fake-gpt-4o-mini"
+    ModelFactory(
+        name="other",
+        provider=ProviderFactory(name="other", kind=kind, base_url=gateway.upstream.base_url + path),
+        upstream_id=upstream_id,
+        **PRICES,
+    )
+    client = gateway.client()
+    messages: list[dict] = [{"role": "user", "content": "[[thinking=I should look it up]] weather"}]
+    first = client.chat.completions.create(
+        model="claude-test", reasoning_effort="medium", tools=[LOOKUP], messages=messages
+    )
+    assistant = first.choices[0].message.model_dump(exclude_none=True)
+    assert assistant["thinking_blocks"] and assistant["tool_calls"]
+    messages += [assistant, {"role": "tool", "tool_call_id": assistant["tool_calls"][0]["id"], "content": "sunny"}]
+
+    second = client.chat.completions.create(model="other", tools=[LOOKUP], tool_choice="none", messages=messages)
+
+    assert second.choices[0].message.content == "Tool result: sunny"
+    sent = gateway.upstream.requests[-1]["body"]["messages"][1]
+    assert sent["role"] == "assistant" and sent["tool_calls"] and "thinking_blocks" not in sent

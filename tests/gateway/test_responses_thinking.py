@@ -12,7 +12,9 @@ import openai
 import pytest
 
 from llmhub.testing.openapi import validate_openai_schema
+from providers.models import ProviderKind
 from providers.moderation import policy_cache
+from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_moderation import policy_on
 from tests.gateway.test_responses_api import WEATHER, raw_events
 
@@ -172,3 +174,30 @@ def test_claudes_signed_thinking_chained_to_a_model_of_openais_protocol(gateway)
     assert second.output_text == "Tool result: sunny"
     sent = gateway.upstream.requests[-1]["body"]["messages"][1]
     assert sent["reasoning_content"] == "I should look it up"
+
+
+def test_a_stored_chain_begun_on_claude_sends_no_signed_thinking_to_a_model_of_openais_protocol(gateway):
+    """A stored response of Claude's keeps its signed thinking, which the chain gives back as the turn's
+    ``thinking_blocks``: continued (``previous_response_id``) on Mistral, they went upstream and Mistral refused the
+    request (422), a 400 for the client. They are left out there; Claude still gets them (the first test)."""
+    ModelFactory(
+        name="mistral-chained",
+        provider=ProviderFactory(
+            name="mistral", kind=ProviderKind.MISTRAL, base_url=gateway.upstream.base_url + "/mistral/v1"
+        ),
+        upstream_id="mistral-small-latest",
+    )
+    client = gateway.client()
+    first = client.responses.create(model="claude-test", reasoning={"effort": "low"}, input=ASK, tools=[WEATHER])
+    [call] = _items(first, "function_call")
+
+    second = client.responses.create(
+        model="mistral-chained",
+        tools=[WEATHER],
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+    )
+
+    assert second.output_text == "Tool result: sunny"
+    turn = gateway.upstream.requests[-1]["body"]["messages"][1]
+    assert turn["role"] == "assistant" and turn["tool_calls"] and "thinking_blocks" not in turn
