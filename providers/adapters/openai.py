@@ -50,6 +50,7 @@ from .openai_shape import (
     MalformedReply,
     StreamShape,
     TextCompletionShape,
+    completion_chunks,
     completion_conform,
     json_constant,
     text_parts_joined,
@@ -190,6 +191,12 @@ class OpenAIAdapter(BaseAdapter):
                 completion = await self._client.post(path, body=body, cast_to=object)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
+        return self._completion_read(completion, body)
+
+    def _completion_read(self, completion: Any, body: dict[str, Any]) -> dict[str, Any]:
+        """A whole reply's decoded JSON as the chat completion it answers to ``body``, filled in where OpenAI's
+        schema requires what it left out; ``ProviderError`` for an error it reports, malformed for anything else
+        that is no chat completion."""
         if isinstance(completion, dict) and completion.get("error"):
             # Some servers (OpenRouter, vLLM) report a failure in a 200's body, as a stream does in-band.
             message = self._upstream_message(completion["error"]) or "no details given"
@@ -216,7 +223,10 @@ class OpenAIAdapter(BaseAdapter):
             )
 
         return self._relayed(
-            opened, self._chunk, StreamShape(str(body.get("model") or ""), content=self._content_spelt)
+            opened,
+            self._chunk,
+            StreamShape(str(body.get("model") or ""), content=self._content_spelt),
+            whole=lambda completion: completion_chunks(self._completion_read(completion, body)),
         )
 
     async def _relayed(
@@ -224,18 +234,33 @@ class OpenAIAdapter(BaseAdapter):
         opened: Callable[[], Awaitable[httpx2.Response]],
         read: Callable[[ServerSentEvent, _StreamState, Any], WireChunk | None],
         shape: Any,
+        whole: Callable[[Any], list[dict[str, Any]]] | None = None,
     ) -> AsyncIterator[WireChunk]:
         """The chunks of the event stream ``opened`` answers (it runs at the first ``anext``, as the request's
         whole work did when each stream read its own), each ``read`` from its event (chat completions'
         ``_chunk``, text completions' ``_text_chunk``): one reader for both, so that routing judges them alike. A
         failure after the first chunk, or a body that ends before every choice finished, is
         ``ProviderStreamInterruptedError``; malformed (``ProviderMalformedStreamError``) when it broke on a chunk
-        that is no chunk of the protocol, a body not the encoding it declared, or held no chunk at all."""
+        that is no chunk of the protocol, a body not the encoding it declared, or held no chunk at all. A body that is
+        one JSON document (a server that ignored ``stream``) is the chunks ``whole`` makes of it, where there is one
+        (chat completions); without one it holds no chunk."""
         try:
             async with upstream_deadline(self.config):
                 upstream = await opened()
         except _FAILURES as exc:
             raise self.map_error(exc) from None
+        if whole is not None and _is_json(upstream):
+            # A server that ignores `stream: true` (vLLM, Ollama and proxies in front of them can) answers the
+            # whole completion: relayed as the stream it would have been, rather than taken for no stream at all.
+            try:
+                completion = json.loads(await upstream.aread())
+            except _FAILURES as exc:
+                raise self.map_error(exc) from None
+            finally:
+                await upstream.aclose()
+            for chunk in whole(completion):
+                yield WireChunk(chunk, None)
+            return
         state = _StreamState()
         parser = SSEParser()
         began = False
@@ -563,6 +588,12 @@ class OpenAIAdapter(BaseAdapter):
         if not isinstance(message, str):
             return ""
         return scrub(message.strip(), self.config)
+
+
+def _is_json(response: httpx2.Response) -> bool:
+    """Whether ``response`` says it is one JSON document (``application/json``), not an event stream."""
+    kind = response.headers.get("content-type", "")
+    return kind.split(";", 1)[0].strip().lower() == "application/json"
 
 
 def _decoded(data: bytes) -> tuple[Any, bool]:

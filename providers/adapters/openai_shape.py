@@ -26,7 +26,14 @@ from typing import Any
 
 from ..tokens import COUNT_MAX
 
-__all__ = ["MalformedReply", "StreamShape", "completion_conform", "json_constant", "text_parts_joined"]
+__all__ = [
+    "MalformedReply",
+    "StreamShape",
+    "completion_chunks",
+    "completion_conform",
+    "json_constant",
+    "text_parts_joined",
+]
 
 _COMPLETION = "chat.completion"
 _CHUNK = "chat.completion.chunk"
@@ -356,6 +363,46 @@ def completion_conform(
     _conform_usage(completion, nullable=False)
     _metadata_mended(completion)
     return completion
+
+
+# What a message holds that its stream carries in chunks of their own (``completion_chunks``); any other field of it (a
+# server's ``reasoning_content``, ``reasoning``, ``annotations``) goes in the delta that carries its text.
+_MESSAGE_PARTS = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
+
+
+def completion_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole chat completion, conformed (``completion_conform``), as the stream that would have carried it: for
+    a server that answered one to a request for a stream (vLLM, Ollama and proxies that ignore ``stream``). Each
+    choice in turn: a chunk opening its message with its role, one with its text (its other fields and its
+    logprobs beside it), its refusal, one per tool call (or its legacy function call), its finish; then, when
+    the reply counted its tokens, a chunk of its usage with no choices, as OpenAI ends a stream that asked for it."""
+    head = {"id": completion["id"], "object": _CHUNK, "created": completion["created"], "model": completion["model"]}
+    for name in ("service_tier", "system_fingerprint"):
+        if name in completion:
+            head[name] = completion[name]
+
+    def chunk(index: int, delta: dict[str, Any], *, logprobs: Any = None, finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+    chunks = []
+    for choice in completion["choices"]:
+        index, message = choice["index"], choice["message"]
+        chunks.append(chunk(index, {"role": "assistant", "content": ""}))
+        said = {key: value for key, value in message.items() if key not in _MESSAGE_PARTS and value is not None}
+        if message["content"]:
+            said["content"] = message["content"]
+        if said or choice["logprobs"] is not None:
+            chunks.append(chunk(index, said, logprobs=choice["logprobs"]))
+        if message["refusal"]:
+            chunks.append(chunk(index, {"refusal": message["refusal"]}))
+        for number, call in enumerate(message.get("tool_calls") or ()):
+            chunks.append(chunk(index, {"tool_calls": [{**call, "index": number}]}))
+        if message.get("function_call") is not None:
+            chunks.append(chunk(index, {"function_call": message["function_call"]}))
+        chunks.append(chunk(index, {}, finish=choice["finish_reason"]))
+    if completion.get("usage") is not None:
+        chunks.append({**head, "choices": [], "usage": completion["usage"]})
+    return chunks
 
 
 class StreamShape:

@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from billing.models import UsageRecord, UsageStatus
@@ -680,3 +681,102 @@ def test_a_tool_calls_id_or_type_that_is_not_text_is_its_own(gateway, odd):
     assert done
     assert_valid_stream(events, done)
     assert record.status == UsageStatus.OK
+
+
+# A stream request answered with one whole reply ---------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def sdk_streamed(gateway, text: str, **extra: Any) -> tuple[list[dict[str, Any]], list[Any], UsageRecord]:
+    """Stream through the openai SDK: each chunk's JSON as the client got it (to ``[DONE]``, which must come), the
+    SDK's own chunks read from the same lines, and the request's row."""
+    client = gateway.client()
+    with client.chat.completions.with_streaming_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": text}], stream=True, **extra
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+        request_id = response.headers["x-request-id"]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert_valid_stream(events, done=True)
+    parsed = [openai.types.chat.ChatCompletionChunk.model_validate(event) for event in events]
+    return events, parsed, wait_for_record(request_id)
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["usage asked", "usage not asked"])
+def test_a_stream_answered_with_one_whole_reply_is_relayed_as_a_stream(gateway, include_usage):
+    """Some servers (vLLM, Ollama, proxies in front of them) ignore ``stream: true`` and answer the whole
+    chat.completion as JSON. Before: taken for a stream with no chunk, malformed: a 502 (or the next deployment).
+    Now the reply is relayed as the stream the client asked for (its role, its text, its finish, the usage chunk
+    when asked, ``[DONE]``), priced from the reply's usage, one row."""
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    events, parsed, record = sdk_streamed(gateway, "hi [[words=12]] [[stream=ignored]]", **options)
+
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len({event["id"] for event in events}) == 1 and {event["model"] for event in events} == {"gpt-test"}
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in parsed if chunk.choices)
+    assert len(text.split()) == 12
+    assert [c.finish_reason for chunk in parsed for c in chunk.choices if c.finish_reason] == ["stop"]
+    if include_usage:
+        assert parsed[-1].choices == [] and parsed[-1].usage.completion_tokens == 12
+        assert parsed[-1].usage.prompt_tokens == record.prompt_tokens
+    else:
+        assert all(chunk.usage is None for chunk in parsed)
+    assert (record.status, record.completion_tokens, record.usage_estimated) == (UsageStatus.OK, 12, False)
+    assert_sane_row(record)
+    assert record.cost > 0
+
+
+def test_a_stream_answered_with_one_whole_tool_call_relays_the_call(gateway):
+    _, parsed, record = sdk_streamed(
+        gateway, "weather in Paris [[stream=ignored]]", tools=[WEATHER_TOOL], stream_options={"include_usage": True}
+    )
+
+    calls = [call for chunk in parsed if chunk.choices for call in chunk.choices[0].delta.tool_calls or ()]
+    assert [(call.index, call.type, call.function.name) for call in calls] == [(0, "function", "get_weather")]
+    assert calls[0].id and json.loads(calls[0].function.arguments) == {"city": "weather in Paris"}
+    assert [c.finish_reason for chunk in parsed for c in chunk.choices if c.finish_reason] == ["tool_calls"]
+    assert parsed[-1].usage is not None and parsed[-1].usage.completion_tokens == record.completion_tokens
+    assert record.status == UsageStatus.OK and not record.usage_estimated
+
+
+def test_a_stream_answered_with_one_whole_reply_of_several_choices_relays_each(gateway):
+    _, parsed, record = sdk_streamed(gateway, "hi [[words=3]] [[stream=ignored]]", n=2)
+
+    for index in (0, 1):
+        text = "".join(c.delta.content or "" for chunk in parsed for c in chunk.choices if c.index == index)
+        assert len(text.split()) == 3
+    assert sorted(c.index for chunk in parsed for c in chunk.choices if c.finish_reason) == [0, 1]
+    assert record.status == UsageStatus.OK and record.completion_tokens == 6
+
+
+# What a stream request answered with JSON may hold that is no chat completion: it stays malformed.
+NOT_COMPLETIONS = {
+    "no choices": b'{"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": []}',
+    "not JSON": b"<html>Bad gateway</html>",
+    "a list": b"[1, 2]",
+    "a content of the wrong type": json.dumps(completion({"role": "assistant", "content": 5})).encode(),
+}
+
+
+@pytest.mark.parametrize("answer", NOT_COMPLETIONS.values(), ids=NOT_COMPLETIONS)
+def test_a_stream_answered_with_json_that_is_no_completion_is_a_malformed_reply(gateway, answer):
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        gateway.client().chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "hi " + raw_directive(answer) + " [[stream=ignored]]"}],
+            stream=True,
+        )
+    assert excinfo.value.status_code == 502
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    record = wait_for_record(excinfo.value.response.headers["x-request-id"])
+    assert record.status == UsageStatus.UPSTREAM_ERROR
+    assert_sane_row(record)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from chat.pipeline import _chunk_pieces, _completion_text
 from llmhub.testing.openapi import validate_openai_schema
 from providers.adapters.base import WireChunk, chunk_json
-from providers.adapters.openai_shape import MalformedReply, StreamShape, completion_conform
+from providers.adapters.openai_shape import MalformedReply, StreamShape, completion_chunks, completion_conform
 from providers.adapters.translate_anthropic import EventTranslator, message_from_completion
 from providers.tokens import COUNT_MAX
 
@@ -213,6 +213,34 @@ def test_any_whole_reply_is_malformed_or_read_as_openais_types(reply):
         validate_openai_schema(reply, "CreateChatCompletionResponse")
     message_from_completion(reply)
     assert type(_completion_text(reply, calls=True)) is str
+
+
+@settings(max_examples=400, deadline=None)
+@given(reply=_REPLY)
+def test_any_whole_reply_answered_to_a_stream_is_relayed_as_chunks_of_openais_schema(reply):
+    """A whole reply a server answered to a request for a stream (``completion_chunks``): each chunk of OpenAI's
+    stream schema, the reply's text, calls and finishes all in them."""
+    reply.pop("object", None)
+    try:
+        completion_conform(reply, model="m")
+    except MalformedReply:
+        return
+    usage = reply.get("usage")
+    if usage is not None and not ("prompt_tokens" in usage and "completion_tokens" in usage):
+        del reply["usage"]
+    chunks = completion_chunks(reply)
+    if _finishes_known(reply):
+        for chunk in chunks:
+            validate_openai_schema(chunk, "CreateChatCompletionStreamResponse")
+    deltas = [choice["delta"] for chunk in chunks for choice in chunk["choices"]]
+    messages = [choice["message"] for choice in reply["choices"]]
+    assert "".join(delta.get("content") or "" for delta in deltas) == "".join(m["content"] or "" for m in messages)
+    assert sum(len(delta.get("tool_calls") or ()) for delta in deltas) == sum(
+        len(m.get("tool_calls") or ()) for m in messages
+    )
+    finishes = [choice["finish_reason"] for chunk in chunks for choice in chunk["choices"] if choice["finish_reason"]]
+    assert finishes == [choice["finish_reason"] for choice in reply["choices"]]
+    assert (chunks[-1].get("usage") is not None) == (reply.get("usage") is not None)
 
 
 def _finishes_known(reply: dict) -> bool:
