@@ -25,7 +25,7 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 from pydantic import ValidationError
 
-from ..exceptions import ProviderBadRequestError, ProviderError
+from ..exceptions import ProviderBadRequestError, ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
@@ -42,6 +42,7 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
+    undecodable,
     upstream_deadline,
 )
 from .translate_gemini import StreamTranslator, completion_from_response, gemini_request, max_tool_calls
@@ -100,7 +101,7 @@ class GeminiAdapter(BaseAdapter):
             # status included) is awaited here, under the deadline, so that a refusal maps like complete's.
             async with upstream_deadline(self.config):
                 upstream = await self._client.aio.models.generate_content_stream(**request)
-                first = await anext(upstream, None)
+                first = await _next_response(upstream)
         except _FAILURES as exc:
             await _close(upstream, opened)
             if isinstance(exc, httpx2.TransportError) and not isinstance(
@@ -115,12 +116,18 @@ class GeminiAdapter(BaseAdapter):
         try:
             response = first
             while response is not None:
-                chunk = translator.feed(_dump(response))
+                dumped = _dump(response)
+                if not _holds_gemini_chunk(dumped):
+                    raise ValueError("not a chunk of Gemini's")
+                chunk = translator.feed(dumped)
                 if chunk is not None:
                     yield WireChunk(chunk, None)  # translated: no upstream bytes to relay
-                response = await anext(upstream, None)
+                response = await _next_response(upstream)
         except _FAILURES as exc:
-            raise stream_interrupted(self.config, self._interruption_reason(exc)) from None
+            # A ValueError or a ValidationError: a chunk that is not JSON, or not Gemini's; or a body that is not the
+            # encoding it declared. Malformed, as on an OpenAI deployment (``ProviderMalformedStreamError``).
+            malformed = isinstance(exc, ValueError | ValidationError) or undecodable(exc)
+            raise stream_interrupted(self.config, self._interruption_reason(exc), malformed=malformed) from None
         finally:
             # Also on aclose() and cancellation: the upstream response stops at once.
             await _close(upstream, opened)
@@ -217,8 +224,8 @@ class GeminiAdapter(BaseAdapter):
             if error.retry_after is None:
                 error.retry_after = _retry_delay(exc.details)
             return error
-        if isinstance(exc, ValidationError):  # the SDK could not read the body as a response
-            return ProviderError(
+        if isinstance(exc, ValidationError):  # the SDK could not read the body as a response: no reply of Gemini's
+            return ProviderMalformedReplyError(
                 f"The provider {self.config.name!r} answered in an unknown shape.", provider=self.config.name
             )
         return error_for_failure(self.config, exc)
@@ -265,6 +272,24 @@ async def _close(upstream: AsyncIterator[Any] | None, opened: list[httpx2.Respon
         await response.aclose()
     if upstream is not None:
         await upstream.aclose()  # type: ignore[attr-defined]
+
+
+async def _next_response(upstream: AsyncIterator[genai_types.GenerateContentResponse]) -> Any:
+    """The stream's next response, None at its end. The SDK reads each chunk's JSON into its model itself, and JSON of
+    another shape (a list, a candidate that is a number) fails there with a TypeError, an AttributeError or a
+    KeyError: a chunk that is not Gemini's, raised as the ValueError such a chunk is."""
+    try:
+        return await anext(upstream, None)
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"not a chunk of Gemini's ({type(exc).__name__})") from None
+
+
+def _holds_gemini_chunk(response: dict[str, Any]) -> bool:
+    """Whether a stream's chunk, as the SDK read it, holds anything of Gemini's: a candidate, prompt feedback or usage.
+    The SDK leaves out every field it does not know, so JSON of another shape comes out empty."""
+    return bool(response.get("prompt_feedback") or response.get("usage_metadata")) or any(
+        response.get("candidates") or ()
+    )
 
 
 def _dump(response: genai_types.GenerateContentResponse) -> dict[str, Any]:

@@ -403,7 +403,12 @@ def test_an_anthropic_stream_that_is_malformed_is_not_asked_again(llmhub_server,
     assert (record.status, record.attempts) == ("upstream_error", 1)
 
 
-GEMINI_NOT_STREAMS = {"not JSON": b"data: {not json}\n\n", "empty": b""}
+GEMINI_NOT_STREAMS = {
+    "not JSON": b"data: {not json}\n\n",
+    "empty": b"",
+    "a list": b"data: [1, 2]\n\n",
+    "a content a number": b'data: {"candidates": [{"content": 5}]}\n\n',
+}
 
 
 @pytest.mark.parametrize("body", GEMINI_NOT_STREAMS.values(), ids=GEMINI_NOT_STREAMS)
@@ -420,6 +425,54 @@ def test_a_gemini_stream_that_is_malformed_is_not_asked_again(client, fake_upstr
     assert excinfo.value.status_code == 502
     assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
     assert len(fake_upstream.requests) == 1
+
+
+GEMINI_HELLO = {"candidates": [{"content": {"parts": [{"text": "Hello"}], "role": "model"}, "index": 0}]}
+GEMINI_END = {
+    "candidates": [{"content": {"parts": [{"text": " world"}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "totalTokenCount": 5},
+}
+# What may come after a stream's first chunk that is no chunk of its protocol: not JSON, or JSON of another shape.
+GEMINI_LATER_MALFORMED = {
+    "not JSON": b"{not json}",
+    "a list": b"[1, 2]",
+    "no field of Gemini's": b'{"greeting": "hi"}',
+    "candidates not a list": b'{"candidates": "x"}',
+    "a candidate a number": b'{"candidates": [5]}',
+    "a content a number": b'{"candidates": [{"content": 5}]}',
+}
+
+
+def assert_ended_as_malformed(llmhub_server, client, body: bytes, marker: str) -> None:
+    """Stream ``body`` (a first chunk, the malformed one, then a finish): what a malformed chunk after the first is
+    on an OpenAI deployment (``test_odd_upstream_shapes``), the in-band error saying so and no ``[DONE]``, what was
+    relayed before it billed."""
+    messages = [{"role": "user", "content": "hello " + raw_directive(body, marker=marker)}]
+    lines, request_id = sse_lines(llmhub_server, client, "lonely", messages)
+
+    assert lines[-1] != "data: [DONE]", "a malformed chunk never ends in a clean [DONE]"
+    error = json.loads(lines[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_stream_interrupted" and "malformed" in error["message"], error
+    relayed = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in relayed if c["choices"]) == "Hello"
+    record = wait_for_record(request_id)
+    assert (record.status, record.error_type) == ("upstream_error", "upstream_stream_interrupted")
+    assert record.attempts == 1 and record.completion_tokens > 0
+
+
+@pytest.mark.parametrize("odd", GEMINI_LATER_MALFORMED.values(), ids=GEMINI_LATER_MALFORMED)
+def test_a_gemini_chunk_after_the_first_that_is_malformed_ends_the_stream_as_malformed(
+    llmhub_server, client, fake_upstream, odd
+):
+    """Before: JSON of another shape was left out by the SDK (the client got a clean [DONE], the reply with a hole in
+    it), a candidate that was a number ended the stream with our internal_error, and a chunk not JSON was a plain
+    interruption; now each is a malformed chunk, as on an OpenAI deployment."""
+    gemini = ProviderFactory(name="gem", kind=ProviderKind.GEMINI, base_url=fake_upstream.base_url)
+    single("lonely", gemini, "gemini-2.0-flash", DEAR)
+    body = b"".join(b"data: " + part + b"\n\n" for part in (json.dumps(GEMINI_HELLO).encode(), odd))
+    body += b"data: " + json.dumps(GEMINI_END).encode() + b"\n\n"
+
+    assert_ended_as_malformed(llmhub_server, client, body, "raw_gemini")
 
 
 def test_a_cohere_stream_with_no_event_is_malformed_and_not_asked_again(client, fake_upstream):
