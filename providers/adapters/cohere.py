@@ -5,17 +5,18 @@ plain ``httpx.AsyncClient`` built on ``providers.outbound``'s guarded backend fo
 address rules at connect time, no redirect off the provider's origin. The SDK's own retries are off
 (``max_retries=0``): ``upstream_deadline`` bounds a call, and a retry is the router's decision.
 
-Responses and stream events arrive as the SDK's pydantic models; they are read back as the wire's JSON
-(``.dict()``, by alias) and translated by the pure functions below, so that the translation is tested
-without a server. Cohere's finish reasons: ``COMPLETE``/``STOP_SEQUENCE`` → ``stop``, ``MAX_TOKENS`` →
-``length``, ``TOOL_CALL`` → ``tool_calls``, ``ERROR_TOXIC`` → ``content_filter`` (the model's output was
-withheld, which is what ``content_filter`` tells an OpenAI client); ``ERROR`` is a failure of the
+Responses arrive as the SDK's models, read back as the wire's JSON (``.dict()``, by alias); stream events are
+read from the raw response (``stream``); both are translated by the pure functions below, so that the
+translation is tested without a server. Cohere's finish reasons: ``COMPLETE``/``STOP_SEQUENCE`` → ``stop``,
+``MAX_TOKENS`` → ``length``, ``TOOL_CALL`` → ``tool_calls``, ``ERROR_TOXIC`` → ``content_filter`` (the model's
+output was withheld, which is what ``content_filter`` tells an OpenAI client); ``ERROR`` is a failure of the
 provider, raised as one.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ from .common import (
     stream_unfinished,
     upstream_deadline,
 )
+from .sse import sse_events
 
 # Given when the row has no key, so that the SDK never falls back to CO_API_KEY from the gateway's
 # environment: the provider then answers 401, which is the truth.
@@ -98,29 +100,41 @@ class CohereAdapter(BaseAdapter):
         return completion_from_cohere(data, model=body["model"])
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
+        """The SDK's request (its auth, its error classes for a refusal), the events read from its raw response
+        (``sse.sse_events``): its own reader leaves out, with a warning, an event that is not JSON or not of its
+        types, so a malformed event passed for none, and the reply went on with a hole in it."""
         request = self._translate(body)
         translator = StreamTranslator(model=body["model"])
-        upstream = self._client.chat_stream(**request)
+        opened = self._client.with_raw_response.chat_stream(**request)
         try:
             async with upstream_deadline(self.config):
-                first = await anext(upstream, None)
+                upstream: httpx.Response = (await opened.__aenter__())._response
         except _FAILURES as exc:
-            await upstream.aclose()
             raise self.map_error(exc) from None
+        began = done = False  # an event came; `[DONE]` came (what follows is read and left)
         try:
-            event = first
-            while event is not None:
-                for chunk in translator.feed(event.dict()):
+            async for event in sse_events(upstream.aiter_bytes()):
+                if done or not event.data:
+                    continue
+                if event.data == b"[DONE]":
+                    done = True
+                    continue
+                began = True
+                for chunk in translator.feed(_stream_event(event.data)):
                     yield WireChunk(chunk, None)
-                event = await anext(upstream, None)
         except _FAILURES as exc:
-            raise stream_interrupted(self.config, _interruption_reason(exc)) from None
+            # A ValueError: an event that is not JSON, or not Cohere's (``StreamTranslator``): malformed, as on an
+            # OpenAI deployment (``ProviderMalformedStreamError``).
+            malformed = isinstance(exc, ValueError)
+            if not began and not malformed:
+                raise self.map_error(exc) from None  # before any event: the failure of the call
+            raise stream_interrupted(self.config, _interruption_reason(exc), malformed=malformed) from None
         finally:
-            await upstream.aclose()
+            await opened.__aexit__(None, None, None)  # also on aclose() and cancellation: the response stops
         if translator.failed:
             raise stream_interrupted(self.config, "the provider reported an error.") from None
         if not translator.complete:
-            raise stream_unfinished(self.config, began=first is not None) from None
+            raise stream_unfinished(self.config, began=began) from None
 
     async def embed(self, body: dict[str, Any], *, kept: BatchesAnswered | None = None) -> dict[str, Any]:
         texts = body.get("input")
@@ -207,6 +221,44 @@ class CohereAdapter(BaseAdapter):
         if not isinstance(message, str):
             return ""
         return scrub(message.strip(), self.config)
+
+
+def _stream_event(data: bytes) -> dict[str, Any]:
+    """A stream event's JSON; ValueError for one that is not JSON (nor UTF-8), or not an object with a type."""
+    event = json.loads(data)
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise ValueError("not an event of Cohere's")
+    return event
+
+
+def _object(holder: dict[str, Any], name: str) -> dict[str, Any]:
+    """``holder[name]``, an object of Cohere's reply or event, {} when it has none; ValueError for another type: a
+    reply or an event that is not Cohere's, which the SDK passes on as it came."""
+    value = holder.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"a {name} that is not an object")
+    return value
+
+
+def _text(holder: dict[str, Any], name: str) -> str | None:
+    """``holder[name]``, a text of Cohere's (or None); ValueError for another type (see ``_object``)."""
+    value = holder.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"a {name} that is not text")
+    return value
+
+
+def _count(holder: dict[str, Any], name: str) -> int:
+    """``holder[name]``, a token count of Cohere's (its SDK reads them as floats), 0 when it has none; ValueError for
+    a value that counts nothing."""
+    value = holder.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 2**53:
+        raise ValueError(f"a {name} that is not a count")
+    return int(value)
 
 
 def _interruption_reason(exc: BaseException) -> str:
@@ -345,18 +397,18 @@ def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
 def usage_from_cohere(usage: dict[str, Any] | None) -> dict[str, Any]:
     """Billed units when Cohere gives them (what it charges for), else its raw token counts."""
     usage = usage or {}
-    billed = usage.get("billed_units") or {}
-    tokens = usage.get("tokens") or {}
-    prompt = int(billed.get("input_tokens") or tokens.get("input_tokens") or 0)
-    completion = int(billed.get("output_tokens") or tokens.get("output_tokens") or 0)
+    billed = _object(usage, "billed_units")
+    tokens = _object(usage, "tokens")
+    prompt = _count(billed, "input_tokens") or _count(tokens, "input_tokens")
+    completion = _count(billed, "output_tokens") or _count(tokens, "output_tokens")
     result: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    cached = usage.get("cached_tokens")
+    cached = _count(usage, "cached_tokens")
     if cached:
-        result["prompt_tokens_details"] = {"cached_tokens": int(cached)}
+        result["prompt_tokens_details"] = {"cached_tokens": cached}
     return result
 
 
@@ -419,30 +471,31 @@ class StreamTranslator:
         }
 
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks of one event; ValueError for an event whose fields this reads are not of Cohere's types."""
         kind = event.get("type")
-        delta = event.get("delta") or {}
-        message = delta.get("message") or {}
+        delta = _object(event, "delta")
+        message = _object(delta, "message")
         if kind == "message-start":
-            self.id = event.get("id") or self.id
+            self.id = _text(event, "id") or self.id
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content-delta":
-            text = (message.get("content") or {}).get("text")
+            text = _text(_object(message, "content"), "text")
             return [self._chunk({"content": text})] if text else []
         if kind == "tool-call-start":
-            call = message.get("tool_calls") or {}
+            call = _object(message, "tool_calls")
             self._tool_index += 1
-            function = call.get("function") or {}
+            function = _object(call, "function")
             return [
                 self._chunk(
                     {
                         "tool_calls": [
                             {
                                 "index": self._tool_index,
-                                "id": call.get("id") or "",
+                                "id": _text(call, "id") or "",
                                 "type": "function",
                                 "function": {
-                                    "name": function.get("name") or "",
-                                    "arguments": function.get("arguments") or "",
+                                    "name": _text(function, "name") or "",
+                                    "arguments": _text(function, "arguments") or "",
                                 },
                             }
                         ]
@@ -450,18 +503,18 @@ class StreamTranslator:
                 )
             ]
         if kind == "tool-call-delta":
-            arguments = ((message.get("tool_calls") or {}).get("function") or {}).get("arguments")
+            arguments = _text(_object(_object(message, "tool_calls"), "function"), "arguments")
             if not arguments:
                 return []
             return [self._chunk({"tool_calls": [{"index": self._tool_index, "function": {"arguments": arguments}}]})]
         if kind == "message-end":
-            reason = delta.get("finish_reason") or ""
+            reason = _text(delta, "finish_reason") or ""
             if reason == "ERROR":
                 self.failed = True
                 return []
             self.complete = True
             finish = FINISH_REASONS.get(reason, "stop")
-            usage_chunk = {**self._chunk({}), "choices": [], "usage": usage_from_cohere(delta.get("usage"))}
+            usage_chunk = {**self._chunk({}), "choices": [], "usage": usage_from_cohere(_object(delta, "usage"))}
             return [self._chunk({}, finish), usage_chunk]
         # content-start / content-end / tool-plan-delta / tool-call-end / citations: nothing to relay.
         return []

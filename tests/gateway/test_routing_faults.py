@@ -475,6 +475,40 @@ def test_a_gemini_chunk_after_the_first_that_is_malformed_ends_the_stream_as_mal
     assert_ended_as_malformed(llmhub_server, client, body, "raw_gemini")
 
 
+COHERE_HELLO = [
+    {"type": "message-start", "id": "r1", "delta": {"message": {"role": "assistant"}}},
+    {"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": "Hello"}}}},
+]
+COHERE_END = [
+    {"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": " world"}}}},
+    {"type": "message-end", "delta": {"finish_reason": "COMPLETE", "usage": {"billed_units": {"output_tokens": 2}}}},
+]
+COHERE_LATER_MALFORMED = {
+    "not JSON": b"{not json}",
+    "not UTF-8": b'{"type": "content-delta", "index": 0, "text": "\xff\xfe"}',
+    "a list": b"[1, 2]",
+    "no type": b'{"delta": {"message": {"content": {"text": "x"}}}}',
+    "a delta not an object": b'{"type": "content-delta", "index": 0, "delta": 5}',
+    "a text not text": b'{"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": 5}}}}',
+}
+
+
+@pytest.mark.parametrize("odd", COHERE_LATER_MALFORMED.values(), ids=COHERE_LATER_MALFORMED)
+def test_a_cohere_event_after_the_first_that_is_malformed_ends_the_stream_as_malformed(
+    llmhub_server, client, fake_upstream, odd
+):
+    """Before: the SDK left out, with a warning in the log, an event that was not JSON (nor UTF-8) or not of its
+    types, and the client got a clean [DONE] with a hole in the reply. Now each is a malformed event, as a chunk
+    is on an OpenAI deployment."""
+    cohere = ProviderFactory(name="co", kind=ProviderKind.COHERE, base_url=fake_upstream.base_url + "/cohere")
+    single("lonely", cohere, "command-r", DEAR)
+    events = [json.dumps(event).encode() for event in COHERE_HELLO] + [odd]
+    events += [json.dumps(event).encode() for event in COHERE_END]
+    body = b"".join(b"data: " + event + b"\n\n" for event in events)
+
+    assert_ended_as_malformed(llmhub_server, client, body, "raw_cohere")
+
+
 def test_a_cohere_stream_with_no_event_is_malformed_and_not_asked_again(client, fake_upstream):
     """Before: retried ``1 + retries`` times on the one deployment as a plain interruption; now one attempt."""
     cohere = ProviderFactory(name="co", kind=ProviderKind.COHERE, base_url=fake_upstream.base_url + "/cohere")
