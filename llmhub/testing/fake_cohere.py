@@ -134,7 +134,8 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         return cohere_error(400, "invalid request: messages cannot be empty.")
     if "raw_cohere" in conv.directives:  # as ``[[raw=...]]`` on OpenAI's route: exactly the bytes given
-        return await app._raw_answer(request, conv.directives["raw_cohere"], stream=stream)
+        encoding = conv.directives.get("raw_encoding")
+        return await app._raw_answer(request, conv.directives["raw_cohere"], stream=stream, encoding=encoding)
     stops = [stop for stop in body.get("stop_sequences") or [] if isinstance(stop, str)]
     tool = fake._openai_tool(body) if body.get("tool_choice") != "NONE" else None
     reply = fake._build_reply(conv, tool, fake._int_or_none(body.get("max_tokens")), stops, "call_", app.demo)

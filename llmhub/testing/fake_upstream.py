@@ -134,7 +134,8 @@ Replies
     base64 decodes to, with a 200: a stream's whole body (``text/event-stream``: its ``data:`` and ``event:`` lines
     as given, no ``[DONE]`` added), or a whole reply's (``application/json``, whether it is JSON or not), so that a
     test can send any shape an upstream might, odd or hostile (``raw_directive`` spells the marker);
-    ``[[raw_encoding=gzip]]`` beside it says the body is so encoded (``Content-Encoding``), whatever it holds.
+    ``[[raw_encoding=gzip]]`` beside it (or beside ``[[raw_cohere=...]]``) says the body is so encoded
+    (``Content-Encoding``), whatever it holds.
     ``[[stream=ignored]]`` (OpenAI's chat completions) answers a stream request as if ``stream`` were false: the
     whole reply (or the raw bytes) as ``application/json``, as vLLM, Ollama and proxy set-ups that ignore it do.
     ``[[raw_anthropic=BASE64]]``, ``[[raw_gemini=BASE64]]`` and ``[[raw_cohere=BASE64]]`` do the same on

@@ -24,9 +24,10 @@ from typing import Any
 
 import cohere
 import httpx
+import pydantic
 from cohere.core.api_error import ApiError
 
-from ..exceptions import ProviderBadRequestError, ProviderError
+from ..exceptions import ProviderBadRequestError, ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused, plain_outbound_client
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
@@ -94,10 +95,26 @@ class CohereAdapter(BaseAdapter):
                 response = await self._client.chat(**request)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
-        data = response.dict()
-        if data.get("finish_reason") == "ERROR":
-            raise ProviderError(f"The provider {self.config.name!r} reported an error.", provider=self.config.name)
-        return completion_from_cohere(data, model=body["model"])
+        except (TypeError, AttributeError, KeyError):
+            # The SDK makes its model of the 200's JSON unchecked, and JSON of another shape (a list, a text) fails
+            # there: no reply of Cohere's.
+            raise self._malformed() from None
+        try:
+            data = response.dict() if isinstance(response, pydantic.BaseModel) else None
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+            if data.get("finish_reason") == "ERROR":
+                raise ProviderError(f"The provider {self.config.name!r} reported an error.", provider=self.config.name)
+            return completion_from_cohere(data, model=body["model"])
+        except ValueError:  # fields of other types than Cohere's (``_object``, ``_text``, ``_count``)
+            raise self._malformed() from None
+
+    def _malformed(self) -> ProviderMalformedReplyError:
+        """A 200 that is no reply of Cohere's: routing moves on to the next deployment at once."""
+        return ProviderMalformedReplyError(
+            f"The provider {self.config.name!r} answered with something other than a chat response.",
+            provider=self.config.name,
+        )
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         """The SDK's request (its auth, its error classes for a refusal), the events read from its raw response
@@ -124,8 +141,8 @@ class CohereAdapter(BaseAdapter):
                     yield WireChunk(chunk, None)
         except _FAILURES as exc:
             # A ValueError: an event that is not JSON, or not Cohere's (``StreamTranslator``): malformed, as on an
-            # OpenAI deployment (``ProviderMalformedStreamError``).
-            malformed = isinstance(exc, ValueError)
+            # OpenAI deployment (``ProviderMalformedStreamError``); so is a body not the encoding it declared.
+            malformed = isinstance(exc, ValueError | httpx.DecodingError)
             if not began and not malformed:
                 raise self.map_error(exc) from None  # before any event: the failure of the call
             raise stream_interrupted(self.config, _interruption_reason(exc), malformed=malformed) from None
@@ -190,6 +207,17 @@ class CohereAdapter(BaseAdapter):
         ]
 
     def map_error(self, exc: BaseException) -> ProviderError:
+        config = self.config
+        if isinstance(exc, ApiError) and exc.status_code is not None and 200 <= exc.status_code < 300:
+            # The SDK raises its ApiError, with the 200's own status, for a body it could not read as JSON.
+            return ProviderMalformedReplyError(
+                f"The provider {config.name!r} answered with malformed JSON.", provider=config.name
+            )
+        if isinstance(exc, httpx.DecodingError):  # plain httpx's: ``common.undecodable`` knows httpx2's
+            return ProviderMalformedReplyError(
+                f"The provider {config.name!r} answered with a malformed body (not the encoding it declared).",
+                provider=config.name,
+            )
         if isinstance(exc, ApiError) and exc.status_code is not None:
             message = self._upstream_message(exc.body) or f"HTTP {exc.status_code}"
             return error_for_status(
@@ -262,6 +290,8 @@ def _count(holder: dict[str, Any], name: str) -> int:
 
 
 def _interruption_reason(exc: BaseException) -> str:
+    if isinstance(exc, httpx.DecodingError):
+        return "the provider sent a malformed body (not the encoding it declared)."
     if isinstance(exc, httpx.TimeoutException):
         return "no data arrived in time."
     if isinstance(exc, httpx.TransportError):
@@ -412,29 +442,40 @@ def usage_from_cohere(usage: dict[str, Any] | None) -> dict[str, Any]:
     return result
 
 
-def _tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+def _objects(holder: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """``holder[name]``, a list of objects of Cohere's, [] when it has none; ValueError for another type."""
+    value = holder.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"a {name} that is not a list of objects")
+    return value
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
-            "id": call.get("id") or "",
+            "id": _text(call, "id") or "",
             "type": "function",
             "function": {
-                "name": (call.get("function") or {}).get("name") or "",
-                "arguments": (call.get("function") or {}).get("arguments") or "{}",
+                "name": _text(_object(call, "function"), "name") or "",
+                "arguments": _text(_object(call, "function"), "arguments") or "{}",
             },
         }
-        for call in calls or []
+        for call in calls
     ]
 
 
 def completion_from_cohere(response: dict[str, Any], *, model: str) -> dict[str, Any]:
-    message = response.get("message") or {}
-    text = "".join(part.get("text") or "" for part in message.get("content") or [] if part.get("type") == "text")
-    calls = _tool_calls(message.get("tool_calls"))
+    """The chat completion of a reply of Cohere's; ValueError for one whose fields are not of Cohere's types."""
+    message = _object(response, "message")
+    text = "".join(_text(part, "text") or "" for part in _objects(message, "content") if part.get("type") == "text")
+    calls = _tool_calls(_objects(message, "tool_calls"))
     reply: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else ""), "refusal": None}
     if calls:
         reply["tool_calls"] = calls
     return {
-        "id": response.get("id") or "",
+        "id": _text(response, "id") or "",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -443,10 +484,10 @@ def completion_from_cohere(response: dict[str, Any], *, model: str) -> dict[str,
                 "index": 0,
                 "message": reply,
                 "logprobs": None,
-                "finish_reason": FINISH_REASONS.get(response.get("finish_reason") or "", "stop"),
+                "finish_reason": FINISH_REASONS.get(_text(response, "finish_reason") or "", "stop"),
             }
         ],
-        "usage": usage_from_cohere(response.get("usage")),
+        "usage": usage_from_cohere(_object(response, "usage")),
     }
 
 

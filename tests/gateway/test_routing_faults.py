@@ -523,6 +523,53 @@ def test_a_cohere_stream_with_no_event_is_malformed_and_not_asked_again(client, 
     assert len(fake_upstream.requests) == 1
 
 
+# What a Cohere deployment might answer a chat with that is no reply of Cohere's: not JSON (nor UTF-8), another shape.
+COHERE_NOT_REPLIES = {
+    "not JSON": b"<html>Bad gateway</html>",
+    "not UTF-8": b'{"id": "r", "finish_reason": "COMPLETE", "message": {"role": "assistant", "x": "\xff\xfe"}}',
+    "a list": b"[1, 2]",
+    "text": b'"hello"',
+    "a message a number": b'{"id": "r", "finish_reason": "COMPLETE", "message": 5}',
+    "a content not a list": b'{"id": "r", "finish_reason": "COMPLETE", "message": {"content": 5}}',
+    "a text not text": b'{"id": "r", "message": {"content": [{"type": "text", "text": 5}]}}',
+    "usage not counts": b'{"id": "r", "message": {"content": []}, "usage": {"billed_units": {"input_tokens": "x"}}}',
+}
+
+
+@pytest.mark.parametrize("reply", COHERE_NOT_REPLIES.values(), ids=COHERE_NOT_REPLIES)
+def test_a_cohere_reply_that_is_malformed_moves_on_at_once(client, fake_upstream, reply):
+    """Before: JSON of another shape was our 500 internal_error (the SDK passes it on unread, and reading it
+    failed), and a body not JSON a 502 quoting it, the fallback never asked; now, as on an OpenAI deployment, a
+    malformed reply: the next deployment (here the fallback model's) at once."""
+    cohere = ProviderFactory(name="co", kind=ProviderKind.COHERE, base_url=fake_upstream.base_url + "/cohere")
+    single("lonely", cohere, "command-r", CHEAP, retries=3, fallbacks=["backup"])
+    claude = ProviderFactory(name="spare", kind=ProviderKind.ANTHROPIC, base_url=fake_upstream.base_url)
+    single("backup", claude, "fake-claude-haiku", DEAR)
+    messages = [{"role": "user", "content": "hello " + raw_directive(reply, marker="raw_cohere")}]
+
+    raw = client.chat.completions.with_raw_response.create(model="lonely", messages=messages)
+
+    assert_answered_by(raw, deployment="spare", attempts=2, model="backup")
+    assert [entry["path"] for entry in fake_upstream.requests] == ["/cohere/v2/chat", "/v1/messages"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_cohere_body_that_is_not_the_gzip_it_says_is_a_malformed_reply(client, fake_upstream, stream):
+    """Before: "failed unexpectedly (DecodingError)", retried ``1 + retries`` times on the one deployment; now, as on
+    an OpenAI deployment, a malformed reply: one attempt, a 502 that says what came."""
+    cohere = ProviderFactory(name="co", kind=ProviderKind.COHERE, base_url=fake_upstream.base_url + "/cohere")
+    single("lonely", cohere, "command-r", CHEAP, retries=3)
+    text = "hello " + raw_directive(b"this is not gzip at all", marker="raw_cohere") + " [[raw_encoding=gzip]]"
+
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        client.chat.completions.create(model="lonely", messages=[{"role": "user", "content": text}], stream=stream)
+
+    assert excinfo.value.status_code == 502
+    assert "malformed" in excinfo.value.message and "DecodingError" not in excinfo.value.message
+    assert excinfo.value.response.headers["x-llmhub-attempts"] == "1"
+    assert len(fake_upstream.requests) == 1
+
+
 def test_a_stream_that_fails_before_its_first_chunk_falls_over_cleanly(client, fake_upstream):
     routed(fake_upstream, "fault-503")
 
