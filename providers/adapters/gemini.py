@@ -285,11 +285,13 @@ async def _next_response(upstream: AsyncIterator[genai_types.GenerateContentResp
 
 
 def _holds_gemini_chunk(response: dict[str, Any]) -> bool:
-    """Whether a stream's chunk, as the SDK read it, holds anything of Gemini's: a candidate, prompt feedback or usage.
-    The SDK leaves out every field it does not know, so JSON of another shape comes out empty."""
-    return bool(response.get("prompt_feedback") or response.get("usage_metadata")) or any(
-        response.get("candidates") or ()
-    )
+    """Whether a stream's chunk, as the SDK read it, holds anything of Gemini's: a candidate, prompt feedback or usage,
+    or only the response's id or model version (nothing to relay, but Gemini's own). The SDK leaves out every field it
+    does not know, so JSON of another shape comes out empty."""
+    return any(response.get(name) for name in _GEMINI_CHUNK_FIELDS) or any(response.get("candidates") or ())
+
+
+_GEMINI_CHUNK_FIELDS = ("prompt_feedback", "usage_metadata", "response_id", "model_version")
 
 
 def _dump(response: genai_types.GenerateContentResponse) -> dict[str, Any]:

@@ -475,6 +475,24 @@ def test_a_gemini_chunk_after_the_first_that_is_malformed_ends_the_stream_as_mal
     assert_ended_as_malformed(llmhub_server, client, body, "raw_gemini")
 
 
+def test_a_gemini_chunk_that_holds_only_its_id_and_model_version_is_not_malformed(llmhub_server, client, fake_upstream):
+    """A chunk with nothing to relay but fields of Gemini's own (its response id, its model version) is Gemini's,
+    not JSON of another shape: the stream goes on to its end, whole."""
+    gemini = ProviderFactory(name="gem", kind=ProviderKind.GEMINI, base_url=fake_upstream.base_url)
+    single("lonely", gemini, "gemini-2.0-flash", DEAR)
+    bare = {"responseId": "r1", "modelVersion": "gemini-2.0-flash-001"}
+    parts = (json.dumps(GEMINI_HELLO).encode(), json.dumps(bare).encode(), json.dumps(GEMINI_END).encode())
+    body = b"".join(b"data: " + part + b"\n\n" for part in parts)
+    messages = [{"role": "user", "content": "hello " + raw_directive(body, marker="raw_gemini")}]
+
+    lines, request_id = sse_lines(llmhub_server, client, "lonely", messages)
+
+    assert lines[-1] == "data: [DONE]"
+    relayed = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in relayed if c["choices"]) == "Hello world"
+    assert wait_for_record(request_id).status == "ok"
+
+
 COHERE_HELLO = [
     {"type": "message-start", "id": "r1", "delta": {"message": {"role": "assistant"}}},
     {"type": "content-delta", "index": 0, "delta": {"message": {"content": {"text": "Hello"}}}},
