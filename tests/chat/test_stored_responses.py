@@ -239,3 +239,40 @@ def test_the_admin_does_not_delete_a_response_others_continue(admin_client):
     assert StoredResponse.objects.filter(pk=first.pk).exists()
     admin_client.post(reverse("admin:chat_storedresponse_delete", args=[second.pk]), {"post": "yes"})
     assert list(StoredResponse.objects.all()) == [first]
+
+
+def chain_of(user, length: int, *, start: int = 1, previous: StoredResponse | None = None, now: datetime = NOW):
+    """``length`` responses each continuing the one before, made as ``stored_response_save`` makes them (a
+    reference, their own items), without reading each chain back: long chains in a few seconds."""
+    made = []
+    for number in range(start, start + length):
+        previous = StoredResponse.objects.create(
+            response_id=f"resp_{number}",
+            owner=user,
+            model_name="gpt-test",
+            status="completed",
+            previous=previous,
+            input_items=[{"id": f"msg_in{number}", "type": "message", "role": "user", "content": []}],
+            created_at=now,
+            expires_at=now + timedelta(days=30),
+        )
+        made.append(previous)
+    return made
+
+
+@pytest.mark.parametrize("batch_size", [1000, 300])
+def test_the_task_deletes_a_long_dead_chain_in_a_few_statements(settings, batch_size):
+    """A chain that ended (its last response expired) goes whole in one pass, or in whole chains' ends per batch:
+    not one row per pass (a 1,000-deep chain took 1,000 passes of several queries). A dead one that a live branch
+    continues, and those before it, are kept; a dead branch beside it goes."""
+    user = UserFactory()
+    dead = chain_of(user, 1000, now=NOW - timedelta(days=31))
+    root, *_ = kept = chain_of(user, 3, start=2000, now=NOW - timedelta(days=31))
+    live = chain_of(user, 1, start=3000, previous=kept[-1], now=NOW)  # continues the expired ones
+    beside = chain_of(user, 2, start=4000, previous=kept[1], now=NOW - timedelta(days=31))  # a dead branch
+    with time_machine.travel(NOW, tick=False), CaptureQueriesContext(connection) as queries:
+        assert stored_responses_expire(batch_size=batch_size) == len(dead) + len(beside)
+    assert len(queries) <= 3 * (len(dead) // batch_size + 2)  # a batch: its statement, in a transaction
+    assert set(StoredResponse.objects.values_list("pk", flat=True)) == {row.pk for row in [*kept, *live]}
+    assert len(stored_response_input(live[0]).items) == 4  # its chain read whole, from ``root`` on
+    assert stored_response_input(live[0]).length == 4 and root.previous_id is None
