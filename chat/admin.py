@@ -6,6 +6,7 @@ from django.contrib import admin
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.selectors import user_ids_named
@@ -13,6 +14,8 @@ from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter
 
 from .models import Conversation, Message, StoredResponse
+from .selectors import stored_responses_dead, stored_responses_removal
+from .services_responses import stored_responses_remove
 
 
 class MessageInline(admin.TabularInline):
@@ -119,15 +122,37 @@ class StoredResponseStatusFilter(admin.SimpleListFilter):
         return queryset.filter(status=self.value()) if self.value() else queryset
 
 
+class StoredResponseHiddenFilter(admin.SimpleListFilter):
+    """Those gone for their owner (a 404) but kept for the chains of live responses that continue them: deleted by
+    their owner, or expired (``chat.services_responses``); each through an index."""
+
+    title = "hidden"
+    parameter_name = "hidden"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("deleted", "deleted, kept for a chain"), ("expired", "expired, kept for a chain"), ("no", "no")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[StoredResponse]) -> QuerySet[StoredResponse]:
+        now = timezone.now()
+        if self.value() == "deleted":
+            return queryset.filter(deleted_at__isnull=False)
+        if self.value() == "expired":
+            return queryset.filter(deleted_at__isnull=True, expires_at__lte=now)
+        if self.value() == "no":
+            return queryset.exclude(stored_responses_dead(now))
+        return queryset
+
+
 @admin.register(StoredResponse)
 class StoredResponseAdmin(admin.ModelAdmin):
     """Read-only, as a conversation's messages are shown: written by ``POST /v1/responses``, read (or deleted) by
     their owner over ``/v1/responses/{id}``, deleted at the end of their retention. A chained one holds its own input
-    items and names the one it continued (``previous``). An admin may delete one that no other continues (Django's
-    page for protected objects names those that do)."""
+    items and names the one it continued (``previous``); one hidden (deleted or expired, kept for a chain) says so.
+    An admin's delete removes the data: the response, every response that continues it, and the hidden ones before
+    it kept for it alone (``stored_responses_removal``), all listed on the confirmation page."""
 
-    list_display = ["response_id", "owner", "model_name", "status", "created_at", "expires_at"]
-    list_filter = [StoredResponseStatusFilter, CatalogModelNameFilter]
+    list_display = ["response_id", "owner", "model_name", "status", "hidden", "created_at", "expires_at"]
+    list_filter = [StoredResponseStatusFilter, StoredResponseHiddenFilter, CatalogModelNameFilter]
     ordering = ["-id"]
     show_full_result_count = False
     paginator = EstimatedCountPaginator
@@ -167,6 +192,26 @@ class StoredResponseAdmin(admin.ModelAdmin):
         if not term:
             return queryset, False
         return queryset.filter(Q(response_id=term) | Q(owner_id__in=user_ids_named(term))), False
+
+    @admin.display(description="hidden")
+    def hidden(self, stored: StoredResponse) -> str | None:
+        """Gone for its owner, kept for a chain: ``deleted`` by them or ``expired``; None: not hidden."""
+        if stored.deleted_at is not None:
+            return "deleted"
+        return "expired" if stored.expires_at <= timezone.now() else None
+
+    def get_deleted_objects(
+        self, objs: QuerySet[StoredResponse] | list[StoredResponse], request: HttpRequest
+    ) -> tuple[list[Any], dict[str, int], set[str], list[Any]]:
+        # What the delete takes, listed as Django lists a cascade: those continuing them are not protecting them.
+        taken = stored_responses_removal([stored.pk for stored in objs])
+        return super().get_deleted_objects(StoredResponse.objects.filter(pk__in=taken), request)
+
+    def delete_model(self, request: HttpRequest, obj: StoredResponse) -> None:
+        stored_responses_remove([obj.pk])
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[StoredResponse]) -> None:
+        stored_responses_remove(list(queryset.values_list("pk", flat=True)))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

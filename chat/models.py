@@ -130,7 +130,7 @@ class StoredResponse(models.Model):
     # response; a chain too long to follow further, kept whole again; and every row from before references, which
     # kept each its whole input). One that others continue cannot be deleted (they could not be read whole): its
     # owner's delete hides it (``deleted_at``), and it goes when none refers to it any more; its user's deletion
-    # takes the whole chain.
+    # takes the whole chain, an admin's delete it and those continuing it (``stored_responses_remove``).
     previous = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.RESTRICT, related_name="+", editable=False
     )

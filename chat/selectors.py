@@ -190,6 +190,49 @@ def stored_responses_reached(*, reach: ConversationReach, now: datetime | None =
     )
 
 
+def stored_responses_dead(now: datetime) -> Q:
+    """Stored responses gone for their owner: expired, or deleted while others continued them (kept, hidden, for
+    those responses' chains)."""
+    return Q(expires_at__lte=now) | Q(deleted_at__isnull=False)
+
+
+def stored_responses_removal(pks: list[int], *, now: datetime | None = None) -> list[int]:
+    """What deleting the stored responses ``pks`` as data (an admin's delete) takes, by primary key: them, every
+    response that continues them (at any depth: their chains could not be read without them), and the hidden ones
+    before them (expired, or deleted by their owner) kept for them alone, which nothing else refers to any more."""
+    if not pks:
+        return []
+    now = now or timezone.now()
+    table = connection.ops.quote_name(StoredResponse._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH RECURSIVE taken(id) AS (
+                SELECT id FROM {table} WHERE id IN ({", ".join(["%s"] * len(pks))})
+                UNION
+                SELECT r.id FROM {table} r JOIN taken t ON r.previous_id = t.id
+            )
+            SELECT id FROM taken
+            """,  # noqa: S608 (the table's name is ours; the values are parameters)
+            list(pks),
+        )
+        taken = {row[0] for row in cursor.fetchall()}
+    # Up each chain from the ones taken: one before them goes while it is hidden and what continues it is all taken.
+    reached = StoredResponse.objects.filter(pk__in=taken, previous__isnull=False).exclude(previous__in=taken)
+    ends = set(reached.values_list("previous_id", flat=True))
+    while ends:
+        dead = set(StoredResponse.objects.filter(stored_responses_dead(now), pk__in=ends).values_list("pk", flat=True))
+        continuing = StoredResponse.objects.filter(previous__in=dead).exclude(pk__in=taken)
+        freed = dead - set(continuing.values_list("previous_id", flat=True))
+        taken |= freed
+        ends = set(
+            StoredResponse.objects.filter(pk__in=freed, previous__isnull=False)
+            .exclude(previous__in=taken)
+            .values_list("previous_id", flat=True)
+        )
+    return sorted(taken)
+
+
 def stored_response_id_storable(response_id: str) -> bool:
     """Whether a row could have ``response_id``: one with a NUL (PostgreSQL refuses it in a query) or a lone
     surrogate (UTF-8 cannot encode it) is no response's, and asking the database for it is a 500."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from core.text import json_storable, text_storable
@@ -20,7 +20,9 @@ from .selectors import (
     STORED_CHAIN_MAX_LENGTH,
     ConversationReach,
     stored_response_id_storable,
+    stored_responses_dead,
     stored_responses_reached,
+    stored_responses_removal,
 )
 
 EXPIRE_BATCH_SIZE = 1000
@@ -79,9 +81,12 @@ def stored_response_delete(*, reach: ConversationReach, response_id: str, now: d
     return True
 
 
-def _dead(now: datetime) -> Q:
-    """Stored responses gone for their owner: expired, or deleted while others continued them."""
-    return Q(expires_at__lte=now) | Q(deleted_at__isnull=False)
+def stored_responses_remove(pks: list[int], *, now: datetime | None = None) -> int:
+    """Delete the stored responses ``pks`` as data (an admin's delete), with what that takes
+    (``stored_responses_removal``: those continuing them, and the hidden ones kept for them alone); how many went."""
+    taken = stored_responses_removal(pks, now=now)
+    with transaction.atomic():
+        return StoredResponse.objects.filter(pk__in=taken).delete()[0]
 
 
 def _unreferred() -> Exists:
@@ -94,12 +99,16 @@ def _stored_chain_prune(pk: int | None, *, now: datetime) -> None:
     before it, and so on: what was kept for it alone goes with it. Each its own transaction, whose end checks the
     reference (deferred): one that a response kept meanwhile refers to stays (the database refuses its deletion)."""
     while pk is not None:
-        found = StoredResponse.objects.filter(_dead(now), _unreferred(), pk=pk).values("previous_id").first()
+        found = (
+            StoredResponse.objects.filter(stored_responses_dead(now), _unreferred(), pk=pk)
+            .values("previous_id")
+            .first()
+        )
         if found is None:
             return
         try:
             with transaction.atomic():
-                StoredResponse.objects.filter(_dead(now), _unreferred(), pk=pk).delete()
+                StoredResponse.objects.filter(stored_responses_dead(now), _unreferred(), pk=pk).delete()
         except IntegrityError:
             return
         pk = found["previous_id"]

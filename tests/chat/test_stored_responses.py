@@ -228,17 +228,65 @@ def test_a_chain_that_loops_is_not_found_and_logged(caplog):
     assert any("resp_2" in record.getMessage() for record in caplog.records)
 
 
-def test_the_admin_does_not_delete_a_response_others_continue(admin_client):
-    """Those continuing it could not be read whole: the admin says which (Django's page for protected objects); the
-    last one deletes."""
-    first, second = turns(UserFactory(username="alice"), 2)
-    shown = admin_client.get(reverse("admin:chat_storedresponse_change", args=[second.pk])).content.decode()
-    assert "resp_1" in shown and "turn 2" in shown  # the one it continued, and its own input
-    page = admin_client.post(reverse("admin:chat_storedresponse_delete", args=[first.pk]), {"post": "yes"})
-    assert page.status_code == 200 and "resp_2" in page.content.decode()
-    assert StoredResponse.objects.filter(pk=first.pk).exists()
-    admin_client.post(reverse("admin:chat_storedresponse_delete", args=[second.pk]), {"post": "yes"})
-    assert list(StoredResponse.objects.all()) == [first]
+def test_the_admin_deletes_a_response_with_those_continuing_it_and_the_hidden_ones_kept_for_it_alone(
+    admin_client, settings
+):
+    """An admin's delete is a data removal: the response, every response that continues it (listed on the
+    confirmation page, as Django lists a cascade), and the hidden ones before it that nothing live refers to any
+    more. Another chain, and a hidden one a live branch still continues, stay."""
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory(username="alice")
+    reach = ConversationReach(user_id=user.pk)
+    _, second, third, _ = turns(user, 4)  # from NOW, a day apart
+    chain_of(user, 1, start=5, previous=third)  # a branch: the fourth and the fifth continue the third
+    other = stored(user, number=9)
+    with time_machine.travel(NOW + timedelta(days=5), tick=False):
+        assert stored_response_delete(reach=reach, response_id="resp_1")  # hidden: kept for the second
+        assert stored_response_delete(reach=reach, response_id="resp_2")  # hidden: kept for the third
+        shown = admin_client.get(reverse("admin:chat_storedresponse_change", args=[second.pk])).content.decode()
+        assert "resp_1" in shown and "turn 2" in shown  # the one it continued, and its own input
+        url = reverse("admin:chat_storedresponse_delete", args=[third.pk])
+        page = admin_client.get(url)
+        assert page.status_code == 200 and "protected" not in page.content.decode().lower()
+        listed = str(page.context["deleted_objects"])
+        for taken in ("resp_1", "resp_2", "resp_3", "resp_4", "resp_5"):
+            assert taken in listed
+        assert "resp_9" not in listed
+        assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    assert list(StoredResponse.objects.all()) == [other]
+
+    # Of a branch: the other branch still continues the hidden ones, which stay.
+    first, second, third = turns(user, 3, start=10)
+    fourth = chain_of(user, 1, start=20, previous=second)[0]
+    with time_machine.travel(NOW + timedelta(days=5), tick=False):
+        assert stored_response_delete(reach=reach, response_id=second.response_id)  # hidden, kept for both
+        response = admin_client.post(
+            reverse("admin:chat_storedresponse_changelist"),
+            {"action": "delete_selected", "_selected_action": [third.pk], "post": "yes"},
+        )
+        assert response.status_code == 302
+    assert set(StoredResponse.objects.all()) == {other, first, second, fourth}
+    assert len(stored_response_input(fourth).items) == 5  # its chain whole
+
+
+def test_the_admin_lists_the_hidden_ones_as_such(admin_client, settings):
+    """Deleted by their owner, or expired, but kept for a chain that continues them: a column and a filter say so."""
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory()
+    first, second, third = turns(user, 3, now=NOW - timedelta(days=30, hours=12))  # the first expired, kept
+    with time_machine.travel(NOW, tick=False):
+        assert stored_response_delete(reach=ConversationReach(user_id=user.pk), response_id="resp_2")
+        changelist = reverse("admin:chat_storedresponse_changelist")
+        page = admin_client.get(changelist)
+        rows = {row.response_id: row for row in page.context["cl"].result_list}
+        assert [page.context["cl"].model_admin.hidden(rows[name]) for name in ("resp_1", "resp_2", "resp_3")] == [
+            "expired",
+            "deleted",
+            None,
+        ]
+        assert "hidden" in page.content.decode()
+        for value, expected in (("deleted", [second]), ("expired", [first]), ("no", [third])):
+            assert list(admin_client.get(changelist, {"hidden": value}).context["cl"].result_list) == expected
 
 
 def chain_of(user, length: int, *, start: int = 1, previous: StoredResponse | None = None, now: datetime = NOW):
