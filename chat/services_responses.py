@@ -83,9 +83,18 @@ def stored_response_delete(*, reach: ConversationReach, response_id: str, now: d
 
 def stored_responses_remove(pks: list[int], *, now: datetime | None = None) -> int:
     """Delete the stored responses ``pks`` as data (an admin's delete), with what that takes
-    (``stored_responses_removal``: those continuing them, and the hidden ones kept for them alone); how many went."""
-    taken = stored_responses_removal(pks, now=now)
+    (``stored_responses_removal``: those continuing them, and the hidden ones kept for them alone); how many went.
+    What it takes is locked, then found again until it holds no new one: a response kept meanwhile continuing one of
+    them is taken too (its chain could not be read without them), and one kept after the lock is refused by the
+    database (its reference is checked against the locked row, deleted), answered ``store: false``."""
     with transaction.atomic():
+        taken = stored_responses_removal(pks, now=now)
+        while True:
+            list(StoredResponse.objects.select_for_update().filter(pk__in=taken).values_list("pk", flat=True))
+            found = stored_responses_removal(pks, now=now)
+            if found == taken:
+                break
+            taken = found
         return StoredResponse.objects.filter(pk__in=taken).delete()[0]
 
 

@@ -3,11 +3,12 @@ conversations), the retention task's batches, and the admin, which shows them re
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
@@ -16,7 +17,12 @@ from chat import selectors
 from chat.models import StoredResponse
 from chat.responses_chain import chain
 from chat.selectors import ConversationReach, NotFoundError, stored_response_get, stored_response_input
-from chat.services_responses import stored_response_delete, stored_response_save, stored_responses_expire
+from chat.services_responses import (
+    stored_response_delete,
+    stored_response_save,
+    stored_responses_expire,
+    stored_responses_remove,
+)
 from chat.tasks import stored_responses_expire_task
 from tests.factories import UserFactory
 
@@ -324,3 +330,65 @@ def test_the_task_deletes_a_long_dead_chain_in_a_few_statements(settings, batch_
     assert set(StoredResponse.objects.values_list("pk", flat=True)) == {row.pk for row in [*kept, *live]}
     assert len(stored_response_input(live[0]).items) == 4  # its chain read whole, from ``root`` on
     assert stored_response_input(live[0]).length == 4 and root.previous_id is None
+
+
+def test_the_admin_deletes_a_response_continued_while_it_deletes_it(admin_client, monkeypatch):
+    """A response continuing the chain is kept between the moment the admin's delete finds what it takes and the
+    deletion (forced here: kept right after it is found): it goes too (it could not be read whole), never a 500
+    (the protected page, or the database refusing the deletion), never a row that refers to none."""
+    from chat import services_responses
+
+    user = UserFactory()
+    first, second = turns(user, 2)
+    found = services_responses.stored_responses_removal
+    late: list[StoredResponse] = []
+
+    def found_then_continued(pks, **kwargs):
+        taken = found(pks, **kwargs)
+        if not late:
+            late.extend(turns(user, 1, start=3, previous=second))
+        return taken
+
+    monkeypatch.setattr(services_responses, "stored_responses_removal", found_then_continued)
+    response = admin_client.post(reverse("admin:chat_storedresponse_delete", args=[first.pk]), {"post": "yes"})
+    assert response.status_code == 302 and late
+    assert not StoredResponse.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="two writers at once (SQLite has one)")
+@pytest.mark.parametrize("deleter", ["owner", "admin"])
+def test_a_response_kept_on_another_connection_as_its_chain_is_deleted_is_refused_by_the_database(deleter):
+    """Two connections: a response continuing the second is written (not yet committed) while its owner deletes the
+    second (which none continues that it can see: it goes at once), or an admin deletes the chain. The deletion is
+    not held up; the new row's reference, checked at its commit, is refused (the request answers ``store: false``),
+    and no row is left referring to none."""
+    user = UserFactory()
+    first, second = turns(user, 2)
+    written, release = threading.Event(), threading.Event()
+    refused: list[Exception] = []
+
+    def keep() -> None:
+        try:
+            with transaction.atomic():
+                turns(user, 1, start=3, previous=second)
+                written.set()
+                release.wait(10)
+        except IntegrityError as exc:
+            refused.append(exc)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=keep)
+    thread.start()
+    try:
+        assert written.wait(10)
+        if deleter == "owner":
+            assert stored_response_delete(reach=ConversationReach(user_id=user.pk), response_id=second.response_id)
+        else:
+            assert stored_responses_remove([first.pk]) == 2
+    finally:
+        release.set()
+        thread.join(10)
+    assert len(refused) == 1
+    assert list(StoredResponse.objects.all()) == ([first] if deleter == "owner" else [])
