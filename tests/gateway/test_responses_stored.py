@@ -517,3 +517,51 @@ def test_a_deleted_response_others_continue_is_gone_for_its_owner_and_kept_for_t
     assert set(StoredResponse.objects.values_list("response_id", flat=True)) == {first.id, second.id}
     client.responses.delete(second.id)
     assert not StoredResponse.objects.exists()  # the hidden first, kept for the second alone, went with it
+
+
+def _dangling() -> list[str]:
+    """Stored responses whose ``previous`` names no row (what the database's reference must never let be)."""
+    known = set(StoredResponse.objects.values_list("pk", flat=True))
+    return [row.response_id for row in StoredResponse.objects.exclude(previous=None) if row.previous_id not in known]
+
+
+@pytest.mark.parametrize("deleted_first", [True, False])
+def test_a_response_kept_as_the_one_it_continues_is_deleted(gateway, monkeypatch, deleted_first):
+    """The owner deletes a response while a request continuing it is answered: the order is forced at the moment
+    the new one is kept (the real deletion, then the real save, or the other way round). Deleted first, it went at
+    once (none continued it): the database refuses the new row's reference and the answer says ``store: false``.
+    Kept first, the deleted one is hidden and kept for the new one's chain. Never a 500, never a row that refers to
+    none."""
+    from chat import api_responses
+    from chat.selectors import ConversationReach
+    from chat.services_responses import stored_response_delete
+
+    client = gateway.client()
+    first = client.responses.create(model="gpt-test", input="first [[reply=one]]")
+    save = api_responses.stored_response_save
+    reach = ConversationReach(user_id=gateway.user.pk)
+
+    def save_around_the_delete(**kwargs):
+        if deleted_first:
+            assert stored_response_delete(reach=reach, response_id=first.id)
+            return save(**kwargs)
+        kept = save(**kwargs)
+        assert stored_response_delete(reach=reach, response_id=first.id)
+        return kept
+
+    monkeypatch.setattr(api_responses, "stored_response_save", save_around_the_delete)
+    second = client.responses.create(model="gpt-test", previous_response_id=first.id, input="second [[reply=two]]")
+    monkeypatch.undo()
+    assert second.output_text == "two" and second.store is (not deleted_first)
+    assert wait_for_record(_request_id(second.id)).status == "ok"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    assert _dangling() == []
+    if deleted_first:
+        assert not StoredResponse.objects.exists()
+        return
+    assert StoredResponse.objects.get(response_id=first.id).deleted_at is not None
+    listed = [item.content[0].text for item in client.responses.input_items.list(second.id, order="asc").data]
+    assert listed == ["first [[reply=one]]", "one", "second [[reply=two]]"]
+    client.responses.delete(second.id)  # the last one: the hidden one kept for it alone goes with it
+    assert not StoredResponse.objects.exists()
