@@ -217,20 +217,53 @@ def stored_responses_removal(pks: list[int], *, now: datetime | None = None) -> 
             list(pks),
         )
         taken = {row[0] for row in cursor.fetchall()}
-    # Up each chain from the ones taken: one before them goes while it is hidden and what continues it is all taken.
     reached = StoredResponse.objects.filter(pk__in=taken, previous__isnull=False).exclude(previous__in=taken)
-    ends = set(reached.values_list("previous_id", flat=True))
-    while ends:
-        dead = set(StoredResponse.objects.filter(stored_responses_dead(now), pk__in=ends).values_list("pk", flat=True))
-        continuing = StoredResponse.objects.filter(previous__in=dead).exclude(pk__in=taken)
-        freed = dead - set(continuing.values_list("previous_id", flat=True))
-        taken |= freed
-        ends = set(
-            StoredResponse.objects.filter(pk__in=freed, previous__isnull=False)
-            .exclude(previous__in=taken)
-            .values_list("previous_id", flat=True)
-        )
+    taken |= stored_responses_freed(set(reached.values_list("previous_id", flat=True)), taken=taken, now=now)
     return sorted(taken)
+
+
+def stored_responses_freed(starts: set[int], *, taken: set[int], now: datetime) -> set[int]:
+    """The hidden stored responses (expired, or deleted by their owner) kept for ``taken`` alone, by primary key:
+    from each of ``starts`` up its chain, one goes while it is hidden and every response continuing it is taken or
+    goes; the first that stays ends the walk. One recursive query a start (its chain, each one's state and those
+    continuing it), however long the chain."""
+    freed: set[int] = set()
+    table = connection.ops.quote_name(StoredResponse._meta.db_table)
+    at = connection.ops.adapt_datetimefield_value(now)
+    for start in sorted(starts, reverse=True):
+        with connection.cursor() as cursor:
+            cursor.execute(_STORED_CHAIN_STATE.format(table=table), [at, start, at, STORED_CHAIN_MAX_LENGTH])
+            rows = cursor.fetchall()
+        chain: dict[int, tuple[bool, set[int]]] = {}  # from ``start`` up, in order
+        for pk, dead, continuing in rows:
+            _, continued = chain.setdefault(pk, (bool(dead), set()))
+            if continuing is not None:
+                continued.add(continuing)
+        gone = taken | freed
+        for pk, (dead, continued) in chain.items():
+            if pk in gone:
+                continue
+            if not dead or continued - gone:
+                break
+            gone.add(pk)
+            freed.add(pk)
+    return freed
+
+
+# A stored response's chain, itself first and then the ones before it (``STORED_CHAIN_MAX_LENGTH`` deep at most: a
+# loop, rows edited by hand, ends there), each with whether it is gone for its owner (``stored_responses_dead``) and,
+# one a row, every response that continues it (none: null).
+_STORED_CHAIN_STATE = """
+WITH RECURSIVE chain(id, previous_id, dead, depth) AS (
+    SELECT id, previous_id, CASE WHEN expires_at <= %s OR deleted_at IS NOT NULL THEN 1 ELSE 0 END, 1
+    FROM {table} WHERE id = %s
+    UNION ALL
+    SELECT r.id, r.previous_id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END,
+        c.depth + 1
+    FROM {table} r JOIN chain c ON r.id = c.previous_id WHERE c.depth < %s
+)
+SELECT c.id, c.dead, n.id FROM chain c LEFT JOIN {table} n ON n.previous_id = c.id ORDER BY c.depth, n.id
+"""  # the table's name is ours (format), the values parameters
 
 
 def stored_response_id_storable(response_id: str) -> bool:

@@ -9,7 +9,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from core.text import json_storable, text_storable
@@ -20,7 +19,7 @@ from .selectors import (
     STORED_CHAIN_MAX_LENGTH,
     ConversationReach,
     stored_response_id_storable,
-    stored_responses_dead,
+    stored_responses_freed,
     stored_responses_reached,
     stored_responses_removal,
 )
@@ -98,29 +97,19 @@ def stored_responses_remove(pks: list[int], *, now: datetime | None = None) -> i
         return StoredResponse.objects.filter(pk__in=taken).delete()[0]
 
 
-def _unreferred() -> Exists:
-    """No stored response refers to this one (``previous``): no chain needs its items."""
-    return ~Exists(StoredResponse.objects.filter(previous=OuterRef("pk")))
-
-
-def _stored_chain_prune(pk: int | None, *, now: datetime) -> None:
-    """Delete the response ``pk`` if it is gone for its owner and no other refers to it, then the same of the one
-    before it, and so on: what was kept for it alone goes with it. Each its own transaction, whose end checks the
-    reference (deferred): one that a response kept meanwhile refers to stays (the database refuses its deletion)."""
-    while pk is not None:
-        found = (
-            StoredResponse.objects.filter(stored_responses_dead(now), _unreferred(), pk=pk)
-            .values("previous_id")
-            .first()
-        )
-        if found is None:
-            return
-        try:
-            with transaction.atomic():
-                StoredResponse.objects.filter(stored_responses_dead(now), _unreferred(), pk=pk).delete()
-        except IntegrityError:
-            return
-        pk = found["previous_id"]
+def _stored_chain_prune(pk: int, *, now: datetime) -> None:
+    """Delete the response ``pk`` if it is gone for its owner and no other refers to it, and the hidden ones before it
+    that were kept for it alone (``stored_responses_freed``: one query, however long the chain), in one transaction,
+    whose end checks the references (deferred): if a response kept meanwhile continues one of them, the database
+    refuses the deletion and they stay, for the hourly task."""
+    freed = stored_responses_freed({pk}, taken=set(), now=now)
+    if not freed:
+        return
+    try:
+        with transaction.atomic():
+            StoredResponse.objects.filter(pk__in=freed).delete()
+    except IntegrityError:
+        return
 
 
 def stored_responses_expire(*, now: datetime | None = None, batch_size: int = EXPIRE_BATCH_SIZE) -> int:

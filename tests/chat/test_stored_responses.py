@@ -392,3 +392,21 @@ def test_a_response_kept_on_another_connection_as_its_chain_is_deleted_is_refuse
         thread.join(10)
     assert len(refused) == 1
     assert list(StoredResponse.objects.all()) == ([first] if deleter == "owner" else [])
+
+
+@pytest.mark.parametrize("deleter", ["owner", "admin"])
+def test_deleting_the_last_of_a_long_hidden_chain_frees_it_in_a_few_queries(settings, deleter):
+    """The owner's delete of a chain's last response, or an admin's, frees the hidden ones kept for it alone (1,000
+    here): in a few queries, not a few per response of the chain."""
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory()
+    *hidden, last = chain_of(user, 1000, now=NOW - timedelta(days=31))
+    StoredResponse.objects.filter(pk=last.pk).update(expires_at=NOW + timedelta(days=1))  # the others expired
+    other = chain_of(user, 2, start=2000, previous=hidden[10], now=NOW)[0]  # a live branch keeps the 11 first
+    with time_machine.travel(NOW, tick=False), CaptureQueriesContext(connection) as queries:
+        if deleter == "owner":
+            assert stored_response_delete(reach=ConversationReach(user_id=user.pk), response_id=last.response_id)
+        else:
+            assert stored_responses_remove([last.pk]) == len(hidden) - 11 + 1
+    assert len(queries) <= 15 + len(hidden) // 100  # and Django deletes rows 100 a statement
+    assert StoredResponse.objects.count() == 11 + 2 and StoredResponse.objects.filter(pk=other.pk).exists()
