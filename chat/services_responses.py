@@ -4,6 +4,7 @@ to the one it continues (``previous``), so one gone for its owner is kept while 
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +25,12 @@ from .selectors import (
     stored_responses_removal,
 )
 
+logger = logging.getLogger(__name__)
+
 EXPIRE_BATCH_SIZE = 1000
+# How many times in a row ``stored_responses_expire`` tries a batch the database refused (each time a response kept
+# meanwhile continues one of it, which the next try sees) before it leaves the rest to its next run.
+EXPIRE_REFUSALS = 3
 # What the ``Response`` says apart from what has its own column.
 _OWN_COLUMNS = frozenset({"id", "model", "status", "instructions", "output", "usage", "created_at"})
 
@@ -116,15 +122,28 @@ def stored_responses_expire(*, now: datetime | None = None, batch_size: int = EX
     """Delete the stored responses past their retention or deleted by their owner that no live one continues (an
     expired or deleted one that a live one continues is kept for its chain, until that one goes), in batches (each
     one statement, so that a backlog never holds the table long); returns how many went. A batch is whole chains'
-    ends (``_DEAD_DELETE``): a dead chain of any length goes in one pass, not one row per pass."""
+    ends (``_DEAD_DELETE``): a dead chain of any length goes in one pass, not one row per pass. A batch the database
+    refuses (a response kept while the statement ran continues one of it: the reference is checked at its end) is
+    tried again, which sees that response and keeps the one it continues; ``EXPIRE_REFUSALS`` in a row leave the
+    rest to the next run."""
     now = now or timezone.now()
-    deleted = 0
+    deleted = refused = 0
     while True:
-        with transaction.atomic(), connection.cursor() as cursor:
-            at = connection.ops.adapt_datetimefield_value(now)
-            table = connection.ops.quote_name(StoredResponse._meta.db_table)
-            cursor.execute(_DEAD_DELETE.format(table=table), [at, at, at, batch_size])
-            count = cursor.rowcount
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                at = connection.ops.adapt_datetimefield_value(now)
+                table = connection.ops.quote_name(StoredResponse._meta.db_table)
+                cursor.execute(_DEAD_DELETE.format(table=table), [at, at, at, batch_size])
+                count = cursor.rowcount
+        except IntegrityError:
+            refused += 1
+            if refused >= EXPIRE_REFUSALS:
+                logger.warning(
+                    "stored responses: a batch of the expiry was refused %d times; left to the next run", refused
+                )
+                return deleted
+            continue
+        refused = 0
         deleted += count
         if count < batch_size:
             return deleted

@@ -25,6 +25,7 @@ from chat.services_responses import (
 )
 from chat.tasks import stored_responses_expire_task
 from tests.factories import UserFactory
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -410,3 +411,73 @@ def test_deleting_the_last_of_a_long_hidden_chain_frees_it_in_a_few_queries(sett
             assert stored_responses_remove([last.pk]) == len(hidden) - 11 + 1
     assert len(queries) <= 15 + len(hidden) // 100  # and Django deletes rows 100 a statement
     assert StoredResponse.objects.count() == 11 + 2 and StoredResponse.objects.filter(pk=other.pk).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks of two connections (SQLite has one writer)")
+def test_the_task_keeps_an_expired_response_continued_while_it_deletes_it():
+    """The hourly task's statement has chosen an expired response when a response continuing it is kept (its request
+    read it before it expired), before the statement reaches its row (forced here: another transaction holds the row,
+    as a lock for update without its key, which the new reference may share and the deletion waits for). The
+    database refuses the batch at its end; the task tries again, sees the new one, and keeps the expired one for it:
+    no error, no row that refers to none."""
+    user = UserFactory()
+    [expired] = turns(user, 1, now=NOW - timedelta(days=31))
+    held, release = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                StoredResponse.objects.select_for_update(no_key=True).get(pk=expired.pk)
+                held.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    def expire() -> None:
+        try:
+            outcome.append(stored_responses_expire(now=NOW))
+        except Exception as exc:  # what the task would have raised
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    holder, task = threading.Thread(target=hold), threading.Thread(target=expire)
+    holder.start()
+    try:
+        assert held.wait(10)
+        task.start()
+
+        def deleting_waits() -> bool:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    ["%DELETE FROM%chat_storedresponse%"],
+                )
+                return cursor.fetchone()[0] == 1
+
+        wait_until(deleting_waits, "the task's deletion waiting for the held row")
+        [kept] = turns(user, 1, start=2, previous=expired, now=NOW)  # committed: its reference shares the lock
+    finally:
+        release.set()
+        holder.join(10)
+        if task.ident is not None:
+            task.join(10)
+    assert outcome == [0]
+    assert set(StoredResponse.objects.all()) == {expired, kept}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_leaves_a_batch_the_database_keeps_refusing_to_its_next_run(caplog):
+    """Two expired rows edited by hand into a loop, and batches of one: each batch would leave the other referring to
+    none, and the database refuses it. The task stops after a few tries (logged), never loops for ever; a whole
+    batch takes both."""
+    user = UserFactory()
+    first, second = chain_of(user, 2, now=NOW - timedelta(days=31))
+    StoredResponse.objects.filter(pk=first.pk).update(previous=second)
+    with caplog.at_level("WARNING", logger="chat.services_responses"):
+        assert stored_responses_expire(now=NOW, batch_size=1) == 0
+    assert any("refused 3 times" in record.getMessage() for record in caplog.records)
+    assert StoredResponse.objects.count() == 2
+    assert stored_responses_expire(now=NOW) == 2
