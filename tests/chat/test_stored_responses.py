@@ -415,12 +415,14 @@ def test_deleting_the_last_of_a_long_hidden_chain_frees_it_in_a_few_queries(sett
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks of two connections (SQLite has one writer)")
-def test_the_task_keeps_an_expired_response_continued_while_it_deletes_it():
-    """The hourly task's statement has chosen an expired response when a response continuing it is kept (its request
-    read it before it expired), before the statement reaches its row (forced here: another transaction holds the row,
-    as a lock for update without its key, which the new reference may share and the deletion waits for). The
-    database refuses the batch at its end; the task tries again, sees the new one, and keeps the expired one for it:
-    no error, no row that refers to none."""
+@pytest.mark.parametrize("deleter", ["task", "admin"])
+def test_a_response_continued_while_it_is_deleted_is_kept_or_taken_whole(deleter):
+    """The hourly task's statement has chosen an expired response (or an admin's delete has found it) when a
+    response continuing it is kept (its request read it before it expired), before the deletion reaches its row
+    (forced here: another transaction holds the row, as a lock for update without its key, which the new reference
+    may share and the deletion waits for). The database refuses the task's batch at its end; the task tries again,
+    sees the new one, and keeps the expired one for it. The admin's delete, locking what it takes, finds the new one
+    once it has the lock and takes it too. No error, no row that refers to none."""
     user = UserFactory()
     [expired] = turns(user, 1, now=NOW - timedelta(days=31))
     held, release = threading.Event(), threading.Event()
@@ -437,7 +439,10 @@ def test_the_task_keeps_an_expired_response_continued_while_it_deletes_it():
 
     def expire() -> None:
         try:
-            outcome.append(stored_responses_expire(now=NOW))
+            if deleter == "task":
+                outcome.append(stored_responses_expire(now=NOW))
+            else:
+                outcome.append(stored_responses_remove([expired.pk], now=NOW))
         except Exception as exc:  # what the task would have raised
             outcome.append(exc)
         finally:
@@ -453,19 +458,23 @@ def test_the_task_keeps_an_expired_response_continued_while_it_deletes_it():
             with connection.cursor() as cursor:
                 cursor.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                    ["%DELETE FROM%chat_storedresponse%"],
+                    ["%DELETE FROM%chat_storedresponse%" if deleter == "task" else "%chat_storedresponse%FOR UPDATE%"],
                 )
                 return cursor.fetchone()[0] == 1
 
-        wait_until(deleting_waits, "the task's deletion waiting for the held row")
+        wait_until(deleting_waits, "the deletion waiting for the held row")
         [kept] = turns(user, 1, start=2, previous=expired, now=NOW)  # committed: its reference shares the lock
     finally:
         release.set()
         holder.join(10)
         if task.ident is not None:
             task.join(10)
-    assert outcome == [0]
-    assert set(StoredResponse.objects.all()) == {expired, kept}
+    if deleter == "task":
+        assert outcome == [0]
+        assert set(StoredResponse.objects.all()) == {expired, kept}
+    else:
+        assert outcome == [2]
+        assert not StoredResponse.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
