@@ -203,20 +203,7 @@ def stored_responses_removal(pks: list[int], *, now: datetime | None = None) -> 
     if not pks:
         return []
     now = now or timezone.now()
-    table = connection.ops.quote_name(StoredResponse._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            WITH RECURSIVE taken(id) AS (
-                SELECT id FROM {table} WHERE id IN ({", ".join(["%s"] * len(pks))})
-                UNION
-                SELECT r.id FROM {table} r JOIN taken t ON r.previous_id = t.id
-            )
-            SELECT id FROM taken
-            """,  # noqa: S608 (the table's name is ours; the values are parameters)
-            list(pks),
-        )
-        taken = {row[0] for row in cursor.fetchall()}
+    taken = set(_stored_descendants(pks, now=now))
     reached = StoredResponse.objects.filter(pk__in=taken, previous__isnull=False).exclude(previous__in=taken)
     taken |= stored_responses_freed(set(reached.values_list("previous_id", flat=True)), taken=taken, now=now)
     return sorted(taken)
@@ -224,9 +211,10 @@ def stored_responses_removal(pks: list[int], *, now: datetime | None = None) -> 
 
 def stored_responses_freed(starts: set[int], *, taken: set[int], now: datetime) -> set[int]:
     """The hidden stored responses (expired, or deleted by their owner) kept for ``taken`` alone, by primary key:
-    from each of ``starts`` up its chain, one goes while it is hidden and every response continuing it is taken or
-    goes; the first that stays ends the walk. One recursive query a start (its chain, each one's state and those
-    continuing it), however long the chain."""
+    from each of ``starts`` up its chain, one goes while it is hidden and nothing live continues it any more (every
+    response continuing it is taken, or goes: a branch all hidden goes with it); the first that stays ends the walk.
+    One recursive query a start (its chain, each one's state and those continuing it), however long the chain, and
+    one a branch that continues one of it beside the chain."""
     freed: set[int] = set()
     table = connection.ops.quote_name(StoredResponse._meta.db_table)
     at = connection.ops.adapt_datetimefield_value(now)
@@ -243,11 +231,38 @@ def stored_responses_freed(starts: set[int], *, taken: set[int], now: datetime) 
         for pk, (dead, continued) in chain.items():
             if pk in gone:
                 continue
-            if not dead or continued - gone:
+            if not dead:
                 break
+            if continued - gone:  # others continue it: it goes only if all they lead to is hidden too, with them
+                others = _stored_descendants(continued - gone, now=now)
+                if not all(others.values()):
+                    break
+                gone |= set(others)
+                freed |= set(others)
             gone.add(pk)
             freed.add(pk)
     return freed
+
+
+def _stored_descendants(pks: set[int] | list[int], *, now: datetime) -> dict[int, bool]:
+    """The stored responses ``pks`` and every one continuing them, at any depth, each with whether it is gone for its
+    owner (``stored_responses_dead``): one recursive query (``UNION`` stops at a row seen: a loop edited by hand)."""
+    table = connection.ops.quote_name(StoredResponse._meta.db_table)
+    at = connection.ops.adapt_datetimefield_value(now)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH RECURSIVE taken(id) AS (
+                SELECT id FROM {table} WHERE id IN ({", ".join(["%s"] * len(pks))})
+                UNION
+                SELECT r.id FROM {table} r JOIN taken t ON r.previous_id = t.id
+            )
+            SELECT r.id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END
+            FROM taken t JOIN {table} r ON r.id = t.id
+            """,  # noqa: S608 (the table's name is ours; the values are parameters)
+            [*pks, at],
+        )
+        return {pk: bool(dead) for pk, dead in cursor.fetchall()}
 
 
 # A stored response's chain, itself first and then the ones before it (``STORED_CHAIN_MAX_LENGTH`` deep at most: a

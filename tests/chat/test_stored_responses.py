@@ -490,3 +490,26 @@ def test_the_task_leaves_a_batch_the_database_keeps_refusing_to_its_next_run(cap
     assert any("refused 3 times" in record.getMessage() for record in caplog.records)
     assert StoredResponse.objects.count() == 2
     assert stored_responses_expire(now=NOW) == 2
+
+
+def test_the_admin_deletes_the_hidden_ones_that_only_a_dead_branch_still_refers_to(admin_client, settings):
+    """A hidden one before the response deleted, also continued by a branch that is all expired (kept for nothing
+    live): nothing live refers to it any more, so it goes, and that dead branch with it; a live branch keeps its
+    own."""
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    user = UserFactory()
+    first, second, third = chain_of(user, 3, now=NOW - timedelta(days=31))  # expired: kept for the fourth
+    [fourth] = chain_of(user, 1, start=4, previous=third, now=NOW)
+    dead_branch = chain_of(user, 2, start=10, previous=second, now=NOW - timedelta(days=31))
+    with time_machine.travel(NOW, tick=False):
+        listed = str(
+            admin_client.get(reverse("admin:chat_storedresponse_delete", args=[fourth.pk])).context["deleted_objects"]
+        )
+        assert all(f">{row.response_id}<" in listed for row in [first, second, third, fourth, *dead_branch])
+        assert (
+            admin_client.post(
+                reverse("admin:chat_storedresponse_delete", args=[fourth.pk]), {"post": "yes"}
+            ).status_code
+            == 302
+        )
+    assert not StoredResponse.objects.exists()
