@@ -29,7 +29,7 @@ from django.conf import settings
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
 from billing.pricing import cache_write_1h_price, cache_write_price
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
-from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT
+from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, requested_max_tokens
 from billing.services.keys import hash_key
 from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
@@ -93,6 +93,7 @@ from providers.routing import (
     route_candidates,
 )
 from providers.routing.stats import CallTicket
+from providers.rules import apply_parameter_rules
 from providers.selectors import model_resolve
 from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
 from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
@@ -452,18 +453,23 @@ async def completion_start(
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
         prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation)
+        as_sent, forced_limit = _body_as_sent(body, [model, *fallbacks, *context_fallbacks])
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
             key_allowed_model_ids=caller.key_allowed_model_ids,
             model=_price_ceiling(model, [*fallbacks, *context_fallbacks]),
-            body=body,
+            body=as_sent,
             request_id=request_id,
             prompt_tokens_upper=prompt_upper,
             prompt_tokens_estimate=prompt_estimate,
             endpoint=endpoint,
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
         )
+        if forced_limit is not None and admission.handle is not None and admission.handle.counters:
+            # Under a budget llmhub sends a limit when the client set none (``_upstream_body``), which a rule then
+            # replaces: the limit reserved is the rule's, and the deployments without the rule get it too.
+            admission.max_tokens = forced_limit
     except DATABASE_OUTAGE_ERRORS as exc:
         # The admission's own queries (a row-lock budget, a counter seeded from the ledger): a 503 with its
         # ledger row, which the writer spools until the database is back.
@@ -709,6 +715,41 @@ async def _fallbacks_for(
         return chosen
 
     return usable(model.fallbacks), usable(model.context_window_fallbacks)
+
+
+def _body_as_sent(body: dict[str, Any], models: list[ResolvedModel]) -> tuple[dict[str, Any], int | None]:
+    """``body`` as admission prices it: its output limit, ``n`` and ``best_of`` each the largest that the models'
+    parameter rules send (``providers.rules``: a ``fixed`` value replaces the client's, a ``rename`` moves it), so
+    that the reservation covers what any deployment the request may end on is really sent. Second: when the client
+    set no output limit, the largest a rule puts in place of the one llmhub sends under a budget
+    (``_upstream_body``), which is then reserved instead of one picked by the budget; else None."""
+    client_limit = requested_max_tokens(body)
+    out = dict(body)
+    limits: list[int] = []
+    counts: dict[str, list[int]] = {"n": [], "best_of": []}
+    for target in models:
+        if not target.parameter_rules:
+            continue
+        # With no client limit: as sent with the one llmhub puts in under a budget (any, 1 here), which a rule may fix.
+        sent = apply_parameter_rules(
+            body if client_limit is not None else {**body, "max_tokens": 1}, target.parameter_rules
+        )
+        limit = requested_max_tokens(sent)
+        if limit is not None and (client_limit is not None or limit != 1):
+            limits.append(limit)
+        for name, values in counts.items():
+            value = sent.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                values.append(value)
+    for name, values in counts.items():
+        given = out.get(name)
+        if values and not (isinstance(given, int) and not isinstance(given, bool) and given >= max(values)):
+            out[name] = max(values)
+    if not limits or (client_limit is not None and client_limit >= max(limits)):
+        return out, None
+    out.pop("max_completion_tokens", None)
+    out["max_tokens"] = max(limits)
+    return out, None if client_limit is not None else max(limits)
 
 
 def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> ResolvedModel:
