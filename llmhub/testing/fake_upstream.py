@@ -52,7 +52,8 @@ Endpoints
     (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]}, …}``),
     Mistral's own names are taken (``random_seed``, ``output_dimension``), a stream always reports its usage, on its
     last chunk, and embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
-    request``). Ollama's, under ``/ollama``
+    request``), and a last message of the assistant's (a prefill) must say ``"prefix": true`` (else Mistral's 400
+    ``Expected last role User or Tool (or Assistant with prefix True) …``). Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
     says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
@@ -1114,6 +1115,23 @@ def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | 
     return web.json_response(answer, status=422)
 
 
+def _mistral_last_role(body: Any) -> web.Response | None:
+    """Mistral's 400 for a request whose last message is the assistant's without ``"prefix": true``: Mistral serves
+    a final assistant message only as a prefix its reply begins with."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    last = messages[-1] if isinstance(messages, list) and messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") != "assistant" or last.get("prefix") is True:
+        return None
+    answer = {
+        "object": "error",
+        "message": "Expected last role User or Tool (or Assistant with prefix True) for serving but got assistant",
+        "type": "invalid_request_message_order",
+        "param": None,
+        "code": "3230",
+    }
+    return web.json_response(answer, status=400)
+
+
 def _openai_error(
     status: int, message: str, kind: str, code: str | None = None, param: str | None = None
 ) -> web.Response:
@@ -1704,6 +1722,9 @@ class _App:
         on its last chunk, unasked."""
         body = request[_BODY_KEY]
         refused = _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS)
+        if refused is not None:
+            return refused
+        refused = _mistral_last_role(body)
         if refused is not None:
             return refused
         request[_USAGE_ON_FINISH_KEY] = True

@@ -10,7 +10,10 @@ where OpenAI sends it). A field Mistral has no
 counterpart for (``logprobs``, ``user``, …) still goes up, and its 422 reaches the client as a 400 naming it. But
 an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
 (``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
-(``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them.
+(``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
+the assistant's (a prefill: the text a resumed stream continues, or the client's own) is sent with
+``"prefix": true`` (``_prefix_marked``): Mistral serves one only as a prefix its reply begins with, and answered
+it without the flag with a 400 (``Expected last role User or Tool (or Assistant with prefix True)``).
 
 Mistral's reasoning models (Magistral) write a message's ``content``, and each streamed delta's, as a list of
 chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
@@ -52,7 +55,7 @@ class MistralAdapter(OpenAIAdapter):
         request = fields_renamed(
             {key: value for key, value in body.items() if key not in ("stream", "stream_options")}, _CHAT_RENAMES
         )
-        request = assistant_fields_dropped(request, _REPLY_ONLY)
+        request = _prefix_marked(assistant_fields_dropped(request, _REPLY_ONLY))
         if stream:
             request["stream"] = True
         return request
@@ -93,6 +96,17 @@ class MistralAdapter(OpenAIAdapter):
                 yield WireChunk(_text_completion(chunk, streamed=True), None)
         finally:
             await upstream.aclose()  # type: ignore[attr-defined]
+
+
+def _prefix_marked(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` with its last message, when the assistant's text (no tool calls), marked ``"prefix": true``."""
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return request
+    last = messages[-1]
+    if last.get("role") != "assistant" or last.get("tool_calls") or "prefix" in last:
+        return request
+    return {**request, "messages": [*messages[:-1], {**last, "prefix": True}]}
 
 
 def _fim_body(body: dict[str, Any]) -> dict[str, Any]:

@@ -776,6 +776,33 @@ def test_a_model_that_resumes_on_failure_continues_a_cut_stream_on_the_next_depl
     assert prefill["role"] == "assistant" and prefill["content"] == "".join(texts[:4])
 
 
+def test_a_cut_stream_resumes_on_a_mistral_deployment_with_the_prefill_marked_as_its_prefix(client, fake_upstream):
+    """Mistral takes a last assistant message only with ``"prefix": true`` (else its 400, as the fake answers):
+    before, the resumed attempt on a Mistral deployment was refused and the client's stream ended in an error; the
+    Mistral adapter now marks the prefill, and the client reads one whole stream."""
+    catalog = routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+    mistral = ProviderFactory(
+        name="mistral", kind=ProviderKind.MISTRAL, base_url=fake_upstream.base_url + "/mistral/v1"
+    )
+    Deployment.objects.filter(model=catalog, name="second").update(provider=mistral, upstream_id="mistral-small-latest")
+
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+
+    texts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([t for t in texts if t]) > 3, "the first three chunks, then Mistral's"
+    assert chunks[-1].usage is not None
+    prefill = fake_upstream.requests[-1]["body"]["messages"][-1]
+    assert fake_upstream.requests[-1]["path"] == "/mistral/v1/chat/completions"
+    assert prefill == {"role": "assistant", "content": "".join(texts[:4]), "prefix": True}
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed and record.deployment_name == "second" and record.attempts == 2
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+
+
 def test_a_resumed_stream_asks_the_next_deployment_only_for_the_rest_of_the_token_limit(client, fake_upstream):
     """The reservation covers max_tokens for the whole reply: the resumed attempt may not add a second one."""
     routed(fake_upstream, "fault-cut-3", resume_on_failure=True)

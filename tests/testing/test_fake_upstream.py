@@ -1637,3 +1637,16 @@ def test_openai_refuses_a_limit_past_what_the_model_writes(oai: openai.OpenAI, n
     assert f"{name} is too large: 16385" in refused.value.message
     assert oai.chat.completions.create(model="fake-gpt-4o-mini", messages=user("hi"), **{name: 16_384}).choices
     assert oai.chat.completions.create(model="some-other-model", messages=user("hi"), **{name: 100_000}).choices
+
+
+def test_mistral_takes_a_last_assistant_message_only_as_a_prefix(upstream: FakeUpstream) -> None:
+    """As Mistral: a last assistant message is a 400 unless it says ``"prefix": true``; then it is continued."""
+    prefill = {"role": "assistant", "content": "Echo: "}
+    body = {"model": "mistral-small-latest", "messages": [*user("hi"), prefill]}
+    status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    assert status == 400 and json.loads(raw)["type"] == "invalid_request_message_order", raw
+    assert "Assistant with prefix True" in json.loads(raw)["message"]
+
+    body["messages"][-1] = {**prefill, "prefix": True}
+    status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"], raw
