@@ -238,6 +238,20 @@ def _fresh_lookup_caches():
     held_clear()  # a test's unsettled admissions must not be re-asserted into the next test's Redis
 
 
+@pytest.fixture(autouse=True)
+def _empty_django_cache():
+    """Django's cache (in memory here) outlives a test: the sign-in throttle's failure counts, the
+    once-per-token sign-in events and the per-minute limit of refusal events (audit), the provider-key
+    checks' throttle of a user whose id the next test reuses. Left there, a later test's failed sign-in
+    from the same address in the same minute was not recorded, or its sign-in was throttled: every test
+    starts with it empty (tests/accounts did; the others did not)."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
 @pytest.fixture(scope="session", autouse=True)
 async def _provider_clients_closed_at_the_end():
     """The provider clients pooled on the session's event loop are closed when the session ends, as the

@@ -130,14 +130,3 @@ def jwt_on(settings, idp: IdentityProvider) -> IdentityProvider:
     jwks_cache.clear()
     yield idp
     jwks_cache.clear()
-
-
-@pytest.fixture(autouse=True)
-def _empty_django_cache():
-    """The once-per-token sign-in events and the rate limit of refusal events live in Django's cache,
-    which outlives a test."""
-    from django.core.cache import cache
-
-    cache.clear()
-    yield
-    cache.clear()
