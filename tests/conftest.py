@@ -226,6 +226,7 @@ def _fresh_lookup_caches():
     emptied (a user's plan limits cached for the last test's user of that id answered for this one's):
     start every test without them, every ``TTLCache`` alike."""
     from billing.services.inflight import held_clear
+    from billing.services.ledger_rows import last_used_forget_local
     from core.cache import lookup_caches_invalidate
     from providers.routing.breakers import breakers_forget_local
     from providers.routing.stats import stats_forget_local
@@ -233,6 +234,7 @@ def _fresh_lookup_caches():
     lookup_caches_invalidate()
     breakers_forget_local()  # deployment ids are reused once the database is emptied
     stats_forget_local()  # so are their latencies, in-flight and per-minute counts
+    last_used_forget_local()  # and the keys' ids, whose first use in a test would not be written
     yield
     lookup_caches_invalidate()
     held_clear()  # a test's unsettled admissions must not be re-asserted into the next test's Redis

@@ -499,6 +499,12 @@ def _without_dangling_references(rows: list[UsageData]) -> list[UsageData]:
     return kept
 
 
+def last_used_forget_local() -> None:
+    """This process forgets when it last wrote each key's ``last_used_at``: for tests, whose keys reuse the
+    ids of an emptied database's rows, and whose first use must be written, not skipped as a repeat."""
+    _last_used_written.clear()
+
+
 def _touch_key(api_key_id: int | None) -> None:
     if api_key_id is None:
         return
