@@ -5,6 +5,7 @@ speaks SMTP, ``TricklingWebhook`` answers one HTTP POST."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -22,7 +23,8 @@ class TricklingServer(ABC):
         self.port = self.listener.getsockname()[1]
         self.sessions = 0
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._accepting = threading.Thread(target=self._serve, daemon=True)
+        self._accepting.start()
 
     def _serve(self) -> None:
         while True:
@@ -50,7 +52,12 @@ class TricklingServer(ABC):
             conn.sendall(bytes([byte]))
 
     def close(self) -> None:
+        # Closing alone does not wake the thread blocked in ``accept`` (Linux), which keeps the socket open and
+        # answering for the rest of the run; shutting it down does.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        self._accepting.join(timeout=10)
 
 
 class TricklingMailServer(TricklingServer):

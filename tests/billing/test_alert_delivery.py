@@ -362,7 +362,8 @@ def test_a_broker_that_accepts_connections_and_never_answers_fails_a_publish_ins
             except OSError:
                 return
 
-    threading.Thread(target=hold, daemon=True).start()
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
     root = Path(__file__).resolve().parents[2]
     env = {
         **os.environ,
@@ -376,7 +377,9 @@ def test_a_broker_that_accepts_connections_and_never_answers_fails_a_publish_ins
             [sys.executable, "-c", PUBLISH_ONCE], env=env, cwd=root, capture_output=True, text=True, timeout=60
         )
     finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes ``hold`` from ``accept``: closing alone would not (Linux)
         listener.close()
+        holder.join(timeout=10)
         for held in accepted:
             held.close()
     assert accepted, "the publisher never connected to the silent broker"
