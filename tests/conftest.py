@@ -227,6 +227,7 @@ def _fresh_lookup_caches():
     start every test without them, every ``TTLCache`` alike."""
     from billing.services.inflight import held_clear
     from billing.services.ledger_rows import last_used_forget_local
+    from billing.services.ratelimits import local_rate_limiter
     from core.cache import lookup_caches_invalidate
     from providers.routing.breakers import breakers_forget_local
     from providers.routing.stats import stats_forget_local
@@ -235,8 +236,10 @@ def _fresh_lookup_caches():
     breakers_forget_local()  # deployment ids are reused once the database is emptied
     stats_forget_local()  # so are their latencies, in-flight and per-minute counts
     last_used_forget_local()  # and the keys' ids, whose first use in a test would not be written
+    local_rate_limiter.clear()  # and the users' and keys' ids, whose rate windows would be full already
     yield
     lookup_caches_invalidate()
+    local_rate_limiter.clear()
     held_clear()  # a test's unsettled admissions must not be re-asserted into the next test's Redis
 
 

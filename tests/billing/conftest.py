@@ -9,9 +9,7 @@ import pytest
 import redis
 
 from billing.models import Plan
-from billing.selectors import limits_cache
 from billing.services.admission import admission_acquire, admission_settle
-from billing.services.ratelimits import local_rate_limiter
 from tests.factories import ModelFactory, ProviderFactory
 
 STANDARD_PLANS = {
@@ -24,16 +22,6 @@ STANDARD_PLANS = {
     "Pro": {"allow_all_models": True, "daily_token_quota": 100_000, "rpm": 600},
     "Enterprise": {"allow_all_models": True},
 }
-
-
-@pytest.fixture(autouse=True)
-def _forget_cached_limits():
-    """Primary keys are reused after a rollback: cached limits and local windows must not outlive a test."""
-    limits_cache.invalidate()
-    local_rate_limiter.clear()
-    yield
-    limits_cache.invalidate()
-    local_rate_limiter.clear()
 
 
 @pytest.fixture
