@@ -53,7 +53,9 @@ Endpoints
     Mistral's own names are taken (``random_seed``, ``output_dimension``), a stream always reports its usage, on its
     last chunk, and embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
     request``), and a last message of the assistant's (a prefill) must say ``"prefix": true`` (else Mistral's 400
-    ``Expected last role User or Tool (or Assistant with prefix True) …``). Ollama's, under ``/ollama``
+    ``Expected last role User or Tool (or Assistant with prefix True) …``); with it, the reply (streamed or
+    whole) begins with the prefix itself, as Mistral's does (``[[prefix_echo=off]]``: it only continues it, as
+    this fake did before 6 December). Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
     says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
@@ -403,6 +405,8 @@ _MASKED_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "ap
 _BODY_KEY: web.RequestKey[Any] = web.RequestKey("fake_body")
 # Set on a request whose stream reports its usage on its last chunk, unasked (Mistral's).
 _USAGE_ON_FINISH_KEY: web.RequestKey[bool] = web.RequestKey("fake_usage_on_finish")
+# Mistral's prefix (a last assistant message marked ``"prefix": true``), which its reply begins with.
+_PREFIX_ECHO_KEY: web.RequestKey[str] = web.RequestKey("fake_prefix_echo")
 
 Provider = Literal["openai", "anthropic", "gemini"]
 Finish = Literal["stop", "stop_sequence", "length", "tool"]
@@ -1728,6 +1732,9 @@ class _App:
         if refused is not None:
             return refused
         request[_USAGE_ON_FINISH_KEY] = True
+        last = body["messages"][-1] if isinstance(body.get("messages"), list) and body["messages"] else {}
+        if isinstance(last, dict) and last.get("prefix") is True and isinstance(last.get("content"), str):
+            request[_PREFIX_ECHO_KEY] = last["content"]
         if "random_seed" in body:
             request[_BODY_KEY] = {key: value for key, value in body.items() if key != "random_seed"}
         return await self.chat_completions(request)
@@ -1860,6 +1867,10 @@ class _App:
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
         reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
+        echoed = request.get(_PREFIX_ECHO_KEY)
+        if echoed and reply.text is not None and conv.directives.get("prefix_echo") != "off":
+            # As Mistral: the reply to a prefix begins with the prefix itself.
+            reply = replace(reply, text=echoed + reply.text, tokens=[*split_tokens(echoed), *reply.tokens])
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         lead = _OpenAILead.of(conv, reply, mistral=request.get(_USAGE_ON_FINISH_KEY, False))

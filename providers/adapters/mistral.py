@@ -13,7 +13,9 @@ an assistant message sent back as llmhub answered it has fields OpenAI's replies
 (``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
 the assistant's (a prefill: the text a resumed stream continues, or the client's own) is sent with
 ``"prefix": true`` (``_prefix_marked``): Mistral serves one only as a prefix its reply begins with, and answered
-it without the flag with a 400 (``Expected last role User or Tool (or Assistant with prefix True)``).
+it without the flag with a 400 (``Expected last role User or Tool (or Assistant with prefix True)``). Its reply
+begins with the prefix itself, which is left out (``_PrefixEcho``): the client of a resumed stream read the text it
+had twice.
 
 Mistral's reasoning models (Magistral) write a message's ``content``, and each streamed delta's, as a list of
 chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
@@ -64,12 +66,29 @@ class MistralAdapter(OpenAIAdapter):
     def _content_spelt(part: dict[str, Any]) -> bool:
         return _content_chunks_spelt(part)
 
+    async def complete(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> dict[str, Any]:
+        """The OpenAI adapter's, with the prefix Mistral's reply begins with (``_marked_prefix``) left out of it."""
+        completion = await super().complete(body, path=path)
+        prefix = _marked_prefix(body)
+        if not prefix:
+            return completion
+        for choice in completion.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                message["content"] = _PrefixEcho(prefix).text(message["content"], ended=True)
+        return completion
+
     async def stream(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> AsyncIterator[WireChunk]:
         """The OpenAI adapter's stream, with the usage Mistral puts on its last chunk moved to a chunk of its
-        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too."""
+        own, with no choices, after it: where OpenAI reports it (``include_usage``), and every adapter too; and the
+        prefix Mistral's reply begins with (``_marked_prefix``) left out of its text (``_PrefixEcho``)."""
         upstream = super().stream(body, path=path)
+        prefix = _marked_prefix(body)
+        echoes: dict[Any, _PrefixEcho] = {}
         try:
             async for chunk in upstream:
+                if prefix:
+                    _echo_dropped(chunk, prefix, echoes)
                 usage = chunk.get("usage")
                 if not usage or not chunk.get("choices"):
                     yield chunk
@@ -100,13 +119,73 @@ class MistralAdapter(OpenAIAdapter):
 
 def _prefix_marked(request: dict[str, Any]) -> dict[str, Any]:
     """``request`` with its last message, when the assistant's text (no tool calls), marked ``"prefix": true``."""
+    if _to_mark(request) is None:
+        return request
+    messages = request["messages"]
+    return {**request, "messages": [*messages[:-1], {**messages[-1], "prefix": True}]}
+
+
+def _to_mark(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The last message of ``request`` that ``_prefix_marked`` marks as Mistral's prefix; None when there is none."""
     messages = request.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        return request
+        return None
     last = messages[-1]
     if last.get("role") != "assistant" or last.get("tool_calls") or "prefix" in last:
-        return request
-    return {**request, "messages": [*messages[:-1], {**last, "prefix": True}]}
+        return None
+    return last
+
+
+def _marked_prefix(body: dict[str, Any]) -> str:
+    """The text llmhub sends Mistral as the prefix of its reply for ``body`` (the prefill ``_prefix_marked`` marks;
+    "" for none). Mistral's reply begins with the prefix itself (its guide slices it off the reply's text): left in,
+    a resumed stream's client would read the text it has twice. A client that marks its prefill itself speaks
+    Mistral's API and gets its reply as Mistral writes it."""
+    last = _to_mark(body)
+    content = last.get("content") if last is not None else None
+    return content if isinstance(content, str) else ""
+
+
+class _PrefixEcho:
+    """The start of one choice's reply held back until it is as long as ``prefix`` (or the reply ends): when it is
+    the prefix, Mistral's echo of it, it is dropped; otherwise (a server that only continues the prefix) it is
+    passed on unchanged. Once that is decided, text passes at once."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.held = ""
+        self.decided = False
+
+    def text(self, piece: str, *, ended: bool) -> str:
+        """What of ``piece``, the reply's next text, goes on now; ``ended``: no more text follows it."""
+        if self.decided:
+            return piece
+        self.held += piece
+        if len(self.held) < len(self.prefix) and self.prefix.startswith(self.held) and not ended:
+            return ""
+        self.decided = True
+        held, self.held = self.held, ""
+        return held[len(self.prefix) :] if held.startswith(self.prefix) else held
+
+
+def _echo_dropped(chunk: WireChunk, prefix: str, echoes: dict[Any, _PrefixEcho]) -> None:
+    """``chunk`` without Mistral's echo of ``prefix`` in its choices' text (``_PrefixEcho``, one a choice), in
+    place. Text held back goes on with the choice's next text, at the latest with its finish or first tool call."""
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict):
+            continue
+        echo = echoes.setdefault(choice.get("index", 0), _PrefixEcho(prefix))
+        if echo.decided:
+            continue
+        delta = choice["delta"]
+        content = delta.get("content")
+        ended = bool(choice.get("finish_reason") or delta.get("tool_calls") or delta.get("function_call"))
+        if not isinstance(content, str) and not (ended and echo.held):
+            continue
+        passed = echo.text(content if isinstance(content, str) else "", ended=ended)
+        if passed != content:
+            delta["content"] = passed
+            chunk.raw = None
 
 
 def _fim_body(body: dict[str, Any]) -> dict[str, Any]:

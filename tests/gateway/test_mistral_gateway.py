@@ -177,3 +177,41 @@ def test_an_assistant_message_sent_back_as_llmhub_answered_it_is_taken_by_mistra
     sent = mistral.upstream.requests[-1]["body"]["messages"]
     assert sent[1] == {"role": "assistant", "content": "Fine then."}
     assert sent[2] == messages[2]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("prefix", "echoed"),
+    [
+        ("Well, ", True),  # Mistral's echo: dropped
+        ("Echo: hi there", True),  # a prefix of several tokens, so its echo is split over several chunks
+        ("Echo: zz", False),  # a server that only continues: the reply begins as the prefix does, then differs
+        ("Echo: hi there", False),  # ... or ends inside it: the text held back goes on with the finish
+    ],
+)
+def test_a_reply_to_a_prefill_does_not_repeat_it_whether_mistral_echoes_it_or_not(mistral, stream, prefix, echoed):
+    """Mistral's reply to a last assistant message (sent as its prefix) begins with the prefix itself: relayed as it
+    came, the client read the text it sent (or, on a resumed stream, had already read) twice. The echo is left out,
+    and a reply that does not begin with it reaches the client untouched; the row is priced at Mistral's usage."""
+    marker = "" if echoed else " [[prefix_echo=off]]"
+    messages = [{"role": "user", "content": "hi" + marker}, {"role": "assistant", "content": prefix}]
+    client = mistral.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model="mistral-test", messages=messages, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            chunks = list(response.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="mistral-test", messages=messages)
+        request_id = raw.headers["x-request-id"]
+        text, usage = raw.parse().choices[0].message.content, raw.parse().usage
+
+    assert text == "Echo: hi"
+    assert mistral.upstream.requests[-1]["body"]["messages"][-1] == {**messages[-1], "prefix": True}
+    record = wait_for_record(request_id)
+    assert UsageRecord.objects.filter(request_id=request_id).count() == 1
+    assert usage is not None and record.completion_tokens == usage.completion_tokens
+    assert_priced(record, usage.prompt_tokens, usage.completion_tokens, stream=stream)

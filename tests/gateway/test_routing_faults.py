@@ -23,7 +23,7 @@ from billing.models import UsageRecord
 from billing.pricing import cost_for
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
-from llmhub.testing.fake_upstream import raw_directive
+from llmhub.testing.fake_upstream import raw_directive, split_tokens
 from providers.models import CatalogModel, Deployment, ProviderKind
 from providers.routing.breaker_machine import OPEN
 from providers.routing.breakers import breaker_state
@@ -36,6 +36,7 @@ from tests.waiting import wait_for_record
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MESSAGES = [{"role": "user", "content": "hello there [[words=6]]"}]
+LOREM_6 = "lorem ipsum dolor sit amet consectetur"  # the fake's reply to MESSAGES, whole
 CHEAP = {"input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")}
 DEAR = {"input_per_mtok": Decimal("3.00"), "output_per_mtok": Decimal("15.00")}
 
@@ -779,7 +780,8 @@ def test_a_model_that_resumes_on_failure_continues_a_cut_stream_on_the_next_depl
 def test_a_cut_stream_resumes_on_a_mistral_deployment_with_the_prefill_marked_as_its_prefix(client, fake_upstream):
     """Mistral takes a last assistant message only with ``"prefix": true`` (else its 400, as the fake answers):
     before, the resumed attempt on a Mistral deployment was refused and the client's stream ended in an error; the
-    Mistral adapter now marks the prefill, and the client reads one whole stream."""
+    Mistral adapter now marks the prefill, and the client reads one whole stream. Mistral's reply begins with the
+    prefix (as the fake's does): the client read the text it had twice; the echo is dropped."""
     catalog = routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
     mistral = ProviderFactory(
         name="mistral", kind=ProviderKind.MISTRAL, base_url=fake_upstream.base_url + "/mistral/v1"
@@ -798,6 +800,10 @@ def test_a_cut_stream_resumes_on_a_mistral_deployment_with_the_prefill_marked_as
     prefill = fake_upstream.requests[-1]["body"]["messages"][-1]
     assert fake_upstream.requests[-1]["path"] == "/mistral/v1/chat/completions"
     assert prefill == {"role": "assistant", "content": "".join(texts[:4]), "prefix": True}
+    # Mistral's reply begins with the prefix (the fake's does, as Mistral's): the client reads it once.
+    assert "".join(texts) == prefill["content"] + LOREM_6, texts
+    assert len(split_tokens(prefill["content"])) == 3, "its echo comes in three chunks, held back then dropped"
+    assert [text for text in texts[4:] if text] == split_tokens(LOREM_6), "after it, each chunk as it came"
     record = wait_for_record(request_id)
     assert record.status == "ok" and record.resumed and record.deployment_name == "second" and record.attempts == 2
     assert UsageRecord.objects.filter(request_id=request_id).count() == 1

@@ -1640,7 +1640,8 @@ def test_openai_refuses_a_limit_past_what_the_model_writes(oai: openai.OpenAI, n
 
 
 def test_mistral_takes_a_last_assistant_message_only_as_a_prefix(upstream: FakeUpstream) -> None:
-    """As Mistral: a last assistant message is a 400 unless it says ``"prefix": true``; then it is continued."""
+    """As Mistral: a last assistant message is a 400 unless it says ``"prefix": true``; then the reply begins with
+    it, whole or streamed (``[[prefix_echo=off]]``: it only continues it)."""
     prefill = {"role": "assistant", "content": "Echo: "}
     body = {"model": "mistral-small-latest", "messages": [*user("hi"), prefill]}
     status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
@@ -1649,4 +1650,18 @@ def test_mistral_takes_a_last_assistant_message_only_as_a_prefix(upstream: FakeU
 
     body["messages"][-1] = {**prefill, "prefix": True}
     status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
-    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"], raw
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == "Echo: Echo: hi", raw
+    assert json.loads(raw)["usage"]["completion_tokens"] == len(split_tokens("Echo: Echo: hi"))
+
+    status, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", {**body, "stream": True})
+    deltas = [chunk["choices"][0]["delta"].get("content") or "" for chunk in openai_sse(raw)[:-1] if chunk["choices"]]
+    assert status == 200 and "".join(deltas) == "Echo: Echo: hi"
+    assert len([delta for delta in deltas if delta]) > 2, "the prefix in pieces, as any text"
+
+    body["messages"][0]["content"] = "hi [[prefix_echo=off]]"
+    _, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", body)
+    assert json.loads(raw)["choices"][0]["message"]["content"] == "Echo: hi"
+    _, _, raw = http(upstream, "POST", "/mistral/v1/chat/completions", {**body, "stream": True})
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in openai_sse(raw)[:-1] if c["choices"]) == (
+        "Echo: hi"
+    )
