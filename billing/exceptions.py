@@ -15,6 +15,16 @@ class ModelNotAllowedError(ApplicationError):
     code = "model_not_allowed"
 
 
+class OutputUnboundedError(ApplicationError):
+    """Under a budget, a model the request may end on has parameter rules that send its deployments no output
+    limit (a ``drop``) and no most it writes in the catalog (``max_output_tokens``): nothing bounds what the
+    request could cost. The model's configuration is wrong, not the request; the message says which model."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "model_output_unbounded"
+
+
 # A 429 that no wait of an SDK's lifts says so: both official SDKs retry a 429 twice with back-off unless the
 # answer carries ``x-should-retry: false`` (seconds of delay and a rejected ledger row each, for the same refusal).
 NO_RETRY = {"x-should-retry": "false"}

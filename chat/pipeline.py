@@ -453,7 +453,7 @@ async def completion_start(
             else:
                 await moderation.check_input({**body, "messages": new_input}, operation, fields=False)
         prompt_upper, prompt_estimate = prompt_token_bounds(body, operation=operation)
-        as_sent, forced_limit = _body_as_sent(body, [model, *fallbacks, *context_fallbacks])
+        as_sent, forced_limit, unbounded = _body_as_sent(body, [model, *fallbacks, *context_fallbacks])
         admission = await admission_acquire(
             user_id=caller.user_id,
             api_key_id=caller.api_key_id,
@@ -465,6 +465,7 @@ async def completion_start(
             prompt_tokens_estimate=prompt_estimate,
             endpoint=endpoint,
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
+            output_unbounded=unbounded,
         )
         if forced_limit is not None and admission.handle is not None and admission.handle.counters:
             # Under a budget llmhub sends a limit when the client set none (``_upstream_body``), which a rule then
@@ -717,15 +718,21 @@ async def _fallbacks_for(
     return usable(model.fallbacks), usable(model.context_window_fallbacks)
 
 
-def _body_as_sent(body: dict[str, Any], models: list[ResolvedModel]) -> tuple[dict[str, Any], int | None]:
+def _body_as_sent(
+    body: dict[str, Any], models: list[ResolvedModel]
+) -> tuple[dict[str, Any], int | None, list[ResolvedModel]]:
     """``body`` as admission prices it: its output limit, ``n`` and ``best_of`` each the largest that the models'
     parameter rules send (``providers.rules``: a ``fixed`` value replaces the client's, a ``rename`` moves it), so
     that the reservation covers what any deployment the request may end on is really sent. Second: when the client
     set no output limit, the largest a rule puts in place of the one llmhub sends under a budget
-    (``_upstream_body``), which is then reserved instead of one picked by the budget; else None."""
+    (``_upstream_body``), which is then reserved instead of one picked by the budget; else None. Third: the models
+    whose rules send no output limit at all (a ``drop``, of the client's or of the one llmhub sends under a
+    budget), which admission reserves for at what they write at most when a budget applies
+    (``admission._output_bounded``)."""
     client_limit = requested_max_tokens(body)
     out = dict(body)
     limits: list[int] = []
+    unbounded: list[ResolvedModel] = []
     counts: dict[str, list[int]] = {"n": [], "best_of": []}
     for target in models:
         if not target.parameter_rules:
@@ -735,7 +742,9 @@ def _body_as_sent(body: dict[str, Any], models: list[ResolvedModel]) -> tuple[di
             body if client_limit is not None else {**body, "max_tokens": 1}, target.parameter_rules
         )
         limit = requested_max_tokens(sent)
-        if limit is not None and (client_limit is not None or limit != 1):
+        if limit is None:
+            unbounded.append(target)
+        elif client_limit is not None or limit != 1:
             limits.append(limit)
         for name, values in counts.items():
             value = sent.get(name)
@@ -746,10 +755,10 @@ def _body_as_sent(body: dict[str, Any], models: list[ResolvedModel]) -> tuple[di
         if values and not (isinstance(given, int) and not isinstance(given, bool) and given >= max(values)):
             out[name] = max(values)
     if not limits or (client_limit is not None and client_limit >= max(limits)):
-        return out, None
+        return out, None, unbounded
     out.pop("max_completion_tokens", None)
     out["max_tokens"] = max(limits)
-    return out, None if client_limit is not None else max(limits)
+    return out, None if client_limit is not None else max(limits), unbounded
 
 
 def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> ResolvedModel:

@@ -14,7 +14,7 @@ declared dead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -28,11 +28,11 @@ from providers.models import ModelMode
 from providers.selectors import models_enabled
 from providers.types import ResolvedModel
 
-from ..exceptions import ModelNotAllowedError
+from ..exceptions import ModelNotAllowedError, OutputUnboundedError
 from ..models import BudgetMetric, ScopeKind
 from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
 from .alerts import Crossing, budget_alerts_raise, budget_crossings
-from .budgets import CounterRef, CounterSpec, charge_for, counter_specs
+from .budgets import CounterRef, CounterSpec, charge_for, counter_specs, requested_max_tokens
 from .counters import Moved, _ms, admission_store, reservation_settle_if_held
 from .inflight import held_written, instance_id
 from .keys import MAX_KEY_DEPTH
@@ -88,6 +88,7 @@ async def admission_acquire(
     prompt_tokens_estimate: int | None = None,
     endpoint: str = "",
     own_key_only: bool = False,
+    output_unbounded: Sequence[ResolvedModel] = (),
 ) -> Admission:
     """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
     ``RateLimitExceededError`` (429); a refused request holds nothing.
@@ -103,7 +104,11 @@ async def admission_acquire(
     ``own_key_only``: every deployment that may serve the request runs on the user's own provider key
     (bring your own key). Unless the plan counts own-key spend, such a request costs the platform nothing
     (its ledger row's ``cost`` is 0, ``settlement.request_settle``), so no spending budget (USD: the plan's,
-    the key's and its parents') reserves for it or refuses it; the token quota and rate limits still do."""
+    the key's and its parents') reserves for it or refuses it; the token quota and rate limits still do.
+
+    ``output_unbounded``: the models the request may end on whose parameter rules send a deployment no output
+    limit (a ``drop``). Under a budget the request is reserved for the most they write (``_output_bounded``), or
+    refused (``OutputUnboundedError``, 400) when the catalog does not say; with none, they change nothing."""
     limits = await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
@@ -121,6 +126,9 @@ async def admission_acquire(
     )
     if not counters and not rates:
         return admission
+    forced_limit = None
+    if counters and output_unbounded and model.mode != ModelMode.EMBEDDING:
+        body, forced_limit = _output_bounded(body, output_unbounded)
     charge = charge_for(
         model=model,
         body=body,
@@ -149,10 +157,39 @@ async def admission_acquire(
         admission.reserved_cost = outcome.reserved.cost
     if charge.requested_max_tokens is None:
         admission.max_tokens = outcome.reserved.max_tokens
+    elif forced_limit is not None:
+        admission.max_tokens = forced_limit
     admission.headers = ratelimit_headers(outcome.rate_states)
     admission.anthropic_headers = anthropic_ratelimit_headers(outcome.rate_states, now_ms=_ms(now))
     admission.handle = _Held(counters=counters, rates=rates, instance=instance_id())
     return admission
+
+
+def _output_bounded(body: dict[str, Any], models: Sequence[ResolvedModel]) -> tuple[dict[str, Any], int | None]:
+    """``body`` as reserved under a budget when the parameter rules of ``models`` send a deployment no output
+    limit: such a deployment may write all its model writes at most (the catalog's ``max_output_tokens``), so the
+    limit reserved is the largest of those when it is more than the body's. Second: that limit when the body set
+    none, which is then sent to every deployment that keeps a limit (the pipeline's ``_upstream_body``), so
+    none writes past the reservation; else None. A model of which the catalog knows no such most is an
+    administrator's misconfiguration under a budget: ``OutputUnboundedError``."""
+    unknown = [model.name for model in models if not model.max_output_tokens]
+    if unknown:
+        names = ", ".join(f"`{name}`" for name in dict.fromkeys(unknown))
+        raise OutputUnboundedError(
+            f"This request cannot run under a budget: the parameter rules of the model {names} drop the output "
+            "limit, so its deployments are sent none, and the catalog does not say how many tokens it writes at "
+            "most (`max_output_tokens`), so nothing bounds what the request could cost. This is a misconfiguration "
+            "of the model, not of your request: ask an administrator to set its `max_output_tokens` or to take the "
+            "output limit out of its rules' `drop`.",
+            param="model",
+        )
+    most = max(model.max_output_tokens or 0 for model in models)
+    given = requested_max_tokens(body)
+    if given is not None and given >= most:
+        return body, None
+    bounded = {name: value for name, value in body.items() if name != "max_completion_tokens"}
+    bounded["max_tokens"] = most
+    return bounded, most if given is None else None
 
 
 async def admission_count_request(*, user_id: int, api_key_id: int | None, request_id: str) -> Admission:

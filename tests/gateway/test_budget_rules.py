@@ -9,9 +9,10 @@ import openai
 import pytest
 from django.db.models import Sum
 
-from billing.models import BudgetPeriod, UsageRecord
+from billing.models import BudgetPeriod, UsageRecord, UsageStatus
 from billing.services.budgets import api_key_limits_set
-from providers.models import CatalogModel
+from providers.models import CatalogModel, ModelMode, Provider
+from tests.factories import ModelFactory
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -63,3 +64,133 @@ def test_a_fixed_max_tokens_of_a_fallback_is_reserved(gateway):
     # The model asked for has no rule and fails; its fallback's rule raises the limit it is sent.
     CatalogModel.objects.filter(name="broken").update(fallbacks=["gpt-test"])
     _spend(gateway, {"fixed": {"max_tokens": 2000}}, model="broken", max_tokens=1)
+
+
+# A rule that drops the output limit sends the deployment none: it may write all the model writes at most (the
+# catalog's ``max_output_tokens``; the fake's fake-gpt-4o-mini writes up to 16384), which is what is reserved.
+MOST = 16384
+
+
+def _writes_at_most(name: str, limit: int | None) -> None:
+    CatalogModel.objects.filter(name=name).update(max_output_tokens=limit)
+
+
+def test_a_dropped_max_tokens_is_reserved_at_what_the_model_writes_at_most(gateway):
+    _writes_at_most("gpt-test", MOST)
+    _spend(gateway, {"drop": ["max_tokens"]}, max_tokens=1)
+
+
+def test_a_dropped_max_tokens_is_reserved_when_the_client_sets_none(gateway):
+    # Under a budget llmhub picks max_tokens for the request, and the rule then drops it.
+    _writes_at_most("gpt-test", MOST)
+    _spend(gateway, {"drop": ["max_tokens"]})
+
+
+def test_a_dropped_max_completion_tokens_is_reserved(gateway):
+    _writes_at_most("gpt-test", MOST)
+    _spend(gateway, {"drop": ["max_completion_tokens"]}, max_completion_tokens=1)
+
+
+def test_a_limit_renamed_then_dropped_is_reserved(gateway):
+    _writes_at_most("gpt-test", MOST)
+    _spend(
+        gateway,
+        {"rename": {"max_tokens": "max_completion_tokens"}, "drop": ["max_completion_tokens"]},
+        max_tokens=1,
+    )
+
+
+def test_a_dropped_max_tokens_of_a_fallback_is_reserved(gateway):
+    # The model asked for has no rule and fails; its fallback's rule sends no limit at all.
+    CatalogModel.objects.filter(name="broken").update(fallbacks=["gpt-test"])
+    _writes_at_most("gpt-test", MOST)
+    _spend(gateway, {"drop": ["max_tokens"]}, model="broken", max_tokens=1)
+
+
+def test_the_limit_reserved_for_a_fallbacks_dropped_limit_is_sent_to_the_model_asked_for(gateway):
+    # gpt-test has no rule and answers; its fallback's rule drops the limit, and the fallback writes at most 100
+    # tokens: those 100 are reserved, and the model asked for (no limit set by the client) is sent them.
+    ModelFactory(
+        name="gpt-dropping",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fake-gpt-4o-mini",
+        max_output_tokens=100,
+        parameter_rules={"drop": ["max_tokens"]},
+    )
+    CatalogModel.objects.filter(name="gpt-test").update(fallbacks=["gpt-dropping"])
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("0.01"), budget_period=BudgetPeriod.MONTHLY)
+
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": WORDS}]
+    )
+    record = wait_for_record(raw.headers["x-request-id"])
+
+    assert gateway.upstream.requests[-1]["body"]["max_tokens"] == 100
+    assert raw.parse().usage.completion_tokens == 100
+    settle_quietly()
+    assert UsageRecord.objects.filter(api_key=gateway.api_key).count() == 1
+    assert record.completion_tokens == 100
+
+
+def test_a_dropped_limit_of_a_model_with_no_most_is_refused_under_a_budget(gateway):
+    # Nothing bounds the reply, so nothing bounds the spend: the model's configuration is wrong, and the client is
+    # told so, before anything goes upstream.
+    CatalogModel.objects.filter(name="gpt-test").update(parameter_rules={"drop": ["max_tokens"]})
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=BUDGET, budget_period=BudgetPeriod.MONTHLY)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": WORDS}], max_tokens=1
+        )
+
+    assert refused.value.status_code == 400
+    assert refused.value.code == "model_output_unbounded"
+    message = refused.value.message
+    assert "gpt-test" in message and "max_output_tokens" in message and "administrator" in message
+    assert gateway.upstream.requests == []
+    settle_quietly()
+    rows = UsageRecord.objects.filter(api_key=gateway.api_key)
+    assert [(row.status, row.cost) for row in rows] == [(UsageStatus.REJECTED, Decimal(0))]
+
+
+def test_a_dropped_limit_of_a_fallback_with_no_most_is_refused_under_a_budget(gateway):
+    CatalogModel.objects.filter(name="broken").update(fallbacks=["gpt-test"])
+    CatalogModel.objects.filter(name="gpt-test").update(parameter_rules={"drop": ["max_tokens"]})
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=BUDGET, budget_period=BudgetPeriod.MONTHLY)
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+
+    assert refused.value.code == "model_output_unbounded"
+    assert "`gpt-test`" in refused.value.message
+    assert gateway.upstream.requests == []
+
+
+def test_a_dropped_limit_without_a_budget_changes_nothing(gateway):
+    # No budget: nothing to bound, and the model is answered without a limit, as its rule says.
+    CatalogModel.objects.filter(name="gpt-test").update(parameter_rules={"drop": ["max_tokens"]})
+
+    completion = gateway.client().chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": WORDS}], max_tokens=1
+    )
+
+    assert "max_tokens" not in gateway.upstream.requests[-1]["body"]
+    assert completion.usage.completion_tokens > 1
+
+
+def test_a_drop_rule_of_an_embedding_model_is_no_unbounded_output(gateway):
+    # An embedding writes no tokens: nothing is sent as an output limit, and a rule dropping one bounds nothing.
+    ModelFactory(
+        name="embed-test",
+        provider=Provider.objects.get(name="fake-openai"),
+        upstream_id="fake-embedding-small",
+        mode=ModelMode.EMBEDDING,
+        output_per_mtok=Decimal(0),
+        parameter_rules={"drop": ["max_tokens"]},
+    )
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=BUDGET, budget_period=BudgetPeriod.MONTHLY)
+
+    raw = gateway.client().embeddings.with_raw_response.create(model="embed-test", input="one two three")
+
+    assert len(raw.parse().data) == 1
+    assert wait_for_record(raw.headers["x-request-id"]).status == UsageStatus.OK
