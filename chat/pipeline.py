@@ -467,7 +467,7 @@ async def completion_start(
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
             output_unbounded=unbounded,
         )
-        if forced_limit is not None and admission.handle is not None and admission.handle.counters:
+        if forced_limit is not None and admission.budgeted:
             # Under a budget llmhub sends a limit when the client set none (``_upstream_body``), which a rule then
             # replaces: the limit reserved is the rule's, and the deployments without the rule get it too.
             admission.max_tokens = forced_limit

@@ -60,6 +60,12 @@ class Admission:
     handle: Any = None  # _Held, or None when nothing was held
     byok_counts_against_budget: bool = False  # the plan counts spend on the user's own provider keys
 
+    @property
+    def budgeted(self) -> bool:
+        """Whether a budget or token quota applies to the request: it holds a reservation on their counters, and a
+        chat request without an output limit is sent the one admission picked (``max_tokens``)."""
+        return isinstance(self.handle, _Held) and bool(self.handle.counters)
+
 
 def _check_models(*, limits: UserLimits, key_allowed_model_ids: frozenset[int] | None, model: ResolvedModel) -> None:
     if not limits.allows(model):
