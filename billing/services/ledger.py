@@ -87,12 +87,22 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
         _unwritten[data.request_id] = (data, admission)
     writer = _writers.get(loop)
     if writer is None:
-        writer = _writers[loop] = _Writer(loop)
+        writer = _writer_start(loop)
     writer.queue.append((data, admission))
     writer.submitted += 1
     if len(writer.queue) > settings.LLMHUB_LEDGER_QUEUE_MAX and writer.spill is None:
         _spill_start(writer)
     _writer_wake(writer)
+
+
+def _writer_start(loop: asyncio.AbstractEventLoop) -> _Writer:
+    """The writer of ``loop``, new (its first row, or its last writer ended). Writers of loops closed since are
+    released first: their rows go to the spool, and the loops (with their writers) can be collected."""
+    for writer in _writers_now():
+        if writer.loop.is_closed():
+            _writer_release(writer)
+    writer = _writers[loop] = _Writer(loop)
+    return writer
 
 
 def _writer_wake(writer: _Writer) -> None:
@@ -125,6 +135,8 @@ async def _spill(writer: _Writer, entries: list[tuple[UsageData, Admission | Non
     except Exception:
         # The disk refused them too: they wait in memory, for the writer, rather than be lost.
         logger.exception("spilling %d ledger rows to the spool failed; they stay queued", len(entries))
+        # To the loop's writer now: this one may have ended (and been released) meanwhile.
+        writer = _writers.get(writer.loop) or _writer_start(writer.loop)
         writer.queue += entries
         writer.submitted += len(entries)
         _writer_wake(writer)
@@ -184,7 +196,10 @@ class _Writer:
         self.spill: asyncio.Task[None] | None = None  # rows past the queue's bound on their way to the spool
 
 
+# A writer is released (``_writer_release``) when its task ends or its loop is found closed: an entry's writer
+# refers to its loop, so the entries of ended loops must go for those loops to be collected.
 _writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
+_writers_release_lock = threading.Lock()
 
 
 async def _writer_run(writer: _Writer) -> None:
@@ -260,14 +275,27 @@ def _hurry(writer: _Writer, upto: int) -> None:
 
 
 def _writer_ended(task: asyncio.Task[None], *, writer: _Writer) -> None:
-    """However the writer ended (its loop cancelled it, even before it ran; or it failed), the rows it
-    held go to the spool with their admissions. A row both written and spooled is harmless: the replay
-    skips known ids, and settles only a reservation still held."""
+    """However the writer ended (its loop cancelled it, even before it ran, as ``asyncio.run`` and
+    ``async_to_sync`` do to the tasks left when their call returns; or it failed), the rows it held go to the
+    spool with their admissions, and it is released (``_writer_release``). A row both written and spooled is
+    harmless: the replay skips known ids, and settles only a reservation still held."""
     if not task.cancelled() and task.exception() is not None:
         logger.error("the ledger writer failed; its rows are spooled", exc_info=task.exception())
-    entries = [*writer.in_flight, *writer.queue]
-    writer.in_flight, writer.queue = [], []
-    writer.finished = writer.submitted
+    _writer_release(writer)
+
+
+def _writer_release(writer: _Writer) -> None:
+    """Spool the rows ``writer`` holds and forget it: its entry in ``_writers`` holds its loop (the writer, its
+    task and its event refer to the loop), so a loop that ever wrote a row would never be collected. The next
+    row submitted on a loop still running starts a new writer. A closed loop's writer may be released from two
+    threads at once (each starting a writer of its own loop): its rows are taken once."""
+    with _writers_release_lock:
+        if _writers.get(writer.loop) is writer:
+            with contextlib.suppress(KeyError):
+                del _writers[writer.loop]
+        entries = [*writer.in_flight, *writer.queue]
+        writer.in_flight, writer.queue = [], []
+        writer.finished = writer.submitted
     _spool_entries(entries)
     _forget(data for data, _ in entries)
     admission_records_unmark(entries)
@@ -555,8 +583,22 @@ def ledger_spool_watch() -> None:
     if watcher is not None and not watcher[0].done():
         watcher[1].set()
         return
+    # A watcher left pending on a loop closed since would keep that loop alive (``_spool_watch_ended``).
+    for closed in [other for other in list(_spool_watchers.keys()) if other.is_closed()]:
+        _spool_watchers.pop(closed, None)
     wake = asyncio.Event()
-    _spool_watchers[loop] = (loop.create_task(_spool_watch(wake)), wake)
+    task = loop.create_task(_spool_watch(wake))
+    task.add_done_callback(_spool_watch_ended)
+    _spool_watchers[loop] = (task, wake)
+
+
+def _spool_watch_ended(task: asyncio.Task[None]) -> None:
+    """A watcher that ended (the spool is empty, or its loop cancelled it) is forgotten: its entry holds its
+    loop (the task refers to it), which would otherwise never be collected."""
+    loop = task.get_loop()
+    watcher = _spool_watchers.get(loop)
+    if watcher is not None and watcher[0] is task:
+        _spool_watchers.pop(loop, None)
 
 
 async def _spool_watch(wake: asyncio.Event) -> None:
