@@ -165,9 +165,11 @@ def database_url_for_subprocesses() -> str:
     return f"postgres://{credentials}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
-def wait_for_port(port: int, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
     """Until something listens on ``port``; with ``process`` (the server meant to listen there), fails at
-    once, with its exit status, if it has ended instead of waiting out the timeout."""
+    once, with its exit status, if it has ended instead of waiting out the timeout. The timeout is generous: it
+    costs nothing when the server starts, and a server process importing Django on a loaded 2-core machine took
+    more than 15 s (the former default) in CI runs beside other work."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as sock:

@@ -210,7 +210,7 @@ def test_probes_answer_over_plain_http_under_production_settings(tmp_path):
         text=True,
     )
     try:
-        wait_for_port(port, timeout=60, process=server)
+        wait_for_port(port, process=server)
         base = f"http://127.0.0.1:{port}"
         healthz = httpx.get(f"{base}/healthz", timeout=30)
         ready = httpx.get(f"{base}/readyz", timeout=30)

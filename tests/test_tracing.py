@@ -145,7 +145,7 @@ def traced_server(collector: Collector, tmp_path: Path, **settings: str) -> Iter
     with log.open("w") as output:
         server = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=output)
         try:
-            wait_for_port(port, timeout=60, process=server)
+            wait_for_port(port, process=server)
             yield f"http://127.0.0.1:{port}"
         finally:
             server.terminate()

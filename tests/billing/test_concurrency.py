@@ -116,7 +116,7 @@ def two_servers(request, tmp_path, period_clock):
     servers = [ServerProcess(redis_url, tmp_path / f"server-{n}.log", period_clock) for n in range(2)]
     try:
         for server in servers:
-            wait_for_port(server.port, timeout=30, process=server.process)
+            wait_for_port(server.port, process=server.process)
         yield [server.url for server in servers]
     finally:
         for server in servers:

@@ -107,7 +107,7 @@ class Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_for_port(self.port, timeout=30, process=self.process)
+        wait_for_port(self.port, process=self.process)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -139,7 +139,7 @@ def two_servers(tmp_path):
     servers = [ServerProcess(None, tmp_path / f"server-{n}.log", None) for n in range(2)]
     try:
         for server in servers:
-            wait_for_port(server.port, timeout=30, process=server.process)
+            wait_for_port(server.port, process=server.process)
         yield [server.url.replace("http://", "ws://") + "/ws/chat/" for server in servers]
     finally:
         for server in servers:
@@ -196,7 +196,7 @@ def two_beating_servers(tmp_path, monkeypatch):
     servers = [ServerProcess(None, tmp_path / f"server-{n}.log", None) for n in range(2)]
     try:
         for server in servers:
-            wait_for_port(server.port, timeout=30, process=server.process)
+            wait_for_port(server.port, process=server.process)
         yield servers
     finally:
         for server in servers:

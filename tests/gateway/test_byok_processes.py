@@ -40,7 +40,7 @@ def servers(shared_redis, tmp_path):
     started = [ServerProcess(redis_url, tmp_path / f"server-{n}.log", None) for n in range(2)]
     try:
         for server in started:
-            wait_for_port(server.port, timeout=30, process=server.process)
+            wait_for_port(server.port, process=server.process)
         yield [server.url for server in started]
     finally:
         for server in started:

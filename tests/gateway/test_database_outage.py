@@ -408,7 +408,7 @@ def servers(envs: dict[str, dict[str, str]], tmp_path: Path) -> Iterator[dict[st
                 )
             )
             urls[name] = f"http://127.0.0.1:{port}"
-            wait_for_port(port, timeout=30, process=started[-1])
+            wait_for_port(port, process=started[-1])
         yield urls
         for process in started:
             assert process.poll() is None, "a server died"

@@ -89,7 +89,7 @@ def uvicorn_server(
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(port, timeout=30, process=server)
+        wait_for_port(port, process=server)
         yield server, port, spool
     finally:
         if server.poll() is None:

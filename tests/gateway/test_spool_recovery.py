@@ -167,7 +167,7 @@ def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_o
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(port, timeout=30, process=server)
+        wait_for_port(port, process=server)
         with Load(f"http://127.0.0.1:{port}", secret) as load:
             # The caller's key, limits and model are in the server's caches.
             wait_until(lambda: load.count() >= 20, "20 answers before the outage", timeout=30, interval=0.05)
