@@ -48,10 +48,13 @@ class _Pool:
     platform: dict[int, BaseAdapter] = field(default_factory=dict)
     users: OrderedDict[_PoolKey, BaseAdapter] = field(default_factory=OrderedDict)
     retiring: set[BaseAdapter] = field(default_factory=set)  # evicted or replaced, closed once idle
+    keeper: asyncio.Task[None] | None = None  # closes the clients when its loop cancels it (``_pool_kept``)
 
 
-# Entries vanish with their loop. Added to under ``_pools_lock``, which ``adapters_forget`` (called from any
-# thread) holds to list them.
+# An entry's clients refer to its loop (their connections' transports), so an entry must go for its loop to be
+# collected: when its keeper task is cancelled (``_pool_kept``), or, for a loop closed without that, when the next
+# loop starts its pool (``_pool_start``). Added to under ``_pools_lock``, which ``adapters_forget`` (called from
+# any thread) holds to list them.
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 _pools_lock = threading.Lock()
 _retired: set[asyncio.Task[None]] = set()
@@ -85,11 +88,44 @@ def adapter_for(config: ProviderConfig) -> BaseAdapter:
         return adapter_class_for_kind(config.kind)(config)
     pool = _pools.get(loop)
     if pool is None:
-        with _pools_lock:
-            pool = _pools[loop] = _Pool()
+        pool = _pool_start(loop)
     if config.credential_id is None:
         return _platform_adapter(pool, config, loop)
     return _user_adapter(pool, config, loop)
+
+
+def _pool_start(loop: asyncio.AbstractEventLoop) -> _Pool:
+    """The pool of ``loop``, new (its first client, or its last pool was closed). The pools of loops closed since
+    without cancelling their tasks are dropped first (their clients cannot be closed on a closed loop)."""
+    with _pools_lock:
+        for closed in [other for other in list(_pools.keys()) if other.is_closed()]:
+            _pools.pop(closed, None)
+        pool = _pools[loop] = _Pool()
+    pool.keeper = loop.create_task(_pool_kept(pool, loop))
+    return pool
+
+
+async def _pool_kept(pool: _Pool, loop: asyncio.AbstractEventLoop) -> None:
+    """Wait for ``loop`` to end: ``asyncio.run`` and ``async_to_sync`` cancel the tasks left when their call
+    returns (a Celery task, a command, a sync view make a loop per call). The pool is then forgotten and its
+    clients closed, or its entry would keep the loop alive, and each client's connections open."""
+    try:
+        await loop.create_future()
+    finally:
+        with _pools_lock:
+            kept = _pools.get(loop) is pool
+            if kept:
+                del _pools[loop]
+        if kept:  # not closed already (``adapters_close_all``)
+            await _pool_close(pool)
+
+
+async def _pool_close(pool: _Pool) -> None:
+    for adapter in [*pool.platform.values(), *pool.users.values(), *pool.retiring]:
+        try:
+            await adapter.aclose()
+        except Exception:
+            logger.warning("closing a %s client failed", adapter.config.name, exc_info=True)
 
 
 def _platform_adapter(pool: _Pool, config: ProviderConfig, loop: asyncio.AbstractEventLoop) -> BaseAdapter:
@@ -207,8 +243,11 @@ def adapters_open() -> int:
 
 async def adapters_close_all() -> None:
     """Close every pooled client of the running loop (graceful shutdown, test teardown)."""
-    pool = _pools.pop(asyncio.get_running_loop(), None)
+    with _pools_lock:
+        pool = _pools.pop(asyncio.get_running_loop(), None)
     if pool is None:
         return
+    if pool.keeper is not None:
+        pool.keeper.cancel()
     for adapter in [*pool.platform.values(), *pool.users.values(), *pool.retiring]:
         await adapter.aclose()

@@ -1,0 +1,88 @@
+"""The providers' pooled clients on short-lived event loops: a Celery task, a management command or a
+synchronous caller (``async_to_sync``, ``asyncio.run``) makes a loop per call and calls a provider from it
+(``adapter_for``: the pipeline, the moderation guard, ``aprovider_health_check``). The pool such a loop started
+must not keep the loop alive once it is gone, and its clients are closed with it, without an "Unclosed" warning.
+(The health-check task's round uses one-off clients it closes itself: nothing of it is pooled.)"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import warnings
+import weakref
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+
+from providers.adapters import registry
+from providers.services.health import aprovider_health_check
+from tests.factories import ModelFactory, ProviderFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+LOOPS = 5
+
+
+def _gone(refs: list[weakref.ref]) -> int:
+    gc.collect()
+    return sum(ref() is None for ref in refs)
+
+
+def _asgiref_forgets_the_last_loop(run) -> None:
+    """asgiref's ``sync_to_async`` (under the ORM's ``aupdate``) keeps the last loop that called it (per thread)
+    until the next call: one more call, from a loop that pools nothing, lets that one go."""
+    run(sync_to_async(lambda: None)())
+
+
+async def _awaited(coroutine):
+    return await coroutine
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def provider(request, settings, fake_upstream):
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = request.param
+    provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
+    ModelFactory(provider=provider, upstream_id="fake-gpt-4o-mini")
+    return provider
+
+
+@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+def test_loops_that_called_a_provider_are_collected_and_their_clients_closed(provider, run, caplog):
+    refs: list[weakref.ref] = []
+
+    async def call() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        assert (await aprovider_health_check(provider=provider)).ok
+        assert registry.adapters_open() == 1
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for _ in range(LOOPS):
+            run(call())
+        _asgiref_forgets_the_last_loop(run)
+        assert _gone(refs) == LOOPS
+    assert len(registry._pools) == 0
+    assert not [str(warning.message) for warning in caught if "nclosed" in str(warning.message)]
+    assert not [record.getMessage() for record in caplog.records if "nclosed" in record.getMessage()]
+
+
+def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider):
+    """``run_until_complete`` then ``close``: nothing tells the pool its loop ended. The next loop that pools a
+    client drops it."""
+    refs: list[weakref.ref] = []
+
+    async def call() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        assert (await aprovider_health_check(provider=provider)).ok
+
+    for _ in range(LOOPS):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(call())
+        loop.close()
+        del loop
+    asyncio.run(call())
+    _asgiref_forgets_the_last_loop(asyncio.run)
+
+    assert _gone(refs) == LOOPS + 1
+    assert len(registry._pools) == 0
