@@ -6,13 +6,17 @@ and a command that fails on a dead connection is sent again on a fresh one (``RE
 50 ms, 100 ms, ... at most 0.5 s). Only send idempotent commands through these clients, or make them
 idempotent (a Lua script that remembers its answer): a retried command may have run once already.
 
-An asyncio client (and its pool) is bound to the event loop that created it, hence one per loop; a loop
-that ends takes its clients with it (weak keys). https://redis.readthedocs.io/en/stable/retry.html
+An asyncio client (and its pool) is bound to the event loop that created it, hence one per loop. A loop's
+clients refer to it (their connections' streams), so they are forgotten and closed when the loop ends
+(``_clients_kept``: ``asyncio.run`` and ``async_to_sync`` cancel the tasks left), or dropped when the next loop
+builds its first client if it was closed without that. https://redis.readthedocs.io/en/stable/retry.html
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import weakref
 
@@ -23,9 +27,18 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, redis.asyncio.Redis]] = (
-    weakref.WeakKeyDictionary()
-)
+logger = logging.getLogger(__name__)
+
+
+class _LoopClients(dict[str, redis.asyncio.Redis]):
+    """One loop's clients, by URL and timeout, and the task that closes them when the loop ends (held here:
+    the loop keeps only a weak reference to its tasks)."""
+
+    keeper: asyncio.Task[None] | None = None
+
+
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = weakref.WeakKeyDictionary()
+_async_lock = threading.Lock()
 _sync_clients: dict[str, redis.Redis] = {}
 _sync_lock = threading.Lock()
 
@@ -46,7 +59,10 @@ def redis_async_client(url: str, *, socket_timeout: float | None = None) -> redi
 
     ``socket_timeout``: seconds a command may wait for its reply (None: forever, as redis-py's default);
     clients with different timeouts are different clients."""
-    per_loop = _async_clients.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    per_loop = _async_clients.get(loop)
+    if per_loop is None:
+        per_loop = _clients_start(loop)
     key = f"{url}#{socket_timeout}"
     client = per_loop.get(key)
     if client is None:
@@ -62,6 +78,40 @@ def redis_async_client(url: str, *, socket_timeout: float | None = None) -> redi
         )
         client = per_loop[key] = redis.asyncio.Redis.from_pool(pool)
     return client
+
+
+def _clients_start(loop: asyncio.AbstractEventLoop) -> _LoopClients:
+    """``loop``'s clients, none yet. The clients of loops closed since without cancelling their tasks are
+    dropped first (they cannot be closed on a closed loop)."""
+    with _async_lock:
+        for closed in [other for other in list(_async_clients.keys()) if other.is_closed()]:
+            dropped = _async_clients.pop(closed, None)
+            if dropped is not None and dropped.keeper is not None:
+                dropped.keeper._log_destroy_pending = False  # never to run: its loop is closed
+        per_loop = _async_clients[loop] = _LoopClients()
+    per_loop.keeper = loop.create_task(_clients_kept(per_loop, loop))
+    return per_loop
+
+
+async def _clients_kept(per_loop: _LoopClients, loop: asyncio.AbstractEventLoop) -> None:
+    """Wait for ``loop`` to end (its caller cancels this task), then forget its clients and close them."""
+    try:
+        await loop.create_future()
+    except asyncio.CancelledError:
+        # Not on a closed loop's task destroyed pending (GeneratorExit): nothing can be awaited there.
+        with _async_lock:
+            kept = _async_clients.get(loop) is per_loop
+            if kept:
+                with contextlib.suppress(KeyError):
+                    del _async_clients[loop]
+        if not kept:
+            raise
+        for client in list(per_loop.values()):
+            try:
+                await client.aclose()
+            except Exception:
+                logger.warning("closing a Redis client of an ended event loop failed", exc_info=True)
+        raise
 
 
 def redis_sync_client(url: str, *, socket_timeout: float | None = 5) -> redis.Redis:
