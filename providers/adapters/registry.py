@@ -99,7 +99,9 @@ def _pool_start(loop: asyncio.AbstractEventLoop) -> _Pool:
     without cancelling their tasks are dropped first (their clients cannot be closed on a closed loop)."""
     with _pools_lock:
         for closed in [other for other in list(_pools.keys()) if other.is_closed()]:
-            _pools.pop(closed, None)
+            dropped = _pools.pop(closed, None)
+            if dropped is not None and dropped.keeper is not None:
+                dropped.keeper._log_destroy_pending = False  # never to run: its loop is closed
         pool = _pools[loop] = _Pool()
     pool.keeper = loop.create_task(_pool_kept(pool, loop))
     return pool

@@ -62,12 +62,12 @@ def test_loops_that_called_a_provider_are_collected_and_their_clients_closed(pro
             run(call())
         _asgiref_forgets_the_last_loop(run)
         assert _gone(refs) == LOOPS
-    assert len(registry._pools) == 0
+    assert not [loop for loop in list(registry._pools) if loop.is_closed()]
     assert not [str(warning.message) for warning in caught if "nclosed" in str(warning.message)]
     assert not [record.getMessage() for record in caplog.records if "nclosed" in record.getMessage()]
 
 
-def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider):
+def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider, caplog):
     """``run_until_complete`` then ``close``: nothing tells the pool its loop ended. The next loop that pools a
     client drops it."""
     refs: list[weakref.ref] = []
@@ -76,6 +76,7 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider):
         refs.append(weakref.ref(asyncio.get_running_loop()))
         assert (await aprovider_health_check(provider=provider)).ok
 
+    caplog.set_level(logging.ERROR, logger="asyncio")
     for _ in range(LOOPS):
         loop = asyncio.new_event_loop()
         loop.run_until_complete(call())
@@ -85,4 +86,6 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider):
     _asgiref_forgets_the_last_loop(asyncio.run)
 
     assert _gone(refs) == LOOPS + 1
-    assert len(registry._pools) == 0
+    # The task that would have closed its clients never runs: it is not reported as "destroyed but pending".
+    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not [loop for loop in list(registry._pools) if loop.is_closed()]
