@@ -420,7 +420,15 @@ def redis_store(url: str) -> RedisCounterStore:
     only a counter that is missing, a settle is a no-op once its request is marked settled, and an
     admission remembers its answer under a marker keyed by its request id (``admission_acquire.lua``), so
     a retried one reserves nothing twice."""
-    per_loop = _redis_stores.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    per_loop = _redis_stores.get(loop)
+    if per_loop is None:
+        # A store refers to its loop (through its client), so the stores of loops closed since (a Celery task's,
+        # an ``asyncio.run``'s) go first, or those loops would never be collected; their clients are closed with
+        # their loops (``core.redis``).
+        for closed in [other for other in list(_redis_stores.keys()) if other.is_closed()]:
+            _redis_stores.pop(closed, None)
+        per_loop = _redis_stores[loop] = {}
     store = per_loop.get(url)
     if store is None:
         # The loop's shared client (core.redis): its blocking pool makes a burst of admissions and settles
