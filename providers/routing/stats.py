@@ -280,10 +280,25 @@ def _ensure_flusher() -> None:
         return
     task = _flushers.get(loop)
     if task is None or task.done():
+        # The entries of loops closed since (their flusher never ended) go first: an entry holds its loop.
+        for closed in [other for other in list(_flushers.keys()) if other.is_closed()]:
+            _flushers.pop(closed, None)
+            _exchanges.pop(closed, None)
         task = _flushers[loop] = loop.create_task(
             _flush_forever(), name="llmhub-routing-stats", context=outside_request()
         )
+        task.add_done_callback(_flusher_ended)
     _known = (loop, task)
+
+
+def _flusher_ended(task: asyncio.Task[None]) -> None:
+    """A flusher that ended (idle, or its loop cancelled it as ``asyncio.run`` and ``async_to_sync`` do when
+    their call returns) is forgotten with its loop's exchange: both refer to the loop, which would otherwise
+    never be collected."""
+    loop = task.get_loop()
+    if _flushers.get(loop) is task:
+        _flushers.pop(loop, None)
+        _exchanges.pop(loop, None)
 
 
 async def _flush_forever() -> None:
