@@ -165,20 +165,44 @@ def database_url_for_subprocesses() -> str:
     return f"postgres://{credentials}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
 
 
+def process_stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``process``: SIGTERM, and SIGKILL if it has not ended ``grace`` seconds later (a server stuck in its
+    start-up or its shutdown may never act on SIGTERM)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait(timeout=grace)
+
+
 def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | None = None) -> None:
     """Until something listens on ``port``; with ``process`` (the server meant to listen there), fails at
     once, with its exit status, if it has ended instead of waiting out the timeout. The timeout is generous: it
     costs nothing when the server starts, and a server process importing Django on a loaded 2-core machine took
-    more than 15 s (the former default) in CI runs beside other work."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} ended with status {process.returncode} before listening on {port}")
-        time.sleep(0.01)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    more than 15 s (the former default) in CI runs beside other work.
+
+    Whenever the wait fails (the timeout, the process ended, the test interrupted), ``process`` is stopped
+    (``process_stop``) before the failure goes on: the fixture that started it has not handed it to its
+    teardown yet, and a server that never listened was left running for the rest of the session."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(
+                    f"{process.args!r} ended with status {process.returncode} before listening on {port}"
+                )
+            time.sleep(0.01)
+        raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    except BaseException:
+        if process is not None:
+            process_stop(process)
+        raise
 
 
 @pytest.fixture(autouse=True)
@@ -337,9 +361,7 @@ def redis_start(argv: list[str], port: int) -> subprocess.Popen | None:
             return process
     except (TimeoutError, RuntimeError, redis.RedisError):
         pass
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=10)
+    process_stop(process)
     return None
 
 
@@ -443,7 +465,11 @@ class LiveServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
         self._thread.start()
-        wait_for_port(self.port)
+        try:
+            wait_for_port(self.port)
+        except BaseException:
+            self.stop()  # a server that never listened must not serve (or keep starting) behind later tests
+            raise
         return self
 
     def stop(self) -> None:
