@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import django
+from django.apps import apps
 
 from llmhub.logging import drop_query_strings_from_server_logs
 
@@ -14,8 +15,12 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 drop_query_strings_from_server_logs()
 
 # Django must be set up before anything imports models (the WebSocket routing does). What follows is
-# django.core.asgi.get_asgi_application with llmhub's handler (llmhub/handlers.py).
-django.setup(set_prefix=False)
+# django.core.asgi.get_asgi_application with llmhub's handler (llmhub/handlers.py). A server imports this module
+# before anything has set Django up. A process that has (the tests', where a live server imports it in a fixture)
+# keeps its set-up: a second one would only apply LOGGING again, which replaced the root logger's handlers
+# (pytest's caplog, live log and log file among them) for the rest of that process.
+if not apps.ready:
+    django.setup(set_prefix=False)
 
 from llmhub.handlers import FullStackASGIHandler, MiddlewareFreeASGIHandler, PathPrefixRouter  # noqa: E402
 
