@@ -461,7 +461,11 @@ class LiveServer:
         from llmhub.asgi import application
 
         app = ASGIStaticFilesHandler(application) if self.static_files else application
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        # No log_config: uvicorn's own (dictConfig) would close every handler of the process, pytest's log
+        # file among them, which then wrote nothing for the rest of the session. Its loggers propagate instead.
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", log_config=None, lifespan="on"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
         self._thread.start()
