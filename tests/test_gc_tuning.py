@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
+import httpx
 import pytest
 
 from core.gc_tuning import FREEZE_AFTER_REQUESTS, RequestCounter, gc_freeze_startup
@@ -72,3 +74,27 @@ def test_the_served_application_freezes_at_start_up(unfrozen, settings, caplog):
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
     assert gc.get_freeze_count() > 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_live_server_in_the_test_process_freezes_nothing_of_it(unfrozen):
+    """A live server run in a thread of the test process (``LiveServer``) runs the lifespan there: its freeze
+    moved everything the tests held at that moment out of the collector's reach for the rest of the session, and
+    a cycle let go of afterwards was never collected (nor found by a test that looks for leftover objects)."""
+    from tests.conftest import LiveServer
+
+    class Held:
+        pass
+
+    held = Held()
+    held.itself = held  # a reference cycle: only the collector frees it
+    ref = weakref.ref(held)
+    server = LiveServer().start()
+    try:
+        assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        server.stop()
+    del held
+    gc.collect()
+    assert ref() is None, "an object alive when the live server started was never collected"
+    assert gc.get_freeze_count() == 0

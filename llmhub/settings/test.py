@@ -38,6 +38,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # them) is checked before its first use in a request.
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 LLMHUB_LOOKUP_CACHE_TTL = 5.0
+# The freeze is a server process's (core/gc_tuning.py): a live server run in the test process (LiveServer), or
+# the ASGI application driven there past its 100th request, froze whatever the tests held at that moment, and a
+# cycle let go of afterwards was never collected. Servers a test starts in processes of their own may be asked for
+# it (LLMHUB_GC_FREEZE=true); tests/test_gc_tuning.py turns it on where it tests it.
+LLMHUB_GC_FREEZE = env.bool("LLMHUB_GC_FREEZE", default=False)
 # Tests add and check many keys as users whose ids the next test reuses, in a cache that outlives a test: the
 # bound is tested on its own (tests/providers/test_credentials.py) with a rate of its own.
 LLMHUB_PROVIDER_KEY_CHECKS_RATE = "100000/hour"
