@@ -10,11 +10,8 @@ request's ledger row is written once."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import socket
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -24,6 +21,7 @@ from aiohttp import web
 from billing.models import UsageRecord
 from providers.adapters.openai_shape import StreamShape
 from tests.factories import ModelFactory, ProviderFactory
+from tests.loopback_http import AiohttpThreadServer
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,23 +49,8 @@ def odd_upstream() -> Iterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.SockSite(runner, sock).start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
+    with AiohttpThreadServer(app) as server:
+        yield server.origin + "/v1"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from decimal import Decimal
 
 import httpx
@@ -17,8 +16,9 @@ from aiohttp import web
 
 from billing.services.keys import api_key_create
 from llmhub.testing.openapi import validate_openai_schema
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.loopback_http import AiohttpThreadServer
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,10 +44,14 @@ def expected_relay(raw: bytes) -> bytes:
 class ExactUpstream:
     def __init__(self, events: list[bytes] | None = None) -> None:
         self.events = events or [b"data: " + raw + b"\r\n\r\n" for raw in CHUNKS]
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.bodies: list[dict] = []
-        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._server = AiohttpThreadServer(app, port=free_port(), access_log=None)
+
+    @property
+    def base_url(self) -> str:
+        return self._server.origin + "/v1"
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self.bodies.append(await request.json())
@@ -64,24 +68,11 @@ class ExactUpstream:
         return response
 
     def __enter__(self) -> ExactUpstream:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-
-        async def boot() -> None:
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-        self._loop.run_until_complete(boot())
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        wait_for_port(self.port)
+        self._server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        self._server.stop()
 
 
 @pytest.fixture

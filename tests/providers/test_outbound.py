@@ -12,10 +12,8 @@ refused address is refused before any connection is opened, which is what these 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -33,6 +31,7 @@ from providers.services.health import provider_health_check
 from providers.services.model_import import provider_import_models
 from providers.validators import validate_provider_url
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.loopback_http import AiohttpThreadServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -111,13 +110,13 @@ class Redirector:
     def __init__(self, upstream_url: str) -> None:
         self.upstream_url = upstream_url
         self.hits: list[str] = []
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._server = AiohttpThreadServer(app, host=REDIRECTOR_HOST)
 
     @property
     def url(self) -> str:
-        return f"http://{REDIRECTOR_HOST}:{self.port}"
+        return self._server.origin
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.hits.append(f"{request.method} {request.path}")
@@ -145,31 +144,11 @@ class Redirector:
         return web.json_response({"error": {"message": "unknown path"}}, status=404)
 
     def start(self) -> Redirector:
-        ready = threading.Event()
-
-        async def boot() -> None:
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, REDIRECTOR_HOST, 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            self._loop.run_until_complete(boot())
-            ready.set()
-            self._loop.run_forever()
-
-        threading.Thread(target=run, daemon=True).start()
-        assert ready.wait(10)
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        assert self._loop is not None and self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._server.stop()
 
 
 @pytest.fixture(scope="module")
