@@ -747,9 +747,6 @@ class CostEstimateApi(APIView):
             request,
             model_name=data["model"],
             prompt_tokens=prompt_tokens(data, operation=Operation.CHAT),
-            cached_tokens=0,
-            cache_write_tokens=0,
-            cache_write_1h_tokens=0,
             completion_tokens=data["max_tokens"],
         )
 
@@ -761,9 +758,6 @@ class CostEstimateApi(APIView):
             request,
             model_name=data["model"],
             prompt_tokens=prompt_tokens(data, operation=Operation.COMPLETIONS),
-            cached_tokens=0,
-            cache_write_tokens=0,
-            cache_write_1h_tokens=0,
             completion_tokens=data["max_tokens"] * replies_billed(data),
         )
 
@@ -773,11 +767,12 @@ class CostEstimateApi(APIView):
         *,
         model_name: str,
         prompt_tokens: int,
-        cached_tokens: int,
-        cache_write_tokens: int,
-        cache_write_1h_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> Response:
+        """The estimate's answer; the cache's counts are the GET form's only (a body's messages say none)."""
         principal = request.auth
         estimate: CostEstimate = cost_estimate(
             user_id=request.user.pk,
