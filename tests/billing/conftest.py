@@ -1,5 +1,5 @@
-"""Fixtures for the billing tests: the standard plans, a catalog on the fake upstream, and Redis as
-the admission store (each test gets an empty Redis database)."""
+"""Fixtures for the billing tests: the standard plans, a catalog on the fake upstream, Redis as the admission
+store (each test gets an empty Redis database), and the ledger the rollup tests roll up."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import redis
 
 from billing.models import Plan
 from billing.services.admission import admission_acquire, admission_settle
-from tests.factories import ModelFactory, ProviderFactory
+from billing.services.keys import api_key_create
+from tests.billing.rollup_ledger import TODAY, YESTERDAY, at
+from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
 
 STANDARD_PLANS = {
     "Free": {
@@ -87,3 +89,38 @@ async def spend_settled(account: dict, request_id: str, tokens: int) -> None:
     await admission_settle(
         admission=admission, cost=tokens * FLAT_TOKEN, prompt_tokens=0, completion_tokens=tokens, ok=True
     )
+
+
+@pytest.fixture
+def rollup_ledger(db) -> dict:
+    """Two users (alice, bob) and their keys (work, home), with ledger rows yesterday and today over
+    providers, models and operations, a row of no user and one of a model that matched none."""
+    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
+    work = api_key_create(user=alice, name="work").api_key
+    home = api_key_create(user=bob, name="home").api_key
+    rows = [
+        # Two users and keys on one (provider, model, operation): one staff row.
+        dict(user=alice, api_key=work, created_at=at(YESTERDAY, 1), cost=Decimal("0.0015000001"), prompt_tokens=7),
+        dict(user=bob, api_key=home, created_at=at(YESTERDAY, 2), cost=Decimal("0.25"), completion_tokens=9),
+        dict(user=bob, api_key=None, created_at=at(YESTERDAY, 3), operation="responses", cost=Decimal("1.5")),
+        dict(
+            user=alice,
+            api_key=None,
+            created_at=at(YESTERDAY, 4),
+            operation="messages",
+            model_name="claude-test",
+            provider_name="fake-anthropic",
+            cost=Decimal("1.1"),
+            cached_tokens=4,
+            cache_write_tokens=6,
+            cache_write_1h_tokens=4,
+        ),
+        dict(user=alice, api_key=work, created_at=at(TODAY, 1), operation="embeddings", cost=Decimal("0.0000000003")),
+        dict(user=bob, api_key=home, created_at=at(TODAY, 2), cost=Decimal("2"), prompt_tokens=1000),
+        dict(user=None, api_key=None, created_at=at(TODAY, 3), cost=Decimal("0.5")),
+        # A model name that matched no model: no provider, $0.
+        dict(user=bob, api_key=None, created_at=at(TODAY, 4), provider_name="", model_name="nope", cost=Decimal(0)),
+    ]
+    for row in rows:
+        UsageRecordFactory(**row)
+    return {"alice": alice, "bob": bob, "work": work, "home": home}

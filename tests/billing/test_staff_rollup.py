@@ -6,8 +6,7 @@ PostgreSQL too (``scripts/with_postgres.py``)."""
 from __future__ import annotations
 
 import importlib
-from collections import defaultdict
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 
 import pytest
@@ -16,106 +15,30 @@ from django.apps import apps
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from billing.models import DailyStaffUsage, DailyUsage, DailyUsageMark, UsageRecord
+from billing.models import DailyStaffUsage, DailyUsage, UsageRecord
 from billing.selectors import usage_breakdown, usage_daily
-from billing.services.keys import api_key_create
 from billing.services.retention import usage_records_purge
 from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent
-from tests.factories import UsageRecordFactory, UserFactory
+from tests.billing.rollup_ledger import OLD, TODAY, YESTERDAY, at, ledger_per, marks, rollup_rows
+from tests.factories import UsageRecordFactory
 
 pytestmark = pytest.mark.django_db
 
-TODAY = date(2026, 3, 10)
-YESTERDAY = TODAY - timedelta(days=1)
-OLD = date(2026, 1, 20)  # past retention, in a month closed
-
-
-def at(day: date, hour: int) -> datetime:
-    return datetime(day.year, day.month, day.day, hour, tzinfo=UTC)
+GROUP = ("provider_name", "model_name", "operation")
 
 
 def raw(*, through: dict[date, int] | None = None) -> dict:
-    """The ledger per (day, provider, model, operation): [requests, prompt, completion, cached, cache writes, of
-    them to the 1-hour cache, cost]; with ``through``, a day's rows at or below its mark only."""
-    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, 0, Decimal(0)])
-    for r in UsageRecord.objects.all():
-        day = r.created_at.astimezone(UTC).date()
-        if through is not None and (day not in through or r.pk > through[day]):
-            continue
-        entry = out[(day, r.provider_name, r.model_name, r.operation)]
-        figures = (
-            1,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.cached_tokens,
-            r.cache_write_tokens,
-            r.cache_write_1h_tokens,
-            r.cost,
-        )
-        for index, value in enumerate(figures):
-            entry[index] += value
-    return dict(out)
+    """The ledger per (day, provider, model, operation) (``ledger_per``)."""
+    return ledger_per(*GROUP, through=through)
 
 
 def staff() -> dict:
-    rows = DailyStaffUsage.objects.values_list(
-        "day",
-        "provider_name",
-        "model_name",
-        "operation",
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "cached_tokens",
-        "cache_write_tokens",
-        "cache_write_1h_tokens",
-        "cost",
-    )
-    out = {}
-    for day, provider, model, operation, *figures in rows:
-        assert (day, provider, model, operation) not in out  # one row per group
-        out[(day, provider, model, operation)] = figures
-    return out
+    return rollup_rows(DailyStaffUsage, *GROUP)
 
 
-def marks() -> dict[date, int]:
-    return dict(DailyUsageMark.objects.values_list("day", "through_id"))
-
-
-@pytest.fixture
-def ledger():
-    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
-    work = api_key_create(user=alice, name="work").api_key
-    home = api_key_create(user=bob, name="home").api_key
-    rows = [
-        # Two users and keys on one (provider, model, operation): one staff row.
-        dict(user=alice, api_key=work, created_at=at(YESTERDAY, 1), cost=Decimal("0.0015000001"), prompt_tokens=7),
-        dict(user=bob, api_key=home, created_at=at(YESTERDAY, 2), cost=Decimal("0.25"), completion_tokens=9),
-        dict(user=bob, api_key=None, created_at=at(YESTERDAY, 3), operation="responses", cost=Decimal("1.5")),
-        dict(
-            user=alice,
-            api_key=None,
-            created_at=at(YESTERDAY, 4),
-            operation="messages",
-            model_name="claude-test",
-            provider_name="fake-anthropic",
-            cost=Decimal("1.1"),
-            cached_tokens=4,
-            cache_write_tokens=6,
-            cache_write_1h_tokens=4,
-        ),
-        dict(user=alice, api_key=work, created_at=at(TODAY, 1), operation="embeddings", cost=Decimal("0.0000000003")),
-        dict(user=bob, api_key=home, created_at=at(TODAY, 2), cost=Decimal("2"), prompt_tokens=1000),
-        dict(user=None, api_key=None, created_at=at(TODAY, 3), cost=Decimal("0.5")),
-        # A model name that matched no model: no provider, $0.
-        dict(user=bob, api_key=None, created_at=at(TODAY, 4), provider_name="", model_name="nope", cost=Decimal(0)),
-    ]
-    for row in rows:
-        UsageRecordFactory(**row)
-    return {"alice": alice, "bob": bob, "work": work, "home": home}
-
-
-def test_the_staff_rollup_equals_the_ledger_per_day_provider_model_and_operation_and_a_rerun_changes_nothing(ledger):
+def test_the_staff_rollup_equals_the_ledger_per_day_provider_model_and_operation_and_a_rerun_changes_nothing(
+    rollup_ledger,
+):
     for _run in range(2):
         daily_usage_rebuild_recent(days=2, today=TODAY)
         assert staff() == raw()
@@ -123,10 +46,10 @@ def test_the_staff_rollup_equals_the_ledger_per_day_provider_model_and_operation
     assert DailyStaffUsage.objects.count() < DailyUsage.objects.count()
 
 
-def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_above(ledger):
+def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_above(rollup_ledger):
     daily_usage_rebuild_recent(days=2, today=TODAY)
     for operation, cost in (("responses", "0.75"), ("chat", "0.125"), ("embeddings", "0.01")):
-        UsageRecordFactory(user=ledger["bob"], created_at=at(TODAY, 5), operation=operation, cost=Decimal(cost))
+        UsageRecordFactory(user=rollup_ledger["bob"], created_at=at(TODAY, 5), operation=operation, cost=Decimal(cost))
     assert staff() == raw(through=marks()) != raw()  # today's new rows are above the mark
 
     def everyone() -> tuple:
@@ -151,7 +74,7 @@ def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_a
     assert everyone() == seen
 
 
-def test_the_pages_read_the_smallest_rollup_that_has_what_they_group_by(ledger):
+def test_the_pages_read_the_smallest_rollup_that_has_what_they_group_by(rollup_ledger):
     daily_usage_rebuild_recent(days=2, today=TODAY)
 
     def tables(read) -> set[str]:
@@ -170,7 +93,7 @@ def test_the_pages_read_the_smallest_rollup_that_has_what_they_group_by(ledger):
         assert tables(lambda: usage_daily(days=30, today=TODAY)) == {"billing_dailystaffusage"}
         # per user, not by key, provider, model or operation: the per-user rollup (DailyUserUsage)
         assert tables(lambda: usage_breakdown(by="user", days=30, today=TODAY)) == {"billing_dailyuserusage"}
-        alice = ledger["alice"].pk
+        alice = rollup_ledger["alice"].pk
         assert tables(lambda: usage_daily(days=30, today=TODAY, user_id=alice)) == {"billing_dailyuserusage"}
         for by in ("model", "provider", "operation"):  # a user's page by model or operation: DailyUsage
             assert tables(lambda by=by: usage_breakdown(by=by, days=30, today=TODAY, user_id=alice)) == {
@@ -178,9 +101,11 @@ def test_the_pages_read_the_smallest_rollup_that_has_what_they_group_by(ledger):
             }
 
 
-def test_retention_keeps_the_staff_rollup_and_a_late_row_of_a_sealed_day_is_added_once(ledger, settings):
+def test_retention_keeps_the_staff_rollup_and_a_late_row_of_a_sealed_day_is_added_once(rollup_ledger, settings):
     for hour, operation in ((1, "chat"), (2, "responses"), (3, "responses")):
-        UsageRecordFactory(user=ledger["alice"], created_at=at(OLD, hour), operation=operation, cost=Decimal("0.3"))
+        UsageRecordFactory(
+            user=rollup_ledger["alice"], created_at=at(OLD, hour), operation=operation, cost=Decimal("0.3")
+        )
     daily_usage_rebuild(day=OLD)
     before = staff()
     assert before == raw(through=marks())
@@ -188,7 +113,9 @@ def test_retention_keeps_the_staff_rollup_and_a_late_row_of_a_sealed_day_is_adde
     assert not UsageRecord.objects.filter(created_at__lt=at(OLD + timedelta(1), 0)).exists()
     assert staff() == before
 
-    late = UsageRecordFactory(user=ledger["bob"], created_at=at(OLD, 9), operation="responses", cost=Decimal("0.05"))
+    late = UsageRecordFactory(
+        user=rollup_ledger["bob"], created_at=at(OLD, 9), operation="responses", cost=Decimal("0.05")
+    )
     for _run in range(2):
         with time_machine.travel(at(TODAY, 12), tick=False):
             daily_usage_rebuild_recent(days=2, today=TODAY)
@@ -198,7 +125,7 @@ def test_retention_keeps_the_staff_rollup_and_a_late_row_of_a_sealed_day_is_adde
     assert staff()[key][0] == 3
 
 
-def test_the_migration_derives_every_days_staff_rollup_from_daily_usage(ledger):
+def test_the_migration_derives_every_days_staff_rollup_from_daily_usage(rollup_ledger):
     daily_usage_rebuild_recent(days=2, today=TODAY)
     expected = staff()
     DailyStaffUsage.objects.all().delete()

@@ -6,69 +6,33 @@ PostgreSQL too (``scripts/with_postgres.py``)."""
 from __future__ import annotations
 
 import importlib
-from collections import defaultdict
-from datetime import UTC, date, timedelta
+from datetime import date, timedelta
 from decimal import Decimal
 
 import pytest
 import time_machine
 from django.apps import apps
 
-from billing.models import DailyUsage, DailyUserUsage, UsageRecord
+from billing.models import DailyUsage, DailyUserUsage
 from billing.selectors import usage_breakdown, usage_daily
 from billing.services.retention import usage_records_purge
 from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent
-from tests.billing import test_staff_rollup
-from tests.billing.test_staff_rollup import OLD, TODAY, YESTERDAY, at, marks
+from tests.billing.rollup_ledger import OLD, TODAY, YESTERDAY, at, ledger_per, marks, rollup_rows
 from tests.factories import UsageRecordFactory
 
 pytestmark = pytest.mark.django_db
 
-ledger = test_staff_rollup.ledger  # the same two users, keys and ledger rows
-
-FIGURES = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "cache_write_1h_tokens",
-    "cost",
-)
-
 
 def raw(*, through: dict[date, int] | None = None) -> dict:
-    """The ledger per (day, user): [requests, prompt, completion, cached, cache writes, of them to the 1-hour
-    cache, cost]; with ``through``, a day's rows at or below its mark only."""
-    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, 0, Decimal(0)])
-    for r in UsageRecord.objects.all():
-        day = r.created_at.astimezone(UTC).date()
-        if through is not None and (day not in through or r.pk > through[day]):
-            continue
-        entry = out[(day, r.user_id)]
-        figures = (
-            1,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.cached_tokens,
-            r.cache_write_tokens,
-            r.cache_write_1h_tokens,
-            r.cost,
-        )
-        for index, value in enumerate(figures):
-            entry[index] += value
-    return dict(out)
+    """The ledger per (day, user) (``ledger_per``)."""
+    return ledger_per("user_id", through=through)
 
 
 def per_user() -> dict:
-    out = {}
-    for day, user_id, *figures in DailyUserUsage.objects.values_list("day", "user_id", *FIGURES):
-        assert (day, user_id) not in out  # one row per day and user
-        out[(day, user_id)] = figures
-    return out
+    return rollup_rows(DailyUserUsage, "user_id")
 
 
-def test_the_user_rollup_equals_the_ledger_per_day_and_user_and_a_rerun_changes_nothing(ledger):
+def test_the_user_rollup_equals_the_ledger_per_day_and_user_and_a_rerun_changes_nothing(rollup_ledger):
     for _run in range(2):
         daily_usage_rebuild_recent(days=2, today=TODAY)
         assert per_user() == raw()
@@ -76,9 +40,9 @@ def test_the_user_rollup_equals_the_ledger_per_day_and_user_and_a_rerun_changes_
     assert DailyUserUsage.objects.count() == 5 < DailyUsage.objects.count()
 
 
-def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_above(ledger):
+def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_above(rollup_ledger):
     daily_usage_rebuild_recent(days=2, today=TODAY)
-    alice, bob = ledger["alice"], ledger["bob"]
+    alice, bob = rollup_ledger["alice"], rollup_ledger["bob"]
     for user, operation, cost in ((bob, "responses", "0.75"), (alice, "chat", "0.125"), (None, "embeddings", "0.01")):
         UsageRecordFactory(user=user, created_at=at(TODAY, 5), operation=operation, cost=Decimal(cost))
     assert per_user() == raw(through=marks()) != raw()  # today's new rows are above the mark
@@ -105,8 +69,8 @@ def test_across_the_mark_it_holds_the_rows_up_to_it_and_the_pages_add_the_rows_a
     assert pages() == seen
 
 
-def test_retention_keeps_the_user_rollup_and_a_late_row_of_a_sealed_day_is_added_once(ledger):
-    alice, bob = ledger["alice"], ledger["bob"]
+def test_retention_keeps_the_user_rollup_and_a_late_row_of_a_sealed_day_is_added_once(rollup_ledger):
+    alice, bob = rollup_ledger["alice"], rollup_ledger["bob"]
     for hour, operation in ((1, "chat"), (2, "responses"), (3, "messages")):
         UsageRecordFactory(user=alice, created_at=at(OLD, hour), operation=operation, cost=Decimal("0.3"))
     daily_usage_rebuild(day=OLD)
@@ -126,10 +90,10 @@ def test_retention_keeps_the_user_rollup_and_a_late_row_of_a_sealed_day_is_added
     assert per_user()[(OLD, alice.pk)][0] == 4
 
 
-def test_the_migration_derives_every_days_user_rollup_from_daily_usage(ledger):
+def test_the_migration_derives_every_days_user_rollup_from_daily_usage(rollup_ledger):
     daily_usage_rebuild_recent(days=2, today=TODAY)
     for hour in (1, 2):
-        UsageRecordFactory(user=ledger["bob"], created_at=at(OLD, hour), cost=Decimal("0.3"))
+        UsageRecordFactory(user=rollup_ledger["bob"], created_at=at(OLD, hour), cost=Decimal("0.3"))
     daily_usage_rebuild(day=OLD)
     expected = per_user()
     DailyUserUsage.objects.all().delete()
