@@ -10,6 +10,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.selectors import user_ids_named
+from core.id_batches import id_batches
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter
 
@@ -176,12 +177,15 @@ class StoredResponseAdmin(admin.ModelAdmin):
         "expires_at",
     ]
 
+    # What a response holds (megabytes, for a long chain's every turn or its images as data URLs).
+    held = ("input_items", "output_items", "instructions", "usage", "response")
+
     def get_queryset(self, request: HttpRequest) -> QuerySet[StoredResponse]:
         queryset = super().get_queryset(request)
         if request.resolver_match is not None and request.resolver_match.url_name.endswith("_changelist"):
             # The list shows ids, owners and dates; a response's own page shows what it holds (megabytes, for a
             # long chain's every turn or its images as data URLs).
-            return queryset.defer("input_items", "output_items", "instructions", "usage", "response")
+            return queryset.defer(*self.held)
         return queryset
 
     def get_search_results(
@@ -203,9 +207,15 @@ class StoredResponseAdmin(admin.ModelAdmin):
     def get_deleted_objects(
         self, objs: QuerySet[StoredResponse] | list[StoredResponse], request: HttpRequest
     ) -> tuple[list[Any], dict[str, int], set[str], list[Any]]:
-        # What the delete takes, listed as Django lists a cascade: those continuing them are not protecting them.
-        taken = stored_responses_removal([stored.pk for stored in objs])
-        return super().get_deleted_objects(StoredResponse.objects.filter(pk__in=taken), request)
+        # What the delete takes, listed as Django lists a cascade: those continuing them are not protecting them. Read
+        # a batch at a time (a selection across the list is more than a statement can name), without what they hold.
+        pks = list(objs.values_list("pk", flat=True)) if isinstance(objs, QuerySet) else [stored.pk for stored in objs]
+        taken = [
+            stored
+            for batch in id_batches(stored_responses_removal(pks))
+            for stored in StoredResponse.objects.filter(pk__in=batch).defer(*self.held)
+        ]
+        return super().get_deleted_objects(taken, request)
 
     def delete_model(self, request: HttpRequest, obj: StoredResponse) -> None:
         stored_responses_remove([obj.pk])

@@ -16,6 +16,7 @@ from django.utils import timezone
 from billing.models import KeyScope, UsageRecord
 from billing.selectors import api_key_subtree_ids
 from core.exceptions import ApplicationError
+from core.id_batches import id_batches
 from core.text import text_storable
 
 from .history import Turn
@@ -204,8 +205,14 @@ def stored_responses_removal(pks: list[int], *, now: datetime | None = None) -> 
         return []
     now = now or timezone.now()
     taken = set(_stored_descendants(pks, now=now))
-    reached = StoredResponse.objects.filter(pk__in=taken, previous__isnull=False).exclude(previous__in=taken)
-    taken |= stored_responses_freed(set(reached.values_list("previous_id", flat=True)), taken=taken, now=now)
+    # Those they continue outside what is taken, where the walk to the hidden ones before them starts; named a
+    # batch at a time (a selection across the admin's list is more than a statement can name).
+    previous: set[int] = set()
+    for batch in id_batches(sorted(taken)):
+        previous.update(
+            StoredResponse.objects.filter(pk__in=batch, previous__isnull=False).values_list("previous_id", flat=True)
+        )
+    taken |= stored_responses_freed(previous - taken, taken=taken, now=now)
     return sorted(taken)
 
 
@@ -246,23 +253,27 @@ def stored_responses_freed(starts: set[int], *, taken: set[int], now: datetime) 
 
 def _stored_descendants(pks: set[int] | list[int], *, now: datetime) -> dict[int, bool]:
     """The stored responses ``pks`` and every one continuing them, at any depth, each with whether it is gone for its
-    owner (``stored_responses_dead``): one recursive query (``UNION`` stops at a row seen: a loop edited by hand)."""
+    owner (``stored_responses_dead``): one recursive query (``UNION`` stops at a row seen: a loop edited by hand) for
+    each ``IDS_A_STATEMENT`` of ``pks`` (an admin's selection across the list is more than a statement can name)."""
     table = connection.ops.quote_name(StoredResponse._meta.db_table)
     at = connection.ops.adapt_datetimefield_value(now)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            WITH RECURSIVE taken(id) AS (
-                SELECT id FROM {table} WHERE id IN ({", ".join(["%s"] * len(pks))})
-                UNION
-                SELECT r.id FROM {table} r JOIN taken t ON r.previous_id = t.id
+    found: dict[int, bool] = {}
+    for batch in id_batches(sorted(pks)):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"""
+                WITH RECURSIVE taken(id) AS (
+                    SELECT id FROM {table} WHERE id IN ({", ".join(["%s"] * len(batch))})
+                    UNION
+                    SELECT r.id FROM {table} r JOIN taken t ON r.previous_id = t.id
+                )
+                SELECT r.id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END
+                FROM taken t JOIN {table} r ON r.id = t.id
+                """,  # noqa: S608 (the table's name is ours; the values are parameters)
+                [*batch, at],
             )
-            SELECT r.id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END
-            FROM taken t JOIN {table} r ON r.id = t.id
-            """,  # noqa: S608 (the table's name is ours; the values are parameters)
-            [*pks, at],
-        )
-        return {pk: bool(dead) for pk, dead in cursor.fetchall()}
+            found.update((pk, bool(dead)) for pk, dead in cursor.fetchall())
+    return found
 
 
 # A stored response's chain, itself first and then the ones before it (``STORED_CHAIN_MAX_LENGTH`` deep at most: a
