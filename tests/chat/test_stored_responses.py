@@ -515,23 +515,6 @@ def test_the_admin_deletes_the_hidden_ones_that_only_a_dead_branch_still_refers_
     assert not StoredResponse.objects.exists()
 
 
-@pytest.fixture
-def variable_limit():
-    """SQLite's limit of variables a statement pinned at 999 (builds older than 3.32): a few thousand rows then do
-    what 32,767 do on upstream's build (32,766) and 250,001 on Debian's. PostgreSQL's protocol takes 65,535 (past
-    them, the confirmation page alone, listing every row as Django does, outlasts the test's timeout): there the
-    same rows check the batches' result."""
-    import sqlite3
-
-    if connection.vendor != "sqlite":
-        yield
-        return
-    connection.ensure_connection()
-    before = connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
-    yield
-    connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, before)
-
-
 def stored_rows(owner, start: int, count: int, previous: list[StoredResponse] | None = None) -> list[StoredResponse]:
     """``count`` stored responses in bulk, each continuing its own of ``previous`` (if given)."""
     return StoredResponse.objects.bulk_create(
@@ -548,7 +531,7 @@ def stored_rows(owner, start: int, count: int, previous: list[StoredResponse] | 
     )
 
 
-@pytest.mark.usefixtures("variable_limit")
+@pytest.mark.usefixtures("sqlite_variable_limit")
 def test_the_admin_deletes_more_stored_responses_than_a_statement_can_name(admin_client, settings):
     """One user's responses, selected across the list and deleted (chains of two: more rows than a statement can
     name): the confirmation page and the delete answer (they were a 500, "too many SQL variables"), every one goes
