@@ -17,6 +17,7 @@ from django.db.models import Count, DecimalField, ExpressionWrapper, F, FloatFie
 from django.db.models.functions import Cast, Coalesce, TruncDate
 
 from core.cache import TTLCache
+from core.id_batches import id_batches
 from providers.byok import byok_callable, byok_required_in, user_credentials_sync
 from providers.exceptions import ModelNotFoundError
 from providers.models import ByokMode, ModelMode
@@ -469,7 +470,13 @@ def usage_breakdown(*, by: str, days: int, today: date, user_id: int | None = No
     if by == "user":
         from django.contrib.auth import get_user_model
 
-        usernames = dict(get_user_model().objects.filter(pk__in=[k for k in merged if k]).values_list("pk", "username"))
+        # A batch of users a query: everyone who spent in the window is more than a statement can name.
+        users = get_user_model().objects
+        usernames = {
+            pk: username
+            for batch in id_batches(sorted(k for k in merged if k))
+            for pk, username in users.filter(pk__in=batch).values_list("pk", "username")
+        }
         labels = {key: usernames.get(key, "(deleted user)") for key in merged}
     elif by == "operation":
         names = dict(Operation.choices)
