@@ -22,11 +22,12 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from core.exceptions import ApplicationError
+from core.paginators import EstimatedCountPaginator
 from prompts.models import PromptVersion
 from providers.models import Deployment
 
 from . import services
-from .models import AllocationStep, Experiment, ExperimentStatus, Feedback, Metric, Variant
+from .models import AllocationStep, Experiment, ExperimentStatus, Feedback, FeedbackMetric, Metric, Variant
 
 # Settled when the experiment starts: changing them afterwards would reshuffle users or change what a
 # variant means halfway through its results.
@@ -320,15 +321,35 @@ class ExperimentAdmin(admin.ModelAdmin):
         )
 
 
+class FeedbackMetricFilter(admin.SimpleListFilter):
+    """The built-in metrics, named here: Django's filter of a field without choices lists its values with a
+    SELECT DISTINCT over every rating at each view of the list. A named score is filtered in the address
+    (``?metric=helpfulness``)."""
+
+    title = "metric"
+    parameter_name = "metric"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return list(FeedbackMetric.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Feedback]) -> QuerySet[Feedback]:
+        return queryset.filter(metric=self.value()) if self.value() else queryset
+
+
 @admin.register(Feedback)
 class FeedbackAdmin(admin.ModelAdmin):
-    """Read-only: feedback is written by its callers (``POST /v1/feedback``, the chat page's thumbs)."""
+    """Read-only: feedback is written by its callers (``POST /v1/feedback``, the chat page's thumbs). A rating a
+    request at most, so as the messages' list (docs/ledger.md, "The admin at scale"): newest first off the primary
+    key (the model's order, by an unindexed ``updated_at``, sorted every rating), one count, days by the date
+    filter (the date hierarchy read every rating's bounds and days), the metrics named."""
 
     list_display = ("request_id", "metric", "value", "user", "source", "updated_at")
-    list_filter = ("metric", "source", "updated_at")
+    list_filter = (FeedbackMetricFilter, "source", "updated_at")
     search_fields = ("request_id", "user__username", "comment")
     list_select_related = ("user",)
-    date_hierarchy = "updated_at"
+    ordering = ("-id",)
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
     fields = ("request_id", "user", "metric", "value", "comment", "source", "created_at", "updated_at")
     readonly_fields = fields
 

@@ -413,3 +413,26 @@ def test_a_drafts_change_page_costs_the_same_queries_however_big_the_catalog(ope
     assert many == few
     assert ">other-7/east-7</option>" in page
     assert ">ad-copy v9</option>" in page
+
+
+def test_the_feedback_list_reads_no_more_ratings_than_it_shows_and_counts_them_once(operator_client):
+    """A rating a request at most: each view of the list sorted every rating by an unindexed date, counted them
+    twice, and read every one for the date hierarchy's bounds and days and the metric filter's values (five passes
+    over the table). Newest first off the primary key, one count, no pass for the filters; they still filter."""
+    user = UserFactory(username="rater")
+    old = Feedback.objects.create(request_id="req-1", user=user, metric="thumbs", value=1)
+    scored = Feedback.objects.create(request_id="req-2", user=user, metric="score", value=3.5)
+    named = Feedback.objects.create(request_id="req-3", user=user, metric="helpfulness", value=4)
+    Feedback.objects.filter(pk=old.pk).update(comment="rated again")  # updated last: not first for it
+    changelist = reverse("admin:experiments_feedback_changelist")
+
+    with CaptureQueriesContext(connection) as captured:
+        page = operator_client.get(changelist)
+    reads = [query["sql"] for query in captured if '"experiments_feedback"' in query["sql"]]
+
+    assert list(page.context["cl"].result_list) == [named, scored, old]
+    assert len(reads) == 2, reads  # the page's rows and their one count
+    assert 'ORDER BY "experiments_feedback"."id" DESC' in next(sql for sql in reads if "ORDER BY" in sql)
+    assert 'href="?metric=score"' in page.content.decode()
+    for metric, expected in (("thumbs", [old]), ("score", [scored]), ("helpfulness", [named])):
+        assert list(operator_client.get(changelist, {"metric": metric}).context["cl"].result_list) == expected
