@@ -47,6 +47,7 @@ USERS_A_DELETE = 100
 @admin.register(User)
 class RoleUserAdmin(UserAdmin):
     list_display = (*UserAdmin.list_display, "role")
+    show_full_result_count = False  # hundreds of thousands of users: one count a view
     inlines = (*UserAdmin.inlines, ExternalIdentityInline)
 
     def get_inlines(self, request: Any, obj: Any) -> Any:

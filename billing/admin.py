@@ -131,7 +131,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = (ApiKeyStatusFilter,)
     list_select_related = ("user", "parent")
     search_fields = ("prefix", "name", "user__username", "user__email")
-    ordering = ("-created_at",)
+    # A key or more a user (docs/ledger.md, "The admin at scale"): newest first off the primary key (by created_at,
+    # unindexed, sorted every key), one count.
+    ordering = ("-id",)
+    show_full_result_count = False
     actions = ("revoke_selected", "rotate_selected")
     autocomplete_fields = ("user",)
     filter_horizontal = ("allowed_models",)

@@ -68,6 +68,7 @@ class UserPlanAdmin(admin.ModelAdmin):
     list_display = ("user", "plan", "daily_token_quota", "monthly_budget_usd", "rpm", "tpm", "updated_at")
     list_filter = ("plan",)
     list_select_related = ("user", "plan")
+    show_full_result_count = False  # a row a user: one count a view
     search_fields = ("user__username", "user__email")
     autocomplete_fields = ("user",)
     actions = ("clear_overrides",)
@@ -103,6 +104,7 @@ class BudgetCounterAdmin(_ReadOnlyAdmin):
     )
     list_filter = ("scope_kind", "metric", "period")
     search_fields = ("key",)
+    show_full_result_count = False  # a few a user, key or plan and period: one count a view
     actions = ("reconcile",)
 
     @admin.action(description="Reconcile every budget counter with the ledger")
