@@ -10,7 +10,9 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from accounts.roles import Role, role_set
@@ -164,3 +166,27 @@ def test_the_rebuild_action_rolls_the_selected_days_up_again_from_the_ledger(url
     rebuilt = model.objects.get(day=TODAY)
     assert (rebuilt.requests, rebuilt.cost) == (2, Decimal("0.75"))
     assert model.objects.get(day=EARLIER).cost == Decimal("0.125")
+
+
+def test_the_rebuild_action_reads_the_days_selected_across_the_list_a_row_a_day():
+    """All the rows of a list selected (thousands a day): the action read every one of them into memory for its
+    few distinct days; it asks the database for the days, and still rebuilds each."""
+    users = [UserFactory(username=f"busy-{n}") for n in range(40)]
+    for user in users:
+        request_at(NOW, user=user, cost=Decimal("0.25"))
+        request_at(datetime(2026, 2, 20, 9, tzinfo=UTC), user=user, cost=Decimal("0.125"))
+    rolled_up(TODAY, EARLIER)
+    request_at(NOW, user=users[0], cost=Decimal("0.5"))  # written after its day was rolled up
+    first = DailyUserUsage.objects.order_by("pk").first()
+    action = {"action": "rebuild", "select_across": "1", "index": "0", "_selected_action": [first.pk]}
+    operator = client_of(Role.OPERATOR)
+
+    with CaptureQueriesContext(connection) as captured:
+        response = operator.post(PER_USER, action, follow=True)
+
+    assert response.status_code == 200 and "Rebuilt 2 day(s) from the ledger." in response.content.decode()
+    days = [
+        q["sql"] for q in captured if q["sql"].startswith("SELECT") and '"billing_dailyuserusage"."day"' in q["sql"]
+    ]
+    assert days and all("DISTINCT" in sql for sql in days[:1]), days
+    assert DailyUserUsage.objects.get(day=TODAY, user=users[0]).cost == Decimal("0.75")
