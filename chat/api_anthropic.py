@@ -43,6 +43,7 @@ from .pipeline import (
     CompletionRun,
     caller_from_api_key,
     completion_reject,
+    messages_takeable_check,
     model_for_estimate,
     model_listed_for_caller,
     models_for_caller,
@@ -151,8 +152,10 @@ async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIte
 async def count_tokens(request: HttpRequest) -> HttpResponse:
     """An estimate of a Messages request's input tokens, the one the ledger charges when a provider counts none
     (``providers.tokens.prompt_tokens``), for the model the caller names; nothing goes upstream and nothing is
-    charged, so no ledger row. It counts toward the caller's requests per minute (not tokens), so that it
-    cannot be called without bound; over the limit it gets the 429 /v1/messages would."""
+    charged, so no ledger row. A request the model would refuse before any call (what the translation for an
+    OpenAI-protocol model cannot express: ``messages_takeable_check``) gets the 400 /v1/messages answers. It counts
+    toward the caller's requests per minute (not tokens), so that it cannot be called without bound; over the limit
+    it gets the 429 /v1/messages would."""
     started = time.perf_counter()
     request_id = new_request_id()
     if request.method != "POST":
@@ -161,7 +164,8 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
         caller = await caller_from_api_key(key_from_headers(request.headers))
         body = parse_body(request)
         validate_count_tokens_request(body)
-        await model_for_estimate(caller=caller, name=body["model"], operation=Operation.MESSAGES)
+        model = await model_for_estimate(caller=caller, name=body["model"], operation=Operation.MESSAGES)
+        messages_takeable_check(model, body)
         admission = await admission_count_request(
             user_id=caller.user_id, api_key_id=caller.api_key_id, request_id=request_id
         )

@@ -796,6 +796,22 @@ async def model_for_estimate(*, caller: Caller, name: Any, operation: str) -> Re
     return model
 
 
+def messages_takeable_check(model: ResolvedModel, body: dict[str, Any]) -> None:
+    """Refuse, as ``/v1/messages`` would before any call, a Messages ``body`` none of ``model``'s deployments can
+    take: all of them translate it (``BaseAdapter.messages_check``) and the translation cannot express it. An
+    estimate for such a request would count one the model refuses."""
+    kinds = {deployment.provider.kind for deployment in model.deployments} or {model.provider.kind}
+    refusals: list[ProviderBadRequestError] = []
+    for kind in sorted(kinds):
+        try:
+            adapter_class_for_kind(kind).messages_check(body)
+        except ProviderBadRequestError as exc:
+            refusals.append(exc)
+        else:
+            return
+    raise refusals[0]
+
+
 def _check_mode(model: ResolvedModel, operation: str) -> None:
     """An embedding model answers /v1/embeddings only, and a chat model everything else: refused before
     admission, so a request for the wrong kind of model holds nothing."""

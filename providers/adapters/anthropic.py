@@ -127,6 +127,10 @@ class AnthropicAdapter(BaseAdapter):
             raise self.map_error(exc) from None
         return self._message(message)
 
+    @classmethod
+    def messages_check(cls, request: dict[str, Any]) -> None:
+        """Nothing to refuse: the request goes through as written (``messages``)."""
+
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
     ) -> AsyncIterator[WireEvent]:

@@ -77,6 +77,14 @@ class BaseAdapter(ABC):
         Anthropic ``headers`` (``anthropic-beta``), which mean nothing to another protocol."""
         return message_from_completion(await self.complete(self.prepare_request(chat_request(request), model)))
 
+    @classmethod
+    def messages_check(cls, request: dict[str, Any]) -> None:
+        """Raise the 400 ``messages`` answers ``request`` with before any call: what its translation cannot express
+        (a ``document`` block, a server tool, …), for ``/v1/messages/count_tokens``, which calls nothing. Default:
+        translated as ``messages`` translates it; ``AnthropicAdapter`` overrides it: the provider judges the request
+        as the client wrote it."""
+        chat_request(request)
+
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
     ) -> AsyncIterator[WireEvent]:

@@ -306,6 +306,35 @@ def test_a_translated_stream_cut_midway_is_charged_the_ledgers_estimate_of_its_p
     assert record.status == "upstream_error" and record.usage_estimated
 
 
+FILE_SOURCE = {"type": "file", "file_id": "file_011CNha8iCJcU1wXNR6q4V8w"}
+PDF = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"}}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": [{"role": "user", "content": [PDF, {"type": "text", "text": "Summarise it."}]}]},
+        {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "source": FILE_SOURCE}]}]},
+    ],
+)
+def test_count_tokens_refuses_what_a_translated_model_refuses(gateway, change):
+    """A request an OpenAI-protocol model cannot take (a PDF, a server tool, an image from Anthropic's Files API)
+    was counted by ``count_tokens`` (200, a number), then refused by /v1/messages: a client that checks a
+    request's size first learnt nothing. It is now refused with the 400 /v1/messages answers; an Anthropic model,
+    which is sent the request as written, still gets a count."""
+    body = {"messages": [{"role": "user", "content": "hi"}], **change}
+    sdk = client(gateway)
+    with pytest.raises(anthropic.BadRequestError) as counted:
+        sdk.messages.count_tokens(model="gpt-test", **body)
+    with pytest.raises(anthropic.BadRequestError) as sent:
+        sdk.messages.create(model="gpt-test", max_tokens=2000, **body)
+    assert counted.value.body == sent.value.body
+    assert counted.value.body["error"]["type"] == "invalid_request_error"
+    assert sdk.messages.count_tokens(model="claude-test", **body).input_tokens > 0
+    assert gateway.upstream.stats["requests"] == 0
+
+
 def test_count_tokens_refuses_a_model_the_key_may_not_use(gateway):
     from billing.services.keys import api_key_create
     from providers.models import CatalogModel
