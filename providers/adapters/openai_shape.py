@@ -407,15 +407,17 @@ def completion_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
 
 class StreamShape:
     """The state one stream needs to fill its chunks in: the ``id`` and ``created`` of its first chunk
-    (every chunk of a stream carries the same ones), or made-up ones when the upstream sent none."""
+    (every chunk of a stream carries the same ones), or made-up ones when the upstream sent none; and, per
+    choice, the tool call being streamed (``_calls_numbered``)."""
 
-    __slots__ = ("_content", "_created", "_id", "_model")
+    __slots__ = ("_calls", "_content", "_created", "_id", "_model")
 
     def __init__(self, model: str, *, content: ContentSpeller = text_parts_joined) -> None:
         self._model = model
         self._content = content
         self._id: str | None = None
         self._created: int | None = None
+        self._calls: dict[int, tuple[int, str | None]] = {}  # choice index -> (its current call's index, id)
 
     def conform(self, chunk: dict[str, Any]) -> bool:
         """True when ``chunk`` already has every required field (leave its bytes alone); else fill it in,
@@ -478,11 +480,34 @@ class StreamShape:
             role = delta.get("role")
             if role is not None and not (type(role) is str and role in _DELTA_ROLES):
                 del delta["role"]
+            self._calls_numbered(choice["index"], delta.get("tool_calls"))
             _conform_tool_calls(delta.get("tool_calls"), streamed=True)
             choice.setdefault("finish_reason", None)
             _finish_mended(choice)
         _conform_usage(chunk, nullable=True)
         _metadata_mended(chunk)
+
+    def _calls_numbered(self, choice_index: Any, calls: Any) -> None:
+        """The ``index`` of each tool call piece a server numbered none of: it sends the calls one after another,
+        each call's first piece with its ``id``, so a piece with an id other than the current call's (or after
+        another in the same chunk) begins the next call, and one without continues the current call. Numbered by
+        their place in the chunk, every call of a stream that sent one per chunk was call 0: a client joined
+        their pieces into one call."""
+        if not isinstance(calls, list):
+            return
+        current, current_id = self._calls.get(choice_index, (-1, None))
+        for position, call in enumerate(calls):
+            if not isinstance(call, dict):
+                continue
+            call_id = call.get("id") if type(call.get("id")) is str else None
+            if "index" in call:
+                if type(call["index"]) is int:
+                    current, current_id = call["index"], call_id or (current_id if call["index"] == current else None)
+                continue
+            if current < 0 or position > 0 or (call_id is not None and call_id != current_id):
+                current, current_id = current + 1, call_id
+            call["index"] = current
+        self._calls[choice_index] = (current, current_id)
 
 
 def _choice_valid(choice: Any) -> bool:

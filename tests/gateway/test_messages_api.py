@@ -171,6 +171,35 @@ def test_tool_use_round_trip(gateway, model):
     assert answer.content[0].text == "Tool result: 18 C" and answer.stop_reason == "end_turn"
 
 
+@pytest.mark.parametrize("numbered", [True, False])
+def test_several_streamed_tool_calls_of_a_translated_model_stay_apart(gateway, numbered):
+    """An OpenAI-compatible server that calls several tools at once and numbers no call in its chunks (no
+    ``index``, each call's first piece with its ``id``): every piece was taken for the first call's, and the
+    client got one tool_use block whose input was several JSON objects run together, the other calls lost. Each
+    call is now its own block, as in the message the same request gets unstreamed."""
+    content = "Paris [[tool_calls=3]]" + ("" if numbered else " [[omit=tool_calls.index]]")
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 100,
+        "tools": [WEATHER],
+        "messages": [{"role": "user", "content": content}],
+    }
+    sdk = client(gateway)
+    with sdk.messages.stream(**request) as stream:
+        events = [event.model_dump(mode="json", exclude_none=True) for event in stream if event.type in ORDER]
+        streamed = stream.get_final_message()
+    whole = sdk.messages.create(**request)
+    for message in (streamed, whole):
+        calls = [block for block in message.content if block.type == "tool_use"]
+        assert [(call.name, call.input) for call in calls] == [("get_weather", {"city": "Paris"})] * 3
+        assert len({call.id for call in calls}) == 3 and message.stop_reason == "tool_use"
+    for index in range(3):
+        pieces = [
+            e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta" and e["index"] == index
+        ]
+        assert json.loads("".join(pieces)) == {"city": "Paris"}
+
+
 @pytest.mark.parametrize("model", MODELS)
 async def test_async_client_streams_and_completes(gateway, model):
     sdk = async_client(gateway)
