@@ -616,9 +616,10 @@ class StreamTranslator:
 # ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and ``max_tokens``; ``thinking``
 # becomes ``reasoning_effort`` (``reasoning_effort_for``), and the model's reasoning (``reasoning_content`` or
 # ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no provider signed it, and a client
-# that sends it back to this protocol has it dropped (``_assistant_message``). ``metadata``, ``top_k`` and
-# ``cache_control`` have no OpenAI equivalent and are dropped; a block type with no equivalent (``document``,
-# server tools, also inside a ``tool_result``) is refused.
+# that sends it back to this protocol has it dropped (``_assistant_message``); structured outputs
+# (``output_config.format``) become a strict ``json_schema`` ``response_format`` (``_response_format``).
+# ``metadata``, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block type with no
+# equivalent (``document``, server tools, also inside a ``tool_result``) is refused.
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -655,6 +656,9 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
     effort = reasoning_effort_for(request.get("thinking"))
     if effort is not None:
         body["reasoning_effort"] = effort
+    response_format = _response_format(request)
+    if response_format is not None:
+        body["response_format"] = response_format
     tools = request.get("tools")
     if tools:
         body["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
@@ -670,6 +674,26 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
     if not tools:
         body.pop("tool_choice", None)
     return body
+
+
+def _response_format(request: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` for the Messages API's structured outputs: ``output_config.format`` (or the
+    beta's top-level ``output_format``), a JSON schema the reply follows. Strict, since Claude's reply is held to
+    the schema; named ``output``, since OpenAI requires a name and Anthropic's format has none (the inverse of
+    ``_output_format``)."""
+    config = request.get("output_config")
+    where = "output_config.format"
+    output_format = config.get("format") if isinstance(config, dict) else None
+    if output_format is None and request.get("output_format") is not None:
+        where, output_format = "output_format", request["output_format"]
+    if output_format is None:
+        return None
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
+        raise _invalid(f"{where}.type: Input should be 'json_schema'", f"{where}.type")
+    schema = output_format.get("schema")
+    if not isinstance(schema, dict):
+        raise _invalid(f"{where}.schema: Field required (a JSON schema object)", f"{where}.schema")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
 
 
 def reasoning_effort_for(thinking: Any) -> str | None:

@@ -268,6 +268,53 @@ def test_openai_model_gets_a_translated_request(gateway):
     assert "metadata" not in sent and sent["temperature"] == 0.5
 
 
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_reaches_a_translated_model_as_its_json_schema(gateway, stream):
+    """Anthropic's structured outputs (``output_config.format``, what the SDK's ``messages.parse`` sends) were
+    dropped on the way to an OpenAI-protocol model: it answered free text, which the client's parse then failed on.
+    The schema now goes as OpenAI's ``response_format`` of type ``json_schema``, strict (Claude's output follows
+    the schema it is given)."""
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "output_config": {"format": {"type": "json_schema", "schema": CITY_SCHEMA}},
+        "messages": [{"role": "user", "content": '[[reply={"city": "Lyon", "population": 522000}]]'}],
+    }
+    sdk = client(gateway)
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert json.loads(message.content[0].text) == {"city": "Lyon", "population": 522000}
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert sent["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": CITY_SCHEMA, "strict": True},
+    }
+    assert "output_config" not in sent
+
+
+def test_a_structured_output_without_a_schema_is_refused_for_a_translated_model(gateway):
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client(gateway).messages.create(
+            model="gpt-test",
+            max_tokens=50,
+            output_config={"format": {"type": "json_schema"}},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    assert "output_config.format.schema" in refused.value.body["error"]["message"]
+    assert gateway.upstream.stats["requests"] == 0
+
+
 def test_count_tokens_answers_an_estimate(gateway):
     counted = client(gateway).messages.count_tokens(
         model="gpt-test", system="Be brief.", messages=[{"role": "user", "content": "x" * 400}]
