@@ -88,6 +88,7 @@ _ANTHROPIC_TYPES = {
     405: "invalid_request_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 # Anthropic answers an overloaded model with 529, where our OpenAI-shaped errors say 503.

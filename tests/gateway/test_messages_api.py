@@ -571,6 +571,25 @@ def test_overloaded_upstream_is_the_sdks_overloaded_error(gateway, model):
     assert record.status == "upstream_error" and record.operation == "messages"
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_an_upstream_that_times_out_is_anthropics_timeout_error(gateway, model):
+    """A provider that did not answer in time: a 504, as Anthropic answers a request that timed out, but typed
+    ``api_error`` where Anthropic's errors (and its SDK's ``ErrorObject``) say ``timeout_error``."""
+    from providers.models import Provider
+
+    provider = Provider.objects.get(name="fake-anthropic" if model == "claude-test" else "fake-openai")
+    provider.timeout_seconds = 1
+    provider.save()  # an admin save: the catalog cache of this process forgets the old config at once
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        client(gateway).messages.create(
+            model=model, max_tokens=5, messages=[{"role": "user", "content": "hi [[fault=hang]]"}]
+        )
+    assert failed.value.status_code == 504
+    assert failed.value.body["type"] == "error" and failed.value.body["error"]["type"] == "timeout_error"
+    record = wait_for_record(failed.value.response.headers["request-id"])
+    assert record.status == "upstream_error" and record.operation == "messages"
+
+
 def test_an_error_event_after_the_stream_began_reaches_the_sdk(gateway):
     failing = [{"role": "user", "content": "x [[fault=error-event]]"}]
     reply, events = raw_events(gateway, {"model": "claude-test", "max_tokens": 50, "messages": failing})
