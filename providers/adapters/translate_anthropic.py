@@ -644,7 +644,7 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
         text = system if isinstance(system, str) else "\n\n".join(_block_texts(system, "system"))
         messages.append({"role": "system", "content": text})
     for i, turn in enumerate(request.get("messages") or ()):
-        messages.extend(_chat_messages(turn, f"messages[{i}]"))
+        messages.extend(_chat_messages(turn, f"messages.{i}"))
     body: dict[str, Any] = {"model": request.get("model"), "messages": messages}
     if request.get("max_tokens") is not None:
         body["max_tokens"] = request["max_tokens"]
@@ -661,7 +661,7 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
         body["response_format"] = response_format
     tools = request.get("tools")
     if tools:
-        body["tools"] = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+        body["tools"] = [_chat_tool(tool, f"tools.{i}") for i, tool in enumerate(tools)]
     choice = request.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
@@ -712,15 +712,25 @@ def reasoning_effort_for(thinking: Any) -> str | None:
     return reached[-1]
 
 
+# Blocks only an assistant message holds: sent in a user message, the block is misplaced, not one the model lacks.
+_ASSISTANT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use", "thinking", "redacted_thinking"})
+
+
+def _refused(problem: str, where: str, code: str = "invalid_value") -> ProviderBadRequestError:
+    """A 400 of the inbound translation in the Messages API's words, ``field: problem`` (``messages.0.content.1.type:
+    …``): Anthropic's errors carry no ``param``, so the message names the field."""
+    return _invalid(f"{where}: {problem}", where, code)
+
+
 def _block_texts(blocks: Any, where: str) -> list[str]:
     if isinstance(blocks, str):
         return [blocks]
     if not isinstance(blocks, list):
-        raise _invalid("Expected a string or an array of text blocks.", where)
+        raise _refused("Input should be a string or a list of text blocks", where)
     texts = []
     for j, block in enumerate(blocks):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise _invalid("Expected text blocks only.", f"{where}[{j}]")
+            raise _refused("Only text blocks can be sent to this model here", f"{where}.{j}")
         texts.append(block["text"])
     return texts
 
@@ -729,11 +739,11 @@ def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
     role = turn.get("role") if isinstance(turn, dict) else None
     content = turn.get("content") if isinstance(turn, dict) else None
     if role not in ("user", "assistant"):
-        raise _invalid("Each message needs a `role` of user or assistant.", f"{where}.role")
+        raise _refused("Input should be 'user' or 'assistant'", f"{where}.role")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
-        raise _invalid("Message content must be a string or an array of content blocks.", f"{where}.content")
+        raise _refused("Input should be a string or a list of content blocks", f"{where}.content")
     if role == "assistant":
         return [_assistant_message(content, where)]
     results: list[dict[str, Any]] = []
@@ -742,15 +752,20 @@ def _chat_messages(turn: Any, where: str) -> list[dict[str, Any]]:
     for j, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "tool_result":
-            results.append(_tool_message(block, f"{where}.content[{j}]", tool_images))
+            results.append(_tool_message(block, f"{where}.content.{j}", tool_images))
         elif kind == "text":
             parts.append({"type": "text", "text": block.get("text") or ""})
         elif kind == "image":
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, f"{where}.content[{j}]")}})
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, f"{where}.content.{j}")}})
+        elif kind in _ASSISTANT_BLOCKS:
+            raise _refused(
+                f"A {kind} block belongs in an assistant message, not a user message",
+                f"{where}.content.{j}.type",
+            )
         else:
-            raise _invalid(
-                f"Content blocks of type {kind!r} are not supported by this model.",
-                f"{where}.content[{j}].type",
+            raise _refused(
+                f"Content blocks of type {kind!r} are not supported by this model",
+                f"{where}.content.{j}.type",
                 "unsupported_value",
             )
     if tool_images or parts:
@@ -775,10 +790,14 @@ def _assistant_message(content: list[Any], where: str) -> dict[str, Any]:
             )
         elif kind in ("thinking", "redacted_thinking"):
             continue  # the model's own reasoning: another provider cannot verify or use it
+        elif kind in ("tool_result", "image"):
+            raise _refused(
+                f"A {kind} block belongs in a user message, not an assistant message", f"{where}.content.{j}.type"
+            )
         else:
-            raise _invalid(
-                f"Content blocks of type {kind!r} are not supported by this model.",
-                f"{where}.content[{j}].type",
+            raise _refused(
+                f"Content blocks of type {kind!r} are not supported by this model",
+                f"{where}.content.{j}.type",
                 "unsupported_value",
             )
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
@@ -797,11 +816,11 @@ def _tool_message(block: dict[str, Any], where: str, images: list[dict[str, Any]
             if kind == "text":
                 texts.append(part.get("text") or "")
             elif kind == "image":
-                images.append({"type": "image_url", "image_url": {"url": _image_url(part, f"{where}.content[{k}]")}})
+                images.append({"type": "image_url", "image_url": {"url": _image_url(part, f"{where}.content.{k}")}})
             else:
-                raise _invalid(
-                    f"Content blocks of type {kind!r} in a tool_result are not supported by this model.",
-                    f"{where}.content[{k}].type",
+                raise _refused(
+                    f"Content blocks of type {kind!r} in a tool_result are not supported by this model",
+                    f"{where}.content.{k}.type",
                     "unsupported_value",
                 )
         text = "".join(texts)
@@ -811,7 +830,7 @@ def _tool_message(block: dict[str, Any], where: str, images: list[dict[str, Any]
         text = f"Error: {text}" if text else "Error"
     tool_use_id = block.get("tool_use_id")
     if not isinstance(tool_use_id, str) or not tool_use_id:
-        raise _invalid("A tool_result block needs the `tool_use_id` it answers.", f"{where}.tool_use_id")
+        raise _refused("Field required: the id of the tool_use block this result answers", f"{where}.tool_use_id")
     return {"role": "tool", "tool_call_id": tool_use_id, "content": text}
 
 
@@ -821,12 +840,12 @@ def _image_url(block: dict[str, Any], where: str) -> str:
         return f"data:{source['media_type']};base64,{source['data']}"
     if source.get("type") == "url" and source.get("url"):
         return source["url"]
-    raise _invalid("An image block needs a base64 or url source.", f"{where}.source")
+    raise _refused("This model takes images from a base64 or url source only", f"{where}.source")
 
 
 def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict) or tool.get("type", "custom") != "custom" or not tool.get("name"):
-        raise _invalid("This model takes client tools (with a `name` and an `input_schema`) only.", where)
+        raise _refused("This model takes client tools (with a `name` and an `input_schema`) only", where)
     function: dict[str, Any] = {
         "name": tool["name"],
         "parameters": tool.get("input_schema") or {"type": "object", "properties": {}},

@@ -684,6 +684,54 @@ def test_a_document_block_is_refused_for_a_translated_model_but_reaches_an_anthr
     assert httpx.post(gateway.url + "/v1/messages", json={**body, "model": "claude-test"}, headers=headers).is_success
 
 
+TOOL_CALL = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "words"),
+    [
+        ({"messages": [{"role": "user", "content": [PDF]}]}, "messages.0.content.0.type", "'document'"),
+        ({"system": [{"type": "image", "source": FILE_SOURCE}]}, "system.0", "text blocks"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0", "client tools"),
+        ({"messages": [{"role": "user", "content": [TOOL_CALL]}]}, "messages.0.content.0.type", "assistant message"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "Paris"},
+                    {"role": "assistant", "content": [TOOL_CALL]},
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "tool_result",
+                                "tool_use_id": "toolu_1",
+                                "content": [{"type": "image", "source": FILE_SOURCE}],
+                            }
+                        ],
+                    },
+                ]
+            },
+            "messages.2.content.0.content.0.source",
+            "base64 or url",
+        ),
+    ],
+)
+def test_what_a_translated_model_cannot_take_is_refused_naming_the_field(gateway, change, where, words):
+    """The Messages API's errors have no ``param``: a 400 of the translation for an OpenAI-protocol model said
+    "Expected text blocks only." or "Content blocks of type 'tool_use' are not supported by this model." without
+    saying where (a tool_use block sent in a user turn is not a block the model cannot take). It now begins with the
+    field, as Anthropic's and the validation's own 400s do (``messages.0.content.0.type: …``)."""
+    body = {"model": "gpt-test", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **change}
+    response = httpx.post(gateway.url + "/v1/messages", json=body, headers={"x-api-key": gateway.key})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(f"{where}: ")
+    assert words in error["message"]
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(response.headers["request-id"])
+    assert record.status == "invalid" and record.operation == "messages"
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_client_gone_mid_stream_writes_one_estimated_row(gateway, model):
     deltas = 0
