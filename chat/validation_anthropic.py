@@ -38,8 +38,14 @@ def _check_blocks(content: Any, param: str) -> None:
             _fail("Field required", f"{where}.text", "missing_required_parameter")
         elif kind == "image":
             _check_source(block.get("source"), f"{where}.source")
-        elif kind == "tool_use" and not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)):
-            _fail("A tool_use block needs an `id` and a `name`", where)
+        elif kind == "tool_use":
+            if not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)):
+                _fail("A tool_use block needs an `id` and a `name`", where)
+            if "input" not in block:
+                _fail("Field required", f"{where}.input", "missing_required_parameter")
+            if not isinstance(block["input"], dict):
+                # The call's arguments: a translated model would be sent arguments that are no object.
+                _fail("Input should be a valid dictionary", f"{where}.input", "invalid_type")
         elif kind == "tool_result":
             if not isinstance(block.get("tool_use_id"), str):
                 _fail("Field required", f"{where}.tool_use_id", "missing_required_parameter")

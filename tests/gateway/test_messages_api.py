@@ -873,6 +873,34 @@ def test_empty_content_is_refused_before_any_upstream_call(gateway, model, conte
 
 
 @pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    ("tool_input", "problem"),
+    [("Paris", "valid dictionary"), (["Paris"], "valid dictionary"), (None, "Field required")],
+)
+def test_a_tool_use_block_whose_input_is_not_an_object_is_refused(gateway, model, tool_input, problem):
+    """A tool_use block's ``input`` is the call's arguments, an object (Anthropic refuses any other: "Input should be
+    a valid dictionary"). A translated model was sent it as arguments that are no object (a missing one as ``{}``),
+    and answered; a native one was sent it to be refused upstream. Both are now refused before any upstream call."""
+    call = {"type": "tool_use", "id": "toolu_1", "name": "get_weather"}
+    if tool_input is not None:
+        call["input"] = tool_input
+    messages = [
+        {"role": "user", "content": "Paris"},
+        {"role": "assistant", "content": [call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C"}]},
+    ]
+    body = {"model": model, "max_tokens": 5, "tools": [WEATHER], "messages": messages}
+    response = httpx.post(gateway.url + "/v1/messages", json=body, headers={"x-api-key": gateway.key})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("messages.1.content.0.input: ") and problem in error["message"]
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(response.headers["request-id"])
+    assert record.status == "rejected" and record.operation == "messages"
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_an_empty_final_assistant_message_is_accepted(gateway, model):
     messages = [{"role": "user", "content": "[[reply=fine]]"}, {"role": "assistant", "content": ""}]
     assert client(gateway).messages.create(model=model, max_tokens=5, messages=messages).type == "message"
