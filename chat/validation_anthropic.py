@@ -122,11 +122,16 @@ def validate_messages_request(body: Any) -> None:
     if tools is not None:
         if not isinstance(tools, list):
             _fail("Input should be a valid list", "tools", "invalid_type")
+        names: set[str] = set()
         for index, tool in enumerate(tools):
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or not tool["name"]:
                 _fail("Field required", f"tools.{index}.name", "missing_required_parameter")
             if "input_schema" in tool and not isinstance(tool["input_schema"], dict):
                 _fail("Input should be a valid dictionary", f"tools.{index}.input_schema", "invalid_type")
+            if tool["name"] in names:
+                # Anthropic's rule, for any model: a call names its tool, and could mean either.
+                _fail(f"Tool names must be unique ({tool['name']} is given twice)", "tools")
+            names.add(tool["name"])
     for name in ("metadata", "thinking"):
         if body.get(name) is not None and not isinstance(body[name], dict):
             _fail("Input should be a valid dictionary", name, "invalid_type")

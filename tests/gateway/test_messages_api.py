@@ -901,6 +901,20 @@ def test_a_tool_use_block_whose_input_is_not_an_object_is_refused(gateway, model
 
 
 @pytest.mark.parametrize("model", MODELS)
+def test_two_tools_of_one_name_are_refused(gateway, model):
+    """Anthropic refuses tools of the same name ("tools: Tool names must be unique."): a call names its tool, and
+    which of the two it meant no one can tell. A translated model was sent both and answered with a call to one."""
+    other = {**WEATHER, "description": "Another tool of the same name."}
+    body = {"model": model, "max_tokens": 5, "tools": [WEATHER, other], "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client(gateway).messages.create(**body)
+    assert refused.value.body["error"]["message"] == "tools: Tool names must be unique (get_weather is given twice)"
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(refused.value.response.headers["request-id"])
+    assert record.status == "rejected" and record.operation == "messages"
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_an_empty_final_assistant_message_is_accepted(gateway, model):
     messages = [{"role": "user", "content": "[[reply=fine]]"}, {"role": "assistant", "content": ""}]
     assert client(gateway).messages.create(model=model, max_tokens=5, messages=messages).type == "message"
