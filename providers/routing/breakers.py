@@ -75,15 +75,19 @@ def _script_text(name: str) -> str:
     return (SCRIPTS_DIR / "breaker_common.lua").read_text() + "\n" + (SCRIPTS_DIR / f"{name}.lua").read_text()
 
 
-_scripts: weakref.WeakKeyDictionary[object, dict[str, Script | AsyncScript]] = weakref.WeakKeyDictionary()
+# The scripts registered on the process's sync clients (which live as long as the process). Those of an event
+# loop's clients are its syncer's (``_Syncer.scripts``): a script refers to its client, and so to the loop.
+_sync_scripts: dict[tuple[redis.Redis, str], Script] = {}
 
 
-def _script(client: redis.Redis | redis.asyncio.Redis, name: str) -> Script | AsyncScript:
-    per_client = _scripts.setdefault(client, {})
-    script = per_client.get(name)
+def _script(client: redis.Redis | redis.asyncio.Redis, name: str, *, kept: dict | None = None) -> Script | AsyncScript:
+    """The script ``name`` registered on ``client``, kept in ``kept``: its loop's syncer's ``scripts`` for an
+    asyncio client, the process's for a sync one (the default)."""
+    scripts = _sync_scripts if kept is None else kept
+    script = scripts.get((client, name))
     if script is None:
         text = _script_text(name) if name != "breaker_snapshot" else (SCRIPTS_DIR / f"{name}.lua").read_text()
-        script = per_client[name] = client.register_script(text)
+        script = scripts[(client, name)] = client.register_script(text)
     return script
 
 
@@ -185,6 +189,9 @@ class _Syncer:
         self.redis_ok = True
         self.epoch: str | None = None  # of the Redis data this syncer has read (breaker_snapshot.lua)
         self.stopped = False  # REDIS_URL changed (tests) or a task ended: the next caller starts another syncer
+        # The scripts registered on this loop's clients, gone with the syncer (a weak-keyed cache by client would
+        # keep every client, and its loop, alive: a script refers to its client).
+        self.scripts: dict[tuple[redis.asyncio.Redis, str], AsyncScript] = {}
         self.tasks = [
             loop.create_task(self._flush_forever(), context=outside_request()),
             loop.create_task(self._listen_forever(), context=outside_request()),
@@ -193,7 +200,14 @@ class _Syncer:
             task.add_done_callback(self._stop)
 
     def _stop(self, _task: asyncio.Task | None = None) -> None:
+        """A task ended (its loop cancelled it, as ``asyncio.run`` and ``async_to_sync`` do when their call
+        returns; or it failed): this syncer is forgotten, or its entry would keep its loop alive."""
+        global _last_syncer
         self.stopped = True
+        if _syncers.get(self.loop) is self:
+            _syncers.pop(self.loop, None)
+        if _last_syncer is self:
+            _last_syncer = None
 
     @property
     def active(self) -> bool:
@@ -228,7 +242,10 @@ class _Syncer:
     async def _flush_forever(self) -> None:
         while self.active:
             try:
-                await asyncio.wait_for(self.wake.wait(), SUCCESS_FLUSH_SECONDS)
+                # Not ``wait_for``: its inner task would be reported "destroyed but pending" with a loop closed
+                # without cancelling this one.
+                async with asyncio.timeout(SUCCESS_FLUSH_SECONDS):
+                    await self.wake.wait()
             except TimeoutError:
                 pass
             self.wake.clear()
@@ -245,7 +262,8 @@ class _Syncer:
         cfg = _conf()[1]
         now = _now_ms()
         client = redis_async_client(self.url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
-        record, release = _script(client, "breaker_record"), _script(client, "breaker_release")
+        record = _script(client, "breaker_record", kept=self.scripts)
+        release = _script(client, "breaker_release", kept=self.scripts)
         sent = [*batch, *releases]
         try:
             async with client.pipeline(transaction=False) as pipe:
@@ -271,7 +289,7 @@ class _Syncer:
         backoff = 0.1
         while self.active:
             client = redis_async_client(self.url)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            pubsub: redis.asyncio.client.PubSub | None = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(CHANNEL)
                 await self.resync(client)  # after subscribing: nothing published since is missed
@@ -286,6 +304,10 @@ class _Syncer:
                     if time.monotonic() >= resync_at:
                         await self.resync(client)
                         resync_at = time.monotonic() + settings.LLMHUB_BREAKER_RESYNC_SECONDS
+            except GeneratorExit:
+                # Destroyed pending with a loop closed without cancelling it: nothing can be awaited any more.
+                pubsub = None
+                raise
             except (redis.RedisError, OSError) as exc:
                 self._unreachable(exc)
                 await asyncio.sleep(backoff)
@@ -295,13 +317,14 @@ class _Syncer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                try:
-                    await pubsub.aclose()
-                except (redis.RedisError, OSError):
-                    pass
+                if pubsub is not None:
+                    try:
+                        await pubsub.aclose()
+                    except (redis.RedisError, OSError):
+                        pass
 
     async def resync(self, client: redis.asyncio.Redis) -> None:
-        script = _script(client, "breaker_snapshot")
+        script = _script(client, "breaker_snapshot", kept=self.scripts)
         reply = await script(keys=[INDEX_KEY, VERSION_KEY, EPOCH_KEY], args=[KEY_PREFIX])
         if not self.active:
             return
@@ -329,6 +352,11 @@ def _syncer() -> _Syncer | None:
         return syncer
     syncer = _syncers.get(loop)
     if syncer is None or not syncer.active:
+        # The syncers of loops closed without cancelling their tasks go first: an entry holds its loop.
+        for closed in [other for other in list(_syncers.keys()) if other.is_closed()]:
+            dropped = _syncers.pop(closed, None)
+            for task in dropped.tasks if dropped is not None else ():
+                task._log_destroy_pending = False  # never to run: its loop is closed
         syncer = _syncers[loop] = _Syncer(url, loop)
     _last_syncer = syncer
     return syncer
@@ -373,18 +401,18 @@ async def breaker_allows(deployment: ResolvedDeployment) -> bool:
     forced = deployment.forced_state
     if forced:
         return forced != FORCED_OPEN
-    _syncer()  # this event loop keeps the process's view in step with Redis from its first request on
+    syncer = _syncer()  # this event loop keeps the process's view in step with Redis from its first request on
     view = _views.get(deployment.id)
     if view is None or view.state != OPEN:
         return True
     now = _now_ms()
     if view.leaves_out(now):
         return False
-    url, cfg = _conf()
-    if url:
+    cfg = _conf()[1]
+    if syncer is not None:  # Redis is set
         try:
-            client = redis_async_client(url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
-            script = _script(client, "breaker_claim")
+            client = redis_async_client(syncer.url, socket_timeout=CLAIM_TIMEOUT_SECONDS)
+            script = _script(client, "breaker_claim", kept=syncer.scripts)
             reply = await script(keys=_keys(deployment.id), args=_args(deployment.id, cfg, now))
         except (redis.RedisError, OSError) as exc:
             logger.warning("Redis unreachable to claim the probe of deployment %s (%s)", deployment.id, exc)
