@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import redis
 from django.conf import settings
+from redis.asyncio.client import PubSub
 
 from .redis import redis_async_client, redis_sync_client
 
@@ -39,7 +40,9 @@ class _Listener:
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-# One listener per event loop (a task of that loop, gone with it).
+# One listener per event loop. An entry's task refers to its loop, so the entry goes when the task ends (its loop
+# cancels it: ``asyncio.run`` and ``async_to_sync`` do when their call returns), or, for a loop closed without
+# that, when the next loop starts its listener; else every loop that ever listened would stay alive.
 _listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Listener] = weakref.WeakKeyDictionary()
 
 
@@ -72,8 +75,20 @@ def broadcast_listen() -> None:
     listener = _listeners.get(loop)
     if listener is not None and listener.url == url and listener.task is not None and not listener.task.done():
         return
+    for closed in [other for other in list(_listeners.keys()) if other.is_closed()]:
+        dropped = _listeners.pop(closed, None)
+        if dropped is not None and dropped.task is not None:
+            dropped.task._log_destroy_pending = False  # never to run: its loop is closed
     listener = _listeners[loop] = _Listener(url)
     listener.task = loop.create_task(_listen(listener), name="broadcast listener")
+    listener.task.add_done_callback(_listener_ended)
+
+
+def _listener_ended(task: asyncio.Task[None]) -> None:
+    loop = task.get_loop()
+    listener = _listeners.get(loop)
+    if listener is not None and listener.task is task:
+        _listeners.pop(loop, None)
 
 
 async def broadcast_listening() -> None:
@@ -86,7 +101,7 @@ async def broadcast_listening() -> None:
 async def _listen(listener: _Listener) -> None:
     backoff = 0.1
     while settings.REDIS_URL == listener.url:
-        pubsub = redis_async_client(listener.url).pubsub(ignore_subscribe_messages=True)
+        pubsub: PubSub | None = redis_async_client(listener.url).pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(CHANNEL)
             listener.subscribed.set()
@@ -95,16 +110,21 @@ async def _listen(listener: _Listener) -> None:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is not None and message["type"] == "message":
                     _apply(message["data"])
+        except GeneratorExit:
+            # Destroyed pending with a loop closed without cancelling it: nothing can be awaited any more.
+            pubsub = None
+            raise
         except (redis.RedisError, OSError):
             listener.subscribed.clear()
             logger.warning("the broadcast listener lost Redis; listening again in %.1f s", backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
         finally:
-            try:
-                await pubsub.aclose()
-            except (redis.RedisError, OSError):
-                pass
+            if pubsub is not None:
+                try:
+                    await pubsub.aclose()
+                except (redis.RedisError, OSError):
+                    pass
 
 
 def _apply(data: str) -> None:
