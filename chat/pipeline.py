@@ -169,11 +169,19 @@ class _Shutdown:
         self.waiters: set[asyncio.Future[None]] = set()
 
 
+# An entry refers to its loop only through the futures of ``shutdown_began`` still waiting: a loop closed with one
+# pending (its tasks not cancelled) is dropped when the next loop makes its entry, or it would never be collected.
 _shutdowns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Shutdown] = weakref.WeakKeyDictionary()
 
 
 def _shutdown_here() -> _Shutdown:
-    return _shutdowns.setdefault(asyncio.get_running_loop(), _Shutdown())
+    loop = asyncio.get_running_loop()
+    shutdown = _shutdowns.get(loop)
+    if shutdown is None:
+        for closed in [other for other in list(_shutdowns.keys()) if other.is_closed()]:
+            _shutdowns.pop(closed, None)
+        shutdown = _shutdowns[loop] = _Shutdown()
+    return shutdown
 
 
 def shutdown_begin() -> None:
