@@ -295,10 +295,13 @@ def _flusher_ended(task: asyncio.Task[None]) -> None:
     """A flusher that ended (idle, or its loop cancelled it as ``asyncio.run`` and ``async_to_sync`` do when
     their call returns) is forgotten with its loop's exchange: both refer to the loop, which would otherwise
     never be collected."""
+    global _known
     loop = task.get_loop()
     if _flushers.get(loop) is task:
         _flushers.pop(loop, None)
         _exchanges.pop(loop, None)
+    if _known[1] is task:  # the request path's fast check would keep the loop until another loop counts a call
+        _known = (None, None)
 
 
 async def _flush_forever() -> None:
