@@ -406,9 +406,17 @@ def _settle_moved(counters: Sequence[CounterSpec], reply: list) -> list[Moved]:
     return moved
 
 
-_redis_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RedisCounterStore]] = (
-    weakref.WeakKeyDictionary()
-)
+class _LoopStores(dict[str, RedisCounterStore]):
+    """One loop's stores, by URL, and the task that forgets them when the loop ends (held here: the loop keeps
+    only a weak reference to its tasks)."""
+
+    keeper: asyncio.Task[None] | None = None
+
+
+# A store refers to its loop (through its client), so an entry goes when its loop ends (``_stores_kept``), or, for a
+# loop closed without cancelling its tasks, when the next loop builds its first store; else the loops of Celery
+# tasks and ``asyncio.run`` calls would never be collected. Their clients are closed with their loops (core.redis).
+_redis_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopStores] = weakref.WeakKeyDictionary()
 
 
 def redis_store(url: str) -> RedisCounterStore:
@@ -423,18 +431,33 @@ def redis_store(url: str) -> RedisCounterStore:
     loop = asyncio.get_running_loop()
     per_loop = _redis_stores.get(loop)
     if per_loop is None:
-        # A store refers to its loop (through its client), so the stores of loops closed since (a Celery task's,
-        # an ``asyncio.run``'s) go first, or those loops would never be collected; their clients are closed with
-        # their loops (``core.redis``).
-        for closed in [other for other in list(_redis_stores.keys()) if other.is_closed()]:
-            _redis_stores.pop(closed, None)
-        per_loop = _redis_stores[loop] = {}
+        per_loop = _stores_start(loop)
     store = per_loop.get(url)
     if store is None:
         # The loop's shared client (core.redis): its blocking pool makes a burst of admissions and settles
         # wait for a connection rather than fail.
         store = per_loop[url] = RedisCounterStore(redis_async_client(url))
     return store
+
+
+def _stores_start(loop: asyncio.AbstractEventLoop) -> _LoopStores:
+    for closed in [other for other in list(_redis_stores.keys()) if other.is_closed()]:
+        dropped = _redis_stores.pop(closed, None)
+        if dropped is not None and dropped.keeper is not None:
+            dropped.keeper._log_destroy_pending = False  # never to run: its loop is closed
+    per_loop = _redis_stores[loop] = _LoopStores()
+    per_loop.keeper = loop.create_task(_stores_kept(per_loop, loop))
+    return per_loop
+
+
+async def _stores_kept(per_loop: _LoopStores, loop: asyncio.AbstractEventLoop) -> None:
+    """Wait for ``loop`` to end (``asyncio.run`` and ``async_to_sync`` cancel the tasks left), then forget its
+    stores."""
+    try:
+        await loop.create_future()
+    finally:
+        if _redis_stores.get(loop) is per_loop:
+            _redis_stores.pop(loop, None)
 
 
 def redis_reconcile(url: str, now: datetime, *, spooled: SpoolIndex | None = None) -> int:

@@ -1,12 +1,16 @@
 """The budget counters' Redis stores on short-lived event loops: a Celery task, a command or a sync caller
 (``async_to_sync``, ``asyncio.run``) makes a loop per call and admits or settles from it (``redis_store``). The
-store such a loop built must not keep it alive once it is gone."""
+store such a loop built must not keep it alive once it is gone, nor until the next loop builds one."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
+
+import pytest
+from asgiref.sync import async_to_sync
 
 from billing.services import counters
 from billing.services.counters import redis_store
@@ -14,17 +18,47 @@ from billing.services.counters import redis_store
 LOOPS = 5
 
 
-def test_loops_that_used_a_counter_store_are_collected(redis_url):
-    """A store is dropped when the next loop builds one after its loop closed."""
+def _gone(refs: list[weakref.ref]) -> int:
+    gc.collect()
+    return sum(ref() is None for ref in refs)
+
+
+async def _awaited(coroutine):
+    return await coroutine
+
+
+@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+def test_loops_that_used_a_counter_store_are_collected(redis_url, run):
+    """A loop's store is forgotten when the loop ends (the last one too, with no next loop to drop it)."""
     refs: list[weakref.ref] = []
 
     async def call() -> None:
         refs.append(weakref.ref(asyncio.get_running_loop()))
         assert await redis_store(redis_url).client.ping()
 
-    for _ in range(LOOPS + 1):
-        asyncio.run(call())
-    gc.collect()
+    for _ in range(LOOPS):
+        run(call())
 
-    assert sum(ref() is None for ref in refs[:-1]) == LOOPS
-    assert len([loop for loop in list(counters._redis_stores) if loop.is_closed()]) <= 1
+    assert _gone(refs) == LOOPS
+    assert not [loop for loop in list(counters._redis_stores) if loop.is_closed()]
+
+
+def test_a_loop_closed_without_cancelling_its_tasks_is_collected(redis_url, caplog):
+    """``run_until_complete`` then ``close``: the next loop that builds a store drops the closed one's."""
+    refs: list[weakref.ref] = []
+
+    async def call() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        assert await redis_store(redis_url).client.ping()
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    for _ in range(LOOPS):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(call())
+        loop.close()
+        del loop
+    asyncio.run(call())
+
+    assert _gone(refs) == LOOPS + 1
+    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not [loop for loop in list(counters._redis_stores) if loop.is_closed()]
