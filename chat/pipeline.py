@@ -17,7 +17,6 @@ import math
 import random
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -35,6 +34,7 @@ from billing.services.ledger import usage_record_submit
 from billing.services.ledger_rows import UsageData
 from billing.services.settlement import answered_calls_usage, request_settle, settlement_tokens
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
+from core.loops import LoopRegistry
 from core.request_context import request_id_bind
 from core.telemetry import (
     AttemptObservation,
@@ -171,16 +171,14 @@ class _Shutdown:
 
 # An entry refers to its loop only through the futures of ``shutdown_began`` still waiting: a loop closed with one
 # pending (its tasks not cancelled) is dropped when the next loop makes its entry, or it would never be collected.
-_shutdowns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Shutdown] = weakref.WeakKeyDictionary()
+_shutdowns: LoopRegistry[_Shutdown] = LoopRegistry()
 
 
 def _shutdown_here() -> _Shutdown:
     loop = asyncio.get_running_loop()
     shutdown = _shutdowns.get(loop)
     if shutdown is None:
-        for closed in [other for other in list(_shutdowns.keys()) if other.is_closed()]:
-            _shutdowns.pop(closed, None)
-        shutdown = _shutdowns[loop] = _Shutdown()
+        shutdown = _shutdowns.start(loop, _Shutdown())
     return shutdown
 
 

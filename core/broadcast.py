@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import redis
 from django.conf import settings
 from redis.asyncio.client import PubSub
 
+from .loops import LoopRegistry, task_abandoned
 from .redis import redis_async_client, redis_sync_client
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Listener:
 # One listener per event loop. An entry's task refers to its loop, so the entry goes when the task ends (its loop
 # cancels it: ``asyncio.run`` and ``async_to_sync`` do when their call returns), or, for a loop closed without
 # that, when the next loop starts its listener; else every loop that ever listened would stay alive.
-_listeners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Listener] = weakref.WeakKeyDictionary()
+_listeners: LoopRegistry[_Listener] = LoopRegistry(on_drop=lambda listener: task_abandoned(listener.task))
 
 
 def broadcast_handler(topic: str, handler: Callable[[str], None]) -> None:
@@ -75,20 +75,9 @@ def broadcast_listen() -> None:
     listener = _listeners.get(loop)
     if listener is not None and listener.url == url and listener.task is not None and not listener.task.done():
         return
-    for closed in [other for other in list(_listeners.keys()) if other.is_closed()]:
-        dropped = _listeners.pop(closed, None)
-        if dropped is not None and dropped.task is not None:
-            dropped.task._log_destroy_pending = False  # never to run: its loop is closed
-    listener = _listeners[loop] = _Listener(url)
+    listener = _listeners.start(loop, _Listener(url))
     listener.task = loop.create_task(_listen(listener), name="broadcast listener")
-    listener.task.add_done_callback(_listener_ended)
-
-
-def _listener_ended(task: asyncio.Task[None]) -> None:
-    loop = task.get_loop()
-    listener = _listeners.get(loop)
-    if listener is not None and listener.task is task:
-        _listeners.pop(loop, None)
+    _listeners.forget_when_done(listener.task, listener)
 
 
 async def broadcast_listening() -> None:

@@ -7,18 +7,16 @@ and a command that fails on a dead connection is sent again on a fresh one (``RE
 idempotent (a Lua script that remembers its answer): a retried command may have run once already.
 
 An asyncio client (and its pool) is bound to the event loop that created it, hence one per loop. A loop's
-clients refer to it (their connections' streams), so they are forgotten and closed when the loop ends
-(``_clients_kept``: ``asyncio.run`` and ``async_to_sync`` cancel the tasks left), or dropped when the next loop
-builds its first client if it was closed without that. https://redis.readthedocs.io/en/stable/retry.html
+clients refer to it (their connections' streams), so they are forgotten and closed when the loop ends (their
+keeper: ``asyncio.run`` and ``async_to_sync`` cancel the tasks left), or dropped when the next loop builds its
+first client if it was closed without that (``core.loops``). https://redis.readthedocs.io/en/stable/retry.html
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-import weakref
 
 import redis
 import redis.asyncio
@@ -26,6 +24,8 @@ from django.conf import settings
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+from .loops import LoopRegistry, task_abandoned
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,17 @@ class _LoopClients(dict[str, redis.asyncio.Redis]):
     keeper: asyncio.Task[None] | None = None
 
 
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = weakref.WeakKeyDictionary()
-_async_lock = threading.Lock()
+async def _clients_close(per_loop: _LoopClients) -> None:
+    for client in list(per_loop.values()):
+        try:
+            await client.aclose()
+        except Exception:
+            logger.warning("closing a Redis client of an ended event loop failed", exc_info=True)
+
+
+# A loop's clients refer to it (their connections' streams): forgotten and closed when it ends (their keeper), or
+# dropped when the next loop builds its first client if it was closed without cancelling its tasks.
+_async_clients: LoopRegistry[_LoopClients] = LoopRegistry(on_drop=lambda per_loop: task_abandoned(per_loop.keeper))
 _sync_clients: dict[str, redis.Redis] = {}
 _sync_lock = threading.Lock()
 
@@ -81,37 +90,9 @@ def redis_async_client(url: str, *, socket_timeout: float | None = None) -> redi
 
 
 def _clients_start(loop: asyncio.AbstractEventLoop) -> _LoopClients:
-    """``loop``'s clients, none yet. The clients of loops closed since without cancelling their tasks are
-    dropped first (they cannot be closed on a closed loop)."""
-    with _async_lock:
-        for closed in [other for other in list(_async_clients.keys()) if other.is_closed()]:
-            dropped = _async_clients.pop(closed, None)
-            if dropped is not None and dropped.keeper is not None:
-                dropped.keeper._log_destroy_pending = False  # never to run: its loop is closed
-        per_loop = _async_clients[loop] = _LoopClients()
-    per_loop.keeper = loop.create_task(_clients_kept(per_loop, loop))
+    per_loop = _async_clients.start(loop, _LoopClients())
+    per_loop.keeper = _async_clients.keep(loop, per_loop, _clients_close)
     return per_loop
-
-
-async def _clients_kept(per_loop: _LoopClients, loop: asyncio.AbstractEventLoop) -> None:
-    """Wait for ``loop`` to end (its caller cancels this task), then forget its clients and close them."""
-    try:
-        await loop.create_future()
-    except asyncio.CancelledError:
-        # Not on a closed loop's task destroyed pending (GeneratorExit): nothing can be awaited there.
-        with _async_lock:
-            kept = _async_clients.get(loop) is per_loop
-            if kept:
-                with contextlib.suppress(KeyError):
-                    del _async_clients[loop]
-        if not kept:
-            raise
-        for client in list(per_loop.values()):
-            try:
-                await client.aclose()
-            except Exception:
-                logger.warning("closing a Redis client of an ended event loop failed", exc_info=True)
-        raise
 
 
 def redis_sync_client(url: str, *, socket_timeout: float | None = 5) -> redis.Redis:

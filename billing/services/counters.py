@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -39,6 +38,7 @@ from django.utils import timezone
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 
+from core.loops import LoopRegistry, task_abandoned
 from core.redis import redis_async_client
 from core.time_limits import time_limit_reraise
 from providers.models import CatalogModel, Provider
@@ -413,10 +413,10 @@ class _LoopStores(dict[str, RedisCounterStore]):
     keeper: asyncio.Task[None] | None = None
 
 
-# A store refers to its loop (through its client), so an entry goes when its loop ends (``_stores_kept``), or, for a
+# A store refers to its loop (through its client), so an entry goes when its loop ends (its keeper), or, for a
 # loop closed without cancelling its tasks, when the next loop builds its first store; else the loops of Celery
 # tasks and ``asyncio.run`` calls would never be collected. Their clients are closed with their loops (core.redis).
-_redis_stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopStores] = weakref.WeakKeyDictionary()
+_redis_stores: LoopRegistry[_LoopStores] = LoopRegistry(on_drop=lambda per_loop: task_abandoned(per_loop.keeper))
 
 
 def redis_store(url: str) -> RedisCounterStore:
@@ -441,23 +441,9 @@ def redis_store(url: str) -> RedisCounterStore:
 
 
 def _stores_start(loop: asyncio.AbstractEventLoop) -> _LoopStores:
-    for closed in [other for other in list(_redis_stores.keys()) if other.is_closed()]:
-        dropped = _redis_stores.pop(closed, None)
-        if dropped is not None and dropped.keeper is not None:
-            dropped.keeper._log_destroy_pending = False  # never to run: its loop is closed
-    per_loop = _redis_stores[loop] = _LoopStores()
-    per_loop.keeper = loop.create_task(_stores_kept(per_loop, loop))
+    per_loop = _redis_stores.start(loop, _LoopStores())
+    per_loop.keeper = _redis_stores.keep(loop, per_loop)
     return per_loop
-
-
-async def _stores_kept(per_loop: _LoopStores, loop: asyncio.AbstractEventLoop) -> None:
-    """Wait for ``loop`` to end (``asyncio.run`` and ``async_to_sync`` cancel the tasks left), then forget its
-    stores."""
-    try:
-        await loop.create_future()
-    finally:
-        if _redis_stores.get(loop) is per_loop:
-            _redis_stores.pop(loop, None)
 
 
 def redis_reconcile(url: str, now: datetime, *, spooled: SpoolIndex | None = None) -> int:

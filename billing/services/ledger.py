@@ -38,6 +38,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
+from core.loops import LoopRegistry
 from core.metrics import ledger_spilled_add
 from core.request_context import outside_request
 from core.time_limits import time_limit_reraise
@@ -98,11 +99,7 @@ def usage_record_submit(data: UsageData, *, admission: Admission | None = None) 
 def _writer_start(loop: asyncio.AbstractEventLoop) -> _Writer:
     """The writer of ``loop``, new (its first row, or its last writer ended). Writers of loops closed since are
     released first: their rows go to the spool, and the loops (with their writers) can be collected."""
-    for writer in _writers_now():
-        if writer.loop.is_closed():
-            _writer_release(writer)
-    writer = _writers[loop] = _Writer(loop)
-    return writer
+    return _writers.start(loop, _Writer(loop))
 
 
 def _writer_wake(writer: _Writer) -> None:
@@ -198,7 +195,7 @@ class _Writer:
 
 # A writer is released (``_writer_release``) when its task ends or its loop is found closed: an entry's writer
 # refers to its loop, so the entries of ended loops must go for those loops to be collected.
-_writers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writer] = weakref.WeakKeyDictionary()
+_writers: LoopRegistry[_Writer] = LoopRegistry(on_drop=lambda writer: _writer_release(writer))
 _writers_release_lock = threading.Lock()
 
 
@@ -254,12 +251,7 @@ def _hurry_writers(loop: asyncio.AbstractEventLoop | None = None) -> None:
 
 def _writers_now() -> list[_Writer]:
     """The writers of this process, from any thread (another thread's loop may be adding its own)."""
-    for _attempt in range(3):
-        try:
-            return list(_writers.values())
-        except RuntimeError:  # changed size while copied (another thread's loop started its writer)
-            continue
-    return []
+    return [writer for _, writer in _writers.snapshot()]
 
 
 def _hurry(writer: _Writer, upto: int) -> None:
@@ -290,9 +282,7 @@ def _writer_release(writer: _Writer) -> None:
     row submitted on a loop still running starts a new writer. A closed loop's writer may be released from two
     threads at once (each starting a writer of its own loop): its rows are taken once."""
     with _writers_release_lock:
-        if _writers.get(writer.loop) is writer:
-            with contextlib.suppress(KeyError):
-                del _writers[writer.loop]
+        _writers.forget(writer.loop, writer)
         entries = [*writer.in_flight, *writer.queue]
         writer.in_flight, writer.queue = [], []
         writer.finished = writer.submitted
@@ -566,9 +556,9 @@ def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple
 
 
 # Each loop's watcher, and the event that wakes it.
-_spool_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Task[None], asyncio.Event]] = (
-    weakref.WeakKeyDictionary()
-)
+# A watcher is forgotten when it ends (the spool is empty, or its loop cancelled it), and one left pending on a loop
+# closed since when the next loop starts one: its entry holds its loop (the task refers to it).
+_spool_watchers: LoopRegistry[tuple[asyncio.Task[None], asyncio.Event]] = LoopRegistry()
 
 
 def ledger_spool_watch() -> None:
@@ -583,22 +573,9 @@ def ledger_spool_watch() -> None:
     if watcher is not None and not watcher[0].done():
         watcher[1].set()
         return
-    # A watcher left pending on a loop closed since would keep that loop alive (``_spool_watch_ended``).
-    for closed in [other for other in list(_spool_watchers.keys()) if other.is_closed()]:
-        _spool_watchers.pop(closed, None)
     wake = asyncio.Event()
     task = loop.create_task(_spool_watch(wake))
-    task.add_done_callback(_spool_watch_ended)
-    _spool_watchers[loop] = (task, wake)
-
-
-def _spool_watch_ended(task: asyncio.Task[None]) -> None:
-    """A watcher that ended (the spool is empty, or its loop cancelled it) is forgotten: its entry holds its
-    loop (the task refers to it), which would otherwise never be collected."""
-    loop = task.get_loop()
-    watcher = _spool_watchers.get(loop)
-    if watcher is not None and watcher[0] is task:
-        _spool_watchers.pop(loop, None)
+    _spool_watchers.forget_when_done(task, _spool_watchers.start(loop, (task, wake)))
 
 
 async def _spool_watch(wake: asyncio.Event) -> None:

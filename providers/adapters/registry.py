@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,6 +28,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils.module_loading import import_string
+
+from core.loops import LoopRegistry, task_abandoned
 
 from ..types import ProviderConfig
 
@@ -48,15 +48,15 @@ class _Pool:
     platform: dict[int, BaseAdapter] = field(default_factory=dict)
     users: OrderedDict[_PoolKey, BaseAdapter] = field(default_factory=OrderedDict)
     retiring: set[BaseAdapter] = field(default_factory=set)  # evicted or replaced, closed once idle
-    keeper: asyncio.Task[None] | None = None  # closes the clients when its loop cancels it (``_pool_kept``)
+    keeper: asyncio.Task[None] | None = None  # closes the clients when its loop cancels it (``_pool_start``)
 
 
 # An entry's clients refer to its loop (their connections' transports), so an entry must go for its loop to be
-# collected: when its keeper task is cancelled (``_pool_kept``), or, for a loop closed without that, when the next
-# loop starts its pool (``_pool_start``). Added to under ``_pools_lock``, which ``adapters_forget`` (called from
-# any thread) holds to list them.
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
-_pools_lock = threading.Lock()
+# collected: when its keeper task is cancelled (``asyncio.run`` and ``async_to_sync`` cancel the tasks left when
+# their call returns: a Celery task, a command, a sync view make a loop per call), its clients then closed; or,
+# for a loop closed without that, when the next loop starts its pool (its clients cannot be closed on a closed
+# loop). Listed under its lock by ``adapters_forget`` (called from any thread).
+_pools: LoopRegistry[_Pool] = LoopRegistry(on_drop=lambda pool: task_abandoned(pool.keeper))
 _retired: set[asyncio.Task[None]] = set()
 # How often a retired client is checked for calls still running on it (soon at first, since most calls are
 # short, then every second at most), and the longest it is kept for them.
@@ -95,31 +95,10 @@ def adapter_for(config: ProviderConfig) -> BaseAdapter:
 
 
 def _pool_start(loop: asyncio.AbstractEventLoop) -> _Pool:
-    """The pool of ``loop``, new (its first client, or its last pool was closed). The pools of loops closed since
-    without cancelling their tasks are dropped first (their clients cannot be closed on a closed loop)."""
-    with _pools_lock:
-        for closed in [other for other in list(_pools.keys()) if other.is_closed()]:
-            dropped = _pools.pop(closed, None)
-            if dropped is not None and dropped.keeper is not None:
-                dropped.keeper._log_destroy_pending = False  # never to run: its loop is closed
-        pool = _pools[loop] = _Pool()
-    pool.keeper = loop.create_task(_pool_kept(pool, loop))
+    """The pool of ``loop``, new (its first client, or its last pool was closed)."""
+    pool = _pools.start(loop, _Pool())
+    pool.keeper = _pools.keep(loop, pool, _pool_close)
     return pool
-
-
-async def _pool_kept(pool: _Pool, loop: asyncio.AbstractEventLoop) -> None:
-    """Wait for ``loop`` to end: ``asyncio.run`` and ``async_to_sync`` cancel the tasks left when their call
-    returns (a Celery task, a command, a sync view make a loop per call). The pool is then forgotten and its
-    clients closed, or its entry would keep the loop alive, and each client's connections open."""
-    try:
-        await loop.create_future()
-    finally:
-        with _pools_lock:
-            kept = _pools.get(loop) is pool
-            if kept:
-                del _pools[loop]
-        if kept:  # not closed already (``adapters_close_all``)
-            await _pool_close(pool)
 
 
 async def _pool_close(pool: _Pool) -> None:
@@ -162,8 +141,7 @@ def adapters_forget(credential_id: int) -> None:
     """Retire the pooled clients of a user's key that was deleted, replaced or refused, in every event loop of
     this process (callable from any thread): nothing is to keep the key, nor its connections, until the pool
     happens to evict them. A call running on one finishes first (``_retire``)."""
-    with _pools_lock:
-        pools = list(_pools.items())
+    pools = _pools.snapshot()
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
@@ -245,7 +223,7 @@ def adapters_open() -> int:
 
 async def adapters_close_all() -> None:
     """Close every pooled client of the running loop (graceful shutdown, test teardown)."""
-    with _pools_lock:
+    with _pools.lock:
         pool = _pools.pop(asyncio.get_running_loop(), None)
     if pool is None:
         return

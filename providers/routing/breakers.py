@@ -28,7 +28,6 @@ import asyncio
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
@@ -40,6 +39,7 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 from redis.commands.core import AsyncScript, Script
 
+from core.loops import LoopRegistry, task_abandoned
 from core.redis import redis_async_client, redis_sync_client
 from core.request_context import outside_request
 
@@ -204,8 +204,7 @@ class _Syncer:
         returns; or it failed): this syncer is forgotten, or its entry would keep its loop alive."""
         global _last_syncer
         self.stopped = True
-        if _syncers.get(self.loop) is self:
-            _syncers.pop(self.loop, None)
+        _syncers.forget(self.loop, self)
         if _last_syncer is self:
             _last_syncer = None
 
@@ -334,7 +333,14 @@ class _Syncer:
         self.synced.set()
 
 
-_syncers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Syncer] = weakref.WeakKeyDictionary()
+def _syncer_dropped(syncer: _Syncer) -> None:
+    for task in syncer.tasks:
+        task_abandoned(task)
+
+
+# A syncer refers to its loop (its tasks, its clients' scripts): forgotten when one of its tasks ends (``_stop``),
+# or, for a loop closed without cancelling them, when the next loop starts its syncer.
+_syncers: LoopRegistry[_Syncer] = LoopRegistry(on_drop=_syncer_dropped)
 _last_syncer: _Syncer | None = None
 
 
@@ -352,12 +358,7 @@ def _syncer() -> _Syncer | None:
         return syncer
     syncer = _syncers.get(loop)
     if syncer is None or not syncer.active:
-        # The syncers of loops closed without cancelling their tasks go first: an entry holds its loop.
-        for closed in [other for other in list(_syncers.keys()) if other.is_closed()]:
-            dropped = _syncers.pop(closed, None)
-            for task in dropped.tasks if dropped is not None else ():
-                task._log_destroy_pending = False  # never to run: its loop is closed
-        syncer = _syncers[loop] = _Syncer(url, loop)
+        syncer = _syncers.start(loop, _Syncer(url, loop))
     _last_syncer = syncer
     return syncer
 

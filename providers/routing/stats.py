@@ -38,6 +38,7 @@ from typing import Any
 
 from django.conf import settings
 
+from core.loops import LoopRegistry
 from core.redis import redis_async_client
 from core.request_context import outside_request
 
@@ -261,8 +262,10 @@ class _Exchange:
         self.script = self.client.register_script(_script_source())
 
 
+# A loop's flusher and exchange refer to it: both are forgotten when the flusher ends (``_flusher_ended``), and those
+# of a loop closed since when the next loop starts its flusher.
 _exchanges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Exchange] = weakref.WeakKeyDictionary()
-_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = weakref.WeakKeyDictionary()
+_flushers: LoopRegistry[asyncio.Task[None]] = LoopRegistry(on_drop=lambda task: _exchanges.pop(task.get_loop(), None))
 _batches = itertools.count()
 _failing = False  # the last exchange failed: said once in the log, not every FLUSH_INTERVAL
 _flushing = False  # one exchange at a time per process, whichever loop runs it
@@ -280,13 +283,8 @@ def _ensure_flusher() -> None:
         return
     task = _flushers.get(loop)
     if task is None or task.done():
-        # The entries of loops closed since (their flusher never ended) go first: an entry holds its loop.
-        for closed in [other for other in list(_flushers.keys()) if other.is_closed()]:
-            _flushers.pop(closed, None)
-            _exchanges.pop(closed, None)
-        task = _flushers[loop] = loop.create_task(
-            _flush_forever(), name="llmhub-routing-stats", context=outside_request()
-        )
+        task = loop.create_task(_flush_forever(), name="llmhub-routing-stats", context=outside_request())
+        _flushers.start(loop, task)
         task.add_done_callback(_flusher_ended)
     _known = (loop, task)
 
@@ -297,8 +295,7 @@ def _flusher_ended(task: asyncio.Task[None]) -> None:
     never be collected."""
     global _known
     loop = task.get_loop()
-    if _flushers.get(loop) is task:
-        _flushers.pop(loop, None)
+    if _flushers.forget(loop, task):
         _exchanges.pop(loop, None)
     if _known[1] is task:  # the request path's fast check would keep the loop until another loop counts a call
         _known = (None, None)
