@@ -13,7 +13,8 @@
 -- ARGV: now_ms, request_id, reservation_ttl_ms, n_counters, n_rate_scopes, fixed_cost, token_price,
 --       requested_max_tokens (-1: clamp), cap, prompt_tokens, choices, window_ms,
 --       likely_prompt_tokens (the prompt's likely size, which alone makes a request too large for a tokens
---       window; -1: prompt_tokens),
+--       window; -1: prompt_tokens), window_max_tokens (the client's own max_tokens, which the tokens windows count;
+--       -1: it set none),
 --       then per counter: metric ('cost' | 'tokens'), limit, key_ttl_ms; per rate scope: rpm, tpm (-1: none)
 --       then: record (JSON, without its amounts; '': none, for a request that holds nothing and is never
 --       settled, counted in requests-per-minute windows alone), restart_grace_ms, heartbeat_ttl_ms, instance id
@@ -38,8 +39,9 @@ local likely_prompt = tonumber(ARGV[13])
 if likely_prompt < 0 then
   likely_prompt = prompt
 end
+local window_max = tonumber(ARGV[14])
 local kx = 3 * nb + 3 * nr
-local ax = 13 + 3 * nb + 2 * nr
+local ax = 14 + 3 * nb + 2 * nr
 local inflight, epoch_key, heartbeat, instances = KEYS[kx + 1], KEYS[kx + 2], KEYS[kx + 3], KEYS[kx + 4]
 
 -- Lua turns large numbers into "1e+15", which HINCRBY refuses: always pass integers through this.
@@ -82,7 +84,7 @@ end
 local counters = {}
 for i = 1, nb do
   local h, exp = KEYS[3 * i - 2], KEYS[3 * i - 1]
-  local a = 13 + 3 * (i - 1)
+  local a = 14 + 3 * (i - 1)
   -- A reservation whose request never settled (its process died) gives its amount back.
   local stale = redis.call('ZRANGEBYSCORE', exp, '-inf', now)
   for _, r in ipairs(stale) do
@@ -142,10 +144,11 @@ local completion = max_tokens * choices
 local cost = fixed + math.ceil(completion * price)
 local tokens = prompt + completion
 -- The tokens-per-minute windows count the client's own max_tokens, or the prompt alone when it set none (the
--- max_tokens picked above pays for the budgets, not for the windows): the rest is counted when it settles.
-local window_tokens = tokens
-if requested < 0 then
-  window_tokens = prompt
+-- max_tokens picked above, or one a parameter rule sends, pays for the budgets, not for the windows): the rest is
+-- counted when it settles.
+local window_tokens = prompt
+if window_max >= 0 then
+  window_tokens = prompt + math.min(window_max, max_tokens) * choices
 end
 -- Only a request whose likely size is over a limit is too large for it; one whose bound alone is over counts as
 -- the whole limit (billing/services/ratelimits.py, window_amount and too_large), corrected when it settles.
@@ -167,7 +170,7 @@ end
 for j = 1, nr do
   local k = 3 * nb + 3 * (j - 1)
   local rq, tk, th = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local a = 13 + 3 * nb + 2 * (j - 1)
+  local a = 14 + 3 * nb + 2 * (j - 1)
   local s = {rpm = tonumber(ARGV[a + 1]), tpm = tonumber(ARGV[a + 2]), rq = rq, tk = tk, th = th}
   local cutoff = now - window
   if s.rpm >= 0 then

@@ -95,6 +95,7 @@ async def admission_acquire(
     endpoint: str = "",
     own_key_only: bool = False,
     output_unbounded: Sequence[ResolvedModel] = (),
+    body_as_sent: dict[str, Any] | None = None,
 ) -> Admission:
     """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
     ``RateLimitExceededError`` (429); a refused request holds nothing.
@@ -114,7 +115,11 @@ async def admission_acquire(
 
     ``output_unbounded``: the models the request may end on whose parameter rules send a deployment no output
     limit (a ``drop``). Under a budget the request is reserved for the most they write (``_output_bounded``), or
-    refused (``OutputUnboundedError``, 400) when the catalog does not say; with none, they change nothing."""
+    refused (``OutputUnboundedError``, 400) when the catalog does not say; with none, they change nothing.
+
+    ``body_as_sent``: ``body`` as the models' parameter rules send it (``chat.pipeline._body_as_sent``), which is
+    reserved for; None: ``body``. The tokens-per-minute windows count the client's own output limit, ``body``'s
+    (``budgets.window_tokens``)."""
     limits = await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
@@ -133,15 +138,17 @@ async def admission_acquire(
     if not counters and not rates:
         return admission
     forced_limit = None
+    reserved_body = body if body_as_sent is None else body_as_sent
     if counters and output_unbounded and model.mode != ModelMode.EMBEDDING:
-        body, forced_limit = _output_bounded(body, output_unbounded)
+        reserved_body, forced_limit = _output_bounded(reserved_body, output_unbounded)
     charge = charge_for(
         model=model,
-        body=body,
+        body=reserved_body,
         prompt_tokens_upper=prompt_tokens_upper,
         prompt_tokens_likely=prompt_tokens_estimate,
         cap=settings.LLMHUB_BUDGET_MAX_TOKENS_CAP,
         budgeted=bool(counters),
+        client_body=body,
     )
     record = {
         "request_id": request_id,

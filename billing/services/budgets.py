@@ -172,6 +172,9 @@ class Charge:
     choices: int
     # The prompt's likely size (the ledger's estimate when no usage comes back); None: its bound.
     likely_prompt_tokens: int | None = None
+    # The client's own output limit, which the tokens-per-minute windows count (``window_tokens``); None: it set
+    # none. A limit a parameter rule sends instead (``requested_max_tokens``) is reserved, not counted there.
+    window_max_tokens: int | None = None
 
 
 def requested_max_tokens(body: Mapping[str, object]) -> int | None:
@@ -211,14 +214,18 @@ def charge_for(
     cap: int,
     budgeted: bool,
     prompt_tokens_likely: int | None = None,
+    client_body: Mapping[str, object] | None = None,
 ) -> Charge:
     """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it.
     ``prompt_tokens_likely``: the prompt's likely size, which alone decides whether a request is too large for a
     tokens-per-minute limit (``window_tokens_likely``); everything reserved is reserved at the bound.
+    ``client_body``: the request as the client sent it, when ``body`` is as the models' parameter rules send it
+    (``chat.pipeline._body_as_sent``): the windows count the client's own output limit, not a rule's.
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage."""
     choices = replies_billed(body)
+    client_limit = requested_max_tokens(body if client_body is None else client_body)
     prompt_tokens = max(prompt_tokens_upper, 0)
     likely = None if prompt_tokens_likely is None else min(max(prompt_tokens_likely, 0), prompt_tokens)
     if model.mode == ModelMode.EMBEDDING:
@@ -237,7 +244,7 @@ def charge_for(
         max_tokens = 0
     if max_tokens is not None:
         fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
-        return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely)
+        return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit)
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
     fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0)
@@ -256,10 +263,13 @@ class Reserved:
 
 def window_tokens(charge: Charge, reserved: Reserved) -> int:
     """The tokens a request counts in the tokens-per-minute windows when admitted: its prompt plus the client's
-    own max_tokens, or its prompt alone when the client set none (the max_tokens picked for a budget pays for
-    the budget, and a window refusing a request for it would refuse a limit the client never asked for); the
-    rest is counted when it settles, as for a request under no budget."""
-    return reserved.tokens if charge.requested_max_tokens is not None else charge.prompt_tokens
+    own max_tokens, or its prompt alone when the client set none (the max_tokens picked for a budget, or the one a
+    parameter rule sends, fixed or the model's most for a dropped one, pays for the budget, and a window refusing a
+    request for it would refuse a limit the client never asked for); the rest is counted when it settles, as for a
+    request under no budget."""
+    if charge.window_max_tokens is None:
+        return charge.prompt_tokens
+    return charge.prompt_tokens + min(charge.window_max_tokens, reserved.max_tokens) * charge.choices
 
 
 def window_tokens_likely(charge: Charge, reserved: Reserved) -> int:

@@ -174,6 +174,7 @@ class RedisCounterStore:
             charge.choices,
             WINDOW_MS,
             -1 if charge.likely_prompt_tokens is None else charge.likely_prompt_tokens,
+            -1 if charge.window_max_tokens is None else charge.window_max_tokens,
         ]
         for spec in counters:
             keys += _counter_keys(spec.key)
@@ -211,7 +212,7 @@ class RedisCounterStore:
         """Count a request in the requests-per-minute windows of ``rates`` alone (their tokens limits are not
         passed): nothing reserved, no in-flight record, as nothing settles it. Raises ``RateLimitExceededError``."""
         keys: list[str] = []
-        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS, -1]
+        args: list[str | int] = [_ms(now), request_id, 0, 0, len(rates), 0, "0", 0, 0, 0, 1, WINDOW_MS, -1, -1]
         for rate in rates:
             keys += list(rate.keys)
             args += [-1 if rate.rpm is None else rate.rpm, -1]

@@ -21,6 +21,7 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from billing.services.ratelimits import RateSpec, format_reset
 from providers.selectors import resolved_model
+from tests.billing.conftest import FLAT_TOKEN
 from tests.factories import UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
@@ -118,7 +119,7 @@ async def test_retry_after_waits_for_every_scope_that_refuses(store, account):
             request_id=request_id,
             counters=(),
             rates=rates,
-            charge=Charge(Decimal(0), Decimal(0), tokens, tokens, 0, 1),
+            charge=Charge(Decimal(0), Decimal(0), tokens, tokens, 0, 1, window_max_tokens=tokens),
             now=now + timedelta(seconds=seconds),
         )
 
@@ -165,6 +166,34 @@ async def test_a_request_without_max_tokens_under_a_budget_is_not_too_large_for_
     await admission_settle(admission=admitted, cost=Decimal(0), prompt_tokens=20, completion_tokens=1000, ok=True)
     after = await acquire(account, "no-max-2", prompt_upper=20)
     assert after.headers["x-ratelimit-remaining-tokens"] == "1960"  # 3000 - 1020 settled - 20
+
+
+@pytest.mark.parametrize("budget", [None, Decimal("5")], ids=["no-budget", "budget"])
+async def test_a_limit_a_rule_sends_is_reserved_but_not_counted_in_the_token_window(store, account, budget):
+    """A parameter rule's limit (``fixed``, or a dropped one's most) replaces the client's in what is sent and
+    reserved (``body_as_sent``); the tokens-per-minute window counts the client's own limit, or the prompt when it set
+    none, as for any request: the rest when it settles. Counting the rule's refused a key whose limit is below it."""
+    await sync_to_async(api_key_limits_set)(api_key=account["key"], budget_usd=budget, tpm=3000)
+
+    async def acquire_sent(request_id: str, **client_limit):
+        return await admission_acquire(
+            user_id=account["user"].pk,
+            api_key_id=account["key"].pk,
+            key_allowed_model_ids=None,
+            model=account["flat"],
+            body={"model": "flat-model", "messages": [], **client_limit},
+            body_as_sent={"model": "flat-model", "messages": [], "max_tokens": 5000},
+            request_id=request_id,
+            prompt_tokens_upper=20,
+        )
+
+    unlimited = await acquire_sent("rule-only")
+    limited = await acquire_sent("client-limit", max_tokens=100)
+
+    assert unlimited.headers["x-ratelimit-remaining-tokens"] == "2980"  # the prompt
+    assert limited.headers["x-ratelimit-remaining-tokens"] == "2860"  # and the client's 100
+    if budget is not None:
+        assert unlimited.reserved_cost == limited.reserved_cost == 5000 * FLAT_TOKEN  # the rule's limit, reserved
 
 
 async def test_a_request_larger_than_the_token_limit_can_never_pass(store, account):

@@ -194,3 +194,43 @@ def test_a_drop_rule_of_an_embedding_model_is_no_unbounded_output(gateway):
 
     assert len(raw.parse().data) == 1
     assert wait_for_record(raw.headers["x-request-id"]).status == UsageStatus.OK
+
+
+# A tokens-per-minute limit counts the tokens a request uses: the client's own output limit when it sets one (as
+# OpenAI's limits do), else the prompt, the rest when it settles. A limit a rule puts in place of the client's (a
+# ``fixed`` one, or the catalog's most for a dropped one under a budget) is reserved against budgets, not counted in
+# the windows: a key whose tpm limit is below it would be refused though its real use fits.
+TPM = 2000
+
+
+@pytest.mark.parametrize("client_limit", [{}, {"max_tokens": 5}], ids=["no-limit", "limit"])
+def test_a_dropped_limit_under_a_budget_counts_in_the_tpm_window_what_is_used(gateway, client_limit):
+    _writes_at_most("gpt-test", MOST)
+    CatalogModel.objects.filter(name="gpt-test").update(parameter_rules={"drop": ["max_tokens"]})
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("1"), budget_period=BudgetPeriod.MONTHLY, tpm=TPM)
+    client = gateway.client()
+
+    for _ in range(2):  # the second one too: the first one's window entry is what it used, not the model's most
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "one two [[reply=three four]]"}], **client_limit
+        )
+        assert raw.parse().choices[0].message.content == "three four"
+        wait_for_record(raw.headers["x-request-id"])
+
+    assert "max_tokens" not in gateway.upstream.requests[-1]["body"]
+
+
+def test_a_fixed_limit_without_a_budget_counts_in_the_tpm_window_what_is_used(gateway):
+    CatalogModel.objects.filter(name="gpt-test").update(parameter_rules={"fixed": {"max_tokens": TPM + 1000}})
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=None, tpm=TPM)
+    client = gateway.client()
+
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=[{"role": "user", "content": "one two [[reply=three four]]"}]
+        )
+        assert raw.parse().choices[0].message.content == "three four"
+        wait_for_record(raw.headers["x-request-id"])
+
+    # Without a budget llmhub sends no limit of its own, which the rule would fix: the deployment is sent none.
+    assert "max_tokens" not in gateway.upstream.requests[-1]["body"]
