@@ -22,7 +22,8 @@ from core.exceptions import ApplicationError
 from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallback_referrers
 from .fields import Secret
 from .forms import ModelNamesField
-from .models import ByokMode, CatalogModel, Deployment, HealthStatus, Provider
+from .models import ByokMode, CatalogModel, Deployment, HealthStatus, ModelMode, Provider
+from .rules import output_limits_dropped
 from .services.breakers import deployment_upstream_changed
 from .services.credentials import provider_host_change_record
 from .services.health import providers_health_check
@@ -405,6 +406,22 @@ class CatalogModelAdmin(admin.ModelAdmin):
                 output_high=Max("deployments__output_per_mtok"),
             )
         )
+
+    def save_model(self, request: HttpRequest, obj: CatalogModel, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        dropped = output_limits_dropped(obj.parameter_rules) if obj.mode != ModelMode.EMBEDDING else []
+        if dropped and not obj.max_output_tokens:
+            # Saved all the same: without a budget the rule is right, and it is the admin's call which to fix.
+            names = " or ".join(f"`{name}`" for name in dropped)
+            self.message_user(
+                request,
+                f"The model {obj.name} was saved, but its parameter rules drop the output limit ({names}) and its "
+                "max output tokens is empty: nothing bounds what such a request may cost, so every request to it "
+                f"(or to a model falling back to it) that would send it {names} under a budget or a daily token "
+                "quota is refused (400 model_output_unbounded). Set max output tokens to the most the model writes, "
+                "or take the limit out of the rules' drop.",
+                messages.WARNING,
+            )
 
     def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
         super().save_formset(request, form, formset, change)

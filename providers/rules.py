@@ -44,3 +44,26 @@ def apply_parameter_rules(body: dict[str, Any], rules: dict[str, Any]) -> dict[s
         if name in out:
             out[name] = value
     return out
+
+
+# The output limits a client may spell (chat completions' current name and the older one, which most servers take).
+OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def output_limits_dropped(rules: Any) -> list[str]:
+    """Those of ``OUTPUT_LIMITS`` that, sent by a client (or, ``max_tokens``, by llmhub under a budget), reach a
+    deployment as no output limit at all under ``rules`` (a ``drop``, maybe after a ``rename``). Such a request
+    is unbounded: under a budget admission reserves what the model writes at most (the catalog's
+    ``max_output_tokens``), and refuses it when the catalog does not say (``model_output_unbounded``)."""
+    if not isinstance(rules, dict) or not rules:
+        return []
+    dropped = []
+    for name in OUTPUT_LIMITS:
+        sent = apply_parameter_rules({name: 1}, rules)
+        if not any(_positive_int(sent.get(limit)) for limit in OUTPUT_LIMITS):
+            dropped.append(name)
+    return dropped
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -521,6 +521,46 @@ def test_a_deployment_row_can_be_deleted_from_the_change_page(admin_client):
     assert list(model.deployments.values_list("pk", flat=True)) == [first.pk]
 
 
+@pytest.mark.parametrize(
+    ("rules", "most", "warned"),
+    [
+        ({"drop": ["max_tokens"]}, "", ["`max_tokens`"]),
+        (
+            {"rename": {"max_tokens": "max_completion_tokens"}, "drop": ["max_completion_tokens"]},
+            "",
+            ["`max_tokens`", "`max_completion_tokens`"],
+        ),
+        ({"drop": ["max_completion_tokens"]}, "", ["`max_completion_tokens`"]),
+        ({"drop": ["max_tokens"]}, "4096", []),  # what it writes at most is what is reserved
+        ({"drop": ["temperature"]}, "", []),
+    ],
+)
+def test_a_rule_dropping_the_output_limit_of_a_model_with_no_most_warns_on_save(admin_client, rules, most, warned):
+    """Under a budget such a model's requests are refused (``model_output_unbounded``): the admin who saves it is
+    told, and how to mend it. Saved all the same, as without budgets the rule is what the deployment needs."""
+    model = ModelFactory(name="dropping")
+    deployment = model.deployments.get()
+    row = {"id": deployment.pk, "model": model.pk, "provider": deployment.provider_id, "upstream_id": "x"}
+
+    response = admin_client.post(
+        reverse("admin:providers_catalogmodel_change", args=[model.pk]),
+        model_form("dropping", [row], parameter_rules=json.dumps(rules), max_output_tokens=most),
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    model.refresh_from_db()
+    assert model.parameter_rules == rules  # saved
+    shown = [(message.level, message.message) for message in response.context["messages"]]
+    warnings = [text for level, text in shown if level == messages.WARNING]
+    if not warned:
+        assert warnings == []
+        return
+    [text] = warnings
+    assert all(name in text for name in warned) and "model_output_unbounded" in text and "max output tokens" in text
+    assert "dropping" in text
+
+
 def test_a_model_that_aliases_name_cannot_become_an_alias_itself(admin_client):
     """Else its aliases would be aliases of an alias: no longer served (404) and gone from /v1/models."""
     target = ModelFactory(name="gpt-4o")
