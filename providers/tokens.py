@@ -12,7 +12,9 @@ request), so that what admission reserves and what settlement charges look at th
   gone, an upstream that reports none): about four characters a token, a few tokens of framing a message,
   and Anthropic's own estimate for a mid-sized image. The ledger row says it is an estimate.
 
-A token array (embeddings' pre-tokenized input) is counted exactly in both modes.
+A token array (embeddings' pre-tokenized input) is counted exactly in both modes. An embeddings input's text, whose
+tokens are all a request costs, is bounded by its UTF-8 bytes (``EMBEDDING_INPUT_OVERHEAD`` more an input): a true
+bound for the tokenizers embedding providers use, where two characters a token is not (below).
 
 Providers holds it, below billing and chat, so that every side counts a prompt alike: admission before the
 call and settlement after (billing), ``count_tokens`` and the cost calculator (``/api/cost/estimate``), and a
@@ -32,6 +34,12 @@ IMAGE_TOKENS = 1_600  # Anthropic's estimate for a mid-sized image; attachments 
 MESSAGE_FRAMING = 3  # the role and separators each message adds, as providers count them
 UPPER_MESSAGE_FRAMING = 8
 UPPER_OVERHEAD = 16  # the reply's priming, for the bound
+# A byte-level BPE (OpenAI's, Mistral's, Cohere's, Llama 3's and Qwen's) makes at most one token of each UTF-8 byte;
+# a SentencePiece with byte fallback (Gemini's, XLM-R's) or a WordPiece (BERT's) at most one of each character, plus
+# its word-start marker. Either may add its special tokens (BOS and EOS, [CLS] and [SEP]) to each input. So bytes,
+# plus this much an input, bound what any of them counts; two characters a token does not: an emoji is one
+# character of 4 bytes that tiktoken (cl100k) splits into up to 3 tokens, a rare CJK character up to 3 of 3 bytes.
+EMBEDDING_INPUT_OVERHEAD = 4
 _ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document"})
 # The Messages API's blocks that call a tool, whose ``input`` the model wrote: the client's tool, a server tool
 # Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
@@ -76,7 +84,7 @@ def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int
     (the bound to reserve, the estimate to judge whether a request can ever fit a tokens-per-minute limit)."""
     if operation == EMBEDDINGS:
         value = body.get("input")
-        return _input_tokens(value, upper_bound=True), _input_tokens(value, upper_bound=False)
+        return _embedding_input_bound(value), _input_tokens(value, upper_bound=False)
     if operation == COMPLETIONS:
         # A prompt (a text, texts, tokens) and the text after the gap a fill-in-the-middle request gives.
         parts = [body.get("prompt"), body.get("suffix")]
@@ -90,15 +98,31 @@ def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int
     )
 
 
-def _input_tokens(value: Any, *, upper_bound: bool) -> int:
-    """Embeddings' ``input``: a string, a list of strings, a token array or a list of token arrays."""
+def _input_items(value: Any) -> list[Any]:
+    """Embeddings' ``input`` (or a text completion's ``prompt``), a string, a list of strings, a token array or a
+    list of token arrays, as a list of its inputs."""
     if isinstance(value, str) or (isinstance(value, list) and value and _is_token(value[0])):
-        items = [value]
-    else:
-        items = value if isinstance(value, list) else []
+        return [value]
+    return value if isinstance(value, list) else []
+
+
+def _embedding_input_bound(value: Any) -> int:
+    """The most tokens an embeddings ``input`` can be counted: each text's UTF-8 bytes and its input's special
+    tokens (``EMBEDDING_INPUT_OVERHEAD``), each token array's length."""
+    total = 0
+    for item in _input_items(value):
+        if isinstance(item, str):
+            total += len(item.encode("utf-8", "surrogatepass")) + EMBEDDING_INPUT_OVERHEAD
+        elif isinstance(item, list):
+            total += len(item)
+    return total
+
+
+def _input_tokens(value: Any, *, upper_bound: bool) -> int:
+    """A text completion's ``prompt`` (and ``suffix``), or embeddings' ``input`` estimated."""
     divisor = UPPER_CHARS_PER_TOKEN if upper_bound else CHARS_PER_TOKEN
     total = 0
-    for item in items:
+    for item in _input_items(value):
         if isinstance(item, str):
             total += math.ceil(len(item) / divisor)
         elif isinstance(item, list):

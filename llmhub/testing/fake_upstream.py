@@ -184,7 +184,9 @@ Embeddings
     the same vector: ``dimensions`` numbers (default 256), each a float32, the whole of unit length.
     ``encoding_format: base64`` answers each as the base64 of its little-endian float32 bytes, as OpenAI
     does. ``usage.prompt_tokens`` (= ``total_tokens``) is the sum of ``words(text)`` of the strings and
-    the lengths of the token arrays. Directives are read from the string inputs: ``[[fault=NAME]]`` and
+    the lengths of the token arrays; with ``[[count=bytes]]``, the strings' UTF-8 bytes instead (the most a
+    byte-level BPE tokenizer counts: a text of emoji or of rare CJK characters comes close to it). Directives are
+    read from the string inputs: ``[[fault=NAME]]`` and
     ``[[latency=MS]]`` as for chat, ``[[usage=none]]`` leaves ``usage`` out, ``[[encoding=float]]``
     answers floats whatever ``encoding_format`` asked (as servers that ignore the field do),
     ``[[order=reversed]]`` lists the embeddings last input first, each with its own ``index`` (as servers
@@ -456,6 +458,11 @@ def _omitted(data: dict[str, Any], names: frozenset[str], *, chunk: bool = False
 
 def count_words(text: str) -> int:
     return len(text.split())
+
+
+def _utf8_bytes(text: str) -> int:
+    # The most tokens a byte-level BPE tokenizer (OpenAI's, and most others') can make of a text: one a byte.
+    return len(text.encode())
 
 
 def split_tokens(text: str) -> list[str]:
@@ -2278,7 +2285,8 @@ class _App:
                 directives.update(_extract_directives(item)[1])
         await self._pause(self._timing(directives).latency)
         fault = self._fault_name(request, directives, body.get("model"))
-        prompt_tokens = sum(count_words(item) if isinstance(item, str) else len(item) for item in items or ())
+        count_text = _utf8_bytes if directives.get("count") == "bytes" else count_words
+        prompt_tokens = sum(count_text(item) if isinstance(item, str) else len(item) for item in items or ())
         if fault is not None:
             early = await self._immediate_fault(request, "openai", fault, prompt_tokens, stream=False)
             if early is not None:

@@ -215,6 +215,30 @@ def test_a_budget_that_cannot_pay_the_input_is_refused_before_the_upstream(store
     assert_priced_row(raw.headers["x-request-id"], 1)
 
 
+def test_a_provider_counting_a_token_a_byte_is_charged_within_the_budget(store, embedder):
+    """The reservation is the input's bound, which must be one for the provider's tokenizer: a byte-level BPE
+    (OpenAI's, Mistral's, Cohere's) makes at most one token of each UTF-8 byte, and a text of emoji or of rare CJK
+    characters comes close to it. Bounded at two characters a token, this text was admitted on a reservation of
+    about 1,000 tokens and charged 8,000, past the key's budget."""
+    text = "\U0001f642" * 2000 + " [[count=bytes]]"
+    counted = len(text.encode())  # what the fake provider bills, as a byte-level tokenizer at its worst
+    client = embedder.client()
+
+    # $0.0001 pays for 5,000 tokens: more than the old bound, less than the provider counts.
+    api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0001"))
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.embeddings.create(model="embed-test", input=text, encoding_format="float")
+    assert refused.value.code == "insufficient_quota"
+    assert "/v1/embeddings" not in embedder.upstream.stats["by_path"]
+
+    # $0.0002 pays for 10,000 tokens, the bound and what is counted.
+    api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0002"))
+    raw = client.embeddings.with_raw_response.create(model="embed-test", input=text, encoding_format="float")
+    record = assert_priced_row(raw.headers["x-request-id"], counted)
+    assert counted <= prompt_token_bounds({"input": text}, operation="embeddings")[0] <= 10_000
+    assert record.cost <= Decimal("0.0002")
+
+
 def test_a_list_of_token_arrays_reserves_its_exact_size(store, embedder):
     # 5,000 tokens at $0.02 per million cost exactly $0.0001: the budget pays for 5,000 and not for 5,001.
     api_key_limits_set(api_key=embedder.api_key, budget_usd=Decimal("0.0001"))
