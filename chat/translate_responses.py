@@ -365,6 +365,12 @@ def _tools(value: Any) -> list[dict[str, Any]]:
                 function = _custom_function(tool, where)
             else:
                 function = {"name": tool["name"]}
+                if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+                    _fail(
+                        f"Invalid type for '{where}.parameters': expected a JSON schema object.",
+                        f"{where}.parameters",
+                        "invalid_type",
+                    )
                 for field in ("description", "parameters", "strict"):
                     if tool.get(field) is not None:
                         function[field] = tool[field]

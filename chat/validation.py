@@ -215,6 +215,12 @@ def _check_tools(body: dict[str, Any]) -> None:
                     f"tools[{index}].function.name",
                     "missing_required_parameter",
                 )
+            if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+                _fail(
+                    f"Invalid type for 'tools[{index}].function.parameters': expected a JSON schema object.",
+                    f"tools[{index}].function.parameters",
+                    "invalid_type",
+                )
 
 
 def _check_tool_choice(body: dict[str, Any]) -> None:

@@ -277,3 +277,17 @@ def test_a_model_name_no_column_can_hold_is_a_400_when_creating_a_key(usage_clie
     response = usage_client.post("/api/keys/", body, content_type="application/json")
     assert response.status_code == 400, response.content
     assert response.json()["error"]["param"].startswith("allowed_models")
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+@pytest.mark.parametrize("parameters", ["x", ["city"], 5, True])
+def test_a_tools_parameters_that_are_not_a_json_schema_object_are_a_400_before_any_upstream_call(
+    gateway, model, parameters
+):
+    """A function's ``parameters`` is a JSON schema, an object: anything else was sent on as it came (a 503 after
+    three attempts when the provider failed on it, or, to Gemini, the tool without its parameters)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    response = post(gateway, chat(model=model, tools=tools))
+    assert_openai_error(response, 400, param="tools[0].function.parameters", code="invalid_type")
+    assert_rejected_row(gateway, response, "invalid_type")
+    assert gateway.upstream.requests_served() == 0

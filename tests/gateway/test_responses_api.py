@@ -447,6 +447,7 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
         ({"model": "gpt-test", "input": "hi", "instructions": ["x"]}, "instructions"),
         ({"model": "gpt-test", "input": "hi", "tools": {"type": "function"}}, "tools"),
         ({"model": "gpt-test", "input": "hi", "tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"model": "gpt-test", "input": "hi", "tools": [{**WEATHER, "parameters": "city"}]}, "tools[0].parameters"),
         ({"model": "gpt-test", "input": "hi", "tool_choice": "required"}, "tool_choice"),
         (
             {"model": "gpt-test", "input": "hi", "tools": [WEATHER], "tool_choice": {"type": "web_search"}},
