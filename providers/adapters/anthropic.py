@@ -30,6 +30,7 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
+    text_output_only,
     undecodable,
     upstream_deadline,
 )
@@ -249,7 +250,7 @@ class AnthropicAdapter(BaseAdapter):
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return anthropic_request(body)
+            return anthropic_request(text_output_only(body))
         except ProviderBadRequestError as exc:
             exc.provider = self.config.name
             raise

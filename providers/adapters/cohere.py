@@ -43,6 +43,7 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
+    text_output_only,
     upstream_deadline,
 )
 from .sse import sse_events
@@ -238,7 +239,7 @@ class CohereAdapter(BaseAdapter):
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return cohere_request(body)
+            return cohere_request(text_output_only(body))
         except ProviderBadRequestError as exc:
             exc.provider = self.config.name
             raise

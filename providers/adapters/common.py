@@ -307,6 +307,22 @@ def one_choice_only(body: dict[str, Any]) -> None:
         )
 
 
+def text_output_only(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` for a provider that answers in text only: a request for audio output (``modalities`` with
+    ``"audio"``, which OpenAI answers in ``message.audio``) is refused, rather than answered in text the client did
+    not ask for alone; a ``modalities`` of text only, and ``audio``, ask for nothing more and are not sent."""
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise ProviderBadRequestError(
+            'This model answers in text only: `modalities` cannot include "audio".',
+            param="modalities",
+            code="unsupported_value",
+        )
+    if "modalities" in body or "audio" in body:
+        return {key: value for key, value in body.items() if key not in ("modalities", "audio")}
+    return body
+
+
 def error_for_status(
     config: ProviderConfig,
     status: int,

@@ -42,6 +42,7 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
+    text_output_only,
     undecodable,
     upstream_deadline,
 )
@@ -83,7 +84,7 @@ class GeminiAdapter(BaseAdapter):
         )
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        request = gemini_request(body)
+        request = gemini_request(text_output_only(body))
         try:
             async with upstream_deadline(self.config):
                 response = await self._client.aio.models.generate_content(**request)
@@ -92,7 +93,7 @@ class GeminiAdapter(BaseAdapter):
         return completion_from_response(_dump(response), request["model"], max_calls=max_tool_calls(body))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
-        request = gemini_request(body)
+        request = gemini_request(text_output_only(body))
         upstream = None
         opened: list[httpx2.Response] = []
         tracking = _stream_responses.set(opened)

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..exceptions import ProviderBadRequestError
 from .base import WireChunk
-from .common import BatchesAnswered, assistant_fields_dropped, fields_renamed, one_choice_only
+from .common import BatchesAnswered, assistant_fields_dropped, fields_renamed, one_choice_only, text_output_only
 from .openai import _CHAT_PATH, OpenAIAdapter
 
 # OpenAI's name → Mistral's, for the same meaning; given under both, OpenAI's wins (``fields_renamed``).
@@ -55,7 +55,8 @@ class MistralAdapter(OpenAIAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         request = fields_renamed(
-            {key: value for key, value in body.items() if key not in ("stream", "stream_options")}, _CHAT_RENAMES
+            {key: value for key, value in text_output_only(body).items() if key not in ("stream", "stream_options")},
+            _CHAT_RENAMES,
         )
         request = _prefix_marked(assistant_fields_dropped(request, _REPLY_ONLY))
         if stream:

@@ -24,9 +24,10 @@ Request (OpenAI → Anthropic):
 - Everything else is dropped, since the Messages API rejects fields it does not know: among them
   ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``logprobs``, ``top_logprobs``, ``seed``,
   ``response_format`` ``json_object``/``text``, ``store``, ``metadata``, ``service_tier``,
-  ``modalities``, ``audio``, ``prediction``, ``prompt_cache_key``,
+  ``prediction``, ``prompt_cache_key``,
   ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and the
-  legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused.
+  legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused; so is audio
+  output (``modalities`` with ``"audio"``: the adapter's ``text_output_only``, before this translation).
 
 Response (Anthropic → OpenAI): a ``message`` becomes a ``chat.completion``; a stream of Messages
 events becomes ``chat.completion.chunk`` objects through :class:`StreamTranslator`, ending with a

@@ -405,3 +405,24 @@ def test_a_host_outside_allowed_hosts_is_refused_in_openai_shape(gateway):
 def test_api_responses_are_not_sniffable(gateway):
     response = httpx.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {gateway.key}"})
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_asking_a_text_only_model_for_audio_is_a_400_naming_modalities(gateway, stream):
+    """``modalities: ["text", "audio"]`` asks for a spoken answer in ``message.audio``: Claude answers in text
+    only, so the request is refused before any upstream call, with its ledger row (until 6 December it was
+    answered in text alone, ``message.audio`` null). An OpenAI model gets the request as it came."""
+    client = gateway.client()
+    audio = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+    messages = [{"role": "user", "content": "say hi"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="claude-test", messages=messages, stream=stream, **audio)
+    assert refused.value.param == "modalities" and refused.value.code == "unsupported_value"
+    assert "text only" in refused.value.message
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.cost == 0
+    assert gateway.upstream.requests_served() == 0
+    client.chat.completions.create(model="gpt-test", messages=messages, **audio)
+    assert {"modalities", "audio"} <= set(gateway.upstream.requests[-1]["body"])
+    text_only = client.chat.completions.create(model="claude-test", messages=messages, modalities=["text"])
+    assert text_only.choices[0].message.content == "Echo: say hi"

@@ -69,6 +69,9 @@ class ContractAdapter:
     # False: the provider reports no usage for embeddings, so the adapter leaves it out and the pipeline
     # estimates it (the ledger row says so).
     embedding_usage: bool = True
+    # True: the request goes to an OpenAI-protocol server as it came, ``modalities`` and ``audio`` included, for
+    # the model to answer in audio or refuse them itself. False: the provider answers in text only.
+    audio_output: bool = False
 
     def make_config(self, upstream_url: str, **overrides: Any) -> ProviderConfig:
         values: dict[str, Any] = {
@@ -89,14 +92,16 @@ class ContractAdapter:
 
 # Append an entry here to put a new adapter under the contract.
 CONTRACT_ADAPTERS: list[ContractAdapter] = [
-    ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1"),
+    ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1", audio_output=True),
     # Mistral speaks OpenAI's chat and embeddings API, refusing the fields it does not take: the fake serves
     # it, as strict, under /mistral.
     ContractAdapter(kind="mistral", base_url=lambda url: url + "/mistral/v1"),
     # Ollama's OpenAI compatibility, which ignores what it does not read (n): served under /ollama.
     ContractAdapter(kind="ollama", base_url=lambda url: url + "/ollama/v1"),
     # The model is the Azure deployment's name; the SDK puts it in the path, the fake answers as that model.
-    ContractAdapter(kind="azure_openai", base_url=lambda url: url, config={"api_version": "2024-10-21"}),
+    ContractAdapter(
+        kind="azure_openai", base_url=lambda url: url, config={"api_version": "2024-10-21"}, audio_output=True
+    ),
     ContractAdapter(
         kind="anthropic",
         base_url=lambda url: url,  # the SDK's paths carry /v1
@@ -230,6 +235,21 @@ async def test_streamed_tool_call_adds_up_to_the_arguments(adapter, entry):
     assert json.loads(arguments)["city"] == "Oslo"
     assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
     assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+async def test_a_request_for_audio_output_is_refused_by_a_provider_that_answers_in_text_only(adapter, entry):
+    """``modalities`` with ``"audio"`` asks for a spoken answer (``message.audio``): a provider that answers in text
+    only refuses it, naming the parameter, rather than answering text the client did not ask for alone."""
+    body = chat(entry, "hi", modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+    if entry.audio_output:
+        await adapter.complete(body)  # it went up as it came: the model answers in audio or refuses it
+        assert set(body) >= {"modalities", "audio"}
+        return
+    for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+        with pytest.raises(ProviderBadRequestError) as caught:
+            await call(body)
+        assert caught.value.status_code == 400 and caught.value.param == "modalities", caught.value
+    assert (await adapter.complete(chat(entry, "hi", modalities=["text"])))["choices"][0]["message"]["content"]
 
 
 async def test_embeddings(adapter, entry):
