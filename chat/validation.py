@@ -251,6 +251,17 @@ def _check_tool_choice(body: dict[str, Any]) -> None:
         _fail(
             "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.", "tool_choice"
         )
+    if isinstance(choice, dict) and kind in ("function", "custom") and named["name"] not in _tool_names(body, kind):
+        _fail(f"Invalid value for 'tool_choice': no {kind} named {named['name']!r} is among 'tools'.", "tool_choice")
+
+
+def _tool_names(body: dict[str, Any], kind: str) -> set[str]:
+    """The names of the request's tools of ``kind`` (``function`` or ``custom``), each under its own key."""
+    return {
+        tool[kind]["name"]
+        for tool in body["tools"]
+        if isinstance(tool, dict) and tool.get("type") == kind and isinstance(tool.get(kind), dict)
+    }
 
 
 def check_body_and_model(body: Any) -> None:

@@ -291,3 +291,18 @@ def test_a_tools_parameters_that_are_not_a_json_schema_object_are_a_400_before_a
     assert_openai_error(response, 400, param="tools[0].function.parameters", code="invalid_type")
     assert_rejected_row(gateway, response, "invalid_type")
     assert gateway.upstream.requests_served() == 0
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+def test_a_tool_choice_naming_a_tool_not_given_is_a_400_before_any_upstream_call(gateway, model):
+    """Forcing a call of a function the request does not define cannot be met: it went upstream (the model called
+    a tool the client had not declared, or the provider refused it after the call); it is refused as OpenAI does."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    response = post(gateway, chat(model=model, tools=tools, tool_choice=choice))
+    error = assert_openai_error(response, 400, param="tool_choice", code="invalid_value")
+    assert "get_time" in error["message"]
+    assert_rejected_row(gateway, response, "invalid_value")
+    assert gateway.upstream.requests_served() == 0
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert post(gateway, chat(model=model, tools=tools, tool_choice=named)).status_code == 200

@@ -450,6 +450,10 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
         ({"model": "gpt-test", "input": "hi", "tools": [{**WEATHER, "parameters": "city"}]}, "tools[0].parameters"),
         ({"model": "gpt-test", "input": "hi", "tool_choice": "required"}, "tool_choice"),
         (
+            {"model": "gpt-test", "input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "f"}},
+            "tool_choice",
+        ),
+        (
             {"model": "gpt-test", "input": "hi", "tools": [WEATHER], "tool_choice": {"type": "web_search"}},
             "tool_choice",
         ),
