@@ -72,6 +72,8 @@ async def responses_create(request: HttpRequest) -> HttpResponse:
             await _store(run, answer)
             response = json_response(response_shown(answer, body.get("include")))
     except ApplicationError as exc:
+        if run is not None:
+            exc.param = run.client_param(exc.param)
         response = openai_error_response(exc)
     except asyncio.CancelledError:
         if (response := shutdown_response(run, openai_error_response)) is None:

@@ -530,6 +530,7 @@ async def completion_start(
         trace=trace,
         client_body=client_body,
         responses_chain=responses_chain,
+        field_names=field_names,
     )
 
 
@@ -1009,10 +1010,13 @@ class CompletionRun:
         trace: TraceStart | None = None,
         client_body: dict[str, Any] | None = None,
         responses_chain: Chain | None = None,
+        field_names: dict[str, str] | None = None,
     ) -> None:
         self.caller = caller
         # The body as the client wrote it, when ``body`` is its translation (``/v1/responses``); None: the same.
         self.client_body = client_body
+        # The client's names of the translated body's fields (``max_completion_tokens`` -> ``max_output_tokens``).
+        self.field_names = field_names
         # The stored response a ``/v1/responses`` request continues (``previous_response_id``); None: none.
         self.responses_chain = responses_chain
         self.trace = trace  # its place in a trace while tracing is on (``core.tracing``); None: not traced
@@ -1078,6 +1082,11 @@ class CompletionRun:
         """The server is stopping and will not wait for this run: cancel its task (see ``shutdown_error``)."""
         self._cut_by_shutdown = True
         task.cancel()
+
+    def client_param(self, param: str | None) -> str | None:
+        """The ``param`` of an error about the body sent (a provider's refusal), as the client named that field:
+        a ``/v1/responses`` request's own name, not its chat completion's."""
+        return self.field_names.get(param, param) if self.field_names and param else param
 
     def shutdown_error(self) -> ServerShuttingDownError | None:
         """For an entry point that caught a ``CancelledError``: when the shutdown cut this run, consume that

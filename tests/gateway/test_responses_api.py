@@ -953,3 +953,17 @@ def test_reasoning_given_back_reaches_the_model_as_the_turns_reasoning_content(g
     assert sent[1]["role"] == "assistant" and sent[1]["reasoning_content"] == "I need the tool"
     assert sent[1]["tool_calls"][0]["id"] == call.call_id
     assert all("reasoning_content" not in message for message in sent[2:])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_provider_refusal_names_the_responses_field_not_the_chat_completions_one(gateway, stream):
+    """An OpenAI model refuses an output limit past what it writes (a model whose catalog entry sets none): its 400
+    named ``max_completion_tokens``, a field the client never sent; it names ``max_output_tokens``, as OpenAI's
+    Responses API does."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", max_output_tokens=999_999, stream=stream)
+    assert refused.value.param == "max_output_tokens"
+    assert refused.value.code == "upstream_bad_request"
+    assert gateway.upstream.requests_served() == 1
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.operation == "responses"
