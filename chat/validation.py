@@ -303,6 +303,12 @@ def validate_chat_request(body: Any) -> None:
             _fail("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
         if not isinstance(options, dict):
             _fail("Invalid type for 'stream_options': expected an object.", "stream_options", "invalid_type")
+        if options.get("include_usage") is not None and not isinstance(options["include_usage"], bool):
+            _fail(
+                "Invalid type for 'stream_options.include_usage': expected a boolean.",
+                "stream_options.include_usage",
+                "invalid_type",
+            )
     stop = body.get("stop")
     if stop is not None and not (
         isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop))

@@ -306,3 +306,12 @@ def test_a_tool_choice_naming_a_tool_not_given_is_a_400_before_any_upstream_call
     assert gateway.upstream.requests_served() == 0
     named = {"type": "function", "function": {"name": "get_weather"}}
     assert post(gateway, chat(model=model, tools=tools, tool_choice=named)).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1])
+def test_stream_options_include_usage_that_is_not_a_boolean_is_a_400(gateway, value):
+    """``"false"`` was read as true, and the stream ended with the usage chunk the client had turned off."""
+    response = post(gateway, chat(stream=True, stream_options={"include_usage": value}))
+    assert_openai_error(response, 400, param="stream_options.include_usage", code="invalid_type")
+    assert_rejected_row(gateway, response, "invalid_type")
+    assert gateway.upstream.requests_served() == 0
