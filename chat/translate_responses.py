@@ -78,6 +78,10 @@ _LOCAL_SHELL_FUNCTION = {
 _GRAMMAR_SYNTAXES = frozenset({"lark", "regex"})
 
 
+# OpenAI's bounds of ``metadata`` (its ``Metadata`` schema), kept with a stored response and echoed in it.
+METADATA_PAIRS_MAX, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
+
+
 def _fail(message: str, param: str | None, code: str = "invalid_value") -> None:
     raise InvalidRequestError(message, param=param, code=code)
 
@@ -464,6 +468,15 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())
     ):
         _fail("Invalid 'metadata': expected an object of strings.", "metadata", "invalid_type")
+    if metadata is not None and (
+        len(metadata) > METADATA_PAIRS_MAX
+        or any(len(key) > METADATA_KEY_MAX or len(value) > METADATA_VALUE_MAX for key, value in metadata.items())
+    ):
+        _fail(
+            f"Invalid 'metadata': at most {METADATA_PAIRS_MAX} pairs, keys of at most {METADATA_KEY_MAX} characters "
+            f"and values of at most {METADATA_VALUE_MAX}.",
+            "metadata",
+        )
     limit = body.get("max_output_tokens")
     if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_TOKENS_LIMIT):
         _fail(

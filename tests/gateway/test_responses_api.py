@@ -458,6 +458,10 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
             "tool_choice",
         ),
         ({"model": "gpt-test", "input": "hi", "metadata": {"a": 1}}, "metadata"),
+        # OpenAI's bounds: 16 pairs, keys of 64 characters at most, values of 512 (llmhub keeps them with the response).
+        ({"model": "gpt-test", "input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"model": "gpt-test", "input": "hi", "metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"model": "gpt-test", "input": "hi", "metadata": {"k": "v" * 513}}, "metadata"),
         ({"model": "gpt-test", "input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
         ({"model": "gpt-test", "input": "hi", "reasoning": "high"}, "reasoning"),
         ({"model": "gpt-test", "input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
