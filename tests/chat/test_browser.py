@@ -17,6 +17,8 @@ from asgiref.sync import sync_to_async
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, WebSocket, WebSocketRoute, expect
 
+from accounts.roles import Role as UserRole
+from accounts.roles import role_set
 from billing.models import ApiKey, UsageRecord
 from billing.services.keys import api_key_authenticate
 from chat.models import Conversation, Message, MessageStatus, Role
@@ -1112,5 +1114,41 @@ async def test_a_reasoning_models_reasoning_is_shown_above_its_reply_and_after_a
     await reopened.locator("summary").click()
     await expect(reopened.locator(".reasoning-body")).to_have_text(reasoning)
     await expect(page.locator(".message.user details.reasoning")).to_have_count(0)
+    assert errors == []
+    await page.close()
+
+
+async def test_a_user_made_a_viewer_is_told_why_and_the_page_stops_reconnecting(site, browser, user):
+    """A member made a viewer while the page is open may not chat (close 4403). The page took the close for a
+    dropped connection: it said "Reconnecting", and every reconnect was refused again, each with a toast,
+    every few seconds for as long as the page stayed open. It now stops, says why under the box (where the
+    refused message is back), and the status says chat is not allowed."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    sockets: list[WebSocket] = []
+    page.on("websocket", lambda socket: sockets.append(socket))
+    await sign_in(page, site)
+    await send(page, "Hi [[words=3]]")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+
+    await sync_to_async(role_set)(user, UserRole.VIEWER)
+    await send(page, "Again [[words=3]]")
+    status = page.locator("#connection-status")
+    await expect(status).to_have_attribute("data-state", "closed")
+    await expect(status).to_have_text("Chat not allowed")
+    await expect(page.locator("#composer-error")).to_contain_text("Your role (viewer) may not use models")
+    await expect(page.locator("#prompt")).to_have_value("Again [[words=3]]")
+    await expect(page.locator("#send")).to_be_disabled()
+    await page.wait_for_timeout(2_000)  # well past the first reconnect's delay (at most 0.6 s)
+    assert len(sockets) == 1
+    await expect(status).to_have_text("Chat not allowed")
+    await expect(page.locator(".toast")).to_have_count(0)
+
+    # Enter says why again, rather than that the page is reconnecting.
+    await page.locator("#prompt").press("Enter")
+    await expect(page.locator("#composer-error")).to_contain_text("Your role (viewer) may not use models")
+    await expect(page.locator(".toast")).to_have_count(0)
+    assert await Message.objects.filter(content="Again [[words=3]]").acount() == 0
     assert errors == []
     await page.close()

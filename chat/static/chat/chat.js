@@ -14,6 +14,10 @@
   const RECONNECT_MAX_MS = 15000;
   const STABLE_AFTER_MS = 10000;
   const MODEL_STORAGE_KEY = "llmhub.model";
+  // The socket's close codes after which reconnecting cannot help (chat/consumers.py): signed out, and a role
+  // that may not chat (a user made a viewer), which every new socket is refused for too.
+  const CLOSE_UNAUTHENTICATED = 4401;
+  const CLOSE_FORBIDDEN = 4403;
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -52,6 +56,8 @@
     refused: new Map(), // conversation id (null: a new chat) -> {text, message} of a send refused while away
     renaming: false, // a title being typed in the list: redraws wait for it (renderSidebar)
     sidebarStale: false, // a redraw is owed once the rename is done
+    lastError: "", // the message of the server's latest error event: the reason of a close that follows it
+    forbidden: false, // closed with CLOSE_FORBIDDEN: the page no longer reconnects
   };
 
   /* Markdown ----------------------------------------------------------------------------------- */
@@ -400,6 +406,10 @@
   function sendMessage() {
     const text = el.prompt.value;
     if (!text.trim() || streamOnScreen()) return;
+    if (state.forbidden) {
+      showComposerError(state.lastError || "Your account may no longer chat.");
+      return;
+    }
     if (!state.socketOpen) {
       toast("Not connected. Reconnecting, try again in a moment.");
       return;
@@ -499,6 +509,7 @@
         if (stream) finishStream(stream, "cancelled", { usage: event.usage });
         break;
       case "error":
+        state.lastError = event.message;
         if (!stream) toast(event.message);
         else if (stream.messageId === null) refuseSend(stream, event.message);
         else finishStream(stream, "error", { error: event.message });
@@ -550,9 +561,17 @@
           giveBack(stream, "The connection dropped before the reply began: send your message again once reconnected.");
         }
       }
-      if (closed.code === 4401) {
+      if (closed.code === CLOSE_UNAUTHENTICATED) {
         setConnection("closed", "Signed out");
         window.location.assign("/accounts/login/?next=" + encodeURIComponent(location.pathname));
+        return;
+      }
+      if (closed.code === CLOSE_FORBIDDEN) {
+        // Every new socket would be refused the same way: say why, under the box, instead of trying again.
+        state.forbidden = true;
+        setConnection("closed", "Chat not allowed");
+        showComposerError(state.lastError || "Your account may no longer chat.");
+        updateComposer();
         return;
       }
       const delay = Math.min(RECONNECT_MAX_MS, 500 * 2 ** state.reconnectAttempt) * (0.8 + Math.random() * 0.4);
@@ -564,7 +583,8 @@
   }
 
   function reconnectNow() {
-    if (!state.socketOpen && state.socket && state.socket.readyState === WebSocket.CLOSED) connect();
+    if (state.socketOpen || state.forbidden) return;
+    if (state.socket && state.socket.readyState === WebSocket.CLOSED) connect();
   }
   window.addEventListener("online", reconnectNow);
   document.addEventListener("visibilitychange", () => {
