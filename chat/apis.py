@@ -59,6 +59,11 @@ class MessageOutputSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text="A reasoning model's reasoning before its reply, as it streamed; empty when there was none.",
     )
+    finish_reason = serializers.CharField(
+        read_only=True,
+        help_text="Why a complete reply ended, as the provider said: `stop`, or `length` when it was cut at its output "
+        "limit (the model's, or the most your budget or token quota still paid for); empty for the other replies.",
+    )
     usage = MessageUsageSerializer(
         source="usage_record",
         allow_null=True,
@@ -78,6 +83,7 @@ class MessageOutputSerializer(serializers.ModelSerializer):
             "provider",
             "request_id",
             "status",
+            "finish_reason",
             "error_message",
             "feedback",
             "feedback_comment",

@@ -80,6 +80,9 @@ class Message(models.Model):
     )
     request_id = models.CharField(max_length=64, blank=True, db_index=True)
     status = models.CharField(max_length=16, choices=MessageStatus.choices, default=MessageStatus.COMPLETE)
+    # Why a complete reply ended, as the provider said (``stop``, ``length``…): a reply cut at its output limit
+    # (``length``: the model's, or the most a budget or token quota still paid for) reads as whole without it.
+    finish_reason = models.CharField(max_length=32, blank=True, default="", db_default="")
     error_message = models.CharField(max_length=500, blank=True)
     feedback = models.SmallIntegerField(choices=Feedback.choices, null=True, blank=True)
     feedback_comment = models.TextField(blank=True)

@@ -115,15 +115,17 @@ def message_finish(
     model_name: str | None = None,
     provider_name: str | None = None,
     reasoning: str = "",
+    finish_reason: str = "",
 ) -> None:
-    """The reply's final text, the model's reasoning before it, and its status. ``model_name`` /
-    ``provider_name``: who answered, when routing chose another provider (a deployment) or model (a fallback)
-    than the reply was begun with."""
+    """The reply's final text, the model's reasoning before it, its status and (complete) why it ended.
+    ``model_name`` / ``provider_name``: who answered, when routing chose another provider (a deployment) or model
+    (a fallback) than the reply was begun with."""
     fields: dict[str, object] = {
         "content": text_storable(content),
         "reasoning": text_storable(reasoning),
         "status": status,
         "error_message": text_storable(error_message, 500),
+        "finish_reason": text_storable(finish_reason, 32),
     }
     if model_name is not None:
         fields["model_name"] = model_name

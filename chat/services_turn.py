@@ -342,13 +342,14 @@ class ChatTurn:
             return
         # From here a stop comes too late: the reply is whole, so it is saved and reported as complete.
         self._streaming = False
-        await self._finish(run, message_id, MessageStatus.COMPLETE)
-        await self._report_started(run)
         result = run.result
+        finish_reason = result.finish_reason if result else None
+        await self._finish(run, message_id, MessageStatus.COMPLETE, finish_reason=finish_reason or "")
+        await self._report_started(run)
         await self.report(
             TurnCompleted(
                 message_id=message_id,
-                finish_reason=result.finish_reason if result else None,
+                finish_reason=finish_reason,
                 usage=TurnUsage.of(result),
             )
         )
@@ -401,7 +402,12 @@ class ChatTurn:
             logger.warning("a checkpoint of the reply %s was skipped: the database is unavailable", message_id)
 
     async def _finish(
-        self, run: CompletionRun, message_id: int, status: MessageStatus, error_message: str = ""
+        self,
+        run: CompletionRun,
+        message_id: int,
+        status: MessageStatus,
+        error_message: str = "",
+        finish_reason: str = "",
     ) -> None:
         answered = run.answered_by if self._answered else None
         # Shielded: this write is what keeps a partial reply when the task is being torn down.
@@ -415,6 +421,7 @@ class ChatTurn:
                     model_name=answered.name if answered is not None else None,
                     provider_name=answered.provider.name if answered is not None else None,
                     reasoning="".join(self._reasoning),
+                    finish_reason=finish_reason,
                 )
             )
         except DATABASE_OUTAGE_ERRORS:

@@ -19,8 +19,9 @@ from playwright.async_api import Page, WebSocket, WebSocketRoute, expect
 
 from accounts.roles import Role as UserRole
 from accounts.roles import role_set
-from billing.models import ApiKey, UsageRecord
+from billing.models import ApiKey, Plan, UsageRecord
 from billing.services.keys import api_key_authenticate
+from billing.services.plans import plan_assign
 from chat.models import Conversation, Message, MessageStatus, Role
 from experiments.models import Feedback
 from tests.conftest import LiveServer
@@ -1150,5 +1151,34 @@ async def test_a_user_made_a_viewer_is_told_why_and_the_page_stops_reconnecting(
     await expect(page.locator("#composer-error")).to_contain_text("Your role (viewer) may not use models")
     await expect(page.locator(".toast")).to_have_count(0)
     assert await Message.objects.filter(content="Again [[words=3]]").acount() == 0
+    assert errors == []
+    await page.close()
+
+
+async def test_a_reply_cut_at_what_the_quota_still_pays_for_says_so(site, browser, user):
+    """Under a token quota a reply is capped at what the quota still pays for. Cut there, mid-sentence, it was
+    shown as a whole reply, live and after a reload. It now says it was cut short, and why."""
+
+    def plan_tiny() -> None:
+        plan_assign(user=user, plan=Plan.objects.create(name="tiny", allow_all_models=True, daily_token_quota=60))
+
+    await sync_to_async(plan_tiny)()
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    await send(page, "Tell me a story [[words=200]]")
+    reply = page.locator(".message.assistant").last
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    note = reply.locator(".message-status")
+    await expect(note).to_have_text(re.compile(r"^Cut short: the reply reached its length limit"))
+    assert 0 < len((await reply.locator(".message-body").inner_text()).split()) < 200
+    await expect(reply.get_by_role("button", name="Good reply")).to_be_visible()
+
+    await page.reload()
+    await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    await expect(page.locator(".message.assistant .message-status")).to_have_text(
+        re.compile(r"^Cut short: the reply reached its length limit")
+    )
     assert errors == []
     await page.close()

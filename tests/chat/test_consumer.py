@@ -9,10 +9,12 @@ from decimal import Decimal
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.test import Client
 
-from billing.models import UsageRecord
+from billing.models import Plan, UsageRecord
 from billing.services.keys import api_key_create, api_key_revoke
 from billing.services.ledger import ledger_flush
+from billing.services.plans import plan_assign
 from chat import consumers
 from chat.models import Conversation, Message, MessageStatus, Role
 from tests.chat.conftest import deltas, ends, events_until, open_socket
@@ -568,3 +570,39 @@ async def test_two_tabs_sending_at_the_same_moment_get_one_reply(alice, chat_mod
     extra = [r async for r in UsageRecord.objects.exclude(request_id__in=replies)]
     # Refused before admission: no row; refused after (the race): its reservation released, at no cost.
     assert all((r.status, r.cost, r.error_type) == ("rejected", 0, "conversation_busy") for r in extra), extra
+
+
+def conversation_read(user, conversation_id: int) -> list[dict]:
+    client = Client()
+    client.force_login(user)
+    response = client.get(f"/api/conversations/{conversation_id}/")
+    assert response.status_code == 200, response.content
+    return response.json()["messages"]
+
+
+async def test_a_reply_cut_at_what_the_quota_still_pays_for_is_kept_as_cut(alice, chat_model, socket_for):
+    """Under a token quota a reply is capped at what the quota still pays for. Cut there, it was saved and listed
+    like a whole reply, and the page could not tell it was cut. Its finish reason is kept and listed with it."""
+
+    def plan_tiny() -> None:
+        plan_assign(user=alice, plan=Plan.objects.create(name="tiny", allow_all_models=True, daily_token_quota=80))
+
+    await sync_to_async(plan_tiny)()
+    ws = await socket_for(alice)
+    await send(ws, content="Hi [[words=3]]", model=chat_model)
+    whole = await events_until(ws, ends("r1"))
+    await send(ws, content="A story [[words=200]]", model=chat_model, request_id="r2")
+    cut = await events_until(ws, ends("r2"))
+
+    assert (whole[-1]["type"], whole[-1]["finish_reason"]) == ("chat.completed", "stop"), whole[-1]
+    assert (cut[-1]["type"], cut[-1]["finish_reason"]) == ("chat.completed", "length"), cut[-1]
+    assert 0 < len(deltas(cut, "r2").split()) < 200
+    reply = await Message.objects.aget(pk=cut[-1]["message"])
+    assert (reply.status, reply.finish_reason) == (MessageStatus.COMPLETE, "length")
+    listed = await sync_to_async(conversation_read)(alice, cut[0]["conversation"])
+    assert [(m["role"], m["status"], m["finish_reason"]) for m in listed] == [
+        ("user", "complete", ""),
+        ("assistant", "complete", "length"),
+    ]
+    first = await sync_to_async(conversation_read)(alice, whole[0]["conversation"])
+    assert first[-1]["finish_reason"] == "stop"

@@ -203,13 +203,16 @@
     decorateCode(view.body, final);
   }
 
-  /* The end state of a reply: a note for stopped or failed replies, feedback buttons for the others. */
-  function settleView(view, { status, error, usage }) {
+  /* The end state of a reply: a note for stopped or failed replies, and for one cut at its length limit (else
+     it reads as whole), feedback buttons for the others. */
+  const CUT_NOTE = "Cut short: the reply reached its length limit (the model's, or what your budget still pays for).";
+
+  function settleView(view, { status, error, usage, finishReason }) {
     view.root.removeAttribute("aria-busy");
     view.root.dataset.status = status;
     for (const old of view.root.querySelectorAll(".message-status, .message-error, .message-footer")) old.remove();
-    if (status === "streaming" || status === "cancelled") {
-      const note = status === "cancelled" ? error || "Stopped." : error;
+    if (status === "streaming" || status === "cancelled" || (status === "complete" && finishReason === "length")) {
+      const note = status === "cancelled" ? error || "Stopped." : status === "complete" ? CUT_NOTE : error;
       if (note) {
         const p = document.createElement("p");
         p.className = "message-status";
@@ -326,7 +329,7 @@
     });
   }
 
-  function finishStream(stream, status, { error, usage } = {}) {
+  function finishStream(stream, status, { error, usage, finishReason } = {}) {
     // The last chunks may have queued a repaint for the next frame. It would run after the final paint
     // below and show the reply as unfinished again: without highlighting until a reload.
     cancelAnimationFrame(stream.frame);
@@ -339,7 +342,7 @@
       paintReasoning(stream.view, stream.reasoning, !stream.text);
       if (stream.text) closeReasoning(stream.view);
       paintAssistant(stream.view, stream.text, true);
-      settleView(stream.view, { status, error, usage });
+      settleView(stream.view, { status, error, usage, finishReason });
       if (follow) scrollToBottom();
     }
     if (stream.conversationId !== null) touchConversation(stream.conversationId);
@@ -503,7 +506,7 @@
         schedulePaint(stream);
         break;
       case "chat.completed":
-        if (stream) finishStream(stream, "complete", { usage: event.usage });
+        if (stream) finishStream(stream, "complete", { usage: event.usage, finishReason: event.finish_reason });
         break;
       case "chat.cancelled":
         if (stream) finishStream(stream, "cancelled", { usage: event.usage });
@@ -835,6 +838,7 @@
       status: message.status,
       error: message.error_message,
       usage: message.usage, // from the reply's ledger row; null until that is written
+      finishReason: message.finish_reason,
     });
   }
 
