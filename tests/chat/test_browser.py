@@ -1182,3 +1182,42 @@ async def test_a_reply_cut_at_what_the_quota_still_pays_for_says_so(site, browse
     )
     assert errors == []
     await page.close()
+
+
+async def test_a_message_refused_because_the_session_ended_is_back_in_the_box_after_signing_in(site, browser, user):
+    """Signed out in another tab (or the session expired), the next send is refused and the socket closed with
+    4401, which sends the page to the sign-in form: the message just typed was lost with the page. Back from the
+    form, on the same conversation, it is in the box again, with why under it."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    await send(page, "Hi [[words=3]]")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+
+    other_tab = await context.new_page()
+    await other_tab.goto(site.url + "/usage/")
+    await other_tab.get_by_role("button", name="Sign out").click()
+    await expect(other_tab).to_have_url(re.compile(r"/accounts/login/"))
+    await send(page, "A long question I typed [[words=3]]")
+    await expect(page).to_have_url(re.compile(r"/accounts/login/\?next=%2Fc%2F\d+%2F$"))
+    await page.get_by_label("Username").fill("ada")
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page).to_have_url(f"{site.url}/c/{conversation_id}/")
+    await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    await expect(page.locator(".message")).to_have_count(2)
+    await expect(page.locator("#prompt")).to_have_value("A long question I typed [[words=3]]")
+    await expect(page.locator("#composer-error")).to_contain_text("Your session had ended")
+
+    # Sent again, it goes; a later visit finds the box empty.
+    await page.locator("#prompt").press("Enter")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(page.locator(".message")).to_have_count(4)
+    await page.reload()
+    await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    await expect(page.locator("#prompt")).to_have_value("")
+    assert errors == []
+    await context.close()

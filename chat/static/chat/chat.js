@@ -14,6 +14,8 @@
   const RECONNECT_MAX_MS = 15000;
   const STABLE_AFTER_MS = 10000;
   const MODEL_STORAGE_KEY = "llmhub.model";
+  // A message in the box when the session ended, kept across the sign-in form for the page it was typed on.
+  const DRAFT_STORAGE_KEY = "llmhub.draft";
   // The socket's close codes after which reconnecting cannot help (chat/consumers.py): signed out, and a role
   // that may not chat (a user made a viewer), which every new socket is refused for too.
   const CLOSE_UNAUTHENTICATED = 4401;
@@ -566,6 +568,10 @@
       }
       if (closed.code === CLOSE_UNAUTHENTICATED) {
         setConnection("closed", "Signed out");
+        // The send the server refused for it is back in the box: the sign-in form must not throw it away.
+        if (el.prompt.value.trim()) {
+          sessionStorage.setItem(DRAFT_STORAGE_KEY, JSON.stringify({ path: location.pathname, text: el.prompt.value }));
+        }
         window.location.assign("/accounts/login/?next=" + encodeURIComponent(location.pathname));
         return;
       }
@@ -972,10 +978,26 @@
     if (event.key === "Escape" && el.sidebar.classList.contains("open")) closeSidebar();
   });
 
+  /* Back from the sign-in form on the page where the session ended: what was in the box is there again. */
+  function restoreDraft() {
+    const saved = sessionStorage.getItem(DRAFT_STORAGE_KEY);
+    if (!saved) return;
+    sessionStorage.removeItem(DRAFT_STORAGE_KEY);
+    let draft = null;
+    try {
+      draft = JSON.parse(saved);
+    } catch (error) {
+      return;
+    }
+    if (!draft || draft.path !== location.pathname || typeof draft.text !== "string") return;
+    putBack(draft.text, "Your session had ended before this message was sent: send it again.");
+  }
+
   selectModel(localStorage.getItem(MODEL_STORAGE_KEY));
   updateBadge();
   updateComposer();
   if (INITIAL_CONVERSATION) openConversation(INITIAL_CONVERSATION, { push: false });
+  restoreDraft(); // after the conversation's opening, which empties the note under the box
   loadConversations();
   connect();
 })();
