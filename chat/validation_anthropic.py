@@ -144,6 +144,13 @@ def validate_messages_request(body: Any) -> None:
             _fail("Input should be an object whose type is 'auto', 'any', 'tool' or 'none'", "tool_choice")
         if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
             _fail("Field required", "tool_choice.name", "missing_required_parameter")
+        if choice["type"] in FORCED_TOOL_CHOICES and body.get("mcp_servers") is None:
+            # Anthropic's rules, for any model: a forced call needs a tool to call, and a named one must be given
+            # (an MCP server's tools are not in `tools`: left to the provider).
+            if not tools:
+                _fail(f"A tool_choice of type '{choice['type']}' requires tools", "tool_choice")
+            if choice["type"] == "tool" and choice["name"] not in {tool["name"] for tool in tools}:
+                _fail(f"Tool '{choice['name']}' not found in provided tools", "tool_choice.name")
         thinking = body.get("thinking")
         if choice["type"] in FORCED_TOOL_CHOICES and thinking is not None and thinking.get("type") in THINKING_ON:
             # Anthropic's own rule, judged for any model so that the Messages API means one thing.

@@ -962,3 +962,41 @@ def test_a_host_outside_allowed_hosts_is_refused_in_anthropics_shape_with_a_requ
     }
     assert response.headers["request-id"].startswith("req_")
     assert gateway.upstream.stats["requests"] == 0
+
+
+def refused_before_any_upstream_call(gateway, body: dict) -> str:
+    """The 400's message, once it is known to be in Anthropic's shape, with nothing sent upstream and one
+    ``rejected`` row written."""
+    response = httpx.post(gateway.url + "/v1/messages", json=body, headers={"x-api-key": gateway.key})
+    assert response.status_code == 400, response.text
+    assert response.json()["type"] == "error"
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(response.headers["request-id"])
+    assert record.status == "rejected" and record.operation == "messages"
+    return error["message"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_time"}},
+            "tool_choice.name: Tool 'get_time' not found in provided tools",
+        ),
+        (
+            {"tool_choice": {"type": "tool", "name": "get_weather"}},
+            "tool_choice: A tool_choice of type 'tool' requires tools",
+        ),
+        ({"tool_choice": {"type": "any"}}, "tool_choice: A tool_choice of type 'any' requires tools"),
+        ({"tools": [], "tool_choice": {"type": "any"}}, "tool_choice: A tool_choice of type 'any' requires tools"),
+    ],
+)
+def test_a_tool_choice_no_given_tool_can_meet_is_refused(gateway, model, change, message):
+    """Anthropic refuses a tool_choice naming a tool not in ``tools``, and one that forces a call (any, tool) with
+    no tools, after the call; a translated model was sent the first (OpenAI-compatible servers answer it as they
+    please) and had the second dropped with the tools, answering free text. Both are refused before any call."""
+    body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **change}
+    assert refused_before_any_upstream_call(gateway, body) == message
