@@ -49,6 +49,9 @@ def _check_blocks(content: Any, param: str) -> None:
         elif kind == "tool_result":
             if not isinstance(block.get("tool_use_id"), str):
                 _fail("Field required", f"{where}.tool_use_id", "missing_required_parameter")
+            if block.get("is_error") is not None and not isinstance(block["is_error"], bool):
+                # A translated model would read any truthy value (even "false") as a failed call.
+                _fail("Input should be a valid boolean", f"{where}.is_error", "invalid_type")
             if block.get("content") is not None:
                 _check_blocks(block["content"], f"{where}.content")
 

@@ -1000,3 +1000,21 @@ def test_a_tool_choice_no_given_tool_can_meet_is_refused(gateway, model, change,
     please) and had the second dropped with the tools, answering free text. Both are refused before any call."""
     body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], **change}
     assert refused_before_any_upstream_call(gateway, body) == message
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("is_error", ["true", 1, {"code": 500}])
+def test_a_tool_result_whose_is_error_is_not_a_boolean_is_refused(gateway, model, is_error):
+    """``is_error`` is a boolean (Anthropic: "Input should be a valid boolean"); a translated model read any truthy
+    value as an error, and ``"false"`` as one too."""
+    messages = [
+        {"role": "user", "content": "Paris"},
+        {"role": "assistant", "content": [TOOL_CALL]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C", "is_error": is_error}],
+        },
+    ]
+    body = {"model": model, "max_tokens": 5, "tools": [WEATHER], "messages": messages}
+    message = refused_before_any_upstream_call(gateway, body)
+    assert message == "messages.2.content.0.is_error: Input should be a valid boolean"
