@@ -2,9 +2,10 @@
 
 As for chat completions (``chat.validation``), only what can be judged without the provider is checked:
 structure, types, documented ranges and Anthropic's rules on empty content (a message without content, but a
-final assistant prefill, and a message's empty text block are refused, whatever protocol the model speaks); unknown
-fields and block types pass (an Anthropic-protocol provider may know them, and the translation for other
-providers refuses what it cannot express).
+final assistant prefill, and a message's empty text block are refused, whatever protocol the model speaks; so are
+a system block that is not text or is empty, and the tool rules below); unknown fields and a message's block types
+pass (an Anthropic-protocol provider may know them, and the translation for other providers refuses what it cannot
+express).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def validate_messages_request(body: Any) -> None:
     system = body.get("system")
     if system is not None:
         _check_blocks(system, "system")
+        for index, block in enumerate(system if isinstance(system, list) else ()):
+            # Anthropic's rules, for any model: the system prompt is text, and a block of it is not empty.
+            if block["type"] != "text":
+                _fail("Input should be 'text'", f"system.{index}.type")
+            if not block["text"]:
+                _fail("text content blocks must be non-empty", f"system.{index}.text")
     for name, high in (("temperature", 1), ("top_p", 1)):
         value = body.get(name)
         if value is not None and (not _is_number(value) or not 0 <= value <= high):

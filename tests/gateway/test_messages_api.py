@@ -691,7 +691,6 @@ TOOL_CALL = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input"
     ("change", "where", "words"),
     [
         ({"messages": [{"role": "user", "content": [PDF]}]}, "messages.0.content.0.type", "'document'"),
-        ({"system": [{"type": "image", "source": FILE_SOURCE}]}, "system.0", "text blocks"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0", "client tools"),
         ({"messages": [{"role": "user", "content": [TOOL_CALL]}]}, "messages.0.content.0.type", "assistant message"),
         (
@@ -1018,3 +1017,21 @@ def test_a_tool_result_whose_is_error_is_not_a_boolean_is_refused(gateway, model
     body = {"model": model, "max_tokens": 5, "tools": [WEATHER], "messages": messages}
     message = refused_before_any_upstream_call(gateway, body)
     assert message == "messages.2.content.0.is_error: Input should be a valid boolean"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    ("system", "message"),
+    [
+        ([{"type": "text", "text": ""}], "system.0.text: text content blocks must be non-empty"),
+        (
+            [{"type": "text", "text": "Be brief."}, {"type": "image", "source": FILE_SOURCE}],
+            "system.1.type: Input should be 'text'",
+        ),
+    ],
+)
+def test_an_empty_or_non_text_system_block_is_refused(gateway, model, system, message):
+    """The system prompt is text blocks, none empty (Anthropic refuses others after the call); a translated model
+    was sent an empty one's blank lines, and a non-text block was refused as the translation's ``invalid`` 400."""
+    body = {"model": model, "max_tokens": 5, "system": system, "messages": [{"role": "user", "content": "hi"}]}
+    assert refused_before_any_upstream_call(gateway, body) == message
