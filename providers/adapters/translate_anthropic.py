@@ -612,8 +612,9 @@ class StreamTranslator:
 #
 # For clients of ``/v1/messages`` whose model speaks the OpenAI protocol. The request keeps ``system``,
 # text, images (base64 → data URL, url → URL), ``tool_use`` blocks (assistant ``tool_calls``) and
-# ``tool_result`` blocks (``tool`` messages, placed before the rest of their user turn, as OpenAI wants them
-# right after the call; their images, which a tool message cannot hold, open that user turn),
+# ``tool_result`` blocks (``tool`` messages, text blocks joined by blank lines, placed before the rest of their
+# user turn, as OpenAI wants them right after the call; their images, which a tool message cannot hold, open that
+# user turn),
 # ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and ``max_tokens``; ``thinking``
 # becomes ``reasoning_effort`` (``reasoning_effort_for``), and the model's reasoning (``reasoning_content`` or
 # ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no provider signed it, and a client
@@ -630,6 +631,9 @@ _STOP_REASONS = {
     "content_filter": "refusal",
 }
 _MESSAGES_OPTIONAL = ("temperature", "top_p")
+# Text blocks that become one text (the system prompt's, a tool_result's) are joined by a blank line, as separate
+# blocks read; not run together.
+_BLOCKS_JOINED_BY = "\n\n"
 
 
 def stop_reason(finish: str | None) -> str:
@@ -642,7 +646,7 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     system = request.get("system")
     if system:
-        text = system if isinstance(system, str) else "\n\n".join(_block_texts(system, "system"))
+        text = system if isinstance(system, str) else _BLOCKS_JOINED_BY.join(_block_texts(system, "system"))
         messages.append({"role": "system", "content": text})
     for i, turn in enumerate(request.get("messages") or ()):
         messages.extend(_chat_messages(turn, f"messages.{i}"))
@@ -824,7 +828,7 @@ def _tool_message(block: dict[str, Any], where: str, images: list[dict[str, Any]
                     f"{where}.content.{k}.type",
                     "unsupported_value",
                 )
-        text = "".join(texts)
+        text = _BLOCKS_JOINED_BY.join(texts)
     else:
         text = content if isinstance(content, str) else ""
     if block.get("is_error"):

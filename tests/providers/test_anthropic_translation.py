@@ -673,6 +673,26 @@ def test_images_in_a_tool_result_reach_the_model_in_the_user_turn_that_follows()
     validate_openai_schema(body, "CreateChatCompletionRequest")
 
 
+def test_a_tool_results_text_blocks_are_joined_as_a_system_prompts_are():
+    """A tool result of several text blocks (a search tool's hits) reached the model as one run-on text ("18 CLight
+    wind"); its blocks are now joined by blank lines, as the system prompt's blocks are."""
+    texts = [{"type": "text", "text": "18 C"}, {"type": "text", "text": "Light wind"}]
+    body = chat_request(
+        {
+            "model": "m",
+            "max_tokens": 64,
+            "system": texts,
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "w", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": texts}]},
+            ],
+        }
+    )
+    assert body["messages"][0] == {"role": "system", "content": "18 C\n\nLight wind"}
+    assert body["messages"][3] == {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C\n\nLight wind"}
+
+
 def test_a_tool_result_block_without_an_openai_equivalent_is_refused():
     document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
     result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [document]}
