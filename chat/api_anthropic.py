@@ -7,8 +7,8 @@ model is reached through the chat-completions translation of ``providers.adapter
 (the adapters decide, ``BaseAdapter.messages``). Errors use Anthropic's shape and status codes, so that
 its SDK raises its own classes (``AuthenticationError``, ``NotFoundError``, ``RateLimitError``, …);
 ``x-api-key`` or ``Authorization: Bearer`` carry the gateway key (both sent: the Bearer one); ``anthropic-version``
-is accepted whatever it says and not passed on (the provider is called with the anthropic SDK's own,
-``2023-06-01``, the one version Anthropic has published; the body is relayed as the client wrote it), and
+is accepted whatever it says and not passed on (the provider is called with the version the installed anthropic SDK
+sends, its ``ANTHROPIC_API_VERSION``; the body is relayed as the client wrote it), and
 ``anthropic-beta`` is passed on to an Anthropic-protocol provider.
 """
 
