@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from functools import lru_cache
 
 from django.core.exceptions import ValidationError
 from django.db.models import F, Sum
@@ -49,6 +50,19 @@ def period_bounds(period: str, now: datetime) -> tuple[datetime, datetime | None
     return _EPOCH, None
 
 
+@lru_cache(maxsize=64)
+def _period_start(period: str, second: int) -> datetime:
+    """The start of the period containing the whole UTC second ``second``: a period starts on a whole second, so
+    every instant of that second is in the same one. Cached, as every budgeted request asks it of each counter."""
+    return period_bounds(period, datetime.fromtimestamp(second, UTC))[0]
+
+
+@lru_cache(maxsize=4096)
+def _counter_ref(scope_kind: str, scope_id: int, metric: str, period: str, period_start: datetime) -> CounterRef:
+    """One shared (immutable) ``CounterRef`` per counter: a budgeted request names the same ones as the last."""
+    return CounterRef(scope_kind, scope_id, metric, period, period_start)
+
+
 def _period_label(period: str, start: datetime) -> str:
     # Not strftime, which was most of the cost of naming a budgeted request's counters on the hot path.
     if period == BudgetPeriod.DAILY:
@@ -69,14 +83,13 @@ class CounterRef:
     period_start: datetime
     # Named once: a request reads its counters' keys about ten times between admission and settle.
     key: str = field(init=False, repr=False, compare=False)
+    # Found once too: admission and settle each read it for the counter's retention.
+    period_end: datetime | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         label = _period_label(self.period, self.period_start)
         object.__setattr__(self, "key", f"{KEY_PREFIX}{self.scope_kind}:{self.scope_id}:{self.metric}:{label}")
-
-    @property
-    def period_end(self) -> datetime | None:
-        return period_bounds(self.period, self.period_start)[1]
+        object.__setattr__(self, "period_end", period_bounds(self.period, self.period_start)[1])
 
     @classmethod
     def from_key(cls, key: str) -> CounterRef:
@@ -135,25 +148,26 @@ def counter_specs(
     """``ancestors``: the keys above ``api_key_id`` (id, limits), nearest first; a request through a key
     is charged against each of their budgets too, once."""
     specs: list[CounterSpec] = []
+    second = int(now.timestamp() // 1)
     if user.monthly_budget_usd is not None:
-        start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
-        ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.COST, BudgetPeriod.MONTHLY, start)
+        start = _period_start(BudgetPeriod.MONTHLY, second)
+        ref = _counter_ref(ScopeKind.USER, user_id, BudgetMetric.COST, BudgetPeriod.MONTHLY, start)
         specs.append(CounterSpec(ref, user.monthly_budget_usd, f"the monthly budget of your plan ({user.plan_name})"))
     if user.daily_token_quota is not None:
-        start, _ = period_bounds(BudgetPeriod.DAILY, now)
-        ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.TOKENS, BudgetPeriod.DAILY, start)
+        start = _period_start(BudgetPeriod.DAILY, second)
+        ref = _counter_ref(ScopeKind.USER, user_id, BudgetMetric.TOKENS, BudgetPeriod.DAILY, start)
         specs.append(
             CounterSpec(ref, Decimal(user.daily_token_quota), f"the daily token quota of your plan ({user.plan_name})")
         )
     if key is not None and api_key_id is not None and key.budget_usd is not None:
-        start, _ = period_bounds(key.budget_period, now)
-        ref = CounterRef(ScopeKind.KEY, api_key_id, BudgetMetric.COST, key.budget_period, start)
+        start = _period_start(key.budget_period, second)
+        ref = _counter_ref(ScopeKind.KEY, api_key_id, BudgetMetric.COST, key.budget_period, start)
         specs.append(CounterSpec(ref, key.budget_usd, f"this API key's {key.budget_period} budget"))
     for ancestor_id, ancestor in ancestors:
         if ancestor.budget_usd is None or ancestor_id == api_key_id:
             continue
-        start, _ = period_bounds(ancestor.budget_period, now)
-        ref = CounterRef(ScopeKind.KEY, ancestor_id, BudgetMetric.COST, ancestor.budget_period, start)
+        start = _period_start(ancestor.budget_period, second)
+        ref = _counter_ref(ScopeKind.KEY, ancestor_id, BudgetMetric.COST, ancestor.budget_period, start)
         title = f"the {ancestor.budget_period} budget of the key {ancestor.prefix}… that this key was created under"
         specs.append(CounterSpec(ref, ancestor.budget_usd, title))
     return tuple(dict.fromkeys(specs))

@@ -6,6 +6,7 @@ Every test runs against both admission stores (database row locks, and the real 
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from datetime import timezone as timezone_of
 from decimal import Decimal
 
 import pytest
@@ -15,8 +16,9 @@ from django.utils import timezone
 
 from billing.exceptions import BillingUnavailableError, QuotaExceededError
 from billing.models import ApiKey, BudgetPeriod, UsageRecord
+from billing.selectors import UserLimits
 from billing.services.admission import admission_acquire, admission_settle
-from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds, usd
+from billing.services.budgets import CounterRef, api_key_limits_set, counter_specs, period_bounds, usd
 from billing.services.counters import admission_store, budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
@@ -290,6 +292,29 @@ def test_periods_are_utc_days_months_or_forever():
     assert period_bounds("total", moment)[1] is None
     ref = CounterRef("key", 7, "cost", "monthly", start)
     assert CounterRef.from_key(ref.key) == ref
+
+
+def test_a_request_names_the_counters_of_its_utc_period_to_the_microsecond():
+    """The counters' period starts are cached per whole second: the last microsecond of a month and of a day, seen
+    in UTC or in another zone, still name that month's and that day's counters, and the next microsecond the next."""
+    limits = UserLimits("Plan", True, frozenset(), None, 100, Decimal(5), None, None)
+    new_month = datetime(2026, 4, 1, tzinfo=UTC)
+    east = timezone_of(timedelta(hours=2))
+
+    def named(now: datetime) -> list[tuple[str, datetime, datetime | None]]:
+        specs = counter_specs(user_id=7, api_key_id=None, user=limits, key=None, now=now)
+        return [(spec.key, spec.ref.period_start, spec.ref.period_end) for spec in specs]
+
+    for now in (new_month - timedelta(microseconds=1), (new_month - timedelta(microseconds=1)).astimezone(east)):
+        assert named(now) == [
+            ("llmhub:bud:user:7:cost:m202603", datetime(2026, 3, 1, tzinfo=UTC), new_month),
+            ("llmhub:bud:user:7:tokens:d20260331", datetime(2026, 3, 31, tzinfo=UTC), new_month),
+        ]
+    for now in (new_month, new_month.astimezone(east)):
+        assert named(now) == [
+            ("llmhub:bud:user:7:cost:m202604", new_month, datetime(2026, 5, 1, tzinfo=UTC)),
+            ("llmhub:bud:user:7:tokens:d20260401", new_month, datetime(2026, 4, 2, tzinfo=UTC)),
+        ]
 
 
 def test_usd_shows_small_amounts():
