@@ -99,16 +99,27 @@ async def _request(application: Any, path: str, body: bytes, key: str) -> tuple[
     return status, b"".join(parts), first_body_at
 
 
-async def _loop(application: Any, path: str, body: bytes, key: str, count: int) -> tuple[list[float], list[float]]:
-    """Per request: milliseconds to the whole answer, and to its first body bytes (a stream's first line)."""
-    walls, firsts = [], []
-    for _ in range(count):
-        started = time.perf_counter()
-        status, content, first_body_at = await _request(application, path, body, key)
-        walls.append((time.perf_counter() - started) * 1000)
-        firsts.append((first_body_at - started) * 1000)
-        if status != 200:
-            raise SystemExit(f"profile: {path} answered {status}: {content[:500]!r}")
+async def _loop(
+    application: Any, path: str, body: bytes, key: str, count: int, concurrency: int = 1
+) -> tuple[list[float], list[float]]:
+    """Per request: milliseconds to the whole answer, and to its first body bytes (a stream's first line).
+    ``concurrency``: requests in flight at once, each client sending its next as soon as its last has ended."""
+    walls: list[float] = []
+    firsts: list[float] = []
+    left = count
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            started = time.perf_counter()
+            status, content, first_body_at = await _request(application, path, body, key)
+            walls.append((time.perf_counter() - started) * 1000)
+            firsts.append((first_body_at - started) * 1000)
+            if status != 200:
+                raise SystemExit(f"profile: {path} answered {status}: {content[:500]!r}")
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
     from billing.services.ledger import ledger_flush
 
     # The ledger rows of the last requests are still being written: their cost belongs to the run.
@@ -150,6 +161,12 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="requests measured (after 50 of warm-up)")
     parser.add_argument("--key", default=os.environ.get("BENCH_KEY", ""))
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight at once (default 1: one after the other); the ledger writer's batches grow with it",
+    )
+    parser.add_argument(
         "--what-if",
         default="",
         help="comma-separated: no-request-signals, short-switch-interval",
@@ -172,9 +189,9 @@ def main() -> None:
     body = json.dumps(payload).encode()
 
     async def run() -> dict[str, Any]:
-        await _loop(application, path, body, args.key, 50)
+        await _loop(application, path, body, args.key, 50, args.concurrency)
         cpu_started, wall_started = time.process_time(), time.perf_counter()
-        walls, firsts = await _loop(application, path, body, args.key, args.n)
+        walls, firsts = await _loop(application, path, body, args.key, args.n, args.concurrency)
         cpu = time.process_time() - cpu_started
         wall = time.perf_counter() - wall_started
         walls.sort()
@@ -186,6 +203,7 @@ def main() -> None:
             "body_bytes": len(body),
             "what_if": sorted(what_if),
             "requests": args.n,
+            "concurrency": args.concurrency,
             "cpu_ms_per_request": round(cpu * 1000 / args.n, 3),
             "wall_ms_per_request": round(wall * 1000 / args.n, 3),
             "wall_p50_ms": round(walls[len(walls) // 2], 3),
@@ -195,7 +213,7 @@ def main() -> None:
         if args.cprofile:
             profile = cProfile.Profile()
             profile.enable()
-            await _loop(application, path, body, args.key, args.n)
+            await _loop(application, path, body, args.key, args.n, args.concurrency)
             profile.disable()
             result["cprofile_cumulative"] = _top(profile, "cumulative", args.top)
             result["cprofile_own"] = _top(profile, "tottime", args.top)

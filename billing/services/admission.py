@@ -33,7 +33,7 @@ from ..models import BudgetMetric, ScopeKind
 from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
 from .alerts import Crossing, budget_alerts_raise, budget_crossings
 from .budgets import CounterRef, CounterSpec, charge_for, counter_specs, requested_max_tokens
-from .counters import Moved, _ms, admission_store, reservation_settle_if_held
+from .counters import Moved, SettleCall, _ms, admission_store, reservation_settle_if_held
 from .inflight import held_written, instance_id
 from .keys import MAX_KEY_DEPTH
 from .ratelimits import RateSpec, anthropic_ratelimit_headers, rate_specs, ratelimit_headers
@@ -298,6 +298,42 @@ async def admission_settle(
     crossings = _crossings(moved)
     if crossings:
         await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=admission.user_id)
+
+
+async def admission_settle_many(settles: Sequence[Mapping[str, Any]]) -> list[Exception | None]:
+    """``admission_settle`` for several requests at once, each given by that function's arguments (the ledger
+    writer's batch): their settles go to the counters' store together (Redis: one pipeline, not a round trip
+    each), and each is settled, and alerts, as ``admission_settle`` would alone. Returns, in order, None for
+    each that settled (or held nothing) and the error of each that did not."""
+    outcomes: list[Exception | None] = [None] * len(settles)
+    held = [(i, settle) for i, settle in enumerate(settles) if isinstance(settle["admission"].handle, _Held)]
+    if not held:
+        return outcomes
+    moved_each = await admission_store().settle_many(
+        [
+            SettleCall(
+                request_id=settle["admission"].request_id,
+                counters=settle["admission"].handle.counters,
+                rates=settle["admission"].handle.rates,
+                cost=settle["cost"],
+                tokens=settle["prompt_tokens"] + settle["completion_tokens"],
+                row=settle.get("row"),
+            )
+            for _, settle in held
+        ],
+        now=timezone.now(),
+    )
+    for (i, settle), moved in zip(held, moved_each, strict=True):
+        if isinstance(moved, Exception):
+            outcomes[i] = moved
+            continue
+        crossings = _crossings(moved)
+        if crossings:
+            try:
+                await sync_to_async(budget_alerts_raise)(crossings=crossings, user_id=settle["admission"].user_id)
+            except Exception as exc:
+                outcomes[i] = exc
+    return outcomes
 
 
 def admission_keeps_record(admission: Admission | None) -> bool:

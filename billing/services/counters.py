@@ -24,7 +24,7 @@ from decimal import Decimal
 from functools import cache
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio
@@ -36,7 +36,8 @@ from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Va
 from django.db.models.functions import Now
 from django.utils import timezone
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
+from redis.exceptions import NoScriptError
 
 from core.loops import LoopRegistry, task_abandoned
 from core.redis import redis_async_client
@@ -319,20 +320,52 @@ class RedisCounterStore:
         now: datetime,
         row: dict | None = None,
     ) -> list[Moved]:
-        keys, args = _settle_call(
-            request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance_id()
-        )
-        if row is not None:
-            record = json.dumps({SETTLED_ROW: row})
-            args.append(record)
-            spent = tuple(
-                (spec.key, int(cost / COST_QUANTUM) if spec.metric == BudgetMetric.COST else tokens)
-                for spec in counters
-            )
-            held_settled(request_id, Settled(record=record, counters=spent))
-        else:
-            held_remove(request_id)
+        keys, args = _settle_prepared(request_id, counters, rates, cost=cost, tokens=tokens, now=now, row=row)
         return _settle_moved(counters, _script_reply(await self._settle(keys=keys, args=args)))
+
+    async def settle_many(self, settles: Sequence[SettleCall], *, now: datetime) -> list[list[Moved] | Exception]:
+        """``settle`` for each of ``settles`` (the ledger writer's batch), in one pipeline: one connection, one
+        write and one read for them all instead of a round trip each, each settle still its own script call,
+        answered (or refused) alone. Returns, in order, each one's counters moved, or the error it met; a
+        pipeline that fails as a whole (Redis down) gives every settle its error. Once sent, a settle may be
+        sent again (the client's retry, a retry of the batch): each is idempotent, as ``settle`` is."""
+        if len(settles) == 1:
+            try:
+                return [await self.settle(**settles[0]._asdict(), now=now)]
+            except Exception as exc:
+                return [exc]
+        calls = [
+            _settle_prepared(s.request_id, s.counters, s.rates, cost=s.cost, tokens=s.tokens, now=now, row=s.row)
+            for s in settles
+        ]
+        try:
+            replies = await self._scripts_run(self._settle, calls)
+        except redis.RedisError as exc:
+            return [exc] * len(settles)
+        return [
+            reply if isinstance(reply, Exception) else _settle_moved(s.counters, _script_reply(reply))
+            for s, reply in zip(settles, replies, strict=True)
+        ]
+
+    async def _scripts_run(self, script: AsyncScript, calls: Sequence[tuple[list[str], list[str | int]]]) -> list:
+        """Run ``script`` once per call in one pipeline (no transaction); each reply, or the error it met. A
+        script Redis does not know (it restarted) is loaded, and the calls it refused are sent again: a refused
+        call did not run. (redis-py's own scripts in a pipeline ask ``SCRIPT EXISTS`` first: a round trip more
+        on every pipeline.)"""
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        replies = await pipe.execute(raise_on_error=False)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            script.sha = await self.client.script_load(script.script)
+            pipe = self.client.pipeline(transaction=False)
+            for i in missing:
+                keys, args = calls[i]
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        return replies
 
     def keeps_record(self, held: Any) -> bool:
         return True  # the acquire script records every request it admits
@@ -373,6 +406,42 @@ def _settle_call(
     for rate in rates:
         keys += list(rate.keys[1:])
     keys.append(inflight_key(instance))
+    return keys, args
+
+
+class SettleCall(NamedTuple):
+    """One request's settle in a batch (``RedisCounterStore.settle_many``): ``settle``'s arguments but ``now``."""
+
+    request_id: str
+    counters: Sequence[CounterSpec]
+    rates: Sequence[RateSpec]
+    cost: Decimal
+    tokens: int
+    row: dict | None = None
+
+
+def _settle_prepared(
+    request_id: str,
+    counters: Sequence[CounterSpec],
+    rates: Sequence[RateSpec],
+    *,
+    cost: Decimal,
+    tokens: int,
+    now: datetime,
+    row: dict | None,
+) -> tuple[list[str], list[str | int]]:
+    """The settle script's keys and arguments for a request of this process, with the settled record when
+    ``row`` is given; this process holds the request as settled with that record from here, or no longer."""
+    keys, args = _settle_call(request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance_id())
+    if row is not None:
+        record = json.dumps({SETTLED_ROW: row})
+        args.append(record)
+        spent = tuple(
+            (spec.key, int(cost / COST_QUANTUM) if spec.metric == BudgetMetric.COST else tokens) for spec in counters
+        )
+        held_settled(request_id, Settled(record=record, counters=spent))
+    else:
+        held_remove(request_id)
     return keys, args
 
 
@@ -674,6 +743,17 @@ class DatabaseCounterStore:
         return await sync_to_async(self._settle)(
             request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now, row=row
         )
+
+    async def settle_many(self, settles: Sequence[SettleCall], *, now: datetime) -> list[list[Moved] | Exception]:
+        """``settle`` for each of ``settles`` in turn (each its own transaction); each one's counters moved, or
+        the error it met."""
+        outcomes: list[list[Moved] | Exception] = []
+        for one in settles:
+            try:
+                outcomes.append(await self.settle(**one._asdict(), now=now))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def keeps_record(self, held: Any) -> bool:
         return bool(held.counters)  # a request under rate limits alone holds nothing here

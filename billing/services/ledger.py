@@ -52,6 +52,7 @@ from .admission import (
     admission_records_held,
     admission_records_unmark,
     admission_settle,
+    admission_settle_many,
     admission_settle_spooled,
 )
 from .ledger_rows import UsageData, usage_data_dump, usage_data_from_spool, usage_rows_write
@@ -301,19 +302,33 @@ def _settle(data: UsageData, admission: Admission, *, row: bool = True) -> Corou
     """Swap the reservation for the row's cost. ``row``: the in-flight record stays, settled, with the row,
     until the row is committed or spooled (``_records_forget``): a process killed in between has its row
     written by the lost-request sweep from that record, instead of leaving spend with no row."""
-    return admission_settle(
-        admission=admission,
-        cost=data.cost,
-        prompt_tokens=data.prompt_tokens,
-        completion_tokens=data.completion_tokens,
-        ok=data.status == "ok",
-        row=usage_data_dump(data) if row and admission_keeps_record(admission) else None,
-    )
+    return admission_settle(**_settle_arguments(data, admission, row=row))
+
+
+def _settle_arguments(data: UsageData, admission: Admission, *, row: bool = True) -> dict[str, Any]:
+    return {
+        "admission": admission,
+        "cost": data.cost,
+        "prompt_tokens": data.prompt_tokens,
+        "completion_tokens": data.completion_tokens,
+        "ok": data.status == "ok",
+        "row": usage_data_dump(data) if row and admission_keeps_record(admission) else None,
+    }
 
 
 async def _settle_batch(batch: list[tuple[UsageData, Admission | None]]) -> None:
     settled = [(data, admission) for data, admission in batch if admission is not None]
-    outcomes = await asyncio.gather(*(_settle(data, admission) for data, admission in settled), return_exceptions=True)
+    if not settled:
+        return
+    outcomes: list[BaseException | None]
+    if len(settled) == 1:
+        try:
+            outcomes = [await _settle(*settled[0])]
+        except Exception as exc:
+            outcomes = [exc]
+    else:
+        # The batch's settles in one go (Redis: one pipeline), each settled alone all the same.
+        outcomes = await admission_settle_many([_settle_arguments(data, admission) for data, admission in settled])
     for (data, admission), outcome in zip(settled, outcomes, strict=True):
         if isinstance(outcome, redis.RedisError | DatabaseError):
             # The counters' store is down longer than its client retries: the row is written now and the
