@@ -404,8 +404,7 @@ def redis_server() -> Iterator[tuple[str, subprocess.Popen]]:
     try:
         yield f"redis://127.0.0.1:{port}/0", process
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process_stop(process)
 
 
 class _SessionRedis:

@@ -17,7 +17,7 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 from playwright.async_api import Browser, Page, Route, expect
 
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, process_stop
 from tests.test_project import ROOT, manage, production_env
 from tests.waiting import wait_until
 
@@ -131,5 +131,4 @@ def test_production_serves_the_docs_assets_itself(tmp_path):
             status, body = get(url)
             assert status == 200 and body, url
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        process_stop(server)

@@ -21,6 +21,7 @@ import pytest
 from billing.services.keys import api_key_create
 from llmhub.logging import JsonFormatter, RequestIdFilter, logging_settings
 from providers.models import CatalogModel, Deployment
+from tests.conftest import process_stop
 from tests.factories import ProviderFactory, UserFactory
 from tests.waiting import wait_for_record, wait_until
 
@@ -308,8 +309,7 @@ def test_celery_worker_and_beat_log_json_lines_under_production_settings(program
                 interval=0.2,
             )
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process_stop(process, grace=30)
     lines = [line for line in stderr_path.read_text().splitlines() if line.strip()]
     not_json = []
     records = []

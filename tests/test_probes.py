@@ -17,7 +17,7 @@ from django.db.migrations.recorder import MigrationRecorder
 
 from billing.services.spool import spool_append, spool_claim
 from llmhub.probes import readiness_forget
-from tests.conftest import database_url_for_subprocesses, free_port, redis_server, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, process_stop, redis_server, wait_for_port
 from tests.gateway.test_database_outage import database_unreachable
 from tests.test_project import ROOT, production_env
 
@@ -201,14 +201,15 @@ def test_probes_answer_over_plain_http_under_production_settings(tmp_path):
         LLMHUB_LEDGER_SPOOL=str(tmp_path / "spool.jsonl"),
         PYTHONPATH=str(ROOT),
     )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "on"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    errors_path = tmp_path / "stderr.log"
+    with errors_path.open("w") as errors_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "llmhub.asgi:application", "--port", str(port), "--lifespan", "on"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=errors_file,
+        )
     try:
         wait_for_port(port, process=server)
         base = f"http://127.0.0.1:{port}"
@@ -218,8 +219,8 @@ def test_probes_answer_over_plain_http_under_production_settings(tmp_path):
         page = httpx.get(f"{base}/accounts/login/", headers={"Host": "llmhub.example.com"}, timeout=30)
         compose_check = subprocess.run(compose_readiness_command(port), capture_output=True, text=True, timeout=30)
     finally:
-        server.terminate()
-        _, errors = server.communicate(timeout=30)
+        process_stop(server, grace=30)
+    errors = errors_path.read_text()
 
     assert healthz.status_code == 200, errors
     assert healthz.json() == {"status": "ok"}

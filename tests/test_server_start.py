@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, process_stop, wait_for_port
 
 NEVER_LISTENS = "import time; time.sleep(120)"
 # Ignores SIGTERM, as a server stuck in its start-up or its shutdown may: only SIGKILL ends it.
@@ -47,6 +47,16 @@ def test_one_that_ignores_sigterm_is_killed(processes):
     with pytest.raises(TimeoutError):
         wait_for_port(free_port(), timeout=0.5, process=process)
     assert process.poll() is not None, "the process that ignored SIGTERM is still running"
+
+
+def test_the_stop_of_a_server_kills_one_that_ignores_sigterm(processes):
+    """``process_stop`` is every test server's and worker's stop (the fixtures' teardowns, not only a failed
+    wait): those that sent SIGTERM and waited left a server that ignored it running, the wait timed out."""
+    process = started(DEAF)
+    processes.append(process)
+    assert process.stdout.readline().strip() == "ready"
+    process_stop(process, grace=0.5)
+    assert process.returncode == -9, "the process that ignored SIGTERM was not killed"
 
 
 def test_a_server_that_listens_is_left_running(processes):

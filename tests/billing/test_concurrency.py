@@ -30,7 +30,7 @@ from billing.services.counters import counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
-from tests.conftest import database_url_for_subprocesses, free_port, python_argv, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, process_stop, python_argv, wait_for_port
 from tests.factories import UserFactory
 from tests.waiting import wait_for_ledger_rows
 
@@ -103,9 +103,8 @@ class ServerProcess:
         )
 
     def stop(self) -> None:
-        # SIGTERM: uvicorn's lifespan shutdown drains the ledger before the process exits.
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        # SIGTERM: uvicorn's lifespan shutdown drains the ledger before the process exits (SIGKILL if it never does).
+        process_stop(self.process, grace=30)
         self.log.close()
 
 

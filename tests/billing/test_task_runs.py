@@ -25,7 +25,7 @@ from billing.tasks import usage_rollup
 from core.redis import redis_sync_client
 from llmhub.celery import _starts_key, app
 from tests.billing.task_worker import CANARY, FAILING_TASK, LONG_TASK, LOST_ONCE_TASK, NOTE_TASK, POISON_TASK
-from tests.conftest import database_url_for_subprocesses
+from tests.conftest import database_url_for_subprocesses, process_stop
 from tests.factories import UserFactory
 from tests.waiting import wait_until
 
@@ -56,8 +56,7 @@ def worker_process(broker, redis_url, tmp_path, *pool_options: str, pool: str):
     try:
         yield queue, log_path
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process_stop(process, grace=30)
 
 
 def celery_worker(broker_url: str, queue: str, log_path: Path, *options: str, **env_extra: str) -> subprocess.Popen:
@@ -211,8 +210,7 @@ def test_a_task_that_kills_the_workers_main_process_is_started_a_bounded_number_
         assert runs_in(poison) == 3 and worker.poll() is None
         assert "was started 3 times without ever ending" in log_path.read_text()
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        process_stop(worker, grace=30)
 
 
 @pytest.mark.timeout(300)  # four worker processes started one after the other, on a loaded CI
@@ -257,5 +255,4 @@ def test_a_worker_stopped_under_a_run_does_not_count_that_start_against_the_task
         assert not TaskRun.objects.filter(error_class="TaskStartsExhausted").exists()
         assert "without ever ending" not in log_path.read_text()
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        process_stop(worker, grace=30)
