@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ import pytest
 import time_machine
 
 from llmhub.testing.ports import free_port
+from tests.waiting import What, _said
 
 if TYPE_CHECKING:
     from llmhub.testing.postgres import PostgresCluster
@@ -187,18 +188,35 @@ def wait_for_port(port: int, timeout: float = 60.0, process: subprocess.Popen | 
     Whenever the wait fails (the timeout, the process ended, the test interrupted), ``process`` is stopped
     (``process_stop``) before the failure goes on: the fixture that started it has not handed it to its
     teardown yet, and a server that never listened was left running for the rest of the session."""
+
+    def listens() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for_ready(process, listens, f"nothing listens on 127.0.0.1:{port}", timeout=timeout)
+
+
+def wait_for_ready(
+    process: subprocess.Popen | None,
+    ready: Callable[[], bool],
+    what: What,
+    timeout: float = 60.0,
+    interval: float = 0.01,
+) -> None:
+    """Until ``ready()`` (a server listens, a worker says it consumes, …): ``TimeoutError`` (``what`` did not
+    happen: a string, or a function that says it then, as ``tests.waiting`` takes it) after ``timeout`` seconds;
+    with ``process``, ``RuntimeError`` at once, with its exit status, if it has ended first. Whenever the wait
+    fails (also when the test is interrupted), ``process`` is stopped (``process_stop``): the start-or-stop guard
+    of every process a test starts and waits for."""
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return
+            if ready():
+                return
             if process is not None and process.poll() is not None:
-                raise RuntimeError(
-                    f"{process.args!r} ended with status {process.returncode} before listening on {port}"
-                )
-            time.sleep(0.01)
-        raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+                raise RuntimeError(f"{process.args!r} ended with status {process.returncode}: {_said(what)}")
+            time.sleep(interval)
+        raise TimeoutError(_said(what))
     except BaseException:
         if process is not None:
             process_stop(process)

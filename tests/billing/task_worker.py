@@ -9,9 +9,10 @@ TEST_DATABASE_URL set."""
 
 from __future__ import annotations
 
+import logging
 import os
 
-from celery.signals import celeryd_init
+from celery.signals import celeryd_init, worker_ready
 
 from llmhub.celery import app
 
@@ -29,6 +30,16 @@ def _send_for_real(**_: object) -> None:
     app.conf.task_always_eager = False
     if visibility := os.environ.get("TEST_VISIBILITY_TIMEOUT"):
         app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": int(visibility)}
+
+
+READY = "consumes from its queues"
+
+
+@worker_ready.connect
+def _say_ready(sender: object, **_: object) -> None:
+    """Celery says its worker is ready at INFO, below the ``-l warning`` the tests' workers log at: this line is
+    what ``test_task_runs.worker_ready`` waits for in the worker's log (``READY``)."""
+    logging.getLogger(__name__).warning("%s %s", sender.hostname, READY)
 
 
 CANARY = "sk-canary-7f3e9a1c0b"

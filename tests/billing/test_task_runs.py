@@ -24,8 +24,16 @@ from billing.models import TaskRun, UsageRecord
 from billing.tasks import usage_rollup
 from core.redis import redis_sync_client
 from llmhub.celery import _starts_key, app
-from tests.billing.task_worker import CANARY, FAILING_TASK, LONG_TASK, LOST_ONCE_TASK, NOTE_TASK, POISON_TASK
-from tests.conftest import database_url_for_subprocesses, process_stop
+from tests.billing.task_worker import (
+    CANARY,
+    FAILING_TASK,
+    LONG_TASK,
+    LOST_ONCE_TASK,
+    NOTE_TASK,
+    POISON_TASK,
+    READY,
+)
+from tests.conftest import database_url_for_subprocesses, free_port, process_stop, wait_for_ready
 from tests.factories import UserFactory
 from tests.waiting import wait_until
 
@@ -51,12 +59,33 @@ def worker_process(broker, redis_url, tmp_path, *pool_options: str, pool: str):
     broker_url = redis_url.rsplit("/", 1)[0] + "/9"
     queue = f"task-runs-{uuid.uuid4().hex[:8]}"
     log_path = tmp_path / "worker.log"
-    process = celery_worker(broker_url, queue, log_path, pool, *pool_options)
     broker.serve(broker_url)
+    process = ready_worker(broker_url, queue, log_path, pool, *pool_options)
     try:
         yield queue, log_path
     finally:
         process_stop(process, grace=30)
+
+
+def ready_worker(broker_url: str, queue: str, log_path: Path, *options: str, **env_extra: str) -> subprocess.Popen:
+    """``celery_worker``, once it consumes from ``queue``: a worker that never does (it cannot reach its broker,
+    it hangs in its start-up) or ends first fails the test, stopped (``wait_for_ready``), not left running."""
+    said_before = log_path.read_text().count(READY) if log_path.exists() else 0
+    process = celery_worker(broker_url, queue, log_path, *options, **env_extra)
+    wait_for_worker(process, log_path, said_before)
+    return process
+
+
+def wait_for_worker(process: subprocess.Popen, log_path: Path, said_before: int, timeout: float = 90) -> None:
+    """Until the worker ``process`` says in ``log_path`` that it consumes (once more than the ``said_before``
+    workers before it there); stopped if it does not within ``timeout`` seconds."""
+    wait_for_ready(
+        process,
+        lambda: log_path.read_text().count(READY) > said_before,
+        lambda: f"the celery worker never consumed from its queue; its log:\n{log_path.read_text()}",
+        timeout=timeout,
+        interval=0.1,
+    )
 
 
 def celery_worker(broker_url: str, queue: str, log_path: Path, *options: str, **env_extra: str) -> subprocess.Popen:
@@ -80,6 +109,22 @@ def celery_worker(broker_url: str, queue: str, log_path: Path, *options: str, **
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def test_a_worker_that_never_consumes_is_stopped_when_its_wait_fails(tmp_path):
+    """The worker fixtures handed their worker to the test without waiting for it: one that never came up (here its
+    broker is nowhere, and it retries it for ever) ran on, for the rest of the session, past the test that failed
+    waiting for its tasks. The wait for it fails now, and stops it (SIGTERM, then SIGKILL)."""
+    log_path = tmp_path / "worker.log"
+    process = celery_worker(f"redis://127.0.0.1:{free_port()}/9", "nowhere", log_path, "--pool=solo")
+    try:
+        with pytest.raises(TimeoutError, match="never consumed"):
+            wait_for_worker(process, log_path, said_before=0, timeout=20)
+        assert process.poll() is not None, "the worker that never consumed is still running"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
 
 
 def operator_client() -> Client:
