@@ -1,6 +1,6 @@
-"""What the rollup tests share (tests/billing/test_staff_rollup.py, test_user_rollup.py): their days, the ledger's
-figures per group, computed from its rows, and a rollup's, read from its table, to compare them. Their ledger is
-the ``rollup_ledger`` fixture (tests/billing/conftest.py)."""
+"""What the rollup tests share (tests/billing/test_rollups.py, test_staff_rollup.py, test_user_rollup.py): their
+days, the ledger's figures per group, computed from its rows, and a rollup's, read from its table, to compare them.
+Their ledger is the ``rollup_ledger`` fixture (tests/billing/conftest.py)."""
 
 from __future__ import annotations
 
