@@ -17,7 +17,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from llmhub.logging import DropQueryStrings
-from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, process_stop, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-llmhub-sent-in-a-query-string-0123456789"
@@ -67,8 +67,7 @@ def test_production_access_log_drops_the_query_string(tmp_path):
             behind_proxy = httpx.get(url, headers={"X-Forwarded-Proto": "https"}, timeout=30)
             plain = httpx.get(url, timeout=30)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            process_stop(server, grace=60)
 
     text = log.read_text()
     assert SECRET not in text and "api_key" not in text
@@ -129,8 +128,7 @@ def test_make_runs_daphne_drops_the_query_string_too(tmp_path):
             wait_for_port(port, timeout=60, process=server)
             response = httpx.get(f"http://127.0.0.1:{port}/v1/models?api_key={SECRET}", timeout=30)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            process_stop(server, grace=60)
 
     text = log.read_text()
     assert response.status_code == 401

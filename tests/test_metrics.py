@@ -31,7 +31,7 @@ from core import metrics as core_metrics
 from core.telemetry import AttemptObservation, RequestObservation
 from providers.models import CatalogModel, Deployment
 from providers.routing.breakers import breaker_force
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, process_stop, wait_for_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.waiting import wait_for_record, wait_until, wait_until_async
 
@@ -180,7 +180,7 @@ def test_the_allow_list_judges_the_client_not_an_untrusted_proxy_in_front_of_it(
     try:
         response = httpx.get(url + "/metrics", headers=forwarded, timeout=30)
     finally:
-        stop(process)
+        process_stop(process, grace=60)
     assert response.status_code == status, response.text
     if status == 403:
         assert "llmhub_" not in response.text
@@ -476,12 +476,6 @@ def start_server(log: Path, env: dict[str, str], *args: str) -> tuple[subprocess
     return process, f"http://127.0.0.1:{port}"
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=60)
-
-
 def counts_per_process(directory: Path, model: str) -> dict[str, float]:
     """From each process's own file: its requests of ``model``."""
     from prometheus_client import multiprocess
@@ -516,7 +510,7 @@ def test_two_server_processes_sharing_a_directory_report_the_same_sums(fake_upst
             assert value(text, "llmhub_requests_in_flight") == 0
     finally:
         for process, _ in servers:
-            stop(process)
+            process_stop(process, grace=60)
 
 
 def test_uvicorn_workers_report_as_one_and_a_restart_starts_from_zero(fake_upstream, key, tmp_path):
@@ -553,7 +547,7 @@ def test_uvicorn_workers_report_as_one_and_a_restart_starts_from_zero(fake_upstr
                 totals.append(value(response.text, "llmhub_requests_total", model="pooled"))
             return sent, totals
         finally:
-            stop(process)
+            process_stop(process, grace=60)
 
     sent, totals = run("first.log")
     assert totals == [sent] * len(totals)

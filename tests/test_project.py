@@ -35,6 +35,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from llmhub.testing.ports import free_port
+from tests.conftest import process_stop
 from tests.trickling import TricklingMailServer
 from tests.waiting import wait_until
 
@@ -890,8 +891,7 @@ def test_a_plain_http_trial_of_production_can_sign_in_to_the_admin(tmp_path):
             assert response.status == 200 and response.url == f"{base}/admin/"
             assert "Site administration" in response.read().decode()
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        process_stop(server)
 
 
 HASHED = r"\.[0-9a-f]{12}\."  # the content hash ManifestStaticFilesStorage puts in a collected file's name
@@ -945,8 +945,7 @@ def test_production_serves_collected_static_files_itself(tmp_path):
         assert status == 200 and b"body" in body
         assert headers["Cache-Control"] == "max-age=60, public"
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        process_stop(server)
 
 
 def test_every_page_names_its_static_files_through_the_manifest(tmp_path):

@@ -28,7 +28,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from billing.services.keys import api_key_create
 from core import tracing
 from providers.models import CatalogModel, Deployment, ProviderKind
-from tests.conftest import database_url_for_subprocesses, free_port, wait_for_port
+from tests.conftest import database_url_for_subprocesses, free_port, process_stop, wait_for_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.loopback_http import LoopbackHTTPServer, QuietHandler
 from tests.waiting import wait_for_record
@@ -148,8 +148,7 @@ def traced_server(collector: Collector, tmp_path: Path, **settings: str) -> Iter
             wait_for_port(port, process=server)
             yield f"http://127.0.0.1:{port}"
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            process_stop(server, grace=60)
     # uvicorn re-raises the signal once its shutdown (and the lifespan's) is done.
     assert server.returncode in (0, -signal.SIGTERM), log.read_text()
     assert "Traceback" not in log.read_text()

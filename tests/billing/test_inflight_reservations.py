@@ -30,7 +30,7 @@ from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
-from tests.conftest import free_port, python_argv, redis_start, wait_for_port
+from tests.conftest import free_port, process_stop, python_argv, redis_start, wait_for_port
 from tests.factories import UserFactory
 from tests.waiting import wait_for_ledger_rows, wait_until, wait_until_async
 
@@ -110,9 +110,7 @@ class Server:
         wait_for_port(self.port, process=self.process)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+        process_stop(self.process, grace=30)
         self.log.close()
 
 

@@ -26,7 +26,7 @@ from experiments.services import (
     experiment_promote,
     experiment_start,
 )
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import free_port, process_stop, wait_for_port
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -241,9 +241,7 @@ class ServerProcess:
         return seen
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+        process_stop(self.process, grace=30)
         self.log.close()
 
 

@@ -31,7 +31,7 @@ from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.keys import api_key_create
 from llmhub.testing.postgres import PostgresCluster
-from tests.conftest import free_port, own_postgres, redis_server, wait_for_port
+from tests.conftest import free_port, own_postgres, process_stop, redis_server, wait_for_port
 from tests.waiting import wait_until, wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -414,12 +414,7 @@ def servers(envs: dict[str, dict[str, str]], tmp_path: Path) -> Iterator[dict[st
             assert process.poll() is None, "a server died"
     finally:
         for process in started:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            process_stop(process, grace=30)
 
 
 def migrated(cluster: PostgresCluster, upstream_url: str, tmp_path: Path) -> dict[str, dict]:

@@ -35,7 +35,7 @@ from billing.services.keys import api_key_create
 from billing.services.ledger_rows import UsageData
 from llmhub.testing.postgres import PostgresCluster
 from providers.selectors import resolved_model
-from tests.conftest import free_port, own_postgres, wait_for_port
+from tests.conftest import free_port, own_postgres, process_stop, wait_for_port
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 from tests.waiting import wait_until
 
@@ -208,9 +208,7 @@ def test_rows_spooled_during_a_database_outage_reach_the_ledger_without_celery_o
         spent = redis.Redis.from_url(redis_url, decode_responses=True).hget(ref.key, "spent")
         assert ref.from_units(spent) == ledger_cost(postgres.url, int(api_key_id)) > 0
     finally:
-        if server.poll() is None:
-            server.terminate()
-            server.wait(timeout=30)
+        process_stop(server, grace=30)
         log.close()
 
 

@@ -32,6 +32,7 @@ from llmhub.testing.fake_upstream import (
     split_tokens,
 )
 from llmhub.testing.openapi import validate_openai_schema
+from tests.conftest import process_stop
 from tests.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -1208,8 +1209,7 @@ def test_cli_serves_and_logs_address() -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=5)
         assert client.chat.completions.create(model="x", messages=user("cli")).choices[0].message.content == "Echo: cli"
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process_stop(process)
 
 
 def test_openapi_validator_rejects_bad_documents() -> None:

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from llmhub.testing.fake_upstream import FakeUpstreams, UpstreamHandle, UpstreamSpec, fault_canonical
+from tests.conftest import process_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHAT = "/v1/chat/completions"
@@ -270,8 +271,7 @@ def test_the_command_line_serves_several_upstreams_in_one_process() -> None:
         httpx.post(f"http://127.0.0.1:{east_port}/__control", json={"upstream": "west", "fault": None}, timeout=5)
         assert httpx.post(f"http://127.0.0.1:{west_port}{CHAT}", json=body, timeout=5).status_code == 200
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        process_stop(process)
 
 
 def test_the_command_line_refuses_a_malformed_upstream() -> None:
