@@ -153,37 +153,77 @@ def audit_record(
 
     Runs in its own atomic block (a savepoint inside a caller's transaction, so the event is kept or
     rolled back with the change it records)."""
+    return audit_records(
+        [AuditEntry(action, target, target_type, target_id, target_repr, changes, tuple(secret_fields))],
+        actor=actor,
+        origin=origin,
+    )[0]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One event of ``audit_records``; its fields as ``audit_record``'s."""
+
+    action: str
+    target: Any = None
+    target_type: str = ""
+    target_id: Any = ""
+    target_repr: str = ""
+    changes: Mapping[str, Any] | None = None
+    secret_fields: tuple[str, ...] = ()
+
+
+def audit_records(
+    entries: Iterable[AuditEntry], *, actor: Any = ..., origin: AuditOrigin | None = None
+) -> list[AuditEvent]:
+    """Append several events by one actor (an admin's action on many rows: one event a row), in their order:
+    the chain's head is locked and moved once, and the events are inserted ``EVENTS_A_STATEMENT`` at a time, so
+    a thousand events cost a few queries, not a thousand locks, inserts and head updates.
+
+    Runs in its own atomic block, as ``audit_record``."""
     origin = origin or origin_current()
     if actor is ...:
         who = Actor(origin.actor_type, origin.actor_id, origin.actor_repr) if origin else actor_for(None)
     else:
         who = actor_for(actor)
-    if target is not None:
-        target_type = target_type or target._meta.label_lower
-        target_id = target.pk if target_id == "" else target_id
-        target_repr = target_repr or _text(target, 200)
+    entries = list(entries)
+    if not entries:
+        return []
     with transaction.atomic():
         head, _ = AuditChainHead.objects.select_for_update().get_or_create(pk=1)
-        event = AuditEvent(
-            seq=head.last_seq + 1,
-            created_at=timezone.now(),
-            actor_type=who.type,
-            actor_id=_text(who.id, 64),
-            actor_repr=_text(who.repr, 200),
-            action=_text(action, 64),
-            target_type=_text(target_type, 64),
-            target_id=_text(target_id, 64),
-            target_repr=_text(target_repr, 200),
-            changes=changes_masked(changes, secret_fields=secret_fields),
-            ip_address=ip_normalized(origin.ip_address) if origin else None,
-            user_agent=_text(origin.user_agent, 300) if origin else "",
-            prev_hash=head.last_hash,
-        )
-        event.hash = event_hash(hashed_fields(event), event.prev_hash)
-        event.save(force_insert=True)
-        head.last_hash, head.last_seq = event.hash, event.seq
+        now = timezone.now()
+        events: list[AuditEvent] = []
+        for entry in entries:
+            target_type, target_id, target_repr = entry.target_type, entry.target_id, entry.target_repr
+            if entry.target is not None:
+                target_type = target_type or entry.target._meta.label_lower
+                target_id = entry.target.pk if target_id == "" else target_id
+                target_repr = target_repr or _text(entry.target, 200)
+            event = AuditEvent(
+                seq=head.last_seq + 1,
+                created_at=now,
+                actor_type=who.type,
+                actor_id=_text(who.id, 64),
+                actor_repr=_text(who.repr, 200),
+                action=_text(entry.action, 64),
+                target_type=_text(target_type, 64),
+                target_id=_text(target_id, 64),
+                target_repr=_text(target_repr, 200),
+                changes=changes_masked(entry.changes, secret_fields=entry.secret_fields),
+                ip_address=ip_normalized(origin.ip_address) if origin else None,
+                user_agent=_text(origin.user_agent, 300) if origin else "",
+                prev_hash=head.last_hash,
+            )
+            event.hash = event_hash(hashed_fields(event), event.prev_hash)
+            events.append(event)
+            head.last_hash, head.last_seq = event.hash, event.seq
+        AuditEvent.objects.bulk_create(events, batch_size=EVENTS_A_STATEMENT)
         head.save(update_fields=["last_hash", "last_seq"])
-    return event
+    return events
+
+
+# An event is 13 values: under a statement's limit of them on an old SQLite (999).
+EVENTS_A_STATEMENT = 70
 
 
 # Events an anonymous caller can cause (a refused sign-in, a refused token): at most one a minute per (kind,

@@ -23,9 +23,10 @@ from .services.keys import (
     api_key_change,
     api_key_create,
     api_key_delete,
-    api_key_revoke,
     api_key_rotate,
     api_key_within_parent_check,
+    api_keys_delete,
+    api_keys_revoke,
 )
 
 # API KEYS
@@ -208,10 +209,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        revoked = 0
-        for api_key in queryset.filter(revoked_at__isnull=True):
-            api_key_revoke(api_key=api_key)
-            revoked += 1
+        revoked = api_keys_revoke(api_key_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Revoked {revoked} key(s).", messages.SUCCESS)
 
     @admin.action(description="Rotate selected keys (new secrets; the old ones work for the default grace period)")
@@ -238,9 +236,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         api_key_delete(api_key=obj)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        for api_key in queryset:
-            if ApiKey.objects.filter(pk=api_key.pk).exists():  # not already gone with a key above it
-                api_key_delete(api_key=api_key)
+        api_keys_delete(api_key_ids=queryset.values_list("pk", flat=True))
 
 
 # USAGE LEDGER

@@ -76,6 +76,24 @@ def api_key_subtree_ids(key_id: int) -> list[int]:
     return ids
 
 
+def api_keys_subtree(key_ids: Iterable[int]) -> dict[int, int | None]:
+    """The keys ``key_ids`` (those that exist) and every key created under any of them, at any depth, each with
+    its parent: a query a level for each ``IDS_A_STATEMENT`` keys (an admin's selection across the list), not a
+    walk a key."""
+    found: dict[int, int | None] = {}
+    frontier = sorted(set(key_ids))
+    column = "pk__in"
+    while frontier:
+        level: list[int] = []
+        for batch in id_batches(frontier):
+            for pk, parent_id in ApiKey.objects.filter(**{column: batch}).values_list("pk", "parent_id"):
+                if pk not in found:  # a loop made by hand ends the walk
+                    found[pk] = parent_id
+                    level.append(pk)
+        frontier, column = sorted(level), "parent_id__in"
+    return found
+
+
 def api_key_ancestor_ids(key_id: int) -> list[int]:
     """The keys above this one, nearest first."""
     ids: list[int] = []

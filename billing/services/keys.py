@@ -29,13 +29,14 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from audit.services import audit_record
+from audit.services import AuditEntry, audit_record, audit_records
 from core.cache import TTLCache
 from core.exceptions import ApplicationError
+from core.id_batches import id_batches
 from providers.models import CatalogModel
 
 from ..models import ApiKey, BudgetPeriod, KeyScope
-from ..selectors import api_key_ancestor_ids, api_key_subtree_ids
+from ..selectors import api_key_ancestor_ids, api_key_subtree_ids, api_keys_subtree, limits_cache
 
 KEY_PREFIX = "sk-llmhub-"
 # How many keys may stand above a key. Creation refuses deeper chains; the lookup treats a deeper one
@@ -335,17 +336,109 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     return api_key
 
 
-@transaction.atomic
+def api_keys_revoke(*, api_key_ids: Iterable[int]) -> int:
+    """``api_key_revoke`` for many keys at once (an admin's selection across the list): those not revoked yet
+    are, each with its event, and the cached lookups of every one and of every key below them are dropped. A few
+    queries for each ``IDS_A_STATEMENT`` keys, not a few a key. Returns how many were revoked."""
+    ids = sorted(set(api_key_ids))
+    with transaction.atomic():
+        now = timezone.now()
+        revoked: list[ApiKey] = []
+        for batch in id_batches(ids):
+            found = ApiKey.objects.select_for_update().filter(pk__in=batch, revoked_at__isnull=True)
+            keys = list(found.only("pk", "prefix", "name").order_by("pk"))
+            ApiKey.objects.filter(pk__in=[key.pk for key in keys]).update(revoked_at=now)
+            revoked += keys
+        audit_records(
+            AuditEntry("key.revoke", target=key, changes={"revoked_at": [None, _iso(now)]}) for key in revoked
+        )
+        subtree = api_keys_subtree(ids)
+        for pk in subtree:
+            limits_cache.invalidate(("key", pk))
+        _forget_secrets(_secrets_of(subtree))
+    return len(revoked)
+
+
 def api_key_delete(*, api_key: ApiKey) -> None:
     """Delete a key and the keys created under it (the ledger keeps their rows, without the key). Revoking
     is usually what a person wants: a deleted key's rows no longer say which key spent."""
-    ids = api_key_subtree_ids(api_key.pk)
-    hashes = list(ApiKey.objects.filter(pk__in=ids).values_list("secret_hash", "previous_secret_hash"))
-    target = {"target_type": api_key._meta.label_lower, "target_id": api_key.pk, "target_repr": str(api_key)}
-    below = [prefix for pk, prefix in ApiKey.objects.filter(pk__in=ids).values_list("pk", "prefix") if pk != api_key.pk]
-    api_key.delete()
-    audit_record("key.delete", **target, changes={"prefix": [api_key.prefix, None], "keys_below": [sorted(below), []]})
-    _forget_secrets([digest for pair in hashes for digest in pair])
+    api_keys_delete(api_key_ids=[api_key.pk])
+
+
+# Keys deleted a statement: Django's delete sets to null what refers to them (the ledger's rows, alerts,
+# conversations, responses) naming every key of a batch and of the keys below them.
+KEYS_A_DELETE = 100
+
+
+@transaction.atomic
+def api_keys_delete(*, api_key_ids: Iterable[int]) -> int:
+    """Delete these keys and the keys created under them, one event a key deleted (a key selected under another
+    selected one goes with that one, in its ``keys_below``), both secrets of every one forgotten. A few queries
+    for each batch of keys, not a few a key (an admin's selection across the list). Returns how many events."""
+    ids = set(api_key_ids)
+    subtree = api_keys_subtree(ids)
+    selected = ids & subtree.keys()
+    rows = {
+        pk: (parent_id, prefix, name)
+        for batch in id_batches(sorted(subtree))
+        for pk, parent_id, prefix, name in ApiKey.objects.filter(pk__in=batch).values_list(
+            "pk", "parent_id", "prefix", "name"
+        )
+    }
+    children: dict[int | None, list[int]] = {}
+    for pk, (parent_id, _prefix, _name) in rows.items():
+        children.setdefault(parent_id, []).append(pk)
+    tops = sorted(pk for pk in selected if not _under(pk, selected, rows))
+    secrets_of = _secrets_of(subtree)
+    entries = []
+    for top in tops:
+        below = [rows[pk][1] for pk in _below(top, children) if pk != top]
+        _parent, prefix, name = rows[top]
+        entries.append(
+            AuditEntry(
+                "key.delete",
+                target_type=ApiKey._meta.label_lower,
+                target_id=top,
+                target_repr=str(ApiKey(prefix=prefix, name=name)),
+                changes={"prefix": [prefix, None], "keys_below": [sorted(below), []]},
+            )
+        )
+    for batch in id_batches(tops, KEYS_A_DELETE):
+        ApiKey.objects.filter(pk__in=batch).delete()
+    audit_records(entries)
+    _forget_secrets(secrets_of)
+    return len(entries)
+
+
+def _under(pk: int, selected: set[int], rows: dict[int, tuple[int | None, str, str]]) -> bool:
+    """Whether a key above ``pk`` is among ``selected`` (a loop made by hand ends the walk)."""
+    seen = {pk}
+    parent_id = rows[pk][0]
+    while parent_id is not None and parent_id not in seen and parent_id in rows:
+        if parent_id in selected:
+            return True
+        seen.add(parent_id)
+        parent_id = rows[parent_id][0]
+    return False
+
+
+def _below(top: int, children: dict[int | None, list[int]]) -> list[int]:
+    """``top`` and every key under it (a loop made by hand ends the walk)."""
+    found, frontier = {top}, [top]
+    while frontier:
+        frontier = [pk for parent in frontier for pk in children.get(parent, []) if pk not in found]
+        found.update(frontier)
+    return sorted(found)
+
+
+def _secrets_of(key_ids: Iterable[int]) -> list[str | None]:
+    """Both secrets' digests of these keys, read a batch at a time."""
+    return [
+        digest
+        for batch in id_batches(sorted(key_ids))
+        for pair in ApiKey.objects.filter(pk__in=batch).values_list("secret_hash", "previous_secret_hash")
+        for digest in pair
+    ]
 
 
 def key_cache_forget(*, api_key_ids: Iterable[int]) -> None:

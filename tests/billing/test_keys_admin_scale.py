@@ -1,0 +1,60 @@
+"""The keys' admin actions at scale: revoking or deleting the keys selected across the list costs a few queries a
+batch of keys, not a few a key, and still records one audit event a key (docs/ledger.md, "The admin at scale")."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from audit.models import AuditEvent
+from audit.services import audit_verify
+from billing.models import ApiKey
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def keys_in_bulk(count: int, *, start: int) -> list[ApiKey]:
+    """``count`` keys of one user, each with a key created under it."""
+    owner = UserFactory(username=f"owner{start}")
+    tops = ApiKey.objects.bulk_create(
+        ApiKey(user=owner, name=f"k{start + n}", prefix=f"p{start + n}", secret_hash=f"h{start + n}")
+        for n in range(count)
+    )
+    ApiKey.objects.bulk_create(
+        ApiKey(user=owner, parent=top, name=f"c{top.pk}", prefix=f"c{top.pk}", secret_hash=f"c{top.pk}") for top in tops
+    )
+    return tops
+
+
+def run_action(admin_client, action: str, keys: list[ApiKey]) -> CaptureQueriesContext:
+    form = {"action": action, "_selected_action": [key.pk for key in keys]}
+    if action == "delete_selected":
+        form["post"] = "yes"
+    with CaptureQueriesContext(connection) as queries:
+        answer = admin_client.post(reverse("admin:billing_apikey_changelist"), form)
+    assert answer.status_code == 302
+    return queries
+
+
+@pytest.mark.parametrize(("action", "event"), [("revoke_selected", "key.revoke"), ("delete_selected", "key.delete")])
+def test_a_keys_action_costs_a_few_queries_a_batch_of_keys_not_a_key(admin_client, action, event):
+    first, few, many = keys_in_bulk(1, start=5_000), keys_in_bulk(10, start=0), keys_in_bulk(200, start=1_000)
+    run_action(admin_client, action, first)  # the first fills Django's caches: not counted
+
+    on_few = run_action(admin_client, action, few)
+    on_many = run_action(admin_client, action, many)
+
+    # More only by statements of batches (the events', the deletes'): fewer than a query for every ten keys more;
+    # it was a dozen queries a key.
+    assert len(on_few) <= len(on_many) < len(on_few) + (len(many) - len(few)) // 10
+    taken = ApiKey.objects.filter(user__username__in=["owner0", "owner1000", "owner5000"])
+    if action == "revoke_selected":  # the keys selected, not those under them (they stop with them)
+        assert taken.filter(revoked_at__isnull=False).count() == 211 and taken.count() == 422
+    else:
+        assert not taken.exists()
+    targets = AuditEvent.objects.filter(action=event).values_list("target_id", flat=True)
+    assert sorted(map(int, targets)) == sorted(key.pk for key in [*first, *few, *many])
+    assert audit_verify() is None
