@@ -18,7 +18,7 @@ from .models import BudgetAlert, BudgetCounter, DailyStaffUsage, DailyUsage, Dai
 from .selectors import user_ids_named
 from .services.alert_sweep import budget_alert_deliveries
 from .services.budgets import THRESHOLDS
-from .services.plans import plan_assign
+from .services.plans import user_plans_overrides_clear
 from .services.rollups import daily_usage_rebuild
 from .tasks import reservations_reconcile
 
@@ -82,8 +82,7 @@ class UserPlanAdmin(admin.ModelAdmin):
 
     @admin.action(description="Clear the selected users' own limits (use their plan's)")
     def clear_overrides(self, request: HttpRequest, queryset: QuerySet[UserPlan]) -> None:
-        for user_plan in queryset.select_related("user", "plan"):
-            plan_assign(user=user_plan.user, plan=user_plan.plan, clear_overrides=True)
+        user_plans_overrides_clear(user_plan_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Cleared the own limits of {queryset.count()} user(s).", messages.SUCCESS)
 
 

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from audit.services import AuditEntry, audit_records
+from core.id_batches import id_batches
 
 from ..exceptions import BillingMisconfiguredError
 from ..models import Plan, UserPlan
+from ..selectors import limits_cache
 
 
 def plan_get(*, name: str) -> Plan:
@@ -30,6 +37,40 @@ def plan_assign(*, user: Any, plan: Plan, clear_overrides: bool = False) -> User
         user_plan.daily_token_quota = user_plan.monthly_budget_usd = user_plan.rpm = user_plan.tpm = None
     user_plan.save()  # the post_save signal clears the cached limits
     return user_plan
+
+
+# A user's own limits, which their plan's stand in for when empty.
+OWN_LIMITS = ("daily_token_quota", "monthly_budget_usd", "rpm", "tpm")
+
+
+@transaction.atomic
+def user_plans_overrides_clear(*, user_plan_ids: Iterable[int]) -> int:
+    """Empty the own limits of these users' plans (their plan's apply), each recorded as its save would be
+    (``billing.userplan.change``, the limits it had); a few queries for each ``IDS_A_STATEMENT`` of them, not a
+    few a user (an admin's selection across the list). Returns how many had limits of their own."""
+    cleared: list[AuditEntry] = []
+    user_ids: list[int] = []
+    own = Q()
+    for name in OWN_LIMITS:
+        own |= Q(**{f"{name}__isnull": False})
+    for batch in id_batches(sorted(set(user_plan_ids))):
+        rows = list(
+            UserPlan.objects.select_for_update(of=("self",))
+            .filter(own, pk__in=batch)
+            .select_related("user", "plan")
+            .order_by("pk")
+        )
+        UserPlan.objects.filter(pk__in=[row.pk for row in rows]).update(
+            **dict.fromkeys(OWN_LIMITS), updated_at=timezone.now()
+        )
+        for row in rows:
+            changes = {name: [getattr(row, name), None] for name in OWN_LIMITS if getattr(row, name) is not None}
+            cleared.append(AuditEntry(f"{UserPlan._meta.label_lower}.change", target=row, changes=changes))
+            user_ids.append(row.user_id)
+    audit_records(cleared)
+    for user_id in user_ids:
+        limits_cache.invalidate(("user", user_id))
+    return len(cleared)
 
 
 def user_plan_ensure(*, user_id: int) -> UserPlan | None:
