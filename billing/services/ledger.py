@@ -38,7 +38,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
-from core.loops import LoopRegistry
+from core.loops import LoopRegistry, task_abandoned
 from core.metrics import ledger_spilled_add
 from core.request_context import outside_request
 from core.time_limits import time_limit_reraise
@@ -194,9 +194,16 @@ class _Writer:
         self.spill: asyncio.Task[None] | None = None  # rows past the queue's bound on their way to the spool
 
 
+def _writer_dropped(writer: _Writer) -> None:
+    """``writer``'s loop was closed without cancelling its tasks: they will never run."""
+    task_abandoned(writer.task)
+    task_abandoned(writer.spill)
+    _writer_release(writer)
+
+
 # A writer is released (``_writer_release``) when its task ends or its loop is found closed: an entry's writer
 # refers to its loop, so the entries of ended loops must go for those loops to be collected.
-_writers: LoopRegistry[_Writer] = LoopRegistry(on_drop=lambda writer: _writer_release(writer))
+_writers: LoopRegistry[_Writer] = LoopRegistry(on_drop=_writer_dropped)
 _writers_release_lock = threading.Lock()
 
 
