@@ -117,3 +117,29 @@ def test_a_loop_that_watched_the_spool_is_collected(settings):
 
     assert _gone(refs) == LOOPS
     assert UsageRecord.objects.filter(request_id__startswith="loops-").count() == LOOPS
+
+
+def test_a_loop_closed_without_cancelling_its_spool_watcher_is_collected(settings, caplog):
+    """``run_until_complete`` then ``close`` with the spool watcher still waiting: the next loop that watches the
+    spool drops it; its task, which will never run, is not reported "destroyed but pending"."""
+    settings.LLMHUB_LEDGER_SPOOL_PROBE_SECONDS = 600  # each watcher is still waiting when its loop closes
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    refs: list[weakref.ref] = []
+
+    async def call() -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        ledger._spool(row())
+        ledger_spool_watch()
+        await asyncio.sleep(0)
+
+    for _ in range(LOOPS):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(call())
+        loop.close()
+        del loop
+    asyncio.run(call())
+
+    assert _gone(refs) == LOOPS + 1
+    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not [loop for loop in list(ledger._spool_watchers) if loop.is_closed()]
+    assert ledger_replay_spool() == LOOPS + 1
