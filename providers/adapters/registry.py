@@ -48,6 +48,7 @@ class _Pool:
     platform: dict[int, BaseAdapter] = field(default_factory=dict)
     users: OrderedDict[_PoolKey, BaseAdapter] = field(default_factory=OrderedDict)
     retiring: set[BaseAdapter] = field(default_factory=set)  # evicted or replaced, closed once idle
+    closing: set[asyncio.Task[None]] = field(default_factory=set)  # the tasks closing them (``_close_later``)
     keeper: asyncio.Task[None] | None = None  # closes the clients when its loop cancels it (``_pool_start``)
 
 
@@ -56,8 +57,7 @@ class _Pool:
 # their call returns: a Celery task, a command, a sync view make a loop per call), its clients then closed; or,
 # for a loop closed without that, when the next loop starts its pool (its clients cannot be closed on a closed
 # loop). Listed under its lock by ``adapters_forget`` (called from any thread).
-_pools: LoopRegistry[_Pool] = LoopRegistry(on_drop=lambda pool: task_abandoned(pool.keeper))
-_retired: set[asyncio.Task[None]] = set()
+_pools: LoopRegistry[_Pool] = LoopRegistry(on_drop=lambda pool: _pool_dropped(pool))
 # How often a retired client is checked for calls still running on it (soon at first, since most calls are
 # short, then every second at most), and the longest it is kept for them.
 _IDLE_POLL_FIRST_SECONDS = 0.05
@@ -99,6 +99,12 @@ def _pool_start(loop: asyncio.AbstractEventLoop) -> _Pool:
     pool = _pools.start(loop, _Pool())
     pool.keeper = _pools.keep(loop, pool, _pool_close)
     return pool
+
+
+def _pool_dropped(pool: _Pool) -> None:
+    """``pool``'s loop was closed without cancelling its tasks: they will never run."""
+    for task in [pool.keeper, *pool.closing]:
+        task_abandoned(task)
 
 
 async def _pool_close(pool: _Pool) -> None:
@@ -164,8 +170,10 @@ def _forget(pool: _Pool, credential_id: int, loop: asyncio.AbstractEventLoop) ->
 def _retire(pool: _Pool, adapter: BaseAdapter, loop: asyncio.AbstractEventLoop) -> None:
     pool.retiring.add(adapter)
     task = loop.create_task(_close_later(adapter, pool))
-    _retired.add(task)
-    task.add_done_callback(_retired.discard)
+    # Held by its pool (a loop holds its tasks only weakly), not by the process: one of a loop closed before it
+    # ran would keep that loop alive.
+    pool.closing.add(task)
+    task.add_done_callback(pool.closing.discard)
 
 
 async def _close_later(adapter: BaseAdapter, pool: _Pool | None = None, delay: float = _RETIRE_MAX_SECONDS) -> None:

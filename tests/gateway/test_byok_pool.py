@@ -51,7 +51,8 @@ async def retirements_done() -> None:
     loop's next turns, where asyncio closes a transport's socket (``call_soon``). Waited for by what they
     are rather than by a pause: on a loaded machine a 20 ms pause can pass in a single turn of the loop."""
     loop = asyncio.get_running_loop()
-    closing = [task for task in registry._retired if task.get_loop() is loop]
+    pool = registry._pools.get(loop)
+    closing = list(pool.closing) if pool is not None else []
     if closing:
         await asyncio.wait(closing, timeout=10)
     for _ in range(3):

@@ -7,6 +7,7 @@ must not keep the loop alive once it is gone, and its clients are closed with it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import warnings
@@ -16,6 +17,8 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
 from providers.adapters import registry
+from providers.fields import Secret
+from providers.selectors import provider_config
 from providers.services.health import aprovider_health_check
 from tests.factories import ModelFactory, ProviderFactory
 
@@ -87,5 +90,31 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider, caplo
 
     assert _gone(refs) == LOOPS + 1
     # The task that would have closed its clients never runs: it is not reported as "destroyed but pending".
+    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not [loop for loop in list(registry._pools) if loop.is_closed()]
+
+
+def test_a_loop_closed_with_a_client_retirement_pending_is_collected(provider, caplog):
+    """``run_until_complete`` then ``close`` right after a user's key was forgotten (``adapters_forget``): the task
+    that would close its client once idle never runs. The next loop that pools a client drops the loop's pool,
+    and nothing else keeps the loop: its retirement is let go with it, not reported "destroyed but pending"."""
+    base = provider_config(provider)
+    refs: list[weakref.ref] = []
+
+    async def call(n: int) -> None:
+        refs.append(weakref.ref(asyncio.get_running_loop()))
+        config = dataclasses.replace(base, api_key=Secret(f"sk-user-{n:05d}-own-key-0000"), credential_id=100_000 + n)
+        registry.adapter_for(config)
+        registry.adapters_forget(config.credential_id)  # retired: closed once idle, by a task of this loop
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    for n in range(LOOPS):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(call(n))
+        loop.close()
+        del loop
+    asyncio.run(call(LOOPS))
+
+    assert _gone(refs) == LOOPS + 1
     assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
     assert not [loop for loop in list(registry._pools) if loop.is_closed()]
