@@ -17,6 +17,7 @@ import math
 import random
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -125,10 +126,12 @@ _VALIDATORS = {
 
 # Runs whose upstream call is in progress, with the task running each: a server shutting down cuts
 # them (``runs_cut_all``) so that each settles in its own ``finally`` before the ledger is drained.
-_active_runs: dict[CompletionRun, asyncio.Task[Any]] = {}
+_active_runs: weakref.WeakValueDictionary[CompletionRun, asyncio.Task[Any]] = weakref.WeakValueDictionary()
 # The tasks serving a completion request, from its start until its last byte or event has gone: what a
 # graceful shutdown waits for (``runs_drain``).
-_requests_in_flight: set[asyncio.Task[Any]] = set()
+# Both hold the tasks weakly: the server serving a request holds its task, and one of a loop closed with the
+# request pending (its tasks not cancelled) would keep that loop alive here for good.
+_requests_in_flight: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 # Seconds a client refused by a server that is shutting down is told to wait: time for another server
 # (or this one, restarted) to take the request.
 SHUTDOWN_RETRY_AFTER_SECONDS = 5
