@@ -1,7 +1,8 @@
 """Moderation in the pipeline: the input check before admission, the output check on replies and streams,
 and what a finding does (``docs/moderation.md``).
 
-A request is checked by its model's policy and its user's plan's (``providers.moderation``). With neither,
+A request is checked by its model's policy and its user's plan's (``providers.moderation``), and a fallback's
+own input policy reads the input before that fallback is tried (``Moderation.check_fallback``). With none,
 ``moderation_for`` returns None after two cached lookups and nothing else runs. A ``block`` hit refuses the
 input (400 ``content_policy_violation``, nothing sent upstream) or ends the reply; a ``flag`` hit is
 recorded on the ledger row (``CompletionRun.moderation``) and as an audit event ``moderation.flag``
@@ -82,6 +83,9 @@ class Moderation:
         self.model = model
         self.notes: list[str] = []
         self._flagged: set[tuple[int, str]] = set()  # (policy, direction) already recorded
+        self._input: tuple[dict[str, Any], str, dict[str, Any]] | None = None  # what ``check_input`` read, as asked
+        # A fallback's own input policy: its verdict on this input (None: passed), reached once per policy.
+        self._verdicts: dict[int, Exception | None] = {}
 
     @property
     def summary(self) -> str:
@@ -104,6 +108,7 @@ class Moderation:
         run); what the caller gave is, each string of each variable (``prompt.variables.<name>``).
         ``field_names``: the names the client gave those fields, when ``body`` is a translation of its request
         (``/v1/responses``: ``messages[1].content`` was ``input[0].content``)."""
+        self._input = (body, operation, {"fields": fields, "variables": variables, "field_names": field_names})
         policies = [p for p in self.policies if p.check_input]
         if not policies:
             return
@@ -142,6 +147,36 @@ class Moderation:
 
         for policy in policies:
             await self._judge(policy, "input", lambda p=policy: p.check(text), placed)
+
+    async def check_fallback(self, model: ResolvedModel) -> Exception | None:
+        """Before the first attempt on ``model``, a fallback: the refusal its own input policy gives the input
+        ``check_input`` read (the model asked for and the plan's policies already passed it), or None. Each
+        policy reads the input once a request: a second fallback under the same policy gets the same verdict.
+        A refusal (a ``block`` hit, a failed service that fails closed, a prompt of token ids) skips the
+        fallback, and the ledger row says so."""
+        policy_id = model.moderation_policy_id
+        if policy_id is None or self._input is None or any(p.id == policy_id for p in self.policies):
+            return None
+        if policy_id in self._verdicts:
+            verdict = self._verdicts[policy_id]
+            if verdict is not None:
+                self.notes.append(f'fallback "{model.name}" skipped: refused by the same policy')
+            return verdict
+        own = Moderation(
+            await moderation_policies((policy_id,)), caller=self.caller, request_id=self.request_id, model=self.model
+        )
+        body, operation, options = self._input
+        verdict: Exception | None = None
+        try:
+            await own.check_input(body, operation, **options)
+        except (ContentPolicyViolationError, ModerationUnavailableError, InvalidRequestError) as exc:
+            verdict = exc
+        self._verdicts[policy_id] = verdict
+        if verdict is not None and not own.notes:  # a prompt of token ids: nothing was read
+            own.notes.append(f"input unread: {getattr(verdict, 'code', '') or type(verdict).__name__}")
+        lead = f'fallback "{model.name}" skipped' if verdict is not None else f'fallback "{model.name}"'
+        self.notes.extend(f"{lead}: {note}" for note in own.notes)
+        return verdict
 
     def output(self) -> ReplyGuard | None:
         """The guard of the reply, when a policy checks output."""
@@ -241,16 +276,25 @@ async def moderation_drain() -> None:
         await asyncio.gather(*list(_background), return_exceptions=True)
 
 
-async def moderation_for(caller: Caller, model: ResolvedModel, operation: str, *, request_id: str) -> Moderation | None:
-    """The request's moderation, or None when no policy applies (the model's and the plan's ids are read from
-    snapshots already cached for routing and admission)."""
+async def moderation_for(
+    caller: Caller,
+    model: ResolvedModel,
+    operation: str,
+    *,
+    request_id: str,
+    fallbacks: Iterable[ResolvedModel] = (),
+) -> Moderation | None:
+    """The request's moderation, or None when no policy applies (the model's, the plan's and the ``fallbacks``'
+    ids are read from snapshots already cached for routing and admission). A fallback's own policy is not the
+    request's: it is applied only before that fallback is tried (``Moderation.check_fallback``)."""
     if operation not in MODERATED:
         return None
     plan_policy = (await user_limits(caller.user_id)).moderation_policy_id
-    if model.moderation_policy_id is None and plan_policy is None:
+    guarded = any(fallback.moderation_policy_id is not None for fallback in fallbacks)
+    if model.moderation_policy_id is None and plan_policy is None and not guarded:
         return None
     policies = await moderation_policies((model.moderation_policy_id, plan_policy))
-    if not policies:
+    if not policies and not guarded:
         return None
     return Moderation(policies, caller=caller, request_id=request_id, model=model.name)
 

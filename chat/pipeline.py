@@ -453,7 +453,9 @@ async def completion_start(
         fallbacks, context_fallbacks = await _fallbacks_for(caller, model, operation=operation, body=body)
         credentials = await _credentials_for(caller, [model, *fallbacks, *context_fallbacks])
         # The input check, before admission: a refused input holds nothing and nothing goes upstream.
-        moderation = await moderation_for(caller, model, operation, request_id=request_id)
+        moderation = await moderation_for(
+            caller, model, operation, request_id=request_id, fallbacks=[*fallbacks, *context_fallbacks]
+        )
         if moderation is not None:
             if rendered is not None:
                 await moderation.check_input(body, operation, variables=rendered.variables)
@@ -1042,6 +1044,7 @@ class CompletionRun:
         self.resumed = False  # a stream that failed midway and was continued on another deployment
         # The request's moderation policies and what they found (the ledger row's ``moderation``); None: none.
         self.moderation = moderation
+        self._input_refused: Exception | None = None  # what every fallback's own policy refused: the answer
         self.result: RunResult | None = None
         self._ticket: CallTicket | None = None
         self._cancelled = False
@@ -1176,6 +1179,11 @@ class CompletionRun:
                 call.status = UsageStatus.INVALID
             self._ticket_close(_outcome(exc, self.served))
             raise
+        except InvalidRequestError as exc:
+            if exc is self._input_refused:  # by a fallback's policy before any call (a prompt of token ids)
+                call.error_type = exc.code or type(exc).__name__
+                call.status = UsageStatus.INVALID
+            raise
         except (asyncio.CancelledError, GeneratorExit):
             call.status = self._interrupted_status()
             self._ticket_close(Outcome.NEUTRAL)
@@ -1262,12 +1270,19 @@ class CompletionRun:
         last_deployment: ResolvedDeployment | None = None
         failures = 0
         index = 0
+        refused: Exception | None = None  # the first fallback's refusal by a moderation policy of its own
         # The deployments' rpm/tpm caps stand for the platform's account: an attempt on the user's own key is
         # neither held to them nor counted toward them.
         own_key = functools.partial(byok_on_own_key, credentials=self.credentials) if self.credentials else None
         while index < len(plan):
             model = plan[index]
             index += 1
+            if model is not self.model and self.moderation is not None:
+                # A fallback's own input policy, applied before it is tried: a refusal skips it.
+                verdict = await self.moderation.check_fallback(model)
+                if verdict is not None:
+                    refused = refused or verdict
+                    continue
             candidates = [d for d in route_candidates(model, hint=self.route, own_key=own_key) if d.id not in exclude]
             if self.credentials is not None:  # a provider that requires the caller's own key they lack: skipped
                 candidates = [d for d in candidates if byok_servable(d, self.credentials)]
@@ -1346,6 +1361,11 @@ class CompletionRun:
                     self._ticket_close(Outcome.NEUTRAL)
                     raise
                 return result
+        if refused is not None and last is None:
+            # No attempt failed (none was made, or the plan was switched for context): every model left was refused
+            # by its own policy, and the first refusal is the answer. A failed attempt's error is, when there is one.
+            self._input_refused = refused
+            raise refused
         if last is not None:
             raise last
         waits = [wait for wait in (caps_retry_after(m, own_key=own_key) for m in plan) if wait is not None]
