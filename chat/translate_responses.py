@@ -24,7 +24,7 @@ from typing import Any
 from core.text import text_quoted
 from providers.adapters.translate_anthropic import reasoning_text
 
-from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model
+from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model, check_field_types
 
 logger = logging.getLogger(__name__)
 
@@ -442,6 +442,10 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     fields had in ``body`` (``messages[2].content`` -> ``input[1].content``: what a refusal of the input names);
     raises ``InvalidRequestError`` (400) naming the first parameter it cannot take."""
     check_body_and_model(body)
+    # Its own names for what it forwards: ``parallel_tool_calls`` is checked without tools too (it is echoed back).
+    check_field_types(
+        body, ("stream", "parallel_tool_calls", "user", "prompt_cache_key", "safety_identifier", "service_tier")
+    )
     for name, (default, why) in _UNSUPPORTED.items():
         if body.get(name, default) not in (None, default):
             _fail(f"Unsupported parameter: '{name}': {why}", name, "unsupported_parameter")

@@ -23,6 +23,19 @@ MAX_JSON_DEPTH = 64
 MAX_TOKENS_LIMIT = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOOL_CHOICE_MODES = ("none", "auto", "required")
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+# Fields sent upstream as they come, each with the JSON type OpenAI requires of it (and, for ``service_tier``, its
+# values): checked here, since a provider refuses one of the wrong type only after the call, or takes it wrongly.
+FIELD_TYPES: dict[str, tuple[type, str]] = {
+    "stream": (bool, "a boolean"),
+    "logprobs": (bool, "a boolean"),
+    "parallel_tool_calls": (bool, "a boolean"),
+    "user": (str, "a string"),
+    "prompt_cache_key": (str, "a string"),
+    "safety_identifier": (str, "a string"),
+    "service_tier": (str, "a string"),
+}
+FIELD_VALUES: dict[str, tuple[str, ...]] = {"service_tier": SERVICE_TIERS}
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. This API expects a JSON payload.)"
@@ -126,6 +139,21 @@ def _check_range(body: dict[str, Any], name: str, low: float, high: float) -> No
         _fail(f"Invalid '{name}': {value} is not between {low:g} and {high:g}.", name)
 
 
+def check_field_types(body: dict[str, Any], names: Any = FIELD_TYPES) -> None:
+    """The fields of ``FIELD_TYPES`` among ``names`` that ``body`` gives (not null): of their type, and of their
+    values where ``FIELD_VALUES`` lists them (``invalid_type``, ``invalid_value``)."""
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        kind, spelled = FIELD_TYPES[name]
+        if not isinstance(value, kind):
+            _fail(f"Invalid type for '{name}': expected {spelled}.", name, "invalid_type")
+        allowed = FIELD_VALUES.get(name)
+        if allowed is not None and value not in allowed:
+            _fail(f"Invalid value for '{name}': expected one of {', '.join(map(repr, allowed))}.", name)
+
+
 def _check_content(content: Any, index: int, role: str, message: dict[str, Any]) -> None:
     param = f"messages[{index}].content"
     if content is None:
@@ -223,6 +251,30 @@ def _check_tools(body: dict[str, Any]) -> None:
                 )
 
 
+def _check_functions(body: dict[str, Any]) -> None:
+    """The legacy ``functions``: each an object with a name and, when given, a JSON schema object as parameters."""
+    functions = body.get("functions")
+    if functions is None:
+        return
+    if not isinstance(functions, list):
+        _fail("Invalid type for 'functions': expected an array of objects.", "functions", "invalid_type")
+    for index, function in enumerate(functions):
+        where = f"functions[{index}]"
+        if not isinstance(function, dict):
+            _fail(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
+        name = function.get("name")
+        if name is None:
+            _fail(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
+        if not isinstance(name, str) or not name:
+            _fail(f"Invalid type for '{where}.name': expected a non-empty string.", f"{where}.name", "invalid_type")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            _fail(
+                f"Invalid type for '{where}.parameters': expected a JSON schema object.",
+                f"{where}.parameters",
+                "invalid_type",
+            )
+
+
 def _check_tool_choice(body: dict[str, Any]) -> None:
     """OpenAI refuses a ``tool_choice`` that asks for tools when there are none; ``"none"`` asks for
     nothing, so it is accepted either way (it is the default without tools)."""
@@ -294,9 +346,8 @@ def validate_chat_request(body: Any) -> None:
     n = body.get("n")
     if n is not None and (not _is_int(n) or not 1 <= n <= 128):
         _fail("Invalid 'n': expected an integer between 1 and 128.", "n")
+    check_field_types(body)
     stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        _fail("Invalid type for 'stream': expected a boolean.", "stream", "invalid_type")
     options = body.get("stream_options")
     if options is not None:
         if not stream:
@@ -315,8 +366,6 @@ def validate_chat_request(body: Any) -> None:
     ):
         _fail("Invalid 'stop': expected a string or an array of at most 4 strings.", "stop")
     logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        _fail("Invalid type for 'logprobs': expected a boolean.", "logprobs", "invalid_type")
     top_logprobs = body.get("top_logprobs")
     if top_logprobs is not None:
         if not _is_int(top_logprobs) or not 0 <= top_logprobs <= 20:
@@ -333,4 +382,5 @@ def validate_chat_request(body: Any) -> None:
     ):
         _fail("Invalid 'response_format': expected type 'text', 'json_object' or 'json_schema'.", "response_format")
     _check_tools(body)
+    _check_functions(body)
     _check_tool_choice(body)

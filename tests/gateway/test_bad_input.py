@@ -315,3 +315,57 @@ def test_stream_options_include_usage_that_is_not_a_boolean_is_a_400(gateway, va
     assert_openai_error(response, 400, param="stream_options.include_usage", code="invalid_type")
     assert_rejected_row(gateway, response, "invalid_type")
     assert gateway.upstream.requests_served() == 0
+
+
+WRONGLY_TYPED = [
+    ({"user": 5}, "user", "invalid_type"),
+    ({"prompt_cache_key": 5}, "prompt_cache_key", "invalid_type"),
+    ({"safety_identifier": ["a"]}, "safety_identifier", "invalid_type"),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls", "invalid_type"),
+    ({"service_tier": "bogus"}, "service_tier", "invalid_value"),
+    ({"service_tier": 5}, "service_tier", "invalid_type"),
+]
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        *WRONGLY_TYPED,
+        ({"functions": [{"name": 5}]}, "functions[0].name", "invalid_type"),
+        ({"functions": [{"name": "f"}, {"parameters": {}}]}, "functions[1].name", "missing_required_parameter"),
+        ({"functions": [{"name": "f", "parameters": "x"}]}, "functions[0].parameters", "invalid_type"),
+        ({"functions": {"name": "f"}}, "functions", "invalid_type"),
+    ],
+)
+def test_a_field_of_the_wrong_type_or_value_is_a_400_before_any_upstream_call(gateway, fields, param, code):
+    """Each went upstream as it came (the fake upstream took or echoed it, ``functions[0].name: 5`` was a 502; OpenAI
+    refuses it, after the call): refused here, naming it, with its rejected row."""
+    response = post(gateway, chat(tools=[WEATHER_TOOL], **fields))
+    assert_openai_error(response, 400, param=param, code=code)
+    assert_rejected_row(gateway, response, code)
+    assert gateway.upstream.requests_served() == 0
+
+
+@pytest.mark.parametrize(("fields", "param", "code"), WRONGLY_TYPED)
+def test_a_field_of_the_wrong_type_or_value_on_v1_responses_is_a_400_before_any_upstream_call(
+    gateway, fields, param, code
+):
+    """The same fields on /v1/responses, ``parallel_tool_calls`` without tools too (it was echoed as true)."""
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={"model": "gpt-test", "input": "hi", **fields},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    )
+    assert_openai_error(response, 400, param=param, code=code)
+    assert_rejected_row(gateway, response, code)
+    assert gateway.upstream.requests_served() == 0
+
+
+@pytest.mark.parametrize("tier", ["auto", "default", "flex", "scale", "priority"])
+def test_each_of_openais_service_tiers_is_accepted(gateway, tier):
+    assert (
+        post(gateway, chat(service_tier=tier, user="u1", prompt_cache_key="k", parallel_tool_calls=False)).status_code
+        == 200
+    )
