@@ -33,6 +33,7 @@ from .common import (
     text_output_only,
     undecodable,
     upstream_deadline,
+    without_logprobs,
 )
 from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
@@ -250,7 +251,7 @@ class AnthropicAdapter(BaseAdapter):
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return anthropic_request(text_output_only(body))
+            return anthropic_request(without_logprobs(text_output_only(body)))
         except ProviderBadRequestError as exc:
             exc.provider = self.config.name
             raise

@@ -45,6 +45,7 @@ from .common import (
     stream_unfinished,
     text_output_only,
     upstream_deadline,
+    without_logprobs,
 )
 from .sse import sse_events
 
@@ -239,7 +240,7 @@ class CohereAdapter(BaseAdapter):
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return cohere_request(text_output_only(body))
+            return cohere_request(without_logprobs(text_output_only(body)))
         except ProviderBadRequestError as exc:
             exc.provider = self.config.name
             raise

@@ -307,6 +307,22 @@ def one_choice_only(body: dict[str, Any]) -> None:
         )
 
 
+def without_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` for a provider whose answers carry no log probabilities (Anthropic, Cohere, Mistral): ``logprobs:
+    true`` is refused, naming it, as OpenAI's reasoning models refuse it, rather than answered with ``logprobs:
+    null``; ``false`` (and a null ``top_logprobs``) asks for nothing and is not sent (Mistral refuses a field it
+    does not take)."""
+    if body.get("logprobs") is True:
+        raise ProviderBadRequestError(
+            "This model does not return log probabilities: `logprobs` is not supported with it.",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
+    if "logprobs" in body or "top_logprobs" in body:
+        return {key: value for key, value in body.items() if key not in ("logprobs", "top_logprobs")}
+    return body
+
+
 def text_output_only(body: dict[str, Any]) -> dict[str, Any]:
     """``body`` for a provider that answers in text only: a request for audio output (``modalities`` with
     ``"audio"``, which OpenAI answers in ``message.audio``) is refused, rather than answered in text the client did

@@ -7,7 +7,8 @@ one renames what Mistral has under another name (``max_completion_tokens`` → `
 ``random_seed``, embeddings' ``dimensions`` → ``output_dimension``) and never sends ``stream_options``:
 Mistral refuses it, and reports a stream's usage on its last chunk unasked (moved here to a chunk of its own,
 where OpenAI sends it). A field Mistral has no
-counterpart for (``logprobs``, ``user``, …) still goes up, and its 422 reaches the client as a 400 naming it. But
+counterpart for (``user``, …) still goes up, and its 422 reaches the client as a 400 naming it; ``logprobs: true`` is
+refused before the call (``without_logprobs``: Mistral returns none) and ``false`` is not sent. But
 an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
 (``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
 (``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
@@ -36,7 +37,14 @@ from typing import Any
 
 from ..exceptions import ProviderBadRequestError
 from .base import WireChunk
-from .common import BatchesAnswered, assistant_fields_dropped, fields_renamed, one_choice_only, text_output_only
+from .common import (
+    BatchesAnswered,
+    assistant_fields_dropped,
+    fields_renamed,
+    one_choice_only,
+    text_output_only,
+    without_logprobs,
+)
 from .openai import _CHAT_PATH, OpenAIAdapter
 
 # OpenAI's name → Mistral's, for the same meaning; given under both, OpenAI's wins (``fields_renamed``).
@@ -55,7 +63,11 @@ class MistralAdapter(OpenAIAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         request = fields_renamed(
-            {key: value for key, value in text_output_only(body).items() if key not in ("stream", "stream_options")},
+            {
+                key: value
+                for key, value in without_logprobs(text_output_only(body)).items()
+                if key not in ("stream", "stream_options")
+            },
             _CHAT_RENAMES,
         )
         request = _prefix_marked(assistant_fields_dropped(request, _REPLY_ONLY))

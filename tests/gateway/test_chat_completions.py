@@ -426,3 +426,20 @@ def test_asking_a_text_only_model_for_audio_is_a_400_naming_modalities(gateway, 
     assert {"modalities", "audio"} <= set(gateway.upstream.requests[-1]["body"])
     text_only = client.chat.completions.create(model="claude-test", messages=messages, modalities=["text"])
     assert text_only.choices[0].message.content == "Echo: say hi"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_asking_claude_for_logprobs_is_a_400_naming_logprobs(gateway, stream):
+    """Claude returns no log probabilities: ``logprobs: true`` was answered with ``logprobs: null`` (the field
+    dropped); it is refused before any upstream call, as OpenAI's reasoning models refuse it, with its ledger row.
+    ``false`` asks for nothing and is answered."""
+    client = gateway.client()
+    messages = [{"role": "user", "content": "say hi"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="claude-test", messages=messages, stream=stream, logprobs=True)
+    assert refused.value.param == "logprobs" and refused.value.code == "unsupported_parameter"
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.cost == 0
+    assert gateway.upstream.requests_served() == 0
+    answered = client.chat.completions.create(model="claude-test", messages=messages, logprobs=False)
+    assert answered.choices[0].message.content == "Echo: say hi"

@@ -119,11 +119,11 @@ def test_mistral_embeddings_take_dimensions_as_output_dimension(mistral):
 def test_a_field_mistral_does_not_take_is_a_400_naming_it(mistral):
     with pytest.raises(openai.BadRequestError) as caught:
         mistral.client().chat.completions.create(
-            model="mistral-test", messages=[{"role": "user", "content": "hi"}], logprobs=True
+            model="mistral-test", messages=[{"role": "user", "content": "hi"}], user="end-user-7"
         )
     error = caught.value.body
-    assert error["param"] == "logprobs"
-    assert "logprobs" in error["message"] and "Extra inputs are not permitted" in error["message"]
+    assert error["param"] == "user"
+    assert "user" in error["message"] and "Extra inputs are not permitted" in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

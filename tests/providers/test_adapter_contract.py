@@ -72,6 +72,9 @@ class ContractAdapter:
     # True: the request goes to an OpenAI-protocol server as it came, ``modalities`` and ``audio`` included, for
     # the model to answer in audio or refuse them itself. False: the provider answers in text only.
     audio_output: bool = False
+    # True: the provider answers ``logprobs: true`` with the tokens' log probabilities. False: it has none to give,
+    # and the adapter refuses the request rather than answer it with ``logprobs: null``.
+    logprobs: bool = False
 
     def make_config(self, upstream_url: str, **overrides: Any) -> ProviderConfig:
         values: dict[str, Any] = {
@@ -92,15 +95,19 @@ class ContractAdapter:
 
 # Append an entry here to put a new adapter under the contract.
 CONTRACT_ADAPTERS: list[ContractAdapter] = [
-    ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1", audio_output=True),
+    ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1", audio_output=True, logprobs=True),
     # Mistral speaks OpenAI's chat and embeddings API, refusing the fields it does not take: the fake serves
     # it, as strict, under /mistral.
     ContractAdapter(kind="mistral", base_url=lambda url: url + "/mistral/v1"),
     # Ollama's OpenAI compatibility, which ignores what it does not read (n): served under /ollama.
-    ContractAdapter(kind="ollama", base_url=lambda url: url + "/ollama/v1"),
+    ContractAdapter(kind="ollama", base_url=lambda url: url + "/ollama/v1", logprobs=True),
     # The model is the Azure deployment's name; the SDK puts it in the path, the fake answers as that model.
     ContractAdapter(
-        kind="azure_openai", base_url=lambda url: url, config={"api_version": "2024-10-21"}, audio_output=True
+        kind="azure_openai",
+        base_url=lambda url: url,
+        config={"api_version": "2024-10-21"},
+        audio_output=True,
+        logprobs=True,
     ),
     ContractAdapter(
         kind="anthropic",
@@ -120,6 +127,7 @@ CONTRACT_ADAPTERS: list[ContractAdapter] = [
         base_url=lambda url: url,  # the SDK adds the API version (v1beta) and the /models paths
         model="gemini-2.5-flash",
         embedding_usage=False,  # batchEmbedContents reports no token counts
+        logprobs=True,  # responseLogprobs
     ),
 ]
 
@@ -250,6 +258,24 @@ async def test_a_request_for_audio_output_is_refused_by_a_provider_that_answers_
             await call(body)
         assert caught.value.status_code == 400 and caught.value.param == "modalities", caught.value
     assert (await adapter.complete(chat(entry, "hi", modalities=["text"])))["choices"][0]["message"]["content"]
+
+
+async def test_logprobs_are_returned_or_refused_by_a_provider_that_has_none(adapter, entry):
+    """``logprobs: true`` asks for each token's log probability: a provider that has none to give (Claude, Cohere,
+    Mistral) refuses it, naming the parameter, as OpenAI's reasoning models do, rather than answer with ``logprobs:
+    null`` (Claude's did); ``false`` asks for nothing and is accepted by every one."""
+    body = chat(entry, "hi", logprobs=True)
+    if entry.logprobs:
+        completion = await adapter.complete(body)
+        assert completion["choices"][0]["logprobs"]["content"], completion
+    else:
+        for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+            with pytest.raises(ProviderBadRequestError) as caught:
+                await call(body)
+            error = caught.value
+            assert (error.status_code, error.param, error.code) == (400, "logprobs", "unsupported_parameter"), error
+    assert (await adapter.complete(chat(entry, "hi", logprobs=False)))["choices"][0]["message"]["content"]
+    assert streamed_text(await collect(adapter.stream(chat(entry, "hi", logprobs=False))))
 
 
 async def test_embeddings(adapter, entry):
