@@ -11,6 +11,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
 
+from core.admin_delete import BoundedDeleteConfirmation
 from core.id_batches import id_batches
 
 from .models import ExternalIdentity
@@ -45,7 +46,7 @@ USERS_A_DELETE = 100
 
 
 @admin.register(User)
-class RoleUserAdmin(UserAdmin):
+class RoleUserAdmin(BoundedDeleteConfirmation, UserAdmin):
     list_display = (*UserAdmin.list_display, "role")
     show_full_result_count = False  # hundreds of thousands of users: one count a view
     inlines = (*UserAdmin.inlines, ExternalIdentityInline)

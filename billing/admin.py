@@ -12,6 +12,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from core.admin_delete import BoundedDeleteConfirmation
 from core.exceptions import ApplicationError
 from core.paginators import EstimatedCountPaginator
 
@@ -125,7 +126,7 @@ def _at_least_one(value: int | None) -> int | None:
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     add_form = ApiKeyAddForm
     form = ApiKeyChangeForm
     list_display = ("prefix", "name", "user", "parent", "created_at", "last_used_at", "expires_at", "status")

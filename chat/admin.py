@@ -10,7 +10,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing.selectors import user_ids_named
-from core.id_batches import id_batches
+from core.admin_delete import BoundedDeleteConfirmation
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter
 
@@ -36,7 +36,7 @@ class MessageInline(admin.TabularInline):
 
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     list_display = ["title", "owner", "model_name", "archived", "updated_at"]
     list_filter = ["archived", CatalogModelNameFilter]
     # As the messages' list (docs/ledger.md, "The admin at scale"): newest first off the primary key (the
@@ -145,7 +145,7 @@ class StoredResponseHiddenFilter(admin.SimpleListFilter):
 
 
 @admin.register(StoredResponse)
-class StoredResponseAdmin(admin.ModelAdmin):
+class StoredResponseAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     """Read-only, as a conversation's messages are shown: written by ``POST /v1/responses``, read (or deleted) by
     their owner over ``/v1/responses/{id}``, deleted at the end of their retention. A chained one holds its own input
     items and names the one it continued (``previous``); one hidden (deleted or expired, kept for a chain) says so.
@@ -207,15 +207,15 @@ class StoredResponseAdmin(admin.ModelAdmin):
     def get_deleted_objects(
         self, objs: QuerySet[StoredResponse] | list[StoredResponse], request: HttpRequest
     ) -> tuple[list[Any], dict[str, int], set[str], list[Any]]:
-        # What the delete takes, listed as Django lists a cascade: those continuing them are not protecting them. Read
-        # a batch at a time (a selection across the list is more than a statement can name), without what they hold.
-        pks = list(objs.values_list("pk", flat=True)) if isinstance(objs, QuerySet) else [stored.pk for stored in objs]
-        taken = [
-            stored
-            for batch in id_batches(stored_responses_removal(pks))
-            for stored in StoredResponse.objects.filter(pk__in=batch).defer(*self.held)
-        ]
-        return super().get_deleted_objects(taken, request)
+        # What the delete takes (stored_responses_removal: those continuing them are not protecting them), its first
+        # rows listed without what they hold and the rest counted (BoundedDeleteConfirmation).
+        if isinstance(objs, QuerySet):
+            selection = objs
+        else:
+            selection = StoredResponse.objects.filter(pk__in=[stored.pk for stored in objs])
+        taken = stored_responses_removal(list(selection.values_list("pk", flat=True)))
+        shown = list(StoredResponse.objects.filter(pk__in=taken[: self.delete_listed]).defer(*self.held))
+        return self.deleted_objects_bounded(shown, selection, request, totals={StoredResponse: len(taken)})
 
     def delete_model(self, request: HttpRequest, obj: StoredResponse) -> None:
         stored_responses_remove([obj.pk])

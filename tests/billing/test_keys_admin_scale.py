@@ -11,6 +11,7 @@ from django.urls import reverse
 from audit.models import AuditEvent
 from audit.services import audit_verify
 from billing.models import ApiKey
+from billing.services.keys import MAX_KEY_DEPTH
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -58,3 +59,34 @@ def test_a_keys_action_costs_a_few_queries_a_batch_of_keys_not_a_key(admin_clien
     targets = AuditEvent.objects.filter(action=event).values_list("target_id", flat=True)
     assert sorted(map(int, targets)) == sorted(key.pk for key in [*first, *few, *many])
     assert audit_verify() is None
+
+
+def test_the_delete_page_of_a_key_counts_the_keys_below_it_to_the_deepest(admin_client):
+    """A person's key with 8 levels of keys below it (MAX_KEY_DEPTH), 150 under the last: the key's delete page and
+    its owner's list keys through Django's machinery, 100 at most a relation and level, and count all 158."""
+    owner = UserFactory(username="deep")
+    top = ApiKey.objects.create(user=owner, name="top", prefix="top", secret_hash="top")
+    parent = top
+    for level in range(1, MAX_KEY_DEPTH):
+        parent = ApiKey.objects.create(
+            user=owner, parent=parent, name=f"l{level}", prefix=f"l{level}", secret_hash=f"l{level}"
+        )
+    ApiKey.objects.bulk_create(
+        ApiKey(user=owner, parent=parent, name=f"leaf{n}", prefix=f"leaf{n}", secret_hash=f"leaf{n}")
+        for n in range(150)
+    )
+    assert ApiKey.objects.count() == 158
+
+    for url in (
+        reverse("admin:billing_apikey_delete", args=[top.pk]),
+        reverse("admin:auth_user_delete", args=[owner.pk]),
+    ):
+        page = admin_client.get(url)
+        assert page.status_code == 200 and not page.context["protected"]
+        assert dict(page.context["model_count"])["API keys"] == 158
+
+    page = admin_client.get(reverse("admin:billing_apikey_delete", args=[top.pk]))
+    assert "… and 50 more API keys" in page.content.decode()  # the top, 7 levels of one, the first 100 leaves
+
+    assert admin_client.post(reverse("admin:billing_apikey_delete", args=[top.pk]), {"post": "yes"}).status_code == 302
+    assert not ApiKey.objects.exists()

@@ -80,3 +80,29 @@ def test_a_long_conversation_shows_its_latest_messages_and_links_to_all(admin_cl
     Message.objects.create(conversation=short, role="user", content="hello")
     page = admin_client.get(reverse("admin:chat_conversation_change", args=[short.pk])).content.decode()
     assert "1 (all are below)" in page
+
+
+def test_the_delete_page_of_conversations_costs_the_same_queries_however_many_messages(admin_client, chats):
+    """A conversation's delete page and the delete of several lists the first 100 messages and counts the rest
+    (Django's read and rendered every message); the same queries for 3 messages as for 3,000."""
+    conversation = chats[0]
+    url = reverse("admin:chat_conversation_delete", args=[conversation.pk])
+
+    def page():
+        with CaptureQueriesContext(connection) as queries:
+            response = admin_client.get(url)
+        assert response.status_code == 200 and not response.context["protected"]
+        return response, len(queries)
+
+    Message.objects.bulk_create(Message(conversation=conversation, role="user", content=f"m{n}") for n in range(3))
+    page()  # the first view fills Django's caches (content types): not counted
+    _, few = page()
+    Message.objects.bulk_create(Message(conversation=conversation, role="user", content=f"m{n}") for n in range(2_997))
+    response, many = page()
+    assert many == few
+    assert dict(response.context["model_count"]) == {"conversations": 1, "messages": 3_000}
+    assert "… and 2900 more messages" in response.content.decode()
+
+    selected = {"action": "delete_selected", "_selected_action": [chat.pk for chat in chats], "post": "yes"}
+    assert admin_client.post(CHANGELIST, selected).status_code == 302
+    assert not Conversation.objects.exists() and not Message.objects.exists()
