@@ -108,7 +108,12 @@ async def upstream_deadline(config: ProviderConfig) -> AsyncIterator[None]:
     """Bound everything inside, the SDK's retries and the waits between them included, by ``config.timeout``.
 
     A stream is bounded until its response begins; after that, each gap between two chunks is bounded
-    by the HTTP client's read timeout (the same number)."""
+    by the HTTP client's read timeout (the same number).
+
+    A call whose loop was closed under it (without its tasks cancelled) is closed by the collector, outside the
+    loop and the call's context: what the transport's cleanup then raises on the dead loop (``Event loop is
+    closed``), and the context variable's reset from another context (a ``ValueError``), are no failure of the
+    provider, and would be reported as one (malformed JSON). The signal that closed it goes on instead."""
     loop = asyncio.get_running_loop()
     token = _deadline.set(loop.time() + config.timeout)
     try:
@@ -116,8 +121,27 @@ async def upstream_deadline(config: ProviderConfig) -> AsyncIterator[None]:
             yield
     except TimeoutError:
         raise timeout_error(config) from None
+    except Exception as exc:
+        signal = loop_end_signal(exc) if loop.is_closed() else None
+        if signal is None:
+            raise
+        raise signal from None
     finally:
-        _deadline.reset(token)
+        if not loop.is_closed():
+            _deadline.reset(token)
+
+
+def loop_end_signal(exc: BaseException) -> BaseException | None:
+    """The ``GeneratorExit`` or ``CancelledError`` (a ``BaseException`` that is no ``Exception``) that ``exc`` was
+    raised while handling, if any: the signal a cleanup's failure replaced."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if not isinstance(current, Exception):
+            return current
+        seen.add(id(current))
+        current = current.__context__
+    return None
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:

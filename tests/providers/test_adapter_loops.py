@@ -21,6 +21,7 @@ from providers.fields import Secret
 from providers.selectors import provider_config
 from providers.services.health import aprovider_health_check
 from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -118,3 +119,41 @@ def test_a_loop_closed_with_a_client_retirement_pending_is_collected(provider, c
     assert _gone(refs) == LOOPS + 1
     assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
     assert not [loop for loop in list(registry._pools) if loop.is_closed()]
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "model"),
+    [
+        ("openai_compatible", "/v1", "fake-gpt-4o-mini"),
+        ("anthropic", "", "fake-claude-haiku"),
+        ("cohere", "/cohere", "command-a-03-2025"),
+        ("gemini", "", "gemini-2.5-flash"),
+    ],
+)
+@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+def test_a_call_cut_by_its_loop_closing_ends_as_closed_not_as_a_provider_failure(
+    settings, fake_upstream, kind, path, model, client
+):
+    """A loop closed (``run_until_complete`` then ``close``) while a call waits for its provider's answer: the
+    collector closes the call's coroutine outside the loop (and outside its context), where the transport's cleanup
+    fails on the dead loop. The call ends as closed (``GeneratorExit``): no provider failure (malformed JSON, a
+    lost connection) is made of it, which nothing would await and the pipeline would count and settle."""
+    settings.LLMHUB_PROVIDER_HTTP_CLIENT = client
+    provider = ProviderFactory(kind=kind, base_url=fake_upstream.base_url + path)
+    config = provider_config(provider)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi [[latency=3000]]"}]}
+    calls = []
+    before = fake_upstream.requests_served()
+
+    async def serve() -> None:
+        call = registry.adapter_for(config).complete(body)
+        calls.append(call)
+        task = asyncio.create_task(_awaited(call))
+        task._log_destroy_pending = False  # this test's own task, left pending on purpose with its closed loop
+        await wait_until_async(lambda: fake_upstream.requests_served() > before, "the call reached its provider")
+        assert not task.done()
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(serve())
+    loop.close()
+    calls.pop().close()  # what the collector does with it: raises whatever the coroutine ends with but its close
