@@ -1168,6 +1168,7 @@ class CompletionRun:
         call = _Call()
         self._upstream_started = time.perf_counter()
         self._activate()
+        loop = asyncio.get_running_loop()
         ended = False
         try:
             yield call
@@ -1191,22 +1192,30 @@ class CompletionRun:
         finally:
             _active_runs.pop(self, None)
             self._upstream_done = time.perf_counter()
-            try:
-                settle(call)
-            except Exception:
-                # What the call step gathered could not be settled (a piece of the reply that is no text): the
-                # row is written all the same, its tokens estimated without the reply, and a call that had
-                # ended well fails now, for the entry point to report (``stream_failed``).
-                logger.exception("settling %s failed; its row is written without the reply", self.request_id)
-                self._settle(
-                    status=UsageStatus.UPSTREAM_ERROR,
-                    usage=None,
-                    delivered_text="",
-                    finish_reason=None,
-                    error_type=StreamInternalError.code,
-                )
-                if ended:
-                    raise
+            if not loop.is_closed():
+                self._call_settle(settle, call, ended=ended)
+            # Else its loop was closed under it (its tasks not cancelled), and the collector closes it here, outside
+            # any loop: no row can be submitted (the ledger's writer is a task of a loop). Its in-flight record stays
+            # in Redis, and the lost-request sweep writes its row.
+
+    def _call_settle(self, settle: Callable[[_Call], None], call: _Call, *, ended: bool) -> None:
+        """``settle`` the call step that ended as ``call`` says (``ended``: it had ended well)."""
+        try:
+            settle(call)
+        except Exception:
+            # What the call step gathered could not be settled (a piece of the reply that is no text): the
+            # row is written all the same, its tokens estimated without the reply, and a call that had
+            # ended well fails now, for the entry point to report (``stream_failed``).
+            logger.exception("settling %s failed; its row is written without the reply", self.request_id)
+            self._settle(
+                status=UsageStatus.UPSTREAM_ERROR,
+                usage=None,
+                delivered_text="",
+                finish_reason=None,
+                error_type=StreamInternalError.code,
+            )
+            if ended:
+                raise
 
     # The call loop -----------------------------------------------------------------------------------
 

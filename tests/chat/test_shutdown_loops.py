@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 
 import pytest
 
+from billing.models import UsageRecord
 from chat import pipeline
 from chat.pipeline import Caller, completion_start, runs_drain, shutdown_began
 from tests.waiting import wait_until_async
@@ -108,3 +110,38 @@ def test_a_loop_closed_with_a_request_still_talking_to_its_provider_is_not_kept_
     gc.collect()
     assert not [task for task in pipeline._requests_in_flight if task.get_loop().is_closed()]
     assert not [task for task in pipeline._active_runs.values() if task.get_loop().is_closed()]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_cut_by_its_loop_closing_is_left_to_the_lost_request_sweep(chat_model, alice, caplog):
+    """A request served on a loop closed while it waits for its provider's answer is closed by the collector,
+    outside any loop: its settlement cannot submit a row from there (the ledger's writer is a task of a loop), and
+    must not try and log a failure, nor claim a row is written. Its in-flight record stays for the lost-request
+    sweep."""
+    caller = Caller(user_id=alice.pk, username=alice.username)
+    body = {"model": chat_model.name, "messages": [{"role": "user", "content": "hi [[latency=3000]]"}]}
+    runs = []
+
+    async def serve() -> None:
+        run = await completion_start(caller=caller, body=body, endpoint="rest")
+        runs.append(run.request_id)
+        task = asyncio.create_task(run.complete())
+        task._log_destroy_pending = False  # this test's own task, left pending on purpose with its closed loop
+        await wait_until_async(lambda: task in pipeline._active_runs.values(), "the request reached its provider")
+
+    async def served() -> None:
+        quick = {**body, "messages": [{"role": "user", "content": "hi"}]}
+        run = await completion_start(caller=caller, body=quick, endpoint="rest")
+        await run.complete()
+
+    with caplog.at_level(logging.WARNING):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(serve())
+        loop.close()
+        del loop
+        # The next loop that serves a request lets the closed one's pooled clients go (as above).
+        asyncio.run(served())
+        gc.collect()
+
+    assert not [record.getMessage() for record in caplog.records if record.name.startswith(("chat", "billing"))]
+    assert not UsageRecord.objects.filter(request_id=runs[0]).exists()
