@@ -23,9 +23,8 @@ MAX_JSON_DEPTH = 64
 MAX_TOKENS_LIMIT = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 TOOL_CHOICE_MODES = ("none", "auto", "required")
-SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
-# Fields sent upstream as they come, each with the JSON type OpenAI requires of it (and, for ``service_tier``, its
-# values): checked here, since a provider refuses one of the wrong type only after the call, or takes it wrongly.
+# Fields sent upstream as they come, each with the JSON type OpenAI requires of it: checked here, since a
+# provider refuses one of the wrong type only after the call, or takes it wrongly.
 FIELD_TYPES: dict[str, tuple[type, str]] = {
     "stream": (bool, "a boolean"),
     "logprobs": (bool, "a boolean"),
@@ -35,7 +34,9 @@ FIELD_TYPES: dict[str, tuple[type, str]] = {
     "safety_identifier": (str, "a string"),
     "service_tier": (str, "a string"),
 }
-FIELD_VALUES: dict[str, tuple[str, ...]] = {"service_tier": SERVICE_TIERS}
+# No field's values are listed: OpenAI-compatible servers name their own service tiers (Groq's "on_demand"),
+# which the server itself refuses or takes; only the type is llmhub's to check.
+FIELD_VALUES: dict[str, tuple[str, ...]] = {}
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. This API expects a JSON payload.)"
