@@ -5,29 +5,15 @@ store such a loop built must not keep it alive once it is gone, nor until the ne
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import weakref
 
-import pytest
-from asgiref.sync import async_to_sync
-
 from billing.services import counters
 from billing.services.counters import redis_store
-
-LOOPS = 5
-
-
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
+from tests.loop_leaks import FRESH_LOOPS, LOOPS, closed_without_cancelling, collected, destroyed_reports
 
 
-async def _awaited(coroutine):
-    return await coroutine
-
-
-@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+@FRESH_LOOPS
 def test_loops_that_used_a_counter_store_are_collected(redis_url, run):
     """A loop's store is forgotten when the loop ends (the last one too, with no next loop to drop it)."""
     refs: list[weakref.ref] = []
@@ -39,7 +25,7 @@ def test_loops_that_used_a_counter_store_are_collected(redis_url, run):
     for _ in range(LOOPS):
         run(call())
 
-    assert _gone(refs) == LOOPS
+    assert collected(refs) == LOOPS
     assert not [loop for loop in list(counters._redis_stores) if loop.is_closed()]
 
 
@@ -52,13 +38,9 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(redis_url, capl
         assert await redis_store(redis_url).client.ping()
 
     caplog.set_level(logging.ERROR, logger="asyncio")
-    for _ in range(LOOPS):
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(call())
-        loop.close()
-        del loop
+    closed_without_cancelling(call)
     asyncio.run(call())
 
-    assert _gone(refs) == LOOPS + 1
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert collected(refs) == LOOPS + 1
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(counters._redis_stores) if loop.is_closed()]

@@ -7,40 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import itertools
 import logging
 import weakref
 
 import pytest
-from asgiref.sync import async_to_sync
 
 from billing.models import UsageRecord
 from billing.services import ledger
 from billing.services.ledger import ledger_flush, ledger_replay_spool, ledger_spool_watch, usage_record_submit
 from billing.services.ledger_rows import UsageData
 from billing.services.spool import spool_pending
+from tests.loop_leaks import FRESH_LOOPS, LOOPS, closed_without_cancelling, collected, destroyed_reports
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 _ids = itertools.count()
-LOOPS = 5
 
 
 def row() -> UsageData:
     return UsageData(request_id=f"loops-{next(_ids)}", endpoint="rest", stream=False, status="ok")
 
 
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
-
-
-async def _awaited(coroutine):
-    return await coroutine
-
-
-@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+@FRESH_LOOPS
 def test_loops_that_wrote_rows_are_collected_and_every_row_is_written(settings, run):
     """Half the loops wait for their rows (``ledger_flush``); the others end with their rows still queued, as
     a caller that returns at once does: those rows are spooled when ``asyncio.run`` (under ``async_to_sync``
@@ -58,7 +47,7 @@ def test_loops_that_wrote_rows_are_collected_and_every_row_is_written(settings, 
     for index in range(LOOPS * 2):
         run(call(flush=index % 2 == 0))
 
-    assert _gone(refs) == len(refs)
+    assert collected(refs) == len(refs)
     assert not any(loop() for loop in refs)
     # No writer of a closed loop is left (a long-lived loop of an earlier test in this process, such as the
     # session's, keeps its own writer, rightly).
@@ -83,11 +72,7 @@ def test_a_loop_closed_without_cancelling_its_writer_is_collected_and_its_rows_s
         usage_record_submit(row())
         await asyncio.sleep(0)
 
-    for _ in range(LOOPS):
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(call())
-        loop.close()
-        del loop
+    closed_without_cancelling(call)
 
     async def flushed() -> None:
         usage_record_submit(row())
@@ -96,8 +81,8 @@ def test_a_loop_closed_without_cancelling_its_writer_is_collected_and_its_rows_s
     settings.LLMHUB_LEDGER_LINGER_MS = 0
     asyncio.run(flushed())
 
-    assert _gone(refs) == LOOPS
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert collected(refs) == LOOPS
+    assert not destroyed_reports(caplog)
     assert ledger_replay_spool() == LOOPS
     assert UsageRecord.objects.filter(request_id__startswith="loops-").count() == LOOPS + 1
 
@@ -116,7 +101,7 @@ def test_a_loop_that_watched_the_spool_is_collected(settings):
     for _ in range(LOOPS):
         asyncio.run(call())
 
-    assert _gone(refs) == LOOPS
+    assert collected(refs) == LOOPS
     assert UsageRecord.objects.filter(request_id__startswith="loops-").count() == LOOPS
 
 
@@ -146,7 +131,7 @@ def test_a_loop_closed_without_cancelling_its_spool_watcher_is_collected(setting
         del loop
     asyncio.run(call())
 
-    assert _gone(refs) == LOOPS + 1
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert collected(refs) == LOOPS + 1
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(ledger._spool_watchers) if loop.is_closed()]
     assert ledger_replay_spool() == LOOPS + 1

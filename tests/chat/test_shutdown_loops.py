@@ -18,14 +18,8 @@ from billing.models import UsageRecord
 from chat import pipeline
 from chat.pipeline import Caller, completion_start, runs_drain, shutdown_began
 from providers.exceptions import ProviderError
+from tests.loop_leaks import LOOPS, collected
 from tests.waiting import wait_until_async
-
-LOOPS = 5
-
-
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
 
 
 def _watch() -> asyncio.Task[None]:
@@ -49,7 +43,7 @@ def test_loops_that_served_and_drained_are_collected():
     for _ in range(LOOPS):
         asyncio.run(serve())
 
-    assert _gone(refs) == LOOPS
+    assert collected(refs) == LOOPS
     assert not [loop for loop in list(pipeline._shutdowns) if loop.is_closed()]
 
 
@@ -70,7 +64,7 @@ def test_a_loop_closed_with_a_consumer_still_waiting_is_collected():
         del loop
     asyncio.run(serve())
 
-    assert _gone(refs) == LOOPS + 1
+    assert collected(refs) == LOOPS + 1
     assert not [loop for loop in list(pipeline._shutdowns) if loop.is_closed()]
 
 
@@ -124,7 +118,7 @@ def test_a_loop_closed_with_a_request_still_talking_to_its_provider_is_not_kept_
     # made are cached for the others): one more call, from a loop that pools nothing, lets it go.
     asyncio.run(sync_to_async(lambda: None)())
 
-    assert _gone(refs) == LOOPS
+    assert collected(refs) == LOOPS
     assert not [kind for kind in ended if issubclass(kind, ProviderError)]
     assert not [task for task in pipeline._requests_in_flight if task.get_loop().is_closed()]
     assert not [task for task in pipeline._active_runs.values() if task.get_loop().is_closed()]

@@ -7,29 +7,17 @@ pending"."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import warnings
 import weakref
 
 import pytest
-from asgiref.sync import async_to_sync
 
 from core import broadcast
 from core.broadcast import broadcast_handler, broadcast_listen, broadcast_listening, broadcast_publish
+from tests.loop_leaks import FRESH_LOOPS, LOOPS, closed_without_cancelling, collected, destroyed_reports, leak_reports
 from tests.waiting import wait_until_async
 
-LOOPS = 5
 TOPIC = "test-broadcast-loops"
-
-
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
-
-
-async def _awaited(coroutine):
-    return await coroutine
 
 
 @pytest.fixture
@@ -49,7 +37,7 @@ async def _listen_and_hear(heard: list[str], payload: str) -> None:
     await wait_until_async(lambda: payload in heard, f"{payload} heard", timeout=10.0, interval=0.01)
 
 
-@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+@FRESH_LOOPS
 def test_loops_that_listened_are_collected_and_their_connections_closed(heard, run, caplog):
     refs: list[weakref.ref] = []
 
@@ -57,15 +45,13 @@ def test_loops_that_listened_are_collected_and_their_connections_closed(heard, r
         refs.append(weakref.ref(asyncio.get_running_loop()))
         await _listen_and_hear(heard, f"loop-{len(refs)}")
 
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
+    with leak_reports(caplog) as reports:
         for _ in range(LOOPS):
             run(call())
-        assert _gone(refs) == LOOPS
+        assert collected(refs) == LOOPS
     assert not [loop for loop in list(broadcast._listeners) if loop.is_closed()]
-    assert not [str(warning.message) for warning in caught if "nclosed" in str(warning.message)]
-    assert not [record.getMessage() for record in caplog.records if "nclosed" in record.getMessage()]
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not reports.unclosed()
+    assert not destroyed_reports(caplog)
 
 
 def test_a_loop_closed_without_cancelling_its_tasks_is_collected(heard, caplog):
@@ -78,14 +64,10 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(heard, caplog):
         await _listen_and_hear(heard, f"loop-{len(refs)}")
 
     caplog.set_level(logging.ERROR, logger="asyncio")
-    for _ in range(LOOPS):
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(call())
-        loop.close()
-        del loop
+    closed_without_cancelling(call)
     asyncio.run(call())
 
-    assert _gone(refs) == LOOPS + 1
+    assert collected(refs) == LOOPS + 1
     # Its task never runs again: it is not reported as "destroyed but pending".
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(broadcast._listeners) if loop.is_closed()]

@@ -6,30 +6,15 @@ their connections are closed with it, without an "Unclosed" warning."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import warnings
 import weakref
-
-import pytest
-from asgiref.sync import async_to_sync
 
 from core import redis as core_redis
 from core.redis import redis_async_client
-
-LOOPS = 5
-
-
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
+from tests.loop_leaks import FRESH_LOOPS, LOOPS, closed_without_cancelling, collected, destroyed_reports, leak_reports
 
 
-async def _awaited(coroutine):
-    return await coroutine
-
-
-@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+@FRESH_LOOPS
 def test_loops_that_used_redis_are_collected_and_their_connections_closed(redis_url, run, caplog):
     refs: list[weakref.ref] = []
 
@@ -38,14 +23,12 @@ def test_loops_that_used_redis_are_collected_and_their_connections_closed(redis_
         assert await redis_async_client(redis_url).ping()
         assert await redis_async_client(redis_url, socket_timeout=3).ping()
 
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
+    with leak_reports(caplog) as reports:
         for _ in range(LOOPS):
             run(call())
-        assert _gone(refs) == LOOPS
+        assert collected(refs) == LOOPS
     assert not [loop for loop in list(core_redis._async_clients) if loop.is_closed()]
-    assert not [str(warning.message) for warning in caught if "nclosed" in str(warning.message)]
-    assert not [record.getMessage() for record in caplog.records if "nclosed" in record.getMessage()]
+    assert not reports.unclosed()
 
 
 def test_a_loop_closed_without_cancelling_its_tasks_is_collected(redis_url, caplog):
@@ -57,14 +40,10 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(redis_url, capl
         assert await redis_async_client(redis_url).ping()
 
     caplog.set_level(logging.ERROR, logger="asyncio")
-    for _ in range(LOOPS):
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(call())
-        loop.close()
-        del loop
+    closed_without_cancelling(call)
     asyncio.run(call())
 
-    assert _gone(refs) == LOOPS + 1
+    assert collected(refs) == LOOPS + 1
     # The task that would have closed its clients never runs: it is not reported as "destroyed but pending".
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(core_redis._async_clients) if loop.is_closed()]

@@ -8,39 +8,35 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
-import warnings
 import weakref
 
 import pytest
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 
 from providers.adapters import registry
 from providers.fields import Secret
 from providers.selectors import provider_config
 from providers.services.health import aprovider_health_check
 from tests.factories import ModelFactory, ProviderFactory
+from tests.loop_leaks import (
+    FRESH_LOOPS,
+    LOOPS,
+    awaited,
+    closed_without_cancelling,
+    collected,
+    destroyed_reports,
+    leak_reports,
+)
 from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-LOOPS = 5
-
-
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
 
 
 def _asgiref_forgets_the_last_loop(run) -> None:
     """asgiref's ``sync_to_async`` (under the ORM's ``aupdate``) keeps the last loop that called it (per thread)
     until the next call: one more call, from a loop that pools nothing, lets that one go."""
     run(sync_to_async(lambda: None)())
-
-
-async def _awaited(coroutine):
-    return await coroutine
 
 
 @pytest.fixture(params=["aiohttp", "httpx"])
@@ -51,7 +47,7 @@ def provider(request, settings, fake_upstream):
     return provider
 
 
-@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+@FRESH_LOOPS
 def test_loops_that_called_a_provider_are_collected_and_their_clients_closed(provider, run, caplog):
     refs: list[weakref.ref] = []
 
@@ -60,16 +56,13 @@ def test_loops_that_called_a_provider_are_collected_and_their_clients_closed(pro
         assert (await aprovider_health_check(provider=provider)).ok
         assert registry.adapters_open() == 1
 
-    gc.collect()  # an earlier test's garbage (its unclosed sockets) is reported now, not counted against these loops
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
+    with leak_reports(caplog) as reports:
         for _ in range(LOOPS):
             run(call())
         _asgiref_forgets_the_last_loop(run)
-        assert _gone(refs) == LOOPS
+        assert collected(refs) == LOOPS
     assert not [loop for loop in list(registry._pools) if loop.is_closed()]
-    assert not [str(warning.message) for warning in caught if "nclosed" in str(warning.message)]
-    assert not [record.getMessage() for record in caplog.records if "nclosed" in record.getMessage()]
+    assert not reports.unclosed()
 
 
 def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider, caplog):
@@ -82,17 +75,13 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(provider, caplo
         assert (await aprovider_health_check(provider=provider)).ok
 
     caplog.set_level(logging.ERROR, logger="asyncio")
-    for _ in range(LOOPS):
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(call())
-        loop.close()
-        del loop
+    closed_without_cancelling(call)
     asyncio.run(call())
     _asgiref_forgets_the_last_loop(asyncio.run)
 
-    assert _gone(refs) == LOOPS + 1
+    assert collected(refs) == LOOPS + 1
     # The task that would have closed its clients never runs: it is not reported as "destroyed but pending".
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(registry._pools) if loop.is_closed()]
 
 
@@ -117,8 +106,8 @@ def test_a_loop_closed_with_a_client_retirement_pending_is_collected(provider, c
         del loop
     asyncio.run(call(LOOPS))
 
-    assert _gone(refs) == LOOPS + 1
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert collected(refs) == LOOPS + 1
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(registry._pools) if loop.is_closed()]
 
 
@@ -149,7 +138,7 @@ def test_a_call_cut_by_its_loop_closing_ends_as_closed_not_as_a_provider_failure
     async def serve() -> None:
         call = registry.adapter_for(config).complete(body)
         calls.append(call)
-        task = asyncio.create_task(_awaited(call))
+        task = asyncio.create_task(awaited(call))
         task._log_destroy_pending = False  # this test's own task, left pending on purpose with its closed loop
         await wait_until_async(lambda: fake_upstream.requests_served() > before, "the call reached its provider")
         assert not task.done()

@@ -7,30 +7,18 @@ without an "Unclosed" warning or a task "destroyed but pending"."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
-import warnings
 import weakref
 
 import pytest
-from asgiref.sync import async_to_sync
 
 from providers.routing import breakers
 from providers.routing.breakers import breaker_record, breaker_reset, breaker_state, breakers_synced
+from tests.loop_leaks import FRESH_LOOPS, LOOPS, closed_without_cancelling, collected, destroyed_reports, leak_reports
 from tests.waiting import wait_until_async
 
-LOOPS = 5
 DEPLOYMENT = int(time.time()) % 1_000_000 * 100 + 97  # not one of test_breakers' (they count up from the same base)
-
-
-def _gone(refs: list[weakref.ref]) -> int:
-    gc.collect()
-    return sum(ref() is None for ref in refs)
-
-
-async def _awaited(coroutine):
-    return await coroutine
 
 
 @pytest.fixture
@@ -51,7 +39,7 @@ async def _record_a_failure(count: int) -> None:
     )
 
 
-@pytest.mark.parametrize("run", [asyncio.run, async_to_sync(_awaited)], ids=["asyncio_run", "async_to_sync"])
+@FRESH_LOOPS
 def test_loops_that_recorded_outcomes_are_collected_and_their_connections_closed(redis_breakers, run, caplog):
     refs: list[weakref.ref] = []
 
@@ -59,8 +47,7 @@ def test_loops_that_recorded_outcomes_are_collected_and_their_connections_closed
         refs.append(weakref.ref(asyncio.get_running_loop()))
         await _record_a_failure(len(refs))
 
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
+    with leak_reports(caplog) as reports:
         for _ in range(LOOPS):
             run(call())
         import sys
@@ -69,12 +56,11 @@ def test_loops_that_recorded_outcomes_are_collected_and_their_connections_closed
         import dbg
 
         dbg.who(refs[0], 20)
-        assert _gone(refs) == LOOPS
+        assert collected(refs) == LOOPS
     assert breaker_state(DEPLOYMENT).failures == LOOPS  # every loop's failure reached Redis
     assert not [loop for loop in list(breakers._syncers) if loop.is_closed()]
-    assert not [str(warning.message) for warning in caught if "nclosed" in str(warning.message)]
-    assert not [record.getMessage() for record in caplog.records if "nclosed" in record.getMessage()]
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not reports.unclosed()
+    assert not destroyed_reports(caplog)
 
 
 def test_a_loop_closed_without_cancelling_its_tasks_is_collected(redis_breakers, caplog):
@@ -87,14 +73,10 @@ def test_a_loop_closed_without_cancelling_its_tasks_is_collected(redis_breakers,
         await _record_a_failure(len(refs))
 
     caplog.set_level(logging.ERROR, logger="asyncio")
-    for _ in range(LOOPS):
-        loop = asyncio.new_event_loop()
-        loop.run_until_complete(call())
-        loop.close()
-        del loop
+    closed_without_cancelling(call)
     asyncio.run(call())
 
-    assert _gone(refs) == LOOPS + 1
+    assert collected(refs) == LOOPS + 1
     # Its tasks never run again: they are not reported as "destroyed but pending".
-    assert not [record.getMessage() for record in caplog.records if "destroyed" in record.getMessage()]
+    assert not destroyed_reports(caplog)
     assert not [loop for loop in list(breakers._syncers) if loop.is_closed()]
