@@ -183,9 +183,9 @@ def test_an_embeddings_text_is_bounded_by_its_utf8_bytes_and_its_inputs_special_
     """What a byte-level BPE counts at most (a token a byte), plus BOS/EOS or [CLS]/[SEP] an input. Two characters a
     token was no bound: an emoji is one character, four bytes, up to three tokens in tiktoken's cl100k."""
     assert prompt_tokens({"input": "abcdefgh"}, operation=Operation.EMBEDDINGS, upper_bound=True) == 8 + 4
-    assert prompt_tokens({"input": "\U0001f642" * 10}, operation=Operation.EMBEDDINGS, upper_bound=True) == 40 + 4
-    assert prompt_tokens({"input": ["\u6f22", "\ud800"]}, operation=Operation.EMBEDDINGS, upper_bound=True) == 6 + 8
-    assert prompt_tokens({"input": "\U0001f642" * 10}, operation=Operation.EMBEDDINGS) == 3  # the estimate: as it was
+    assert prompt_tokens({"input": "🙂" * 10}, operation=Operation.EMBEDDINGS, upper_bound=True) == 40 + 4
+    assert prompt_tokens({"input": ["漢", chr(0xD800)]}, operation=Operation.EMBEDDINGS, upper_bound=True) == 6 + 8
+    assert prompt_tokens({"input": "🙂" * 10}, operation=Operation.EMBEDDINGS) == 3  # the estimate: as it was
     assert prompt_tokens({"input": ["abc", "abcde"]}, operation=Operation.EMBEDDINGS) == 1 + 2
 
 
