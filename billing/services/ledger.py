@@ -580,9 +580,7 @@ def _settled_spooled(lines: list[str], leftovers: list[str]) -> tuple[list[tuple
 # Each loop's watcher, and the event that wakes it.
 # A watcher is forgotten when it ends (the spool is empty, or its loop cancelled it), and one left pending on a loop
 # closed since when the next loop starts one: its entry holds its loop (the task refers to it).
-_spool_watchers: LoopRegistry[tuple[asyncio.Task[None], asyncio.Event]] = LoopRegistry(
-    on_drop=lambda watcher: task_abandoned(watcher[0])
-)
+_spool_watchers: LoopRegistry[tuple[asyncio.Task[None], asyncio.Event]] = LoopRegistry()
 
 
 def ledger_spool_watch() -> None:
