@@ -2,9 +2,11 @@
 
 Every process that imports it (the workers: ``celery -A llmhub worker``) records each task run it finishes,
 when and how it ended and how long it took (``billing.services.task_runs``), so that a background job that
-stopped or keeps failing shows on the operations dashboard and in ``/metrics``. ``task_postrun`` alone says
-both: its ``state`` is the outcome and, on a failure or a retry, ``retval`` the exception (one write per
-run; ``task_failure`` would add a second signal for the same run).
+stopped or keeps failing shows on the operations dashboard and in ``/metrics``. ``task_postrun`` says both
+for a run that ends in the process running it: its ``state`` is the outcome and, on a failure or a retry, ``retval``
+the exception (one write per run; ``task_failure`` would add a second signal for the same run). A run that does not
+end there (its child killed at the hard time limit, or lost with its child once its retries are spent) has no
+``task_postrun``: the worker's main process records it from ``task_failure``, once.
 
 Every task also counts its starts (``StartCountingTask``): a message whose run never ends because the process
 running it dies (the worker's main process killed, the host lost) is handed out again by the Redis broker after
@@ -20,8 +22,8 @@ import time
 from typing import Any
 
 from celery import Celery, Task, states
-from celery.exceptions import Reject, Retry
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_shutting_down
+from celery.exceptions import Reject, Retry, TimeLimitExceeded, WorkerLostError
+from celery.signals import setup_logging, task_failure, task_postrun, task_prerun, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings.base")
 
@@ -216,4 +218,38 @@ def _task_run_finished(
         finished_at=timezone.now(),
         duration_seconds=time.monotonic() - started if started is not None else 0.0,
         error=error,
+    )
+
+
+# The runs recorded from ``task_failure``, newest last: Celery sends it twice for a run cut at its hard time limit
+# (as the child is killed, and again as the pool reports the job failed). A few hundred are plenty to tell them apart.
+_lost_recorded: dict[str, None] = {}
+_LOST_REMEMBERED = 512
+
+
+@task_failure.connect
+def _task_run_lost(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **_: Any
+) -> None:
+    """A run that never ended in a process running it, so that ``task_postrun`` never came: its child was killed
+    at the run's hard time limit, or died under it (``WorkerLostError``, once the retries on a lost worker are
+    spent). Without this the operations dashboard showed the task's last success. Sent in the worker's main process;
+    a failure inside a run (``task_id`` in ``_started``) is ``task_postrun``'s to record."""
+    if sender is None or task_id is None or task_id in _started or task_id in _lost_recorded:
+        return
+    if not isinstance(exception, TimeLimitExceeded | WorkerLostError):
+        return
+    _lost_recorded[task_id] = None
+    while len(_lost_recorded) > _LOST_REMEMBERED:
+        del _lost_recorded[next(iter(_lost_recorded))]
+    from django.utils import timezone
+
+    from billing.services.task_runs import task_run_record
+
+    limit = exception.args[0] if isinstance(exception, TimeLimitExceeded) and exception.args else None
+    task_run_record(
+        task=sender.name,
+        finished_at=timezone.now(),
+        duration_seconds=float(limit) if isinstance(limit, int | float) else 0.0,
+        error=exception,
     )

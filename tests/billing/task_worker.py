@@ -1,8 +1,9 @@
 """The Celery app a test's worker process runs (``test_task_runs``): llmhub's own (``llmhub.celery``, what
 ``celery -A llmhub worker`` loads), with a few tasks more: one that fails, its message carrying a canary that must
 never be stored or shown (a message may hold a secret); one that kills the process running it on every run, one
-that does so on its first run only, one that notes its run (``test_task_runs``, a worker lost under a task), and one
-that runs until the test lets it end (a worker stopped under a run).
+that does so on its first run only, one that notes its run (``test_task_runs``, a worker lost under a task), one
+that runs until the test lets it end (a worker stopped under a run), and one that goes on past its soft time limit
+until its hard limit kills it.
 
 Run as ``python -m celery -A tests.billing.task_worker -b <broker> worker …`` with DJANGO_SETTINGS_MODULE and
 TEST_DATABASE_URL set."""
@@ -55,6 +56,7 @@ POISON_TASK = "tests.billing.task_worker.worker_killer"
 LOST_ONCE_TASK = "tests.billing.task_worker.lost_to_a_restart"
 NOTE_TASK = "tests.billing.task_worker.note"
 LONG_TASK = "tests.billing.task_worker.long_run"
+STUCK_TASK = "tests.billing.task_worker.stuck_past_its_soft_limit"
 
 
 def _run_noted(path: str) -> int:
@@ -105,3 +107,18 @@ def long_run(path: str, may_end: str) -> str:
     while not os.path.exists(may_end) and time.monotonic() < deadline:
         time.sleep(0.05)
     return "done"
+
+
+@app.task(name=STUCK_TASK, soft_time_limit=1, time_limit=3)
+def stuck_past_its_soft_limit(path: str) -> None:
+    """Goes on past its soft time limit, as a run inside one long database statement does (the limit's exception
+    is raised only once the statement returns), until its hard limit kills the process running it."""
+    import time
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    _run_noted(path)
+    try:
+        time.sleep(30)
+    except SoftTimeLimitExceeded:
+        time.sleep(30)

@@ -32,6 +32,7 @@ from tests.billing.task_worker import (
     NOTE_TASK,
     POISON_TASK,
     READY,
+    STUCK_TASK,
 )
 from tests.conftest import database_url_for_subprocesses, free_port, process_stop, wait_for_ready
 from tests.factories import UserFactory
@@ -220,6 +221,31 @@ def test_a_task_that_kills_its_worker_is_run_a_bounded_number_of_times_and_one_l
     assert runs_in(poison) == 1 + 3  # its first run and Celery's default of 3 retries, then no more
     assert runs_in(lost_once) == 2
     assert "WorkerLostError" in log_path.read_text()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_killed_at_its_hard_time_limit_or_lost_with_its_child_is_recorded_failed_once(prefork_worker, tmp_path):
+    """A run that goes on past its soft time limit (stuck in one long statement, which the limit's exception cannot
+    interrupt) is killed with its child at the hard limit; a task that kills its child on every run fails once its
+    retries are spent. Neither run ends in the child, so ``task_postrun`` never came: no run was recorded, and the
+    operations dashboard showed the last success (a nightly job killed every night read "ok" until it turned
+    overdue). Both are recorded now, as failed, once, by the error's class, from the worker's main process."""
+    queue, log_path = prefork_worker
+    stuck, poison, after = tmp_path / "stuck.runs", tmp_path / "poison.runs", tmp_path / "after.runs"
+    app.send_task(STUCK_TASK, args=[str(stuck)], queue=queue)
+    app.send_task(POISON_TASK, args=[str(poison)], queue=queue)
+
+    killed = TaskRun.objects.filter(task=STUCK_TASK, succeeded=False, error_class="TimeLimitExceeded")
+    wait_until(killed.exists, lambda: f"the run killed at its limit; log:\n{log_path.read_text()}", timeout=90)
+    lost = TaskRun.objects.filter(task=POISON_TASK, succeeded=False, error_class="WorkerLostError")
+    wait_until(lost.exists, lambda: f"the lost run's failure; log:\n{log_path.read_text()}", timeout=90)
+    # The worker has handled whatever it was to do of those two runs by the time it has run a task sent after them.
+    app.send_task(NOTE_TASK, args=[str(after)], queue=queue)
+    wait_until(lambda: runs_in(after) == 1, lambda: f"the last task; log:\n{log_path.read_text()}", timeout=90)
+
+    assert runs_in(stuck) == 1 and killed.get().failures_in_a_row == 1
+    assert runs_in(poison) == 1 + 3 and lost.get().failures_in_a_row == 1
+    assert "Hard time limit (3" in log_path.read_text()
 
 
 @pytest.mark.django_db(transaction=True)
