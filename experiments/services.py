@@ -338,7 +338,8 @@ def experiment_rollout_advance(*, experiment: Experiment, actor: Any = ...) -> A
 def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationStep]:
     """Apply the timed rollout steps that are due (``at`` ≤ now) in running experiments without a promoted
     variant, each experiment in its own transaction (a step that no longer fits is logged and left for an
-    admin; the other experiments go on). Steps apply in order: a step without a time waits for an admin
+    admin, one that fails otherwise is logged and tried again at the next run, one deleted since the query is
+    skipped; the other experiments go on). Steps apply in order: a step without a time waits for an admin
     (``experiment_rollout_advance``) and holds back the timed steps after it, so a rollout can be gated
     ("5 % now, 25 % once I looked, then 50 % and 100 % a day apart"). Several due steps apply one after
     the other, each recorded; a step due after the experiment's ``ends_at`` never applies. Run every minute by
@@ -352,14 +353,18 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
             experiment__status=ExperimentStatus.RUNNING,
             experiment__promoted_variant__isnull=True,
         )
-        .values_list("experiment_id", flat=True)
+        .values_list("experiment_id", "experiment__name")
         .distinct()
     )
     applied: list[AllocationStep] = []
-    for experiment_id in sorted(set(due)):
+    for experiment_id, name in sorted(set(due)):
+        done: list[AllocationStep] = []  # counted once committed: a failure rolls back the experiment's steps
         try:
             with transaction.atomic():
-                locked, variants = _locked(Experiment(pk=experiment_id))
+                try:
+                    locked, variants = _locked(Experiment(pk=experiment_id))
+                except Experiment.DoesNotExist:
+                    continue  # deleted since the query
                 if locked.status != ExperimentStatus.RUNNING or locked.promoted_variant_id is not None:
                     continue
                 # Not past the experiment's end: after a beat outage across it, the steps due after it stay
@@ -367,9 +372,17 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
                 until = now if locked.ends_at is None else min(now, locked.ends_at)
                 while (step := _next_step(locked)) is not None and step.at is not None and step.at <= until:
                     _step_apply(locked, variants, step, None, f"rollout step due at {step.at.isoformat()}")
-                    applied.append(step)
+                    done.append(step)
+            applied.extend(done)
         except ValidationError as exc:
             logger.error("experiment %s: a rollout step could not be applied: %s", experiment_id, exc)
+        except Exception as exc:
+            time_limit_reraise(exc)
+            logger.exception(
+                "could not apply a due rollout step of the experiment %s (id %s); tried again at the next run",
+                name,
+                experiment_id,
+            )
     return applied
 
 

@@ -407,3 +407,98 @@ def test_after_a_beat_outage_a_step_due_after_the_experiments_end_is_not_applied
     assert allocations(ab) == {"control": Decimal("30.00"), "treatment": Decimal("30.00")}
     assert [e.changes["rollout_step"][1] for e in events("experiment.allocation")] == [1, 2]
     assert AllocationStep.objects.get(experiment=ab.experiment, position=3).applied_at is None
+
+
+def three_rolling(ab_experiment) -> list[Experiment]:
+    """Three running experiments, each with a 25 % step due at T0 + 1 h."""
+    with time_machine.travel(T0, tick=False):
+        rolling = [
+            ab_experiment(name=f"rolling-{n}", model_name=f"rolling-model-{n}", control=5, treatment=5).experiment
+            for n in range(3)
+        ]
+    for experiment in rolling:
+        AllocationStep.objects.create(
+            experiment=experiment, position=1, at=T0 + timedelta(hours=1), allocations={"treatment": "25"}
+        )
+    return rolling
+
+
+def steps_applied(experiments: list[Experiment]) -> dict[str, bool]:
+    return {
+        e.name: AllocationStep.objects.filter(experiment_id=e.pk, applied_at__isnull=False).exists()
+        for e in experiments
+        if Experiment.objects.filter(pk=e.pk).exists()
+    }
+
+
+def test_an_experiment_deleted_while_the_task_runs_is_skipped_and_the_others_steps_apply(ab_experiment):
+    """The task's query finds three experiments with a step due; while it applies the first one's, an admin deletes
+    the last (the state the race between its query and its lock leaves). The task failed on it
+    (``Experiment.DoesNotExist``), every minute's run until the query no longer found it, and concluded nothing in
+    that run; it goes on to the others now."""
+    rolling = three_rolling(ab_experiment)
+    ended = ab_experiment(name="ended", model_name="ended-model").experiment
+    Experiment.objects.filter(pk=ended.pk).update(ends_at=T0)
+
+    def admin_deletes_the_last(sender, instance, **kwargs):
+        if instance.applied_at is not None and instance.experiment_id == rolling[0].pk:
+            Experiment.objects.filter(pk=rolling[2].pk).delete()
+
+    pre_save.connect(admin_deletes_the_last, sender=AllocationStep)
+    try:
+        with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
+            assert rollout_steps_apply_due_task() == 2
+    finally:
+        pre_save.disconnect(admin_deletes_the_last, sender=AllocationStep)
+
+    assert steps_applied(rolling) == {"rolling-0": True, "rolling-1": True}
+    assert Experiment.objects.get(pk=ended.pk).status == ExperimentStatus.CONCLUDED
+
+
+def test_a_step_the_database_refuses_is_logged_and_the_other_experiments_go_on(ab_experiment, caplog):
+    """One experiment's due step fails in the database (not a step that no longer fits, which is a ValidationError):
+    the task failed there, leaving the other experiments' due steps unapplied and the ended experiments running, at
+    every run for as long as that one kept failing. It is logged, naming the experiment, and left to the next run;
+    its first step, applied in the same transaction, is rolled back and not counted as applied."""
+    rolling = three_rolling(ab_experiment)
+    AllocationStep.objects.create(
+        experiment=rolling[1], position=2, at=T0 + timedelta(hours=1), allocations={"treatment": "30"}
+    )
+    ended = ab_experiment(name="ended", model_name="ended-model").experiment
+    Experiment.objects.filter(pk=ended.pk).update(ends_at=T0)
+
+    def database_refuses(sender, instance, **kwargs):
+        if instance.applied_at is not None and instance.experiment_id == rolling[1].pk and instance.position == 2:
+            raise DatabaseError("the database refused the row")
+
+    pre_save.connect(database_refuses, sender=AllocationStep)
+    try:
+        with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
+            assert rollout_steps_apply_due_task() == 2
+    finally:
+        pre_save.disconnect(database_refuses, sender=AllocationStep)
+
+    assert steps_applied(rolling) == {"rolling-0": True, "rolling-1": False, "rolling-2": True}
+    assert Experiment.objects.get(pk=ended.pk).status == ExperimentStatus.CONCLUDED
+    [failure] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "rolling-1" in failure.getMessage() and failure.exc_info is not None
+    # Its step is still due: the next run applies it.
+    with time_machine.travel(T0 + timedelta(hours=1, minutes=2), tick=False):
+        assert rollout_steps_apply_due_task() == 2
+    assert steps_applied(rolling)["rolling-1"]
+
+
+def test_the_soft_time_limit_inside_one_experiments_step_stops_the_task_before_the_next(ab_experiment):
+    rolling = three_rolling(ab_experiment)
+
+    def time_is_up(sender, instance, **kwargs):
+        if instance.applied_at is not None and instance.experiment_id == rolling[1].pk:
+            raise SoftTimeLimitExceeded()
+
+    pre_save.connect(time_is_up, sender=AllocationStep)
+    try:
+        with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False), pytest.raises(SoftTimeLimitExceeded):
+            rollout_steps_apply_due_task()
+    finally:
+        pre_save.disconnect(time_is_up, sender=AllocationStep)
+    assert steps_applied(rolling) == {"rolling-0": True, "rolling-1": False, "rolling-2": False}
