@@ -630,7 +630,8 @@ async def _revalidate_one(credential_id: int) -> tuple[tuple[str, ...], bool]:
             await sync_to_async(_credential_unchecked_record)(credential_id)
             return ("unchecked",), check.down
         checked = await sync_to_async(_revalidation_record)(credential=credential, checked_key=checked_key, check=check)
-    except Exception:
+    except Exception as exc:
+        time_limit_reraise(exc)
         logger.exception("provider key %s (%s) could not be checked", credential_id, credential.hint)
         return ("unchecked",), False
     if not checked.turned_invalid:

@@ -11,8 +11,10 @@ from datetime import timedelta
 import httpx
 import pytest
 from asgiref.sync import async_to_sync
+from celery.exceptions import SoftTimeLimitExceeded
 from django.core import mail
 from django.db import connection, transaction
+from django.db.models.signals import pre_save
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -621,6 +623,32 @@ def test_a_provider_that_does_not_answer_does_not_hold_up_the_daily_check_of_the
 
     assert models_asked_with(upstream) == [key_digest(k) for k in fast_keys]
     assert counts["valid"] == 3 and counts["left"] >= 1  # the slow provider's last key at least waits
+
+
+def test_the_soft_time_limit_while_one_key_is_recorded_stops_the_daily_check_before_the_next(
+    provider, upstream, settings
+):
+    """The task's soft time limit raised while a key's outcome is written (in the task's thread, where the check's
+    database work runs) was logged as that key's failure ("could not be checked") and the run went on to the next
+    keys, until the hard limit killed the worker mid-write. It stops the run there, as the other sweeps do
+    (``core.time_limits``); the keys not reached are the next run's."""
+    settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 1
+    keys = [new_key() for _ in range(3)]
+    accept_keys(upstream, *keys)
+    stored = [stored_key(UserFactory(username=f"owner{n}"), provider, key, 3 - n) for n, key in enumerate(keys)]
+
+    def time_is_up(sender, instance, **kwargs):
+        if instance.pk == stored[1].pk:
+            raise SoftTimeLimitExceeded()
+
+    pre_save.connect(time_is_up, sender=ProviderCredential)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            provider_credentials_revalidate_all()
+    finally:
+        pre_save.disconnect(time_is_up, sender=ProviderCredential)
+
+    assert models_asked_with(upstream) == [key_digest(k) for k in keys[:2]]  # the third was not checked
 
 
 def test_the_daily_check_is_scheduled():
