@@ -102,11 +102,19 @@ def alerts_undelivered_send() -> int:
     return alerts_undelivered_requeue()
 
 
+class OpsAlertRulesNotEvaluatedError(Exception):
+    """An evaluation that could not evaluate every rule (each is logged); the others were."""
+
+
 @shared_task
 def ops_alerts_evaluate_task() -> int:
     """Every minute: the operations alerts' incidents opened and cleared (``services.ops_alerts``); returns how
-    many changed. Concurrent runs are safe: each incident opens and clears once."""
+    many changed. Concurrent runs are safe: each incident opens and clears once. A rule that could not be
+    evaluated does not stop the others; the run then ends with ``OpsAlertRulesNotEvaluatedError``, so that the
+    operations dashboard shows the task failing."""
     evaluation = ops_alerts_evaluate()
+    if evaluation.failed:
+        raise OpsAlertRulesNotEvaluatedError(f"rules not evaluated: {', '.join(evaluation.failed)}; the others were")
     return len(evaluation.opened) + len(evaluation.cleared)
 
 

@@ -24,10 +24,11 @@ signal found it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -41,6 +42,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
+from core.time_limits import time_limit_reraise
 from providers.models import BreakerOverride, Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
@@ -64,6 +66,8 @@ from ..models import (
 from ..selectors import UserLimits, user_limits_sync
 from .alerts import alert_email_send, alert_webhook_send
 from .budgets import CounterRef, ledger_spend, period_bounds, usd
+
+logger = logging.getLogger(__name__)
 
 # The spend spike compares the last hour with the mean hour of the 7 days before it.
 SPEND_BASELINE = timedelta(days=7)
@@ -101,10 +105,11 @@ class Measure:
 
 @dataclass(slots=True)
 class Evaluation:
-    """What one run of the evaluator changed."""
+    """What one run of the evaluator changed, and the rules it could not evaluate (by name)."""
 
     opened: list[str]
     cleared: list[str]
+    failed: list[str] = field(default_factory=list)
 
 
 def _model_scoped(rows, rule: OpsAlertRule):
@@ -316,36 +321,47 @@ MEASURES: dict[str, Callable[[OpsAlertRule, datetime], dict[str, Measure]]] = {
 
 def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
     """Measure every enabled rule now; open the incidents newly in breach and clear those no longer in it.
-    Idempotent: running it again with nothing changed opens, clears and sends nothing."""
+    Idempotent: running it again with nothing changed opens, clears and sends nothing. Each rule on its own: one
+    that fails (its measure cut by a statement timeout) is logged and listed in ``failed``, and the others are
+    evaluated."""
     now = now or timezone.now()
     evaluation = Evaluation(opened=[], cleared=[])
     _disabled_rules_close(now=now, evaluation=evaluation)
     for rule in OpsAlertRule.objects.filter(enabled=True):
-        if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
-            deployments_down_follow(now=now, evaluation=evaluation)
-            continue
-        measures = MEASURES[rule.kind](rule, now)
-        open_incidents = {incident.subject: incident for incident in rule.incidents.filter(cleared_at__isnull=True)}
-        for subject, measure in measures.items():
-            incident = open_incidents.get(subject)
-            if incident is None:
-                if measure.breached and ops_incident_open(rule=rule, subject=subject, measure=measure, now=now):
-                    evaluation.opened.append(f"{rule.kind} {subject}")
-            elif measure.keeps_open:
-                if measure.value > incident.peak:
-                    OpsAlertIncident.objects.filter(pk=incident.pk, peak__lt=measure.value).update(peak=measure.value)
-                if incident.under_since is not None:
-                    # Above again: the wait for a steady recovery starts over (unless a run measuring later than
-                    # this one, overlapping it, already read it under).
-                    OpsAlertIncident.objects.filter(pk=incident.pk, under_since__lte=now).update(under_since=None)
-        for subject, incident in open_incidents.items():
-            measure = measures.get(subject)
-            if measure is None or not measure.keeps_open:
-                if not _steadily_under(rule, incident, now):
-                    continue
-                if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
-                    evaluation.cleared.append(f"{rule.kind} {subject}")
+        try:
+            _rule_evaluate(rule, now=now, evaluation=evaluation)
+        except Exception as exc:
+            time_limit_reraise(exc)
+            logger.exception("operations alert rule %s could not be evaluated; tried again next run", rule.name)
+            evaluation.failed.append(rule.name)
     return evaluation
+
+
+def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation) -> None:
+    if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
+        deployments_down_follow(now=now, evaluation=evaluation)
+        return
+    measures = MEASURES[rule.kind](rule, now)
+    open_incidents = {incident.subject: incident for incident in rule.incidents.filter(cleared_at__isnull=True)}
+    for subject, measure in measures.items():
+        incident = open_incidents.get(subject)
+        if incident is None:
+            if measure.breached and ops_incident_open(rule=rule, subject=subject, measure=measure, now=now):
+                evaluation.opened.append(f"{rule.kind} {subject}")
+        elif measure.keeps_open:
+            if measure.value > incident.peak:
+                OpsAlertIncident.objects.filter(pk=incident.pk, peak__lt=measure.value).update(peak=measure.value)
+            if incident.under_since is not None:
+                # Above again: the wait for a steady recovery starts over (unless a run measuring later than
+                # this one, overlapping it, already read it under).
+                OpsAlertIncident.objects.filter(pk=incident.pk, under_since__lte=now).update(under_since=None)
+    for subject, incident in open_incidents.items():
+        measure = measures.get(subject)
+        if measure is None or not measure.keeps_open:
+            if not _steadily_under(rule, incident, now):
+                continue
+            if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
+                evaluation.cleared.append(f"{rule.kind} {subject}")
 
 
 def _disabled_rules_close(*, now: datetime, evaluation: Evaluation) -> None:

@@ -20,10 +20,12 @@ import httpx
 import pytest
 import redis
 import time_machine
+from celery.exceptions import SoftTimeLimitExceeded
 from django.apps import apps as django_apps
 from django.conf import settings as django_settings
 from django.core import mail
 from django.core.exceptions import ValidationError
+from django.db import OperationalError, connection
 
 from billing.models import DailyUsage, OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
 from billing.selectors_ops import ops_deployments
@@ -36,7 +38,7 @@ from billing.services.ops_alerts import (
     spend_spike_measures,
 )
 from billing.services.plans import plan_assign
-from billing.tasks import alerts_undelivered_send, ops_alerts_evaluate_task
+from billing.tasks import OpsAlertRulesNotEvaluatedError, alerts_undelivered_send, ops_alerts_evaluate_task
 from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_record, breaker_reset, breaker_state
@@ -525,6 +527,49 @@ def test_the_task_evaluates_and_a_disabled_rule_is_silent():
         OpsAlertRule.objects.filter(pk=watched.pk).update(enabled=True)
         assert ops_alerts_evaluate_task.delay().get() == 1
     assert len(alert_mail()) == 1
+
+
+def test_a_rule_the_database_cannot_measure_is_logged_and_the_others_are_evaluated(caplog):
+    """One rule's measure fails in the database (a heavy window cut by PostgreSQL's statement timeout, say): the
+    evaluator stopped there, every minute for as long as it failed, and the rules after it were never evaluated:
+    a p95 latency far above its threshold opened no incident and paged nobody. The others are evaluated now; the
+    one that failed is logged by its name, and the run ends failed, so that /ops/ shows the task failing."""
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    rule(OpsAlertKind.LATENCY_P95, threshold=Decimal("1000"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", duration_ms=5000, stream=False, created_at=T0 - timedelta(minutes=1))
+
+    def error_rate_cut(execute, sql, params, many, context):
+        if params and UsageStatus.UPSTREAM_ERROR in params:
+            raise OperationalError("canceling statement due to statement timeout")
+        return execute(sql, params, many, context)
+
+    with time_machine.travel(T0, tick=False), connection.execute_wrapper(error_rate_cut):
+        with pytest.raises(OpsAlertRulesNotEvaluatedError, match="test error_rate"):
+            ops_alerts_evaluate_task.apply(throw=True)
+
+    incident = OpsAlertIncident.objects.get()
+    assert incident.rule.kind == OpsAlertKind.LATENCY_P95 and incident.cleared_at is None
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test latency_p95 (model:m)"]
+    [failure] = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "billing.services.ops_alerts"]
+    assert "test error_rate" in failure.getMessage() and failure.exc_info is not None
+
+
+def test_the_soft_time_limit_inside_one_rule_stops_the_evaluation_before_the_next():
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
+    rule(OpsAlertKind.LATENCY_P95, threshold=Decimal("1000"), minimum_requests=2)
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", duration_ms=5000, stream=False, created_at=T0 - timedelta(minutes=1))
+
+    def time_is_up(execute, sql, params, many, context):
+        if params and UsageStatus.UPSTREAM_ERROR in params:
+            raise SoftTimeLimitExceeded()
+        return execute(sql, params, many, context)
+
+    with time_machine.travel(T0, tick=False), connection.execute_wrapper(time_is_up):
+        with pytest.raises(SoftTimeLimitExceeded):
+            ops_alerts_evaluate_task.apply(throw=True)
+    assert OpsAlertIncident.objects.count() == 0
 
 
 def test_the_default_rules_are_installed_and_editable_in_the_admin(admin_client):
