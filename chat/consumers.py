@@ -499,6 +499,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             # The client is gone and the server has not told us yet (uvicorn's ClientDisconnected); the
             # disconnect that follows stops the replies still streaming.
             self.closing = True
+        except RuntimeError:
+            # The server closed the socket itself: uvicorn does when the peer leaves a keepalive ping unanswered
+            # (its network vanished, no close frame), and then refuses any send. Its disconnect waits for the
+            # kernel to give up on the unread data, minutes away: the replies are stopped now, as on a
+            # disconnect, and what was sent is what is billed.
+            self.closing = True
+            for stream in list(self.streams.values()):
+                self._stop(stream, by_user=False)
 
     async def _send_error(
         self, message: str, *, code: str | None, request_id: str | None = None, exc: ApplicationError | None = None

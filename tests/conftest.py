@@ -481,10 +481,15 @@ class LiveServer:
     """llmhub's ASGI application served by uvicorn in a thread of this process, on a real port.
 
     ``static_files`` serves the apps' static files as ``make run`` does (tests run with DEBUG off), for
-    pages a browser loads."""
+    pages a browser loads. ``ws_ping_seconds`` replaces uvicorn's WebSocket keepalive (a ping every 20 s, the
+    peer given 20 s to answer) with a ping every that many seconds, answered within as many, for tests of a
+    peer that stops answering."""
 
-    def __init__(self, *, static_files: bool = False) -> None:
+    def __init__(self, *, static_files: bool = False, ws_ping_seconds: float | None = None) -> None:
         self.static_files = static_files
+        self.ws_ping = (
+            {} if ws_ping_seconds is None else {"ws_ping_interval": ws_ping_seconds, "ws_ping_timeout": ws_ping_seconds}
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = None
@@ -500,7 +505,7 @@ class LiveServer:
         # No log_config: uvicorn's own (dictConfig) would close every handler of the process, pytest's log
         # file among them, which then wrote nothing for the rest of the session. Its loggers propagate instead.
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", log_config=None, lifespan="on"
+            app, host="127.0.0.1", port=self.port, log_level="warning", log_config=None, lifespan="on", **self.ws_ping
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -19,6 +22,7 @@ from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush
 from chat.models import Message, MessageStatus
 from tests.chat.conftest import session_cookie
+from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 from tests.waiting import wait_until_async
 
@@ -243,3 +247,92 @@ async def test_a_server_killed_mid_reply_frees_its_conversation_within_seconds(l
     dead = await Message.objects.aget(conversation_id=conversation, role="assistant", status="cancelled")
     assert dead.content  # what the last checkpoint saved before the kill
     assert dead.error_message == "The reply did not finish: the server stopped while it streamed."
+
+
+class SilencedLink:
+    """A TCP relay in front of the live server that, once ``silence()`` is called, forwards nothing more either
+    way and closes nothing: a client whose network vanished, without a close frame or a reset. The server's
+    keepalive pings then go unanswered."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.silenced = asyncio.Event()
+        self.url = ""
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> SilencedLink:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/ws/chat/"
+        return self
+
+    def silence(self) -> None:
+        self.silenced.set()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers += [client_writer, server_writer]
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            silenced = asyncio.ensure_future(self.silenced.wait())
+            try:
+                while True:
+                    read = asyncio.ensure_future(reader.read(65536))
+                    await asyncio.wait({read, silenced}, return_when=asyncio.FIRST_COMPLETED)
+                    if silenced.done():
+                        read.cancel()  # what is on its way stays unread
+                        return
+                    if not (data := read.result()):
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                silenced.cancel()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+def pinged(live) -> Iterator[LiveServer]:
+    """A second live llmhub, on the same database, whose keepalive pings every second and waits a second for
+    the answer."""
+    server = LiveServer(ws_ping_seconds=1.0).start()
+    yield server
+    server.stop()
+
+
+async def test_a_client_whose_network_vanished_mid_reply_is_found_and_billed_what_was_sent(live, pinged, caplog):
+    """A client gone without a close frame (its network vanished) leaves the server's pings unanswered, and the
+    server closes the socket. A reply streaming fast then failed its next send after that close: it was logged
+    as an error ("relaying the reply failed") and saved as failed. It is stopped at once, as on a disconnect:
+    saved as cancelled with what was sent, the upstream stopped and billed for that, not the whole reply."""
+    link = await SilencedLink(pinged.port).start()
+    try:
+        async with connect(link.url, additional_headers={"Cookie": live.cookie}) as ws:
+            await ws.send(chat_send("a", "Long [[words=400000]] [[tps=4000]]", live.model, None))
+            received = 0
+            while received < 5:
+                received += (await next_event(ws))["type"] == "chat.delta"
+            link.silence()
+
+            async def ended() -> Message | None:
+                return await Message.objects.filter(role="assistant").exclude(status="streaming").afirst()
+
+            reply = await wait_until_async(ended, "the reply ended", timeout=30)
+    finally:
+        await link.close()
+    assert reply.status == MessageStatus.CANCELLED, (reply.status, reply.error_message)
+    assert 0 < len(reply.content.split()) < 400_000
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert record.status == "client_disconnected"
+    assert 0 < record.completion_tokens < 400_000
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
