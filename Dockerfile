@@ -48,4 +48,6 @@ EXPOSE 8000
 # installed by llmhub.asgi, so it holds for any uvicorn command line. tests/test_access_log.py runs this CMD.
 # --timeout-graceful-shutdown comes after llmhub's own grace period (LLMHUB_SHUTDOWN_GRACE_SECONDS), once
 # every reply has ended: see docker-compose.yml's stop_grace_period and docs/reliability.md.
-CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "10"]
+# --ws-ping-interval/--ws-ping-timeout: a chat client whose network vanished is found within 20 s (uvicorn's own 20 +
+# 20 s let a reply shorter than 40 s stream whole to it): docs/reliability.md, "A chat client whose network vanished".
+CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "10", "--ws-ping-interval", "10", "--ws-ping-timeout", "10"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
+import uvicorn
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from websockets.asyncio.client import connect
@@ -24,6 +25,7 @@ from chat.models import Message, MessageStatus
 from tests.chat.conftest import session_cookie
 from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
+from tests.test_access_log import dockerfile_command
 from tests.waiting import wait_until_async
 
 
@@ -336,3 +338,14 @@ async def test_a_client_whose_network_vanished_mid_reply_is_found_and_billed_wha
     assert record.status == "client_disconnected"
     assert 0 < record.completion_tokens < 400_000
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_production_finds_a_client_gone_silent_within_20_seconds():
+    """uvicorn's keepalive defaults (a ping every 20 s, 20 s to answer) let a vanished client's reply stream for up
+    to 40 s (one shorter than that streamed whole, billed whole): production pings every 10 s and waits 10 s."""
+    command = dockerfile_command()  # docker-compose.yml's too (tests/test_access_log.py)
+    assert command[0] == "uvicorn"
+    params = uvicorn.main.make_context("uvicorn", command[1:]).params
+    assert params["ws"] == "auto"  # websockets, which pings (wsproto would not)
+    assert 0 < params["ws_ping_interval"] and 0 < params["ws_ping_timeout"]
+    assert params["ws_ping_interval"] + params["ws_ping_timeout"] <= 20
