@@ -1221,3 +1221,34 @@ async def test_a_message_refused_because_the_session_ended_is_back_in_the_box_af
     await expect(page.locator("#prompt")).to_have_value("")
     assert errors == []
     await context.close()
+
+
+async def test_a_refused_sign_in_says_why_without_telling_whether_the_account_exists(site, browser, settings):
+    """A deactivated user typing the right password was told that name and password did not match, and tried
+    again until held back. Every refusal (a wrong password, a name with no account, a deactivated account) now
+    says the same thing, which names each possible reason and what to do; the hold-back still says how long."""
+    await sync_to_async(UserFactory)(username="ada")
+    await sync_to_async(UserFactory)(username="gone", is_active=False)
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+
+    async def refusal(username: str, password: str) -> str:
+        await page.goto(site.url + "/accounts/login/")
+        await page.get_by_label("Username").fill(username)
+        await page.get_by_label("Password").fill(password)
+        await page.get_by_role("button", name="Sign in").click()
+        alert = page.get_by_role("alert")
+        await expect(alert).to_be_visible()
+        await expect(page.get_by_label("Username")).to_have_value(username)
+        return await alert.inner_text()
+
+    wrong_password = await refusal("ada", "not-the-password")
+    assert "case-sensitive" in wrong_password and "deactivated" in wrong_password
+    assert "administrator" in wrong_password
+    assert await refusal("nobody", "not-the-password") == wrong_password
+    assert await refusal("gone", PASSWORD) == wrong_password
+
+    settings.LLMHUB_SIGNIN_FAILURES_PER_NAME = 1
+    assert re.search(
+        r"Too many failed sign-ins from your address: try again in \d+ minutes?\.", await refusal("ada", PASSWORD)
+    )
+    await page.close()
