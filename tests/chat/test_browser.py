@@ -1252,3 +1252,42 @@ async def test_a_refused_sign_in_says_why_without_telling_whether_the_account_ex
         r"Too many failed sign-ins from your address: try again in \d+ minutes?\.", await refusal("ada", PASSWORD)
     )
     await page.close()
+
+
+async def test_a_send_into_a_conversation_deleted_in_another_tab_says_so_and_starts_a_new_chat(site, browser, user):
+    """A conversation deleted in another tab stayed open and listed in the first: a send into it was refused
+    with "No conversation N.", the message back in the box, and every later send refused the same way. The page
+    now says it was deleted, drops it from the list and moves to a new chat, the message still in the box."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    await send(page, "Plan a trip [[words=3]]")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+
+    other_tab = await context.new_page()
+    await other_tab.goto(f"{site.url}/c/{conversation_id}/")
+    other_tab.on("dialog", lambda dialog: dialog.accept())
+    item = other_tab.locator(f'.conv-item[data-conversation-id="{conversation_id}"]')
+    await item.hover()
+    await item.get_by_role("button", name=re.compile("^Delete")).click()
+    await expect(item).to_have_count(0)
+    assert not await Conversation.objects.filter(pk=conversation_id).aexists()
+
+    await send(page, "And the hotels? [[words=3]]")
+    await expect(page.locator("#composer-error")).to_contain_text("This conversation was deleted")
+    await expect(page).to_have_url(site.url + "/")
+    await expect(page.locator("#prompt")).to_have_value("And the hotels? [[words=3]]")
+    await expect(page.locator(f'.conv-item[data-conversation-id="{conversation_id}"]')).to_have_count(0)
+    await expect(page.locator(".message")).to_have_count(0)
+
+    # Sent again, it starts a new conversation.
+    await page.locator("#prompt").press("Enter")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(page).to_have_url(re.compile(r"/c/\d+/$"))
+    assert int(page.url.rstrip("/").rsplit("/", 1)[1]) != conversation_id
+    await expect(page.locator("#composer-error")).to_be_hidden()
+    assert errors == []
+    await context.close()

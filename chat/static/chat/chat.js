@@ -370,6 +370,23 @@
     updateComposer();
   }
 
+  /* A send into a conversation deleted meanwhile (in another tab or window): it leaves the list, and when it is
+     the one on screen the page moves to a new chat, where the message, back in the box, starts one. */
+  const DELETED_NOTE =
+    "This conversation was deleted, perhaps in another tab or window. Your message is back in the box: " +
+    "sending it starts a new chat.";
+
+  function conversationGone(stream) {
+    const onScreen = stream.view !== null && state.currentId === stream.conversationId;
+    state.conversations.delete(stream.conversationId);
+    // Sent from a page left since, the message waits in the new chat's box: its own conversation is gone.
+    if (!onScreen) stream.conversationId = null;
+    refuseSend(stream, DELETED_NOTE);
+    if (!onScreen) return;
+    newChat({ push: true });
+    showComposerError(DELETED_NOTE);
+  }
+
   /* The text of a send that got no reply, to send again: in the box when its conversation is on screen,
      else kept for when the user goes back to it (giveBackRefused), which a toast says. */
   function giveBack(stream, message) {
@@ -516,8 +533,9 @@
       case "error":
         state.lastError = event.message;
         if (!stream) toast(event.message);
-        else if (stream.messageId === null) refuseSend(stream, event.message);
-        else finishStream(stream, "error", { error: event.message });
+        else if (stream.messageId !== null) finishStream(stream, "error", { error: event.message });
+        else if (event.code === "not_found" && stream.conversationId !== null) conversationGone(stream);
+        else refuseSend(stream, event.message);
         break;
       default:
         break; // pong, auth.ok
