@@ -2,7 +2,8 @@
 and what a finding does (``docs/moderation.md``).
 
 A request is checked by its model's policy and its user's plan's (``providers.moderation``), and a fallback's
-own input policy reads the input before that fallback is tried (``Moderation.check_fallback``). With none,
+own input policy reads the input before that fallback is tried (``Moderation.check_fallback``); a reply by the
+output policies of the model that wrote it and of the plan (``Moderation.output_for``). With none,
 ``moderation_for`` returns None after two cached lookups and nothing else runs. A ``block`` hit refuses the
 input (400 ``content_policy_violation``, nothing sent upstream) or ends the reply; a ``flag`` hit is
 recorded on the ledger row (``CompletionRun.moderation``) and as an audit event ``moderation.flag``
@@ -76,8 +77,20 @@ class ModerationUnavailableError(ModerationError, ProviderUnavailableError):
 class Moderation:
     """The policies of one request and what they found so far (``notes``: the ledger row's words)."""
 
-    def __init__(self, policies: list[PolicySnapshot], *, caller: Caller, request_id: str, model: str) -> None:
+    def __init__(
+        self,
+        policies: list[PolicySnapshot],
+        *,
+        caller: Caller,
+        request_id: str,
+        model: str,
+        model_policy_id: int | None = None,
+        plan_policy_id: int | None = None,
+    ) -> None:
         self.policies = policies
+        # The ids ``policies`` came from: the model asked for's and the plan's (``output_for``).
+        self._model_policy_id = model_policy_id
+        self._plan_policy_id = plan_policy_id
         self.caller = caller
         self.request_id = request_id
         self.model = model
@@ -179,9 +192,19 @@ class Moderation:
         return verdict
 
     def output(self) -> ReplyGuard | None:
-        """The guard of the reply, when a policy checks output."""
+        """The guard of a reply the model asked for writes, when a policy checks output."""
         policies = [p for p in self.policies if p.check_output]
         return ReplyGuard(self, policies) if policies else None
+
+    async def output_for(self, served: ResolvedModel) -> ReplyGuard | None:
+        """The guard of the reply ``served`` writes (the model that answered, a fallback's too), when a policy
+        checks output: that model's own and the plan's. A reply is judged by its writer's admin, not by the policy
+        of a model that did not write it. The model asked for (or one under its policy) costs no lookup."""
+        if served.moderation_policy_id == self._model_policy_id:
+            return self.output()
+        policies = await moderation_policies((served.moderation_policy_id, self._plan_policy_id))
+        checking = [p for p in policies if p.check_output]
+        return ReplyGuard(self, checking) if checking else None
 
     async def _judge(
         self, policy: PolicySnapshot, direction: str, check: Any, placed: Callable[[Hit | None], Hit | None]
@@ -296,7 +319,14 @@ async def moderation_for(
     policies = await moderation_policies((model.moderation_policy_id, plan_policy))
     if not policies and not guarded:
         return None
-    return Moderation(policies, caller=caller, request_id=request_id, model=model.name)
+    return Moderation(
+        policies,
+        caller=caller,
+        request_id=request_id,
+        model=model.name,
+        model_policy_id=model.moderation_policy_id,
+        plan_policy_id=plan_policy,
+    )
 
 
 class ReplyGuard:

@@ -1513,14 +1513,16 @@ class CompletionRun:
             }
         return response
 
-    def _reply_guard(self) -> ReplyGuard | None:
-        return self.moderation.output() if self.moderation is not None else None
+    async def _reply_guard(self) -> ReplyGuard | None:
+        """The output check of the reply of the model that answered (``answered_by``, a fallback too): built once
+        the call loop has chosen it, before anything it wrote is relayed (``Moderation.output_for``)."""
+        return await self.moderation.output_for(self.answered_by) if self.moderation is not None else None
 
     async def _reply_check(self, text: str, arguments: list[str]) -> None:
         """The output check of a whole reply, once it has come (and been paid for): its text and its tool calls'
         ``arguments`` (JSON, read decoded). A ``block`` hit answers ``content_policy_violation`` instead of the
         reply, which is billed all the same."""
-        guard = self._reply_guard()
+        guard = await self._reply_guard()
         if guard is None:
             return
         try:
@@ -1560,8 +1562,9 @@ class CompletionRun:
         attempt_began = 0
         # The upstream's usage left one of its counts out, which the client was told as the estimate it is charged.
         usage_filled = False
-        guard = self._reply_guard()  # the output check: each piece is fed to it before it is relayed
-        # What it reads: the reply and the model's reasoning, which every client shows (the chat page too).
+        # The output check, built for the model that answered once it has (each piece is fed to it before it is
+        # relayed). What it reads: the reply and the model's reasoning, which every client shows (the chat page too).
+        guard: ReplyGuard | None = None
         checked = _chunk_pieces
 
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
@@ -1612,6 +1615,7 @@ class CompletionRun:
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once_with(None))
+                guard = await self._reply_guard()
                 public_name = self.answered_by.name  # the name the stream began with, kept if it is resumed
                 failed: set[int] = set()
                 while True:
@@ -1842,7 +1846,7 @@ class CompletionRun:
             )
 
         upstream: AsyncIterator[WireEvent] | None = None
-        guard = self._reply_guard()
+        guard: ReplyGuard | None = None  # the output check of the model that answered, once one has
         output_arrived = False  # the model wrote something, relayed or not
 
         def arrived(event: WireEvent) -> None:
@@ -1852,6 +1856,7 @@ class CompletionRun:
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once_with(None))
+                guard = await self._reply_guard()
                 public_name = self.answered_by.name
                 failed: set[int] = set()
                 while True:

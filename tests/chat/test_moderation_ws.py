@@ -11,10 +11,11 @@ from billing.models import UsageRecord
 from billing.services.ledger import ledger_flush
 from chat.models import Conversation, Message, MessageStatus, Role
 from chat.moderation import moderation_drain
-from providers.models import ModerationAction, ModerationPolicy
+from providers.models import Deployment, ModerationAction, ModerationPolicy
 from providers.moderation import policy_cache
 from providers.tokens import text_tokens
 from tests.chat.conftest import deltas, ends, events_until
+from tests.factories import ModelFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -153,3 +154,26 @@ async def test_a_blocked_word_in_the_reasoning_the_page_shows_cuts_the_reply(ali
     record = await UsageRecord.objects.aget(user_id=alice.pk)
     assert record.moderation.startswith("blocked output: blocklist")
     assert record.usage_estimated and record.prompt_tokens > 0 and record.cost > 0
+
+
+async def test_a_fallbacks_output_policy_cuts_the_reply_it_writes_on_the_socket(alice, chat_model, socket_for):
+    """The model picked has no policy and fails; its fallback, whose admin blocks "forbidden" in its replies,
+    answers. The reply went to the page unchecked; now the fallback's own policy cuts it before the word."""
+    deployment = await Deployment.objects.select_related("provider").aget(model=chat_model)
+    policy = await ModerationPolicy.objects.acreate(name="guard-out", blocklist="forbidden", check_input=False)
+    guarded = await sync_to_async(ModelFactory)(name="guarded", provider=deployment.provider, moderation_policy=policy)
+    deployment.upstream_id = "fault-503"
+    await deployment.asave()
+    chat_model.retries, chat_model.fallbacks = 0, [guarded.name]
+    await chat_model.asave()
+    ws = await socket_for(alice)
+
+    await send(ws, chat_model, "[[reply=the forbidden word]]")
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "content_policy_violation"
+    assert "forbidden" not in deltas(events, "r1")
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(user_id=alice.pk)
+    assert record.model_name == "guarded" and record.endpoint == "websocket"
+    assert record.moderation == 'blocked output: blocklist (entry 1 at character 4), policy "guard-out"'

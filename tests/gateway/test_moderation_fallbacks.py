@@ -1,18 +1,21 @@
-"""A fallback's own input policy, through the openai SDK against a live llmhub and the fake upstream: the model
-``primary`` (no policy, its one deployment failing with the fake's ``fault-503``, no retries) falls back to
-models whose admins set input policies. Each policy reads the input before its model is tried."""
+"""A fallback's own policies, through the openai and anthropic SDKs against a live llmhub and the fake upstream: the
+model ``primary`` (its one deployment failing with the fake's ``fault-503``, no retries) falls back to models whose
+admins set policies. Each input policy reads the input before its model is tried; a reply is checked by the output
+policy of the model that wrote it, and the plan's."""
 
 from __future__ import annotations
 
+import anthropic
 import httpx
 import openai
 import pytest
 
-from billing.models import UsageRecord
+from billing.models import Plan, UsageRecord, UserPlan
+from chat.moderation import ReplyGuard
 from providers.models import ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import policy_cache
 from tests.factories import ModelFactory
-from tests.waiting import wait_for_record
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -223,3 +226,153 @@ def test_a_prompt_of_token_ids_never_reaches_a_fallback_whose_policy_reads_text(
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "prompt"
         assert record.status == "invalid" and record.error_type == "unsupported_value" and record.cost == 0
+
+
+# OUTPUT: the reply is checked by the output policy of the model that wrote it, and the plan's.
+
+
+def output_blocklist(name: str, words: str = "forbidden") -> ModerationPolicy:
+    """A policy that reads replies only: the prompt may name the word the reply must not."""
+    return ModerationPolicy.objects.create(name=name, blocklist=words, check_input=False)
+
+
+def anthropic_model(
+    name: str, upstream: str = "fake-claude-haiku", *, policy: ModerationPolicy | None = None, **fields
+):
+    provider = Provider.objects.get(name="fake-anthropic")
+    fields.setdefault("retries", 0)
+    return ModelFactory(name=name, provider=provider, upstream_id=upstream, moderation_policy=policy, **fields)
+
+
+def messages_client(gateway) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+
+
+REPLY = [{"role": "user", "content": "[[reply=the forbidden word]]"}]
+
+
+def only_record() -> UsageRecord:
+    """The test's one ledger row, once written (a stream cut in-band leaves no header to name it by)."""
+    return wait_until(lambda: UsageRecord.objects.first(), "the ledger row")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_a_fallbacks_output_policy_checks_the_reply_it_writes(gateway, stream):
+    """``primary`` has no policy and fails; ``guarded``, whose admin blocks "forbidden" in its replies, answers.
+    Its reply was relayed unchecked, whole and streamed; now its own output policy reads it."""
+    model("guarded", "fake-o3-mini", policy=output_blocklist("guard-out"))
+    model("primary", "fault-503", fallbacks=["guarded"])
+    pieces: list[str] = []
+
+    with pytest.raises(openai.APIError) as stopped:
+        response = gateway.client().chat.completions.create(model="primary", messages=REPLY, stream=stream)
+        for chunk in response if stream else ():
+            pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert 'content policy "guard-out"' in stopped.value.message
+    assert "forbidden" not in "".join(pieces)
+    assert asked(gateway.upstream, "fake-o3-mini") == 1
+    record = only_record()
+    assert UsageRecord.objects.count() == 1
+    assert record.model_name == "guarded" and record.error_type == "content_policy_violation" and record.cost > 0
+    assert record.moderation == 'blocked output: blocklist (entry 1 at character 4), policy "guard-out"'
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_a_fallbacks_output_policy_checks_the_message_it_writes(gateway, stream):
+    anthropic_model("guarded", policy=output_blocklist("guard-out"))
+    anthropic_model("primary", "fault-503", fallbacks=["guarded"])
+    request = {"model": "primary", "max_tokens": 50, "messages": REPLY}
+    pieces: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as stopped:
+        if stream:
+            with messages_client(gateway).messages.stream(**request) as events:
+                pieces.extend(events.text_stream)
+        else:
+            messages_client(gateway).messages.create(**request)
+
+    assert 'content policy "guard-out"' in str(stopped.value)
+    assert "forbidden" not in "".join(pieces)
+    record = only_record()
+    assert record.model_name == "guarded" and record.error_type == "content_policy_violation"
+    assert record.moderation == 'blocked output: blocklist (entry 1 at character 4), policy "guard-out"'
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_the_requested_models_output_policy_does_not_judge_a_reply_its_fallback_wrote(gateway, stream):
+    """``primary``'s admin blocks "forbidden" in primary's replies; ``open``, its fallback, has no policy and writes
+    the word. Primary's policy judged open's reply, which open's admin allows: the reply comes through now, and
+    the row's ``moderation`` is empty."""
+    model("open", "fake-gpt-4o-mini")
+    model("primary", "fault-503", policy=output_blocklist("primary-out"), fallbacks=["open"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="primary", messages=REPLY, stream=stream)
+    if stream:
+        text = "".join(choice.delta.content or "" for chunk in raw.parse() for choice in chunk.choices)
+    else:
+        text = raw.parse().choices[0].message.content
+
+    assert text == "the forbidden word"
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.status == "ok" and record.model_name == "open" and record.moderation == ""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_the_plans_output_policy_checks_a_fallbacks_reply_beside_its_own(gateway, stream):
+    """The plan's policy applies to every reply, whoever wrote it, the fallback's own beside it; the row names the
+    policy that acted."""
+    plan_policy = ModerationPolicy.objects.create(name="plan rules", blocklist="word", check_input=False)
+    plan = Plan.objects.create(name="moderated", allow_all_models=True, moderation_policy=plan_policy)
+    UserPlan.objects.create(user=gateway.user, plan=plan)
+    model("guarded", "fake-o3-mini", policy=output_blocklist("guard-out", "nothing"))
+    model("primary", "fault-503", fallbacks=["guarded"])
+
+    with pytest.raises(openai.APIError) as stopped:
+        response = gateway.client().chat.completions.create(model="primary", messages=REPLY, stream=stream)
+        for _ in response if stream else ():
+            pass
+
+    assert 'content policy "plan rules"' in stopped.value.message
+    record = only_record()
+    assert record.model_name == "guarded"
+    assert record.moderation == 'blocked output: blocklist (entry 1 at character 14), policy "plan rules"'
+
+
+@pytest.fixture
+def guards_built(monkeypatch) -> list[ReplyGuard]:
+    """Every reply guard built (the real one, counted as it is made)."""
+    built: list[ReplyGuard] = []
+    init = ReplyGuard.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReplyGuard, "__init__", counted)
+    return built
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+def test_no_guard_when_no_candidate_checks_output(gateway, guards_built, stream):
+    """The fallback's policy reads input only; the model asked for has none: its reply costs no guard at all."""
+    model("guarded", "fake-o3-mini", policy=ModerationPolicy.objects.create(name="in", check_output=False))
+    model("primary", "fault-503", fallbacks=["guarded"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="primary", messages=REPLY, stream=stream)
+    list(raw.parse()) if stream else raw.parse()
+
+    assert wait_for_record(raw.headers["x-request-id"]).model_name == "guarded"
+    assert guards_built == []
+
+
+def test_no_guard_when_the_model_asked_for_answers_and_only_its_fallback_checks_output(gateway, guards_built):
+    model("guarded", "fake-o3-mini", policy=output_blocklist("guard-out"))
+    model("primary", "fake-gpt-4o-mini", fallbacks=["guarded"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="primary", messages=REPLY, stream=True)
+    text = "".join(choice.delta.content or "" for chunk in raw.parse() for choice in chunk.choices)
+
+    assert text == "the forbidden word"
+    assert guards_built == []
+    assert gateway.upstream.requests_served(MODERATIONS) == 0
