@@ -196,14 +196,22 @@ class Moderation:
         policies = [p for p in self.policies if p.check_output]
         return ReplyGuard(self, policies) if policies else None
 
-    async def output_for(self, served: ResolvedModel) -> ReplyGuard | None:
+    async def output_for(self, served: ResolvedModel, current: ReplyGuard | None = None) -> ReplyGuard | None:
         """The guard of the reply ``served`` writes (the model that answered, a fallback's too), when a policy
         checks output: that model's own and the plan's. A reply is judged by its writer's admin, not by the policy
-        of a model that did not write it. The model asked for (or one under its policy) costs no lookup."""
+        of a model that did not write it. The model asked for (or one under its policy) costs no lookup.
+        ``current``: the guard of the reply so far, which ``served`` continues (a stream resumed on it), kept when
+        its policies are the same (it reads a word across the seam whole), else closed and replaced: the resumed
+        attempt's text is checked by its own writer's policies."""
         if served.moderation_policy_id == self._model_policy_id:
-            return self.output()
-        policies = await moderation_policies((served.moderation_policy_id, self._plan_policy_id))
+            policies = self.policies
+        else:
+            policies = await moderation_policies((served.moderation_policy_id, self._plan_policy_id))
         checking = [p for p in policies if p.check_output]
+        if current is not None:
+            if [p.id for p in current.policies] == [p.id for p in checking]:
+                return current
+            current.close()
         return ReplyGuard(self, checking) if checking else None
 
     async def _judge(

@@ -1513,10 +1513,13 @@ class CompletionRun:
             }
         return response
 
-    async def _reply_guard(self) -> ReplyGuard | None:
+    async def _reply_guard(self, current: ReplyGuard | None = None) -> ReplyGuard | None:
         """The output check of the reply of the model that answered (``answered_by``, a fallback too): built once
-        the call loop has chosen it, before anything it wrote is relayed (``Moderation.output_for``)."""
-        return await self.moderation.output_for(self.answered_by) if self.moderation is not None else None
+        the call loop has chosen it, before anything it wrote is relayed (``Moderation.output_for``). ``current``:
+        the guard of a stream that attempt resumes, kept while the writer's policies are the same."""
+        if self.moderation is None:
+            return None
+        return await self.moderation.output_for(self.answered_by, current)
 
     async def _reply_check(self, text: str, arguments: list[str]) -> None:
         """The output check of a whole reply, once it has come (and been paid for): its text and its tool calls'
@@ -1676,6 +1679,7 @@ class CompletionRun:
                         first, upstream = await self._call(
                             once_with("".join(text)), exclude=failed | self._prefill_refusers(self.body)
                         )
+                        guard = await self._reply_guard(guard)  # it may be a fallback under another policy
             finally:
                 if guard is not None:
                     guard.close()
@@ -1910,6 +1914,7 @@ class CompletionRun:
                         first, upstream = await self._call(
                             once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
                         )
+                        guard = await self._reply_guard(guard)  # it may be a fallback under another policy
             finally:
                 if guard is not None:
                     guard.close()

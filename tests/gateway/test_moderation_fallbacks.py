@@ -376,3 +376,47 @@ def test_no_guard_when_the_model_asked_for_answers_and_only_its_fallback_checks_
     assert text == "the forbidden word"
     assert guards_built == []
     assert gateway.upstream.requests_served(MODERATIONS) == 0
+
+
+def test_a_stream_resumed_on_a_fallback_is_checked_by_the_fallbacks_output_policy(gateway):
+    """``primary`` (no policy, ``resume_on_failure``) is cut after three chunks; the reply goes on from ``guarded``,
+    whose admin blocks "forbidden" in its replies. The guard was the one built for primary (none), so guarded's
+    words reached the client unchecked; the resumed attempt's reply is checked by its writer's policy."""
+    model("guarded", "fake-o3-mini", policy=output_blocklist("guard-out"))
+    model("primary", "fault-cut-3", resume_on_failure=True, fallbacks=["guarded"])
+    pieces: list[str] = []
+
+    with pytest.raises(openai.APIError) as stopped:
+        for chunk in gateway.client().chat.completions.create(
+            model="primary",
+            messages=[{"role": "user", "content": "[[reply=one two three four forbidden]]"}],
+            stream=True,
+        ):
+            pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert 'content policy "guard-out"' in stopped.value.message
+    assert "forbidden" not in "".join(pieces)
+    assert asked(gateway.upstream, "fake-o3-mini") == 1
+    record = only_record()
+    assert record.resumed and record.model_name == "guarded" and record.error_type == "content_policy_violation"
+    assert 'policy "guard-out"' in record.moderation
+
+
+def test_a_message_stream_resumed_on_a_fallback_is_checked_by_the_fallbacks_output_policy(gateway):
+    anthropic_model("guarded", policy=output_blocklist("guard-out"))
+    anthropic_model("primary", "fault-cut-3", resume_on_failure=True, fallbacks=["guarded"])
+    request = {
+        "model": "primary",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "[[reply=one two three four forbidden]]"}],
+    }
+    pieces: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as stopped:
+        with messages_client(gateway).messages.stream(**request) as events:
+            pieces.extend(events.text_stream)
+
+    assert 'content policy "guard-out"' in str(stopped.value)
+    assert "forbidden" not in "".join(pieces)
+    record = only_record()
+    assert record.resumed and record.model_name == "guarded" and 'policy "guard-out"' in record.moderation
