@@ -954,6 +954,14 @@ def _retryable(exc: ProviderError) -> bool:
     return exc.upstream_status is None or exc.upstream_status in (408, 429, 500, 502, 503, 504, 529)
 
 
+def _unsent_refusal(exc: ProviderError) -> bool:
+    """Whether the adapter refused the request before any call: something its provider cannot take (``logprobs``
+    to one that returns none, audio output to one that answers in text, ``providers.adapters.common``), said in a
+    400 of ours, not the provider's (which has its status). A moderation verdict is no such refusal."""
+    ours = isinstance(exc, ProviderBadRequestError) and exc.upstream_status is None
+    return ours and not isinstance(exc, ModerationError)
+
+
 def _misconfigured(exc: ProviderError) -> bool:
     """A failure of the deployment's own set-up, not of the request: its provider refused the credentials
     (401, 403: a key revoked, rotated or without access to the model) or does not know the model id the
@@ -1280,6 +1288,10 @@ class CompletionRun:
         failures = 0
         index = 0
         refused: Exception | None = None  # the first fallback's refusal by a moderation policy of its own
+        # The first fallback whose adapter refused the request before any call (``_unsent_refusal``), and the target
+        # of the last failed attempt, which the row names when that failure is the answer.
+        unsent: ProviderError | None = None
+        failed_on: ResolvedModel | None = None
         # The deployments' rpm/tpm caps stand for the platform's account: an attempt on the user's own key is
         # neither held to them nor counted toward them.
         own_key = functools.partial(byok_on_own_key, credentials=self.credentials) if self.credentials else None
@@ -1347,11 +1359,18 @@ class CompletionRun:
                 except ProviderError as exc:
                     # A 404 for an upstream id the health round found missing: the catalog's, on any key.
                     failure = upstream_model_missing(target, exc)
-                    refused = byok_refused(target, failure)
+                    refusal = byok_refused(target, failure)
                     # A failure of a user's own key says nothing of the deployment: its breaker does not count it.
                     self._ticket_close(_outcome(failure, target), error_type=failure.code or type(failure).__name__)
-                    if refused is not failure:
-                        raise refused from exc
+                    if refusal is not failure:
+                        raise refusal from exc
+                    if model is not self.model and _unsent_refusal(failure):
+                        # A fallback that cannot take what the request asks and the model asked for took: skipped,
+                        # as one that cannot stream is left out; nothing was sent. Its other deployments may.
+                        unsent = unsent or failure
+                        candidates = [c for c in candidates if c is not deployment]
+                        position -= 1
+                        continue
                     if not _retryable(failure):  # never one ``upstream_model_missing`` made: a 404 moves on
                         raise
                     if _not_again(failure):
@@ -1363,7 +1382,7 @@ class CompletionRun:
                         # sending the rest (another would embed every input again, maybe in another space).
                         candidates = [c for c in candidates if c is deployment]
                         position, index = 0, len(plan)
-                    last, last_deployment = failure, deployment
+                    last, last_deployment, failed_on = failure, deployment, target
                     failures += 1
                     continue
                 except BaseException:
@@ -1376,7 +1395,11 @@ class CompletionRun:
             self._input_refused = refused
             raise refused
         if last is not None:
+            if unsent is not None:
+                self.served = failed_on  # the failure answered is that attempt's, not the skipped fallback's
             raise last
+        if unsent is not None:  # no attempt failed (the plan was switched for context): what it would answer
+            raise unsent
         waits = [wait for wait in (caps_retry_after(m, own_key=own_key) for m in plan) if wait is not None]
         if waits:
             error = DeploymentsAtCapacityError(

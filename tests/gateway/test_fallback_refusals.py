@@ -1,0 +1,66 @@
+"""A fallback whose provider cannot take what the request asks, which the model asked for takes (``logprobs``, audio
+output: refused by its adapter before any call, ``providers.adapters.common``), through the openai SDK against a
+live llmhub and the fake upstream. The model ``primary`` (OpenAI's protocol, its one deployment failing with the
+fake's ``fault-503``, no retries) falls back to a model served by Claude."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from billing.models import UsageRecord
+from providers.models import Provider
+from tests.factories import ModelFactory
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ASKS = {
+    "logprobs": {"logprobs": True},
+    "audio": {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+}
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def model(name: str, provider: str, upstream: str, **fields):
+    fields.setdefault("retries", 0)
+    return ModelFactory(name=name, provider=Provider.objects.get(name=provider), upstream_id=upstream, **fields)
+
+
+@pytest.mark.parametrize("ask", ASKS.values(), ids=ASKS.keys())
+def test_a_fallback_that_cannot_take_the_request_is_skipped_and_the_client_gets_the_models_own_failure(gateway, ask):
+    """The client got the fallback's 400 ("This model does not return log probabilities") about a model it did not
+    ask for, on a request the model it asked for takes: an invalid row, and an SDK that never retries it. The
+    fallback is skipped; the client gets the model's own 503, which a retry may get past."""
+    model("backup", "fake-anthropic", "fake-claude-haiku")
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup"])
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().chat.completions.create(model="primary", messages=HELLO, **ask)
+
+    assert failed.value.status_code == 503
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert UsageRecord.objects.count() == 1
+    assert record.status == "upstream_error" and record.error_type == "upstream_unavailable"
+    assert record.model_name == "primary" and record.cost == 0
+
+
+@pytest.mark.parametrize("ask", ASKS.values(), ids=ASKS.keys())
+def test_the_next_fallback_answers_when_one_cannot_take_the_request(gateway, ask):
+    model("backup", "fake-anthropic", "fake-claude-haiku")
+    model("open", "fake-openai", "fake-gpt-4o-mini")
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup", "open"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="primary", messages=HELLO, **ask)
+
+    assert raw.parse().choices[0].message.content
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.status == "ok" and record.model_name == "open"
+    assert not [entry for entry in gateway.upstream.requests if entry["body"].get("model") == "fake-claude-haiku"]
+
+
+def test_the_model_asked_for_still_refuses_what_its_provider_cannot_take(gateway):
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="claude-test", messages=HELLO, logprobs=True)
+
+    assert refused.value.code == "unsupported_parameter" and refused.value.param == "logprobs"
