@@ -1288,8 +1288,9 @@ class CompletionRun:
         failures = 0
         index = 0
         refused: Exception | None = None  # the first fallback's refusal by a moderation policy of its own
-        # The first fallback whose adapter refused the request before any call (``_unsent_refusal``), and the target
-        # of the last failed attempt, which the row names when that failure is the answer.
+        # The first fallback that could not take the request (its adapter refused it before any call,
+        # ``_unsent_refusal``, or its window is too small for it), and the target of the last failed attempt, which
+        # the row names when that failure is the answer.
         unsent: ProviderError | None = None
         failed_on: ResolvedModel | None = None
         # The deployments' rpm/tpm caps stand for the platform's account: an attempt on the user's own key is
@@ -1348,8 +1349,13 @@ class CompletionRun:
                         "the request's deadline.",
                         provider=target.provider.name,
                     ) from None
-                except ProviderContextLengthError:
+                except ProviderContextLengthError as exc:
                     self._ticket_close(Outcome.NEUTRAL)
+                    if model is not self.model and not switched_for_context:
+                        # Too long for a fallback's smaller window, not for the model asked for: skipped as one that
+                        # cannot take the request (``_unsent_refusal``); its other deployments share its window.
+                        unsent = unsent or exc
+                        break
                     if switched_for_context or not self.context_fallbacks:
                         raise
                     # Too long for this model: the models with larger windows, in their order, and nothing else.

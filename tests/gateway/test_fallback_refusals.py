@@ -64,3 +64,38 @@ def test_the_model_asked_for_still_refuses_what_its_provider_cannot_take(gateway
         gateway.client().chat.completions.create(model="claude-test", messages=HELLO, logprobs=True)
 
     assert refused.value.code == "unsupported_parameter" and refused.value.param == "logprobs"
+
+
+def test_a_fallback_with_a_smaller_context_window_is_skipped_and_the_client_gets_the_models_own_failure(gateway):
+    """The prompt fits the model asked for, which fails; its fallback's window is smaller (the fake's
+    ``fault-context``). The client got "This model's maximum context length is ..." about a model it did not ask
+    for, a 400 with an invalid row; the fallback is skipped as one that cannot take the request."""
+    model("small", "fake-openai", "fault-context")
+    model("primary", "fake-openai", "fault-503", fallbacks=["small"])
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().chat.completions.create(model="primary", messages=HELLO)
+
+    assert failed.value.status_code == 503
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert record.status == "upstream_error" and record.model_name == "primary"
+
+
+def test_the_next_fallback_answers_when_one_has_too_small_a_window(gateway):
+    model("small", "fake-openai", "fault-context")
+    model("open", "fake-openai", "fake-gpt-4o-mini")
+    model("primary", "fake-openai", "fault-503", fallbacks=["small", "open"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="primary", messages=HELLO)
+
+    assert raw.parse().choices[0].message.content
+    assert wait_for_record(raw.headers["x-request-id"]).model_name == "open"
+
+
+def test_a_prompt_too_long_for_the_model_asked_for_still_moves_to_its_context_window_fallbacks(gateway):
+    model("long", "fake-openai", "fake-gpt-4o-mini")
+    model("short", "fake-openai", "fault-context", context_window_fallbacks=["long"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="short", messages=HELLO)
+
+    assert wait_for_record(raw.headers["x-request-id"]).model_name == "long"
