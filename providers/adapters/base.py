@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 class BaseAdapter(ABC):
     """Wraps one pooled SDK client for one provider configuration."""
 
+    # The chat-completions field a translated Messages request's end user (``metadata.user_id``) goes in (``messages``):
+    # OpenAI's ``user``; None for a provider that refuses it.
+    messages_end_user_field: str | None = "user"
+
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
 
@@ -75,7 +79,7 @@ class BaseAdapter(ABC):
         Default: translated to a chat completion (then ``prepare_request``: upstream id, parameter rules)
         and back; ``AnthropicAdapter`` overrides it to pass the request through, with the client's
         Anthropic ``headers`` (``anthropic-beta``), which mean nothing to another protocol."""
-        return message_from_completion(await self.complete(self.prepare_request(chat_request(request), model)))
+        return message_from_completion(await self.complete(self.prepare_request(self._chat_request(request), model)))
 
     @classmethod
     def messages_check(cls, request: dict[str, Any]) -> None:
@@ -83,7 +87,12 @@ class BaseAdapter(ABC):
         (a ``document`` block, a server tool, …), for ``/v1/messages/count_tokens``, which calls nothing. Default:
         translated as ``messages`` translates it; ``AnthropicAdapter`` overrides it: the provider judges the request
         as the client wrote it."""
-        chat_request(request)
+        cls._chat_request(request)
+
+    @classmethod
+    def _chat_request(cls, request: dict[str, Any]) -> dict[str, Any]:
+        """The chat completion a Messages request is translated into for this provider."""
+        return chat_request(request, end_user_field=cls.messages_end_user_field)
 
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
@@ -92,7 +101,7 @@ class BaseAdapter(ABC):
         stream, translated (``EventTranslator``); ``AnthropicAdapter`` overrides it to relay the upstream's
         events."""
         translator = EventTranslator(input_tokens_estimate=prompt_tokens(request, operation="messages"))
-        chunks = self.stream({**self.prepare_request(chat_request(request), model), "stream": True})
+        chunks = self.stream({**self.prepare_request(self._chat_request(request), model), "stream": True})
         try:
             async for chunk in chunks:
                 for event in translator.feed(chunk):

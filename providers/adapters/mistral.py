@@ -60,6 +60,8 @@ class MistralAdapter(OpenAIAdapter):
     # Mistral has no /v1/completions: a text completion goes to Codestral's fill-in-the-middle (``_fim_body``).
     serves_completions = True
     embed_batch_limit = 512  # Mistral refuses more inputs in one request ("Too many inputs in request")
+    # Mistral has no ``user``: a /v1/messages request's ``metadata.user_id`` is left out, not sent to be refused.
+    messages_end_user_field = None
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         request = fields_renamed(

@@ -616,13 +616,14 @@ class StreamTranslator:
 # ``tool_result`` blocks (``tool`` messages, text blocks joined by blank lines, placed before the rest of their
 # user turn, as OpenAI wants them right after the call; their images, which a tool message cannot hold, open that
 # user turn),
-# ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p`` and ``max_tokens``; ``thinking``
+# ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p``, ``max_tokens`` and ``metadata.user_id``
+# (the end user, OpenAI's ``user``: ``chat_request``'s ``end_user_field``); ``thinking``
 # becomes ``reasoning_effort`` (``reasoning_effort_for``), and the model's reasoning (``reasoning_content`` or
 # ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no provider signed it, and a client
 # that sends it back to this protocol has it dropped (``_assistant_message``); structured outputs
 # (``output_config.format``) become a strict ``json_schema`` ``response_format`` (``_response_format``).
-# ``metadata``, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block type with no
-# equivalent (``document``, server tools, also inside a ``tool_result``) is refused.
+# ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
+# type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused.
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -642,8 +643,10 @@ def stop_reason(finish: str | None) -> str:
     return _STOP_REASONS.get(finish or "", "end_turn")
 
 
-def chat_request(request: dict[str, Any]) -> dict[str, Any]:
-    """The chat-completions body for a Messages API body (``stream`` is left to the caller)."""
+def chat_request(request: dict[str, Any], *, end_user_field: str | None = "user") -> dict[str, Any]:
+    """The chat-completions body for a Messages API body (``stream`` is left to the caller). ``end_user_field``: the
+    field the end user (``metadata.user_id``) goes in, OpenAI's ``user``; None for a provider that has none and
+    refuses it (Mistral's 422), where it is left out."""
     messages: list[dict[str, Any]] = []
     system = request.get("system")
     if system:
@@ -659,6 +662,9 @@ def chat_request(request: dict[str, Any]) -> dict[str, Any]:
             body[name] = request[name]
     if request.get("stop_sequences"):
         body["stop"] = request["stop_sequences"]
+    user_id = (request.get("metadata") or {}).get("user_id")
+    if user_id and end_user_field is not None:
+        body[end_user_field] = user_id
     effort = reasoning_effort_for(request.get("thinking"))
     if effort is not None:
         body["reasoning_effort"] = effort

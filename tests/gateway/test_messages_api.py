@@ -268,6 +268,28 @@ def test_openai_model_gets_a_translated_request(gateway):
     assert "metadata" not in sent and sent["temperature"] == 0.5
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_end_user_in_metadata_reaches_a_translated_model_as_its_user(gateway, stream):
+    """``metadata.user_id`` names the end user a request is made for (Anthropic's abuse tracking); OpenAI's field for
+    it is ``user``. It was dropped on the way to an OpenAI-protocol model: the provider could not tell the app's users
+    apart. It now goes as ``user``."""
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 20,
+        "metadata": {"user_id": "end-user-7"},
+        "messages": [{"role": "user", "content": "[[reply=hi]]"}],
+    }
+    sdk = client(gateway)
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert message.content[0].text == "hi"
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert sent["user"] == "end-user-7" and "metadata" not in sent
+
+
 CITY_SCHEMA = {
     "type": "object",
     "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},

@@ -215,3 +215,21 @@ def test_a_reply_to_a_prefill_does_not_repeat_it_whether_mistral_echoes_it_or_no
     assert UsageRecord.objects.filter(request_id=request_id).count() == 1
     assert usage is not None and record.completion_tokens == usage.completion_tokens
     assert_priced(record, usage.prompt_tokens, usage.completion_tokens, stream=stream)
+
+
+def test_the_end_user_of_a_messages_request_is_not_sent_to_mistral(mistral):
+    """``metadata.user_id`` of a ``/v1/messages`` request goes to an OpenAI-protocol model as ``user``, a field Mistral
+    refuses (422): the request is answered, without it, rather than refused for a field the client never sent."""
+    answer = httpx.post(
+        mistral.url + "/v1/messages",
+        json={
+            "model": "mistral-test",
+            "max_tokens": 20,
+            "metadata": {"user_id": "end-user-7"},
+            "messages": [{"role": "user", "content": "[[reply=hi]]"}],
+        },
+        headers={"x-api-key": mistral.key},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"] == [{"type": "text", "text": "hi"}]
+    assert "user" not in mistral.upstream.requests[-1]["body"]

@@ -596,6 +596,7 @@ def test_messages_request_becomes_a_chat_request():
         "temperature": 0.2,
         "top_p": 0.9,
         "stop": ["END"],
+        "user": "u",
         "tools": [
             {
                 "type": "function",
