@@ -2,10 +2,10 @@
 
 As for chat completions (``chat.validation``), only what can be judged without the provider is checked:
 structure, types, documented ranges and Anthropic's rules on empty content (a message without content, but a
-final assistant prefill, and a message's empty text block are refused, whatever protocol the model speaks; so are
-a system block that is not text or is empty, and the tool rules below); unknown fields and a message's block types
-pass (an Anthropic-protocol provider may know them, and the translation for other providers refuses what it cannot
-express).
+final assistant prefill, and a message's empty text block, a tool_result's too, are refused, whatever protocol the
+model speaks; so are a system block that is not text or is empty, and the tool rules below); unknown fields and a
+message's block types pass (an Anthropic-protocol provider may know them, and the translation for other providers
+refuses what it cannot express).
 """
 
 from __future__ import annotations
@@ -106,6 +106,14 @@ def validate_messages_request(body: Any) -> None:
         for position, block in enumerate(content if isinstance(content, list) else ()):
             if block["type"] == "text" and not block["text"]:
                 _fail("text content blocks must be non-empty", f"{where}.content.{position}.text")
+            if block["type"] == "tool_result" and isinstance(block.get("content"), list):
+                # A tool's answer is held to the same rule (a translated model was sent its empty text).
+                for inner, part in enumerate(block["content"]):
+                    if part["type"] == "text" and not part["text"]:
+                        _fail(
+                            "text content blocks must be non-empty",
+                            f"{where}.content.{position}.content.{inner}.text",
+                        )
     system = body.get("system")
     if system is not None:
         _check_blocks(system, "system")

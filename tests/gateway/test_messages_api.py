@@ -1057,3 +1057,27 @@ def test_an_empty_or_non_text_system_block_is_refused(gateway, model, system, me
     was sent an empty one's blank lines, and a non-text block was refused as the translation's ``invalid`` 400."""
     body = {"model": model, "max_tokens": 5, "system": system, "messages": [{"role": "user", "content": "hi"}]}
     assert refused_before_any_upstream_call(gateway, body) == message
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_empty_text_block_in_a_tool_result_is_refused(gateway, model):
+    """Anthropic refuses an empty text block wherever it is, a tool_result's too ("text content blocks must be
+    non-empty"). A translated model was sent the tool's empty answer (and answered, and was charged); a native one was
+    sent it to be refused upstream. Both are now refused before any upstream call, naming the block."""
+    messages = [
+        {"role": "user", "content": "Paris"},
+        {"role": "assistant", "content": [TOOL_CALL]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": "18 C"}, {"type": "text", "text": ""}],
+                }
+            ],
+        },
+    ]
+    body = {"model": model, "max_tokens": 5, "tools": [WEATHER], "messages": messages}
+    message = refused_before_any_upstream_call(gateway, body)
+    assert message == "messages.2.content.0.content.1.text: text content blocks must be non-empty"
