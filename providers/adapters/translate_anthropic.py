@@ -623,7 +623,8 @@ class StreamTranslator:
 # that sends it back to this protocol has it dropped (``_assistant_message``); structured outputs
 # (``output_config.format``) become a strict ``json_schema`` ``response_format`` (``_response_format``).
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
-# type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused.
+# type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused, and so are
+# Anthropic's own features (``mcp_servers``, ``container``, ``context_management``: ``_ANTHROPIC_ONLY``).
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -633,6 +634,13 @@ _STOP_REASONS = {
     "content_filter": "refusal",
 }
 _MESSAGES_OPTIONAL = ("temperature", "top_p")
+# The Messages API's features that Anthropic runs itself and no OpenAI-protocol model has: dropped, the model would
+# answer as if they had not been asked for, so a request that sets one is refused (``chat_request``).
+_ANTHROPIC_ONLY = {
+    "mcp_servers": "MCP servers (whose tools Anthropic calls)",
+    "container": "Code-execution containers",
+    "context_management": "Context edits",
+}
 # Text blocks that become one text (the system prompt's, a tool_result's) are joined by a blank line, as separate
 # blocks read; not run together.
 _BLOCKS_JOINED_BY = "\n\n"
@@ -647,6 +655,14 @@ def chat_request(request: dict[str, Any], *, end_user_field: str | None = "user"
     """The chat-completions body for a Messages API body (``stream`` is left to the caller). ``end_user_field``: the
     field the end user (``metadata.user_id``) goes in, OpenAI's ``user``; None for a provider that has none and
     refuses it (Mistral's 422), where it is left out."""
+    for name, feature in _ANTHROPIC_ONLY.items():
+        if request.get(name) not in (None, []):
+            raise _refused(
+                f"{feature} are Anthropic's own, and this model is not reached through Anthropic's API: leave"
+                f" `{name}` out, or ask a Claude model",
+                name,
+                "unsupported_parameter",
+            )
     messages: list[dict[str, Any]] = []
     system = request.get("system")
     if system:

@@ -1081,3 +1081,53 @@ def test_an_empty_text_block_in_a_tool_result_is_refused(gateway, model):
     body = {"model": model, "max_tokens": 5, "tools": [WEATHER], "messages": messages}
     message = refused_before_any_upstream_call(gateway, body)
     assert message == "messages.2.content.0.content.1.text: text content blocks must be non-empty"
+
+
+MCP_SERVER = {"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}
+
+
+@pytest.mark.parametrize(
+    ("field", "create"),
+    [
+        (
+            "mcp_servers",
+            lambda sdk, **request: sdk.beta.messages.create(
+                **request, mcp_servers=[MCP_SERVER], betas=["mcp-client-2025-04-04"]
+            ),
+        ),
+        ("container", lambda sdk, **request: sdk.messages.create(**request, container="container_011CNh")),
+        (
+            "context_management",
+            lambda sdk, **request: sdk.beta.messages.create(
+                **request,
+                context_management={"edits": [{"type": "clear_tool_uses_20250919"}]},
+                betas=["context-management-2025-06-27"],
+            ),
+        ),
+    ],
+)
+def test_an_anthropic_only_feature_is_refused_for_a_translated_model(gateway, field, create):
+    """MCP servers (their tools called by Anthropic), a code-execution container and context editing are Anthropic's
+    own; a translated model had them dropped without a word and answered as if they had not been asked for (no MCP
+    tool, no container, the whole context). Each is now a 400 naming its field before any upstream call, with its
+    ledger row, for a translated model; an Anthropic-protocol one gets them as the client wrote them."""
+    request = {"model": "gpt-test", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        create(client(gateway), **request)
+    error = refused.value.body["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(f"{field}: "), error
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(refused.value.response.headers["request-id"])
+    assert record.operation == "messages" and record.status == "invalid" and record.cost == 0
+    assert UsageRecord.objects.count() == 1
+
+    counted = httpx.post(
+        gateway.url + "/v1/messages/count_tokens",
+        content=refused.value.response.request.content,  # what the SDK sent: count_tokens answers the same 400
+        headers={"x-api-key": gateway.key},
+    )
+    assert counted.status_code == 400 and counted.json()["error"]["message"] == error["message"]
+
+    create(client(gateway), **{**request, "model": "claude-test"})
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
+    assert field in sent
