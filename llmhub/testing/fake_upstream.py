@@ -131,6 +131,8 @@ Replies
     legacy ``function_call`` (streamed first, then the call opens), as models that say what they are about to
     do; its words count as the reply's. A request that ends in an assistant message (a prefill) that begins the
     preamble is answered as a model continues one: the rest of the preamble, then the call.
+    ``[[stop_reason=vllm]]`` (OpenAI only) gives each choice, and each streamed finish, vLLM's ``stop_reason`` beside
+    its ``finish_reason``: the stop string the reply was cut at, else null.
     ``[[usage=none]]`` (OpenAI and Gemini) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do (Gemini: no ``usageMetadata``).
     ``[[raw=BASE64]]`` (OpenAI's chat completions and text completions) answers exactly the bytes the URL-safe
@@ -1897,6 +1899,7 @@ class _App:
         logprobs = body.get("logprobs") is True
         top = _int_or_none(body.get("top_logprobs")) or 0
         omit = frozenset(name.strip() for name in conv.directives.get("omit", "").split(",") if name.strip())
+        vllm_stop_reason = conv.directives.get("stop_reason") == "vllm"
         if stream:
             stream_options = body.get("stream_options")
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -1919,6 +1922,7 @@ class _App:
                 obfuscation=obfuscation,
                 usage_on_finish=usage_on_finish,
                 lead=lead,
+                vllm_stop_reason=vllm_stop_reason,
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
         answer = {
@@ -1926,7 +1930,9 @@ class _App:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [self._openai_choice(i, reply, logprobs, top, lead) for i in range(n)],
+            "choices": [
+                self._openai_choice(i, reply, logprobs, top, lead, vllm_stop_reason=vllm_stop_reason) for i in range(n)
+            ],
             "usage": usage,
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
@@ -1991,7 +1997,14 @@ class _App:
         ]
 
     def _openai_choice(
-        self, index: int, reply: _Reply, logprobs: bool, top: int, lead: _OpenAILead | None = None
+        self,
+        index: int,
+        reply: _Reply,
+        logprobs: bool,
+        top: int,
+        lead: _OpenAILead | None = None,
+        *,
+        vllm_stop_reason: bool = False,
     ) -> dict[str, Any]:
         content = lead.preamble if lead is not None and lead.preamble is not None else reply.text
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
@@ -2003,7 +2016,7 @@ class _App:
             message["function_call"] = {"name": reply.tool_name, "arguments": reply.arguments_json}
         elif reply.tool_name is not None:
             message["tool_calls"] = self._openai_tool_calls(reply)
-        return {
+        choice = {
             "index": index,
             "message": message,
             "logprobs": {"content": [_logprob_entry(t, top) for t in reply.tokens], "refusal": None}
@@ -2011,6 +2024,9 @@ class _App:
             else None,
             "finish_reason": _openai_finish(reply),
         }
+        if vllm_stop_reason:
+            choice["stop_reason"] = reply.stop_sequence
+        return choice
 
     async def _openai_stream(
         self,
@@ -2028,11 +2044,12 @@ class _App:
         obfuscation: bool = False,
         usage_on_finish: bool = False,
         lead: _OpenAILead | None = None,
+        vllm_stop_reason: bool = False,
     ) -> web.StreamResponse:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
         ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
         reasoning and the preamble streamed before the reply (each choice opens with its role alone, and a
-        call after them)."""
+        call after them). ``vllm_stop_reason``: each finish carries vLLM's ``stop_reason`` too."""
         leading = lead if lead is not None and lead.present else None
         base = {
             "id": _new_id("chatcmpl-", 29),
@@ -2124,6 +2141,8 @@ class _App:
 
         for index in range(n):
             finish = chunk(index, {}, _openai_finish(reply))
+            if vllm_stop_reason:
+                finish["choices"][0]["stop_reason"] = reply.stop_sequence
             if usage_on_finish and index == n - 1:
                 finish["usage"] = usage
             await send(finish)

@@ -622,6 +622,8 @@ class StreamTranslator:
 # ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no provider signed it, and a client
 # that sends it back to this protocol has it dropped (``_assistant_message``); structured outputs
 # (``output_config.format``) become a strict ``json_schema`` ``response_format`` (``_response_format``).
+# A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
+# ``stop_sequence_matched``), else it ends ``end_turn``.
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
 # type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused, and so are
 # Anthropic's own features (``mcp_servers``, ``container``, ``context_management``: ``_ANTHROPIC_ONLY``).
@@ -649,6 +651,14 @@ _BLOCKS_JOINED_BY = "\n\n"
 def stop_reason(finish: str | None) -> str:
     """Anthropic's ``stop_reason`` for an OpenAI ``finish_reason`` (the inverse of ``finish_reason``)."""
     return _STOP_REASONS.get(finish or "", "end_turn")
+
+
+def stop_sequence_matched(choice: dict[str, Any]) -> str | None:
+    """The stop sequence a chat completion's choice (or a streamed finish) stopped at, when its server says: vLLM's
+    ``stop_reason``, the stop string matched (a stop token's id is a number). OpenAI's ``finish_reason`` is ``stop``
+    for a stop string and for the model's own end alike: from a server that says no more, none (``end_turn``)."""
+    matched = choice.get("stop_reason")
+    return matched if choice.get("finish_reason") == "stop" and isinstance(matched, str) and matched else None
 
 
 def chat_request(request: dict[str, Any], *, end_user_field: str | None = "user") -> dict[str, Any]:
@@ -932,14 +942,15 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
                 "input": _arguments(function.get("arguments")),
             }
         )
+    sequence = stop_sequence_matched(choice)
     return {
         "id": message_id(completion.get("id")),
         "type": "message",
         "role": "assistant",
         "model": completion.get("model") or "",
         "content": content,
-        "stop_reason": stop_reason(choice.get("finish_reason")),
-        "stop_sequence": None,
+        "stop_reason": "stop_sequence" if sequence else stop_reason(choice.get("finish_reason")),
+        "stop_sequence": sequence,
         "usage": messages_usage(completion.get("usage")),
     }
 
@@ -968,6 +979,7 @@ class EventTranslator:
         self._block: tuple[str, int | None] | None = None  # (kind, OpenAI tool call index)
         self._tool_blocks: dict[int, int] = {}
         self._finish: str | None = None
+        self._stop_sequence: str | None = None
         self._usage: dict[str, Any] | None = None
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1002,6 +1014,7 @@ class EventTranslator:
                 self._tool_delta(call, events)
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
+                self._stop_sequence = stop_sequence_matched(choice)
         return events
 
     def finish(self) -> list[dict[str, Any]]:
@@ -1012,7 +1025,10 @@ class EventTranslator:
         events.append(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason(self._finish), "stop_sequence": None},
+                "delta": {
+                    "stop_reason": "stop_sequence" if self._stop_sequence else stop_reason(self._finish),
+                    "stop_sequence": self._stop_sequence,
+                },
                 "usage": usage,
             }
         )

@@ -1131,3 +1131,33 @@ def test_an_anthropic_only_feature_is_refused_for_a_translated_model(gateway, fi
     create(client(gateway), **{**request, "model": "claude-test"})
     [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
     assert field in sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("server", "stop_reason", "stop_sequence"),
+    [("vllm", "stop_sequence", "END"), ("openai", "end_turn", None)],
+)
+def test_a_translated_model_that_stopped_at_a_stop_sequence_says_which(
+    gateway, stream, server, stop_reason, stop_sequence
+):
+    """A client that sends ``stop_sequences`` reads ``stop_reason: "stop_sequence"`` and the ``stop_sequence`` that
+    matched. A translated model's reply never said so: OpenAI's ``finish_reason`` is ``stop`` for a stop string and
+    for the model's own end alike. Servers that tell them apart (vLLM's ``stop_reason``, the stop string matched) are
+    now read; from one that does not (OpenAI's), ``end_turn`` and no ``stop_sequence``, as before: which of the two it
+    was cannot be told (the reply, cut before the string, holds none)."""
+    marker = " [[stop_reason=vllm]]" if server == "vllm" else ""
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "stop_sequences": ["END", "STOP"],
+        "messages": [{"role": "user", "content": f"[[reply=one two END three]]{marker}"}],
+    }
+    sdk = client(gateway)
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert message.content[0].text == "one two "
+    assert (message.stop_reason, message.stop_sequence) == (stop_reason, stop_sequence)
