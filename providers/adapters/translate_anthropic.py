@@ -617,11 +617,12 @@ class StreamTranslator:
 # user turn, as OpenAI wants them right after the call; their images, which a tool message cannot hold, open that
 # user turn),
 # ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p``, ``max_tokens`` and ``metadata.user_id``
-# (the end user, OpenAI's ``user``: ``chat_request``'s ``end_user_field``); ``thinking``
-# becomes ``reasoning_effort`` (``reasoning_effort_for``), and the model's reasoning (``reasoning_content`` or
-# ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no provider signed it, and a client
-# that sends it back to this protocol has it dropped (``_assistant_message``); structured outputs
-# (``output_config.format``) become a strict ``json_schema`` ``response_format`` (``_response_format``).
+# (the end user, OpenAI's ``user``: ``chat_request``'s ``end_user_field``); ``output_config.effort``, else
+# ``thinking``, becomes ``reasoning_effort`` (``_effort``, ``reasoning_effort_for``), and the model's reasoning
+# (``reasoning_content`` or ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no
+# provider signed it, and a client that sends it back to this protocol has it dropped (``_assistant_message``);
+# structured outputs (``output_config.format``) become a strict ``json_schema`` ``response_format``
+# (``_response_format``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
 # ``stop_sequence_matched``), else it ends ``end_turn``.
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
@@ -691,7 +692,7 @@ def chat_request(request: dict[str, Any], *, end_user_field: str | None = "user"
     user_id = (request.get("metadata") or {}).get("user_id")
     if user_id and end_user_field is not None:
         body[end_user_field] = user_id
-    effort = reasoning_effort_for(request.get("thinking"))
+    effort = _effort(request)
     if effort is not None:
         body["reasoning_effort"] = effort
     response_format = _response_format(request)
@@ -732,6 +733,30 @@ def _response_format(request: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(schema, dict):
         raise _invalid(f"{where}.schema: Field required (a JSON schema object)", f"{where}.schema")
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
+
+
+# Anthropic's ``output_config.effort`` levels, which OpenAI's ``reasoning_effort`` has under the same names.
+_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+
+
+def _effort(request: dict[str, Any]) -> str | None:
+    """The ``reasoning_effort`` a Messages request asks for: its ``output_config.effort`` (how much effort the model
+    puts in; with adaptive thinking, how much it thinks), else its thinking budget's (``reasoning_effort_for``).
+    Thinking ``disabled`` asks for none, whatever the effort: the client said the model does not reason."""
+    from_thinking = reasoning_effort_for(request.get("thinking"))
+    config = request.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    if effort is None:
+        return from_thinking
+    if effort not in _EFFORTS:
+        raise _refused(
+            "Input should be " + ", ".join(repr(name) for name in _EFFORTS[:-1]) + f" or {_EFFORTS[-1]!r}",
+            "output_config.effort",
+        )
+    thinking = request.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "disabled":
+        return None
+    return effort
 
 
 def reasoning_effort_for(thinking: Any) -> str | None:

@@ -391,6 +391,56 @@ def test_thinking_disabled_or_adaptive_on_messages_sends_an_openai_protocol_mode
         assert "reasoning_effort" not in gateway.upstream.requests[-1]["body"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "effort"),
+    [
+        ({"output_config": {"effort": "high"}}, "high"),
+        ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}, "low"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}, "output_config": {"effort": "max"}}, "max"),
+        ({"output_config": {"effort": "xhigh", "format": None}}, "xhigh"),
+    ],
+    ids=["effort", "adaptive", "budget", "xhigh"],
+)
+def test_the_effort_asked_on_messages_reaches_an_openai_protocol_model_as_its_reasoning_effort(gateway, fields, effort):
+    """``output_config.effort`` is how much effort the client asks of the model (with adaptive thinking, the way to
+    set how much it thinks); OpenAI's word for it is ``reasoning_effort``, of the same values. It was dropped on the way
+    to an OpenAI-protocol model: a reasoning model reasoned at its default whatever the client asked. It now goes as
+    ``reasoning_effort``; given beside an enabled thinking budget, it is the effort the client named."""
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    message = sdk.messages.create(
+        model="gpt-test", max_tokens=2000, messages=[{"role": "user", "content": "[[reply=done]]"}], **fields
+    )
+    assert message.content[-1].text == "done"
+    assert gateway.upstream.requests[-1]["body"]["reasoning_effort"] == effort
+
+
+def test_an_effort_an_openai_protocol_model_has_no_level_for_is_refused_naming_it(gateway):
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        sdk.messages.create(
+            model="gpt-test",
+            max_tokens=50,
+            output_config={"effort": "extreme"},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    assert refused.value.body["error"]["message"].startswith("output_config.effort: ")
+    assert gateway.upstream.stats["requests"] == 0
+
+
+def test_thinking_disabled_with_an_effort_sends_an_openai_protocol_model_no_reasoning_effort(gateway):
+    """Thinking off is the client's word that the model does not reason: an effort beside it (which on Claude sets
+    how thorough the reply is) does not turn reasoning on."""
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    sdk.messages.create(
+        model="gpt-test",
+        max_tokens=50,
+        thinking={"type": "disabled"},
+        output_config={"effort": "high"},
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    assert "reasoning_effort" not in gateway.upstream.requests[-1]["body"]
+
+
 def test_a_resumed_streams_reasoning_is_relayed_after_a_break(gateway):
     """A stream cut in its reply goes on from the next deployment (``resume_on_failure``), which reasons again
     before it goes on: that reasoning, billed in its usage, was dropped; it is relayed now, set off from the
