@@ -615,9 +615,9 @@ class StreamTranslator:
 # text, images (base64 → data URL, url → URL), ``tool_use`` blocks (assistant ``tool_calls``) and
 # ``tool_result`` blocks (``tool`` messages, text blocks joined by blank lines, placed before the rest of their
 # user turn, as OpenAI wants them right after the call; their images, which a tool message cannot hold, open that
-# user turn),
-# ``tools``/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p``, ``max_tokens`` and ``metadata.user_id``
-# (the end user, OpenAI's ``user``: ``chat_request``'s ``end_user_field``); ``output_config.effort``, else
+# user turn), ``tools`` (and a tool's ``strict``)/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p``,
+# ``max_tokens`` and ``metadata.user_id`` (the end user, OpenAI's ``user``: ``chat_request``'s
+# ``end_user_field``); ``output_config.effort``, else
 # ``thinking``, becomes ``reasoning_effort`` (``_effort``, ``reasoning_effort_for``), and the model's reasoning
 # (``reasoning_content`` or ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no
 # provider signed it, and a client that sends it back to this protocol has it dropped (``_assistant_message``);
@@ -915,6 +915,8 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
     }
     if tool.get("description"):
         function["description"] = tool["description"]
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]  # calls held to the schema: OpenAI's function takes the same flag
     return {"type": "function", "function": function}
 
 

@@ -1161,3 +1161,23 @@ def test_a_translated_model_that_stopped_at_a_stop_sequence_says_which(
         message = sdk.messages.create(**request)
     assert message.content[0].text == "one two "
     assert (message.stop_reason, message.stop_sequence) == (stop_reason, stop_sequence)
+
+
+def test_a_strict_tool_reaches_a_translated_model_strict(gateway):
+    """A tool marked ``strict`` has its calls' input held to its schema; OpenAI's function tools take the same
+    ``strict``. It was dropped on the way to an OpenAI-protocol model, whose calls were then free to stray from the
+    schema the client relies on; it now goes with the function."""
+    strict_weather = {
+        **WEATHER,
+        "strict": True,
+        "input_schema": {**WEATHER["input_schema"], "additionalProperties": False},
+    }
+    client(gateway).messages.create(
+        model="gpt-test",
+        max_tokens=50,
+        tools=[strict_weather, {**WEATHER, "name": "get_time"}],
+        messages=[{"role": "user", "content": "Paris"}],
+    )
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert sent["tools"][0]["function"]["strict"] is True
+    assert "strict" not in sent["tools"][1]["function"]
