@@ -623,6 +623,7 @@ class StreamTranslator:
 # provider signed it, and a client that sends it back to this protocol has it dropped (``_assistant_message``);
 # structured outputs (``output_config.format``) become a strict ``json_schema`` ``response_format``
 # (``_response_format``).
+# A refusal (OpenAI's ``refusal``) is the reply's text, ending ``stop_reason: "refusal"``, whole and streamed.
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
 # ``stop_sequence_matched``), else it ends ``end_turn``.
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
@@ -652,6 +653,14 @@ _BLOCKS_JOINED_BY = "\n\n"
 def stop_reason(finish: str | None) -> str:
     """Anthropic's ``stop_reason`` for an OpenAI ``finish_reason`` (the inverse of ``finish_reason``)."""
     return _STOP_REASONS.get(finish or "", "end_turn")
+
+
+def _stop_reason(finish: str | None, sequence: str | None, *, refused: bool) -> str:
+    """A translated reply's ``stop_reason``: ``refusal`` when the model refused (OpenAI's ``refusal``, which ends
+    ``stop``), ``stop_sequence`` when it stopped at one it names, else its ``finish_reason``'s."""
+    if refused and finish in (None, "stop"):
+        return "refusal"
+    return "stop_sequence" if sequence else stop_reason(finish)
 
 
 def stop_sequence_matched(choice: dict[str, Any]) -> str | None:
@@ -955,10 +964,12 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if reasoning := reasoning_text(reply):
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    refused = False
     if reply.get("content"):
         content.append({"type": "text", "text": reply["content"]})
     elif reply.get("refusal"):
         content.append({"type": "text", "text": reply["refusal"]})
+        refused = True
     for call in reply.get("tool_calls") or ():
         function = call.get("function") or {}
         content.append(
@@ -976,7 +987,7 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
         "role": "assistant",
         "model": completion.get("model") or "",
         "content": content,
-        "stop_reason": "stop_sequence" if sequence else stop_reason(choice.get("finish_reason")),
+        "stop_reason": _stop_reason(choice.get("finish_reason"), sequence, refused=refused),
         "stop_sequence": sequence,
         "usage": messages_usage(completion.get("usage")),
     }
@@ -1007,6 +1018,7 @@ class EventTranslator:
         self._tool_blocks: dict[int, int] = {}
         self._finish: str | None = None
         self._stop_sequence: str | None = None
+        self._refused = False  # the model refused (OpenAI's ``refusal``), its text relayed as the reply's
         self._usage: dict[str, Any] | None = None
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1037,6 +1049,10 @@ class EventTranslator:
             if delta.get("content"):
                 self._open("text", None, {"type": "text", "text": ""}, events)
                 events.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+            elif isinstance(delta.get("refusal"), str) and delta["refusal"]:
+                self._refused = True
+                self._open("text", None, {"type": "text", "text": ""}, events)
+                events.append(self._delta({"type": "text_delta", "text": delta["refusal"]}))
             for call in delta.get("tool_calls") or ():
                 self._tool_delta(call, events)
             if choice.get("finish_reason"):
@@ -1053,7 +1069,7 @@ class EventTranslator:
             {
                 "type": "message_delta",
                 "delta": {
-                    "stop_reason": "stop_sequence" if self._stop_sequence else stop_reason(self._finish),
+                    "stop_reason": _stop_reason(self._finish, self._stop_sequence, refused=self._refused),
                     "stop_sequence": self._stop_sequence,
                 },
                 "usage": usage,

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter
 from billing.models import Operation, UsageRecord
 from billing.services.budgets import api_key_limits_set
 from chat.pipeline import _message_written, _reported_usage
+from llmhub.testing.fake_upstream import raw_directive
 from providers.tokens import prompt_tokens, text_tokens
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
@@ -1181,3 +1182,47 @@ def test_a_strict_tool_reaches_a_translated_model_strict(gateway):
     [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
     assert sent["tools"][0]["function"]["strict"] is True
     assert "strict" not in sent["tools"][1]["function"]
+
+
+REFUSED = "I'm sorry, I can't help with that."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_translated_models_refusal_is_anthropics_refusal_whole_and_streamed(gateway, stream):
+    """An OpenAI model that refuses (structured outputs' safety refusal) says so in ``refusal``, its ``content``
+    null, with ``finish_reason`` ``stop``. A Messages client reads a refusal as ``stop_reason: "refusal"``. The whole
+    reply ended ``end_turn`` (its text was the refusal's, which a client parsing the schema then failed on); streamed,
+    the refusal was dropped: an empty message that ended ``end_turn``. Both now give the refusal's text and end with
+    ``stop_reason: "refusal"``."""
+    head = {"id": "chatcmpl-refused", "created": 1, "model": "fake-gpt-4o-mini"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    if stream:
+        pieces = [{"role": "assistant", "content": None, "refusal": ""}, {"refusal": "I'm sorry, "}]
+        pieces.append({"refusal": "I can't help with that."})
+        chunks = [
+            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+            for d in pieces
+        ]
+        chunks.append(
+            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        )
+        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    else:
+        reply = {"role": "assistant", "content": None, "refusal": REFUSED}
+        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
+        raw = json.dumps({**head, "object": "chat.completion", "choices": [choice], "usage": usage}).encode()
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "output_config": {"format": {"type": "json_schema", "schema": CITY_SCHEMA}},
+        "messages": [{"role": "user", "content": "hi " + raw_directive(raw)}],
+    }
+    sdk = client(gateway)
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert [(block.type, block.text) for block in message.content] == [("text", REFUSED)]
+    assert message.stop_reason == "refusal"
