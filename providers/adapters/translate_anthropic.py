@@ -623,7 +623,8 @@ class StreamTranslator:
 # provider signed it, and a client that sends it back to this protocol has it dropped (``_assistant_message``);
 # structured outputs (``output_config.format``) become a strict ``json_schema`` ``response_format``
 # (``_response_format``).
-# A refusal (OpenAI's ``refusal``) is the reply's text, ending ``stop_reason: "refusal"``, whole and streamed.
+# A refusal (OpenAI's ``refusal``) is the reply's text, ending ``stop_reason: "refusal"``, whole and streamed; a
+# reply that calls a tool ends ``tool_use`` even when its server said ``stop`` (``_stop_reason``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
 # ``stop_sequence_matched``), else it ends ``end_turn``.
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
@@ -655,11 +656,15 @@ def stop_reason(finish: str | None) -> str:
     return _STOP_REASONS.get(finish or "", "end_turn")
 
 
-def _stop_reason(finish: str | None, sequence: str | None, *, refused: bool) -> str:
+def _stop_reason(finish: str | None, sequence: str | None, *, refused: bool = False, called: bool = False) -> str:
     """A translated reply's ``stop_reason``: ``refusal`` when the model refused (OpenAI's ``refusal``, which ends
-    ``stop``), ``stop_sequence`` when it stopped at one it names, else its ``finish_reason``'s."""
+    ``stop``); ``tool_use`` when it called a tool and ended ``stop`` (OpenAI's finish for a call the request forced,
+    vLLM's too: a Messages client runs its tools while the reply ends ``tool_use``); ``stop_sequence`` when it
+    stopped at one it names; else its ``finish_reason``'s."""
     if refused and finish in (None, "stop"):
         return "refusal"
+    if called and finish in (None, "stop"):
+        return "tool_use"
     return "stop_sequence" if sequence else stop_reason(finish)
 
 
@@ -987,7 +992,12 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
         "role": "assistant",
         "model": completion.get("model") or "",
         "content": content,
-        "stop_reason": _stop_reason(choice.get("finish_reason"), sequence, refused=refused),
+        "stop_reason": _stop_reason(
+            choice.get("finish_reason"),
+            sequence,
+            refused=refused,
+            called=any(block["type"] == "tool_use" for block in content),
+        ),
         "stop_sequence": sequence,
         "usage": messages_usage(completion.get("usage")),
     }
@@ -1069,7 +1079,9 @@ class EventTranslator:
             {
                 "type": "message_delta",
                 "delta": {
-                    "stop_reason": _stop_reason(self._finish, self._stop_sequence, refused=self._refused),
+                    "stop_reason": _stop_reason(
+                        self._finish, self._stop_sequence, refused=self._refused, called=bool(self._tool_blocks)
+                    ),
                     "stop_sequence": self._stop_sequence,
                 },
                 "usage": usage,

@@ -1226,3 +1226,52 @@ def test_a_translated_models_refusal_is_anthropics_refusal_whole_and_streamed(ga
         message = sdk.messages.create(**request)
     assert [(block.type, block.text) for block in message.content] == [("text", REFUSED)]
     assert message.stop_reason == "refusal"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_translated_tool_call_ending_stop_is_a_tool_use_stop(gateway, stream):
+    """OpenAI answers a call the request forced (``tool_choice`` a named function, as a Messages ``tool`` choice
+    becomes) with ``finish_reason: "stop"``, not ``tool_calls``; vLLM too. A Messages client runs its tools while
+    ``stop_reason`` is ``tool_use``: it got ``end_turn`` beside the tool_use block, and its loop ended with the call
+    unanswered. A reply that calls a tool now ends ``tool_use`` whatever finish the server gave it."""
+    head = {"id": "chatcmpl-forced", "created": 1, "model": "fake-gpt-4o-mini"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    if stream:
+        deltas = [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{**call, "index": 0, "function": {**call["function"], "arguments": ""}}],
+            },
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
+        ]
+        chunks = [
+            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+            for d in deltas
+        ]
+        chunks.append(
+            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        )
+        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    else:
+        reply = {"role": "assistant", "content": None, "tool_calls": [call]}
+        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
+        raw = json.dumps({**head, "object": "chat.completion", "choices": [choice], "usage": usage}).encode()
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "tools": [WEATHER],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "messages": [{"role": "user", "content": "Paris " + raw_directive(raw)}],
+    }
+    sdk = client(gateway)
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    [tool_use] = message.content
+    assert (tool_use.type, tool_use.name, tool_use.input) == ("tool_use", "get_weather", {"city": "Paris"})
+    assert message.stop_reason == "tool_use"
