@@ -935,15 +935,22 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
 
 
 def messages_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
-    """Anthropic's usage for OpenAI's: ``input_tokens`` excludes the tokens read from the cache."""
+    """Anthropic's usage for OpenAI's: ``input_tokens`` excludes the tokens read from the cache; the output tokens
+    spent reasoning (``completion_tokens_details.reasoning_tokens``), when there are any, are its
+    ``output_tokens_details.thinking_tokens``."""
     usage = usage or {}
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return {
+    translated: dict[str, Any] = {
         "input_tokens": max(0, (usage.get("prompt_tokens") or 0) - cached),
         "output_tokens": usage.get("completion_tokens") or 0,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": cached,
     }
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if type(reasoning) is int and reasoning > 0:
+        translated["output_tokens_details"] = {"thinking_tokens": reasoning}
+    return translated
 
 
 def message_id(completion_id: Any) -> str:

@@ -382,6 +382,28 @@ def test_thinking_on_messages_reaches_an_openai_protocol_model_as_reasoning_effo
     assert gateway.upstream.requests[-1]["body"]["reasoning_effort"] == effort
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_reasoning_tokens_of_an_openai_protocol_model_are_its_thinking_tokens_on_messages(gateway, stream):
+    """The SDK reads how many of the output tokens went to thinking in ``usage.output_tokens_details.thinking_tokens``;
+    OpenAI counts them in ``completion_tokens_details.reasoning_tokens``. A translated reply reported none: the
+    client could not tell the thinking's cost from the answer's. It now reports the upstream's count."""
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 2000,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "[[reasoning=first I weigh it]] [[reply=done]]"}],
+    }
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert message.usage.output_tokens == 5
+    assert message.usage.output_tokens_details is not None
+    assert message.usage.output_tokens_details.thinking_tokens == 4
+
+
 def test_thinking_disabled_or_adaptive_on_messages_sends_an_openai_protocol_model_no_reasoning_effort(gateway):
     sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
     for thinking in ({"type": "disabled"}, {"type": "adaptive"}):
