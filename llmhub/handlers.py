@@ -42,6 +42,7 @@ import asyncio
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -202,7 +203,7 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         if tracing_active():
             trace_incoming_bind(scope["headers"])  # a caller's traceparent: the request's span joins its trace
         try:
-            body_file = await self.read_body(receive)
+            body_file = await _read_body_bounded(scope, receive)
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
@@ -252,6 +253,41 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         body_file.close()
 
 
+async def _read_body_bounded(scope: dict[str, Any], receive: Any) -> Any:
+    """Django's ``read_body``, stopped at ``DATA_UPLOAD_MAX_MEMORY_SIZE``. Django's reads a body whole whatever its
+    size (past ``FILE_UPLOAD_MAX_MEMORY_SIZE`` into a temporary file on disk) before any view runs, so any client,
+    with or without a key, could fill the server's disk with one request announcing 10 GB, or chunked without end.
+    A body announced over the limit is not read at all (``request.body`` refuses it by its Content-Length), and
+    one sent without a length is read up to one byte past the limit (``parse_body`` measures what arrived): the
+    413, with its ledger row, goes out while the client is still sending; the rest is discarded by
+    ``_disconnect``."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
+    if limit is not None and _announced_length(scope) > limit:
+        return body_file
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            body_file.close()
+            raise RequestAborted()
+        if chunk := message.get("body"):
+            body_file.write(chunk)
+            size += len(chunk)
+        if not message.get("more_body", False) or (limit is not None and size > limit):
+            break
+    body_file.seek(0)
+    return body_file
+
+
+def _announced_length(scope: dict[str, Any]) -> int:
+    """The request's Content-Length, 0 when it has none (or none a number: the server refuses those itself)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
 async def _response_close(response: HttpResponse, database_use: RequestDatabaseUse) -> None:
     """``response.close()``, which sends ``request_finished``, on the thread whose connections its
     ``close_old_connections`` checks; or, with nothing there to check, all the rest of it here, without the
@@ -279,8 +315,10 @@ async def _disconnect(receive: Any) -> None:
     """Django's ``listen_for_disconnect`` without its ``RequestAborted``: the client's disconnect, or the end
     of the response (uvicorn then answers ``http.disconnect`` too), ends the task with no exception. An
     exception stored in the task, its traceback and the frames in it would be a reference cycle for every
-    request."""
+    request. The rest of a body refused for its size (``_read_body_bounded``) arrives here, and is discarded."""
     message = await receive()
+    while message["type"] == "http.request":
+        message = await receive()
     if message["type"] != "http.disconnect":
         raise AssertionError(f"Invalid ASGI message after request body: {message['type']}")
 
