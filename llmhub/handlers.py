@@ -138,6 +138,21 @@ class FullStackASGIHandler(ASGIHandler):
     async def listen_for_disconnect(self, receive: Any) -> None:
         await _disconnect(receive)
 
+    async def read_body(self, receive: Any) -> Any:
+        return await _read_body_bounded(None, receive)
+
+    def create_request(self, scope: dict[str, Any], body_file: Any) -> tuple[HttpRequest | None, Any]:
+        """Django's, with a body cut at the upload limit (``_read_body_bounded``) refused as one announced over it:
+        its form or JSON would otherwise be read cut short."""
+        request, error_response = super().create_request(scope, body_file)
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if request is not None and limit is not None and _announced_length(scope) <= limit:
+            size = body_file.seek(0, 2)
+            body_file.seek(0)
+            if size > limit:
+                request.META["CONTENT_LENGTH"] = str(size)
+        return request, error_response
+
 
 # Paths kept resolved by ``MiddlewareFreeASGIHandler.resolve_request``: the routes without arguments under its
 # prefixes are a dozen; past this (URL configurations swapped, as tests do), the cache starts again.
@@ -253,17 +268,18 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
         body_file.close()
 
 
-async def _read_body_bounded(scope: dict[str, Any], receive: Any) -> Any:
+async def _read_body_bounded(scope: dict[str, Any] | None, receive: Any) -> Any:
     """Django's ``read_body``, stopped at ``DATA_UPLOAD_MAX_MEMORY_SIZE``. Django's reads a body whole whatever its
     size (past ``FILE_UPLOAD_MAX_MEMORY_SIZE`` into a temporary file on disk) before any view runs, so any client,
     with or without a key, could fill the server's disk with one request announcing 10 GB, or chunked without end.
-    A body announced over the limit is not read at all (``request.body`` refuses it by its Content-Length), and
-    one sent without a length is read up to one byte past the limit (``parse_body`` measures what arrived): the
-    413, with its ledger row, goes out while the client is still sending; the rest is discarded by
-    ``_disconnect``."""
+    A body announced over the limit is not read at all on /v1 (``request.body`` refuses it by its Content-Length;
+    Django's full stack, which hands this no ``scope``, reads up to the limit), and one sent without a length is
+    read up to one byte past the limit (``parse_body`` measures what arrived; on the full stack,
+    ``FullStackASGIHandler.create_request``): the 413 (on /v1 with its ledger row; 400 on the full stack) goes out
+    while the client is still sending, and the rest is discarded by ``_disconnect``."""
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
-    if limit is not None and _announced_length(scope) > limit:
+    if limit is not None and scope is not None and _announced_length(scope) > limit:
         return body_file
     size = 0
     while True:

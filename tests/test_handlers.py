@@ -9,8 +9,10 @@ import gc
 import secrets
 from typing import Any
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import signals
 from django.core.cache import close_caches
@@ -19,8 +21,11 @@ from django.core.handlers.base import reset_urlconf
 from django.db import close_old_connections, connection, reset_queries
 from django.http import HttpRequest
 
+from billing.models import ApiKey, KeyScope
+from billing.services.keys import api_key_create
 from llmhub.asgi import application
 from llmhub.handlers import MiddlewareFreeASGIHandler
+from tests.gateway.test_bad_input import answer_while_still_sending, chunked_past_the_limit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -369,3 +374,38 @@ async def test_a_changed_url_configuration_is_resolved_again(monkeypatch, settin
         status, _, _ = await call("/v1/models")
         assert status == 401
     assert counter.paths.count("/v1/models") == before + 1
+
+
+@pytest.mark.parametrize("length", [f"Content-Length: {10**10}", "Transfer-Encoding: chunked"])
+def test_a_sign_in_past_the_upload_limit_is_refused_without_reading_the_rest(llmhub_server, length):
+    """As on /v1 (tests/gateway/test_bad_input.py): Django read a body whole, to a temporary file on disk, before
+    any middleware or view, so the sign-in page let anyone fill the server's disk with one request."""
+    token = httpx.get(llmhub_server.url + "/accounts/login/").cookies[settings.CSRF_COOKIE_NAME]
+    head = [
+        "POST /accounts/login/ HTTP/1.1",
+        "Content-Type: application/x-www-form-urlencoded",
+        f"Cookie: {settings.CSRF_COOKIE_NAME}={token}",
+        f"X-CSRFToken: {token}",
+        length,
+    ]
+    status, _ = answer_while_still_sending(llmhub_server.url, head, chunked_past_the_limit())
+    assert status == 400
+
+
+def test_an_api_body_cut_at_the_upload_limit_is_refused_not_read_cut_short(llmhub_server):
+    """A chunked body is read no further than the limit: what was read is refused, not taken for the whole (here a
+    JSON object followed by spaces, which cut short would still have created the key)."""
+    user = get_user_model().objects.create_user("keys-owner")
+    manager = api_key_create(user=user, name="manager", scopes=[KeyScope.KEYS_MANAGE])
+    body = b'{"name": "past the limit"}' + b" " * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 65536)
+    parts = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts)
+    head = [
+        "POST /api/keys/ HTTP/1.1",
+        "Content-Type: application/json",
+        f"Authorization: Bearer {manager.secret}",
+        "Transfer-Encoding: chunked",
+    ]
+    status, _ = answer_while_still_sending(llmhub_server.url, head, chunks)
+    assert status == 400
+    assert not ApiKey.objects.filter(name="past the limit").exists()

@@ -98,12 +98,12 @@ def test_a_chunked_body_over_the_upload_limit_is_a_413_too(gateway):
     assert_openai_error(response, 413, code="request_too_large")
 
 
-def _answer_while_still_sending(gateway, head: str, sent: bytes) -> tuple[int, str]:
-    """The status and request id llmhub answers a request whose body is still arriving: ``head`` (request line and
+def answer_while_still_sending(url: str, head: list[str], sent: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers llmhub answers a request whose body is still arriving: ``head`` (the request line and
     headers) and ``sent`` go out, the rest of the body it announces never does, the socket stays open."""
-    host, port = gateway.url.removeprefix("http://").split(":")
+    host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(head.encode() + b"\r\n" + sent)
+        conn.sendall("\r\n".join([*head, f"Host: {host}:{port}", "", ""]).encode() + sent)
         received = b""
         while b"\r\n\r\n" not in received:
             try:
@@ -113,38 +113,39 @@ def _answer_while_still_sending(gateway, head: str, sent: bytes) -> tuple[int, s
             assert part, "llmhub closed the connection without an answer"
             received += part
     status_line, *lines = received.split(b"\r\n\r\n")[0].decode().split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines)
-    return int(status_line.split()[1]), headers["x-request-id"]
+    return int(status_line.split()[1]), dict(line.lower().split(": ", 1) for line in lines)
 
 
-def _head(gateway, **headers: str) -> str:
-    lines = [
+def chunked_past_the_limit() -> bytes:
+    chunk = b"x" * 65536
+    return b"".join(
+        b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 65536 + 2)
+    )
+
+
+def _head(gateway, header: str) -> list[str]:
+    return [
         "POST /v1/chat/completions HTTP/1.1",
-        f"Host: {gateway.url.removeprefix('http://')}",
         f"Authorization: Bearer {gateway.key}",
         "Content-Type: application/json",
-        *(f"{name}: {value}" for name, value in headers.items()),
+        header,
     ]
-    return "\r\n".join(lines) + "\r\n"
 
 
 def test_a_body_announced_over_the_limit_is_refused_without_reading_it(gateway):
     """A Content-Length of 10 GB was read whole (into a temporary file on disk, before any view or key was
     looked at) before the 413: any client, with or without a key, could fill the server's disk."""
-    status, request_id = _answer_while_still_sending(gateway, _head(gateway, **{"Content-Length": str(10**10)}), b"{")
+    status, headers = answer_while_still_sending(gateway.url, _head(gateway, f"Content-Length: {10**10}"), b"{")
     assert status == 413
-    record = wait_for_record(request_id)
+    record = wait_for_record(headers["x-request-id"])
     assert record.status == "rejected" and record.error_type == "request_too_large"
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit_without_reading_the_rest(gateway):
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    chunk = b"x" * 65536
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(limit // len(chunk) + 2))
-    head = _head(gateway, **{"Transfer-Encoding": "chunked"})
-    status, request_id = _answer_while_still_sending(gateway, head, chunks)
+    head = _head(gateway, "Transfer-Encoding: chunked")
+    status, headers = answer_while_still_sending(gateway.url, head, chunked_past_the_limit())
     assert status == 413
-    record = wait_for_record(request_id)
+    record = wait_for_record(headers["x-request-id"])
     assert record.status == "rejected" and record.error_type == "request_too_large"
 
 
