@@ -7,7 +7,7 @@ for that name from that address (or none from that address) until the window end
 password is refused too, or guessing would go on (the attempt is still a failed sign-in to the audit log). A
 successful sign-in clears its name's count. The limit is per address, not per name alone, so nobody can lock
 someone else out from elsewhere. The client address is ``REMOTE_ADDR``: a proxy's ``X-Forwarded-For`` is not
-trusted (as the audit log's).
+trusted (as the audit log's); an IPv6 address counts as its /64 network (``client_address``).
 
 When the cache does not answer, sign-ins go on unthrottled (a warning is logged): a cache outage must not
 lock everyone out, nor answer 500.
@@ -16,6 +16,7 @@ lock everyone out, nor answer 500.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import math
 import time
@@ -65,8 +66,24 @@ def window_count_add(key: str, *, window_seconds: int) -> int | None:
         return None
 
 
+# An IPv6 host is given a whole /64 (often more): counted address by address, it could guess from a new one each
+# time and never be held back.
+IPV6_NETWORK_PREFIX = 64
+
+
 def client_address(request: HttpRequest | None) -> str:
-    return (request.META.get("REMOTE_ADDR") if request is not None else None) or "unknown"
+    """What the counts are kept per: the client's IPv4 address (also when it comes mapped into IPv6), or its IPv6
+    address's /64 network."""
+    address = (request.META.get("REMOTE_ADDR") if request is not None else None) or "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 4:
+        return str(parsed)
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(ipaddress.IPv6Network((parsed, IPV6_NETWORK_PREFIX), strict=False))
 
 
 def _keys(username: str, address: str) -> tuple[str, str]:

@@ -57,6 +57,26 @@ def test_one_address_spraying_many_names_is_stopped(clock, settings):
     assert sign_in("/accounts/login/", "zed", PASSWORD, address="198.51.100.9").status_code == 302
 
 
+def test_the_addresses_of_one_ipv6_network_count_as_one_address(clock, settings):
+    """An IPv6 host holds a whole /64 (2**64 addresses), and took a new one for each guess: neither the name's
+    limit nor the address's ever held it back. Its addresses count as one, its IPv4 address mapped into IPv6 as
+    that IPv4 address; another /64 is another address."""
+    settings.LLMHUB_SIGNIN_FAILURES_PER_NAME = 5
+    UserFactory(username="alice")
+    for attempt in range(5):
+        sign_in("/accounts/login/", "alice", f"guess-{attempt}", address=f"2001:db8:0:7::{attempt + 1:x}")
+
+    for address in ("2001:db8:0:7:ffff:ffff:ffff:ffff", "2001:DB8:0:7::99"):
+        assert "Too many failed sign-ins" in sign_in("/accounts/login/", "alice", PASSWORD, address).content.decode()
+    assert sign_in("/accounts/login/", "alice", PASSWORD, address="2001:db8:0:8::1").status_code == 302
+
+    for attempt in range(5):
+        sign_in("/accounts/login/", "alice", f"guess-{attempt}", address="::ffff:198.51.100.20")
+    assert (
+        "Too many failed sign-ins" in sign_in("/accounts/login/", "alice", PASSWORD, "198.51.100.20").content.decode()
+    )
+
+
 def test_a_success_clears_the_names_count(clock, settings):
     settings.LLMHUB_SIGNIN_FAILURES_PER_NAME = 3
     UserFactory(username="bob")
