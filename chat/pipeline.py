@@ -63,6 +63,7 @@ from providers.byok import (
     byok_paused,
     byok_refused,
     byok_refused_hints,
+    byok_required_in,
     byok_servable,
     user_credentials,
 )
@@ -603,8 +604,9 @@ async def _experiment_enter(
     model has a running experiment and the caller's unit falls in a variant. A deployment variant narrows
     the model to that deployment; a model variant serves another public model, which the caller's plan
     and key must allow (else the caller is left out of the experiment, served as usual, and not recorded
-    in it); a variant whose deployment is gone or disabled is left out the same way, and so is a text completion's
-    caller of a variant only chat-only providers serve (``_completions_narrowed``)."""
+    in it); a variant whose deployment is gone or disabled is left out the same way, and so are a text completion's
+    caller of a variant only chat-only providers serve (``_completions_narrowed``) and a caller without the own
+    provider key a variant's deployments all require (``_own_keys_serve``)."""
     if operation == Operation.EMBEDDINGS:
         return model, None
     unit = assignment_unit(user_id=caller.user_id, api_key_id=caller.api_key_id, end_user=_end_user(body, operation))
@@ -624,6 +626,8 @@ async def _experiment_enter(
             return model, None
         if operation == Operation.COMPLETIONS and _completions_narrowed(target) is None:
             return model, None  # a chat-only model cannot continue a text: left out, not refused
+        if not await _own_keys_serve(caller, target):
+            return model, None
         return target, assignment
     if variant.deployment_id is not None:
         chosen = next((d for d in model.deployments if d.id == variant.deployment_id), None)
@@ -642,8 +646,21 @@ async def _experiment_enter(
             cache_write_per_mtok=chosen.cache_write_per_mtok,
             cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
         )
+        if not await _own_keys_serve(caller, narrowed):
+            return model, None
         return narrowed, assignment
     return model, assignment
+
+
+async def _own_keys_serve(caller: Caller, model: ResolvedModel) -> bool:
+    """Whether some deployment of ``model`` (a variant's: its deployment, or its other model) can serve the
+    caller: its provider does not require the user's own key, or they have a usable one (``byok_servable``).
+    Else the variant would answer 403 ``own_key_required`` for a model the caller is served on as usual:
+    they are left out instead. The caller's keys are read (cached) only when some deployment requires one."""
+    if not byok_required_in(model):
+        return True
+    credentials = await user_credentials(caller.user_id)
+    return any(byok_servable(d, credentials) for d in model.deployments)
 
 
 async def _credentials_for(caller: Caller, models: list[ResolvedModel]) -> dict[int, UserCredential] | None:

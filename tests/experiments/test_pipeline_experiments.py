@@ -258,3 +258,51 @@ def test_a_text_completion_is_left_out_of_a_variant_that_cannot_complete(
     assert raw.headers["x-llmhub-model"] == "ab-model"
     record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.operation, record.experiment_id) == ("completions", None)
+
+
+@pytest.mark.parametrize("treatment_model", [False, True])
+def test_a_caller_without_the_own_key_a_variant_requires_is_left_out_not_refused(
+    llmhub_server, fake_upstream, ab_experiment, treatment_model
+):
+    """A variant served only on users' own keys (its deployment's provider, or every deployment of its other
+    model, is ``byok: required``) cannot serve a caller without such a key: they are left out of the
+    experiment and served as usual, like a caller whose plan does not allow a model variant. Before, they got
+    403 ``own_key_required`` for a model the platform's key serves them; a caller with their own key is in it."""
+    from providers.fields import Secret
+    from providers.models import ByokMode, CredentialStatus, ProviderCredential
+
+    ab = ab_experiment(control=50, treatment=50, treatment_model=treatment_model)
+    own_keys_only = ProviderFactory(
+        name="own-keys-only", base_url=fake_upstream.base_url + "/v1", byok=ByokMode.REQUIRED
+    )
+    if treatment_model:
+        ab.target_model.deployments.update(provider=own_keys_only)
+    else:
+        ab.treatment_deployment.provider = own_keys_only
+        ab.treatment_deployment.save()
+    without = api_key_create(user=UserFactory(username="no-own-key"), name="app")
+    raw = client_for(llmhub_server, without.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user_in(ab, without.api_key, "treatment")
+    )
+    assert raw.status_code == 200
+    assert "x-llmhub-experiment" not in raw.headers
+    assert raw.headers["x-llmhub-model"] == "ab-model"
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
+    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
+
+    owner = UserFactory(username="own-key")
+    ProviderCredential.objects.create(
+        owner=owner,
+        provider=own_keys_only,
+        api_key="sk-fake-upstream-key-0000000000000000",  # the fake upstream's key: it answers
+        hint=Secret("sk-fake-upstream-key-0000000000000000").hint,
+        status=CredentialStatus.VALID,
+    )
+    with_key = api_key_create(user=owner, name="app")
+    raw = client_for(llmhub_server, with_key.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user_in(ab, with_key.api_key, "treatment")
+    )
+    assert raw.headers["x-llmhub-experiment"] == "ab-test:treatment"
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
+    assert record.billing_source == "user_key"
+    assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
