@@ -236,6 +236,14 @@ def template_render(source: str, context: dict[str, Any], *, index: int | None =
         raise PromptTemplateError(
             f"The prompt template uses a name it was not given: {_where(index)}{_short(exc)}", param="prompt"
         ) from None
+    except RecursionError:
+        # A macro (or a ``recursive`` loop) calling itself as often as a caller's value says: Python's stack
+        # ends it, which is the template's failure like any other, not the server's.
+        raise PromptTemplateError(
+            f"The prompt template recurses too deep: {_where(index)}a macro or a recursive loop calls itself more "
+            "times than rendering allows.",
+            param="prompt",
+        ) from None
     except TemplateError as exc:
         raise PromptTemplateError(
             f"The prompt template does not render: {_where(index)}{_short(exc)}", param="prompt"

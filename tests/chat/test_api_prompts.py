@@ -479,3 +479,42 @@ def test_the_same_end_user_keeps_their_version_across_requests(llmhub_server, fa
 
     assert len(prompts) == 1
     assert len({body["messages"][0]["content"] for body in upstream_chats(fake_upstream)}) == 1
+
+
+def test_a_template_recursing_as_deep_as_a_callers_value_says_so_with_a_400(
+    llmhub_server, fake_upstream, chat_model, key
+):
+    """A macro that calls itself as many times as a caller's value says (an outline nested ``depth`` levels)
+    renders at the save check's sample depth; a caller asking for thousands of levels ran Python out of stack,
+    a RecursionError the renderer did not catch: a 500. It is a 400 naming the template, with its rejected row."""
+    template = PromptTemplate.objects.create(slug="outline")
+    PromptVersion.objects.create(
+        template=template,
+        number=1,
+        messages=[
+            {
+                "role": "user",
+                "content": "{% macro level(n) %}{% if n > 0 %}-{{ level(n - 1) }}{% endif %}{% endmacro %}"
+                "Outline {{ level(depth) }}",
+            }
+        ],
+        variables=[{"name": "depth", "type": "integer", "default": 2}],
+    )
+    client = sdk(llmhub_server, key)
+    shallow = client.chat.completions.create(
+        model=chat_model.name, messages=openai.NOT_GIVEN, extra_body={"prompt": {"slug": "outline"}}
+    )
+    assert shallow.choices[0].message.content
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model=chat_model.name,
+            messages=openai.NOT_GIVEN,
+            extra_body={"prompt": {"slug": "outline", "variables": {"depth": 100_000}}},
+        )
+
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == "prompt"
+    assert "too deep" in refused.value.body["message"]
+    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
+    assert row.status == UsageStatus.REJECTED

@@ -112,6 +112,10 @@ def test_a_version_that_does_not_render_is_refused_on_the_form(admin_client, tem
     assert "reads `audiance`, which is not a declared variable" in refused
     data["messages"] = "no heading"
     assert "Start each message with a heading line" in admin_client.post(change_url(template), data).content.decode()
+    # A macro calling itself for ever: Python's stack ends it (a RecursionError, which was a 500 page).
+    data["messages"] = "### user\n{% macro again() %}{{ again() }}{% endmacro %}{{ again() }}"
+    refused = admin_client.post(change_url(template), data)
+    assert refused.status_code == 200 and "recurses too deep" in refused.content.decode()
     assert template.versions.count() == 1
 
 

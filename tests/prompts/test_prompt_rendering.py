@@ -257,6 +257,9 @@ def test_the_sandbox_still_formats_within_its_bounds(source, rendered):
         ("{{ missing }}", "'missing' is undefined"),
         ("{% for x in %}", "does not compile"),
         ("{{ 1 / 0 }}", "ZeroDivisionError"),
+        # Python's stack ends these (a RecursionError, which was a 500).
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses too deep"),
+        ("{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}", "recurses too deep"),
     ],
 )
 def test_a_template_error_is_a_400_saying_what_went_wrong(source, words):
