@@ -605,8 +605,10 @@ async def _experiment_enter(
     the model to that deployment; a model variant serves another public model, which the caller's plan
     and key must allow (else the caller is left out of the experiment, served as usual, and not recorded
     in it); a variant whose deployment is gone or disabled is left out the same way, and so are a text completion's
-    caller of a variant only chat-only providers serve (``_completions_narrowed``) and a caller without the own
-    provider key a variant's deployments all require (``_own_keys_serve``)."""
+    caller of a variant only chat-only providers serve (``_completions_narrowed``), a caller of a model variant
+    that does not stream or writes less than the client's output limit (the 400 would name a model the client
+    never asked for), and a caller without the own provider key a variant's deployments all require
+    (``_own_keys_serve``)."""
     if operation == Operation.EMBEDDINGS:
         return model, None
     unit = assignment_unit(user_id=caller.user_id, api_key_id=caller.api_key_id, end_user=_end_user(body, operation))
@@ -626,6 +628,8 @@ async def _experiment_enter(
             return model, None
         if operation == Operation.COMPLETIONS and _completions_narrowed(target) is None:
             return model, None  # a chat-only model cannot continue a text: left out, not refused
+        if (body.get("stream") and not target.supports_streaming) or _output_limit_over(target, body) is not None:
+            return model, None  # it cannot honour what the client asked of the model it named: left out, not refused
         if not await _own_keys_serve(caller, target):
             return model, None
         return target, assignment

@@ -306,3 +306,33 @@ def test_a_caller_without_the_own_key_a_variant_requires_is_left_out_not_refused
     record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert record.billing_source == "user_key"
     assert (record.experiment_id, record.experiment_variant_id) == (ab.experiment.pk, ab.treatment.pk)
+
+
+@pytest.mark.parametrize("asks", ["stream", "max_tokens"])
+def test_a_caller_whose_request_the_variants_model_cannot_honour_is_left_out_not_refused(
+    llmhub_server, fake_upstream, ab_experiment, asks
+):
+    """A model variant whose other model does not stream, or writes fewer tokens than the client's output limit,
+    cannot serve that request: the caller is left out of the experiment and served as usual by the model they
+    asked for. Before, they got a 400 naming the variant's model, which they never asked for ("The model
+    `ab-model-other` does not support streaming.")."""
+    ab = ab_experiment(control=50, treatment=50, treatment_model=True)
+    if asks == "stream":
+        ab.target_model.supports_streaming = False
+    else:
+        ab.target_model.max_output_tokens = 100
+    ab.target_model.save()
+    created = api_key_create(user=UserFactory(username="app"), name="app")
+    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
+        model="ab-model",
+        messages=HELLO,
+        user=end_user_in(ab, created.api_key, "treatment"),
+        **({"stream": True} if asks == "stream" else {"max_tokens": 500}),
+    )
+    assert raw.status_code == 200
+    assert "x-llmhub-experiment" not in raw.headers
+    assert raw.headers["x-llmhub-model"] == "ab-model"
+    (body,) = upstream_bodies(fake_upstream)
+    assert body["model"] in ("fake-control", "fake-treatment")
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
+    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
