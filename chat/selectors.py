@@ -204,14 +204,10 @@ def stored_responses_removal(pks: list[int], *, now: datetime | None = None) -> 
     if not pks:
         return []
     now = now or timezone.now()
-    taken = set(_stored_descendants(pks, now=now))
-    # Those they continue outside what is taken, where the walk to the hidden ones before them starts; named a
-    # batch at a time (a selection across the admin's list is more than a statement can name).
-    previous: set[int] = set()
-    for batch in id_batches(sorted(taken)):
-        previous.update(
-            StoredResponse.objects.filter(pk__in=batch, previous__isnull=False).values_list("previous_id", flat=True)
-        )
+    descendants = _stored_descendants(pks, now=now)
+    taken = set(descendants)
+    # Those they continue outside what is taken, where the walk to the hidden ones before them starts.
+    previous = {before for before, _ in descendants.values() if before is not None}
     taken |= stored_responses_freed(previous - taken, taken=taken, now=now)
     return sorted(taken)
 
@@ -220,44 +216,98 @@ def stored_responses_freed(starts: set[int], *, taken: set[int], now: datetime) 
     """The hidden stored responses (expired, or deleted by their owner) kept for ``taken`` alone, by primary key:
     from each of ``starts`` up its chain, one goes while it is hidden and nothing live continues it any more (every
     response continuing it is taken, or goes: a branch all hidden goes with it); the first that stays ends the walk.
-    One recursive query a start (its chain, each one's state and those continuing it), however long the chain, and
-    one a branch that continues one of it beside the chain."""
+    A few queries a batch of ``IDS_A_STATEMENT`` starts, however long their chains (one recursive query for the
+    chains' hidden rows, each with those continuing it; one for the branches beside them), the walks then in
+    memory, the newest start first."""
     freed: set[int] = set()
-    table = connection.ops.quote_name(StoredResponse._meta.db_table)
-    at = connection.ops.adapt_datetimefield_value(now)
+    chains = _stored_chains_state(starts, now=now)
+    # The branches continuing a hidden row of a chain, each with all that continues it (a walk passes one only if
+    # all of it is hidden too).
+    beside: set[int] = set()
+    for _, dead, continued in chains.values():
+        if dead:
+            beside |= continued
+    branches = _stored_descendants(beside - taken, now=now)
+    below: dict[int, set[int]] = {}
+    for pk, (previous, _) in branches.items():
+        if previous is not None:
+            below.setdefault(previous, set()).add(pk)
     for start in sorted(starts, reverse=True):
-        with connection.cursor() as cursor:
-            cursor.execute(_STORED_CHAIN_STATE.format(table=table), [at, start, at, STORED_CHAIN_MAX_LENGTH])
-            rows = cursor.fetchall()
-        chain: dict[int, tuple[bool, set[int]]] = {}  # from ``start`` up, in order
-        for pk, dead, continuing in rows:
-            _, continued = chain.setdefault(pk, (bool(dead), set()))
-            if continuing is not None:
-                continued.add(continuing)
         gone = taken | freed
-        for pk, (dead, continued) in chain.items():
-            if pk in gone:
-                continue
-            if not dead:
-                break
-            if continued - gone:  # others continue it: it goes only if all they lead to is hidden too, with them
-                others = _stored_descendants(continued - gone, now=now)
-                if not all(others.values()):
+        pk: int | None = start
+        seen: set[int] = set()
+        while pk is not None and pk in chains and pk not in seen and len(seen) < STORED_CHAIN_MAX_LENGTH:
+            seen.add(pk)
+            previous, dead, continued = chains[pk]
+            if pk not in gone:
+                if not dead:
                     break
-                gone |= set(others)
-                freed |= set(others)
-            gone.add(pk)
-            freed.add(pk)
+                if continued - gone:  # others continue it: it goes only if all they lead to is hidden too, with them
+                    others = _stored_subtree(continued - gone, below) & branches.keys()
+                    if not all(branches[other][1] for other in others):
+                        break
+                    gone |= others
+                    freed |= others
+                gone.add(pk)
+                freed.add(pk)
+            pk = previous
     return freed
 
 
-def _stored_descendants(pks: set[int] | list[int], *, now: datetime) -> dict[int, bool]:
-    """The stored responses ``pks`` and every one continuing them, at any depth, each with whether it is gone for its
-    owner (``stored_responses_dead``): one recursive query (``UNION`` stops at a row seen: a loop edited by hand) for
-    each ``IDS_A_STATEMENT`` of ``pks`` (an admin's selection across the list is more than a statement can name)."""
+def _stored_chains_state(starts: set[int], *, now: datetime) -> dict[int, tuple[int | None, bool, set[int]]]:
+    """The stored responses ``starts`` and those before them up to the first that is not hidden (included), each
+    with the one it continues, whether it is gone for its owner (``stored_responses_dead``) and every response that
+    continues it: one recursive query a batch of ``IDS_A_STATEMENT`` starts (``UNION`` reads a row once, however
+    many chains share it, and stops at a row seen: a loop, rows edited by hand)."""
     table = connection.ops.quote_name(StoredResponse._meta.db_table)
     at = connection.ops.adapt_datetimefield_value(now)
-    found: dict[int, bool] = {}
+    chains: dict[int, tuple[int | None, bool, set[int]]] = {}
+    for batch in id_batches(sorted(starts)):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _STORED_CHAINS_STATE.format(table=table, ids=", ".join(["%s"] * len(batch))), [at, *batch, at]
+            )
+            for pk, previous, dead, continuing in cursor.fetchall():
+                _, _, continued = chains.setdefault(pk, (previous, bool(dead), set()))
+                if continuing is not None:
+                    continued.add(continuing)
+    return chains
+
+
+# Chains from the rows named, up to their first row not gone for its owner (``stored_responses_dead``), each row
+# with what it continues, whether it is gone, and (one a row) every response that continues it (none: null).
+_STORED_CHAINS_STATE = """
+WITH RECURSIVE chain(id, previous_id, dead) AS (
+    SELECT id, previous_id, CASE WHEN expires_at <= %s OR deleted_at IS NOT NULL THEN 1 ELSE 0 END
+    FROM {table} WHERE id IN ({ids})
+    UNION
+    SELECT r.id, r.previous_id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END
+    FROM {table} r JOIN chain c ON r.id = c.previous_id WHERE c.dead = 1
+)
+SELECT c.id, c.previous_id, c.dead, n.id FROM chain c LEFT JOIN {table} n ON n.previous_id = c.id ORDER BY c.id, n.id
+"""  # the table's name is ours (format), the values parameters
+
+
+def _stored_subtree(roots: set[int], below: dict[int, set[int]]) -> set[int]:
+    """``roots`` and every response continuing them, at any depth, from ``below`` (each one's continuations)."""
+    found: set[int] = set()
+    pending = list(roots)
+    while pending:
+        pk = pending.pop()
+        if pk not in found:
+            found.add(pk)
+            pending.extend(below.get(pk, ()))
+    return found
+
+
+def _stored_descendants(pks: set[int] | list[int], *, now: datetime) -> dict[int, tuple[int | None, bool]]:
+    """The stored responses ``pks`` and every one continuing them, at any depth, each with the one it continues and
+    whether it is gone for its owner (``stored_responses_dead``): one recursive query (``UNION`` stops at a row seen:
+    a loop edited by hand) for each ``IDS_A_STATEMENT`` of ``pks`` (an admin's selection across the list is more
+    than a statement can name)."""
+    table = connection.ops.quote_name(StoredResponse._meta.db_table)
+    at = connection.ops.adapt_datetimefield_value(now)
+    found: dict[int, tuple[int | None, bool]] = {}
     for batch in id_batches(sorted(pks)):
         with connection.cursor() as cursor:
             cursor.execute(
@@ -267,29 +317,14 @@ def _stored_descendants(pks: set[int] | list[int], *, now: datetime) -> dict[int
                     UNION
                     SELECT r.id FROM {table} r JOIN taken t ON r.previous_id = t.id
                 )
-                SELECT r.id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END
+                SELECT r.id, r.previous_id,
+                    CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END
                 FROM taken t JOIN {table} r ON r.id = t.id
                 """,  # noqa: S608 (the table's name is ours; the values are parameters)
                 [*batch, at],
             )
-            found.update((pk, bool(dead)) for pk, dead in cursor.fetchall())
+            found.update((pk, (previous, bool(dead))) for pk, previous, dead in cursor.fetchall())
     return found
-
-
-# A stored response's chain, itself first and then the ones before it (``STORED_CHAIN_MAX_LENGTH`` deep at most: a
-# loop, rows edited by hand, ends there), each with whether it is gone for its owner (``stored_responses_dead``) and,
-# one a row, every response that continues it (none: null).
-_STORED_CHAIN_STATE = """
-WITH RECURSIVE chain(id, previous_id, dead, depth) AS (
-    SELECT id, previous_id, CASE WHEN expires_at <= %s OR deleted_at IS NOT NULL THEN 1 ELSE 0 END, 1
-    FROM {table} WHERE id = %s
-    UNION ALL
-    SELECT r.id, r.previous_id, CASE WHEN r.expires_at <= %s OR r.deleted_at IS NOT NULL THEN 1 ELSE 0 END,
-        c.depth + 1
-    FROM {table} r JOIN chain c ON r.id = c.previous_id WHERE c.depth < %s
-)
-SELECT c.id, c.dead, n.id FROM chain c LEFT JOIN {table} n ON n.previous_id = c.id ORDER BY c.depth, n.id
-"""  # the table's name is ours (format), the values parameters
 
 
 def stored_response_id_storable(response_id: str) -> bool:

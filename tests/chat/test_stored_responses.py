@@ -575,10 +575,56 @@ def test_the_admin_delete_page_of_many_stored_responses_lists_the_first_and_coun
         _, few, _ = page(50)
         stored_rows(alice, 50, 1_950)
         response, many, action = page(2_000)
-        # But for the removal's walk (stored_responses_removal): two queries a batch of ids (IDS_A_STATEMENT, 900),
-        # one batch for 50 and three for 2,000.
-        assert many == few + 2 * 2
+        # But for the removal's walk (stored_responses_removal): a query a batch of ids (IDS_A_STATEMENT, 900), one
+        # batch for 50 and three for 2,000.
+        assert many == few + 2
         content = response.content.decode()
         assert content.count("Stored response: <a") == 100 and "… and 1900 more stored responses" in content
         assert admin_client.post(changelist, {**action, "post": "yes"}).status_code == 302
     assert list(StoredResponse.objects.order_by("pk")) == kept
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["live", "hidden"])
+def test_the_admin_deletes_responses_continuing_others_in_a_few_queries_a_batch(admin_client, settings, hidden):
+    """The second of each of a user's chains of three, selected (those before them live, or hidden and kept for
+    them alone, the first of each also continued by a dead branch): the confirmation page and the delete cost a few
+    queries a batch of responses, not one or more a response (each walk up a chain, and each dead branch beside it,
+    was a query of its own); the hidden ones before them go with them, the live ones stay."""
+    settings.LLMHUB_RESPONSES_RETENTION_DAYS = 30
+    alice = UserFactory(username="alice")
+    changelist = reverse("admin:chat_storedresponse_changelist")
+    created = NOW - timedelta(days=31) if hidden else NOW
+
+    def chains(start: int, count: int) -> tuple[list[StoredResponse], list[StoredResponse]]:
+        firsts = stored_rows(alice, start, count)
+        seconds = stored_rows(alice, start + count, count, previous=firsts)
+        stored_rows(alice, start + 2 * count, count, previous=seconds)  # continue the seconds: taken with them
+        branches = stored_rows(alice, start + 3 * count, count, previous=firsts)
+        StoredResponse.objects.filter(pk__in=[row.pk for row in [*firsts, *branches]]).update(
+            created_at=created, expires_at=created + timedelta(days=30)
+        )
+        if not hidden:  # a dead branch does not hold back a hidden one; beside a live one, it stays
+            StoredResponse.objects.filter(pk__in=[row.pk for row in branches]).update(
+                created_at=NOW - timedelta(days=31), expires_at=NOW - timedelta(days=1)
+            )
+        return firsts, seconds
+
+    def delete(seconds: list[StoredResponse]) -> tuple[int, int]:
+        action = {"action": "delete_selected", "_selected_action": [row.pk for row in seconds]}
+        with CaptureQueriesContext(connection) as page:
+            response = admin_client.post(changelist, action)
+        assert response.status_code == 200
+        assert dict(response.context["model_count"]) == {"stored responses": len(seconds) * (4 if hidden else 2)}
+        with CaptureQueriesContext(connection) as deletion:
+            assert admin_client.post(changelist, {**action, "post": "yes"}).status_code == 302
+        return len(page), len(deletion)
+
+    with time_machine.travel(NOW, tick=False):
+        delete(chains(0, 1)[1])  # the first fills Django's caches: not counted
+        few = delete(chains(100, 5)[1])
+        firsts, seconds = chains(1_000, 200)
+        many = delete(seconds)
+        remaining = set(StoredResponse.objects.values_list("pk", flat=True))
+    for on_few, on_many in zip(few, many, strict=True):
+        assert on_many < on_few + 20  # it was a few queries more a response: hundreds more for 195 more
+    assert not remaining if hidden else {row.pk for row in firsts} <= remaining
