@@ -8,7 +8,8 @@ from typing import Any
 from django.contrib import admin
 from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_user_model
-from django.contrib.auth.admin import UserAdmin
+from django.contrib.auth.admin import GroupAdmin, UserAdmin
+from django.contrib.auth.models import Group
 from django.db import transaction
 
 from core.admin_delete import BoundedDeleteConfirmation
@@ -70,3 +71,12 @@ class RoleUserAdmin(BoundedDeleteConfirmation, UserAdmin):
     def role(self, user: Any) -> str:
         names = [group.name for group in user.groups.all()]  # prefetched: no query per row
         return role_from_groups(names, is_superuser=user.is_superuser, is_staff=user.is_staff).value
+
+
+admin.site.unregister(Group)
+
+
+@admin.register(Group)
+class RoleGroupAdmin(BoundedDeleteConfirmation, GroupAdmin):
+    """Django's, but for its delete page: a role's group holds every user of the role (accounts.roles), a row each
+    on Django's page."""

@@ -17,6 +17,7 @@ from django.http import HttpRequest
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
+from core.admin_delete import BoundedDeleteConfirmation
 from core.exceptions import ApplicationError
 
 from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallback_referrers
@@ -97,7 +98,7 @@ class ProviderAdminForm(forms.ModelForm):
 
 
 @admin.register(Provider)
-class ProviderAdmin(admin.ModelAdmin):
+class ProviderAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     form = ProviderAdminForm
     # What an admin types without a scheme is an API host: https (Django 6's default, set before it).
     formfield_overrides = {models.URLField: {"assume_scheme": "https"}}
@@ -328,7 +329,7 @@ def _price_span(low: Decimal | None, high: Decimal | None) -> str:
 
 
 @admin.register(CatalogModel)
-class CatalogModelAdmin(admin.ModelAdmin):
+class CatalogModelAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     form = CatalogModelAdminForm
 
     def get_deleted_objects(self, objs: Any, request: HttpRequest) -> tuple[Any, Any, Any, list[str]]:

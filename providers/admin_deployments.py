@@ -16,6 +16,8 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
+from core.admin_delete import BoundedDeleteConfirmation
+
 from .models import BreakerOverride, Deployment, HealthCheck
 from .routing.breaker_machine import CLOSED, HALF_OPEN, OPEN, BreakerState
 from .routing.breakers import breaker_state, breaker_states
@@ -86,7 +88,7 @@ def _when(moment: datetime) -> str:
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(admin.ModelAdmin):
+class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     list_display = (
         "__str__",
         "model",

@@ -193,3 +193,24 @@ def test_the_delete_page_asks_the_permission_of_every_model_it_takes_rows_of_not
     assert list(page.context["perms_lacking"]) == ["conversation"]
     assert client.post(url, {**action, "post": "yes"}).status_code == 403
     assert User.objects.filter(username__startswith="v").count() == 150 and Conversation.objects.count() == 50
+
+
+def test_the_delete_page_of_a_role_lists_its_first_members_and_counts_the_rest(admin_client):
+    """A role is a group every user of it is in: its delete page listed a row a member (2,000 here; every user of a
+    deployment for the default role); it lists the first 100, counts the rest, and confirming deletes the group,
+    not the users."""
+    from django.contrib.auth.models import Group
+
+    group = Group.objects.create(name="crowd")
+    users = User.objects.bulk_create(User(username=f"m{n}", email=f"m{n}@example.com") for n in range(2_000))
+    group.user_set.add(*users)
+    url = reverse("admin:auth_group_delete", args=[group.pk])
+    page = admin_client.get(url)
+    assert page.status_code == 200 and not page.context["protected"]
+    assert dict(page.context["model_count"]) == {"groups": 1, "user-group relationships": 2_000}
+    content = page.content.decode()
+    assert content.count("<li>User-group relationship: ") == 100
+    assert "… and 1900 more user-group relationships" in content
+    assert admin_client.post(url, {"post": "yes"}).status_code == 302
+    assert not Group.objects.filter(pk=group.pk).exists()
+    assert User.objects.filter(username__startswith="m").count() == 2_000

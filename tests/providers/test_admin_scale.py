@@ -59,3 +59,45 @@ def test_a_models_change_page_costs_the_same_queries_however_many_deployments_it
     # Offered in every row: unselected in the 8 others and the blank row "Add another" copies, chosen in its own.
     assert page.count(f'<option value="{providers[-1].pk}">east-7</option>') == 9
     assert page.count(f'<option value="{providers[-1].pk}" selected>east-7</option>') == 1
+
+
+def test_the_delete_page_of_models_lists_their_first_health_checks_and_counts_the_rest(admin_client):
+    """Deleting public models takes their deployments and each one's health checks (up to 1,000 a deployment,
+    ``LLMHUB_HEALTH_CHECKS_KEPT``): the confirmation page costs the same queries for a few checks as for thousands
+    (Django's read and rendered every one), lists the first 100 and counts the rest; confirming deletes them."""
+    from datetime import UTC, datetime, timedelta
+
+    from providers.models import CatalogModel, HealthCheck
+
+    provider = ProviderFactory(name="east")
+    models = [ModelFactory(name=f"doomed-{n}", provider=provider) for n in range(3)]
+    deployments = [model.deployments.get() for model in models]
+    changelist = reverse("admin:providers_catalogmodel_changelist")
+    action = {"action": "delete_selected", "_selected_action": [model.pk for model in models]}
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def checks(count: int) -> None:
+        HealthCheck.objects.bulk_create(
+            HealthCheck(deployment=deployment, checked_at=start + timedelta(seconds=n), ok=True)
+            for deployment in deployments
+            for n in range(count)
+        )
+
+    def page() -> tuple[int, str, dict]:
+        with CaptureQueriesContext(connection) as captured:
+            response = admin_client.post(changelist, action)
+        assert response.status_code == 200 and not response.context["protected"]
+        return len(captured), response.content.decode(), dict(response.context["model_count"])
+
+    checks(2)
+    page()  # the first view fills Django's caches (content types): not counted
+    few, _, _ = page()
+    checks(998)
+    many, shown, counted = page()
+
+    assert many == few
+    assert counted == {"models": 3, "deployments": 3, "health checks": 3_000}
+    assert shown.count("<li>Health check: ") == 100 and "… and 2900 more health checks" in shown
+    assert admin_client.post(changelist, {**action, "post": "yes"}).status_code == 302
+    assert not CatalogModel.objects.filter(pk__in=[model.pk for model in models]).exists()
+    assert not HealthCheck.objects.exists()
