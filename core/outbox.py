@@ -24,6 +24,8 @@ from django.conf import settings
 from django.db import models, transaction
 from django.utils import timezone
 
+from .id_batches import IDS_A_STATEMENT, id_batches
+
 logger = logging.getLogger("llmhub.alerts")
 
 # A claim older than its lease is a sender that died: the sweep may queue its delivery again. Longer than a
@@ -155,64 +157,111 @@ def delivery_due(row: models.Model, mark: str, *, delivered_field: str, now: dat
     return _at(state) <= now - REQUEUE_AFTER
 
 
-def delivery_requeue(
-    model: type[models.Model], pk: int, mark: str, *, delivered_field: str, now: datetime, again: bool = False
+def _requeue_state(
+    row: models.Model, mark: str, *, delivered_field: str, now: datetime, again: bool
 ) -> dict[str, Any] | None:
-    """Record ``mark`` queued, under the row's lock (of two runs at once, one queues it), if it is to go: for
-    the sweep, when ``delivery_due`` (its rounds counted); for an admin's send again (``again``), when it is
-    not made and no task is sending it (its rounds from 0). Returns the state it replaced (``{}`` for none),
-    for ``delivery_unqueue``; None when it is not to go."""
-    with transaction.atomic():
-        row = model.objects.select_for_update().filter(pk=pk).first()
-        if row is None:
+    """What becomes of ``mark`` of ``row`` (read under its lock): the state it had (``{}`` for none), its
+    ``delivery`` set to queued, when it is to go: for the sweep, when ``delivery_due`` (its rounds counted); for
+    an admin's send again (``again``), when it is not made and no task is sending it (its rounds from 0). None when
+    it is not to go."""
+    before = row.delivery.get(mark) or {}
+    if again:
+        sending = before.get("state") == DeliveryState.CLAIMED and _at(before) > now - claim_lease()
+        if mark in getattr(row, delivered_field) or sending:
             return None
-        before = row.delivery.get(mark) or {}
-        if again:
-            sending = before.get("state") == DeliveryState.CLAIMED and _at(before) > now - claim_lease()
-            if mark in getattr(row, delivered_field) or sending:
-                return None
-            rounds = 0
-        elif delivery_due(row, mark, delivered_field=delivered_field, now=now):
-            rounds = before.get("rounds", 0) + 1
-        else:
-            return None
-        row.delivery = {**row.delivery, mark: {"state": DeliveryState.QUEUED, "at": now.isoformat(), "rounds": rounds}}
-        row.save(update_fields=["delivery"])
+        rounds = 0
+    elif delivery_due(row, mark, delivered_field=delivered_field, now=now):
+        rounds = before.get("rounds", 0) + 1
+    else:
+        return None
+    row.delivery = {**row.delivery, mark: {"state": DeliveryState.QUEUED, "at": now.isoformat(), "rounds": rounds}}
     return before
 
 
-def deliveries_queue(deliveries: Iterable[Delivery], *, now: datetime, again: bool = False) -> tuple[int, bool]:
-    """Queue each of ``deliveries`` that is to go (``delivery_requeue``: the sweep's, or with ``again`` an
-    admin's send again). Returns how many were queued, and whether the broker refused one: that one is put
-    back as it was, and the rest are left for the next run (the broker is down)."""
-    queued = 0
+def deliveries_requeue(
+    deliveries: list[Delivery], *, now: datetime, again: bool = False
+) -> list[tuple[Delivery, dict[str, Any]]]:
+    """Record each of ``deliveries`` that is to go (``_requeue_state``) queued, under its row's lock (of two runs
+    at once, one queues it), in one transaction: the rows of each model locked in one query a batch of
+    ``IDS_A_STATEMENT`` and written in one more. Returns those to go, each with the state it replaced, for
+    ``deliveries_unqueue``."""
+    by_model: dict[type[models.Model], set[Any]] = {}
     for delivery in deliveries:
-        model, pk, mark = type(delivery.row), delivery.row.pk, delivery.mark
-        before = delivery_requeue(model, pk, mark, delivered_field=delivery.delivered_field, now=now, again=again)
-        if before is None:
-            continue  # not to go: made, being sent, or (for the sweep) not due or queued by another run since
-        if not task_queue(delivery.task, *delivery.args, what=delivery.what):
-            delivery_unqueue(model, pk, mark, before=before, now=now)
-            return queued, True
-        queued += 1
+        by_model.setdefault(type(delivery.row), set()).add(delivery.row.pk)
+    going: list[tuple[Delivery, dict[str, Any]]] = []
+    with transaction.atomic():
+        rows: dict[tuple[type[models.Model], Any], models.Model] = {}
+        for model, pks in by_model.items():
+            for batch in id_batches(sorted(pks)):
+                for row in model.objects.select_for_update().filter(pk__in=batch).order_by("pk"):
+                    rows[model, row.pk] = row
+        changed: dict[tuple[type[models.Model], Any], models.Model] = {}
+        for delivery in deliveries:
+            key = (type(delivery.row), delivery.row.pk)
+            row = rows.get(key)
+            if row is None:  # deleted since
+                continue
+            before = _requeue_state(row, delivery.mark, delivered_field=delivery.delivered_field, now=now, again=again)
+            if before is not None:
+                changed[key] = row
+                going.append((delivery, before))
+        _deliveries_save(changed.values())
+    return going
+
+
+def _deliveries_save(rows: Iterable[models.Model]) -> None:
+    """Write the ``delivery`` of ``rows``: one statement a batch of each model's."""
+    by_model: dict[type[models.Model], list[models.Model]] = {}
+    for row in rows:
+        by_model.setdefault(type(row), []).append(row)
+    for model, changed in by_model.items():
+        model.objects.bulk_update(changed, ["delivery"], batch_size=IDS_A_STATEMENT)
+
+
+def deliveries_queue(deliveries: Iterable[Delivery], *, now: datetime, again: bool = False) -> tuple[int, bool]:
+    """Queue each of ``deliveries`` that is to go (``deliveries_requeue``: the sweep's, or with ``again`` an
+    admin's send again), a batch of ``IDS_A_STATEMENT`` at a time: recorded queued in a few queries, then a task
+    each. Returns how many were queued, and whether the broker refused one: that one, and those of its batch not
+    queued yet, are put back as they were, and the rest are left for the next run (the broker is down)."""
+    queued = 0
+    for batch in id_batches(deliveries):
+        going = deliveries_requeue(batch, now=now, again=again)
+        for index, (delivery, _) in enumerate(going):
+            if not task_queue(delivery.task, *delivery.args, what=delivery.what):
+                deliveries_unqueue(going[index:], now=now)
+                return queued, True
+            queued += 1
     return queued, False
 
 
-def delivery_unqueue(model: type[models.Model], pk: int, mark: str, *, before: dict[str, Any], now: datetime) -> None:
-    """The broker refused what ``delivery_requeue`` recorded as queued: put back the state it replaced, so the
-    next sweep tries again (and the refusal does not count as a round)."""
-    with transaction.atomic():
-        row = model.objects.select_for_update().filter(pk=pk).first()
-        if row is None:
-            return
-        state = row.delivery.get(mark) or {}
-        if state.get("state") != DeliveryState.QUEUED or state.get("at") != now.isoformat():
-            return  # a task took it since (an eager run, or a worker quicker than this)
-        delivery = {key: value for key, value in row.delivery.items() if key != mark}
-        if before:
-            delivery[mark] = before
-        row.delivery = delivery
-        row.save(update_fields=["delivery"])
+def deliveries_unqueue(going: list[tuple[Delivery, dict[str, Any]]], *, now: datetime) -> None:
+    """The broker refused what ``deliveries_requeue`` recorded as queued: put back the states they replaced, so
+    the next sweep tries again (and the refusal does not count as a round); under the rows' locks, a few queries
+    a batch. One a task took since (an eager run, or a worker quicker than this) is left to it."""
+    for batch in id_batches(going):
+        with transaction.atomic():
+            by_model: dict[type[models.Model], set[Any]] = {}
+            for delivery, _ in batch:
+                by_model.setdefault(type(delivery.row), set()).add(delivery.row.pk)
+            rows: dict[tuple[type[models.Model], Any], models.Model] = {}
+            for model, pks in by_model.items():
+                for row in model.objects.select_for_update().filter(pk__in=sorted(pks)).order_by("pk"):
+                    rows[model, row.pk] = row
+            changed: dict[tuple[type[models.Model], Any], models.Model] = {}
+            for delivery, before in batch:
+                key = (type(delivery.row), delivery.row.pk)
+                row = rows.get(key)
+                if row is None:
+                    continue
+                state = row.delivery.get(delivery.mark) or {}
+                if state.get("state") != DeliveryState.QUEUED or state.get("at") != now.isoformat():
+                    continue
+                kept = {name: value for name, value in row.delivery.items() if name != delivery.mark}
+                if before:
+                    kept[delivery.mark] = before
+                row.delivery = kept
+                changed[key] = row
+            _deliveries_save(changed.values())
 
 
 def delivery_failed(task: Any, model: type[models.Model], pk: int, mark: str, exc: BaseException) -> None:

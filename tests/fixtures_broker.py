@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from llmhub.celery import app
 from tests.conftest import free_port
@@ -44,3 +45,17 @@ def broker() -> Iterator[Broker]:
     handle = Broker()
     yield handle
     handle.up()
+
+
+@pytest.fixture
+def broker_queue(broker: Broker, redis_url: str) -> Iterator[redis.Redis]:
+    """Tasks go to the default queue (``celery``) of a Redis database of this test's, as in production, instead of
+    running in the request; emptied after it (no worker of another test takes them)."""
+    url = redis_url.rsplit("/", 1)[0] + "/10"
+    broker.serve(url)
+    client = redis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()

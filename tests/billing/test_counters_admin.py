@@ -4,12 +4,10 @@ counters there are, and says it was queued."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-import redis
 import time_machine
 from django.contrib.messages import get_messages
 from django.db import connection
@@ -51,22 +49,8 @@ def reconcile(admin_client, counters: list[BudgetCounter]):
     return queries, [str(message) for message in get_messages(answer.wsgi_request)][-1]
 
 
-@pytest.fixture
-def queue(broker, redis_url) -> Iterator[redis.Redis]:
-    """Tasks go to the default queue of a Redis database of this test's, as in production, instead of running in
-    the request; emptied after it (no worker of another test takes them)."""
-    url = redis_url.rsplit("/", 1)[0] + "/10"
-    broker.serve(url)
-    client = redis.Redis.from_url(url)
-    try:
-        yield client
-    finally:
-        client.flushdb()
-        client.close()
-
-
 @time_machine.travel(NOW, tick=False)
-def test_reconciling_every_counter_is_queued_for_a_worker_at_a_few_queries(admin_client, queue):
+def test_reconciling_every_counter_is_queued_for_a_worker_at_a_few_queries(admin_client, broker_queue):
     reconcile(admin_client, counters_off(1, start=1))  # the first fills Django's caches: not counted
     few, _ = reconcile(admin_client, counters_off(10, start=100))
     many, said = reconcile(admin_client, counters_off(200, start=1_000))
@@ -76,7 +60,7 @@ def test_reconciling_every_counter_is_queued_for_a_worker_at_a_few_queries(admin
         "Queued: a worker reconciles every budget counter with the ledger in a moment (the reconcile task, which "
         "also runs every 5 minutes); refresh this page to see the counters put back."
     )
-    assert queue.llen("celery") == 3  # one task a click, none run in the request
+    assert broker_queue.llen("celery") == 3  # one task a click, none run in the request
     assert set(BudgetCounter.objects.values_list("spent", flat=True)) == {Decimal(5)}
 
     assert reservations_reconcile() == 211  # what the worker runs
