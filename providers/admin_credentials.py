@@ -5,19 +5,27 @@ REST). Deleting and checking go through the services, which record them in the a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html
 
+from audit.context import origin_current
 from core.exceptions import ApplicationError
 
 from .models import CredentialStatus, ProviderCredential
 from .services.credentials import provider_credential_delete, provider_credential_validate
+from .tasks_credentials import provider_credentials_revalidate_selected
 
 logger = logging.getLogger(__name__)
+
+# At most this many keys are checked within the admin's request, each a live call to its provider (up to its
+# timeout); more are queued for a worker (``provider_credentials_revalidate_selected``).
+CHECKED_IN_THE_REQUEST = 10
 
 # Everything on the change page, read-only; ``api_key`` is not among them.
 _SHOWN_FIELDS = (
@@ -71,7 +79,11 @@ class ProviderCredentialAdmin(admin.ModelAdmin):
 
     @admin.action(description="Check selected keys again with their providers", permissions=["change"])
     def revalidate(self, request: HttpRequest, queryset: QuerySet[ProviderCredential]) -> None:
-        for credential in queryset.select_related("owner", "provider"):
+        selected = list(queryset.order_by("pk").values_list("pk", flat=True)[: CHECKED_IN_THE_REQUEST + 1])
+        if len(selected) > CHECKED_IN_THE_REQUEST:
+            self._revalidate_queue(request, list(queryset.order_by("pk").values_list("pk", flat=True)))
+            return
+        for credential in queryset.filter(pk__in=selected).select_related("owner", "provider"):
             name = str(credential)
             try:
                 accepted = provider_credential_validate(credential=credential)
@@ -86,6 +98,28 @@ class ProviderCredentialAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{name}: valid.", messages.SUCCESS)
             else:
                 self.message_user(request, f"{name}: refused: {credential.status_detail}", messages.ERROR)
+
+    def _revalidate_queue(self, request: HttpRequest, credential_ids: list[int]) -> None:
+        origin = origin_current()
+        try:
+            provider_credentials_revalidate_selected.delay(
+                credential_ids, dataclasses.asdict(origin) if origin is not None else None
+            )
+        except Exception as exc:  # kombu's OperationalError, or whatever else the publish met; its text may name hosts
+            self.message_user(
+                request,
+                f"The check of the {len(credential_ids)} selected keys could not be queued (the task broker did not "
+                f"answer: {type(exc).__name__}); nothing was checked. Try again once it answers.",
+                messages.ERROR,
+            )
+            return
+        self.message_user(
+            request,
+            f"Queued: a worker checks the {len(credential_ids)} selected keys again with their providers, "
+            f"{max(1, settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY)} at a time; refresh this page to see each one's "
+            "status as it is checked.",
+            messages.SUCCESS,
+        )
 
     def delete_model(self, request: HttpRequest, obj: ProviderCredential) -> None:
         provider_credential_delete(credential=obj)

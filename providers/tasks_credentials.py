@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import smtplib
+from typing import Any
 
 from celery import Task, shared_task
 from django.conf import settings
+
+from audit.context import AuditOrigin, audit_origin
 
 from .models import CredentialStatus, ProviderCredential
 from .services.credentials import (
     provider_credential_host_moved_notify,
     provider_credential_invalid_notify,
+    provider_credentials_revalidate,
     provider_credentials_revalidate_due,
 )
 
@@ -19,6 +24,7 @@ __all__ = [
     "provider_credential_invalid_email",
     "provider_credentials_host_moved_emails",
     "provider_credentials_revalidate_all",
+    "provider_credentials_revalidate_selected",
 ]
 
 
@@ -31,6 +37,21 @@ def provider_credentials_revalidate_all() -> dict[str, int]:
         concurrency=settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY,
         max_seconds=settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS,
     )
+
+
+@shared_task
+def provider_credentials_revalidate_selected(
+    credential_ids: list[int], origin: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """An admin's "check again" of the keys selected (``provider_credentials_revalidate``), too many to ask their
+    providers within a web request; what it records (a key turned invalid) in the name of ``origin``, the admin who
+    asked (``audit.context.AuditOrigin``'s fields). Returns counts, as the daily run."""
+    with audit_origin(AuditOrigin(**origin)) if origin else contextlib.nullcontext():
+        return provider_credentials_revalidate(
+            credential_ids=credential_ids,
+            concurrency=settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY,
+            max_seconds=settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS,
+        )
 
 
 @shared_task(bind=True, max_retries=8)

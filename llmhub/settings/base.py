@@ -259,6 +259,8 @@ CELERY_TASK_ANNOTATIONS = {
         "billing.tasks.usage_rollup",
         "providers.tasks.providers_rotate_encryption_task",
         "providers.tasks_credentials.provider_credentials_revalidate_all",
+        # an admin's "check again" of hundreds of keys: the daily run's pace and deadline
+        "providers.tasks_credentials.provider_credentials_revalidate_selected",
     )
 }
 if REDIS_URL:

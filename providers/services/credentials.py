@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -33,6 +34,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from audit.services import audit_record
 from core.exceptions import ApplicationError
+from core.id_batches import id_batches
 from core.time_limits import time_limit_reraise
 
 from ..adapters import adapter_class_for_kind
@@ -532,13 +534,35 @@ def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float)
         .order_by(touched.asc(nulls_first=True), "pk")
         .values_list("pk", "provider_id")
     )
-    queues: dict[int, deque[int]] = {}
-    place: dict[int, int] = {}
-    for position, (credential_id, provider_id) in enumerate(due):
-        queues.setdefault(provider_id, deque()).append(credential_id)
-        place[credential_id] = position
     # Notices whose email failed before, first: a key already invalid does not turn invalid again.
     provider_credentials_invalid_notices_send()
+    return _revalidate_in_order(due, concurrency=concurrency, max_seconds=max_seconds)
+
+
+def provider_credentials_revalidate(
+    *, credential_ids: Iterable[int], concurrency: int, max_seconds: float
+) -> dict[str, int]:
+    """An admin's "check again" of the keys ``credential_ids`` (hundreds, selected across the list: a worker's
+    task, ``provider_credentials_revalidate_selected``), as the daily run checks them: ``concurrency`` at a time,
+    each provider its share, none started after ``max_seconds``, each outcome recorded as ``provider_credential_
+    validate`` records it (a key refused turns invalid, its owner emailed once). A key deleted since, of a provider
+    disabled or closed to users' keys, or paused by its provider's move, is sent nowhere. Returns counts."""
+    rows = [
+        row
+        for batch in id_batches(sorted(set(credential_ids)))
+        for row in ProviderCredential.objects.filter(pk__in=batch).order_by("pk").values_list("pk", "provider_id")
+    ]
+    return _revalidate_in_order(rows, concurrency=concurrency, max_seconds=max_seconds)
+
+
+def _revalidate_in_order(rows: Iterable[tuple[int, int]], *, concurrency: int, max_seconds: float) -> dict[str, int]:
+    """Check the keys ``rows`` (key, provider), in their order within each provider (``_revalidate_queued``);
+    counts of the outcomes, and of the keys ``left`` when ``max_seconds`` ran out."""
+    queues: dict[int, deque[int]] = {}
+    place: dict[int, int] = {}
+    for position, (credential_id, provider_id) in enumerate(rows):
+        queues.setdefault(provider_id, deque()).append(credential_id)
+        place[credential_id] = position
     counts = {"valid": 0, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
     async_to_sync(_revalidate_queued)(queues, place, counts, concurrency=max(1, concurrency), max_seconds=max_seconds)
     counts["left"] = sum(len(queue) for queue in queues.values())

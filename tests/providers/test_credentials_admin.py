@@ -3,10 +3,14 @@ as a superuser through Django's test client."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 
 import pytest
 from django.contrib import messages
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from audit.models import AuditEvent
@@ -193,3 +197,70 @@ def test_staff_delete_keys_through_the_service_which_records_it(admin_client, ke
         (str(grace.pk), "admin"),
     ]
     assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
+
+
+def test_checking_many_keys_again_is_queued_for_a_worker_and_said_so(admin_client, fake_upstream, broker_queue):
+    """Hundreds of keys selected: the request asked each provider in turn, a live call a key (each up to its
+    timeout), past any request's. Past a few keys the check is queued for a worker, which checks them as the daily
+    run does (a few at a time, each provider its share), records each outcome as the action did, in the admin's
+    name, and the request asks no provider and costs the same queries for 11 keys as for 60."""
+    from providers.tasks_credentials import provider_credentials_revalidate_selected
+
+    provider = ProviderFactory(name="byo-openai", base_url=fake_upstream.base_url + "/v1", byok=ByokMode.OPTIONAL)
+
+    def keys(start: int, count: int) -> list[ProviderCredential]:
+        made = [
+            credential(f"u{start + n}", provider, f"sk-own-key-{start + n:06d}-0123456789abcdefXYZW")
+            for n in range(count)
+        ]
+        return made
+
+    def check(selected: list[ProviderCredential]) -> tuple[int, list[tuple[int, str]]]:
+        with CaptureQueriesContext(connection) as queries:
+            shown = run_action(admin_client, "revalidate", *selected)
+        return len(queries), shown
+
+    check(keys(0, 11))  # the first fills Django's caches: not counted
+    few, _ = check(keys(100, 11))
+    refused = credential("linus", provider, "sk-linus-key-refused-00000000000000LNUS")
+    selected = [*keys(1_000, 59), refused]
+    many, shown = check(selected)
+
+    assert many == few
+    assert shown == [
+        (
+            messages.SUCCESS,
+            "Queued: a worker checks the 60 selected keys again with their providers, 8 at a time; refresh this "
+            "page to see each one's status as it is checked.",
+        )
+    ]
+    assert not fake_upstream.requests and broker_queue.llen("celery") == 3
+    assert set(ProviderCredential.objects.values_list("status", flat=True)) == {CredentialStatus.UNCHECKED}
+
+    # What the worker runs, with the task's arguments as queued.
+    body = json.loads(broker_queue.lindex("celery", 0))
+    headers, args = body["headers"], json.loads(base64.b64decode(body["body"]))[0]
+    assert headers["task"] == "providers.tasks_credentials.provider_credentials_revalidate_selected"
+    counts = provider_credentials_revalidate_selected(*args)
+    assert counts == {"valid": 59, "invalid": 1, "turned_invalid": 1, "unchecked": 0, "left": 0}
+    refused.refresh_from_db()
+    assert refused.status == CredentialStatus.INVALID and "not a valid API key" in refused.status_detail
+    failed = AuditEvent.objects.get(action="provider_key.validation_failed")
+    assert failed.target_id == str(refused.pk) and failed.actor_repr == "admin"
+
+
+def test_a_check_of_many_keys_the_broker_cannot_take_is_said_so(admin_client, fake_upstream, broker):
+    provider = ProviderFactory(name="byo-openai", base_url=fake_upstream.base_url + "/v1", byok=ByokMode.OPTIONAL)
+    selected = [credential(f"u{n}", provider, f"sk-own-key-{n:06d}-0123456789abcdefXYZW") for n in range(11)]
+    broker.down()
+
+    shown = run_action(admin_client, "revalidate", *selected)
+
+    assert shown == [
+        (
+            messages.ERROR,
+            "The check of the 11 selected keys could not be queued (the task broker did not answer: "
+            "OperationalError); nothing was checked. Try again once it answers.",
+        )
+    ]
+    assert not fake_upstream.requests
