@@ -24,10 +24,10 @@ from .services.keys import (
     api_key_change,
     api_key_create,
     api_key_delete,
-    api_key_rotate,
     api_key_within_parent_check,
     api_keys_delete,
     api_keys_revoke,
+    api_keys_rotate,
 )
 
 # API KEYS
@@ -215,22 +215,18 @@ class ApiKeyAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
 
     @admin.action(description="Rotate selected keys (new secrets; the old ones work for the default grace period)")
     def rotate_selected(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        skipped = []
-        for api_key in queryset.order_by("pk"):
-            if not api_key.is_active:
-                skipped.append(api_key.prefix)
-                continue
-            rotated = api_key_rotate(api_key=api_key)
-            until = rotated.api_key.previous_secret_expires_at
+        rotated, skipped = api_keys_rotate(api_key_ids=queryset.values_list("pk", flat=True))
+        for key, was in rotated:
+            until = key.api_key.previous_secret_expires_at
             self.message_user(
                 request,
-                f"{api_key.name} (was {api_key.prefix}…): the new key is {rotated.secret} — copy it now, it is shown "
-                "this once. "
+                f"{key.api_key.name} (was {was}…): the new key is {key.secret} — copy it now, it is shown this once. "
                 + (f"The old secret works until {until:%Y-%m-%d %H:%M} UTC." if until else "The old secret stopped."),
                 messages.SUCCESS,
             )
         if skipped:
-            self.message_user(request, f"Not rotated (revoked or expired): {', '.join(skipped)}.", messages.WARNING)
+            names = ", ".join(key.prefix for key in skipped)
+            self.message_user(request, f"Not rotated (revoked or expired): {names}.", messages.WARNING)
 
     # Deleting goes through the key service too, so that it is audited and both secrets are forgotten.
     def delete_model(self, request: HttpRequest, obj: ApiKey) -> None:

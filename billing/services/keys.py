@@ -227,11 +227,7 @@ def api_key_rotate(*, api_key: ApiKey, grace_seconds: float | None = None) -> Cr
     The prefix changes with the secret: it is how a person tells which secret a client holds, so during
     the grace period a client still sending the old one shows the old prefix, not the listed one.
     Refused for a revoked or expired key (a new secret would not work either)."""
-    grace = settings.LLMHUB_KEY_ROTATION_GRACE_SECONDS if grace_seconds is None else grace_seconds
-    if not 0 <= grace <= MAX_ROTATION_GRACE_SECONDS:
-        raise _invalid(
-            "grace_seconds", f"A grace period is between 0 and {MAX_ROTATION_GRACE_SECONDS} seconds (30 days)."
-        )
+    grace = _rotation_grace(grace_seconds)
     with transaction.atomic():
         # Locked: two rotations at once must not both take the same secret as "previous".
         locked = ApiKey.objects.select_for_update().get(pk=api_key.pk)
@@ -239,31 +235,82 @@ def api_key_rotate(*, api_key: ApiKey, grace_seconds: float | None = None) -> Cr
             raise _invalid("key", "A revoked key cannot be rotated: create a new key.")
         if not locked.is_active:
             raise _invalid("key", "An expired key cannot be rotated: create a new key.")
-        now = timezone.now()
-        replaced = [locked.secret_hash, locked.previous_secret_hash]
-        before = {"prefix": locked.prefix, "grace_until": _iso(locked.previous_secret_expires_at)}
-        prefix, secret = _new_secret()
-        if grace > 0:
-            locked.previous_secret_hash = locked.secret_hash
-            locked.previous_secret_expires_at = now + timedelta(seconds=grace)
-        else:
-            locked.previous_secret_hash = None
-            locked.previous_secret_expires_at = None
-        locked.prefix, locked.secret_hash, locked.rotated_at = prefix, hash_key(secret), now
-        locked.save(
-            update_fields=["prefix", "secret_hash", "previous_secret_hash", "previous_secret_expires_at", "rotated_at"]
-        )
-        audit_record(
-            "key.rotate",
-            target=locked,
-            changes={
-                "prefix": [before["prefix"], prefix],
-                "grace_until": [before["grace_until"], _iso(locked.previous_secret_expires_at)],
-                "grace_seconds": [None, grace],
-            },
-        )
+        secret, replaced, entry = _rotate(locked, grace=grace, now=timezone.now())
+        locked.save(update_fields=ROTATED_FIELDS)
+        audit_records([entry])
         _forget_secrets(replaced)
     return CreatedKey(api_key=locked, secret=secret)
+
+
+def api_keys_rotate(
+    *, api_key_ids: Iterable[int], grace_seconds: float | None = None
+) -> tuple[list[tuple[CreatedKey, str]], list[ApiKey]]:
+    """``api_key_rotate`` for many keys at once (an admin's selection across the list): each active one gets a new
+    secret, with its event; a few queries for each ``IDS_A_STATEMENT`` keys, not a few a key. Returns the keys
+    rotated with their new secrets, each with the prefix it had, and those not rotated (revoked or expired), in the
+    keys' order."""
+    grace = _rotation_grace(grace_seconds)
+    rotated: list[tuple[CreatedKey, str]] = []
+    skipped: list[ApiKey] = []
+    replaced: list[str | None] = []
+    entries: list[AuditEntry] = []
+    with transaction.atomic():
+        now = timezone.now()
+        for batch in id_batches(sorted(set(api_key_ids))):
+            changed: list[ApiKey] = []
+            for locked in ApiKey.objects.select_for_update().filter(pk__in=batch).order_by("pk"):
+                if not locked.is_active:
+                    skipped.append(locked)
+                    continue
+                was = locked.prefix
+                secret, gone, entry = _rotate(locked, grace=grace, now=now)
+                changed.append(locked)
+                rotated.append((CreatedKey(api_key=locked, secret=secret), was))
+                replaced += gone
+                entries.append(entry)
+            # No save signal: a new secret changes nothing the keys below carry in their cached lookups (which keys
+            # are above them, revoked or expiring); the replaced secrets are forgotten below.
+            ApiKey.objects.bulk_update(changed, ROTATED_FIELDS)
+        audit_records(entries)
+        _forget_secrets(replaced)
+    return rotated, skipped
+
+
+ROTATED_FIELDS = ["prefix", "secret_hash", "previous_secret_hash", "previous_secret_expires_at", "rotated_at"]
+
+
+def _rotation_grace(grace_seconds: float | None) -> float:
+    grace = settings.LLMHUB_KEY_ROTATION_GRACE_SECONDS if grace_seconds is None else grace_seconds
+    if not 0 <= grace <= MAX_ROTATION_GRACE_SECONDS:
+        raise _invalid(
+            "grace_seconds", f"A grace period is between 0 and {MAX_ROTATION_GRACE_SECONDS} seconds (30 days)."
+        )
+    return grace
+
+
+def _rotate(locked: ApiKey, *, grace: float, now: datetime) -> tuple[str, list[str | None], AuditEntry]:
+    """A new secret on ``locked`` (a row locked, unsaved): the secret, the digests it replaces (to forget) and its
+    event."""
+    replaced = [locked.secret_hash, locked.previous_secret_hash]
+    before = {"prefix": locked.prefix, "grace_until": _iso(locked.previous_secret_expires_at)}
+    prefix, secret = _new_secret()
+    if grace > 0:
+        locked.previous_secret_hash = locked.secret_hash
+        locked.previous_secret_expires_at = now + timedelta(seconds=grace)
+    else:
+        locked.previous_secret_hash = None
+        locked.previous_secret_expires_at = None
+    locked.prefix, locked.secret_hash, locked.rotated_at = prefix, hash_key(secret), now
+    entry = AuditEntry(
+        "key.rotate",
+        target=locked,
+        changes={
+            "prefix": [before["prefix"], prefix],
+            "grace_until": [before["grace_until"], _iso(locked.previous_secret_expires_at)],
+            "grace_seconds": [None, grace],
+        },
+    )
+    return secret, replaced, entry
 
 
 def _invalid(param: str, message: str) -> ApplicationError:

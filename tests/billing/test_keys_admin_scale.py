@@ -3,6 +3,8 @@ batch of keys, not a few a key, and still records one audit event a key (docs/le
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -90,3 +92,47 @@ def test_the_delete_page_of_a_key_counts_the_keys_below_it_to_the_deepest(admin_
 
     assert admin_client.post(reverse("admin:billing_apikey_delete", args=[top.pk]), {"post": "yes"}).status_code == 302
     assert not ApiKey.objects.exists()
+
+
+def test_rotating_keys_costs_a_few_queries_a_batch_of_keys_and_shows_each_new_secret_once(admin_client, settings):
+    """Rotating the keys selected: each gets a new secret, shown once, the old one working for the grace period,
+    one audit event a key; a few queries a batch of keys, where each key cost about 7 (a lock, a save and its
+    signal's walk of the keys below, the audit chain's lock, insert and head). A revoked key is named, not
+    rotated."""
+    import re
+
+    from django.contrib.messages import get_messages
+
+    from billing.services.keys import hash_key
+
+    settings.LLMHUB_KEY_ROTATION_GRACE_SECONDS = 300
+
+    def rotate(keys: list[ApiKey]) -> tuple[int, list[str]]:
+        form = {"action": "rotate_selected", "_selected_action": [key.pk for key in keys]}
+        with CaptureQueriesContext(connection) as queries:
+            answer = admin_client.post(reverse("admin:billing_apikey_changelist"), form)
+        assert answer.status_code == 302
+        shown = [str(message) for message in get_messages(answer.wsgi_request)]  # with the earlier actions'
+        return len(queries), shown[-len(keys) :]
+
+    rotate(keys_in_bulk(1, start=5_000))  # the first fills Django's caches: not counted
+    few, _ = rotate(keys_in_bulk(10, start=0))
+    many_keys = keys_in_bulk(200, start=1_000)
+    ApiKey.objects.filter(pk=many_keys[-1].pk).update(revoked_at=ApiKey.objects.get(pk=many_keys[0].pk).created_at)
+    many, said = rotate(many_keys)
+
+    assert len(said) == 200 and said[-1] == f"Not rotated (revoked or expired): {many_keys[-1].prefix}."
+    secrets = {
+        name: secret
+        for message in said[:-1]
+        for name, secret in re.findall(r"^(k\d+) .*the new key is (\S+) —", message)
+    }
+    assert len(secrets) == 199
+    rotated = ApiKey.objects.filter(pk__in=[key.pk for key in many_keys[:-1]])
+    for key in rotated:
+        assert key.secret_hash == hash_key(secrets[key.name]) and key.previous_secret_hash == f"h{key.name[1:]}"
+        assert key.previous_secret_expires_at == key.rotated_at + timedelta(seconds=300)
+    assert ApiKey.objects.get(pk=many_keys[-1].pk).secret_hash == f"h{many_keys[-1].name[1:]}"
+    assert many < few + 20  # more only by statements of batches: a few queries a key before
+    targets = AuditEvent.objects.filter(action="key.rotate").values_list("target_id", flat=True)
+    assert len(targets) == 1 + 10 + 199 and audit_verify() is None
