@@ -12,6 +12,8 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from accounts.admin_search import UserSearch
+from accounts.selectors import user_ids_named
 from core.admin_delete import BoundedDeleteConfirmation
 from core.exceptions import ApplicationError
 from core.paginators import EstimatedCountPaginator
@@ -19,7 +21,6 @@ from core.paginators import EstimatedCountPaginator
 from . import admin_ops_alerts, admin_plans  # noqa: F401  (ops alerts; plans, budget counters, alerts, daily usage)
 from .models import ApiKey, KeyScope, UsageRecord
 from .pricing import cache_write_1h_price, cache_write_price, cost_breakdown
-from .selectors import user_ids_named
 from .services.keys import (
     api_key_change,
     api_key_create,
@@ -126,19 +127,25 @@ def _at_least_one(value: int | None) -> int | None:
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
+class ApiKeyAdmin(UserSearch, BoundedDeleteConfirmation, admin.ModelAdmin):
     add_form = ApiKeyAddForm
     form = ApiKeyChangeForm
     list_display = ("prefix", "name", "user", "parent", "created_at", "last_used_at", "expires_at", "status")
     list_filter = (ApiKeyStatusFilter,)
     list_select_related = ("user", "parent")
-    search_fields = ("prefix", "name", "user__username", "user__email")
+    search_help_text = "A key's prefix (sk-llmhub-…), or its owner's username or email, written out exactly."
     # A key or more a user (docs/ledger.md, "The admin at scale"): newest first off the primary key (by created_at,
     # unindexed, sorted every key), one count.
     ordering = ("-id",)
     show_full_result_count = False
     actions = ("revoke_selected", "rotate_selected")
     autocomplete_fields = ("user",)
+
+    def also_q(self, term: str) -> Q:
+        # The prefix, whole, in its unique index (Django's LIKE '%term%' on the prefix, the name and the joined
+        # username and email read every key and every user); a key's name means something only among its owner's.
+        return Q(prefix=term)
+
     filter_horizontal = ("allowed_models",)
     # secret_hash is in no field list: the admin never shows it.
     fieldsets = (

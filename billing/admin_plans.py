@@ -10,12 +10,12 @@ from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 
+from accounts.admin_search import UserSearch
 from core.outbox import deliveries_send_again, send_again_report
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter, ProviderNameFilter
 
 from .models import BudgetAlert, BudgetCounter, DailyStaffUsage, DailyUsage, DailyUserUsage, Plan, UserPlan
-from .selectors import user_ids_named
 from .services.alert_sweep import budget_alert_deliveries
 from .services.budgets import THRESHOLDS
 from .services.plans import user_plans_overrides_clear
@@ -64,12 +64,11 @@ class PlanAdmin(admin.ModelAdmin):
 
 
 @admin.register(UserPlan)
-class UserPlanAdmin(admin.ModelAdmin):
+class UserPlanAdmin(UserSearch, admin.ModelAdmin):
     list_display = ("user", "plan", "daily_token_quota", "monthly_budget_usd", "rpm", "tpm", "updated_at")
     list_filter = ("plan",)
     list_select_related = ("user", "plan")
     show_full_result_count = False  # a row a user: one count a view
-    search_fields = ("user__username", "user__email")
     autocomplete_fields = ("user",)
     actions = ("clear_overrides",)
     fieldsets = (
@@ -102,9 +101,18 @@ class BudgetCounterAdmin(_ReadOnlyAdmin):
         "updated_at",
     )
     list_filter = ("scope_kind", "metric", "period")
-    search_fields = ("key",)
+    search_fields = ("key",)  # see get_search_results
+    search_help_text = "The start of a counter's key, as written (budget:user:17: for a user's)."
     show_full_result_count = False  # a few a user, key or plan and period: one count a view
     actions = ("reconcile",)
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[BudgetCounter], search_term: str
+    ) -> tuple[QuerySet[BudgetCounter], bool]:
+        # The key's start, as written: its unique index answers it (LIKE 'term%' in its pattern index on
+        # PostgreSQL); Django's LIKE '%term%' in any case read every counter.
+        term = search_term.strip()
+        return (queryset.filter(key__startswith=term) if term else queryset), False
 
     @admin.action(description="Reconcile every budget counter with the ledger")
     def reconcile(self, request: HttpRequest, queryset: QuerySet[BudgetCounter]) -> None:
@@ -144,7 +152,7 @@ class BudgetAlertThresholdFilter(admin.SimpleListFilter):
 
 
 @admin.register(BudgetAlert)
-class BudgetAlertAdmin(_ReadOnlyAdmin):
+class BudgetAlertAdmin(UserSearch, _ReadOnlyAdmin):
     """A few alerts a user, key or plan and period: hundreds of thousands in a year. As the ledger's list
     (docs/ledger.md, "The admin at scale"): one count (the estimate past 100,000 rows), days by the date filter
     (the date hierarchy read every alert's bounds and days), the thresholds named."""
@@ -165,7 +173,6 @@ class BudgetAlertAdmin(_ReadOnlyAdmin):
     )
     list_filter = (BudgetAlertThresholdFilter, "metric", "scope_kind", "period", "created_at")
     list_select_related = ("user",)
-    search_fields = ("user__username", "user__email")
     show_full_result_count = False
     paginator = EstimatedCountPaginator
     actions = ("send_again",)
@@ -198,20 +205,8 @@ class _RollupAdmin(_ReadOnlyAdmin):
         self.message_user(request, f"Rebuilt {len(days)} day(s) from the ledger.", messages.SUCCESS)
 
 
-class _UserSearch:
-    """A user looked up whole (``user_ids_named``: username or email, any case), their rows then read through the
-    rollup's (user, day) index, rather than Django's ``LIKE`` on the joined username over every row."""
-
-    search_fields = ("user__username", "user__email")  # see get_search_results
-    search_help_text = "A user's username or email, written out exactly (any case)."
-
-    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
-        term = search_term.strip()
-        return (queryset.filter(user_id__in=user_ids_named(term)) if term else queryset), False
-
-
 @admin.register(DailyUsage)
-class DailyUsageAdmin(_UserSearch, _RollupAdmin):
+class DailyUsageAdmin(UserSearch, _RollupAdmin):
     list_display = (
         "day",
         "user",
@@ -239,7 +234,7 @@ class DailyStaffUsageAdmin(_RollupAdmin):
 
 
 @admin.register(DailyUserUsage)
-class DailyUserUsageAdmin(_UserSearch, _RollupAdmin):
+class DailyUserUsageAdmin(UserSearch, _RollupAdmin):
     """Each user's figures per day: what the staff page's spend by user and a user's own 30 days read."""
 
     list_display = ("day", "user", *_RollupAdmin.figures)

@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import Count, DecimalField, ExpressionWrapper, F, FloatField, Q, QuerySet, Sum
 from django.db.models.functions import Cast, Coalesce, TruncDate
@@ -41,14 +40,6 @@ from .models import (
 from .pricing import CostBreakdown, cost_breakdown
 
 # API KEYS AND LEDGER (management API)
-
-
-def user_ids_named(term: str, *, at_most: int = 20) -> list[int]:
-    """The users a staff search names: username or email, whole, any case (at most ``at_most``: users sharing one
-    email). The admin lists of tables keyed by user (the ledger, the daily rollup) then read those users' rows
-    in their (user, …) index; ``LIKE '%term%'`` on the joined username read every row (docs/ledger.md)."""
-    users = get_user_model().objects.filter(Q(username__iexact=term) | Q(email__iexact=term))
-    return list(users.values_list("pk", flat=True)[:at_most])
 
 
 def api_key_list(*, user: Any, root_key_id: int | None = None) -> QuerySet[ApiKey]:

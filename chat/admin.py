@@ -9,7 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from billing.selectors import user_ids_named
+from accounts.selectors import user_ids_named
 from core.admin_delete import BoundedDeleteConfirmation
 from core.paginators import EstimatedCountPaginator
 from providers.admin_filters import CatalogModelNameFilter

@@ -261,9 +261,12 @@ def test_feedback_is_read_only_and_found_by_request_id(operator_client):
     Feedback.objects.create(request_id="req-other-9", user=user, metric="score", value=3.5)
     changelist = reverse("admin:experiments_feedback_changelist")
 
-    html = operator_client.get(changelist, {"q": "req-abc"}).content.decode()
+    html = operator_client.get(changelist, {"q": "req-abc-123"}).content.decode()
 
     assert "req-abc-123" in html and "req-other-9" not in html
+    # Whole values, through indexes (docs/ledger.md, "The admin at scale"): a rater by name, not a part of an id.
+    assert len(operator_client.get(changelist, {"q": "RATER"}).context["cl"].result_list) == 2
+    assert not operator_client.get(changelist, {"q": "req-abc"}).context["cl"].result_list
     feedback = Feedback.objects.get(request_id="req-abc-123")
     page = operator_client.get(reverse("admin:experiments_feedback_change", args=[feedback.pk]))
     assert page.status_code == 200 and not page.context["adminform"].form.fields  # nothing editable

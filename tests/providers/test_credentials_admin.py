@@ -111,7 +111,8 @@ def test_the_list_filters_by_provider_and_status_and_searches_by_owner(admin_cli
     assert owners() == ["ada", "grace"]
     assert owners(provider__id__exact=ada.provider_id) == ["ada"]
     assert owners(status__exact="invalid") == ["grace"]
-    assert owners(q="grac") == ["grace"]
+    assert owners(q="Grace") == ["grace"]  # whole, any case, through the users' indexes
+    assert owners(q="grac") == []
     assert owners(q="ada@example.com") == ["ada"]
 
 
