@@ -265,3 +265,34 @@ def test_a_check_of_many_keys_the_broker_cannot_take_is_said_so(admin_client, fa
         )
     ]
     assert not fake_upstream.requests
+
+
+def test_the_keys_list_reads_the_page_and_one_count_however_many_keys(admin_client, keys):
+    """A key a user and provider: each view counted every key twice, read every one for the provider filter's
+    choices (SELECT DISTINCT) and the date hierarchy's years, and sorted them all by owner and the joined provider's
+    name. It reads the page's keys, newest first off the primary key, and one count; the filters read the
+    providers, and the date filter nothing."""
+    ada, grace = keys
+    changelist = reverse(CHANGELIST)
+
+    def view() -> tuple[list[str], list[ProviderCredential]]:
+        with CaptureQueriesContext(connection) as captured:
+            page = admin_client.get(changelist)
+        assert page.status_code == 200
+        reads = [query["sql"] for query in captured if '"providers_providercredential"' in query["sql"]]
+        return reads, list(page.context["cl"].result_list)
+
+    view()  # the first fills Django's caches: not counted
+    few, _ = view()
+    provider = ada.provider
+    for n in range(30):
+        credential(f"many{n}", provider, f"sk-own-key-{n:06d}-0123456789abcdefXYZW")
+    many, shown = view()
+
+    assert len(many) == len(few) == 2, many  # the page's keys and their one count
+    assert not any("DISTINCT" in sql or '"providers_provider"."name"' in sql.partition("ORDER BY")[2] for sql in many)
+    assert shown[0].owner.username == "many29" and shown[-1] == ada  # newest first
+    assert [
+        row.owner.username
+        for row in admin_client.get(changelist, {"provider__id__exact": grace.provider_id}).context["cl"].result_list
+    ] == ["grace"]
