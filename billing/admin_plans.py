@@ -102,8 +102,12 @@ class BudgetCounterAdmin(_ReadOnlyAdmin):
     )
     list_filter = ("scope_kind", "metric", "period")
     search_fields = ("key",)  # see get_search_results
-    search_help_text = "The start of a counter's key, as written (budget:user:17: for a user's)."
-    show_full_result_count = False  # a few a user, key or plan and period: one count a view
+    search_help_text = "The start of a counter's key, as written (llmhub:bud:user:17: for a user's)."
+    # A few a user, key or plan and period: one count a view (the estimate past 100,000 rows), newest first off the
+    # primary key (the model's order, by period and key, which no index leads with, sorted every counter).
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    ordering = ("-id",)
     actions = ("reconcile",)
 
     def get_search_results(
