@@ -185,7 +185,9 @@ class VersionInline(admin.TabularInline):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[PromptVersion]:
         # Listed by number, note and labels: not each version's content, which the form above shows the newest of.
-        return super().get_queryset(request).defer(*VERSION_FIELDS).prefetch_related("labels")
+        # Who made each and its name ("slug vN", the change link's) read with the rows: a query a version else.
+        versions = super().get_queryset(request).defer(*VERSION_FIELDS).prefetch_related("labels")
+        return versions.select_related("template", "created_by")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False

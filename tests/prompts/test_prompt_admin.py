@@ -286,3 +286,26 @@ def test_a_brand_is_edited_with_words_to_avoid_one_a_line(admin_client):
     admin_submit(admin_client, url, tone="warmer")
     change = AuditEvent.objects.filter(action="prompt.brand_change").latest("seq")
     assert change.changes == {"tone": ["warm", "warmer"]}
+
+
+def test_a_templates_page_costs_the_same_queries_however_many_versions_it_lists(admin_client, root, template):
+    """Each version's row names who made it: read with the versions, not a query a version (a template edited
+    daily for a year lists hundreds)."""
+    alice = UserFactory(username="alice")
+
+    def page() -> tuple[int, str]:
+        with CaptureQueriesContext(connection) as queries:
+            answer = admin_client.get(change_url(template))
+        assert answer.status_code == 200
+        return len(queries), answer.content.decode()
+
+    prompt_version_create(template=template, messages=MESSAGES, variables=VARIABLES, created_by=root, note="2")
+    page()  # the first view fills Django's caches: not counted
+    few, _ = page()
+    for n in range(20):
+        by = alice if n % 2 else root
+        prompt_version_create(template=template, messages=MESSAGES, variables=VARIABLES, created_by=by, note=f"n{n}")
+    many, shown = page()
+
+    assert many == few
+    assert shown.count(">alice<") == 10
