@@ -22,6 +22,7 @@ from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
 from .base import BaseAdapter, WireChunk, WireEvent
 from .common import (
+    TEXT_WITHOUT_LOGPROBS,
     error_for_failure,
     error_for_status,
     http_timeout,
@@ -30,10 +31,9 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
-    text_output_only,
     undecodable,
+    unhonoured_refused,
     upstream_deadline,
-    without_logprobs,
 )
 from .sse import ServerSentEvent, SSEParser, response_body
 from .text_chunks import TextChunks
@@ -251,7 +251,7 @@ class AnthropicAdapter(BaseAdapter):
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return anthropic_request(without_logprobs(text_output_only(body)))
+            return anthropic_request(unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS))
         except ProviderBadRequestError as exc:
             exc.provider = self.config.name
             raise

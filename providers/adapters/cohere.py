@@ -33,6 +33,7 @@ from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
     POOL_LIMITS,
+    TEXT_WITHOUT_LOGPROBS,
     BatchesAnswered,
     embedding_input_type,
     error_for_failure,
@@ -43,9 +44,8 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
-    text_output_only,
+    unhonoured_refused,
     upstream_deadline,
-    without_logprobs,
 )
 from .sse import sse_events
 
@@ -240,7 +240,7 @@ class CohereAdapter(BaseAdapter):
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            return cohere_request(without_logprobs(text_output_only(body)))
+            return cohere_request(unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS))
         except ProviderBadRequestError as exc:
             exc.provider = self.config.name
             raise

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
@@ -331,35 +332,53 @@ def one_choice_only(body: dict[str, Any]) -> None:
         )
 
 
-def without_logprobs(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` for a provider whose answers carry no log probabilities (Anthropic, Cohere, Mistral): ``logprobs:
-    true`` is refused, naming it, as OpenAI's reasoning models refuse it, rather than answered with ``logprobs:
-    null``; ``false`` (and a null ``top_logprobs``) asks for nothing and is not sent (Mistral refuses a field it
-    does not take)."""
-    if body.get("logprobs") is True:
-        raise ProviderBadRequestError(
-            "This model does not return log probabilities: `logprobs` is not supported with it.",
-            param="logprobs",
-            code="unsupported_parameter",
-        )
-    if "logprobs" in body or "top_logprobs" in body:
-        return {key: value for key, value in body.items() if key not in ("logprobs", "top_logprobs")}
-    return body
+@dataclass(frozen=True, slots=True)
+class Unhonoured:
+    """A parameter some providers cannot honour: a request that asks for it (``refused``, given the parameter's
+    value) is refused with a 400 naming it, before any upstream call, rather than answered without it; the fields
+    of its harmless form (``dropped``: asking for nothing) are not sent, since a strict server (Mistral) refuses a
+    field it does not take."""
+
+    param: str
+    refused: Callable[[Any], bool]
+    dropped: tuple[str, ...]
+    message: str
+    code: str
 
 
-def text_output_only(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` for a provider that answers in text only: a request for audio output (``modalities`` with
-    ``"audio"``, which OpenAI answers in ``message.audio``) is refused, rather than answered in text the client did
-    not ask for alone; a ``modalities`` of text only, and ``audio``, ask for nothing more and are not sent."""
-    modalities = body.get("modalities")
-    if isinstance(modalities, list) and "audio" in modalities:
-        raise ProviderBadRequestError(
-            'This model answers in text only: `modalities` cannot include "audio".',
-            param="modalities",
-            code="unsupported_value",
-        )
-    if "modalities" in body or "audio" in body:
-        return {key: value for key, value in body.items() if key not in ("modalities", "audio")}
+# ``logprobs: true`` to a provider whose answers carry none (Anthropic, Cohere, Mistral) is refused, as OpenAI's
+# reasoning models refuse it, rather than answered with ``logprobs: null``; ``false`` (and a null ``top_logprobs``)
+# asks for nothing.
+LOGPROBS = Unhonoured(
+    param="logprobs",
+    refused=lambda value: value is True,
+    dropped=("logprobs", "top_logprobs"),
+    message="This model does not return log probabilities: `logprobs` is not supported with it.",
+    code="unsupported_parameter",
+)
+# Audio output (``modalities`` with ``"audio"``, which OpenAI answers in ``message.audio``) from a provider that
+# answers in text only is refused, rather than answered in text the client did not ask for alone; a ``modalities``
+# of text only, and ``audio``, ask for nothing more.
+AUDIO_OUTPUT = Unhonoured(
+    param="modalities",
+    refused=lambda value: isinstance(value, list) and "audio" in value,
+    dropped=("modalities", "audio"),
+    message='This model answers in text only: `modalities` cannot include "audio".',
+    code="unsupported_value",
+)
+# What a provider that answers in text only and with no log probabilities cannot honour.
+TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS)
+
+
+def unhonoured_refused(body: dict[str, Any], unhonoured: Sequence[Unhonoured]) -> dict[str, Any]:
+    """``body`` for a provider that cannot honour ``unhonoured``: ``ProviderBadRequestError`` for the first of them
+    it asks for, in their order, else ``body`` without their harmless forms (``body`` itself when it has none)."""
+    for rule in unhonoured:
+        if rule.param in body and rule.refused(body[rule.param]):
+            raise ProviderBadRequestError(rule.message, param=rule.param, code=rule.code)
+    dropped = [key for rule in unhonoured for key in rule.dropped if key in body]
+    if dropped:
+        return {key: value for key, value in body.items() if key not in dropped}
     return body
 
 

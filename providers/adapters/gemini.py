@@ -30,6 +30,7 @@ from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
+    AUDIO_OUTPUT,
     EMBEDDING_INPUT_TYPES,
     BatchesAnswered,
     embedding_input_type,
@@ -42,8 +43,8 @@ from .common import (
     scrub,
     stream_interrupted,
     stream_unfinished,
-    text_output_only,
     undecodable,
+    unhonoured_refused,
     upstream_deadline,
 )
 from .translate_gemini import StreamTranslator, completion_from_response, gemini_request, max_tool_calls
@@ -84,7 +85,7 @@ class GeminiAdapter(BaseAdapter):
         )
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        request = gemini_request(text_output_only(body))
+        request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
         try:
             async with upstream_deadline(self.config):
                 response = await self._client.aio.models.generate_content(**request)
@@ -93,7 +94,7 @@ class GeminiAdapter(BaseAdapter):
         return completion_from_response(_dump(response), request["model"], max_calls=max_tool_calls(body))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
-        request = gemini_request(text_output_only(body))
+        request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
         upstream = None
         opened: list[httpx2.Response] = []
         tracking = _stream_responses.set(opened)

@@ -8,7 +8,7 @@ one renames what Mistral has under another name (``max_completion_tokens`` → `
 Mistral refuses it, and reports a stream's usage on its last chunk unasked (moved here to a chunk of its own,
 where OpenAI sends it). A field Mistral has no
 counterpart for (``user``, …) still goes up, and its 422 reaches the client as a 400 naming it; ``logprobs: true`` is
-refused before the call (``without_logprobs``: Mistral returns none) and ``false`` is not sent. But
+refused before the call (``unhonoured_refused``: Mistral returns none) and ``false`` is not sent. But
 an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
 (``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
 (``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
@@ -38,12 +38,12 @@ from typing import Any
 from ..exceptions import ProviderBadRequestError
 from .base import WireChunk
 from .common import (
+    TEXT_WITHOUT_LOGPROBS,
     BatchesAnswered,
     assistant_fields_dropped,
     fields_renamed,
     one_choice_only,
-    text_output_only,
-    without_logprobs,
+    unhonoured_refused,
 )
 from .openai import _CHAT_PATH, OpenAIAdapter
 
@@ -67,7 +67,7 @@ class MistralAdapter(OpenAIAdapter):
         request = fields_renamed(
             {
                 key: value
-                for key, value in without_logprobs(text_output_only(body)).items()
+                for key, value in unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS).items()
                 if key not in ("stream", "stream_options")
             },
             _CHAT_RENAMES,

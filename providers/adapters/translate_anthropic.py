@@ -27,8 +27,8 @@ Request (OpenAI → Anthropic):
   ``prediction``, ``prompt_cache_key``,
   ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and the
   legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused; so is audio
-  output (``modalities`` with ``"audio"``: the adapter's ``text_output_only``, before this translation), and
-  ``logprobs: true`` (Claude returns none: the adapter's ``without_logprobs``, which leaves ``false`` out).
+  output (``modalities`` with ``"audio"``: the adapter's ``unhonoured_refused``, before this translation), and
+  ``logprobs: true`` (Claude returns none: the same refusal, which leaves ``false`` out).
 
 Response (Anthropic → OpenAI): a ``message`` becomes a ``chat.completion``; a stream of Messages
 events becomes ``chat.completion.chunk`` objects through :class:`StreamTranslator`, ending with a
