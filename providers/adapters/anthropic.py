@@ -16,7 +16,7 @@ from typing import Any
 import anthropic
 import httpx2
 
-from ..exceptions import ProviderBadRequestError, ProviderError
+from ..exceptions import ProviderError
 from ..outbound import OutboundRefused
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
@@ -28,6 +28,7 @@ from .common import (
     http_timeout,
     interruption_reason,
     provider_http_client,
+    refusal_named,
     scrub,
     stream_interrupted,
     stream_unfinished,
@@ -70,11 +71,8 @@ class AnthropicAdapter(BaseAdapter):
         """As every adapter's, and the output limit llmhub picks when the client sets none kept under what the
         model writes at most (``within_output_limit``)."""
         prepared = super().prepare_request(body, model)
-        try:
+        with refusal_named(self.config):
             return within_output_limit(prepared, model.max_output_tokens)
-        except ProviderBadRequestError as exc:
-            exc.provider = self.config.name
-            raise
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         request = self._translate(body)
@@ -250,11 +248,8 @@ class AnthropicAdapter(BaseAdapter):
         return answer
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
+        with refusal_named(self.config):
             return anthropic_request(unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS))
-        except ProviderBadRequestError as exc:
-            exc.provider = self.config.name
-            raise
 
     def _interruption_reason(self, exc: BaseException) -> str:
         if isinstance(exc, anthropic.APITimeoutError):

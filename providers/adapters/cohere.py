@@ -41,6 +41,7 @@ from .common import (
     http_request_hooks,
     in_batches,
     one_choice_only,
+    refusal_named,
     scrub,
     stream_interrupted,
     stream_unfinished,
@@ -239,11 +240,8 @@ class CohereAdapter(BaseAdapter):
         await self._http.aclose()
 
     def _translate(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
+        with refusal_named(self.config):
             return cohere_request(unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS))
-        except ProviderBadRequestError as exc:
-            exc.provider = self.config.name
-            raise
 
     def _upstream_message(self, body: object) -> str:
         """Cohere's error body is ``{"message": ...}``; a proxy's may be text."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -368,6 +368,18 @@ AUDIO_OUTPUT = Unhonoured(
 )
 # What a provider that answers in text only and with no log probabilities cannot honour.
 TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS)
+
+
+@contextmanager
+def refusal_named(config: ProviderConfig) -> Iterator[None]:
+    """Around an adapter's own checks of a request (before any upstream call): a ``ProviderError`` raised there
+    names the provider, as an upstream's refusal does (``error_for_status``), for the log line and the attempt's
+    report; the checks themselves (``unhonoured_refused``, ``one_choice_only``, the translations) know no config."""
+    try:
+        yield
+    except ProviderError as exc:
+        exc.provider = exc.provider or config.name
+        raise
 
 
 def unhonoured_refused(body: dict[str, Any], unhonoured: Sequence[Unhonoured]) -> dict[str, Any]:

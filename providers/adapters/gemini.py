@@ -40,6 +40,7 @@ from .common import (
     in_batches,
     interruption_reason,
     provider_http_client,
+    refusal_named,
     scrub,
     stream_interrupted,
     stream_unfinished,
@@ -85,7 +86,8 @@ class GeminiAdapter(BaseAdapter):
         )
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
+        with refusal_named(self.config):
+            request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
         try:
             async with upstream_deadline(self.config):
                 response = await self._client.aio.models.generate_content(**request)
@@ -94,7 +96,8 @@ class GeminiAdapter(BaseAdapter):
         return completion_from_response(_dump(response), request["model"], max_calls=max_tool_calls(body))
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
-        request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
+        with refusal_named(self.config):
+            request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
         upstream = None
         opened: list[httpx2.Response] = []
         tracking = _stream_responses.set(opened)

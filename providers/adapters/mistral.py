@@ -43,6 +43,7 @@ from .common import (
     assistant_fields_dropped,
     fields_renamed,
     one_choice_only,
+    refusal_named,
     unhonoured_refused,
 )
 from .openai import _CHAT_PATH, OpenAIAdapter
@@ -121,10 +122,14 @@ class MistralAdapter(OpenAIAdapter):
     async def text_complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """Codestral's fill-in-the-middle, answered as a chat completion by Mistral: its message's text is the
         completion's."""
-        return _text_completion(await self.complete(_fim_body(body), path=_FIM_PATH))
+        with refusal_named(self.config):
+            fim = _fim_body(body)
+        return _text_completion(await self.complete(fim, path=_FIM_PATH))
 
     async def text_stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
-        upstream = self.stream(_fim_body(body), path=_FIM_PATH)
+        with refusal_named(self.config):
+            fim = _fim_body(body)
+        upstream = self.stream(fim, path=_FIM_PATH)
         try:
             async for chunk in upstream:
                 yield WireChunk(_text_completion(chunk, streamed=True), None)

@@ -40,6 +40,7 @@ from .common import (
     in_batches,
     interruption_reason,
     provider_http_client,
+    refusal_named,
     scrub,
     stream_interrupted,
     stream_unfinished,
@@ -185,7 +186,8 @@ class OpenAIAdapter(BaseAdapter):
 
     async def complete(self, body: dict[str, Any], *, path: str = _CHAT_PATH) -> dict[str, Any]:
         """``path``: the endpoint under the provider's base URL that answers a chat completion (Mistral's FIM too)."""
-        body = self._chat_body(body, stream=False)
+        with refusal_named(self.config):
+            body = self._chat_body(body, stream=False)
         try:
             async with upstream_deadline(self.config):
                 completion = await self._client.post(path, body=body, cast_to=object)
@@ -217,7 +219,8 @@ class OpenAIAdapter(BaseAdapter):
         async def opened() -> httpx2.Response:
             # The raw response, still through the SDK (auth, retries, error classes for a non-2xx
             # answer): the header is the SDK's own way to ask for it, as `with_streaming_response` does.
-            request = self._chat_body(body, stream=True)
+            with refusal_named(self.config):
+                request = self._chat_body(body, stream=True)
             return await self._client.post(
                 path, body=request, cast_to=httpx2.Response, options={"headers": _RAW_STREAM}
             )
@@ -356,11 +359,11 @@ class OpenAIAdapter(BaseAdapter):
         JSON is relayed as it came, filled in where ``CreateCompletionResponse`` requires what it left out."""
         if not self.serves_completions:
             raise self._completions_refused()
+        with refusal_named(self.config):
+            args = self._completion_args(body, stream=False)
         try:
             async with upstream_deadline(self.config):
-                raw = await self._client.completions.with_raw_response.create(
-                    **self._completion_args(body, stream=False)
-                )
+                raw = await self._client.completions.with_raw_response.create(**args)
             completion = json.loads(raw.content)
         except _FAILURES as exc:
             raise self.map_error(exc) from None
@@ -387,7 +390,8 @@ class OpenAIAdapter(BaseAdapter):
         async def opened() -> httpx2.Response:
             if not self.serves_completions:
                 raise self._completions_refused()
-            args = self._completion_args(body, stream=True)
+            with refusal_named(self.config):
+                args = self._completion_args(body, stream=True)
             response = await self._client.completions.create(**args, stream=True, extra_headers=_RAW_STREAM)
             return response.http_response
 

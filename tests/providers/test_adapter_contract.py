@@ -278,6 +278,39 @@ async def test_logprobs_are_returned_or_refused_by_a_provider_that_has_none(adap
     assert streamed_text(await collect(adapter.stream(chat(entry, "hi", logprobs=False))))
 
 
+@pytest.mark.parametrize(
+    "unhonoured",
+    [
+        {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+        {"logprobs": True},
+        {"n": 2},
+        {"tool_choice": "required", "tools": [WEATHER_TOOL]},
+    ],
+    ids=["audio-output", "logprobs", "several-choices", "forced-tool-call"],
+)
+async def test_a_refusal_before_the_call_names_the_provider(adapter, entry, unhonoured):
+    """A request the adapter refuses before any upstream call names the provider that refused it, as an upstream's
+    refusal does: the log line and the routing report of the attempt say whose it was (Mistral's and Ollama's
+    refusals named none)."""
+    for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+        try:
+            await call(chat(entry, "hi", **unhonoured))
+        except ProviderBadRequestError as error:
+            assert error.provider == f"contract-{entry.kind}", error
+
+
+async def test_a_text_completion_refused_before_the_call_names_the_provider(adapter, entry):
+    """As a chat request's: several prompts, which Ollama and Mistral's fill-in-the-middle refuse."""
+    if not adapter.serves_completions:
+        pytest.skip(f"{entry.kind} serves no text completions")
+    body = {"model": entry.model, "prompt": ["one", "two"], "max_tokens": 5}
+    for call in (adapter.text_complete, lambda body: collect(adapter.text_stream(body))):
+        try:
+            await call(body)
+        except ProviderBadRequestError as error:
+            assert error.provider == f"contract-{entry.kind}", error
+
+
 async def test_embeddings(adapter, entry):
     if not entry.embeddings:
         pytest.skip(f"{entry.kind} has no embeddings API")
