@@ -18,7 +18,7 @@ from django.db.models.functions import Cast, Coalesce, TruncDate
 from core.cache import TTLCache
 from core.id_batches import id_batches
 from providers.byok import byok_callable, byok_required_in, user_credentials_sync
-from providers.exceptions import ModelNotFoundError
+from providers.exceptions import model_not_found
 from providers.models import ByokMode, ModelMode
 from providers.selectors import model_resolve_sync, models_enabled_sync
 from providers.types import ResolvedModel
@@ -638,9 +638,7 @@ def cost_estimate(
     model = model_resolve_sync(model_name)
     deployments = [model.on(deployment) for deployment in model.deployments] if model is not None else []
     if not deployments:
-        raise ModelNotFoundError(
-            f"The model `{model_name}` does not exist or you do not have access to it.", param="model"
-        )
+        raise model_not_found(model_name)
     limits = user_limits_sync(user_id)
     assert model is not None
     # The public model (at its highest prices), as admission checks it.

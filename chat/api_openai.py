@@ -34,7 +34,7 @@ from core.errors import (
 from core.event_stream import EventStreamResponse
 from core.exceptions import DATABASE_OUTAGE_ERRORS, ApplicationError, DatabaseUnavailableError
 from providers.adapters.base import chunk_json
-from providers.exceptions import ProviderError
+from providers.exceptions import ProviderError, model_not_found
 from providers.types import ResolvedModel
 
 from .pipeline import (
@@ -45,6 +45,7 @@ from .pipeline import (
     completion_reject_unverified,
     completion_start,
     model_listed_for_caller,
+    model_refused_as_unknown,
     models_for_caller,
     new_request_id,
 )
@@ -152,14 +153,16 @@ async def run_open(
             caller=caller, endpoint=endpoint, request_id=request_id, error=exc, started=started, operation=operation
         )
         raise
-    return await completion_start(
-        caller=caller,
-        body=body,
-        endpoint=endpoint,
-        request_id=request_id,
-        operation=operation,
-        route=request.headers.get("x-llmhub-route"),
-    )
+    # Only a body that named a model reaches the allow-lists; any other is refused before them.
+    with model_refused_as_unknown(body.get("model") if isinstance(body, dict) else None):
+        return await completion_start(
+            caller=caller,
+            body=body,
+            endpoint=endpoint,
+            request_id=request_id,
+            operation=operation,
+            route=request.headers.get("x-llmhub-route"),
+        )
 
 
 def shutdown_response(
@@ -302,12 +305,7 @@ async def model_retrieve(request: HttpRequest, model: str) -> HttpResponse:
         listed = await model_listed_for_caller(caller, model, mode=None)
         if listed is not None:
             return response_stamp(json_response(_model_object(listed)), request_id, started)
-        raise ApplicationError(
-            f"The model `{model}` does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-            status_code=404,
-        )
+        raise model_not_found(model)
     except ApplicationError as exc:
         return response_stamp(openai_error_response(exc), request_id, started)
 

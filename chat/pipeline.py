@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from billing.exceptions import ModelNotAllowedError
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
 from billing.pricing import cache_write_1h_price, cache_write_price
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
@@ -81,6 +82,7 @@ from providers.exceptions import (
     ProviderUnavailableError,
     UserKeyQuotaExhaustedError,
     UserKeyRefusedError,
+    model_not_found,
     upstream_model_missing,
     upstream_model_missing_error,
 )
@@ -818,15 +820,27 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
     )
 
 
+@contextlib.contextmanager
+def model_refused_as_unknown(name: Any) -> Iterator[None]:
+    """A /v1 API client's refusal of a model its plan or key excludes (``ModelNotAllowedError``) answered as that of
+    a model that does not exist (``model_not_found``, 404), as OpenAI answers both and ``/v1/models/{model}`` does:
+    a 403 would tell a key which models exist. Raised after the rejected ledger row, which says why."""
+    try:
+        yield
+    except ModelNotAllowedError:
+        raise model_not_found(name) from None
+
+
 async def model_for_estimate(*, caller: Caller, name: Any, operation: str) -> ResolvedModel:
     """The model an endpoint that runs nothing names (``/v1/messages/count_tokens``), refused as a run of
-    ``operation`` would refuse it: unknown (404), of the wrong mode (400), or excluded by the caller's plan
-    or key (403). An estimate for a model the caller may not use would tell them what the catalog holds."""
+    ``operation`` would refuse it: unknown, or excluded by the caller's plan or key (both 404), or of the wrong
+    mode (400). An estimate for a model the caller may not use would tell them what the catalog holds."""
     model = await model_resolve(name)
     _check_mode(model, operation)
-    await model_permission_check(
-        user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, model=model
-    )
+    with model_refused_as_unknown(name):
+        await model_permission_check(
+            user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, model=model
+        )
     return model
 
 

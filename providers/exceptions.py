@@ -23,6 +23,12 @@ class ModelNotFoundError(ApplicationError):
     code = "model_not_found"
 
 
+def model_not_found(name: str) -> ModelNotFoundError:
+    """The answer, in OpenAI's words, for a model name the caller cannot use: one that does not exist and one the
+    caller may not use are told apart by no one but the ledger (another answer would tell a key which models exist)."""
+    return ModelNotFoundError(f"The model `{name}` does not exist or you do not have access to it.", param="model")
+
+
 @dataclass(frozen=True, slots=True)
 class AnsweredCalls:
     """The calls of a request split into several (embeddings above a provider's batch limit) that the provider

@@ -9,7 +9,7 @@ from django.db.models import Prefetch, QuerySet
 
 from core.cache import TTLCache
 
-from .exceptions import ModelNotFoundError
+from .exceptions import ModelNotFoundError, model_not_found
 from .models import CatalogModel, Deployment, Provider
 from .types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
@@ -150,7 +150,7 @@ async def model_resolve(name: str) -> ResolvedModel:
         raise ModelNotFoundError("You must provide a model parameter.", param="model")
     model = await catalog_cache.get_or_load(("model", name), lambda: _load_model(name))
     if model is None:
-        raise ModelNotFoundError(f"The model `{name}` does not exist or you do not have access to it.", param="model")
+        raise model_not_found(name)
     return model
 
 

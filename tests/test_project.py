@@ -762,7 +762,7 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_it(tmp_path):
         free = openai.OpenAI(base_url=f"{site}/v1", api_key=created.stdout.strip().splitlines()[-1], max_retries=0)
         cheap = free.chat.completions.create(model="demo-gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
         assert cheap.choices[0].message.content
-        with pytest.raises(openai.PermissionDeniedError):
+        with pytest.raises(openai.NotFoundError):
             free.chat.completions.create(model="demo-gpt-4o", messages=[{"role": "user", "content": "Hi"}])
 
         members = [pid for child in children for pid in group_members(child)]

@@ -54,7 +54,7 @@ def test_a_key_allowed_the_target_may_use_its_alias_and_one_not_allowed_may_use_
     assert {m.id for m in client(allowed.secret).models.list()} == {"chat-default", "gpt-4o-mini"}
     client(allowed.secret).chat.completions.create(model="chat-default", messages=[{"role": "user", "content": "x"}])
     assert "chat-default" not in {m.id for m in client(refused.secret).models.list()}
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):
         client(refused.secret).chat.completions.create(
             model="chat-default", messages=[{"role": "user", "content": "x"}]
         )

@@ -79,6 +79,7 @@ def test_key_allow_list_limits_models(gateway):
     restricted.api_key.allowed_models.add(CatalogModel.objects.get(name="claude-test"))
     headers = {"Authorization": f"Bearer {restricted.secret}"}
     response = post(gateway, headers)
-    assert response.status_code == 403 and response.json()["error"]["code"] == "model_not_allowed"
+    # Answered as a model that does not exist (tests/gateway/test_model_access.py).
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     listed = httpx.get(gateway.url + "/v1/models", headers=headers).json()
     assert [m["id"] for m in listed["data"]] == ["claude-test"]

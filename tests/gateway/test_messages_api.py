@@ -441,12 +441,15 @@ def test_count_tokens_refuses_a_model_the_key_may_not_use(gateway):
     created = api_key_create(
         user=gateway.user, name="narrow", allowed_models=[CatalogModel.objects.get(name="gpt-test")]
     )
-    with pytest.raises(anthropic.PermissionDeniedError) as failed:
+    # As a model that does not exist, and as /v1/messages refuses it (tests/gateway/test_model_access.py).
+    with pytest.raises(anthropic.NotFoundError) as failed:
         client(gateway, api_key=created.secret).messages.count_tokens(
             model="claude-test", messages=[{"role": "user", "content": "hi"}]
         )
-    assert failed.value.body["error"]["type"] == "permission_error"
-    assert "claude-test" in failed.value.body["error"]["message"]
+    assert failed.value.body["error"]["type"] == "not_found_error"
+    assert failed.value.body["error"]["message"] == (
+        "The model `claude-test` does not exist or you do not have access to it."
+    )
 
 
 def test_count_tokens_refuses_a_model_the_plan_does_not_include(gateway):
@@ -455,9 +458,9 @@ def test_count_tokens_refuses_a_model_the_plan_does_not_include(gateway):
 
     # Output at most $1 a million tokens, as the Free plan: gpt-test, not claude-test.
     plan_assign(user=gateway.user, plan=Plan.objects.create(name="Cheap", max_output_price_per_mtok=Decimal(1)))
-    with pytest.raises(anthropic.PermissionDeniedError) as failed:
+    with pytest.raises(anthropic.NotFoundError) as failed:
         client(gateway).messages.count_tokens(model="claude-test", messages=[{"role": "user", "content": "hi"}])
-    assert "Your plan (Cheap) does not include the model `claude-test`" in failed.value.body["error"]["message"]
+    assert "Cheap" not in failed.value.body["error"]["message"]
     assert client(gateway).messages.count_tokens(model="gpt-test", messages=[{"role": "user", "content": "hi"}])
 
 
@@ -570,14 +573,14 @@ def test_upstream_failure_mid_stream_is_an_error_event_the_sdk_raises(gateway):
     assert failed.value.body["type"] == "error"
 
 
-def test_model_not_allowed_for_the_key_is_a_permission_error(gateway):
+def test_model_not_allowed_for_the_key_is_not_found(gateway):
     from billing.services.keys import api_key_create
     from providers.models import CatalogModel
 
     created = api_key_create(
         user=gateway.user, name="narrow", allowed_models=[CatalogModel.objects.get(name="gpt-test")]
     )
-    with pytest.raises(anthropic.PermissionDeniedError):
+    with pytest.raises(anthropic.NotFoundError):
         client(gateway, api_key=created.secret).messages.create(
             model="claude-test", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
         )

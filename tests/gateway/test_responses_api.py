@@ -306,7 +306,7 @@ def test_a_key_not_allowed_the_model_is_refused_as_on_chat_completions(gateway):
     created = api_key_create(
         user=gateway.user, name="narrow", allowed_models=[CatalogModel.objects.get(name="claude-test")]
     )
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):
         gateway.client(api_key=created.secret).responses.create(model="gpt-test", input="hi")
     assert gateway.upstream.requests_served() == 0
 
