@@ -33,7 +33,7 @@ from ..models import BudgetMetric, ScopeKind
 from ..selectors import KeyLimits, UserLimits, key_limits, user_limits
 from .alerts import Crossing, budget_alerts_raise, budget_crossings
 from .budgets import CounterRef, CounterSpec, charge_for, counter_specs, requested_max_tokens
-from .counters import Moved, SettleCall, _ms, admission_store, reservation_settle_if_held
+from .counters import Moved, SettleRequest, _ms, admission_store, reservation_settle_if_held
 from .inflight import held_written, instance_id
 from .keys import MAX_KEY_DEPTH
 from .ratelimits import RateSpec, anthropic_ratelimit_headers, rate_specs, ratelimit_headers
@@ -285,15 +285,16 @@ async def admission_settle(
     held = admission.handle
     if not isinstance(held, _Held):
         return
-    now = timezone.now()
     moved = await admission_store().settle(
-        request_id=admission.request_id,
-        counters=held.counters,
-        rates=held.rates,
-        cost=cost,
-        tokens=prompt_tokens + completion_tokens,
-        now=now,
-        row=row,
+        SettleRequest(
+            request_id=admission.request_id,
+            counters=held.counters,
+            rates=held.rates,
+            cost=cost,
+            tokens=prompt_tokens + completion_tokens,
+            now=timezone.now(),
+            row=row,
+        )
     )
     crossings = _crossings(moved)
     if crossings:
@@ -309,19 +310,20 @@ async def admission_settle_many(settles: Sequence[Mapping[str, Any]]) -> list[Ex
     held = [(i, settle) for i, settle in enumerate(settles) if isinstance(settle["admission"].handle, _Held)]
     if not held:
         return outcomes
+    now = timezone.now()
     moved_each = await admission_store().settle_many(
         [
-            SettleCall(
+            SettleRequest(
                 request_id=settle["admission"].request_id,
                 counters=settle["admission"].handle.counters,
                 rates=settle["admission"].handle.rates,
                 cost=settle["cost"],
                 tokens=settle["prompt_tokens"] + settle["completion_tokens"],
+                now=now,
                 row=settle.get("row"),
             )
             for _, settle in held
-        ],
-        now=timezone.now(),
+        ]
     )
     for (i, settle), moved in zip(held, moved_each, strict=True):
         if isinstance(moved, Exception):

@@ -24,7 +24,7 @@ from decimal import Decimal
 from functools import cache
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -309,21 +309,11 @@ class RedisCounterStore:
                     await sync_to_async(budget_correction_alerts_raise)(ref=spec.ref, before=Decimal(0), after=spent)
                 break
 
-    async def settle(
-        self,
-        *,
-        request_id: str,
-        counters: Sequence[CounterSpec],
-        rates: Sequence[RateSpec],
-        cost: Decimal,
-        tokens: int,
-        now: datetime,
-        row: dict | None = None,
-    ) -> list[Moved]:
-        keys, args = _settle_prepared(request_id, counters, rates, cost=cost, tokens=tokens, now=now, row=row)
-        return _settle_moved(counters, _script_reply(await self._settle(keys=keys, args=args)))
+    async def settle(self, settle: SettleRequest) -> list[Moved]:
+        keys, args = _settle_prepared(settle)
+        return _settle_moved(settle.counters, _script_reply(await self._settle(keys=keys, args=args)))
 
-    async def settle_many(self, settles: Sequence[SettleCall], *, now: datetime) -> list[list[Moved] | Exception]:
+    async def settle_many(self, settles: Sequence[SettleRequest]) -> list[list[Moved] | Exception]:
         """``settle`` for each of ``settles`` (the ledger writer's batch), in one pipeline: one connection, one
         write and one read for them all instead of a round trip each, each settle still its own script call,
         answered (or refused) alone. Returns, in order, each one's counters moved, or the error it met; a
@@ -331,13 +321,10 @@ class RedisCounterStore:
         sent again (the client's retry, a retry of the batch): each is idempotent, as ``settle`` is."""
         if len(settles) == 1:
             try:
-                return [await self.settle(**settles[0]._asdict(), now=now)]
+                return [await self.settle(settles[0])]
             except Exception as exc:
                 return [exc]
-        calls = [
-            _settle_prepared(s.request_id, s.counters, s.rates, cost=s.cost, tokens=s.tokens, now=now, row=s.row)
-            for s in settles
-        ]
+        calls = [_settle_prepared(s) for s in settles]
         try:
             replies = await self._scripts_run(self._settle, calls)
         except redis.RedisError as exc:
@@ -379,25 +366,33 @@ class RedisCounterStore:
             await self.client.hdel(inflight_key(instance), *request_ids)
 
 
-def _settle_call(
-    request_id: str,
-    counters: Sequence[CounterSpec],
-    rates: Sequence[RateSpec],
-    *,
-    cost: Decimal,
-    tokens: int,
-    now: datetime,
-    instance: str,
-) -> tuple[list[str], list[str | int]]:
+@dataclass(frozen=True, slots=True)
+class SettleRequest:
+    """One request's settle, as the counters' stores take it (``settle``, and a batch of them ``settle_many``): the
+    counters and rate windows its admission holds, what it cost and the tokens it used (prompt and completion), when
+    it settles, and its ledger row (``usage_data_dump``), kept with its settled in-flight record until the row is
+    written (None: the record goes)."""
+
+    request_id: str
+    counters: Sequence[CounterSpec]
+    rates: Sequence[RateSpec]
+    cost: Decimal
+    tokens: int
+    now: datetime
+    row: dict | None = None
+
+
+def _settle_call(settle: SettleRequest, instance: str) -> tuple[list[str], list[str | int]]:
     """The keys and arguments of ``admission_settle.lua`` for a request admitted by the process ``instance``."""
+    now, counters, rates = settle.now, settle.counters, settle.rates
     keys: list[str] = []
     args: list[str | int] = [
-        request_id,
+        settle.request_id,
         _ms(now),
         len(counters),
         len(rates),
-        int(cost / COST_QUANTUM),
-        tokens,
+        int(settle.cost / COST_QUANTUM),
+        settle.tokens,
         _ms_of(SETTLED_MEMORY),
     ]
     for spec in counters:
@@ -409,39 +404,18 @@ def _settle_call(
     return keys, args
 
 
-class SettleCall(NamedTuple):
-    """One request's settle in a batch (``RedisCounterStore.settle_many``): ``settle``'s arguments but ``now``."""
-
-    request_id: str
-    counters: Sequence[CounterSpec]
-    rates: Sequence[RateSpec]
-    cost: Decimal
-    tokens: int
-    row: dict | None = None
-
-
-def _settle_prepared(
-    request_id: str,
-    counters: Sequence[CounterSpec],
-    rates: Sequence[RateSpec],
-    *,
-    cost: Decimal,
-    tokens: int,
-    now: datetime,
-    row: dict | None,
-) -> tuple[list[str], list[str | int]]:
+def _settle_prepared(settle: SettleRequest) -> tuple[list[str], list[str | int]]:
     """The settle script's keys and arguments for a request of this process, with the settled record when
-    ``row`` is given; this process holds the request as settled with that record from here, or no longer."""
-    keys, args = _settle_call(request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance_id())
-    if row is not None:
-        record = json.dumps({SETTLED_ROW: row})
+    ``settle.row`` is given; this process holds the request as settled with that record from here, or no longer."""
+    keys, args = _settle_call(settle, instance_id())
+    if settle.row is not None:
+        record = json.dumps({SETTLED_ROW: settle.row})
         args.append(record)
-        spent = tuple(
-            (spec.key, int(cost / COST_QUANTUM) if spec.metric == BudgetMetric.COST else tokens) for spec in counters
-        )
-        held_settled(request_id, Settled(record=record, counters=spent))
+        cost, tokens = int(settle.cost / COST_QUANTUM), settle.tokens
+        spent = tuple((spec.key, cost if spec.metric == BudgetMetric.COST else tokens) for spec in settle.counters)
+        held_settled(settle.request_id, Settled(record=record, counters=spent))
     else:
-        held_remove(request_id)
+        held_remove(settle.request_id)
     return keys, args
 
 
@@ -722,35 +696,23 @@ class DatabaseCounterStore:
         for counter_id in sorted({counter_id for _pk, counter_id, _amount in found}):
             by_id[counter_id].save(update_fields=["reserved", "updated_at"])
 
-    async def settle(
-        self,
-        *,
-        request_id: str,
-        counters: Sequence[CounterSpec],
-        rates: Sequence[RateSpec],
-        cost: Decimal,
-        tokens: int,
-        now: datetime,
-        row: dict | None = None,
-    ) -> list[Moved]:
-        local_rate_limiter.settle(request_id=request_id, specs=rates, tokens=tokens)
-        if not counters:
+    async def settle(self, settle: SettleRequest) -> list[Moved]:
+        local_rate_limiter.settle(request_id=settle.request_id, specs=settle.rates, tokens=settle.tokens)
+        if not settle.counters:
             return []
-        if row is not None:
-            held_settled(request_id)
+        if settle.row is not None:
+            held_settled(settle.request_id)
         else:
-            held_remove(request_id)
-        return await sync_to_async(self._settle)(
-            request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now, row=row
-        )
+            held_remove(settle.request_id)
+        return await sync_to_async(self._settle)(settle)
 
-    async def settle_many(self, settles: Sequence[SettleCall], *, now: datetime) -> list[list[Moved] | Exception]:
+    async def settle_many(self, settles: Sequence[SettleRequest]) -> list[list[Moved] | Exception]:
         """``settle`` for each of ``settles`` in turn (each its own transaction); each one's counters moved, or
         the error it met."""
         outcomes: list[list[Moved] | Exception] = []
         for one in settles:
             try:
-                outcomes.append(await self.settle(**one._asdict(), now=now))
+                outcomes.append(await self.settle(one))
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
@@ -764,24 +726,18 @@ class DatabaseCounterStore:
         held_written(rid for request_ids in by_instance.values() for rid in request_ids)
 
     @transaction.atomic
-    def _settle(
-        self,
-        *,
-        request_id: str,
-        counters: Sequence[CounterSpec],
-        cost: Decimal,
-        tokens: int,
-        now: datetime,
-        row: dict | None = None,
-    ) -> list[Moved]:
-        """``row``: keep the request's record, settled with its ledger row, until the row is written."""
+    def _settle(self, settle: SettleRequest) -> list[Moved]:
+        """``settle.row``: keep the request's record, settled with its ledger row, until the row is written. (The
+        rate windows are this process's, settled by ``settle``.)"""
+        request_id, now = settle.request_id, settle.now
+        cost, tokens = settle.cost, Decimal(settle.tokens)
         moved: list[Moved] = []
         record = RequestReservation.objects.filter(request_id=request_id)
-        if row is None:
+        if settle.row is None:
             record.delete()
         else:
-            record.update(settled_row=row)
-        ordered = sorted(counters, key=attrgetter("key"))
+            record.update(settled_row=settle.row)
+        ordered = sorted(settle.counters, key=attrgetter("key"))
         # One statement locks them all, in key order as admission does (ORDER BY before FOR UPDATE).
         locked = {
             counter.key: counter
@@ -806,7 +762,7 @@ class DatabaseCounterStore:
             reservation = held.get(counter.pk)
             if reservation is not None and reservation.settled_at is not None:
                 continue  # settled already
-            actual = cost if spec.metric == BudgetMetric.COST else Decimal(tokens)
+            actual = cost if spec.metric == BudgetMetric.COST else tokens
             if reservation is None:
                 # Expired and given back before the request finished: it still spent what it spent.
                 expired_meanwhile.append(
@@ -914,6 +870,7 @@ def reservation_settle_if_held(
     script remembers (``s:<rid>``, ``SETTLED_MEMORY``) and refuses as a duplicate. In the database the
     record's row lock holds off the sweep until this transaction ends."""
     held_remove(request_id)
+    settle = SettleRequest(request_id=request_id, counters=counters, rates=rates, cost=cost, tokens=tokens, now=now)
     url = settings.REDIS_URL
     if not url:
         with transaction.atomic():
@@ -922,12 +879,12 @@ def reservation_settle_if_held(
             )
             if held.first() is None:
                 return None
-            return database_store._settle(request_id=request_id, counters=counters, cost=cost, tokens=tokens, now=now)
+            return database_store._settle(settle)
     client = _replay_client(url, os.getpid())
     record = client.hget(inflight_key(instance), request_id)
     if record is None or SETTLED_ROW in json.loads(record):
         return None
-    keys, args = _settle_call(request_id, counters, rates, cost=cost, tokens=tokens, now=now, instance=instance)
+    keys, args = _settle_call(settle, instance)
     reply = _script_reply(client.register_script(_script("admission_settle"))(keys=keys, args=args))
     return None if reply[0] == "duplicate" else _settle_moved(counters, reply)
 
@@ -1193,5 +1150,9 @@ def _database_lost_settle_one(pk: int, now: datetime, spooled: SpoolIndex) -> in
             record, cost=reservation.reserved_cost, tokens=reservation.reserved_tokens, spooled=spooled
         )
         specs = [CounterSpec(CounterRef.from_key(key), Decimal(0), "") for key in reservation.counters]
-        database_store._settle(request_id=reservation.request_id, counters=specs, cost=cost, tokens=tokens, now=now)
+        database_store._settle(
+            SettleRequest(
+                request_id=reservation.request_id, counters=specs, rates=(), cost=cost, tokens=tokens, now=now
+            )
+        )
     return 1
