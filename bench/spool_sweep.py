@@ -54,9 +54,8 @@ def _seed(rows: int, lost: int, keys: int) -> None:
 
     from billing.models import ApiKey, BudgetCounter, BudgetMetric, BudgetPeriod, RequestReservation, ScopeKind
     from billing.services.budgets import CounterRef, period_bounds
-    from billing.services.ledger import _spool_line
-    from billing.services.ledger_rows import UsageData
     from billing.services.spool import spool_append
+    from tests.factories import spooled_line
 
     now = timezone.now()
     start, _ = period_bounds(BudgetPeriod.MONTHLY, now)
@@ -87,11 +86,8 @@ def _seed(rows: int, lost: int, keys: int) -> None:
 
     def line(request_id: str, n: int) -> str:
         key = api_keys[n % keys]
-        data = UsageData(
+        return spooled_line(
             request_id=request_id,
-            endpoint="rest",
-            stream=False,
-            status="ok",
             user_id=key.user_id,
             api_key_id=key.pk,
             provider_name="openai",
@@ -102,7 +98,6 @@ def _seed(rows: int, lost: int, keys: int) -> None:
             duration_ms=800,
             created_at=created,
         )
-        return _spool_line(data, None)
 
     spooled_lost = lost // 2
     spool_append(line(f"req-lost-{n}", n) for n in range(spooled_lost))

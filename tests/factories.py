@@ -8,6 +8,8 @@ import factory
 from django.contrib.auth import get_user_model
 
 from billing.models import Endpoint, UsageRecord, UsageStatus
+from billing.services.ledger import _spool_line
+from billing.services.ledger_rows import UsageData
 from providers.models import CatalogModel, Deployment, Provider, ProviderKind
 
 
@@ -94,6 +96,31 @@ class UsageRecordFactory(factory.django.DjangoModelFactory):
     cost = Decimal("0.0000045")
     duration_ms = 120
     status = UsageStatus.OK
+
+
+class UsageDataFactory(factory.Factory):
+    """A ledger row as the ledger's writer holds it before the database has it (``UsageData``): what an outage
+    spools (``spooled_line``). Pass ``user_id``, ``api_key_id``, ``cost``, ``created_at`` as a test needs."""
+
+    class Meta:
+        model = UsageData
+
+    request_id = factory.Sequence(lambda n: f"req-spooled-{n:08d}")
+    endpoint = Endpoint.REST
+    stream = False
+    status = UsageStatus.OK
+    provider_name = "fake-openai"
+    model_name = "gpt-test"
+    prompt_tokens = 10
+    completion_tokens = 20
+    cost = Decimal("0.0000045")
+    duration_ms = 120
+
+
+def spooled_line(**fields: object) -> str:
+    """A ledger row as the spool holds it, written by the ledger's own ``_spool_line`` (with no admission to
+    settle): a row of ``UsageDataFactory`` with ``fields``."""
+    return _spool_line(UsageDataFactory.build(**fields), None)
 
 
 def provider_admin_form(provider, **overrides: object) -> dict[str, object]:

@@ -2,10 +2,10 @@
 read once per lost request and once per counter), and what they find is what it was.
 
 A dead process's requests are its ``RequestReservation`` rows, as it leaves them in the database store (no
-heartbeat); the spool is written by the ledger's own ``spool_append`` of ``_spool_line``s, as an outage leaves
-it: thousands of rows over several keys, rows of the previous month, rows spooled twice (a replay that
-appended its file back) and a torn line. The figures are checked against sums made here from the lines
-written, then against the ledger once the spool is replayed."""
+heartbeat); the spool is written by the ledger's own ``spool_append`` of ``_spool_line``s
+(``tests.factories.spooled_line``), as an outage leaves it: thousands of rows over several keys, rows of the
+previous month, rows spooled twice (a replay that appended its file back) and a torn line. The figures are checked
+against sums made here from the lines written, then against the ledger once the spool is replayed."""
 
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ from billing.models import (
 from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
-from billing.services.ledger import _spool_line, ledger_replay_spool
-from billing.services.ledger_rows import UsageData
+from billing.services.ledger import ledger_replay_spool
 from billing.services.spool import spool_append
-from tests.factories import UserFactory
+from tests.factories import UserFactory, spooled_line
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the replay commits on connections of its own
 
@@ -40,20 +39,13 @@ ROWS = 3000
 RESERVED = Decimal("0.02")
 
 
-def spooled_line(request_id: str, key, cost: Decimal, created_at: datetime) -> str:
-    data = UsageData(
-        request_id=request_id,
-        endpoint="rest",
-        stream=False,
-        status=UsageStatus.OK,
-        user_id=key.user_id,
-        api_key_id=key.pk,
-        prompt_tokens=10,
-        completion_tokens=20,
-        cost=cost,
-        created_at=created_at,
+TOKENS = {"prompt_tokens": 10, "completion_tokens": 20}  # each row's, 30 on a token counter
+
+
+def row_of(key, request_id: str, cost: Decimal, created_at: datetime) -> str:
+    return spooled_line(
+        request_id=request_id, user_id=key.user_id, api_key_id=key.pk, cost=cost, created_at=created_at, **TOKENS
     )
-    return _spool_line(data, None)
 
 
 def test_a_sweep_and_a_reconciliation_over_a_big_spool_count_each_spooled_row_once(tmp_path, settings, caplog):
@@ -88,13 +80,13 @@ def test_a_sweep_and_a_reconciliation_over_a_big_spool_count_each_spooled_row_on
         for n in range(ROWS):
             key, cost = keys[n % 3], Decimal("0.0001") * (n % 11 + 1)
             last_month = n % 10 == 0
-            lines.append(spooled_line(f"req-{n}", key, cost, START - timedelta(days=15 if last_month else 0, hours=1)))
+            lines.append(row_of(key, f"req-{n}", cost, START - timedelta(days=15 if last_month else 0, hours=1)))
             if not last_month:
                 counts(key, cost)
         # Three requests of a dead process whose rows wait in the spool, three whose rows were never written.
         lost = [f"lost-{n}" for n in range(6)]
         for n, request_id in enumerate(lost[:3]):
-            lines.append(spooled_line(request_id, keys[n], Decimal("0.05"), START - timedelta(hours=1)))
+            lines.append(row_of(keys[n], request_id, Decimal("0.05"), START - timedelta(hours=1)))
             counts(keys[n], Decimal("0.05"))
         for n in range(3, 6):
             expected[refs[n % 3].key] += RESERVED
