@@ -59,31 +59,49 @@ def providers_health_check_all() -> dict[str, bool]:
     return healthy
 
 
-@shared_task(bind=True, max_retries=3, default_retry_delay=60)
+# Retries back off exponentially with full jitter (Celery's ``retry_backoff``): the n-th retry waits a random
+# time up to factor × 2ⁿ seconds, at most ``retry_backoff_max``, so that the workers retrying after the same
+# database or broker hiccup do not all come back in the same second.
+
+
+@shared_task(
+    bind=True,
+    max_retries=3,
+    default_retry_delay=60,  # only a run lost with its worker (CELERY_TASK_RETRY_ON_WORKER_LOST)
+    autoretry_for=(Exception,),
+    retry_backoff=15,
+    retry_backoff_max=300,
+    retry_jitter=True,
+)
 def provider_health_check_task(self: Task, provider_id: int) -> bool | None:
     """Check one provider. An upstream failure is a result (stored on the row), not a reason to retry;
-    anything else (a bug, a database hiccup) is retried."""
+    anything else (a bug, a database hiccup) is retried: up to 15 s, 30 s, 60 s later (jittered)."""
     provider = Provider.objects.filter(pk=provider_id).first()
     if provider is None:
         return None  # deleted since the task was queued
-    try:
-        return provider_health_check(provider=provider).ok
-    except Exception as exc:
-        raise self.retry(exc=exc) from exc
+    return provider_health_check(provider=provider).ok
 
 
-@shared_task(bind=True, max_retries=5, default_retry_delay=60)
+@shared_task(
+    bind=True,
+    max_retries=5,
+    default_retry_delay=60,  # only a run lost with its worker (CELERY_TASK_RETRY_ON_WORKER_LOST)
+    autoretry_for=(Exception,),
+    dont_autoretry_for=(ImproperlyConfigured,),
+    retry_backoff=60,
+    retry_backoff_max=900,
+    retry_jitter=True,
+)
 def providers_rotate_encryption_task(self: Task) -> int:
     """Re-encrypt stored secrets under the newest key, so that old keys can be retired. Batches commit as
-    they go: a retry (or the next night's run) resumes after the last one. A value no key decrypts is not
-    retried: it needs a person (the key it was written under put back in FIELD_ENCRYPTION_KEYS)."""
+    they go: a retry (up to 1, 2, 4, 8, 15 minutes later, jittered) or the next night's run resumes after the
+    last one. A value no key decrypts is not retried: it needs a person (the key it was written under put back
+    in FIELD_ENCRYPTION_KEYS)."""
     try:
         rewritten = provider_rotate_encryption()
     except ImproperlyConfigured:
         logger.exception("encryption-key rotation stopped at a value no key decrypts")
         raise
-    except Exception as exc:
-        raise self.retry(exc=exc) from exc
     logger.info("re-encrypted %d stored secret(s) under the first FIELD_ENCRYPTION_KEYS key", rewritten)
     return rewritten
 

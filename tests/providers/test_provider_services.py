@@ -170,11 +170,58 @@ def test_health_check_task_retries_unexpected_errors_then_gives_up(fake_upstream
     with override_settings(LLMHUB_ADAPTERS={}):
         with pytest.raises(Retry) as excinfo:
             provider_health_check_task.apply(args=[provider.pk], throw=True)
-        assert isinstance(excinfo.value.exc, ImproperlyConfigured) and excinfo.value.when == 60
+        assert isinstance(excinfo.value.exc, ImproperlyConfigured) and 0 <= excinfo.value.when <= 15
         # Run eagerly, the retries follow at once; after the last one the error is the task's result.
         result = provider_health_check_task.apply(args=[provider.pk])
     assert result.failed() and isinstance(result.result, ImproperlyConfigured)
     assert Provider.objects.get(pk=provider.pk).last_health_status == HealthStatus.UNKNOWN
+
+
+@pytest.fixture
+def jitter_draws(monkeypatch):
+    """Celery's full jitter draws each countdown from 0 up to the backoff; recorded, and the top one taken."""
+    import celery.utils.time
+
+    draws = []
+
+    def randrange(stop):
+        draws.append(stop - 1)
+        return stop - 1
+
+    monkeypatch.setattr(celery.utils.time.random, "randrange", randrange)
+    return draws
+
+
+@pytest.mark.django_db
+def test_health_check_task_backs_off_exponentially_with_jitter(fake_upstream, jitter_draws):
+    provider = ProviderFactory(kind=ProviderKind.VLLM, base_url=fake_upstream.base_url + "/v1")
+
+    countdowns = []
+    with override_settings(LLMHUB_ADAPTERS={}):
+        for retries in range(3):
+            with pytest.raises(Retry) as excinfo:
+                provider_health_check_task.apply(args=[provider.pk], retries=retries, throw=True)
+            countdowns.append(excinfo.value.when)
+    assert countdowns == jitter_draws == [15, 30, 60]  # each drawn from 0 to that, not a fixed 60 s
+
+
+@pytest.mark.django_db
+def test_rotation_task_backs_off_exponentially_up_to_its_cap_and_does_not_retry_a_lost_key(jitter_draws):
+    ProviderFactory(api_key="sk-one-0000000000000000")
+
+    countdowns = []
+    with override_settings(LLMHUB_ENCRYPTION_ROTATION_BATCH_SIZE=-1):  # the database query refuses it
+        for retries in range(5):
+            with pytest.raises(Retry) as excinfo:
+                providers_rotate_encryption_task.apply(retries=retries, throw=True)
+            countdowns.append(excinfo.value.when)
+    assert countdowns == jitter_draws == [60, 120, 240, 480, 900]
+
+    lost = Fernet.generate_key().decode()
+    with override_settings(FIELD_ENCRYPTION_KEYS=[lost]):
+        ProviderFactory(api_key="sk-under-a-key-nobody-has-0123456789")
+    result = providers_rotate_encryption_task.apply()
+    assert result.failed() and isinstance(result.result, ImproperlyConfigured)  # needs a person, not a retry
 
 
 @pytest.mark.django_db
