@@ -61,7 +61,17 @@ class OpsAlertRuleForm(forms.ModelForm):
 @admin.register(OpsAlertRule)
 class OpsAlertRuleAdmin(admin.ModelAdmin):
     form = OpsAlertRuleForm
-    list_display = ["name", "kind", "enabled", "threshold", "window_minutes", "minimum_requests", "model_name", "open"]
+    list_display = [
+        "name",
+        "kind",
+        "enabled",
+        "threshold",
+        "window_minutes",
+        "minimum_requests",
+        "model_name",
+        "open",
+        "webhook",
+    ]
     list_editable = ["enabled", "threshold", "window_minutes", "minimum_requests"]
     list_filter = ["kind", "enabled"]
     search_fields = ["name", "model_name"]
@@ -109,6 +119,11 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
     @admin.display(description="open incidents", ordering="open_count")
     def open(self, rule: OpsAlertRule) -> int:
         return rule.open_count
+
+    @admin.display(description="webhook")
+    def webhook(self, rule: OpsAlertRule) -> str:
+        # Its host only (the hint); one no key decrypts says so, its alerts going by email only.
+        return str(rule.webhook_url) if rule.webhook_url else "-"
 
 
 class OpenFilter(admin.SimpleListFilter):

@@ -10,7 +10,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from core.outbox import delivery_field
-from providers.fields import EncryptedUrlField
+from providers.fields import EncryptedUrlField, UnreadableSecretUrl
 from providers.validators import validate_provider_url
 
 
@@ -734,7 +734,7 @@ class OpsAlertRule(models.Model):
                 )
                 break
         # Early and friendly, for the admin; every delivery is judged again when it connects.
-        if self.webhook_url:
+        if self.webhook_url and not isinstance(self.webhook_url, UnreadableSecretUrl):  # unreadable: kept as stored
             url = self.webhook_url.reveal()
             if len(url) > WEBHOOK_URL_MAX_LENGTH:
                 raise ValidationError({"webhook_url": f"At most {WEBHOOK_URL_MAX_LENGTH} characters."})

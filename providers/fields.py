@@ -214,8 +214,41 @@ class SecretUrl(Secret):
         return f"{parts.scheme}://{host}/…{value[-4:]}"
 
 
+UNREADABLE = "cannot be decrypted with any key in FIELD_ENCRYPTION_KEYS"
+
+
+class UnreadableSecretUrl(SecretUrl):
+    """A stored URL that no key decrypts (written under a key since dropped from ``FIELD_ENCRYPTION_KEYS``). Its
+    row still loads, so that one such row does not fail every query that reads its table (an alert rule's
+    webhook: the evaluator and the alert sweep read them all); ``reveal()`` raises ``ImproperlyConfigured``, the
+    hint says what is wrong, and saving the row writes the stored token back unchanged."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        super().__init__("")
+        self.token = token
+
+    def reveal(self) -> str:
+        raise ImproperlyConfigured(f"An encrypted value {UNREADABLE}.")
+
+    @property
+    def hint(self) -> str:
+        return f"({UNREADABLE}: type it again)"
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UnreadableSecretUrl) and other.token == self.token
+
+    def __hash__(self) -> int:
+        return hash(self.token)
+
+
 class EncryptedUrlField(EncryptedTextField):
-    """One URL holding a secret (a webhook), encrypted at rest; its Python value is a :class:`SecretUrl`."""
+    """One URL holding a secret (a webhook), encrypted at rest; its Python value is a :class:`SecretUrl`, or an
+    :class:`UnreadableSecretUrl` when no key decrypts it."""
 
     description = "A URL encrypted at rest with Fernet"
 
@@ -226,6 +259,19 @@ class EncryptedUrlField(EncryptedTextField):
 
     def from_plaintext(self, plaintext: str) -> SecretUrl:
         return SecretUrl(plaintext)
+
+    def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Any:
+        try:
+            return super().from_db_value(value, expression, connection)
+        except ImproperlyConfigured as exc:
+            if not isinstance(exc.__cause__, InvalidToken):
+                raise  # no usable key at all: the deployment is misconfigured, not this row
+            return UnreadableSecretUrl(value or "")
+
+    def get_prep_value(self, value: Any) -> str | None:
+        if isinstance(value, UnreadableSecretUrl):
+            return value.token
+        return super().get_prep_value(value)
 
 
 class EncryptedMappingField(EncryptedField):

@@ -43,6 +43,7 @@ from django.utils.timesince import timesince
 
 from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
 from core.time_limits import time_limit_reraise
+from providers.fields import UNREADABLE, SecretUrl, UnreadableSecretUrl
 from providers.models import BreakerOverride, Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
@@ -586,6 +587,16 @@ def _deliver(incident_id: int, event: str) -> None:
 
     incident = OpsAlertIncident.objects.select_related("rule").get(pk=incident_id)
     task_queue(ops_alert_email, incident_id, event, what=f"ops incident {incident_id}'s {event} email")
+    kept = incident.rule.webhook_url if incident.rule else incident.kept_webhook_url
+    if isinstance(kept, UnreadableSecretUrl):
+        # Once per alert (the sweep and the tasks skip it quietly), by the rule's name only.
+        logger.error(
+            "operations alert rule %s: its webhook %s; its %s alert goes by email only (type the webhook again "
+            "in the admin, or put its key back)",
+            ops_incident_rule_name(incident),
+            UNREADABLE,
+            event,
+        )
     if ops_incident_webhook_url(incident):
         task_queue(ops_alert_webhook, incident_id, event, what=f"ops incident {incident_id}'s {event} webhook")
 
@@ -596,8 +607,15 @@ def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:
 
 
 def ops_alert_webhook_url(rule: OpsAlertRule) -> str:
-    """The rule's own webhook (its secret plaintext, for the delivery only), else the global one."""
-    return rule.webhook_url.reveal() if rule.webhook_url else settings.LLMHUB_ALERT_WEBHOOK_URL
+    """The rule's own webhook (its secret plaintext, for the delivery only), else the global one; none when its
+    own no key decrypts (the admin shows it so): the global one is not where the rule's alerts were meant to go."""
+    return _webhook_plaintext(rule.webhook_url)
+
+
+def _webhook_plaintext(url: SecretUrl) -> str:
+    if isinstance(url, UnreadableSecretUrl):
+        return ""
+    return url.reveal() if url else settings.LLMHUB_ALERT_WEBHOOK_URL
 
 
 def ops_incident_rule_name(incident: OpsAlertIncident) -> str:
@@ -616,7 +634,7 @@ def ops_incident_webhook_url(incident: OpsAlertIncident) -> str:
     """Its rule's webhook (the one the rule had, once it is deleted), else the global one."""
     if incident.rule:
         return ops_alert_webhook_url(incident.rule)
-    return incident.kept_webhook_url.reveal() if incident.kept_webhook_url else settings.LLMHUB_ALERT_WEBHOOK_URL
+    return _webhook_plaintext(incident.kept_webhook_url)
 
 
 def _in_rule_unit(rule: OpsAlertRule, value: Decimal, *, exact: bool = False) -> str:

@@ -4,18 +4,23 @@ empty, and removed only when asked."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import time_machine
+from cryptography.fernet import Fernet
 from django.contrib.auth.models import Permission
+from django.core import mail
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
-from django.test import Client
+from django.test import Client, override_settings
 
 from accounts.roles import Role, role_set
 from billing.models import OpsAlertKind, OpsAlertRule
 from billing.services.ops_alerts import ops_alert_webhook_url
-from tests.factories import UserFactory
+from billing.tasks import alerts_undelivered_send, ops_alerts_evaluate_task
+from tests.factories import UsageRecordFactory, UserFactory
 
 CANARY = "XoXoCanaryWebhookPath9f3e"
 URL = f"https://hooks.slack.com/services/T0001/B0002/{CANARY}"
@@ -158,3 +163,71 @@ def test_the_migration_encrypts_webhooks_already_stored_and_back():
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+# A webhook no key decrypts (written under an encryption key since dropped from FIELD_ENCRYPTION_KEYS) -----------
+
+T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+def slow_requests() -> None:
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", duration_ms=5000, stream=False, created_at=T0 - timedelta(minutes=1))
+
+
+def rule_under_a_lost_key(name: str) -> OpsAlertRule:
+    with override_settings(FIELD_ENCRYPTION_KEYS=[Fernet.generate_key().decode()]):
+        return OpsAlertRule.objects.create(
+            name=name,
+            kind=OpsAlertKind.LATENCY_P95,
+            threshold=Decimal("1000"),
+            minimum_requests=2,
+            webhook_url=URL,
+        )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rule_whose_webhook_no_key_decrypts_still_alerts_by_email_and_the_others_go_on(settings, webhook, caplog):
+    """Its row could not even be loaded: the evaluator failed before any rule every minute, and so did the alert
+    sweep and the rule's email task; no rule opened an incident. Now each rule is evaluated; the broken one pages
+    by email only (not to the global webhook, which is not where it was meant to go), logged once by name."""
+    settings.ADMINS = [("", "ops@example.com")]
+    OpsAlertRule.objects.all().delete()
+    rule_under_a_lost_key("a-broken")
+    OpsAlertRule.objects.create(
+        name="b-good", kind=OpsAlertKind.LATENCY_P95, threshold=Decimal("1000"), minimum_requests=2
+    )
+    slow_requests()
+
+    with time_machine.travel(T0, tick=False):
+        assert ops_alerts_evaluate_task.apply(throw=True).result == 2
+        ops_alerts_evaluate_task.apply(throw=True)
+    with time_machine.travel(T0 + timedelta(minutes=5), tick=False):
+        alerts_undelivered_send.apply(throw=True)
+
+    subjects = sorted(message.subject for message in mail.outbox)
+    assert subjects == ["[llmhub] firing: a-broken (model:m)", "[llmhub] firing: b-good (model:m)"]
+    [hook] = webhook.received  # the good rule's only: the broken one's does not go to the global webhook
+    assert "b-good" in hook["text"]
+    unreadable = [r for r in caplog.records if "cannot be decrypted" in r.getMessage()]
+    assert len(unreadable) == 1 and "a-broken" in unreadable[0].getMessage()
+    assert all(CANARY not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_a_webhook_no_key_decrypts_and_takes_a_new_one(staff_clients):
+    rule = rule_under_a_lost_key("errors")
+    token = stored(rule)
+    client = staff_clients["admin"]
+
+    assert "cannot be decrypted" in client.get("/admin/billing/opsalertrule/").content.decode()
+    page = client.get(change_url(rule))
+    assert page.status_code == 200 and "cannot be decrypted" in page.content.decode()
+
+    response = client.post(change_url(rule), form(rule, threshold="20"))  # left empty: kept as it was stored
+    assert response.status_code == 302, response.content
+    assert stored(rule) == token and OpsAlertRule.objects.get(pk=rule.pk).threshold == Decimal("20")
+
+    response = client.post(change_url(rule), form(rule, threshold="20", webhook_url=NEW_URL))
+    assert response.status_code == 302, response.content
+    assert OpsAlertRule.objects.get(pk=rule.pk).webhook_url.reveal() == NEW_URL
