@@ -520,6 +520,9 @@ LLMHUB_BREAKER_RESYNC_SECONDS = env.float("LLMHUB_BREAKER_RESYNC_SECONDS", defau
 # none older than RETENTION_DAYS. Incident alerts go to ADMINS (addresses; without any, to the superusers)
 # and to LLMHUB_ALERT_WEBHOOK_URL.
 LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = env.int("LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES", default=2)
+# Failing probes of one deployment less than this apart are one round (two beats, a beat and a manual check in the
+# same tick): the failures in a row above are counted in distinct rounds.
+LLMHUB_HEALTH_ROUND_SECONDS = env.int("LLMHUB_HEALTH_ROUND_SECONDS", default=60)
 LLMHUB_HEALTH_CHECKS_KEPT = env.int("LLMHUB_HEALTH_CHECKS_KEPT", default=1000)
 LLMHUB_HEALTH_CHECK_RETENTION_DAYS = env.int("LLMHUB_HEALTH_CHECK_RETENTION_DAYS", default=30)
 ADMINS = [("", address) for address in env.list("ADMINS", default=[])]

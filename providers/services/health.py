@@ -156,8 +156,14 @@ _PAID_PROBE_TEXT = "ping"
 
 
 def incident_after_failures() -> int:
-    """Consecutive failing probes that open an incident (the breaker opens at the first)."""
+    """Failing probes in a row, each of its own round (``health_round_seconds``), that open an incident (the
+    breaker opens at the first)."""
     return max(1, settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES)
+
+
+def health_round_seconds() -> timedelta:
+    """How far apart two failing probes must be to count as two rounds toward an incident."""
+    return timedelta(seconds=max(0, settings.LLMHUB_HEALTH_ROUND_SECONDS))
 
 
 def health_checks_kept() -> tuple[int, timedelta]:
@@ -423,9 +429,23 @@ def _model_missing_follow(probe: DeploymentProbe, at: datetime) -> None:
 
 
 def _failing_in_a_row(deployment_id: int, count: int) -> bool:
+    """Whether the deployment's latest probes failed in ``count`` distinct rounds in a row. A failing probe less
+    than ``health_round_seconds()`` older than the newest one of the round counted before belongs to that round:
+    two rounds run in the same tick (two beats, a beat and a manual check) are one blip, not two failures."""
+    gap = health_round_seconds()
     latest = HealthCheck.objects.filter(deployment_id=deployment_id).order_by("-checked_at", "-pk")
-    outcomes = list(latest.values_list("ok", flat=True)[:count])
-    return len(outcomes) == count and not any(outcomes)
+    rounds = 0
+    round_start: datetime | None = None
+    # Bounded: a burst of manual checks in one round cannot make this read the whole history.
+    for ok, checked_at in latest.values_list("ok", "checked_at")[: count * 20]:
+        if ok:
+            return False
+        if round_start is None or checked_at <= round_start - gap:
+            rounds += 1
+            round_start = checked_at
+            if rounds == count:
+                return True
+    return False
 
 
 @transaction.atomic

@@ -82,6 +82,30 @@ def test_down_opens_one_incident_with_one_alert_and_back_up_closes_it_with_one_r
     assert Incident.objects.count() == 1 and len(mail.outbox) == 2 and len(webhook.received) == 2
 
 
+def test_two_rounds_in_the_same_tick_are_one_failure_not_an_incident(fake_upstream, webhook, admins):
+    """Two beats (or a beat and a manual check) seconds apart both failed on one blip: two failing probes "in a
+    row" opened an incident and paged at once. Failures count toward an incident once per round: probes less than
+    LLMHUB_HEALTH_ROUND_SECONDS apart are one; the next round, minutes later, still failing, opens it."""
+    provider = ProviderFactory(name="east", base_url=fake_upstream.base_url + "/v1")
+    deployment = ModelFactory(name="gpt-4o-mini", provider=provider, upstream_id="fake-gpt-4o-mini").deployments.get()
+    set_fault(provider, "503")
+
+    with time_machine.travel(START, tick=False) as clock:
+        providers_health_check_all.delay().get()
+        clock.shift(timedelta(seconds=3))
+        providers_health_check_all.delay().get()  # a second beat in the same tick
+        clock.shift(timedelta(seconds=40))
+        providers_health_check_all.delay().get()  # an operator's check, within the minute
+        assert deployment.health_checks.filter(ok=False).count() == 3  # each probe kept, for the admin
+        assert not Incident.objects.exists() and mail.outbox == [] and webhook.received == []
+
+        clock.shift(timedelta(minutes=5))
+        providers_health_check_all.delay().get()  # the next round: down
+    incident = Incident.objects.get()
+    assert incident.started_at == START + timedelta(seconds=43, minutes=5) and incident.ended_at is None
+    assert len(mail.outbox) == 1 and len(webhook.received) == 1
+
+
 def test_a_deployment_down_again_opens_a_new_incident(fake_upstream, admins, settings):
     settings.LLMHUB_HEALTH_INCIDENT_AFTER_FAILURES = 1
     provider = ProviderFactory(base_url=fake_upstream.base_url + "/v1")
