@@ -16,12 +16,14 @@ serving the model's traffic until another experiment starts on that model (see `
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -335,7 +337,7 @@ def experiment_rollout_advance(*, experiment: Experiment, actor: Any = ...) -> A
     return step
 
 
-def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationStep]:
+def rollout_steps_apply_due(*, now: datetime | None = None, failed: list[str] | None = None) -> list[AllocationStep]:
     """Apply the timed rollout steps that are due (``at`` ≤ now) in running experiments without a promoted
     variant, each experiment in its own transaction (a step that no longer fits is logged and left for an
     admin, one that fails otherwise is logged and tried again at the next run, one deleted since the query is
@@ -344,8 +346,11 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
     ("5 % now, 25 % once I looked, then 50 % and 100 % a day apart"). Several due steps apply one after
     the other, each recorded; a step due after the experiment's ``ends_at`` never applies. Run every minute by
     ``experiments.tasks.rollout_steps_apply_due_task``, which also concludes running experiments whose
-    ``ends_at`` has passed. Returns the steps applied."""
+    ``ends_at`` has passed. Returns the steps applied; the names of the experiments whose due steps did not apply
+    are appended to ``failed``. A step that no longer fits is logged once a day (``ROLLOUT_REFUSED_LOG_EVERY``),
+    not at every run."""
     now = now or timezone.now()
+    failed = [] if failed is None else failed
     due = (
         AllocationStep.objects.filter(
             applied_at__isnull=True,
@@ -375,15 +380,38 @@ def rollout_steps_apply_due(*, now: datetime | None = None) -> list[AllocationSt
                     done.append(step)
             applied.extend(done)
         except ValidationError as exc:
-            logger.error("experiment %s: a rollout step could not be applied: %s", experiment_id, exc)
+            failed.append(name)
+            reason = "; ".join(exc.messages)
+            if _first_report(f"experiments:rollout-refused:{experiment_id}:{reason}"):
+                logger.error(
+                    "experiment %s (id %s): a due rollout step no longer fits and waits for an admin: %s",
+                    name,
+                    experiment_id,
+                    reason,
+                )
         except Exception as exc:
             time_limit_reraise(exc)
+            failed.append(name)
             logger.exception(
                 "could not apply a due rollout step of the experiment %s (id %s); tried again at the next run",
                 name,
                 experiment_id,
             )
     return applied
+
+
+# A due step that no longer fits stays so until an admin changes it: logged again after this long, not every run.
+ROLLOUT_REFUSED_LOG_EVERY = timedelta(days=1)
+
+
+def _first_report(key: str) -> bool:
+    """Whether ``key`` was not reported within ``ROLLOUT_REFUSED_LOG_EVERY`` (recorded now, in the shared cache).
+    A cache that cannot answer says yes: a line twice is better than none."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+    try:
+        return cache.add(f"experiments:reported:{digest}", True, timeout=int(ROLLOUT_REFUSED_LOG_EVERY.total_seconds()))
+    except Exception:
+        return True
 
 
 def experiments_conclude_due(*, now: datetime | None = None) -> list[Experiment]:

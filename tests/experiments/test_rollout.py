@@ -26,7 +26,7 @@ from experiments.services import (
     experiments_conclude_due,
     rollout_steps_apply_due,
 )
-from experiments.tasks import rollout_steps_apply_due_task
+from experiments.tasks import RolloutStepsNotAppliedError, rollout_steps_apply_due_task
 from providers.models import ModelMode
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
@@ -459,7 +459,8 @@ def test_a_step_the_database_refuses_is_logged_and_the_other_experiments_go_on(a
     """One experiment's due step fails in the database (not a step that no longer fits, which is a ValidationError):
     the task failed there, leaving the other experiments' due steps unapplied and the ended experiments running, at
     every run for as long as that one kept failing. It is logged, naming the experiment, and left to the next run;
-    its first step, applied in the same transaction, is rolled back and not counted as applied."""
+    its first step, applied in the same transaction, is rolled back and not counted as applied. The run ends failed,
+    naming it, once the others are done."""
     rolling = three_rolling(ab_experiment)
     AllocationStep.objects.create(
         experiment=rolling[1], position=2, at=T0 + timedelta(hours=1), allocations={"treatment": "30"}
@@ -474,7 +475,8 @@ def test_a_step_the_database_refuses_is_logged_and_the_other_experiments_go_on(a
     pre_save.connect(database_refuses, sender=AllocationStep)
     try:
         with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
-            assert rollout_steps_apply_due_task() == 2
+            with pytest.raises(RolloutStepsNotAppliedError, match="rolling-1"):  # failed, for /ops/
+                rollout_steps_apply_due_task()
     finally:
         pre_save.disconnect(database_refuses, sender=AllocationStep)
 
@@ -502,3 +504,20 @@ def test_the_soft_time_limit_inside_one_experiments_step_stops_the_task_before_t
     finally:
         pre_save.disconnect(time_is_up, sender=AllocationStep)
     assert steps_applied(rolling) == {"rolling-0": True, "rolling-1": False, "rolling-2": False}
+
+
+def test_a_step_that_no_longer_fits_fails_the_run_for_ops_and_is_logged_once(ab_experiment, caplog):
+    """A due step that no longer fits (its allocations past 100 % since a variant changed) waits for an admin: it was
+    logged at ERROR every minute for ever while the task reported success, so /ops/ showed nothing wrong. The run
+    now ends failed naming the experiment (the others' steps applied first), and the step is logged once."""
+    rolling = three_rolling(ab_experiment)
+    AllocationStep.objects.filter(experiment=rolling[1]).update(allocations={"treatment": "200"})
+
+    for minute in (1, 2, 3):
+        with time_machine.travel(T0 + timedelta(hours=1, minutes=minute), tick=False):
+            with pytest.raises(RolloutStepsNotAppliedError, match="rolling-1"):
+                rollout_steps_apply_due_task.apply(throw=True)
+
+    assert steps_applied(rolling) == {"rolling-0": True, "rolling-1": False, "rolling-2": True}
+    logged = [r for r in caplog.records if r.name == "experiments.services" and "rolling-1" in r.getMessage()]
+    assert [r.levelname for r in logged] == ["ERROR"]
