@@ -141,8 +141,8 @@ def _login_record(*, user: Any, principal: JwtPrincipal, jti: Any) -> None:
 
 
 def jwt_failure_record(*, reason: str, ip_address: str | None = None) -> None:
-    """``auth.jwt_failed`` for a refused token, at most once a minute per (reason, address) and 30 a minute in
-    all (``audit.services.audit_failure_admitted``), so a flood of bad tokens cannot fill the log."""
+    """``auth.jwt_failed`` for a refused token, at most once a minute per (reason, address: an IPv6 one's /64) and
+    30 a minute in all (``audit.services.audit_failure_admitted``), so a flood of bad tokens cannot fill the log."""
     origin = origin_current()
     ip_address = ip_address or (origin.ip_address if origin else None)
     if not audit_failure_admitted(kind="jwt", what=reason, ip_address=ip_address):

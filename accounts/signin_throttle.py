@@ -16,7 +16,6 @@ lock everyone out, nor answer 500.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import math
 import time
@@ -30,6 +29,8 @@ from django.contrib.auth.signals import user_login_failed
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
+
+from core.addresses import address_throttle_key
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +67,10 @@ def window_count_add(key: str, *, window_seconds: int) -> int | None:
         return None
 
 
-# An IPv6 host is given a whole /64 (often more): counted address by address, it could guess from a new one each
-# time and never be held back.
-IPV6_NETWORK_PREFIX = 64
-
-
 def client_address(request: HttpRequest | None) -> str:
     """What the counts are kept per: the client's IPv4 address (also when it comes mapped into IPv6), or its IPv6
-    address's /64 network."""
-    address = (request.META.get("REMOTE_ADDR") if request is not None else None) or "unknown"
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if parsed.version == 4:
-        return str(parsed)
-    if parsed.ipv4_mapped is not None:
-        return str(parsed.ipv4_mapped)
-    return str(ipaddress.IPv6Network((parsed, IPV6_NETWORK_PREFIX), strict=False))
+    address's /64 network (``core.addresses``)."""
+    return address_throttle_key(request.META.get("REMOTE_ADDR") if request is not None else None)
 
 
 def _keys(username: str, address: str) -> tuple[str, str]:

@@ -24,6 +24,8 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
+from core.addresses import address_throttle_key
+
 from .context import AuditOrigin, origin_current
 from .models import GENESIS_HASH, ActorType, AuditChainHead, AuditEvent
 
@@ -227,8 +229,8 @@ EVENTS_A_STATEMENT = 70
 
 
 # Events an anonymous caller can cause (a refused sign-in, a refused token): at most one a minute per (kind,
-# what failed, client address), and this many a minute of a kind in all. The log is append-only and nothing
-# deletes from it, so a flood of them must not be able to fill it.
+# what failed, client address: an IPv6 one's /64, ``core.addresses``), and this many a minute of a kind in all.
+# The log is append-only and nothing deletes from it, so a flood of them must not be able to fill it.
 FAILURES_PER_MINUTE = 30
 
 
@@ -251,7 +253,8 @@ def audit_failure_admitted(*, kind: str, what: str, ip_address: str | None) -> b
     minute = int(time.time() // 60)
     digest = hashlib.sha256(what.encode()).hexdigest()[:16]
     try:
-        if not cache.add(f"llmhub:audit-failed:{kind}:{minute}:{ip_address}:{digest}", 1, timeout=120):
+        address = address_throttle_key(ip_address)
+        if not cache.add(f"llmhub:audit-failed:{kind}:{minute}:{address}:{digest}", 1, timeout=120):
             return False
         total_key = f"llmhub:audit-failed:{kind}:{minute}"
         cache.add(total_key, 0, timeout=120)

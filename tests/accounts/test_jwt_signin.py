@@ -269,6 +269,22 @@ def test_refused_tokens_are_audited_but_a_flood_cannot_fill_the_log(client, jwt_
     assert all(e.ip_address == "127.0.0.1" for e in failed)
 
 
+@time_machine.travel(datetime(2026, 12, 5, 10, 0, 30, tzinfo=UTC), tick=False)
+def test_refused_tokens_from_one_ipv6_network_count_as_one_address(client, jwt_on):
+    """A host taking a new address of its /64 for each bad token had each refusal recorded, up to the minute's 30
+    for everyone: its addresses count as one (the event keeps the address it came from)."""
+    for n in range(20):
+        response = client.get(
+            "/api/usage/",
+            HTTP_AUTHORIZATION=f"Bearer {jwt_on.token(aud='another-service', jti=uuid.uuid4().hex)}",
+            REMOTE_ADDR=f"2001:db8:0:7::{n + 1:x}",
+        )
+        assert response.status_code == 401
+
+    failed = AuditEvent.objects.filter(action="auth.jwt_failed").order_by("seq")
+    assert [e.ip_address for e in failed] == ["2001:db8:0:7::1"]
+
+
 def test_the_issuer_and_audience_must_be_configured(client, idp, settings):
     from django.core.exceptions import ImproperlyConfigured
 

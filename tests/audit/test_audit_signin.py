@@ -115,6 +115,25 @@ def test_a_flood_of_failed_sign_ins_cannot_fill_the_log(root):
     assert len(events("auth.login_failed")) == 31  # the next minute, the same attempt is recorded again
 
 
+@time_machine.travel(datetime(2026, 12, 5, 10, 0, 30, tzinfo=UTC), tick=False)
+def test_failed_sign_ins_from_one_ipv6_network_are_one_address_to_the_log_limit(root):
+    """An IPv6 host holds a whole /64: taking a new address of it for each guess, it had each recorded (one event
+    a minute per name and address) and used up the minute's 30 alone, so nobody else's failure was recorded.
+    Its addresses count as one, as the sign-in throttle counts them; the event keeps the address it came from."""
+    for n in range(40):
+        Client(REMOTE_ADDR=f"2001:db8:0:7::{n + 1:x}").post(
+            reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD}
+        )
+    assert [event.ip_address for event in events("auth.login_failed")] == ["2001:db8:0:7::1"]
+
+    Client(REMOTE_ADDR="2001:db8:0:8::1").post(reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD})
+    Client(REMOTE_ADDR="::ffff:198.51.100.7").post(
+        reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD}
+    )
+    Client(REMOTE_ADDR="198.51.100.7").post(reverse("admin:login"), {"username": "root", "password": WRONG_PASSWORD})
+    assert len(events("auth.login_failed")) == 3  # another /64 is another address; a mapped IPv4 one is that one
+
+
 def test_a_failed_sign_in_while_the_cache_is_down_is_still_a_failed_sign_in(root, monkeypatch):
     """The throttle lives in the cache (Redis in production): when it does not answer, a wrong password still
     gets the form's error, not a 500, and the failure is recorded (unthrottled while the cache is away)."""
