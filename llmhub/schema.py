@@ -8,7 +8,9 @@
 - the ``add_openai_compatible_paths`` hook adds ``/v1/*``: plain async Django views (see
   ``chat.api_openai``) that drf-spectacular cannot see. Their request and response schemas are
   OpenAI's own, copied from OpenAI's spec into ``openai_schemas.json`` by
-  ``scripts/extract_openai_schemas.py`` (the spec itself is not deployed).
+  ``scripts/extract_openai_schemas.py`` (the spec itself is not deployed);
+- ``llmhub.schema_view.SchemaApi`` serves ``/api/schema/``, the document generated once per process (a module
+  of its own: drf-spectacular's views import DRF's settings, which import ``AutoSchema`` from here).
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@ from __future__ import annotations
 from django.contrib import admin
 from django.contrib.auth.views import LoginView, PasswordResetView
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
+from drf_spectacular.views import SpectacularRedocView, SpectacularSwaggerSplitView
 
 from accounts.reset_throttle import ThrottledPasswordResetForm
 from accounts.signin_throttle import AdminSignInForm, SignInForm
 from core.csp import csp_extend
 from llmhub.metrics import metrics_view
 from llmhub.probes import healthz, readyz
+from llmhub.schema_view import SchemaApi
 
 urlpatterns = [
     # Probes for the orchestrator (llmhub/probes.py), served by the lean handler like /v1/.
@@ -28,7 +29,7 @@ urlpatterns = [
         name="password_reset",
     ),
     path("accounts/", include("django.contrib.auth.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaApi.as_view(), name="schema"),
     # The split view serves the page's script at ?script instead of inline, which the CSP would refuse (core/csp.py).
     path(
         "api/docs/",

@@ -292,10 +292,12 @@ def _fresh_lookup_caches():
     from billing.services.ledger_rows import last_used_forget_local
     from billing.services.ratelimits import local_rate_limiter
     from core.cache import lookup_caches_invalidate
+    from llmhub.schema_view import schema_documents_forget
     from providers.routing.breakers import breakers_forget_local
     from providers.routing.stats import stats_forget_local
 
     lookup_caches_invalidate()
+    schema_documents_forget()  # the OpenAPI document of the last test's settings
     breakers_forget_local()  # deployment ids are reused once the database is emptied
     stats_forget_local()  # so are their latencies, in-flight and per-minute counts
     last_used_forget_local()  # and the keys' ids, whose first use in a test would not be written

@@ -278,3 +278,46 @@ def test_the_committed_openai_schemas_are_up_to_date():
     module_spec.loader.exec_module(module)
 
     assert module.render(spec_path()) == OPENAI_SCHEMAS_PATH.read_text(encoding="utf-8")
+
+
+def test_the_document_is_generated_once_per_process_and_is_drf_spectaculars(monkeypatch):
+    """/api/schema/ is public, and generating it takes about half a second of CPU: generated at each request, it
+    was a CPU sink for anyone. It changes only with a deploy: generated once in a process (whatever the format,
+    language or version asked) and then served as it was, the document drf-spectacular's own view serves."""
+    from django.test import RequestFactory
+    from drf_spectacular.generators import SchemaGenerator
+    from drf_spectacular.views import SpectacularAPIView
+
+    from llmhub.schema_view import schema_documents_forget
+
+    schema_documents_forget()
+    generated = []
+    get_schema = SchemaGenerator.get_schema
+
+    def spy(self, *args, **kwargs):
+        generated.append(self)
+        return get_schema(self, *args, **kwargs)
+
+    monkeypatch.setattr(SchemaGenerator, "get_schema", spy)
+    client = Client()
+    first = client.get("/api/schema/", {"format": "json"})
+    again = client.get("/api/schema/", {"format": "json"})
+    yaml_document = client.get("/api/schema/")
+    others = [client.get("/api/schema/", {"format": "json", "lang": "fr"})]
+    others.append(client.get("/api/schema/", {"format": "json", "version": "9.9"}))
+
+    assert len(generated) == 1
+    assert first.status_code == again.status_code == yaml_document.status_code == 200
+    assert first.content == again.content and all(other.content == first.content for other in others)
+    assert first["Content-Type"].startswith("application/vnd.oai.openapi+json")
+    assert yaml_document["Content-Type"].startswith("application/vnd.oai.openapi")
+    assert first["Content-Disposition"] == 'inline; filename="llmhub API.json"'
+
+    request = RequestFactory().get("/api/schema/", {"format": "json"})
+    original = SpectacularAPIView.as_view()(request)
+    original.render()
+    assert first.content == original.content
+    request = RequestFactory().get("/api/schema/")
+    original = SpectacularAPIView.as_view()(request)
+    original.render()
+    assert yaml_document.content == original.content
