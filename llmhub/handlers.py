@@ -75,7 +75,8 @@ logger = logging.getLogger("llmhub.handlers")
 class TransportSecurity:
     """``SecurityMiddleware``'s work for the lean handler, read from the same settings once, at start-up.
 
-    ``request.is_secure()`` honours ``SECURE_PROXY_SSL_HEADER``, as the middleware does; paths matching
+    ``request.is_secure()`` reads the scheme the server gave the request (uvicorn's ``--proxy-headers``: a
+    trusted proxy's ``X-Forwarded-Proto``), as the middleware does; paths matching
     ``SECURE_REDIRECT_EXEMPT`` are served over plain HTTP, as the middleware serves them."""
 
     def __init__(self) -> None:

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from cryptography.fernet import Fernet
 from django.core.handlers.asgi import ASGIHandler
 from django.test import override_settings
 
 from llmhub.handlers import MiddlewareFreeASGIHandler, PathPrefixRouter
+from tests.test_access_log import dockerfile_command
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +55,25 @@ def production() -> dict[str, Any]:
         os.environ.clear()
         os.environ.update(saved)
         sys.modules.pop("llmhub.settings.production", None)
-    assert values["SECURE_SSL_REDIRECT"] and values["SECURE_HSTS_SECONDS"] and values["SECURE_PROXY_SSL_HEADER"]
+    assert values["SECURE_SSL_REDIRECT"] and values["SECURE_HSTS_SECONDS"]
     return values
 
 
 async def call(
-    path: str, *, scheme: str = "http", method: str = "GET", headers: dict[str, str] | None = None
+    path: str,
+    *,
+    scheme: str = "http",
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    client: str = "127.0.0.1",
+    server: Any = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """One request through a router built under the current settings (the handlers read them once, at
-    start-up, as they do in a server); returns (status, headers, body)."""
+    start-up, as they do in a server), from ``client``, wrapped as ``server`` wraps an application (a function
+    of the router) if given; returns (status, headers, body)."""
     app = PathPrefixRouter(prefixes=("/v1/",), lean=MiddlewareFreeASGIHandler(), full=ASGIHandler())
+    if server is not None:
+        app = server(app)
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -75,7 +86,7 @@ async def call(
         "root_path": "",
         "headers": [(b"host", b"testserver")]
         + [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()],
-        "client": ("127.0.0.1", 40000),
+        "client": (client, 40000),
         "server": ("testserver", 443 if scheme == "https" else 80),
     }
     received = False
@@ -136,15 +147,54 @@ async def test_https_answers_carry_hsts(production):
     assert headers["referrer-policy"] == "same-origin"
 
 
-async def test_forwarded_proto_counts_only_when_the_proxy_header_is_configured(production):
-    forwarded = {"X-Forwarded-Proto": "https"}
-    with override_settings(**production):
-        status, headers, _ = await call("/v1/models", headers=forwarded)
-    assert status == 401 and "strict-transport-security" in headers
+def production_server(application: Any) -> Any:
+    """``application`` as the production command's uvicorn serves it (the Dockerfile's CMD, parsed by uvicorn's
+    own command line parser; FORWARDED_ALLOW_IPS from the environment, as uvicorn reads it)."""
+    command = dockerfile_command()
+    assert command[0] == "uvicorn"
+    params = uvicorn.main.make_context("uvicorn", command[1:]).params
+    config = uvicorn.Config(
+        application,
+        proxy_headers=params["proxy_headers"],
+        forwarded_allow_ips=params["forwarded_allow_ips"],
+        log_config=None,
+    )
+    config.load()
+    return config.loaded_app
 
-    with override_settings(**{**production, "SECURE_PROXY_SSL_HEADER": None}):
-        status, headers, _ = await call("/v1/models", headers=forwarded)
-    assert status == 403 and "strict-transport-security" not in headers
+
+async def test_only_the_proxy_uvicorn_trusts_can_say_a_request_came_over_https(production, monkeypatch):
+    """Django trusted X-Forwarded-Proto from anyone (SECURE_PROXY_SSL_HEADER), while uvicorn trusts proxy headers
+    only from FORWARDED_ALLOW_IPS: a client reaching the server past the proxy could say "https" and be answered
+    as if it had come over TLS (its key taken over plain HTTP, its page not redirected). uvicorn alone decides
+    (--proxy-headers sets the request's scheme), and Django takes the scheme it was given."""
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "192.0.2.10")
+    forwarded = {"X-Forwarded-Proto": "https"}
+    with override_settings(**production, ALLOWED_HOSTS=["testserver"]):
+        from_anyone = await call("/v1/models", headers=forwarded, client="203.0.113.5", server=production_server)
+        page_from_anyone = await call(
+            "/accounts/login/", headers=forwarded, client="203.0.113.5", server=production_server
+        )
+        from_the_proxy = await call("/v1/models", headers=forwarded, client="192.0.2.10", server=production_server)
+        page_from_the_proxy = await call(
+            "/accounts/login/", headers=forwarded, client="192.0.2.10", server=production_server
+        )
+        plain_from_the_proxy = await call("/accounts/login/", client="192.0.2.10", server=production_server)
+        probe = await call("/healthz", client="203.0.113.5", server=production_server)
+
+    status, headers, body = from_anyone
+    assert status == 403 and json.loads(body)["error"]["code"] == "https_required"
+    assert "strict-transport-security" not in headers
+    status, headers, _ = page_from_anyone
+    assert status == 301 and headers["location"] == "https://testserver/accounts/login/"
+
+    status, headers, body = from_the_proxy
+    assert status == 401 and json.loads(body)["error"]["code"] == "missing_api_key"
+    assert "strict-transport-security" in headers
+    status, headers, _ = page_from_the_proxy
+    assert status == 200 and "strict-transport-security" in headers
+    assert plain_from_the_proxy[0] == 301  # the proxy's own plain-HTTP request is redirected
+    assert probe[0] == 200  # the probes answer over plain HTTP, to anyone
 
 
 async def test_v1_carries_the_same_security_headers_as_the_full_stack(production):

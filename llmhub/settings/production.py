@@ -64,7 +64,11 @@ ALLOWED_HOSTS = _hosts
 
 # SECURITY
 # https://docs.djangoproject.com/en/5.2/howto/deployment/checklist/
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Whether a request came over HTTPS is the scheme the server gives it: uvicorn's --proxy-headers sets it from
+# X-Forwarded-Proto, from the proxies of FORWARDED_ALLOW_IPS only (the Dockerfile's command). Django does not read
+# the header itself: from any client, a request past the proxy could say "https" (README, "Deploying with Docker
+# Compose").
+SECURE_PROXY_SSL_HEADER = None
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 # The orchestrator probes the container over plain HTTP (llmhub/probes.py), and Prometheus scrapes it so
 # (llmhub/metrics.py: a token or an allowed address; over plain HTTP, prefer the allow-list to a token).
