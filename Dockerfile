@@ -50,4 +50,6 @@ EXPOSE 8000
 # every reply has ended: see docker-compose.yml's stop_grace_period and docs/reliability.md.
 # --ws-ping-interval/--ws-ping-timeout: a chat client whose network vanished is found within 20 s (uvicorn's own 20 +
 # 20 s let a reply shorter than 40 s stream whole to it): docs/reliability.md, "A chat client whose network vanished".
-CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "10", "--ws-ping-interval", "10", "--ws-ping-timeout", "10"]
+# --ws-max-size: 1.25 MiB, above the largest chat frame a client may send (about 1.2 MB), far below uvicorn's 16 MiB
+# default: docs/deployment.md, "How large a request may be".
+CMD ["uvicorn", "llmhub.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "on", "--proxy-headers", "--timeout-graceful-shutdown", "10", "--ws-ping-interval", "10", "--ws-ping-timeout", "10", "--ws-max-size", "1310720"]

@@ -349,3 +349,51 @@ def test_production_finds_a_client_gone_silent_within_20_seconds():
     assert params["ws"] == "auto"  # websockets, which pings (wsproto would not)
     assert 0 < params["ws_ping_interval"] and 0 < params["ws_ping_timeout"]
     assert params["ws_ping_interval"] + params["ws_ping_timeout"] <= 20
+
+
+def largest_chat_frame() -> bytes:
+    """The largest frame a chat client may legitimately send: a ``chat.send`` of the longest content (counted in
+    characters), each character the costliest JSON can spell (outside the BMP, escaped as two ``\\uXXXX``: 12
+    bytes; UTF-8 would take 4, a control character's escape 6), the longest model name and request id likewise."""
+    from chat.consumers import MAX_CONTENT_CHARS, MAX_DATABASE_ID, MAX_REQUEST_ID_CHARS
+    from providers.models import CatalogModel
+
+    costliest = "\U0001f600"
+    frame = {
+        "type": "chat.send",
+        "conversation": MAX_DATABASE_ID,
+        "model": costliest * CatalogModel._meta.get_field("name").max_length,
+        "content": costliest * MAX_CONTENT_CHARS,
+        "request_id": costliest * MAX_REQUEST_ID_CHARS,
+        "reasoning_effort": "medium",
+    }
+    return json.dumps(frame, ensure_ascii=True).encode()
+
+
+def test_production_takes_the_largest_chat_frame_and_not_much_more():
+    """uvicorn's default --ws-max-size (16 MiB) let anyone, signed in or not, make the server hold 16 MiB per
+    frame before the consumer refused the content as too long: production takes the largest legitimate frame
+    (docs/deployment.md) and refuses one much larger than it."""
+    largest = len(largest_chat_frame())
+    assert largest > 1_200_000
+    command = dockerfile_command()  # docker-compose.yml's too (tests/test_access_log.py)
+    params = uvicorn.main.make_context("uvicorn", command[1:]).params
+    assert largest <= params["ws_max_size"] < 2 * largest
+
+
+def test_make_run_takes_the_largest_chat_frame_and_not_much_more():
+    """daphne's own limit (1 MiB a message and a frame) refused a legitimate chat.send of long content: make run's
+    server takes what production takes."""
+    import daphne.cli
+
+    from llmhub import devserver
+
+    largest = len(largest_chat_frame())
+    args = daphne.cli.CommandLineInterface().parser.parse_args(devserver.arguments(["llmhub.asgi:application"]))
+    assert largest <= args.websocket_max_message_size < 2 * largest
+    assert largest <= args.websocket_max_frame_size < 2 * largest
+    # make run's own arguments (from the command line) still win
+    args = daphne.cli.CommandLineInterface().parser.parse_args(
+        devserver.arguments(["--websocket-max-message-size", "5", "llmhub.asgi:application"])
+    )
+    assert args.websocket_max_message_size == 5
