@@ -33,6 +33,9 @@ class BaseAdapter(ABC):
     # The chat-completions field a translated Messages request's end user (``metadata.user_id``) goes in (``messages``):
     # OpenAI's ``user``; None for a provider that refuses it.
     messages_end_user_field: str | None = "user"
+    # The levels of a translated Messages request's ``output_config.effort`` the provider has a ``reasoning_effort``
+    # for (``messages``); None: all of them. Another is refused naming the client's field.
+    messages_efforts: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -92,7 +95,7 @@ class BaseAdapter(ABC):
     @classmethod
     def _chat_request(cls, request: dict[str, Any]) -> dict[str, Any]:
         """The chat completion a Messages request is translated into for this provider."""
-        return chat_request(request, end_user_field=cls.messages_end_user_field)
+        return chat_request(request, end_user_field=cls.messages_end_user_field, efforts=cls.messages_efforts)
 
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None

@@ -48,7 +48,14 @@ from .common import (
     unhonoured_refused,
     upstream_deadline,
 )
-from .translate_gemini import StreamTranslator, completion_from_response, gemini_request, max_tool_calls
+from .translate_anthropic import EFFORTS
+from .translate_gemini import (
+    THINKING_EFFORTS,
+    StreamTranslator,
+    completion_from_response,
+    gemini_request,
+    max_tool_calls,
+)
 
 DEFAULT_API_VERSION = "v1beta"
 _PLACEHOLDER_KEY = "not-configured"
@@ -68,6 +75,9 @@ async def _track_stream_response(response: httpx2.Response) -> None:
 
 
 class GeminiAdapter(BaseAdapter):
+    # A Messages client's ``output_config.effort`` Gemini has a thinking budget for (not ``xhigh`` nor ``max``).
+    messages_efforts = tuple(effort for effort in EFFORTS if effort in THINKING_EFFORTS)
+
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._http = provider_http_client(config)

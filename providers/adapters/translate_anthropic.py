@@ -676,10 +676,14 @@ def stop_sequence_matched(choice: dict[str, Any]) -> str | None:
     return matched if choice.get("finish_reason") == "stop" and isinstance(matched, str) and matched else None
 
 
-def chat_request(request: dict[str, Any], *, end_user_field: str | None = "user") -> dict[str, Any]:
+def chat_request(
+    request: dict[str, Any], *, end_user_field: str | None = "user", efforts: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """The chat-completions body for a Messages API body (``stream`` is left to the caller). ``end_user_field``: the
     field the end user (``metadata.user_id``) goes in, OpenAI's ``user``; None for a provider that has none and
-    refuses it (Mistral's 422), where it is left out."""
+    refuses it (Mistral's 422), where it is left out. ``efforts``: the levels of ``output_config.effort`` the
+    provider has a ``reasoning_effort`` for (None: all); another is refused naming the client's field, not the
+    ``reasoning_effort`` it would have become."""
     for name, feature in _ANTHROPIC_ONLY.items():
         if request.get(name) not in (None, []):
             raise _refused(
@@ -706,7 +710,7 @@ def chat_request(request: dict[str, Any], *, end_user_field: str | None = "user"
     user_id = (request.get("metadata") or {}).get("user_id")
     if user_id and end_user_field is not None:
         body[end_user_field] = user_id
-    effort = _effort(request)
+    effort = _effort(request, efforts)
     if effort is not None:
         body["reasoning_effort"] = effort
     response_format = _response_format(request)
@@ -750,26 +754,35 @@ def _response_format(request: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # Anthropic's ``output_config.effort`` levels, which OpenAI's ``reasoning_effort`` has under the same names.
-_EFFORTS = ("low", "medium", "high", "xhigh", "max")
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
 
 
-def _effort(request: dict[str, Any]) -> str | None:
+def _effort(request: dict[str, Any], efforts: tuple[str, ...] | None = None) -> str | None:
     """The ``reasoning_effort`` a Messages request asks for: its ``output_config.effort`` (how much effort the model
     puts in; with adaptive thinking, how much it thinks), else its thinking budget's (``reasoning_effort_for``).
-    Thinking ``disabled`` asks for none, whatever the effort: the client said the model does not reason."""
+    Thinking ``disabled`` asks for none, whatever the effort: the client said the model does not reason. An effort
+    not among ``efforts`` (those the provider has) is refused."""
     from_thinking = reasoning_effort_for(request.get("thinking"))
     config = request.get("output_config")
     effort = config.get("effort") if isinstance(config, dict) else None
     if effort is None:
         return from_thinking
-    if effort not in _EFFORTS:
+    if effort not in EFFORTS:
         raise _refused(
-            "Input should be " + ", ".join(repr(name) for name in _EFFORTS[:-1]) + f" or {_EFFORTS[-1]!r}",
+            "Input should be " + ", ".join(repr(name) for name in EFFORTS[:-1]) + f" or {EFFORTS[-1]!r}",
             "output_config.effort",
         )
     thinking = request.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "disabled":
         return None
+    if efforts is not None and effort not in efforts:
+        raise _refused(
+            f"this model has no effort level {effort!r}: use "
+            + ", ".join(repr(name) for name in efforts[:-1])
+            + f" or {efforts[-1]!r}",
+            "output_config.effort",
+            "unsupported_value",
+        )
     return effort
 
 

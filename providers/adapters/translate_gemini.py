@@ -51,6 +51,8 @@ _FINISH: dict[str, str] = {
 # gives Gemini 2.5 (``none`` turns thinking off). Gemini 3 models take a budget too, for backwards compatibility;
 # a model that cannot honour one (turning off a Pro model's thinking) answers Google's 400.
 _THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+# The ``reasoning_effort`` levels Gemini has a thinking budget for.
+THINKING_EFFORTS = tuple(_THINKING_BUDGETS)
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 
 

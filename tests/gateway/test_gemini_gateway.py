@@ -7,6 +7,7 @@ import json
 import math
 from decimal import Decimal
 
+import anthropic
 import openai
 import pytest
 
@@ -278,6 +279,26 @@ def test_a_reasoning_effort_gemini_has_no_budget_for_is_a_400_naming_it(gemini):
         )
     assert (caught.value.body["param"], caught.value.body["code"]) == ("reasoning_effort", "unsupported_value")
     assert "xhigh" in caught.value.body["message"]
+    assert gemini.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize("effort", ["xhigh", "max"])
+def test_an_effort_gemini_has_no_budget_for_on_messages_is_a_400_naming_the_clients_field(gemini, effort):
+    """A /v1/messages client asks for effort in ``output_config.effort``; the 400 named ``reasoning_effort``, a field
+    it never sent. It names the client's field, with the levels Gemini has, before any upstream call."""
+    served = gemini.upstream.requests_served()
+    sdk = anthropic.Anthropic(base_url=gemini.url, api_key=gemini.key, max_retries=0, timeout=20)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(
+            model="gemini-test",
+            max_tokens=50,
+            output_config={"effort": effort},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("output_config.effort: ")
+    assert repr(effort) in message and "'high'" in message
+    assert "reasoning_effort" not in message
     assert gemini.upstream.requests_served() == served
 
 
