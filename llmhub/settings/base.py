@@ -367,7 +367,8 @@ if not FIELD_ENCRYPTION_KEYS:
 
 # Kinds of provider and the adapter class that speaks each one's wire protocol.
 LLMHUB_ADAPTERS = {
-    "openai": "providers.adapters.openai.OpenAIAdapter",
+    # OpenAI itself: the output limit as max_completion_tokens, which its newest models alone take (openai.py).
+    "openai": "providers.adapters.openai.OpenAIPlatformAdapter",
     "openrouter": "providers.adapters.openai.OpenAIAdapter",
     "ollama": "providers.adapters.ollama.OllamaAdapter",  # answers one choice whatever n says (ollama.py)
     "vllm": "providers.adapters.openai.OpenAIAdapter",

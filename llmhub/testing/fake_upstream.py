@@ -154,7 +154,9 @@ Replies
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); past what the model writes at most they are refused with the provider's 400
     (OpenAI's ``max_tokens is too large`` for ``fake-gpt-4o``/``-mini``, 16384, and ``fake-o3-mini``, 100000:
-    ``OPENAI_MAX_OUTPUT_TOKENS``; Anthropic's past 64000 for every Claude); ``stop`` / ``stop_sequences`` cut the
+    ``OPENAI_MAX_OUTPUT_TOKENS``; Anthropic's past 64000 for every Claude). ``fake-gpt-5`` (not listed) takes its limit
+    as OpenAI's newest models do, only as ``max_completion_tokens``: ``max_tokens`` is OpenAI's 400
+    ``unsupported_parameter`` (``OPENAI_MAX_TOKENS_REFUSED``). ``stop`` / ``stop_sequences`` cut the
     reply before the first occurrence (finish reason ``stop`` / ``stop_sequence``) when that comes no later than the
     length cut. An Anthropic request whose last message is an assistant prefill ending in whitespace is a 400, as
     it is Anthropic's.
@@ -301,6 +303,9 @@ ANTHROPIC_MAX_OUTPUT_TOKENS = 64_000
 # What the fake OpenAI models write at most, as their namesakes do (OpenAI's list says nothing of it): past it, a
 # chat completion's ``max_tokens`` or ``max_completion_tokens`` is refused. Other model ids take any limit.
 OPENAI_MAX_OUTPUT_TOKENS = {"fake-gpt-4o-mini": 16_384, "fake-gpt-4o": 16_384, "fake-o3-mini": 100_000}
+# Model ids answered as OpenAI's newest models are (gpt-5, the o-series), which take the output limit only as
+# ``max_completion_tokens``: a chat completion's ``max_tokens`` is OpenAI's 400 ``unsupported_parameter``. Not listed.
+OPENAI_MAX_TOKENS_REFUSED = frozenset({"fake-gpt-5"})
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
@@ -1971,6 +1976,15 @@ class _App:
         n = body.get("n", 1)
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128):
             return _openai_error(400, "Invalid 'n': must be between 1 and 128.", "invalid_request_error", None, "n")
+        if body["model"] in OPENAI_MAX_TOKENS_REFUSED and body.get("max_tokens") is not None:
+            return _openai_error(
+                400,
+                "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens'"
+                " instead.",
+                "invalid_request_error",
+                "unsupported_parameter",
+                "max_tokens",
+            )
         most = OPENAI_MAX_OUTPUT_TOKENS.get(body["model"])
         for name in ("max_completion_tokens", "max_tokens"):
             value = body.get(name)

@@ -28,6 +28,7 @@ import openai
 
 from ..exceptions import ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
+from ..rules import OUTPUT_LIMITS
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
 from .base import BaseAdapter, WireChunk
@@ -124,6 +125,19 @@ class _StreamState:
         self.finished = bool(self.choices) and self.choices <= self.ended
 
 
+def _output_limit_spelt(body: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """``body`` with its output limit under ``name`` (None: ``body`` as it is). Given under both of OpenAI's names,
+    the one under ``name`` is kept: OpenAI acts on ``max_completion_tokens`` of the two, and admission reserved for
+    the larger."""
+    other = next((limit for limit in OUTPUT_LIMITS if limit != name), None) if name else None
+    if other is None or other not in body:
+        return body
+    out = {key: value for key, value in body.items() if key != other}
+    if out.get(name) is None and body[other] is not None:
+        out[name] = body[other]
+    return out
+
+
 def _inputs_count(value: Any) -> int:
     """How many embeddings an ``input`` asks for: one per item of a list of texts or of token arrays, else one
     (a text, or a token array)."""
@@ -139,6 +153,11 @@ def _embed_prompt_tokens(response: dict[str, Any]) -> Any:
 class OpenAIAdapter(BaseAdapter):
     # The most inputs the provider embeds in one request (more go in several); None: the 2048 of OpenAI's API.
     embed_batch_limit: int | None = None
+    # The one name the upstream is sent a chat reply's output limit under, whichever of OpenAI's two the request
+    # has it in (``_chat_body``): OpenAI's own API takes ``max_completion_tokens`` (``OpenAIPlatformAdapter``).
+    # None: as the request has it, for the OpenAI-compatible servers (vLLM, OpenRouter, …), which all read
+    # ``max_tokens``, the name llmhub gives a limit it picks or translates (Ollama's reads nothing else: ``ollama.py``).
+    output_limit: str | None = None
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
@@ -169,8 +188,9 @@ class OpenAIAdapter(BaseAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         """The chat request sent upstream for ``body``. A stream always asks for usage, whatever the client
-        said, so that billing has real counts. Overridden by providers that spell the request otherwise
-        (Mistral: ``mistral.py``)."""
+        said, so that billing has real counts. The output limit goes under ``output_limit``. Overridden by providers
+        that spell the request otherwise (Mistral: ``mistral.py``)."""
+        body = _output_limit_spelt(body, self.output_limit)
         if not stream:
             if "stream" in body or "stream_options" in body:
                 body = {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
@@ -643,3 +663,13 @@ def _upstream_model(item: dict[str, Any]) -> UpstreamModel:
         display_name=str(item.get("name") or ""),
         context_window=window if isinstance(window, int) else None,
     )
+
+
+class OpenAIPlatformAdapter(OpenAIAdapter):
+    """OpenAI's own API (kind ``openai``): the OpenAI adapter, sending a chat reply's output limit as
+    ``max_completion_tokens``. OpenAI deprecated ``max_tokens`` for all its models, and its reasoning models and
+    gpt-5 refuse it (a 400 ``unsupported_parameter``), while every model of its takes ``max_completion_tokens`` as
+    the same limit: a limit llmhub picks or translates (``max_tokens``: under a budget, a ``fixed`` rule's, a
+    /v1/messages request's), and a client's ``max_tokens``, go under it."""
+
+    output_limit = "max_completion_tokens"

@@ -616,7 +616,8 @@ class StreamTranslator:
 # ``tool_result`` blocks (``tool`` messages, text blocks joined by blank lines, placed before the rest of their
 # user turn, as OpenAI wants them right after the call; their images, which a tool message cannot hold, open that
 # user turn), ``tools`` (and a tool's ``strict``)/``tool_choice``, ``stop_sequences``, ``temperature``, ``top_p``,
-# ``max_tokens`` and ``metadata.user_id`` (the end user, OpenAI's ``user``: ``chat_request``'s
+# ``max_tokens`` (OpenAI's own API is sent it as ``max_completion_tokens``: ``OpenAIPlatformAdapter``) and
+# ``metadata.user_id`` (the end user, OpenAI's ``user``: ``chat_request``'s
 # ``end_user_field``); ``output_config.effort``, else
 # ``thinking``, becomes ``reasoning_effort`` (``_effort``, ``reasoning_effort_for``), and the model's reasoning
 # (``reasoning_content`` or ``reasoning``) comes back as ``thinking`` blocks with an empty ``signature``: no

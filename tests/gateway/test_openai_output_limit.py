@@ -1,0 +1,110 @@
+"""OpenAI's own API reads a reply's output limit as ``max_completion_tokens``: it deprecated ``max_tokens`` for all
+its models, and its reasoning models and gpt-5 refuse it (the fake's ``fake-gpt-5`` does, with OpenAI's 400).
+llmhub sent ``max_tokens`` wherever it chose the field: a /v1/messages request translated, the limit it picks under
+a budget, a ``fixed`` rule's. A deployment on OpenAI (kind openai) is now sent ``max_completion_tokens``; other
+OpenAI-compatible servers keep ``max_tokens``, the one they all read."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import anthropic
+import openai
+import pytest
+
+from billing.models import BudgetPeriod, UsageRecord
+from billing.services.budgets import api_key_limits_set
+from providers.models import CatalogModel, ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BUDGET = Decimal("0.01")
+
+
+@pytest.fixture
+def models(gateway):
+    openai_itself = ProviderFactory(
+        name="openai-itself", kind=ProviderKind.OPENAI, base_url=gateway.upstream.base_url + "/v1"
+    )
+    vllm = ProviderFactory(name="vllm-server", kind=ProviderKind.VLLM, base_url=gateway.upstream.base_url + "/v1")
+    ModelFactory(name="gpt5-test", provider=openai_itself, upstream_id="fake-gpt-5", max_output_tokens=128_000)
+    ModelFactory(name="vllm-test", provider=vllm, upstream_id="fake-gpt-4o-mini")
+    return gateway
+
+
+def _sent(gateway) -> dict:
+    return gateway.upstream.requests[-1]["body"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_messages_request_reaches_openai_with_max_completion_tokens(models, stream):
+    sdk = anthropic.Anthropic(base_url=models.url, api_key=models.key, max_retries=0, timeout=20)
+    request = {"model": "gpt5-test", "max_tokens": 50, "messages": [{"role": "user", "content": "[[reply=done]]"}]}
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert message.content[-1].text == "done"
+    assert _sent(models)["max_completion_tokens"] == 50
+    assert "max_tokens" not in _sent(models)
+
+
+def test_a_messages_request_reaches_another_openai_compatible_server_with_max_tokens(models):
+    sdk = anthropic.Anthropic(base_url=models.url, api_key=models.key, max_retries=0, timeout=20)
+    sdk.messages.create(model="vllm-test", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert _sent(models)["max_tokens"] == 50
+    assert "max_completion_tokens" not in _sent(models)
+
+
+def test_a_chat_completions_max_tokens_reaches_openai_as_max_completion_tokens(models):
+    completion = models.client().chat.completions.create(
+        model="gpt5-test", max_tokens=3, messages=[{"role": "user", "content": "[[words=10]]"}]
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert _sent(models)["max_completion_tokens"] == 3
+    assert "max_tokens" not in _sent(models)
+
+
+@pytest.mark.parametrize("operation", ["chat", "responses"])
+def test_the_limit_llmhub_picks_under_a_budget_reaches_openai_as_max_completion_tokens(models, operation):
+    api_key_limits_set(api_key=models.api_key, budget_usd=BUDGET, budget_period=BudgetPeriod.MONTHLY)
+    client = models.client()
+    if operation == "chat":
+        reply = client.chat.completions.create(model="gpt5-test", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "Echo: hi"
+    else:
+        assert client.responses.create(model="gpt5-test", input="hi").output_text == "Echo: hi"
+    assert isinstance(_sent(models)["max_completion_tokens"], int)
+    assert "max_tokens" not in _sent(models)
+
+
+def test_a_fixed_rules_limit_reaches_openai_as_max_completion_tokens(models):
+    CatalogModel.objects.filter(name="gpt5-test").update(parameter_rules={"fixed": {"max_tokens": 300}})
+    api_key_limits_set(api_key=models.api_key, budget_usd=BUDGET, budget_period=BudgetPeriod.MONTHLY)
+    models.client().chat.completions.create(model="gpt5-test", messages=[{"role": "user", "content": "hi"}])
+    assert _sent(models)["max_completion_tokens"] == 300
+    assert "max_tokens" not in _sent(models)
+
+
+def test_a_budgeted_keys_max_completion_tokens_alone_is_reserved_and_sent(models):
+    """The reservation reads the limit the client gave, under either name: a limit the budget cannot pay for is
+    refused before any call, and one it can is sent as given, with no limit of llmhub's beside it."""
+    api_key_limits_set(api_key=models.api_key, budget_usd=Decimal("0.0002"), budget_period=BudgetPeriod.MONTHLY)
+    client = models.client()
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(
+            model="gpt5-test", max_completion_tokens=100_000, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert refused.value.code == "insufficient_quota"
+    assert models.upstream.requests == []
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt5-test", max_completion_tokens=7, messages=[{"role": "user", "content": "[[words=20]]"}]
+    )
+    assert raw.parse().choices[0].finish_reason == "length"
+    assert (_sent(models)["max_completion_tokens"], "max_tokens" in _sent(models)) == (7, False)
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.status, record.completion_tokens) == ("ok", 7)
+    assert UsageRecord.objects.filter(api_key=models.api_key).count() == 2
