@@ -51,11 +51,13 @@ Endpoints
     such as another provider's ``reasoning_content`` or ``thinking_blocks``) is a 422 in Mistral's shape
     (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]}, …}``),
     Mistral's own names are taken (``random_seed``, ``output_dimension``), a stream always reports its usage, on its
-    last chunk, and embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
-    request``), and a last message of the assistant's (a prefill) must say ``"prefix": true`` (else Mistral's 400
-    ``Expected last role User or Tool (or Assistant with prefix True) …``); with it, the reply (streamed or
-    whole) begins with the prefix itself, as Mistral's does (``[[prefix_echo=off]]``: it only continues it, as
-    this fake did before 6 December). Ollama's, under ``/ollama``
+    last chunk, embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
+    request``), a tool call's id in the messages (a call's ``id``, a tool message's ``tool_call_id``) must be 9
+    letters and digits (else Mistral's 400 ``Tool call id was … but must be a-z, A-Z, 0-9, with a length of 9.``,
+    code 3280; since 6 December), and a last message of the assistant's (a prefill) must say ``"prefix": true``
+    (else Mistral's 400 ``Expected last role User or Tool (or Assistant with prefix True) …``); with it, the reply
+    (streamed or whole) begins with the prefix itself, as Mistral's does (``[[prefix_echo=off]]``: it only continues
+    it, as this fake did before 6 December). Ollama's, under ``/ollama``
     (``…/ollama/v1``: chat completions, embeddings, models), answered as OpenAI's but, as Ollama does, with one
     choice whatever ``n`` asked, no limit but ``max_tokens``, and a call to a tool given whatever ``tool_choice``
     says (a field it does not read, ``max_completion_tokens`` and ``tool_choice`` among them, is ignored). Google
@@ -1133,6 +1135,35 @@ def _mistral_extra_fields(body: Any, allowed: frozenset[str]) -> web.Response | 
     return web.json_response(answer, status=422)
 
 
+# A tool call's id as Mistral takes it (in an assistant message's ``tool_calls`` and a tool message's
+# ``tool_call_id``): any other is refused with its 400.
+_MISTRAL_TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+
+
+def _mistral_tool_call_ids(body: Any) -> web.Response | None:
+    """Mistral's 400 for a tool call id in a request's messages that is not 9 letters and digits (another
+    provider's ``call_…`` or ``toolu_…``)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, dict):
+            continue
+        calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+        ids = [call.get("id") for call in calls if isinstance(call, dict)]
+        if message.get("role") == "tool":
+            ids.append(message.get("tool_call_id"))
+        for call_id in ids:
+            if not isinstance(call_id, str) or not _MISTRAL_TOOL_CALL_ID.fullmatch(call_id):
+                answer = {
+                    "object": "error",
+                    "message": f"Tool call id was {call_id} but must be a-z, A-Z, 0-9, with a length of 9.",
+                    "type": "invalid_function_call",
+                    "param": None,
+                    "code": "3280",
+                }
+                return web.json_response(answer, status=400)
+    return None
+
+
 def _mistral_last_role(body: Any) -> web.Response | None:
     """Mistral's 400 for a request whose last message is the assistant's without ``"prefix": true``: Mistral serves
     a final assistant message only as a prefix its reply begins with."""
@@ -1742,7 +1773,7 @@ class _App:
         refused = _mistral_extra_fields(body, _MISTRAL_CHAT_FIELDS)
         if refused is not None:
             return refused
-        refused = _mistral_last_role(body)
+        refused = _mistral_last_role(body) or _mistral_tool_call_ids(body)
         if refused is not None:
             return refused
         request[_USAGE_ON_FINISH_KEY] = True

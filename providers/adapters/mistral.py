@@ -16,7 +16,9 @@ the assistant's (a prefill: the text a resumed stream continues, or the client's
 ``"prefix": true`` (``_prefix_marked``): Mistral serves one only as a prefix its reply begins with, and answered
 it without the flag with a 400 (``Expected last role User or Tool (or Assistant with prefix True)``). Its reply
 begins with the prefix itself, which is left out (``_PrefixEcho``): the client of a resumed stream read the text it
-had twice.
+had twice. A tool call's id Mistral takes only as 9 letters and digits: another's (OpenAI's ``call_…``, Claude's
+``toolu_…``, in a conversation begun on another model), which Mistral refused with a 400, goes in that form, the same
+for the call and the tool message answering it (``_tool_call_ids_spelt``).
 
 Mistral's reasoning models (Magistral) write a message's ``content``, and each streamed delta's, as a list of
 chunks: ``thinking`` (its text in a list of ``text`` chunks) and ``text``. OpenAI's schema has a string there, and
@@ -32,6 +34,9 @@ fill-in-the-middle, ``/v1/fim/completions`` (``prompt`` and ``suffix``), whose c
 
 from __future__ import annotations
 
+import hashlib
+import re
+import string
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,6 +60,10 @@ _FIM_PATH = "/fim/completions"  # Codestral's fill-in-the-middle, Mistral's text
 # The fields of a reply's message (OpenAI's, and the reasoning of OpenAI-compatible servers) that Mistral's assistant
 # message lacks (``role``, ``content``, ``tool_calls``, ``prefix``): sent back as they came, Mistral refused them.
 _REPLY_ONLY = frozenset({"refusal", "annotations", "reasoning_content", "reasoning"})
+# A tool call's id as Mistral takes it: 9 letters and digits.
+_TOOL_CALL_ID_LENGTH = 9
+_TOOL_CALL_ID = re.compile(rf"[a-zA-Z0-9]{{{_TOOL_CALL_ID_LENGTH}}}")
+_TOOL_CALL_ID_ALPHABET = string.ascii_letters + string.digits
 
 
 class MistralAdapter(OpenAIAdapter):
@@ -73,7 +82,7 @@ class MistralAdapter(OpenAIAdapter):
             },
             _CHAT_RENAMES,
         )
-        request = _prefix_marked(assistant_fields_dropped(request, _REPLY_ONLY))
+        request = _tool_call_ids_spelt(_prefix_marked(assistant_fields_dropped(request, _REPLY_ONLY)))
         if stream:
             request["stream"] = True
         return request
@@ -135,6 +144,54 @@ class MistralAdapter(OpenAIAdapter):
                 yield WireChunk(_text_completion(chunk, streamed=True), None)
         finally:
             await upstream.aclose()  # type: ignore[attr-defined]
+
+
+def _tool_call_ids_spelt(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` with each tool call id of its messages (an assistant's call, a tool message's answer to it) in
+    Mistral's form (``_mistral_tool_call_id``); ``request`` itself when every one is already."""
+    messages = request.get("messages")
+    if not isinstance(messages, list):
+        return request
+    spelt = [_message_ids_spelt(message) for message in messages]
+    if all(new is old for new, old in zip(spelt, messages, strict=True)):
+        return request
+    return {**request, "messages": spelt}
+
+
+def _message_ids_spelt(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    out = message
+    if isinstance(message.get("tool_call_id"), str):
+        call_id = _mistral_tool_call_id(message["tool_call_id"])
+        if call_id != message["tool_call_id"]:
+            out = {**out, "tool_call_id": call_id}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        spelt = [
+            {**call, "id": _mistral_tool_call_id(call["id"])}
+            if isinstance(call, dict) and isinstance(call.get("id"), str)
+            else call
+            for call in calls
+        ]
+        if any(new != old for new, old in zip(spelt, calls, strict=True)):
+            out = {**out, "tool_calls": spelt}
+    return out
+
+
+def _mistral_tool_call_id(call_id: str) -> str:
+    """``call_id`` in Mistral's form, 9 letters and digits, the only one it takes (else its 400 ``Tool call id was …
+    but must be a-z, A-Z, 0-9, with a length of 9``): as it is when it is one (Mistral's own), else drawn from its
+    SHA-256, so that a call and the tool message answering it (another provider's ``call_…``, Claude's ``toolu_…``)
+    get the same, and different calls different ones."""
+    if _TOOL_CALL_ID.fullmatch(call_id):
+        return call_id
+    number = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    digits = []
+    for _ in range(_TOOL_CALL_ID_LENGTH):
+        number, digit = divmod(number, len(_TOOL_CALL_ID_ALPHABET))
+        digits.append(_TOOL_CALL_ID_ALPHABET[digit])
+    return "".join(digits)
 
 
 def _prefix_marked(request: dict[str, Any]) -> dict[str, Any]:

@@ -233,3 +233,73 @@ def test_the_end_user_of_a_messages_request_is_not_sent_to_mistral(mistral):
     assert answer.status_code == 200, answer.text
     assert answer.json()["content"] == [{"type": "text", "text": "hi"}]
     assert "user" not in mistral.upstream.requests[-1]["body"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def _tool_call_ids(body: dict) -> tuple[list[str], list[str]]:
+    """The ids of the calls in a request's assistant messages, and those its tool messages answer."""
+    calls = [call["id"] for message in body["messages"] for call in message.get("tool_calls") or ()]
+    answers = [message["tool_call_id"] for message in body["messages"] if message["role"] == "tool"]
+    return calls, answers
+
+
+def test_a_tool_round_trip_with_another_providers_call_id_is_taken_by_mistral(mistral):
+    """Mistral takes a tool call's id only as 9 letters and digits, and refuses any other (400 ``Tool call id was …
+    but must be a-z, A-Z, 0-9, with a length of 9``): a conversation begun on another model (OpenAI's ``call_…``)
+    could not go on on Mistral. Each id goes in Mistral's form, the same for the call and the answer to it."""
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_Zx81kPq0", "type": "function", "function": {"name": "weather", "arguments": "{}"}},
+                {"id": "D681PevKs", "type": "function", "function": {"name": "weather", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_Zx81kPq0", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "D681PevKs", "content": "light wind"},
+    ]
+    answer = mistral.client().chat.completions.create(model="mistral-test", messages=messages, tools=[WEATHER_TOOL])
+    assert answer.choices[0].message.content == "Tool result: light wind"
+    calls, answers = _tool_call_ids(mistral.upstream.requests[-1]["body"])
+    assert calls == answers
+    assert calls[1] == "D681PevKs"  # already Mistral's: as it came
+    assert calls[0] != "call_Zx81kPq0" and len(calls[0]) == 9 and calls[0].isalnum() and calls[0].isascii()
+
+
+def test_a_messages_tool_round_trip_with_claudes_tool_use_id_is_taken_by_mistral(mistral):
+    answer = httpx.post(
+        mistral.url + "/v1/messages",
+        json={
+            "model": "mistral-test",
+            "max_tokens": 50,
+            "tools": [{"name": "weather", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "weather", "input": {}}
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9", "content": "18 C"}
+                    ],
+                },
+            ],
+        },
+        headers={"x-api-key": mistral.key},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["content"] == [{"type": "text", "text": "Tool result: 18 C"}]
+    calls, answers = _tool_call_ids(mistral.upstream.requests[-1]["body"])
+    assert calls == answers and len(calls) == 1
+    assert len(calls[0]) == 9 and calls[0].isalnum() and calls[0].isascii()
