@@ -8,11 +8,18 @@ from core.exceptions import ApplicationError
 
 
 class ModelNotAllowedError(ApplicationError):
-    """The plan or the key does not include the model; the message says which and why."""
+    """The plan or the key does not include the model; the message says which and why.
+
+    ``page_message``: the same refusal in a chat user's words, for the chat page (which has a model menu, not
+    ``GET /v1/models``); the API's clients get ``message``."""
 
     status_code = 403
     error_type = "invalid_request_error"
     code = "model_not_allowed"
+
+    def __init__(self, message: str, *, page_message: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.page_message = page_message or message
 
 
 class OutputUnboundedError(ApplicationError):

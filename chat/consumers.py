@@ -483,7 +483,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 )
         elif isinstance(event, TurnFailed):
             exc = event.error
-            await self._send_error(exc.message, code=exc.code, request_id=request_id, exc=exc)
+            # The page (a browser session) has a model menu where the API has GET /v1/models: the refusal in its
+            # words when the error has them.
+            message = getattr(exc, "page_message", exc.message) if self.session_key is not None else exc.message
+            await self._send_error(message, code=exc.code, request_id=request_id, exc=exc)
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.request_id, None)

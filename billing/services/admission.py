@@ -69,9 +69,12 @@ class Admission:
 
 def _check_models(*, limits: UserLimits, key_allowed_model_ids: frozenset[int] | None, model: ResolvedModel) -> None:
     if not limits.allows(model):
+        rule = limits.model_rule()
         raise ModelNotAllowedError(
             f"Your plan ({limits.plan_name}) does not include the model `{model.name}`: it includes "
-            f"{limits.model_rule()}. Pick another model (GET /v1/models lists yours) or ask for a larger plan.",
+            f"{rule}. Pick another model (GET /v1/models lists yours) or ask for a larger plan.",
+            page_message=f"Your plan ({limits.plan_name}) does not include the model {model.name}: it includes "
+            f"{rule}. Pick another model in the model menu, or ask your administrator for a larger plan.",
             param="model",
         )
     if key_allowed_model_ids is not None and model.id not in key_allowed_model_ids:

@@ -72,6 +72,9 @@ async def test_free_allows_the_cheap_models_only_and_says_why(free_user, catalog
     )
     assert error.message.startswith("Your plan (Free) does not include the model `premium-model`")
     assert "output price is at most $1.00 per million tokens" in error.message
+    # One refusal, two audiences: the API's clients are pointed at GET /v1/models, the chat page at its menu.
+    assert "Pick another model (GET /v1/models lists yours)" in error.message
+    assert "/v1/" not in error.page_message and "model menu" in error.page_message
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1291,3 +1291,29 @@ async def test_a_send_into_a_conversation_deleted_in_another_tab_says_so_and_sta
     await expect(page.locator("#composer-error")).to_be_hidden()
     assert errors == []
     await context.close()
+
+
+async def test_a_model_outside_the_plan_is_refused_on_the_page_in_a_chat_users_words(site, browser, user):
+    """A send with a model the plan no longer includes (dropped while the page was open) was refused on the page
+    with the API's words, "Pick another model (GET /v1/models lists yours)": the page now says to pick another
+    model in its menu, while the API keeps its own wording."""
+    other = await sync_to_async(ModelFactory)(name="gpt-other", provider=await sync_to_async(ProviderFactory)())
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+
+    def plan_without_gpt_browser() -> None:
+        plan = Plan.objects.create(name="small")
+        plan.allowed_models.add(other)
+        plan_assign(user=user, plan=plan)
+
+    await sync_to_async(plan_without_gpt_browser)()
+    await send(page, "Hello [[words=3]]")
+    note = page.locator("#composer-error")
+    await expect(note).to_contain_text("Your plan (small) does not include the model gpt-browser")
+    await expect(note).to_contain_text("Pick another model in the model menu")
+    await expect(note).not_to_contain_text("/v1/models")
+    await expect(page.locator("#prompt")).to_have_value("Hello [[words=3]]")
+    assert errors == []
+    await page.close()
