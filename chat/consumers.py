@@ -119,6 +119,10 @@ MAX_REQUEST_ID_CHARS = 64
 MAX_DATABASE_ID = 2**63 - 1
 # How long a closing socket waits for its replies to be saved before the consumer ends.
 DISCONNECT_GRACE_SECONDS = 5.0
+# How long one event may wait to be sent. A send waits only while more than the server buffers (64 KB) is queued
+# for a client that is not reading it (a hung tab, a stalled network); such a client is let go, as on a
+# disconnect, past this (docs/reliability.md).
+SEND_TIMEOUT_SECONDS = 20.0
 
 
 # What the page's effort control sends in ``chat.send`` (off: null or left out), for a model whose catalog entry
@@ -497,19 +501,27 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.closing:
             return
         try:
-            await self.send_json(event)
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                await self.send_json(event)
+        except TimeoutError:  # before OSError, which it is a subclass of: the client stopped reading
+            self._let_go()
         except OSError:
             # The client is gone and the server has not told us yet (uvicorn's ClientDisconnected); the
             # disconnect that follows stops the replies still streaming.
             self.closing = True
         except RuntimeError:
             # The server closed the socket itself: uvicorn does when the peer leaves a keepalive ping unanswered
-            # (its network vanished, no close frame), and then refuses any send. Its disconnect waits for the
-            # kernel to give up on the unread data, minutes away: the replies are stopped now, as on a
-            # disconnect, and what was sent is what is billed.
-            self.closing = True
-            for stream in list(self.streams.values()):
-                self._stop(stream, by_user=False)
+            # (its network vanished, no close frame), and then refuses any send.
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """The client can be sent nothing more, and the disconnect waits for the kernel to give up on the data it
+        never read, minutes away or never: after a send refused because the server closed the socket, or one
+        that waited SEND_TIMEOUT_SECONDS for a client that stopped reading (uvicorn's gentle close would wait for
+        that data too). The replies are stopped now, as on a disconnect, and what was sent is what is billed."""
+        self.closing = True
+        for stream in list(self.streams.values()):
+            self._stop(stream, by_user=False)
 
     async def _send_error(
         self, message: str, *, code: str | None, request_id: str | None = None, exc: ApplicationError | None = None

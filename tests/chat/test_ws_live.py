@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import os
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from billing.models import UsageRecord
 from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush
+from chat import consumers
 from chat.models import Message, MessageStatus
 from tests.chat.conftest import session_cookie
 from tests.conftest import LiveServer
@@ -397,3 +402,63 @@ def test_make_run_takes_the_largest_chat_frame_and_not_much_more():
         devserver.arguments(["--websocket-max-message-size", "5", "llmhub.asgi:application"])
     )
     assert args.websocket_max_message_size == 5
+
+
+class UnreadSocket:
+    """A raw WebSocket client with a tiny receive buffer that, once its chat.send is out, reads nothing more and
+    closes nothing: a peer that stopped reading (a hung tab, a stalled network). What the server sends piles up
+    in its own buffers, and its sends wait for room that never comes."""
+
+    def __init__(self, port: int, cookie: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        # Small segments (loopback's are 64 KB): the server's kernel send buffer, sized by them, stays small.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                f"GET /ws/chat/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nCookie: {cookie}\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += self.sock.recv(1)  # byte by byte: nothing of the frames after it is read
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        assert 125 < len(payload) < 65536
+        mask = os.urandom(4)
+        header = bytes([0x81, 0x80 | 126]) + struct.pack("!H", len(payload)) + mask
+        self.sock.sendall(header + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_client_that_stops_reading_mid_reply_is_let_go_and_billed_what_was_sent(live, monkeypatch, caplog):
+    """A client that stopped reading while more than the server buffers was queued for it (a hung tab) left a send
+    of its reply waiting for ever, and the reply neither stopped nor settled: streaming, unbilled, the upstream
+    held open. A send now has SEND_TIMEOUT_SECONDS; past that the reply is stopped as on a disconnect: saved as
+    cancelled with what was written, billed for that."""
+    monkeypatch.setattr(consumers, "SEND_TIMEOUT_SECONDS", 1.0)
+    client = await asyncio.to_thread(UnreadSocket, int(live.http_url.rsplit(":", 1)[1]), live.cookie)
+    try:
+        client.send_text(chat_send("a", "Long [[words=400000]] " + "x" * 120, live.model, None))
+
+        async def ended() -> Message | None:
+            return await Message.objects.filter(role="assistant").exclude(status="streaming").afirst()
+
+        reply = await wait_until_async(ended, "the reply ended", timeout=30)
+    finally:
+        client.close()
+    assert reply.status == MessageStatus.CANCELLED, (reply.status, reply.error_message)
+    assert 0 < len(reply.content.split()) < 400_000
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert record.status == "client_disconnected"
+    assert 0 < record.completion_tokens < 400_000
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
