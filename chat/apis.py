@@ -109,16 +109,38 @@ class ConversationListApi(APIView):
     class OutputSerializer(ConversationSummarySerializer):
         pass
 
+    class FilterSerializer(serializers.Serializer):
+        before_updated_at = serializers.DateTimeField(
+            required=False, help_text="With `before_id`: the `updated_at` of the last conversation listed."
+        )
+        before_id = serializers.IntegerField(
+            required=False, min_value=1, max_value=2**63 - 1, help_text="With `before_updated_at`: its `id`."
+        )
+
+        def validate(self, attrs: dict) -> dict:
+            if ("before_updated_at" in attrs) != ("before_id" in attrs):
+                raise serializers.ValidationError(
+                    {"before_id": "Give both before_updated_at and before_id (the last conversation listed's)."}
+                )
+            return attrs
+
     @extend_schema(
         tags=_TAGS,
         operation_id="conversations_list",
         summary="List your conversations",
-        description="Not archived, most recently active first. Sending into an archived conversation unarchives it."
+        description="Not archived, most recently active first. Sending into an archived conversation unarchives it. "
+        "To page through them all, pass the last listed conversation's `updated_at` and `id` as `before_updated_at` "
+        "and `before_id`: the next ones, none skipped or repeated as replies move conversations to the top."
         + _KEY_REACH,
-        responses={200: OutputSerializer(many=True), **error_responses(401)},
+        parameters=[FilterSerializer],
+        responses={200: OutputSerializer(many=True), **error_responses(400, 401)},
     )
     def get(self, request: Request) -> Response:
-        conversations = selectors.conversation_list(reach=_reach(request))
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        cursor = filters.validated_data
+        before = (cursor["before_updated_at"], cursor["before_id"]) if "before_id" in cursor else None
+        conversations = selectors.conversation_list(reach=_reach(request), before=before)
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(conversations, request, view=self)
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)

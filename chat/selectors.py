@@ -119,8 +119,18 @@ def conversation_reach(caller: Caller) -> ConversationReach:
     return ConversationReach(user_id=caller.user_id, key_id=key_id, whole_history=whole_history)
 
 
-def conversation_list(*, reach: ConversationReach) -> QuerySet[Conversation]:
-    return Conversation.objects.filter(reach.conversations(), archived=False).order_by("-updated_at", "-id")
+def conversation_list(
+    *, reach: ConversationReach, before: tuple[datetime, int] | None = None
+) -> QuerySet[Conversation]:
+    """Not archived, most recently active first. ``before``: a listed conversation's ``(updated_at, id)``, for
+    those after it in that order (keyset paging: no row skipped or repeated as replies move others up)."""
+    conversations = Conversation.objects.filter(reach.conversations(), archived=False)
+    if before is not None:
+        updated_at, conversation_id = before
+        conversations = conversations.filter(
+            Q(updated_at__lt=updated_at) | Q(updated_at=updated_at, id__lt=conversation_id)
+        )
+    return conversations.order_by("-updated_at", "-id")
 
 
 def conversation_get(*, reach: ConversationReach, conversation_id: int) -> Conversation:

@@ -1317,3 +1317,31 @@ async def test_a_model_outside_the_plan_is_refused_on_the_page_in_a_chat_users_w
     await expect(page.locator("#prompt")).to_have_value("Hello [[words=3]]")
     assert errors == []
     await page.close()
+
+
+async def test_older_conversations_are_reached_from_the_sidebar(site, browser, user):
+    """The sidebar listed the newest 100 conversations, and older ones could not be reached from the page at all.
+    "Older conversations" lists the next ones, until there are none."""
+
+    def many() -> None:
+        Conversation.objects.bulk_create(
+            Conversation(owner=user, title=f"Conversation {n}", model_name="gpt-browser") for n in range(105)
+        )
+
+    await sync_to_async(many)()
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    items = page.locator(".conv-item")
+    await expect(items).to_have_count(100)
+    more = page.get_by_role("button", name="Older conversations")
+    await more.click()
+    await expect(items).to_have_count(105)
+    await expect(more).to_be_hidden()
+    titles = [await item.inner_text() for item in await page.locator(".conv-link").all()]
+    assert sorted(titles) == sorted(f"Conversation {n}" for n in range(105))
+    await page.locator(".conv-link", has_text=re.compile(r"^Conversation 0$")).click()
+    await expect(page).to_have_url(re.compile(r"/c/\d+/$"))
+    assert errors == []
+    await page.close()

@@ -317,3 +317,58 @@ def test_feedback_answers_with_the_replys_usage(client, alice):
         f"/api/messages/{reply.pk}/feedback/", {"value": 1}, content_type="application/json", **csrf(client)
     )
     assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_the_list_pages_by_keyset_past_the_newest(client, alice, django_assert_num_queries):
+    """The chat page lists the newest 100 conversations: older ones had no way to be reached but offsets, which
+    skip or repeat conversations as replies move them to the top. ``before_updated_at`` and ``before_id`` (the
+    last listed one's) list those after it in the list's order, in as many queries however far back."""
+    conversations = [Conversation.objects.create(owner=alice, title=f"c{n}", model_name="gpt-test") for n in range(5)]
+    # Two share an instant: the id breaks the tie, as in the list's order.
+    same = conversations[1].updated_at
+    Conversation.objects.filter(pk=conversations[2].pk).update(updated_at=same)
+
+    first = client.get("/api/conversations/?limit=2").json()
+    titles = [c["title"] for c in first["results"]]
+    assert titles == ["c4", "c3"]
+    seen = list(titles)
+    last = first["results"][-1]
+    for _ in range(5):
+        page = client.get(
+            "/api/conversations/", {"limit": 2, "before_updated_at": last["updated_at"], "before_id": last["id"]}
+        ).json()
+        seen += [c["title"] for c in page["results"]]
+        if page["next"] is None:
+            break
+        last = page["results"][-1]
+    assert seen == ["c4", "c3", "c2", "c1", "c0"]
+
+    def queries_for(cursor: Conversation) -> int:
+        with CaptureQueriesContext(connection) as queries:
+            response = client.get(
+                "/api/conversations/",
+                {"limit": 100, "before_updated_at": cursor.updated_at.isoformat(), "before_id": cursor.pk},
+            )
+        assert response.status_code == 200
+        return len(queries)
+
+    few = queries_for(conversations[3])
+    for n in range(30):
+        Conversation.objects.create(owner=alice, title=f"more {n}", model_name="gpt-test")
+    newest = Conversation.objects.filter(owner=alice).order_by("-updated_at", "-id").first()
+    with django_assert_num_queries(few):
+        queries_for(newest)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"before_updated_at": "yesterday", "before_id": 1},
+        {"before_updated_at": "2026-12-06T09:00:00Z"},
+        {"before_updated_at": "2026-12-06T09:00:00Z", "before_id": "x"},
+    ],
+)
+def test_a_bad_keyset_cursor_is_a_400(client, params):
+    response = client.get("/api/conversations/", params)
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["type"] == "invalid_request_error"

@@ -29,6 +29,7 @@
     newChat: $("new-chat"),
     convList: $("conversation-list"),
     convEmpty: $("conversation-empty"),
+    convMore: $("conversation-more"),
     picker: $("model-picker"),
     badge: $("provider-badge"),
     effortControl: $("reasoning-control"),
@@ -51,6 +52,7 @@
     stableTimer: null,
     pingTimer: null,
     conversations: new Map(), // id -> {id, title, model, updated_at}
+    listCursor: null, // the oldest conversation the list API gave, while it has older ones (loadOlderConversations)
     currentId: null, // the conversation on screen; null for a new chat
     newChatRequest: null, // request_id of a new chat's first reply, until the server gives it an id
     streams: new Map(), // request_id -> {requestId, conversationId, messageId, text, userText, userView, view, ...}
@@ -625,14 +627,45 @@
     if (conversation) conversation.updated_at = new Date().toISOString();
   }
 
+  /* The list comes a page at a time, newest first; "Older conversations" asks for the page after the oldest one
+     listed (keyset: by its updated_at and id, as the server gave them, none skipped or repeated however the
+     conversations on the page have moved since). */
+  const LIST_PAGE = 100;
+
   async function loadConversations() {
     try {
-      const data = await api("/api/conversations/?limit=100");
+      const data = await api(`/api/conversations/?limit=${LIST_PAGE}`);
       state.conversations = new Map(data.results.map((c) => [c.id, c]));
+      noteListCursor(data);
     } catch (error) {
       toast(`Could not load conversations: ${error.message}`);
     }
     renderSidebar();
+  }
+
+  async function loadOlderConversations() {
+    const cursor = state.listCursor;
+    if (!cursor) return;
+    el.convMore.disabled = true;
+    try {
+      const query = new URLSearchParams({ limit: LIST_PAGE, before_updated_at: cursor.updated_at, before_id: cursor.id });
+      const data = await api(`/api/conversations/?${query}`);
+      for (const conversation of data.results) {
+        if (!state.conversations.has(conversation.id)) state.conversations.set(conversation.id, conversation);
+      }
+      noteListCursor(data);
+    } catch (error) {
+      toast(`Could not load older conversations: ${error.message}`);
+    } finally {
+      el.convMore.disabled = false;
+    }
+    renderSidebar();
+  }
+
+  function noteListCursor(data) {
+    const oldest = data.results[data.results.length - 1];
+    state.listCursor = data.next && oldest ? { updated_at: oldest.updated_at, id: oldest.id } : null;
+    el.convMore.hidden = !state.listCursor;
   }
 
   const EDIT_ICON = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 20h4L19 9l-4-4L4 16zM13.5 6.5l4 4"/></svg>';
@@ -983,6 +1016,7 @@
   el.prompt.addEventListener("input", autosize);
   el.stop.addEventListener("click", stopStreaming);
   el.newChat.addEventListener("click", () => newChat({ push: true }));
+  el.convMore.addEventListener("click", loadOlderConversations);
   el.picker.addEventListener("change", () => {
     updateBadge();
     localStorage.setItem(MODEL_STORAGE_KEY, el.picker.value);
