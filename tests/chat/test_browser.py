@@ -1345,3 +1345,47 @@ async def test_older_conversations_are_reached_from_the_sidebar(site, browser, u
     await expect(page).to_have_url(re.compile(r"/c/\d+/$"))
     assert errors == []
     await page.close()
+
+
+async def back_to(page: Page) -> None:
+    """The user comes back to this tab (it becomes visible again)."""
+    await page.evaluate("() => document.dispatchEvent(new Event('visibilitychange'))")
+
+
+async def test_a_rename_elsewhere_and_a_model_dropped_from_the_plan_show_on_coming_back(site, browser, user):
+    """A conversation renamed in another tab kept its old title in this one until a reload, and a model taken out
+    of the plan stayed selectable (its send refused). Coming back to the page, the title follows and the model is
+    greyed out, the menu moved to one the plan includes."""
+    other = await sync_to_async(ModelFactory)(name="gpt-other", provider=await sync_to_async(ProviderFactory)())
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    await page.locator("#model-picker").select_option("gpt-browser")
+    await send(page, "Plan a trip [[words=3]]")
+    await expect(page.locator(".message.assistant").last).to_have_attribute("data-status", "complete", timeout=15_000)
+    conversation_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+
+    other_tab = await context.new_page()
+    await other_tab.goto(f"{site.url}/c/{conversation_id}/")
+    item = other_tab.locator(f'.conv-item[data-conversation-id="{conversation_id}"]')
+    await item.hover()
+    await item.get_by_role("button", name=re.compile("^Rename")).click()
+    await item.get_by_label("New title").fill("Lisbon in May")
+    await item.get_by_label("New title").press("Enter")
+    await expect(item.locator(".conv-link")).to_have_text("Lisbon in May")
+
+    def plan_without_gpt_browser() -> None:
+        plan = Plan.objects.create(name="small")
+        plan.allowed_models.add(other)
+        plan_assign(user=user, plan=plan)
+
+    await sync_to_async(plan_without_gpt_browser)()
+    await back_to(page)
+    here = page.locator(f'.conv-item[data-conversation-id="{conversation_id}"] .conv-link')
+    await expect(here).to_have_text("Lisbon in May")
+    await expect(page.locator('#model-picker option[value="gpt-browser"]')).to_be_disabled()
+    await expect(page.locator("#model-picker")).to_have_value("gpt-other")
+    assert errors == []
+    await context.close()

@@ -512,6 +512,8 @@
         }
         if (!state.conversations.has(event.conversation)) {
           state.conversations.set(event.conversation, { id: event.conversation, title: event.title, model: event.model });
+        } else if (event.title) {
+          state.conversations.get(event.conversation).title = event.title; // renamed elsewhere meanwhile
         }
         touchConversation(event.conversation);
         renderSidebar();
@@ -617,7 +619,9 @@
   }
   window.addEventListener("online", reconnectNow);
   document.addEventListener("visibilitychange", () => {
-    if (document.visibilityState === "visible") reconnectNow();
+    if (document.visibilityState !== "visible") return;
+    reconnectNow();
+    refreshFromServer();
   });
 
   /* Conversations ------------------------------------------------------------------------------ */
@@ -660,6 +664,54 @@
       el.convMore.disabled = false;
     }
     renderSidebar();
+  }
+
+  /* What changed elsewhere since the page was loaded, a title renamed in another tab or window, a model an
+     administrator took out of the plan, the page learned only at a reload (a send with that model was refused).
+     Coming back to the page reads the list's first page and the model catalog again: titles follow, and a
+     model no longer included is greyed out (and one included again offered), the menu moving off it. */
+  async function refreshFromServer() {
+    try {
+      const [list, catalog] = await Promise.all([api(`/api/conversations/?limit=${LIST_PAGE}`), api("/api/models/")]);
+      for (const fresh of list.results) {
+        const known = state.conversations.get(fresh.id);
+        if (!known) state.conversations.set(fresh.id, fresh);
+        else known.title = fresh.title;
+      }
+      refreshModels(catalog);
+    } catch (error) {
+      return; // offline, or the server restarting: the next return to the page tries again
+    }
+    renderSidebar();
+  }
+
+  function refreshModels(catalog) {
+    const planLocked = new Map(
+      catalog.filter((m) => m.locked_reason !== "own_key").map((m) => [m.id, Boolean(m.locked)]),
+    );
+    for (const model of MODELS) {
+      if (model.locked_reason === "own_key" || !planLocked.has(model.name)) continue;
+      const locked = planLocked.get(model.name);
+      if (locked === model.locked) continue;
+      model.locked = locked;
+      model.locked_reason = locked ? "plan" : "";
+      const option = [...el.picker.options].find((o) => o.value === model.name);
+      if (!option) continue;
+      option.disabled = locked;
+      if (locked) option.dataset.locked = "true";
+      else delete option.dataset.locked;
+      option.title = locked ? `Not in your plan: upgrade to use ${model.label}` : "";
+      option.textContent = locked ? `${model.label} · not in your plan` : model.label;
+      if (!locked && model.reasoning) option.dataset.reasoning = "true";
+    }
+    const selected = el.picker.selectedOptions[0];
+    if (selected && selected.disabled) {
+      const usable = [...el.picker.options].find((o) => !o.disabled);
+      if (usable) el.picker.value = usable.value;
+    }
+    el.picker.disabled = !MODELS.some((model) => !model.locked);
+    updateBadge();
+    updateComposer();
   }
 
   function noteListCursor(data) {
