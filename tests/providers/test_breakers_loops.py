@@ -50,12 +50,6 @@ def test_loops_that_recorded_outcomes_are_collected_and_their_connections_closed
     with leak_reports(caplog) as reports:
         for _ in range(LOOPS):
             run(call())
-        import sys
-
-        sys.path.insert(0, "/tmp/loops3")
-        import dbg
-
-        dbg.who(refs[0], 20)
         assert collected(refs) == LOOPS
     assert breaker_state(DEPLOYMENT).failures == LOOPS  # every loop's failure reached Redis
     assert not [loop for loop in list(breakers._syncers) if loop.is_closed()]
