@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
+
+from core.cache import forget_now_and_after_commit
 
 from .models import ApiKey, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
@@ -21,9 +22,7 @@ def _forget(secret_hashes: list[str]) -> None:
         for secret_hash in secret_hashes:
             key_cache.invalidate(secret_hash)
 
-    invalidate()
-    # Again after commit: a concurrent request may have cached the old row between now and then.
-    transaction.on_commit(invalidate)
+    forget_now_and_after_commit(invalidate)
 
 
 def _with_subtree(instance: ApiKey) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Generic, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
+from django.db import connections, transaction
 
 from .exceptions import DATABASE_OUTAGE_ERRORS, DatabaseUnavailableError
 
@@ -43,6 +43,14 @@ def lookup_caches_invalidate() -> None:
     database is emptied) do not outlive a test while cached copies would."""
     for cache in list(_CACHES):
         cache.invalidate()
+
+
+def forget_now_and_after_commit(forget: Callable[[], None]) -> None:
+    """Run ``forget`` (a cache invalidation) now and again when the current transaction commits (at once
+    outside one): a request that reads the rows between the change and its commit still sees them as they
+    were, for every other connection, and would cache that copy for the TTL."""
+    forget()
+    transaction.on_commit(forget)
 
 
 def _replace_broken_connections() -> None:

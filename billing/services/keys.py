@@ -30,7 +30,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from audit.services import AuditEntry, audit_record, audit_records
-from core.cache import TTLCache
+from core.cache import TTLCache, forget_now_and_after_commit
 from core.exceptions import ApplicationError
 from core.id_batches import id_batches
 from providers.models import CatalogModel
@@ -507,8 +507,7 @@ def _forget_secrets(digests: Iterable[str | None]) -> None:
         for digest in digests:
             key_cache.invalidate(digest)
 
-    forget()
-    transaction.on_commit(forget)
+    forget_now_and_after_commit(forget)
 
 
 def _is_well_formed(raw: str) -> bool:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ import openai
 import pytest
 import time_machine
 from asgiref.sync import async_to_sync
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing.services.keys import api_key_create
@@ -337,3 +339,27 @@ def test_a_winner_promoted_after_another_experiment_was_paused_serves_until_that
     clock.shift(timedelta(hours=1))
     experiment_pause(experiment=successor, actor=None)
     assert _headers(ab.model.pk) == {None}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_that_reads_the_plan_while_a_pause_commits_does_not_keep_it_for_the_next(ab_experiment):
+    """The pause drops the cached plans before it commits; a request that reads the plan in between (another
+    connection: the experiment still runs for it) must not keep that copy, or the requests after the pause
+    answered would stay in their variants for the cache's TTL."""
+    ab = ab_experiment(control=50, treatment=50)
+    read_meanwhile: list[set[str | None]] = []
+
+    def a_request_reads_the_plan() -> None:  # another thread, another connection: committed data only
+        try:
+            read_meanwhile.append({header_of(ab.model.pk, f"user:{n}") for n in range(50)})
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        experiment_pause(experiment=ab.experiment, actor=None)
+        reader = threading.Thread(target=a_request_reads_the_plan)
+        reader.start()
+        reader.join(timeout=10)
+    assert read_meanwhile == [{"ab-test:control", "ab-test:treatment"}]  # the pause was not committed yet
+
+    assert {header_of(ab.model.pk, f"user:{n}") for n in range(50)} == {None}
