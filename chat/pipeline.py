@@ -428,10 +428,13 @@ async def completion_start(
             # template version): resolved and assigned first.
             if templated:
                 check_body_and_model(body)  # a missing or malformed name: the 400 a request with messages gets
-            model, assignment = await _experiment_enter(caller, await model_resolve(body.get("model")), body, operation)
+            asked = await model_resolve(body.get("model"))
+            model, assignment = await _experiment_enter(caller, asked, body, operation)
             if templated:
                 version_id = assignment.variant.prompt_version_id if assignment is not None else None
                 rendered = await prompt_messages_render(body, version_id=version_id)
+                if rendered.variant_left_out:
+                    model, assignment = asked, None  # as ``_experiment_enter`` leaves out who a variant cannot serve
             if shape is not None:
                 body["messages"] = shape(model)
         if operation == Operation.RESPONSES:
@@ -445,8 +448,7 @@ async def completion_start(
         if assignment is not None and assignment.variant.overrides:
             # The variant's parameters (set by an admin, e.g. temperature) replace the client's, as the
             # request's protocol spells them.
-            overrides = assignment.variant.overrides
-            body.update(overrides_for_messages(overrides) if operation == Operation.MESSAGES else overrides)
+            body.update(_overrides_spelled(assignment.variant.overrides, operation))
         _check_mode(model, operation)
         _check_output_limit(model, body, field_names)
         if operation == Operation.COMPLETIONS:
@@ -609,7 +611,8 @@ async def _experiment_enter(
     in it); a variant whose deployment is gone or disabled is left out the same way, and so are a text completion's
     caller of a variant only chat-only providers serve (``_completions_narrowed``), a caller of a model variant
     that does not stream or writes less than the client's output limit (the 400 would name a model the client
-    never asked for), and a caller without the own provider key a variant's deployments all require
+    never asked for), a caller of a variant whose overrides set an output limit past its model's
+    (``_overrides_over``), and a caller without the own provider key a variant's deployments all require
     (``_own_keys_serve``)."""
     if operation == Operation.EMBEDDINGS:
         return model, None
@@ -632,6 +635,8 @@ async def _experiment_enter(
             return model, None  # a chat-only model cannot continue a text: left out, not refused
         if (body.get("stream") and not target.supports_streaming) or _output_limit_over(target, body) is not None:
             return model, None  # it cannot honour what the client asked of the model it named: left out, not refused
+        if _overrides_over(target, variant.overrides, operation):
+            return model, None
         if not await _own_keys_serve(caller, target):
             return model, None
         return target, assignment
@@ -652,10 +657,24 @@ async def _experiment_enter(
             cache_write_per_mtok=chosen.cache_write_per_mtok,
             cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
         )
-        if not await _own_keys_serve(caller, narrowed):
+        if _overrides_over(narrowed, variant.overrides, operation) or not await _own_keys_serve(caller, narrowed):
             return model, None
         return narrowed, assignment
+    if _overrides_over(model, variant.overrides, operation):
+        return model, None
     return model, assignment
+
+
+def _overrides_spelled(overrides: dict[str, Any], operation: str) -> dict[str, Any]:
+    """A variant's overrides as the request's protocol spells them."""
+    return overrides_for_messages(overrides) if operation == Operation.MESSAGES else overrides
+
+
+def _overrides_over(model: ResolvedModel, overrides: dict[str, Any], operation: str) -> bool:
+    """Whether a variant's own output limit (its ``overrides``, set by an admin) is past what ``model`` writes at
+    most: every caller in it would get a 400 naming a field they never sent, so they are left out instead (the
+    experiment's save and start refuse such a variant: ``experiments.services.variants_serving_problems``)."""
+    return bool(overrides) and _output_limit_over(model, _overrides_spelled(overrides, operation)) is not None
 
 
 async def _own_keys_serve(caller: Caller, model: ResolvedModel) -> bool:

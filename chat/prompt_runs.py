@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from billing.models import Endpoint
 from core.exceptions import ApplicationError
 from prompts import output as prompt_output
-from prompts.exceptions import OutputParseError, PromptNotFoundError
+from prompts.exceptions import OutputParseError, PromptNotFoundError, PromptVariablesError
 from prompts.rendering import render_messages, variables_resolve
 from prompts.selectors import brand_get, prompt_version_by_id, prompt_version_get
 
@@ -46,6 +46,9 @@ class RenderedPrompt:
     brand: BrandProfile | None
     messages: list[dict[str, Any]]
     variables: dict[str, Any] = field(default_factory=dict)
+    # The experiment variant's version does not take the caller's variables: the version asked for ran instead,
+    # and the caller is left out of the experiment.
+    variant_left_out: bool = False
 
     @property
     def slug(self) -> str:
@@ -114,17 +117,18 @@ def _prompt_spec(body: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-async def _version_for(spec: dict[str, Any], version_id: int | None) -> PromptVersion:
-    """The version asked for, or the experiment variant's (``version_id``) when that is a version of the same
-    template. A variant whose version has gone, or is another template's, leaves the request as asked."""
+async def _version_for(spec: dict[str, Any], version_id: int | None) -> tuple[PromptVersion, PromptVersion]:
+    """The version to run and the one asked for: the experiment variant's (``version_id``) when that is a version
+    of the same template, else the one asked for. A variant whose version has gone, or is another template's,
+    leaves the request as asked."""
     asked = await prompt_version_get(spec["slug"], version=spec.get("version"), label=spec.get("label"))
     if version_id is None or version_id == asked.pk:
-        return asked
+        return asked, asked
     try:
         variant = await prompt_version_by_id(version_id)
     except PromptNotFoundError:
-        return asked
-    return variant if variant.template_id == asked.template_id else asked
+        return asked, asked
+    return (variant if variant.template_id == asked.template_id else asked), asked
 
 
 async def prompt_messages_render(body: dict[str, Any], *, version_id: int | None = None) -> RenderedPrompt:
@@ -133,10 +137,20 @@ async def prompt_messages_render(body: dict[str, Any], *, version_id: int | None
     template). Errors are ``ApplicationError``s whose ``param`` is ``prompt.<field>`` (400, 404 for an unknown
     template, version, label or brand)."""
     spec = _prompt_spec(body)
+    left_out = False
     try:
-        version = await _version_for(spec, version_id)
+        version, asked = await _version_for(spec, version_id)
         brand = await brand_get(spec["brand"]) if spec.get("brand") is not None else None
-        messages = render_messages(version, variables_resolve(version, spec.get("variables")), brand)
+        try:
+            variables = variables_resolve(version, spec.get("variables"))
+        except PromptVariablesError:
+            if version is asked:
+                raise
+            # The variant's version takes other variables than the one the caller wrote theirs for: a 400 would
+            # name a variable they were never told of. The version they asked for runs, out of the experiment.
+            version, left_out = asked, True
+            variables = variables_resolve(version, spec.get("variables"))
+        messages = render_messages(version, variables, brand)
     except ApplicationError as exc:
         # The prompts layer names its own fields (``variables.topic``, ``brand``); here they sit under ``prompt``.
         if exc.param and exc.param != "prompt" and not exc.param.startswith("prompt."):
@@ -144,7 +158,13 @@ async def prompt_messages_render(body: dict[str, Any], *, version_id: int | None
         raise
     del body["prompt"]
     body["messages"] = messages
-    return RenderedPrompt(version=version, brand=brand, messages=messages, variables=spec.get("variables") or {})
+    return RenderedPrompt(
+        version=version,
+        brand=brand,
+        messages=messages,
+        variables=spec.get("variables") or {},
+        variant_left_out=left_out,
+    )
 
 
 # THE REST API'S TEMPLATE RUN

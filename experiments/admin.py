@@ -61,7 +61,8 @@ def _failure_text(exc: Exception) -> str:
 
 
 class VariantFormSet(BaseInlineFormSet):
-    """The variants' allocations together leave a share (maybe none) untouched: at most 100 %."""
+    """The variants' allocations together leave a share (maybe none) untouched: at most 100 %; and each can serve
+    the callers who fall in it (``services.variants_serving_problems``)."""
 
     def clean(self) -> None:
         super().clean()
@@ -71,6 +72,14 @@ class VariantFormSet(BaseInlineFormSet):
         total = sum((f.cleaned_data.get("allocation", f.instance.allocation) for f in kept), Decimal(0))
         if total > 100:
             raise ValidationError(f"The variants' allocations add up to {total} %, more than 100 %.")
+        if getattr(self.instance, "model_id", None) is None:
+            return  # the experiment's own form has the error
+        # A variant that could not serve the callers in it (``variants_serving_problems``): its field's error.
+        forms_of = {id(f.instance): f for f in kept}
+        problems = services.variants_serving_problems(self.instance.model, [f.instance for f in kept])
+        for variant, field, problem in problems:
+            form = forms_of[id(variant)]
+            form.add_error(field if field in form.fields else None, problem)
 
 
 class VariantInline(admin.TabularInline):

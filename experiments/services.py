@@ -30,7 +30,8 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from core.time_limits import time_limit_reraise
-from providers.models import ModelMode
+from prompts.rendering import variable_required
+from providers.models import CatalogModel, ModelMode
 
 from .layout import layout_rebalance
 from .models import AllocationStep, Experiment, ExperimentStatus, Variant
@@ -106,7 +107,9 @@ def _allocations_text(variants: Mapping[str, Decimal]) -> dict[str, str]:
 def _locked(experiment: Experiment) -> tuple[Experiment, list[Variant]]:
     locked = Experiment.objects.select_for_update().get(pk=experiment.pk)
     return locked, list(
-        Variant.objects.filter(experiment=locked).select_related("deployment__provider", "target_model__alias_of")
+        Variant.objects.filter(experiment=locked).select_related(
+            "deployment__provider", "target_model__alias_of", "prompt_version"
+        )
     )
 
 
@@ -167,6 +170,58 @@ def experiment_allocation_set(
     return locked
 
 
+def _required_variables(version: Any) -> set[str]:
+    return {item["name"] for item in version.variables or [] if variable_required(item)}
+
+
+def variants_serving_problems(model: CatalogModel, variants: Sequence[Variant]) -> list[tuple[Variant, str, str]]:
+    """The variants (of an experiment on ``model``) that could not serve the callers who fall in them, each with
+    the field at fault and why: an output limit among its ``overrides`` past what its model writes at most, or a
+    ``prompt_version`` whose required variables are not those of the version it competes with (the control's,
+    else the first variant's of that template). Every caller in such a variant would get a 400 naming a field they
+    never sent (the pipeline leaves them out of the experiment instead): the admin's save, the REST API's and the
+    start refuse it."""
+    problems: list[tuple[Variant, str, str]] = []
+    for v in variants:
+        served = v.target_model if v.target_model_id is not None else model
+        served = served.alias_of or served
+        limit = served.max_output_tokens
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = (v.overrides or {}).get(name) if isinstance(v.overrides, dict) else None
+            if limit and isinstance(value, int) and value > limit:
+                problems.append(
+                    (
+                        v,
+                        "overrides",
+                        f"{v.name} sets {name} to {value}, more than its model {served.name} writes at most "
+                        f"({limit} tokens): every caller in it would be refused.",
+                    )
+                )
+                break
+    versioned = sorted(
+        (v for v in variants if v.prompt_version_id is not None), key=lambda v: (not v.is_control, v.position)
+    )
+    competes: dict[int, Variant] = {}
+    for v in versioned:
+        version = v.prompt_version
+        other = competes.setdefault(version.template_id, v)
+        if other is v:
+            continue
+        theirs, ours = _required_variables(other.prompt_version), _required_variables(version)
+        if theirs != ours:
+            names = ", ".join(sorted(theirs ^ ours))
+            problems.append(
+                (
+                    v,
+                    "prompt_version",
+                    f"{v.name} runs version {version.number}, whose required variables differ from those of "
+                    f"version {other.prompt_version.number} ({other.name}) in {names}: callers of one would be "
+                    "refused by the other.",
+                )
+            )
+    return problems
+
+
 def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str, str]:
     problems: dict[str, str] = {}
     if len(variants) < 2:
@@ -197,6 +252,8 @@ def _start_problems(experiment: Experiment, variants: list[Variant]) -> dict[str
                     f"Its target model {target} has no enabled deployment on an enabled provider: "
                     "nobody could be served by it."
                 )
+    for v, _field, problem in variants_serving_problems(experiment.model, variants):
+        problems.setdefault(v.name, problem)
     if experiment.ends_at is not None and experiment.ends_at <= timezone.now():
         # Running past its end it would assign nobody, and the every-minute task would conclude it.
         problems["ends_at"] = (

@@ -18,7 +18,7 @@ from audit.services import audit_record
 
 from .layout import layout_rebalance
 from .models import AllocationStep, Experiment, ExperimentStatus, Variant
-from .services import experiment_allocation_set
+from .services import experiment_allocation_set, variants_serving_problems
 
 # What serves a variant: fixed once the experiment has started.
 VARIANT_TARGET_FIELDS = ("deployment", "target_model", "prompt_version", "overrides", "is_control")
@@ -32,6 +32,21 @@ def _text(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str, list, dict)):
         return value
     return str(value)
+
+
+def _serving_check(experiment: Experiment, given: Sequence[Mapping[str, Any]]) -> None:
+    """``variants_serving_problems`` as a ``ValidationError`` naming the variant's field as the request gave it
+    (``variants.<index>.<field>``); the transaction it runs in then writes nothing."""
+    variants = list(experiment.variants.select_related("target_model__alias_of", "prompt_version"))
+    index = {data.get("name"): position for position, data in enumerate(given)}
+    problems = variants_serving_problems(experiment.model, variants)
+    if problems:
+        raise ValidationError(
+            {
+                (f"variants.{index[v.name]}.{field}" if v.name in index else "variants"): problem
+                for v, field, problem in problems
+            }
+        )
 
 
 def _steps_replace(experiment: Experiment, steps: Sequence[Mapping[str, Any]]) -> None:
@@ -66,6 +81,7 @@ def experiment_create(
         Variant.objects.create(experiment=experiment, position=position, **dict(variant))
         for position, variant in enumerate(variants)
     ]
+    _serving_check(experiment, variants)
     experiment.layout = layout_rebalance([], {v.pk: int(v.allocation * 100) for v in made})
     experiment.save(update_fields=["layout"])
     _steps_replace(experiment, steps)
@@ -171,6 +187,8 @@ def experiment_update(
                     changes.update({f"variant {name}.{field}": change for field, change in found.items()})
             if "allocation" in data:
                 allocations[name] = data["allocation"]
+        if not started:  # a started experiment's variants are fixed: its start checked them
+            _serving_check(experiment, variants)
     if allocations:
         experiment = experiment_allocation_set(
             experiment=experiment, allocations=allocations, actor=actor, reason="changed over the REST API"

@@ -578,3 +578,30 @@ async def test_a_variant_never_swaps_in_another_templates_version(chat_model, fa
     (sent,) = upstream_chats(fake_upstream)
     assert sent["messages"][0]["content"] == "You are another template altogether."
     assert (result.template, result.version, result.experiment) == ("other", 1, "tagline-voice:playful")
+
+
+async def test_a_caller_whose_variables_the_variants_version_does_not_take_is_left_out_not_refused(
+    chat_model, fake_upstream
+):
+    """Version 2 requires a variable version 1 (the one asked for) does not have: a caller in its variant would get
+    a 400 naming a variable they were never told of. They run the version they asked for, out of the experiment."""
+    template = await sync_to_async(PromptTemplate.objects.create)(slug="tagline")
+    await sync_to_async(versions_experiment)(chat_model, template)
+    await PromptVersion.objects.filter(template=template, number=2).aupdate(
+        variables=[{"name": "product", "type": "string"}, {"name": "audience", "type": "string", "required": True}]
+    )
+    playful_user = await sync_to_async(user_in)("playful")
+
+    result = await prompt_run(
+        caller=caller_for(playful_user),
+        slug="tagline",
+        label="production",
+        variables={"product": "bread"},
+        model=chat_model.name,
+    )
+
+    (sent,) = upstream_chats(fake_upstream)
+    assert sent["messages"][0]["content"] == "You are the plain copywriter (version one)."
+    assert (result.version, result.experiment) == (1, None)
+    (row,) = (await ledger_rows(result.request_ids)).values()
+    assert (row.experiment_id, row.experiment_variant_id) == (None, None)

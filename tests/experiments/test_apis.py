@@ -17,6 +17,8 @@ from audit.models import AuditEvent
 from billing.models import KeyScope, UsageRecord
 from billing.services.keys import api_key_create
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback
+from prompts.models import PromptTemplate
+from prompts.services import prompt_version_create
 from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
@@ -710,3 +712,58 @@ def test_ids_past_any_row_are_404_or_400_not_server_errors(client, operator, mod
         content_type="application/json",
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "variants.1.prompt_version"
+
+
+def test_a_variant_that_could_not_serve_its_callers_is_refused_when_created_changed_or_started(client, operator, model):
+    """An output limit among a variant's overrides past what its model writes, or a prompt version whose required
+    variables are not those of the version it competes with, would refuse every caller in the variant with a 400
+    naming a field they never sent: the API refuses the variant, naming it and the field."""
+    model.max_output_tokens = 1000
+    model.save()
+    template = PromptTemplate.objects.create(slug="tagline")
+    v1 = prompt_version_create(
+        template=template,
+        messages=[{"role": "user", "content": "A tagline for {{ product }}."}],
+        variables=[{"name": "product", "type": "string"}],
+    )
+    v2 = prompt_version_create(
+        template=template,
+        messages=[{"role": "user", "content": "A tagline for {{ product }}, for {{ audience }}."}],
+        variables=[{"name": "product", "type": "string"}, {"name": "audience", "type": "string"}],
+    )
+    control = {"name": "control", "is_control": True, "deployment": "blue", "allocation": "10"}
+    green = {"name": "green", "deployment": "green", "allocation": "10"}
+
+    cases = [
+        ([control, {**green, "overrides": {"max_tokens": 4000}}], "variants.1.overrides", "max_tokens"),
+        (
+            [{**control, "prompt_version": v1.pk}, {**green, "prompt_version": v2.pk}],
+            "variants.1.prompt_version",
+            "audience",
+        ),
+    ]
+    for variants, param, named in cases:
+        response = client.post(URL, body(variants=variants), content_type="application/json")
+        assert response.status_code == 400, response.json()
+        error = response.json()["error"]
+        assert error["param"] == param
+        assert "green" in error["message"] and named in error["message"]
+    assert not Experiment.objects.exists()
+
+    created = create(client)
+    response = client.patch(
+        f"{URL}{created['id']}/",
+        {"variants": [{"name": "green", "overrides": {"max_completion_tokens": 4000}}]},
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "variants.0.overrides"
+    experiment = Experiment.objects.get()
+    assert experiment.variants.get(name="green").overrides == {"temperature": 0.2}
+
+    experiment.variants.filter(name="green").update(overrides={"max_tokens": 4000})  # as an older release saved it
+    response = post(client, f"{URL}{created['id']}/start/")
+    assert response.status_code == 400
+    assert "green" in response.json()["error"]["message"] and "max_tokens" in response.json()["error"]["message"]
+    experiment.refresh_from_db()
+    assert experiment.status == ExperimentStatus.DRAFT

@@ -439,3 +439,42 @@ def test_the_feedback_list_reads_no_more_ratings_than_it_shows_and_counts_them_o
     assert 'href="?metric=score"' in page.content.decode()
     for metric, expected in (("thumbs", [old]), ("score", [scored]), ("helpfulness", [named])):
         assert list(operator_client.get(changelist, {"metric": metric}).context["cl"].result_list) == expected
+
+
+def test_a_variant_that_could_not_serve_its_callers_is_refused_in_the_admin(operator_client, ab_experiment):
+    """An override past what the variant's model writes at most, or a prompt version whose required variables are
+    not those of the version it competes with, would answer every caller in the variant a 400 naming a field they
+    never sent: the form refuses it, naming the variant and the field."""
+    ab = ab_experiment(status=ExperimentStatus.DRAFT, control=50, treatment=50)
+    ab.model.max_output_tokens = 1000
+    ab.model.save()
+    template = PromptTemplate.objects.create(slug="tagline")
+    v1 = prompt_version_create(
+        template=template,
+        messages=[{"role": "user", "content": "A tagline for {{ product }}."}],
+        variables=[{"name": "product", "type": "string"}],
+    )
+    v2 = prompt_version_create(
+        template=template,
+        messages=[{"role": "user", "content": "For {{ audience }}."}],
+        variables=[{"name": "audience", "type": "string"}],
+    )
+    page = operator_client.get(change_url(ab.experiment))
+    control, treatment = variant_prefix(page, "control"), variant_prefix(page, "treatment")
+
+    response = post_change(operator_client, ab.experiment, **{f"{treatment}-overrides": '{"max_tokens": 4000}'})
+    assert b"errorlist" in response.content
+    assert "treatment sets max_tokens to 4000" in response.content.decode()
+    response = post_change(
+        operator_client,
+        ab.experiment,
+        **{f"{control}-prompt_version": str(v1.pk), f"{treatment}-prompt_version": str(v2.pk)},
+    )
+    assert b"errorlist" in response.content
+    assert "treatment runs version 2" in response.content.decode()
+    ab.refresh()
+    assert (ab.treatment.overrides, ab.control.prompt_version, ab.treatment.prompt_version) == ({}, None, None)
+
+    post_change(operator_client, ab.experiment, **{f"{treatment}-overrides": '{"max_tokens": 1000}'})
+    ab.refresh()
+    assert ab.treatment.overrides == {"max_tokens": 1000}

@@ -336,3 +336,25 @@ def test_a_caller_whose_request_the_variants_model_cannot_honour_is_left_out_not
     assert body["model"] in ("fake-control", "fake-treatment")
     record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert (record.experiment_id, record.experiment_variant_id) == (None, None)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_caller_in_a_variant_whose_overrides_the_model_cannot_honour_is_left_out_not_refused(
+    llmhub_server, fake_upstream, ab_experiment, field
+):
+    """A variant's override past what its model writes at most (``max_tokens: 4000`` on a model that writes 1000)
+    would answer every caller in it a 400 naming a field they never sent: they are left out of the experiment and
+    served as they asked instead."""
+    ab = ab_experiment(control=50, treatment=50, overrides={field: 4000})
+    ab.model.max_output_tokens = 1000
+    ab.model.save()
+    created = api_key_create(user=UserFactory(username="app"), name="app")
+    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user_in(ab, created.api_key, "treatment")
+    )
+    assert raw.status_code == 200
+    assert "x-llmhub-experiment" not in raw.headers
+    (body,) = upstream_bodies(fake_upstream)
+    assert field not in body
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
+    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
