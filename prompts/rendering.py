@@ -6,12 +6,16 @@ is immutable (a template cannot ``append`` to a list it was given) and bounds ev
 can build a huge string (``_PromptSandbox``): ``*`` and ``**``, the widths and precisions of ``%`` and
 ``str.format`` (and the ``format`` filter), ``center``/``ljust``/``rjust``/``zfill``/``expandtabs``,
 ``replace``, the ``center`` and ``indent`` filters and ``lipsum``. So neither a typo in a template nor a
-caller's variable that a template passes on as a width can fill the process's memory. The context holds
+caller's variable that a template passes on as a width can fill the process's memory. Work that prints
+nothing is bounded per render as well: loop iterations (``MAX_ITERATIONS``), the size of integers
+(``MAX_INTEGER_BITS``) and what ``~``, ``+`` and ``*`` build (``MAX_BUILT``), so that no template burns the
+worker's CPU for minutes. The context holds
 only the caller's variables and plain dicts (never a model instance, whose methods a template could call), so
 an error message has nothing secret to quote. Every failure is an ``ApplicationError`` 400, never a 500."""
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import operator
@@ -21,7 +25,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -38,6 +43,15 @@ MAX_PRODUCT = 100_000
 # The longest a rendered message may grow (about 2 million tokens, past any model's context window): a loop
 # or a join over a caller's values multiplies them, which no bound on a single operation catches.
 MAX_RENDERED = 8_000_000
+# The most loop iterations one render may run, all loops together (the sandbox's own ``range`` stops at this
+# many): nested loops that print nothing would otherwise run for ever while no bound on the output is reached.
+MAX_ITERATIONS = 100_000
+# The largest integer a template's arithmetic may build (about 4,900 digits): a chain of ``**`` or ``*`` on a
+# growing integer would otherwise take minutes of CPU, with no string or output to bound.
+MAX_INTEGER_BITS = 16_384
+# The most characters (or items) one render may build with ``~``, ``+`` and ``*`` in all: each is bounded on
+# its own, but a loop repeating one would copy gigabytes without printing more than a line.
+MAX_BUILT = 64_000_000
 
 
 # Widths and precisions in a format string (``%`` and ``str.format``): a number, or a ``*`` that takes one
@@ -83,8 +97,78 @@ def _format_check(template: str) -> None:
             _width_check(int(number), "a format string's field")
 
 
+def _integer_check(bits: int) -> None:
+    if bits > MAX_INTEGER_BITS:
+        raise SecurityError(f"an integer larger than {MAX_INTEGER_BITS} bits")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What the render running in this context (``_bounded_render``) spent: [loop iterations, characters or items
+# built]; None outside one.
+_spent: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("prompt_spent", default=None)
+
+
+def _built(size: int) -> None:
+    """Count ``size`` characters (or items) built against the render's ``MAX_BUILT``."""
+    if size > MAX_RENDERED:
+        raise SecurityError(f"a string or list longer than {MAX_RENDERED:,} characters or items")
+    spent = _spent.get()
+    if spent is not None:
+        spent[1] += size
+        if spent[1] > MAX_BUILT:
+            raise SecurityError(f"it builds more than {MAX_BUILT:,} characters or items in all")
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, with every ``for`` loop's items counted (``_PromptSandbox.loop_bounded``) and
+    every ``~`` concatenation's length checked (``concat_bounded``): what ``call_binop`` cannot see."""
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        node.iter.counted = True  # type: ignore[attr-defined]  # Jinja allows no node types of our own
+        super().visit_For(node, frame)
+
+    def visit(self, node: nodes.Node, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(node, "counted", False):
+            return super().visit(node, *args, **kwargs)
+        # Written into the compiled template: no call through the sandbox, no cost when rendering but the count.
+        self.write("environment.loop_bounded(")
+        node.counted = False  # type: ignore[attr-defined]
+        try:
+            return super().visit(node, *args, **kwargs)
+        finally:
+            node.counted = True  # type: ignore[attr-defined]
+            self.write(")")
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.concat_bounded(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
 class _PromptSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+    code_generator_class = _BoundedCodeGenerator
+
+    @staticmethod
+    def loop_bounded(items: Any) -> Any:
+        """``items``, each counted against the render's ``MAX_ITERATIONS``."""
+        spent = _spent.get()
+        if spent is None:
+            yield from items
+            return
+        for item in items:
+            spent[0] += 1
+            if spent[0] > MAX_ITERATIONS:
+                raise SecurityError(f"its loops run more than {MAX_ITERATIONS:,} times in all")
+            yield item
+
+    @staticmethod
+    def concat_bounded(text: str) -> str:
+        _built(len(text))
+        return text
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -127,12 +211,22 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
         if operator_name == "**":
             if isinstance(right, int | float) and abs(right) > 100:
                 raise SecurityError("the exponent is too large for a prompt template")
+            if _is_integer(left) and _is_integer(right) and right > 0:
+                _integer_check(left.bit_length() * right)
             return operator.pow(left, right)
+        if operator_name == "+":
+            if isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
+                _built(len(left) + len(right))
+            return operator.add(left, right)
+        if _is_integer(left) and _is_integer(right):
+            _integer_check(left.bit_length() + right.bit_length())
         if isinstance(left, str | list | tuple) or isinstance(right, str | list | tuple):
             times = right if isinstance(left, str | list | tuple) else left
             base = left if isinstance(left, str | list | tuple) else right
             if isinstance(times, int) and len(base) * times > MAX_PRODUCT:
                 raise SecurityError(f"a repeated string or list longer than {MAX_PRODUCT} items")
+            if isinstance(times, int):
+                _built(len(base) * times)
         return operator.mul(left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -217,10 +311,14 @@ def _bounded_render(template: jinja2.Template, context: dict[str, Any]) -> str:
     """``template.render``, piece by piece, stopped once the text passes ``MAX_RENDERED``."""
     pieces: list[str] = []
     length = 0
-    for piece in template.generate(context):
-        length += len(piece)
-        _rendered_check(length)
-        pieces.append(piece)
+    token = _spent.set([0, 0])
+    try:
+        for piece in template.generate(context):
+            length += len(piece)
+            _rendered_check(length)
+            pieces.append(piece)
+    finally:
+        _spent.reset(token)
     return "".join(pieces)
 
 

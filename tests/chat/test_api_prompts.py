@@ -518,3 +518,38 @@ def test_a_template_recursing_as_deep_as_a_callers_value_says_so_with_a_400(
     assert "too deep" in refused.value.body["message"]
     (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
     assert row.status == UsageStatus.REJECTED
+
+
+def test_a_template_looping_as_often_as_a_callers_value_says_is_a_400(llmhub_server, fake_upstream, chat_model, key):
+    """Nested loops as long as a caller's value says, printing nothing: no bound on the output stopped them (a
+    million iterations per thousand asked). They are bounded in all, the template's 400 with its rejected row."""
+    template = PromptTemplate.objects.create(slug="grid")
+    PromptVersion.objects.create(
+        template=template,
+        number=1,
+        messages=[
+            {
+                "role": "user",
+                "content": "{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}A grid of {{ n }}.",
+            }
+        ],
+        variables=[{"name": "n", "type": "integer", "default": 3}],
+    )
+    client = sdk(llmhub_server, key)
+    small = client.chat.completions.create(
+        model=chat_model.name, messages=openai.NOT_GIVEN, extra_body={"prompt": {"slug": "grid"}}
+    )
+    assert small.choices[0].message.content
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(
+            model=chat_model.name,
+            messages=openai.NOT_GIVEN,
+            extra_body={"prompt": {"slug": "grid", "variables": {"n": 1000}}},
+        )
+
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == "prompt"
+    assert "loops run more than 100,000 times" in refused.value.body["message"]
+    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
+    assert row.status == UsageStatus.REJECTED

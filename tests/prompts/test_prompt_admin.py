@@ -116,6 +116,10 @@ def test_a_version_that_does_not_render_is_refused_on_the_form(admin_client, tem
     data["messages"] = "### user\n{% macro again() %}{{ again() }}{% endmacro %}{{ again() }}"
     refused = admin_client.post(change_url(template), data)
     assert refused.status_code == 200 and "recurses too deep" in refused.content.decode()
+    # Loops that print nothing, run by the save check in the admin's web worker: bounded, a form error.
+    data["messages"] = "### user\n{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}Hi"
+    refused = admin_client.post(change_url(template), data)
+    assert refused.status_code == 200 and "loops run more than 100,000 times" in refused.content.decode()
     assert template.versions.count() == 1
 
 

@@ -244,6 +244,14 @@ def test_a_loop_within_the_bound_renders():
         ("{{ 'a b'|replace(' ', '-') }}", "a-b"),
         ("{{ 'line\nnext'|indent(2) }}", "line\n  next"),
         ("{{ lipsum(2, html=False)|wordcount > 20 }}", "True"),
+        # Within the bounds on work: loops, integers and joined strings a prompt uses.
+        ("{% for x in ['a', 'b'] %}{{ loop.index }}/{{ loop.length }}{{ x }} {% else %}none{% endfor %}", "1/2a 2/2b "),
+        ("{% for x in [] %}x{% else %}none{% endfor %}", "none"),
+        ("{% for x in [{'n': 1, 'c': [{'n': 2, 'c': []}]}] recursive %}{{ x.n }}{{ loop(x.c) }}{% endfor %}", "12"),
+        (
+            "{{ 2 ** 64 }} {{ 12 * 12 }} {{ 'a' ~ 1 }} {{ 'a' + 'b' }} {{ [1] + [2] }}",
+            "18446744073709551616 144 a1 ab [1, 2]",
+        ),
     ],
 )
 def test_the_sandbox_still_formats_within_its_bounds(source, rendered):
@@ -260,6 +268,25 @@ def test_the_sandbox_still_formats_within_its_bounds(source, rendered):
         # Python's stack ends these (a RecursionError, which was a 500).
         ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses too deep"),
         ("{% for x in [[1]] recursive %}{{ loop([x]) }}{% endfor %}", "recurses too deep"),
+        # Work that prints nothing: no bound on the output stops it (a chain of ``**`` ran past a minute).
+        ("{{ ((10 ** 100) ** 100) ** 100 }}", "an integer larger than"),
+        (
+            "{% set ns = namespace(x=10 ** 90) %}{% for i in range(20) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+            "an integer larger than",
+        ),
+        (
+            "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+            "loops run more than 100,000 times",
+        ),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+            "longer than 8,000,000",
+        ),
+        (
+            "{% set ns = namespace(s=[1]) %}{% for i in range(24) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "longer than 8,000,000",
+        ),
+        ("{% for i in range(700) %}{% set y = 'a' * 100000 %}{% endfor %}", "builds more than 64,000,000"),
     ],
 )
 def test_a_template_error_is_a_400_saying_what_went_wrong(source, words):
