@@ -3,9 +3,12 @@ lookups a run makes (issue 12, part 4)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
+from django.db import connection, transaction
 
 from audit.models import AuditEvent
 from core.exceptions import ApplicationError
@@ -213,3 +216,29 @@ def test_a_malformed_lookup_is_a_400(template, kwargs, param):
     with pytest.raises(ApplicationError) as caught:
         async_to_sync(prompt_version_get)("post", **kwargs)
     assert (caught.value.status_code, caught.value.param) == (400, param)
+
+
+def test_a_request_that_reads_a_label_while_its_move_commits_does_not_keep_it_for_the_next():
+    """Moving a label drops the cached lookups before it commits; a request that reads the label in between
+    (another connection: the label still points where it did) must not keep that copy, or the requests after the
+    move answered would run the old version for the cache's TTL."""
+    template = PromptTemplate.objects.create(slug="tagline")
+    v1 = prompt_version_create(template=template, messages=[{"role": "user", "content": "one"}])
+    v2 = prompt_version_create(template=template, messages=[{"role": "user", "content": "two"}])
+    prompt_label_set(template=template, name="production", version=v1)
+    read_meanwhile: list[int] = []
+
+    def a_request_reads_the_label() -> None:  # another thread, another connection: committed data only
+        try:
+            read_meanwhile.append(async_to_sync(prompt_version_get)("tagline", label="production").number)
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        prompt_label_set(template=template, name="production", version=v2)
+        reader = threading.Thread(target=a_request_reads_the_label)
+        reader.start()
+        reader.join(timeout=10)
+    assert read_meanwhile == [1]  # the move was not committed yet
+
+    assert async_to_sync(prompt_version_get)("tagline", label="production").number == 2
