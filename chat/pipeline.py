@@ -29,6 +29,7 @@ from django.conf import settings
 from billing.exceptions import ModelNotAllowedError
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
 from billing.pricing import cache_write_1h_price, cache_write_price
+from billing.selectors import UserLimits
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
 from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, requested_max_tokens
 from billing.services.keys import hash_key
@@ -417,6 +418,7 @@ async def completion_start(
     client_body: dict[str, Any] | None = None
     responses_chain: Chain | None = None  # the stored response a /v1/responses request continues
     field_names: dict[str, str] | None = None  # the client's names of the fields of a translated body
+    limits: UserLimits | None = None  # the user's, read by the allow-list check, which admission reuses
     _request_track()
     try:
         shutdown = _shutdowns.get(asyncio.get_running_loop())
@@ -429,6 +431,7 @@ async def completion_start(
             if templated:
                 check_body_and_model(body)  # a missing or malformed name: the 400 a request with messages gets
             asked = await model_resolve(body.get("model"))
+            limits = await _model_permitted(caller, asked)
             model, assignment = await _experiment_enter(caller, asked, body, operation)
             if templated:
                 version_id = assignment.variant.prompt_version_id if assignment is not None else None
@@ -444,7 +447,9 @@ async def completion_start(
             # OpenAI's default, spelt out: left to admission, a budget's clamp would lift it (and reserve for it).
             body["max_tokens"] = COMPLETIONS_MAX_TOKENS_DEFAULT
         if model is None:
-            model, assignment = await _experiment_enter(caller, await model_resolve(body["model"]), body, operation)
+            model = await model_resolve(body["model"])
+            limits = await _model_permitted(caller, model)
+            model, assignment = await _experiment_enter(caller, model, body, operation)
         if assignment is not None and assignment.variant.overrides:
             # The variant's parameters (set by an admin, e.g. temperature) replace the client's, as the
             # request's protocol spells them.
@@ -483,6 +488,7 @@ async def completion_start(
             endpoint=endpoint,
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
             output_unbounded=unbounded,
+            limits=limits,
         )
         if forced_limit is not None and admission.budgeted:
             # Under a budget llmhub sends a limit when the client set none (``_upstream_body``), which a rule then
@@ -599,6 +605,16 @@ def _end_user(body: dict[str, Any], operation: str) -> Any:
         metadata = body.get("metadata")
         return metadata.get("user_id") if isinstance(metadata, dict) else None
     return body.get("user")
+
+
+async def _model_permitted(caller: Caller, model: ResolvedModel) -> UserLimits:
+    """Refuse ``model`` when the caller's plan or key excludes it (``ModelNotAllowedError``, which /v1 answers as
+    a model that does not exist: ``model_refused_as_unknown``), right where a model that does not exist is refused
+    (``model_resolve``) and before anything reads the model (experiment, mode, output limit, streaming, moderation,
+    own keys, parameter rules), whose answer would tell a key that the model exists. The user's limits it read."""
+    return await model_permission_check(
+        user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, model=model
+    )
 
 
 async def _experiment_enter(
@@ -852,14 +868,13 @@ def model_refused_as_unknown(name: Any) -> Iterator[None]:
 
 async def model_for_estimate(*, caller: Caller, name: Any, operation: str) -> ResolvedModel:
     """The model an endpoint that runs nothing names (``/v1/messages/count_tokens``), refused as a run of
-    ``operation`` would refuse it: unknown, or excluded by the caller's plan or key (both 404), or of the wrong
-    mode (400). An estimate for a model the caller may not use would tell them what the catalog holds."""
+    ``operation`` would refuse it: unknown, or excluded by the caller's plan or key (both 404, the latter before
+    any check of the model), or of the wrong mode (400). An estimate for a model the caller may not use would tell
+    them what the catalog holds."""
     model = await model_resolve(name)
-    _check_mode(model, operation)
     with model_refused_as_unknown(name):
-        await model_permission_check(
-            user_id=caller.user_id, key_allowed_model_ids=caller.key_allowed_model_ids, model=model
-        )
+        await _model_permitted(caller, model)
+    _check_mode(model, operation)
     return model
 
 

@@ -99,6 +99,7 @@ async def admission_acquire(
     own_key_only: bool = False,
     output_unbounded: Sequence[ResolvedModel] = (),
     body_as_sent: dict[str, Any] | None = None,
+    limits: UserLimits | None = None,
 ) -> Admission:
     """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
     ``RateLimitExceededError`` (429); a refused request holds nothing.
@@ -122,8 +123,10 @@ async def admission_acquire(
 
     ``body_as_sent``: ``body`` as the models' parameter rules send it (``chat.pipeline._body_as_sent``), which is
     reserved for; None: ``body``. The tokens-per-minute windows count the client's own output limit, ``body``'s
-    (``budgets.window_tokens``)."""
-    limits = await user_limits(user_id)
+    (``budgets.window_tokens``).
+
+    ``limits``: the user's, as ``model_permission_check`` returned them for this request (None: looked up)."""
+    limits = limits if limits is not None else await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
     ancestors = await _ancestors(key)
@@ -470,10 +473,14 @@ async def models_allowed(
 
 async def model_permission_check(
     *, user_id: int, key_allowed_model_ids: frozenset[int] | None, model: ResolvedModel
-) -> None:
+) -> UserLimits:
     """``ModelNotAllowedError`` (403) when the plan's or the key's allow-list excludes ``model``, in the words
-    admission uses, for an endpoint that answers about a model without running a request (an estimate)."""
-    _check_models(limits=await user_limits(user_id), key_allowed_model_ids=key_allowed_model_ids, model=model)
+    admission uses: for an endpoint that answers about a model without running a request (an estimate), and for a
+    request as soon as its model is resolved, before any check that reads the model would answer for one the caller
+    may not use. The user's limits it read, which ``admission_acquire`` then takes (``limits``), not looking again."""
+    limits = await user_limits(user_id)
+    _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
+    return limits
 
 
 async def models_permitted(

@@ -107,3 +107,55 @@ def test_on_the_messages_api_it_is_anthropics_not_found_error(gateway, stream):
     row = wait_for_record(forbidden.response.headers["x-request-id"])
     assert (row.status, row.error_type) == ("rejected", "model_not_allowed")
     assert gateway.upstream.requests_served() == 0
+
+
+# Requests a check that reads the model refuses; a model the key may not use must not reach that check either.
+REFUSED_BY_THE_MODEL = {
+    "wrong-mode": ("embed-test", lambda client, model: CALLS["chat"](client, model)),
+    "no-streaming": ("no-stream-test", lambda client, model: CALLS["chat-stream"](client, model)),
+    "output-limit": (
+        "short-test",
+        lambda client, model: client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1000
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_BY_THE_MODEL))
+def test_a_model_the_key_may_not_use_is_a_404_before_any_check_of_the_model(gateway, case):
+    embedding_model()
+    fake_openai = Provider.objects.get(name="fake-openai")
+    ModelFactory(name="no-stream-test", provider=fake_openai, supports_streaming=False)
+    ModelFactory(name="short-test", provider=fake_openai, max_output_tokens=100)
+    model, call = REFUSED_BY_THE_MODEL[case]
+    client = gateway.client(api_key=narrow_key(gateway))
+
+    forbidden = refusal(call, client, model)
+    unknown = refusal(call, client, "no-such-model")
+
+    assert forbidden.body == {**unknown.body, "message": unknown.body["message"].replace("no-such-model", model)}
+    row = wait_for_record(forbidden.response.headers["x-request-id"])
+    assert (row.status, row.error_type, row.model_name) == ("rejected", "model_not_allowed", model)
+    # The key's own model is still refused by the check, as before.
+    with pytest.raises(openai.BadRequestError):
+        call(gateway.client(), model)
+    assert gateway.upstream.requests_served() == 0
+
+
+def test_count_tokens_answers_a_model_the_key_may_not_use_before_its_mode(gateway):
+    embedding_model()
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=narrow_key(gateway), max_retries=0, timeout=20)
+
+    def ask(model: str) -> anthropic.NotFoundError:
+        with pytest.raises(anthropic.APIStatusError) as refused:
+            client.messages.count_tokens(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert isinstance(refused.value, anthropic.NotFoundError), (refused.value.status_code, refused.value.body)
+        return refused.value
+
+    forbidden, unknown = ask("embed-test"), ask("no-such-model")
+
+    assert forbidden.body["error"] == {
+        **unknown.body["error"],
+        "message": unknown.body["error"]["message"].replace("no-such-model", "embed-test"),
+    }
