@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import partial
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
@@ -33,6 +33,7 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from audit.services import audit_record
+from core.async_bridge import run_async
 from core.exceptions import ApplicationError
 from core.id_batches import id_batches
 from core.time_limits import time_limit_reraise
@@ -204,7 +205,7 @@ async def key_live_acheck(*, provider: Provider, api_key: Secret, credential_id:
 
 def key_live_check(*, provider: Provider, api_key: Secret, credential_id: int | None = None) -> KeyCheck:
     """``key_live_acheck`` for synchronous callers."""
-    return async_to_sync(key_live_acheck)(provider=provider, api_key=api_key, credential_id=credential_id)
+    return run_async(key_live_acheck, provider=provider, api_key=api_key, credential_id=credential_id)
 
 
 def _not_accepted_check(provider: Provider) -> None:
@@ -564,7 +565,7 @@ def _revalidate_in_order(rows: Iterable[tuple[int, int]], *, concurrency: int, m
         queues.setdefault(provider_id, deque()).append(credential_id)
         place[credential_id] = position
     counts = {"valid": 0, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
-    async_to_sync(_revalidate_queued)(queues, place, counts, concurrency=max(1, concurrency), max_seconds=max_seconds)
+    run_async(_revalidate_queued, queues, place, counts, concurrency=max(1, concurrency), max_seconds=max_seconds)
     counts["left"] = sum(len(queue) for queue in queues.values())
     return counts
 

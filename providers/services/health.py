@@ -7,7 +7,7 @@ for the deployments whose admin asked for a paid probe. Each deployment's outcom
 opens or closes its ``Incident`` (``incidents``).
 
 Adapter calls are async (the SDK clients are). The sync entry points (admin actions, Celery tasks,
-management commands) run them with ``async_to_sync`` on a one-shot adapter that is closed afterwards:
+management commands) run them with ``core.async_bridge.run_async`` on a one-shot adapter, closed afterwards:
 the pooled adapters of ``adapter_for`` belong to a long-lived loop, and a pooled client created in a
 loop that ends right after the call would never be closed.
 """
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
 from django.utils import timezone
+
+from core.async_bridge import run_async
 
 from ..adapters import adapter_class_for_kind, adapter_for
 from ..adapters.base import BaseAdapter
@@ -126,7 +127,7 @@ def providers_health_check(*, providers: Sequence[Provider]) -> list[HealthResul
 
     An exception that is not an upstream failure is returned in place of that provider's result (and its
     row is left as it was), so that one broken provider does not keep the others from being checked."""
-    outcomes = async_to_sync(_probe_many)([provider_config(provider) for provider in providers])
+    outcomes = run_async(_probe_many, [provider_config(provider) for provider in providers])
     checked: list[HealthResult | Exception] = []
     for provider, outcome in zip(providers, outcomes, strict=True):
         if isinstance(outcome, HealthResult):
@@ -346,7 +347,7 @@ def health_check_round(*, providers: Sequence[Provider]) -> list[ProviderRound]:
     that is not an upstream failure) has the exception in its ``result`` and its row shows it as failing
     (``provider_health_unchecked``); its deployments' rows are left as they were."""
     work = [(provider_config(provider), _targets(provider)) for provider in providers]
-    outcomes = async_to_sync(_round)(work)
+    outcomes = run_async(_round, work)
     rounds: list[ProviderRound] = []
     for provider, outcome in zip(providers, outcomes, strict=True):
         if isinstance(outcome, Exception):

@@ -2,7 +2,7 @@
 provider) until an admin prices them; recorded in the audit log as ``provider.import_models``.
 
 Adapter calls are async (the SDK clients are). The sync entry points (admin actions, Celery tasks,
-management commands) run them with ``async_to_sync`` on a one-shot adapter that is closed afterwards:
+management commands) run them with ``core.async_bridge.run_async`` on a one-shot adapter, closed afterwards:
 the pooled adapters of ``adapter_for`` belong to a long-lived loop, and a pooled client created in a
 loop that ends right after the call would never be closed.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from asgiref.sync import async_to_sync
 from django.db import transaction
 
 from audit.services import audit_record
+from core.async_bridge import run_async
 
 from ..adapters import adapter_class_for_kind
 from ..models import CatalogModel, Deployment, Provider
@@ -48,7 +48,7 @@ def provider_import_models(*, provider: Provider) -> ImportResult:
     An upstream id already deployed on this provider, under any public name, is already known. The public
     name is the upstream id, or ``<provider>/<upstream id>`` when another model already has that name.
     Raises ``ProviderError`` when the provider cannot be listed."""
-    listed = async_to_sync(_list_models_once)(provider_config(provider))
+    listed = run_async(_list_models_once, provider_config(provider))
     name_max = CatalogModel._meta.get_field("name").max_length
     upstream_max = Deployment._meta.get_field("upstream_id").max_length
     default_context = CatalogModel._meta.get_field("context_window").get_default()

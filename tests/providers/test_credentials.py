@@ -3,14 +3,17 @@ against a fake provider that accepts only the keys it is told to and refuses mar
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import AsyncToSync, async_to_sync
+from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core import mail
 from django.db import connection, transaction
@@ -34,6 +37,7 @@ from providers.tasks_credentials import provider_credential_invalid_email, provi
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.mail import MailDown, MailWhileSending
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -649,6 +653,39 @@ def test_the_soft_time_limit_while_one_key_is_recorded_stops_the_daily_check_bef
         pre_save.disconnect(time_is_up, sender=ProviderCredential)
 
     assert models_asked_with(upstream) == [key_digest(k) for k in keys[:2]]  # the third was not checked
+
+
+def test_the_soft_time_limit_while_a_key_is_being_checked_ends_the_checks_loop_with_the_task(slow_provider, settings):
+    """The soft limit is raised in the worker child's main thread (billiard's SIGUSR1 handler), here while it waits
+    for a key's check on the run's event loop (``async_to_sync``). The exception left, and the loop ran on in its
+    thread: the check's next database call (``sync_to_async``) was handed to the thread that had left, and waited
+    for it for ever, so that thread never ended. The run's loop is stopped before the exception goes on
+    (``core.async_bridge.run_async``): the check is cancelled, nothing is written after the limit."""
+    server, provider = slow_provider
+    settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY = 1
+    settings.LLMHUB_BYOK_VALIDATION_TIMEOUT_SECONDS = 30.0  # the check is in flight when the limit comes
+    key = new_key()
+    accept_keys(server, key)
+    stored = stored_key(UserFactory(username="owner"), provider, key, checked_days_ago=3)
+    loops_before = set(AsyncToSync.loop_thread_executors)
+
+    def time_is_up() -> None:  # as the worker's main process does when the soft limit has passed
+        wait_until(lambda: models_asked_with(server), "the key's check reached its provider")
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
+    timer = threading.Thread(target=time_is_up)
+    try:
+        timer.start()
+        with pytest.raises(SoftTimeLimitExceeded):
+            provider_credentials_revalidate_all()
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR1, previous)
+
+    assert set(AsyncToSync.loop_thread_executors) <= loops_before  # the run's loop has ended
+    stored.refresh_from_db()
+    assert stored.unchecked_at is None and stored.status == CredentialStatus.VALID  # nothing written after
 
 
 def test_the_daily_check_is_scheduled():
