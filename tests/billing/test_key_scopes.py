@@ -332,6 +332,7 @@ def daily_ref(api_key) -> CounterRef:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.period_instants(only=["last-second-of-month"])  # daily budgets: a midnight mid-test moves every counter
 async def test_children_together_never_spend_more_than_their_parents_budget(store, family):
     first, second = (child.api_key for child in family["children"])
     spent = await acquire(family, first, "a1", max_tokens=6)
@@ -354,6 +355,7 @@ async def test_children_together_never_spend_more_than_their_parents_budget(stor
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.period_instants(only=["last-second-of-month"])  # daily budgets: a midnight mid-test moves every counter
 async def test_a_parents_counter_starts_from_and_reconciles_to_its_childrens_ledger(store, family):
     first, second = (child.api_key for child in family["children"])
     await sync_to_async(UsageRecordFactory)(user=family["user"], api_key=first, cost=5 * TOKEN)

@@ -14,7 +14,6 @@ import openai
 import pytest
 import redis
 from asgiref.sync import async_to_sync
-from django.utils import timezone
 
 from billing.models import BudgetPeriod, UsageRecord
 from billing.services.admission import models_allowed
@@ -248,8 +247,8 @@ def test_a_list_of_token_arrays_reserves_its_exact_size(store, embedder):
     raw = client.embeddings.with_raw_response.create(
         model="embed-test", input=[[1] * 2500, [2] * 2500], encoding_format="float"
     )
-    assert_priced_row(raw.headers["x-request-id"], 5000)
-    start = period_bounds(BudgetPeriod.MONTHLY, timezone.now())[0]
+    record = assert_priced_row(raw.headers["x-request-id"], 5000)
+    start = period_bounds(BudgetPeriod.MONTHLY, record.created_at)[0]
     ref = CounterRef("key", embedder.api_key.pk, "cost", BudgetPeriod.MONTHLY, start)
     assert counter_state(ref) == (Decimal("0.0001"), Decimal(0))  # spent in full, nothing left held
 
