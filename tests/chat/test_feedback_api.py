@@ -416,7 +416,9 @@ def test_a_rating_finds_a_row_a_slow_ledger_sent_to_the_spool(site, alice, alice
         wait_until(lambda: len(spool_rows()) >= 4, "both spills in the spool", timeout=20)
         spooled = {row["request_id"] for row in spool_rows()}
         rated = [request_id for request_id in request_ids if request_id in spooled][-1]
-        assert usage_unwritten(rated) is None  # out of the writer's memory
+        # Out of the writer's memory: the spill's thread forgets its rows just after their append, which the
+        # wait above saw.
+        wait_until(lambda: usage_unwritten(rated) is None, "the spilled row out of the writer's memory", timeout=20)
         assert not UsageRecord.objects.filter(request_id=rated).exists()
 
         thread, result = in_background(lambda: site.feedback(alice_key, {"request_id": rated, "thumbs": "up"}))
