@@ -358,8 +358,9 @@ def test_production_finds_a_client_gone_silent_within_20_seconds():
 
 def largest_chat_frame() -> bytes:
     """The largest frame a chat client may legitimately send: a ``chat.send`` of the longest content (counted in
-    characters), each character the costliest JSON can spell (outside the BMP, escaped as two ``\\uXXXX``: 12
-    bytes; UTF-8 would take 4, a control character's escape 6), the longest model name and request id likewise."""
+    characters), each character the costliest JSON can spell (outside the BMP, escaped as two six-character
+    escapes, a backslash, "u" and four hex digits each: 12 bytes; UTF-8 would take 4, a control character's
+    escape 6), the longest model name and request id likewise."""
     from chat.consumers import MAX_CONTENT_CHARS, MAX_DATABASE_ID, MAX_REQUEST_ID_CHARS
     from providers.models import CatalogModel
 
