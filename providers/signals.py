@@ -11,6 +11,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
 from core.broadcast import broadcast_handler, broadcast_publish
+from core.cache import forget_now_and_after_commit
 
 from .adapters.registry import adapters_forget
 from .byok import credentials_cache
@@ -22,7 +23,8 @@ from .selectors import catalog_cache
 @receiver([post_save, post_delete], sender=CatalogModel)
 @receiver([post_save, post_delete], sender=Deployment)
 def _catalog_changed(**kwargs: Any) -> None:
-    catalog_cache.invalidate()
+    # Again after commit: a request that reads the catalog in between still sees the rows as they were.
+    forget_now_and_after_commit(catalog_cache.invalidate)
 
 
 def _credential_forget(owner_id: int, credential_id: int) -> None:
