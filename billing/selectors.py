@@ -179,7 +179,8 @@ def usage_summary(*, user: Any, filters: UsageFilters, key_ids: Collection[int] 
 # LIMITS (request path)
 
 # Limits on the request path: one query per TTL per user or key, not per request. The process that
-# changes a plan or key clears its copy at once; other processes follow within LLMHUB_LOOKUP_CACHE_TTL.
+# changes a plan or key clears its copy at once and again after commit (``forget_now_and_after_commit``);
+# other processes follow within LLMHUB_LOOKUP_CACHE_TTL.
 limits_cache: TTLCache[Any] = TTLCache("billing-limits")
 
 

@@ -1,9 +1,10 @@
 """Cache invalidation only: a changed, revoked or deleted key, a changed allow-list or a deactivated
-owner is forgotten by this process's key cache at once (other processes within
-``LLMHUB_LOOKUP_CACHE_TTL``)."""
+owner is forgotten by this process's key cache at once and again after commit (other processes within
+``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from django.contrib.auth import get_user_model
@@ -63,15 +64,15 @@ def _owner_changed(instance: Any, **kwargs: Any) -> None:
 
 @receiver([post_save, post_delete], sender=ApiKey)
 def _api_key_limits_changed(instance: ApiKey, **kwargs: Any) -> None:
-    limits_cache.invalidate(("key", instance.pk))
+    forget_now_and_after_commit(partial(limits_cache.invalidate, ("key", instance.pk)))
 
 
 @receiver([post_save, post_delete], sender=UserPlan)
 def _user_plan_changed(instance: UserPlan, **kwargs: Any) -> None:
-    limits_cache.invalidate(("user", instance.user_id))
+    forget_now_and_after_commit(partial(limits_cache.invalidate, ("user", instance.user_id)))
 
 
 @receiver([post_save, post_delete], sender=Plan)
 @receiver(m2m_changed, sender=Plan.allowed_models.through)
 def _plan_changed(**kwargs: Any) -> None:
-    limits_cache.invalidate()
+    forget_now_and_after_commit(limits_cache.invalidate)

@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from audit.services import AuditEntry, audit_records
+from core.cache import forget_now_and_after_commit
 from core.id_batches import id_batches
 
 from ..exceptions import BillingMisconfiguredError
@@ -68,8 +69,12 @@ def user_plans_overrides_clear(*, user_plan_ids: Iterable[int]) -> int:
             cleared.append(AuditEntry(f"{UserPlan._meta.label_lower}.change", target=row, changes=changes))
             user_ids.append(row.user_id)
     audit_records(cleared)
-    for user_id in user_ids:
-        limits_cache.invalidate(("user", user_id))
+
+    def forget() -> None:
+        for user_id in user_ids:
+            limits_cache.invalidate(("user", user_id))
+
+    forget_now_and_after_commit(forget)
     return len(cleared)
 
 
