@@ -39,7 +39,7 @@ import re2
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
-from core.cache import TTLCache
+from core.cache import TTLCache, forget_now_and_after_commit
 
 from .adapters import adapter_for
 from .exceptions import ProviderError
@@ -869,4 +869,5 @@ async def moderation_policies(ids: tuple[int | None, ...]) -> list[PolicySnapsho
 @receiver([post_save, post_delete], sender=ModerationPolicy)
 @receiver([post_save, post_delete], sender=Provider)
 def _policy_changed(**kwargs: Any) -> None:
-    policy_cache.invalidate()
+    # Again after commit: a request that reads a policy in between still sees it as it was.
+    forget_now_and_after_commit(policy_cache.invalidate)
