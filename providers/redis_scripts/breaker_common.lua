@@ -2,7 +2,7 @@
 -- breaker_reset): loaded in front of each of them, so that each transition is still one atomic script.
 -- The Python twin is providers/routing/breaker_machine.py (Machine): change both together.
 --
--- KEYS: [breaker hash, index of open breakers, version counter]
+-- KEYS: [breaker hash, index of open breakers, version counter, epoch of the data (breaker_epoch.lua)]
 -- ARGV: deployment id, now (ms since the epoch), failures to open, error rate (%), window (ms),
 --       minimum volume, base cooldown (ms), max cooldown (ms), probe lease (ms), window buckets,
 --       change channel, then the transition's own arguments from ARGV[12].
@@ -117,7 +117,8 @@ local function save()
 end
 
 -- The transition's answer: {changed, won, state, failures, opened_until, cooldown, probe_until, version}.
--- A change gets the next version and is published for every process's local view.
+-- A change gets the next version and is published for every process's local view, with the epoch of the
+-- data it changed: read after Redis lost that data, the message is of a version counter that is gone.
 local function reply(changed, won)
   if changed == 1 then
     b.v = redis.call('INCR', version_key)
@@ -125,6 +126,7 @@ local function reply(changed, won)
   save()
   local view = {id, b.state, b.failures, fmt(b.opened_until), fmt(b.cooldown), fmt(b.probe_until), fmt(b.v)}
   if changed == 1 then
+    table.insert(view, breaker_epoch(KEYS[4]))
     redis.call('PUBLISH', channel, table.concat(view, ' '))
   end
   return {changed, won, b.state, b.failures, fmt(b.opened_until), fmt(b.cooldown), fmt(b.probe_until), fmt(b.v)}

@@ -1,14 +1,9 @@
 -- Every open breaker, for a process that re-reads them all (at start, then every few seconds, in case it
 -- missed a change message). KEYS: [index of open breakers, version counter, epoch]; ARGV: breaker key prefix.
 -- Returns {epoch, version counter, then per open breaker: id, state, failures, opened_until, cooldown,
--- probe_until, v}; a breaker whose hash expired leaves the index. The epoch is set by the first snapshot
--- after Redis started empty: a process that knew another one knows that Redis lost what it held.
-local epoch = redis.call('GET', KEYS[3])
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = t[1] .. '.' .. t[2]
-  redis.call('SET', KEYS[3], epoch)
-end
+-- probe_until, v}; a breaker whose hash expired leaves the index. The epoch (breaker_epoch.lua): a process
+-- that knew another one knows that Redis lost what it held.
+local epoch = breaker_epoch(KEYS[3])
 local out = {epoch, redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local f = redis.call('HMGET', ARGV[1] .. id, 'state', 'failures', 'opened_until', 'cooldown', 'probe_until', 'v')

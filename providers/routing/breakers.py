@@ -15,7 +15,8 @@ The request path never waits for Redis, except to claim a half-open breaker's si
   it hears (other processes learn of a change within milliseconds) and re-reads every open breaker every
   ``LLMHUB_BREAKER_RESYNC_SECONDS`` (a missed message heals). Every change carries a version from one
   Redis counter, so a late message never undoes a newer state; a new epoch (Redis lost its data) rebuilds
-  the view from what Redis holds.
+  the view from what Redis holds, and a message of another epoch than the one read is not applied (one sent
+  before the loss would reopen a breaker Redis forgot).
 - Redis unreachable: the request goes on with the view as it was; outcomes and claims are then decided by an
   in-memory ``Machine`` started from that view, until Redis answers again (its state wins).
 
@@ -53,7 +54,10 @@ KEY_PREFIX = "llmhub:breaker:"
 INDEX_KEY = "llmhub:breakers:open"
 VERSION_KEY = "llmhub:breakers:version"
 EPOCH_KEY = "llmhub:breakers:epoch"
-CHANNEL = "llmhub:breakers:changes"
+# Messages carry the epoch of their data since 6 December 2026: a channel of its own, whose messages a process
+# of an earlier release (which would fail to parse them) does not hear; each side's resync covers the other's
+# changes during a rolling deploy.
+CHANNEL = "llmhub:breakers:changes:2"
 SUCCESS_FLUSH_SECONDS = 0.5
 # A request claiming a probe waits at most this long for Redis before deciding in memory.
 CLAIM_TIMEOUT_SECONDS = 1.0
@@ -72,7 +76,9 @@ LOCAL_VERSION = -1  # a view decided in memory while Redis was away: whatever Re
 
 @cache
 def _script_text(name: str) -> str:
-    return (SCRIPTS_DIR / "breaker_common.lua").read_text() + "\n" + (SCRIPTS_DIR / f"{name}.lua").read_text()
+    """Every script with ``breaker_epoch.lua`` in front; a transition with ``breaker_common.lua`` too."""
+    parts = ["breaker_epoch", name] if name == "breaker_snapshot" else ["breaker_epoch", "breaker_common", name]
+    return "\n".join((SCRIPTS_DIR / f"{part}.lua").read_text() for part in parts)
 
 
 # The scripts registered on the process's sync clients (which live as long as the process). Those of an event
@@ -86,13 +92,12 @@ def _script(client: redis.Redis | redis.asyncio.Redis, name: str, *, kept: dict 
     scripts = _sync_scripts if kept is None else kept
     script = scripts.get((client, name))
     if script is None:
-        text = _script_text(name) if name != "breaker_snapshot" else (SCRIPTS_DIR / f"{name}.lua").read_text()
-        script = scripts[(client, name)] = client.register_script(text)
+        script = scripts[(client, name)] = client.register_script(_script_text(name))
     return script
 
 
 def _keys(deployment_id: int) -> list[str]:
-    return [f"{KEY_PREFIX}{deployment_id}", INDEX_KEY, VERSION_KEY]
+    return [f"{KEY_PREFIX}{deployment_id}", INDEX_KEY, VERSION_KEY, EPOCH_KEY]
 
 
 def _args(deployment_id: int, cfg: BreakerConfig, now: int, *extra: int) -> list[str | int]:
@@ -132,9 +137,15 @@ def _apply(deployment_id: int, view: BreakerView) -> None:
         _machines.pop(deployment_id, None)
 
 
-def _apply_message(data: str) -> None:
-    deployment_id, *fields = data.split()
+def _apply_message(data: str, epoch: str | None) -> bool:
+    """A change message (``breaker_common.lua``), unless it is of the data of another epoch than ``epoch``, the
+    one this process has read: its version is of a counter that started again since (Redis lost its data) and
+    would beat the views rebuilt from what Redis holds now. False when it is not applied for that."""
+    deployment_id, *fields, message_epoch = data.split()
+    if message_epoch != epoch:
+        return False
     _apply(int(deployment_id), BreakerView.parse(fields))
+    return True
 
 
 def _apply_snapshot(reply: list, *, redis_lost_data: bool) -> None:
@@ -299,7 +310,10 @@ class _Syncer:
                     if not self.active:  # what a Redis no longer ours says is not news
                         break
                     if message is not None and message["type"] == "message":
-                        _apply_message(message["data"])
+                        if not _apply_message(message["data"], self.epoch):
+                            # Of the data Redis lost, or of data newer than this process has read: the snapshot
+                            # tells which, now rather than at the next resync.
+                            resync_at = time.monotonic()
                     if time.monotonic() >= resync_at:
                         await self.resync(client)
                         resync_at = time.monotonic() + settings.LLMHUB_BREAKER_RESYNC_SECONDS

@@ -279,6 +279,39 @@ async def test_redis_losing_its_data_closes_what_it_forgot(shared):
     await eventually(lambda: not breaker_is_open(d), "the breaker Redis forgot is closed here too")
 
 
+async def test_a_change_message_of_the_data_redis_lost_does_not_reopen_the_breaker(shared):
+    """A change published just before Redis lost its data and read after the resync that saw the loss: its version
+    (of the old counter, far above the new one) would beat the view rebuilt from what Redis holds, and keep the
+    breaker open in this process until its cooldown. The message carries the epoch of its data: an old one is
+    ignored."""
+    d, marker = deployment(), deployment()
+    await breakers_synced()
+    shared.set(breakers.VERSION_KEY, 1000)  # a Redis that has run a while
+    elsewhere = shared.pubsub(ignore_subscribe_messages=True)
+    elsewhere.subscribe("llmhub:breakers:elsewhere")
+    _transition_unannounced(shared, d.id, "breaker_trip")  # its message kept, not heard here
+    published: list[str] = []
+
+    def caught() -> bool:
+        message = elsewhere.get_message(timeout=0.05)
+        if message is not None:
+            published.append(message["data"])
+        return bool(published)
+
+    await eventually(caught, "the trip's change message")
+    elsewhere.close()
+    await eventually(lambda: breaker_is_open(d), "the resync finds it open")
+    shared.flushdb()  # as a Redis restarted without persistence
+    await eventually(lambda: not breaker_is_open(d), "the resync saw the loss and closed it")
+
+    shared.publish(breakers.CHANNEL, published[0])  # the old message, read after the resync
+    args = breakers._args(marker.id, BreakerConfig.from_settings(), breakers._now_ms())
+    breakers._script(shared, "breaker_trip")(keys=breakers._keys(marker.id), args=args)  # a message of the new data
+    await eventually(lambda: breaker_is_open(marker), "the message after it is heard")
+    assert not breaker_is_open(d)
+    assert breaker_state(d.id).state == CLOSED
+
+
 async def test_a_redis_restart_costs_the_breakers_only_what_redis_forgot(tmp_path, settings):
     from tests.billing.test_redis_restart import RedisServer
 

@@ -241,8 +241,10 @@ def test_a_change_is_published_and_versioned(redis_client):
     wait_until(both_published, lambda: f"both changes published (got {messages})", timeout=10, interval=0)
     assert pubsub.get_message(timeout=0.2) is None  # and nothing else
     pubsub.close()
-    assert [BreakerView.parse(m.split()[1:]) for m in messages] == [opened, closed]
+    assert [BreakerView.parse(m.split()[1:7]) for m in messages] == [opened, closed]
     assert [m.split()[0] for m in messages] == ["9", "9"]
+    # Each with the epoch of the data it changed: one read after Redis lost that data is not taken for news.
+    assert [m.split()[7] for m in messages] == [redis_client.get(breakers.EPOCH_KEY)] * 2
     assert closed.version > opened.version > 0
     # A closed breaker leaves no hash behind, and the index of open breakers forgets it.
     assert not redis_client.exists(breakers._keys(9)[0])
