@@ -20,18 +20,18 @@ def _roles_after_migrate(sender, using="default", plan=None, **kwargs) -> None:
 
 def _role_forget(sender, instance, **kwargs) -> None:
     """A user's groups or superuser flag changed (the admin, role_set): this process's copy of their role
-    goes at once (other processes' within LLMHUB_LOOKUP_CACHE_TTL), and a user put in or out of a role
-    group, from the user's side (the admin's user form) or the group's (``group.user_set``), becomes staff
-    or not as ``role_set`` would have made them."""
+    goes at once and again after commit (other processes' within LLMHUB_LOOKUP_CACHE_TTL), and a user put in
+    or out of a role group, from the user's side (the admin's user form) or the group's (``group.user_set``),
+    becomes staff or not as ``role_set`` would have made them."""
     pk = getattr(instance, "pk", None)
     if pk is None:
         return
     if kwargs.get("reverse"):
         _role_group_members_changed(instance, **kwargs)
         return
-    from .roles import role_cache
+    from .roles import role_cache_forget
 
-    role_cache.invalidate(pk)
+    role_cache_forget(pk)
     instance.__dict__.pop("_llmhub_role", None)
     if hasattr(instance, "get_username") and "action" in kwargs:
         _role_groups_changed(instance, **kwargs)
@@ -55,9 +55,9 @@ def _role_groups_changed(user, *, action: str, pk_set, **kwargs) -> None:
 
 def _role_group_members_changed(group, *, action: str, pk_set, model, **kwargs) -> None:
     """``group.user_set.add/remove/clear``: each user it touched, as if changed from their side."""
-    from .roles import STAFF_ROLES, role_cache, role_parse, role_staff_sync
+    from .roles import STAFF_ROLES, role_cache_forget, role_parse, role_staff_sync
 
-    role_cache.invalidate()  # any of the group's members
+    role_cache_forget()  # any of the group's members
     role = role_parse(getattr(group, "name", None))
     if role is None or role.value != group.name:
         return  # not a role group: no one's role changed

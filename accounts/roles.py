@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from django.db import transaction
 
-from core.cache import TTLCache
+from core.cache import TTLCache, forget_now_and_after_commit
 
 
 class Role(enum.StrEnum):
@@ -114,6 +115,12 @@ def role_can(user: Any, capability: Capability) -> bool:
 role_cache: TTLCache[Role] = TTLCache("roles")
 
 
+def role_cache_forget(user_id: int | None = None) -> None:
+    """Drop this process's cached role of ``user_id`` (None: of everyone) now and again after commit: a request
+    that reads the role in between still sees the old one, and would keep it for the TTL."""
+    forget_now_and_after_commit(partial(role_cache.invalidate, user_id))
+
+
 async def _role_load(user_id: int) -> Role:
     from django.contrib.auth import get_user_model
 
@@ -167,7 +174,7 @@ def role_set(user: Any, role: Role) -> bool:
         user.save(update_fields=["is_staff"])
         changed = True
     user.__dict__.pop("_llmhub_role", None)
-    role_cache.invalidate(user.pk)
+    role_cache_forget(user.pk)
     return changed
 
 
@@ -189,7 +196,7 @@ def role_staff_sync(user: Any, *, staff_role_dropped: bool = False) -> None:
         user.is_staff = is_staff
         user.save(update_fields=["is_staff"])
     user.__dict__.pop("_llmhub_role", None)
-    role_cache.invalidate(user.pk)
+    role_cache_forget(user.pk)
 
 
 def roles_ensure(*, apps: Any = None, using: str = "default") -> None:

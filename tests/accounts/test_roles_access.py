@@ -4,10 +4,14 @@ signed-in session (and a gateway key for /v1)."""
 
 from __future__ import annotations
 
-import pytest
-from django.contrib.auth import get_user_model
+import threading
 
-from accounts.roles import Role, role_of, role_set
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth import get_user_model
+from django.db import connection, transaction
+
+from accounts.roles import Role, role_for_user_id, role_of, role_set
 from billing.services.keys import api_key_create
 from tests.factories import ModelFactory, UserFactory
 
@@ -175,3 +179,29 @@ def test_the_navigation_shows_a_role_only_the_pages_it_may_use(client, role):
         assert shown == {"/", "/usage/"} and chat_links == 1
     else:
         assert shown == {"/", "/keys/", "/provider-keys/", "/usage/"} and chat_links == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_that_reads_a_role_while_its_change_commits_does_not_keep_it_for_the_next():
+    """Demoting a user drops their cached role before it commits; a request that reads the role in between (another
+    connection: the user still has the old one for it) must not keep that copy, or the demoted user would keep
+    what the old role let them do (here: the gateway) for the cache's TTL."""
+    user = UserFactory(username="demoted")
+    role_set(user, Role.MEMBER)
+    assert async_to_sync(role_for_user_id)(user.pk) == Role.MEMBER
+    read_meanwhile: list[Role] = []
+
+    def a_request_reads_the_role() -> None:  # another thread, another connection: committed data only
+        try:
+            read_meanwhile.append(async_to_sync(role_for_user_id)(user.pk))
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        role_set(user, Role.VIEWER)
+        reader = threading.Thread(target=a_request_reads_the_role)
+        reader.start()
+        reader.join(timeout=10)
+    assert read_meanwhile == [Role.MEMBER]  # the change was not committed yet
+
+    assert async_to_sync(role_for_user_id)(user.pk) == Role.VIEWER
