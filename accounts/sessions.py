@@ -17,7 +17,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import auth
 
-from core.cache import TTLCache
+from core.cache import TTLCache, forget_now_and_after_commit
 
 # session key -> the id of the user it signs in now, or None.
 session_cache: TTLCache[int | None] = TTLCache("sessions")
@@ -37,5 +37,6 @@ async def session_user_id(session_key: str) -> int | None:
 
 def sessions_forget(*args: object, **kwargs: object) -> None:
     """A user was saved or deleted, or signed out, in this process: every copy goes (a user knows nothing of
-    their sessions' keys), and the sockets' next sends ask again."""
-    session_cache.invalidate()
+    their sessions' keys), now and again after commit (a send in between still reads the user as they were),
+    and the sockets' next sends ask again."""
+    forget_now_and_after_commit(session_cache.invalidate)
