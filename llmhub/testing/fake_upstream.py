@@ -42,7 +42,9 @@ Endpoints
     OpenAI shape otherwise, which also lists ``fake-embedding-small``). Azure OpenAI's routes answer as OpenAI's: ``POST
     /openai/deployments/{deployment}/chat/completions`` and ``…/embeddings`` (the deployment is the model
     when the body names none), ``GET /openai/models``; each needs an ``api-version`` query parameter
-    (else a 400, as Azure answers) and takes the key in an ``api-key`` header. Mistral's, under ``/mistral``
+    (else a 400, as Azure answers; one older than 2024-09-01-preview refuses ``max_completion_tokens`` with Azure's 400
+    ``Unrecognized request argument supplied``, a deployment named ``fake-gpt-5`` refuses ``max_tokens`` as OpenAI's
+    does) and takes the key in an ``api-key`` header. Mistral's, under ``/mistral``
     (``base_url`` ``…/mistral/v1``): ``POST /mistral/v1/chat/completions``, ``…/embeddings``, ``…/fim/completions``
     (Codestral's fill-in-the-middle: ``prompt`` and ``suffix``, answered as its chat completions), ``GET
     /mistral/v1/models``, answered as OpenAI's but strict as Mistral is: a field Mistral does not take
@@ -308,6 +310,10 @@ OPENAI_MAX_OUTPUT_TOKENS = {"fake-gpt-4o-mini": 16_384, "fake-gpt-4o": 16_384, "
 # Model ids answered as OpenAI's newest models are (gpt-5, the o-series), which take the output limit only as
 # ``max_completion_tokens``: a chat completion's ``max_tokens`` is OpenAI's 400 ``unsupported_parameter``. Not listed.
 OPENAI_MAX_TOKENS_REFUSED = frozenset({"fake-gpt-5"})
+# Azure OpenAI's api-versions are dated (``2024-10-21``, ``2024-09-01-preview``); ``max_completion_tokens`` came with
+# 2024-09-01-preview (its o-series and gpt-5 deployments take no other limit), and every later one, GA or preview,
+# has it. The v1 API's undated ``preview`` and ``latest`` are newer still.
+AZURE_MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"
 _REQUEST_LOG_SIZE = 100
 _SHUTDOWN_TIMEOUT = 0.5
 _ERROR_EVENT_CHUNKS = 2
@@ -1003,6 +1009,12 @@ def _tool_arguments(schema: dict[str, Any], user_text: str) -> dict[str, Any]:
 def _tool_count(directives: dict[str, str]) -> int:
     wanted = directives.get("tool_calls", "1")
     return min(int(wanted), 8) if wanted.isdigit() and int(wanted) >= 1 else 1
+
+
+def azure_takes_max_completion_tokens(api_version: str) -> bool:
+    """Whether an Azure OpenAI api-version knows ``max_completion_tokens`` (``AZURE_MAX_COMPLETION_TOKENS_SINCE``)."""
+    dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version)
+    return dated is None or dated.group() >= AZURE_MAX_COMPLETION_TOKENS_SINCE
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -1759,6 +1771,19 @@ class _App:
             body = request[_BODY_KEY]
             if deployment and isinstance(body, dict) and not body.get("model"):
                 body["model"] = deployment
+            if (
+                isinstance(body, dict)
+                and "max_completion_tokens" in body
+                and not azure_takes_max_completion_tokens(request.query["api-version"])
+            ):
+                # As Azure: the name came with 2024-09-01-preview; an older api-version does not know it.
+                return _openai_error(
+                    400,
+                    "Unrecognized request argument supplied: max_completion_tokens",
+                    "invalid_request_error",
+                    None,
+                    None,
+                )
             return await handler(request)
 
         return azure_handler

@@ -10,6 +10,8 @@ list is the data plane's ``GET /openai/models``: the models the resource may dep
 
 from __future__ import annotations
 
+import re
+
 import openai
 from django.core.exceptions import ImproperlyConfigured
 
@@ -22,8 +24,31 @@ from .openai import OpenAIAdapter
 _PLACEHOLDER_KEY = "not-configured"
 
 
+# The first api-version with ``max_completion_tokens`` (2024-09-01-preview, deprecating ``max_tokens``); every later
+# one, GA (2024-10-21 on) or preview, has it. Azure's o-series and gpt-5 deployments take no other limit, and older
+# api-versions refuse it ("Unrecognized request argument supplied").
+_MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"
+
+
+def takes_max_completion_tokens(api_version: str) -> bool:
+    """Whether Azure OpenAI's ``api_version`` reads ``max_completion_tokens``: a dated one from 2024-09-01(-preview)
+    on, or the v1 API's undated ``preview``/``latest``, newer than any dated one."""
+    dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version.strip())
+    return dated is None or dated.group() >= _MAX_COMPLETION_TOKENS_SINCE
+
+
 class AzureOpenAIAdapter(OpenAIAdapter):
+    """Sends a chat reply's output limit as ``max_completion_tokens`` where the configured api-version has it
+    (``takes_max_completion_tokens``), as OpenAI's own adapter does: its reasoning deployments (o-series, gpt-5) refuse
+    ``max_tokens``, and every deployment reads the new name as the same limit. An older api-version gets the limit
+    as the request has it (``max_tokens`` where llmhub sets it)."""
+
     serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        if takes_max_completion_tokens(config.api_version):
+            self.output_limit = "max_completion_tokens"
 
     def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
         if not config.api_version:

@@ -1,8 +1,9 @@
 """OpenAI's own API reads a reply's output limit as ``max_completion_tokens``: it deprecated ``max_tokens`` for all
 its models, and its reasoning models and gpt-5 refuse it (the fake's ``fake-gpt-5`` does, with OpenAI's 400).
 llmhub sent ``max_tokens`` wherever it chose the field: a /v1/messages request translated, the limit it picks under
-a budget, a ``fixed`` rule's. A deployment on OpenAI (kind openai) is now sent ``max_completion_tokens``; other
-OpenAI-compatible servers keep ``max_tokens``, the one they all read."""
+a budget, a ``fixed`` rule's. A deployment on OpenAI (kind openai) is now sent ``max_completion_tokens``, and so is
+one on Azure OpenAI whose api-version has the name (2024-09-01-preview on); other OpenAI-compatible servers, and Azure
+on an older api-version, keep ``max_tokens``, the one they all read."""
 
 from __future__ import annotations
 
@@ -108,3 +109,58 @@ def test_a_budgeted_keys_max_completion_tokens_alone_is_reserved_and_sent(models
     record = wait_for_record(raw.headers["x-request-id"])
     assert (record.status, record.completion_tokens) == ("ok", 7)
     assert UsageRecord.objects.filter(api_key=models.api_key).count() == 2
+
+
+@pytest.fixture
+def azure_models(gateway):
+    """Azure OpenAI deployments: a gpt-5 on an api-version that has ``max_completion_tokens`` (2024-10-21) and a
+    gpt-4o-mini on one older than its 2024-09-01-preview, which the fake (as Azure) refuses it on."""
+    for name, version, upstream in (
+        ("azure-gpt5", "2024-10-21", "fake-gpt-5"),
+        ("azure-old", "2024-06-01", "fake-gpt-4o-mini"),
+        ("azure-preview", "2025-04-01-preview", "fake-gpt-5"),
+    ):
+        provider = ProviderFactory(
+            name=f"{name}-resource",
+            kind=ProviderKind.AZURE_OPENAI,
+            base_url=gateway.upstream.base_url,
+            api_version=version,
+        )
+        ModelFactory(name=name, provider=provider, upstream_id=upstream, max_output_tokens=128_000)
+    return gateway
+
+
+@pytest.mark.parametrize("model", ["azure-gpt5", "azure-preview"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_messages_request_reaches_azure_reasoning_with_max_completion_tokens(azure_models, model, stream):
+    """Azure's gpt-5 and o-series deployments refuse ``max_tokens`` as OpenAI's do: a /v1/messages request (whose
+    ``max_tokens`` llmhub translates) got Azure's 400 ``unsupported_parameter``."""
+    sdk = anthropic.Anthropic(base_url=azure_models.url, api_key=azure_models.key, max_retries=0, timeout=20)
+    request = {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "[[reply=done]]"}]}
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    assert message.content[-1].text == "done"
+    assert _sent(azure_models)["max_completion_tokens"] == 50
+    assert "max_tokens" not in _sent(azure_models)
+
+
+def test_a_chat_completions_max_tokens_reaches_an_azure_reasoning_deployment_as_max_completion_tokens(azure_models):
+    completion = azure_models.client().chat.completions.create(
+        model="azure-gpt5", max_tokens=3, messages=[{"role": "user", "content": "[[words=10]]"}]
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert _sent(azure_models)["max_completion_tokens"] == 3
+    assert "max_tokens" not in _sent(azure_models)
+
+
+def test_an_azure_api_version_before_max_completion_tokens_is_sent_max_tokens(azure_models):
+    sdk = anthropic.Anthropic(base_url=azure_models.url, api_key=azure_models.key, max_retries=0, timeout=20)
+    message = sdk.messages.create(
+        model="azure-old", max_tokens=3, messages=[{"role": "user", "content": "[[words=10]]"}]
+    )
+    assert message.stop_reason == "max_tokens"
+    assert _sent(azure_models)["max_tokens"] == 3
+    assert "max_completion_tokens" not in _sent(azure_models)
