@@ -56,7 +56,8 @@ Endpoints
     last chunk, embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
     request``), a tool call's id in the messages (a call's ``id``, a tool message's ``tool_call_id``) must be 9
     letters and digits (else Mistral's 400 ``Tool call id was … but must be a-z, A-Z, 0-9, with a length of 9.``,
-    code 3280; since 6 December), and a last message of the assistant's (a prefill) must say ``"prefix": true``
+    code 3280; since 6 December; the calls it makes have such ids, as Mistral's do, ``D681PevKs``: until 6 December
+    OpenAI's ``call_…``), and a last message of the assistant's (a prefill) must say ``"prefix": true``
     (else Mistral's 400 ``Expected last role User or Tool (or Assistant with prefix True) …``); with it, the reply
     (streamed or whole) begins with the prefix itself, as Mistral's does (``[[prefix_echo=off]]``: it only continues
     it, as this fake did before 6 December). Ollama's, under ``/ollama``
@@ -489,7 +490,8 @@ def split_tokens(text: str) -> list[str]:
     return tokens
 
 
-_OBFUSCATION_CHARACTERS = string.ascii_letters + string.digits
+_ALPHANUMERIC = string.ascii_letters + string.digits
+_OBFUSCATION_CHARACTERS = _ALPHANUMERIC
 # Padding, not a secret: a pseudo-random generator of its own. ``secrets`` asked the kernel for every
 # character, which made the fake provider, sharing the benchmark's two cores, slower than the server it feeds.
 _PADDING_RANDOM = random.Random()  # noqa: S311
@@ -739,6 +741,7 @@ class _Reply:
     tool_id: str = ""
     tool_count: int = 1  # ``[[tool_calls=N]]``: the same call N times, each with its own id
     legacy_function: bool = False  # answered as a legacy ``function_call`` (the request gave ``functions``)
+    own_tool_ids: tuple[str, ...] = ()  # every call's id, when drawn otherwise than from ``tool_id`` (Mistral's)
 
     @property
     def arguments_json(self) -> str:
@@ -746,7 +749,17 @@ class _Reply:
 
     @property
     def tool_ids(self) -> list[str]:
+        if self.own_tool_ids:
+            return list(self.own_tool_ids)
         return [self.tool_id] + [f"{self.tool_id}_{number}" for number in range(1, self.tool_count)]
+
+    def with_mistral_tool_ids(self) -> _Reply:
+        """This reply with its calls' ids as Mistral draws them: 9 letters and digits (``D681PevKs``), the only form
+        it takes back (``_MISTRAL_TOOL_CALL_ID``)."""
+        if self.tool_name is None:
+            return self
+        ids = tuple("".join(random.choices(_ALPHANUMERIC, k=9)) for _ in range(self.tool_count))  # noqa: S311 (ids)
+        return replace(self, tool_id=ids[0], own_tool_ids=ids)
 
     @property
     def completion_tokens(self) -> int:
@@ -1937,6 +1950,8 @@ class _App:
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
         reply = _build_reply(conv, _openai_tool(body), max_tokens, stops, "call_", self.demo)
+        if request.get(_USAGE_ON_FINISH_KEY, False):  # Mistral's
+            reply = reply.with_mistral_tool_ids()
         echoed = request.get(_PREFIX_ECHO_KEY)
         if echoed and reply.text is not None and conv.directives.get("prefix_echo") != "off":
             # As Mistral: the reply to a prefix begins with the prefix itself.

@@ -273,6 +273,33 @@ def test_a_tool_round_trip_with_another_providers_call_id_is_taken_by_mistral(mi
     assert calls[0] != "call_Zx81kPq0" and len(calls[0]) == 9 and calls[0].isalnum() and calls[0].isascii()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_mistrals_own_tool_call_ids_reach_the_client_and_go_back_to_mistral_as_they_came(mistral, stream):
+    """Mistral names its calls with 9 letters and digits (the fake made OpenAI's ``call_…`` ids, so no test saw one
+    of Mistral's own go through): the client gets each id as Mistral gave it, and a conversation that answers the
+    calls sends them back to Mistral unchanged, the call and the tool message alike."""
+    client = mistral.client()
+    ask = [{"role": "user", "content": "weather in Paris? [[tool_calls=2]]"}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(model="mistral-test", messages=ask, tools=[WEATHER_TOOL], stream=True)
+        )
+        deltas = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or ()]
+        given = [call.id for call in deltas if call.id]
+    else:
+        reply = client.chat.completions.create(model="mistral-test", messages=ask, tools=[WEATHER_TOOL])
+        given = [call.id for call in reply.choices[0].message.tool_calls]
+    assert len(given) == 2 and len(set(given)) == 2
+    assert all(len(call_id) == 9 and call_id.isalnum() and call_id.isascii() for call_id in given)
+
+    calls = [{"id": i, "type": "function", "function": {"name": "weather", "arguments": "{}"}} for i in given]
+    answers = [{"role": "tool", "tool_call_id": i, "content": f"{n} C"} for n, i in enumerate(given)]
+    messages = [*ask, {"role": "assistant", "content": None, "tool_calls": calls}, *answers]
+    answer = client.chat.completions.create(model="mistral-test", messages=messages, tools=[WEATHER_TOOL])
+    assert answer.choices[0].message.content == "Tool result: 1 C"
+    assert _tool_call_ids(mistral.upstream.requests[-1]["body"]) == (given, given)
+
+
 def test_a_messages_tool_round_trip_with_claudes_tool_use_id_is_taken_by_mistral(mistral):
     answer = httpx.post(
         mistral.url + "/v1/messages",
