@@ -1023,12 +1023,14 @@ def _retryable(exc: ProviderError) -> bool:
     return exc.upstream_status is None or exc.upstream_status in (408, 429, 500, 502, 503, 504, 529)
 
 
-def _unsent_refusal(exc: ProviderError) -> bool:
-    """Whether the adapter refused the request before any call: something its provider cannot take (``logprobs``
-    to one that returns none, audio output to one that answers in text, ``providers.adapters.common``), said in a
-    400 of ours, not the provider's (which has its status). A moderation verdict is no such refusal."""
-    ours = isinstance(exc, ProviderBadRequestError) and exc.upstream_status is None
-    return ours and not isinstance(exc, ModerationError)
+def _cannot_take(exc: ProviderError) -> bool:
+    """Whether a deployment refused the request as one it cannot take: its adapter before any call (``logprobs`` to a
+    provider that returns none, audio output to one that answers in text, ``providers.adapters.common``), or its
+    provider with its own 400 (a parameter, or a value of one, that its model does not take: ``reasoning_effort`` to
+    one that cannot reason, a ``max_tokens`` past what it writes; Mistral's 422 for a field it lacks). Met on a
+    fallback, where the model asked for took the request, it says that fallback cannot serve it, not that the request
+    is wrong. A moderation verdict is no such refusal."""
+    return isinstance(exc, ProviderBadRequestError) and not isinstance(exc, ModerationError)
 
 
 def _misconfigured(exc: ProviderError) -> bool:
@@ -1357,9 +1359,9 @@ class CompletionRun:
         failures = 0
         index = 0
         refused: Exception | None = None  # the first fallback's refusal by a moderation policy of its own
-        # The first fallback that could not take the request (its adapter refused it before any call,
-        # ``_unsent_refusal``, or its window is too small for it), and the target of the last failed attempt, which
-        # the row names when that failure is the answer.
+        # The first fallback that could not take the request (its adapter or its provider refused it, ``_cannot_take``,
+        # or its window is too small for it), and the target of the last failed attempt, which the row names when that
+        # failure is the answer.
         unsent: ProviderError | None = None
         failed_on: ResolvedModel | None = None
         # The deployments' rpm/tpm caps stand for the platform's account: an attempt on the user's own key is
@@ -1422,7 +1424,7 @@ class CompletionRun:
                     self._ticket_close(Outcome.NEUTRAL)
                     if model is not self.model and not switched_for_context:
                         # Too long for a fallback's smaller window, not for the model asked for: skipped as one that
-                        # cannot take the request (``_unsent_refusal``); its other deployments share its window.
+                        # cannot take the request (``_cannot_take``); its other deployments share its window.
                         unsent = unsent or exc
                         break
                     if switched_for_context or not self.context_fallbacks:
@@ -1439,12 +1441,14 @@ class CompletionRun:
                     self._ticket_close(_outcome(failure, target), error_type=failure.code or type(failure).__name__)
                     if refusal is not failure:
                         raise refusal from exc
-                    if model is not self.model and _unsent_refusal(failure):
+                    if model is not self.model and _cannot_take(failure):
                         # A fallback that cannot take what the request asks and the model asked for took: skipped,
-                        # as one that cannot stream is left out; nothing was sent. Its other deployments may.
+                        # as one that cannot stream is left out, never asked again. Its other deployments (another
+                        # provider may take it) are tried: the refusal is no failure to spend a retry on.
                         unsent = unsent or failure
                         candidates = [c for c in candidates if c is not deployment]
                         position -= 1
+                        budget += 1
                         continue
                     if not _retryable(failure):  # never one ``upstream_model_missing`` made: a 404 moves on
                         raise

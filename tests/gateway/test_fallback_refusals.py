@@ -1,7 +1,7 @@
 """A fallback whose provider cannot take what the request asks, which the model asked for takes (``logprobs``, audio
-output: refused by its adapter before any call, ``providers.adapters.common``), through the openai SDK against a
-live llmhub and the fake upstream. The model ``primary`` (OpenAI's protocol, its one deployment failing with the
-fake's ``fault-503``, no retries) falls back to a model served by Claude."""
+output: refused by its adapter before any call, ``providers.adapters.common``; or by its provider's own 400), through
+the openai SDK against a live llmhub and the fake upstream. The model ``primary`` (OpenAI's protocol, its one
+deployment failing with the fake's ``fault-503``, no retries) falls back to another model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from billing.models import UsageRecord
-from providers.models import Provider
-from tests.factories import ModelFactory
+from providers.models import CatalogModel, Deployment, Provider
+from tests.factories import DeploymentFactory, ModelFactory
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -99,3 +99,81 @@ def test_a_prompt_too_long_for_the_model_asked_for_still_moves_to_its_context_wi
     raw = gateway.client().chat.completions.with_raw_response.create(model="short", messages=HELLO)
 
     assert wait_for_record(raw.headers["x-request-id"]).model_name == "long"
+
+
+# What a fallback's own provider refuses with its 400, where the model asked for takes the request: a parameter value
+# past what its model writes (OpenAI's ``max_tokens is too large`` for gpt-4o-mini's 16384), and any 400 of its (the
+# fake's ``fault-400``: Azure's ``reasoning_effort`` to a model that cannot reason, Mistral's 422 for a field it lacks).
+PROVIDER_REFUSALS = {
+    "max-tokens-too-large": ("fake-gpt-4o-mini", {"max_tokens": 20_000}),
+    "any-400": ("fault-400", {}),
+}
+
+
+@pytest.mark.parametrize(("upstream", "ask"), PROVIDER_REFUSALS.values(), ids=PROVIDER_REFUSALS.keys())
+def test_a_fallback_its_provider_refuses_is_skipped_and_the_client_gets_the_models_own_failure(gateway, upstream, ask):
+    """The client got the fallback's provider's 400, about a model it did not ask for, on a request the model it asked
+    for takes: an invalid row, and an SDK that never retries. The fallback is skipped (never asked again), and the
+    client gets the model's own 503, which a retry may get past."""
+    model("backup", "fake-openai", upstream)
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup"])
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().chat.completions.create(model="primary", messages=HELLO, **ask)
+
+    assert failed.value.status_code == 503
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert UsageRecord.objects.count() == 1
+    assert record.status == "upstream_error" and record.error_type == "upstream_unavailable"
+    assert record.model_name == "primary" and record.cost == 0
+    assert [entry["body"]["model"] for entry in gateway.upstream.requests] == ["fault-503", upstream]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize(("upstream", "ask"), PROVIDER_REFUSALS.values(), ids=PROVIDER_REFUSALS.keys())
+def test_the_next_fallback_answers_when_ones_provider_refuses_the_request(gateway, upstream, ask, stream):
+    model("backup", "fake-openai", upstream)
+    model("open", "fake-anthropic", "fake-claude-haiku")
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup", "open"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="primary", messages=HELLO, stream=stream, **ask
+    )
+
+    if stream:
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+    else:
+        assert raw.parse().choices[0].message.content
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.status == "ok" and record.model_name == "open" and record.attempts == 3
+
+
+def test_a_fallbacks_provider_refusal_moves_on_to_its_other_deployment(gateway):
+    """Never asked again on the deployment that refused it; its model's other deployment (another provider, which
+    may take what the first refuses) is tried."""
+    backup = model("backup", "fake-openai", "fault-400")
+    DeploymentFactory(
+        model=backup, provider=Provider.objects.get(name="fake-anthropic"), upstream_id="fake-claude-haiku"
+    )
+    CatalogModel.objects.filter(pk=backup.pk).update(strategy="priority")
+    Deployment.objects.filter(model=backup, upstream_id="fake-claude-haiku").update(priority=2)
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup"])
+
+    raw = gateway.client().chat.completions.with_raw_response.create(model="primary", messages=HELLO)
+
+    assert raw.parse().choices[0].message.content
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.status == "ok" and record.model_name == "backup" and record.attempts == 3
+    assert [entry["body"]["model"] for entry in gateway.upstream.requests].count("fault-400") == 1
+
+
+def test_the_model_asked_for_still_answers_its_providers_400(gateway):
+    model("backup", "fake-openai", "fake-gpt-4o-mini")
+    model("primary", "fake-openai", "fault-400", fallbacks=["backup"])
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="primary", messages=HELLO)
+
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.model_name == "primary"
+    assert [entry["body"]["model"] for entry in gateway.upstream.requests] == ["fault-400"]
