@@ -155,6 +155,9 @@ Replies
     1 to 16 random letters and digits, last in the chunk, as OpenAI does to even out the chunks' sizes
     (``--obfuscation``: every stream, as OpenAI's own are, unless ``[[obfuscation=off]]``);
     ``stream_options.include_obfuscation: false`` turns it off, as it does OpenAI's.
+    ``[[url_citation=URL]]`` (OpenAI's routes) cites URL for the whole text reply, as OpenAI's search models do: one
+    ``url_citation`` in the message's ``annotations`` (``start_index`` 0, ``end_index`` the text's length, ``title``
+    ``Fake source``); streamed, in a delta of its own after the text's.
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); past what the model writes at most they are refused with the provider's 400
@@ -1028,6 +1031,14 @@ def azure_takes_max_completion_tokens(api_version: str) -> bool:
     """Whether an Azure OpenAI api-version knows ``max_completion_tokens`` (``AZURE_MAX_COMPLETION_TOKENS_SINCE``)."""
     dated = re.match(r"\d{4}-\d{2}-\d{2}", api_version)
     return dated is None or dated.group() >= AZURE_MAX_COMPLETION_TOKENS_SINCE
+
+
+def _url_citations(url: str | None, reply: _Reply) -> list[dict[str, Any]]:
+    """``[[url_citation=URL]]``: OpenAI's ``annotations`` citing URL for the whole of a text reply (none for a call)."""
+    if not url or reply.text is None:
+        return []
+    span = {"start_index": 0, "end_index": len(reply.text), "url": url, "title": "Fake source"}
+    return [{"type": "url_citation", "url_citation": span}]
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -1959,6 +1970,7 @@ class _App:
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         lead = _OpenAILead.of(conv, reply, mistral=request.get(_USAGE_ON_FINISH_KEY, False))
+        annotations = _url_citations(conv.directives.get("url_citation"), reply)
         completion = (reply.completion_tokens + lead.tokens) * n
         usage = {
             "prompt_tokens": conv.prompt_tokens,
@@ -1999,6 +2011,7 @@ class _App:
                 usage_on_finish=usage_on_finish,
                 lead=lead,
                 vllm_stop_reason=vllm_stop_reason,
+                annotations=annotations,
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
         answer = {
@@ -2007,7 +2020,10 @@ class _App:
             "created": int(time.time()),
             "model": body["model"],
             "choices": [
-                self._openai_choice(i, reply, logprobs, top, lead, vllm_stop_reason=vllm_stop_reason) for i in range(n)
+                self._openai_choice(
+                    i, reply, logprobs, top, lead, vllm_stop_reason=vllm_stop_reason, annotations=annotations
+                )
+                for i in range(n)
             ],
             "usage": usage,
             "service_tier": "default",
@@ -2090,9 +2106,15 @@ class _App:
         lead: _OpenAILead | None = None,
         *,
         vllm_stop_reason: bool = False,
+        annotations: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         content = lead.preamble if lead is not None and lead.preamble is not None else reply.text
-        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": content,
+            "refusal": None,
+            "annotations": annotations or [],
+        }
         if lead is not None and lead.reasoning is not None and lead.field == "content":
             message["content"] = _mistral_chunks(lead.reasoning, message["content"])
         elif lead is not None and lead.reasoning is not None:
@@ -2130,6 +2152,7 @@ class _App:
         usage_on_finish: bool = False,
         lead: _OpenAILead | None = None,
         vllm_stop_reason: bool = False,
+        annotations: list[dict[str, Any]] | None = None,
     ) -> web.StreamResponse:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
         ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
@@ -2206,6 +2229,8 @@ class _App:
             pieces.extend({"content": [{"type": "text", "text": token}]} for token in reply.tokens)
         else:
             pieces.extend({"content": token} for token in reply.tokens)
+        if annotations:
+            pieces.append({"annotations": annotations})
         for position, delta in enumerate(pieces):
             if content_limit is not None and position >= content_limit:
                 break

@@ -624,6 +624,11 @@ class StreamTranslator:
 # provider signed it, and a client that sends it back to this protocol has it dropped (``_assistant_message``);
 # structured outputs (``output_config.format``) become a strict ``json_schema`` ``response_format``
 # (``_response_format``).
+# OpenAI's ``url_citation`` annotations (its search models' sources) are ``web_search_result_location`` citations on
+# the text block, the closest of Anthropic's shapes, as its own web search cites a page (``_citations``): ``url`` and
+# ``title`` as they came, ``cited_text`` the part of the reply the annotation spans (no source text came with it), and
+# an empty ``encrypted_index`` (nothing of Anthropic's to point to, as the empty signature of a translated thinking
+# block); streamed, a ``citations_delta`` on the open text block when the annotation arrives.
 # A refusal (OpenAI's ``refusal``) is the reply's text, ending ``stop_reason: "refusal"``, whole and streamed; a
 # reply that calls a tool ends ``tool_use`` even when its server said ``stop`` (``_stop_reason``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
@@ -992,7 +997,10 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     refused = False
     if reply.get("content"):
-        content.append({"type": "text", "text": reply["content"]})
+        block: dict[str, Any] = {"type": "text", "text": reply["content"]}
+        if citations := _citations(reply.get("annotations"), reply["content"]):
+            block["citations"] = citations
+        content.append(block)
     elif reply.get("refusal"):
         content.append({"type": "text", "text": reply["refusal"]})
         refused = True
@@ -1024,6 +1032,35 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _citations(annotations: Any, text: str, seen: set[tuple[Any, ...]] | None = None) -> list[dict[str, Any]]:
+    """Anthropic's ``web_search_result_location`` citations for a reply's OpenAI ``url_citation`` annotations (others
+    have no Anthropic equivalent), ``cited_text`` the part of ``text`` each spans. ``seen``: the annotations already
+    cited, left out (a stream may repeat them), and added to."""
+    citations: list[dict[str, Any]] = []
+    for annotation in annotations if isinstance(annotations, list) else ():
+        cited = annotation.get("url_citation") if isinstance(annotation, dict) else None
+        if not isinstance(cited, dict) or annotation.get("type") != "url_citation":
+            continue
+        url, title, start, end = (cited.get(name) for name in ("url", "title", "start_index", "end_index"))
+        if not isinstance(url, str) or not url:
+            continue
+        if seen is not None:
+            if (key := (url, start, end)) in seen:
+                continue
+            seen.add(key)
+        spans = all(type(index) is int for index in (start, end)) and 0 <= start <= end
+        citations.append(
+            {
+                "type": "web_search_result_location",
+                "url": url,
+                "title": title if isinstance(title, str) else None,
+                "cited_text": text[start:end] if spans else "",
+                "encrypted_index": "",
+            }
+        )
+    return citations
+
+
 def _arguments(arguments: Any) -> dict[str, Any]:
     try:
         parsed = json.loads(arguments) if isinstance(arguments, str) and arguments else arguments
@@ -1051,6 +1088,8 @@ class EventTranslator:
         self._stop_sequence: str | None = None
         self._refused = False  # the model refused (OpenAI's ``refusal``), its text relayed as the reply's
         self._usage: dict[str, Any] | None = None
+        self._text: list[str] = []  # the reply's text so far, which its annotations' indices point into
+        self._cited: set[tuple[Any, ...]] = set()
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -1080,10 +1119,14 @@ class EventTranslator:
             if delta.get("content"):
                 self._open("text", None, {"type": "text", "text": ""}, events)
                 events.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+                self._text.append(delta["content"])
             elif isinstance(delta.get("refusal"), str) and delta["refusal"]:
                 self._refused = True
                 self._open("text", None, {"type": "text", "text": ""}, events)
                 events.append(self._delta({"type": "text_delta", "text": delta["refusal"]}))
+            if citations := _citations(delta.get("annotations"), "".join(self._text), self._cited):
+                self._open("text", None, {"type": "text", "text": ""}, events)
+                events.extend(self._delta({"type": "citations_delta", "citation": c}) for c in citations)
             for call in delta.get("tool_calls") or ():
                 self._tool_delta(call, events)
             if choice.get("finish_reason"):

@@ -132,6 +132,51 @@ def test_streamed_text_through_the_sdk(gateway, model):
     assert record.cost == expected_cost(model, record)
 
 
+CITED = "https://example.com/paris-weather"
+
+
+def test_a_translated_models_url_citation_is_an_anthropic_web_search_citation_on_its_text(gateway):
+    """OpenAI's search models cite their sources as ``url_citation`` annotations on the message, which the
+    translation dropped: the client of /v1/messages got the text without them. Each is a ``web_search_result_location``
+    citation on the text block, its ``cited_text`` the part of the reply the annotation spans."""
+    message = client(gateway).messages.create(
+        model="gpt-test",
+        max_tokens=100,
+        messages=[{"role": "user", "content": f"[[reply=It is sunny.]] [[url_citation={CITED}]]"}],
+    )
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == "It is sunny."
+    assert [citation.model_dump() for citation in message.content[0].citations] == [
+        {
+            "type": "web_search_result_location",
+            "url": CITED,
+            "title": "Fake source",
+            "cited_text": "It is sunny.",
+            "encrypted_index": "",
+        }
+    ]
+
+
+def test_a_translated_models_url_citation_is_streamed_as_a_citations_delta(gateway):
+    body = {
+        "model": "gpt-test",
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": f"[[reply=It is sunny.]] [[url_citation={CITED}]]"}],
+    }
+    _, wire = raw_events(gateway, body)
+    events = [json.loads(data) for _, data in wire]
+    assert_anthropic_sequence(events)
+    deltas = [event["delta"] for event in events if event["type"] == "content_block_delta"]
+    assert [delta["citation"]["url"] for delta in deltas if delta["type"] == "citations_delta"] == [CITED]
+
+    with client(gateway).messages.stream(**body) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].text == "It is sunny."
+    assert [(c.type, c.url, c.cited_text) for c in final.content[0].citations] == [
+        ("web_search_result_location", CITED, "It is sunny.")
+    ]
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_every_streamed_event_has_anthropics_shape_and_order(gateway, model):
     reply, events = raw_events(

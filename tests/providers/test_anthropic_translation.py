@@ -786,6 +786,56 @@ def test_completion_becomes_a_message():
     }
 
 
+def _url_citation(url, start, end, title="Source"):
+    return {
+        "type": "url_citation",
+        "url_citation": {"url": url, "title": title, "start_index": start, "end_index": end},
+    }
+
+
+# Of what a server may put in ``annotations``, only a ``url_citation`` with a URL is cited; one without its span cites
+# no text.
+ANNOTATIONS = [
+    _url_citation("https://a.example/", 0, 5),
+    _url_citation("https://b.example/", 6, 11, title=None),
+    _url_citation("https://c.example/", None, 3),
+    {"type": "file_citation", "file_citation": {"file_id": "f"}},
+    {"type": "url_citation", "url_citation": {"title": "no url"}},
+    "not an object",
+]
+CITATIONS = [
+    {"type": "web_search_result_location", "url": "https://a.example/", "title": "Source", "cited_text": "Sunny",
+     "encrypted_index": ""},
+    {"type": "web_search_result_location", "url": "https://b.example/", "title": None, "cited_text": "today",
+     "encrypted_index": ""},
+    {"type": "web_search_result_location", "url": "https://c.example/", "title": "Source", "cited_text": "",
+     "encrypted_index": ""},
+]  # fmt: skip
+
+
+def test_url_citations_become_web_search_citations_on_the_text():
+    reply = {"role": "assistant", "content": "Sunny today.", "annotations": ANNOTATIONS}
+    message = message_from_completion({"id": "c", "choices": [{"index": 0, "finish_reason": "stop", "message": reply}]})
+    assert Message.model_validate(message, strict=True)
+    assert message["content"] == [{"type": "text", "text": "Sunny today.", "citations": CITATIONS}]
+
+
+def test_streamed_url_citations_are_citations_deltas_once_each():
+    translator = EventTranslator()
+    events = [
+        *translator.feed(_chunk({"role": "assistant", "content": "Sunny"})),
+        *translator.feed(_chunk({"content": " today."})),
+        *translator.feed(_chunk({"annotations": ANNOTATIONS[:2]})),
+        *translator.feed(_chunk({"annotations": ANNOTATIONS}, "stop")),
+        *translator.finish(),
+    ]
+    citations = [
+        e["delta"]["citation"] for e in events if e["type"] == "content_block_delta" and "citation" in e["delta"]
+    ]
+    assert citations == CITATIONS
+    assert {e["index"] for e in events if e["type"].startswith("content_block")} == {0}
+
+
 def _chunk(delta: dict, finish: str | None = None, **extra) -> dict:
     return {
         "id": "chatcmpl-1",
