@@ -633,6 +633,12 @@ class StreamTranslator:
 # reply that calls a tool ends ``tool_use`` even when its server said ``stop`` (``_stop_reason``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
 # ``stop_sequence_matched``), else it ends ``end_turn``.
+# ``service_tier``, ``speed`` and ``inference_geo`` are Anthropic's choices of its own capacity and are dropped: the
+# model is served at its provider's standard processing, which ``standard_only`` asks for and ``auto`` (Anthropic's
+# Priority Tier when the account has it) falls back to; OpenAI's ``service_tier`` of the same name picks among OpenAI's
+# tiers (flex, priority, scale), which OpenAI bills otherwise than the catalog's prices, and Mistral refuses it;
+# ``speed: "fast"`` (a faster mode of Claude) has no equivalent, the reply comes at the model's own pace; nor has
+# ``inference_geo`` (where Anthropic runs the model): where the model runs is its deployment's provider's.
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
 # type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused, and so are
 # Anthropic's own features (``mcp_servers``, ``container``, ``context_management``: ``_ANTHROPIC_ONLY``).
