@@ -26,7 +26,7 @@ from .forms import ModelNamesField
 from .models import ByokMode, CatalogModel, Deployment, HealthStatus, ModelMode, Provider
 from .rules import output_limits_dropped
 from .services.breakers import deployment_upstream_changed
-from .services.credentials import provider_host_change_record
+from .services.credentials import provider_host_change_record, providers_delete
 from .services.health import providers_health_check
 from .services.model_import import provider_import_models
 from .types import HealthResult
@@ -150,6 +150,13 @@ class ProviderAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
                 f"{obj.origin} are used again.",
                 messages.WARNING,
             )
+
+    # Deleting goes through the service, which records each user's own key the delete takes with it.
+    def delete_model(self, request: HttpRequest, obj: Provider) -> None:
+        providers_delete(provider_ids=[obj.pk])
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Provider]) -> None:
+        providers_delete(provider_ids=queryset.values_list("pk", flat=True))
 
     @admin.display(description="users' own keys", ordering="byok")
     def own_keys(self, obj: Provider) -> str:

@@ -32,7 +32,7 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from audit.services import audit_record
+from audit.services import AuditEntry, audit_record, audit_records
 from core.async_bridge import run_async
 from core.exceptions import ApplicationError
 from core.id_batches import id_batches
@@ -304,10 +304,31 @@ def provider_credential_label_set(*, credential: ProviderCredential, label: str)
 def provider_credential_delete(*, credential: ProviderCredential) -> None:
     """Delete the user's key: their requests go back to the provider's key (``optional``) or are refused
     (``required``)."""
-    audit_record(
-        "provider_key.delete", target=credential, changes={"api_key": [True, None], "hint": [credential.hint, None]}
-    )
+    audit_record("provider_key.delete", target=credential, changes=_deleted_changes(credential))
     credential.delete()
+
+
+def _deleted_changes(credential: ProviderCredential) -> dict[str, list[object]]:
+    return {"api_key": [True, None], "hint": [credential.hint, None]}
+
+
+@transaction.atomic
+def providers_delete(*, provider_ids: Iterable[int]) -> None:
+    """Delete providers (the admin's delete, of one or of a selection). Their users' own keys go with them (the
+    cascade), each recorded as ``provider_key.delete`` as a key deleted alone is: read in one query (never
+    decrypted) and recorded in one batch (``audit_records``), before the rows go."""
+    ids = list(provider_ids)
+    credentials = (
+        ProviderCredential.objects.filter(provider_id__in=ids)
+        .select_related("provider")
+        .only("pk", "hint", "owner_id", "provider__name")
+        .order_by("pk")
+    )
+    audit_records(
+        AuditEntry("provider_key.delete", target=credential, changes=_deleted_changes(credential))
+        for credential in credentials
+    )
+    Provider.objects.filter(pk__in=ids).delete()
 
 
 @dataclass(frozen=True, slots=True)

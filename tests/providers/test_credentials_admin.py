@@ -296,3 +296,29 @@ def test_the_keys_list_reads_the_page_and_one_count_however_many_keys(admin_clie
         row.owner.username
         for row in admin_client.get(changelist, {"provider__id__exact": grace.provider_id}).context["cl"].result_list
     ] == ["grace"]
+
+
+def test_deleting_providers_records_each_users_key_it_takes_with_it(admin_client, keys):
+    """A provider's delete cascades to its users' own keys: each is recorded as ``provider_key.delete``, as a key
+    deleted alone is, whether one provider goes (its delete page) or several (the bulk action)."""
+    ada, grace = keys
+    more = credential("linus", ada.provider, "sk-linus-own-key-000000000000000000LNUS")
+    kept = credential("margaret", ProviderFactory(name="byo-kept"), "sk-margaret-key-00000000000000000MRGT")
+
+    one = admin_client.post(reverse("admin:providers_provider_delete", args=[ada.provider.pk]), {"post": "yes"})
+    assert one.status_code == 302
+    admin_client.post(
+        reverse("admin:providers_provider_changelist"),
+        {"action": "delete_selected", "_selected_action": [grace.provider.pk], "post": "yes"},
+    )
+
+    assert list(ProviderCredential.objects.all()) == [kept]
+    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
+    assert [(event.target_id, event.target_repr, event.actor_repr) for event in events] == [
+        (str(ada.pk), str(ada), "admin"),
+        (str(more.pk), str(more), "admin"),
+        (str(grace.pk), str(grace), "admin"),
+    ]
+    assert [event.changes["hint"] for event in events] == [[ada.hint, None], [more.hint, None], [grace.hint, None]]
+    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
+    assert AuditEvent.objects.filter(action="providers.provider.delete").count() == 2
