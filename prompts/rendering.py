@@ -29,6 +29,7 @@ from jinja2 import meta, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from .exceptions import PromptTemplateError, PromptVariablesError
 
@@ -60,6 +61,8 @@ _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _NUMBERS = re.compile(r"\d+")
 # String methods whose integer arguments are the length of what they build.
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+# The keyword arguments Jinja itself adds to a call in a loop or a block: the scope's variables, not the call's.
+_JINJA_SCOPES = frozenset({"_loop_vars", "_block_vars"})
 _LIPSUM_MAX_PARAGRAPHS = 20
 _LIPSUM_MAX_WORDS = 200
 
@@ -109,6 +112,69 @@ def _is_integer(value: Any) -> bool:
 # What the render running in this context (``_bounded_render``) spent: [loop iterations, characters or items
 # built]; None outside one.
 _spent: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("prompt_spent", default=None)
+# The weights (``_weight``) of the large values the render weighed, by id, each with its value (kept alive, so
+# that no other value takes its id): the sandbox lets no template change a list or a dict, so a weight holds.
+_weighed: contextvars.ContextVar[dict[int, tuple[Any, int]] | None] = contextvars.ContextVar(
+    "prompt_weighed", default=None
+)
+# A value weighing less is weighed again when met (cheaply: at most this many steps); a heavier one is kept.
+_WEIGHT_KEPT = 256
+_CONTAINERS = (list, tuple, dict, set, frozenset, type({}.keys()), type({}.values()), type({}.items()))
+# Values that weigh what they are (``_weight``): no call, filter or literal returning one is weighed.
+_SCALARS = (str, int, float, type(None))
+# Filters that return a text, a number or one of the values they were given, never a list or a dict they built:
+# their results are not weighed (a normal template's filters are mostly these).
+_UNWEIGHED_FILTERS = frozenset(
+    {
+        "abs", "attr", "capitalize", "center", "count", "d", "default", "e", "escape", "filesizeformat", "first",
+        "float", "forceescape", "format", "indent", "int", "join", "last", "length", "lower", "max", "min", "pprint",
+        "random", "replace", "round", "safe", "string", "striptags", "title", "tojson", "trim", "truncate", "upper",
+        "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr",
+    }
+)  # fmt: skip
+
+
+def _weight(value: Any, kept: dict[int, tuple[Any, int]], nested: bool) -> int:
+    """About how many characters ``value`` prints as (its ``repr``, which ``{{ }}``, ``~``, ``string``, ``tojson``
+    and the like all come close to): a list built of the same list twice (``[l, l]``) prints it twice, so a loop
+    of them doubles what one item prints each round while holding a few small lists. Past ``MAX_RENDERED`` it
+    stops and refuses. A namespace is a value of its own only: one inside a list, a dict or another namespace is
+    refused, since what it holds can change after the weighing of what holds it."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, bool) or value is None:
+        return 5
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 2
+    if isinstance(value, float):
+        return 24
+    if isinstance(value, Namespace):
+        if nested:
+            raise SecurityError("a namespace inside a list, a dict or another namespace")
+        return _weight(object.__getattribute__(value, "_Namespace__attrs"), kept, True)
+    if not isinstance(value, _CONTAINERS):
+        return 1
+    known = kept.get(id(value))
+    if known is not None:
+        return known[1]
+    total = 2
+    for item in value.items() if isinstance(value, dict) else value:
+        total = _weight_check(total + _weight(item, kept, True) + 2)
+    if total >= _WEIGHT_KEPT:
+        kept[id(value)] = (value, total)
+    return total
+
+
+def _weighed_check(value: Any, *, nested: bool = False) -> int:
+    """``value``'s weight (``_weight``), refused past ``MAX_RENDERED``."""
+    kept = _weighed.get()
+    return _weight_check(_weight(value, {} if kept is None else kept, nested))
+
+
+def _weight_check(total: int) -> int:
+    if total > MAX_RENDERED:
+        raise SecurityError(f"a list, tuple or dict that prints as more than {MAX_RENDERED:,} characters")
+    return total
 
 
 def _built(size: int) -> None:
@@ -123,23 +189,38 @@ def _built(size: int) -> None:
 
 
 class _BoundedCodeGenerator(CodeGenerator):
-    """Jinja's code generator, with every ``for`` loop's items counted (``_PromptSandbox.loop_bounded``) and
-    every ``~`` concatenation's length checked (``concat_bounded``): what ``call_binop`` cannot see."""
+    """Jinja's code generator, with every ``for`` loop's items counted (``_PromptSandbox.loop_bounded``), every
+    ``~`` concatenation's length checked (``concat_bounded``), and every list, tuple or dict a template builds (a
+    literal, a filter's or a call's result) and every value it stores in a namespace weighed (``built_bounded``,
+    ``stored_bounded``): what ``call_binop`` cannot see."""
 
     def visit_For(self, node: nodes.For, frame: Frame) -> None:
-        node.iter.counted = True  # type: ignore[attr-defined]  # Jinja allows no node types of our own
+        node.iter.bounded_by = "loop_bounded"  # type: ignore[attr-defined]  # Jinja allows no node types of our own
         super().visit_For(node, frame)
 
+    def visit_Assign(self, node: nodes.Assign, frame: Frame) -> None:
+        stores = isinstance(node.target, nodes.NSRef) or any(node.target.find_all(nodes.NSRef))
+        if stores and not isinstance(node.node, nodes.Tuple | nodes.List):
+            node.node.bounded_by = "stored_bounded"  # type: ignore[attr-defined]
+        super().visit_Assign(node, frame)
+
     def visit(self, node: nodes.Node, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(node, "counted", False):
+        bound = getattr(node, "bounded_by", None)
+        if bound is None and (
+            isinstance(node, nodes.List | nodes.Dict | nodes.Call)
+            or (isinstance(node, nodes.Filter) and node.name not in _UNWEIGHED_FILTERS)
+            or (isinstance(node, nodes.Tuple) and node.ctx == "load")
+        ):
+            bound = "built_bounded"
+        if bound is None:
             return super().visit(node, *args, **kwargs)
         # Written into the compiled template: no call through the sandbox, no cost when rendering but the count.
-        self.write("environment.loop_bounded(")
-        node.counted = False  # type: ignore[attr-defined]
+        self.write(f"environment.{bound}(")
+        node.bounded_by = None  # type: ignore[attr-defined]
         try:
             return super().visit(node, *args, **kwargs)
         finally:
-            node.counted = True  # type: ignore[attr-defined]
+            node.bounded_by = bound  # type: ignore[attr-defined]
             self.write(")")
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
@@ -170,6 +251,21 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
         _built(len(text))
         return text
 
+    @staticmethod
+    def built_bounded(value: Any) -> Any:
+        """``value``, a list, tuple or dict the template built (or anything a filter or a call returned),
+        weighed (``_weight``)."""
+        if not isinstance(value, _SCALARS):
+            _weighed_check(value)
+        return value
+
+    @staticmethod
+    def stored_bounded(value: Any) -> Any:
+        """``value``, stored in a namespace (``{% set ns.x = value %}``): weighed, and never a namespace."""
+        if not isinstance(value, _SCALARS):
+            _weighed_check(value, nested=True)
+        return value
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         center, indent, format_filter = (self.filters[name] for name in ("center", "indent", "format"))
@@ -192,6 +288,7 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
         def bounded_join(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
             items = list(value)
             _rendered_check(len(str(d)) * max(len(items) - 1, 0))
+            _weighed_check(items)
             return join_filter(eval_ctx, items, d, attribute)
 
         self.filters.update(center=bounded_center, indent=bounded_indent, format=bounded_format, join=bounded_join)
@@ -217,6 +314,8 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
         if operator_name == "+":
             if isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
                 _built(len(left) + len(right))
+                if not isinstance(left, str):
+                    _weight_check(_weighed_check(left) + _weighed_check(right))
             return operator.add(left, right)
         if _is_integer(left) and _is_integer(right):
             _integer_check(left.bit_length() + right.bit_length())
@@ -227,9 +326,20 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
                 raise SecurityError(f"a repeated string or list longer than {MAX_PRODUCT} items")
             if isinstance(times, int):
                 _built(len(base) * times)
+                if not isinstance(base, str):
+                    _weight_check(_weighed_check(base) * times)
         return operator.mul(left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        # What a call may hold on to (``cycler(l, l).items``), each argument a value of its own (a namespace
+        # given to a macro is), weighed together; not the scope Jinja passes a macro (``_loop_vars``).
+        weighed = [
+            value
+            for value in (*args, *(value for name, value in kwargs.items() if name not in _JINJA_SCOPES))
+            if not isinstance(value, _SCALARS)
+        ]
+        if weighed:
+            _weight_check(sum(_weighed_check(value) for value in weighed))
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str):
             name = getattr(__obj, "__name__", "")
@@ -239,6 +349,7 @@ class _PromptSandbox(ImmutableSandboxedEnvironment):
             elif name == "join" and len(args) == 1 and not kwargs:
                 args = (list(args[0]),)
                 _rendered_check(len(owner) * max(len(args[0]) - 1, 0))
+                _weighed_check(args[0])
             elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
                 old, new = args[0], args[1]
                 count = args[2] if len(args) > 2 and isinstance(args[2], int) else -1
@@ -312,12 +423,14 @@ def _bounded_render(template: jinja2.Template, context: dict[str, Any]) -> str:
     pieces: list[str] = []
     length = 0
     token = _spent.set([0, 0])
+    weighed = _weighed.set({})
     try:
         for piece in template.generate(context):
             length += len(piece)
             _rendered_check(length)
             pieces.append(piece)
     finally:
+        _weighed.reset(weighed)
         _spent.reset(token)
     return "".join(pieces)
 

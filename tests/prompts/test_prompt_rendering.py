@@ -252,6 +252,18 @@ def test_a_loop_within_the_bound_renders():
             "{{ 2 ** 64 }} {{ 12 * 12 }} {{ 'a' ~ 1 }} {{ 'a' + 'b' }} {{ [1] + [2] }}",
             "18446744073709551616 144 a1 ab [1, 2]",
         ),
+        # Lists, dicts and namespaces a prompt builds, within the bound on what they print.
+        (
+            "{% set ns = namespace(n=0, seen=[]) %}{% for x in ['a', 'b'] %}{% set ns.n = ns.n + 1 %}"
+            "{% set ns.seen = ns.seen + [x] %}{% endfor %}{{ ns.n }} {{ ns.seen }} {{ {'k': (1, [2])} }} "
+            "{{ dict(a=1)|tojson }} {{ [1, 2, 3]|batch(2, 0)|list }}",
+            "2 ['a', 'b'] {'k': (1, [2])} {\"a\": 1} [[1, 2], [3, 0]]",
+        ),
+        (
+            "{% macro shown(ns) %}{{ ns.v }}{% endmacro %}{% for i in [1] %}{% set ns = namespace(v=i) %}"
+            "{{ shown(ns) }}{% endfor %}",
+            "1",
+        ),
     ],
 )
 def test_the_sandbox_still_formats_within_its_bounds(source, rendered):
@@ -284,9 +296,43 @@ def test_the_sandbox_still_formats_within_its_bounds(source, rendered):
         ),
         (
             "{% set ns = namespace(s=[1]) %}{% for i in range(24) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-            "longer than 8,000,000",
+            "8,000,000 characters",  # a list of 2,000,000 numbers already prints as more
         ),
         ("{% for i in range(700) %}{% set y = 'a' * 100000 %}{% endfor %}", "builds more than 64,000,000"),
+        # A list of the same list twice doubles what it prints each round while holding a few small lists (40
+        # rounds: terabytes, when printed or compared): refused when built, past what a message may print. (Printed
+        # or compared, 22 rounds: before the bound, tens of megabytes, refused only once printed, or rendered.)
+        *(
+            (
+                f"{{% set ns = namespace(l=[1]) %}}{{% for i in range({rounds}) %}}{{% set ns.l = {doubled} %}}"
+                f"{{% endfor %}}{end}",
+                "a list, tuple or dict that prints as more than 8,000,000 characters",
+            )
+            for rounds, doubled, end in [
+                (22, "[ns.l, ns.l]", "{{ ns.l }}"),
+                (40, "[ns.l, ns.l]", "{{ ns.l|length }}"),
+                (40, "(ns.l, ns.l)", ""),
+                (40, "{'a': ns.l, 'b': ns.l}", ""),
+                (40, "dict(a=ns.l, b=ns.l)", ""),
+                (40, "cycler(ns.l, ns.l).items", ""),
+                (40, "[ns.l]|batch(2, ns.l)|list", ""),
+                (40, "[1, 2]|map(attribute='x', default=ns.l)|list", ""),
+                (40, "[ns.l] + [ns.l]", ""),
+                (40, "[ns.l] * 2", ""),
+            ]
+        ),
+        (
+            "{% set a = namespace(l=[1]) %}{% set b = namespace(l=[1]) %}{% for i in range(22) %}"
+            "{% set a.l = [a.l, a.l] %}{% set b.l = [b.l, b.l] %}{% endfor %}{{ a.l == b.l }}",
+            "prints as more than 8,000,000 characters",
+        ),
+        # What a namespace holds changes after the list holding it was weighed.
+        ("{% set a = namespace(l=1) %}{% set b = namespace(x=[a, a]) %}", "a namespace inside a list"),
+        ("{% set a = namespace(l=1) %}{% set b = namespace() %}{% set b.x = a %}", "a namespace inside"),
+        (
+            "{% set n = namespace(v=1) %}{% for i in range(40) %}{% set n = namespace(a=n, b=n) %}{% endfor %}",
+            "a namespace inside",
+        ),
     ],
 )
 def test_a_template_error_is_a_400_saying_what_went_wrong(source, words):
