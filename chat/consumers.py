@@ -3,13 +3,19 @@
 Authentication. A socket opened with a logged-in browser session is ready at once. Any other socket is
 accepted but can do nothing until its first message is ``{"type": "auth", "api_key": "sk-llmhub-…"}``
 (or, with JWT sign-in on, a JWT in ``api_key`` or ``token``); a wrong key or token, any other message first,
-or no ``auth`` within ``AUTH_TIMEOUT`` seconds closes it with code 4401. A user whose role may not chat (a
+or no ``auth`` within ``AUTH_TIMEOUT`` seconds closes it with code 4401; a frame larger than an auth message can
+be (``MAX_AUTH_FRAME_CHARS``) closes it with 1009 (``frame_too_large``). A user whose role may not chat (a
 viewer) gets ``permission_denied`` and code 4403; a socket signed in with a JWT is closed with 4440 at the
 first ``chat.send`` after the token's expiry, and with 4410 at the first one its verification again (as on
 /v1, cached ``LLMHUB_JWT_CACHE_SECONDS``) refuses, its user deactivated since. Accepting first (rather than
 refusing the handshake) is what lets programs without cookies send a key, and a key is never read from the
 URL, where it would end up in access logs. A handshake that carries an ``Origin`` header (every browser's
 does) must name one of ``ALLOWED_HOSTS``; programs may omit the header (``chat.security``).
+
+Flooding. A socket, signed in or not, may send ``FRAME_BURST`` frames at once and ``FRAMES_PER_SECOND`` on
+average (a token bucket per socket); past it, it gets ``too_many_frames`` and is closed with 1008 (policy
+violation). Until 6 December nothing bounded either: a client could make the server parse frames as fast as it
+sent them, and a socket not signed in could send 1.25 MiB frames for it to parse.
 
 Revocation. A key can be revoked or expire while its socket is open: it is checked again before every
 ``chat.send``, through the same cache as every request (this process's revocations are seen at once,
@@ -112,7 +118,19 @@ CLOSE_KEY_REVOKED = 4410
 CLOSE_KEY_EXPIRED = 4440
 # RFC 6455's "service restart": the server is stopping; the client may reconnect (to another server).
 CLOSE_SERVICE_RESTART = 1012
+# RFC 6455's "message too big": a frame larger than an auth message can be, from a socket not signed in.
+CLOSE_MESSAGE_TOO_BIG = 1009
+# RFC 6455's "policy violation": more frames than FRAME_BURST and FRAMES_PER_SECOND allow.
+CLOSE_POLICY_VIOLATION = 1008
 AUTH_TIMEOUT = 10.0
+# The largest frame a socket not signed in may send (its auth message): twice the 8 KB request header line proxies
+# take (nginx's default), which a JWT must fit in to be sent on /v1; a gateway key is about 60 characters. Anything
+# larger cannot authenticate, and was read and parsed whole (up to the server's 1.25 MiB) before being refused.
+MAX_AUTH_FRAME_CHARS = 16_384
+# Frames one socket may send, signed in or not: a token bucket holding FRAME_BURST, refilled at FRAMES_PER_SECOND.
+# The page sends a ping every 25 s, a chat.send per message and a cancel; a client past it is closed (1008).
+FRAMES_PER_SECOND = 10.0
+FRAME_BURST = 40
 MAX_STREAMS_PER_SOCKET = 8
 MAX_CONTENT_CHARS = 100_000
 MAX_REQUEST_ID_CHARS = 64
@@ -155,6 +173,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.streams: dict[str, _Stream] = {}
         self.auth_deadline: asyncio.Task[None] | None = None
         self.shutdown_watch: asyncio.Task[None] | None = None
+        self.frame_tokens = float(FRAME_BURST)
+        self.frame_tokens_at = time.monotonic()
         user = self.scope.get("user")
         refused: ApplicationError | None = None
         if user is not None and user.is_authenticated:
@@ -189,6 +209,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # Incoming ---------------------------------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        if self.closing:
+            return
+        if not self._frame_admitted():
+            await self._refuse(
+                f"Too many frames: a socket may send {FRAME_BURST} at once and {FRAMES_PER_SECOND:g} a second.",
+                "too_many_frames",
+                close_code=CLOSE_POLICY_VIOLATION,
+            )
+            return
+        if self.caller is None and len(text_data or bytes_data or "") > MAX_AUTH_FRAME_CHARS:
+            await self._refuse(
+                f"An auth message is at most {MAX_AUTH_FRAME_CHARS} characters: no key or token is longer.",
+                "frame_too_large",
+                close_code=CLOSE_MESSAGE_TOO_BIG,
+            )
+            return
         if text_data is None:
             await self._send_error("Send JSON text frames.", code="invalid_json")
             return
@@ -232,6 +268,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await handler(content)
         except SocketError as exc:
             await self._send_error(exc.message, code=exc.code, request_id=_client_request_id(content))
+
+    def _frame_admitted(self) -> bool:
+        """Take one frame from this socket's bucket (``FRAME_BURST``, refilled at ``FRAMES_PER_SECOND``)."""
+        now = time.monotonic()
+        self.frame_tokens = min(FRAME_BURST, self.frame_tokens + (now - self.frame_tokens_at) * FRAMES_PER_SECOND)
+        self.frame_tokens_at = now
+        if self.frame_tokens < 1:
+            return False
+        self.frame_tokens -= 1
+        return True
 
     async def _authenticate(self, event: dict[str, Any] | None) -> None:
         if event is None:

@@ -463,3 +463,68 @@ async def test_a_client_that_stops_reading_mid_reply_is_let_go_and_billed_what_w
     assert record.status == "client_disconnected"
     assert 0 < record.completion_tokens < 400_000
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+async def closing_events(ws) -> tuple[list[dict], int]:
+    """The events the server sends until it closes the socket, and its close code."""
+    events = []
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(60):  # liveness only: a socket the server never closes fails here
+            while True:
+                events.append(await next_event(ws))
+    return events, closed.value.rcvd.code
+
+
+async def test_an_auth_frame_larger_than_any_token_closes_the_socket_with_1009(live):
+    """A socket not signed in may send only an auth message, whose key or token is short: a larger frame is refused
+    unparsed (it was parsed whole, up to the server's 1.25 MiB, signed in or not) and the socket closed."""
+    async with connect(live.ws_url, origin=live.http_url) as ws:
+        await ws.send(json.dumps({"type": "auth", "api_key": "sk-llmhub-" + "x" * consumers.MAX_AUTH_FRAME_CHARS}))
+        events, code = await closing_events(ws)
+    assert [event["code"] for event in events] == ["frame_too_large"]
+    assert code == consumers.CLOSE_MESSAGE_TOO_BIG == 1009
+
+    # A frame as large as an auth message may be is read as one: a wrong key is refused as such.
+    async with connect(live.ws_url, origin=live.http_url) as ws:
+        frame = json.dumps({"type": "auth", "api_key": ""})
+        await ws.send(frame.replace('""', '"' + "x" * (consumers.MAX_AUTH_FRAME_CHARS - len(frame)) + '"'))
+        events, code = await closing_events(ws)
+    assert [event["code"] for event in events] == ["invalid_api_key"]
+    assert code == consumers.CLOSE_UNAUTHENTICATED
+
+    # Signed in, a socket sends frames as large as a chat.send may be.
+    async with connect(live.ws_url, origin=live.http_url) as ws:
+        await ws.send(json.dumps({"type": "auth", "api_key": live.api_key}))
+        assert await next_event(ws) == {"type": "auth.ok"}
+        await ws.send(json.dumps({"type": "ping", "padding": "x" * consumers.MAX_CONTENT_CHARS}))
+        assert await next_event(ws) == {"type": "pong"}
+
+
+@pytest.mark.parametrize("signed_in", [False, True])
+async def test_a_flood_of_frames_is_cut_off_with_1008(live, monkeypatch, signed_in):
+    """A socket, signed in or not, may send a burst of frames and then so many a second (a token bucket): past that
+    it is closed (the server parsed and answered every frame a client sent, as fast as it sent them)."""
+    monkeypatch.setattr(consumers, "FRAME_BURST", 5)
+    monkeypatch.setattr(consumers, "FRAMES_PER_SECOND", 0.01)  # no frame back within the test
+    async with connect(live.ws_url, origin=live.http_url) as ws:
+        if signed_in:
+            await ws.send(json.dumps({"type": "auth", "api_key": live.api_key}))
+            assert await next_event(ws) == {"type": "auth.ok"}
+        for _ in range(50):  # not signed in: binary frames, each answered with an error, the socket left open
+            await ws.send(json.dumps({"type": "ping"}) if signed_in else b"\x00")
+        events, code = await closing_events(ws)
+    # The burst, less the auth message; then the refusal.
+    answered, refused = events[:-1], events[-1]
+    assert len(answered) == 5 - signed_in, events
+    assert all(event == {"type": "pong"} if signed_in else event["code"] == "invalid_json" for event in answered)
+    assert refused["code"] == "too_many_frames"
+    assert code == consumers.CLOSE_POLICY_VIOLATION == 1008
+
+
+async def test_frames_at_the_allowed_pace_are_all_answered(live, monkeypatch):
+    monkeypatch.setattr(consumers, "FRAME_BURST", 3)
+    async with connect(live.ws_url, origin=live.http_url, additional_headers={"Cookie": live.cookie}) as ws:
+        for _ in range(10):  # one at a time: each waits for its answer, well under FRAMES_PER_SECOND (10) a second
+            await ws.send(json.dumps({"type": "ping"}))
+            assert await next_event(ws) == {"type": "pong"}
+            await asyncio.sleep(0.15)
