@@ -471,12 +471,14 @@ def _first_report(key: str) -> bool:
         return True
 
 
-def experiments_conclude_due(*, now: datetime | None = None) -> list[Experiment]:
+def experiments_conclude_due(*, now: datetime | None = None, failed: list[str] | None = None) -> list[Experiment]:
     """Conclude the running experiments whose ``ends_at`` has passed (they already assign nobody).
 
     Each on its own: one an admin (or another run) concluded since the query is skipped, and one that fails
-    is logged and tried again at the next run, while the others are concluded now."""
+    is logged, its name appended to ``failed``, and tried again at the next run, while the others are concluded
+    now."""
     now = now or timezone.now()
+    failed = [] if failed is None else failed
     due = Experiment.objects.filter(status=ExperimentStatus.RUNNING, ends_at__lte=now)
     concluded = []
     for pk, name in due.order_by("ends_at", "pk").values_list("pk", "name"):
@@ -484,6 +486,7 @@ def experiments_conclude_due(*, now: datetime | None = None) -> list[Experiment]
             experiment = _experiment_conclude_if_due(pk=pk, now=now)
         except Exception as exc:
             time_limit_reraise(exc)
+            failed.append(name)
             logger.exception("could not conclude the experiment %s (id %s) past its end", name, pk)
             continue
         if experiment is not None:

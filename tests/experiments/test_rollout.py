@@ -15,6 +15,7 @@ from django.db import DatabaseError
 from django.db.models.signals import post_save, pre_save
 
 from audit.models import AuditEvent
+from billing.models import TaskRun
 from experiments.layout import layout_counts, layout_owners
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Variant
 from experiments.services import (
@@ -26,7 +27,7 @@ from experiments.services import (
     experiments_conclude_due,
     rollout_steps_apply_due,
 )
-from experiments.tasks import RolloutStepsNotAppliedError, rollout_steps_apply_due_task
+from experiments.tasks import ExperimentsNotConcludedError, RolloutStepsNotAppliedError, rollout_steps_apply_due_task
 from providers.models import ModelMode
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
@@ -277,7 +278,13 @@ def test_an_experiment_an_admin_concludes_while_the_task_runs_is_skipped_and_the
     assert by[str(Experiment.objects.get(name=raced[0]).pk)] == str(admin.pk)
 
 
-def test_an_experiment_that_cannot_be_concluded_is_logged_and_the_others_are_concluded(ab_experiment, caplog):
+def test_an_experiment_that_cannot_be_concluded_is_logged_the_others_are_concluded_and_the_run_fails(
+    ab_experiment, caplog
+):
+    """One ended experiment's conclusion fails in the database: it is logged by name and tried again next minute,
+    the others are concluded. The run ended successful, so /ops/ showed the task green while that experiment kept
+    running past its end; it now ends failed (``ExperimentsNotConcludedError``, naming it), as a rollout step that
+    did not apply does."""
     ended = three_ended(ab_experiment)
     broken = ended[1]
 
@@ -288,9 +295,14 @@ def test_an_experiment_that_cannot_be_concluded_is_logged_and_the_others_are_con
     pre_save.connect(database_refuses, sender=Experiment)
     try:
         with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
-            rollout_steps_apply_due_task()
+            result = rollout_steps_apply_due_task.apply()
     finally:
         pre_save.disconnect(database_refuses, sender=Experiment)
+
+    assert result.failed() and isinstance(result.result, ExperimentsNotConcludedError)
+    assert "ended-1" in str(result.result)
+    run = TaskRun.objects.get(task=rollout_steps_apply_due_task.name)  # what /ops/ shows
+    assert not run.succeeded and run.error_class == "ExperimentsNotConcludedError"
 
     statuses = dict(Experiment.objects.filter(pk__in=[e.pk for e in ended]).values_list("name", "status"))
     assert statuses == {
@@ -298,7 +310,7 @@ def test_an_experiment_that_cannot_be_concluded_is_logged_and_the_others_are_con
         "ended-1": ExperimentStatus.RUNNING,  # concluded at the next run
         "ended-2": ExperimentStatus.CONCLUDED,
     }
-    [failure] = [r for r in caplog.records if r.levelname == "ERROR"]
+    [failure] = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "experiments.services"]
     assert "ended-1" in failure.getMessage() and failure.exc_info is not None
     assert len(events("experiment.conclude")) == 2
 
