@@ -462,8 +462,10 @@ ROLLOUT_REFUSED_LOG_EVERY = timedelta(days=1)
 
 
 def _first_report(key: str) -> bool:
-    """Whether ``key`` was not reported within ``ROLLOUT_REFUSED_LOG_EVERY`` (recorded now, in the shared cache).
-    A cache that cannot answer says yes: a line twice is better than none."""
+    """Whether ``key`` was not reported within ``ROLLOUT_REFUSED_LOG_EVERY`` (recorded now, in Django's default
+    cache: Redis, shared by every worker, when ``REDIS_URL`` is set; without it each process's own, so once per
+    worker process). A cache that cannot answer says yes, at every run while it cannot: a line twice is better
+    than none."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:32]
     try:
         return cache.add(f"experiments:reported:{digest}", True, timeout=int(ROLLOUT_REFUSED_LOG_EVERY.total_seconds()))
