@@ -45,6 +45,30 @@ def async_client(gateway) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
 
 
+def message_of(gateway, request: dict, *, stream: bool) -> anthropic.types.Message:
+    """The SDK's message for ``request``: answered whole, or streamed and gathered into its final message."""
+    sdk = client(gateway)
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            return events.get_final_message()
+    return sdk.messages.create(**request)
+
+
+def openai_reply(reply_id: str, *, message: dict, deltas: list[dict], stream: bool) -> bytes:
+    """An OpenAI-protocol upstream's reply of one choice ending ``stop``, as its bytes for ``raw_directive``:
+    ``message`` whole, or ``deltas`` streamed, then the finish and the usage."""
+    head = {"id": reply_id, "created": 1, "model": "fake-gpt-4o-mini"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    if not stream:
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        return json.dumps({**head, "object": "chat.completion", "choices": [choice], "usage": usage}).encode()
+    chunk = {**head, "object": "chat.completion.chunk"}
+    chunks = [{**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    chunks.append({**chunk, "choices": [], "usage": usage})
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
 def expected_cost(model: str, record: UsageRecord) -> Decimal:
     input_price, output_price = PRICES[model]
     cost = (Decimal(record.prompt_tokens) * input_price + Decimal(record.completion_tokens) * output_price) / MILLION
@@ -325,12 +349,7 @@ def test_the_end_user_in_metadata_reaches_a_translated_model_as_its_user(gateway
         "metadata": {"user_id": "end-user-7"},
         "messages": [{"role": "user", "content": "[[reply=hi]]"}],
     }
-    sdk = client(gateway)
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(gateway, request, stream=stream)
     assert message.content[0].text == "hi"
     [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
     assert sent["user"] == "end-user-7" and "metadata" not in sent
@@ -356,12 +375,7 @@ def test_structured_output_reaches_a_translated_model_as_its_json_schema(gateway
         "output_config": {"format": {"type": "json_schema", "schema": CITY_SCHEMA}},
         "messages": [{"role": "user", "content": '[[reply={"city": "Lyon", "population": 522000}]]'}],
     }
-    sdk = client(gateway)
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(gateway, request, stream=stream)
     assert json.loads(message.content[0].text) == {"city": "Lyon", "population": 522000}
     [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
     assert sent["response_format"] == {
@@ -1202,12 +1216,7 @@ def test_a_translated_model_that_stopped_at_a_stop_sequence_says_which(
         "stop_sequences": ["END", "STOP"],
         "messages": [{"role": "user", "content": f"[[reply=one two END three]]{marker}"}],
     }
-    sdk = client(gateway)
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(gateway, request, stream=stream)
     assert message.content[0].text == "one two "
     assert (message.stop_reason, message.stop_sequence) == (stop_reason, stop_sequence)
 
@@ -1242,36 +1251,23 @@ def test_a_translated_models_refusal_is_anthropics_refusal_whole_and_streamed(ga
     reply ended ``end_turn`` (its text was the refusal's, which a client parsing the schema then failed on); streamed,
     the refusal was dropped: an empty message that ended ``end_turn``. Both now give the refusal's text and end with
     ``stop_reason: "refusal"``."""
-    head = {"id": "chatcmpl-refused", "created": 1, "model": "fake-gpt-4o-mini"}
-    usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
-    if stream:
-        pieces = [{"role": "assistant", "content": None, "refusal": ""}, {"refusal": "I'm sorry, "}]
-        pieces.append({"refusal": "I can't help with that."})
-        chunks = [
-            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
-            for d in pieces
-        ]
-        chunks.append(
-            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        )
-        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-        raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
-    else:
-        reply = {"role": "assistant", "content": None, "refusal": REFUSED}
-        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
-        raw = json.dumps({**head, "object": "chat.completion", "choices": [choice], "usage": usage}).encode()
+    raw = openai_reply(
+        "chatcmpl-refused",
+        message={"role": "assistant", "content": None, "refusal": REFUSED},
+        deltas=[
+            {"role": "assistant", "content": None, "refusal": ""},
+            {"refusal": "I'm sorry, "},
+            {"refusal": "I can't help with that."},
+        ],
+        stream=stream,
+    )
     request = {
         "model": "gpt-test",
         "max_tokens": 50,
         "output_config": {"format": {"type": "json_schema", "schema": CITY_SCHEMA}},
         "messages": [{"role": "user", "content": "hi " + raw_directive(raw)}],
     }
-    sdk = client(gateway)
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(gateway, request, stream=stream)
     assert [(block.type, block.text) for block in message.content] == [("text", REFUSED)]
     assert message.stop_reason == "refusal"
 
@@ -1282,31 +1278,20 @@ def test_a_translated_tool_call_ending_stop_is_a_tool_use_stop(gateway, stream):
     becomes) with ``finish_reason: "stop"``, not ``tool_calls``; vLLM too. A Messages client runs its tools while
     ``stop_reason`` is ``tool_use``: it got ``end_turn`` beside the tool_use block, and its loop ended with the call
     unanswered. A reply that calls a tool now ends ``tool_use`` whatever finish the server gave it."""
-    head = {"id": "chatcmpl-forced", "created": 1, "model": "fake-gpt-4o-mini"}
-    usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-    if stream:
-        deltas = [
+    raw = openai_reply(
+        "chatcmpl-forced",
+        message={"role": "assistant", "content": None, "tool_calls": [call]},
+        deltas=[
             {
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [{**call, "index": 0, "function": {**call["function"], "arguments": ""}}],
             },
             {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
-        ]
-        chunks = [
-            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
-            for d in deltas
-        ]
-        chunks.append(
-            {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        )
-        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
-        raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
-    else:
-        reply = {"role": "assistant", "content": None, "tool_calls": [call]}
-        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": "stop"}
-        raw = json.dumps({**head, "object": "chat.completion", "choices": [choice], "usage": usage}).encode()
+        ],
+        stream=stream,
+    )
     request = {
         "model": "gpt-test",
         "max_tokens": 50,
@@ -1314,12 +1299,7 @@ def test_a_translated_tool_call_ending_stop_is_a_tool_use_stop(gateway, stream):
         "tool_choice": {"type": "tool", "name": "get_weather"},
         "messages": [{"role": "user", "content": "Paris " + raw_directive(raw)}],
     }
-    sdk = client(gateway)
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(gateway, request, stream=stream)
     [tool_use] = message.content
     assert (tool_use.type, tool_use.name, tool_use.input) == ("tool_use", "get_weather", {"city": "Paris"})
     assert message.stop_reason == "tool_use"
