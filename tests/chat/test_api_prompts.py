@@ -69,6 +69,39 @@ def upstream_chats(fake_upstream) -> list[dict]:
     return [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
 
 
+def template_request_refused(server, key: str, model: str, extra: dict) -> openai.APIStatusError:
+    """The error ``/v1/chat/completions`` answers a template request (``extra``: its ``prompt`` extension) with,
+    once its ``rejected`` ledger row is there."""
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(server, key).chat.completions.create(model=model, messages=openai.NOT_GIVEN, extra_body=extra)
+    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
+    assert row.status == UsageStatus.REJECTED
+    return refused.value
+
+
+def integer_template_refused(
+    server, key: str, model: str, *, slug: str, content: str, variable: str, asked: int
+) -> str:
+    """A template of one user message, ``content``, taking one integer ``variable`` (2 by default): it answers at
+    its default, and a caller's ``asked`` value is refused with a 400 naming ``prompt``. The refusal's message."""
+    template = PromptTemplate.objects.create(slug=slug)
+    PromptVersion.objects.create(
+        template=template,
+        number=1,
+        messages=[{"role": "user", "content": content}],
+        variables=[{"name": variable, "type": "integer", "default": 2}],
+    )
+    answered = sdk(server, key).chat.completions.create(
+        model=model, messages=openai.NOT_GIVEN, extra_body={"prompt": {"slug": slug}}
+    )
+    assert answered.choices[0].message.content
+
+    refused = template_request_refused(server, key, model, {"prompt": {"slug": slug, "variables": {variable: asked}}})
+    assert refused.status_code == 400
+    assert refused.body["param"] == "prompt"
+    return refused.body["message"]
+
+
 def documented(server, component: str, body: dict) -> None:
     """``body`` is what the OpenAPI document says ``component`` is (what a generated client would expect)."""
     schema = httpx.get(server.url + "/api/schema/", params={"format": "json"}, timeout=60).json()
@@ -398,16 +431,11 @@ def test_the_prompt_extensions_errors_name_the_field_and_get_a_rejected_row(
     ad_template()
     brand_lighthouse()
 
-    with pytest.raises(openai.APIStatusError) as refused:
-        sdk(llmhub_server, key).chat.completions.create(
-            model=chat_model.name, messages=openai.NOT_GIVEN, extra_body=extra
-        )
+    refused = template_request_refused(llmhub_server, key, chat_model.name, extra)
 
-    assert refused.value.status_code == status
-    assert refused.value.body["param"] == param
+    assert refused.status_code == status
+    assert refused.body["param"] == param
     assert upstream_chats(fake_upstream) == []
-    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
-    assert row.status == UsageStatus.REJECTED
 
 
 @pytest.mark.parametrize(("model", "code"), [(None, "missing_required_parameter"), (7, "invalid_type")])
@@ -487,69 +515,29 @@ def test_a_template_recursing_as_deep_as_a_callers_value_says_so_with_a_400(
     """A macro that calls itself as many times as a caller's value says (an outline nested ``depth`` levels)
     renders at the save check's sample depth; a caller asking for thousands of levels ran Python out of stack,
     a RecursionError the renderer did not catch: a 500. It is a 400 naming the template, with its rejected row."""
-    template = PromptTemplate.objects.create(slug="outline")
-    PromptVersion.objects.create(
-        template=template,
-        number=1,
-        messages=[
-            {
-                "role": "user",
-                "content": "{% macro level(n) %}{% if n > 0 %}-{{ level(n - 1) }}{% endif %}{% endmacro %}"
-                "Outline {{ level(depth) }}",
-            }
-        ],
-        variables=[{"name": "depth", "type": "integer", "default": 2}],
+    message = integer_template_refused(
+        llmhub_server,
+        key,
+        chat_model.name,
+        slug="outline",
+        content="{% macro level(n) %}{% if n > 0 %}-{{ level(n - 1) }}{% endif %}{% endmacro %}"
+        "Outline {{ level(depth) }}",
+        variable="depth",
+        asked=100_000,
     )
-    client = sdk(llmhub_server, key)
-    shallow = client.chat.completions.create(
-        model=chat_model.name, messages=openai.NOT_GIVEN, extra_body={"prompt": {"slug": "outline"}}
-    )
-    assert shallow.choices[0].message.content
-
-    with pytest.raises(openai.APIStatusError) as refused:
-        client.chat.completions.create(
-            model=chat_model.name,
-            messages=openai.NOT_GIVEN,
-            extra_body={"prompt": {"slug": "outline", "variables": {"depth": 100_000}}},
-        )
-
-    assert refused.value.status_code == 400
-    assert refused.value.body["param"] == "prompt"
-    assert "too deep" in refused.value.body["message"]
-    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
-    assert row.status == UsageStatus.REJECTED
+    assert "too deep" in message
 
 
 def test_a_template_looping_as_often_as_a_callers_value_says_is_a_400(llmhub_server, fake_upstream, chat_model, key):
     """Nested loops as long as a caller's value says, printing nothing: no bound on the output stopped them (a
     million iterations per thousand asked). They are bounded in all, the template's 400 with its rejected row."""
-    template = PromptTemplate.objects.create(slug="grid")
-    PromptVersion.objects.create(
-        template=template,
-        number=1,
-        messages=[
-            {
-                "role": "user",
-                "content": "{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}A grid of {{ n }}.",
-            }
-        ],
-        variables=[{"name": "n", "type": "integer", "default": 3}],
+    message = integer_template_refused(
+        llmhub_server,
+        key,
+        chat_model.name,
+        slug="grid",
+        content="{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}A grid of {{ n }}.",
+        variable="n",
+        asked=1000,
     )
-    client = sdk(llmhub_server, key)
-    small = client.chat.completions.create(
-        model=chat_model.name, messages=openai.NOT_GIVEN, extra_body={"prompt": {"slug": "grid"}}
-    )
-    assert small.choices[0].message.content
-
-    with pytest.raises(openai.APIStatusError) as refused:
-        client.chat.completions.create(
-            model=chat_model.name,
-            messages=openai.NOT_GIVEN,
-            extra_body={"prompt": {"slug": "grid", "variables": {"n": 1000}}},
-        )
-
-    assert refused.value.status_code == 400
-    assert refused.value.body["param"] == "prompt"
-    assert "loops run more than 100,000 times" in refused.value.body["message"]
-    (row,) = wait_for_rows([refused.value.response.headers["x-request-id"]]).values()
-    assert row.status == UsageStatus.REJECTED
+    assert "loops run more than 100,000 times" in message
