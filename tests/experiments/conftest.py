@@ -11,7 +11,10 @@ point at the fake upstream:
   allocation given in percent; what is left is the untouched share;
 - the layout built from the allocations as ``experiments.layout`` builds it.
 
-The test asks for the database itself (``db``, ``transactional_db`` or a live server)."""
+The test asks for the database itself (``db``, ``transactional_db`` or a live server).
+
+``operator_signed_in()`` is a test client signed in as an operator; ``tagline_versions()`` makes two versions
+of one prompt template whose required variables differ, which no two variants may run against each other."""
 
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.test import Client
 
+from accounts.roles import Role, role_set
 from experiments.assignment import assignment_cache
 from experiments.layout import layout_rebalance
 from experiments.models import Experiment, ExperimentStatus, Variant
-from providers.models import CatalogModel, Deployment
-from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
+from prompts.models import PromptTemplate, PromptVersion
+from prompts.services import prompt_version_create
+from providers.models import CatalogModel, Deployment, Provider
+from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory, UserFactory
 
 
 @dataclass
@@ -44,6 +51,14 @@ class AB:
         self.control.refresh_from_db()
         self.treatment.refresh_from_db()
         return self
+
+    def treatment_served_by(self, provider: Provider) -> None:
+        """The treatment's deployment, or every deployment of its other model, moved to ``provider``."""
+        if self.target_model is not None:
+            self.target_model.deployments.update(provider=provider)
+        else:
+            self.treatment_deployment.provider = provider
+            self.treatment_deployment.save()
 
 
 @pytest.fixture
@@ -112,3 +127,29 @@ def ab_experiment(fake_upstream) -> Iterator[Callable[..., AB]]:
 
     yield make
     assignment_cache.invalidate()
+
+
+def tagline_versions() -> tuple[PromptVersion, PromptVersion]:
+    """The template ``tagline``'s versions 1 (requires ``product``) and 2 (requires ``product`` and ``audience``)."""
+    template = PromptTemplate.objects.create(slug="tagline")
+    v1 = prompt_version_create(
+        template=template,
+        messages=[{"role": "user", "content": "A tagline for {{ product }}."}],
+        variables=[{"name": "product", "type": "string"}],
+    )
+    v2 = prompt_version_create(
+        template=template,
+        messages=[{"role": "user", "content": "A tagline for {{ product }}, for {{ audience }}."}],
+        variables=[{"name": "product", "type": "string"}, {"name": "audience", "type": "string"}],
+    )
+    return v1, v2
+
+
+def operator_signed_in() -> Client:
+    """A test client signed in as an operator (staff through the role, with the experiments app's model
+    permissions)."""
+    user = UserFactory(username="olga")
+    role_set(user, Role.OPERATOR)
+    client = Client()
+    client.force_login(user)
+    return client

@@ -17,9 +17,8 @@ from audit.models import AuditEvent
 from billing.models import KeyScope, UsageRecord
 from billing.services.keys import api_key_create
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback
-from prompts.models import PromptTemplate
-from prompts.services import prompt_version_create
 from tests.accounts.conftest import identity_provider_server, idp, jwt_on  # noqa: F401 (fixtures)
+from tests.experiments.conftest import tagline_versions
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -720,17 +719,7 @@ def test_a_variant_that_could_not_serve_its_callers_is_refused_when_created_chan
     naming a field they never sent: the API refuses the variant, naming it and the field."""
     model.max_output_tokens = 1000
     model.save()
-    template = PromptTemplate.objects.create(slug="tagline")
-    v1 = prompt_version_create(
-        template=template,
-        messages=[{"role": "user", "content": "A tagline for {{ product }}."}],
-        variables=[{"name": "product", "type": "string"}],
-    )
-    v2 = prompt_version_create(
-        template=template,
-        messages=[{"role": "user", "content": "A tagline for {{ product }}, for {{ audience }}."}],
-        variables=[{"name": "product", "type": "string"}, {"name": "audience", "type": "string"}],
-    )
+    v1, v2 = tagline_versions()
     control = {"name": "control", "is_control": True, "deployment": "blue", "allocation": "10"}
     green = {"name": "green", "deployment": "green", "allocation": "10"}
 

@@ -22,6 +22,7 @@ from experiments.layout import bucket_of, layout_owner
 from experiments.models import AllocationStep, Experiment, ExperimentStatus, Feedback, Variant
 from prompts.models import PromptTemplate
 from prompts.services import prompt_version_create
+from tests.experiments.conftest import operator_signed_in, tagline_versions
 from tests.factories import DeploymentFactory, ModelFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -90,12 +91,7 @@ def variant_prefix(response, name: str) -> str:
 
 @pytest.fixture
 def operator_client() -> Client:
-    """An operator (staff through the role, with the experiments app's model permissions)."""
-    user = UserFactory(username="olga")
-    role_set(user, Role.OPERATOR)
-    client = Client()
-    client.force_login(user)
-    return client
+    return operator_signed_in()
 
 
 def test_the_list_shows_status_model_allocation_and_a_results_link(operator_client, ab_experiment):
@@ -448,17 +444,7 @@ def test_a_variant_that_could_not_serve_its_callers_is_refused_in_the_admin(oper
     ab = ab_experiment(status=ExperimentStatus.DRAFT, control=50, treatment=50)
     ab.model.max_output_tokens = 1000
     ab.model.save()
-    template = PromptTemplate.objects.create(slug="tagline")
-    v1 = prompt_version_create(
-        template=template,
-        messages=[{"role": "user", "content": "A tagline for {{ product }}."}],
-        variables=[{"name": "product", "type": "string"}],
-    )
-    v2 = prompt_version_create(
-        template=template,
-        messages=[{"role": "user", "content": "For {{ audience }}."}],
-        variables=[{"name": "audience", "type": "string"}],
-    )
+    v1, v2 = tagline_versions()
     page = operator_client.get(change_url(ab.experiment))
     control, treatment = variant_prefix(page, "control"), variant_prefix(page, "treatment")
 

@@ -5,6 +5,7 @@ untouched share, callers left out, rejected requests."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import openai
 import pytest
@@ -49,6 +50,22 @@ def upstream_bodies(fake_upstream) -> list[dict]:
     return [r["body"] for r in fake_upstream.requests if r["path"].endswith("/chat/completions")]
 
 
+def chat_in(server, ab, created, variant: str | None, **request: Any):
+    """A chat completion on ``ab-model`` (the raw response) with ``created``'s key, for the end user of that key whom
+    the experiment puts in ``variant``."""
+    return client_for(server, created.secret).chat.completions.with_raw_response.create(
+        model="ab-model", messages=HELLO, user=end_user_in(ab, created.api_key, variant), **request
+    )
+
+
+def assert_left_out(raw) -> None:
+    """Served as though there were no experiment: a 200 that names none, and no experiment on its ledger row."""
+    assert raw.status_code == 200
+    assert "x-llmhub-experiment" not in raw.headers
+    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
+    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
+
+
 def test_rest_replies_say_their_variant_which_its_deployment_answers_with_its_overrides(
     llmhub_server, fake_upstream, ab_experiment
 ):
@@ -91,25 +108,16 @@ def test_rest_replies_say_their_variant_which_its_deployment_answers_with_its_ov
 def test_the_untouched_share_has_no_header_and_no_experiment_on_its_row(llmhub_server, fake_upstream, ab_experiment):
     ab = ab_experiment(control=30, treatment=30, overrides={"temperature": 0.25})
     created = api_key_create(user=UserFactory(username="app"), name="app")
-    end_user = end_user_in(ab, created.api_key, None)
-    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
-        model="ab-model", messages=HELLO, user=end_user
-    )
-    assert raw.status_code == 200
-    assert "x-llmhub-experiment" not in raw.headers
+    raw = chat_in(llmhub_server, ab, created, None)
+    assert_left_out(raw)
     (body,) = upstream_bodies(fake_upstream)
     assert "temperature" not in body
-    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
-    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
 
 
 def test_a_model_variant_is_answered_by_the_other_model(llmhub_server, fake_upstream, ab_experiment):
     ab = ab_experiment(control=50, treatment=50, treatment_model=True)
     created = api_key_create(user=UserFactory(username="app"), name="app")
-    end_user = end_user_in(ab, created.api_key, "treatment")
-    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
-        model="ab-model", messages=HELLO, user=end_user
-    )
+    raw = chat_in(llmhub_server, ab, created, "treatment")
     assert raw.headers["x-llmhub-experiment"] == "ab-test:treatment"
     assert raw.headers["x-llmhub-model"] == "ab-model-other"
     (body,) = upstream_bodies(fake_upstream)
@@ -131,17 +139,11 @@ def test_a_caller_whose_plan_or_key_does_not_allow_the_model_variant_is_left_out
         created = api_key_create(user=user, name="app")
     else:
         created = api_key_create(user=user, name="app", allowed_models=[ab.model])
-    end_user = end_user_in(ab, created.api_key, "treatment")
-    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
-        model="ab-model", messages=HELLO, user=end_user
-    )
-    assert raw.status_code == 200
-    assert "x-llmhub-experiment" not in raw.headers  # left out: served as usual, not counted in the experiment
+    raw = chat_in(llmhub_server, ab, created, "treatment")
+    assert_left_out(raw)  # served as usual, not counted in the experiment
     assert raw.headers["x-llmhub-model"] == "ab-model"
     (body,) = upstream_bodies(fake_upstream)
     assert body["model"] in ("fake-control", "fake-treatment")
-    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
-    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
 
 
 def test_a_request_refused_after_assignment_records_its_variant(llmhub_server, fake_upstream, ab_experiment):
@@ -243,11 +245,7 @@ def test_a_text_completion_is_left_out_of_a_variant_that_cannot_complete(
     ``/v1/completions`` caller it would take is served as usual and left out of the experiment, not refused."""
     ab = ab_experiment(control=50, treatment=50, treatment_model=treatment_model)
     chat_only = ProviderFactory(name="chat-only", kind=ProviderKind.ANTHROPIC, base_url=fake_upstream.base_url)
-    if treatment_model:
-        ab.target_model.deployments.update(provider=chat_only)
-    else:
-        ab.treatment_deployment.provider = chat_only
-        ab.treatment_deployment.save()
+    ab.treatment_served_by(chat_only)
     created = api_key_create(user=UserFactory(username="app"), name="app")
     end_user = end_user_in(ab, created.api_key, "treatment")
     raw = client_for(llmhub_server, created.secret).completions.with_raw_response.create(
@@ -275,20 +273,11 @@ def test_a_caller_without_the_own_key_a_variant_requires_is_left_out_not_refused
     own_keys_only = ProviderFactory(
         name="own-keys-only", base_url=fake_upstream.base_url + "/v1", byok=ByokMode.REQUIRED
     )
-    if treatment_model:
-        ab.target_model.deployments.update(provider=own_keys_only)
-    else:
-        ab.treatment_deployment.provider = own_keys_only
-        ab.treatment_deployment.save()
+    ab.treatment_served_by(own_keys_only)
     without = api_key_create(user=UserFactory(username="no-own-key"), name="app")
-    raw = client_for(llmhub_server, without.secret).chat.completions.with_raw_response.create(
-        model="ab-model", messages=HELLO, user=end_user_in(ab, without.api_key, "treatment")
-    )
-    assert raw.status_code == 200
-    assert "x-llmhub-experiment" not in raw.headers
+    raw = chat_in(llmhub_server, ab, without, "treatment")
+    assert_left_out(raw)
     assert raw.headers["x-llmhub-model"] == "ab-model"
-    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
-    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
 
     owner = UserFactory(username="own-key")
     ProviderCredential.objects.create(
@@ -299,9 +288,7 @@ def test_a_caller_without_the_own_key_a_variant_requires_is_left_out_not_refused
         status=CredentialStatus.VALID,
     )
     with_key = api_key_create(user=owner, name="app")
-    raw = client_for(llmhub_server, with_key.secret).chat.completions.with_raw_response.create(
-        model="ab-model", messages=HELLO, user=end_user_in(ab, with_key.api_key, "treatment")
-    )
+    raw = chat_in(llmhub_server, ab, with_key, "treatment")
     assert raw.headers["x-llmhub-experiment"] == "ab-test:treatment"
     record = wait_for_record(raw.headers["x-request-id"], timeout=15)
     assert record.billing_source == "user_key"
@@ -323,19 +310,13 @@ def test_a_caller_whose_request_the_variants_model_cannot_honour_is_left_out_not
         ab.target_model.max_output_tokens = 100
     ab.target_model.save()
     created = api_key_create(user=UserFactory(username="app"), name="app")
-    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
-        model="ab-model",
-        messages=HELLO,
-        user=end_user_in(ab, created.api_key, "treatment"),
-        **({"stream": True} if asks == "stream" else {"max_tokens": 500}),
+    raw = chat_in(
+        llmhub_server, ab, created, "treatment", **({"stream": True} if asks == "stream" else {"max_tokens": 500})
     )
-    assert raw.status_code == 200
-    assert "x-llmhub-experiment" not in raw.headers
+    assert_left_out(raw)
     assert raw.headers["x-llmhub-model"] == "ab-model"
     (body,) = upstream_bodies(fake_upstream)
     assert body["model"] in ("fake-control", "fake-treatment")
-    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
-    assert (record.experiment_id, record.experiment_variant_id) == (None, None)
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
@@ -349,12 +330,7 @@ def test_a_caller_in_a_variant_whose_overrides_the_model_cannot_honour_is_left_o
     ab.model.max_output_tokens = 1000
     ab.model.save()
     created = api_key_create(user=UserFactory(username="app"), name="app")
-    raw = client_for(llmhub_server, created.secret).chat.completions.with_raw_response.create(
-        model="ab-model", messages=HELLO, user=end_user_in(ab, created.api_key, "treatment")
-    )
-    assert raw.status_code == 200
-    assert "x-llmhub-experiment" not in raw.headers
+    raw = chat_in(llmhub_server, ab, created, "treatment")
+    assert_left_out(raw)
     (body,) = upstream_bodies(fake_upstream)
     assert field not in body
-    record = wait_for_record(raw.headers["x-request-id"], timeout=15)
-    assert (record.experiment_id, record.experiment_variant_id) == (None, None)

@@ -22,6 +22,7 @@ from billing.models import UsageStatus
 from experiments.models import ExperimentStatus, Feedback, FeedbackMetric, Metric
 from experiments.results import experiment_results
 from experiments.views import charts_data, difference, figure, interval
+from tests.experiments.conftest import operator_signed_in
 from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -89,14 +90,6 @@ def raw(cells: Cells, metric: str, variant: str, field: str) -> str:
     return cells.cells[(metric, variant, field)]["raw"]
 
 
-def operator_client() -> Client:
-    user = UserFactory(username="olga")
-    role_set(user, Role.OPERATOR)
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 @pytest.fixture
 def seeded(ab_experiment):
     """A running 50/50 experiment with a known history, three days old.
@@ -159,7 +152,7 @@ def page_of(client: Client, ab) -> str:
 
 def test_the_page_shows_every_figure_of_the_results_json(seeded):
     """The page and GET /api/experiments/{id}/results/ agree, figure by figure."""
-    client = operator_client()
+    client = operator_signed_in()
     html = page_of(client, seeded)
     with time_machine.travel(NOW, tick=False):
         response = client.get(f"/api/experiments/{seeded.experiment.pk}/results/")
@@ -214,7 +207,7 @@ def test_the_page_shows_every_figure_of_the_results_json(seeded):
 
 def test_the_figures_are_the_ledgers_and_the_feedbacks(seeded):
     """Worked out by hand from the rows the fixture wrote, not from the results code."""
-    cells = parse(page_of(operator_client(), seeded))
+    cells = parse(page_of(operator_signed_in(), seeded))
 
     assert raw(cells, "", "control", "requests") == "6" and raw(cells, "", "treatment", "requests") == "4"
     assert raw(cells, "", "control", "users") == "3" and raw(cells, "", "treatment", "users") == "3"
@@ -238,7 +231,7 @@ def test_the_figures_are_the_ledgers_and_the_feedbacks(seeded):
 
 
 def test_the_charts_draw_the_same_figures_from_embedded_json_without_inline_script(seeded):
-    html = page_of(operator_client(), seeded)
+    html = page_of(operator_signed_in(), seeded)
     with time_machine.travel(NOW, tick=False):
         results = experiment_results(seeded.refresh().experiment)
 
@@ -262,7 +255,7 @@ def test_the_charts_draw_the_same_figures_from_embedded_json_without_inline_scri
 
 
 def test_the_csv_link_downloads_the_results(seeded):
-    client = operator_client()
+    client = operator_signed_in()
     html = page_of(client, seeded)
     link = re.search(r'id="csv-export"', html) and re.search(r'href="([^"]+)" id="csv-export"', html).group(1)
 
@@ -293,13 +286,13 @@ def test_only_roles_that_manage_experiments_get_the_pages(seeded):
     admin = UserFactory(username="ada", is_superuser=True, is_staff=True)
     client.force_login(admin)
     assert client.get(results_url).status_code == 200
-    assert operator_client().get("/experiments/").status_code == 200
+    assert operator_signed_in().get("/experiments/").status_code == 200
     assert client.get(f"/experiments/{seeded.experiment.pk + 1000}/results/").status_code == 404
 
 
 def test_the_index_lists_experiments_with_status_and_links(seeded, ab_experiment):
     draft = ab_experiment(name="draft-one", model_name="other-model", status="draft")
-    html = operator_client().get("/experiments/").content.decode()
+    html = operator_signed_in().get("/experiments/").content.decode()
 
     assert html.index('data-experiment="draft-one"') < html.index('data-experiment="tone-test"')  # newest first
     for ab, status in ((seeded, "Running"), (draft, "Draft")):
@@ -311,7 +304,7 @@ def test_the_index_lists_experiments_with_status_and_links(seeded, ab_experiment
 
 
 def test_promote_from_the_page(seeded):
-    client = operator_client()
+    client = operator_signed_in()
     html = page_of(client, seeded)
     assert 'name="variant" value="treatment"' in html and "Promote treatment" in html
     assert 'data-confirm="Promote treatment?' in html
@@ -336,7 +329,7 @@ def test_promoting_in_a_paused_experiment_says_it_serves_once_resumed_not_now(se
     seeded.experiment.status = ExperimentStatus.PAUSED
     seeded.experiment.save()
 
-    response = operator_client().post(
+    response = operator_signed_in().post(
         f"/experiments/{seeded.experiment.pk}/promote/", {"variant": "treatment"}, follow=True
     )
 
@@ -363,7 +356,7 @@ def test_promote_needs_the_csrf_token(seeded):
 def test_a_draft_without_data_renders_without_figures_or_promote_buttons(ab_experiment):
     draft = ab_experiment(name="not-yet", status="draft")
 
-    html = operator_client().get(f"/experiments/{draft.experiment.pk}/results/").content.decode()
+    html = operator_signed_in().get(f"/experiments/{draft.experiment.pk}/results/").content.decode()
 
     cells = parse(html)
     assert "No winner yet" in html and "Promote" not in html
