@@ -114,6 +114,20 @@ def rule(kind: str, **fields: object) -> OpsAlertRule:
     return OpsAlertRule.objects.create(name=f"test {kind}", kind=kind, **{"clear_after_minutes": 0, **fields})
 
 
+def watched_deployment() -> Deployment:
+    """The deployment of the model ``watched``, under the deployment-down rule."""
+    rule(OpsAlertKind.DEPLOYMENT_DOWN)
+    return ModelFactory(name="watched").deployments.get()
+
+
+def requests_at(deployment: Deployment, instant: datetime, status: str) -> None:
+    """Three requests to ``deployment`` ending ``status`` at ``instant``, as the live path records each: its outcome
+    to the breaker, its row to the ledger."""
+    for _ in range(3):
+        breaker_record(deployment.pk, ok=status == UsageStatus.OK)
+        UsageRecordFactory(model_name="watched", deployment=deployment, status=status, created_at=instant)
+
+
 def alert_mail() -> list:
     """The operations alerts emailed: Django's own mails to ADMINS of a 5xx answer left out, and the budget
     alerts a user gets about their own quota (at 50 % of it, say, before it refuses them)."""
@@ -389,30 +403,23 @@ def test_completions_failing_while_the_model_list_answers_are_one_incident_not_o
     get one "down" and, once completions work again, one "back up", not a pair every round of health checks."""
     settings.REDIS_URL = ""
     settings.LLMHUB_BREAKER_FAILURES = 3
-    rule(OpsAlertKind.DEPLOYMENT_DOWN)
-    deployment = ModelFactory(name="watched").deployments.get()
+    deployment = watched_deployment()
 
-    def requests_at(instant: datetime, status: str) -> None:
-        # What the live path does per request: its outcome to the breaker, its row to the ledger.
-        for _ in range(3):
-            breaker_record(deployment.pk, ok=status == UsageStatus.OK)
-            UsageRecordFactory(model_name="watched", deployment=deployment, status=status, created_at=instant)
-
-    requests_at(T0, UsageStatus.UPSTREAM_ERROR)
+    requests_at(deployment, T0, UsageStatus.UPSTREAM_ERROR)
     assert breaker_state(deployment.pk).state != CLOSED
     evaluate_at(T0 + timedelta(minutes=1))
     for minutes in (5, 10, 15):  # a round of health checks every 5 minutes: the model list answers
         deployment_probe_record(
             probe=DeploymentProbe(deployment.pk, ok=True, latency_ms=20), at=T0 + timedelta(minutes=minutes)
         )
-        requests_at(T0 + timedelta(minutes=minutes, seconds=30), UsageStatus.UPSTREAM_ERROR)
+        requests_at(deployment, T0 + timedelta(minutes=minutes, seconds=30), UsageStatus.UPSTREAM_ERROR)
         evaluate_at(T0 + timedelta(minutes=minutes + 1))
     assert Incident.objects.count() == 1 and Incident.objects.get().ended_at is None
     down = f"[llmhub] deployment {deployment.name} of model watched is down"
     assert [message.subject for message in alert_mail()] == [down]
 
     breaker_reset(deployment.pk)  # completions answer again: the half-open probe succeeded
-    requests_at(T0 + timedelta(minutes=20), UsageStatus.OK)
+    requests_at(deployment, T0 + timedelta(minutes=20), UsageStatus.OK)
     evaluate_at(T0 + timedelta(minutes=21))
     assert Incident.objects.get().ended_at == T0 + timedelta(minutes=21)
     assert [message.subject for message in alert_mail()] == [down, down.replace("is down", "is back up")]
@@ -420,8 +427,7 @@ def test_completions_failing_while_the_model_list_answers_are_one_incident_not_o
 
 def test_a_paid_health_probe_passing_closes_the_incident_the_breaker_opened():
     """A paid probe is a completion: it sees what the breaker saw, and its passing closes the incident."""
-    rule(OpsAlertKind.DEPLOYMENT_DOWN)
-    deployment = ModelFactory(name="watched").deployments.get()
+    deployment = watched_deployment()
     Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
     deployment_probe_record(probe=DeploymentProbe(deployment.pk, ok=True, latency_ms=20), at=T0 + timedelta(minutes=5))
     assert Incident.objects.get().ended_at is None
@@ -972,8 +978,7 @@ def test_a_deployment_taken_out_of_service_closes_its_breaker_incident_once_as_n
     for good (the evaluator leaves such deployments alone). It is closed, and told as taken out of service by
     an admin, not as back up."""
     settings.REDIS_URL = ""
-    rule(OpsAlertKind.DEPLOYMENT_DOWN)
-    deployment = ModelFactory(name="watched").deployments.get()
+    deployment = watched_deployment()
     Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
     if change.pop("model_enabled", True) is False:
         CatalogModel.objects.filter(pk=deployment.model_id).update(enabled=False)
@@ -1000,24 +1005,18 @@ def test_a_deployment_whose_breaker_an_admin_forced_closed_has_its_incident_clos
     the latest request judged since it began succeeded; while they still fail it stays open."""
     settings.REDIS_URL = ""
     settings.LLMHUB_BREAKER_FAILURES = 3
-    rule(OpsAlertKind.DEPLOYMENT_DOWN)
-    deployment = ModelFactory(name="watched").deployments.get()
+    deployment = watched_deployment()
 
-    def requests_at(instant: datetime, status: str) -> None:
-        for _ in range(3):
-            breaker_record(deployment.pk, ok=status == UsageStatus.OK)
-            UsageRecordFactory(model_name="watched", deployment=deployment, status=status, created_at=instant)
-
-    requests_at(T0, UsageStatus.UPSTREAM_ERROR)
+    requests_at(deployment, T0, UsageStatus.UPSTREAM_ERROR)
     evaluate_at(T0 + timedelta(minutes=1))
     assert Incident.objects.get().ended_at is None
 
     Deployment.objects.filter(pk=deployment.pk).update(breaker_override="closed")  # the admin sends traffic anyway
-    requests_at(T0 + timedelta(minutes=2), UsageStatus.UPSTREAM_ERROR)
+    requests_at(deployment, T0 + timedelta(minutes=2), UsageStatus.UPSTREAM_ERROR)
     evaluate_at(T0 + timedelta(minutes=3))
     assert Incident.objects.get().ended_at is None  # still failing: still down
 
-    requests_at(T0 + timedelta(minutes=4), UsageStatus.OK)
+    requests_at(deployment, T0 + timedelta(minutes=4), UsageStatus.OK)
     evaluate_at(T0 + timedelta(minutes=5))
     evaluate_at(T0 + timedelta(minutes=6))
 
