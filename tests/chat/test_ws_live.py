@@ -307,6 +307,27 @@ class SilencedLink:
             await self._server.wait_closed()
 
 
+async def reply_ended() -> Message:
+    """The assistant's reply, once it no longer streams."""
+
+    async def ended() -> Message | None:
+        return await Message.objects.filter(role="assistant").exclude(status="streaming").afirst()
+
+    return await wait_until_async(ended, "the reply ended", timeout=30)
+
+
+async def assert_cancelled_and_billed_what_was_sent(reply: Message, caplog) -> None:
+    """A 400,000-word reply stopped as on a disconnect: saved as cancelled with part of it, its ledger row
+    ``client_disconnected`` and billed for that part, and no error logged."""
+    assert reply.status == MessageStatus.CANCELLED, (reply.status, reply.error_message)
+    assert 0 < len(reply.content.split()) < 400_000
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(request_id=reply.request_id)
+    assert record.status == "client_disconnected"
+    assert 0 < record.completion_tokens < 400_000
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 @pytest.fixture
 def pinged(live) -> Iterator[LiveServer]:
     """A second live llmhub, on the same database, whose keepalive pings every second and waits a second for
@@ -329,20 +350,10 @@ async def test_a_client_whose_network_vanished_mid_reply_is_found_and_billed_wha
             while received < 5:
                 received += (await next_event(ws))["type"] == "chat.delta"
             link.silence()
-
-            async def ended() -> Message | None:
-                return await Message.objects.filter(role="assistant").exclude(status="streaming").afirst()
-
-            reply = await wait_until_async(ended, "the reply ended", timeout=30)
+            reply = await reply_ended()
     finally:
         await link.close()
-    assert reply.status == MessageStatus.CANCELLED, (reply.status, reply.error_message)
-    assert 0 < len(reply.content.split()) < 400_000
-    await ledger_flush()
-    record = await UsageRecord.objects.aget(request_id=reply.request_id)
-    assert record.status == "client_disconnected"
-    assert 0 < record.completion_tokens < 400_000
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    await assert_cancelled_and_billed_what_was_sent(reply, caplog)
 
 
 def test_production_finds_a_client_gone_silent_within_20_seconds():
@@ -449,20 +460,10 @@ async def test_a_client_that_stops_reading_mid_reply_is_let_go_and_billed_what_w
     client = await asyncio.to_thread(UnreadSocket, int(live.http_url.rsplit(":", 1)[1]), live.cookie)
     try:
         client.send_text(chat_send("a", "Long [[words=400000]] " + "x" * 120, live.model, None))
-
-        async def ended() -> Message | None:
-            return await Message.objects.filter(role="assistant").exclude(status="streaming").afirst()
-
-        reply = await wait_until_async(ended, "the reply ended", timeout=30)
+        reply = await reply_ended()
     finally:
         client.close()
-    assert reply.status == MessageStatus.CANCELLED, (reply.status, reply.error_message)
-    assert 0 < len(reply.content.split()) < 400_000
-    await ledger_flush()
-    record = await UsageRecord.objects.aget(request_id=reply.request_id)
-    assert record.status == "client_disconnected"
-    assert 0 < record.completion_tokens < 400_000
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    await assert_cancelled_and_billed_what_was_sent(reply, caplog)
 
 
 async def closing_events(ws) -> tuple[list[dict], int]:
