@@ -470,41 +470,43 @@ async def test_api_keys_page(site, browser, user, artifacts_dir):
     await page.close()
 
 
-async def test_the_keys_page_gives_a_key_all_conversations_only_when_asked(site, browser, user):
-    """A key reaches only the conversations it started; the page can create one that reaches them all."""
+async def keys_page_with_a_plain_key(site, browser) -> Page:
+    """The API keys page, signed in, once a key of no scope (``app``) was created on it."""
     page = await browser.new_page(viewport={"width": 1280, "height": 760})
     await sign_in(page, site)
     await page.goto(site.url + "/keys/")
     await page.get_by_label("Name").fill("app")
     await page.get_by_role("button", name="Create key").click()
     await expect(page.locator("#keys-body tr", has_text="app")).to_be_visible()
-    await page.get_by_label("Name").fill("assistant")
-    await page.get_by_label("Can read all conversations").check()
+    return page
+
+
+async def key_created_with(page: Page, name: str, box: str, shown: str) -> None:
+    """Create the key ``name`` with ``box`` ticked: its row says ``shown``, and the box is clear for the next key."""
+    await page.get_by_label("Name").fill(name)
+    await page.get_by_label(box).check()
     await page.get_by_role("button", name="Create key").click()
-    row = page.locator("#keys-body tr", has_text="assistant")
-    await expect(row).to_contain_text("reads all conversations")
-    await expect(page.get_by_label("Can read all conversations")).not_to_be_checked()
-    scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
-    assert scopes == {"app": [], "assistant": ["conversations:manage"]}
+    await expect(page.locator("#keys-body tr", has_text=name)).to_contain_text(shown)
+    await expect(page.get_by_label(box)).not_to_be_checked()
+
+
+async def scopes_of_keys(user) -> dict[str, list[str]]:
+    return {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
+
+
+async def test_the_keys_page_gives_a_key_all_conversations_only_when_asked(site, browser, user):
+    """A key reaches only the conversations it started; the page can create one that reaches them all."""
+    page = await keys_page_with_a_plain_key(site, browser)
+    await key_created_with(page, "assistant", "Can read all conversations", "reads all conversations")
+    assert await scopes_of_keys(user) == {"app": [], "assistant": ["conversations:manage"]}
     await page.close()
 
 
 async def test_the_keys_page_gives_a_key_all_usage_only_when_asked(site, browser, user):
     """A key reads only its own subtree's usage; the page can create one that reads all of it."""
-    page = await browser.new_page(viewport={"width": 1280, "height": 760})
-    await sign_in(page, site)
-    await page.goto(site.url + "/keys/")
-    await page.get_by_label("Name").fill("app")
-    await page.get_by_role("button", name="Create key").click()
-    await expect(page.locator("#keys-body tr", has_text="app")).to_be_visible()
-    await page.get_by_label("Name").fill("accounting")
-    await page.get_by_label("Can read all usage").check()
-    await page.get_by_role("button", name="Create key").click()
-    row = page.locator("#keys-body tr", has_text="accounting")
-    await expect(row).to_contain_text("reads all usage")
-    await expect(page.get_by_label("Can read all usage")).not_to_be_checked()
-    scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
-    assert scopes == {"app": [], "accounting": ["usage:read"]}
+    page = await keys_page_with_a_plain_key(site, browser)
+    await key_created_with(page, "accounting", "Can read all usage", "reads all usage")
+    assert await scopes_of_keys(user) == {"app": [], "accounting": ["usage:read"]}
     await page.close()
 
 
@@ -513,24 +515,14 @@ async def test_the_keys_page_gives_a_staff_users_key_the_staff_apis_only_when_as
     ``experiments:manage``; the page offers them to staff (an operator)."""
     user.is_staff = True
     await user.asave(update_fields=["is_staff"])
-    page = await browser.new_page(viewport={"width": 1280, "height": 760})
-    await sign_in(page, site)
-    await page.goto(site.url + "/keys/")
-    await page.get_by_label("Name").fill("app")
-    await page.get_by_role("button", name="Create key").click()
-    await expect(page.locator("#keys-body tr", has_text="app")).to_be_visible()
-    await page.get_by_label("Name").fill("auditor")
-    await page.get_by_label("Can read the audit log").check()
-    await page.get_by_role("button", name="Create key").click()
-    row = page.locator("#keys-body tr", has_text="auditor")
-    await expect(row).to_contain_text("reads the audit log")
-    await expect(page.get_by_label("Can read the audit log")).not_to_be_checked()
-    await page.get_by_label("Name").fill("automation")
-    await page.get_by_label("Can manage experiments").check()
-    await page.get_by_role("button", name="Create key").click()
-    await expect(page.locator("#keys-body tr", has_text="automation")).to_contain_text("manages experiments")
-    scopes = {key.name: key.scopes async for key in ApiKey.objects.filter(user=user)}
-    assert scopes == {"app": [], "auditor": ["audit:read"], "automation": ["experiments:manage"]}
+    page = await keys_page_with_a_plain_key(site, browser)
+    await key_created_with(page, "auditor", "Can read the audit log", "reads the audit log")
+    await key_created_with(page, "automation", "Can manage experiments", "manages experiments")
+    assert await scopes_of_keys(user) == {
+        "app": [],
+        "auditor": ["audit:read"],
+        "automation": ["experiments:manage"],
+    }
     await page.close()
 
 
