@@ -1381,3 +1381,47 @@ async def test_a_rename_elsewhere_and_a_model_dropped_from_the_plan_show_on_comi
     await expect(page.locator("#model-picker")).to_have_value("gpt-other")
     assert errors == []
     await context.close()
+
+
+async def test_a_streamed_reply_is_read_out_a_sentence_at_a_time_and_once(site, browser, user):
+    """Screen readers got a streamed reply only once it was complete: the transcript, a polite live region,
+    was busy while the reply streamed. The completed sentences are read out as they arrive, in a polite live
+    region of their own, then the rest once; the visible text is not live (every token would be read), nor
+    is the transcript (the finished reply would be read a second time)."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 860})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await sign_in(page, site)
+    transcript = page.get_by_role("log", name="Conversation")
+    await expect(transcript).to_have_attribute("aria-live", "off")
+    announcer = page.locator("#reply-announcer")
+    await expect(announcer).to_have_attribute("aria-live", "polite")
+    await expect(announcer).to_have_attribute("aria-atomic", "false")
+
+    await send(
+        page, "[[reply=Lisbon sits on **seven** hills. Trams climb the steepest ones! Is May warm? Mostly]] [[tps=3]]"
+    )
+    reply = page.locator(".message.assistant").last
+    parts = announcer.locator("p")
+    await expect(parts.first).to_have_text("Lisbon sits on seven hills.", timeout=15_000)
+    # Read out while the reply is still streaming (the rest of it takes seconds at three words a second).
+    assert await reply.get_attribute("data-status") == "streaming"
+    await expect(reply).to_have_attribute("aria-busy", "true")
+    await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+    await expect(parts).to_have_text(
+        ["Lisbon sits on seven hills.", "Trams climb the steepest ones!", "Is May warm?", "Mostly"]
+    )
+    await expect(reply).not_to_have_attribute("aria-busy", "true")
+
+    # A stopped reply: what streamed is read out once, then the note saying it was stopped.
+    await send(page, "Now a very long one [[words=400]] [[tps=20]]")
+    long_reply = page.locator(".message.assistant").last
+    await expect(long_reply.locator(".message-body")).to_contain_text("lorem")
+    await page.get_by_role("button", name="Stop generating").click()
+    await expect(long_reply).to_have_attribute("data-status", "cancelled")
+    await expect(parts.last).to_have_text(await long_reply.locator(".message-status").inner_text())
+    spoken = " ".join(await parts.all_inner_texts())
+    shown = await long_reply.locator(".message-body").inner_text()
+    assert spoken.startswith(shown.strip()), (spoken, shown)
+    assert errors == []
+    await page.close()

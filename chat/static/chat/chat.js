@@ -30,6 +30,7 @@
     convList: $("conversation-list"),
     convEmpty: $("conversation-empty"),
     convMore: $("conversation-more"),
+    announcer: $("reply-announcer"),
     picker: $("model-picker"),
     badge: $("provider-badge"),
     effortControl: $("reasoning-control"),
@@ -329,8 +330,43 @@
         closeReasoning(stream.view);
       }
       paintAssistant(stream.view, stream.text, false);
+      announceReply(stream, false);
       if (follow) scrollToBottom();
     });
+  }
+
+  /* Screen readers hear the reply on screen as it streams, a sentence at a time once each is complete, and
+     the rest (with a stopped or cut reply's note) once, when it ends: in a polite live region of its own
+     (#reply-announcer), each part added as a paragraph. The visible text is repainted every frame and is not
+     live, or every token would be read; the transcript (role log) is not live either, or the finished reply
+     would be read a second time. */
+  const SENTENCE_END = /[.!?\u2026]["')\]*_`]*\s|\n/g;
+
+  function announceReply(stream, final) {
+    if (!stream.view) return;
+    let end = stream.announced;
+    if (final) end = stream.text.length;
+    else {
+      SENTENCE_END.lastIndex = stream.announced;
+      for (let match; (match = SENTENCE_END.exec(stream.text)); ) end = match.index + match[0].length;
+    }
+    if (end <= stream.announced) return;
+    announce(spokenText(stream.text.slice(stream.announced, end)));
+    stream.announced = end;
+  }
+
+  function announce(text) {
+    if (!text) return;
+    const part = document.createElement("p");
+    part.textContent = text;
+    el.announcer.append(part);
+  }
+
+  // What a part of the reply reads as: its Markdown rendered, the text without the marks.
+  function spokenText(markdown) {
+    const box = document.createElement("div");
+    box.append(renderMarkdown(markdown));
+    return box.textContent.replace(/\s+/g, " ").trim();
   }
 
   function finishStream(stream, status, { error, usage, finishReason } = {}) {
@@ -347,6 +383,9 @@
       if (stream.text) closeReasoning(stream.view);
       paintAssistant(stream.view, stream.text, true);
       settleView(stream.view, { status, error, usage, finishReason });
+      announceReply(stream, true);
+      const note = stream.view.root.querySelector(".message-status");
+      if (note) announce(note.textContent);
       if (follow) scrollToBottom();
     }
     if (stream.conversationId !== null) touchConversation(stream.conversationId);
@@ -461,7 +500,9 @@
       provider,
       view,
       frame: 0, // the pending repaint's requestAnimationFrame id
+      announced: 0, // how much of text screen readers were given (announceReply)
     });
+    el.announcer.replaceChildren();
     if (state.currentId === null) state.newChatRequest = requestId;
     // The effort control, shown only for a model whose catalog entry says it reasons; "Off" asks for none.
     const effort = el.effortControl.hidden ? null : el.effort.value || null;
@@ -914,6 +955,7 @@
         message === pendingRow ? pending : [...state.streams.values()].find((s) => s.messageId === message.id);
       if (live) {
         live.view = view;
+        live.announced = live.text.length; // back to it: what streamed meanwhile is on screen, not read out
         paintReasoning(view, live.reasoning, !live.text);
         paintAssistant(view, live.text, false);
         settleView(view, { status: "streaming" });
@@ -933,6 +975,7 @@
       pending.userView = createMessageView({ role: "user" });
       paintUser(pending.userView, pending.userText);
       pending.view = createMessageView({ role: "assistant", model: pending.model, provider: pending.provider });
+      pending.announced = pending.text.length;
       paintReasoning(pending.view, pending.reasoning, !pending.text);
       paintAssistant(pending.view, pending.text, false);
       settleView(pending.view, { status: "streaming" });
