@@ -564,7 +564,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         """The client can be sent nothing more, and the disconnect waits for the kernel to give up on the data it
         never read, minutes away or never: after a send refused because the server closed the socket, or one
         that waited SEND_TIMEOUT_SECONDS for a client that stopped reading (uvicorn's gentle close would wait for
-        that data too). The replies are stopped now, as on a disconnect, and what was sent is what is billed."""
+        that data too). The replies are stopped now, as on a disconnect, and billed for what the upstream wrote
+        until then, sent on or not (``docs/reliability.md``)."""
         self.closing = True
         for stream in list(self.streams.values()):
             self._stop(stream, by_user=False)

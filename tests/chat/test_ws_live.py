@@ -27,6 +27,7 @@ from billing.services.keys import api_key_create
 from billing.services.ledger import ledger_flush
 from chat import consumers
 from chat.models import Message, MessageStatus
+from providers.tokens import text_tokens
 from tests.chat.conftest import session_cookie
 from tests.conftest import LiveServer
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
@@ -316,15 +317,18 @@ async def reply_ended() -> Message:
     return await wait_until_async(ended, "the reply ended", timeout=30)
 
 
-async def assert_cancelled_and_billed_what_was_sent(reply: Message, caplog) -> None:
+async def assert_cancelled_and_billed_what_was_read(reply: Message, caplog) -> None:
     """A 400,000-word reply stopped as on a disconnect: saved as cancelled with part of it, its ledger row
-    ``client_disconnected`` and billed for that part, and no error logged."""
+    ``client_disconnected`` and billed for the part read from the upstream (sent on or not), and no error logged."""
     assert reply.status == MessageStatus.CANCELLED, (reply.status, reply.error_message)
     assert 0 < len(reply.content.split()) < 400_000
     await ledger_flush()
     record = await UsageRecord.objects.aget(request_id=reply.request_id)
     assert record.status == "client_disconnected"
     assert 0 < record.completion_tokens < 400_000
+    # A cut stream brings no usage: billed for what the upstream wrote up to the cut, counted from that text.
+    assert record.usage_estimated
+    assert record.completion_tokens == text_tokens(reply.content)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
@@ -353,7 +357,7 @@ async def test_a_client_whose_network_vanished_mid_reply_is_found_and_billed_wha
             reply = await reply_ended()
     finally:
         await link.close()
-    await assert_cancelled_and_billed_what_was_sent(reply, caplog)
+    await assert_cancelled_and_billed_what_was_read(reply, caplog)
 
 
 def test_production_finds_a_client_gone_silent_within_20_seconds():
@@ -455,7 +459,8 @@ async def test_a_client_that_stops_reading_mid_reply_is_let_go_and_billed_what_w
     """A client that stopped reading while more than the server buffers was queued for it (a hung tab) left a send
     of its reply waiting for ever, and the reply neither stopped nor settled: streaming, unbilled, the upstream
     held open. A send now has SEND_TIMEOUT_SECONDS; past that the reply is stopped as on a disconnect: saved as
-    cancelled with what was written, billed for that."""
+    cancelled with what was written, billed for that: what the upstream wrote up to the cut, sent on or not (the
+    provider charges for it), counted from that text, since a cut stream brings no usage."""
     monkeypatch.setattr(consumers, "SEND_TIMEOUT_SECONDS", 1.0)
     client = await asyncio.to_thread(UnreadSocket, int(live.http_url.rsplit(":", 1)[1]), live.cookie)
     try:
@@ -463,7 +468,7 @@ async def test_a_client_that_stops_reading_mid_reply_is_let_go_and_billed_what_w
         reply = await reply_ended()
     finally:
         client.close()
-    await assert_cancelled_and_billed_what_was_sent(reply, caplog)
+    await assert_cancelled_and_billed_what_was_read(reply, caplog)
 
 
 async def closing_events(ws) -> tuple[list[dict], int]:
