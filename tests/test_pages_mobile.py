@@ -9,6 +9,7 @@ browser asks for /favicon.ico on its own).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from decimal import Decimal
@@ -401,5 +402,52 @@ async def test_a_small_amount_with_many_decimals_stays_inside_its_tile(path, liv
             tiles = await page.evaluate(TILE_FIGURES_JS)
             assert any(figure == "$0.0493221751" for figure, _ in tiles), tiles
             assert all(inside for _, inside in tiles), (viewport, tiles)
+    finally:
+        await context.close()
+
+
+async def test_the_chat_page_takes_long_names_at_375_px(live_site, browser, ada, fake_upstream, artifacts_dir):
+    """On a 375 px screen, with a long model name (of a model that reasons: its effort control shares the toolbar),
+    a long provider name and long conversation titles, the page does not scroll sideways and the model picker, the
+    composer and the conversation list's buttons are on the screen. The reply's line naming its model and provider
+    ran past the screen: the provider's badge did not wrap, and the conversation scrolled sideways."""
+    model = "anthropic.claude-3-5-sonnet-20241022-v2:0-with-an-extra-long-deployment-suffix"
+    titles = ("Planning the quarterly marketing campaign for the north European region, budget and timeline", "x" * 120)
+
+    def conversations() -> None:
+        provider = ProviderFactory(
+            name="openai-compatible-gateway-of-the-research-team", base_url=fake_upstream.base_url + "/v1"
+        )
+        ModelFactory(name=model, provider=provider, supports_reasoning=True)
+        for title in titles:
+            Conversation.objects.create(owner=ada, title=title, model_name=model)
+
+    await sync_to_async(conversations)()
+    context = await signed_in(browser, live_site, ada)
+    page = await context.new_page()
+    await page.set_viewport_size({"width": 375, "height": 812})
+    try:
+        await page.goto(live_site.url + "/")
+        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+        for control in ("#model-picker", "#reasoning-effort", "#prompt", "#send"):
+            await expect(page.locator(control)).to_be_in_viewport(ratio=1)
+        await page.locator("#prompt").fill("Plan it [[words=30]]")
+        await page.locator("#prompt").press("Enter")
+        reply = page.locator(".message.assistant").last
+        await expect(reply).to_have_attribute("data-status", "complete", timeout=15_000)
+        await expect(reply.locator(".badge")).to_have_text("openai-compatible-gateway-of-the-research-team")
+        await page.screenshot(path=str(artifacts_dir / "mobile-375-chat-long-names.png"))
+        assert await scroll_width(page) <= 375, await page.evaluate(OVERFLOWING_JS)
+        assert await page.evaluate(SIDEWAYS_JS) == []
+
+        await page.get_by_role("button", name="Show conversations").click()
+        await expect(page.locator("#sidebar")).to_be_in_viewport()
+        await page.wait_for_timeout(300)  # the slide-in transition
+        for title in titles:
+            item = page.locator(".conv-item").filter(has_text=title[:20])
+            for button in ("Rename", "Delete"):
+                await expect(item.get_by_role("button", name=re.compile(f"^{button}"))).to_be_in_viewport(ratio=1)
+        await page.screenshot(path=str(artifacts_dir / "mobile-375-chat-long-titles.png"))
+        assert await scroll_width(page) <= 375, await page.evaluate(OVERFLOWING_JS)
     finally:
         await context.close()
