@@ -340,7 +340,7 @@
      (#reply-announcer), each part added as a paragraph. The visible text is repainted every frame and is not
      live, or every token would be read; the transcript (role log) is not live either, or the finished reply
      would be read a second time. */
-  const SENTENCE_END = /[.!?\u2026]["')\]*_`]*\s|\n/g;
+  const SENTENCE_END = /[.!?…]["')\]*_`]*\s|\n/g;
 
   function announceReply(stream, final) {
     if (!stream.view) return;
