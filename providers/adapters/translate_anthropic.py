@@ -633,12 +633,13 @@ class StreamTranslator:
 # reply that calls a tool ends ``tool_use`` even when its server said ``stop`` (``_stop_reason``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
 # ``stop_sequence_matched``), else it ends ``end_turn``.
-# ``service_tier``, ``speed`` and ``inference_geo`` are Anthropic's choices of its own capacity and are dropped: the
+# ``service_tier`` and ``speed`` are Anthropic's choices of its own capacity and are dropped: the
 # model is served at its provider's standard processing, which ``standard_only`` asks for and ``auto`` (Anthropic's
 # Priority Tier when the account has it) falls back to; OpenAI's ``service_tier`` of the same name picks among OpenAI's
 # tiers (flex, priority, scale), which OpenAI bills otherwise than the catalog's prices, and Mistral refuses it;
-# ``speed: "fast"`` (a faster mode of Claude) has no equivalent, the reply comes at the model's own pace; nor has
-# ``inference_geo`` (where Anthropic runs the model): where the model runs is its deployment's provider's.
+# ``speed: "fast"`` (a faster mode of Claude) has no equivalent, the reply comes at the model's own pace.
+# ``inference_geo`` (the region Anthropic runs the model in: data residency) is refused: where the model runs is its
+# deployment's provider's, and a client asking for its data to stay in a region is not served elsewhere silently.
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
 # type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused, and so are
 # Anthropic's own features (``mcp_servers``, ``container``, ``context_management``: ``_ANTHROPIC_ONLY``).
@@ -704,6 +705,13 @@ def chat_request(
                 name,
                 "unsupported_parameter",
             )
+    if request.get("inference_geo") is not None:
+        raise _refused(
+            "Where this model runs is its provider's, not a region chosen per request: leave `inference_geo` out, or"
+            " ask a Claude model",
+            "inference_geo",
+            "unsupported_parameter",
+        )
     messages: list[dict[str, Any]] = []
     system = request.get("system")
     if system:

@@ -1196,6 +1196,24 @@ def test_an_anthropic_only_feature_is_refused_for_a_translated_model(gateway, fi
     assert field in sent
 
 
+def test_a_data_residency_request_is_refused_for_a_translated_model(gateway):
+    """``inference_geo`` asks for the model to run in a region (data residency). A translated model had it dropped
+    without a word and was served wherever its provider runs it; it is now a 400 naming the field before any upstream
+    call, with its ledger row. An Anthropic-protocol model gets it as the client wrote it."""
+    request = {"model": "gpt-test", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client(gateway).messages.create(**request, inference_geo="us")
+    error = refused.value.body["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("inference_geo: "), error
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(refused.value.response.headers["request-id"])
+    assert record.operation == "messages" and record.status == "invalid" and record.cost == 0
+
+    client(gateway).messages.create(**{**request, "model": "claude-test"}, inference_geo="us")
+    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
+    assert sent["inference_geo"] == "us"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     ("server", "stop_reason", "stop_sequence"),
