@@ -40,15 +40,15 @@ def takes_max_completion_tokens(api_version: str) -> bool:
 class AzureOpenAIAdapter(OpenAIAdapter):
     """Sends a chat reply's output limit as ``max_completion_tokens`` where the configured api-version has it
     (``takes_max_completion_tokens``), as OpenAI's own adapter does: its reasoning deployments (o-series, gpt-5) refuse
-    ``max_tokens``, and every deployment reads the new name as the same limit. An older api-version gets the limit
-    as the request has it (``max_tokens`` where llmhub sets it)."""
+    ``max_tokens``, and every deployment reads the new name as the same limit. An older api-version, which refuses
+    ``max_completion_tokens``, gets the limit as ``max_tokens`` (a client's own ``max_completion_tokens`` too)."""
 
     serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
-        if takes_max_completion_tokens(config.api_version):
-            self.output_limit = "max_completion_tokens"
+        takes_new_name = takes_max_completion_tokens(config.api_version)
+        self.output_limit = "max_completion_tokens" if takes_new_name else "max_tokens"
 
     def _sdk_client(self, config: ProviderConfig) -> openai.AsyncOpenAI:
         if not config.api_version:

@@ -164,3 +164,20 @@ def test_an_azure_api_version_before_max_completion_tokens_is_sent_max_tokens(az
     assert message.stop_reason == "max_tokens"
     assert _sent(azure_models)["max_tokens"] == 3
     assert "max_completion_tokens" not in _sent(azure_models)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_clients_max_completion_tokens_reaches_an_old_azure_api_version_as_max_tokens(azure_models, stream):
+    """An api-version older than 2024-09-01-preview refuses ``max_completion_tokens`` (Azure's 400 "Unrecognized
+    request argument supplied"): a client's own was sent as written and the client got that 400. It goes as
+    ``max_tokens``, the same limit under the name that api-version knows."""
+    messages = [{"role": "user", "content": "[[words=10]]"}]
+    request = {"model": "azure-old", "max_completion_tokens": 3, "messages": messages}
+    if stream:
+        chunks = list(azure_models.client().chat.completions.create(**request, stream=True))
+        finish = next(choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason)
+    else:
+        finish = azure_models.client().chat.completions.create(**request).choices[0].finish_reason
+    assert finish == "length"
+    assert _sent(azure_models)["max_tokens"] == 3
+    assert "max_completion_tokens" not in _sent(azure_models)
