@@ -836,6 +836,41 @@ def test_streamed_url_citations_are_citations_deltas_once_each():
     assert {e["index"] for e in events if e["type"].startswith("content_block")} == {0}
 
 
+_CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("text", ["Sunny today.", None], ids=["after-text", "no-text"])
+def test_a_url_citation_after_a_tool_call_opens_no_empty_text_block(text):
+    """An annotation arriving once a tool call's block had opened closed it and opened a new, empty text block for the
+    citation, which Anthropic's stream never has (and Anthropic refuses when sent back). It cites the reply's last
+    text block, as the whole reply does; with no text it is dropped, as the whole reply drops it."""
+    translator = EventTranslator()
+    chunks = [
+        *([_chunk({"role": "assistant", "content": text})] if text else []),
+        _chunk({"tool_calls": [_CALL]}),
+        _chunk({"annotations": ANNOTATIONS[:2]}),
+        _chunk({}, "tool_calls"),
+    ]
+    events = [event for chunk in chunks for event in translator.feed(chunk)] + translator.finish()
+    for event in events:
+        if event["type"] != "ping":
+            _EVENT.validate_python(event, strict=True)
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [block["type"] for block in starts] == (["text"] if text else []) + ["tool_use"]
+    citations = [
+        (e["index"], e["delta"]["citation"]) for e in events if e.get("delta", {}).get("type") == "citations_delta"
+    ]
+    assert citations == ([(0, CITATIONS[0]), (0, CITATIONS[1])] if text else [])
+
+    whole = {"role": "assistant", "content": text, "tool_calls": [_CALL], "annotations": ANNOTATIONS[:2]}
+    message = message_from_completion(
+        {"id": "c", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": whole}]}
+    )
+    assert [block.get("citations") for block in message["content"] if block["type"] == "text"] == (
+        [CITATIONS[:2]] if text else []
+    )
+
+
 def _chunk(delta: dict, finish: str | None = None, **extra) -> dict:
     return {
         "id": "chatcmpl-1",
