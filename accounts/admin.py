@@ -10,15 +10,14 @@ from django.contrib.admin.views.main import ChangeList
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group
-from django.db import transaction
 from django.db.models import Q
 
 from core.admin_delete import BoundedDeleteConfirmation
-from core.id_batches import id_batches
 
 from .models import ExternalIdentity
 from .roles import role_from_groups
 from .selectors import users_named_q
+from .services import users_delete
 
 
 class ExternalIdentityInline(admin.TabularInline):
@@ -44,8 +43,6 @@ class RoleChangeList(ChangeList):
 
 User = get_user_model()
 admin.site.unregister(User)
-# Users deleted a statement: what refers to their keys, each of several, must stay under a statement's limit too.
-USERS_A_DELETE = 100
 
 
 @admin.register(User)
@@ -71,13 +68,12 @@ class RoleUserAdmin(BoundedDeleteConfirmation, UserAdmin):
     def get_changelist(self, request: Any, **kwargs: Any) -> type[ChangeList]:
         return RoleChangeList
 
+    # Deleting goes through the service: a batch of users at a time, each user's own provider keys recorded.
+    def delete_model(self, request: Any, obj: Any) -> None:
+        users_delete(user_ids=[obj.pk])
+
     def delete_queryset(self, request: Any, queryset: Any) -> None:
-        # A batch of users at a time, in one transaction: Django's delete sets to null what refers to them and to
-        # their keys (alerts, feedback, conversations and responses of a key) in one UPDATE naming every row it
-        # collected, past what a statement can name for a few thousand users (a 500, "too many SQL variables").
-        with transaction.atomic():
-            for batch in id_batches(list(queryset.values_list("pk", flat=True)), USERS_A_DELETE):
-                User.objects.filter(pk__in=batch).delete()
+        users_delete(user_ids=queryset.values_list("pk", flat=True))
 
     @admin.display(description="role")
     def role(self, user: Any) -> str:

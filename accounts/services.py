@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
@@ -15,11 +15,13 @@ from django.utils import timezone
 from audit.context import AuditOrigin, audit_origin, origin_current
 from audit.models import ActorType
 from audit.services import audit_failure_admitted, audit_once, audit_record
+from core.id_batches import id_batches
 
 from .exceptions import JwtRefused
 from .jwt import JwtPrincipal
 from .models import ExternalIdentity
 from .roles import Role, role_parse, role_set, role_strongest
+from .signals import users_deleting
 
 _USERNAME_UNSAFE = re.compile(r"[^\w.@+-]", re.ASCII)
 
@@ -154,3 +156,20 @@ def jwt_failure_record(*, reason: str, ip_address: str | None = None) -> None:
         changes={"reason": [None, reason]},
         origin=origin or AuditOrigin(ip_address=ip_address),
     )
+
+
+# Users deleted a statement: what refers to their keys, each of several, must stay under a statement's limit too.
+USERS_A_DELETE = 100
+
+
+@transaction.atomic
+def users_delete(*, user_ids: Iterable[int]) -> None:
+    """Delete users (the admin's delete, of one or of a selection), a batch at a time in one transaction: Django's
+    delete sets to null what refers to them and to their keys (alerts, feedback, conversations and responses of a
+    key) in one UPDATE naming every row it collected, past what a statement can name for a few thousand users (a 500,
+    "too many SQL variables"). Before each batch goes, ``users_deleting`` lets the apps whose rows go with it record
+    them (their own provider keys: ``provider_key.delete``)."""
+    User = get_user_model()
+    for batch in id_batches(sorted(set(user_ids)), USERS_A_DELETE):
+        users_deleting.send(sender=User, user_ids=batch)
+        User.objects.filter(pk__in=batch).delete()

@@ -1,6 +1,7 @@
-"""Cache invalidation only: when an admin saves or deletes a catalog row, or a user's own provider key
+"""Cache invalidation: when an admin saves or deletes a catalog row, or a user's own provider key
 changes, this process forgets its cached copies at once (other processes within ``LLMHUB_LOOKUP_CACHE_TTL``,
-and a user's key at once there too: ``core.broadcast``)."""
+and a user's key at once there too: ``core.broadcast``). And the audit of users' own keys deleted with their
+owner (``accounts.signals.users_deleting``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 
+from accounts.signals import users_deleting
 from core.broadcast import broadcast_handler, broadcast_publish
 from core.cache import forget_now_and_after_commit
 
@@ -17,6 +19,7 @@ from .adapters.registry import adapters_forget
 from .byok import credentials_cache
 from .models import CatalogModel, Deployment, Provider, ProviderCredential
 from .selectors import catalog_cache
+from .services.credentials import owners_credentials_delete_record
 
 
 @receiver([post_save, post_delete], sender=Provider)
@@ -56,3 +59,9 @@ def _credential_changed(*, instance: ProviderCredential, **kwargs: Any) -> None:
         broadcast_publish("provider_credential", f"{owner_id}:{credential_id}")
 
     transaction.on_commit(committed)
+
+
+@receiver(users_deleting)
+def _owners_deleting(*, user_ids: list[int], **kwargs: Any) -> None:
+    # Their own keys go with them (a cascade): each recorded as a key deleted alone is.
+    owners_credentials_delete_record(owner_ids=user_ids)

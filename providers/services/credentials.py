@@ -28,6 +28,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -318,17 +319,24 @@ def providers_delete(*, provider_ids: Iterable[int]) -> None:
     cascade), each recorded as ``provider_key.delete`` as a key deleted alone is: read in one query (never
     decrypted) and recorded in one batch (``audit_records``), before the rows go."""
     ids = list(provider_ids)
-    credentials = (
-        ProviderCredential.objects.filter(provider_id__in=ids)
-        .select_related("provider")
-        .only("pk", "hint", "owner_id", "provider__name")
-        .order_by("pk")
-    )
+    _credentials_delete_record(ProviderCredential.objects.filter(provider_id__in=ids))
+    Provider.objects.filter(pk__in=ids).delete()
+
+
+def owners_credentials_delete_record(*, owner_ids: Iterable[int]) -> None:
+    """Record the own keys of users about to be deleted (``accounts.signals.users_deleting``: the admin's delete of
+    one user or of a selection), which the cascade takes with them: one ``provider_key.delete`` a key, as a key
+    deleted alone is, read in one query (never decrypted) and recorded in one batch."""
+    _credentials_delete_record(ProviderCredential.objects.filter(owner_id__in=list(owner_ids)))
+
+
+def _credentials_delete_record(credentials: QuerySet[ProviderCredential]) -> None:
+    """One ``provider_key.delete`` for each of ``credentials`` about to go by a cascade, in one batch."""
+    credentials = credentials.select_related("provider").only("pk", "hint", "owner_id", "provider__name").order_by("pk")
     audit_records(
         AuditEntry("provider_key.delete", target=credential, changes=_deleted_changes(credential))
         for credential in credentials
     )
-    Provider.objects.filter(pk__in=ids).delete()
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,3 +322,32 @@ def test_deleting_providers_records_each_users_key_it_takes_with_it(admin_client
     assert [event.changes["hint"] for event in events] == [[ada.hint, None], [more.hint, None], [grace.hint, None]]
     assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
     assert AuditEvent.objects.filter(action="providers.provider.delete").count() == 2
+
+
+def test_deleting_users_records_each_of_their_own_keys_it_takes_with_it(admin_client, keys):
+    """A user's delete cascades to their own provider keys: each went with no event, while a key deleted alone, or
+    with its provider, is recorded as ``provider_key.delete``. Each is now recorded so (its hint, never the key),
+    whether one user goes (their delete page) or several (the bulk action); another user's key stays unrecorded."""
+    ada, grace = keys
+    second = ProviderCredential.objects.create(
+        owner=ada.owner, provider=grace.provider, api_key=GRACE_KEY, hint=Secret(GRACE_KEY).hint
+    )
+    kept = credential("margaret", ada.provider, "sk-margaret-key-00000000000000000MRGT")
+
+    one = admin_client.post(reverse("admin:auth_user_delete", args=[ada.owner.pk]), {"post": "yes"})
+    assert one.status_code == 302
+    several = admin_client.post(
+        reverse("admin:auth_user_changelist"),
+        {"action": "delete_selected", "_selected_action": [grace.owner.pk], "post": "yes"},
+    )
+    assert several.status_code == 302
+
+    assert list(ProviderCredential.objects.all()) == [kept]
+    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
+    assert [(event.target_id, event.target_repr, event.actor_repr) for event in events] == [
+        (str(ada.pk), str(ada), "admin"),
+        (str(second.pk), str(second), "admin"),
+        (str(grace.pk), str(grace), "admin"),
+    ]
+    assert [event.changes["hint"] for event in events] == [[ada.hint, None], [second.hint, None], [grace.hint, None]]
+    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
