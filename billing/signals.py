@@ -1,6 +1,7 @@
-"""Cache invalidation only: a changed, revoked or deleted key, a changed allow-list or a deactivated
+"""Cache invalidation: a changed, revoked or deleted key, a changed allow-list or a deactivated
 owner is forgotten by this process's key cache at once and again after commit (other processes within
-``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's)."""
+``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's). And the keys of users
+being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from django.contrib.auth import get_user_model
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
 
+from accounts.signals import users_deleting
 from core.cache import forget_now_and_after_commit
 
 from .models import ApiKey, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
-from .services.keys import key_cache
+from .services.keys import api_keys_delete, key_cache
 
 
 def _forget(secret_hashes: list[str]) -> None:
@@ -43,6 +45,13 @@ def _api_key_deleted(instance: ApiKey, **kwargs: Any) -> None:
     # No walk of the keys below: they are gone too (a cascade), each forgotten by its own signal. A walk a key
     # was a few queries a key of a delete of thousands (a user's, the admin's selection across the list).
     _forget([digest for digest in (instance.secret_hash, instance.previous_secret_hash) if digest])
+
+
+@receiver(users_deleting)
+def _owners_deleting(*, user_ids: list[int], **kwargs: Any) -> None:
+    # Their keys would go with them (a cascade) unrecorded: deleted first as the keys' own delete deletes them, one
+    # ``key.delete`` a key (the keys below it named in it), their secrets forgotten; a few queries a batch of keys.
+    api_keys_delete(api_key_ids=ApiKey.objects.filter(user_id__in=user_ids).values_list("pk", flat=True))
 
 
 @receiver(m2m_changed, sender=ApiKey.allowed_models.through)

@@ -136,3 +136,34 @@ def test_rotating_keys_costs_a_few_queries_a_batch_of_keys_and_shows_each_new_se
     assert many < few + 20  # more only by statements of batches: a few queries a key before
     targets = AuditEvent.objects.filter(action="key.rotate").values_list("target_id", flat=True)
     assert len(targets) == 1 + 10 + 199 and audit_verify() is None
+
+
+def delete_users(admin_client, keys: list[ApiKey]) -> CaptureQueriesContext:
+    form = {"action": "delete_selected", "_selected_action": sorted({key.user_id for key in keys}), "post": "yes"}
+    with CaptureQueriesContext(connection) as queries:
+        answer = admin_client.post(reverse("admin:auth_user_changelist"), form)
+    assert answer.status_code == 302
+    return queries
+
+
+def test_deleting_users_records_each_of_their_keys_it_takes_with_it(admin_client):
+    """A user's delete cascades to their gateway keys: they went with no event, while the keys' own delete records a
+    ``key.delete`` a key (with the keys below it). A user's delete now records them so, whether one user goes (their
+    delete page) or several (the bulk action), at a few queries a batch of keys, not a few a key."""
+    one, first, few, many = (
+        keys_in_bulk(count, start=start) for count, start in ((2, 0), (1, 50), (10, 100), (200, 1_000))
+    )
+    kept = keys_in_bulk(1, start=5_000)
+
+    page = admin_client.post(reverse("admin:auth_user_delete", args=[one[0].user_id]), {"post": "yes"})
+    assert page.status_code == 302
+    delete_users(admin_client, first)  # the first fills Django's caches: not counted
+    on_few = delete_users(admin_client, few)
+    on_many = delete_users(admin_client, many)
+
+    assert len(on_few) <= len(on_many) < len(on_few) + (len(many) - len(few)) // 10
+    assert list(ApiKey.objects.filter(parent=None)) == kept and ApiKey.objects.count() == 2
+    events = AuditEvent.objects.filter(action="key.delete").order_by("seq")
+    assert [int(event.target_id) for event in events] == [key.pk for key in [*one, *first, *few, *many]]
+    assert all(len(event.changes["keys_below"][0]) == 1 for event in events)  # the key created under each
+    assert audit_verify() is None
