@@ -451,3 +451,41 @@ async def test_the_chat_page_takes_long_names_at_375_px(live_site, browser, ada,
         assert await scroll_width(page) <= 375, await page.evaluate(OVERFLOWING_JS)
     finally:
         await context.close()
+
+
+async def test_the_toolbars_provider_badge_cut_at_375_px_ends_with_an_ellipsis_and_names_it_whole(
+    live_site, browser, ada, fake_upstream
+):
+    """On a 375 px screen the toolbar's provider badge, cut at its room, was cut with no ellipsis (the badge is
+    inline-flex, whose text text-overflow does not cut), and its title said only "Provider": the name could not be
+    read in full. It ends with an ellipsis, and its title is the provider's whole name, for the model chosen."""
+    long_name, other = "openai-compatible-gateway-of-the-research-team", "second-provider-with-a-long-enough-name"
+
+    def models() -> None:
+        for name in (long_name, other):
+            provider = ProviderFactory(name=name, base_url=fake_upstream.base_url + "/v1")
+            ModelFactory(name=f"model-of-{name}", provider=provider)
+
+    await sync_to_async(models)()
+    context = await signed_in(browser, live_site, ada)
+    page = await context.new_page()
+    await page.set_viewport_size({"width": 375, "height": 812})
+    try:
+        await page.goto(live_site.url + "/")
+        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+        badge = page.locator("#provider-badge")
+        for model, provider in ((f"model-of-{long_name}", long_name), (f"model-of-{other}", other)):
+            await page.locator("#model-picker").select_option(model)
+            await expect(badge).to_have_text(provider)
+            await expect(badge).to_have_attribute("title", f"Provider: {provider}")
+            cut = await badge.evaluate(
+                """(badge) => {
+                    const style = getComputedStyle(badge);
+                    return {cut: badge.scrollWidth > badge.clientWidth, overflow: style.textOverflow,
+                            display: style.display, right: badge.getBoundingClientRect().right};
+                }"""
+            )
+            assert cut["cut"] and cut["overflow"] == "ellipsis", cut
+            assert cut["display"] not in ("flex", "inline-flex") and cut["right"] <= 375, cut  # text-overflow acts
+    finally:
+        await context.close()

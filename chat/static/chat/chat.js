@@ -1072,6 +1072,8 @@
   function updateBadge() {
     const option = el.picker.selectedOptions[0];
     el.badge.textContent = option ? option.dataset.provider || "" : "";
+    // The whole name, where the toolbar's room cuts it (a phone's: app.css).
+    el.badge.title = el.badge.textContent ? `Provider: ${el.badge.textContent}` : "Provider";
     el.effortControl.hidden = !(option && option.dataset.reasoning === "true");
   }
 
