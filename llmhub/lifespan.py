@@ -26,6 +26,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from core.diagnostics import diagnostics_install
 from core.gc_tuning import RequestCounter, gc_freeze_startup
 
 logger = logging.getLogger("llmhub.lifespan")
@@ -69,6 +70,8 @@ class LifespanMiddleware:
                 # What start-up loaded is never garbage: full collections stop walking it (core/gc_tuning.py).
                 gc_freeze_startup()
                 ShutdownSignals(grace_seconds=settings.LLMHUB_SHUTDOWN_GRACE_SECONDS).install()
+                # kill -USR1 <pid>: every thread's and task's stack, and the ledger's writers, to the log.
+                diagnostics_install(asyncio.get_running_loop())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # Requests still talking to a provider now are ones the server has given up on (uvicorn's

@@ -38,6 +38,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
+from core.diagnostics import diagnostics_describer_register
 from core.loops import LoopRegistry, task_abandoned
 from core.metrics import ledger_spilled_add
 from core.request_context import outside_request
@@ -450,6 +451,27 @@ async def ledger_flush(wait_seconds: float = 30.0) -> None:
             logger.error("ledger flush timed out with %d rows unwritten, %d writers busy", len(_unwritten), busy)
             return
         await asyncio.sleep(0.005)
+
+
+def ledger_describe() -> str:
+    """This process's ledger writers, for a diagnostics dump (``core.diagnostics``): rows unwritten, and per
+    writer its queue, the batch in flight, and how far its loop's clock is from the batch's time to be written."""
+    with _unwritten_lock:
+        unwritten = len(_unwritten)
+    lines = [f"ledger: {unwritten} rows submitted and not committed or spooled"]
+    for writer in _writers_now():
+        task = writer.task
+        state = "none" if task is None else "ended" if task.done() else "running"
+        lines.append(
+            f"ledger writer: {len(writer.queue)} queued, {len(writer.in_flight)} in flight, "
+            f"{writer.finished} of {writer.submitted} written or spooled, task {state}, "
+            f"hurried {writer.hurried}, woken {writer.wakeup.is_set()}, spill {writer.spill is not None}, "
+            f"due in {writer.write_by - writer.loop.time():.3f} s, its loop running {writer.loop.is_running()}"
+        )
+    return "\n".join(lines)
+
+
+diagnostics_describer_register(ledger_describe)
 
 
 def _writer_busy(writer: _Writer) -> bool:
