@@ -9,10 +9,13 @@ row locks guard the budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -107,6 +110,64 @@ class ServerProcess:
         process_stop(self.process, grace=30)
         self.log.close()
 
+    def diagnostics(self) -> str:
+        """What it is doing (``core.diagnostics``: every thread's and task's stack, its ledger writers), from its
+        log after a SIGUSR1; what is there after 10 s if it never logs it."""
+        if self.process.poll() is not None:
+            return f"(ended with {self.process.returncode})"
+        path = Path(self.log.name)
+        marker = "WARNING llmhub.diagnostics "  # the record's header (its text is in its own stack too)
+        before = path.read_text(errors="replace").count(marker)
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = path.read_text(errors="replace")
+            if text.count(marker) > before:
+                time.sleep(0.5)  # the dump is one record, written at once; its end follows it
+                return path.read_text(errors="replace").rsplit(marker, 1)[1]
+            time.sleep(0.1)
+        return "(no diagnostics within 10 s)"
+
+
+class Servers(list):
+    """The servers' URLs, and the servers (``processes``)."""
+
+    processes: list[ServerProcess]
+
+
+@contextlib.contextmanager
+def servers_diagnosed_on_failure(servers: Servers) -> Iterator[None]:
+    """If the block fails (a wait for ledger rows that never arrive, say), print what each server is doing and
+    the SQLite database's file locks, into the failure's captured output: a server whose writer is stuck shows
+    where, which a failure seen only in CI can be read from."""
+    try:
+        yield
+    except BaseException:
+        for n, server in enumerate(servers.processes):
+            print(f"== server-{n} (pid {server.process.pid}) diagnostics:{server.diagnostics()}")
+        print(f"== this test's pid {os.getpid()}; file locks:\n{sqlite_file_locks()}")
+        raise
+
+
+def sqlite_file_locks() -> str:
+    """/proc/locks' lines on the test database's file (SQLite), each with its holder's command line."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.sqlite3" or not Path("/proc/locks").exists():
+        return "(not SQLite, or no /proc/locks)"
+    inode = os.stat(db["NAME"]).st_ino
+    lines = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[5].rsplit(":", 1)[-1] == str(inode):
+            cmdline = Path(f"/proc/{fields[4]}/cmdline")
+            holder = (
+                cmdline.read_bytes().replace(b"\0", b" ")[:160].decode(errors="replace") if cmdline.exists() else "?"
+            )
+            lines.append(f"{line}  [{holder}]")
+    return "\n".join(lines) or "(none)"
+
 
 @pytest.fixture
 def two_servers(request, tmp_path, period_clock):
@@ -116,7 +177,9 @@ def two_servers(request, tmp_path, period_clock):
     try:
         for server in servers:
             wait_for_port(server.port, process=server.process)
-        yield [server.url for server in servers]
+        urls = Servers(server.url for server in servers)
+        urls.processes = servers
+        yield urls
     finally:
         for server in servers:
             server.stop()

@@ -28,7 +28,7 @@ from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.models import BreakerOverride, CatalogModel, Deployment, ModelMode, ProviderKind
 from providers.tokens import prompt_token_bounds
-from tests.billing.test_concurrency import two_servers  # noqa: F401  (the fixture)
+from tests.billing.test_concurrency import servers_diagnosed_on_failure, two_servers  # noqa: F401  (the fixture)
 from tests.factories import ModelFactory, ProviderFactory, UserFactory
 from tests.waiting import wait_for_ledger_rows
 
@@ -172,7 +172,10 @@ def test_parallel_requests_of_every_operation_on_two_servers_spend_within_the_bu
     assert answered & set(statuses) and 429 in statuses, statuses  # the limits were reached, some went upstream
     request_ids = [r.headers["x-request-id"] for r in responses]
     assert len(set(request_ids)) == REQUESTS
-    wait_for_ledger_rows(REQUESTS, api_key=racer["key"], timeout=60, interval=0.1)
+    # Failed in fresh-clone CI runs only (one server's 12 rows never arriving, nothing in its log): if it does again,
+    # the failure's output says what each server was doing.
+    with servers_diagnosed_on_failure(two_servers):
+        wait_for_ledger_rows(REQUESTS, api_key=racer["key"], timeout=60, interval=0.1)
     rows = UsageRecord.objects.filter(api_key=racer["key"])
     assert sorted(rows.values_list("request_id", flat=True)) == sorted(request_ids)  # one row each
     budget, quota = counters(racer)
