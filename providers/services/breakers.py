@@ -15,15 +15,17 @@ def deployment_breaker_override_set(*, deployment: Deployment, override: str) ->
     """Keep ``override`` (``BreakerOverride``: forced open, forced closed, or none) on the deployment, and move
     its shared breaker the same way now: other processes read the override from their catalog snapshot only
     when it expires (``LLMHUB_LOOKUP_CACHE_TTL``), but hear of the breaker's change within milliseconds.
-    Clearing the override also resets the breaker (closed, no failures, the base cooldown)."""
+    Clearing the override also resets the breaker (closed, no failures, the base cooldown). The shared breaker
+    moves once the saved override commits: a rolled-back one leaves it as it was."""
     deployment.breaker_override = BreakerOverride(override)
     deployment.save(update_fields=["breaker_override", "updated_at"])
     if override == BreakerOverride.OPEN:
-        breaker_force(deployment.pk, OPEN)
+        move = partial(breaker_force, deployment.pk, OPEN)
     elif override == BreakerOverride.CLOSED:
-        breaker_force(deployment.pk, CLOSED)
+        move = partial(breaker_force, deployment.pk, CLOSED)
     else:
-        breaker_reset(deployment.pk)
+        move = partial(breaker_reset, deployment.pk)
+    transaction.on_commit(move, robust=True)
 
 
 def deployment_upstream_changed(*, deployment: Deployment, previous_upstream_id: str) -> bool:

@@ -8,15 +8,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 import time_machine
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from providers.models import Deployment, HealthCheck
+from providers.models import BreakerOverride, Deployment, HealthCheck
 from providers.routing.breaker_machine import CLOSED, OPEN
 from providers.routing.breakers import breaker_is_open, breaker_record, breaker_state
 from providers.selectors import resolved_deployment
+from providers.services.breakers import deployment_breaker_override_set
 from tests.factories import DeploymentFactory, ModelFactory, ProviderFactory
 
 pytestmark = pytest.mark.django_db
@@ -87,6 +88,7 @@ def test_the_changelist_costs_the_same_queries_for_many_deployments(admin_client
     assert queries() == few
 
 
+@pytest.mark.django_db(transaction=True)  # the breaker moves when the override commits
 def test_breaker_actions_hold_for_every_process(admin_client, shared_redis):
     model = ModelFactory(provider=ProviderFactory(api_key=KEY))
     deployment = model.deployments.get()
@@ -119,6 +121,41 @@ def test_breaker_actions_hold_for_every_process(admin_client, shared_redis):
     state = breaker_state(deployment.pk)
     assert (state.state, state.failures, state.cooldown_seconds) == (CLOSED, 0, 30)
     assert not breaker_is_open(resolved_deployment(deployment))
+
+
+class OverrideRefused(Exception):
+    pass
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("override", [BreakerOverride.OPEN, BreakerOverride.CLOSED, BreakerOverride.NONE])
+def test_an_override_rolled_back_leaves_the_shared_breaker_as_it_was(shared_redis, override):
+    """The breaker moved in Redis before the override's transaction committed: when it rolled back (the admin
+    action's request failing after it, say), every process obeyed a forced breaker no saved override explained,
+    and nothing showed it. The breaker now moves once the override commits."""
+    deployment = ModelFactory(provider=ProviderFactory(api_key=KEY)).deployments.get()
+    if override == BreakerOverride.NONE:
+        Deployment.objects.filter(pk=deployment.pk).update(breaker_override=BreakerOverride.CLOSED)
+        deployment.refresh_from_db()
+    breaker_record(deployment.pk, ok=False)
+    before = breaker_state(deployment.pk)
+    if override == BreakerOverride.CLOSED:  # forced closed moves an open breaker
+        for _ in range(5):
+            breaker_record(deployment.pk, ok=False)
+        before = breaker_state(deployment.pk)
+        assert before.state == OPEN
+
+    with pytest.raises(OverrideRefused), transaction.atomic():
+        deployment_breaker_override_set(deployment=deployment, override=override)
+        raise OverrideRefused
+
+    after = breaker_state(deployment.pk)
+    assert (after.state, after.failures) == (before.state, before.failures)
+    deployment.refresh_from_db()
+    assert deployment.breaker_override == ("closed" if override == BreakerOverride.NONE else "")
+
+    deployment_breaker_override_set(deployment=deployment, override=override)  # committed: it moves
+    assert breaker_state(deployment.pk).state == (OPEN if override == BreakerOverride.OPEN else CLOSED)
 
 
 @time_machine.travel(datetime(2026, 12, 1, 9, 0, tzinfo=UTC), tick=False)
