@@ -43,12 +43,24 @@ def reservations_reconcile() -> int:
     return budget_counters_reconcile()
 
 
+class LostRequestsNotSettledError(Exception):
+    """A run that could not settle every lost request (each is logged, and tried again next run); the others were."""
+
+
 @shared_task
 def reservations_lost_settle() -> int:
     """Every 30 seconds: requests whose server process died get their ``lost`` ledger row and release
     what they held, within a minute of the death. Each server sweeps too (LLMHUB_INFLIGHT_SWEEP_INTERVAL);
-    this covers a deployment whose servers all died, and runs alongside them safely."""
-    return inflight_lost_settle()
+    this covers a deployment whose servers all died, and runs alongside them safely. A request that could not
+    be settled does not stop the others; the run then ends with ``LostRequestsNotSettledError`` naming it, so
+    that the operations dashboard shows the task failing (a server's own sweep only logs it)."""
+    failed: list[str] = []
+    settled = inflight_lost_settle(failed=failed)
+    if failed:
+        raise LostRequestsNotSettledError(
+            f"lost requests not settled: {', '.join(failed)}; the others were, these are tried again next run"
+        )
+    return settled
 
 
 @shared_task

@@ -994,18 +994,25 @@ def database_heartbeat(instance: str) -> None:
 
 
 def inflight_lost_settle(
-    *, now: datetime | None = None, sweeper: bool = False, spooled: SpoolIndex | None = None
+    *,
+    now: datetime | None = None,
+    sweeper: bool = False,
+    spooled: SpoolIndex | None = None,
+    failed: list[str] | None = None,
 ) -> int:
     """Requests whose process died before settling them: each gets one ledger row (status ``lost``, at the
     amount reserved, flagged estimated; or the row it has already, if its process wrote or spooled one),
     and its holds are swapped for that amount. Safe to run in several processes at once, and again.
     ``sweeper``: a server process's own periodic run, skipped when another process is at it. The spool is
-    read once for the run (``spooled``, or a ``SpoolIndex`` of its own), and only if a request needs it."""
+    read once for the run (``spooled``, or a ``SpoolIndex`` of its own), and only if a request needs it. A
+    request that could not be settled does not stop the others: it is logged, its request id appended to
+    ``failed``, and tried again at the next run."""
     now = now or timezone.now()
     spooled = spooled or SpoolIndex()
+    failed = [] if failed is None else failed
     if settings.REDIS_URL:
-        return _redis_lost_settle(settings.REDIS_URL, now, sweeper=sweeper, spooled=spooled)
-    return _database_lost_settle(now, spooled)
+        return _redis_lost_settle(settings.REDIS_URL, now, sweeper=sweeper, spooled=spooled, failed=failed)
+    return _database_lost_settle(now, spooled, failed)
 
 
 def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) -> tuple[Decimal, int]:
@@ -1055,7 +1062,7 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) 
     return row[0], row[1] + row[2]
 
 
-def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool, spooled: SpoolIndex) -> int:
+def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool, spooled: SpoolIndex, failed: list[str]) -> int:
     client = redis_sync_client(url)
     try:
         if sweeper and not client.set(SWEEP_LOCK_KEY, instance_id(), nx=True, px=heartbeat_ttl_ms()):
@@ -1076,6 +1083,7 @@ def _redis_lost_settle(url: str, now: datetime, *, sweeper: bool, spooled: Spool
                 except Exception as exc:
                     time_limit_reraise(exc)
                     # The others still get theirs; this one is tried again at the next sweep.
+                    failed.append(request_id)
                     logger.exception("could not settle the lost request %s", request_id)
         return settled
     finally:
@@ -1108,27 +1116,28 @@ def _redis_lost_settle_one(
     return 1
 
 
-def _database_lost_settle(now: datetime, spooled: SpoolIndex) -> int:
+def _database_lost_settle(now: datetime, spooled: SpoolIndex, failed: list[str]) -> int:
     ttl = Value(timedelta(seconds=settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL), output_field=DurationField())
     alive = ProcessHeartbeat.objects.filter(expires_at__gt=Now()).values("instance")
     # A record younger than a heartbeat's TTL is never judged: its process may not have beaten yet.
     dead = (
         RequestReservation.objects.exclude(instance__in=alive)
         .filter(recorded_at__lt=ExpressionWrapper(Now() - ttl, output_field=DateTimeField()))
-        .values_list("pk", flat=True)
+        .values_list("pk", "request_id")
     )
     # Heartbeats of processes that are gone and hold nothing: one row per process ever started otherwise.
     ProcessHeartbeat.objects.filter(expires_at__lt=Now()).exclude(
         instance__in=RequestReservation.objects.values("instance")
     ).delete()
     settled = 0
-    for pk in list(dead):
+    for pk, request_id in list(dead):
         try:
             settled += _database_lost_settle_one(pk, now, spooled)
         except Exception as exc:
             time_limit_reraise(exc)
             # The others still get theirs; this one is tried again at the next sweep.
-            logger.exception("could not settle the lost request of reservation %s", pk)
+            failed.append(request_id)
+            logger.exception("could not settle the lost request %s (reservation %s)", request_id, pk)
     return settled
 
 

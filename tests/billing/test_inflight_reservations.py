@@ -22,8 +22,9 @@ import httpx
 import pytest
 import redis
 from asgiref.sync import sync_to_async
+from django.db import OperationalError, connection
 
-from billing.models import BudgetPeriod, ProcessHeartbeat, RequestReservation, UsageRecord, UsageStatus
+from billing.models import BudgetPeriod, ProcessHeartbeat, RequestReservation, TaskRun, UsageRecord, UsageStatus
 from billing.services.budgets import api_key_limits_set
 from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
@@ -602,6 +603,59 @@ def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budg
     budget_counters_reconcile()
     assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
     assert UsageRecord.objects.filter(api_key=budget_key["key"]).count() == 3
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_a_lost_request_the_database_refuses_fails_the_beat_task_run_but_not_a_servers_sweep(
+    request, store_kind, budget_key, settings, period_clock, caplog
+):
+    """One dead process's request whose lost row the database refused was logged while the beat task's run ended
+    successful, so /ops/ showed it green with that request's holds kept. The others are still settled, and the run
+    ends failed (``LostRequestsNotSettledError``, naming it); a server's own sweep only logs it, as before."""
+    from billing.services.counters import inflight_lost_settle
+    from billing.tasks import LostRequestsNotSettledError, reservations_lost_settle
+
+    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
+    settings.REDIS_URL = redis_url
+    job = {"user_id": budget_key["user"].pk, "key_id": budget_key["key"].pk, "model": "flat-model"}
+    worker = subprocess.run(
+        python_argv(
+            period_clock,
+            "tests.billing.inflight_worker",
+            json.dumps({**job, "tag": "dead", "count": 3, "max_tokens": MAX_TOKENS}),
+        ),
+        cwd=ROOT,
+        env=server_env(redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    refused = sorted(json.loads(worker.stdout))[1]
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+
+    def lost_row_refused(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("INSERT") and params and refused in [str(p) for p in params]:
+            raise OperationalError("the database refused the row")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(lost_row_refused):
+        result = reservations_lost_settle.apply()
+    assert result.failed() and isinstance(result.result, LostRequestsNotSettledError)
+    assert refused in str(result.result)
+    run = TaskRun.objects.get(task=reservations_lost_settle.name)  # what /ops/ shows
+    assert not run.succeeded and run.error_class == "LostRequestsNotSettledError"
+    settled = set(UsageRecord.objects.filter(api_key=budget_key["key"]).values_list("request_id", flat=True))
+    assert len(settled) == 2 and refused not in settled
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "llmhub.counters"]
+    assert [refused in r.getMessage() and r.exc_info is not None for r in failures] == [True]
+
+    with connection.execute_wrapper(lost_row_refused):  # a server's own sweep logs it and goes on
+        assert inflight_lost_settle() == 0
+
+    assert reservations_lost_settle.delay().get() == 1  # the next run settles it
+    assert UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.LOST).count() == 3
+    assert counter_state(key_ref(budget_key["key"])) == (3 * RESERVATION, Decimal(0))
 
 
 @pytest.mark.parametrize("store_kind", ["redis", "database"])
