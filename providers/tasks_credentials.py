@@ -20,6 +20,7 @@ from .services.credentials import (
 )
 
 __all__ = [
+    "KeyNoticesNotSentError",
     "provider_credential_host_moved_email",
     "provider_credential_invalid_email",
     "provider_credentials_host_moved_emails",
@@ -28,15 +29,31 @@ __all__ = [
 ]
 
 
+class KeyNoticesNotSentError(Exception):
+    """A daily run that could not email every due invalid-key notice (each is logged, and stays due for the next
+    run); the keys were checked all the same."""
+
+
 @shared_task
 def provider_credentials_revalidate_all() -> dict[str, int]:
     """Daily (``setupschedules``): re-check the stored users' keys, ``LLMHUB_BYOK_REVALIDATION_CONCURRENCY`` at
     a time, starting none after ``LLMHUB_BYOK_REVALIDATION_MAX_SECONDS`` (``provider_credentials_revalidate_due``).
-    Returns counts: valid, invalid, turned_invalid, unchecked, and left for the next run."""
-    return provider_credentials_revalidate_due(
+    Returns counts: valid, invalid, turned_invalid, unchecked, and left for the next run. A due invalid-key notice
+    whose email fails does not stop the others nor the checks; the run then ends with ``KeyNoticesNotSentError``
+    naming the keys, so that the operations dashboard shows the task failing."""
+    notices_failed: list[int] = []
+    counts = provider_credentials_revalidate_due(
         concurrency=settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY,
         max_seconds=settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS,
+        notices_failed=notices_failed,
     )
+    if notices_failed:
+        keys = ", ".join(str(pk) for pk in notices_failed)
+        raise KeyNoticesNotSentError(
+            f"invalid-key notices not emailed for provider keys {keys} (tried again next run); the keys were checked: "
+            + ", ".join(f"{outcome} {count}" for outcome, count in counts.items())
+        )
+    return counts
 
 
 @shared_task

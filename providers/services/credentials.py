@@ -530,9 +530,11 @@ def provider_credential_invalid_notice_queue(credential_id: int) -> None:
         logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential_id)
 
 
-def provider_credentials_invalid_notices_send() -> int:
+def provider_credentials_invalid_notices_send(*, failed: list[int] | None = None) -> int:
     """Email the owners of invalid keys whose notice is still due (its email failed when the key turned
-    invalid, in a daily check or on a refused request), each on its own. Returns how many were sent."""
+    invalid, in a daily check or on a refused request), each on its own: one whose email fails is logged, its
+    key's id appended to ``failed``, and stays due for the next run. Returns how many were sent."""
+    failed = [] if failed is None else failed
     due = ProviderCredential.objects.filter(invalid_notice_due=True, status=CredentialStatus.INVALID)
     sent = 0
     for credential in due.select_related("provider", "owner").order_by("pk"):
@@ -540,11 +542,14 @@ def provider_credentials_invalid_notices_send() -> int:
             sent += provider_credential_invalid_notify(credential=credential)
         except Exception as exc:
             time_limit_reraise(exc)
+            failed.append(credential.pk)
             logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential.pk)
     return sent
 
 
-def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float) -> dict[str, int]:
+def provider_credentials_revalidate_due(
+    *, concurrency: int, max_seconds: float, notices_failed: list[int] | None = None
+) -> dict[str, int]:
     """The daily re-check of every stored key of an enabled provider that takes users' keys, those checked (or
     tried) longest ago, or never, first: ``concurrency`` checks at a time, and none started after ``max_seconds``
     (those running then end within their own timeout), so that a run over thousands of keys at a slow
@@ -555,7 +560,8 @@ def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float)
     its keys as they were (not checked, good or bad), but those tried move behind the others (``unchecked_at``),
     and after ``PROVIDER_DOWN_AFTER`` checks in a row it did not answer, the run asks it no more (its other keys are
     ``left``): a provider down for days neither has the same keys tried first every run nor takes the run's time
-    from the others. Returns counts."""
+    from the others. Returns counts; the ids of keys whose due notice could not be emailed are appended to
+    ``notices_failed``."""
     # The later of the last check and the last try that could not check: the one null when the other is not.
     touched = Greatest(Coalesce("last_validated_at", "unchecked_at"), Coalesce("unchecked_at", "last_validated_at"))
     due = (
@@ -565,7 +571,7 @@ def provider_credentials_revalidate_due(*, concurrency: int, max_seconds: float)
         .values_list("pk", "provider_id")
     )
     # Notices whose email failed before, first: a key already invalid does not turn invalid again.
-    provider_credentials_invalid_notices_send()
+    provider_credentials_invalid_notices_send(failed=notices_failed)
     return _revalidate_in_order(due, concurrency=concurrency, max_seconds=max_seconds)
 
 

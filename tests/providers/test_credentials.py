@@ -22,6 +22,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from audit.models import AuditEvent
+from billing.models import TaskRun
 from llmhub.testing.fake_upstream import FakeUpstream, key_digest
 from providers.byok import byok_credential_refused, user_credentials
 from providers.fields import Secret
@@ -33,7 +34,11 @@ from providers.services.credentials import (
     provider_credential_validate,
     provider_credentials_invalid_notices_send,
 )
-from providers.tasks_credentials import provider_credential_invalid_email, provider_credentials_revalidate_all
+from providers.tasks_credentials import (
+    KeyNoticesNotSentError,
+    provider_credential_invalid_email,
+    provider_credentials_revalidate_all,
+)
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.mail import MailDown, MailWhileSending
@@ -909,6 +914,38 @@ def test_a_notice_the_daily_run_reaches_while_its_email_is_being_sent_goes_out_o
 
     assert [m.to for m in mail.outbox] == [["alice@example.com"]]
     assert not ProviderCredential.objects.get().invalid_notice_due
+
+
+def test_a_daily_run_whose_due_notice_cannot_be_emailed_checks_the_keys_and_ends_failed(
+    provider, upstream, alice, settings, caplog
+):
+    """A due invalid-key notice whose email failed in the daily run was logged ("tried again next run") while the
+    run ended successful, so /ops/ showed the task green with the owner still untold. The keys are checked all
+    the same, the notice stays due, and the run ends failed (``KeyNoticesNotSentError``, naming the key)."""
+    alice_key, bob_key = new_key(), new_key()
+    accept_keys(upstream, alice_key)
+    credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
+    MailDown.attempts = 0
+    settings.EMAIL_BACKEND = f"{MailDown.__module__}.MailDown"
+    assert byok_credential_refused(credential_id=credential.pk, api_key=Secret(alice_key), reason="wrong key")
+    bob = stored_key(UserFactory(username="bob"), provider, bob_key, checked_days_ago=3)
+    accept_keys(upstream, bob_key)
+    checked_before = ProviderCredential.objects.get(pk=bob.pk).last_validated_at
+
+    result = provider_credentials_revalidate_all.apply()  # the mail server still down
+
+    assert result.failed() and isinstance(result.result, KeyNoticesNotSentError)
+    assert f"provider keys {credential.pk} " in str(result.result) and alice_key not in str(result.result)
+    run = TaskRun.objects.get(task=provider_credentials_revalidate_all.name)  # what /ops/ shows
+    assert not run.succeeded and run.error_class == "KeyNoticesNotSentError"
+    assert ProviderCredential.objects.get(pk=bob.pk).last_validated_at > checked_before  # checked all the same
+    assert ProviderCredential.objects.get(pk=credential.pk).invalid_notice_due
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and "could not be emailed" in r.getMessage()]
+    assert failures and all(str(credential.pk) in r.getMessage() for r in failures)
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    assert provider_credentials_revalidate_all.apply().successful()
+    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
 
 
 def test_a_notice_whose_retries_all_failed_is_sent_by_the_next_daily_run_once(provider, upstream, alice, settings):
