@@ -105,7 +105,7 @@ from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
 from .models import StoredResponse
-from .moderation import Moderation, ModerationError, ReplyGuard, moderation_for
+from .moderation import ContentPolicyViolationError, Moderation, ModerationError, ReplyGuard, moderation_for
 from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requested
 from .responses_chain import Chain, chain
 from .selectors import NotFoundError, StoredInput, conversation_reach, stored_response_get, stored_response_input
@@ -1654,6 +1654,9 @@ class CompletionRun:
         # Whether the model wrote anything, relayed or not: a stream the output check cuts on its first words
         # relays nothing, but the provider processed the prompt and billed it.
         output_arrived = False
+        # What the model wrote, relayed or held back by the output check when the client left or the stream was
+        # cut: the provider billed it all. What the client has is ``delivered``.
+        written: list[str] = []
         text: list[str] = []  # the reply's text alone: what a resumed attempt is given as its prefill
         finish_reason: str | None = None
         # The client holds what no prefill continues: part of a call, or Claude's signed thinking.
@@ -1702,7 +1705,7 @@ class CompletionRun:
             self._settle(
                 status=call.status,
                 usage=reported,
-                delivered_text="".join(delivered),
+                delivered_text=_reply_counted(delivered, written, call),
                 output_arrived=output_arrived or bool(delivered),
                 finish_reason=finish_reason,
                 error_type=call.error_type,
@@ -1713,7 +1716,9 @@ class CompletionRun:
             nonlocal usage, output_arrived
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            output_arrived = output_arrived or any(piece for _, piece, _ in _chunk_pieces(chunk))
+            pieces = [piece for _, piece, _ in _chunk_pieces(chunk) if piece]
+            written.extend(pieces)
+            output_arrived = output_arrived or bool(pieces)
 
         upstream: AsyncIterator[WireChunk] | None = None
         opening: WireChunk | None = None  # the stream's first chunk: its id and time, for a usage chunk owed
@@ -1741,7 +1746,10 @@ class CompletionRun:
                             if chunk_usage:
                                 usage = chunk_usage
                             # What the model wrote: its text, its tool calls' and its function call's arguments.
-                            delivered.extend(piece for _, piece, _ in _chunk_pieces(chunk) if piece)
+                            pieces = [piece for _, piece, _ in _chunk_pieces(chunk) if piece]
+                            delivered.extend(pieces)
+                            if guard is None:  # else the check saw it arrive (``arrived``)
+                                written.extend(pieces)
                             for choice in chunk.get("choices") or ():
                                 delta = choice.get("delta") or {}
                                 if reasoning_text(delta):
@@ -1774,7 +1782,7 @@ class CompletionRun:
                         # Resume: the next deployment continues the reply from what the client already has.
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
-                        earlier_tokens = text_tokens("".join(delivered))
+                        earlier_tokens = text_tokens("".join(written))  # held back or not, it was billed
                         attempt_began = len(delivered)
                         usage = {}
                         set_apart = reasoned
@@ -1907,6 +1915,7 @@ class CompletionRun:
         usage: dict[str, Any] = {}
         final = False
         delivered: list[str] = []
+        generated: list[str] = []  # what the model wrote, relayed or held back by the output check (``stream``)
         stop_reason: str | None = None
         # Output tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
@@ -1930,7 +1939,7 @@ class CompletionRun:
             return once
 
         def settle(call: _Call) -> None:
-            written = "".join(delivered)
+            written = _reply_counted(delivered, generated, call)
             reported = openai_usage(usage) if final and usage else {}
             partly_estimated = bool(earlier_tokens)
             if reported and earlier_tokens:
@@ -1957,7 +1966,9 @@ class CompletionRun:
 
         def arrived(event: WireEvent) -> None:
             nonlocal output_arrived
-            output_arrived = output_arrived or any(piece for _, piece, _ in _event_pieces(event))
+            pieces = [piece for _, piece, _ in _event_pieces(event) if piece]
+            generated.extend(pieces)
+            output_arrived = output_arrived or bool(pieces)
 
         async with self._upstream_call(settle):
             try:
@@ -1977,9 +1988,10 @@ class CompletionRun:
                                 if self._first_token_at is None:
                                     self._first_token_at = time.perf_counter()
                                 delta = event.get("delta") or {}
-                                delivered.append(
-                                    delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
-                                )
+                                piece = delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
+                                delivered.append(piece)
+                                if guard is None:  # else the check saw it arrive (``arrived``)
+                                    generated.append(piece)
                             elif kind == "message_start":
                                 usage = dict((event.get("message") or {}).get("usage") or {})
                                 if failed:
@@ -2011,7 +2023,7 @@ class CompletionRun:
                         # Resume: the next deployment continues the message from the text the client has.
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
-                        earlier_tokens = text_tokens("".join(delivered))
+                        earlier_tokens = text_tokens("".join(generated))  # held back or not, it was billed
                         usage = {}
                         first, upstream = await self._call(
                             once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
@@ -2170,6 +2182,15 @@ class CompletionRun:
             usage_estimated=settled.usage_estimated,
             error_type=error_type,
         )
+
+
+def _reply_counted(delivered: list[str], written: list[str], call: _Call) -> str:
+    """The reply's text a stream without the provider's usage is charged: what the model wrote, relayed or held
+    back by the output check when the client left or the stream was cut (the provider billed it). A reply the
+    check refused is charged what was relayed, as documented (``docs/moderation.md``)."""
+    if call.error_type == ContentPolicyViolationError.code:
+        return "".join(delivered)
+    return "".join(written)
 
 
 def _mapping(value: Any) -> dict[str, Any] | None:

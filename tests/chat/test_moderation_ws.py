@@ -177,3 +177,25 @@ async def test_a_fallbacks_output_policy_cuts_the_reply_it_writes_on_the_socket(
     record = await UsageRecord.objects.aget(user_id=alice.pk)
     assert record.model_name == "guarded" and record.endpoint == "websocket"
     assert record.moderation == 'blocked output: blocklist (entry 1 at character 4), policy "guard-out"'
+
+
+async def test_a_reply_cut_while_the_block_list_holds_its_last_word_is_charged_that_word_not_shown_it(
+    alice, chat_model, socket_for
+):
+    """The upstream's connection is cut while the output check holds back the reply's last word (a blocked one,
+    until the next piece shows whether it is a whole word). The provider wrote and billed it; the row counted
+    only the words shown. It counts every word written now, while the saved message keeps only what was shown."""
+    await moderate(chat_model, blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    ws = await socket_for(alice)
+
+    await send(ws, chat_model, "[[reply=one two three forbidden four five]] [[fault=cut-4]]")
+    events = await events_until(ws, ends("r1"))
+
+    assert events[-1]["type"] == "error"
+    assert deltas(events, "r1") == "one two three"
+    reply = await Message.objects.aget(conversation__owner=alice, role=Role.ASSISTANT)
+    assert reply.content == "one two three" and reply.status == MessageStatus.ERROR
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(user_id=alice.pk)
+    assert record.usage_estimated and record.endpoint == "websocket"
+    assert record.completion_tokens == text_tokens("one two three forbidden") > text_tokens("one two three")

@@ -1224,6 +1224,45 @@ def test_a_stream_cut_on_its_first_words_is_charged_its_prompt(gateway):
     assert record.completion_tokens == 0 and record.cost > 0
 
 
+def test_a_stream_cut_while_the_output_check_holds_text_back_is_charged_the_held_text(gateway):
+    """The output check holds back the reply's last word, a blocked one, until the next piece shows whether it is a
+    whole word, and the upstream's connection is cut then, before its usage chunk. The provider wrote the held
+    word, and billed it, but the row's completion counted only the words relayed; it counts every word the
+    upstream wrote now, relayed or held, as for a cut stream without a policy."""
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    written = "one two three forbidden"
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "messages": [{"role": "user", "content": f"[[reply={written} four five]] [[fault=cut-4]]"}],
+    }
+
+    events, request_id = sse_stream(gateway, body)
+
+    assert "[DONE]" not in events and isinstance(events[-1], dict) and "error" in events[-1]
+    assert delivered_text(events) == "one two three"  # " forbidden" held back when the stream was cut
+    record = wait_for_record(request_id)
+    assert record.usage_estimated and record.prompt_tokens > 0
+    assert record.completion_tokens == text_tokens(written) > text_tokens("one two three")
+
+
+def test_a_messages_stream_cut_while_the_output_check_holds_text_back_is_charged_the_held_text(gateway):
+    """As on chat completions: the held word was written and billed by the provider, and is counted now."""
+    policy_on("claude-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    written = "one two three forbidden"
+    messages = [{"role": "user", "content": f"[[reply={written} four five]] [[fault=cut-4]]"}]
+    relayed: list[str] = []
+
+    with pytest.raises(anthropic.APIError) as cut:
+        with anthropic_client(gateway).messages.stream(model="claude-test", max_tokens=50, messages=messages) as events:
+            relayed.extend(event.text for event in events if event.type == "text")
+
+    assert "".join(relayed) == "one two three"
+    record = wait_for_record(cut.value.response.headers["x-request-id"])
+    assert record.usage_estimated and record.prompt_tokens > 0
+    assert record.completion_tokens == text_tokens(written) > text_tokens("one two three")
+
+
 @pytest.mark.parametrize("field", list(REASONING_FIELDS))
 def test_a_blocked_word_in_a_whole_replys_reasoning_is_checked_as_output(gateway, field):
     policy_on("gpt-test", blocklist="forbidden", check_input=False)
