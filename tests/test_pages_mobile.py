@@ -9,8 +9,9 @@ browser asks for /favicon.ico on its own).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from decimal import Decimal
 
@@ -140,6 +141,20 @@ async def signed_in(browser: Browser, site: LiveServer, user) -> BrowserContext:
     value = await sync_to_async(session_cookie)(user)
     await context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": value, "url": site.url}])
     return context
+
+
+@contextlib.asynccontextmanager
+async def chat_on_a_phone(browser: Browser, site: LiveServer, user) -> AsyncIterator[Page]:
+    """The chat page, ``user`` signed in, on a 375 px wide screen, its socket open; closed afterwards."""
+    context = await signed_in(browser, site, user)
+    try:
+        page = await context.new_page()
+        await page.set_viewport_size({"width": 375, "height": 812})
+        await page.goto(site.url + "/")
+        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+        yield page
+    finally:
+        await context.close()
 
 
 def failed_requests(page: Page) -> list[str]:
@@ -423,12 +438,7 @@ async def test_the_chat_page_takes_long_names_at_375_px(live_site, browser, ada,
             Conversation.objects.create(owner=ada, title=title, model_name=model)
 
     await sync_to_async(conversations)()
-    context = await signed_in(browser, live_site, ada)
-    page = await context.new_page()
-    await page.set_viewport_size({"width": 375, "height": 812})
-    try:
-        await page.goto(live_site.url + "/")
-        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    async with chat_on_a_phone(browser, live_site, ada) as page:
         for control in ("#model-picker", "#reasoning-effort", "#prompt", "#send"):
             await expect(page.locator(control)).to_be_in_viewport(ratio=1)
         await page.locator("#prompt").fill("Plan it [[words=30]]")
@@ -449,8 +459,6 @@ async def test_the_chat_page_takes_long_names_at_375_px(live_site, browser, ada,
                 await expect(item.get_by_role("button", name=re.compile(f"^{button}"))).to_be_in_viewport(ratio=1)
         await page.screenshot(path=str(artifacts_dir / "mobile-375-chat-long-titles.png"))
         assert await scroll_width(page) <= 375, await page.evaluate(OVERFLOWING_JS)
-    finally:
-        await context.close()
 
 
 async def test_the_toolbars_provider_badge_cut_at_375_px_ends_with_an_ellipsis_and_names_it_whole(
@@ -467,12 +475,7 @@ async def test_the_toolbars_provider_badge_cut_at_375_px_ends_with_an_ellipsis_a
             ModelFactory(name=f"model-of-{name}", provider=provider)
 
     await sync_to_async(models)()
-    context = await signed_in(browser, live_site, ada)
-    page = await context.new_page()
-    await page.set_viewport_size({"width": 375, "height": 812})
-    try:
-        await page.goto(live_site.url + "/")
-        await expect(page.locator("#connection-status")).to_have_attribute("data-state", "open")
+    async with chat_on_a_phone(browser, live_site, ada) as page:
         badge = page.locator("#provider-badge")
         for model, provider in ((f"model-of-{long_name}", long_name), (f"model-of-{other}", other)):
             await page.locator("#model-picker").select_option(model)
@@ -487,5 +490,3 @@ async def test_the_toolbars_provider_badge_cut_at_375_px_ends_with_an_ellipsis_a
             )
             assert cut["cut"] and cut["overflow"] == "ellipsis", cut
             assert cut["display"] not in ("flex", "inline-flex") and cut["right"] <= 375, cut  # text-overflow acts
-    finally:
-        await context.close()

@@ -565,11 +565,9 @@ async def test_a_request_settled_by_its_process_is_never_written_as_lost(request
     await admission_settle(admission=open_, cost=Decimal(0), prompt_tokens=0, completion_tokens=0, ok=False)
 
 
-@pytest.mark.parametrize("store_kind", ["redis", "database"])
-def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budget_key, settings, period_clock):
-    """Without any server sweeping: the Celery beat task (every 30 s) writes the rows and releases the holds."""
-    from billing.tasks import reservations_lost_settle
-
+def dead_worker_admissions(request, store_kind: str, budget_key, settings, period_clock) -> list[str]:
+    """The request ids of 3 requests a worker process admitted for ``budget_key`` (on Redis or the database, which
+    this test's settings then use too) and held when it died without settling them."""
     redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
     settings.REDIS_URL = redis_url
     job = {"user_id": budget_key["user"].pk, "key_id": budget_key["key"].pk, "model": "flat-model"}
@@ -586,7 +584,15 @@ def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budg
         timeout=60,
     )
     assert worker.returncode == 0, worker.stderr
-    admitted = json.loads(worker.stdout)
+    return json.loads(worker.stdout)
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_the_beat_task_settles_what_a_dead_worker_held(request, store_kind, budget_key, settings, period_clock):
+    """Without any server sweeping: the Celery beat task (every 30 s) writes the rows and releases the holds."""
+    from billing.tasks import reservations_lost_settle
+
+    admitted = dead_worker_admissions(request, store_kind, budget_key, settings, period_clock)
     ref = key_ref(budget_key["key"])
     assert counter_state(ref) == (Decimal(0), 3 * RESERVATION)  # held by a process that is gone
 
@@ -615,23 +621,7 @@ def test_a_lost_request_the_database_refuses_fails_the_beat_task_run_but_not_a_s
     from billing.services.counters import inflight_lost_settle
     from billing.tasks import LostRequestsNotSettledError, reservations_lost_settle
 
-    redis_url = request.getfixturevalue("use_redis") if store_kind == "redis" else ""
-    settings.REDIS_URL = redis_url
-    job = {"user_id": budget_key["user"].pk, "key_id": budget_key["key"].pk, "model": "flat-model"}
-    worker = subprocess.run(
-        python_argv(
-            period_clock,
-            "tests.billing.inflight_worker",
-            json.dumps({**job, "tag": "dead", "count": 3, "max_tokens": MAX_TOKENS}),
-        ),
-        cwd=ROOT,
-        env=server_env(redis_url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert worker.returncode == 0, worker.stderr
-    refused = sorted(json.loads(worker.stdout))[1]
+    refused = sorted(dead_worker_admissions(request, store_kind, budget_key, settings, period_clock))[1]
     time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
 
     def lost_row_refused(execute, sql, params, many, context):

@@ -39,15 +39,19 @@ def _sent(gateway) -> dict:
     return gateway.upstream.requests[-1]["body"]
 
 
+def message_of(gateway, model: str, stream: bool) -> anthropic.types.Message:
+    """A /v1/messages reply of ``model`` (``max_tokens`` 50, answering "done"), whole or streamed, through the SDK."""
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
+    request = {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "[[reply=done]]"}]}
+    if not stream:
+        return sdk.messages.create(**request)
+    with sdk.messages.stream(**request) as events:
+        return events.get_final_message()
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_messages_request_reaches_openai_with_max_completion_tokens(models, stream):
-    sdk = anthropic.Anthropic(base_url=models.url, api_key=models.key, max_retries=0, timeout=20)
-    request = {"model": "gpt5-test", "max_tokens": 50, "messages": [{"role": "user", "content": "[[reply=done]]"}]}
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(models, "gpt5-test", stream)
     assert message.content[-1].text == "done"
     assert _sent(models)["max_completion_tokens"] == 50
     assert "max_tokens" not in _sent(models)
@@ -135,13 +139,7 @@ def azure_models(gateway):
 def test_a_messages_request_reaches_azure_reasoning_with_max_completion_tokens(azure_models, model, stream):
     """Azure's gpt-5 and o-series deployments refuse ``max_tokens`` as OpenAI's do: a /v1/messages request (whose
     ``max_tokens`` llmhub translates) got Azure's 400 ``unsupported_parameter``."""
-    sdk = anthropic.Anthropic(base_url=azure_models.url, api_key=azure_models.key, max_retries=0, timeout=20)
-    request = {"model": model, "max_tokens": 50, "messages": [{"role": "user", "content": "[[reply=done]]"}]}
-    if stream:
-        with sdk.messages.stream(**request) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk.messages.create(**request)
+    message = message_of(azure_models, model, stream)
     assert message.content[-1].text == "done"
     assert _sent(azure_models)["max_completion_tokens"] == 50
     assert "max_tokens" not in _sent(azure_models)
