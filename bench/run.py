@@ -7,7 +7,7 @@ Everything runs on this machine and talks over 127.0.0.1 only:
   is left is our cost), and the bundled fake provider streaming at 50 tokens/s (a realistic stream);
 * llmhub, started with each production server command on ``bench.settings`` (the production settings
   on a throw-away PostgreSQL, production's database, or with ``--database sqlite`` or without PostgreSQL
-  installed a SQLite file; Redis for admission when ``redis-server`` is installed), one worker
+  installed a SQLite file; Redis for admission, installed when missing, unless ``--no-redis``), one worker
   process, key auth and the ledger on. Two keys: one on a plan that enforces nothing, one with a budget
   and a rate limit (every request reserves and settles);
 * in the same server, ``bench/bare.py``: a Django view that forwards the body to the same upstream with
@@ -183,17 +183,27 @@ def peak_rss_kib(pid: int) -> int:
     return total
 
 
-def ensure_tools() -> None:
-    """nginx (the fast upstream) and wrk (the load) come from Debian; install them when missing."""
-    missing = [name for name in ("nginx", "wrk") if not shutil.which(name) and not Path(f"/usr/sbin/{name}").exists()]
+def ensure_tools(*, redis: bool = False) -> None:
+    """nginx (the fast upstream), wrk (the load) and, with ``redis``, redis-server (the admission store) come from
+    Debian; install them when missing. A run without Redis measures another configuration (admission and the
+    in-flight registry on the database), so a fresh machine must not fall back to it silently."""
+    wanted = {"nginx": "nginx", "wrk": "wrk", **({"redis-server": "redis-server"} if redis else {})}
+    missing = [
+        package
+        for name, package in wanted.items()
+        if not shutil.which(name) and not Path(f"/usr/sbin/{name}").exists() and not Path(f"/usr/bin/{name}").exists()
+    ]
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SystemExit(f"bench: {' and '.join(missing)} missing; install with: sudo apt-get install -y nginx wrk")
-    say(f"bench: {' and '.join(missing)} not found: running apt-get update && apt-get install -y nginx wrk")
+        raise SystemExit(
+            f"bench: {' and '.join(missing)} missing; install with: sudo apt-get install -y {' '.join(missing)}"
+            + ("" if "redis-server" not in missing else " (or --no-redis to measure admission on the database)")
+        )
+    say(f"bench: {' and '.join(missing)} not found: running apt-get update && apt-get install -y {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "wrk"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
 
 # --- servers ----------------------------------------------------------------------------------------------
@@ -623,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
-    ensure_tools()
+    ensure_tools(redis=not args.no_redis)
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     choice = uvicorn_auto_choice()
