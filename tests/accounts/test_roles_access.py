@@ -4,16 +4,14 @@ signed-in session (and a gateway key for /v1)."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.auth import get_user_model
-from django.db import connection, transaction
 
 from accounts.roles import Role, role_for_user_id, role_of, role_set
 from billing.services.keys import api_key_create
 from tests.factories import ModelFactory, UserFactory
+from tests.transactions import read_before_commit
 
 pytestmark = pytest.mark.django_db
 
@@ -189,19 +187,10 @@ def test_a_request_that_reads_a_role_while_its_change_commits_does_not_keep_it_f
     user = UserFactory(username="demoted")
     role_set(user, Role.MEMBER)
     assert async_to_sync(role_for_user_id)(user.pk) == Role.MEMBER
-    read_meanwhile: list[Role] = []
 
-    def a_request_reads_the_role() -> None:  # another thread, another connection: committed data only
-        try:
-            read_meanwhile.append(async_to_sync(role_for_user_id)(user.pk))
-        finally:
-            connection.close()
+    meanwhile = read_before_commit(
+        lambda: role_set(user, Role.VIEWER), lambda: async_to_sync(role_for_user_id)(user.pk)
+    )
 
-    with transaction.atomic():
-        role_set(user, Role.VIEWER)
-        reader = threading.Thread(target=a_request_reads_the_role)
-        reader.start()
-        reader.join(timeout=10)
-    assert read_meanwhile == [Role.MEMBER]  # the change was not committed yet
-
+    assert meanwhile == Role.MEMBER  # the change was not committed yet
     assert async_to_sync(role_for_user_id)(user.pk) == Role.VIEWER

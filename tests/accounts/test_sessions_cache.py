@@ -4,15 +4,13 @@ not keep what it read."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from asgiref.sync import async_to_sync
-from django.db import connection, transaction
 from django.test import Client
 
 from accounts.sessions import session_user_id
 from tests.factories import UserFactory
+from tests.transactions import read_before_commit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,20 +24,11 @@ def test_a_socket_that_reads_a_session_while_its_users_deactivation_commits_does
     browser.force_login(user)
     session_key = browser.session.session_key
     assert async_to_sync(session_user_id)(session_key) == user.pk
-    read_meanwhile: list[int | None] = []
+    user.is_active = False
 
-    def a_send_reads_the_session() -> None:  # another thread, another connection: committed data only
-        try:
-            read_meanwhile.append(async_to_sync(session_user_id)(session_key))
-        finally:
-            connection.close()
+    meanwhile = read_before_commit(
+        lambda: user.save(update_fields=["is_active"]), lambda: async_to_sync(session_user_id)(session_key)
+    )
 
-    with transaction.atomic():
-        user.is_active = False
-        user.save(update_fields=["is_active"])
-        reader = threading.Thread(target=a_send_reads_the_session)
-        reader.start()
-        reader.join(timeout=10)
-    assert read_meanwhile == [user.pk]  # the change was not committed yet
-
+    assert meanwhile == user.pk  # the change was not committed yet
     assert async_to_sync(session_user_id)(session_key) is None

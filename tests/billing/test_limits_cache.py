@@ -5,40 +5,17 @@ old limits for the cache's TTL."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import Any
-
 import pytest
 from asgiref.sync import async_to_sync
-from django.db import connection, transaction
 
 from billing.models import Plan, UserPlan
 from billing.selectors import key_limits, user_limits
 from billing.services.keys import api_key_change, api_key_create
 from billing.services.plans import plan_assign, user_plans_overrides_clear
 from tests.factories import UserFactory
+from tests.transactions import read_before_commit
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def _read_while_committing(change: Callable[[], None], read: Callable[[], Any]) -> list[Any]:
-    """What ``read`` answers in another thread (another connection: committed data only) while ``change`` is
-    made and not yet committed."""
-    read_meanwhile: list[Any] = []
-
-    def a_request_reads() -> None:
-        try:
-            read_meanwhile.append(read())
-        finally:
-            connection.close()
-
-    with transaction.atomic():
-        change()
-        reader = threading.Thread(target=a_request_reads)
-        reader.start()
-        reader.join(timeout=10)
-    return read_meanwhile
 
 
 @pytest.fixture
@@ -55,10 +32,10 @@ def _user_rpm(user_id: int) -> tuple[str | None, int | None]:
 
 def test_a_plan_assigned_while_a_request_reads_the_users_limits_applies_once_committed(free_user, plans):
     assert _user_rpm(free_user.pk) == ("Free", 20)
-    meanwhile = _read_while_committing(
+    meanwhile = read_before_commit(
         lambda: plan_assign(user=free_user, plan=plans["Pro"]), lambda: _user_rpm(free_user.pk)
     )
-    assert meanwhile == [("Free", 20)]  # the change was not committed yet
+    assert meanwhile == ("Free", 20)  # the change was not committed yet
     assert _user_rpm(free_user.pk) == ("Pro", 600)
 
 
@@ -70,7 +47,7 @@ def test_a_plans_change_while_a_request_reads_its_limits_applies_once_committed(
         plan.rpm = 40
         plan.save()
 
-    assert _read_while_committing(raise_the_rate, lambda: _user_rpm(free_user.pk)) == [("Free", 20)]
+    assert read_before_commit(raise_the_rate, lambda: _user_rpm(free_user.pk)) == ("Free", 20)
     assert _user_rpm(free_user.pk) == ("Free", 40)
 
 
@@ -78,10 +55,10 @@ def test_a_users_own_limits_cleared_while_a_request_reads_them_apply_once_commit
     UserPlan.objects.filter(user=free_user).update(rpm=1)
     assert _user_rpm(free_user.pk) == ("Free", 1)
     user_plan = UserPlan.objects.get(user=free_user)
-    meanwhile = _read_while_committing(
+    meanwhile = read_before_commit(
         lambda: user_plans_overrides_clear(user_plan_ids=[user_plan.pk]), lambda: _user_rpm(free_user.pk)
     )
-    assert meanwhile == [("Free", 1)]
+    assert meanwhile == ("Free", 1)
     assert _user_rpm(free_user.pk) == ("Free", 20)  # the plan's
 
 
@@ -93,5 +70,5 @@ def test_a_keys_rate_changed_while_a_request_reads_it_applies_once_committed(fre
         key.rpm = 50
         api_key_change(api_key=key)
 
-    assert _read_while_committing(raise_the_rate, lambda: async_to_sync(key_limits)(key.pk).rpm) == [5]
+    assert read_before_commit(raise_the_rate, lambda: async_to_sync(key_limits)(key.pk).rpm) == 5
     assert async_to_sync(key_limits)(key.pk).rpm == 50

@@ -3,12 +3,9 @@ lookups a run makes (issue 12, part 4)."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from asgiref.sync import async_to_sync
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
 
 from audit.models import AuditEvent
 from core.exceptions import ApplicationError
@@ -18,6 +15,7 @@ from prompts.models import BrandProfile, PromptLabel, PromptTemplate, PromptVers
 from prompts.selectors import brand_get, prompt_version_by_id, prompt_version_get, prompt_version_get_sync
 from prompts.services import prompt_label_set, prompt_version_create
 from tests.factories import UserFactory
+from tests.transactions import read_before_commit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -226,19 +224,11 @@ def test_a_request_that_reads_a_label_while_its_move_commits_does_not_keep_it_fo
     v1 = prompt_version_create(template=template, messages=[{"role": "user", "content": "one"}])
     v2 = prompt_version_create(template=template, messages=[{"role": "user", "content": "two"}])
     prompt_label_set(template=template, name="production", version=v1)
-    read_meanwhile: list[int] = []
 
-    def a_request_reads_the_label() -> None:  # another thread, another connection: committed data only
-        try:
-            read_meanwhile.append(async_to_sync(prompt_version_get)("tagline", label="production").number)
-        finally:
-            connection.close()
+    meanwhile = read_before_commit(
+        lambda: prompt_label_set(template=template, name="production", version=v2),
+        lambda: async_to_sync(prompt_version_get)("tagline", label="production").number,
+    )
 
-    with transaction.atomic():
-        prompt_label_set(template=template, name="production", version=v2)
-        reader = threading.Thread(target=a_request_reads_the_label)
-        reader.start()
-        reader.join(timeout=10)
-    assert read_meanwhile == [1]  # the move was not committed yet
-
+    assert meanwhile == 1  # the move was not committed yet
     assert async_to_sync(prompt_version_get)("tagline", label="production").number == 2

@@ -3,15 +3,13 @@ request that reads the catalog between an admin's save and its commit must not k
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from asgiref.sync import async_to_sync
-from django.db import connection, transaction
 
 from providers.exceptions import ModelNotFoundError
 from providers.selectors import model_resolve, models_enabled
 from tests.factories import ModelFactory
+from tests.transactions import read_before_commit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,22 +24,11 @@ def test_a_request_that_reads_a_model_while_its_disabling_commits_does_not_keep_
     change answered would still be served by the disabled model for the cache's TTL."""
     model = ModelFactory(name="retiring")
     assert async_to_sync(model_resolve)("retiring").id == model.pk
-    read_meanwhile: list[tuple[int, set[str]]] = []
+    model.enabled = False
 
-    def a_request_reads_the_catalog() -> None:  # another thread, another connection: committed data only
-        try:
-            read_meanwhile.append((async_to_sync(model_resolve)("retiring").id, _names()))
-        finally:
-            connection.close()
+    meanwhile = read_before_commit(model.save, lambda: (async_to_sync(model_resolve)("retiring").id, _names()))
 
-    with transaction.atomic():
-        model.enabled = False
-        model.save()
-        reader = threading.Thread(target=a_request_reads_the_catalog)
-        reader.start()
-        reader.join(timeout=10)
-    assert read_meanwhile == [(model.pk, {"retiring"})]  # the change was not committed yet
-
+    assert meanwhile == (model.pk, {"retiring"})  # the change was not committed yet
     with pytest.raises(ModelNotFoundError):
         async_to_sync(model_resolve)("retiring")
     assert _names() == set()

@@ -16,7 +16,6 @@ from asgiref.sync import AsyncToSync, async_to_sync
 from billiard.pool import soft_timeout_sighandler
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core import mail
-from django.db import connection, transaction
 from django.db.models.signals import pre_save
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -42,6 +41,7 @@ from providers.tasks_credentials import (
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.mail import MailDown, MailWhileSending
+from tests.transactions import read_before_commit
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
@@ -795,21 +795,13 @@ def test_a_request_that_reads_a_key_while_its_delete_commits_does_not_keep_it_fo
     credential = ProviderCredential.objects.create(
         owner=alice, provider=provider, api_key=key, hint="sk-…", status=CredentialStatus.VALID
     )
-    read_meanwhile: list[dict] = []
 
-    def a_request_reads_the_keys() -> None:  # another thread, another connection: committed data only
-        try:
-            read_meanwhile.append(dict(async_to_sync(user_credentials)(alice.pk)))
-        finally:
-            connection.close()
+    meanwhile = read_before_commit(
+        lambda: provider_credential_delete(credential=credential),
+        lambda: list(async_to_sync(user_credentials)(alice.pk)),
+    )
 
-    with transaction.atomic():
-        provider_credential_delete(credential=credential)
-        reader = threading.Thread(target=a_request_reads_the_keys)
-        reader.start()
-        reader.join(timeout=10)
-    assert list(read_meanwhile[0]) == [provider.pk]  # the delete was not committed yet
-
+    assert meanwhile == [provider.pk]  # the delete was not committed yet
     assert async_to_sync(user_credentials)(alice.pk) == {}
 
 

@@ -3,14 +3,12 @@ a request that reads a policy between an admin's save and its commit must not ke
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from asgiref.sync import async_to_sync
-from django.db import connection, transaction
 
 from providers.models import ModerationPolicy
 from providers.moderation import moderation_policies
+from tests.transactions import read_before_commit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,20 +23,9 @@ def test_a_request_that_reads_a_policy_while_its_disabling_commits_does_not_keep
     answered would still be moderated by it for the cache's TTL."""
     policy = ModerationPolicy.objects.create(name="house rules", blocklist="forbidden")
     assert _enabled(policy.pk) == [policy.pk]
-    read_meanwhile: list[list[int]] = []
+    policy.enabled = False
 
-    def a_request_reads_the_policy() -> None:  # another thread, another connection: committed data only
-        try:
-            read_meanwhile.append(_enabled(policy.pk))
-        finally:
-            connection.close()
+    meanwhile = read_before_commit(policy.save, lambda: _enabled(policy.pk))
 
-    with transaction.atomic():
-        policy.enabled = False
-        policy.save()
-        reader = threading.Thread(target=a_request_reads_the_policy)
-        reader.start()
-        reader.join(timeout=10)
-    assert read_meanwhile == [[policy.pk]]  # the change was not committed yet
-
+    assert meanwhile == [policy.pk]  # the change was not committed yet
     assert _enabled(policy.pk) == []
