@@ -35,10 +35,6 @@ def models(gateway):
     return gateway
 
 
-def _sent(gateway) -> dict:
-    return gateway.upstream.requests[-1]["body"]
-
-
 def message_of(gateway, model: str, stream: bool) -> anthropic.types.Message:
     """A /v1/messages reply of ``model`` (``max_tokens`` 50, answering "done"), whole or streamed, through the SDK."""
     sdk = anthropic.Anthropic(base_url=gateway.url, api_key=gateway.key, max_retries=0, timeout=20)
@@ -49,28 +45,38 @@ def message_of(gateway, model: str, stream: bool) -> anthropic.types.Message:
         return events.get_final_message()
 
 
+def chat_finish_reason(gateway, model: str, *, stream: bool = False, **limit: int) -> str | None:
+    """The finish reason of a chat completion of ``model`` asked for ten words under ``limit`` (``max_tokens=3``,
+    ``max_completion_tokens=3``), whole or streamed, through the SDK."""
+    request = {"model": model, "messages": [{"role": "user", "content": "[[words=10]]"}], **limit}
+    if not stream:
+        return gateway.client().chat.completions.create(**request).choices[0].finish_reason
+    chunks = list(gateway.client().chat.completions.create(**request, stream=True))
+    return next(choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason)
+
+
+def limits_sent(gateway) -> dict[str, int]:
+    """The output limits the upstream was last sent, under either name."""
+    body = gateway.upstream.requests[-1]["body"]
+    return {name: body[name] for name in ("max_tokens", "max_completion_tokens") if name in body}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_messages_request_reaches_openai_with_max_completion_tokens(models, stream):
     message = message_of(models, "gpt5-test", stream)
     assert message.content[-1].text == "done"
-    assert _sent(models)["max_completion_tokens"] == 50
-    assert "max_tokens" not in _sent(models)
+    assert limits_sent(models) == {"max_completion_tokens": 50}
 
 
 def test_a_messages_request_reaches_another_openai_compatible_server_with_max_tokens(models):
     sdk = anthropic.Anthropic(base_url=models.url, api_key=models.key, max_retries=0, timeout=20)
     sdk.messages.create(model="vllm-test", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
-    assert _sent(models)["max_tokens"] == 50
-    assert "max_completion_tokens" not in _sent(models)
+    assert limits_sent(models) == {"max_tokens": 50}
 
 
 def test_a_chat_completions_max_tokens_reaches_openai_as_max_completion_tokens(models):
-    completion = models.client().chat.completions.create(
-        model="gpt5-test", max_tokens=3, messages=[{"role": "user", "content": "[[words=10]]"}]
-    )
-    assert completion.choices[0].finish_reason == "length"
-    assert _sent(models)["max_completion_tokens"] == 3
-    assert "max_tokens" not in _sent(models)
+    assert chat_finish_reason(models, "gpt5-test", max_tokens=3) == "length"
+    assert limits_sent(models) == {"max_completion_tokens": 3}
 
 
 @pytest.mark.parametrize("operation", ["chat", "responses"])
@@ -82,16 +88,14 @@ def test_the_limit_llmhub_picks_under_a_budget_reaches_openai_as_max_completion_
         assert reply.choices[0].message.content == "Echo: hi"
     else:
         assert client.responses.create(model="gpt5-test", input="hi").output_text == "Echo: hi"
-    assert isinstance(_sent(models)["max_completion_tokens"], int)
-    assert "max_tokens" not in _sent(models)
+    assert {name: type(value) for name, value in limits_sent(models).items()} == {"max_completion_tokens": int}
 
 
 def test_a_fixed_rules_limit_reaches_openai_as_max_completion_tokens(models):
     CatalogModel.objects.filter(name="gpt5-test").update(parameter_rules={"fixed": {"max_tokens": 300}})
     api_key_limits_set(api_key=models.api_key, budget_usd=BUDGET, budget_period=BudgetPeriod.MONTHLY)
     models.client().chat.completions.create(model="gpt5-test", messages=[{"role": "user", "content": "hi"}])
-    assert _sent(models)["max_completion_tokens"] == 300
-    assert "max_tokens" not in _sent(models)
+    assert limits_sent(models) == {"max_completion_tokens": 300}
 
 
 def test_a_budgeted_keys_max_completion_tokens_alone_is_reserved_and_sent(models):
@@ -109,7 +113,7 @@ def test_a_budgeted_keys_max_completion_tokens_alone_is_reserved_and_sent(models
         model="gpt5-test", max_completion_tokens=7, messages=[{"role": "user", "content": "[[words=20]]"}]
     )
     assert raw.parse().choices[0].finish_reason == "length"
-    assert (_sent(models)["max_completion_tokens"], "max_tokens" in _sent(models)) == (7, False)
+    assert limits_sent(models) == {"max_completion_tokens": 7}
     record = wait_for_record(raw.headers["x-request-id"])
     assert (record.status, record.completion_tokens) == ("ok", 7)
     assert UsageRecord.objects.filter(api_key=models.api_key).count() == 2
@@ -141,17 +145,12 @@ def test_a_messages_request_reaches_azure_reasoning_with_max_completion_tokens(a
     ``max_tokens`` llmhub translates) got Azure's 400 ``unsupported_parameter``."""
     message = message_of(azure_models, model, stream)
     assert message.content[-1].text == "done"
-    assert _sent(azure_models)["max_completion_tokens"] == 50
-    assert "max_tokens" not in _sent(azure_models)
+    assert limits_sent(azure_models) == {"max_completion_tokens": 50}
 
 
 def test_a_chat_completions_max_tokens_reaches_an_azure_reasoning_deployment_as_max_completion_tokens(azure_models):
-    completion = azure_models.client().chat.completions.create(
-        model="azure-gpt5", max_tokens=3, messages=[{"role": "user", "content": "[[words=10]]"}]
-    )
-    assert completion.choices[0].finish_reason == "length"
-    assert _sent(azure_models)["max_completion_tokens"] == 3
-    assert "max_tokens" not in _sent(azure_models)
+    assert chat_finish_reason(azure_models, "azure-gpt5", max_tokens=3) == "length"
+    assert limits_sent(azure_models) == {"max_completion_tokens": 3}
 
 
 def test_an_azure_api_version_before_max_completion_tokens_is_sent_max_tokens(azure_models):
@@ -160,8 +159,7 @@ def test_an_azure_api_version_before_max_completion_tokens_is_sent_max_tokens(az
         model="azure-old", max_tokens=3, messages=[{"role": "user", "content": "[[words=10]]"}]
     )
     assert message.stop_reason == "max_tokens"
-    assert _sent(azure_models)["max_tokens"] == 3
-    assert "max_completion_tokens" not in _sent(azure_models)
+    assert limits_sent(azure_models) == {"max_tokens": 3}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -169,13 +167,5 @@ def test_a_clients_max_completion_tokens_reaches_an_old_azure_api_version_as_max
     """An api-version older than 2024-09-01-preview refuses ``max_completion_tokens`` (Azure's 400 "Unrecognized
     request argument supplied"): a client's own was sent as written and the client got that 400. It goes as
     ``max_tokens``, the same limit under the name that api-version knows."""
-    messages = [{"role": "user", "content": "[[words=10]]"}]
-    request = {"model": "azure-old", "max_completion_tokens": 3, "messages": messages}
-    if stream:
-        chunks = list(azure_models.client().chat.completions.create(**request, stream=True))
-        finish = next(choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason)
-    else:
-        finish = azure_models.client().chat.completions.create(**request).choices[0].finish_reason
-    assert finish == "length"
-    assert _sent(azure_models)["max_tokens"] == 3
-    assert "max_completion_tokens" not in _sent(azure_models)
+    assert chat_finish_reason(azure_models, "azure-old", stream=stream, max_completion_tokens=3) == "length"
+    assert limits_sent(azure_models) == {"max_tokens": 3}
