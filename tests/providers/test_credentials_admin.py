@@ -10,6 +10,7 @@ import re
 import pytest
 from django.contrib import messages
 from django.db import connection
+from django.db.models import Model
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
@@ -152,6 +153,24 @@ def run_action(client, action: str, *credentials: ProviderCredential) -> list[tu
     return [(message.level, message.message) for message in response.context["messages"]]
 
 
+def delete_in_the_admin(client, one: Model, selected: Model) -> None:
+    """Delete ``one`` on its delete page and ``selected`` by its list's bulk action, as staff would."""
+    admin = f"admin:{one._meta.app_label}_{one._meta.model_name}"
+    assert client.post(reverse(f"{admin}_delete", args=[one.pk]), {"post": "yes"}).status_code == 302
+    several = {"action": "delete_selected", "_selected_action": [selected.pk], "post": "yes"}
+    assert client.post(reverse(f"{admin}_changelist"), several).status_code == 302
+
+
+def assert_recorded_deleted(*credentials: ProviderCredential) -> None:
+    """Each of ``credentials``, and no other key, recorded as one ``provider_key.delete`` in the admin's name, in
+    that order: its hint, never the key."""
+    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
+    assert [(event.target_id, event.target_repr, event.actor_repr, event.changes["hint"]) for event in events] == [
+        (str(credential.pk), str(credential), "admin", [credential.hint, None]) for credential in credentials
+    ]
+    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
+
+
 def test_checking_keys_again_marks_them_with_what_the_provider_says(admin_client, keys, fake_upstream):
     ada, _ = keys
     refused = credential("linus", ada.provider, "sk-linus-key-refused-00000000000000LNUS")
@@ -187,17 +206,10 @@ def test_staff_delete_keys_through_the_service_which_records_it(admin_client, ke
 
     confirm = admin_client.get(reverse("admin:providers_providercredential_delete", args=[ada.pk]))
     assert confirm.status_code == 200 and ADA_KEY not in confirm.content.decode()
-    deleted = admin_client.post(reverse("admin:providers_providercredential_delete", args=[ada.pk]), {"post": "yes"})
-    assert deleted.status_code == 302
-    admin_client.post(reverse(CHANGELIST), {"action": "delete_selected", "_selected_action": [grace.pk], "post": "yes"})
+    delete_in_the_admin(admin_client, ada, grace)
 
     assert not ProviderCredential.objects.exists()
-    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
-    assert [(event.target_id, event.actor_repr) for event in events] == [
-        (str(ada.pk), "admin"),
-        (str(grace.pk), "admin"),
-    ]
-    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
+    assert_recorded_deleted(ada, grace)
 
 
 def test_checking_many_keys_again_is_queued_for_a_worker_and_said_so(admin_client, fake_upstream, broker_queue):
@@ -305,22 +317,10 @@ def test_deleting_providers_records_each_users_key_it_takes_with_it(admin_client
     more = credential("linus", ada.provider, "sk-linus-own-key-000000000000000000LNUS")
     kept = credential("margaret", ProviderFactory(name="byo-kept"), "sk-margaret-key-00000000000000000MRGT")
 
-    one = admin_client.post(reverse("admin:providers_provider_delete", args=[ada.provider.pk]), {"post": "yes"})
-    assert one.status_code == 302
-    admin_client.post(
-        reverse("admin:providers_provider_changelist"),
-        {"action": "delete_selected", "_selected_action": [grace.provider.pk], "post": "yes"},
-    )
+    delete_in_the_admin(admin_client, ada.provider, grace.provider)
 
     assert list(ProviderCredential.objects.all()) == [kept]
-    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
-    assert [(event.target_id, event.target_repr, event.actor_repr) for event in events] == [
-        (str(ada.pk), str(ada), "admin"),
-        (str(more.pk), str(more), "admin"),
-        (str(grace.pk), str(grace), "admin"),
-    ]
-    assert [event.changes["hint"] for event in events] == [[ada.hint, None], [more.hint, None], [grace.hint, None]]
-    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
+    assert_recorded_deleted(ada, more, grace)
     assert AuditEvent.objects.filter(action="providers.provider.delete").count() == 2
 
 
@@ -334,20 +334,7 @@ def test_deleting_users_records_each_of_their_own_keys_it_takes_with_it(admin_cl
     )
     kept = credential("margaret", ada.provider, "sk-margaret-key-00000000000000000MRGT")
 
-    one = admin_client.post(reverse("admin:auth_user_delete", args=[ada.owner.pk]), {"post": "yes"})
-    assert one.status_code == 302
-    several = admin_client.post(
-        reverse("admin:auth_user_changelist"),
-        {"action": "delete_selected", "_selected_action": [grace.owner.pk], "post": "yes"},
-    )
-    assert several.status_code == 302
+    delete_in_the_admin(admin_client, ada.owner, grace.owner)
 
     assert list(ProviderCredential.objects.all()) == [kept]
-    events = AuditEvent.objects.filter(action="provider_key.delete").order_by("seq")
-    assert [(event.target_id, event.target_repr, event.actor_repr) for event in events] == [
-        (str(ada.pk), str(ada), "admin"),
-        (str(second.pk), str(second), "admin"),
-        (str(grace.pk), str(grace), "admin"),
-    ]
-    assert [event.changes["hint"] for event in events] == [[ada.hint, None], [second.hint, None], [grace.hint, None]]
-    assert not any(key in str(event.changes) for event in events for key in (ADA_KEY, GRACE_KEY))
+    assert_recorded_deleted(ada, second, grace)
