@@ -15,7 +15,7 @@ from decimal import Decimal
 
 import pytest
 import time_machine
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Sum
 
 from billing import selectors
@@ -26,6 +26,7 @@ from billing.services.rollups import daily_usage_rebuild_recent, experiment_usag
 from experiments.models import Experiment, ExperimentStatus, Variant
 from experiments.results import experiment_results
 from tests.factories import ModelFactory, UserFactory
+from tests.transactions import transaction_held_open
 
 pytestmark = pytest.mark.django_db
 
@@ -202,17 +203,7 @@ def test_two_folds_at_once_run_one_after_the_other(experiment):
     """A second fold waits for the first's lock on the mark, then finds nothing left: nothing twice."""
     write(experiment, "control", 5, when=NOW - timedelta(hours=1))
     high_water = ledger_high_water()
-    folded, release = threading.Event(), threading.Event()
     counts: list[int] = []
-
-    def first():
-        try:
-            with transaction.atomic():
-                counts.append(experiment_usage_fold(through_id=high_water))
-                folded.set()
-                release.wait(10)
-        finally:
-            connection.close()
 
     def second():
         try:
@@ -220,16 +211,12 @@ def test_two_folds_at_once_run_one_after_the_other(experiment):
         finally:
             connection.close()
 
-    one = threading.Thread(target=first)
-    one.start()
-    assert folded.wait(10)
-    two = threading.Thread(target=second)
-    two.start()
-    two.join(0.5)
-    if connection.vendor == "postgresql":  # SQLite: the second waits on the database's write lock instead
-        assert two.is_alive(), "the second fold did not wait for the first"
-    release.set()
-    one.join(10)
+    with transaction_held_open(lambda: experiment_usage_fold(through_id=high_water)) as first:
+        two = threading.Thread(target=second)
+        two.start()
+        two.join(0.5)
+        if connection.vendor == "postgresql":  # SQLite: the second waits on the database's write lock instead
+            assert two.is_alive(), "the second fold did not wait for the first"
     two.join(10)
-    assert sorted(counts) == [0, 5]
+    assert (first, counts) == (5, [0])  # the second found nothing left
     assert rolled_requests() == 5

@@ -14,13 +14,14 @@ from decimal import Decimal
 
 import pytest
 import time_machine
-from django.db import OperationalError, connection, transaction
+from django.db import OperationalError, connection
 
 from billing import selectors
 from billing.models import DailyUsage, DailyUsageMark, UsageRecord
 from billing.selectors import usage_breakdown, usage_daily
 from billing.services.rollups import daily_usage_rebuild, daily_usage_rebuild_recent, ledger_high_water
 from tests.factories import UsageRecordFactory, UserFactory
+from tests.transactions import transaction_held_open
 
 NOW = datetime(2026, 3, 10, 15, 0, tzinfo=UTC)
 TODAY = NOW.date()
@@ -155,30 +156,14 @@ def test_the_high_water_waits_for_an_insert_in_flight(clock):
     row for good.)"""
     user = UserFactory(username="ada")
     spend(user, "1")
-    inserted, release = threading.Event(), threading.Event()
-    row_id = []
-
-    def writer():
-        try:
-            with transaction.atomic():
-                row_id.append(spend(user, "2").pk)
-                inserted.set()
-                release.wait(10)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    assert inserted.wait(10)
     got = []
-    reader = threading.Thread(target=lambda: (got.append(ledger_high_water()), connection.close()))
-    reader.start()
-    reader.join(0.5)
-    assert reader.is_alive(), "the high water did not wait for the insert in flight"
-    release.set()
-    thread.join(10)
+    with transaction_held_open(lambda: spend(user, "2").pk) as row_id:
+        reader = threading.Thread(target=lambda: (got.append(ledger_high_water()), connection.close()))
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive(), "the high water did not wait for the insert in flight"
     reader.join(10)
-    assert got == [row_id[0]]
+    assert got == [row_id]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -192,26 +177,8 @@ def test_the_high_water_gives_up_rather_than_hold_the_writers_behind_a_long_lock
 
     monkeypatch.setattr(rollups, "HIGH_WATER_LOCK_TIMEOUT", "200ms")
     user = UserFactory(username="ada")
-    inserted, release = threading.Event(), threading.Event()
-
-    def long_writer():
-        try:
-            with transaction.atomic():
-                spend(user, "2")
-                inserted.set()
-                release.wait(10)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=long_writer)
-    thread.start()
-    try:
-        assert inserted.wait(10)
-        with pytest.raises(OperationalError):
-            ledger_high_water()
-    finally:
-        release.set()
-        thread.join(10)
+    with transaction_held_open(lambda: spend(user, "2")), pytest.raises(OperationalError):
+        ledger_high_water()
     assert ledger_high_water() == UsageRecord.objects.latest("pk").pk  # and works again once it is over
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
@@ -25,6 +25,7 @@ from chat.services_responses import (
 )
 from chat.tasks import stored_responses_expire_task
 from tests.factories import UserFactory
+from tests.transactions import transaction_held_open
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db
@@ -366,32 +367,12 @@ def test_a_response_kept_on_another_connection_as_its_chain_is_deleted_is_refuse
     and no row is left referring to none."""
     user = UserFactory()
     first, second = turns(user, 2)
-    written, release = threading.Event(), threading.Event()
-    refused: list[Exception] = []
-
-    def keep() -> None:
-        try:
-            with transaction.atomic():
-                turns(user, 1, start=3, previous=second)
-                written.set()
-                release.wait(10)
-        except IntegrityError as exc:
-            refused.append(exc)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=keep)
-    thread.start()
-    try:
-        assert written.wait(10)
+    # The kept response's reference is checked at its commit, as the block ends.
+    with pytest.raises(IntegrityError), transaction_held_open(lambda: turns(user, 1, start=3, previous=second)):
         if deleter == "owner":
             assert stored_response_delete(reach=ConversationReach(user_id=user.pk), response_id=second.response_id)
         else:
             assert stored_responses_remove([first.pk]) == 2
-    finally:
-        release.set()
-        thread.join(10)
-    assert len(refused) == 1
     assert list(StoredResponse.objects.all()) == ([first] if deleter == "owner" else [])
 
 
@@ -425,17 +406,7 @@ def test_a_response_continued_while_it_is_deleted_is_kept_or_taken_whole(deleter
     once it has the lock and takes it too. No error, no row that refers to none."""
     user = UserFactory()
     [expired] = turns(user, 1, now=NOW - timedelta(days=31))
-    held, release = threading.Event(), threading.Event()
     outcome: list[object] = []
-
-    def hold() -> None:
-        try:
-            with transaction.atomic():
-                StoredResponse.objects.select_for_update(no_key=True).get(pk=expired.pk)
-                held.set()
-                release.wait(10)
-        finally:
-            connection.close()
 
     def expire() -> None:
         try:
@@ -448,27 +419,20 @@ def test_a_response_continued_while_it_is_deleted_is_kept_or_taken_whole(deleter
         finally:
             connection.close()
 
-    holder, task = threading.Thread(target=hold), threading.Thread(target=expire)
-    holder.start()
-    try:
-        assert held.wait(10)
+    def deleting_waits() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                ["%DELETE FROM%chat_storedresponse%" if deleter == "task" else "%chat_storedresponse%FOR UPDATE%"],
+            )
+            return cursor.fetchone()[0] == 1
+
+    task = threading.Thread(target=expire)
+    with transaction_held_open(lambda: StoredResponse.objects.select_for_update(no_key=True).get(pk=expired.pk)):
         task.start()
-
-        def deleting_waits() -> bool:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                    ["%DELETE FROM%chat_storedresponse%" if deleter == "task" else "%chat_storedresponse%FOR UPDATE%"],
-                )
-                return cursor.fetchone()[0] == 1
-
         wait_until(deleting_waits, "the deletion waiting for the held row")
         [kept] = turns(user, 1, start=2, previous=expired, now=NOW)  # committed: its reference shares the lock
-    finally:
-        release.set()
-        holder.join(10)
-        if task.ident is not None:
-            task.join(10)
+    task.join(10)
     if deleter == "task":
         assert outcome == [0]
         assert set(StoredResponse.objects.all()) == {expired, kept}
