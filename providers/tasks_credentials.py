@@ -30,8 +30,8 @@ __all__ = [
 
 
 class KeyNoticesNotSentError(Exception):
-    """A daily run that could not email every due invalid-key notice (each is logged, and stays due for the next
-    run); the keys were checked all the same."""
+    """A daily run that could not email every due invalid-key notice, or queue the email of a key it found invalid
+    (each is logged, and stays due for the next run); the keys were checked all the same."""
 
 
 @shared_task
@@ -39,8 +39,9 @@ def provider_credentials_revalidate_all() -> dict[str, int]:
     """Daily (``setupschedules``): re-check the stored users' keys, ``LLMHUB_BYOK_REVALIDATION_CONCURRENCY`` at
     a time, starting none after ``LLMHUB_BYOK_REVALIDATION_MAX_SECONDS`` (``provider_credentials_revalidate_due``).
     Returns counts: valid, invalid, turned_invalid, unchecked, and left for the next run. A due invalid-key notice
-    whose email fails does not stop the others nor the checks; the run then ends with ``KeyNoticesNotSentError``
-    naming the keys, so that the operations dashboard shows the task failing."""
+    whose email fails, or a key turned invalid whose email the broker does not take, does not stop the others nor
+    the checks; the run then ends with ``KeyNoticesNotSentError`` naming the keys, so that the operations dashboard
+    shows the task failing."""
     notices_failed: list[int] = []
     counts = provider_credentials_revalidate_due(
         concurrency=settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY,

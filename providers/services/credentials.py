@@ -517,10 +517,10 @@ def provider_credential_invalid_notify(*, credential: ProviderCredential) -> boo
     return True
 
 
-def provider_credential_invalid_notice_queue(credential_id: int) -> None:
+def provider_credential_invalid_notice_queue(credential_id: int) -> bool:
     """Have the owner of a key that just turned invalid emailed, from a Celery task retried while the mail server
     fails (``provider_credential_invalid_email``). A broker that cannot take it is logged: the notice stays due
-    (``invalid_notice_due``) and the next daily run sends it."""
+    (``invalid_notice_due``) and the next daily run sends it. Returns whether the task was queued."""
     from ..tasks_credentials import provider_credential_invalid_email
 
     try:
@@ -528,6 +528,8 @@ def provider_credential_invalid_notice_queue(credential_id: int) -> None:
     except Exception as exc:
         time_limit_reraise(exc)
         logger.exception("the owner of provider key %s could not be emailed; tried again next run", credential_id)
+        return False
+    return True
 
 
 def provider_credentials_invalid_notices_send(*, failed: list[int] | None = None) -> int:
@@ -560,8 +562,8 @@ def provider_credentials_revalidate_due(
     its keys as they were (not checked, good or bad), but those tried move behind the others (``unchecked_at``),
     and after ``PROVIDER_DOWN_AFTER`` checks in a row it did not answer, the run asks it no more (its other keys are
     ``left``): a provider down for days neither has the same keys tried first every run nor takes the run's time
-    from the others. Returns counts; the ids of keys whose due notice could not be emailed are appended to
-    ``notices_failed``."""
+    from the others. Returns counts; the ids of keys whose due notice could not be emailed, or whose new notice
+    the broker did not take, are appended to ``notices_failed``."""
     # The later of the last check and the last try that could not check: the one null when the other is not.
     touched = Greatest(Coalesce("last_validated_at", "unchecked_at"), Coalesce("unchecked_at", "last_validated_at"))
     due = (
@@ -572,7 +574,7 @@ def provider_credentials_revalidate_due(
     )
     # Notices whose email failed before, first: a key already invalid does not turn invalid again.
     provider_credentials_invalid_notices_send(failed=notices_failed)
-    return _revalidate_in_order(due, concurrency=concurrency, max_seconds=max_seconds)
+    return _revalidate_in_order(due, concurrency=concurrency, max_seconds=max_seconds, notices_failed=notices_failed)
 
 
 def provider_credentials_revalidate(
@@ -591,16 +593,28 @@ def provider_credentials_revalidate(
     return _revalidate_in_order(rows, concurrency=concurrency, max_seconds=max_seconds)
 
 
-def _revalidate_in_order(rows: Iterable[tuple[int, int]], *, concurrency: int, max_seconds: float) -> dict[str, int]:
+def _revalidate_in_order(
+    rows: Iterable[tuple[int, int]], *, concurrency: int, max_seconds: float, notices_failed: list[int] | None = None
+) -> dict[str, int]:
     """Check the keys ``rows`` (key, provider), in their order within each provider (``_revalidate_queued``);
-    counts of the outcomes, and of the keys ``left`` when ``max_seconds`` ran out."""
+    counts of the outcomes, and of the keys ``left`` when ``max_seconds`` ran out. A key turned invalid whose
+    notice the broker did not take is appended to ``notices_failed`` (its notice stays due)."""
+    notices_failed = [] if notices_failed is None else notices_failed
     queues: dict[int, deque[int]] = {}
     place: dict[int, int] = {}
     for position, (credential_id, provider_id) in enumerate(rows):
         queues.setdefault(provider_id, deque()).append(credential_id)
         place[credential_id] = position
     counts = {"valid": 0, "invalid": 0, "turned_invalid": 0, "unchecked": 0, "left": 0}
-    run_async(_revalidate_queued, queues, place, counts, concurrency=max(1, concurrency), max_seconds=max_seconds)
+    run_async(
+        _revalidate_queued,
+        queues,
+        place,
+        counts,
+        concurrency=max(1, concurrency),
+        max_seconds=max_seconds,
+        notices_failed=notices_failed,
+    )
     counts["left"] = sum(len(queue) for queue in queues.values())
     return counts
 
@@ -612,6 +626,7 @@ async def _revalidate_queued(
     *,
     concurrency: int,
     max_seconds: float,
+    notices_failed: list[int],
 ) -> None:
     """Check the keys of ``queues`` (by provider id, oldest checked first) with ``concurrency`` workers until
     they are empty or ``max_seconds`` have passed; what is not taken stays in ``queues``."""
@@ -635,7 +650,7 @@ async def _revalidate_queued(
         while loop.time() < deadline and (taken := take()) is not None:
             provider_id, credential_id = taken
             try:
-                outcomes, down = await _revalidate_one(credential_id)
+                outcomes, down = await _revalidate_one(credential_id, notices_failed)
             finally:
                 in_flight[provider_id] -= 1
             for outcome in outcomes:
@@ -670,10 +685,10 @@ def _credential_unchecked_record(credential_id: int) -> None:
     ProviderCredential.objects.filter(pk=credential_id).update(unchecked_at=timezone.now())
 
 
-async def _revalidate_one(credential_id: int) -> tuple[tuple[str, ...], bool]:
-    """Re-check one key: the counts it adds to, and whether its provider did not answer (``KeyCheck.down``).
-    The database is reached through ``sync_to_async``: the caller's thread, one query at a time, while the live
-    checks run side by side."""
+async def _revalidate_one(credential_id: int, notices_failed: list[int]) -> tuple[tuple[str, ...], bool]:
+    """Re-check one key: the counts it adds to, and whether its provider did not answer (``KeyCheck.down``); a key
+    turned invalid whose notice the broker did not take goes in ``notices_failed``. The database is reached through
+    ``sync_to_async``: the caller's thread, one query at a time, while the live checks run side by side."""
     try:
         credential = await sync_to_async(_credential_for_check)(credential_id)
     except Exception as exc:
@@ -696,5 +711,6 @@ async def _revalidate_one(credential_id: int) -> tuple[tuple[str, ...], bool]:
         return ("unchecked",), False
     if not checked.turned_invalid:
         return (("valid",) if checked.valid else ("invalid",)), False
-    await sync_to_async(provider_credential_invalid_notice_queue)(credential_id)
+    if not await sync_to_async(provider_credential_invalid_notice_queue)(credential_id):
+        notices_failed.append(credential_id)
     return ("invalid", "turned_invalid"), False
