@@ -37,14 +37,24 @@ def ledger_retention() -> int:
     return ledger_retention_apply()
 
 
-@shared_task
-def reservations_reconcile() -> int:
-    """Every 5 minutes: stale reservations released, budget counters put back on the ledger's figure."""
-    return budget_counters_reconcile()
-
-
 class LostRequestsNotSettledError(Exception):
     """A run that could not settle every lost request (each is logged, and tried again next run); the others were."""
+
+
+@shared_task
+def reservations_reconcile() -> int:
+    """Every 5 minutes: stale reservations released, budget counters put back on the ledger's figure. The lost
+    requests are settled first; one that could not be does not stop the others nor the counters' reconcile, and the
+    run then ends with ``LostRequestsNotSettledError`` naming it, so that the operations dashboard shows the task
+    failing."""
+    failed: list[str] = []
+    adjusted = budget_counters_reconcile(failed=failed)
+    if failed:
+        raise LostRequestsNotSettledError(
+            f"lost requests not settled: {', '.join(failed)}; the others were, these are tried again next run; "
+            f"counters reconciled, {adjusted} put back on the ledger's figure"
+        )
+    return adjusted
 
 
 @shared_task

@@ -908,15 +908,17 @@ def counter_state(ref: CounterRef) -> tuple[Decimal, Decimal] | None:
     return database_store.counter_state(ref)
 
 
-def budget_counters_reconcile(*, now: datetime | None = None) -> int:
+def budget_counters_reconcile(*, now: datetime | None = None, failed: list[str] | None = None) -> int:
     """Put every counter of the store in use back on the ledger's figure; returns how many were off.
 
     Spend a counter missed (a settle lost in a crash) may have crossed a budget threshold without an
     alert: a correction up raises the alerts for the thresholds it crosses that have not fired in the
-    period yet. Running it again finds nothing off and fires nothing."""
+    period yet. Running it again finds nothing off and fires nothing. The lost requests are settled first
+    (``inflight_lost_settle``): one that could not be is logged, its request id appended to ``failed``, and the
+    counters are reconciled all the same."""
     now = now or timezone.now()
     spooled = SpoolIndex()  # one read of the spool for the sweep and every counter
-    inflight_lost_settle(now=now, spooled=spooled)
+    inflight_lost_settle(now=now, spooled=spooled, failed=failed)
     if settings.REDIS_URL:
         return redis_reconcile(settings.REDIS_URL, now, spooled=spooled)
     return database_store.reconcile(now, spooled=spooled)
