@@ -87,8 +87,8 @@ class AccountsConfig(AppConfig):
         m2m_changed.connect(_role_forget, sender=user_model.groups.through, dispatch_uid="accounts.role_forget_m2m")
         post_save.connect(_role_forget, sender=user_model, dispatch_uid="accounts.role_forget_save")
         # An open chat socket's session is asked again at its next send (accounts.sessions).
-        from .sessions import sessions_forget
+        from .sessions import session_signed_out, sessions_forget
 
         post_save.connect(sessions_forget, sender=user_model, dispatch_uid="accounts.sessions_forget_save")
         post_delete.connect(sessions_forget, sender=user_model, dispatch_uid="accounts.sessions_forget_delete")
-        user_logged_out.connect(sessions_forget, dispatch_uid="accounts.sessions_forget_logout")
+        user_logged_out.connect(session_signed_out, dispatch_uid="accounts.session_signed_out")

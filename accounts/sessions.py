@@ -21,6 +21,12 @@ from core.cache import TTLCache, forget_now_and_after_commit
 
 # session key -> the id of the user it signs in now, or None.
 session_cache: TTLCache[int | None] = TTLCache("sessions")
+# Sessions signed out in this process, from the sign-out's signal: Django sends ``user_logged_out`` before it
+# deletes the session, so a send in between (or while the delete waits for the database) would read the session
+# still valid and keep it for the TTL. A signed-out key never signs anyone in again (a new session gets a new key):
+# it is kept long past any delete's wait, and not dropped with the copies (``sessions_forget``).
+signed_out: TTLCache[bool] = TTLCache("sessions-signed-out")
+SIGNED_OUT_KEPT = 600.0
 
 
 def _session_user_id_load(session_key: str) -> int | None:
@@ -32,11 +38,23 @@ def _session_user_id_load(session_key: str) -> int | None:
 async def session_user_id(session_key: str) -> int | None:
     """The id of the user ``session_key`` signs in now; None when the session ended, its user was deactivated
     or deleted, or their password changed since it began. ``DatabaseUnavailableError`` without a copy."""
+    if signed_out.get(session_key) is True:
+        return None
     return await session_cache.get_or_load(session_key, lambda: sync_to_async(_session_user_id_load)(session_key))
 
 
 def sessions_forget(*args: object, **kwargs: object) -> None:
-    """A user was saved or deleted, or signed out, in this process: every copy goes (a user knows nothing of
-    their sessions' keys), now and again after commit (a send in between still reads the user as they were),
-    and the sockets' next sends ask again."""
+    """A user was saved or deleted, or signed out (``session_signed_out``), in this process: every copy goes (a
+    user knows nothing of their sessions' keys), now and again after commit (a send in between still reads the user
+    as they were), and the sockets' next sends ask again."""
     forget_now_and_after_commit(session_cache.invalidate)
+
+
+def session_signed_out(sender: object, request: object = None, **kwargs: object) -> None:
+    """A user signed out in this process (``user_logged_out``, sent before Django deletes the session): their
+    session signs no one in from now on, whatever a send reads before the delete, and every copy goes
+    (``sessions_forget``)."""
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    if session_key:
+        signed_out.set(session_key, True, ttl=SIGNED_OUT_KEPT)
+    sessions_forget()
