@@ -226,12 +226,18 @@ def _problems(
     return tuple(problems)
 
 
+# What the dashboard never reads of a provider: its secrets (a key written under an encryption key since dropped
+# would fail the whole page, and each would be decrypted once per deployment at every refresh).
+_PROVIDER_SECRETS = ("api_key", "extra_headers")
+
+
 def ops_deployments(*, now: datetime) -> list[DeploymentOps]:
     since = now - WINDOW
     latest = HealthCheck.objects.filter(deployment=OuterRef("pk")).order_by("-checked_at")
     incident = Incident.objects.filter(deployment=OuterRef("pk"), ended_at__isnull=True)
     rows = list(
         Deployment.objects.select_related("model", "provider")
+        .defer(*(f"provider__{name}" for name in _PROVIDER_SECRETS))
         .annotate(
             check_ok=Subquery(latest.values("ok")[:1]),
             check_at=Subquery(latest.values("checked_at")[:1]),
@@ -306,7 +312,7 @@ def ops_providers(deployments: list[DeploymentOps]) -> list[ProviderOps]:
             deployments=counts[provider.name][0],
             failing=counts[provider.name][1],
         )
-        for provider in Provider.objects.order_by("name")
+        for provider in Provider.objects.defer(*_PROVIDER_SECRETS).order_by("name")
     ]
 
 

@@ -13,8 +13,9 @@ from decimal import Decimal
 
 import pytest
 import time_machine
+from cryptography.fernet import Fernet
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -306,3 +307,22 @@ def test_a_deployment_whose_upstream_model_is_missing_says_since_when(clock):
     Deployment.objects.filter(pk=deployment.pk).update(upstream_id="gpt-4o")  # the admin's fix
     (row,) = [d for d in ops_deployments(now=timezone.now()) if d.name == "typo"]
     assert row.problems == ()
+
+
+def test_a_provider_whose_key_no_encryption_key_decrypts_leaves_the_dashboard_whole(clock):
+    """A provider key written under an encryption key since dropped from FIELD_ENCRYPTION_KEYS (a rotation gone
+    wrong, docs/rotation.md) made /ops/ and its data.json answer 500: the dashboard loaded every provider's key
+    and headers with its deployments, and decrypted them once per deployment at each refresh, though it shows
+    neither. It reads no secret now: that provider's deployments are listed with the others."""
+    with override_settings(FIELD_ENCRYPTION_KEYS=[Fernet.generate_key().decode()]):
+        lost = ProviderFactory(name="lost-key", api_key="sk-under-a-dropped-key", extra_headers={"x-org": "o-1"})
+        kept = ModelFactory(name="kept", provider=lost).deployments.select_related("model", "provider").get()
+    ledger(kept, minutes_ago=5, duration_ms=300)
+
+    operator = user_with(Role.OPERATOR, "ops")
+    data = figures(operator)
+    row = by_label(data)["kept / lost-key"]
+    assert (row["provider"], row["requests"], row["p50_ms"]) == ("lost-key", 1, 300)
+    assert {p["name"]: p["deployments"] for p in data["providers"]} == {"lost-key": 1}
+    page = client_for(operator).get("/ops/")
+    assert page.status_code == 200 and "kept / lost-key" in page.content.decode()
