@@ -7,7 +7,7 @@ get 403 and the anonymous the login page (the JSON answers them 401 or 403: a sc
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
@@ -54,22 +54,27 @@ def _ms(value: int | None) -> str:
     return "—" if value is None else f"{value:,} ms"
 
 
-def _health_text(deployment: DeploymentOps) -> str:
-    """Its latest health check (with the error of a failing one) and its open incident, if any."""
+def _health_text(deployment: DeploymentOps, now: datetime) -> str:
+    """Its latest health check (with the error of a failing one) and its open incident, if any: since when, with
+    its date once that is another day (an incident open since 23:50 read "since 23:50" the next afternoon, and
+    one open for three days as if it had begun that morning)."""
     text = HEALTH_LABELS.get(deployment.health, deployment.health)
     if deployment.health == "failing" and deployment.health_error:
         text += f": {deployment.health_error}"
     if deployment.incident_since is not None:
-        text += f"; incident since {deployment.incident_since:%H:%M} UTC"
+        text += f"; incident since {_when(deployment.incident_since, now, seconds=False)}"
         text += f" ({deployment.incident_reason})" if deployment.incident_reason else ""
     return text
 
 
-def _when(instant: datetime | None, now: datetime) -> str:
+def _when(instant: datetime | None, now: datetime, *, seconds: bool = True) -> str:
     """A time of today (UTC) as its time; of another day with its date."""
     if instant is None:
         return "never"
-    return f"{instant:%H:%M:%S} UTC" if instant.date() == now.date() else f"{instant:%Y-%m-%d %H:%M} UTC"
+    instant, today = instant.astimezone(UTC), now.astimezone(UTC).date()
+    if instant.date() != today:
+        return f"{instant:%Y-%m-%d %H:%M} UTC"
+    return f"{instant:%H:%M:%S} UTC" if seconds else f"{instant:%H:%M} UTC"
 
 
 def _task_status(task: PeriodicTaskOps, now: datetime) -> str:
@@ -119,7 +124,7 @@ def ops_figures(snapshot: OpsSnapshot) -> dict[str, Any]:
                 "problems": list(d.problems),
                 "status": ("Failing: " + ", ".join(d.problems)) if d.failing else ("OK" if d.enabled else "Disabled"),
                 "health": d.health,
-                "health_text": _health_text(d),
+                "health_text": _health_text(d, snapshot.now),
                 "health_at": _iso(d.health_at),
                 "incident_since": _iso(d.incident_since),
                 "incident_reason": d.incident_reason,

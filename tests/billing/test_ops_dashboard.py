@@ -326,3 +326,26 @@ def test_a_provider_whose_key_no_encryption_key_decrypts_leaves_the_dashboard_wh
     assert {p["name"]: p["deployments"] for p in data["providers"]} == {"lost-key": 1}
     page = client_for(operator).get("/ops/")
     assert page.status_code == 200 and "kept / lost-key" in page.content.decode()
+
+
+def test_an_incident_open_since_another_day_says_its_date(clock):
+    """At 12:30, a deployment down since 23:50 the night before read "incident since 23:50 UTC", and one down for
+    two days "incident since 12:21 UTC", as if it had gone down nine minutes ago: the time alone, whatever the
+    day. An incident begun on another day (UTC) says its date; one of today keeps its time alone."""
+    since = {
+        "overnight": NOW.replace(hour=23, minute=50) - timedelta(days=1),
+        "long": NOW - timedelta(days=2, minutes=9),
+        "today": NOW - timedelta(minutes=9),
+    }
+    for name, started_at in since.items():
+        Incident.objects.create(deployment=DeploymentFactory(name=name), started_at=started_at, reason="HTTP 503")
+
+    operator = user_with(Role.OPERATOR, "ops")
+    texts = {d["name"]: d["health_text"] for d in figures(operator)["deployments"] if d["name"] in since}
+    assert texts == {
+        "overnight": "Not checked; incident since 2026-06-14 23:50 UTC (HTTP 503)",
+        "long": "Not checked; incident since 2026-06-13 12:21 UTC (HTTP 503)",
+        "today": "Not checked; incident since 12:21 UTC (HTTP 503)",
+    }
+    html = client_for(operator).get("/ops/").content.decode()
+    assert "incident since 2026-06-14 23:50 UTC" in html and "incident since 2026-06-13 12:21 UTC" in html
