@@ -10,7 +10,7 @@ from django.http import HttpRequest
 from core.outbox import deliveries_send_again, send_again_report
 
 from .models import Incident
-from .services.incidents import incident_deliveries, incident_duration, incident_events
+from .services.incidents import incident_deliveries, incident_duration, incident_events, incident_names
 
 
 class IncidentStateFilter(admin.SimpleListFilter):
@@ -37,7 +37,20 @@ class IncidentAdmin(admin.ModelAdmin):
     ordering = (F("ended_at").desc(nulls_first=True), "-started_at")
     date_hierarchy = "started_at"
     search_fields = ("deployment__name", "deployment__model__name", "deployment__provider__name", "reason")
-    fields = ("deployment", "started_at", "ended_at", "duration", "reason", "delivered", "delivery")
+    fields = (
+        "deployment",
+        "kept_deployment",
+        "kept_model",
+        "kept_provider",
+        "kept_upstream_id",
+        "started_at",
+        "ended_at",
+        "duration",
+        "reason",
+        "ended_because",
+        "delivered",
+        "delivery",
+    )
     readonly_fields = fields
     actions = ("send_again",)
 
@@ -62,17 +75,19 @@ class IncidentAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: Incident | None = None) -> bool:
         return False
 
+    # A deleted deployment's incidents show the names they kept, the deployment's marked deleted.
     @admin.display(description="deployment", ordering="deployment__name")
     def deployment_name(self, obj: Incident) -> str:
-        return obj.deployment.name
+        name = incident_names(obj).deployment
+        return name if obj.deployment is not None else f"{name} (deleted)"
 
     @admin.display(description="model", ordering="deployment__model__name")
     def model_name(self, obj: Incident) -> str:
-        return obj.deployment.model.name
+        return incident_names(obj).model
 
     @admin.display(description="provider", ordering="deployment__provider__name")
     def provider_name(self, obj: Incident) -> str:
-        return obj.deployment.provider.name
+        return incident_names(obj).provider
 
     @admin.display(description="duration")
     def duration(self, obj: Incident) -> str:

@@ -475,9 +475,20 @@ class HealthCheck(models.Model):
 
 
 class Incident(models.Model):
-    """A deployment down from ``started_at`` until ``ended_at``: one alert when it starts, one when it ends."""
+    """A deployment down from ``started_at`` until ``ended_at``: one alert when it starts, one when it ends. It
+    outlives its deployment (deleted, or its model deleted: ``deployment`` set to null), keeping the names its
+    alerts and the admin show; an incident open then is closed first, as no recovery
+    (``incidents.deployment_incidents_keep``)."""
 
-    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="incidents")
+    deployment = models.ForeignKey(
+        Deployment, on_delete=models.SET_NULL, null=True, blank=True, related_name="incidents"
+    )
+    # The deleted deployment's names (its model's and provider's too), for its incidents' alerts and the admin.
+    # Empty while the deployment exists.
+    kept_deployment = models.CharField(max_length=64, blank=True, db_default="")
+    kept_model = models.CharField(max_length=128, blank=True, db_default="")
+    kept_provider = models.CharField(max_length=64, blank=True, db_default="")
+    kept_upstream_id = models.CharField(max_length=200, blank=True, db_default="")
     started_at = models.DateTimeField()
     ended_at = models.DateTimeField(null=True, blank=True)
     reason = models.CharField(max_length=500, blank=True)

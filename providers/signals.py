@@ -1,15 +1,18 @@
 """Cache invalidation: when an admin saves or deletes a catalog row, or a user's own provider key
 changes, this process forgets its cached copies at once (other processes within ``LLMHUB_LOOKUP_CACHE_TTL``,
-and a user's key at once there too: ``core.broadcast``). And the audit of users' own keys deleted with their
-owner (``accounts.signals.users_deleting``)."""
+and a user's key at once there too: ``core.broadcast``). The audit of users' own keys deleted with their
+owner (``accounts.signals.users_deleting``). And a deployment's incidents, closed and kept when it is deleted
+(``incidents.deployment_incidents_keep``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.db import transaction
-from django.db.models.signals import post_delete, post_save
+from django.db.models import QuerySet
+from django.db.models.signals import post_delete, post_save, pre_delete
 from django.dispatch import receiver
+from django.utils import timezone
 
 from accounts.signals import users_deleting
 from core.broadcast import broadcast_handler, broadcast_publish
@@ -20,6 +23,7 @@ from .byok import credentials_cache
 from .models import CatalogModel, Deployment, Provider, ProviderCredential
 from .selectors import catalog_cache
 from .services.credentials import owners_credentials_delete_record
+from .services.incidents import deployment_incidents_keep
 
 
 @receiver([post_save, post_delete], sender=Provider)
@@ -28,6 +32,15 @@ from .services.credentials import owners_credentials_delete_record
 def _catalog_changed(**kwargs: Any) -> None:
     # Again after commit: a request that reads the catalog in between still sees the rows as they were.
     forget_now_and_after_commit(catalog_cache.invalidate)
+
+
+@receiver(pre_delete, sender=Deployment)
+def _deployment_deleting(*, instance: Deployment, origin: object = None, **kwargs: Any) -> None:
+    # Whatever deletes it (its admin page, the bulk action, its model's inline, its model deleted with it, the
+    # shell): an open incident is closed and told, and its incidents keep its names.
+    deleted = origin.model if isinstance(origin, QuerySet) else type(origin)
+    because = "its model was deleted" if deleted is CatalogModel else "the deployment was deleted"
+    deployment_incidents_keep(deployment_id=instance.pk, because=because, at=timezone.now())
 
 
 def _credential_forget(owner_id: int, credential_id: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from urllib.parse import urlsplit
@@ -35,7 +36,7 @@ from django.utils.timesince import timesince
 from core.mail import mail_send_within
 from core.outbox import Delivery, DeliveryState, delivery_done, delivery_release, task_queue
 
-from ..models import Incident
+from ..models import Deployment, Incident
 from ..outbound import OutboundRefused, outbound_sync_client
 
 
@@ -91,6 +92,25 @@ def incident_close(
     return incident
 
 
+def deployment_incidents_keep(*, deployment_id: int, because: str, at: datetime) -> None:
+    """Before a deployment is deleted (``because``: "the deployment was deleted", "its model was deleted"): its
+    open incident is closed, told once as closed, not recovered, and every incident of it keeps its names, for
+    their alerts and the admin once the deployment is gone. Deleted with it, an open incident left on-call a
+    "down" page that never resolved, and the admin lost the outage."""
+    names = (
+        Deployment.objects.filter(pk=deployment_id)
+        .values_list("name", "model__name", "provider__name", "upstream_id")
+        .first()
+    )
+    if names is None or not Incident.objects.filter(deployment_id=deployment_id).exists():
+        return
+    incident_close(deployment_id=deployment_id, at=at, because=because)
+    name, model, provider, upstream_id = names
+    Incident.objects.filter(deployment_id=deployment_id).update(
+        kept_deployment=name, kept_model=model, kept_provider=provider, kept_upstream_id=upstream_id
+    )
+
+
 def _deliver(incident_id: int, event: str) -> None:
     # Queued after commit. A broker that cannot take the tasks is logged (``task_queue``) and breaks neither
     # the round of health checks that found the incident nor its row: the alert sweep queues them again.
@@ -127,14 +147,34 @@ def incident_duration(incident: Incident, *, now: datetime | None = None) -> str
     return timesince(incident.started_at, end)
 
 
-def incident_subject(incident: Incident) -> str:
+@dataclass(frozen=True, slots=True)
+class IncidentNames:
+    """The names an incident's alerts and the admin show: its deployment's, or those it kept once that was
+    deleted."""
+
+    deployment: str
+    model: str
+    provider: str
+    upstream_id: str
+
+
+def incident_names(incident: Incident) -> IncidentNames:
     deployment = incident.deployment
-    return f"deployment {deployment.name} of model {deployment.model.name}"
+    if deployment is None:
+        return IncidentNames(
+            incident.kept_deployment, incident.kept_model, incident.kept_provider, incident.kept_upstream_id
+        )
+    return IncidentNames(deployment.name, deployment.model.name, deployment.provider.name, deployment.upstream_id)
+
+
+def incident_subject(incident: Incident) -> str:
+    names = incident_names(incident)
+    return f"deployment {names.deployment} of model {names.model}"
 
 
 def incident_alert_text(incident: Incident, event: str) -> str:
-    deployment = incident.deployment
-    where = f"{incident_subject(incident)} (provider {deployment.provider.name}, upstream {deployment.upstream_id})"
+    names = incident_names(incident)
+    where = f"{incident_subject(incident)} (provider {names.provider}, upstream {names.upstream_id})"
     since = f"{incident.started_at:%Y-%m-%d %H:%M:%S} UTC"
     if event == IncidentEvent.RECOVERED and incident.ended_because:
         return (

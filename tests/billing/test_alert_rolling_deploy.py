@@ -16,7 +16,7 @@ pytestmark = pytest.mark.django_db
 
 ADDED = {
     OpsAlertIncident: {"closed_because", "kept_recipients", "kept_webhook_url", "rule_name", "under_since"},
-    Incident: {"ended_because"},
+    Incident: {"ended_because", "kept_deployment", "kept_model", "kept_provider", "kept_upstream_id"},
 }
 
 
@@ -42,4 +42,6 @@ def test_an_ops_incident_inserted_without_the_new_columns_reads_empty():
 def test_a_deployment_incident_inserted_without_the_new_column_reads_empty():
     deployment = DeploymentFactory()
     incident = Incident(deployment=deployment, reason="down", started_at=timezone.now())
-    assert Incident.objects.get(pk=insert_as_the_previous_release(incident)).ended_because == ""
+    saved = Incident.objects.get(pk=insert_as_the_previous_release(incident))
+    assert (saved.ended_because, saved.kept_deployment, saved.kept_model, saved.kept_provider) == ("", "", "", "")
+    assert saved.kept_upstream_id == ""

@@ -12,6 +12,7 @@ import time_machine
 from django.core import mail
 from django.db import connection
 
+from billing.tasks import alerts_undelivered_send
 from providers.models import Incident
 from providers.services.incidents import incident_open
 from providers.tasks import providers_health_check_all
@@ -268,3 +269,46 @@ def test_a_webhook_that_is_not_slack_gets_the_text_as_written(webhook, admins):
         "text": "llmhub: deployment east & west of model gpt <b> (provider east & west, upstream <!channel>) is "
         "down since 2026-12-01 09:00:00 UTC: see <http://evil.example|click here> &amp; more"
     }
+
+
+@pytest.mark.parametrize(
+    ("deleted", "because"), [("deployment", "the deployment was deleted"), ("model", "its model was deleted")]
+)
+def test_a_deployment_deleted_while_down_has_its_incident_closed_once_as_no_recovery(
+    deleted, because, client, webhook, admins
+):
+    """Deleting a deployment that was down, or the model it serves, deleted its open incident with it (a
+    cascade), silently: on-call kept a "down" page that never resolved, and the admin lost the outage. The
+    incident now outlives its deployment, keeping its names, and is closed first, told once as no recovery; the
+    alert sweep sends nothing more, and the admin still lists it."""
+    provider = ProviderFactory(name="east")
+    model = ModelFactory(name="gpt-4o-mini", provider=provider, upstream_id="fake-gpt-4o-mini")
+    deployment = model.deployments.get()
+    where = "deployment east of model gpt-4o-mini"
+
+    with time_machine.travel(START, tick=False) as clock:
+        incident_open(deployment_id=deployment.pk, reason="HTTP 503", at=START)
+        clock.shift(timedelta(minutes=20))
+        {"deployment": deployment, "model": model}[deleted].delete()
+        clock.shift(timedelta(minutes=5))  # past the sweep's grace: it finds nothing left to send
+        alerts_undelivered_send()
+
+    incident = Incident.objects.get()
+    assert (incident.deployment, incident.ended_at, incident.ended_because) == (
+        None,
+        START + timedelta(minutes=20),
+        because,
+    )
+    assert [m.subject for m in mail.outbox] == [
+        f"[llmhub] {where} is down",
+        f"[llmhub] {where} is no longer watched (not a recovery)",
+    ]
+    assert [posted["text"] for posted in webhook.received][1:] == [
+        f"llmhub: {where} (provider east, upstream fake-gpt-4o-mini): its incident is closed, not recovered: "
+        f"{because}, after 20\xa0minutes down (since 2026-12-01 09:00:00 UTC). Nothing watches it now."
+    ]
+    assert len(webhook.received) == 2
+
+    client.force_login(UserFactory(username="admin", is_superuser=True, is_staff=True))
+    html = client.get("/admin/providers/incident/").content.decode()
+    assert ">east (deleted)<" in html and ">gpt-4o-mini<" in html and "20\xa0minutes" in html
