@@ -492,23 +492,40 @@ def ops_rule_incidents_close(
 _OUT_OF_SERVICE = {
     "enabled": "the deployment was disabled by an admin",
     "model__enabled": "its model was disabled by an admin",
+    "provider__enabled": "its provider was disabled by an admin",
     "breaker_override": "its breaker was forced open by an admin",
 }
+# The deployments requests reach (routing leaves out those of a disabled model or provider), and no admin forced
+# open: the others' breaker incidents are closed as taken out of service, and none is opened for them.
+_IN_SERVICE = Q(enabled=True, model__enabled=True, provider__enabled=True)
 
 
 def _out_of_service_close(*, now: datetime, evaluation: Evaluation) -> None:
-    """Close the breaker incidents of deployments an admin took out of service (disabled, their model disabled,
-    their breaker forced open): no request reaches them, so nothing would ever close the incident, and its
-    page would never resolve. Told as closed by an admin, not as back up."""
+    """Close the breaker incidents of deployments an admin took out of service (disabled, their model or their
+    provider disabled, their breaker forced open): no request reaches them, so nothing would ever close the
+    incident, and its page would never resolve. Told as closed by an admin, not as back up."""
     out = Incident.objects.filter(ended_at__isnull=True, reason=BREAKER_REASON).filter(
         Q(deployment__enabled=False)
         | Q(deployment__model__enabled=False)
+        | Q(deployment__provider__enabled=False)
         | Q(deployment__breaker_override=BreakerOverride.OPEN)
     )
-    for deployment_id, name, enabled, model_enabled in out.values_list(
-        "deployment_id", "deployment__name", "deployment__enabled", "deployment__model__enabled"
+    for deployment_id, name, enabled, model_enabled, provider_enabled in out.values_list(
+        "deployment_id",
+        "deployment__name",
+        "deployment__enabled",
+        "deployment__model__enabled",
+        "deployment__provider__enabled",
     ):
-        why = "enabled" if not enabled else "model__enabled" if not model_enabled else "breaker_override"
+        why = (
+            "enabled"
+            if not enabled
+            else "model__enabled"
+            if not model_enabled
+            else "provider__enabled"
+            if not provider_enabled
+            else "breaker_override"
+        )
         if incident_close(deployment_id=deployment_id, at=now, because=_OUT_OF_SERVICE[why]) is not None:
             evaluation.cleared.append(f"{OpsAlertKind.DEPLOYMENT_DOWN} deployment:{name}")
 
@@ -520,9 +537,7 @@ def _forced_closed_follow(*, now: datetime, evaluation: Evaluation) -> None:
     forced = Incident.objects.filter(
         ended_at__isnull=True,
         reason=BREAKER_REASON,
-        deployment__enabled=True,
-        deployment__model__enabled=True,
-        deployment__breaker_override=BreakerOverride.CLOSED,
+        deployment__in=Deployment.objects.filter(_IN_SERVICE, breaker_override=BreakerOverride.CLOSED),
     )
     for deployment_id, name, started_at in forced.values_list("deployment_id", "deployment__name", "started_at"):
         if not _answering_again(deployment_id, started_at, now):
@@ -534,14 +549,13 @@ def _forced_closed_follow(*, now: datetime, evaluation: Evaluation) -> None:
 def deployments_down_follow(*, now: datetime, evaluation: Evaluation) -> None:
     """Open a deployment's ``Incident`` when its breaker is open (or half-open: still not trusted) and none is
     open; close the ones opened this way once the breaker has closed. Deployments an admin forced open or
-    closed (``breaker_override``) get none opened: that is a decision, not an outage; the incident of one taken
-    out of service (disabled, forced open) is closed as such (``_out_of_service_close``), that of one forced closed
+    closed (``breaker_override``) get none opened: that is a decision, not an outage; nor do those of a disabled
+    model or provider, which no request reaches; the incident of one taken out of service (disabled, its model or
+    provider disabled, forced open) is closed as such (``_out_of_service_close``), that of one forced closed
     once its requests succeed (``_forced_closed_follow``)."""
     _out_of_service_close(now=now, evaluation=evaluation)
     _forced_closed_follow(now=now, evaluation=evaluation)
-    deployments = dict(
-        Deployment.objects.filter(enabled=True, model__enabled=True, breaker_override="").values_list("pk", "name")
-    )
+    deployments = dict(Deployment.objects.filter(_IN_SERVICE, breaker_override="").values_list("pk", "name"))
     if not deployments:
         return
     states = breaker_states(deployments)

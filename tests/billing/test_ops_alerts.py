@@ -39,7 +39,7 @@ from billing.services.ops_alerts import (
 )
 from billing.services.plans import plan_assign
 from billing.tasks import OpsAlertRulesNotEvaluatedError, alerts_undelivered_send, ops_alerts_evaluate_task
-from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy
+from providers.models import CatalogModel, Deployment, Incident, ModerationPolicy, Provider
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_record, breaker_reset, breaker_state
 from providers.services.health import DeploymentProbe, deployment_probe_record
@@ -969,19 +969,23 @@ def test_an_evaluation_that_read_a_rule_before_it_was_disabled_opens_nothing_aft
         ({"enabled": False}, "the deployment was disabled by an admin"),
         ({"breaker_override": "open"}, "its breaker was forced open by an admin"),
         ({"model_enabled": False}, "its model was disabled by an admin"),
+        ({"provider_enabled": False}, "its provider was disabled by an admin"),
     ],
 )
 def test_a_deployment_taken_out_of_service_closes_its_breaker_incident_once_as_no_recovery(
     webhook, settings, change, because
 ):
-    """No request reaches a deployment an admin disabled or forced open: its breaker incident used to stay open
-    for good (the evaluator leaves such deployments alone). It is closed, and told as taken out of service by
-    an admin, not as back up."""
+    """No request reaches a deployment an admin disabled or forced open, or whose model or provider an admin
+    disabled (routing leaves those out): its breaker incident used to stay open for good (the evaluator leaves
+    such deployments alone; until 6 December it did not even look at the provider). It is closed, and told as
+    taken out of service by an admin, not as back up."""
     settings.REDIS_URL = ""
     deployment = watched_deployment()
     Incident.objects.create(deployment=deployment, started_at=T0, reason=BREAKER_REASON)
     if change.pop("model_enabled", True) is False:
         CatalogModel.objects.filter(pk=deployment.model_id).update(enabled=False)
+    if change.pop("provider_enabled", True) is False:
+        Provider.objects.filter(pk=deployment.provider_id).update(enabled=False)
     Deployment.objects.filter(pk=deployment.pk).update(**change)
     evaluate_at(T0 + timedelta(minutes=10))
     evaluate_at(T0 + timedelta(minutes=11))
@@ -993,6 +997,36 @@ def test_a_deployment_taken_out_of_service_closes_its_breaker_incident_once_as_n
     (hook,) = webhook.received
     assert f"its incident is closed, not recovered: {because}, after 10" in hook["text"]
     assert "back up" not in hook["text"]
+
+
+def test_a_failing_provider_disabled_by_an_admin_closes_its_deployments_incident_once_and_opens_none_again(
+    settings,
+):
+    """The operator's answer to a provider failing (its breaker open, its deployment's incident open): disable the
+    provider. Routing then leaves its deployments out, but the evaluator still followed their breakers: the
+    incident stayed open for good, its page never resolved (and, closed, the breaker still open would have opened
+    it again a minute later). It is closed once, as no recovery, and none is opened while the provider is off."""
+    settings.REDIS_URL = ""
+    settings.LLMHUB_BREAKER_FAILURES = 3
+    deployment = watched_deployment()
+    requests_at(deployment, T0, UsageStatus.UPSTREAM_ERROR)
+    evaluate_at(T0 + timedelta(minutes=1))
+    assert Incident.objects.get().ended_at is None and breaker_state(deployment.pk).state != CLOSED
+
+    Provider.objects.filter(pk=deployment.provider_id).update(enabled=False)
+    for minute in (2, 3, 4):
+        evaluate_at(T0 + timedelta(minutes=minute))
+
+    incident = Incident.objects.get()
+    assert (incident.ended_at, incident.ended_because) == (
+        T0 + timedelta(minutes=2),
+        "its provider was disabled by an admin",
+    )
+    down = f"[llmhub] deployment {deployment.name} of model watched is down"
+    assert [message.subject for message in alert_mail()] == [
+        down,
+        down.replace("is down", "is no longer watched (not a recovery)"),
+    ]
 
 
 def test_a_deployment_whose_breaker_an_admin_forced_closed_has_its_incident_closed_once_its_requests_succeed(
