@@ -36,7 +36,7 @@ from functools import partial
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Max, Min, Q, Sum
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.timesince import timesince
@@ -344,6 +344,12 @@ def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation)
         return
     measures = MEASURES[rule.kind](rule, now)
     open_incidents = {incident.subject: incident for incident in rule.incidents.filter(cleared_at__isnull=True)}
+    unwatched = [incident for subject, incident in open_incidents.items() if not _watches(rule, subject)]
+    if unwatched:
+        for subject in _unwatched_close(rule, unwatched, now=now):
+            evaluation.cleared.append(f"{rule.kind} {subject}")
+        for incident in unwatched:
+            del open_incidents[incident.subject]
     for subject, measure in measures.items():
         incident = open_incidents.get(subject)
         if incident is None:
@@ -475,17 +481,57 @@ def ops_rule_incidents_close(
             for deployment_id in list(open_ids)
             if incident_close(deployment_id=deployment_id, at=now, because=because) is not None
         ]
-    closed = []
     with transaction.atomic():
         if _rule_lock(rule.pk) and if_disabled:
             return []
-        for incident in OpsAlertIncident.objects.select_for_update().filter(rule=rule, cleared_at__isnull=True):
-            incident.cleared_at = max(now, incident.opened_at)
-            incident.closed_because = because[:200]
-            incident.save(update_fields=["cleared_at", "closed_because"])
-            transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.CLEAR), robust=True)
-            closed.append(incident.subject)
+        return _incidents_close(OpsAlertIncident.objects.filter(rule=rule), because=because, now=now)
+
+
+def _incidents_close(incidents: QuerySet[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:
+    """Close the open ones of ``incidents`` as no recovery (``because``), each told once after commit; their
+    subjects. In the caller's transaction, under the rule's lock."""
+    closed = []
+    for incident in incidents.select_for_update().filter(cleared_at__isnull=True):
+        incident.cleared_at = max(now, incident.opened_at)
+        incident.closed_because = because[:200]
+        incident.save(update_fields=["cleared_at", "closed_because"])
+        transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.CLEAR), robust=True)
+        closed.append(incident.subject)
     return closed
+
+
+def _watches(rule: OpsAlertRule, subject: str) -> bool:
+    """Whether ``rule`` as it is now measures ``subject``: its ``model_name`` narrows the models an error-rate or
+    latency rule watches, and names the one spend a spend-spike rule watches (all spend without it)."""
+    if rule.kind == OpsAlertKind.SPEND_SPIKE:
+        return subject == (f"model:{rule.model_name}" if rule.model_name else "all")
+    if rule.kind in (OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95):
+        return not rule.model_name or subject == f"model:{rule.model_name}"
+    return True
+
+
+def _watched_text(rule: OpsAlertRule) -> str:
+    if rule.kind == OpsAlertKind.SPEND_SPIKE:
+        return f"spend on model {rule.model_name} only" if rule.model_name else "all spend"
+    return f"model {rule.model_name} only" if rule.model_name else "every model"
+
+
+def _unwatched_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, now: datetime) -> list[str]:
+    """Close the open incidents of subjects the rule no longer watches (its model changed, in the admin or the
+    shell): no longer measured, they read as gone and cleared after ``clear_after_minutes``, told as a
+    recovery ("cleared … at worst 100 %") while the model still failed. Told once as closed, not recovered,
+    saying what the rule watches now; nothing when the rule, once locked, was changed again or disabled."""
+    with transaction.atomic():
+        now_watched = (
+            OpsAlertRule.objects.select_for_update().filter(pk=rule.pk).values_list("enabled", "model_name").first()
+        )
+        if now_watched != (True, rule.model_name):
+            return []
+        return _incidents_close(
+            OpsAlertIncident.objects.filter(pk__in=[incident.pk for incident in incidents]),
+            because=f"the rule now watches {_watched_text(rule)}",
+            now=now,
+        )
 
 
 # Why the evaluator closes a deployment's breaker incident that is no recovery: an admin took it out of service.

@@ -951,6 +951,39 @@ def test_a_rule_disabled_outside_the_admin_has_its_open_incident_closed_by_the_e
     assert len(alert_mail()) == 2 and len(webhook.received) == 2
 
 
+def test_a_rule_narrowed_to_one_model_closes_the_incident_it_no_longer_watches_once_as_no_recovery(webhook):
+    """A rule watching every model, narrowed to one (its model typed in the admin) while another model's incident
+    was open, no longer measured that model: the incident read as gone, and once the rule's wait was over it
+    cleared as a recovery ("cleared … at worst 100 %") while every request of that model still failed. It is
+    closed at the next run, told once as closed, not recovered, saying what the rule watches now; the model
+    still watched keeps its incident."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, clear_after_minutes=5)
+    for model_name in ("m", "other"):
+        for _ in range(2):
+            UsageRecordFactory(
+                model_name=model_name, status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1)
+            )
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 2
+
+    watched.model_name = "m"
+    watched.save(update_fields=["model_name"])
+    with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+        assert ops_alerts_evaluate().cleared == ["error_rate model:other"]
+    evaluate_at(T0 + timedelta(minutes=2))
+
+    other = OpsAlertIncident.objects.get(subject="model:other")
+    assert (other.cleared_at, other.closed_because) == (T0 + timedelta(minutes=1), "the rule now watches model m only")
+    assert OpsAlertIncident.objects.get(subject="model:m").cleared_at is None
+    closed = "[llmhub] closed, not recovered: test error_rate (model:other)"
+    assert [subject for _, subject in sent()].count(closed) == 1 and len(alert_mail()) == 3
+    assert webhook.received[-1]["text"].startswith(
+        "llmhub: closed, not recovered: test error_rate (model:other): the rule now watches model m only, so "
+        "nothing watches it now"
+    )
+    assert len(webhook.received) == 3
+
+
 def test_an_evaluation_that_read_a_rule_before_it_was_disabled_opens_nothing_after():
     watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
     for _ in range(2):
