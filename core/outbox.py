@@ -71,6 +71,14 @@ class Delivery:
     what: str
 
 
+def deliveries_unsent(*marks: str) -> dict[str, dict[str, str]]:
+    """``delivery`` entries for the deliveries an alert has no channel for when it is raised (no webhook set):
+    ``nobody``, as one with no one to send it to. Left with no entry, a webhook set up later had the sweep post
+    it every alert of its last day (``delivery_due``: a delivery never taken), a storm of stale alerts."""
+    at = timezone.now().isoformat()
+    return {mark: {"state": DeliveryState.NOBODY, "at": at} for mark in marks}
+
+
 def task_queue(task: Any, *args: Any, what: str) -> bool:
     """``task.delay(*args)``; False, logged, when the broker cannot take it. Never raises: the row that needs
     the delivery is committed, and the sweep queues it again once the broker answers."""

@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
+from core.outbox import DeliveryState, deliveries_unsent, delivery_done, delivery_release, task_queue
 from providers.services.incidents import WebhookDeliveryError, alert_email_send, alert_webhook_post
 
 from ..models import ApiKey, BudgetAlert, BudgetMetric, ScopeKind
@@ -82,6 +82,7 @@ def budget_alerts_raise(*, crossings: Sequence[Crossing], user_id: int) -> list[
                     threshold=crossing.threshold,
                     limit=crossing.spec.limit,
                     spent=crossing.spent,
+                    delivery={} if settings.LLMHUB_ALERT_WEBHOOK_URL else deliveries_unsent("webhook"),
                 )
         except IntegrityError:
             continue  # fired already in this period

@@ -41,7 +41,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.timesince import timesince
 
-from core.outbox import DeliveryState, delivery_done, delivery_release, task_queue
+from core.outbox import DeliveryState, deliveries_unsent, delivery_done, delivery_release, task_queue
 from core.time_limits import time_limit_reraise
 from providers.fields import UNREADABLE, SecretUrl, UnreadableSecretUrl
 from providers.models import BreakerOverride, Deployment, Incident
@@ -424,6 +424,7 @@ def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now
                 value_at_open=measure.value,
                 peak=measure.value,
                 detail=measure.detail[:300],
+                delivery=_unsent(rule, OpsAlertEvent.OPEN),
             )
             transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.OPEN), robust=True)
     except IntegrityError:
@@ -443,7 +444,8 @@ def ops_incident_clear(
             return None
         locked.cleared_at = now
         locked.value_at_clear = measure.value if measure is not None else None
-        locked.save(update_fields=["cleared_at", "value_at_clear"])
+        locked.delivery = {**locked.delivery, **_unsent(locked.rule, OpsAlertEvent.CLEAR)}
+        locked.save(update_fields=["cleared_at", "value_at_clear", "delivery"])
         transaction.on_commit(partial(_deliver, locked.pk, OpsAlertEvent.CLEAR), robust=True)
     return locked
 
@@ -484,17 +486,20 @@ def ops_rule_incidents_close(
     with transaction.atomic():
         if _rule_lock(rule.pk) and if_disabled:
             return []
-        return _incidents_close(OpsAlertIncident.objects.filter(rule=rule), because=because, now=now)
+        return _incidents_close(OpsAlertIncident.objects.filter(rule=rule), rule=rule, because=because, now=now)
 
 
-def _incidents_close(incidents: QuerySet[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:
-    """Close the open ones of ``incidents`` as no recovery (``because``), each told once after commit; their
-    subjects. In the caller's transaction, under the rule's lock."""
+def _incidents_close(
+    incidents: QuerySet[OpsAlertIncident], *, rule: OpsAlertRule, because: str, now: datetime
+) -> list[str]:
+    """Close the open ones of ``incidents`` (of ``rule``) as no recovery (``because``), each told once after
+    commit; their subjects. In the caller's transaction, under the rule's lock."""
     closed = []
     for incident in incidents.select_for_update().filter(cleared_at__isnull=True):
         incident.cleared_at = max(now, incident.opened_at)
         incident.closed_because = because[:200]
-        incident.save(update_fields=["cleared_at", "closed_because"])
+        incident.delivery = {**incident.delivery, **_unsent(rule, OpsAlertEvent.CLEAR)}
+        incident.save(update_fields=["cleared_at", "closed_because", "delivery"])
         transaction.on_commit(partial(_deliver, incident.pk, OpsAlertEvent.CLEAR), robust=True)
         closed.append(incident.subject)
     return closed
@@ -529,6 +534,7 @@ def _unwatched_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, n
             return []
         return _incidents_close(
             OpsAlertIncident.objects.filter(pk__in=[incident.pk for incident in incidents]),
+            rule=rule,
             because=f"the rule now watches {_watched_text(rule)}",
             now=now,
         )
@@ -659,6 +665,12 @@ def _deliver(incident_id: int, event: str) -> None:
         )
     if ops_incident_webhook_url(incident):
         task_queue(ops_alert_webhook, incident_id, event, what=f"ops incident {incident_id}'s {event} webhook")
+
+
+def _unsent(rule: OpsAlertRule, event: str) -> dict[str, dict[str, str]]:
+    """The event's webhook delivery recorded as having nobody to go to when neither the rule nor the gateway has a
+    webhook (``core.outbox.deliveries_unsent``): one set up later is not sent the alerts of the day before."""
+    return {} if ops_alert_webhook_url(rule) else deliveries_unsent(f"{event}:webhook")
 
 
 def ops_alert_recipients(rule: OpsAlertRule) -> list[str]:

@@ -34,7 +34,7 @@ from django.utils import timezone
 from django.utils.timesince import timesince
 
 from core.mail import mail_send_within
-from core.outbox import Delivery, DeliveryState, delivery_done, delivery_release, task_queue
+from core.outbox import Delivery, DeliveryState, deliveries_unsent, delivery_done, delivery_release, task_queue
 
 from ..models import Deployment, Incident
 from ..outbound import OutboundRefused, outbound_sync_client
@@ -64,7 +64,9 @@ def incident_open(*, deployment_id: int, reason: str, at: datetime) -> Incident 
         # get_or_create inserts in a savepoint and reads again on the unique constraint's IntegrityError: of
         # two workers racing here, the second waits for the first's commit and finds its row.
         incident, created = Incident.objects.get_or_create(
-            deployment_id=deployment_id, ended_at=None, defaults={"started_at": at, "reason": reason[:500]}
+            deployment_id=deployment_id,
+            ended_at=None,
+            defaults={"started_at": at, "reason": reason[:500], "delivery": _unsent(IncidentEvent.DOWN)},
         )
         if not created:
             return None
@@ -87,7 +89,8 @@ def incident_close(
             return None
         incident.ended_at = max(at, incident.started_at)
         incident.ended_because = because[:200]
-        incident.save(update_fields=["ended_at", "ended_because"])
+        incident.delivery = {**incident.delivery, **_unsent(IncidentEvent.RECOVERED)}
+        incident.save(update_fields=["ended_at", "ended_because", "delivery"])
         transaction.on_commit(partial(_deliver, incident.pk, IncidentEvent.RECOVERED), robust=True)
     return incident
 
@@ -109,6 +112,12 @@ def deployment_incidents_keep(*, deployment_id: int, because: str, at: datetime)
     Incident.objects.filter(deployment_id=deployment_id).update(
         kept_deployment=name, kept_model=model, kept_provider=provider, kept_upstream_id=upstream_id
     )
+
+
+def _unsent(event: str) -> dict[str, dict[str, str]]:
+    """The event's webhook delivery recorded as having nobody to go to when no webhook is set
+    (``core.outbox.deliveries_unsent``): one set up later is not sent the incidents of the day before."""
+    return {} if settings.LLMHUB_ALERT_WEBHOOK_URL else deliveries_unsent(f"{event}:webhook")
 
 
 def _deliver(incident_id: int, event: str) -> None:

@@ -162,6 +162,35 @@ def test_incidents_opened_and_cleared_while_the_broker_is_down_are_delivered_onc
     assert ops.delivered == ["open:email", "open:webhook", "clear:email", "clear:webhook"]
 
 
+def test_a_webhook_set_up_after_alerts_were_raised_is_not_sent_them_by_the_sweep(webhook, settings):
+    """Alerts raised while no webhook was set (a budget alert, a deployment incident, an operations incident, each
+    opened and cleared) had their webhook delivery left with no entry, as one the broker refused: once an operator
+    set LLMHUB_ALERT_WEBHOOK_URL, the sweep posted every alert of the last day to it at once, cleared incidents
+    included. Raised without a webhook, that delivery has nobody to go to, as an email without an address."""
+    settings.ADMINS = [("Ops", "ops@example.com")]
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""
+    user = UserFactory(username="erin", email="erin@example.com")
+    deployment = ModelFactory(name="gpt-4o-mini").deployments.get()
+    rule = OpsAlertRule.objects.create(name="test error rate", kind=OpsAlertKind.ERROR_RATE)
+    measure = Measure(Decimal(50), True, "error rate of model gpt-4o-mini is 50 %")
+    with time_machine.travel(T0, tick=False) as clock:
+        budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
+        incident_open(deployment_id=deployment.pk, reason="503 from upstream", at=T0)
+        ops = ops_incident_open(rule=rule, subject="model:gpt-4o-mini", measure=measure, now=T0)
+        clock.shift(timedelta(minutes=1))
+        incident_close(deployment_id=deployment.pk, at=T0 + timedelta(minutes=1))
+        ops_incident_clear(incident=ops, measure=None, now=T0 + timedelta(minutes=1))
+        assert len(mail.outbox) == 5
+
+        settings.LLMHUB_ALERT_WEBHOOK_URL = webhook.url  # the operator sets one up, the next hour
+        for _ in range(3):
+            clock.shift(timedelta(minutes=20))
+            assert sweep() == 0
+        budget_alerts_raise(crossings=[crossing(user, 80)], user_id=user.pk)  # raised since then: posted
+    assert len(mail.outbox) == 6 and len(webhook.received) == 1
+    assert alerts() == [(50, ["email"]), (80, ["email", "webhook"])]
+
+
 def test_the_sweep_sends_nothing_the_normal_path_delivered(webhook):
     user = UserFactory(username="bob", email="bob@example.com")
     with time_machine.travel(T0, tick=False) as clock:
@@ -456,7 +485,8 @@ def test_a_mail_server_that_answers_slowly_within_the_deadline_gets_the_email_on
     (alert,) = budget_alerts_raise(crossings=[crossing(user, 50)], user_id=user.pk)
 
     alert.refresh_from_db()
-    assert alert.channels == ["email"] and alert.delivery == {}
+    assert alert.channels == ["email"] and "email" not in alert.delivery  # no webhook set: it has nobody to go to
+    assert alert.delivery["webhook"]["state"] == "nobody"
     assert (trickling_mail_server.sessions, trickling_mail_server.accepted) == (1, 1)
 
 
