@@ -349,3 +349,35 @@ def test_an_incident_open_since_another_day_says_its_date(clock):
     }
     html = client_for(operator).get("/ops/").content.decode()
     assert "incident since 2026-06-14 23:50 UTC" in html and "incident since 2026-06-13 12:21 UTC" in html
+
+
+def test_the_dashboard_reads_the_same_queries_for_two_thousand_deployments_as_for_three(
+    fleet, django_assert_max_num_queries
+):
+    """Every figure of a deployment (health, incident, breaker, traffic, percentiles) is read for all of them at
+    once: the page and its JSON cost as many queries at 2,004 deployments on 22 providers as at three on two."""
+    operator = client_for(user_with(Role.OPERATOR, "ops"))
+    operator.get("/ops/")  # whatever is read once per process (the session, the role), before counting
+    with CaptureQueriesContext(connection) as few:
+        assert operator.get("/ops/data.json").status_code == 200
+    with CaptureQueriesContext(connection) as few_page:
+        assert operator.get("/ops/").status_code == 200
+
+    providers = [ProviderFactory(name=f"fleet-{n:02d}") for n in range(20)]
+    many = ModelFactory(name="many", provider=providers[0])
+    Deployment.objects.bulk_create(
+        Deployment(model=many, name=f"d-{n:04d}", provider=providers[n % 20], upstream_id="up", priority=n)
+        for n in range(1, 2001)
+    )
+    deployments = list(Deployment.objects.filter(model=many).order_by("pk")[:50])
+    for n, deployment in enumerate(deployments):
+        ledger(deployment, minutes_ago=n % 50 + 1, duration_ms=100 + n)
+        HealthCheck.objects.create(deployment=deployment, checked_at=NOW - timedelta(minutes=3), ok=n % 2 == 0)
+        Incident.objects.create(deployment=deployment, started_at=NOW - timedelta(minutes=n), reason="down")
+
+    with django_assert_max_num_queries(len(few)):
+        data = operator.get("/ops/data.json").json()
+    with django_assert_max_num_queries(len(few_page)):
+        assert operator.get("/ops/").status_code == 200
+    assert len(data["deployments"]) == 2004 and len(data["providers"]) == 22
+    assert sum(d["failing"] for d in data["deployments"]) == 51  # the fleet's west and the 50 with incidents
