@@ -1,16 +1,25 @@
 """The one token estimator: what a request's prompt, or the text relayed to a client, comes to in tokens
 when no provider has counted them.
 
-Two modes over the same walk of a body (a chat completion, an Anthropic Messages request, an embeddings
-request), so that what admission reserves and what settlement charges look at the same parts:
+Two modes over the same walk of a body (a chat completion, an Anthropic Messages request, a text completion, an
+embeddings request), so that what admission reserves and what settlement charges look at the same parts:
 
-- ``upper_bound``: before the call, for reservations and tokens-per-minute windows. Real tokenizers average
-  about four characters a token on English and rarely fall below two, so half the characters, plus the
-  per-message framing, a fixed charge per image and a little overhead, stays above what a provider later
-  bills in practice.
+- ``upper_bound``: before the call, for reservations and tokens-per-minute windows. ASCII text at half its
+  characters: real tokenizers average about four characters a token on English and rarely fall below two. Any
+  other character at its UTF-8 bytes: a byte-level BPE (OpenAI's cl100k and o200k, Llama 3's, Qwen's, Mistral's
+  Tekken) makes at most one token of each byte, and so does a SentencePiece's byte fallback (Llama 2's, Mistral
+  7B's) for a character its vocabulary lacks. Half the characters is no bound there: cl100k makes one or two
+  tokens of a common CJK character, up to three (its bytes) of a rare one and of most Ethiopic, Myanmar or Tibetan
+  characters, up to three of an emoji's four bytes. Bytes reserve common CJK text (about one token a character
+  in o200k, Qwen's or Llama 3's) about three times what it is billed, as half the characters reserves English
+  about twice: alike slack, given back at settlement. Plus the per-message framing, a fixed charge per image and a
+  little overhead.
 - estimate (the default): at settlement, when the provider sent no usage (a stream cut short, a client
   gone, an upstream that reports none): about four characters a token, a few tokens of framing a message,
   and Anthropic's own estimate for a mid-sized image. The ledger row says it is an estimate.
+
+The bound weighs a text from C-speed ``str`` operations (``isascii``, which CPython answers without reading the text,
+and two ``encode`` calls for any other), never a Python loop over its characters: this runs on every request's path.
 
 A token array (embeddings' pre-tokenized input) is counted exactly in both modes. An embeddings input's text, whose
 tokens are all a request costs, is bounded by its UTF-8 bytes (``EMBEDDING_INPUT_OVERHEAD`` more an input): a true
@@ -29,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 CHARS_PER_TOKEN = 4  # an estimate: English averages about four characters a token
-UPPER_CHARS_PER_TOKEN = 2  # a bound: tokenizers rarely fall below two characters a token
+UPPER_CHARS_PER_TOKEN = 2  # a bound for ASCII text: tokenizers rarely fall below two characters a token
 IMAGE_TOKENS = 1_600  # Anthropic's estimate for a mid-sized image; attachments of every kind count as one
 MESSAGE_FRAMING = 3  # the role and separators each message adds, as providers count them
 UPPER_MESSAGE_FRAMING = 8
@@ -90,11 +99,11 @@ def prompt_token_bounds(body: Mapping[str, Any], *, operation: str) -> tuple[int
         parts = [body.get("prompt"), body.get("suffix")]
         upper = sum(_input_tokens(part, upper_bound=True) for part in parts)
         return upper + UPPER_OVERHEAD, sum(_input_tokens(part, upper_bound=False) for part in parts)
-    chars, attachments, messages = _prompt_parts(body)
-    attached = IMAGE_TOKENS * attachments
+    counted, messages = _prompt_parts(body)
+    attached = IMAGE_TOKENS * counted.attachments
     return (
-        math.ceil(chars / UPPER_CHARS_PER_TOKEN) + UPPER_MESSAGE_FRAMING * messages + attached + UPPER_OVERHEAD,
-        math.ceil(chars / CHARS_PER_TOKEN) + MESSAGE_FRAMING * messages + attached,
+        counted.upper() + UPPER_MESSAGE_FRAMING * messages + attached + UPPER_OVERHEAD,
+        counted.estimate() + MESSAGE_FRAMING * messages + attached,
     )
 
 
@@ -119,12 +128,13 @@ def _embedding_input_bound(value: Any) -> int:
 
 
 def _input_tokens(value: Any, *, upper_bound: bool) -> int:
-    """A text completion's ``prompt`` (and ``suffix``), or embeddings' ``input`` estimated."""
-    divisor = UPPER_CHARS_PER_TOKEN if upper_bound else CHARS_PER_TOKEN
+    """A text completion's ``prompt`` (and ``suffix``) bounded or estimated, or embeddings' ``input`` estimated."""
     total = 0
     for item in _input_items(value):
         if isinstance(item, str):
-            total += math.ceil(len(item) / divisor)
+            counted = _Counted()
+            counted.add(item)
+            total += counted.upper() if upper_bound else counted.estimate()
         elif isinstance(item, list):
             total += len(item)
     return total
@@ -134,8 +144,8 @@ def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(characters, attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
+def _prompt_parts(body: Mapping[str, Any]) -> tuple[_Counted, int]:
+    """(texts and attachments, messages) of a chat completion or Messages request: Anthropic's ``system``
     (text or blocks), every message's text, tool calls (a legacy ``function_call`` too) and results, thinking (a
     chat completion's reasoning and ``thinking_blocks`` too), and the tools' definitions (the legacy ``functions``
     too)."""
@@ -147,46 +157,69 @@ def _prompt_parts(body: Mapping[str, Any]) -> tuple[int, int, int]:
         if not isinstance(message, Mapping):
             continue
         counted.content(message.get("content"))
-        reasoning = sum(len(message[name]) for name in REASONING_FIELDS if isinstance(message.get(name), str))
-        # Claude's signed thinking sent back with the turn repeats its ``reasoning_content``, which Claude is not sent
-        # again (and a server of the other spelling does not read the blocks): one text, counted once.
-        counted.chars += max(reasoning, sum(len(text) for _, text in thinking_block_texts(message)))
+        reasoning = [message[name] for name in REASONING_FIELDS if isinstance(message.get(name), str)]
+        thinking = [text for _, text in thinking_block_texts(message)]
+        if reasoning or thinking:
+            # Claude's signed thinking sent back with the turn repeats its ``reasoning_content``, which Claude is not
+            # sent again (and a server of the other spelling does not read the blocks): one text, counted once.
+            for text in max(reasoning, thinking, key=lambda texts: sum(map(len, texts))):
+                counted.add(text)
         # The tool calls' and a legacy ``function_call``'s arguments.
         calls = message.get("tool_calls") or ()
         functions = [call.get("function") if isinstance(call, Mapping) else None for call in calls]
         functions.append(message.get("function_call"))
         for function in functions:
             if isinstance(function, Mapping):
-                counted.chars += len(str(function.get("arguments") or ""))
+                counted.add(str(function.get("arguments") or ""))
     for definitions in (body.get("tools"), body.get("functions")):  # the legacy ``functions`` are tools too
         for tool in definitions or ():
-            counted.chars += len(_dumps(tool))
-    return counted.chars, counted.attachments, len(messages)
+            counted.add(_dumps(tool))
+    return counted, len(messages)
 
 
 class _Counted:
+    """What a body's texts weigh (their characters, and of those the non-ASCII ones and their UTF-8 bytes) and its
+    attachments."""
+
+    __slots__ = ("attachments", "chars", "wide_bytes", "wide_chars")
+
     def __init__(self) -> None:
-        self.chars = 0
-        self.attachments = 0
+        self.chars = self.wide_chars = self.wide_bytes = self.attachments = 0
+
+    def add(self, text: str) -> None:
+        self.chars += len(text)
+        if text.isascii():
+            return
+        narrow = len(text.encode("ascii", "ignore"))  # its ASCII characters, at C speed
+        self.wide_chars += len(text) - narrow
+        # A lone surrogate (JSON allows one) weighs the 3 bytes it is sent as.
+        self.wide_bytes += len(text.encode("utf-8", "surrogatepass")) - narrow
+
+    def upper(self) -> int:
+        """The bound: ASCII characters two a token, every other character a token a UTF-8 byte."""
+        return math.ceil((self.chars - self.wide_chars) / UPPER_CHARS_PER_TOKEN) + self.wide_bytes
+
+    def estimate(self) -> int:
+        return math.ceil(self.chars / CHARS_PER_TOKEN)
 
     def content(self, content: Any) -> None:
         if isinstance(content, str):
-            self.chars += len(content)
+            self.add(content)
             return
         for part in content if isinstance(content, list) else ():
             if not isinstance(part, Mapping):
                 continue
             kind = part.get("type")
             if kind == "text":
-                self.chars += len(str(part.get("text") or ""))
+                self.add(str(part.get("text") or ""))
             elif kind in _ATTACHMENTS:
                 self.attachments += 1
             elif kind in TOOL_CALL_BLOCKS:
-                self.chars += len(_dumps(part.get("input") or {}))
+                self.add(_dumps(part.get("input") or {}))
             elif kind in ("tool_result", "mcp_tool_result"):
                 self.content(part.get("content"))
             elif kind == "thinking":
-                self.chars += len(str(part.get("thinking") or ""))
+                self.add(str(part.get("thinking") or ""))
 
 
 def _dumps(value: Any) -> str:

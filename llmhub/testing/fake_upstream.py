@@ -177,7 +177,9 @@ Token counting (exact rule)
       ``system`` prompt counts as one more message. ``text`` is every text part, tool-result content,
       assistant tool-call arguments (OpenAI ``function.arguments``; Anthropic ``json.dumps(input)``) and
       thinking text in the message. Tool definitions are not counted. Directives are counted as the words
-      they are made of (``[[cache=4]]`` is one word, ``[[reply=hi there]]`` two).
+      they are made of (``[[cache=4]]`` is one word, ``[[reply=hi there]]`` two). With ``[[count=bytes]]`` in the
+      last user message (OpenAI's and Anthropic's chat), ``words(text)`` is the text's UTF-8 bytes instead, as for
+      embeddings (below): what a byte-level BPE tokenizer counts at most, which a CJK or emoji prompt comes close to.
     * completion tokens = number of tokens in the reply text, or ``words(name + " " + arguments_json)``
       for a tool call (``arguments_json`` is ``json.dumps(arguments)``), times ``n`` for OpenAI.
     * ``[[cache=N]]`` reports ``c = min(N, prompt tokens)`` cached tokens. As with the real APIs, OpenAI's
@@ -481,7 +483,7 @@ def count_words(text: str) -> int:
 
 def _utf8_bytes(text: str) -> int:
     # The most tokens a byte-level BPE tokenizer (OpenAI's, and most others') can make of a text: one a byte.
-    return len(text.encode())
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def split_tokens(text: str) -> list[str]:
@@ -806,19 +808,31 @@ def _follow_up(conv: _Conversation, turns: list[tuple[str, str | None]]) -> None
 
 
 class _Tally:
-    """Accumulates the words/images of one message."""
+    """Accumulates the words/images of one message, and its texts' UTF-8 bytes (``[[count=bytes]]``)."""
 
     def __init__(self) -> None:
         self.words = 0
+        self.bytes = 0
         self.images = 0
 
     def text(self, value: Any) -> None:
         if isinstance(value, str):
             self.words += count_words(value)
+            self.bytes += _utf8_bytes(value)
 
     @property
     def tokens(self) -> int:
         return _MESSAGE_OVERHEAD + self.words + _IMAGE_TOKENS * self.images
+
+    @property
+    def byte_tokens(self) -> int:
+        return _MESSAGE_OVERHEAD + self.bytes + _IMAGE_TOKENS * self.images
+
+
+def _counted_in_bytes(conv: _Conversation, byte_tokens: int) -> None:
+    """``[[count=bytes]]`` (OpenAI's and Anthropic's chat): the prompt counted a token a UTF-8 byte, not a word."""
+    if conv.directives.get("count") == "bytes":
+        conv.prompt_tokens = byte_tokens
 
 
 def _content_text(content: Any, text_type: str, image_types: tuple[str, ...]) -> str | None:
@@ -857,6 +871,7 @@ def _parse_openai(body: dict[str, Any]) -> _Conversation:
     if not isinstance(messages, list):
         return conv
     user_text: str | None = None
+    byte_tokens = 0
     for message in messages:
         if not isinstance(message, dict):
             continue
@@ -866,6 +881,7 @@ def _parse_openai(body: dict[str, Any]) -> _Conversation:
             if isinstance(call, dict) and isinstance(call.get("function"), dict):
                 tally.text(call["function"].get("arguments"))
         conv.prompt_tokens += tally.tokens
+        byte_tokens += tally.byte_tokens
         if message.get("role") == "user":
             text = _content_text(message.get("content"), "text", ("image_url",))
             if text is not None:
@@ -877,6 +893,7 @@ def _parse_openai(body: dict[str, Any]) -> _Conversation:
     if last.get("role") == "assistant":
         conv.prefill = _content_text(last.get("content"), "text", ()) or ""
     conv.user_text, conv.directives = _extract_directives(user_text or "")
+    _counted_in_bytes(conv, byte_tokens)
     _follow_up(
         conv,
         [
@@ -925,8 +942,10 @@ def _parse_anthropic(body: dict[str, Any]) -> _Conversation:
     conv = _Conversation()
     system = body.get("system")
     system_text = system if isinstance(system, str) else _content_text(system, "text", ())
+    byte_tokens = 0
     if system_text:
         conv.prompt_tokens += _MESSAGE_OVERHEAD + count_words(system_text)
+        byte_tokens += _MESSAGE_OVERHEAD + _utf8_bytes(system_text)
     messages = body.get("messages")
     if not isinstance(messages, list):
         return conv
@@ -937,6 +956,7 @@ def _parse_anthropic(body: dict[str, Any]) -> _Conversation:
         tally = _Tally()
         _tally_anthropic_blocks(message.get("content"), tally)
         conv.prompt_tokens += tally.tokens
+        byte_tokens += tally.byte_tokens
         if message.get("role") == "user":
             text = _content_text(message.get("content"), "text", ("image",))
             if text is not None:
@@ -946,6 +966,7 @@ def _parse_anthropic(body: dict[str, Any]) -> _Conversation:
         conv.tool_result = _anthropic_tool_result(last.get("content"))
         conv.last_is_user = conv.tool_result is None
     conv.user_text, conv.directives = _extract_directives(user_text or "")
+    _counted_in_bytes(conv, byte_tokens)
     _follow_up(
         conv,
         [(m.get("role"), _content_text(m.get("content"), "text", ("image",))) for m in messages if isinstance(m, dict)],

@@ -33,8 +33,9 @@ from billing.services.counters import counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
+from providers.tokens import prompt_token_bounds
 from tests.conftest import database_url_for_subprocesses, free_port, process_stop, python_argv, wait_for_port
-from tests.factories import UserFactory
+from tests.factories import ModelFactory, UserFactory
 from tests.waiting import wait_for_ledger_rows
 
 # Every process of a test (this one, the workers, the servers) has its clock pinned at the same instant, so
@@ -185,15 +186,15 @@ def two_servers(request, tmp_path, period_clock):
             server.stop()
 
 
-async def post_all(urls: list[str], secret: str, count: int) -> list[httpx.Response]:
-    """``count`` chat completions at once, spread over the servers."""
+async def post_all(urls: list[str], secret: str, count: int, body: dict = BODY) -> list[httpx.Response]:
+    """``count`` chat completions (of ``body``) at once, spread over the servers."""
     limits = httpx.Limits(max_connections=count)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         return await asyncio.gather(
             *(
                 client.post(
                     f"{urls[i % len(urls)]}/v1/chat/completions",
-                    json=BODY,
+                    json=body,
                     headers={"Authorization": f"Bearer {secret}"},
                 )
                 for i in range(count)
@@ -304,6 +305,38 @@ def test_fifty_parallel_requests_without_redis_hold_the_budget_with_row_locks(
     settings.REDIS_URL = ""
     responses = asyncio.run(post_all([llmhub_server.url], budget_key["secret"], 50))
     assert_budget_held(budget_key, responses, fake_upstream)
+
+
+@SERVERS_PINNED
+@pytest.mark.parametrize("two_servers", ["redis", "database"], indirect=True)
+def test_two_parallel_cjk_prompts_cannot_both_pass_a_budget_that_pays_for_one(two_servers, budget_key, fake_upstream):
+    """A byte-level BPE bills a CJK character one to three tokens; the fake upstream, told ``[[count=bytes]]``, bills
+    three, its UTF-8 bytes, as such a tokenizer at its worst. Reserved at two characters a token (about 180 tokens for
+    this prompt of 300), two of them passed a budget that pays for one and a half, and spent two: past it. Reserved
+    at their bytes, the second is refused, whether the first has settled yet or not."""
+    ModelFactory(
+        name="input-model",
+        provider=budget_key["flat"].deployments.get().provider,
+        input_per_mtok=Decimal("100.00"),  # $0.0001 an input token: a request costs its prompt tokens × TOKEN
+        output_per_mtok=Decimal("0"),
+    )
+    prompt = "漢字" * 150 + " [[count=bytes]]"
+    body = {"model": "input-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS}
+    billed = 3 + len(prompt.encode())  # the fake upstream's count: a message's framing and a token a byte
+    budget = (billed + billed // 2) * TOKEN
+    api_key_limits_set(api_key=budget_key["key"], budget_usd=budget, budget_period=BudgetPeriod.MONTHLY)
+
+    responses = asyncio.run(post_all(two_servers, budget_key["secret"], 2, body))
+
+    assert sorted(r.status_code for r in responses) == [200, 429], [r.text[:300] for r in responses]
+    answered, refused = sorted(responses, key=lambda r: r.status_code)
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert fake_upstream.stats["requests"] == 1
+    assert answered.json()["usage"]["prompt_tokens"] == billed <= prompt_token_bounds(body, operation="chat")[0]
+    wait_for_ledger_rows(2, api_key=budget_key["key"], timeout=60, interval=0.1)
+    spent, reserved = counter_state(key_ref(budget_key["key"]))
+    assert reserved == 0
+    assert ledger_sum(budget_key["key"]) == spent == billed * TOKEN <= budget
 
 
 @SERVERS_PINNED

@@ -91,6 +91,71 @@ def test_text_is_four_characters_a_token_estimated_and_two_at_most():
     assert text_tokens("") == 0
 
 
+def bound_of_text(text: str) -> int:
+    """A one-message chat's bound less its framing and overhead: its text's."""
+    return (
+        prompt_tokens({"messages": [{"role": "user", "content": text}]}, operation=Operation.CHAT, upper_bound=True)
+        - 24
+    )
+
+
+def test_text_of_other_scripts_is_bounded_by_its_utf8_bytes_and_ascii_by_half_its_characters():
+    """A byte-level BPE (OpenAI's cl100k and o200k, Llama 3's, Qwen's) makes at most a token of each UTF-8 byte: one or
+    two of a common CJK character in cl100k, three of a rare one, up to three of an emoji. At two characters a token
+    a CJK prompt was reserved at half a token a character, and parallel requests of a key spent past its budget.
+    ASCII text is bounded as before."""
+    assert bound_of_text("x" * 400) == 200
+    assert bound_of_text("漢" * 100) == 300
+    assert bound_of_text("🙂" * 10) == 40
+    assert bound_of_text("Привет") == 12
+    assert bound_of_text("漢字 and kana かな") == 4 * 3 + len(" and kana ") // 2
+    assert bound_of_text(chr(0xD800)) == 3  # a lone surrogate, which JSON may carry, at the bytes it is sent as
+
+
+CJK = "東京の天気" * 20  # 100 characters, 300 UTF-8 bytes
+
+
+def bodies_holding(text: str) -> dict[str, tuple[str, dict]]:
+    """A body of each operation with ``text`` in each place the walk reads."""
+    return {
+        "chat content": (Operation.CHAT, {"messages": [{"role": "user", "content": text}]}),
+        "chat text part": (
+            Operation.CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]},
+        ),
+        "tool call arguments": (
+            Operation.CHAT,
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": text}}]}]},
+        ),
+        "reasoning sent back": (Operation.CHAT, {"messages": [{"role": "assistant", "reasoning_content": text}]}),
+        "tool definition": (Operation.CHAT, {"messages": [], "tools": [{"function": {"description": text}}]}),
+        "system": (Operation.MESSAGES, {"system": text, "messages": []}),
+        "thinking": (
+            Operation.MESSAGES,
+            {"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": text}]}]},
+        ),
+        "tool use input": (
+            Operation.MESSAGES,
+            {"messages": [{"role": "assistant", "content": [{"type": "tool_use", "input": {"q": text}}]}]},
+        ),
+        "tool result": (
+            Operation.MESSAGES,
+            {"messages": [{"role": "user", "content": [{**RESULT, "content": [{"type": "text", "text": text}]}]}]},
+        ),
+        "completion prompt": (Operation.COMPLETIONS, {"prompt": [text]}),
+        "completion suffix": (Operation.COMPLETIONS, {"prompt": "", "suffix": text}),
+    }
+
+
+@pytest.mark.parametrize("place", bodies_holding(""))
+def test_cjk_text_anywhere_in_a_body_is_bounded_by_its_bytes(place):
+    """What a text of 100 CJK characters adds to the bound over as many ASCII ones: its 300 bytes, not 50 tokens."""
+    operation, cjk = bodies_holding(CJK)[place]
+    ascii_body = bodies_holding("x" * len(CJK))[place][1]
+    bound = prompt_tokens(cjk, operation=operation, upper_bound=True)
+    assert bound - prompt_tokens(ascii_body, operation=operation, upper_bound=True) == 300 - 50
+
+
 def test_every_part_of_a_messages_body_counts_once():
     """Anthropic's system blocks, a tool result's nested text and thinking are text; a block's JSON framing
     is not (the estimate used to see only plain message text, the bound the repr of the system blocks)."""

@@ -498,6 +498,21 @@ def test_directives(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.A
     assert time.monotonic() - started >= 10 / 40
 
 
+def test_a_chat_prompt_counted_in_bytes(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    """``[[count=bytes]]``: a prompt counted a token a UTF-8 byte, as a byte-level BPE at its worst counts CJK text
+    (three a character), on OpenAI's and Anthropic's chat; its system prompt and earlier turns too."""
+    prompt = "東京の天気 [[count=bytes]]"
+    counted = oai.chat.completions.create(model="fake-gpt-4o", messages=user(prompt))
+    assert counted.usage is not None and counted.usage.prompt_tokens == 3 + len(prompt.encode()) == 3 + 15 + 16
+    earlier = [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "はい"}]
+    message = ant.messages.create(
+        model="fake-claude-haiku", max_tokens=100, system="日本語", messages=[*earlier, *user(prompt)]
+    )
+    assert message.usage.input_tokens == (3 + 9) + (3 + 15) + (3 + 6) + (3 + len(prompt.encode()))
+    words = oai.chat.completions.create(model="fake-gpt-4o", messages=user("東京の天気"))
+    assert words.usage is not None and words.usage.prompt_tokens == 3 + 1  # without it: a word
+
+
 def test_server_wide_latency_and_tps() -> None:
     with FakeUpstream(latency_ms=150, tps=50) as server:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="k", max_retries=0, timeout=5)
