@@ -722,9 +722,10 @@ class CostEstimateApi(APIView):
         summary="Estimate a request's cost from its messages or its prompt",
         description=(
             "Counts the input tokens of the messages (their tool calls and results too) and tools with the "
-            "estimate the ledger charges when a provider counts none, about four characters a token plus a "
-            "little per message and a flat charge per image or document (the provider's tokenizer will differ "
-            "somewhat), takes `max_tokens` as the output, and prices both as the GET form does. A body with a "
+            "estimate the ledger charges when a provider counts none, about four characters a token of ASCII text "
+            "and one a CJK character, plus a little per message and a flat charge per image or document (the "
+            "provider's tokenizer will differ somewhat), takes `max_tokens` as the output, and prices both as the "
+            "GET form does. A body with a "
             "`prompt` and no `messages` is a text completion's (/v1/completions): its prompts and `suffix` are "
             "counted alike (token ids one each), and the output is `max_tokens` (16 when left out, as OpenAI's) "
             "for every reply the request may be billed for, as admission reserves it: `n`, or `best_of` when "

@@ -2,9 +2,10 @@
 
 The rule, in full:
 
-1. Every message is estimated at ``ceil(len(content) / 4) + 4`` tokens (about four characters a token
-   for English text, plus a few tokens of per-message framing). The estimate errs high for English and
-   is cheap; it is not the provider's tokenizer, so the budget keeps a margin (the reserve below).
+1. Every message is estimated at ``text_tokens(content) + 4`` tokens: the ledger's estimate
+   (``providers.tokens``: about four characters a token for English text, one a CJK character), plus a few
+   tokens of per-message framing. The estimate errs high for English and is cheap; it is not the provider's
+   tokenizer, so the budget keeps a margin (the reserve below).
 2. The budget for the prompt is ``context_window - reserve``, where ``reserve`` is the model's
    ``max_output_tokens`` when the catalog knows it, else a quarter of the context window capped at
    ``DEFAULT_OUTPUT_RESERVE`` tokens: room left for the reply.

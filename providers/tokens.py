@@ -15,10 +15,14 @@ embeddings request), so that what admission reserves and what settlement charges
   about twice: alike slack, given back at settlement. Plus the per-message framing, a fixed charge per image and a
   little overhead.
 - estimate (the default): at settlement, when the provider sent no usage (a stream cut short, a client
-  gone, an upstream that reports none): about four characters a token, a few tokens of framing a message,
-  and Anthropic's own estimate for a mid-sized image. The ledger row says it is an estimate.
+  gone, an upstream that reports none): ASCII text at about four characters a token; any other character at
+  half a token for each of its UTF-8 bytes past the first: a Cyrillic, Greek, Hebrew or Arabic letter (two bytes)
+  half a token, a CJK, kana, Hangul, Thai or Devanagari character (three) one, an emoji (four) one and a half,
+  about what those tokenizers bill on average (a quarter of a token a character charged a CJK reply a quarter of
+  it). Plus a few tokens of framing a message and Anthropic's own estimate for a mid-sized image. The ledger row
+  says it is an estimate.
 
-The bound weighs a text from C-speed ``str`` operations (``isascii``, which CPython answers without reading the text,
+Both weigh a text from C-speed ``str`` operations (``isascii``, which CPython answers without reading the text,
 and two ``encode`` calls for any other), never a Python loop over its characters: this runs on every request's path.
 
 A token array (embeddings' pre-tokenized input) is counted exactly in both modes. An embeddings input's text, whose
@@ -39,6 +43,8 @@ from typing import Any
 
 CHARS_PER_TOKEN = 4  # an estimate: English averages about four characters a token
 UPPER_CHARS_PER_TOKEN = 2  # a bound for ASCII text: tokenizers rarely fall below two characters a token
+# An estimate for any other character: a token for every two of its UTF-8 bytes past the first (one a CJK character).
+EXTRA_BYTES_PER_TOKEN = 2
 IMAGE_TOKENS = 1_600  # Anthropic's estimate for a mid-sized image; attachments of every kind count as one
 MESSAGE_FRAMING = 3  # the role and separators each message adds, as providers count them
 UPPER_MESSAGE_FRAMING = 8
@@ -77,7 +83,13 @@ def thinking_block_texts(message: Mapping[str, Any]) -> list[tuple[int, str]]:
 
 def text_tokens(text: str) -> int:
     """The estimated tokens of text relayed to a client (a completion the provider did not count)."""
-    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
+    if not text:
+        return 0
+    if text.isascii():
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
+    counted = _Counted()
+    counted.add(text)
+    return counted.estimate()
 
 
 def prompt_tokens(body: Mapping[str, Any], *, operation: str, upper_bound: bool = False) -> int:
@@ -200,7 +212,10 @@ class _Counted:
         return math.ceil((self.chars - self.wide_chars) / UPPER_CHARS_PER_TOKEN) + self.wide_bytes
 
     def estimate(self) -> int:
-        return math.ceil(self.chars / CHARS_PER_TOKEN)
+        """The estimate: ASCII characters four a token, every other character half a token a UTF-8 byte past its
+        first (exact in floating point: quarters and halves)."""
+        narrow, extra_bytes = self.chars - self.wide_chars, self.wide_bytes - self.wide_chars
+        return math.ceil(narrow / CHARS_PER_TOKEN + extra_bytes / EXTRA_BYTES_PER_TOKEN)
 
     def content(self, content: Any) -> None:
         if isinstance(content, str):

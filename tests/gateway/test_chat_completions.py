@@ -104,6 +104,25 @@ def test_a_stream_whose_upstream_sends_no_usage_still_ends_with_the_usage_chunk_
     assert sum(1 for chunk in chunks if chunk.get("usage")) == 1
 
 
+def test_a_cjk_stream_an_upstream_did_not_count_is_charged_about_a_token_a_character(gateway):
+    """Without the provider's usage the row is the estimate: a CJK character is about a token in the tokenizers
+    providers bill by (o200k's, Qwen's, Llama 3's; one or two in cl100k). At four characters a token a Japanese
+    reply and its prompt were charged about a quarter of what the provider billed."""
+    question, reply = "天気はどうですか？", "今日は晴れです。" * 10
+    content = f"{question} [[reply={reply}]] [[usage=none]]"
+    with gateway.client().chat.completions.with_streaming_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": content}], stream=True
+    ) as response:
+        chunks = [json.loads(line[len("data: ") :]) for line in response.iter_lines() if line.startswith("data: {")]
+        request_id = response.headers["x-request-id"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == reply
+    record = wait_for_record(request_id)
+    assert record.usage_estimated
+    assert record.completion_tokens == len(reply) == 80
+    wide = len(question) + len(reply)  # the prompt's CJK characters, a token each; its ASCII four a token
+    assert record.prompt_tokens == wide + math.ceil((len(content) - wide) / 4) + 3
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_a_reply_that_is_only_a_legacy_function_call_is_estimated_at_its_arguments_as_a_tool_call_is(gateway, stream):
     """An upstream that reports no usage, answering the legacy ``functions`` with a ``function_call`` and no

@@ -156,6 +156,30 @@ def test_cjk_text_anywhere_in_a_body_is_bounded_by_its_bytes(place):
     assert bound - prompt_tokens(ascii_body, operation=operation, upper_bound=True) == 300 - 50
 
 
+def test_text_of_other_scripts_is_estimated_at_about_what_tokenizers_bill_for_it():
+    """Charged when the provider counted nothing (a stream cut short): a CJK character is about a token in o200k,
+    Qwen's and Llama 3's tokenizers (one or two in cl100k), a Cyrillic letter about half one. At four characters a
+    token a CJK reply was charged a quarter of what the provider billed. ASCII text is estimated as before."""
+    assert text_tokens("x" * 401) == 101
+    assert text_tokens("漢" * 100) == 100
+    assert text_tokens("Привет мир") == math.ceil(9 / 2 + 1 / 4)
+    assert text_tokens("🙂" * 10) == 15
+    assert text_tokens("漢字 and kana かな") == math.ceil(4 + len(" and kana ") / 4)
+    chat = {"messages": [{"role": "user", "content": "漢" * 100}]}
+    assert prompt_tokens(chat, operation=Operation.CHAT) == 100 + 3
+    assert prompt_tokens({"prompt": "漢" * 100}, operation=Operation.COMPLETIONS) == 100
+    assert prompt_tokens({"input": "漢" * 100}, operation=Operation.EMBEDDINGS) == 100
+
+
+@pytest.mark.parametrize("place", bodies_holding(""))
+def test_cjk_text_anywhere_in_a_body_is_estimated_a_token_a_character(place):
+    """What a text of 100 CJK characters adds to the estimate over as many ASCII ones: 100 tokens, not 25."""
+    operation, cjk = bodies_holding(CJK)[place]
+    ascii_body = bodies_holding("x" * len(CJK))[place][1]
+    estimate = prompt_tokens(cjk, operation=operation)
+    assert estimate - prompt_tokens(ascii_body, operation=operation) == 100 - 25
+
+
 def test_every_part_of_a_messages_body_counts_once():
     """Anthropic's system blocks, a tool result's nested text and thinking are text; a block's JSON framing
     is not (the estimate used to see only plain message text, the bound the repr of the system blocks)."""
@@ -250,7 +274,7 @@ def test_an_embeddings_text_is_bounded_by_its_utf8_bytes_and_its_inputs_special_
     assert prompt_tokens({"input": "abcdefgh"}, operation=Operation.EMBEDDINGS, upper_bound=True) == 8 + 4
     assert prompt_tokens({"input": "🙂" * 10}, operation=Operation.EMBEDDINGS, upper_bound=True) == 40 + 4
     assert prompt_tokens({"input": ["漢", chr(0xD800)]}, operation=Operation.EMBEDDINGS, upper_bound=True) == 6 + 8
-    assert prompt_tokens({"input": "🙂" * 10}, operation=Operation.EMBEDDINGS) == 3  # the estimate: as it was
+    assert prompt_tokens({"input": "🙂" * 10}, operation=Operation.EMBEDDINGS) == 15  # the estimate: 1.5 an emoji
     assert prompt_tokens({"input": ["abc", "abcde"]}, operation=Operation.EMBEDDINGS) == 1 + 2
 
 
