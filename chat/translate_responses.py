@@ -519,12 +519,16 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
                 )
             del chat["tool_choice"]
     if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        if not isinstance(reasoning["effort"], str):
+            _fail("Invalid type for 'reasoning.effort': expected a string.", "reasoning.effort", "invalid_type")
         chat["reasoning_effort"] = reasoning["effort"]
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
     verbosity = body["text"].get("verbosity") if isinstance(body.get("text"), dict) else None
     if verbosity is not None:
+        if not isinstance(verbosity, str):
+            _fail("Invalid type for 'text.verbosity': expected a string.", "text.verbosity", "invalid_type")
         chat["verbosity"] = verbosity
     if chat.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}  # the usage that response.completed reports

@@ -33,6 +33,8 @@ FIELD_TYPES: dict[str, tuple[type, str]] = {
     "prompt_cache_key": (str, "a string"),
     "safety_identifier": (str, "a string"),
     "service_tier": (str, "a string"),
+    "reasoning_effort": (str, "a string"),
+    "verbosity": (str, "a string"),
 }
 # No field's values are listed: OpenAI-compatible servers name their own service tiers (Groq's "on_demand"),
 # which the server itself refuses or takes; only the type is llmhub's to check.

@@ -414,6 +414,34 @@ def test_a_field_of_the_wrong_type_or_value_on_v1_responses_is_a_400_before_any_
     assert gateway.upstream.requests_served() == 0
 
 
+@pytest.mark.parametrize("model", ["gpt-test", "claude-test"])
+@pytest.mark.parametrize(
+    ("fields", "responses_fields", "param", "responses_param"),
+    [
+        ({"reasoning_effort": ["high"]}, {"reasoning": {"effort": ["high"]}}, "reasoning_effort", "reasoning.effort"),
+        ({"reasoning_effort": {"e": 1}}, {"reasoning": {"effort": 3}}, "reasoning_effort", "reasoning.effort"),
+        ({"verbosity": ["low"]}, {"text": {"verbosity": {"level": "low"}}}, "verbosity", "text.verbosity"),
+    ],
+)
+def test_a_reasoning_effort_or_verbosity_that_is_not_a_string_is_a_400_naming_it(
+    gateway, model, fields, responses_fields, param, responses_param
+):
+    """A list or an object went on as it came: to an Anthropic model (whose adapter looks the effort up among its
+    thinking budgets) a 500, to an OpenAI one the provider's refusal after the call. A 400 naming it, before any
+    upstream call, on /v1/chat/completions and /v1/responses (there as the client wrote it)."""
+    response = post(gateway, chat(model=model, **fields))
+    assert_openai_error(response, 400, param=param, code="invalid_type")
+    assert_rejected_row(gateway, response, "invalid_type")
+    response = httpx.post(
+        gateway.url + "/v1/responses",
+        json={"model": model, "input": "hi", **responses_fields},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=20,
+    )
+    assert_openai_error(response, 400, param=responses_param, code="invalid_type")
+    assert gateway.upstream.requests_served() == 0
+
+
 @pytest.mark.parametrize("tier", ["auto", "default", "flex", "scale", "priority", "on_demand"])
 def test_each_of_openais_service_tiers_is_accepted(gateway, tier):
     """OpenAI's tiers, and another server's (Groq's on_demand): the value is the upstream's to judge."""
