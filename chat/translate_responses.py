@@ -8,7 +8,8 @@ functions upstream, and the model's calls of them their own output items again. 
 resolved before (``chat.pipeline``, ``chat.responses_chain``): the stored items come first in ``input``. What needs
 OpenAI's own servers or state llmhub does not keep is refused with a 400 naming the parameter: ``conversation``,
 ``background``, a stored ``prompt``, built-in tools (``web_search``, ``file_search``, …), input items that refer to
-stored ones, and input parts this translation has no chat-completions form for.
+stored ones, and input parts this translation has no chat-completions form for; so is a parameter the API does not
+have (a chat completion's ``max_tokens``, a misspelt name), which would not reach the model.
 """
 
 from __future__ import annotations
@@ -36,6 +37,57 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "prompt": (None, "stored prompts are not supported; send the text in `instructions` and `input`."),
     "top_logprobs": (None, "log probabilities are not returned by /v1/responses here."),
     "context_management": (None, "server-side context management is not supported."),
+    "moderation": (
+        None,
+        "llmhub moderates by its own policies (set by an admin for the model and the plan), not by a request's.",
+    ),
+}
+# The parameters of a Responses request (the spec's ``CreateResponse``). Any other is refused, naming it, as OpenAI
+# answers, rather than dropped: nothing else reaches the model, so a chat completion's ``max_tokens`` or
+# ``response_format`` brought along (or a misspelt name) would silently not apply.
+_PARAMETERS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "previous_response_id",
+        "store",
+        "stream",
+        "stream_options",
+        "include",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "max_tool_calls",
+        "text",
+        "reasoning",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "truncation",
+        "metadata",
+        "user",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+        "service_tier",
+        "background",
+        "conversation",
+        "prompt",
+        "context_management",
+        "moderation",
+    }
+)
+# A chat completion's parameters that the Responses API has under another name.
+_MOVED = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+    "verbosity": "text.verbosity",
 }
 # A reasoning item's text is in the clear, in its ``content``; its ``encrypted_content`` (Claude's signed thinking
 # blocks, ``thinking_content``) is given only when asked for, as OpenAI does.
@@ -442,6 +494,15 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     fields had in ``body`` (``messages[2].content`` -> ``input[1].content``: what a refusal of the input names);
     raises ``InvalidRequestError`` (400) naming the first parameter it cannot take."""
     check_body_and_model(body)
+    for name in body:
+        if name in _MOVED:
+            _fail(
+                f"Unsupported parameter: '{name}'. In the Responses API, this parameter has moved to '{_MOVED[name]}'.",
+                name,
+                "unsupported_parameter",
+            )
+        if name not in _PARAMETERS:
+            _fail(f"Unknown parameter: '{text_quoted(name)}'.", text_quoted(name), "unknown_parameter")
     # Its own names for what it forwards: ``parallel_tool_calls`` is checked without tools too (it is echoed back).
     check_field_types(
         body, ("stream", "parallel_tool_calls", "user", "prompt_cache_key", "safety_identifier", "service_tier")

@@ -284,6 +284,51 @@ def test_what_is_not_supported_is_a_400_naming_the_parameter(gateway, extra, par
     assert record.status == "rejected" and record.operation == "responses" and record.cost == 0
 
 
+@pytest.mark.parametrize(
+    ("extra", "param", "code", "said"),
+    [
+        # A chat completion's parameters brought along: the Responses API has them under another name.
+        ({"max_tokens": 50}, "max_tokens", "unsupported_parameter", "moved to 'max_output_tokens'"),
+        ({"max_completion_tokens": 50}, "max_completion_tokens", "unsupported_parameter", "'max_output_tokens'"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter", "'text.format'"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter", "'reasoning.effort'"),
+        ({"verbosity": "low"}, "verbosity", "unsupported_parameter", "'text.verbosity'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "unsupported_parameter", "'input'"),
+        # A misspelt name, and one no version of the API has.
+        ({"max_output_token": 5}, "max_output_token", "unknown_parameter", "Unknown parameter: 'max_output_token'"),
+        ({"frobnicate": True}, "frobnicate", "unknown_parameter", "Unknown parameter: 'frobnicate'"),
+        # The spec's, asking for something llmhub does not do by request (its moderation is an admin's policy).
+        ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "unsupported_parameter", "policies"),
+    ],
+)
+def test_a_parameter_the_responses_api_does_not_take_is_a_400_naming_it_not_dropped(gateway, extra, param, code, said):
+    """Nothing but the Responses API's own parameters reaches the model: one it does not have (a chat completion's
+    ``max_tokens``, a misspelt name) was dropped, so the limit or the format the client asked for did not apply."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", extra_body=extra)
+    assert (refused.value.body["param"], refused.value.body["code"]) == (param, code)
+    assert said in refused.value.body["message"]
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+
+
+def test_the_specs_parameters_that_change_nothing_here_are_accepted(gateway):
+    """``stream_options`` (llmhub's events have no obfuscation to turn off), ``max_tool_calls`` (it counts built-in
+    tools' calls: llmhub has none) and the prompt cache's retention (the provider's own choice) are the spec's: taken,
+    not refused."""
+    response = gateway.client().responses.create(
+        model="gpt-test",
+        input="hi [[reply=ok]]",
+        extra_body={"max_tool_calls": 3, "prompt_cache_retention": "24h", "moderation": None},
+    )
+    assert response.output_text == "ok"
+    with gateway.client().responses.create(
+        model="gpt-test", input="hi [[reply=ok]]", stream=True, stream_options={"include_obfuscation": False}
+    ) as stream:
+        assert [event.type for event in stream][-1] == "response.completed"
+
+
 def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
     reply, events = raw_events(gateway, {"model": "gpt-test", "input": "[[words=9]] [[fault=cut-3]]"})
     assert reply.status_code == 200
