@@ -513,6 +513,7 @@ async def completion_start(
         )
         raise error from exc
     except ApplicationError as exc:
+        exc.param = client_field(field_names, exc.param)  # a translated body's refusal, by the client's names
         completion_reject(
             caller=caller,
             endpoint=endpoint,
@@ -596,6 +597,22 @@ async def _responses_translate(
 def _stored_response_reached(caller: Caller, response_id: str) -> tuple[StoredResponse, StoredInput]:
     stored = stored_response_get(reach=conversation_reach(caller), response_id=response_id)
     return stored, stored_response_input(stored)
+
+
+def client_field(field_names: dict[str, str] | None, param: str | None) -> str | None:
+    """``param``, a field of a translated body (a ``/v1/responses`` request's chat completion), as the client named
+    it (``field_names``); a field inside one the client wrote otherwise (a tool call's
+    ``messages[2].tool_calls[0].function.arguments``, given as the item ``input[3]``) as that one. Any other as it
+    is."""
+    if not field_names or not param:
+        return param
+    if param in field_names:
+        return field_names[param]
+    end = len(param)
+    while (end := max(param.rfind(".", 0, end), param.rfind("[", 0, end))) > 0:
+        if param[:end] in field_names:
+            return field_names[param[:end]]
+    return param
 
 
 def _end_user(body: dict[str, Any], operation: str) -> Any:
@@ -1171,7 +1188,7 @@ class CompletionRun:
     def client_param(self, param: str | None) -> str | None:
         """The ``param`` of an error about the body sent (a provider's refusal), as the client named that field:
         a ``/v1/responses`` request's own name, not its chat completion's."""
-        return self.field_names.get(param, param) if self.field_names and param else param
+        return client_field(self.field_names, param)
 
     def shutdown_error(self) -> ServerShuttingDownError | None:
         """For an entry point that caught a ``CancelledError``: when the shutdown cut this run, consume that

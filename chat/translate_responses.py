@@ -25,7 +25,13 @@ from typing import Any
 from core.text import text_quoted
 from providers.adapters.translate_anthropic import reasoning_text
 
-from .validation import MAX_TOKENS_LIMIT, InvalidRequestError, check_body_and_model, check_field_types
+from .validation import (
+    MAX_MESSAGES,
+    MAX_TOKENS_LIMIT,
+    InvalidRequestError,
+    check_body_and_model,
+    check_field_types,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +216,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
     """The chat messages ``input`` means, and for each the names its fields had in ``input`` (``content`` ->
     ``input[3].content``, ``tool_calls[0].function`` -> ``input[4]``)."""
     if isinstance(value, str):
-        return [{"role": "user", "content": value}], [{"content": "input"}]
+        return [{"role": "user", "content": value}], [{"": "input", "content": "input"}]
     if not isinstance(value, list) or not value:
         _fail("Invalid 'input': expected a string or a non-empty array of input items.", "input", "invalid_type")
     messages: list[dict[str, Any]] = []
@@ -253,7 +259,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 if role == "user" and not content and isinstance(content, list):
                     _fail(f"Invalid '{where}.content': empty array; give at least one part.", f"{where}.content")
                 messages.append({"role": role, "content": content if role == "user" else _joined(content)})
-            origins.append({"content": f"{where}.content"})
+            origins.append({"": where, "content": f"{where}.content"})
             if role == "assistant":
                 _reasoning_given_back(messages[-1], origins[-1], thoughts)
         elif _named(kind, _CALLS):
@@ -269,7 +275,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 origins[-1][f"tool_calls[{len(last['tool_calls']) - 1}].function"] = where
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-                origins.append({"tool_calls[0].function": where})
+                origins.append({"": where, "tool_calls[0].function": where})
             _reasoning_given_back(messages[-1], origins[-1], thoughts)
         elif _named(kind, _CALL_OUTPUTS):
             # The spec names a local shell call's output by the call's id in `id`; the others in `call_id`.
@@ -279,7 +285,7 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
             output = _text_of(item.get("output"), f"{where}.output", frozenset({"input_text"}))
             answered.add(item[key])
             messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined(output)})
-            origins.append({"content": f"{where}.output"})
+            origins.append({"": where, "content": f"{where}.output"})
         elif kind == "reasoning":
             # A model's earlier reasoning: its text (``reasoning_text`` parts, as llmhub returns it; a summary is
             # OpenAI's own) goes back with the turn it led to, and Claude's signed thinking blocks (our
@@ -527,7 +533,15 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         if not isinstance(instructions, str):
             _fail("Invalid type for 'instructions': expected a string.", "instructions", "invalid_type")
         messages.insert(0, {"role": "system", "content": instructions})
-        origins.insert(0, {"content": "instructions"})
+        origins.insert(0, {"": "instructions", "content": "instructions"})
+    if len(messages) > MAX_MESSAGES:
+        # A chat completion holds at most that many: the input (with a previous response's items, the whole chain)
+        # names what the client sent.
+        _fail(
+            f"Invalid 'input': the conversation makes {len(messages)} messages (the previous responses' items, if any,"
+            f" with these and the instructions); at most {MAX_MESSAGES} are accepted.",
+            "input",
+        )
     metadata = body.get("metadata")
     if metadata is not None and (
         not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values())
@@ -594,10 +608,16 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     if chat.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}  # the usage that response.completed reports
     fields = {
-        f"messages[{index}].{name}": given for index, names in enumerate(origins) for name, given in names.items()
+        # "": the message itself, as the item (or the instructions) it was given as.
+        f"messages[{index}].{name}" if name else f"messages[{index}]": given
+        for index, names in enumerate(origins)
+        for name, given in names.items()
     }
     fields["response_format"] = "text.format"
     fields["max_completion_tokens"] = "max_output_tokens"
+    fields["reasoning_effort"] = "reasoning.effort"
+    fields["verbosity"] = "text.verbosity"
+    fields["messages"] = "input"
     return chat, fields
 
 

@@ -718,6 +718,35 @@ def test_a_traced_response_is_a_chat_span(fake_upstream, tmp_path):
     assert span["attributes"]["gen_ai.usage.output_tokens"] == reply.json()["usage"]["output_tokens"] == 3
 
 
+def test_a_refusal_of_the_chat_completion_names_the_field_the_client_wrote(gateway):
+    """What the request became was refused naming its own fields, which the client never wrote: more input items
+    than a chat completion holds (``messages``), an effort Claude has no budget for (``reasoning_effort``), a call's
+    arguments Claude cannot read (``messages[1].tool_calls[0].function.arguments``), given or from the
+    ``previous_response_id``. Each names the client's field (the item, for a field inside it)."""
+    client = gateway.client()
+
+    def refused_param(**body) -> str:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(**body)
+        return refused.value.body["param"]
+
+    assert refused_param(model="gpt-test", input=[{"role": "user", "content": "x"}] * 4097) == "input"
+    assert refused_param(model="claude-test", input="hi", reasoning={"effort": "extreme"}) == "reasoning.effort"
+    cut = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Par'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    assert refused_param(model="claude-test", input=cut, tools=[WEATHER]) == "input[1]"
+    unnamed = [cut[0], {**cut[1], "call_id": "", "arguments": "{}"}, {**cut[2], "call_id": ""}]
+    assert refused_param(model="claude-test", input=unnamed, tools=[WEATHER]) == "input[1]"
+    # An OpenAI model takes the arguments as they are; continued on Claude, they are the previous response's.
+    first = client.responses.create(model="gpt-test", input=cut, tools=[WEATHER])
+    assert refused_param(model="claude-test", previous_response_id=first.id, input="and?", tools=[WEATHER]) == (
+        "previous_response_id"
+    )
+
+
 def test_the_endpoints_beside_responses_are_404s_that_say_they_are_not_served(gateway):
     client = gateway.client()
     with pytest.raises(openai.NotFoundError) as counted:
