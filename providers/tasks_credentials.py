@@ -30,8 +30,20 @@ __all__ = [
 
 
 class KeyNoticesNotSentError(Exception):
-    """A daily run that could not email every due invalid-key notice, or queue the email of a key it found invalid
-    (each is logged, and stays due for the next run); the keys were checked all the same."""
+    """A run (the daily one, or an admin's check of selected keys) that could not email every due invalid-key
+    notice, or queue the email of a key it found invalid (each is logged, and stays due for the next daily run);
+    the keys were checked all the same."""
+
+
+def _notices_not_sent_raise(notices_failed: list[int], counts: dict[str, int]) -> None:
+    """End a run whose notices ``notices_failed`` (key ids) were not sent with ``KeyNoticesNotSentError``, naming
+    the keys by id and what the run checked; nothing when every notice went."""
+    if notices_failed:
+        keys = ", ".join(str(pk) for pk in notices_failed)
+        raise KeyNoticesNotSentError(
+            f"invalid-key notices not emailed for provider keys {keys} (tried again next run); the keys were checked: "
+            + ", ".join(f"{outcome} {count}" for outcome, count in counts.items())
+        )
 
 
 @shared_task
@@ -48,12 +60,7 @@ def provider_credentials_revalidate_all() -> dict[str, int]:
         max_seconds=settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS,
         notices_failed=notices_failed,
     )
-    if notices_failed:
-        keys = ", ".join(str(pk) for pk in notices_failed)
-        raise KeyNoticesNotSentError(
-            f"invalid-key notices not emailed for provider keys {keys} (tried again next run); the keys were checked: "
-            + ", ".join(f"{outcome} {count}" for outcome, count in counts.items())
-        )
+    _notices_not_sent_raise(notices_failed, counts)
     return counts
 
 
@@ -63,13 +70,19 @@ def provider_credentials_revalidate_selected(
 ) -> dict[str, int]:
     """An admin's "check again" of the keys selected (``provider_credentials_revalidate``), too many to ask their
     providers within a web request; what it records (a key turned invalid) in the name of ``origin``, the admin who
-    asked (``audit.context.AuditOrigin``'s fields). Returns counts, as the daily run."""
+    asked (``audit.context.AuditOrigin``'s fields). Returns counts, as the daily run; and, as it, a key turned
+    invalid whose email the broker does not take stops no other check, and the run then ends with
+    ``KeyNoticesNotSentError`` naming the keys (the next daily run sends their notices)."""
+    notices_failed: list[int] = []
     with audit_origin(AuditOrigin(**origin)) if origin else contextlib.nullcontext():
-        return provider_credentials_revalidate(
+        counts = provider_credentials_revalidate(
             credential_ids=credential_ids,
             concurrency=settings.LLMHUB_BYOK_REVALIDATION_CONCURRENCY,
             max_seconds=settings.LLMHUB_BYOK_REVALIDATION_MAX_SECONDS,
+            notices_failed=notices_failed,
         )
+    _notices_not_sent_raise(notices_failed, counts)
+    return counts
 
 
 @shared_task(bind=True, max_retries=8)

@@ -578,19 +578,20 @@ def provider_credentials_revalidate_due(
 
 
 def provider_credentials_revalidate(
-    *, credential_ids: Iterable[int], concurrency: int, max_seconds: float
+    *, credential_ids: Iterable[int], concurrency: int, max_seconds: float, notices_failed: list[int] | None = None
 ) -> dict[str, int]:
     """An admin's "check again" of the keys ``credential_ids`` (hundreds, selected across the list: a worker's
     task, ``provider_credentials_revalidate_selected``), as the daily run checks them: ``concurrency`` at a time,
     each provider its share, none started after ``max_seconds``, each outcome recorded as ``provider_credential_
     validate`` records it (a key refused turns invalid, its owner emailed once). A key deleted since, of a provider
-    disabled or closed to users' keys, or paused by its provider's move, is sent nowhere. Returns counts."""
+    disabled or closed to users' keys, or paused by its provider's move, is sent nowhere. Returns counts; the ids
+    of keys turned invalid whose notice the broker did not take (it stays due) are appended to ``notices_failed``."""
     rows = [
         row
         for batch in id_batches(sorted(set(credential_ids)))
         for row in ProviderCredential.objects.filter(pk__in=batch).order_by("pk").values_list("pk", "provider_id")
     ]
-    return _revalidate_in_order(rows, concurrency=concurrency, max_seconds=max_seconds)
+    return _revalidate_in_order(rows, concurrency=concurrency, max_seconds=max_seconds, notices_failed=notices_failed)
 
 
 def _revalidate_in_order(
