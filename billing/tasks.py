@@ -41,20 +41,41 @@ class LostRequestsNotSettledError(Exception):
     """A run that could not settle every lost request (each is logged, and tried again next run); the others were."""
 
 
+class CountersNotReconciledError(Exception):
+    """A reconcile run that could not put every budget counter back on the ledger's figure (each is logged, and
+    tried again next run); the others were."""
+
+
+class ReconcileNotCompleteError(LostRequestsNotSettledError, CountersNotReconciledError):
+    """A reconcile run that could neither settle every lost request nor reconcile every counter: both at once."""
+
+
 @shared_task
 def reservations_reconcile() -> int:
     """Every 5 minutes: stale reservations released, budget counters put back on the ledger's figure. The lost
-    requests are settled first; one that could not be does not stop the others nor the counters' reconcile, and the
-    run then ends with ``LostRequestsNotSettledError`` naming it, so that the operations dashboard shows the task
-    failing."""
+    requests are settled first, then each counter on its own; a request or a counter that could not be does not
+    stop the others, and the run then ends failed naming them (``LostRequestsNotSettledError``,
+    ``CountersNotReconciledError``, or ``ReconcileNotCompleteError`` for both), so that the operations dashboard
+    shows the task failing."""
     failed: list[str] = []
-    adjusted = budget_counters_reconcile(failed=failed)
-    if failed:
-        raise LostRequestsNotSettledError(
-            f"lost requests not settled: {', '.join(failed)}; the others were, these are tried again next run; "
-            f"counters reconciled, {adjusted} put back on the ledger's figure"
-        )
-    return adjusted
+    counters_failed: list[str] = []
+    adjusted = budget_counters_reconcile(failed=failed, counters_failed=counters_failed)
+    if not failed and not counters_failed:
+        return adjusted
+    parts = [f"lost requests not settled: {', '.join(failed)}"] if failed else []
+    if counters_failed:
+        parts.append(f"budget counters not reconciled: {', '.join(counters_failed)}")
+    error = (
+        ReconcileNotCompleteError
+        if failed and counters_failed
+        else LostRequestsNotSettledError
+        if failed
+        else CountersNotReconciledError
+    )
+    raise error(
+        f"{'; '.join(parts)} (the others were, these are tried again next run); "
+        f"{adjusted} counters put back on the ledger's figure"
+    )
 
 
 @shared_task

@@ -490,36 +490,56 @@ def _stores_start(loop: asyncio.AbstractEventLoop) -> _LoopStores:
     return per_loop
 
 
-def redis_reconcile(url: str, now: datetime, *, spooled: SpoolIndex | None = None) -> int:
+def redis_reconcile(
+    url: str, now: datetime, *, spooled: SpoolIndex | None = None, failed: list[str] | None = None
+) -> int:
     """Bring every Redis counter back to the ledger's figure, alerting for the thresholds a correction up
-    crosses; returns how many were off. ``spooled``: the run's ``SpoolIndex`` (the spool is read once)."""
+    crosses; returns how many were off. ``spooled``: the run's ``SpoolIndex`` (the spool is read once). A counter
+    that cannot be reconciled (a malformed key, a value that does not parse) does not stop the others: it is
+    logged, its key appended to ``failed``, and tried again at the next run. Redis not answering ends the run."""
     spooled = spooled or SpoolIndex()
+    failed = [] if failed is None else failed
     client = redis.Redis.from_url(url, decode_responses=True)
     try:
         snapshot = client.register_script(_script("budget_snapshot"))
         adjust = client.register_script(_script("budget_adjust"))
         adjusted = 0
         for key in sorted(client.smembers(INDEX_KEY)):
-            reply = snapshot(keys=_counter_keys(key), args=[_ms(now), _ms_of(SETTLED_MEMORY)])
-            if reply[0] == "missing":
-                client.srem(INDEX_KEY, key)
-                continue
-            ref = CounterRef.from_key(key)
-            _, spent, _reserved, open_ids, settled_ids, amounts = reply
-            settled = {rid: ref.from_units(amount) for rid, amount in zip(settled_ids, amounts, strict=True)}
-            expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled, spooled=spooled)
-            delta = ref.to_units(expected) - int(spent)
-            if delta:
-                spent_now = adjust(keys=[key], args=[delta])
-                adjusted += 1
-                if spent_now is not None:
-                    # From what the adjustment itself moved: a settle since the snapshot alerted for its own part.
-                    budget_correction_alerts_raise(
-                        ref=ref, before=ref.from_units(spent_now - delta), after=ref.from_units(spent_now)
-                    )
+            try:
+                adjusted += _redis_reconcile_one(client, snapshot, adjust, key, now, spooled)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # the store, not this counter: every other would fail alike
+            except Exception as exc:
+                time_limit_reraise(exc)
+                failed.append(key)
+                logger.exception("could not reconcile the budget counter %s", key)
         return adjusted
     finally:
         client.close()
+
+
+def _redis_reconcile_one(
+    client: redis.Redis, snapshot: Script, adjust: Script, key: str, now: datetime, spooled: SpoolIndex
+) -> int:
+    """Reconcile the Redis counter ``key`` (``redis_reconcile``): 1 if it was off, else 0."""
+    reply = snapshot(keys=_counter_keys(key), args=[_ms(now), _ms_of(SETTLED_MEMORY)])
+    if reply[0] == "missing":
+        client.srem(INDEX_KEY, key)
+        return 0
+    ref = CounterRef.from_key(key)
+    _, spent, _reserved, open_ids, settled_ids, amounts = reply
+    settled = {rid: ref.from_units(amount) for rid, amount in zip(settled_ids, amounts, strict=True)}
+    expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled, spooled=spooled)
+    delta = ref.to_units(expected) - int(spent)
+    if not delta:
+        return 0
+    spent_now = adjust(keys=[key], args=[delta])
+    if spent_now is not None:
+        # From what the adjustment itself moved: a settle since the snapshot alerted for its own part.
+        budget_correction_alerts_raise(
+            ref=ref, before=ref.from_units(spent_now - delta), after=ref.from_units(spent_now)
+        )
+    return 1
 
 
 def redis_counter_state(url: str, ref: CounterRef) -> tuple[Decimal, Decimal] | None:
@@ -808,38 +828,49 @@ class DatabaseCounterStore:
         for counter in due:
             self._forgotten_at[counter.pk] = now
 
-    def reconcile(self, now: datetime, *, spooled: SpoolIndex | None = None) -> int:
+    def reconcile(self, now: datetime, *, spooled: SpoolIndex | None = None, failed: list[str] | None = None) -> int:
         """Bring every counter back to the ledger's figure, each under its row lock and in one transaction
         with the alerts for the thresholds a correction up crosses; returns how many were off. Counters of
         periods that ended more than a day ago are dropped (they are rebuilt from the ledger if needed):
         a request admitted in a period's last seconds settles into its counter after the period ended, and
-        Redis keeps a counter as long (``CounterRef.retention``)."""
+        Redis keeps a counter as long (``CounterRef.retention``). A counter that cannot be reconciled (its
+        transaction fails) does not stop the others: it is logged, its key appended to ``failed``, and tried
+        again at the next run."""
+        failed = [] if failed is None else failed
         daily_start, _ = period_bounds(BudgetPeriod.DAILY, now - KEPT_AFTER_PERIOD)
         monthly_start, _ = period_bounds(BudgetPeriod.MONTHLY, now - KEPT_AFTER_PERIOD)
         BudgetCounter.objects.filter(period=BudgetPeriod.DAILY, period_start__lt=daily_start).delete()
         BudgetCounter.objects.filter(period=BudgetPeriod.MONTHLY, period_start__lt=monthly_start).delete()
         adjusted = 0
         spooled = spooled or SpoolIndex()  # read once for every counter (and again only if the spool changed)
-        for pk in BudgetCounter.objects.values_list("pk", flat=True):
-            with transaction.atomic():
-                row = BudgetCounter.objects.select_for_update().filter(pk=pk).first()
-                if row is None:
-                    continue
-                self._expire([row], now)
-                reservations = BudgetReservation.objects.filter(counter=row)
-                reservations.filter(settled_at__lt=now - SETTLED_MEMORY).delete()
-                open_ids = list(reservations.filter(settled_at__isnull=True).values_list("request_id", flat=True))
-                settled = dict(
-                    reservations.filter(settled_at__isnull=False).values_list("request_id", "settled_amount")
-                )
-                ref = CounterRef(row.scope_kind, row.scope_id, row.metric, row.period, row.period_start)
-                expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled, spooled=spooled)
-                if expected != row.spent:
-                    before, row.spent = row.spent, expected
-                    row.save(update_fields=["spent", "updated_at"])
-                    adjusted += 1
-                    budget_correction_alerts_raise(ref=ref, before=before, after=expected)
+        for pk, key in BudgetCounter.objects.values_list("pk", "key"):
+            try:
+                adjusted += self._reconcile_one(pk, now, spooled)
+            except Exception as exc:
+                time_limit_reraise(exc)
+                failed.append(key)
+                logger.exception("could not reconcile the budget counter %s", key)
         return adjusted
+
+    def _reconcile_one(self, pk: int, now: datetime, spooled: SpoolIndex) -> int:
+        """Reconcile the counter ``pk`` in a transaction of its own (``reconcile``): 1 if it was off, else 0."""
+        with transaction.atomic():
+            row = BudgetCounter.objects.select_for_update().filter(pk=pk).first()
+            if row is None:
+                return 0
+            self._expire([row], now)
+            reservations = BudgetReservation.objects.filter(counter=row)
+            reservations.filter(settled_at__lt=now - SETTLED_MEMORY).delete()
+            open_ids = list(reservations.filter(settled_at__isnull=True).values_list("request_id", flat=True))
+            settled = dict(reservations.filter(settled_at__isnull=False).values_list("request_id", "settled_amount"))
+            ref = CounterRef(row.scope_kind, row.scope_id, row.metric, row.period, row.period_start)
+            expected = expected_spend(ref=ref, at=now, open_ids=open_ids, settled=settled, spooled=spooled)
+            if expected == row.spent:
+                return 0
+            before, row.spent = row.spent, expected
+            row.save(update_fields=["spent", "updated_at"])
+            budget_correction_alerts_raise(ref=ref, before=before, after=expected)
+            return 1
 
     def counter_state(self, ref: CounterRef) -> tuple[Decimal, Decimal] | None:
         row = BudgetCounter.objects.filter(key=ref.key).values_list("spent", "reserved").first()
@@ -908,20 +939,23 @@ def counter_state(ref: CounterRef) -> tuple[Decimal, Decimal] | None:
     return database_store.counter_state(ref)
 
 
-def budget_counters_reconcile(*, now: datetime | None = None, failed: list[str] | None = None) -> int:
+def budget_counters_reconcile(
+    *, now: datetime | None = None, failed: list[str] | None = None, counters_failed: list[str] | None = None
+) -> int:
     """Put every counter of the store in use back on the ledger's figure; returns how many were off.
 
     Spend a counter missed (a settle lost in a crash) may have crossed a budget threshold without an
     alert: a correction up raises the alerts for the thresholds it crosses that have not fired in the
     period yet. Running it again finds nothing off and fires nothing. The lost requests are settled first
     (``inflight_lost_settle``): one that could not be is logged, its request id appended to ``failed``, and the
-    counters are reconciled all the same."""
+    counters are reconciled all the same. Each counter is reconciled on its own: one that could not be is
+    logged, its key appended to ``counters_failed``, and the others are reconciled all the same."""
     now = now or timezone.now()
     spooled = SpoolIndex()  # one read of the spool for the sweep and every counter
     inflight_lost_settle(now=now, spooled=spooled, failed=failed)
     if settings.REDIS_URL:
-        return redis_reconcile(settings.REDIS_URL, now, spooled=spooled)
-    return database_store.reconcile(now, spooled=spooled)
+        return redis_reconcile(settings.REDIS_URL, now, spooled=spooled, failed=counters_failed)
+    return database_store.reconcile(now, spooled=spooled, failed=counters_failed)
 
 
 # IN-FLIGHT RECORDS: heartbeats, re-assertion after Redis lost them, and the requests of dead processes.

@@ -3,13 +3,20 @@ store (each test gets an empty Redis database), and the ledger the rollup tests 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pytest
 import redis
+from django.conf import settings as django_settings
+from django.db import OperationalError, connection
+from django.utils import timezone
 
-from billing.models import Plan
+from billing.models import BudgetCounter, BudgetMetric, BudgetPeriod, Plan, ScopeKind
 from billing.services.admission import admission_acquire, admission_settle
+from billing.services.budgets import KEY_PREFIX, CounterRef, period_bounds
+from billing.services.counters import INDEX_KEY
 from billing.services.keys import api_key_create
 from tests.billing.rollup_ledger import TODAY, YESTERDAY, at
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
@@ -124,3 +131,43 @@ def rollup_ledger(db) -> dict:
     for row in rows:
         UsageRecordFactory(**row)
     return {"alice": alice, "bob": bob, "work": work, "home": home}
+
+
+@contextmanager
+def counter_unreconcilable(user_id: int) -> Iterator[str]:
+    """Within the block, a budget counter the reconcile cannot put back on the ledger's figure, in the store in use:
+    in Redis a malformed key (a hash in the counters' index whose name is no counter's), removed after; in the
+    database ``user_id``'s daily cost counter, off the ledger, whose write the database refuses (on this thread).
+    Yields its key; a run reaches it before the other counters (Redis: by name; the database: newest period first)."""
+    if django_settings.REDIS_URL:
+        key = KEY_PREFIX + "junk"
+        client = redis.Redis.from_url(django_settings.REDIS_URL)
+        client.hset(key, "spent", 1)
+        client.sadd(INDEX_KEY, key)
+        try:
+            yield key
+        finally:
+            client.srem(INDEX_KEY, key)
+            client.delete(key)
+            client.close()
+        return
+    start, _ = period_bounds(BudgetPeriod.DAILY, timezone.now())
+    ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.COST, BudgetPeriod.DAILY, start)
+    row = BudgetCounter.objects.create(
+        key=ref.key,
+        scope_kind=ref.scope_kind,
+        scope_id=ref.scope_id,
+        metric=ref.metric,
+        period=ref.period,
+        period_start=ref.period_start,
+        spent=Decimal(5),
+    )
+
+    def refuse(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("UPDATE") and BudgetCounter._meta.db_table in sql and params:
+            if params[-1] == row.pk:
+                raise OperationalError("the database refused the counter")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse):
+        yield ref.key

@@ -39,6 +39,7 @@ from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
+from tests.billing.conftest import counter_unreconcilable
 from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
 from tests.conftest import free_port, process_stop, python_argv, redis_start, wait_for_port
 from tests.factories import UserFactory
@@ -705,6 +706,44 @@ def test_a_lost_request_the_database_refuses_fails_the_reconcile_task_run_which_
 
     assert reservations_reconcile.apply().successful()  # the next run settles it
     assert UsageRecord.objects.filter(api_key=budget_key["key"], status=UsageStatus.LOST).count() == 3
+    assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_a_reconcile_run_that_can_neither_settle_a_lost_request_nor_reconcile_a_counter_names_both(
+    request, store_kind, budget_key, settings, period_clock
+):
+    """Both of the 5-minute reconcile's failures in one run (a lost request whose row the database refuses, a
+    counter it cannot reconcile) end it with one error naming both (``ReconcileNotCompleteError``, which is each
+    of ``LostRequestsNotSettledError`` and ``CountersNotReconciledError``); the other requests are settled and the
+    other counters reconciled all the same, and the next run does the rest."""
+    from billing.tasks import (
+        CountersNotReconciledError,
+        LostRequestsNotSettledError,
+        ReconcileNotCompleteError,
+        reservations_reconcile,
+    )
+
+    refused = sorted(dead_worker_admissions(request, store_kind, budget_key, settings, period_clock))[1]
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    ref = key_ref(budget_key["key"])
+    counter_spent_set(ref, 5 * RESERVATION)  # off the ledger (which has nothing yet)
+
+    with (
+        connection.execute_wrapper(row_refused(refused)),
+        counter_unreconcilable(budget_key["user"].pk) as unreconciled,
+    ):
+        result = reservations_reconcile.apply()
+
+    error = result.result
+    assert result.failed() and isinstance(error, ReconcileNotCompleteError)
+    assert isinstance(error, LostRequestsNotSettledError) and isinstance(error, CountersNotReconciledError)
+    assert f"lost requests not settled: {refused}; budget counters not reconciled: {unreconciled} " in str(error)
+    run = TaskRun.objects.get(task=reservations_reconcile.name)  # what /ops/ shows
+    assert not run.succeeded and run.error_class == "ReconcileNotCompleteError"
+    assert counter_state(ref) == (2 * RESERVATION, RESERVATION)  # reconciled all the same; the refused one held
+
+    assert reservations_reconcile.apply().successful()  # the next run settles and reconciles the rest
     assert counter_state(ref) == (3 * RESERVATION, Decimal(0))
 
 

@@ -14,14 +14,14 @@ from asgiref.sync import sync_to_async
 from django.core import mail
 from django.utils import timezone
 
-from billing.models import BudgetAlert, BudgetPeriod
+from billing.models import BudgetAlert, BudgetPeriod, TaskRun
 from billing.services.admission import admission_acquire, admission_settle
 from billing.services.budgets import CounterRef, api_key_limits_set, period_bounds
 from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
 from providers.selectors import resolved_model
-from tests.billing.conftest import FLAT_TOKEN, spend_settled
+from tests.billing.conftest import FLAT_TOKEN, counter_unreconcilable, spend_settled
 from tests.factories import UsageRecordFactory, UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.period_instants]
@@ -188,3 +188,39 @@ async def test_a_counter_started_from_the_ledger_alerts_for_what_it_starts_above
     await spend(account, "second-after", 1)
     assert [threshold for threshold, _, _ in await sync_to_async(alerts)()] == [50, 80]
     assert len(mail.outbox) == 2
+
+
+def reconcile_task_run(*, refused_for: int | None = None) -> tuple[str | None, object]:
+    """The beat task's run (``reservations_reconcile``), as a worker runs it; ``refused_for``: with a counter of
+    that user's it cannot reconcile (``counter_unreconcilable``), whose key it returns with the run's result."""
+    from billing.tasks import reservations_reconcile
+
+    if refused_for is None:
+        return None, reservations_reconcile.apply()
+    with counter_unreconcilable(refused_for) as refused:
+        return refused, reservations_reconcile.apply()
+
+
+async def test_a_counter_that_cannot_be_reconciled_fails_the_run_and_the_others_are_reconciled(store, account, caplog):
+    """A counter whose reconcile raised (a malformed key in Redis, a row the database refuses) ended the 5-minute
+    run there: every counter after it was skipped, every run, for good, with missed spend never alerted. Each
+    counter is reconciled on its own: that one is logged, the others are put back on the ledger's figure (and
+    alert), and the run ends failed (``CountersNotReconciledError``, naming it); the next run reconciles it."""
+    from billing.tasks import CountersNotReconciledError, reservations_reconcile
+
+    await spend(account, "seen", 40)
+    await write_ledger(account, "lost", 45)  # 85 %, but the counter still says 40 %
+
+    refused, result = await sync_to_async(reconcile_task_run)(refused_for=account["user"].pk)
+
+    assert result.failed() and isinstance(result.result, CountersNotReconciledError)
+    assert f"budget counters not reconciled: {refused} " in str(result.result)
+    run = await TaskRun.objects.aget(task=reservations_reconcile.name)  # what /ops/ shows
+    assert not run.succeeded and run.error_class == "CountersNotReconciledError"
+    assert (await sync_to_async(counter_state)(key_ref(account)))[0] == 85 * TOKEN  # reconciled all the same
+    assert [threshold for threshold, _, _ in await sync_to_async(alerts)()] == [50, 80]
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "llmhub.counters"]
+    assert [refused in r.getMessage() and r.exc_info is not None for r in failures] == [True]
+
+    _, result = await sync_to_async(reconcile_task_run)()  # the next run, the counter fixed
+    assert result.successful()
