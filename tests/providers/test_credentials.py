@@ -941,13 +941,22 @@ def test_a_daily_run_whose_due_notice_cannot_be_emailed_checks_the_keys_and_ends
     assert [m.to for m in mail.outbox] == [["alice@example.com"]]
 
 
-def test_a_daily_run_whose_new_notice_the_broker_refuses_checks_the_keys_and_ends_failed(
-    provider, upstream, alice, broker
+@pytest.mark.parametrize(
+    ("run", "counts"),
+    [
+        # The daily run (``provider_credentials_revalidate_all``).
+        ("daily", "turned_invalid 1"),
+        # An admin's "check selected keys again" run by a worker (``provider_credentials_revalidate_selected``).
+        ("selected", "valid 1, invalid 1, turned_invalid 1"),
+    ],
+)
+def test_a_run_whose_new_notice_the_broker_refuses_checks_the_keys_and_ends_failed(
+    run, counts, provider, upstream, alice, broker
 ):
-    """A key the daily run found refused had its owner's email queued; a broker that refused it was logged while
-    the run ended successful, so /ops/ showed the task green with the owner never told. The keys are checked all
-    the same, the notice stays due, and the run ends failed (``KeyNoticesNotSentError``, naming the key); the next
-    run sends it."""
+    """A key a run found refused had its owner's email queued; a broker that refused it was logged while the run
+    ended successful, so /ops/ showed the task green with the owner never told. The keys are checked all the same,
+    the notice stays due, and the run ends failed (``KeyNoticesNotSentError``, naming the key); the next daily run
+    sends it."""
     alice_key, bob_key = new_key(), new_key()
     accept_keys(upstream, alice_key)
     credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
@@ -955,46 +964,15 @@ def test_a_daily_run_whose_new_notice_the_broker_refuses_checks_the_keys_and_end
     accept_keys(upstream, bob_key)  # alice's key is revoked
     checked_before = ProviderCredential.objects.get(pk=bob.pk).last_validated_at
     broker.down()
+    task = provider_credentials_revalidate_all if run == "daily" else provider_credentials_revalidate_selected
 
-    result = provider_credentials_revalidate_all.apply()
-
-    assert result.failed() and isinstance(result.result, KeyNoticesNotSentError)
-    assert f"provider keys {credential.pk} " in str(result.result) and alice_key not in str(result.result)
-    assert "turned_invalid 1" in str(result.result)
-    run = TaskRun.objects.get(task=provider_credentials_revalidate_all.name)  # what /ops/ shows
-    assert not run.succeeded and run.error_class == "KeyNoticesNotSentError"
-    refused = ProviderCredential.objects.get(pk=credential.pk)
-    assert refused.status == CredentialStatus.INVALID and refused.invalid_notice_due
-    assert ProviderCredential.objects.get(pk=bob.pk).last_validated_at > checked_before  # checked all the same
-    assert not mail.outbox
-
-    broker.up()
-    assert provider_credentials_revalidate_all.apply().successful()
-    assert [m.to for m in mail.outbox] == [["alice@example.com"]]
-
-
-def test_a_selected_check_whose_new_notice_the_broker_refuses_checks_the_keys_and_ends_failed(
-    provider, upstream, alice, broker
-):
-    """An admin's "check selected keys again" run by a worker found a key refused and queued its owner's email; a
-    broker that refused it was logged while the run ended successful (the daily run already ended failed), so
-    /ops/ showed the task green with the owner never told. The keys are checked all the same, the notice stays
-    due, and the run ends failed (``KeyNoticesNotSentError``, naming the key); the next daily run sends it."""
-    alice_key, bob_key = new_key(), new_key()
-    accept_keys(upstream, alice_key)
-    credential = provider_credential_save(owner=alice, provider=provider, api_key=alice_key)
-    bob = stored_key(UserFactory(username="bob"), provider, bob_key, checked_days_ago=3)
-    accept_keys(upstream, bob_key)  # alice's key is revoked
-    checked_before = ProviderCredential.objects.get(pk=bob.pk).last_validated_at
-    broker.down()
-
-    result = provider_credentials_revalidate_selected.apply(args=([credential.pk, bob.pk],))
+    result = task.apply() if run == "daily" else task.apply(args=([credential.pk, bob.pk],))
 
     assert result.failed() and isinstance(result.result, KeyNoticesNotSentError)
     assert f"provider keys {credential.pk} " in str(result.result) and alice_key not in str(result.result)
-    assert "valid 1, invalid 1, turned_invalid 1" in str(result.result)
-    run = TaskRun.objects.get(task=provider_credentials_revalidate_selected.name)  # what /ops/ shows
-    assert not run.succeeded and run.error_class == "KeyNoticesNotSentError"
+    assert counts in str(result.result)
+    task_run = TaskRun.objects.get(task=task.name)  # what /ops/ shows
+    assert not task_run.succeeded and task_run.error_class == "KeyNoticesNotSentError"
     refused = ProviderCredential.objects.get(pk=credential.pk)
     assert refused.status == CredentialStatus.INVALID and refused.invalid_notice_due
     assert ProviderCredential.objects.get(pk=bob.pk).last_validated_at > checked_before  # checked all the same
