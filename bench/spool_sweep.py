@@ -69,19 +69,7 @@ def _seed(rows: int, lost: int, keys: int) -> None:
         ]
     )
     refs = [CounterRef(ScopeKind.KEY, key.pk, BudgetMetric.COST, BudgetPeriod.MONTHLY, start) for key in api_keys]
-    BudgetCounter.objects.bulk_create(
-        [
-            BudgetCounter(
-                key=ref.key,
-                scope_kind=ref.scope_kind,
-                scope_id=ref.scope_id,
-                metric=ref.metric,
-                period=ref.period,
-                period_start=ref.period_start,
-            )
-            for ref in refs
-        ]
-    )
+    BudgetCounter.objects.bulk_create([ref.row() for ref in refs])
     created = now - timedelta(minutes=10)
 
     def line(request_id: str, n: int) -> str:

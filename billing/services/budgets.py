@@ -24,7 +24,7 @@ from providers.models import ModelMode
 from providers.types import ResolvedModel
 
 from ..exceptions import QuotaExceededError
-from ..models import ApiKey, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
+from ..models import ApiKey, BudgetCounter, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
 from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
 from .spool import SpoolIndex
@@ -112,6 +112,18 @@ class CounterRef:
         if self.metric == BudgetMetric.COST:
             return Decimal(int(units)) * COST_QUANTUM
         return Decimal(int(units))
+
+    def row(self, *, spent: Decimal = Decimal(0)) -> BudgetCounter:
+        """The database's counter for this scope, metric and period, not saved, having spent ``spent``."""
+        return BudgetCounter(
+            key=self.key,
+            scope_kind=self.scope_kind,
+            scope_id=self.scope_id,
+            metric=self.metric,
+            period=self.period,
+            period_start=self.period_start,
+            spent=spent,
+        )
 
     def retention(self, now: datetime) -> timedelta:
         """How long the counter is kept after its last use; it is rebuilt from the ledger if it goes."""

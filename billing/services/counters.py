@@ -688,17 +688,11 @@ class DatabaseCounterStore:
             return row
         try:
             with transaction.atomic():
-                return BudgetCounter.objects.create(
-                    key=ref.key,
-                    scope_kind=ref.scope_kind,
-                    scope_id=ref.scope_id,
-                    metric=ref.metric,
-                    period=ref.period,
-                    period_start=ref.period_start,
-                    # With the spool's rows: a counter started while the database was down must not
-                    # forget what requests spent meanwhile.
-                    spent=expected_spend(ref=ref, at=None, open_ids=(), settled={}),
-                )
+                # With the spool's rows: a counter started while the database was down must not forget
+                # what requests spent meanwhile.
+                row = ref.row(spent=expected_spend(ref=ref, at=None, open_ids=(), settled={}))
+                row.save(force_insert=True)
+                return row
         except IntegrityError:
             return BudgetCounter.objects.select_for_update().get(key=ref.key)
 

@@ -153,15 +153,8 @@ def counter_unreconcilable(user_id: int) -> Iterator[str]:
         return
     start, _ = period_bounds(BudgetPeriod.DAILY, timezone.now())
     ref = CounterRef(ScopeKind.USER, user_id, BudgetMetric.COST, BudgetPeriod.DAILY, start)
-    row = BudgetCounter.objects.create(
-        key=ref.key,
-        scope_kind=ref.scope_kind,
-        scope_id=ref.scope_id,
-        metric=ref.metric,
-        period=ref.period,
-        period_start=ref.period_start,
-        spent=Decimal(5),
-    )
+    row = ref.row(spent=Decimal(5))
+    row.save(force_insert=True)
 
     def refuse(execute, sql, params, many, context):
         if sql.lstrip().upper().startswith("UPDATE") and BudgetCounter._meta.db_table in sql and params:

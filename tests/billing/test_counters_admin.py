@@ -27,18 +27,7 @@ MONTH = datetime(2026, 12, 1, tzinfo=UTC)
 def counters_off(count: int, *, start: int) -> list[BudgetCounter]:
     """``count`` users' monthly counters that say 5 dollars were spent, where the ledger has nothing."""
     refs = [CounterRef(ScopeKind.USER, start + n, BudgetMetric.COST, BudgetPeriod.MONTHLY, MONTH) for n in range(count)]
-    return BudgetCounter.objects.bulk_create(
-        BudgetCounter(
-            key=ref.key,
-            scope_kind=ref.scope_kind,
-            scope_id=ref.scope_id,
-            metric=ref.metric,
-            period=ref.period,
-            period_start=ref.period_start,
-            spent=Decimal(5),
-        )
-        for ref in refs
-    )
+    return BudgetCounter.objects.bulk_create(ref.row(spent=Decimal(5)) for ref in refs)
 
 
 def reconcile(admin_client, counters: list[BudgetCounter]):

@@ -58,17 +58,7 @@ def test_a_sweep_and_a_reconciliation_over_a_big_spool_count_each_spooled_row_on
         start, _ = period_bounds(BudgetPeriod.MONTHLY, START)
         refs = [CounterRef(ScopeKind.KEY, key.pk, BudgetMetric.COST, BudgetPeriod.MONTHLY, start) for key in keys]
         refs.append(CounterRef(ScopeKind.USER, keys[0].user_id, BudgetMetric.TOKENS, BudgetPeriod.MONTHLY, start))
-        BudgetCounter.objects.bulk_create(
-            BudgetCounter(
-                key=ref.key,
-                scope_kind=ref.scope_kind,
-                scope_id=ref.scope_id,
-                metric=ref.metric,
-                period=ref.period,
-                period_start=ref.period_start,
-            )
-            for ref in refs
-        )
+        BudgetCounter.objects.bulk_create(ref.row() for ref in refs)
         expected = {ref.key: Decimal(0) for ref in refs}
 
         def counts(key, amount: Decimal) -> None:
