@@ -285,6 +285,8 @@ def _model_info(model: ResolvedModel) -> dict[str, Any]:
 
 
 @anthropic_endpoint
-async def not_found(request: HttpRequest, path: str) -> HttpResponse:
-    body = anthropic_error_body(f"Not found: {request.method} /v1/messages/{path}", status=404)
+async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
+    """A path llmhub does not serve, asked by Anthropic's clients: under /v1/messages (batches), or any other the
+    anthropic SDK reaches (its Files API: ``api_models.not_found``)."""
+    body = anthropic_error_body(f"Not found: {request.method} {request.path}", status=404)
     return _answer(json_response(body, status=404), new_request_id(), time.perf_counter())

@@ -18,5 +18,5 @@ urlpatterns = [
     path("feedback", api_feedback.feedback_create, name="v1-feedback"),
     path("models", api_models.models_list, name="v1-models"),
     path("models/<path:model>", api_models.model_retrieve, name="v1-model"),
-    re_path(r"^(?P<path>.*)$", api_openai.not_found),
+    re_path(r"^(?P<path>.*)$", api_models.not_found),
 ]

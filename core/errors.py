@@ -97,13 +97,18 @@ _ANTHROPIC_OVERLOADED = frozenset({"upstream_overloaded"})
 
 # The paths of Anthropic's Messages API: their errors are in Anthropic's shape whoever asks.
 ANTHROPIC_PATHS = ("/v1/messages",)
+# The paths of OpenAI's API that llmhub serves (and its own feedback): OpenAI's shape whoever asks.
+OPENAI_PATHS = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/feedback")
 
 
 def speaks_anthropic(path: str, headers: Any) -> bool:
-    """Whether a ``/v1`` request expects Anthropic's shapes: the Messages API's paths always, and the paths both
-    protocols share (``/v1/models``) when the client sent ``anthropic-version``, as the anthropic SDK does on
-    every request."""
-    return path.startswith(ANTHROPIC_PATHS) or (path.startswith("/v1/models") and "anthropic-version" in headers)
+    """Whether a ``/v1`` request expects Anthropic's shapes: the Messages API's paths always, and any other path
+    but OpenAI's (``/v1/models``, which both protocols share, and a path llmhub does not serve, such as the
+    anthropic SDK's ``/v1/files``) when the client sent ``anthropic-version``, as the anthropic SDK does on every
+    request."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return True
+    return "anthropic-version" in headers and not path.startswith(OPENAI_PATHS)
 
 
 def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:

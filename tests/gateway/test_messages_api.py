@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import anthropic
 import httpx
+import openai
 import pytest
 from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
@@ -549,6 +550,28 @@ def test_a_body_that_is_not_json_is_refused_in_anthropics_words(gateway, path):
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
     assert "OpenAI" not in error["message"]  # this is Anthropic's API, whatever the model speaks upstream
+
+
+def test_an_api_llmhub_does_not_serve_is_anthropics_not_found_for_the_anthropic_sdk(gateway):
+    """The anthropic SDK's calls of an API llmhub does not serve (its Files API, the legacy text completions of its
+    older releases) were answered in OpenAI's shape with no ``request-id``: the SDK's ``NotFoundError`` had a body
+    of another protocol and no request id. They are Anthropic's ``not_found_error``, as /v1/messages/* answers; an
+    OpenAI client keeps OpenAI's 404 on the same path."""
+    with pytest.raises(anthropic.NotFoundError) as failed:
+        client(gateway).beta.files.list()
+    assert failed.value.body == {
+        "type": "error",
+        "error": {"type": "not_found_error", "message": "Not found: GET /v1/files"},
+    }
+    assert failed.value.request_id.startswith("req_")
+    headers = {"x-api-key": gateway.key, "anthropic-version": "2023-06-01"}
+    legacy = httpx.post(gateway.url + "/v1/complete", json={"prompt": "hi"}, headers=headers)
+    assert legacy.status_code == 404 and legacy.json()["error"]["type"] == "not_found_error"
+    assert legacy.headers["request-id"] == legacy.headers["x-request-id"]
+
+    with pytest.raises(openai.NotFoundError) as refused:
+        gateway.client().files.list()
+    assert refused.value.code == "unknown_url" and refused.value.body["type"] == "invalid_request_error"
 
 
 def test_wrong_key_is_the_sdks_authentication_error(gateway):
