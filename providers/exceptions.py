@@ -107,6 +107,14 @@ class ProviderStreamInterruptedError(ProviderUnavailableError):
     code = "upstream_stream_interrupted"
 
 
+class ProviderStreamOverloadedError(ProviderStreamInterruptedError):
+    """A stream the provider ended with its own overload after a 200 (Anthropic's in-band ``overloaded_error``): an
+    interruption like any other, said as the overload it is, which a Messages client reads as Anthropic's
+    ``overloaded_error`` (``core.errors``), as it reads the 529 before a stream."""
+
+    code = "upstream_overloaded"
+
+
 class ProviderMalformedReplyError(ProviderError):
     """The provider answered a 200 that is no reply of its protocol: a body that is not JSON, or a reply of types
     no fill can mend, or with nothing to answer (``openai_shape.MalformedReply``). The same deployment, asked

@@ -173,7 +173,10 @@ class AnthropicAdapter(BaseAdapter):
         """The interruption for a stream that broke on ``exc``: malformed when it is an event that is not JSON
         (or not an object), or a body not in the encoding it declared, as the OpenAI adapter judges its chunks."""
         malformed = isinstance(exc, ValueError) or undecodable(exc)
-        return stream_interrupted(self.config, self._interruption_reason(exc), malformed=malformed)
+        overloaded = isinstance(exc, anthropic.APIStatusError) and _overloaded(exc.body)
+        return stream_interrupted(
+            self.config, self._interruption_reason(exc), malformed=malformed, overloaded=overloaded
+        )
 
     def _event(self, sse: ServerSentEvent, texts: tuple[TextChunks, TextChunks]) -> WireEvent:
         """The event ``sse`` carries: a text or input JSON delta like the last one learned is built from it
@@ -191,7 +194,9 @@ class AnthropicAdapter(BaseAdapter):
         if kind == "error":
             error = event.get("error") if isinstance(event.get("error"), dict) else {}
             reason = scrub(str(error.get("message") or "no details given"), self.config)
-            raise stream_interrupted(self.config, f"the provider reported an error: {reason}")
+            raise stream_interrupted(
+                self.config, f"the provider reported an error: {reason}", overloaded=_overloaded(event)
+            )
         raw = sse.data if b"\n" not in sse.data and b"\r" not in sse.data else None
         delta = event.get("delta")
         if raw is not None and kind == "content_block_delta" and type(delta) is dict:
@@ -269,3 +274,9 @@ class AnthropicAdapter(BaseAdapter):
         if not isinstance(message, str):
             return ""
         return scrub(message.strip(), self.config)
+
+
+def _overloaded(body: object) -> bool:
+    """Whether an error event's body (``{"type": "error", "error": {...}}``) says the provider is overloaded."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("type") == "overloaded_error"

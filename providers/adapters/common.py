@@ -41,6 +41,7 @@ from ..exceptions import (
     ProviderQuotaExhaustedError,
     ProviderRateLimitError,
     ProviderStreamInterruptedError,
+    ProviderStreamOverloadedError,
     ProviderTimeoutError,
     ProviderUnavailableError,
 )
@@ -531,10 +532,13 @@ def connection_error(config: ProviderConfig) -> ProviderUnavailableError:
 
 
 def stream_interrupted(
-    config: ProviderConfig, reason: str, *, malformed: bool = False
+    config: ProviderConfig, reason: str, *, malformed: bool = False, overloaded: bool = False
 ) -> ProviderStreamInterruptedError:
-    """``malformed``: it broke on a chunk that is no chunk of its protocol (``ProviderMalformedStreamError``)."""
+    """``malformed``: it broke on a chunk that is no chunk of its protocol (``ProviderMalformedStreamError``);
+    ``overloaded``: the provider ended it saying it is overloaded (``ProviderStreamOverloadedError``)."""
     kind = ProviderMalformedStreamError if malformed else ProviderStreamInterruptedError
+    if overloaded:
+        kind = ProviderStreamOverloadedError
     return kind(f"The stream from the provider {config.name!r} was interrupted: {reason}", provider=config.name)
 
 

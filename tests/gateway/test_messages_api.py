@@ -709,6 +709,27 @@ def test_an_error_event_after_the_stream_began_reaches_the_sdk(gateway):
     assert record.status == "upstream_error" and record.operation == "messages"
 
 
+def test_a_claude_streams_overloaded_error_event_reaches_the_sdk_as_overloaded(gateway):
+    """Anthropic reports an overload after a stream began as an in-band ``overloaded_error`` (its documented example
+    of an error after a 200), which llmhub relayed as ``api_error``: a client that retries an overloaded model
+    later, by the error's type, took it for a server error. The event says ``overloaded_error``, as the 529 before a
+    stream does, and the ledger row says why it failed."""
+    failing = {
+        "model": "claude-test",
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "x [[fault=error-event]]"}],
+    }
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        with client(gateway).messages.stream(**failing) as stream:
+            for _ in stream:
+                pass
+    assert failed.value.body["type"] == "error"
+    assert failed.value.body["error"]["type"] == "overloaded_error"
+    assert "Overloaded" in failed.value.body["error"]["message"]
+    record = wait_for_record(failed.value.request_id)
+    assert (record.status, record.error_type) == ("upstream_error", "upstream_overloaded")
+
+
 def test_cached_input_is_priced_at_the_cached_rate(gateway):
     from providers.models import Deployment
 

@@ -349,6 +349,7 @@ async def test_an_error_event_interrupts_the_stream(adapter):
 
     assert streamed_text(received).split() == ["lorem", "ipsum"]
     assert "Overloaded" in caught.value.message
+    assert caught.value.code == "upstream_overloaded"  # the event's overloaded_error, as its 529 before a stream
     assert_clean(caught.value)
 
 
