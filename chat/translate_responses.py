@@ -672,7 +672,8 @@ def response_skeleton(body: dict[str, Any], *, response_id: str, model: str, cre
         # Stored unless asked not to, as OpenAI does (``chat.api_responses``: false again if keeping it failed).
         "store": body.get("store") is not False,
         "temperature": body.get("temperature"),
-        "text": {"format": text.get("format") or {"type": "text"}},
+        # The verbosity it was made with, ``medium`` unless asked otherwise, as OpenAI echoes it.
+        "text": {"format": text.get("format") or {"type": "text"}, "verbosity": text.get("verbosity") or "medium"},
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": [_tool_echoed(tool) for tool in body.get("tools") or ()],
         "top_p": body.get("top_p"),

@@ -786,6 +786,37 @@ def test_parallel_tool_calls_goes_upstream_only_with_tools(gateway):
     assert gateway.upstream.requests[-1]["body"]["parallel_tool_calls"] is False
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_response_echoes_the_verbosity_asked_for_or_medium(gateway, stream):
+    """OpenAI's ``Response`` says the ``text.verbosity`` it was made with (``medium`` when none was asked), beside
+    the format: until 6 December llmhub sent it on and echoed ``text`` with the format alone."""
+    said, kept = {}, {}
+    for asked in ("low", "high", None):
+        text = {"format": {"type": "text"}} if asked is None else {"verbosity": asked}
+        body = {"model": "gpt-test", "input": "hi [[reply=ok]]", "text": text}
+        if stream:
+            _, events = raw_events(gateway, body)
+            assert_spec_sequence([event for _, event in events])
+            echoed = [event["response"] for _, event in events if "response" in event]
+            assert len({json.dumps(response["text"]) for response in echoed}) == 1
+            response = echoed[-1]
+        else:
+            reply = httpx.post(
+                gateway.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20
+            )
+            response = reply.json()
+            validate_openai_schema(response, "Response")
+        assert gateway.upstream.requests[-1]["body"].get("verbosity") == asked  # sent on as before
+        said[asked] = response["text"]
+        kept[asked] = gateway.client().responses.retrieve(response["id"]).to_dict()["text"]
+    assert said == kept
+    assert said == {
+        "low": {"format": {"type": "text"}, "verbosity": "low"},
+        "high": {"format": {"type": "text"}, "verbosity": "high"},
+        None: {"format": {"type": "text"}, "verbosity": "medium"},
+    }
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_an_input_image_reaches_the_model(gateway, model):
     pixel = (
