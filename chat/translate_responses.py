@@ -101,6 +101,8 @@ ENCRYPTED_CONTENT = "reasoning.encrypted_content"
 _INCLUDABLE = frozenset({ENCRYPTED_CONTENT})
 _ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
+# A reasoning summary, asked for by its name or by the deprecated one older clients still send.
+_SUMMARY_NAMES = ("summary", "generate_summary")
 # Finish reasons that leave a response incomplete, with the reason the Responses API gives.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The tools a client runs itself beside its functions, as Codex and the Agents SDK send them: each becomes a function
@@ -523,8 +525,17 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         if not isinstance(include, list) or any(not _named(item, _INCLUDABLE) for item in include):
             _fail(f"Unsupported value for 'include': only {', '.join(sorted(_INCLUDABLE))} is accepted.", "include")
     reasoning = body.get("reasoning")
-    if reasoning is not None and (not isinstance(reasoning, dict) or reasoning.get("summary") not in (None, "auto")):
-        _fail("Unsupported value for 'reasoning': only `effort` is supported (no summaries).", "reasoning")
+    if reasoning is not None and not isinstance(reasoning, dict):
+        _fail("Invalid type for 'reasoning': expected an object.", "reasoning", "invalid_type")
+    for name in _SUMMARY_NAMES:
+        if isinstance(reasoning, dict) and reasoning.get(name) not in (None, "auto"):
+            # ``auto`` lets the model write none, which is what llmhub answers (``summary: null``).
+            _fail(
+                f"Unsupported value for 'reasoning.{name}': llmhub writes no reasoning summaries; only 'auto' is "
+                "accepted, answered with none (`summary: null`).",
+                f"reasoning.{name}",
+                "unsupported_value",
+            )
     if "input" not in body:
         _fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
     messages, origins = _messages_from_input(body["input"])

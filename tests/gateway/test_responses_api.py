@@ -786,6 +786,41 @@ def test_parallel_tool_calls_goes_upstream_only_with_tools(gateway):
     assert gateway.upstream.requests[-1]["body"]["parallel_tool_calls"] is False
 
 
+@pytest.mark.parametrize(
+    ("reasoning", "param"),
+    [
+        ({"summary": "detailed"}, "reasoning.summary"),
+        ({"summary": "concise"}, "reasoning.summary"),
+        # The deprecated name of `summary`, which older clients still send: refused alike, not taken for none.
+        ({"generate_summary": "detailed"}, "reasoning.generate_summary"),
+        ({"generate_summary": "concise", "effort": "low"}, "reasoning.generate_summary"),
+        ({"summary": "auto", "generate_summary": "detailed"}, "reasoning.generate_summary"),
+        ({"generate_summary": ["auto"]}, "reasoning.generate_summary"),
+    ],
+)
+def test_a_reasoning_summary_asked_for_under_either_name_is_a_400_naming_it(gateway, reasoning, param):
+    """llmhub writes no reasoning summary: one asked for is refused before any upstream call, whether as ``summary``
+    or as its deprecated name ``generate_summary`` (until 6 December taken and answered with none, unsaid)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", extra_body={"reasoning": reasoning})
+    assert (refused.value.body["param"], refused.value.body["type"]) == (param, "invalid_request_error")
+    assert f"'{param}'" in refused.value.body["message"]
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+
+
+@pytest.mark.parametrize("reasoning", [{"summary": "auto"}, {"generate_summary": "auto"}])
+def test_a_summary_auto_under_either_name_is_taken_and_answered_with_none(gateway, reasoning):
+    """``auto`` (Codex's default) lets the model write none, which is what llmhub answers: ``summary: null``."""
+    raw = gateway.client().responses.with_raw_response.create(
+        model="gpt-test", input="hi [[reply=ok]]", extra_body={"reasoning": {**reasoning, "effort": "low"}}
+    )
+    validate_openai_schema(raw.http_response.json(), "Response")
+    assert raw.http_response.json()["reasoning"] == {"effort": "low", "summary": None}
+    assert gateway.upstream.requests[-1]["body"]["reasoning_effort"] == "low"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_response_echoes_the_verbosity_asked_for_or_medium(gateway, stream):
     """OpenAI's ``Response`` says the ``text.verbosity`` it was made with (``medium`` when none was asked), beside
