@@ -478,6 +478,53 @@ def _tool_choice(value: Any) -> Any:
     return None
 
 
+def _allowed_functions(choice: dict[str, Any], tools: Any) -> set[str]:
+    """The functions upstream that an ``allowed_tools`` choice lets the model call: each of its ``tools`` must be one
+    of the request's (a function or a custom tool by type and name, or the ``local_shell`` tool); a built-in tool runs
+    on OpenAI's servers, as in ``tools``."""
+    if not _named(choice.get("mode"), frozenset({"auto", "required"})):
+        _fail("Invalid value for 'tool_choice.mode': expected 'auto' or 'required'.", "tool_choice.mode")
+    listed = choice.get("tools")
+    if not isinstance(listed, list) or not listed:
+        _fail(
+            "Invalid 'tool_choice.tools': expected a non-empty array of the tools the model may call.",
+            "tool_choice.tools",
+        )
+    defined = {
+        (tool.get("type"), LOCAL_SHELL if tool.get("type") == LOCAL_SHELL else tool.get("name"))
+        for tool in tools or ()
+        if isinstance(tool, dict)
+    }
+    names: set[str] = set()
+    for index, entry in enumerate(listed):
+        where = f"tool_choice.tools[{index}]"
+        if not isinstance(entry, dict):
+            _fail(f"Invalid type for '{where}': expected an object.", where, "invalid_type")
+        kind = entry.get("type")
+        if not _named(kind, frozenset({"function", CUSTOM, LOCAL_SHELL})):
+            _fail(
+                f"Invalid value for '{where}.type': only `function`, `custom` and `local_shell` tools are supported "
+                "by llmhub's /v1/responses (built-in tools run on OpenAI's servers).",
+                f"{where}.type",
+                "unsupported_value",
+            )
+        if kind == LOCAL_SHELL:
+            if (LOCAL_SHELL, LOCAL_SHELL) not in defined:
+                _fail(f"Invalid value for '{where}.type': no `local_shell` tool is among 'tools'.", f"{where}.type")
+            names.add(LOCAL_SHELL)
+            continue
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            _fail(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
+        if (kind, name) not in defined:
+            _fail(
+                f"Invalid value for '{where}.name': no {kind} tool named {text_quoted(name)} is among 'tools'.",
+                f"{where}.name",
+            )
+        names.add(name)
+    return names
+
+
 def _response_format(text: Any) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -586,6 +633,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     ):
         if body.get(name) is not None:
             chat[renamed.get(name, name)] = body[name]
+    tool_fields: dict[str, str] = {}  # a tool sent by another index than the client's (allowed_tools)
     if body.get("tools"):
         chat["tools"] = _tools(body["tools"])
         # Beside the tools only: the Responses API takes it without them, OpenAI's chat completions refuse it.
@@ -593,8 +641,17 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
             chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     elif body.get("tools") is not None:
         _tools(body["tools"])
-    if body.get("tool_choice") is not None:
-        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        # The model may call only these: they alone are sent, with the mode as the choice, as few chat upstreams
+        # (not Claude, Gemini, Mistral nor most OpenAI-compatible servers) take chat completions' own allowed_tools.
+        names = _allowed_functions(choice, body.get("tools"))
+        given = [index for index, tool in enumerate(chat["tools"]) if tool["function"]["name"] in names]
+        chat["tools"] = [chat["tools"][index] for index in given]
+        chat["tool_choice"] = choice["mode"]
+        tool_fields = {f"tools[{sent}]": f"tools[{index}]" for sent, index in enumerate(given)}
+    elif choice is not None:
+        chat["tool_choice"] = _tool_choice(choice)
         if not chat.get("tools"):
             # Without tools, "none" and the default "auto" ask for nothing (the Responses API takes them; chat
             # completions refuse a tool_choice without tools); one that forces a call cannot be met.
@@ -629,6 +686,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     fields["reasoning_effort"] = "reasoning.effort"
     fields["verbosity"] = "text.verbosity"
     fields["messages"] = "input"
+    fields.update(tool_fields)
     return chat, fields
 
 

@@ -653,6 +653,18 @@ def test_a_stream_the_servers_shutdown_cuts_ends_with_response_failed(fake_upstr
         ),
         ({"input": "hi", "tools": [{**WEATHER, "description": "forbidden"}]}, "tools[0]"),
         (
+            {
+                "input": "hi",
+                "tools": [WEATHER, {**WEATHER, "name": "get_time", "description": "forbidden"}],
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "mode": "auto",
+                    "tools": [{"type": "function", "name": "get_time"}],
+                },
+            },
+            "tools[1]",
+        ),
+        (
             {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"title": "forbidden"}}}},
             "text.format",
         ),
@@ -673,7 +685,16 @@ def test_a_stream_the_servers_shutdown_cuts_ends_with_response_failed(fake_upstr
             "input[1].content",
         ),
     ],
-    ids=["instructions", "message", "function-call", "function-call-output", "tool", "text-format", "reasoning"],
+    ids=[
+        "instructions",
+        "message",
+        "function-call",
+        "function-call-output",
+        "tool",
+        "allowed-tool",
+        "text-format",
+        "reasoning",
+    ],
 )
 def test_a_refused_input_names_the_responses_field_the_blocked_word_is_in(gateway, request_fields, field):
     policy_cache.invalidate()
@@ -995,6 +1016,83 @@ def test_a_tool_choice_that_names_a_custom_tool_forces_its_call(gateway):
         "function": {"name": "apply_patch"},
     }
     assert [(item.type, item.name) for item in response.output] == [("custom_tool_call", "apply_patch")]
+
+
+TIME = {
+    "type": "function",
+    "name": "get_time",
+    "description": "The time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "strict": False,
+}
+
+
+def allowed(mode: str, *tools: dict) -> dict:
+    return {"type": "allowed_tools", "mode": mode, "tools": list(tools)}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_allowed_tools_are_the_only_tools_the_model_may_call(gateway, model, mode):
+    """``tool_choice: {"type": "allowed_tools", ...}`` (OpenAI's way to narrow a long tool list for one turn): the
+    model may call only those, so they alone go upstream, with ``auto`` or ``required``; the Response lists every
+    tool and the choice as given. The fake model calls the first tool it is sent: here the second one defined.
+    Until 6 December it was refused as a built-in tool's choice."""
+    choice = allowed(mode, {"type": "function", "name": "get_time"}, {"type": "custom", "name": "apply_patch"})
+    raw = gateway.client().responses.with_raw_response.create(
+        model=model, input="Oslo", tools=[WEATHER, TIME, PATCH_TOOL], tool_choice=choice
+    )
+    validate_openai_schema(raw.http_response.json(), "Response")
+    response = raw.parse()
+    [call] = response.output
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "get_time", {"city": "Oslo"})
+    assert raw.http_response.json()["tool_choice"] == choice
+    assert [tool.name for tool in response.tools] == ["get_weather", "get_time", "apply_patch"]
+    sent = gateway.upstream.requests[-1]["body"]
+    if model == "gpt-test":
+        assert [tool["function"]["name"] for tool in sent["tools"]] == ["get_time", "apply_patch"]
+        assert sent["tool_choice"] == mode
+    else:
+        assert [tool["name"] for tool in sent["tools"]] == ["get_time", "apply_patch"]
+        assert sent["tool_choice"]["type"] == {"auto": "auto", "required": "any"}[mode]
+
+
+def test_allowed_tools_narrow_a_stream_and_the_local_shell(gateway):
+    choice = allowed("required", {"type": "local_shell"})
+    with gateway.client().responses.create(
+        model="gpt-test", input="List files", tools=[WEATHER, {"type": "local_shell"}], tool_choice=choice, stream=True
+    ) as stream:
+        events = list(stream)
+    assert_spec_sequence([event.model_dump(mode="json", exclude_unset=True) for event in events])
+    assert [item.type for item in events[-1].response.output] == ["local_shell_call"]
+    assert [tool["function"]["name"] for tool in gateway.upstream.requests[-1]["body"]["tools"]] == ["local_shell"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "param"),
+    [
+        (allowed("none", {"type": "function", "name": "get_time"}), "tool_choice.mode"),
+        ({"type": "allowed_tools", "tools": [{"type": "function", "name": "get_time"}]}, "tool_choice.mode"),
+        (allowed("auto"), "tool_choice.tools"),
+        ({"type": "allowed_tools", "mode": "auto", "tools": {"type": "function"}}, "tool_choice.tools"),
+        (allowed("auto", "get_time"), "tool_choice.tools[0]"),
+        (allowed("auto", {"type": "function"}), "tool_choice.tools[0].name"),
+        (
+            allowed("auto", {"type": "function", "name": "get_time"}, {"type": "web_search"}),
+            "tool_choice.tools[1].type",
+        ),
+        (allowed("required", {"type": "function", "name": "get_date"}), "tool_choice.tools[0].name"),
+        (allowed("required", {"type": "custom", "name": "get_time"}), "tool_choice.tools[0].name"),
+        (allowed("required", {"type": "local_shell"}), "tool_choice.tools[0].type"),
+    ],
+)
+def test_allowed_tools_that_are_not_among_the_tools_or_not_supported_are_a_400_naming_them(gateway, choice, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", tools=[WEATHER, TIME], tool_choice=choice)
+    assert (refused.value.body["param"], refused.value.body["type"]) == (param, "invalid_request_error")
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
 
 
 @pytest.mark.parametrize(
