@@ -1,5 +1,5 @@
-"""The audit log as CSV, streamed (a log of years need not fit in memory): the admin's export action and
-``/api/audit/export.csv`` write the same columns."""
+"""The audit log as CSV, streamed (a log of years need not fit in memory: ``core.streaming``): the admin's export
+action and ``/api/audit/export.csv`` write the same columns."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC
 from typing import Any
 
-from django.http import StreamingHttpResponse
+from core.streaming import ThreadedStreamingHttpResponse
 
 from .models import AuditEvent
 
@@ -59,8 +59,8 @@ def audit_csv_lines(events: Iterable[AuditEvent]) -> Iterator[str]:
         yield writer.writerow([_cell(event, column) for column in CSV_COLUMNS])
 
 
-def audit_csv_response(events: Any, *, filename: str = "audit-log.csv") -> StreamingHttpResponse:
+def audit_csv_response(events: Any, *, filename: str = "audit-log.csv") -> ThreadedStreamingHttpResponse:
     rows = events.iterator(chunk_size=2000) if hasattr(events, "iterator") else events
-    response = StreamingHttpResponse(audit_csv_lines(rows), content_type="text/csv; charset=utf-8")
+    response = ThreadedStreamingHttpResponse(audit_csv_lines(rows), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

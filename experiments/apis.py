@@ -17,7 +17,6 @@ from decimal import Decimal
 from typing import Any
 
 from django.db.models import Prefetch
-from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -30,6 +29,7 @@ from rest_framework.views import APIView
 from accounts.permissions import EXPERIMENT_MANAGEMENT, EXPERIMENT_MANAGEMENT_FORBIDDEN
 from billing.apis import BoundedPagination
 from core.openapi import error_responses
+from core.streaming import ThreadedStreamingHttpResponse
 
 from .models import AllocationStep, Experiment, ExperimentStatus, Variant
 from .results import experiment_results
@@ -408,7 +408,7 @@ class ExperimentResultsApi(APIView):
         results = experiment_results(experiment)
         if request.query_params.get("format") == "csv":
             stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
-            response = StreamingHttpResponse(results_csv_lines(results), content_type="text/csv; charset=utf-8")
+            response = ThreadedStreamingHttpResponse(results_csv_lines(results), content_type="text/csv; charset=utf-8")
             response["Content-Disposition"] = f'attachment; filename="experiment-{experiment.name}-{stamp}.csv"'
             return response
         return Response(results)
