@@ -639,8 +639,10 @@ class StreamTranslator:
 # Priority Tier when the account has it) falls back to; OpenAI's ``service_tier`` of the same name picks among OpenAI's
 # tiers (flex, priority, scale), which OpenAI bills otherwise than the catalog's prices, and Mistral refuses it;
 # ``speed: "fast"`` (a faster mode of Claude) has no equivalent, the reply comes at the model's own pace.
-# ``inference_geo`` (the region Anthropic runs the model in: data residency) is refused: where the model runs is its
-# deployment's provider's, and a client asking for its data to stay in a region is not served elsewhere silently.
+# ``inference_geo`` (the region Anthropic runs the model in: data residency) naming a region is refused: where the model
+# runs is its deployment's provider's, and a client asking for its data to stay in a region is not served elsewhere
+# silently. ``"global"``, Anthropic's default (any region), asks for no residency and is dropped, as a client that
+# always sends it is served anywhere (``_NO_RESIDENCY``).
 # ``metadata``'s other fields, ``top_k`` and ``cache_control`` have no OpenAI equivalent and are dropped; a block
 # type with no equivalent (``document``, server tools, also inside a ``tool_result``) is refused, and so are
 # Anthropic's own features (``mcp_servers``, ``container``, ``context_management``: ``_ANTHROPIC_ONLY``).
@@ -660,6 +662,9 @@ _ANTHROPIC_ONLY = {
     "container": "Code-execution containers",
     "context_management": "Context edits",
 }
+# The ``inference_geo`` that asks for no region in particular (Anthropic's default): nothing for a translated model to
+# honour.
+_NO_RESIDENCY = "global"
 # Text blocks that become one text (the system prompt's, a tool_result's) are joined by a blank line, as separate
 # blocks read; not run together.
 _BLOCKS_JOINED_BY = "\n\n"
@@ -706,10 +711,10 @@ def chat_request(
                 name,
                 "unsupported_parameter",
             )
-    if request.get("inference_geo") is not None:
+    if request.get("inference_geo") not in (None, _NO_RESIDENCY):
         raise _refused(
-            "Where this model runs is its provider's, not a region chosen per request: leave `inference_geo` out, or"
-            " ask a Claude model",
+            "Where this model runs is its provider's, not a region chosen per request: leave `inference_geo` out (or"
+            ' `"global"`), or ask a Claude model',
             "inference_geo",
             "unsupported_parameter",
         )

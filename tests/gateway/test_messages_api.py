@@ -1258,6 +1258,25 @@ def test_a_data_residency_request_is_refused_for_a_translated_model(gateway):
     assert sent["inference_geo"] == "us"
 
 
+def test_no_residency_asked_global_is_served_by_a_translated_model(gateway):
+    """``inference_geo: "global"`` is Anthropic's default, inference "in any available geography": no constraint, which
+    some clients send on every request. A translated model refused it as a region it could not honour; it is answered,
+    the field not sent to its provider (which has none), and an Anthropic-protocol model still gets it as written."""
+    request = {"model": "gpt-test", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+
+    reply = client(gateway).messages.create(**request, inference_geo="global")
+    with client(gateway).messages.stream(**request, inference_geo="global") as stream:
+        streamed = stream.get_final_message()
+
+    assert reply.content[0].text == "Echo: hi" and streamed.content[0].text == "Echo: hi"
+    sent = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert len(sent) == 2 and not [body for body in sent if "inference_geo" in body]
+
+    client(gateway).messages.create(**{**request, "model": "claude-test"}, inference_geo="global")
+    [sent_to_claude] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
+    assert sent_to_claude["inference_geo"] == "global"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(
     ("server", "stop_reason", "stop_sequence"),
