@@ -628,8 +628,9 @@ class StreamTranslator:
 # the text block, the closest of Anthropic's shapes, as its own web search cites a page (``_citations``): ``url`` and
 # ``title`` as they came, ``cited_text`` the part of the reply the annotation spans (no source text came with it), and
 # an empty ``encrypted_index`` (nothing of Anthropic's to point to, as the empty signature of a translated thinking
-# block); streamed, a ``citations_delta`` on the reply's last text block when the annotation arrives (a tool call's
-# block may have followed it), none with no text block (as the whole reply has none).
+# block); streamed, a ``citations_delta`` on the text block while it is open, when the annotation arrives; one that
+# arrives once the block has ended (a tool call's or thinking block followed it) is not streamed, as every delta of a
+# block comes before its stop, nor one with no text block (as the whole reply has none).
 # A refusal (OpenAI's ``refusal``) is the reply's text, ending ``stop_reason: "refusal"``, whole and streamed; a
 # reply that calls a tool ends ``tool_use`` even when its server said ``stop`` (``_stop_reason``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
@@ -1110,7 +1111,6 @@ class EventTranslator:
         self._usage: dict[str, Any] | None = None
         self._text: list[str] = []  # the reply's text so far, which its annotations' indices point into
         self._cited: set[tuple[Any, ...]] = set()
-        self._text_index: int | None = None  # the last text block's, which the reply's citations go on
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -1146,17 +1146,12 @@ class EventTranslator:
                 self._open("text", None, {"type": "text", "text": ""}, events)
                 events.append(self._delta({"type": "text_delta", "text": delta["refusal"]}))
             citations = _citations(delta.get("annotations"), "".join(self._text), self._cited)
-            if citations and self._text_index is not None:
-                # On the reply's last text block, as the whole reply has them, even once a tool call's block has
-                # followed it; with none, dropped: a block opened for them would be an empty text block.
-                events.extend(
-                    {
-                        "type": "content_block_delta",
-                        "index": self._text_index,
-                        "delta": {"type": "citations_delta", "citation": c},
-                    }
-                    for c in citations
-                )
+            if citations and self._block == ("text", None):
+                # On the text block still open. Once it has ended (a tool call's block followed it), or with none,
+                # dropped: every delta of a block comes before its ``content_block_stop`` (a client finishes the block
+                # there, the TypeScript SDK's ``citation`` event reads the last block), and a block opened for them
+                # would be an empty text block, which Anthropic refuses sent back. The whole reply keeps them.
+                events.extend(self._delta({"type": "citations_delta", "citation": c}) for c in citations)
             for call in delta.get("tool_calls") or ():
                 self._tool_delta(call, events)
             if choice.get("finish_reason"):
@@ -1210,8 +1205,6 @@ class EventTranslator:
         self._close(events)
         self._index += 1
         self._block = (kind, position)
-        if kind == "text":
-            self._text_index = self._index
         events.append({"type": "content_block_start", "index": self._index, "content_block": block})
 
     def _close(self, events: list[dict[str, Any]]) -> None:

@@ -202,6 +202,31 @@ def test_a_translated_models_url_citation_is_streamed_as_a_citations_delta(gatew
     ]
 
 
+def test_a_url_citation_that_comes_after_its_text_blocks_end_is_not_streamed_after_that_end(gateway):
+    """An upstream that cites its sources at the end of a reply that wrote text, then called a tool (OpenRouter's web
+    search does, its annotations last): the text block had ended (``content_block_stop``) when the tool's block opened,
+    and its ``citations_delta`` came after that end, which Anthropic's stream never has; the TypeScript SDK's
+    ``citation`` event (read on the last block) lost it, and a client that finishes a block at its stop dropped it or
+    failed. Every block's deltas now come before its stop: the late citation is not streamed (the whole reply, which
+    has every block at once, still carries it)."""
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    span = {"url": CITED, "title": "Source", "start_index": 0, "end_index": 12}
+    deltas = [
+        {"role": "assistant", "content": "It is sunny."},
+        {"tool_calls": [call]},
+        {"annotations": [{"type": "url_citation", "url_citation": span}]},
+    ]
+    upstream = openai_reply("chatcmpl-cited", message={}, deltas=deltas, stream=True)
+    body = {"model": "gpt-test", "max_tokens": 100, "messages": [{"role": "user", "content": raw_directive(upstream)}]}
+
+    _, wire = raw_events(gateway, body)
+
+    events = [json.loads(data) for _, data in wire]
+    assert_anthropic_sequence(events)
+    assert [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"] == ["text", "tool_use"]
+    assert not [e for e in events if e.get("delta", {}).get("type") == "citations_delta"]
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_every_streamed_event_has_anthropics_shape_and_order(gateway, model):
     reply, events = raw_events(

@@ -842,8 +842,9 @@ _CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "l
 @pytest.mark.parametrize("text", ["Sunny today.", None], ids=["after-text", "no-text"])
 def test_a_url_citation_after_a_tool_call_opens_no_empty_text_block(text):
     """An annotation arriving once a tool call's block had opened closed it and opened a new, empty text block for the
-    citation, which Anthropic's stream never has (and Anthropic refuses when sent back). It cites the reply's last
-    text block, as the whole reply does; with no text it is dropped, as the whole reply drops it."""
+    citation, which Anthropic's stream never has (and Anthropic refuses when sent back). Nor does it go on the text
+    block, which has ended: every delta of a block comes before its stop. It is not streamed; the whole reply cites it
+    on its text, and with no text drops it."""
     translator = EventTranslator()
     chunks = [
         *([_chunk({"role": "assistant", "content": text})] if text else []),
@@ -860,7 +861,7 @@ def test_a_url_citation_after_a_tool_call_opens_no_empty_text_block(text):
     citations = [
         (e["index"], e["delta"]["citation"]) for e in events if e.get("delta", {}).get("type") == "citations_delta"
     ]
-    assert citations == ([(0, CITATIONS[0]), (0, CITATIONS[1])] if text else [])
+    assert citations == []
 
     whole = {"role": "assistant", "content": text, "tool_calls": [_CALL], "annotations": ANNOTATIONS[:2]}
     message = message_from_completion(
@@ -869,6 +870,23 @@ def test_a_url_citation_after_a_tool_call_opens_no_empty_text_block(text):
     assert [block.get("citations") for block in message["content"] if block["type"] == "text"] == (
         [CITATIONS[:2]] if text else []
     )
+
+
+def test_a_url_citation_in_the_chunk_that_starts_a_tool_call_goes_on_the_text_before_its_stop():
+    translator = EventTranslator()
+    chunks = [
+        _chunk({"role": "assistant", "content": "Sunny today."}),
+        _chunk({"annotations": ANNOTATIONS[:1], "tool_calls": [_CALL]}),
+        _chunk({}, "tool_calls"),
+    ]
+    events = [event for chunk in chunks for event in translator.feed(chunk)] + translator.finish()
+    on_text = [(e["type"], e.get("delta", {}).get("type")) for e in events if e.get("index") == 0]
+    assert on_text == [
+        ("content_block_start", None),
+        ("content_block_delta", "text_delta"),
+        ("content_block_delta", "citations_delta"),
+        ("content_block_stop", None),
+    ]
 
 
 def _chunk(delta: dict, finish: str | None = None, **extra) -> dict:
