@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 from asgiref.sync import sync_to_async
 
@@ -14,8 +17,9 @@ from chat.moderation import moderation_drain
 from providers.models import Deployment, ModerationAction, ModerationPolicy
 from providers.moderation import policy_cache
 from providers.tokens import text_tokens
-from tests.chat.conftest import deltas, ends, events_until
+from tests.chat.conftest import deltas, ends, events_until, open_socket
 from tests.factories import ModelFactory
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -199,3 +203,35 @@ async def test_a_reply_cut_while_the_block_list_holds_its_last_word_is_charged_t
     record = await UsageRecord.objects.aget(user_id=alice.pk)
     assert record.usage_estimated and record.endpoint == "websocket"
     assert record.completion_tokens == text_tokens("one two three forbidden") > text_tokens("one two three")
+
+
+async def test_a_socket_closed_while_the_block_list_holds_the_reply_back_ends_the_upstream_call_and_pays_it(
+    alice, chat_model, fake_upstream, caplog
+):
+    """The tab closes while the output check holds back the reply's last word (a blocked one, until the next piece
+    shows whether it is a whole word), the words coming every 2 s. The upstream call is given up (its connection
+    closed before the reply's end), the saved reply keeps only what was shown, cancelled, and the row says the client
+    left and counts every word the upstream wrote, relayed or held; nothing is logged as an error."""
+    await moderate(chat_model, blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    ws, connected, _ = await open_socket(user=alice)
+    assert connected
+    written = "one two three forbidden"
+
+    await send(ws, chat_model, f"[[reply={written}{' more' * 300}]] [[tps=0.5]]")
+    events: list[dict] = []
+    while deltas(events, "r1") != "one two three":
+        events.append(await ws.receive_json_from(timeout=15))
+    await asyncio.sleep(3)  # the held word arrives 2 s after "three", the next one 4 s after
+    await ws.disconnect(timeout=10)
+
+    reply = await Message.objects.aget(conversation__owner=alice, role=Role.ASSISTANT)
+    assert reply.content == "one two three" and reply.status == MessageStatus.CANCELLED
+    await ledger_flush()
+    record = await UsageRecord.objects.aget(user_id=alice.pk)
+    assert record.status == "client_disconnected" and record.endpoint == "websocket"
+    assert record.usage_estimated and record.completion_tokens == text_tokens(written)
+    await wait_until_async(
+        lambda: [entry for entry in fake_upstream.requests if entry.get("closed_early")],
+        "the upstream's connection closed before its reply's end",
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

@@ -5,6 +5,8 @@ replies, the OpenAI checker, failing services, the Messages API's error shape, t
 from __future__ import annotations
 
 import json
+import logging
+import time
 from decimal import Decimal
 
 import anthropic
@@ -1244,6 +1246,45 @@ def test_a_stream_cut_while_the_output_check_holds_text_back_is_charged_the_held
     record = wait_for_record(request_id)
     assert record.usage_estimated and record.prompt_tokens > 0
     assert record.completion_tokens == text_tokens(written) > text_tokens("one two three")
+
+
+def test_a_client_that_leaves_while_the_output_check_holds_text_back_ends_the_upstream_call_and_pays_what_it_wrote(
+    gateway, caplog
+):
+    """The output check holds back the reply's last word, a blocked one, until the next piece shows whether it is a
+    whole word; the client closes the stream then, having read "one two three". The upstream call is given up (its
+    connection closed before the reply's end, the hour it had left not waited for), the row says the client left and
+    counts every word the upstream wrote, relayed or held (the provider billed them: ``docs/moderation.md``), and
+    nothing is logged as an error. The words come every 2 s: the client leaves 3 s after "three", between the held
+    word's arrival and the next one's."""
+    policy_on("gpt-test", blocklist="forbidden", check_input=False, stream_interval_chars=1)
+    written = "one two three forbidden"
+    prompt = f"[[reply={written}{' more' * 1800}]] [[tps=0.5]]"
+    read: list[str] = []
+    with httpx.stream(
+        "POST",
+        gateway.url + CHAT,
+        json={"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": prompt}]},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=30,
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                read.append(delivered_text([json.loads(line[len("data: ") :])]))
+            if "".join(read) == "one two three":
+                time.sleep(3)
+                break
+
+    record = wait_for_record(request_id)
+    assert record.status == "client_disconnected", (record.status, record.error_type, record.moderation)
+    assert record.usage_estimated and record.prompt_tokens > 0
+    assert record.completion_tokens == text_tokens(written)
+    wait_until(
+        lambda: [entry for entry in gateway.upstream.requests if entry.get("closed_early")],
+        "the upstream's connection closed before its reply's end",
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 def test_a_messages_stream_cut_while_the_output_check_holds_text_back_is_charged_the_held_text(gateway):
