@@ -1066,6 +1066,24 @@ def _not_again(exc: ProviderError) -> bool:
     return _misconfigured(exc) or exc.malformed
 
 
+def _failed_over(exc: ProviderError, tried: list[tuple[ResolvedModel, ProviderError]]) -> None:
+    """Name, in the message of ``exc`` (the failure answered), each model ``tried`` in order, each of its deployments
+    that failed and how: its code, and a refusal of the request in its provider's words, which may say that the request
+    itself is wrong (a fallback's is skipped, and the model's own failure answered: it must not hide it). Only the
+    status, code and Retry-After of the one answered reach an SDK; LiteLLM's router likewise names the model group and
+    its fallbacks in the message of the failure it raises."""
+    failures: dict[str, list[str]] = {}
+    for target, failure in tried:
+        deployment = target.deployment.name if target.deployment is not None else target.provider.name
+        said = f"{deployment}: {failure.code or type(failure).__name__}"
+        if _cannot_take(failure):
+            said += f": {text_quoted(failure.message.rstrip('.'), 300)}"
+        if said not in failures.setdefault(target.name, []):
+            failures[target.name].append(said)
+    each = "; ".join(f"`{name}` ({', '.join(said)})" for name, said in failures.items())
+    exc.message = f"{exc.message.rstrip()} Models tried, none answered: {each}."
+
+
 def _request_at_fault(exc: ProviderError, served: ResolvedModel | None = None) -> bool:
     """Whether a failure is the request's own doing and says nothing of the provider: a request found wrong
     (the provider's 400, context length, a translation refusing a field before any call, moderation
@@ -1366,7 +1384,27 @@ class CompletionRun:
         provider's Retry-After before the same deployment is tried again); any other failure is the answer.
         A context-length failure moves to the model's ``context_window_fallbacks`` instead. One deadline
         bounds the whole loop. The attempt that answered stays open for routing's statistics until the run
-        settles (a stream, at its end), when its tokens are known (the deployment's tpm cap)."""
+        settles (a stream, at its end), when its tokens are known (the deployment's tpm cap).
+
+        A failure answered once a fallback was tried names every model tried and how it failed (``_failed_over``):
+        the one answered is one attempt's, and the client would not know the others', a fallback's refusal of the
+        request among them."""
+        tried: list[tuple[ResolvedModel, ProviderError]] = []
+        try:
+            return await self._call_plan(once, exclude=exclude, tried=tried)
+        except ProviderError as exc:
+            if any(target.name != self.model.name for target, _ in tried) and not isinstance(exc, ModerationError):
+                _failed_over(exc, tried)
+            raise
+
+    async def _call_plan(
+        self,
+        once: Callable[[ResolvedModel], Awaitable[T]],
+        *,
+        exclude: frozenset[int] | set[int],
+        tried: list[tuple[ResolvedModel, ProviderError]],
+    ) -> T:
+        """``_call``'s loop; each failed attempt (a skipped fallback's refusal too) is added to ``tried``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.LLMHUB_REQUEST_DEADLINE_SECONDS
         plan = self._plan()
@@ -1439,6 +1477,7 @@ class CompletionRun:
                     ) from None
                 except ProviderContextLengthError as exc:
                     self._ticket_close(Outcome.NEUTRAL)
+                    tried.append((target, exc))
                     if model is not self.model and not switched_for_context:
                         # Too long for a fallback's smaller window, not for the model asked for: skipped as one that
                         # cannot take the request (``_cannot_take``); its other deployments share its window.
@@ -1456,6 +1495,7 @@ class CompletionRun:
                     refusal = byok_refused(target, failure)
                     # A failure of a user's own key says nothing of the deployment: its breaker does not count it.
                     self._ticket_close(_outcome(failure, target), error_type=failure.code or type(failure).__name__)
+                    tried.append((target, failure))
                     if refusal is not failure:
                         raise refusal from exc
                     if model is not self.model and _cannot_take(failure):

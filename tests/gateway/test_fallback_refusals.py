@@ -179,3 +179,42 @@ def test_the_model_asked_for_still_answers_its_providers_400(gateway):
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert record.status == "invalid" and record.model_name == "primary"
     assert [entry["body"]["model"] for entry in gateway.upstream.requests] == ["fault-400"]
+
+
+def test_when_the_model_and_its_fallbacks_all_fail_the_error_names_each_model_tried_and_its_failure(gateway):
+    """The model asked for failed (its 503), then its fallback (a 429): the client got the fallback's 429 alone,
+    "The provider 'fake-openai' is rate limiting the gateway", naming neither model, nor that the one it asked for
+    had failed too. The answer is still the last failure (its status, code and Retry-After: a retry may get past it),
+    its message naming each model tried, on which deployment, and how it failed."""
+    model("backup", "fake-openai", "fault-429")
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup"])
+
+    with pytest.raises(openai.RateLimitError) as failed:
+        gateway.client().chat.completions.create(model="primary", messages=HELLO)
+
+    assert failed.value.code == "upstream_rate_limited" and failed.value.response.headers["retry-after"] == "2"
+    message = failed.value.body["message"]
+    assert message.startswith("The provider 'fake-openai' is rate limiting the gateway"), message
+    assert "`primary` (fake-openai: upstream_unavailable)" in message, message
+    assert "`backup` (fake-openai: upstream_rate_limited)" in message, message
+    assert message.index("`primary`") < message.index("`backup`")
+    record = wait_for_record(failed.value.response.headers["x-request-id"])
+    assert record.model_name == "backup" and record.requested_model == "primary" and record.attempts == 2
+
+
+@pytest.mark.parametrize(("upstream", "ask"), PROVIDER_REFUSALS.values(), ids=PROVIDER_REFUSALS.keys())
+def test_a_skipped_fallbacks_refusal_is_not_masked_by_the_models_own_failure(gateway, upstream, ask):
+    """The fallback's provider refused the request (its 400), which may say the request itself is wrong: the client
+    got the model's own 503 with no word of it. The 503 is still the answer (the model asked
+    for may take the request, and a retry may reach it), its message quoting the fallback's refusal."""
+    model("backup", "fake-openai", upstream)
+    model("primary", "fake-openai", "fault-503", fallbacks=["backup"])
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        gateway.client().chat.completions.create(model="primary", messages=HELLO, **ask)
+
+    assert_the_models_own_503(failed.value)
+    message = failed.value.body["message"]
+    assert "`primary` (fake-openai: upstream_unavailable)" in message, message
+    refusal = message[message.index("`backup` (fake-openai: ") :]
+    assert ("max_tokens" in refusal) if upstream == "fake-gpt-4o-mini" else ("400" in refusal), message
