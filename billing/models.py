@@ -786,6 +786,15 @@ class OpsAlertIncident(models.Model):
     opened_at = models.DateTimeField()
     cleared_at = models.DateTimeField(null=True, blank=True)
     value_at_open = models.DecimalField(max_digits=24, decimal_places=6)
+    # Its alerts quote it: an admin may edit the rule's threshold while the incident is open. Empty on those
+    # opened before it was kept (and by the previous release's code, during a rolling deploy): the rule's is quoted.
+    threshold = models.DecimalField(
+        max_digits=14,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        help_text="The rule's threshold when it opened; empty: opened before it was kept.",
+    )
     peak = models.DecimalField(max_digits=24, decimal_places=6)
     value_at_clear = models.DecimalField(max_digits=24, decimal_places=6, null=True, blank=True)
     under_since = models.DateTimeField(

@@ -422,6 +422,7 @@ def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now
                 subject=subject,
                 opened_at=now,
                 value_at_open=measure.value,
+                threshold=rule.threshold,
                 peak=measure.value,
                 detail=measure.detail[:300],
                 delivery=_unsent(rule, OpsAlertEvent.OPEN),
@@ -722,14 +723,26 @@ def _in_rule_unit(rule: OpsAlertRule, value: Decimal, *, exact: bool = False) ->
     return number + unit
 
 
-def _threshold_text(rule: OpsAlertRule) -> str:
+def _opened_under(rule: OpsAlertRule, incident: OpsAlertIncident) -> tuple[str, str]:
+    """The threshold the incident opened under, in the rule's unit, and the rule's own now when an admin has edited
+    it since ("" otherwise): each alert quotes the first, so that a clearing after the edit does not read as if the
+    incident had opened under the new one. An incident opened before the threshold was kept has the rule's."""
+    now = _in_rule_unit(rule, rule.threshold, exact=True)
+    if incident.threshold is None:
+        return now, ""
+    opened = _in_rule_unit(rule, Decimal(incident.threshold), exact=True)
+    return opened, "" if opened == now else now
+
+
+def _threshold_text(rule: OpsAlertRule, incident: OpsAlertIncident) -> str:
     """The rule the measure went past, in words, to follow it: whether the rule or the subject needs looking at."""
-    threshold = _in_rule_unit(rule, rule.threshold, exact=True)
+    threshold, edited = _opened_under(rule, incident)
+    since = f"; the rule's threshold is {edited} now" if edited else ""
     if rule.kind == OpsAlertKind.TOKEN_QUOTA:
-        return f"; the rule alerts at {threshold} of the quota used, or when the quota refuses the user"
+        return f"; the rule alerts at {threshold} of the quota used, or when the quota refuses the user{since}"
     if rule.kind == OpsAlertKind.SPEND_SPIKE:
-        return f", above the rule's {threshold} (from a usual hour of {usd(rule.minimum_baseline_usd)})"
-    return f", above the rule's {threshold} (from {rule.minimum_requests} requests)"
+        return f", above the rule's {threshold} (from a usual hour of {usd(rule.minimum_baseline_usd)}{since})"
+    return f", above the rule's {threshold} (from {rule.minimum_requests} requests{since})"
 
 
 def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
@@ -747,7 +760,9 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
                 f"{incident.closed_because or 'the rule was deleted'}, so nothing watches it now; after {lasted} "
                 f"(since {since}). It began as: {incident.detail}."
             )
-        worst, threshold = _in_rule_unit(rule, incident.peak), _in_rule_unit(rule, rule.threshold, exact=True)
+        worst, (threshold, edited) = _in_rule_unit(rule, incident.peak), _opened_under(rule, incident)
+        if edited:
+            threshold = f"{threshold} when it opened ({edited} now)"
         if incident.closed_because:
             return (
                 f"llmhub: closed, not recovered: {rule.name} ({incident.subject}): {incident.closed_because}, so "
@@ -760,7 +775,7 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
         )
     if rule is None:  # deleted since: its threshold went with it
         return f"llmhub: {incident.rule_name}: {incident.detail} (since {since})."
-    return f"llmhub: {rule.name}: {incident.detail}{_threshold_text(rule)} (since {since})."
+    return f"llmhub: {rule.name}: {incident.detail}{_threshold_text(rule, incident)} (since {since})."
 
 
 def _delivered(incident_id: int, mark: str) -> None:

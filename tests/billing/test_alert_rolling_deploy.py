@@ -15,7 +15,14 @@ from tests.factories import DeploymentFactory
 pytestmark = pytest.mark.django_db
 
 ADDED = {
-    OpsAlertIncident: {"closed_because", "kept_recipients", "kept_webhook_url", "rule_name", "under_since"},
+    OpsAlertIncident: {
+        "closed_because",
+        "kept_recipients",
+        "kept_webhook_url",
+        "rule_name",
+        "threshold",
+        "under_since",
+    },
     Incident: {"ended_because", "kept_deployment", "kept_model", "kept_provider", "kept_upstream_id"},
 }
 

@@ -770,6 +770,39 @@ def test_the_alert_says_what_where_how_bad_since_when_and_against_which_threshol
     assert [message.body for message in alert_mail()] == [firing, cleared]
 
 
+def test_an_alert_quotes_the_threshold_its_incident_opened_under_when_the_rule_was_edited_since(webhook):
+    """A threshold an admin edited during an incident: the cleared alert quoted the rule's new one ("the rule's
+    threshold 10 %" for an incident opened at 5 %), as if it had opened under it. It quotes the one it opened
+    under, and the rule's new one beside it; so does an alert the sweep sends late, and the closing one."""
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("5"), minimum_requests=4)
+    for status in [UsageStatus.UPSTREAM_ERROR] + 9 * [UsageStatus.OK]:
+        UsageRecordFactory(model_name="m", status=status, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)  # 10 %, above 5 %: opened
+    incident = OpsAlertIncident.objects.get()
+    assert incident.threshold == Decimal("5")
+    watched.threshold = Decimal("10")
+    watched.save(update_fields=["threshold"])
+    assert "above the rule's 5 % (from 4 requests; the rule's threshold is 10 % now)" in ops_alert_text(
+        incident, "open"
+    )
+
+    evaluate_at(T0 + timedelta(minutes=10))  # nothing in the window: cleared
+    firing, cleared = (entry["text"] for entry in webhook.received)
+    assert "above the rule's 5 % (from 4 requests)" in firing
+    assert "at worst 10.0 %, the rule's threshold 5 % when it opened (10 % now). It began as" in cleared
+    incident.refresh_from_db()
+    incident.closed_because = "the rule was disabled"
+    assert ", the rule's threshold 5 % when it opened (10 % now). It began as" in ops_alert_text(incident, "clear")
+
+
+def test_an_incident_opened_before_its_threshold_was_kept_quotes_the_rules():
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("20"), minimum_requests=4)
+    incident = OpsAlertIncident(
+        rule=watched, subject="model:m", opened_at=T0, cleared_at=T0, value_at_open=30, peak=Decimal(30), detail="x"
+    )
+    assert "at worst 30.0 %, the rule's threshold 20 %. It began as" in ops_alert_text(incident, "clear")
+
+
 @pytest.mark.parametrize(
     ("kind", "threshold", "words"),
     [
