@@ -350,6 +350,12 @@ def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation)
             evaluation.cleared.append(f"{rule.kind} {subject}")
         for incident in unwatched:
             del open_incidents[incident.subject]
+    gone = _subjects_gone(rule, open_incidents)
+    for because, incidents in gone.items():
+        for subject in _gone_close(rule, incidents, because=because, now=now):
+            evaluation.cleared.append(f"{rule.kind} {subject}")
+        for incident in incidents:
+            del open_incidents[incident.subject]
     for subject, measure in measures.items():
         incident = open_incidents.get(subject)
         if incident is None:
@@ -537,6 +543,38 @@ def _unwatched_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, n
             OpsAlertIncident.objects.filter(pk__in=[incident.pk for incident in incidents]),
             rule=rule,
             because=f"the rule now watches {_watched_text(rule)}",
+            now=now,
+        )
+
+
+def _subjects_gone(
+    rule: OpsAlertRule, open_incidents: dict[str, OpsAlertIncident]
+) -> dict[str, list[OpsAlertIncident]]:
+    """The open incidents whose subject is gone, by why: a user deleted (their ledger rows go to null, and a
+    token-quota incident would read as gone, told as a recovery after the rule's wait)."""
+    if rule.kind != OpsAlertKind.TOKEN_QUOTA:
+        return {}
+    users = {
+        int(subject.removeprefix("user:")): incident
+        for subject, incident in open_incidents.items()
+        if subject.startswith("user:") and subject.removeprefix("user:").isdigit()
+    }
+    present = set(get_user_model().objects.filter(pk__in=users).values_list("pk", flat=True))
+    deleted = [incident for user_id, incident in users.items() if user_id not in present]
+    return {"the user was deleted": deleted} if deleted else {}
+
+
+def _gone_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:
+    """Close the open incidents of subjects that are gone (``_subjects_gone``), told once as closed, not recovered
+    (``because``: "the user was deleted"), as a deployment deleted while down is; nothing when the rule, once
+    locked, was disabled meanwhile (its close told it already)."""
+    with transaction.atomic():
+        if not _rule_lock(rule.pk):
+            return []
+        return _incidents_close(
+            OpsAlertIncident.objects.filter(pk__in=[incident.pk for incident in incidents]),
+            rule=rule,
+            because=because,
             now=now,
         )
 

@@ -27,6 +27,7 @@ from django.core import mail
 from django.core.exceptions import ValidationError
 from django.db import OperationalError, connection
 
+from accounts.services import users_delete
 from billing.models import DailyUsage, OpsAlertIncident, OpsAlertKind, OpsAlertRule, Plan, UsageRecord, UsageStatus
 from billing.selectors_ops import ops_deployments
 from billing.services.keys import api_key_create
@@ -305,6 +306,41 @@ def test_the_next_day_clears_a_used_up_quota():
     evaluate_at(T0 + timedelta(hours=12))  # midnight UTC: a new day, nothing used
     assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(hours=12)
     assert len(alert_mail()) == 2
+
+
+@pytest.mark.parametrize("how", ["shell", "admin"])
+def test_a_deleted_users_quota_incident_closes_once_as_no_recovery(how, webhook):
+    """A user deleted while their daily token quota's incident was open left no rows to measure (the ledger's go
+    to null): the incident read as gone and cleared as a recovery, "cleared … at worst 100 %", the user back under
+    their quota. The next evaluator run closes it, told once as closed, not recovered: the user was deleted."""
+    rule(OpsAlertKind.TOKEN_QUOTA, threshold=Decimal("100"))
+    plan = Plan.objects.create(name="Tight", allow_all_models=True, daily_token_quota=30)
+    user, other = UserFactory(username="heavy"), UserFactory(username="also-heavy")
+    for each in (user, other):
+        plan_assign(user=each, plan=plan)
+        UsageRecordFactory(user=each, prompt_tokens=20, completion_tokens=10, created_at=T0)
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 2
+
+    user_id = user.pk
+    if how == "shell":
+        user.delete()
+    else:
+        users_delete(user_ids=[user_id])
+    with time_machine.travel(T0 + timedelta(minutes=1), tick=False):
+        assert ops_alerts_evaluate().cleared == [f"token_quota user:{user_id}"]
+    evaluate_at(T0 + timedelta(minutes=2))
+
+    incident = OpsAlertIncident.objects.get(subject=f"user:{user_id}")
+    assert (incident.cleared_at, incident.closed_because) == (T0 + timedelta(minutes=1), "the user was deleted")
+    assert OpsAlertIncident.objects.get(subject=f"user:{other.pk}").cleared_at is None
+    closed = f"[llmhub] closed, not recovered: test token_quota (user:{user_id})"
+    assert [subject for _, subject in sent()].count(closed) == 1 and len(alert_mail()) == 3
+    assert webhook.received[-1]["text"].startswith(
+        f"llmhub: closed, not recovered: test token_quota (user:{user_id}): the user was deleted, so nothing "
+        "watches it now"
+    )
+    assert len(webhook.received) == 3
 
 
 def test_a_burst_of_spend_alerts_once_against_the_usual_hour_then_clears_once(gateway, webhook):
