@@ -783,6 +783,23 @@ class OpsAlertIncident(models.Model):
         blank=True, default="", db_default="", help_text="The deleted rule's own webhook."
     )
     subject = models.CharField(max_length=200, help_text='What it is about: "model:gpt-4o", "user:12", "all".')
+    # A model's incident follows the model, not its name: renamed in the catalog while the incident is open, it
+    # is the same outage (its subject takes the new name). Empty: not a model's, opened before this was kept, or
+    # the model was deleted.
+    model = models.ForeignKey(
+        "providers.CatalogModel",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The model it is about (error rate, p95 latency), whatever it is named now.",
+    )
+    renamed_from = models.CharField(
+        max_length=200,
+        blank=True,
+        db_default="",  # the previous release's code, during a rolling deploy, inserts without naming it
+        help_text="The subject it opened as, when its model was renamed since.",
+    )
     opened_at = models.DateTimeField()
     cleared_at = models.DateTimeField(null=True, blank=True)
     value_at_open = models.DecimalField(max_digits=24, decimal_places=6)

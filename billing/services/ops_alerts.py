@@ -44,7 +44,7 @@ from django.utils.timesince import timesince
 from core.outbox import DeliveryState, deliveries_unsent, delivery_done, delivery_release, task_queue
 from core.time_limits import time_limit_reraise
 from providers.fields import UNREADABLE, SecretUrl, UnreadableSecretUrl
-from providers.models import BreakerOverride, Deployment, Incident
+from providers.models import BreakerOverride, CatalogModel, Deployment, Incident
 from providers.routing.breaker_machine import CLOSED
 from providers.routing.breakers import breaker_states
 from providers.services.incidents import BREAKER_REASON, incident_alert_recipients, incident_close, incident_open
@@ -98,6 +98,8 @@ class Measure:
     # Whether an incident already open stays open, when that is not ``breached``: a minimum of requests keeps a
     # few from opening one, but traffic falling under it during an outage (clients backing off) is no recovery.
     holds: bool | None = None
+    # The model measured (error rate, p95 latency): its incident follows it across a rename.
+    model_id: int | None = None
 
     @property
     def keeps_open(self) -> bool:
@@ -118,6 +120,15 @@ def _model_scoped(rows, rule: OpsAlertRule):
     return rows.filter(model_name=rule.model_name) if rule.model_name else rows
 
 
+def _per_model_now(rows, rule: OpsAlertRule):
+    """``rows`` with their model's name now (``model_now``), for the measures per model: its catalog name, which
+    an admin may have edited since the row was written, or the name on the row once the model is deleted. A model
+    renamed during an outage is one model measured, its rows of either name together; a rule narrowed to one
+    model watches the one named so now."""
+    rows = rows.exclude(model_name="").annotate(model_now=Coalesce(F("model__name"), F("model_name")))
+    return rows.filter(model_now=rule.model_name) if rule.model_name else rows
+
+
 def _percent(value: Decimal) -> str:
     return f"{value.quantize(Decimal('0.1'))} %"
 
@@ -130,20 +141,24 @@ def error_rate_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure]
         created_at__gt=now - timedelta(minutes=rule.window_minutes), created_at__lte=now
     ).exclude(status__in=_NOT_JUDGED)
     counts = (
-        _model_scoped(rows, rule)
-        .values("model_name")
-        .annotate(total=Count("pk"), failed=Count("pk", filter=Q(status=UsageStatus.UPSTREAM_ERROR)))
+        _per_model_now(rows, rule)
+        .values("model_now")
+        .annotate(
+            total=Count("pk"),
+            failed=Count("pk", filter=Q(status=UsageStatus.UPSTREAM_ERROR)),
+            model_pk=Max("model_id"),
+        )
     )
     measures = {}
     for row in counts:
         rate = Decimal(row["failed"] * 100) / row["total"]
         detail = (
-            f"error rate of model {row['model_name']} is {_percent(rate)} over the last {rule.window_minutes} minutes "
+            f"error rate of model {row['model_now']} is {_percent(rate)} over the last {rule.window_minutes} minutes "
             f"({row['failed']} of {row['total']} requests failed upstream)"
         )
         above = rate > rule.threshold
-        measures[f"model:{row['model_name']}"] = Measure(
-            rate, above and row["total"] >= rule.minimum_requests, detail, holds=above
+        measures[f"model:{row['model_now']}"] = Measure(
+            rate, above and row["total"] >= rule.minimum_requests, detail, holds=above, model_id=row["model_pk"]
         )
     return measures
 
@@ -161,10 +176,13 @@ def latency_p95_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
         created_at__gt=now - timedelta(minutes=rule.window_minutes), created_at__lte=now, status=UsageStatus.OK
     )
     latencies: dict[str, list[int]] = defaultdict(list)
-    for model_name, stream, ttft_ms, duration_ms in _model_scoped(rows, rule).values_list(
-        "model_name", "stream", "ttft_ms", "duration_ms"
+    model_ids: dict[str, int] = {}
+    for model_name, model_id, stream, ttft_ms, duration_ms in _per_model_now(rows, rule).values_list(
+        "model_now", "model_id", "stream", "ttft_ms", "duration_ms"
     ):
         latencies[model_name].append(ttft_ms if stream and ttft_ms is not None else duration_ms)
+        if model_id is not None:
+            model_ids[model_name] = model_id
     measures = {}
     for model_name, values in latencies.items():
         p95 = percentile(values, 0.95)
@@ -174,7 +192,11 @@ def latency_p95_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
         )
         above = p95 > rule.threshold
         measures[f"model:{model_name}"] = Measure(
-            Decimal(p95), above and len(values) >= rule.minimum_requests, detail, holds=above
+            Decimal(p95),
+            above and len(values) >= rule.minimum_requests,
+            detail,
+            holds=above,
+            model_id=model_ids.get(model_name),
         )
     return measures
 
@@ -344,6 +366,7 @@ def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation)
         return
     measures = MEASURES[rule.kind](rule, now)
     open_incidents = {incident.subject: incident for incident in rule.incidents.filter(cleared_at__isnull=True)}
+    _renames_follow(rule, open_incidents, measures)
     unwatched = [incident for subject, incident in open_incidents.items() if not _watches(rule, subject)]
     if unwatched:
         for subject in _unwatched_close(rule, unwatched, now=now):
@@ -375,6 +398,45 @@ def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation)
                 continue
             if ops_incident_clear(incident=incident, measure=measure, now=now) is not None:
                 evaluation.cleared.append(f"{rule.kind} {subject}")
+
+
+def _renames_follow(
+    rule: OpsAlertRule, open_incidents: dict[str, OpsAlertIncident], measures: dict[str, Measure]
+) -> None:
+    """Carry each open incident of a model across the model's rename (its catalog name edited in the admin or the
+    shell): its subject takes the name the model has now, and keeps the one it opened as (``renamed_from``), in
+    ``open_incidents`` too. Kept by the name alone, the next runs opened a second incident under the new name (a
+    second "firing" for one outage) and cleared the first as a recovery once the old name's rows left the window.
+    An incident opened without its model (by the previous release, during a rolling deploy) is given it from its
+    measure. Under the rule's lock; an incident another evaluator moved meanwhile is left to the next run."""
+    for subject, incident in open_incidents.items():
+        measure = measures.get(subject)
+        if incident.model_id is None and measure is not None and measure.model_id is not None:
+            OpsAlertIncident.objects.filter(pk=incident.pk, model__isnull=True).update(model_id=measure.model_id)
+            incident.model_id = measure.model_id
+    followed = {incident.model_id: incident for incident in open_incidents.values() if incident.model_id is not None}
+    if not followed:
+        return
+    for model_id, name in CatalogModel.objects.filter(pk__in=followed).values_list("pk", "name"):
+        incident, subject = followed[model_id], f"model:{name}"
+        if incident.subject == subject or subject in open_incidents:
+            # One open under the new name already (opened by the previous release, which did not follow the
+            # model): this one stays as it is, and clears as its name is no longer measured.
+            continue
+        renamed_from = incident.renamed_from or incident.subject
+        try:
+            with transaction.atomic():
+                if not _rule_lock(rule.pk):
+                    return
+                moved = OpsAlertIncident.objects.filter(
+                    pk=incident.pk, subject=incident.subject, cleared_at__isnull=True
+                ).update(subject=subject, renamed_from=renamed_from)
+        except IntegrityError:
+            continue  # another evaluator opened one under the new name: as above
+        del open_incidents[incident.subject]
+        if moved:
+            incident.subject, incident.renamed_from = subject, renamed_from
+            open_incidents[subject] = incident
 
 
 def _disabled_rules_close(*, now: datetime, evaluation: Evaluation) -> None:
@@ -429,6 +491,7 @@ def ops_incident_open(*, rule: OpsAlertRule, subject: str, measure: Measure, now
                 opened_at=now,
                 value_at_open=measure.value,
                 threshold=rule.threshold,
+                model_id=measure.model_id,
                 peak=measure.value,
                 detail=measure.detail[:300],
                 delivery=_unsent(rule, OpsAlertEvent.OPEN),
@@ -733,6 +796,14 @@ def ops_incident_rule_name(incident: OpsAlertIncident) -> str:
     return incident.rule.name if incident.rule else incident.rule_name
 
 
+def ops_incident_subject(incident: OpsAlertIncident) -> str:
+    """What it is about, as its alerts say it: "model:gpt-4o"; a model renamed since it opened, by both names
+    ("model:gpt-4o-2, model:gpt-4o when it opened"), so that the clear is read against the firing alert."""
+    if incident.renamed_from:
+        return f"{incident.subject}, {incident.renamed_from} when it opened"
+    return incident.subject
+
+
 def ops_incident_recipients(incident: OpsAlertIncident) -> list[str]:
     """Its rule's addresses (those the rule had, once it is deleted); without any, the admins'."""
     if incident.rule:
@@ -786,7 +857,7 @@ def _threshold_text(rule: OpsAlertRule, incident: OpsAlertIncident) -> str:
 def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
     """The alert in words: what, where, how bad, since when, against which threshold; once cleared, how long it
     lasted and how bad it got."""
-    rule = incident.rule
+    rule, subject = incident.rule, ops_incident_subject(incident)
     since = f"{incident.opened_at:%Y-%m-%d %H:%M} UTC"
     if event == OpsAlertEvent.CLEAR:
         lasted = "less than a minute"
@@ -794,7 +865,7 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
             lasted = timesince(incident.opened_at, incident.cleared_at)
         if rule is None:  # deleted: its kind and threshold went with it
             return (
-                f"llmhub: closed, not recovered: {incident.rule_name} ({incident.subject}): "
+                f"llmhub: closed, not recovered: {incident.rule_name} ({subject}): "
                 f"{incident.closed_because or 'the rule was deleted'}, so nothing watches it now; after {lasted} "
                 f"(since {since}). It began as: {incident.detail}."
             )
@@ -803,12 +874,12 @@ def ops_alert_text(incident: OpsAlertIncident, event: str) -> str:
             threshold = f"{threshold} when it opened ({edited} now)"
         if incident.closed_because:
             return (
-                f"llmhub: closed, not recovered: {rule.name} ({incident.subject}): {incident.closed_because}, so "
+                f"llmhub: closed, not recovered: {rule.name} ({subject}): {incident.closed_because}, so "
                 f"nothing watches it now; after {lasted} (since {since}), at worst {worst}, the rule's threshold "
                 f"{threshold}. It began as: {incident.detail}."
             )
         return (
-            f"llmhub: cleared: {rule.name} ({incident.subject}), after {lasted} (since {since}); at worst {worst}, "
+            f"llmhub: cleared: {rule.name} ({subject}), after {lasted} (since {since}); at worst {worst}, "
             f"the rule's threshold {threshold}. It began as: {incident.detail}."
         )
     if rule is None:  # deleted since: its threshold went with it
@@ -829,7 +900,7 @@ def ops_alert_email_send(*, incident: OpsAlertIncident, event: str) -> bool:
     if event == OpsAlertEvent.CLEAR:
         state = "closed, not recovered" if incident.closed_because else "cleared"
     sent = alert_email_send(
-        subject=f"[llmhub] {state}: {ops_incident_rule_name(incident)} ({incident.subject})",
+        subject=f"[llmhub] {state}: {ops_incident_rule_name(incident)} ({ops_incident_subject(incident)})",
         body=ops_alert_text(incident, event),
         recipients=ops_incident_recipients(incident),
     )

@@ -19,6 +19,8 @@ ADDED = {
         "closed_because",
         "kept_recipients",
         "kept_webhook_url",
+        "model",
+        "renamed_from",
         "rule_name",
         "threshold",
         "under_since",
@@ -42,7 +44,8 @@ def test_an_ops_incident_inserted_without_the_new_columns_reads_empty():
     rule = OpsAlertRule.objects.create(name="errors", kind="error_rate", threshold=10)
     incident = OpsAlertIncident(rule=rule, subject="model x", opened_at=timezone.now(), value_at_open=20, peak=20)
     saved = OpsAlertIncident.objects.get(pk=insert_as_the_previous_release(incident))
-    assert (saved.closed_because, saved.kept_recipients, saved.rule_name) == ("", "", "")
+    assert (saved.closed_because, saved.kept_recipients, saved.rule_name, saved.renamed_from) == ("", "", "", "")
+    assert (saved.model_id, saved.threshold) == (None, None)
     assert not saved.kept_webhook_url.reveal()
 
 

@@ -1053,6 +1053,69 @@ def test_a_rule_narrowed_to_one_model_closes_the_incident_it_no_longer_watches_o
     assert len(webhook.received) == 3
 
 
+@pytest.mark.parametrize("kind", [OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95])
+def test_a_model_renamed_during_its_incident_is_one_incident_one_alert_and_one_clear_once_it_recovers(kind, webhook):
+    """Incidents were kept by the model's name: an admin renaming a failing model (its catalog name) had the
+    next runs open a second incident under the new name, a second "firing" for one outage, and once the old
+    name's rows left the window, clear the first as a recovery while the model still failed. The incident follows
+    the model (its pk) across the rename: one firing, and one clear once the model is really back."""
+    threshold = Decimal("10") if kind == OpsAlertKind.ERROR_RATE else Decimal("1000")
+    rule(kind, threshold=threshold, minimum_requests=2, clear_after_minutes=5)
+    model = ModelFactory(name="m")
+
+    def failing(name: str, at: datetime) -> None:
+        for _ in range(2):
+            if kind == OpsAlertKind.ERROR_RATE:
+                UsageRecordFactory(model=model, model_name=name, status=UsageStatus.UPSTREAM_ERROR, created_at=at)
+            else:
+                UsageRecordFactory(model=model, model_name=name, duration_ms=5000, created_at=at)
+
+    failing("m", T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    model.name = "m2"  # renamed by an admin during the outage
+    model.save(update_fields=["name"])
+    failing("m2", T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))  # the rows of either name in the window
+    failing("m2", T0 + timedelta(minutes=4))
+    evaluate_at(T0 + timedelta(minutes=5))  # the new name's only
+    evaluate_at(T0 + timedelta(minutes=10))  # nothing in the window: under since now, for the rule's 5 minutes
+
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.subject, incident.renamed_from, incident.cleared_at) == ("model:m2", "model:m", None)
+    assert [subject for _, subject in sent()] == [f"[llmhub] firing: test {kind} (model:m)"]
+
+    evaluate_at(T0 + timedelta(minutes=15))
+    evaluate_at(T0 + timedelta(minutes=16))
+    assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(minutes=15)
+    assert [subject for _, subject in sent()] == [
+        f"[llmhub] firing: test {kind} (model:m)",
+        f"[llmhub] cleared: test {kind} (model:m2, model:m when it opened)",
+    ]
+    assert webhook.received[-1]["text"].startswith(
+        f"llmhub: cleared: test {kind} (model:m2, model:m when it opened), after 15\xa0minutes"
+    )
+    assert len(webhook.received) == 2
+
+
+def test_a_model_renamed_away_from_the_name_its_rule_watches_has_its_incident_closed_once_as_no_recovery():
+    """A rule narrowed to a model by name watches the model named so now: renamed, the failing model is not it
+    any more, and its incident is closed once as no longer watched, not cleared as a recovery."""
+    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="m")
+    model = ModelFactory(name="m")
+    for _ in range(2):
+        UsageRecordFactory(model=model, model_name="m", status="upstream_error", created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    model.name = "m2"
+    model.save(update_fields=["name"])
+    evaluate_at(T0 + timedelta(minutes=1))
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.subject, incident.closed_because) == ("model:m2", "the rule now watches model m only")
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test error_rate (model:m)",
+        "[llmhub] closed, not recovered: test error_rate (model:m2, model:m when it opened)",
+    ]
+
+
 def test_an_evaluation_that_read_a_rule_before_it_was_disabled_opens_nothing_after():
     watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
     for _ in range(2):
