@@ -45,7 +45,7 @@ from django.views.decorators.http import require_safe
 
 from billing.selectors_ops import ops_periodic_tasks
 from billing.services import ledger
-from billing.services.spool import CLAIMED_INFIX, spool_path
+from billing.services.spool import SpoolTally
 from core import metrics as core_metrics
 from providers.models import Deployment
 from providers.routing.breaker_machine import HALF_OPEN, OPEN
@@ -277,23 +277,14 @@ def _breaker_values() -> list[tuple[list[str], float]]:
     return values
 
 
+# The spool's rows, counted from what was appended since the last scrape (the spool can grow large during a
+# database outage, and a scrape comes every 15 s).
+_spool_tally = SpoolTally()
+
+
 def _spool_contents() -> tuple[int, int]:
-    """Rows (lines) and bytes in the spool and in the files being replayed; read without the spool's lock, in
-    blocks (the spool can grow large during a database outage)."""
-    path = spool_path()
-    rows = size = 0
-    names = [path]
-    if path.parent.exists():
-        names += sorted(path.parent.glob(path.name + CLAIMED_INFIX + "*"))
-    for name in names:
-        try:
-            with open(name, "rb") as spool:
-                while block := spool.read(1 << 20):
-                    rows += block.count(b"\n")
-                    size += len(block)
-        except FileNotFoundError:
-            continue  # claimed or replayed between the listing and the read
-    return rows, size
+    """Rows (lines) and bytes in the spool and in the files being replayed; read without the spool's lock."""
+    return _spool_tally.counts()
 
 
 def _ledger_queue_sample() -> None:

@@ -25,10 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from billing.services.budgets import api_key_limits_set
 from billing.services.keys import api_key_create
-from billing.services.spool import spool_append
+from billing.services.spool import spool_append, spool_claim, spool_path
 from billing.services.task_runs import task_run_record
 from core import metrics as core_metrics
 from core.telemetry import AttemptObservation, RequestObservation
+from llmhub import metrics as llmhub_metrics
 from providers.models import CatalogModel, Deployment
 from providers.routing.breakers import breaker_force
 from tests.conftest import free_port, process_stop, wait_for_port
@@ -366,6 +367,52 @@ def test_breaker_state_spool_and_ledger_queue_are_read_at_scrape_time(llmhub_ser
     assert value(text, "llmhub_ledger_spooled_rows") == 2
     assert value(text, "llmhub_ledger_spool_bytes") > 0
     assert "llmhub_ledger_queue_rows" in text
+
+
+def bytes_read_by(call) -> tuple[int, object]:
+    """What ``call`` read from files on this thread (the kernel's count of bytes read: ``rchar`` of
+    ``/proc/thread-self/io``), and what it returned."""
+
+    def read_so_far() -> int:
+        with open("/proc/thread-self/io") as io:
+            return int(next(line for line in io if line.startswith("rchar:")).split()[1])
+
+    before = read_so_far()
+    result = call()
+    return read_so_far() - before, result
+
+
+def test_a_scrape_counts_the_spools_rows_from_what_was_appended_since_the_last(llmhub_server, scraping):
+    """A spool grown large in a database outage (every row of an hour) was read whole at every scrape, every 15 s,
+    to count its lines: megabytes a scrape. A scrape reads what was appended since the last one (and a few bytes
+    of each file's head, to know it for the same file); a file claimed for replay (renamed) is not read again;
+    one truncated, rewritten or new is counted afresh."""
+    path = spool_path()
+    row = json.dumps({"request_id": "spooled", "padding": "x" * 1000})
+    spool_append(row for _ in range(3000))
+    text = scrape(llmhub_server.url)
+    assert value(text, "llmhub_ledger_spooled_rows") == 3000
+    assert value(text, "llmhub_ledger_spool_bytes") == path.stat().st_size > 3_000_000
+
+    spool_append([row, row])
+    read, (rows, size) = bytes_read_by(llmhub_metrics._spool_contents)
+    assert (rows, size) == (3002, path.stat().st_size) and read < 64_000
+    # A replay claims the spool (renamed to its own file) while new rows start a new one: only those are read.
+    with spool_claim() as claimed:
+        spool_append([row] * 5)
+        read, (rows, size) = bytes_read_by(llmhub_metrics._spool_contents)
+        assert (rows, size) == (3007, os.fstat(claimed[0].fileno()).st_size + path.stat().st_size)
+        assert read < 64_000
+    assert value(scrape(llmhub_server.url), "llmhub_ledger_spooled_rows") == 5  # replayed: the claimed file is gone
+
+    path.write_text(row + "\n")  # truncated in place: counted afresh
+    assert llmhub_metrics._spool_contents() == (1, path.stat().st_size)
+    short = "".join(json.dumps({"request_id": f"short-{n}"}) + "\n" for n in range(100))
+    path.write_text(short)  # the same file rewritten past what was counted, with other rows: counted afresh
+    assert llmhub_metrics._spool_contents() == (100, len(short))
+    path.unlink()
+    spool_append([row] * 3)  # a new file (which may be given the same inode): counted afresh
+    assert value(scrape(llmhub_server.url), "llmhub_ledger_spooled_rows") == 3
 
 
 def test_the_background_tasks_last_success_and_overdue_are_read_at_scrape_time(llmhub_server, scraping):

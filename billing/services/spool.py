@@ -27,13 +27,14 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from django.conf import settings
 
@@ -118,6 +119,67 @@ def spool_size_bytes() -> int:
         except FileNotFoundError:
             continue  # claimed, or replayed and unlinked, between the listing and the look
     return size
+
+
+# The first bytes of a file a ``SpoolTally`` keeps, to know it for the same file at its next count: an inode is
+# given again once its file is gone (a replayed file unlinked, the next append creating the spool anew).
+_TALLY_HEAD = 4096
+
+
+@dataclass(slots=True)
+class _Tallied:
+    size: int  # bytes counted, from the file's start
+    rows: int  # the lines among them
+    head: bytes
+
+
+class SpoolTally:
+    """The rows (lines) and bytes waiting in the spool and in the claimed files (``/metrics``), counted as they are
+    appended rather than read whole at every count: a spool grown in a database outage is megabytes, and Prometheus
+    scrapes every 15 s. Each file, known by its device and inode (the spool renamed to a claimed file is the same
+    file, not read again), is read on from where its last count ended; it is counted afresh when it is shorter than
+    that (truncated) or its first bytes differ (rewritten, or another file given the inode of one gone). Read
+    without the spool's lock: a line being written is counted with its newline, at the next count. One a process,
+    for every thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[tuple[int, int], _Tallied] = {}
+
+    def counts(self) -> tuple[int, int]:
+        """Rows and bytes in the spool and the claimed files now."""
+        path = spool_path()
+        rows = size = 0
+        with self._lock:
+            files: dict[tuple[int, int], _Tallied] = {}
+            for name in [path, *_claimed_files(path)]:
+                try:
+                    handle = open(name, "rb")
+                except FileNotFoundError:
+                    continue  # claimed, or replayed and unlinked, between the listing and the read
+                with handle:
+                    stat = os.fstat(handle.fileno())
+                    key = (stat.st_dev, stat.st_ino)
+                    if key in files:
+                        continue  # renamed between the listing and the open: counted under its other name
+                    files[key] = tallied = _tally(handle, self._files.get(key), stat.st_size)
+                rows += tallied.rows
+                size += tallied.size
+            self._files = files  # the files gone are forgotten
+        return rows, size
+
+
+def _tally(handle: BinaryIO, before: _Tallied | None, size: int) -> _Tallied:
+    """The file's count: ``before``'s, with the lines appended since; afresh when ``before`` is not of this file."""
+    head = handle.read(min(size, _TALLY_HEAD))
+    if before is None or size < before.size or head[: len(before.head)] != before.head:
+        before = _Tallied(0, 0, b"")
+    handle.seek(before.size)
+    rows, counted = before.rows, before.size
+    while block := handle.read(1 << 20):
+        rows += block.count(b"\n")
+        counted += len(block)
+    return _Tallied(counted, rows, head)
 
 
 def _claimed_files(path: Path) -> list[Path]:
