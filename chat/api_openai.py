@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import DisallowedHost, RequestDataTooBig
+from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -49,7 +49,7 @@ from .pipeline import (
     models_for_caller,
     new_request_id,
 )
-from .validation import InvalidRequestError, RequestTooLargeError, json_parse
+from .validation import InvalidRequestError, RequestTooLargeError, json_parse, json_text
 
 logger = logging.getLogger("llmhub.api")
 
@@ -70,20 +70,26 @@ def response_stamp(
 
 
 def parse_body(request: HttpRequest) -> Any:
+    """The request's JSON, read once, at most ``LLMHUB_MAX_REQUEST_BYTES`` of it. Not through ``request.body``, which
+    applies Django's limit for forms (``DATA_UPLOAD_MAX_MEMORY_SIZE``, 2.5 MB: one photo as a base64 image passes it)
+    and keeps the bytes for the request's life: a 30 MB body would be held twice, as bytes and as its JSON. The bytes
+    are let go once decoded, before the JSON is parsed (``json.loads`` of bytes holds them, their text and the
+    result at once)."""
     content_type = request.content_type or ""
     if content_type and content_type != "application/json":
         raise InvalidRequestError("Content-Type must be application/json.", code="invalid_content_type")
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    try:
-        raw = request.body  # Django refuses a Content-Length over the limit here
-    except RequestDataTooBig:
-        raw = None
-    # A chunked body has no Content-Length for Django to check: what arrived is measured instead.
-    if raw is None or (limit is not None and len(raw) > limit):
+    limit = settings.LLMHUB_MAX_REQUEST_BYTES
+    # An announced length over the limit is not read (llmhub/handlers.py did not receive it); a chunked body has
+    # none, and what arrived is measured instead.
+    raw = request.read(limit + 1) if int(request.META.get("CONTENT_LENGTH") or 0) <= limit else None
+    if raw is None or len(raw) > limit:
         raise RequestTooLargeError(
-            f"The request body is larger than the {limit:,} bytes this server accepts.", code="request_too_large"
+            f"The request body is larger than the {limit / 2**20:g} MB ({limit:,} bytes) this server accepts.",
+            code="request_too_large",
         )
-    return json_parse(raw or b"null")
+    text = json_text(raw)
+    del raw
+    return json_parse(text or "null")
 
 
 def openai_endpoint(view: Callable[..., Awaitable[HttpResponse]]) -> Callable[..., Awaitable[HttpResponse]]:

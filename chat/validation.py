@@ -60,6 +60,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def json_text(raw: bytes) -> str:
+    """``raw`` decoded as ``json.loads`` decodes bytes (UTF-8, or UTF-16 or -32 by their first bytes), so that a
+    caller can let the bytes go before the JSON is parsed; bytes that do not decode are malformed JSON."""
+    try:
+        return raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(INVALID_JSON_MESSAGE, param=None, code="invalid_json") from None
+
+
 def json_parse(raw: bytes | str) -> Any:
     """``json.loads`` that fails only with ``InvalidRequestError``: besides malformed JSON, Python's parser
     raises ``RecursionError`` on deep nesting and ``ValueError`` on an integer of more than 4300 digits,

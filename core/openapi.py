@@ -15,7 +15,10 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     401: "Missing, malformed, unknown, revoked or expired API key.",
     403: "The key or the owner's plan does not allow this model.",
     404: "No such object, or not yours (the two are indistinguishable).",
-    413: "The request body is larger than the server accepts (`DATA_UPLOAD_MAX_MEMORY_SIZE`, 2.5 MB by default).",
+    413: (
+        "The request body is larger than the server accepts: on /v1, `LLMHUB_MAX_REQUEST_MB` (32 MB by default); "
+        "elsewhere Django's `DATA_UPLOAD_MAX_MEMORY_SIZE` (2.5 MB)."
+    ),
     429: "A rate limit or the budget is exhausted; `Retry-After` says when to retry.",
     502: "The upstream provider failed or answered something unusable.",
     503: "No upstream provider is available for this model right now.",

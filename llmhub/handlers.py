@@ -270,15 +270,15 @@ class MiddlewareFreeASGIHandler(ASGIHandler):
 
 
 async def _read_body_bounded(scope: dict[str, Any] | None, receive: Any) -> Any:
-    """Django's ``read_body``, stopped at ``DATA_UPLOAD_MAX_MEMORY_SIZE``. Django's reads a body whole whatever its
+    """Django's ``read_body``, stopped at the path's limit (``_body_limit``). Django's reads a body whole whatever its
     size (past ``FILE_UPLOAD_MAX_MEMORY_SIZE`` into a temporary file on disk) before any view runs, so any client,
     with or without a key, could fill the server's disk with one request announcing 10 GB, or chunked without end.
-    A body announced over the limit is not read at all on /v1 (``request.body`` refuses it by its Content-Length;
+    A body announced over the limit is not read at all on /v1 (``parse_body`` refuses it by its Content-Length;
     Django's full stack, which hands this no ``scope``, reads up to the limit), and one sent without a length is
     read up to one byte past the limit (``parse_body`` measures what arrived; on the full stack,
     ``FullStackASGIHandler.create_request``): the 413 (on /v1 with its ledger row; 400 on the full stack) goes out
     while the client is still sending, and the rest is discarded by ``_disconnect``."""
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    limit = _body_limit(scope)
     body_file = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b")
     if limit is not None and scope is not None and _announced_length(scope) > limit:
         return body_file
@@ -295,6 +295,14 @@ async def _read_body_bounded(scope: dict[str, Any] | None, receive: Any) -> Any:
             break
     body_file.seek(0)
     return body_file
+
+
+def _body_limit(scope: dict[str, Any] | None) -> int | None:
+    """The /v1 API's limit (``LLMHUB_MAX_REQUEST_BYTES``: a request carrying a photo or a PDF is large); Django's
+    (``DATA_UPLOAD_MAX_MEMORY_SIZE``) for every other path, the probes and the full stack's forms among them."""
+    if scope is not None and scope["path"].startswith("/v1/"):
+        return settings.LLMHUB_MAX_REQUEST_BYTES
+    return settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 
 def _announced_length(scope: dict[str, Any]) -> int:

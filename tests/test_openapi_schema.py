@@ -175,7 +175,7 @@ def test_a_real_error_body_matches_the_documented_error(schema):
 
 def test_the_413_of_a_body_too_large_is_the_documented_error(schema, settings):
     secret = api_key_create(user=UserFactory()).secret
-    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64
+    settings.LLMHUB_MAX_REQUEST_BYTES = 64
     body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 64 + b'"}]}'
     response = Client().post(
         "/v1/chat/completions",

@@ -447,6 +447,10 @@ LLMHUB_RETRY_BACKOFF_CAP_SECONDS = env.float("LLMHUB_RETRY_BACKOFF_CAP_SECONDS",
 # A Retry-After longer than this is not waited for: the client gets the provider's answer (and its
 # Retry-After) at once rather than a request held open.
 LLMHUB_RETRY_AFTER_MAX_SECONDS = env.float("LLMHUB_RETRY_AFTER_MAX_SECONDS", default=5.0)
+# The largest request body /v1 takes, in MB (MiB): a base64 image or PDF makes a request large (Anthropic takes
+# requests up to 32 MB, OpenAI images up to 20 MB). A larger one is a 413 `request_too_large`, answered without
+# reading the rest. Every other path (the admin, the pages, /api/) keeps Django's DATA_UPLOAD_MAX_MEMORY_SIZE.
+LLMHUB_MAX_REQUEST_BYTES = int(env.float("LLMHUB_MAX_REQUEST_MB", default=32) * 2**20)
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path, and the probes
 # (llmhub/probes.py), which need no session and must answer whatever Host the orchestrator sends.
 LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/", "/healthz", "/readyz", "/metrics"]

@@ -78,16 +78,25 @@ def test_content_part_type_of_the_wrong_type_is_a_400(gateway, part_type):
     assert_openai_error(response, 400, param="messages[0].content[0]")
 
 
-def test_a_body_over_the_upload_limit_is_a_413_with_its_ledger_row(gateway):
-    padding = "x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)
+API_LIMIT = 2**20  # /v1's limit in these tests (LLMHUB_MAX_REQUEST_MB, 32 MB by default: test_request_size.py)
+
+
+@pytest.fixture
+def api_limit(settings) -> int:
+    settings.LLMHUB_MAX_REQUEST_BYTES = API_LIMIT
+    return API_LIMIT
+
+
+def test_a_body_over_the_upload_limit_is_a_413_with_its_ledger_row(gateway, api_limit):
+    padding = "x" * (api_limit + 1)
     response = post(gateway, chat(user=padding))
     assert_openai_error(response, 413, param=None, code="request_too_large")
     assert_rejected_row(gateway, response, "request_too_large")
 
 
-def test_a_chunked_body_over_the_upload_limit_is_a_413_too(gateway):
+def test_a_chunked_body_over_the_upload_limit_is_a_413_too(gateway, api_limit):
     """Without Content-Length, Django's own check does not apply; the size of what arrived does."""
-    body = chat(user="x" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1)).encode()
+    body = chat(user="x" * (api_limit + 1)).encode()
     response = httpx.post(
         gateway.url + "/v1/chat/completions",
         content=(body[i : i + 65536] for i in range(0, len(body), 65536)),
@@ -116,11 +125,11 @@ def answer_while_still_sending(url: str, head: list[str], sent: bytes) -> tuple[
     return int(status_line.split()[1]), dict(line.lower().split(": ", 1) for line in lines)
 
 
-def chunked_past_the_limit() -> bytes:
+def chunked_past_the_limit(limit: int | None = None) -> bytes:
+    """A chunked body past ``limit``: Django's (``DATA_UPLOAD_MAX_MEMORY_SIZE``) unless told."""
     chunk = b"x" * 65536
-    return b"".join(
-        b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 65536 + 2)
-    )
+    count = (limit or settings.DATA_UPLOAD_MAX_MEMORY_SIZE) // 65536 + 2
+    return b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(count))
 
 
 def _head(gateway, header: str) -> list[str]:
@@ -132,7 +141,7 @@ def _head(gateway, header: str) -> list[str]:
     ]
 
 
-def test_a_body_announced_over_the_limit_is_refused_without_reading_it(gateway):
+def test_a_body_announced_over_the_limit_is_refused_without_reading_it(gateway, api_limit):
     """A Content-Length of 10 GB was read whole (into a temporary file on disk, before any view or key was
     looked at) before the 413: any client, with or without a key, could fill the server's disk."""
     status, headers = answer_while_still_sending(gateway.url, _head(gateway, f"Content-Length: {10**10}"), b"{")
@@ -141,9 +150,9 @@ def test_a_body_announced_over_the_limit_is_refused_without_reading_it(gateway):
     assert record.status == "rejected" and record.error_type == "request_too_large"
 
 
-def test_a_chunked_body_is_refused_once_it_passes_the_limit_without_reading_the_rest(gateway):
+def test_a_chunked_body_is_refused_once_it_passes_the_limit_without_reading_the_rest(gateway, api_limit):
     head = _head(gateway, "Transfer-Encoding: chunked")
-    status, headers = answer_while_still_sending(gateway.url, head, chunked_past_the_limit())
+    status, headers = answer_while_still_sending(gateway.url, head, chunked_past_the_limit(api_limit))
     assert status == 413
     record = wait_for_record(headers["x-request-id"])
     assert record.status == "rejected" and record.error_type == "request_too_large"
