@@ -92,6 +92,7 @@ from providers.routing import (
     Outcome,
     breaker_allows,
     breaker_release_probe,
+    breakers_retry_after,
     call_finished,
     call_started,
     caps_retry_after,
@@ -1022,6 +1023,14 @@ class NoDeploymentAvailableError(ProviderUnavailableError):
     code = "no_deployment_available"
 
 
+def _told_to_wait(error: ProviderError, wait: float) -> ProviderError:
+    """``error`` telling the client to come back in ``wait`` seconds: ``Retry-After`` whole seconds, at least 1,
+    and ``retry-after-ms`` exactly, under a second too (``core.errors.error_headers``)."""
+    error.retry_after = max(1.0, wait)
+    error.retry_after_ms = math.ceil(round(wait * 1000, 3))
+    return error
+
+
 class DeploymentsAtCapacityError(ProviderRateLimitError):
     """Every deployment the request could go to is at its rpm/tpm cap for this minute."""
 
@@ -1543,19 +1552,20 @@ class CompletionRun:
                 "retry after the time in Retry-After.",
                 provider="",
             )
-            error.retry_after = max(1.0, min(waits))
-            error.retry_after_ms = math.ceil(round(min(waits) * 1000, 3))  # exactly, under a second too
-            raise error
+            raise _told_to_wait(error, min(waits))
         missing = [d for m in plan for d in m.deployments]
         if missing and all(d.upstream_model_missing_since is not None for d in missing):
             # Left out by the breakers the health round opened because the provider lacks every one's upstream id:
             # say what is wrong rather than "retry shortly".
             raise upstream_model_missing_error(self.model.name, missing)
-        raise NoDeploymentAvailableError(
+        error = NoDeploymentAvailableError(
             f"No deployment of the model `{self.model.name}` is available right now (every one is failing and "
-            "its circuit breaker is open); retry shortly.",
+            "its circuit breaker is open); retry after the time in Retry-After.",
             provider="",
         )
+        # When the first breaker lets a call through again: without it the SDKs retried within a second, and failed.
+        wait = breakers_retry_after(plan)
+        raise error if wait is None else _told_to_wait(error, wait)
 
     async def _backoff(self, failures: int, last: ProviderError, *, same: bool, deadline: float) -> None:
         """Full jitter: a uniform wait in [0, min(cap, base * 2**(n-1))]; at least the provider's Retry-After

@@ -8,7 +8,8 @@ background, never awaited per request, except to claim a half-open breaker's sin
 
 - ``router``: the strategies (weighted, priority, lowest_latency, least_busy, cheapest), the
   ``x-llmhub-route`` hints (cost, latency, quality) and the deployments' rpm/tpm caps; when the caps leave
-  no deployment, ``caps_retry_after`` says how long until they reopen (a 429, not a 503).
+  no deployment, ``caps_retry_after`` says how long until they reopen (a 429, not a 503); when the breakers
+  leave none, ``breakers_retry_after`` says how long until the first lets a call through (the 503's Retry-After).
 - ``breakers``: circuit breakers per deployment, shared by every process through Redis.
 - ``stats``: latency and time-to-first-token averages, requests in flight, rpm/tpm per deployment.
 """
@@ -16,7 +17,7 @@ background, never awaited per request, except to claim a half-open breaker's sin
 from __future__ import annotations
 
 from .breakers import breaker_allows, breaker_record, breaker_release_probe
-from .router import ROUTE_HINTS, caps_retry_after, route_candidates
+from .router import ROUTE_HINTS, breakers_retry_after, caps_retry_after, route_candidates
 from .stats import CallTicket, stats_call_finished, stats_call_started
 
 
@@ -51,6 +52,7 @@ __all__ = [
     "Outcome",
     "breaker_allows",
     "breaker_release_probe",
+    "breakers_retry_after",
     "call_finished",
     "call_started",
     "caps_retry_after",

@@ -409,6 +409,19 @@ def breaker_is_open(deployment: ResolvedDeployment) -> bool:
     return view is not None and view.leaves_out(time.time() * 1000)
 
 
+def breaker_reopens_in(deployment: ResolvedDeployment) -> float | None:
+    """Sync, no I/O: seconds until the breaker of ``deployment`` lets a call through again, as this process sees it
+    (its cooldown's end, or the end of the lease of the half-open probe out); 0 when it does now; None when an admin
+    holds it open (``Deployment.breaker_override``), which has no end llmhub knows of."""
+    forced = deployment.forced_state
+    if forced:
+        return None if forced == FORCED_OPEN else 0.0
+    view = _views.get(deployment.id)
+    if view is None:
+        return 0.0
+    return max(0.0, (max(view.opened_until, view.probe_until) - time.time() * 1000) / 1000)
+
+
 async def breaker_allows(deployment: ResolvedDeployment) -> bool:
     """Just before an attempt: False when the breaker is open (another process may have opened it since the
     candidates were listed); True when closed, or when this caller won the half-open probe (claimed

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 
 from ..types import ResolvedDeployment, ResolvedModel, RoutingStrategy
 from . import stats
-from .breakers import breaker_is_open
+from .breakers import breaker_is_open, breaker_reopens_in
 
 ROUTE_HINTS = ("cost", "latency", "quality")
 
@@ -173,3 +173,11 @@ def caps_retry_after(model: ResolvedModel, *, own_key: OwnKey | None = None) -> 
     if usable or not capped:
         return None
     return 60.0 - time.time() % 60
+
+
+def breakers_retry_after(models: Iterable[ResolvedModel]) -> float | None:
+    """When no deployment of ``models`` (a model and its fallbacks) was left to try: the seconds until the first of
+    them lets a call through again (a 503's Retry-After), None when none of them knows when (an admin holds each
+    open)."""
+    waits = [wait for model in models for d in model.deployments if (wait := breaker_reopens_in(d)) is not None]
+    return min(waits) if waits else None
