@@ -10,7 +10,9 @@ import os
 import anthropic
 import openai
 import pytest
+from cryptography.fernet import Fernet
 
+from tests.test_project import clean_env, manage
 from tests.waiting import wait_for_record
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -38,8 +40,14 @@ def anthropic_image_request(data: str) -> dict:
     return {"model": "claude-test", "max_tokens": 20, "messages": [{"role": "user", "content": content}]}
 
 
-def test_the_default_limit_is_32_mb(settings):
-    assert settings.LLMHUB_MAX_REQUEST_BYTES == 32 * MIB
+@pytest.mark.parametrize(("environment", "limit"), [({}, 32 * MIB), ({"LLMHUB_MAX_REQUEST_MB": "5"}, 5 * MIB)])
+def test_the_limit_is_read_from_the_environment(environment, limit):
+    show = ["shell", "-c", "from django.conf import settings; print(settings.LLMHUB_MAX_REQUEST_BYTES)"]
+    key = Fernet.generate_key().decode()
+    env = clean_env(DJANGO_SETTINGS_MODULE="llmhub.settings.base", FIELD_ENCRYPTION_KEYS=key, **environment)
+    shown = manage(*show, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip().splitlines()[-1] == str(limit)
 
 
 def test_a_6_mb_photo_reaches_an_openai_model_through_the_sdk(gateway):
