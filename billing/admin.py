@@ -306,6 +306,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
             cached_tokens=obj.cached_tokens,
             cache_write_tokens=obj.cache_write_tokens,
             cache_write_1h_tokens=obj.cache_write_1h_tokens,
+            web_search_requests=obj.web_search_requests,
         )
         cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
         one_hour = ""
@@ -313,9 +314,17 @@ class UsageRecordAdmin(admin.ModelAdmin):
             one_hour = format_html(
                 " and {} to the 1-hour cache at ${}/M", parts.cache_write_1h_tokens, cache_write_1h_price(model)
             )
+        searches = ""
+        if parts.web_search_requests:
+            searches = format_html(
+                " · web search ${} ({} searches at ${}/1,000)",
+                parts.web_search_cost,
+                parts.web_search_requests,
+                model.web_search_per_1k,
+            )
         return format_html(
             "input ${} ({} tokens at ${}/M) · cached input ${} ({} tokens at ${}/M) · cache write ${} ({} tokens at "
-            "${}/M{}) · output ${} ({} tokens at ${}/M) = ${}.<br>Computed now from this row's tokens and the "
+            "${}/M{}) · output ${} ({} tokens at ${}/M){} = ${}.<br>Computed now from this row's tokens and the "
             "catalog's current prices, which may have changed since the request; the recorded cost, ${}, is what "
             "was charged.",
             parts.input_cost,
@@ -331,6 +340,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
             parts.output_cost,
             parts.output_tokens,
             model.output_per_mtok,
+            searches,
             parts.total_cost,
             obj.cost,
         )

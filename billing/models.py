@@ -178,6 +178,12 @@ class UsageRecord(models.Model):
         db_default=0,
         help_text="Of the cache writes, those to Anthropic's 1-hour cache (part of cache_write_tokens).",
     )
+    web_search_requests = models.PositiveIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Web searches the provider billed apart from the tokens (Anthropic's server tool), priced per "
+        "1,000 in cost.",
+    )
     cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
     usage_estimated = models.BooleanField(default=False, help_text="The provider sent no usage; tokens were counted.")
     upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)

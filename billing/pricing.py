@@ -1,4 +1,5 @@
-"""The one place a request's cost is computed: tokens × the catalog's prices per million tokens.
+"""The one place a request's cost is computed: tokens × the catalog's prices per million tokens, and the web
+searches a provider reports (Anthropic's server tool) × the catalog's price per 1,000.
 
 ``_exact_parts`` is the formula; ``cost_for`` (the ledger) is the sum of its parts, ``prompt_cost_ceiling``
 (reservations) the most a prompt may cost before its usage is known, and ``cost_breakdown`` the parts
@@ -11,6 +12,7 @@ from decimal import Context, Decimal, localcontext
 from typing import Protocol
 
 MILLION = Decimal(1_000_000)
+THOUSAND = Decimal(1_000)
 # The ledger keeps 10 decimal places: a millionth of a cent is far below any price step.
 COST_QUANTUM = Decimal("0.0000000001")
 # Wide enough that no token count a request can carry makes the quantized cost overflow the precision
@@ -32,6 +34,8 @@ class Prices(Protocol):
     def cache_write_per_mtok(self) -> Decimal | None: ...
     @property
     def cache_write_1h_per_mtok(self) -> Decimal | None: ...
+    @property
+    def web_search_per_1k(self) -> Decimal: ...
 
 
 def cache_write_price(model: Prices) -> Decimal:
@@ -65,6 +69,8 @@ class CostBreakdown:
     total_cost: Decimal
     cache_write_1h_tokens: int = 0
     cache_write_1h_cost: Decimal = Decimal(0)
+    web_search_requests: int = 0
+    web_search_cost: Decimal = Decimal(0)
 
 
 def _exact_parts(
@@ -96,6 +102,12 @@ def _exact_parts(
     )
 
 
+def web_search_cost(model: Prices, web_search_requests: int) -> Decimal:
+    """What ``web_search_requests`` web searches cost at the catalog's price per 1,000, unrounded; call inside
+    ``_COST_CONTEXT``."""
+    return Decimal(max(web_search_requests, 0)) * model.web_search_per_1k / THOUSAND
+
+
 def cost_for(
     *,
     model: Prices,
@@ -104,6 +116,7 @@ def cost_for(
     cached_tokens: int = 0,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
+    web_search_requests: int = 0,
 ) -> Decimal:
     """The cost the ledger records and reservations hold: the sum of the parts, rounded once. On every
     request, so it builds no ``CostBreakdown``."""
@@ -111,7 +124,8 @@ def cost_for(
         _, _, _, input_cost, cached_cost, write_cost, _, output_cost = _exact_parts(
             model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens
         )
-        return (input_cost + cached_cost + write_cost + output_cost).quantize(COST_QUANTUM)
+        searches = web_search_cost(model, web_search_requests) if web_search_requests else Decimal(0)
+        return (input_cost + cached_cost + write_cost + output_cost + searches).quantize(COST_QUANTUM)
 
 
 def prompt_cost_ceiling(*, model: Prices, prompt_tokens: int, completion_tokens: int) -> Decimal:
@@ -138,12 +152,15 @@ def cost_breakdown(
     cached_tokens: int = 0,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
+    web_search_requests: int = 0,
 ) -> CostBreakdown:
     """The same cost in its parts; ``total_cost`` is exactly what ``cost_for`` answers."""
     with localcontext(_COST_CONTEXT):
         cached, written, written_1h, input_cost, cached_cost, write_cost, write_1h_cost, output_cost = _exact_parts(
             model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens
         )
+        searches = max(web_search_requests, 0)
+        search_cost = web_search_cost(model, searches)
         return CostBreakdown(
             input_tokens=prompt_tokens,
             cached_input_tokens=cached,
@@ -153,7 +170,9 @@ def cost_breakdown(
             cached_input_cost=cached_cost.quantize(COST_QUANTUM),
             cache_write_cost=write_cost.quantize(COST_QUANTUM),
             output_cost=output_cost.quantize(COST_QUANTUM),
-            total_cost=(input_cost + cached_cost + write_cost + output_cost).quantize(COST_QUANTUM),
+            total_cost=(input_cost + cached_cost + write_cost + output_cost + search_cost).quantize(COST_QUANTUM),
             cache_write_1h_tokens=written_1h,
             cache_write_1h_cost=write_1h_cost.quantize(COST_QUANTUM),
+            web_search_requests=searches,
+            web_search_cost=search_cost.quantize(COST_QUANTUM),
         )

@@ -690,6 +690,7 @@ async def _experiment_enter(
             cached_input_per_mtok=chosen.cached_input_per_mtok,
             cache_write_per_mtok=chosen.cache_write_per_mtok,
             cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
+            web_search_per_1k=chosen.web_search_per_1k,
         )
         if _overrides_over(narrowed, variant.overrides, operation) or not await _own_keys_serve(caller, narrowed):
             return model, None
@@ -869,6 +870,7 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         cached_input_per_mtok=max(cached(m) for m in every),
         cache_write_per_mtok=max(cache_write_price(m) for m in every),
         cache_write_1h_per_mtok=max(cache_write_1h_price(m) for m in every),
+        web_search_per_1k=max(m.web_search_per_1k for m in every),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
 

@@ -114,7 +114,7 @@ class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("model", "name", "provider", "upstream_id", "upstream_model_missing", "enabled")}),
         (
-            "Prices ($ per million tokens)",
+            "Prices ($ per million tokens; web searches per 1,000)",
             {
                 "fields": (
                     "input_per_mtok",
@@ -122,6 +122,7 @@ class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
                     "cached_input_per_mtok",
                     "cache_write_per_mtok",
                     "cache_write_1h_per_mtok",
+                    "web_search_per_1k",
                 )
             },
         ),

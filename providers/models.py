@@ -336,6 +336,7 @@ class Deployment(models.Model):
         "cached_input_per_mtok",
         "cache_write_per_mtok",
         "cache_write_1h_per_mtok",
+        "web_search_per_1k",
         "weight",
         "priority",
         "rpm_limit",
@@ -372,6 +373,13 @@ class Deployment(models.Model):
         blank=True,
         help_text="Input tokens written to Anthropic's 1-hour prompt cache (2× input), which its usage counts apart "
         "from the 5-minute cache's. Empty: priced as the cache writes above.",
+    )
+    web_search_per_1k = _price_field(
+        "web search $/1,000",
+        default=Decimal("0"),
+        blank=True,  # empty (or left out of a form) is 0: ``save``
+        help_text="Per 1,000 web searches the provider reports (Anthropic's server_tool_use.web_search_requests: "
+        "$10 per 1,000), billed beside the tokens. Empty or 0: searches cost nothing but their tokens.",
     )
     weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")
@@ -435,6 +443,8 @@ class Deployment(models.Model):
     def save(self, *args: object, **kwargs: object) -> None:
         if not self.name and self.provider_id is not None:
             self.name = self._free_name()
+        if self.web_search_per_1k is None:
+            self.web_search_per_1k = Decimal(0)
         super().save(*args, **kwargs)  # type: ignore[arg-type]
 
     @property

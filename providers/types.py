@@ -109,6 +109,7 @@ class ResolvedDeployment:
     cached_input_per_mtok: Decimal | None = None
     cache_write_per_mtok: Decimal | None = None
     cache_write_1h_per_mtok: Decimal | None = None
+    web_search_per_1k: Decimal = Decimal(0)  # per 1,000 web searches (Anthropic's server tool)
     weight: int = 1
     priority: int = 0
     rpm_limit: int | None = None
@@ -157,6 +158,7 @@ class ResolvedModel:
     moderation_policy_id: int | None = None  # ``ModerationPolicy`` checking this model's input and output
     cache_write_per_mtok: Decimal | None = None  # prompt-cache writes; None: priced as input
     cache_write_1h_per_mtok: Decimal | None = None  # Anthropic's 1-hour cache writes; None: as the other writes
+    web_search_per_1k: Decimal = Decimal(0)  # per 1,000 web searches the provider reports
 
     def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
         """This model as served by ``deployment``: its provider, upstream id and prices. The same snapshot
@@ -176,6 +178,7 @@ class ResolvedModel:
             cached_input_per_mtok=deployment.cached_input_per_mtok,
             cache_write_per_mtok=deployment.cache_write_per_mtok,
             cache_write_1h_per_mtok=deployment.cache_write_1h_per_mtok,
+            web_search_per_1k=deployment.web_search_per_1k,
             deployment=deployment,
         )
         if len(_bound) >= _BOUND_MAX:

@@ -125,6 +125,12 @@ def _written_1h(usage: Mapping[str, Any] | None, written: int) -> int:
     return min(_count(details.get("cache_write_1h_tokens")) or 0, written)
 
 
+def _web_searches(usage: Mapping[str, Any] | None) -> int:
+    """The web searches the provider reported and bills apart from the tokens (``web_search_requests``, which
+    ``openai_usage`` makes of Anthropic's ``server_tool_use.web_search_requests``); none when it says nothing."""
+    return (_count(usage.get("web_search_requests")) or 0) if usage else 0
+
+
 def _count(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COUNT_MAX:
         return value
@@ -181,6 +187,7 @@ def request_settle(
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
     written_1h = _written_1h(usage, written)
+    searches = _web_searches(usage)
     cost = cost_for(
         model=model,
         prompt_tokens=prompt,
@@ -188,6 +195,7 @@ def request_settle(
         cached_tokens=cached,
         cache_write_tokens=written,
         cache_write_1h_tokens=written_1h,
+        web_search_requests=searches,
     )
     user_key_cost = None
     if billing_source == BillingSource.USER_KEY:
@@ -218,6 +226,7 @@ def request_settle(
             cached_tokens=cached,
             cache_write_tokens=written,
             cache_write_1h_tokens=written_1h,
+            web_search_requests=searches,
             cost=cost,
             usage_estimated=estimated,
             upstream_latency_ms=upstream_latency_ms,

@@ -113,7 +113,9 @@ Replies
     held back by ``tokens / tps`` seconds), ``[[latency=MS]]`` delay before answering (overrides
     ``--latency-ms``), ``[[ttft=MS]]`` time to first token (overrides ``--ttft-ms``), ``[[cache=N]]`` N cached
     prompt tokens, ``[[cache_write=N]]`` (Anthropic only) N prompt tokens written to the cache,
-    ``[[cache_write_1h=N]]`` (Anthropic only) N of those written to the 1-hour cache, ``[[fault=NAME]]`` see below.
+    ``[[cache_write_1h=N]]`` (Anthropic only) N of those written to the 1-hour cache, ``[[web_search=N]]``
+    (Anthropic only) reports N web searches (``usage.server_tool_use.web_search_requests``, streamed in
+    ``message_delta``'s usage, 0 in ``message_start``'s), ``[[fault=NAME]]`` see below.
     ``[[omit=NAME,...]]`` (OpenAI only) leaves fields out of the response and of every chunk, as some
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
@@ -229,7 +231,9 @@ Faults
     ``500``, ``503``, ``529``) answers that status with a provider-shaped error body; ``context`` is a 400
     context-length error; ``hang`` never answers; ``cut-N`` streams N content chunks and then aborts the
     connection (non-streamed: aborts without answering); ``error-event`` streams two content chunks and
-    then an in-stream error (non-streamed: a 500). Unknown names are a 400. Without any of these, the
+    then an in-stream error (non-streamed: a 500); ``drop-after-usage`` (Anthropic's Messages) streams the whole
+    reply and its ``message_delta`` (the final usage), then aborts before ``message_stop`` (non-streamed: aborts
+    without answering; other protocols' streams are not cut). Unknown names are a 400. Without any of these, the
     listener's standing fault applies (see Several upstreams, which also lists the other spellings).
     ``[[fault_times=N]]`` beside a ``[[fault=NAME]]`` marker makes that fault a blip: it hits the first N
     requests carrying the same directives, and later ones are answered (a retry that succeeds). The count is
@@ -1345,7 +1349,7 @@ def _context_fault(provider: Provider, prompt_tokens: int) -> web.Response:
 # Fault names
 
 _STATUS_FAULT_RE = re.compile(r"(\d{3})(?::(\d+(?:\.\d+)?))?")
-_SIMPLE_FAULTS = frozenset({"refuse", "hang", "context", "error-event"})
+_SIMPLE_FAULTS = frozenset({"refuse", "hang", "context", "error-event", "drop-after-usage"})
 
 
 def fault_canonical(spec: str) -> str:
@@ -1757,6 +1761,10 @@ class _App:
         if fault == "error-event":
             if not stream:
                 return _status_fault(provider, 500)
+            return None
+        if fault == "drop-after-usage":
+            if not stream:
+                self._abort(request)
             return None
         return _error(provider, 400, f"Unknown fake fault {fault!r}")
 
@@ -2566,6 +2574,9 @@ class _App:
                 "ephemeral_5m_input_tokens": written - written_1h,
                 "ephemeral_1h_input_tokens": written_1h,
             }
+        searches = _directive_int(conv.directives, "web_search")
+        if searches is not None:  # the server tools' calls, which Anthropic bills apart from the tokens
+            usage["server_tool_use"] = {"web_search_requests": searches, "web_fetch_requests": 0}
         message = {
             "id": _new_id("msg_"),
             "type": "message",
@@ -2712,9 +2723,11 @@ class _App:
             await response.write(f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
 
         usage = message["usage"]
-        await send(
-            "message_start", {"type": "message_start", "message": {**message, "usage": {**usage, "output_tokens": 1}}}
-        )
+        # As Anthropic's: the server tools' calls are counted in ``message_delta``'s usage, at 0 before.
+        started = {**usage, "output_tokens": 1}
+        if "server_tool_use" in usage:
+            started["server_tool_use"] = {name: 0 for name in usage["server_tool_use"]}
+        await send("message_start", {"type": "message_start", "message": {**message, "usage": started}})
         if reply.tool_name is not None:
             block = {"type": "tool_use", "id": reply.tool_id, "name": reply.tool_name, "input": {}}
             deltas = [{"type": "input_json_delta", "partial_json": p} for p in _split_pieces(reply.arguments_json)]
@@ -2755,9 +2768,14 @@ class _App:
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": _ANTHROPIC_FINISH[reply.finish], "stop_sequence": reply.stop_sequence},
-                "usage": {"output_tokens": usage["output_tokens"]},
+                "usage": {
+                    "output_tokens": usage["output_tokens"],
+                    **({"server_tool_use": usage["server_tool_use"]} if "server_tool_use" in usage else {}),
+                },
             },
         )
+        if fault == "drop-after-usage":
+            await self._cut(request)
         await send("message_stop", {"type": "message_stop"})
         await response.write_eof()
         return response

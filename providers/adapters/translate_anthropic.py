@@ -448,7 +448,9 @@ def openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's usage counts cached prompt tokens inside ``prompt_tokens``; Anthropic's ``input_tokens`` does not.
     The writes to the 1-hour cache (``cache_creation.ephemeral_1h_input_tokens``, part of
     ``cache_creation_input_tokens``), which Anthropic bills dearer than the 5-minute cache's, are
-    ``cache_write_1h_tokens`` when there are any."""
+    ``cache_write_1h_tokens`` when there are any. The web searches Anthropic billed
+    (``server_tool_use.web_search_requests``, priced per 1,000 apart from the tokens) are ``web_search_requests``
+    when there are any: not an OpenAI field, read by the settle step (``billing.services.settlement``)."""
     cache_read = usage.get("cache_read_input_tokens") or 0
     cache_write = usage.get("cache_creation_input_tokens") or 0
     prompt = (usage.get("input_tokens") or 0) + cache_read + cache_write
@@ -458,12 +460,17 @@ def openai_usage(usage: dict[str, Any]) -> dict[str, Any]:
     written_1h = creation.get("ephemeral_1h_input_tokens") if isinstance(creation, dict) else None
     if isinstance(written_1h, int) and not isinstance(written_1h, bool) and written_1h > 0:
         details["cache_write_1h_tokens"] = min(written_1h, cache_write)
-    return {
+    reported = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": details,
     }
+    server_tools = usage.get("server_tool_use")
+    searches = server_tools.get("web_search_requests") if isinstance(server_tools, dict) else None
+    if isinstance(searches, int) and not isinstance(searches, bool) and searches > 0:
+        reported["web_search_requests"] = searches
+    return reported
 
 
 def completion_from_message(message: dict[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,7 @@ _LEGACY_DEPLOYMENT_KEYS = (
     "cached_input_per_mtok",
     "cache_write_per_mtok",
     "cache_write_1h_per_mtok",
+    "web_search_per_1k",
 )
 _COMMON_MODEL_KEYS = frozenset(
     {"name", "mode", "context_window", "max_output_tokens", "capabilities", "parameter_rules", "enabled"}
@@ -458,6 +459,7 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     deployment.cached_input_per_mtok = entry.decimal("cached_input_per_mtok", None)
     deployment.cache_write_per_mtok = entry.decimal("cache_write_per_mtok", None)
     deployment.cache_write_1h_per_mtok = entry.decimal("cache_write_1h_per_mtok", None)
+    deployment.web_search_per_1k = entry.decimal("web_search_per_1k", _field_default(Deployment, "web_search_per_1k"))
     deployment.weight = entry.integer("weight", _field_default(Deployment, "weight"))
     deployment.priority = entry.integer("priority", _field_default(Deployment, "priority"))
     deployment.rpm_limit = entry.integer("rpm_limit", None)
@@ -630,6 +632,8 @@ def _deployment_dump(deployment: Deployment) -> dict[str, Any]:
         entry["cache_write_per_mtok"] = _plain_decimal(deployment.cache_write_per_mtok)
     if deployment.cache_write_1h_per_mtok is not None:
         entry["cache_write_1h_per_mtok"] = _plain_decimal(deployment.cache_write_1h_per_mtok)
+    if deployment.web_search_per_1k:
+        entry["web_search_per_1k"] = _plain_decimal(deployment.web_search_per_1k)
     entry.update(weight=deployment.weight, priority=deployment.priority)
     for key in ("rpm_limit", "tpm_limit"):
         if getattr(deployment, key) is not None:

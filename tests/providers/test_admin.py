@@ -857,3 +857,41 @@ def test_an_operator_may_still_edit_the_rest_and_an_admin_may_move_it(admin_clie
     assert moved.status_code == 302
     provider.refresh_from_db()
     assert provider.base_url == ELSEWHERE and provider.api_key.reveal() == KEY
+
+
+def test_a_web_search_price_is_set_inline_and_on_the_deployment_page_and_empty_means_free(admin_client):
+    """Anthropic bills its web searches per 1,000 beside the tokens: the price sits with the token prices, in the
+    inline and on the deployment's page; left empty (or out of the form), searches cost nothing."""
+    east = ProviderFactory(name="east")
+    add_url = reverse("admin:providers_catalogmodel_add")
+    assert 'name="deployments-0-web_search_per_1k"' in admin_client.get(add_url).content.decode()
+    deployment_form = {"provider": east.pk, "upstream_id": "claude-sonnet-4-5", "web_search_per_1k": "10"}
+    response = admin_client.post(add_url, model_form("claude-sonnet", [deployment_form]))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment = Deployment.objects.get(model__name="claude-sonnet")
+    assert deployment.web_search_per_1k == Decimal(10)
+
+    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
+    page = admin_client.get(url).content.decode()
+    assert 'name="web_search_per_1k"' in page and 'value="10.000000"' in page
+    data = {
+        "model": deployment.model_id,
+        "name": deployment.name,
+        "provider": east.pk,
+        "upstream_id": deployment.upstream_id,
+        "enabled": "on",
+        "input_per_mtok": "3",
+        "output_per_mtok": "15",
+        "web_search_per_1k": "",
+        "weight": "1",
+        "priority": "0",
+        "health_checks-TOTAL_FORMS": "0",
+        "health_checks-INITIAL_FORMS": "0",
+        "health_checks-MIN_NUM_FORMS": "0",
+        "health_checks-MAX_NUM_FORMS": "1000",
+    }
+    assert admin_client.post(url, {**data, "web_search_per_1k": "-1"}).status_code == 200  # refused
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert deployment.web_search_per_1k == Decimal(0)

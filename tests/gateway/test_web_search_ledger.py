@@ -1,0 +1,90 @@
+"""Anthropic's web searches charged as Anthropic bills them ($10 per 1,000 searches, beside the tokens), end to end:
+the fake upstream reports ``usage.server_tool_use.web_search_requests`` (``[[web_search=N]]``: in the message's
+usage, streamed in ``message_delta``'s); called with the anthropic SDK on ``/v1/messages``, whole, streamed, and
+streamed with the connection cut after ``message_delta``, each ledger row keeps the searches and prices them at the
+deployment's price per 1,000."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from billing.models import UsageRecord
+from providers.models import Deployment
+from tests.gateway.test_cache_write_ledger import anthropic_client
+from tests.gateway.test_ledger import settle_quietly
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+WEB_SEARCH = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+# 7 prompt tokens (3 + 4 words, the directives' words included), a reply of 2 tokens, 3 searches.
+PROMPT = "weather [[web_search=3]] [[reply=sunny today]]"
+# 7 × $1/M input + 2 × $2/M output + 3 × $10/1,000 searches. (Before, the searches were free: 0.0000110000.)
+COST = Decimal("0.0300110000")
+
+
+@pytest.fixture
+def priced(gateway):
+    Deployment.objects.filter(model__name="claude-test").update(
+        input_per_mtok=Decimal(1), output_per_mtok=Decimal(2), web_search_per_1k=Decimal(10)
+    )
+    return gateway
+
+
+def assert_row(request_id: str, *, estimated: bool = False) -> UsageRecord:
+    record = wait_for_record(request_id)
+    settle_quietly()
+    assert UsageRecord.objects.count() == 1
+    assert (record.prompt_tokens, record.completion_tokens, record.web_search_requests) == (7, 2, 3)
+    assert (record.cost, record.usage_estimated) == (COST, estimated)
+    return record
+
+
+def test_a_message_that_searched_the_web_is_charged_its_searches(priced):
+    raw = anthropic_client(priced).messages.with_raw_response.create(
+        model="claude-test", max_tokens=50, tools=[WEB_SEARCH], messages=[{"role": "user", "content": PROMPT}]
+    )
+    # The client reads Anthropic's usage as the upstream reported it.
+    assert raw.parse().usage.server_tool_use.web_search_requests == 3
+    assert_row(raw.headers["x-request-id"])
+
+
+def test_a_streamed_message_is_charged_the_searches_its_message_delta_counted(priced):
+    client = anthropic_client(priced)
+    body = {"model": "claude-test", "max_tokens": 50, "tools": [WEB_SEARCH]}
+    with client.messages.stream(**body, messages=[{"role": "user", "content": PROMPT}]) as streamed:
+        assert streamed.get_final_message().usage.server_tool_use.web_search_requests == 3
+        request_id = streamed.response.headers["x-request-id"]
+    assert_row(request_id)
+
+
+def test_a_stream_cut_after_its_message_delta_is_charged_the_searches(priced):
+    """The usage ``message_delta`` reported is the provider's final count, searches included, even when the
+    connection breaks before ``message_stop``."""
+    client = anthropic_client(priced)
+    body = {"model": "claude-test", "max_tokens": 50, "tools": [WEB_SEARCH]}
+    content = PROMPT + " [[fault=drop-after-usage]]"
+    with client.messages.with_streaming_response.create(
+        **body, stream=True, messages=[{"role": "user", "content": content}]
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        events = [line for line in response.iter_lines() if line.startswith("event: ")]
+    assert events[-1] == "event: error"  # the relay tells the client the stream broke
+    record = wait_for_record(request_id)
+    settle_quietly()
+    # 5 words: the fault's directive is one more prompt word.
+    assert (record.prompt_tokens, record.completion_tokens, record.web_search_requests) == (8, 2, 3)
+    assert record.cost == Decimal("0.0300120000")
+    assert (record.status, record.usage_estimated) == ("upstream_error", False)
+
+
+def test_without_a_search_price_the_searches_cost_nothing(gateway):
+    """A deployment priced before the search price existed keeps its prices; the row still counts the searches."""
+    Deployment.objects.filter(model__name="claude-test").update(input_per_mtok=Decimal(1), output_per_mtok=Decimal(2))
+    raw = anthropic_client(gateway).messages.with_raw_response.create(
+        model="claude-test", max_tokens=50, tools=[WEB_SEARCH], messages=[{"role": "user", "content": PROMPT}]
+    )
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.web_search_requests, record.cost) == (3, Decimal("0.0000110000"))
