@@ -59,6 +59,9 @@ _ATTACHMENTS = frozenset({"image", "image_url", "input_audio", "file", "document
 # The Messages API's blocks that call a tool, whose ``input`` the model wrote: the client's tool, a server tool
 # Anthropic runs (web search, code execution) or an MCP server's tool (the MCP connector).
 TOOL_CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+# The searches reserved for a web search tool without ``max_uses`` (Anthropic sets no limit of its own; a turn
+# rarely runs more): a bound, not a guarantee, which the settle step corrects to what ran.
+WEB_SEARCHES_UNBOUNDED = 10
 EMBEDDINGS = "embeddings"  # the operation (``billing.models.Operation``) whose body is an ``input``, not messages
 COMPLETIONS = "completions"  # the operation of a text completion: its body's ``prompt`` and ``suffix``, not messages
 # Where a chat completion's assistant turn holds a reasoning model's reasoning, which its servers take back
@@ -79,6 +82,23 @@ def thinking_block_texts(message: Mapping[str, Any]) -> list[tuple[int, str]]:
         for number, block in enumerate(blocks if isinstance(blocks, list) else ())
         if isinstance(block, Mapping) and block.get("type") == "thinking" and isinstance(block.get("thinking"), str)
     ]
+
+
+def web_searches_bound(body: Mapping[str, Any]) -> int:
+    """The most web searches a Messages request may have Anthropic run (and bill): each web search tool's
+    ``max_uses`` (``web_search_20250305`` and later versions), ``WEB_SEARCHES_UNBOUNDED`` for one that sets none.
+    0 for a request without one (a chat completion's tools are functions: the translations refuse server tools)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return 0
+    searches = 0
+    for tool in tools:
+        if not isinstance(tool, Mapping) or not str(tool.get("type") or "").startswith("web_search_"):
+            continue
+        uses = tool.get("max_uses")
+        bounded = isinstance(uses, int) and not isinstance(uses, bool) and uses > 0
+        searches += uses if bounded else WEB_SEARCHES_UNBOUNDED
+    return min(searches, COUNT_MAX)
 
 
 def text_tokens(text: str) -> int:

@@ -21,11 +21,12 @@ from django.db.models import F, Sum
 from django.db.models.functions import Coalesce
 
 from providers.models import ModelMode
+from providers.tokens import web_searches_bound
 from providers.types import ResolvedModel
 
 from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetCounter, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
-from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling
+from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling, web_search_cost
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
 from .spool import SpoolIndex
 
@@ -249,7 +250,8 @@ def charge_for(
     (``chat.pipeline._body_as_sent``): the windows count the client's own output limit, not a rule's.
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
-    (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage."""
+    (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage.
+    The web searches a request's tools may run (``web_searches_bound``) are reserved at the search price."""
     choices = replies_billed(body)
     client_limit = requested_max_tokens(body if client_body is None else client_body)
     prompt_tokens = max(prompt_tokens_upper, 0)
@@ -268,13 +270,22 @@ def charge_for(
     if max_tokens is None and not budgeted:
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
         max_tokens = 0
+    searches = _web_searches_cost(model, body)
     if max_tokens is not None:
         fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
-        return Charge(fixed, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit)
+        return Charge(fixed + searches, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit)
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
-    fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0)
+    fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0) + searches
     return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices, likely)
+
+
+def _web_searches_cost(model: ResolvedModel, body: Mapping[str, object]) -> Decimal:
+    """What the web searches ``body``'s tools may run cost at most, to the ledger's places; 0 without any."""
+    if not model.web_search_per_1k:
+        return Decimal(0)
+    searches = web_searches_bound(body)
+    return web_search_cost(model, searches).quantize(COST_QUANTUM, rounding=ROUND_CEILING) if searches else Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)

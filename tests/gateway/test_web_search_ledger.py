@@ -88,3 +88,25 @@ def test_without_a_search_price_the_searches_cost_nothing(gateway):
     )
     record = wait_for_record(raw.headers["x-request-id"])
     assert (record.web_search_requests, record.cost) == (3, Decimal("0.0000110000"))
+
+
+def test_a_request_with_the_web_search_tool_reserves_its_searches(priced):
+    """Admission reserves the searches a request may make, beside its tokens: ``max_uses`` of each web search tool
+    (``WEB_SEARCHES_UNBOUNDED`` when it sets none) at the model's dearest search price. A key with $0.02 left pays
+    for a request that may search once, and refuses one that may search five times, or any number, before the
+    provider is called; before, the searches were reserved at nothing and both went through."""
+    import anthropic
+
+    from billing.services.budgets import api_key_limits_set
+
+    api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.02"))
+    client = anthropic_client(priced)
+    body = {"model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "hi [[web_search=1]]"}]}
+
+    assert client.messages.create(**body, tools=[{**WEB_SEARCH, "max_uses": 1}]).content
+    requests = priced.upstream.stats["requests"]
+    for tool in ({**WEB_SEARCH, "max_uses": 5}, {"type": "web_search_20250305", "name": "web_search"}):
+        with pytest.raises(anthropic.RateLimitError) as refused:
+            client.messages.create(**body, tools=[tool])
+        assert "this request could need up to" in refused.value.message
+    assert priced.upstream.stats["requests"] == requests

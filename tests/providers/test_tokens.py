@@ -294,3 +294,17 @@ def test_a_shape_the_walk_does_not_know_counts_for_nothing_rather_than_failing(b
     for operation in (Operation.CHAT, Operation.MESSAGES, Operation.EMBEDDINGS):
         assert prompt_tokens(body, operation=operation) >= 0
         assert prompt_tokens(body, operation=operation, upper_bound=True) >= 0
+
+
+def test_the_web_searches_a_request_may_run_are_its_web_search_tools_max_uses():
+    from providers.tokens import WEB_SEARCHES_UNBOUNDED, web_searches_bound
+
+    search = {"type": "web_search_20250305", "name": "web_search"}
+    function = {"name": "get_weather", "input_schema": {"type": "object"}}
+    assert web_searches_bound({"tools": [function]}) == 0
+    assert web_searches_bound({}) == 0
+    assert web_searches_bound({"tools": [function, {**search, "max_uses": 3}]}) == 3
+    assert web_searches_bound({"tools": [search]}) == WEB_SEARCHES_UNBOUNDED
+    assert web_searches_bound({"tools": [{**search, "max_uses": True}]}) == WEB_SEARCHES_UNBOUNDED
+    # A chat completion's function named like one is no server tool.
+    assert web_searches_bound({"tools": [{"type": "function", "function": {"name": "web_search"}}]}) == 0
