@@ -59,6 +59,7 @@ providers:
         output_per_mtok: "4"
         cache_write_per_mtok: "1.00"
         cache_write_1h_per_mtok: "1.60"
+        web_search_per_1k: "10.00"
         capabilities: {vision: true}
 """
 
@@ -526,6 +527,11 @@ def test_the_old_format_dumps_in_the_new_one_and_loads_back_the_same(catalog, tm
     assert by_name["claude-haiku"]["deployments"][0]["cache_write_1h_per_mtok"] == "1.6"
     assert "cache_write_1h_per_mtok" not in by_name["gpt-4o-mini"]["deployments"][0]
     assert deployment_of("gpt-4o-mini").cache_write_1h_per_mtok is None
+    # The web searches' price too; left out, it is 0 and not dumped.
+    assert deployment_of("claude-haiku").web_search_per_1k == Decimal(10)
+    assert by_name["claude-haiku"]["deployments"][0]["web_search_per_1k"] == "10"
+    assert "web_search_per_1k" not in by_name["gpt-4o-mini"]["deployments"][0]
+    assert deployment_of("gpt-4o-mini").web_search_per_1k == 0
 
 
 def test_max_retries_on_a_provider_is_ignored_with_a_warning(tmp_path):
