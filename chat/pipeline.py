@@ -1988,6 +1988,9 @@ class CompletionRun:
         stop_reason: str | None = None
         # Output tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
+        # Web searches whose results arrived (``web_search_tool_result`` blocks): the current attempt's, and those
+        # of attempts that failed midway, which the provider billed whatever its usage says (``settle``).
+        searched = earlier_searches = 0
         splice = _MessagesSplice()
         thought = False  # the current attempt's upstream request had Claude think: it refuses a text prefill
 
@@ -2020,6 +2023,10 @@ class CompletionRun:
                 # the output check cut it on its first words, relayed none of them.
                 reported = {**openai_usage(usage), "completion_tokens": text_tokens(written)}
                 partly_estimated = True
+            # A stream cut before ``message_delta`` counted no search: those whose results arrived ran.
+            searches = (int(reported.get("web_search_requests") or 0) if final else searched) + earlier_searches
+            if reported and searches:
+                reported = {**reported, "web_search_requests": searches}
             self._settle(
                 status=call.status,
                 usage=reported,
@@ -2068,6 +2075,9 @@ class CompletionRun:
                                 event.set_model(public_name)
                             elif kind == "content_block_start" or kind == "content_block_stop":
                                 splice.block(event)
+                                block = event.get("content_block")
+                                if type(block) is dict and block.get("type") == "web_search_tool_result":
+                                    searched += 1
                             elif kind == "message_delta":
                                 final = True
                                 usage.update(
@@ -2093,6 +2103,8 @@ class CompletionRun:
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(generated))  # held back or not, it was billed
+                        earlier_searches += searched
+                        searched = 0
                         usage = {}
                         first, upstream = await self._call(
                             once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)

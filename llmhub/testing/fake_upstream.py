@@ -115,7 +115,8 @@ Replies
     prompt tokens, ``[[cache_write=N]]`` (Anthropic only) N prompt tokens written to the cache,
     ``[[cache_write_1h=N]]`` (Anthropic only) N of those written to the 1-hour cache, ``[[web_search=N]]``
     (Anthropic only) reports N web searches (``usage.server_tool_use.web_search_requests``, streamed in
-    ``message_delta``'s usage, 0 in ``message_start``'s), ``[[fault=NAME]]`` see below.
+    ``message_delta``'s usage, 0 in ``message_start``'s), each a ``server_tool_use`` block and its
+    ``web_search_tool_result`` before the reply (streamed before the reply's block), ``[[fault=NAME]]`` see below.
     ``[[omit=NAME,...]]`` (OpenAI only) leaves fields out of the response and of every chunk, as some
     OpenAI-compatible servers do: ``id``, ``object``, ``created``, ``model`` (top level), ``index``,
     ``logprobs``, ``finish_reason`` (each choice; in a chunk only where it is null), ``role``, ``content``,
@@ -1343,6 +1344,25 @@ def _context_fault(provider: Provider, prompt_tokens: int) -> web.Response:
         f"{window + prompt_tokens} tokens. Please reduce the length of the messages."
     )
     return _openai_error(400, message, "invalid_request_error", "context_length_exceeded", "messages")
+
+
+def _web_searches(usage: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The blocks of the web searches ``usage`` reports (``[[web_search=N]]``), as Anthropic's message has them
+    before its reply: each search's ``server_tool_use`` call and its ``web_search_tool_result``."""
+    searches = (usage.get("server_tool_use") or {}).get("web_search_requests") or 0
+    blocks = []
+    for number in range(1, searches + 1):
+        call_id = f"srvtoolu_fake{number:04d}"
+        call = {"type": "server_tool_use", "id": call_id, "name": "web_search", "input": {"query": f"search {number}"}}
+        found = {
+            "type": "web_search_result",
+            "url": f"https://search.example/{number}",
+            "title": "Fake source",
+            "encrypted_content": "ZmFrZQ==",
+            "page_age": None,
+        }
+        blocks.append((call, {"type": "web_search_tool_result", "tool_use_id": call_id, "content": [found]}))
+    return blocks
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2596,6 +2616,7 @@ class _App:
             ]
         else:
             content = [{"type": "text", "text": reply.text}]
+        content[:0] = [block for search in _web_searches(usage) for block in search]
         if thinking is not None:
             content.insert(0, {"type": "thinking", "thinking": thinking, "signature": THINKING_SIGNATURE})
         message.update(content=content, stop_reason=_ANTHROPIC_FINISH[reply.finish], stop_sequence=reply.stop_sequence)
@@ -2745,6 +2766,16 @@ class _App:
             await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
             await send("content_block_stop", {"type": "content_block_stop", "index": 0})
             index = 1
+        for call, result in _web_searches(usage):  # each search's call, then its results, before the reply
+            start = {"type": "content_block_start", "index": index, "content_block": {**call, "input": {}}}
+            await send("content_block_start", start)
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(call["input"])}
+            await send("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            await send("content_block_stop", {"type": "content_block_stop", "index": index})
+            start = {"type": "content_block_start", "index": index + 1, "content_block": result}
+            await send("content_block_start", start)
+            await send("content_block_stop", {"type": "content_block_stop", "index": index + 1})
+            index += 2
         await send("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
         await send("ping", {"type": "ping"})
 

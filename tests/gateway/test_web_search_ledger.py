@@ -110,3 +110,23 @@ def test_a_request_with_the_web_search_tool_reserves_its_searches(priced):
             client.messages.create(**body, tools=[tool])
         assert "this request could need up to" in refused.value.message
     assert priced.upstream.stats["requests"] == requests
+
+
+def test_a_stream_cut_before_its_message_delta_is_charged_the_searches_whose_results_arrived(priced):
+    """Cut midway, a stream has no final usage: the row is an estimate of its tokens, and the searches whose
+    results (``web_search_tool_result``) the client got ran, and were billed; before, they were charged nothing."""
+    content = "weather [[web_search=2]] [[reply=sunny today]] [[fault=cut-1]]"
+    with anthropic_client(priced).messages.with_streaming_response.create(
+        model="claude-test",
+        max_tokens=50,
+        tools=[WEB_SEARCH],
+        stream=True,
+        messages=[{"role": "user", "content": content}],
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        lines = list(response.iter_lines())
+    assert sum('"type":"web_search_tool_result"' in line for line in lines) == 2
+    record = wait_for_record(request_id)
+    assert (record.status, record.usage_estimated, record.web_search_requests) == ("upstream_error", True, 2)
+    tokens = Decimal(record.prompt_tokens) / 1_000_000 + Decimal(record.completion_tokens) * 2 / 1_000_000
+    assert record.cost == (tokens + Decimal("0.02")).quantize(Decimal("0.0000000001"))
