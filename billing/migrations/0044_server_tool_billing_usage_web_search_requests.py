@@ -5,7 +5,7 @@ from core.migration_operations import AddColumnInPlace
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("billing", "0041_rollup_figures"),
+        ("billing", "0043_alerts_left_incident_follows_model"),
     ]
 
     operations = [
