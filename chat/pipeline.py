@@ -1512,7 +1512,15 @@ class CompletionRun:
                     if model is not self.model and _cannot_take(failure):
                         # A fallback that cannot take what the request asks and the model asked for took: skipped,
                         # as one that cannot stream is left out, never asked again. Its other deployments (another
-                        # provider may take it) are tried: the refusal is no failure to spend a retry on.
+                        # provider may take it) are tried: the refusal is no failure to spend a retry on. Told to
+                        # the operator, whose fallback may be set up wrong (a model that takes less than the first).
+                        logger.warning(
+                            "fallback model %s refused the request on deployment %s (provider %s): %s; skipped",
+                            model.name,
+                            deployment.name,
+                            target.provider.name,
+                            failure.code or type(failure).__name__,
+                        )
                         unsent = unsent or failure
                         candidates = [c for c in candidates if c is not deployment]
                         position -= 1

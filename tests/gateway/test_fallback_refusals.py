@@ -203,7 +203,7 @@ def test_when_the_model_and_its_fallbacks_all_fail_the_error_names_each_model_tr
 
 
 @pytest.mark.parametrize(("upstream", "ask"), PROVIDER_REFUSALS.values(), ids=PROVIDER_REFUSALS.keys())
-def test_a_skipped_fallbacks_refusal_is_not_masked_by_the_models_own_failure(gateway, upstream, ask):
+def test_a_skipped_fallbacks_refusal_is_not_masked_by_the_models_own_failure(gateway, upstream, ask, caplog):
     """The fallback's provider refused the request (its 400), which may say the request itself is wrong: the client
     got the model's own 503 with no word of it. The 503 is still the answer (the model asked
     for may take the request, and a retry may reach it), its message quoting the fallback's refusal."""
@@ -218,3 +218,9 @@ def test_a_skipped_fallbacks_refusal_is_not_masked_by_the_models_own_failure(gat
     assert "`primary` (fake-openai: upstream_unavailable)" in message, message
     refusal = message[message.index("`backup` (fake-openai: ") :]
     assert ("max_tokens" in refusal) if upstream == "fake-gpt-4o-mini" else ("400" in refusal), message
+    # The operator is told too: a fallback refusing what its model took may be set up wrong. No text of the request.
+    warned = [
+        r.getMessage() for r in caplog.records if r.name == "chat.pipeline" and "fallback model" in r.getMessage()
+    ]
+    assert len(warned) == 1 and warned[0].startswith("fallback model backup refused the request on deployment "), warned
+    assert warned[0].endswith("; skipped") and "hello" not in warned[0], warned
