@@ -677,80 +677,40 @@ def test_a_cap_of_0_is_refused_saying_empty_means_no_cap_and_enabled_stops_traff
     assert getattr(deployment, cap) is None
 
 
-def test_a_cache_write_price_is_set_inline_and_on_the_deployment_page_and_empty_means_the_input_price(admin_client):
-    """An admin prices prompt-cache writes where the other prices are: in the model's deployments inline and on
-    the deployment's own page, under its prices; left empty, the deployment has none (priced as input)."""
-    east = ProviderFactory(name="east")
-    add_url = reverse("admin:providers_catalogmodel_add")
-    assert 'name="deployments-0-cache_write_per_mtok"' in admin_client.get(add_url).content.decode()
-    response = admin_client.post(
-        add_url,
-        model_form(
-            "claude-sonnet",
-            [
-                {
-                    "provider": east.pk,
-                    "upstream_id": "claude-sonnet-4-5",
-                    "input_per_mtok": "3",
-                    "cache_write_per_mtok": "3.75",
-                }
-            ],
-        ),
-    )
-    assert response.status_code == 302, response.content.decode()[:2000]
-    deployment = Deployment.objects.get(model__name="claude-sonnet")
-    assert deployment.cache_write_per_mtok == Decimal("3.75")
-
-    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
-    page = admin_client.get(url).content.decode()
-    assert 'name="cache_write_per_mtok"' in page and 'value="3.750000"' in page
-    data = {
-        "model": deployment.model_id,
-        "name": deployment.name,
-        "provider": east.pk,
-        "upstream_id": deployment.upstream_id,
-        "enabled": "on",
-        "input_per_mtok": "3",
-        "output_per_mtok": "15",
-        "cached_input_per_mtok": "0.30",
-        "cache_write_per_mtok": "",
-        "weight": "1",
-        "priority": "0",
-        "health_checks-TOTAL_FORMS": "0",
-        "health_checks-INITIAL_FORMS": "0",
-        "health_checks-MIN_NUM_FORMS": "0",
-        "health_checks-MAX_NUM_FORMS": "1000",
-    }
-    assert admin_client.post(url, {**data, "cache_write_per_mtok": "-1"}).status_code == 200  # refused
-    response = admin_client.post(url, data)
-    assert response.status_code == 302, response.content.decode()[:2000]
-    deployment.refresh_from_db()
-    assert deployment.cache_write_per_mtok is None
+# A price beyond the token prices: the add form's prices (the priced one among them), and what it is once emptied.
+EXTRA_PRICES = {
+    # Prompt-cache writes: left empty, the deployment has none (priced as input).
+    "cache-write": ("cache_write_per_mtok", {"cache_write_per_mtok": "3.75"}, None),
+    # Anthropic's 1-hour cache writes (2x input) beside the 5-minute ones' (1.25x): left empty, priced as those.
+    "cache-write-1h": (
+        "cache_write_1h_per_mtok",
+        {"cache_write_per_mtok": "3.75", "cache_write_1h_per_mtok": "6"},
+        None,
+    ),
+    # Anthropic's web searches, per 1,000 beside the tokens: left empty, free.
+    "web-search": ("web_search_per_1k", {"web_search_per_1k": "10"}, Decimal(0)),
+}
 
 
-def test_a_1_hour_cache_write_price_is_set_inline_and_on_the_deployment_page_and_empty_means_the_other_writes(
-    admin_client,
+@pytest.mark.parametrize(("field", "prices", "emptied"), EXTRA_PRICES.values(), ids=EXTRA_PRICES.keys())
+def test_a_price_beyond_the_tokens_is_set_inline_and_on_the_deployment_page_and_may_be_emptied(
+    admin_client, field, prices, emptied
 ):
-    """Anthropic's 1-hour cache writes (2× input) have their own price beside the 5-minute ones' (1.25×), in the
-    inline and on the deployment's page; left empty, they are priced as the other cache writes."""
+    """An admin sets each of the deployment's other prices where the token prices are: in the model's deployments
+    inline and on the deployment's own page, under its prices; a negative one is refused, and left empty it is
+    what ``EXTRA_PRICES`` says."""
     east = ProviderFactory(name="east")
     add_url = reverse("admin:providers_catalogmodel_add")
-    assert 'name="deployments-0-cache_write_1h_per_mtok"' in admin_client.get(add_url).content.decode()
-    deployment_form = {
-        "provider": east.pk,
-        "upstream_id": "claude-sonnet-4-5",
-        "input_per_mtok": "3",
-        "cache_write_per_mtok": "3.75",
-        "cache_write_1h_per_mtok": "6",
-    }
+    assert f'name="deployments-0-{field}"' in admin_client.get(add_url).content.decode()
+    deployment_form = {"provider": east.pk, "upstream_id": "claude-sonnet-4-5", "input_per_mtok": "3", **prices}
     response = admin_client.post(add_url, model_form("claude-sonnet", [deployment_form]))
     assert response.status_code == 302, response.content.decode()[:2000]
     deployment = Deployment.objects.get(model__name="claude-sonnet")
-    assert (deployment.cache_write_per_mtok, deployment.cache_write_1h_per_mtok) == (Decimal("3.75"), Decimal(6))
+    assert {name: getattr(deployment, name) for name in prices} == {name: Decimal(v) for name, v in prices.items()}
 
     url = reverse("admin:providers_deployment_change", args=[deployment.pk])
     page = admin_client.get(url).content.decode()
-    assert 'name="cache_write_1h_per_mtok"' in page and 'value="6.000000"' in page
+    assert f'name="{field}"' in page and f'value="{Decimal(prices[field]):.6f}"' in page
     data = {
         "model": deployment.model_id,
         "name": deployment.name,
@@ -759,8 +719,8 @@ def test_a_1_hour_cache_write_price_is_set_inline_and_on_the_deployment_page_and
         "enabled": "on",
         "input_per_mtok": "3",
         "output_per_mtok": "15",
-        "cache_write_per_mtok": "3.75",
-        "cache_write_1h_per_mtok": "",
+        **prices,
+        field: "",
         "weight": "1",
         "priority": "0",
         "health_checks-TOTAL_FORMS": "0",
@@ -768,11 +728,11 @@ def test_a_1_hour_cache_write_price_is_set_inline_and_on_the_deployment_page_and
         "health_checks-MIN_NUM_FORMS": "0",
         "health_checks-MAX_NUM_FORMS": "1000",
     }
-    assert admin_client.post(url, {**data, "cache_write_1h_per_mtok": "-1"}).status_code == 200  # refused
+    assert admin_client.post(url, {**data, field: "-1"}).status_code == 200  # refused
     response = admin_client.post(url, data)
     assert response.status_code == 302, response.content.decode()[:2000]
     deployment.refresh_from_db()
-    assert deployment.cache_write_1h_per_mtok is None
+    assert getattr(deployment, field) == emptied
 
 
 # Moving a provider that holds keys -----------------------------------------------------------------
@@ -857,41 +817,3 @@ def test_an_operator_may_still_edit_the_rest_and_an_admin_may_move_it(admin_clie
     assert moved.status_code == 302
     provider.refresh_from_db()
     assert provider.base_url == ELSEWHERE and provider.api_key.reveal() == KEY
-
-
-def test_a_web_search_price_is_set_inline_and_on_the_deployment_page_and_empty_means_free(admin_client):
-    """Anthropic bills its web searches per 1,000 beside the tokens: the price sits with the token prices, in the
-    inline and on the deployment's page; left empty (or out of the form), searches cost nothing."""
-    east = ProviderFactory(name="east")
-    add_url = reverse("admin:providers_catalogmodel_add")
-    assert 'name="deployments-0-web_search_per_1k"' in admin_client.get(add_url).content.decode()
-    deployment_form = {"provider": east.pk, "upstream_id": "claude-sonnet-4-5", "web_search_per_1k": "10"}
-    response = admin_client.post(add_url, model_form("claude-sonnet", [deployment_form]))
-    assert response.status_code == 302, response.content.decode()[:2000]
-    deployment = Deployment.objects.get(model__name="claude-sonnet")
-    assert deployment.web_search_per_1k == Decimal(10)
-
-    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
-    page = admin_client.get(url).content.decode()
-    assert 'name="web_search_per_1k"' in page and 'value="10.000000"' in page
-    data = {
-        "model": deployment.model_id,
-        "name": deployment.name,
-        "provider": east.pk,
-        "upstream_id": deployment.upstream_id,
-        "enabled": "on",
-        "input_per_mtok": "3",
-        "output_per_mtok": "15",
-        "web_search_per_1k": "",
-        "weight": "1",
-        "priority": "0",
-        "health_checks-TOTAL_FORMS": "0",
-        "health_checks-INITIAL_FORMS": "0",
-        "health_checks-MIN_NUM_FORMS": "0",
-        "health_checks-MAX_NUM_FORMS": "1000",
-    }
-    assert admin_client.post(url, {**data, "web_search_per_1k": "-1"}).status_code == 200  # refused
-    response = admin_client.post(url, data)
-    assert response.status_code == 302, response.content.decode()[:2000]
-    deployment.refresh_from_db()
-    assert deployment.web_search_per_1k == Decimal(0)
