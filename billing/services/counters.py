@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -577,6 +577,184 @@ def _counters_write(counters: Sequence[BudgetCounter], now: datetime) -> None:
         cursor.executemany(sql, params)
 
 
+# THE DATABASE STORE'S STATEMENTS: those of every budgeted request's admission and settle, built once (per database
+# vendor, and per number of counters) from the models' metadata, as ``_counters_write`` is. The ORM built and
+# compiled each of them again at every request, which cost more CPU than the statements took to run
+# (docs/performance.md, "What budgets and rate limits cost"). Values go in as their model fields prepare them to
+# be saved, and amounts come out through the backend's converters, as the ORM's would. The statements of rarer
+# moments (a counter's first use in a period, a hold that expired, the old settles forgotten) stay the ORM's.
+
+
+def _columns(model: Any, names: Sequence[str]) -> str:
+    return ", ".join(model._meta.get_field(name).column for name in names)
+
+
+def _marks(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+@cache
+def _counters_lock_sql(vendor: str, count: int) -> str:
+    """The counters of ``count`` keys (id, key, spent, reserved), in key order, row-locked where the database has
+    row locks (on SQLite the transaction's write lock, taken at BEGIN, serializes them)."""
+    meta = BudgetCounter._meta
+    key = meta.get_field("key").column
+    lock = f" {connection.ops.for_update_sql()}" if connection.features.has_select_for_update else ""
+    return (
+        f"SELECT {_columns(BudgetCounter, _COUNTER_READ)} FROM {meta.db_table} "  # noqa: S608
+        f"WHERE {key} IN ({_marks(count)}) ORDER BY {key}{lock}"
+    )
+
+
+_COUNTER_READ = ("id", "key", "spent", "reserved")  # in the model's order of fields, for ``from_db``
+
+
+@cache
+def _decimal_read(vendor: str, model: Any, name: str) -> tuple[Any, list]:
+    """The column of ``model.name`` as a query reads it, and the converters the ORM runs on its values."""
+    column = model._meta.get_field(name).get_col(model._meta.db_table)
+    return column, connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+
+
+def _decimal(value: Any, read: tuple[Any, list]) -> Decimal:
+    column, converters = read
+    for converter in converters:
+        value = converter(value, column, connection)
+    return value
+
+
+def _counters_locked(keys: Collection[str]) -> dict[str, BudgetCounter]:
+    """The counters of ``keys`` that exist, by key, locked in key order (one statement)."""
+    keys = sorted(set(keys))
+    spent_read = _decimal_read(connection.vendor, BudgetCounter, "spent")
+    reserved_read = _decimal_read(connection.vendor, BudgetCounter, "reserved")
+    with connection.cursor() as cursor:
+        cursor.execute(_counters_lock_sql(connection.vendor, len(keys)), keys)
+        rows = cursor.fetchall()
+    return {
+        key: BudgetCounter.from_db(
+            connection.alias,
+            _COUNTER_READ,
+            (pk, key, _decimal(spent, spent_read), _decimal(reserved, reserved_read)),
+        )
+        for pk, key, spent, reserved in rows
+    }
+
+
+@cache
+def _holds_expired_sql(vendor: str, count: int) -> str:
+    meta = BudgetReservation._meta
+    counter, settled_at, expires_at = (meta.get_field(name).column for name in ("counter", "settled_at", "expires_at"))
+    return (
+        f"SELECT {_columns(BudgetReservation, ('id', 'counter', 'amount'))} FROM {meta.db_table} "  # noqa: S608
+        f"WHERE {counter} IN ({_marks(count)}) AND {settled_at} IS NULL AND {expires_at} <= %s"
+    )
+
+
+@cache
+def _holds_of_request_sql(vendor: str, count: int) -> str:
+    meta = BudgetReservation._meta
+    counter, request_id = (meta.get_field(name).column for name in ("counter", "request_id"))
+    return (
+        f"SELECT {_columns(BudgetReservation, ('id', 'counter', 'amount', 'settled_at'))} "  # noqa: S608
+        f"FROM {meta.db_table} WHERE {request_id} = %s AND {counter} IN ({_marks(count)})"
+    )
+
+
+def _holds_read(sql: str, params: list) -> list[tuple[int, int, Decimal, Any]]:
+    """(id, counter id, amount, and what else ``sql`` selects as it comes: settled or not) of each hold found."""
+    amount_read = _decimal_read(connection.vendor, BudgetReservation, "amount")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [(pk, counter_id, _decimal(amount, amount_read), *rest) for pk, counter_id, amount, *rest in cursor]
+
+
+_HOLD_INSERTED = ("counter", "request_id", "amount", "expires_at")
+
+
+@cache
+def _holds_insert_sql() -> str:
+    columns = _columns(BudgetReservation, _HOLD_INSERTED)
+    return f"INSERT INTO {BudgetReservation._meta.db_table} ({columns}) VALUES ({_marks(len(_HOLD_INSERTED))})"  # noqa: S608
+
+
+def _holds_insert(holds: Sequence[tuple[int, Decimal]], request_id: str, expires_at: datetime) -> None:
+    """Insert the request's hold of ``amount`` on each counter (by id): no instance built, no id read back."""
+    counter, request, amount, expires = (BudgetReservation._meta.get_field(name) for name in _HOLD_INSERTED)
+    request_value = request.get_db_prep_save(request_id, connection)
+    expires_value = expires.get_db_prep_save(expires_at, connection)
+    params = [
+        (
+            counter.get_db_prep_save(counter_id, connection),
+            request_value,
+            amount.get_db_prep_save(held, connection),
+            expires_value,
+        )
+        for counter_id, held in holds
+    ]
+    with connection.cursor() as cursor:
+        cursor.executemany(_holds_insert_sql(), params)
+
+
+@cache
+def _record_fields() -> tuple:
+    """The in-flight record's columns an admission writes: all but its id and ``recorded_at``, which the database
+    dates itself (its ``db_default``, on the database's clock)."""
+    return tuple(field for field in RequestReservation._meta.concrete_fields if field.name not in ("id", "recorded_at"))
+
+
+@cache
+def _record_insert_sql() -> str:
+    fields = _record_fields()
+    columns = ", ".join(field.column for field in fields)
+    return f"INSERT INTO {RequestReservation._meta.db_table} ({columns}) VALUES ({_marks(len(fields))})"  # noqa: S608
+
+
+def _record_insert(record: RequestReservation) -> None:
+    """Insert the request's in-flight record, each value as its field prepares it for ``create``."""
+    values = [field.get_db_prep_save(getattr(record, field.attname), connection) for field in _record_fields()]
+    with connection.cursor() as cursor:
+        cursor.execute(_record_insert_sql(), values)
+
+
+def _record_settle(request_id: str, row: dict | None) -> None:
+    """Keep the request's in-flight record, settled, with its ledger row ``row``; or, without one, delete it."""
+    meta = RequestReservation._meta
+    request = meta.get_field("request_id")
+    if row is None:
+        sql, params = f"DELETE FROM {meta.db_table} WHERE {request.column} = %s", []  # noqa: S608
+    else:
+        settled_row = meta.get_field("settled_row")
+        sql = f"UPDATE {meta.db_table} SET {settled_row.column} = %s WHERE {request.column} = %s"  # noqa: S608
+        params = [settled_row.get_db_prep_save(row, connection)]
+    params.append(request.get_db_prep_save(request_id, connection))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+@cache
+def _holds_settle_sql() -> str:
+    meta = BudgetReservation._meta
+    expires, settled_at, settled_amount = (
+        meta.get_field(name).column for name in ("expires_at", "settled_at", "settled_amount")
+    )
+    return (
+        f"UPDATE {meta.db_table} SET {expires} = %s, {settled_at} = %s, {settled_amount} = %s "  # noqa: S608
+        f"WHERE {meta.pk.column} = %s"
+    )
+
+
+def _holds_settle(settled: Sequence[tuple[int, Decimal]], now: datetime) -> None:
+    """Mark each hold (by id) settled now at its amount: kept a while so that reconciliation can tell it from a
+    request that never ran. One prepared UPDATE run for them all (``bulk_update``'s CASE statement cost more to
+    build than the rest of the settle)."""
+    settled_at, settled_amount = (BudgetReservation._meta.get_field(name) for name in ("settled_at", "settled_amount"))
+    at = settled_at.get_db_prep_save(now, connection)
+    params = [(at, at, settled_amount.get_db_prep_save(amount, connection), pk) for pk, amount in settled]
+    with connection.cursor() as cursor:
+        cursor.executemany(_holds_settle_sql(), params)
+
+
 FORGET_EVERY = timedelta(minutes=1)
 FORGET_REMEMBERED = 10_000
 
@@ -650,20 +828,18 @@ class DatabaseCounterStore:
                 holds = []
                 for spec, row in zip(counters, rows, strict=True):
                     amount = reserved.amount_for(spec)
-                    holds.append(
-                        BudgetReservation(
-                            counter=row, request_id=request_id, amount=amount, expires_at=now + RESERVATION_TTL
-                        )
-                    )
+                    holds.append((row.pk, amount))
                     row.reserved += amount
-                BudgetReservation.objects.bulk_create(holds)
+                _holds_insert(holds, request_id, now + RESERVATION_TTL)
                 _counters_write(rows, now)
-                RequestReservation.objects.create(
-                    **record,
-                    instance=instance_id(),
-                    counters=[spec.key for spec in counters],
-                    reserved_cost=reserved.cost,
-                    reserved_tokens=reserved.tokens,
+                _record_insert(
+                    RequestReservation(
+                        **record,
+                        instance=instance_id(),
+                        counters=[spec.key for spec in counters],
+                        reserved_cost=reserved.cost,
+                        reserved_tokens=reserved.tokens,
+                    )
                 )
         except BaseException:
             if recorded:
@@ -675,7 +851,7 @@ class DatabaseCounterStore:
         # Always in key order, so two admissions sharing counters cannot deadlock: one statement locks
         # them all (ORDER BY before FOR UPDATE); at a counter's first use in a period, one at a time.
         keys = sorted({spec.key for spec in counters})
-        rows = {row.key: row for row in BudgetCounter.objects.select_for_update().filter(key__in=keys).order_by("key")}
+        rows = _counters_locked(keys)
         if len(rows) < len(keys):
             rows = {spec.key: self._counter_for_update(spec.ref) for spec in sorted(counters, key=attrgetter("key"))}
         if any(row.reserved for row in rows.values()):  # with nothing held, nothing can have expired
@@ -699,8 +875,9 @@ class DatabaseCounterStore:
     def _expire(self, rows: Sequence[BudgetCounter], now: datetime) -> None:
         """Give back what requests that never settled (a dead process) still hold on ``rows`` (locked by
         the caller): one query for them all, and writes only when something expired."""
-        stale = BudgetReservation.objects.filter(counter__in=rows, settled_at__isnull=True, expires_at__lte=now)
-        found = list(stale.values_list("pk", "counter_id", "amount"))
+        expires_at = BudgetReservation._meta.get_field("expires_at").get_db_prep_value(now, connection)
+        sql = _holds_expired_sql(connection.vendor, len(rows))
+        found = _holds_read(sql, [*(row.pk for row in rows), expires_at])
         if not found:
             return
         by_id = {row.pk: row for row in rows}
@@ -746,35 +923,27 @@ class DatabaseCounterStore:
         request_id, now = settle.request_id, settle.now
         cost, tokens = settle.cost, Decimal(settle.tokens)
         moved: list[Moved] = []
-        record = RequestReservation.objects.filter(request_id=request_id)
-        if settle.row is None:
-            record.delete()
-        else:
-            record.update(settled_row=settle.row)
+        _record_settle(request_id, settle.row)
         ordered = sorted(settle.counters, key=attrgetter("key"))
         # One statement locks them all, in key order as admission does (ORDER BY before FOR UPDATE).
-        locked = {
-            counter.key: counter
-            for counter in BudgetCounter.objects.select_for_update()
-            .filter(key__in=[spec.key for spec in ordered])
-            .order_by("key")
-        }
+        locked = _counters_locked({spec.key for spec in ordered})
         if not locked:
             return moved
         held = {
-            reservation.counter_id: reservation
-            for reservation in BudgetReservation.objects.filter(
-                counter__in=list(locked.values()), request_id=request_id
+            counter_id: (pk, amount, settled_at)
+            for pk, counter_id, amount, settled_at in _holds_read(
+                _holds_of_request_sql(connection.vendor, len(locked)),
+                [request_id, *(counter.pk for counter in locked.values())],
             )
         }
-        settled_now: dict[Decimal, list[int]] = {}  # reservations settled now, by the amount they settle at
+        settled_now: list[tuple[int, Decimal]] = []  # holds settled now (id), at the amount they settle at
         expired_meanwhile, changed = [], []
         for spec in ordered:
             counter = locked.get(spec.key)
             if counter is None:
                 continue
             reservation = held.get(counter.pk)
-            if reservation is not None and reservation.settled_at is not None:
+            if reservation is not None and reservation[2] is not None:
                 continue  # settled already
             actual = cost if spec.metric == BudgetMetric.COST else tokens
             if reservation is None:
@@ -790,17 +959,15 @@ class DatabaseCounterStore:
                     )
                 )
             else:
-                counter.reserved -= reservation.amount
-                settled_now.setdefault(actual, []).append(reservation.pk)
+                pk, amount, _settled_at = reservation
+                counter.reserved -= amount
+                settled_now.append((pk, actual))
             before = counter.spent
             counter.spent += actual
             changed.append(counter)
             moved.append((spec, before, counter.spent))
-        # Kept a while, settled, so that reconciliation can tell it from a request that never ran. One plain
-        # UPDATE per amount (a request's counters settle at its cost or its tokens): bulk_update's CASE
-        # statement cost more to build than the rest of the settle.
-        for actual, pks in settled_now.items():
-            BudgetReservation.objects.filter(pk__in=pks).update(expires_at=now, settled_at=now, settled_amount=actual)
+        if settled_now:
+            _holds_settle(settled_now, now)
         if expired_meanwhile:
             BudgetReservation.objects.bulk_create(expired_meanwhile)
         _counters_write(changed, now)

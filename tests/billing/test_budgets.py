@@ -392,3 +392,53 @@ async def test_the_prompt_is_reserved_at_the_dearer_of_the_input_and_cache_write
     await admission_settle(admission=admission, cost=Decimal(0), prompt_tokens=0, completion_tokens=0, ok=False)
     # Without max_tokens, what is left after the prompt buys the completion.
     assert (await acquire(account, "clamped", prompt_upper=10)).max_tokens == clamped
+
+
+async def test_the_database_stores_admission_and_settle_compile_no_orm_query(account, settings, monkeypatch):
+    """Without Redis a budgeted request's admission and settle ran their statements through the ORM, which built
+    and compiled each again at every request: most of the CPU of both (docs/performance.md, "What budgets and rate
+    limits cost"). Once its counter exists and has had its old settles forgotten, a request compiles no ORM query:
+    its statements are built once from the models' metadata. What they hold and write is the same: the counter,
+    the request's hold and in-flight record, a second request held alongside the first, and the settle."""
+    from django.db.models.sql.query import Query
+
+    from billing.models import BudgetCounter, BudgetReservation, RequestReservation
+
+    settings.REDIS_URL = ""
+    await settle(await acquire(account, "first", max_tokens=5), 5)  # the counter exists, its old settles forgotten
+    compiled: list[str] = []
+    get_compiler = Query.get_compiler
+
+    def noted(query, *args, **kwargs):
+        if query.model in (BudgetCounter, BudgetReservation, RequestReservation):  # not the heartbeat's thread
+            compiled.append(query.model.__name__)
+        return get_compiler(query, *args, **kwargs)
+
+    monkeypatch.setattr(Query, "get_compiler", noted)
+    held = await acquire(account, "held", max_tokens=10)
+    other = await acquire(account, "other", max_tokens=20)
+    assert (held.reserved_cost, other.reserved_cost) == (10 * TOKEN, 20 * TOKEN)
+    await settle(held, 7)
+    monkeypatch.undo()
+    assert compiled == []
+
+    assert await sync_to_async(counter_state)(key_ref(account["key"])) == (12 * TOKEN, 20 * TOKEN)
+    holds = BudgetReservation.objects.filter(request_id__in=["held", "other"]).order_by("request_id")
+    assert [
+        (hold.request_id, hold.amount, hold.settled_amount, hold.settled_at is not None) async for hold in holds
+    ] == [("held", 10 * TOKEN, 7 * TOKEN, True), ("other", 20 * TOKEN, None, False)]
+    record = await RequestReservation.objects.aget(request_id="other")
+    assert (record.user_id, record.api_key_id, record.model_name, record.endpoint, record.stream) == (
+        account["user"].pk,
+        account["key"].pk,
+        "flat-model",
+        "",
+        False,
+    )
+    assert (record.reserved_cost, record.reserved_tokens, record.settled_row, record.recorded_at is not None) == (
+        20 * TOKEN,
+        20,
+        None,
+        True,
+    )
+    assert not await RequestReservation.objects.filter(request_id="held").aexists()
