@@ -796,7 +796,12 @@ def _effort(request: dict[str, Any], efforts: tuple[str, ...] | None = None) -> 
     puts in; with adaptive thinking, how much it thinks), else its thinking budget's (``reasoning_effort_for``).
     Thinking ``disabled`` asks for none, whatever the effort: the client said the model does not reason. An effort
     not among ``efforts`` (those the provider has) is refused."""
-    from_thinking = reasoning_effort_for(request.get("thinking"))
+    thinking = request.get("thinking")
+    from_thinking = reasoning_effort_for(thinking)
+    limit = request.get("max_tokens")
+    if from_thinking is not None and isinstance(limit, int) and thinking["budget_tokens"] >= limit:
+        # Anthropic's own refusal: a budget that leaves the reply no room, refused on every model alike.
+        raise _invalid("`max_tokens` must be greater than `thinking.budget_tokens`", "max_tokens")
     config = request.get("output_config")
     effort = config.get("effort") if isinstance(config, dict) else None
     if effort is None:
@@ -806,7 +811,6 @@ def _effort(request: dict[str, Any], efforts: tuple[str, ...] | None = None) -> 
             "Input should be " + ", ".join(repr(name) for name in EFFORTS[:-1]) + f" or {EFFORTS[-1]!r}",
             "output_config.effort",
         )
-    thinking = request.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "disabled":
         return None
     if efforts is not None and effort not in efforts:

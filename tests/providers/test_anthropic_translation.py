@@ -550,6 +550,24 @@ def test_a_thinking_budget_that_is_not_one_is_a_clear_400(budget):
     assert caught.value.param == "thinking.budget_tokens"
 
 
+@pytest.mark.parametrize("max_tokens", [2048, 1500])
+def test_a_thinking_budget_not_under_max_tokens_is_refused_as_anthropic_refuses_it(max_tokens):
+    """Anthropic refuses a thinking budget that leaves the reply no room (``max_tokens`` must be greater than
+    ``thinking.budget_tokens``); a translated model took it, so the same request worked on one model and not on
+    another. Refused alike, naming ``max_tokens``, before any upstream call."""
+    request = {
+        "model": "m",
+        "max_tokens": max_tokens,
+        "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    with pytest.raises(ProviderBadRequestError) as caught:
+        chat_request(request)
+    assert caught.value.param == "max_tokens"
+    assert "`max_tokens` must be greater than `thinking.budget_tokens`" in str(caught.value)
+    assert chat_request({**request, "max_tokens": 2049})["reasoning_effort"] == "medium"
+
+
 def test_messages_request_becomes_a_chat_request():
     body = chat_request(
         {
