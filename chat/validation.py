@@ -317,6 +317,43 @@ def _check_tool_choice(body: dict[str, Any]) -> None:
         )
     if isinstance(choice, dict) and kind in ("function", "custom") and named["name"] not in _tool_names(body, kind):
         _fail(f"Invalid value for 'tool_choice': no {kind} named {named['name']!r} is among 'tools'.", "tool_choice")
+    if isinstance(choice, dict) and kind == "allowed_tools":
+        _check_allowed_tools(body, choice["allowed_tools"])
+
+
+def _check_allowed_tools(body: dict[str, Any], allowed: dict[str, Any]) -> None:
+    """``tool_choice: {"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}``: a mode of ``auto`` or
+    ``required``, and tools each naming a function or custom tool among ``tools`` (as OpenAI's tool choice names
+    one). Checked here because most upstreams cannot take it, and the adapters send those only the tools it allows
+    (``providers.adapters.common.allowed_tools_narrowed``), which needs each one to be there."""
+    where = "tool_choice.allowed_tools"
+    if allowed.get("mode") not in ("auto", "required"):
+        _fail(f"Invalid value for '{where}.mode': expected 'auto' or 'required'.", f"{where}.mode")
+    listed = allowed.get("tools")
+    if not isinstance(listed, list) or not listed:
+        _fail(
+            f"Invalid value for '{where}.tools': expected a non-empty array of the tools the model may call.",
+            f"{where}.tools",
+        )
+    for index, entry in enumerate(listed):
+        param = f"{where}.tools[{index}]"
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind not in ("function", "custom"):
+            _fail(
+                f"Invalid value for '{param}': expected "
+                '{"type": "function", "function": {"name": ...}} or {"type": "custom", "custom": {"name": ...}}.',
+                param,
+            )
+        named = entry.get(kind)
+        name = named.get("name") if isinstance(named, dict) else None
+        if not isinstance(name, str) or not name:
+            _fail(
+                f"Missing required parameter: '{param}.{kind}.name'.",
+                f"{param}.{kind}.name",
+                "missing_required_parameter",
+            )
+        if name not in _tool_names(body, kind):
+            _fail(f"Invalid value for '{param}': no {kind} named {name!r} is among 'tools'.", param)
 
 
 def _tool_names(body: dict[str, Any], kind: str) -> set[str]:

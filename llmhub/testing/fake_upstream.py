@@ -995,6 +995,14 @@ def _openai_tool(body: dict[str, Any]) -> _ToolSpec | None:
     ]
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         tools = [tool for tool in tools if tool["name"] == choice["function"].get("name")] or tools
+    elif isinstance(choice, dict) and isinstance(choice.get("allowed_tools"), dict):
+        # OpenAI's allowed_tools: the model calls only among those it lists.
+        allowed = {
+            entry["function"].get("name")
+            for entry in choice["allowed_tools"].get("tools") or ()
+            if isinstance(entry, dict) and isinstance(entry.get("function"), dict)
+        }
+        tools = [tool for tool in tools if tool["name"] in allowed]
     if not tools:
         return None
     return _ToolSpec(tools[0]["name"], tools[0].get("parameters") or {})

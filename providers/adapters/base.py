@@ -15,16 +15,14 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from ..exceptions import ProviderBadRequestError, ProviderError
 from ..rules import apply_parameter_rules
 from ..tokens import prompt_tokens
 from ..types import HealthResult, ProviderConfig, ResolvedModel, UpstreamModel
+from .common import BatchesAnswered, allowed_tools_narrowed
 from .translate_anthropic import EventTranslator, chat_request, message_from_completion
-
-if TYPE_CHECKING:
-    from .common import BatchesAnswered
 
 
 class BaseAdapter(ABC):
@@ -36,6 +34,9 @@ class BaseAdapter(ABC):
     # The levels of a translated Messages request's ``output_config.effort`` the provider has a ``reasoning_effort``
     # for (``messages``); None: all of them. Another is refused naming the client's field.
     messages_efforts: ClassVar[tuple[str, ...] | None] = None
+    # Whether the provider takes chat completions' ``tool_choice: {"type": "allowed_tools"}`` as OpenAI does (only
+    # OpenAI's own API); any other gets the tools it allows alone, its mode as the choice (``prepare_request``).
+    takes_allowed_tools: ClassVar[bool] = False
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -66,10 +67,13 @@ class BaseAdapter(ABC):
     # Optional hooks -------------------------------------------------------------------------------
 
     def prepare_request(self, body: dict[str, Any], model: ResolvedModel) -> dict[str, Any]:
-        """Rewrite a client request for ``model``: its upstream id and its parameter rules.
+        """Rewrite a client request for ``model``: its upstream id and its parameter rules, and an ``allowed_tools``
+        choice narrowed for a provider that does not take it (``takes_allowed_tools``).
 
         Overridden by adapters whose providers need more (none yet; Gemini will)."""
         prepared = apply_parameter_rules(body, model.parameter_rules)
+        if not self.takes_allowed_tools:
+            prepared = allowed_tools_narrowed(prepared)
         if prepared is body:
             prepared = dict(body)
         prepared["model"] = model.upstream_id

@@ -199,6 +199,30 @@ def fields_renamed(body: dict[str, Any], renames: Mapping[str, str]) -> dict[str
     return out
 
 
+def allowed_tools_narrowed(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as an upstream without chat completions' ``allowed_tools`` choice takes it: only the tools that
+    choice allows are sent, and its mode (``auto`` or ``required``) is the tool choice. The model can call the same
+    tools as under OpenAI's own choice; it no longer sees the others, which OpenAI keeps in the prompt for its cache.
+    ``body`` itself without such a choice. Its tools were checked against ``tools`` (``chat.validation``)."""
+    choice = body.get("tool_choice")
+    if type(choice) is not dict or choice.get("type") != "allowed_tools":
+        return body
+    allowed = choice.get("allowed_tools") or {}
+    names = {
+        (entry.get("type"), entry.get(entry.get("type"), {}).get("name"))
+        for entry in allowed.get("tools") or ()
+        if isinstance(entry, dict) and isinstance(entry.get(entry.get("type")), dict)
+    }
+    tools = [
+        tool
+        for tool in body.get("tools") or ()
+        if isinstance(tool, dict)
+        and isinstance(tool.get(tool.get("type")), dict)
+        and (tool["type"], tool[tool["type"]].get("name")) in names
+    ]
+    return {**body, "tools": tools, "tool_choice": allowed.get("mode", "auto")}
+
+
 def assistant_fields_dropped(body: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
     """``body`` with the fields ``names`` left out of its assistant messages: what a reply carried that a client
     sends back as it came and the upstream does not take (Mistral refuses the fields of OpenAI's replies that its

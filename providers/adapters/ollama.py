@@ -10,8 +10,10 @@ ignores the rest. Most of those the answer shows for itself, but three would not
   newer name goes up as ``max_tokens``. Sent as it came, the reply would not be limited at all, and could spend
   past the output the key's budget reserved for it;
 - ``tool_choice``: the model may call any tool it is given, or none. ``"none"`` is kept by not sending the
-  tools; ``"auto"`` is what Ollama does anyway; a choice that forces a call (``"required"``, a named tool,
-  ``allowed_tools``) cannot be kept and is refused with a 400, rather than answered as if it had been;
+  tools; ``"auto"`` is what Ollama does anyway (and ``allowed_tools`` in mode ``auto``: only those tools are sent,
+  as to every provider without that choice, ``BaseAdapter.prepare_request``); a choice that forces a call
+  (``"required"``, a named tool, ``allowed_tools`` in mode ``required``) cannot be kept and is refused with a 400,
+  rather than answered as if it had been;
 - ``parallel_tool_calls: false``: a model may still ask for several calls at once, and a client that sent it
   runs one call a turn. It is kept on the answer instead: each choice carries its first call only, streamed
   or not (the model asks for the next once it has the first's result).

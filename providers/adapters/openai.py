@@ -673,3 +673,4 @@ class OpenAIPlatformAdapter(OpenAIAdapter):
     /v1/messages request's), and a client's ``max_tokens``, go under it."""
 
     output_limit = "max_completion_tokens"
+    takes_allowed_tools = True
