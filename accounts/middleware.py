@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.cache import patch_cache_control
 from django.utils.functional import LazyObject
 
 from core.exceptions import DATABASE_OUTAGE_ERRORS
+from core.middleware import SyncAndAsyncMiddleware
 
 
 def _signed_in(user: Any) -> bool:
@@ -34,23 +34,13 @@ def _no_store(response: HttpResponseBase) -> None:
         patch_cache_control(response, private=True, no_store=True)
 
 
-class SignedInNoStoreMiddleware:
-    """After ``AuthenticationMiddleware``; sync and async capable, so that it adds no thread hop to async views.
+class SignedInNoStoreMiddleware(SyncAndAsyncMiddleware):
+    """After ``AuthenticationMiddleware``; sync and async capable (``core.middleware``), so that it adds no thread hop.
     The user is the one the answer was made for: the session's (resolved once by the async path, where
     ``AuditContextMiddleware`` has done so already; lazily by the sync one, where the view has mostly read it),
     or one the view set."""
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest):
-        if iscoroutinefunction(self):
-            return self.__acall__(request)
+    def call(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
         try:
             signed_in = _signed_in(request.user)
@@ -60,7 +50,7 @@ class SignedInNoStoreMiddleware:
             _no_store(response)
         return response
 
-    async def __acall__(self, request: HttpRequest):
+    async def acall(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)
         user = request.__dict__.get("user")
         try:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.utils.functional import LazyObject
 
 from core.exceptions import DATABASE_OUTAGE_ERRORS
+from core.middleware import SyncAndAsyncMiddleware
 
 from .context import AuditOrigin, OriginSource, audit_origin, request_ip, request_user_agent
 from .models import ActorType
@@ -46,25 +46,15 @@ def lazy_origin(request, user_at_entry: Any = None) -> OriginSource:
     return lambda: origin_for_request(request, acting_principal(request, user_at_entry))
 
 
-class AuditContextMiddleware:
-    """Sync and async capable, so that it adds no thread hop to async views. The origin is worked out when
-    an event is recorded, not here: by then DRF may have authenticated a gateway key or a JWT."""
+class AuditContextMiddleware(SyncAndAsyncMiddleware):
+    """Sync and async capable (``core.middleware``), so that it adds no thread hop. The origin is worked out
+    when an event is recorded, not here: by then DRF may have authenticated a gateway key or a JWT."""
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-        if iscoroutinefunction(get_response):
-            markcoroutinefunction(self)
-
-    def __call__(self, request):
-        if iscoroutinefunction(self):
-            return self.__acall__(request)
+    def call(self, request):
         with audit_origin(lazy_origin(request)):
             return self.get_response(request)
 
-    async def __acall__(self, request):
+    async def acall(self, request):
         # request.user would query the database synchronously when an event is recorded from async code:
         # auser() is its async twin, resolved here once.
         try:

@@ -16,10 +16,12 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction
 from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.http import HttpRequest, HttpResponseBase
+
+from .middleware import SyncAndAsyncMiddleware
 
 HEADER = "Content-Security-Policy"
 
@@ -73,27 +75,16 @@ def csp_extend(**directives: Sequence[str]) -> Callable:
     return decorator
 
 
-class ContentSecurityPolicyMiddleware:
+class ContentSecurityPolicyMiddleware(SyncAndAsyncMiddleware):
     """Sets ``LLMHUB_CSP`` on every response that has none yet. Development's error pages (DEBUG's technical
     404 and 500, inline scripts and styles of their own) are left without one."""
 
-    sync_capable = True
-    async_capable = True
-
-    def __init__(self, get_response: Callable) -> None:
-        self.get_response = get_response
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
-
-    def __call__(self, request: HttpRequest) -> Any:
-        if self.async_mode:
-            return self.__acall__(request)
+    def call(self, request: HttpRequest) -> HttpResponseBase:
         response = self.get_response(request)
         self.apply(request, response)
         return response
 
-    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+    async def acall(self, request: HttpRequest) -> HttpResponseBase:
         response = await self.get_response(request)
         self.apply(request, response)
         return response
