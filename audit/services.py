@@ -7,20 +7,22 @@ the chain fail at the first row concerned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
 import redis
 from django.core.cache import cache
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
@@ -226,6 +228,29 @@ def audit_records(
 
 # An event is 13 values: under a statement's limit of them on an old SQLite (999).
 EVENTS_A_STATEMENT = 70
+
+
+# A delete that its service records itself, in a shape of its own (a gateway key with the keys below it, a batch of
+# users' provider keys in one statement), holds the (label, pk) of the rows it deletes here while it deletes them, so
+# that the ``post_delete`` receivers that record a delete made anywhere else (``.delete()`` in the shell or a command,
+# a cascade) leave those rows to it: one event a delete, whoever made it.
+_deletes_recorded: ContextVar[frozenset[tuple[str, str]]] = ContextVar("audit_deletes_recorded", default=frozenset())
+
+
+@contextlib.contextmanager
+def audit_deletes_recorded(model: type[models.Model], pks: Iterable[Any]) -> Iterator[None]:
+    """Around a service's delete of ``model``'s rows ``pks`` (and the cascade it makes), whose events it records."""
+    label = model._meta.label_lower
+    token = _deletes_recorded.set(_deletes_recorded.get() | {(label, str(pk)) for pk in pks})
+    try:
+        yield
+    finally:
+        _deletes_recorded.reset(token)
+
+
+def audit_delete_recorded(instance: models.Model) -> bool:
+    """Whether ``instance``, being deleted, has its event from the service deleting it (``audit_deletes_recorded``)."""
+    return (instance._meta.label_lower, str(instance.pk)) in _deletes_recorded.get()
 
 
 # Events an anonymous caller can cause (a refused sign-in, a refused token): at most one a minute per (kind,

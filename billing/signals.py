@@ -1,7 +1,8 @@
 """Cache invalidation: a changed, revoked or deleted key, a changed allow-list or a deactivated
 owner is forgotten by this process's key cache at once and again after commit (other processes within
 ``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's). And the keys of users
-being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``)."""
+being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``); a key deleted
+anywhere else (the shell, a cascade) recorded as ``key.delete`` too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from core.cache import forget_now_and_after_commit
 
 from .models import ApiKey, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
-from .services.keys import api_keys_delete, key_cache
+from .services.keys import api_key_deleted_record, api_keys_delete, key_cache
 
 
 def _forget(secret_hashes: list[str]) -> None:
@@ -45,6 +46,8 @@ def _api_key_deleted(instance: ApiKey, **kwargs: Any) -> None:
     # No walk of the keys below: they are gone too (a cascade), each forgotten by its own signal. A walk a key
     # was a few queries a key of a delete of thousands (a user's, the admin's selection across the list).
     _forget([digest for digest in (instance.secret_hash, instance.previous_secret_hash) if digest])
+    # Whoever deleted it, the audit log says so (the services' own delete records it once, itself).
+    api_key_deleted_record(api_key=instance)
 
 
 @receiver(users_deleting)

@@ -1,8 +1,8 @@
 """Cache invalidation: when an admin saves or deletes a catalog row, or a user's own provider key
 changes, this process forgets its cached copies at once (other processes within ``LLMHUB_LOOKUP_CACHE_TTL``,
 and a user's key at once there too: ``core.broadcast``). The audit of users' own keys deleted with their
-owner (``accounts.signals.users_deleting``). And a deployment's incidents, closed and kept when it is deleted
-(``incidents.deployment_incidents_keep``)."""
+owner (``accounts.signals.users_deleting``), or anywhere else. And a deployment's incidents, closed and kept when it is
+deleted (``incidents.deployment_incidents_keep``)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .adapters.registry import adapters_forget
 from .byok import credentials_cache
 from .models import CatalogModel, Deployment, Provider, ProviderCredential
 from .selectors import catalog_cache
-from .services.credentials import owners_credentials_delete_record
+from .services.credentials import owners_credentials_delete, provider_credential_deleted_record
 from .services.incidents import deployment_incidents_keep
 
 
@@ -76,5 +76,12 @@ def _credential_changed(*, instance: ProviderCredential, **kwargs: Any) -> None:
 
 @receiver(users_deleting)
 def _owners_deleting(*, user_ids: list[int], **kwargs: Any) -> None:
-    # Their own keys go with them (a cascade): each recorded as a key deleted alone is.
-    owners_credentials_delete_record(owner_ids=user_ids)
+    # Their own keys would go with them (a cascade): deleted first, each recorded as a key deleted alone is, in a batch.
+    owners_credentials_delete(owner_ids=user_ids)
+
+
+@receiver(post_delete, sender=ProviderCredential)
+def _credential_deleted(*, instance: ProviderCredential, **kwargs: Any) -> None:
+    # Whoever deleted it (the shell, a command, its owner's or its provider's delete there), the audit log says so; the
+    # services' own deletes record it once, themselves.
+    provider_credential_deleted_record(credential=instance)

@@ -29,7 +29,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from audit.services import AuditEntry, audit_record, audit_records
+from audit.services import AuditEntry, audit_delete_recorded, audit_deletes_recorded, audit_record, audit_records
 from core.cache import TTLCache, forget_now_and_after_commit
 from core.exceptions import ApplicationError
 from core.id_batches import id_batches
@@ -450,11 +450,20 @@ def api_keys_delete(*, api_key_ids: Iterable[int]) -> int:
                 changes={"prefix": [prefix, None], "keys_below": [sorted(below), []]},
             )
         )
-    for batch in id_batches(tops, KEYS_A_DELETE):
-        ApiKey.objects.filter(pk__in=batch).delete()
+    with audit_deletes_recorded(ApiKey, subtree):
+        for batch in id_batches(tops, KEYS_A_DELETE):
+            ApiKey.objects.filter(pk__in=batch).delete()
     audit_records(entries)
     _forget_secrets(secrets_of)
     return len(entries)
+
+
+def api_key_deleted_record(*, api_key: ApiKey) -> None:
+    """``key.delete`` for a key deleted other than by ``api_keys_delete`` (``key.delete()`` in the shell or a command,
+    the cascade of its owner's or its parent's delete there), from ``post_delete``: one event a key, with its prefix
+    (a key below another has its own). A key ``api_keys_delete`` deletes has its event from it."""
+    if not audit_delete_recorded(api_key):
+        audit_record("key.delete", target=api_key, changes={"prefix": [api_key.prefix, None]})
 
 
 def _under(pk: int, selected: set[int], rows: dict[int, tuple[int | None, str, str]]) -> bool:

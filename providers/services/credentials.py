@@ -33,7 +33,7 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from audit.services import AuditEntry, audit_record, audit_records
+from audit.services import AuditEntry, audit_delete_recorded, audit_deletes_recorded, audit_record, audit_records
 from core.async_bridge import run_async
 from core.exceptions import ApplicationError
 from core.id_batches import id_batches
@@ -306,7 +306,16 @@ def provider_credential_delete(*, credential: ProviderCredential) -> None:
     """Delete the user's key: their requests go back to the provider's key (``optional``) or are refused
     (``required``)."""
     audit_record("provider_key.delete", target=credential, changes=_deleted_changes(credential))
-    credential.delete()
+    with audit_deletes_recorded(ProviderCredential, [credential.pk]):
+        credential.delete()
+
+
+def provider_credential_deleted_record(*, credential: ProviderCredential) -> None:
+    """``provider_key.delete`` for a user's key deleted other than by these services (``.delete()`` in the shell or a
+    command, the cascade of its owner's or its provider's delete there), from ``post_delete``: its hint, never the
+    key. A key these services delete has its event from them."""
+    if not audit_delete_recorded(credential):
+        audit_record("provider_key.delete", target=credential, changes=_deleted_changes(credential))
 
 
 def _deleted_changes(credential: ProviderCredential) -> dict[str, list[object]]:
@@ -319,24 +328,30 @@ def providers_delete(*, provider_ids: Iterable[int]) -> None:
     cascade), each recorded as ``provider_key.delete`` as a key deleted alone is: read in one query (never
     decrypted) and recorded in one batch (``audit_records``), before the rows go."""
     ids = list(provider_ids)
-    _credentials_delete_record(ProviderCredential.objects.filter(provider_id__in=ids))
-    Provider.objects.filter(pk__in=ids).delete()
+    recorded = _credentials_delete_record(ProviderCredential.objects.filter(provider_id__in=ids))
+    with audit_deletes_recorded(ProviderCredential, recorded):
+        Provider.objects.filter(pk__in=ids).delete()
 
 
-def owners_credentials_delete_record(*, owner_ids: Iterable[int]) -> None:
-    """Record the own keys of users about to be deleted (``accounts.signals.users_deleting``: the admin's delete of
-    one user or of a selection), which the cascade takes with them: one ``provider_key.delete`` a key, as a key
-    deleted alone is, read in one query (never decrypted) and recorded in one batch."""
-    _credentials_delete_record(ProviderCredential.objects.filter(owner_id__in=list(owner_ids)))
+def owners_credentials_delete(*, owner_ids: Iterable[int]) -> None:
+    """Delete the own keys of users about to be deleted (``accounts.signals.users_deleting``: the admin's delete of
+    one user or of a selection), which their delete would take with it: one ``provider_key.delete`` a key, as a key
+    deleted alone is, read in one query (never decrypted) and recorded in one batch, before their owners go."""
+    owners = list(owner_ids)
+    recorded = _credentials_delete_record(ProviderCredential.objects.filter(owner_id__in=owners))
+    with audit_deletes_recorded(ProviderCredential, recorded):
+        ProviderCredential.objects.filter(owner_id__in=owners).delete()
 
 
-def _credentials_delete_record(credentials: QuerySet[ProviderCredential]) -> None:
-    """One ``provider_key.delete`` for each of ``credentials`` about to go by a cascade, in one batch."""
+def _credentials_delete_record(credentials: QuerySet[ProviderCredential]) -> list[int]:
+    """One ``provider_key.delete`` for each of ``credentials`` about to be deleted, in one batch; their ids."""
     credentials = credentials.select_related("provider").only("pk", "hint", "owner_id", "provider__name").order_by("pk")
-    audit_records(
+    entries = [
         AuditEntry("provider_key.delete", target=credential, changes=_deleted_changes(credential))
         for credential in credentials
-    )
+    ]
+    audit_records(entries)
+    return [entry.target.pk for entry in entries]
 
 
 @dataclass(frozen=True, slots=True)
