@@ -3,13 +3,12 @@ action and ``/api/audit/export.csv`` write the same columns."""
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterable, Iterator
 from datetime import UTC
 from typing import Any
 
-from core.streaming import ThreadedStreamingHttpResponse
+from core.streaming import ThreadedStreamingHttpResponse, csv_lines
 
 from .models import AuditEvent
 
@@ -34,11 +33,6 @@ CSV_COLUMNS = (
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
 def _cell(event: AuditEvent, column: str) -> Any:
     value = getattr(event, column)
     if column == "created_at":
@@ -53,10 +47,7 @@ def _cell(event: AuditEvent, column: str) -> Any:
 
 
 def audit_csv_lines(events: Iterable[AuditEvent]) -> Iterator[str]:
-    writer = csv.writer(_Echo())
-    yield writer.writerow(CSV_COLUMNS)
-    for event in events:
-        yield writer.writerow([_cell(event, column) for column in CSV_COLUMNS])
+    return csv_lines(CSV_COLUMNS, ([_cell(event, column) for column in CSV_COLUMNS] for event in events))
 
 
 def audit_csv_response(events: Any, *, filename: str = "audit-log.csv") -> ThreadedStreamingHttpResponse:

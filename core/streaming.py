@@ -1,4 +1,5 @@
-"""A streamed download whose parts a synchronous iterator makes (rows read from the database, written as CSV).
+"""A streamed download whose parts a synchronous iterator makes (rows read from the database, written as CSV:
+``csv_lines``).
 
 Django's ``StreamingHttpResponse``, served by an ASGI server (uvicorn, daphne: llmhub in production), reads a
 synchronous iterator to its end into one list before it sends the first byte (``__aiter__``: "must consume
@@ -11,12 +12,30 @@ A WSGI server, or the test client, iterates it as the ``StreamingHttpResponse`` 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import csv
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 
 BATCH_BYTES = 64 * 1024
+
+
+class _Echo:
+    """A file for ``csv.writer`` that hands each line back rather than keeping it (Django's streamed CSV recipe)."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def csv_lines(header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Iterator[str]:
+    """``header`` and then each of ``rows`` as one CSV line (quoted as ``csv.writer`` quotes), made as it is read:
+    the parts of a streamed download, none of them held once sent."""
+    writer = csv.writer(_Echo())
+    yield writer.writerow(header)
+    for row in rows:
+        yield writer.writerow(row)
 
 
 def _batch(parts: Iterator[bytes], size: int) -> bytes | None:

@@ -11,7 +11,6 @@ person.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -29,7 +28,7 @@ from rest_framework.views import APIView
 from accounts.permissions import EXPERIMENT_MANAGEMENT, EXPERIMENT_MANAGEMENT_FORBIDDEN
 from billing.apis import BoundedPagination
 from core.openapi import error_responses
-from core.streaming import ThreadedStreamingHttpResponse
+from core.streaming import ThreadedStreamingHttpResponse, csv_lines
 
 from .models import AllocationStep, Experiment, ExperimentStatus, Variant
 from .results import experiment_results
@@ -303,18 +302,14 @@ CSV_COLUMNS = (
 )
 
 
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
 def results_csv_lines(results: dict[str, Any]) -> Iterator[str]:
     """The results (``experiments.results``) as CSV lines: one per variant and metric (named scores as
     ``scores.<name>``), with the comparison against the control where there is one. Empty cells for what
     has no value."""
-    writer = csv.writer(_Echo())
-    yield writer.writerow(CSV_COLUMNS)
+    return csv_lines(CSV_COLUMNS, _results_rows(results))
 
+
+def _results_rows(results: dict[str, Any]) -> Iterator[list[Any]]:
     def cell(value: Any) -> Any:
         return "" if value is None else value
 
@@ -325,31 +320,29 @@ def results_csv_lines(results: dict[str, Any]) -> Iterator[str]:
             interval = figure.get("interval") or [None, None]
             comparison = variant["comparisons"].get(key) or {}
             difference_interval = comparison.get("interval") or [None, None]
-            yield writer.writerow(
-                [
-                    cell(v)
-                    for v in (
-                        results["experiment"]["name"],
-                        variant["name"],
-                        "true" if variant["is_control"] else "false",
-                        variant["requests"],
-                        variant["users"],
-                        key,
-                        figure["value"],
-                        interval[0],
-                        interval[1],
-                        figure["n"],
-                        figure.get("p50"),
-                        figure.get("p95"),
-                        comparison.get("verdict"),
-                        comparison.get("difference"),
-                        difference_interval[0],
-                        difference_interval[1],
-                        comparison.get("p_value"),
-                        comparison.get("samples_needed"),
-                    )
-                ]
-            )
+            yield [
+                cell(v)
+                for v in (
+                    results["experiment"]["name"],
+                    variant["name"],
+                    "true" if variant["is_control"] else "false",
+                    variant["requests"],
+                    variant["users"],
+                    key,
+                    figure["value"],
+                    interval[0],
+                    interval[1],
+                    figure["n"],
+                    figure.get("p50"),
+                    figure.get("p95"),
+                    comparison.get("verdict"),
+                    comparison.get("difference"),
+                    difference_interval[0],
+                    difference_interval[1],
+                    comparison.get("p_value"),
+                    comparison.get("samples_needed"),
+                )
+            ]
 
 
 @extend_schema_serializer(component_name="ExperimentResults")
