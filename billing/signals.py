@@ -2,7 +2,8 @@
 owner is forgotten by this process's key cache at once and again after commit (other processes within
 ``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's). And the keys of users
 being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``); a key deleted
-anywhere else (the shell, a cascade) recorded as ``key.delete`` too."""
+anywhere else (the shell, a cascade) recorded as ``key.delete`` too. And a catalog model's open operations incidents,
+closed when it is deleted (``ops_alerts.ops_model_incidents_close``)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from functools import partial
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db.models.signals import m2m_changed, post_delete, post_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete
 from django.dispatch import receiver
 
 from accounts.signals import users_deleting
 from core.cache import forget_now_and_after_commit
+from providers.models import CatalogModel
 
 from .models import ApiKey, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
 from .services.keys import api_key_deleted_record, api_keys_delete, key_cache
+from .services.ops_alerts import ops_model_incidents_close
 
 
 def _forget(secret_hashes: list[str]) -> None:
@@ -88,3 +91,10 @@ def _user_plan_changed(instance: UserPlan, **kwargs: Any) -> None:
 @receiver(m2m_changed, sender=Plan.allowed_models.through)
 def _plan_changed(**kwargs: Any) -> None:
     forget_now_and_after_commit(limits_cache.invalidate)
+
+
+@receiver(pre_delete, sender=CatalogModel)
+def _model_deleting(*, instance: CatalogModel, **kwargs: Any) -> None:
+    # Whatever deletes it (its admin page, the bulk action, the shell): its open error-rate and latency incidents
+    # are closed and told as no recovery, before its rows go to null and would read as a recovery.
+    ops_model_incidents_close(model_id=instance.pk, name=instance.name)

@@ -82,6 +82,11 @@ _NOT_ANSWERED = (UsageStatus.REJECTED, UsageStatus.LOST)
 _NOT_JUDGED = (*_NOT_ANSWERED, UsageStatus.INVALID)
 
 
+# Why a model's incidents are closed, not recovered, when the model is deleted (``ops_model_incidents_close``); the
+# evaluator reads it back so that the rows the model left in the window open no second incident.
+MODEL_DELETED = "the model was deleted"
+
+
 class OpsAlertEvent:
     OPEN = "open"
     CLEAR = "clear"
@@ -373,6 +378,7 @@ def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation)
             evaluation.cleared.append(f"{rule.kind} {subject}")
         for incident in unwatched:
             del open_incidents[incident.subject]
+    deleted = _models_deleted(rule, now)
     gone = _subjects_gone(rule, open_incidents)
     for because, incidents in gone.items():
         for subject in _gone_close(rule, incidents, because=because, now=now):
@@ -382,6 +388,8 @@ def _rule_evaluate(rule: OpsAlertRule, *, now: datetime, evaluation: Evaluation)
     for subject, measure in measures.items():
         incident = open_incidents.get(subject)
         if incident is None:
+            if measure.model_id is None and subject in deleted:
+                continue  # the rows a deleted model left in the window: its incident was closed at the deletion
             if measure.breached and ops_incident_open(rule=rule, subject=subject, measure=measure, now=now):
                 evaluation.opened.append(f"{rule.kind} {subject}")
         elif measure.keeps_open:
@@ -625,6 +633,38 @@ def _subjects_gone(
     present = set(get_user_model().objects.filter(pk__in=users).values_list("pk", flat=True))
     deleted = [incident for user_id, incident in users.items() if user_id not in present]
     return {"the user was deleted": deleted} if deleted else {}
+
+
+def _models_deleted(rule: OpsAlertRule, now: datetime) -> set[str]:
+    """The subjects of the rule's incidents closed as their model was deleted, recently enough that the rows it
+    left may still be in the window: measured under the name on the rows, they would open a second incident (a
+    "firing" for a model that is gone), cleared as a recovery once they left it."""
+    window = timedelta(hours=1) if rule.kind == OpsAlertKind.SPEND_SPIKE else timedelta(minutes=rule.window_minutes)
+    recent = rule.incidents.filter(closed_because=MODEL_DELETED, cleared_at__gt=now - window)
+    return set(recent.values_list("subject", flat=True))
+
+
+def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None = None) -> list[str]:
+    """Close the open incidents of a model being deleted (its admin page, the bulk action, the shell), each told
+    once as closed, not recovered, "the model was deleted": left open, its rows left the window and it cleared as
+    a recovery, the model "back" when it was gone. An incident opened without its model (by the previous release,
+    during a rolling deploy) is found by the model's name. Returns the subjects it closed."""
+    now = now or timezone.now()
+    incidents = OpsAlertIncident.objects.filter(cleared_at__isnull=True, rule__isnull=False).filter(
+        Q(model_id=model_id)
+        | Q(
+            model__isnull=True,
+            subject=f"model:{name}",
+            rule__kind__in=[OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95],
+        )
+    )
+    closed = []
+    with transaction.atomic():
+        for rule_id in sorted(set(incidents.values_list("rule_id", flat=True))):
+            _rule_lock(rule_id)
+            rule = OpsAlertRule.objects.get(pk=rule_id)
+            closed += _incidents_close(incidents.filter(rule_id=rule_id), rule=rule, because=MODEL_DELETED, now=now)
+    return closed
 
 
 def _gone_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:

@@ -1116,6 +1116,48 @@ def test_a_model_renamed_away_from_the_name_its_rule_watches_has_its_incident_cl
     ]
 
 
+@pytest.mark.parametrize("kind", [OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95])
+@pytest.mark.parametrize("how", ["shell", "bulk"])
+def test_a_model_deleted_during_its_incident_has_it_closed_once_as_no_recovery(kind, how, webhook):
+    """A model deleted (its admin page, the bulk action, the shell) while its error-rate or latency incident was
+    open left its rows in the window, then none: the incident cleared as a recovery, "cleared … at worst 100 %",
+    the model back when it was gone. It is closed at the deletion, told once as closed, not recovered ("the model
+    was deleted"), and the rows it left in the window open no second incident."""
+    threshold = Decimal("10") if kind == OpsAlertKind.ERROR_RATE else Decimal("1000")
+    rule(kind, threshold=threshold, minimum_requests=2, clear_after_minutes=5)
+    model, other = ModelFactory(name="m"), ModelFactory(name="other")
+    for each in (model, other):
+        for _ in range(2):
+            if kind == OpsAlertKind.ERROR_RATE:
+                failed = {"status": UsageStatus.UPSTREAM_ERROR}
+            else:
+                failed = {"duration_ms": 5000}
+            UsageRecordFactory(model=each, model_name=each.name, created_at=T0 - timedelta(minutes=1), **failed)
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 2
+
+    with time_machine.travel(T0 + timedelta(seconds=30), tick=False):
+        if how == "shell":
+            model.delete()
+        else:
+            CatalogModel.objects.filter(pk=model.pk).delete()
+    for minute in (1, 2, 10, 20):  # its rows in the window, then out of it, past the rule's wait
+        evaluate_at(T0 + timedelta(minutes=minute))
+
+    incident = OpsAlertIncident.objects.get(subject="model:m")
+    assert (incident.cleared_at, incident.closed_because) == (T0 + timedelta(seconds=30), "the model was deleted")
+    assert OpsAlertIncident.objects.get(subject="model:other").cleared_at == T0 + timedelta(minutes=20)  # recovered
+    subjects = [subject for _, subject in sent()]
+    assert subjects.count(f"[llmhub] firing: test {kind} (model:m)") == 1
+    assert subjects.count(f"[llmhub] closed, not recovered: test {kind} (model:m)") == 1
+    assert f"[llmhub] cleared: test {kind} (model:m)" not in subjects
+    closed = [hook["text"] for hook in webhook.received if "of model m is" in hook["text"]]
+    assert len(closed) == 2
+    assert closed[-1].startswith(
+        f"llmhub: closed, not recovered: test {kind} (model:m): the model was deleted, so nothing watches it now"
+    )
+
+
 def test_an_evaluation_that_read_a_rule_before_it_was_disabled_opens_nothing_after():
     watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2)
     for _ in range(2):
