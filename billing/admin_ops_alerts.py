@@ -11,15 +11,31 @@ from django.http import HttpRequest
 
 from core.outbox import deliveries_send_again, send_again_report
 from providers.fields import Secret
+from providers.models import CatalogModel
 
 from .models import OpsAlertIncident, OpsAlertRule
 from .services.alert_sweep import ops_incident_deliveries, ops_incident_events
 from .services.ops_alerts import ops_rule_incidents_close, ops_rules_delete
 
+# A rule narrowed to a name no model of the catalog has (its model deleted, or given so in the shell).
+NOT_IN_CATALOG = "{} (no model of the catalog is named so now)"
+
+
+def rule_watches(rule: OpsAlertRule) -> str:
+    """The model the rule watches by its name now; one named by a name no model has any more said so."""
+    name = rule.watched_model_name
+    if not name:
+        return "-"
+    return name if rule.model_id is not None else NOT_IN_CATALOG.format(name)
+
 
 class OpsAlertRuleForm(forms.ModelForm):
     """The webhook's URL is its credential: shown as its host only, kept when left empty, removed only when
-    asked (an empty field cannot say "remove" when it also says "keep")."""
+    asked (an empty field cannot say "remove" when it also says "keep").
+
+    The model is chosen among the catalog's by its name now, and the rule is bound to it (``OpsAlertRule.model``):
+    renamed later, the rule follows it. A name no model has any more (its model deleted) is offered as it is,
+    said so, and kept until another is chosen."""
 
     webhook_url_remove = forms.BooleanField(
         required=False, label="Remove the webhook", help_text="Alerts then go to LLMHUB_ALERT_WEBHOOK_URL, if set."
@@ -41,6 +57,21 @@ class OpsAlertRuleForm(forms.ModelForm):
             "webhook_url",
         ]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        names = list(CatalogModel.objects.order_by("name").values_list("name", flat=True))
+        current = self.instance.watched_model_name
+        choices = [("", "Every model (all spend)"), *((name, name) for name in names)]
+        if current and current not in names:
+            choices.append((current, NOT_IN_CATALOG.format(current)))
+        self.fields["model_name"] = forms.ChoiceField(
+            choices=choices,
+            required=False,
+            label="Model",
+            help_text="Only this public model (error rate, latency, spend), followed if it is renamed; empty: all.",
+        )
+        self.initial["model_name"] = current
+
     def clean_webhook_url(self) -> Secret | None:
         typed = self.cleaned_data.get("webhook_url")
         # Typed without a scheme, a webhook is an https one (Django 6's URLField default, as the providers').
@@ -50,6 +81,8 @@ class OpsAlertRuleForm(forms.ModelForm):
 
     def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        name = cleaned.get("model_name") or ""
+        self.instance.model = CatalogModel.objects.filter(name=name).first() if name else None
         if cleaned.get("webhook_url_remove"):
             if cleaned.get("webhook_url"):
                 self.add_error("webhook_url_remove", "Either type a new webhook or remove it, not both.")
@@ -68,7 +101,7 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
         "threshold",
         "window_minutes",
         "minimum_requests",
-        "model_name",
+        "watches",
         "open",
         "webhook",
     ]
@@ -113,12 +146,17 @@ class OpsAlertRuleAdmin(admin.ModelAdmin):
         return (
             super()
             .get_queryset(request)
+            .select_related("model")
             .annotate(open_count=Count("incidents", filter=Q(incidents__cleared_at__isnull=True)))
         )
 
     @admin.display(description="open incidents", ordering="open_count")
     def open(self, rule: OpsAlertRule) -> int:
         return rule.open_count
+
+    @admin.display(description="model", ordering="model_name")
+    def watches(self, rule: OpsAlertRule) -> str:
+        return rule_watches(rule)
 
     @admin.display(description="webhook")
     def webhook(self, rule: OpsAlertRule) -> str:

@@ -704,6 +704,18 @@ class OpsAlertRule(models.Model):
     model_name = models.CharField(
         max_length=128, blank=True, help_text="Only this public model (error rate, latency, spend); empty: all."
     )
+    # The model it narrows to, followed by its pk: an admin renaming it in the catalog does not leave the rule
+    # watching a name no model has. ``model_name`` is its name then (the model's when the rule was last saved or the
+    # model deleted); a rule given a name that no model of the catalog has (the shell, the previous release) or whose
+    # model was deleted has none, and watches by ``model_name``: never every model.
+    model = models.ForeignKey(
+        "providers.CatalogModel",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The model it watches, whatever it is named now; empty: the model named by model_name, or all.",
+    )
     email_recipients = models.TextField(
         blank=True, help_text="Addresses, comma- or line-separated; empty: ADMINS (or the superusers)."
     )
@@ -722,6 +734,12 @@ class OpsAlertRule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def watched_model_name(self) -> str:
+        """The name of the one model it watches ("": every model, or all spend): its model's as the catalog names it
+        now, else ``model_name``."""
+        return self.model.name if self.model_id is not None and self.model is not None else self.model_name
 
     @property
     def recipients(self) -> list[str]:

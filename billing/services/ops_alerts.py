@@ -122,16 +122,17 @@ class Evaluation:
 
 def _model_scoped(rows, rule: OpsAlertRule):
     rows = rows.exclude(model_name="")
-    return rows.filter(model_name=rule.model_name) if rule.model_name else rows
+    return rows.filter(model_name=rule.watched_model_name) if rule.watched_model_name else rows
 
 
 def _per_model_now(rows, rule: OpsAlertRule):
     """``rows`` with their model's name now (``model_now``), for the measures per model: its catalog name, which
     an admin may have edited since the row was written, or the name on the row once the model is deleted. A model
     renamed during an outage is one model measured, its rows of either name together; a rule narrowed to one
-    model watches the one named so now."""
+    model watches it under its name now (``OpsAlertRule.watched_model_name``: the rule follows the model)."""
     rows = rows.exclude(model_name="").annotate(model_now=Coalesce(F("model__name"), F("model_name")))
-    return rows.filter(model_now=rule.model_name) if rule.model_name else rows
+    watched = rule.watched_model_name
+    return rows.filter(model_now=watched) if watched else rows
 
 
 def _percent(value: Decimal) -> str:
@@ -300,7 +301,8 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     since = UsageRecord.objects.order_by("created_at").values_list("created_at", flat=True).first()
     if since is None:
         return {}
-    rows = _model_scoped(UsageRecord.objects.all(), rule) if rule.model_name else UsageRecord.objects.all()
+    watched = rule.watched_model_name
+    rows = _model_scoped(UsageRecord.objects.all(), rule) if watched else UsageRecord.objects.all()
     # Over the whole week: no row is older than the history it is divided by, so only the hours differ.
     week = Q(created_at__gt=week_start, created_at__lte=hour_ago)
     sums = rows.aggregate(
@@ -310,7 +312,7 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     )
     if sums["first"] is None:
         return {}
-    if rule.model_name and not _used_before(rule.model_name, week_start):
+    if watched and not _used_before(watched, week_start):
         since = max(since, sums["first"])
     if hour_ago - since < SPEND_BASELINE_MIN:
         return {}
@@ -318,13 +320,13 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     hours = Decimal(round(span.total_seconds())) / 3600
     baseline = sums["week"] / hours
     ratio = (sums["last"] / baseline) if baseline > 0 else Decimal(0)
-    what = f"spend on model {rule.model_name}" if rule.model_name else "spend"
+    what = f"spend on model {watched}" if watched else "spend"
     detail = (
         f"{what} in the last hour is {usd(sums['last'])}, {ratio.quantize(Decimal('0.1'))} times the usual hour "
         f"({usd(baseline.quantize(Decimal('0.0001')))}, the mean hour of the {_span_text(span)} before)"
     )
     breached = baseline >= rule.minimum_baseline_usd and baseline > 0 and ratio > rule.threshold
-    subject = f"model:{rule.model_name}" if rule.model_name else "all"
+    subject = f"model:{watched}" if watched else "all"
     return {subject: Measure(ratio, breached, detail)}
 
 
@@ -355,7 +357,7 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
     now = now or timezone.now()
     evaluation = Evaluation(opened=[], cleared=[])
     _disabled_rules_close(now=now, evaluation=evaluation)
-    for rule in OpsAlertRule.objects.filter(enabled=True):
+    for rule in OpsAlertRule.objects.filter(enabled=True).select_related("model"):
         try:
             _rule_evaluate(rule, now=now, evaluation=evaluation)
         except Exception as exc:
@@ -584,19 +586,21 @@ def _incidents_close(
 
 
 def _watches(rule: OpsAlertRule, subject: str) -> bool:
-    """Whether ``rule`` as it is now measures ``subject``: its ``model_name`` narrows the models an error-rate or
-    latency rule watches, and names the one spend a spend-spike rule watches (all spend without it)."""
+    """Whether ``rule`` as it is now measures ``subject``: its model (``watched_model_name``) narrows the models an
+    error-rate or latency rule watches, and names the one spend a spend-spike rule watches (all spend without it)."""
+    watched = rule.watched_model_name
     if rule.kind == OpsAlertKind.SPEND_SPIKE:
-        return subject == (f"model:{rule.model_name}" if rule.model_name else "all")
+        return subject == (f"model:{watched}" if watched else "all")
     if rule.kind in (OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95):
-        return not rule.model_name or subject == f"model:{rule.model_name}"
+        return not watched or subject == f"model:{watched}"
     return True
 
 
 def _watched_text(rule: OpsAlertRule) -> str:
+    watched = rule.watched_model_name
     if rule.kind == OpsAlertKind.SPEND_SPIKE:
-        return f"spend on model {rule.model_name} only" if rule.model_name else "all spend"
-    return f"model {rule.model_name} only" if rule.model_name else "every model"
+        return f"spend on model {watched} only" if watched else "all spend"
+    return f"model {watched} only" if watched else "every model"
 
 
 def _unwatched_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, now: datetime) -> list[str]:
@@ -606,9 +610,12 @@ def _unwatched_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, n
     saying what the rule watches now; nothing when the rule, once locked, was changed again or disabled."""
     with transaction.atomic():
         now_watched = (
-            OpsAlertRule.objects.select_for_update().filter(pk=rule.pk).values_list("enabled", "model_name").first()
+            OpsAlertRule.objects.select_for_update()
+            .filter(pk=rule.pk)
+            .values_list("enabled", "model_id", "model_name")
+            .first()
         )
-        if now_watched != (True, rule.model_name):
+        if now_watched != (True, rule.model_id, rule.model_name):
             return []
         return _incidents_close(
             OpsAlertIncident.objects.filter(pk__in=[incident.pk for incident in incidents]),
@@ -660,6 +667,8 @@ def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None 
     )
     closed = []
     with transaction.atomic():
+        # The rules narrowed to it keep its name, and watch by it: never every model.
+        OpsAlertRule.objects.filter(model_id=model_id).update(model_name=name)
         for rule_id in sorted(set(incidents.values_list("rule_id", flat=True))):
             _rule_lock(rule_id)
             rule = OpsAlertRule.objects.get(pk=rule_id)

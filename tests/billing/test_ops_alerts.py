@@ -1097,23 +1097,94 @@ def test_a_model_renamed_during_its_incident_is_one_incident_one_alert_and_one_c
     assert len(webhook.received) == 2
 
 
-def test_a_model_renamed_away_from_the_name_its_rule_watches_has_its_incident_closed_once_as_no_recovery():
-    """A rule narrowed to a model by name watches the model named so now: renamed, the failing model is not it
-    any more, and its incident is closed once as no longer watched, not cleared as a recovery."""
-    rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="m")
-    model = ModelFactory(name="m")
-    for _ in range(2):
-        UsageRecordFactory(model=model, model_name="m", status="upstream_error", created_at=T0 - timedelta(minutes=1))
+def test_a_rule_narrowed_to_a_model_in_the_admin_follows_the_model_across_a_rename(admin_client, webhook):
+    """A rule narrowed to one model watched it by name: an admin renaming the failing model in the catalog had
+    its incident closed as no longer watched ("the rule now watches model m only"), and the model, failing on,
+    watched by that rule no more. The rule follows the model (its pk): one firing, and one clear once it is back,
+    and the admin shows the rule watching the model by its name now."""
+    model, other = ModelFactory(name="m"), ModelFactory(name="other")
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, clear_after_minutes=5)
+    form = {
+        "name": watched.name,
+        "enabled": "on",
+        "threshold": "10",
+        "window_minutes": "5",
+        "minimum_requests": "2",
+        "minimum_baseline_usd": "1",
+        "clear_after_minutes": "5",
+        "model_name": "m",
+        "email_recipients": "",
+        "webhook_url": "",
+    }
+    assert admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/change/", form).status_code == 302
+
+    def failing(each: CatalogModel, at: datetime) -> None:
+        for _ in range(2):
+            UsageRecordFactory(model=each, model_name=each.name, status=UsageStatus.UPSTREAM_ERROR, created_at=at)
+
+    failing(model, T0 - timedelta(minutes=1))
+    failing(other, T0 - timedelta(minutes=1))
     evaluate_at(T0)
-    model.name = "m2"
+    model.name = "m2"  # renamed by an admin during the outage
     model.save(update_fields=["name"])
-    evaluate_at(T0 + timedelta(minutes=1))
+    failing(model, T0 + timedelta(minutes=1))
+    evaluate_at(T0 + timedelta(minutes=2))
+    failing(model, T0 + timedelta(minutes=4))
+    evaluate_at(T0 + timedelta(minutes=5))
     incident = OpsAlertIncident.objects.get()
-    assert (incident.subject, incident.closed_because) == ("model:m2", "the rule now watches model m only")
+    assert (incident.subject, incident.closed_because, incident.cleared_at) == ("model:m2", "", None)
+
+    evaluate_at(T0 + timedelta(minutes=10))
+    evaluate_at(T0 + timedelta(minutes=15))
+    assert OpsAlertIncident.objects.get().cleared_at == T0 + timedelta(minutes=15)
     assert [subject for _, subject in sent()] == [
         "[llmhub] firing: test error_rate (model:m)",
-        "[llmhub] closed, not recovered: test error_rate (model:m2, model:m when it opened)",
+        "[llmhub] cleared: test error_rate (model:m2, model:m when it opened)",
     ]
+    assert len(webhook.received) == 2
+    page = admin_client.get(f"/admin/billing/opsalertrule/{watched.pk}/change/")
+    assert page.context["adminform"].form["model_name"].value() == "m2"
+    assert "m2" in admin_client.get("/admin/billing/opsalertrule/").content.decode()
+
+
+def test_a_rule_whose_model_is_deleted_watches_no_other_model_and_the_admin_says_so(admin_client):
+    """Its model deleted, a rule narrowed to it is not widened to every model: it keeps the name the model had, and
+    its list and form say no model of the catalog is named so now."""
+    model = ModelFactory(name="m")
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model=model)
+    model.name = "m2"
+    model.save(update_fields=["name"])
+    model.delete()
+    for _ in range(2):
+        UsageRecordFactory(model_name="other", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    assert not OpsAlertIncident.objects.exists()
+    watched.refresh_from_db()
+    assert (watched.model_id, watched.model_name) == (None, "m2")
+    assert (
+        "m2 (no model of the catalog is named so now)"
+        in admin_client.get("/admin/billing/opsalertrule/").content.decode()
+    )
+    page = admin_client.get(f"/admin/billing/opsalertrule/{watched.pk}/change/")
+    assert "m2 (no model of the catalog is named so now)" in page.content.decode()
+
+
+def test_the_migration_binds_each_rule_to_the_model_its_name_names_and_back():
+    """0045 gives each rule narrowed by name the catalog model so named (its pk, followed across renames from
+    then on); one naming no model keeps its name. Reversed, each rule's name is its model's name now."""
+    migration = importlib.import_module("billing.migrations.0045_alerts_rename_rule_follows_model")
+    model = ModelFactory(name="m")
+    named = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), model_name="m")
+    unknown = rule(OpsAlertKind.LATENCY_P95, threshold=Decimal("1000"), model_name="typo")
+    every = rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"))
+    migration.rules_model(django_apps, None)
+    rows = dict(OpsAlertRule.objects.values_list("pk", "model_id"))
+    assert (rows[named.pk], rows[unknown.pk], rows[every.pk]) == (model.pk, None, None)
+
+    CatalogModel.objects.filter(pk=model.pk).update(name="m2")  # renamed with no signal: the pk followed
+    migration.rules_model_name(django_apps, None)
+    names = dict(OpsAlertRule.objects.values_list("pk", "model_name"))
+    assert (names[named.pk], names[unknown.pk], names[every.pk]) == ("m2", "typo", "")
 
 
 @pytest.mark.parametrize("kind", [OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95])
