@@ -293,7 +293,10 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     The mean is over the hours the ledger covers, from its first row (the watched model's, for a rule watching
     one that was first used within the week): a gateway or a model two days old spread over a week would have
     a usual hour of two sevenths of its real one, and its every hour a spike; under a day of history, nothing
-    is measured."""
+    is measured.
+
+    A rule watching one model reads the model's rows (its pk), whatever name each was written with: renamed, the
+    model keeps its history, and its incident follows it (``_renames_follow``)."""
     hour_ago = now - timedelta(hours=1)
     week_start = hour_ago - SPEND_BASELINE
     # The ledger's first row, off the created_at index: how long the gateway has kept its spend (retention
@@ -302,7 +305,10 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     if since is None:
         return {}
     watched = rule.watched_model_name
-    rows = _model_scoped(UsageRecord.objects.all(), rule) if watched else UsageRecord.objects.all()
+    if rule.model_id is not None:
+        rows = UsageRecord.objects.filter(model_id=rule.model_id)
+    else:  # a name no model of the catalog has (its model deleted): the rows written with it
+        rows = _model_scoped(UsageRecord.objects.all(), rule) if watched else UsageRecord.objects.all()
     # Over the whole week: no row is older than the history it is divided by, so only the hours differ.
     week = Q(created_at__gt=week_start, created_at__lte=hour_ago)
     sums = rows.aggregate(
@@ -312,7 +318,7 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     )
     if sums["first"] is None:
         return {}
-    if watched and not _used_before(watched, week_start):
+    if watched and not _used_before(_names(rows, week, watched), week_start):
         since = max(since, sums["first"])
     if hour_ago - since < SPEND_BASELINE_MIN:
         return {}
@@ -327,14 +333,20 @@ def spend_spike_measures(rule: OpsAlertRule, now: datetime) -> dict[str, Measure
     )
     breached = baseline >= rule.minimum_baseline_usd and baseline > 0 and ratio > rule.threshold
     subject = f"model:{watched}" if watched else "all"
-    return {subject: Measure(ratio, breached, detail)}
+    return {subject: Measure(ratio, breached, detail, model_id=rule.model_id)}
 
 
-def _used_before(model_name: str, instant: datetime) -> bool:
-    """Whether ``model_name`` was used on a day before ``instant``'s, as the daily rollups show (a few rows a
-    day: cheaper than looking for the model's first row among the ledger's millions, which no index orders
-    by model)."""
-    return DailyUsage.objects.filter(model_name=model_name, day__lt=instant.date()).exists()
+def _names(rows: QuerySet[UsageRecord], week: Q, watched: str) -> set[str]:
+    """The names the watched model's rows of the week were written with, and its name now: a model renamed within
+    the week has its days before it in the rollups under the old one."""
+    return {watched, *rows.filter(week).values_list("model_name", flat=True).distinct()}
+
+
+def _used_before(model_names: set[str], instant: datetime) -> bool:
+    """Whether the model (by any of ``model_names``) was used on a day before ``instant``'s, as the daily rollups
+    show (a few rows a day: cheaper than looking for the model's first row among the ledger's millions, which no
+    index orders by model and time)."""
+    return DailyUsage.objects.filter(model_name__in=model_names, day__lt=instant.date()).exists()
 
 
 def _span_text(span: timedelta) -> str:

@@ -926,6 +926,37 @@ def test_a_model_added_this_week_is_measured_against_its_own_usual_hour():
     assert "the mean hour of the 7 days before" in measure.detail
 
 
+def test_a_spend_spike_rule_keeps_its_models_usual_hour_and_its_incident_across_a_rename():
+    """A spend-spike rule watching one model took its usual hour from the ledger's rows of the model's name: an
+    admin renaming the model split its history, and the new name's few hours were no usual hour yet, so a spike
+    right after the rename went unseen (or, later, was measured against the new name's hours alone). The rows of
+    the model (its pk) are its history, whatever name each was written with, and its incident follows it across
+    a rename as the error rate's does: one firing, no second one under the new name."""
+    model = ModelFactory(name="m")
+    rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model=model)
+    UsageRecordFactory(model_name="other", cost=Decimal("1"), created_at=T0 - timedelta(days=30))
+    DailyUsage.objects.create(day=(T0 - timedelta(days=20)).date(), model_name="m", cost=Decimal("240"))
+    for hour in range(1, 169):  # $10 an hour for the week; renamed 10 hours ago
+        name = "m2" if hour <= 10 else "m"
+        UsageRecordFactory(model=model, model_name=name, cost=Decimal("10"), created_at=T0 - timedelta(hours=hour))
+    model.name = "m2"
+    model.save(update_fields=["name"])
+    UsageRecordFactory(model=model, model_name="m2", cost=Decimal("50"), created_at=T0 - timedelta(minutes=10))
+    evaluate_at(T0)
+    incident = OpsAlertIncident.objects.get()
+    assert incident.subject == "model:m2"
+    assert Decimal("4.5") < incident.value_at_open < Decimal("5.5")
+    assert "spend on model m2 in the last hour" in incident.detail
+    assert "the mean hour of the 7 days before" in incident.detail
+
+    model.name = "m3"  # renamed again during the spike
+    model.save(update_fields=["name"])
+    evaluate_at(T0 + timedelta(minutes=5))
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.subject, incident.renamed_from, incident.cleared_at) == ("model:m3", "model:m2", None)
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test spend_spike (model:m2)"]
+
+
 def test_a_gateway_younger_than_a_day_has_no_usual_hour_yet():
     rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"))
     for hour in range(0, 20):
