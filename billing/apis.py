@@ -340,6 +340,10 @@ def _usage_owner(request: Request, wanted: str | None, *, key_ids: list[int] | N
 
 
 _USAGE_PERMISSIONS = [permissions.IsAuthenticated, CanViewOwnUsage]
+_WEB_SEARCHES_HELP = (
+    "Web searches the provider ran and billed apart from the tokens (Anthropic's web search tool, a chat "
+    "completion's `web_search_options` on OpenAI), priced per 1,000 in the cost."
+)
 # What the schema says of a gateway key on the usage endpoints.
 _USAGE_KEY_REACH = (
     " An API key reads only its own requests and those of the keys created under it (filter `key` included), "
@@ -379,6 +383,7 @@ class UsageListApi(APIView):
         cache_write_1h_tokens = serializers.IntegerField(
             help_text="Of the cache writes, those to Anthropic's 1-hour cache (priced apart)."
         )
+        web_search_requests = serializers.IntegerField(help_text=_WEB_SEARCHES_HELP)
         cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
         usage_estimated = serializers.BooleanField(help_text="The provider sent no usage; tokens were counted.")
         status = serializers.CharField()
@@ -414,6 +419,7 @@ class _UsageTotalsSerializer(serializers.Serializer):
     cache_write_1h_tokens = serializers.IntegerField(
         help_text="Of the cache writes, those to Anthropic's 1-hour cache (priced apart)."
     )
+    web_search_requests = serializers.IntegerField(help_text=_WEB_SEARCHES_HELP)
     cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
 
 

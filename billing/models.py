@@ -490,6 +490,11 @@ class RollupFigures(models.Model):
         db_default=0,
         help_text="Of the cache writes, those to Anthropic's 1-hour cache (part of cache_write_tokens).",
     )
+    web_search_requests = models.PositiveBigIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Web searches the providers billed apart from the tokens (the ledger's web_search_requests).",
+    )
     cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
 
     class Meta:

@@ -156,6 +156,7 @@ _TOTALS = {
     "cached_tokens": Coalesce(Sum("cached_tokens"), 0),
     "cache_write_tokens": Coalesce(Sum("cache_write_tokens"), 0),
     "cache_write_1h_tokens": Coalesce(Sum("cache_write_1h_tokens"), 0),
+    "web_search_requests": Coalesce(Sum("web_search_requests"), 0),
     "cost": Coalesce(Sum("cost"), Decimal(0)),
 }
 

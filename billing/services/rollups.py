@@ -105,6 +105,7 @@ def daily_usage_rebuild(*, day: date, through_id: int | None = None) -> int:
                 cached_tokens=Sum("cached_tokens"),
                 cache_write_tokens=Sum("cache_write_tokens"),
                 cache_write_1h_tokens=Sum("cache_write_1h_tokens"),
+                web_search_requests=Sum("web_search_requests"),
                 cost=Sum("cost"),
             )
             .order_by()
@@ -147,6 +148,7 @@ DAILY_USAGE_FIGURES = (
     "cached_tokens",
     "cache_write_tokens",
     "cache_write_1h_tokens",
+    "web_search_requests",
     "cost",
 )
 
@@ -178,13 +180,13 @@ def daily_rollups_derive(day: date) -> None:
 def daily_usage_fold(day: date, rows: list[dict]) -> None:
     """Add ledger rows (``DAILY_USAGE_GROUP`` and ``DAILY_USAGE_FIGURES`` of each) that ``day``'s rollup does
     not hold to it: a sealed day's, whose rollup can no longer be rebuilt from the ledger."""
-    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, Decimal(0)])
+    sums: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0, Decimal(0)])
     for row in rows:
         entry = sums[tuple(row[name] for name in DAILY_USAGE_GROUP)]
         entry[0] += 1
         for index, name in enumerate(DAILY_USAGE_FIGURES, start=1):
             entry[index] += row[name]
-    for group, (requests, prompt, completion, cached, written, written_1h, cost) in sums.items():
+    for group, (requests, prompt, completion, cached, written, written_1h, searches, cost) in sums.items():
         # One row of the group, not each: deleting users (or keys) sets their rollup rows' user (key) to NULL,
         # so a day can hold several rows of one (day, no user, provider, model) group.
         found = (
@@ -201,6 +203,7 @@ def daily_usage_fold(day: date, rows: list[dict]) -> None:
                 cached_tokens=F("cached_tokens") + cached,
                 cache_write_tokens=F("cache_write_tokens") + written,
                 cache_write_1h_tokens=F("cache_write_1h_tokens") + written_1h,
+                web_search_requests=F("web_search_requests") + searches,
                 cost=F("cost") + cost,
             )
         else:
@@ -213,6 +216,7 @@ def daily_usage_fold(day: date, rows: list[dict]) -> None:
                 cached_tokens=cached,
                 cache_write_tokens=written,
                 cache_write_1h_tokens=written_1h,
+                web_search_requests=searches,
                 cost=cost,
             )
     if rows:

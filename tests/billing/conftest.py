@@ -121,9 +121,18 @@ def rollup_ledger(db) -> dict:
             cached_tokens=4,
             cache_write_tokens=6,
             cache_write_1h_tokens=4,
+            web_search_requests=3,
         ),
         dict(user=alice, api_key=work, created_at=at(TODAY, 1), operation="embeddings", cost=Decimal("0.0000000003")),
-        dict(user=bob, api_key=home, created_at=at(TODAY, 2), cost=Decimal("2"), prompt_tokens=1000),
+        # A chat completion that searched the web once.
+        dict(
+            user=bob,
+            api_key=home,
+            created_at=at(TODAY, 2),
+            cost=Decimal("2"),
+            prompt_tokens=1000,
+            web_search_requests=1,
+        ),
         dict(user=None, api_key=None, created_at=at(TODAY, 3), cost=Decimal("0.5")),
         # A model name that matched no model: no provider, $0.
         dict(user=bob, api_key=None, created_at=at(TODAY, 4), provider_name="", model_name="nope", cost=Decimal(0)),

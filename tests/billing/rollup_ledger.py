@@ -24,6 +24,7 @@ FIGURES = (
     "cached_tokens",
     "cache_write_tokens",
     "cache_write_1h_tokens",
+    "web_search_requests",
     "cost",
 )
 
@@ -38,8 +39,9 @@ def marks() -> dict[date, int]:
 
 def ledger_per(*group: str, through: dict[date, int] | None = None) -> dict:
     """The ledger per (day, *group) (fields of ``UsageRecord``): [requests, prompt, completion, cached, cache
-    writes, of them to the 1-hour cache, cost]; with ``through``, a day's rows at or below its mark only."""
-    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, 0, Decimal(0)])
+    writes, of them to the 1-hour cache, web searches, cost]; with ``through``, a day's rows at or below its mark
+    only."""
+    out: dict = defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0, Decimal(0)])
     for r in UsageRecord.objects.all():
         day = r.created_at.astimezone(UTC).date()
         if through is not None and (day not in through or r.pk > through[day]):
@@ -52,6 +54,7 @@ def ledger_per(*group: str, through: dict[date, int] | None = None) -> dict:
             r.cached_tokens,
             r.cache_write_tokens,
             r.cache_write_1h_tokens,
+            r.web_search_requests,
             r.cost,
         )
         for index, value in enumerate(figures):

@@ -44,6 +44,7 @@ def rollup() -> dict:
             row["cached_tokens"],
             row["cache_write_tokens"],
             row["cache_write_1h_tokens"],
+            row["web_search_requests"],
             row["cost"],
         )
         for row in DailyUsage.objects.values()
@@ -90,6 +91,7 @@ def ledger(clock):
                 cost=Decimal("2"),
                 cache_write_tokens=5,
                 cache_write_1h_tokens=2,
+                web_search_requests=4,
             ),
             UsageRecordFactory(user=bob, created_at=at(day, 13), provider_name="", model_name="typo", cost=0),
         ]
@@ -127,8 +129,8 @@ def test_a_day_never_rolled_up_is_rolled_up_before_its_rows_go(ledger, settings)
     assert not DailyUsage.objects.filter(day=OLD).exists()
     expected = {}
     for row in UsageRecord.objects.filter(created_at__date=OLD):
-        requests, prompt, completion, cached, written, written_1h, cost = expected.get(
-            (row.user_id, row.api_key_id, row.provider_name, row.model_name), (0, 0, 0, 0, 0, 0, Decimal(0))
+        requests, prompt, completion, cached, written, written_1h, searches, cost = expected.get(
+            (row.user_id, row.api_key_id, row.provider_name, row.model_name), (0, 0, 0, 0, 0, 0, 0, Decimal(0))
         )
         expected[(row.user_id, row.api_key_id, row.provider_name, row.model_name)] = (
             requests + 1,
@@ -137,6 +139,7 @@ def test_a_day_never_rolled_up_is_rolled_up_before_its_rows_go(ledger, settings)
             cached + row.cached_tokens,
             written + row.cache_write_tokens,
             written_1h + row.cache_write_1h_tokens,
+            searches + row.web_search_requests,
             cost + row.cost,
         )
 
@@ -206,6 +209,7 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
         prompt_tokens=7,
         cache_write_tokens=3,
         cache_write_1h_tokens=1,
+        web_search_requests=2,
     )
 
     daily_usage_rebuild(day=OLD)
@@ -220,7 +224,7 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
     assert rollup() == rebuilt
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     group = (OLD, alice.pk, work.pk, late.provider_name, late.model_name)
-    requests, prompt, completion, cached, written, written_1h, cost = sealed[group]
+    requests, prompt, completion, cached, written, written_1h, searches, cost = sealed[group]
     assert changed == {
         group: (
             requests + 1,
@@ -229,6 +233,7 @@ def test_a_late_row_of_a_sealed_day_is_added_once_and_a_rebuild_loses_nothing(le
             cached,
             written + 3,
             written_1h + 1,
+            searches + 2,
             cost + Decimal("0.25"),
         )
     }
@@ -272,10 +277,11 @@ def late_row_steps(steps: str, *, key, user) -> UsageRecord:
                 prompt_tokens=7,
                 cache_write_tokens=2,
                 cache_write_1h_tokens=2,
+                web_search_requests=1,
             )
             group = (OLD, user.pk, key.pk, late.provider_name, late.model_name)
-            requests, prompt, completion, cached, written, written_1h, cost = base.get(
-                group, (0, 0, 0, 0, 0, 0, Decimal(0))
+            requests, prompt, completion, cached, written, written_1h, searches, cost = base.get(
+                group, (0, 0, 0, 0, 0, 0, 0, Decimal(0))
             )
             expected = dict(base)
             expected[group] = (
@@ -285,6 +291,7 @@ def late_row_steps(steps: str, *, key, user) -> UsageRecord:
                 cached,
                 written + 2,
                 written_1h + 2,
+                searches + 1,
                 cost + late.cost,
             )
             continue
@@ -422,5 +429,5 @@ def test_a_late_row_added_by_retention_and_the_rollup_at_once_counts_once(ledger
     changed = {key: value for key, value in rollup().items() if sealed.get(key) != value}
     assert list(changed) == [group]
     assert changed[group][0] == sealed[group][0] + 1
-    assert changed[group][6] == sealed[group][6] + Decimal("0.25")
+    assert changed[group][-1] == sealed[group][-1] + Decimal("0.25")
     assert not UsageRecord.objects.filter(created_at__lt=at(RECENT, 0)).exists()

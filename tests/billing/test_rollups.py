@@ -211,6 +211,53 @@ def test_the_rollup_keeps_each_days_writes_to_the_1_hour_cache_and_shows_them(ro
     assert "Cache write 1h tokens" in page and "1048" in page
 
 
+def test_the_rollups_count_each_days_web_searches_and_a_rerun_gives_the_same(rollup_ledger):
+    """The ledger row counts the web searches a provider billed apart from the tokens (``web_search_requests``);
+    the rollups, all that is left of a day once retention has deleted its rows, summed their cost but not how many
+    there were. Each rollup now sums them, and rolling up twice gives the same figures."""
+    from billing.models import DailyStaffUsage, DailyUserUsage
+
+    for hour, searches, cost in ((5, 2, "0.0200001"), (6, 5, "0.0500002")):
+        UsageRecordFactory(
+            user=rollup_ledger["alice"],
+            created_at=at(TODAY, hour),
+            operation="messages",
+            model_name="claude-test",
+            provider_name="fake-anthropic",
+            web_search_requests=searches,
+            cost=Decimal(cost),
+        )
+
+    def figures() -> tuple:
+        claude = DailyUsage.objects.get(day=TODAY, model_name="claude-test")
+        staff = DailyStaffUsage.objects.get(day=TODAY, model_name="claude-test")
+        alice = DailyUserUsage.objects.get(day=TODAY, user=rollup_ledger["alice"])
+        return (
+            (claude.requests, claude.web_search_requests, claude.cost),
+            (staff.requests, staff.web_search_requests, staff.cost),
+            (alice.requests, alice.web_search_requests, alice.cost),
+            DailyStaffUsage.objects.get(day=YESTERDAY, model_name="claude-test").web_search_requests,
+            sum(DailyUserUsage.objects.filter(day=TODAY).values_list("web_search_requests", flat=True)),
+        )
+
+    with time_machine.travel(at(TODAY, 8), tick=False):
+        usage_rollup.delay()
+        first = figures()
+        usage_rollup.delay()  # rebuilt, not added to
+    assert (
+        figures()
+        == first
+        == (
+            (2, 7, Decimal("0.0700003")),
+            (2, 7, Decimal("0.0700003")),
+            (3, 7, Decimal("0.0700003003")),  # and her embeddings row of today, $0.0000000003
+            3,  # yesterday's Claude row
+            8,  # and bob's chat completion of today, 1 search
+        )
+    )
+    assert rolled() == raw()
+
+
 def test_the_rollup_keeps_each_operation_apart_and_equals_the_ledger_per_operation(rollup_ledger):
     """An operator could not tell from the usage pages how much of the spend went to the Responses API, chat
     completions, embeddings or the Messages API: the rollup summed the operations of a model together. It now

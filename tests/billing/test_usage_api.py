@@ -27,6 +27,7 @@ RECORD_FIELDS = {
     "cached_tokens",
     "cache_write_tokens",
     "cache_write_1h_tokens",
+    "web_search_requests",
     "cost",
     "usage_estimated",
     "status",
@@ -79,6 +80,7 @@ def ledger(alice):
             completion_tokens=400,
             stream=True,
             ttft_ms=85,
+            web_search_requests=3,
         ),
         "c": UsageRecordFactory(
             user=alice,
@@ -103,6 +105,7 @@ def ledger(alice):
             cached_tokens=10_000,
             cache_write_tokens=4_000,
             cache_write_1h_tokens=1_500,
+            web_search_requests=1,
             usage_estimated=True,
         ),
         "e": UsageRecordFactory(
@@ -154,6 +157,7 @@ def test_lists_own_records_newest_first_with_every_field(client, ledger):
         "cached_tokens": 10_000,
         "cache_write_tokens": 4_000,
         "cache_write_1h_tokens": 1_500,
+        "web_search_requests": 1,
         "cost": "1.2345678901",
         "usage_estimated": True,
         "status": "ok",
@@ -163,7 +167,7 @@ def test_lists_own_records_newest_first_with_every_field(client, ledger):
         "key": ledger["home"].prefix,
     }
     assert rows[ledger["e"].request_id]["key"] is None
-    assert rows[ledger["b"].request_id]["ttft_ms"] == 85
+    assert (rows[ledger["b"].request_id]["ttft_ms"], rows[ledger["b"].request_id]["web_search_requests"]) == (85, 3)
 
 
 def test_never_shows_another_users_records(client, ledger):
@@ -261,8 +265,10 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
         "cached_tokens": sum(row["cached_tokens"] for row in rows),
         "cache_write_tokens": sum(row["cache_write_tokens"] for row in rows),
         "cache_write_1h_tokens": sum(row["cache_write_1h_tokens"] for row in rows),
+        "web_search_requests": sum(row["web_search_requests"] for row in rows),
         "cost": str(sum(Decimal(row["cost"]) for row in rows)),
     }
+    assert summary["total"]["web_search_requests"] == 4
     assert summary["total"]["cost"] == "1.2380678909"
     assert summary["by_day"] == [
         {
@@ -273,6 +279,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "cached_tokens": 0,
             "cache_write_tokens": 0,
             "cache_write_1h_tokens": 0,
+            "web_search_requests": 3,
             "cost": "0.0035000001",
         },
         {
@@ -283,6 +290,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "cached_tokens": 0,
             "cache_write_tokens": 0,
             "cache_write_1h_tokens": 0,
+            "web_search_requests": 0,
             "cost": "0.0000000007",
         },
         {
@@ -293,6 +301,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "cached_tokens": 10_000,
             "cache_write_tokens": 4_000,
             "cache_write_1h_tokens": 1_500,
+            "web_search_requests": 1,
             "cost": "1.2345678901",
         },
     ]
@@ -305,6 +314,7 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "cached_tokens": 0,
             "cache_write_tokens": 0,
             "cache_write_1h_tokens": 0,
+            "web_search_requests": 3,
             "cost": "0.0020000001",
         },
         {
@@ -315,12 +325,14 @@ def test_summary_totals_equal_the_sum_of_the_rows(client, ledger):
             "cached_tokens": 10_000,
             "cache_write_tokens": 4_000,
             "cache_write_1h_tokens": 1_500,
+            "web_search_requests": 1,
             "cost": "1.2360678908",
         },
     ]
     for breakdown in ("by_day", "by_model"):
         assert sum(Decimal(entry["cost"]) for entry in summary[breakdown]) == Decimal(summary["total"]["cost"])
         assert sum(entry["requests"] for entry in summary[breakdown]) == summary["total"]["requests"]
+        assert sum(entry["web_search_requests"] for entry in summary[breakdown]) == 4
 
 
 def test_summary_takes_the_same_filters(client, ledger):
@@ -333,6 +345,7 @@ def test_summary_takes_the_same_filters(client, ledger):
         "cached_tokens": 0,
         "cache_write_tokens": 0,
         "cache_write_1h_tokens": 0,
+        "web_search_requests": 0,
         "cost": "0.0015000000",
     }
     assert [entry["day"] for entry in summary["by_day"]] == ["2025-03-01"]
@@ -396,6 +409,7 @@ def test_summary_of_nothing_is_zero(client, ledger):
             "cached_tokens": 0,
             "cache_write_tokens": 0,
             "cache_write_1h_tokens": 0,
+            "web_search_requests": 0,
             "cost": "0.0000000000",
         },
         "by_day": [],
