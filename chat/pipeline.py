@@ -1652,8 +1652,10 @@ class CompletionRun:
 
     async def complete(self) -> dict[str, Any]:
         response: dict[str, Any] | None = None
+        searches = 0  # the web searches the latest attempt had its provider run (``BaseAdapter.web_searches``)
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
+            nonlocal searches
             adapter = adapter_for(target.provider)
             body = adapter.prepare_request(self._upstream_body(target), target)
             body.pop("stream", None)
@@ -1661,6 +1663,7 @@ class CompletionRun:
             if self.operation == Operation.COMPLETIONS:
                 with _prompt_named():
                     return await adapter.text_complete(body)
+            searches = adapter.web_searches(body)
             return await adapter.complete(body)
 
         def settle(call: _Call) -> None:
@@ -1674,6 +1677,8 @@ class CompletionRun:
                 delivered_text="" if response is None else _completion_text(response, calls=True),
                 finish_reason=choices[0].get("finish_reason") if choices else None,
                 error_type=call.error_type,
+                # Those of the attempt that answered; a refused or failed one is billed none.
+                web_searches=searches if response is not None else 0,
             )
 
         async with self._upstream_call(settle):
@@ -1751,9 +1756,13 @@ class CompletionRun:
         # relayed). What it reads: the reply and the model's reasoning, which every client shows (the chat page too).
         guard: ReplyGuard | None = None
         checked = _chunk_pieces
+        # The web searches of every attempt that answered (its first chunk came: a search model searched before it
+        # wrote), a resumed stream's failed ones too, which the provider billed; and those the latest attempt asked.
+        searched = asking = 0
 
         def once_with(prefill: str | None) -> Callable[[ResolvedModel], Awaitable[tuple[Any, Any]]]:
             async def once(target: ResolvedModel) -> tuple[Any, AsyncIterator[WireChunk]]:
+                nonlocal asking
                 adapter = adapter_for(target.provider)
                 body = self._upstream_body(target)
                 if prefill is not None:
@@ -1770,6 +1779,7 @@ class CompletionRun:
                 if self.operation == Operation.COMPLETIONS:
                     with _prompt_named():
                         return await self._first(adapter.text_stream(body))
+                asking = adapter.web_searches(body)
                 return await self._first(adapter.stream(body))
 
             return once
@@ -1787,6 +1797,7 @@ class CompletionRun:
                 finish_reason=finish_reason,
                 error_type=call.error_type,
                 usage_partly_estimated=bool(earlier_tokens) or usage_filled,
+                web_searches=searched,
             )
 
         def arrived(chunk: WireChunk) -> None:
@@ -1802,6 +1813,7 @@ class CompletionRun:
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once_with(None))
+                searched += asking
                 guard = await self._reply_guard()
                 public_name = self.answered_by.name  # the name the stream began with, kept if it is resumed
                 failed: set[int] = set()
@@ -1866,6 +1878,7 @@ class CompletionRun:
                         first, upstream = await self._call(
                             once_with("".join(text)), exclude=failed | self._prefill_refusers(self.body)
                         )
+                        searched += asking
                         guard = await self._reply_guard(guard)  # it may be a fallback under another policy
             finally:
                 if guard is not None:
@@ -2183,10 +2196,12 @@ class CompletionRun:
         error_type: str,
         usage_partly_estimated: bool = False,
         output_arrived: bool = False,
+        web_searches: int = 0,
     ) -> None:
         """Once per run, whatever happened: billing decides the tokens (the provider's usage, or an estimate
         from what was relayed), the cost at the answering deployment's prices and the reservation's release
-        together (``request_settle``); the attempt still open is reported to routing with its tokens."""
+        together (``request_settle``); the attempt still open is reported to routing with its tokens.
+        ``web_searches``: those the provider ran that its usage does not report (``BaseAdapter.web_searches``)."""
         if self._settled:
             return
         self._settled = True
@@ -2217,6 +2232,7 @@ class CompletionRun:
             attempts=self.attempts,
             resumed=self.resumed,
             usage_partly_estimated=usage_partly_estimated,
+            web_searches=web_searches,
             billing_source=BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY,
             moderation=self.moderation.summary if self.moderation is not None else "",
             experiment_id=self.assignment.experiment_id if self.assignment is not None else None,

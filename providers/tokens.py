@@ -84,14 +84,22 @@ def thinking_block_texts(message: Mapping[str, Any]) -> list[tuple[int, str]]:
     ]
 
 
+def chat_web_searches(body: Mapping[str, Any]) -> int:
+    """The web searches a chat completion has OpenAI run, and bill per call apart from the tokens: one for a request
+    with ``web_search_options`` (its search models, gpt-4o-search-preview and the like, search the web once before
+    each answer, and no usage reports it), none without."""
+    return 1 if isinstance(body.get("web_search_options"), Mapping) else 0
+
+
 def web_searches_bound(body: Mapping[str, Any]) -> int:
-    """The most web searches a Messages request may have Anthropic run (and bill): each web search tool's
-    ``max_uses`` (``web_search_20250305`` and later versions), ``WEB_SEARCHES_UNBOUNDED`` for one that sets none.
-    0 for a request without one (a chat completion's tools are functions: the translations refuse server tools)."""
+    """The most web searches a request may have its provider run (and bill): for a Messages request each web search
+    tool's ``max_uses`` (``web_search_20250305`` and later versions), ``WEB_SEARCHES_UNBOUNDED`` for one that sets
+    none; for a chat completion the one its ``web_search_options`` asks for (``chat_web_searches``: its tools are
+    functions, and the translations refuse server tools). 0 for a request without either."""
+    searches = chat_web_searches(body)
     tools = body.get("tools")
     if not isinstance(tools, list):
-        return 0
-    searches = 0
+        return searches
     for tool in tools:
         if not isinstance(tool, Mapping) or not str(tool.get("type") or "").startswith("web_search_"):
             continue

@@ -156,6 +156,7 @@ def request_settle(
     attempts: int = 0,
     resumed: bool = False,
     usage_partly_estimated: bool = False,
+    web_searches: int = 0,
     upstream_latency_ms: int | None = None,
     ttft_ms: int | None = None,
     duration_ms: int = 0,
@@ -174,9 +175,11 @@ def request_settle(
     ``output_arrived``: the model wrote something, relayed or not (``settlement_tokens``).
     ``requested_model``: the name the client sent; the row keeps it only when another model answered.
     ``usage_partly_estimated``: ``usage`` adds counted tokens to the provider's (a resumed stream's first
-    part): the row is flagged as an estimate. ``billing_source``: whose provider key paid; on the user's own
-    key the row's ``cost`` counts against budgets only when the user's plan says so (``user_key_cost`` keeps
-    the price either way). ``moderation``: what moderation found, for the row."""
+    part): the row is flagged as an estimate. ``web_searches``: searches the provider ran and bills that
+    ``usage`` does not report (a chat completion's ``web_search_options``), added to those it does.
+    ``billing_source``: whose provider key paid; on the user's own key the row's ``cost`` counts against budgets
+    only when the user's plan says so (``user_key_cost`` keeps the price either way). ``moderation``: what
+    moderation found, for the row."""
     prompt, completion, cached, written, estimated = settlement_tokens(
         operation=operation,
         body=body,
@@ -187,7 +190,7 @@ def request_settle(
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
     written_1h = _written_1h(usage, written)
-    searches = _web_searches(usage)
+    searches = min(_web_searches(usage) + max(web_searches, 0), COUNT_MAX)
     cost = cost_for(
         model=model,
         prompt_tokens=prompt,

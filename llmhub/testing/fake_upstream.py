@@ -162,7 +162,9 @@ Replies
     ``stream_options.include_obfuscation: false`` turns it off, as it does OpenAI's.
     ``[[url_citation=URL]]`` (OpenAI's routes) cites URL for the whole text reply, as OpenAI's search models do: one
     ``url_citation`` in the message's ``annotations`` (``start_index`` 0, ``end_index`` the text's length, ``title``
-    ``Fake source``); streamed, in a delta of its own after the text's.
+    ``Fake source``); streamed, in a delta of its own after the text's. A request with ``web_search_options``
+    (OpenAI's routes) is answered as a search model answers it, citing ``https://search.example/1`` so (a search
+    OpenAI bills per call and reports in no usage), unless ``[[url_citation=URL]]`` names another source.
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); past what the model writes at most they are refused with the provider's 400
@@ -1070,6 +1072,10 @@ def azure_takes_max_completion_tokens(api_version: str) -> bool:
     return dated is None or dated.group() >= AZURE_MAX_COMPLETION_TOKENS_SINCE
 
 
+# What a chat completion with ``web_search_options`` cites, unless ``[[url_citation=URL]]`` names another.
+_WEB_SEARCH_SOURCE = "https://search.example/1"
+
+
 def _url_citations(url: str | None, reply: _Reply) -> list[dict[str, Any]]:
     """``[[url_citation=URL]]``: OpenAI's ``annotations`` citing URL for the whole of a text reply (none for a call)."""
     if not url or reply.text is None:
@@ -1137,7 +1143,7 @@ def _build_reply(
 
 # Request fields that Ollama's OpenAI compatibility does not read (its ``ChatCompletionRequest`` has no such
 # field) and so ignores, where OpenAI would act on them.
-_OLLAMA_IGNORED = frozenset({"n", "max_completion_tokens", "tool_choice"})
+_OLLAMA_IGNORED = frozenset({"n", "max_completion_tokens", "tool_choice", "web_search_options"})
 
 # The request fields Mistral's API takes (its OpenAPI document); any other is refused with a 422.
 _MISTRAL_CHAT_FIELDS = frozenset(
@@ -1943,10 +1949,10 @@ class _App:
     # -- Ollama (a subset of OpenAI's protocol; what it does not take, it ignores) --
 
     async def ollama_chat_completions(self, request: web.Request) -> web.StreamResponse:
-        """Ollama's OpenAI-compatible chat: ``n``, ``max_completion_tokens`` and ``tool_choice`` are not among the
-        fields it reads (its ``ChatCompletionRequest``, ``openai/openai.go``), so it answers one choice whatever
-        ``n`` asked, only ``max_tokens`` limits a reply, and the model may call a tool it was given whatever
-        ``tool_choice`` said."""
+        """Ollama's OpenAI-compatible chat: ``n``, ``max_completion_tokens``, ``tool_choice`` and
+        ``web_search_options`` are not among the fields it reads (its ``ChatCompletionRequest``, ``openai/openai.go``),
+        so it answers one choice whatever ``n`` asked, only ``max_tokens`` limits a reply, the model may call a tool
+        it was given whatever ``tool_choice`` said, and it searches nothing."""
         body = request[_BODY_KEY]
         if isinstance(body, dict) and _OLLAMA_IGNORED.intersection(body):
             request[_BODY_KEY] = {key: value for key, value in body.items() if key not in _OLLAMA_IGNORED}
@@ -2047,7 +2053,9 @@ class _App:
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         lead = _OpenAILead.of(conv, reply, mistral=request.get(_USAGE_ON_FINISH_KEY, False))
-        annotations = _url_citations(conv.directives.get("url_citation"), reply)
+        # A request with ``web_search_options`` is answered as OpenAI's search models answer: citing what they found.
+        searched = _WEB_SEARCH_SOURCE if isinstance(body.get("web_search_options"), dict) else None
+        annotations = _url_citations(conv.directives.get("url_citation") or searched, reply)
         completion = (reply.completion_tokens + lead.tokens) * n
         usage = {
             "prompt_tokens": conv.prompt_tokens,

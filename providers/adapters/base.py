@@ -79,6 +79,12 @@ class BaseAdapter(ABC):
         prepared["model"] = model.upstream_id
         return prepared
 
+    def web_searches(self, body: dict[str, Any]) -> int:
+        """The web searches the provider runs for the chat completion ``body`` (as ``prepare_request`` made it) and
+        bills apart from the tokens without a word of them in its usage, for the settle step to charge. Default: none
+        (a translation leaves ``web_search_options`` out); ``OpenAIAdapter`` counts the one it asks for."""
+        return 0
+
     async def messages(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
     ) -> dict[str, Any]:

@@ -33,6 +33,11 @@ _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
 
 
 class OllamaAdapter(OpenAIAdapter):
+    def web_searches(self, body: dict[str, Any]) -> int:
+        """None: Ollama ignores ``web_search_options`` (no field of its ``ChatCompletionRequest``), searching
+        nothing."""
+        return 0
+
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         one_choice_only(body)
         body = unhonoured_refused(body, (AUDIO_OUTPUT,))

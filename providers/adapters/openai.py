@@ -29,6 +29,7 @@ import openai
 from ..exceptions import ProviderError, ProviderMalformedReplyError
 from ..outbound import OutboundRefused
 from ..rules import OUTPUT_LIMITS
+from ..tokens import chat_web_searches
 from ..types import ProviderConfig, ResolvedModel, UpstreamModel
 from . import sdk_requests
 from .base import BaseAdapter, WireChunk
@@ -185,6 +186,11 @@ class OpenAIAdapter(BaseAdapter):
         for Anthropic, which wants it back in a tool-use round): no field of OpenAI's protocol, refused by strict
         servers (Mistral's 422), and signed for Anthropic alone, so of no use to another model."""
         return assistant_fields_dropped(super().prepare_request(body, model), _CLAUDE_THINKING)
+
+    def web_searches(self, body: dict[str, Any]) -> int:
+        """The search ``web_search_options`` asks for, which the field is sent on for (``chat_web_searches``): OpenAI's
+        search models run it before each answer and bill it per call, as a server in front of them does."""
+        return chat_web_searches(body)
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         """The chat request sent upstream for ``body``. A stream always asks for usage, whatever the client

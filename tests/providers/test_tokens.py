@@ -308,3 +308,6 @@ def test_the_web_searches_a_request_may_run_are_its_web_search_tools_max_uses():
     assert web_searches_bound({"tools": [{**search, "max_uses": True}]}) == WEB_SEARCHES_UNBOUNDED
     # A chat completion's function named like one is no server tool.
     assert web_searches_bound({"tools": [{"type": "function", "function": {"name": "web_search"}}]}) == 0
+    # A chat completion's web_search_options: OpenAI's search models search once before each answer.
+    assert web_searches_bound({"web_search_options": {}, "tools": [function]}) == 1
+    assert web_searches_bound({"web_search_options": None}) == 0

@@ -1,0 +1,149 @@
+"""A chat completion's ``web_search_options`` charged as OpenAI bills it: its search models (gpt-4o-search-preview
+and the like) search the web once before each answer, billed per 1,000 calls apart from the tokens, and report
+the search in no usage. Called with the openai SDK on ``/v1/chat/completions`` against the fake upstream (whose
+reply to ``web_search_options`` cites a source, as a search model's does), whole, streamed and resumed, each row
+counts the searches (``web_search_requests``) and prices them at the deployment's ``web_search_per_1k``; a model
+whose translation drops the field (Claude) is charged none, and admission reserves the search."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import openai
+import pytest
+
+from billing.services.budgets import api_key_limits_set
+from providers.models import CatalogModel, Deployment, ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SEARCH = {"search_context_size": "low"}
+# 6 prompt tokens (3 + 3 words, the directive's two words included), a reply of 2 tokens.
+ASK = [{"role": "user", "content": "weather [[reply=sunny today]]"}]
+# 6 × $1/M input + 2 × $2/M output + 1 × $25/1,000 searches. (Before, the search was free: 0.0000100000.)
+COST = Decimal("0.0250100000")
+PRICES = {"input_per_mtok": Decimal(1), "output_per_mtok": Decimal(2), "web_search_per_1k": Decimal(25)}
+
+
+@pytest.fixture
+def priced(gateway):
+    Deployment.objects.filter(model__name__in=("gpt-test", "claude-test")).update(**PRICES)
+    return gateway
+
+
+def sent(upstream) -> dict:
+    return upstream.requests[-1]["body"]
+
+
+def test_a_chat_completion_that_searched_the_web_is_charged_its_search(priced):
+    raw = priced.client().chat.completions.with_raw_response.create(
+        model="gpt-test", messages=ASK, extra_body={"web_search_options": SEARCH}
+    )
+    completion = raw.parse()
+    assert sent(priced.upstream)["web_search_options"] == SEARCH
+    assert completion.choices[0].message.annotations[0].type == "url_citation"  # a search model's answer
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.prompt_tokens, record.completion_tokens, record.web_search_requests) == (6, 2, 1)
+    assert (record.cost, record.usage_estimated) == (COST, False)
+
+
+def test_a_streamed_chat_completion_is_charged_its_search(priced):
+    with priced.client().chat.completions.with_streaming_response.create(
+        model="gpt-test",
+        messages=ASK,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"web_search_options": SEARCH},
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        assert any('"url_citation"' in line for line in response.iter_lines())
+    record = wait_for_record(request_id)
+    assert (record.prompt_tokens, record.completion_tokens, record.web_search_requests) == (6, 2, 1)
+    assert (record.cost, record.usage_estimated) == (COST, False)
+
+
+def test_without_web_search_options_nothing_is_searched_nor_charged(priced):
+    raw = priced.client().chat.completions.with_raw_response.create(model="gpt-test", messages=ASK)
+    assert "web_search_options" not in sent(priced.upstream)
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.web_search_requests, record.cost) == (0, Decimal("0.0000100000"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_translated_model_drops_web_search_options_and_charges_no_search(priced, stream):
+    """Claude has no ``web_search_options`` (Anthropic's web search is a server tool): the translation leaves it out,
+    no search runs, and none is charged, whatever the deployment's search price."""
+    client = priced.client()
+    body = {"model": "claude-test", "messages": ASK, "extra_body": {"web_search_options": SEARCH}}
+    if stream:
+        with client.chat.completions.with_streaming_response.create(**body, stream=True) as response:
+            request_id = response.headers["x-request-id"]
+            list(response.iter_lines())
+    else:
+        raw = client.chat.completions.with_raw_response.create(**body)
+        request_id = raw.headers["x-request-id"]
+    assert "web_search_options" not in sent(priced.upstream)
+    record = wait_for_record(request_id)
+    # 6 prompt tokens as Anthropic counts them (no system prompt), 2 of reply: $0.0000100000, no search.
+    assert (record.web_search_requests, record.cost, record.usage_estimated) == (0, Decimal("0.0000100000"), False)
+
+
+def test_ollama_ignores_web_search_options_and_is_charged_no_search(gateway):
+    """Ollama reads no ``web_search_options`` and searches nothing: an OpenAI-protocol model served by it is charged
+    no search, whatever its deployment's price."""
+    provider = ProviderFactory(
+        name="fake-ollama", kind=ProviderKind.OLLAMA, base_url=gateway.upstream.base_url + "/ollama/v1"
+    )
+    ModelFactory(name="llama-test", provider=provider, upstream_id="llama3.2")
+    Deployment.objects.filter(model__name="llama-test").update(**PRICES)
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="llama-test", messages=ASK, extra_body={"web_search_options": SEARCH}
+    )
+    assert not raw.parse().choices[0].message.annotations  # no search model answered
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.web_search_requests, record.cost) == (0, Decimal("0.0000100000"))
+
+
+def test_admission_reserves_the_search(priced):
+    """A key with $0.02 left pays for a chat completion of a few tokens, but not for one that also searches the web
+    at $25 per 1,000 ($0.025): refused before the provider is called. Before, the search was reserved at nothing and
+    the request went through, spending past the budget."""
+    api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.02"))
+    client = priced.client()
+    assert client.chat.completions.create(model="gpt-test", messages=ASK, max_tokens=10).choices
+    requests = priced.upstream.stats["requests"]
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(
+            model="gpt-test", messages=ASK, max_tokens=10, extra_body={"web_search_options": SEARCH}
+        )
+    assert "this request could need up to" in refused.value.message
+    assert priced.upstream.stats["requests"] == requests
+
+
+def test_a_resumed_stream_is_charged_the_search_of_each_attempt_that_answered(gateway, fake_upstream):
+    """A search model's stream cut midway and resumed on the next deployment (``resume_on_failure``): each attempt
+    searched before it answered, and OpenAI billed both; the row counts both, at the answering deployment's price."""
+    model = CatalogModel.objects.create(name="searching", strategy="priority", resume_on_failure=True)
+    for priority, (name, upstream_id) in enumerate((("first", "fault-cut-3"), ("second", "fake-gpt-4o-mini"))):
+        provider = ProviderFactory(name=f"searching-{name}", base_url=fake_upstream.base_url + "/v1")
+        Deployment.objects.create(
+            model=model, name=name, provider=provider, upstream_id=upstream_id, priority=priority, **PRICES
+        )
+
+    with gateway.client().chat.completions.with_streaming_response.create(
+        model="searching",
+        messages=[{"role": "user", "content": "hello there [[words=8]]"}],
+        stream=True,
+        extra_body={"web_search_options": SEARCH},
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        list(response.iter_lines())
+
+    assert [entry["body"].get("web_search_options") for entry in fake_upstream.requests[-2:]] == [SEARCH, SEARCH]
+    record = wait_for_record(request_id)
+    assert (record.status, record.resumed, record.deployment_name) == ("ok", True, "second")
+    assert record.web_search_requests == 2
+    tokens = Decimal(record.prompt_tokens) / 1_000_000 + Decimal(record.completion_tokens) * 2 / 1_000_000
+    assert record.cost == (tokens + Decimal("0.05")).quantize(Decimal("0.0000000001"))
