@@ -130,3 +130,72 @@ def test_a_stream_cut_before_its_message_delta_is_charged_the_searches_whose_res
     assert (record.status, record.usage_estimated, record.web_search_requests) == ("upstream_error", True, 2)
     tokens = Decimal(record.prompt_tokens) / 1_000_000 + Decimal(record.completion_tokens) * 2 / 1_000_000
     assert record.cost == (tokens + Decimal("0.02")).quantize(Decimal("0.0000000001"))
+
+
+def searching_model(upstream, first: str) -> None:
+    """``searching``, resumable (``resume_on_failure``): its deployment ``first`` (the fake upstream's model of a
+    fault) before ``second``, a healthy Claude, both at $10 per 1,000 searches."""
+    from providers.models import CatalogModel
+    from tests.factories import ProviderFactory
+
+    model = CatalogModel.objects.create(name="searching", strategy="priority", resume_on_failure=True)
+    for priority, (name, upstream_id) in enumerate((("first", first), ("second", "fake-claude-haiku"))):
+        provider = ProviderFactory(name=f"searching-{name}", kind="anthropic", base_url=upstream.base_url)
+        Deployment.objects.create(
+            model=model,
+            name=name,
+            provider=provider,
+            upstream_id=upstream_id,
+            priority=priority,
+            input_per_mtok=Decimal(1),
+            output_per_mtok=Decimal(2),
+            web_search_per_1k=Decimal(10),
+        )
+
+
+def searching_stream(gateway, content: str) -> tuple[str, list[str]]:
+    with anthropic_client(gateway).messages.with_streaming_response.create(
+        model="searching",
+        max_tokens=50,
+        tools=[WEB_SEARCH],
+        stream=True,
+        messages=[{"role": "user", "content": content}],
+    ) as response:
+        return response.headers["x-request-id"], list(response.iter_lines())
+
+
+def test_a_stream_that_searched_then_broke_is_not_resumed_and_is_charged_its_searches(gateway):
+    """94d8b03 said a resumed stream adds its failed attempts' searches to its count: no test showed it. A message
+    whose attempt searched holds blocks that are not text (each search's ``server_tool_use`` and its results), which
+    no other deployment can continue (``_MessagesSplice``): cut midway after its searches, it is not resumed, even on
+    a model that opted in; the client is told the stream broke, and the row is charged the two searches whose results
+    it got, beside its estimated tokens."""
+    searching_model(gateway.upstream, "fault-cut-3")
+    request_id, lines = searching_stream(gateway, "weather [[web_search=2]] [[words=8]]")
+
+    assert sum('"type":"web_search_tool_result"' in line for line in lines) == 2
+    assert "event: error" in lines and "event: message_stop" not in lines
+    record = wait_for_record(request_id)
+    assert (record.status, record.resumed, record.attempts, record.deployment_name) == (
+        "upstream_error",
+        False,
+        1,
+        "first",
+    )
+    assert (record.web_search_requests, record.usage_estimated) == (2, True)
+    tokens = Decimal(record.prompt_tokens) / 1_000_000 + Decimal(record.completion_tokens) * 2 / 1_000_000
+    assert record.cost == (tokens + Decimal("0.02")).quantize(Decimal("0.0000000001"))
+
+
+def test_a_stream_that_failed_over_before_its_first_byte_is_charged_the_answering_attempts_searches(gateway):
+    """The first deployment refused the stream before anything was sent (a 500: no search ran there, none billed);
+    the second answered whole, its ``message_delta`` counting its two searches: the row has those two, not four."""
+    searching_model(gateway.upstream, "fault-500")
+    request_id, lines = searching_stream(gateway, "weather [[web_search=2]] [[reply=sunny today]]")
+
+    assert "event: message_stop" in lines
+    record = wait_for_record(request_id)
+    assert (record.status, record.attempts, record.deployment_name) == ("ok", 2, "second")
+    # 7 prompt tokens (3 + 4 words) at $1/M, 2 of reply at $2/M, 2 searches at $10/1,000.
+    assert (record.prompt_tokens, record.completion_tokens, record.web_search_requests) == (7, 2, 2)
+    assert (record.cost, record.usage_estimated) == (Decimal("0.0200110000"), False)
