@@ -17,7 +17,7 @@ def _field() -> models.PositiveBigIntegerField:
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("billing", "0044_server_tool_billing_usage_web_search_requests"),
+        ("billing", "0045_alerts_rename_rule_follows_model"),
     ]
 
     operations = [
