@@ -178,6 +178,33 @@ def validate_messages_request(body: Any) -> None:
                 "tool_choice",
                 "unsupported_value",
             )
+    _check_sampling_while_thinking(body)
+
+
+# The least ``top_p`` Claude thinks with (Anthropic's extended thinking takes 0.95 to 1).
+_THINKING_TOP_P = 0.95
+
+
+def _check_sampling_while_thinking(body: dict[str, Any]) -> None:
+    """Anthropic's own rule, judged for any model so that the Messages API means one thing: while Claude thinks
+    (thinking enabled or adaptive) ``temperature`` is 1, ``top_p`` 0.95 or more and ``top_k`` unset; in its words."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in THINKING_ON:
+        return
+    if body.get("temperature") is not None and body["temperature"] != 1:
+        _fail(
+            "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode",
+            "temperature",
+            "unsupported_value",
+        )
+    if body.get("top_p") is not None and body["top_p"] < _THINKING_TOP_P:
+        _fail(
+            f"`top_p` must be greater than or equal to {_THINKING_TOP_P} or unset when thinking is enabled",
+            "top_p",
+            "unsupported_value",
+        )
+    if body.get("top_k") is not None:
+        _fail("`top_k` must be unset when thinking is enabled", "top_k", "unsupported_value")
 
 
 def validate_count_tokens_request(body: Any) -> None:

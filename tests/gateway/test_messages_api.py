@@ -1156,6 +1156,47 @@ def test_a_tool_choice_no_given_tool_can_meet_is_refused(gateway, model, change,
 
 
 @pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("thinking", [{"type": "enabled", "budget_tokens": 1024}, {"type": "adaptive"}])
+@pytest.mark.parametrize(
+    ("sampling", "message"),
+    [
+        (
+            {"temperature": 0.5},
+            "temperature: `temperature` may only be set to 1 when thinking is enabled or in adaptive mode",
+        ),
+        ({"top_p": 0.9}, "top_p: `top_p` must be greater than or equal to 0.95 or unset when thinking is enabled"),
+        ({"top_k": 40}, "top_k: `top_k` must be unset when thinking is enabled"),
+    ],
+)
+def test_a_sampling_parameter_claude_cannot_think_with_is_refused_for_every_model(
+    gateway, model, thinking, sampling, message
+):
+    """Anthropic's extended thinking takes no temperature but 1, no ``top_p`` under 0.95 and no ``top_k``, and
+    refuses them (its 400 after the call); a translated model took them (``top_k`` dropped without a word), so the
+    same request worked on one model and not the next. Refused alike before any upstream call, naming the field."""
+    body = {
+        "model": model,
+        "max_tokens": 2048,
+        "thinking": thinking,
+        "messages": [{"role": "user", "content": "hi"}],
+        **sampling,
+    }
+    assert refused_before_any_upstream_call(gateway, body) == message
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_sampling_claude_thinks_with_is_taken(gateway, model):
+    """What Anthropic takes with thinking (temperature 1, ``top_p`` of 0.95 or more) goes through, and without thinking
+    every sampling parameter does."""
+    ask = {"model": model, "max_tokens": 2048, "messages": [{"role": "user", "content": "hi"}]}
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    # This SDK's signature no longer takes the sampling parameters; the API still does.
+    thought = client(gateway).messages.create(**ask, thinking=thinking, extra_body={"temperature": 1, "top_p": 0.95})
+    sampled = client(gateway).messages.create(**ask, extra_body={"temperature": 0.2, "top_p": 0.5, "top_k": 5})
+    assert thought.type == sampled.type == "message"
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("is_error", ["true", 1, {"code": 500}])
 def test_a_tool_result_whose_is_error_is_not_a_boolean_is_refused(gateway, model, is_error):
     """``is_error`` is a boolean (Anthropic: "Input should be a valid boolean"); a translated model read any truthy
