@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..types import ProviderConfig
 from .common import http_timeout, provider_http_client
-from .openai import OpenAIAdapter
+from .openai import OPENAI_STOP_MAX, OpenAIAdapter
 
 # Given when the row has no key, so that the SDK never falls back to the gateway's own environment
 # (AZURE_OPENAI_API_KEY, AZURE_OPENAI_AD_TOKEN): the resource then answers 401, which is the truth.
@@ -44,6 +44,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     ``max_completion_tokens``, gets the limit as ``max_tokens`` (a client's own ``max_completion_tokens`` too)."""
 
     serves_completions = False  # its deployments are chat deployments (/v1/completions: docs/completions.md)
+    messages_stop_max = OPENAI_STOP_MAX
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)

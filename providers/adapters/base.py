@@ -37,6 +37,9 @@ class BaseAdapter(ABC):
     # Whether the provider takes chat completions' ``tool_choice: {"type": "allowed_tools"}`` as OpenAI does (only
     # OpenAI's own API); any other gets the tools it allows alone, its mode as the choice (``prepare_request``).
     takes_allowed_tools: ClassVar[bool] = False
+    # The most stop strings the provider takes in one request (a translated Messages request's ``stop_sequences``);
+    # None: no limit known. More are refused before any call, naming the client's field.
+    messages_stop_max: ClassVar[int | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -105,7 +108,12 @@ class BaseAdapter(ABC):
     @classmethod
     def _chat_request(cls, request: dict[str, Any]) -> dict[str, Any]:
         """The chat completion a Messages request is translated into for this provider."""
-        return chat_request(request, end_user_field=cls.messages_end_user_field, efforts=cls.messages_efforts)
+        return chat_request(
+            request,
+            end_user_field=cls.messages_end_user_field,
+            efforts=cls.messages_efforts,
+            stop_max=cls.messages_stop_max,
+        )
 
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None

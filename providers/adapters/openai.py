@@ -671,6 +671,10 @@ def _upstream_model(item: dict[str, Any]) -> UpstreamModel:
     )
 
 
+# The most stop strings OpenAI's chat completions take (its ``stop``: "Up to 4 sequences"), on OpenAI's API and Azure's.
+OPENAI_STOP_MAX = 4
+
+
 class OpenAIPlatformAdapter(OpenAIAdapter):
     """OpenAI's own API (kind ``openai``): the OpenAI adapter, sending a chat reply's output limit as
     ``max_completion_tokens``. OpenAI deprecated ``max_tokens`` for all its models, and its reasoning models and
@@ -680,3 +684,4 @@ class OpenAIPlatformAdapter(OpenAIAdapter):
 
     output_limit = "max_completion_tokens"
     takes_allowed_tools = True
+    messages_stop_max = OPENAI_STOP_MAX

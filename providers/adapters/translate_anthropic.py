@@ -704,13 +704,18 @@ def stop_sequence_matched(choice: dict[str, Any]) -> str | None:
 
 
 def chat_request(
-    request: dict[str, Any], *, end_user_field: str | None = "user", efforts: tuple[str, ...] | None = None
+    request: dict[str, Any],
+    *,
+    end_user_field: str | None = "user",
+    efforts: tuple[str, ...] | None = None,
+    stop_max: int | None = None,
 ) -> dict[str, Any]:
     """The chat-completions body for a Messages API body (``stream`` is left to the caller). ``end_user_field``: the
     field the end user (``metadata.user_id``) goes in, OpenAI's ``user``; None for a provider that has none and
     refuses it (Mistral's 422), where it is left out. ``efforts``: the levels of ``output_config.effort`` the
     provider has a ``reasoning_effort`` for (None: all); another is refused naming the client's field, not the
-    ``reasoning_effort`` it would have become."""
+    ``reasoning_effort`` it would have become. ``stop_max``: the most stop strings the provider takes (OpenAI's 4;
+    None: no limit known); more are refused naming ``stop_sequences``, not the ``stop`` they would have become."""
     for name, feature in _ANTHROPIC_ONLY.items():
         if request.get(name) not in (None, []):
             raise _refused(
@@ -739,8 +744,16 @@ def chat_request(
     for name in _MESSAGES_OPTIONAL:
         if request.get(name) is not None:
             body[name] = request[name]
-    if request.get("stop_sequences"):
-        body["stop"] = request["stop_sequences"]
+    stops = request.get("stop_sequences")
+    if stops:
+        if stop_max is not None and len(stops) > stop_max:
+            raise _refused(
+                f"List should have at most {stop_max} items after validation, not {len(stops)} (this model takes at"
+                f" most {stop_max} stop sequences)",
+                "stop_sequences",
+                "unsupported_value",
+            )
+        body["stop"] = stops
     user_id = (request.get("metadata") or {}).get("user_id")
     if user_id and end_user_field is not None:
         body[end_user_field] = user_id

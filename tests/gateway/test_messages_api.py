@@ -18,7 +18,9 @@ from billing.models import Operation, UsageRecord
 from billing.services.budgets import api_key_limits_set
 from chat.pipeline import _message_written, _reported_usage
 from llmhub.testing.fake_upstream import raw_directive
+from providers.models import ProviderKind
 from providers.tokens import prompt_tokens, text_tokens
+from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -1304,6 +1306,46 @@ def test_an_anthropic_only_feature_is_refused_for_a_translated_model(gateway, fi
     create(client(gateway), **{**request, "model": "claude-test"})
     [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/messages"]
     assert field in sent
+
+
+FIVE_STOPS = ["one", "two", "three", "four", "five"]
+
+
+def test_more_stop_sequences_than_openai_takes_are_refused_naming_stop_sequences(gateway):
+    """OpenAI's own API takes at most 4 stop strings (its ``stop``: "Up to 4 sequences") and answered more with its
+    400 naming ``stop``, a field the /v1/messages client never sent; Anthropic takes more. A model on OpenAI's API is
+    refused before any upstream call, naming ``stop_sequences`` in Anthropic's shape, with its ledger row, and
+    count_tokens answers the same 400; a server that takes more (vLLM and other OpenAI-compatible ones) and a Claude
+    model still get them."""
+    openai_itself = ProviderFactory(
+        name="openai-itself", kind=ProviderKind.OPENAI, base_url=gateway.upstream.base_url + "/v1"
+    )
+    ModelFactory(name="gpt-openai", provider=openai_itself, upstream_id="fake-gpt-4o-mini")
+    request = {"model": "gpt-openai", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client(gateway).messages.create(**request, stop_sequences=FIVE_STOPS)
+
+    error = refused.value.body["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("stop_sequences: "), error
+    assert "at most 4" in error["message"]
+    assert gateway.upstream.stats["requests"] == 0
+    record = wait_for_record(refused.value.response.headers["request-id"])
+    assert record.operation == "messages" and record.status == "invalid" and record.cost == 0
+    counted = httpx.post(
+        gateway.url + "/v1/messages/count_tokens",
+        json={key: value for key, value in {**request, "stop_sequences": FIVE_STOPS}.items() if key != "max_tokens"},
+        headers={"x-api-key": gateway.key},
+    )
+    assert counted.status_code == 400 and counted.json()["error"]["message"] == error["message"]
+
+    assert client(gateway).messages.create(**request, stop_sequences=FIVE_STOPS[:4]).type == "message"
+    for model in ("gpt-test", "claude-test"):
+        assert (
+            client(gateway).messages.create(**request | {"model": model}, stop_sequences=FIVE_STOPS).type == "message"
+        )
+    sent = [entry["body"] for entry in gateway.upstream.requests]
+    assert [body.get("stop") or body.get("stop_sequences") for body in sent] == [FIVE_STOPS[:4], FIVE_STOPS, FIVE_STOPS]
 
 
 def test_a_data_residency_request_is_refused_for_a_translated_model(gateway):

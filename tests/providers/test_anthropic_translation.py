@@ -9,6 +9,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
 from llmhub.testing.openapi import validate_openai_schema
+from providers.adapters import adapter_class_for_kind
 from providers.adapters.translate_anthropic import (
     ANSWER_FLOOR,
     DEFAULT_MAX_TOKENS,
@@ -548,6 +549,45 @@ def test_a_thinking_budget_that_is_not_one_is_a_clear_400(budget):
             }
         )
     assert caught.value.param == "thinking.budget_tokens"
+
+
+FIVE_STOPS_ASKED = {
+    "model": "m",
+    "max_tokens": 5,
+    "stop_sequences": list("abcde"),
+    "messages": [{"role": "user", "content": "x"}],
+}
+
+
+def test_more_stop_sequences_than_the_provider_takes_are_refused_naming_stop_sequences():
+    """OpenAI's API takes at most 4 stop strings and refused more with its own 400 naming ``stop``, which a Messages
+    client never sent: refused before any call, naming ``stop_sequences``, for a provider with such a limit only."""
+    request = {
+        "model": "m",
+        "max_tokens": 5,
+        "stop_sequences": list("abcde"),
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    with pytest.raises(ProviderBadRequestError) as caught:
+        chat_request(request, stop_max=4)
+    assert caught.value.param == "stop_sequences"
+    assert str(caught.value).startswith("stop_sequences: List should have at most 4 items after validation, not 5")
+    assert chat_request(request)["stop"] == list("abcde")
+    assert chat_request({**request, "stop_sequences": list("abcd")}, stop_max=4)["stop"] == list("abcd")
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure_openai"])
+def test_openais_api_and_azures_take_at_most_four_stop_strings(kind):
+    request = {
+        "model": "m",
+        "max_tokens": 5,
+        "stop_sequences": list("abcde"),
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    with pytest.raises(ProviderBadRequestError):
+        adapter_class_for_kind(kind).messages_check(request)
+    for other in ("openai_compatible", "vllm", "anthropic"):
+        adapter_class_for_kind(other).messages_check(request)
 
 
 @pytest.mark.parametrize("max_tokens", [2048, 1500])
