@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 from billing.models import Operation, UsageRecord
 from billing.services.budgets import api_key_limits_set
 from chat.pipeline import _message_written, _reported_usage
-from llmhub.testing.fake_upstream import raw_directive
+from llmhub.testing.fake_upstream import THINKING_SIGNATURE, raw_directive
 from providers.models import ProviderKind
 from providers.tokens import prompt_tokens, text_tokens
 from tests.factories import ModelFactory, ProviderFactory
@@ -267,6 +267,41 @@ def test_tool_use_round_trip(gateway, model):
         ],
     )
     assert answer.content[0].text == "Tool result: 18 C" and answer.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_claudes_signed_thinking_reaches_the_client_and_goes_back_with_a_tool_use_round(gateway, stream):
+    """Anthropic signs each thinking block (``signature`` on a whole reply, a ``signature_delta`` before the block's
+    stop in a stream) and wants it back, signed, in the request that answers a tool call made while thinking. The
+    signature reaches the SDK as Claude wrote it, whole and streamed, and the next turn with the thinking block sent
+    back as the SDK gave it is answered (the fake upstream refuses a block whose signature is not the one it made)."""
+    sdk = client(gateway)
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    question = {"role": "user", "content": "[[thinking=I should look the weather up]] Paris"}
+    request = {"model": "claude-test", "max_tokens": 2048, "thinking": thinking, "tools": [WEATHER]}
+    if stream:
+        with sdk.messages.stream(**request, messages=[question]) as events:
+            deltas = [event.delta.type for event in events if event.type == "content_block_delta" and event.index == 0]
+            call = events.get_final_message()
+        assert deltas[-1] == "signature_delta" and set(deltas) == {"thinking_delta", "signature_delta"}
+    else:
+        call = sdk.messages.create(**request, messages=[question])
+    assert [block.type for block in call.content] == ["thinking", "tool_use"] and call.stop_reason == "tool_use"
+    signed, tool_use = call.content
+    assert signed.thinking == "I should look the weather up"
+    assert signed.signature == THINKING_SIGNATURE
+
+    answer = sdk.messages.create(
+        **request,
+        messages=[
+            question,
+            {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in call.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "18 C"}]},
+        ],
+    )
+    assert answer.content[-1].text == "Tool result: 18 C" and answer.stop_reason == "end_turn"
+    sent_back = gateway.upstream.requests[-1]["body"]["messages"][1]["content"][0]
+    assert sent_back == {"type": "thinking", "thinking": signed.thinking, "signature": signed.signature}
 
 
 @pytest.mark.parametrize("numbered", [True, False])
