@@ -38,7 +38,8 @@ Several upstreams
 Endpoints
     ``POST /v1/chat/completions`` (OpenAI, streaming or not), ``POST /v1/completions`` (OpenAI's legacy text
     completions, streaming or not: see ``text_completions``; Ollama's under ``/ollama/v1``, one string prompt),
-    ``POST /v1/messages`` (Anthropic, streaming or not), ``POST /v1/embeddings`` (OpenAI, see Embeddings below),
+    ``POST /v1/messages`` (Anthropic, streaming or not), ``POST /v1/messages/count_tokens`` (Anthropic's token
+    counting: ``messages_count_tokens``), ``POST /v1/embeddings`` (OpenAI, see Embeddings below),
     ``POST /v1/moderations`` (OpenAI, see Moderation below), ``GET /v1/models`` and
     ``GET /v1/models/{id}`` (Anthropic shape when the request carries an ``anthropic-version`` header,
     OpenAI shape otherwise, which also lists ``fake-embedding-small``). Azure OpenAI's routes answer as OpenAI's: ``POST
@@ -615,6 +616,12 @@ def _gemini_logprobs(tokens: list[str], top: int) -> dict[str, Any]:
             for token in tokens
         ]
     return result
+
+
+# The fields of a Messages request that Anthropic's token counting does not take (they count no input).
+_NOT_COUNTED = frozenset(
+    {"max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata", "service_tier"}
+)
 
 
 # The signature of a ``thinking`` block (Anthropic's is an opaque, encrypted check of the thinking).
@@ -1572,6 +1579,7 @@ class _App:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.text_completions)
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.messages_count_tokens)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/moderations", self.moderations)
         app.router.add_get("/v1/models", self.models)
@@ -2637,6 +2645,31 @@ class _App:
             content.insert(0, {"type": "thinking", "thinking": thinking, "signature": THINKING_SIGNATURE})
         message.update(content=content, stop_reason=_ANTHROPIC_FINISH[reply.finish], stop_sequence=reply.stop_sequence)
         return web.json_response(message, headers={"request-id": _new_id("req_")})
+
+    async def messages_count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's token counting: ``{"input_tokens": N}``, N the prompt tokens a Messages request of the same
+        input is billed (the rule above, before any ``[[cache=N]]``), free of charge. A body with a field of the
+        Messages request that counting does not take (``max_tokens``, ``stream``, the sampling parameters, ...) is
+        refused as Anthropic refuses a field it does not know; a faulty model (``fault-500``, ``hang``, ...) fails
+        as on ``/v1/messages``."""
+        body = request[_BODY_KEY]
+        if not isinstance(body, dict):
+            return _anthropic_error(400, "invalid_request_error", "There was an issue with the JSON body.")
+        conv = _parse_anthropic(body)
+        await self._pause(self._timing(conv.directives).latency)
+        fault = self._fault_name(request, conv.directives, body.get("model"))
+        if fault is not None:
+            early = await self._immediate_fault(request, "anthropic", fault, conv.prompt_tokens, False)
+            if early is not None:
+                return early
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            return _anthropic_error(400, "invalid_request_error", "model: Field required")
+        if not isinstance(body.get("messages"), list):
+            return _anthropic_error(400, "invalid_request_error", "messages: Field required")
+        extra = sorted(_NOT_COUNTED & body.keys())
+        if extra:
+            return _anthropic_error(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
+        return web.json_response({"input_tokens": conv.prompt_tokens}, headers={"request-id": _new_id("req_")})
 
     @staticmethod
     def _validate_anthropic(body: dict[str, Any]) -> web.Response | None:

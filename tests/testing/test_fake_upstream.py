@@ -714,6 +714,23 @@ def test_anthropic_streamed_tool_use(upstream: FakeUpstream, ant: anthropic.Anth
     assert final.content[0].type == "tool_use" and final.content[0].input["city"] == "Lima"
 
 
+def test_anthropic_counts_a_requests_input_tokens_as_its_messages_are_billed(
+    upstream: FakeUpstream, ant: anthropic.Anthropic
+) -> None:
+    """``client.messages.count_tokens`` answers the input tokens a Messages request of the same input is billed."""
+    request = {"model": "fake-claude-haiku", "system": "Be brief.", "messages": user("how warm is Lima")}
+    counted = ant.messages.count_tokens(**request)
+    billed = ant.messages.create(**request, max_tokens=20)
+    assert counted.input_tokens == billed.usage.input_tokens == (3 + 2) + (3 + 4)
+
+    body = {**request, "max_tokens": 20}
+    status, _, raw = http(upstream, "POST", "/v1/messages/count_tokens", body)
+    assert status == 400
+    assert json.loads(raw)["error"]["message"] == "max_tokens: Extra inputs are not permitted"
+    with pytest.raises(anthropic.InternalServerError):
+        ant.messages.count_tokens(model="fault-500", messages=user("x"))
+
+
 def test_anthropic_limits_stop_sequences_and_images(upstream: FakeUpstream, ant: anthropic.Anthropic) -> None:
     truncated = ant.messages.create(model="fake-claude-haiku", max_tokens=2, messages=user("a b c d"))
     assert truncated.content[0].text == "Echo: a" and truncated.stop_reason == "max_tokens"
