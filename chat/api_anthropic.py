@@ -43,6 +43,7 @@ from .pipeline import (
     CompletionRun,
     caller_from_api_key,
     completion_reject,
+    messages_counted,
     messages_takeable_check,
     model_for_estimate,
     model_listed_for_caller,
@@ -55,6 +56,8 @@ from .validation_anthropic import validate_count_tokens_request
 logger = logging.getLogger("llmhub.api")
 
 _ENDPOINT = "rest"
+# count_tokens's answer says whether its count is the provider's own or llmhub's estimate.
+_COUNT_HEADER = "x-llmhub-token-count"
 _MAX_PAGE = 1000
 
 
@@ -150,9 +153,11 @@ async def _sse(run: CompletionRun, events: AsyncIterator[WireEvent]) -> AsyncIte
 
 @anthropic_endpoint
 async def count_tokens(request: HttpRequest) -> HttpResponse:
-    """An estimate of a Messages request's input tokens, the one the ledger charges when a provider counts none
-    (``providers.tokens.prompt_tokens``), for the model the caller names; nothing goes upstream and nothing is
-    charged, so no ledger row. A request the model would refuse before any call (what the translation for an
+    """A Messages request's input tokens for the model the caller names: its provider's own count where the provider
+    counts (Anthropic's API, exact and free: ``messages_counted``, after admission, so a caller over its limit
+    sends nothing), else, or when that provider fails, the estimate the ledger charges when a provider counts none
+    (``providers.tokens.prompt_tokens``); ``x-llmhub-token-count`` says which (``provider``, ``estimate``). Nothing
+    is charged, so no ledger row. A request the model would refuse before any call (what the translation for an
     OpenAI-protocol model cannot express: ``messages_takeable_check``) gets the 400 /v1/messages answers. It counts
     toward the caller's requests per minute (not tokens), so that it cannot be called without bound; over the limit
     it gets the 429 /v1/messages would."""
@@ -171,7 +176,13 @@ async def count_tokens(request: HttpRequest) -> HttpResponse:
         )
     except ApplicationError as exc:
         return _answer(anthropic_error_response(exc), request_id, started)
-    response = json_response({"input_tokens": prompt_tokens(body, operation=Operation.MESSAGES)})
+    counted = await messages_counted(caller, model, body, headers=_forwarded(request), request_id=request_id)
+    estimated = counted is None
+    if counted is None:
+        counted = prompt_tokens(body, operation=Operation.MESSAGES)
+    response = json_response({"input_tokens": counted})
+    # Which it is: an exact count lets a client fit a prompt to the last token, an estimate does not.
+    response[_COUNT_HEADER] = "estimate" if estimated else "provider"
     for name, value in {**admission.headers, **admission.anthropic_headers}.items():
         response[name] = value
     return _answer(response, request_id, started)

@@ -914,6 +914,37 @@ def messages_takeable_check(model: ResolvedModel, body: dict[str, Any]) -> None:
     raise refusals[0]
 
 
+async def messages_counted(
+    caller: Caller, model: ResolvedModel, body: dict[str, Any], *, headers: dict[str, str], request_id: str
+) -> int | None:
+    """The input tokens of a Messages ``body`` as ``model``'s provider counts them (``/v1/messages/count_tokens``):
+    asked of the first of its deployments whose provider counts (``BaseAdapter.counts_messages``: Anthropic's API,
+    exact, as it bills the request, and free), on the caller's own key where that provider takes one, under the
+    provider's deadline and outbound policy as any call. None when no deployment's provider counts, or when the one
+    asked failed: the caller then gets the estimate, which is no failure of theirs, and the failure is logged at INFO
+    (naming the provider and its error, no text of the request) for an operator who wonders why counts are estimated;
+    a provider that is down says so on its real calls."""
+    credentials = await user_credentials(caller.user_id) if byok_in_use(model) else {}
+    for deployment in model.deployments:
+        if not adapter_class_for_kind(deployment.provider.kind).counts_messages:
+            continue
+        target = byok_bind(model.on(deployment), credentials)
+        if target is None:
+            continue  # served on the caller's own key only, and they have none
+        try:
+            return await adapter_for(target.provider).messages_count(body, target, headers=headers)
+        except ProviderError as exc:
+            logger.info(
+                "count_tokens %s: the provider %r of %r could not count (%s), the estimate answered",
+                request_id,
+                target.provider.name,
+                model.name,
+                exc.code or type(exc).__name__,
+            )
+            return None
+    return None
+
+
 def _check_mode(model: ResolvedModel, operation: str) -> None:
     """An embedding model answers /v1/embeddings only, and a chat model everything else: refused before
     admission, so a request for the wrong kind of model holds nothing."""

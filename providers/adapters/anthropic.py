@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 import httpx2
+from anthropic.types import message_count_tokens_params, message_create_params
 
 from ..exceptions import ProviderError
 from ..outbound import OutboundRefused
@@ -41,6 +42,14 @@ from .text_chunks import TextChunks
 from .translate_anthropic import StreamTranslator, anthropic_request, completion_from_message, within_output_limit
 
 _MESSAGES_PATH = "/v1/messages"
+_COUNT_PATH = "/v1/messages/count_tokens"
+# The fields of a Messages request that Anthropic's token counting does not take (they count no input): the SDK's own
+# list (what ``messages.create`` takes and ``messages.count_tokens`` does not), and ``stream`` and the sampling
+# parameters, which this SDK's signature no longer has but clients still send.
+_NOT_COUNTED = (
+    frozenset(message_create_params.MessageCreateParamsBase.__annotations__)
+    - frozenset(message_count_tokens_params.MessageCountTokensParams.__annotations__)
+) | {"stream", "temperature", "top_p", "top_k"}
 # Where a text delta's text is (``text_chunks``).
 _TEXT_PATH = ("delta", "text")
 _JSON_PATH = ("delta", "partial_json")  # a tool call's input, streamed a piece of JSON at a time
@@ -130,6 +139,30 @@ class AnthropicAdapter(BaseAdapter):
     @classmethod
     def messages_check(cls, request: dict[str, Any]) -> None:
         """Nothing to refuse: the request goes through as written (``messages``)."""
+
+    counts_messages = True
+
+    async def messages_count(
+        self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
+    ) -> int:
+        """Anthropic's own count (its token counting, free of charge): exact, as it bills the request. Sent as the
+        client wrote it, but for the model's upstream id and the fields counting does not take (``_NOT_COUNTED``)."""
+        body = {key: value for key, value in request.items() if key not in _NOT_COUNTED}
+        body["model"] = model.upstream_id
+        try:
+            async with upstream_deadline(self.config):
+                answer = await self._client.post(
+                    _COUNT_PATH, body=body, cast_to=object, options={"headers": dict(headers or {})}
+                )
+        except _FAILURES as exc:
+            raise self.map_error(exc) from None
+        tokens = answer.get("input_tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise ProviderError(
+                f"The provider {self.config.name!r} answered a token count with something other than a count.",
+                provider=self.config.name,
+            )
+        return tokens
 
     async def messages_stream(
         self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None

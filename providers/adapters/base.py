@@ -97,6 +97,17 @@ class BaseAdapter(ABC):
         Anthropic ``headers`` (``anthropic-beta``), which mean nothing to another protocol."""
         return message_from_completion(await self.complete(self.prepare_request(self._chat_request(request), model)))
 
+    # Whether the provider counts a Messages request's input tokens itself (``messages_count``).
+    counts_messages: ClassVar[bool] = False
+
+    async def messages_count(
+        self, request: dict[str, Any], model: ResolvedModel, *, headers: Mapping[str, str] | None = None
+    ) -> int | None:
+        """The input tokens of a Messages request (``/v1/messages/count_tokens``) for ``model`` as its provider counts
+        them. Default: None, the provider has no count of its own (llmhub's estimate is answered);
+        ``AnthropicAdapter`` asks Anthropic's token counting."""
+        return None
+
     @classmethod
     def messages_check(cls, request: dict[str, Any]) -> None:
         """Raise the 400 ``messages`` answers ``request`` with before any call: what its translation cannot express

@@ -5,6 +5,7 @@ OpenAI-protocol one (``gpt-test``: translated both ways)."""
 from __future__ import annotations
 
 import json
+import logging
 from decimal import Decimal
 
 import anthropic
@@ -18,7 +19,7 @@ from billing.models import Operation, UsageRecord
 from billing.services.budgets import api_key_limits_set
 from chat.pipeline import _message_written, _reported_usage
 from llmhub.testing.fake_upstream import THINKING_SIGNATURE, raw_directive
-from providers.models import ProviderKind
+from providers.models import Provider, ProviderKind
 from providers.tokens import prompt_tokens, text_tokens
 from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
@@ -500,8 +501,49 @@ def test_count_tokens_of_a_request_with_tools_is_the_ledgers_estimate_of_it(gate
     """``count_tokens`` had a simpler estimate of its own, which left out server and MCP tool blocks and
     documents and counted non-ASCII tool input as escaped JSON; it now answers what the ledger charges such a
     request when its provider counts nothing (``prompt_tokens``)."""
-    counted = client(gateway).messages.count_tokens(model="claude-test", **TOOLS_ROUND_TRIP)
-    assert counted.input_tokens == prompt_tokens(TOOLS_ROUND_TRIP, operation=Operation.MESSAGES)
+    translated = {**TOOLS_ROUND_TRIP, "messages": TOOLS_ROUND_TRIP["messages"][:1]}
+    counted = client(gateway).messages.with_raw_response.count_tokens(model="gpt-test", **translated)
+    assert counted.parse().input_tokens == prompt_tokens(translated, operation=Operation.MESSAGES)
+    assert counted.headers["x-llmhub-token-count"] == "estimate"
+
+
+def test_count_tokens_of_a_claude_model_is_its_providers_exact_count(gateway):
+    """For a model on Anthropic's API, count_tokens answered llmhub's estimate (about four characters a token), though
+    Anthropic counts a request exactly, as it bills it, and for free: a client fitting a prompt to the context window
+    or a budget was off by as much as the estimate is. The provider is asked (the model's upstream id, the client's
+    ``anthropic-beta``, none of the fields counting does not take) and its count answered, still with no ledger row;
+    the answer says which it is (``x-llmhub-token-count: provider``)."""
+    request = {"system": "Be brief.", "messages": [{"role": "user", "content": "x" * 400}]}
+    counted = client(gateway).messages.with_raw_response.count_tokens(
+        model="claude-test", **request, extra_headers={"anthropic-beta": "token-counting-2024-11-01"}
+    )
+    billed = client(gateway).messages.create(model="claude-test", max_tokens=5, **request)
+
+    assert counted.parse().input_tokens == billed.usage.input_tokens == 9
+    assert prompt_tokens({**request, "model": "claude-test"}, operation=Operation.MESSAGES) > 100  # not the estimate
+    assert counted.headers["x-llmhub-token-count"] == "provider"
+    [asked] = [entry for entry in gateway.upstream.requests if entry["path"] == "/v1/messages/count_tokens"]
+    assert asked["body"] == {**request, "model": "fake-claude-haiku"}
+    assert asked["headers"]["anthropic-beta"] == "token-counting-2024-11-01"
+    wait_for_record(billed._request_id)
+    assert UsageRecord.objects.count() == 1  # the message's: counting is not charged
+
+
+def test_count_tokens_of_a_claude_model_whose_provider_fails_is_the_estimate(gateway, caplog):
+    """A provider that cannot count now (down, overloaded, slow past the deadline) does not fail the count: the
+    client gets the estimate, as before, told so (``x-llmhub-token-count: estimate``), and the operator an INFO line
+    naming the provider and its error."""
+    ModelFactory(name="claude-down", provider=Provider.objects.get(name="fake-anthropic"), upstream_id="fault-500")
+    request = {"model": "claude-down", "messages": [{"role": "user", "content": "x" * 400}]}
+    with caplog.at_level(logging.INFO, logger="chat.pipeline"):
+        counted = client(gateway).messages.with_raw_response.count_tokens(**request)
+
+    assert counted.parse().input_tokens == prompt_tokens(request, operation=Operation.MESSAGES)
+    assert counted.headers["x-llmhub-token-count"] == "estimate"
+    assert gateway.upstream.stats["by_path"].get("/v1/messages/count_tokens") == 1
+    [line] = [record for record in caplog.records if "count" in record.getMessage()]
+    assert line.levelname == "INFO" and "fake-anthropic" in line.getMessage()
+    assert "upstream_unavailable" in line.getMessage() and "x" * 20 not in line.getMessage()
 
 
 def test_a_translated_stream_cut_midway_is_charged_the_ledgers_estimate_of_its_prompt(gateway):
@@ -543,7 +585,7 @@ def test_count_tokens_refuses_what_a_translated_model_refuses(gateway, change):
     """A request an OpenAI-protocol model cannot take (a PDF, a server tool, an image from Anthropic's Files API)
     was counted by ``count_tokens`` (200, a number), then refused by /v1/messages: a client that checks a
     request's size first learnt nothing. It is now refused with the 400 /v1/messages answers; an Anthropic model,
-    which is sent the request as written, still gets a count."""
+    which is sent the request as written, still gets a count (its provider's)."""
     body = {"messages": [{"role": "user", "content": "hi"}], **change}
     sdk = client(gateway)
     with pytest.raises(anthropic.BadRequestError) as counted:
@@ -552,8 +594,9 @@ def test_count_tokens_refuses_what_a_translated_model_refuses(gateway, change):
         sdk.messages.create(model="gpt-test", max_tokens=2000, **body)
     assert counted.value.body == sent.value.body
     assert counted.value.body["error"]["type"] == "invalid_request_error"
-    assert sdk.messages.count_tokens(model="claude-test", **body).input_tokens > 0
     assert gateway.upstream.stats["requests"] == 0
+    assert sdk.messages.count_tokens(model="claude-test", **body).input_tokens > 0
+    assert gateway.upstream.stats["by_path"] == {"/v1/messages/count_tokens": 1}
 
 
 def test_count_tokens_refuses_a_model_the_key_may_not_use(gateway):

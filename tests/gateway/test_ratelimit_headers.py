@@ -141,7 +141,7 @@ def test_chat_completions_keep_openais_names_alone(gateway):
 
 
 def test_count_tokens_counts_toward_requests_per_minute_and_not_tokens(gateway):
-    """``/v1/messages/count_tokens`` runs nothing upstream, but a client could call it without bound: it takes a
+    """``/v1/messages/count_tokens`` is charged nothing, but a client could call it without bound: it takes a
     slot of the key's requests per minute (not of its tokens: nothing is used), refused as /v1/messages is when
     the window is full. ``/v1/models`` stays unlimited."""
     from billing.models import Operation
@@ -173,7 +173,8 @@ def test_count_tokens_counts_toward_requests_per_minute_and_not_tokens(gateway):
     assert limited["anthropic-ratelimit-requests-remaining"] == "0"
     assert limited["retry-after-ms"] == "60000"
     assert [model.id for model in listed.data]  # not limited
-    assert gateway.upstream.stats["requests"] == 1
+    # Claude's provider counted the two admitted (free of charge); the one refused was not sent.
+    assert gateway.upstream.stats["by_path"] == {"/v1/messages/count_tokens": 2, "/v1/messages": 1}
 
 
 def test_a_long_prompt_that_fits_the_tokens_limit_is_served_not_called_too_large(gateway):

@@ -405,3 +405,39 @@ async def test_list_models_and_health_check(adapter, fake_upstream):
 
     health = await adapter.health_check()
     assert health.ok and health.models_seen == len(models)
+
+
+def claude(adapter: AnthropicAdapter, upstream_id: str = "fake-claude-haiku") -> ResolvedModel:
+    return ResolvedModel(
+        id=3,
+        name="claude",
+        upstream_id=upstream_id,
+        provider=adapter.config,
+        input_per_mtok=Decimal("3"),
+        output_per_mtok=Decimal("15"),
+        cached_input_per_mtok=None,
+        context_window=200_000,
+        max_output_tokens=None,
+    )
+
+
+async def test_a_messages_requests_input_tokens_are_counted_by_anthropic(adapter, fake_upstream):
+    """Anthropic's token counting is asked with the model's upstream id and without the fields it does not take (the
+    output limit, the stream, the sampling parameters, stop sequences, metadata: it refuses a field it does not know);
+    what it answers is the count its message is billed at."""
+    request = {"model": "claude", "system": "Be brief.", "messages": [{"role": "user", "content": "how warm is Lima"}]}
+    generating = {"max_tokens": 50, "stream": True, "temperature": 1, "top_k": 5, "stop_sequences": ["END"]}
+
+    counted = await adapter.messages_count({**request, **generating, "metadata": {"user_id": "u"}}, claude(adapter))
+    billed = await adapter.messages({**request, "max_tokens": 50}, claude(adapter))
+
+    assert counted == billed["usage"]["input_tokens"] == 12
+    asked = fake_upstream.requests[-2]
+    assert asked["path"] == "/v1/messages/count_tokens"
+    assert asked["body"] == {**request, "model": "fake-claude-haiku"}
+
+
+async def test_a_provider_that_cannot_count_is_its_error(adapter):
+    with pytest.raises(ProviderError) as failed:
+        await adapter.messages_count(user("x"), claude(adapter, "fault-503"))
+    assert failed.value.upstream_status == 503
