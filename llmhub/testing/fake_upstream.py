@@ -2706,20 +2706,16 @@ class _App:
 
     @staticmethod
     def _validate_anthropic_thinking(body: dict[str, Any]) -> str | None:
-        """What Anthropic refuses about extended thinking: a budget under 1024 or not under ``max_tokens``, a
-        temperature other than 1, ``top_k``, a ``tool_choice`` that forces a call (``any`` or ``tool``) while thinking
-        is on (enabled or adaptive), a thinking block sent back with another signature than the one it came with, and
-        (thinking enabled) a final assistant message without its thinking first: a prefill, or a tool-use turn
-        answered in this request."""
+        """What Anthropic refuses about extended thinking: a budget under 1024 or not under ``max_tokens``; while
+        thinking is on (enabled or adaptive) a temperature other than 1, a ``top_p`` under 0.95, ``top_k`` and a
+        ``tool_choice`` that forces a call (``any`` or ``tool``); a thinking block sent back with another signature
+        than the one it came with; and (thinking enabled) a final assistant message without its thinking first: a
+        prefill, or a tool-use turn answered in this request."""
         setting = body.get("thinking")
         enabled = isinstance(setting, dict) and setting.get("type") == "enabled"
+        thinking_on = isinstance(setting, dict) and setting.get("type") in ("enabled", "adaptive")
         choice = body.get("tool_choice")
-        if (
-            isinstance(setting, dict)
-            and setting.get("type") in ("enabled", "adaptive")
-            and isinstance(choice, dict)
-            and choice.get("type") in ("any", "tool")
-        ):
+        if thinking_on and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
             return "Thinking may not be enabled when tool_choice forces tool use."
         if enabled:
             budget = setting.get("budget_tokens")
@@ -2727,8 +2723,12 @@ class _App:
                 return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
             if budget >= body["max_tokens"]:
                 return "`max_tokens` must be greater than `thinking.budget_tokens`"
+        if thinking_on:
             if body.get("temperature") not in (None, 1):
-                return "`temperature` may only be set to 1 when thinking is enabled"
+                return "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode"
+            top_p = body.get("top_p")
+            if isinstance(top_p, (int, float)) and top_p < 0.95:
+                return "`top_p` must be greater than or equal to 0.95 or unset when thinking is enabled"
             if body.get("top_k") is not None:
                 return "`top_k` must be unset when thinking is enabled"
         messages = body["messages"]

@@ -669,6 +669,24 @@ def test_anthropic_refuses_a_forced_tool_choice_while_thinking(ant: anthropic.An
         )
 
 
+@pytest.mark.parametrize("thinking", [{"type": "enabled", "budget_tokens": 1024}, {"type": "adaptive"}])
+@pytest.mark.parametrize(
+    ("sampling", "words"),
+    [
+        ({"temperature": 0.5}, "`temperature` may only be set to 1 when thinking is enabled or in adaptive mode"),
+        ({"top_p": 0.9}, "`top_p` must be greater than or equal to 0.95 or unset when thinking is enabled"),
+        ({"top_k": 5}, "`top_k` must be unset when thinking is enabled"),
+    ],
+)
+def test_anthropic_refuses_sampling_it_cannot_think_with(ant: anthropic.Anthropic, thinking, sampling, words) -> None:
+    """As Anthropic's: while thinking (enabled or adaptive), temperature 1 only, top_p 0.95 or more, no top_k."""
+    ask = {"model": "fake-claude-haiku", "max_tokens": 2000, "thinking": thinking, "messages": user("hi")}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        ant.messages.create(**ask, extra_body=sampling)
+    assert refused.value.body["error"]["message"] == words
+    assert ant.messages.create(**ask, extra_body={"temperature": 1, "top_p": 0.95}).content
+
+
 def test_anthropic_tool_round_trip(ant: anthropic.Anthropic) -> None:
     messages: list[dict[str, Any]] = user("Oslo")
     message = ant.messages.create(
