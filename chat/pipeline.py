@@ -111,7 +111,7 @@ from .prompt_runs import RenderedPrompt, prompt_messages_render, prompt_requeste
 from .responses_chain import Chain, chain
 from .selectors import NotFoundError, StoredInput, conversation_reach, stored_response_get, stored_response_input
 from .translate_responses import responses_request_to_chat
-from .validation import InvalidRequestError, check_body_and_model, validate_chat_request
+from .validation import InvalidRequestError, check_body_and_model, check_text_length, validate_chat_request
 from .validation_anthropic import validate_messages_request
 from .validation_completions import validate_completions_request
 from .validation_embeddings import validate_embeddings_request
@@ -425,6 +425,11 @@ async def completion_start(
         shutdown = _shutdowns.get(asyncio.get_running_loop())
         if shutdown is not None and shutdown.begun:
             raise ServerShuttingDownError()
+        if operation != Operation.EMBEDDINGS:
+            # Before anything reads the text (a template's render, moderation, the token estimate): a body of 30 MB
+            # of text took seconds of CPU in the input check alone. Embeddings are not moderated, and their
+            # batches of texts are long by design.
+            check_text_length(body, settings.LLMHUB_MAX_REQUEST_TEXT_CHARS)
         templated = operation == Operation.CHAT and prompt_requested(body)
         if shape is not None or templated:
             # The messages depend on the model (its context window) or on the experiment's variant (a

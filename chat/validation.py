@@ -56,6 +56,94 @@ class RequestTooLargeError(InvalidRequestError):
     code = "request_too_large"
 
 
+# The content parts that attach a file, an image or a sound (OpenAI's chat completions and Responses API, Anthropic's
+# Messages API), by their type, and the field holding its bytes (base64, a data URL) or its address: no text a model
+# reads, nor moderation. Only a part of a message's content is one: the same shape inside a tool's schema is text.
+_ATTACHMENT_PAYLOADS = {
+    "image_url": "image_url",
+    "input_audio": "input_audio",
+    "file": "file",
+    "input_image": "image_url",
+    "input_file": "file_data",
+    "image": "source",
+    "document": "source",
+}
+# An Anthropic document's source that is text (a plain-text document, or content blocks): read as any text is.
+_TEXT_SOURCES = frozenset({"text", "content"})
+# The parts whose own ``content`` is a list of parts, attachments among them (a tool's result with an image).
+_NESTING_PARTS = frozenset({"tool_result", "mcp_tool_result", "search_result"})
+
+
+class TextTooLongError(InvalidRequestError):
+    """More text than ``LLMHUB_MAX_REQUEST_TEXT_CHARS``: OpenAI's answer to an input longer than a model takes."""
+
+    code = "context_length_exceeded"
+
+
+def request_text_chars(body: Any) -> int:
+    """The characters of text in a request body: every string, keys included, but the bytes or address of an
+    attachment in a message's content (``_ATTACHMENT_PAYLOADS``: an image's base64 is no text to read). A sum of
+    ``len``s over one walk of the parsed body, without recursion: nothing is copied or read a character at a time."""
+    total = 0
+    values: list[Any] = []  # counted whole: every string in them
+    contents: list[list[Any]] = []  # a message's content parts, where attachments are
+    if type(body) is dict:
+        for name, value in body.items():
+            total += len(name)
+            if name not in ("messages", "input") or type(value) is not list:
+                values.append(value)
+                continue
+            for message in value:
+                if type(message) is not dict:
+                    values.append(message)
+                    continue
+                for key, item in message.items():
+                    total += len(key)
+                    (contents if key == "content" and type(item) is list else values).append(item)
+    else:
+        values.append(body)
+    while contents:
+        for part in contents.pop():
+            if type(part) is not dict:
+                values.append(part)
+                continue
+            kind = part.get("type")
+            payload = _ATTACHMENT_PAYLOADS.get(kind) if type(kind) is str else None
+            source = part.get("source")
+            if payload == "source" and type(source) is dict and source.get("type") in _TEXT_SOURCES:
+                payload = None
+            for key, item in part.items():
+                if key == payload:
+                    continue
+                total += len(key)
+                nested = key == "content" and kind in _NESTING_PARTS and type(item) is list
+                (contents if nested else values).append(item)
+    while values:
+        node = values.pop()
+        if type(node) is str:
+            total += len(node)
+        elif type(node) is list:
+            values.extend(node)
+        elif type(node) is dict:
+            for key, item in node.items():
+                total += len(key) if type(key) is str else 0
+                values.append(item)
+    return total
+
+
+def check_text_length(body: Any, limit: int) -> None:
+    """Refuse a body carrying more than ``limit`` characters of text (``request_text_chars``), before anything reads
+    the text (moderation, the token estimate): a 400 ``context_length_exceeded``, as OpenAI answers an input longer
+    than the model takes, which clients know to shorten and SDKs do not retry."""
+    count = request_text_chars(body)
+    if count > limit:
+        raise TextTooLongError(
+            f"This server accepts requests of at most {limit:,} characters of text (attachments not counted); your "
+            f"request has {count:,}. Please reduce the length of the messages.",
+            param=None,
+        )
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 

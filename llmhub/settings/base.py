@@ -451,6 +451,11 @@ LLMHUB_RETRY_AFTER_MAX_SECONDS = env.float("LLMHUB_RETRY_AFTER_MAX_SECONDS", def
 # requests up to 32 MB, OpenAI images up to 20 MB). A larger one is a 413 `request_too_large`, answered without
 # reading the rest. Every other path (the admin, the pages, /api/) keeps Django's DATA_UPLOAD_MAX_MEMORY_SIZE.
 LLMHUB_MAX_REQUEST_BYTES = int(env.float("LLMHUB_MAX_REQUEST_MB", default=32) * 2**20)
+# The most characters of text a /v1 request may carry (every string but its attachments' base64 and data URLs), checked
+# before moderation reads it: 4,000,000 is about a million tokens of English, the largest context windows offered. A
+# body of 30 MB of text is a long input check (seconds of CPU) for nothing a model takes. More is a 400
+# `context_length_exceeded`, as OpenAI answers an input too long.
+LLMHUB_MAX_REQUEST_TEXT_CHARS = env.int("LLMHUB_MAX_REQUEST_TEXT_CHARS", default=4_000_000)
 # Paths served by Django without its middleware stack (see llmhub/handlers.py): the hot path, and the probes
 # (llmhub/probes.py), which need no session and must answer whatever Host the orchestrator sends.
 LLMHUB_MIDDLEWARE_FREE_PREFIXES = ["/v1/", "/healthz", "/readyz", "/metrics"]
