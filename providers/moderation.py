@@ -313,6 +313,7 @@ class PlainText:
         self._runs_at: list[int] = []
         self._runs: list[tuple[int, int, str]] = []
         self._view: str | None = None  # ``text``, until the next piece
+        self._base = 0  # where ``text`` begins in the plain form: what a whole input's scan let go of (``release``)
         if text:
             self.add(text)
         if whole:
@@ -320,7 +321,7 @@ class PlainText:
 
     @property
     def text(self) -> str:
-        """The plain form so far, the unsettled tail's included."""
+        """The plain form so far, the unsettled tail's included, from ``base`` on."""
         if self._view is None:
             # One copy of the text a call (a stream's scan after each piece), the tail's plain form joined with
             # the rest; the settled parts are joined into one only now and then.
@@ -328,6 +329,28 @@ class PlainText:
                 self._parts = ["".join(self._parts)]
             self._view = "".join([*self._parts, _plain_group(self._tail)] if self._tail else self._parts)
         return self._view
+
+    @property
+    def base(self) -> int:
+        """Where ``text`` begins in the plain form (0 but after ``release``)."""
+        return self._base
+
+    def release(self, before: int) -> None:
+        """Let go of the plain form before ``before``, which no scan will read again (a whole input's scan, a window
+        at a time): ``text`` begins there on. Where each character was in the text as sent is kept (``original``)."""
+        before = min(before, self._length)
+        if before <= self._base:
+            return
+        parts, at, dropped = self._parts, self._base, 0
+        while dropped < len(parts) and at + len(parts[dropped]) <= before:
+            at += len(parts[dropped])
+            dropped += 1
+        del parts[:dropped]
+        if parts and at < before:
+            parts[0] = parts[0][before - at :]
+            at = before
+        self._base = at
+        self._view = None
 
     @property
     def settled(self) -> int:
@@ -472,11 +495,15 @@ class Blocklist:
         plain = PlainText(whole=False)
         scanned = 0  # plain characters read
         for begin in range(0, len(text), SCAN_LIMIT_CHARS):
+            # What the next scan reads begins ``overlap`` before what was read, and a word there may reach as far
+            # back again (``_lookalikes_read``): the rest is let go of, so that neither memory nor the copies of the
+            # plain form grow with the input (U+FDFA is 18 characters in it).
+            plain.release(scanned - 2 * self.overlap - 1)
             plain.add(text[begin : begin + SCAN_LIMIT_CHARS])
             whole = begin + SCAN_LIMIT_CHARS >= len(text)
             if whole:
                 plain.close()
-            length = len(plain.text)
+            length = plain.base + len(plain.text)
             while True:
                 start = max(0, scanned - self.overlap)
                 end = min(length, start + SCAN_LIMIT_CHARS)
@@ -496,26 +523,36 @@ class Blocklist:
         """The first entry found in ``plain.text[start:end]`` (a hit names its character in the text as sent), and
         whether a match reaching ``end`` was left for the next scan (not ``final``): the text so far may end in a
         hit, so a stream must not relay it yet. The next scan re-reads it (its overlap covers the longest word)."""
-        text = plain.text
-        end = len(text) if end is None else min(end, len(text))  # read as if the text ended there (no copy)
+        text, base = plain.text, plain.base
+        end = base + len(text) if end is None else min(end, base + len(text))  # as if the text ended there (no copy)
         if end - start > SCAN_LIMIT_CHARS:
             start = end - SCAN_LIMIT_CHARS
         # Where ``text`` begins in the plain form: the look-alikes of other scripts in a word that mixes them with
         # Latin letters are read as those, in a copy of the part read when there are any.
-        text, shift = _lookalikes_read(text, start, end, self.overlap)
+        text, shift = _lookalikes_read(text, start - base, end - base, self.overlap)
+        shift += base
         start, end = start - shift, end - shift
         found: tuple[int, int] | None = None  # (offset, entry line)
         open_at_end = False
         # (From the character before the window: a match's boundary reads it.)
-        for line, regex in self._matchers(beside=_UNSPACED.search(text, max(0, start - 1), end) is not None):
-            for match in regex.finditer(text, start, end):
-                if not final and match.end() >= end:
+        # RE2's bindings encode the whole text they are handed to UTF-8 at each call (and measure it to ``start``):
+        # the patterns are handed the window read, with the character before it that a boundary reads, a copy.
+        lo = max(0, start - 1)
+        window: str | None = None
+        for line, regex in self._matchers(beside=_UNSPACED.search(text, lo, end) is not None):
+            if line is None:
+                matches, offset = regex.finditer(text, start, end), 0
+            else:
+                window = text[lo:end] if window is None else window
+                matches, offset = regex.finditer(window, start - lo), lo
+            for match in matches:
+                if not final and match.end() + offset >= end:
                     open_at_end = True
                     continue
                 if line is None:
                     line = self._line_of_word.get(_folded(match.group())) or self._line_matching(match.group())
-                if found is None or match.start() < found[0]:
-                    found = (match.start(), line)
+                if found is None or match.start() + offset < found[0]:
+                    found = (match.start() + offset, line)
                 break
         if found is None:
             return None, open_at_end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tracemalloc
 
 import pytest
 from django.urls import reverse
@@ -372,6 +373,50 @@ def test_patterns_that_backtrack_under_pythons_re_are_taken_and_matched_by_re2()
     assert blocklist.scan("a" * 40 + "!") is None  # where Python's re took 43 s on (a|aa)+b
     assert blocklist.scan("xx AAAAB") is not None
     assert blocklist.scan("then a, b and C").where == "entry 6 at character 5"  # a.*b.*c, any case
+
+
+class _TextSizes:
+    """A compiled pattern that notes the length of each text it is handed (RE2's bindings encode the whole text to
+    UTF-8 at each call, however small the window read in it)."""
+
+    def __init__(self, regex, sizes: list[int]) -> None:
+        self.regex, self.sizes = regex, sizes
+
+    def finditer(self, text, *args):
+        self.sizes.append(len(text))
+        return self.regex.finditer(text, *args)
+
+
+@pytest.mark.parametrize("text", ["lorem ipsum " * 100_000, "\ufdfa" * 50_000], ids=["ascii", "U+FDFA"])
+async def test_a_whole_input_s_patterns_read_a_window_at_a_time(text):
+    """Each window of a long input handed its pattern the whole plain form read so far, which RE2's bindings encode
+    and measure again at each call: 4 million characters of U+FDFA took 115 s under one pattern (and 30 MB of ASCII
+    28 s), the cost growing with the square of the input. Each is handed its window now."""
+    blocklist = Blocklist("forbidden\nre:secret\\s+plan")
+    sizes: list[int] = []
+    blocklist._patterns = [(line, _TextSizes(regex, sizes)) for line, regex in blocklist._patterns]
+
+    hit = await blocklist.scan_whole(text + " secret plan")
+
+    assert hit is not None and hit.where == f"entry 2 at character {len(text) + 1}"
+    assert len(sizes) > 3 and max(sizes) <= SCAN_LIMIT_CHARS + blocklist.overlap + 1
+
+
+async def test_a_whole_input_s_plain_form_is_let_go_of_as_it_is_read():
+    """The plain form of the whole input was kept to the end of its scan: U+FDFA is 18 characters in it, so 2 million
+    of them (6 MB of a request) held 72 MB, and each window copied all of it again. What the scan has read is let go
+    of, its hits still placed in the text as sent."""
+    text = "\ufdfa" * 2_000_000 + " forbidden"
+    blocklist = Blocklist("forbidden\nre:secret\\s+plan")
+    tracemalloc.start()
+    try:
+        hit = await blocklist.scan_whole(text)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert hit is not None and hit.where == "entry 1 at character 2000001"
+    assert peak < 36 * 2**20  # the plain form of 2 windows of input at most; it was 72 MB and more
 
 
 def test_sound_patterns_are_accepted():
