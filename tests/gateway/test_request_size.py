@@ -69,8 +69,10 @@ def test_a_6_mb_photo_reaches_an_openai_model_through_the_sdk(gateway):
     data = photo(6 * MIB)
     completion = gateway.client(timeout=60).chat.completions.create(**openai_image_request(data))
     assert completion.choices[0].message.content
-    [sent] = [entry["body"] for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
-    assert sent["messages"][0]["content"][1]["image_url"]["url"] == "data:image/jpeg;base64," + data
+    [entry] = [entry for entry in gateway.upstream.requests if entry["path"] == "/v1/chat/completions"]
+    assert entry["body"]["messages"][0]["content"][1]["image_url"]["url"] == "data:image/jpeg;base64," + data
+    # Sent in pieces (providers.adapters.aiohttp_client._sent_in_pieces), framed as one body of its length.
+    assert int(entry["headers"]["content-length"]) > 6 * MIB and "transfer-encoding" not in entry["headers"]
 
 
 def test_a_6_mb_photo_reaches_claude_through_the_sdk(gateway):
