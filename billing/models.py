@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -11,6 +12,7 @@ from django.utils import timezone
 
 from core.outbox import delivery_field
 from providers.fields import EncryptedUrlField, UnreadableSecretUrl
+from providers.models import CatalogModel
 from providers.validators import validate_provider_url
 
 
@@ -739,6 +741,18 @@ class OpsAlertRule(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Bound to the catalog model ``model_name`` names when it has none (a rule created or edited in the shell,
+        a fixture, code): by the name alone, it watched a name the model's rename would leave behind. The rule
+        the migration 0045 applies to the rules before it; a model an admin chose is kept, and a name no model has
+        is watched as it is."""
+        if self.model_id is None and self.model_name:
+            self.model = CatalogModel.objects.filter(name=self.model_name).first()
+            update_fields = kwargs.get("update_fields")
+            if self.model_id is not None and update_fields is not None and "model" not in update_fields:
+                kwargs["update_fields"] = [*update_fields, "model"]
+        super().save(*args, **kwargs)
 
     @property
     def watched_model_name(self) -> str:

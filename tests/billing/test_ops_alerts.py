@@ -1200,6 +1200,32 @@ def test_a_rule_whose_model_is_deleted_watches_no_other_model_and_the_admin_says
     assert "m2 (no model of the catalog is named so now)" in page.content.decode()
 
 
+def test_a_rule_given_a_models_name_in_the_shell_is_bound_to_the_model_and_follows_its_rename():
+    """A rule created or edited in the shell with only ``model_name`` was bound to no model until saved in the admin
+    (or the migration ran), so it watched by that name, and the model renamed was watched by it no more. Saved with
+    an empty model and a name a catalog model has, it is bound to that model (as 0045 binds them); a model an admin
+    chose is kept, and a name no model has is watched by that name, bound to nothing."""
+    model, other = ModelFactory(name="m"), ModelFactory(name="other")
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="m")
+    assert watched.model_id == model.pk
+    chosen = OpsAlertRule.objects.create(name="chosen", kind=OpsAlertKind.LATENCY_P95, threshold=1, model=other)
+    chosen.model_name = "m"
+    chosen.save(update_fields=["model_name"])
+    typo = OpsAlertRule.objects.create(name="typo", kind=OpsAlertKind.SPEND_SPIKE, threshold=3, model_name="mm")
+    later = OpsAlertRule.objects.create(name="later", kind=OpsAlertKind.SPEND_SPIKE, threshold=3)
+    later.model_name = "m"
+    later.save(update_fields=["model_name"])
+    rows = {pk: model_id for pk, model_id in OpsAlertRule.objects.values_list("pk", "model_id")}
+    assert (rows[chosen.pk], rows[typo.pk], rows[later.pk]) == (other.pk, None, model.pk)
+
+    model.name = "m2"  # renamed by an admin: the rule follows it
+    model.save(update_fields=["name"])
+    for _ in range(2):
+        UsageRecordFactory(model=model, model_name="m2", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
+    evaluate_at(T0 + timedelta(seconds=30))
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m2)"]
+
+
 def test_the_migration_binds_each_rule_to_the_model_its_name_names_and_back():
     """0045 gives each rule narrowed by name the catalog model so named (its pk, followed across renames from
     then on); one naming no model keeps its name. Reversed, each rule's name is its model's name now."""
