@@ -826,16 +826,17 @@ class OpsAlertIncident(models.Model):
         blank=True, default="", db_default="", help_text="The deleted rule's own webhook."
     )
     subject = models.CharField(max_length=200, help_text='What it is about: "model:gpt-4o", "user:12", "all".')
-    # A model's incident follows the model, not its name: renamed in the catalog while the incident is open, it
-    # is the same outage (its subject takes the new name). Empty: not a model's, opened before this was kept, or
-    # the model was deleted.
+    # A model's incident (error rate, p95 latency, a spend spike of a rule narrowed to one model) follows the model,
+    # not its name: renamed in the catalog while the incident is open, it is the same outage (its subject takes the
+    # new name). Empty: not a model's, opened before this was kept, by a rule watching a name no model has, or the
+    # model was deleted.
     model = models.ForeignKey(
         "providers.CatalogModel",
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
-        help_text="The model it is about (error rate, p95 latency), whatever it is named now.",
+        help_text="The model it is about (error rate, p95 latency, spend spike), whatever it is named now.",
     )
     renamed_from = models.CharField(
         max_length=200,

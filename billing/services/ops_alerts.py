@@ -103,7 +103,8 @@ class Measure:
     # Whether an incident already open stays open, when that is not ``breached``: a minimum of requests keeps a
     # few from opening one, but traffic falling under it during an outage (clients backing off) is no recovery.
     holds: bool | None = None
-    # The model measured (error rate, p95 latency): its incident follows it across a rename.
+    # The model measured (error rate, p95 latency; a spend spike's rule's model): its incident follows it across a
+    # rename.
     model_id: int | None = None
 
     @property
