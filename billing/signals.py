@@ -95,6 +95,6 @@ def _plan_changed(**kwargs: Any) -> None:
 
 @receiver(pre_delete, sender=CatalogModel)
 def _model_deleting(*, instance: CatalogModel, **kwargs: Any) -> None:
-    # Whatever deletes it (its admin page, the bulk action, the shell): its open error-rate and latency incidents
-    # are closed and told as no recovery, before its rows go to null and would read as a recovery.
+    # Whatever deletes it (its admin page, the bulk action, the shell): its open error-rate, latency and spend-spike
+    # incidents are closed and told as no recovery, before its rows go to null and would read as a recovery.
     ops_model_incidents_close(model_id=instance.pk, name=instance.name)

@@ -668,14 +668,15 @@ def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None 
     """Close the open incidents of a model being deleted (its admin page, the bulk action, the shell), each told
     once as closed, not recovered, "the model was deleted": left open, its rows left the window and it cleared as
     a recovery, the model "back" when it was gone. An incident opened without its model (by the previous release,
-    during a rolling deploy) is found by the model's name. Returns the subjects it closed."""
+    during a rolling deploy; the spend spike of a rule watching the model's name, bound to no model) is found by the
+    model's name. Returns the subjects it closed."""
     now = now or timezone.now()
     incidents = OpsAlertIncident.objects.filter(cleared_at__isnull=True, rule__isnull=False).filter(
         Q(model_id=model_id)
         | Q(
             model__isnull=True,
             subject=f"model:{name}",
-            rule__kind__in=[OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95],
+            rule__kind__in=[OpsAlertKind.ERROR_RATE, OpsAlertKind.LATENCY_P95, OpsAlertKind.SPEND_SPIKE],
         )
     )
     closed = []

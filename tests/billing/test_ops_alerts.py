@@ -957,6 +957,46 @@ def test_a_spend_spike_rule_keeps_its_models_usual_hour_and_its_incident_across_
     assert [subject for _, subject in sent()] == ["[llmhub] firing: test spend_spike (model:m2)"]
 
 
+@pytest.mark.parametrize("bound", [True, False], ids=["bound to the model", "by its name"])
+def test_a_model_deleted_during_its_spend_spike_has_the_incident_closed_once_and_none_opened_from_its_rows(
+    bound, webhook
+):
+    """A model deleted while its spend spike is open (its rule narrowed to it, bound or by a name given before the
+    model was added) has the incident closed at the deletion, told once as closed, not recovered ("the model was
+    deleted"), never cleared as a recovery; and the rows it left in the last hour open no second incident while
+    they are in it, nor after."""
+    if bound:
+        model = ModelFactory(name="m")
+        rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model=model)
+    else:  # watching the name before the model was added: bound to nothing, its incident to no model
+        rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model_name="m")
+        model = ModelFactory(name="m")
+    UsageRecordFactory(model_name="other", cost=Decimal("1"), created_at=T0 - timedelta(days=30))
+    DailyUsage.objects.create(day=(T0 - timedelta(days=20)).date(), model_name="m", cost=Decimal("240"))
+    for hour in range(1, 169):  # $10 an hour for the week
+        UsageRecordFactory(model=model, model_name="m", cost=Decimal("10"), created_at=T0 - timedelta(hours=hour))
+    for at in (T0 - timedelta(minutes=1), T0 + timedelta(seconds=10)):  # the spike, up to the deletion
+        UsageRecordFactory(model=model, model_name="m", cost=Decimal("50"), created_at=at)
+    evaluate_at(T0)
+    assert OpsAlertIncident.objects.get().cleared_at is None
+
+    with time_machine.travel(T0 + timedelta(seconds=30), tick=False):
+        model.delete()
+    for minutes in (1, 30, 59, 60.1, 61, 180):  # its rows in the last hour (a spike still), then out of it
+        evaluate_at(T0 + timedelta(minutes=minutes))
+
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.cleared_at, incident.closed_because) == (T0 + timedelta(seconds=30), "the model was deleted")
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test spend_spike (model:m)",
+        "[llmhub] closed, not recovered: test spend_spike (model:m)",
+    ]
+    assert len(webhook.received) == 2
+    assert webhook.received[-1]["text"].startswith(
+        "llmhub: closed, not recovered: test spend_spike (model:m): the model was deleted, so nothing watches it now"
+    )
+
+
 def test_a_gateway_younger_than_a_day_has_no_usual_hour_yet():
     rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"))
     for hour in range(0, 20):
