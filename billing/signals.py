@@ -3,7 +3,8 @@ owner is forgotten by this process's key cache at once and again after commit (o
 ``LLMHUB_LOOKUP_CACHE_TTL``); so are changed limits (plans, a user's plan, a key's). And the keys of users
 being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``); a key deleted
 anywhere else (the shell, a cascade) recorded as ``key.delete`` too. And a catalog model's open operations incidents,
-closed when it is deleted (``ops_alerts.ops_model_incidents_close``)."""
+closed when it is deleted (``ops_alerts.ops_model_incidents_close``), and an alert rule's, when it is
+(``ops_alerts.ops_rule_deleting``)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from accounts.signals import users_deleting
 from core.cache import forget_now_and_after_commit
 from providers.models import CatalogModel
 
-from .models import ApiKey, Plan, UserPlan
+from .models import ApiKey, OpsAlertRule, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
 from .services.keys import api_key_deleted_record, api_keys_delete, key_cache
-from .services.ops_alerts import ops_model_incidents_close
+from .services.ops_alerts import ops_model_incidents_close, ops_rule_deleting
 
 
 def _forget(secret_hashes: list[str]) -> None:
@@ -98,3 +99,10 @@ def _model_deleting(*, instance: CatalogModel, **kwargs: Any) -> None:
     # Whatever deletes it (its admin page, the bulk action, the shell): its open error-rate, latency and spend-spike
     # incidents are closed and told as no recovery, before its rows go to null and would read as a recovery.
     ops_model_incidents_close(model_id=instance.pk, name=instance.name)
+
+
+@receiver(pre_delete, sender=OpsAlertRule)
+def _ops_rule_deleting(*, instance: OpsAlertRule, **kwargs: Any) -> None:
+    # Whatever deletes it (the admin, the shell, a queryset): its open incidents are closed and told, before they
+    # lose their rule and nothing evaluates them any more.
+    ops_rule_deleting(instance)

@@ -545,15 +545,27 @@ def ops_incident_clear(
 
 def ops_rules_delete(*, rules: Iterable[OpsAlertRule], by: str) -> None:
     """Delete ``rules``, each open incident of theirs closed first and told once as closed by ``by``'s deletion,
-    not recovered (``ops_rule_incidents_close``). The incidents outlive their rule, keeping its name, recipients
-    and webhook (still encrypted) for that notice, and for any other delivery of theirs not made yet."""
+    not recovered (``ops_rule_incidents_close``); the deletion itself keeps what the rule said of who is told on
+    its incidents (``ops_rule_deleting``)."""
     with transaction.atomic():
         for rule in rules:
             ops_rule_incidents_close(rule=rule, because=f"the rule was deleted by {by}")
-            rule.incidents.update(
-                rule_name=rule.name, kept_recipients=rule.email_recipients, kept_webhook_url=rule.webhook_url
-            )
             rule.delete()
+
+
+def ops_rule_deleting(rule: OpsAlertRule, *, now: datetime | None = None) -> list[str]:
+    """A rule being deleted, whatever deletes it (the admin through ``ops_rules_delete``, ``rule.delete()`` in the
+    shell, a queryset's ``delete()``; from its ``pre_delete``): its open incidents are closed and told once as
+    closed, not recovered, "the rule was deleted" (none left open when the admin closed them naming who). Left
+    open, their rule gone, nothing evaluated them: a page that never resolved, and no word to on-call. The
+    incidents outlive the rule, keeping its name, recipients and webhook (still encrypted) for that notice, and for
+    any other delivery of theirs not made yet. Returns the subjects it closed."""
+    with transaction.atomic():
+        closed = ops_rule_incidents_close(rule=rule, because="the rule was deleted", now=now)
+        rule.incidents.update(
+            rule_name=rule.name, kept_recipients=rule.email_recipients, kept_webhook_url=rule.webhook_url
+        )
+    return closed
 
 
 def ops_rule_incidents_close(

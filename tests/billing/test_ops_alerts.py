@@ -1588,6 +1588,48 @@ def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_say
             assert response.status_code == 200 and "secret-path" not in response.content.decode(), page
 
 
+@pytest.mark.parametrize("how", ["shell", "queryset"])
+def test_a_rule_deleted_outside_the_admin_has_its_open_incident_closed_once_where_its_alerts_went(
+    webhook, settings, how
+):
+    """A rule deleted outside the admin (``rule.delete()`` in the shell, a queryset's ``delete()``, a script) left
+    its open incident open for good, its rule gone: nothing evaluates it, nothing told on-call, and the admin listed
+    a page that never resolves. It is closed at the deletion, told once to the rule's own recipients and webhook as
+    closed, not recovered ("the rule was deleted"), as the admin's delete does (naming no one)."""
+    settings.LLMHUB_ALERT_WEBHOOK_URL = ""  # the rule's own webhook only
+    watched = rule(
+        OpsAlertKind.ERROR_RATE,
+        threshold=Decimal("10"),
+        minimum_requests=2,
+        email_recipients="oncall@example.com",
+        webhook_url=webhook.url,
+    )
+    for _ in range(2):
+        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
+    evaluate_at(T0)
+    with time_machine.travel(T0 + timedelta(minutes=2), tick=False):
+        if how == "shell":
+            OpsAlertRule.objects.get(pk=watched.pk).delete()
+        else:
+            OpsAlertRule.objects.filter(pk=watched.pk).delete()
+    for minutes in (3, 10):
+        evaluate_at(T0 + timedelta(minutes=minutes))
+    with time_machine.travel(T0 + timedelta(minutes=10), tick=False):
+        alerts_undelivered_send()
+
+    incident = OpsAlertIncident.objects.get()
+    assert (incident.rule, incident.cleared_at) == (None, T0 + timedelta(minutes=2))
+    assert (incident.closed_because, incident.rule_name) == ("the rule was deleted", "test error_rate")
+    assert sent() == [
+        (["oncall@example.com"], "[llmhub] firing: test error_rate (model:m)"),
+        (["oncall@example.com"], "[llmhub] closed, not recovered: test error_rate (model:m)"),
+    ]
+    assert len(webhook.received) == 2
+    assert webhook.received[1]["text"].startswith(
+        "llmhub: closed, not recovered: test error_rate (model:m): the rule was deleted, so nothing watches it now"
+    )
+
+
 def test_a_deleted_rules_incidents_undelivered_alerts_still_go_where_the_rules_went(admin_client, webhook, settings):
     """The webhook was down when the incident opened and when its rule was deleted: an admin's "send again"
     later sends both, to the rule's own webhook, though the rule is gone."""
