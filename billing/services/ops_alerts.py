@@ -577,9 +577,15 @@ def ops_rule_incidents_close(
     the deployments' incidents its evaluator opened from their breakers. Returns the subjects it closed.
 
     ``if_disabled`` (the evaluator's sweep of rules disabled outside the admin): only while the rule, once
-    locked, is still disabled; enabled again meanwhile, its incidents are watched again."""
+    locked, is still disabled; enabled again meanwhile, its incidents are watched again.
+
+    The deployments' incidents are watched while any deployment-down rule is enabled: another one still enabled,
+    they are left open (closed, the breaker still open would open them again a minute later, a second "down" page
+    for one outage)."""
     now = now or timezone.now()
     if rule.kind == OpsAlertKind.DEPLOYMENT_DOWN:
+        if OpsAlertRule.objects.filter(kind=OpsAlertKind.DEPLOYMENT_DOWN, enabled=True).exclude(pk=rule.pk).exists():
+            return []
         open_ids = Incident.objects.filter(ended_at__isnull=True, reason=BREAKER_REASON).values_list(
             "deployment_id", flat=True
         )

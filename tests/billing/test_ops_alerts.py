@@ -1474,6 +1474,40 @@ def test_the_deployment_down_rule_disabled_outside_the_admin_has_its_breaker_inc
     ]
 
 
+@pytest.mark.parametrize("how", ["disabled in the admin", "deleted in the admin", "deleted in the shell"])
+def test_a_deployment_down_rule_disabled_or_deleted_while_another_is_enabled_leaves_the_outage_one_incident(
+    admin_client, settings, how
+):
+    """With two deployment-down rules enabled, disabling or deleting one closed the deployments' breaker incidents
+    as no longer watched ("the rule was disabled by alice"), though the other still watched them: a minute later
+    the breaker, still open, opened the incident again, and on-call got "no longer watched" then "down" again for
+    one outage. Another enabled one keeps them open and told nothing; the last one still closes them (above)."""
+    settings.REDIS_URL = ""
+    settings.LLMHUB_BREAKER_FAILURES = 3
+    deployment = watched_deployment()
+    first = OpsAlertRule.objects.get(kind=OpsAlertKind.DEPLOYMENT_DOWN)
+    OpsAlertRule.objects.create(name="second", kind=OpsAlertKind.DEPLOYMENT_DOWN)
+    requests_at(deployment, T0, UsageStatus.UPSTREAM_ERROR)
+    evaluate_at(T0 + timedelta(minutes=1))
+    assert Incident.objects.get().ended_at is None
+
+    with time_machine.travel(T0 + timedelta(minutes=2), tick=False):
+        if how == "disabled in the admin":
+            _rule_disable_in_admin(admin_client, first, "list")
+        elif how == "deleted in the admin":
+            response = admin_client.post(f"/admin/billing/opsalertrule/{first.pk}/delete/", {"post": "yes"})
+            assert response.status_code == 302
+        else:
+            first.delete()
+    for minutes in (3, 4):
+        evaluate_at(T0 + timedelta(minutes=minutes))
+
+    assert Incident.objects.get().ended_at is None
+    assert [message.subject for message in alert_mail()] == [
+        f"[llmhub] deployment {deployment.name} of model watched is down"
+    ]
+
+
 # Damping: a value hovering around the threshold -------------------------------------------------------------
 
 
