@@ -4,7 +4,8 @@ owner is forgotten by this process's key cache at once and again after commit (o
 being deleted (``accounts.signals.users_deleting``) deleted first, as a key's delete is (``key.delete``); a key deleted
 anywhere else (the shell, a cascade) recorded as ``key.delete`` too. And a catalog model's open operations incidents,
 closed when it is deleted (``ops_alerts.ops_model_incidents_close``), and an alert rule's, when it is
-(``ops_alerts.ops_rule_deleting``)."""
+(``ops_alerts.ops_rule_deleting``); the rules watching a model's name by the name alone, bound to it when a model is
+saved with that name (``ops_alerts.ops_rules_model_bind``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from providers.models import CatalogModel
 from .models import ApiKey, OpsAlertRule, Plan, UserPlan
 from .selectors import api_key_subtree_ids, limits_cache
 from .services.keys import api_key_deleted_record, api_keys_delete, key_cache
-from .services.ops_alerts import ops_model_incidents_close, ops_rule_deleting
+from .services.ops_alerts import ops_model_incidents_close, ops_rule_deleting, ops_rules_model_bind
 
 
 def _forget(secret_hashes: list[str]) -> None:
@@ -92,6 +93,12 @@ def _user_plan_changed(instance: UserPlan, **kwargs: Any) -> None:
 @receiver(m2m_changed, sender=Plan.allowed_models.through)
 def _plan_changed(**kwargs: Any) -> None:
     forget_now_and_after_commit(limits_cache.invalidate)
+
+
+@receiver(post_save, sender=CatalogModel)
+def _model_saved(*, instance: CatalogModel, **kwargs: Any) -> None:
+    # Added, or renamed to a name rules watch by the name alone: they follow the model from now on.
+    ops_rules_model_bind(model_id=instance.pk, name=instance.name)
 
 
 @receiver(pre_delete, sender=CatalogModel)

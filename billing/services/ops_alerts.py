@@ -708,6 +708,14 @@ def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None 
     return closed
 
 
+def ops_rules_model_bind(*, model_id: int, name: str) -> int:
+    """Bind the rules watching ``name`` by the name alone (given it before the model was added to the catalog, or
+    after their model was deleted) to the catalog model saved with that name (added, or renamed to it): watched by
+    the name only, the model renamed later was watched by them no more. A rule bound to a model is left as it is.
+    How many it bound."""
+    return OpsAlertRule.objects.filter(model__isnull=True, model_name=name).update(model_id=model_id)
+
+
 def _gone_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:
     """Close the open incidents of subjects that are gone (``_subjects_gone``), told once as closed, not recovered
     (``because``: "the user was deleted"), as a deployment deleted while down is; nothing when the rule, once

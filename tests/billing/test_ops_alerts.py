@@ -961,16 +961,14 @@ def test_a_spend_spike_rule_keeps_its_models_usual_hour_and_its_incident_across_
 def test_a_model_deleted_during_its_spend_spike_has_the_incident_closed_once_and_none_opened_from_its_rows(
     bound, webhook
 ):
-    """A model deleted while its spend spike is open (its rule narrowed to it, bound or by a name given before the
-    model was added) has the incident closed at the deletion, told once as closed, not recovered ("the model was
-    deleted"), never cleared as a recovery; and the rows it left in the last hour open no second incident while
-    they are in it, nor after."""
-    if bound:
-        model = ModelFactory(name="m")
-        rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model=model)
-    else:  # watching the name before the model was added: bound to nothing, its incident to no model
-        rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model_name="m")
-        model = ModelFactory(name="m")
+    """A model deleted while its spend spike is open (its rule narrowed to it, bound to it or watching its name
+    alone) has the incident closed at the deletion, told once as closed, not recovered ("the model was deleted"),
+    never cleared as a recovery; and the rows it left in the last hour open no second incident while they are in
+    it, nor after."""
+    model = ModelFactory(name="m")
+    watched = rule(OpsAlertKind.SPEND_SPIKE, threshold=Decimal("3"), minimum_baseline_usd=Decimal("1"), model=model)
+    if not bound:  # its name alone (the release before, during a rolling deploy; a queryset's update): no model
+        OpsAlertRule.objects.filter(pk=watched.pk).update(model=None, model_name="m")
     UsageRecordFactory(model_name="other", cost=Decimal("1"), created_at=T0 - timedelta(days=30))
     DailyUsage.objects.create(day=(T0 - timedelta(days=20)).date(), model_name="m", cost=Decimal("240"))
     for hour in range(1, 169):  # $10 an hour for the week
@@ -1259,6 +1257,32 @@ def test_a_rule_given_a_models_name_in_the_shell_is_bound_to_the_model_and_follo
     assert (rows[chosen.pk], rows[typo.pk], rows[later.pk]) == (other.pk, None, model.pk)
 
     model.name = "m2"  # renamed by an admin: the rule follows it
+    model.save(update_fields=["name"])
+    for _ in range(2):
+        UsageRecordFactory(model=model, model_name="m2", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
+    evaluate_at(T0 + timedelta(seconds=30))
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m2)"]
+
+
+def test_a_rule_watching_a_name_no_model_had_is_bound_to_the_model_given_that_name_and_follows_its_rename():
+    """A rule given a model's name before the model was added to the catalog (or after its model was deleted)
+    watches by that name, bound to nothing; the model then added (or another renamed to that name) was watched by
+    the name only, and renamed later, by the rule no more. The model given that name binds the rule to it; a rule
+    bound to another model is left as it is."""
+    early = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="m")
+    other = ModelFactory(name="other")
+    chosen = OpsAlertRule.objects.create(name="chosen", kind=OpsAlertKind.LATENCY_P95, threshold=1, model=other)
+    OpsAlertRule.objects.filter(pk=chosen.pk).update(model_name="n")
+    renamed = OpsAlertRule.objects.create(name="renamed", kind=OpsAlertKind.SPEND_SPIKE, threshold=3, model_name="n")
+    assert (early.model_id, renamed.model_id) == (None, None)
+    model = ModelFactory(name="m")
+    spare = ModelFactory(name="spare")
+    spare.name = "n"
+    spare.save(update_fields=["name"])
+    rows = dict(OpsAlertRule.objects.values_list("pk", "model_id"))
+    assert (rows[early.pk], rows[chosen.pk], rows[renamed.pk]) == (model.pk, other.pk, spare.pk)
+
+    model.name = "m2"
     model.save(update_fields=["name"])
     for _ in range(2):
         UsageRecordFactory(model=model, model_name="m2", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
