@@ -9,7 +9,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("billing", "0045_alerts_rename_rule_follows_model"),
+        ("billing", "0046_search_billing_left_rollup_web_search_requests"),
         ("providers", "0027_server_tool_billing_web_search_price"),
     ]
 
