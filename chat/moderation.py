@@ -597,6 +597,21 @@ class _ChoiceGuard:
                     self._scan(policy, final=False)
                 elif policy.id not in self._asked:
                     self._ask(policy)
+        if self._plain is not None:
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of the plain form that no block-list's scan will read again: each reads from where it stopped less
+        its overlap, and a word there may reach as far back again (``PlainText.release``, as a whole input's scan).
+        Kept whole, the form was joined anew after every piece, a reply's check growing with the square of its
+        length."""
+        keep = [
+            self._scanned[policy.id] - 2 * policy.blocklist.overlap - 1
+            for policy in self.policies
+            if policy.is_blocklist and policy.blocklist and policy.id not in self._done
+        ]
+        if keep:
+            self._plain.release(min(keep))  # type: ignore[union-attr]
 
     async def finish(self) -> None:
         if self._finished == self._length:
