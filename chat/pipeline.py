@@ -91,6 +91,7 @@ from providers.models import ModelMode, ProviderKind, url_origin
 from providers.routing import (
     Outcome,
     breaker_allows,
+    breaker_is_open,
     breaker_release_probe,
     breakers_retry_after,
     call_finished,
@@ -924,15 +925,18 @@ async def messages_counted(
 ) -> int | None:
     """The input tokens of a Messages ``body`` as ``model``'s provider counts them (``/v1/messages/count_tokens``):
     asked of the first of its deployments whose provider counts (``BaseAdapter.counts_messages``: Anthropic's API,
-    exact, as it bills the request, and free), on the caller's own key where that provider takes one, under the
-    provider's deadline and outbound policy as any call. None when no deployment's provider counts, or when the one
-    asked failed: the caller then gets the estimate, which is no failure of theirs, and the failure is logged at INFO
-    (naming the provider and its error, no text of the request) for an operator who wonders why counts are estimated;
-    a provider that is down says so on its real calls."""
+    exact, as it bills the request, and free) and whose circuit breaker is not open (``breaker_is_open``, as the
+    router leaves it out: a provider known down would only make the caller wait out its deadline), on the caller's
+    own key where that provider takes one, under the provider's deadline and outbound policy as any call. None when
+    no such deployment is left, or when the one asked failed: the caller then gets the estimate, which is no failure
+    of theirs, and the failure is logged at INFO (naming the provider and its error, no text of the request) for an
+    operator who wonders why counts are estimated; a provider that is down says so on its real calls."""
     credentials = await user_credentials(caller.user_id) if byok_in_use(model) else {}
     for deployment in model.deployments:
         if not adapter_class_for_kind(deployment.provider.kind).counts_messages:
             continue
+        if breaker_is_open(deployment):
+            continue  # not asked, as no call goes there now: the next one that counts, or the estimate at once
         target = byok_bind(model.on(deployment), credentials)
         if target is None:
             continue  # served on the caller's own key only, and they have none

@@ -16,7 +16,7 @@ background, never awaited per request, except to claim a half-open breaker's sin
 
 from __future__ import annotations
 
-from .breakers import breaker_allows, breaker_record, breaker_release_probe
+from .breakers import breaker_allows, breaker_is_open, breaker_record, breaker_release_probe
 from .router import ROUTE_HINTS, breakers_retry_after, caps_retry_after, route_candidates
 from .stats import CallTicket, stats_call_finished, stats_call_started
 
@@ -51,6 +51,7 @@ __all__ = [
     "CallTicket",
     "Outcome",
     "breaker_allows",
+    "breaker_is_open",
     "breaker_release_probe",
     "breakers_retry_after",
     "call_finished",

@@ -19,11 +19,14 @@ from billing.models import Operation, UsageRecord
 from billing.services.budgets import api_key_limits_set
 from chat.pipeline import _message_written, _reported_usage
 from llmhub.testing.fake_upstream import THINKING_SIGNATURE, raw_directive
-from providers.models import Provider, ProviderKind
+from providers.models import CatalogModel, Deployment, Provider, ProviderKind
+from providers.routing.breaker_machine import OPEN
+from providers.routing.breakers import breaker_state
 from providers.tokens import prompt_tokens, text_tokens
 from tests.factories import ModelFactory, ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
-from tests.waiting import wait_for_record
+from tests.providers.health_probes import breakers_closed_after  # noqa: F401  (a fixture)
+from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -544,6 +547,39 @@ def test_count_tokens_of_a_claude_model_whose_provider_fails_is_the_estimate(gat
     [line] = [record for record in caplog.records if "count" in record.getMessage()]
     assert line.levelname == "INFO" and "fake-anthropic" in line.getMessage()
     assert "upstream_unavailable" in line.getMessage() and "x" * 20 not in line.getMessage()
+
+
+@pytest.mark.usefixtures("breakers_closed_after")
+@pytest.mark.parametrize("another", [False, True], ids=["alone", "with-another"])
+def test_count_tokens_skips_an_anthropic_deployment_whose_breaker_is_open(gateway, settings, another):
+    """count_tokens asked the model's first Anthropic deployment even with its circuit breaker open (a provider
+    known down), so the client waited out the deadline for the estimate it could have had at once. A deployment
+    whose breaker is open is not asked: the next Anthropic deployment of the model is, and with none the estimate is
+    answered at once, no count asked of anyone."""
+    settings.LLMHUB_BREAKER_FAILURES = 1
+    settings.LLMHUB_BREAKER_COOLDOWN_SECONDS = 100
+    provider = Provider.objects.get(name="fake-anthropic")
+    model = CatalogModel.objects.create(name="claude-pair", strategy="priority", retries=0)
+    down = Deployment.objects.create(model=model, name="down", provider=provider, upstream_id="fault-503")
+    if another:
+        Deployment.objects.create(
+            model=model, name="up", provider=provider, upstream_id="fake-claude-haiku", priority=1
+        )
+    request = {"model": "claude-pair", "messages": [{"role": "user", "content": "x" * 400}]}
+    with pytest.raises(anthropic.APIStatusError):
+        client(gateway).messages.create(max_tokens=5, **request)
+    wait_until(lambda: breaker_state(down.pk).state == OPEN, "the down deployment's breaker open")
+
+    counted = client(gateway).messages.with_raw_response.count_tokens(**request)
+
+    asked = [entry["body"]["model"] for entry in gateway.upstream.requests if entry["path"].endswith("count_tokens")]
+    if another:
+        assert counted.headers["x-llmhub-token-count"] == "provider"
+        assert asked == ["fake-claude-haiku"]
+    else:
+        assert counted.headers["x-llmhub-token-count"] == "estimate"
+        assert counted.parse().input_tokens == prompt_tokens(request, operation=Operation.MESSAGES)
+        assert asked == []
 
 
 def test_a_translated_stream_cut_midway_is_charged_the_ledgers_estimate_of_its_prompt(gateway):
