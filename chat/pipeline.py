@@ -2049,9 +2049,10 @@ class CompletionRun:
         stop_reason: str | None = None
         # Output tokens of the parts delivered by attempts that failed midway, before a resume.
         earlier_tokens = 0
-        # Web searches whose results arrived (``web_search_tool_result`` blocks): the current attempt's, and those
-        # of attempts that failed midway, which the provider billed whatever its usage says (``settle``).
-        searched = earlier_searches = 0
+        # Web searches whose results arrived (``web_search_tool_result`` blocks), which ran whatever the usage says
+        # (``settle``). Never of an attempt that failed midway: a message with one is no text, so it is not resumed
+        # (``_MessagesSplice.resumable``), and an attempt that failed before its first event ran none.
+        searched = 0
         splice = _MessagesSplice()
         thought = False  # the current attempt's upstream request had Claude think: it refuses a text prefill
 
@@ -2085,7 +2086,7 @@ class CompletionRun:
                 reported = {**openai_usage(usage), "completion_tokens": text_tokens(written)}
                 partly_estimated = True
             # A stream cut before ``message_delta`` counted no search: those whose results arrived ran.
-            searches = (int(reported.get("web_search_requests") or 0) if final else searched) + earlier_searches
+            searches = int(reported.get("web_search_requests") or 0) if final else searched
             if reported and searches:
                 reported = {**reported, "web_search_requests": searches}
             self._settle(
@@ -2164,8 +2165,6 @@ class CompletionRun:
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(generated))  # held back or not, it was billed
-                        earlier_searches += searched
-                        searched = 0
                         usage = {}
                         first, upstream = await self._call(
                             once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
