@@ -77,6 +77,8 @@ async def _track_stream_response(response: httpx2.Response) -> None:
 class GeminiAdapter(BaseAdapter):
     # A Messages client's ``output_config.effort`` Gemini has a thinking budget for (not ``xhigh`` nor ``max``).
     messages_efforts = tuple(effort for effort in EFFORTS if effort in THINKING_EFFORTS)
+    # generationConfig.stopSequences: "The set of character sequences (up to 5) that will stop output generation".
+    messages_stop_max = 5
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)

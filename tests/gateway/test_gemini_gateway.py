@@ -359,3 +359,23 @@ def test_a_blocked_word_in_geminis_thoughts_is_checked_as_output(gemini, stream)
         request_id = withheld.value.response.headers["x-request-id"]
     record = wait_for_record(request_id)
     assert record.error_type == "content_policy_violation" and record.moderation.startswith("blocked output")
+
+
+SIX_STOPS = ["one", "two", "three", "four", "five", "six"]
+
+
+def test_more_stop_sequences_than_gemini_takes_are_refused_naming_stop_sequences(gemini):
+    """Gemini's generationConfig.stopSequences takes up to 5 strings; a /v1/messages request with more was sent on
+    for Gemini's own 400 naming a field the client never sent. It is refused before any upstream call, naming
+    ``stop_sequences``; 5 reach Gemini, every one."""
+    served = gemini.upstream.requests_served()
+    sdk = anthropic.Anthropic(base_url=gemini.url, api_key=gemini.key, max_retries=0, timeout=20)
+    request = {"model": "gemini-test", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(**request, stop_sequences=SIX_STOPS)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("stop_sequences: ") and "at most 5" in message
+    assert gemini.upstream.requests_served() == served
+
+    assert sdk.messages.create(**request, stop_sequences=SIX_STOPS[:5]).type == "message"
+    assert gemini.upstream.requests[-1]["body"]["generationConfig"]["stopSequences"] == SIX_STOPS[:5]
