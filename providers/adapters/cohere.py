@@ -67,6 +67,9 @@ _TOOL_CHOICES = {"required": "REQUIRED", "none": "NONE"}
 
 
 class CohereAdapter(BaseAdapter):
+    # Its chat's stop_sequences: "A list of up to 5 strings that the model will use to stop generation".
+    messages_stop_max = 5
+
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
+import anthropic
 import openai
 import pytest
 
@@ -156,3 +157,22 @@ def test_embeddings_honour_dimensions(cohere_gateway):
     )
     assert [len(item.embedding) for item in response.data] == [64, 64]
     assert cohere_gateway.upstream.requests[-1]["body"]["output_dimension"] == 64
+
+
+SIX_STOPS = ["one", "two", "three", "four", "five", "six"]
+
+
+def test_more_stop_sequences_than_cohere_takes_are_refused_naming_stop_sequences(cohere_gateway):
+    """Cohere's chat takes a list of up to 5 stop_sequences; a /v1/messages request with more was sent on for
+    Cohere's own 400. It is refused before any upstream call, naming ``stop_sequences``; 5 reach Cohere, every one."""
+    served = cohere_gateway.upstream.requests_served()
+    sdk = anthropic.Anthropic(base_url=cohere_gateway.url, api_key=cohere_gateway.key, max_retries=0, timeout=20)
+    request = {"model": "command-test", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(**request, stop_sequences=SIX_STOPS)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("stop_sequences: ") and "at most 5" in message
+    assert cohere_gateway.upstream.requests_served() == served
+
+    assert sdk.messages.create(**request, stop_sequences=SIX_STOPS[:5]).type == "message"
+    assert cohere_gateway.upstream.requests[-1]["body"]["stop_sequences"] == SIX_STOPS[:5]
