@@ -103,6 +103,12 @@ _ROLES = frozenset({"user", "system", "developer", "assistant"})
 _TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 # A reasoning summary, asked for by its name or by the deprecated one older clients still send.
 _SUMMARY_NAMES = ("summary", "generate_summary")
+# The fields of ``reasoning`` (the spec's ``Reasoning``); any other is refused, naming it, rather than dropped.
+_REASONING_FIELDS = frozenset({"effort", "mode", "context", *_SUMMARY_NAMES})
+# ``reasoning.context``: which turns' reasoning the model is shown. ``auto`` leaves it to the model (its provider);
+# ``current_turn`` is kept by sending only this turn's; ``all_turns`` cannot be promised, since the provider decides
+# what of an earlier turn's reasoning its model reads (Claude before Opus 4.5 strips it, DeepSeek ignores it).
+_REASONING_CONTEXTS = frozenset({"auto", "current_turn"})
 # Finish reasons that leave a response incomplete, with the reason the Responses API gives.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The tools a client runs itself beside its functions, as Codex and the Agents SDK send them: each becomes a function
@@ -335,6 +341,19 @@ def _reasoning_given_back(
         if blocks:
             origin["thinking_blocks"] = given
     thoughts.clear()
+
+
+def _earlier_reasoning_dropped(messages: list[dict[str, Any]], origins: list[dict[str, str]]) -> None:
+    """``reasoning.context: current_turn``: the reasoning given back with the assistant turns before the last user
+    message (earlier turns) is not sent; this turn's (its tool rounds', which Claude wants back signed) is."""
+    last_user = max((index for index, message in enumerate(messages) if message["role"] == "user"), default=0)
+    for message, origin in zip(messages[:last_user], origins[:last_user], strict=True):
+        if message["role"] != "assistant":
+            continue
+        message.pop("reasoning_content", None)
+        message.pop("thinking_blocks", None)
+        for name in [name for name in origin if name.startswith(("reasoning_content", "thinking_blocks"))]:
+            del origin[name]
 
 
 def thinking_content(blocks: list[dict[str, Any]]) -> str:
@@ -574,6 +593,29 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         _fail("Invalid type for 'reasoning': expected an object.", "reasoning", "invalid_type")
+    for name in reasoning if isinstance(reasoning, dict) else ():
+        if name not in _REASONING_FIELDS:
+            _fail(
+                f"Unknown parameter: 'reasoning.{text_quoted(name)}'.",
+                f"reasoning.{text_quoted(name)}",
+                "unknown_parameter",
+            )
+    if isinstance(reasoning, dict) and reasoning.get("mode") not in (None, "standard"):
+        # OpenAI's ``pro`` mode (more compute, at its price) has no chat-completions form on any provider.
+        _fail(
+            "Unsupported value for 'reasoning.mode': llmhub runs every model in its standard mode; only 'standard' "
+            "is accepted.",
+            "reasoning.mode",
+            "unsupported_value",
+        )
+    if isinstance(reasoning, dict) and reasoning.get("context") is not None:
+        if not _named(reasoning["context"], _REASONING_CONTEXTS):
+            _fail(
+                "Unsupported value for 'reasoning.context': only 'auto' and 'current_turn' are accepted here; "
+                "which earlier turns' reasoning a model reads is its provider's choice, so 'all_turns' cannot be kept.",
+                "reasoning.context",
+                "unsupported_value",
+            )
     for name in _SUMMARY_NAMES:
         if isinstance(reasoning, dict) and reasoning.get(name) not in (None, "auto"):
             # ``auto`` lets the model write none, which is what llmhub answers (``summary: null``).
@@ -586,6 +628,8 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     if "input" not in body:
         _fail("Missing required parameter: 'input'.", "input", "missing_required_parameter")
     messages, origins = _messages_from_input(body["input"])
+    if isinstance(reasoning, dict) and reasoning.get("context") == "current_turn":
+        _earlier_reasoning_dropped(messages, origins)
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):

@@ -17,6 +17,8 @@ from django.test import override_settings
 
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
+from chat.translate_responses import thinking_content
+from llmhub.testing.fake_upstream import THINKING_SIGNATURE
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ProviderKind
 from providers.moderation import policy_cache
@@ -840,6 +842,68 @@ def test_a_summary_auto_under_either_name_is_taken_and_answered_with_none(gatewa
     validate_openai_schema(raw.http_response.json(), "Response")
     assert raw.http_response.json()["reasoning"] == {"effort": "low", "summary": None}
     assert gateway.upstream.requests[-1]["body"]["reasoning_effort"] == "low"
+
+
+@pytest.mark.parametrize(
+    ("reasoning", "param", "code"),
+    [
+        # OpenAI's pro mode (more compute, its price): a chat completion has no such mode on any provider.
+        ({"mode": "pro"}, "reasoning.mode", "unsupported_value"),
+        ({"mode": "pro", "effort": "high"}, "reasoning.mode", "unsupported_value"),
+        ({"mode": ["standard"]}, "reasoning.mode", "unsupported_value"),
+        # Every turn's reasoning rendered: llmhub sends each item back, but the provider decides what it reads.
+        ({"context": "all_turns"}, "reasoning.context", "unsupported_value"),
+        ({"context": "every_turn"}, "reasoning.context", "unsupported_value"),
+        ({"effort": "low", "budget": 10}, "reasoning.budget", "unknown_parameter"),
+    ],
+)
+def test_a_reasoning_mode_or_context_llmhub_cannot_keep_is_a_400_naming_it(gateway, reasoning, param, code):
+    """``reasoning.mode`` and ``reasoning.context`` change what the model does and is shown; until 6 December they
+    (and any misspelt field of ``reasoning``) were dropped unsaid, a ``pro`` request answered in the standard mode."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", extra_body={"reasoning": reasoning})
+    assert (refused.value.body["param"], refused.value.body["code"]) == (param, code)
+    assert f"'{param}'" in refused.value.body["message"]
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_reasoning_context_current_turn_sends_no_earlier_turn_s_reasoning(gateway, model):
+    """``reasoning.context: current_turn`` renders the reasoning of this turn only (since the last user message): an
+    earlier turn's reasoning item given back is not sent, this turn's is; ``auto`` and ``standard`` mode send both,
+    as before (the provider decides)."""
+
+    def thought(text: str) -> dict:
+        # As llmhub answers it: the text in the clear (what an OpenAI-protocol model is sent), and Claude's signed
+        # thinking in `encrypted_content` (what Claude is sent).
+        signed = thinking_content([{"type": "thinking", "thinking": text, "signature": THINKING_SIGNATURE}])
+        content = [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "summary": [], "content": content, "encrypted_content": signed}
+
+    earlier, current = thought("EARLIER-THOUGHT"), thought("CURRENT-THOUGHT")
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    items = [
+        {"role": "user", "content": "first"},
+        earlier,
+        {"role": "assistant", "content": [{"type": "output_text", "text": "one"}]},
+        {"role": "user", "content": "second [[reply=ok]]"},
+        current,
+        call,
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+
+    def sent(reasoning: dict) -> str:
+        gateway.client().responses.create(
+            model=model, input=items, tools=[WEATHER], store=False, extra_body={"reasoning": reasoning}
+        )
+        return json.dumps(gateway.upstream.requests[-1]["body"])
+
+    both = sent({"context": "auto", "mode": "standard"})
+    assert "EARLIER-THOUGHT" in both and "CURRENT-THOUGHT" in both
+    only_current = sent({"context": "current_turn"})
+    assert "EARLIER-THOUGHT" not in only_current and "CURRENT-THOUGHT" in only_current
 
 
 @pytest.mark.parametrize("stream", [False, True])
