@@ -391,8 +391,19 @@ AUDIO_OUTPUT = Unhonoured(
     message='This model answers in text only: `modalities` cannot include "audio".',
     code="unsupported_value",
 )
-# What a provider that answers in text only and with no log probabilities cannot honour.
-TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS)
+# A ``logit_bias`` (tokens banned or favoured by their ids in OpenAI's tokenizers) to a provider that has none (all
+# but OpenAI's protocol) is refused, rather than answered with the tokens it bans; an empty one asks for nothing.
+LOGIT_BIAS = Unhonoured(
+    param="logit_bias",
+    refused=lambda value: bool(value),
+    dropped=("logit_bias",),
+    message="This model has no logit bias: `logit_bias` cannot be applied to it; remove it.",
+    code="unsupported_parameter",
+)
+# What a provider that answers in text only and has no logit bias cannot honour (Gemini, Ollama).
+TEXT_ONLY = (AUDIO_OUTPUT, LOGIT_BIAS)
+# The same, for a provider with no log probabilities either (Anthropic, Cohere, Mistral).
+TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS, LOGIT_BIAS)
 
 
 @contextmanager

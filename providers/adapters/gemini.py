@@ -30,8 +30,8 @@ from ..outbound import OutboundRefused
 from ..types import ProviderConfig, UpstreamModel
 from .base import BaseAdapter, WireChunk
 from .common import (
-    AUDIO_OUTPUT,
     EMBEDDING_INPUT_TYPES,
+    TEXT_ONLY,
     BatchesAnswered,
     embedding_input_type,
     error_for_failure,
@@ -99,7 +99,7 @@ class GeminiAdapter(BaseAdapter):
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         with refusal_named(self.config):
-            request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
+            request = gemini_request(unhonoured_refused(body, TEXT_ONLY))
         try:
             async with upstream_deadline(self.config):
                 response = await self._client.aio.models.generate_content(**request)
@@ -109,7 +109,7 @@ class GeminiAdapter(BaseAdapter):
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[WireChunk]:
         with refusal_named(self.config):
-            request = gemini_request(unhonoured_refused(body, (AUDIO_OUTPUT,)))
+            request = gemini_request(unhonoured_refused(body, TEXT_ONLY))
         upstream = None
         opened: list[httpx2.Response] = []
         tracking = _stream_responses.set(opened)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..exceptions import ProviderBadRequestError
 from .base import WireChunk
-from .common import AUDIO_OUTPUT, fields_renamed, one_choice_only, unhonoured_refused
+from .common import TEXT_ONLY, fields_renamed, one_choice_only, unhonoured_refused
 from .openai import OpenAIAdapter
 
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
@@ -40,7 +40,7 @@ class OllamaAdapter(OpenAIAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         one_choice_only(body)
-        body = unhonoured_refused(body, (AUDIO_OUTPUT,))
+        body = unhonoured_refused(body, TEXT_ONLY)
         return super()._chat_body(fields_renamed(_tool_choice_kept(body), _CHAT_RENAMES), stream=stream)
 
     def _completion_args(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:

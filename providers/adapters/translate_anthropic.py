@@ -22,13 +22,14 @@ Request (OpenAI → Anthropic):
   ``reasoning_effort`` becomes a thinking budget (``THINKING_BUDGETS``, ``_reasoning_effort``).
   An assistant message's ``thinking_blocks`` (as the replies give them) go back first in its turn.
 - Everything else is dropped, since the Messages API rejects fields it does not know: among them
-  ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``seed``,
+  ``frequency_penalty``, ``presence_penalty``, an empty ``logit_bias``, ``seed``,
   ``response_format`` ``json_object``/``text``, ``store``, ``metadata``, ``service_tier``,
   ``prediction``, ``prompt_cache_key``,
   ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and the
   legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused; so is audio
   output (``modalities`` with ``"audio"``: the adapter's ``unhonoured_refused``, before this translation), and
-  ``logprobs: true`` (Claude returns none: the same refusal, which leaves ``false`` out).
+  ``logprobs: true`` (Claude returns none: the same refusal, which leaves ``false`` out), and a ``logit_bias``
+  that bans or favours a token (Claude has none: the same refusal).
 
 Response (Anthropic → OpenAI): a ``message`` becomes a ``chat.completion``; a stream of Messages
 events becomes ``chat.completion.chunk`` objects through :class:`StreamTranslator`, ending with a

@@ -10,10 +10,11 @@ answers); tools their ``function_declarations`` with the JSON schema as given
 ``response_logprobs`` and ``logprobs`` (a model that has none answers Google's own 400); ``reasoning_effort``
 a ``thinking_config`` budget (``_THINKING_BUDGETS``; another value is a 400, not dropped) with
 ``include_thoughts``, so that the thought summaries come back as ``reasoning_content`` (``none``: no thinking).
-Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied; and no way
-to ask for one tool call a turn, so ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first
-call only (the model asks for the next once it has the first's result). ``verbosity`` (a hint to GPT-5 models)
-has no Gemini counterpart and is not sent. A data URL image is sent inline; an http(s) image URL is refused
+Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a bias silently not applied (the
+adapter's ``unhonoured_refused``, before this translation); and no way to ask for one tool call a turn, so
+``parallel_tool_calls: false`` is kept on the answer: a choice carries its first call only (the model asks for the
+next once it has the first's result). ``verbosity`` (a hint to GPT-5 models) has no Gemini counterpart and is not
+sent. A data URL image is sent inline; an http(s) image URL is refused
 with a 400 (Gemini's ``file_data`` takes only files it hosts, and the gateway does not fetch URLs for the
 provider).
 
@@ -71,12 +72,6 @@ def gemini_request(body: dict[str, Any]) -> dict[str, Any]:
     system, contents = _contents(messages)
     if not contents:
         raise _invalid("Gemini needs at least one user or assistant message besides the system prompt.", "messages")
-    if body.get("logit_bias"):
-        raise _invalid(
-            "Gemini has no logit bias: `logit_bias` cannot be applied to this model; remove it.",
-            "logit_bias",
-            "unsupported_parameter",
-        )
     config: dict[str, Any] = {}
     if system:
         config["system_instruction"] = "\n\n".join(system)

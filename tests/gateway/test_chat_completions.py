@@ -462,3 +462,24 @@ def test_asking_claude_for_logprobs_is_a_400_naming_logprobs(gateway, stream):
     assert gateway.upstream.requests_served() == 0
     answered = client.chat.completions.create(model="claude-test", messages=messages, logprobs=False)
     assert answered.choices[0].message.content == "Echo: say hi"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_logit_bias_claude_cannot_apply_is_a_400_naming_it(gateway, stream):
+    """Claude has no logit bias: a bias that bans a token was dropped and the token written (until 6 December); it is
+    refused before any upstream call, with its ledger row, as Gemini's is. GPT models get it as it came, and an empty
+    one asks for nothing."""
+    client = gateway.client()
+    messages = [{"role": "user", "content": "say hi"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="claude-test", messages=messages, stream=stream, logit_bias={"50256": -100}
+        )
+    assert (refused.value.param, refused.value.code) == ("logit_bias", "unsupported_parameter")
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.cost == 0
+    assert gateway.upstream.requests_served() == 0
+    answered = client.chat.completions.create(model="claude-test", messages=messages, logit_bias={})
+    assert answered.choices[0].message.content == "Echo: say hi"
+    client.chat.completions.create(model="gpt-test", messages=messages, logit_bias={"50256": -100})
+    assert gateway.upstream.requests[-1]["body"]["logit_bias"] == {"50256": -100}

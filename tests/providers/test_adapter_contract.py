@@ -75,6 +75,9 @@ class ContractAdapter:
     # True: the provider answers ``logprobs: true`` with the tokens' log probabilities. False: it has none to give,
     # and the adapter refuses the request rather than answer it with ``logprobs: null``.
     logprobs: bool = False
+    # True: ``logit_bias`` goes up as it came (OpenAI's protocol, whose servers apply it). False: the provider has
+    # none, and the adapter refuses a bias rather than answer with the tokens it bans.
+    logit_bias: bool = False
 
     def make_config(self, upstream_url: str, **overrides: Any) -> ProviderConfig:
         values: dict[str, Any] = {
@@ -95,7 +98,9 @@ class ContractAdapter:
 
 # Append an entry here to put a new adapter under the contract.
 CONTRACT_ADAPTERS: list[ContractAdapter] = [
-    ContractAdapter(kind="openai_compatible", base_url=lambda url: url + "/v1", audio_output=True, logprobs=True),
+    ContractAdapter(
+        kind="openai_compatible", base_url=lambda url: url + "/v1", audio_output=True, logprobs=True, logit_bias=True
+    ),
     # Mistral speaks OpenAI's chat and embeddings API, refusing the fields it does not take: the fake serves
     # it, as strict, under /mistral.
     ContractAdapter(kind="mistral", base_url=lambda url: url + "/mistral/v1"),
@@ -108,6 +113,7 @@ CONTRACT_ADAPTERS: list[ContractAdapter] = [
         config={"api_version": "2024-10-21"},
         audio_output=True,
         logprobs=True,
+        logit_bias=True,
     ),
     ContractAdapter(
         kind="anthropic",
@@ -276,6 +282,27 @@ async def test_logprobs_are_returned_or_refused_by_a_provider_that_has_none(adap
             assert (error.status_code, error.param, error.code) == (400, "logprobs", "unsupported_parameter"), error
     assert (await adapter.complete(chat(entry, "hi", logprobs=False)))["choices"][0]["message"]["content"]
     assert streamed_text(await collect(adapter.stream(chat(entry, "hi", logprobs=False))))
+
+
+async def test_a_logit_bias_is_sent_on_or_refused_by_a_provider_that_has_none(adapter, entry, fake_upstream):
+    """``logit_bias`` bans or favours tokens (-100 bans one): a provider without it (Claude, Cohere, Gemini, Mistral,
+    Ollama) refuses it before any call, naming it, rather than answer with the tokens it bans (until 6 December only
+    Gemini's did; Claude, Cohere and Ollama dropped it unsaid, and Mistral refused it with its 422 after the call); an
+    empty one asks for nothing and is answered by every one."""
+    body = chat(entry, "hi", logit_bias={"50256": -100})
+    served = fake_upstream.requests_served()
+    if entry.logit_bias:
+        await adapter.complete(body)
+        assert fake_upstream.requests[-1]["body"]["logit_bias"] == {"50256": -100}
+    else:
+        for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+            with pytest.raises(ProviderBadRequestError) as caught:
+                await call(body)
+            error = caught.value
+            assert (error.status_code, error.param, error.code) == (400, "logit_bias", "unsupported_parameter"), error
+            assert error.provider == f"contract-{entry.kind}"
+        assert fake_upstream.requests_served() == served
+    assert (await adapter.complete(chat(entry, "hi", logit_bias={})))["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize(
