@@ -400,10 +400,21 @@ LOGIT_BIAS = Unhonoured(
     message="This model has no logit bias: `logit_bias` cannot be applied to it; remove it.",
     code="unsupported_parameter",
 )
-# What a provider that answers in text only and has no logit bias cannot honour (Gemini, Ollama).
-TEXT_ONLY = (AUDIO_OUTPUT, LOGIT_BIAS)
+# ``moderation`` (OpenAI's moderation of the input and the reply, by the model it names) to a provider that has no
+# such thing is refused, rather than answered unmoderated; a null one asks for nothing. llmhub's own moderation is an
+# admin's policy, not a request's (``chat.moderation``).
+MODERATION = Unhonoured(
+    param="moderation",
+    refused=lambda value: value is not None,
+    dropped=("moderation",),
+    message="This model's provider runs no moderation of its own: `moderation` is not supported with it.",
+    code="unsupported_parameter",
+)
+# What a provider that answers in text only, with none of OpenAI's logit bias and moderation, cannot honour (Gemini,
+# Ollama).
+TEXT_ONLY = (AUDIO_OUTPUT, LOGIT_BIAS, MODERATION)
 # The same, for a provider with no log probabilities either (Anthropic, Cohere, Mistral).
-TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS, LOGIT_BIAS)
+TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS, LOGIT_BIAS, MODERATION)
 
 
 @contextmanager

@@ -483,3 +483,20 @@ def test_a_logit_bias_claude_cannot_apply_is_a_400_naming_it(gateway, stream):
     assert answered.choices[0].message.content == "Echo: say hi"
     client.chat.completions.create(model="gpt-test", messages=messages, logit_bias={"50256": -100})
     assert gateway.upstream.requests[-1]["body"]["logit_bias"] == {"50256": -100}
+
+
+def test_a_moderation_claude_cannot_run_is_a_400_naming_it(gateway):
+    """``moderation`` asks OpenAI to moderate the input and the reply with its model: Claude has none, and the reply
+    went unmoderated, unsaid (until 6 December); it is refused before any upstream call, with its ledger row, while a
+    GPT model gets it as it came. (llmhub's own moderation is an admin's policy, ``moderation.md``.)"""
+    client = gateway.client()
+    messages = [{"role": "user", "content": "say hi"}]
+    asked = {"moderation": {"model": "omni-moderation-latest"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="claude-test", messages=messages, extra_body=asked)
+    assert (refused.value.param, refused.value.code) == ("moderation", "unsupported_parameter")
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "invalid" and record.cost == 0
+    assert gateway.upstream.requests_served() == 0
+    client.chat.completions.create(model="gpt-test", messages=messages, extra_body=asked)
+    assert gateway.upstream.requests[-1]["body"]["moderation"] == asked["moderation"]

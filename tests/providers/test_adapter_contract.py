@@ -78,6 +78,9 @@ class ContractAdapter:
     # True: ``logit_bias`` goes up as it came (OpenAI's protocol, whose servers apply it). False: the provider has
     # none, and the adapter refuses a bias rather than answer with the tokens it bans.
     logit_bias: bool = False
+    # True: ``moderation`` (OpenAI's moderation of the input and the reply) goes up as it came, for the server to run
+    # or refuse. False: the provider has no such thing, and the adapter refuses it rather than answer unmoderated.
+    moderation: bool = False
 
     def make_config(self, upstream_url: str, **overrides: Any) -> ProviderConfig:
         values: dict[str, Any] = {
@@ -99,7 +102,12 @@ class ContractAdapter:
 # Append an entry here to put a new adapter under the contract.
 CONTRACT_ADAPTERS: list[ContractAdapter] = [
     ContractAdapter(
-        kind="openai_compatible", base_url=lambda url: url + "/v1", audio_output=True, logprobs=True, logit_bias=True
+        kind="openai_compatible",
+        base_url=lambda url: url + "/v1",
+        audio_output=True,
+        logprobs=True,
+        logit_bias=True,
+        moderation=True,
     ),
     # Mistral speaks OpenAI's chat and embeddings API, refusing the fields it does not take: the fake serves
     # it, as strict, under /mistral.
@@ -114,6 +122,7 @@ CONTRACT_ADAPTERS: list[ContractAdapter] = [
         audio_output=True,
         logprobs=True,
         logit_bias=True,
+        moderation=True,
     ),
     ContractAdapter(
         kind="anthropic",
@@ -303,6 +312,26 @@ async def test_a_logit_bias_is_sent_on_or_refused_by_a_provider_that_has_none(ad
             assert error.provider == f"contract-{entry.kind}"
         assert fake_upstream.requests_served() == served
     assert (await adapter.complete(chat(entry, "hi", logit_bias={})))["choices"][0]["message"]["content"]
+
+
+async def test_a_moderation_asked_for_is_sent_on_or_refused_by_a_provider_that_has_none(adapter, entry, fake_upstream):
+    """``moderation`` asks OpenAI to moderate the input and the reply with its model: a provider that has no such thing
+    (Claude, Cohere, Gemini, Mistral, Ollama) refuses it before any call, naming it, rather than answer unmoderated
+    (until 6 December they dropped it unsaid, and Mistral refused it with its 422 after the call); a null one asks for
+    nothing."""
+    body = chat(entry, "hi", moderation={"model": "omni-moderation-latest"})
+    served = fake_upstream.requests_served()
+    if entry.moderation:
+        await adapter.complete(body)
+        assert fake_upstream.requests[-1]["body"]["moderation"] == {"model": "omni-moderation-latest"}
+    else:
+        for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+            with pytest.raises(ProviderBadRequestError) as caught:
+                await call(body)
+            error = caught.value
+            assert (error.status_code, error.param, error.code) == (400, "moderation", "unsupported_parameter"), error
+        assert fake_upstream.requests_served() == served
+    assert (await adapter.complete(chat(entry, "hi", moderation=None)))["choices"][0]["message"]["content"]
 
 
 @pytest.mark.parametrize(
