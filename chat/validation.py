@@ -239,6 +239,26 @@ def _check_range(body: dict[str, Any], name: str, low: float, high: float) -> No
         _fail(f"Invalid '{name}': {value} is not between {low:g} and {high:g}.", name)
 
 
+def check_logit_bias(body: dict[str, Any]) -> None:
+    """``logit_bias`` as OpenAI checks it (chat and text completions alike): an object mapping token ids (decimal
+    strings) to a bias from -100 to 100. Sent upstream as it comes, a wrong one was OpenAI's 400 after the call, or a
+    bias a compatible server took wrongly."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        _fail("Invalid type for 'logit_bias': expected an object of token ids to biases.", "logit_bias", "invalid_type")
+    for token, value in bias.items():
+        if not token.isdecimal() or not token.isascii():
+            _fail(f"Invalid key in 'logit_bias': {token!r} is not a token id.", "logit_bias")
+        if not _is_number(value):
+            _fail(f"Invalid type for 'logit_bias' of token {token}: expected a number.", "logit_bias", "invalid_type")
+        if not -100 <= value <= 100:
+            _fail(
+                f"Invalid value for 'logit_bias' of token {token}: {value} is not between -100 and 100.", "logit_bias"
+            )
+
+
 def check_field_types(body: dict[str, Any], names: Any = FIELD_TYPES) -> None:
     """The fields of ``FIELD_TYPES`` among ``names`` that ``body`` gives (not null): of their type, and of their
     values where ``FIELD_VALUES`` lists them (``invalid_type``, ``invalid_value``)."""
@@ -512,6 +532,7 @@ def validate_chat_request(body: Any) -> None:
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         _fail("Invalid type for 'seed': expected an integer.", "seed", "invalid_type")
+    check_logit_bias(body)
     response_format = body.get("response_format")
     if response_format is not None and (
         not isinstance(response_format, dict)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .validation import MAX_TOKENS_LIMIT, _check_range, _fail, _is_int, check_body_and_model
+from .validation import MAX_TOKENS_LIMIT, _check_range, _fail, _is_int, check_body_and_model, check_logit_bias
 from .validation_inputs import InputShape, check_inputs
 
 MAX_LOGPROBS = 5
@@ -73,9 +73,7 @@ def validate_completions_request(body: Any) -> None:
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         _fail("Invalid type for 'seed': expected an integer.", "seed", "invalid_type")
-    logit_bias = body.get("logit_bias")
-    if logit_bias is not None and not isinstance(logit_bias, dict):
-        _fail("Invalid type for 'logit_bias': expected an object.", "logit_bias", "invalid_type")
+    check_logit_bias(body)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         _fail("Invalid type for 'user': expected a string.", "user", "invalid_type")

@@ -71,6 +71,38 @@ def test_role_of_the_wrong_type_is_a_400(gateway, role):
     assert_rejected_row(gateway, response, "invalid_value")
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    ("logit_bias", "code"),
+    [
+        ([50256], "invalid_type"),
+        ({"50256": "-100"}, "invalid_type"),
+        ({"50256": True}, "invalid_type"),
+        ({"50256": -101}, "invalid_value"),
+        ({"50256": 100.5}, "invalid_value"),
+        ({"<|endoftext|>": -100}, "invalid_value"),  # a token's id, not its text
+        ({"-1": 5}, "invalid_value"),
+    ],
+)
+def test_a_logit_bias_openai_would_refuse_is_a_400_before_any_call(gateway, path, logit_bias, code):
+    """``logit_bias`` maps token ids to a bias of -100 to 100, as OpenAI checks it; until 6 December any value went
+    upstream unchecked (OpenAI's 400 after the call, or a bias a compatible server took wrongly)."""
+    body = {"model": "gpt-test", "logit_bias": logit_bias}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
+    response = httpx.post(gateway.url + path, json=body, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=20)
+    error = assert_openai_error(response, 400, param="logit_bias", code=code)
+    assert "'logit_bias'" in error["message"]
+    assert gateway.upstream.requests_served() == 0
+    assert_rejected_row(gateway, response, code)
+
+
+def test_a_logit_bias_of_token_ids_and_biases_in_range_goes_upstream_as_it_came(gateway):
+    bias = {"50256": -100, "1734": 100, "13": 0.5}
+    response = post(gateway, chat(logit_bias=bias))
+    assert response.status_code == 200, response.text
+    assert gateway.upstream.requests[-1]["body"]["logit_bias"] == bias
+
+
 @pytest.mark.parametrize("part_type", [{"t": "text"}, ["text"]])
 def test_content_part_type_of_the_wrong_type_is_a_400(gateway, part_type):
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": [{"type": part_type, "text": "hi"}]}]}
