@@ -380,7 +380,13 @@ def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
         "model": body["model"],
         "messages": [_message(message) for message in body.get("messages") or []],
     }
-    tools = [tool for tool in body.get("tools") or [] if tool.get("type") == "function"]
+    tools = body.get("tools") or []
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            # A free-form ``custom`` tool has no Cohere form: left out, the model answered without it.
+            raise ProviderBadRequestError(
+                "This model takes function tools only.", param=f"tools[{index}]", code="unsupported_value"
+            )
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         # Cohere cannot name the tool to call: offer only that one, and require a call.

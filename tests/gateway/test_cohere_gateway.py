@@ -176,3 +176,23 @@ def test_more_stop_sequences_than_cohere_takes_are_refused_naming_stop_sequences
 
     assert sdk.messages.create(**request, stop_sequences=SIX_STOPS[:5]).type == "message"
     assert cohere_gateway.upstream.requests[-1]["body"]["stop_sequences"] == SIX_STOPS[:5]
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["offered", "named-by-tool-choice"])
+def test_a_custom_tool_cohere_cannot_offer_is_a_400_naming_it(cohere_gateway, named):
+    """Chat completions' free-form ``custom`` tools have no Cohere form: until 6 December they were left out unsaid (the
+    model answered without the tool it was given, and a ``tool_choice`` naming one required a call of no tool); they
+    are refused before any upstream call, as Claude's and Gemini's translations refuse them."""
+    served = cohere_gateway.upstream.requests_served()
+    patch = {"type": "custom", "custom": {"name": "apply_patch", "description": "Apply a patch."}}
+    extra = {"tool_choice": {"type": "custom", "custom": {"name": "apply_patch"}}} if named else {}
+    with pytest.raises(openai.BadRequestError) as refused:
+        cohere_gateway.client().chat.completions.create(
+            model="command-test",
+            messages=[{"role": "user", "content": "patch it"}],
+            tools=[WEATHER_TOOL, patch],
+            **extra,
+        )
+    assert (refused.value.param, refused.value.code) == ("tools[1]", "unsupported_value")
+    assert cohere_gateway.upstream.requests_served() == served
+    assert ledger_row(refused.value.response.headers["x-request-id"]).status == "invalid"
