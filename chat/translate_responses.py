@@ -549,6 +549,10 @@ def _response_format(text: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(text, dict):
         _fail("Invalid type for 'text': expected an object.", "text", "invalid_type")
+    for name in text:
+        # The spec's ``ResponseTextParam``: another field (a misspelt format) would not apply, unsaid.
+        if name not in ("format", "verbosity"):
+            _fail(f"Unknown parameter: 'text.{text_quoted(name)}'.", f"text.{text_quoted(name)}", "unknown_parameter")
     fmt = text.get("format")
     if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
         return None
