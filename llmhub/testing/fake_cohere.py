@@ -148,7 +148,7 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
     message: dict[str, Any] = {"role": "assistant"}
     if reply.tool_name is not None:
         message["tool_plan"] = f"I will call {reply.tool_name}."
-        message["tool_calls"] = [_tool_call(reply)]
+        message["tool_calls"] = [_tool_call(reply, call_id) for call_id in reply.tool_ids]
     else:
         message["content"] = [{"type": "text", "text": reply.text}]
     return web.json_response(
@@ -156,9 +156,9 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
     )
 
 
-def _tool_call(reply: fake._Reply) -> dict[str, Any]:
+def _tool_call(reply: fake._Reply, call_id: str) -> dict[str, Any]:
     return {
-        "id": reply.tool_id,
+        "id": call_id,
         "type": "function",
         "function": {"name": reply.tool_name, "arguments": reply.arguments_json},
     }
@@ -187,16 +187,17 @@ async def _chat_stream(
     )
     if reply.tool_name is not None:
         await send("tool-plan-delta", delta={"message": {"tool_plan": f"I will call {reply.tool_name}."}})
-        call = {"id": reply.tool_id, "type": "function", "function": {"name": reply.tool_name, "arguments": ""}}
-        await send("tool-call-start", index=0, delta={"message": {"tool_calls": call}})
-        for position, piece in enumerate(fake._split_pieces(reply.arguments_json)):
-            if limit is not None and position >= limit:
-                break
-            await app._pause(timing.before_piece(position))
-            arguments = {"function": {"arguments": piece}}
-            await send("tool-call-delta", index=0, delta={"message": {"tool_calls": arguments}})
-        else:
-            await send("tool-call-end", index=0)
+        for index, call_id in enumerate(reply.tool_ids):  # ``[[tool_calls=N]]``: one call after another
+            call = {"id": call_id, "type": "function", "function": {"name": reply.tool_name, "arguments": ""}}
+            await send("tool-call-start", index=index, delta={"message": {"tool_calls": call}})
+            for position, piece in enumerate(fake._split_pieces(reply.arguments_json)):
+                if limit is not None and position >= limit:
+                    break
+                await app._pause(timing.before_piece(position))
+                arguments = {"function": {"arguments": piece}}
+                await send("tool-call-delta", index=index, delta={"message": {"tool_calls": arguments}})
+            else:
+                await send("tool-call-end", index=index)
     else:
         await send("content-start", index=0, delta={"message": {"content": {"type": "text", "text": ""}}})
         for position, token in enumerate(reply.tokens):

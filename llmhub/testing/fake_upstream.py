@@ -98,7 +98,7 @@ Replies
     * if ``tools`` are given (and ``tool_choice`` is not ``none``) and the last message is a user message,
       the reply is a call to the first tool (or the one ``tool_choice`` names) whose arguments come from
       its JSON-schema properties: ``enum`` -> first value, string -> last user text, number/integer -> 42,
-      boolean -> true, array -> [], object -> {}; ``[[tool_calls=N]]`` (OpenAI and Gemini routes, N from 1 to 8)
+      boolean -> true, array -> [], object -> {}; ``[[tool_calls=N]]`` (OpenAI, Gemini and Cohere routes, N from 1 to 8)
       makes it N calls of that tool at once (ids distinct, arguments the same), as models that call tools in
       parallel do, whatever ``parallel_tool_calls`` asked (as Ollama and Gemini do); the legacy ``functions``
       (OpenAI routes, without ``tools``; ``function_call`` ``none`` or ``{"name": ...}`` as ``tool_choice``) are

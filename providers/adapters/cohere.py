@@ -10,7 +10,9 @@ read from the raw response (``stream``); both are translated by the pure functio
 translation is tested without a server. Cohere's finish reasons: ``COMPLETE``/``STOP_SEQUENCE`` → ``stop``,
 ``MAX_TOKENS`` → ``length``, ``TOOL_CALL`` → ``tool_calls``, ``ERROR_TOXIC`` → ``content_filter`` (the model's
 output was withheld, which is what ``content_filter`` tells an OpenAI client); ``ERROR`` is a failure of the
-provider, raised as one.
+provider, raised as one. Cohere cannot be told to call one tool a turn, so ``parallel_tool_calls: false`` is kept on
+the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
+completions' free-form ``custom``) has no Cohere form: refused.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .common import (
     error_for_status,
     http_request_hooks,
     in_batches,
+    max_tool_calls,
     one_choice_only,
     refusal_named,
     scrub,
@@ -111,7 +114,7 @@ class CohereAdapter(BaseAdapter):
                 raise ValueError("not an object")
             if data.get("finish_reason") == "ERROR":
                 raise ProviderError(f"The provider {self.config.name!r} reported an error.", provider=self.config.name)
-            return completion_from_cohere(data, model=body["model"])
+            return completion_from_cohere(data, model=body["model"], max_calls=max_tool_calls(body))
         except ValueError:  # fields of other types than Cohere's (``_object``, ``_text``, ``_count``)
             raise self._malformed() from None
 
@@ -127,7 +130,7 @@ class CohereAdapter(BaseAdapter):
         (``sse.sse_events``): its own reader leaves out, with a warning, an event that is not JSON or not of its
         types, so a malformed event passed for none, and the reply went on with a hole in it."""
         request = self._translate(body)
-        translator = StreamTranslator(model=body["model"])
+        translator = StreamTranslator(model=body["model"], max_calls=max_tool_calls(body))
         opened = self._client.with_raw_response.chat_stream(**request)
         try:
             async with upstream_deadline(self.config):
@@ -475,11 +478,12 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def completion_from_cohere(response: dict[str, Any], *, model: str) -> dict[str, Any]:
-    """The chat completion of a reply of Cohere's; ValueError for one whose fields are not of Cohere's types."""
+def completion_from_cohere(response: dict[str, Any], *, model: str, max_calls: int | None = None) -> dict[str, Any]:
+    """The chat completion of a reply of Cohere's; ValueError for one whose fields are not of Cohere's types.
+    ``max_calls``: the tool calls it may carry (``max_tool_calls``: the first, for no parallel calls)."""
     message = _object(response, "message")
     text = "".join(_text(part, "text") or "" for part in _objects(message, "content") if part.get("type") == "text")
-    calls = _tool_calls(_objects(message, "tool_calls"))
+    calls = _tool_calls(_objects(message, "tool_calls"))[:max_calls]
     reply: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else ""), "refusal": None}
     if calls:
         reply["tool_calls"] = calls
@@ -503,8 +507,9 @@ def completion_from_cohere(response: dict[str, Any], *, model: str) -> dict[str,
 class StreamTranslator:
     """Cohere's v2 stream events (each the JSON of one ``data:`` line) → ``chat.completion.chunk`` dicts."""
 
-    def __init__(self, *, model: str) -> None:
+    def __init__(self, *, model: str, max_calls: int | None = None) -> None:
         self.model = model
+        self.max_calls = max_calls  # tool calls the choice may carry (``max_tool_calls``); later ones are left out
         self.id = ""
         self.created = int(time.time())
         self.complete = False
@@ -520,6 +525,9 @@ class StreamTranslator:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
+    def _call_left_out(self) -> bool:
+        return self.max_calls is not None and self._tool_index >= self.max_calls
+
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks of one event; ValueError for an event whose fields this reads are not of Cohere's types."""
         kind = event.get("type")
@@ -534,6 +542,8 @@ class StreamTranslator:
         if kind == "tool-call-start":
             call = _object(message, "tool_calls")
             self._tool_index += 1
+            if self._call_left_out():
+                return []
             function = _object(call, "function")
             return [
                 self._chunk(
@@ -554,7 +564,7 @@ class StreamTranslator:
             ]
         if kind == "tool-call-delta":
             arguments = _text(_object(_object(message, "tool_calls"), "function"), "arguments")
-            if not arguments:
+            if not arguments or self._call_left_out():
                 return []
             return [self._chunk({"tool_calls": [{"index": self._tool_index, "function": {"arguments": arguments}}]})]
         if kind == "message-end":

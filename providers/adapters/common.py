@@ -348,6 +348,12 @@ async def in_batches(
     return [task.result() for task in tasks]
 
 
+def max_tool_calls(body: dict[str, Any]) -> int | None:
+    """How many tool calls a choice may carry: one when the client asked for no parallel calls, which Gemini and
+    Cohere cannot be told (their translations keep the first), else any number."""
+    return 1 if body.get("parallel_tool_calls") is False else None
+
+
 def one_choice_only(body: dict[str, Any]) -> None:
     """Refuse a request for several choices (``n`` > 1) to a provider that answers one whatever ``n`` says
     (Cohere, Ollama): one choice where several were asked for would be a silent short answer."""

@@ -39,6 +39,7 @@ from .common import (
     http_timeout,
     in_batches,
     interruption_reason,
+    max_tool_calls,
     provider_http_client,
     refusal_named,
     scrub,
@@ -54,7 +55,6 @@ from .translate_gemini import (
     StreamTranslator,
     completion_from_response,
     gemini_request,
-    max_tool_calls,
 )
 
 DEFAULT_API_VERSION = "v1beta"

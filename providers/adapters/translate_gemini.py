@@ -271,12 +271,6 @@ def _tool_call(call: dict[str, Any], response_key: str, number: int) -> dict[str
     }
 
 
-def max_tool_calls(body: dict[str, Any]) -> int | None:
-    """How many tool calls a choice may carry: one when the client asked for no parallel calls, which Gemini
-    cannot be told (``_candidate`` keeps the first), else any number."""
-    return 1 if body.get("parallel_tool_calls") is False else None
-
-
 def _candidate(
     candidate: dict[str, Any], response_key: str, first_call: int = 0, max_calls: int | None = None
 ) -> tuple[str | None, list[dict[str, Any]], str | None]:

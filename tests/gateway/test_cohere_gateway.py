@@ -196,3 +196,28 @@ def test_a_custom_tool_cohere_cannot_offer_is_a_400_naming_it(cohere_gateway, na
     assert (refused.value.param, refused.value.code) == ("tools[1]", "unsupported_value")
     assert cohere_gateway.upstream.requests_served() == served
     assert ledger_row(refused.value.response.headers["x-request-id"]).status == "invalid"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_no_parallel_tool_calls_through_cohere_gets_one_call_a_turn(cohere_gateway, stream):
+    """Cohere cannot be told to call one tool a turn: a client that said ``parallel_tool_calls: false`` runs one call
+    a turn, and got every call the model asked for at once (until 6 December); each answer carries its first call
+    only, as Gemini's and Ollama's do. Without it, every call comes."""
+    client = cohere_gateway.client()
+    messages = [{"role": "user", "content": "Oslo [[tool_calls=3]]"}]
+
+    def calls(**extra) -> list:
+        if not stream:
+            reply = client.chat.completions.create(
+                model="command-test", messages=messages, tools=[WEATHER_TOOL], **extra
+            )
+            return [call.id for call in reply.choices[0].message.tool_calls]
+        chunks = client.chat.completions.create(
+            model="command-test", messages=messages, tools=[WEATHER_TOOL], stream=True, **extra
+        )
+        return [
+            call.id for chunk in chunks for choice in chunk.choices for call in choice.delta.tool_calls or () if call.id
+        ]
+
+    assert len(calls()) == 3
+    assert len(calls(parallel_tool_calls=False)) == 1

@@ -478,7 +478,7 @@ def test_no_parallel_tool_calls_keeps_the_first_call_of_each_choice():
 
 @pytest.mark.parametrize(("flag", "expected"), [(False, 1), (True, None), (None, None)])
 def test_max_tool_calls_reads_the_clients_flag(flag, expected):
-    from providers.adapters.translate_gemini import max_tool_calls
+    from providers.adapters.common import max_tool_calls
 
     body = chat("hi") if flag is None else chat("hi", parallel_tool_calls=flag)
     assert max_tool_calls(body) == expected
