@@ -416,11 +416,21 @@ MODERATION = Unhonoured(
     message="This model's provider runs no moderation of its own: `moderation` is not supported with it.",
     code="unsupported_parameter",
 )
-# What a provider that answers in text only, with none of OpenAI's logit bias and moderation, cannot honour (Gemini,
-# Ollama).
-TEXT_ONLY = (AUDIO_OUTPUT, LOGIT_BIAS, MODERATION)
+# The legacy ``functions`` (answered in ``message.function_call``) to a provider that has only tools are refused,
+# rather than answered as if no function had been offered; an empty list (and ``function_call`` beside it) asks for
+# nothing. A client gives them as ``tools`` instead.
+LEGACY_FUNCTIONS = Unhonoured(
+    param="functions",
+    refused=lambda value: bool(value),
+    dropped=("functions", "function_call"),
+    message="This model takes `tools`, not the legacy `functions`: give each function as a tool of type 'function'.",
+    code="unsupported_parameter",
+)
+# What a provider that answers in text only, with none of OpenAI's logit bias, moderation and legacy functions, cannot
+# honour (Gemini, Ollama).
+TEXT_ONLY = (AUDIO_OUTPUT, LOGIT_BIAS, MODERATION, LEGACY_FUNCTIONS)
 # The same, for a provider with no log probabilities either (Anthropic, Cohere, Mistral).
-TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS, LOGIT_BIAS, MODERATION)
+TEXT_WITHOUT_LOGPROBS = (AUDIO_OUTPUT, LOGPROBS, LOGIT_BIAS, MODERATION, LEGACY_FUNCTIONS)
 
 
 @contextmanager

@@ -25,11 +25,11 @@ Request (OpenAI → Anthropic):
   ``frequency_penalty``, ``presence_penalty``, an empty ``logit_bias``, ``seed``,
   ``response_format`` ``json_object``/``text``, ``store``, ``metadata``, ``service_tier``,
   ``prediction``, ``prompt_cache_key``,
-  ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and the
-  legacy ``functions``/``function_call``. ``n`` other than 1 cannot be honoured and is refused; so is audio
-  output (``modalities`` with ``"audio"``: the adapter's ``unhonoured_refused``, before this translation), and
-  ``logprobs: true`` (Claude returns none: the same refusal, which leaves ``false`` out), and a ``logit_bias``
-  that bans or favours a token (Claude has none: the same refusal).
+  ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and an empty
+  legacy ``functions`` (with its ``function_call``). ``n`` other than 1 cannot be honoured and is refused;
+  so, by the adapter's ``unhonoured_refused`` before this translation, are audio output (``modalities`` with
+  ``"audio"``), ``logprobs: true`` (Claude returns none; ``false`` is left out), a ``logit_bias`` that bans or
+  favours a token (Claude has none) and a list of legacy ``functions`` (Claude takes tools only).
 
 Response (Anthropic → OpenAI): a ``message`` becomes a ``chat.completion``; a stream of Messages
 events becomes ``chat.completion.chunk`` objects through :class:`StreamTranslator`, ending with a

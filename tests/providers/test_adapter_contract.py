@@ -334,6 +334,28 @@ async def test_a_moderation_asked_for_is_sent_on_or_refused_by_a_provider_that_h
     assert (await adapter.complete(chat(entry, "hi", moderation=None)))["choices"][0]["message"]["content"]
 
 
+async def test_the_legacy_functions_are_sent_on_or_refused_by_a_provider_that_has_none(adapter, entry, fake_upstream):
+    """The legacy ``functions`` (and ``function_call``) offer the model functions it answers in
+    ``message.function_call``: a provider without them (every one but OpenAI's protocol, whose servers answer them)
+    refuses them before any call, naming ``functions``, rather than answer as if no function had been offered (until
+    6 December Claude, Gemini, Cohere and Ollama dropped them unsaid, and Mistral refused them with its 422 after the
+    call); an empty list asks for nothing."""
+    weather = WEATHER_TOOL["function"]
+    body = chat(entry, "Oslo", functions=[weather], function_call={"name": weather["name"]})
+    served = fake_upstream.requests_served()
+    if entry.moderation:  # the OpenAI-protocol kinds, which send OpenAI's own fields on
+        completion = await adapter.complete(body)
+        assert completion["choices"][0]["message"]["function_call"]["name"] == weather["name"]
+    else:
+        for call in (adapter.complete, lambda body: collect(adapter.stream(body))):
+            with pytest.raises(ProviderBadRequestError) as caught:
+                await call(body)
+            error = caught.value
+            assert (error.status_code, error.param, error.code) == (400, "functions", "unsupported_parameter"), error
+        assert fake_upstream.requests_served() == served
+    assert (await adapter.complete(chat(entry, "hi", functions=[])))["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(
     "unhonoured",
     [
