@@ -106,9 +106,10 @@ _SUMMARY_NAMES = ("summary", "generate_summary")
 # The fields of ``reasoning`` (the spec's ``Reasoning``); any other is refused, naming it, rather than dropped.
 _REASONING_FIELDS = frozenset({"effort", "mode", "context", *_SUMMARY_NAMES})
 # ``reasoning.context``: which turns' reasoning the model is shown. ``auto`` leaves it to the model (its provider);
-# ``current_turn`` is kept by sending only this turn's; ``all_turns`` cannot be promised, since the provider decides
-# what of an earlier turn's reasoning its model reads (Claude before Opus 4.5 strips it, DeepSeek ignores it).
-_REASONING_CONTEXTS = frozenset({"auto", "current_turn"})
+# ``current_turn`` is kept by sending only this turn's; ``all_turns`` by sending every turn's given back, as llmhub
+# does anyway (what of an earlier turn's a model then reads is its own: Claude before Opus 4.5 strips it, as OpenAI's
+# models before gpt-5.6 do, whose default ``current_turn`` is).
+_REASONING_CONTEXTS = frozenset({"auto", "current_turn", "all_turns"})
 # Finish reasons that leave a response incomplete, with the reason the Responses API gives.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # The tools a client runs itself beside its functions, as Codex and the Agents SDK send them: each becomes a function
@@ -615,8 +616,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     if isinstance(reasoning, dict) and reasoning.get("context") is not None:
         if not _named(reasoning["context"], _REASONING_CONTEXTS):
             _fail(
-                "Unsupported value for 'reasoning.context': only 'auto' and 'current_turn' are accepted here; "
-                "which earlier turns' reasoning a model reads is its provider's choice, so 'all_turns' cannot be kept.",
+                "Invalid value for 'reasoning.context': expected 'auto', 'current_turn' or 'all_turns'.",
                 "reasoning.context",
                 "unsupported_value",
             )

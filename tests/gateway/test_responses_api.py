@@ -858,8 +858,6 @@ def test_a_summary_auto_under_either_name_is_taken_and_answered_with_none(gatewa
         ({"mode": "pro"}, "reasoning.mode", "unsupported_value"),
         ({"mode": "pro", "effort": "high"}, "reasoning.mode", "unsupported_value"),
         ({"mode": ["standard"]}, "reasoning.mode", "unsupported_value"),
-        # Every turn's reasoning rendered: llmhub sends each item back, but the provider decides what it reads.
-        ({"context": "all_turns"}, "reasoning.context", "unsupported_value"),
         ({"context": "every_turn"}, "reasoning.context", "unsupported_value"),
         ({"effort": "low", "budget": 10}, "reasoning.budget", "unknown_parameter"),
     ],
@@ -879,8 +877,8 @@ def test_a_reasoning_mode_or_context_llmhub_cannot_keep_is_a_400_naming_it(gatew
 @pytest.mark.parametrize("model", MODELS)
 def test_reasoning_context_current_turn_sends_no_earlier_turn_s_reasoning(gateway, model):
     """``reasoning.context: current_turn`` renders the reasoning of this turn only (since the last user message): an
-    earlier turn's reasoning item given back is not sent, this turn's is; ``auto`` and ``standard`` mode send both,
-    as before (the provider decides)."""
+    earlier turn's reasoning item given back is not sent, this turn's is; ``auto``, ``all_turns`` and ``standard`` mode
+    send both, as before (the provider decides what its model reads)."""
 
     def thought(text: str) -> dict:
         # As llmhub answers it: the text in the clear (what an OpenAI-protocol model is sent), and Claude's signed
@@ -909,6 +907,8 @@ def test_reasoning_context_current_turn_sends_no_earlier_turn_s_reasoning(gatewa
 
     both = sent({"context": "auto", "mode": "standard"})
     assert "EARLIER-THOUGHT" in both and "CURRENT-THOUGHT" in both
+    every_turn = sent({"context": "all_turns"})  # what OpenAI's gpt-5.6 does by default: taken, not refused
+    assert "EARLIER-THOUGHT" in every_turn and "CURRENT-THOUGHT" in every_turn
     only_current = sent({"context": "current_turn"})
     assert "EARLIER-THOUGHT" not in only_current and "CURRENT-THOUGHT" in only_current
 
