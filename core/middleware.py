@@ -9,6 +9,7 @@ chain it is in: the async path runs on the event loop, the sync one in the reque
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 
 
-class SyncAndAsyncMiddleware:
+class SyncAndAsyncMiddleware(ABC):
     sync_capable = True
     async_capable = True
 
@@ -32,10 +33,10 @@ class SyncAndAsyncMiddleware:
             return self.acall(request)
         return self.call(request)
 
+    @abstractmethod
     def call(self, request: HttpRequest) -> HttpResponseBase:
         """The synchronous chain's work: ``self.get_response(request)`` and what the middleware adds."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def acall(self, request: HttpRequest) -> HttpResponseBase:
         """The asynchronous chain's work: ``await self.get_response(request)`` and what the middleware adds."""
-        raise NotImplementedError

@@ -62,3 +62,15 @@ async def test_an_asynchronous_chain_runs_the_async_path_on_the_event_loop(view)
     assert response["X-Path"] == f"async {threading.get_ident()}"
     if view == "async":
         assert response.content.decode() == str(threading.get_ident())  # nothing moved the request off the loop
+
+
+def test_a_middleware_that_writes_one_path_only_cannot_be_built():
+    """Both paths are abstract: a subclass without its async path fails when Django builds the chain, not on the
+    first request an async server hands it."""
+
+    class SyncOnly(SyncAndAsyncMiddleware):
+        def call(self, request):
+            return self.get_response(request)
+
+    with pytest.raises(TypeError, match="acall"):
+        SyncOnly(lambda request: None)
