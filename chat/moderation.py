@@ -42,6 +42,8 @@ logger = logging.getLogger("llmhub.moderation")
 # The operations whose text is moderated (embeddings are not: nothing is said back).
 MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES, Operation.RESPONSES, Operation.COMPLETIONS})
 T = TypeVar("T")
+# What a streamed reply's question to a moderation service reads: the reply's last this many characters.
+_REPLY_TAIL_CHARS = 32_000
 # Audit writes in flight, kept referenced until done (the event loop keeps only weak references).
 _background: set[asyncio.Task[Any]] = set()
 
@@ -655,7 +657,8 @@ class _ChoiceGuard:
 
     def _ask(self, policy: PolicySnapshot) -> None:
         self._seen[policy.id] = self._length
-        self._asked[policy.id] = asyncio.ensure_future(policy.ask_service(self._text()))
+        # The reply's last characters, as many as before the service was sent inputs of a size it reads whole.
+        self._asked[policy.id] = asyncio.ensure_future(policy.ask_service(self._text()[-_REPLY_TAIL_CHARS:]))
 
     async def _collect(self, policy: PolicySnapshot, *, wait: bool) -> None:
         task = self._asked.get(policy.id)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import _sre
 import asyncio
 import functools
+import itertools
 import re
 import unicodedata
 from bisect import bisect_right
@@ -56,12 +57,20 @@ SCAN_LIMIT_CHARS = 200_000
 # What a stream's scan re-reads before its new text when the list holds patterns (their length is not
 # known): a pattern match longer than this that spans two checks is found only by the final check.
 PATTERN_OVERLAP_CHARS = 256
-# The OpenAI checker sees at most the last this many characters of a reply (its API's own input limit
-# is far larger, but the cost of a check grows with it: a stream asks again at each mark). A request's input
-# is sent whole, as several inputs of this many characters in one call, each re-reading the end of the one
-# before (``OPENAI_SEAM_CHARS``), so that a passage across their seam is read whole by one of them.
-OPENAI_INPUT_CHARS = 32_000
-OPENAI_SEAM_CHARS = 1_000
+# What the OpenAI checker sends the moderation service. A text is sent as inputs of at most ``OPENAI_INPUT_CHARS``
+# characters, each re-reading the last ``OPENAI_SEAM_CHARS`` of the one before, so that a passage across their seam
+# is read whole by one of them; at most ``OPENAI_INPUTS_PER_CALL`` inputs a call, and at most
+# ``OPENAI_CALLS_AT_ONCE`` calls in flight for one text. OpenAI's moderation reads only the start of a long input
+# (its models page: text-moderation truncates past 32,768 tokens; omni-moderation was reported to answer an input
+# past about 4,000 tokens as if it were empty, Wei-Shaw/sub2api#5214), and 4,000 characters are at most about
+# 4,000 tokens in any script a token a character or less (about 1,000 in English). OpenAI documents no number of
+# inputs a call: 32 keep a call's body about 130 KB (about 32,000 tokens of English) and its answer quick. So the
+# text of one request (at most ``LLMHUB_MAX_REQUEST_TEXT_CHARS``, 4,000,000 characters) costs at most 36 calls,
+# about 1.14 times its characters sent (``docs/moderation.md``, "What a long input costs").
+OPENAI_INPUT_CHARS = 4_000
+OPENAI_SEAM_CHARS = 500
+OPENAI_INPUTS_PER_CALL = 32
+OPENAI_CALLS_AT_ONCE = 4
 # The words' trie is written as nested groups this many characters deep, and as an alternation of the rest below
 # that: ``re`` parses a group within a group recursively, and a few hundred levels exhaust Python's stack.
 _TRIE_DEPTH = 64
@@ -825,26 +834,61 @@ class PolicySnapshot:
         """The policy's verdict on ``text``; ``ModerationServiceError`` when the service gives none."""
         if self.is_blocklist:
             return await self.blocklist.scan_whole(text) if self.blocklist else None
-        return await self.ask_service(text, whole=True)
+        return await self.ask_service(text)
 
-    async def ask_service(self, text: str, *, whole: bool = False) -> Hit | None:
-        """The moderation service's verdict on the last ``OPENAI_INPUT_CHARS`` of ``text`` (a reply so far), or
-        on all of it (``whole``: a request's input, which read only the last ones let a passage ahead of them
-        through unchecked), in pieces of that size sent together."""
+    async def ask_service(self, text: str) -> Hit | None:
+        """The moderation service's verdict on all of ``text``, sent as ``service_inputs`` (of a size the service
+        reads whole), ``OPENAI_INPUTS_PER_CALL`` a call, ``OPENAI_CALLS_AT_ONCE`` calls at a time, each within the
+        policy's timeout. The first flag found is the verdict (the calls still out are cancelled: whatever else
+        they find, the text is flagged); a call that fails fails the whole (the policy decides)."""
         if self.provider is None:
             raise ModerationServiceError(f"the policy {self.name!r} names no moderation provider")
-        inputs: str | list[str] = text[-OPENAI_INPUT_CHARS:]
-        if whole and len(text) > OPENAI_INPUT_CHARS:
-            step = OPENAI_INPUT_CHARS - OPENAI_SEAM_CHARS
-            inputs = [text[at : at + OPENAI_INPUT_CHARS] for at in range(0, len(text) - OPENAI_SEAM_CHARS, step)]
+        inputs = service_inputs(text)
+        calls = iter([inputs[at : at + OPENAI_INPUTS_PER_CALL] for at in range(0, len(inputs), OPENAI_INPUTS_PER_CALL)])
+        pending = {
+            asyncio.ensure_future(self._ask_call(batch)) for batch in itertools.islice(calls, OPENAI_CALLS_AT_ONCE)
+        }
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    hit = task.result()
+                    if hit is not None:
+                        return hit
+                pending |= {
+                    asyncio.ensure_future(self._ask_call(batch)) for batch in itertools.islice(calls, len(done))
+                }
+            return None
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _ask_call(self, inputs: list[str]) -> Hit | None:
+        """One call to the service about ``inputs`` (one input sent as a string)."""
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                results = await adapter_for(self.provider).moderate(inputs, model=self.model)
+                given = inputs[0] if len(inputs) == 1 else inputs
+                results = await adapter_for(self.provider).moderate(given, model=self.model)
         except TimeoutError:
             raise ModerationServiceError(f"no answer within {self.timeout_seconds:g} seconds") from None
         except ProviderError as exc:
             raise ModerationServiceError(exc.message) from None
+        if isinstance(results, list) and len(results) != len(inputs):  # an input without its verdict went unread
+            raise ModerationServiceError(
+                f"the moderation service answered {len(results)} results for {len(inputs)} inputs"
+            )
         return hit_from_results(results, self.categories)
+
+
+def service_inputs(text: str) -> list[str]:
+    """``text`` as the inputs the moderation service is sent: pieces of at most ``OPENAI_INPUT_CHARS``
+    characters, each re-reading the last ``OPENAI_SEAM_CHARS`` of the one before."""
+    if len(text) <= OPENAI_INPUT_CHARS:
+        return [text]
+    step = OPENAI_INPUT_CHARS - OPENAI_SEAM_CHARS
+    return [text[at : at + OPENAI_INPUT_CHARS] for at in range(0, len(text) - OPENAI_SEAM_CHARS, step)]
 
 
 def hit_from_results(results: Any, wanted: frozenset[str]) -> Hit | None:

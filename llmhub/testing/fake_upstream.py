@@ -224,7 +224,12 @@ Moderation
     An input is flagged in the categories it names with markers ``[flag:CATEGORY]`` (single brackets, so a
     marker survives the echo and ``[[reply=...]]`` into a chat reply: the same text flags a prompt and the
     reply that repeats it), e.g. ``[flag:violence]`` or ``[flag:self-harm/intent]``; only OpenAI's category
-    names count (``MODERATION_CATEGORIES``). A flagged category scores 0.99, the others 0.0001. It is counted
+    names count (``MODERATION_CATEGORIES``). A flagged category scores 0.99, the others 0.0001. As OpenAI's, it
+    reads only the start of a long input (``MODERATION_READ_CHARS``, its first 16,000 characters, about 4,000
+    tokens of English), so a marker past that in one input is not seen: OpenAI's moderation models truncate an
+    input (its models page: past 32,768 tokens), and omni-moderation was reported (Wei-Shaw/sub2api#5214) to
+    answer any input past about 4,000 tokens with the scores of an empty one. Every request is in ``requests``
+    with its body, so a test counts what it was sent. It is counted
     in ``/__stats`` like every path; the faults apply as for chat (a ``[[fault=...]]`` or ``[[latency=MS]]``
     in the input, the ``x-fake-fault`` header, or a standing fault, which ``/__control {"fault": "503",
     "models": ["omni-moderation-latest"]}`` limits to the moderation model so that chat keeps working).
@@ -281,6 +286,7 @@ __all__ = [
     "EMBEDDING_MODELS",
     "MODELS",
     "MODERATION_CATEGORIES",
+    "MODERATION_READ_CHARS",
     "FakeUpstream",
     "FakeUpstreams",
     "UpstreamHandle",
@@ -431,6 +437,8 @@ MODERATION_CATEGORIES: tuple[str, ...] = (
     "violence",
     "violence/graphic",
 )
+# How much of each input ``/v1/moderations`` reads (see Moderation in the module docstring).
+MODERATION_READ_CHARS = 16_000
 _FLAG_RE = re.compile(r"\[flag:([a-z/-]+)\]")
 _DIRECTIVE_RE = re.compile(r"\s*\[\[([a-z][a-z0-9_]*)=(.*?)\]\]")
 _TOKEN_RE = re.compile(r"\s*\S+")
@@ -2567,7 +2575,8 @@ class _App:
             )
         results = []
         for item in items:
-            marked = {name for name in _FLAG_RE.findall(item) if name in MODERATION_CATEGORIES}
+            read = item[:MODERATION_READ_CHARS]  # the rest of a long input is not read, as OpenAI's
+            marked = {name for name in _FLAG_RE.findall(read) if name in MODERATION_CATEGORIES}
             results.append(
                 {
                     "flagged": bool(marked),

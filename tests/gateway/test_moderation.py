@@ -868,9 +868,15 @@ def test_the_openai_checker_blocks_a_flagged_input_before_the_call(gateway):
     assert record.moderation == 'blocked input: violence, policy "policy-gpt-test"'
 
 
+def moderation_inputs(gateway) -> list[list[str]]:
+    """The inputs of each call the fake upstream's /v1/moderations was sent, in order."""
+    calls = [r["body"]["input"] for r in gateway.upstream.requests if r["path"] == MODERATIONS]
+    return [[given] if isinstance(given, str) else given for given in calls]
+
+
 def test_the_openai_checker_is_asked_about_the_whole_input_in_one_call(gateway):
     """It was asked about the last 32,000 characters only: a flagged passage ahead of that much text went
-    upstream. The whole input goes now, as several inputs of at most 32,000 characters in the one call."""
+    upstream. The whole input goes now, as several inputs of at most 4,000 characters in the one call."""
     policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
     text = "hello [flag:violence] " + "lorem ipsum " * 6_000  # 72,022 characters
 
@@ -879,12 +885,49 @@ def test_the_openai_checker_is_asked_about_the_whole_input_in_one_call(gateway):
 
     assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
     assert gateway.upstream.requests_served(CHAT) == 0
-    (moderated,) = [r["body"]["input"] for r in gateway.upstream.requests if r["path"] == MODERATIONS]
-    assert len(moderated) == 3 and all(len(part) <= 32_000 for part in moderated)
-    assert moderated[0].startswith("hello [flag:violence]") and moderated[-1].endswith(text[-1_000:])
+    (moderated,) = moderation_inputs(gateway)
+    assert len(moderated) == 21 and all(len(part) <= 4_000 for part in moderated)
+    assert moderated[0].startswith("hello [flag:violence]") and moderated[-1].endswith(text[-500:])
     clean = "hello" + " lorem ipsum" * 6_000
     reply = gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": clean}])
     assert reply.choices[0].message.content == f"Echo: {clean}"
+
+
+def test_a_long_input_is_asked_in_pieces_the_service_reads_whole(gateway):
+    """A 36,000-character input went as inputs of 32,000 characters, of which OpenAI's moderation reads only the
+    start (the fake upstream its first 16,000 characters, about 4,000 tokens): a passage flagged 24,000 characters
+    in reached the model unread. Each input is at most 4,000 characters now, read whole."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
+    text = "lorem ipsum " * 2_000 + "[flag:violence] " + "lorem ipsum " * 1_000
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": text}])
+
+    assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
+    assert gateway.upstream.requests_served(CHAT) == 0
+    assert all(len(part) <= 4_000 for call in moderation_inputs(gateway) for part in call)
+
+
+def test_a_very_long_input_costs_the_service_calls_in_proportion_to_it(gateway):
+    """400,000 characters went in one call of 13 inputs of 32,000, a body of 400 KB: the whole input in one
+    question, however long (4,000,000 characters may be sent). They go as 4 calls of at most 32 inputs of at most
+    4,000 characters, each input re-reading the last 500 characters of the one before: about 1.14 times the text,
+    every character of it in some input."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
+    text = " ".join(f"{number:07d}" for number in range(50_000))  # 399,999 characters, no two places alike
+
+    reply = gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": text}])
+
+    assert reply.choices[0].message.content == f"Echo: {text}"
+    calls = moderation_inputs(gateway)
+    assert len(calls) == 4 and all(len(call) <= 32 for call in calls)
+    parts = [part for call in calls for part in call]
+    assert all(len(part) <= 4_000 for part in parts)
+    starts = [text.index(part) for part in parts]
+    ends = [start + len(part) for start, part in zip(starts, parts, strict=True)]
+    assert starts[0] == 0 and ends[-1] == len(text) and starts == sorted(starts)
+    assert all(end - start >= 500 for end, start in zip(ends, starts[1:], strict=False))  # each seam read whole
+    assert sum(map(len, parts)) <= 1.15 * len(text)
 
 
 def test_the_openai_checker_lets_a_clean_input_through_and_counts_only_its_categories(gateway):
