@@ -30,7 +30,14 @@ from audit.services import Actor, audit_record
 from billing.models import Operation
 from billing.selectors import user_limits
 from providers.exceptions import ProviderBadRequestError, ProviderUnavailableError
-from providers.moderation import Hit, ModerationServiceError, PlainText, PolicySnapshot, moderation_policies
+from providers.moderation import (
+    OPENAI_SEAM_CHARS,
+    Hit,
+    ModerationServiceError,
+    PlainText,
+    PolicySnapshot,
+    moderation_policies,
+)
 from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, thinking_block_texts
 from providers.types import ResolvedModel
 
@@ -42,8 +49,6 @@ logger = logging.getLogger("llmhub.moderation")
 # The operations whose text is moderated (embeddings are not: nothing is said back).
 MODERATED = frozenset({Operation.CHAT, Operation.MESSAGES, Operation.RESPONSES, Operation.COMPLETIONS})
 T = TypeVar("T")
-# What a streamed reply's question to a moderation service reads: the reply's last this many characters.
-_REPLY_TAIL_CHARS = 32_000
 # Audit writes in flight, kept referenced until done (the event loop keeps only weak references).
 _background: set[asyncio.Task[Any]] = set()
 
@@ -351,8 +356,9 @@ class ReplyGuard:
     whether it is a whole word), ``feed`` says the piece must be held back, and the next piece is scanned
     whatever the mark: relaying it would hand the client the very words the policy blocks (``relay`` does
     the holding). OpenAI policies are asked at the same marks in a background task, so the relay does not
-    wait for them: a verdict is read at the next piece (a block cuts the stream there), and ``finish`` waits
-    for the last one and checks the whole reply once more before the stream may end cleanly."""
+    wait for them: a verdict is read at the next piece (a block cuts the stream there), each question about
+    what none has read yet and the ``OPENAI_SEAM_CHARS`` before it, and ``finish`` waits for the last one and
+    asks about the rest before the stream may end cleanly."""
 
     def __init__(self, moderation: Moderation, policies: list[PolicySnapshot]) -> None:
         self.moderation = moderation
@@ -554,31 +560,49 @@ class _ChoiceGuard:
     def __init__(self, moderation: Moderation, policies: list[PolicySnapshot], done: set[int]) -> None:
         self.moderation = moderation
         self.policies = policies
+        # What a moderation service's next question reads: the reply from ``_base`` on (none under block-lists).
         self._parts: list[str] = []
+        self._base = 0
+        self._asks = any(not p.is_blocklist for p in policies)
         self._length = 0
         # What block-lists read: the reply's plain form, built as it comes (each piece is looked at once).
         self._plain = PlainText(whole=False) if any(p.is_blocklist for p in policies) else None
         self._scanned: dict[int, int] = {p.id: 0 for p in policies}  # block-list: plain characters scanned
         self._marked: dict[int, int] = {p.id: 0 for p in policies}  # length at the last check
         self._asked: dict[int, asyncio.Task[Hit | None]] = {}  # service: the question in flight
-        self._seen: dict[int, int] = {}  # service: the length of the reply it was last asked about
+        self._judged: dict[int, int] = {p.id: 0 for p in policies}  # service: the reply's length it was last asked
         self._done = done  # the reply's: a flag is recorded once whichever choice it is found in
         self._holding: set[int] = set()  # blocking block-lists whose text so far may end in a hit
         self._finished = -1  # the length of the reply ``finish`` last passed
 
-    def _text(self) -> str:
+    def _text_from(self, start: int) -> str:
+        """The reply from ``start`` (not before ``_base``) to its end."""
         if len(self._parts) > 1:
             self._parts = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
+        text = self._parts[0] if self._parts else ""
+        return text[max(0, start - self._base) :]
+
+    def _release_text(self) -> None:
+        """Let go of the reply before what any moderation service's next question re-reads."""
+        keep = min(
+            (
+                max(0, self._judged[p.id] - OPENAI_SEAM_CHARS)
+                for p in self.policies
+                if not p.is_blocklist and p.id not in self._done
+            ),
+            default=self._length,
+        )
+        if keep > self._base:
+            self._parts = [self._text_from(keep)]
+            self._base = keep
 
     @property
     def holding(self) -> bool:
         return bool(self._holding)
 
     async def feed(self, piece: str) -> None:
-        self._parts.append(piece)
-        if len(self._parts) > 64:  # a block-list reads the plain form: the text as sent is joined only now and then
-            self._parts = ["".join(self._parts)]
+        if self._asks:
+            self._parts.append(piece)
         self._length += len(piece)
         if self._plain is not None:
             self._plain.add(piece)
@@ -627,7 +651,7 @@ class _ChoiceGuard:
                 self._scan(policy, final=True)
                 continue
             await self._collect(policy, wait=True)
-            if policy.id not in self._done and self._seen.get(policy.id) != self._length:
+            if policy.id not in self._done and self._judged[policy.id] != self._length:
                 self._ask(policy)
                 await self._collect(policy, wait=True)
         self._finished = self._length
@@ -656,9 +680,14 @@ class _ChoiceGuard:
             self._found(policy, hit)
 
     def _ask(self, policy: PolicySnapshot) -> None:
-        self._seen[policy.id] = self._length
-        # The reply's last characters, as many as before the service was sent inputs of a size it reads whole.
-        self._asked[policy.id] = asyncio.ensure_future(policy.ask_service(self._text()[-_REPLY_TAIL_CHARS:]))
+        """Ask the service about what no question read yet, and the ``OPENAI_SEAM_CHARS`` before it: a passage
+        of up to that many characters across the seam is read whole by this question. Sent the reply so far,
+        each question cost its length (a long reply the square of it); sent its last 32,000 characters, a
+        passage further back that streamed while a question was out was never read."""
+        start = max(0, self._judged[policy.id] - OPENAI_SEAM_CHARS)
+        self._judged[policy.id] = self._length
+        self._asked[policy.id] = asyncio.ensure_future(policy.ask_service(self._text_from(start)))
+        self._release_text()
 
     async def _collect(self, policy: PolicySnapshot, *, wait: bool) -> None:
         task = self._asked.get(policy.id)

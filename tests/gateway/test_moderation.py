@@ -982,6 +982,58 @@ def test_the_openai_checker_cuts_a_streamed_reply(gateway):
     assert gateway.upstream.requests_served(MODERATIONS) >= 1
 
 
+def test_a_long_streamed_reply_costs_the_service_in_proportion_to_its_length(gateway):
+    """Each question about a streamed reply sent the reply so far (its last 32,000 characters): a reply asked every
+    200 characters cost the square of its length (20,000 characters: hundreds of thousands sent). Each question now
+    sends what no question has read yet and the 500 characters before it, so the reply is read whole, about
+    once, plus 500 characters a question."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_input=False, stream_interval_chars=200)
+    words = [f"{number:039d}" for number in range(500)]  # 20,000 characters with the spaces, no two places alike
+    prompt = "[[tps=400]] [[reply=" + " ".join(words) + "]]"
+
+    events, _ = sse_stream(
+        gateway, {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    )
+
+    assert events[-1] == "[DONE]"
+    reply = delivered_text(events)
+    parts = [part for call in moderation_inputs(gateway) for part in call]
+    questions = gateway.upstream.requests_served(MODERATIONS)
+    assert (
+        sum(map(len, parts)) <= len(reply) + 500 * questions <= 3.5 * len(reply) + 500
+    )  # a question a mark, and the last
+    read = [False] * len(reply)
+    for part in parts:
+        start = reply.index(part)
+        read[start : start + len(part)] = [True] * len(part)
+    assert all(read)
+
+
+def test_a_streamed_reply_is_read_whole_however_slow_the_service(gateway):
+    """A question is out while the reply streams on: the next (and the final one) sent the reply's last 32,000
+    characters, so a passage flagged further back than that, which streamed while the service was thinking,
+    was never read and the stream ended with a clean [DONE]. The next question reads everything since the last
+    one's end (and 500 characters before it), however much came meanwhile."""
+    policy_on(
+        "gpt-test",
+        checker=ModerationChecker.OPENAI,
+        check_input=False,
+        stream_interval_chars=200,
+        timeout_seconds=Decimal("30"),
+    )
+    gateway.upstream.handles[0].set_timing(latency_ms=2_000)  # the chat's call, and each question
+    calm = " ".join(["x" * 60] * 100) + " [flag:violence] " + " ".join(["y" * 60] * 700)  # 49,000 characters
+
+    events, request_id = sse_stream(
+        gateway,
+        {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": f"[[reply={calm}]]"}]},
+    )
+
+    assert "[DONE]" not in events and events[-1]["error"]["code"] == "content_policy_violation"
+    record = wait_for_record(request_id)
+    assert record.moderation == 'blocked output: violence, policy "policy-gpt-test"'
+
+
 # A FAILING MODERATION SERVICE
 
 
