@@ -930,6 +930,24 @@ def test_a_very_long_input_costs_the_service_calls_in_proportion_to_it(gateway):
     assert sum(map(len, parts)) <= 1.15 * len(text)
 
 
+def test_a_very_long_inputs_calls_go_four_at_a_time(gateway):
+    """The calls of one input go at most 4 at once: 5 calls that take 2 seconds each take two rounds, 4 seconds,
+    not 10 (one at a time) nor 2 (all at once, whatever the input's length)."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
+    gateway.upstream.handles[0].set_timing(latency_ms=2_000)  # the chat's call, and each moderation call
+    text = " ".join(f"{number:07d}" for number in range(66_000))  # 527,999 characters: 151 inputs, 5 calls
+
+    started = time.monotonic()
+    reply = gateway.client(timeout=60).chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": text}]
+    )
+    took = time.monotonic() - started
+
+    assert reply.choices[0].message.content == f"Echo: {text}"
+    assert [len(call) for call in moderation_inputs(gateway)] == [32, 32, 32, 32, 23]
+    assert 6 <= took < 10, took  # two rounds of calls, then the chat's
+
+
 def test_the_openai_checker_lets_a_clean_input_through_and_counts_only_its_categories(gateway):
     policy_on("gpt-test", checker=ModerationChecker.OPENAI, categories=["self-harm"], check_output=False)
     client = gateway.client()
