@@ -23,6 +23,7 @@ import uuid
 from typing import Any
 
 from core.text import text_quoted
+from providers.adapters.common import allowed_tools_narrowed
 from providers.adapters.translate_anthropic import reasoning_text
 
 from .validation import (
@@ -693,10 +694,20 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         # The model may call only these: they alone are sent, with the mode as the choice, as few chat upstreams
         # (not Claude, Gemini, Mistral nor most OpenAI-compatible servers) take chat completions' own allowed_tools.
+        # Narrowed as an adapter narrows chat completions' own choice (``allowed_tools_narrowed``), for every
+        # provider: the client's tools are checked here, in the Responses API's words.
         names = _allowed_functions(choice, body.get("tools"))
-        given = [index for index, tool in enumerate(chat["tools"]) if tool["function"]["name"] in names]
-        chat["tools"] = [chat["tools"][index] for index in given]
-        chat["tool_choice"] = choice["mode"]
+        defined = chat["tools"]
+        chat["tool_choice"] = {
+            "type": "allowed_tools",
+            "allowed_tools": {
+                "mode": choice["mode"],
+                "tools": [{"type": "function", "function": {"name": name}} for name in sorted(names)],
+            },
+        }
+        chat = allowed_tools_narrowed(chat)
+        kept = {id(tool) for tool in chat["tools"]}
+        given = [index for index, tool in enumerate(defined) if id(tool) in kept]
         tool_fields = {f"tools[{sent}]": f"tools[{index}]" for sent, index in enumerate(given)}
     elif choice is not None:
         chat["tool_choice"] = _tool_choice(choice)

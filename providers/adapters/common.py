@@ -203,7 +203,9 @@ def allowed_tools_narrowed(body: dict[str, Any]) -> dict[str, Any]:
     """``body`` as an upstream without chat completions' ``allowed_tools`` choice takes it: only the tools that
     choice allows are sent, and its mode (``auto`` or ``required``) is the tool choice. The model can call the same
     tools as under OpenAI's own choice; it no longer sees the others, which OpenAI keeps in the prompt for its cache.
-    ``body`` itself without such a choice. Its tools were checked against ``tools`` (``chat.validation``)."""
+    ``body`` itself without such a choice. Its tools were checked against ``tools`` (``chat.validation``). The one
+    narrowing: ``BaseAdapter.prepare_request`` applies it for a provider that does not take the choice, and the
+    Responses API's translation (``chat.translate_responses``) for every provider."""
     choice = body.get("tool_choice")
     if type(choice) is not dict or choice.get("type") != "allowed_tools":
         return body
