@@ -98,7 +98,7 @@ def _plan_changed(**kwargs: Any) -> None:
 @receiver(post_save, sender=CatalogModel)
 def _model_saved(*, instance: CatalogModel, **kwargs: Any) -> None:
     # Added, or renamed to a name rules watch by the name alone: they follow the model from now on.
-    ops_rules_model_bind(model_id=instance.pk, name=instance.name)
+    ops_rules_model_bind(name=instance.name)
 
 
 @receiver(pre_delete, sender=CatalogModel)

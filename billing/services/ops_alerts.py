@@ -36,7 +36,7 @@ from functools import partial
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
+from django.db.models import Count, Exists, F, Max, Min, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.timesince import timesince
@@ -370,6 +370,7 @@ def ops_alerts_evaluate(*, now: datetime | None = None) -> Evaluation:
     now = now or timezone.now()
     evaluation = Evaluation(opened=[], cleared=[])
     _disabled_rules_close(now=now, evaluation=evaluation)
+    ops_rules_model_bind()
     for rule in OpsAlertRule.objects.filter(enabled=True).select_related("model"):
         try:
             _rule_evaluate(rule, now=now, evaluation=evaluation)
@@ -708,12 +709,18 @@ def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None 
     return closed
 
 
-def ops_rules_model_bind(*, model_id: int, name: str) -> int:
-    """Bind the rules watching ``name`` by the name alone (given it before the model was added to the catalog, or
-    after their model was deleted) to the catalog model saved with that name (added, or renamed to it): watched by
-    the name only, the model renamed later was watched by them no more. A rule bound to a model is left as it is.
-    How many it bound."""
-    return OpsAlertRule.objects.filter(model__isnull=True, model_name=name).update(model_id=model_id)
+def ops_rules_model_bind(*, name: str | None = None) -> int:
+    """Bind the rules watching a name by the name alone (given it before the model was added to the catalog, or
+    after their model was deleted) to the catalog model that has the name now (added, or renamed to it): watched by
+    the name only, the model renamed later was watched by them no more. ``name``: only the rules watching it (a
+    model saved with it, its ``post_save``); every such rule otherwise (the evaluator, each run: a model renamed
+    through a queryset's ``update()``, a bulk load, sends no signal). A rule bound to a model is left as it is. How
+    many it bound."""
+    rules = OpsAlertRule.objects.filter(model__isnull=True).exclude(model_name="")
+    if name is not None:
+        rules = rules.filter(model_name=name)
+    named = CatalogModel.objects.filter(name=OuterRef("model_name")).values("pk")[:1]
+    return rules.filter(Exists(named)).update(model_id=Subquery(named))
 
 
 def _gone_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:

@@ -1290,6 +1290,29 @@ def test_a_rule_watching_a_name_no_model_had_is_bound_to_the_model_given_that_na
     assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m2)"]
 
 
+def test_a_rule_watching_a_name_a_model_is_given_through_update_follows_that_model_across_its_next_rename(webhook):
+    """A rule watching a name no model had was bound to the model given that name only by the model's ``post_save``:
+    a rename through a queryset's ``update()`` (a script, a bulk fix) sends none, so the rule watched the name
+    alone, and the model renamed again was watched by it no more, failing unseen. The evaluator binds such a rule
+    to the model named so when it runs, whatever renamed it: the model fires and clears under its next name."""
+    assert rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="n").model is None
+    model = ModelFactory(name="spare")
+    CatalogModel.objects.filter(pk=model.pk).update(name="n")  # no signal
+    evaluate_at(T0 - timedelta(minutes=10))
+    CatalogModel.objects.filter(pk=model.pk).update(name="n2")
+    for _ in range(2):
+        UsageRecordFactory(model=model, model_name="n2", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
+    evaluate_at(T0 + timedelta(seconds=30))
+    for _ in range(2):
+        UsageRecordFactory(model=model, model_name="n2", created_at=T0 + timedelta(minutes=6))
+    evaluate_at(T0 + timedelta(minutes=7))
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test error_rate (model:n2)",
+        "[llmhub] cleared: test error_rate (model:n2)",
+    ]
+    assert len(ops_hooks(webhook)) == 2
+
+
 def test_the_migration_binds_each_rule_to_the_model_its_name_names_and_back():
     """0045 gives each rule narrowed by name the catalog model so named (its pk, followed across renames from
     then on); one naming no model keeps its name. Reversed, each rule's name is its model's name now."""
