@@ -746,13 +746,33 @@ class OpsAlertRule(models.Model):
         """Bound to the catalog model ``model_name`` names when it has none (a rule created or edited in the shell,
         a fixture, code): by the name alone, it watched a name the model's rename would leave behind. The rule
         the migration 0045 applies to the rules before it; a model an admin chose is kept, and a name no model has
-        is watched as it is."""
+        is watched as it is. A ``model_name`` changed since the rule was read and naming another model than its own
+        (the shell: ``rule.model_name = "gpt-4o"``) binds it to the model so named, or to none (watched by that name;
+        "": every model): kept, the rule watched its old model while its name said another. A name left as read
+        keeps the model, though the model was renamed since (its copy of the name is then stale, the model the
+        rule's)."""
+        read, bound = getattr(self, "_model_name_read", None), self.model_id
+        if read is not None and self.model_name != read and bound is not None and self.model.name != self.model_name:
+            self.model = None
         if self.model_id is None and self.model_name:
             self.model = CatalogModel.objects.filter(name=self.model_name).first()
-            update_fields = kwargs.get("update_fields")
-            if self.model_id is not None and update_fields is not None and "model" not in update_fields:
-                kwargs["update_fields"] = [*update_fields, "model"]
+        update_fields = kwargs.get("update_fields")
+        if self.model_id != bound and update_fields is not None and "model" not in update_fields:
+            kwargs["update_fields"] = [*update_fields, "model"]
         super().save(*args, **kwargs)
+        self._model_name_read = self.model_name
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any) -> OpsAlertRule:
+        rule = super().from_db(db, field_names, values)
+        # The name as read: one changed since (the shell, code) names the model the rule is to watch (``save``).
+        rule._model_name_read = values[field_names.index("model_name")] if "model_name" in field_names else None
+        return rule
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        if "model_name" in self.__dict__:
+            self._model_name_read = self.model_name
 
     @property
     def watched_model_name(self) -> str:

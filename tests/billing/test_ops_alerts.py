@@ -1241,8 +1241,9 @@ def test_a_rule_whose_model_is_deleted_watches_no_other_model_and_the_admin_says
 def test_a_rule_given_a_models_name_in_the_shell_is_bound_to_the_model_and_follows_its_rename():
     """A rule created or edited in the shell with only ``model_name`` was bound to no model until saved in the admin
     (or the migration ran), so it watched by that name, and the model renamed was watched by it no more. Saved with
-    an empty model and a name a catalog model has, it is bound to that model (as 0045 binds them); a model an admin
-    chose is kept, and a name no model has is watched by that name, bound to nothing."""
+    an empty model and a name a catalog model has, it is bound to that model (as 0045 binds them); one bound to
+    another model is bound to the model its new name names, and a name no model has is watched by that name, bound
+    to nothing."""
     model, other = ModelFactory(name="m"), ModelFactory(name="other")
     watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="m")
     assert watched.model_id == model.pk
@@ -1254,7 +1255,7 @@ def test_a_rule_given_a_models_name_in_the_shell_is_bound_to_the_model_and_follo
     later.model_name = "m"
     later.save(update_fields=["model_name"])
     rows = {pk: model_id for pk, model_id in OpsAlertRule.objects.values_list("pk", "model_id")}
-    assert (rows[chosen.pk], rows[typo.pk], rows[later.pk]) == (other.pk, None, model.pk)
+    assert (rows[chosen.pk], rows[typo.pk], rows[later.pk]) == (model.pk, None, model.pk)
 
     model.name = "m2"  # renamed by an admin: the rule follows it
     model.save(update_fields=["name"])
@@ -1262,6 +1263,33 @@ def test_a_rule_given_a_models_name_in_the_shell_is_bound_to_the_model_and_follo
         UsageRecordFactory(model=model, model_name="m2", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
     evaluate_at(T0 + timedelta(seconds=30))
     assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m2)"]
+
+
+def test_a_bound_rule_given_another_models_name_in_the_shell_watches_that_model():
+    """A rule bound to a model kept it when its ``model_name`` was changed in the shell (or any code) and saved: the
+    rule watched the old model under its name while ``model_name`` named another, and the model asked for failed
+    unseen. A name changed since the rule was read binds it to the model so named (none for a name no model has,
+    watched by that name; an empty one: every model), as the admin's form does; a name left as it was keeps the
+    model, renamed since or not."""
+    model, other = ModelFactory(name="m"), ModelFactory(name="other")
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model=other)
+    watched = OpsAlertRule.objects.get(pk=watched.pk)
+    watched.model_name = "m"
+    watched.save(update_fields=["model_name"])
+    for each in (model, other):
+        for _ in range(2):
+            UsageRecordFactory(model=each, model_name=each.name, status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
+    evaluate_at(T0 + timedelta(seconds=30))
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:m)"]
+
+    CatalogModel.objects.filter(pk=model.pk).update(name="m2")  # its copy of the name stale: the model kept
+    watched = OpsAlertRule.objects.get(pk=watched.pk)
+    watched.threshold = Decimal("20")
+    watched.save()
+    assert OpsAlertRule.objects.get(pk=watched.pk).model_id == model.pk
+    watched.model_name = "typo"
+    watched.save()
+    assert (watched.model_id, watched.watched_model_name) == (None, "typo")
 
 
 def test_a_rule_watching_a_name_no_model_had_is_bound_to_the_model_given_that_name_and_follows_its_rename():
