@@ -1646,13 +1646,10 @@ def test_the_wait_before_clearing_is_set_in_the_admin_and_cannot_be_negative(adm
     assert OpsAlertRule.objects.get(pk=watched.pk).clear_after_minutes == 10
 
 
-@pytest.mark.parametrize("how", ["delete page", "bulk action"])
-def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_saying_who(
-    admin_client, admin_user, webhook, settings, how
-):
-    """Deleting a rule deleted its incidents with it, silently: on-call kept a page that never resolved. The
-    open incident is closed and told once, to the rule's own recipients and webhook, as closed because the rule
-    was deleted; the incident stays listed, its rule gone (and the webhook it kept for that notice unshown)."""
+@pytest.fixture
+def firing_on_its_own_channels(webhook, settings) -> OpsAlertRule:
+    """An error-rate rule with its own recipients and webhook (the gateway's webhook unset), whose incident for
+    model m opened at ``T0``, told once: what a deleted rule's incident is closed from."""
     settings.LLMHUB_ALERT_WEBHOOK_URL = ""  # the rule's own webhook only
     watched = rule(
         OpsAlertKind.ERROR_RATE,
@@ -1664,6 +1661,30 @@ def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_say
     for _ in range(2):
         UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
     evaluate_at(T0)
+    return watched
+
+
+def told_closed_once(webhook, because: str) -> None:
+    """The firing and the closing of ``firing_on_its_own_channels``'s incident, each told once on the rule's own
+    channels, the closing as closed, not recovered, ``because``."""
+    assert sent() == [
+        (["oncall@example.com"], "[llmhub] firing: test error_rate (model:m)"),
+        (["oncall@example.com"], "[llmhub] closed, not recovered: test error_rate (model:m)"),
+    ]
+    assert len(webhook.received) == 2
+    assert webhook.received[1]["text"].startswith(
+        f"llmhub: closed, not recovered: test error_rate (model:m): {because}"
+    )
+
+
+@pytest.mark.parametrize("how", ["delete page", "bulk action"])
+def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_saying_who(
+    admin_client, admin_user, webhook, firing_on_its_own_channels, how
+):
+    """Deleting a rule deleted its incidents with it, silently: on-call kept a page that never resolved. The
+    open incident is closed and told once, to the rule's own recipients and webhook, as closed because the rule
+    was deleted; the incident stays listed, its rule gone (and the webhook it kept for that notice unshown)."""
+    watched = firing_on_its_own_channels
     with time_machine.travel(T0 + timedelta(minutes=2), tick=False):
         if how == "delete page":
             response = admin_client.post(f"/admin/billing/opsalertrule/{watched.pk}/delete/", {"post": "yes"})
@@ -1677,14 +1698,7 @@ def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_say
     incident = OpsAlertIncident.objects.get()
     assert (incident.rule, incident.cleared_at) == (None, T0 + timedelta(minutes=2))
     assert incident.closed_because == f"the rule was deleted by {admin_user.username}"
-    assert sent() == [
-        (["oncall@example.com"], "[llmhub] firing: test error_rate (model:m)"),
-        (["oncall@example.com"], "[llmhub] closed, not recovered: test error_rate (model:m)"),
-    ]
-    assert len(webhook.received) == 2
-    assert webhook.received[1]["text"].startswith(
-        f"llmhub: closed, not recovered: test error_rate (model:m): the rule was deleted by {admin_user.username}"
-    )
+    told_closed_once(webhook, f"the rule was deleted by {admin_user.username}")
     evaluate_at(T0 + timedelta(minutes=3))
     with time_machine.travel(T0 + timedelta(minutes=10), tick=False):
         alerts_undelivered_send()
@@ -1699,23 +1713,13 @@ def test_deleting_a_rule_closes_its_open_incident_once_to_its_own_recipients_say
 
 @pytest.mark.parametrize("how", ["shell", "queryset"])
 def test_a_rule_deleted_outside_the_admin_has_its_open_incident_closed_once_where_its_alerts_went(
-    webhook, settings, how
+    webhook, firing_on_its_own_channels, how
 ):
     """A rule deleted outside the admin (``rule.delete()`` in the shell, a queryset's ``delete()``, a script) left
     its open incident open for good, its rule gone: nothing evaluates it, nothing told on-call, and the admin listed
     a page that never resolves. It is closed at the deletion, told once to the rule's own recipients and webhook as
     closed, not recovered ("the rule was deleted"), as the admin's delete does (naming no one)."""
-    settings.LLMHUB_ALERT_WEBHOOK_URL = ""  # the rule's own webhook only
-    watched = rule(
-        OpsAlertKind.ERROR_RATE,
-        threshold=Decimal("10"),
-        minimum_requests=2,
-        email_recipients="oncall@example.com",
-        webhook_url=webhook.url,
-    )
-    for _ in range(2):
-        UsageRecordFactory(model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0 - timedelta(minutes=1))
-    evaluate_at(T0)
+    watched = firing_on_its_own_channels
     with time_machine.travel(T0 + timedelta(minutes=2), tick=False):
         if how == "shell":
             OpsAlertRule.objects.get(pk=watched.pk).delete()
@@ -1729,14 +1733,7 @@ def test_a_rule_deleted_outside_the_admin_has_its_open_incident_closed_once_wher
     incident = OpsAlertIncident.objects.get()
     assert (incident.rule, incident.cleared_at) == (None, T0 + timedelta(minutes=2))
     assert (incident.closed_because, incident.rule_name) == ("the rule was deleted", "test error_rate")
-    assert sent() == [
-        (["oncall@example.com"], "[llmhub] firing: test error_rate (model:m)"),
-        (["oncall@example.com"], "[llmhub] closed, not recovered: test error_rate (model:m)"),
-    ]
-    assert len(webhook.received) == 2
-    assert webhook.received[1]["text"].startswith(
-        "llmhub: closed, not recovered: test error_rate (model:m): the rule was deleted, so nothing watches it now"
-    )
+    told_closed_once(webhook, "the rule was deleted, so nothing watches it now")
 
 
 def test_a_deleted_rules_incidents_undelivered_alerts_still_go_where_the_rules_went(admin_client, webhook, settings):
