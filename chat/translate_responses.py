@@ -27,8 +27,10 @@ from providers.adapters.common import allowed_tools_narrowed
 from providers.adapters.translate_anthropic import reasoning_text
 
 from .validation import (
+    ALLOWED_TOOLS_MODES,
     MAX_MESSAGES,
     MAX_TOKENS_LIMIT,
+    TOOL_CHOICE_MODES,
     InvalidRequestError,
     check_body_and_model,
     check_field_types,
@@ -101,7 +103,6 @@ _MOVED = {
 ENCRYPTED_CONTENT = "reasoning.encrypted_content"
 _INCLUDABLE = frozenset({ENCRYPTED_CONTENT})
 _ROLES = frozenset({"user", "system", "developer", "assistant"})
-_TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
 # A reasoning summary, asked for by its name or by the deprecated one older clients still send.
 _SUMMARY_NAMES = ("summary", "generate_summary")
 # The fields of ``reasoning`` (the spec's ``Reasoning``); any other is refused, naming it, rather than dropped.
@@ -485,7 +486,7 @@ def tool_kinds(body: dict[str, Any]) -> dict[str, str]:
 
 
 def _tool_choice(value: Any) -> Any:
-    if isinstance(value, str) and value in _TOOL_CHOICE_MODES:
+    if _named(value, TOOL_CHOICE_MODES):
         return value
     if isinstance(value, dict) and _named(value.get("type"), frozenset({"function", CUSTOM})):
         if not isinstance(value.get("name"), str) or not value["name"]:
@@ -503,7 +504,7 @@ def _allowed_functions(choice: dict[str, Any], tools: Any) -> set[str]:
     """The functions upstream that an ``allowed_tools`` choice lets the model call: each of its ``tools`` must be one
     of the request's (a function or a custom tool by type and name, or the ``local_shell`` tool); a built-in tool runs
     on OpenAI's servers, as in ``tools``."""
-    if not _named(choice.get("mode"), frozenset({"auto", "required"})):
+    if not _named(choice.get("mode"), ALLOWED_TOOLS_MODES):
         _fail("Invalid value for 'tool_choice.mode': expected 'auto' or 'required'.", "tool_choice.mode")
     listed = choice.get("tools")
     if not isinstance(listed, list) or not listed:

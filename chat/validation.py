@@ -22,7 +22,9 @@ MAX_JSON_DEPTH = 64
 # Token counts are 32-bit in every provider's API; a bound also keeps the budget's Decimal math finite.
 MAX_TOKENS_LIMIT = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-TOOL_CHOICE_MODES = ("none", "auto", "required")
+TOOL_CHOICE_MODES = frozenset({"none", "auto", "required"})
+# The modes of an ``allowed_tools`` choice (chat completions' and the Responses API's alike).
+ALLOWED_TOOLS_MODES = frozenset({"auto", "required"})
 # Fields sent upstream as they come, each with the JSON type OpenAI requires of it: checked here, since a
 # provider refuses one of the wrong type only after the call, or takes it wrongly.
 FIELD_TYPES: dict[str, tuple[type, str]] = {
@@ -435,7 +437,7 @@ def _check_allowed_tools(body: dict[str, Any], allowed: dict[str, Any]) -> None:
     one). Checked here because most upstreams cannot take it, and the adapters send those only the tools it allows
     (``providers.adapters.common.allowed_tools_narrowed``), which needs each one to be there."""
     where = "tool_choice.allowed_tools"
-    if allowed.get("mode") not in ("auto", "required"):
+    if not isinstance(allowed.get("mode"), str) or allowed["mode"] not in ALLOWED_TOOLS_MODES:
         _fail(f"Invalid value for '{where}.mode': expected 'auto' or 'required'.", f"{where}.mode")
     listed = allowed.get("tools")
     if not isinstance(listed, list) or not listed:
