@@ -697,6 +697,7 @@ async def _experiment_enter(
             cache_write_per_mtok=chosen.cache_write_per_mtok,
             cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
             web_search_per_1k=chosen.web_search_per_1k,
+            searches_every_request=chosen.searches_every_request,
         )
         if _overrides_over(narrowed, variant.overrides, operation) or not await _own_keys_serve(caller, narrowed):
             return model, None
@@ -877,6 +878,7 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         cache_write_per_mtok=max(cache_write_price(m) for m in every),
         cache_write_1h_per_mtok=max(cache_write_1h_price(m) for m in every),
         web_search_per_1k=max(m.web_search_per_1k for m in every),
+        searches_every_request=any(m.searches_every_request for m in every),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
 
@@ -1703,7 +1705,7 @@ class CompletionRun:
             if self.operation == Operation.COMPLETIONS:
                 with _prompt_named():
                     return await adapter.text_complete(body)
-            searches = adapter.web_searches(body)
+            searches = adapter.web_searches(body, target)
             return await adapter.complete(body)
 
         def settle(call: _Call) -> None:
@@ -1819,7 +1821,7 @@ class CompletionRun:
                 if self.operation == Operation.COMPLETIONS:
                     with _prompt_named():
                         return await self._first(adapter.text_stream(body))
-                asking = adapter.web_searches(body)
+                asking = adapter.web_searches(body, target)
                 return await self._first(adapter.stream(body))
 
             return once
@@ -2004,9 +2006,13 @@ class CompletionRun:
         others), settled from its usage."""
         request = {key: value for key, value in self.body.items() if key != "stream"}
         message: dict[str, Any] | None = None
+        searches = 0  # those the latest attempt's provider runs unreported (a search model's: ``web_searches``)
 
         async def once(target: ResolvedModel) -> dict[str, Any]:
-            return await adapter_for(target.provider).messages(request, target, headers=headers)
+            nonlocal searches
+            adapter = adapter_for(target.provider)
+            searches = adapter.web_searches(request, target)
+            return await adapter.messages(request, target, headers=headers)
 
         def settle(call: _Call) -> None:
             usage = (message or {}).get("usage")
@@ -2018,6 +2024,7 @@ class CompletionRun:
                 delivered_text="" if reported else written,
                 finish_reason=(message or {}).get("stop_reason"),
                 error_type=call.error_type,
+                web_searches=searches if message is not None else 0,
             )
 
         async with self._upstream_call(settle):
@@ -2053,6 +2060,9 @@ class CompletionRun:
         # (``settle``). Never of an attempt that failed midway: a message with one is no text, so it is not resumed
         # (``_MessagesSplice.resumable``), and an attempt that failed before its first event ran none.
         searched = 0
+        # The searches every attempt that answered ran unreported (a translated search model's: ``web_searches``),
+        # a resumed message's failed ones too, which the provider billed; and those the latest attempt asked.
+        unreported = asking = 0
         splice = _MessagesSplice()
         thought = False  # the current attempt's upstream request had Claude think: it refuses a text prefill
 
@@ -2065,9 +2075,10 @@ class CompletionRun:
                     # The reply's token limit (the reservation's too) covers both parts: the rest only.
                     if isinstance(body.get("max_tokens"), int):
                         body["max_tokens"] = max(1, body["max_tokens"] - text_tokens(prefill))
-                nonlocal thought
+                nonlocal thought, asking
                 thought = _claude_thinks(target.provider, body)
                 adapter = adapter_for(target.provider)
+                asking = adapter.web_searches(body, target)
                 return await self._first(adapter.messages_stream(body, target, headers=headers))
 
             return once
@@ -2096,6 +2107,7 @@ class CompletionRun:
                 finish_reason=stop_reason,
                 error_type=call.error_type,
                 usage_partly_estimated=partly_estimated,
+                web_searches=unreported,
             )
 
         upstream: AsyncIterator[WireEvent] | None = None
@@ -2111,6 +2123,7 @@ class CompletionRun:
         async with self._upstream_call(settle):
             try:
                 first, upstream = await self._call(once_with(None))
+                unreported += asking
                 guard = await self._reply_guard()
                 public_name = self.answered_by.name
                 failed: set[int] = set()
@@ -2169,6 +2182,7 @@ class CompletionRun:
                         first, upstream = await self._call(
                             once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
                         )
+                        unreported += asking
                         guard = await self._reply_guard(guard)  # it may be a fallback under another policy
             finally:
                 if guard is not None:

@@ -123,6 +123,7 @@ class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
                     "cache_write_per_mtok",
                     "cache_write_1h_per_mtok",
                     "web_search_per_1k",
+                    "searches_every_request",
                 )
             },
         ),

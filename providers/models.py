@@ -13,6 +13,7 @@ from django.db import models
 from core.outbox import delivery_field
 
 from .fields import EncryptedMappingField, EncryptedTextField, Secret
+from .tokens import upstream_searches_every_request
 
 
 class ProviderKind(models.TextChoices):
@@ -309,6 +310,16 @@ class CatalogModel(models.Model):
                 )
 
 
+class EveryRequestSearch(models.TextChoices):
+    """Whether a deployment's upstream model searches the web on every request (and bills each search), whatever
+    the request asks: OpenAI's search models do (``providers.tokens.upstream_searches_every_request``), as do
+    answer engines such as Perplexity's Sonar."""
+
+    AUTO = "", "By the upstream id (yes for OpenAI's search models)"
+    ALWAYS = "always", "Always: every request runs a web search"
+    NEVER = "never", "Never: only a request's web_search_options asks for one"
+
+
 class BreakerOverride(models.TextChoices):
     NONE = "", "None (the breaker decides)"
     OPEN = "open", "Forced open (no traffic)"
@@ -337,6 +348,7 @@ class Deployment(models.Model):
         "cache_write_per_mtok",
         "cache_write_1h_per_mtok",
         "web_search_per_1k",
+        "searches_every_request",
         "weight",
         "priority",
         "rpm_limit",
@@ -380,6 +392,19 @@ class Deployment(models.Model):
         blank=True,  # empty (or left out of a form) is 0: ``save``
         help_text="Per 1,000 web searches the provider reports (Anthropic's server_tool_use.web_search_requests: "
         "$10 per 1,000), billed beside the tokens. Empty or 0: searches cost nothing but their tokens.",
+    )
+    searches_every_request = models.CharField(
+        "searches on every request",
+        max_length=8,
+        choices=EveryRequestSearch.choices,
+        default=EveryRequestSearch.AUTO,
+        db_default=EveryRequestSearch.AUTO,  # a row an older release inserts during a deploy: decided by its id
+        blank=True,
+        help_text="Whether the upstream model searches the web before every answer, asked or not (OpenAI's "
+        "gpt-4o-search-preview, gpt-4o-mini-search-preview and gpt-5-search-api do), each request then counted one "
+        "search at the web search price, reserved at admission. Empty: yes for an upstream id of OpenAI's search "
+        "models (also dated or under a router's openai/ prefix), no for any other; an Azure deployment named "
+        "otherwise, or another provider's searching model, is set to always here.",
     )
     weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")
@@ -446,6 +471,13 @@ class Deployment(models.Model):
         if self.web_search_per_1k is None:
             self.web_search_per_1k = Decimal(0)
         super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def searches_on_every_request(self) -> bool:
+        """What ``searches_every_request`` says, its empty choice decided by the upstream id."""
+        if self.searches_every_request:
+            return self.searches_every_request == EveryRequestSearch.ALWAYS
+        return upstream_searches_every_request(self.upstream_id)
 
     @property
     def upstream_model_missing(self) -> datetime | None:

@@ -52,6 +52,7 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         if deployment.cache_write_1h_per_mtok is None
         else Decimal(deployment.cache_write_1h_per_mtok),
         web_search_per_1k=Decimal(deployment.web_search_per_1k),
+        searches_every_request=deployment.searches_on_every_request,
         weight=deployment.weight,
         priority=deployment.priority,
         rpm_limit=deployment.rpm_limit,
@@ -98,6 +99,7 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         cache_write_per_mtok=None if all(d.cache_write_per_mtok is None for d in usable) else _ceiling(writes),  # type: ignore[arg-type]
         cache_write_1h_per_mtok=None if all(d.cache_write_1h_per_mtok is None for d in usable) else _ceiling(writes_1h),  # type: ignore[arg-type]
         web_search_per_1k=max(d.web_search_per_1k for d in usable),
+        searches_every_request=any(d.searches_every_request for d in usable),
         context_window=model.context_window,
         max_output_tokens=model.max_output_tokens,
         mode=model.mode,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,19 +85,38 @@ def thinking_block_texts(message: Mapping[str, Any]) -> list[tuple[int, str]]:
     ]
 
 
-def chat_web_searches(body: Mapping[str, Any]) -> int:
+# The upstream ids of OpenAI's search models (its models page and web search guide: gpt-4o-search-preview,
+# gpt-4o-mini-search-preview and gpt-5-search-api, each also under a dated snapshot's id, ``-2025-03-11``), which
+# search the web before every chat completion, asked or not; behind a router under a vendor's prefix too
+# (OpenRouter's ``openai/gpt-4o-search-preview``). An Azure deployment's name is its own: its admin says so.
+_OPENAI_SEARCH_MODEL = re.compile(
+    r"(?:^|/)gpt-[a-z0-9.-]*?-search-(?:preview|api)(?:-\d{4}-\d{2}-\d{2})?$", re.IGNORECASE
+)
+
+
+def upstream_searches_every_request(upstream_id: str) -> bool:
+    """Whether ``upstream_id`` names one of OpenAI's search models, which search the web before every answer (and bill
+    the search per call), ``web_search_options`` or not: what a deployment's ``searches_every_request`` left to the
+    upstream id decides."""
+    return _OPENAI_SEARCH_MODEL.search(upstream_id) is not None
+
+
+def chat_web_searches(body: Mapping[str, Any], *, every_request: bool = False) -> int:
     """The web searches a chat completion has OpenAI run, and bill per call apart from the tokens: one for a request
     with ``web_search_options`` (its search models, gpt-4o-search-preview and the like, search the web once before
-    each answer, and no usage reports it), none without."""
-    return 1 if isinstance(body.get("web_search_options"), Mapping) else 0
+    each answer, and no usage reports it), and one for any request to a model that searches on every request
+    (``every_request``: a search model, which searches without the field too); none otherwise."""
+    return 1 if every_request or isinstance(body.get("web_search_options"), Mapping) else 0
 
 
-def web_searches_bound(body: Mapping[str, Any]) -> int:
+def web_searches_bound(body: Mapping[str, Any], *, every_request: bool = False) -> int:
     """The most web searches a request may have its provider run (and bill): for a Messages request each web search
     tool's ``max_uses`` (``web_search_20250305`` and later versions), ``WEB_SEARCHES_UNBOUNDED`` for one that sets
     none; for a chat completion the one its ``web_search_options`` asks for (``chat_web_searches``: its tools are
-    functions, and the translations refuse server tools). 0 for a request without either."""
-    searches = chat_web_searches(body)
+    functions, and the translations refuse server tools). ``every_request``: a model it may end on searches on every
+    request (``searches_every_request``), one search for any request with messages (a chat completion, or a
+    Messages request translated to it). 0 for a request without either."""
+    searches = chat_web_searches(body, every_request=every_request and isinstance(body.get("messages"), list))
     tools = body.get("tools")
     if not isinstance(tools, list):
         return searches

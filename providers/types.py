@@ -110,6 +110,9 @@ class ResolvedDeployment:
     cache_write_per_mtok: Decimal | None = None
     cache_write_1h_per_mtok: Decimal | None = None
     web_search_per_1k: Decimal = Decimal(0)  # per 1,000 web searches (Anthropic's server tool)
+    # The upstream model searches the web before every answer, asked or not (OpenAI's search models): each request
+    # is one search (``Deployment.searches_on_every_request``).
+    searches_every_request: bool = False
     weight: int = 1
     priority: int = 0
     rpm_limit: int | None = None
@@ -159,6 +162,8 @@ class ResolvedModel:
     cache_write_per_mtok: Decimal | None = None  # prompt-cache writes; None: priced as input
     cache_write_1h_per_mtok: Decimal | None = None  # Anthropic's 1-hour cache writes; None: as the other writes
     web_search_per_1k: Decimal = Decimal(0)  # per 1,000 web searches the provider reports
+    # Bound: the deployment's; unbound, any of them (what a reservation must cover).
+    searches_every_request: bool = False
 
     def on(self, deployment: ResolvedDeployment) -> ResolvedModel:
         """This model as served by ``deployment``: its provider, upstream id and prices. The same snapshot
@@ -179,6 +184,7 @@ class ResolvedModel:
             cache_write_per_mtok=deployment.cache_write_per_mtok,
             cache_write_1h_per_mtok=deployment.cache_write_1h_per_mtok,
             web_search_per_1k=deployment.web_search_per_1k,
+            searches_every_request=deployment.searches_every_request,
             deployment=deployment,
         )
         if len(_bound) >= _BOUND_MAX:

@@ -251,7 +251,8 @@ def charge_for(
     An embedding model produces no output tokens: its charge is the input alone, whatever the body says. The
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage.
-    The web searches a request's tools may run (``web_searches_bound``) are reserved at the search price."""
+    The web searches a request's tools may run (``web_searches_bound``), and the one a model that searches on every
+    request runs (``model.searches_every_request``), are reserved at the search price."""
     choices = replies_billed(body)
     client_limit = requested_max_tokens(body if client_body is None else client_body)
     prompt_tokens = max(prompt_tokens_upper, 0)
@@ -284,7 +285,7 @@ def _web_searches_cost(model: ResolvedModel, body: Mapping[str, object]) -> Deci
     """What the web searches ``body``'s tools may run cost at most, to the ledger's places; 0 without any."""
     if not model.web_search_per_1k:
         return Decimal(0)
-    searches = web_searches_bound(body)
+    searches = web_searches_bound(body, every_request=model.searches_every_request)
     return web_search_cost(model, searches).quantize(COST_QUANTUM, rounding=ROUND_CEILING) if searches else Decimal(0)
 
 

@@ -165,7 +165,9 @@ Replies
     ``url_citation`` in the message's ``annotations`` (``start_index`` 0, ``end_index`` the text's length, ``title``
     ``Fake source``); streamed, in a delta of its own after the text's. A request with ``web_search_options``
     (OpenAI's routes) is answered as a search model answers it, citing ``https://search.example/1`` so (a search
-    OpenAI bills per call and reports in no usage), unless ``[[url_citation=URL]]`` names another source.
+    OpenAI bills per call and reports in no usage), unless ``[[url_citation=URL]]`` names another source; so is any
+    request to a model named as OpenAI's search models are (``gpt-4o-search-preview``, ``gpt-4o-mini-search-preview``,
+    ``gpt-5-search-api``, dated or not), which search before every answer, asked or not.
 
     ``max_tokens`` / ``max_completion_tokens`` truncate the reply to that many tokens (finish reason
     ``length`` / ``max_tokens``); past what the model writes at most they are refused with the provider's 400
@@ -1089,6 +1091,11 @@ def azure_takes_max_completion_tokens(api_version: str) -> bool:
 
 # What a chat completion with ``web_search_options`` cites, unless ``[[url_citation=URL]]`` names another.
 _WEB_SEARCH_SOURCE = "https://search.example/1"
+# OpenAI's search models (gpt-4o-search-preview, gpt-4o-mini-search-preview, gpt-5-search-api, their dated
+# snapshots), which search the web before every answer, ``web_search_options`` or not.
+_OPENAI_SEARCH_MODEL = re.compile(
+    r"(?:^|/)gpt-[a-z0-9.-]*?-search-(?:preview|api)(?:-\d{4}-\d{2}-\d{2})?$", re.IGNORECASE
+)
 
 
 def _url_citations(url: str | None, reply: _Reply) -> list[dict[str, Any]]:
@@ -2069,8 +2076,10 @@ class _App:
         n = body.get("n") if isinstance(body.get("n"), int) else 1
         cached = min(_directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
         lead = _OpenAILead.of(conv, reply, mistral=request.get(_USAGE_ON_FINISH_KEY, False))
-        # A request with ``web_search_options`` is answered as OpenAI's search models answer: citing what they found.
-        searched = _WEB_SEARCH_SOURCE if isinstance(body.get("web_search_options"), dict) else None
+        # A request with ``web_search_options`` is answered as OpenAI's search models answer: citing what they found;
+        # so is any request to one of them, which searches whether asked or not.
+        searching = isinstance(body.get("web_search_options"), dict) or bool(_OPENAI_SEARCH_MODEL.search(body["model"]))
+        searched = _WEB_SEARCH_SOURCE if searching else None
         annotations = _url_citations(conv.directives.get("url_citation") or searched, reply)
         completion = (reply.completion_tokens + lead.tokens) * n
         usage = {

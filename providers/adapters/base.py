@@ -82,10 +82,12 @@ class BaseAdapter(ABC):
         prepared["model"] = model.upstream_id
         return prepared
 
-    def web_searches(self, body: dict[str, Any]) -> int:
-        """The web searches the provider runs for the chat completion ``body`` (as ``prepare_request`` made it) and
-        bills apart from the tokens without a word of them in its usage, for the settle step to charge. Default: none
-        (a translation leaves ``web_search_options`` out); ``OpenAIAdapter`` counts the one it asks for."""
+    def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
+        """The web searches the provider runs for ``body`` on ``model`` and bills apart from the tokens without a word
+        of them in its usage, for the settle step to charge: ``body`` a chat completion as ``prepare_request`` made it,
+        or a Messages request the adapter translates (``messages``, ``messages_stream``). Default: none (a translation
+        leaves ``web_search_options`` out, and Anthropic's usage counts its own searches); ``OpenAIAdapter`` counts
+        the one it asks for, and the one a model that searches on every request runs."""
         return 0
 
     async def messages(

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..exceptions import ProviderBadRequestError
+from ..types import ResolvedModel
 from .base import WireChunk
 from .common import TEXT_ONLY, fields_renamed, one_choice_only, unhonoured_refused
 from .openai import OpenAIAdapter
@@ -33,9 +34,9 @@ _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
 
 
 class OllamaAdapter(OpenAIAdapter):
-    def web_searches(self, body: dict[str, Any]) -> int:
-        """None: Ollama ignores ``web_search_options`` (no field of its ``ChatCompletionRequest``), searching
-        nothing."""
+    def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
+        """None: Ollama ignores ``web_search_options`` (no field of its ``ChatCompletionRequest``), and the models it
+        runs search nothing."""
         return 0
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:

@@ -187,10 +187,12 @@ class OpenAIAdapter(BaseAdapter):
         servers (Mistral's 422), and signed for Anthropic alone, so of no use to another model."""
         return assistant_fields_dropped(super().prepare_request(body, model), _CLAUDE_THINKING)
 
-    def web_searches(self, body: dict[str, Any]) -> int:
-        """The search ``web_search_options`` asks for, which the field is sent on for (``chat_web_searches``): OpenAI's
-        search models run it before each answer and bill it per call, as a server in front of them does."""
-        return chat_web_searches(body)
+    def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
+        """The search ``web_search_options`` asks for, which the field is sent on for, or the one a model that searches
+        on every request runs whatever it is asked (``searches_every_request``: OpenAI's search models; a Messages
+        request translated to one too): ``chat_web_searches``. OpenAI's search models run it before each answer and
+        bill it per call, as a server in front of them does."""
+        return chat_web_searches(body, every_request=model.searches_every_request)
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         """The chat request sent upstream for ``body``. A stream always asks for usage, whatever the client

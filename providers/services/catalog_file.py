@@ -22,7 +22,7 @@ from django.db.models import Prefetch
 from core.exceptions import ApplicationError
 
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
-from ..models import ByokMode, CatalogModel, Deployment, Provider
+from ..models import ByokMode, CatalogModel, Deployment, EveryRequestSearch, Provider
 from ..types import credential_header
 from .breakers import deployment_upstream_changed
 from .credentials import provider_host_change_record
@@ -460,6 +460,8 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     deployment.cache_write_per_mtok = entry.decimal("cache_write_per_mtok", None)
     deployment.cache_write_1h_per_mtok = entry.decimal("cache_write_1h_per_mtok", None)
     deployment.web_search_per_1k = entry.decimal("web_search_per_1k", _field_default(Deployment, "web_search_per_1k"))
+    # "always" or "never"; left out, the upstream id decides.
+    deployment.searches_every_request = entry.choice("searches_every_request", EveryRequestSearch, "")
     deployment.weight = entry.integer("weight", _field_default(Deployment, "weight"))
     deployment.priority = entry.integer("priority", _field_default(Deployment, "priority"))
     deployment.rpm_limit = entry.integer("rpm_limit", None)
@@ -634,6 +636,8 @@ def _deployment_dump(deployment: Deployment) -> dict[str, Any]:
         entry["cache_write_1h_per_mtok"] = _plain_decimal(deployment.cache_write_1h_per_mtok)
     if deployment.web_search_per_1k:
         entry["web_search_per_1k"] = _plain_decimal(deployment.web_search_per_1k)
+    if deployment.searches_every_request:
+        entry["searches_every_request"] = deployment.searches_every_request
     entry.update(weight=deployment.weight, priority=deployment.priority)
     for key in ("rpm_limit", "tpm_limit"):
         if getattr(deployment, key) is not None:

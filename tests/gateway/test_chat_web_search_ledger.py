@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import anthropic
 import openai
 import pytest
 
@@ -147,3 +148,93 @@ def test_a_resumed_stream_is_charged_the_search_of_each_attempt_that_answered(ga
     assert record.web_search_requests == 2
     tokens = Decimal(record.prompt_tokens) / 1_000_000 + Decimal(record.completion_tokens) * 2 / 1_000_000
     assert record.cost == (tokens + Decimal("0.05")).quantize(Decimal("0.0000000001"))
+
+
+# OpenAI's search models search the web before every answer, asked or not (its web search guide: "When using Chat
+# Completions, the model always retrieves information from the web before responding"), and bill the search per call.
+SEARCH_MODEL = "gpt-4o-search-preview"
+
+
+@pytest.fixture
+def search_model(gateway):
+    """``gpt-search``: one deployment of OpenAI's gpt-4o-search-preview on the fake's OpenAI route, whose answer cites
+    what it found as that model's does, with or without ``web_search_options``."""
+    provider = ProviderFactory(name="fake-openai-search", base_url=gateway.upstream.base_url + "/v1")
+    ModelFactory(name="gpt-search", provider=provider, upstream_id=SEARCH_MODEL)
+    Deployment.objects.filter(model__name="gpt-search").update(**PRICES)
+    return gateway
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_search_model_is_charged_its_search_without_web_search_options(search_model, stream):
+    """A request to gpt-4o-search-preview without ``web_search_options`` searched all the same (its answer cites a
+    source) and OpenAI billed it: the row counts the search at the deployment's price. Before, it counted none
+    (0.0000100000), as if only ``web_search_options`` searched."""
+    client = search_model.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-search", messages=ASK, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            assert any('"url_citation"' in line for line in response.iter_lines())
+    else:
+        raw = client.chat.completions.with_raw_response.create(model="gpt-search", messages=ASK)
+        request_id = raw.headers["x-request-id"]
+        assert raw.parse().choices[0].message.annotations[0].type == "url_citation"
+    assert "web_search_options" not in sent(search_model.upstream)
+    record = wait_for_record(request_id)
+    assert (record.prompt_tokens, record.completion_tokens, record.web_search_requests) == (6, 2, 1)
+    assert (record.cost, record.usage_estimated) == (COST, False)
+
+
+def test_a_search_model_asked_with_web_search_options_is_charged_one_search(search_model):
+    """The request's ``web_search_options`` still reach the model (its search context size) and it still searches
+    once: one search charged, not two."""
+    raw = search_model.client().chat.completions.with_raw_response.create(
+        model="gpt-search", messages=ASK, extra_body={"web_search_options": {"search_context_size": "high"}}
+    )
+    assert sent(search_model.upstream)["web_search_options"] == {"search_context_size": "high"}
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.web_search_requests, record.cost) == (1, COST)
+
+
+def test_a_search_model_answering_v1_messages_is_charged_its_search(search_model):
+    """/v1/messages translated to a search model (OpenAI's protocol): no field of Anthropic's asks for a search, but
+    the model searched before answering, and the row counts it."""
+    sdk = anthropic.Anthropic(base_url=search_model.url, api_key=search_model.key, max_retries=0, timeout=20)
+    raw = sdk.messages.with_raw_response.create(model="gpt-search", max_tokens=50, messages=ASK)
+    assert raw.parse().content[0].text == "sunny today"
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.web_search_requests == 1
+    assert record.cost == Decimal(record.prompt_tokens) / 1_000_000 + Decimal(
+        record.completion_tokens
+    ) * 2 / 1_000_000 + Decimal("0.025")
+
+
+def test_admission_reserves_a_search_models_search(search_model):
+    """A key with $0.02 left cannot pay for gpt-4o-search-preview's search ($0.025) beside the tokens: refused before
+    the provider is called, though the request names no ``web_search_options``. Before, it went through and spent
+    past the budget."""
+    api_key_limits_set(api_key=search_model.api_key, budget_usd=Decimal("0.02"))
+    requests = search_model.upstream.stats["requests"]
+    with pytest.raises(openai.RateLimitError) as refused:
+        search_model.client().chat.completions.create(model="gpt-search", messages=ASK, max_tokens=10)
+    assert "this request could need up to" in refused.value.message
+    assert search_model.upstream.stats["requests"] == requests
+
+
+def test_an_admin_says_which_deployments_search_on_every_request(gateway):
+    """The setting an admin changes: a deployment of another model that searches on every request (a Perplexity-like
+    server behind openai_compatible) is charged its search when set to ``always``; a search model's id set to
+    ``never`` (say, a deployment an operator knows is not one) is charged none without ``web_search_options``."""
+    provider = ProviderFactory(name="fake-openai-search", base_url=gateway.upstream.base_url + "/v1")
+    ModelFactory(name="always-searching", provider=provider, upstream_id="fake-gpt-4o-mini")
+    ModelFactory(name="never-searching", provider=provider, upstream_id=SEARCH_MODEL)
+    Deployment.objects.filter(model__name="always-searching").update(searches_every_request="always", **PRICES)
+    Deployment.objects.filter(model__name="never-searching").update(searches_every_request="never", **PRICES)
+    client = gateway.client()
+    searched = client.chat.completions.with_raw_response.create(model="always-searching", messages=ASK)
+    unsearched = client.chat.completions.with_raw_response.create(model="never-searching", messages=ASK)
+    assert wait_for_record(searched.headers["x-request-id"]).web_search_requests == 1
+    record = wait_for_record(unsearched.headers["x-request-id"])
+    assert (record.web_search_requests, record.cost) == (0, Decimal("0.0000100000"))

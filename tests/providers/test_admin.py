@@ -817,3 +817,40 @@ def test_an_operator_may_still_edit_the_rest_and_an_admin_may_move_it(admin_clie
     assert moved.status_code == 302
     provider.refresh_from_db()
     assert provider.base_url == ELSEWHERE and provider.api_key.reveal() == KEY
+
+
+def test_an_admin_says_whether_a_deployment_searches_on_every_request(admin_client):
+    """In the model's deployments inline and on the deployment's page, beside the web search price: left empty, the
+    upstream id decides (OpenAI's search models search on every request); an admin sets always or never."""
+    east = ProviderFactory(name="east")
+    add_url = reverse("admin:providers_catalogmodel_add")
+    assert 'name="deployments-0-searches_every_request"' in admin_client.get(add_url).content.decode()
+    deployment_form = {"provider": east.pk, "upstream_id": "gpt-4o-search-preview", "input_per_mtok": "2.5"}
+    response = admin_client.post(add_url, model_form("gpt-search", [deployment_form]))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment = Deployment.objects.get(model__name="gpt-search")
+    assert (deployment.searches_every_request, deployment.searches_on_every_request) == ("", True)
+
+    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
+    assert 'name="searches_every_request"' in admin_client.get(url).content.decode()
+    data = {
+        "model": deployment.model_id,
+        "name": deployment.name,
+        "provider": east.pk,
+        "upstream_id": deployment.upstream_id,
+        "enabled": "on",
+        "input_per_mtok": "2.5",
+        "output_per_mtok": "10",
+        "web_search_per_1k": "25",
+        "searches_every_request": "never",
+        "weight": "1",
+        "priority": "0",
+        "health_checks-TOTAL_FORMS": "0",
+        "health_checks-INITIAL_FORMS": "0",
+        "health_checks-MIN_NUM_FORMS": "0",
+        "health_checks-MAX_NUM_FORMS": "1000",
+    }
+    response = admin_client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert (deployment.searches_every_request, deployment.searches_on_every_request) == ("never", False)

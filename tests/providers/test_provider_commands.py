@@ -655,3 +655,35 @@ def test_references_are_quoted_only_when_the_file_needs_it(tmp_path, monkeypatch
 
     assert Provider.objects.get(name="east").api_key.reveal() == "sk-east-0000000000000000000000"
     assert Provider.objects.get(name="west").extra_headers == {"X-Team": Secret("team research, platform")}
+
+
+SEARCHING = """
+providers:
+  - {name: east, kind: openai, base_url: 'http://127.0.0.1:9/v1'}
+models:
+  - name: searching
+    deployments:
+      - {name: preview, provider: east, upstream: gpt-4o-search-preview, input_per_mtok: 2.5, output_per_mtok: 10}
+      - {name: sonar, provider: east, upstream: sonar, input_per_mtok: 1, output_per_mtok: 1,
+         searches_every_request: always}
+      - {name: told-not, provider: east, upstream: gpt-5-search-api, input_per_mtok: 1, output_per_mtok: 1,
+         searches_every_request: never}
+"""
+
+
+def test_whether_a_deployment_searches_on_every_request_loads_and_dumps(tmp_path):
+    """``searches_every_request``: left out, the upstream id decides (OpenAI's search models search on every
+    request) and nothing is dumped; ``always`` and ``never`` are kept and dumped; any other value is refused."""
+    load(write(tmp_path, SEARCHING))
+    decided = {d.name: (d.searches_every_request, d.searches_on_every_request) for d in Deployment.objects.all()}
+    assert decided == {"preview": ("", True), "sonar": ("always", True), "told-not": ("never", False)}
+    dumped = {d["name"]: d for d in yaml.safe_load(dump())["models"][0]["deployments"]}
+    assert "searches_every_request" not in dumped["preview"]
+    assert (dumped["sonar"]["searches_every_request"], dumped["told-not"]["searches_every_request"]) == (
+        "always",
+        "never",
+    )
+
+    with pytest.raises(CommandError) as refused:
+        load(write(tmp_path, SEARCHING.replace("searches_every_request: always", "searches_every_request: yes"), "b"))
+    assert "searches_every_request" in str(refused.value) and "Nothing was written" in str(refused.value)

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from billing.models import Operation
-from providers.tokens import IMAGE_TOKENS, prompt_tokens, text_tokens
+from providers.tokens import IMAGE_TOKENS, prompt_tokens, text_tokens, upstream_searches_every_request
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 FUNCTION = {"name": "weather", "description": "Weather in a city", "parameters": {"type": "object"}}
@@ -311,3 +311,20 @@ def test_the_web_searches_a_request_may_run_are_its_web_search_tools_max_uses():
     # A chat completion's web_search_options: OpenAI's search models search once before each answer.
     assert web_searches_bound({"web_search_options": {}, "tools": [function]}) == 1
     assert web_searches_bound({"web_search_options": None}) == 0
+
+
+@pytest.mark.parametrize(
+    ("upstream_id", "searches"),
+    [
+        ("gpt-4o-search-preview", True),
+        ("gpt-4o-mini-search-preview-2025-03-11", True),
+        ("gpt-5-search-api", True),
+        ("openai/gpt-4o-search-preview", True),  # behind a router (OpenRouter)
+        ("gpt-4o", False),
+        ("gpt-4o-mini", False),
+        ("my-gpt-4o-search-preview", False),  # an Azure deployment's own name: its admin says so
+    ],
+)
+def test_openai_search_models_are_told_by_their_upstream_id(upstream_id, searches):
+    """The ids OpenAI documents for its search models, which search on every chat completion, asked or not."""
+    assert upstream_searches_every_request(upstream_id) is searches
