@@ -496,6 +496,7 @@ async def completion_start(
             own_key_only=byok_only([model, *fallbacks, *context_fallbacks], credentials),
             output_unbounded=unbounded,
             limits=limits,
+            answers=_answers_most(body, [model, *fallbacks, *context_fallbacks]),
         )
         if forced_limit is not None and admission.budgeted:
             # Under a budget llmhub sends a limit when the client set none (``_upstream_body``), which a rule then
@@ -881,6 +882,18 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         searches_every_request=any(m.searches_every_request for m in every),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
+
+
+def _answers_most(body: dict[str, Any], plan: list[ResolvedModel]) -> int:
+    """How many attempts may answer a request that may end on ``plan``'s models, each charged what its provider ran
+    before it answered (a search model's web search): one, or for a stream one more for each time it may be resumed
+    on another deployment (``CompletionRun._may_resume``: a model with ``resume_on_failure``, at most its
+    ``retries`` times, at least once, and never on a deployment that already failed, so at most the others)."""
+    resuming = [model for model in plan if model.resume_on_failure]
+    if not body.get("stream") or not resuming:
+        return 1
+    deployments = {deployment.id for model in plan for deployment in model.deployments}
+    return 1 + min(max(max(1, model.retries) for model in resuming), max(len(deployments) - 1, 0))
 
 
 @contextlib.contextmanager

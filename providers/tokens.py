@@ -109,14 +109,20 @@ def chat_web_searches(body: Mapping[str, Any], *, every_request: bool = False) -
     return 1 if every_request or isinstance(body.get("web_search_options"), Mapping) else 0
 
 
-def web_searches_bound(body: Mapping[str, Any], *, every_request: bool = False) -> int:
+def web_searches_bound(body: Mapping[str, Any], *, every_request: bool = False, answers: int = 1) -> int:
     """The most web searches a request may have its provider run (and bill): for a Messages request each web search
     tool's ``max_uses`` (``web_search_20250305`` and later versions), ``WEB_SEARCHES_UNBOUNDED`` for one that sets
     none; for a chat completion the one its ``web_search_options`` asks for (``chat_web_searches``: its tools are
     functions, and the translations refuse server tools). ``every_request``: a model it may end on searches on every
     request (``searches_every_request``), one search for any request with messages (a chat completion, or a
-    Messages request translated to it). 0 for a request without either."""
+    Messages request translated to it). 0 for a request without either.
+
+    ``answers``: how many attempts may answer the request (a stream resumed on failure: each resumed attempt is a
+    request of its own, which searches again before it answers). The chat's searches are counted each attempt; the
+    tools' are not, as a Messages stream that relayed a search's blocks is not resumed (they are no text to continue):
+    only the attempt that ends it runs them."""
     searches = chat_web_searches(body, every_request=every_request and isinstance(body.get("messages"), list))
+    searches *= max(answers, 1)
     tools = body.get("tools")
     if not isinstance(tools, list):
         return searches

@@ -100,6 +100,7 @@ async def admission_acquire(
     output_unbounded: Sequence[ResolvedModel] = (),
     body_as_sent: dict[str, Any] | None = None,
     limits: UserLimits | None = None,
+    answers: int = 1,
 ) -> Admission:
     """Admit the request or raise ``ModelNotAllowedError`` (403), ``QuotaExceededError`` or
     ``RateLimitExceededError`` (429); a refused request holds nothing.
@@ -125,7 +126,10 @@ async def admission_acquire(
     reserved for; None: ``body``. The tokens-per-minute windows count the client's own output limit, ``body``'s
     (``budgets.window_tokens``).
 
-    ``limits``: the user's, as ``model_permission_check`` returned them for this request (None: looked up)."""
+    ``limits``: the user's, as ``model_permission_check`` returned them for this request (None: looked up).
+
+    ``answers``: how many attempts may answer the request (``chat.pipeline._answers_most``: a stream resumed on
+    failure), each charged the web searches it ran before answering: so many are reserved (``charge_for``)."""
     limits = limits if limits is not None else await user_limits(user_id)
     _check_models(limits=limits, key_allowed_model_ids=key_allowed_model_ids, model=model)
     key = await key_limits(api_key_id) if api_key_id is not None else None
@@ -155,6 +159,7 @@ async def admission_acquire(
         cap=settings.LLMHUB_BUDGET_MAX_TOKENS_CAP,
         budgeted=bool(counters),
         client_body=body,
+        answers=answers,
     )
     record = {
         "request_id": request_id,

@@ -242,6 +242,7 @@ def charge_for(
     budgeted: bool,
     prompt_tokens_likely: int | None = None,
     client_body: Mapping[str, object] | None = None,
+    answers: int = 1,
 ) -> Charge:
     """``budgeted``: a budget or quota applies, so a request without max_tokens gets one picked for it.
     ``prompt_tokens_likely``: the prompt's likely size, which alone decides whether a request is too large for a
@@ -252,7 +253,8 @@ def charge_for(
     prompt is priced at the dearest of the input, cache-write and 1-hour cache-write prices
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage.
     The web searches a request's tools may run (``web_searches_bound``), and the one a model that searches on every
-    request runs (``model.searches_every_request``), are reserved at the search price."""
+    request runs (``model.searches_every_request``), are reserved at the search price, the latter for each of the
+    ``answers`` attempts that may answer it (a stream resumed on failure)."""
     choices = replies_billed(body)
     client_limit = requested_max_tokens(body if client_body is None else client_body)
     prompt_tokens = max(prompt_tokens_upper, 0)
@@ -271,7 +273,7 @@ def charge_for(
     if max_tokens is None and not budgeted:
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
         max_tokens = 0
-    searches = _web_searches_cost(model, body)
+    searches = _web_searches_cost(model, body, answers)
     if max_tokens is not None:
         fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
         return Charge(fixed + searches, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit)
@@ -281,11 +283,11 @@ def charge_for(
     return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices, likely)
 
 
-def _web_searches_cost(model: ResolvedModel, body: Mapping[str, object]) -> Decimal:
-    """What the web searches ``body``'s tools may run cost at most, to the ledger's places; 0 without any."""
+def _web_searches_cost(model: ResolvedModel, body: Mapping[str, object], answers: int) -> Decimal:
+    """What the web searches ``body`` may have run cost at most, to the ledger's places; 0 without any."""
     if not model.web_search_per_1k:
         return Decimal(0)
-    searches = web_searches_bound(body, every_request=model.searches_every_request)
+    searches = web_searches_bound(body, every_request=model.searches_every_request, answers=answers)
     return web_search_cost(model, searches).quantize(COST_QUANTUM, rounding=ROUND_CEILING) if searches else Decimal(0)
 
 

@@ -12,7 +12,9 @@ from decimal import Decimal
 import anthropic
 import openai
 import pytest
+from django.db.models import Sum
 
+from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
 from providers.models import CatalogModel, Deployment, ProviderKind
 from tests.factories import ModelFactory, ProviderFactory
@@ -123,15 +125,22 @@ def test_admission_reserves_the_search(priced):
     assert priced.upstream.stats["requests"] == requests
 
 
-def test_a_resumed_stream_is_charged_the_search_of_each_attempt_that_answered(gateway, fake_upstream):
-    """A search model's stream cut midway and resumed on the next deployment (``resume_on_failure``): each attempt
-    searched before it answered, and OpenAI billed both; the row counts both, at the answering deployment's price."""
+def resuming_model(upstream) -> CatalogModel:
+    """``searching``: a stream resumed on failure (``resume_on_failure``) whose first deployment is cut after 3
+    chunks and whose second answers, both at ``PRICES``."""
     model = CatalogModel.objects.create(name="searching", strategy="priority", resume_on_failure=True)
     for priority, (name, upstream_id) in enumerate((("first", "fault-cut-3"), ("second", "fake-gpt-4o-mini"))):
-        provider = ProviderFactory(name=f"searching-{name}", base_url=fake_upstream.base_url + "/v1")
+        provider = ProviderFactory(name=f"searching-{name}", base_url=upstream.base_url + "/v1")
         Deployment.objects.create(
             model=model, name=name, provider=provider, upstream_id=upstream_id, priority=priority, **PRICES
         )
+    return model
+
+
+def test_a_resumed_stream_is_charged_the_search_of_each_attempt_that_answered(gateway, fake_upstream):
+    """A search model's stream cut midway and resumed on the next deployment (``resume_on_failure``): each attempt
+    searched before it answered, and OpenAI billed both; the row counts both, at the answering deployment's price."""
+    resuming_model(fake_upstream)
 
     with gateway.client().chat.completions.with_streaming_response.create(
         model="searching",
@@ -238,3 +247,37 @@ def test_an_admin_says_which_deployments_search_on_every_request(gateway):
     assert wait_for_record(searched.headers["x-request-id"]).web_search_requests == 1
     record = wait_for_record(unsearched.headers["x-request-id"])
     assert (record.web_search_requests, record.cost) == (0, Decimal("0.0000100000"))
+
+
+def test_admission_reserves_the_searches_of_a_stream_that_may_be_resumed(gateway, fake_upstream):
+    """Each attempt that answers a resumed stream searched, and is charged its search: a key with $0.04 left is
+    refused a searching stream that a model resuming on failure may answer twice ($0.05 of searches) before the
+    provider is called, and with $0.065 left it is answered, resumed and charged both within its budget. Before,
+    one search was reserved, the stream went through at $0.04 and spent $0.05. A model that does not resume still
+    reserves its one search."""
+    resuming_model(fake_upstream)
+    Deployment.objects.filter(model__name="gpt-test").update(**PRICES)
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("0.04"))
+    client = gateway.client()
+    body = {
+        "messages": [{"role": "user", "content": "hello there [[words=8]]"}],
+        "max_tokens": 20,
+        "stream": True,
+        "extra_body": {"web_search_options": SEARCH},
+    }
+    requests = fake_upstream.stats["requests"]
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="searching", **body)
+    assert "this request could need up to" in refused.value.message
+    assert fake_upstream.stats["requests"] == requests
+    with client.chat.completions.with_streaming_response.create(model="gpt-test", **body) as response:
+        list(response.iter_lines())  # one attempt may answer: one search reserved, within $0.04
+
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("0.09"))  # $0.025 spent on gpt-test's search
+    with client.chat.completions.with_streaming_response.create(model="searching", **body) as response:
+        request_id = response.headers["x-request-id"]
+        list(response.iter_lines())
+    record = wait_for_record(request_id)
+    assert (record.status, record.resumed, record.web_search_requests) == ("ok", True, 2)
+    spent = UsageRecord.objects.filter(api_key=gateway.api_key).aggregate(total=Sum("cost"))["total"]
+    assert spent <= Decimal("0.09")
