@@ -161,6 +161,19 @@ def test_openai_non_stream_matches_schema_and_counts_tokens(upstream: FakeUpstre
     assert completion.usage is not None and completion.usage.completion_tokens == 12
 
 
+@pytest.mark.parametrize(
+    "model", ["gpt-4o-search-preview", "gpt-4o-mini-search-preview-2025-03-11", "gpt-5-search-api"]
+)
+def test_an_openai_search_model_cites_what_it_found_unasked(oai: openai.OpenAI, model: str) -> None:
+    """OpenAI's search models search before every answer, ``web_search_options`` or not: the fake answers one named so
+    citing its source, as it answers ``web_search_options``; another model asked nothing cites nothing."""
+    completion = oai.chat.completions.create(model=model, messages=user("[[reply=sunny today]]"))
+    annotation = completion.choices[0].message.annotations[0]
+    assert (annotation.type, annotation.url_citation.url) == ("url_citation", "https://search.example/1")
+    assert annotation.url_citation.end_index == len("sunny today")
+    assert not oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi")).choices[0].message.annotations
+
+
 def stream_body(content: str) -> dict:
     """A streamed chat completion's request for ``content``, usage asked for."""
     return {
