@@ -207,17 +207,25 @@ def test_a_search_model_asked_with_web_search_options_is_charged_one_search(sear
     assert (record.web_search_requests, record.cost) == (1, COST)
 
 
-def test_a_search_model_answering_v1_messages_is_charged_its_search(search_model):
-    """/v1/messages translated to a search model (OpenAI's protocol): no field of Anthropic's asks for a search, but
-    the model searched before answering, and the row counts it."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_search_model_answering_v1_messages_is_charged_its_search(search_model, stream):
+    """/v1/messages translated to a search model (OpenAI's protocol), whole or streamed: no field of Anthropic's asks
+    for a search, but the model searched before answering, and the row counts it."""
     sdk = anthropic.Anthropic(base_url=search_model.url, api_key=search_model.key, max_retries=0, timeout=20)
-    raw = sdk.messages.with_raw_response.create(model="gpt-search", max_tokens=50, messages=ASK)
-    assert raw.parse().content[0].text == "sunny today"
-    record = wait_for_record(raw.headers["x-request-id"])
+    if stream:
+        with sdk.messages.with_streaming_response.create(
+            model="gpt-search", max_tokens=50, messages=ASK, stream=True
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            assert any('"sunny"' in line for line in response.iter_lines())
+    else:
+        raw = sdk.messages.with_raw_response.create(model="gpt-search", max_tokens=50, messages=ASK)
+        assert raw.parse().content[0].text == "sunny today"
+        request_id = raw.headers["x-request-id"]
+    record = wait_for_record(request_id)
     assert record.web_search_requests == 1
-    assert record.cost == Decimal(record.prompt_tokens) / 1_000_000 + Decimal(
-        record.completion_tokens
-    ) * 2 / 1_000_000 + Decimal("0.025")
+    tokens = Decimal(record.prompt_tokens) / 1_000_000 + Decimal(record.completion_tokens) * 2 / 1_000_000
+    assert record.cost == tokens + Decimal("0.025")
 
 
 def test_admission_reserves_a_search_models_search(search_model):
