@@ -311,6 +311,16 @@ def test_the_web_searches_a_request_may_run_are_its_web_search_tools_max_uses():
     # A chat completion's web_search_options: OpenAI's search models search once before each answer.
     assert web_searches_bound({"web_search_options": {}, "tools": [function]}) == 1
     assert web_searches_bound({"web_search_options": None}) == 0
+    # A model that searches on every request (OpenAI's search models): one for any request with messages, asked or
+    # not, and not two with web_search_options; a text completion's prompt none.
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert web_searches_bound(chat, every_request=True) == 1
+    assert web_searches_bound({**chat, "web_search_options": {}}, every_request=True) == 1
+    assert web_searches_bound({"prompt": "hi"}, every_request=True) == 0
+    # Each attempt that may answer (a stream resumed on failure) runs the chat's search again; a tool's max_uses is
+    # reserved once, as only the attempt that ends a message runs Claude's searches.
+    assert web_searches_bound({**chat, "web_search_options": {}}, answers=3) == 3
+    assert web_searches_bound({**chat, "tools": [{**search, "max_uses": 2}]}, every_request=True, answers=2) == 4
 
 
 @pytest.mark.parametrize(
