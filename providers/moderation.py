@@ -851,10 +851,15 @@ class PolicySnapshot:
         try:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    hit = task.result()
-                    if hit is not None:
+                # Every finished call is read, a flag first: a failure read first must not leave the others'
+                # exceptions unretrieved (asyncio logs each at collection), nor hide a flag found beside it.
+                failures = [task.exception() for task in done]
+                for task, failure in zip(done, failures, strict=True):
+                    if failure is None and (hit := task.result()) is not None:
                         return hit
+                for failure in failures:
+                    if failure is not None:
+                        raise failure
                 pending |= {
                     asyncio.ensure_future(self._ask_call(batch)) for batch in itertools.islice(calls, len(done))
                 }

@@ -1576,9 +1576,19 @@ class _App:
                 "body": body,
                 # Which key the request came with, without keeping it: tests compare digests.
                 "key_sha256": key_digest(_presented_key(request)),
+                "received_at": time.monotonic(),
             }
             self._log.append(entry)
         return entry
+
+    def _answered_at(self, request: web.Request) -> None:
+        """When the answer was ready, on the request's entry in the log (``received_at`` is when it came, both
+        ``time.monotonic()`` of this process): a test sees how many calls were in flight at once without timing
+        anything itself."""
+        entry = request.get(_LOG_ENTRY_KEY)
+        if entry is not None:
+            with self._lock:
+                entry["answered_at"] = time.monotonic()
 
     def _closed_early(self, request: web.Request) -> None:
         """The client closed the connection before the reply's end: said on its entry in the log."""
@@ -2594,6 +2604,7 @@ class _App:
                 }
             )
         answer = {"id": _new_id("modr-"), "model": model, "results": results}
+        self._answered_at(request)
         return web.json_response(answer, headers={"x-request-id": _new_id("req_")})
 
     # -- Anthropic messages --

@@ -4,6 +4,8 @@ replies, the OpenAI checker, failing services, the Messages API's error shape, t
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import logging
 import time
@@ -19,7 +21,7 @@ from billing.models import Plan, UsageRecord, UserPlan
 from llmhub.testing.fake_upstream import THINKING_SIGNATURE, split_tokens
 from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
-from providers.moderation import policy_cache
+from providers.moderation import ModerationServiceError, PolicySnapshot, policy_cache, policy_snapshot
 from providers.tokens import text_tokens
 from tests.waiting import wait_for_record, wait_until
 
@@ -930,22 +932,34 @@ def test_a_very_long_input_costs_the_service_calls_in_proportion_to_it(gateway):
     assert sum(map(len, parts)) <= 1.15 * len(text)
 
 
+def most_in_flight(entries: list[dict]) -> int:
+    """The most of ``entries`` (the fake upstream's log) the upstream held at once: each from its
+    ``received_at`` to its ``answered_at``, both the upstream's own clock."""
+    edges = sorted([(e["received_at"], 1) for e in entries] + [(e["answered_at"], -1) for e in entries])
+    most = held = 0
+    for _, step in edges:  # at a tie the answer (-1) sorts first: one ending as another starts is not two
+        held += step
+        most = max(most, held)
+    return most
+
+
 def test_a_very_long_inputs_calls_go_four_at_a_time(gateway):
-    """The calls of one input go at most 4 at once: 5 calls that take 2 seconds each take two rounds, 4 seconds,
-    not 10 (one at a time) nor 2 (all at once, whatever the input's length)."""
+    """The calls of one input go at most 4 at once: of 5 calls that each take a second, 4 are in flight together
+    and the fifth waits for one of them, not all 5 at once (whatever the input's length) nor one at a time.
+    Counted from the upstream's own log of when each call came and was answered (it checked this by the
+    request's wall time until 7 December: 6 to 10 seconds, which a loaded machine could miss)."""
     policy_on("gpt-test", checker=ModerationChecker.OPENAI, check_output=False)
-    gateway.upstream.handles[0].set_timing(latency_ms=2_000)  # the chat's call, and each moderation call
+    gateway.upstream.handles[0].set_timing(latency_ms=1_000)  # the chat's call, and each moderation call
     text = " ".join(f"{number:07d}" for number in range(66_000))  # 527,999 characters: 151 inputs, 5 calls
 
-    started = time.monotonic()
     reply = gateway.client(timeout=60).chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": text}]
     )
-    took = time.monotonic() - started
 
     assert reply.choices[0].message.content == f"Echo: {text}"
     assert [len(call) for call in moderation_inputs(gateway)] == [32, 32, 32, 32, 23]
-    assert 6 <= took < 10, took  # two rounds of calls, then the chat's
+    calls = [entry for entry in gateway.upstream.requests if entry["path"] == MODERATIONS]
+    assert most_in_flight(calls) == 4
 
 
 def test_the_openai_checker_lets_a_clean_input_through_and_counts_only_its_categories(gateway):
@@ -1097,6 +1111,37 @@ def test_a_failing_service_serves_the_request_and_says_so_when_the_policy_fails_
         == "input unchecked: moderation unavailable (fail open); output unchecked: moderation unavailable (fail open)"
     )
     assert any("served unchecked" in r.getMessage() for r in caplog.records if r.name == "llmhub.moderation")
+
+
+def test_calls_failing_together_leave_no_exception_unread(gateway, monkeypatch):
+    """A long input's calls that failed in the same turn of the loop were read one: the first's failure was raised,
+    and each other's exception was left in its task, which asyncio reports as "Task exception was never retrieved"
+    when the task is collected (an ERROR line per call). Every finished call is read now. The service's calls
+    fail here without a round trip (the fake's answers come at different turns of the loop, so a live service
+    cannot make them finish together at will); what is tested is the loop that reads them."""
+    policy = policy_on("gpt-test", checker=ModerationChecker.OPENAI, fail_open=True, check_output=False)
+    snapshot = policy_snapshot(policy, policy.moderation_provider)
+    text = " ".join(f"{number:07d}" for number in range(66_000))  # 5 calls, the first 4 at once
+    sent: list[int] = []
+
+    async def failing_call(self, inputs: list[str]) -> None:
+        sent.append(len(inputs))
+        await asyncio.sleep(0)
+        raise ModerationServiceError("the moderation service answered 503")
+
+    monkeypatch.setattr(PolicySnapshot, "_ask_call", failing_call)
+    reported: list[str] = []
+
+    async def ask() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context["message"]))
+        with pytest.raises(ModerationServiceError):
+            await snapshot.ask_service(text)
+        gc.collect()  # the calls' tasks: a task's __del__ reports an exception nobody read
+
+    asyncio.run(ask())
+
+    assert sent == [32, 32, 32, 32]
+    assert not [message for message in reported if "never retrieved" in message]
 
 
 TOOLS = [
