@@ -570,6 +570,26 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     return None
 
 
+def _check_stream_options(options: Any) -> None:
+    """``stream_options`` as the spec types it (``ResponseStreamOptions``): an object whose one field,
+    ``include_obfuscation``, is a boolean. Not sent (llmhub's events have no obfuscation to turn off), but one of
+    another shape, or chat completions' ``include_usage`` brought along, is refused as OpenAI refuses it."""
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        _fail("Invalid type for 'stream_options': expected an object.", "stream_options", "invalid_type")
+    for name, value in options.items():
+        if name != "include_obfuscation":
+            where = f"stream_options.{text_quoted(name)}"
+            _fail(f"Unknown parameter: '{where}'.", where, "unknown_parameter")
+        if value is not None and not isinstance(value, bool):
+            _fail(
+                "Invalid type for 'stream_options.include_obfuscation': expected a boolean.",
+                "stream_options.include_obfuscation",
+                "invalid_type",
+            )
+
+
 def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """The chat-completions request a Responses API ``body`` means, for the pipeline to run, and the names its
     fields had in ``body`` (``messages[2].content`` -> ``input[1].content``: what a refusal of the input names);
@@ -588,6 +608,10 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     check_field_types(
         body, ("stream", "parallel_tool_calls", "user", "prompt_cache_key", "safety_identifier", "service_tier")
     )
+    _check_stream_options(body.get("stream_options"))
+    tool_calls = body.get("max_tool_calls")
+    if tool_calls is not None and type(tool_calls) is not int:
+        _fail("Invalid type for 'max_tool_calls': expected an integer.", "max_tool_calls", "invalid_type")
     for name, (default, why) in _UNSUPPORTED.items():
         if body.get(name, default) not in (None, default):
             _fail(f"Unsupported parameter: '{name}': {why}", name, "unsupported_parameter")

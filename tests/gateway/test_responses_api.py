@@ -331,6 +331,33 @@ def test_the_specs_parameters_that_change_nothing_here_are_accepted(gateway):
         assert [event.type for event in stream][-1] == "response.completed"
 
 
+@pytest.mark.parametrize(
+    ("extra", "param", "code"),
+    [
+        ({"stream_options": "include_obfuscation"}, "stream_options", "invalid_type"),
+        ({"stream_options": ["include_obfuscation"]}, "stream_options", "invalid_type"),
+        ({"stream_options": {"include_obfuscation": "false"}}, "stream_options.include_obfuscation", "invalid_type"),
+        # Chat completions' option, which the Responses API's stream does not have (its usage is in the last event).
+        ({"stream_options": {"include_usage": True}}, "stream_options.include_usage", "unknown_parameter"),
+        ({"max_tool_calls": "3"}, "max_tool_calls", "invalid_type"),
+        ({"max_tool_calls": 2.5}, "max_tool_calls", "invalid_type"),
+        ({"max_tool_calls": True}, "max_tool_calls", "invalid_type"),
+        ({"max_tool_calls": {"total": 3}}, "max_tool_calls", "invalid_type"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_stream_options_or_max_tool_calls_of_the_wrong_type_is_a_400_naming_it(gateway, extra, param, code, stream):
+    """``stream_options`` (an object with a boolean ``include_obfuscation``) and ``max_tool_calls`` (an integer) as
+    the spec types them: until 7 December either was taken whatever it was, unchecked."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(model="gpt-test", input="hi", stream=stream, extra_body=extra)
+    assert (refused.value.body["param"], refused.value.body["code"]) == (param, code)
+    assert refused.value.body["type"] == "invalid_request_error"
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses" and record.cost == 0
+
+
 def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
     reply, events = raw_events(gateway, {"model": "gpt-test", "input": "[[words=9]] [[fault=cut-3]]"})
     assert reply.status_code == 200
