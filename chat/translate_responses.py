@@ -606,7 +606,16 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
             _fail(f"Unknown parameter: '{text_quoted(name)}'.", text_quoted(name), "unknown_parameter")
     # Its own names for what it forwards: ``parallel_tool_calls`` is checked without tools too (it is echoed back).
     check_field_types(
-        body, ("stream", "parallel_tool_calls", "user", "prompt_cache_key", "safety_identifier", "service_tier")
+        body,
+        (
+            "stream",
+            "parallel_tool_calls",
+            "user",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "safety_identifier",
+            "service_tier",
+        ),
     )
     _check_stream_options(body.get("stream_options"))
     tool_calls = body.get("max_tool_calls")
@@ -703,6 +712,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         "stream",
         "service_tier",
         "prompt_cache_key",
+        "prompt_cache_retention",
         "safety_identifier",
     ):
         if body.get(name) is not None:

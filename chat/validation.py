@@ -33,14 +33,16 @@ FIELD_TYPES: dict[str, tuple[type, str]] = {
     "parallel_tool_calls": (bool, "a boolean"),
     "user": (str, "a string"),
     "prompt_cache_key": (str, "a string"),
+    "prompt_cache_retention": (str, "a string"),
     "safety_identifier": (str, "a string"),
     "service_tier": (str, "a string"),
     "reasoning_effort": (str, "a string"),
     "verbosity": (str, "a string"),
 }
-# No field's values are listed: OpenAI-compatible servers name their own service tiers (Groq's "on_demand"),
-# which the server itself refuses or takes; only the type is llmhub's to check.
-FIELD_VALUES: dict[str, tuple[str, ...]] = {}
+# The service tier's values are not listed: OpenAI-compatible servers name their own (Groq's "on_demand"), which the
+# server itself refuses or takes; only the type is llmhub's to check. The prompt cache's retention is OpenAI's alone
+# (the spec's enum; a provider without one is not sent it).
+FIELD_VALUES: dict[str, tuple[str, ...]] = {"prompt_cache_retention": ("in_memory", "24h")}
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. This API expects a JSON payload.)"

@@ -413,6 +413,8 @@ def test_stream_options_include_usage_that_is_not_a_boolean_is_a_400(gateway, va
 WRONGLY_TYPED = [
     ({"user": 5}, "user", "invalid_type"),
     ({"prompt_cache_key": 5}, "prompt_cache_key", "invalid_type"),
+    ({"prompt_cache_retention": 24}, "prompt_cache_retention", "invalid_type"),
+    ({"prompt_cache_retention": "1h"}, "prompt_cache_retention", "invalid_value"),
     ({"safety_identifier": ["a"]}, "safety_identifier", "invalid_type"),
     ({"parallel_tool_calls": "no"}, "parallel_tool_calls", "invalid_type"),
     ({"service_tier": 5}, "service_tier", "invalid_type"),

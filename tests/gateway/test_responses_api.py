@@ -317,8 +317,7 @@ def test_a_parameter_the_responses_api_does_not_take_is_a_400_naming_it_not_drop
 
 def test_the_specs_parameters_that_change_nothing_here_are_accepted(gateway):
     """``stream_options`` (llmhub's events have no obfuscation to turn off), ``max_tool_calls`` (it counts built-in
-    tools' calls: llmhub has none) and the prompt cache's retention (the provider's own choice) are the spec's: taken,
-    not refused."""
+    tools' calls: llmhub has none) and the prompt cache's retention (sent on) are the spec's: taken, not refused."""
     response = gateway.client().responses.create(
         model="gpt-test",
         input="hi [[reply=ok]]",
@@ -356,6 +355,27 @@ def test_stream_options_or_max_tool_calls_of_the_wrong_type_is_a_400_naming_it(g
     assert gateway.upstream.requests_served() == 0
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert record.status == "rejected" and record.operation == "responses" and record.cost == 0
+
+
+@pytest.mark.parametrize("retention", ["in_memory", "24h"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_cache_retention_reaches_an_openai_model_and_no_other(gateway, retention, stream):
+    """OpenAI's chat completions take ``prompt_cache_retention`` as the Responses API does: it is sent on (until 7
+    December it was dropped, and the 24 hours asked for were the provider's default), beside ``prompt_cache_key``; a
+    Claude model, whose prompt cache is asked for otherwise, is sent neither, as before."""
+    client = gateway.client()
+    for model in MODELS:
+        fields = {"prompt_cache_key": "tenant-7", "prompt_cache_retention": retention}
+        if stream:
+            with client.responses.create(model=model, input="hi [[reply=ok]]", stream=True, extra_body=fields) as got:
+                assert [event.type for event in got][-1] == "response.completed"
+        else:
+            assert client.responses.create(model=model, input="hi [[reply=ok]]", extra_body=fields).output_text == "ok"
+        sent = gateway.upstream.requests[-1]["body"]
+        if model == "gpt-test":
+            assert (sent["prompt_cache_key"], sent["prompt_cache_retention"]) == ("tenant-7", retention)
+        else:
+            assert not {"prompt_cache_key", "prompt_cache_retention"} & set(sent)
 
 
 def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
