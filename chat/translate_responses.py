@@ -44,7 +44,6 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "conversation": (None, "llmhub does not store conversations; send the whole conversation in `input`."),
     "background": (False, "background responses need stored state, which llmhub does not keep."),
     "prompt": (None, "stored prompts are not supported; send the text in `instructions` and `input`."),
-    "top_logprobs": (None, "log probabilities are not returned by /v1/responses here."),
     "context_management": (None, "server-side context management is not supported."),
     "moderation": (
         None,
@@ -101,7 +100,12 @@ _MOVED = {
 # A reasoning item's text is in the clear, in its ``content``; its ``encrypted_content`` (Claude's signed thinking
 # blocks, ``thinking_content``) is given only when asked for, as OpenAI does.
 ENCRYPTED_CONTENT = "reasoning.encrypted_content"
-_INCLUDABLE = frozenset({ENCRYPTED_CONTENT})
+# The log probabilities of the reply's tokens on its ``output_text`` (chat completions' ``logprobs``, with
+# ``top_logprobs`` alternatives a token), given only when asked for, as OpenAI gives them.
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
+_INCLUDABLE = frozenset({ENCRYPTED_CONTENT, OUTPUT_LOGPROBS})
+# OpenAI's bounds of ``top_logprobs`` (the Responses API's and chat completions' alike).
+TOP_LOGPROBS_MAX = 20
 _ROLES = frozenset({"user", "system", "developer", "assistant"})
 # A reasoning summary, asked for by its name or by the deprecated one older clients still send.
 _SUMMARY_NAMES = ("summary", "generate_summary")
@@ -380,15 +384,32 @@ def thinking_blocks_of(encrypted: Any) -> list[dict[str, Any]]:
     return blocks if isinstance(blocks, list) else []
 
 
+def _logprobs_included(body: dict[str, Any]) -> bool:
+    """Whether the Responses request ``body`` asks for its output text's log probabilities (``include``)."""
+    include = body.get("include")
+    return isinstance(include, list | tuple) and OUTPUT_LOGPROBS in include
+
+
 def response_shown(value: dict[str, Any], include: Any) -> dict[str, Any]:
     """A ``Response`` or a stream event as the client gets it: the reasoning items' ``encrypted_content`` (kept with
-    a stored response, for a chain) only when ``include`` asks for ``reasoning.encrypted_content``."""
-    if isinstance(include, list | tuple) and ENCRYPTED_CONTENT in include:
+    a stored response, for a chain) only when ``include`` asks for ``reasoning.encrypted_content``, and the output
+    text's ``logprobs`` (kept with one made with them) only when it asks for ``message.output_text.logprobs``."""
+    included = include if isinstance(include, list | tuple) else ()
+    encrypted, logprobs = ENCRYPTED_CONTENT in included, OUTPUT_LOGPROBS in included
+    if encrypted and logprobs:
         return value
 
     def bare(item: Any) -> Any:
-        if isinstance(item, dict) and "encrypted_content" in item:
-            return {name: field for name, field in item.items() if name != "encrypted_content"}
+        if not isinstance(item, dict):
+            return item
+        if not encrypted and "encrypted_content" in item:
+            item = {name: field for name, field in item.items() if name != "encrypted_content"}
+        if not logprobs and item.get("type") == "message" and isinstance(item.get("content"), list):
+            parts = [
+                {**part, "logprobs": []} if isinstance(part, dict) and part.get("logprobs") else part
+                for part in item["content"]
+            ]
+            item = {**item, "content": parts}
         return item
 
     shown = dict(value)
@@ -629,7 +650,10 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     include = body.get("include")
     if include is not None:
         if not isinstance(include, list) or any(not _named(item, _INCLUDABLE) for item in include):
-            _fail(f"Unsupported value for 'include': only {', '.join(sorted(_INCLUDABLE))} is accepted.", "include")
+            _fail(f"Unsupported value for 'include': only {' and '.join(sorted(_INCLUDABLE))} are accepted.", "include")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None and (type(top_logprobs) is not int or not 0 <= top_logprobs <= TOP_LOGPROBS_MAX):
+        _fail(f"Invalid 'top_logprobs': expected an integer between 0 and {TOP_LOGPROBS_MAX}.", "top_logprobs")
     reasoning = body.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, dict):
         _fail("Invalid type for 'reasoning': expected an object.", "reasoning", "invalid_type")
@@ -767,6 +791,12 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         if not isinstance(verbosity, str):
             _fail("Invalid type for 'text.verbosity': expected a string.", "text.verbosity", "invalid_type")
         chat["verbosity"] = verbosity
+    if _logprobs_included(body):
+        # Asked for by ``include`` (``top_logprobs`` alone asks for none, as OpenAI answers it): chat completions'
+        # ``logprobs``, which a provider that has none refuses (``common.LOGPROBS``), naming ``include``.
+        chat["logprobs"] = True
+        if top_logprobs is not None:
+            chat["top_logprobs"] = top_logprobs
     if chat.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}  # the usage that response.completed reports
     fields = {
@@ -780,6 +810,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
     fields["reasoning_effort"] = "reasoning.effort"
     fields["verbosity"] = "text.verbosity"
     fields["messages"] = "input"
+    fields["logprobs"] = "include"
     fields.update(tool_fields)
     return chat, fields
 
@@ -845,6 +876,8 @@ def response_skeleton(body: dict[str, Any], *, response_id: str, model: str, cre
     }
     if isinstance(body.get("user"), str):
         response["user"] = body["user"]
+    if body.get("top_logprobs") is not None:
+        response["top_logprobs"] = body["top_logprobs"]
     return response
 
 
@@ -888,8 +921,57 @@ def _reasoning_part(text: str) -> dict[str, Any]:
     return {"type": "reasoning_text", "text": text}
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def _token_logprob(entry: Any) -> dict[str, Any] | None:
+    """A chat completion's token log probability (``token``, ``logprob``, ``bytes``) in the spec's shape for the
+    Responses API (``TopLogProb``: ``bytes`` required, the token's UTF-8 where a server gave none); None for an entry
+    without a token or a number."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+        return None
+    logprob = entry.get("logprob")
+    if isinstance(logprob, bool) or not isinstance(logprob, int | float):
+        return None
+    given = entry.get("bytes")
+    if isinstance(given, list) and all(type(byte) is int for byte in given):
+        token_bytes = given
+    else:
+        token_bytes = list(entry["token"].encode("utf-8", "replace"))
+    return {"token": entry["token"], "logprob": logprob, "bytes": token_bytes}
+
+
+def _output_logprobs(logprobs: Any) -> list[dict[str, Any]]:
+    """A choice's ``logprobs`` (chat completions': ``content``, a list of tokens each with its ``top_logprobs``) as an
+    ``output_text`` part's (the spec's ``LogProb``); what is not a token's is left out."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    tokens: list[dict[str, Any]] = []
+    for entry in content if isinstance(content, list) else ():
+        token = _token_logprob(entry)
+        if token is None:
+            continue
+        alternatives = entry.get("top_logprobs")
+        token["top_logprobs"] = [
+            alternative
+            for alternative in map(_token_logprob, alternatives if isinstance(alternatives, list) else ())
+            if alternative is not None
+        ]
+        tokens.append(token)
+    return tokens
+
+
+def _event_logprobs(tokens: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An ``output_text`` part's log probabilities as its stream events carry them (the spec's ``ResponseLogProb``:
+    no ``bytes``)."""
+    return [
+        {
+            "token": token["token"],
+            "logprob": token["logprob"],
+            "top_logprobs": [{"token": each["token"], "logprob": each["logprob"]} for each in token["top_logprobs"]],
+        }
+        for token in tokens
+    ]
 
 
 _CALL_ITEMS = {CUSTOM: ("ctc", "custom_tool_call"), LOCAL_SHELL: ("lsh", "local_shell_call")}
@@ -969,7 +1051,8 @@ def response_from_completion(
             response["output"][-1]["encrypted_content"] = thinking_content(blocks)
     parts = []
     if message.get("content"):
-        parts.append(_text_part(message["content"]))
+        logprobs = _output_logprobs(choices[0].get("logprobs")) if _logprobs_included(body) else None
+        parts.append(_text_part(message["content"], logprobs))
     if message.get("refusal"):
         parts.append({"type": "refusal", "refusal": message["refusal"]})
     if parts:
@@ -1002,6 +1085,7 @@ class ResponseEvents:
         self._open_calls: dict[int, dict[str, Any]] = {}
         self._positions: dict[str, int] = {}  # item id -> its output_index
         self._kinds = tool_kinds(body)
+        self._logprobs = _logprobs_included(body)  # the output text's log probabilities, asked for
         self._arguments: dict[str, str] = {}  # a call item's id -> the arguments its function got so far
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -1055,7 +1139,9 @@ class ResponseEvents:
             return []
         where = self._where(item)
         if part["type"] == "output_text":
-            done = self._event("response.output_text.done", **where, text=part["text"], logprobs=[])
+            done = self._event(
+                "response.output_text.done", **where, text=part["text"], logprobs=_event_logprobs(part["logprobs"])
+            )
         else:
             done = self._event("response.refusal.done", **where, refusal=part["refusal"])
         self._part = None
@@ -1142,8 +1228,9 @@ class ResponseEvents:
             return [*self._close_calls(status), *self._close_message(status)]
         return [*self._close_message(status), *self._close_calls(status)]
 
-    def _write(self, kind: str, piece: str) -> list[dict[str, Any]]:
-        """A piece of the reply's text (``output_text``) or of its refusal (``refusal``)."""
+    def _write(self, kind: str, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """A piece of the reply's text (``output_text``, with its tokens' ``logprobs`` when asked for) or of its
+        refusal (``refusal``)."""
         events = [*self._close_reasoning(), *self._close_calls()]
         if self._message is None:
             self._message = _message_item(_item_id("msg"), [], "in_progress")
@@ -1156,7 +1243,14 @@ class ResponseEvents:
             events.append(self._event("response.content_part.added", **self._where(item), part=dict(self._part)))
         if kind == "output_text":
             self._part["text"] += piece
-            events.append(self._event("response.output_text.delta", **self._where(item), delta=piece, logprobs=[]))
+            tokens = logprobs or []
+            # A new list, not the same one extended: the events made before hold the part as it was.
+            self._part["logprobs"] = [*self._part["logprobs"], *tokens]
+            events.append(
+                self._event(
+                    "response.output_text.delta", **self._where(item), delta=piece, logprobs=_event_logprobs(tokens)
+                )
+            )
         else:
             self._part["refusal"] += piece
             events.append(self._event("response.refusal.delta", **self._where(item), delta=piece))
@@ -1207,7 +1301,8 @@ class ResponseEvents:
             if isinstance(delta.get("thinking_blocks"), list) and delta["thinking_blocks"]:
                 events.extend(self._sign(delta["thinking_blocks"]))
             if delta.get("content"):
-                events.extend(self._write("output_text", delta["content"]))
+                logprobs = _output_logprobs(choice.get("logprobs")) if self._logprobs else None
+                events.extend(self._write("output_text", delta["content"], logprobs))
             if delta.get("refusal"):
                 events.extend(self._write("refusal", delta["refusal"]))
             for call in delta.get("tool_calls") or ():

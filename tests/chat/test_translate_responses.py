@@ -280,6 +280,10 @@ RESPONSES_BODIES = (
                     "previous_response_id",
                     "background",
                     "parallel_tool_calls",
+                    "top_logprobs",
+                    "stream_options",
+                    "max_tool_calls",
+                    "prompt_cache_retention",
                 )
             },
         },
@@ -292,6 +296,10 @@ RESPONSES_BODIES = (
 @given(RESPONSES_BODIES)
 # The values that once crashed it (a 500): a list or an object where a name is expected.
 @example({"model": "m", "input": "hi", "include": [{}]})
+# The log probabilities asked for: chat completions' logprobs and top_logprobs, which it validates together.
+@example({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 20})
+@example({"model": "m", "input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 0})
+@example({"model": "m", "input": "hi", "top_logprobs": 3, "stream": True, "stream_options": {}})
 @example({"model": "m", "input": [{"role": ["user"], "content": "x"}]})
 @example({"model": "m", "input": [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}]})
 def test_the_translation_accepts_or_answers_400_and_what_it_accepts_can_be_sent(body):

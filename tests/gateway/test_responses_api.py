@@ -378,6 +378,94 @@ def test_prompt_cache_retention_reaches_an_openai_model_and_no_other(gateway, re
             assert not {"prompt_cache_key", "prompt_cache_retention"} & set(sent)
 
 
+LOGPROBS = "message.output_text.logprobs"
+
+
+@pytest.mark.parametrize("model", ["gpt-test", "gemini-test"])
+@pytest.mark.parametrize("top", [None, 0, 3])
+def test_logprobs_asked_for_are_on_the_output_text(gateway, model, top):
+    """``include`` with ``message.output_text.logprobs`` (and ``top_logprobs``, 0 to 20, the alternatives a token) is
+    chat completions' ``logprobs`` (and ``top_logprobs``), given back on the ``output_text`` part in the spec's shape,
+    whole and streamed (each ``response.output_text.delta`` with its tokens'); until 7 December ``top_logprobs`` was
+    refused and ``include`` could not ask for them."""
+    if model == "gemini-test":
+        provider = ProviderFactory(name="fake-gemini", kind=ProviderKind.GEMINI, base_url=gateway.upstream.base_url)
+        ModelFactory(name="gemini-test", provider=provider, upstream_id="gemini-2.5-flash")
+    fields = {"include": [LOGPROBS]} if top is None else {"include": [LOGPROBS], "top_logprobs": top}
+    raw = gateway.client().responses.with_raw_response.create(model=model, input="[[reply=red green blue]]", **fields)
+    validate_openai_schema(raw.http_response.json(), "Response")
+    response = raw.parse()
+    assert response.top_logprobs == top
+    part = response.output[0].content[0]
+    assert "".join(logprob.token for logprob in part.logprobs) == part.text == "red green blue"
+    for logprob in part.logprobs:
+        assert logprob.logprob <= 0 and bytes(logprob.bytes) == logprob.token.encode()
+        assert len(logprob.top_logprobs) == (top or 0)
+        assert [each.token for each in logprob.top_logprobs][:1] == [logprob.token][: top or 0]
+    if model == "gpt-test":
+        sent = gateway.upstream.requests[-1]["body"]
+        assert sent["logprobs"] is True and sent.get("top_logprobs") == top
+    # Kept with the stored response, and read back, as OpenAI's, only when asked for again.
+    assert gateway.client().responses.retrieve(response.id).output[0].content[0].logprobs == []
+    again = gateway.client().responses.retrieve(response.id, include=[LOGPROBS]).output[0].content[0]
+    assert again.logprobs == part.logprobs
+    _, events = raw_events(gateway, {"model": model, "input": "[[reply=red green blue]]", **fields})
+    events = [event for _, event in events]
+    assert_spec_sequence(events)
+    deltas = [event for event in events if event["type"] == "response.output_text.delta"]
+    assert all(delta["delta"] == "".join(each["token"] for each in delta["logprobs"]) for delta in deltas)
+    streamed = [each for delta in deltas for each in delta["logprobs"]]
+    assert [each["token"] for each in streamed] == [logprob.token for logprob in part.logprobs]
+    assert all(len(each["top_logprobs"]) == (top or 0) for each in streamed)
+    (done,) = [event for event in events if event["type"] == "response.output_text.done"]
+    assert done["logprobs"] == streamed
+    final = events[-1]["response"]["output"][0]["content"][0]
+    assert [each["token"] for each in final["logprobs"]] == [each["token"] for each in streamed]
+    assert [each["logprob"] for each in final["logprobs"]] == [each["logprob"] for each in streamed]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_top_logprobs_without_include_is_taken_and_answers_none(gateway, stream):
+    """As OpenAI answers it: ``top_logprobs`` alone asks for no log probabilities (``include`` does), so none are
+    asked of the provider, and the ``output_text`` has none; a Claude model, which has none, is not refused."""
+    for model in MODELS:
+        if stream:
+            _, events = raw_events(gateway, {"model": model, "input": "[[reply=ok]]", "top_logprobs": 5})
+            part = events[-1][1]["response"]["output"][0]["content"][0]
+            assert all(event.get("logprobs", []) == [] for _, event in events)
+        else:
+            response = gateway.client().responses.create(model=model, input="[[reply=ok]]", top_logprobs=5)
+            part = response.output[0].content[0].model_dump()
+        assert part["text"] == "ok" and part["logprobs"] == []
+        assert not {"logprobs", "top_logprobs"} & set(gateway.upstream.requests[-1]["body"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_asked_of_a_model_that_has_none_are_a_400_naming_include(gateway, stream):
+    """A Claude model returns no log probabilities: asked for them, it is refused before any upstream call, as chat
+    completions' ``logprobs: true`` is, naming what the client wrote (``include``)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(
+            model="claude-test", input="hi", include=[LOGPROBS], top_logprobs=2, stream=stream
+        )
+    assert (refused.value.body["param"], refused.value.body["code"]) == ("include", "unsupported_parameter")
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert (record.status, record.operation, record.cost) == ("invalid", "responses", 0)  # refused by its adapter
+
+
+@pytest.mark.parametrize("top", [-1, 21, 2.5, "3", True])
+def test_a_top_logprobs_out_of_range_is_a_400_naming_it(gateway, top):
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client().responses.create(
+            model="gpt-test", input="hi", include=[LOGPROBS], extra_body={"top_logprobs": top}
+        )
+    assert refused.value.body["param"] == "top_logprobs"
+    assert gateway.upstream.requests_served() == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.status == "rejected" and record.operation == "responses"
+
+
 def test_a_stream_cut_after_it_began_ends_with_response_failed(gateway):
     reply, events = raw_events(gateway, {"model": "gpt-test", "input": "[[words=9]] [[fault=cut-3]]"})
     assert reply.status_code == 200
@@ -565,7 +653,7 @@ def test_parallel_function_calls_each_get_their_item(gateway, model):
             "text.response_format",
         ),
         ({"model": "gpt-test", "input": "hi", "reasoning": "high"}, "reasoning"),
-        ({"model": "gpt-test", "input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
+        ({"model": "gpt-test", "input": "hi", "include": ["message.input_image.image_url"]}, "include"),
         ({"model": "gpt-test", "input": "hi", "temperature": 3}, "temperature"),
         ({"model": "gpt-test", "input": "hi", "stream": "yes"}, "stream"),
         ({"input": "hi"}, "model"),
