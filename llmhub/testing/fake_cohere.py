@@ -7,6 +7,8 @@ under ``/cohere``: a test provider's base URL is ``http://127.0.0.1:<port>/coher
 usage and the fault menu are the fake upstream's own (the same steering markers); errors are Cohere's
 ``{"message": ...}`` with the HTTP status. A stream's ``error-event`` fault ends the stream with a
 ``message-end`` whose finish reason is ``ERROR``. An embed's ``[[vectors=N]]`` answers the first N texts' only.
+A chat's ``thinking`` (its reasoning models': ``{"type": "enabled" or "disabled", "token_budget": N}``) is checked
+as Cohere's API types it, N a positive integer: another is a 400, as Cohere refuses it.
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
         return cohere_error(400, "invalid request: model must be a non-empty string.")
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         return cohere_error(400, "invalid request: messages cannot be empty.")
+    if not _thinking_valid(body.get("thinking")):
+        return cohere_error(
+            400, "invalid request: thinking must be {type: enabled or disabled, token_budget: a positive integer}."
+        )
     if "raw_cohere" in conv.directives:  # as ``[[raw=...]]`` on OpenAI's route: exactly the bytes given
         encoding = conv.directives.get("raw_encoding")
         return await app._raw_answer(request, conv.directives["raw_cohere"], stream=stream, encoding=encoding)
@@ -154,6 +160,18 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
     return web.json_response(
         {"id": response_id, "finish_reason": _FINISH[reply.finish], "message": message, "usage": usage}
     )
+
+
+def _thinking_valid(thinking: Any) -> bool:
+    """Whether a chat's ``thinking`` is of Cohere's ``Thinking`` type (none is)."""
+    if thinking is None:
+        return True
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
+        return False
+    if set(thinking) - {"type", "token_budget"}:
+        return False
+    budget = thinking.get("token_budget")
+    return budget is None or (type(budget) is int and budget > 0)
 
 
 def _tool_call(reply: fake._Reply, call_id: str) -> dict[str, Any]:

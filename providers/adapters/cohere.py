@@ -12,7 +12,9 @@ translation is tested without a server. Cohere's finish reasons: ``COMPLETE``/``
 output was withheld, which is what ``content_filter`` tells an OpenAI client); ``ERROR`` is a failure of the
 provider, raised as one. Cohere cannot be told to call one tool a turn, so ``parallel_tool_calls: false`` is kept on
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
-completions' free-form ``custom``) has no Cohere form: refused.
+completions' free-form ``custom``) has no Cohere form: refused. ``reasoning_effort`` is Cohere's ``thinking``
+(``_thinking``): its reasoning models think by default, ``none`` turns it off, another level is a ``token_budget``,
+Claude's budget for it (``THINKING_BUDGETS``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .common import (
     upstream_deadline,
 )
 from .sse import sse_events
+from .translate_anthropic import ANSWER_FLOOR, EFFORTS, THINKING_BUDGETS
 
 # Given when the row has no key, so that the SDK never falls back to CO_API_KEY from the gateway's
 # environment: the provider then answers 401, which is the truth.
@@ -70,6 +73,8 @@ _TOOL_CHOICES = {"required": "REQUIRED", "none": "NONE"}
 
 
 class CohereAdapter(BaseAdapter):
+    # A Messages client's ``output_config.effort`` Cohere has a thinking budget for (not ``xhigh`` nor ``max``).
+    messages_efforts = tuple(effort for effort in EFFORTS if effort in THINKING_BUDGETS)
     # Its chat's stop_sequences: "A list of up to 5 strings that the model will use to stop generation".
     messages_stop_max = 5
 
@@ -429,7 +434,36 @@ def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         schema = response_format.get("json_schema", {}).get("schema")
         request["response_format"] = {"type": "json_object", **({"json_schema": schema} if schema else {})}
+    _thinking(body, request)
     return request
+
+
+def _thinking(body: dict[str, Any], request: dict[str, Any]) -> None:
+    """``reasoning_effort`` as Cohere's ``thinking``, as Claude's translation makes it Claude's: Cohere's reasoning
+    models think by default, as long as they choose, so ``none`` turns it off (``disabled``) and another level is a
+    ``token_budget`` (``THINKING_BUDGETS``; one without a budget is a 400 naming it, not dropped). Thinking counts in
+    the output limit (Cohere asks that a budget leave at least 1K tokens to the reply), which is a cost ceiling and
+    never raised: with one, the budget gives way so that the reply keeps ``ANSWER_FLOOR`` tokens of it, down to a
+    token (Cohere's least budget: a positive integer)."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return
+    if effort not in THINKING_BUDGETS:
+        raise ProviderBadRequestError(
+            f"Cohere has no thinking budget for reasoning_effort {effort!r}: use one of "
+            + ", ".join(repr(name) for name in THINKING_BUDGETS)
+            + ".",
+            param="reasoning_effort",
+            code="unsupported_value",
+        )
+    budget = THINKING_BUDGETS[effort]
+    if not budget:
+        request["thinking"] = {"type": "disabled"}
+        return
+    limit = request.get("max_tokens")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        budget = max(1, min(budget, limit - ANSWER_FLOOR))
+    request["thinking"] = {"type": "enabled", "token_budget": budget}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -221,3 +221,78 @@ def test_no_parallel_tool_calls_through_cohere_gets_one_call_a_turn(cohere_gatew
 
     assert len(calls()) == 3
     assert len(calls(parallel_tool_calls=False)) == 1
+
+
+@pytest.mark.parametrize(
+    ("effort", "limit", "thinking"),
+    [
+        ("none", None, {"type": "disabled"}),
+        ("minimal", None, {"type": "enabled", "token_budget": 1024}),
+        ("low", None, {"type": "enabled", "token_budget": 1024}),
+        ("medium", None, {"type": "enabled", "token_budget": 2048}),
+        ("high", None, {"type": "enabled", "token_budget": 4096}),
+        # The output limit bounds the thinking and the reply together, and is not raised: the budget gives way so
+        # that the reply keeps 1,024 tokens of it, as Cohere recommends, down to a token.
+        ("high", 3000, {"type": "enabled", "token_budget": 3000 - 1024}),
+        ("low", 500, {"type": "enabled", "token_budget": 1}),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_reasoning_effort_is_cohere_s_thinking_budget(cohere_gateway, effort, limit, thinking, stream):
+    """Cohere's reasoning models think by default, within ``thinking.token_budget`` (or not at all, ``disabled``):
+    until 7 December ``reasoning_effort`` was dropped unsaid, so ``none`` still thought, and was billed for it, and
+    ``high`` thought as long as the model chose. It is their budget, as Claude's translation makes it its own."""
+    client = cohere_gateway.client()
+    extra = {"max_completion_tokens": limit} if limit else {}
+    messages = [{"role": "user", "content": "why? [[reply=because]]"}]
+    reply = client.chat.completions.create(
+        model="command-test", messages=messages, reasoning_effort=effort, stream=stream, **extra
+    )
+    if stream:
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in reply if chunk.choices) == "because"
+    else:
+        assert reply.choices[0].message.content == "because"
+    sent = cohere_gateway.upstream.requests[-1]["body"]
+    assert sent["thinking"] == thinking
+    if limit:
+        assert sent["max_tokens"] == limit
+    # The Responses API's reasoning.effort, as the chat completion it is.
+    limited = {"max_output_tokens": limit} if limit else {}
+    response = client.responses.create(
+        model="command-test", input="why? [[reply=because]]", reasoning={"effort": effort}, **limited
+    )
+    assert response.output_text == "because"
+    assert cohere_gateway.upstream.requests[-1]["body"]["thinking"] == thinking
+
+
+def test_a_reasoning_effort_cohere_has_no_budget_for_is_a_400_naming_it(cohere_gateway):
+    """As Claude's translation answers it: ``xhigh`` (OpenAI's newest models') has no Cohere budget, refused before
+    any upstream call, naming ``reasoning_effort`` (``reasoning.effort`` on /v1/responses)."""
+    served = cohere_gateway.upstream.requests_served()
+    client = cohere_gateway.client()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="command-test", messages=[{"role": "user", "content": "hi"}], reasoning_effort="xhigh"
+        )
+    assert (refused.value.param, refused.value.code) == ("reasoning_effort", "unsupported_value")
+    assert ledger_row(refused.value.response.headers["x-request-id"]).status == "invalid"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="command-test", input="hi", reasoning={"effort": "xhigh"})
+    assert (refused.value.param, refused.value.code) == ("reasoning.effort", "unsupported_value")
+    assert cohere_gateway.upstream.requests_served() == served
+
+
+def test_a_messages_effort_is_cohere_s_thinking_and_one_without_a_budget_names_the_clients_field(cohere_gateway):
+    """A /v1/messages client's ``output_config.effort`` is the thinking budget of its ``reasoning_effort``; one Cohere
+    has none for (``xhigh``, ``max``) is refused before any upstream call naming ``output_config.effort``, as
+    Gemini's is."""
+    sdk = anthropic.Anthropic(base_url=cohere_gateway.url, api_key=cohere_gateway.key, max_retries=0, timeout=20)
+    request = {"model": "command-test", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}
+    assert sdk.messages.create(**request, output_config={"effort": "medium"}).type == "message"
+    assert cohere_gateway.upstream.requests[-1]["body"]["thinking"] == {"type": "enabled", "token_budget": 2048}
+    served = cohere_gateway.upstream.requests_served()
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk.messages.create(**request, output_config={"effort": "max"})
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("output_config.effort: ") and "'max'" in message and "'high'" in message
+    assert cohere_gateway.upstream.requests_served() == served

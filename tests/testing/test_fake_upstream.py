@@ -1444,6 +1444,18 @@ def test_cohere_stream_events_are_framed_as_cohere_frames_them(upstream: FakeUps
     assert streamed[-1].delta.finish_reason == "TOOL_CALL"
 
 
+def test_cohere_chat_takes_thinking_of_cohere_s_type_and_refuses_another(upstream: FakeUpstream, co) -> None:
+    import cohere
+
+    for thinking in ({"type": "enabled", "token_budget": 2048}, {"type": "disabled"}, {"type": "enabled"}):
+        reply = co.chat(model="command-a-03-2025", messages=[{"role": "user", "content": "hi"}], thinking=thinking)
+        assert reply.finish_reason == "COMPLETE"
+    for thinking in ({"type": "on"}, {"type": "enabled", "token_budget": 0}, {"type": "enabled", "budget": 5}):
+        with pytest.raises(cohere.errors.BadRequestError) as caught:
+            co.chat(model="command-a-03-2025", messages=[{"role": "user", "content": "hi"}], thinking=thinking)
+        assert "thinking" in caught.value.body["message"]
+
+
 def test_cohere_faults_answer_in_cohere_error_shape(upstream: FakeUpstream) -> None:
     for fault, status in (("429", 429), ("503", 503), ("context", 400)):
         code, headers, body = http(
