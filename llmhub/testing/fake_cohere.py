@@ -8,7 +8,10 @@ usage and the fault menu are the fake upstream's own (the same steering markers)
 ``{"message": ...}`` with the HTTP status. A stream's ``error-event`` fault ends the stream with a
 ``message-end`` whose finish reason is ``ERROR``. An embed's ``[[vectors=N]]`` answers the first N texts' only.
 A chat's ``thinking`` (its reasoning models': ``{"type": "enabled" or "disabled", "token_budget": N}``) is checked
-as Cohere's API types it, N a positive integer: another is a 400, as Cohere refuses it.
+as Cohere's API types it, N a positive integer: another is a 400, as Cohere refuses it. ``[[thinking=TEXT]]`` is a
+reasoning model's thinking, as Cohere's reasoning models think by default: a ``thinking`` content block before the
+reply's text (streamed: ``content.thinking`` deltas, the text's block at index 1), cut at the ``token_budget``, its
+tokens counted in the output, as Cohere bills them; none when ``thinking`` is ``disabled``, nor beside a tool call.
 """
 
 from __future__ import annotations
@@ -145,21 +148,34 @@ async def chat(app: _App, request: web.Request) -> web.StreamResponse:
     stops = [stop for stop in body.get("stop_sequences") or [] if isinstance(stop, str)]
     tool = fake._openai_tool(body) if body.get("tool_choice") != "NONE" else None
     reply = fake._build_reply(conv, tool, fake._int_or_none(body.get("max_tokens")), stops, "call_", app.demo)
+    thought = _thought(body.get("thinking"), conv.directives) if reply.tool_name is None else []
     cached = min(fake._directive_int(conv.directives, "cache") or 0, conv.prompt_tokens)
-    usage = _usage(conv.prompt_tokens, reply.completion_tokens, cached)
+    usage = _usage(conv.prompt_tokens, reply.completion_tokens + len(thought), cached)
     response_id = fake._new_id("", 32)
     if stream:
-        return await _chat_stream(app, request, response_id, reply, usage, timing, fault)
+        return await _chat_stream(app, request, response_id, reply, thought, usage, timing, fault)
     await app._pause(timing.whole_reply(len(reply.tokens)))
     message: dict[str, Any] = {"role": "assistant"}
     if reply.tool_name is not None:
         message["tool_plan"] = f"I will call {reply.tool_name}."
         message["tool_calls"] = [_tool_call(reply, call_id) for call_id in reply.tool_ids]
     else:
-        message["content"] = [{"type": "text", "text": reply.text}]
+        thinking = [{"type": "thinking", "thinking": "".join(thought)}] if thought else []
+        message["content"] = [*thinking, {"type": "text", "text": reply.text}]
     return web.json_response(
         {"id": response_id, "finish_reason": _FINISH[reply.finish], "message": message, "usage": usage}
     )
+
+
+def _thought(thinking: Any, directives: dict[str, str]) -> list[str]:
+    """The tokens of the thinking a ``[[thinking=TEXT]]`` asks for, unless ``thinking`` turns it off; cut at its
+    ``token_budget``, where the model stops thinking."""
+    text = directives.get("thinking")
+    if not text or (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
+        return []
+    tokens = fake.split_tokens(text)
+    budget = thinking.get("token_budget") if isinstance(thinking, dict) else None
+    return tokens[:budget] if isinstance(budget, int) else tokens
 
 
 def _thinking_valid(thinking: Any) -> bool:
@@ -187,6 +203,7 @@ async def _chat_stream(
     request: web.Request,
     response_id: str,
     reply: fake._Reply,
+    thought: list[str],
     usage: dict[str, Any],
     timing: fake._Timing,
     fault: str | None,
@@ -217,14 +234,20 @@ async def _chat_stream(
             else:
                 await send("tool-call-end", index=index)
     else:
-        await send("content-start", index=0, delta={"message": {"content": {"type": "text", "text": ""}}})
+        if thought:
+            await send("content-start", index=0, delta={"message": {"content": {"type": "thinking", "thinking": ""}}})
+            for token in thought:
+                await send("content-delta", index=0, delta={"message": {"content": {"thinking": token}}})
+            await send("content-end", index=0)
+        index = 1 if thought else 0
+        await send("content-start", index=index, delta={"message": {"content": {"type": "text", "text": ""}}})
         for position, token in enumerate(reply.tokens):
             if limit is not None and position >= limit:
                 break
             await app._pause(timing.before_piece(position))
-            await send("content-delta", index=0, delta={"message": {"content": {"text": token}}})
+            await send("content-delta", index=index, delta={"message": {"content": {"text": token}}})
         else:
-            await send("content-end", index=0)
+            await send("content-end", index=index)
     if fault == "error-event":
         await send("message-end", delta={"finish_reason": "ERROR", "error": "internal server error"})
         await response.write_eof()

@@ -14,7 +14,8 @@ provider, raised as one. Cohere cannot be told to call one tool a turn, so ``par
 the answer (its first call only, whole or streamed, ``max_tool_calls``), and a tool that is not a function (chat
 completions' free-form ``custom``) has no Cohere form: refused. ``reasoning_effort`` is Cohere's ``thinking``
 (``_thinking``): its reasoning models think by default, ``none`` turns it off, another level is a ``token_budget``,
-Claude's budget for it (``THINKING_BUDGETS``).
+Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking`` content, streamed in ``content.thinking``
+deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of reasoning models give theirs.
 """
 
 from __future__ import annotations
@@ -516,9 +517,13 @@ def completion_from_cohere(response: dict[str, Any], *, model: str, max_calls: i
     """The chat completion of a reply of Cohere's; ValueError for one whose fields are not of Cohere's types.
     ``max_calls``: the tool calls it may carry (``max_tool_calls``: the first, for no parallel calls)."""
     message = _object(response, "message")
-    text = "".join(_text(part, "text") or "" for part in _objects(message, "content") if part.get("type") == "text")
+    parts = _objects(message, "content")
+    text = "".join(_text(part, "text") or "" for part in parts if part.get("type") == "text")
+    thought = "".join(_text(part, "thinking") or "" for part in parts if part.get("type") == "thinking")
     calls = _tool_calls(_objects(message, "tool_calls"))[:max_calls]
     reply: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else ""), "refusal": None}
+    if thought:
+        reply["reasoning_content"] = thought
     if calls:
         reply["tool_calls"] = calls
     return {
@@ -571,8 +576,13 @@ class StreamTranslator:
             self.id = _text(event, "id") or self.id
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content-delta":
-            text = _text(_object(message, "content"), "text")
-            return [self._chunk({"content": text})] if text else []
+            content = _object(message, "content")
+            chunks = []
+            if thought := _text(content, "thinking"):
+                chunks.append(self._chunk({"reasoning_content": thought}))
+            if text := _text(content, "text"):
+                chunks.append(self._chunk({"content": text}))
+            return chunks
         if kind == "tool-call-start":
             call = _object(message, "tool_calls")
             self._tool_index += 1

@@ -296,3 +296,39 @@ def test_a_messages_effort_is_cohere_s_thinking_and_one_without_a_budget_names_t
     message = caught.value.body["error"]["message"]
     assert message.startswith("output_config.effort: ") and "'max'" in message and "'high'" in message
     assert cohere_gateway.upstream.requests_served() == served
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_cohere_models_thinking_comes_back_as_its_reasoning(cohere_gateway, stream):
+    """Cohere's reasoning models write ``thinking`` content before the reply (streamed: ``content.thinking`` deltas):
+    until 7 December it was left out, though billed, so a client that asked to see the reasoning saw none. It is the
+    reply's ``reasoning_content`` (streamed: ``delta.reasoning_content``), as other providers' reasoning is, and on
+    /v1/responses a ``reasoning`` item before the message; with thinking off (``none``) there is none."""
+    client = cohere_gateway.client()
+    messages = [{"role": "user", "content": "why? [[thinking=first I weigh it]] [[reply=because]]"}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                model="command-test", messages=messages, reasoning_effort="high", stream=True
+            )
+        )
+        deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+        reasoning = "".join((delta.model_extra or {}).get("reasoning_content") or "" for delta in deltas)
+        text = "".join(delta.content or "" for delta in deltas)
+    else:
+        message = (
+            client.chat.completions.create(model="command-test", messages=messages, reasoning_effort="high")
+            .choices[0]
+            .message
+        )
+        reasoning, text = (message.model_extra or {}).get("reasoning_content"), message.content
+    assert (reasoning, text) == ("first I weigh it", "because")
+    response = client.responses.create(
+        model="command-test", input=messages[0]["content"], reasoning={"effort": "high"}, stream=False
+    )
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == "first I weigh it" and response.output_text == "because"
+    assert response.usage.output_tokens == 5  # the thinking's four words and the reply's one, as Cohere bills them
+    off = client.chat.completions.create(model="command-test", messages=messages, reasoning_effort="none")
+    assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
+    assert off.usage.completion_tokens == 1
