@@ -307,6 +307,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
             cache_write_tokens=obj.cache_write_tokens,
             cache_write_1h_tokens=obj.cache_write_1h_tokens,
             web_search_requests=obj.web_search_requests,
+            service_tier=obj.service_tier,
         )
         cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
         one_hour = ""
@@ -322,9 +323,13 @@ class UsageRecordAdmin(admin.ModelAdmin):
                 parts.web_search_requests,
                 model.web_search_per_1k,
             )
+        tier = ""
+        if parts.service_tier:
+            # The prices below are the standard ones; the tier's factor multiplied each token's.
+            tier = format_html(" · every token price × {} ({} tier)", parts.price_factor, parts.service_tier)
         return format_html(
             "input ${} ({} tokens at ${}/M) · cached input ${} ({} tokens at ${}/M) · cache write ${} ({} tokens at "
-            "${}/M{}) · output ${} ({} tokens at ${}/M){} = ${}.<br>Computed now from this row's tokens and the "
+            "${}/M{}) · output ${} ({} tokens at ${}/M){}{} = ${}.<br>Computed now from this row's tokens and the "
             "catalog's current prices, which may have changed since the request; the recorded cost, ${}, is what "
             "was charged.",
             parts.input_cost,
@@ -340,6 +345,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
             parts.output_cost,
             parts.output_tokens,
             model.output_per_mtok,
+            tier,
             searches,
             parts.total_cost,
             obj.cost,

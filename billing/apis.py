@@ -384,6 +384,10 @@ class UsageListApi(APIView):
             help_text="Of the cache writes, those to Anthropic's 1-hour cache (priced apart)."
         )
         web_search_requests = serializers.IntegerField(help_text=_WEB_SEARCHES_HELP)
+        service_tier = serializers.CharField(
+            help_text="The service tier the tokens were charged at: priority or flex (OpenAI's, at the deployment's "
+            "price factor of it); empty: the standard prices."
+        )
         cost = serializers.DecimalField(**_COST, help_text="US dollars, as a decimal string.")
         usage_estimated = serializers.BooleanField(help_text="The provider sent no usage; tokens were counted.")
         status = serializers.CharField()

@@ -186,6 +186,14 @@ class UsageRecord(models.Model):
         help_text="Web searches the provider billed apart from the tokens (Anthropic's server tool), priced per "
         "1,000 in cost.",
     )
+    service_tier = models.CharField(
+        max_length=16,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The service tier the tokens were charged at: priority or flex (OpenAI's, as its reply said it "
+        "served the request, else as asked), at the deployment's factor of it; empty: the standard prices.",
+    )
     cost = models.DecimalField(max_digits=20, decimal_places=10, default=Decimal("0"))
     usage_estimated = models.BooleanField(default=False, help_text="The provider sent no usage; tokens were counted.")
     upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)

@@ -1,5 +1,6 @@
-"""The one place a request's cost is computed: tokens × the catalog's prices per million tokens, and the web
-searches a provider reports (Anthropic's server tool) × the catalog's price per 1,000.
+"""The one place a request's cost is computed: tokens × the catalog's prices per million tokens (× the deployment's
+factor of the service tier the request was served at: OpenAI's priority and flex), and the web searches a provider
+reports (Anthropic's server tool) × the catalog's price per 1,000.
 
 ``_exact_parts`` is the formula; ``cost_for`` (the ledger) is the sum of its parts, ``prompt_cost_ceiling``
 (reservations) the most a prompt may cost before its usage is known, and ``cost_breakdown`` the parts
@@ -36,6 +37,45 @@ class Prices(Protocol):
     def cache_write_1h_per_mtok(self) -> Decimal | None: ...
     @property
     def web_search_per_1k(self) -> Decimal: ...
+    @property
+    def priority_price_factor(self) -> Decimal | None: ...
+    @property
+    def flex_price_factor(self) -> Decimal | None: ...
+
+
+# OpenAI's service tiers priced apart from the standard one (``default``, which ``auto`` and ``scale`` are billed
+# at too): what the reply's ``service_tier`` says the request was served at.
+PRIORITY = "priority"
+FLEX = "flex"
+_ONE = Decimal(1)
+
+
+def charged_tier(service_tier: object) -> str:
+    """The tier a request served (or asked) at ``service_tier`` is priced at: ``priority``, ``flex``, or ``""`` for
+    the standard prices (``default``, ``auto``, ``scale``, none, anything else)."""
+    return service_tier if service_tier in (PRIORITY, FLEX) else ""  # type: ignore[return-value]
+
+
+def tier_factor(model: Prices, service_tier: object) -> Decimal:
+    """What every token price is multiplied by at ``service_tier``: the deployment's factor of that tier, 1 for the
+    standard tier and for a tier it has no factor of."""
+    tier = charged_tier(service_tier)
+    factor = model.priority_price_factor if tier == PRIORITY else model.flex_price_factor if tier == FLEX else None
+    return _ONE if factor is None else factor
+
+
+# The tiers OpenAI may serve a request at, by the tier it asks: a priority request past its ramp limits is served
+# at default (and billed so), a flex one at flex or default; ``auto`` (or none) is the project's default tier,
+# which its owner may have set to priority or flex; Anthropic's ``standard_only`` is its standard processing.
+_SERVABLE = {PRIORITY: ("", PRIORITY), FLEX: ("", FLEX), "default": ("",), "standard_only": ("",)}
+
+
+def reserved_tier(model: Prices, requested: object) -> str:
+    """The tier whose prices a reservation holds for a request asking ``requested`` (its body's ``service_tier``):
+    the dearest of those the provider may serve it at, so that whatever tier its reply says, its cost is within
+    what admission held."""
+    servable = _SERVABLE.get(requested, ("", PRIORITY, FLEX)) if isinstance(requested, str) else ("", PRIORITY, FLEX)
+    return max(servable, key=lambda tier: tier_factor(model, tier))
 
 
 def cache_write_price(model: Prices) -> Decimal:
@@ -71,6 +111,8 @@ class CostBreakdown:
     cache_write_1h_cost: Decimal = Decimal(0)
     web_search_requests: int = 0
     web_search_cost: Decimal = Decimal(0)
+    service_tier: str = ""  # ``charged_tier``: priority, flex, or "" (standard)
+    price_factor: Decimal = _ONE  # what the tier multiplied every token price by (``tier_factor``)
 
 
 def _exact_parts(
@@ -80,25 +122,28 @@ def _exact_parts(
     cached_tokens: int,
     cache_write_tokens: int,
     cache_write_1h_tokens: int,
+    factor: Decimal = _ONE,
 ) -> tuple[int, int, int, Decimal, Decimal, Decimal, Decimal, Decimal]:
     """The formula: (cached, cache-write and 1-hour cache-write tokens, input, cached input, cache write (both
     durations), its 1-hour share, output cost), unrounded; call inside ``_COST_CONTEXT``. Cached prompt tokens
     and those written to the cache are part of ``prompt_tokens``, each priced at its own rate when the catalog
-    has one (else at the input rate); the 1-hour writes are part of the writes, at their own rate if any."""
+    has one (else at the input rate); the 1-hour writes are part of the writes, at their own rate if any.
+    ``factor``: the service tier's (``tier_factor``), of every token price."""
     cached = min(max(cached_tokens, 0), prompt_tokens)
     written = min(max(cache_write_tokens, 0), prompt_tokens - cached)
     written_1h = min(max(cache_write_1h_tokens, 0), written)
     cached_price = model.input_per_mtok if model.cached_input_per_mtok is None else model.cached_input_per_mtok
-    write_1h_cost = Decimal(written_1h) * cache_write_1h_price(model) / MILLION
+    per_token = factor / MILLION
+    write_1h_cost = Decimal(written_1h) * cache_write_1h_price(model) * per_token
     return (
         cached,
         written,
         written_1h,
-        Decimal(prompt_tokens - cached - written) * model.input_per_mtok / MILLION,
-        Decimal(cached) * cached_price / MILLION,
-        Decimal(written - written_1h) * cache_write_price(model) / MILLION + write_1h_cost,
+        Decimal(prompt_tokens - cached - written) * model.input_per_mtok * per_token,
+        Decimal(cached) * cached_price * per_token,
+        Decimal(written - written_1h) * cache_write_price(model) * per_token + write_1h_cost,
         write_1h_cost,
-        Decimal(completion_tokens) * model.output_per_mtok / MILLION,
+        Decimal(completion_tokens) * model.output_per_mtok * per_token,
     )
 
 
@@ -117,21 +162,33 @@ def cost_for(
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
     web_search_requests: int = 0,
+    service_tier: str = "",
 ) -> Decimal:
     """The cost the ledger records and reservations hold: the sum of the parts, rounded once. On every
-    request, so it builds no ``CostBreakdown``."""
+    request, so it builds no ``CostBreakdown``. ``service_tier``: the tier the request was served at (its reply's,
+    else the one it asked), whose factor prices its tokens (``tier_factor``); not its web searches, a tool's price
+    per call whatever the tier."""
     with localcontext(_COST_CONTEXT):
         _, _, _, input_cost, cached_cost, write_cost, _, output_cost = _exact_parts(
-            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens
+            model,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            cache_write_tokens,
+            cache_write_1h_tokens,
+            tier_factor(model, service_tier),
         )
         searches = web_search_cost(model, web_search_requests) if web_search_requests else Decimal(0)
         return (input_cost + cached_cost + write_cost + output_cost + searches).quantize(COST_QUANTUM)
 
 
-def prompt_cost_ceiling(*, model: Prices, prompt_tokens: int, completion_tokens: int) -> Decimal:
+def prompt_cost_ceiling(
+    *, model: Prices, prompt_tokens: int, completion_tokens: int, service_tier: str = ""
+) -> Decimal:
     """What a request of ``prompt_tokens`` may cost at most, before its usage says which of them the provider
     read from or wrote to its cache: every prompt token at the dearest of the input, cache-write and 1-hour
-    cache-write prices (a reservation that holds this keeps a budget whatever the cache does)."""
+    cache-write prices (a reservation that holds this keeps a budget whatever the cache does), at the prices of
+    ``service_tier`` (``reserved_tier``: the dearest one the request may be served at)."""
     dearest = max(model.input_per_mtok, cache_write_price(model), cache_write_1h_price(model))
     written = prompt_tokens if dearest > model.input_per_mtok else 0
     written_1h = written if cache_write_1h_price(model) == dearest else 0
@@ -141,6 +198,7 @@ def prompt_cost_ceiling(*, model: Prices, prompt_tokens: int, completion_tokens:
         completion_tokens=completion_tokens,
         cache_write_tokens=written,
         cache_write_1h_tokens=written_1h,
+        service_tier=service_tier,
     )
 
 
@@ -153,11 +211,13 @@ def cost_breakdown(
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
     web_search_requests: int = 0,
+    service_tier: str = "",
 ) -> CostBreakdown:
     """The same cost in its parts; ``total_cost`` is exactly what ``cost_for`` answers."""
+    factor = tier_factor(model, service_tier)
     with localcontext(_COST_CONTEXT):
         cached, written, written_1h, input_cost, cached_cost, write_cost, write_1h_cost, output_cost = _exact_parts(
-            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens
+            model, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens, factor
         )
         searches = max(web_search_requests, 0)
         search_cost = web_search_cost(model, searches)
@@ -175,4 +235,6 @@ def cost_breakdown(
             cache_write_1h_cost=write_1h_cost.quantize(COST_QUANTUM),
             web_search_requests=searches,
             web_search_cost=search_cost.quantize(COST_QUANTUM),
+            service_tier=charged_tier(service_tier),
+            price_factor=factor,
         )

@@ -101,7 +101,7 @@ from providers.routing import (
 )
 from providers.routing.stats import CallTicket
 from providers.rules import apply_parameter_rules
-from providers.selectors import model_resolve
+from providers.selectors import factor_ceiling, model_resolve
 from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
 from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
@@ -699,6 +699,8 @@ async def _experiment_enter(
             cache_write_1h_per_mtok=chosen.cache_write_1h_per_mtok,
             web_search_per_1k=chosen.web_search_per_1k,
             searches_every_request=chosen.searches_every_request,
+            priority_price_factor=chosen.priority_price_factor,
+            flex_price_factor=chosen.flex_price_factor,
         )
         if _overrides_over(narrowed, variant.overrides, operation) or not await _own_keys_serve(caller, narrowed):
             return model, None
@@ -859,6 +861,12 @@ def _body_as_sent(
     return out, None if client_limit is not None else max(limits), unbounded
 
 
+def _asked_tier(body: dict[str, Any]) -> str:
+    """The service tier a request asked (``service_tier``), what it is charged at when no reply said one."""
+    tier = body.get("service_tier")
+    return tier if isinstance(tier, str) else ""
+
+
 def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> ResolvedModel:
     """``model`` priced at the highest prices among it and ``others``: what admission reserves, so that the
     request may end on any of them without spending past a budget. (An unbound model is already priced at
@@ -880,6 +888,8 @@ def _price_ceiling(model: ResolvedModel, others: list[ResolvedModel]) -> Resolve
         cache_write_1h_per_mtok=max(cache_write_1h_price(m) for m in every),
         web_search_per_1k=max(m.web_search_per_1k for m in every),
         searches_every_request=any(m.searches_every_request for m in every),
+        priority_price_factor=factor_ceiling([m.priority_price_factor for m in every]),
+        flex_price_factor=factor_ceiling([m.flex_price_factor for m in every]),
         max_output_tokens=None if any(cap is None for cap in caps) else max(caps),  # type: ignore[type-var]
     )
 
@@ -1222,6 +1232,9 @@ class CompletionRun:
         self.served: ResolvedModel | None = None
         self.attempts = 0
         self.resumed = False  # a stream that failed midway and was continued on another deployment
+        # The service tier the provider said it served the request at (OpenAI's reply's, or a chunk's,
+        # ``service_tier``): what its tokens are charged at; "" until a reply says one (then the one asked is).
+        self.served_tier = ""
         # The request's moderation policies and what they found (the ledger row's ``moderation``); None: none.
         self.moderation = moderation
         self._input_refused: Exception | None = None  # what every fallback's own policy refused: the answer
@@ -1738,6 +1751,7 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             response = await self._call(once)
+            self._tier_said(response)
             await self._reply_check(_completion_text(response), _completion_arguments(response))
         response["model"] = self.answered_by.name
         if self.result is not None and self.result.usage_estimated:
@@ -1857,6 +1871,7 @@ class CompletionRun:
 
         def arrived(chunk: WireChunk) -> None:
             nonlocal usage, output_arrived
+            self._tier_said(chunk)
             if chunk.get("usage"):
                 usage = chunk["usage"]
             pieces = [piece for _, piece, _ in _chunk_pieces(chunk) if piece]
@@ -1886,6 +1901,7 @@ class CompletionRun:
                             if failed and _role_only(chunk) and not _resumed_reasoning(chunk, apart=set_apart):
                                 continue  # a resumed attempt's opening chunk: the client's stream began long ago
                             chunk.set_model(public_name)
+                            self._tier_said(chunk)
                             chunk_usage = chunk.get("usage")
                             if chunk_usage:
                                 usage = chunk_usage
@@ -1940,6 +1956,14 @@ class CompletionRun:
                     guard.close()
                 if upstream is not None:
                     await upstream.aclose()  # type: ignore[attr-defined]
+
+    def _tier_said(self, reply: dict[str, Any] | WireChunk) -> None:
+        """Keep the service tier a reply (or a stream's chunk) says the provider served the request at: OpenAI
+        bills that one, which may not be the one asked (``auto`` served at the project's default tier, priority at
+        default past its ramp limits)."""
+        tier = reply.get("service_tier")
+        if isinstance(tier, str) and tier:
+            self.served_tier = tier
 
     def _usage_completed(self, usage: dict[str, Any], delivered_text: str) -> bool:
         """Fill in, in place, the count an upstream's usage left out (``prompt_tokens`` or ``completion_tokens``)
@@ -2303,6 +2327,7 @@ class CompletionRun:
             moderation=self.moderation.summary if self.moderation is not None else "",
             experiment_id=self.assignment.experiment_id if self.assignment is not None else None,
             experiment_variant_id=self.assignment.variant_id if self.assignment is not None else None,
+            service_tier=self.served_tier or _asked_tier(self.body),
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),

@@ -114,7 +114,7 @@ class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("model", "name", "provider", "upstream_id", "upstream_model_missing", "enabled")}),
         (
-            "Prices ($ per million tokens; web searches per 1,000)",
+            "Prices ($ per million tokens; web searches per 1,000; OpenAI's priority and flex tiers as factors)",
             {
                 "fields": (
                     "input_per_mtok",
@@ -124,6 +124,8 @@ class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
                     "cache_write_1h_per_mtok",
                     "web_search_per_1k",
                     "searches_every_request",
+                    "priority_price_factor",
+                    "flex_price_factor",
                 )
             },
         ),

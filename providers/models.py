@@ -349,6 +349,8 @@ class Deployment(models.Model):
         "cache_write_1h_per_mtok",
         "web_search_per_1k",
         "searches_every_request",
+        "priority_price_factor",
+        "flex_price_factor",
         "weight",
         "priority",
         "rpm_limit",
@@ -405,6 +407,29 @@ class Deployment(models.Model):
         "search at the web search price, reserved at admission. Empty: yes for an upstream id of OpenAI's search "
         "models (also dated or under a router's openai/ prefix), no for any other; an Azure deployment named "
         "otherwise, or another provider's searching model, is set to always here.",
+    )
+    # OpenAI bills its service tiers (``service_tier``) at their own prices: Priority processing about 1.75–2× the
+    # standard token prices, Flex half of them, on the models that offer each. A factor of every token price, rather
+    # than a second set of five prices, because OpenAI's tier prices are the standard ones scaled (cached input too).
+    priority_price_factor = models.DecimalField(
+        "priority price ×",
+        max_digits=8,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Every token price is multiplied by this for a request the provider served at OpenAI's Priority "
+        "processing (its reply's service_tier: priority; e.g. 2). Empty: priority costs the standard prices.",
+    )
+    flex_price_factor = models.DecimalField(
+        "flex price ×",
+        max_digits=8,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0)],
+        help_text="Every token price is multiplied by this for a request the provider served at OpenAI's Flex "
+        "processing (its reply's service_tier: flex; e.g. 0.5). Empty: flex costs the standard prices.",
     )
     weight = models.PositiveIntegerField(default=1, help_text="Share of traffic under the weighted strategy.")
     priority = models.PositiveSmallIntegerField(default=0, help_text="Lower first, under the priority strategy.")

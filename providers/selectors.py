@@ -53,6 +53,10 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         else Decimal(deployment.cache_write_1h_per_mtok),
         web_search_per_1k=Decimal(deployment.web_search_per_1k),
         searches_every_request=deployment.searches_on_every_request,
+        priority_price_factor=None
+        if deployment.priority_price_factor is None
+        else Decimal(deployment.priority_price_factor),
+        flex_price_factor=None if deployment.flex_price_factor is None else Decimal(deployment.flex_price_factor),
         weight=deployment.weight,
         priority=deployment.priority,
         rpm_limit=deployment.rpm_limit,
@@ -66,6 +70,14 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
 def _ceiling(prices: list[Decimal | None]) -> Decimal | None:
     known = [price for price in prices if price is not None]
     return max(known) if known else None
+
+
+def factor_ceiling(factors: list[Decimal | None]) -> Decimal | None:
+    """The highest of some deployments' price factors of a tier (``Deployment.priority_price_factor``), one without
+    any counted as 1 (the tier at its standard prices); None when none has one."""
+    if all(factor is None for factor in factors):
+        return None
+    return max(Decimal(1) if factor is None else factor for factor in factors)
 
 
 def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = None) -> ResolvedModel | None:
@@ -100,6 +112,8 @@ def resolved_model(model: CatalogModel, deployments: list[Deployment] | None = N
         cache_write_1h_per_mtok=None if all(d.cache_write_1h_per_mtok is None for d in usable) else _ceiling(writes_1h),  # type: ignore[arg-type]
         web_search_per_1k=max(d.web_search_per_1k for d in usable),
         searches_every_request=any(d.searches_every_request for d in usable),
+        priority_price_factor=factor_ceiling([d.priority_price_factor for d in usable]),
+        flex_price_factor=factor_ceiling([d.flex_price_factor for d in usable]),
         context_window=model.context_window,
         max_output_tokens=model.max_output_tokens,
         mode=model.mode,

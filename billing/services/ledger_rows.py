@@ -62,6 +62,7 @@ class UsageData:
     cache_write_tokens: int = 0  # prompt tokens written to the provider's cache (part of prompt_tokens)
     cache_write_1h_tokens: int = 0  # of those, the ones written to Anthropic's 1-hour cache
     web_search_requests: int = 0  # web searches the provider billed apart from the tokens (Anthropic's server tool)
+    service_tier: str = ""  # the tier the tokens were charged at (``pricing.charged_tier``): priority, flex or ""
     cost: Decimal = Decimal("0")
     usage_estimated: bool = False
     upstream_latency_ms: int | None = None

@@ -23,7 +23,7 @@ from providers.tokens import COUNT_MAX, prompt_tokens, text_tokens
 from providers.types import ResolvedModel
 
 from ..models import BillingSource, Operation, UsageStatus
-from ..pricing import cost_for
+from ..pricing import charged_tier, cost_for
 from .admission import Admission, admission_row_instant
 from .ledger import usage_record_submit
 from .ledger_rows import UsageData
@@ -164,6 +164,7 @@ def request_settle(
     moderation: str = "",
     experiment_id: int | None = None,
     experiment_variant_id: int | None = None,
+    service_tier: str = "",
 ) -> Settlement:
     """Settle a request that was admitted: decide its tokens and cost, and submit its ledger row with its
     admission (the reservation is released with the row, or both wait in the spool). Synchronous and
@@ -179,7 +180,9 @@ def request_settle(
     ``usage`` does not report (a chat completion's ``web_search_options``), added to those it does.
     ``billing_source``: whose provider key paid; on the user's own key the row's ``cost`` counts against budgets
     only when the user's plan says so (``user_key_cost`` keeps the price either way). ``moderation``: what
-    moderation found, for the row."""
+    moderation found, for the row. ``service_tier``: the tier the provider said it served the request at (OpenAI's
+    reply's ``service_tier``), else the one the request asked: its tokens are priced at the deployment's factor of
+    it (``pricing.tier_factor``), and the row keeps it (``charged_tier``)."""
     prompt, completion, cached, written, estimated = settlement_tokens(
         operation=operation,
         body=body,
@@ -199,6 +202,7 @@ def request_settle(
         cache_write_tokens=written,
         cache_write_1h_tokens=written_1h,
         web_search_requests=searches,
+        service_tier=service_tier,
     )
     user_key_cost = None
     if billing_source == BillingSource.USER_KEY:
@@ -230,6 +234,7 @@ def request_settle(
             cache_write_tokens=written,
             cache_write_1h_tokens=written_1h,
             web_search_requests=searches,
+            service_tier=charged_tier(service_tier),
             cost=cost,
             usage_estimated=estimated,
             upstream_latency_ms=upstream_latency_ms,

@@ -144,6 +144,10 @@ Replies
     preamble is answered as a model continues one: the rest of the preamble, then the call.
     ``[[stop_reason=vllm]]`` (OpenAI only) gives each choice, and each streamed finish, vLLM's ``stop_reason`` beside
     its ``finish_reason``: the stop string the reply was cut at, else null.
+    ``[[project_tier=NAME]]`` (OpenAI's chat completions) is the project's default service tier (``priority``,
+    ``flex``): a request asking ``auto`` or no tier is answered as served at it, as OpenAI answers for a project
+    whose default is Priority processing; a request asking ``default``, ``flex`` or ``priority`` is answered as
+    served at that tier, whole and in every chunk (``service_tier``), and without either at ``default``.
     ``[[usage=none]]`` (OpenAI and Gemini) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do (Gemini: no ``usageMetadata``).
     ``[[raw=BASE64]]`` (OpenAI's chat completions and text completions) answers exactly the bytes the URL-safe
@@ -2132,6 +2136,7 @@ class _App:
                 lead=lead,
                 vllm_stop_reason=vllm_stop_reason,
                 annotations=annotations,
+                service_tier=_served_tier(body, conv.directives),
             )
         await self._pause(timing.whole_reply(len(reply.tokens)))
         answer = {
@@ -2146,7 +2151,7 @@ class _App:
                 for i in range(n)
             ],
             "usage": usage,
-            "service_tier": "default",
+            "service_tier": _served_tier(body, conv.directives),
             "system_fingerprint": "fp_fake",
         }
         if conv.directives.get("usage") == "none":
@@ -2273,6 +2278,7 @@ class _App:
         lead: _OpenAILead | None = None,
         vllm_stop_reason: bool = False,
         annotations: list[dict[str, Any]] | None = None,
+        service_tier: str = "default",
     ) -> web.StreamResponse:
         """``usage``: reported in a chunk of its own, with no choices, after the finishes (OpenAI's
         ``include_usage``), or with ``usage_on_finish`` on the last finish chunk (Mistral's). ``lead``: the
@@ -2284,7 +2290,7 @@ class _App:
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": body["model"],
-            "service_tier": "default",
+            "service_tier": service_tier,
             "system_fingerprint": "fp_fake",
         }
 
@@ -3149,6 +3155,20 @@ def _completion_logprobs(tokens: list[str], top: int | None) -> dict[str, Any] |
         ],
         "text_offset": offsets,
     }
+
+
+# The service tiers OpenAI answers it served a request at (``service_tier`` of the reply and of each chunk).
+_SERVED_TIERS = frozenset({"default", "flex", "priority"})
+
+
+def _served_tier(body: dict[str, Any], directives: dict[str, str]) -> str:
+    """The tier the reply says it was served at: the one asked, if OpenAI serves it; for ``auto`` or none the
+    project's default (``[[project_tier=NAME]]``), else ``default``."""
+    asked = body.get("service_tier")
+    if asked in _SERVED_TIERS:
+        return asked
+    project = directives.get("project_tier", "default")
+    return project if project in _SERVED_TIERS else "default"
 
 
 def _directive_int(directives: dict[str, str], name: str) -> int | None:

@@ -60,6 +60,8 @@ _LEGACY_DEPLOYMENT_KEYS = (
     "cache_write_per_mtok",
     "cache_write_1h_per_mtok",
     "web_search_per_1k",
+    "priority_price_factor",
+    "flex_price_factor",
 )
 _COMMON_MODEL_KEYS = frozenset(
     {"name", "mode", "context_window", "max_output_tokens", "capabilities", "parameter_rules", "enabled"}
@@ -462,6 +464,8 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     deployment.web_search_per_1k = entry.decimal("web_search_per_1k", _field_default(Deployment, "web_search_per_1k"))
     # "always" or "never"; left out, the upstream id decides.
     deployment.searches_every_request = entry.choice("searches_every_request", EveryRequestSearch, "")
+    deployment.priority_price_factor = entry.decimal("priority_price_factor", None)
+    deployment.flex_price_factor = entry.decimal("flex_price_factor", None)
     deployment.weight = entry.integer("weight", _field_default(Deployment, "weight"))
     deployment.priority = entry.integer("priority", _field_default(Deployment, "priority"))
     deployment.rpm_limit = entry.integer("rpm_limit", None)
@@ -638,6 +642,9 @@ def _deployment_dump(deployment: Deployment) -> dict[str, Any]:
         entry["web_search_per_1k"] = _plain_decimal(deployment.web_search_per_1k)
     if deployment.searches_every_request:
         entry["searches_every_request"] = deployment.searches_every_request
+    for key in ("priority_price_factor", "flex_price_factor"):
+        if getattr(deployment, key) is not None:
+            entry[key] = _plain_decimal(getattr(deployment, key))
     entry.update(weight=deployment.weight, priority=deployment.priority)
     for key in ("rpm_limit", "tpm_limit"):
         if getattr(deployment, key) is not None:

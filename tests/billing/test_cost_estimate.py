@@ -16,6 +16,7 @@ from billing.models import Operation, UsageRecord
 from billing.pricing import cost_for
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
+from providers.models import Deployment
 from providers.selectors import resolved_model
 from providers.tokens import prompt_tokens
 from tests.factories import ModelFactory, ProviderFactory, UsageRecordFactory, UserFactory
@@ -426,6 +427,23 @@ def test_the_ledger_admin_shows_each_rows_breakdown_at_current_prices(admin_clie
     assert "cached input $0.0150000000 (200000 tokens at $0.075000/M)" in text
     assert "output $0.0180000000 (30000 tokens at $0.600000/M) = $0.1830000000" in text
     assert "may have changed since the request" in text
+
+
+def test_the_ledger_admin_shows_the_tier_a_row_was_charged_at(admin_client, models):
+    Deployment.objects.filter(model=models["mini"]).update(priority_price_factor=Decimal(2))
+    record = UsageRecordFactory(
+        model=models["mini"],
+        model_name="gpt-mini",
+        prompt_tokens=1_000_000,
+        completion_tokens=0,
+        service_tier="priority",
+        cost=Decimal("0.3000000000"),
+    )
+
+    text = admin_client.get(reverse("admin:billing_usagerecord_change", args=[record.pk])).content.decode()
+
+    assert "input $0.3000000000 (1000000 tokens at $0.150000/M)" in text
+    assert "every token price × 2.0000 (priority tier) = $0.3000000000" in text
 
 
 def test_the_admin_says_so_when_the_rows_model_is_gone(admin_client):

@@ -28,6 +28,7 @@ RECORD_FIELDS = {
     "cache_write_tokens",
     "cache_write_1h_tokens",
     "web_search_requests",
+    "service_tier",
     "cost",
     "usage_estimated",
     "status",
@@ -106,6 +107,7 @@ def ledger(alice):
             cache_write_tokens=4_000,
             cache_write_1h_tokens=1_500,
             web_search_requests=1,
+            service_tier="priority",
             usage_estimated=True,
         ),
         "e": UsageRecordFactory(
@@ -158,6 +160,7 @@ def test_lists_own_records_newest_first_with_every_field(client, ledger):
         "cache_write_tokens": 4_000,
         "cache_write_1h_tokens": 1_500,
         "web_search_requests": 1,
+        "service_tier": "priority",
         "cost": "1.2345678901",
         "usage_estimated": True,
         "status": "ok",

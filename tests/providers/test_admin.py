@@ -689,6 +689,9 @@ EXTRA_PRICES = {
     ),
     # Anthropic's web searches, per 1,000 beside the tokens: left empty, free.
     "web-search": ("web_search_per_1k", {"web_search_per_1k": "10"}, Decimal(0)),
+    # OpenAI's service tiers, a factor of every token price: left empty, the tier costs the standard prices.
+    "priority-factor": ("priority_price_factor", {"priority_price_factor": "2"}, None),
+    "flex-factor": ("flex_price_factor", {"flex_price_factor": "0.5"}, None),
 }
 
 
@@ -710,7 +713,8 @@ def test_a_price_beyond_the_tokens_is_set_inline_and_on_the_deployment_page_and_
 
     url = reverse("admin:providers_deployment_change", args=[deployment.pk])
     page = admin_client.get(url).content.decode()
-    assert f'name="{field}"' in page and f'value="{Decimal(prices[field]):.6f}"' in page
+    places = Deployment._meta.get_field(field).decimal_places
+    assert f'name="{field}"' in page and f'value="{Decimal(prices[field]):.{places}f}"' in page
     data = {
         "model": deployment.model_id,
         "name": deployment.name,

@@ -48,6 +48,8 @@ providers:
         upstream: o3-mini
         input_per_mtok: 1.1
         output_per_mtok: 4.4
+        priority_price_factor: "2"
+        flex_price_factor: "0.5"
         parameter_rules: {fixed: {temperature: 1}, rename: {max_tokens: max_completion_tokens}}
   - name: claude
     kind: anthropic
@@ -532,6 +534,12 @@ def test_the_old_format_dumps_in_the_new_one_and_loads_back_the_same(catalog, tm
     assert by_name["claude-haiku"]["deployments"][0]["web_search_per_1k"] == "10"
     assert "web_search_per_1k" not in by_name["gpt-4o-mini"]["deployments"][0]
     assert deployment_of("gpt-4o-mini").web_search_per_1k == 0
+    # OpenAI's service tiers' price factors; left out, none (the tier at the standard prices), not dumped.
+    assert (deployment_of("o3-mini").priority_price_factor, deployment_of("o3-mini").flex_price_factor) == (2, 0.5)
+    assert by_name["o3-mini"]["deployments"][0]["priority_price_factor"] == "2"
+    assert by_name["o3-mini"]["deployments"][0]["flex_price_factor"] == "0.5"
+    assert "priority_price_factor" not in by_name["gpt-4o-mini"]["deployments"][0]
+    assert deployment_of("gpt-4o-mini").priority_price_factor is None
 
 
 def test_max_retries_on_a_provider_is_ignored_with_a_warning(tmp_path):

@@ -1,0 +1,88 @@
+"""OpenAI's service tiers charged as OpenAI bills them, end to end: the fake upstream answers the tier it served
+(``service_tier``: the one asked, or for ``auto`` the project's default, ``[[project_tier=NAME]]``), and each ledger
+row, called with the openai SDK whole and streamed, on /v1/chat/completions and /v1/responses, is priced at the
+deployment's factor for the tier the reply says, and keeps it (``service_tier``)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from billing.models import UsageRecord
+from providers.models import Deployment
+from tests.gateway.test_ledger import settle_quietly
+from tests.waiting import wait_for_record
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+QUANTUM = Decimal("0.0000000001")
+
+
+@pytest.fixture
+def priced(gateway):
+    Deployment.objects.filter(model__name="gpt-test").update(
+        input_per_mtok=Decimal(1),
+        output_per_mtok=Decimal(2),
+        cached_input_per_mtok=None,
+        priority_price_factor=Decimal(2),
+        flex_price_factor=Decimal("0.5"),
+    )
+    return gateway
+
+
+def assert_charged(request_id: str, factor: Decimal, tier: str) -> UsageRecord:
+    record = wait_for_record(request_id)
+    settle_quietly()
+    standard = Decimal(record.prompt_tokens * 1 + record.completion_tokens * 2) / 1_000_000
+    assert record.prompt_tokens and record.completion_tokens and not record.usage_estimated
+    assert (record.cost, record.service_tier) == ((standard * factor).quantize(QUANTUM), tier)
+    return record
+
+
+@pytest.mark.parametrize(
+    ("asked", "content", "factor", "tier"),
+    [
+        ("priority", "one two three", Decimal(2), "priority"),
+        ("flex", "one two three", Decimal("0.5"), "flex"),
+        ("default", "one two three", Decimal(1), ""),
+        (None, "one two three", Decimal(1), ""),
+        # A project whose default tier is Priority processing: OpenAI serves auto (or no tier) at priority.
+        ("auto", "one two three [[project_tier=priority]]", Decimal(2), "priority"),
+        (None, "one two three [[project_tier=priority]]", Decimal(2), "priority"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_completion_is_charged_at_the_tier_the_reply_says(priced, asked, content, factor, tier, stream):
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": content}]}
+    if asked is not None:
+        body["service_tier"] = asked
+    client = priced.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            chunks = list(response.parse())
+        served = {chunk.service_tier for chunk in chunks}
+    else:
+        raw = client.chat.completions.with_raw_response.create(**body)
+        request_id = raw.headers["x-request-id"]
+        served = {raw.parse().service_tier}
+    assert served == {tier or "default"}  # what the client reads is what it is charged at
+    assert_charged(request_id, factor, tier)
+
+
+def test_a_responses_request_is_charged_at_the_tier_the_reply_says(priced):
+    raw = priced.client().responses.with_raw_response.create(
+        model="gpt-test", input="one two three", service_tier="priority"
+    )
+    assert_charged(raw.headers["x-request-id"], Decimal(2), "priority")
+
+
+def test_a_deployment_without_a_factor_charges_priority_at_its_standard_prices(priced):
+    Deployment.objects.filter(model__name="gpt-test").update(priority_price_factor=None)
+    raw = priced.client().chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": "one two three"}], service_tier="priority"
+    )
+    assert_charged(raw.headers["x-request-id"], Decimal(1), "priority")
