@@ -26,7 +26,7 @@ from providers.types import ResolvedModel
 
 from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetCounter, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
-from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling, web_search_cost
+from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling, reserved_tier, tier_factor, web_search_cost
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
 from .spool import SpoolIndex
 
@@ -254,7 +254,9 @@ def charge_for(
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage.
     The web searches a request's tools may run (``web_searches_bound``), and the one a model that searches on every
     request runs (``model.searches_every_request``), are reserved at the search price, the latter for each of the
-    ``answers`` attempts that may answer it (a stream resumed on failure)."""
+    ``answers`` attempts that may answer it (a stream resumed on failure). The tokens are reserved at the prices of
+    the dearest service tier the request may be charged at (``reserved_tier``: its reply says the tier OpenAI served
+    it at, which for ``auto`` or none is the project's default, maybe priority)."""
     choices = replies_billed(body)
     client_limit = requested_max_tokens(body if client_body is None else client_body)
     prompt_tokens = max(prompt_tokens_upper, 0)
@@ -274,13 +276,17 @@ def charge_for(
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
         max_tokens = 0
     searches = _web_searches_cost(model, body, answers)
+    tier = reserved_tier(model, body.get("service_tier"))
     if max_tokens is not None:
-        fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices)
+        fixed = prompt_cost_ceiling(
+            model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices, service_tier=tier
+        )
         return Charge(fixed + searches, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit)
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
-    fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0) + searches
-    return Charge(fixed, model.output_per_mtok / Decimal(1_000_000), None, max(cap, 1), prompt_tokens, choices, likely)
+    fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0, service_tier=tier)
+    token_price = model.output_per_mtok * tier_factor(model, tier) / Decimal(1_000_000)
+    return Charge(fixed + searches, token_price, None, max(cap, 1), prompt_tokens, choices, likely)
 
 
 def _web_searches_cost(model: ResolvedModel, body: Mapping[str, object], answers: int) -> Decimal:

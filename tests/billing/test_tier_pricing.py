@@ -99,3 +99,27 @@ def test_the_ceiling_is_priced_at_the_tier():
     assert prompt_cost_ceiling(model=MODEL, prompt_tokens=1_000, completion_tokens=100, service_tier="priority") == (
         2 * standard
     )
+
+
+@pytest.mark.django_db
+def test_admission_reserves_the_dearest_tier_the_request_may_be_charged_at():
+    """The fixed part (the prompt, and the output limit when the client set one) and the price per output token of a
+    request without one (by which llmhub picks the limit a budget still pays for) are at the tier's prices."""
+    from billing.services.budgets import charge_for
+    from providers.models import CatalogModel, Deployment
+    from providers.selectors import resolved_model
+    from tests.factories import ModelFactory
+
+    ModelFactory(name="tiered", input_per_mtok=Decimal(1), output_per_mtok=Decimal(2))
+    Deployment.objects.filter(model__name="tiered").update(priority_price_factor=Decimal(2))
+    model = resolved_model(CatalogModel.objects.get(name="tiered"))
+
+    def charge(tier: str | None, **body: object):
+        asked = {} if tier is None else {"service_tier": tier}
+        return charge_for(model=model, body={**body, **asked}, prompt_tokens_upper=10, cap=1_000, budgeted=True)
+
+    assert (charge("default").fixed_cost, charge("default").token_price) == (Decimal("0.0000100000"), Decimal("2E-6"))
+    for tier in ("priority", "auto", None):
+        assert (charge(tier).fixed_cost, charge(tier).token_price) == (Decimal("0.0000200000"), Decimal("4E-6"))
+        assert charge(tier, max_tokens=100).fixed_cost == 2 * charge("default", max_tokens=100).fixed_cost
+    assert charge("flex").token_price == Decimal("2E-6")  # no flex factor: flex at the standard prices

@@ -1,15 +1,18 @@
 """OpenAI's service tiers charged as OpenAI bills them, end to end: the fake upstream answers the tier it served
 (``service_tier``: the one asked, or for ``auto`` the project's default, ``[[project_tier=NAME]]``), and each ledger
 row, called with the openai SDK whole and streamed, on /v1/chat/completions and /v1/responses, is priced at the
-deployment's factor for the tier the reply says, and keeps it (``service_tier``)."""
+deployment's factor for the tier the reply says, and keeps it (``service_tier``). A key's budget that pays for a
+request at the standard prices but not at priority's refuses it before any upstream call."""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
+import openai
 import pytest
 
 from billing.models import UsageRecord
+from billing.services.budgets import api_key_limits_set
 from providers.models import Deployment
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
@@ -86,3 +89,21 @@ def test_a_deployment_without_a_factor_charges_priority_at_its_standard_prices(p
         model="gpt-test", messages=[{"role": "user", "content": "one two three"}], service_tier="priority"
     )
     assert_charged(raw.headers["x-request-id"], Decimal(1), "priority")
+
+
+@pytest.mark.parametrize("asked", ["priority", "auto", None])
+def test_a_budget_that_pays_for_the_standard_price_but_not_priority_refuses_the_request(priced, asked):
+    """10 prompt tokens and 100 output at most: $0.00021 at the standard prices, $0.00042 at priority's. A key
+    with $0.0003 left is served at default, and refused one that may be charged priority (asked, or asked auto of
+    a project whose default may be priority) before any upstream call, where it was let through to spend past it."""
+    api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.0003"))
+    client = priced.client()
+    words = " ".join(f"w{i}" for i in range(10))
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": words}], "max_tokens": 100}
+    served = client.chat.completions.create(**body, service_tier="default")
+    assert served.service_tier == "default"
+    calls = len(priced.upstream.requests)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(**body, **({} if asked is None else {"service_tier": asked}))
+    assert refused.value.code == "insufficient_quota"
+    assert len(priced.upstream.requests) == calls
