@@ -43,6 +43,7 @@ def every_field(request_id: str, **ids) -> UsageData:
         cached_tokens=89,
         cache_write_tokens=144,
         cache_write_1h_tokens=55,
+        service_tier="priority",
         cost=Decimal("0.0123456789"),
         usage_estimated=True,
         upstream_latency_ms=321,
@@ -257,4 +258,5 @@ def test_a_writer_that_names_the_columns_of_the_previous_release_still_inserts(i
             "'ok', '', '', '', 'm', '', 1, false, 'platform', '', %s)",
             [datetime(2026, 3, 4, tzinfo=UTC)],
         )
-    assert UsageRecord.objects.get(request_id="req-previous").cache_write_tokens == 0
+    previous = UsageRecord.objects.get(request_id="req-previous")
+    assert (previous.cache_write_tokens, previous.service_tier) == (0, "")
