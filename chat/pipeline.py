@@ -861,6 +861,11 @@ def _body_as_sent(
     return out, None if client_limit is not None else max(limits), unbounded
 
 
+# Anthropic's usage's ``service_tier`` as the tier billing prices (``billing.pricing.charged_tier``); batch is
+# Anthropic's Message Batches, which llmhub does not send.
+_MESSAGES_TIERS = {"standard": "default", "priority": "priority"}
+
+
 def _asked_tier(body: dict[str, Any]) -> str:
     """The service tier a request asked (``service_tier``), what it is charged at when no reply said one."""
     tier = body.get("service_tier")
@@ -1965,6 +1970,13 @@ class CompletionRun:
         if isinstance(tier, str) and tier:
             self.served_tier = tier
 
+    def _message_tier_said(self, usage: Any) -> None:
+        """Keep the service tier a message's usage says (Anthropic's ``service_tier``: its Priority Tier, or an OpenAI
+        reply's tier translated, ``messages_tier``) as the one the request is charged at."""
+        tier = usage.get("service_tier") if isinstance(usage, dict) else None
+        if tier in _MESSAGES_TIERS:
+            self.served_tier = _MESSAGES_TIERS[tier]
+
     def _usage_completed(self, usage: dict[str, Any], delivered_text: str) -> bool:
         """Fill in, in place, the count an upstream's usage left out (``prompt_tokens`` or ``completion_tokens``)
         with the estimate settlement charges for it (``settlement_tokens``, from the same body and the text this
@@ -2066,6 +2078,7 @@ class CompletionRun:
 
         async with self._upstream_call(settle):
             message = await self._call(once)
+            self._message_tier_said(message.get("usage"))
             await self._reply_check(_message_text(message), _message_arguments(message))
         message["model"] = self.answered_by.name
         if self.result is not None and self.result.usage_estimated:
@@ -2182,6 +2195,7 @@ class CompletionRun:
                                     generated.append(piece)
                             elif kind == "message_start":
                                 usage = dict((event.get("message") or {}).get("usage") or {})
+                                self._message_tier_said(usage)
                                 if failed:
                                     continue  # a resumed attempt's: the client's message began long ago
                                 event.set_model(public_name)

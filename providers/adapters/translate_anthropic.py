@@ -999,10 +999,24 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def messages_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+# The service tier an OpenAI reply says it was served at (``service_tier``), in Anthropic's usage's words (its
+# ``service_tier``: standard, priority, batch), which billing reads back to charge it (``chat.pipeline``). Flex has
+# no word there: a reply served at flex says none (and is charged the tier asked, on /v1/messages the standard one).
+_MESSAGES_TIERS = {"default": "standard", "priority": "priority"}
+
+
+def messages_tier(service_tier: Any) -> dict[str, str]:
+    """``{"service_tier": ...}`` for an Anthropic usage of a reply OpenAI served at ``service_tier``; empty when it
+    has no Anthropic word."""
+    tier = _MESSAGES_TIERS.get(service_tier) if isinstance(service_tier, str) else None
+    return {"service_tier": tier} if tier else {}
+
+
+def messages_usage(usage: dict[str, Any] | None, service_tier: Any = None) -> dict[str, Any]:
     """Anthropic's usage for OpenAI's: ``input_tokens`` excludes the tokens read from the cache; the output tokens
     spent reasoning (``completion_tokens_details.reasoning_tokens``), when there are any, are its
-    ``output_tokens_details.thinking_tokens``."""
+    ``output_tokens_details.thinking_tokens``; ``service_tier``, the reply's, is its ``service_tier``
+    (``messages_tier``)."""
     usage = usage or {}
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     translated: dict[str, Any] = {
@@ -1015,6 +1029,7 @@ def messages_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     if type(reasoning) is int and reasoning > 0:
         translated["output_tokens_details"] = {"thinking_tokens": reasoning}
+    translated.update(messages_tier(service_tier))
     return translated
 
 
@@ -1074,7 +1089,7 @@ def message_from_completion(completion: dict[str, Any]) -> dict[str, Any]:
             called=any(block["type"] == "tool_use" for block in content),
         ),
         "stop_sequence": sequence,
-        "usage": messages_usage(completion.get("usage")),
+        "usage": messages_usage(completion.get("usage"), completion.get("service_tier")),
     }
 
 
@@ -1149,7 +1164,11 @@ class EventTranslator:
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": self._estimate, "output_tokens": 0},
+                "usage": {
+                    "input_tokens": self._estimate,
+                    "output_tokens": 0,
+                    **messages_tier(chunk.get("service_tier")),
+                },
             }
             events.append({"type": "message_start", "message": message})
             events.append({"type": "ping"})

@@ -107,3 +107,24 @@ def test_a_budget_that_pays_for_the_standard_price_but_not_priority_refuses_the_
         client.chat.completions.create(**body, **({} if asked is None else {"service_tier": asked}))
     assert refused.value.code == "insufficient_quota"
     assert len(priced.upstream.requests) == calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_message_an_openai_deployment_served_at_priority_is_charged_priority(priced, stream):
+    """/v1/messages to an OpenAI deployment: Anthropic's request has no OpenAI tier to send (its service_tier is
+    dropped), but a project whose default is priority serves it there; the reply's tier reaches the client in
+    Anthropic's usage (``service_tier``), and the row is charged it."""
+    from tests.gateway.test_cache_write_ledger import anthropic_client
+
+    client = anthropic_client(priced)
+    body = {"model": "gpt-test", "max_tokens": 50}
+    messages = [{"role": "user", "content": "one two three [[project_tier=priority]]"}]
+    if stream:
+        with client.messages.stream(**body, messages=messages) as streamed:
+            usage = streamed.get_final_message().usage
+            request_id = streamed.response.headers["x-request-id"]
+    else:
+        raw = client.messages.with_raw_response.create(**body, messages=messages)
+        usage, request_id = raw.parse().usage, raw.headers["x-request-id"]
+    assert usage.service_tier == "priority"
+    assert_charged(request_id, Decimal(2), "priority")
