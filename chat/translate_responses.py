@@ -1063,7 +1063,17 @@ def response_from_completion(
         name = function.get("name") or ""
         call_id = call.get("id") or _item_id("call")
         response["output"].append(_call_item(kinds.get(name), call_id, name, function.get("arguments") or "", status))
+    _tier_served(response, completion)
     return _finished(response, choices[0].get("finish_reason"), completion.get("usage"))
+
+
+def _tier_served(response: dict[str, Any], reply: dict[str, Any]) -> None:
+    """The service tier the chat completion (or a chunk of it) says it was served at, which the ``Response`` says as
+    OpenAI's does (``service_tier``): the tier the request is billed at, which for ``auto`` may be the project's
+    default, priority."""
+    tier = reply.get("service_tier")
+    if isinstance(tier, str) and tier:
+        response["service_tier"] = tier
 
 
 class ResponseEvents:
@@ -1290,6 +1300,7 @@ class ResponseEvents:
 
     def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
+        _tier_served(self.response, chunk)
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():

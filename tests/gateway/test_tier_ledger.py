@@ -76,11 +76,23 @@ def test_a_chat_completion_is_charged_at_the_tier_the_reply_says(priced, asked, 
     assert_charged(request_id, factor, tier)
 
 
-def test_a_responses_request_is_charged_at_the_tier_the_reply_says(priced):
-    raw = priced.client().responses.with_raw_response.create(
-        model="gpt-test", input="one two three", service_tier="priority"
-    )
-    assert_charged(raw.headers["x-request-id"], Decimal(2), "priority")
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_responses_request_is_charged_at_the_tier_the_reply_says(priced, stream):
+    """The Response says the tier it was served at (``service_tier``), as OpenAI's does, whole and in the streamed
+    events' response; a project whose default is priority serves auto there."""
+    body = {"model": "gpt-test", "input": "one two three [[project_tier=priority]]", "service_tier": "auto"}
+    client = priced.client()
+    if stream:
+        with client.responses.with_streaming_response.create(**body, stream=True) as response:
+            request_id = response.headers["x-request-id"]
+            events = list(response.parse())
+        served = events[-1].response.service_tier
+        assert events[-1].type == "response.completed"
+    else:
+        raw = client.responses.with_raw_response.create(**body)
+        request_id, served = raw.headers["x-request-id"], raw.parse().service_tier
+    assert served == "priority"
+    assert_charged(request_id, Decimal(2), "priority")
 
 
 def test_a_deployment_without_a_factor_charges_priority_at_its_standard_prices(priced):
