@@ -570,9 +570,24 @@ class _CostDeploymentSerializer(serializers.Serializer):
         source="cost.cache_write_1h_cost", **_COST, help_text="The 1-hour cache's writes: part of cache_write_cost."
     )
     output_cost = serializers.DecimalField(source="cost.output_cost", **_COST)
+    price_factor = serializers.DecimalField(
+        source="cost.price_factor",
+        max_digits=8,
+        decimal_places=4,
+        help_text="What the service tier asked multiplied every token price by (the deployment's priority or flex "
+        "factor; 1 at the standard prices). The prices above are the standard ones.",
+    )
     total_cost = serializers.DecimalField(
         source="cost.total_cost", **_COST, help_text="What the ledger would record for such a request."
     )
+
+
+# The service tiers an estimate prices: the one a request is served at (OpenAI's reply says it), not ``auto``.
+_SERVICE_TIERS = ("default", "priority", "flex")
+_SERVICE_TIER_HELP = (
+    "The service tier the request is served at: OpenAI's priority and flex cost the deployment's factor of every "
+    "token price (a deployment without one, its standard prices)."
+)
 
 
 class CostEstimateApi(APIView):
@@ -600,6 +615,7 @@ class CostEstimateApi(APIView):
             help_text="How many of the cache writes go to Anthropic's 1-hour cache (priced apart).",
         )
         output_tokens = serializers.IntegerField(min_value=0, max_value=_MAX_TOKENS, default=0)
+        service_tier = serializers.ChoiceField(choices=_SERVICE_TIERS, default="default", help_text=_SERVICE_TIER_HELP)
 
         def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
             if attrs["cached_input_tokens"] > attrs["input_tokens"]:
@@ -639,6 +655,7 @@ class CostEstimateApi(APIView):
         max_tokens = serializers.IntegerField(
             min_value=0, max_value=_MAX_TOKENS, help_text="The most output tokens the request may produce."
         )
+        service_tier = serializers.ChoiceField(choices=_SERVICE_TIERS, default="default", help_text=_SERVICE_TIER_HELP)
 
         def validate_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not all(_countable(message.get("content")) for message in messages):
@@ -724,6 +741,7 @@ class CostEstimateApi(APIView):
             cache_write_tokens=data["cache_write_input_tokens"],
             cache_write_1h_tokens=data["cache_write_1h_input_tokens"],
             completion_tokens=data["output_tokens"],
+            service_tier=data["service_tier"],
         )
 
     @extend_schema(
@@ -759,6 +777,7 @@ class CostEstimateApi(APIView):
             model_name=data["model"],
             prompt_tokens=prompt_tokens(data, operation=Operation.CHAT),
             completion_tokens=data["max_tokens"],
+            service_tier=data["service_tier"],
         )
 
     def _completion_answer(self, request: Request) -> Response:
@@ -782,6 +801,7 @@ class CostEstimateApi(APIView):
         cached_tokens: int = 0,
         cache_write_tokens: int = 0,
         cache_write_1h_tokens: int = 0,
+        service_tier: str = "",
     ) -> Response:
         """The estimate's answer; the cache's counts are the GET form's only (a body's messages say none)."""
         principal = request.auth
@@ -794,5 +814,6 @@ class CostEstimateApi(APIView):
             cached_tokens=cached_tokens,
             cache_write_tokens=cache_write_tokens,
             cache_write_1h_tokens=cache_write_1h_tokens,
+            service_tier=service_tier,
         )
         return Response(self.OutputSerializer(estimate).data)

@@ -632,9 +632,11 @@ def cost_estimate(
     cached_tokens: int = 0,
     cache_write_tokens: int = 0,
     cache_write_1h_tokens: int = 0,
+    service_tier: str = "",
 ) -> CostEstimate:
     """What a request of these token counts would cost on each deployment of ``model_name`` that the
-    caller may use, priced by the ledger's own function (``pricing.cost_breakdown``). An unknown or
+    caller may use, priced by the ledger's own function (``pricing.cost_breakdown``), at ``service_tier``'s
+    factor of each deployment's token prices (OpenAI's priority and flex; else the standard prices). An unknown or
     disabled model is ``ModelNotFoundError`` (404); one the plan or the key excludes ``ModelNotAllowedError``
     (403), as on /v1. An alias is priced as the model it names."""
     model = model_resolve_sync(model_name)
@@ -669,6 +671,7 @@ def cost_estimate(
                     cached_tokens=cached_tokens,
                     cache_write_tokens=cache_write_tokens,
                     cache_write_1h_tokens=cache_write_1h_tokens,
+                    service_tier=service_tier,
                 ),
             )
             for deployment in deployments

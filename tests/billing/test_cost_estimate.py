@@ -86,12 +86,39 @@ def test_token_counts_are_priced_exactly_with_their_breakdown(client, models):
                 "cache_write_cost": "0.0000000000",
                 "cache_write_1h_cost": "0.0000000000",
                 "output_cost": "0.0180000000",
+                "price_factor": "1.0000",
                 "total_cost": "0.1830000000",
             }
         ],
         "min_total": "0.1830000000",
         "max_total": "0.1830000000",
     }
+
+
+def test_a_service_tier_is_priced_at_each_deployments_factor(client, models):
+    """OpenAI's priority and flex tiers at the deployment's factor of every token price; a deployment without one
+    charges the tier its standard prices, as the ledger does."""
+    Deployment.objects.filter(model=models["mini"]).update(
+        priority_price_factor=Decimal(2), flex_price_factor=Decimal("0.5")
+    )
+    counts = {"model": "gpt-mini", "input_tokens": 1_000_000, "output_tokens": 100_000}
+
+    def priced(model: str, tier: str) -> dict:
+        response = client.get(URL, {**counts, "model": model, "service_tier": tier})
+        assert response.status_code == 200, response.content
+        return response.json()["deployments"][0]
+
+    assert (priced("gpt-mini", "default")["total_cost"], priced("gpt-mini", "default")["price_factor"]) == (
+        "0.2100000000",
+        "1.0000",
+    )
+    assert (priced("gpt-mini", "priority")["total_cost"], priced("gpt-mini", "priority")["price_factor"]) == (
+        "0.4200000000",
+        "2.0000",
+    )
+    assert priced("gpt-mini", "flex")["total_cost"] == "0.1050000000"
+    assert priced("gpt-big", "priority")["total_cost"] == "3.5000000000"  # no factor: its standard prices
+    assert client.get(URL, {**counts, "service_tier": "turbo"}).status_code == 400
 
 
 def test_the_total_is_what_the_ledger_would_record(client, models):
