@@ -606,3 +606,24 @@ async def test_a_reply_cut_at_what_the_quota_still_pays_for_is_kept_as_cut(alice
     ]
     first = await sync_to_async(conversation_read)(alice, whole[0]["conversation"])
     assert first[-1]["finish_reason"] == "stop"
+
+
+async def test_a_reply_served_at_priority_is_charged_the_deployments_priority_factor(alice, chat_model, socket_for):
+    """The page asks no service tier; a project whose default is priority serves it there (the fake's
+    ``[[project_tier=priority]]``), its chunks say so, and the row is charged at the priority factor, as on /v1."""
+    from providers.models import Deployment
+
+    await Deployment.objects.filter(model=chat_model).aupdate(priority_price_factor=Decimal(2))
+    deployment = await chat_model.deployments.aget()
+    ws = await socket_for(alice)
+    await send(ws, content="Hello there [[project_tier=priority]]", model=chat_model)
+    events = await events_until(ws, ends("r1"))
+    assert events[-1]["type"] == "chat.completed", events[-1]
+
+    reply = await Message.objects.aget(pk=events[0]["message"])
+    record = await usage_row(reply.request_id)
+    standard = (
+        record.prompt_tokens * deployment.input_per_mtok + record.completion_tokens * deployment.output_per_mtok
+    ) / 1_000_000
+    assert record.service_tier == "priority" and record.completion_tokens > 0
+    assert record.cost == (2 * standard).quantize(Decimal("0.0000000001")) and record.cost > 0
