@@ -20,6 +20,7 @@ from django.utils.timesince import timesince
 from core.admin_delete import BoundedDeleteConfirmation
 from core.exceptions import ApplicationError
 
+from .admin_deployments import DeploymentForm
 from .fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem, fallback_referrers
 from .fields import Secret
 from .forms import ModelNamesField
@@ -219,8 +220,8 @@ class ProviderAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
             self.message_user(request, text, messages.SUCCESS if not result.skipped else messages.WARNING)
 
 
-class DeploymentInlineForm(forms.ModelForm):
-    """No Meta: ``DeploymentInline`` builds the form for its fields."""
+class DeploymentInlineForm(DeploymentForm):
+    """No Meta: ``DeploymentInline`` builds the form for its fields (checked as on the deployment's page)."""
 
     def clean_name(self) -> str | None:
         # Blank: ``Deployment.save`` names it after its provider (with a suffix when that name is taken).

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.db.models import OuterRef, QuerySet, Subquery
@@ -18,7 +19,8 @@ from django.utils.timesince import timesince
 
 from core.admin_delete import BoundedDeleteConfirmation
 
-from .models import BreakerOverride, Deployment, HealthCheck
+from .adapters import every_request_search_refusal
+from .models import BreakerOverride, Deployment, EveryRequestSearch, HealthCheck
 from .routing.breaker_machine import CLOSED, HALF_OPEN, OPEN, BreakerState
 from .routing.breakers import breaker_state, breaker_states
 from .services.breakers import deployment_breaker_override_set, deployment_upstream_changed
@@ -57,6 +59,20 @@ class HealthCheckInline(admin.TabularInline):
         return False
 
 
+class DeploymentForm(forms.ModelForm):
+    """A deployment's settings checked against its provider's kind, on its page and in its model's inline
+    (``DeploymentInlineForm``). No Meta: the admin builds the form for its fields."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        provider = cleaned.get("provider")
+        if provider is not None and cleaned.get("searches_every_request") == EveryRequestSearch.ALWAYS:
+            refusal = every_request_search_refusal(provider.kind)
+            if refusal:
+                self.add_error("searches_every_request", refusal[:1].upper() + refusal[1:])
+        return cleaned
+
+
 def _breaker_html(state: BreakerState, override: str) -> SafeString:
     if override:
         return format_html(
@@ -89,6 +105,7 @@ def _when(moment: datetime) -> str:
 
 @admin.register(Deployment)
 class DeploymentAdmin(BoundedDeleteConfirmation, admin.ModelAdmin):
+    form = DeploymentForm
     list_display = (
         "__str__",
         "model",

@@ -82,6 +82,12 @@ class BaseAdapter(ABC):
         prepared["model"] = model.upstream_id
         return prepared
 
+    # Whether ``web_searches`` counts the search of a model that searches on every request (a deployment's
+    # ``searches_every_request``): OpenAI's protocol, whose search models do, counts it; a provider without such
+    # models counts none, so a deployment on it is refused ``always`` where an admin sets it
+    # (``registry.every_request_search_refusal``).
+    counts_every_request_search: ClassVar[bool] = False
+
     def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
         """The web searches the provider runs for ``body`` on ``model`` and bills apart from the tokens without a word
         of them in its usage, for the settle step to charge: ``body`` a chat completion as ``prepare_request`` made it,

@@ -34,6 +34,8 @@ _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
 
 
 class OllamaAdapter(OpenAIAdapter):
+    counts_every_request_search = False  # the models it runs search nothing (``web_searches``)
+
     def web_searches(self, body: dict[str, Any], model: ResolvedModel) -> int:
         """None: Ollama ignores ``web_search_options`` (no field of its ``ChatCompletionRequest``), and the models it
         runs search nothing."""

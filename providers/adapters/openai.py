@@ -159,6 +159,7 @@ class OpenAIAdapter(BaseAdapter):
     # None: as the request has it, for the OpenAI-compatible servers (vLLM, OpenRouter, …), which all read
     # ``max_tokens``, the name llmhub gives a limit it picks or translates (Ollama's reads nothing else: ``ollama.py``).
     output_limit: str | None = None
+    counts_every_request_search = True  # OpenAI's search models, an Azure deployment of one, an answer engine
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)

@@ -74,6 +74,23 @@ def adapter_class_for_kind(kind: str) -> type[BaseAdapter]:
     return import_string(dotted)
 
 
+def every_request_search_refusal(kind: str) -> str:
+    """Why a deployment on a provider of ``kind`` may not be set to search on every request (``searches_every_request``
+    ``always``), for the admin's form and the catalog file; "" when it may. Its adapter counts no such search
+    (``BaseAdapter.counts_every_request_search``: only OpenAI's protocol has models that search unasked), so each
+    request would hold a search at admission and be charged none."""
+    if adapter_class_for_kind(kind).counts_every_request_search:
+        return ""
+    kinds = ", ".join(
+        name for name in settings.LLMHUB_ADAPTERS if adapter_class_for_kind(name).counts_every_request_search
+    )
+    return (
+        f"a provider of kind {kind} has no model that searches the web on every request for llmhub to charge (only "
+        f"OpenAI's protocol does: kinds {kinds}), so each request would hold a search at admission and be charged "
+        "none. Leave it empty or choose never."
+    )
+
+
 @receiver(setting_changed)
 def _reset_registry(*, setting: str, **kwargs: object) -> None:
     if setting == "LLMHUB_ADAPTERS":

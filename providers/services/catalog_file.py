@@ -21,6 +21,7 @@ from django.db.models import Prefetch
 
 from core.exceptions import ApplicationError
 
+from ..adapters import every_request_search_refusal
 from ..fallbacks import FALLBACK_FIELDS, fallback_graph, fallback_problem
 from ..models import ByokMode, CatalogModel, Deployment, EveryRequestSearch, Provider
 from ..types import credential_header
@@ -466,6 +467,13 @@ def _deployment_load(entry: _Entry, model: CatalogModel, providers: Mapping[str,
     deployment.searches_every_request = entry.choice("searches_every_request", EveryRequestSearch, "")
     deployment.priority_price_factor = entry.decimal("priority_price_factor", None)
     deployment.flex_price_factor = entry.decimal("flex_price_factor", None)
+    refusal = (
+        every_request_search_refusal(provider.kind)
+        if deployment.searches_every_request == EveryRequestSearch.ALWAYS
+        else ""
+    )
+    if refusal:
+        raise ApplicationError(f"{entry.where}: searches_every_request: {refusal}")
     deployment.weight = entry.integer("weight", _field_default(Deployment, "weight"))
     deployment.priority = entry.integer("priority", _field_default(Deployment, "priority"))
     deployment.rpm_limit = entry.integer("rpm_limit", None)

@@ -858,3 +858,52 @@ def test_an_admin_says_whether_a_deployment_searches_on_every_request(admin_clie
     assert response.status_code == 302, response.content.decode()[:2000]
     deployment.refresh_from_db()
     assert (deployment.searches_every_request, deployment.searches_on_every_request) == ("never", False)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini", "cohere", "ollama"])
+def test_a_deployment_not_on_openais_protocol_cannot_search_on_every_request(admin_client, kind):
+    """``always`` on a provider whose adapter counts no such search (Claude, Gemini, Cohere, Ollama: only OpenAI's
+    protocol has search models, ``BaseAdapter.web_searches``) would reserve a search at admission that no request is
+    charged: refused on the field, in the model's inline and on the deployment's page, naming the kind; ``never`` and
+    empty are taken. Before, it was saved and silently meant a held reservation."""
+    other = ProviderFactory(name="other", kind=kind)
+    add_url = reverse("admin:providers_catalogmodel_add")
+    row = {"provider": other.pk, "upstream_id": "sonar-pro", "input_per_mtok": "1", "searches_every_request": "always"}
+    response = admin_client.post(add_url, model_form("searching", [row]))
+    assert response.status_code == 200
+    formset = next(f for f in response.context["inline_admin_formsets"] if f.formset.model is Deployment)
+    error = " ".join(formset.formset.forms[0].errors["searches_every_request"])
+    assert f"kind {kind}" in error and "openai_compatible" in error
+    assert not CatalogModel.objects.filter(name="searching").exists()
+    response = admin_client.post(add_url, model_form("searching", [{**row, "searches_every_request": "never"}]))
+    assert response.status_code == 302, response.content.decode()[:2000]
+
+    deployment = Deployment.objects.get(model__name="searching")
+    url = reverse("admin:providers_deployment_change", args=[deployment.pk])
+    data = {
+        "model": deployment.model_id,
+        "name": deployment.name,
+        "provider": other.pk,
+        "upstream_id": deployment.upstream_id,
+        "enabled": "on",
+        "input_per_mtok": "1",
+        "output_per_mtok": "0",
+        "searches_every_request": "always",
+        "weight": "1",
+        "priority": "0",
+        "health_checks-TOTAL_FORMS": "0",
+        "health_checks-INITIAL_FORMS": "0",
+        "health_checks-MIN_NUM_FORMS": "0",
+        "health_checks-MAX_NUM_FORMS": "1000",
+    }
+    response = admin_client.post(url, data)
+    assert response.status_code == 200
+    assert f"kind {kind}" in " ".join(response.context["adminform"].form.errors["searches_every_request"])
+    deployment.refresh_from_db()
+    assert deployment.searches_every_request == "never"
+    # Moved to a provider of OpenAI's protocol, the same deployment may search on every request.
+    openai_compatible = ProviderFactory(name="sonar", kind=ProviderKind.OPENAI_COMPATIBLE)
+    response = admin_client.post(url, {**data, "provider": openai_compatible.pk})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    deployment.refresh_from_db()
+    assert (deployment.searches_every_request, deployment.searches_on_every_request) == ("always", True)

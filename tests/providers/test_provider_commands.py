@@ -695,3 +695,35 @@ def test_whether_a_deployment_searches_on_every_request_loads_and_dumps(tmp_path
     with pytest.raises(CommandError) as refused:
         load(write(tmp_path, SEARCHING.replace("searches_every_request: always", "searches_every_request: yes"), "b"))
     assert "searches_every_request" in str(refused.value) and "Nothing was written" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("kind", "base_url"),
+    [
+        ("anthropic", "http://127.0.0.1:9"),
+        ("gemini", "http://127.0.0.1:9"),
+        ("cohere", "http://127.0.0.1:9"),
+        ("ollama", "http://127.0.0.1:9/v1"),
+    ],
+)
+def test_a_deployment_not_on_openais_protocol_is_refused_searching_on_every_request(tmp_path, kind, base_url):
+    """``searches_every_request: always`` on a provider whose adapter counts no such search (only OpenAI's protocol
+    has search models) would reserve a search at admission that no request is charged: the file is refused naming
+    the deployment, the field and the kind, and nothing is written; ``never`` loads."""
+    text = f"""
+    providers:
+      - {{name: other, kind: {kind}, base_url: '{base_url}'}}
+    models:
+      - name: searching
+        deployments:
+          - {{provider: other, upstream: sonar-pro, input_per_mtok: 1, output_per_mtok: 1,
+             searches_every_request: always}}
+    """
+    with pytest.raises(CommandError) as refused:
+        load(write(tmp_path, text))
+    message = str(refused.value)
+    assert "deployment #1 (other)" in message and "searches_every_request" in message and f"kind {kind}" in message
+    assert "Nothing was written" in message
+    assert not Provider.objects.filter(name="other").exists()
+    load(write(tmp_path, text.replace("searches_every_request: always", "searches_every_request: never"), "b"))
+    assert Deployment.objects.get(model__name="searching").searches_every_request == "never"
