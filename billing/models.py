@@ -423,6 +423,11 @@ class RequestReservation(models.Model):
     reserved_cost = models.DecimalField(max_digits=24, decimal_places=10)
     prompt_tokens = models.PositiveIntegerField(default=0)
     reserved_tokens = models.PositiveIntegerField(default=0, help_text="Prompt and completion tokens reserved.")
+    web_search_requests = models.PositiveIntegerField(
+        default=0,
+        db_default=0,  # a row an older release inserts during a deploy
+        help_text="The web searches reserved (the most the request may run), at the search price in the reserved cost.",
+    )
     admitted_at = models.DateTimeField(help_text="On the server's clock: the period its spend belongs to.")
     # On the database's clock, like the heartbeats, so that a record is never judged against a heartbeat
     # its process had no time to write yet.

@@ -172,6 +172,7 @@ async def admission_acquire(
         "endpoint": endpoint,
         "stream": bool(body.get("stream")),
         "prompt_tokens": charge.prompt_tokens,
+        "web_search_requests": charge.web_searches,
         "admitted_at": now,
     }
     outcome = await admission_store().acquire(

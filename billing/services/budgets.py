@@ -202,6 +202,9 @@ class Charge:
     # The client's own output limit, which the tokens-per-minute windows count (``window_tokens``); None: it set
     # none. A limit a parameter rule sends instead (``requested_max_tokens``) is reserved, not counted there.
     window_max_tokens: int | None = None
+    # The most web searches the request may run (``web_searches_bound``), in ``fixed_cost`` at the search price: what
+    # a ``lost`` row, charged the reservation, records as its searches (``counters._lost_row``).
+    web_searches: int = 0
 
 
 def requested_max_tokens(body: Mapping[str, object]) -> int | None:
@@ -275,26 +278,39 @@ def charge_for(
     if max_tokens is None and not budgeted:
         # Nothing to clamp for; the tokens-per-minute window counts the prompt now and the rest at settle.
         max_tokens = 0
-    searches = _web_searches_cost(model, body, answers)
+    searches = web_searches_bound(body, every_request=model.searches_every_request, answers=answers)
+    searches_cost = _web_searches_cost(model, searches)
     tier = reserved_tier(model, body.get("service_tier"))
     if max_tokens is not None:
         fixed = prompt_cost_ceiling(
             model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices, service_tier=tier
         )
-        return Charge(fixed + searches, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit)
+        return Charge(
+            fixed + searches_cost, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit, searches
+        )
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
-    fixed = prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0, service_tier=tier)
-    token_price = model.output_per_mtok * tier_factor(model, tier) / Decimal(1_000_000)
-    return Charge(fixed + searches, token_price, None, max(cap, 1), prompt_tokens, choices, likely)
+    fixed = (
+        prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0, service_tier=tier)
+        + searches_cost
+    )
+    return Charge(
+        fixed,
+        model.output_per_mtok * tier_factor(model, tier) / Decimal(1_000_000),
+        None,
+        max(cap, 1),
+        prompt_tokens,
+        choices,
+        likely,
+        web_searches=searches,
+    )
 
 
-def _web_searches_cost(model: ResolvedModel, body: Mapping[str, object], answers: int) -> Decimal:
-    """What the web searches ``body`` may have run cost at most, to the ledger's places; 0 without any."""
-    if not model.web_search_per_1k:
+def _web_searches_cost(model: ResolvedModel, searches: int) -> Decimal:
+    """What ``searches`` web searches cost at most on ``model``, to the ledger's places; 0 without any."""
+    if not model.web_search_per_1k or not searches:
         return Decimal(0)
-    searches = web_searches_bound(body, every_request=model.searches_every_request, answers=answers)
-    return web_search_cost(model, searches).quantize(COST_QUANTUM, rounding=ROUND_CEILING) if searches else Decimal(0)
+    return web_search_cost(model, searches).quantize(COST_QUANTUM, rounding=ROUND_CEILING)
 
 
 @dataclass(frozen=True, slots=True)

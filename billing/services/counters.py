@@ -1246,6 +1246,9 @@ def _lost_row(record: dict, *, cost: Decimal, tokens: int, spooled: SpoolIndex) 
                     stream=bool(record.get("stream")),
                     prompt_tokens=prompt,
                     completion_tokens=max(tokens - prompt, 0),
+                    # Charged in ``cost``, as its tokens are: it may have run them all (a record an older
+                    # release wrote has none).
+                    web_search_requests=int(record.get("web_search_requests") or 0),
                     cost=cost,
                     usage_estimated=True,
                     status=UsageStatus.LOST,
@@ -1340,7 +1343,7 @@ def _database_lost_settle(now: datetime, spooled: SpoolIndex, failed: list[str])
 
 def _database_lost_settle_one(pk: int, now: datetime, spooled: SpoolIndex) -> int:
     fields = ("request_id", "user_id", "api_key_id", "provider_id", "model_id", "provider_name", "model_name")
-    fields += ("endpoint", "stream", "prompt_tokens", "admitted_at")
+    fields += ("endpoint", "stream", "prompt_tokens", "web_search_requests", "admitted_at")
     settled = RequestReservation.objects.filter(pk=pk).values_list("request_id", "settled_row").first()
     if settled is not None and settled[1] is not None:
         # Settled by its process, which died before committing the row: the row is written from the record,

@@ -24,10 +24,12 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 from django.db import OperationalError, connection
+from django.db.models import Sum
 
 from billing.models import (
     BudgetCounter,
     BudgetPeriod,
+    DailyUsage,
     ProcessHeartbeat,
     RequestReservation,
     TaskRun,
@@ -39,6 +41,8 @@ from billing.services.counters import budget_counters_reconcile, counter_state
 from billing.services.inflight import INFLIGHT_PREFIX, INSTANCES_KEY
 from billing.services.keys import api_key_create
 from billing.services.plans import plan_assign
+from billing.services.rollups import daily_usage_rebuild
+from providers.models import Deployment
 from tests.billing.conftest import counter_unreconcilable
 from tests.billing.test_concurrency import MAX_TOKENS, RESERVATION, key_ref, ledger_sum, server_env
 from tests.conftest import free_port, process_stop, python_argv, redis_start, wait_for_port
@@ -884,3 +888,33 @@ def test_rows_spooled_when_their_writer_ends_stop_the_beat_and_are_written_once(
         ("orphaned", UsageStatus.OK, RESERVATION)
     ]
     assert counter_state(ref) == (RESERVATION, Decimal(0))
+
+
+@pytest.mark.parametrize("store_kind", ["redis", "database"])
+def test_a_lost_request_to_a_search_model_records_the_search_it_is_charged(
+    request, store_kind, budget_key, settings, period_clock
+):
+    """A request to a model that searches on every request (gpt-4o-search-preview, $25 per 1,000 searches), cut by its
+    process's death, is charged what was reserved, the search's $0.025 included (the worst case: it may have run and
+    been billed, as its tokens may have been generated), and its ``lost`` row says so: one search, which the day's
+    rollup counts. Before, the row was charged the search and counted none."""
+    from billing.tasks import reservations_lost_settle
+
+    Deployment.objects.filter(model__name="flat-model").update(
+        upstream_id="gpt-4o-search-preview", web_search_per_1k=Decimal(25)
+    )
+    api_key_limits_set(api_key=budget_key["key"], budget_usd=Decimal(1), budget_period=BudgetPeriod.MONTHLY)
+    admitted = dead_worker_admissions(request, store_kind, budget_key, settings, period_clock)
+    charged = RESERVATION + Decimal("0.025")
+    assert counter_state(key_ref(budget_key["key"])) == (Decimal(0), 3 * charged)
+
+    time.sleep(2 * settings.LLMHUB_INFLIGHT_HEARTBEAT_TTL)  # its heartbeat expires
+    assert reservations_lost_settle.delay().get() == 3
+    rows = UsageRecord.objects.filter(api_key=budget_key["key"])
+    assert sorted(row.request_id for row in rows) == sorted(admitted)
+    assert {(row.status, row.cost, row.completion_tokens, row.web_search_requests) for row in rows} == {
+        (UsageStatus.LOST, charged, MAX_TOKENS, 1)
+    }
+    day = rows.first().created_at.date()
+    daily_usage_rebuild(day=day)
+    assert DailyUsage.objects.filter(day=day).aggregate(searches=Sum("web_search_requests"))["searches"] == 3
