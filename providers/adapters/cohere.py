@@ -45,6 +45,7 @@ from .common import (
     error_for_status,
     http_request_hooks,
     in_batches,
+    interruption_reason,
     max_tool_calls,
     one_choice_only,
     refusal_named,
@@ -302,15 +303,16 @@ def _count(holder: dict[str, Any], name: str) -> int:
 
 
 def _interruption_reason(exc: BaseException) -> str:
-    if isinstance(exc, httpx.DecodingError):
-        return "the provider sent a malformed body (not the encoding it declared)."
-    if isinstance(exc, httpx.TimeoutException):
-        return "no data arrived in time."
-    if isinstance(exc, httpx.TransportError):
-        return "the connection closed before the response was complete."
+    """``common.interruption_reason`` for plain httpx's failures, which the SDK sends through (not httpx2's), and an
+    event that is not Cohere's (a ValueError, ``StreamTranslator``)."""
     if isinstance(exc, ValueError):
         return "the provider sent a malformed event."
-    return "the provider reported an error."
+    return interruption_reason(
+        exc,
+        undecodable_errors=(httpx.DecodingError,),
+        timeouts=(httpx.TimeoutException,),
+        connection_errors=(httpx.TransportError,),
+    )
 
 
 def _int_or_none(value: Any) -> int | None:

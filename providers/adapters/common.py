@@ -615,14 +615,22 @@ def stream_unfinished(config: ProviderConfig, *, began: bool) -> ProviderStreamI
     return stream_interrupted(config, "the provider answered no stream (a 200 without a single chunk).", malformed=True)
 
 
-def interruption_reason(exc: BaseException) -> str:
+def interruption_reason(
+    exc: BaseException,
+    *,
+    undecodable_errors: tuple[type[BaseException], ...] = (),
+    timeouts: tuple[type[BaseException], ...] = (),
+    connection_errors: tuple[type[BaseException], ...] = (),
+) -> str:
     """Why an open stream broke, in words a client can read (never the exception's own text,
-    which for a transport error may quote the request)."""
-    if undecodable(exc):
+    which for a transport error may quote the request). ``undecodable_errors``, ``timeouts`` and
+    ``connection_errors``: the classes of a transport other than httpx2 for the same failures (as
+    ``error_for_failure`` takes them: Cohere's SDK sends through plain httpx)."""
+    if undecodable(exc) or isinstance(exc, undecodable_errors):
         return "the provider sent a malformed body (not the encoding it declared)."
-    if isinstance(exc, httpx2.TimeoutException):
+    if isinstance(exc, (httpx2.TimeoutException, *timeouts)):
         return "no data arrived in time."
-    if isinstance(exc, httpx2.TransportError):
+    if isinstance(exc, (httpx2.TransportError, *connection_errors)):
         return "the connection closed before the response was complete."
     return "the provider reported an error."
 

@@ -8,9 +8,11 @@ import json
 import struct
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from providers import outbound
+from providers.adapters import cohere as cohere_adapter
 from providers.adapters.cohere import (
     CohereAdapter,
     StreamTranslator,
@@ -322,3 +324,19 @@ async def test_a_redirect_off_the_origin_is_not_followed(production_rules, redir
     assert "another origin" in caught.value.message
     assert redirector.hits
     assert fake_upstream.stats["requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (httpx.DecodingError("corrupt gzip"), "the provider sent a malformed body (not the encoding it declared)."),
+        (httpx.ReadTimeout("timed out"), "no data arrived in time."),
+        (httpx.RemoteProtocolError("peer closed"), "the connection closed before the response was complete."),
+        (ValueError("not JSON"), "the provider sent a malformed event."),
+        (RuntimeError("anything else"), "the provider reported an error."),
+    ],
+)
+def test_a_broken_stream_says_why_in_words_of_its_own(failure, reason):
+    """Why a Cohere stream broke, for each failure its reader meets (plain httpx's, which the SDK sends through, not
+    httpx2's; an event that is not Cohere's): never the exception's own text, which may quote the request."""
+    assert cohere_adapter._interruption_reason(failure) == reason
