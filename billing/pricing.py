@@ -78,6 +78,16 @@ def reserved_tier(model: Prices, requested: object) -> str:
     return max(servable, key=lambda tier: tier_factor(model, tier))
 
 
+def billed_tier(model: Prices, served: object, requested: object) -> str:
+    """The tier a request asking ``requested`` (its body's ``service_tier``) is charged at when its reply says it was
+    served at ``served``: that one (``charged_tier``), unless it is dearer than every tier the request may be served
+    at, so dearer than its reservation (a compatible server, or a project setting, answering ``default`` at
+    priority; OpenAI serves a request at the tier asked or a cheaper one): then the dearest of those
+    (``reserved_tier``), so that a budget holds. The client asked for no dearer tier, and is not charged one."""
+    ceiling = reserved_tier(model, requested)
+    return charged_tier(served) if tier_factor(model, served) <= tier_factor(model, ceiling) else ceiling
+
+
 def cache_write_price(model: Prices) -> Decimal:
     """What a prompt token written to the provider's cache costs per million: the catalog's cache-write price,
     or the input price when it has none."""

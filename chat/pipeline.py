@@ -2342,6 +2342,7 @@ class CompletionRun:
             experiment_id=self.assignment.experiment_id if self.assignment is not None else None,
             experiment_variant_id=self.assignment.variant_id if self.assignment is not None else None,
             service_tier=self.served_tier or _asked_tier(self.body),
+            requested_tier=self.body.get("service_tier"),
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),

@@ -11,6 +11,7 @@ or spools both, so that the replay settles the reservation with the row.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -23,12 +24,14 @@ from providers.tokens import COUNT_MAX, prompt_tokens, text_tokens
 from providers.types import ResolvedModel
 
 from ..models import BillingSource, Operation, UsageStatus
-from ..pricing import charged_tier, cost_for
+from ..pricing import billed_tier, charged_tier, cost_for
 from .admission import Admission, admission_row_instant
 from .ledger import usage_record_submit
 from .ledger_rows import UsageData
 
 REQUESTED_MODEL_LENGTH = 128  # UsageRecord.requested_model
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,7 @@ def request_settle(
     experiment_id: int | None = None,
     experiment_variant_id: int | None = None,
     service_tier: str = "",
+    requested_tier: object = None,
 ) -> Settlement:
     """Settle a request that was admitted: decide its tokens and cost, and submit its ledger row with its
     admission (the reservation is released with the row, or both wait in the spool). Synchronous and
@@ -182,7 +186,10 @@ def request_settle(
     only when the user's plan says so (``user_key_cost`` keeps the price either way). ``moderation``: what
     moderation found, for the row. ``service_tier``: the tier the provider said it served the request at (OpenAI's
     reply's ``service_tier``), else the one the request asked: its tokens are priced at the deployment's factor of
-    it (``pricing.tier_factor``), and the row keeps it (``charged_tier``)."""
+    it (``pricing.tier_factor``), and the row keeps it (``charged_tier``); ``requested_tier``: the one the request
+    asked (its body's ``service_tier``; None: none), whose reservation the tier charged is not dearer than
+    (``pricing.billed_tier``: a reply saying a dearer one is charged the dearest the request may be served at, and
+    logged)."""
     prompt, completion, cached, written, estimated = settlement_tokens(
         operation=operation,
         body=body,
@@ -194,16 +201,29 @@ def request_settle(
     estimated = estimated or (usage_partly_estimated and usage is not None)
     written_1h = _written_1h(usage, written)
     searches = min(_web_searches(usage) + max(web_searches, 0), COUNT_MAX)
-    cost = cost_for(
-        model=model,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=cached,
-        cache_write_tokens=written,
-        cache_write_1h_tokens=written_1h,
-        web_search_requests=searches,
-        service_tier=service_tier,
-    )
+    tier = billed_tier(model, service_tier, requested_tier)
+    priced: dict[str, Any] = {
+        "model": model,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": cached,
+        "cache_write_tokens": written,
+        "cache_write_1h_tokens": written_1h,
+        "web_search_requests": searches,
+    }
+    cost = cost_for(**priced, service_tier=tier)
+    if tier != charged_tier(service_tier):
+        # The provider says it served a dearer tier than the request may be charged: the operator pays the
+        # difference, which no reservation held (a compatible server's or a project setting's doing).
+        logger.warning(
+            "request %s asked service tier %r and %s said it served it at %r: charged at %r, the $%s more not charged",
+            request_id,
+            requested_tier,
+            model.deployment.name if model.deployment is not None else model.name,
+            service_tier,
+            tier or "default",
+            cost_for(**priced, service_tier=service_tier) - cost,
+        )
     user_key_cost = None
     if billing_source == BillingSource.USER_KEY:
         user_key_cost = cost
@@ -234,7 +254,7 @@ def request_settle(
             cache_write_tokens=written,
             cache_write_1h_tokens=written_1h,
             web_search_requests=searches,
-            service_tier=charged_tier(service_tier),
+            service_tier=tier,
             cost=cost,
             usage_estimated=estimated,
             upstream_latency_ms=upstream_latency_ms,

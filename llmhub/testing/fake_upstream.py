@@ -148,6 +148,8 @@ Replies
     ``flex``): a request asking ``auto`` or no tier is answered as served at it, as OpenAI answers for a project
     whose default is Priority processing; a request asking ``default``, ``flex`` or ``priority`` is answered as
     served at that tier, whole and in every chunk (``service_tier``), and without either at ``default``.
+    ``[[served_tier=NAME]]`` answers as served at NAME whatever the request asked, as an OpenAI-compatible server
+    may (OpenAI itself serves a request asking ``default`` at default).
     ``[[usage=none]]`` (OpenAI and Gemini) reports no usage: none in the response, no usage chunk whatever
     ``stream_options`` asked, as some OpenAI-compatible servers do (Gemini: no ``usageMetadata``).
     ``[[raw=BASE64]]`` (OpenAI's chat completions and text completions) answers exactly the bytes the URL-safe
@@ -3163,7 +3165,10 @@ _SERVED_TIERS = frozenset({"default", "flex", "priority"})
 
 def _served_tier(body: dict[str, Any], directives: dict[str, str]) -> str:
     """The tier the reply says it was served at: the one asked, if OpenAI serves it; for ``auto`` or none the
-    project's default (``[[project_tier=NAME]]``), else ``default``."""
+    project's default (``[[project_tier=NAME]]``), else ``default``; ``[[served_tier=NAME]]``: NAME, whatever was
+    asked."""
+    if "served_tier" in directives:
+        return directives["served_tier"]
     asked = body.get("service_tier")
     if asked in _SERVED_TIERS:
         return asked

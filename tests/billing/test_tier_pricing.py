@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from billing.pricing import cost_breakdown, cost_for, prompt_cost_ceiling, reserved_tier, tier_factor
+from billing.pricing import billed_tier, cost_breakdown, cost_for, prompt_cost_ceiling, reserved_tier, tier_factor
 
 MODEL = SimpleNamespace(
     input_per_mtok=Decimal("1.25"),
@@ -86,6 +86,29 @@ def test_an_odd_factor_stays_exact():
 def test_a_reservation_holds_the_dearest_tier_a_request_may_be_charged_at(asked, reserved):
     assert reserved_tier(MODEL, asked) == reserved
     assert reserved_tier(STANDARD, asked) == ""
+
+
+@pytest.mark.parametrize(
+    ("asked", "served", "billed"),
+    [
+        ("priority", "priority", "priority"),
+        ("priority", "default", ""),
+        ("auto", "priority", "priority"),  # the project's default: reserved at priority
+        (None, "priority", "priority"),
+        ("flex", "flex", "flex"),
+        ("default", "flex", "flex"),  # cheaper than asked: charged what was served
+        # Dearer than any tier the request asked may be served at, so dearer than its reservation: capped at the
+        # dearest it may be (a compatible server, or a project setting, answering default at priority).
+        ("default", "priority", ""),
+        ("flex", "priority", ""),
+        ("standard_only", "priority", ""),
+    ],
+)
+def test_a_request_is_billed_no_dearer_than_the_tier_it_was_reserved_at(asked, served, billed):
+    assert billed_tier(MODEL, served, asked) == billed
+    assert cost_for(model=MODEL, service_tier=billed, **TOKENS) <= cost_for(
+        model=MODEL, service_tier=reserved_tier(MODEL, asked), **TOKENS
+    )
 
 
 def test_a_flex_factor_above_standard_is_reserved_for_flex():

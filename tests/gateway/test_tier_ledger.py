@@ -122,6 +122,37 @@ def test_a_budget_that_pays_for_the_standard_price_but_not_priority_refuses_the_
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_request_asked_at_default_and_answered_at_priority_keeps_its_budget(priced, stream):
+    """A request asking ``default`` is reserved at the standard prices; a server that answers it served at priority
+    anyway (a compatible server; OpenAI serves default at default) is not let charge past that reservation. A key with
+    $0.0003 left: 13 prompt tokens and the reply's 100 are $0.000213 at the standard prices, $0.000426 at priority's.
+    Before, the row was charged priority's, and the budget spent past by $0.000126; now it is charged the standard
+    prices, the dearest tier the request asked may be served at, and its row says so."""
+    api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.0003"))
+    words = " ".join(f"w{i}" for i in range(8))
+    body = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": f"{words} [[served_tier=priority]] [[words=100]]"}],
+        "max_tokens": 100,
+        "service_tier": "default",
+    }
+    client = priced.client()
+    if stream:
+        with client.chat.completions.with_streaming_response.create(
+            **body, stream=True, stream_options={"include_usage": True}
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            served = {chunk.service_tier for chunk in response.parse()}
+    else:
+        raw = client.chat.completions.with_raw_response.create(**body)
+        request_id, served = raw.headers["x-request-id"], {raw.parse().service_tier}
+    assert served == {"priority"}
+    record = assert_charged(request_id, Decimal(1), "")
+    assert (record.prompt_tokens, record.completion_tokens) == (13, 100)
+    assert record.cost <= Decimal("0.0003")
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_message_an_openai_deployment_served_at_priority_is_charged_priority(priced, stream):
     """/v1/messages to an OpenAI deployment: Anthropic's request has no OpenAI tier to send (its service_tier is
     dropped), but a project whose default is priority serves it there; the reply's tier reaches the client in
