@@ -1239,6 +1239,8 @@ class CompletionRun:
         self.resumed = False  # a stream that failed midway and was continued on another deployment
         # The service tier the provider said it served the request at (OpenAI's reply's, or a chunk's,
         # ``service_tier``): what its tokens are charged at; "" until a reply says one (then the one asked is).
+        # A stream resumed on another deployment forgets the failed attempt's: the row is charged the answering
+        # attempt's usage at that deployment's prices, so at the tier that attempt says.
         self.served_tier = ""
         # The request's moderation policies and what they found (the ledger row's ``moderation``); None: none.
         self.moderation = moderation
@@ -1950,6 +1952,7 @@ class CompletionRun:
                         earlier_tokens = text_tokens("".join(written))  # held back or not, it was billed
                         attempt_began = len(delivered)
                         usage = {}
+                        self.served_tier = ""  # the usage charged is the next attempt's: at its tier
                         set_apart = reasoned
                         first, upstream = await self._call(
                             once_with("".join(text)), exclude=failed | self._prefill_refusers(self.body)
@@ -2230,6 +2233,7 @@ class CompletionRun:
                         upstream = None
                         earlier_tokens = text_tokens("".join(generated))  # held back or not, it was billed
                         usage = {}
+                        self.served_tier = ""  # the usage charged is the next attempt's: at its tier
                         first, upstream = await self._call(
                             once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
                         )

@@ -13,7 +13,8 @@ import pytest
 
 from billing.models import UsageRecord
 from billing.services.budgets import api_key_limits_set
-from providers.models import Deployment
+from providers.models import CatalogModel, Deployment, ProviderKind
+from tests.factories import ProviderFactory
 from tests.gateway.test_ledger import settle_quietly
 from tests.waiting import wait_for_record
 
@@ -150,6 +151,51 @@ def test_a_request_asked_at_default_and_answered_at_priority_keeps_its_budget(pr
     record = assert_charged(request_id, Decimal(1), "")
     assert (record.prompt_tokens, record.completion_tokens) == (13, 100)
     assert record.cost <= Decimal("0.0003")
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+def test_a_resumed_stream_is_charged_at_the_tier_of_the_attempt_that_finished_it(gateway, fake_upstream, endpoint):
+    """A stream resumed on failure (``resume_on_failure``), on /v1/chat/completions and /v1/messages: the first
+    deployment (OpenAI, priority × 2) says it served at priority, a project whose default is priority, and is cut
+    after three chunks; the second (Claude, priority × 3) continues it and says no tier. The row is charged the
+    answering deployment's usage and prices, so at the tier that attempt served (none said: the one asked, none,
+    the standard prices). Before, the first attempt's priority was kept, and the whole reply charged at the
+    second's priority factor, × 3."""
+    model = CatalogModel.objects.create(name="tiered", strategy="priority", resume_on_failure=True)
+    attempts = (
+        ("first", ProviderKind.OPENAI, "fault-cut-3", 2),
+        ("second", ProviderKind.ANTHROPIC, "fake-claude-haiku", 3),
+    )
+    for priority, (name, kind, upstream_id, factor) in enumerate(attempts):
+        base_url = fake_upstream.base_url + ("/v1" if kind == ProviderKind.OPENAI else "")
+        Deployment.objects.create(
+            model=model,
+            name=name,
+            provider=ProviderFactory(name=f"tiered-{name}", kind=kind, base_url=base_url),
+            upstream_id=upstream_id,
+            priority=priority,
+            input_per_mtok=Decimal(1),
+            output_per_mtok=Decimal(2),
+            priority_price_factor=Decimal(factor),
+        )
+    messages = [{"role": "user", "content": "hello there [[words=8]] [[project_tier=priority]]"}]
+    if endpoint == "messages":
+        from tests.gateway.test_cache_write_ledger import anthropic_client
+
+        with anthropic_client(gateway).messages.stream(model="tiered", max_tokens=60, messages=messages) as streamed:
+            streamed.get_final_message()
+            request_id = streamed.response.headers["x-request-id"]
+    else:
+        with gateway.client().chat.completions.with_streaming_response.create(
+            model="tiered", messages=messages, stream=True
+        ) as response:
+            request_id = response.headers["x-request-id"]
+            said = [chunk.service_tier for chunk in response.parse()]
+        assert "priority" in said  # the first attempt's chunks
+    record = wait_for_record(request_id)
+    assert (record.status, record.resumed, record.deployment_name) == ("ok", True, "second")
+    standard = Decimal(record.prompt_tokens * 1 + record.completion_tokens * 2) / 1_000_000
+    assert (record.cost, record.service_tier) == (standard.quantize(QUANTUM), "")
 
 
 @pytest.mark.parametrize("stream", [False, True])
