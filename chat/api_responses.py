@@ -37,7 +37,13 @@ from .models import StoredResponse
 from .pipeline import CompletionRun, caller_from_api_key, new_request_id
 from .selectors import NotFoundError, conversation_reach, stored_response_get, stored_response_input
 from .services_responses import stored_response_delete, stored_response_save
-from .translate_responses import ResponseEvents, response_from_completion, response_id, response_shown
+from .translate_responses import (
+    ResponseEvents,
+    refusal_worded,
+    response_from_completion,
+    response_id,
+    response_shown,
+)
 from .validation import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ async def responses_create(request: HttpRequest) -> HttpResponse:
             response = json_response(response_shown(answer, body.get("include")))
     except ApplicationError as exc:
         if run is not None:
+            exc.message = refusal_worded(exc.param, exc.message)
             exc.param = run.client_param(exc.param)
         response = openai_error_response(exc)
     except asyncio.CancelledError:
@@ -107,7 +114,7 @@ async def _sse(
                 yield _sse_event(response_shown(event, include))
     except ProviderError as exc:
         # Headers are gone: the stream ends with response.failed, never with a response.completed.
-        for event in _failed(events, _failure_code(exc), exc.message):
+        for event in _failed(events, _failure_code(exc), refusal_worded(exc.param, exc.message)):
             yield _sse_event(event)
         return
     except asyncio.CancelledError:

@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from core.text import text_quoted
-from providers.adapters.common import allowed_tools_narrowed
+from providers.adapters.common import LOGPROBS, allowed_tools_narrowed
 from providers.adapters.translate_anthropic import reasoning_text
 
 from .validation import (
@@ -104,6 +104,21 @@ ENCRYPTED_CONTENT = "reasoning.encrypted_content"
 # ``top_logprobs`` alternatives a token), given only when asked for, as OpenAI gives them.
 OUTPUT_LOGPROBS = "message.output_text.logprobs"
 _INCLUDABLE = frozenset({ENCRYPTED_CONTENT, OUTPUT_LOGPROBS})
+# A provider's refusal of a chat completion field the translation wrote for another the client sent, in the
+# client's words (its ``param`` renamed by the translation's field names, ``client_field``): chat completions'
+# ``logprobs``, which ``include`` asked for. Chat completions' own message names ``logprobs``, which its client sent.
+_REFUSALS_WORDED = {
+    (LOGPROBS.param, LOGPROBS.message): "This model does not return log probabilities: `include` cannot ask for "
+    f"`{OUTPUT_LOGPROBS}` with it.",
+}
+
+
+def refusal_worded(param: str | None, message: str) -> str:
+    """The message of a refusal of ``param`` in the translated chat completion, as a ``/v1/responses`` client
+    reads it: naming what it sent rather than a chat completion's field it never wrote; any other as it is."""
+    return _REFUSALS_WORDED.get((param, message), message)
+
+
 # OpenAI's bounds of ``top_logprobs`` (the Responses API's and chat completions' alike).
 TOP_LOGPROBS_MAX = 20
 _ROLES = frozenset({"user", "system", "developer", "assistant"})

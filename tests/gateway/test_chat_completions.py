@@ -457,6 +457,9 @@ def test_asking_claude_for_logprobs_is_a_400_naming_logprobs(gateway, stream):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="claude-test", messages=messages, stream=stream, logprobs=True)
     assert refused.value.param == "logprobs" and refused.value.code == "unsupported_parameter"
+    assert refused.value.body["message"] == (
+        "This model does not return log probabilities: `logprobs` is not supported with it."
+    )
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert record.status == "invalid" and record.cost == 0
     assert gateway.upstream.requests_served() == 0

@@ -449,6 +449,10 @@ def test_logprobs_asked_of_a_model_that_has_none_are_a_400_naming_include(gatewa
             model="claude-test", input="hi", include=[LOGPROBS], top_logprobs=2, stream=stream
         )
     assert (refused.value.body["param"], refused.value.body["code"]) == ("include", "unsupported_parameter")
+    # What the client sent, not chat completions' ``logprobs`` it never wrote (before: "`logprobs` is not supported").
+    assert refused.value.body["message"] == (
+        "This model does not return log probabilities: `include` cannot ask for `message.output_text.logprobs` with it."
+    )
     assert gateway.upstream.requests_served() == 0
     record = wait_for_record(refused.value.response.headers["x-request-id"])
     assert (record.status, record.operation, record.cost) == ("invalid", "responses", 0)  # refused by its adapter
