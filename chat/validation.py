@@ -43,6 +43,9 @@ FIELD_TYPES: dict[str, tuple[type, str]] = {
 # server itself refuses or takes; only the type is llmhub's to check. The prompt cache's retention is OpenAI's alone
 # (the spec's enum; a provider without one is not sent it).
 FIELD_VALUES: dict[str, tuple[str, ...]] = {"prompt_cache_retention": ("in_memory", "24h")}
+# A value older clients spell otherwise, as the spec spells it now (``check_field_types`` writes it so): the openai SDKs
+# before the rename sent ``in-memory``.
+FIELD_RESPELT: dict[str, dict[str, str]] = {"prompt_cache_retention": {"in-memory": "in_memory"}}
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. This API expects a JSON payload.)"
@@ -265,7 +268,8 @@ def check_logit_bias(body: dict[str, Any]) -> None:
 
 def check_field_types(body: dict[str, Any], names: Any = FIELD_TYPES) -> None:
     """The fields of ``FIELD_TYPES`` among ``names`` that ``body`` gives (not null): of their type, and of their
-    values where ``FIELD_VALUES`` lists them (``invalid_type``, ``invalid_value``)."""
+    values where ``FIELD_VALUES`` lists them (``invalid_type``, ``invalid_value``); a value of ``FIELD_RESPELT`` is
+    written in ``body`` as the spec spells it."""
     for name in names:
         value = body.get(name)
         if value is None:
@@ -273,6 +277,8 @@ def check_field_types(body: dict[str, Any], names: Any = FIELD_TYPES) -> None:
         kind, spelled = FIELD_TYPES[name]
         if not isinstance(value, kind):
             _fail(f"Invalid type for '{name}': expected {spelled}.", name, "invalid_type")
+        if value in FIELD_RESPELT.get(name, {}):
+            value = body[name] = FIELD_RESPELT[name][value]
         allowed = FIELD_VALUES.get(name)
         if allowed is not None and value not in allowed:
             _fail(f"Invalid value for '{name}': expected one of {', '.join(map(repr, allowed))}.", name)
