@@ -34,6 +34,7 @@ from .validation import (
     InvalidRequestError,
     check_body_and_model,
     check_field_types,
+    check_prompt_cache_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -653,6 +654,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
             "service_tier",
         ),
     )
+    check_prompt_cache_options(body)
     _check_stream_options(body.get("stream_options"))
     tool_calls = body.get("max_tool_calls")
     if tool_calls is not None and type(tool_calls) is not int:
@@ -752,6 +754,7 @@ def responses_request_to_chat(body: Any) -> tuple[dict[str, Any], dict[str, str]
         "service_tier",
         "prompt_cache_key",
         "prompt_cache_retention",
+        "prompt_cache_options",
         "safety_identifier",
     ):
         if body.get(name) is not None:

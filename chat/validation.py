@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from core.exceptions import ApplicationError
-from core.text import has_lone_surrogate
+from core.text import has_lone_surrogate, text_quoted
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
@@ -46,6 +46,8 @@ FIELD_VALUES: dict[str, tuple[str, ...]] = {"prompt_cache_retention": ("in_memor
 # A value older clients spell otherwise, as the spec spells it now (``check_field_types`` writes it so): the openai SDKs
 # before the rename sent ``in-memory``.
 FIELD_RESPELT: dict[str, dict[str, str]] = {"prompt_cache_retention": {"in-memory": "in_memory"}}
+# ``prompt_cache_options``' fields and the values the spec lists for each (``PromptCacheOptionsParam``).
+PROMPT_CACHE_OPTIONS: dict[str, tuple[str, ...]] = {"ttl": ("30m",), "mode": ("implicit", "explicit")}
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. This API expects a JSON payload.)"
@@ -284,6 +286,27 @@ def check_field_types(body: dict[str, Any], names: Any = FIELD_TYPES) -> None:
             _fail(f"Invalid value for '{name}': expected one of {', '.join(map(repr, allowed))}.", name)
 
 
+def check_prompt_cache_options(body: dict[str, Any]) -> None:
+    """``prompt_cache_options``, when given (not null), as the spec types it: an object of ``PROMPT_CACHE_OPTIONS``'
+    fields, each a string of its values (a 400 naming ``prompt_cache_options.<field>``)."""
+    options = body.get("prompt_cache_options")
+    if options is None:
+        return
+    if not isinstance(options, dict):
+        _fail("Invalid type for 'prompt_cache_options': expected an object.", "prompt_cache_options", "invalid_type")
+    for name, value in options.items():
+        where = f"prompt_cache_options.{text_quoted(name)}"
+        allowed = PROMPT_CACHE_OPTIONS.get(name)
+        if allowed is None:
+            _fail(f"Unknown parameter: '{where}'.", where, "unknown_parameter")
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            _fail(f"Invalid type for '{where}': expected a string.", where, "invalid_type")
+        if value not in allowed:
+            _fail(f"Invalid value for '{where}': expected one of {', '.join(map(repr, allowed))}.", where)
+
+
 def _check_content(content: Any, index: int, role: str, message: dict[str, Any]) -> None:
     param = f"messages[{index}].content"
     if content is None:
@@ -514,6 +537,7 @@ def validate_chat_request(body: Any) -> None:
     if n is not None and (not _is_int(n) or not 1 <= n <= 128):
         _fail("Invalid 'n': expected an integer between 1 and 128.", "n")
     check_field_types(body)
+    check_prompt_cache_options(body)
     stream = body.get("stream")
     options = body.get("stream_options")
     if options is not None:

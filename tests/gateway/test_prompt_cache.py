@@ -26,3 +26,24 @@ def test_an_older_sdks_in_memory_retention_is_taken_and_sent_as_the_specs_in_mem
     reply = raw(gateway, path, body)
     assert reply.status_code == 200, reply.text
     assert gateway.upstream.requests[-1]["body"]["prompt_cache_retention"] == "in_memory"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_cache_options_on_v1_responses_reach_an_openai_model(gateway, stream):
+    """The Responses API's ``prompt_cache_options`` was taken and dropped unsaid: it is sent on in the chat completion
+    (OpenAI's chat completions take it), as the client gave it; a Claude model is not sent it (its translation sends
+    what Anthropic knows)."""
+    client = gateway.client()
+    options = {"ttl": "30m", "mode": "explicit"}
+    for model in ("gpt-test", "claude-test"):
+        fields = {"prompt_cache_options": options}
+        if stream:
+            with client.responses.create(model=model, input="hi [[reply=ok]]", stream=True, extra_body=fields) as got:
+                assert [event.type for event in got][-1] == "response.completed"
+        else:
+            assert client.responses.create(model=model, input="hi [[reply=ok]]", extra_body=fields).output_text == "ok"
+        sent = gateway.upstream.requests[-1]["body"]
+        if model == "gpt-test":
+            assert sent["prompt_cache_options"] == options
+        else:
+            assert "prompt_cache_options" not in sent
