@@ -33,6 +33,7 @@ from .validation import (
     TOOL_CHOICE_MODES,
     InvalidRequestError,
     check_body_and_model,
+    check_cache_breakpoint,
     check_field_types,
     check_prompt_cache_options,
 )
@@ -198,6 +199,11 @@ def _text_of(content: Any, param: str, kinds: frozenset[str]) -> list[dict[str, 
                 f"{where}.type",
                 "unsupported_value",
             )
+        check_cache_breakpoint(part, where)
+        # The end of a reusable prefix, on the chat part the input part becomes (``prompt_cache_breakpoint``).
+        marked = (
+            {"prompt_cache_breakpoint": part["prompt_cache_breakpoint"]} if part.get("prompt_cache_breakpoint") else {}
+        )
         if kind == "input_image":
             url = part.get("image_url")
             if not isinstance(url, str) or not url:
@@ -209,17 +215,25 @@ def _text_of(content: Any, param: str, kinds: frozenset[str]) -> list[dict[str, 
             image = {"url": url}
             if part.get("detail") in ("low", "high", "auto"):
                 image["detail"] = part["detail"]
-            parts.append({"type": "image_url", "image_url": image})
+            parts.append({"type": "image_url", "image_url": image, **marked})
             continue
         field = "refusal" if kind == "refusal" else "text"
         if not isinstance(part.get(field), str):
             _fail(f"Missing required parameter: '{where}.{field}'.", f"{where}.{field}", "missing_required_parameter")
-        parts.append({"type": "text", "text": part[field]})
+        parts.append({"type": "text", "text": part[field], **marked})
     return parts
 
 
 def _joined(content: list[dict[str, Any]] | str) -> str:
     return content if isinstance(content, str) else "".join(part["text"] for part in content)
+
+
+def _joined_unless_marked(content: list[dict[str, Any]] | str) -> list[dict[str, Any]] | str:
+    """A system or developer message's parts joined, as ``_joined``; kept as parts when one marks the end of a
+    reusable prefix (``prompt_cache_breakpoint``), which a joined string would lose."""
+    if isinstance(content, list) and any("prompt_cache_breakpoint" in part for part in content):
+        return content
+    return _joined(content)
 
 
 _CALLS = frozenset({"function_call", "custom_tool_call", "local_shell_call"})
@@ -289,7 +303,9 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 content = _text_of(item.get("content"), f"{where}.content", kinds)
                 if role == "user" and not content and isinstance(content, list):
                     _fail(f"Invalid '{where}.content': empty array; give at least one part.", f"{where}.content")
-                messages.append({"role": role, "content": content if role == "user" else _joined(content)})
+                messages.append(
+                    {"role": role, "content": content if role == "user" else _joined_unless_marked(content)}
+                )
             origins.append({"": where, "content": f"{where}.content"})
             if role == "assistant":
                 _reasoning_given_back(messages[-1], origins[-1], thoughts)

@@ -307,6 +307,29 @@ def check_prompt_cache_options(body: dict[str, Any]) -> None:
             _fail(f"Invalid value for '{where}': expected one of {', '.join(map(repr, allowed))}.", where)
 
 
+def check_cache_breakpoint(part: dict[str, Any], where: str) -> None:
+    """A content part's ``prompt_cache_breakpoint``, when given (not null), as the spec types it
+    (``PromptCacheBreakpointParam``): ``{"mode": "explicit"}``, else a 400 naming ``<where>.prompt_cache_breakpoint``
+    (``.mode``, ``.<field>`` for another field)."""
+    marked = part.get("prompt_cache_breakpoint")
+    if marked is None:
+        return
+    param = f"{where}.prompt_cache_breakpoint"
+    if not isinstance(marked, dict):
+        _fail(f"Invalid type for '{param}': expected an object.", param, "invalid_type")
+    for name in marked:
+        if name != "mode":
+            _fail(
+                f"Unknown parameter: '{param}.{text_quoted(name)}'.",
+                f"{param}.{text_quoted(name)}",
+                "unknown_parameter",
+            )
+    if "mode" not in marked:
+        _fail(f"Missing required parameter: '{param}.mode'.", f"{param}.mode", "missing_required_parameter")
+    if marked["mode"] != "explicit":
+        _fail(f"Invalid value for '{param}.mode': expected 'explicit'.", f"{param}.mode")
+
+
 def _check_content(content: Any, index: int, role: str, message: dict[str, Any]) -> None:
     param = f"messages[{index}].content"
     if content is None:
@@ -326,6 +349,7 @@ def _check_content(content: Any, index: int, role: str, message: dict[str, Any])
         part_type = part.get("type") if isinstance(part, dict) else None
         if not isinstance(part_type, str) or part_type not in CONTENT_PART_TYPES:
             _fail(f"Invalid content part at '{part_param}': expected an object with a known 'type'.", part_param)
+        check_cache_breakpoint(part, part_param)
         if part["type"] == "text" and not isinstance(part.get("text"), str):
             _fail(
                 f"Missing required parameter: '{part_param}.text'.", f"{part_param}.text", "missing_required_parameter"

@@ -47,3 +47,62 @@ def test_prompt_cache_options_on_v1_responses_reach_an_openai_model(gateway, str
             assert sent["prompt_cache_options"] == options
         else:
             assert "prompt_cache_options" not in sent
+
+
+BREAKPOINT = {"mode": "explicit"}
+IMAGE = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def test_a_breakpoint_on_a_responses_input_part_is_on_the_chat_part_it_becomes(gateway):
+    """``prompt_cache_breakpoint`` on an input item's content part (the spec's ``InputTextContentParam``,
+    ``InputImageContentParam``) was dropped with the rest of the part's fields: it is on the chat content part the
+    part becomes, a developer message's too (kept as parts when one is marked, where unmarked ones are joined)."""
+    response = gateway.client().responses.create(
+        model="gpt-test",
+        input=[
+            {
+                "role": "developer",
+                "content": [{"type": "input_text", "text": "Be brief.", "prompt_cache_breakpoint": BREAKPOINT}],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": IMAGE, "prompt_cache_breakpoint": BREAKPOINT},
+                    {"type": "input_text", "text": "A long document.", "prompt_cache_breakpoint": BREAKPOINT},
+                    {"type": "input_text", "text": "hi [[reply=ok]]"},
+                ],
+            },
+        ],
+        extra_body={"prompt_cache_options": {"mode": "explicit"}},
+    )
+    assert response.output_text == "ok"
+    developer, user = gateway.upstream.requests[-1]["body"]["messages"]
+    assert developer == {
+        "role": "developer",
+        "content": [{"type": "text", "text": "Be brief.", "prompt_cache_breakpoint": BREAKPOINT}],
+    }
+    assert [part.get("prompt_cache_breakpoint") for part in user["content"]] == [BREAKPOINT, BREAKPOINT, None]
+    assert user["content"][0]["type"] == "image_url"
+
+
+@pytest.mark.parametrize("breakpoint", [{"mode": "implicit"}, {}, "explicit", {"mode": "explicit", "ttl": "1h"}])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_breakpoint_not_of_the_specs_shape_is_a_400_naming_its_part(gateway, path, breakpoint):
+    """Anything but ``{"mode": "explicit"}`` (the spec's ``PromptCacheBreakpointParam``) is refused before any upstream
+    call, naming the part's ``prompt_cache_breakpoint`` (``.mode`` when that is what is wrong)."""
+    if path == "/v1/responses":
+        part = {"type": "input_text", "text": "hi", "prompt_cache_breakpoint": breakpoint}
+        body = {"model": "gpt-test", "input": [{"role": "user", "content": [part]}]}
+        where = "input[0].content[0].prompt_cache_breakpoint"
+    else:
+        part = {"type": "text", "text": "hi", "prompt_cache_breakpoint": breakpoint}
+        body = {"model": "gpt-test", "messages": [{"role": "user", "content": [part]}]}
+        where = "messages[0].content[0].prompt_cache_breakpoint"
+    reply = raw(gateway, path, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] in (where, where + ".mode", where + ".ttl"), error
+    assert gateway.upstream.requests_served() == 0
