@@ -128,7 +128,8 @@ Replies
     ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``, but, as
     Anthropic's, they count against ``max_tokens``: the thinking is cut at ``budget_tokens`` and the reply gets
     what is left of ``max_tokens`` (a thinking of N words leaves ``max_tokens - N`` to the reply). The
-    Anthropic routes refuse what Anthropic refuses with thinking (``_validate_anthropic_thinking``). On the
+    Anthropic routes refuse what Anthropic refuses with thinking (``_validate_anthropic_thinking``), and more than
+    four blocks with ``cache_control`` (tools, system and turns together) with Anthropic's 400. On the
     Gemini routes, unless ``thinkingBudget`` is 0, its words are billed as ``thoughtsTokenCount``, and with
     ``includeThoughts`` the text comes before the answer as a ``thought`` part (streamed: in pieces of its own).
     ``[[reasoning=some text]]`` (OpenAI only) answers that text as the model's reasoning before its reply, as
@@ -1493,6 +1494,31 @@ class _Aborted(Exception):
     """The connection is (to be) dropped without a proper response: a fault, or the server stopping."""
 
 
+# Anthropic's cap on prompt-cache breakpoints in one request (tools, system and messages together), and the blocks
+# that hold one.
+ANTHROPIC_MAX_CACHE_CONTROLS = 4
+
+
+def _anthropic_cache_controls(body: dict[str, Any]) -> int:
+    """The blocks of a Messages request that carry a ``cache_control``: its tools, its system blocks, its turns'
+    content blocks and a tool result's own content blocks, as Anthropic counts them against its four."""
+    blocks: list[Any] = list(body.get("tools") or [])
+    if isinstance(body.get("system"), list):
+        blocks.extend(body["system"])
+    for turn in body.get("messages") or []:
+        content = turn.get("content") if isinstance(turn, dict) else None
+        blocks.extend(content if isinstance(content, list) else [])
+    count = 0
+    while blocks:
+        block = blocks.pop()
+        if not isinstance(block, dict):
+            continue
+        count += isinstance(block.get("cache_control"), dict)
+        if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+            blocks.extend(block["content"])
+    return count
+
+
 class _App:
     def __init__(
         self,
@@ -2729,6 +2755,14 @@ class _App:
         thinking = _App._validate_anthropic_thinking(body)
         if thinking is not None:
             return _anthropic_error(400, "invalid_request_error", thinking)
+        marked = _anthropic_cache_controls(body)
+        if marked > ANTHROPIC_MAX_CACHE_CONTROLS:
+            return _anthropic_error(
+                400,
+                "invalid_request_error",
+                f"A maximum of {ANTHROPIC_MAX_CACHE_CONTROLS} blocks with cache_control may be provided. "
+                f"Found {marked}.",
+            )
         last = body["messages"][-1] if body["messages"] else None
         if isinstance(last, dict) and last.get("role") == "assistant":
             content = last.get("content")
