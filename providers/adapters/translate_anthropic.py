@@ -21,10 +21,18 @@ Request (OpenAI → Anthropic):
   and ``thinking`` pass through for clients that know they talk to Claude; without ``thinking``,
   ``reasoning_effort`` becomes a thinking budget (``THINKING_BUDGETS``, ``_reasoning_effort``).
   An assistant message's ``thinking_blocks`` (as the replies give them) go back first in its turn.
+- A content part's ``cache_control`` (Anthropic's own, for clients that know they talk to Claude) goes on its
+  block; OpenAI's ``prompt_cache_breakpoint`` becomes ``cache_control: {"type": "ephemeral", "ttl": "1h"}``
+  there (``prompt_cache_options.ttl``'s 30 minutes is a minimum lifetime: Anthropic's 5-minute default would not
+  keep it; the 1-hour writes are billed at ``cache_write_1h_per_mtok`` from ``cache_creation``). Anthropic takes at
+  most four such blocks: the latest breakpoints that fit beside the client's own are kept, as OpenAI writes the
+  latest four, and earlier ones dropped. A marked system part makes ``system`` a list of text blocks.
+  ``prompt_cache_options`` itself is not sent (``mode: explicit`` without breakpoints: Claude caches nothing
+  unasked anyway).
 - Everything else is dropped, since the Messages API rejects fields it does not know: among them
   ``frequency_penalty``, ``presence_penalty``, an empty ``logit_bias``, ``seed``,
   ``response_format`` ``json_object``/``text``, ``store``, ``metadata``, ``service_tier``,
-  ``prediction``, ``prompt_cache_key``,
+  ``prediction``, ``prompt_cache_key``, ``prompt_cache_retention``, ``prompt_cache_options``,
   ``web_search_options``, ``verbosity``, ``stream_options`` (usage is always reported) and an empty
   legacy ``functions`` (with its ``function_call``). ``n`` other than 1 cannot be honoured and is refused;
   so, by the adapter's ``unhonoured_refused`` before this translation, are audio output (``modalities`` with
@@ -50,6 +58,12 @@ from typing import Any
 from ..exceptions import ProviderBadRequestError
 
 DEFAULT_MAX_TOKENS = 4096
+# Anthropic's cap on the blocks with a ``cache_control`` in one request.
+MAX_CACHE_CONTROLS = 4
+# The breakpoint an OpenAI ``prompt_cache_breakpoint`` becomes: ``prompt_cache_options.ttl``'s 30 minutes is a minimum
+# lifetime, which Anthropic's default 5 minutes would not keep, so its 1-hour cache (billed at the deployment's
+# ``cache_write_1h_per_mtok``). Compared by identity until ``_breakpoints_capped`` copies it.
+_ONE_HOUR: dict[str, str] = {"type": "ephemeral", "ttl": "1h"}
 
 _FINISH_REASONS = {
     "end_turn": "stop",
@@ -97,6 +111,7 @@ def anthropic_request(body: dict[str, Any]) -> dict[str, Any]:
     request: dict[str, Any] = {"model": body.get("model"), "messages": turns, "max_tokens": _max_tokens(body)}
     if system:
         request["system"] = system
+    _breakpoints_capped(request)
     for name in _PASSTHROUGH:
         if body.get(name) is not None:
             request[name] = body[name]
@@ -240,8 +255,8 @@ def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:
     request["thinking"] = {"type": "enabled", "budget_tokens": budget}
 
 
-def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]:
-    system: list[str] = []
+def _translate_messages(messages: list[Any]) -> tuple[str | list[dict[str, Any]], list[dict[str, Any]]]:
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     tool_turn: dict[str, Any] | None = None  # the user turn holding the latest run of tool results
     for i, message in enumerate(messages):
@@ -251,7 +266,7 @@ def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]
         role = message.get("role")
         content = message.get("content")
         if role in ("system", "developer"):
-            system.extend(_texts(content, f"{where}.content"))
+            system.extend(_system_blocks(content, f"{where}.content"))
         elif role == "user":
             blocks = _content_blocks(content, f"{where}.content")
             if blocks:
@@ -271,20 +286,53 @@ def _translate_messages(messages: list[Any]) -> tuple[str, list[dict[str, Any]]]
                 turns.append(tool_turn)
         else:
             raise _invalid(f"Unsupported message role {role!r} for this model.", f"{where}.role", "unsupported_value")
-    return "\n\n".join(text for text in system if text), turns
+    if any("cache_control" in block for block in system):
+        # A marked end of a reusable prefix is on its block: the system prompt as Anthropic's text blocks.
+        return [block for block in system if block["text"]], turns
+    return "\n\n".join(block["text"] for block in system if block["text"]), turns
 
 
-def _texts(content: Any, where: str) -> list[str]:
+def _system_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(content, str):
-        return [content]
+        return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise _invalid("A system message's content must be a string or an array of text parts.", where)
-    texts = []
+    blocks = []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
             raise _invalid("A system message takes text parts only.", f"{where}[{j}]")
-        texts.append(part["text"])
-    return texts
+        blocks.append(_cache_marked({"type": "text", "text": part["text"]}, part))
+    return blocks
+
+
+def _cache_marked(block: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``block`` with the ``cache_control`` its chat ``part`` asks for: its own (Anthropic's, as a client that knows
+    it talks to Claude writes it), or OpenAI's ``prompt_cache_breakpoint`` as Anthropic's 1-hour breakpoint
+    (``_ONE_HOUR``; ``_breakpoints_capped`` keeps the last four)."""
+    if isinstance(part.get("cache_control"), dict):
+        block["cache_control"] = part["cache_control"]
+    elif part.get("prompt_cache_breakpoint") is not None:
+        block["cache_control"] = _ONE_HOUR
+    return block
+
+
+def _breakpoints_capped(request: dict[str, Any]) -> None:
+    """At most ``MAX_CACHE_CONTROLS`` blocks of ``request`` keep a ``cache_control``, as Anthropic refuses more: a
+    client's own are all kept (more is Anthropic's 400 to it), and of the ones OpenAI's breakpoints became the latest
+    that fit, as OpenAI writes the latest four; each then a copy of ``_ONE_HOUR``."""
+    system = request.get("system")
+    blocks = [block for block in system if isinstance(block, dict)] if isinstance(system, list) else []
+    blocks += [block for turn in request["messages"] for block in turn["content"] if isinstance(block, dict)]
+    ours = [block for block in blocks if block.get("cache_control") is _ONE_HOUR]
+    if not ours:
+        return
+    own = sum(1 for block in blocks if "cache_control" in block) - len(ours)
+    kept = max(0, MAX_CACHE_CONTROLS - own)
+    for index, block in enumerate(ours):
+        if index < len(ours) - kept:
+            del block["cache_control"]
+        else:
+            block["cache_control"] = dict(_ONE_HOUR)
 
 
 def _content_blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -310,14 +358,11 @@ def _content_block(part: Any, where: str) -> dict[str, Any] | None:
             raise _invalid(f"A {kind} part needs a string `{kind}`.", where)
         if not text:
             return None  # Anthropic refuses empty text blocks; an empty part says nothing anyway.
-        block: dict[str, Any] = {"type": "text", "text": text}
-        if isinstance(part.get("cache_control"), dict):
-            block["cache_control"] = part["cache_control"]
-        return block
+        return _cache_marked({"type": "text", "text": text}, part)
     if kind == "image_url":
         image = part.get("image_url")
         url = image.get("url") if isinstance(image, dict) else image
-        return {"type": "image", "source": _image_source(url, f"{where}.image_url.url")}
+        return _cache_marked({"type": "image", "source": _image_source(url, f"{where}.image_url.url")}, part)
     raise _invalid(
         f"Content parts of type {kind!r} are not supported by this model.", f"{where}.type", "unsupported_value"
     )

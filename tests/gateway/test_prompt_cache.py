@@ -106,3 +106,50 @@ def test_a_breakpoint_not_of_the_specs_shape_is_a_400_naming_its_part(gateway, p
     error = reply.json()["error"]
     assert error["param"] in (where, where + ".mode", where + ".ttl"), error
     assert gateway.upstream.requests_served() == 0
+
+
+def marked_text(text: str) -> dict:
+    return {"type": "text", "text": text, "prompt_cache_breakpoint": BREAKPOINT}
+
+
+def cache_controls(sent: dict) -> list:
+    """Each block's ``cache_control`` in the order Anthropic reads them (system, then the turns), None where none."""
+    system = sent.get("system")
+    blocks = system if isinstance(system, list) else []
+    return [block.get("cache_control") for block in blocks] + [
+        block.get("cache_control") for turn in sent["messages"] for block in turn["content"]
+    ]
+
+
+def test_breakpoints_reach_claude_as_its_cache_control_the_last_four_with_a_one_hour_ttl(gateway):
+    """A breakpoint on a chat part was dropped by Claude's translation (its own ``cache_control`` alone went through):
+    each is ``cache_control`` on the block the part becomes, ``ephemeral`` with Anthropic's 1-hour TTL (the spec's
+    30 minutes is a minimum lifetime, which Anthropic's 5-minute default would not keep); past Anthropic's four, the
+    last four are written, as OpenAI writes the latest, and the earlier ones are left unmarked."""
+    reply = gateway.client().chat.completions.create(
+        model="claude-test",
+        messages=[
+            {"role": "system", "content": [marked_text("Be brief."), {"type": "text", "text": "Answer in English."}]},
+            {"role": "user", "content": [marked_text("one"), marked_text("two"), marked_text("three")]},
+            {"role": "assistant", "content": [marked_text("noted")]},
+            {"role": "user", "content": [{"type": "text", "text": "hi [[reply=ok]]"}]},
+        ],
+        extra_body={"prompt_cache_options": {"ttl": "30m", "mode": "explicit"}},
+    )
+    assert reply.choices[0].message.content == "ok"
+    sent = gateway.upstream.requests[-1]["body"]
+    hour = {"type": "ephemeral", "ttl": "1h"}
+    assert sent["system"] == [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Answer in English."}]
+    assert cache_controls(sent) == [None, None, hour, hour, hour, hour, None]
+    assert "prompt_cache_options" not in sent
+
+
+def test_claudes_own_cache_control_past_four_is_anthropics_400(gateway):
+    """The fake upstream's Anthropic route refuses a fifth ``cache_control`` block as Anthropic does (its words), so a
+    translation writing more than four would be seen; a client's own five (passed through as given) get that 400."""
+    parts = [{"type": "text", "text": f"part {n}", "cache_control": {"type": "ephemeral"}} for n in range(5)]
+    reply = raw(
+        gateway, "/v1/chat/completions", {"model": "claude-test", "messages": [{"role": "user", "content": parts}]}
+    )
+    assert reply.status_code == 400, reply.text
+    assert "A maximum of 4 blocks with cache_control may be provided. Found 5." in reply.json()["error"]["message"]
