@@ -16,6 +16,8 @@ completions' free-form ``custom``) has no Cohere form: refused. ``reasoning_effo
 (``_thinking``): its reasoning models think by default, ``none`` turns it off, another level is a ``token_budget``,
 Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking`` content, streamed in ``content.thinking``
 deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of reasoning models give theirs.
+OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``) is not sent: Cohere
+caches as it does (its usage's ``cached_tokens``), and a hint that cannot be honoured changes no answer.
 """
 
 from __future__ import annotations

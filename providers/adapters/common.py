@@ -246,6 +246,39 @@ def assistant_fields_dropped(body: dict[str, Any], names: frozenset[str]) -> dic
     }
 
 
+def prompt_cache_hints_dropped(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` without OpenAI's explicit prompt-caching controls, for an upstream that caches implicitly or not at
+    all (Ollama, Mistral): ``prompt_cache_options`` and each content part's ``prompt_cache_breakpoint``. A hint that
+    cannot be honoured changes no answer; sent, Mistral refused it (its 422) and Ollama ignored it. ``body`` itself
+    when it has none."""
+    messages = body.get("messages")
+    marked = isinstance(messages, list) and any(
+        isinstance(message, dict)
+        and isinstance(message.get("content"), list)
+        and any(isinstance(part, dict) and "prompt_cache_breakpoint" in part for part in message["content"])
+        for message in messages
+    )
+    if not marked and "prompt_cache_options" not in body:
+        return body
+    dropped = {key: value for key, value in body.items() if key != "prompt_cache_options"}
+    if marked:
+        dropped["messages"] = [
+            {
+                **message,
+                "content": [
+                    {key: value for key, value in part.items() if key != "prompt_cache_breakpoint"}
+                    if isinstance(part, dict)
+                    else part
+                    for part in message["content"]
+                ],
+            }
+            if isinstance(message, dict) and isinstance(message.get("content"), list)
+            else message
+            for message in messages
+        ]
+    return dropped
+
+
 T = TypeVar("T")
 R = TypeVar("R")
 # How many of one request's batch calls run at once: a large request is answered sooner than one call after

@@ -14,6 +14,8 @@ ignores the rest. Most of those the answer shows for itself, but three would not
   as to every provider without that choice, ``BaseAdapter.prepare_request``); a choice that forces a call
   (``"required"``, a named tool, ``allowed_tools`` in mode ``required``) cannot be kept and is refused with a 400,
   rather than answered as if it had been;
+- OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``): not sent
+  (``prompt_cache_hints_dropped``); Ollama keeps a model's context as it does, and the hint changes no answer;
 - ``parallel_tool_calls: false``: a model may still ask for several calls at once, and a client that sent it
   runs one call a turn. It is kept on the answer instead: each choice carries its first call only, streamed
   or not (the model asks for the next once it has the first's result).
@@ -27,7 +29,7 @@ from typing import Any
 from ..exceptions import ProviderBadRequestError
 from ..types import ResolvedModel
 from .base import WireChunk
-from .common import TEXT_ONLY, fields_renamed, one_choice_only, unhonoured_refused
+from .common import TEXT_ONLY, fields_renamed, one_choice_only, prompt_cache_hints_dropped, unhonoured_refused
 from .openai import OpenAIAdapter
 
 _CHAT_RENAMES = {"max_completion_tokens": "max_tokens"}
@@ -43,7 +45,7 @@ class OllamaAdapter(OpenAIAdapter):
 
     def _chat_body(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
         one_choice_only(body)
-        body = unhonoured_refused(body, TEXT_ONLY)
+        body = prompt_cache_hints_dropped(unhonoured_refused(body, TEXT_ONLY))
         return super()._chat_body(fields_renamed(_tool_choice_kept(body), _CHAT_RENAMES), stream=stream)
 
     def _completion_args(self, body: dict[str, Any], *, stream: bool) -> dict[str, Any]:

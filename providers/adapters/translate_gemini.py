@@ -14,7 +14,9 @@ Gemini has no logit bias, so a non-empty ``logit_bias`` is a 400 rather than a b
 adapter's ``unhonoured_refused``, before this translation); and no way to ask for one tool call a turn, so
 ``parallel_tool_calls: false`` is kept on the answer: a choice carries its first call only (the model asks for the
 next once it has the first's result). ``verbosity`` (a hint to GPT-5 models) has no Gemini counterpart and is not
-sent. A data URL image is sent inline; an http(s) image URL is refused
+sent; nor is OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``): Gemini
+caches implicitly (its explicit cache is a ``cachedContent`` made beforehand), and a hint that cannot be honoured
+changes no answer. A data URL image is sent inline; an http(s) image URL is refused
 with a 400 (Gemini's ``file_data`` takes only files it hosts, and the gateway does not fetch URLs for the
 provider).
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from providers.models import ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -153,3 +156,41 @@ def test_claudes_own_cache_control_past_four_is_anthropics_400(gateway):
     )
     assert reply.status_code == 400, reply.text
     assert "A maximum of 4 blocks with cache_control may be provided. Found 5." in reply.json()["error"]["message"]
+
+
+@pytest.fixture
+def other_providers(gateway):
+    """Gemini, Cohere, Ollama and Mistral deployments on the fake upstream, each answering ``<kind>-cache-test``."""
+    base = gateway.upstream.base_url
+    for kind, url, upstream_id in [
+        (ProviderKind.GEMINI, base, "gemini-2.0-flash"),
+        (ProviderKind.COHERE, base + "/cohere", "command-a-03-2025"),
+        (ProviderKind.OLLAMA, base + "/ollama/v1", "llama3.2"),
+        (ProviderKind.MISTRAL, base + "/mistral/v1", "mistral-small-latest"),
+    ]:
+        provider = ProviderFactory(name=f"fake-{kind}", kind=kind, base_url=url)
+        ModelFactory(name=f"{kind}-cache-test", provider=provider, upstream_id=upstream_id)
+    return gateway
+
+
+def sent_anywhere(value, name: str) -> bool:
+    if isinstance(value, dict):
+        return name in value or any(sent_anywhere(item, name) for item in value.values())
+    return isinstance(value, list) and any(sent_anywhere(item, name) for item in value)
+
+
+@pytest.mark.parametrize("kind", ["gemini", "cohere", "ollama", "mistral"])
+def test_a_provider_without_explicit_caching_is_sent_no_hint_and_answers(other_providers, kind):
+    """Gemini, Cohere, Ollama and Mistral cache implicitly or not at all: a breakpoint or the cache options, which
+    cannot be honoured there and change no answer, are dropped (Mistral refused them with its 422, a 400)."""
+    reply = other_providers.client().chat.completions.create(
+        model=f"{kind}-cache-test",
+        messages=[
+            {"role": "system", "content": [marked_text("Be brief.")]},
+            {"role": "user", "content": [marked_text("A long document."), {"type": "text", "text": "hi [[reply=ok]]"}]},
+        ],
+        extra_body={"prompt_cache_options": {"ttl": "30m", "mode": "explicit"}},
+    )
+    assert reply.choices[0].message.content == "ok"
+    sent = other_providers.upstream.requests[-1]["body"]
+    assert not sent_anywhere(sent, "prompt_cache_breakpoint") and not sent_anywhere(sent, "prompt_cache_options")
