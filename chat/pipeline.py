@@ -841,6 +841,10 @@ def _body_as_sent(
         sent = apply_parameter_rules(
             body if client_limit is not None else {**body, "max_tokens": 1}, target.parameter_rules
         )
+        if sent.get("service_tier") != body.get("service_tier"):
+            # A tier a rule fixes or drops (then the project's default): reserved as one not asked, at the dearest
+            # tier any deployment may serve it at (``billing.pricing.reserved_tier``).
+            out.pop("service_tier", None)
         limit = requested_max_tokens(sent)
         if limit is None:
             unbounded.append(target)
@@ -866,9 +870,10 @@ def _body_as_sent(
 _MESSAGES_TIERS = {"standard": "default", "priority": "priority"}
 
 
-def _asked_tier(body: dict[str, Any]) -> str:
-    """The service tier a request asked (``service_tier``), what it is charged at when no reply said one."""
-    tier = body.get("service_tier")
+def _asked_tier(body: dict[str, Any], model: ResolvedModel) -> str:
+    """The service tier a request asked of ``model`` (``service_tier``, as the model's parameter rules send it), what
+    it is charged at when no reply said one, and the dearest it may be charged at (``billing.pricing.billed_tier``)."""
+    tier = (apply_parameter_rules(body, model.parameter_rules) if model.parameter_rules else body).get("service_tier")
     return tier if isinstance(tier, str) else ""
 
 
@@ -2345,8 +2350,8 @@ class CompletionRun:
             moderation=self.moderation.summary if self.moderation is not None else "",
             experiment_id=self.assignment.experiment_id if self.assignment is not None else None,
             experiment_variant_id=self.assignment.variant_id if self.assignment is not None else None,
-            service_tier=self.served_tier or _asked_tier(self.body),
-            requested_tier=self.body.get("service_tier"),
+            service_tier=self.served_tier or _asked_tier(self.body, served),
+            requested_tier=_asked_tier(self.body, served) or None,
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),

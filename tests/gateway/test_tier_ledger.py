@@ -217,3 +217,35 @@ def test_a_message_an_openai_deployment_served_at_priority_is_charged_priority(p
         usage, request_id = raw.parse().usage, raw.headers["x-request-id"]
     assert usage.service_tier == "priority"
     assert_charged(request_id, Decimal(2), "priority")
+
+
+@pytest.mark.parametrize("rules", [{"fixed": {"service_tier": "priority"}}, {"drop": ["service_tier"]}])
+def test_a_tier_a_parameter_rule_sends_is_reserved_and_charged(priced, rules):
+    """A model's parameter rule may send another tier than the client asked: ``fixed`` priority for its ``default``,
+    or ``drop`` it, which OpenAI serves at the project's default (priority here). Admission reserved by the client's
+    tier (standard prices), and since 2dde3f3 the reply's priority was charged at standard, the operator paying the
+    difference. Now admission reserves as the rules send it (a tier a rule changes: the dearest of all), and the row
+    is charged the tier served, within what was sent. 10 prompt tokens and 100 output at most: $0.00021 at the
+    standard prices, $0.00042 at priority's."""
+    model = CatalogModel.objects.get(name="gpt-test")
+    model.parameter_rules = rules
+    model.save()
+    words = " ".join(f"w{i}" for i in range(8))
+    body = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": f"{words} [[project_tier=priority]] [[words=100]]"}],
+        "max_tokens": 100,
+        "service_tier": "default",
+    }
+    client = priced.client()
+    api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal("0.0003"))
+    calls = len(priced.upstream.requests)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(**body)
+    assert refused.value.code == "insufficient_quota"
+    assert len(priced.upstream.requests) == calls
+
+    api_key_limits_set(api_key=priced.api_key, budget_usd=Decimal(1))
+    raw = client.chat.completions.with_raw_response.create(**body)
+    assert raw.parse().service_tier == "priority"
+    assert_charged(raw.headers["x-request-id"], Decimal(2), "priority")
