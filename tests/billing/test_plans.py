@@ -3,12 +3,14 @@ plan, per-user overrides, ``manage.py setplan`` and the admin pages."""
 
 from __future__ import annotations
 
+import importlib
 from decimal import Decimal
 from io import StringIO
 
 import httpx
 import pytest
 from asgiref.sync import sync_to_async
+from django.apps import apps as django_apps
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
@@ -24,6 +26,13 @@ from tests.waiting import wait_for_record
 
 @pytest.mark.django_db
 def test_the_migration_seeds_free_pro_and_enterprise():
+    # Run here, on the plans table emptied: the migration's rows are gone from a test database where an earlier
+    # transactional test of the same worker ended with its flush, which the order of tests decides.
+    seeding = importlib.import_module("billing.migrations.0003_seed_plans")
+    Plan.objects.all().delete()
+    seeding.seed(django_apps, None)
+    seeding.seed(django_apps, None)  # run again (a database where they were kept), nothing doubles
+    assert Plan.objects.count() == 3
     seeded = {plan.name: plan for plan in Plan.objects.filter(name__in=["Free", "Pro", "Enterprise"])}
     assert set(seeded) == {"Free", "Pro", "Enterprise"}
     free, pro, enterprise = seeded["Free"], seeded["Pro"], seeded["Enterprise"]
