@@ -92,6 +92,60 @@ def period_clock(request) -> Iterator[datetime | None]:
         yield instant
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that pytest-timeout stopped while PostgreSQL was running its statement (waiting for a lock, most
+    often) leaves that statement running: psycopg cancels one only on KeyboardInterrupt or SystemExit, and the
+    timeout raises neither. Its backend kept every lock the test's transaction held, and each later test on
+    that worker waited out its own timeout behind them (a CI run lost 11 tests so, each 120 s). So the
+    report of such a test says what every session of its database was doing, and which blocked which; then
+    those sessions end and the test's connection is closed (reopened by the next test), so that one test
+    fails, not the rest of the worker's."""
+    outcome = yield
+    report = outcome.get_result()
+    stopped = call.excinfo is not None and "from pytest-timeout" in str(call.excinfo.value)
+    if stopped:
+        said = _postgres_sessions_ended()
+        if said:
+            report.sections.append(("PostgreSQL when pytest-timeout stopped the test", said))
+
+
+def _postgres_sessions_ended() -> str:
+    """What the other sessions of this worker's PostgreSQL test database were doing (one line each: pid, state,
+    what it waits for, the pids blocking it, its transaction's age, its statement), then those sessions
+    terminated and this thread's connection closed. Empty on SQLite."""
+    from django.db import connections
+
+    lines: list[str] = []
+    for connection in connections.all(initialized_only=True):
+        if connection.vendor != "postgresql":
+            continue
+        import psycopg
+
+        db = connection.settings_dict
+        try:
+            with psycopg.connect(
+                host=db.get("HOST") or "127.0.0.1",
+                port=db.get("PORT") or 5432,
+                user=db.get("USER") or None,
+                password=db.get("PASSWORD") or None,
+                dbname=db["NAME"],
+                autocommit=True,
+                connect_timeout=10,
+            ) as asking:
+                others = "datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+                rows = asking.execute(
+                    "SELECT pid, state, wait_event_type, wait_event, pg_blocking_pids(pid), now() - xact_start,"
+                    f" client_port, left(query, 300) FROM pg_stat_activity WHERE {others} ORDER BY pid"
+                ).fetchall()
+                lines += [" | ".join(map(str, row)) for row in rows]
+                asking.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}")
+        except psycopg.Error as exc:
+            lines.append(f"not asked: {exc}")
+        connection.close()  # inside the test's atomic block: Django rolls it back as closed, and reconnects
+    return "\n".join(lines)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item, nextitem) -> None:
     """Before a test's fixtures are torn down (the database flush among them), the ledger rows it
