@@ -58,7 +58,7 @@ from .common import (
     upstream_deadline,
 )
 from .sse import sse_events
-from .translate_anthropic import ANSWER_FLOOR, EFFORTS, THINKING_BUDGETS
+from .translate_anthropic import ANSWER_FLOOR, EFFORTS, THINKING_BUDGETS, thinking_budget
 
 # Given when the row has no key, so that the SDK never falls back to CO_API_KEY from the gateway's
 # environment: the provider then answers 401, which is the truth.
@@ -446,22 +446,14 @@ def cohere_request(body: dict[str, Any]) -> dict[str, Any]:
 def _thinking(body: dict[str, Any], request: dict[str, Any]) -> None:
     """``reasoning_effort`` as Cohere's ``thinking``, as Claude's translation makes it Claude's: Cohere's reasoning
     models think by default, as long as they choose, so ``none`` turns it off (``disabled``) and another level is a
-    ``token_budget`` (``THINKING_BUDGETS``; one without a budget is a 400 naming it, not dropped). Thinking counts in
-    the output limit (Cohere asks that a budget leave at least 1K tokens to the reply), which is a cost ceiling and
-    never raised: with one, the budget gives way so that the reply keeps ``ANSWER_FLOOR`` tokens of it, down to a
-    token (Cohere's least budget: a positive integer)."""
+    ``token_budget`` (``thinking_budget``, Claude's rule: one without a budget is a 400 naming it, not dropped).
+    Thinking counts in the output limit (Cohere asks that a budget leave at least 1K tokens to the reply), which is a
+    cost ceiling and never raised: with one, the budget gives way so that the reply keeps ``ANSWER_FLOOR`` tokens of
+    it, down to a token (Cohere's least budget: a positive integer)."""
     effort = body.get("reasoning_effort")
     if effort is None:
         return
-    if effort not in THINKING_BUDGETS:
-        raise ProviderBadRequestError(
-            f"Cohere has no thinking budget for reasoning_effort {effort!r}: use one of "
-            + ", ".join(repr(name) for name in THINKING_BUDGETS)
-            + ".",
-            param="reasoning_effort",
-            code="unsupported_value",
-        )
-    budget = THINKING_BUDGETS[effort]
+    budget = thinking_budget(effort, "Cohere", ProviderBadRequestError)
     if not budget:
         request["thinking"] = {"type": "disabled"}
         return

@@ -81,6 +81,24 @@ _PASSTHROUGH = ("temperature", "top_p", "top_k", "thinking")
 # ``none`` leaves thinking off.
 THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 2048, "high": 4096}
 _LEAST_THINKING_BUDGET = 1024
+
+
+def thinking_budget(effort: str, provider: str, error: type[ProviderBadRequestError]) -> int:
+    """The thinking budget in tokens of a ``reasoning_effort`` (``THINKING_BUDGETS``; 0 for ``none``), for the
+    translation of each provider that takes Claude's budgets (Claude's own, Cohere's ``thinking``): an effort without
+    one (``xhigh``) is refused with ``error``, a 400 naming ``reasoning_effort`` and the levels, in the words of
+    ``provider`` (its name, as the client knows it), not dropped."""
+    if effort not in THINKING_BUDGETS:
+        raise error(
+            f"{provider} has no thinking budget for reasoning_effort {effort!r}: use one of "
+            + ", ".join(repr(name) for name in THINKING_BUDGETS)
+            + ".",
+            param="reasoning_effort",
+            code="unsupported_value",
+        )
+    return THINKING_BUDGETS[effort]
+
+
 # Anthropic's thinking settings that turn it on, and the Messages API's tool choices that force a call, which
 # Anthropic refuses together.
 THINKING_ON = frozenset({"enabled", "adaptive"})
@@ -211,15 +229,7 @@ def _reasoning_effort(body: dict[str, Any], request: dict[str, Any]) -> None:
     effort = body.get("reasoning_effort")
     if effort is None:
         return
-    if effort not in THINKING_BUDGETS:
-        raise _invalid(
-            f"Claude has no thinking budget for reasoning_effort {effort!r}: use one of "
-            + ", ".join(repr(name) for name in THINKING_BUDGETS)
-            + ".",
-            "reasoning_effort",
-            "unsupported_value",
-        )
-    budget = THINKING_BUDGETS[effort]
+    budget = thinking_budget(effort, "Claude", ProviderBadRequestError)
     if not budget:
         return
     if body.get("temperature") is not None and body["temperature"] != 1:
