@@ -15,7 +15,9 @@ the answer (its first call only, whole or streamed, ``max_tool_calls``), and a t
 completions' free-form ``custom``) has no Cohere form: refused. ``reasoning_effort`` is Cohere's ``thinking``
 (``_thinking``): its reasoning models think by default, ``none`` turns it off, another level is a ``token_budget``,
 Claude's budget for it (``THINKING_BUDGETS``). What they think (``thinking`` content, streamed in ``content.thinking``
-deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of reasoning models give theirs.
+deltas) is the reply's ``reasoning_content``, as OpenAI-compatible servers of reasoning models give theirs, and an
+assistant turn sent back with it has it as a ``thinking`` content item before its text, as Cohere's assistant messages
+take the thinking of an earlier turn.
 OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``) is not sent: Cohere
 caches as it does (its usage's ``cached_tokens``), and a hint that cannot be honoured changes no answer.
 """
@@ -361,7 +363,14 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
     if role == "assistant":
         translated: dict[str, Any] = {"role": "assistant"}
         text = _text_of(message.get("content"))
-        if text:
+        thought = message.get("reasoning_content")
+        if isinstance(thought, str) and thought:
+            # What a reasoning model thought (the reply's ``reasoning_content``) goes back as Cohere's assistant
+            # message takes it: a ``thinking`` content item before the text.
+            translated["content"] = [{"type": "thinking", "thinking": thought}]
+            if text:
+                translated["content"].append({"type": "text", "text": text})
+        elif text:
             translated["content"] = text
         calls = message.get("tool_calls") or []
         if calls:

@@ -332,3 +332,35 @@ def test_a_cohere_models_thinking_comes_back_as_its_reasoning(cohere_gateway, st
     off = client.chat.completions.create(model="command-test", messages=messages, reasoning_effort="none")
     assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
     assert off.usage.completion_tokens == 1
+
+
+def test_a_cohere_models_reasoning_given_back_is_its_thinking_on_the_next_turn(cohere_gateway):
+    """The reply's ``reasoning_content`` sent back with its assistant turn (on /v1/responses, its ``reasoning``
+    item given back before the message) was dropped, so on the next turn the model had lost what it thought; it goes
+    to Cohere as the turn's ``thinking`` content item, before the text, as Cohere's assistant messages take it."""
+    client = cohere_gateway.client()
+    asked = "why? [[thinking=first I weigh it]] [[reply=because]]"
+    first = client.chat.completions.create(
+        model="command-test", messages=[{"role": "user", "content": asked}], reasoning_effort="high"
+    )
+    turn = first.choices[0].message.model_dump(exclude_none=True)
+    assert turn["reasoning_content"] == "first I weigh it"
+    client.chat.completions.create(
+        model="command-test",
+        messages=[{"role": "user", "content": asked}, turn, {"role": "user", "content": "and then?"}],
+        reasoning_effort="high",
+    )
+    thinking_then_text = [{"type": "thinking", "thinking": "first I weigh it"}, {"type": "text", "text": "because"}]
+    sent = cohere_gateway.upstream.requests[-1]["body"]["messages"]
+    assert sent[1] == {"role": "assistant", "content": thinking_then_text}
+
+    response = client.responses.create(model="command-test", input=asked, reasoning={"effort": "high"})
+    items = [item.model_dump(exclude_none=True) for item in response.output]
+    client.responses.create(
+        model="command-test",
+        input=[{"role": "user", "content": asked}, *items, {"role": "user", "content": "and then?"}],
+        reasoning={"effort": "high"},
+    )
+    sent = cohere_gateway.upstream.requests[-1]["body"]["messages"]
+    assert [message["role"] for message in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"] == thinking_then_text

@@ -118,6 +118,38 @@ def test_tool_choice_none_and_a_named_tool():
     assert named["tool_choice"] == "REQUIRED"
 
 
+def test_an_assistant_turns_reasoning_goes_back_as_cohere_s_thinking_content():
+    """A reasoning model's thinking is the reply's ``reasoning_content``: sent back with its assistant turn, it was
+    dropped, so the model answered a later turn (a tool round's result) without what it had thought. Cohere's
+    assistant message takes ``thinking`` content items, before its text (the SDK's
+    ``ThinkingAssistantMessageV2ContentOneItem``); a turn without reasoning goes as before, its text a string."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}
+    request = cohere_request(
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": "why?"},
+                {"role": "assistant", "content": "because", "reasoning_content": "first I weigh it"},
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "reasoning_content": "I must look", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+                {"role": "assistant", "content": "Mild.", "reasoning_content": ""},
+            ],
+        }
+    )
+
+    assert request["messages"][1] == {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": "first I weigh it"}, {"type": "text", "text": "because"}],
+    }
+    assert request["messages"][3] == {
+        "role": "assistant",
+        "content": [{"type": "thinking", "thinking": "I must look"}],
+        "tool_calls": [call],
+    }
+    assert request["messages"][5] == {"role": "assistant", "content": "Mild."}
+
+
 def test_a_content_part_cohere_cannot_take_is_a_bad_request():
     with pytest.raises(ProviderBadRequestError):
         cohere_request({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]})
