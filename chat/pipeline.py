@@ -2327,6 +2327,7 @@ class CompletionRun:
             ttft = self._first_token_at - self.started
             ttft_ms = _ms(ttft)
         served = self.answered_by
+        asked = _asked_tier(self.body, served)  # the served model's rules applied once
         settled = request_settle(
             request_id=self.request_id,
             endpoint=self.endpoint,
@@ -2350,8 +2351,8 @@ class CompletionRun:
             moderation=self.moderation.summary if self.moderation is not None else "",
             experiment_id=self.assignment.experiment_id if self.assignment is not None else None,
             experiment_variant_id=self.assignment.variant_id if self.assignment is not None else None,
-            service_tier=self.served_tier or _asked_tier(self.body, served),
-            requested_tier=_asked_tier(self.body, served) or None,
+            service_tier=self.served_tier or asked,
+            requested_tier=asked or None,
             upstream_latency_ms=upstream_ms,
             ttft_ms=ttft_ms,
             duration_ms=_ms(now - self.started),
