@@ -70,6 +70,19 @@ def tier_factor(model: Prices, service_tier: object) -> Decimal:
 _SERVABLE = {PRIORITY: ("", PRIORITY), FLEX: ("", FLEX), "default": ("",), "standard_only": ("",)}
 
 
+# A message's usage's ``service_tier`` (/v1/messages) as the tier it says the request was served at, in OpenAI's
+# words: Anthropic's ``standard`` and ``priority`` (its Priority Tier), and ``flex``, which a translated OpenAI reply
+# served at Flex processing says (``providers.adapters.translate_anthropic.messages_tier``: Anthropic has no word for
+# it). ``batch`` is Anthropic's Message Batches, which llmhub does not send.
+_MESSAGE_TIERS = {"standard": "default", PRIORITY: PRIORITY, FLEX: FLEX}
+
+
+def message_tier(said: object) -> str:
+    """The tier a message's usage says (``said``: its ``service_tier``) the request was served at, as a chat
+    completion's reply says it (``default``, ``priority``, ``flex``); "" when it says none of them."""
+    return _MESSAGE_TIERS.get(said, "") if isinstance(said, str) else ""
+
+
 def reserved_tier(model: Prices, requested: object) -> str:
     """The tier whose prices a reservation holds for a request asking ``requested`` (its body's ``service_tier``):
     the dearest of those the provider may serve it at, so that whatever tier its reply says, its cost is within

@@ -28,7 +28,7 @@ from django.conf import settings
 
 from billing.exceptions import ModelNotAllowedError
 from billing.models import BillingSource, Endpoint, Operation, UsageStatus
-from billing.pricing import cache_write_1h_price, cache_write_price
+from billing.pricing import cache_write_1h_price, cache_write_price, message_tier
 from billing.selectors import UserLimits
 from billing.services.admission import Admission, admission_acquire, model_permission_check, models_permitted
 from billing.services.budgets import COMPLETIONS_MAX_TOKENS_DEFAULT, requested_max_tokens
@@ -863,11 +863,6 @@ def _body_as_sent(
     out.pop("max_completion_tokens", None)
     out["max_tokens"] = max(limits)
     return out, None if client_limit is not None else max(limits), unbounded
-
-
-# Anthropic's usage's ``service_tier`` as the tier billing prices (``billing.pricing.charged_tier``); batch is
-# Anthropic's Message Batches, which llmhub does not send.
-_MESSAGES_TIERS = {"standard": "default", "priority": "priority"}
 
 
 def _asked_tier(body: dict[str, Any], model: ResolvedModel) -> str:
@@ -1981,9 +1976,9 @@ class CompletionRun:
     def _message_tier_said(self, usage: Any) -> None:
         """Keep the service tier a message's usage says (Anthropic's ``service_tier``: its Priority Tier, or an OpenAI
         reply's tier translated, ``messages_tier``) as the one the request is charged at."""
-        tier = usage.get("service_tier") if isinstance(usage, dict) else None
-        if tier in _MESSAGES_TIERS:
-            self.served_tier = _MESSAGES_TIERS[tier]
+        tier = message_tier(usage.get("service_tier") if isinstance(usage, dict) else None)
+        if tier:
+            self.served_tier = tier
 
     def _usage_completed(self, usage: dict[str, Any], delivered_text: str) -> bool:
         """Fill in, in place, the count an upstream's usage left out (``prompt_tokens`` or ``completion_tokens``)

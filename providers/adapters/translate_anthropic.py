@@ -1055,9 +1055,12 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
 
 
 # The service tier an OpenAI reply says it was served at (``service_tier``), in Anthropic's usage's words (its
-# ``service_tier``: standard, priority, batch), which billing reads back to charge it (``chat.pipeline``). Flex has
-# no word there: a reply served at flex says none (and is charged the tier asked, on /v1/messages the standard one).
-_MESSAGES_TIERS = {"default": "standard", "priority": "priority"}
+# ``service_tier``: standard, priority, batch), which billing reads back to charge it
+# (``billing.pricing.message_tier``). Flex has no word there and is said ``flex``, OpenAI's: said nothing, the reply
+# was charged the tier asked, on /v1/messages the standard prices, twice what the same reply costs on
+# /v1/chat/completions, and the client could not tell (Anthropic's Python SDK reads a usage's ``service_tier`` as it
+# comes, an unknown word too). Scale and others: none.
+_MESSAGES_TIERS = {"default": "standard", "priority": "priority", "flex": "flex"}
 
 
 def messages_tier(service_tier: Any) -> dict[str, str]:

@@ -10,7 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from billing.pricing import billed_tier, cost_breakdown, cost_for, prompt_cost_ceiling, reserved_tier, tier_factor
+from billing.pricing import (
+    billed_tier,
+    cost_breakdown,
+    cost_for,
+    message_tier,
+    prompt_cost_ceiling,
+    reserved_tier,
+    tier_factor,
+)
 
 MODEL = SimpleNamespace(
     input_per_mtok=Decimal("1.25"),
@@ -146,3 +154,19 @@ def test_admission_reserves_the_dearest_tier_the_request_may_be_charged_at():
         assert (charge(tier).fixed_cost, charge(tier).token_price) == (Decimal("0.0000200000"), Decimal("4E-6"))
         assert charge(tier, max_tokens=100).fixed_cost == 2 * charge("default", max_tokens=100).fixed_cost
     assert charge("flex").token_price == Decimal("2E-6")  # no flex factor: flex at the standard prices
+
+
+@pytest.mark.parametrize(
+    ("said", "tier"),
+    [
+        ("standard", "default"),
+        ("priority", "priority"),
+        ("flex", "flex"),  # a translated OpenAI reply served at flex: Anthropic has no word for it
+        ("batch", ""),
+        ("default", ""),  # not Anthropic's word
+        (None, ""),
+        (3, ""),
+    ],
+)
+def test_a_messages_usage_says_the_tier_it_was_served_at(said, tier):
+    assert message_tier(said) == tier

@@ -249,3 +249,39 @@ def test_a_tier_a_parameter_rule_sends_is_reserved_and_charged(priced, rules):
     raw = client.chat.completions.with_raw_response.create(**body)
     assert raw.parse().service_tier == "priority"
     assert_charged(raw.headers["x-request-id"], Decimal(2), "priority")
+
+
+@pytest.mark.parametrize(
+    ("asked", "project", "factor", "tier", "said"),
+    [
+        # Anthropic's auto (or none) is sent as no OpenAI tier: charged the tier OpenAI served, flex too.
+        (None, "flex", Decimal("0.5"), "flex", "flex"),
+        ("auto", "flex", Decimal("0.5"), "flex", "flex"),
+        ("auto", "priority", Decimal(2), "priority", "priority"),
+        # standard_only: a cheaper tier served is charged as served; a dearer one at most the standard prices.
+        ("standard_only", "flex", Decimal("0.5"), "flex", "flex"),
+        ("standard_only", "priority", Decimal(1), "", "priority"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_message_is_charged_the_tier_an_openai_deployment_served_whatever_anthropic_tier_it_asked(
+    priced, asked, project, factor, tier, said, stream
+):
+    """/v1/messages to an OpenAI deployment, its Anthropic ``service_tier`` dropped by the translation, so OpenAI
+    serves the project's default. A flex reply had no Anthropic word, so its tier was lost and the row charged the
+    standard prices (twice what /v1/chat/completions charges the same reply); now the message's usage says flex, and
+    the row is charged it, within what the client asked (``standard_only``: at most the standard prices)."""
+    from tests.gateway.test_cache_write_ledger import anthropic_client
+
+    client = anthropic_client(priced)
+    body = {"model": "gpt-test", "max_tokens": 50, **({} if asked is None else {"service_tier": asked})}
+    messages = [{"role": "user", "content": f"one two three [[project_tier={project}]]"}]
+    if stream:
+        with client.messages.stream(**body, messages=messages) as streamed:
+            usage = streamed.get_final_message().usage
+            request_id = streamed.response.headers["x-request-id"]
+    else:
+        raw = client.messages.with_raw_response.create(**body, messages=messages)
+        usage, request_id = raw.parse().usage, raw.headers["x-request-id"]
+    assert_charged(request_id, factor, tier)
+    assert usage.service_tier == said  # what the client reads is what it is charged at
