@@ -9,6 +9,7 @@ from django.db.models import Prefetch, QuerySet
 
 from core.cache import TTLCache
 
+from .adapters import counts_every_request_search
 from .exceptions import ModelNotFoundError, model_not_found
 from .models import CatalogModel, Deployment, Provider
 from .types import ProviderConfig, ResolvedDeployment, ResolvedModel
@@ -52,7 +53,10 @@ def resolved_deployment(deployment: Deployment) -> ResolvedDeployment:
         if deployment.cache_write_1h_per_mtok is None
         else Decimal(deployment.cache_write_1h_per_mtok),
         web_search_per_1k=Decimal(deployment.web_search_per_1k),
-        searches_every_request=deployment.searches_on_every_request,
+        # Inert on a provider whose adapter counts no such search (``always`` saved before the admin and the catalog
+        # file refused it, or through a queryset): admission would hold a search no row is charged.
+        searches_every_request=deployment.searches_on_every_request
+        and counts_every_request_search(deployment.provider.kind),
         priority_price_factor=None
         if deployment.priority_price_factor is None
         else Decimal(deployment.priority_price_factor),

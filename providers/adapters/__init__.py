@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from .base import BaseAdapter
-from .registry import adapter_class_for_kind, adapter_for, every_request_search_refusal
+from .registry import adapter_class_for_kind, adapter_for, counts_every_request_search, every_request_search_refusal
 
-__all__ = ["BaseAdapter", "adapter_class_for_kind", "adapter_for", "every_request_search_refusal"]
+__all__ = [
+    "BaseAdapter",
+    "adapter_class_for_kind",
+    "adapter_for",
+    "counts_every_request_search",
+    "every_request_search_refusal",
+]

@@ -74,12 +74,22 @@ def adapter_class_for_kind(kind: str) -> type[BaseAdapter]:
     return import_string(dotted)
 
 
+def counts_every_request_search(kind: str) -> bool:
+    """Whether the adapter of a provider of ``kind`` counts the search of a model that searches on every request
+    (``BaseAdapter.counts_every_request_search``); False for a kind no adapter is configured for, which serves
+    nothing."""
+    try:
+        return adapter_class_for_kind(kind).counts_every_request_search
+    except ImproperlyConfigured:
+        return False
+
+
 def every_request_search_refusal(kind: str) -> str:
     """Why a deployment on a provider of ``kind`` may not be set to search on every request (``searches_every_request``
     ``always``), for the admin's form and the catalog file; "" when it may. Its adapter counts no such search
     (``BaseAdapter.counts_every_request_search``: only OpenAI's protocol has models that search unasked), so each
     request would hold a search at admission and be charged none."""
-    if adapter_class_for_kind(kind).counts_every_request_search:
+    if counts_every_request_search(kind):
         return ""
     kinds = ", ".join(
         name for name in settings.LLMHUB_ADAPTERS if adapter_class_for_kind(name).counts_every_request_search

@@ -289,3 +289,23 @@ def test_admission_reserves_the_searches_of_a_stream_that_may_be_resumed(gateway
     assert (record.status, record.resumed, record.web_search_requests) == ("ok", True, 2)
     spent = UsageRecord.objects.filter(api_key=gateway.api_key).aggregate(total=Sum("cost"))["total"]
     assert spent <= Decimal("0.09")
+
+
+@pytest.mark.parametrize("kind", [ProviderKind.ANTHROPIC, ProviderKind.OLLAMA])
+def test_always_on_a_provider_that_counts_no_such_search_holds_none(gateway, kind):
+    """``always`` on a provider whose adapter counts no search a model runs unasked (Claude, Ollama), saved before
+    71844da refused it or through a queryset update, as here: each request held a $0.025 search at admission that its
+    row was never charged, so a key with $0.02 left was refused a request of $0.00001 (and a lost row, charged what
+    was reserved, counted a search never made). The deployment's snapshot reads it as never: served, charged none."""
+    if kind == ProviderKind.OLLAMA:
+        provider = ProviderFactory(name="fake-ollama", kind=kind, base_url=gateway.upstream.base_url + "/ollama/v1")
+        ModelFactory(name="llama-test", provider=provider, upstream_id="llama3.2")
+        name = "llama-test"
+    else:
+        name = "claude-test"
+    Deployment.objects.filter(model__name=name).update(searches_every_request="always", **PRICES)
+    api_key_limits_set(api_key=gateway.api_key, budget_usd=Decimal("0.02"))
+    raw = gateway.client().chat.completions.with_raw_response.create(model=name, messages=ASK, max_tokens=10)
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert (record.status, record.web_search_requests) == ("ok", 0)
+    assert record.cost < Decimal("0.0001")
