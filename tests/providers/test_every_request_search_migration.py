@@ -1,0 +1,67 @@
+"""Deployments set to search on every request (``searches_every_request`` ``always``) on a provider whose adapter
+counts no such search (providers 0030): saved before 71844da refused it, each request held a search at admission that
+its row was never charged. The migration clears it there (empty: left to the upstream id, which the deployment's
+snapshot reads as never on such a provider), and leaves every other row as it was."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+
+from providers.models import Deployment
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BEFORE = [("providers", "0029_tier_prices_deployment_tier_factors")]
+
+
+def migrate(targets):
+    executor = MigrationExecutor(connection)
+    executor.migrate(targets)
+    return MigrationExecutor(connection).loader.project_state(targets).apps
+
+
+def latest():
+    return MigrationExecutor(connection).loader.graph.leaf_nodes()
+
+
+def test_always_is_cleared_on_the_providers_that_count_no_such_search():
+    try:
+        apps = migrate(BEFORE)
+        Provider = apps.get_model("providers", "Provider")
+        CatalogModel = apps.get_model("providers", "CatalogModel")
+        Rows = apps.get_model("providers", "Deployment")
+        model = CatalogModel.objects.create(name="m")
+        rows = {
+            "claude": ("anthropic", "always"),
+            "gemini": ("gemini", "always"),
+            "cohere": ("cohere", "always"),
+            "ollama": ("ollama", "always"),
+            "claude-never": ("anthropic", "never"),
+            "openai": ("openai", "always"),
+            "compatible": ("openai_compatible", "always"),
+            "openai-never": ("openai", "never"),
+            "openai-auto": ("openai", ""),
+        }
+        for name, (kind, searches) in rows.items():
+            provider = Provider.objects.create(name=name, kind=kind, base_url="http://127.0.0.1:9/v1")
+            Rows.objects.create(
+                model=model, provider=provider, name=name, upstream_id=name, searches_every_request=searches
+            )
+
+        migrate(latest())
+
+        assert dict(Deployment.objects.values_list("name", "searches_every_request")) == {
+            "claude": "",
+            "gemini": "",
+            "cohere": "",
+            "ollama": "",
+            "claude-never": "never",
+            "openai": "always",
+            "compatible": "always",
+            "openai-never": "never",
+            "openai-auto": "",
+        }
+    finally:
+        migrate(latest())
