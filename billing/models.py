@@ -736,6 +736,18 @@ class OpsAlertRule(models.Model):
         related_name="+",
         help_text="The model it watches, whatever it is named now; empty: the model named by model_name, or all.",
     )
+    # The ``model_name`` ``model`` was bound for: one differing from it was edited since (the shell, a queryset's
+    # ``update()``, which no save sees) and binds the rule again to the model it names at the next evaluation
+    # (``ops_rules_model_bind``); the bound model renamed leaves both as they are (the rule follows its pk).
+    # ``db_default``: the previous release, during a rolling deploy, inserts rules without it.
+    model_name_bound = models.CharField(
+        max_length=128,
+        blank=True,
+        default="",
+        db_default="",
+        editable=False,
+        help_text="The model name the rule's model was bound for; another model_name binds it again.",
+    )
     email_recipients = models.TextField(
         blank=True, help_text="Addresses, comma- or line-separated; empty: ADMINS (or the superusers)."
     )
@@ -759,33 +771,26 @@ class OpsAlertRule(models.Model):
         """Bound to the catalog model ``model_name`` names when it has none (a rule created or edited in the shell,
         a fixture, code): by the name alone, it watched a name the model's rename would leave behind. The rule
         the migration 0045 applies to the rules before it; a model an admin chose is kept, and a name no model has
-        is watched as it is. A ``model_name`` changed since the rule was read and naming another model than its own
-        (the shell: ``rule.model_name = "gpt-4o"``) binds it to the model so named, or to none (watched by that name;
-        "": every model): kept, the rule watched its old model while its name said another. A name left as read
-        keeps the model, though the model was renamed since (its copy of the name is then stale, the model the
-        rule's)."""
-        read, bound = getattr(self, "_model_name_read", None), self.model_id
-        if read is not None and self.model_name != read and bound is not None and self.model.name != self.model_name:
+        is watched as it is. A ``model_name`` changed since the rule was bound (``model_name_bound``; the shell:
+        ``rule.model_name = "gpt-4o"``, or a queryset's ``update()`` before) and naming another model than its own
+        binds it to the model so named, or to none (watched by that name; "": every model): kept, the rule watched
+        its old model while its name said another. A name left as bound keeps the model, though the model was
+        renamed since (its copy of the name is then stale, the model the rule's). A save leaving out ``model_name``
+        leaves an edited name to the evaluator's next run (``ops_rules_model_bind``)."""
+        bound, bound_for = self.model_id, self.model_name_bound
+        update_fields = kwargs.get("update_fields")
+        saves_name = update_fields is None or "model_name" in update_fields
+        edited = saves_name and not self._state.adding and self.model_name != bound_for
+        if edited and bound is not None and self.model.name != self.model_name:
             self.model = None
         if self.model_id is None and self.model_name:
             self.model = CatalogModel.objects.filter(name=self.model_name).first()
-        update_fields = kwargs.get("update_fields")
-        if self.model_id != bound and update_fields is not None and "model" not in update_fields:
-            kwargs["update_fields"] = [*update_fields, "model"]
+        if saves_name:
+            self.model_name_bound = self.model_name
+        if update_fields is not None:
+            changed = {"model": self.model_id != bound, "model_name_bound": self.model_name_bound != bound_for}
+            kwargs["update_fields"] = [*update_fields, *(f for f, c in changed.items() if c and f not in update_fields)]
         super().save(*args, **kwargs)
-        self._model_name_read = self.model_name
-
-    @classmethod
-    def from_db(cls, db: str | None, field_names: Any, values: Any) -> OpsAlertRule:
-        rule = super().from_db(db, field_names, values)
-        # The name as read: one changed since (the shell, code) names the model the rule is to watch (``save``).
-        rule._model_name_read = values[field_names.index("model_name")] if "model_name" in field_names else None
-        return rule
-
-    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
-        super().refresh_from_db(*args, **kwargs)
-        if "model_name" in self.__dict__:
-            self._model_name_read = self.model_name
 
     @property
     def watched_model_name(self) -> str:

@@ -701,7 +701,7 @@ def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None 
     closed = []
     with transaction.atomic():
         # The rules narrowed to it keep its name, and watch by it: never every model.
-        OpsAlertRule.objects.filter(model_id=model_id).update(model_name=name)
+        OpsAlertRule.objects.filter(model_id=model_id).update(model_name=name, model_name_bound=name)
         for rule_id in sorted(set(incidents.values_list("rule_id", flat=True))):
             _rule_lock(rule_id)
             rule = OpsAlertRule.objects.get(pk=rule_id)
@@ -710,17 +710,22 @@ def ops_model_incidents_close(*, model_id: int, name: str, now: datetime | None 
 
 
 def ops_rules_model_bind(*, name: str | None = None) -> int:
-    """Bind the rules watching a name by the name alone (given it before the model was added to the catalog, or
-    after their model was deleted) to the catalog model that has the name now (added, or renamed to it): watched by
-    the name only, the model renamed later was watched by them no more. ``name``: only the rules watching it (a
-    model saved with it, its ``post_save``); every such rule otherwise (the evaluator, each run: a model renamed
-    through a queryset's ``update()``, a bulk load, sends no signal). A rule bound to a model is left as it is. How
-    many it bound."""
-    rules = OpsAlertRule.objects.filter(model__isnull=True).exclude(model_name="")
+    """Bind to the catalog model that has its name now the rules watching a name by the name alone (given it before
+    the model was added to the catalog, or after their model was deleted; the model added, or renamed to it), and
+    the rules whose ``model_name`` was edited since they were bound (``model_name_bound``: a queryset's
+    ``update()``, which no save sees) to the model it names, or to none (watched by that name; "": every model).
+    Watched by the name only, the model renamed later was watched by them no more; kept, an edited rule watched its
+    old model while its name said another. ``name``: only the rules watching it (a model saved with it, its
+    ``post_save``); every such rule otherwise (the evaluator, each run: a model renamed through a queryset's
+    ``update()``, a bulk load, sends no signal). A rule bound to a model for its name is left as it is, its model
+    renamed or not. How many it bound."""
+    named = CatalogModel.objects.filter(name=OuterRef("model_name")).values("pk")[:1]
+    unbound = Q(Exists(named), model__isnull=True) & ~Q(model_name="")
+    edited = ~Q(model_name=F("model_name_bound"))
+    rules = OpsAlertRule.objects.filter(unbound | edited)
     if name is not None:
         rules = rules.filter(model_name=name)
-    named = CatalogModel.objects.filter(name=OuterRef("model_name")).values("pk")[:1]
-    return rules.filter(Exists(named)).update(model_id=Subquery(named))
+    return rules.update(model_id=Subquery(named), model_name_bound=F("model_name"))
 
 
 def _gone_close(rule: OpsAlertRule, incidents: list[OpsAlertIncident], *, because: str, now: datetime) -> list[str]:

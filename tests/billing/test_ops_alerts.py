@@ -1295,8 +1295,8 @@ def test_a_bound_rule_given_another_models_name_in_the_shell_watches_that_model(
 def test_a_rule_watching_a_name_no_model_had_is_bound_to_the_model_given_that_name_and_follows_its_rename():
     """A rule given a model's name before the model was added to the catalog (or after its model was deleted)
     watches by that name, bound to nothing; the model then added (or another renamed to that name) was watched by
-    the name only, and renamed later, by the rule no more. The model given that name binds the rule to it; a rule
-    bound to another model is left as it is."""
+    the name only, and renamed later, by the rule no more. The model given that name binds the rule to it, and a
+    rule bound to another model whose name was edited to it (a queryset's ``update()``) too."""
     early = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="m")
     other = ModelFactory(name="other")
     chosen = OpsAlertRule.objects.create(name="chosen", kind=OpsAlertKind.LATENCY_P95, threshold=1, model=other)
@@ -1308,7 +1308,7 @@ def test_a_rule_watching_a_name_no_model_had_is_bound_to_the_model_given_that_na
     spare.name = "n"
     spare.save(update_fields=["name"])
     rows = dict(OpsAlertRule.objects.values_list("pk", "model_id"))
-    assert (rows[early.pk], rows[chosen.pk], rows[renamed.pk]) == (model.pk, other.pk, spare.pk)
+    assert (rows[early.pk], rows[chosen.pk], rows[renamed.pk]) == (model.pk, spare.pk, spare.pk)
 
     model.name = "m2"
     model.save(update_fields=["name"])
@@ -1339,6 +1339,43 @@ def test_a_rule_watching_a_name_a_model_is_given_through_update_follows_that_mod
         "[llmhub] cleared: test error_rate (model:n2)",
     ]
     assert len(ops_hooks(webhook)) == 2
+
+
+def test_a_bound_rule_whose_name_is_changed_through_update_watches_the_model_its_name_names(webhook):
+    """A rule bound to a model kept it when its ``model_name`` was changed through a queryset's ``update()`` (a
+    script, a bulk fix: no ``save`` sees it), so it watched its old model while its name said another, and the model
+    its name said failed unseen. The evaluator binds it to the model its name names at its next run, whatever edited
+    the name: the old model's incident is closed as no longer watched, the new one fires; a name no model has is
+    watched by that name, and a rename of the bound model (its copy of the name stale) keeps the model."""
+    model, other = ModelFactory(name="m"), ModelFactory(name="other")
+    watched = rule(OpsAlertKind.ERROR_RATE, threshold=Decimal("10"), minimum_requests=2, model_name="other")
+    assert watched.model_id == other.pk
+    for _ in range(2):
+        UsageRecordFactory(model=other, model_name="other", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
+    evaluate_at(T0 + timedelta(seconds=30))
+    assert [subject for _, subject in sent()] == ["[llmhub] firing: test error_rate (model:other)"]
+
+    OpsAlertRule.objects.filter(pk=watched.pk).update(model_name="m")  # no signal, no save
+    for _ in range(2):
+        UsageRecordFactory(model=model, model_name="m", status=UsageStatus.UPSTREAM_ERROR, created_at=T0)
+    evaluate_at(T0 + timedelta(minutes=1))
+    assert OpsAlertRule.objects.get(pk=watched.pk).model_id == model.pk
+    assert [subject for _, subject in sent()] == [
+        "[llmhub] firing: test error_rate (model:other)",
+        "[llmhub] closed, not recovered: test error_rate (model:other)",
+        "[llmhub] firing: test error_rate (model:m)",
+    ]
+    assert ops_hooks(webhook)[1]["text"].startswith(
+        "llmhub: closed, not recovered: test error_rate (model:other): the rule now watches model m only"
+    )
+
+    CatalogModel.objects.filter(pk=model.pk).update(name="m2")  # the rule's copy "m" stale: the model kept
+    evaluate_at(T0 + timedelta(minutes=2))
+    assert OpsAlertRule.objects.get(pk=watched.pk).model_id == model.pk
+    OpsAlertRule.objects.filter(pk=watched.pk).update(model_name="typo")
+    evaluate_at(T0 + timedelta(minutes=3))
+    assert (OpsAlertRule.objects.get(pk=watched.pk).model_id, len(sent())) == (None, 4)
+    assert OpsAlertIncident.objects.filter(cleared_at__isnull=True).count() == 0
 
 
 def test_the_migration_binds_each_rule_to_the_model_its_name_names_and_back():
