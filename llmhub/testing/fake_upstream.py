@@ -17,7 +17,8 @@ Several upstreams
     each with its own base latency (before the answer), time to first token (on top, before the first
     streamed piece or a whole non-streamed reply), tokens per second, and standing fault: what every request
     that names no fault itself gets. Faults are spelt ``status=503`` (or ``503``), ``status=429,retry_after=1``
-    (or ``429:1``; a plain ``429`` says ``Retry-After: 2``), ``cut_after=3`` (or ``cut-3``), ``context_length``
+    (or ``429:1``; a plain ``429`` says ``Retry-After: 2``; ``429:250ms`` says ``retry-after-ms: 250`` instead, as
+    OpenAI's API may, and ``429:none`` no wait at all), ``cut_after=3`` (or ``cut-3``), ``context_length``
     (or ``context``), ``hang``, ``error-event``, and ``refuse``: the listener stops listening (connections are
     refused; those kept alive from before are dropped) until its fault is changed. Every spelling also works
     as a request's marker (``[[fault=status=429,retry_after=1]]``), where ``refuse`` drops that connection.
@@ -241,7 +242,11 @@ Moderation
     with its body, so a test counts what it was sent. It is counted
     in ``/__stats`` like every path; the faults apply as for chat (a ``[[fault=...]]`` or ``[[latency=MS]]``
     in the input, the ``x-fake-fault`` header, or a standing fault, which ``/__control {"fault": "503",
-    "models": ["omni-moderation-latest"]}`` limits to the moderation model so that chat keeps working).
+    "models": ["omni-moderation-latest"]}`` limits to the moderation model so that chat keeps working). OpenAI's
+    moderation answers 429 at low usage tiers (it is limited by the token): ``[[fault=429:0.2]]
+    [[fault_times=1]]`` in the input is one such 429 (``Retry-After: 0.2``), then the answer; ``429:200ms`` says
+    the wait in ``retry-after-ms``, ``429:none`` says none, and a standing ``429:...`` limited to the moderation
+    model answers every call so.
 
 Faults
     Chosen by the ``x-fake-fault`` header, else the ``[[fault=NAME]]`` directive, else a model named
@@ -1350,11 +1355,13 @@ _ANTHROPIC_FAULT_MESSAGES: dict[int, str] = {
 
 
 def _status_fault(provider: Provider, status: int, retry_after: str = "2") -> web.Response:
+    """The provider's error for ``status``; a 429 says its wait (``retry_after``: seconds, ``Nms``, or ``none``)."""
     if provider == "gemini":
         message = _GEMINI_FAULT_MESSAGES.get(status, f"Injected fault {status}")
-        if status == 429:
+        if status == 429 and retry_after != "none":
             # Google sends no Retry-After header: the delay is a RetryInfo detail of the error body.
-            retry_info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after}s"}
+            seconds = f"{float(retry_after[:-2]) / 1000:g}" if retry_after.endswith("ms") else retry_after
+            retry_info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{seconds}s"}
             return _gemini_error(status, message, details=[retry_info])
         response = _gemini_error(status, message)
     elif provider == "anthropic":
@@ -1363,8 +1370,11 @@ def _status_fault(provider: Provider, status: int, retry_after: str = "2") -> we
     else:
         kind, code, message = _OPENAI_FAULTS.get(status, (_openai_error_type(status), None, f"Injected fault {status}"))
         response = _openai_error(status, message, kind, code)
-    if status == 429:
-        response.headers["Retry-After"] = retry_after
+    if status == 429 and provider != "gemini" and retry_after != "none":
+        if retry_after.endswith("ms"):
+            response.headers["retry-after-ms"] = retry_after[:-2]  # as OpenAI's API may say it
+        else:
+            response.headers["Retry-After"] = retry_after
     return response
 
 
@@ -1411,13 +1421,14 @@ def _web_searches(usage: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str,
 # --------------------------------------------------------------------------------------------------------------
 # Fault names
 
-_STATUS_FAULT_RE = re.compile(r"(\d{3})(?::(\d+(?:\.\d+)?))?")
+# A status fault and the wait it says: seconds (``Retry-After``), ``Nms`` (``retry-after-ms``) or ``none``.
+_STATUS_FAULT_RE = re.compile(r"(\d{3})(?::(\d+(?:\.\d+)?(?:ms)?|none))?")
 _SIMPLE_FAULTS = frozenset({"refuse", "hang", "context", "error-event", "drop-after-usage"})
 
 
 def fault_canonical(spec: str) -> str:
     """The fault name the handlers act on, from any of its spellings (see "Several upstreams" in the module
-    docstring): ``503`` or ``status=503``; ``429:1`` or ``status=429,retry_after=1``; ``cut-3`` or
+    docstring): ``503`` or ``status=503``; ``429:1`` or ``status=429,retry_after=1`` (``250ms``, ``none``); ``cut-3`` or
     ``cut_after=3``; ``context`` or ``context_length``; ``refuse``; ``hang``; ``error-event``. Raises
     ValueError for anything else."""
     spec = spec.strip()
@@ -1454,7 +1465,8 @@ def _fault_models(fault: str | None, models: Any) -> frozenset[str] | None:
 
 
 def _fault_status(fault: str) -> tuple[int, str] | None:
-    """``(status, Retry-After)`` of a status fault (``503``, ``429:1``), None for other faults."""
+    """``(status, the wait said)`` of a status fault (``503``, ``429:1``, ``429:250ms``, ``429:none``), None for
+    other faults."""
     match = _STATUS_FAULT_RE.fullmatch(fault)
     if match is None or not 400 <= int(match.group(1)) <= 599:
         return None

@@ -870,6 +870,29 @@ def test_a_fault_with_times_hits_that_many_requests_then_they_are_answered(
         oai.chat.completions.create(model="fake-gpt-4o", messages=user("hi [[fault=429]] [[fault_times=1]]"))
 
 
+@pytest.mark.parametrize(
+    ("fault", "headers"),
+    [
+        ("429", {"retry-after": "2"}),
+        ("429:0.5", {"retry-after": "0.5"}),
+        ("429:250ms", {"retry-after-ms": "250"}),
+        ("429:none", {}),
+    ],
+)
+def test_the_moderation_route_is_rate_limited_with_the_wait_said_as_a_provider_says_it(
+    upstream: FakeUpstream, oai: openai.OpenAI, fault: str, headers: dict[str, str]
+) -> None:
+    """OpenAI's moderation answers 429 at low tiers, saying the wait in ``retry-after`` (seconds), in
+    ``retry-after-ms``, or not at all: the fake says each (a client's backoff without a wait said had no 429 to
+    meet, every one saying ``Retry-After: 2``), once with ``[[fault_times=1]]``, then answers."""
+    text = f"hello [flag:violence] [[fault={fault}]] [[fault_times=1]]"
+    with pytest.raises(openai.RateLimitError) as limited:
+        oai.moderations.create(model="omni-moderation-latest", input=text)
+    said = {name: limited.value.response.headers.get(name) for name in ("retry-after", "retry-after-ms")}
+    assert {name: value for name, value in said.items() if value is not None} == headers
+    assert oai.moderations.create(model="omni-moderation-latest", input=text).results[0].flagged
+
+
 def test_hang_times_out(upstream: FakeUpstream, oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
     with pytest.raises(openai.APITimeoutError):
         oai.chat.completions.create(model="fake-gpt-4o", messages=user("[[fault=hang]]"), timeout=0.3)
