@@ -27,6 +27,7 @@ import _sre
 import asyncio
 import functools
 import itertools
+import random
 import re
 import unicodedata
 from bisect import bisect_right
@@ -43,7 +44,7 @@ from django.dispatch import receiver
 from core.cache import TTLCache, forget_now_and_after_commit
 
 from .adapters import adapter_for
-from .exceptions import ProviderError
+from .exceptions import ProviderError, ProviderQuotaExhaustedError, ProviderRateLimitError
 from .models import ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from .selectors import provider_config
 from .types import ProviderConfig
@@ -71,6 +72,15 @@ OPENAI_INPUT_CHARS = 4_000
 OPENAI_SEAM_CHARS = 500
 OPENAI_INPUTS_PER_CALL = 32
 OPENAI_CALLS_AT_ONCE = 4
+# A call the service answers 429 (rate limited: OpenAI's moderation is limited by the token, and a long input's
+# calls at once meet the limit at low usage tiers) is asked again, at most ``OPENAI_RATE_LIMIT_RETRIES`` times, after
+# the wait the service says (``retry-after-ms``, ``retry-after``), else a backoff with full jitter (a uniform wait up
+# to ``OPENAI_RATE_LIMIT_BACKOFF_SECONDS`` doubled at each retry, at most ``OPENAI_RATE_LIMIT_BACKOFF_CAP_SECONDS``:
+# the calls limited together do not come back together), all within the call's one deadline (the policy's
+# ``timeout_seconds``): a wait that would end past it is not waited, and the 429 fails the call at once.
+OPENAI_RATE_LIMIT_RETRIES = 3
+OPENAI_RATE_LIMIT_BACKOFF_SECONDS = 0.25
+OPENAI_RATE_LIMIT_BACKOFF_CAP_SECONDS = 2.0
 # The words' trie is written as nested groups this many characters deep, and as an alternation of the rest below
 # that: ``re`` parses a group within a group recursively, and a few hundred levels exhaust Python's stack.
 _TRIE_DEPTH = 64
@@ -871,11 +881,12 @@ class PolicySnapshot:
                 await asyncio.gather(*pending, return_exceptions=True)
 
     async def _ask_call(self, inputs: list[str]) -> Hit | None:
-        """One call to the service about ``inputs`` (one input sent as a string)."""
+        """One call to the service about ``inputs`` (one input sent as a string), within the policy's timeout, its
+        429s asked again within it (``_moderate``)."""
+        deadline = asyncio.get_running_loop().time() + self.timeout_seconds
         try:
-            async with asyncio.timeout(self.timeout_seconds):
-                given = inputs[0] if len(inputs) == 1 else inputs
-                results = await adapter_for(self.provider).moderate(given, model=self.model)
+            async with asyncio.timeout_at(deadline):
+                results = await self._moderate(inputs[0] if len(inputs) == 1 else inputs, deadline)
         except TimeoutError:
             raise ModerationServiceError(f"no answer within {self.timeout_seconds:g} seconds") from None
         except ProviderError as exc:
@@ -885,6 +896,26 @@ class PolicySnapshot:
                 f"the moderation service answered {len(results)} results for {len(inputs)} inputs"
             )
         return hit_from_results(results, self.categories)
+
+    async def _moderate(self, given: str | list[str], deadline: float) -> Any:
+        """The service's results for ``given``; a 429 asked again (``OPENAI_RATE_LIMIT_RETRIES``) while the wait
+        fits before ``deadline``. Any other failure, and an exhausted quota (no wait helps), as they come."""
+        adapter, loop = adapter_for(self.provider), asyncio.get_running_loop()
+        retry = 0
+        while True:
+            try:
+                return await adapter.moderate(given, model=self.model)
+            except ProviderRateLimitError as exc:
+                retry += 1
+                if isinstance(exc, ProviderQuotaExhaustedError) or retry > OPENAI_RATE_LIMIT_RETRIES:
+                    raise
+                wait = exc.retry_after
+                if wait is None:
+                    ceiling = OPENAI_RATE_LIMIT_BACKOFF_SECONDS * 2 ** (retry - 1)
+                    wait = random.uniform(0, min(ceiling, OPENAI_RATE_LIMIT_BACKOFF_CAP_SECONDS))  # noqa: S311
+                if loop.time() + wait >= deadline:
+                    raise
+                await asyncio.sleep(wait)
 
 
 def service_inputs(text: str) -> list[str]:

@@ -23,6 +23,7 @@ from llmhub.testing.openapi import validate_openai_schema
 from providers.models import CatalogModel, ModerationAction, ModerationChecker, ModerationPolicy, Provider
 from providers.moderation import ModerationServiceError, PolicySnapshot, policy_cache, policy_snapshot
 from providers.tokens import text_tokens
+from tests.factories import ProviderFactory
 from tests.waiting import wait_for_record, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -1111,6 +1112,71 @@ def test_a_failing_service_serves_the_request_and_says_so_when_the_policy_fails_
         == "input unchecked: moderation unavailable (fail open); output unchecked: moderation unavailable (fail open)"
     )
     assert any("served unchecked" in r.getMessage() for r in caplog.records if r.name == "llmhub.moderation")
+
+
+@pytest.mark.parametrize("wait", ["0.3", "300ms", "none"], ids=["retry-after", "retry-after-ms", "unsaid"])
+def test_a_rate_limited_service_is_asked_again_and_the_request_moderated(gateway, wait):
+    """OpenAI's moderation answers 429 at low usage tiers (it is limited by the token; a long input's 4 calls at
+    once meet it sooner): the 429 failed the check, and a fail-closed policy refused the request with 503 though the
+    service would have answered a moment later. The call is asked again after the wait the service says
+    (``retry-after``, ``retry-after-ms``; else a short backoff) within its timeout: the request is moderated, its
+    flag recorded, and answered."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, action=ModerationAction.FLAG, check_output=False)
+    text = f"hello [flag:violence] [[fault=429:{wait}]] [[fault_times=1]]"
+
+    raw = gateway.client().chat.completions.with_raw_response.create(
+        model="gpt-test", messages=[{"role": "user", "content": text}]
+    )
+
+    assert raw.parse().choices[0].message.content.startswith("Echo: hello [flag:violence]")
+    assert gateway.upstream.requests_served(MODERATIONS) == 2
+    record = wait_for_record(raw.headers["x-request-id"])
+    assert record.status == "ok" and record.moderation == 'flagged input: violence, policy "policy-gpt-test"'
+
+
+@pytest.mark.parametrize(("wait", "fail_open"), [("0.8", False), ("30", True)], ids=["fails-closed", "fails-open"])
+def test_a_service_rate_limiting_until_the_timeout_gets_the_policys_decision_within_it(gateway, wait, fail_open):
+    """A service that answers 429 on and on is asked again only while the wait it says fits in the policy's
+    timeout (2 s here: asked at 0, 0.8 and 1.6 s, not at 2.4), never past it, and a wait longer than what is left
+    (30 s) is not waited at all: the policy decides (fail closed: 503 ``moderation_unavailable``; fail open: served,
+    said so) within the timeout, not after it, nor after the service's wait."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, timeout_seconds=Decimal("2"), fail_open=fail_open)
+    gateway.upstream.set_fault(f"429:{wait}", models=[MODERATION_MODEL])
+    ask = gateway.client().chat.completions.with_raw_response.create
+    hello = [{"role": "user", "content": "hello"}]
+
+    if fail_open:
+        raw = ask(model="gpt-test", messages=hello)
+        assert raw.parse().choices[0].message.content == "Echo: hello"
+        request_id = raw.headers["x-request-id"]
+    else:
+        with pytest.raises(openai.InternalServerError) as refused:
+            ask(model="gpt-test", messages=hello)
+        assert refused.value.status_code == 503 and refused.value.code == "moderation_unavailable"
+        request_id = refused.value.response.headers["x-request-id"]
+
+    asked = [entry["received_at"] for entry in gateway.upstream.requests if entry["path"] == MODERATIONS]
+    assert asked[-1] - asked[0] < 2
+    record = wait_for_record(request_id)
+    if fail_open:
+        assert len(asked) == 2  # the input and the reply, each once
+        assert record.moderation.startswith("input unchecked: moderation unavailable (fail open)")
+    else:
+        assert len(asked) == 3 and gateway.upstream.requests_served(CHAT) == 0
+        assert record.moderation == "input unchecked: moderation unavailable"
+
+
+def test_a_moderation_account_out_of_quota_is_not_asked_again(gateway):
+    """A 429 that says the account's quota is exhausted (``insufficient_quota``) is no passing limit: no wait helps,
+    so the call is not asked again and the policy decides at once, as before."""
+    no_quota = ProviderFactory(base_url=gateway.upstream.base_url + "/v1", api_key="sk-moderation-noquota")
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, moderation_provider=no_quota)
+
+    with pytest.raises(openai.InternalServerError) as refused:
+        gateway.client().chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "hello"}])
+
+    assert refused.value.code == "moderation_unavailable"
+    assert gateway.upstream.requests_served(MODERATIONS) == 1 and gateway.upstream.requests_served(CHAT) == 0
 
 
 def test_calls_failing_together_leave_no_exception_unread(gateway, monkeypatch):
