@@ -129,8 +129,10 @@ Replies
     ``signature_delta``, the reply's block at index 1); its words are not counted in ``output_tokens``, but, as
     Anthropic's, they count against ``max_tokens``: the thinking is cut at ``budget_tokens`` and the reply gets
     what is left of ``max_tokens`` (a thinking of N words leaves ``max_tokens - N`` to the reply). The
-    Anthropic routes refuse what Anthropic refuses with thinking (``_validate_anthropic_thinking``), and more than
-    four blocks with ``cache_control`` (tools, system and turns together) with Anthropic's 400. On the
+    Anthropic routes refuse what Anthropic refuses with thinking (``_validate_anthropic_thinking``), more than
+    four blocks with ``cache_control`` (tools, system and turns together), and a ``cache_control`` of ``ttl`` "1h"
+    after one of the 5-minute TTL (``"5m"`` or none) in that order (``_anthropic_cache_ttl_misordered``), with
+    Anthropic's 400 and words. On the
     Gemini routes, unless ``thinkingBudget`` is 0, its words are billed as ``thoughtsTokenCount``, and with
     ``includeThoughts`` the text comes before the answer as a ``thought`` part (streamed: in pieces of its own).
     ``[[reasoning=some text]]`` (OpenAI only) answers that text as the model's reasoning before its reply, as
@@ -1511,24 +1513,48 @@ class _Aborted(Exception):
 ANTHROPIC_MAX_CACHE_CONTROLS = 4
 
 
-def _anthropic_cache_controls(body: dict[str, Any]) -> int:
-    """The blocks of a Messages request that carry a ``cache_control``: its tools, its system blocks, its turns'
-    content blocks and a tool result's own content blocks, as Anthropic counts them against its four."""
-    blocks: list[Any] = list(body.get("tools") or [])
+def _anthropic_cache_marks(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The ``cache_control`` of each block of a Messages request that carries one, with the block's place
+    (``messages.0.content.4``), in the order Anthropic processes them: its tools, its system blocks, then its turns'
+    content blocks, a tool result's own content blocks after the result itself."""
+    places: list[tuple[str, Any]] = [(f"tools.{i}", tool) for i, tool in enumerate(body.get("tools") or [])]
     if isinstance(body.get("system"), list):
-        blocks.extend(body["system"])
-    for turn in body.get("messages") or []:
+        places.extend((f"system.{j}", block) for j, block in enumerate(body["system"]))
+    for i, turn in enumerate(body.get("messages") or []):
         content = turn.get("content") if isinstance(turn, dict) else None
-        blocks.extend(content if isinstance(content, list) else [])
-    count = 0
-    while blocks:
-        block = blocks.pop()
-        if not isinstance(block, dict):
-            continue
-        count += isinstance(block.get("cache_control"), dict)
-        if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-            blocks.extend(block["content"])
-    return count
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            places.append((f"messages.{i}.content.{j}", block))
+            inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+            if isinstance(inner, list):
+                places.extend((f"messages.{i}.content.{j}.content.{k}", part) for k, part in enumerate(inner))
+    return [
+        (place, block["cache_control"])
+        for place, block in places
+        if isinstance(block, dict) and isinstance(block.get("cache_control"), dict)
+    ]
+
+
+def _anthropic_cache_controls(body: dict[str, Any]) -> int:
+    """The blocks of a Messages request that carry a ``cache_control``, as Anthropic counts them against its four
+    (``_anthropic_cache_marks``)."""
+    return len(_anthropic_cache_marks(body))
+
+
+def _anthropic_cache_ttl_misordered(body: dict[str, Any]) -> str | None:
+    """Anthropic's words for a ``cache_control`` of the 1-hour TTL after one of the 5-minute TTL (``ttl`` "5m" or
+    none, the default) in the order it processes blocks: longer-lived cache entries must come first. None when
+    the order is valid."""
+    short_seen = False
+    for place, mark in _anthropic_cache_marks(body):
+        ttl = mark.get("ttl", "5m")
+        if ttl == "1h" and short_seen:
+            return (
+                f"{place}.cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' "
+                "cache_control block. Note that blocks are processed in the following order: `tools`, `system`, "
+                "`messages`."
+            )
+        short_seen = short_seen or ttl == "5m"
+    return None
 
 
 class _App:
@@ -2775,6 +2801,9 @@ class _App:
                 f"A maximum of {ANTHROPIC_MAX_CACHE_CONTROLS} blocks with cache_control may be provided. "
                 f"Found {marked}.",
             )
+        misordered = _anthropic_cache_ttl_misordered(body)
+        if misordered is not None:
+            return _anthropic_error(400, "invalid_request_error", misordered)
         last = body["messages"][-1] if body["messages"] else None
         if isinstance(last, dict) and last.get("role") == "assistant":
             content = last.get("content")

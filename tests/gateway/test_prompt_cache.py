@@ -194,3 +194,41 @@ def test_a_provider_without_explicit_caching_is_sent_no_hint_and_answers(other_p
     assert reply.choices[0].message.content == "ok"
     sent = other_providers.upstream.requests[-1]["body"]
     assert not sent_anywhere(sent, "prompt_cache_breakpoint") and not sent_anywhere(sent, "prompt_cache_options")
+
+
+def test_claudes_own_one_hour_cache_control_after_a_five_minute_one_is_anthropics_400(gateway):
+    """The fake upstream's Anthropic route took any order of cache TTLs, though Anthropic refuses a 1-hour
+    ``cache_control`` after a 5-minute one (tools, system, then turns: longer-lived entries first), so a translation
+    writing that order would pass every test and fail on Claude; a client's own such order (passed through as given)
+    gets Anthropic's 400 and words; the other order is answered."""
+    five, hour = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
+    for first, second, status in [(five, hour, 400), (hour, five, 200), ({**five, "ttl": "5m"}, hour, 400)]:
+        parts = [
+            {"type": "text", "text": "A long document.", "cache_control": first},
+            {"type": "text", "text": "Another.", "cache_control": second},
+            {"type": "text", "text": "hi [[reply=ok]]"},
+        ]
+        reply = raw(
+            gateway, "/v1/chat/completions", {"model": "claude-test", "messages": [{"role": "user", "content": parts}]}
+        )
+        assert reply.status_code == status, reply.text
+    reply = raw(
+        gateway,
+        "/v1/chat/completions",
+        {
+            "model": "claude-test",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": five}] * 2}],
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    misordered = [
+        {"type": "text", "text": "A long document.", "cache_control": five},
+        {"type": "text", "text": "Another.", "cache_control": hour},
+    ]
+    reply = raw(
+        gateway, "/v1/chat/completions", {"model": "claude-test", "messages": [{"role": "user", "content": misordered}]}
+    )
+    assert (
+        "messages.0.content.1.cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' "
+        "cache_control block. Note that blocks are processed in the following order: `tools`, `system`, `messages`."
+    ) in reply.json()["error"]["message"]
