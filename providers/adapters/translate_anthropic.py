@@ -26,7 +26,9 @@ Request (OpenAI → Anthropic):
   there (``prompt_cache_options.ttl``'s 30 minutes is a minimum lifetime: Anthropic's 5-minute default would not
   keep it; the 1-hour writes are billed at ``cache_write_1h_per_mtok`` from ``cache_creation``). Anthropic takes at
   most four such blocks: the latest breakpoints that fit beside the client's own are kept, as OpenAI writes the
-  latest four, and earlier ones dropped. A marked system part makes ``system`` a list of text blocks.
+  latest four, and earlier ones dropped. Anthropic refuses a 1-hour one after a 5-minute one: a breakpoint after
+  the client's own 5-minute ``cache_control`` is of the 5-minute TTL, the client's choice standing
+  (``_breakpoints_capped``). A marked system part makes ``system`` a list of text blocks.
   ``prompt_cache_options`` itself is not sent (``mode: explicit`` without breakpoints: Claude caches nothing
   unasked anyway).
 - Everything else is dropped, since the Messages API rejects fields it does not know: among them
@@ -64,6 +66,9 @@ MAX_CACHE_CONTROLS = 4
 # lifetime, which Anthropic's default 5 minutes would not keep, so its 1-hour cache (billed at the deployment's
 # ``cache_write_1h_per_mtok``). Compared by identity until ``_breakpoints_capped`` copies it.
 _ONE_HOUR: dict[str, str] = {"type": "ephemeral", "ttl": "1h"}
+# The breakpoint after a client's own 5-minute ``cache_control``, where Anthropic refuses a 1-hour one: its default
+# TTL (``_breakpoints_capped``).
+_FIVE_MINUTES: dict[str, str] = {"type": "ephemeral"}
 
 _FINISH_REASONS = {
     "end_turn": "stop",
@@ -326,23 +331,47 @@ def _cache_marked(block: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]
     return block
 
 
+def _marked_blocks(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The blocks of ``request`` with a ``cache_control``, in the order Anthropic reads them: the system blocks, then
+    the turns' blocks, a tool result's own blocks after it (its tools carry none: OpenAI's tools have no mark)."""
+    system = request.get("system")
+    blocks = [block for block in system if isinstance(block, dict)] if isinstance(system, list) else []
+    for turn in request["messages"]:
+        for block in turn["content"]:
+            blocks.append(block)
+            if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+                blocks.extend(block["content"])
+    return [block for block in blocks if isinstance(block, dict) and "cache_control" in block]
+
+
 def _breakpoints_capped(request: dict[str, Any]) -> None:
     """At most ``MAX_CACHE_CONTROLS`` blocks of ``request`` keep a ``cache_control``, as Anthropic refuses more: a
     client's own are all kept (more is Anthropic's 400 to it), and of the ones OpenAI's breakpoints became the latest
-    that fit, as OpenAI writes the latest four; each then a copy of ``_ONE_HOUR``."""
-    system = request.get("system")
-    blocks = [block for block in system if isinstance(block, dict)] if isinstance(system, list) else []
-    blocks += [block for turn in request["messages"] for block in turn["content"] if isinstance(block, dict)]
-    ours = [block for block in blocks if block.get("cache_control") is _ONE_HOUR]
+    that fit, as OpenAI writes the latest four (a tool result's own blocks counted, as Anthropic counts them).
+
+    Each kept one is then a copy of ``_ONE_HOUR``, unless it comes after a client's own ``cache_control`` of the
+    5-minute TTL (``ttl`` "5m" or none): Anthropic refuses a 1-hour entry after a 5-minute one (longer-lived entries
+    first, in the order ``_marked_blocks`` reads them; its 400 to the whole request), so such a breakpoint is
+    ``_FIVE_MINUTES``. The client's own choice stands and ours yields: its ``cache_control`` is Anthropic's own
+    instruction, written for Claude, and its TTL is the price it chose (a 1-hour write costs twice the input, a
+    5-minute one 1.25 times), which raising it would change unasked; ours is llmhub's reading of a hint that names no
+    Anthropic TTL. It keeps a cache at the marked end of the prefix, for the longest Anthropic allows there, rather
+    than none."""
+    blocks = _marked_blocks(request)
+    ours = [block for block in blocks if block["cache_control"] is _ONE_HOUR]
     if not ours:
         return
-    own = sum(1 for block in blocks if "cache_control" in block) - len(ours)
-    kept = max(0, MAX_CACHE_CONTROLS - own)
-    for index, block in enumerate(ours):
-        if index < len(ours) - kept:
+    kept = max(0, MAX_CACHE_CONTROLS - (len(blocks) - len(ours)))
+    dropped = {id(block) for block in ours[: len(ours) - kept]}
+    after_five_minutes = False
+    for block in blocks:
+        mark = block["cache_control"]
+        if mark is not _ONE_HOUR:
+            after_five_minutes = after_five_minutes or (isinstance(mark, dict) and mark.get("ttl", "5m") == "5m")
+        elif id(block) in dropped:
             del block["cache_control"]
         else:
-            block["cache_control"] = dict(_ONE_HOUR)
+            block["cache_control"] = dict(_FIVE_MINUTES if after_five_minutes else _ONE_HOUR)
 
 
 def _content_blocks(content: Any, where: str) -> list[dict[str, Any]]:

@@ -232,3 +232,31 @@ def test_claudes_own_one_hour_cache_control_after_a_five_minute_one_is_anthropic
         "messages.0.content.1.cache_control.ttl: a ttl='1h' cache_control block must not come after a ttl='5m' "
         "cache_control block. Note that blocks are processed in the following order: `tools`, `system`, `messages`."
     ) in reply.json()["error"]["message"]
+
+
+def test_a_breakpoint_after_the_clients_own_five_minute_cache_control_is_of_five_minutes_on_claude(gateway):
+    """A breakpoint became Anthropic's 1-hour ``cache_control`` wherever it was, and one after the client's own of the
+    default 5 minutes got Anthropic's 400 (a 1-hour entry may not follow a 5-minute one): the client's own stands, and
+    each breakpoint after it (a tool result's part too) is of the 5-minute TTL; one before it keeps its hour."""
+    five = {"type": "ephemeral"}
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    reply = gateway.client().chat.completions.create(
+        model="claude-test",
+        messages=[
+            {"role": "system", "content": [marked_text("Be brief.")]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "A long document.", "cache_control": five}, marked_text("one")],
+            },
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": [marked_text("The result.")]},
+            {"role": "user", "content": "hi [[reply=ok]]"},
+        ],
+        tools=[{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+    )
+    assert reply.choices[0].message.content == "ok"
+    sent = gateway.upstream.requests[-1]["body"]
+    assert [block.get("cache_control") for block in sent["system"]] == [{"type": "ephemeral", "ttl": "1h"}]
+    assert [block.get("cache_control") for block in sent["messages"][0]["content"]] == [five, five]
+    (result,) = sent["messages"][2]["content"]
+    assert [block.get("cache_control") for block in result["content"]] == [five]
