@@ -52,11 +52,12 @@ Endpoints
     (``base_url`` ``…/mistral/v1``): ``POST /mistral/v1/chat/completions``, ``…/embeddings``, ``…/fim/completions``
     (Codestral's fill-in-the-middle: ``prompt`` and ``suffix``, answered as its chat completions), ``GET
     /mistral/v1/models``, answered as OpenAI's but strict as Mistral is: a field Mistral does not take
-    (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, embeddings'
-    ``dimensions``, …; an assistant message's field other than ``role``, ``content``, ``tool_calls`` and ``prefix``,
-    such as another provider's ``reasoning_content`` or ``thinking_blocks``) is a 422 in Mistral's shape
-    (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]}, …}``),
-    Mistral's own names are taken (``random_seed``, ``output_dimension``), a stream always reports its usage, on its
+    (``stream_options``, ``max_completion_tokens``, ``seed``, ``logprobs``, ``user``, ``prompt_cache_retention``,
+    embeddings' ``dimensions``, …; an assistant message's field other than ``role``, ``content``, ``tool_calls``
+    and ``prefix``, such as another provider's ``reasoning_content`` or ``thinking_blocks``) is a 422 in Mistral's
+    shape (``{"object": "error", "message": {"detail": [{"type": "extra_forbidden", "loc": ["body", NAME], …}]},
+    …}``), Mistral's own names are taken (``random_seed``, ``output_dimension``) and so is ``prompt_cache_key``, as
+    Mistral's chat completions take it (since 7 December: until then a 422), a stream always reports its usage, on its
     last chunk, embeddings take at most 512 inputs a request (more: Mistral's 400 ``Too many inputs in
     request``), a tool call's id in the messages (a call's ``id``, a tool message's ``tool_call_id``) must be 9
     letters and digits (else Mistral's 400 ``Tool call id was … but must be a-z, A-Z, 0-9, with a length of 9.``,
@@ -1202,6 +1203,7 @@ _MISTRAL_CHAT_FIELDS = frozenset(
         "prediction",
         "parallel_tool_calls",
         "prompt_mode",
+        "prompt_cache_key",  # routes requests sharing it to Mistral's prompt cache
         "safe_prompt",
     }
 )
