@@ -246,11 +246,19 @@ def assistant_fields_dropped(body: dict[str, Any], names: frozenset[str]) -> dic
     }
 
 
-def prompt_cache_hints_dropped(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` without OpenAI's explicit prompt-caching controls, for an upstream that caches implicitly or not at
-    all (Ollama, Mistral): ``prompt_cache_options`` and each content part's ``prompt_cache_breakpoint``. A hint that
-    cannot be honoured changes no answer; sent, Mistral refused it (its 422) and Ollama ignored it. ``body`` itself
-    when it has none."""
+# OpenAI's request-level prompt-caching hints an upstream without OpenAI's cache controls is not sent
+# (``prompt_cache_hints_dropped``); ``prompt_cache_key`` only where it means nothing.
+PROMPT_CACHE_HINTS = frozenset({"prompt_cache_options", "prompt_cache_retention"})
+
+
+def prompt_cache_hints_dropped(body: dict[str, Any], *, key_taken: bool = False) -> dict[str, Any]:
+    """``body`` without OpenAI's prompt-caching controls, for an upstream that caches implicitly or not at all
+    (Ollama, Mistral): ``prompt_cache_options``, ``prompt_cache_retention`` (neither keeps a cache for as long as
+    asked), each content part's ``prompt_cache_breakpoint``, and ``prompt_cache_key`` unless ``key_taken`` (Mistral's
+    chat completions take it: requests sharing it are routed to its cache). A hint that cannot be honoured changes
+    no answer; sent, Mistral refused it (its 422, a 400 to the client) and Ollama ignored it. ``body`` itself when it
+    has none."""
+    hints = PROMPT_CACHE_HINTS if key_taken else PROMPT_CACHE_HINTS | {"prompt_cache_key"}
     messages = body.get("messages")
     marked = isinstance(messages, list) and any(
         isinstance(message, dict)
@@ -258,9 +266,9 @@ def prompt_cache_hints_dropped(body: dict[str, Any]) -> dict[str, Any]:
         and any(isinstance(part, dict) and "prompt_cache_breakpoint" in part for part in message["content"])
         for message in messages
     )
-    if not marked and "prompt_cache_options" not in body:
+    if not marked and hints.isdisjoint(body):
         return body
-    dropped = {key: value for key, value in body.items() if key != "prompt_cache_options"}
+    dropped = {key: value for key, value in body.items() if key not in hints}
     if marked:
         dropped["messages"] = [
             {

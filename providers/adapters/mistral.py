@@ -8,9 +8,10 @@ one renames what Mistral has under another name (``max_completion_tokens`` → `
 Mistral refuses it, and reports a stream's usage on its last chunk unasked (moved here to a chunk of its own,
 where OpenAI sends it). A field Mistral has no
 counterpart for (``user``, …) still goes up, and its 422 reaches the client as a 400 naming it; ``logprobs: true`` is
-refused before the call (``unhonoured_refused``: Mistral returns none) and ``false`` is not sent. OpenAI's explicit
-prompt caching (``prompt_cache_options``, a content part's ``prompt_cache_breakpoint``) is not sent
-(``prompt_cache_hints_dropped``): Mistral caches as it does, and refused the hint with its 422. But
+refused before the call (``unhonoured_refused``: Mistral returns none) and ``false`` is not sent. OpenAI's prompt
+caching controls (``prompt_cache_options``, ``prompt_cache_retention``, a content part's ``prompt_cache_breakpoint``)
+are not sent (``prompt_cache_hints_dropped``): Mistral caches as it does, and refused each with its 422;
+``prompt_cache_key`` is, as Mistral takes it (requests sharing it are routed to its cache). But
 an assistant message sent back as llmhub answered it has fields OpenAI's replies carry and Mistral's messages lack
 (``refusal``, ``annotations``, the reasoning in ``reasoning_content`` or ``reasoning``): they are left out
 (``_REPLY_ONLY``), as they mean nothing to Mistral, which refused the whole request for them. A last message of
@@ -80,7 +81,9 @@ class MistralAdapter(OpenAIAdapter):
         request = fields_renamed(
             {
                 key: value
-                for key, value in prompt_cache_hints_dropped(unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS)).items()
+                for key, value in prompt_cache_hints_dropped(
+                    unhonoured_refused(body, TEXT_WITHOUT_LOGPROBS), key_taken=True
+                ).items()
                 if key not in ("stream", "stream_options")
             },
             _CHAT_RENAMES,

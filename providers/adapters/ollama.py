@@ -14,8 +14,9 @@ ignores the rest. Most of those the answer shows for itself, but three would not
   as to every provider without that choice, ``BaseAdapter.prepare_request``); a choice that forces a call
   (``"required"``, a named tool, ``allowed_tools`` in mode ``required``) cannot be kept and is refused with a 400,
   rather than answered as if it had been;
-- OpenAI's explicit prompt caching (``prompt_cache_options``, a part's ``prompt_cache_breakpoint``): not sent
-  (``prompt_cache_hints_dropped``); Ollama keeps a model's context as it does, and the hint changes no answer;
+- OpenAI's prompt caching controls (``prompt_cache_options``, ``prompt_cache_retention``, ``prompt_cache_key``, a
+  part's ``prompt_cache_breakpoint``): not sent (``prompt_cache_hints_dropped``); Ollama keeps a model's context as
+  it does, and the hint changes no answer;
 - ``parallel_tool_calls: false``: a model may still ask for several calls at once, and a client that sent it
   runs one call a turn. It is kept on the answer instead: each choice carries its first call only, streamed
   or not (the model asks for the next once it has the first's result).

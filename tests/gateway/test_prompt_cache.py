@@ -274,3 +274,20 @@ def test_mistral_takes_prompt_cache_key(other_providers):
     )
     assert reply.choices[0].message.content == "ok"
     assert other_providers.upstream.requests[-1]["body"]["prompt_cache_key"] == "tenant-7"
+
+
+@pytest.mark.parametrize("kind", ["mistral", "ollama"])
+def test_prompt_cache_retention_is_not_sent_to_mistral_or_ollama_and_the_key_to_mistral_only(other_providers, kind):
+    """``prompt_cache_retention`` went up to Mistral, which has no such field and refused the whole request with its
+    422 (a 400 to the client, for a hint that changes no answer), and to Ollama, which ignores it, as it does
+    ``prompt_cache_key``: neither caches on a retention asked, so it is left out and the request answered; Mistral
+    is sent the key, which routes requests sharing it to its cache, and Ollama is not."""
+    reply = other_providers.client().chat.completions.create(
+        model=f"{kind}-cache-test",
+        messages=[{"role": "user", "content": "hi [[reply=ok]]"}],
+        extra_body={"prompt_cache_key": "tenant-7", "prompt_cache_retention": "24h"},
+    )
+    assert reply.choices[0].message.content == "ok"
+    sent = other_providers.upstream.requests[-1]["body"]
+    assert "prompt_cache_retention" not in sent
+    assert sent.get("prompt_cache_key") == ("tenant-7" if kind == "mistral" else None)
