@@ -229,8 +229,8 @@ def _joined(content: list[dict[str, Any]] | str) -> str:
 
 
 def _joined_unless_marked(content: list[dict[str, Any]] | str) -> list[dict[str, Any]] | str:
-    """A system or developer message's parts joined, as ``_joined``; kept as parts when one marks the end of a
-    reusable prefix (``prompt_cache_breakpoint``), which a joined string would lose."""
+    """A system or developer message's parts, or a tool output's, joined, as ``_joined``; kept as parts when one
+    marks the end of a reusable prefix (``prompt_cache_breakpoint``), which a joined string would lose."""
     if isinstance(content, list) and any("prompt_cache_breakpoint" in part for part in content):
         return content
     return _joined(content)
@@ -331,7 +331,8 @@ def _messages_from_input(value: Any) -> tuple[list[dict[str, Any]], list[dict[st
                 _fail(f"Missing required parameter: '{where}.{key}'.", f"{where}.{key}", "missing_required_parameter")
             output = _text_of(item.get("output"), f"{where}.output", frozenset({"input_text"}))
             answered.add(item[key])
-            messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined(output)})
+            # A marked part stays the tool message's text part (the chat tool message's parts take a breakpoint).
+            messages.append({"role": "tool", "tool_call_id": item[key], "content": _joined_unless_marked(output)})
             origins.append({"": where, "content": f"{where}.output"})
         elif kind == "reasoning":
             # A model's earlier reasoning: its text (``reasoning_text`` parts, as llmhub returns it; a summary is

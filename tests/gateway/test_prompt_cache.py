@@ -291,3 +291,62 @@ def test_prompt_cache_retention_is_not_sent_to_mistral_or_ollama_and_the_key_to_
     sent = other_providers.upstream.requests[-1]["body"]
     assert "prompt_cache_retention" not in sent
     assert sent.get("prompt_cache_key") == ("tenant-7" if kind == "mistral" else None)
+
+
+def test_a_breakpoint_on_a_responses_tool_outputs_part_is_on_the_chat_tool_messages_part(gateway):
+    """A ``function_call_output``'s ``output`` may be a list of input parts, each with its ``prompt_cache_breakpoint``
+    (the spec's ``FunctionCallOutputItemParam``), and a chat tool message's text part takes one: the parts were joined
+    into a string and the breakpoint dropped, so a client marking the end of its prefix after a long tool result had
+    none written; a marked output stays the tool message's parts (an unmarked one is joined, as before), and reaches
+    Claude as ``cache_control`` on the tool result's block."""
+    output = [
+        {"type": "input_text", "text": "A long "},
+        {"type": "input_text", "text": "result.", "prompt_cache_breakpoint": BREAKPOINT},
+    ]
+    for model in ("gpt-test", "claude-test"):
+        response = gateway.client().responses.create(
+            model=model,
+            input=[
+                {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": output},
+                {"type": "function_call", "call_id": "call_2", "name": "lookup", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_2", "output": [output[0]]},
+                {"role": "user", "content": "hi [[reply=ok]]"},
+            ],
+            tools=[{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
+        )
+        assert response.output_text == "ok"
+        sent = gateway.upstream.requests[-1]["body"]
+        if model == "gpt-test":
+            marked, unmarked = [message for message in sent["messages"] if message["role"] == "tool"]
+            assert marked["content"] == [
+                {"type": "text", "text": "A long "},
+                {"type": "text", "text": "result.", "prompt_cache_breakpoint": BREAKPOINT},
+            ]
+            assert unmarked["content"] == "A long "
+        else:
+            marked, unmarked = [block for turn in sent["messages"] for block in turn["content"]][1::2]
+            assert [block.get("cache_control") for block in marked["content"]] == [
+                None,
+                {"type": "ephemeral", "ttl": "1h"},
+            ]
+            assert unmarked["content"] == "A long "
+
+
+@pytest.mark.parametrize("kind", ["gemini", "cohere", "ollama", "mistral"])
+def test_a_marked_responses_tool_output_reaches_a_provider_without_explicit_caching_unmarked(other_providers, kind):
+    """A marked tool output, now the chat tool message's parts, is answered by the providers that cache implicitly or
+    not at all, sent no breakpoint."""
+    output = [{"type": "input_text", "text": "A long result.", "prompt_cache_breakpoint": BREAKPOINT}]
+    response = other_providers.client().responses.create(
+        model=f"{kind}-cache-test",
+        input=[
+            {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": output},
+            {"role": "user", "content": "hi [[reply=ok]]"},
+        ],
+        tools=[{"type": "function", "name": "lookup", "parameters": {"type": "object"}}],
+    )
+    assert response.output_text == "ok"
+    sent = other_providers.upstream.requests[-1]["body"]
+    assert not sent_anywhere(sent, "prompt_cache_breakpoint")
