@@ -290,7 +290,7 @@ async def test_websocket_messages_go_through_the_same_limits(store, socket_user,
                 }
             )
             while request_id not in outcomes:
-                event = await socket.receive_json_from(timeout=10)
+                event = await socket.receive_json_from(timeout=30)
                 if event.get("request_id") == request_id and event["type"] in ("chat.completed", "error"):
                     outcomes[request_id] = event
         assert [outcomes[f"ws{i}"]["type"] for i in range(3)] == ["chat.completed", "chat.completed", "error"]
