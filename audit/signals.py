@@ -41,8 +41,9 @@ DEFAULT_AUDITED_MODELS = (
     "auth.User",
     "auth.Group",
 )
-# Fields whose change is bookkeeping, not an act: a sign-in stamps last_login (recorded as auth.login).
-DEFAULT_IGNORED_FIELDS = ("auth.user.last_login",)
+# Fields whose change is bookkeeping, not an act: a sign-in stamps last_login (recorded as auth.login); an alert
+# rule's model_name_bound follows its model_name (the name its binding was made for), whose change is recorded.
+DEFAULT_IGNORED_FIELDS = ("auth.user.last_login", "billing.opsalertrule.model_name_bound")
 ROLE_FIELDS = {("auth.user", "groups")}
 
 _UNSET = object()

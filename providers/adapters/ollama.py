@@ -2,7 +2,7 @@
 silently ignores.
 
 Ollama reads a subset of OpenAI's request fields (its ``ChatCompletionRequest``, ``openai/openai.go``) and
-ignores the rest. Most of those the answer shows for itself, but three would not:
+ignores the rest. Most of those the answer shows for itself; these five it would not, or are left out:
 
 - ``n``: Ollama answers one choice whatever ``n`` asked, so a request for several is refused with a 400 before
   any call, as the adapters of the other providers without ``n`` do;

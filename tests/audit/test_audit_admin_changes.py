@@ -505,6 +505,22 @@ def test_disabling_an_operations_alert_rule_is_recorded(admin_client, root):
     assert last_event("billing.opsalertrule.delete").target_id == str(rule.pk)
 
 
+def test_an_alert_rule_watching_another_model_is_recorded_by_its_name_alone(admin_client, root):
+    """The rule's ``model_name`` change is the act; ``model_name_bound`` (the name its binding was made for, which
+    follows it) is bookkeeping, not a second change in the log."""
+    from billing.models import OpsAlertKind, OpsAlertRule
+    from tests.factories import ModelFactory
+
+    watched = ModelFactory(name="gpt-watched")
+    rule = OpsAlertRule.objects.create(name="errors", kind=OpsAlertKind.ERROR_RATE, threshold=Decimal("5"))
+    assert "model_name_bound" not in last_event("billing.opsalertrule.create").changes
+
+    admin_submit(admin_client, change_url(rule), model_name="gpt-watched")
+
+    changes = last_event("billing.opsalertrule.change").changes
+    assert changes == {"model_name": ["", "gpt-watched"], "model": [None, watched.pk]}
+
+
 def test_the_staff_flag_a_role_group_gives_is_recorded(admin_client, root, django_capture_on_commit_callbacks):
     """Putting a user in the operator group from the admin's user form makes them staff (``role_staff_sync``):
     that flip, which opens the admin and the staff pages to them, is in the log beside the role.change."""
