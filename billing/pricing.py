@@ -205,6 +205,12 @@ def cost_for(
         return (input_cost + cached_cost + write_cost + output_cost + searches).quantize(COST_QUANTUM)
 
 
+def prompt_price_ceiling(model: Prices) -> Decimal:
+    """The dearest price per million a prompt token may be charged, at the standard tier: the input, cache-write
+    or 1-hour cache-write price (which applies is known only from the usage)."""
+    return max(model.input_per_mtok, cache_write_price(model), cache_write_1h_price(model))
+
+
 def prompt_cost_ceiling(
     *, model: Prices, prompt_tokens: int, completion_tokens: int, service_tier: str = ""
 ) -> Decimal:
@@ -212,7 +218,7 @@ def prompt_cost_ceiling(
     read from or wrote to its cache: every prompt token at the dearest of the input, cache-write and 1-hour
     cache-write prices (a reservation that holds this keeps a budget whatever the cache does), at the prices of
     ``service_tier`` (``reserved_tier``: the dearest one the request may be served at)."""
-    dearest = max(model.input_per_mtok, cache_write_price(model), cache_write_1h_price(model))
+    dearest = prompt_price_ceiling(model)
     written = prompt_tokens if dearest > model.input_per_mtok else 0
     written_1h = written if cache_write_1h_price(model) == dearest else 0
     return cost_for(

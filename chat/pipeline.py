@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -102,7 +102,7 @@ from providers.routing import (
 from providers.routing.stats import CallTicket
 from providers.rules import apply_parameter_rules
 from providers.selectors import factor_ceiling, model_resolve
-from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, text_tokens
+from providers.tokens import REASONING_FIELDS, TOOL_CALL_BLOCKS, prompt_token_bounds, prompt_tokens, text_tokens
 from providers.types import ProviderConfig, ResolvedDeployment, ResolvedModel
 
 from .callers import Caller, caller_from_api_key, caller_from_user, model_listed_for_caller, models_for_caller
@@ -1826,6 +1826,10 @@ class CompletionRun:
         # ``delivered`` the attempt relayed now began.
         earlier_tokens = 0
         attempt_began = 0
+        # The prompts of those attempts, which the provider billed each (``_prompt_billed``); and the prefill the
+        # attempt relayed now was given, part of its prompt.
+        earlier_prompt = 0
+        prefilled = ""
         # The upstream's usage left one of its counts out, which the client was told as the estimate it is charged.
         usage_filled = False
         # The output check, built for the model that answered once it has (each piece is fed to it before it is
@@ -1873,6 +1877,7 @@ class CompletionRun:
                 finish_reason=finish_reason,
                 error_type=call.error_type,
                 usage_partly_estimated=bool(earlier_tokens) or usage_filled,
+                earlier_prompt_tokens=earlier_prompt,
                 web_searches=searched,
             )
 
@@ -1950,12 +1955,14 @@ class CompletionRun:
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(written))  # held back or not, it was billed
+                        earlier_prompt += self._prompt_billed(usage, prefilled)
+                        prefilled = "".join(text)
                         attempt_began = len(delivered)
                         usage = {}
                         self.served_tier = ""  # the usage charged is the next attempt's: at its tier
                         set_apart = reasoned
                         first, upstream = await self._call(
-                            once_with("".join(text)), exclude=failed | self._prefill_refusers(self.body)
+                            once_with(prefilled), exclude=failed | self._prefill_refusers(self.body)
                         )
                         searched += asking
                         guard = await self._reply_guard(guard)  # it may be a fallback under another policy
@@ -1979,6 +1986,16 @@ class CompletionRun:
         tier = message_tier(usage.get("service_tier") if isinstance(usage, dict) else None)
         if tier:
             self.served_tier = tier
+
+    def _prompt_billed(self, usage: Mapping[str, Any], prefill: str) -> int:
+        """The prompt tokens of an attempt that failed midway, before a resume, which its provider billed as a
+        request of its own: its usage's count when it gave one before failing (some servers report usage in every
+        chunk; Anthropic's ``message_start``), else the estimate of the body and of the prefill it was given, as the
+        settle step estimates a prompt (``settlement_tokens``)."""
+        counted = usage.get("prompt_tokens")
+        if type(counted) is int and counted >= 0:
+            return counted
+        return prompt_tokens(self.body, operation=self.operation) + (text_tokens(prefill) if prefill else 0)
 
     def _usage_completed(self, usage: dict[str, Any], delivered_text: str) -> bool:
         """Fill in, in place, the count an upstream's usage left out (``prompt_tokens`` or ``completion_tokens``)
@@ -2116,6 +2133,10 @@ class CompletionRun:
         # The searches every attempt that answered ran unreported (a translated search model's: ``web_searches``),
         # a resumed message's failed ones too, which the provider billed; and those the latest attempt asked.
         unreported = asking = 0
+        # The prompts of the attempts that failed midway, which the provider billed each (``_prompt_billed``); and
+        # the prefill the attempt relayed now was given, part of its prompt.
+        earlier_prompt = 0
+        prefilled = ""
         splice = _MessagesSplice()
         thought = False  # the current attempt's upstream request had Claude think: it refuses a text prefill
 
@@ -2160,6 +2181,7 @@ class CompletionRun:
                 finish_reason=stop_reason,
                 error_type=call.error_type,
                 usage_partly_estimated=partly_estimated,
+                earlier_prompt_tokens=earlier_prompt,
                 web_searches=unreported,
             )
 
@@ -2232,10 +2254,12 @@ class CompletionRun:
                         await self._attempt_abandon(upstream, failed)
                         upstream = None
                         earlier_tokens = text_tokens("".join(generated))  # held back or not, it was billed
+                        earlier_prompt += self._prompt_billed(openai_usage(usage) if usage else {}, prefilled)
+                        prefilled = "".join(delivered)
                         usage = {}
                         self.served_tier = ""  # the usage charged is the next attempt's: at its tier
                         first, upstream = await self._call(
-                            once_with("".join(delivered)), exclude=failed | self._prefill_refusers(self.body)
+                            once_with(prefilled), exclude=failed | self._prefill_refusers(self.body)
                         )
                         unreported += asking
                         guard = await self._reply_guard(guard)  # it may be a fallback under another policy
@@ -2305,11 +2329,14 @@ class CompletionRun:
         usage_partly_estimated: bool = False,
         output_arrived: bool = False,
         web_searches: int = 0,
+        earlier_prompt_tokens: int = 0,
     ) -> None:
         """Once per run, whatever happened: billing decides the tokens (the provider's usage, or an estimate
         from what was relayed), the cost at the answering deployment's prices and the reservation's release
         together (``request_settle``); the attempt still open is reported to routing with its tokens.
-        ``web_searches``: those the provider ran that its usage does not report (``BaseAdapter.web_searches``)."""
+        ``web_searches``: those the provider ran that its usage does not report (``BaseAdapter.web_searches``).
+        ``earlier_prompt_tokens``: the prompts of a resumed stream's attempts that failed midway
+        (``_prompt_billed``)."""
         if self._settled:
             return
         self._settled = True
@@ -2341,6 +2368,7 @@ class CompletionRun:
             attempts=self.attempts,
             resumed=self.resumed,
             usage_partly_estimated=usage_partly_estimated,
+            earlier_prompt_tokens=earlier_prompt_tokens,
             web_searches=web_searches,
             billing_source=BillingSource.PLATFORM if served.provider.credential_id is None else BillingSource.USER_KEY,
             moderation=self.moderation.summary if self.moderation is not None else "",

@@ -26,7 +26,15 @@ from providers.types import ResolvedModel
 
 from ..exceptions import QuotaExceededError
 from ..models import ApiKey, BudgetCounter, BudgetMetric, BudgetPeriod, ScopeKind, UsageRecord
-from ..pricing import COST_QUANTUM, cost_for, prompt_cost_ceiling, reserved_tier, tier_factor, web_search_cost
+from ..pricing import (
+    COST_QUANTUM,
+    cost_for,
+    prompt_cost_ceiling,
+    prompt_price_ceiling,
+    reserved_tier,
+    tier_factor,
+    web_search_cost,
+)
 from ..selectors import KeyLimits, UserLimits, api_key_subtree_ids
 from .spool import SpoolIndex
 
@@ -257,7 +265,9 @@ def charge_for(
     (``prompt_cost_ceiling``): which of its tokens the provider writes to its cache is known only from the usage.
     The web searches a request's tools may run (``web_searches_bound``), and the one a model that searches on every
     request runs (``model.searches_every_request``), are reserved at the search price, the latter for each of the
-    ``answers`` attempts that may answer it (a stream resumed on failure). The tokens are reserved at the prices of
+    ``answers`` attempts that may answer it (a stream resumed on failure), as is the prompt, each resumed attempt's
+    with its prefill (the reply so far: at most its output limit, or priced per output token when llmhub picks
+    the limit). The tokens are reserved at the prices of
     the dearest service tier the request may be charged at (``reserved_tier``: its reply says the tier OpenAI served
     it at, which for ``auto`` or none is the project's default, maybe priority)."""
     choices = replies_billed(body)
@@ -281,9 +291,15 @@ def charge_for(
     searches = web_searches_bound(body, every_request=model.searches_every_request, answers=answers)
     searches_cost = _web_searches_cost(model, searches)
     tier = reserved_tier(model, body.get("service_tier"))
+    # Each attempt that may answer is billed its prompt; a resumed one's holds the reply so far too, its prefill,
+    # which is at most the reply's limit (settled by ``earlier_prompt_tokens``).
+    resumes = max(answers - 1, 0)
     if max_tokens is not None:
         fixed = prompt_cost_ceiling(
-            model=model, prompt_tokens=prompt_tokens, completion_tokens=max_tokens * choices, service_tier=tier
+            model=model,
+            prompt_tokens=prompt_tokens * (1 + resumes) + max_tokens * resumes,
+            completion_tokens=max_tokens * choices,
+            service_tier=tier,
         )
         return Charge(
             fixed + searches_cost, Decimal(0), max_tokens, cap, prompt_tokens, choices, likely, client_limit, searches
@@ -291,12 +307,14 @@ def charge_for(
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
     fixed = (
-        prompt_cost_ceiling(model=model, prompt_tokens=prompt_tokens, completion_tokens=0, service_tier=tier)
+        prompt_cost_ceiling(
+            model=model, prompt_tokens=prompt_tokens * (1 + resumes), completion_tokens=0, service_tier=tier
+        )
         + searches_cost
     )
     return Charge(
         fixed,
-        model.output_per_mtok * tier_factor(model, tier) / Decimal(1_000_000),
+        (model.output_per_mtok + prompt_price_ceiling(model) * resumes) * tier_factor(model, tier) / Decimal(1_000_000),
         None,
         max(cap, 1),
         prompt_tokens,

@@ -159,6 +159,7 @@ def request_settle(
     attempts: int = 0,
     resumed: bool = False,
     usage_partly_estimated: bool = False,
+    earlier_prompt_tokens: int = 0,
     web_searches: int = 0,
     upstream_latency_ms: int | None = None,
     ttft_ms: int | None = None,
@@ -180,7 +181,10 @@ def request_settle(
     ``output_arrived``: the model wrote something, relayed or not (``settlement_tokens``).
     ``requested_model``: the name the client sent; the row keeps it only when another model answered.
     ``usage_partly_estimated``: ``usage`` adds counted tokens to the provider's (a resumed stream's first
-    part): the row is flagged as an estimate. ``web_searches``: searches the provider ran and bills that
+    part): the row is flagged as an estimate. ``earlier_prompt_tokens``: the prompts of a resumed stream's attempts
+    that answered and failed midway, each a request the provider billed (``usage`` and ``delivered_text`` count the
+    last attempt's prompt alone): added to the prompt, priced as the rest of it, the row an estimate.
+    ``web_searches``: searches the provider ran and bills that
     ``usage`` does not report (a chat completion's ``web_search_options``), added to those it does.
     ``billing_source``: whose provider key paid; on the user's own key the row's ``cost`` counts against budgets
     only when the user's plan says so (``user_key_cost`` keeps the price either way). ``moderation``: what
@@ -199,6 +203,9 @@ def request_settle(
         output_arrived=output_arrived,
     )
     estimated = estimated or (usage_partly_estimated and usage is not None)
+    if earlier_prompt_tokens > 0:
+        prompt = min(prompt + earlier_prompt_tokens, COUNT_MAX)
+        estimated = True
     written_1h = _written_1h(usage, written)
     searches = min(_web_searches(usage) + max(web_searches, 0), COUNT_MAX)
     tier = billed_tier(model, service_tier, requested_tier)

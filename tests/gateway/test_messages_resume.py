@@ -66,6 +66,25 @@ def test_a_cut_message_stream_goes_on_from_the_next_deployment_as_one_message(ga
 
 
 @pytest.mark.parametrize("kind", [ProviderKind.ANTHROPIC, ProviderKind.OPENAI])
+def test_a_resumed_message_stream_is_charged_the_prompt_of_each_attempt_that_answered(gateway, fake_upstream, kind):
+    """Each attempt is a request the provider bills: the one cut midway its prompt, which its ``message_start``
+    counted (the client's, as the stream began with it), the resumed one its prompt with the prefill. The row is
+    charged both. Before, the cut attempt's prompt was charged nothing."""
+    resumable(fake_upstream, kind)
+
+    with sdk(gateway).messages.stream(model="resumable", max_tokens=60, messages=ASK) as stream:
+        started = next(event for event in stream if event.type == "message_start")
+        list(stream)
+        request_id = stream.response.headers["x-request-id"]
+
+    cut = started.message.usage.input_tokens
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed and record.attempts == 2 and record.usage_estimated
+    # The resumed attempt's prompt is the cut one's and its prefill: charged both, more than twice the first.
+    assert cut > 0 and record.prompt_tokens > 2 * cut, (cut, record.prompt_tokens)
+
+
+@pytest.mark.parametrize("kind", [ProviderKind.ANTHROPIC, ProviderKind.OPENAI])
 def test_a_resumed_message_stream_is_anthropics_sequence_with_one_message_start(gateway, fake_upstream, kind):
     resumable(fake_upstream, kind)
 

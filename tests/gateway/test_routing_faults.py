@@ -11,7 +11,7 @@ import concurrent.futures
 import json
 import math
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 import httpx
 import openai
@@ -28,6 +28,7 @@ from providers.models import CatalogModel, Deployment, ProviderKind
 from providers.routing.breaker_machine import OPEN
 from providers.routing.breakers import breaker_state
 from providers.selectors import model_resolve_sync
+from providers.tokens import prompt_tokens
 from tests.conftest import free_port
 from tests.factories import ProviderFactory, UserFactory
 from tests.providers.health_probes import breakers_closed_after  # noqa: F401  (a fixture)
@@ -773,6 +774,63 @@ def test_a_model_that_resumes_on_failure_continues_a_cut_stream_on_the_next_depl
     assert record.usage_estimated and record.completion_tokens > chunks[-1].usage.completion_tokens
     prefill = fake_upstream.requests[-1]["body"]["messages"][-1]
     assert prefill["role"] == "assistant" and prefill["content"] == "".join(texts[:4])
+
+
+def test_a_resumed_stream_is_charged_the_prompt_of_each_attempt_that_answered(client, fake_upstream):
+    """The provider bills each attempt as a request of its own: the one cut midway its prompt (and what it wrote),
+    the resumed one its prompt with the prefill. The row is charged both prompts, the cut attempt's estimated (it
+    reported no usage before it was cut), flagged as an estimate, at the answering deployment's prices. Before, the
+    cut attempt's prompt was charged nothing."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+
+    with client.chat.completions.with_streaming_response.create(
+        model="routed", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    ) as response:
+        chunks = list(response.parse())
+        request_id = response.headers["x-request-id"]
+
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed and record.attempts == 2 and record.usage_estimated
+    resumed = chunks[-1].usage.prompt_tokens  # the answering attempt's own count, its prefill in it
+    cut = prompt_tokens({"model": "routed", "messages": MESSAGES}, operation="chat")
+    assert cut > 0 and record.prompt_tokens == resumed + cut
+    answered = model_resolve_sync("routed")
+    second = answered.on(next(d for d in answered.deployments if d.name == "second"))
+    assert record.cost == cost_for(
+        model=second, prompt_tokens=resumed + cut, completion_tokens=record.completion_tokens
+    )
+
+
+def test_admission_reserves_the_prompt_of_each_attempt_a_resumed_stream_may_make(mid_month, client, fake_upstream):
+    """A model resuming on failure may answer a stream twice here (two deployments), each attempt billed its
+    prompt, the second's with the reply so far as its prefill (at most the output limit). A key whose budget pays
+    for one attempt's prompt and the reply, but not for the second prompt, is refused before the provider is
+    called; with enough for both it is answered, resumed, and spends within its budget. Before, one prompt was
+    reserved and the key could spend past its budget by the second."""
+    routed(fake_upstream, "fault-cut-3", resume_on_failure=True)
+    body = {"model": "routed", "messages": MESSAGES, "stream": True, "max_tokens": 4000}
+    upper = prompt_tokens(body, operation="chat", upper_bound=True)
+    # At the dearest deployment's prices (DEAR: $3 and $15 per million): one attempt, and two (budgets keep 4 places).
+    once = (Decimal(upper) * 3 + 4000 * 15) / 1_000_000
+    twice = ((Decimal(upper * 2 + 4000) * 3 + 4000 * 15) / 1_000_000).quantize(Decimal("0.0001"), ROUND_CEILING)
+    spender = api_key_create(user=client.key.api_key.user, name="budgeted")
+    spending = openai.OpenAI(base_url=str(client.base_url), api_key=spender.secret, max_retries=0, timeout=30)
+    api_key_limits_set(api_key=spender.api_key, budget_usd=((once + twice) / 2).quantize(Decimal("0.0001")))
+    requests = len(fake_upstream.requests)
+
+    with pytest.raises(openai.RateLimitError) as refused:
+        spending.chat.completions.create(**body)
+    assert "this request could need up to" in refused.value.message
+    assert len(fake_upstream.requests) == requests, "refused before any upstream call"
+
+    api_key_limits_set(api_key=spender.api_key, budget_usd=twice)
+    with spending.chat.completions.with_streaming_response.create(**body) as response:
+        list(response.iter_lines())
+        request_id = response.headers["x-request-id"]
+    record = wait_for_record(request_id)
+    assert record.status == "ok" and record.resumed
+    assert record.prompt_tokens > 2 * prompt_tokens(body, operation="chat"), "both attempts' prompts charged"
+    assert record.cost <= twice
 
 
 def test_a_cut_stream_resumes_on_a_mistral_deployment_with_the_prefill_marked_as_its_prefix(client, fake_upstream):
