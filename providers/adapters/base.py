@@ -40,6 +40,10 @@ class BaseAdapter(ABC):
     # The most stop strings the provider takes in one request (a translated Messages request's ``stop_sequences``);
     # None: no limit known. More are refused before any call, naming the client's field.
     messages_stop_max: ClassVar[int | None] = None
+    # The chat completions' ``service_tier`` a translated Messages request's ``standard_only`` (Anthropic's standard
+    # processing) is sent as: OpenAI's ``default`` on OpenAI's own API (``OpenAIPlatformAdapter``); None: no tier is
+    # sent (a provider without OpenAI's tiers: Mistral refuses the field, a compatible server's tiers are its own).
+    messages_standard_tier: ClassVar[str | None] = None
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -132,6 +136,7 @@ class BaseAdapter(ABC):
             end_user_field=cls.messages_end_user_field,
             efforts=cls.messages_efforts,
             stop_max=cls.messages_stop_max,
+            standard_tier=cls.messages_standard_tier,
         )
 
     async def messages_stream(

@@ -683,8 +683,10 @@ class OpenAIPlatformAdapter(OpenAIAdapter):
     ``max_completion_tokens``. OpenAI deprecated ``max_tokens`` for all its models, and its reasoning models and
     gpt-5 refuse it (a 400 ``unsupported_parameter``), while every model of its takes ``max_completion_tokens`` as
     the same limit: a limit llmhub picks or translates (``max_tokens``: under a budget, a ``fixed`` rule's, a
-    /v1/messages request's), and a client's ``max_tokens``, go under it."""
+    /v1/messages request's), and a client's ``max_tokens``, go under it. A /v1/messages request's ``standard_only``
+    asks OpenAI's ``default`` tier (standard processing, whatever the project's default tier)."""
 
     output_limit = "max_completion_tokens"
     takes_allowed_tools = True
     messages_stop_max = OPENAI_STOP_MAX
+    messages_standard_tier = "default"

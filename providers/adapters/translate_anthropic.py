@@ -727,11 +727,14 @@ class StreamTranslator:
 # reply that calls a tool ends ``tool_use`` even when its server said ``stop`` (``_stop_reason``).
 # A reply stopped at a stop string says which when its server does (vLLM's ``stop_reason``:
 # ``stop_sequence_matched``), else it ends ``end_turn``.
-# ``service_tier`` and ``speed`` are Anthropic's choices of its own capacity and are dropped: the
-# model is served at its provider's standard processing, which ``standard_only`` asks for and ``auto`` (Anthropic's
-# Priority Tier when the account has it) falls back to; OpenAI's ``service_tier`` of the same name picks among OpenAI's
-# tiers (flex, priority, scale), which OpenAI bills otherwise than the catalog's prices, and Mistral refuses it;
-# ``speed: "fast"`` (a faster mode of Claude) has no equivalent, the reply comes at the model's own pace.
+# ``service_tier`` is Anthropic's choice of its capacity: ``auto`` (its Priority Tier when the account has it, else
+# standard) and none are sent as no tier, which OpenAI serves at the project's default (priority or flex, if its owner
+# set one: the reply says which, and it is charged so); ``standard_only`` is sent as the tier that asks for standard
+# processing where the provider has one (``standard_tier``: OpenAI's ``default``, ``OpenAIPlatformAdapter``), and as
+# none elsewhere (Mistral refuses the field, an OpenAI-compatible server's tiers are its own: Groq's ``on_demand``).
+# Until 7 December 2026 it was sent as none to OpenAI too, so a project whose default is priority was served priority
+# and charged the standard prices (``billing.pricing.billed_tier``), and one whose default is flex served flex.
+# ``speed: "fast"`` (a faster mode of Claude) has no equivalent and is dropped, the reply comes at the model's own pace.
 # ``inference_geo`` (the region Anthropic runs the model in: data residency) naming a region is refused: where the model
 # runs is its deployment's provider's, and a client asking for its data to stay in a region is not served elsewhere
 # silently. ``"global"``, Anthropic's default (any region), asks for no residency and is dropped, as a client that
@@ -748,6 +751,8 @@ _STOP_REASONS = {
     "content_filter": "refusal",
 }
 _MESSAGES_OPTIONAL = ("temperature", "top_p")
+# Anthropic's ``service_tier`` that asks for its standard processing only (``chat_request``'s ``standard_tier``).
+STANDARD_ONLY = "standard_only"
 # The Messages API's features that Anthropic runs itself and no OpenAI-protocol model has: dropped, the model would
 # answer as if they had not been asked for, so a request that sets one is refused (``chat_request``).
 _ANTHROPIC_ONLY = {
@@ -794,13 +799,16 @@ def chat_request(
     end_user_field: str | None = "user",
     efforts: tuple[str, ...] | None = None,
     stop_max: int | None = None,
+    standard_tier: str | None = None,
 ) -> dict[str, Any]:
     """The chat-completions body for a Messages API body (``stream`` is left to the caller). ``end_user_field``: the
     field the end user (``metadata.user_id``) goes in, OpenAI's ``user``; None for a provider that has none and
     refuses it (Mistral's 422), where it is left out. ``efforts``: the levels of ``output_config.effort`` the
     provider has a ``reasoning_effort`` for (None: all); another is refused naming the client's field, not the
     ``reasoning_effort`` it would have become. ``stop_max``: the most stop strings the provider takes (OpenAI's 4;
-    None: no limit known); more are refused naming ``stop_sequences``, not the ``stop`` they would have become."""
+    None: no limit known); more are refused naming ``stop_sequences``, not the ``stop`` they would have become.
+    ``standard_tier``: the ``service_tier`` that asks the provider for its standard processing, sent for Anthropic's
+    ``standard_only`` (OpenAI's ``default``); None: the provider has none, and no tier is sent."""
     for name, feature in _ANTHROPIC_ONLY.items():
         if request.get(name) not in (None, []):
             raise _refused(
@@ -826,6 +834,8 @@ def chat_request(
     body: dict[str, Any] = {"model": request.get("model"), "messages": messages}
     if request.get("max_tokens") is not None:
         body["max_tokens"] = request["max_tokens"]
+    if request.get("service_tier") == STANDARD_ONLY and standard_tier is not None:
+        body["service_tier"] = standard_tier
     for name in _MESSAGES_OPTIONAL:
         if request.get(name) is not None:
             body[name] = request[name]

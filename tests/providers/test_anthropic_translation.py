@@ -590,6 +590,27 @@ def test_openais_api_and_azures_take_at_most_four_stop_strings(kind):
         adapter_class_for_kind(other).messages_check(request)
 
 
+@pytest.mark.parametrize(
+    ("kind", "standard"),
+    [
+        ("openai", "default"),  # OpenAI's standard processing, whatever the project's default tier
+        ("openai_compatible", None),  # a compatible server's tiers are its own (Groq's on_demand)
+        ("vllm", None),
+        ("mistral", None),  # Mistral refuses service_tier
+        ("ollama", None),
+    ],
+)
+def test_standard_only_asks_the_providers_standard_tier_where_it_has_one(kind, standard):
+    """Anthropic's ``standard_only`` went to OpenAI as no tier, which a project whose default is priority or flex
+    served at that tier; OpenAI's own API is sent its ``default``, another provider no tier, and ``auto`` (or none)
+    no tier anywhere: the project's default."""
+    request = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    translate = adapter_class_for_kind(kind)._chat_request
+    assert translate({**request, "service_tier": "standard_only"}).get("service_tier") == standard
+    assert "service_tier" not in translate({**request, "service_tier": "auto"})
+    assert "service_tier" not in translate(request)
+
+
 @pytest.mark.parametrize("max_tokens", [2048, 1500])
 def test_a_thinking_budget_not_under_max_tokens_is_refused_as_anthropic_refuses_it(max_tokens):
     """Anthropic refuses a thinking budget that leaves the reply no room (``max_tokens`` must be greater than

@@ -1,0 +1,95 @@
+"""The service tier a /v1/messages request asks in Anthropic's words (``service_tier``: ``auto``, ``standard_only``)
+sent to an OpenAI deployment in OpenAI's, end to end: the fake upstream records the body it was sent and answers
+the tier it served (the one asked, or for ``auto`` or none the project's default, ``[[project_tier=NAME]]``), and
+the ledger row, called with the anthropic SDK whole and streamed, is charged the tier the reply says."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from providers.models import Deployment, ProviderKind
+from tests.factories import ModelFactory, ProviderFactory
+from tests.gateway.test_cache_write_ledger import anthropic_client
+from tests.gateway.test_tier_ledger import assert_charged
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def openai_itself(gateway):
+    """``gpt-openai``, a model on OpenAI's own API (kind ``openai``), priced 1 and 2 a million tokens, priority × 2
+    and flex × 0.5 (the prices ``assert_charged`` reads)."""
+    provider = ProviderFactory(
+        name="openai-itself", kind=ProviderKind.OPENAI, base_url=gateway.upstream.base_url + "/v1"
+    )
+    ModelFactory(
+        name="gpt-openai",
+        provider=provider,
+        input_per_mtok=Decimal(1),
+        output_per_mtok=Decimal(2),
+        cached_input_per_mtok=None,
+    )
+    Deployment.objects.filter(model__name="gpt-openai").update(
+        priority_price_factor=Decimal(2), flex_price_factor=Decimal("0.5")
+    )
+    return gateway
+
+
+def message_usage(gateway, model: str, asked: str | None, project: str, stream: bool):
+    """The usage of a /v1/messages reply of ``model`` asking ``asked`` (None: no ``service_tier``) of a project whose
+    default tier is ``project``, whole or streamed, and its request id."""
+    client = anthropic_client(gateway)
+    body = {"model": model, "max_tokens": 50, **({} if asked is None else {"service_tier": asked})}
+    messages = [{"role": "user", "content": f"one two three [[project_tier={project}]]"}]
+    if stream:
+        with client.messages.stream(**body, messages=messages) as streamed:
+            return streamed.get_final_message().usage, streamed.response.headers["x-request-id"]
+    raw = client.messages.with_raw_response.create(**body, messages=messages)
+    return raw.parse().usage, raw.headers["x-request-id"]
+
+
+def tier_sent(gateway) -> str | None:
+    """The ``service_tier`` the upstream's last chat completion was sent (None: none)."""
+    return [entry for entry in gateway.upstream.requests if entry["path"] == CHAT][-1]["body"].get("service_tier")
+
+
+@pytest.mark.parametrize(
+    ("asked", "project", "sent", "factor", "tier", "said"),
+    [
+        # standard_only is OpenAI's default tier, asked: served and charged standard, whatever the project's default.
+        ("standard_only", "priority", "default", Decimal(1), "", "standard"),
+        ("standard_only", "flex", "default", Decimal(1), "", "standard"),
+        # auto (or none) asks no OpenAI tier: the project's default serves it, and it is charged as served.
+        ("auto", "priority", None, Decimal(2), "priority", "priority"),
+        (None, "flex", None, Decimal("0.5"), "flex", "flex"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_standard_only_asks_openai_for_its_standard_tier(
+    openai_itself, asked, project, sent, factor, tier, said, stream
+):
+    """Anthropic's ``standard_only`` went to OpenAI as no tier, so a project whose default is Priority processing
+    served it at priority, which the row was charged at the standard prices (the client asked no dearer tier: the
+    operator paid the difference), and one whose default is flex served it at flex, not the standard processing
+    asked. It is sent as OpenAI's ``default`` (standard processing: the spec's ServiceTier), served and charged
+    standard; ``auto`` and none are still sent no tier."""
+    usage, request_id = message_usage(openai_itself, "gpt-openai", asked, project, stream)
+
+    assert tier_sent(openai_itself) == sent
+    assert usage.service_tier == said  # what the client reads is what it is charged at
+    assert_charged(request_id, factor, tier)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_server_of_other_tiers_is_sent_no_tier_for_standard_only(gateway, stream):
+    """An OpenAI-compatible server's tiers are its own (Groq's ``on_demand``, ``flex``, ``auto``, ``performance``:
+    its 400 for ``default``), and Mistral has none: only OpenAI's own API is sent ``default`` for ``standard_only``;
+    another gets no tier, as before, and a tier it serves dearer is charged at most the standard prices."""
+    usage, _ = message_usage(gateway, "gpt-test", "standard_only", "priority", stream)
+
+    assert tier_sent(gateway) is None
+    assert usage.service_tier == "priority"
