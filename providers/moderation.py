@@ -76,8 +76,9 @@ OPENAI_CALLS_AT_ONCE = 4
 # calls at once meet the limit at low usage tiers) is asked again, at most ``OPENAI_RATE_LIMIT_RETRIES`` times, after
 # the wait the service says (``retry-after-ms``, ``retry-after``), else a backoff with full jitter (a uniform wait up
 # to ``OPENAI_RATE_LIMIT_BACKOFF_SECONDS`` doubled at each retry, at most ``OPENAI_RATE_LIMIT_BACKOFF_CAP_SECONDS``:
-# the calls limited together do not come back together), all within the call's one deadline (the policy's
-# ``timeout_seconds``): a wait that would end past it is not waited, and the 429 fails the call at once.
+# the calls limited together do not come back together), all within the check's one deadline (the policy's
+# ``timeout_seconds`` from the check's start, ``PolicySnapshot.ask_service``): a wait that would end past it is not
+# waited, and the 429 fails the call at once.
 OPENAI_RATE_LIMIT_RETRIES = 3
 OPENAI_RATE_LIMIT_BACKOFF_SECONDS = 0.25
 OPENAI_RATE_LIMIT_BACKOFF_CAP_SECONDS = 2.0
@@ -848,15 +849,20 @@ class PolicySnapshot:
 
     async def ask_service(self, text: str) -> Hit | None:
         """The moderation service's verdict on all of ``text``, sent as ``service_inputs`` (of a size the service
-        reads whole), ``OPENAI_INPUTS_PER_CALL`` a call, ``OPENAI_CALLS_AT_ONCE`` calls at a time, each within the
-        policy's timeout. The first flag found is the verdict (the calls still out are cancelled: whatever else
-        they find, the text is flagged); a call that fails fails the whole (the policy decides)."""
+        reads whole), ``OPENAI_INPUTS_PER_CALL`` a call, ``OPENAI_CALLS_AT_ONCE`` calls at a time, all within the
+        policy's timeout from now: one deadline for the whole check, each call and its 429 retries within it, so
+        the policy decides within ``timeout_seconds`` however many calls the text takes (each call had its own
+        timeout until 7 December 2026: a long input's 9 rounds of calls could take 9 times it). The first flag
+        found is the verdict (the calls still out are cancelled: whatever else they find, the text is flagged); a
+        call that fails, or the deadline passing, fails the whole (the policy decides)."""
         if self.provider is None:
             raise ModerationServiceError(f"the policy {self.name!r} names no moderation provider")
+        deadline = asyncio.get_running_loop().time() + self.timeout_seconds
         inputs = service_inputs(text)
         calls = iter([inputs[at : at + OPENAI_INPUTS_PER_CALL] for at in range(0, len(inputs), OPENAI_INPUTS_PER_CALL)])
         pending = {
-            asyncio.ensure_future(self._ask_call(batch)) for batch in itertools.islice(calls, OPENAI_CALLS_AT_ONCE)
+            asyncio.ensure_future(self._ask_call(batch, deadline))
+            for batch in itertools.islice(calls, OPENAI_CALLS_AT_ONCE)
         }
         try:
             while pending:
@@ -871,7 +877,8 @@ class PolicySnapshot:
                     if failure is not None:
                         raise failure
                 pending |= {
-                    asyncio.ensure_future(self._ask_call(batch)) for batch in itertools.islice(calls, len(done))
+                    asyncio.ensure_future(self._ask_call(batch, deadline))
+                    for batch in itertools.islice(calls, len(done))
                 }
             return None
         finally:
@@ -880,10 +887,9 @@ class PolicySnapshot:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _ask_call(self, inputs: list[str]) -> Hit | None:
-        """One call to the service about ``inputs`` (one input sent as a string), within the policy's timeout, its
-        429s asked again within it (``_moderate``)."""
-        deadline = asyncio.get_running_loop().time() + self.timeout_seconds
+    async def _ask_call(self, inputs: list[str], deadline: float) -> Hit | None:
+        """One call to the service about ``inputs`` (one input sent as a string), answered by ``deadline`` (the
+        check's, on the loop's clock: ``ask_service``), its 429s asked again before it (``_moderate``)."""
         try:
             async with asyncio.timeout_at(deadline):
                 results = await self._moderate(inputs[0] if len(inputs) == 1 else inputs, deadline)

@@ -1179,6 +1179,52 @@ def test_a_moderation_account_out_of_quota_is_not_asked_again(gateway):
     assert gateway.upstream.requests_served(MODERATIONS) == 1 and gateway.upstream.requests_served(CHAT) == 0
 
 
+# 1,791,999 characters, no two places alike: 512 inputs, 16 calls of 32, four rounds of 4 calls at once.
+FOUR_ROUNDS = " ".join(f"{number:07d}" for number in range(224_000))
+
+
+def test_a_long_inputs_calls_share_the_checks_one_deadline(gateway):
+    """The policy's timeout bounded each call, not the check: a long input's calls go 4 at a time, so a service
+    answering each in 1.5 s, within a 2 s timeout, took 4 rounds, 6 s, for an input of 16 calls (at 4,000,000
+    characters, 36 calls: 9 rounds, up to 9 times the timeout) before the verdict. The timeout is one deadline
+    for the whole check, taken when it starts, each call and each 429 retry within it: past it, the check fails
+    (the policy decides) however many calls are left. Measured by the loop's clock, well under the old 3 times
+    the timeout (6 s) whatever the machine's load; no call of a third round is asked."""
+    policy = policy_on("gpt-test", checker=ModerationChecker.OPENAI, timeout_seconds=Decimal("2"), check_output=False)
+    snapshot = policy_snapshot(policy, policy.moderation_provider)
+    gateway.upstream.handles[0].set_timing(latency_ms=1_500)
+
+    async def ask() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ModerationServiceError, match="no answer within 2 seconds"):
+            await snapshot.ask_service(FOUR_ROUNDS)
+        return loop.time() - started
+
+    took = asyncio.run(ask())
+
+    assert took < 2 * snapshot.timeout_seconds
+    assert len(moderation_inputs(gateway)) <= 8  # two rounds at most: the third would start past the deadline
+
+
+def test_a_fail_closed_policy_refuses_a_long_input_within_its_timeout(gateway):
+    """The same through the gateway: the input's check fails at its deadline, and the fail-closed policy refuses
+    the request with 503 ``moderation_unavailable``, having asked no call of a third round (16 before), and the
+    model nothing."""
+    policy_on("gpt-test", checker=ModerationChecker.OPENAI, timeout_seconds=Decimal("2"), check_output=False)
+    gateway.upstream.handles[0].set_timing(latency_ms=1_500)
+
+    with pytest.raises(openai.InternalServerError) as refused:
+        gateway.client(timeout=60).chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": FOUR_ROUNDS}]
+        )
+
+    assert refused.value.status_code == 503 and refused.value.code == "moderation_unavailable"
+    assert len(moderation_inputs(gateway)) <= 8 and gateway.upstream.requests_served(CHAT) == 0
+    record = wait_for_record(refused.value.response.headers["x-request-id"])
+    assert record.moderation == "input unchecked: moderation unavailable"
+
+
 def test_calls_failing_together_leave_no_exception_unread(gateway, monkeypatch):
     """A long input's calls that failed in the same turn of the loop were read one: the first's failure was raised,
     and each other's exception was left in its task, which asyncio reports as "Task exception was never retrieved"
@@ -1190,7 +1236,7 @@ def test_calls_failing_together_leave_no_exception_unread(gateway, monkeypatch):
     text = " ".join(f"{number:07d}" for number in range(66_000))  # 5 calls, the first 4 at once
     sent: list[int] = []
 
-    async def failing_call(self, inputs: list[str]) -> None:
+    async def failing_call(self, inputs: list[str], deadline: float) -> None:
         sent.append(len(inputs))
         await asyncio.sleep(0)
         raise ModerationServiceError("the moderation service answered 503")
